@@ -1,0 +1,149 @@
+// swift-tools-version:6.2
+import PackageDescription
+
+// Farmgate: two programs that move hydroponic water-quality readings from farm sites to an ingest service.
+//
+//   farmgate         the site binary (daemon `farmgate agent` + installer CLI). Links no server framework.
+//   farmgate-ingest  the upload service (Hummingbird 2, SQLite or PostgreSQL).
+//
+// Target layout (see README "Code map"):
+//   FarmgateWire    what crosses the wire; no I/O
+//   FarmgateSupport plumbing both programs share: SQLite connections, dedicated threads for blocking C calls,
+//                   TOML documents that know the line of every key
+//   FarmgateAgent   the site daemon as a library
+//   FarmgateIngest  the ingest as a library
+//   C*              module maps over Debian's -dev packages
+
+let swiftSettings: [SwiftSetting] = [
+    .enableUpcomingFeature("ExistentialAny"),
+    .enableUpcomingFeature("MemberImportVisibility"),
+]
+
+let package = Package(
+    name: "farmgate",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "farmgate", targets: ["farmgate"]),
+        .executable(name: "farmgate-ingest", targets: ["farmgate-ingest"]),
+        .executable(name: "farmgate-bench", targets: ["farmgate-bench"]),
+        .library(name: "FarmgateWire", targets: ["FarmgateWire"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-metrics.git", from: "2.5.0"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.6.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.0.0"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.5.0"),
+        .package(url: "https://github.com/apple/swift-crypto.git", from: "3.0.0"),
+        .package(url: "https://github.com/LebJe/TOMLKit.git", from: "0.6.0"),
+        .package(url: "https://github.com/x-sheep/swift-property-based.git", from: "2.0.0"),
+    ],
+    targets: [
+        // MARK: C libraries from Debian (see README "Building")
+        .systemLibrary(name: "CSQLite", pkgConfig: "sqlite3", providers: [.apt(["libsqlite3-dev"])]),
+        .systemLibrary(name: "CCurl", pkgConfig: "libcurl", providers: [.apt(["libcurl4-openssl-dev"])]),
+        .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
+        .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
+
+        // MARK: Libraries
+        .target(
+            name: "FarmgateWire",
+            dependencies: ["CZstd", "CZlib"],
+            swiftSettings: swiftSettings
+        ),
+        .target(
+            name: "FarmgateSupport",
+            dependencies: [
+                "CSQLite",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "TOMLKit", package: "TOMLKit"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .target(
+            name: "FarmgateAgent",
+            dependencies: [
+                "FarmgateWire",
+                "FarmgateSupport",
+                "CCurl",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "TOMLKit", package: "TOMLKit"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .target(
+            name: "FarmgateIngest",
+            dependencies: [
+                "FarmgateWire",
+                "FarmgateSupport",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "TOMLKit", package: "TOMLKit"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+
+        // MARK: Executables (argument parsing and wiring only)
+        .executableTarget(
+            name: "farmgate",
+            dependencies: [
+                "FarmgateAgent",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .executableTarget(
+            name: "farmgate-ingest",
+            dependencies: [
+                "FarmgateIngest",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .executableTarget(
+            name: "farmgate-bench",
+            dependencies: [
+                "FarmgateWire",
+                "FarmgateAgent",
+                "FarmgateIngest",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+
+        // MARK: Tests
+        .testTarget(
+            name: "FarmgateWireTests",
+            dependencies: [
+                "FarmgateWire",
+                .product(name: "PropertyBased", package: "swift-property-based"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "FarmgateAgentTests",
+            dependencies: ["FarmgateAgent", "FarmgateSupport", "farmgate"],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "FarmgateIngestTests",
+            dependencies: [
+                "FarmgateIngest",
+                .product(name: "HummingbirdTesting", package: "hummingbird"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "EndToEndTests",
+            dependencies: ["FarmgateWire", "FarmgateSupport", "farmgate", "farmgate-ingest"],
+            swiftSettings: swiftSettings
+        ),
+    ]
+)

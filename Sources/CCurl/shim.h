@@ -1,0 +1,32 @@
+#ifndef FARMGATE_CCURL_SHIM_H
+#define FARMGATE_CCURL_SHIM_H
+#include <curl/curl.h>
+
+// curl_easy_setopt and curl_easy_getinfo are variadic C functions, which Swift cannot call.
+// These typed wrappers are the only bridge; each passes one argument of the type libcurl expects.
+static inline CURLcode fg_curl_setopt_long(CURL *handle, CURLoption option, long value) {
+    return curl_easy_setopt(handle, option, value);
+}
+static inline CURLcode fg_curl_setopt_string(CURL *handle, CURLoption option, const char *value) {
+    return curl_easy_setopt(handle, option, value);
+}
+static inline CURLcode fg_curl_setopt_pointer(CURL *handle, CURLoption option, void *value) {
+    return curl_easy_setopt(handle, option, value);
+}
+static inline CURLcode fg_curl_setopt_slist(CURL *handle, CURLoption option, struct curl_slist *value) {
+    return curl_easy_setopt(handle, option, value);
+}
+static inline CURLcode fg_curl_setopt_off(CURL *handle, CURLoption option, curl_off_t value) {
+    return curl_easy_setopt(handle, option, value);
+}
+typedef size_t (*fg_curl_write_callback)(char *ptr, size_t size, size_t nmemb, void *userdata);
+static inline CURLcode fg_curl_setopt_write_function(CURL *handle, CURLoption option, fg_curl_write_callback cb) {
+    return curl_easy_setopt(handle, option, cb);
+}
+static inline CURLcode fg_curl_getinfo_long(CURL *handle, CURLINFO info, long *value) {
+    return curl_easy_getinfo(handle, info, value);
+}
+static inline CURLcode fg_curl_getinfo_double(CURL *handle, CURLINFO info, double *value) {
+    return curl_easy_getinfo(handle, info, value);
+}
+#endif

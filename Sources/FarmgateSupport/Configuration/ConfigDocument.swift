@@ -1,0 +1,466 @@
+import Foundation
+import TOMLKit
+
+/// A configuration problem, located: `agent.toml:14: sensor "tank1.ph": interval: must be a duration like "10s" (got "ten")`.
+public struct ConfigurationError: Error, CustomStringConvertible, Sendable, Equatable {
+    public let file: String
+    public let line: Int?
+    /// Where in the document, e.g. `upload.url` or `sensor "tank1.ph".interval`.
+    public let key: String?
+    public let message: String
+
+    public init(file: String, line: Int?, key: String?, message: String) {
+        self.file = file
+        self.line = line
+        self.key = key
+        self.message = message
+    }
+
+    public var description: String {
+        var text = file
+        if let line { text += ":\(line)" }
+        text += ": "
+        if let key { text += "\(key): " }
+        return text + message
+    }
+}
+
+/// A value in a configuration document, as read from TOML.
+public indirect enum ConfigValue: Sendable {
+    case string(String)
+    case integer(Int)
+    case double(Double)
+    case bool(Bool)
+    case array([ConfigValue])
+    case table(ConfigTable)
+    /// A TOML date or time; no Farmgate key takes one.
+    case other(String)
+
+    var typeName: String {
+        switch self {
+        case .string: "a string"
+        case .integer: "an integer"
+        case .double: "a number"
+        case .bool: "a boolean"
+        case .array: "an array"
+        case .table: "a table"
+        case .other(let name): name
+        }
+    }
+}
+
+/// A parsed TOML file that remembers the line of every key, so that every error can say where it is.
+public enum ConfigDocument {
+    /// Reads and parses `path`.
+    public static func load(path: String) throws(ConfigurationError) -> ConfigTable {
+        let text: String
+        do {
+            text = try String(contentsOfFile: path, encoding: .utf8)
+        } catch {
+            throw ConfigurationError(
+                file: path, line: nil, key: nil,
+                message: "cannot read the configuration file (\(error.localizedDescription)); check the path and its permissions")
+        }
+        return try parse(text, file: path)
+    }
+
+    /// Parses `text`; `file` is only used in error messages.
+    public static func parse(_ text: String, file: String) throws(ConfigurationError) -> ConfigTable {
+        let table: TOMLTable
+        do {
+            table = try TOMLTable(string: text)
+        } catch let error as TOMLParseError {
+            throw ConfigurationError(
+                file: file, line: error.source.begin.line, key: nil,
+                message: "not valid TOML: \(error.description) (column \(error.source.begin.column))")
+        } catch {
+            throw ConfigurationError(file: file, line: nil, key: nil, message: "not valid TOML: \(error)")
+        }
+        let index = LineIndex(text: text)
+        return ConfigTable(convert: table, file: file, path: [], display: nil, index: index)
+    }
+}
+
+/// Maps dotted key paths (`upload.url`, `sensor#2.interval`) to the line they are written on.
+final class LineIndex: Sendable {
+    let lines: [String: Int]
+
+    init(text: String) {
+        var lines: [String: Int] = [:]
+        var current: [String] = []
+        var arrayCounts: [String: Int] = [:]
+        for (offset, rawLine) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+            let number = offset + 1
+            let line = rawLine.trimmingCharacters(in: .whitespaces)
+            if line.isEmpty || line.hasPrefix("#") { continue }
+            if line.hasPrefix("[[") {
+                let name = LineIndex.keyPath(String(line.dropFirst(2).prefix(while: { $0 != "]" })))
+                let joined = name.joined(separator: ".")
+                let n = arrayCounts[joined, default: 0]
+                arrayCounts[joined] = n + 1
+                current = Array(name.dropLast()) + ["\(name.last ?? "")#\(n)"]
+                lines[current.joined(separator: "."), default: number] = number
+            } else if line.hasPrefix("[") {
+                current = LineIndex.keyPath(String(line.dropFirst().prefix(while: { $0 != "]" })))
+                lines[current.joined(separator: "."), default: number] = number
+            } else if let equals = LineIndex.unquotedEquals(in: line) {
+                let key = LineIndex.keyPath(String(line[..<equals]))
+                for depth in 1...max(1, key.count) {
+                    let path = (current + key.prefix(depth)).joined(separator: ".")
+                    lines[path, default: number] = number
+                }
+            }
+        }
+        self.lines = lines
+    }
+
+    func line(for path: [String]) -> Int? {
+        var path = path
+        while !path.isEmpty {
+            if let line = lines[path.joined(separator: ".")] { return line }
+            path.removeLast()
+        }
+        return nil
+    }
+
+    static func unquotedEquals(in line: String) -> String.Index? {
+        var quote: Character?
+        for index in line.indices {
+            let c = line[index]
+            if let q = quote {
+                if c == q { quote = nil }
+            } else if c == "\"" || c == "'" {
+                quote = c
+            } else if c == "=" {
+                return index
+            }
+        }
+        return nil
+    }
+
+    /// Splits `a."b.c".d` into `["a", "b.c", "d"]`.
+    static func keyPath(_ text: String) -> [String] {
+        var parts: [String] = []
+        var current = ""
+        var quote: Character?
+        for c in text {
+            if let q = quote {
+                if c == q { quote = nil } else { current.append(c) }
+            } else if c == "\"" || c == "'" {
+                quote = c
+            } else if c == "." {
+                parts.append(current.trimmingCharacters(in: .whitespaces))
+                current = ""
+            } else {
+                current.append(c)
+            }
+        }
+        parts.append(current.trimmingCharacters(in: .whitespaces))
+        return parts
+    }
+}
+
+/// A table of a configuration document with typed, located accessors.
+///
+/// Every accessor throws a ``ConfigurationError`` naming the file, line and key when the value has the wrong type or
+/// form; ``checkKeys(_:)`` rejects keys the program does not know, suggesting the closest known one.
+public struct ConfigTable: Sendable {
+    public let file: String
+    /// The key path of this table in the document (array elements are `name#index`).
+    public let path: [String]
+    /// How errors name this table, e.g. `sensor "tank1.ph"`; nil for the dotted path.
+    public let display: String?
+    public let keys: [String]
+    let values: [String: ConfigValue]
+    let index: LineIndex
+
+    init(convert table: TOMLTable, file: String, path: [String], display: String?, index: LineIndex) {
+        self.file = file
+        self.path = path
+        self.display = display
+        self.index = index
+        var values: [String: ConfigValue] = [:]
+        let keys = table.keys
+        for key in keys {
+            guard let node = table[key] else { continue }
+            values[key] = ConfigTable.convert(node, file: file, path: path + [key], index: index)
+        }
+        self.keys = keys
+        self.values = values
+    }
+
+    private init(copying other: ConfigTable, display: String) {
+        self.file = other.file
+        self.path = other.path
+        self.display = display
+        self.keys = other.keys
+        self.values = other.values
+        self.index = other.index
+    }
+
+    private static func convert(_ node: any TOMLValueConvertible, file: String, path: [String], index: LineIndex) -> ConfigValue {
+        switch node.type {
+        case .string: return .string(node.string ?? "")
+        case .int: return .integer(node.int ?? 0)
+        case .double: return .double(node.double ?? 0)
+        case .bool: return .bool(node.bool ?? false)
+        case .table:
+            guard let table = node.table else { return .other("a table") }
+            return .table(ConfigTable(convert: table, file: file, path: path, display: nil, index: index))
+        case .array:
+            guard let array = node.array else { return .array([]) }
+            var elements: [ConfigValue] = []
+            for (offset, element) in array.enumerated() {
+                var elementPath = path
+                elementPath[elementPath.count - 1] += "#\(offset)"
+                if element.type == .table, let table = element.table {
+                    elements.append(.table(ConfigTable(convert: table, file: file, path: elementPath, display: nil, index: index)))
+                } else {
+                    elements.append(convert(element, file: file, path: path, index: index))
+                }
+            }
+            return .array(elements)
+        case .date: return .other("a date")
+        case .time: return .other("a time")
+        case .dateTime: return .other("a date-time")
+        }
+    }
+
+    /// The same table, named `display` in errors.
+    public func named(_ display: String) -> ConfigTable { ConfigTable(copying: self, display: display) }
+
+    /// How errors name `key` in this table.
+    public func keyName(_ key: String?) -> String {
+        let base = display ?? path.map { $0.replacingOccurrences(of: "#", with: "[") + ($0.contains("#") ? "]" : "") }
+            .joined(separator: ".")
+        guard let key else { return base.isEmpty ? "(top level)" : base }
+        if base.isEmpty { return key }
+        return display != nil ? "\(base): \(key)" : "\(base).\(key)"
+    }
+
+    /// An error located at `key` (or at the table itself).
+    public func error(_ key: String?, _ message: String) -> ConfigurationError {
+        let line = index.line(for: key.map { path + [$0] } ?? path)
+        return ConfigurationError(file: file, line: line, key: keyName(key), message: message)
+    }
+
+    /// Whether `key` is present.
+    public func contains(_ key: String) -> Bool { values[key] != nil }
+
+    /// The raw value of `key`, if present.
+    public func value(_ key: String) -> ConfigValue? { values[key] }
+
+    /// Fails on the first key not in `allowed`, suggesting the closest allowed one.
+    public func checkKeys(_ allowed: Set<String>) throws(ConfigurationError) {
+        for key in keys where !allowed.contains(key) {
+            var message = "unknown key"
+            if let suggestion = closest(to: key, in: allowed) { message += "; did you mean '\(suggestion)'?" }
+            message += " Allowed here: \(allowed.sorted().joined(separator: ", "))"
+            throw error(key, message)
+        }
+    }
+
+    public func string(_ key: String) throws(ConfigurationError) -> String? {
+        guard let value = values[key] else { return nil }
+        guard case .string(let text) = value else { throw error(key, "must be a string (got \(value.typeName))") }
+        return text
+    }
+
+    public func requiredString(_ key: String) throws(ConfigurationError) -> String {
+        guard let text = try string(key) else { throw error(key, "is required") }
+        return text
+    }
+
+    public func int(_ key: String, in range: ClosedRange<Int>? = nil) throws(ConfigurationError) -> Int? {
+        guard let value = values[key] else { return nil }
+        guard case .integer(let number) = value else { throw error(key, "must be an integer (got \(value.typeName))") }
+        if let range, !range.contains(number) {
+            throw error(key, "must be between \(range.lowerBound) and \(range.upperBound) (got \(number))")
+        }
+        return number
+    }
+
+    public func double(_ key: String, in range: ClosedRange<Double>? = nil) throws(ConfigurationError) -> Double? {
+        guard let value = values[key] else { return nil }
+        let number: Double
+        switch value {
+        case .integer(let n): number = Double(n)
+        case .double(let d): number = d
+        default: throw error(key, "must be a number (got \(value.typeName))")
+        }
+        guard number.isFinite else { throw error(key, "must be a finite number") }
+        if let range, !range.contains(number) {
+            throw error(key, "must be between \(range.lowerBound) and \(range.upperBound) (got \(number))")
+        }
+        return number
+    }
+
+    public func bool(_ key: String) throws(ConfigurationError) -> Bool? {
+        guard let value = values[key] else { return nil }
+        guard case .bool(let flag) = value else { throw error(key, "must be true or false (got \(value.typeName))") }
+        return flag
+    }
+
+    /// A duration written as `"250ms"`, `"10s"`, `"5m"`, `"2h"`, `"7d"`, or a number of seconds.
+    public func duration(_ key: String, in range: ClosedRange<Duration>? = nil) throws(ConfigurationError) -> Duration? {
+        guard let value = values[key] else { return nil }
+        let parsed: Duration?
+        switch value {
+        case .integer(let seconds): parsed = .seconds(seconds)
+        case .double(let seconds): parsed = seconds.isFinite ? .milliseconds(Int64((seconds * 1000).rounded())) : nil
+        case .string(let text): parsed = ConfigTable.parseDuration(text)
+        default: parsed = nil
+        }
+        guard let duration = parsed else {
+            throw error(key, "must be a duration such as \"500ms\", \"10s\", \"5m\", \"1h\" or \"7d\" (got \(ConfigTable.show(value)))")
+        }
+        if let range, !range.contains(duration) {
+            throw error(key, "must be between \(ConfigTable.format(range.lowerBound)) and \(ConfigTable.format(range.upperBound)) (got \(ConfigTable.format(duration)))")
+        }
+        return duration
+    }
+
+    /// A size written as `"512KiB"`, `"64MiB"`, `"2GiB"`, `"10MB"`, or a number of bytes.
+    public func byteSize(_ key: String, in range: ClosedRange<Int64>? = nil) throws(ConfigurationError) -> Int64? {
+        guard let value = values[key] else { return nil }
+        let parsed: Int64?
+        switch value {
+        case .integer(let bytes): parsed = Int64(bytes)
+        case .string(let text): parsed = ConfigTable.parseByteSize(text)
+        default: parsed = nil
+        }
+        guard let bytes = parsed, bytes >= 0 else {
+            throw error(key, "must be a size such as \"512KiB\", \"64MiB\" or \"2GiB\" (got \(ConfigTable.show(value)))")
+        }
+        if let range, !range.contains(bytes) {
+            throw error(key, "must be between \(range.lowerBound) and \(range.upperBound) bytes (got \(bytes))")
+        }
+        return bytes
+    }
+
+    public func table(_ key: String) throws(ConfigurationError) -> ConfigTable? {
+        guard let value = values[key] else { return nil }
+        guard case .table(let table) = value else { throw error(key, "must be a table (got \(value.typeName))") }
+        return table
+    }
+
+    /// The tables of an array of tables (`[[sensor]]`); empty when absent.
+    public func tables(_ key: String) throws(ConfigurationError) -> [ConfigTable] {
+        guard let value = values[key] else { return [] }
+        guard case .array(let elements) = value else {
+            throw error(key, "must be an array of tables, written [[\(key)]] (got \(value.typeName))")
+        }
+        var tables: [ConfigTable] = []
+        for element in elements {
+            guard case .table(let table) = element else {
+                throw error(key, "must be an array of tables, written [[\(key)]] (an element is \(element.typeName))")
+            }
+            tables.append(table)
+        }
+        return tables
+    }
+
+    public func strings(_ key: String) throws(ConfigurationError) -> [String]? {
+        guard let value = values[key] else { return nil }
+        guard case .array(let elements) = value else { throw error(key, "must be an array of strings (got \(value.typeName))") }
+        var strings: [String] = []
+        for element in elements {
+            guard case .string(let text) = element else {
+                throw error(key, "must be an array of strings (an element is \(element.typeName))")
+            }
+            strings.append(text)
+        }
+        return strings
+    }
+
+    /// The value of `key` as one of `choices` (a string), or nil when absent.
+    public func choice<T>(_ key: String, _ choices: [String: T]) throws(ConfigurationError) -> T? {
+        guard let text = try string(key) else { return nil }
+        guard let choice = choices[text.lowercased()] else {
+            throw error(key, "must be one of \(choices.keys.sorted().map { "\"\($0)\"" }.joined(separator: ", ")) (got \"\(text)\")")
+        }
+        return choice
+    }
+
+    // MARK: Parsing helpers
+
+    public static func parseDuration(_ text: String) -> Duration? {
+        let trimmed = text.trimmingCharacters(in: .whitespaces).lowercased()
+        let digits = trimmed.prefix(while: { $0.isNumber || $0 == "." })
+        let unit = trimmed.dropFirst(digits.count).trimmingCharacters(in: .whitespaces)
+        guard !digits.isEmpty, let number = Double(digits), number.isFinite, number >= 0 else { return nil }
+        let millisecondsPerUnit: Double
+        switch unit {
+        case "ms": millisecondsPerUnit = 1
+        case "s", "sec", "secs", "second", "seconds": millisecondsPerUnit = 1000
+        case "m", "min", "mins", "minute", "minutes": millisecondsPerUnit = 60_000
+        case "h", "hour", "hours": millisecondsPerUnit = 3_600_000
+        case "d", "day", "days": millisecondsPerUnit = 86_400_000
+        default: return nil
+        }
+        let milliseconds = number * millisecondsPerUnit
+        guard milliseconds < 1e15 else { return nil }
+        return .milliseconds(Int64(milliseconds.rounded()))
+    }
+
+    public static func parseByteSize(_ text: String) -> Int64? {
+        let trimmed = text.trimmingCharacters(in: .whitespaces)
+        let digits = trimmed.prefix(while: { $0.isNumber || $0 == "." })
+        let unit = trimmed.dropFirst(digits.count).trimmingCharacters(in: .whitespaces).lowercased()
+        guard !digits.isEmpty, let number = Double(digits), number.isFinite, number >= 0 else { return nil }
+        let multiplier: Double
+        switch unit {
+        case "", "b": multiplier = 1
+        case "kb": multiplier = 1e3
+        case "mb": multiplier = 1e6
+        case "gb": multiplier = 1e9
+        case "kib", "k": multiplier = 1024
+        case "mib", "m": multiplier = 1_048_576
+        case "gib", "g": multiplier = 1_073_741_824
+        default: return nil
+        }
+        let bytes = number * multiplier
+        guard bytes < 9e18 else { return nil }
+        return Int64(bytes.rounded())
+    }
+
+    public static func format(_ duration: Duration) -> String {
+        let ms = duration.components.seconds * 1000 + duration.components.attoseconds / 1_000_000_000_000_000
+        if ms % 86_400_000 == 0, ms > 0 { return "\(ms / 86_400_000)d" }
+        if ms % 3_600_000 == 0, ms > 0 { return "\(ms / 3_600_000)h" }
+        if ms % 60_000 == 0, ms > 0 { return "\(ms / 60_000)m" }
+        if ms % 1000 == 0 { return "\(ms / 1000)s" }
+        return "\(ms)ms"
+    }
+
+    static func show(_ value: ConfigValue) -> String {
+        switch value {
+        case .string(let text): "\"\(text)\""
+        case .integer(let n): "\(n)"
+        case .double(let d): "\(d)"
+        case .bool(let b): "\(b)"
+        default: value.typeName
+        }
+    }
+}
+
+/// The allowed word closest to `word` by edit distance, if it is close enough to be a likely typo.
+func closest(to word: String, in allowed: Set<String>) -> String? {
+    func distance(_ a: [Character], _ b: [Character]) -> Int {
+        if a.isEmpty { return b.count }
+        if b.isEmpty { return a.count }
+        var previous = Array(0...b.count)
+        for i in 1...a.count {
+            var current = [i] + Array(repeating: 0, count: b.count)
+            for j in 1...b.count {
+                current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1))
+            }
+            previous = current
+        }
+        return previous[b.count]
+    }
+    let target = Array(word.lowercased())
+    let best = allowed.map { ($0, distance(target, Array($0.lowercased()))) }.min { $0.1 < $1.1 || ($0.1 == $1.1 && $0.0 < $1.0) }
+    guard let best, best.1 <= max(2, target.count / 3) else { return nil }
+    return best.0
+}

@@ -1,0 +1,207 @@
+/// What a sensor measures, with the unit every value of it is in.
+///
+/// The raw value is the stable name used in JSON, configuration and the database; ``code`` is the stable byte used by the
+/// binary codec. Never renumber a case: add new ones at the end.
+public enum Quantity: String, CaseIterable, Hashable, Sendable, Codable {
+    /// pH, dimensionless.
+    case ph
+    /// Electrical conductivity in µS/cm (as the Atlas EZO-EC reports it).
+    case electricalConductivity = "ec"
+    /// Temperature in °C.
+    case temperature
+    /// Oxidation-reduction potential in mV.
+    case orp
+    /// Dissolved oxygen in mg/L.
+    case dissolvedOxygen = "do"
+    /// A switch state, 0 or 1 (float switch, pump running).
+    case state
+    /// Flow rate in L/min.
+    case flowRate = "flow"
+    /// A pulse or event count.
+    case count
+    /// Total dissolved solids in ppm.
+    case tds
+    /// Relative humidity in %.
+    case humidity
+    /// Air pressure in hPa.
+    case pressure
+
+    /// The stable byte used on the wire.
+    public var code: UInt8 {
+        switch self {
+        case .ph: 1
+        case .electricalConductivity: 2
+        case .temperature: 3
+        case .orp: 4
+        case .dissolvedOxygen: 5
+        case .state: 6
+        case .flowRate: 7
+        case .count: 8
+        case .tds: 9
+        case .humidity: 10
+        case .pressure: 11
+        }
+    }
+
+    /// The quantity with this wire byte, or nil.
+    public init?(code: UInt8) {
+        guard let match = Quantity.allCases.first(where: { $0.code == code }) else { return nil }
+        self = match
+    }
+
+    /// The unit every value of this quantity is in.
+    public var unit: String {
+        switch self {
+        case .ph: "pH"
+        case .electricalConductivity: "µS/cm"
+        case .temperature: "°C"
+        case .orp: "mV"
+        case .dissolvedOxygen: "mg/L"
+        case .state: "state"
+        case .flowRate: "L/min"
+        case .count: "count"
+        case .tds: "ppm"
+        case .humidity: "%"
+        case .pressure: "hPa"
+        }
+    }
+
+    /// The resolution a sensor of this quantity gets when its configuration names none.
+    public var defaultResolution: Resolution {
+        switch self {
+        case .ph: .hundredth
+        case .electricalConductivity: .tenth
+        case .temperature: .sixteenth
+        case .orp: .tenth
+        case .dissolvedOxygen: .hundredth
+        case .state, .count: .one
+        case .flowRate: .hundredth
+        case .tds: .one
+        case .humidity: .tenth
+        case .pressure: .tenth
+        }
+    }
+
+    /// The physically plausible range; values outside it are rejected by the ingest as invalid.
+    public var plausibleRange: ClosedRange<Double> {
+        switch self {
+        case .ph: -2...16
+        case .electricalConductivity: 0...1_000_000
+        case .temperature: -60...150
+        case .orp: -2_000...2_000
+        case .dissolvedOxygen: 0...100
+        case .state: 0...1
+        case .flowRate: 0...100_000
+        case .count: 0...Double(Int64(1) << 53)
+        case .tds: 0...1_000_000
+        case .humidity: 0...100
+        case .pressure: 0...2_000
+        }
+    }
+}
+
+/// The step between two representable values of a sensor, as a fraction `numerator / denominator`.
+///
+/// Values cross the wire as whole multiples of the step, so the codec is lossless at the declared resolution:
+/// pH at 1/100, EC at 1/10 µS/cm, a DS18B20 at 1/16 °C.
+public struct Resolution: Hashable, Sendable, CustomStringConvertible {
+    public let numerator: UInt32
+    public let denominator: UInt32
+
+    /// The largest numerator or denominator accepted.
+    public static let maxComponent: UInt32 = 1_000_000
+
+    public static let one = Resolution(unchecked: 1, 1)
+    public static let tenth = Resolution(unchecked: 1, 10)
+    public static let hundredth = Resolution(unchecked: 1, 100)
+    public static let thousandth = Resolution(unchecked: 1, 1000)
+    public static let sixteenth = Resolution(unchecked: 1, 16)
+
+    init(unchecked numerator: UInt32, _ denominator: UInt32) {
+        self.numerator = numerator
+        self.denominator = denominator
+    }
+
+    /// A resolution of `numerator / denominator`; both must be between 1 and ``maxComponent``.
+    public init(numerator: UInt32, denominator: UInt32) throws(ResolutionError) {
+        guard (1...Resolution.maxComponent).contains(numerator), (1...Resolution.maxComponent).contains(denominator) else {
+            throw ResolutionError(text: "\(numerator)/\(denominator)")
+        }
+        self.numerator = numerator
+        self.denominator = denominator
+    }
+
+    /// Parses `0.01`, `1/16`, `0.1` or `1`.
+    public init(parsing text: String) throws(ResolutionError) {
+        let trimmed = text.trimmingSpaces
+        if let slash = trimmed.firstIndex(of: "/") {
+            guard let n = UInt32(trimmed[..<slash].trimmingSpaces),
+                let d = UInt32(trimmed[trimmed.index(after: slash)...].trimmingSpaces)
+            else { throw ResolutionError(text: text) }
+            try self.init(numerator: n, denominator: d)
+            return
+        }
+        // Decimal: digits with at most 6 fractional digits, e.g. 0.01 -> 1/100, 5 -> 5/1, 0.25 -> 25/100.
+        let parts = trimmed.split(separator: ".", omittingEmptySubsequences: false)
+        guard parts.count <= 2, let whole = UInt32(parts[0].isEmpty ? "0" : String(parts[0])) else {
+            throw ResolutionError(text: text)
+        }
+        var numerator = UInt64(whole)
+        var denominator: UInt64 = 1
+        if parts.count == 2 {
+            let fraction = parts[1]
+            guard !fraction.isEmpty, fraction.count <= 6, let digits = UInt64(fraction) else { throw ResolutionError(text: text) }
+            for _ in 0..<fraction.count { denominator *= 10 }
+            numerator = numerator * denominator + digits
+        }
+        let divisor = gcd(numerator, denominator)
+        guard divisor > 0 else { throw ResolutionError(text: text) }
+        numerator /= divisor
+        denominator /= divisor
+        guard numerator <= UInt64(Resolution.maxComponent), denominator <= UInt64(Resolution.maxComponent) else {
+            throw ResolutionError(text: text)
+        }
+        try self.init(numerator: UInt32(numerator), denominator: UInt32(denominator))
+    }
+
+    /// The step as a floating-point number.
+    public var step: Double { Double(numerator) / Double(denominator) }
+
+    /// The whole number of steps closest to `value`, or nil when `value` is not finite or does not fit.
+    public func quantize(_ value: Double) -> Int64? {
+        guard value.isFinite else { return nil }
+        let scaled = (value * Double(denominator) / Double(numerator)).rounded()
+        guard scaled.magnitude < 9.0e15 else { return nil }  // exact in a Double, and in an Int64 after the multiply
+        return Int64(scaled)
+    }
+
+    /// The value of `count` steps.
+    public func value(ofSteps count: Int64) -> Double {
+        Double(count) * Double(numerator) / Double(denominator)
+    }
+
+    public var description: String { numerator == 1 && denominator == 1 ? "1" : "\(numerator)/\(denominator)" }
+}
+
+/// A resolution that is not a positive fraction with small enough parts.
+public struct ResolutionError: Error, Hashable, Sendable, CustomStringConvertible {
+    public let text: String
+    public var description: String {
+        "invalid resolution '\(text)': write it as a decimal step such as 0.01 or a fraction such as 1/16 (numerator and denominator 1 to \(Resolution.maxComponent))"
+    }
+}
+
+func gcd(_ a: UInt64, _ b: UInt64) -> UInt64 {
+    var (x, y) = (a, b)
+    while y != 0 { (x, y) = (y, x % y) }
+    return x
+}
+
+extension StringProtocol {
+    var trimmingSpaces: String {
+        var scalars = Substring(self)
+        while let first = scalars.first, first == " " || first == "\t" { scalars.removeFirst() }
+        while let last = scalars.last, last == " " || last == "\t" { scalars.removeLast() }
+        return String(scalars)
+    }
+}
