@@ -45,6 +45,8 @@ let package = Package(
         .systemLibrary(name: "CCurl", pkgConfig: "libcurl", providers: [.apt(["libcurl4-openssl-dev"])]),
         .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
         .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
+        // Linux headers Glibc's Swift module leaves out (adjtimex); no library to link.
+        .systemLibrary(name: "CLinux"),
 
         // MARK: Libraries
         .target(
@@ -67,6 +69,7 @@ let package = Package(
                 "FarmgateWire",
                 "FarmgateSupport",
                 "CCurl",
+                "CLinux",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),

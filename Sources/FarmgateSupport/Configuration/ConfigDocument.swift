@@ -453,14 +453,21 @@ func closest(to word: String, in allowed: Set<String>) -> String? {
         for i in 1...a.count {
             var current = [i] + Array(repeating: 0, count: b.count)
             for j in 1...b.count {
-                current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1))
+                let substitution: Int = previous[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1)
+                let deletion: Int = previous[j] + 1
+                let insertion: Int = current[j - 1] + 1
+                current[j] = min(substitution, deletion, insertion)
             }
             previous = current
         }
         return previous[b.count]
     }
     let target = Array(word.lowercased())
-    let best = allowed.map { ($0, distance(target, Array($0.lowercased()))) }.min { $0.1 < $1.1 || ($0.1 == $1.1 && $0.0 < $1.0) }
-    guard let best, best.1 <= max(2, target.count / 3) else { return nil }
-    return best.0
+    var best: (word: String, distance: Int)?
+    for candidate in allowed.sorted() {
+        let d = distance(target, Array(candidate.lowercased()))
+        if best == nil || d < best?.distance ?? Int.max { best = (candidate, d) }
+    }
+    guard let best, best.distance <= max(2, target.count / 3) else { return nil }
+    return best.word
 }

@@ -1,0 +1,255 @@
+import FarmgateSupport
+import FarmgateWire
+import Foundation
+import Logging
+
+/// Everything `farmgate agent` reads from its TOML file, validated. Every default is documented here and in the README.
+public struct AgentConfiguration: Sendable {
+    /// The file this configuration was read from (relative paths inside it resolve against its directory).
+    public var file: String
+    /// `[device] id`: this gateway's id, unique in its farm. Required.
+    public var device: DeviceID
+    /// `[buffer]`: the SQLite store-and-forward buffer.
+    public var buffer: BufferConfiguration
+    /// `[upload]`: where batches go. nil when the section is absent: the agent then only buffers.
+    public var upload: UploadSettings?
+    /// `[control] socket`: the Unix socket `farmgate status` talks to. Default `/run/farmgate/control.sock`.
+    public var controlSocket: String
+    /// `[log] level`: trace, debug, info, notice, warning, error, critical. Default info.
+    public var logLevel: Logger.Level
+    /// `[clock] check`: whether readings are flagged `clock_unsynchronized` while the kernel says the clock is not
+    /// synchronised (adjtimex). Default true.
+    public var checkClock: Bool
+    /// `[[sensor]]`: one table per sensor.
+    public var sensors: [SensorConfiguration]
+
+    /// The default configuration file.
+    public static let defaultPath = "/etc/farmgate/agent.toml"
+}
+
+/// The `[upload]` section as written; turned into the uploader's configuration by the runtime.
+public struct UploadSettings: Sendable {
+    /// `endpoint`: the ingest's base URL, e.g. `https://ingest.example.net`. Required.
+    public var endpoint: String
+    /// `key` or `key_file`: the device key printed by `farmgate-ingest device create`. Required (one of the two).
+    public var key: String
+    /// `ca_file`: a PEM bundle to trust instead of the system CAs. Default: the system CAs.
+    public var caFile: String?
+    /// `format`: `binary` (default) or `json`.
+    public var json: Bool
+    /// `batch_max_readings`: default 1000.
+    public var batchMaxReadings: Int
+    /// `batch_max_bytes`: default 256 KiB.
+    public var batchMaxBytes: Int
+    /// `batch_max_age`: a partial batch is sent once its oldest reading is this old. Default 5 s.
+    public var batchMaxAge: Duration
+    /// `connect_timeout`: default 10 s. `request_timeout`: default 30 s.
+    public var connectTimeout: Duration
+    public var requestTimeout: Duration
+    /// `backoff_initial`: default 1 s. `backoff_max`: default 5 min.
+    public var backoffInitial: Duration
+    public var backoffMax: Duration
+}
+
+/// One `[[sensor]]` table: the keys every sensor has, plus the driver's own options.
+public struct SensorConfiguration: Sendable {
+    /// `id`: unique on this device, e.g. `tank1.ph`. Required.
+    public var id: SensorID
+    /// `driver`: which driver reads it (`simulated`, ...). Required.
+    public var driver: String
+    /// `quantity` and `resolution` (default: the quantity's, e.g. 0.01 for pH).
+    public var descriptor: SensorDescriptor
+    /// `interval`: how often to read. Default 10 s; 100 ms to 1 day.
+    public var interval: Duration
+    /// `deadband`: a value closer than this to the last stored one is not stored again until `heartbeat` has passed.
+    /// Default 0 (off: every reading is stored).
+    public var deadband: Double
+    /// `heartbeat`: with a deadband, the longest time without storing a reading. Default 15 min.
+    public var heartbeat: Duration
+    /// `expected_min` / `expected_max`: readings outside are flagged `out_of_range` (still stored). Default none.
+    public var expectedRange: ClosedRange<Double>?
+    /// The whole table, for the driver's own keys.
+    public var options: ConfigTable
+
+    /// Keys every sensor table may have; drivers declare theirs on top.
+    public static let commonKeys: Set<String> = [
+        "id", "driver", "quantity", "resolution", "interval", "deadband", "heartbeat", "expected_min", "expected_max",
+    ]
+}
+
+extension AgentConfiguration {
+    /// Reads and validates `path`. Every error names the file, the line and the key, and says what is allowed.
+    public static func load(path: String, drivers: DriverRegistry = .standard) throws(ConfigurationError) -> AgentConfiguration {
+        let root = try ConfigDocument.load(path: path)
+        return try parse(root, drivers: drivers)
+    }
+
+    /// Validates an already parsed document.
+    public static func parse(_ root: ConfigTable, drivers: DriverRegistry = .standard) throws(ConfigurationError) -> AgentConfiguration {
+        try root.checkKeys(["device", "buffer", "upload", "control", "log", "clock", "sensor"])
+        let base = URL(fileURLWithPath: root.file).deletingLastPathComponent().path
+
+        guard let deviceTable = try root.table("device") else {
+            throw root.error(nil, "missing [device] section; add:\n[device]\nid = \"greenhouse-1\"")
+        }
+        try deviceTable.checkKeys(["id"])
+        let deviceText = try deviceTable.requiredString("id")
+        let device: DeviceID
+        do { device = try DeviceID(deviceText) } catch { throw deviceTable.error("id", error.description) }
+
+        var buffer = BufferConfiguration()
+        if let table = try root.table("buffer") {
+            try table.checkKeys(["path", "commit_interval", "quota", "when_full"])
+            if let path = try table.string("path") { buffer.path = resolve(path, against: base) }
+            if let interval = try table.duration("commit_interval", in: .milliseconds(10)...(.seconds(60))) {
+                buffer.commitInterval = interval
+            }
+            if let quota = try table.byteSize("quota", in: (1 << 20)...(Int64(1) << 50)) { buffer.quotaBytes = quota }
+            if let policy = try table.choice("when_full", ["drop_oldest": BufferFullPolicy.dropOldest, "drop_newest": .dropNewest]) {
+                buffer.whenFull = policy
+            }
+        }
+
+        let upload = try root.table("upload").map { table throws(ConfigurationError) in try parseUpload(table, base: base) }
+
+        var controlSocket = "/run/farmgate/control.sock"
+        if let table = try root.table("control") {
+            try table.checkKeys(["socket"])
+            if let socket = try table.string("socket") { controlSocket = resolve(socket, against: base) }
+        }
+        guard controlSocket.utf8.count < 104 else {
+            throw root.error("control", "socket path is longer than a Unix socket allows (103 bytes): \(controlSocket)")
+        }
+
+        var logLevel = Logger.Level.info
+        if let table = try root.table("log") {
+            try table.checkKeys(["level"])
+            let levels = Dictionary(uniqueKeysWithValues: Logger.Level.allCases.map { ($0.rawValue, $0) })
+            if let level = try table.choice("level", levels) { logLevel = level }
+        }
+
+        var checkClock = true
+        if let table = try root.table("clock") {
+            try table.checkKeys(["check"])
+            if let check = try table.bool("check") { checkClock = check }
+        }
+
+        var sensors: [SensorConfiguration] = []
+        var seen: [SensorID: Int] = [:]
+        for (offset, raw) in try root.tables("sensor").enumerated() {
+            let named = raw.named("sensor #\(offset + 1)")
+            let idText = try named.requiredString("id")
+            let id: SensorID
+            do { id = try SensorID(idText) } catch { throw named.error("id", error.description) }
+            let table = raw.named("sensor \"\(idText)\"")
+            if let first = seen[id] {
+                throw table.error("id", "sensor id \"\(idText)\" is already used by sensor #\(first); ids must be unique on a device")
+            }
+            seen[id] = offset + 1
+            sensors.append(try parseSensor(table, id: id, drivers: drivers))
+        }
+        if sensors.isEmpty {
+            throw root.error(nil, "no sensors configured; add at least one [[sensor]] table (see examples/agent.toml)")
+        }
+
+        return AgentConfiguration(
+            file: root.file, device: device, buffer: buffer, upload: upload, controlSocket: controlSocket, logLevel: logLevel,
+            checkClock: checkClock, sensors: sensors)
+    }
+
+    static func parseUpload(_ table: ConfigTable, base: String) throws(ConfigurationError) -> UploadSettings {
+        try table.checkKeys([
+            "endpoint", "key", "key_file", "ca_file", "format", "batch_max_readings", "batch_max_bytes", "batch_max_age",
+            "connect_timeout", "request_timeout", "backoff_initial", "backoff_max",
+        ])
+        let endpoint = try table.requiredString("endpoint")
+        guard let url = URL(string: endpoint), let scheme = url.scheme?.lowercased(), scheme == "http" || scheme == "https",
+            url.host != nil
+        else {
+            throw table.error("endpoint", "must be an http:// or https:// URL such as \"https://ingest.example.net\" (got \"\(endpoint)\")")
+        }
+        let key: String
+        switch (try table.string("key"), try table.string("key_file")) {
+        case (.some, .some):
+            throw table.error("key_file", "give either key or key_file, not both")
+        case (.some(let inline), .none):
+            key = inline
+        case (.none, .some(let file)):
+            let path = resolve(file, against: base)
+            do {
+                key = try String(contentsOfFile: path, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+            } catch {
+                throw table.error("key_file", "cannot read \(path): \(error.localizedDescription)")
+            }
+        case (.none, .none):
+            throw table.error(nil, "needs key or key_file: the device key printed by `farmgate-ingest device create`")
+        }
+        guard key.hasPrefix("fgd_"), key.utf8.count > 8, key.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) else {
+            throw table.error(table.contains("key") ? "key" : "key_file", "is not a device key (they start with fgd_ and have no spaces)")
+        }
+        let caFile = try table.string("ca_file").map { resolve($0, against: base) }
+        if let caFile, !FileManager.default.isReadableFile(atPath: caFile) {
+            throw table.error("ca_file", "cannot read \(caFile); give a PEM file of CA certificates, or remove the key to use the system CAs")
+        }
+        let json = try table.choice("format", ["binary": false, "json": true]) ?? false
+        return UploadSettings(
+            endpoint: endpoint, key: key, caFile: caFile, json: json,
+            batchMaxReadings: try table.int("batch_max_readings", in: 1...100_000) ?? 1000,
+            batchMaxBytes: Int(try table.byteSize("batch_max_bytes", in: 1024...(64 << 20)) ?? 256 << 10),
+            batchMaxAge: try table.duration("batch_max_age", in: .zero...(.seconds(3600))) ?? .seconds(5),
+            connectTimeout: try table.duration("connect_timeout", in: .milliseconds(100)...(.seconds(300))) ?? .seconds(10),
+            requestTimeout: try table.duration("request_timeout", in: .milliseconds(100)...(.seconds(3600))) ?? .seconds(30),
+            backoffInitial: try table.duration("backoff_initial", in: .milliseconds(10)...(.seconds(3600))) ?? .seconds(1),
+            backoffMax: try table.duration("backoff_max", in: .milliseconds(10)...(.seconds(86_400))) ?? .seconds(300))
+    }
+
+    static func parseSensor(_ table: ConfigTable, id: SensorID, drivers: DriverRegistry) throws(ConfigurationError) -> SensorConfiguration {
+        let driverName = try table.requiredString("driver")
+        guard let driver = drivers.driver(named: driverName) else {
+            throw table.error("driver", "unknown driver \"\(driverName)\"; available: \(drivers.names.joined(separator: ", "))")
+        }
+        try table.checkKeys(SensorConfiguration.commonKeys.union(driver.optionKeys))
+        let quantityText = try table.requiredString("quantity")
+        guard let quantity = Quantity(rawValue: quantityText.lowercased()) else {
+            throw table.error("quantity", "unknown quantity \"\(quantityText)\"; one of: \(Quantity.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        var resolution = quantity.defaultResolution
+        if let value = table.value("resolution") {
+            let text: String
+            switch value {
+            case .string(let s): text = s
+            case .double(let d): text = "\(d)"
+            case .integer(let i): text = "\(i)"
+            default: throw table.error("resolution", "must be a decimal step such as \"0.01\" or a fraction such as \"1/16\"")
+            }
+            do { resolution = try Resolution(parsing: text) } catch { throw table.error("resolution", error.description) }
+        }
+        let interval = try table.duration("interval", in: .milliseconds(100)...(.seconds(86_400))) ?? .seconds(10)
+        let deadband = try table.double("deadband", in: 0...1_000_000) ?? 0
+        let heartbeat = try table.duration("heartbeat", in: .seconds(1)...(.seconds(7 * 86_400))) ?? .seconds(900)
+        if deadband > 0, heartbeat < interval {
+            throw table.error("heartbeat", "must not be shorter than interval (\(ConfigTable.format(interval)))")
+        }
+        let low = try table.double("expected_min")
+        let high = try table.double("expected_max")
+        var expected: ClosedRange<Double>?
+        switch (low, high) {
+        case (.some(let l), .some(let h)):
+            guard l <= h else { throw table.error("expected_max", "must not be below expected_min (\(l))") }
+            expected = l...h
+        case (.some(let l), .none): expected = l...Double.greatestFiniteMagnitude
+        case (.none, .some(let h)): expected = -Double.greatestFiniteMagnitude...h
+        case (.none, .none): expected = nil
+        }
+        let configuration = SensorConfiguration(
+            id: id, driver: driver.kind, descriptor: SensorDescriptor(id: id, quantity: quantity, resolution: resolution),
+            interval: interval, deadband: deadband, heartbeat: heartbeat, expectedRange: expected, options: table)
+        try driver.validate(configuration)
+        return configuration
+    }
+
+    static func resolve(_ path: String, against base: String) -> String {
+        if path.hasPrefix("/") { return path }
+        return URL(fileURLWithPath: base).appendingPathComponent(path).standardizedFileURL.path
+    }
+}

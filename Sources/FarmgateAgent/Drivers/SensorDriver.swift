@@ -1,0 +1,100 @@
+import FarmgateSupport
+import FarmgateWire
+import Logging
+
+/// A value a driver read, with what it knows about its quality.
+public struct SensorValue: Sendable, Hashable {
+    public var value: Double
+    public var quality: QualityFlags
+
+    public init(_ value: Double, quality: QualityFlags = []) {
+        self.value = value
+        self.quality = quality
+    }
+}
+
+/// Why a read failed. `description` says what happened and, where it can, what to check.
+public struct SensorError: Error, Sendable, Hashable, CustomStringConvertible {
+    public enum Kind: String, Sendable, Hashable, Codable {
+        /// The sensor did not answer in time.
+        case timeout
+        /// The sensor answered with a fault (EZO `*ER`, Modbus exception, DS18B20 CRC NO, RTD -1023 ...).
+        case fault
+        /// The bus or device is gone (USB adapter unplugged, 1-Wire device missing).
+        case disconnected
+        /// The sensor answered with bytes that are not a reading.
+        case invalidResponse = "invalid_response"
+    }
+
+    public var kind: Kind
+    public var message: String
+
+    public init(_ kind: Kind, _ message: String) {
+        self.kind = kind
+        self.message = message
+    }
+
+    public var description: String { "\(kind.rawValue): \(message)" }
+}
+
+/// Reads one sensor. The sampler, not the driver, owns scheduling (as in Telegraf): it calls ``read()`` on the sensor's
+/// interval and stores what comes back.
+///
+/// Drivers that block (serial, 1-Wire sysfs) do their blocking on a ``DedicatedThread``, never on the caller's task.
+public protocol SensorDriver: Sendable {
+    /// Takes one reading.
+    func read() async throws(SensorError) -> SensorValue
+    /// Releases the hardware (ports, lines). Called once, at shutdown.
+    func close() async
+}
+
+extension SensorDriver {
+    public func close() async {}
+}
+
+/// What the registry knows about a kind of driver: its name, its options, how to validate and build it.
+public struct DriverDescription: Sendable {
+    /// The `driver = "..."` value that selects it.
+    public var kind: String
+    /// One line for `farmgate sensor drivers` and the README.
+    public var summary: String
+    /// Keys the driver reads from its `[[sensor]]` table, on top of ``SensorConfiguration/commonKeys``.
+    public var optionKeys: Set<String>
+    /// A `[[sensor]]` table an installer can copy.
+    public var sampleConfiguration: String
+    /// Checks the driver's own keys when the configuration is loaded, so that mistakes fail at start, not at the first read.
+    public var validate: @Sendable (SensorConfiguration) throws(ConfigurationError) -> Void
+    /// Builds a driver for one configured sensor.
+    public var make: @Sendable (SensorConfiguration, Logger) throws -> any SensorDriver
+
+    public init(
+        kind: String, summary: String, optionKeys: Set<String>, sampleConfiguration: String,
+        validate: @escaping @Sendable (SensorConfiguration) throws(ConfigurationError) -> Void,
+        make: @escaping @Sendable (SensorConfiguration, Logger) throws -> any SensorDriver
+    ) {
+        self.kind = kind
+        self.summary = summary
+        self.optionKeys = optionKeys
+        self.sampleConfiguration = sampleConfiguration
+        self.validate = validate
+        self.make = make
+    }
+}
+
+/// The explicit list of drivers the agent can use.
+public struct DriverRegistry: Sendable {
+    public private(set) var descriptions: [DriverDescription]
+
+    public init(_ descriptions: [DriverDescription]) {
+        self.descriptions = descriptions
+    }
+
+    /// Every driver that ships with Farmgate.
+    public static let standard = DriverRegistry([SimulatedDriver.description])
+
+    public var names: [String] { descriptions.map(\.kind).sorted() }
+
+    public func driver(named name: String) -> DriverDescription? {
+        descriptions.first { $0.kind == name.lowercased() }
+    }
+}
