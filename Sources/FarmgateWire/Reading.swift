@@ -1,16 +1,35 @@
+import Foundation
+
 /// A point in time, UTC, in whole microseconds since 1970-01-01T00:00:00Z.
 public struct Timestamp: Hashable, Comparable, Sendable, Codable, CustomStringConvertible {
     public var microseconds: Int64
 
     public init(microseconds: Int64) { self.microseconds = microseconds }
 
+    /// Decodes an RFC 3339 string or an integer of microseconds.
     public init(from decoder: any Decoder) throws {
-        microseconds = try decoder.singleValueContainer().decode(Int64.self)
+        let container = try decoder.singleValueContainer()
+        if let microseconds = try? container.decode(Int64.self) {
+            self.microseconds = microseconds
+            return
+        }
+        let text = try container.decode(String.self)
+        guard let parsed = RFC3339.parse(text) else {
+            throw DecodingError.dataCorruptedError(
+                in: container, debugDescription: "not an RFC 3339 timestamp such as 2026-11-23T10:15:30.123Z: \(text)")
+        }
+        self = parsed
     }
 
+    /// Encodes as an RFC 3339 string with microseconds, which people and `jq` can read.
     public func encode(to encoder: any Encoder) throws {
         var container = encoder.singleValueContainer()
-        try container.encode(microseconds)
+        try container.encode(RFC3339.format(self))
+    }
+
+    /// Now, from the system's real-time clock.
+    public static func now() -> Timestamp {
+        Timestamp(microseconds: Int64((Date().timeIntervalSince1970 * 1_000_000).rounded()))
     }
 
     public static func < (lhs: Timestamp, rhs: Timestamp) -> Bool { lhs.microseconds < rhs.microseconds }
