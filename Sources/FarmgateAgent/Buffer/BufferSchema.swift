@@ -1,0 +1,67 @@
+import FarmgateSupport
+
+/// The tables of the site buffer and how a file is brought up to the current version.
+///
+/// - `schema_version`: one row per migration applied; the highest is the file's version.
+/// - `counters`: named integers that must survive restarts and the deletion of every reading:
+///   `last_sequence` (the last device-wide sequence number assigned; never reused), `dropped` (readings discarded by the quota
+///   policy or the in-memory cap), `duplicates_ignored` (samples equal in sensor and timestamp to a buffered reading).
+/// - `sensors`: one row per sensor id, with the quantity and resolution its readings' `steps` are counted in.
+///   `configured` is 0 for a sensor no longer registered; such a row stays while readings or quarantined readings refer to it.
+/// - `readings`: committed, unacknowledged readings. `sequence` is the rowid. Values are whole `steps` of the sensor's resolution.
+///   The UNIQUE index on (sensor, timestamp) is what deduplicates.
+/// - `quarantine`: readings the ingest refused for good, with the reason and when (UTC microseconds).
+enum BufferSchema {
+    /// The version this build writes. A file with a higher version was written by a newer Farmgate and is not touched.
+    static let currentVersion: Int64 = 1
+
+    static let counterLastSequence = "last_sequence"
+    static let counterDropped = "dropped"
+    static let counterDuplicatesIgnored = "duplicates_ignored"
+
+    /// Statements that create version 1 from an empty file. Run inside one transaction.
+    static let version1 = """
+        CREATE TABLE IF NOT EXISTS schema_version(
+            version INTEGER PRIMARY KEY,
+            applied_at INTEGER NOT NULL
+        );
+        CREATE TABLE IF NOT EXISTS counters(
+            name TEXT PRIMARY KEY,
+            value INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        CREATE TABLE IF NOT EXISTS sensors(
+            key INTEGER PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            quantity TEXT NOT NULL,
+            resolution_numerator INTEGER NOT NULL,
+            resolution_denominator INTEGER NOT NULL,
+            configured INTEGER NOT NULL DEFAULT 1
+        );
+        CREATE TABLE IF NOT EXISTS readings(
+            sequence INTEGER PRIMARY KEY,
+            sensor INTEGER NOT NULL,
+            timestamp INTEGER NOT NULL,
+            steps INTEGER NOT NULL,
+            quality INTEGER NOT NULL
+        );
+        CREATE UNIQUE INDEX IF NOT EXISTS readings_sensor_timestamp ON readings(sensor, timestamp);
+        CREATE TABLE IF NOT EXISTS quarantine(
+            sequence INTEGER PRIMARY KEY,
+            sensor INTEGER NOT NULL,
+            timestamp INTEGER NOT NULL,
+            steps INTEGER NOT NULL,
+            quality INTEGER NOT NULL,
+            reason TEXT NOT NULL,
+            quarantined_at INTEGER NOT NULL
+        );
+        CREATE INDEX IF NOT EXISTS quarantine_sensor ON quarantine(sensor);
+        """
+
+    /// The version of the file behind `connection`, 0 for an empty file.
+    static func version(of connection: SQLiteConnection) throws(SQLiteError) -> Int64 {
+        let hasTable = try connection.queryInt(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'") ?? 0
+        guard hasTable > 0 else { return 0 }
+        return try connection.queryInt("SELECT max(version) FROM schema_version") ?? 0
+    }
+}

@@ -1,0 +1,76 @@
+import Foundation
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// The sequence high-water mark kept beside the database, in `<buffer path>.seq`.
+///
+/// The database's own `last_sequence` counter is authoritative while the file is healthy. The sidecar exists for the day the
+/// database is lost (corrupt and moved aside, or deleted): the ingest is idempotent on (device, sequence), so a fresh buffer that
+/// started again at 1 would see its new readings silently dropped as duplicates of old ones. The sidecar holds one decimal number
+/// and a newline; it is written after each commit to a temporary file that is fsynced and then renamed over the old one, so after
+/// a crash or power loss it holds either the previous or the new value, never a torn one.
+struct SequenceSidecar {
+    let path: String
+
+    init(bufferPath: String) {
+        self.path = bufferPath + ".seq"
+    }
+
+    /// What reading the sidecar found.
+    enum Content: Equatable {
+        case absent
+        case value(Int64)
+        case unreadable(String)
+    }
+
+    /// Reads the sidecar. Blocking file I/O: call it on the buffer's own thread.
+    func read() -> Content {
+        guard let data = FileManager.default.contents(atPath: path) else {
+            return FileManager.default.fileExists(atPath: path) ? .unreadable("cannot read the file") : .absent
+        }
+        let text = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        guard let value = Int64(text), value >= 0 else { return .unreadable("it does not hold a sequence number") }
+        return .value(value)
+    }
+
+    /// Replaces the sidecar's content with `sequence`, atomically and durably. Blocking file I/O.
+    func store(_ sequence: Int64) throws(SidecarError) {
+        let temporary = path + ".tmp"
+        let bytes = Array("\(sequence)\n".utf8)
+        let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw SidecarError(operation: "open", path: temporary, code: errno) }
+        var written = 0
+        while written < bytes.count {
+            let result = bytes[written...].withUnsafeBytes { raw in
+                write(fd, raw.baseAddress, raw.count)
+            }
+            if result < 0 {
+                if errno == EINTR { continue }
+                let code = errno
+                close(fd)
+                throw SidecarError(operation: "write", path: temporary, code: code)
+            }
+            written += result
+        }
+        if fsync(fd) != 0 {
+            let code = errno
+            close(fd)
+            throw SidecarError(operation: "fsync", path: temporary, code: code)
+        }
+        close(fd)
+        guard rename(temporary, path) == 0 else { throw SidecarError(operation: "rename", path: path, code: errno) }
+    }
+}
+
+/// Writing the sequence sidecar failed. Never fatal: the database's counter stays authoritative.
+struct SidecarError: Error, CustomStringConvertible {
+    let operation: String
+    let path: String
+    let code: Int32
+
+    var description: String { "cannot \(operation) \(path): \(String(cString: strerror(code)))" }
+}

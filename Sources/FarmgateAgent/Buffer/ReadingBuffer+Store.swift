@@ -1,0 +1,549 @@
+import FarmgateSupport
+import FarmgateWire
+import Foundation
+import Logging
+
+/// A buffer file that SQLite can open but that `PRAGMA quick_check` finds damaged.
+struct BufferCorruption: Error, CustomStringConvertible {
+    let problems: [String]
+    var description: String { "quick_check found \(problems.count) problem(s): \(problems.prefix(3).joined(separator: "; "))" }
+}
+
+/// What one group commit did.
+struct CommitOutcome {
+    var stored = 0
+    var duplicates = 0
+    var dropped = 0
+    var rejected = 0
+    var lastSequence: Int64 = 0
+}
+
+/// The buffer's SQLite file and everything cached about it. Lives on the buffer's ``DedicatedThread`` and is only ever touched
+/// there (through ``ThreadOwned``), so it needs no locking; every method blocks on disk.
+final class BufferStore {
+    struct SensorEntry {
+        let key: Int64
+        let descriptor: SensorDescriptor
+        let configured: Bool
+    }
+
+    let path: String
+    private let connection: SQLiteConnection
+    private let sidecar: SequenceSidecar
+    private let logger: Logger
+
+    private(set) var sensorsByID: [SensorID: SensorEntry] = [:]
+    private(set) var sensorsByKey: [Int64: SensorEntry] = [:]
+    /// The last sequence number assigned (committed).
+    private(set) var lastSequence: Int64
+    private(set) var pendingCount: Int
+    private(set) var quarantinedCount: Int
+    /// Persisted counters, as committed.
+    private(set) var dropped: Int64
+    private(set) var duplicatesIgnored: Int64
+    private var sidecarSequence: Int64
+    private var sidecarFailureLogged = false
+
+    private let insertReading: SQLiteStatement
+    private let updateCounter: SQLiteStatement
+    private let deleteReading: SQLiteStatement
+    private let deleteOldest: SQLiteStatement
+    private let selectOldest: SQLiteStatement
+    private let selectNewest: SQLiteStatement
+    private let selectOldestTimestamp: SQLiteStatement
+    private let copyToQuarantine: SQLiteStatement
+    private let pageCount: SQLiteStatement
+    private let freelistCount: SQLiteStatement
+    private let pageSize: Int64
+
+    // MARK: Opening
+
+    /// Opens the buffer at `path`, creating it (and its directory) if needed. A damaged file is moved aside to
+    /// `<path>.corrupt-<UTC timestamp>` (with its `-wal` and `-shm`) and a fresh file takes its place.
+    ///
+    /// Sequence numbers never go backwards: a fresh file whose history was lost (a corrupt file moved aside, or a database deleted
+    /// while its `<path>.seq` sidecar remained) starts after the sidecar's high-water mark plus ``ReadingBuffer/recoverySequenceGap``,
+    /// because the sidecar may lag the lost file by the commits made after its last write.
+    static func open(path: String, logger: Logger) throws -> BufferStore {
+        try createParentDirectory(of: path)
+        let sidecar = SequenceSidecar(bufferPath: path)
+        var sidecarValue: Int64?
+        switch sidecar.read() {
+        case .absent: sidecarValue = nil
+        case .value(let value): sidecarValue = value
+        case .unreadable(let problem):
+            logger.warning(
+                "Buffer sequence sidecar is unreadable; ignoring it",
+                metadata: ["buffer.sidecar": "\(sidecar.path)", "error": "\(problem)"])
+        }
+        do {
+            return try BufferStore(path: path, sidecar: sidecar, sidecarValue: sidecarValue, recoveredFromCorruption: false, logger: logger)
+        } catch let error where BufferStore.isCorruption(error) {
+            let movedTo = try moveAside(path: path)
+            logger.error(
+                "Buffer file is corrupt: moved it aside and started a fresh buffer; readings not yet uploaded are in the moved file",
+                metadata: ["buffer.path": "\(path)", "buffer.moved_to": "\(movedTo)", "error": "\(error)"])
+            return try BufferStore(path: path, sidecar: sidecar, sidecarValue: sidecarValue, recoveredFromCorruption: true, logger: logger)
+        }
+    }
+
+    static func isCorruption(_ error: any Error) -> Bool {
+        if error is BufferCorruption { return true }
+        if let error = error as? SQLiteError { return error.isCorruption }
+        return false
+    }
+
+    private init(path: String, sidecar: SequenceSidecar, sidecarValue: Int64?, recoveredFromCorruption: Bool, logger: Logger) throws {
+        let fileExisted = (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? Int).map { $0 > 0 } ?? false
+        let connection = try SQLiteConnection(path: path, mode: .readWriteCreate, busyTimeoutMilliseconds: 5_000)
+        let journalMode = try connection.query("PRAGMA journal_mode = WAL").first?.first?.string
+        guard journalMode?.lowercased() == "wal" else {
+            throw BufferError("cannot put the buffer \(path) in WAL mode (SQLite answered \(journalMode ?? "nothing")); is it on a network file system?")
+        }
+        // FULL: every group commit is fsynced, so a committed reading survives power loss (the delivery contract).
+        try connection.execute("PRAGMA synchronous = FULL")
+        // Keep the WAL file from staying large after a big delete.
+        try connection.execute("PRAGMA journal_size_limit = 16777216")
+        let problems = try connection.integrityProblems(quick: true)
+        guard problems.isEmpty else { throw BufferCorruption(problems: problems) }
+
+        let version = try BufferSchema.version(of: connection)
+        if version > BufferSchema.currentVersion {
+            throw BufferError(
+                "the buffer \(path) has schema version \(version), newer than this farmgate understands (\(BufferSchema.currentVersion)); "
+                    + "upgrade farmgate, or move the file away to start an empty buffer")
+        }
+        if version == 0 {
+            // A fresh file. Where did the history go?
+            var start: Int64 = 0
+            if recoveredFromCorruption || (sidecarValue != nil && !fileExisted) {
+                start = (sidecarValue ?? 0) + ReadingBuffer.recoverySequenceGap
+                logger.warning(
+                    "Buffer history was lost; new sequence numbers start above the old high-water mark",
+                    metadata: [
+                        "buffer.path": "\(path)", "buffer.sidecar_sequence": "\(sidecarValue.map(String.init) ?? "none")",
+                        "buffer.first_sequence": "\(start + 1)",
+                    ])
+            }
+            try connection.transaction {
+                try connection.execute(BufferSchema.version1)
+                try connection.query(
+                    "INSERT INTO schema_version(version, applied_at) VALUES (?, ?)",
+                    [.integer(BufferSchema.currentVersion), .integer(BufferStore.now().microseconds)])
+                for (name, value) in [
+                    (BufferSchema.counterLastSequence, start), (BufferSchema.counterDropped, 0), (BufferSchema.counterDuplicatesIgnored, 0),
+                ] {
+                    try connection.query("INSERT OR REPLACE INTO counters(name, value) VALUES (?, ?)", [.text(name), .integer(value)])
+                }
+            }
+        }
+
+        func counter(_ name: String) throws -> Int64 {
+            try connection.queryInt("SELECT value FROM counters WHERE name = ?", [.text(name)]) ?? 0
+        }
+        let counted = try counter(BufferSchema.counterLastSequence)
+        let maxPending = try connection.queryInt("SELECT max(sequence) FROM readings") ?? 0
+        let maxQuarantined = try connection.queryInt("SELECT max(sequence) FROM quarantine") ?? 0
+
+        self.path = path
+        self.connection = connection
+        self.sidecar = sidecar
+        self.logger = logger
+        self.lastSequence = max(counted, maxPending, maxQuarantined, sidecarValue ?? 0)
+        self.sidecarSequence = sidecarValue ?? -1
+        self.dropped = try counter(BufferSchema.counterDropped)
+        self.duplicatesIgnored = try counter(BufferSchema.counterDuplicatesIgnored)
+        self.pendingCount = Int(try connection.queryInt("SELECT count(*) FROM readings") ?? 0)
+        self.quarantinedCount = Int(try connection.queryInt("SELECT count(*) FROM quarantine") ?? 0)
+        self.pageSize = try connection.queryInt("PRAGMA page_size") ?? 4096
+
+        insertReading = try connection.prepare(
+            "INSERT OR IGNORE INTO readings(sequence, sensor, timestamp, steps, quality) VALUES (?, ?, ?, ?, ?)")
+        updateCounter = try connection.prepare("INSERT OR REPLACE INTO counters(name, value) VALUES (?, ?)")
+        deleteReading = try connection.prepare("DELETE FROM readings WHERE sequence = ?")
+        deleteOldest = try connection.prepare(
+            "DELETE FROM readings WHERE sequence IN (SELECT sequence FROM readings ORDER BY sequence LIMIT ?)")
+        selectOldest = try connection.prepare(
+            "SELECT sequence, sensor, timestamp, steps, quality FROM readings ORDER BY sequence LIMIT ?")
+        selectNewest = try connection.prepare(
+            "SELECT sequence, sensor, timestamp, steps, quality FROM readings ORDER BY sequence DESC LIMIT ?")
+        selectOldestTimestamp = try connection.prepare("SELECT timestamp FROM readings ORDER BY sequence LIMIT 1")
+        copyToQuarantine = try connection.prepare(
+            """
+            INSERT OR REPLACE INTO quarantine(sequence, sensor, timestamp, steps, quality, reason, quarantined_at)
+            SELECT sequence, sensor, timestamp, steps, quality, ?2, ?3 FROM readings WHERE sequence = ?1
+            """)
+        pageCount = try connection.prepare("PRAGMA page_count")
+        freelistCount = try connection.prepare("PRAGMA freelist_count")
+
+        try loadSensors()
+    }
+
+    private static func createParentDirectory(of path: String) throws {
+        let directory = (path as NSString).deletingLastPathComponent
+        guard !directory.isEmpty else { return }
+        do {
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        } catch {
+            throw BufferError("cannot create the buffer directory \(directory): \(error.localizedDescription)")
+        }
+    }
+
+    /// Renames `path` and its `-wal` and `-shm` files to `<path>.corrupt-<UTC timestamp>[-n]`; returns the new name.
+    private static func moveAside(path: String) throws -> String {
+        let stamp = RFC3339.format(Timestamp(microseconds: now().microseconds / 1_000_000 * 1_000_000))
+            .filter { $0 != "-" && $0 != ":" }
+        var target = "\(path).corrupt-\(stamp)"
+        var attempt = 1
+        while FileManager.default.fileExists(atPath: target) {
+            attempt += 1
+            target = "\(path).corrupt-\(stamp)-\(attempt)"
+        }
+        for suffix in ["", "-wal", "-shm"] where FileManager.default.fileExists(atPath: path + suffix) {
+            guard rename(path + suffix, target + suffix) == 0 else {
+                let reason = String(cString: strerror(errno))
+                throw BufferError("the buffer \(path) is corrupt and cannot be moved aside to \(target + suffix): \(reason)")
+            }
+        }
+        return target
+    }
+
+    static func now() -> Timestamp {
+        Timestamp(microseconds: Int64((Date().timeIntervalSince1970 * 1_000_000).rounded()))
+    }
+
+    private func loadSensors() throws {
+        var byID: [SensorID: SensorEntry] = [:]
+        var byKey: [Int64: SensorEntry] = [:]
+        let rows = try connection.query(
+            "SELECT key, id, quantity, resolution_numerator, resolution_denominator, configured FROM sensors")
+        for row in rows where row.count == 6 {
+            guard let key = row[0].int64, let idText = row[1].string, let id = try? SensorID(idText),
+                let quantity = row[2].string.flatMap(Quantity.init(rawValue:)),
+                let numerator = row[3].int64.flatMap(UInt32.init(exactly:)),
+                let denominator = row[4].int64.flatMap(UInt32.init(exactly:)),
+                let resolution = try? Resolution(numerator: numerator, denominator: denominator)
+            else {
+                logger.warning("Buffer has an unusable sensor row; its readings will be quarantined", metadata: ["buffer.row": "\(row)"])
+                continue
+            }
+            let entry = SensorEntry(
+                key: key, descriptor: SensorDescriptor(id: id, quantity: quantity, resolution: resolution),
+                configured: row[5].int64 != 0)
+            byID[id] = entry
+            byKey[key] = entry
+        }
+        sensorsByID = byID
+        sensorsByKey = byKey
+    }
+
+    // MARK: Transactions
+
+    /// Runs `body` in `BEGIN IMMEDIATE ... COMMIT`; on failure rolls back and restores the cached counts.
+    private func write<T>(_ body: () throws -> T) throws -> T {
+        let saved = (lastSequence, pendingCount, quarantinedCount, dropped, duplicatesIgnored)
+        do {
+            return try connection.transaction(body)
+        } catch {
+            (lastSequence, pendingCount, quarantinedCount, dropped, duplicatesIgnored) = saved
+            throw error
+        }
+    }
+
+    private func setCounter(_ name: String, _ value: Int64) throws {
+        try updateCounter.run([.text(name), .integer(value)])
+    }
+
+    /// Bytes in use: pages that are not on the free list.
+    func usedBytes() throws -> Int64 {
+        func scalar(_ statement: SQLiteStatement) throws -> Int64 {
+            try statement.bind([])
+            defer { statement.reset() }
+            return try statement.step() ? statement.int64(0) : 0
+        }
+        return (try scalar(pageCount) - scalar(freelistCount)) * pageSize
+    }
+
+    // MARK: Sensors
+
+    /// Makes `descriptors` the configured sensors. A sensor whose resolution changed has its buffered and quarantined
+    /// readings converted to the new resolution; a sensor no longer listed keeps its row while readings refer to it.
+    func register(_ descriptors: [SensorDescriptor]) throws {
+        var wanted: [SensorID: SensorDescriptor] = [:]
+        for descriptor in descriptors { wanted[descriptor.id] = descriptor }
+        try write {
+            for descriptor in wanted.values.sorted(by: { $0.id < $1.id }) {
+                let values: [SQLiteValue] = [
+                    .text(descriptor.quantity.rawValue), .integer(Int64(descriptor.resolution.numerator)),
+                    .integer(Int64(descriptor.resolution.denominator)),
+                ]
+                if let existing = sensorsByID[descriptor.id] {
+                    let old = existing.descriptor.resolution
+                    if old != descriptor.resolution {
+                        try requantize(key: existing.key, from: old, to: descriptor.resolution)
+                        logger.info(
+                            "Sensor resolution changed; converted its buffered readings",
+                            metadata: ["sensor": "\(descriptor.id)", "resolution.old": "\(old)", "resolution.new": "\(descriptor.resolution)"])
+                    }
+                    try connection.query(
+                        "UPDATE sensors SET quantity = ?, resolution_numerator = ?, resolution_denominator = ?, configured = 1 WHERE key = ?",
+                        values + [.integer(existing.key)])
+                } else {
+                    try connection.query(
+                        "INSERT INTO sensors(id, quantity, resolution_numerator, resolution_denominator, configured) VALUES (?, ?, ?, ?, 1)",
+                        [.text(descriptor.id.rawValue)] + values)
+                }
+            }
+            for entry in sensorsByID.values where wanted[entry.descriptor.id] == nil {
+                try connection.query(
+                    """
+                    DELETE FROM sensors WHERE key = ?1
+                    AND NOT EXISTS (SELECT 1 FROM readings WHERE sensor = ?1) AND NOT EXISTS (SELECT 1 FROM quarantine WHERE sensor = ?1)
+                    """, [.integer(entry.key)])
+                if connection.changes == 0 {
+                    try connection.query("UPDATE sensors SET configured = 0 WHERE key = ?", [.integer(entry.key)])
+                }
+            }
+        }
+        try loadSensors()
+    }
+
+    private func requantize(key: Int64, from old: Resolution, to new: Resolution) throws {
+        // steps_new = round(steps_old * old.step / new.step), as Resolution.quantize(old.value(ofSteps:)) would compute it.
+        let numerator = SQLiteValue.real(Double(old.numerator) * Double(new.denominator))
+        let denominator = SQLiteValue.real(Double(old.denominator) * Double(new.numerator))
+        for table in ["readings", "quarantine"] {
+            try connection.query(
+                "UPDATE \(table) SET steps = CAST(round(steps * ?2 / ?3) AS INTEGER) WHERE sensor = ?1",
+                [.integer(key), numerator, denominator])
+        }
+    }
+
+    // MARK: Group commit
+
+    /// Stores `samples` in one transaction, assigning sequence numbers in order, and applies the quota policy.
+    ///
+    /// Samples for a sensor that is not configured, or whose value cannot be quantized, are counted in `rejected` and
+    /// skipped. `carriedDrops` (samples dropped in memory since the last commit) is added to the persisted `dropped` counter.
+    func commit(_ samples: [Sample], carriedDrops: Int64, quotaBytes: Int64, policy: BufferFullPolicy) throws -> CommitOutcome {
+        struct Row {
+            let key: Int64
+            let timestamp: Int64
+            let steps: Int64
+            let quality: Int64
+        }
+        var outcome = CommitOutcome()
+        var rows: [Row] = []
+        rows.reserveCapacity(samples.count)
+        var unknownSensors = 0
+        var badValues = 0
+        var example: Sample?
+        for sample in samples {
+            guard let entry = sensorsByID[sample.sensor], entry.configured else {
+                unknownSensors += 1
+                example = example ?? sample
+                continue
+            }
+            guard let steps = entry.descriptor.resolution.quantize(sample.value) else {
+                badValues += 1
+                example = example ?? sample
+                continue
+            }
+            rows.append(Row(key: entry.key, timestamp: sample.timestamp.microseconds, steps: steps, quality: Int64(sample.quality.rawValue)))
+        }
+        outcome.rejected = unknownSensors + badValues
+        if let example {
+            logger.warning(
+                "Buffer dropped samples it cannot store",
+                metadata: [
+                    "buffer.unregistered_sensor": "\(unknownSensors)", "buffer.unquantizable_value": "\(badValues)",
+                    "sensor": "\(example.sensor)", "value": "\(example.value)",
+                ])
+        }
+
+        try write {
+            if policy == .dropNewest, !rows.isEmpty, try usedBytes() >= quotaBytes {
+                outcome.dropped = rows.count
+            } else {
+                for row in rows {
+                    try insertReading.run([
+                        .integer(lastSequence + 1), .integer(row.key), .integer(row.timestamp), .integer(row.steps), .integer(row.quality),
+                    ])
+                    if connection.changes == 1 {
+                        lastSequence += 1
+                        outcome.stored += 1
+                    } else {
+                        outcome.duplicates += 1
+                    }
+                }
+                pendingCount += outcome.stored
+                if policy == .dropOldest, outcome.stored > 0, try usedBytes() > quotaBytes {
+                    outcome.dropped = try dropOldest(downTo: quotaBytes / 10 * 9)
+                }
+            }
+            if outcome.stored > 0 { try setCounter(BufferSchema.counterLastSequence, lastSequence) }
+            if outcome.duplicates > 0 {
+                duplicatesIgnored += Int64(outcome.duplicates)
+                try setCounter(BufferSchema.counterDuplicatesIgnored, duplicatesIgnored)
+            }
+            if outcome.dropped > 0 || carriedDrops > 0 {
+                dropped += Int64(outcome.dropped) + carriedDrops
+                try setCounter(BufferSchema.counterDropped, dropped)
+            }
+        }
+        if outcome.dropped > 0 {
+            logger.warning(
+                "Buffer is at its disk quota; readings were dropped",
+                metadata: [
+                    "buffer.dropped": "\(outcome.dropped)", "buffer.policy": "\(policy.rawValue)", "buffer.quota_bytes": "\(quotaBytes)",
+                ])
+        }
+        outcome.lastSequence = lastSequence
+        writeSidecar()
+        return outcome
+    }
+
+    /// Deletes the oldest pending readings in chunks until the used bytes are at most `target`. Returns how many it deleted.
+    private func dropOldest(downTo target: Int64) throws -> Int {
+        var deleted = 0
+        while pendingCount > 0, try usedBytes() > target {
+            let chunk = max(64, min(pendingCount / 20, 10_000))
+            try deleteOldest.run([.integer(Int64(chunk))])
+            let removed = connection.changes
+            guard removed > 0 else { break }
+            deleted += removed
+            pendingCount -= removed
+        }
+        return deleted
+    }
+
+    private func writeSidecar() {
+        guard lastSequence != sidecarSequence else { return }
+        do {
+            try sidecar.store(lastSequence)
+            sidecarSequence = lastSequence
+            sidecarFailureLogged = false
+        } catch {
+            if !sidecarFailureLogged {
+                logger.warning(
+                    "Cannot write the buffer sequence sidecar; sequence numbers stay safe while the database is healthy",
+                    metadata: ["error": "\(error)"])
+                sidecarFailureLogged = true
+            }
+        }
+    }
+
+    // MARK: The uploader's view
+
+    func pending(limit: Int, from end: BacklogEnd) throws -> [Reading] {
+        guard limit > 0 else { return [] }
+        let statement = end == .oldest ? selectOldest : selectNewest
+        try statement.bind([.integer(Int64(limit))])
+        defer { statement.reset() }
+        var readings: [Reading] = []
+        readings.reserveCapacity(min(limit, pendingCount))
+        var orphans: [Int64] = []
+        while try statement.step() {
+            let sequence = statement.int64(0)
+            guard sequence > 0, let entry = sensorsByKey[statement.int64(1)] else {
+                orphans.append(sequence)
+                continue
+            }
+            readings.append(
+                Reading(
+                    sensor: entry.descriptor.id, sequence: UInt64(sequence), timestamp: Timestamp(microseconds: statement.int64(2)),
+                    value: entry.descriptor.resolution.value(ofSteps: statement.int64(3)),
+                    quality: QualityFlags(rawValue: UInt16(truncatingIfNeeded: statement.int64(4)))))
+        }
+        statement.reset()
+        if !orphans.isEmpty {
+            // Impossible through this API (a sensor row stays while readings refer to it); a hand-edited file could do it.
+            // Never let such rows block the queue.
+            logger.error("Buffer readings refer to an unknown sensor; quarantining them", metadata: ["buffer.count": "\(orphans.count)"])
+            var reasons: [UInt64: String] = [:]
+            for sequence in orphans where sequence > 0 { reasons[UInt64(sequence)] = "the buffer has no descriptor for this reading's sensor" }
+            try quarantine(reasons)
+            if orphans.contains(where: { $0 <= 0 }) {
+                try write {
+                    try connection.query("DELETE FROM readings WHERE sequence <= 0")
+                    pendingCount -= connection.changes
+                }
+            }
+        }
+        return end == .oldest ? readings : readings.reversed()
+    }
+
+    func descriptors(for sensors: Set<SensorID>) -> [SensorDescriptor] {
+        sensors.sorted().compactMap { sensorsByID[$0]?.descriptor }
+    }
+
+    /// Deletes the readings with these sequence numbers; unknown numbers are ignored. Returns how many were deleted.
+    @discardableResult
+    func acknowledge(_ sequences: [UInt64]) throws -> Int {
+        guard !sequences.isEmpty else { return 0 }
+        return try write {
+            var removed = 0
+            for sequence in sequences {
+                guard let value = Int64(exactly: sequence) else { continue }
+                try deleteReading.run([.integer(value)])
+                removed += connection.changes
+            }
+            pendingCount -= removed
+            return removed
+        }
+    }
+
+    /// Moves the readings with these sequence numbers to quarantine, in one transaction. Returns how many moved.
+    @discardableResult
+    func quarantine(_ reasons: [UInt64: String]) throws -> Int {
+        guard !reasons.isEmpty else { return 0 }
+        let now = BufferStore.now().microseconds
+        return try write {
+            var moved = 0
+            for (sequence, reason) in reasons.sorted(by: { $0.key < $1.key }) {
+                guard let value = Int64(exactly: sequence) else { continue }
+                try copyToQuarantine.run([.integer(value), .text(String(reason.prefix(1_000))), .integer(now)])
+                guard connection.changes == 1 else { continue }
+                try deleteReading.run([.integer(value)])
+                moved += connection.changes
+            }
+            pendingCount -= moved
+            quarantinedCount += moved
+            return moved
+        }
+    }
+
+    func quarantined(limit: Int) throws -> [QuarantinedReading] {
+        guard limit > 0 else { return [] }
+        let rows = try connection.query(
+            """
+            SELECT sequence, sensor, timestamp, steps, reason, quarantined_at FROM quarantine
+            ORDER BY quarantined_at DESC, sequence DESC LIMIT ?
+            """, [.integer(Int64(limit))])
+        return rows.compactMap { row in
+            guard row.count == 6, let sequence = row[0].int64, sequence > 0, let key = row[1].int64, let timestamp = row[2].int64,
+                let steps = row[3].int64
+            else { return nil }
+            let entry = sensorsByKey[key]
+            return QuarantinedReading(
+                sequence: UInt64(sequence), sensor: entry?.descriptor.id.rawValue ?? "sensor #\(key)",
+                timestamp: Timestamp(microseconds: timestamp), value: entry?.descriptor.resolution.value(ofSteps: steps) ?? Double(steps),
+                reason: row[4].string ?? "", quarantinedAt: Timestamp(microseconds: row[5].int64 ?? 0))
+        }
+    }
+
+    func statistics(uncommitted: Int, droppedInMemory: Int64, quotaBytes: Int64) throws -> BufferStatistics {
+        try selectOldestTimestamp.bind([])
+        defer { selectOldestTimestamp.reset() }
+        let oldest = try selectOldestTimestamp.step() ? Timestamp(microseconds: selectOldestTimestamp.int64(0)) : nil
+        return BufferStatistics(
+            pending: pendingCount, oldestPending: oldest, uncommitted: uncommitted, quarantined: quarantinedCount,
+            dropped: dropped + droppedInMemory, duplicatesIgnored: duplicatesIgnored, lastSequence: UInt64(max(0, lastSequence)),
+            usedBytes: try usedBytes(), quotaBytes: quotaBytes)
+    }
+
+    /// Runs `PRAGMA quick_check`; empty means healthy.
+    func integrityProblems() throws -> [String] {
+        try connection.integrityProblems(quick: true)
+    }
+}

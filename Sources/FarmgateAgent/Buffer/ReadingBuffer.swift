@@ -1,0 +1,327 @@
+import FarmgateSupport
+import FarmgateWire
+import Logging
+import ServiceLifecycle
+import Synchronization
+
+/// The site's store-and-forward buffer: an SQLite file (WAL, `synchronous=FULL`) where a reading comes into existence.
+///
+/// ```swift
+/// let buffer = try ReadingBuffer(configuration: .init(path: "/var/lib/farmgate/buffer.sqlite"), logger: logger)
+/// try await buffer.register(descriptors)
+/// // ServiceGroup(services: [buffer, sampler, uploader], ...) runs the group-commit loop.
+/// try await buffer.append([Sample(sensor: id, timestamp: now, value: 6.02)])
+/// ```
+///
+/// - ``append(_:)`` only queues samples in memory. The group-commit loop (``run()``, a `Service`) commits everything queued at
+///   most every ``BufferConfiguration/commitInterval``, in one transaction, and assigns device-wide sequence numbers in commit
+///   order. ``flush()`` commits now. A commit is fsynced: once it returns, the readings survive `kill -9` and power loss.
+/// - Sequence numbers are never reused: the counter is persisted with the readings, survives the deletion of every row, and is
+///   mirrored after each commit into `<path>.seq` (see below).
+/// - Values are stored as whole steps of the sensor's resolution. A sample for a sensor not in the last ``register(_:)``, or whose
+///   value cannot be quantized (NaN, infinite, too large), is dropped with a warning and counted in ``rejectedSamples``.
+/// - A sample equal in sensor and timestamp to a pending reading is stored once and counted in
+///   ``BufferStatistics/duplicatesIgnored``.
+/// - After each commit, if the pages in use exceed ``BufferConfiguration/quotaBytes``: ``BufferFullPolicy/dropOldest`` deletes
+///   the oldest pending readings until under 90 % of the quota; ``BufferFullPolicy/dropNewest`` refuses the next commits' samples
+///   until space is freed. Both count in ``BufferStatistics/dropped`` and log a warning. The quota can be exceeded by one commit.
+/// - When a commit fails (disk full), the samples stay queued and the loop retries every interval. At most
+///   ``maximumQueuedSamples`` wait in memory; beyond that the policy decides which are dropped, and they are counted.
+///
+/// ## Corruption and sequence safety
+/// A file SQLite cannot open as a database, or that fails `PRAGMA quick_check`, does not stop the agent: it is renamed (with its
+/// `-wal` and `-shm`) to `<path>.corrupt-<UTC timestamp>`, an error names both paths, and a fresh file is created. The ingest is
+/// idempotent on (device, sequence), so restarting at 1 would make it discard new readings as duplicates. The high-water mark is
+/// therefore also kept in the sidecar `<path>.seq`, replaced atomically (temporary file, fsync, rename) after every commit. A fresh
+/// file whose history was lost (moved aside as corrupt, or deleted while the sidecar remained) starts at
+/// sidecar + ``recoverySequenceGap`` + 1: the gap covers commits the sidecar may not have recorded. A brand-new site (no file, no
+/// sidecar) starts at 1. An existing file continues from max(its counter, its highest row, the sidecar).
+///
+/// Every SQLite call runs on the buffer's own thread, never on the Swift concurrency pool.
+public final class ReadingBuffer: PendingReadings, Service {
+    /// The most samples kept in memory while commits fail; past it ``BufferConfiguration/whenFull`` decides what is dropped.
+    public static let maximumQueuedSamples = 100_000
+    /// How far a buffer whose history was lost jumps past the last known sequence number.
+    public static let recoverySequenceGap: Int64 = 1_000_000
+
+    public let configuration: BufferConfiguration
+    private let logger: Logger
+    private let store: ThreadOwned<StoreBox>
+    private let queue = Mutex(Queue())
+    private let onCommit: (@Sendable (BufferCommit) -> Void)?
+
+    private struct Queue {
+        var samples: [Sample] = []
+        /// Samples dropped in memory (cap reached) and not yet added to the persisted counter.
+        var droppedInMemory: Int64 = 0
+        var rejected: Int64 = 0
+        var closed = false
+        var lastOverflowWarning: ContinuousClock.Instant?
+    }
+
+    /// Holds the store so that ``close()`` can release it on its thread.
+    private final class StoreBox {
+        var store: BufferStore?
+        init(_ store: BufferStore) { self.store = store }
+    }
+
+    /// Opens (or creates) the buffer file, recovering from a corrupt one as described in the type's documentation.
+    ///
+    /// Blocks the caller while the file is opened and checked (`quick_check` reads the whole file).
+    ///
+    /// - Parameters:
+    ///   - configuration: where the file is, how often to commit, the quota and what to do at it.
+    ///   - logger: receives corruption, quota and commit-failure reports.
+    ///   - onCommit: called on the buffer's thread after every durable group commit (for metrics and tests). Keep it short.
+    /// - Throws: ``BufferError`` or `SQLiteError` when the file cannot be used for a reason other than corruption
+    ///   (permissions, a newer schema, a lock held by another process).
+    public init(
+        configuration: BufferConfiguration, logger: Logger, onCommit: (@Sendable (BufferCommit) -> Void)? = nil
+    ) throws {
+        var logger = logger
+        logger[metadataKey: "buffer.path"] = "\(configuration.path)"
+        self.configuration = configuration
+        self.logger = logger
+        self.onCommit = onCommit
+        let path = configuration.path
+        let storeLogger = logger
+        self.store = try ThreadOwned(name: "farmgate-buffer") {
+            StoreBox(try BufferStore.open(path: path, logger: storeLogger))
+        }
+    }
+
+    private func withStore<T: Sendable>(_ body: @escaping @Sendable (BufferStore) throws -> T) async throws -> T {
+        try await store.withValue { box in
+            guard let store = box.store else { throw BufferError.closed }
+            return try body(store)
+        }
+    }
+
+    // MARK: Writing
+
+    /// Makes `sensors` the configured sensors: samples for others are rejected from now on.
+    ///
+    /// Descriptors are upserted by id. A sensor whose resolution changed has its buffered readings converted to the new
+    /// resolution. The descriptor of a sensor no longer listed stays while readings of it are buffered or quarantined.
+    public func register(_ sensors: [SensorDescriptor]) async throws {
+        try await withStore { store in try store.register(sensors) }
+    }
+
+    /// Queues `samples` for the next group commit. Never touches the disk.
+    ///
+    /// - Throws: ``BufferError/closed`` after ``close()``.
+    public func append(_ samples: [Sample]) async throws {
+        guard !samples.isEmpty else { return }
+        let policy = configuration.whenFull
+        let overflow = try queue.withLock { queue throws(BufferError) -> (dropped: Int, warn: Bool) in
+            guard !queue.closed else { throw BufferError.closed }
+            queue.samples.append(contentsOf: samples)
+            return ReadingBuffer.enforceCap(&queue, policy: policy)
+        }
+        if overflow.warn { warnOverflow(overflow.dropped) }
+    }
+
+    /// Drops samples past ``maximumQueuedSamples`` according to `policy`; says whether a warning is due (at most once a minute).
+    private static func enforceCap(_ queue: inout Queue, policy: BufferFullPolicy) -> (dropped: Int, warn: Bool) {
+        let excess = queue.samples.count - maximumQueuedSamples
+        guard excess > 0 else { return (0, false) }
+        switch policy {
+        case .dropOldest: queue.samples.removeFirst(excess)
+        case .dropNewest: queue.samples.removeLast(excess)
+        }
+        queue.droppedInMemory += Int64(excess)
+        let now = ContinuousClock.now
+        if let last = queue.lastOverflowWarning, last.duration(to: now) < .seconds(60) { return (excess, false) }
+        queue.lastOverflowWarning = now
+        return (excess, true)
+    }
+
+    private func warnOverflow(_ count: Int) {
+        logger.warning(
+            "Buffer cannot commit and its memory queue is full; samples were dropped",
+            metadata: [
+                "buffer.dropped": "\(count)", "buffer.max_queued": "\(ReadingBuffer.maximumQueuedSamples)",
+                "buffer.policy": "\(configuration.whenFull.rawValue)",
+            ])
+    }
+
+    /// Commits everything queued now, in one transaction, and returns once it is durable.
+    ///
+    /// - Returns: the highest sequence number committed so far (0 if none ever was).
+    /// - Throws: the commit's error (for example disk full); the samples then stay queued for the next attempt.
+    @discardableResult
+    public func flush() async throws -> UInt64 {
+        try await withStore { [self] store in try self.commitQueued(on: store) }
+    }
+
+    /// Runs on the buffer's thread, so commits happen one at a time and sequence numbers follow commit order.
+    private func commitQueued(on store: BufferStore) throws -> UInt64 {
+        let (samples, carried) = queue.withLock { queue in
+            defer {
+                queue.samples = []
+                queue.droppedInMemory = 0
+            }
+            return (queue.samples, queue.droppedInMemory)
+        }
+        guard !samples.isEmpty || carried > 0 else { return UInt64(max(0, store.lastSequence)) }
+        let outcome: CommitOutcome
+        do {
+            outcome = try store.commit(
+                samples, carriedDrops: carried, quotaBytes: configuration.quotaBytes, policy: configuration.whenFull)
+        } catch {
+            let policy = configuration.whenFull
+            let overflow = queue.withLock { queue in
+                queue.samples.insert(contentsOf: samples, at: 0)
+                queue.droppedInMemory += carried
+                return ReadingBuffer.enforceCap(&queue, policy: policy)
+            }
+            if overflow.warn { warnOverflow(overflow.dropped) }
+            throw error
+        }
+        if outcome.rejected > 0 { queue.withLock { $0.rejected += Int64(outcome.rejected) } }
+        let sequence = UInt64(max(0, outcome.lastSequence))
+        onCommit?(
+            BufferCommit(
+                lastSequence: sequence, stored: outcome.stored, duplicates: outcome.duplicates, dropped: outcome.dropped,
+                rejected: outcome.rejected))
+        return sequence
+    }
+
+    /// The group-commit loop: commits what is queued every ``BufferConfiguration/commitInterval`` (skipping empty intervals).
+    ///
+    /// A failed commit is logged and retried at the next interval with the samples still queued. On graceful shutdown or
+    /// cancellation the loop stops and flushes what is queued before returning.
+    ///
+    /// - Throws: the final flush's error, if it fails.
+    public func run() async throws {
+        let interval = max(configuration.commitInterval, .milliseconds(1))
+        await cancelWhenGracefulShutdown { [self] in
+            let clock = ContinuousClock()
+            var deadline = clock.now.advanced(by: interval)
+            var failing = false
+            var lastFailureLog: ContinuousClock.Instant?
+            while !Task.isCancelled {
+                do {
+                    try await Task.sleep(until: deadline, clock: clock)
+                } catch {
+                    return
+                }
+                deadline = deadline.advanced(by: interval)
+                if deadline < clock.now { deadline = clock.now.advanced(by: interval) }
+                do {
+                    try await flush()
+                    if failing {
+                        logger.info("Buffer commits succeed again")
+                        failing = false
+                    }
+                } catch {
+                    let now = clock.now
+                    if !failing || lastFailureLog.map({ $0.duration(to: now) >= .seconds(60) }) ?? true {
+                        let queued = queue.withLock { $0.samples.count }
+                        logger.error(
+                            "Buffer commit failed; samples stay queued and the commit is retried",
+                            metadata: ["error": "\(error)", "buffer.queued": "\(queued)"])
+                        lastFailureLog = now
+                    }
+                    failing = true
+                }
+            }
+        }
+        do {
+            try await flush()
+        } catch {
+            logger.error("Buffer could not commit its queue at shutdown", metadata: ["error": "\(error)"])
+            throw error
+        }
+    }
+
+    /// Commits what is queued, then closes the file on its thread. Later calls throw ``BufferError/closed``.
+    ///
+    /// - Throws: the final commit's error; the file is closed either way.
+    public func close() async throws {
+        queue.withLock { $0.closed = true }
+        var flushError: (any Error)?
+        do { try await flush() } catch { flushError = error }
+        _ = try? await store.withValue { box in box.store = nil }
+        store.close()
+        if let flushError { throw flushError }
+    }
+
+    /// Samples dropped since this buffer was opened because their sensor was not registered or their value could not be
+    /// quantized. Not persisted.
+    public var rejectedSamples: Int64 { queue.withLock { $0.rejected } }
+
+    // MARK: PendingReadings
+
+    /// Up to `limit` committed, unacknowledged readings from one end of the backlog, in ascending sequence order.
+    public func pending(limit: Int, from end: BacklogEnd) async throws -> [Reading] {
+        try await withStore { store in try store.pending(limit: limit, from: end) }
+    }
+
+    /// The registered descriptors of `sensors` (including sensors no longer configured whose readings are still buffered).
+    public func descriptors(for sensors: Set<SensorID>) async throws -> [SensorDescriptor] {
+        try await withStore { store in store.descriptors(for: sensors) }
+    }
+
+    /// Deletes the readings with these sequence numbers, in one transaction. Unknown numbers are ignored.
+    public func acknowledge(_ sequences: [UInt64]) async throws {
+        try await withStore { store in _ = try store.acknowledge(sequences) }
+    }
+
+    /// Moves these readings into quarantine with their reasons and the current time, in one transaction. Sequence numbers
+    /// that are not pending are ignored.
+    public func quarantine(_ reasons: [UInt64: String]) async throws {
+        try await withStore { store in _ = try store.quarantine(reasons) }
+    }
+
+    /// The `limit` most recently quarantined readings, newest first.
+    public func quarantined(limit: Int) async throws -> [QuarantinedReading] {
+        try await withStore { store in try store.quarantined(limit: limit) }
+    }
+
+    /// Counts, ages and sizes, for batching decisions, status and metrics.
+    public func statistics() async throws -> BufferStatistics {
+        let (uncommitted, droppedInMemory) = queue.withLock { ($0.samples.count, $0.droppedInMemory) }
+        let quota = configuration.quotaBytes
+        return try await withStore { store in
+            try store.statistics(uncommitted: uncommitted, droppedInMemory: droppedInMemory, quotaBytes: quota)
+        }
+    }
+
+    /// Runs SQLite's `quick_check` on the open file; an empty answer means healthy. For `farmgate doctor` and tests.
+    public func integrityProblems() async throws -> [String] {
+        try await withStore { store in try store.integrityProblems() }
+    }
+}
+
+/// What one group commit did, reported to ``ReadingBuffer``'s `onCommit` observer.
+public struct BufferCommit: Hashable, Sendable {
+    /// The highest sequence number committed so far; durable when the observer runs.
+    public var lastSequence: UInt64
+    /// Readings stored by this commit.
+    public var stored: Int
+    /// Samples ignored because the same sensor and timestamp was already buffered.
+    public var duplicates: Int
+    /// Readings dropped by the quota policy in this commit.
+    public var dropped: Int
+    /// Samples rejected (unregistered sensor, unquantizable value).
+    public var rejected: Int
+
+    public init(lastSequence: UInt64, stored: Int, duplicates: Int, dropped: Int, rejected: Int) {
+        self.lastSequence = lastSequence
+        self.stored = stored
+        self.duplicates = duplicates
+        self.dropped = dropped
+        self.rejected = rejected
+    }
+}
+
+/// The buffer cannot be used, with a message that says what to do.
+public struct BufferError: Error, Hashable, Sendable, CustomStringConvertible {
+    public let description: String
+
+    public init(_ description: String) { self.description = description }
+
+    /// The buffer was closed.
+    public static let closed = BufferError("the reading buffer is closed")
+}
