@@ -29,4 +29,22 @@ static inline CURLcode fg_curl_getinfo_long(CURL *handle, CURLINFO info, long *v
 static inline CURLcode fg_curl_getinfo_double(CURL *handle, CURLINFO info, double *value) {
     return curl_easy_getinfo(handle, info, value);
 }
+
+// Added for the uploader's HTTPClient.
+typedef size_t (*fg_curl_header_callback)(char *buffer, size_t size, size_t nitems, void *userdata);
+static inline CURLcode fg_curl_setopt_header_function(CURL *handle, fg_curl_header_callback cb) {
+    return curl_easy_setopt(handle, CURLOPT_HEADERFUNCTION, cb);
+}
+typedef int (*fg_curl_xferinfo_callback)(void *clientp, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal, curl_off_t ulnow);
+static inline CURLcode fg_curl_setopt_xferinfo_function(CURL *handle, fg_curl_xferinfo_callback cb) {
+    return curl_easy_setopt(handle, CURLOPT_XFERINFOFUNCTION, cb);
+}
+// curl_global_init with CURL_GLOBAL_DEFAULT (a macro Swift does not import).
+static inline CURLcode fg_curl_global_init_default(void) {
+    return curl_global_init(CURL_GLOBAL_DEFAULT);
+}
+// CURL_ERROR_SIZE as a value Swift can read.
+static inline size_t fg_curl_error_size(void) {
+    return CURL_ERROR_SIZE;
+}
 #endif

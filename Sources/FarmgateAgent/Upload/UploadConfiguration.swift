@@ -1,0 +1,108 @@
+import FarmgateWire
+
+/// How the ``Uploader`` reaches the ingest and cuts batches. Every default is documented on its property.
+public struct UploadConfiguration: Sendable, Hashable {
+    /// The body format of a batch.
+    public enum Format: String, Sendable, Hashable, Codable {
+        /// ``BatchCodec``: columnar, delta-coded, zstd-compressed (`application/vnd.farmgate.batch`).
+        case binary
+        /// ``BatchJSON`` (`application/json`): larger, readable, for debugging.
+        case json
+    }
+
+    /// The ingest's base URL, e.g. `https://ingest.example.net`. Required. Batches go to this plus
+    /// ``IngestProtocol/batchesPath``.
+    public var endpoint: String
+    /// The device key (`fgd_...`) sent as `Authorization: Bearer`. Required.
+    public var deviceKey: String
+    /// A PEM file of CA certificates to trust instead of the system CAs. Default nil: the system CAs.
+    public var caFile: String?
+    /// The batch format. Default ``Format/binary``.
+    public var format: Format
+    /// The most readings in one batch. Default 1000. A full batch is sent as soon as it is pending.
+    public var batchMaxReadings: Int
+    /// The largest encoded batch, in bytes. Default 256 KiB. A batch that encodes larger is halved (by reading count)
+    /// until it fits; a single reading is sent whatever its size.
+    public var batchMaxBytes: Int
+    /// A partial batch is sent once its oldest reading is this old (by the reading's timestamp, or by how long the
+    /// uploader has seen it pending, whichever is more: a wrong clock does not hold readings back). Default 5 s.
+    public var batchMaxAge: Duration
+    /// The longest time to establish a connection, TLS handshake included. Default 10 s.
+    public var connectTimeout: Duration
+    /// The longest time one upload request may take. Default 30 s.
+    public var requestTimeout: Duration
+    /// A request whose transfer stalls (under 1 byte/s) this long is abandoned before ``requestTimeout``. Default 20 s.
+    public var stallTimeout: Duration
+    /// The ceiling of the first backoff wait after a failure. Default 1 s.
+    public var backoffInitial: Duration
+    /// The largest wait between attempts, also the cap on a `Retry-After`, and the wait after a credentials error. Default 5 min.
+    public var backoffMax: Duration
+    /// How often the buffer is looked at while there is nothing to send. Default 500 ms.
+    public var pollInterval: Duration
+    /// Whether the proxy environment variables (`https_proxy`, `http_proxy`, `no_proxy`, ...) apply, as they do for `curl`.
+    /// Default true.
+    public var useProxyEnvironment: Bool
+
+    public init(
+        endpoint: String,
+        deviceKey: String,
+        caFile: String? = nil,
+        format: Format = .binary,
+        batchMaxReadings: Int = 1000,
+        batchMaxBytes: Int = 256 << 10,
+        batchMaxAge: Duration = .seconds(5),
+        connectTimeout: Duration = .seconds(10),
+        requestTimeout: Duration = .seconds(30),
+        stallTimeout: Duration = .seconds(20),
+        backoffInitial: Duration = .seconds(1),
+        backoffMax: Duration = .seconds(300),
+        pollInterval: Duration = .milliseconds(500),
+        useProxyEnvironment: Bool = true
+    ) {
+        self.endpoint = endpoint
+        self.deviceKey = deviceKey
+        self.caFile = caFile
+        self.format = format
+        self.batchMaxReadings = batchMaxReadings
+        self.batchMaxBytes = batchMaxBytes
+        self.batchMaxAge = batchMaxAge
+        self.connectTimeout = connectTimeout
+        self.requestTimeout = requestTimeout
+        self.stallTimeout = stallTimeout
+        self.backoffInitial = backoffInitial
+        self.backoffMax = backoffMax
+        self.pollInterval = pollInterval
+        self.useProxyEnvironment = useProxyEnvironment
+    }
+
+    /// The configuration the `[upload]` section of the agent's file describes; the keys it has no key for keep their defaults.
+    public init(settings: UploadSettings) {
+        self.init(
+            endpoint: settings.endpoint, deviceKey: settings.key, caFile: settings.caFile, format: settings.json ? .json : .binary,
+            batchMaxReadings: settings.batchMaxReadings, batchMaxBytes: settings.batchMaxBytes, batchMaxAge: settings.batchMaxAge,
+            connectTimeout: settings.connectTimeout, requestTimeout: settings.requestTimeout,
+            backoffInitial: settings.backoffInitial, backoffMax: settings.backoffMax)
+    }
+
+    /// Where batches are posted: ``endpoint`` without trailing slashes, plus ``IngestProtocol/batchesPath``.
+    public var batchesURL: String {
+        var base = Substring(endpoint)
+        while base.hasSuffix("/") { base = base.dropLast() }
+        return base + IngestProtocol.batchesPath
+    }
+
+    /// The media type of ``format``.
+    public var contentType: String {
+        switch format {
+        case .binary: IngestProtocol.binaryBatchMediaType
+        case .json: IngestProtocol.jsonBatchMediaType
+        }
+    }
+
+    /// The HTTP client settings these values imply.
+    public var httpClientConfiguration: HTTPClient.Configuration {
+        HTTPClient.Configuration(
+            connectTimeout: connectTimeout, requestTimeout: requestTimeout, caFile: caFile, lowSpeedLimit: 1, lowSpeedTime: stallTimeout,
+            maxResponseBytes: 1 << 20, useProxyEnvironment: useProxyEnvironment, userAgent: "farmgate")
+    }
+}
