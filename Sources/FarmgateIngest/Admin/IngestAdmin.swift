@@ -1,0 +1,123 @@
+public import FarmgateWire
+
+/// The administration behind `farmgate-ingest farm create`, `device create`, `device revoke`, `token create` and `export`,
+/// as a library so that tests run the same code as the command line.
+public struct IngestAdmin: Sendable {
+    public let store: any IngestStore
+
+    public init(store: any IngestStore) {
+        self.store = store
+    }
+
+    /// Creates a farm named `name` (1 to 64 characters of `A-Z a-z 0-9 . _ -`, starting with a letter or digit).
+    public func createFarm(name: String) async throws -> FarmRecord {
+        try validateFarmName(name)
+        return try await store.createFarm(name: name, createdAt: .now())
+    }
+
+    /// Registers a device and returns its new API key. The key is shown only now: the store keeps its hash.
+    public func createDevice(farm: String, device: DeviceID) async throws -> APIKey {
+        for attempt in 1...5 {
+            let key = APIKey.generate(kind: .device)
+            do {
+                _ = try await store.createDevice(farm: farm, device: device, keyID: key.keyID, secretHash: key.secretHash, createdAt: .now())
+                return key
+            } catch IngestStoreError.alreadyExists(let what) where what.hasPrefix("API key id") && attempt < 5 {
+                continue  // a key id collision (one in 2^40): draw another
+            }
+        }
+        throw IngestStoreError.alreadyExists("API key id")
+    }
+
+    /// Revokes a device: its key stops working within the credential cache time of running ingests (seconds).
+    public func revokeDevice(farm: String, device: DeviceID) async throws {
+        try await store.revokeDevice(farm: farm, device: device, revokedAt: .now())
+    }
+
+    /// Creates a read token for `farm` and returns it. It is shown only now: the store keeps its hash.
+    public func createReadToken(farm: String, role: ReadRole) async throws -> APIKey {
+        for attempt in 1...5 {
+            let key = APIKey.generate(kind: .readToken)
+            do {
+                try await store.createReadToken(farm: farm, role: role, keyID: key.keyID, secretHash: key.secretHash, createdAt: .now())
+                return key
+            } catch IngestStoreError.alreadyExists(let what) where what.hasPrefix("token id") && attempt < 5 {
+                continue
+            }
+        }
+        throw IngestStoreError.alreadyExists("token id")
+    }
+
+    /// Writes every stored reading of `farm` in (device, sequence) order, a page at a time, so that memory stays bounded
+    /// whatever the size of the farm.
+    ///
+    /// - Parameters:
+    ///   - format: CSV with a header line, or one JSON object per line.
+    ///   - pageSize: readings fetched from the store at once.
+    ///   - write: receives the text in pieces, each ending with a newline.
+    /// - Returns: the number of readings written.
+    @discardableResult
+    public func export(farm: String, format: ExportFormat, pageSize: Int = 5_000, write: (String) throws -> Void) async throws -> Int {
+        guard let record = try await store.farm(named: farm) else { throw IngestStoreError.notFound("farm '\(farm)'") }
+        if format == .csv { try write("device,sensor,sequence,timestamp,value,flags\n") }
+        var count = 0
+        for device in try await store.devices(farmID: record.id) {
+            var after: UInt64?
+            while true {
+                let page = try await store.exportPage(device: device, afterSequence: after, limit: pageSize)
+                guard let last = page.last else { break }
+                var text = ""
+                for row in page { text += format.line(row) }
+                try write(text)
+                count += page.count
+                after = last.sequence
+                if page.count < pageSize { break }
+            }
+        }
+        return count
+    }
+}
+
+/// How `export` writes readings.
+public enum ExportFormat: String, Sendable, CaseIterable {
+    /// `device,sensor,sequence,timestamp,value,flags` with flags joined by `|`.
+    case csv
+    /// `{"device":...,"sensor":...,"sequence":...,"timestamp":...,"value":...,"flags":[...]}` per line.
+    case jsonl
+
+    /// One reading as a line, with its newline.
+    public func line(_ row: ExportRow) -> String {
+        let timestamp = RFC3339.format(row.timestamp)
+        let flags = flagNames(row.quality)
+        switch self {
+        case .csv:
+            // Identifiers cannot contain commas or quotes, so no field needs quoting.
+            return "\(row.device),\(row.sensor),\(row.sequence),\(timestamp),\(formatValue(row.value)),\(flags.joined(separator: "|"))\n"
+        case .jsonl:
+            let flagList = flags.map { "\"\($0)\"" }.joined(separator: ",")
+            return
+                "{\"device\":\"\(row.device)\",\"sensor\":\"\(row.sensor)\",\"sequence\":\(row.sequence),\"timestamp\":\"\(timestamp)\",\"value\":\(formatValue(row.value)),\"flags\":[\(flagList)]}\n"
+        }
+    }
+}
+
+/// A finite value in its shortest exact decimal form (`6.42`, `21`, `1250.5`).
+func formatValue(_ value: Double) -> String {
+    guard value.isFinite else { return "null" }
+    if value == value.rounded(), value.magnitude < 1e15 { return String(Int64(value)) }
+    return "\(value)"
+}
+
+/// Why a farm name is refused.
+public struct FarmNameError: Error, Sendable, Hashable, CustomStringConvertible {
+    public let name: String
+    public var description: String {
+        "invalid farm name '\(name.prefix(80))': use 1 to 64 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit"
+    }
+}
+
+/// Farm names follow the identifier rules of devices and sensors, so they fit URLs and file names unquoted.
+public func validateFarmName(_ name: String) throws(FarmNameError) {
+    // DeviceID enforces exactly these rules; reuse them rather than repeat them.
+    do { _ = try DeviceID(name) } catch { throw FarmNameError(name: name) }
+}

@@ -1,0 +1,199 @@
+import FarmgateWire
+import Foundation
+import Hummingbird
+import Logging
+import NIOCore
+
+/// `POST /v1/batches`: authenticates the device, bounds and decodes the body, validates readings one by one, stores them
+/// in one durable transaction and answers with an ``IngestReceipt``.
+struct BatchController: Sendable {
+    let store: any IngestStore
+    let authenticator: Authenticator
+    let rateLimiter: RateLimiter
+    let validator: ReadingValidator
+    let limits: IngestConfiguration.Limits
+    let metrics: IngestMetrics
+    let now: @Sendable () -> Timestamp
+    let logger: Logger
+
+    enum BodyFormat { case binary, json }
+    enum BodyEncoding: String { case identity, gzip, zstd }
+
+    func addRoutes(to router: Router<IngestRequestContext>) {
+        router.post(RouterPath(IngestProtocol.batchesPath)) { request, context in
+            try await self.post(request, context: context)
+        }
+    }
+
+    func post(_ request: Request, context: IngestRequestContext) async throws -> Response {
+        do {
+            let (receipt, device) = try await ingest(request)
+            metrics.batch(.stored)
+            metrics.readings(accepted: receipt.accepted, duplicates: receipt.duplicates, rejected: receipt.rejected.count)
+            logger.debug(
+                "batch stored",
+                metadata: [
+                    "device.farm": "\(device.farm)", "device.id": "\(device.device)", "batch.accepted": "\(receipt.accepted)",
+                    "batch.duplicates": "\(receipt.duplicates)", "batch.rejected": "\(receipt.rejected.count)",
+                ])
+            return jsonResponse(receipt)
+        } catch {
+            metrics.batch(Self.result(for: error.status))
+            throw error
+        }
+    }
+
+    static func result(for status: HTTPResponse.Status) -> IngestMetrics.BatchResult {
+        switch status.code {
+        case 401: .unauthorized
+        case 403: .forbidden
+        case 413: .tooLarge
+        case 415: .unsupported
+        case 429: .rateLimited
+        case 503: .unavailable
+        default: .malformed
+        }
+    }
+
+    private func ingest(_ request: Request) async throws(APIError) -> (IngestReceipt, DeviceIdentity) {
+        // 1. Who is it?
+        let key = try bearerKey(request, expected: .device)
+        let device: DeviceIdentity
+        do {
+            switch try await authenticator.authenticateDevice(key) {
+            case .authenticated(let identity): device = identity
+            case .invalid: throw APIError.unauthorized("the device key is not valid; check the key in the agent configuration or create a new one with `farmgate-ingest device create`")
+            case .revoked: throw APIError.revoked("device key")
+            }
+        } catch let error as APIError {
+            throw error
+        } catch {
+            logger.warning("store failed during authentication", metadata: ["error": "\(error)"])
+            throw APIError.unavailable()
+        }
+
+        // 2. What is it?
+        let format = try Self.format(of: request)
+        let encoding = try Self.encoding(of: request)
+
+        // 3. May it?
+        if case .limited(let retryAfter) = rateLimiter.take(device: device.rowID) {
+            let seconds = max(1, Int((Double(retryAfter.components.seconds) + Double(retryAfter.components.attoseconds) * 1e-18).rounded(.up)))
+            throw APIError(
+                .tooManyRequests, code: "rate_limited",
+                message: "this device posts more than \(rateLimiter.rate) batches per second (burst \(rateLimiter.burst)); retry after \(seconds) s and send larger batches less often",
+                headers: [.retryAfter: String(seconds)])
+        }
+
+        // 4. Bounded body.
+        let bytes = try await readBody(request, encoding: encoding)
+
+        // 5. Decode.
+        let batchLimits = BatchLimits(maxReadings: limits.maxReadingsPerBatch, maxDecompressedBytes: limits.maxDecompressedBytes)
+        let batch: Batch
+        var preRejected: [RejectedReading] = []
+        do {
+            switch format {
+            case .binary:
+                batch = try BatchCodec.decode(bytes, limits: batchLimits)
+            case .json:
+                (batch, preRejected) = try decodeJSONBatch(bytes, limits: batchLimits)
+            }
+        } catch {
+            throw APIError(
+                .badRequest, code: "malformed_batch",
+                message: "the \(format == .binary ? "binary" : "JSON") batch cannot be decoded: \(error.description); fix the sender, this batch will never be accepted")
+        }
+        guard batch.device == device.device else {
+            throw APIError(
+                .forbidden, code: "device_mismatch",
+                message: "the batch is from device '\(batch.device)' but the key belongs to device '\(device.device)'; each device must upload with its own key")
+        }
+
+        // 6. Validate one reading at a time, store the rest durably.
+        let (valid, rejected) = validator.validate(batch, now: now())
+        let outcome: StoreOutcome
+        do {
+            outcome = try await store.store(valid, for: device, receivedAt: now())
+        } catch {
+            logger.error("store failed to commit a batch", metadata: ["device.id": "\(device.device)", "error": "\(error)"])
+            throw APIError.unavailable()
+        }
+        let allRejected = (preRejected + rejected + outcome.rejected).sorted { ($0.sequence, $0.sensor) < ($1.sequence, $1.sensor) }
+        return (IngestReceipt(accepted: outcome.accepted, duplicates: outcome.duplicates, rejected: allRejected), device)
+    }
+
+    static func format(of request: Request) throws(APIError) -> BodyFormat {
+        let raw = request.headers[.contentType] ?? ""
+        let mediaType = raw.split(separator: ";", maxSplits: 1).first.map { $0.trimmingCharacters(in: .whitespaces).lowercased() } ?? ""
+        switch mediaType {
+        case IngestProtocol.binaryBatchMediaType: return .binary
+        case IngestProtocol.jsonBatchMediaType: return .json
+        default:
+            throw APIError(
+                .unsupportedMediaType, code: "unsupported_media_type",
+                message: "Content-Type '\(raw.prefix(100))' is not accepted; send \(IngestProtocol.binaryBatchMediaType) or \(IngestProtocol.jsonBatchMediaType)")
+        }
+    }
+
+    static func encoding(of request: Request) throws(APIError) -> BodyEncoding {
+        let raw = request.headers[.contentEncoding] ?? "identity"
+        let token = raw.trimmingCharacters(in: .whitespaces).lowercased()
+        switch token {
+        case "", "identity": return .identity
+        case "gzip", "x-gzip": return .gzip
+        case "zstd": return .zstd
+        default:
+            throw APIError(
+                .unsupportedMediaType, code: "unsupported_encoding",
+                message: "Content-Encoding '\(raw.prefix(100))' is not accepted; send gzip, zstd or identity (one encoding, not a list)")
+        }
+    }
+
+    private func readBody(_ request: Request, encoding: BodyEncoding) async throws(APIError) -> [UInt8] {
+        let tooLarge = APIError(
+            .contentTooLarge, code: "payload_too_large",
+            message: "the request body is larger than \(limits.maxBodyBytes) bytes; send smaller batches")
+        if let declared = request.headers[.contentLength].flatMap({ Int($0) }), declared > limits.maxBodyBytes {
+            throw tooLarge
+        }
+        let buffer: ByteBuffer
+        do {
+            buffer = try await request.body.collect(upTo: limits.maxBodyBytes)
+        } catch is NIOTooManyBytesError {
+            throw tooLarge
+        } catch {
+            throw APIError(.badRequest, code: "incomplete_body", message: "the request body could not be read (\(error)); send it again")
+        }
+        let raw = Array(buffer.readableBytesView)
+        let expanded: [UInt8]
+        do {
+            switch encoding {
+            case .identity: expanded = raw
+            case .gzip: expanded = try Gzip.decompress(raw, maxOutput: limits.maxDecompressedBytes)
+            case .zstd: expanded = try Zstd.decompress(raw, maxOutput: limits.maxDecompressedBytes)
+            }
+        } catch {
+            if error.exceededLimit {
+                throw APIError(
+                    .contentTooLarge, code: "decompressed_too_large",
+                    message: "the body expands to more than \(limits.maxDecompressedBytes) bytes; send smaller batches")
+            }
+            throw APIError(
+                .badRequest, code: "malformed_batch",
+                message: "the \(encoding.rawValue) body cannot be decompressed: \(error.description); compress it with \(encoding.rawValue) or drop the Content-Encoding header")
+        }
+        guard expanded.count <= limits.maxDecompressedBytes else {
+            throw APIError(
+                .contentTooLarge, code: "decompressed_too_large",
+                message: "the body is larger than \(limits.maxDecompressedBytes) bytes; send smaller batches")
+        }
+        return expanded
+    }
+}
+
+/// Decodes a JSON batch into the batch and the readings that could not even be represented (rejected one by one).
+func decodeJSONBatch(_ bytes: [UInt8], limits: BatchLimits) throws(BatchDecodingError) -> (Batch, [RejectedReading]) {
+    let decoded = try BatchJSON.decode(bytes, limits: limits)
+    return (decoded.batch, decoded.rejected)
+}

@@ -1,0 +1,78 @@
+public import Prometheus
+import Synchronization
+
+/// The ingest's metrics, registered once in the registry that `main` owns and `/metrics` exposes.
+///
+/// Labels are bounded: a batch result, a reading outcome, a route template and a status class. Never a device or farm.
+public final class IngestMetrics: Sendable {
+    /// Why a batch ended as it did (`farmgate_ingest_batches_total{result=...}`).
+    public enum BatchResult: String, Sendable, CaseIterable {
+        case stored
+        case unauthorized
+        case forbidden
+        case unsupported
+        case tooLarge = "too_large"
+        case malformed
+        case rateLimited = "rate_limited"
+        case unavailable
+    }
+
+    /// The registry `/metrics` renders.
+    public let registry: PrometheusCollectorRegistry
+    private let batches: [BatchResult: Counter]
+    private let accepted: Counter
+    private let duplicates: Counter
+    private let rejected: Counter
+    private let durations = Mutex<[String: DurationHistogram]>([:])
+
+    static let durationBuckets: [Duration] = [
+        .milliseconds(1), .milliseconds(2), .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50),
+        .milliseconds(100), .milliseconds(250), .milliseconds(500), .seconds(1), .seconds(2), .seconds(5), .seconds(10),
+    ]
+
+    /// Registers the ingest's metrics in `registry`.
+    public init(registry: PrometheusCollectorRegistry) {
+        self.registry = registry
+        let batchesName = MetricNameDescriptor(
+            namespace: "farmgate_ingest", metricName: "batches", unitName: "total", helpText: "Batches posted, by result.")
+        var batches: [BatchResult: Counter] = [:]
+        for result in BatchResult.allCases {
+            batches[result] = registry.makeCounter(descriptor: batchesName, labels: [("result", result.rawValue)])
+        }
+        self.batches = batches
+        let readingsName = MetricNameDescriptor(
+            namespace: "farmgate_ingest", metricName: "readings", unitName: "total",
+            helpText: "Readings received in batches, by outcome (accepted, duplicate, rejected).")
+        accepted = registry.makeCounter(descriptor: readingsName, labels: [("outcome", "accepted")])
+        duplicates = registry.makeCounter(descriptor: readingsName, labels: [("outcome", "duplicate")])
+        rejected = registry.makeCounter(descriptor: readingsName, labels: [("outcome", "rejected")])
+    }
+
+    func batch(_ result: BatchResult) {
+        batches[result]?.increment()
+    }
+
+    func readings(accepted: Int, duplicates: Int, rejected: Int) {
+        self.accepted.increment(by: Int64(accepted))
+        self.duplicates.increment(by: Int64(duplicates))
+        self.rejected.increment(by: Int64(rejected))
+    }
+
+    /// Records one request's duration under its route template and status class (`2xx`, `4xx`, ...).
+    func request(route: String, status: Int, duration: Duration) {
+        let statusClass = "\(min(max(status / 100, 1), 5))xx"
+        let key = route + " " + statusClass
+        let registry = self.registry
+        let histogram = durations.withLock { histograms in
+            if let existing = histograms[key] { return existing }
+            let created = registry.makeDurationHistogram(
+                descriptor: MetricNameDescriptor(
+                    namespace: "farmgate_ingest", metricName: "http_request_duration", unitName: "seconds",
+                    helpText: "Time to answer an HTTP request, by route template and status class."),
+                labels: [("route", route), ("status", statusClass)], buckets: IngestMetrics.durationBuckets)
+            histograms[key] = created
+            return created
+        }
+        histogram.record(duration)
+    }
+}

@@ -1,0 +1,102 @@
+public import Hummingbird
+import Foundation
+import Logging
+
+/// Per-request state of the ingest: who the caller is, once a middleware has established it.
+public struct IngestRequestContext: RequestContext {
+    public var coreContext: CoreRequestContextStorage
+    /// The farm a verified read token gives access to (set by ``ReaderAuthMiddleware``).
+    public var readerFarm: FarmRecord?
+
+    public init(source: ApplicationRequestContextSource) {
+        self.coreContext = .init(source: source)
+    }
+}
+
+/// Answers every error as JSON ``APIErrorBody``: our ``APIError``s as they are, Hummingbird's `HTTPError`s (404 for an
+/// unknown route) with a stable code, and anything else as 500 `internal_error` with the details only in the log.
+struct APIErrorMiddleware<Context: RequestContext>: RouterMiddleware {
+    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+        do {
+            return try await next(request, context)
+        } catch {
+            if let apiError = APIError.from(error) {
+                return try apiError.response(from: request, context: context)
+            }
+            context.logger.error(
+                "request failed", metadata: ["http.path": "\(request.uri.path)", "error": "\(String(reflecting: error))"])
+            return try APIError(.internalServerError, code: "internal_error", message: "the ingest failed to answer; the details are in its log")
+                .response(from: request, context: context)
+        }
+    }
+}
+
+/// Times every request into ``IngestMetrics`` by route template and status class.
+struct RequestMetricsMiddleware<Context: RequestContext>: RouterMiddleware {
+    let metrics: IngestMetrics
+
+    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+        let start = ContinuousClock.now
+        do {
+            let response = try await next(request, context)
+            metrics.request(route: context.endpointPath ?? "unmatched", status: response.status.code, duration: start.duration(to: .now))
+            return response
+        } catch {
+            let status = (error as? any HTTPResponseError)?.status.code ?? 500
+            metrics.request(route: context.endpointPath ?? "unmatched", status: status, duration: start.duration(to: .now))
+            throw error
+        }
+    }
+}
+
+/// Requires a read token (`Authorization: Bearer fgr_...`) for the farm named in the path.
+struct ReaderAuthMiddleware: RouterMiddleware {
+    typealias Context = IngestRequestContext
+    let authenticator: Authenticator
+    let logger: Logger
+
+    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+        let key = try bearerKey(request, expected: .readToken)
+        let result: Authenticator.ReaderResult
+        do {
+            result = try await authenticator.authenticateReader(key)
+        } catch {
+            logger.warning("store failed during authentication", metadata: ["error": "\(error)"])
+            throw APIError.unavailable()
+        }
+        switch result {
+        case .invalid: throw APIError.unauthorized("the read token is not valid; create one with `farmgate-ingest token create --farm NAME --role viewer`")
+        case .revoked: throw APIError.revoked("read token")
+        case .authenticated(let farm, _):
+            guard let wanted = context.parameters.get("farm"), wanted == farm.name else {
+                throw APIError(.forbidden, code: "forbidden", message: "this read token belongs to another farm; use a token of the farm in the path")
+            }
+            var context = context
+            context.readerFarm = farm
+            return try await next(request, context)
+        }
+    }
+}
+
+/// The API key in `Authorization: Bearer ...`, or a 401 that says what is missing.
+func bearerKey(_ request: Request, expected kind: APIKey.Kind) throws(APIError) -> APIKey {
+    let what = kind == .device ? "a device key (fgd_...)" : "a read token (fgr_...)"
+    guard let header = request.headers[.authorization] else {
+        throw APIError.unauthorized("send `Authorization: Bearer <key>` with \(what)")
+    }
+    let parts = header.split(separator: " ", maxSplits: 1, omittingEmptySubsequences: true)
+    guard parts.count == 2, parts[0].lowercased() == "bearer" else {
+        throw APIError.unauthorized("the Authorization header must be `Bearer <key>` with \(what)")
+    }
+    let text = parts[1].trimmingCharacters(in: .whitespaces)
+    guard let key = APIKey(parsing: text) else {
+        throw APIError.unauthorized("the bearer key is not in the form fgd_<keyid>_<secret> or fgr_<keyid>_<secret>; copy it exactly as it was printed")
+    }
+    guard key.kind == kind else {
+        throw APIError.unauthorized(
+            kind == .device
+                ? "this is a read token; uploading batches needs a device key from `farmgate-ingest device create`"
+                : "this is a device key; reading needs a read token from `farmgate-ingest token create`")
+    }
+    return key
+}

@@ -1,0 +1,157 @@
+import FarmgateWire
+import Hummingbird
+import Logging
+
+/// The read API, for a farm's read tokens:
+/// - `GET /v1/farms/{farm}/latest`: the latest reading of every sensor of the farm;
+/// - `GET /v1/farms/{farm}/devices/{device}/sensors/{sensor}/readings?from=&to=&limit=`: one sensor's readings in time order.
+struct ReadController: Sendable {
+    let store: any IngestStore
+    let authenticator: Authenticator
+    let logger: Logger
+
+    /// The most readings one request returns.
+    static let maxLimit = 10_000
+    /// The number of readings returned when `limit` is absent.
+    static let defaultLimit = 1_000
+
+    struct LatestItem: Encodable {
+        var device: String
+        var sensor: String
+        var quantity: String
+        var unit: String
+        var sequence: UInt64
+        var timestamp: String
+        var value: Double
+        var flags: [String]
+    }
+
+    struct LatestAnswer: Encodable {
+        var farm: String
+        var sensors: [LatestItem]
+    }
+
+    struct ReadingItem: Encodable {
+        var sequence: UInt64
+        var timestamp: String
+        var value: Double
+        var flags: [String]
+    }
+
+    struct ReadingsAnswer: Encodable {
+        var farm: String
+        var device: String
+        var sensor: String
+        var quantity: String
+        var unit: String
+        var from: String?
+        var to: String?
+        var limit: Int
+        var readings: [ReadingItem]
+    }
+
+    func addRoutes(to router: Router<IngestRequestContext>) {
+        let farms = router.group("/v1/farms/{farm}").add(middleware: ReaderAuthMiddleware(authenticator: authenticator, logger: logger))
+        farms.get("latest") { request, context in try await self.latest(request, context: context) }
+        farms.get("devices/{device}/sensors/{sensor}/readings") { request, context in try await self.readings(request, context: context) }
+    }
+
+    func latest(_ request: Request, context: IngestRequestContext) async throws -> Response {
+        let farm = try requireFarm(context)
+        let rows: [LatestReading]
+        do {
+            rows = try await store.latestReadings(farmID: farm.id)
+        } catch {
+            logger.error("store failed to read the latest readings", metadata: ["error": "\(error)"])
+            throw APIError.unavailable()
+        }
+        let items = rows.map {
+            LatestItem(
+                device: $0.device.rawValue, sensor: $0.sensor.rawValue, quantity: $0.quantity.rawValue, unit: $0.quantity.unit,
+                sequence: $0.sequence, timestamp: RFC3339.format($0.timestamp), value: $0.value, flags: flagNames($0.quality))
+        }
+        return jsonResponse(LatestAnswer(farm: farm.name, sensors: items))
+    }
+
+    func readings(_ request: Request, context: IngestRequestContext) async throws -> Response {
+        let farm = try requireFarm(context)
+        let device: DeviceID
+        let sensor: SensorID
+        do {
+            device = try DeviceID(context.parameters.get("device") ?? "")
+            sensor = try SensorID(context.parameters.get("sensor") ?? "")
+        } catch {
+            throw APIError(.badRequest, code: "invalid_parameter", message: error.description)
+        }
+        let query = request.uri.queryParameters
+        let from = try timestampParameter(query.get("from"), name: "from")
+        let to = try timestampParameter(query.get("to"), name: "to")
+        if let from, let to, from >= to {
+            throw APIError(.badRequest, code: "invalid_parameter", message: "from must be earlier than to (from is inclusive, to exclusive)")
+        }
+        var limit = ReadController.defaultLimit
+        if let text = query.get("limit") {
+            guard let value = Int(text), (1...ReadController.maxLimit).contains(value) else {
+                throw APIError(
+                    .badRequest, code: "invalid_parameter",
+                    message: "limit '\(text.prefix(40))' must be a whole number from 1 to \(ReadController.maxLimit) (default \(ReadController.defaultLimit))")
+            }
+            limit = value
+        }
+        let record: SensorRecord?
+        let rows: [StoredReading]
+        do {
+            record = try await store.sensor(farmID: farm.id, device: device, sensor: sensor)
+            if let record {
+                rows = try await store.readings(sensorRowID: record.rowID, from: from, to: to, limit: limit)
+            } else {
+                rows = []
+            }
+        } catch {
+            logger.error("store failed to read readings", metadata: ["error": "\(error)"])
+            throw APIError.unavailable()
+        }
+        guard let record else {
+            throw APIError(
+                .notFound, code: "not_found",
+                message: "farm '\(farm.name)' has no sensor '\(sensor)' on device '\(device)'; GET /v1/farms/\(farm.name)/latest lists the sensors")
+        }
+        let items = rows.map {
+            ReadingItem(sequence: $0.sequence, timestamp: RFC3339.format($0.timestamp), value: $0.value, flags: flagNames($0.quality))
+        }
+        return jsonResponse(
+            ReadingsAnswer(
+                farm: farm.name, device: device.rawValue, sensor: sensor.rawValue, quantity: record.quantity.rawValue, unit: record.quantity.unit,
+                from: from.map(RFC3339.format), to: to.map(RFC3339.format), limit: limit, readings: items))
+    }
+
+    private func requireFarm(_ context: IngestRequestContext) throws(APIError) -> FarmRecord {
+        guard let farm = context.readerFarm else { throw APIError.unauthorized("send `Authorization: Bearer <key>` with a read token (fgr_...)") }
+        return farm
+    }
+
+    private func timestampParameter(_ text: String?, name: String) throws(APIError) -> Timestamp? {
+        guard let text else { return nil }
+        guard let timestamp = RFC3339.parse(text) else {
+            throw APIError(
+                .badRequest, code: "invalid_parameter",
+                message: "\(name) '\(text.prefix(60))' is not an RFC 3339 timestamp; write it like 2026-01-31T12:00:00Z (percent-encode a '+' offset as %2B)")
+        }
+        return timestamp
+    }
+}
+
+/// The names of the flags set in `quality`, in bit order; bits without a name appear as `bit<N>`.
+public func flagNames(_ quality: QualityFlags) -> [String] {
+    var names: [String] = []
+    var known: UInt16 = 0
+    for (flag, name) in QualityFlags.names {
+        known |= flag.rawValue
+        if quality.contains(flag) { names.append(name) }
+    }
+    let unknown = quality.rawValue & ~known
+    if unknown != 0 {
+        for bit in 0..<16 where unknown & (1 << bit) != 0 { names.append("bit\(bit)") }
+    }
+    return names
+}

@@ -1,0 +1,94 @@
+import Synchronization
+
+/// Checks bearer keys against the store, caching found credentials for a short time.
+///
+/// A cached credential is trusted for at most ``cacheTTL``, so a revocation takes effect within that time.
+/// Unknown key ids are never cached, so a new device works at once.
+public final class Authenticator: Sendable {
+    /// The result of checking a device key.
+    public enum DeviceResult: Sendable, Hashable {
+        case authenticated(DeviceIdentity)
+        /// No such key id, or the secret does not match.
+        case invalid
+        /// The key was valid but its device is revoked.
+        case revoked
+    }
+
+    /// The result of checking a read token.
+    public enum ReaderResult: Sendable, Hashable {
+        case authenticated(FarmRecord, ReadRole)
+        case invalid
+        case revoked
+    }
+
+    private struct Entry<Credential: Sendable>: Sendable {
+        var credential: Credential
+        var expires: ContinuousClock.Instant
+    }
+
+    private struct Cache {
+        var devices: [String: Entry<DeviceCredential>] = [:]
+        var readers: [String: Entry<ReadTokenCredential>] = [:]
+    }
+
+    private let store: any IngestStore
+    /// How long a credential read from the store is trusted.
+    public let cacheTTL: Duration
+    private let maxEntries: Int
+    private let cache = Mutex(Cache())
+
+    /// - Parameters:
+    ///   - cacheTTL: how long a credential read from the store is trusted; `.zero` disables the cache. Default 2 seconds.
+    ///   - maxEntries: how many credentials of each kind are cached at most.
+    public init(store: any IngestStore, cacheTTL: Duration = .seconds(2), maxEntries: Int = 10_000) {
+        self.store = store
+        self.cacheTTL = cacheTTL
+        self.maxEntries = maxEntries
+    }
+
+    /// Checks a device key.
+    ///
+    /// - Throws: when the store cannot be reached.
+    public func authenticateDevice(_ key: APIKey) async throws -> DeviceResult {
+        guard key.kind == .device else { return .invalid }
+        let now = ContinuousClock.now
+        var credential = cache.withLock { cache in cache.devices[key.keyID].flatMap { $0.expires > now ? $0.credential : nil } }
+        if credential == nil {
+            credential = try await store.deviceCredential(keyID: key.keyID)
+            if let found = credential, cacheTTL > .zero {
+                let entry = Entry(credential: found, expires: now + cacheTTL)
+                let limit = maxEntries
+                cache.withLock { cache in
+                    if cache.devices.count >= limit { cache.devices = cache.devices.filter { $0.value.expires > now } }
+                    if cache.devices.count >= limit { cache.devices.removeAll() }
+                    cache.devices[key.keyID] = entry
+                }
+            }
+        }
+        guard let credential, constantTimeEquals(credential.secretHash, key.secretHash) else { return .invalid }
+        return credential.revoked ? .revoked : .authenticated(credential.identity)
+    }
+
+    /// Checks a read token.
+    ///
+    /// - Throws: when the store cannot be reached.
+    public func authenticateReader(_ key: APIKey) async throws -> ReaderResult {
+        guard key.kind == .readToken else { return .invalid }
+        let now = ContinuousClock.now
+        var credential = cache.withLock { cache in cache.readers[key.keyID].flatMap { $0.expires > now ? $0.credential : nil } }
+        if credential == nil {
+            credential = try await store.readTokenCredential(keyID: key.keyID)
+            if let found = credential, cacheTTL > .zero {
+                let entry = Entry(credential: found, expires: now + cacheTTL)
+                let limit = maxEntries
+                cache.withLock { cache in
+                    if cache.readers.count >= limit { cache.readers = cache.readers.filter { $0.value.expires > now } }
+                    if cache.readers.count >= limit { cache.readers.removeAll() }
+                    cache.readers[key.keyID] = entry
+                }
+            }
+        }
+        guard let credential, constantTimeEquals(credential.secretHash, key.secretHash) else { return .invalid }
+        return credential.revoked ? .revoked : .authenticated(credential.farm, credential.role)
+    }
+}

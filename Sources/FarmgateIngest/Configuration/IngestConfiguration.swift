@@ -1,0 +1,199 @@
+import FarmgateSupport
+import Foundation
+public import Logging
+
+/// The configuration of `farmgate-ingest`, read from a TOML file (default `/etc/farmgate/ingest.toml`, or the path in
+/// `FARMGATE_INGEST_CONFIG`).
+///
+/// Every key is optional; an absent key takes the default documented on its property. Unknown keys are rejected with
+/// the file, line and key, and the closest known key is suggested.
+///
+/// ```toml
+/// [server]
+/// host = "127.0.0.1"          # default "127.0.0.1"
+/// port = 8080                 # default 8080
+///
+/// [storage]
+/// path = "/var/lib/farmgate-ingest/ingest.sqlite"   # the embedded SQLite file; relative paths resolve
+///                                                   # against the directory of the configuration file
+///
+/// [limits]
+/// max_body_bytes = "8MiB"             # default 8 MiB: larger request bodies are answered 413
+/// max_decompressed_bytes = "32MiB"    # default 32 MiB: larger expanded bodies are answered 413
+/// max_readings_per_batch = 100000     # default 100000
+/// future_tolerance = "10m"            # default 10 minutes: later timestamps are rejected one by one
+/// requests_per_second = 20            # default 20 batches per second and device (token bucket rate)
+/// burst = 40                          # default 40 batches (token bucket size)
+///
+/// [log]
+/// level = "info"                      # trace, debug, info, notice, warning, error, critical
+/// ```
+public struct IngestConfiguration: Sendable, Hashable {
+    /// Where the HTTP server listens.
+    public struct Server: Sendable, Hashable {
+        /// The address to bind. Default `"127.0.0.1"` (loopback only); use `"0.0.0.0"` to accept connections from the network.
+        public var host: String
+        /// The TCP port. Default `8080`; `0` picks a free port (tests).
+        public var port: Int
+
+        /// Creates the section; every parameter defaults as documented on its property.
+        public init(host: String = "127.0.0.1", port: Int = 8080) {
+            self.host = host
+            self.port = port
+        }
+    }
+
+    /// Where readings are stored.
+    public struct Storage: Sendable, Hashable {
+        /// The embedded SQLite database file. Default `"/var/lib/farmgate-ingest/ingest.sqlite"`. Its directory is created
+        /// when missing. In a file, a relative path resolves against the directory of that file.
+        public var path: String
+
+        /// Creates the section; every parameter defaults as documented on its property.
+        public init(path: String = "/var/lib/farmgate-ingest/ingest.sqlite") {
+            self.path = path
+        }
+    }
+
+    /// What one request may cost.
+    public struct Limits: Sendable, Hashable {
+        /// The largest request body accepted, as sent (possibly compressed). Default 8 MiB; larger bodies get 413.
+        public var maxBodyBytes: Int
+        /// The largest body accepted after `Content-Encoding` is undone, and the largest binary frame after its own
+        /// decompression. Default 32 MiB; larger ones get 413.
+        public var maxDecompressedBytes: Int
+        /// The most readings one batch may carry. Default 100 000; larger batches get 400 `malformed_batch`.
+        public var maxReadingsPerBatch: Int
+        /// How far past the ingest's clock a reading's timestamp may be before it is rejected as `timestamp_in_future`.
+        /// Default 10 minutes.
+        public var futureTolerance: Duration
+        /// The steady number of batches per second one device may post (token bucket refill rate). Default 20.
+        public var requestsPerSecond: Double
+        /// How many batches one device may post at once before it is limited (token bucket size). Default 40.
+        public var burst: Int
+
+        /// Creates the section; every parameter defaults as documented on its property.
+        public init(
+            maxBodyBytes: Int = 8 << 20,
+            maxDecompressedBytes: Int = 32 << 20,
+            maxReadingsPerBatch: Int = 100_000,
+            futureTolerance: Duration = .seconds(600),
+            requestsPerSecond: Double = 20,
+            burst: Int = 40
+        ) {
+            self.maxBodyBytes = maxBodyBytes
+            self.maxDecompressedBytes = maxDecompressedBytes
+            self.maxReadingsPerBatch = maxReadingsPerBatch
+            self.futureTolerance = futureTolerance
+            self.requestsPerSecond = requestsPerSecond
+            self.burst = burst
+        }
+    }
+
+    /// Logging.
+    public struct Log: Sendable, Hashable {
+        /// The lowest level logged. Default `.info`.
+        public var level: Logger.Level
+
+        /// Creates the section; every parameter defaults as documented on its property.
+        public init(level: Logger.Level = .info) {
+            self.level = level
+        }
+    }
+
+    /// `[server]`.
+    public var server: Server
+    /// `[storage]`.
+    public var storage: Storage
+    /// `[limits]`.
+    public var limits: Limits
+    /// `[log]`.
+    public var log: Log
+
+    /// Creates a configuration; every section defaults as documented on its properties.
+    public init(server: Server = Server(), storage: Storage = Storage(), limits: Limits = Limits(), log: Log = Log()) {
+        self.server = server
+        self.storage = storage
+        self.limits = limits
+        self.log = log
+    }
+
+    /// The configuration file read when none is named on the command line and `FARMGATE_INGEST_CONFIG` is unset.
+    public static let defaultPath = "/etc/farmgate/ingest.toml"
+
+    /// The environment variable that overrides ``defaultPath``.
+    public static let pathEnvironmentVariable = "FARMGATE_INGEST_CONFIG"
+
+    /// The configuration path to use: `explicit` if given, else `FARMGATE_INGEST_CONFIG` if set and not empty, else
+    /// ``defaultPath``.
+    public static func resolvePath(explicit: String?, environment: [String: String] = ProcessInfo.processInfo.environment) -> String {
+        if let explicit, !explicit.isEmpty { return explicit }
+        if let fromEnvironment = environment[pathEnvironmentVariable], !fromEnvironment.isEmpty { return fromEnvironment }
+        return defaultPath
+    }
+
+    /// Reads and validates the file at `path`.
+    ///
+    /// - Throws: ``ConfigurationError`` naming the file, line and key of the first problem.
+    public static func load(path: String) throws(ConfigurationError) -> IngestConfiguration {
+        let table = try ConfigDocument.load(path: path)
+        let directory = URL(fileURLWithPath: path).deletingLastPathComponent().path
+        return try IngestConfiguration(table: table, baseDirectory: directory)
+    }
+
+    /// Parses and validates `text`; `file` names it in errors and relative paths resolve against `baseDirectory`.
+    ///
+    /// - Throws: ``ConfigurationError`` naming the file, line and key of the first problem.
+    public static func parse(_ text: String, file: String, baseDirectory: String) throws(ConfigurationError) -> IngestConfiguration {
+        try IngestConfiguration(table: ConfigDocument.parse(text, file: file), baseDirectory: baseDirectory)
+    }
+
+    init(table: ConfigTable, baseDirectory: String) throws(ConfigurationError) {
+        self.init()
+        try table.checkKeys(["server", "storage", "limits", "log"])
+
+        if let section = try table.table("server") {
+            try section.checkKeys(["host", "port"])
+            if let host = try section.string("host") {
+                guard !host.isEmpty, !host.contains(" ") else {
+                    throw section.error("host", "must be a host name or IP address such as \"127.0.0.1\" or \"0.0.0.0\"")
+                }
+                server.host = host
+            }
+            if let port = try section.int("port", in: 0...65_535) { server.port = port }
+        }
+
+        if let section = try table.table("storage") {
+            try section.checkKeys(["path"])
+            if let path = try section.string("path") {
+                guard !path.isEmpty else { throw section.error("path", "must name the SQLite file, e.g. \"data/ingest.sqlite\"") }
+                storage.path = path.hasPrefix("/") ? path : URL(fileURLWithPath: path, relativeTo: URL(fileURLWithPath: baseDirectory, isDirectory: true)).standardizedFileURL.path
+            }
+        }
+
+        if let section = try table.table("limits") {
+            try section.checkKeys([
+                "max_body_bytes", "max_decompressed_bytes", "max_readings_per_batch", "future_tolerance", "requests_per_second", "burst",
+            ])
+            if let bytes = try section.byteSize("max_body_bytes", in: 1024...(1 << 30)) { limits.maxBodyBytes = Int(bytes) }
+            if let bytes = try section.byteSize("max_decompressed_bytes", in: 1024...(4 << 30)) { limits.maxDecompressedBytes = Int(bytes) }
+            if let count = try section.int("max_readings_per_batch", in: 1...10_000_000) { limits.maxReadingsPerBatch = count }
+            if let tolerance = try section.duration("future_tolerance", in: .zero...Duration.seconds(7 * 86_400)) {
+                limits.futureTolerance = tolerance
+            }
+            if let rate = try section.double("requests_per_second", in: 0.001...1_000_000) { limits.requestsPerSecond = rate }
+            if let burst = try section.int("burst", in: 1...1_000_000) { limits.burst = burst }
+            if limits.maxDecompressedBytes < limits.maxBodyBytes {
+                throw section.error(
+                    "max_decompressed_bytes",
+                    "must be at least max_body_bytes (\(limits.maxBodyBytes) bytes), since an uncompressed body is as large as it was sent")
+            }
+        }
+
+        if let section = try table.table("log") {
+            try section.checkKeys(["level"])
+            let levels = Dictionary(uniqueKeysWithValues: Logger.Level.allCases.map { ($0.rawValue, $0) })
+            if let level = try section.choice("level", levels) { log.level = level }
+        }
+    }
+}

@@ -1,0 +1,249 @@
+public import FarmgateWire
+
+/// Where the ingest keeps farms, credentials and readings. The HTTP layer and the admin commands use only this protocol,
+/// so that a PostgreSQL implementation can sit beside ``SQLiteIngestStore`` without changing them.
+///
+/// Every method may block on disk or network in its implementation, never on the caller's thread: implementations run
+/// their blocking calls on threads of their own.
+public protocol IngestStore: Sendable {
+    /// Brings the schema up to date. Safe to call on every start and from several processes.
+    ///
+    /// - Returns: the migrations applied now (empty when the schema was already current).
+    @discardableResult
+    func migrate() async throws -> [AppliedMigration]
+
+    /// Answers a trivial query; throws when the store cannot serve requests (used by `/readyz`).
+    func ping() async throws
+
+    // MARK: Ingest
+
+    /// Stores `batch` for `device` in one durable transaction and returns only after it committed.
+    ///
+    /// Idempotent on (device, sequence): a reading whose sequence is already stored for the device is counted as a
+    /// duplicate and not stored again. Sensors are registered on first sight; a reading of a sensor that is already
+    /// registered on this device with another quantity is not stored and comes back in ``StoreOutcome/rejected`` with the
+    /// code `sensor_conflict`. The caller has validated every reading and `batch.device == device.device`.
+    func store(_ batch: Batch, for device: DeviceIdentity, receivedAt: Timestamp) async throws -> StoreOutcome
+
+    // MARK: Credentials
+
+    /// The device credential with API key id `keyID`, revoked or not, or nil.
+    func deviceCredential(keyID: String) async throws -> DeviceCredential?
+
+    /// The read token with id `keyID`, or nil.
+    func readTokenCredential(keyID: String) async throws -> ReadTokenCredential?
+
+    // MARK: Administration
+
+    /// Creates a farm. Throws ``IngestStoreError/alreadyExists(_:)`` when the name is taken.
+    func createFarm(name: String, createdAt: Timestamp) async throws -> FarmRecord
+
+    /// The farm named `name`, or nil.
+    func farm(named name: String) async throws -> FarmRecord?
+
+    /// Registers a device in `farm` with the hash of its API key secret. Throws ``IngestStoreError/notFound(_:)`` for an
+    /// unknown farm and ``IngestStoreError/alreadyExists(_:)`` when the device exists or the key id is taken.
+    func createDevice(farm: String, device: DeviceID, keyID: String, secretHash: [UInt8], createdAt: Timestamp) async throws
+        -> DeviceIdentity
+
+    /// Marks the device revoked: its key stops working. Throws ``IngestStoreError/notFound(_:)`` when farm or device is unknown.
+    func revokeDevice(farm: String, device: DeviceID, revokedAt: Timestamp) async throws
+
+    /// Registers a read token of `role` for `farm`. Throws ``IngestStoreError/notFound(_:)`` for an unknown farm and
+    /// ``IngestStoreError/alreadyExists(_:)`` when the key id is taken.
+    func createReadToken(farm: String, role: ReadRole, keyID: String, secretHash: [UInt8], createdAt: Timestamp) async throws
+
+    // MARK: Reading
+
+    /// The latest reading of every sensor of every device of the farm (by timestamp), ordered by device then sensor.
+    func latestReadings(farmID: Int64) async throws -> [LatestReading]
+
+    /// The sensor `sensor` of `device` in the farm, or nil when either is unknown.
+    func sensor(farmID: Int64, device: DeviceID, sensor: SensorID) async throws -> SensorRecord?
+
+    /// Readings of one sensor with `from <= timestamp < to`, in time order (then sequence), at most `limit`.
+    func readings(sensorRowID: Int64, from: Timestamp?, to: Timestamp?, limit: Int) async throws -> [StoredReading]
+
+    /// The devices of the farm ordered by name.
+    func devices(farmID: Int64) async throws -> [DeviceIdentity]
+
+    /// Up to `limit` readings of one device with a sequence above `afterSequence`, in sequence order, for streaming exports.
+    func exportPage(device: DeviceIdentity, afterSequence: UInt64?, limit: Int) async throws -> [ExportRow]
+}
+
+/// A migration that ``IngestStore/migrate()`` applied.
+public struct AppliedMigration: Sendable, Hashable {
+    /// The schema version it produces.
+    public var version: Int
+    /// What it does, for the log.
+    public var name: String
+
+    public init(version: Int, name: String) {
+        self.version = version
+        self.name = name
+    }
+}
+
+/// The outcome of ``IngestStore/store(_:for:receivedAt:)``.
+public struct StoreOutcome: Sendable, Hashable {
+    /// Readings stored for the first time.
+    public var accepted: Int
+    /// Readings whose (device, sequence) was already stored.
+    public var duplicates: Int
+    /// Readings the store refused (`sensor_conflict`).
+    public var rejected: [RejectedReading]
+
+    public init(accepted: Int, duplicates: Int, rejected: [RejectedReading]) {
+        self.accepted = accepted
+        self.duplicates = duplicates
+        self.rejected = rejected
+    }
+}
+
+/// A farm, the tenant that owns devices and read tokens.
+public struct FarmRecord: Sendable, Hashable {
+    public var id: Int64
+    public var name: String
+
+    public init(id: Int64, name: String) {
+        self.id = id
+        self.name = name
+    }
+}
+
+/// Who a device is: the row ids the store uses and the names people use.
+public struct DeviceIdentity: Sendable, Hashable {
+    public var farmID: Int64
+    public var farm: String
+    public var rowID: Int64
+    public var device: DeviceID
+
+    public init(farmID: Int64, farm: String, rowID: Int64, device: DeviceID) {
+        self.farmID = farmID
+        self.farm = farm
+        self.rowID = rowID
+        self.device = device
+    }
+}
+
+/// A device's stored credential: never the secret, only its SHA-256.
+public struct DeviceCredential: Sendable, Hashable {
+    public var identity: DeviceIdentity
+    public var secretHash: [UInt8]
+    public var revoked: Bool
+
+    public init(identity: DeviceIdentity, secretHash: [UInt8], revoked: Bool) {
+        self.identity = identity
+        self.secretHash = secretHash
+        self.revoked = revoked
+    }
+}
+
+/// What a read token may do.
+public enum ReadRole: String, Sendable, Hashable, CaseIterable {
+    /// Reads every reading of its farm.
+    case viewer
+}
+
+/// A read token's stored credential.
+public struct ReadTokenCredential: Sendable, Hashable {
+    public var farm: FarmRecord
+    public var role: ReadRole
+    public var secretHash: [UInt8]
+    public var revoked: Bool
+
+    public init(farm: FarmRecord, role: ReadRole, secretHash: [UInt8], revoked: Bool) {
+        self.farm = farm
+        self.role = role
+        self.secretHash = secretHash
+        self.revoked = revoked
+    }
+}
+
+/// A registered sensor.
+public struct SensorRecord: Sendable, Hashable {
+    public var rowID: Int64
+    public var device: DeviceID
+    public var sensor: SensorID
+    public var quantity: Quantity
+
+    public init(rowID: Int64, device: DeviceID, sensor: SensorID, quantity: Quantity) {
+        self.rowID = rowID
+        self.device = device
+        self.sensor = sensor
+        self.quantity = quantity
+    }
+}
+
+/// The latest reading of one sensor.
+public struct LatestReading: Sendable, Hashable {
+    public var device: DeviceID
+    public var sensor: SensorID
+    public var quantity: Quantity
+    public var sequence: UInt64
+    public var timestamp: Timestamp
+    public var value: Double
+    public var quality: QualityFlags
+
+    public init(device: DeviceID, sensor: SensorID, quantity: Quantity, sequence: UInt64, timestamp: Timestamp, value: Double, quality: QualityFlags) {
+        self.device = device
+        self.sensor = sensor
+        self.quantity = quantity
+        self.sequence = sequence
+        self.timestamp = timestamp
+        self.value = value
+        self.quality = quality
+    }
+}
+
+/// One stored reading of a known sensor.
+public struct StoredReading: Sendable, Hashable {
+    public var sequence: UInt64
+    public var timestamp: Timestamp
+    public var value: Double
+    public var quality: QualityFlags
+
+    public init(sequence: UInt64, timestamp: Timestamp, value: Double, quality: QualityFlags) {
+        self.sequence = sequence
+        self.timestamp = timestamp
+        self.value = value
+        self.quality = quality
+    }
+}
+
+/// One reading as exported.
+public struct ExportRow: Sendable, Hashable {
+    public var device: DeviceID
+    public var sensor: SensorID
+    public var sequence: UInt64
+    public var timestamp: Timestamp
+    public var value: Double
+    public var quality: QualityFlags
+
+    public init(device: DeviceID, sensor: SensorID, sequence: UInt64, timestamp: Timestamp, value: Double, quality: QualityFlags) {
+        self.device = device
+        self.sensor = sensor
+        self.sequence = sequence
+        self.timestamp = timestamp
+        self.value = value
+        self.quality = quality
+    }
+}
+
+/// A failure of an ``IngestStore`` that callers act on.
+public enum IngestStoreError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// The named thing does not exist.
+    case notFound(String)
+    /// The named thing already exists.
+    case alreadyExists(String)
+    /// Stored data could not be read back (a value outside what the schema allows).
+    case corrupt(String)
+
+    public var description: String {
+        switch self {
+        case .notFound(let what): "\(what) does not exist"
+        case .alreadyExists(let what): "\(what) already exists"
+        case .corrupt(let what): "stored data is damaged: \(what)"
+        }
+    }
+}

@@ -1,0 +1,467 @@
+import FarmgateSupport
+public import FarmgateWire
+import Foundation
+public import Logging
+
+/// The embedded store: one SQLite file in WAL mode with `synchronous=FULL`, so that a committed batch survives power loss.
+///
+/// One writer connection and one reader connection, each on a ``DedicatedThread`` of its own: every `sqlite3_*` call
+/// runs there, never on the Swift concurrency pool. Writes are serialised by the writer thread; reads run beside them
+/// on a WAL snapshot.
+///
+/// ```swift
+/// let store = try SQLiteIngestStore(path: "/var/lib/farmgate-ingest/ingest.sqlite", logger: logger)
+/// try await store.migrate()
+/// ```
+public final class SQLiteIngestStore: IngestStore {
+    /// The database file.
+    public let path: String
+    private let writer: ThreadOwned<CachedConnection>
+    private let reader: ThreadOwned<CachedConnection>
+    private let logger: Logger
+
+    /// Opens (creating when missing, with its directory) the database at `path`. Does not migrate: call ``migrate()``.
+    ///
+    /// - Parameter busyTimeoutMilliseconds: how long a statement waits for another process's lock (an admin command
+    ///   writing at the same time) before failing.
+    /// - Throws: ``SQLiteError`` when the file cannot be opened or is not a database, or a Foundation error when its
+    ///   directory cannot be created.
+    public init(path: String, busyTimeoutMilliseconds: Int32 = 5_000, logger: Logger) throws {
+        let directory = URL(fileURLWithPath: path).deletingLastPathComponent().path
+        if !directory.isEmpty {
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        }
+        self.path = path
+        self.logger = logger
+        self.writer = try ThreadOwned(name: "ingest-sqlite-writer") {
+            let connection = try SQLiteConnection(path: path, mode: .readWriteCreate, busyTimeoutMilliseconds: busyTimeoutMilliseconds)
+            try connection.execute("PRAGMA journal_mode=WAL")
+            try connection.execute("PRAGMA synchronous=FULL")
+            try connection.execute("PRAGMA foreign_keys=ON")
+            return CachedConnection(connection)
+        }
+        self.reader = try ThreadOwned(name: "ingest-sqlite-reader") {
+            let connection = try SQLiteConnection(path: path, mode: .readWrite, busyTimeoutMilliseconds: busyTimeoutMilliseconds)
+            try connection.execute("PRAGMA query_only=ON")
+            return CachedConnection(connection)
+        }
+    }
+
+    /// Closes both connections and ends their threads. Later calls throw.
+    public func close() {
+        reader.close()
+        writer.close()
+    }
+
+    // MARK: Schema
+
+    @discardableResult
+    public func migrate() async throws -> [AppliedMigration] {
+        let applied = try await writer.withValue { db in
+            try db.connection.execute(SQLiteSchema.bookkeeping)
+            return try db.connection.transaction { () throws -> [AppliedMigration] in
+                let current = Int(try db.connection.queryInt("SELECT max(version) FROM schema_migrations") ?? 0)
+                guard current <= SQLiteSchema.currentVersion else {
+                    throw SQLiteIngestStoreError.schemaTooNew(found: current, known: SQLiteSchema.currentVersion)
+                }
+                var applied: [AppliedMigration] = []
+                for migration in SQLiteSchema.migrations where migration.version > current {
+                    try db.connection.execute(migration.sql)
+                    try db.connection.query(
+                        "INSERT INTO schema_migrations(version, name, applied_at_us) VALUES (?, ?, ?)",
+                        [.integer(Int64(migration.version)), .text(migration.name), .integer(Timestamp.now().microseconds)])
+                    applied.append(AppliedMigration(version: migration.version, name: migration.name))
+                }
+                return applied
+            }
+        }
+        for migration in applied {
+            logger.info("applied schema migration", metadata: ["store.migration.version": "\(migration.version)", "store.migration.name": "\(migration.name)"])
+        }
+        return applied
+    }
+
+    public func ping() async throws {
+        _ = try await reader.withValue { db in
+            try db.withStatement("SELECT max(version) FROM schema_migrations") { statement in
+                _ = try statement.step()
+            }
+        }
+    }
+
+    // MARK: Ingest
+
+    public func store(_ batch: Batch, for device: DeviceIdentity, receivedAt: Timestamp) async throws -> StoreOutcome {
+        try await writer.withValue { db in
+            try db.connection.transaction { () throws -> StoreOutcome in
+                try SQLiteIngestStore.store(batch, device: device, receivedAt: receivedAt, in: db)
+            }
+        }
+    }
+
+    private static func store(_ batch: Batch, device: DeviceIdentity, receivedAt: Timestamp, in db: CachedConnection) throws -> StoreOutcome {
+        let used = Set(batch.readings.map(\.sensor))
+        var sensorRows: [SensorID: Int64] = [:]
+        var conflicts: [SensorID: (registered: String, sent: Quantity)] = [:]
+        var seenInBatch: [SensorID: Quantity] = [:]
+
+        let findSensor = try db.statement("SELECT id, quantity, resolution_numerator, resolution_denominator FROM sensors WHERE device_id = ? AND name = ?")
+        let insertSensor = try db.statement(
+            "INSERT INTO sensors(device_id, name, quantity, resolution_numerator, resolution_denominator, first_seen_us) VALUES (?, ?, ?, ?, ?, ?)")
+        let updateResolution = try db.statement("UPDATE sensors SET resolution_numerator = ?, resolution_denominator = ? WHERE id = ?")
+
+        for descriptor in batch.sensors where used.contains(descriptor.id) {
+            if let earlier = seenInBatch[descriptor.id] {
+                if earlier != descriptor.quantity { conflicts[descriptor.id] = (earlier.rawValue, descriptor.quantity) }
+                continue
+            }
+            seenInBatch[descriptor.id] = descriptor.quantity
+            try findSensor.bind([.integer(device.rowID), .text(descriptor.id.rawValue)])
+            if try findSensor.step() {
+                let rowID = findSensor.int64(0)
+                let quantity = findSensor.text(1)
+                let numerator = findSensor.int64(2)
+                let denominator = findSensor.int64(3)
+                findSensor.reset()
+                if quantity != descriptor.quantity.rawValue {
+                    conflicts[descriptor.id] = (quantity, descriptor.quantity)
+                    continue
+                }
+                if numerator != Int64(descriptor.resolution.numerator) || denominator != Int64(descriptor.resolution.denominator) {
+                    try updateResolution.run([
+                        .integer(Int64(descriptor.resolution.numerator)), .integer(Int64(descriptor.resolution.denominator)), .integer(rowID),
+                    ])
+                }
+                sensorRows[descriptor.id] = rowID
+            } else {
+                findSensor.reset()
+                try insertSensor.run([
+                    .integer(device.rowID), .text(descriptor.id.rawValue), .text(descriptor.quantity.rawValue),
+                    .integer(Int64(descriptor.resolution.numerator)), .integer(Int64(descriptor.resolution.denominator)),
+                    .integer(receivedAt.microseconds),
+                ])
+                sensorRows[descriptor.id] = db.connection.lastInsertRowID
+            }
+        }
+
+        let insertReading = try db.statement(
+            """
+            INSERT INTO readings(device_id, sequence, sensor_id, timestamp_us, value, flags, received_at_us)
+            VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, sequence) DO NOTHING
+            """)
+        var accepted = 0
+        var duplicates = 0
+        var rejected: [RejectedReading] = []
+        var newest: [Int64: Reading] = [:]
+        for reading in batch.readings {
+            if let conflict = conflicts[reading.sensor] {
+                rejected.append(
+                    RejectedReading(
+                        sequence: reading.sequence, sensor: reading.sensor.rawValue, code: RejectionCode.sensorConflict,
+                        message: "sensor '\(reading.sensor)' is registered on this device as \(conflict.registered), but the batch declares it as \(conflict.sent.rawValue); give the new sensor an id of its own"))
+                continue
+            }
+            guard let sensorRow = sensorRows[reading.sensor] else {
+                rejected.append(
+                    RejectedReading(
+                        sequence: reading.sequence, sensor: reading.sensor.rawValue, code: RejectionCode.unknownSensor,
+                        message: "the batch has no descriptor for sensor '\(reading.sensor)'; list every sensor a reading names in the batch's sensors"))
+                continue
+            }
+            guard let sequence = Int64(exactly: reading.sequence) else {
+                rejected.append(
+                    RejectedReading(
+                        sequence: reading.sequence, sensor: reading.sensor.rawValue, code: RejectionCode.invalidSequence,
+                        message: "sequence \(reading.sequence) is larger than \(Int64.max)"))
+                continue
+            }
+            try insertReading.run([
+                .integer(device.rowID), .integer(sequence), .integer(sensorRow), .integer(reading.timestamp.microseconds),
+                .real(reading.value), .integer(Int64(reading.quality.rawValue)), .integer(receivedAt.microseconds),
+            ])
+            if db.connection.changes == 1 {
+                accepted += 1
+                if let current = newest[sensorRow], (current.timestamp, current.sequence) >= (reading.timestamp, reading.sequence) {
+                    continue
+                }
+                newest[sensorRow] = reading
+            } else {
+                duplicates += 1
+            }
+        }
+
+        let upsertLatest = try db.statement(
+            """
+            INSERT INTO latest(sensor_id, sequence, timestamp_us, value, flags) VALUES (?, ?, ?, ?, ?)
+            ON CONFLICT (sensor_id) DO UPDATE SET
+                sequence = excluded.sequence, timestamp_us = excluded.timestamp_us, value = excluded.value, flags = excluded.flags
+            WHERE excluded.timestamp_us > latest.timestamp_us
+                OR (excluded.timestamp_us = latest.timestamp_us AND excluded.sequence > latest.sequence)
+            """)
+        for (sensorRow, reading) in newest {
+            try upsertLatest.run([
+                .integer(sensorRow), .integer(Int64(reading.sequence)), .integer(reading.timestamp.microseconds), .real(reading.value),
+                .integer(Int64(reading.quality.rawValue)),
+            ])
+        }
+        return StoreOutcome(accepted: accepted, duplicates: duplicates, rejected: rejected)
+    }
+
+    // MARK: Credentials
+
+    public func deviceCredential(keyID: String) async throws -> DeviceCredential? {
+        try await reader.withValue { db in
+            try db.withStatement(
+                """
+                SELECT f.id, f.name, d.id, d.name, d.secret_sha256, d.revoked
+                FROM devices d JOIN farms f ON f.id = d.farm_id WHERE d.key_id = ?
+                """, [.text(keyID)]
+            ) { statement throws -> DeviceCredential? in
+                guard try statement.step() else { return nil }
+                let identity = DeviceIdentity(
+                    farmID: statement.int64(0), farm: statement.text(1), rowID: statement.int64(2), device: try deviceID(statement.text(3)))
+                return DeviceCredential(identity: identity, secretHash: statement.blob(4), revoked: statement.int64(5) != 0)
+            }
+        }
+    }
+
+    public func readTokenCredential(keyID: String) async throws -> ReadTokenCredential? {
+        try await reader.withValue { db in
+            try db.withStatement(
+                "SELECT f.id, f.name, t.role, t.secret_sha256, t.revoked FROM read_tokens t JOIN farms f ON f.id = t.farm_id WHERE t.key_id = ?",
+                [.text(keyID)]
+            ) { statement throws -> ReadTokenCredential? in
+                guard try statement.step() else { return nil }
+                guard let role = ReadRole(rawValue: statement.text(2)) else { throw IngestStoreError.corrupt("read token role '\(statement.text(2))'") }
+                return ReadTokenCredential(
+                    farm: FarmRecord(id: statement.int64(0), name: statement.text(1)), role: role, secretHash: statement.blob(3),
+                    revoked: statement.int64(4) != 0)
+            }
+        }
+    }
+
+    // MARK: Administration
+
+    public func createFarm(name: String, createdAt: Timestamp) async throws -> FarmRecord {
+        try await writer.withValue { db in
+            do {
+                try db.connection.query("INSERT INTO farms(name, created_at_us) VALUES (?, ?)", [.text(name), .integer(createdAt.microseconds)])
+            } catch let error as SQLiteError where error.isConstraint {
+                throw IngestStoreError.alreadyExists("farm '\(name)'")
+            }
+            return FarmRecord(id: db.connection.lastInsertRowID, name: name)
+        }
+    }
+
+    public func farm(named name: String) async throws -> FarmRecord? {
+        try await reader.withValue { db in
+            try db.withStatement("SELECT id, name FROM farms WHERE name = ?", [.text(name)]) { statement throws -> FarmRecord? in
+                guard try statement.step() else { return nil }
+                return FarmRecord(id: statement.int64(0), name: statement.text(1))
+            }
+        }
+    }
+
+    public func createDevice(farm: String, device: DeviceID, keyID: String, secretHash: [UInt8], createdAt: Timestamp) async throws
+        -> DeviceIdentity
+    {
+        try await writer.withValue { db in
+            try db.connection.transaction { () throws -> DeviceIdentity in
+                guard let farmID = try db.connection.queryInt("SELECT id FROM farms WHERE name = ?", [.text(farm)]) else {
+                    throw IngestStoreError.notFound("farm '\(farm)'")
+                }
+                if try db.connection.queryInt("SELECT id FROM devices WHERE farm_id = ? AND name = ?", [.integer(farmID), .text(device.rawValue)]) != nil {
+                    throw IngestStoreError.alreadyExists("device '\(device)' in farm '\(farm)'")
+                }
+                do {
+                    try db.connection.query(
+                        "INSERT INTO devices(farm_id, name, key_id, secret_sha256, created_at_us) VALUES (?, ?, ?, ?, ?)",
+                        [.integer(farmID), .text(device.rawValue), .text(keyID), .blob(secretHash), .integer(createdAt.microseconds)])
+                } catch let error as SQLiteError where error.isConstraint {
+                    throw IngestStoreError.alreadyExists("API key id '\(keyID)'")
+                }
+                return DeviceIdentity(farmID: farmID, farm: farm, rowID: db.connection.lastInsertRowID, device: device)
+            }
+        }
+    }
+
+    public func revokeDevice(farm: String, device: DeviceID, revokedAt: Timestamp) async throws {
+        try await writer.withValue { db in
+            try db.connection.query(
+                """
+                UPDATE devices SET revoked = 1, revoked_at_us = coalesce(revoked_at_us, ?)
+                WHERE name = ? AND farm_id = (SELECT id FROM farms WHERE name = ?)
+                """, [.integer(revokedAt.microseconds), .text(device.rawValue), .text(farm)])
+            guard db.connection.changes == 1 else { throw IngestStoreError.notFound("device '\(device)' in farm '\(farm)'") }
+        }
+    }
+
+    public func createReadToken(farm: String, role: ReadRole, keyID: String, secretHash: [UInt8], createdAt: Timestamp) async throws {
+        try await writer.withValue { db in
+            guard let farmID = try db.connection.queryInt("SELECT id FROM farms WHERE name = ?", [.text(farm)]) else {
+                throw IngestStoreError.notFound("farm '\(farm)'")
+            }
+            do {
+                try db.connection.query(
+                    "INSERT INTO read_tokens(farm_id, role, key_id, secret_sha256, created_at_us) VALUES (?, ?, ?, ?, ?)",
+                    [.integer(farmID), .text(role.rawValue), .text(keyID), .blob(secretHash), .integer(createdAt.microseconds)])
+            } catch let error as SQLiteError where error.isConstraint {
+                throw IngestStoreError.alreadyExists("token id '\(keyID)'")
+            }
+        }
+    }
+
+    // MARK: Reading
+
+    public func latestReadings(farmID: Int64) async throws -> [LatestReading] {
+        try await reader.withValue { db in
+            try db.withStatement(
+                """
+                SELECT d.name, s.name, s.quantity, l.sequence, l.timestamp_us, l.value, l.flags
+                FROM latest l JOIN sensors s ON s.id = l.sensor_id JOIN devices d ON d.id = s.device_id
+                WHERE d.farm_id = ? ORDER BY d.name, s.name
+                """, [.integer(farmID)]
+            ) { statement throws -> [LatestReading] in
+                var rows: [LatestReading] = []
+                while try statement.step() {
+                    rows.append(
+                        LatestReading(
+                            device: try deviceID(statement.text(0)), sensor: try sensorID(statement.text(1)), quantity: try quantity(statement.text(2)),
+                            sequence: UInt64(clamping: statement.int64(3)), timestamp: Timestamp(microseconds: statement.int64(4)),
+                            value: statement.double(5), quality: QualityFlags(rawValue: UInt16(truncatingIfNeeded: statement.int64(6)))))
+                }
+                return rows
+            }
+        }
+    }
+
+    public func sensor(farmID: Int64, device: DeviceID, sensor: SensorID) async throws -> SensorRecord? {
+        try await reader.withValue { db in
+            try db.withStatement(
+                """
+                SELECT s.id, s.quantity FROM sensors s JOIN devices d ON d.id = s.device_id
+                WHERE d.farm_id = ? AND d.name = ? AND s.name = ?
+                """, [.integer(farmID), .text(device.rawValue), .text(sensor.rawValue)]
+            ) { statement throws -> SensorRecord? in
+                guard try statement.step() else { return nil }
+                return SensorRecord(rowID: statement.int64(0), device: device, sensor: sensor, quantity: try quantity(statement.text(1)))
+            }
+        }
+    }
+
+    public func readings(sensorRowID: Int64, from: Timestamp?, to: Timestamp?, limit: Int) async throws -> [StoredReading] {
+        try await reader.withValue { db in
+            try db.withStatement(
+                """
+                SELECT sequence, timestamp_us, value, flags FROM readings
+                WHERE sensor_id = ? AND timestamp_us >= ? AND timestamp_us < ?
+                ORDER BY timestamp_us, sequence LIMIT ?
+                """,
+                [
+                    .integer(sensorRowID), .integer(from?.microseconds ?? Int64.min), .integer(to?.microseconds ?? Int64.max),
+                    .integer(Int64(limit)),
+                ]
+            ) { statement throws -> [StoredReading] in
+                var rows: [StoredReading] = []
+                while try statement.step() {
+                    rows.append(
+                        StoredReading(
+                            sequence: UInt64(clamping: statement.int64(0)), timestamp: Timestamp(microseconds: statement.int64(1)),
+                            value: statement.double(2), quality: QualityFlags(rawValue: UInt16(truncatingIfNeeded: statement.int64(3)))))
+                }
+                return rows
+            }
+        }
+    }
+
+    public func devices(farmID: Int64) async throws -> [DeviceIdentity] {
+        try await reader.withValue { db in
+            try db.withStatement(
+                "SELECT f.name, d.id, d.name FROM devices d JOIN farms f ON f.id = d.farm_id WHERE d.farm_id = ? ORDER BY d.name",
+                [.integer(farmID)]
+            ) { statement throws -> [DeviceIdentity] in
+                var rows: [DeviceIdentity] = []
+                while try statement.step() {
+                    rows.append(DeviceIdentity(farmID: farmID, farm: statement.text(0), rowID: statement.int64(1), device: try deviceID(statement.text(2))))
+                }
+                return rows
+            }
+        }
+    }
+
+    public func exportPage(device: DeviceIdentity, afterSequence: UInt64?, limit: Int) async throws -> [ExportRow] {
+        let after = afterSequence.map { Int64(clamping: $0) } ?? -1
+        return try await reader.withValue { db in
+            try db.withStatement(
+                """
+                SELECT s.name, r.sequence, r.timestamp_us, r.value, r.flags
+                FROM readings r JOIN sensors s ON s.id = r.sensor_id
+                WHERE r.device_id = ? AND r.sequence > ? ORDER BY r.sequence LIMIT ?
+                """, [.integer(device.rowID), .integer(after), .integer(Int64(limit))]
+            ) { statement throws -> [ExportRow] in
+                var rows: [ExportRow] = []
+                while try statement.step() {
+                    rows.append(
+                        ExportRow(
+                            device: device.device, sensor: try sensorID(statement.text(0)), sequence: UInt64(clamping: statement.int64(1)),
+                            timestamp: Timestamp(microseconds: statement.int64(2)), value: statement.double(3),
+                            quality: QualityFlags(rawValue: UInt16(truncatingIfNeeded: statement.int64(4)))))
+                }
+                return rows
+            }
+        }
+    }
+}
+
+/// Problems specific to the SQLite store.
+public enum SQLiteIngestStoreError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// The file was migrated by a newer `farmgate-ingest`.
+    case schemaTooNew(found: Int, known: Int)
+
+    public var description: String {
+        switch self {
+        case .schemaTooNew(let found, let known):
+            "the database schema is at version \(found), newer than this farmgate-ingest knows (\(known)); run a newer farmgate-ingest"
+        }
+    }
+}
+
+/// A connection with the statements it has compiled, reused across calls. Lives on one thread (see ``ThreadOwned``).
+final class CachedConnection {
+    let connection: SQLiteConnection
+    private var statements: [String: SQLiteStatement] = [:]
+
+    init(_ connection: SQLiteConnection) {
+        self.connection = connection
+    }
+
+    /// The compiled statement for `sql`, compiled on first use.
+    func statement(_ sql: String) throws(SQLiteError) -> SQLiteStatement {
+        if let statement = statements[sql] { return statement }
+        let statement = try connection.prepare(sql)
+        statements[sql] = statement
+        return statement
+    }
+
+    /// Binds `values` to the cached statement for `sql`, runs `body` with it and resets it afterwards, so that no read
+    /// snapshot stays open between calls.
+    func withStatement<T>(_ sql: String, _ values: [SQLiteValue] = [], _ body: (SQLiteStatement) throws -> T) throws -> T {
+        let statement = try statement(sql)
+        try statement.bind(values)
+        defer { statement.reset() }
+        return try body(statement)
+    }
+}
+
+private func deviceID(_ text: String) throws -> DeviceID {
+    do { return try DeviceID(text) } catch { throw IngestStoreError.corrupt(error.description) }
+}
+
+private func sensorID(_ text: String) throws -> SensorID {
+    do { return try SensorID(text) } catch { throw IngestStoreError.corrupt(error.description) }
+}
+
+private func quantity(_ text: String) throws -> Quantity {
+    guard let quantity = Quantity(rawValue: text) else { throw IngestStoreError.corrupt("quantity '\(text)'") }
+    return quantity
+}

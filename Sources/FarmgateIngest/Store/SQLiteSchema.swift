@@ -1,0 +1,81 @@
+/// The schema of the embedded SQLite store, as an ordered list of migrations.
+///
+/// Never edit a migration that has shipped: add a new one at the end. `schema_migrations` records which ones ran.
+enum SQLiteSchema {
+    struct Migration: Sendable {
+        let version: Int
+        let name: String
+        let sql: String
+    }
+
+    static let bookkeeping = """
+        CREATE TABLE IF NOT EXISTS schema_migrations (
+            version INTEGER PRIMARY KEY,
+            name TEXT NOT NULL,
+            applied_at_us INTEGER NOT NULL
+        );
+        """
+
+    static let migrations: [Migration] = [
+        Migration(
+            version: 1, name: "farms, devices, read tokens, sensors, readings, latest",
+            sql: """
+                CREATE TABLE farms (
+                    id INTEGER PRIMARY KEY,
+                    name TEXT NOT NULL UNIQUE,
+                    created_at_us INTEGER NOT NULL
+                );
+                CREATE TABLE devices (
+                    id INTEGER PRIMARY KEY,
+                    farm_id INTEGER NOT NULL REFERENCES farms(id),
+                    name TEXT NOT NULL,
+                    key_id TEXT NOT NULL UNIQUE,
+                    secret_sha256 BLOB NOT NULL,
+                    revoked INTEGER NOT NULL DEFAULT 0,
+                    created_at_us INTEGER NOT NULL,
+                    revoked_at_us INTEGER,
+                    UNIQUE (farm_id, name)
+                );
+                CREATE TABLE read_tokens (
+                    id INTEGER PRIMARY KEY,
+                    farm_id INTEGER NOT NULL REFERENCES farms(id),
+                    role TEXT NOT NULL CHECK (role IN ('viewer')),
+                    key_id TEXT NOT NULL UNIQUE,
+                    secret_sha256 BLOB NOT NULL,
+                    revoked INTEGER NOT NULL DEFAULT 0,
+                    created_at_us INTEGER NOT NULL
+                );
+                CREATE INDEX read_tokens_by_farm ON read_tokens(farm_id);
+                CREATE TABLE sensors (
+                    id INTEGER PRIMARY KEY,
+                    device_id INTEGER NOT NULL REFERENCES devices(id),
+                    name TEXT NOT NULL,
+                    quantity TEXT NOT NULL,
+                    resolution_numerator INTEGER NOT NULL,
+                    resolution_denominator INTEGER NOT NULL,
+                    first_seen_us INTEGER NOT NULL,
+                    UNIQUE (device_id, name)
+                );
+                CREATE TABLE readings (
+                    device_id INTEGER NOT NULL REFERENCES devices(id),
+                    sequence INTEGER NOT NULL CHECK (sequence >= 0),
+                    sensor_id INTEGER NOT NULL REFERENCES sensors(id),
+                    timestamp_us INTEGER NOT NULL,
+                    value REAL NOT NULL,
+                    flags INTEGER NOT NULL,
+                    received_at_us INTEGER NOT NULL,
+                    PRIMARY KEY (device_id, sequence)
+                ) WITHOUT ROWID;
+                CREATE INDEX readings_by_sensor_time ON readings(sensor_id, timestamp_us, sequence);
+                CREATE TABLE latest (
+                    sensor_id INTEGER PRIMARY KEY REFERENCES sensors(id),
+                    sequence INTEGER NOT NULL,
+                    timestamp_us INTEGER NOT NULL,
+                    value REAL NOT NULL,
+                    flags INTEGER NOT NULL
+                );
+                """),
+    ]
+
+    static var currentVersion: Int { migrations.last?.version ?? 0 }
+}

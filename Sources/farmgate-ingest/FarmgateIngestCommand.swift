@@ -1,0 +1,296 @@
+import ArgumentParser
+import FarmgateIngest
+import FarmgateSupport
+import FarmgateWire
+import Foundation
+import Logging
+import Metrics
+import Prometheus
+import ServiceLifecycle
+import UnixSignals
+
+@main
+struct FarmgateIngestCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "farmgate-ingest",
+        abstract: "The Farmgate ingest: receives reading batches from farm gateways, stores them exactly once, serves them back.",
+        discussion: """
+            `serve` runs the service. The other commands administer its store directly (they need no running service).
+            Every command reads the configuration file given by --config, else $FARMGATE_INGEST_CONFIG, else \(IngestConfiguration.defaultPath).
+            """,
+        subcommands: [
+            ServeCommand.self, MigrateCommand.self, FarmCommand.self, DeviceCommand.self, TokenCommand.self, ExportCommand.self,
+        ]
+    )
+}
+
+/// The option every command shares.
+struct ConfigOption: ParsableArguments {
+    @Option(
+        name: [.short, .long],
+        help: ArgumentHelp(
+            "The ingest's configuration file (default: $\(IngestConfiguration.pathEnvironmentVariable), else \(IngestConfiguration.defaultPath)).",
+            valueName: "file"))
+    var config: String?
+
+    var path: String { IngestConfiguration.resolvePath(explicit: config) }
+
+    /// Loads the configuration or exits with status 78 (EX_CONFIG) and the located error on standard error.
+    func load() throws -> IngestConfiguration {
+        do {
+            return try IngestConfiguration.load(path: path)
+        } catch {
+            throw failure(error.description, code: 78)
+        }
+    }
+
+    /// Loads the configuration, bootstraps logging to standard error, opens the store and brings its schema up to date.
+    func openStore(label: String) async throws -> (IngestConfiguration, SQLiteIngestStore, Logger) {
+        let configuration = try load()
+        let level = configuration.log.level
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        let logger = Logger(label: label)
+        let store: SQLiteIngestStore
+        do {
+            store = try SQLiteIngestStore(path: configuration.storage.path, logger: logger)
+            try await store.migrate()
+        } catch {
+            throw failure("cannot open the store \(configuration.storage.path): \(error)", code: 74)  // EX_IOERR
+        }
+        return (configuration, store, logger)
+    }
+}
+
+/// Prints `text` to standard error and returns the error that exits with `code`.
+func failure(_ text: String, code: Int32 = 1) -> any Error {
+    FileHandle.standardError.write(Data(("farmgate-ingest: " + text + "\n").utf8))
+    return ExitCode(code)
+}
+
+/// Runs an administrative step, turning store errors into a clear message and exit status 1.
+@discardableResult
+func administer<T>(_ body: () async throws -> T) async throws -> T {
+    do {
+        return try await body()
+    } catch let error as IngestStoreError {
+        throw failure(error.description)
+    }
+}
+
+// MARK: serve
+
+struct ServeCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "serve",
+        abstract: "Run the ingest service.",
+        discussion: "Applies pending schema migrations first. Stops gracefully on SIGTERM or SIGINT, finishing requests in flight.")
+
+    @OptionGroup var options: ConfigOption
+
+    func run() async throws {
+        let (configuration, store, logger) = try await options.openStore(label: "farmgate-ingest")
+        let registry = PrometheusCollectorRegistry()
+        MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+        let app = buildApplication(configuration: configuration, store: store, registry: registry, logger: logger)
+        logger.info(
+            "farmgate-ingest starting",
+            metadata: [
+                "server.host": "\(configuration.server.host)", "server.port": "\(configuration.server.port)",
+                "storage.path": "\(configuration.storage.path)",
+            ])
+        let group = ServiceGroup(
+            configuration: ServiceGroupConfiguration(services: [app], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+        do {
+            try await group.run()
+        } catch {
+            store.close()
+            throw failure("the service stopped: \(error)")
+        }
+        store.close()
+        logger.info("farmgate-ingest stopped")
+    }
+}
+
+// MARK: migrate
+
+struct MigrateCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "migrate", abstract: "Bring the store's schema up to date (serve does this too).")
+
+    @OptionGroup var options: ConfigOption
+
+    func run() async throws {
+        let configuration = try options.load()
+        let store: SQLiteIngestStore
+        let applied: [AppliedMigration]
+        do {
+            store = try SQLiteIngestStore(path: configuration.storage.path, logger: Logger(label: "farmgate-ingest"))
+            applied = try await store.migrate()
+        } catch {
+            throw failure("cannot migrate \(configuration.storage.path): \(error)", code: 74)
+        }
+        store.close()
+        if applied.isEmpty {
+            print("The schema of \(configuration.storage.path) is up to date.")
+        } else {
+            for migration in applied { print("Applied migration \(migration.version): \(migration.name)") }
+        }
+    }
+}
+
+// MARK: farm
+
+struct FarmCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "farm", abstract: "Manage farms.", subcommands: [Create.self])
+
+    struct Create: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "create", abstract: "Create a farm.")
+
+        @Argument(help: "The farm's name: 1 to 64 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit.")
+        var name: String
+
+        @OptionGroup var options: ConfigOption
+
+        func validate() throws {
+            do { try validateFarmName(name) } catch { throw ValidationError(error.description) }
+        }
+
+        func run() async throws {
+            let (_, store, _) = try await options.openStore(label: "farmgate-ingest")
+            defer { store.close() }
+            let farm = try await administer { try await IngestAdmin(store: store).createFarm(name: name) }
+            print("Created farm \(farm.name).")
+        }
+    }
+}
+
+// MARK: device
+
+struct DeviceCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "device", abstract: "Manage devices (site gateways) and their keys.", subcommands: [Create.self, Revoke.self])
+
+    struct DeviceOptions: ParsableArguments {
+        @Option(help: "The farm the device belongs to.")
+        var farm: String
+
+        @Option(help: "The device id, as in the [device] id of its agent configuration.")
+        var device: String
+
+        func validate() throws {
+            do { try validateFarmName(farm) } catch { throw ValidationError(error.description) }
+            do { _ = try DeviceID(device) } catch { throw ValidationError(error.description) }
+        }
+
+        var deviceID: DeviceID {
+            get throws {
+                do { return try DeviceID(device) } catch { throw ValidationError(error.description) }
+            }
+        }
+    }
+
+    struct Create: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "create", abstract: "Register a device and print its API key (shown only once).")
+
+        @OptionGroup var device: DeviceOptions
+        @OptionGroup var options: ConfigOption
+
+        func run() async throws {
+            let (_, store, _) = try await options.openStore(label: "farmgate-ingest")
+            defer { store.close() }
+            let id = try device.deviceID
+            let key = try await administer { try await IngestAdmin(store: store).createDevice(farm: device.farm, device: id) }
+            print(key.text)
+            print("Device \(id) in farm \(device.farm) registered. The key above is shown only once: it is not stored, only its hash.")
+            print("Put it in the agent configuration: [upload] key = \"<the key>\", or save it to a file readable only by the agent and set key_file.")
+        }
+    }
+
+    struct Revoke: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "revoke", abstract: "Revoke a device's key; uploads with it are refused within seconds.")
+
+        @OptionGroup var device: DeviceOptions
+        @OptionGroup var options: ConfigOption
+
+        func run() async throws {
+            let (_, store, _) = try await options.openStore(label: "farmgate-ingest")
+            defer { store.close() }
+            let id = try device.deviceID
+            try await administer { try await IngestAdmin(store: store).revokeDevice(farm: device.farm, device: id) }
+            print("Revoked the key of device \(id) in farm \(device.farm).")
+        }
+    }
+}
+
+// MARK: token
+
+extension ReadRole: ExpressibleByArgument {}
+
+struct TokenCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "token", abstract: "Manage read tokens.", subcommands: [Create.self])
+
+    struct Create: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "create", abstract: "Create a read token for a farm and print it (shown only once).")
+
+        @Option(help: "The farm the token reads.")
+        var farm: String
+
+        @Option(help: "What the token may do: \(ReadRole.allCases.map(\.rawValue).joined(separator: ", ")).")
+        var role: ReadRole
+
+        @OptionGroup var options: ConfigOption
+
+        func validate() throws {
+            do { try validateFarmName(farm) } catch { throw ValidationError(error.description) }
+        }
+
+        func run() async throws {
+            let (_, store, _) = try await options.openStore(label: "farmgate-ingest")
+            defer { store.close() }
+            let key = try await administer { try await IngestAdmin(store: store).createReadToken(farm: farm, role: role) }
+            print(key.text)
+            print("Read token (\(role.rawValue)) for farm \(farm). It is shown only once. Use it as `Authorization: Bearer <token>`.")
+        }
+    }
+}
+
+// MARK: export
+
+extension ExportFormat: ExpressibleByArgument {}
+
+struct ExportCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "export",
+        abstract: "Write every stored reading of a farm to standard output, in (device, sequence) order.",
+        discussion: "Columns: device, sensor, sequence, timestamp (RFC 3339, UTC), value, flags. Streams: memory use does not grow with the farm.")
+
+    @Option(help: "The farm to export.")
+    var farm: String
+
+    @Option(help: "csv (with a header line) or jsonl (one JSON object per line).")
+    var format: ExportFormat = .csv
+
+    @OptionGroup var options: ConfigOption
+
+    func validate() throws {
+        do { try validateFarmName(farm) } catch { throw ValidationError(error.description) }
+    }
+
+    func run() async throws {
+        let (_, store, _) = try await options.openStore(label: "farmgate-ingest")
+        defer { store.close() }
+        let output = FileHandle.standardOutput
+        try await administer {
+            try await IngestAdmin(store: store).export(farm: farm, format: format) { text in
+                try output.write(contentsOf: Data(text.utf8))
+            }
+        }
+    }
+}
