@@ -73,6 +73,7 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
                 .product(name: "TOMLKit", package: "TOMLKit"),
             ],
             swiftSettings: swiftSettings
@@ -98,6 +99,9 @@ let package = Package(
             name: "farmgate",
             dependencies: [
                 "FarmgateAgent",
+                "FarmgateWire",
+                "FarmgateSupport",
+                .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: swiftSettings
@@ -145,7 +149,14 @@ let package = Package(
         ),
         .testTarget(
             name: "EndToEndTests",
-            dependencies: ["FarmgateWire", "FarmgateSupport", "farmgate", "farmgate-ingest"],
+            dependencies: [
+                "FarmgateWire",
+                "FarmgateSupport",
+                "FarmgateAgent",
+                "farmgate",
+                "farmgate-ingest",
+                .product(name: "Logging", package: "swift-log"),
+            ],
             swiftSettings: swiftSettings
         ),
     ]

@@ -1,0 +1,84 @@
+import CLinux
+import Foundation
+
+/// Errors from the control socket, phrased for an installer.
+public struct ControlSocketError: Error, CustomStringConvertible, Sendable {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+}
+
+/// Thin helpers over AF_UNIX stream sockets (blocking calls: only ever used on a dedicated thread or in the CLI).
+enum UnixSocket {
+    static func address(_ path: String) throws(ControlSocketError) -> sockaddr_un {
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        let capacity = MemoryLayout.size(ofValue: address.sun_path)
+        guard !bytes.isEmpty, bytes.count < capacity else {
+            throw ControlSocketError("control socket path must be 1 to \(capacity - 1) bytes: \(path)")
+        }
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            for (i, byte) in bytes.enumerated() { raw[i] = byte }
+            raw[bytes.count] = 0
+        }
+        return address
+    }
+
+    static func errnoText() -> String { String(cString: strerror(errno)) }
+
+    /// Connects to `path`; throws with the reason (ENOENT, ECONNREFUSED, EACCES) spelled out.
+    static func connect(_ path: String, timeoutSeconds: Int) throws(ControlSocketError) -> Int32 {
+        var address = try address(path)
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw ControlSocketError("cannot create a socket: \(errnoText())") }
+        setTimeouts(fd, seconds: timeoutSeconds)
+        let rc = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Foundation.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard rc == 0 else {
+            let code = errno
+            close(fd)
+            let reason: String
+            switch code {
+            case ENOENT: reason = "no such socket"
+            case ECONNREFUSED: reason = "connection refused (a stale socket: the agent is not running)"
+            case EACCES: reason = "permission denied (run as root or as a member of the farmgate group)"
+            default: reason = String(cString: strerror(code))
+            }
+            throw ControlSocketError(
+                "cannot reach the agent at \(path): \(reason). Is `farmgate agent` running? (systemctl status farmgate)")
+        }
+        return fd
+    }
+
+    static func setTimeouts(_ fd: Int32, seconds: Int) {
+        var timeout = timeval(tv_sec: seconds, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    static func writeAll(_ fd: Int32, _ bytes: [UInt8]) -> Bool {
+        var offset = 0
+        while offset < bytes.count {
+            let n = bytes[offset...].withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { return false }
+            offset += n
+        }
+        return true
+    }
+
+    /// Reads until a newline, end of stream, `limit` bytes, or the socket's receive timeout.
+    static func readLine(_ fd: Int32, limit: Int) -> [UInt8]? {
+        var data: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while data.count < limit {
+            let n = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { return data.isEmpty ? nil : data }
+            data.append(contentsOf: chunk[0..<n])
+            if let newline = data.firstIndex(of: 0x0A) { return Array(data[..<newline]) }
+        }
+        return nil
+    }
+}

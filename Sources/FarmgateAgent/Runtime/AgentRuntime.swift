@@ -1,0 +1,80 @@
+import FarmgateWire
+import Foundation
+import Logging
+import ServiceLifecycle
+import UnixSignals
+
+/// Assembles the daemon from its configuration and runs it until SIGTERM or SIGINT.
+///
+/// The services run in one `ServiceGroup`, listed in dependency order (buffer, sampler, uploader, control socket) and
+/// shut down in reverse: the control socket closes first, the uploader finishes its request in flight, the sampler stops
+/// reading, and the buffer commits what it still holds last, so a graceful stop loses nothing.
+public enum AgentRuntime {
+    public static func run(configuration: AgentConfiguration, drivers: DriverRegistry = .standard, logger: Logger) async throws {
+        let buffer = try ReadingBuffer(configuration: configuration.buffer, logger: logger)
+        try await buffer.register(configuration.sensors.map(\.descriptor))
+
+        var sensors: [Sampler.Sensor] = []
+        for sensor in configuration.sensors {
+            guard let description = drivers.driver(named: sensor.driver) else {
+                throw ControlSocketError("sensor \(sensor.id): unknown driver \(sensor.driver)")
+            }
+            sensors.append(Sampler.Sensor(configuration: sensor, driver: try description.make(sensor, logger)))
+        }
+        let board = SensorStatusBoard(sensors: configuration.sensors)
+        let clock = WallClock(checkSynchronization: configuration.checkClock)
+        let sampler = Sampler(sensors: sensors, sink: buffer, board: board, clock: clock, logger: logger)
+
+        var uploader: Uploader?
+        if let settings = configuration.upload {
+            uploader = try Uploader(
+                device: configuration.device, source: buffer, configuration: UploadConfiguration(settings: settings),
+                logger: logger)
+        }
+
+        let startedAt = Timestamp.now()
+        let device = configuration.device.rawValue
+        let endpoint = configuration.upload?.endpoint
+        let uploaderForStatus = uploader
+        let control = ControlServer(path: configuration.controlSocket, logger: logger) { request in
+            let answer: ControlAnswer
+            switch request.command {
+            case "status":
+                do {
+                    let status = AgentStatus(
+                        device: device, version: FarmgateVersion.current, pid: ProcessInfo.processInfo.processIdentifier,
+                        startedAt: startedAt, now: Timestamp.now(), clockSynchronized: clock.isSynchronized(),
+                        buffer: try await buffer.statistics(), upload: uploaderForStatus?.status(), uploadEndpoint: endpoint,
+                        sensors: board.snapshot(), recentQuarantine: try await buffer.quarantined(limit: 10))
+                    answer = ControlAnswer(ok: true, status: status)
+                } catch {
+                    answer = ControlAnswer(ok: false, error: "cannot read the buffer: \(error)")
+                }
+            default:
+                answer = ControlAnswer(ok: false, error: "unknown command \"\(request.command)\"; this agent knows: status")
+            }
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+            return (try? Array(encoder.encode(answer))) ?? Array(#"{"ok":false,"error":"cannot encode the answer"}"#.utf8)
+        }
+
+        var services: [any Service] = [buffer, sampler]
+        if let uploader { services.append(uploader) }
+        services.append(control)
+        logger.info(
+            "Agent starting",
+            metadata: [
+                "device": "\(configuration.device)", "sensors": "\(sensors.count)", "buffer": "\(configuration.buffer.path)",
+                "upload": "\(endpoint ?? "off")", "version": "\(FarmgateVersion.current)",
+            ])
+        let group = ServiceGroup(
+            configuration: ServiceGroupConfiguration(
+                services: services.map { ServiceGroupConfiguration.ServiceConfiguration(service: $0) },
+                gracefulShutdownSignals: [.sigterm, .sigint],
+                logger: logger))
+        try await group.run()
+        logger.info("Agent stopped")
+    }
+}
+
+extension ReadingBuffer: SampleSink {}

@@ -1,0 +1,100 @@
+import FarmgateWire
+import Foundation
+
+/// Everything `farmgate status` shows, as the agent reports it over the control socket.
+public struct AgentStatus: Codable, Sendable {
+    public var device: String
+    public var version: String
+    public var pid: Int32
+    public var startedAt: Timestamp
+    public var now: Timestamp
+    public var clockSynchronized: Bool
+    public var buffer: BufferStatistics
+    /// nil when the configuration has no `[upload]` section.
+    public var upload: UploadStatus?
+    public var uploadEndpoint: String?
+    public var sensors: [SensorStatus]
+    /// The most recently quarantined readings (at most 10).
+    public var recentQuarantine: [QuarantinedReading]
+}
+
+/// The control socket's answer envelope: `{"ok": true, "status": {...}}` or `{"ok": false, "error": "..."}`.
+public struct ControlAnswer: Codable, Sendable {
+    public var ok: Bool
+    public var error: String?
+    public var status: AgentStatus?
+
+    public init(ok: Bool, error: String? = nil, status: AgentStatus? = nil) {
+        self.ok = ok
+        self.error = error
+        self.status = status
+    }
+}
+
+extension AgentStatus {
+    /// The status as an installer reads it in a terminal.
+    public func humanReadable() -> String {
+        var lines: [String] = []
+        let uptime = Self.age(from: startedAt, to: now)
+        lines.append(
+            "Farmgate agent \(device) (version \(version), pid \(pid)), up \(uptime), clock \(clockSynchronized ? "synchronised" : "NOT synchronised: readings are flagged clock_unsynchronized")")
+        var bufferLine = "Buffer    \(buffer.pending) pending"
+        if let oldest = buffer.oldestPending { bufferLine += ", oldest \(Self.age(from: oldest, to: now)) old" }
+        bufferLine += "; \(buffer.uncommitted) uncommitted; \(buffer.quarantined) quarantined; \(buffer.dropped) dropped (full); \(buffer.duplicatesIgnored) duplicates ignored"
+        lines.append(bufferLine)
+        lines.append(
+            "          \(Self.bytes(buffer.usedBytes)) used of \(Self.bytes(buffer.quotaBytes)) quota; last sequence \(buffer.lastSequence)")
+        if let upload, let endpoint = uploadEndpoint {
+            var line = "Upload    \(endpoint): \(upload.lastResult ?? "no attempt yet")"
+            if let at = upload.lastAttemptAt { line += " (\(Self.age(from: at, to: now)) ago)" }
+            lines.append(line)
+            var detail = "          \(upload.uploadedTotal) uploaded, \(upload.duplicatesTotal) duplicates, \(upload.quarantinedTotal) quarantined"
+            if let success = upload.lastSuccessAt { detail += "; last success \(Self.age(from: success, to: now)) ago" }
+            if upload.consecutiveFailures > 0 { detail += "; \(upload.consecutiveFailures) failures in a row" }
+            if let next = upload.nextAttemptAt, next > now { detail += "; next attempt in \(Self.age(from: now, to: next))" }
+            lines.append(detail)
+        } else {
+            lines.append("Upload    off (no [upload] section: readings stay in the buffer)")
+        }
+        lines.append("Sensors")
+        let header = [pad("ID", 22), pad("VALUE", 12), pad("UNIT", 7), pad("LAST READ", 11), "STATE"].joined(separator: " ")
+        lines.append("  " + header)
+        for sensor in sensors {
+            let value = sensor.lastValue.map { String(format: "%.3f", $0) } ?? "-"
+            let read = sensor.lastReadAt.map { Self.age(from: $0, to: now) + " ago" } ?? "never"
+            var state = "ok"
+            if sensor.consecutiveErrors > 0, let error = sensor.lastError {
+                state = "\(error) (\(sensor.consecutiveErrors) in a row)"
+            } else if sensor.readsOK == 0 {
+                state = "waiting for first read"
+            }
+            lines.append("  " + [pad(sensor.id, 22), pad(value, 12), pad(sensor.unit, 7), pad(read, 11), state].joined(separator: " "))
+        }
+        if !recentQuarantine.isEmpty {
+            lines.append("Quarantine (most recent; the ingest refused these for good)")
+            for entry in recentQuarantine {
+                lines.append("  seq \(entry.sequence) \(entry.sensor) at \(entry.timestamp) value \(entry.value): \(entry.reason)")
+            }
+        }
+        return lines.joined(separator: "\n")
+    }
+
+    private func pad(_ text: String, _ width: Int) -> String {
+        text.count >= width ? text : text + String(repeating: " ", count: width - text.count)
+    }
+
+    static func age(from start: Timestamp, to end: Timestamp) -> String {
+        let seconds = max(0, (end.microseconds - start.microseconds) / 1_000_000)
+        if seconds < 60 { return "\(seconds)s" }
+        if seconds < 3600 { return "\(seconds / 60)m \(seconds % 60)s" }
+        if seconds < 86_400 { return "\(seconds / 3600)h \(seconds / 60 % 60)m" }
+        return "\(seconds / 86_400)d \(seconds / 3600 % 24)h"
+    }
+
+    static func bytes(_ count: Int64) -> String {
+        if count >= 1 << 30 { return String(format: "%.1f GiB", Double(count) / Double(1 << 30)) }
+        if count >= 1 << 20 { return String(format: "%.1f MiB", Double(count) / Double(1 << 20)) }
+        if count >= 1 << 10 { return String(format: "%.1f KiB", Double(count) / Double(1 << 10)) }
+        return "\(count) B"
+    }
+}

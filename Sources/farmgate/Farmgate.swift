@@ -1,0 +1,120 @@
+import ArgumentParser
+import FarmgateAgent
+import FarmgateSupport
+import FarmgateWire
+import Foundation
+import Logging
+
+@main
+struct Farmgate: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "farmgate",
+        abstract: "The Farmgate site gateway: reads water-quality sensors, buffers every reading, forwards them to the ingest.",
+        discussion: """
+            `farmgate agent` is the daemon (systemd runs it). The other commands are for the installer and talk to a running
+            agent over its control socket, or read the configuration file.
+            """,
+        version: FarmgateVersion.current,
+        subcommands: [AgentCommand.self, StatusCommand.self, ConfigCommand.self, SensorCommand.self, DebugCommand.self]
+    )
+}
+
+/// Options every command that reads the agent's configuration shares.
+struct ConfigOption: ParsableArguments {
+    @Option(
+        name: [.short, .long],
+        help: ArgumentHelp("The agent's configuration file.", valueName: "file"))
+    var config: String = ProcessInfo.processInfo.environment["FARMGATE_CONFIG"] ?? AgentConfiguration.defaultPath
+
+    /// Loads the configuration or exits non-zero with the located error.
+    func load() throws -> AgentConfiguration {
+        do {
+            return try AgentConfiguration.load(path: config)
+        } catch {
+            throw CleanExit.message(error.description, code: 78)  // EX_CONFIG
+        }
+    }
+}
+
+extension CleanExit {
+    /// Prints `text` to standard error and exits with `code`.
+    static func message(_ text: String, code: Int32) -> any Error {
+        FileHandle.standardError.write(Data((text + "\n").utf8))
+        return ExitCode(code)
+    }
+}
+
+struct AgentCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "agent",
+        abstract: "Run the daemon: sample sensors, buffer readings, upload them.",
+        discussion: "Stops gracefully on SIGTERM or SIGINT, committing buffered readings and finishing the upload in flight.")
+
+    @OptionGroup var options: ConfigOption
+
+    func run() async throws {
+        let configuration = try options.load()
+        let level = configuration.logLevel
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        let logger = Logger(label: "farmgate")
+        do {
+            try await AgentRuntime.run(configuration: configuration, logger: logger)
+        } catch {
+            logger.critical("Agent stopped", metadata: ["error": "\(error)"])
+            throw ExitCode(1)
+        }
+    }
+}
+
+struct ConfigCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "config",
+        abstract: "Check the agent's configuration file.",
+        subcommands: [Check.self])
+
+    struct Check: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Validate the configuration and print what the agent would run; exits 78 when it is invalid.")
+
+        @OptionGroup var options: ConfigOption
+
+        func run() throws {
+            let configuration = try options.load()
+            print("\(configuration.file): OK")
+            print("device      \(configuration.device)")
+            print("buffer      \(configuration.buffer.path) (quota \(configuration.buffer.quotaBytes >> 20) MiB, \(configuration.buffer.whenFull.rawValue))")
+            print("upload      \(configuration.upload?.endpoint ?? "off (no [upload] section: readings stay in the buffer)")")
+            print("control     \(configuration.controlSocket)")
+            print("sensors     \(configuration.sensors.count)")
+            for sensor in configuration.sensors {
+                let d = sensor.descriptor
+                print("  \(sensor.id.rawValue.padding(toLength: 24, withPad: " ", startingAt: 0)) \(sensor.driver.padding(toLength: 10, withPad: " ", startingAt: 0)) \(d.quantity.rawValue) (\(d.quantity.unit)) every \(ConfigTable.format(sensor.interval)), resolution \(d.resolution)")
+            }
+        }
+    }
+}
+
+struct SensorCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "sensor",
+        abstract: "Sensors and their drivers.",
+        subcommands: [Drivers.self])
+
+    struct Drivers: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List the drivers this build has, with a configuration to copy.")
+
+        @Flag(help: "Print each driver's sample [[sensor]] table too.")
+        var samples = false
+
+        func run() {
+            for driver in DriverRegistry.standard.descriptions {
+                print("\(driver.kind): \(driver.summary)")
+                if samples { print(driver.sampleConfiguration + "\n") }
+            }
+        }
+    }
+}

@@ -1,0 +1,115 @@
+import FarmgateAgent
+import FarmgateWire
+import Foundation
+import Logging
+import Testing
+
+/// The delivery contract of ARCHITECTURE.md, with the real binaries on loopback: every reading the agent committed is
+/// stored exactly once, through an ingest outage, a `kill -9` of the ingest and a `kill -9` of the agent.
+@Suite("End to end", .serialized)
+struct DeliveryTests {
+    @Test("Exactly once through ingest and agent kills, with a poison reading quarantined")
+    func exactlyOnceThroughKills() async throws {
+        let farm = try Farm()
+        let key = try farm.createDevice("site-1")
+        let keyFile = try farm.dir.write("site-1.key", key + "\n")
+        let busy = try farm.agentConfig("agent.toml", device: "site-1", keyFile: keyFile, sensors: 6, interval: "100ms")
+        try await farm.startIngest()
+
+        // 1. Readings flow.
+        var agent = try farm.startAgent(config: busy, log: "agent-1.log")
+        let flowing = try await eventually(timeout: .seconds(30)) { try farm.storedSequences(device: "site-1").count >= 60 }
+        #expect(flowing, "no readings reached the ingest: \(agent.log)")
+
+        // 2. The ingest dies without warning and stays down a while; the agent keeps buffering.
+        await farm.ingest?.stop(SIGKILL)
+        let backlog = try await eventually(timeout: .seconds(10)) { (try farm.agentStatus(config: busy)?.buffer.pending ?? 0) >= 100 }
+        #expect(backlog, "the agent did not buffer while the ingest was down")
+        try await farm.startIngest()
+
+        // 3. The agent dies without warning mid-upload, and comes back.
+        try await Task.sleep(for: .milliseconds(400))
+        await agent.stop(SIGKILL)
+        let lastBeforeKill = try farm.storedSequences(device: "site-1").max() ?? 0
+        #expect(lastBeforeKill > 0)
+
+        // 4. While it is down, a reading with a timestamp two days ahead (a clock gone wrong) is committed to its buffer.
+        let poisonSequence = try await commitFutureReading(bufferPath: farm.dir.file("site-1/buffer.sqlite"))
+        agent = try farm.startAgent(config: busy, log: "agent-2.log")
+        try await Task.sleep(for: .seconds(2))
+        #expect(await agent.stop(SIGTERM) == 0, "graceful stop failed: \(agent.log)")
+
+        // 5. A quiet agent on the same buffer drains everything that is left.
+        let quiet = try farm.agentConfig("agent-quiet.toml", device: "site-1", keyFile: keyFile, sensors: 6, interval: "1h")
+        agent = try farm.startAgent(config: quiet, log: "agent-3.log")
+        var final: AgentStatus?
+        let drained = try await eventually(timeout: .seconds(40)) {
+            guard let status = try farm.agentStatus(config: quiet) else { return false }
+            final = status
+            return status.buffer.pending == 0 && status.buffer.uncommitted == 0 && status.buffer.quarantined >= 1
+        }
+        #expect(drained, "backlog did not drain: \(String(describing: final?.buffer)) \(agent.log)")
+        #expect(await agent.stop(SIGTERM) == 0)
+        guard let status = final else { return }
+
+        // The poison reading is in quarantine with the ingest's reason; the queue moved on.
+        #expect(status.buffer.quarantined == 1)
+        let quarantined = status.recentQuarantine.first
+        #expect(quarantined?.sequence == poisonSequence)
+        #expect(quarantined?.reason.contains("timestamp_in_future") == true, "\(String(describing: quarantined))")
+
+        // Every other sequence the agent ever assigned is stored exactly once.
+        let stored = try farm.storedSequences(device: "site-1")
+        let lastSequence = status.buffer.lastSequence
+        let expected = (1...lastSequence).filter { $0 != poisonSequence }
+        #expect(Set(stored).count == stored.count, "duplicates stored")
+        #expect(stored.sorted() == expected, "stored \(stored.count) of \(expected.count); missing \(Set(expected).subtracting(stored).sorted().prefix(20))")
+        #expect(lastSequence > 200)
+        #expect(await farm.ingest?.stop(SIGTERM) == 0)
+    }
+
+    /// Opens the (stopped) agent's buffer and commits one reading stamped two days in the future; returns its sequence.
+    func commitFutureReading(bufferPath: String) async throws -> UInt64 {
+        let buffer = try ReadingBuffer(configuration: BufferConfiguration(path: bufferPath), logger: Logger(label: "test"))
+        let sensor = try SensorID("tank1.ph")
+        let future = Timestamp(microseconds: Timestamp.now().microseconds + 2 * 86_400 * 1_000_000)
+        try await buffer.append([Sample(sensor: sensor, timestamp: future, value: 6.1)])
+        try await buffer.flush()
+        let statistics = try await buffer.statistics()
+        return statistics.lastSequence
+    }
+
+    @Test("A batch sent twice is stored once and the second answer counts duplicates")
+    func resentBatchIsDuplicate() async throws {
+        let farm = try Farm()
+        let key = try farm.createDevice("site-2")
+        try await farm.startIngest()
+        let sensor = try SensorID("tank1.ph")
+        let base = Timestamp.now().microseconds - 60_000_000
+        let readings = (1...40).map { i in
+            Reading(sensor: sensor, sequence: UInt64(i), timestamp: Timestamp(microseconds: base + Int64(i) * 1_000_000), value: 6.0 + Double(i % 5) / 100)
+        }
+        let batch = Batch(device: try DeviceID("site-2"), sensors: [SensorDescriptor(id: sensor, quantity: .ph)], readings: readings)
+        let body = try BatchCodec.encode(batch)
+
+        let (firstStatus, firstBody) = try await farm.post(Data(body), key: key, contentType: IngestProtocol.binaryBatchMediaType)
+        #expect(firstStatus == 200)
+        let first = try JSONDecoder().decode(IngestReceipt.self, from: firstBody)
+        #expect(first == IngestReceipt(accepted: 40, duplicates: 0, rejected: []))
+
+        // The same readings again, re-cut: half old, half new, as JSON this time.
+        let recut = Batch(
+            device: batch.device, sensors: batch.sensors,
+            readings: Array(readings[20...]) + (41...60).map { i in
+                Reading(sensor: sensor, sequence: UInt64(i), timestamp: Timestamp(microseconds: base + Int64(i) * 1_000_000), value: 6.2)
+            })
+        let (secondStatus, secondBody) = try await farm.post(Data(BatchJSON.encode(recut)), key: key, contentType: IngestProtocol.jsonBatchMediaType)
+        #expect(secondStatus == 200)
+        let second = try JSONDecoder().decode(IngestReceipt.self, from: secondBody)
+        #expect(second == IngestReceipt(accepted: 20, duplicates: 20, rejected: []))
+
+        let stored = try farm.storedSequences(device: "site-2")
+        #expect(stored.sorted() == (1...60).map { UInt64($0) })
+        #expect(await farm.ingest?.stop(SIGTERM) == 0)
+    }
+}

@@ -1,0 +1,163 @@
+import FarmgateAgent
+import FarmgateWire
+import Foundation
+import Testing
+
+/// A real `farmgate-ingest` on an embedded SQLite file and the configuration for real `farmgate` agents, in one scratch dir.
+final class Farm {
+    let dir: Scratch
+    let port: Int
+    let ingestConfig: String
+    var ingest: Child?
+    var ingestStarts = 0
+
+    static let ingestBinary = Products.path("farmgate-ingest")
+    static let agentBinary = Products.path("farmgate")
+
+    init(name: String = "e2e", rateLimit: (perSecond: Int, burst: Int) = (1000, 1000)) throws {
+        dir = try Scratch("fg-e2e")
+        port = try freePort()
+        ingestConfig = try dir.write(
+            "ingest.toml",
+            """
+            [server]
+            host = "127.0.0.1"
+            port = \(port)
+
+            [storage]
+            path = "ingest/ingest.sqlite"
+
+            [limits]
+            requests_per_second = \(rateLimit.perSecond)
+            burst = \(rateLimit.burst)
+            future_tolerance = "10m"
+
+            [log]
+            level = "info"
+            """)
+        try admin(["farm", "create", name])
+    }
+
+    var endpoint: String { "http://127.0.0.1:\(port)" }
+
+    /// Runs an admin subcommand of farmgate-ingest; fails the test if it exits non-zero.
+    @discardableResult
+    func admin(_ arguments: [String]) throws -> String {
+        let result = try runCommand(Farm.ingestBinary, arguments + ["--config", ingestConfig])
+        #expect(result.status == 0, "farmgate-ingest \(arguments.joined(separator: " ")) failed: \(result.stderr)")
+        return result.stdout
+    }
+
+    /// Creates a device and returns its key (printed once by the CLI).
+    func createDevice(_ device: String, farm: String = "e2e") throws -> String {
+        let output = try admin(["device", "create", "--farm", farm, "--device", device])
+        let key = output.split(whereSeparator: { $0 == " " || $0 == "\n" || $0 == "\"" || $0 == "=" })
+            .first { $0.hasPrefix("fgd_") }
+        guard let key else {
+            Issue.record("no fgd_ key in the output of device create: \(output)")
+            throw CancellationError()
+        }
+        return String(key)
+    }
+
+    func startIngest() async throws {
+        ingestStarts += 1
+        let child = try Child(Farm.ingestBinary, ["serve", "--config", ingestConfig], logPath: dir.file("ingest-\(ingestStarts).log"))
+        ingest = child
+        let ready = await eventually(timeout: .seconds(20)) { await self.httpStatus("/readyz") == 200 }
+        #expect(ready, "ingest did not become ready: \(child.log)")
+    }
+
+    /// GET `path` on the ingest; nil when it does not answer.
+    func httpStatus(_ path: String) async -> Int? {
+        guard let url = URL(string: endpoint + path) else { return nil }
+        var request = URLRequest(url: url)
+        request.timeoutInterval = 2
+        guard let (_, response) = try? await URLSession.shared.data(for: request) else { return nil }
+        return (response as? HTTPURLResponse)?.statusCode
+    }
+
+    /// POSTs `body` as a batch with `key`; returns the status and the body.
+    func post(_ body: Data, key: String, contentType: String) async throws -> (Int, Data) {
+        guard let url = URL(string: endpoint + IngestProtocol.batchesPath) else { throw URLError(.badURL) }
+        var request = URLRequest(url: url)
+        request.httpMethod = "POST"
+        request.setValue("Bearer \(key)", forHTTPHeaderField: "Authorization")
+        request.setValue(contentType, forHTTPHeaderField: "Content-Type")
+        request.httpBody = body
+        request.timeoutInterval = 10
+        let (data, response) = try await URLSession.shared.data(for: request)
+        return ((response as? HTTPURLResponse)?.statusCode ?? 0, data)
+    }
+
+    /// Every stored sequence number of `device`, from the real `export` command.
+    func storedSequences(device: String, farm: String = "e2e") throws -> [UInt64] {
+        let output = try admin(["export", "--farm", farm, "--format", "jsonl"])
+        var sequences: [UInt64] = []
+        for line in output.split(separator: "\n") where !line.isEmpty {
+            guard let object = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
+                object["device"] as? String == device
+            else { continue }
+            if let number = object["sequence"] as? NSNumber { sequences.append(number.uint64Value) }
+        }
+        return sequences
+    }
+
+    /// Writes an agent configuration with `sensors` simulated sensors read every `interval`.
+    func agentConfig(
+        _ name: String, device: String, keyFile: String, sensors: Int, interval: String, upload: String = ""
+    ) throws -> String {
+        var text = """
+            [device]
+            id = "\(device)"
+
+            [buffer]
+            path = "\(device)/buffer.sqlite"
+            commit_interval = "100ms"
+
+            [upload]
+            endpoint = "\(endpoint)"
+            key_file = "\(keyFile)"
+            batch_max_readings = 50
+            batch_max_age = "200ms"
+            backoff_initial = "100ms"
+            backoff_max = "1s"
+            connect_timeout = "1s"
+            request_timeout = "3s"
+            \(upload)
+
+            [control]
+            socket = "\(device)/control.sock"
+
+            [clock]
+            check = false
+
+            """
+        let quantities = ["ph", "ec", "temperature"]
+        for index in 0..<sensors {
+            text += """
+
+                [[sensor]]
+                id = "tank\(index / 3 + 1).\(quantities[index % 3])"
+                driver = "simulated"
+                quantity = "\(quantities[index % 3])"
+                interval = "\(interval)"
+                fault_rate = 0
+                latency = "0ms"
+
+                """
+        }
+        return try dir.write(name, text)
+    }
+
+    func startAgent(config: String, log: String) throws -> Child {
+        try Child(Farm.agentBinary, ["agent", "--config", config], logPath: dir.file(log))
+    }
+
+    /// The agent's status through the real `farmgate status --json`; nil while it cannot be reached.
+    func agentStatus(config: String) throws -> AgentStatus? {
+        let result = try runCommand(Farm.agentBinary, ["status", "--json", "--config", config])
+        guard result.status == 0 else { return nil }
+        return try JSONDecoder().decode(AgentStatus.self, from: Data(result.stdout.utf8))
+    }
+}

@@ -1,0 +1,162 @@
+@testable import FarmgateAgent
+import FarmgateSupport
+import FarmgateWire
+import Foundation
+import Testing
+
+@Suite("Agent configuration")
+struct ConfigurationTests {
+    static let minimal = """
+        [device]
+        id = "site-1"
+
+        [[sensor]]
+        id = "tank1.ph"
+        driver = "simulated"
+        quantity = "ph"
+        """
+
+    func parse(_ text: String) throws(ConfigurationError) -> AgentConfiguration {
+        try AgentConfiguration.parse(ConfigDocument.parse(text, file: "/etc/farmgate/agent.toml"))
+    }
+
+    func error(_ text: String) -> ConfigurationError? {
+        do {
+            _ = try parse(text)
+            return nil
+        } catch {
+            return error
+        }
+    }
+
+    @Test("Defaults are the documented ones")
+    func defaults() throws {
+        let configuration = try parse(Self.minimal)
+        #expect(configuration.device.rawValue == "site-1")
+        #expect(configuration.buffer == BufferConfiguration())
+        #expect(configuration.upload == nil)
+        #expect(configuration.controlSocket == "/run/farmgate/control.sock")
+        #expect(configuration.sensors.count == 1)
+        let sensor = try #require(configuration.sensors.first)
+        #expect(sensor.interval == .seconds(10))
+        #expect(sensor.descriptor.resolution == .hundredth)
+        #expect(sensor.deadband == 0)
+    }
+
+    @Test("Relative paths resolve against the file's directory")
+    func relativePaths() throws {
+        let configuration = try parse(
+            Self.minimal + """
+
+                [buffer]
+                path = "data/buffer.sqlite"
+                [control]
+                socket = "../run/control.sock"
+                """)
+        #expect(configuration.buffer.path == "/etc/farmgate/data/buffer.sqlite")
+        #expect(configuration.controlSocket == "/etc/run/control.sock")
+    }
+
+    @Test("An unknown key names the line and suggests the right one")
+    func unknownKey() throws {
+        let text = Self.minimal.replacingOccurrences(of: "quantity = \"ph\"", with: "quantity = \"ph\"\nintervall = \"5s\"")
+        let failure = try #require(error(text))
+        #expect(failure.line == 8)
+        #expect(failure.key == "sensor \"tank1.ph\": intervall")
+        #expect(failure.message.contains("did you mean 'interval'"))
+        #expect(failure.description.hasPrefix("/etc/farmgate/agent.toml:8: "))
+    }
+
+    @Test(
+        "Bad values are refused with file, line, key and what is allowed",
+        arguments: [
+            ("interval = \"ten\"", "interval", "must be a duration"),
+            ("interval = \"10ms\"", "interval", "must be between 100ms and 1d"),
+            ("resolution = \"0\"", "resolution", "invalid resolution"),
+            ("deadband = -1", "deadband", "must be between"),
+            ("expected_min = 9\nexpected_max = 3", "expected_max", "must not be below expected_min"),
+        ])
+    func badValues(line: String, key: String, message: String) throws {
+        let text = Self.minimal + "\n" + line
+        let failure = try #require(error(text))
+        #expect(failure.key?.hasSuffix(key) == true, "\(failure)")
+        #expect(failure.message.contains(message), "\(failure)")
+        #expect(failure.line != nil)
+    }
+
+    @Test("Unknown driver and quantity list what exists")
+    func unknownDriverAndQuantity() throws {
+        let driver = try #require(error(Self.minimal.replacingOccurrences(of: "\"simulated\"", with: "\"ezo-ph\"")))
+        #expect(driver.message.contains("unknown driver \"ezo-ph\"; available: simulated"))
+        let quantity = try #require(error(Self.minimal.replacingOccurrences(of: "\"ph\"", with: "\"acidity\"")))
+        #expect(quantity.message.contains("one of: ph, ec, temperature"))
+        #expect(quantity.line == 7)
+    }
+
+    @Test("Duplicate sensor ids, a missing device and no sensors are refused")
+    func structure() throws {
+        let duplicate = try #require(error(Self.minimal + "\n" + Self.minimal.split(separator: "\n").dropFirst(3).joined(separator: "\n")))
+        #expect(duplicate.message.contains("already used by sensor #1"))
+        let noDevice = try #require(error("[[sensor]]\nid = \"a\"\ndriver = \"simulated\"\nquantity = \"ph\""))
+        #expect(noDevice.message.contains("missing [device] section"))
+        let noSensors = try #require(error("[device]\nid = \"x\""))
+        #expect(noSensors.message.contains("no sensors configured"))
+        let badDevice = try #require(error(Self.minimal.replacingOccurrences(of: "site-1", with: "site 1")))
+        #expect(badDevice.key == "device.id")
+        #expect(badDevice.message.contains("contains ' '"))
+    }
+
+    @Test("Invalid TOML reports the parser's line")
+    func invalidTOML() throws {
+        let failure = try #require(error("[device]\nid = \"x\"\n\n[[sensor]\nid = 3"))
+        #expect(failure.line == 4)
+        #expect(failure.message.hasPrefix("not valid TOML"))
+    }
+
+    @Test("Upload section: key or key_file, a real URL, a device key")
+    func upload() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("fg-config-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        try "fgd_abc_def\n".write(to: dir.appendingPathComponent("device.key"), atomically: true, encoding: .utf8)
+        let path = dir.appendingPathComponent("agent.toml").path
+        let good = Self.minimal + "\n[upload]\nendpoint = \"https://ingest.example.net\"\nkey_file = \"device.key\"\nbatch_max_age = \"2s\""
+        let configuration = try AgentConfiguration.parse(ConfigDocument.parse(good, file: path))
+        #expect(configuration.upload?.key == "fgd_abc_def")
+        #expect(configuration.upload?.batchMaxAge == .seconds(2))
+        #expect(configuration.upload?.batchMaxReadings == 1000)
+
+        let ftp = try #require(error(Self.minimal + "\n[upload]\nendpoint = \"ftp://x\"\nkey = \"fgd_abc_def\""))
+        #expect(ftp.key == "upload.endpoint")
+        let both = try #require(error(Self.minimal + "\n[upload]\nendpoint = \"http://x\"\nkey = \"fgd_a_b\"\nkey_file = \"k\""))
+        #expect(both.message.contains("either key or key_file"))
+        let notAKey = try #require(error(Self.minimal + "\n[upload]\nendpoint = \"http://x\"\nkey = \"hunter2\""))
+        #expect(notAKey.message.contains("not a device key"))
+    }
+}
+
+@Suite("Deadband")
+struct DeadbandTests {
+    @Test("Off by default: every value is stored")
+    func off() {
+        var gate = Deadband(deadband: 0, heartbeat: .seconds(60))
+        for i in 0..<10 {
+            #expect(gate.admit(6.0, at: Timestamp(microseconds: Int64(i) * 1_000_000)) == .store)
+        }
+    }
+
+    @Test("Suppresses small changes until the heartbeat, stores real changes at once")
+    func on() {
+        var gate = Deadband(deadband: 0.05, heartbeat: .seconds(60))
+        let s = { (seconds: Int64) in Timestamp(microseconds: seconds * 1_000_000) }
+        #expect(gate.admit(6.00, at: s(0)) == .store)
+        #expect(gate.admit(6.02, at: s(10)) == .suppress)
+        #expect(gate.admit(5.98, at: s(20)) == .suppress)
+        #expect(gate.admit(6.06, at: s(30)) == .store)
+        #expect(gate.admit(6.07, at: s(40)) == .suppress)
+        #expect(gate.admit(6.07, at: s(90)) == .heartbeat)
+        #expect(gate.admit(6.07, at: s(100)) == .suppress)
+        // A clock that jumps backwards (NTP sync after boot) does not silence the sensor.
+        #expect(gate.admit(6.07, at: s(5)) == .heartbeat)
+    }
+}

@@ -1,0 +1,173 @@
+@testable import FarmgateAgent
+import FarmgateSupport
+import FarmgateWire
+import Foundation
+import Logging
+import Synchronization
+import Testing
+
+/// Collects what the sampler stores.
+final class CollectingSink: SampleSink {
+    let samples = Mutex<[Sample]>([])
+    func append(_ new: [Sample]) async throws { samples.withLock { $0.append(contentsOf: new) } }
+}
+
+/// A driver that fails on every read, as an unplugged probe would.
+struct BrokenDriver: SensorDriver {
+    func read() async throws(SensorError) -> SensorValue { throw SensorError(.disconnected, "no such device /dev/ttyUSB9") }
+}
+
+func sensorConfiguration(_ id: String, quantity: Quantity, interval: String = "100ms", extra: String = "") throws -> SensorConfiguration {
+    let text = """
+        [device]
+        id = "t"
+        [[sensor]]
+        id = "\(id)"
+        driver = "simulated"
+        quantity = "\(quantity.rawValue)"
+        interval = "\(interval)"
+        fault_rate = 0
+        latency = "0ms"
+        \(extra)
+        """
+    let configuration = try AgentConfiguration.parse(ConfigDocument.parse(text, file: "test.toml"))
+    return try #require(configuration.sensors.first)
+}
+
+@Suite("Sampler")
+struct SamplerTests {
+    @Test("Each sensor is read on its own interval; a broken one does not stop the others")
+    func schedules() async throws {
+        let fast = try sensorConfiguration("tank1.ph", quantity: .ph, interval: "100ms")
+        let slow = try sensorConfiguration("tank1.ec", quantity: .electricalConductivity, interval: "300ms")
+        let broken = try sensorConfiguration("tank1.temp", quantity: .temperature, interval: "100ms")
+        let sink = CollectingSink()
+        let board = SensorStatusBoard(sensors: [fast, slow, broken])
+        let logger = Logger(label: "test")
+        let sampler = Sampler(
+            sensors: [
+                .init(configuration: fast, driver: try SimulatedDriver(configuration: fast, logger: logger)),
+                .init(configuration: slow, driver: try SimulatedDriver(configuration: slow, logger: logger)),
+                .init(configuration: broken, driver: BrokenDriver()),
+            ],
+            sink: sink, board: board, clock: WallClock(checkSynchronization: false), logger: logger)
+        let task = Task { try await sampler.run() }
+        try await Task.sleep(for: .milliseconds(1_250))
+        task.cancel()
+        _ = try? await task.value
+
+        let samples = sink.samples.withLock { $0 }
+        let fastCount = samples.filter { $0.sensor == fast.id }.count
+        let slowCount = samples.filter { $0.sensor == slow.id }.count
+        #expect((9...14).contains(fastCount), "fast sensor read \(fastCount) times in 1.25 s")
+        #expect((3...6).contains(slowCount), "slow sensor read \(slowCount) times in 1.25 s")
+        #expect(!samples.contains { $0.sensor == broken.id })
+        // Millisecond timestamps, increasing per sensor.
+        #expect(samples.allSatisfy { $0.timestamp.microseconds % 1000 == 0 })
+        let fastTimes = samples.filter { $0.sensor == fast.id }.map(\.timestamp)
+        #expect(fastTimes == fastTimes.sorted())
+        // pH values look like pH.
+        #expect(samples.filter { $0.sensor == fast.id }.allSatisfy { (5.0...7.0).contains($0.value) })
+
+        let statuses = board.snapshot()
+        #expect(statuses.map(\.id) == ["tank1.ph", "tank1.ec", "tank1.temp"])
+        let brokenStatus = try #require(statuses.last)
+        #expect(brokenStatus.consecutiveErrors >= 9)
+        #expect(brokenStatus.lastError?.contains("/dev/ttyUSB9") == true)
+        #expect(statuses.first?.lastValue != nil)
+    }
+
+    @Test("Out-of-range values are flagged, not dropped; deadband suppresses repeats")
+    func flagsAndDeadband() async throws {
+        let flagged = try sensorConfiguration("tank1.ec", quantity: .electricalConductivity, extra: "expected_max = 100")
+        let banded = try sensorConfiguration("tank2.ph", quantity: .ph, extra: "deadband = 5.0\nheartbeat = \"1h\"")
+        let sink = CollectingSink()
+        let board = SensorStatusBoard(sensors: [flagged, banded])
+        let logger = Logger(label: "test")
+        let sampler = Sampler(
+            sensors: [
+                .init(configuration: flagged, driver: try SimulatedDriver(configuration: flagged, logger: logger)),
+                .init(configuration: banded, driver: try SimulatedDriver(configuration: banded, logger: logger)),
+            ],
+            sink: sink, board: board, clock: WallClock(checkSynchronization: false), logger: logger)
+        let task = Task { try await sampler.run() }
+        try await Task.sleep(for: .milliseconds(700))
+        task.cancel()
+        _ = try? await task.value
+        let samples = sink.samples.withLock { $0 }
+        let ec = samples.filter { $0.sensor == flagged.id }
+        #expect(ec.count >= 4)
+        #expect(ec.allSatisfy { $0.quality.contains(.outOfRange) })
+        // pH never moves by 5: only the first reading is stored, the rest are counted as suppressed.
+        #expect(samples.filter { $0.sensor == banded.id }.count == 1)
+        #expect((board.snapshot().last?.suppressed ?? 0) >= 3)
+    }
+
+    @Test("The simulated driver is reproducible from its seed and fails at its fault rate")
+    func simulated() throws {
+        let a = try SimulatedDriver(configuration: try sensorConfiguration("x", quantity: .ph, extra: "seed = 7"), logger: Logger(label: "t"))
+        let b = try SimulatedDriver(configuration: try sensorConfiguration("x", quantity: .ph, extra: "seed = 7"), logger: Logger(label: "t"))
+        for second in 0..<50 {
+            let t = 1_790_000_000 + Double(second) * 10
+            let first = try a.value(at: t)
+            let second = try b.value(at: t)
+            #expect(first == second)
+        }
+        let flaky = try SimulatedDriver(
+            configuration: try sensorConfiguration("y", quantity: .ph, extra: "fault_rate = 0.5\nseed = 1"), logger: Logger(label: "t"))
+        var failures = 0
+        for second in 0..<400 {
+            do { _ = try flaky.value(at: 1_790_000_000 + Double(second)) } catch { failures += 1 }
+        }
+        #expect((140...260).contains(failures), "\(failures) failures of 400 at fault_rate 0.5")
+    }
+}
+
+@Suite("Control socket")
+struct ControlSocketTests {
+    @Test("Answers requests, replaces a stale socket, refuses to run twice")
+    func roundTrip() async throws {
+        let dir = "/tmp/fg-ctl-\(UUID().uuidString.prefix(8))"
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let path = dir + "/run/control.sock"
+        // A stale socket file left by a killed agent.
+        try FileManager.default.createDirectory(atPath: dir + "/run", withIntermediateDirectories: true)
+        _ = FileManager.default.createFile(atPath: path, contents: Data())
+
+        let logger = Logger(label: "test")
+        let server = ControlServer(path: path, logger: logger) { request in
+            Array("{\"ok\":true,\"error\":\"echo \(request.command)\"}".utf8)
+        }
+        let task = Task { try await server.run() }
+        let up = await waitFor { FileManager.default.fileExists(atPath: path) && (try? ControlClient.send(.init(command: "ping"), to: path)) != nil }
+        #expect(up)
+
+        let answer = try ControlClient.send(ControlRequest(command: "status"), to: path)
+        #expect(String(decoding: answer, as: UTF8.self) == "{\"ok\":true,\"error\":\"echo status\"}")
+        // Owner and group only.
+        let mode = try FileManager.default.attributesOfItem(atPath: path)[.posixPermissions] as? Int
+        #expect(mode.map { $0 & 0o007 } == 0)
+
+        // A second agent on the same socket is refused with a clear message.
+        let second = ControlServer(path: path, logger: logger) { _ in [] }
+        await #expect(throws: ControlSocketError.self) { try await second.run() }
+
+        task.cancel()
+        _ = try? await task.value
+        // Once stopped, the CLI gets a message that says what to check.
+        do {
+            _ = try ControlClient.send(ControlRequest(command: "status"), to: path)
+            Issue.record("the stopped agent still answered")
+        } catch {
+            #expect("\(error)".contains("Is `farmgate agent` running?"))
+        }
+    }
+
+    func waitFor(_ condition: () -> Bool) async -> Bool {
+        for _ in 0..<100 {
+            if condition() { return true }
+            try? await Task.sleep(for: .milliseconds(50))
+        }
+        return false
+    }
+}
