@@ -542,6 +542,10 @@ final class BufferStore {
             usedBytes: try usedBytes(), quotaBytes: quotaBytes)
     }
 
+    func limitPageCount(_ pages: Int64) throws {
+        try connection.execute("PRAGMA max_page_count = \(max(1, pages))")
+    }
+
     /// Runs `PRAGMA quick_check`; empty means healthy.
     func integrityProblems() throws -> [String] {
         try connection.integrityProblems(quick: true)

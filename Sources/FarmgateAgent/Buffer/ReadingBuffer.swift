@@ -288,6 +288,11 @@ public final class ReadingBuffer: PendingReadings, Service {
         }
     }
 
+    /// Limits the file to `pages` pages (`PRAGMA max_page_count`), so that tests can provoke a real `SQLITE_FULL`.
+    func limitPageCount(_ pages: Int64) async throws {
+        try await withStore { store in try store.limitPageCount(pages) }
+    }
+
     /// Runs SQLite's `quick_check` on the open file; an empty answer means healthy. For `farmgate doctor` and tests.
     public func integrityProblems() async throws -> [String] {
         try await withStore { store in try store.integrityProblems() }
