@@ -1,0 +1,277 @@
+// The decoder of the binary batch format; the layout is documented on ``BatchCodec``.
+//
+// Every count is checked against the limits and against the bytes that remain before anything is allocated for it;
+// arithmetic on decoded numbers wraps instead of trapping, and decoded values are range-checked afterwards.
+
+/// The largest magnitude of a value in steps (as ``Resolution/quantize(_:)`` produces).
+private let maxStepsMagnitude: UInt64 = 9_000_000_000_000_000
+
+extension BatchCodec {
+    static func decodeBody(_ body: [UInt8], limits: BatchLimits) throws(BatchDecodingError) -> Batch {
+        var reader = ByteReader(body)
+
+        // Header.
+        let deviceLength = try reader.count("device id length", limit: identifierMaxLength)
+        let deviceBytes = try reader.bytes(count: deviceLength, "device id")
+        let device: DeviceID
+        do { device = try DeviceID(String(decoding: deviceBytes, as: UTF8.self)) } catch {
+            throw BatchDecodingError(error.description)
+        }
+        let sensorCount = try reader.count("sensor count", limit: limits.maxSensors)
+        // Each sensor takes at least six bytes of the tables (prefix, suffix length, quantity, resolution, count, flags).
+        guard sensorCount <= reader.remaining / 6 else {
+            throw BatchDecodingError("the frame declares \(sensorCount) sensors but only \(reader.remaining) bytes remain")
+        }
+        let total = try reader.count("reading count", limit: limits.maxReadings)
+        // Each reading takes at least one byte of residuals or per-sensor fields.
+        guard total <= reader.remaining else {
+            throw BatchDecodingError("the frame declares \(total) readings but only \(reader.remaining) bytes remain")
+        }
+        let baseSequence = try reader.uvarint("base sequence")
+        let baseTimestamp = try reader.svarint("base timestamp")
+        let unit = try reader.uvarint("timestamp unit")
+        guard unit > 0 else { throw BatchDecodingError("the timestamp unit is 0") }
+
+        // Sensor table.
+        var prefixLengths = [Int](), suffixLengths = [Int]()
+        prefixLengths.reserveCapacity(sensorCount)
+        suffixLengths.reserveCapacity(sensorCount)
+        for i in 0..<sensorCount { prefixLengths.append(try reader.count("sensor \(i) id prefix length", limit: identifierMaxLength)) }
+        for i in 0..<sensorCount { suffixLengths.append(try reader.count("sensor \(i) id suffix length", limit: identifierMaxLength)) }
+        var ids: [SensorID] = []
+        ids.reserveCapacity(sensorCount)
+        var seen = Set<SensorID>(minimumCapacity: sensorCount)
+        var previousName: [UInt8] = []
+        for i in 0..<sensorCount {
+            guard prefixLengths[i] <= previousName.count else {
+                throw BatchDecodingError(
+                    "sensor \(i) id shares \(prefixLengths[i]) bytes with the previous id, which has only \(previousName.count)")
+            }
+            let suffix = try reader.bytes(count: suffixLengths[i], "sensor \(i) id")
+            let name = previousName[0..<prefixLengths[i]] + suffix
+            let id: SensorID
+            do { id = try SensorID(String(decoding: name, as: UTF8.self)) } catch {
+                throw BatchDecodingError("sensor \(i): \(error.description)")
+            }
+            guard seen.insert(id).inserted else { throw BatchDecodingError("sensor '\(id)' is described more than once") }
+            ids.append(id)
+            previousName = Array(name)
+        }
+        var quantities: [Quantity] = []
+        quantities.reserveCapacity(sensorCount)
+        for i in 0..<sensorCount {
+            let code = try reader.byte("sensor \(i) quantity")
+            guard let quantity = Quantity(code: code) else {
+                throw BatchDecodingError("sensor '\(ids[i])' has unknown quantity code \(code)")
+            }
+            quantities.append(quantity)
+        }
+        var descriptors: [SensorDescriptor] = []
+        descriptors.reserveCapacity(sensorCount)
+        for i in 0..<sensorCount {
+            let numerator = try reader.uvarint("sensor \(i) resolution")
+            var resolution = quantities[i].defaultResolution
+            if numerator != 0 {
+                let denominator = try reader.uvarint("sensor \(i) resolution denominator")
+                guard numerator <= UInt64(Resolution.maxComponent), denominator <= UInt64(Resolution.maxComponent),
+                    let parsed = try? Resolution(numerator: UInt32(numerator), denominator: UInt32(denominator))
+                else {
+                    throw BatchDecodingError(
+                        "sensor '\(ids[i])' has invalid resolution \(numerator)/\(denominator) (parts must be 1 to \(Resolution.maxComponent))")
+                }
+                resolution = parsed
+            }
+            descriptors.append(SensorDescriptor(id: ids[i], quantity: quantities[i], resolution: resolution))
+        }
+        var counts: [Int] = []
+        counts.reserveCapacity(sensorCount)
+        var sum = 0
+        for i in 0..<sensorCount {
+            let n = try reader.uvarint("sensor \(i) reading count")
+            guard n <= UInt64(limits.maxReadings) else {
+                throw BatchDecodingError("sensor '\(ids[i])' declares \(n) readings, more than the limit of \(limits.maxReadings)")
+            }
+            sum += Int(n)  // at most maxSensors × maxReadings: cannot overflow
+            guard sum <= total else {
+                throw BatchDecodingError("sensor '\(ids[i])' declares \(n) readings, more than the \(total) the batch holds")
+            }
+            counts.append(Int(n))
+        }
+        guard sum == total else {
+            throw BatchDecodingError("the sensors declare \(sum) readings in all but the batch holds \(total)")
+        }
+
+        // Per-sensor parameters, in the order the encoder writes their streams.
+        func mode(_ what: String, _ i: Int) throws(BatchDecodingError) -> UInt8 {
+            let mode = try reader.byte("sensor '\(ids[i])' \(what) mode")
+            guard mode <= 1 else { throw BatchDecodingError("sensor '\(ids[i])' has unknown \(what) mode \(mode)") }
+            return mode
+        }
+        var timestampModes = [UInt8](repeating: 0, count: sensorCount)
+        var periods = [Int64](repeating: 0, count: sensorCount)
+        var anchors = [Int64](repeating: 0, count: sensorCount)
+        var valueModes = [UInt8](repeating: 0, count: sensorCount)
+        var valueUnits = [UInt64](repeating: 0, count: sensorCount)
+        var references = [Int64](repeating: 0, count: sensorCount)
+        var sequenceModes = [UInt8](repeating: 0, count: sensorCount)
+        var sequenceReferences = [Int64](repeating: 0, count: sensorCount)
+        for i in 0..<sensorCount where counts[i] >= 2 { timestampModes[i] = try mode("timestamp", i) }
+        var previousPeriod: Int64 = 0
+        for i in 0..<sensorCount where counts[i] >= 2 {
+            periods[i] = previousPeriod &+ (try reader.svarint("sensor '\(ids[i])' timestamp period"))
+            previousPeriod = periods[i]
+        }
+        for i in 0..<sensorCount where counts[i] >= 2 { valueModes[i] = try mode("value", i) }
+        for i in 0..<sensorCount where counts[i] >= 2 {
+            let g = try reader.uvarint("sensor '\(ids[i])' value unit")
+            guard g <= 2 * maxStepsMagnitude else {
+                throw BatchDecodingError("sensor '\(ids[i])' has value unit \(g), larger than any difference of two values")
+            }
+            valueUnits[i] = g
+        }
+        for i in 0..<sensorCount where counts[i] >= 2 { sequenceModes[i] = try mode("sequence", i) }
+        var flags: [[UInt16]] = []
+        flags.reserveCapacity(sensorCount)
+        for i in 0..<sensorCount {
+            let runCount = try reader.count("sensor '\(ids[i])' flag run count", limit: counts[i])
+            guard runCount > 0 else {
+                flags.append([])
+                continue
+            }
+            var column: [UInt16] = []
+            column.reserveCapacity(counts[i])
+            for _ in 0..<runCount {
+                let value = try reader.uvarint("sensor '\(ids[i])' flags")
+                guard value <= UInt64(UInt16.max) else {
+                    throw BatchDecodingError("sensor '\(ids[i])' has flags \(value), more than 16 bits")
+                }
+                let length = try reader.count("sensor '\(ids[i])' flag run length", limit: counts[i] - column.count)
+                guard length > 0 else { throw BatchDecodingError("sensor '\(ids[i])' has an empty flag run") }
+                column.append(contentsOf: repeatElement(UInt16(value), count: length))
+            }
+            guard column.count == counts[i] else {
+                throw BatchDecodingError("sensor '\(ids[i])' flag runs cover \(column.count) of its \(counts[i]) readings")
+            }
+            flags.append(column)
+        }
+        // Slot of each reading in grid-coded timestamp columns: one more than the previous, plus the gaps listed.
+        var slots: [[Int64]] = Array(repeating: [], count: sensorCount)
+        for i in 0..<sensorCount where counts[i] >= 2 && timestampModes[i] == 0 {
+            let n = counts[i]
+            let gapCount = try reader.count("sensor '\(ids[i])' timestamp gap count", limit: n - 1)
+            var increments = [Int64](repeating: 1, count: n)
+            increments[0] = 0
+            var index = 0
+            for _ in 0..<gapCount {
+                let advance = try reader.count("sensor '\(ids[i])' timestamp gap position", limit: n - 1 - index)
+                guard advance > 0 else { throw BatchDecodingError("sensor '\(ids[i])' lists a timestamp gap twice") }
+                index += advance
+                increments[index] = 1 &+ Int64(truncatingIfNeeded: try reader.uvarint("sensor '\(ids[i])' timestamp gap"))
+            }
+            var slot: Int64 = 0
+            slots[i] = increments.map { increment in
+                slot = slot &+ increment
+                return slot
+            }
+        }
+        for i in 0..<sensorCount where counts[i] >= 1 {
+            sequenceReferences[i] = try reader.svarint("sensor '\(ids[i])' sequence reference")
+        }
+        for i in 0..<sensorCount where counts[i] >= 1 {
+            anchors[i] = try reader.svarint("sensor '\(ids[i])' first timestamp")
+        }
+        var previousReference: [QuantityResolution: (reference: Int64, unit: UInt64)] = [:]
+        for i in 0..<sensorCount where counts[i] >= 1 {
+            let key = QuantityResolution(quantity: descriptors[i].quantity, resolution: descriptors[i].resolution)
+            let previous = previousReference[key] ?? (0, 0)
+            let code = try reader.uvarint("sensor '\(ids[i])' reference value")
+            references[i] = previous.reference &+ referenceDifference(code, unit: max(gcd(valueUnits[i], previous.unit), 1))
+            previousReference[key] = (references[i], valueUnits[i])
+        }
+
+        // Timestamps.
+        var timestamps: [[Int64]] = []
+        timestamps.reserveCapacity(sensorCount)
+        for i in 0..<sensorCount {
+            let n = counts[i]
+            var x = [Int64](repeating: anchors[i], count: n)
+            if n >= 2 {
+                let period = periods[i]
+                if timestampModes[i] == 0 {
+                    for j in 0..<n {
+                        let r = try reader.svarint("sensor '\(ids[i])' timestamp \(j)")
+                        x[j] = anchors[i] &+ slots[i][j] &* period &+ r
+                    }
+                } else {
+                    for j in 1..<n {
+                        x[j] = x[j - 1] &+ period &+ (try reader.svarint("sensor '\(ids[i])' timestamp \(j)"))
+                    }
+                }
+            }
+            timestamps.append(x.map { baseTimestamp &+ Int64(bitPattern: UInt64(bitPattern: $0) &* unit) })
+        }
+
+        // Values.
+        var steps: [[Int64]] = []
+        steps.reserveCapacity(sensorCount)
+        for i in 0..<sensorCount {
+            let n = counts[i]
+            var s = [Int64](repeating: references[i], count: n)
+            let g = Int64(truncatingIfNeeded: valueUnits[i])
+            if n >= 2 && g != 0 {
+                if valueModes[i] == 0 {
+                    for j in 0..<n { s[j] = references[i] &+ (try reader.svarint("sensor '\(ids[i])' value \(j)")) &* g }
+                } else {
+                    for j in 1..<n { s[j] = s[j - 1] &+ (try reader.svarint("sensor '\(ids[i])' value \(j)")) &* g }
+                }
+            }
+            if let bad = s.first(where: { $0.magnitude >= maxStepsMagnitude }) {
+                throw BatchDecodingError("sensor '\(ids[i])' has a value of \(bad) steps, beyond what a value can hold")
+            }
+            steps.append(s)
+        }
+
+        // Sequences: rank among all readings by (timestamp, sensor, position), plus the coded error.
+        var order: [(timestamp: Int64, sensor: Int32, position: Int32)] = []
+        order.reserveCapacity(total)
+        for i in 0..<sensorCount {
+            for (j, t) in timestamps[i].enumerated() { order.append((t, Int32(i), Int32(j))) }
+        }
+        order.sort { ($0.timestamp, $0.sensor, $0.position) < ($1.timestamp, $1.sensor, $1.position) }
+        var sequences = counts.map { [UInt64](repeating: 0, count: $0) }
+        for (rank, entry) in order.enumerated() {
+            sequences[Int(entry.sensor)][Int(entry.position)] = baseSequence &+ UInt64(rank)
+        }
+        for i in 0..<sensorCount where counts[i] >= 1 {
+            let n = counts[i]
+            var errors = [Int64](repeating: sequenceReferences[i], count: n)
+            if n >= 2 {
+                if sequenceModes[i] == 0 {
+                    for j in 0..<n { errors[j] = sequenceReferences[i] &+ (try reader.svarint("sensor '\(ids[i])' sequence \(j)")) }
+                } else {
+                    for j in 1..<n { errors[j] = errors[j - 1] &+ (try reader.svarint("sensor '\(ids[i])' sequence \(j)")) }
+                }
+            }
+            for j in 0..<n { sequences[i][j] = sequences[i][j] &+ UInt64(bitPattern: errors[j]) }
+        }
+        guard reader.isAtEnd else {
+            throw BatchDecodingError("\(reader.remaining) bytes follow the last reading")
+        }
+
+        // Canonical order: by sequence, ties (only in batches that repeat a sequence) by sensor and position.
+        var output: [(sequence: UInt64, sensor: Int32, position: Int32)] = []
+        output.reserveCapacity(total)
+        for i in 0..<sensorCount {
+            for j in 0..<counts[i] { output.append((sequences[i][j], Int32(i), Int32(j))) }
+        }
+        output.sort { ($0.sequence, $0.sensor, $0.position) < ($1.sequence, $1.sensor, $1.position) }
+        let readings = output.map { entry in
+            let (i, j) = (Int(entry.sensor), Int(entry.position))
+            return Reading(
+                sensor: ids[i], sequence: entry.sequence, timestamp: Timestamp(microseconds: timestamps[i][j]),
+                value: descriptors[i].resolution.value(ofSteps: steps[i][j]),
+                quality: QualityFlags(rawValue: flags[i].isEmpty ? 0 : flags[i][j]))
+        }
+        return Batch(device: device, sensors: descriptors, readings: readings)
+    }
+}

@@ -1,0 +1,335 @@
+// The encoder of the binary batch format; the layout is documented on ``BatchCodec``.
+
+/// One sensor's readings, ordered by (timestamp, sequence), with values as whole steps of its resolution.
+struct EncodedColumn {
+    var descriptor: SensorDescriptor
+    var timestamps: [Int64] = []
+    var steps: [Int64] = []
+    var sequences: [UInt64] = []
+    var flags: [UInt16] = []
+}
+
+/// Bits in the zigzag varint payload of `value`: the cost proxy used to choose between coding modes.
+@inline(__always)
+func codeBits(_ value: Int64) -> Int {
+    64 - zigzag(value).leadingZeroBitCount
+}
+
+/// The median of `values` (the lower one for an even count); `values` must not be empty.
+func median(_ values: [Int64]) -> Int64 {
+    let sorted = values.sorted()
+    return sorted[(sorted.count - 1) / 2]
+}
+
+/// The timestamp or value coding of one column: a mode, a parameter and residuals.
+struct ColumnCoding {
+    var mode: UInt8
+    var parameter: Int64
+    var anchor: Int64
+    var residuals: [Int64]
+
+    var cost: Int { residuals.reduce(0) { $0 + codeBits($1) } + codeBits(anchor) }
+}
+
+extension BatchCodec {
+    static func encode(_ batch: Batch, compressionLevel: Int32, compressed: Bool) throws(BatchEncodingError) -> [UInt8] {
+        var frame = magic
+        frame.append(formatVersion)
+        let streams = try encodeStreams(batch)
+        if compressed {
+            frame.append(flagZstd)
+            frame.append(contentsOf: compress(streams: streams, level: compressionLevel))
+        } else {
+            frame.append(0)
+            frame.append(contentsOf: streams.flatMap(\.bytes))
+        }
+        return frame
+    }
+
+    /// Compresses a body given as streams into one zstd frame, with a block boundary after each group of streams with
+    /// similar statistics (see ``blockEnds``).
+    package static func compress(streams: [(name: String, bytes: [UInt8])], level: Int32) -> [UInt8] {
+        var segments: [[UInt8]] = [[]]
+        for stream in streams {
+            segments[segments.count - 1].append(contentsOf: stream.bytes)
+            if blockEnds.contains(stream.name) { segments.append([]) }
+        }
+        return Zstd.compress(segments: segments.filter { !$0.isEmpty }, level: level)
+    }
+
+    /// Groups, quantizes and orders the readings of `batch` by sensor.
+    static func columns(of batch: Batch) throws(BatchEncodingError) -> [EncodedColumn] {
+        let sortedSensors = batch.sensors.sorted { $0.id < $1.id }
+        var indexOf: [SensorID: Int] = [:]
+        indexOf.reserveCapacity(sortedSensors.count)
+        for (index, descriptor) in sortedSensors.enumerated() {
+            guard indexOf.updateValue(index, forKey: descriptor.id) == nil else {
+                throw BatchEncodingError("sensor '\(descriptor.id)' is described more than once in the batch")
+            }
+        }
+        var columns = sortedSensors.map { EncodedColumn(descriptor: $0) }
+        for reading in batch.readings {
+            guard let index = indexOf[reading.sensor] else {
+                throw BatchEncodingError(
+                    "reading \(reading.sequence) names sensor '\(reading.sensor)', which has no descriptor in the batch")
+            }
+            let resolution = columns[index].descriptor.resolution
+            guard let steps = resolution.quantize(reading.value) else {
+                let problem = reading.value.isFinite ? "too large for resolution \(resolution)" : "not finite"
+                throw BatchEncodingError("reading \(reading.sequence) of sensor '\(reading.sensor)' has value \(reading.value), which is \(problem)")
+            }
+            columns[index].timestamps.append(reading.timestamp.microseconds)
+            columns[index].steps.append(steps)
+            columns[index].sequences.append(reading.sequence)
+            columns[index].flags.append(reading.quality.rawValue)
+        }
+        for index in columns.indices where columns[index].timestamps.count > 1 {
+            let c = columns[index]
+            let order = c.timestamps.indices.sorted {
+                (c.timestamps[$0], c.sequences[$0]) < (c.timestamps[$1], c.sequences[$1])
+            }
+            columns[index].timestamps = order.map { c.timestamps[$0] }
+            columns[index].steps = order.map { c.steps[$0] }
+            columns[index].sequences = order.map { c.sequences[$0] }
+            columns[index].flags = order.map { c.flags[$0] }
+        }
+        return columns
+    }
+
+    /// Chooses the cheapest coding of a column of timestamps in units after the base (at least two):
+    /// grid (`x[i] = A + k[i]·P + r[i]`, where slot `k` advances by one plus the gaps listed) with the column's median
+    /// step or the previous sensor's period, or delta (`x[i] = x[i-1] + P + r[i]`).
+    static func timestampCoding(_ x: [Int64], previousPeriod: Int64) -> TimestampCoding {
+        let deltas = (1..<x.count).map { x[$0] &- x[$0 - 1] }
+        let medianPeriod = median(deltas)
+        var best = TimestampCoding(
+            mode: 1, period: medianPeriod, anchor: x[0], gaps: [], residuals: deltas.map { $0 &- medianPeriod })
+        var bestCost = best.cost(previousPeriod: previousPeriod)
+        for period in (previousPeriod == medianPeriod ? [medianPeriod] : [medianPeriod, previousPeriod]) where period > 0 {
+            var slots = [Int64](repeating: 0, count: x.count)
+            var gaps: [(index: Int, skip: UInt64)] = []
+            for i in 1..<x.count {
+                let d = deltas[i - 1]
+                var step: Int64 = 1
+                if d > 0 {
+                    let (q, r) = d.quotientAndRemainder(dividingBy: period)
+                    step = max(1, r >= period - r ? q &+ 1 : q)
+                }
+                if step > 1 { gaps.append((i, UInt64(step - 1))) }
+                slots[i] = slots[i - 1] &+ step
+            }
+            let offsets = x.indices.map { x[$0] &- slots[$0] &* period }
+            let anchor = median(offsets)
+            let grid = TimestampCoding(
+                mode: 0, period: period, anchor: anchor, gaps: gaps, residuals: offsets.map { $0 &- anchor })
+            let cost = grid.cost(previousPeriod: previousPeriod)
+            if cost < bestCost || (cost == bestCost && best.mode == 1) {
+                best = grid
+                bestCost = cost
+            }
+        }
+        return best
+    }
+
+    /// Chooses the cheaper of reference and delta coding for a column of steps whose differences are multiples of `unit`.
+    static func valueCoding(_ s: [Int64], unit: Int64) -> ColumnCoding {
+        guard unit != 0 else { return ColumnCoding(mode: 0, parameter: 0, anchor: s[0], residuals: []) }
+        let reference = median(s)
+        let byReference = ColumnCoding(mode: 0, parameter: unit, anchor: reference, residuals: s.map { ($0 - reference) / unit })
+        let byDelta = ColumnCoding(
+            mode: 1, parameter: unit, anchor: s[0], residuals: (1..<s.count).map { (s[$0] - s[$0 - 1]) / unit })
+        return byDelta.cost < byReference.cost ? byDelta : byReference
+    }
+
+    /// Chooses the cheaper of reference and delta coding for a column of sequence errors (wrapping arithmetic).
+    static func sequenceCoding(_ e: [Int64]) -> ColumnCoding {
+        let reference = median(e)
+        let byReference = ColumnCoding(mode: 0, parameter: 1, anchor: reference, residuals: e.map { $0 &- reference })
+        let byDelta = ColumnCoding(mode: 1, parameter: 1, anchor: e[0], residuals: (1..<e.count).map { e[$0] &- e[$0 - 1] })
+        return byDelta.cost < byReference.cost ? byDelta : byReference
+    }
+
+    /// The streams after which the compressor ends a zstd block, so that the next streams get their own entropy tables.
+    static let blockEnds: Set<String> = ["seq refs", "value refs", "ts residuals", "value residuals"]
+
+    static func encodeBody(_ batch: Batch) throws(BatchEncodingError) -> [UInt8] {
+        try encodeStreams(batch).flatMap(\.bytes)
+    }
+
+    /// The uncompressed body of `batch`, stream by stream in the order they are written (for measurements).
+    package static func encodeStreams(_ batch: Batch) throws(BatchEncodingError) -> [(name: String, bytes: [UInt8])] {
+        let columns = try columns(of: batch)
+        let total = columns.reduce(0) { $0 + $1.timestamps.count }
+
+        let baseSequence = columns.lazy.compactMap { $0.sequences.min() }.min() ?? 0
+        let baseTimestamp = columns.lazy.compactMap { $0.timestamps.min() }.min() ?? 0
+        var unit: UInt64 = 0
+        for column in columns {
+            for t in column.timestamps { unit = gcd(unit, UInt64(bitPattern: t &- baseTimestamp)) }
+        }
+        if unit == 0 { unit = 1 }
+
+        var header = ByteWriter()
+        header.uvarint(batch.device.rawValue.utf8.count)
+        header.bytes(batch.device.rawValue.utf8)
+        header.uvarint(columns.count)
+        header.uvarint(total)
+        header.uvarint(baseSequence)
+        header.svarint(baseTimestamp)
+        header.uvarint(unit)
+
+        var prefixLengths = ByteWriter(), suffixLengths = ByteWriter(), suffixes = ByteWriter()
+        var quantities = ByteWriter(), resolutions = ByteWriter(), counts = ByteWriter()
+        var previousName: [UInt8] = []
+        for column in columns {
+            let name = Array(column.descriptor.id.rawValue.utf8)
+            var shared = 0
+            while shared < name.count, shared < previousName.count, name[shared] == previousName[shared] { shared += 1 }
+            prefixLengths.uvarint(shared)
+            suffixLengths.uvarint(name.count - shared)
+            suffixes.bytes(name[shared...])
+            previousName = name
+            quantities.byte(column.descriptor.quantity.code)
+            let resolution = column.descriptor.resolution
+            if resolution == column.descriptor.quantity.defaultResolution {
+                resolutions.uvarint(0)
+            } else {
+                resolutions.uvarint(UInt64(resolution.numerator))
+                resolutions.uvarint(UInt64(resolution.denominator))
+            }
+            counts.uvarint(column.timestamps.count)
+        }
+
+        // Sequence predictions: the rank of each reading among all readings ordered by (timestamp, sensor, position).
+        var order: [(timestamp: Int64, sensor: Int, position: Int)] = []
+        order.reserveCapacity(total)
+        for (sensor, column) in columns.enumerated() {
+            for (position, t) in column.timestamps.enumerated() { order.append((t, sensor, position)) }
+        }
+        order.sort { ($0.timestamp, $0.sensor, $0.position) < ($1.timestamp, $1.sensor, $1.position) }
+        var predicted = columns.map { [UInt64](repeating: 0, count: $0.timestamps.count) }
+        for (rank, entry) in order.enumerated() {
+            predicted[entry.sensor][entry.position] = baseSequence &+ UInt64(rank)
+        }
+
+        var timestampModes = ByteWriter(), periods = ByteWriter(), gapLists = ByteWriter(), anchors = ByteWriter()
+        var valueModes = ByteWriter(), valueUnits = ByteWriter(), references = ByteWriter()
+        var sequenceModes = ByteWriter(), sequenceReferences = ByteWriter(), flagRuns = ByteWriter()
+        var timestampResiduals = ByteWriter(capacity: total), valueResiduals = ByteWriter(capacity: total)
+        var sequenceResiduals = ByteWriter(capacity: total)
+        var previousPeriod: Int64 = 0
+        var previousReference: [QuantityResolution: (reference: Int64, unit: UInt64)] = [:]
+
+        for (sensor, column) in columns.enumerated() {
+            let n = column.timestamps.count
+            // Flags as runs, so that a column without flags costs one byte.
+            if column.flags.allSatisfy({ $0 == 0 }) {
+                flagRuns.uvarint(0)
+            } else {
+                var runs: [(UInt16, Int)] = []
+                for f in column.flags {
+                    if let last = runs.last, last.0 == f { runs[runs.count - 1].1 += 1 } else { runs.append((f, 1)) }
+                }
+                flagRuns.uvarint(runs.count)
+                for (f, length) in runs {
+                    flagRuns.uvarint(UInt64(f))
+                    flagRuns.uvarint(length)
+                }
+            }
+            guard n > 0 else { continue }
+
+            // Timestamps, in units after the base.
+            let x = column.timestamps.map { Int64(bitPattern: UInt64(bitPattern: $0 &- baseTimestamp) / unit) }
+            if n == 1 {
+                anchors.svarint(x[0])
+            } else {
+                let coding = timestampCoding(x, previousPeriod: previousPeriod)
+                timestampModes.byte(coding.mode)
+                periods.svarint(coding.period &- previousPeriod)
+                previousPeriod = coding.period
+                if coding.mode == 0 {
+                    gapLists.uvarint(coding.gaps.count)
+                    var previousIndex = 0
+                    for gap in coding.gaps {
+                        gapLists.uvarint(gap.index - previousIndex)
+                        gapLists.uvarint(gap.skip - 1)
+                        previousIndex = gap.index
+                    }
+                }
+                anchors.svarint(coding.anchor)
+                for r in coding.residuals { timestampResiduals.svarint(r) }
+            }
+
+            // Values, in steps; the reference is predicted from the previous sensor of the same quantity and resolution,
+            // in units of both sensors' common step when it is a multiple of it.
+            let key = QuantityResolution(quantity: column.descriptor.quantity, resolution: column.descriptor.resolution)
+            let reference: Int64
+            var g: UInt64 = 0
+            if n == 1 {
+                reference = column.steps[0]
+            } else {
+                for s in column.steps { g = gcd(g, (s - column.steps[0]).magnitude) }
+                let coding = valueCoding(column.steps, unit: Int64(g))
+                valueModes.byte(coding.mode)
+                valueUnits.uvarint(g)
+                reference = coding.anchor
+                for r in coding.residuals { valueResiduals.svarint(r) }
+            }
+            let previous = previousReference[key] ?? (0, 0)
+            references.uvarint(referenceCode(reference - previous.reference, unit: max(gcd(g, previous.unit), 1)))
+            previousReference[key] = (reference, g)
+
+            // Sequences: the error of the prediction, coded against its median or delta-coded along the column.
+            let errors = (0..<n).map { Int64(bitPattern: column.sequences[$0] &- predicted[sensor][$0]) }
+            if n == 1 {
+                sequenceReferences.svarint(errors[0])
+            } else {
+                let coding = sequenceCoding(errors)
+                sequenceModes.byte(coding.mode)
+                sequenceReferences.svarint(coding.anchor)
+                for r in coding.residuals { sequenceResiduals.svarint(r) }
+            }
+        }
+
+        return [
+            ("header", header), ("id prefixes", prefixLengths), ("id suffix lengths", suffixLengths), ("id suffixes", suffixes),
+            ("quantities", quantities), ("resolutions", resolutions), ("counts", counts), ("ts modes", timestampModes),
+            ("ts periods", periods), ("value modes", valueModes), ("value units", valueUnits), ("seq modes", sequenceModes),
+            ("flags", flagRuns), ("ts gaps", gapLists), ("seq refs", sequenceReferences), ("ts anchors", anchors),
+            ("value refs", references), ("ts residuals", timestampResiduals), ("value residuals", valueResiduals),
+            ("seq residuals", sequenceResiduals),
+        ].map { (name: $0.0, bytes: $0.1.bytes) }
+    }
+}
+
+/// A difference of reference values: `zigzag(d / unit) << 1` when `d` is a multiple of `unit`, else `zigzag(d) << 1 | 1`.
+func referenceCode(_ difference: Int64, unit: UInt64) -> UInt64 {
+    let u = Int64(truncatingIfNeeded: unit)
+    if u > 0, difference % u == 0 { return zigzag(difference / u) &<< 1 }
+    return zigzag(difference) &<< 1 | 1
+}
+
+/// The inverse of ``referenceCode(_:unit:)``, wrapping on input no encoder produces.
+func referenceDifference(_ code: UInt64, unit: UInt64) -> Int64 {
+    let v = unzigzag(code &>> 1)
+    return code & 1 == 0 ? v &* Int64(truncatingIfNeeded: unit) : v
+}
+
+/// How one column of timestamps is coded.
+struct TimestampCoding {
+    var mode: UInt8
+    var period: Int64
+    var anchor: Int64
+    var gaps: [(index: Int, skip: UInt64)]
+    var residuals: [Int64]
+
+    func cost(previousPeriod: Int64) -> Int {
+        residuals.reduce(0) { $0 + codeBits($1) } + codeBits(period &- previousPeriod) + 8 * gaps.count
+    }
+}
+
+/// The key under which the previous sensor's reference value predicts the next one's.
+struct QuantityResolution: Hashable {
+    var quantity: Quantity
+    var resolution: Resolution
+}

@@ -1,0 +1,149 @@
+import ArgumentParser
+import FarmgateWire
+import Foundation
+
+/// `farmgate-bench codec`: bytes per reading of the binary codec against JSON+gzip and line protocol+gzip, on the same
+/// generated batches, plus encode and decode throughput.
+struct CodecBenchmark: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "codec",
+        abstract: "Bytes per reading and throughput of the batch codec on realistic generated data."
+    )
+
+    @Option(help: "Batches to generate.")
+    var batches = 50
+
+    @Option(help: "Readings per batch.")
+    var readings = 1000
+
+    @Option(help: "Tanks on the simulated site; each has a pH, an EC and a temperature sensor.")
+    var tanks = 20
+
+    @Option(help: "Sampling period of every sensor, in seconds.")
+    var period = 10.0
+
+    @Option(help: "Seed of the generator; the same seed gives the same data.")
+    var seed: UInt64 = 42
+
+    @Option(help: "zstd level of the binary codec.")
+    var level: Int32 = 19
+
+    @Flag(help: "Also print where the bytes of the binary frame go, stream by stream.")
+    var streams = false
+
+    func validate() throws {
+        guard batches > 0, readings > 0, tanks > 0, period > 0 else {
+            throw ValidationError("--batches, --readings, --tanks and --period must be positive")
+        }
+    }
+
+    func run() async throws {
+        let site = try RealisticSite(tanks: tanks, readingCount: batches * readings, period: period, seed: seed)
+        let batchList = site.batches(of: readings)
+        let total = Double(site.readings.count)
+        print("\(batchList.count) batches of \(readings) readings, \(tanks * 3) sensors every \(period) s, seed \(seed)")
+        print("")
+
+        var binary = 0, jsonRaw = 0, jsonGzip = 0, lineRaw = 0, lineGzip = 0
+        var encoded: [[UInt8]] = []
+        let clock = ContinuousClock()
+        let encodeTime = try clock.measure {
+            for batch in batchList { encoded.append(try BatchCodec.encode(batch, compressionLevel: level)) }
+        }
+        binary = encoded.reduce(0) { $0 + $1.count }
+        var decodedCount = 0
+        let decodeTime = try clock.measure {
+            for frame in encoded { decodedCount += try BatchCodec.decode(frame).readings.count }
+        }
+        var jsonDocuments: [[UInt8]] = []
+        let jsonEncodeTime = clock.measure {
+            for batch in batchList { jsonDocuments.append(BatchJSON.encode(batch)) }
+        }
+        var jsonDecoded = 0
+        let jsonDecodeTime = try clock.measure {
+            for document in jsonDocuments { jsonDecoded += try BatchJSON.decode(document).batch.readings.count }
+        }
+        for document in jsonDocuments {
+            jsonRaw += document.count
+            jsonGzip += Gzip.compress(document).count
+        }
+        for batch in batchList {
+            let lines = lineProtocol(batch)
+            lineRaw += lines.count
+            lineGzip += Gzip.compress(lines).count
+        }
+        guard decodedCount == site.readings.count, jsonDecoded == site.readings.count else {
+            print("warning: decoded \(decodedCount) binary and \(jsonDecoded) JSON readings of \(site.readings.count)")
+            return
+        }
+
+        func perReading(_ bytes: Int) -> String { String(format: "%8.3f", Double(bytes) / total) }
+        func rate(_ duration: Duration) -> String {
+            let seconds = Double(duration.components.seconds) + Double(duration.components.attoseconds) * 1e-18
+            return String(format: "%12.0f", total / max(seconds, 1e-9))
+        }
+        print("format                          bytes/reading   encode readings/s   decode readings/s")
+        print("farmgate binary (zstd \(level))".padding(toLength: 32, withPad: " ", startingAt: 0)
+            + "  \(perReading(binary))        \(rate(encodeTime))        \(rate(decodeTime))")
+        print("JSON".padding(toLength: 32, withPad: " ", startingAt: 0)
+            + "  \(perReading(jsonRaw))        \(rate(jsonEncodeTime))        \(rate(jsonDecodeTime))")
+        print("JSON + gzip".padding(toLength: 32, withPad: " ", startingAt: 0) + "  \(perReading(jsonGzip))")
+        print("InfluxDB line protocol".padding(toLength: 32, withPad: " ", startingAt: 0) + "  \(perReading(lineRaw))")
+        print("InfluxDB line protocol + gzip".padding(toLength: 32, withPad: " ", startingAt: 0) + "  \(perReading(lineGzip))")
+
+        if streams { try printStreams(batchList, total: total) }
+    }
+
+    /// `reading,device=...,sensor=... value=6.02 <ns timestamp>`, one line per reading, values at their resolution.
+    func lineProtocol(_ batch: Batch) -> [UInt8] {
+        var resolutions: [SensorID: Resolution] = [:]
+        for sensor in batch.sensors { resolutions[sensor.id] = sensor.resolution }
+        var text = ""
+        for reading in batch.readings {
+            var value = reading.value
+            if let resolution = resolutions[reading.sensor], let steps = resolution.quantize(value) {
+                value = resolution.value(ofSteps: steps)
+            }
+            text += "reading,device=\(batch.device),sensor=\(reading.sensor) value=\(value) \(reading.timestamp.microseconds * 1000)\n"
+        }
+        return Array(text.utf8)
+    }
+
+    /// Where the bytes go: each stream's raw size, and how much the compressed body grows because of it (the body
+    /// compressed with the stream minus without it).
+    func printStreams(_ batches: [Batch], total: Double) throws {
+        var names: [String] = []
+        var raw: [Int] = []
+        var marginal: [Int] = []
+        var entropy: [Double] = []
+        var whole = 0
+        for batch in batches {
+            let streams = try BatchCodec.encodeStreams(batch)
+            if names.isEmpty {
+                names = streams.map(\.name)
+                raw = Array(repeating: 0, count: streams.count)
+                marginal = Array(repeating: 0, count: streams.count)
+                entropy = Array(repeating: 0, count: streams.count)
+            }
+            let all = BatchCodec.compress(streams: streams, level: level).count
+            whole += all
+            for (k, stream) in streams.enumerated() {
+                raw[k] += stream.bytes.count
+                var histogram = [Int](repeating: 0, count: 256)
+                for b in stream.bytes { histogram[Int(b)] += 1 }
+                let n = Double(stream.bytes.count)
+                for c in histogram where c > 0 { entropy[k] += Double(c) * -log2(Double(c) / n) / 8 }
+                var without = streams
+                without[k].bytes = []
+                marginal[k] += all - BatchCodec.compress(streams: without, level: level).count
+            }
+        }
+        print("")
+        print("stream                raw B/reading   order-0 entropy B/reading   compressed cost B/reading (with − without)")
+        for k in names.indices {
+            print(names[k].padding(toLength: 20, withPad: " ", startingAt: 0)
+                + "  \(String(format: "%8.3f", Double(raw[k]) / total))        \(String(format: "%8.3f", entropy[k] / total))                  \(String(format: "%8.3f", Double(marginal[k]) / total))")
+        }
+        print("whole body (zstd)     \(String(format: "%8.3f", Double(whole) / total)); the frame adds 5 bytes per batch")
+    }
+}
