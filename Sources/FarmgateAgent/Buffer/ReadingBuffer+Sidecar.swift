@@ -38,7 +38,7 @@ struct SequenceSidecar {
     }
 
     /// Replaces the sidecar's content with `sequence`, atomically and durably. Blocking file I/O.
-    func store(_ sequence: Int64) throws(SidecarError) {
+    func store(_ sequence: Int64, durably: Bool = true) throws(SidecarError) {
         let temporary = path + ".tmp"
         let bytes = Array("\(sequence)\n".utf8)
         let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
@@ -56,7 +56,7 @@ struct SequenceSidecar {
             }
             written += result
         }
-        if fsync(fd) != 0 {
+        if durably, fsync(fd) != 0 {
             let code = errno
             close(fd)
             throw SidecarError(operation: "fsync", path: temporary, code: code)

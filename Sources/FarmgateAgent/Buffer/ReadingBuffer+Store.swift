@@ -30,6 +30,7 @@ final class BufferStore {
     let path: String
     private let connection: SQLiteConnection
     private let sidecar: SequenceSidecar
+    private let synchronousFull: Bool
     private let logger: Logger
 
     private(set) var sensorsByID: [SensorID: SensorEntry] = [:]
@@ -64,7 +65,7 @@ final class BufferStore {
     /// Sequence numbers never go backwards: a fresh file whose history was lost (a corrupt file moved aside, or a database deleted
     /// while its `<path>.seq` sidecar remained) starts after the sidecar's high-water mark plus ``ReadingBuffer/recoverySequenceGap``,
     /// because the sidecar may lag the lost file by the commits made after its last write.
-    static func open(path: String, logger: Logger) throws -> BufferStore {
+    static func open(path: String, synchronousFull: Bool = true, logger: Logger) throws -> BufferStore {
         try createParentDirectory(of: path)
         let sidecar = SequenceSidecar(bufferPath: path)
         var sidecarValue: Int64?
@@ -77,13 +78,17 @@ final class BufferStore {
                 metadata: ["buffer.sidecar": "\(sidecar.path)", "error": "\(problem)"])
         }
         do {
-            return try BufferStore(path: path, sidecar: sidecar, sidecarValue: sidecarValue, recoveredFromCorruption: false, logger: logger)
+            return try BufferStore(
+                path: path, sidecar: sidecar, sidecarValue: sidecarValue, recoveredFromCorruption: false, synchronousFull: synchronousFull,
+                logger: logger)
         } catch let error where BufferStore.isCorruption(error) {
             let movedTo = try moveAside(path: path)
             logger.error(
                 "Buffer file is corrupt: moved it aside and started a fresh buffer; readings not yet uploaded are in the moved file",
                 metadata: ["buffer.path": "\(path)", "buffer.moved_to": "\(movedTo)", "error": "\(error)"])
-            return try BufferStore(path: path, sidecar: sidecar, sidecarValue: sidecarValue, recoveredFromCorruption: true, logger: logger)
+            return try BufferStore(
+                path: path, sidecar: sidecar, sidecarValue: sidecarValue, recoveredFromCorruption: true, synchronousFull: synchronousFull,
+                logger: logger)
         }
     }
 
@@ -93,7 +98,9 @@ final class BufferStore {
         return false
     }
 
-    private init(path: String, sidecar: SequenceSidecar, sidecarValue: Int64?, recoveredFromCorruption: Bool, logger: Logger) throws {
+    private init(
+        path: String, sidecar: SequenceSidecar, sidecarValue: Int64?, recoveredFromCorruption: Bool, synchronousFull: Bool, logger: Logger
+    ) throws {
         let fileExisted = (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? Int).map { $0 > 0 } ?? false
         let connection = try SQLiteConnection(path: path, mode: .readWriteCreate, busyTimeoutMilliseconds: 5_000)
         let journalMode = try connection.query("PRAGMA journal_mode = WAL").first?.first?.string
@@ -101,7 +108,7 @@ final class BufferStore {
             throw BufferError("cannot put the buffer \(path) in WAL mode (SQLite answered \(journalMode ?? "nothing")); is it on a network file system?")
         }
         // FULL: every group commit is fsynced, so a committed reading survives power loss (the delivery contract).
-        try connection.execute("PRAGMA synchronous = FULL")
+        try connection.execute(synchronousFull ? "PRAGMA synchronous = FULL" : "PRAGMA synchronous = NORMAL")
         // Keep the WAL file from staying large after a big delete.
         try connection.execute("PRAGMA journal_size_limit = 16777216")
         let problems = try connection.integrityProblems(quick: true)
@@ -148,6 +155,7 @@ final class BufferStore {
         self.path = path
         self.connection = connection
         self.sidecar = sidecar
+        self.synchronousFull = synchronousFull
         self.logger = logger
         self.lastSequence = max(counted, maxPending, maxQuarantined, sidecarValue ?? 0)
         self.sidecarSequence = sidecarValue ?? -1
@@ -420,7 +428,7 @@ final class BufferStore {
     private func writeSidecar() {
         guard lastSequence != sidecarSequence else { return }
         do {
-            try sidecar.store(lastSequence)
+            try sidecar.store(lastSequence, durably: synchronousFull)
             sidecarSequence = lastSequence
             sidecarFailureLogged = false
         } catch {

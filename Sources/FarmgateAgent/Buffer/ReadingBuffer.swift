@@ -47,17 +47,7 @@ public final class ReadingBuffer: PendingReadings, Service {
     public let configuration: BufferConfiguration
     private let logger: Logger
     private let store: ThreadOwned<StoreBox>
-    private let queue = Mutex(Queue())
-    private let onCommit: (@Sendable (BufferCommit) -> Void)?
-
-    private struct Queue {
-        var samples: [Sample] = []
-        /// Samples dropped in memory (cap reached) and not yet added to the persisted counter.
-        var droppedInMemory: Int64 = 0
-        var rejected: Int64 = 0
-        var closed = false
-        var lastOverflowWarning: ContinuousClock.Instant?
-    }
+    private let committer: Committer
 
     /// Holds the store so that ``close()`` can release it on its thread.
     private final class StoreBox {
@@ -75,18 +65,36 @@ public final class ReadingBuffer: PendingReadings, Service {
     ///   - onCommit: called on the buffer's thread after every durable group commit (for metrics and tests). Keep it short.
     /// - Throws: ``BufferError`` or `SQLiteError` when the file cannot be used for a reason other than corruption
     ///   (permissions, a newer schema, a lock held by another process).
-    public init(
+    public convenience init(
         configuration: BufferConfiguration, logger: Logger, onCommit: (@Sendable (BufferCommit) -> Void)? = nil
+    ) throws {
+        try self.init(configuration: configuration, logger: logger, durability: .full, onCommit: onCommit)
+    }
+
+    /// How each commit reaches the disk. Only `farmgate-bench` picks anything but ``full``.
+    @_spi(Benchmarks)
+    public enum Durability: String, Sendable {
+        /// `synchronous=FULL`: the WAL is fsynced at every commit; a committed reading survives power loss.
+        case full
+        /// `synchronous=NORMAL`: fsync only at checkpoints; survives `kill -9` but not power loss. For comparison only.
+        case normal
+    }
+
+    /// Opens the buffer with a chosen ``Durability``; for measuring what `synchronous=FULL` costs.
+    @_spi(Benchmarks)
+    public init(
+        configuration: BufferConfiguration, logger: Logger, durability: Durability,
+        onCommit: (@Sendable (BufferCommit) -> Void)? = nil
     ) throws {
         var logger = logger
         logger[metadataKey: "buffer.path"] = "\(configuration.path)"
         self.configuration = configuration
         self.logger = logger
-        self.onCommit = onCommit
+        self.committer = Committer(configuration: configuration, logger: logger, onCommit: onCommit)
         let path = configuration.path
         let storeLogger = logger
         self.store = try ThreadOwned(name: "farmgate-buffer") {
-            StoreBox(try BufferStore.open(path: path, logger: storeLogger))
+            StoreBox(try BufferStore.open(path: path, synchronousFull: durability == .full, logger: storeLogger))
         }
     }
 
@@ -111,38 +119,7 @@ public final class ReadingBuffer: PendingReadings, Service {
     ///
     /// - Throws: ``BufferError/closed`` after ``close()``.
     public func append(_ samples: [Sample]) async throws {
-        guard !samples.isEmpty else { return }
-        let policy = configuration.whenFull
-        let overflow = try queue.withLock { queue throws(BufferError) -> (dropped: Int, warn: Bool) in
-            guard !queue.closed else { throw BufferError.closed }
-            queue.samples.append(contentsOf: samples)
-            return ReadingBuffer.enforceCap(&queue, policy: policy)
-        }
-        if overflow.warn { warnOverflow(overflow.dropped) }
-    }
-
-    /// Drops samples past ``maximumQueuedSamples`` according to `policy`; says whether a warning is due (at most once a minute).
-    private static func enforceCap(_ queue: inout Queue, policy: BufferFullPolicy) -> (dropped: Int, warn: Bool) {
-        let excess = queue.samples.count - maximumQueuedSamples
-        guard excess > 0 else { return (0, false) }
-        switch policy {
-        case .dropOldest: queue.samples.removeFirst(excess)
-        case .dropNewest: queue.samples.removeLast(excess)
-        }
-        queue.droppedInMemory += Int64(excess)
-        let now = ContinuousClock.now
-        if let last = queue.lastOverflowWarning, last.duration(to: now) < .seconds(60) { return (excess, false) }
-        queue.lastOverflowWarning = now
-        return (excess, true)
-    }
-
-    private func warnOverflow(_ count: Int) {
-        logger.warning(
-            "Buffer cannot commit and its memory queue is full; samples were dropped",
-            metadata: [
-                "buffer.dropped": "\(count)", "buffer.max_queued": "\(ReadingBuffer.maximumQueuedSamples)",
-                "buffer.policy": "\(configuration.whenFull.rawValue)",
-            ])
+        try committer.append(samples)
     }
 
     /// Commits everything queued now, in one transaction, and returns once it is durable.
@@ -151,40 +128,10 @@ public final class ReadingBuffer: PendingReadings, Service {
     /// - Throws: the commit's error (for example disk full); the samples then stay queued for the next attempt.
     @discardableResult
     public func flush() async throws -> UInt64 {
-        try await withStore { [self] store in try self.commitQueued(on: store) }
-    }
-
-    /// Runs on the buffer's thread, so commits happen one at a time and sequence numbers follow commit order.
-    private func commitQueued(on store: BufferStore) throws -> UInt64 {
-        let (samples, carried) = queue.withLock { queue in
-            defer {
-                queue.samples = []
-                queue.droppedInMemory = 0
-            }
-            return (queue.samples, queue.droppedInMemory)
-        }
-        guard !samples.isEmpty || carried > 0 else { return UInt64(max(0, store.lastSequence)) }
-        let outcome: CommitOutcome
-        do {
-            outcome = try store.commit(
-                samples, carriedDrops: carried, quotaBytes: configuration.quotaBytes, policy: configuration.whenFull)
-        } catch {
-            let policy = configuration.whenFull
-            let overflow = queue.withLock { queue in
-                queue.samples.insert(contentsOf: samples, at: 0)
-                queue.droppedInMemory += carried
-                return ReadingBuffer.enforceCap(&queue, policy: policy)
-            }
-            if overflow.warn { warnOverflow(overflow.dropped) }
-            throw error
-        }
-        if outcome.rejected > 0 { queue.withLock { $0.rejected += Int64(outcome.rejected) } }
-        let sequence = UInt64(max(0, outcome.lastSequence))
-        onCommit?(
-            BufferCommit(
-                lastSequence: sequence, stored: outcome.stored, duplicates: outcome.duplicates, dropped: outcome.dropped,
-                rejected: outcome.rejected))
-        return sequence
+        // Capture the committer, not `self`: a closure released on the buffer's thread must never hold the last reference to
+        // the buffer, whose deinit waits for that thread.
+        let committer = self.committer
+        return try await withStore { store in try committer.commit(on: store) }
     }
 
     /// The group-commit loop: commits what is queued every ``BufferConfiguration/commitInterval`` (skipping empty intervals).
@@ -217,7 +164,7 @@ public final class ReadingBuffer: PendingReadings, Service {
                 } catch {
                     let now = clock.now
                     if !failing || lastFailureLog.map({ $0.duration(to: now) >= .seconds(60) }) ?? true {
-                        let queued = queue.withLock { $0.samples.count }
+                        let queued = committer.counts().uncommitted
                         logger.error(
                             "Buffer commit failed; samples stay queued and the commit is retried",
                             metadata: ["error": "\(error)", "buffer.queued": "\(queued)"])
@@ -239,7 +186,7 @@ public final class ReadingBuffer: PendingReadings, Service {
     ///
     /// - Throws: the final commit's error; the file is closed either way.
     public func close() async throws {
-        queue.withLock { $0.closed = true }
+        committer.close()
         var flushError: (any Error)?
         do { try await flush() } catch { flushError = error }
         _ = try? await store.withValue { box in box.store = nil }
@@ -249,7 +196,7 @@ public final class ReadingBuffer: PendingReadings, Service {
 
     /// Samples dropped since this buffer was opened because their sensor was not registered or their value could not be
     /// quantized. Not persisted.
-    public var rejectedSamples: Int64 { queue.withLock { $0.rejected } }
+    public var rejectedSamples: Int64 { committer.counts().rejected }
 
     // MARK: PendingReadings
 
@@ -281,7 +228,7 @@ public final class ReadingBuffer: PendingReadings, Service {
 
     /// Counts, ages and sizes, for batching decisions, status and metrics.
     public func statistics() async throws -> BufferStatistics {
-        let (uncommitted, droppedInMemory) = queue.withLock { ($0.samples.count, $0.droppedInMemory) }
+        let (uncommitted, droppedInMemory, _) = committer.counts()
         let quota = configuration.quotaBytes
         return try await withStore { store in
             try store.statistics(uncommitted: uncommitted, droppedInMemory: droppedInMemory, quotaBytes: quota)
@@ -296,6 +243,107 @@ public final class ReadingBuffer: PendingReadings, Service {
     /// Runs SQLite's `quick_check` on the open file; an empty answer means healthy. For `farmgate doctor` and tests.
     public func integrityProblems() async throws -> [String] {
         try await withStore { store in try store.integrityProblems() }
+    }
+}
+
+/// The samples waiting for the next group commit, and the commit itself. Separate from ``ReadingBuffer`` so that closures
+/// run on the buffer's thread capture this object rather than the buffer.
+private final class Committer: Sendable {
+    private struct Queue {
+        var samples: [Sample] = []
+        /// Samples dropped in memory (cap reached) and not yet added to the persisted counter.
+        var droppedInMemory: Int64 = 0
+        var rejected: Int64 = 0
+        var closed = false
+        var lastOverflowWarning: ContinuousClock.Instant?
+    }
+
+    private let queue = Mutex(Queue())
+    private let policy: BufferFullPolicy
+    private let quotaBytes: Int64
+    private let logger: Logger
+    private let onCommit: (@Sendable (BufferCommit) -> Void)?
+
+    init(configuration: BufferConfiguration, logger: Logger, onCommit: (@Sendable (BufferCommit) -> Void)?) {
+        self.policy = configuration.whenFull
+        self.quotaBytes = configuration.quotaBytes
+        self.logger = logger
+        self.onCommit = onCommit
+    }
+
+    func append(_ samples: [Sample]) throws(BufferError) {
+        guard !samples.isEmpty else { return }
+        let policy = self.policy
+        let overflow = try queue.withLock { queue throws(BufferError) -> (dropped: Int, warn: Bool) in
+            guard !queue.closed else { throw BufferError.closed }
+            queue.samples.append(contentsOf: samples)
+            return Committer.enforceCap(&queue, policy: policy)
+        }
+        if overflow.warn { warnOverflow(overflow.dropped) }
+    }
+
+    func close() { queue.withLock { $0.closed = true } }
+
+    func counts() -> (uncommitted: Int, droppedInMemory: Int64, rejected: Int64) {
+        queue.withLock { ($0.samples.count, $0.droppedInMemory, $0.rejected) }
+    }
+
+    /// Drops samples past ``ReadingBuffer/maximumQueuedSamples`` according to `policy`; says whether a warning is due (at
+    /// most once a minute).
+    private static func enforceCap(_ queue: inout Queue, policy: BufferFullPolicy) -> (dropped: Int, warn: Bool) {
+        let excess = queue.samples.count - ReadingBuffer.maximumQueuedSamples
+        guard excess > 0 else { return (0, false) }
+        switch policy {
+        case .dropOldest: queue.samples.removeFirst(excess)
+        case .dropNewest: queue.samples.removeLast(excess)
+        }
+        queue.droppedInMemory += Int64(excess)
+        let now = ContinuousClock.now
+        if let last = queue.lastOverflowWarning, last.duration(to: now) < .seconds(60) { return (excess, false) }
+        queue.lastOverflowWarning = now
+        return (excess, true)
+    }
+
+    private func warnOverflow(_ count: Int) {
+        logger.warning(
+            "Buffer cannot commit and its memory queue is full; samples were dropped",
+            metadata: [
+                "buffer.dropped": "\(count)", "buffer.max_queued": "\(ReadingBuffer.maximumQueuedSamples)",
+                "buffer.policy": "\(policy.rawValue)",
+            ])
+    }
+
+    /// Commits everything queued. Runs on the buffer's thread, so commits happen one at a time and sequence numbers follow
+    /// commit order. On failure the samples go back to the front of the queue.
+    func commit(on store: BufferStore) throws -> UInt64 {
+        let (samples, carried) = queue.withLock { queue in
+            defer {
+                queue.samples = []
+                queue.droppedInMemory = 0
+            }
+            return (queue.samples, queue.droppedInMemory)
+        }
+        guard !samples.isEmpty || carried > 0 else { return UInt64(max(0, store.lastSequence)) }
+        let outcome: CommitOutcome
+        do {
+            outcome = try store.commit(samples, carriedDrops: carried, quotaBytes: quotaBytes, policy: policy)
+        } catch {
+            let policy = self.policy
+            let overflow = queue.withLock { queue in
+                queue.samples.insert(contentsOf: samples, at: 0)
+                queue.droppedInMemory += carried
+                return Committer.enforceCap(&queue, policy: policy)
+            }
+            if overflow.warn { warnOverflow(overflow.dropped) }
+            throw error
+        }
+        if outcome.rejected > 0 { queue.withLock { $0.rejected += Int64(outcome.rejected) } }
+        let sequence = UInt64(max(0, outcome.lastSequence))
+        onCommit?(
+            BufferCommit(
+                lastSequence: sequence, stored: outcome.stored, duplicates: outcome.duplicates, dropped: outcome.dropped,
+                rejected: outcome.rejected))
+        return sequence
     }
 }
 
