@@ -1,6 +1,7 @@
 import FarmgateWire
 import Foundation
 import Logging
+import Metrics
 import ServiceLifecycle
 import Synchronization
 
@@ -32,6 +33,9 @@ import Synchronization
 ///
 /// **Shutdown.** On graceful shutdown a request in flight is finished (bounded by ``UploadConfiguration/requestTimeout``) and
 /// its outcome recorded; then ``run()`` returns. Cancelling the task abandons the request. Unacknowledged readings stay in the buffer.
+///
+/// **Metrics** (bounded labels): `farmgate_upload_requests_total{result="delivered"|"refused"|"failed"}` and
+/// `farmgate_upload_readings_total{outcome="accepted"|"duplicate"|"rejected"|"quarantined"}`.
 public final class Uploader: Service {
     private let device: DeviceID
     private let source: any PendingReadings
@@ -39,6 +43,7 @@ public final class Uploader: Service {
     private let logger: Logger
     private let client: HTTPClient
     private let state: Mutex<UploadStatus>
+    private let metrics = UploadMetrics()
 
     /// Creates the uploader and its HTTP client (no request is made until ``run()``).
     /// - Parameters:
@@ -233,6 +238,7 @@ public final class Uploader: Service {
             return false
         }
         state.withLock { $0.quarantinedTotal += Int64(reasons.count) }
+        metrics.quarantined.increment(by: Int64(reasons.count))
         return true
     }
 
@@ -277,6 +283,7 @@ public final class Uploader: Service {
                 $0.lastResult = "\(status): \(reason)"
                 $0.lastHTTPStatus = status
             }
+            metrics.refused.increment()
             return .poison(reason)
 
         case 401, 403:
@@ -346,6 +353,10 @@ public final class Uploader: Service {
             return .retry(bufferRetryDelay)
         }
         loop.backoff.reset()
+        metrics.delivered.increment()
+        metrics.accepted.increment(by: Int64(receipt.accepted))
+        metrics.duplicates.increment(by: Int64(receipt.duplicates))
+        metrics.rejected.increment(by: Int64(receipt.rejected.count))
         let result = "\(status): \(receipt.accepted) accepted, \(receipt.duplicates) duplicates, \(receipt.rejected.count) rejected"
         logger.debug(
             "Batch delivered",
@@ -372,6 +383,7 @@ public final class Uploader: Service {
         let seconds = Backoff.seconds(delay)
         let next = Timestamp(microseconds: Timestamp.now().microseconds + Int64(seconds * 1_000_000))
         let failures = loop.backoff.failures
+        metrics.failed.increment()
         state.withLock {
             $0.lastResult = result
             $0.lastHTTPStatus = status
@@ -392,4 +404,15 @@ public final class Uploader: Service {
             .replacingOccurrences(of: "\n", with: " ")
         return text.isEmpty ? "http_\(response.status)" : "http_\(response.status): \(text)"
     }
+}
+
+/// The uploader's counters, created once with bounded labels.
+private struct UploadMetrics: Sendable {
+    let delivered = Counter(label: "farmgate_upload_requests_total", dimensions: [("result", "delivered")])
+    let refused = Counter(label: "farmgate_upload_requests_total", dimensions: [("result", "refused")])
+    let failed = Counter(label: "farmgate_upload_requests_total", dimensions: [("result", "failed")])
+    let accepted = Counter(label: "farmgate_upload_readings_total", dimensions: [("outcome", "accepted")])
+    let duplicates = Counter(label: "farmgate_upload_readings_total", dimensions: [("outcome", "duplicate")])
+    let rejected = Counter(label: "farmgate_upload_readings_total", dimensions: [("outcome", "rejected")])
+    let quarantined = Counter(label: "farmgate_upload_readings_total", dimensions: [("outcome", "quarantined")])
 }
