@@ -20,11 +20,6 @@ public enum RejectionCode {
 }
 
 extension Timestamp {
-    /// The current wall-clock time.
-    public static func now() -> Timestamp {
-        Timestamp(microseconds: Int64((Date().timeIntervalSince1970 * 1_000_000).rounded()))
-    }
-
     /// 2000-01-01T00:00:00Z: no reading of a real sensor is older.
     public static let earliestPlausible = Timestamp(microseconds: 946_684_800_000_000)
 }

@@ -1,0 +1,189 @@
+import ArgumentParser
+import FarmgateAgent
+import FarmgateIngest
+import FarmgateWire
+import Foundation
+import Logging
+import Prometheus
+import ServiceLifecycle
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `farmgate-bench ingest`: readings per second that the ingest stores on embedded SQLite, in process and end to end
+/// over loopback HTTP (binary batches posted by the agent's libcurl client to a running ingest). Prints, never asserts.
+struct IngestBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "ingest",
+        abstract: "Readings per second stored by the ingest on SQLite: in process, and over HTTP from the agent's client."
+    )
+
+    @Option(help: "Batches to store.")
+    var batches = 100
+
+    @Option(help: "Readings per batch.")
+    var readings = 1000
+
+    @Option(help: "Tanks on the simulated site; each has a pH, an EC and a temperature sensor.")
+    var tanks = 20
+
+    @Option(help: "Seed of the generator.")
+    var seed: UInt64 = 42
+
+    @Flag(help: "Skip the end-to-end HTTP measurement.")
+    var skipHTTP = false
+
+    func validate() throws {
+        guard batches > 0, readings > 0, tanks > 0 else { throw ValidationError("--batches, --readings and --tanks must be positive") }
+    }
+
+    func run() async throws {
+        var logger = Logger(label: "farmgate-bench")
+        logger.logLevel = .error
+        let directory = NSTemporaryDirectory() + "farmgate-bench-ingest-" + UUID().uuidString
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+
+        let site = try RealisticSite(tanks: tanks, readingCount: batches * readings, seed: seed)
+        let batchList = site.batches(of: readings)
+        let total = batchList.reduce(0) { $0 + $1.readings.count }
+        print("\(batchList.count) batches of \(readings) readings from \(tanks * 3) sensors; SQLite in \(directory) (WAL, synchronous=FULL)")
+        print("")
+
+        // In process: the store alone.
+        let store = try SQLiteIngestStore(path: directory + "/ingest.sqlite", logger: logger)
+        defer { store.close() }
+        try await store.migrate()
+        let admin = IngestAdmin(store: store)
+        _ = try await admin.createFarm(name: "bench")
+        _ = try await admin.createDevice(farm: "bench", device: site.device)
+        guard let farm = try await store.farm(named: "bench"), let device = try await store.devices(farmID: farm.id).first else {
+            throw ValidationError("the bench farm was not created")
+        }
+        let clock = ContinuousClock()
+        var perBatch: [Duration] = []
+        let storeTime = try await clock.measure {
+            for batch in batchList {
+                let start = clock.now
+                _ = try await store.store(batch, for: device, receivedAt: .now())
+                perBatch.append(start.duration(to: clock.now))
+            }
+        }
+        report("store, new readings", readings: total, time: storeTime, perBatch: perBatch)
+
+        perBatch = []
+        let duplicateTime = try await clock.measure {
+            for batch in batchList {
+                let start = clock.now
+                _ = try await store.store(batch, for: device, receivedAt: .now())
+                perBatch.append(start.duration(to: clock.now))
+            }
+        }
+        report("store, all duplicates", readings: total, time: duplicateTime, perBatch: perBatch)
+
+        guard !skipHTTP else { return }
+        try await http(batchList: batchList, total: total, directory: directory, logger: logger)
+    }
+
+    /// End to end: a real ingest on a loopback port, binary batches posted one after another as the uploader does.
+    private func http(batchList: [Batch], total: Int, directory: String, logger: Logger) async throws {
+        let store = try SQLiteIngestStore(path: directory + "/http.sqlite", logger: logger)
+        defer { store.close() }
+        try await store.migrate()
+        let admin = IngestAdmin(store: store)
+        _ = try await admin.createFarm(name: "bench")
+        guard let device = batchList.first?.device else { return }
+        let key = try await admin.createDevice(farm: "bench", device: device)
+
+        let port = try freePort()
+        var configuration = IngestConfiguration()
+        configuration.server.port = port
+        configuration.limits.requestsPerSecond = 1_000_000
+        configuration.limits.burst = 1_000_000
+        // The generated readings lie in a fixed window; judge them by a clock at its end.
+        let latest = batchList.flatMap(\.readings).map(\.timestamp).max() ?? .now()
+        let app = buildApplication(
+            configuration: configuration, store: store, registry: PrometheusCollectorRegistry(), logger: logger, now: { latest })
+        let frames = try batchList.map { try BatchCodec.encode($0) }
+        let bytes = frames.reduce(0) { $0 + $1.count }
+        let client = try HTTPClient(configuration: .init(useProxyEnvironment: false), logger: logger)
+        defer { client.close() }
+        let url = "http://127.0.0.1:\(port)\(IngestProtocol.batchesPath)"
+        let headers = [HTTPHeader("Authorization", "Bearer \(key.text)"), HTTPHeader("Content-Type", IngestProtocol.binaryBatchMediaType)]
+
+        let group = ServiceGroup(configuration: ServiceGroupConfiguration(services: [app], logger: logger))
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { try await group.run() }
+            defer { tasks.cancelAll() }
+            // Wait for the listener: any HTTP answer will do.
+            var up = false
+            for _ in 0..<100 where !up {
+                do {
+                    _ = try await client.post("http://127.0.0.1:\(port)/healthz", headers: [], body: [])
+                    up = true
+                } catch {
+                    try await Task.sleep(for: .milliseconds(50))
+                }
+            }
+            guard up else { throw ValidationError("the ingest did not start on port \(port)") }
+
+            let clock = ContinuousClock()
+            var perBatch: [Duration] = []
+            var accepted = 0
+            let time = try await clock.measure {
+                for frame in frames {
+                    let start = clock.now
+                    let response = try await client.post(url, headers: headers, body: frame)
+                    perBatch.append(start.duration(to: clock.now))
+                    guard response.status == 200 else {
+                        throw ValidationError("the ingest answered \(response.status): \(String(decoding: response.body, as: UTF8.self))")
+                    }
+                    if let receipt = try? JSONDecoder().decode(IngestReceipt.self, from: Data(response.body)) { accepted += receipt.accepted }
+                }
+            }
+            report("HTTP binary batches, libcurl keep-alive", readings: total, time: time, perBatch: perBatch)
+            print(String(format: "  %.2f bytes/reading on the wire; %d of %d readings accepted", Double(bytes) / Double(total), accepted, total))
+            await group.triggerGracefulShutdown()
+        }
+    }
+
+    private func report(_ title: String, readings: Int, time: Duration, perBatch: [Duration]) {
+        let seconds = time.seconds
+        let sorted = perBatch.sorted()
+        func percentile(_ p: Double) -> Double {
+            guard !sorted.isEmpty else { return 0 }
+            return sorted[min(sorted.count - 1, Int(Double(sorted.count - 1) * p))].seconds * 1000
+        }
+        print(title)
+        print(
+            String(
+                format: "  %10.0f readings/s   %.3f s total   per batch: p50 %.2f ms, p99 %.2f ms, max %.2f ms", Double(readings) / seconds,
+                seconds, percentile(0.5), percentile(0.99), percentile(1)))
+    }
+
+    /// A TCP port that was free a moment ago on the loopback interface.
+    private func freePort() throws -> Int {
+        #if canImport(Glibc)
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw ValidationError("cannot create a socket") }
+        defer { close(fd) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        address.sin_port = 0
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let bound = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) == 0 && getsockname(fd, $0, &length) == 0 }
+        }
+        guard bound else { throw ValidationError("cannot find a free port") }
+        return Int(UInt16(bigEndian: address.sin_port))
+        #else
+        return 18_089
+        #endif
+    }
+}
+
+extension Duration {
+    fileprivate var seconds: Double { Double(components.seconds) + Double(components.attoseconds) * 1e-18 }
+}

@@ -1,0 +1,297 @@
+import FarmgateSupport
+import FarmgateWire
+import Foundation
+import HTTPTypes
+import Hummingbird
+import HummingbirdTesting
+import Prometheus
+import Testing
+
+@testable import FarmgateIngest
+
+@Suite("POST /v1/batches")
+struct BatchUploadTests {
+    @Test("a JSON batch is stored and a repeat is answered with duplicates")
+    func jsonBatchAndRepeat() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let batch = try phBatch(sequences: 1...10)
+        try await fixture.app().test(.router) { client in
+            let first = try await postJSON(client, batch, key: fixture.deviceKey)
+            #expect(first.status == .ok)
+            #expect(try decode(IngestReceipt.self, first) == IngestReceipt(accepted: 10, duplicates: 0, rejected: []))
+            let second = try await postJSON(client, batch, key: fixture.deviceKey)
+            #expect(try decode(IngestReceipt.self, second) == IngestReceipt(accepted: 0, duplicates: 10, rejected: []))
+        }
+    }
+
+    @Test("a binary batch is stored", arguments: ["identity", "gzip", "zstd"])
+    func binaryBatch(encoding: String) async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let frame = try BatchCodec.encode(try phBatch(sequences: 1...1000))
+        let body: [UInt8] =
+            switch encoding {
+            case "gzip": Gzip.compress(frame)
+            case "zstd": Zstd.compress(frame)
+            default: frame
+            }
+        var headers = binaryHeaders(fixture.deviceKey)
+        headers[.contentEncoding] = encoding
+        try await fixture.app().test(.router) { [headers] client in
+            let response = try await client.execute(uri: IngestProtocol.batchesPath, method: .post, headers: headers, body: buffer(body))
+            #expect(response.status == .ok)
+            #expect(try decode(IngestReceipt.self, response).accepted == 1000)
+        }
+    }
+
+    @Test("a gzip- or zstd-encoded JSON batch is stored", arguments: ["gzip", "zstd", "GZIP"])
+    func compressedJSON(encoding: String) async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let json = BatchJSON.encode(try phBatch(sequences: 1...50))
+        let body = encoding.lowercased() == "gzip" ? Gzip.compress(json) : Zstd.compress(json)
+        try await fixture.app().test(.router) { client in
+            let response = try await client.execute(
+                uri: IngestProtocol.batchesPath, method: .post, headers: jsonHeaders(fixture.deviceKey, encoding: encoding), body: buffer(body))
+            #expect(response.status == .ok)
+            #expect(try decode(IngestReceipt.self, response).accepted == 50)
+        }
+    }
+
+    @Test("invalid readings are rejected one by one and the rest of the batch is stored")
+    func perReadingValidation() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let ph = try sensorID("tank1.ph")
+        let temp = try sensorID("tank1.temp")
+        let ok = Timestamp(microseconds: testNow.microseconds - 60_000_000)
+        let batch = Batch(
+            device: try deviceID("d1"),
+            sensors: [SensorDescriptor(id: ph, quantity: .ph), SensorDescriptor(id: temp, quantity: .temperature)],
+            readings: [
+                Reading(sensor: ph, sequence: 1, timestamp: ok, value: 6.2),
+                Reading(sensor: ph, sequence: 2, timestamp: ok, value: .nan),
+                Reading(sensor: ph, sequence: 3, timestamp: ok, value: 17),
+                Reading(sensor: temp, sequence: 4, timestamp: Timestamp(microseconds: testNow.microseconds + 11 * 60_000_000), value: 20),
+                Reading(sensor: temp, sequence: 5, timestamp: Timestamp(microseconds: 0), value: 20),
+                Reading(sensor: temp, sequence: 6, timestamp: Timestamp(microseconds: testNow.microseconds + 9 * 60_000_000), value: 20),
+                Reading(sensor: temp, sequence: 7, timestamp: ok, value: -.infinity),
+            ])
+        try await fixture.app().test(.router) { client in
+            let response = try await postJSON(client, batch, key: fixture.deviceKey)
+            #expect(response.status == .ok)
+            let receipt = try decode(IngestReceipt.self, response)
+            #expect(receipt.accepted == 2)
+            #expect(receipt.duplicates == 0)
+            #expect(receipt.rejected.map(\.sequence) == [2, 3, 4, 5, 7])
+            #expect(
+                receipt.rejected.map(\.code) == [
+                    RejectionCode.notFinite, RejectionCode.outOfRange, RejectionCode.timestampInFuture, RejectionCode.timestampImplausible,
+                    RejectionCode.notFinite,
+                ])
+            #expect(receipt.rejected.allSatisfy { !$0.message.isEmpty })
+            #expect(receipt.accepted + receipt.duplicates + receipt.rejected.count == batch.readings.count)
+        }
+    }
+
+    @Test("JSON readings that cannot be represented are counted as rejected")
+    func jsonPreRejected() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let json = """
+            {"device": "d1", "sensors": [{"id": "tank1.ph", "quantity": "ph"}],
+             "readings": [{"sensor": "tank1.ph", "seq": 1, "ts": "2025-12-31T23:00:00Z", "value": 6.1},
+                          {"sensor": "tank9.ph", "seq": 2, "ts": "2025-12-31T23:00:00Z", "value": 6.1},
+                          {"sensor": "tank1.ph", "seq": 3, "ts": "yesterday", "value": 6.1}]}
+            """
+        try await fixture.app().test(.router) { client in
+            let response = try await client.execute(
+                uri: IngestProtocol.batchesPath, method: .post, headers: jsonHeaders(fixture.deviceKey), body: buffer(Array(json.utf8)))
+            #expect(response.status == .ok)
+            let receipt = try decode(IngestReceipt.self, response)
+            #expect(receipt.accepted == 1)
+            #expect(receipt.rejected.count == 2)
+            #expect(receipt.rejected.contains { $0.sensor == "tank9.ph" && $0.code == "unknown_sensor" })
+        }
+    }
+
+    @Test("a sensor already registered with another quantity is rejected as sensor_conflict")
+    func sensorConflictOverHTTP() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let ph = try sensorID("tank1.ph")
+        let time = Timestamp(microseconds: testNow.microseconds - 1_000_000)
+        let conflicting = Batch(
+            device: try deviceID("d1"), sensors: [SensorDescriptor(id: ph, quantity: .temperature)],
+            readings: [Reading(sensor: ph, sequence: 100, timestamp: time, value: 20)])
+        try await fixture.app().test(.router) { client in
+            _ = try await postJSON(client, try phBatch(sequences: 1...2), key: fixture.deviceKey)
+            let receipt = try decode(IngestReceipt.self, try await postJSON(client, conflicting, key: fixture.deviceKey))
+            #expect(receipt.accepted == 0)
+            #expect(receipt.rejected.map(\.code) == [RejectionCode.sensorConflict])
+        }
+    }
+
+    @Test("a batch for another device than the key's is refused with device_mismatch")
+    func deviceMismatch() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        try await fixture.app().test(.router) { client in
+            let response = try await postJSON(client, try phBatch(device: "d2", sequences: 1...3), key: fixture.deviceKey)
+            let message = try expectError(response, .forbidden, "device_mismatch")
+            #expect(message.contains("d2") && message.contains("d1"))
+        }
+    }
+
+    @Test(
+        "an unsupported Content-Type or Content-Encoding is answered 415",
+        arguments: [
+            ("text/plain", nil, "unsupported_media_type"), (nil, nil, "unsupported_media_type"),
+            ("application/json", "br", "unsupported_encoding"), ("application/json", "gzip, zstd", "unsupported_encoding"),
+        ] as [(String?, String?, String)])
+    func unsupported(contentType: String?, encoding: String?, code: String) async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        var headers = bearer(fixture.deviceKey)
+        if let contentType { headers[.contentType] = contentType }
+        if let encoding { headers[.contentEncoding] = encoding }
+        try await fixture.app().test(.router) { [headers] client in
+            let response = try await client.execute(
+                uri: IngestProtocol.batchesPath, method: .post, headers: headers, body: buffer(BatchJSON.encode(try phBatch(sequences: 1...1))))
+            try expectError(response, .unsupportedMediaType, code)
+        }
+    }
+
+    @Test("Content-Type parameters and case are ignored")
+    func contentTypeParameters() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        var headers = bearer(fixture.deviceKey)
+        headers[.contentType] = "Application/JSON; charset=utf-8"
+        try await fixture.app().test(.router) { [headers] client in
+            let response = try await client.execute(
+                uri: IngestProtocol.batchesPath, method: .post, headers: headers, body: buffer(BatchJSON.encode(try phBatch(sequences: 1...1))))
+            #expect(response.status == .ok)
+        }
+    }
+
+    @Test("undecodable bodies are answered 400 malformed_batch naming the problem")
+    func malformed() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        try await fixture.app().test(.router) { client in
+            let json = try await client.execute(
+                uri: IngestProtocol.batchesPath, method: .post, headers: jsonHeaders(fixture.deviceKey), body: buffer(Array(#"{"device": 5}"#.utf8)))
+            let jsonMessage = try expectError(json, .badRequest, "malformed_batch")
+            #expect(jsonMessage.contains("device"))
+
+            let binary = try await client.execute(
+                uri: IngestProtocol.batchesPath, method: .post, headers: binaryHeaders(fixture.deviceKey), body: buffer(Array("garbage!".utf8)))
+            let binaryMessage = try expectError(binary, .badRequest, "malformed_batch")
+            #expect(binaryMessage.contains("binary"))
+            #expect(binaryMessage.contains("FGB"))
+
+            let gzip = try await client.execute(
+                uri: IngestProtocol.batchesPath, method: .post, headers: jsonHeaders(fixture.deviceKey, encoding: "gzip"),
+                body: buffer(Array("not gzip at all".utf8)))
+            let gzipMessage = try expectError(gzip, .badRequest, "malformed_batch")
+            #expect(gzipMessage.contains("gzip"))
+        }
+    }
+
+    @Test("a body over max_body_bytes is answered 413, in the router and over a real socket")
+    func bodyTooLarge() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let limits = IngestConfiguration.Limits(maxBodyBytes: 4096, maxDecompressedBytes: 1 << 20)
+        let body = buffer([UInt8](repeating: UInt8(ascii: " "), count: 10_000))
+        try await fixture.app(limits: limits).test(.router) { client in
+            let response = try await client.execute(uri: IngestProtocol.batchesPath, method: .post, headers: jsonHeaders(fixture.deviceKey), body: body)
+            try expectError(response, .contentTooLarge, "payload_too_large")
+        }
+        try await fixture.app(limits: limits).test(.live) { client in
+            let response = try await client.execute(uri: IngestProtocol.batchesPath, method: .post, headers: jsonHeaders(fixture.deviceKey), body: body)
+            try expectError(response, .contentTooLarge, "payload_too_large")
+        }
+    }
+
+    @Test("a gzip or zstd bomb is answered 413 without expanding it fully", arguments: ["gzip", "zstd"])
+    func decompressionBomb(encoding: String) async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let zeros = [UInt8](repeating: 0, count: 64 << 20)
+        let bomb = encoding == "gzip" ? Gzip.compress(zeros, level: 9) : Zstd.compress(zeros, level: 3)
+        #expect(bomb.count < 1 << 20)
+        try await fixture.app().test(.router) { client in
+            let response = try await client.execute(
+                uri: IngestProtocol.batchesPath, method: .post, headers: jsonHeaders(fixture.deviceKey, encoding: encoding), body: buffer(bomb))
+            try expectError(response, .contentTooLarge, "decompressed_too_large")
+        }
+    }
+
+    @Test("more readings than max_readings_per_batch is a malformed batch")
+    func tooManyReadings() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let limits = IngestConfiguration.Limits(maxReadingsPerBatch: 10)
+        try await fixture.app(limits: limits).test(.router) { client in
+            try expectError(try await postJSON(client, try phBatch(sequences: 1...11), key: fixture.deviceKey), .badRequest, "malformed_batch")
+            #expect(try await postJSON(client, try phBatch(sequences: 1...10), key: fixture.deviceKey).status == .ok)
+        }
+    }
+
+    @Test("over the device's rate the answer is 429 with an integer Retry-After of at least one second")
+    func rateLimited() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let limits = IngestConfiguration.Limits(requestsPerSecond: 0.1, burst: 2)
+        try await fixture.app(limits: limits).test(.router) { client in
+            #expect(try await postJSON(client, try phBatch(sequences: 1...1), key: fixture.deviceKey).status == .ok)
+            #expect(try await postJSON(client, try phBatch(sequences: 2...2), key: fixture.deviceKey).status == .ok)
+            let limited = try await postJSON(client, try phBatch(sequences: 3...3), key: fixture.deviceKey)
+            try expectError(limited, .tooManyRequests, "rate_limited")
+            let retryAfter = limited.headers[.retryAfter].flatMap { Int($0) }
+            #expect(retryAfter != nil)
+            #expect((retryAfter ?? 0) >= 1 && (retryAfter ?? 0) <= 10)
+            // Another device has its own bucket.
+            #expect(try await postJSON(client, try phBatch(device: "d2", sequences: 1...1), key: fixture.secondDeviceKey).status == .ok)
+        }
+    }
+
+    @Test("a store that fails is answered 503 with Retry-After")
+    func storeFailure() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let app = fixture.app()
+        try await app.test(.router) { client in
+            // Make the commit fail: drop a table the transaction writes, behind the store's back.
+            let connection = try SQLiteConnection(path: fixture.store.path, mode: .readWrite)
+            try connection.execute("DROP TABLE latest")
+            let response = try await postJSON(client, try phBatch(sequences: 1...1), key: fixture.deviceKey)
+            try expectError(response, .serviceUnavailable, "store_unavailable")
+            #expect(response.headers[.retryAfter].flatMap { Int($0) } ?? 0 >= 1)
+        }
+    }
+
+    @Test("metrics count batches by result and readings by outcome, without per-device labels")
+    func metrics() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let registry = PrometheusCollectorRegistry()
+        try await fixture.app(registry: registry).test(.router) { client in
+            _ = try await postJSON(client, try phBatch(sequences: 1...5), key: fixture.deviceKey)
+            _ = try await postJSON(client, try phBatch(sequences: 1...7), key: fixture.deviceKey)
+            _ = try await postJSON(client, try phBatch(device: "d2", sequences: 1...1), key: fixture.deviceKey)
+            let response = try await client.execute(uri: "/metrics", method: .get)
+            #expect(response.status == .ok)
+            let text = String(buffer: response.body)
+            #expect(text.contains(#"farmgate_ingest_batches_total{result="stored"} 2"#))
+            #expect(text.contains(#"farmgate_ingest_batches_total{result="forbidden"} 1"#))
+            #expect(text.contains(#"farmgate_ingest_readings_total{outcome="accepted"} 7"#))
+            #expect(text.contains(#"farmgate_ingest_readings_total{outcome="duplicate"} 5"#))
+            #expect(text.contains("farmgate_ingest_http_request_duration_seconds_count{route=\"/v1/batches\",status=\"2xx\"} 2"))
+            #expect(!text.contains("d1"))
+        }
+    }
+}
