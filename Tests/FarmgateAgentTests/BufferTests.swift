@@ -1,0 +1,510 @@
+import FarmgateSupport
+import FarmgateWire
+import Foundation
+import Logging
+import Synchronization
+import Testing
+
+@testable import FarmgateAgent
+
+// MARK: Helpers
+
+/// Collects what the buffer logs, so tests can check that a condition was reported.
+private final class LogRecorder: Sendable {
+    struct Entry: Sendable {
+        let level: Logger.Level
+        let message: String
+        let metadata: Logger.Metadata
+    }
+    private let storage = Mutex<[Entry]>([])
+    var entries: [Entry] { storage.withLock { $0 } }
+    func record(_ entry: Entry) { storage.withLock { $0.append(entry) } }
+
+    var logger: Logger {
+        Logger(label: "test.buffer") { _ in RecordingHandler(recorder: self) }
+    }
+}
+
+private struct RecordingHandler: LogHandler {
+    let recorder: LogRecorder
+    var metadata: Logger.Metadata = [:]
+    var metadataProvider: Logger.MetadataProvider?
+    var logLevel: Logger.Level = .trace
+
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+
+    func log(event: LogEvent) {
+        let merged = metadata.merging(event.metadata ?? [:]) { _, new in new }
+        recorder.record(.init(level: event.level, message: event.message.description, metadata: merged))
+    }
+}
+
+private let quietLogger = Logger(label: "test.buffer.quiet") { _ in SwiftLogNoOpLogHandler() }
+
+private func sensor(_ name: String) throws -> SensorID { try SensorID(name) }
+
+private func openBuffer(
+    _ scratch: BufferScratch, quota: Int64 = 512 << 20, whenFull: BufferFullPolicy = .dropOldest,
+    commitInterval: Duration = .seconds(1), logger: Logger = quietLogger
+) throws -> ReadingBuffer {
+    try ReadingBuffer(
+        configuration: BufferConfiguration(
+            path: scratch.file("buffer/buffer.sqlite"), commitInterval: commitInterval, quotaBytes: quota, whenFull: whenFull),
+        logger: logger)
+}
+
+/// `count` samples of `sensor`, one per second from `start` seconds.
+private func series(_ sensor: SensorID, count: Int, start: Int = 0, value: (Int) -> Double = { 6 + Double($0 % 100) / 100 }) -> [Sample] {
+    (0..<count).map { index in
+        Sample(sensor: sensor, timestamp: Timestamp(microseconds: Int64(start + index) * 1_000_000), value: value(index))
+    }
+}
+
+private func allPending(_ buffer: ReadingBuffer) async throws -> [Reading] {
+    try await buffer.pending(limit: 10_000_000, from: .oldest)
+}
+
+private func register(_ buffer: ReadingBuffer, _ names: String...) async throws {
+    try await buffer.register(names.map { SensorDescriptor(id: try SensorID($0), quantity: .ph) })
+}
+
+// MARK: Tests
+
+@Suite("ReadingBuffer")
+struct BufferTests {
+    @Test("sequence numbers are gap-free, strictly increasing, and survive reopening and the deletion of every row")
+    func sequencesAcrossReopen() async throws {
+        let scratch = try BufferScratch()
+        let ph = try sensor("tank1.ph")
+        do {
+            let buffer = try openBuffer(scratch)
+            try await register(buffer, "tank1.ph")
+            try await buffer.append(series(ph, count: 10))
+            #expect(try await buffer.flush() == 10)
+            try await buffer.append(series(ph, count: 5, start: 10))
+            // close() commits what is queued.
+            try await buffer.close()
+        }
+        do {
+            let buffer = try openBuffer(scratch)
+            #expect(try await buffer.statistics().lastSequence == 15)
+            try await buffer.append(series(ph, count: 5, start: 15))
+            #expect(try await buffer.flush() == 20)
+            let readings = try await allPending(buffer)
+            #expect(readings.map(\.sequence) == Array(1...20))
+            #expect(readings.map(\.timestamp.microseconds) == (0..<20).map { Int64($0) * 1_000_000 })
+            try await buffer.acknowledge(readings.map(\.sequence))
+            #expect(try await buffer.statistics().pending == 0)
+            try await buffer.close()
+        }
+        do {
+            let buffer = try openBuffer(scratch)
+            try await buffer.append(series(ph, count: 1, start: 100))
+            #expect(try await buffer.flush() == 21, "the counter survives the deletion of every reading")
+            #expect(try await allPending(buffer).map(\.sequence) == [21])
+            try await buffer.close()
+        }
+        // The sidecar mirrors the high-water mark.
+        let sidecar = try String(contentsOfFile: scratch.file("buffer/buffer.sqlite.seq"), encoding: .utf8)
+        #expect(sidecar == "21\n")
+    }
+
+    @Test("values are stored at the sensor's resolution and read back as Readings with their flags")
+    func valuesAtResolution() async throws {
+        let scratch = try BufferScratch()
+        let buffer = try openBuffer(scratch)
+        let ph = try sensor("tank1.ph")
+        let temperature = try sensor("tank1.temp")
+        try await buffer.register([
+            SensorDescriptor(id: ph, quantity: .ph), SensorDescriptor(id: temperature, quantity: .temperature),
+        ])
+        try await buffer.append([
+            Sample(sensor: ph, timestamp: Timestamp(microseconds: 1), value: 6.123, quality: [.clockUnsynchronized]),
+            Sample(sensor: temperature, timestamp: Timestamp(microseconds: 2), value: 21.53, quality: [.sensorFault, .outOfRange]),
+        ])
+        try await buffer.flush()
+        let readings = try await allPending(buffer)
+        #expect(readings.count == 2)
+        #expect(readings.first?.value == 6.12)
+        #expect(readings.first?.quality == [.clockUnsynchronized])
+        #expect(readings.last?.value == 21.5)  // 1/16 °C steps: 21.53 -> 344/16
+        #expect(readings.last?.quality == [.sensorFault, .outOfRange])
+        let descriptors = try await buffer.descriptors(for: [ph, temperature])
+        #expect(descriptors.map(\.id) == [ph, temperature])
+        #expect(descriptors.last?.resolution == .sixteenth)
+        try await buffer.close()
+    }
+
+    @Test("a sample already buffered with the same sensor and timestamp is stored once and counted, even after reopening")
+    func deduplication() async throws {
+        let scratch = try BufferScratch()
+        let ph = try sensor("tank1.ph")
+        let ec = try sensor("tank1.ec")
+        do {
+            let buffer = try openBuffer(scratch)
+            try await register(buffer, "tank1.ph", "tank1.ec")
+            let sample = Sample(sensor: ph, timestamp: Timestamp(microseconds: 1_000), value: 6.5)
+            // Twice in one commit, again in a later commit; the same timestamp on another sensor is not a duplicate.
+            try await buffer.append([sample, sample, Sample(sensor: ec, timestamp: Timestamp(microseconds: 1_000), value: 6.5)])
+            #expect(try await buffer.flush() == 2)
+            try await buffer.append([Sample(sensor: ph, timestamp: Timestamp(microseconds: 1_000), value: 7.0)])
+            #expect(try await buffer.flush() == 2, "a duplicate consumes no sequence number")
+            let statistics = try await buffer.statistics()
+            #expect(statistics.duplicatesIgnored == 2)
+            #expect(statistics.pending == 2)
+            #expect(try await allPending(buffer).first?.value == 6.5, "the first value is kept")
+            try await buffer.close()
+        }
+        let buffer = try openBuffer(scratch)
+        #expect(try await buffer.statistics().duplicatesIgnored == 2)
+        // Once acknowledged, the same sensor and timestamp is no longer buffered and is stored again.
+        try await buffer.acknowledge([1])
+        try await buffer.append([Sample(sensor: ph, timestamp: Timestamp(microseconds: 1_000), value: 6.5)])
+        #expect(try await buffer.flush() == 3)
+        try await buffer.close()
+    }
+
+    @Test("samples of unregistered sensors and unquantizable values are dropped, counted and logged, without a sequence number")
+    func rejectedSamples() async throws {
+        let scratch = try BufferScratch()
+        let recorder = LogRecorder()
+        let buffer = try openBuffer(scratch, logger: recorder.logger)
+        try await register(buffer, "tank1.ph")
+        let ph = try sensor("tank1.ph")
+        try await buffer.append([
+            Sample(sensor: try sensor("nobody"), timestamp: Timestamp(microseconds: 1), value: 1),
+            Sample(sensor: ph, timestamp: Timestamp(microseconds: 2), value: .nan),
+            Sample(sensor: ph, timestamp: Timestamp(microseconds: 3), value: .infinity),
+            Sample(sensor: ph, timestamp: Timestamp(microseconds: 4), value: 1e300),
+            Sample(sensor: ph, timestamp: Timestamp(microseconds: 5), value: 7),
+        ])
+        #expect(try await buffer.flush() == 1)
+        #expect(buffer.rejectedSamples == 4)
+        #expect(try await allPending(buffer).map(\.sequence) == [1])
+        #expect(recorder.entries.contains { $0.level == .warning && $0.metadata["buffer.unregistered_sensor"] == "1" })
+        try await buffer.close()
+    }
+
+    @Test("pending reads either end of the backlog, always in ascending sequence order")
+    func pendingFromBothEnds() async throws {
+        let scratch = try BufferScratch()
+        let buffer = try openBuffer(scratch)
+        try await register(buffer, "tank1.ph")
+        try await buffer.append(series(try sensor("tank1.ph"), count: 10))
+        try await buffer.flush()
+        #expect(try await buffer.pending(limit: 3, from: .oldest).map(\.sequence) == [1, 2, 3])
+        #expect(try await buffer.pending(limit: 3, from: .newest).map(\.sequence) == [8, 9, 10])
+        #expect(try await buffer.pending(limit: 0, from: .newest).isEmpty)
+        #expect(try await buffer.pending(limit: 50, from: .newest).map(\.sequence) == Array(1...10))
+        let statistics = try await buffer.statistics()
+        #expect(statistics.pending == 10)
+        #expect(statistics.oldestPending == Timestamp(microseconds: 0))
+        #expect(statistics.uncommitted == 0)
+        try await buffer.close()
+    }
+
+    @Test("acknowledge deletes exactly the given sequences, 1000 at a time quickly; unknown ones are ignored")
+    func acknowledge() async throws {
+        let scratch = try BufferScratch()
+        let buffer = try openBuffer(scratch)
+        try await register(buffer, "tank1.ph")
+        try await buffer.append(series(try sensor("tank1.ph"), count: 1_500))
+        try await buffer.flush()
+        let clock = ContinuousClock()
+        let started = clock.now
+        let batch = try await buffer.pending(limit: 1_000, from: .oldest)
+        try await buffer.acknowledge(batch.map(\.sequence) + [99_999, UInt64.max])
+        let elapsed = started.duration(to: clock.now)
+        #expect(elapsed < .seconds(2), "pending(1000) + acknowledge(1000) took \(elapsed)")
+        let rest = try await allPending(buffer)
+        #expect(rest.map(\.sequence) == Array(1_001...1_500))
+        #expect(try await buffer.statistics().pending == 500)
+        try await buffer.close()
+        // The cached count agrees with the file.
+        let reopened = try openBuffer(scratch)
+        #expect(try await reopened.statistics().pending == 500)
+        try await reopened.close()
+    }
+
+    @Test("quarantine moves readings aside with their reason; pending no longer returns them")
+    func quarantine() async throws {
+        let scratch = try BufferScratch()
+        let buffer = try openBuffer(scratch)
+        try await register(buffer, "tank1.ph")
+        try await buffer.append(series(try sensor("tank1.ph"), count: 5))
+        try await buffer.flush()
+        try await buffer.quarantine([2: "value out of range", 4: "timestamp in the future", 77: "not pending"])
+        #expect(try await allPending(buffer).map(\.sequence) == [1, 3, 5])
+        let quarantined = try await buffer.quarantined(limit: 10)
+        #expect(Set(quarantined.map(\.sequence)) == [2, 4])
+        let two = try #require(quarantined.first { $0.sequence == 2 })
+        #expect(two.reason == "value out of range")
+        #expect(two.sensor == "tank1.ph")
+        #expect(two.value == 6.01)
+        #expect(two.timestamp == Timestamp(microseconds: 1_000_000))
+        #expect(abs(two.quarantinedAt.microseconds - Int64(Date().timeIntervalSince1970 * 1_000_000)) < 60_000_000)
+        let statistics = try await buffer.statistics()
+        #expect(statistics.quarantined == 2)
+        #expect(statistics.pending == 3)
+        #expect(try await buffer.quarantined(limit: 1).count == 1)
+        // Quarantined sequence numbers are never handed out again.
+        try await buffer.append(series(try sensor("tank1.ph"), count: 1, start: 100))
+        #expect(try await buffer.flush() == 6)
+        try await buffer.close()
+    }
+
+    @Test("drop_oldest keeps the buffer under its quota by deleting the oldest readings, and counts them")
+    func quotaDropOldest() async throws {
+        let scratch = try BufferScratch()
+        let recorder = LogRecorder()
+        let quota: Int64 = 96 * 1024
+        let total = 8_000
+        do {
+            let buffer = try openBuffer(scratch, quota: quota, whenFull: .dropOldest, logger: recorder.logger)
+            try await register(buffer, "tank1.ph", "tank1.ec")
+            for chunk in 0..<16 {
+                let sensorName = chunk % 2 == 0 ? "tank1.ph" : "tank1.ec"
+                try await buffer.append(series(try sensor(sensorName), count: total / 16, start: chunk * 1_000))
+                try await buffer.flush()
+                #expect(try await buffer.statistics().usedBytes <= quota)
+            }
+            let statistics = try await buffer.statistics()
+            #expect(statistics.lastSequence == UInt64(total))
+            #expect(statistics.dropped > 0)
+            #expect(Int64(statistics.pending) + statistics.dropped == Int64(total), "every reading is either pending or counted")
+            let pending = try await allPending(buffer)
+            #expect(pending.last?.sequence == UInt64(total), "the newest readings are kept")
+            #expect(pending.first?.sequence == UInt64(statistics.dropped) + 1, "the oldest readings went first")
+            try await buffer.close()
+        }
+        #expect(recorder.entries.contains { $0.level == .warning && $0.metadata["buffer.policy"] == "drop_oldest" })
+        let reopened = try openBuffer(scratch, quota: quota)
+        let statistics = try await reopened.statistics()
+        #expect(Int64(statistics.pending) + statistics.dropped == Int64(total), "the dropped counter is persisted")
+        try await reopened.close()
+    }
+
+    @Test("drop_newest refuses incoming readings once the quota is reached, keeps the backlog, and counts them")
+    func quotaDropNewest() async throws {
+        let scratch = try BufferScratch()
+        let quota: Int64 = 96 * 1024
+        let buffer = try openBuffer(scratch, quota: quota, whenFull: .dropNewest)
+        try await register(buffer, "tank1.ph")
+        let ph = try sensor("tank1.ph")
+        var appended = 0
+        for chunk in 0..<16 {
+            try await buffer.append(series(ph, count: 500, start: chunk * 1_000))
+            appended += 500
+            try await buffer.flush()
+        }
+        let statistics = try await buffer.statistics()
+        #expect(statistics.dropped > 0)
+        #expect(Int64(statistics.pending) + statistics.dropped == Int64(appended))
+        #expect(statistics.lastSequence == UInt64(statistics.pending), "refused samples get no sequence number")
+        #expect(statistics.usedBytes <= quota + 64 * 1024, "at most one commit over the quota")
+        let pending = try await allPending(buffer)
+        #expect(pending.first?.sequence == 1, "the backlog is kept")
+        // Once the uploader frees space, new readings are taken again.
+        try await buffer.acknowledge(pending.map(\.sequence))
+        try await buffer.append(series(ph, count: 10, start: 100_000))
+        #expect(try await buffer.flush() == statistics.lastSequence + 10)
+        try await buffer.close()
+    }
+
+    @Test("a full disk keeps the samples queued and retries; nothing is lost once space returns")
+    func diskFull() async throws {
+        let scratch = try BufferScratch()
+        let buffer = try openBuffer(scratch)
+        try await register(buffer, "tank1.ph")
+        let ph = try sensor("tank1.ph")
+        try await buffer.append(series(ph, count: 10))
+        try await buffer.flush()
+        let pages = (try await buffer.statistics().usedBytes) / 4096
+        try await buffer.limitPageCount(pages)
+        try await buffer.append(series(ph, count: 5_000, start: 10))
+        await #expect {
+            try await buffer.flush()
+        } throws: { error in
+            (error as? SQLiteError)?.isDiskFull == true
+        }
+        #expect(try await buffer.statistics().uncommitted == 5_000)
+        #expect(try await buffer.statistics().lastSequence == 10)
+        try await buffer.limitPageCount(1 << 30)
+        #expect(try await buffer.flush() == 5_010)
+        #expect(try await allPending(buffer).map(\.sequence) == Array(1...5_010))
+        try await buffer.close()
+    }
+
+    @Test("past the in-memory cap while commits fail, the policy drops samples and they are counted")
+    func memoryCap() async throws {
+        let scratch = try BufferScratch()
+        let buffer = try openBuffer(scratch, whenFull: .dropOldest)
+        try await register(buffer, "tank1.ph")
+        let ph = try sensor("tank1.ph")
+        let cap = ReadingBuffer.maximumQueuedSamples
+        try await buffer.append(series(ph, count: cap + 25))
+        var statistics = try await buffer.statistics()
+        #expect(statistics.uncommitted == cap)
+        #expect(statistics.dropped == 25)
+        try await buffer.flush()
+        statistics = try await buffer.statistics()
+        #expect(statistics.dropped == 25, "the in-memory drops are persisted with the next commit")
+        #expect(try await buffer.pending(limit: 1, from: .oldest).first?.timestamp == Timestamp(microseconds: 25_000_000))
+        try await buffer.close()
+    }
+
+    @Test("the group-commit loop commits every interval and flushes on cancellation")
+    func commitLoop() async throws {
+        let scratch = try BufferScratch()
+        let commits = Mutex(0)
+        let buffer = try ReadingBuffer(
+            configuration: BufferConfiguration(path: scratch.file("buffer.sqlite"), commitInterval: .milliseconds(50)),
+            logger: quietLogger, onCommit: { _ in commits.withLock { $0 += 1 } })
+        try await register(buffer, "tank1.ph")
+        let ph = try sensor("tank1.ph")
+        let loop = Task { try await buffer.run() }
+        try await buffer.append(series(ph, count: 3))
+        let deadline = ContinuousClock.now + .seconds(5)
+        while try await buffer.statistics().pending < 3, ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        #expect(try await buffer.statistics().pending == 3, "committed by the loop, without flush()")
+        try await Task.sleep(for: .milliseconds(200))
+        #expect(commits.withLock { $0 } == 1, "empty intervals commit nothing")
+        try await buffer.append(series(ph, count: 4, start: 3))
+        loop.cancel()
+        try await loop.value
+        #expect(try await buffer.statistics().pending == 7, "the loop flushed before returning")
+        try await buffer.close()
+    }
+
+    @Test("a re-registered sensor with a new resolution has its buffered readings converted; old sensors stay while referenced")
+    func registration() async throws {
+        let scratch = try BufferScratch()
+        let buffer = try openBuffer(scratch)
+        let ph = try sensor("tank1.ph")
+        let old = try sensor("old.ph")
+        try await buffer.register([SensorDescriptor(id: ph, quantity: .ph), SensorDescriptor(id: old, quantity: .ph)])
+        try await buffer.append([
+            Sample(sensor: ph, timestamp: Timestamp(microseconds: 1), value: 6.47),
+            Sample(sensor: old, timestamp: Timestamp(microseconds: 1), value: 5.5),
+        ])
+        try await buffer.flush()
+        // tank1.ph goes to 0.1 resolution; old.ph is no longer configured but has a pending reading.
+        try await buffer.register([SensorDescriptor(id: ph, quantity: .ph, resolution: .tenth)])
+        let readings = try await allPending(buffer)
+        #expect(readings.map(\.value) == [6.5, 5.5])
+        // Sorted by id: old.ph, tank1.ph.
+        #expect(try await buffer.descriptors(for: [ph, old]).map(\.resolution) == [.hundredth, .tenth])
+        // New samples of old.ph are rejected.
+        try await buffer.append([Sample(sensor: old, timestamp: Timestamp(microseconds: 2), value: 5.5)])
+        try await buffer.flush()
+        #expect(buffer.rejectedSamples == 1)
+        // Once its readings are gone, the next registration forgets it.
+        try await buffer.acknowledge(readings.map(\.sequence))
+        try await buffer.register([SensorDescriptor(id: ph, quantity: .ph, resolution: .tenth)])
+        #expect(try await buffer.descriptors(for: [ph, old]).map(\.id) == [ph])
+        try await buffer.close()
+    }
+
+    enum Damage: String, CaseIterable, Sendable {
+        /// The whole file is random bytes: "file is not a database".
+        case garbage
+        /// The 100-byte header is overwritten.
+        case header
+        /// A b-tree page in the middle is overwritten; the header is intact and only quick_check notices.
+        case page
+    }
+
+    @Test("a corrupt buffer is moved aside with a clear log line, and a fresh one starts above the old high-water mark",
+          arguments: Damage.allCases)
+    func corruptionRecovery(damage: Damage) async throws {
+        let scratch = try BufferScratch()
+        let path = scratch.file("buffer/buffer.sqlite")
+        let ph = try sensor("tank1.ph")
+        do {
+            let buffer = try openBuffer(scratch)
+            try await register(buffer, "tank1.ph")
+            try await buffer.append(series(ph, count: 3_000))
+            #expect(try await buffer.flush() == 3_000)
+            try await buffer.close()
+        }
+        let handle = try FileHandle(forUpdating: URL(fileURLWithPath: path))
+        let size = try handle.seekToEnd()
+        var generator = SystemRandomNumberGenerator()
+        switch damage {
+        case .garbage:
+            try handle.seek(toOffset: 0)
+            try handle.write(contentsOf: (0..<Int(size)).map { _ in UInt8.random(in: 0...255, using: &generator) })
+        case .header:
+            try handle.seek(toOffset: 0)
+            try handle.write(contentsOf: (0..<100).map { _ in UInt8.random(in: 0...255, using: &generator) })
+        case .page:
+            // Page 4 onwards hold the readings table and its index; overwrite two of them.
+            try handle.seek(toOffset: 4 * 4096)
+            try handle.write(contentsOf: (0..<8192).map { _ in UInt8.random(in: 0...255, using: &generator) })
+        }
+        try handle.close()
+
+        let recorder = LogRecorder()
+        let buffer = try openBuffer(scratch, logger: recorder.logger)
+        let names = scratch.names(in: "buffer")
+        let moved = names.filter { $0.hasPrefix("buffer.sqlite.corrupt-") && !$0.hasSuffix("-wal") && !$0.hasSuffix("-shm") }
+        #expect(moved.count == 1, "moved aside: \(names)")
+        let movedPath = try #require(moved.first.map { scratch.file("buffer/\($0)") })
+        #expect(FileManager.default.fileExists(atPath: movedPath))
+        let logged = recorder.entries.first { $0.level == .error }
+        #expect(logged?.metadata["buffer.path"] == "\(path)")
+        #expect(logged?.metadata["buffer.moved_to"] == "\(movedPath)")
+
+        // A fresh, healthy buffer whose sequence numbers are above everything the old file handed out.
+        #expect(try await buffer.integrityProblems().isEmpty)
+        #expect(try await buffer.statistics().pending == 0)
+        try await register(buffer, "tank1.ph")
+        try await buffer.append(series(ph, count: 2, start: 10_000))
+        let last = try await buffer.flush()
+        #expect(last == 3_000 + UInt64(ReadingBuffer.recoverySequenceGap) + 2)
+        #expect(try await allPending(buffer).map(\.sequence) == [last - 1, last])
+        try await buffer.close()
+    }
+
+    @Test("a deleted buffer file whose sidecar remains does not restart sequence numbers")
+    func deletedFileKeepsSequences() async throws {
+        let scratch = try BufferScratch()
+        let ph = try sensor("tank1.ph")
+        do {
+            let buffer = try openBuffer(scratch)
+            try await register(buffer, "tank1.ph")
+            try await buffer.append(series(ph, count: 7))
+            try await buffer.flush()
+            try await buffer.close()
+        }
+        try FileManager.default.removeItem(atPath: scratch.file("buffer/buffer.sqlite"))
+        let buffer = try openBuffer(scratch)
+        try await register(buffer, "tank1.ph")
+        try await buffer.append(series(ph, count: 1))
+        #expect(try await buffer.flush() == 7 + UInt64(ReadingBuffer.recoverySequenceGap) + 1)
+        try await buffer.close()
+    }
+
+    @Test("a buffer written by a newer Farmgate is refused with a message, not moved aside")
+    func newerSchema() async throws {
+        let scratch = try BufferScratch()
+        let path = scratch.file("buffer/buffer.sqlite")
+        try await openBuffer(scratch).close()
+        do {
+            let connection = try SQLiteConnection(path: path)
+            try connection.execute("INSERT INTO schema_version(version, applied_at) VALUES (99, 0)")
+        }
+        #expect {
+            _ = try openBuffer(scratch)
+        } throws: { error in
+            String(describing: error).contains("schema version 99")
+        }
+        #expect(!scratch.names(in: "buffer").contains { $0.contains("corrupt") })
+        #expect(scratch.names(in: "buffer").contains("buffer.sqlite"))
+    }
+}
