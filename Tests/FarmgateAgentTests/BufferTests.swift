@@ -2,6 +2,7 @@ import FarmgateSupport
 import FarmgateWire
 import Foundation
 import Logging
+import ServiceLifecycle
 import Synchronization
 import Testing
 
@@ -378,6 +379,25 @@ struct BufferTests {
         loop.cancel()
         try await loop.value
         #expect(try await buffer.statistics().pending == 7, "the loop flushed before returning")
+        try await buffer.close()
+    }
+
+    @Test("graceful shutdown of the service group commits what is still queued")
+    func gracefulShutdown() async throws {
+        let scratch = try BufferScratch()
+        // An interval so long that only the shutdown can commit.
+        let buffer = try openBuffer(scratch, commitInterval: .seconds(3_600))
+        try await register(buffer, "tank1.ph")
+        let group = ServiceGroup(services: [buffer], logger: quietLogger)
+        let running = Task { try await group.run() }
+        try await buffer.append(series(try sensor("tank1.ph"), count: 5))
+        try await Task.sleep(for: .milliseconds(100))
+        #expect(try await buffer.statistics().uncommitted == 5)
+        await group.triggerGracefulShutdown()
+        try await running.value
+        let statistics = try await buffer.statistics()
+        #expect(statistics.pending == 5)
+        #expect(statistics.uncommitted == 0)
         try await buffer.close()
     }
 
