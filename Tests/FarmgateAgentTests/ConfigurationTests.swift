@@ -95,7 +95,7 @@ struct ConfigurationTests {
 
     @Test("Duplicate sensor ids, a missing device and no sensors are refused")
     func structure() throws {
-        let duplicate = try #require(error(Self.minimal + "\n" + Self.minimal.split(separator: "\n").dropFirst(3).joined(separator: "\n")))
+        let duplicate = try #require(error(Self.minimal + "\n" + Self.minimal.split(separator: "\n").dropFirst(2).joined(separator: "\n")))
         #expect(duplicate.message.contains("already used by sensor #1"))
         let noDevice = try #require(error("[[sensor]]\nid = \"a\"\ndriver = \"simulated\"\nquantity = \"ph\""))
         #expect(noDevice.message.contains("missing [device] section"))

@@ -26,8 +26,8 @@ func sensorConfiguration(_ id: String, quantity: Quantity, interval: String = "1
         driver = "simulated"
         quantity = "\(quantity.rawValue)"
         interval = "\(interval)"
-        fault_rate = 0
         latency = "0ms"
+        \(extra.contains("fault_rate") ? "" : "fault_rate = 0")
         \(extra)
         """
     let configuration = try AgentConfiguration.parse(ConfigDocument.parse(text, file: "test.toml"))
