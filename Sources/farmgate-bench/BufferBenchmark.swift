@@ -11,8 +11,8 @@ struct BufferBench: AsyncParsableCommand {
         commandName: "buffer",
         abstract: "Group commits per second of the site buffer, and the cost of pending(1000) + acknowledge(1000).",
         discussion: """
-            Runs against a real file in --directory (use the disk the agent will use: an SD card is far slower than an SSD).
-            Each commit is durable (synchronous=FULL, plus the fsynced sequence sidecar). --compare-normal repeats the run with
+            Runs against a real file in --directory (use the disk the agent will use: an SD card is far slower than an SSD). \
+            Each commit is durable (synchronous=FULL, plus the fsynced sequence sidecar). --compare-normal repeats the run with \
             synchronous=NORMAL and no sidecar fsync, which survives kill -9 but not power loss.
             """)
 

@@ -28,9 +28,9 @@ extension DebugCommand {
             commandName: "buffer-writer",
             abstract: "Append synthetic samples to a buffer until killed.",
             discussion: """
-                After every durable group commit, prints one line to standard output holding the highest committed sequence number.
-                Sensors are named w1 ... wN (temperature at 1/16 °C); timestamps are unique per sample and later than those of any
-                earlier run on the same file.
+                After every durable group commit, prints one line to standard output holding the highest committed sequence \
+                number. Sensors are named w1 ... wN (temperature at 1/16 °C); timestamps are unique per sample and later than \
+                those of any earlier run on the same file.
                 """)
 
         @Option(help: ArgumentHelp("The buffer file.", valueName: "file"))
