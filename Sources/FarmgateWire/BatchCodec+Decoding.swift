@@ -154,7 +154,8 @@ extension BatchCodec {
             }
             flags.append(column)
         }
-        // Slot of each reading in grid-coded timestamp columns: one more than the previous, plus the gaps listed.
+        // Slot of each reading in grid-coded timestamp columns: one more than the previous; at a listed gap, 2 + the
+        // coded number (the encoder writes slots skipped − 1, which is ≥ 0).
         var slots: [[Int64]] = Array(repeating: [], count: sensorCount)
         for i in 0..<sensorCount where counts[i] >= 2 && timestampModes[i] == 0 {
             let n = counts[i]
@@ -166,7 +167,7 @@ extension BatchCodec {
                 let advance = try reader.count("sensor '\(ids[i])' timestamp gap position", limit: n - 1 - index)
                 guard advance > 0 else { throw BatchDecodingError("sensor '\(ids[i])' lists a timestamp gap twice") }
                 index += advance
-                increments[index] = 1 &+ Int64(truncatingIfNeeded: try reader.uvarint("sensor '\(ids[i])' timestamp gap"))
+                increments[index] = 2 &+ Int64(truncatingIfNeeded: try reader.uvarint("sensor '\(ids[i])' timestamp gap"))
             }
             var slot: Int64 = 0
             slots[i] = increments.map { increment in

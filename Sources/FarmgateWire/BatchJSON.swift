@@ -51,9 +51,9 @@ public enum BatchJSON {
             w.raw("{\"sensor\":")
             w.string(reading.sensor.rawValue)
             w.raw(",\"seq\":\(reading.sequence),\"ts\":")
-            let formatted = RFC3339.format(reading.timestamp)
-            if RFC3339.parse(formatted) == reading.timestamp {
-                w.string(formatted)
+            // RFC 3339 writes years 0001 to 9999 only (and RFC3339.format traps far outside them): integers elsewhere.
+            if rfc3339Range.contains(reading.timestamp.microseconds) {
+                w.string(RFC3339.format(reading.timestamp))
             } else {
                 w.raw(String(reading.timestamp.microseconds))
             }
@@ -83,6 +83,9 @@ public enum BatchJSON {
         w.raw("]}")
         return w.bytes
     }
+
+    /// 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999Z in microseconds.
+    static let rfc3339Range: ClosedRange<Int64> = -62_135_596_800_000_000...253_402_300_799_999_999
 
     /// A resolution as a decimal step when that parses back to the same fraction, else `n/d`.
     static func text(of resolution: Resolution) -> String {

@@ -67,6 +67,7 @@ struct BatchCodecRobustnessTests {
         let manyReadings = frame { w in
             w.uvarint(1)
             w.uvarint(4_000_000)
+            w.bytes([UInt8](repeating: 0, count: 64))
         }
         let manySensors = frame { w in w.uvarint(UInt64(1) << 40) }
         let oneSensorTooMany = frame { w in
@@ -77,6 +78,7 @@ struct BatchCodecRobustnessTests {
         let readingsBeyondBytes = frame { w in
             w.uvarint(1)
             w.uvarint(90_000)
+            w.bytes([UInt8](repeating: 0, count: 64))
         }
         var messages: [String] = []
         let elapsed = clock.measure {

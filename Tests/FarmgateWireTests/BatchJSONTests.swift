@@ -93,7 +93,7 @@ struct BatchJSONTests {
         #expect(Self.error("{\"device\":\"d\",\"sensors\":[{\"id\":\"x\",\"quantity\":\"mood\"}]}")
             .contains("sensors[0].quantity: unknown quantity 'mood'"))
         #expect(Self.error("{\"device\":\"d\",\"sensors\":[{\"id\":\"x\",\"quantity\":\"ph\",\"resolution\":\"0\"}]}")
-            .contains("sensors[0].resolution: invalid resolution '0'"))
+            .contains("sensors[0].resolution: invalid resolution"))
         #expect(Self.error("{\"device\":\"d\",\"sensors\":[{\"id\":\"x\",\"quantity\":\"ph\"},{\"id\":\"x\",\"quantity\":\"ec\"}]}")
             == "sensors[1].id: 'x' is declared more than once")
         #expect(Self.error("{\"device\":\"d\",\"readings\":{}}") == "readings: expected an array, found an object")

@@ -79,6 +79,11 @@ enum Fixtures {
         }
     }
 
+    /// A reading without Timestamp.description (RFC3339.format traps on timestamps near Int64.min).
+    static func describe(_ r: Reading) -> String {
+        "\(r.sensor) seq \(r.sequence) ts \(r.timestamp.microseconds) value \(r.value) flags \(r.quality.rawValue)"
+    }
+
     /// Readings in an order independent of how a codec arranges them.
     static func canonical(_ readings: [Reading]) -> [Reading] {
         readings.sorted {
