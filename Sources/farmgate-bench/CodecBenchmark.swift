@@ -51,10 +51,26 @@ struct CodecBenchmark: AsyncParsableCommand {
             for batch in batchList { encoded.append(try BatchCodec.encode(batch, compressionLevel: level)) }
         }
         binary = encoded.reduce(0) { $0 + $1.count }
-        var decodedCount = 0
+        var decodedBatches: [Batch] = []
         let decodeTime = try clock.measure {
-            for frame in encoded { decodedCount += try BatchCodec.decode(frame).readings.count }
+            for frame in encoded { decodedBatches.append(try BatchCodec.decode(frame)) }
         }
+        let decodedCount = decodedBatches.reduce(0) { $0 + $1.readings.count }
+        // Lossless at the declared resolution: the same (sequence, sensor, timestamp, steps, flags) come back.
+        var mismatches = 0
+        for (original, decoded) in zip(batchList, decodedBatches) {
+            let resolution = Dictionary(original.sensors.map { ($0.id, $0.resolution) }, uniquingKeysWith: { a, _ in a })
+            let want = original.readings.sorted { $0.sequence < $1.sequence }
+            for (a, b) in zip(want, decoded.readings) {
+                let steps = resolution[a.sensor]?.quantize(a.value)
+                if a.sequence != b.sequence || a.sensor != b.sensor || a.timestamp != b.timestamp || a.quality != b.quality
+                    || steps == nil || resolution[a.sensor]?.value(ofSteps: steps ?? 0) != b.value
+                {
+                    mismatches += 1
+                }
+            }
+        }
+        if mismatches > 0 { print("warning: \(mismatches) readings did not round-trip") }
         var jsonDocuments: [[UInt8]] = []
         let jsonEncodeTime = clock.measure {
             for batch in batchList { jsonDocuments.append(BatchJSON.encode(batch)) }
