@@ -4,8 +4,12 @@ public enum RFC3339 {
     /// Formats `timestamp` as `YYYY-MM-DDTHH:MM:SS.ffffffZ` (fraction omitted when zero).
     public static func format(_ timestamp: Timestamp) -> String {
         let us = timestamp.microseconds
-        let seconds = floorDiv(us, 1_000_000)
-        let micros = us - seconds * 1_000_000
+        var seconds = us / 1_000_000
+        var micros = us % 1_000_000
+        if micros < 0 {
+            seconds -= 1
+            micros += 1_000_000
+        }
         let days = floorDiv(seconds, 86_400)
         let secondOfDay = seconds - days * 86_400
         let (y, m, d) = civil(fromDays: days)

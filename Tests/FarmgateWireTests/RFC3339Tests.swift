@@ -1,0 +1,48 @@
+import FarmgateWire
+import Testing
+
+@Suite("RFC 3339")
+struct RFC3339Tests {
+    @Test("Known instants format and parse both ways")
+    func known() {
+        let cases: [(Int64, String)] = [
+            (0, "1970-01-01T00:00:00Z"),
+            (1_795_424_530_123_456, "2026-11-23T09:02:10.123456Z"),
+            (951_782_400_000_000, "2000-02-29T00:00:00Z"),
+            (-1, "1969-12-31T23:59:59.999999Z"),
+            (-62_135_596_800_000_000, "0001-01-01T00:00:00Z"),
+        ]
+        for (microseconds, text) in cases {
+            #expect(RFC3339.format(Timestamp(microseconds: microseconds)) == text)
+            #expect(RFC3339.parse(text) == Timestamp(microseconds: microseconds))
+        }
+    }
+
+    @Test("Offsets convert to UTC; fractions beyond microseconds truncate")
+    func offsets() {
+        #expect(RFC3339.parse("2026-11-23T10:02:10+01:00") == RFC3339.parse("2026-11-23T09:02:10Z"))
+        #expect(RFC3339.parse("2026-11-23T09:02:10.1234567Z") == RFC3339.parse("2026-11-23T09:02:10.123456Z"))
+        #expect(RFC3339.parse("2026-11-23t09:02:10.5z")?.microseconds == RFC3339.parse("2026-11-23T09:02:10.500000Z")?.microseconds)
+    }
+
+    @Test("Malformed text is refused", arguments: [
+        "", "2026-11-23", "2026-13-01T00:00:00Z", "2026-02-30T00:00:00Z", "2026-11-23T24:00:00Z", "2026-11-23T09:02:10",
+        "2026-11-23T09:02:10.Z", "2026-11-23T09:02:10+0100", "2026-11-23T09:02:10Zjunk", "99999-01-01T00:00:00Z",
+    ])
+    func malformed(text: String) {
+        #expect(RFC3339.parse(text) == nil)
+    }
+
+    @Test("Every Int64 formats without trapping and round-trips where the year has four digits")
+    func total() {
+        var generator = SystemRandomNumberGenerator()
+        let extremes: [Int64] = [.min, .max, .min + 1, .max - 1, 253_402_300_799_999_999, 253_402_300_800_000_000]
+        for value in extremes + (0..<2000).map({ _ in Int64.random(in: .min ... .max, using: &generator) }) {
+            let text = RFC3339.format(Timestamp(microseconds: value))
+            #expect(!text.isEmpty)
+            if (-62_135_596_800_000_000...253_402_300_799_999_999).contains(value) {
+                #expect(RFC3339.parse(text)?.microseconds == value, "\(value) -> \(text)")
+            }
+        }
+    }
+}
