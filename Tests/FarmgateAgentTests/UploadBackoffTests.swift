@@ -1,0 +1,82 @@
+import FarmgateAgent
+import Foundation
+import Testing
+
+/// A deterministic generator for tests (SplitMix64).
+struct SeededGenerator: RandomNumberGenerator {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
+@Suite("Upload backoff and Retry-After")
+struct UploadBackoffTests {
+    @Test func ceilingDoublesUpToTheCap() {
+        var backoff = Backoff(initial: .seconds(1), maximum: .seconds(60))
+        var generator = SeededGenerator(seed: 1)
+        var ceilings: [Duration] = []
+        for _ in 0..<10 {
+            ceilings.append(backoff.ceiling)
+            _ = backoff.nextDelay(using: &generator)
+        }
+        #expect(ceilings == [1, 2, 4, 8, 16, 32, 60, 60, 60, 60].map { Duration.seconds($0) })
+        #expect(backoff.failures == 10)
+        backoff.reset()
+        #expect(backoff.failures == 0)
+        #expect(backoff.ceiling == .seconds(1))
+    }
+
+    @Test func delaysAreFullyJitteredBelowTheCeiling() {
+        var generator = SeededGenerator(seed: 42)
+        var delaysAtCap: [Duration] = []
+        for _ in 0..<200 {
+            var backoff = Backoff(initial: .milliseconds(100), maximum: .seconds(10))
+            for _ in 0..<12 {
+                let ceiling = backoff.ceiling
+                let delay = backoff.nextDelay(using: &generator)
+                #expect(delay >= .zero && delay <= ceiling)
+                if ceiling == .seconds(10) { delaysAtCap.append(delay) }
+            }
+        }
+        // Full jitter: spread over the whole range, not clustered near the ceiling.
+        #expect(delaysAtCap.count > 500)
+        #expect(delaysAtCap.contains { $0 < .seconds(1) })
+        #expect(delaysAtCap.contains { $0 > .seconds(9) })
+        let mean = delaysAtCap.map { Double($0.components.seconds) + Double($0.components.attoseconds) / 1e18 }.reduce(0, +)
+            / Double(delaysAtCap.count)
+        #expect(mean > 4 && mean < 6)
+    }
+
+    @Test func manyFailuresDoNotOverflow() {
+        var backoff = Backoff(initial: .seconds(1), maximum: .seconds(300))
+        for _ in 0..<5000 { backoff.recordFailure() }
+        #expect(backoff.ceiling == .seconds(300))
+        #expect(backoff.nextDelay() <= .seconds(300))
+    }
+
+    @Test func retryAfterInSeconds() {
+        #expect(RetryAfter.delay("120") == .seconds(120))
+        #expect(RetryAfter.delay(" 0 ") == .zero)
+        #expect(RetryAfter.delay("99999999999999999999999") != nil)
+        #expect(RetryAfter.delay("-5") == nil)
+        #expect(RetryAfter.delay("1.5") == nil)
+        #expect(RetryAfter.delay("") == nil)
+        #expect(RetryAfter.delay("soon") == nil)
+    }
+
+    @Test func retryAfterAsHTTPDateInEveryForm() throws {
+        let now = Date(timeIntervalSince1970: 784_111_747)  // Sun, 06 Nov 1994 08:49:07 GMT
+        #expect(RetryAfter.delay("Sun, 06 Nov 1994 08:49:37 GMT", now: now) == .seconds(30))
+        #expect(RetryAfter.delay("Sunday, 06-Nov-94 08:49:37 GMT", now: now) == .seconds(30))
+        #expect(RetryAfter.delay("Sun Nov  6 08:49:37 1994", now: now) == .seconds(30))
+        #expect(RetryAfter.delay("Sun, 06 Nov 1994 08:00:00 GMT", now: now) == .zero)
+        #expect(RetryAfter.delay("Sun, 06 Foo 1994 08:49:37 GMT", now: now) == nil)
+        #expect(RetryAfter.delay("Sun, 06 Nov 1994 25:49:37 GMT", now: now) == nil)
+    }
+}

@@ -1,0 +1,478 @@
+import FarmgateAgent
+import FarmgateWire
+import Foundation
+import Logging
+import ServiceLifecycle
+import Synchronization
+import Testing
+
+// MARK: - A stand-in for farmgate-ingest
+
+/// Decodes every batch like the ingest, remembers what it stored, and answers with a real ``IngestReceipt``, unless a rule or
+/// the script says otherwise.
+final class FakeIngest: Sendable {
+    struct Rules: Sendable {
+        /// Readings with this value are rejected one by one in the receipt (`out_of_range`).
+        var rejectValue: Double?
+        /// A batch holding a reading with this value is refused whole with 422.
+        var poisonValue: Double?
+        /// Overrides the answer to request `n` (the request is still decoded and logged).
+        var script: @Sendable (Int) -> TestResponse? = { _ in nil }
+    }
+
+    struct Log: Sendable {
+        var stored: [UInt64: Int] = [:]
+        /// The sequences of every request, decoded, in arrival order (refused ones included).
+        var batches: [[UInt64]] = []
+        var authorizations: Set<String> = []
+        var contentTypes: Set<String> = []
+    }
+
+    private final class State: Sendable {
+        let log = Mutex(Log())
+    }
+
+    static let key = "fgd_test_key_123"
+
+    let server: TestHTTPServer
+    private let state: State
+
+    init(_ rules: Rules = Rules()) throws {
+        let state = State()
+        self.state = state
+        server = try TestHTTPServer { request, index in
+            let readings: [Reading]
+            do {
+                if request.headers["content-type"] == IngestProtocol.jsonBatchMediaType {
+                    readings = try BatchJSON.decode(request.body).batch.readings
+                } else {
+                    readings = try BatchCodec.decode(request.body).readings
+                }
+            } catch {
+                return .json(400, #"{"error":{"code":"malformed_batch","message":"\#(error)"}}"#)
+            }
+            state.log.withLock {
+                $0.batches.append(readings.map(\.sequence).sorted())
+                $0.authorizations.insert(request.headers["authorization"] ?? "")
+                $0.contentTypes.insert(request.headers["content-type"] ?? "")
+            }
+            if let scripted = rules.script(index) { return scripted }
+            guard request.headers["authorization"] == "Bearer \(FakeIngest.key)" else {
+                return .json(401, #"{"error":{"code":"unauthorized","message":"unknown device key"}}"#)
+            }
+            if let poison = rules.poisonValue, let bad = readings.first(where: { abs($0.value - poison) < 1e-6 }) {
+                return .json(422, #"{"error":{"code":"invalid_batch","message":"reading \#(bad.sequence) cannot be stored"}}"#)
+            }
+            var receipt = IngestReceipt(accepted: 0, duplicates: 0, rejected: [])
+            state.log.withLock { log in
+                for reading in readings {
+                    if let reject = rules.rejectValue, abs(reading.value - reject) < 1e-6 {
+                        receipt.rejected.append(
+                            RejectedReading(
+                                sequence: reading.sequence, sensor: reading.sensor.rawValue, code: "out_of_range",
+                                message: "value \(reading.value) is out of range"))
+                    } else if log.stored[reading.sequence] != nil {
+                        receipt.duplicates += 1
+                        log.stored[reading.sequence, default: 0] += 1
+                    } else {
+                        receipt.accepted += 1
+                        log.stored[reading.sequence] = 1
+                    }
+                }
+            }
+            let body = (try? JSONEncoder().encode(receipt)).map { Array($0) } ?? []
+            return .reply(200, headers: ["Content-Type": "application/json"], body: body)
+        }
+    }
+
+    var url: String { server.url }
+    var log: Log { state.log.withLock { $0 } }
+    var requests: [RecordedRequest] { server.requests }
+}
+
+// MARK: - Helpers
+
+/// A real ``ReadingBuffer`` in a temporary directory, filled with committed readings of three sensors.
+final class TestBuffer: Sendable {
+    let buffer: ReadingBuffer
+    let directory: URL
+    /// The sequence numbers committed, ascending.
+    let sequences: [UInt64]
+
+    static let sensors: [SensorDescriptor] = [
+        SensorDescriptor(id: constantSensorID("tank1.ph"), quantity: .ph),
+        SensorDescriptor(id: constantSensorID("tank1.ec"), quantity: .electricalConductivity),
+        SensorDescriptor(id: constantSensorID("tank1.temp"), quantity: .temperature),
+    ]
+
+    /// `count` readings spread over the three sensors, 10 ms apart, ending now. `value(i)` overrides the value of reading `i`.
+    init(count: Int, value: @Sendable (Int) -> Double? = { _ in nil }) async throws {
+        directory = FileManager.default.temporaryDirectory.appendingPathComponent("farmgate-upload-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        buffer = try ReadingBuffer(
+            configuration: BufferConfiguration(path: directory.appendingPathComponent("buffer.sqlite").path),
+            logger: Logger(label: "test.buffer"))
+        try await buffer.register(Self.sensors)
+        try await Self.append(count: count, to: buffer, value: value)
+        sequences = try await buffer.pending(limit: count + 10, from: .oldest).map(\.sequence)
+    }
+
+    static func append(count: Int, to buffer: ReadingBuffer, value: @Sendable (Int) -> Double? = { _ in nil }) async throws {
+        let now = Timestamp.now().microseconds
+        var samples: [Sample] = []
+        for i in 0..<count {
+            let sensor = sensors[i % 3]
+            let timestamp = Timestamp(microseconds: now - Int64(count - i) * 10_000)
+            let normal: Double =
+                switch sensor.quantity {
+                case .ph: 6.0 + Double(i % 50) / 100
+                case .electricalConductivity: 1200 + Double(i % 100) / 10
+                default: 21 + Double(i % 32) / 16
+                }
+            samples.append(Sample(sensor: sensor.id, timestamp: timestamp, value: value(i) ?? normal))
+        }
+        try await buffer.append(samples)
+        try await buffer.flush()
+    }
+
+    deinit {
+        try? FileManager.default.removeItem(at: directory)
+    }
+
+    func statistics() async throws -> BufferStatistics { try await buffer.statistics() }
+}
+
+func uploadConfiguration(
+    _ url: String, format: UploadConfiguration.Format = .binary, batchMaxReadings: Int = 100, batchMaxBytes: Int = 256 << 10,
+    requestTimeout: Duration = .seconds(5), backoffInitial: Duration = .milliseconds(30), backoffMax: Duration = .seconds(1),
+    key: String = FakeIngest.key
+) -> UploadConfiguration {
+    UploadConfiguration(
+        endpoint: url + "/", deviceKey: key, format: format, batchMaxReadings: batchMaxReadings, batchMaxBytes: batchMaxBytes,
+        batchMaxAge: .milliseconds(200), connectTimeout: .seconds(2), requestTimeout: requestTimeout,
+        stallTimeout: requestTimeout, backoffInitial: backoffInitial, backoffMax: backoffMax, pollInterval: .milliseconds(20),
+        useProxyEnvironment: false)
+}
+
+let testDevice: DeviceID = {
+    // A constant of the test, not input: it is valid.
+    guard let device = try? DeviceID("greenhouse-2") else { preconditionFailure("constant device id is valid") }
+    return device
+}()
+
+func constantSensorID(_ text: String) -> SensorID {
+    // Constants of the test, not input: they are valid.
+    guard let id = try? SensorID(text) else { preconditionFailure("constant sensor id \(text) is valid") }
+    return id
+}
+
+/// Runs an uploader in a task for the duration of `body`, then cancels it.
+func withUploader(
+    source: any PendingReadings, configuration: UploadConfiguration,
+    _ body: (Uploader) async throws -> Void
+) async throws {
+    let uploader = try Uploader(device: testDevice, source: source, configuration: configuration, logger: Logger(label: "test.upload"))
+    let task = Task { try await uploader.run() }
+    do {
+        try await body(uploader)
+    } catch {
+        task.cancel()
+        _ = await task.result
+        throw error
+    }
+    task.cancel()
+    _ = await task.result
+}
+
+/// Polls `condition` until it holds or `timeout` passes.
+func eventually(timeout: Duration = .seconds(10), _ condition: () async throws -> Bool) async throws -> Bool {
+    let deadline = ContinuousClock.now + timeout
+    while ContinuousClock.now < deadline {
+        if try await condition() { return true }
+        try? await Task.sleep(for: .milliseconds(20))
+    }
+    return try await condition()
+}
+
+extension Duration {
+    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
+}
+
+/// A gate the test opens; the fake ingest fails until then.
+final class Gate: Sendable {
+    private let open = Atomic<Bool>(false)
+    func release() { open.store(true, ordering: .sequentiallyConsistent) }
+    var isOpen: Bool { open.load(ordering: .sequentiallyConsistent) }
+}
+
+// MARK: - Tests
+
+@Suite("Uploader against a loopback ingest, with the real SQLite buffer")
+struct UploadUploaderTests {
+    @Test func serverErrorsThenSuccessDeliverEverythingAndDeleteOnlyAfterTheAck() async throws {
+        let data = try await TestBuffer(count: 250)
+        let gate = Gate()
+        let ingest = try FakeIngest(
+            FakeIngest.Rules(script: { index in
+                if gate.isOpen { return nil }
+                return [TestResponse.reply(500), .reply(502), .close, .json(503, "{}")][index % 4]
+            }))
+        try await withUploader(source: data.buffer, configuration: uploadConfiguration(ingest.url)) { uploader throws in
+            #expect(try await eventually { uploader.status().consecutiveFailures >= 3 })
+            // Failures only: nothing was deleted, nothing quarantined.
+            let during = try await data.statistics()
+            #expect(during.pending == 250)
+            #expect(during.quarantined == 0)
+            #expect(uploader.status().lastSuccessAt == nil)
+            gate.release()
+            // The buffer is acknowledged first, then the status counts the batch.
+            #expect(try await eventually { try await data.statistics().pending == 0 && uploader.status().uploadedTotal == 250 })
+            let status = uploader.status()
+            #expect(status.consecutiveFailures == 0)
+            #expect(status.lastHTTPStatus == 200)
+            #expect(status.lastResult?.hasPrefix("200: ") == true)
+            #expect(status.lastSuccessAt != nil)
+            #expect(status.nextAttemptAt == nil)
+        }
+        let log = ingest.log
+        #expect(Set(log.stored.keys) == Set(data.sequences))
+        #expect(log.authorizations == ["Bearer \(FakeIngest.key)"])
+        #expect(log.contentTypes == [IngestProtocol.binaryBatchMediaType])
+        #expect(ingest.requests.allSatisfy { $0.path == IngestProtocol.batchesPath && $0.method == "POST" })
+        #expect(log.batches.allSatisfy { $0.count <= 100 })
+    }
+
+    @Test(arguments: [(429, "1", 1.0), (503, "1", 1.0), (503, "3600", 1.2)])
+    func retryAfterIsObeyedAndCapped(status: Int, retryAfter: String, expectedSeconds: Double) async throws {
+        let data = try await TestBuffer(count: 10)
+        let ingest = try FakeIngest(
+            FakeIngest.Rules(script: { index in
+                index == 0 ? .json(status, #"{"error":{"code":"rate_limited","message":"slow down"}}"#, headers: ["Retry-After": retryAfter]) : nil
+            }))
+        let configuration = uploadConfiguration(ingest.url, backoffInitial: .milliseconds(10), backoffMax: .milliseconds(1200))
+        try await withUploader(source: data.buffer, configuration: configuration) { uploader throws in
+            #expect(await ingest.server.waitForRequests(1))
+            #expect(try await eventually { uploader.status().lastHTTPStatus == status })
+            #expect(uploader.status().lastResult == "\(status): rate_limited: slow down")
+            #expect(abs(uploader.status().currentBackoffSeconds - expectedSeconds) < 0.01)
+            #expect(try await eventually { try await data.statistics().pending == 0 })
+        }
+        let requests = ingest.requests
+        #expect(requests.count == 2)
+        let gap = (requests[1].receivedAt - requests[0].receivedAt).seconds
+        #expect(gap >= expectedSeconds)
+        #expect(gap < expectedSeconds + 1.5)
+    }
+
+    @Test func backoffGrowsIsJitteredAndCapped() async throws {
+        let data = try await TestBuffer(count: 5)
+        let ingest = try FakeIngest(FakeIngest.Rules(script: { _ in .reply(500) }))
+        let configuration = uploadConfiguration(ingest.url, backoffInitial: .milliseconds(20), backoffMax: .milliseconds(250))
+        try await withUploader(source: data.buffer, configuration: configuration) { uploader throws in
+            var backoffs: [Double] = []
+            var lastSeen = 0
+            // Read each backoff the uploader chose, by watching the failure count advance.
+            #expect(
+                try await eventually(timeout: .seconds(15)) {
+                    let status = uploader.status()
+                    if status.consecutiveFailures > lastSeen {
+                        lastSeen = status.consecutiveFailures
+                        backoffs.append(status.currentBackoffSeconds)
+                    }
+                    return backoffs.count >= 12
+                })
+            #expect(backoffs.allSatisfy { $0 >= 0 && $0 <= 0.25 })
+            #expect(Set(backoffs).count > 6, "full jitter: the waits differ")
+            #expect(uploader.status().lastResult?.hasPrefix("500") == true)
+            #expect(uploader.status().lastHTTPStatus == 500)
+        }
+        let requests = ingest.requests
+        let gaps = zip(requests.dropFirst(), requests).map { ($0.receivedAt - $1.receivedAt).seconds }
+        #expect(gaps.allSatisfy { $0 < 0.25 + 0.5 }, "capped at backoffMax (plus scheduling slack): \(gaps)")
+        #expect(try await data.statistics().pending == 5)
+    }
+
+    @Test func aPoisonBatchIsSplitUntilTheBadReadingIsQuarantined() async throws {
+        let badIndex = 18  // a pH reading: 13.37 is exact at 0.01
+        let data = try await TestBuffer(count: 40, value: { $0 == badIndex ? 13.37 : nil })
+        let ingest = try FakeIngest(FakeIngest.Rules(poisonValue: 13.37))
+        try await withUploader(source: data.buffer, configuration: uploadConfiguration(ingest.url, batchMaxReadings: 40)) { uploader throws in
+            #expect(
+                try await eventually {
+                    try await data.statistics().pending == 0 && uploader.status().quarantinedTotal == 1
+                        && uploader.status().uploadedTotal == 39
+                })
+        }
+        let badSequence = data.sequences[badIndex]
+        let quarantined = try await data.buffer.quarantined(limit: 10)
+        #expect(quarantined.map(\.sequence) == [badSequence])
+        #expect(quarantined.first?.reason == "invalid_batch: reading \(badSequence) cannot be stored")
+        #expect(try await data.statistics().quarantined == 1)
+        #expect(Set(ingest.log.stored.keys) == Set(data.sequences).subtracting([badSequence]))
+        // Halving isolates one reading of 40 in about 2·log2(40) requests, not 40.
+        #expect(ingest.requests.count <= 14)
+    }
+
+    @Test func readingsRejectedInAReceiptAreQuarantinedAndTheRestAcknowledged() async throws {
+        let data = try await TestBuffer(count: 30, value: { $0 == 4 || $0 == 22 ? 1999.9 : nil })
+        let ingest = try FakeIngest(FakeIngest.Rules(rejectValue: 1999.9))
+        try await withUploader(source: data.buffer, configuration: uploadConfiguration(ingest.url)) { uploader throws in
+            #expect(try await eventually { try await data.statistics().pending == 0 && uploader.status().uploadedTotal == 28 })
+            let status = uploader.status()
+            #expect(status.rejectedTotal == 2)
+            #expect(status.quarantinedTotal == 2)
+            #expect(status.lastResult == "200: 28 accepted, 0 duplicates, 2 rejected")
+        }
+        let quarantined = try await data.buffer.quarantined(limit: 10)
+        #expect(Set(quarantined.map(\.sequence)) == [data.sequences[4], data.sequences[22]])
+        #expect(quarantined.allSatisfy { $0.reason == "out_of_range: value 1999.9 is out of range" })
+        #expect(ingest.requests.count == 1)
+    }
+
+    @Test func refusedCredentialsQuarantineNothingAndWaitTheCap() async throws {
+        let data = try await TestBuffer(count: 12)
+        let ingest = try FakeIngest()
+        let configuration = uploadConfiguration(
+            ingest.url, backoffInitial: .milliseconds(10), backoffMax: .milliseconds(300), key: "fgd_revoked_key")
+        try await withUploader(source: data.buffer, configuration: configuration) { uploader throws in
+            #expect(await ingest.server.waitForRequests(3))
+            let status = uploader.status()
+            #expect(status.lastHTTPStatus == 401)
+            #expect(status.lastResult == "401: unauthorized: unknown device key")
+            #expect(status.consecutiveFailures >= 2)
+            #expect(status.quarantinedTotal == 0)
+        }
+        let statistics = try await data.statistics()
+        #expect(statistics.pending == 12)
+        #expect(statistics.quarantined == 0)
+        let requests = ingest.requests
+        let gaps = zip(requests.dropFirst(), requests).map { ($0.receivedAt - $1.receivedAt).seconds }
+        #expect(gaps.allSatisfy { $0 >= 0.3 }, "waits backoffMax after a 401: \(gaps)")
+    }
+
+    @Test func aHangingIngestIsAbandonedAfterTheTimeoutAndRetried() async throws {
+        let data = try await TestBuffer(count: 20)
+        // Two requests hang; the status of the first timeout is visible while the second one waits.
+        let ingest = try FakeIngest(FakeIngest.Rules(script: { $0 < 2 ? .hang : nil }))
+        let configuration = uploadConfiguration(ingest.url, requestTimeout: .milliseconds(700), backoffInitial: .milliseconds(10))
+        try await withUploader(source: data.buffer, configuration: configuration) { uploader throws in
+            #expect(try await eventually { uploader.status().lastResult?.hasPrefix("timed out: ") == true })
+            #expect(try await data.statistics().pending == 20)
+            #expect(try await eventually { try await data.statistics().pending == 0 && uploader.status().lastHTTPStatus == 200 })
+        }
+        let requests = ingest.requests
+        #expect(requests.count == 3)
+        #expect(Set(requests.map(\.connection)).count == 3, "an abandoned connection is not reused")
+        #expect((requests[1].receivedAt - requests[0].receivedAt).seconds >= 0.65)
+        #expect((requests[2].receivedAt - requests[1].receivedAt).seconds >= 0.65)
+    }
+
+    @Test func afterAnOutageTheNewestReadingsGoFirstWhileTheBacklogDrains() async throws {
+        let data = try await TestBuffer(count: 1000)
+        // Readings taken after the outage began, committed last.
+        try await TestBuffer.append(count: 9, to: data.buffer)
+        let all = try await data.buffer.pending(limit: 2000, from: .oldest).map(\.sequence)
+        let freshest = try #require(all.last)
+        let oldest = try #require(all.first)
+        let ingest = try FakeIngest()
+        try await withUploader(source: data.buffer, configuration: uploadConfiguration(ingest.url, batchMaxReadings: 100)) { uploader throws in
+            #expect(try await eventually { try await data.statistics().pending == 0 && uploader.status().uploadedTotal == 1009 })
+            #expect(uploader.status().duplicatesTotal == 0)
+        }
+        let batches = ingest.log.batches
+        #expect(batches.count == 11)
+        #expect(batches[0].contains(freshest), "the newest readings go in the first request")
+        #expect(batches[1].contains(oldest), "then the oldest")
+        #expect(batches[2].max() ?? 0 > batches[3].max() ?? 0, "and they keep alternating")
+        #expect(Set(ingest.log.stored.keys) == Set(all))
+        #expect(ingest.server.connectionCount == 1, "every batch on one kept-alive connection")
+    }
+
+    @Test func batchesOverTheByteLimitAreHalvedAndJSONWorks() async throws {
+        let data = try await TestBuffer(count: 60)
+        let ingest = try FakeIngest()
+        let configuration = uploadConfiguration(ingest.url, format: .json, batchMaxReadings: 60, batchMaxBytes: 1500)
+        try await withUploader(source: data.buffer, configuration: configuration) { _ throws in
+            #expect(try await eventually { try await data.statistics().pending == 0 })
+        }
+        #expect(ingest.requests.allSatisfy { $0.body.count <= 1500 })
+        #expect(ingest.requests.count >= 4, "60 readings of JSON do not fit in 1500 bytes")
+        #expect(ingest.log.contentTypes == [IngestProtocol.jsonBatchMediaType])
+        #expect(Set(ingest.log.stored.keys) == Set(data.sequences))
+    }
+
+    @Test func aReadingThatCannotBeEncodedIsQuarantined() async throws {
+        let data = try await TestBuffer(count: 9)
+        let source = ForgetfulSource(data.buffer, forgetting: TestBuffer.sensors[2].id)
+        let ingest = try FakeIngest()
+        try await withUploader(source: source, configuration: uploadConfiguration(ingest.url)) { uploader throws in
+            #expect(try await eventually { try await data.statistics().pending == 0 && uploader.status().quarantinedTotal == 3 })
+        }
+        let quarantined = try await data.buffer.quarantined(limit: 10)
+        #expect(quarantined.count == 3)
+        #expect(quarantined.allSatisfy { $0.sensor == "tank1.temp" && $0.reason.hasPrefix("encoding_failed: ") })
+        #expect(ingest.log.stored.count == 6)
+    }
+
+    @Test func gracefulShutdownFinishesTheRequestInFlightThenReturns() async throws {
+        let data = try await TestBuffer(count: 150)
+        // The first answer, a server error, comes 600 ms late; shutdown is triggered while it is in flight.
+        let ingest = try FakeIngest(FakeIngest.Rules(script: { $0 == 0 ? .delayed(.milliseconds(600), .reply(599)) : nil }))
+        let uploader = try Uploader(
+            device: testDevice, source: data.buffer, configuration: uploadConfiguration(ingest.url), logger: Logger(label: "test.upload"))
+        let group = ServiceGroup(services: [uploader], logger: Logger(label: "test.group"))
+        let started = ContinuousClock.now
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { try await group.run() }
+            #expect(await ingest.server.waitForRequests(1))
+            await group.triggerGracefulShutdown()
+            try await tasks.waitForAll()
+        }
+        let elapsed = ContinuousClock.now - started
+        #expect(elapsed >= .milliseconds(550), "the request in flight was allowed to finish")
+        #expect(uploader.status().lastHTTPStatus == 599)
+        #expect(ingest.requests.count == 1, "no request starts after the shutdown")
+        #expect(try await data.statistics().pending == 150)
+    }
+
+    @Test func gracefulShutdownKeepsTheAcknowledgementOfTheRequestInFlight() async throws {
+        let data = try await TestBuffer(count: 150)
+        let slow = try TestHTTPServer { request, _ in
+            let readings = (try? BatchCodec.decode(request.body).readings) ?? []
+            let receipt = IngestReceipt(accepted: readings.count, duplicates: 0, rejected: [])
+            let body = (try? JSONEncoder().encode(receipt)).map { Array($0) } ?? []
+            return .delayed(.milliseconds(500), .reply(200, headers: ["Content-Type": "application/json"], body: body))
+        }
+        let uploader = try Uploader(
+            device: testDevice, source: data.buffer, configuration: uploadConfiguration(slow.url), logger: Logger(label: "test.upload"))
+        let group = ServiceGroup(services: [uploader], logger: Logger(label: "test.group"))
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { try await group.run() }
+            #expect(await slow.waitForRequests(1))
+            await group.triggerGracefulShutdown()
+            try await tasks.waitForAll()
+        }
+        #expect(slow.requests.count == 1)
+        #expect(try await data.statistics().pending == 50, "the acknowledged batch of 100 was deleted before returning")
+        #expect(uploader.status().uploadedTotal == 100)
+    }
+}
+
+/// The real buffer, except that it has lost the descriptor of one sensor: that sensor's readings cannot be encoded.
+struct ForgetfulSource: PendingReadings {
+    let base: ReadingBuffer
+    let forgotten: SensorID
+
+    init(_ base: ReadingBuffer, forgetting sensor: SensorID) {
+        self.base = base
+        self.forgotten = sensor
+    }
+
+    func pending(limit: Int, from end: BacklogEnd) async throws -> [Reading] { try await base.pending(limit: limit, from: end) }
+    func descriptors(for sensors: Set<SensorID>) async throws -> [SensorDescriptor] {
+        try await base.descriptors(for: sensors).filter { $0.id != forgotten }
+    }
+    func acknowledge(_ sequences: [UInt64]) async throws { try await base.acknowledge(sequences) }
+    func quarantine(_ reasons: [UInt64: String]) async throws { try await base.quarantine(reasons) }
+    func statistics() async throws -> BufferStatistics { try await base.statistics() }
+}
