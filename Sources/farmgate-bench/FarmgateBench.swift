@@ -9,6 +9,30 @@ struct FarmgateBench: AsyncParsableCommand {
         // Add a benchmark by appending its command type here (one per line, in its own file).
         subcommands: [
             CodecBenchmark.self,
+            BufferBench.self,
+            DrainBench.self,
+            IngestBench.self,
+            AllBenchmarks.self,
         ]
     )
+}
+
+/// `farmgate-bench all`: every benchmark with its defaults, one after another, for the README's table.
+struct AllBenchmarks: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "all", abstract: "Run every benchmark with its defaults.")
+
+    func run() async throws {
+        for (title, command) in [
+            ("codec: bytes per reading", ["codec"]), ("buffer: commits per second", ["buffer"]),
+            ("drain: backlog to a local ingest", ["drain"]), ("ingest: readings per second on SQLite", ["ingest"]),
+        ] {
+            print("\n## \(title)\n")
+            var parsed = try FarmgateBench.parseAsRoot(command)
+            if var asyncCommand = parsed as? any AsyncParsableCommand {
+                try await asyncCommand.run()
+            } else {
+                try parsed.run()
+            }
+        }
+    }
 }

@@ -88,46 +88,18 @@ struct IngestBench: AsyncParsableCommand {
 
     /// End to end: a real ingest on a loopback port, binary batches posted one after another as the uploader does.
     private func http(batchList: [Batch], total: Int, directory: String, logger: Logger) async throws {
-        let store = try SQLiteIngestStore(path: directory + "/http.sqlite", logger: logger)
-        defer { store.close() }
-        try await store.migrate()
-        let admin = IngestAdmin(store: store)
-        _ = try await admin.createFarm(name: "bench")
         guard let device = batchList.first?.device else { return }
-        let key = try await admin.createDevice(farm: "bench", device: device)
-
-        let port = try freePort()
-        var configuration = IngestConfiguration()
-        configuration.server.port = port
-        configuration.limits.requestsPerSecond = 1_000_000
-        configuration.limits.burst = 1_000_000
         // The generated readings lie in a fixed window; judge them by a clock at its end.
         let latest = batchList.flatMap(\.readings).map(\.timestamp).max() ?? .now()
-        let app = buildApplication(
-            configuration: configuration, store: store, registry: PrometheusCollectorRegistry(), logger: logger, now: { latest })
         let frames = try batchList.map { try BatchCodec.encode($0) }
         let bytes = frames.reduce(0) { $0 + $1.count }
-        let client = try HTTPClient(configuration: .init(useProxyEnvironment: false), logger: logger)
-        defer { client.close() }
-        let url = "http://127.0.0.1:\(port)\(IngestProtocol.batchesPath)"
-        let headers = [HTTPHeader("Authorization", "Bearer \(key.text)"), HTTPHeader("Content-Type", IngestProtocol.binaryBatchMediaType)]
-
-        let group = ServiceGroup(configuration: ServiceGroupConfiguration(services: [app], logger: logger))
-        try await withThrowingTaskGroup(of: Void.self) { tasks in
-            tasks.addTask { try await group.run() }
-            defer { tasks.cancelAll() }
-            // Wait for the listener: any HTTP answer will do.
-            var up = false
-            for _ in 0..<100 where !up {
-                do {
-                    _ = try await client.post("http://127.0.0.1:\(port)/healthz", headers: [], body: [])
-                    up = true
-                } catch {
-                    try await Task.sleep(for: .milliseconds(50))
-                }
-            }
-            guard up else { throw ValidationError("the ingest did not start on port \(port)") }
-
+        try await LocalIngest.withRunning(directory: directory + "/http", device: device, now: latest, logger: logger) { ingest in
+            let client = try HTTPClient(configuration: .init(useProxyEnvironment: false), logger: logger)
+            defer { client.close() }
+            let url = ingest.endpoint + IngestProtocol.batchesPath
+            let headers = [
+                HTTPHeader("Authorization", "Bearer \(ingest.deviceKey)"), HTTPHeader("Content-Type", IngestProtocol.binaryBatchMediaType),
+            ]
             let clock = ContinuousClock()
             var perBatch: [Duration] = []
             var accepted = 0
@@ -142,9 +114,8 @@ struct IngestBench: AsyncParsableCommand {
                     if let receipt = try? JSONDecoder().decode(IngestReceipt.self, from: Data(response.body)) { accepted += receipt.accepted }
                 }
             }
-            report("HTTP binary batches, libcurl keep-alive", readings: total, time: time, perBatch: perBatch)
+            self.report("HTTP binary batches, libcurl keep-alive", readings: total, time: time, perBatch: perBatch)
             print(String(format: "  %.2f bytes/reading on the wire; %d of %d readings accepted", Double(bytes) / Double(total), accepted, total))
-            await group.triggerGracefulShutdown()
         }
     }
 
@@ -161,29 +132,4 @@ struct IngestBench: AsyncParsableCommand {
                 format: "  %10.0f readings/s   %.3f s total   per batch: p50 %.2f ms, p99 %.2f ms, max %.2f ms", Double(readings) / seconds,
                 seconds, percentile(0.5), percentile(0.99), percentile(1)))
     }
-
-    /// A TCP port that was free a moment ago on the loopback interface.
-    private func freePort() throws -> Int {
-        #if canImport(Glibc)
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        guard fd >= 0 else { throw ValidationError("cannot create a socket") }
-        defer { close(fd) }
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        address.sin_port = 0
-        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-        let bound = withUnsafeMutablePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) == 0 && getsockname(fd, $0, &length) == 0 }
-        }
-        guard bound else { throw ValidationError("cannot find a free port") }
-        return Int(UInt16(bigEndian: address.sin_port))
-        #else
-        return 18_089
-        #endif
-    }
-}
-
-extension Duration {
-    fileprivate var seconds: Double { Double(components.seconds) + Double(components.attoseconds) * 1e-18 }
 }
