@@ -1,6 +1,9 @@
 import FarmgateAgent
 import FarmgateWire
 import Foundation
+#if canImport(FoundationNetworking)
+import FoundationNetworking
+#endif
 import Testing
 
 /// A real `farmgate-ingest` on an embedded SQLite file and the configuration for real `farmgate` agents, in one scratch dir.
