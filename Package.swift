@@ -126,6 +126,11 @@ let package = Package(
         ),
 
         // MARK: Tests
+        .target(
+            name: "FarmgateTestSupport",
+            path: "Tests/FarmgateTestSupport",
+            swiftSettings: swiftSettings
+        ),
         .testTarget(
             name: "FarmgateWireTests",
             dependencies: [
@@ -136,7 +141,15 @@ let package = Package(
         ),
         .testTarget(
             name: "FarmgateAgentTests",
-            dependencies: ["FarmgateAgent", "FarmgateSupport", "farmgate"],
+            dependencies: [
+                "FarmgateAgent",
+                "FarmgateSupport",
+                "FarmgateWire",
+                "FarmgateTestSupport",
+                "farmgate",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
             swiftSettings: swiftSettings
         ),
         .testTarget(
@@ -153,6 +166,7 @@ let package = Package(
                 "FarmgateWire",
                 "FarmgateSupport",
                 "FarmgateAgent",
+                "FarmgateTestSupport",
                 "farmgate",
                 "farmgate-ingest",
                 .product(name: "Logging", package: "swift-log"),

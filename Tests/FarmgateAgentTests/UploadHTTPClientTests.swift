@@ -1,3 +1,4 @@
+import FarmgateTestSupport
 import FarmgateAgent
 import Foundation
 import Logging

@@ -1,3 +1,4 @@
+import FarmgateTestSupport
 import FarmgateAgent
 import FarmgateWire
 import Foundation
@@ -242,14 +243,16 @@ struct UploadUploaderTests {
         #expect(log.batches.allSatisfy { $0.count <= 100 })
     }
 
-    @Test(arguments: [(429, "1", 1.0), (503, "1", 1.0), (503, "3600", 1.2)])
+    // Retry-After beyond backoffMax (1.2 s here) is still obeyed; only retryAfterMax (1.5 s here) caps it.
+    @Test(arguments: [(429, "1", 1.0), (503, "1", 1.0), (429, "2", 1.5), (503, "3600", 1.5)])
     func retryAfterIsObeyedAndCapped(status: Int, retryAfter: String, expectedSeconds: Double) async throws {
         let data = try await TestBuffer(count: 10)
         let ingest = try FakeIngest(
             FakeIngest.Rules(script: { index in
                 index == 0 ? .json(status, #"{"error":{"code":"rate_limited","message":"slow down"}}"#, headers: ["Retry-After": retryAfter]) : nil
             }))
-        let configuration = uploadConfiguration(ingest.url, backoffInitial: .milliseconds(10), backoffMax: .milliseconds(1200))
+        var configuration = uploadConfiguration(ingest.url, backoffInitial: .milliseconds(10), backoffMax: .milliseconds(1200))
+        configuration.retryAfterMax = .milliseconds(1500)
         try await withUploader(source: data.buffer, configuration: configuration) { uploader throws in
             #expect(await ingest.server.waitForRequests(1))
             #expect(try await eventually { uploader.status().lastHTTPStatus == status })

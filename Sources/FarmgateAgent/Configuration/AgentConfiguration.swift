@@ -46,9 +46,13 @@ public struct UploadSettings: Sendable {
     /// `connect_timeout`: default 10 s. `request_timeout`: default 30 s.
     public var connectTimeout: Duration
     public var requestTimeout: Duration
+    /// `stall_timeout`: a transfer that moves no byte for this long is abandoned. Default 20 s.
+    public var stallTimeout: Duration
     /// `backoff_initial`: default 1 s. `backoff_max`: default 5 min.
     public var backoffInitial: Duration
     public var backoffMax: Duration
+    /// `retry_after_max`: the longest Retry-After obeyed (the ingest's answer otherwise wins over backoff_max). Default 1 h.
+    public var retryAfterMax: Duration
 }
 
 /// One `[[sensor]]` table: the keys every sensor has, plus the driver's own options.
@@ -160,7 +164,7 @@ extension AgentConfiguration {
     static func parseUpload(_ table: ConfigTable, base: String) throws(ConfigurationError) -> UploadSettings {
         try table.checkKeys([
             "endpoint", "key", "key_file", "ca_file", "format", "batch_max_readings", "batch_max_bytes", "batch_max_age",
-            "connect_timeout", "request_timeout", "backoff_initial", "backoff_max",
+            "connect_timeout", "request_timeout", "stall_timeout", "backoff_initial", "backoff_max", "retry_after_max",
         ])
         let endpoint = try table.requiredString("endpoint")
         guard let url = URL(string: endpoint), let scheme = url.scheme?.lowercased(), scheme == "http" || scheme == "https",
@@ -199,8 +203,10 @@ extension AgentConfiguration {
             batchMaxAge: try table.duration("batch_max_age", in: .zero...(.seconds(3600))) ?? .seconds(5),
             connectTimeout: try table.duration("connect_timeout", in: .milliseconds(100)...(.seconds(300))) ?? .seconds(10),
             requestTimeout: try table.duration("request_timeout", in: .milliseconds(100)...(.seconds(3600))) ?? .seconds(30),
+            stallTimeout: try table.duration("stall_timeout", in: .seconds(1)...(.seconds(3600))) ?? .seconds(20),
             backoffInitial: try table.duration("backoff_initial", in: .milliseconds(10)...(.seconds(3600))) ?? .seconds(1),
-            backoffMax: try table.duration("backoff_max", in: .milliseconds(10)...(.seconds(86_400))) ?? .seconds(300))
+            backoffMax: try table.duration("backoff_max", in: .milliseconds(10)...(.seconds(86_400))) ?? .seconds(300),
+            retryAfterMax: try table.duration("retry_after_max", in: .seconds(1)...(.seconds(86_400))) ?? .seconds(3600))
     }
 
     static func parseSensor(_ table: ConfigTable, id: SensorID, drivers: DriverRegistry) throws(ConfigurationError) -> SensorConfiguration {

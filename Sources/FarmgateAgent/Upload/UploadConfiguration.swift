@@ -37,6 +37,9 @@ public struct UploadConfiguration: Sendable, Hashable {
     public var backoffInitial: Duration
     /// The largest wait between attempts, also the cap on a `Retry-After`, and the wait after a credentials error. Default 5 min.
     public var backoffMax: Duration
+    /// The longest `Retry-After` obeyed; a longer one (a misconfigured ingest asking for days) waits this long. It is
+    /// deliberately independent of ``backoffMax``: the ingest knows its load better than the agent does. Default 1 h.
+    public var retryAfterMax: Duration
     /// How often the buffer is looked at while there is nothing to send. Default 500 ms.
     public var pollInterval: Duration
     /// Whether the proxy environment variables (`https_proxy`, `http_proxy`, `no_proxy`, ...) apply, as they do for `curl`.
@@ -56,6 +59,7 @@ public struct UploadConfiguration: Sendable, Hashable {
         stallTimeout: Duration = .seconds(20),
         backoffInitial: Duration = .seconds(1),
         backoffMax: Duration = .seconds(300),
+        retryAfterMax: Duration = .seconds(3600),
         pollInterval: Duration = .milliseconds(500),
         useProxyEnvironment: Bool = true
     ) {
@@ -71,6 +75,7 @@ public struct UploadConfiguration: Sendable, Hashable {
         self.stallTimeout = stallTimeout
         self.backoffInitial = backoffInitial
         self.backoffMax = backoffMax
+        self.retryAfterMax = retryAfterMax
         self.pollInterval = pollInterval
         self.useProxyEnvironment = useProxyEnvironment
     }
@@ -81,7 +86,8 @@ public struct UploadConfiguration: Sendable, Hashable {
             endpoint: settings.endpoint, deviceKey: settings.key, caFile: settings.caFile, format: settings.json ? .json : .binary,
             batchMaxReadings: settings.batchMaxReadings, batchMaxBytes: settings.batchMaxBytes, batchMaxAge: settings.batchMaxAge,
             connectTimeout: settings.connectTimeout, requestTimeout: settings.requestTimeout,
-            backoffInitial: settings.backoffInitial, backoffMax: settings.backoffMax)
+            stallTimeout: settings.stallTimeout, backoffInitial: settings.backoffInitial, backoffMax: settings.backoffMax,
+            retryAfterMax: settings.retryAfterMax)
     }
 
     /// Where batches are posted: ``endpoint`` without trailing slashes, plus ``IngestProtocol/batchesPath``.

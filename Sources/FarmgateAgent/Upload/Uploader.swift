@@ -25,7 +25,8 @@ import Synchronization
 /// - 401, 403: the device key is refused. An error is logged (re-enroll or check the key); the next attempt waits
 ///   ``UploadConfiguration/backoffMax``. Nothing is quarantined: the readings are fine.
 /// - 415: the ingest does not take this ``UploadConfiguration/format``: a configuration problem, handled like 401.
-/// - 429, 503 with `Retry-After`: the next attempt waits exactly that long, capped at ``UploadConfiguration/backoffMax``.
+/// - 429, 503 with `Retry-After`: the next attempt waits exactly that long (even beyond ``UploadConfiguration/backoffMax``),
+///   capped only at ``UploadConfiguration/retryAfterMax``.
 /// - Anything else (other statuses, connection refused, timeouts, TLS failures): exponential backoff with full jitter
 ///   (see ``Backoff``), capped at ``UploadConfiguration/backoffMax``.
 ///
@@ -305,7 +306,7 @@ public final class Uploader: Service {
         case 429, 503:
             let reason = Self.errorReason(response)
             if let header = response.header("Retry-After"), let asked = RetryAfter.delay(header) {
-                let delay = min(asked, configuration.backoffMax)
+                let delay = min(asked, configuration.retryAfterMax)
                 logger.notice(
                     "The ingest asked to retry later",
                     metadata: ["http.status": "\(status)", "retry_after": "\(header)", "delay": "\(delay)"])

@@ -108,7 +108,8 @@ final class Farm {
 
     /// Writes an agent configuration with `sensors` simulated sensors read every `interval`.
     func agentConfig(
-        _ name: String, device: String, keyFile: String, sensors: Int, interval: String, upload: String = ""
+        _ name: String, device: String, keyFile: String, sensors: Int, interval: String, upload: String = "",
+        endpoint: String? = nil
     ) throws -> String {
         var text = """
             [device]
@@ -119,7 +120,7 @@ final class Farm {
             commit_interval = "100ms"
 
             [upload]
-            endpoint = "\(endpoint)"
+            endpoint = "\(endpoint ?? self.endpoint)"
             key_file = "\(keyFile)"
             batch_max_readings = 50
             batch_max_age = "200ms"

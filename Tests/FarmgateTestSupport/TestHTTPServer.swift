@@ -6,19 +6,19 @@ import Glibc
 #endif
 
 /// A request as the test server received it.
-struct RecordedRequest: Sendable {
+public struct RecordedRequest: Sendable {
     /// Which TCP connection carried it, numbered from 1 in the order they were accepted.
-    var connection: Int
-    var method: String
-    var path: String
+    public var connection: Int
+    public var method: String
+    public var path: String
     /// Header names in lower case.
-    var headers: [String: String]
-    var body: [UInt8]
-    var receivedAt: ContinuousClock.Instant
+    public var headers: [String: String]
+    public var body: [UInt8]
+    public var receivedAt: ContinuousClock.Instant
 }
 
 /// What the test server does with one request.
-enum TestResponse: Sendable {
+public enum TestResponse: Sendable {
     /// Answers with this status, headers and body (Content-Length is added).
     case reply(Int, headers: [String: String] = [:], body: [UInt8] = [])
     /// Never answers; keeps the connection open until the client gives up (or the server stops).
@@ -28,22 +28,23 @@ enum TestResponse: Sendable {
     /// Waits, then does what the inner response says.
     indirect case delayed(Duration, TestResponse)
 
-    static func json(_ status: Int, _ text: String, headers: [String: String] = [:]) -> TestResponse {
+    public static func json(_ status: Int, _ text: String, headers: [String: String] = [:]) -> TestResponse {
         var all = headers
         all["Content-Type"] = "application/json"
         return .reply(status, headers: all, body: Array(text.utf8))
     }
 }
 
+/// Shared by the uploader tests and the end-to-end tests (a misbehaving ingest for the real `farmgate` binary).
 /// A tiny scriptable HTTP/1.1 server on 127.0.0.1 for tests: blocking POSIX sockets, one thread to accept and one per
 /// connection (never the Swift concurrency pool). Keep-alive: a connection serves requests until the client closes it.
 ///
 /// Bytes that do not start like an HTTP request (a TLS ClientHello) get a plain `400` and the connection is closed, as a
 /// real plain-HTTP server would do.
-final class TestHTTPServer: Sendable {
-    typealias Handler = @Sendable (_ request: RecordedRequest, _ index: Int) -> TestResponse
+public final class TestHTTPServer: Sendable {
+    public typealias Handler = @Sendable (_ request: RecordedRequest, _ index: Int) -> TestResponse
 
-    let port: Int
+    public let port: Int
     private let listener: Int32
     private let handler: Handler
     private let state = Mutex(State())
@@ -56,7 +57,7 @@ final class TestHTTPServer: Sendable {
     }
 
     /// Starts listening on an ephemeral port of 127.0.0.1. `handler` gets each request and its index (0, 1, ...).
-    init(handler: @escaping Handler) throws {
+    public init(handler: @escaping Handler) throws {
         self.handler = handler
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { throw TestServerError("socket: \(String(cString: strerror(errno)))") }
@@ -85,22 +86,22 @@ final class TestHTTPServer: Sendable {
     }
 
     /// A server that answers the `n`th request with `responses[n]`, and every later one with `then`.
-    convenience init(script responses: [TestResponse], then fallback: TestResponse = .reply(500)) throws {
+    public convenience init(script responses: [TestResponse], then fallback: TestResponse = .reply(500)) throws {
         try self.init { _, index in index < responses.count ? responses[index] : fallback }
     }
 
     deinit { stop() }
 
-    var url: String { "http://127.0.0.1:\(port)" }
+    public var url: String { "http://127.0.0.1:\(port)" }
 
-    var requests: [RecordedRequest] { state.withLock { $0.requests } }
+    public var requests: [RecordedRequest] { state.withLock { $0.requests } }
 
     /// TCP connections accepted so far.
-    var connectionCount: Int { state.withLock { $0.connections } }
+    public var connectionCount: Int { state.withLock { $0.connections } }
 
     /// Waits until at least `count` requests arrived, or `timeout` passed. Returns whether they did.
     @discardableResult
-    func waitForRequests(_ count: Int, timeout: Duration = .seconds(10)) async -> Bool {
+    public func waitForRequests(_ count: Int, timeout: Duration = .seconds(10)) async -> Bool {
         let deadline = ContinuousClock.now + timeout
         while ContinuousClock.now < deadline {
             if state.withLock({ $0.requests.count }) >= count { return true }
@@ -110,7 +111,7 @@ final class TestHTTPServer: Sendable {
     }
 
     /// Stops accepting and closes every connection.
-    func stop() {
+    public func stop() {
         let sockets = state.withLock { state -> Set<Int32>? in
             guard !state.stopped else { return nil }
             state.stopped = true
@@ -246,7 +247,7 @@ final class TestHTTPServer: Sendable {
     }
 
     /// A TCP port on 127.0.0.1 that nothing listens on (bound, then released).
-    static func unusedPort() throws -> Int {
+    public static func unusedPort() throws -> Int {
         let server = try TestHTTPServer { _, _ in .close }
         let port = server.port
         server.stop()
@@ -268,7 +269,7 @@ final class TestHTTPServer: Sendable {
     }
 }
 
-struct TestServerError: Error, CustomStringConvertible {
-    let description: String
-    init(_ description: String) { self.description = description }
+public struct TestServerError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ description: String) { self.description = description }
 }
