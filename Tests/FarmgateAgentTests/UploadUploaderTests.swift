@@ -438,7 +438,10 @@ struct UploadUploaderTests {
         #expect(try await data.statistics().pending == 150)
     }
 
-    @Test func gracefulShutdownKeepsTheAcknowledgementOfTheRequestInFlight() async throws {
+    /// With the final flush on (the default), the rest of the backlog follows the request in flight; with it off, only
+    /// the acknowledgement of the request in flight is kept.
+    @Test(arguments: [true, false])
+    func gracefulShutdownKeepsTheAcknowledgementOfTheRequestInFlight(finalFlush: Bool) async throws {
         let data = try await TestBuffer(count: 150)
         let slow = try TestHTTPServer { request, _ in
             let readings = (try? BatchCodec.decode(request.body).readings) ?? []
@@ -446,8 +449,9 @@ struct UploadUploaderTests {
             let body = (try? JSONEncoder().encode(receipt)).map { Array($0) } ?? []
             return .delayed(.milliseconds(500), .reply(200, headers: ["Content-Type": "application/json"], body: body))
         }
-        let uploader = try Uploader(
-            device: testDevice, source: data.buffer, configuration: uploadConfiguration(slow.url), logger: Logger(label: "test.upload"))
+        var configuration = uploadConfiguration(slow.url)
+        if !finalFlush { configuration.shutdownFlushTimeout = .zero }
+        let uploader = try Uploader(device: testDevice, source: data.buffer, configuration: configuration, logger: Logger(label: "test.upload"))
         let group = ServiceGroup(services: [uploader], logger: Logger(label: "test.group"))
         try await withThrowingTaskGroup(of: Void.self) { tasks in
             tasks.addTask { try await group.run() }
@@ -455,9 +459,15 @@ struct UploadUploaderTests {
             await group.triggerGracefulShutdown()
             try await tasks.waitForAll()
         }
-        #expect(slow.requests.count == 1)
-        #expect(try await data.statistics().pending == 50, "the acknowledged batch of 100 was deleted before returning")
-        #expect(uploader.status().uploadedTotal == 100)
+        if finalFlush {
+            #expect(slow.requests.count == 2)
+            #expect(try await data.statistics().pending == 0, "the final flush sent the last 50")
+            #expect(uploader.status().uploadedTotal == 150)
+        } else {
+            #expect(slow.requests.count == 1)
+            #expect(try await data.statistics().pending == 50, "the acknowledged batch of 100 was deleted before returning")
+            #expect(uploader.status().uploadedTotal == 100)
+        }
     }
 }
 
@@ -478,4 +488,5 @@ struct ForgetfulSource: PendingReadings {
     func acknowledge(_ sequences: [UInt64]) async throws { try await base.acknowledge(sequences) }
     func quarantine(_ reasons: [UInt64: String]) async throws { try await base.quarantine(reasons) }
     func statistics() async throws -> BufferStatistics { try await base.statistics() }
+    func flush() async throws -> UInt64 { try await base.flush() }
 }

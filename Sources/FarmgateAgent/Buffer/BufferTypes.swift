@@ -122,4 +122,6 @@ public protocol PendingReadings: Sendable {
     func quarantine(_ reasons: [UInt64: String]) async throws
     /// Counts and ages, for deciding when to cut a batch and for status.
     func statistics() async throws -> BufferStatistics
+    /// Commits what is queued now; returns the highest durable sequence. Used before the uploader's final flush.
+    @discardableResult func flush() async throws -> UInt64
 }

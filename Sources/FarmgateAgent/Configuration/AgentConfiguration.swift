@@ -53,6 +53,8 @@ public struct UploadSettings: Sendable {
     public var backoffMax: Duration
     /// `retry_after_max`: the longest Retry-After obeyed (the ingest's answer otherwise wins over backoff_max). Default 1 h.
     public var retryAfterMax: Duration
+    /// `shutdown_flush_timeout`: on SIGTERM, how long pending readings are still sent. Default 10 s; "0s" turns it off.
+    public var shutdownFlushTimeout: Duration
 }
 
 /// One `[[sensor]]` table: the keys every sensor has, plus the driver's own options.
@@ -165,6 +167,7 @@ extension AgentConfiguration {
         try table.checkKeys([
             "endpoint", "key", "key_file", "ca_file", "format", "batch_max_readings", "batch_max_bytes", "batch_max_age",
             "connect_timeout", "request_timeout", "stall_timeout", "backoff_initial", "backoff_max", "retry_after_max",
+            "shutdown_flush_timeout",
         ])
         let endpoint = try table.requiredString("endpoint")
         guard let url = URL(string: endpoint), let scheme = url.scheme?.lowercased(), scheme == "http" || scheme == "https",
@@ -206,7 +209,8 @@ extension AgentConfiguration {
             stallTimeout: try table.duration("stall_timeout", in: .seconds(1)...(.seconds(3600))) ?? .seconds(20),
             backoffInitial: try table.duration("backoff_initial", in: .milliseconds(10)...(.seconds(3600))) ?? .seconds(1),
             backoffMax: try table.duration("backoff_max", in: .milliseconds(10)...(.seconds(86_400))) ?? .seconds(300),
-            retryAfterMax: try table.duration("retry_after_max", in: .seconds(1)...(.seconds(86_400))) ?? .seconds(3600))
+            retryAfterMax: try table.duration("retry_after_max", in: .seconds(1)...(.seconds(86_400))) ?? .seconds(3600),
+            shutdownFlushTimeout: try table.duration("shutdown_flush_timeout", in: .zero...(.seconds(600))) ?? .seconds(10))
     }
 
     static func parseSensor(_ table: ConfigTable, id: SensorID, drivers: DriverRegistry) throws(ConfigurationError) -> SensorConfiguration {

@@ -6,9 +6,10 @@ import UnixSignals
 
 /// Assembles the daemon from its configuration and runs it until SIGTERM or SIGINT.
 ///
-/// The services run in one `ServiceGroup`, listed in dependency order (buffer, sampler, uploader, control socket) and
-/// shut down in reverse: the control socket closes first, the uploader finishes its request in flight, the sampler stops
-/// reading, and the buffer commits what it still holds last, so a graceful stop loses nothing.
+/// The services run in one `ServiceGroup` and shut down in reverse order of this list (buffer, uploader, sampler,
+/// control socket): the control socket closes first, the sampler stops reading, the uploader finishes its request in
+/// flight and sends what is pending (bounded by `shutdown_flush_timeout`), and the buffer commits what it still holds
+/// last, so a graceful stop loses nothing and normally leaves nothing behind.
 public enum AgentRuntime {
     public static func run(configuration: AgentConfiguration, drivers: DriverRegistry = .standard, logger: Logger) async throws {
         let buffer = try ReadingBuffer(configuration: configuration.buffer, logger: logger)
@@ -58,8 +59,11 @@ public enum AgentRuntime {
             return (try? Array(encoder.encode(answer))) ?? Array(#"{"ok":false,"error":"cannot encode the answer"}"#.utf8)
         }
 
-        var services: [any Service] = [buffer, sampler]
+        // Shut down in reverse: control socket, sampler (no new readings), uploader (finishes its request and sends what
+        // is pending), buffer (commits anything left).
+        var services: [any Service] = [buffer]
         if let uploader { services.append(uploader) }
+        services.append(sampler)
         services.append(control)
         logger.info(
             "Agent starting",

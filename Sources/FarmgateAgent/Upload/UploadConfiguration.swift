@@ -40,6 +40,9 @@ public struct UploadConfiguration: Sendable, Hashable {
     /// The longest `Retry-After` obeyed; a longer one (a misconfigured ingest asking for days) waits this long. It is
     /// deliberately independent of ``backoffMax``: the ingest knows its load better than the agent does. Default 1 h.
     public var retryAfterMax: Duration
+    /// On graceful shutdown, committed readings still pending are sent for at most this long (unless the ingest is
+    /// failing), so a clean stop leaves nothing behind. Zero turns the final flush off. Default 10 s.
+    public var shutdownFlushTimeout: Duration
     /// How often the buffer is looked at while there is nothing to send. Default 500 ms.
     public var pollInterval: Duration
     /// Whether the proxy environment variables (`https_proxy`, `http_proxy`, `no_proxy`, ...) apply, as they do for `curl`.
@@ -60,6 +63,7 @@ public struct UploadConfiguration: Sendable, Hashable {
         backoffInitial: Duration = .seconds(1),
         backoffMax: Duration = .seconds(300),
         retryAfterMax: Duration = .seconds(3600),
+        shutdownFlushTimeout: Duration = .seconds(10),
         pollInterval: Duration = .milliseconds(500),
         useProxyEnvironment: Bool = true
     ) {
@@ -76,6 +80,7 @@ public struct UploadConfiguration: Sendable, Hashable {
         self.backoffInitial = backoffInitial
         self.backoffMax = backoffMax
         self.retryAfterMax = retryAfterMax
+        self.shutdownFlushTimeout = shutdownFlushTimeout
         self.pollInterval = pollInterval
         self.useProxyEnvironment = useProxyEnvironment
     }
@@ -87,7 +92,7 @@ public struct UploadConfiguration: Sendable, Hashable {
             batchMaxReadings: settings.batchMaxReadings, batchMaxBytes: settings.batchMaxBytes, batchMaxAge: settings.batchMaxAge,
             connectTimeout: settings.connectTimeout, requestTimeout: settings.requestTimeout,
             stallTimeout: settings.stallTimeout, backoffInitial: settings.backoffInitial, backoffMax: settings.backoffMax,
-            retryAfterMax: settings.retryAfterMax)
+            retryAfterMax: settings.retryAfterMax, shutdownFlushTimeout: settings.shutdownFlushTimeout)
     }
 
     /// Where batches are posted: ``endpoint`` without trailing slashes, plus ``IngestProtocol/batchesPath``.

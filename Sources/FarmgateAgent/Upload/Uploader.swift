@@ -25,6 +25,8 @@ import Synchronization
 /// - 401, 403: the device key is refused. An error is logged (re-enroll or check the key); the next attempt waits
 ///   ``UploadConfiguration/backoffMax``. Nothing is quarantined: the readings are fine.
 /// - 415: the ingest does not take this ``UploadConfiguration/format``: a configuration problem, handled like 401.
+/// - Graceful shutdown: the request in flight finishes; then, unless the ingest is failing, the buffer is committed and
+///   what is pending is sent for at most ``UploadConfiguration/shutdownFlushTimeout``.
 /// - 429, 503 with `Retry-After`: the next attempt waits exactly that long (even beyond ``UploadConfiguration/backoffMax``),
 ///   capped only at ``UploadConfiguration/retryAfterMax``.
 /// - Anything else (other statuses, connection refused, timeouts, TLS failures): exponential backoff with full jitter
@@ -77,7 +79,9 @@ public final class Uploader: Service {
             let wait = await step(&loop)
             if wait > .zero { await Self.pause(wait) }
         }
-        logger.info("Uploader stopped")
+        if !Task.isCancelled { await finalFlush(&loop) }
+        let left = (try? await source.statistics().pending) ?? -1
+        logger.info("Uploader stopped", metadata: ["upload.pending": "\(left)"])
     }
 
     // MARK: - The loop
@@ -88,6 +92,29 @@ public final class Uploader: Service {
         var nextEnd: BacklogEnd = .newest
         /// When readings were first seen pending since the last delivery (monotonic, immune to wall-clock jumps).
         var pendingSince: ContinuousClock.Instant?
+        /// Set during the final flush on graceful shutdown: new requests may start although the task is shutting down.
+        var draining = false
+    }
+
+    /// On graceful shutdown: commit what the buffer holds and send every pending reading, oldest first, for at most
+    /// ``UploadConfiguration/shutdownFlushTimeout``. Skipped while the ingest is failing (the readings are safe in the
+    /// buffer and go out at the next start); stops at the first failure.
+    private func finalFlush(_ loop: inout LoopState) async {
+        guard configuration.shutdownFlushTimeout > .zero, status().consecutiveFailures == 0 else { return }
+        let deadline = ContinuousClock.now + configuration.shutdownFlushTimeout
+        do {
+            try await source.flush()
+        } catch {
+            logger.error("Cannot commit the buffer before the final flush", metadata: ["error": "\(error)"])
+            return
+        }
+        loop.draining = true
+        while ContinuousClock.now < deadline, !Task.isCancelled {
+            guard let readings = try? await source.pending(limit: max(1, configuration.batchMaxReadings), from: .oldest),
+                !readings.isEmpty
+            else { break }
+            if await deliver(readings, &loop) > .zero { break }
+        }
     }
 
     private static var stopping: Bool { Task.isCancelled || Task.isShuttingDownGracefully }
@@ -154,7 +181,7 @@ public final class Uploader: Service {
         var work: [ArraySlice<Reading>] = [readings[...]]
         while let group = work.popLast() {
             // Graceful shutdown: the request in flight has finished; start no new one.
-            if Self.stopping { return .zero }
+            if Self.stopping && !loop.draining { return .zero }
             let body: [UInt8]
             switch await encode(group) {
             case .encoded(let bytes) where bytes.count > configuration.batchMaxBytes && group.count > 1:
