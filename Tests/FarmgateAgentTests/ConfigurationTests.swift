@@ -122,7 +122,7 @@ struct ConfigurationTests {
         let path = dir.appendingPathComponent("agent.toml").path
         let good = Self.minimal + "\n[upload]\nendpoint = \"https://ingest.example.net\"\nkey_file = \"device.key\"\nbatch_max_age = \"2s\""
         let configuration = try AgentConfiguration.parse(ConfigDocument.parse(good, file: path))
-        #expect(configuration.upload?.key == "fgd_abc_def")
+        #expect(configuration.upload?.deviceKey == "fgd_abc_def")
         #expect(configuration.upload?.batchMaxAge == .seconds(2))
         #expect(configuration.upload?.batchMaxReadings == 1000)
 

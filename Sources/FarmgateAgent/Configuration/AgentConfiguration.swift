@@ -11,8 +11,9 @@ public struct AgentConfiguration: Sendable {
     public var device: DeviceID
     /// `[buffer]`: the SQLite store-and-forward buffer.
     public var buffer: BufferConfiguration
-    /// `[upload]`: where batches go. nil when the section is absent: the agent then only buffers.
-    public var upload: UploadSettings?
+    /// `[upload]`: where batches go (keys documented on ``UploadConfiguration``). nil when the section is absent: the agent
+    /// then only buffers.
+    public var upload: UploadConfiguration?
     /// `[control] socket`: the Unix socket `farmgate status` talks to. Default `/run/farmgate/control.sock`.
     public var controlSocket: String
     /// `[log] level`: trace, debug, info, notice, warning, error, critical. Default info.
@@ -25,36 +26,6 @@ public struct AgentConfiguration: Sendable {
 
     /// The default configuration file.
     public static let defaultPath = "/etc/farmgate/agent.toml"
-}
-
-/// The `[upload]` section as written; turned into the uploader's configuration by the runtime.
-public struct UploadSettings: Sendable {
-    /// `endpoint`: the ingest's base URL, e.g. `https://ingest.example.net`. Required.
-    public var endpoint: String
-    /// `key` or `key_file`: the device key printed by `farmgate-ingest device create`. Required (one of the two).
-    public var key: String
-    /// `ca_file`: a PEM bundle to trust instead of the system CAs. Default: the system CAs.
-    public var caFile: String?
-    /// `format`: `binary` (default) or `json`.
-    public var json: Bool
-    /// `batch_max_readings`: default 1000.
-    public var batchMaxReadings: Int
-    /// `batch_max_bytes`: default 256 KiB.
-    public var batchMaxBytes: Int
-    /// `batch_max_age`: a partial batch is sent once its oldest reading is this old. Default 5 s.
-    public var batchMaxAge: Duration
-    /// `connect_timeout`: default 10 s. `request_timeout`: default 30 s.
-    public var connectTimeout: Duration
-    public var requestTimeout: Duration
-    /// `stall_timeout`: a transfer that moves no byte for this long is abandoned. Default 20 s.
-    public var stallTimeout: Duration
-    /// `backoff_initial`: default 1 s. `backoff_max`: default 5 min.
-    public var backoffInitial: Duration
-    public var backoffMax: Duration
-    /// `retry_after_max`: the longest Retry-After obeyed (the ingest's answer otherwise wins over backoff_max). Default 1 h.
-    public var retryAfterMax: Duration
-    /// `shutdown_flush_timeout`: on SIGTERM, how long pending readings are still sent. Default 10 s; "0s" turns it off.
-    public var shutdownFlushTimeout: Duration
 }
 
 /// One `[[sensor]]` table: the keys every sensor has, plus the driver's own options.
@@ -163,7 +134,7 @@ extension AgentConfiguration {
             checkClock: checkClock, sensors: sensors)
     }
 
-    static func parseUpload(_ table: ConfigTable, base: String) throws(ConfigurationError) -> UploadSettings {
+    static func parseUpload(_ table: ConfigTable, base: String) throws(ConfigurationError) -> UploadConfiguration {
         try table.checkKeys([
             "endpoint", "key", "key_file", "ca_file", "format", "batch_max_readings", "batch_max_bytes", "batch_max_age",
             "connect_timeout", "request_timeout", "stall_timeout", "backoff_initial", "backoff_max", "retry_after_max",
@@ -198,19 +169,21 @@ extension AgentConfiguration {
         if let caFile, !FileManager.default.isReadableFile(atPath: caFile) {
             throw table.error("ca_file", "cannot read \(caFile); give a PEM file of CA certificates, or remove the key to use the system CAs")
         }
-        let json = try table.choice("format", ["binary": false, "json": true]) ?? false
-        return UploadSettings(
-            endpoint: endpoint, key: key, caFile: caFile, json: json,
-            batchMaxReadings: try table.int("batch_max_readings", in: 1...100_000) ?? 1000,
-            batchMaxBytes: Int(try table.byteSize("batch_max_bytes", in: 1024...(64 << 20)) ?? 256 << 10),
-            batchMaxAge: try table.duration("batch_max_age", in: .zero...(.seconds(3600))) ?? .seconds(5),
-            connectTimeout: try table.duration("connect_timeout", in: .milliseconds(100)...(.seconds(300))) ?? .seconds(10),
-            requestTimeout: try table.duration("request_timeout", in: .milliseconds(100)...(.seconds(3600))) ?? .seconds(30),
-            stallTimeout: try table.duration("stall_timeout", in: .seconds(1)...(.seconds(3600))) ?? .seconds(20),
-            backoffInitial: try table.duration("backoff_initial", in: .milliseconds(10)...(.seconds(3600))) ?? .seconds(1),
-            backoffMax: try table.duration("backoff_max", in: .milliseconds(10)...(.seconds(86_400))) ?? .seconds(300),
-            retryAfterMax: try table.duration("retry_after_max", in: .seconds(1)...(.seconds(86_400))) ?? .seconds(3600),
-            shutdownFlushTimeout: try table.duration("shutdown_flush_timeout", in: .zero...(.seconds(600))) ?? .seconds(10))
+        let defaults = UploadConfiguration(endpoint: endpoint, deviceKey: key)
+        return UploadConfiguration(
+            endpoint: endpoint, deviceKey: key, caFile: caFile,
+            format: try table.choice("format", ["binary": .binary, "json": .json]) ?? defaults.format,
+            batchMaxReadings: try table.int("batch_max_readings", in: 1...100_000) ?? defaults.batchMaxReadings,
+            batchMaxBytes: Int(try table.byteSize("batch_max_bytes", in: 1024...(64 << 20)) ?? Int64(defaults.batchMaxBytes)),
+            batchMaxAge: try table.duration("batch_max_age", in: .zero...(.seconds(3600))) ?? defaults.batchMaxAge,
+            connectTimeout: try table.duration("connect_timeout", in: .milliseconds(100)...(.seconds(300))) ?? defaults.connectTimeout,
+            requestTimeout: try table.duration("request_timeout", in: .milliseconds(100)...(.seconds(3600))) ?? defaults.requestTimeout,
+            stallTimeout: try table.duration("stall_timeout", in: .seconds(1)...(.seconds(3600))) ?? defaults.stallTimeout,
+            backoffInitial: try table.duration("backoff_initial", in: .milliseconds(10)...(.seconds(3600))) ?? defaults.backoffInitial,
+            backoffMax: try table.duration("backoff_max", in: .milliseconds(10)...(.seconds(86_400))) ?? defaults.backoffMax,
+            retryAfterMax: try table.duration("retry_after_max", in: .seconds(1)...(.seconds(86_400))) ?? defaults.retryAfterMax,
+            shutdownFlushTimeout: try table.duration("shutdown_flush_timeout", in: .zero...(.seconds(600)))
+                ?? defaults.shutdownFlushTimeout)
     }
 
     static func parseSensor(_ table: ConfigTable, id: SensorID, drivers: DriverRegistry) throws(ConfigurationError) -> SensorConfiguration {

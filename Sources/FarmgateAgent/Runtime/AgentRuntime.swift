@@ -27,10 +27,8 @@ public enum AgentRuntime {
         let sampler = Sampler(sensors: sensors, sink: buffer, board: board, clock: clock, logger: logger)
 
         var uploader: Uploader?
-        if let settings = configuration.upload {
-            uploader = try Uploader(
-                device: configuration.device, source: buffer, configuration: UploadConfiguration(settings: settings),
-                logger: logger)
+        if let upload = configuration.upload {
+            uploader = try Uploader(device: configuration.device, source: buffer, configuration: upload, logger: logger)
         }
 
         let startedAt = Timestamp.now()

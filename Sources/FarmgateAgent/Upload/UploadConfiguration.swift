@@ -85,15 +85,6 @@ public struct UploadConfiguration: Sendable, Hashable {
         self.useProxyEnvironment = useProxyEnvironment
     }
 
-    /// The configuration the `[upload]` section of the agent's file describes; the keys it has no key for keep their defaults.
-    public init(settings: UploadSettings) {
-        self.init(
-            endpoint: settings.endpoint, deviceKey: settings.key, caFile: settings.caFile, format: settings.json ? .json : .binary,
-            batchMaxReadings: settings.batchMaxReadings, batchMaxBytes: settings.batchMaxBytes, batchMaxAge: settings.batchMaxAge,
-            connectTimeout: settings.connectTimeout, requestTimeout: settings.requestTimeout,
-            stallTimeout: settings.stallTimeout, backoffInitial: settings.backoffInitial, backoffMax: settings.backoffMax,
-            retryAfterMax: settings.retryAfterMax, shutdownFlushTimeout: settings.shutdownFlushTimeout)
-    }
 
     /// Where batches are posted: ``endpoint`` without trailing slashes, plus ``IngestProtocol/batchesPath``.
     public var batchesURL: String {
