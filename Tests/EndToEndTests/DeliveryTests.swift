@@ -113,3 +113,61 @@ struct DeliveryTests {
         #expect(await farm.ingest?.stop(SIGTERM) == 0)
     }
 }
+
+/// After an outage the newest readings go first, while the backlog drains behind them.
+@Suite("End to end: after an outage", .serialized)
+struct LiveFirstTests {
+    @Test("Fresh readings reach the ingest within seconds while the backlog is still draining")
+    func freshReadingsFirst() async throws {
+        // A slow ingest (5 requests/s, 100 readings a batch: 500 readings/s) against a site making 300 readings/s, so a
+        // backlog takes a while to drain and "fresh first" is observable.
+        let farm = try Farm(rateLimit: (perSecond: 5, burst: 5))
+        let key = try farm.createDevice("site-3")
+        let keyFile = try farm.dir.write("site-3.key", key + "\n")
+        let config = try farm.agentConfig(
+            "agent.toml", device: "site-3", keyFile: keyFile, sensors: 30, interval: "100ms",
+            upload: "", endpoint: nil)
+        let configText = try String(contentsOfFile: config, encoding: .utf8)
+            .replacingOccurrences(of: "batch_max_readings = 50", with: "batch_max_readings = 100")
+        try configText.write(toFile: config, atomically: true, encoding: .utf8)
+
+        // The ingest is down from the start: a backlog of at least 1500 readings builds up.
+        let agent = try farm.startAgent(config: config, log: "agent.log")
+        let built = try await eventually(timeout: .seconds(30)) { (try farm.agentStatus(config: config)?.buffer.pending ?? 0) >= 1500 }
+        #expect(built, "\(agent.log)")
+
+        let restart = Timestamp.now()
+        try await farm.startIngest()
+        var freshAfter: Duration?
+        var pendingThen = 0
+        let clock = ContinuousClock()
+        let start = clock.now
+        let fresh = try await eventually(timeout: .seconds(10), every: .milliseconds(100)) {
+            let latest = try farm.latestTimestamp(device: "site-3")
+            guard let latest, latest > restart else { return false }
+            freshAfter = start.duration(to: clock.now)
+            pendingThen = try farm.agentStatus(config: config)?.buffer.pending ?? 0
+            return true
+        }
+        #expect(fresh, "no reading taken after the restart reached the ingest: \(agent.log)")
+        #expect((freshAfter ?? .seconds(99)) < .seconds(5), "fresh readings took \(String(describing: freshAfter))")
+        #expect(pendingThen >= 500, "the backlog should still be draining when fresh readings arrive (pending \(pendingThen))")
+
+        // And the backlog does drain completely, exactly once.
+        await agent.stop(SIGTERM)
+        let quiet = try farm.agentConfig("quiet.toml", device: "site-3", keyFile: keyFile, sensors: 30, interval: "1h")
+        let drainer = try farm.startAgent(config: quiet, log: "drain.log")
+        var last: AgentStatus?
+        let drained = try await eventually(timeout: .seconds(60)) {
+            last = try farm.agentStatus(config: quiet)
+            return last?.buffer.pending == 0 && last?.buffer.uncommitted == 0
+        }
+        #expect(drained, "\(drainer.log)")
+        await drainer.stop(SIGTERM)
+        let stored = try farm.storedSequences(device: "site-3")
+        let lastSequence = try #require(last?.buffer.lastSequence)
+        #expect(Set(stored).count == stored.count)
+        #expect(stored.sorted() == Array(1...lastSequence))
+        #expect(await farm.ingest?.stop(SIGTERM) == 0)
+    }
+}

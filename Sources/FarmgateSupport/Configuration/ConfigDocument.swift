@@ -254,7 +254,11 @@ public struct ConfigTable: Sendable {
     public func checkKeys(_ allowed: Set<String>) throws(ConfigurationError) {
         for key in keys where !allowed.contains(key) {
             var message = "unknown key"
-            if let suggestion = closest(to: key, in: allowed) { message += "; did you mean '\(suggestion)'?" }
+            if let suggestion = closest(to: key, in: allowed) {
+                message += "; did you mean '\(suggestion)'?"
+            } else {
+                message += "."
+            }
             message += " Allowed here: \(allowed.sorted().joined(separator: ", "))"
             throw error(key, message)
         }

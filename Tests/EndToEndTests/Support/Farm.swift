@@ -106,6 +106,19 @@ final class Farm {
         return sequences
     }
 
+    /// The newest timestamp the ingest holds for `device`, through the real export command.
+    func latestTimestamp(device: String, farm: String = "e2e") throws -> Timestamp? {
+        let output = try admin(["export", "--farm", farm, "--format", "jsonl"])
+        var latest: Timestamp?
+        for line in output.split(separator: "\n") where !line.isEmpty {
+            guard let object = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
+                object["device"] as? String == device, let text = object["timestamp"] as? String, let time = RFC3339.parse(text)
+            else { continue }
+            if latest.map({ time > $0 }) ?? true { latest = time }
+        }
+        return latest
+    }
+
     /// Writes an agent configuration with `sensors` simulated sensors read every `interval`.
     func agentConfig(
         _ name: String, device: String, keyFile: String, sensors: Int, interval: String, upload: String = "",
