@@ -56,7 +56,8 @@ struct ConfigOption: ParsableArguments {
         let logger = Logger(label: label)
         let store: SQLiteIngestStore
         do {
-            store = try SQLiteIngestStore(path: configuration.storage.path, logger: logger)
+            let path = configuration.storage.path
+            store = try await runOffPool { try SQLiteIngestStore(path: path, logger: logger) }
             try await store.migrate()
         } catch {
             throw failure("cannot open the store \(configuration.storage.path): \(error)", code: 74)  // EX_IOERR

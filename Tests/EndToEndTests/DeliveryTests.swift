@@ -1,4 +1,5 @@
 import FarmgateAgent
+import FarmgateSupport
 import FarmgateWire
 import Foundation
 import Logging
@@ -10,27 +11,27 @@ import Testing
 struct DeliveryTests {
     @Test("Exactly once through ingest and agent kills, with a poison reading quarantined")
     func exactlyOnceThroughKills() async throws {
-        let farm = try Farm()
-        let key = try farm.createDevice("site-1")
+        let farm = try await Farm()
+        let key = try await farm.createDevice("site-1")
         let keyFile = try farm.dir.write("site-1.key", key + "\n")
         let busy = try farm.agentConfig("agent.toml", device: "site-1", keyFile: keyFile, sensors: 6, interval: "100ms")
         try await farm.startIngest()
 
         // 1. Readings flow.
         var agent = try farm.startAgent(config: busy, log: "agent-1.log")
-        let flowing = try await eventually(timeout: .seconds(30)) { try farm.storedSequences(device: "site-1").count >= 60 }
+        let flowing = try await eventually(timeout: .seconds(30)) { try await farm.storedSequences(device: "site-1").count >= 60 }
         #expect(flowing, "no readings reached the ingest: \(agent.log)")
 
         // 2. The ingest dies without warning and stays down a while; the agent keeps buffering.
         await farm.ingest?.stop(SIGKILL)
-        let backlog = try await eventually(timeout: .seconds(10)) { (try farm.agentStatus(config: busy)?.buffer.pending ?? 0) >= 100 }
+        let backlog = try await eventually(timeout: .seconds(10)) { (try await farm.agentStatus(config: busy)?.buffer.pending ?? 0) >= 100 }
         #expect(backlog, "the agent did not buffer while the ingest was down")
         try await farm.startIngest()
 
         // 3. The agent dies without warning mid-upload, and comes back.
         try await Task.sleep(for: .milliseconds(400))
         await agent.stop(SIGKILL)
-        let lastBeforeKill = try farm.storedSequences(device: "site-1").max() ?? 0
+        let lastBeforeKill = try await farm.storedSequences(device: "site-1").max() ?? 0
         #expect(lastBeforeKill > 0)
 
         // 4. While it is down, a reading with a timestamp two days ahead (a clock gone wrong) is committed to its buffer.
@@ -44,7 +45,7 @@ struct DeliveryTests {
         agent = try farm.startAgent(config: quiet, log: "agent-3.log")
         var final: AgentStatus?
         let drained = try await eventually(timeout: .seconds(40)) {
-            guard let status = try farm.agentStatus(config: quiet) else { return false }
+            guard let status = try await farm.agentStatus(config: quiet) else { return false }
             final = status
             return status.buffer.pending == 0 && status.buffer.uncommitted == 0 && status.buffer.quarantined >= 1
         }
@@ -59,7 +60,7 @@ struct DeliveryTests {
         #expect(quarantined?.reason.contains("timestamp_in_future") == true, "\(String(describing: quarantined))")
 
         // Every other sequence the agent ever assigned is stored exactly once.
-        let stored = try farm.storedSequences(device: "site-1")
+        let stored = try await farm.storedSequences(device: "site-1")
         let lastSequence = status.buffer.lastSequence
         let expected = (1...lastSequence).filter { $0 != poisonSequence }
         #expect(Set(stored).count == stored.count, "duplicates stored")
@@ -70,7 +71,7 @@ struct DeliveryTests {
 
     /// Opens the (stopped) agent's buffer and commits one reading stamped two days in the future; returns its sequence.
     func commitFutureReading(bufferPath: String) async throws -> UInt64 {
-        let buffer = try ReadingBuffer(configuration: BufferConfiguration(path: bufferPath), logger: Logger(label: "test"))
+        let buffer = try await runOffPool { try ReadingBuffer(configuration: BufferConfiguration(path: bufferPath), logger: Logger(label: "test")) }
         let sensor = try SensorID("tank1.ph")
         let future = Timestamp(microseconds: Timestamp.now().microseconds + 2 * 86_400 * 1_000_000)
         try await buffer.append([Sample(sensor: sensor, timestamp: future, value: 6.1)])
@@ -81,8 +82,8 @@ struct DeliveryTests {
 
     @Test("A batch sent twice is stored once and the second answer counts duplicates")
     func resentBatchIsDuplicate() async throws {
-        let farm = try Farm()
-        let key = try farm.createDevice("site-2")
+        let farm = try await Farm()
+        let key = try await farm.createDevice("site-2")
         try await farm.startIngest()
         let sensor = try SensorID("tank1.ph")
         let base = Timestamp.now().microseconds - 60_000_000
@@ -108,7 +109,7 @@ struct DeliveryTests {
         let second = try JSONDecoder().decode(IngestReceipt.self, from: secondBody)
         #expect(second == IngestReceipt(accepted: 20, duplicates: 20, rejected: []))
 
-        let stored = try farm.storedSequences(device: "site-2")
+        let stored = try await farm.storedSequences(device: "site-2")
         #expect(stored.sorted() == (1...60).map { UInt64($0) })
         #expect(await farm.ingest?.stop(SIGTERM) == 0)
     }
@@ -121,8 +122,8 @@ struct LiveFirstTests {
     func freshReadingsFirst() async throws {
         // A slow ingest (5 requests/s, 100 readings a batch: 500 readings/s) against a site making 300 readings/s, so a
         // backlog takes a while to drain and "fresh first" is observable.
-        let farm = try Farm(rateLimit: (perSecond: 5, burst: 5))
-        let key = try farm.createDevice("site-3")
+        let farm = try await Farm(rateLimit: (perSecond: 5, burst: 5))
+        let key = try await farm.createDevice("site-3")
         let keyFile = try farm.dir.write("site-3.key", key + "\n")
         let config = try farm.agentConfig(
             "agent.toml", device: "site-3", keyFile: keyFile, sensors: 30, interval: "100ms",
@@ -133,7 +134,7 @@ struct LiveFirstTests {
 
         // The ingest is down from the start: a backlog of at least 1500 readings builds up.
         let agent = try farm.startAgent(config: config, log: "agent.log")
-        let built = try await eventually(timeout: .seconds(30)) { (try farm.agentStatus(config: config)?.buffer.pending ?? 0) >= 1500 }
+        let built = try await eventually(timeout: .seconds(30)) { (try await farm.agentStatus(config: config)?.buffer.pending ?? 0) >= 1500 }
         #expect(built, "\(agent.log)")
 
         let restart = Timestamp.now()
@@ -143,10 +144,10 @@ struct LiveFirstTests {
         let clock = ContinuousClock()
         let start = clock.now
         let fresh = try await eventually(timeout: .seconds(10), every: .milliseconds(100)) {
-            let latest = try farm.latestTimestamp(device: "site-3")
+            let latest = try await farm.latestTimestamp(device: "site-3")
             guard let latest, latest > restart else { return false }
             freshAfter = start.duration(to: clock.now)
-            pendingThen = try farm.agentStatus(config: config)?.buffer.pending ?? 0
+            pendingThen = try await farm.agentStatus(config: config)?.buffer.pending ?? 0
             return true
         }
         #expect(fresh, "no reading taken after the restart reached the ingest: \(agent.log)")
@@ -159,12 +160,12 @@ struct LiveFirstTests {
         let drainer = try farm.startAgent(config: quiet, log: "drain.log")
         var last: AgentStatus?
         let drained = try await eventually(timeout: .seconds(60)) {
-            last = try farm.agentStatus(config: quiet)
+            last = try await farm.agentStatus(config: quiet)
             return last?.buffer.pending == 0 && last?.buffer.uncommitted == 0
         }
         #expect(drained, "\(drainer.log)")
         await drainer.stop(SIGTERM)
-        let stored = try farm.storedSequences(device: "site-3")
+        let stored = try await farm.storedSequences(device: "site-3")
         let lastSequence = try #require(last?.buffer.lastSequence)
         #expect(Set(stored).count == stored.count)
         #expect(stored.sorted() == Array(1...lastSequence))

@@ -9,7 +9,7 @@ import Testing
 struct RetryAfterTests {
     @Test("429 and 503 with Retry-After are obeyed to the second, then everything is delivered")
     func obeysRetryAfter() async throws {
-        let farm = try Farm()
+        let farm = try await Farm()
         // A misbehaving ingest: 429 "come back in 2 s", then 503 "in 1 s", then it acknowledges every batch.
         let server = try TestHTTPServer { request, index in
             switch index {
@@ -40,7 +40,7 @@ struct RetryAfterTests {
         #expect(afterUnavailable >= .milliseconds(950), "third request came \(afterUnavailable) after the 503")
 
         let drained = try await eventually(timeout: .seconds(15)) {
-            guard let status = try farm.agentStatus(config: config) else { return false }
+            guard let status = try await farm.agentStatus(config: config) else { return false }
             return status.upload?.lastHTTPStatus == 200 && status.buffer.quarantined == 0 && (status.upload?.uploadedTotal ?? 0) > 0
         }
         #expect(drained, "\(agent.log)")

@@ -1,3 +1,4 @@
+import FarmgateSupport
 import FarmgateWire
 import Foundation
 import Logging
@@ -12,7 +13,9 @@ import UnixSignals
 /// last, so a graceful stop loses nothing and normally leaves nothing behind.
 public enum AgentRuntime {
     public static func run(configuration: AgentConfiguration, drivers: DriverRegistry = .standard, logger: Logger) async throws {
-        let buffer = try ReadingBuffer(configuration: configuration.buffer, logger: logger)
+        // Opening runs quick_check, which takes seconds on a large buffer: keep it off the concurrency pool.
+        let bufferConfiguration = configuration.buffer
+        let buffer = try await runOffPool { try ReadingBuffer(configuration: bufferConfiguration, logger: logger) }
         try await buffer.register(configuration.sensors.map(\.descriptor))
 
         var sensors: [Sampler.Sensor] = []

@@ -179,3 +179,11 @@ public final class ThreadOwned<Value>: Sendable {
         thread.shutdown()
     }
 }
+
+/// Runs `body` on a thread of its own and awaits its result: for one-off blocking work (opening and checking a database,
+/// waiting for a child process) that must not occupy one of the Swift concurrency pool's few threads.
+public func runOffPool<T: Sendable>(name: String = "farmgate-blocking", _ body: @escaping @Sendable () throws -> T) async throws -> T {
+    let thread = DedicatedThread(name: name)
+    defer { thread.shutdown() }
+    return try await thread.run(body)
+}

@@ -17,7 +17,7 @@ final class Farm {
     static let ingestBinary = Products.path("farmgate-ingest")
     static let agentBinary = Products.path("farmgate")
 
-    init(name: String = "e2e", rateLimit: (perSecond: Int, burst: Int) = (1000, 1000)) throws {
+    init(name: String = "e2e", rateLimit: (perSecond: Int, burst: Int) = (1000, 1000)) async throws {
         dir = try Scratch("fg-e2e")
         port = try freePort()
         ingestConfig = try dir.write(
@@ -38,22 +38,22 @@ final class Farm {
             [log]
             level = "info"
             """)
-        try admin(["farm", "create", name])
+        try await admin(["farm", "create", name])
     }
 
     var endpoint: String { "http://127.0.0.1:\(port)" }
 
     /// Runs an admin subcommand of farmgate-ingest; fails the test if it exits non-zero.
     @discardableResult
-    func admin(_ arguments: [String]) throws -> String {
-        let result = try runCommand(Farm.ingestBinary, arguments + ["--config", ingestConfig])
+    func admin(_ arguments: [String]) async throws -> String {
+        let result = try await runCommand(Farm.ingestBinary, arguments + ["--config", ingestConfig])
         #expect(result.status == 0, "farmgate-ingest \(arguments.joined(separator: " ")) failed: \(result.stderr)")
         return result.stdout
     }
 
     /// Creates a device and returns its key (printed once by the CLI).
-    func createDevice(_ device: String, farm: String = "e2e") throws -> String {
-        let output = try admin(["device", "create", "--farm", farm, "--device", device])
+    func createDevice(_ device: String, farm: String = "e2e") async throws -> String {
+        let output = try await admin(["device", "create", "--farm", farm, "--device", device])
         let key = output.split(whereSeparator: { $0 == " " || $0 == "\n" || $0 == "\"" || $0 == "=" })
             .first { $0.hasPrefix("fgd_") }
         guard let key else {
@@ -94,8 +94,8 @@ final class Farm {
     }
 
     /// Every stored sequence number of `device`, from the real `export` command.
-    func storedSequences(device: String, farm: String = "e2e") throws -> [UInt64] {
-        let output = try admin(["export", "--farm", farm, "--format", "jsonl"])
+    func storedSequences(device: String, farm: String = "e2e") async throws -> [UInt64] {
+        let output = try await admin(["export", "--farm", farm, "--format", "jsonl"])
         var sequences: [UInt64] = []
         for line in output.split(separator: "\n") where !line.isEmpty {
             guard let object = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
@@ -107,8 +107,8 @@ final class Farm {
     }
 
     /// The newest timestamp the ingest holds for `device`, through the real export command.
-    func latestTimestamp(device: String, farm: String = "e2e") throws -> Timestamp? {
-        let output = try admin(["export", "--farm", farm, "--format", "jsonl"])
+    func latestTimestamp(device: String, farm: String = "e2e") async throws -> Timestamp? {
+        let output = try await admin(["export", "--farm", farm, "--format", "jsonl"])
         var latest: Timestamp?
         for line in output.split(separator: "\n") where !line.isEmpty {
             guard let object = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
@@ -172,8 +172,8 @@ final class Farm {
     }
 
     /// The agent's status through the real `farmgate status --json`; nil while it cannot be reached.
-    func agentStatus(config: String) throws -> AgentStatus? {
-        let result = try runCommand(Farm.agentBinary, ["status", "--json", "--config", config])
+    func agentStatus(config: String) async throws -> AgentStatus? {
+        let result = try await runCommand(Farm.agentBinary, ["status", "--json", "--config", config])
         guard result.status == 0 else { return nil }
         return try JSONDecoder().decode(AgentStatus.self, from: Data(result.stdout.utf8))
     }

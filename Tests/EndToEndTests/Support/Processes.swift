@@ -1,3 +1,4 @@
+import FarmgateSupport
 import Foundation
 import Testing
 
@@ -82,30 +83,32 @@ final class Child {
     }
 }
 
-/// Runs a command to completion and returns its exit status and standard output (standard error is appended to `stderr`).
-@discardableResult
-func runCommand(_ executable: String, _ arguments: [String], environment: [String: String] = [:]) throws -> (
+/// Runs a command to completion and returns its exit status, standard output and standard error. The waiting happens
+/// on a thread of its own, never on the concurrency pool (other tests keep running on time).
+func runCommand(_ executable: String, _ arguments: [String], environment: [String: String] = [:]) async throws -> (
     status: Int32, stdout: String, stderr: String
 ) {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: executable)
-    process.arguments = arguments
-    var env = ProcessInfo.processInfo.environment
-    for (key, value) in environment { env[key] = value }
-    process.environment = env
-    let out = Pipe()
-    let err = Pipe()
-    process.standardOutput = out
-    process.standardError = err
-    try process.run()
-    // Read both pipes to the end before waiting, so a chatty child never blocks on a full pipe.
-    let errData = Mutex2<Data>(Data())
-    let errReader = Thread { errData.set(err.fileHandleForReading.readDataToEndOfFile()) }
-    errReader.start()
-    let outData = out.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    while !errData.isSet { usleep(1000) }
-    return (process.terminationStatus, String(decoding: outData, as: UTF8.self), String(decoding: errData.get(), as: UTF8.self))
+    try await runOffPool(name: "test-command") {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = arguments
+        var env = ProcessInfo.processInfo.environment
+        for (key, value) in environment { env[key] = value }
+        process.environment = env
+        let out = Pipe()
+        let err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        try process.run()
+        // Read both pipes to the end before waiting, so a chatty child never blocks on a full pipe.
+        let errData = Mutex2<Data>(Data())
+        let errReader = Thread { errData.set(err.fileHandleForReading.readDataToEndOfFile()) }
+        errReader.start()
+        let outData = out.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        while !errData.isSet { usleep(1000) }
+        return (process.terminationStatus, String(decoding: outData, as: UTF8.self), String(decoding: errData.get(), as: UTF8.self))
+    }
 }
 
 /// A tiny lock-protected box for handing a value between threads in test support code.
