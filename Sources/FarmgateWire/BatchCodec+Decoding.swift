@@ -18,8 +18,8 @@ extension BatchCodec {
             throw BatchDecodingError(error.description)
         }
         let sensorCount = try reader.count("sensor count", limit: limits.maxSensors)
-        // Each sensor takes at least six bytes of the tables (prefix, suffix length, quantity, resolution, count, flags).
-        guard sensorCount <= reader.remaining / 6 else {
+        // Each sensor takes at least five bytes of the tables (prefix, suffix length, quantity, resolution, count).
+        guard sensorCount <= reader.remaining / 5 else {
             throw BatchDecodingError("the frame declares \(sensorCount) sensors but only \(reader.remaining) bytes remain")
         }
         let total = try reader.count("reading count", limit: limits.maxReadings)
@@ -31,6 +31,12 @@ extension BatchCodec {
         let baseTimestamp = try reader.svarint("base timestamp")
         let unit = try reader.uvarint("timestamp unit")
         guard unit > 0 else { throw BatchDecodingError("the timestamp unit is 0") }
+        let layout = try reader.byte("layout")
+        guard layout & ~layoutSequencesExact == 0 else {
+            throw BatchDecodingError("unknown layout bits 0x\(String(layout, radix: 16))")
+        }
+        let sequencesExact = layout & layoutSequencesExact != 0
+        let anchorLag = try reader.count("anchor lag", limit: sensorCount)
 
         // Sensor table.
         var prefixLengths = [Int](), suffixLengths = [Int]()
@@ -66,8 +72,8 @@ extension BatchCodec {
             }
             quantities.append(quantity)
         }
-        var descriptors: [SensorDescriptor] = []
-        descriptors.reserveCapacity(sensorCount)
+        var table: [SensorDescriptor] = []
+        table.reserveCapacity(sensorCount)
         for i in 0..<sensorCount {
             let numerator = try reader.uvarint("sensor \(i) resolution")
             var resolution = quantities[i].defaultResolution
@@ -81,13 +87,32 @@ extension BatchCodec {
                 }
                 resolution = parsed
             }
-            descriptors.append(SensorDescriptor(id: ids[i], quantity: quantities[i], resolution: resolution))
+            table.append(SensorDescriptor(id: ids[i], quantity: quantities[i], resolution: resolution))
         }
+        // Frame order: the frame position of each table entry, a permutation.
+        var framed = [SensorDescriptor?](repeating: nil, count: sensorCount)
+        var previousPosition: Int64 = -1
+        for k in 0..<sensorCount {
+            let position = previousPosition &+ 1 &+ (try reader.svarint("sensor '\(ids[k])' frame position"))
+            guard position >= 0, position < Int64(sensorCount), framed[Int(position)] == nil else {
+                throw BatchDecodingError("sensor '\(ids[k])' has frame position \(position), outside 0..<\(sensorCount) or taken")
+            }
+            framed[Int(position)] = table[k]
+            previousPosition = position
+        }
+        let descriptors = framed.compactMap { $0 }
+        ids = descriptors.map(\.id)
         var counts: [Int] = []
         counts.reserveCapacity(sensorCount)
         var sum = 0
+        var previousCount: Int64 = 0
         for i in 0..<sensorCount {
-            let n = try reader.uvarint("sensor \(i) reading count")
+            let signed = previousCount &+ (try reader.svarint("sensor \(i) reading count"))
+            guard signed >= 0 else {
+                throw BatchDecodingError("sensor '\(ids[i])' declares \(signed) readings")
+            }
+            previousCount = signed
+            let n = UInt64(signed)
             guard n <= UInt64(limits.maxReadings) else {
                 throw BatchDecodingError("sensor '\(ids[i])' declares \(n) readings, more than the limit of \(limits.maxReadings)")
             }
@@ -102,11 +127,6 @@ extension BatchCodec {
         }
 
         // Per-sensor parameters, in the order the encoder writes their streams.
-        func mode(_ what: String, _ i: Int) throws(BatchDecodingError) -> UInt8 {
-            let mode = try reader.byte("sensor '\(ids[i])' \(what) mode")
-            guard mode <= 1 else { throw BatchDecodingError("sensor '\(ids[i])' has unknown \(what) mode \(mode)") }
-            return mode
-        }
         var timestampModes = [UInt8](repeating: 0, count: sensorCount)
         var periods = [Int64](repeating: 0, count: sensorCount)
         var anchors = [Int64](repeating: 0, count: sensorCount)
@@ -115,44 +135,62 @@ extension BatchCodec {
         var references = [Int64](repeating: 0, count: sensorCount)
         var sequenceModes = [UInt8](repeating: 0, count: sensorCount)
         var sequenceReferences = [Int64](repeating: 0, count: sensorCount)
-        for i in 0..<sensorCount where counts[i] >= 2 { timestampModes[i] = try mode("timestamp", i) }
+        for i in 0..<sensorCount where counts[i] >= 2 {
+            let modes = try reader.byte("sensor '\(ids[i])' modes")
+            guard modes <= (sequencesExact ? 3 : 7) else {
+                throw BatchDecodingError("sensor '\(ids[i])' has unknown modes 0x\(String(modes, radix: 16))")
+            }
+            timestampModes[i] = modes & 1
+            valueModes[i] = (modes >> 1) & 1
+            sequenceModes[i] = (modes >> 2) & 1
+        }
         var previousPeriod: Int64 = 0
         for i in 0..<sensorCount where counts[i] >= 2 {
             periods[i] = previousPeriod &+ (try reader.svarint("sensor '\(ids[i])' timestamp period"))
             previousPeriod = periods[i]
         }
-        for i in 0..<sensorCount where counts[i] >= 2 { valueModes[i] = try mode("value", i) }
+        var previousUnit: [QuantityResolution: UInt64] = [:]
         for i in 0..<sensorCount where counts[i] >= 2 {
-            let g = try reader.uvarint("sensor '\(ids[i])' value unit")
+            let key = QuantityResolution(quantity: descriptors[i].quantity, resolution: descriptors[i].resolution)
+            let code = try reader.uvarint("sensor '\(ids[i])' value unit")
+            let g = code == 0 ? previousUnit[key] ?? 1 : code &- 1
             guard g <= 2 * maxStepsMagnitude else {
                 throw BatchDecodingError("sensor '\(ids[i])' has value unit \(g), larger than any difference of two values")
             }
             valueUnits[i] = g
+            previousUnit[key] = g
         }
-        for i in 0..<sensorCount where counts[i] >= 2 { sequenceModes[i] = try mode("sequence", i) }
-        var flags: [[UInt16]] = []
-        flags.reserveCapacity(sensorCount)
-        for i in 0..<sensorCount {
-            let runCount = try reader.count("sensor '\(ids[i])' flag run count", limit: counts[i])
-            guard runCount > 0 else {
-                flags.append([])
-                continue
+        // Flags: runs over every reading, column after column.
+        var flags: [[UInt16]] = Array(repeating: [], count: sensorCount)
+        let runCount = try reader.count("flag run count", limit: total)
+        if runCount == 1 {
+            let value = try reader.uvarint("flags")
+            guard value <= UInt64(UInt16.max) else { throw BatchDecodingError("flags \(value) are more than 16 bits") }
+            let length = try reader.count("flag run length", limit: total)
+            guard length == total else { throw BatchDecodingError("the flag runs cover \(length) of the \(total) readings") }
+            if value != 0 {
+                for i in 0..<sensorCount { flags[i] = [UInt16](repeating: UInt16(value), count: counts[i]) }
             }
-            var column: [UInt16] = []
-            column.reserveCapacity(counts[i])
+        } else if runCount > 1 {
+            var all: [UInt16] = []
+            all.reserveCapacity(total)
             for _ in 0..<runCount {
-                let value = try reader.uvarint("sensor '\(ids[i])' flags")
-                guard value <= UInt64(UInt16.max) else {
-                    throw BatchDecodingError("sensor '\(ids[i])' has flags \(value), more than 16 bits")
-                }
-                let length = try reader.count("sensor '\(ids[i])' flag run length", limit: counts[i] - column.count)
-                guard length > 0 else { throw BatchDecodingError("sensor '\(ids[i])' has an empty flag run") }
-                column.append(contentsOf: repeatElement(UInt16(value), count: length))
+                let value = try reader.uvarint("flags")
+                guard value <= UInt64(UInt16.max) else { throw BatchDecodingError("flags \(value) are more than 16 bits") }
+                let length = try reader.count("flag run length", limit: total - all.count)
+                guard length > 0 else { throw BatchDecodingError("a flag run is empty") }
+                all.append(contentsOf: repeatElement(UInt16(value), count: length))
             }
-            guard column.count == counts[i] else {
-                throw BatchDecodingError("sensor '\(ids[i])' flag runs cover \(column.count) of its \(counts[i]) readings")
+            guard all.count == total else {
+                throw BatchDecodingError("the flag runs cover \(all.count) of the \(total) readings")
             }
-            flags.append(column)
+            var offset = 0
+            for i in 0..<sensorCount {
+                flags[i] = Array(all[offset..<(offset + counts[i])])
+                offset += counts[i]
+            }
+        } else if total > 0 {
+            throw BatchDecodingError("no flag runs cover the \(total) readings")
         }
         // Slot of each reading in grid-coded timestamp columns: one more than the previous; at a listed gap, 2 + the
         // coded number (the encoder writes slots skipped − 1, which is ≥ 0).
@@ -175,11 +213,17 @@ extension BatchCodec {
                 return slot
             }
         }
-        for i in 0..<sensorCount where counts[i] >= 1 {
-            sequenceReferences[i] = try reader.svarint("sensor '\(ids[i])' sequence reference")
+        if !sequencesExact {
+            for i in 0..<sensorCount where counts[i] >= 1 {
+                sequenceReferences[i] = try reader.svarint("sensor '\(ids[i])' sequence reference")
+            }
         }
+        var decodedAnchors: [Int64] = []
+        decodedAnchors.reserveCapacity(sensorCount)
         for i in 0..<sensorCount where counts[i] >= 1 {
-            anchors[i] = try reader.svarint("sensor '\(ids[i])' first timestamp")
+            let prediction = predictAnchor(decodedAnchors, at: decodedAnchors.count, lag: anchorLag)
+            anchors[i] = prediction &+ (try reader.svarint("sensor '\(ids[i])' first timestamp"))
+            decodedAnchors.append(anchors[i])
         }
         var previousReference: [QuantityResolution: (reference: Int64, unit: UInt64)] = [:]
         for i in 0..<sensorCount where counts[i] >= 1 {
@@ -233,27 +277,20 @@ extension BatchCodec {
         }
 
         // Sequences: rank among all readings by (timestamp, sensor, position), plus the coded error.
-        var order: [(timestamp: Int64, sensor: Int32, position: Int32)] = []
-        order.reserveCapacity(total)
-        for i in 0..<sensorCount {
-            for (j, t) in timestamps[i].enumerated() { order.append((t, Int32(i), Int32(j))) }
-        }
-        order.sort { ($0.timestamp, $0.sensor, $0.position) < ($1.timestamp, $1.sensor, $1.position) }
-        var sequences = counts.map { [UInt64](repeating: 0, count: $0) }
-        for (rank, entry) in order.enumerated() {
-            sequences[Int(entry.sensor)][Int(entry.position)] = baseSequence &+ UInt64(rank)
-        }
-        for i in 0..<sensorCount where counts[i] >= 1 {
-            let n = counts[i]
-            var errors = [Int64](repeating: sequenceReferences[i], count: n)
-            if n >= 2 {
-                if sequenceModes[i] == 0 {
-                    for j in 0..<n { errors[j] = sequenceReferences[i] &+ (try reader.svarint("sensor '\(ids[i])' sequence \(j)")) }
-                } else {
-                    for j in 1..<n { errors[j] = errors[j - 1] &+ (try reader.svarint("sensor '\(ids[i])' sequence \(j)")) }
+        var sequences = sequenceRanks(timestamps, base: baseSequence)
+        if !sequencesExact {
+            for i in 0..<sensorCount where counts[i] >= 1 {
+                let n = counts[i]
+                var errors = [Int64](repeating: sequenceReferences[i], count: n)
+                if n >= 2 {
+                    if sequenceModes[i] == 0 {
+                        for j in 0..<n { errors[j] = sequenceReferences[i] &+ (try reader.svarint("sensor '\(ids[i])' sequence \(j)")) }
+                    } else {
+                        for j in 1..<n { errors[j] = errors[j - 1] &+ (try reader.svarint("sensor '\(ids[i])' sequence \(j)")) }
+                    }
                 }
+                for j in 0..<n { sequences[i][j] = sequences[i][j] &+ UInt64(bitPattern: errors[j]) }
             }
-            for j in 0..<n { sequences[i][j] = sequences[i][j] &+ UInt64(bitPattern: errors[j]) }
         }
         guard reader.isAtEnd else {
             throw BatchDecodingError("\(reader.remaining) bytes follow the last reading")
@@ -273,6 +310,6 @@ extension BatchCodec {
                 value: descriptors[i].resolution.value(ofSteps: steps[i][j]),
                 quality: QualityFlags(rawValue: flags[i].isEmpty ? 0 : flags[i][j]))
         }
-        return Batch(device: device, sensors: descriptors, readings: readings)
+        return Batch(device: device, sensors: table.sorted { $0.id < $1.id }, readings: readings)
     }
 }

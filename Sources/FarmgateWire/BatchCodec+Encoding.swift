@@ -57,8 +57,11 @@ extension BatchCodec {
         return Zstd.compress(segments: segments.filter { !$0.isEmpty }, level: level)
     }
 
-    /// Groups, quantizes and orders the readings of `batch` by sensor.
-    static func columns(of batch: Batch) throws(BatchEncodingError) -> [EncodedColumn] {
+    /// Groups, quantizes and orders the readings of `batch` by sensor, each column ordered by (timestamp, sequence), and
+    /// the columns in the order the frame lists them: sensors with readings by their first timestamp (so that each
+    /// sensor's first timestamp is close to the previous one's, and readings committed in time order rank in sensor
+    /// order), ties and sensors without readings by id.
+    static func columns(of batch: Batch) throws(BatchEncodingError) -> (columns: [EncodedColumn], table: [Int]) {
         let sortedSensors = batch.sensors.sorted { $0.id < $1.id }
         var indexOf: [SensorID: Int] = [:]
         indexOf.reserveCapacity(sortedSensors.count)
@@ -93,7 +96,45 @@ extension BatchCodec {
             columns[index].sequences = order.map { c.sequences[$0] }
             columns[index].flags = order.map { c.flags[$0] }
         }
-        return columns
+        // The name table lists ids in natural order ("tank2" before "tank10"), which front-codes well and is often
+        // the order of a configuration. The frame lists sensors in the cheaper of that order and time order (by first
+        // timestamp, sensors without readings last), judged by the bits of the permutation, the first timestamps and
+        // the counts; `table[k]` is the frame position of the table's k-th sensor.
+        let natural = columns.indices.sorted { naturalOrder(columns[$0].descriptor.id.rawValue, columns[$1].descriptor.id.rawValue) }
+        var naturalRank = [Int](repeating: 0, count: columns.count)
+        for (k, index) in natural.enumerated() { naturalRank[index] = k }
+        let byTime = columns.indices.sorted { a, b in
+            switch (columns[a].timestamps.first, columns[b].timestamps.first) {
+            case let (x?, y?): (x, naturalRank[a]) < (y, naturalRank[b])
+            case (.some, nil): true
+            case (nil, .some): false
+            case (nil, nil): naturalRank[a] < naturalRank[b]
+            }
+        }
+        func layout(_ order: [Int]) -> (table: [Int], cost: Int) {
+            var position = [Int](repeating: 0, count: order.count)
+            for (k, index) in order.enumerated() { position[index] = k }
+            let table = natural.map { position[$0] }
+            var cost = 0
+            var previous = -1
+            for p in table {
+                cost += codeBits(Int64(p - previous - 1))
+                previous = p
+            }
+            var previousCount = 0
+            for index in order {
+                cost += codeBits(Int64(columns[index].timestamps.count - previousCount))
+                previousCount = columns[index].timestamps.count
+            }
+            let firsts = order.compactMap { columns[$0].timestamps.first }
+            let anchorCost = (0...min(maxAnchorLag, firsts.count)).map { lag in
+                firsts.indices.reduce(0) { $0 + codeBits(firsts[$1] &- predictAnchor(firsts, at: $1, lag: lag)) }
+            }
+            return (table, cost + (anchorCost.min() ?? 0))
+        }
+        let timeLayout = layout(byTime), naturalLayout = layout(natural)
+        let (order, table) = timeLayout.cost < naturalLayout.cost ? (byTime, timeLayout.table) : (natural, naturalLayout.table)
+        return (order.map { columns[$0] }, table)
     }
 
     /// Chooses the cheapest coding of a column of timestamps in units after the base (at least two):
@@ -138,7 +179,8 @@ extension BatchCodec {
         let byReference = ColumnCoding(mode: 0, parameter: unit, anchor: reference, residuals: s.map { ($0 - reference) / unit })
         let byDelta = ColumnCoding(
             mode: 1, parameter: unit, anchor: s[0], residuals: (1..<s.count).map { (s[$0] - s[$0 - 1]) / unit })
-        return byDelta.cost < byReference.cost ? byDelta : byReference
+        // Reference unless delta is clearly cheaper: a batch of sensors in one mode compresses its mode bytes away.
+        return byDelta.cost * 5 < byReference.cost * 4 ? byDelta : byReference
     }
 
     /// Chooses the cheaper of reference and delta coding for a column of sequence errors (wrapping arithmetic).
@@ -150,7 +192,10 @@ extension BatchCodec {
     }
 
     /// The streams after which the compressor ends a zstd block, so that the next streams get their own entropy tables.
-    static let blockEnds: Set<String> = ["seq refs", "value refs", "ts residuals", "value residuals"]
+    static let blockEnds: Set<String> = ["value refs", "ts residuals", "value residuals"]
+
+    /// The largest anchor lag the encoder tries (see ``predictAnchor(_:at:lag:)``).
+    static let maxAnchorLag = 12
 
     static func encodeBody(_ batch: Batch) throws(BatchEncodingError) -> [UInt8] {
         try encodeStreams(batch).flatMap(\.bytes)
@@ -158,7 +203,7 @@ extension BatchCodec {
 
     /// The uncompressed body of `batch`, stream by stream in the order they are written (for measurements).
     package static func encodeStreams(_ batch: Batch) throws(BatchEncodingError) -> [(name: String, bytes: [UInt8])] {
-        let columns = try columns(of: batch)
+        let (columns, table) = try columns(of: batch)
         let total = columns.reduce(0) { $0 + $1.timestamps.count }
 
         let baseSequence = columns.lazy.compactMap { $0.sequences.min() }.min() ?? 0
@@ -169,19 +214,22 @@ extension BatchCodec {
         }
         if unit == 0 { unit = 1 }
 
-        var header = ByteWriter()
-        header.uvarint(batch.device.rawValue.utf8.count)
-        header.bytes(batch.device.rawValue.utf8)
-        header.uvarint(columns.count)
-        header.uvarint(total)
-        header.uvarint(baseSequence)
-        header.svarint(baseTimestamp)
-        header.uvarint(unit)
+        // Sequence predictions: the rank of each reading among all readings ordered by (timestamp, sensor, position).
+        let predicted = sequenceRanks(columns.map(\.timestamps), base: baseSequence)
+        let errors = columns.indices.map { i in
+            columns[i].sequences.indices.map { j in Int64(bitPattern: columns[i].sequences[j] &- predicted[i][j]) }
+        }
+        let sequencesExact = errors.allSatisfy { $0.allSatisfy { $0 == 0 } }
 
         var prefixLengths = ByteWriter(), suffixLengths = ByteWriter(), suffixes = ByteWriter()
         var quantities = ByteWriter(), resolutions = ByteWriter(), counts = ByteWriter()
         var previousName: [UInt8] = []
-        for column in columns {
+        var frameOrder = ByteWriter()
+        var previousPosition = -1
+        for position in table {
+            let column = columns[position]
+            frameOrder.svarint(Int64(position - previousPosition - 1))
+            previousPosition = position
             let name = Array(column.descriptor.id.rawValue.utf8)
             var shared = 0
             while shared < name.count, shared < previousName.count, name[shared] == previousName[shared] { shared += 1 }
@@ -197,54 +245,40 @@ extension BatchCodec {
                 resolutions.uvarint(UInt64(resolution.numerator))
                 resolutions.uvarint(UInt64(resolution.denominator))
             }
-            counts.uvarint(column.timestamps.count)
+        }
+        var previousCount = 0
+        for column in columns {
+            counts.svarint(Int64(column.timestamps.count - previousCount))
+            previousCount = column.timestamps.count
         }
 
-        // Sequence predictions: the rank of each reading among all readings ordered by (timestamp, sensor, position).
-        var order: [(timestamp: Int64, sensor: Int, position: Int)] = []
-        order.reserveCapacity(total)
-        for (sensor, column) in columns.enumerated() {
-            for (position, t) in column.timestamps.enumerated() { order.append((t, sensor, position)) }
-        }
-        order.sort { ($0.timestamp, $0.sensor, $0.position) < ($1.timestamp, $1.sensor, $1.position) }
-        var predicted = columns.map { [UInt64](repeating: 0, count: $0.timestamps.count) }
-        for (rank, entry) in order.enumerated() {
-            predicted[entry.sensor][entry.position] = baseSequence &+ UInt64(rank)
-        }
-
-        var timestampModes = ByteWriter(), periods = ByteWriter(), gapLists = ByteWriter(), anchors = ByteWriter()
-        var valueModes = ByteWriter(), valueUnits = ByteWriter(), references = ByteWriter()
-        var sequenceModes = ByteWriter(), sequenceReferences = ByteWriter(), flagRuns = ByteWriter()
+        var modes = ByteWriter(), periods = ByteWriter(), gapLists = ByteWriter()
+        var valueUnits = ByteWriter(), references = ByteWriter()
+        var sequenceReferences = ByteWriter(), flagRuns = ByteWriter()
         var timestampResiduals = ByteWriter(capacity: total), valueResiduals = ByteWriter(capacity: total)
-        var sequenceResiduals = ByteWriter(capacity: total)
+        var sequenceResiduals = ByteWriter(capacity: sequencesExact ? 0 : total)
+        var anchors: [Int64] = []
         var previousPeriod: Int64 = 0
         var previousReference: [QuantityResolution: (reference: Int64, unit: UInt64)] = [:]
+        var previousUnit: [QuantityResolution: UInt64] = [:]
+        var runs: [(flags: UInt16, length: Int)] = []
 
         for (sensor, column) in columns.enumerated() {
             let n = column.timestamps.count
-            // Flags as runs, so that a column without flags costs one byte.
-            if column.flags.allSatisfy({ $0 == 0 }) {
-                flagRuns.uvarint(0)
-            } else {
-                var runs: [(UInt16, Int)] = []
-                for f in column.flags {
-                    if let last = runs.last, last.0 == f { runs[runs.count - 1].1 += 1 } else { runs.append((f, 1)) }
-                }
-                flagRuns.uvarint(runs.count)
-                for (f, length) in runs {
-                    flagRuns.uvarint(UInt64(f))
-                    flagRuns.uvarint(length)
-                }
+            // Flags as runs over every reading of the batch, column after column: a batch without flags costs two bytes.
+            for f in column.flags {
+                if let last = runs.last, last.flags == f { runs[runs.count - 1].length += 1 } else { runs.append((f, 1)) }
             }
             guard n > 0 else { continue }
 
             // Timestamps, in units after the base.
             let x = column.timestamps.map { Int64(bitPattern: UInt64(bitPattern: $0 &- baseTimestamp) / unit) }
+            var mode: UInt8 = 0
             if n == 1 {
-                anchors.svarint(x[0])
+                anchors.append(x[0])
             } else {
                 let coding = timestampCoding(x, previousPeriod: previousPeriod)
-                timestampModes.byte(coding.mode)
+                mode |= coding.mode
                 periods.svarint(coding.period &- previousPeriod)
                 previousPeriod = coding.period
                 if coding.mode == 0 {
@@ -256,12 +290,12 @@ extension BatchCodec {
                         previousIndex = gap.index
                     }
                 }
-                anchors.svarint(coding.anchor)
+                anchors.append(coding.anchor)
                 for r in coding.residuals { timestampResiduals.svarint(r) }
             }
 
-            // Values, in steps; the reference is predicted from the previous sensor of the same quantity and resolution,
-            // in units of both sensors' common step when it is a multiple of it.
+            // Values, in steps; the unit and the reference are predicted from the previous sensor of the same quantity
+            // and resolution, the reference in units of both sensors' common step when it is a multiple of it.
             let key = QuantityResolution(quantity: column.descriptor.quantity, resolution: column.descriptor.resolution)
             let reference: Int64
             var g: UInt64 = 0
@@ -270,8 +304,9 @@ extension BatchCodec {
             } else {
                 for s in column.steps { g = gcd(g, (s - column.steps[0]).magnitude) }
                 let coding = valueCoding(column.steps, unit: Int64(g))
-                valueModes.byte(coding.mode)
-                valueUnits.uvarint(g)
+                mode |= coding.mode << 1
+                valueUnits.uvarint(g == (previousUnit[key] ?? 1) ? 0 : g &+ 1)
+                previousUnit[key] = g
                 reference = coding.anchor
                 for r in coding.residuals { valueResiduals.svarint(r) }
             }
@@ -279,27 +314,111 @@ extension BatchCodec {
             references.uvarint(referenceCode(reference - previous.reference, unit: max(gcd(g, previous.unit), 1)))
             previousReference[key] = (reference, g)
 
-            // Sequences: the error of the prediction, coded against its median or delta-coded along the column.
-            let errors = (0..<n).map { Int64(bitPattern: column.sequences[$0] &- predicted[sensor][$0]) }
-            if n == 1 {
-                sequenceReferences.svarint(errors[0])
-            } else {
-                let coding = sequenceCoding(errors)
-                sequenceModes.byte(coding.mode)
-                sequenceReferences.svarint(coding.anchor)
-                for r in coding.residuals { sequenceResiduals.svarint(r) }
+            // Sequences, unless every one is its rank: the error of the prediction, against its median or delta-coded.
+            if !sequencesExact {
+                if n == 1 {
+                    sequenceReferences.svarint(errors[sensor][0])
+                } else {
+                    let coding = sequenceCoding(errors[sensor])
+                    mode |= coding.mode << 2
+                    sequenceReferences.svarint(coding.anchor)
+                    for r in coding.residuals { sequenceResiduals.svarint(r) }
+                }
+            }
+            if n >= 2 { modes.byte(mode) }
+        }
+        flagRuns.uvarint(runs.count)
+        for run in runs {
+            flagRuns.uvarint(UInt64(run.flags))
+            flagRuns.uvarint(run.length)
+        }
+
+        // First timestamps: each predicted from the ones before it with the lag that costs least.
+        var lag = 0
+        var lagCost = Int.max
+        for candidate in 0...min(maxAnchorLag, anchors.count) {
+            let cost = anchors.indices.reduce(0) { $0 + codeBits(anchors[$1] &- predictAnchor(anchors, at: $1, lag: candidate)) }
+            if cost < lagCost {
+                lag = candidate
+                lagCost = cost
             }
         }
+        var anchorStream = ByteWriter()
+        for j in anchors.indices { anchorStream.svarint(anchors[j] &- predictAnchor(anchors, at: j, lag: lag)) }
+
+        var header = ByteWriter()
+        header.uvarint(batch.device.rawValue.utf8.count)
+        header.bytes(batch.device.rawValue.utf8)
+        header.uvarint(columns.count)
+        header.uvarint(total)
+        header.uvarint(baseSequence)
+        header.svarint(baseTimestamp)
+        header.uvarint(unit)
+        header.byte(sequencesExact ? layoutSequencesExact : 0)
+        header.uvarint(lag)
 
         return [
             ("header", header), ("id prefixes", prefixLengths), ("id suffix lengths", suffixLengths), ("id suffixes", suffixes),
-            ("quantities", quantities), ("resolutions", resolutions), ("counts", counts), ("ts modes", timestampModes),
-            ("ts periods", periods), ("value modes", valueModes), ("value units", valueUnits), ("seq modes", sequenceModes),
-            ("flags", flagRuns), ("ts gaps", gapLists), ("seq refs", sequenceReferences), ("ts anchors", anchors),
-            ("value refs", references), ("ts residuals", timestampResiduals), ("value residuals", valueResiduals),
-            ("seq residuals", sequenceResiduals),
+            ("quantities", quantities), ("resolutions", resolutions), ("frame order", frameOrder), ("counts", counts), ("modes", modes),
+            ("ts periods", periods), ("value units", valueUnits), ("flags", flagRuns), ("ts gaps", gapLists),
+            ("seq refs", sequenceReferences), ("ts anchors", anchorStream), ("value refs", references),
+            ("ts residuals", timestampResiduals), ("value residuals", valueResiduals), ("seq residuals", sequenceResiduals),
         ].map { (name: $0.0, bytes: $0.1.bytes) }
     }
+}
+
+/// A strict total order on ids that compares runs of digits by their numeric value ("tank2" < "tank10"), then bytewise.
+func naturalOrder(_ a: String, _ b: String) -> Bool {
+    let x = Array(a.utf8), y = Array(b.utf8)
+    func isDigit(_ c: UInt8) -> Bool { c >= UInt8(ascii: "0") && c <= UInt8(ascii: "9") }
+    var i = 0, j = 0
+    while i < x.count && j < y.count {
+        if isDigit(x[i]) && isDigit(y[j]) {
+            var i2 = i, j2 = j
+            while i2 < x.count && isDigit(x[i2]) { i2 += 1 }
+            while j2 < y.count && isDigit(y[j2]) { j2 += 1 }
+            // Compare numerically: strip leading zeros, then the longer run is larger, else bytewise.
+            var p = i, q = j
+            while p < i2 - 1 && x[p] == UInt8(ascii: "0") { p += 1 }
+            while q < j2 - 1 && y[q] == UInt8(ascii: "0") { q += 1 }
+            if i2 - p != j2 - q { return i2 - p < j2 - q }
+            if !x[p..<i2].elementsEqual(y[q..<j2]) { return x[p..<i2].lexicographicallyPrecedes(y[q..<j2]) }
+            i = i2
+            j = j2
+        } else {
+            if x[i] != y[j] { return x[i] < y[j] }
+            i += 1
+            j += 1
+        }
+    }
+    if x.count - i != y.count - j { return x.count - i < y.count - j }
+    return x.lexicographicallyPrecedes(y)
+}
+
+/// The prediction of the `j`th first timestamp (in frame order, sensors with readings) from those before it: the
+/// previous one plus the step between the two that are `lag` places further back (lag 0: the previous one itself).
+/// `lag` 1 extrapolates a constant spacing; lag k repeats a pattern of k spacings, as sensors staggered in a
+/// repeating order of kinds produce. Wrapping arithmetic: total on any input.
+func predictAnchor(_ anchors: [Int64], at j: Int, lag: Int) -> Int64 {
+    guard j >= 1 else { return 0 }
+    guard lag >= 1, j - lag - 1 >= 0 else { return anchors[j - 1] }
+    return anchors[j - 1] &+ (anchors[j - lag] &- anchors[j - lag - 1])
+}
+
+/// For each reading of `timestamps` (columns in frame order), `base` plus its rank among all readings ordered by
+/// (timestamp, column, position).
+func sequenceRanks(_ timestamps: [[Int64]], base: UInt64) -> [[UInt64]] {
+    var order: [(timestamp: Int64, sensor: Int32, position: Int32)] = []
+    order.reserveCapacity(timestamps.reduce(0) { $0 + $1.count })
+    for (sensor, column) in timestamps.enumerated() {
+        for (position, t) in column.enumerated() { order.append((t, Int32(truncatingIfNeeded: sensor), Int32(truncatingIfNeeded: position))) }
+    }
+    order.sort { ($0.timestamp, $0.sensor, $0.position) < ($1.timestamp, $1.sensor, $1.position) }
+    var ranks = timestamps.map { [UInt64](repeating: 0, count: $0.count) }
+    for (rank, entry) in order.enumerated() {
+        ranks[Int(entry.sensor)][Int(entry.position)] = base &+ UInt64(rank)
+    }
+    return ranks
 }
 
 /// A difference of reference values: `zigzag(d / unit) << 1` when `d` is a multiple of `unit`, else `zigzag(d) << 1 | 1`.

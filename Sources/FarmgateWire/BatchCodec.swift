@@ -39,42 +39,57 @@ public struct BatchEncodingError: Error, Hashable, Sendable, CustomStringConvert
 /// being `resolution.value(ofSteps: resolution.quantize(value))`. The decoded batch is in canonical order: sensors sorted
 /// by id, readings sorted by sequence number (the order of a batch carries no meaning).
 ///
-/// ## Frame (format version 1)
+/// ## Frame (format version 2)
 /// ```
-/// "FGB"  version=1  flags      3 + 1 + 1 bytes; flags bit 0: the body is one zstd frame (always set by the encoder)
+/// "FGB"  version=2  flags      3 + 1 + 1 bytes; flags bit 0: the body is one zstd frame (always set by the encoder)
 /// body                          zstd-compressed
 /// ```
 /// All integers in the body are LEB128 varints; signed ones are zigzag-mapped first. The body is the header followed by
-/// streams, each holding one kind of field for every sensor in order, so that zstd sees homogeneous bytes:
+/// streams, each holding one kind of field for every sensor, so that zstd sees homogeneous bytes. The name table lists
+/// the sensors in one order (the encoder uses natural id order, "tank2" before "tank10", which front-codes well); the
+/// frame order stream then places each of them in the order of the per-sensor streams. The encoder picks whichever of
+/// natural order and time order (by first timestamp, sensors without readings last) costs fewer bits: time order makes
+/// first timestamps predictable and puts readings committed in time order in rank order. The decoder accepts any
+/// permutation and returns sensors sorted by id. The streams are cut into zstd blocks after the value refs, the
+/// timestamp residuals and the value residuals, so that each kind of residual gets its own entropy tables.
 /// ```
 /// header     device id (length, bytes), sensor count S, reading count N, base sequence (the smallest),
-///            base timestamp (the smallest, signed µs), timestamp unit u (the GCD of every timestamp minus the base)
-/// names      S shared-prefix lengths, S suffix lengths, the suffix bytes (ids front-coded after sorting)
-/// quantity   S quantity codes
-/// resolution S entries: 0 for the quantity's default, else numerator and denominator
-/// counts     S reading counts (summing to N)
-/// ts modes   one byte per sensor with ≥ 2 readings: 0 grid (t = A + i·P + r), 1 delta (t = t' + P + r)
+///            base timestamp (the smallest, signed µs), timestamp unit u (the GCD of every timestamp minus the base),
+///            layout byte (bit 0: every sequence is its rank, so no sequence stream follows), anchor lag L (≤ S)
+/// names      S shared-prefix lengths, S suffix lengths, the suffix bytes (ids front-coded in table order)
+/// quantity   S quantity codes, in table order
+/// resolution S entries in table order: 0 for the quantity's default, else numerator and denominator
+/// frame order  S signed entries: each table entry's frame position p minus (p' + 1), p' being the previous entry's
+///            position (−1 before the first); all 0 when the frame keeps table order. Every later stream is in frame order
+/// counts     S reading counts, each minus the previous sensor's (summing to N)
+/// modes      one byte per sensor with ≥ 2 readings: bit 0 timestamps in delta mode (else grid), bit 1 values in delta
+///            mode (else reference), bit 2 sequence errors in delta mode (else reference; 0 when bit 0 of the layout is set)
 /// ts periods P in units of u, minus the previous such sensor's P (sensors with ≥ 2 readings)
-/// ts anchors A in units of u after the base (sensors with ≥ 1 reading)
-/// value modes    one byte per sensor with ≥ 2 readings: 0 reference (v = R + g·r), 1 delta (v = v' + g·r)
-/// value units    g, the GCD of the sensor's value differences in steps; 0 when all values are equal (no residuals)
+/// value units    g, the GCD of the sensor's value differences in steps (0 when all values are equal: no residuals),
+///                written 0 when it equals the previous g of the same quantity and resolution (initially 1), else g + 1
+/// flags      runs over all N readings, column after column: the number of runs, then (flags, run length) pairs
+/// ts gaps    per grid-coded sensor: the number of gaps, then (index advance, slots skipped − 1) pairs
+/// seq refs   unless the layout says exact: per sensor with readings, its sequence error reference
+/// ts anchors A in units of u after the base (sensors with ≥ 1 reading), minus its prediction from the anchors before
+///            it: the previous anchor, plus (L > 0) the step between the anchors L and L + 1 places back
 /// value refs     R in steps (the median in reference mode, the first value in delta mode), minus the R of the previous
 ///                sensor with the same quantity and resolution (sensors with ≥ 1 reading)
-/// seq firsts     per sensor with readings: its first sequence minus its prediction
-/// flags          per sensor: the number of runs (0: no flags at all), then (flags, run length) pairs
-/// ts residuals   r per reading (grid: every reading; delta: all but the first)
-/// value residuals
-/// seq residuals  per sensor, all but the first: the change of (sequence − prediction) from the previous reading
+/// ts residuals   r per reading (grid: t = A + slot·P + r, every reading; delta: t = t' + P + r, all but the first)
+/// value residuals  (reference: v = R + g·r; delta: v = v' + g·r)
+/// seq residuals  unless exact: per sensor, the error's residuals against its reference or its previous error
 /// ```
 /// Each sensor's readings are ordered by timestamp, then sequence. A sequence is predicted as the base sequence plus the
-/// reading's rank among all the batch's readings ordered by (timestamp, sensor, position): readings committed in the order
-/// they were taken cost nothing. The decoder checks every count against ``BatchLimits`` and the bytes left before it
-/// allocates, and never trusts a size it cannot verify.
+/// reading's rank among all the batch's readings ordered by (timestamp, sensor in frame order, position); readings
+/// committed in the order they were stamped, as the agent commits them, match it exactly and cost one layout bit.
+/// The decoder checks every count against ``BatchLimits`` and the bytes left before it allocates, and never trusts a
+/// size it cannot verify.
 public enum BatchCodec {
     static let magic: [UInt8] = [UInt8(ascii: "F"), UInt8(ascii: "G"), UInt8(ascii: "B")]
     /// The format version this build writes and reads.
-    public static let formatVersion: UInt8 = 1
+    public static let formatVersion: UInt8 = 2
     static let flagZstd: UInt8 = 1
+    /// Layout bit: every sequence equals the base sequence plus its rank; no sequence streams follow.
+    static let layoutSequencesExact: UInt8 = 1
 
     /// Encodes `batch` into a compressed frame.
     ///

@@ -28,6 +28,9 @@ struct CodecBenchmark: AsyncParsableCommand {
     @Option(help: "zstd level of the binary codec.")
     var level: Int32 = 19
 
+    @Option(help: "Data profile: 'agent' (what the Farmgate agent produces), 'stress' (random phases, completion-order sequences, noisier sensors) or 'both'.")
+    var profile = "both"
+
     @Flag(help: "Also print where the bytes of the binary frame go, stream by stream.")
     var streams = false
 
@@ -35,15 +38,33 @@ struct CodecBenchmark: AsyncParsableCommand {
         guard batches > 0, readings > 0, tanks > 0, period > 0 else {
             throw ValidationError("--batches, --readings, --tanks and --period must be positive")
         }
+        guard profile == "both" || DataProfile(rawValue: profile) != nil else {
+            throw ValidationError("--profile must be agent, stress or both, not '\(profile)'")
+        }
     }
 
     func run() async throws {
-        let site = try RealisticSite(tanks: tanks, readingCount: batches * readings, period: period, seed: seed)
-        let batchList = site.batches(of: readings)
-        let total = Double(site.readings.count)
-        print("\(batchList.count) batches of \(readings) readings, \(tanks * 3) sensors every \(period) s, seed \(seed)")
+        let profiles = DataProfile(rawValue: profile).map { [$0] } ?? DataProfile.allCases
+        print("\(batches) batches of \(readings) readings, \(tanks * 3) sensors every \(period) s, seed \(seed)")
+        print("profile agent: what the Farmgate agent produces (even stagger, stamped at read completion, sequences in time order)")
+        print("profile stress: random phases, sequences in read-completion order, pH σ 0.01 and EC σ 2.5 µS/cm")
         print("")
+        print("format                                  bytes/reading   encode readings/s   decode readings/s")
+        var tables: [(DataProfile, [Batch], Double)] = []
+        for profile in profiles {
+            let site = try RealisticSite(tanks: tanks, readingCount: batches * readings, period: period, seed: seed, profile: profile)
+            let batchList = site.batches(of: readings)
+            try measure(batchList, total: site.readings.count, profile: profile)
+            tables.append((profile, batchList, Double(site.readings.count)))
+        }
+        if streams {
+            for (profile, batchList, total) in tables { try printStreams(batchList, total: total, profile: profile) }
+        }
+    }
 
+    /// Prints the rows of one profile: the binary codec (checked to round-trip), JSON, line protocol.
+    func measure(_ batchList: [Batch], total count: Int, profile: DataProfile) throws {
+        let total = Double(count)
         var binary = 0, jsonRaw = 0, jsonGzip = 0, lineRaw = 0, lineGzip = 0
         var encoded: [[UInt8]] = []
         let clock = ContinuousClock()
@@ -61,6 +82,7 @@ struct CodecBenchmark: AsyncParsableCommand {
         for (original, decoded) in zip(batchList, decodedBatches) {
             let resolution = Dictionary(original.sensors.map { ($0.id, $0.resolution) }, uniquingKeysWith: { a, _ in a })
             let want = original.readings.sorted { $0.sequence < $1.sequence }
+            if want.count != decoded.readings.count { mismatches += abs(want.count - decoded.readings.count) }
             for (a, b) in zip(want, decoded.readings) {
                 let steps = resolution[a.sensor]?.quantize(a.value)
                 if a.sequence != b.sequence || a.sensor != b.sensor || a.timestamp != b.timestamp || a.quality != b.quality
@@ -70,7 +92,7 @@ struct CodecBenchmark: AsyncParsableCommand {
                 }
             }
         }
-        if mismatches > 0 { print("warning: \(mismatches) readings did not round-trip") }
+        if mismatches > 0 { print("warning (\(profile)): \(mismatches) readings did not round-trip") }
         var jsonDocuments: [[UInt8]] = []
         let jsonEncodeTime = clock.measure {
             for batch in batchList { jsonDocuments.append(BatchJSON.encode(batch)) }
@@ -88,8 +110,8 @@ struct CodecBenchmark: AsyncParsableCommand {
             lineRaw += lines.count
             lineGzip += Gzip.compress(lines).count
         }
-        guard decodedCount == site.readings.count, jsonDecoded == site.readings.count else {
-            print("warning: decoded \(decodedCount) binary and \(jsonDecoded) JSON readings of \(site.readings.count)")
+        guard decodedCount == count, jsonDecoded == count else {
+            print("warning (\(profile)): decoded \(decodedCount) binary and \(jsonDecoded) JSON readings of \(count)")
             return
         }
 
@@ -98,16 +120,14 @@ struct CodecBenchmark: AsyncParsableCommand {
             let seconds = Double(duration.components.seconds) + Double(duration.components.attoseconds) * 1e-18
             return String(format: "%12.0f", total / max(seconds, 1e-9))
         }
-        print("format                          bytes/reading   encode readings/s   decode readings/s")
-        print("farmgate binary (zstd \(level))".padding(toLength: 32, withPad: " ", startingAt: 0)
-            + "  \(perReading(binary))        \(rate(encodeTime))        \(rate(decodeTime))")
-        print("JSON".padding(toLength: 32, withPad: " ", startingAt: 0)
-            + "  \(perReading(jsonRaw))        \(rate(jsonEncodeTime))        \(rate(jsonDecodeTime))")
-        print("JSON + gzip".padding(toLength: 32, withPad: " ", startingAt: 0) + "  \(perReading(jsonGzip))")
-        print("InfluxDB line protocol".padding(toLength: 32, withPad: " ", startingAt: 0) + "  \(perReading(lineRaw))")
-        print("InfluxDB line protocol + gzip".padding(toLength: 32, withPad: " ", startingAt: 0) + "  \(perReading(lineGzip))")
-
-        if streams { try printStreams(batchList, total: total) }
+        func label(_ format: String) -> String {
+            "[\(profile)] \(format)".padding(toLength: 40, withPad: " ", startingAt: 0)
+        }
+        print(label("farmgate binary (zstd \(level))") + "  \(perReading(binary))        \(rate(encodeTime))        \(rate(decodeTime))")
+        print(label("JSON") + "  \(perReading(jsonRaw))        \(rate(jsonEncodeTime))        \(rate(jsonDecodeTime))")
+        print(label("JSON + gzip") + "  \(perReading(jsonGzip))")
+        print(label("InfluxDB line protocol") + "  \(perReading(lineRaw))")
+        print(label("InfluxDB line protocol + gzip") + "  \(perReading(lineGzip))")
     }
 
     /// `reading,device=...,sensor=... value=6.02 <ns timestamp>`, one line per reading, values at their resolution.
@@ -127,7 +147,7 @@ struct CodecBenchmark: AsyncParsableCommand {
 
     /// Where the bytes go: each stream's raw size, and how much the compressed body grows because of it (the body
     /// compressed with the stream minus without it).
-    func printStreams(_ batches: [Batch], total: Double) throws {
+    func printStreams(_ batches: [Batch], total: Double, profile: DataProfile) throws {
         var names: [String] = []
         var raw: [Int] = []
         var marginal: [Int] = []
@@ -140,6 +160,11 @@ struct CodecBenchmark: AsyncParsableCommand {
                 raw = Array(repeating: 0, count: streams.count)
                 marginal = Array(repeating: 0, count: streams.count)
                 entropy = Array(repeating: 0, count: streams.count)
+            }
+            if let directory = ProcessInfo.processInfo.environment["FG_DUMP"] {
+                for stream in streams {
+                    FileManager.default.createFile(atPath: "\(directory)/\(profile)-\(stream.name)", contents: Data(stream.bytes))
+                }
             }
             let all = BatchCodec.compress(streams: streams, level: level).count
             whole += all
@@ -155,6 +180,7 @@ struct CodecBenchmark: AsyncParsableCommand {
             }
         }
         print("")
+        print("[\(profile)] where the bytes go")
         print("stream                raw B/reading   order-0 entropy B/reading   compressed cost B/reading (with − without)")
         for k in names.indices {
             print(names[k].padding(toLength: 20, withPad: " ", startingAt: 0)

@@ -71,8 +71,8 @@ struct BatchCodecRobustnessTests {
         }
         let manySensors = frame { w in w.uvarint(UInt64(1) << 40) }
         let oneSensorTooMany = frame { w in
-            w.uvarint(1); w.uvarint(5); w.uvarint(0); w.svarint(0); w.uvarint(1)
-            w.uvarint(0); w.uvarint(1); w.bytes(Array("s".utf8)); w.byte(1); w.uvarint(0); w.uvarint(4_000_000)
+            w.uvarint(1); w.uvarint(5); w.uvarint(0); w.svarint(0); w.uvarint(1); w.byte(0); w.uvarint(0)
+            w.uvarint(0); w.uvarint(1); w.bytes(Array("s".utf8)); w.byte(1); w.uvarint(0); w.svarint(0); w.svarint(4_000_000)
             w.bytes([UInt8](repeating: 0, count: 64))
         }
         let readingsBeyondBytes = frame { w in
@@ -131,14 +131,16 @@ struct BatchCodecRobustnessTests {
             var w = ByteWriter()
             w.bytes(BatchCodec.magic + [BatchCodec.formatVersion, 0])
             w.uvarint(1); w.bytes(Array("d".utf8))
-            w.uvarint(names.count); w.uvarint(0); w.uvarint(0); w.svarint(0); w.uvarint(1)
+            // header: sensors, readings (none), base sequence, base timestamp, unit, layout, anchor lag
+            w.uvarint(names.count); w.uvarint(0); w.uvarint(0); w.svarint(0); w.uvarint(1); w.byte(0); w.uvarint(0)
             for (prefix, _) in names { w.uvarint(prefix) }
             for (_, suffix) in names { w.uvarint(suffix.utf8.count) }
             for (_, suffix) in names { w.bytes(Array(suffix.utf8)) }
-            for _ in names { w.byte(1) }
-            for _ in names { w.uvarint(0) }
-            for _ in names { w.uvarint(0) }
-            for _ in names { w.uvarint(0) }
+            for _ in names { w.byte(1) }  // quantity
+            for _ in names { w.uvarint(0) }  // default resolution
+            for _ in names { w.svarint(0) }  // frame position: table order
+            for _ in names { w.svarint(0) }  // reading count: no change from the previous sensor's 0
+            w.uvarint(0)  // no flag runs
             return w.bytes
         }
         let ok = frame(names: [(0, "ab"), (1, "c")])
