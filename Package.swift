@@ -117,6 +117,7 @@ let package = Package(
         .executableTarget(
             name: "farmgate-bench",
             dependencies: [
+                "FarmgateSupport",
                 "FarmgateWire",
                 "FarmgateAgent",
                 "FarmgateIngest",
@@ -134,6 +135,7 @@ let package = Package(
         .testTarget(
             name: "FarmgateWireTests",
             dependencies: [
+                "FarmgateSupport",
                 "FarmgateWire",
                 .product(name: "PropertyBased", package: "swift-property-based"),
             ],

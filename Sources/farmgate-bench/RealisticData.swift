@@ -1,27 +1,6 @@
+import FarmgateSupport
 import FarmgateWire
 import Foundation
-
-/// A small, fast, seedable generator (SplitMix64), so that runs of the benchmark are comparable.
-struct SeededGenerator: RandomNumberGenerator {
-    private var state: UInt64
-
-    init(seed: UInt64) { state = seed }
-
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-
-    /// A normally distributed number (Box–Muller).
-    mutating func normal(mean: Double = 0, deviation: Double) -> Double {
-        let u1 = Double.random(in: Double.ulpOfOne..<1, using: &self)
-        let u2 = Double.random(in: 0..<1, using: &self)
-        return mean + deviation * (-2 * log(u1)).squareRoot() * cos(2 * .pi * u2)
-    }
-}
 
 /// Which kind of site the generator imitates.
 enum DataProfile: String, CaseIterable, Sendable {
@@ -65,7 +44,7 @@ struct RealisticSite {
     var readings: [Reading]
 
     init(tanks: Int, readingCount: Int, period: Double = 10, seed: UInt64, profile: DataProfile = .agent) throws {
-        var rng = SeededGenerator(seed: seed)
+        var rng = SplitMix64(seed: seed)
         device = try DeviceID("greenhouse-2")
         let stress = profile == .stress
         struct Channel {

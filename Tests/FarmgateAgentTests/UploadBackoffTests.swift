@@ -1,25 +1,13 @@
 import FarmgateAgent
+import FarmgateSupport
 import Foundation
 import Testing
-
-/// A deterministic generator for tests (SplitMix64).
-struct SeededGenerator: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
 
 @Suite("Upload backoff and Retry-After")
 struct UploadBackoffTests {
     @Test func ceilingDoublesUpToTheCap() {
         var backoff = Backoff(initial: .seconds(1), maximum: .seconds(60))
-        var generator = SeededGenerator(seed: 1)
+        var generator = SplitMix64(seed: 1)
         var ceilings: [Duration] = []
         for _ in 0..<10 {
             ceilings.append(backoff.ceiling)
@@ -33,7 +21,7 @@ struct UploadBackoffTests {
     }
 
     @Test func delaysAreFullyJitteredBelowTheCeiling() {
-        var generator = SeededGenerator(seed: 42)
+        var generator = SplitMix64(seed: 42)
         var delaysAtCap: [Duration] = []
         for _ in 0..<200 {
             var backoff = Backoff(initial: .milliseconds(100), maximum: .seconds(10))

@@ -1,3 +1,4 @@
+import FarmgateSupport
 import PropertyBased
 import Testing
 

@@ -1,17 +1,8 @@
+import FarmgateSupport
 @testable import FarmgateWire
 
-/// SplitMix64: a seedable generator so that a failing property case can be replayed from its seed.
-struct TestRandom: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
+/// Property cases replay from their seed.
+typealias TestRandom = SplitMix64
 
 enum Fixtures {
     static func device() throws -> DeviceID { try DeviceID("greenhouse-2") }

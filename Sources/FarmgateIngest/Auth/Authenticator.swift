@@ -50,22 +50,10 @@ public final class Authenticator: Sendable {
     ///
     /// - Throws: when the store cannot be reached.
     public func authenticateDevice(_ key: APIKey) async throws -> DeviceResult {
-        guard key.kind == .device else { return .invalid }
-        let now = ContinuousClock.now
-        var credential = cache.withLock { cache in cache.devices[key.keyID].flatMap { $0.expires > now ? $0.credential : nil } }
-        if credential == nil {
-            credential = try await store.deviceCredential(keyID: key.keyID)
-            if let found = credential, cacheTTL > .zero {
-                let entry = Entry(credential: found, expires: now + cacheTTL)
-                let limit = maxEntries
-                cache.withLock { cache in
-                    if cache.devices.count >= limit { cache.devices = cache.devices.filter { $0.value.expires > now } }
-                    if cache.devices.count >= limit { cache.devices.removeAll() }
-                    cache.devices[key.keyID] = entry
-                }
-            }
-        }
-        guard let credential, constantTimeEquals(credential.secretHash, key.secretHash) else { return .invalid }
+        guard key.kind == .device,
+            let credential = try await cached(key, in: \.devices, fetch: { try await store.deviceCredential(keyID: key.keyID) })
+        else { return .invalid }
+        guard constantTimeEquals(credential.secretHash, key.secretHash) else { return .invalid }
         return credential.revoked ? .revoked : .authenticated(credential.identity)
     }
 
@@ -73,22 +61,31 @@ public final class Authenticator: Sendable {
     ///
     /// - Throws: when the store cannot be reached.
     public func authenticateReader(_ key: APIKey) async throws -> ReaderResult {
-        guard key.kind == .readToken else { return .invalid }
-        let now = ContinuousClock.now
-        var credential = cache.withLock { cache in cache.readers[key.keyID].flatMap { $0.expires > now ? $0.credential : nil } }
-        if credential == nil {
-            credential = try await store.readTokenCredential(keyID: key.keyID)
-            if let found = credential, cacheTTL > .zero {
-                let entry = Entry(credential: found, expires: now + cacheTTL)
-                let limit = maxEntries
-                cache.withLock { cache in
-                    if cache.readers.count >= limit { cache.readers = cache.readers.filter { $0.value.expires > now } }
-                    if cache.readers.count >= limit { cache.readers.removeAll() }
-                    cache.readers[key.keyID] = entry
-                }
-            }
-        }
-        guard let credential, constantTimeEquals(credential.secretHash, key.secretHash) else { return .invalid }
+        guard key.kind == .readToken,
+            let credential = try await cached(key, in: \.readers, fetch: { try await store.readTokenCredential(keyID: key.keyID) })
+        else { return .invalid }
+        guard constantTimeEquals(credential.secretHash, key.secretHash) else { return .invalid }
         return credential.revoked ? .revoked : .authenticated(credential.farm, credential.role)
+    }
+
+    /// The credential of `key`'s id: from the cache while fresh, else from the store (and then cached when found).
+    private func cached<Credential: Sendable>(
+        _ key: APIKey, in table: WritableKeyPath<Cache, [String: Entry<Credential>]>,
+        fetch: () async throws -> Credential?
+    ) async throws -> Credential? {
+        let now = ContinuousClock.now
+        if let fresh = cache.withLock({ cache in cache[keyPath: table][key.keyID].flatMap { $0.expires > now ? $0.credential : nil } }) {
+            return fresh
+        }
+        guard let found = try await fetch() else { return nil }
+        guard cacheTTL > .zero else { return found }
+        let entry = Entry(credential: found, expires: now + cacheTTL)
+        let limit = maxEntries
+        cache.withLock { cache in
+            if cache[keyPath: table].count >= limit { cache[keyPath: table] = cache[keyPath: table].filter { $0.value.expires > now } }
+            if cache[keyPath: table].count >= limit { cache[keyPath: table].removeAll() }
+            cache[keyPath: table][key.keyID] = entry
+        }
+        return found
     }
 }

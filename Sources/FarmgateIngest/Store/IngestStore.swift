@@ -84,21 +84,9 @@ public struct AppliedMigration: Sendable, Hashable {
     }
 }
 
-/// The outcome of ``IngestStore/store(_:for:receivedAt:)``.
-public struct StoreOutcome: Sendable, Hashable {
-    /// Readings stored for the first time.
-    public var accepted: Int
-    /// Readings whose (device, sequence) was already stored.
-    public var duplicates: Int
-    /// Readings the store refused (`sensor_conflict`).
-    public var rejected: [RejectedReading]
-
-    public init(accepted: Int, duplicates: Int, rejected: [RejectedReading]) {
-        self.accepted = accepted
-        self.duplicates = duplicates
-        self.rejected = rejected
-    }
-}
+/// The outcome of ``IngestStore/store(_:for:receivedAt:)``: the receipt for the readings the store saw, its
+/// `rejected` holding only what the store itself refuses (`sensor_conflict`); the controller adds the validator's.
+public typealias StoreOutcome = IngestReceipt
 
 /// A farm, the tenant that owns devices and read tokens.
 public struct FarmRecord: Sendable, Hashable {

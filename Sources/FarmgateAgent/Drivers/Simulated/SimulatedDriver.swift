@@ -139,28 +139,3 @@ public final class SimulatedDriver: SensorDriver {
         return try outcome.get()
     }
 }
-
-/// A small, fast, seedable generator (Vigna's SplitMix64), so that simulated series are reproducible.
-public struct SplitMix64: RandomNumberGenerator, Sendable {
-    private var state: UInt64
-
-    public init(seed: UInt64) { state = seed }
-
-    public mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    public mutating func nextUnit() -> Double { Double(next() >> 11) / Double(1 << 53) }
-
-    /// Standard normal, by Box–Muller.
-    public mutating func nextGaussian() -> Double {
-        let u1 = max(nextUnit(), 1e-300)
-        let u2 = nextUnit()
-        return (-2 * log(u1)).squareRoot() * cos(2 * Double.pi * u2)
-    }
-}
