@@ -38,12 +38,23 @@ extension BatchCodec {
         let sequencesExact = layout & layoutSequencesExact != 0
         let anchorLag = try reader.count("anchor lag", limit: sensorCount)
 
-        // Sensor table.
+        // Sensor table: quantities, then the front-coded ids as (shared prefix, suffix length) pairs and suffix bytes.
+        var quantities: [Quantity] = []
+        quantities.reserveCapacity(sensorCount)
+        for i in 0..<sensorCount {
+            let code = try reader.byte("sensor \(i) quantity")
+            guard let quantity = Quantity(code: code) else {
+                throw BatchDecodingError("sensor \(i) has unknown quantity code \(code)")
+            }
+            quantities.append(quantity)
+        }
         var prefixLengths = [Int](), suffixLengths = [Int]()
         prefixLengths.reserveCapacity(sensorCount)
         suffixLengths.reserveCapacity(sensorCount)
-        for i in 0..<sensorCount { prefixLengths.append(try reader.count("sensor \(i) id prefix length", limit: identifierMaxLength)) }
-        for i in 0..<sensorCount { suffixLengths.append(try reader.count("sensor \(i) id suffix length", limit: identifierMaxLength)) }
+        for i in 0..<sensorCount {
+            prefixLengths.append(try reader.count("sensor \(i) id prefix length", limit: identifierMaxLength))
+            suffixLengths.append(try reader.count("sensor \(i) id suffix length", limit: identifierMaxLength))
+        }
         var ids: [SensorID] = []
         ids.reserveCapacity(sensorCount)
         var seen = Set<SensorID>(minimumCapacity: sensorCount)
@@ -62,15 +73,6 @@ extension BatchCodec {
             guard seen.insert(id).inserted else { throw BatchDecodingError("sensor '\(id)' is described more than once") }
             ids.append(id)
             previousName = Array(name)
-        }
-        var quantities: [Quantity] = []
-        quantities.reserveCapacity(sensorCount)
-        for i in 0..<sensorCount {
-            let code = try reader.byte("sensor \(i) quantity")
-            guard let quantity = Quantity(code: code) else {
-                throw BatchDecodingError("sensor '\(ids[i])' has unknown quantity code \(code)")
-            }
-            quantities.append(quantity)
         }
         var table: [SensorDescriptor] = []
         table.reserveCapacity(sensorCount)
@@ -102,6 +104,31 @@ extension BatchCodec {
         }
         let descriptors = framed.compactMap { $0 }
         ids = descriptors.map(\.id)
+        // Flags: runs over every reading, column after column; one value for all when there is a single run.
+        var allFlags: [UInt16] = []
+        let runCount = try reader.count("flag run count", limit: total)
+        if runCount == 1 {
+            let value = try reader.uvarint("flags")
+            guard value <= UInt64(UInt16.max) else { throw BatchDecodingError("flags \(value) are more than 16 bits") }
+            let length = try reader.count("flag run length", limit: total)
+            guard length == total else { throw BatchDecodingError("the flag runs cover \(length) of the \(total) readings") }
+            allFlags = [UInt16(value)]
+        } else if runCount > 1 {
+            allFlags.reserveCapacity(total)
+            for _ in 0..<runCount {
+                let value = try reader.uvarint("flags")
+                guard value <= UInt64(UInt16.max) else { throw BatchDecodingError("flags \(value) are more than 16 bits") }
+                let length = try reader.count("flag run length", limit: total - allFlags.count)
+                guard length > 0 else { throw BatchDecodingError("a flag run is empty") }
+                allFlags.append(contentsOf: repeatElement(UInt16(value), count: length))
+            }
+            guard allFlags.count == total else {
+                throw BatchDecodingError("the flag runs cover \(allFlags.count) of the \(total) readings")
+            }
+        } else if total > 0 {
+            throw BatchDecodingError("no flag runs cover the \(total) readings")
+        }
+        var flagOffset = 0
         var counts: [Int] = []
         counts.reserveCapacity(sensorCount)
         var sum = 0
@@ -160,37 +187,14 @@ extension BatchCodec {
             valueUnits[i] = g
             previousUnit[key] = g
         }
-        // Flags: runs over every reading, column after column.
         var flags: [[UInt16]] = Array(repeating: [], count: sensorCount)
-        let runCount = try reader.count("flag run count", limit: total)
-        if runCount == 1 {
-            let value = try reader.uvarint("flags")
-            guard value <= UInt64(UInt16.max) else { throw BatchDecodingError("flags \(value) are more than 16 bits") }
-            let length = try reader.count("flag run length", limit: total)
-            guard length == total else { throw BatchDecodingError("the flag runs cover \(length) of the \(total) readings") }
-            if value != 0 {
-                for i in 0..<sensorCount { flags[i] = [UInt16](repeating: UInt16(value), count: counts[i]) }
+        for i in 0..<sensorCount {
+            if allFlags.count == 1 {
+                if allFlags[0] != 0 { flags[i] = [UInt16](repeating: allFlags[0], count: counts[i]) }
+            } else if !allFlags.isEmpty {
+                flags[i] = Array(allFlags[flagOffset..<(flagOffset + counts[i])])
+                flagOffset += counts[i]
             }
-        } else if runCount > 1 {
-            var all: [UInt16] = []
-            all.reserveCapacity(total)
-            for _ in 0..<runCount {
-                let value = try reader.uvarint("flags")
-                guard value <= UInt64(UInt16.max) else { throw BatchDecodingError("flags \(value) are more than 16 bits") }
-                let length = try reader.count("flag run length", limit: total - all.count)
-                guard length > 0 else { throw BatchDecodingError("a flag run is empty") }
-                all.append(contentsOf: repeatElement(UInt16(value), count: length))
-            }
-            guard all.count == total else {
-                throw BatchDecodingError("the flag runs cover \(all.count) of the \(total) readings")
-            }
-            var offset = 0
-            for i in 0..<sensorCount {
-                flags[i] = Array(all[offset..<(offset + counts[i])])
-                offset += counts[i]
-            }
-        } else if total > 0 {
-            throw BatchDecodingError("no flag runs cover the \(total) readings")
         }
         // Slot of each reading in grid-coded timestamp columns: one more than the previous; at a listed gap, 2 + the
         // coded number (the encoder writes slots skipped − 1, which is ≥ 0).
@@ -225,13 +229,30 @@ extension BatchCodec {
             anchors[i] = prediction &+ (try reader.svarint("sensor '\(ids[i])' first timestamp"))
             decodedAnchors.append(anchors[i])
         }
-        var previousReference: [QuantityResolution: (reference: Int64, unit: UInt64)] = [:]
+        // Reference values: each the previous one of its quantity and resolution plus quotient × unit + remainder, the
+        // unit being the GCD of both sensors' value units; remainders only where the unit is above 1.
+        var referenceUnits = [UInt64](repeating: 1, count: sensorCount)
+        var previousValueUnit: [QuantityResolution: UInt64] = [:]
         for i in 0..<sensorCount where counts[i] >= 1 {
             let key = QuantityResolution(quantity: descriptors[i].quantity, resolution: descriptors[i].resolution)
-            let previous = previousReference[key] ?? (0, 0)
-            let code = try reader.uvarint("sensor '\(ids[i])' reference value")
-            references[i] = previous.reference &+ referenceDifference(code, unit: max(gcd(valueUnits[i], previous.unit), 1))
-            previousReference[key] = (references[i], valueUnits[i])
+            referenceUnits[i] = max(gcd(valueUnits[i], previousValueUnit[key] ?? 0), 1)
+            previousValueUnit[key] = valueUnits[i]
+        }
+        var remainders = [UInt64](repeating: 0, count: sensorCount)
+        for i in 0..<sensorCount where counts[i] >= 1 && referenceUnits[i] > 1 {
+            remainders[i] = try reader.uvarint("sensor '\(ids[i])' reference value remainder")
+            guard remainders[i] < referenceUnits[i] else {
+                throw BatchDecodingError(
+                    "sensor '\(ids[i])' has reference remainder \(remainders[i]), not below its unit \(referenceUnits[i])")
+            }
+        }
+        var previousReference: [QuantityResolution: Int64] = [:]
+        for i in 0..<sensorCount where counts[i] >= 1 {
+            let key = QuantityResolution(quantity: descriptors[i].quantity, resolution: descriptors[i].resolution)
+            let quotient = try reader.svarint("sensor '\(ids[i])' reference value")
+            references[i] = (previousReference[key] ?? 0) &+ quotient &* Int64(truncatingIfNeeded: referenceUnits[i])
+                &+ Int64(truncatingIfNeeded: remainders[i])
+            previousReference[key] = references[i]
         }
 
         // Timestamps.

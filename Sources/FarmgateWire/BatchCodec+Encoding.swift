@@ -37,8 +37,9 @@ extension BatchCodec {
         frame.append(formatVersion)
         let streams = try encodeStreams(batch)
         if compressed {
-            frame.append(flagZstd)
-            frame.append(contentsOf: compress(streams: streams, level: compressionLevel))
+            let body = compressBody(streams: streams, level: compressionLevel)
+            frame.append(flagZstd | (body.magicless ? flagMagicless : 0))
+            frame.append(contentsOf: body.bytes)
         } else {
             frame.append(0)
             frame.append(contentsOf: streams.flatMap(\.bytes))
@@ -46,15 +47,19 @@ extension BatchCodec {
         return frame
     }
 
-    /// Compresses a body given as streams into one zstd frame, with a block boundary after each group of streams with
-    /// similar statistics (see ``blockEnds``).
+    /// Compresses a body given as streams into magicless zstd frames, one for each group of streams with similar
+    /// statistics (see ``frameEnds``), as the body of a frame with the ``flagZstd`` and ``flagMagicless`` flags.
     package static func compress(streams: [(name: String, bytes: [UInt8])], level: Int32) -> [UInt8] {
+        compressBody(streams: streams, level: level).bytes
+    }
+
+    static func compressBody(streams: [(name: String, bytes: [UInt8])], level: Int32) -> (bytes: [UInt8], magicless: Bool) {
         var segments: [[UInt8]] = [[]]
         for stream in streams {
             segments[segments.count - 1].append(contentsOf: stream.bytes)
-            if blockEnds.contains(stream.name) { segments.append([]) }
+            if frameEnds.contains(stream.name) { segments.append([]) }
         }
-        return Zstd.compress(segments: segments.filter { !$0.isEmpty }, level: level)
+        return Zstd.compress(frames: segments.filter { !$0.isEmpty }, level: level, magicless: true)
     }
 
     /// Groups, quantizes and orders the readings of `batch` by sensor, each column ordered by (timestamp, sequence), and
@@ -191,8 +196,8 @@ extension BatchCodec {
         return byDelta.cost < byReference.cost ? byDelta : byReference
     }
 
-    /// The streams after which the compressor ends a zstd block, so that the next streams get their own entropy tables.
-    static let blockEnds: Set<String> = ["value refs", "ts residuals", "value residuals"]
+    /// The streams after which the compressor ends a zstd frame, so that the next streams get a compressor of their own.
+    static let frameEnds: Set<String> = ["value refs", "ts residuals"]
 
     /// The largest anchor lag the encoder tries (see ``predictAnchor(_:at:lag:)``).
     static let maxAnchorLag = 12
@@ -221,7 +226,7 @@ extension BatchCodec {
         }
         let sequencesExact = errors.allSatisfy { $0.allSatisfy { $0 == 0 } }
 
-        var prefixLengths = ByteWriter(), suffixLengths = ByteWriter(), suffixes = ByteWriter()
+        var idLengths = ByteWriter(), suffixes = ByteWriter()
         var quantities = ByteWriter(), resolutions = ByteWriter(), counts = ByteWriter()
         var previousName: [UInt8] = []
         var frameOrder = ByteWriter()
@@ -233,8 +238,8 @@ extension BatchCodec {
             let name = Array(column.descriptor.id.rawValue.utf8)
             var shared = 0
             while shared < name.count, shared < previousName.count, name[shared] == previousName[shared] { shared += 1 }
-            prefixLengths.uvarint(shared)
-            suffixLengths.uvarint(name.count - shared)
+            idLengths.uvarint(shared)
+            idLengths.uvarint(name.count - shared)
             suffixes.bytes(name[shared...])
             previousName = name
             quantities.byte(column.descriptor.quantity.code)
@@ -253,7 +258,7 @@ extension BatchCodec {
         }
 
         var modes = ByteWriter(), periods = ByteWriter(), gapLists = ByteWriter()
-        var valueUnits = ByteWriter(), references = ByteWriter()
+        var valueUnits = ByteWriter(), references = ByteWriter(), referenceRemainders = ByteWriter()
         var sequenceReferences = ByteWriter(), flagRuns = ByteWriter()
         var timestampResiduals = ByteWriter(capacity: total), valueResiduals = ByteWriter(capacity: total)
         var sequenceResiduals = ByteWriter(capacity: sequencesExact ? 0 : total)
@@ -295,7 +300,7 @@ extension BatchCodec {
             }
 
             // Values, in steps; the unit and the reference are predicted from the previous sensor of the same quantity
-            // and resolution, the reference in units of both sensors' common step when it is a multiple of it.
+            // and resolution, the reference as a quotient and remainder by both sensors' common step.
             let key = QuantityResolution(quantity: column.descriptor.quantity, resolution: column.descriptor.resolution)
             let reference: Int64
             var g: UInt64 = 0
@@ -311,7 +316,9 @@ extension BatchCodec {
                 for r in coding.residuals { valueResiduals.svarint(r) }
             }
             let previous = previousReference[key] ?? (0, 0)
-            references.uvarint(referenceCode(reference - previous.reference, unit: max(gcd(g, previous.unit), 1)))
+            let (quotient, remainder) = referenceDivision(reference &- previous.reference, unit: max(gcd(g, previous.unit), 1))
+            references.svarint(quotient)
+            if let remainder { referenceRemainders.uvarint(remainder) }
             previousReference[key] = (reference, g)
 
             // Sequences, unless every one is its rank: the error of the prediction, against its median or delta-coded.
@@ -358,10 +365,11 @@ extension BatchCodec {
         header.uvarint(lag)
 
         return [
-            ("header", header), ("id prefixes", prefixLengths), ("id suffix lengths", suffixLengths), ("id suffixes", suffixes),
-            ("quantities", quantities), ("resolutions", resolutions), ("frame order", frameOrder), ("counts", counts), ("modes", modes),
-            ("ts periods", periods), ("value units", valueUnits), ("flags", flagRuns), ("ts gaps", gapLists),
-            ("seq refs", sequenceReferences), ("ts anchors", anchorStream), ("value refs", references),
+            ("header", header), ("quantities", quantities), ("id lengths", idLengths), ("id suffixes", suffixes),
+            ("resolutions", resolutions), ("frame order", frameOrder), ("flags", flagRuns), ("counts", counts), ("modes", modes),
+            ("ts periods", periods), ("value units", valueUnits), ("ts gaps", gapLists),
+            ("seq refs", sequenceReferences), ("ts anchors", anchorStream),
+            ("value ref remainders", referenceRemainders), ("value refs", references),
             ("ts residuals", timestampResiduals), ("value residuals", valueResiduals), ("seq residuals", sequenceResiduals),
         ].map { (name: $0.0, bytes: $0.1.bytes) }
     }
@@ -421,17 +429,13 @@ func sequenceRanks(_ timestamps: [[Int64]], base: UInt64) -> [[UInt64]] {
     return ranks
 }
 
-/// A difference of reference values: `zigzag(d / unit) << 1` when `d` is a multiple of `unit`, else `zigzag(d) << 1 | 1`.
-func referenceCode(_ difference: Int64, unit: UInt64) -> UInt64 {
-    let u = Int64(truncatingIfNeeded: unit)
-    if u > 0, difference % u == 0 { return zigzag(difference / u) &<< 1 }
-    return zigzag(difference) &<< 1 | 1
-}
-
-/// The inverse of ``referenceCode(_:unit:)``, wrapping on input no encoder produces.
-func referenceDifference(_ code: UInt64, unit: UInt64) -> Int64 {
-    let v = unzigzag(code &>> 1)
-    return code & 1 == 0 ? v &* Int64(truncatingIfNeeded: unit) : v
+/// A difference `d` of reference values as `d = quotient × unit + remainder` with `0 ≤ remainder < unit`, no remainder
+/// when `unit` is 1. `unit` (≥ 1) is a GCD of differences of values in steps, far below `Int64.max`.
+func referenceDivision(_ difference: Int64, unit: UInt64) -> (quotient: Int64, remainder: UInt64?) {
+    guard unit > 1 else { return (difference, nil) }
+    let u = Int64(clamping: unit)
+    let (q, r) = difference.quotientAndRemainder(dividingBy: u)
+    return r < 0 ? (q - 1, UInt64(r + u)) : (q, UInt64(r))
 }
 
 /// How one column of timestamps is coded.

@@ -41,39 +41,46 @@ public struct BatchEncodingError: Error, Hashable, Sendable, CustomStringConvert
 ///
 /// ## Frame (format version 2)
 /// ```
-/// "FGB"  version=2  flags      3 + 1 + 1 bytes; flags bit 0: the body is one zstd frame (always set by the encoder)
-/// body                          zstd-compressed
+/// "FGB"  version=2  flags      3 + 1 + 1 bytes; flags bit 0: the body is zstd-compressed, bit 1 (only with bit 0): its
+///                               zstd frames lack their 4-byte magic number (libzstd's magicless format)
+/// body                          one or more concatenated zstd frames (RFC 8878), which expand to the streams below
 /// ```
+/// The encoder sets both flags (bit 1 unless libzstd refuses the magicless format) and writes three frames without
+/// content size or checksum: the streams up to and including the value refs, the timestamp residuals, the rest. Each
+/// frame starts the compressor afresh, so each kind of residual gets its own statistics and entropy tables (blocks of
+/// one frame fare worse: later blocks inherit the earlier ones' statistics). The decoder accepts any number of frames.
 /// All integers in the body are LEB128 varints; signed ones are zigzag-mapped first. The body is the header followed by
 /// streams, each holding one kind of field for every sensor, so that zstd sees homogeneous bytes. The name table lists
 /// the sensors in one order (the encoder uses natural id order, "tank2" before "tank10", which front-codes well); the
 /// frame order stream then places each of them in the order of the per-sensor streams. The encoder picks whichever of
 /// natural order and time order (by first timestamp, sensors without readings last) costs fewer bits: time order makes
 /// first timestamps predictable and puts readings committed in time order in rank order. The decoder accepts any
-/// permutation and returns sensors sorted by id. The streams are cut into zstd blocks after the value refs, the
-/// timestamp residuals and the value residuals, so that each kind of residual gets its own entropy tables.
+/// permutation and returns sensors sorted by id.
 /// ```
 /// header     device id (length, bytes), sensor count S, reading count N, base sequence (the smallest),
 ///            base timestamp (the smallest, signed µs), timestamp unit u (the GCD of every timestamp minus the base),
 ///            layout byte (bit 0: every sequence is its rank, so no sequence stream follows), anchor lag L (≤ S)
-/// names      S shared-prefix lengths, S suffix lengths, the suffix bytes (ids front-coded in table order)
 /// quantity   S quantity codes, in table order
+/// names      S (shared-prefix length, suffix length) pairs, then the suffix bytes (ids front-coded in table order)
 /// resolution S entries in table order: 0 for the quantity's default, else numerator and denominator
 /// frame order  S signed entries: each table entry's frame position p minus (p' + 1), p' being the previous entry's
 ///            position (−1 before the first); all 0 when the frame keeps table order. Every later stream is in frame order
+/// flags      runs over all N readings, column after column: the number of runs, then (flags, run length) pairs
 /// counts     S reading counts, each minus the previous sensor's (summing to N)
 /// modes      one byte per sensor with ≥ 2 readings: bit 0 timestamps in delta mode (else grid), bit 1 values in delta
 ///            mode (else reference), bit 2 sequence errors in delta mode (else reference; 0 when bit 0 of the layout is set)
 /// ts periods P in units of u, minus the previous such sensor's P (sensors with ≥ 2 readings)
 /// value units    g, the GCD of the sensor's value differences in steps (0 when all values are equal: no residuals),
 ///                written 0 when it equals the previous g of the same quantity and resolution (initially 1), else g + 1
-/// flags      runs over all N readings, column after column: the number of runs, then (flags, run length) pairs
 /// ts gaps    per grid-coded sensor: the number of gaps, then (index advance, slots skipped − 1) pairs
 /// seq refs   unless the layout says exact: per sensor with readings, its sequence error reference
 /// ts anchors A in units of u after the base (sensors with ≥ 1 reading), minus its prediction from the anchors before
 ///            it: the previous anchor, plus (L > 0) the step between the anchors L and L + 1 places back
-/// value refs     R in steps (the median in reference mode, the first value in delta mode), minus the R of the previous
-///                sensor with the same quantity and resolution (sensors with ≥ 1 reading)
+/// value ref remainders  per sensor with ≥ 1 reading whose reference unit U is above 1: (R − R') mod U, in 0..<U
+/// value refs     per sensor with ≥ 1 reading, signed q = ⌊(R − R') / U⌋, where R is the reference in steps (the median in
+///                reference mode, the first value in delta mode, the value of a single reading), R' the R of the previous
+///                sensor with the same quantity and resolution (0 if none), and U the GCD of both sensors' g (g = 0 for
+///                a single reading), or 1 if that is 0; so R = R' + U·q + remainder
 /// ts residuals   r per reading (grid: t = A + slot·P + r, every reading; delta: t = t' + P + r, all but the first)
 /// value residuals  (reference: v = R + g·r; delta: v = v' + g·r)
 /// seq residuals  unless exact: per sensor, the error's residuals against its reference or its previous error
@@ -88,6 +95,8 @@ public enum BatchCodec {
     /// The format version this build writes and reads.
     public static let formatVersion: UInt8 = 2
     static let flagZstd: UInt8 = 1
+    /// Frame flag: the zstd frames of the body lack their magic number.
+    static let flagMagicless: UInt8 = 2
     /// Layout bit: every sequence equals the base sequence plus its rank; no sequence streams follow.
     static let layoutSequencesExact: UInt8 = 1
 
@@ -118,14 +127,14 @@ public enum BatchCodec {
             throw BatchDecodingError("unsupported format version \(bytes[3]) (this build reads version \(formatVersion))")
         }
         let flags = bytes[4]
-        guard flags & ~flagZstd == 0 else {
+        guard flags & ~(flagZstd | flagMagicless) == 0, flags != flagMagicless else {
             throw BatchDecodingError("unknown flags 0x\(String(flags, radix: 16)) in the frame header")
         }
         let rest = Array(bytes[5...])
         let body: [UInt8]
         if flags & flagZstd != 0 {
             do {
-                body = try Zstd.decompress(rest, maxOutput: limits.maxDecompressedBytes)
+                body = try Zstd.decompress(rest, maxOutput: limits.maxDecompressedBytes, magicless: flags & flagMagicless != 0)
             } catch {
                 throw BatchDecodingError(
                     error.exceededLimit

@@ -39,40 +39,35 @@ public enum Zstd {
         return output
     }
 
-    /// Compresses the concatenation of `segments` into one zstd frame, ending a block after each segment so that each
-    /// gets its own entropy tables (the batch codec's streams have very different statistics).
-    static func compress(segments: [[UInt8]], level: Int32) -> [UInt8] {
-        guard segments.count > 1 else { return compress(segments.first ?? [], level: level) }
-        let total = segments.reduce(0) { $0 + $1.count }
-        guard let context = ZSTD_createCCtx() else { return compress(segments.flatMap { $0 }, level: level) }
+    /// Compresses each of `segments` into a zstd frame of its own, without content size or checksum, and concatenates
+    /// the frames; `magicless` drops each frame's 4-byte magic number (libzstd's `ZSTD_f_zstd1_magicless` format, for
+    /// containers that say "zstd" themselves). Each frame starts the compressor afresh: its own statistics, entropy
+    /// tables and parameters tuned to its size, which suits the batch codec's streams, whose statistics differ a lot.
+    ///
+    /// - Returns: the frames, and whether they are magicless (false if this libzstd refuses the format; the frames are
+    ///   then ordinary ones).
+    static func compress(frames segments: [[UInt8]], level: Int32, magicless: Bool) -> (bytes: [UInt8], magicless: Bool) {
+        guard let context = ZSTD_createCCtx() else { return (segments.flatMap { compress($0, level: level) }, false) }
         defer { ZSTD_freeCCtx(context) }
         _ = ZSTD_CCtx_setParameter(context, ZSTD_c_compressionLevel, min(max(level, 1), ZSTD_maxCLevel()))
         _ = ZSTD_CCtx_setParameter(context, ZSTD_c_checksumFlag, 0)
-        _ = ZSTD_CCtx_setPledgedSrcSize(context, UInt64(total))
-        var output = [UInt8](repeating: 0, count: ZSTD_compressBound(total) + 32 * (segments.count + 1))
-        var written = 0
-        for (index, segment) in segments.enumerated() {
-            let directive = index == segments.count - 1 ? ZSTD_e_end : ZSTD_e_flush
-            var pending = 1
-            var position = 0
-            while pending != 0 || position < segment.count {
-                let result: Int = segment.withUnsafeBytes { input in
-                    output.withUnsafeMutableBytes { out in
-                        var inBuffer = ZSTD_inBuffer(src: input.baseAddress, size: input.count, pos: position)
-                        var outBuffer = ZSTD_outBuffer(dst: out.baseAddress, size: out.count, pos: written)
-                        let r = ZSTD_compressStream2(context, &outBuffer, &inBuffer, directive)
-                        position = inBuffer.pos
-                        written = outBuffer.pos
-                        return r
-                    }
+        _ = ZSTD_CCtx_setParameter(context, ZSTD_c_contentSizeFlag, 0)
+        // ZSTD_c_format (experimental parameter 2) = ZSTD_f_zstd1_magicless (1); part of the shared library's ABI.
+        let dropMagic = magicless && ZSTD_isError(ZSTD_CCtx_setParameter(context, ZSTD_c_experimentalParam2, 1)) == 0
+        var output: [UInt8] = []
+        for segment in segments {
+            let start = output.count
+            output.append(contentsOf: repeatElement(0, count: ZSTD_compressBound(segment.count)))
+            let written = output.withUnsafeMutableBytes { out in
+                segment.withUnsafeBytes { input in
+                    ZSTD_compress2(context, out.baseAddress.map { $0 + start }, out.count - start, input.baseAddress, input.count)
                 }
-                guard ZSTD_isError(result) == 0 else { return compress(segments.flatMap { $0 }, level: level) }
-                pending = result
-                if written == output.count && pending != 0 { output.append(contentsOf: repeatElement(0, count: 4096)) }
             }
+            // With an output of compressBound bytes ZSTD_compress2 cannot fail; fall back to plain frames anyway.
+            guard ZSTD_isError(written) == 0 else { return (segments.flatMap { compress($0, level: level) }, false) }
+            output.removeSubrange((start + written)...)
         }
-        output.removeSubrange(written...)
-        return output
+        return (output, dropMagic)
     }
 
     /// Expands one or more concatenated zstd frames.
@@ -82,9 +77,19 @@ public enum Zstd {
     ///   are refused so that memory stays bounded too.
     /// - Throws: ``CompressionError`` for a corrupt or truncated frame, or output beyond `maxOutput`.
     public static func decompress(_ bytes: [UInt8], maxOutput: Int) throws(CompressionError) -> [UInt8] {
+        try decompress(bytes, maxOutput: maxOutput, magicless: false)
+    }
+
+    /// ``decompress(_:maxOutput:)``, of frames without their magic number if `magicless` (see
+    /// ``compress(frames:level:magicless:)``).
+    static func decompress(_ bytes: [UInt8], maxOutput: Int, magicless: Bool) throws(CompressionError) -> [UInt8] {
         guard !bytes.isEmpty else { throw CompressionError("zstd: the input is empty") }
         guard let context = ZSTD_createDCtx() else { throw CompressionError("zstd: could not allocate a decompression context") }
         defer { ZSTD_freeDCtx(context) }
+        // ZSTD_d_format (experimental parameter 1) = ZSTD_f_zstd1_magicless (1).
+        if magicless, ZSTD_isError(ZSTD_DCtx_setParameter(context, ZSTD_d_experimentalParam1, 1)) != 0 {
+            throw CompressionError("zstd: this libzstd cannot read magicless frames")
+        }
         let limit = max(maxOutput, 0)
         var windowLog: Int32 = 23
         while windowLog < 27 && (1 << windowLog) < limit { windowLog += 1 }

@@ -73,7 +73,9 @@ struct BatchCodecRobustnessTests {
         let manySensors = frame { w in w.uvarint(UInt64(1) << 40) }
         let oneSensorTooMany = frame { w in
             w.uvarint(1); w.uvarint(5); w.uvarint(0); w.svarint(0); w.uvarint(1); w.byte(0); w.uvarint(0)
-            w.uvarint(0); w.uvarint(1); w.bytes(Array("s".utf8)); w.byte(1); w.uvarint(0); w.svarint(0); w.svarint(4_000_000)
+            // quantity, id (prefix, suffix length, suffix), resolution, frame position, one flag run, count
+            w.byte(1); w.uvarint(0); w.uvarint(1); w.bytes(Array("s".utf8)); w.uvarint(0); w.svarint(0)
+            w.uvarint(1); w.uvarint(0); w.uvarint(5); w.svarint(4_000_000)
             w.bytes([UInt8](repeating: 0, count: 64))
         }
         let readingsBeyondBytes = frame { w in
@@ -97,13 +99,22 @@ struct BatchCodecRobustnessTests {
 
     @Test("a zstd body that expands beyond the limit is refused")
     func bodyBomb() {
-        let bomb = BatchCodec.magic + [BatchCodec.formatVersion, BatchCodec.flagZstd] + Zstd.compress([UInt8](repeating: 0, count: 4 << 20))
+        let zeros = [UInt8](repeating: 0, count: 4 << 20)
+        let header = BatchCodec.magic + [BatchCodec.formatVersion]
+        let magicless = Zstd.compress(frames: [zeros, zeros], level: 3, magicless: true)
+        #expect(magicless.magicless)
+        let bombs = [
+            header + [BatchCodec.flagZstd] + Zstd.compress(zeros),
+            header + [BatchCodec.flagZstd | BatchCodec.flagMagicless] + magicless.bytes,
+        ]
         let limits = BatchLimits(maxDecompressedBytes: 1 << 20)
-        guard case .failure(let error) = Self.probe(bomb, limits: limits) else {
-            Issue.record("a 4 MiB body passed a 1 MiB limit")
-            return
+        for bomb in bombs {
+            guard case .failure(let error) = Self.probe(bomb, limits: limits) else {
+                Issue.record("a 4 MiB body passed a 1 MiB limit")
+                continue
+            }
+            #expect(error.description.contains("expands beyond the limit of 1048576 bytes"))
         }
-        #expect(error.description.contains("expands beyond the limit of 1048576 bytes"))
     }
 
     @Test("header problems are named")
@@ -121,6 +132,11 @@ struct BatchCodecRobustnessTests {
         var flags = good
         flags[4] = 0x80
         #expect(message(flags).contains("unknown flags 0x80"))
+        #expect(good[4] == BatchCodec.flagZstd | BatchCodec.flagMagicless)
+        flags[4] = BatchCodec.flagMagicless
+        #expect(message(flags).contains("unknown flags 0x2"))
+        flags[4] = BatchCodec.flagZstd
+        #expect(message(flags).contains("not valid zstd"))
         #expect(message(good + [0]).contains("not valid zstd") || message(good + [0]).contains("follow the last reading"))
         let raw = try BatchCodec.encode(Fixtures.realisticBatch(seed: 1, readings: 10), compressionLevel: 1, compressed: false)
         #expect(message(raw + [0, 0]).contains("2 bytes follow the last reading"))
@@ -134,14 +150,16 @@ struct BatchCodecRobustnessTests {
             w.uvarint(1); w.bytes(Array("d".utf8))
             // header: sensors, readings (none), base sequence, base timestamp, unit, layout, anchor lag
             w.uvarint(names.count); w.uvarint(0); w.uvarint(0); w.svarint(0); w.uvarint(1); w.byte(0); w.uvarint(0)
-            for (prefix, _) in names { w.uvarint(prefix) }
-            for (_, suffix) in names { w.uvarint(suffix.utf8.count) }
-            for (_, suffix) in names { w.bytes(Array(suffix.utf8)) }
             for _ in names { w.byte(1) }  // quantity
+            for (prefix, suffix) in names {
+                w.uvarint(prefix)
+                w.uvarint(suffix.utf8.count)
+            }
+            for (_, suffix) in names { w.bytes(Array(suffix.utf8)) }
             for _ in names { w.uvarint(0) }  // default resolution
             for _ in names { w.svarint(0) }  // frame position: table order
-            for _ in names { w.svarint(0) }  // reading count: no change from the previous sensor's 0
             w.uvarint(0)  // no flag runs
+            for _ in names { w.svarint(0) }  // reading count: no change from the previous sensor's 0
             return w.bytes
         }
         let ok = frame(names: [(0, "ab"), (1, "c")])

@@ -11,7 +11,11 @@ struct CompressionTests {
             #expect(try Zstd.decompress(Zstd.compress(bytes, level: 3), maxOutput: bytes.count) == bytes)
             #expect(try Gzip.decompress(Gzip.compress(bytes), maxOutput: bytes.count) == bytes)
             let segments = [Array(bytes.prefix(bytes.count / 2)), Array(bytes.dropFirst(bytes.count / 2))]
-            #expect(try Zstd.decompress(Zstd.compress(segments: segments, level: 19), maxOutput: bytes.count) == bytes)
+            for magicless in [false, true] {
+                let frames = Zstd.compress(frames: segments, level: 19, magicless: magicless)
+                #expect(frames.magicless == magicless)
+                #expect(try Zstd.decompress(frames.bytes, maxOutput: bytes.count, magicless: magicless) == bytes)
+            }
         }
     }
 
