@@ -1,4 +1,5 @@
 import FarmgateAgent
+import FarmgateTestSupport
 import FarmgateWire
 import Foundation
 #if canImport(FoundationNetworking)
