@@ -243,6 +243,30 @@ struct UploadUploaderTests {
         #expect(log.batches.allSatisfy { $0.count <= 100 })
     }
 
+    @Test func aPartialBatchWaitsForBatchMaxAgeAndAFullOneGoesAtOnce() async throws {
+        let data = try await TestBuffer(count: 0)
+        let ingest = try FakeIngest()
+        var configuration = uploadConfiguration(ingest.url, batchMaxReadings: 90)
+        configuration.batchMaxAge = .seconds(3)
+        try await withUploader(source: data.buffer, configuration: configuration) { uploader throws in
+            // 6 fresh readings, the oldest 60 ms old: a partial batch, held until it is 3 s old.
+            let partialAt = ContinuousClock.now
+            try await TestBuffer.append(count: 6, to: data.buffer)
+            #expect(try await eventually(timeout: .seconds(10)) { ingest.log.batches.count == 1 })
+            let waited = ContinuousClock.now - partialAt
+            #expect(waited >= .milliseconds(2_900), "sent after \(waited), before batch_max_age")
+            #expect(ingest.log.batches.first?.count == 6)
+            // 90 readings at once fill a batch: sent without waiting for its age.
+            let fullAt = ContinuousClock.now
+            try await TestBuffer.append(count: 90, to: data.buffer)
+            #expect(try await eventually(timeout: .seconds(10)) { ingest.log.batches.count == 2 })
+            let fullWaited = ContinuousClock.now - fullAt
+            #expect(fullWaited < .seconds(2), "a full batch waited \(fullWaited)")
+            #expect(ingest.log.batches.last?.count == 90)
+            #expect(try await data.statistics().pending == 0)
+        }
+    }
+
     // Retry-After beyond backoffMax (1.2 s here) is still obeyed; only retryAfterMax (1.5 s here) caps it.
     @Test(arguments: [(429, "1", 1.0), (503, "1", 1.0), (429, "2", 1.5), (503, "3600", 1.5)])
     func retryAfterIsObeyedAndCapped(status: Int, retryAfter: String, expectedSeconds: Double) async throws {
