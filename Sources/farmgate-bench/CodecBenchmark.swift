@@ -161,11 +161,6 @@ struct CodecBenchmark: AsyncParsableCommand {
                 marginal = Array(repeating: 0, count: streams.count)
                 entropy = Array(repeating: 0, count: streams.count)
             }
-            if let directory = ProcessInfo.processInfo.environment["FG_DUMP"] {
-                for stream in streams {
-                    FileManager.default.createFile(atPath: "\(directory)/\(profile)-\(stream.name)", contents: Data(stream.bytes))
-                }
-            }
             let all = BatchCodec.compress(streams: streams, level: level).count
             whole += all
             for (k, stream) in streams.enumerated() {
