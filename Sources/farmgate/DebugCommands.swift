@@ -83,7 +83,7 @@ extension DebugCommand {
                     while !Task.isCancelled {
                         try await Task.sleep(for: .milliseconds(5))
                         let elapsed = started.duration(to: clock.now)
-                        let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+                        let seconds = elapsed / .seconds(1)
                         let due = Int(seconds * Double(rate)) - produced
                         guard due > 0 else { continue }
                         var samples: [Sample] = []

@@ -11,7 +11,7 @@ struct Farmgate: AsyncParsableCommand {
         commandName: "farmgate",
         abstract: "The Farmgate site gateway: reads water-quality sensors, buffers every reading, forwards them to the ingest.",
         discussion: """
-            `farmgate agent` is the daemon (systemd runs it). The other commands are for the installer and talk to a running
+            `farmgate agent` is the daemon (systemd runs it). The other commands are for the installer and talk to a running \
             agent over its control socket, or read the configuration file.
             """,
         version: FarmgateVersion.current,

@@ -136,7 +136,7 @@ final class BufferStore {
                 try connection.execute(BufferSchema.version1)
                 try connection.query(
                     "INSERT INTO schema_version(version, applied_at) VALUES (?, ?)",
-                    [.integer(BufferSchema.currentVersion), .integer(BufferStore.now().microseconds)])
+                    [.integer(BufferSchema.currentVersion), .integer(Timestamp.now().microseconds)])
                 for (name, value) in [
                     (BufferSchema.counterLastSequence, start), (BufferSchema.counterDropped, 0), (BufferSchema.counterDuplicatesIgnored, 0),
                 ] {
@@ -199,7 +199,7 @@ final class BufferStore {
 
     /// Renames `path` and its `-wal` and `-shm` files to `<path>.corrupt-<UTC timestamp>[-n]`; returns the new name.
     private static func moveAside(path: String) throws -> String {
-        let stamp = RFC3339.format(Timestamp(microseconds: now().microseconds / 1_000_000 * 1_000_000))
+        let stamp = RFC3339.format(Timestamp(microseconds: Timestamp.now().microseconds / 1_000_000 * 1_000_000))
             .filter { $0 != "-" && $0 != ":" }
         var target = "\(path).corrupt-\(stamp)"
         var attempt = 1
@@ -214,10 +214,6 @@ final class BufferStore {
             }
         }
         return target
-    }
-
-    static func now() -> Timestamp {
-        Timestamp(microseconds: Int64((Date().timeIntervalSince1970 * 1_000_000).rounded()))
     }
 
     private func loadSensors() throws {
@@ -505,7 +501,7 @@ final class BufferStore {
     @discardableResult
     func quarantine(_ reasons: [UInt64: String]) throws -> Int {
         guard !reasons.isEmpty else { return 0 }
-        let now = BufferStore.now().microseconds
+        let now = Timestamp.now().microseconds
         return try write {
             var moved = 0
             for (sequence, reason) in reasons.sorted(by: { $0.key < $1.key }) {
@@ -541,9 +537,12 @@ final class BufferStore {
     }
 
     func statistics(uncommitted: Int, droppedInMemory: Int64, quotaBytes: Int64) throws -> BufferStatistics {
-        try selectOldestTimestamp.bind([])
-        defer { selectOldestTimestamp.reset() }
-        let oldest = try selectOldestTimestamp.step() ? Timestamp(microseconds: selectOldestTimestamp.int64(0)) : nil
+        var oldest: Timestamp?
+        if pendingCount > 0 {  // the uploader polls this while idle: no query when nothing is pending
+            try selectOldestTimestamp.bind([])
+            defer { selectOldestTimestamp.reset() }
+            oldest = try selectOldestTimestamp.step() ? Timestamp(microseconds: selectOldestTimestamp.int64(0)) : nil
+        }
         return BufferStatistics(
             pending: pendingCount, oldestPending: oldest, uncommitted: uncommitted, quarantined: quarantinedCount,
             dropped: dropped + droppedInMemory, duplicatesIgnored: duplicatesIgnored, lastSequence: UInt64(max(0, lastSequence)),

@@ -39,12 +39,10 @@ public final class ControlServer: Service {
     public func run() async throws {
         let fd = try listen()
         logger.info("Control socket listening", metadata: ["path": "\(path)"])
-        let thread = DedicatedThread(name: "farmgate-control")
-        defer { thread.shutdown() }
         let path = self.path
         try await withGracefulShutdownHandler {
             try await withTaskCancellationHandler {
-                try await thread.run { [self] in
+                try await runOffPool(name: "farmgate-control") { [self] in
                     self.acceptLoop(fd)
                     close(fd)
                     unlink(path)

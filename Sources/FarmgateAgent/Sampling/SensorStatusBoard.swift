@@ -27,11 +27,10 @@ public final class SensorStatusBoard: Sendable {
     public init(sensors: [SensorConfiguration]) {
         var entries: [SensorID: SensorStatus] = [:]
         for sensor in sensors {
-            let interval = sensor.interval.components
             entries[sensor.id] = SensorStatus(
                 id: sensor.id.rawValue, driver: sensor.driver, quantity: sensor.descriptor.quantity.rawValue,
                 unit: sensor.descriptor.quantity.unit,
-                intervalSeconds: Double(interval.seconds) + Double(interval.attoseconds) / 1e18,
+                intervalSeconds: sensor.interval / .seconds(1),
                 lastValue: nil, lastReadAt: nil, lastError: nil, lastErrorAt: nil, consecutiveErrors: 0, readsOK: 0,
                 readsFailed: 0, suppressed: 0)
         }

@@ -1,3 +1,4 @@
+import FarmgateWire
 import Foundation
 
 /// Exponential backoff with full jitter, capped: after `n` consecutive failures the next wait is uniformly random in
@@ -58,8 +59,7 @@ public struct Backoff: Sendable, Hashable {
     }
 
     static func seconds(_ duration: Duration) -> Double {
-        let (seconds, attoseconds) = duration.components
-        return Double(seconds) + Double(attoseconds) / 1e18
+        duration / .seconds(1)
     }
 
     static func duration(_ seconds: Double) -> Duration {
@@ -113,22 +113,11 @@ public enum RetryAfter {
             let hour = clock[0], let minute = clock[1], let second = clock[2], (0..<24).contains(hour), (0..<60).contains(minute),
             (0...60).contains(second)
         else { return nil }
-        let days = daysFromCivil(year: year, month: month, day: day)
+        let days = Int(RFC3339.days(fromCivil: Int64(year), Int64(month), Int64(day)))
         return Double(days * 86_400 + hour * 3600 + minute * 60 + second)
     }
 
     private static func monthNumber(_ name: String) -> Int? {
         months.firstIndex(of: name.lowercased()).map { $0 + 1 }
-    }
-
-    // Howard Hinnant's days_from_civil.
-    private static func daysFromCivil(year: Int, month: Int, day: Int) -> Int {
-        let y = month <= 2 ? year - 1 : year
-        let era = (y >= 0 ? y : y - 399) / 400
-        let yoe = y - era * 400
-        let mp = (month + 9) % 12
-        let doy = (153 * mp + 2) / 5 + day - 1
-        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy
-        return era * 146_097 + doe - 719_468
     }
 }

@@ -45,6 +45,9 @@ public final class Uploader: Service {
     private let configuration: UploadConfiguration
     private let logger: Logger
     private let client: HTTPClient
+    /// The request target and headers, the same for every request.
+    private let batchesURL: String
+    private let headers: [HTTPHeader]
     private let state: Mutex<UploadStatus>
     private let metrics = UploadMetrics()
 
@@ -61,7 +64,13 @@ public final class Uploader: Service {
         self.configuration = configuration
         self.logger = logger
         self.client = try HTTPClient(configuration: configuration.httpClientConfiguration, logger: logger)
-        self.state = Mutex(UploadStatus(endpoint: configuration.batchesURL))
+        self.batchesURL = configuration.batchesURL
+        self.headers = [
+            HTTPHeader("Authorization", "Bearer \(configuration.deviceKey)"),
+            HTTPHeader("Content-Type", configuration.contentType),
+            HTTPHeader("Accept", "application/json"),
+        ]
+        self.state = Mutex(UploadStatus(endpoint: batchesURL))
     }
 
     /// What the uploader has done so far. Cheap and synchronous: safe to call from any thread at any time.
@@ -73,7 +82,7 @@ public final class Uploader: Service {
     public func run() async throws {
         logger.info(
             "Uploader started",
-            metadata: ["upload.url": "\(configuration.batchesURL)", "upload.format": "\(configuration.format.rawValue)"])
+            metadata: ["upload.url": "\(batchesURL)", "upload.format": "\(configuration.format.rawValue)"])
         var loop = LoopState(backoff: Backoff(initial: configuration.backoffInitial, maximum: configuration.backoffMax))
         while !Self.stopping {
             let wait = await step(&loop)
@@ -279,21 +288,16 @@ public final class Uploader: Service {
     }
 
     private func send(_ group: ArraySlice<Reading>, body: [UInt8], _ loop: inout LoopState) async -> SendOutcome {
-        let headers = [
-            HTTPHeader("Authorization", "Bearer \(configuration.deviceKey)"),
-            HTTPHeader("Content-Type", configuration.contentType),
-            HTTPHeader("Accept", "application/json"),
-        ]
         state.withLock {
             $0.lastAttemptAt = Timestamp.now()
             $0.requestsTotal += 1
         }
         let response: HTTPResponse
         do {
-            response = try await client.post(configuration.batchesURL, headers: headers, body: body)
+            response = try await client.post(batchesURL, headers: headers, body: body)
         } catch {
             if error.kind == .cancelled { return .retry(.zero) }
-            logger.warning("Upload failed", metadata: ["error": "\(error)", "upload.url": "\(configuration.batchesURL)"])
+            logger.warning("Upload failed", metadata: ["error": "\(error)", "upload.url": "\(batchesURL)"])
             return failed(result: error.description, status: nil, delay: loop.backoff.nextDelay(), &loop)
         }
 

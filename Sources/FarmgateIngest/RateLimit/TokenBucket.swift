@@ -46,7 +46,7 @@ public struct TokenBucket: Sendable, Hashable {
     private mutating func refill(now: ContinuousClock.Instant) {
         guard now > updated else { return }
         let elapsed = updated.duration(to: now)
-        let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18
+        let seconds = elapsed / .seconds(1)
         tokens = min(capacity, tokens + seconds * rate)
         updated = now
     }

@@ -146,11 +146,7 @@ public final class ThreadOwned<Value>: Sendable {
         try thread.runBlocking { box.value = try make() }
     }
 
-    deinit {
-        let box = self.box
-        _ = try? thread.runBlocking { box.value = nil }
-        thread.shutdown()
-    }
+    deinit { close() }
 
     /// Runs `body` with the value, on its thread.
     public func withValue<T: Sendable>(_ body: @escaping @Sendable (Value) throws -> T) async throws -> T {
