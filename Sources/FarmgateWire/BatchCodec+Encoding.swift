@@ -93,6 +93,11 @@ extension BatchCodec {
         }
         for index in columns.indices where columns[index].timestamps.count > 1 {
             let c = columns[index]
+            // The agent's batches arrive in (timestamp, sequence) order per sensor: nothing to reorder.
+            let inOrder = c.timestamps.indices.dropFirst().allSatisfy {
+                (c.timestamps[$0 - 1], c.sequences[$0 - 1]) <= (c.timestamps[$0], c.sequences[$0])
+            }
+            if inOrder { continue }
             let order = c.timestamps.indices.sorted {
                 (c.timestamps[$0], c.sequences[$0]) < (c.timestamps[$1], c.sequences[$1])
             }
@@ -201,10 +206,6 @@ extension BatchCodec {
 
     /// The largest anchor lag the encoder tries (see ``predictAnchor(_:at:lag:)``).
     static let maxAnchorLag = 12
-
-    static func encodeBody(_ batch: Batch) throws(BatchEncodingError) -> [UInt8] {
-        try encodeStreams(batch).flatMap(\.bytes)
-    }
 
     /// The uncompressed body of `batch`, stream by stream in the order they are written (for measurements).
     package static func encodeStreams(_ batch: Batch) throws(BatchEncodingError) -> [(name: String, bytes: [UInt8])] {

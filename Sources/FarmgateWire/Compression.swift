@@ -113,8 +113,9 @@ public enum Zstd {
             }
             if ZSTD_isError(result) != 0 {
                 let name = String(cString: ZSTD_getErrorName(result))
-                let lower = name.lowercased()
-                let tooLarge = lower.contains("memory") || lower.contains("window")
+                // A window beyond the cap set from the limit, or memory the limit would not allow: too large, not corrupt.
+                let code = ZSTD_getErrorCode(result)
+                let tooLarge = code == ZSTD_error_frameParameter_windowTooLarge || code == ZSTD_error_memory_allocation
                 throw CompressionError("zstd: \(name)", exceededLimit: tooLarge)
             }
             lastResult = result
@@ -128,7 +129,6 @@ public enum Zstd {
                 // All input consumed and the decoder had room to spare: it has said everything it can.
                 break
             }
-            if produced == 0 && inputPosition >= bytes.count { break }
         }
         guard lastResult == 0 else { throw CompressionError("zstd: the frame is truncated") }
         return output

@@ -67,7 +67,7 @@ struct BufferBench: AsyncParsableCommand {
                     commits += 1
                     samples += group
                 }
-                let elapsed = seconds(started.duration(to: clock.now))
+                let elapsed = started.duration(to: clock.now).seconds
                 try await buffer.close()
                 print(
                     "  group of \(pad(group, 5)): \(pad(commits, 7)) commits in \(format(elapsed)) s = "
@@ -95,8 +95,8 @@ struct BufferBench: AsyncParsableCommand {
                 ackTotal += taken.duration(to: clock.now)
             }
             try await buffer.close()
-            let take = seconds(takeTotal) / Double(rounds) * 1000
-            let ack = seconds(ackTotal) / Double(rounds) * 1000
+            let take = takeTotal.seconds / Double(rounds) * 1000
+            let ack = ackTotal.seconds / Double(rounds) * 1000
             print(
                 "  pending(limit: 1000): \(format(take)) ms, acknowledge(1000): \(format(ack)) ms, together "
                     + "\(Int(1000 / (take + ack) * 1000)) readings/s (mean of \(rounds))")
@@ -109,10 +109,6 @@ struct BufferBench: AsyncParsableCommand {
                 sensor: ids[index % ids.count], timestamp: Timestamp(microseconds: 1_700_000_000_000_000 + Int64(index) * 1_000),
                 value: 18 + Double(index % 200) / 16)
         }
-    }
-
-    private func seconds(_ duration: Duration) -> Double {
-        Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18
     }
 
     private func format(_ value: Double) -> String { String(format: "%.2f", value) }

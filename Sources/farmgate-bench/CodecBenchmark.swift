@@ -117,8 +117,7 @@ struct CodecBenchmark: AsyncParsableCommand {
 
         func perReading(_ bytes: Int) -> String { String(format: "%8.3f", Double(bytes) / total) }
         func rate(_ duration: Duration) -> String {
-            let seconds = Double(duration.components.seconds) + Double(duration.components.attoseconds) * 1e-18
-            return String(format: "%12.0f", total / max(seconds, 1e-9))
+            String(format: "%12.0f", total / max(duration.seconds, 1e-9))
         }
         func label(_ format: String) -> String {
             "[\(profile)] \(format)".padding(toLength: 40, withPad: " ", startingAt: 0)

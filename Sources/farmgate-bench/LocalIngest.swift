@@ -94,5 +94,5 @@ struct LocalIngest {
 }
 
 extension Duration {
-    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) * 1e-18 }
+    var seconds: Double { self / .seconds(1) }
 }

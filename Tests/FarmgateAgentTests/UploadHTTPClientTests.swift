@@ -103,7 +103,7 @@ struct UploadHTTPClientTests {
     }
 
     @Test func connectionRefusedIsNamed() async throws {
-        let port = try TestHTTPServer.unusedPort()
+        let port = try freePort()  // bound and released, never listened on: connections are refused
         let http = try client()
         let error = await #expect(throws: HTTPClientError.self) { try await http.post("http://127.0.0.1:\(port)/", headers: [], body: [1]) }
         #expect(error?.kind == .connectFailed)

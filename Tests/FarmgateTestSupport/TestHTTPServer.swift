@@ -245,28 +245,6 @@ public final class TestHTTPServer: Sendable {
         default: "Status"
         }
     }
-
-    /// A TCP port on 127.0.0.1 that nothing listens on (bound, then released).
-    public static func unusedPort() throws -> Int {
-        let server = try TestHTTPServer { _, _ in .close }
-        let port = server.port
-        server.stop()
-        // Wait for the accept thread to close the listening socket.
-        for _ in 0..<100 {
-            let probe = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-            var address = sockaddr_in()
-            address.sin_family = sa_family_t(AF_INET)
-            address.sin_port = in_port_t(UInt16(port).bigEndian)
-            address.sin_addr.s_addr = inet_addr("127.0.0.1")
-            let result = withUnsafePointer(to: &address) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(probe, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-            }
-            close(probe)
-            if result != 0 { return port }
-            usleep(10_000)
-        }
-        throw TestServerError("port \(port) is still taken")
-    }
 }
 
 public struct TestServerError: Error, CustomStringConvertible {
