@@ -72,14 +72,24 @@ func failure(_ text: String, code: Int32 = 1) -> any Error {
     return ExitCode(code)
 }
 
-/// Runs an administrative step, turning store errors into a clear message and exit status 1.
-@discardableResult
-func administer<T>(_ body: () async throws -> T) async throws -> T {
-    do {
-        return try await body()
-    } catch let error as IngestStoreError {
-        throw failure(error.description)
+extension ConfigOption {
+    /// Opens the store, runs an administrative step on it, and closes it; store errors become a clear message and
+    /// exit status 1.
+    @discardableResult
+    func administer<T>(_ body: (IngestAdmin) async throws -> T) async throws -> T {
+        let (_, store, _) = try await openStore(label: "farmgate-ingest")
+        defer { store.close() }
+        do {
+            return try await body(IngestAdmin(store: store))
+        } catch let error as IngestStoreError {
+            throw failure(error.description)
+        }
     }
+}
+
+/// `validateFarmName` for a command-line argument: a usage error (exit 64) that says what a name may hold.
+func validateFarmArgument(_ name: String) throws {
+    do { try validateFarmName(name) } catch { throw ValidationError(error.description) }
 }
 
 // MARK: serve
@@ -129,7 +139,8 @@ struct MigrateCommand: AsyncParsableCommand {
         let store: SQLiteIngestStore
         let applied: [AppliedMigration]
         do {
-            store = try SQLiteIngestStore(path: configuration.storage.path, logger: Logger(label: "farmgate-ingest"))
+            let path = configuration.storage.path
+            store = try await runOffPool { try SQLiteIngestStore(path: path, logger: Logger(label: "farmgate-ingest")) }
             applied = try await store.migrate()
         } catch {
             throw failure("cannot migrate \(configuration.storage.path): \(error)", code: 74)
@@ -157,13 +168,11 @@ struct FarmCommand: AsyncParsableCommand {
         @OptionGroup var options: ConfigOption
 
         func validate() throws {
-            do { try validateFarmName(name) } catch { throw ValidationError(error.description) }
+            try validateFarmArgument(name)
         }
 
         func run() async throws {
-            let (_, store, _) = try await options.openStore(label: "farmgate-ingest")
-            defer { store.close() }
-            let farm = try await administer { try await IngestAdmin(store: store).createFarm(name: name) }
+            let farm = try await options.administer { try await $0.createFarm(name: name) }
             print("Created farm \(farm.name).")
         }
     }
@@ -183,14 +192,13 @@ struct DeviceCommand: AsyncParsableCommand {
         var device: String
 
         func validate() throws {
-            do { try validateFarmName(farm) } catch { throw ValidationError(error.description) }
+            try validateFarmArgument(farm)
             do { _ = try DeviceID(device) } catch { throw ValidationError(error.description) }
         }
 
+        /// The device id; `validate()` has already checked it.
         var deviceID: DeviceID {
-            get throws {
-                do { return try DeviceID(device) } catch { throw ValidationError(error.description) }
-            }
+            get throws { try DeviceID(device) }
         }
     }
 
@@ -202,10 +210,8 @@ struct DeviceCommand: AsyncParsableCommand {
         @OptionGroup var options: ConfigOption
 
         func run() async throws {
-            let (_, store, _) = try await options.openStore(label: "farmgate-ingest")
-            defer { store.close() }
             let id = try device.deviceID
-            let key = try await administer { try await IngestAdmin(store: store).createDevice(farm: device.farm, device: id) }
+            let key = try await options.administer { try await $0.createDevice(farm: device.farm, device: id) }
             print(key.text)
             print("Device \(id) in farm \(device.farm) registered. The key above is shown only once: it is not stored, only its hash.")
             print("Put it in the agent configuration: [upload] key = \"<the key>\", or save it to a file readable only by the agent and set key_file.")
@@ -220,10 +226,8 @@ struct DeviceCommand: AsyncParsableCommand {
         @OptionGroup var options: ConfigOption
 
         func run() async throws {
-            let (_, store, _) = try await options.openStore(label: "farmgate-ingest")
-            defer { store.close() }
             let id = try device.deviceID
-            try await administer { try await IngestAdmin(store: store).revokeDevice(farm: device.farm, device: id) }
+            try await options.administer { try await $0.revokeDevice(farm: device.farm, device: id) }
             print("Revoked the key of device \(id) in farm \(device.farm).")
         }
     }
@@ -249,13 +253,11 @@ struct TokenCommand: AsyncParsableCommand {
         @OptionGroup var options: ConfigOption
 
         func validate() throws {
-            do { try validateFarmName(farm) } catch { throw ValidationError(error.description) }
+            try validateFarmArgument(farm)
         }
 
         func run() async throws {
-            let (_, store, _) = try await options.openStore(label: "farmgate-ingest")
-            defer { store.close() }
-            let key = try await administer { try await IngestAdmin(store: store).createReadToken(farm: farm, role: role) }
+            let key = try await options.administer { try await $0.createReadToken(farm: farm, role: role) }
             print(key.text)
             print("Read token (\(role.rawValue)) for farm \(farm). It is shown only once. Use it as `Authorization: Bearer <token>`.")
         }
@@ -281,15 +283,13 @@ struct ExportCommand: AsyncParsableCommand {
     @OptionGroup var options: ConfigOption
 
     func validate() throws {
-        do { try validateFarmName(farm) } catch { throw ValidationError(error.description) }
+        try validateFarmArgument(farm)
     }
 
     func run() async throws {
-        let (_, store, _) = try await options.openStore(label: "farmgate-ingest")
-        defer { store.close() }
         let output = FileHandle.standardOutput
-        try await administer {
-            try await IngestAdmin(store: store).export(farm: farm, format: format) { text in
+        try await options.administer {
+            try await $0.export(farm: farm, format: format) { text in
                 try output.write(contentsOf: Data(text.utf8))
             }
         }

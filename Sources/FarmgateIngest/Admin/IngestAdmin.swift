@@ -17,16 +17,9 @@ public struct IngestAdmin: Sendable {
 
     /// Registers a device and returns its new API key. The key is shown only now: the store keeps its hash.
     public func createDevice(farm: String, device: DeviceID) async throws -> APIKey {
-        for attempt in 1...5 {
-            let key = APIKey.generate(kind: .device)
-            do {
-                _ = try await store.createDevice(farm: farm, device: device, keyID: key.keyID, secretHash: key.secretHash, createdAt: .now())
-                return key
-            } catch IngestStoreError.alreadyExists(let what) where what.hasPrefix("API key id") && attempt < 5 {
-                continue  // a key id collision (one in 2^40): draw another
-            }
+        try await newKey(.device, collision: "API key id") { key in
+            _ = try await store.createDevice(farm: farm, device: device, keyID: key.keyID, secretHash: key.secretHash, createdAt: .now())
         }
-        throw IngestStoreError.alreadyExists("API key id")
     }
 
     /// Revokes a device: its key stops working within the credential cache time of running ingests (seconds).
@@ -36,16 +29,24 @@ public struct IngestAdmin: Sendable {
 
     /// Creates a read token for `farm` and returns it. It is shown only now: the store keeps its hash.
     public func createReadToken(farm: String, role: ReadRole) async throws -> APIKey {
+        try await newKey(.readToken, collision: "token id") { key in
+            try await store.createReadToken(farm: farm, role: role, keyID: key.keyID, secretHash: key.secretHash, createdAt: .now())
+        }
+    }
+
+    /// Draws a key and stores it with `insert`; on a key id collision (one in 2^40, reported by the store as
+    /// `alreadyExists` starting with `collision`) draws another, up to five times.
+    private func newKey(_ kind: APIKey.Kind, collision: String, _ insert: (APIKey) async throws -> Void) async throws -> APIKey {
         for attempt in 1...5 {
-            let key = APIKey.generate(kind: .readToken)
+            let key = APIKey.generate(kind: kind)
             do {
-                try await store.createReadToken(farm: farm, role: role, keyID: key.keyID, secretHash: key.secretHash, createdAt: .now())
+                try await insert(key)
                 return key
-            } catch IngestStoreError.alreadyExists(let what) where what.hasPrefix("token id") && attempt < 5 {
+            } catch IngestStoreError.alreadyExists(let what) where what.hasPrefix(collision) && attempt < 5 {
                 continue
             }
         }
-        throw IngestStoreError.alreadyExists("token id")
+        throw IngestStoreError.alreadyExists(collision)
     }
 
     /// Writes every stored reading of `farm` in (device, sequence) order, a page at a time, so that memory stays bounded

@@ -58,18 +58,18 @@ struct BatchController: Sendable {
     private func ingest(_ request: Request) async throws(APIError) -> (IngestReceipt, DeviceIdentity) {
         // 1. Who is it?
         let key = try bearerKey(request, expected: .device)
-        let device: DeviceIdentity
+        let result: Authenticator.DeviceResult
         do {
-            switch try await authenticator.authenticateDevice(key) {
-            case .authenticated(let identity): device = identity
-            case .invalid: throw APIError.unauthorized("the device key is not valid; check the key in the agent configuration or create a new one with `farmgate-ingest device create`")
-            case .revoked: throw APIError.revoked("device key")
-            }
-        } catch let error as APIError {
-            throw error
+            result = try await authenticator.authenticateDevice(key)
         } catch {
             logger.warning("store failed during authentication", metadata: ["error": "\(error)"])
             throw APIError.unavailable()
+        }
+        let device: DeviceIdentity
+        switch result {
+        case .authenticated(let identity): device = identity
+        case .invalid: throw APIError.unauthorized("the device key is not valid; check the key in the agent configuration or create a new one with `farmgate-ingest device create`")
+        case .revoked: throw APIError.revoked("device key")
         }
 
         // 2. What is it?
@@ -78,7 +78,7 @@ struct BatchController: Sendable {
 
         // 3. May it?
         if case .limited(let retryAfter) = rateLimiter.take(device: device.rowID) {
-            let seconds = max(1, Int((Double(retryAfter.components.seconds) + Double(retryAfter.components.attoseconds) * 1e-18).rounded(.up)))
+            let seconds = max(1, Int((retryAfter / .seconds(1)).rounded(.up)))
             throw APIError(
                 .tooManyRequests, code: "rate_limited",
                 message: "this device posts more than \(rateLimiter.rate) batches per second (burst \(rateLimiter.burst)); retry after \(seconds) s and send larger batches less often",
@@ -97,7 +97,8 @@ struct BatchController: Sendable {
             case .binary:
                 batch = try BatchCodec.decode(bytes, limits: batchLimits)
             case .json:
-                (batch, preRejected) = try decodeJSONBatch(bytes, limits: batchLimits)
+                let decoded = try BatchJSON.decode(bytes, limits: batchLimits)
+                (batch, preRejected) = (decoded.batch, decoded.rejected)
             }
         } catch {
             throw APIError(
@@ -190,10 +191,4 @@ struct BatchController: Sendable {
         }
         return expanded
     }
-}
-
-/// Decodes a JSON batch into the batch and the readings that could not even be represented (rejected one by one).
-func decodeJSONBatch(_ bytes: [UInt8], limits: BatchLimits) throws(BatchDecodingError) -> (Batch, [RejectedReading]) {
-    let decoded = try BatchJSON.decode(bytes, limits: limits)
-    return (decoded.batch, decoded.rejected)
 }
