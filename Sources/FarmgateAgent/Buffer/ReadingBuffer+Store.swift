@@ -48,6 +48,7 @@ final class BufferStore {
     private let insertReading: SQLiteStatement
     private let updateCounter: SQLiteStatement
     private let deleteReading: SQLiteStatement
+    private let deleteRange: SQLiteStatement
     private let deleteOldest: SQLiteStatement
     private let selectOldest: SQLiteStatement
     private let selectNewest: SQLiteStatement
@@ -169,6 +170,7 @@ final class BufferStore {
             "INSERT OR IGNORE INTO readings(sequence, sensor, timestamp, steps, quality) VALUES (?, ?, ?, ?, ?)")
         updateCounter = try connection.prepare("INSERT OR REPLACE INTO counters(name, value) VALUES (?, ?)")
         deleteReading = try connection.prepare("DELETE FROM readings WHERE sequence = ?")
+        deleteRange = try connection.prepare("DELETE FROM readings WHERE sequence BETWEEN ?1 AND ?2")
         deleteOldest = try connection.prepare(
             "DELETE FROM readings WHERE sequence IN (SELECT sequence FROM readings ORDER BY sequence LIMIT ?)")
         selectOldest = try connection.prepare(
@@ -486,11 +488,17 @@ final class BufferStore {
     func acknowledge(_ sequences: [UInt64]) throws -> Int {
         guard !sequences.isEmpty else { return 0 }
         return try write {
+            // An acknowledged batch is nearly always one run of consecutive numbers: one range delete per run.
+            // Numbers that are not buffered delete nothing and are not counted.
             var removed = 0
-            for sequence in sequences {
-                guard let value = Int64(exactly: sequence) else { continue }
-                try deleteReading.run([.integer(value)])
+            let sorted = Set(sequences.compactMap { Int64(exactly: $0) }).sorted()
+            var start = 0
+            while start < sorted.count {
+                var end = start
+                while end + 1 < sorted.count, sorted[end + 1] &- sorted[end] == 1 { end += 1 }
+                try deleteRange.run([.integer(sorted[start]), .integer(sorted[end])])
                 removed += connection.changes
+                start = end + 1
             }
             pendingCount -= removed
             return removed

@@ -46,14 +46,8 @@ public final class ReadingBuffer: PendingReadings, Service {
 
     public let configuration: BufferConfiguration
     private let logger: Logger
-    private let store: ThreadOwned<StoreBox>
+    private let store: ThreadOwned<BufferStore>
     private let committer: Committer
-
-    /// Holds the store so that ``close()`` can release it on its thread.
-    private final class StoreBox {
-        var store: BufferStore?
-        init(_ store: BufferStore) { self.store = store }
-    }
 
     /// Opens (or creates) the buffer file, recovering from a corrupt one as described in the type's documentation.
     ///
@@ -94,14 +88,15 @@ public final class ReadingBuffer: PendingReadings, Service {
         let path = configuration.path
         let storeLogger = logger
         self.store = try ThreadOwned(name: "farmgate-buffer") {
-            StoreBox(try BufferStore.open(path: path, synchronousFull: durability == .full, logger: storeLogger))
+            try BufferStore.open(path: path, synchronousFull: durability == .full, logger: storeLogger)
         }
     }
 
     private func withStore<T: Sendable>(_ body: @escaping @Sendable (BufferStore) throws -> T) async throws -> T {
-        try await store.withValue { box in
-            guard let store = box.store else { throw BufferError.closed }
-            return try body(store)
+        do {
+            return try await store.withValue(body)
+        } catch is DedicatedThreadError {
+            throw BufferError.closed
         }
     }
 
@@ -189,8 +184,7 @@ public final class ReadingBuffer: PendingReadings, Service {
         committer.close()
         var flushError: (any Error)?
         do { try await flush() } catch { flushError = error }
-        _ = try? await store.withValue { box in box.store = nil }
-        store.close()
+        await store.release()
         if let flushError { throw flushError }
     }
 

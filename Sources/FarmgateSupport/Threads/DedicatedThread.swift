@@ -168,7 +168,15 @@ public final class ThreadOwned<Value>: Sendable {
         }
     }
 
-    /// Releases the value on its thread and stops the thread. Later calls throw.
+    /// Releases the value on its thread (closing a database checkpoints and can take a while) without blocking the
+    /// caller, then stops the thread. Later calls throw ``DedicatedThreadError/shutDown(_:)``.
+    public func release() async {
+        let box = self.box
+        _ = try? await thread.run { box.value = nil }
+        thread.shutdown()
+    }
+
+    /// Releases the value on its thread and stops the thread, blocking the caller. Later calls throw.
     public func close() {
         let box = self.box
         _ = try? thread.runBlocking { box.value = nil }
