@@ -1,5 +1,6 @@
 import ArgumentParser
 import FarmgateIngest
+import FarmgateSupport
 import FarmgateWire
 import Logging
 import Prometheus
@@ -17,18 +18,30 @@ struct LocalIngest {
 
     var endpoint: String { "http://127.0.0.1:\(port)" }
 
+    /// A fresh SQLite ingest store in `directory` with farm `bench` and `device` in it; returns the store and the
+    /// device's key.
+    static func openStore(directory: String, device: DeviceID, logger: Logger) async throws -> (SQLiteIngestStore, APIKey) {
+        let path = directory + "/ingest.sqlite"
+        let store = try await runOffPool { try SQLiteIngestStore(path: path, logger: logger) }
+        do {
+            try await store.migrate()
+            let admin = IngestAdmin(store: store)
+            _ = try await admin.createFarm(name: "bench")
+            return (store, try await admin.createDevice(farm: "bench", device: device))
+        } catch {
+            store.close()
+            throw error
+        }
+    }
+
     /// Starts the ingest, runs `body` while it serves, then shuts it down gracefully.
     ///
     /// - Parameter now: the ingest's clock; generated readings lie in a fixed window, so they are judged by its end.
     static func withRunning<T: Sendable>(
         directory: String, device: DeviceID, now: Timestamp, logger: Logger, _ body: @escaping @Sendable (LocalIngest) async throws -> T
     ) async throws -> T {
-        let store = try SQLiteIngestStore(path: directory + "/ingest.sqlite", logger: logger)
+        let (store, key) = try await openStore(directory: directory, device: device, logger: logger)
         defer { store.close() }
-        try await store.migrate()
-        let admin = IngestAdmin(store: store)
-        _ = try await admin.createFarm(name: "bench")
-        let key = try await admin.createDevice(farm: "bench", device: device)
 
         let port = try freePort()
         var configuration = IngestConfiguration()
