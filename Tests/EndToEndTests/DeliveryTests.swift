@@ -1,5 +1,6 @@
 import FarmgateAgent
 import FarmgateSupport
+import FarmgateTestSupport
 import FarmgateWire
 import Foundation
 import Logging
@@ -19,12 +20,12 @@ struct DeliveryTests {
 
         // 1. Readings flow.
         var agent = try farm.startAgent(config: busy, log: "agent-1.log")
-        let flowing = try await eventually(timeout: .seconds(30)) { try await farm.storedSequences(device: "site-1").count >= 60 }
+        let flowing = try await eventually(timeout: .seconds(30), every: .milliseconds(200)) { try await farm.storedSequences(device: "site-1").count >= 60 }
         #expect(flowing, "no readings reached the ingest: \(agent.log)")
 
         // 2. The ingest dies without warning and stays down a while; the agent keeps buffering.
         await farm.ingest?.stop(SIGKILL)
-        let backlog = try await eventually(timeout: .seconds(10)) { (try await farm.agentStatus(config: busy)?.buffer.pending ?? 0) >= 100 }
+        let backlog = try await eventually(timeout: .seconds(10), every: .milliseconds(200)) { (try await farm.agentStatus(config: busy)?.buffer.pending ?? 0) >= 100 }
         #expect(backlog, "the agent did not buffer while the ingest was down")
         try await farm.startIngest()
 
@@ -44,7 +45,7 @@ struct DeliveryTests {
         let quiet = try farm.agentConfig("agent-quiet.toml", device: "site-1", keyFile: keyFile, sensors: 6, interval: "1h")
         agent = try farm.startAgent(config: quiet, log: "agent-3.log")
         var final: AgentStatus?
-        let drained = try await eventually(timeout: .seconds(40)) {
+        let drained = try await eventually(timeout: .seconds(40), every: .milliseconds(200)) {
             guard let status = try await farm.agentStatus(config: quiet) else { return false }
             final = status
             return status.buffer.pending == 0 && status.buffer.uncommitted == 0 && status.buffer.quarantined >= 1
@@ -134,7 +135,7 @@ struct LiveFirstTests {
 
         // The ingest is down from the start: a backlog of at least 1500 readings builds up.
         let agent = try farm.startAgent(config: config, log: "agent.log")
-        let built = try await eventually(timeout: .seconds(30)) { (try await farm.agentStatus(config: config)?.buffer.pending ?? 0) >= 1500 }
+        let built = try await eventually(timeout: .seconds(30), every: .milliseconds(200)) { (try await farm.agentStatus(config: config)?.buffer.pending ?? 0) >= 1500 }
         #expect(built, "\(agent.log)")
 
         let restart = Timestamp.now()
@@ -159,7 +160,7 @@ struct LiveFirstTests {
         let quiet = try farm.agentConfig("quiet.toml", device: "site-3", keyFile: keyFile, sensors: 30, interval: "1h")
         let drainer = try farm.startAgent(config: quiet, log: "drain.log")
         var last: AgentStatus?
-        let drained = try await eventually(timeout: .seconds(60)) {
+        let drained = try await eventually(timeout: .seconds(60), every: .milliseconds(200)) {
             last = try await farm.agentStatus(config: quiet)
             return last?.buffer.pending == 0 && last?.buffer.uncommitted == 0
         }

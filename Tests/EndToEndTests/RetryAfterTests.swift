@@ -39,7 +39,7 @@ struct RetryAfterTests {
         #expect(afterTooMany < .seconds(4))
         #expect(afterUnavailable >= .milliseconds(950), "third request came \(afterUnavailable) after the 503")
 
-        let drained = try await eventually(timeout: .seconds(15)) {
+        let drained = try await eventually(timeout: .seconds(15), every: .milliseconds(200)) {
             guard let status = try await farm.agentStatus(config: config) else { return false }
             return status.upload?.lastHTTPStatus == 200 && status.buffer.quarantined == 0 && (status.upload?.uploadedTotal ?? 0) > 0
         }

@@ -1,4 +1,5 @@
 import FarmgateSupport
+import FarmgateTestSupport
 import FarmgateWire
 import Foundation
 import Logging
@@ -13,9 +14,9 @@ struct BufferCrashTests {
     /// must pass quick_check.
     @Test("readings reported committed survive SIGKILL at random moments")
     func sigkillAtRandomMoments() async throws {
-        let scratch = try BufferScratch()
+        let scratch = try Scratch(prefix: "fg-buffer")
         let path = scratch.file("site/buffer.sqlite")
-        let binary = FarmgateBinary.path
+        let binary = builtExecutable("farmgate", environmentOverride: "FARMGATE_BINARY")
         #expect(FileManager.default.isExecutableFile(atPath: binary), "farmgate binary at \(binary)")
         var reported: [UInt64] = []
         var rounds: [(lifetime: Int, lines: Int)] = []

@@ -1,4 +1,5 @@
 import FarmgateSupport
+import FarmgateTestSupport
 import FarmgateWire
 import Foundation
 import Logging
@@ -48,7 +49,7 @@ private let quietLogger = Logger(label: "test.buffer.quiet") { _ in SwiftLogNoOp
 private func sensor(_ name: String) throws -> SensorID { try SensorID(name) }
 
 private func openBuffer(
-    _ scratch: BufferScratch, quota: Int64 = 512 << 20, whenFull: BufferFullPolicy = .dropOldest,
+    _ scratch: Scratch, quota: Int64 = 512 << 20, whenFull: BufferFullPolicy = .dropOldest,
     commitInterval: Duration = .seconds(1), logger: Logger = quietLogger
 ) throws -> ReadingBuffer {
     try ReadingBuffer(
@@ -78,7 +79,7 @@ private func register(_ buffer: ReadingBuffer, _ names: String...) async throws 
 struct BufferTests {
     @Test("sequence numbers are gap-free, strictly increasing, and survive reopening and the deletion of every row")
     func sequencesAcrossReopen() async throws {
-        let scratch = try BufferScratch()
+        let scratch = try Scratch(prefix: "fg-buffer")
         let ph = try sensor("tank1.ph")
         do {
             let buffer = try openBuffer(scratch)
@@ -115,7 +116,7 @@ struct BufferTests {
 
     @Test("values are stored at the sensor's resolution and read back as Readings with their flags")
     func valuesAtResolution() async throws {
-        let scratch = try BufferScratch()
+        let scratch = try Scratch(prefix: "fg-buffer")
         let buffer = try openBuffer(scratch)
         let ph = try sensor("tank1.ph")
         let temperature = try sensor("tank1.temp")
@@ -141,7 +142,7 @@ struct BufferTests {
 
     @Test("a sample already buffered with the same sensor and timestamp is stored once and counted, even after reopening")
     func deduplication() async throws {
-        let scratch = try BufferScratch()
+        let scratch = try Scratch(prefix: "fg-buffer")
         let ph = try sensor("tank1.ph")
         let ec = try sensor("tank1.ec")
         do {
@@ -170,7 +171,7 @@ struct BufferTests {
 
     @Test("samples of unregistered sensors and unquantizable values are dropped, counted and logged, without a sequence number")
     func rejectedSamples() async throws {
-        let scratch = try BufferScratch()
+        let scratch = try Scratch(prefix: "fg-buffer")
         let recorder = LogRecorder()
         let buffer = try openBuffer(scratch, logger: recorder.logger)
         try await register(buffer, "tank1.ph")
@@ -191,7 +192,7 @@ struct BufferTests {
 
     @Test("pending reads either end of the backlog, always in ascending sequence order")
     func pendingFromBothEnds() async throws {
-        let scratch = try BufferScratch()
+        let scratch = try Scratch(prefix: "fg-buffer")
         let buffer = try openBuffer(scratch)
         try await register(buffer, "tank1.ph")
         try await buffer.append(series(try sensor("tank1.ph"), count: 10))
@@ -209,7 +210,7 @@ struct BufferTests {
 
     @Test("acknowledge deletes exactly the given sequences, 1000 at a time quickly; unknown ones are ignored")
     func acknowledge() async throws {
-        let scratch = try BufferScratch()
+        let scratch = try Scratch(prefix: "fg-buffer")
         let buffer = try openBuffer(scratch)
         try await register(buffer, "tank1.ph")
         try await buffer.append(series(try sensor("tank1.ph"), count: 1_500))
@@ -232,7 +233,7 @@ struct BufferTests {
 
     @Test("quarantine moves readings aside with their reason; pending no longer returns them")
     func quarantine() async throws {
-        let scratch = try BufferScratch()
+        let scratch = try Scratch(prefix: "fg-buffer")
         let buffer = try openBuffer(scratch)
         try await register(buffer, "tank1.ph")
         try await buffer.append(series(try sensor("tank1.ph"), count: 5))
@@ -259,7 +260,7 @@ struct BufferTests {
 
     @Test("drop_oldest keeps the buffer under its quota by deleting the oldest readings, and counts them")
     func quotaDropOldest() async throws {
-        let scratch = try BufferScratch()
+        let scratch = try Scratch(prefix: "fg-buffer")
         let recorder = LogRecorder()
         let quota: Int64 = 96 * 1024
         let total = 8_000
@@ -290,7 +291,7 @@ struct BufferTests {
 
     @Test("drop_newest refuses incoming readings once the quota is reached, keeps the backlog, and counts them")
     func quotaDropNewest() async throws {
-        let scratch = try BufferScratch()
+        let scratch = try Scratch(prefix: "fg-buffer")
         let quota: Int64 = 96 * 1024
         let buffer = try openBuffer(scratch, quota: quota, whenFull: .dropNewest)
         try await register(buffer, "tank1.ph")
@@ -317,7 +318,7 @@ struct BufferTests {
 
     @Test("a full disk keeps the samples queued and retries; nothing is lost once space returns")
     func diskFull() async throws {
-        let scratch = try BufferScratch()
+        let scratch = try Scratch(prefix: "fg-buffer")
         let buffer = try openBuffer(scratch)
         try await register(buffer, "tank1.ph")
         let ph = try sensor("tank1.ph")
@@ -341,7 +342,7 @@ struct BufferTests {
 
     @Test("past the in-memory cap while commits fail, the policy drops samples and they are counted")
     func memoryCap() async throws {
-        let scratch = try BufferScratch()
+        let scratch = try Scratch(prefix: "fg-buffer")
         let buffer = try openBuffer(scratch, whenFull: .dropOldest)
         try await register(buffer, "tank1.ph")
         let ph = try sensor("tank1.ph")
@@ -359,7 +360,7 @@ struct BufferTests {
 
     @Test("the group-commit loop commits every interval and flushes on cancellation")
     func commitLoop() async throws {
-        let scratch = try BufferScratch()
+        let scratch = try Scratch(prefix: "fg-buffer")
         let commits = Mutex(0)
         let buffer = try ReadingBuffer(
             configuration: BufferConfiguration(path: scratch.file("buffer.sqlite"), commitInterval: .milliseconds(50)),
@@ -384,7 +385,7 @@ struct BufferTests {
 
     @Test("graceful shutdown of the service group commits what is still queued")
     func gracefulShutdown() async throws {
-        let scratch = try BufferScratch()
+        let scratch = try Scratch(prefix: "fg-buffer")
         // An interval so long that only the shutdown can commit.
         let buffer = try openBuffer(scratch, commitInterval: .seconds(3_600))
         try await register(buffer, "tank1.ph")
@@ -403,7 +404,7 @@ struct BufferTests {
 
     @Test("a re-registered sensor with a new resolution has its buffered readings converted; old sensors stay while referenced")
     func registration() async throws {
-        let scratch = try BufferScratch()
+        let scratch = try Scratch(prefix: "fg-buffer")
         let buffer = try openBuffer(scratch)
         let ph = try sensor("tank1.ph")
         let old = try sensor("old.ph")
@@ -442,7 +443,7 @@ struct BufferTests {
     @Test("a corrupt buffer is moved aside with a clear log line, and a fresh one starts above the old high-water mark",
           arguments: Damage.allCases)
     func corruptionRecovery(damage: Damage) async throws {
-        let scratch = try BufferScratch()
+        let scratch = try Scratch(prefix: "fg-buffer")
         let path = scratch.file("buffer/buffer.sqlite")
         let ph = try sensor("tank1.ph")
         do {
@@ -493,7 +494,7 @@ struct BufferTests {
 
     @Test("a deleted buffer file whose sidecar remains does not restart sequence numbers")
     func deletedFileKeepsSequences() async throws {
-        let scratch = try BufferScratch()
+        let scratch = try Scratch(prefix: "fg-buffer")
         let ph = try sensor("tank1.ph")
         do {
             let buffer = try openBuffer(scratch)
@@ -512,7 +513,7 @@ struct BufferTests {
 
     @Test("a buffer written by a newer Farmgate is refused with a message, not moved aside")
     func newerSchema() async throws {
-        let scratch = try BufferScratch()
+        let scratch = try Scratch(prefix: "fg-buffer")
         let path = scratch.file("buffer/buffer.sqlite")
         try await openBuffer(scratch).close()
         do {

@@ -15,11 +15,12 @@ final class Farm {
     var ingest: Child?
     var ingestStarts = 0
 
-    static let ingestBinary = Products.path("farmgate-ingest")
-    static let agentBinary = Products.path("farmgate")
+    static let ingestBinary = builtExecutable("farmgate-ingest")
+    static let agentBinary = builtExecutable("farmgate")
 
     init(name: String = "e2e", rateLimit: (perSecond: Int, burst: Int) = (1000, 1000)) async throws {
-        dir = try Scratch("fg-e2e")
+        // Short base path: Unix socket paths must stay under 108 bytes.
+        dir = try Scratch(prefix: "fg-e2e", in: URL(fileURLWithPath: "/tmp"))
         port = try freePort()
         ingestConfig = try dir.write(
             "ingest.toml",
@@ -68,7 +69,7 @@ final class Farm {
         ingestStarts += 1
         let child = try Child(Farm.ingestBinary, ["serve", "--config", ingestConfig], logPath: dir.file("ingest-\(ingestStarts).log"))
         ingest = child
-        let ready = await eventually(timeout: .seconds(20)) { await self.httpStatus("/readyz") == 200 }
+        let ready = await eventually(timeout: .seconds(20), every: .milliseconds(200)) { await self.httpStatus("/readyz") == 200 }
         #expect(ready, "ingest did not become ready: \(child.log)")
     }
 

@@ -3,40 +3,6 @@ import FarmgateTestSupport
 import Foundation
 import Testing
 
-/// Where `swift build` put the executables: the directory of the test bundle.
-enum Products {
-    static var directory: URL {
-        var url = Bundle.main.bundleURL
-        // swift test runs .build/<triple>/debug/<Package>PackageTests.xctest; the products sit beside it.
-        if url.pathExtension == "xctest" { url = url.deletingLastPathComponent() }
-        return url
-    }
-
-    static func path(_ name: String) -> String { directory.appendingPathComponent(name).path }
-}
-
-/// A scratch directory removed when the test ends.
-final class Scratch {
-    let url: URL
-    var path: String { url.path }
-
-    init(_ name: String = "fg") throws {
-        // Short base path: Unix socket paths must stay under 108 bytes.
-        url = URL(fileURLWithPath: "/tmp").appendingPathComponent("\(name)-\(UUID().uuidString.prefix(8))")
-        try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
-    }
-
-    func file(_ name: String) -> String { url.appendingPathComponent(name).path }
-
-    func write(_ name: String, _ text: String) throws -> String {
-        let path = file(name)
-        try text.write(toFile: path, atomically: true, encoding: .utf8)
-        return path
-    }
-
-    deinit { try? FileManager.default.removeItem(at: url) }
-}
-
 /// A real child process with its output in files, stopped with real signals.
 final class Child {
     let name: String
@@ -122,14 +88,4 @@ final class Mutex2<T>: @unchecked Sendable {
     func set(_ new: T) { lock.withLock { value = new; assigned = true } }
     func get() -> T { lock.withLock { value } }
     var isSet: Bool { lock.withLock { assigned } }
-}
-
-/// Polls `condition` until it holds or `timeout` passes; returns whether it held.
-func eventually(timeout: Duration, every interval: Duration = .milliseconds(200), _ condition: () async throws -> Bool) async rethrows -> Bool {
-    let deadline = ContinuousClock.now + timeout
-    while ContinuousClock.now < deadline {
-        if try await condition() { return true }
-        try? await Task.sleep(for: interval)
-    }
-    return try await condition()
 }
