@@ -2,7 +2,7 @@
 public struct DecodedJSONBatch: Hashable, Sendable {
     /// The device, its sensors and every reading that could be represented.
     public var batch: Batch
-    /// Readings refused one by one (`unknown_sensor`, `invalid_reading`), with their sequence (0 when absent).
+    /// Readings refused one by one (`unknown_sensor`, `invalid_reading`), with their sequence (nil when missing or invalid).
     public var rejected: [RejectedReading]
 
     public init(batch: Batch, rejected: [RejectedReading]) {
@@ -204,7 +204,7 @@ public enum BatchJSON {
     private static func reading(
         _ entry: JSONValue, path: String, declared: [SensorID: Resolution]
     ) -> ReadingOutcome {
-        var sequence: UInt64 = 0
+        var sequence: UInt64?
         if case .number(let text)? = entry["seq"], let value = UInt64(text) { sequence = value }
         let sensorText: String
         if case .string(let text)? = entry["sensor"] { sensorText = text } else { sensorText = "" }
@@ -216,8 +216,8 @@ public enum BatchJSON {
         guard let sensor = try? SensorID(sensorText), declared[sensor] != nil else {
             return reject("unknown_sensor", "\(path).sensor: '\(sensorText)' is not declared in \"sensors\"")
         }
-        guard case .number(let sequenceText)? = entry["seq"], UInt64(sequenceText) != nil else {
-            return reject("invalid_reading", "\(path).seq: missing or not an integer from 0 to \(UInt64.max)")
+        guard case .number(let sequenceText)? = entry["seq"], let sequenceValue = UInt64(sequenceText) else {
+            return reject(RejectionCode.invalidSequence, "\(path).seq: missing or not an integer from 0 to \(UInt64.max)")
         }
         let timestamp: Timestamp
         switch entry["ts"] {
@@ -260,7 +260,7 @@ public enum BatchJSON {
         case let other?:
             return reject("invalid_reading", "\(path).flags: expected an array of names, found \(other.kind)")
         }
-        return .success(Reading(sensor: sensor, sequence: sequence, timestamp: timestamp, value: value, quality: quality))
+        return .success(Reading(sensor: sensor, sequence: sequenceValue, timestamp: timestamp, value: value, quality: quality))
     }
 }
 

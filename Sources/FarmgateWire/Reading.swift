@@ -54,11 +54,15 @@ public struct QualityFlags: OptionSet, Hashable, Sendable, Codable {
     public static let heartbeat = QualityFlags(rawValue: 1 << 4)
     /// The value was temperature-compensated by the sensor.
     public static let compensated = QualityFlags(rawValue: 1 << 5)
+    /// The reading was taken before the site's clock was set and its timestamp was repaired afterwards from the
+    /// monotonic boot clock, once the clock was synchronised in the same boot.
+    public static let clockCorrected = QualityFlags(rawValue: 1 << 6)
 
     /// Names for the flags, in bit order, as used in JSON and CSV.
     public static let names: [(QualityFlags, String)] = [
         (.clockUnsynchronized, "clock_unsynchronized"), (.sensorFault, "sensor_fault"), (.outOfRange, "out_of_range"),
         (.calibrating, "calibrating"), (.heartbeat, "heartbeat"), (.compensated, "compensated"),
+        (.clockCorrected, "clock_corrected"),
     ]
 }
 

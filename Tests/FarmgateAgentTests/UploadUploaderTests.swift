@@ -65,10 +65,11 @@ final class FakeIngest: Sendable {
                 return .json(422, #"{"error":{"code":"invalid_batch","message":"reading \#(bad.sequence) cannot be stored"}}"#)
             }
             var receipt = IngestReceipt(accepted: 0, duplicates: 0, rejected: [])
+            var rejections: [RejectedReading] = []
             state.log.withLock { log in
                 for reading in readings {
                     if let reject = rules.rejectValue, abs(reading.value - reject) < 1e-6 {
-                        receipt.rejected.append(
+                        rejections.append(
                             RejectedReading(
                                 sequence: reading.sequence, sensor: reading.sensor.rawValue, code: "out_of_range",
                                 message: "value \(reading.value) is out of range"))
@@ -81,6 +82,7 @@ final class FakeIngest: Sendable {
                     }
                 }
             }
+            receipt = IngestReceipt(accepted: receipt.accepted, duplicates: receipt.duplicates, rejections: rejections)
             let body = (try? JSONEncoder().encode(receipt)).map { Array($0) } ?? []
             return .reply(200, headers: ["Content-Type": "application/json"], body: body)
         }

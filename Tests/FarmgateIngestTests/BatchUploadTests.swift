@@ -84,14 +84,17 @@ struct BatchUploadTests {
             let receipt = try decode(IngestReceipt.self, response)
             #expect(receipt.accepted == 2)
             #expect(receipt.duplicates == 0)
-            #expect(receipt.rejected.map(\.sequence) == [2, 3, 4, 5, 7])
-            #expect(
-                receipt.rejected.map(\.code) == [
-                    RejectionCode.notFinite, RejectionCode.outOfRange, RejectionCode.timestampInFuture, RejectionCode.timestampImplausible,
-                    RejectionCode.notFinite,
-                ])
+            let expected: [(UInt64, String)] = [
+                (2, RejectionCode.notFinite), (3, RejectionCode.outOfRange), (4, RejectionCode.timestampInFuture),
+                (5, RejectionCode.timestampImplausible), (7, RejectionCode.notFinite),
+            ]
+            for (sequence, code) in expected {
+                #expect(receipt.rejection(of: sequence)?.code == code, "sequence \(sequence)")
+            }
+            #expect(receipt.rejection(of: 1) == nil && receipt.rejection(of: 6) == nil)
+            #expect(receipt.rejectedCount == 5)
             #expect(receipt.rejected.allSatisfy { !$0.message.isEmpty })
-            #expect(receipt.accepted + receipt.duplicates + receipt.rejected.count == batch.readings.count)
+            #expect(receipt.accepted + receipt.duplicates + receipt.rejectedCount == batch.readings.count)
         }
     }
 
@@ -111,7 +114,7 @@ struct BatchUploadTests {
             #expect(response.status == .ok)
             let receipt = try decode(IngestReceipt.self, response)
             #expect(receipt.accepted == 1)
-            #expect(receipt.rejected.count == 2)
+            #expect(receipt.rejectedCount == 2 && receipt.rejected.count == 2)
             #expect(receipt.rejected.contains { $0.sensor == "tank9.ph" && $0.code == "unknown_sensor" })
         }
     }

@@ -71,8 +71,13 @@ struct BatchJSONTests {
         #expect(decoded.batch.readings.map(\.sequence) == [1, 9])
         #expect(decoded.batch.readings.last?.value == .infinity)
         let rejected = decoded.rejected
-        #expect(rejected.map(\.code) == ["unknown_sensor"] + Array(repeating: "invalid_reading", count: 6))
-        #expect(rejected.map(\.sequence) == [2, 0, 4, 5, 6, 0, 0])
+        #expect(
+            rejected.map(\.code) == [
+                "unknown_sensor", "invalid_sequence", "invalid_reading", "invalid_reading", "invalid_reading", "invalid_sequence",
+                "invalid_reading",
+            ])
+        // A missing or invalid seq is reported as missing (nil), never as a real sequence number such as 0.
+        #expect(rejected.map(\.sequence) == [2, nil, 4, 5, 6, nil, nil])
         #expect(rejected[0].sensor == "nope")
         #expect(rejected[0].message.contains("readings[1].sensor: 'nope' is not declared"))
         #expect(rejected[1].message.contains("readings[2].seq: missing"))

@@ -12,8 +12,20 @@ import FarmgateSupport
 ///   The UNIQUE index on (sensor, timestamp) is what deduplicates.
 /// - `quarantine`: readings the ingest refused for good, with the reason and when (UTC microseconds).
 enum BufferSchema {
+    /// One step of the schema: the statements that take a file from `version - 1` to `version`, run in one transaction.
+    /// Never edit a migration that has shipped: append a new one.
+    struct Migration: Sendable {
+        let version: Int64
+        let sql: String
+    }
+
+    /// Every migration, in order. A new file gets all of them; an older file the ones above its version.
+    static let migrations: [Migration] = [
+        Migration(version: 1, sql: version1),
+    ]
+
     /// The version this build writes. A file with a higher version was written by a newer Farmgate and is not touched.
-    static let currentVersion: Int64 = 1
+    static var currentVersion: Int64 { migrations.last?.version ?? 0 }
 
     static let counterLastSequence = "last_sequence"
     static let counterDropped = "dropped"

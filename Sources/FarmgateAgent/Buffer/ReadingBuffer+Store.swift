@@ -136,14 +136,25 @@ final class BufferStore {
             try connection.transaction {
                 try connection.execute(BufferSchema.version1)
                 try connection.query(
-                    "INSERT INTO schema_version(version, applied_at) VALUES (?, ?)",
-                    [.integer(BufferSchema.currentVersion), .integer(Timestamp.now().microseconds)])
+                    "INSERT INTO schema_version(version, applied_at) VALUES (?, ?)", [.integer(1), .integer(Timestamp.now().microseconds)])
                 for (name, value) in [
                     (BufferSchema.counterLastSequence, start), (BufferSchema.counterDropped, 0), (BufferSchema.counterDuplicatesIgnored, 0),
                 ] {
                     try connection.query("INSERT OR REPLACE INTO counters(name, value) VALUES (?, ?)", [.text(name), .integer(value)])
                 }
             }
+        }
+
+        // Later migrations, for a new file and for one written by an older farmgate alike.
+        let applied = try BufferSchema.version(of: connection)
+        for migration in BufferSchema.migrations where migration.version > applied {
+            try connection.transaction {
+                try connection.execute(migration.sql)
+                try connection.query(
+                    "INSERT INTO schema_version(version, applied_at) VALUES (?, ?)",
+                    [.integer(migration.version), .integer(Timestamp.now().microseconds)])
+            }
+            logger.info("Buffer schema migrated", metadata: ["buffer.path": "\(path)", "buffer.schema_version": "\(migration.version)"])
         }
 
         func counter(_ name: String) throws -> Int64 {

@@ -361,17 +361,16 @@ public final class Uploader: Service {
             logger.warning("The ingest answered without a readable receipt", metadata: ["http.status": "\(status)"])
             return failed(result: "\(status): the answer is not a receipt", status: status, delay: loop.backoff.nextDelay(), &loop)
         }
-        let sequences = Set(group.map(\.sequence))
         var reasons: [UInt64: String] = [:]
-        for rejected in receipt.rejected where sequences.contains(rejected.sequence) {
-            reasons[rejected.sequence] = "\(rejected.code): \(rejected.message)"
+        for reading in group {
+            if let rejected = receipt.rejection(of: reading.sequence) { reasons[reading.sequence] = "\(rejected.code): \(rejected.message)" }
         }
-        if receipt.accepted + receipt.duplicates + receipt.rejected.count != group.count {
+        if receipt.accepted + receipt.duplicates + receipt.rejectedCount != group.count {
             logger.warning(
                 "The receipt's counts do not add up to the batch",
                 metadata: [
                     "batch.readings": "\(group.count)", "receipt.accepted": "\(receipt.accepted)",
-                    "receipt.duplicates": "\(receipt.duplicates)", "receipt.rejected": "\(receipt.rejected.count)",
+                    "receipt.duplicates": "\(receipt.duplicates)", "receipt.rejected": "\(receipt.rejectedCount)",
                 ])
         }
         if !reasons.isEmpty {
@@ -388,14 +387,14 @@ public final class Uploader: Service {
         metrics.delivered.increment()
         metrics.accepted.increment(by: Int64(receipt.accepted))
         metrics.duplicates.increment(by: Int64(receipt.duplicates))
-        metrics.rejected.increment(by: Int64(receipt.rejected.count))
-        let result = "\(status): \(receipt.accepted) accepted, \(receipt.duplicates) duplicates, \(receipt.rejected.count) rejected"
+        metrics.rejected.increment(by: Int64(receipt.rejectedCount))
+        let result = "\(status): \(receipt.accepted) accepted, \(receipt.duplicates) duplicates, \(receipt.rejectedCount) rejected"
         logger.debug(
             "Batch delivered",
             metadata: [
                 "batch.readings": "\(group.count)", "batch.first": "\(group.first?.sequence ?? 0)", "batch.last": "\(group.last?.sequence ?? 0)",
                 "receipt.accepted": "\(receipt.accepted)", "receipt.duplicates": "\(receipt.duplicates)",
-                "receipt.rejected": "\(receipt.rejected.count)",
+                "receipt.rejected": "\(receipt.rejectedCount)",
             ])
         state.withLock {
             $0.lastSuccessAt = Timestamp.now()
@@ -406,7 +405,7 @@ public final class Uploader: Service {
             $0.currentBackoffSeconds = 0
             $0.uploadedTotal += Int64(receipt.accepted)
             $0.duplicatesTotal += Int64(receipt.duplicates)
-            $0.rejectedTotal += Int64(receipt.rejected.count)
+            $0.rejectedTotal += Int64(receipt.rejectedCount)
         }
         return .delivered
     }

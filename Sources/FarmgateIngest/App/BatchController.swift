@@ -29,12 +29,12 @@ struct BatchController: Sendable {
         do {
             let (receipt, device) = try await ingest(request)
             metrics.batch(.stored)
-            metrics.readings(accepted: receipt.accepted, duplicates: receipt.duplicates, rejected: receipt.rejected.count)
+            metrics.readings(accepted: receipt.accepted, duplicates: receipt.duplicates, rejected: receipt.rejectedCount)
             logger.debug(
                 "batch stored",
                 metadata: [
                     "device.farm": "\(device.farm)", "device.id": "\(device.device)", "batch.accepted": "\(receipt.accepted)",
-                    "batch.duplicates": "\(receipt.duplicates)", "batch.rejected": "\(receipt.rejected.count)",
+                    "batch.duplicates": "\(receipt.duplicates)", "batch.rejected": "\(receipt.rejectedCount)",
                 ])
             return jsonResponse(receipt)
         } catch {
@@ -120,8 +120,8 @@ struct BatchController: Sendable {
             logger.error("store failed to commit a batch", metadata: ["device.id": "\(device.device)", "error": "\(error)"])
             throw APIError.unavailable()
         }
-        let allRejected = (preRejected + rejected + outcome.rejected).sorted { ($0.sequence, $0.sensor) < ($1.sequence, $1.sensor) }
-        return (IngestReceipt(accepted: outcome.accepted, duplicates: outcome.duplicates, rejected: allRejected), device)
+        let allRejected = (preRejected + rejected + outcome.rejected).sorted { ($0.sequence ?? 0, $0.sensor) < ($1.sequence ?? 0, $1.sensor) }
+        return (IngestReceipt(accepted: outcome.accepted, duplicates: outcome.duplicates, rejections: allRejected), device)
     }
 
     static func format(of request: Request) throws(APIError) -> BodyFormat {

@@ -84,9 +84,20 @@ public struct AppliedMigration: Sendable, Hashable {
     }
 }
 
-/// The outcome of ``IngestStore/store(_:for:receivedAt:)``: the receipt for the readings the store saw, its
-/// `rejected` holding only what the store itself refuses (`sensor_conflict`); the controller adds the validator's.
-public typealias StoreOutcome = IngestReceipt
+/// The outcome of ``IngestStore/store(_:for:receivedAt:)``: counts for the readings the store saw, `rejected` holding
+/// only what the store itself refuses (`sensor_conflict`, `sequence_conflict`); the controller adds the validator's and
+/// groups them into the ``IngestReceipt``.
+public struct StoreOutcome: Sendable, Hashable {
+    public var accepted: Int
+    public var duplicates: Int
+    public var rejected: [RejectedReading]
+
+    public init(accepted: Int, duplicates: Int, rejected: [RejectedReading]) {
+        self.accepted = accepted
+        self.duplicates = duplicates
+        self.rejected = rejected
+    }
+}
 
 /// A farm, the tenant that owns devices and read tokens.
 public struct FarmRecord: Sendable, Hashable {

@@ -1,24 +1,6 @@
 public import FarmgateWire
 import Foundation
 
-/// The stable codes of readings refused one by one (``RejectedReading/code``).
-public enum RejectionCode {
-    /// The value is NaN or infinite.
-    public static let notFinite = "not_finite"
-    /// The value is outside the physically plausible range of the sensor's quantity.
-    public static let outOfRange = "out_of_range"
-    /// The timestamp is later than the ingest's clock plus the configured tolerance.
-    public static let timestampInFuture = "timestamp_in_future"
-    /// The timestamp is before 2000-01-01, which no real reading has.
-    public static let timestampImplausible = "timestamp_implausible"
-    /// The sensor is registered on this device with another quantity.
-    public static let sensorConflict = "sensor_conflict"
-    /// The batch has no descriptor for the reading's sensor.
-    public static let unknownSensor = "unknown_sensor"
-    /// The sequence number does not fit the store (above 2^63 - 1).
-    public static let invalidSequence = "invalid_sequence"
-}
-
 extension Timestamp {
     /// 2000-01-01T00:00:00Z: no reading of a real sensor is older.
     public static let earliestPlausible = Timestamp(microseconds: 946_684_800_000_000)
