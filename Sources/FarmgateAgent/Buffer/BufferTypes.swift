@@ -110,6 +110,17 @@ public struct BufferStatistics: Hashable, Sendable, Codable {
     }
 }
 
+/// A pending reading that got a new sequence number (``PendingReadings/renumber(_:above:)``).
+public struct SequenceRenumbering: Hashable, Sendable {
+    public var old: UInt64
+    public var new: UInt64
+
+    public init(old: UInt64, new: UInt64) {
+        self.old = old
+        self.new = new
+    }
+}
+
 /// What the uploader needs from the site buffer. ``ReadingBuffer`` is the implementation.
 public protocol PendingReadings: Sendable {
     /// Up to `limit` committed, unacknowledged readings from one end of the backlog, in ascending sequence order.
@@ -118,6 +129,11 @@ public protocol PendingReadings: Sendable {
     func descriptors(for sensors: Set<SensorID>) async throws -> [SensorDescriptor]
     /// Deletes readings the ingest has durably stored (accepted or duplicate).
     func acknowledge(_ sequences: [UInt64]) async throws
+    /// Raises the sequence counter so that the next reading is numbered above `sequence`; returns the previous last
+    /// sequence, or nil when it was already at or above. Pending readings keep their numbers.
+    @discardableResult func advanceSequence(past sequence: UInt64) async throws -> UInt64?
+    /// Renumbers pending readings above max(`floor`, the last sequence), keeping their content, atomically with the counter.
+    func renumber(_ sequences: [UInt64], above floor: UInt64) async throws -> [SequenceRenumbering]
     /// Moves readings the ingest refused for good out of the queue into quarantine, with the reason for each.
     func quarantine(_ reasons: [UInt64: String]) async throws
     /// Counts and ages, for deciding when to cut a batch and for status.

@@ -494,6 +494,63 @@ final class BufferStore {
         sensors.sorted().compactMap { sensorsByID[$0]?.descriptor }
     }
 
+    // MARK: Sequence repair (the ingest holds numbers this buffer has forgotten)
+
+    /// The highest sequence the counter may be raised to from outside: half the range, so that numbering above it can never
+    /// overflow. A larger number (from an ingest's answer) is refused rather than trusted.
+    static let maximumSequenceFloor = Int64.max / 2
+
+    private static func checkSequenceFloor(_ floor: Int64) throws(BufferError) {
+        guard floor <= maximumSequenceFloor else {
+            throw BufferError(
+                "cannot number readings above \(floor): sequence numbers past \(maximumSequenceFloor) are not plausible; "
+                    + "check what the ingest reports for this device (GET /v1/device)")
+        }
+    }
+
+    /// Raises the sequence counter to `floor` when it is below, so that the next reading is numbered `floor + 1`; the counter
+    /// and the sidecar are written before this returns. Returns the previous last sequence, or nil when the counter was
+    /// already at or above `floor` (nothing changed).
+    func advanceSequence(past floor: Int64) throws -> Int64? {
+        guard floor > lastSequence else { return nil }
+        try Self.checkSequenceFloor(floor)
+        let previous = lastSequence
+        try write {
+            lastSequence = floor
+            try setCounter(BufferSchema.counterLastSequence, lastSequence)
+        }
+        writeSidecar()
+        return previous
+    }
+
+    /// Gives the pending readings numbered `sequences` new numbers above max(`floor`, the last sequence), in ascending order
+    /// of their old numbers, in one transaction with the counter: after a crash either all of them have their new number and
+    /// the counter covers it, or none has. Their content (every other column) is kept. Numbers that are not pending are
+    /// skipped. Returns the renumbered readings as (old, new) pairs, ascending.
+    func renumber(_ sequences: [UInt64], above floor: Int64) throws -> [(old: UInt64, new: UInt64)] {
+        let wanted = Set(sequences.compactMap { Int64(exactly: $0) }).filter { $0 > 0 }.sorted()
+        guard !wanted.isEmpty else { return [] }
+        try Self.checkSequenceFloor(floor)
+        let move = try connection.prepare("UPDATE readings SET sequence = ?2 WHERE sequence = ?1")
+        let pairs = try write { () throws -> [(old: UInt64, new: UInt64)] in
+            var next = max(floor, lastSequence)
+            var pairs: [(old: UInt64, new: UInt64)] = []
+            for old in wanted {
+                try move.run([.integer(old), .integer(next + 1)])
+                guard connection.changes == 1 else { continue }
+                next += 1
+                pairs.append((UInt64(old), UInt64(next)))
+            }
+            if next > lastSequence {
+                lastSequence = next
+                try setCounter(BufferSchema.counterLastSequence, lastSequence)
+            }
+            return pairs
+        }
+        writeSidecar()
+        return pairs
+    }
+
     /// Deletes the readings with these sequence numbers; unknown numbers are ignored. Returns how many were deleted.
     @discardableResult
     func acknowledge(_ sequences: [UInt64]) throws -> Int {

@@ -204,6 +204,28 @@ public final class ReadingBuffer: PendingReadings, Service {
         try await withStore { store in store.descriptors(for: sensors) }
     }
 
+    /// Makes sure the next reading is numbered above `sequence` (the highest the ingest holds for this device): raises the
+    /// counter, and the sidecar, when it is below. Pending readings keep their numbers.
+    ///
+    /// - Returns: the last sequence before the jump, or nil when the counter was already at or above `sequence`.
+    @discardableResult
+    public func advanceSequence(past sequence: UInt64) async throws -> UInt64? {
+        let floor = Int64(clamping: sequence)
+        return try await withStore { store in try store.advanceSequence(past: floor).map { UInt64(max(0, $0)) } }
+    }
+
+    /// Renumbers pending readings above max(`floor`, the last sequence), keeping their content, atomically with the counter
+    /// (and then the sidecar). For readings the ingest refused with `sequence_conflict`: their numbers belong to other
+    /// readings it stored before this buffer lost its history. Numbers not pending are skipped.
+    ///
+    /// - Returns: (old, new) pairs in ascending order.
+    public func renumber(_ sequences: [UInt64], above floor: UInt64) async throws -> [SequenceRenumbering] {
+        let bound = Int64(clamping: floor)
+        return try await withStore { store in
+            try store.renumber(sequences, above: bound).map { SequenceRenumbering(old: $0.old, new: $0.new) }
+        }
+    }
+
     /// Deletes the readings with these sequence numbers, in one transaction. Unknown numbers are ignored.
     public func acknowledge(_ sequences: [UInt64]) async throws {
         try await withStore { store in _ = try store.acknowledge(sequences) }

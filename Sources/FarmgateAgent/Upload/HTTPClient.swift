@@ -173,11 +173,28 @@ public final class HTTPClient: Sendable {
     /// - Returns: The final response, whatever its status.
     /// - Throws: ``HTTPClientError`` when no response arrived (connection, TLS, timeout, cancellation).
     public func post(_ url: String, headers: [HTTPHeader], body: [UInt8]) async throws(HTTPClientError) -> HTTPResponse {
+        try await perform(url, headers: headers, body: body)
+    }
+
+    /// Sends a `GET` and waits for the complete response, on the same connection as the posts.
+    ///
+    /// Cancelling the calling task abandons the request within about a second.
+    /// - Parameters:
+    ///   - url: An absolute `http` or `https` URL.
+    ///   - headers: Request headers.
+    /// - Returns: The final response, whatever its status.
+    /// - Throws: ``HTTPClientError`` when no response arrived (connection, TLS, timeout, cancellation).
+    public func get(_ url: String, headers: [HTTPHeader]) async throws(HTTPClientError) -> HTTPResponse {
+        try await perform(url, headers: headers, body: nil)
+    }
+
+    /// A `POST` of `body`, or a `GET` when `body` is nil.
+    private func perform(_ url: String, headers: [HTTPHeader], body: [UInt8]?) async throws(HTTPClientError) -> HTTPResponse {
         let cancelled = CancelFlag()
         let outcome: Result<HTTPResponse, HTTPClientError>
         do {
             outcome = try await withTaskCancellationHandler {
-                try await handle.withValue { easy in easy.post(url: url, headers: headers, body: body, cancelled: cancelled) }
+                try await handle.withValue { easy in easy.perform(url: url, headers: headers, body: body, cancelled: cancelled) }
             } onCancel: {
                 cancelled.set()
             }
@@ -341,7 +358,8 @@ private final class CurlEasy {
         try check(fg_curl_setopt_long(h, CURLOPT_NOPROGRESS, 0), "CURLOPT_NOPROGRESS")
     }
 
-    func post(url: String, headers: [HTTPHeader], body: [UInt8], cancelled: CancelFlag) -> Result<HTTPResponse, HTTPClientError> {
+    /// One exchange: a `POST` of `body`, or a `GET` when `body` is nil.
+    func perform(url: String, headers: [HTTPHeader], body: [UInt8]?, cancelled: CancelFlag) -> Result<HTTPResponse, HTTPClientError> {
         let h = handle
         exchange.reset(cancelled: cancelled)
         errorBuffer[0] = 0
@@ -360,16 +378,23 @@ private final class CurlEasy {
 
         var setupCode = fg_curl_setopt_string(h, CURLOPT_URL, url)
         if setupCode == CURLE_OK { setupCode = fg_curl_setopt_slist(h, CURLOPT_HTTPHEADER, list) }
-        if setupCode == CURLE_OK { setupCode = fg_curl_setopt_long(h, CURLOPT_POST, 1) }
-        if setupCode == CURLE_OK { setupCode = fg_curl_setopt_off(h, CURLOPT_POSTFIELDSIZE_LARGE, curl_off_t(body.count)) }
-        guard setupCode == CURLE_OK else { return .failure(failure(setupCode)) }
-
-        // POSTFIELDS must not be NULL (libcurl would then read the body from stdin): an empty body points at one unused byte.
-        let bytes = body.isEmpty ? [0] : body
-        let code = bytes.withUnsafeBytes { raw -> CURLcode in
-            _ = fg_curl_setopt_pointer(h, CURLOPT_POSTFIELDS, UnsafeMutableRawPointer(mutating: raw.baseAddress))
-            defer { _ = fg_curl_setopt_pointer(h, CURLOPT_POSTFIELDS, nil) }
-            return curl_easy_perform(h)
+        let code: CURLcode
+        if let body {
+            if setupCode == CURLE_OK { setupCode = fg_curl_setopt_long(h, CURLOPT_POST, 1) }
+            if setupCode == CURLE_OK { setupCode = fg_curl_setopt_off(h, CURLOPT_POSTFIELDSIZE_LARGE, curl_off_t(body.count)) }
+            guard setupCode == CURLE_OK else { return .failure(failure(setupCode)) }
+            // POSTFIELDS must not be NULL (libcurl would then read the body from stdin): an empty body points at one unused byte.
+            let bytes = body.isEmpty ? [0] : body
+            code = bytes.withUnsafeBytes { raw -> CURLcode in
+                _ = fg_curl_setopt_pointer(h, CURLOPT_POSTFIELDS, UnsafeMutableRawPointer(mutating: raw.baseAddress))
+                defer { _ = fg_curl_setopt_pointer(h, CURLOPT_POSTFIELDS, nil) }
+                return curl_easy_perform(h)
+            }
+        } else {
+            // HTTPGET undoes the POST of an earlier request on this handle.
+            if setupCode == CURLE_OK { setupCode = fg_curl_setopt_long(h, CURLOPT_HTTPGET, 1) }
+            guard setupCode == CURLE_OK else { return .failure(failure(setupCode)) }
+            code = curl_easy_perform(h)
         }
         guard code == CURLE_OK else { return .failure(failure(code)) }
 

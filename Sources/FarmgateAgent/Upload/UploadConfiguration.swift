@@ -6,8 +6,16 @@ public struct UploadConfiguration: Sendable, Hashable {
     public enum Format: String, Sendable, Hashable, Codable {
         /// ``BatchCodec``: columnar, delta-coded, zstd-compressed (`application/vnd.farmgate.batch`).
         case binary
-        /// ``BatchJSON`` (`application/json`): larger, readable, for debugging.
+        /// ``BatchJSON`` (`application/json`): larger, readable, for debugging; every ingest reads it.
         case json
+
+        /// The `Content-Type` of a batch in this format.
+        public var mediaType: String {
+            switch self {
+            case .binary: IngestProtocol.binaryBatchMediaType
+            case .json: IngestProtocol.jsonBatchMediaType
+            }
+        }
     }
 
     /// The ingest's base URL, e.g. `https://ingest.example.net`. Required. Batches go to this plus
@@ -87,19 +95,20 @@ public struct UploadConfiguration: Sendable, Hashable {
 
 
     /// Where batches are posted: ``endpoint`` without trailing slashes, plus ``IngestProtocol/batchesPath``.
-    public var batchesURL: String {
+    public var batchesURL: String { baseURL + IngestProtocol.batchesPath }
+
+    /// Where the uploader asks which sequence numbers the ingest holds for this device: ``endpoint`` without trailing
+    /// slashes, plus ``IngestProtocol/deviceStatePath``.
+    public var deviceStateURL: String { baseURL + IngestProtocol.deviceStatePath }
+
+    private var baseURL: String {
         var base = Substring(endpoint)
         while base.hasSuffix("/") { base = base.dropLast() }
-        return base + IngestProtocol.batchesPath
+        return String(base)
     }
 
     /// The media type of ``format``.
-    public var contentType: String {
-        switch format {
-        case .binary: IngestProtocol.binaryBatchMediaType
-        case .json: IngestProtocol.jsonBatchMediaType
-        }
-    }
+    public var contentType: String { format.mediaType }
 
     /// The HTTP client settings these values imply.
     public var httpClientConfiguration: HTTPClient.Configuration {

@@ -27,14 +27,31 @@ public struct UploadStatus: Codable, Sendable, Hashable {
     public var duplicatesTotal: Int64
     /// Readings the ingest rejected one by one in its receipts, since start.
     public var rejectedTotal: Int64
-    /// Readings this uploader moved to quarantine since start: rejected in a receipt, refused alone in a poison batch, or
-    /// impossible to encode.
+    /// Readings this uploader moved to quarantine since start: rejected in a receipt, isolated by bisection while the rest
+    /// of their batch was accepted, or impossible to encode.
     public var quarantinedTotal: Int64
+    /// Set while the queue is held: the ingest refuses whole requests in a way no reading explains (a systematic refusal,
+    /// refused credentials, an unsupported media type). Nothing is quarantined; the uploader backs off and tries again,
+    /// and the hold clears at the next acknowledged batch.
+    public var held: UploadHold?
+    /// The body format batches are sent in now: the configured one, or `json` after the ingest refused the binary
+    /// format version (see ``formatFallback``).
+    public var format: String?
+    /// Why ``format`` differs from the configured format; nil while it does not.
+    public var formatFallback: String?
+    /// The highest sequence number the ingest holds for this device, as it last answered `GET /v1/device`; nil before
+    /// it answered or when it holds nothing.
+    public var ingestHighestSequence: UInt64?
+    /// Readings renumbered since start because the ingest holds other readings under their sequence numbers
+    /// (`sequence_conflict`: this site's buffer lost its history).
+    public var renumberedTotal: Int64
 
     public init(
         endpoint: String, lastAttemptAt: Timestamp? = nil, lastSuccessAt: Timestamp? = nil, lastResult: String? = nil,
         lastHTTPStatus: Int? = nil, consecutiveFailures: Int = 0, nextAttemptAt: Timestamp? = nil, currentBackoffSeconds: Double = 0,
-        requestsTotal: Int64 = 0, uploadedTotal: Int64 = 0, duplicatesTotal: Int64 = 0, rejectedTotal: Int64 = 0, quarantinedTotal: Int64 = 0
+        requestsTotal: Int64 = 0, uploadedTotal: Int64 = 0, duplicatesTotal: Int64 = 0, rejectedTotal: Int64 = 0, quarantinedTotal: Int64 = 0,
+        held: UploadHold? = nil, format: String? = nil, formatFallback: String? = nil, ingestHighestSequence: UInt64? = nil,
+        renumberedTotal: Int64 = 0
     ) {
         self.endpoint = endpoint
         self.lastAttemptAt = lastAttemptAt
@@ -49,5 +66,35 @@ public struct UploadStatus: Codable, Sendable, Hashable {
         self.duplicatesTotal = duplicatesTotal
         self.rejectedTotal = rejectedTotal
         self.quarantinedTotal = quarantinedTotal
+        self.held = held
+        self.format = format
+        self.formatFallback = formatFallback
+        self.ingestHighestSequence = ingestHighestSequence
+        self.renumberedTotal = renumberedTotal
+    }
+}
+
+/// Why the upload queue is held (``UploadStatus/held``).
+public struct UploadHold: Codable, Sendable, Hashable {
+    /// The HTTP status of the refusal.
+    public var httpStatus: Int
+    /// The ingest's stable error code (``IngestErrorCode``), or `http_<status>` when its answer had none.
+    public var code: String
+    /// The ingest's message, for a person.
+    public var message: String
+    /// Why the uploader treats the refusal as systematic rather than caused by a reading, in words.
+    public var reason: String
+    /// When the hold began (the first refusal of this kind in a row).
+    public var since: Timestamp
+    /// Refusals of this kind in a row.
+    public var refusals: Int
+
+    public init(httpStatus: Int, code: String, message: String, reason: String, since: Timestamp, refusals: Int = 1) {
+        self.httpStatus = httpStatus
+        self.code = code
+        self.message = message
+        self.reason = reason
+        self.since = since
+        self.refusals = refusals
     }
 }
