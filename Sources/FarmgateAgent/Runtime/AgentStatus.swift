@@ -53,6 +53,16 @@ extension AgentStatus {
             if upload.consecutiveFailures > 0 { detail += "; \(upload.consecutiveFailures) failures in a row" }
             if let next = upload.nextAttemptAt, next > now { detail += "; next attempt in \(Self.age(from: now, to: next))" }
             lines.append(detail)
+            if let held = upload.held {
+                lines.append(
+                    "          HELD since \(Self.age(from: held.since, to: now)) ago (\(held.refusals) refusals): \(held.httpStatus) \(held.code): \(held.message)")
+                lines.append("          \(held.reason); nothing is quarantined, retrying with backoff")
+            }
+            if let fallback = upload.formatFallback { lines.append("          format \(upload.format ?? "json"): \(fallback)") }
+            if upload.renumberedTotal > 0 {
+                lines.append(
+                    "          \(upload.renumberedTotal) readings renumbered after sequence_conflict (the ingest holds up to sequence \(upload.ingestHighestSequence.map(String.init) ?? "?"))")
+            }
         } else {
             lines.append("Upload    off (no [upload] section: readings stay in the buffer)")
         }
