@@ -108,6 +108,30 @@ final class Farm {
         return sequences
     }
 
+    /// What the ingest holds for `device`, by sequence: `sensor timestamp value flags` from the real export command.
+    func storedReadings(device: String, farm: String = "e2e") async throws -> [UInt64: String] {
+        let output = try await admin(["export", "--farm", farm, "--format", "jsonl"])
+        var readings: [UInt64: String] = [:]
+        for line in output.split(separator: "\n") where !line.isEmpty {
+            guard let object = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
+                object["device"] as? String == device, let number = object["sequence"] as? NSNumber
+            else { continue }
+            let fields = ["sensor", "timestamp", "value", "flags", "quality"].map { object[$0].map { "\($0)" } ?? "-" }
+            readings[number.uint64Value] = fields.joined(separator: " ")
+        }
+        return readings
+    }
+
+    /// The value of one sample on the ingest's `/metrics` (`name{labels}` exactly as rendered); nil when absent.
+    func ingestMetric(_ sample: String) async throws -> Double? {
+        guard let url = URL(string: endpoint + "/metrics") else { return nil }
+        let (data, _) = try await URLSession.shared.data(from: url)
+        for line in String(decoding: data, as: UTF8.self).split(separator: "\n") where line.hasPrefix(sample + " ") {
+            return Double(line.dropFirst(sample.count + 1).trimmingCharacters(in: .whitespaces))
+        }
+        return nil
+    }
+
     /// The newest timestamp the ingest holds for `device`, through the real export command.
     func latestTimestamp(device: String, farm: String = "e2e") async throws -> Timestamp? {
         let output = try await admin(["export", "--farm", farm, "--format", "jsonl"])
