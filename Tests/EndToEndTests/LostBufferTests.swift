@@ -4,6 +4,7 @@ import FarmgateTestSupport
 import FarmgateWire
 import Foundation
 import Logging
+import Synchronization
 import Testing
 
 /// A site whose buffer and sequence sidecar were both lost (SD card replaced, box re-imaged with the same key) starts again
@@ -11,13 +12,24 @@ import Testing
 /// refuses as `sequence_conflict`. Needs an ingest with `GET /v1/device` and `sequence_conflict` (the delivery contract).
 @Suite("End to end: a lost buffer and sidecar", .serialized)
 struct LostBufferTests {
-    @Test("Buffer and sidecar deleted between two runs: every reading of both stored once, no duplicates, no gap")
-    func lostBufferAndSidecar() async throws {
+    /// With `answersAtStart` the second life learns the ingest's highest sequence before its first batch; without, its
+    /// first question goes unanswered (503), so its first batches meet `sequence_conflict` and are renumbered.
+    @Test("Buffer and sidecar deleted between two runs: every reading of both stored once, no duplicates, no gap", arguments: [true, false])
+    func lostBufferAndSidecar(answersAtStart: Bool) async throws {
         let farm = try await Farm()
         let key = try await farm.createDevice("site-6")
         let keyFile = try farm.dir.write("site-6.key", key + "\n")
         try await farm.startIngest()
-        let config = try farm.agentConfig("agent.toml", device: "site-6", keyFile: keyFile, sensors: 3, interval: "100ms")
+        let secondLife = Atomic<Bool>(false)
+        let unanswered = Atomic<Int>(0)
+        let proxy = try ForwardingProxy(to: farm.endpoint) { request in
+            guard !answersAtStart, secondLife.load(ordering: .sequentiallyConsistent), request.path == IngestProtocol.deviceStatePath,
+                unanswered.add(1, ordering: .sequentiallyConsistent).oldValue == 0
+            else { return nil }
+            return .json(503, #"{"error":{"code":"unavailable","message":"not now"}}"#)
+        }
+        defer { proxy.stop() }
+        let config = try farm.agentConfig("agent.toml", device: "site-6", keyFile: keyFile, sensors: 3, interval: "100ms", endpoint: proxy.url)
 
         // First life.
         var agent = try farm.startAgent(config: config, log: "agent-1.log")
@@ -37,6 +49,7 @@ struct LostBufferTests {
         }
 
         // Second life, numbering from 1 again until it hears from the ingest.
+        secondLife.store(true, ordering: .sequentiallyConsistent)
         agent = try farm.startAgent(config: config, log: "agent-2.log")
         var status: AgentStatus?
         let caughtUp = try await eventually(timeout: .seconds(40), every: .milliseconds(200)) {
@@ -50,6 +63,10 @@ struct LostBufferTests {
         #expect(lastStatus?.upload?.duplicatesTotal == 0, "nothing of the second life was taken for a duplicate")
         #expect(lastStatus?.buffer.quarantined == 0)
         #expect(agent.log.contains("The ingest holds sequence numbers above this buffer's last one"), "the jump is logged loudly")
+        if !answersAtStart {
+            #expect((lastStatus?.upload?.renumberedTotal ?? 0) > 0, "the first batches met sequence_conflict")
+            #expect(agent.log.contains("Renumbered readings the ingest refused as sequence_conflict"), "renumbering is logged loudly")
+        }
 
         // Both lives stored once, contiguous; the first life untouched by the second.
         let stored = try await farm.storedReadings(device: "site-6")

@@ -746,7 +746,7 @@ public final class Uploader: Service {
                             "The ingest holds sequence numbers above this buffer's last one: the buffer lost its history (replaced, re-imaged or deleted). New readings are numbered above the ingest's highest; buffered readings it refuses as sequence_conflict are renumbered and sent again",
                             metadata: [
                                 "buffer.last_sequence": "\(previous)", "ingest.highest_sequence": "\(highest)",
-                                "buffer.next_sequence": "\(highest + 1)", "buffer.skipped_numbers": "\(highest - previous)",
+                                "buffer.next_sequence": "\(highest + 1)",
                             ])
                     }
                 } catch {
