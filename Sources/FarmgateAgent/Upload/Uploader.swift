@@ -246,7 +246,10 @@ public final class Uploader: Service {
         case stop(Duration)
     }
 
-    /// What one delivery has learnt: whether any part of its batch was accepted (then a reading refused alone is poison).
+    /// What one delivery has learnt: whether any part of its batch was accepted. Until then, a refusal both halves of a
+    /// split share is systematic (hold), and so is a single reading refused (nothing shows it is the cause). Once part of
+    /// the batch was accepted, the refusal depends on what is sent: bisection goes on into every refused half (two poison
+    /// readings side by side are both found) and a single reading still refused is quarantined.
     private struct Bisection {
         var accepted = false
     }
@@ -265,8 +268,8 @@ public final class Uploader: Service {
     }
 
     private func deliverGroup(_ group: ArraySlice<Reading>, _ loop: inout LoopState, _ bisection: inout Bisection) async -> Flow {
-        let attempt = await attempt(group, &loop)
-        return await settle(group, attempt, &loop, &bisection)
+        let outcome = await attempt(group, &loop)
+        return await settle(group, outcome, &loop, &bisection)
     }
 
     /// Acts on the outcome of sending `group`.
