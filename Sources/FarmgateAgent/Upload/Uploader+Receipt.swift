@@ -1,0 +1,104 @@
+import FarmgateWire
+import Foundation
+import Logging
+import Metrics
+import Synchronization
+
+/// What a 2xx answer acknowledges: the receipt must add up to the batch, or it acknowledges nothing.
+extension Uploader {
+    func acknowledge(_ group: ArraySlice<Reading>, response: HTTPResponse, _ loop: inout LoopState) async -> Attempt {
+        let status = response.status
+        guard let receipt = try? JSONDecoder().decode(IngestReceipt.self, from: Data(response.body)) else {
+            // Re-sending is safe (the ingest is idempotent); a receipt we cannot read acknowledges nothing.
+            logger.warning("The ingest answered without a readable receipt", metadata: ["http.status": "\(status)"])
+            return .stop(failed(result: "\(status): the answer is not a receipt", status: status, delay: loop.backoff.nextDelay(), &loop))
+        }
+        var refusedBy: [UInt64: RejectionGroup] = [:]
+        for reading in group {
+            if let rejected = receipt.rejection(of: reading.sequence) { refusedBy[reading.sequence] = rejected }
+        }
+        let rejectedTotal = Self.rejectedTotal(receipt, batch: group.count)
+        guard let refused = rejectedTotal,
+            receipt.accepted >= 0, receipt.duplicates >= 0, receipt.accepted <= group.count, receipt.duplicates <= group.count,
+            receipt.accepted + receipt.duplicates + refused == group.count, refusedBy.count == refused
+        else {
+            // Not an acknowledgement: deleting on its word could lose readings it never stored. Nothing is deleted or
+            // quarantined; the batch goes again (the ingest is idempotent).
+            logger.warning(
+                "The ingest's receipt does not add up to the batch: not an acknowledgement; nothing is deleted, the batch is sent again",
+                metadata: [
+                    "batch.readings": "\(group.count)", "receipt.accepted": "\(receipt.accepted)",
+                    "receipt.duplicates": "\(receipt.duplicates)", "receipt.rejected": "\(receipt.rejected.map(\.count))",
+                    "receipt.rejected_named": "\(refusedBy.count)",
+                ])
+            let result =
+                "\(status): the receipt does not add up to the batch of \(group.count) (\(receipt.accepted) accepted, "
+                + "\(receipt.duplicates) duplicates, \(rejectedTotal.map(String.init) ?? "?") rejected, \(refusedBy.count) named); not an acknowledgement"
+            return .stop(failed(result: result, status: status, delay: loop.backoff.nextDelay(), &loop))
+        }
+        var conflicts: [UInt64] = []
+        var reasons: [UInt64: String] = [:]
+        for (sequence, rejection) in refusedBy {
+            if rejection.code == RejectionCode.sequenceConflict {
+                conflicts.append(sequence)
+            } else {
+                reasons[sequence] = "\(rejection.code): \(rejection.message)"
+            }
+        }
+        if !reasons.isEmpty {
+            logger.warning("The ingest rejected readings; moving them to quarantine", metadata: ["readings": "\(reasons.count)"])
+            guard await quarantine(reasons) else { return .stop(bufferRetryDelay) }
+        }
+        do {
+            try await source.acknowledge(group.map(\.sequence).filter { refusedBy[$0] == nil })
+        } catch {
+            logger.error("Cannot delete acknowledged readings from the buffer", metadata: ["error": "\(error)"])
+            return .stop(bufferRetryDelay)
+        }
+        loop.backoff.reset()
+        metrics.delivered.increment()
+        metrics.accepted.increment(by: Int64(receipt.accepted))
+        metrics.duplicates.increment(by: Int64(receipt.duplicates))
+        metrics.rejected.increment(by: Int64(refused))
+        let result = "\(status): \(receipt.accepted) accepted, \(receipt.duplicates) duplicates, \(refused) rejected"
+        logger.debug(
+            "Batch delivered",
+            metadata: [
+                "batch.readings": "\(group.count)", "batch.first": "\(group.first?.sequence ?? 0)", "batch.last": "\(group.last?.sequence ?? 0)",
+                "receipt.accepted": "\(receipt.accepted)", "receipt.duplicates": "\(receipt.duplicates)", "receipt.rejected": "\(refused)",
+            ])
+        let cleared = state.withLock { state -> UploadHold? in
+            let held = state.held
+            state.held = nil
+            state.lastSuccessAt = Timestamp.now()
+            state.lastResult = result
+            state.lastHTTPStatus = status
+            state.consecutiveFailures = 0
+            state.nextAttemptAt = nil
+            state.currentBackoffSeconds = 0
+            state.uploadedTotal += Int64(receipt.accepted)
+            state.duplicatesTotal += Int64(receipt.duplicates)
+            state.rejectedTotal += Int64(refused)
+            return held
+        }
+        if let cleared {
+            metrics.held.record(0)
+            logger.notice(
+                "Upload hold cleared: the ingest acknowledged a batch",
+                metadata: ["error.code": "\(cleared.code)", "hold.since": "\(cleared.since)", "hold.refusals": "\(cleared.refusals)"])
+        }
+        if !conflicts.isEmpty, let wait = await repairConflicts(conflicts.sorted(), &loop) { return .stop(wait) }
+        return .delivered
+    }
+
+    /// The sum of the receipt's rejection counts, or nil when one is negative or larger than the batch (not a receipt of it).
+    static func rejectedTotal(_ receipt: IngestReceipt, batch: Int) -> Int? {
+        var total = 0
+        for group in receipt.rejected {
+            guard group.count >= 0, group.count <= batch else { return nil }
+            total += group.count
+            guard total <= batch else { return nil }
+        }
+        return total
+    }
+}

@@ -1,0 +1,242 @@
+import FarmgateWire
+import Foundation
+import Logging
+import Metrics
+import Synchronization
+
+/// One request to the ingest and what its answer means (the classification documented on ``Uploader``).
+extension Uploader {
+    /// A whole-request refusal, from the ingest's ``APIErrorBody`` (or the bare status when the body is not one).
+    struct Refusal: Sendable {
+        var status: Int
+        var code: String
+        var message: String
+        var acceptedVersions: [Int]? = nil
+
+        /// `code: message`, as quarantine reasons and the status show it.
+        var reason: String { "\(code): \(message)" }
+
+        /// Whether two refusals are the same answer (status and code; the message may name values).
+        func isSame(as other: Refusal) -> Bool { status == other.status && code == other.code }
+
+        init(status: Int, code: String, message: String, acceptedVersions: [Int]? = nil) {
+            self.status = status
+            self.code = code
+            self.message = message
+            self.acceptedVersions = acceptedVersions
+        }
+
+        init(_ response: HTTPResponse) {
+            status = response.status
+            if let body = try? JSONDecoder().decode(APIErrorBody.self, from: Data(response.body)) {
+                code = String(body.error.code.prefix(100))
+                message = String(body.error.message.prefix(IngestReceipt.maxMessageLength))
+                acceptedVersions = body.error.acceptedVersions
+                return
+            }
+            code = "http_\(response.status)"
+            message = String(decoding: response.body.prefix(200), as: UTF8.self)
+                .trimmingCharacters(in: .whitespacesAndNewlines)
+                .replacingOccurrences(of: "\n", with: " ")
+        }
+    }
+
+    /// What became of one request.
+    enum Attempt {
+        /// The ingest took the batch (its receipt settled every reading).
+        case delivered
+        /// Too large (413, or over batch_max_bytes, or not encodable as a whole): send the halves, each on its own.
+        case halve(Refusal?)
+        /// Refused whole in a way a reading in it may cause (400/422): bisect.
+        case refused(Refusal)
+        /// Dealt with on site without the ingest (a single reading that cannot be encoded, quarantined): nothing accepted.
+        case settled
+        /// Stop this delivery and wait: transient failure, Retry-After, hold, buffer failure, shutdown.
+        case stop(Duration)
+    }
+
+    /// Encodes and sends `group` once (twice when the ingest's answer made the uploader fall back to JSON).
+    func attempt(_ group: ArraySlice<Reading>, _ loop: inout LoopState) async -> Attempt {
+        while true {
+            // Graceful shutdown: the request in flight has finished; start no new one.
+            if Self.stopping && !loop.draining { return .stop(.zero) }
+            let format = loop.format
+            let body: [UInt8]
+            switch await encode(group, format: format) {
+            case .encoded(let bytes) where bytes.count > configuration.batchMaxBytes && group.count > 1:
+                logger.debug("Batch too large, halving", metadata: ["batch.bytes": "\(bytes.count)", "batch.readings": "\(group.count)"])
+                return .halve(nil)
+            case .encoded(let bytes):
+                body = bytes
+            case .unencodable(let reason):
+                if group.count > 1 { return .halve(nil) }
+                let reading = group[group.startIndex]
+                logger.error(
+                    "A reading cannot be encoded; moving it to quarantine",
+                    metadata: ["reading.sequence": "\(reading.sequence)", "reading.sensor": "\(reading.sensor)", "error": "\(reason)"])
+                guard await quarantine([reading.sequence: "encoding_failed: \(reason)"]) else { return .stop(bufferRetryDelay) }
+                return .settled
+            case .bufferFailed:
+                return .stop(bufferRetryDelay)
+            }
+            // nil: the uploader fell back to another format (at most once per run); the same readings go again at once.
+            guard let outcome = await send(group, body: body, format: format, &loop) else { continue }
+            return outcome
+        }
+    }
+
+    /// Sends one encoded batch and classifies the answer (see the type's documentation). Returns nil when the ingest refused
+    /// the binary format version and the uploader switched to JSON: the caller encodes the same readings again and resends.
+    func send(_ group: ArraySlice<Reading>, body: [UInt8], format: UploadConfiguration.Format, _ loop: inout LoopState) async -> Attempt? {
+        state.withLock {
+            $0.lastAttemptAt = Timestamp.now()
+            $0.requestsTotal += 1
+        }
+        let headers = [authorization, HTTPHeader("Content-Type", format.mediaType), HTTPHeader("Accept", "application/json")]
+        let response: HTTPResponse
+        do {
+            response = try await client.post(batchesURL, headers: headers, body: body)
+        } catch {
+            if error.kind == .cancelled { return .stop(.zero) }
+            logger.warning("Upload failed", metadata: ["error": "\(error)", "upload.url": "\(batchesURL)"])
+            return .stop(failed(result: error.description, status: nil, delay: loop.backoff.nextDelay(), &loop))
+        }
+
+        let status = response.status
+        if (200...299).contains(status) { return await acknowledge(group, response: response, &loop) }
+        let refusal = Refusal(response)
+        let result = "\(status): \(refusal.reason)"
+        switch status {
+        case 429, 503:
+            if let header = response.header("Retry-After"), let asked = RetryAfter.delay(header) {
+                let delay = min(asked, configuration.retryAfterMax)
+                logger.notice(
+                    "The ingest asked to retry later",
+                    metadata: ["http.status": "\(status)", "retry_after": "\(header)", "delay": "\(delay)"])
+                loop.backoff.recordFailure()
+                return .stop(failed(result: result, status: status, delay: delay, &loop))
+            }
+            return transient(refusal, &loop)
+        case 500...599:
+            return transient(refusal, &loop)
+        case 400 where refusal.code == IngestErrorCode.incompleteBody:
+            // The body arrived cut short (a proxy, a broken connection): the same request may well succeed.
+            return transient(refusal, &loop)
+        case 401, 403:
+            metrics.refused.increment()
+            return .stop(
+                hold(
+                    refusal, reason: "the ingest refuses this device's key or device id: re-enroll this device (farmgate enroll), "
+                        + "or check upload.key_file and device.id in the agent configuration", &loop))
+        case 415 where refusal.code == IngestErrorCode.unsupportedFormatVersion && format == .binary:
+            metrics.refused.increment()
+            fallBackToJSON(refusal, &loop)
+            return nil
+        case 415:
+            metrics.refused.increment()
+            return .stop(
+                hold(
+                    refusal, reason: "the ingest does not accept how batches are sent (\(format.mediaType)): "
+                        + "check upload.format in the agent configuration, and any proxy in front of the ingest", &loop))
+        case 413:
+            logger.notice(
+                "The ingest refused a batch as too large; halving it",
+                metadata: ["http.status": "\(status)", "batch.readings": "\(group.count)", "reason": "\(refusal.reason)"])
+            noteRefusal(result, status: status)
+            return .halve(refusal)
+        case 400, 422:
+            logger.notice(
+                "The ingest refused a batch; sending its halves to find out whether a reading is the cause",
+                metadata: ["http.status": "\(status)", "batch.readings": "\(group.count)", "reason": "\(refusal.reason)"])
+            noteRefusal(result, status: status)
+            return .refused(refusal)
+        case 400...499:
+            metrics.refused.increment()
+            return .stop(
+                hold(refusal, reason: "the ingest refuses the request itself: check upload.endpoint in the agent configuration", &loop))
+        default:
+            return transient(refusal, &loop)
+        }
+    }
+
+    /// A refusal that bisection or halving follows up: recorded, not yet a failure.
+    func noteRefusal(_ result: String, status: Int) {
+        state.withLock {
+            $0.lastResult = result
+            $0.lastHTTPStatus = status
+        }
+        metrics.refused.increment()
+    }
+
+    func transient(_ refusal: Refusal, _ loop: inout LoopState) -> Attempt {
+        logger.warning("Upload failed", metadata: ["http.status": "\(refusal.status)", "reason": "\(refusal.reason)"])
+        return .stop(failed(result: "\(refusal.status): \(refusal.reason)", status: refusal.status, delay: loop.backoff.nextDelay(), &loop))
+    }
+
+    /// The ingest does not read the binary format version this build writes: every ingest reads JSON.
+    func fallBackToJSON(_ refusal: Refusal, _ loop: inout LoopState) {
+        loop.format = .json
+        let versions = refusal.acceptedVersions.map { $0.map(String.init).joined(separator: ", ") } ?? "not said"
+        let note =
+            "the ingest does not read binary batch format version \(BatchCodec.formatVersion) (it reads: \(versions)); "
+            + "sending JSON until the agent restarts"
+        logger.warning(
+            "Falling back to JSON batches: the ingest does not read this agent's binary format version",
+            metadata: [
+                "upload.format_version": "\(BatchCodec.formatVersion)", "ingest.accepted_versions": "\(versions)",
+                "reason": "\(refusal.reason)",
+            ])
+        state.withLock {
+            $0.format = UploadConfiguration.Format.json.rawValue
+            $0.formatFallback = note
+            $0.lastResult = "\(refusal.status): \(refusal.reason)"
+            $0.lastHTTPStatus = refusal.status
+        }
+    }
+
+    /// Holds the queue after `refusal`: nothing is quarantined; shown in the status and the log; the next attempt waits a
+    /// backoff. Returns the wait.
+    func hold(_ refusal: Refusal, reason: String, _ loop: inout LoopState) -> Duration {
+        let now = Timestamp.now()
+        let delay = loop.backoff.nextDelay()
+        let (began, refusals) = state.withLock { status -> (Bool, Int) in
+            if var held = status.held, held.httpStatus == refusal.status, held.code == refusal.code {
+                held.refusals += 1
+                held.message = refusal.message
+                held.reason = reason
+                status.held = held
+                return (false, held.refusals)
+            }
+            status.held = UploadHold(httpStatus: refusal.status, code: refusal.code, message: refusal.message, reason: reason, since: now)
+            return (true, 1)
+        }
+        metrics.held.record(1)
+        let metadata: Logger.Metadata = [
+            "http.status": "\(refusal.status)", "error.code": "\(refusal.code)", "error.message": "\(refusal.message)",
+            "hold.reason": "\(reason)", "hold.refusals": "\(refusals)", "retry_in": "\(delay)",
+        ]
+        if began {
+            logger.error("Upload held: the ingest refuses whole batches; nothing is quarantined, the queue waits and is retried", metadata: metadata)
+        } else {
+            logger.notice("Upload still held", metadata: metadata)
+        }
+        return failed(result: "\(refusal.status): \(refusal.reason) (held)", status: refusal.status, delay: delay, &loop)
+    }
+
+    // MARK: - Failures
+
+    func failed(result: String, status: Int?, delay: Duration, _ loop: inout LoopState) -> Duration {
+        let seconds = Backoff.seconds(delay)
+        let next = Timestamp(microseconds: Timestamp.now().microseconds + Int64(seconds * 1_000_000))
+        let failures = loop.backoff.failures
+        metrics.failed.increment()
+        state.withLock {
+            $0.lastResult = result
+            $0.lastHTTPStatus = status
+            $0.consecutiveFailures = failures
+            $0.nextAttemptAt = next
+            $0.currentBackoffSeconds = seconds
+        }
+        return delay
+    }
+}
