@@ -55,7 +55,7 @@ extension AgentStatus {
             lines.append(detail)
             if let held = upload.held {
                 lines.append(
-                    "          HELD since \(Self.age(from: held.since, to: now)) ago (\(held.refusals) refusals): \(held.httpStatus) \(held.code): \(held.message)")
+                    "          HELD for \(Self.age(from: held.since, to: now)) (\(held.refusals) refusals): \(held.httpStatus) \(held.code): \(held.message)")
                 lines.append("          \(held.reason); nothing is quarantined, retrying with backoff")
             }
             if let fallback = upload.formatFallback { lines.append("          format \(upload.format ?? "json"): \(fallback)") }
