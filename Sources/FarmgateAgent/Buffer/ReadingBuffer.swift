@@ -229,6 +229,24 @@ public final class ReadingBuffer: PendingReadings, Service {
         }
     }
 
+    // MARK: Clock
+
+    /// Tells the buffer what the clock says now (the ``ClockMonitor`` calls this about once a second, and once before the
+    /// uploader starts).
+    ///
+    /// - While the clock is not synchronised, readings of this boot taken less than `hold` ago (by CLOCK_BOOTTIME) are held:
+    ///   ``pending(limit:from:)`` skips them and ``BufferStatistics/held`` counts them. Older ones go up flagged
+    ///   `clock_unsynchronized`, as do readings of earlier boots (their time can no longer be repaired).
+    /// - The first time it is synchronised in this boot, every reading of this boot still in the buffer gets its true time
+    ///   (`boottime + realtime − boottime at synchronisation`) and `clock_corrected` instead of `clock_unsynchronized`, in one
+    ///   transaction; readings of this boot committed later (taken just before) are corrected as they are stored.
+    ///
+    /// - Returns: what was corrected, when this observation found the clock newly synchronised; nil otherwise.
+    @discardableResult
+    public func observeClock(_ observation: ClockObservation) async throws -> ClockCorrection? {
+        try await withStore { store in try store.observeClock(observation) }
+    }
+
     /// Limits the file to `pages` pages (`PRAGMA max_page_count`), so that tests can provoke a real `SQLITE_FULL`.
     func limitPageCount(_ pages: Int64) async throws {
         try await withStore { store in try store.limitPageCount(pages) }
