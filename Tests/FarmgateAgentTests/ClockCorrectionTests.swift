@@ -426,7 +426,7 @@ struct ClockCorrectionTests {
             buffer: statistics, upload: nil, uploadEndpoint: nil, sensors: [], recentQuarantine: [])
         let text = agent.humanReadable()
         #expect(text.contains("Clock     synchronised"))
-        #expect(text.contains("4 readings corrected"))
+        #expect(text.contains("corrected 4 readings taken before it was set"))
         #expect(text.contains("clock set forward by 3d 0h"))
         try await buffer.close()
     }

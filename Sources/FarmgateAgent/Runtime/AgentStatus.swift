@@ -91,19 +91,18 @@ extension AgentStatus {
         let hold = Self.age(seconds: Int64(clock.holdSeconds))
         if clock.synchronized {
             line += "synchronised"
-            if let since = clock.since { line += " (since \(since))" }
         } else {
-            line += "NOT synchronised"
-            if let since = clock.since { line += " for \(Self.age(from: since, to: now))" }
+            line += "NOT synchronised for \(Self.age(seconds: Int64(clock.stateSeconds)))"
             line += clock.holdSeconds > 0
                 ? ": \(buffer.held) readings held (up to \(hold), then sent flagged clock_unsynchronized); corrected when NTP sets the clock"
                 : ": readings are sent flagged clock_unsynchronized (hold_unsynchronized = 0); the rest are corrected when NTP sets the clock"
         }
         if let correction = clock.lastCorrection {
-            line += "; \(correction.corrected) readings corrected at \(correction.at)"
+            line += "; corrected \(correction.corrected) readings taken before it was set (at \(correction.at)"
             if let step = correction.stepSeconds {
-                line += " (clock set \(step < 0 ? "back" : "forward") by \(Self.age(seconds: Int64(abs(step).rounded()))))"
+                line += ", clock set \(step < 0 ? "back" : "forward") by \(Self.age(seconds: Int64(abs(step).rounded())))"
             }
+            line += ")"
             if correction.shifted > 0 { line += ", \(correction.shifted) moved by a millisecond or more (time taken)" }
         }
         return line

@@ -20,8 +20,9 @@ public struct ClockStatus: Codable, Sendable, Hashable {
     public var bootID: String
     /// `[clock] hold_unsynchronized` in seconds.
     public var holdSeconds: Double
-    /// When the current state (synchronised or not) was first seen, on the agent's clock at that moment.
-    public var since: Timestamp?
+    /// How long the current state (synchronised or not) has lasted, by the boot clock (the wall clock may have jumped),
+    /// as of the last poll; counted from the agent's start at the latest.
+    public var stateSeconds: Double = 0
     /// The last time readings were corrected, in this process.
     public var lastCorrection: Correction?
 
@@ -48,7 +49,7 @@ public final class ClockMonitor: Service {
     private let pollInterval: Duration
     private let logger: Logger
     private let thread = DedicatedThread(name: "farmgate-clock")
-    private let state: Mutex<(status: ClockStatus?, unsynchronizedEpoch: Int64?)>
+    private let state: Mutex<(status: ClockStatus?, unsynchronizedEpoch: Int64?, stateStart: Int64)>
 
     /// - Parameters:
     ///   - source: the clocks.
@@ -63,7 +64,7 @@ public final class ClockMonitor: Service {
         self.hold = hold
         self.pollInterval = pollInterval
         self.logger = logger
-        self.state = Mutex((nil, nil))
+        self.state = Mutex((nil, nil, 0))
     }
 
     deinit { thread.shutdown() }
@@ -110,7 +111,8 @@ public final class ClockMonitor: Service {
         let (previous, step) = state.withLock { state -> (ClockStatus?, Double?) in
             let previous = state.status
             var status = previous ?? ClockStatus(synchronized: reading.synchronized, bootID: reading.bootID, holdSeconds: holdSeconds)
-            if previous?.synchronized != reading.synchronized || previous?.bootID != reading.bootID { status.since = reading.realtime }
+            if previous?.synchronized != reading.synchronized || previous?.bootID != reading.bootID { state.stateStart = reading.boottime }
+            status.stateSeconds = Double(max(0, reading.boottime - state.stateStart)) / 1e6
             status.synchronized = reading.synchronized
             status.bootID = reading.bootID
             var step: Double?
