@@ -261,6 +261,47 @@ struct ClockCorrectionTests {
         try await buffer.close()
     }
 
+    @Test("A box that booted at 1970 keeps its readings of this boot held past the hold: the ingest would refuse them for good")
+    func bootedAt1970() async throws {
+        let scratch = try Scratch(prefix: "fg-clock")
+        let buffer = try openBuffer(scratch)
+        let sensor = try phSensor()
+        try await buffer.register([sensor.configuration.descriptor])
+        let start = try trueStart()
+        let clock = ManualClock(trueTime: start, offsetSeconds: -start.microseconds / 1_000_000)  // 1970-01-01 at boot + 20 s
+        let sampler = Sampler(sensors: [sensor], sink: buffer, board: SensorStatusBoard(sensors: [sensor.configuration]),
+            clock: WallClock(source: clock), logger: quiet)
+        try await buffer.observeClock(clock.observation(hold: .seconds(60)))
+        for _ in 0..<3 {
+            await sample(sampler, sensor)
+            clock.advance(seconds: 10)
+        }
+        try await buffer.flush()
+        clock.advance(seconds: 3_600)  // an hour without network: far past the hold
+        try await buffer.observeClock(clock.observation(hold: .seconds(60)))
+        var statistics = try await buffer.statistics()
+        #expect(statistics.held == 3)
+        #expect(statistics.pending == 0)
+        #expect(try await buffer.pending(limit: 10, from: .oldest).isEmpty)
+
+        clock.synchronize()
+        #expect(try await buffer.observeClock(clock.observation(hold: .seconds(60)))?.corrected == 3)
+        let readings = try await buffer.pending(limit: 10, from: .oldest)
+        #expect(readings.map(\.timestamp.microseconds) == [0, 10, 20].map { start.microseconds + Int64($0) * 1_000_000 })
+        #expect(readings.allSatisfy { $0.quality == [.clockCorrected] })
+
+        // In a later boot nothing can repair them any more: they go (and the ingest says why it refuses them).
+        clock.reboot(bootID: "boot-b", offsetSeconds: -start.microseconds / 1_000_000)
+        await sample(sampler, sensor)
+        try await buffer.flush()
+        clock.reboot(bootID: "boot-c", offsetSeconds: 0)
+        try await buffer.observeClock(clock.observation(hold: .seconds(60)))
+        statistics = try await buffer.statistics()
+        #expect(statistics.held == 0)
+        #expect(statistics.pending == 4)
+        try await buffer.close()
+    }
+
     @Test("A corrected time already taken by a reading of the same sensor moves to the next free millisecond; none is dropped")
     func collisions() async throws {
         let scratch = try Scratch(prefix: "fg-clock")

@@ -68,11 +68,25 @@ struct ClockPlacement {
     var holdable: Bool
 }
 
+/// What is held: readings of boot `key` with a boot time after `cutoff`, or stamped before `plausible`.
+struct HoldFilter {
+    let key: Int64
+    let cutoff: Int64
+    let plausible: Int64
+
+    /// 2000-01-01T00:00:00Z: the ingest refuses anything older for good, whatever its flags. A box that booted at 1970 (no
+    /// RTC, no fake-hwclock) stamps its readings there: they are held as long as their boot lasts, since only a correction
+    /// can make them acceptable.
+    static let plausibleSince: Int64 = 946_684_800_000_000
+
+    var bindings: [SQLiteValue] { [.integer(key), .integer(cutoff), .integer(plausible)] }
+}
+
 extension BufferStore {
-    /// The uploader's hold filter: readings of boot `key` with a boot time after `cutoff` are held. nil when nothing can be.
-    var holdCutoff: (key: Int64, cutoff: Int64)? {
+    /// The uploader's hold filter; nil when nothing can be held (hold 0, clock synchronised, nothing of this boot stored).
+    var holdFilter: HoldFilter? {
         guard let key = clock.bootKey, clock.holdMicroseconds > 0, clock.bootEpoch == nil, clock.mayHold else { return nil }
-        return (key, clock.boottimeNow &- clock.holdMicroseconds)
+        return HoldFilter(key: key, cutoff: clock.boottimeNow &- clock.holdMicroseconds, plausible: HoldFilter.plausibleSince)
     }
 
     /// The keys of `ids` in `boots`, inserting the unknown ones in a transaction of their own (before the commit that uses
@@ -84,9 +98,8 @@ extension BufferStore {
             var found: [String: Int64] = [:]
             try write {
                 for id in unknown.sorted() {
-                    try connection.query(
-                        "INSERT OR IGNORE INTO boots(boot_id, first_seen) VALUES (?, ?)", [.text(String(id.prefix(64))), .integer(now)])
-                    if let key = try connection.queryInt("SELECT key FROM boots WHERE boot_id = ?", [.text(String(id.prefix(64)))]) {
+                    try connection.query("INSERT OR IGNORE INTO boots(boot_id, first_seen) VALUES (?, ?)", [.text(id), .integer(now)])
+                    if let key = try connection.queryInt("SELECT key FROM boots WHERE boot_id = ?", [.text(id)]) {
                         found[id] = key
                     }
                 }
@@ -205,10 +218,11 @@ extension BufferStore {
 
     /// How many readings are held now (0 when nothing can be; then no query runs).
     func heldCount() throws -> Int {
-        guard let hold = holdCutoff else { return 0 }
-        let statement = try clock.countHeld ?? connection.prepare("SELECT count(*) FROM readings WHERE boot = ?1 AND boottime > ?2")
+        guard let hold = holdFilter else { return 0 }
+        let statement = try clock.countHeld ?? connection.prepare(
+            "SELECT count(*) FROM readings WHERE boot = ?1 AND (boottime > ?2 OR timestamp < ?3)")
         clock.countHeld = statement
-        try statement.bind([.integer(hold.key), .integer(hold.cutoff)])
+        try statement.bind(hold.bindings)
         defer { statement.reset() }
         let count = try statement.step() ? Int(statement.int64(0)) : 0
         if count == 0, clock.bootEpoch == nil {
@@ -220,9 +234,9 @@ extension BufferStore {
         return count
     }
 
-    /// The statement that reads a batch from `end` of the backlog, skipping held readings; binds (limit, boot key, cutoff).
+    /// The statement that reads a batch from `end` of the backlog, skipping held readings; binds the limit, then the filter.
     func unheldSelect(_ end: BacklogEnd) throws -> SQLiteStatement {
-        let filter = "WHERE boot IS NULL OR boot != ?2 OR boottime <= ?3"
+        let filter = "WHERE boot IS NULL OR boot != ?2 OR (boottime <= ?3 AND timestamp >= ?4)"
         switch end {
         case .oldest:
             let statement = try clock.oldestUnheld ?? connection.prepare(
@@ -237,12 +251,12 @@ extension BufferStore {
         }
     }
 
-    /// The timestamp of the oldest reading that is not held; binds (boot key, cutoff).
-    func oldestUnheldTimestamp(_ hold: (key: Int64, cutoff: Int64)) throws -> Timestamp? {
+    /// The timestamp of the oldest reading that is not held.
+    func oldestUnheldTimestamp(_ hold: HoldFilter) throws -> Timestamp? {
         let statement = try clock.oldestUnheldTimestamp ?? connection.prepare(
-            "SELECT timestamp FROM readings WHERE boot IS NULL OR boot != ?1 OR boottime <= ?2 ORDER BY sequence LIMIT 1")
+            "SELECT timestamp FROM readings WHERE boot IS NULL OR boot != ?1 OR (boottime <= ?2 AND timestamp >= ?3) ORDER BY sequence LIMIT 1")
         clock.oldestUnheldTimestamp = statement
-        try statement.bind([.integer(hold.key), .integer(hold.cutoff)])
+        try statement.bind(hold.bindings)
         defer { statement.reset() }
         return try statement.step() ? Timestamp(microseconds: statement.int64(0)) : nil
     }

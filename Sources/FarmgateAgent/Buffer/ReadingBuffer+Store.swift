@@ -478,9 +478,9 @@ final class BufferStore {
     func pending(limit: Int, from end: BacklogEnd) throws -> [Reading] {
         guard limit > 0 else { return [] }
         let statement: SQLiteStatement
-        if let hold = holdCutoff {
+        if let hold = holdFilter {
             statement = try unheldSelect(end)
-            try statement.bind([.integer(Int64(limit)), .integer(hold.key), .integer(hold.cutoff)])
+            try statement.bind([.integer(Int64(limit))] + hold.bindings)
         } else {
             statement = end == .oldest ? selectOldest : selectNewest
             try statement.bind([.integer(Int64(limit))])
@@ -587,7 +587,7 @@ final class BufferStore {
     func statistics(uncommitted: Int, droppedInMemory: Int64, quotaBytes: Int64) throws -> BufferStatistics {
         var oldest: Timestamp?
         let held = try heldCount()
-        if held > 0, let hold = holdCutoff {
+        if held > 0, let hold = holdFilter {
             oldest = pendingCount > held ? try oldestUnheldTimestamp(hold) : nil
         } else if pendingCount > 0 {  // the uploader polls this while idle: no query when nothing is pending
             try selectOldestTimestamp.bind([])

@@ -1,6 +1,7 @@
 import FarmgateSupport
 import FarmgateWire
 import Logging
+import Metrics
 import ServiceLifecycle
 import Synchronization
 
@@ -42,6 +43,8 @@ public struct ClockStatus: Codable, Sendable, Hashable {
 ///
 /// Polls the ``ClockSource`` every `pollInterval` (1 s) on a thread of its own: the test hook's file is read there, never on
 /// the concurrency pool. adjtimex itself never blocks. A Service: it stops on graceful shutdown.
+///
+/// **Metrics**: `farmgate_clock_synchronized` (gauge, 1 or 0) and `farmgate_clock_corrected_readings_total`.
 public final class ClockMonitor: Service {
     private let source: any ClockSource
     private let observer: any ClockObserver
@@ -50,6 +53,8 @@ public final class ClockMonitor: Service {
     private let logger: Logger
     private let thread = DedicatedThread(name: "farmgate-clock")
     private let state: Mutex<(status: ClockStatus?, unsynchronizedEpoch: Int64?, stateStart: Int64)>
+    private let synchronizedGauge = Gauge(label: "farmgate_clock_synchronized")
+    private let correctedCounter = Counter(label: "farmgate_clock_corrected_readings_total")
 
     /// - Parameters:
     ///   - source: the clocks.
@@ -129,6 +134,8 @@ public final class ClockMonitor: Service {
             state.status = status
             return (previous, step)
         }
+        synchronizedGauge.record(reading.synchronized ? 1 : 0)
+        if let correction, correction.corrected > 0 { correctedCounter.increment(by: Int64(correction.corrected)) }
         let metadata: Logger.Metadata = ["clock.boot_id": "\(reading.bootID)", "clock.now": "\(reading.realtime)"]
         if let correction, correction.corrected > 0 {
             var details = metadata
