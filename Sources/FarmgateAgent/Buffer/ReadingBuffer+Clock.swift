@@ -133,7 +133,8 @@ extension BufferStore {
     }
 
     /// Takes in what the clock says now. The first time it says synchronised in this boot (and again after it lost and
-    /// regained synchronisation), every uncorrected reading of this boot gets its true time, in one transaction.
+    /// regained synchronisation), every uncorrected reading of this boot that the uploader has not seen yet gets its true
+    /// time, in one transaction.
     func observeClock(_ observation: ClockObservation) throws -> ClockCorrection? {
         let reading = observation.reading
         if clock.bootID != reading.bootID {
@@ -240,14 +241,26 @@ extension BufferStore {
         switch end {
         case .oldest:
             let statement = try clock.oldestUnheld ?? connection.prepare(
-                "SELECT sequence, sensor, timestamp, steps, quality FROM readings \(filter) ORDER BY sequence LIMIT ?1")
+                "SELECT sequence, sensor, timestamp, steps, quality, boot IS NOT NULL FROM readings \(filter) ORDER BY sequence LIMIT ?1")
             clock.oldestUnheld = statement
             return statement
         case .newest:
             let statement = try clock.newestUnheld ?? connection.prepare(
-                "SELECT sequence, sensor, timestamp, steps, quality FROM readings \(filter) ORDER BY sequence DESC LIMIT ?1")
+                "SELECT sequence, sensor, timestamp, steps, quality, boot IS NOT NULL FROM readings \(filter) ORDER BY sequence DESC LIMIT ?1")
             clock.newestUnheld = statement
             return statement
+        }
+    }
+
+    /// Clears the boot stamp of readings handed to the uploader: from then on their content never changes, not even when the
+    /// clock is set later in the same boot. The ingest may already hold them (a request whose answer was lost), and a
+    /// re-sent reading that differs from the stored one is a `sequence_conflict`, not a duplicate.
+    func freeze(_ sequences: [Int64]) throws {
+        guard !sequences.isEmpty else { return }
+        _ = try write {
+            for sequence in sequences {
+                try connection.query("UPDATE readings SET boot = NULL, boottime = NULL WHERE sequence = ?", [.integer(sequence)])
+            }
         }
     }
 

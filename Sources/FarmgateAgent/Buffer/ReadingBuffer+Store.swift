@@ -189,9 +189,9 @@ final class BufferStore {
         deleteOldest = try connection.prepare(
             "DELETE FROM readings WHERE sequence IN (SELECT sequence FROM readings ORDER BY sequence LIMIT ?)")
         selectOldest = try connection.prepare(
-            "SELECT sequence, sensor, timestamp, steps, quality FROM readings ORDER BY sequence LIMIT ?")
+            "SELECT sequence, sensor, timestamp, steps, quality, boot IS NOT NULL FROM readings ORDER BY sequence LIMIT ?")
         selectNewest = try connection.prepare(
-            "SELECT sequence, sensor, timestamp, steps, quality FROM readings ORDER BY sequence DESC LIMIT ?")
+            "SELECT sequence, sensor, timestamp, steps, quality, boot IS NOT NULL FROM readings ORDER BY sequence DESC LIMIT ?")
         selectOldestTimestamp = try connection.prepare("SELECT timestamp FROM readings ORDER BY sequence LIMIT 1")
         copyToQuarantine = try connection.prepare(
             """
@@ -398,7 +398,7 @@ final class BufferStore {
                             placed.boot, placed.boottime,
                         ])
                         // A boot-stamped reading is a distinct measurement: on a taken timestamp, the next free millisecond.
-                        guard connection.changes == 0, placed.distinct, attempts <= pendingCount else { break }
+                        guard connection.changes == 0, placed.distinct, attempts <= pendingCount + outcome.stored else { break }
                         attempts += 1
                         timestamp &+= 1000
                     }
@@ -489,8 +489,10 @@ final class BufferStore {
         var readings: [Reading] = []
         readings.reserveCapacity(min(limit, pendingCount))
         var orphans: [Int64] = []
+        var stamped: [Int64] = []
         while try statement.step() {
             let sequence = statement.int64(0)
+            if statement.int64(5) != 0 { stamped.append(sequence) }
             guard sequence > 0, let entry = sensorsByKey[statement.int64(1)] else {
                 orphans.append(sequence)
                 continue
@@ -502,6 +504,7 @@ final class BufferStore {
                     quality: QualityFlags(rawValue: UInt16(truncatingIfNeeded: statement.int64(4)))))
         }
         statement.reset()
+        try freeze(stamped)
         if !orphans.isEmpty {
             // Impossible through this API (a sensor row stays while readings refer to it); a hand-edited file could do it.
             // Never let such rows block the queue.

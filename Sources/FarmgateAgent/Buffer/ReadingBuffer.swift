@@ -244,7 +244,8 @@ public final class ReadingBuffer: PendingReadings, Service {
     ///   `clock_unsynchronized`, as do readings of earlier boots (their time can no longer be repaired). A reading of this
     ///   boot stamped before 2000 (a box that booted at 1970) is held as long as the boot lasts: the ingest would refuse it
     ///   for good, only a correction can save it. With `hold` zero nothing is held.
-    /// - The first time it is synchronised in this boot, every reading of this boot still in the buffer gets its true time
+    /// - The first time it is synchronised in this boot, every reading of this boot still in the buffer and not yet handed to
+    ///   the uploader (a reading's content never changes once ``pending(limit:from:)`` returned it) gets its true time
     ///   (`boottime + realtime − boottime at synchronisation`) and `clock_corrected` instead of `clock_unsynchronized`, in one
     ///   transaction; readings of this boot committed later (taken just before) are corrected as they are stored.
     ///
