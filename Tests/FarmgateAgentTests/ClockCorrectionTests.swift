@@ -504,6 +504,9 @@ struct ClockCorrectionTests {
         _ = try scratch.write("clock.json", "not json")
         source.refresh()
         #expect(source.read().synchronized)
+        _ = try scratch.write("clock.json", #"{"synchronized": false, "offset_seconds": 1e300}"#)
+        source.refresh()
+        #expect(source.read().synchronized, "an absurd offset is refused, not trapped on")
 
         _ = try scratch.write("clock.json", #"{"synchronized": false, "boot_id": "another-boot"}"#)
         source.refresh()

@@ -72,8 +72,6 @@ public final class ClockMonitor: Service {
         self.state = Mutex((nil, nil, 0))
     }
 
-    deinit { thread.shutdown() }
-
     /// The clock's state at the last poll; nil before the first.
     public func status() -> ClockStatus? {
         state.withLock { $0.status }

@@ -71,6 +71,9 @@ public final class SystemClockSource: ClockSource {
         }
     }
 
+    /// The largest `offset_seconds` the test hook takes: a hundred years.
+    static let maximumHookOffsetSeconds: Double = 100 * 366 * 86_400
+
     private let bootID: String
     private let checkSynchronization: Bool
     private let hookPath: String?
@@ -122,7 +125,12 @@ public final class SystemClockSource: ClockSource {
         var problem: String?
         if let data = FileManager.default.contents(atPath: hookPath) {
             do {
-                state = try JSONDecoder().decode(HookState.self, from: data)
+                let decoded = try JSONDecoder().decode(HookState.self, from: data)
+                if let offset = decoded.offsetSeconds, !(abs(offset) <= Self.maximumHookOffsetSeconds) {
+                    problem = "offset_seconds must be a number of seconds within ±100 years (got \(offset))"
+                } else {
+                    state = decoded
+                }
             } catch {
                 problem = "not {\"synchronized\": true|false, \"offset_seconds\": N}: \(error)"
             }
