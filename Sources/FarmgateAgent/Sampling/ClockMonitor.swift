@@ -53,6 +53,8 @@ public final class ClockMonitor: Service {
     private let logger: Logger
     private let thread = DedicatedThread(name: "farmgate-clock")
     private let state: Mutex<(status: ClockStatus?, unsynchronizedEpoch: Int64?, stateStart: Int64)>
+    /// Whether the last observation failed: a failing buffer is reported once, not every second.
+    private let failing = Mutex(false)
     private let synchronizedGauge = Gauge(label: "farmgate_clock_synchronized")
     private let correctedCounter = Counter(label: "farmgate_clock_corrected_readings_total")
 
@@ -103,8 +105,15 @@ public final class ClockMonitor: Service {
         do {
             correction = try await observer.observeClock(ClockObservation(reading: reading, hold: hold))
         } catch {
-            logger.error("Cannot tell the buffer the clock's state", metadata: ["error": "\(error)"])
+            if !failing.withLock({ $0 }) {
+                logger.error("Cannot tell the buffer the clock's state; retrying every poll", metadata: ["error": "\(error)"])
+            }
+            failing.withLock { $0 = true }
             return
+        }
+        if failing.withLock({ $0 }) {
+            logger.info("The buffer takes the clock's state again")
+            failing.withLock { $0 = false }
         }
         record(reading, correction: correction)
     }
