@@ -4,11 +4,24 @@
 #include <sys/timex.h>
 #include <sys/un.h>
 #include <sys/socket.h>
+#include <time.h>
 
 /// adjtimex(2) returns TIME_ERROR while the kernel's clock is not synchronised (no NTP sync yet).
 static inline int fg_clock_is_synchronized(void) {
     struct timex status = {0};
     int state = adjtimex(&status);
     return state >= 0 && state != TIME_ERROR;
+}
+
+/// CLOCK_REALTIME and CLOCK_BOOTTIME read back to back, in microseconds. CLOCK_BOOTTIME is monotonic, is never set
+/// by NTP or by hand, and keeps counting through suspend: a reading's boot time plus (realtime - boottime) measured
+/// once the clock is synchronised is its true time. Returns 0 on success, -1 if either clock cannot be read.
+static inline int fg_clock_pair_microseconds(long long *realtime, long long *boottime) {
+    struct timespec real, boot;
+    if (clock_gettime(CLOCK_REALTIME, &real) != 0) return -1;
+    if (clock_gettime(CLOCK_BOOTTIME, &boot) != 0) return -1;
+    *realtime = (long long)real.tv_sec * 1000000LL + real.tv_nsec / 1000;
+    *boottime = (long long)boot.tv_sec * 1000000LL + boot.tv_nsec / 1000;
+    return 0;
 }
 #endif

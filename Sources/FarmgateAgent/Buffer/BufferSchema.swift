@@ -11,6 +11,9 @@ import FarmgateSupport
 /// - `readings`: committed, unacknowledged readings. `sequence` is the rowid. Values are whole `steps` of the sensor's resolution.
 ///   The UNIQUE index on (sensor, timestamp) is what deduplicates.
 /// - `quarantine`: readings the ingest refused for good, with the reason and when (UTC microseconds).
+/// - `boots` (version 2): one row per kernel boot id that readings were taken in while the clock was not synchronised.
+///   `readings.boot` (its key) and `readings.boottime` (CLOCK_BOOTTIME in microseconds) are set only for such readings, and
+///   cleared when their time is corrected; NULL (no bytes) for every reading taken with a synchronised clock.
 enum BufferSchema {
     /// One step of the schema: the statements that take a file from `version - 1` to `version`, run in one transaction.
     /// Never edit a migration that has shipped: append a new one.
@@ -22,6 +25,7 @@ enum BufferSchema {
     /// Every migration, in order. A new file gets all of them; an older file the ones above its version.
     static let migrations: [Migration] = [
         Migration(version: 1, sql: version1),
+        Migration(version: 2, sql: version2),
     ]
 
     /// The version this build writes. A file with a higher version was written by a newer Farmgate and is not touched.
@@ -67,6 +71,19 @@ enum BufferSchema {
             quarantined_at INTEGER NOT NULL
         );
         CREATE INDEX IF NOT EXISTS quarantine_sensor ON quarantine(sensor);
+        """
+
+    /// Version 2: what repairs the time of a reading taken before the clock was set (see ``ReadingBuffer/observeClock(_:)``).
+    /// Adding NULL columns rewrites nothing: an existing file migrates in milliseconds whatever its size.
+    static let version2 = """
+        CREATE TABLE IF NOT EXISTS boots(
+            key INTEGER PRIMARY KEY,
+            boot_id TEXT NOT NULL UNIQUE,
+            first_seen INTEGER NOT NULL
+        );
+        ALTER TABLE readings ADD COLUMN boot INTEGER;
+        ALTER TABLE readings ADD COLUMN boottime INTEGER;
+        CREATE INDEX IF NOT EXISTS readings_boot ON readings(boot, boottime) WHERE boot IS NOT NULL;
         """
 
     /// The version of the file behind `connection`, 0 for an empty file.

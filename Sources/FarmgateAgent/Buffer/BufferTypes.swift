@@ -6,12 +6,16 @@ public struct Sample: Hashable, Sendable {
     public var timestamp: Timestamp
     public var value: Double
     public var quality: QualityFlags
+    /// Set for a sample taken while the clock was not synchronised: what repairs its timestamp once it is (stored in the
+    /// buffer only for such samples).
+    public var boot: BootStamp?
 
-    public init(sensor: SensorID, timestamp: Timestamp, value: Double, quality: QualityFlags = []) {
+    public init(sensor: SensorID, timestamp: Timestamp, value: Double, quality: QualityFlags = [], boot: BootStamp? = nil) {
         self.sensor = sensor
         self.timestamp = timestamp
         self.value = value
         self.quality = quality
+        self.boot = boot
     }
 }
 
@@ -76,8 +80,11 @@ public struct QuarantinedReading: Hashable, Sendable, Codable {
 
 /// The buffer's state, for `farmgate status` and metrics.
 public struct BufferStatistics: Hashable, Sendable, Codable {
-    /// Committed readings not yet acknowledged by the ingest.
+    /// Committed readings not yet acknowledged by the ingest that the uploader may send now (``held`` ones excluded).
     public var pending: Int
+    /// Readings of this boot taken before the clock was synchronised, held back for `[clock] hold_unsynchronized` in the
+    /// hope that the clock is set and their times repaired first. Not in ``pending``.
+    public var held: Int
     /// The timestamp of the oldest pending reading.
     public var oldestPending: Timestamp?
     /// Readings waiting in memory for the next group commit.
@@ -96,9 +103,10 @@ public struct BufferStatistics: Hashable, Sendable, Codable {
 
     public init(
         pending: Int, oldestPending: Timestamp?, uncommitted: Int, quarantined: Int, dropped: Int64, duplicatesIgnored: Int64,
-        lastSequence: UInt64, usedBytes: Int64, quotaBytes: Int64
+        lastSequence: UInt64, usedBytes: Int64, quotaBytes: Int64, held: Int = 0
     ) {
         self.pending = pending
+        self.held = held
         self.oldestPending = oldestPending
         self.uncommitted = uncommitted
         self.quarantined = quarantined
@@ -123,7 +131,8 @@ public struct SequenceRenumbering: Hashable, Sendable {
 
 /// What the uploader needs from the site buffer. ``ReadingBuffer`` is the implementation.
 public protocol PendingReadings: Sendable {
-    /// Up to `limit` committed, unacknowledged readings from one end of the backlog, in ascending sequence order.
+    /// Up to `limit` committed, unacknowledged readings from one end of the backlog, in ascending sequence order (never
+    /// held ones, see ``BufferStatistics/held``).
     func pending(limit: Int, from end: BacklogEnd) async throws -> [Reading]
     /// The descriptors of `sensors`, as registered with the buffer (they travel with every batch).
     func descriptors(for sensors: Set<SensorID>) async throws -> [SensorDescriptor]

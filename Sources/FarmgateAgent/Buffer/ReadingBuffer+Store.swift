@@ -15,6 +15,8 @@ struct CommitOutcome {
     var duplicates = 0
     var dropped = 0
     var rejected = 0
+    /// Readings with a boot stamp moved to the next free millisecond of their sensor instead of being dropped as duplicates.
+    var clockShifted = 0
     var lastSequence: Int64 = 0
 }
 
@@ -28,7 +30,7 @@ final class BufferStore {
     }
 
     let path: String
-    private let connection: SQLiteConnection
+    let connection: SQLiteConnection
     private let sidecar: SequenceSidecar
     private let synchronousFull: Bool
     private let logger: Logger
@@ -44,6 +46,8 @@ final class BufferStore {
     private(set) var duplicatesIgnored: Int64
     private var sidecarSequence: Int64
     private var sidecarFailureLogged = false
+    /// The current boot and what the clock said last (ReadingBuffer+Clock.swift).
+    var clock = BufferClockState()
 
     private let insertReading: SQLiteStatement
     private let updateCounter: SQLiteStatement
@@ -178,16 +182,16 @@ final class BufferStore {
         self.pageSize = try connection.queryInt("PRAGMA page_size") ?? 4096
 
         insertReading = try connection.prepare(
-            "INSERT OR IGNORE INTO readings(sequence, sensor, timestamp, steps, quality) VALUES (?, ?, ?, ?, ?)")
+            "INSERT OR IGNORE INTO readings(sequence, sensor, timestamp, steps, quality, boot, boottime) VALUES (?, ?, ?, ?, ?, ?, ?)")
         updateCounter = try connection.prepare("INSERT OR REPLACE INTO counters(name, value) VALUES (?, ?)")
         deleteReading = try connection.prepare("DELETE FROM readings WHERE sequence = ?")
         deleteRange = try connection.prepare("DELETE FROM readings WHERE sequence BETWEEN ?1 AND ?2")
         deleteOldest = try connection.prepare(
             "DELETE FROM readings WHERE sequence IN (SELECT sequence FROM readings ORDER BY sequence LIMIT ?)")
         selectOldest = try connection.prepare(
-            "SELECT sequence, sensor, timestamp, steps, quality FROM readings ORDER BY sequence LIMIT ?")
+            "SELECT sequence, sensor, timestamp, steps, quality, boot IS NOT NULL FROM readings ORDER BY sequence LIMIT ?")
         selectNewest = try connection.prepare(
-            "SELECT sequence, sensor, timestamp, steps, quality FROM readings ORDER BY sequence DESC LIMIT ?")
+            "SELECT sequence, sensor, timestamp, steps, quality, boot IS NOT NULL FROM readings ORDER BY sequence DESC LIMIT ?")
         selectOldestTimestamp = try connection.prepare("SELECT timestamp FROM readings ORDER BY sequence LIMIT 1")
         copyToQuarantine = try connection.prepare(
             """
@@ -257,7 +261,7 @@ final class BufferStore {
     // MARK: Transactions
 
     /// Runs `body` in `BEGIN IMMEDIATE ... COMMIT`; on failure rolls back and restores the cached counts.
-    private func write<T>(_ body: () throws -> T) throws -> T {
+    func write<T>(_ body: () throws -> T) throws -> T {
         let saved = (lastSequence, pendingCount, quarantinedCount, dropped, duplicatesIgnored)
         do {
             return try connection.transaction(body)
@@ -347,7 +351,8 @@ final class BufferStore {
             let key: Int64
             let timestamp: Int64
             let steps: Int64
-            let quality: Int64
+            let quality: QualityFlags
+            let boot: BootStamp?
         }
         var outcome = CommitOutcome()
         var rows: [Row] = []
@@ -366,7 +371,7 @@ final class BufferStore {
                 example = example ?? sample
                 continue
             }
-            rows.append(Row(key: entry.key, timestamp: sample.timestamp.microseconds, steps: steps, quality: Int64(sample.quality.rawValue)))
+            rows.append(Row(key: entry.key, timestamp: sample.timestamp.microseconds, steps: steps, quality: sample.quality, boot: sample.boot))
         }
         outcome.rejected = unknownSensors + badValues
         if let example {
@@ -378,17 +383,30 @@ final class BufferStore {
                 ])
         }
 
+        let bootKeys = try resolveBoots(Set(rows.compactMap { $0.boot?.bootID }))
         try write {
             if policy == .dropNewest, !rows.isEmpty, try usedBytes() >= quotaBytes {
                 outcome.dropped = rows.count
             } else {
                 for row in rows {
-                    try insertReading.run([
-                        .integer(lastSequence + 1), .integer(row.key), .integer(row.timestamp), .integer(row.steps), .integer(row.quality),
-                    ])
+                    let placed = placement(timestamp: row.timestamp, quality: row.quality, boot: row.boot, bootKeys: bootKeys)
+                    var timestamp = placed.timestamp
+                    var attempts = 0
+                    while true {
+                        try insertReading.run([
+                            .integer(lastSequence + 1), .integer(row.key), .integer(timestamp), .integer(row.steps), .integer(placed.quality),
+                            placed.boot, placed.boottime,
+                        ])
+                        // A boot-stamped reading is a distinct measurement: on a taken timestamp, the next free millisecond.
+                        guard connection.changes == 0, placed.distinct, attempts <= pendingCount + outcome.stored else { break }
+                        attempts += 1
+                        timestamp &+= 1000
+                    }
                     if connection.changes == 1 {
                         lastSequence += 1
                         outcome.stored += 1
+                        if attempts > 0 { outcome.clockShifted += 1 }
+                        if placed.holdable { clock.mayHold = true }
                     } else {
                         outcome.duplicates += 1
                     }
@@ -414,6 +432,11 @@ final class BufferStore {
                 metadata: [
                     "buffer.dropped": "\(outcome.dropped)", "buffer.policy": "\(policy.rawValue)", "buffer.quota_bytes": "\(quotaBytes)",
                 ])
+        }
+        if outcome.clockShifted > 0 {
+            logger.notice(
+                "Readings taken before the clock was set found their time taken by another reading; each moved to the next free millisecond",
+                metadata: ["buffer.shifted": "\(outcome.clockShifted)"])
         }
         outcome.lastSequence = lastSequence
         writeSidecar()
@@ -454,14 +477,22 @@ final class BufferStore {
 
     func pending(limit: Int, from end: BacklogEnd) throws -> [Reading] {
         guard limit > 0 else { return [] }
-        let statement = end == .oldest ? selectOldest : selectNewest
-        try statement.bind([.integer(Int64(limit))])
+        let statement: SQLiteStatement
+        if let hold = holdFilter {
+            statement = try unheldSelect(end)
+            try statement.bind([.integer(Int64(limit))] + hold.bindings)
+        } else {
+            statement = end == .oldest ? selectOldest : selectNewest
+            try statement.bind([.integer(Int64(limit))])
+        }
         defer { statement.reset() }
         var readings: [Reading] = []
         readings.reserveCapacity(min(limit, pendingCount))
         var orphans: [Int64] = []
+        var stamped: [Int64] = []
         while try statement.step() {
             let sequence = statement.int64(0)
+            if statement.int64(5) != 0 { stamped.append(sequence) }
             guard sequence > 0, let entry = sensorsByKey[statement.int64(1)] else {
                 orphans.append(sequence)
                 continue
@@ -473,6 +504,7 @@ final class BufferStore {
                     quality: QualityFlags(rawValue: UInt16(truncatingIfNeeded: statement.int64(4)))))
         }
         statement.reset()
+        try freeze(stamped)
         if !orphans.isEmpty {
             // Impossible through this API (a sensor row stays while readings refer to it); a hand-edited file could do it.
             // Never let such rows block the queue.
@@ -614,15 +646,18 @@ final class BufferStore {
 
     func statistics(uncommitted: Int, droppedInMemory: Int64, quotaBytes: Int64) throws -> BufferStatistics {
         var oldest: Timestamp?
-        if pendingCount > 0 {  // the uploader polls this while idle: no query when nothing is pending
+        let held = try heldCount()
+        if held > 0, let hold = holdFilter {
+            oldest = pendingCount > held ? try oldestUnheldTimestamp(hold) : nil
+        } else if pendingCount > 0 {  // the uploader polls this while idle: no query when nothing is pending
             try selectOldestTimestamp.bind([])
             defer { selectOldestTimestamp.reset() }
             oldest = try selectOldestTimestamp.step() ? Timestamp(microseconds: selectOldestTimestamp.int64(0)) : nil
         }
         return BufferStatistics(
-            pending: pendingCount, oldestPending: oldest, uncommitted: uncommitted, quarantined: quarantinedCount,
+            pending: pendingCount - held, oldestPending: oldest, uncommitted: uncommitted, quarantined: quarantinedCount,
             dropped: dropped + droppedInMemory, duplicatesIgnored: duplicatesIgnored, lastSequence: UInt64(max(0, lastSequence)),
-            usedBytes: try usedBytes(), quotaBytes: quotaBytes)
+            usedBytes: try usedBytes(), quotaBytes: quotaBytes, held: held)
     }
 
     func limitPageCount(_ pages: Int64) throws {

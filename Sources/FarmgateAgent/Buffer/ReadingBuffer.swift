@@ -37,6 +37,11 @@ import Synchronization
 /// sidecar + ``recoverySequenceGap`` + 1: the gap covers commits the sidecar may not have recorded. A brand-new site (no file, no
 /// sidecar) starts at 1. An existing file continues from max(its counter, its highest row, the sidecar).
 ///
+/// ## Readings taken before the clock is set
+/// A sample stamped while the kernel said the clock was not synchronised carries a ``BootStamp`` (boot id and CLOCK_BOOTTIME),
+/// stored in two columns that are NULL for every other reading. ``observeClock(_:)`` holds such readings of the current boot
+/// back from ``pending(limit:from:)`` for a while, and repairs their time once the clock is synchronised in the same boot.
+///
 /// Every SQLite call runs on the buffer's own thread, never on the Swift concurrency pool.
 public final class ReadingBuffer: PendingReadings, Service {
     /// The most samples kept in memory while commits fail; past it ``BufferConfiguration/whenFull`` decides what is dropped.
@@ -249,6 +254,27 @@ public final class ReadingBuffer: PendingReadings, Service {
         return try await withStore { store in
             try store.statistics(uncommitted: uncommitted, droppedInMemory: droppedInMemory, quotaBytes: quota)
         }
+    }
+
+    // MARK: Clock
+
+    /// Tells the buffer what the clock says now (the ``ClockMonitor`` calls this about once a second, and once before the
+    /// uploader starts).
+    ///
+    /// - While the clock is not synchronised, readings of this boot taken less than `hold` ago (by CLOCK_BOOTTIME) are held:
+    ///   ``pending(limit:from:)`` skips them and ``BufferStatistics/held`` counts them. Older ones go up flagged
+    ///   `clock_unsynchronized`, as do readings of earlier boots (their time can no longer be repaired). A reading of this
+    ///   boot stamped before 2000 (a box that booted at 1970) is held as long as the boot lasts: the ingest would refuse it
+    ///   for good, only a correction can save it. With `hold` zero nothing is held.
+    /// - The first time it is synchronised in this boot, every reading of this boot still in the buffer and not yet handed to
+    ///   the uploader (a reading's content never changes once ``pending(limit:from:)`` returned it) gets its true time
+    ///   (`boottime + realtime − boottime at synchronisation`) and `clock_corrected` instead of `clock_unsynchronized`, in one
+    ///   transaction; readings of this boot committed later (taken just before) are corrected as they are stored.
+    ///
+    /// - Returns: what was corrected, when this observation found the clock newly synchronised; nil otherwise.
+    @discardableResult
+    public func observeClock(_ observation: ClockObservation) async throws -> ClockCorrection? {
+        try await withStore { store in try store.observeClock(observation) }
     }
 
     /// Limits the file to `pages` pages (`PRAGMA max_page_count`), so that tests can provoke a real `SQLITE_FULL`.

@@ -21,6 +21,10 @@ public struct AgentConfiguration: Sendable {
     /// `[clock] check`: whether readings are flagged `clock_unsynchronized` while the kernel says the clock is not
     /// synchronised (adjtimex). Default true.
     public var checkClock: Bool
+    /// `[clock] hold_unsynchronized`: how long a reading taken while the clock is not synchronised is held back in the
+    /// buffer, waiting for the clock to be set so that it goes up with its true time (`clock_corrected`) rather than a wrong
+    /// one. After that it goes up flagged `clock_unsynchronized`. Default 15 min; `"0s"` sends such readings at once.
+    public var holdUnsynchronized: Duration = .seconds(900)
     /// `[[sensor]]`: one table per sensor.
     public var sensors: [SensorConfiguration]
 
@@ -106,9 +110,11 @@ extension AgentConfiguration {
         }
 
         var checkClock = true
+        var holdUnsynchronized = Duration.seconds(900)
         if let table = try root.table("clock") {
-            try table.checkKeys(["check"])
+            try table.checkKeys(["check", "hold_unsynchronized"])
             if let check = try table.bool("check") { checkClock = check }
+            if let hold = try table.duration("hold_unsynchronized", in: .zero...(.seconds(7 * 86_400))) { holdUnsynchronized = hold }
         }
 
         var sensors: [SensorConfiguration] = []
@@ -131,7 +137,7 @@ extension AgentConfiguration {
 
         return AgentConfiguration(
             file: root.file, device: device, buffer: buffer, upload: upload, controlSocket: controlSocket, logLevel: logLevel,
-            checkClock: checkClock, sensors: sensors)
+            checkClock: checkClock, holdUnsynchronized: holdUnsynchronized, sensors: sensors)
     }
 
     static func parseUpload(_ table: ConfigTable, base: String) throws(ConfigurationError) -> UploadConfiguration {

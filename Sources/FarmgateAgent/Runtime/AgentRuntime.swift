@@ -7,8 +7,8 @@ import UnixSignals
 
 /// Assembles the daemon from its configuration and runs it until SIGTERM or SIGINT.
 ///
-/// The services run in one `ServiceGroup` and shut down in reverse order of this list (buffer, uploader, sampler,
-/// control socket): the control socket closes first, the sampler stops reading, the uploader finishes its request in
+/// The services run in one `ServiceGroup` and shut down in reverse order of this list (buffer, clock monitor, uploader,
+/// sampler, control socket): the control socket closes first, the sampler stops reading, the uploader finishes its request in
 /// flight and sends what is pending (bounded by `shutdown_flush_timeout`), and the buffer commits what it still holds
 /// last, so a graceful stop loses nothing and normally leaves nothing behind.
 public enum AgentRuntime {
@@ -26,7 +26,20 @@ public enum AgentRuntime {
             sensors.append(Sampler.Sensor(configuration: sensor, driver: try description.make(sensor, logger)))
         }
         let board = SensorStatusBoard(sensors: configuration.sensors)
-        let clock = WallClock(checkSynchronization: configuration.checkClock)
+        // The kernel's clocks (reads the boot id, and the test hook's file when FARMGATE_TEST_CLOCK_FILE names one).
+        let checkClock = configuration.checkClock
+        let hookPath = ProcessInfo.processInfo.environment[SystemClockSource.testHookVariable]
+        let source = try await runOffPool {
+            SystemClockSource(checkSynchronization: checkClock, testHookPath: hookPath, logger: logger)
+        }
+        let clock = WallClock(checkSynchronization: checkClock, source: source)
+        var monitor: ClockMonitor?
+        if checkClock {
+            let clockMonitor = ClockMonitor(source: source, observer: buffer, hold: configuration.holdUnsynchronized, logger: logger)
+            // Before the uploader starts: readings of this boot still waiting in the buffer stay held or get corrected first.
+            await clockMonitor.poll()
+            monitor = clockMonitor
+        }
         let sampler = Sampler(sensors: sensors, sink: buffer, board: board, clock: clock, logger: logger)
 
         var uploader: Uploader?
@@ -38,6 +51,7 @@ public enum AgentRuntime {
         let device = configuration.device.rawValue
         let endpoint = configuration.upload?.endpoint
         let uploaderForStatus = uploader
+        let monitorForStatus = monitor
         let control = ControlServer(path: configuration.controlSocket, logger: logger) { request in
             let answer: ControlAnswer
             switch request.command {
@@ -46,6 +60,7 @@ public enum AgentRuntime {
                     let status = AgentStatus(
                         device: device, version: FarmgateVersion.current, pid: ProcessInfo.processInfo.processIdentifier,
                         startedAt: startedAt, now: Timestamp.now(), clockSynchronized: clock.isSynchronized(),
+                        clock: monitorForStatus?.status(),
                         buffer: try await buffer.statistics(), upload: uploaderForStatus?.status(), uploadEndpoint: endpoint,
                         sensors: board.snapshot(), recentQuarantine: try await buffer.quarantined(limit: 10))
                     answer = ControlAnswer(ok: true, status: status)
@@ -63,6 +78,7 @@ public enum AgentRuntime {
         // Shut down in reverse: control socket, sampler (no new readings), uploader (finishes its request and sends what
         // is pending), buffer (commits anything left).
         var services: [any Service] = [buffer]
+        if let monitor { services.append(monitor) }
         if let uploader { services.append(uploader) }
         services.append(sampler)
         services.append(control)

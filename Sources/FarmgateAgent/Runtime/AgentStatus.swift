@@ -9,6 +9,8 @@ public struct AgentStatus: Codable, Sendable {
     public var startedAt: Timestamp
     public var now: Timestamp
     public var clockSynchronized: Bool
+    /// The clock monitor's view (nil with `[clock] check = false`).
+    public var clock: ClockStatus? = nil
     public var buffer: BufferStatistics
     /// nil when the configuration has no `[upload]` section.
     public var upload: UploadStatus?
@@ -36,10 +38,11 @@ extension AgentStatus {
     public func humanReadable() -> String {
         var lines: [String] = []
         let uptime = Self.age(from: startedAt, to: now)
-        lines.append(
-            "Farmgate agent \(device) (version \(version), pid \(pid)), up \(uptime), clock \(clockSynchronized ? "synchronised" : "NOT synchronised: readings are flagged clock_unsynchronized")")
+        lines.append("Farmgate agent \(device) (version \(version), pid \(pid)), up \(uptime)")
+        lines.append(clockLine())
         var bufferLine = "Buffer    \(buffer.pending) pending"
         if let oldest = buffer.oldestPending { bufferLine += ", oldest \(Self.age(from: oldest, to: now)) old" }
+        if buffer.held > 0 { bufferLine += "; \(buffer.held) held (clock not set)" }
         bufferLine += "; \(buffer.uncommitted) uncommitted; \(buffer.quarantined) quarantined; \(buffer.dropped) dropped (full); \(buffer.duplicatesIgnored) duplicates ignored"
         lines.append(bufferLine)
         lines.append(
@@ -89,12 +92,42 @@ extension AgentStatus {
         return lines.joined(separator: "\n")
     }
 
+    /// `Clock     synchronised; ...` or `Clock     NOT synchronised ...`, with what happens to the readings.
+    func clockLine() -> String {
+        guard let clock else {
+            return "Clock     \(clockSynchronized ? "synchronised" : "NOT synchronised: readings are flagged clock_unsynchronized")"
+        }
+        var line = "Clock     "
+        let hold = Self.age(seconds: Int64(clock.holdSeconds))
+        if clock.synchronized {
+            line += "synchronised"
+        } else {
+            line += "NOT synchronised for \(Self.age(seconds: Int64(clock.stateSeconds)))"
+            line += clock.holdSeconds > 0
+                ? ": \(buffer.held) readings held (up to \(hold), then sent flagged clock_unsynchronized); corrected when NTP sets the clock"
+                : ": readings are sent flagged clock_unsynchronized (hold_unsynchronized = 0); the rest are corrected when NTP sets the clock"
+        }
+        if let correction = clock.lastCorrection {
+            line += "; corrected \(correction.corrected) readings taken before it was set (at \(correction.at)"
+            if let step = correction.stepSeconds {
+                line += ", clock set \(step < 0 ? "back" : "forward") by \(Self.age(seconds: Int64(abs(step).rounded())))"
+            }
+            line += ")"
+            if correction.shifted > 0 { line += ", \(correction.shifted) moved by a millisecond or more (time taken)" }
+        }
+        return line
+    }
+
     private func pad(_ text: String, _ width: Int) -> String {
         text.count >= width ? text : text + String(repeating: " ", count: width - text.count)
     }
 
     static func age(from start: Timestamp, to end: Timestamp) -> String {
-        let seconds = max(0, (end.microseconds - start.microseconds) / 1_000_000)
+        age(seconds: (end.microseconds - start.microseconds) / 1_000_000)
+    }
+
+    static func age(seconds: Int64) -> String {
+        let seconds = max(0, seconds)
         if seconds < 60 { return "\(seconds)s" }
         if seconds < 3600 { return "\(seconds / 60)m \(seconds % 60)s" }
         if seconds < 86_400 { return "\(seconds / 3600)h \(seconds / 60 % 60)m" }

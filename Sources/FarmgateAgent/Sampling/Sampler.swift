@@ -78,7 +78,8 @@ public final class Sampler: Service {
         let configuration = sensor.configuration
         let timeout = max(configuration.interval, .seconds(5))
         let outcome = await Self.read(sensor.driver, timeout: timeout)
-        let now = clock.now()
+        let stamp = clock.stamp()
+        let now = stamp.timestamp
         switch outcome {
         case .failure(let error):
             board.recordFailure(configuration.id, error: error, at: now)
@@ -87,14 +88,15 @@ public final class Sampler: Service {
                 metadata: ["sensor": "\(configuration.id)", "error": "\(error)", "driver": "\(configuration.driver)"])
         case .success(let reading):
             var quality = reading.quality
-            if !clock.isSynchronized() { quality.insert(.clockUnsynchronized) }
+            // Unsynchronised: flagged, and the boot stamp lets the buffer repair the time once the clock is set.
+            if !stamp.synchronized { quality.insert(.clockUnsynchronized) }
             if let expected = configuration.expectedRange, !expected.contains(reading.value) { quality.insert(.outOfRange) }
             let decision = gate.admit(reading.value, at: now)
             board.recordSuccess(configuration.id, value: reading.value, at: now, stored: decision != .suppress)
             guard decision != .suppress else { return }
             if decision == .heartbeat { quality.insert(.heartbeat) }
             do {
-                try await sink.append([Sample(sensor: configuration.id, timestamp: now, value: reading.value, quality: quality)])
+                try await sink.append([Sample(sensor: configuration.id, timestamp: now, value: reading.value, quality: quality, boot: stamp.boot)])
             } catch {
                 logger.error("Buffer refused a sample", metadata: ["sensor": "\(configuration.id)", "error": "\(error)"])
             }
