@@ -78,15 +78,28 @@ struct ConnectionLimitTests {
         server.maxConnections = 5
         try await app(fixture, server: server).test(.live) { client in
             let port = try #require(client.port)
-            // The test client holds one keep-alive connection; make sure it is open before counting.
+            // Open connections one at a time, each confirmed by an answered request (connections are set up on several
+            // event loops, so only confirmed ones are counted in order). The test client may hold one more.
             #expect(try await client.execute(uri: "/healthz", method: .get).status == .ok)
-            var held = try await runOffPool(name: "raw-http") { try (0..<4).map { _ in try RawConnection(port: port) } }
-            let refused = try #require(try await exchange(port: port, Array("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".utf8)))
-            #expect(refused.status == 503)
-            #expect(refused.head.lowercased().contains("retry-after: 5"))
-            #expect(try errorCode(refused.body) == "unavailable")
+            var (held, refused) = try await runOffPool(name: "raw-http") { () throws -> ([RawConnection], (status: Int, head: String, body: [UInt8])?) in
+                var held: [RawConnection] = []
+                for _ in 0..<6 {
+                    let connection = try RawConnection(port: port)
+                    connection.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                    guard let answer = connection.readResponse(timeout: .seconds(10)) else { return (held, nil) }
+                    if answer.status != 200 { return (held, answer) }
+                    held.append(connection)
+                }
+                return (held, nil)
+            }
+            let answer = try #require(refused, "6 connections beyond the test client's were all served with max_connections = 5")
+            #expect((4...5).contains(held.count), "the first refusal came after \(held.count) served connections")
+            #expect(answer.status == 503)
+            #expect(answer.head.lowercased().contains("retry-after: 5"))
+            #expect(try errorCode(answer.body) == "unavailable")
             // Close one held connection: the next one is served.
             held.removeLast()
+            refused = nil
             let served = await eventually(timeout: .seconds(10), every: .milliseconds(100)) {
                 (try? await exchange(port: port, Array("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".utf8)))??.status == 200
             }
