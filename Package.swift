@@ -158,6 +158,8 @@ let package = Package(
             name: "FarmgateIngestTests",
             dependencies: [
                 "FarmgateIngest",
+                "FarmgateSupport",
+                "FarmgateTestSupport",
                 .product(name: "HummingbirdTesting", package: "hummingbird"),
             ],
             swiftSettings: swiftSettings

@@ -12,6 +12,7 @@ struct FarmgateBench: AsyncParsableCommand {
             BufferBench.self,
             DrainBench.self,
             IngestBench.self,
+            FloodBench.self,
             AllBenchmarks.self,
         ]
     )

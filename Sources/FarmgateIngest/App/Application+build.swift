@@ -1,5 +1,6 @@
 public import FarmgateWire
 public import Hummingbird
+import HummingbirdCore
 public import Logging
 public import Prometheus
 
@@ -20,6 +21,10 @@ public import Prometheus
 ///   - now: the wall clock used to judge timestamps (tests pass a fixed one).
 ///   - credentialCacheTTL: how long a verified credential is trusted before the store is asked again; a revocation
 ///     takes effect within this time. Default 2 seconds.
+///
+/// The server enforces `[server]`'s connection limits (``LimitedHTTP1Channel``). To keep `max_connections` below what
+/// the process can hold, this raises the process's soft `RLIMIT_NOFILE` towards its hard limit and, if that is still too
+/// low, lowers the cap and logs a warning saying how to raise the limit.
 public func buildApplication(
     configuration: IngestConfiguration,
     store: any IngestStore,
@@ -28,13 +33,29 @@ public func buildApplication(
     now: @escaping @Sendable () -> Timestamp = { Timestamp.now() },
     credentialCacheTTL: Duration = .seconds(2)
 ) -> some ApplicationProtocol {
+    let metrics = IngestMetrics(registry: registry)
     let router = buildRouter(
-        configuration: configuration, store: store, metrics: IngestMetrics(registry: registry), logger: logger, now: now,
-        credentialCacheTTL: credentialCacheTTL)
+        configuration: configuration, store: store, metrics: metrics, logger: logger, now: now, credentialCacheTTL: credentialCacheTTL)
+    var limits = ConnectionLimits(server: configuration.server)
+    if let fitting = FileDescriptorLimit.fit(connections: limits.maxConnections), fitting < limits.maxConnections {
+        logger.warning(
+            "the open-file limit is too low for [server] max_connections; serving fewer connections",
+            metadata: [
+                "server.max_connections": "\(limits.maxConnections)", "server.effective_max_connections": "\(fitting)",
+                "hint": "raise LimitNOFILE in the systemd unit (or ulimit -n) above max_connections + \(ConnectionLimits.refusalHeadroom + FileDescriptorLimit.reserved)",
+            ])
+        limits.maxConnections = fitting
+    }
+    let connectionLimits = limits
+    let connections = ConnectionCounter()
     return Application(
         router: router,
+        server: HTTPServerBuilder { responder in
+            LimitedHTTP1Channel(responder: responder, limits: connectionLimits, connections: connections, metrics: metrics)
+        },
         configuration: ApplicationConfiguration(
-            address: .hostname(configuration.server.host, port: configuration.server.port), serverName: "farmgate-ingest"),
+            address: .hostname(configuration.server.host, port: configuration.server.port), serverName: "farmgate-ingest",
+            availableConnectionsDelegate: MaximumAvailableConnections(connectionLimits.maxConnections + ConnectionLimits.refusalHeadroom, logger: logger)),
         logger: logger)
 }
 
@@ -51,14 +72,21 @@ func buildRouter(
     router.add(middleware: RequestMetricsMiddleware(metrics: metrics))
     router.add(middleware: APIErrorMiddleware())
 
-    let authenticator = Authenticator(store: store, cacheTTL: credentialCacheTTL)
+    let limits = configuration.limits
+    let authenticator = Authenticator(store: store, cacheTTL: credentialCacheTTL, negativeCacheTTL: limits.unknownKeyCacheTTL)
+    let gate = AuthenticationGate(
+        authenticator: authenticator,
+        failures: FailedAuthenticationLimiter(rate: limits.authFailuresPerSecond, burst: limits.authFailureBurst), logger: logger)
     BatchController(
-        store: store, authenticator: authenticator,
-        rateLimiter: RateLimiter(rate: configuration.limits.requestsPerSecond, burst: configuration.limits.burst),
+        store: store, gate: gate,
+        rateLimiter: RateLimiter(rate: limits.requestsPerSecond, burst: limits.burst, policy: "device"),
         validator: ReadingValidator(futureTolerance: configuration.limits.futureTolerance), limits: configuration.limits,
         metrics: metrics, now: now, logger: logger
     ).addRoutes(to: router)
-    ReadController(store: store, authenticator: authenticator, logger: logger).addRoutes(to: router)
+    ReadController(
+        store: store, gate: gate, rateLimiter: KeyedRateLimiter(rate: limits.readRequestsPerSecond, burst: limits.readBurst, policy: "read"),
+        logger: logger
+    ).addRoutes(to: router)
 
     router.get("/healthz") { _, _ in
         jsonResponse(["status": "ok"])

@@ -8,7 +8,7 @@ import NIOCore
 /// in one durable transaction and answers with an ``IngestReceipt``.
 struct BatchController: Sendable {
     let store: any IngestStore
-    let authenticator: Authenticator
+    let gate: AuthenticationGate
     let rateLimiter: RateLimiter
     let validator: ReadingValidator
     let limits: IngestConfiguration.Limits
@@ -27,7 +27,7 @@ struct BatchController: Sendable {
 
     func post(_ request: Request, context: IngestRequestContext) async throws -> Response {
         do {
-            let (receipt, device) = try await ingest(request)
+            let (receipt, device) = try await ingest(request, client: context.clientAddress)
             metrics.batch(.stored)
             metrics.readings(accepted: receipt.accepted, duplicates: receipt.duplicates, rejected: receipt.rejectedCount)
             logger.debug(
@@ -55,34 +55,21 @@ struct BatchController: Sendable {
         }
     }
 
-    private func ingest(_ request: Request) async throws(APIError) -> (IngestReceipt, DeviceIdentity) {
-        // 1. Who is it?
-        let key = try bearerKey(request, expected: .device)
-        let result: Authenticator.DeviceResult
-        do {
-            result = try await authenticator.authenticateDevice(key)
-        } catch {
-            logger.warning("store failed during authentication", metadata: ["error": "\(error)"])
-            throw APIError.unavailable()
-        }
-        let device: DeviceIdentity
-        switch result {
-        case .authenticated(let identity): device = identity
-        case .invalid: throw APIError.unauthorized("the device key is not valid; check the key in the agent configuration or create a new one with `farmgate-ingest device create`")
-        case .revoked: throw APIError.revoked("device key")
-        }
+    private func ingest(_ request: Request, client: ClientAddress) async throws(APIError) -> (IngestReceipt, DeviceIdentity) {
+        // 1. Who is it? (An address over its limit of failed authentications is refused here, before the store.)
+        let device = try await gate.device(request, client: client)
 
         // 2. What is it?
         let format = try Self.format(of: request)
         let encoding = try Self.encoding(of: request)
 
         // 3. May it?
-        if case .limited(let retryAfter) = rateLimiter.take(device: device.rowID) {
-            let seconds = max(1, Int((retryAfter / .seconds(1)).rounded(.up)))
+        let limit = rateLimiter.acquire(device.rowID)
+        if limit.isLimited {
             throw APIError(
                 .tooManyRequests, code: "rate_limited",
-                message: "this device posts more than \(rateLimiter.rate) batches per second (burst \(rateLimiter.burst)); retry after \(seconds) s and send larger batches less often",
-                headers: [.retryAfter: String(seconds)])
+                message: "this device posts more than \(rateLimiter.rate) batches per second (burst \(rateLimiter.burst)); retry after \(limit.retryAfterSeconds) s and send larger batches less often",
+                headers: limit.headers)
         }
 
         // 4. Bounded body.

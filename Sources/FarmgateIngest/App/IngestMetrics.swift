@@ -17,6 +17,15 @@ public final class IngestMetrics: Sendable {
         case unavailable
     }
 
+    /// Why a connection was answered and closed before the application saw a request
+    /// (`farmgate_ingest_connections_refused_total{reason=...}`).
+    public enum ConnectionRefusal: String, Sendable, CaseIterable {
+        /// Past `[server] max_connections`: 503.
+        case tooManyConnections = "too_many_connections"
+        /// A request head the HTTP parser refused: 400 or 431.
+        case malformed
+    }
+
     /// The registry `/metrics` renders.
     public let registry: PrometheusCollectorRegistry
     private let batches: [BatchResult: Counter]
@@ -24,6 +33,8 @@ public final class IngestMetrics: Sendable {
     private let duplicates: Counter
     private let rejected: Counter
     private let durations = Mutex<[String: DurationHistogram]>([:])
+    private let refusals: [ConnectionRefusal: Counter]
+    private let timeouts: [String: Counter]
 
     static let durationBuckets: [Duration] = [
         .milliseconds(1), .milliseconds(2), .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50),
@@ -46,6 +57,30 @@ public final class IngestMetrics: Sendable {
         accepted = registry.makeCounter(descriptor: readingsName, labels: [("outcome", "accepted")])
         duplicates = registry.makeCounter(descriptor: readingsName, labels: [("outcome", "duplicate")])
         rejected = registry.makeCounter(descriptor: readingsName, labels: [("outcome", "rejected")])
+        let refusalsName = MetricNameDescriptor(
+            namespace: "farmgate_ingest", metricName: "connections_refused", unitName: "total",
+            helpText: "Connections answered and closed before a request reached the application, by reason.")
+        var refusals: [ConnectionRefusal: Counter] = [:]
+        for reason in ConnectionRefusal.allCases {
+            refusals[reason] = registry.makeCounter(descriptor: refusalsName, labels: [("reason", reason.rawValue)])
+        }
+        self.refusals = refusals
+        let timeoutsName = MetricNameDescriptor(
+            namespace: "farmgate_ingest", metricName: "connection_timeouts", unitName: "total",
+            helpText: "Connections closed by a timeout, by phase (idle, header, body).")
+        var timeouts: [String: Counter] = [:]
+        for phase in ["idle", "header", "body"] {
+            timeouts[phase] = registry.makeCounter(descriptor: timeoutsName, labels: [("phase", phase)])
+        }
+        self.timeouts = timeouts
+    }
+
+    func connectionRefused(_ reason: ConnectionRefusal) {
+        refusals[reason]?.increment()
+    }
+
+    func connectionTimedOut(_ phase: ConnectionTimeoutHandler.Phase) {
+        timeouts[phase.rawValue]?.increment()
     }
 
     func batch(_ result: BatchResult) {

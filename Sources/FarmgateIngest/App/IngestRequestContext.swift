@@ -7,9 +7,12 @@ public struct IngestRequestContext: RequestContext {
     public var coreContext: CoreRequestContextStorage
     /// The farm a verified read token gives access to (set by ``ReaderAuthMiddleware``).
     public var readerFarm: FarmRecord?
+    /// The TCP peer that per-address limits count against.
+    public var clientAddress: ClientAddress
 
     public init(source: ApplicationRequestContextSource) {
         self.coreContext = .init(source: source)
+        self.clientAddress = ClientAddress(source.channel.remoteAddress)
     }
 }
 
@@ -49,32 +52,34 @@ struct RequestMetricsMiddleware<Context: RequestContext>: RouterMiddleware {
     }
 }
 
-/// Requires a read token (`Authorization: Bearer fgr_...`) for the farm named in the path.
+/// Requires a read token (`Authorization: Bearer fgr_...`) for the farm named in the path, and limits each token's rate.
+///
+/// Every answer past authentication carries the read policy's rate-limit headers (see ``RateLimitStatus``); over the
+/// limit the answer is 429 `rate_limited` with `Retry-After`, before the store is asked anything.
 struct ReaderAuthMiddleware: RouterMiddleware {
     typealias Context = IngestRequestContext
-    let authenticator: Authenticator
-    let logger: Logger
+    let gate: AuthenticationGate
+    /// Per read token (its key id).
+    let rateLimiter: KeyedRateLimiter<String>
 
     func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
-        let key = try bearerKey(request, expected: .readToken)
-        let result: Authenticator.ReaderResult
-        do {
-            result = try await authenticator.authenticateReader(key)
-        } catch {
-            logger.warning("store failed during authentication", metadata: ["error": "\(error)"])
-            throw APIError.unavailable()
+        let (farm, keyID) = try await gate.reader(request, client: context.clientAddress)
+        guard let wanted = context.parameters.get("farm"), wanted == farm.name else {
+            throw APIError(.forbidden, code: "forbidden", message: "this read token belongs to another farm; use a token of the farm in the path")
         }
-        switch result {
-        case .invalid: throw APIError.unauthorized("the read token is not valid; create one with `farmgate-ingest token create --farm NAME --role viewer`")
-        case .revoked: throw APIError.revoked("read token")
-        case .authenticated(let farm, _):
-            guard let wanted = context.parameters.get("farm"), wanted == farm.name else {
-                throw APIError(.forbidden, code: "forbidden", message: "this read token belongs to another farm; use a token of the farm in the path")
-            }
-            var context = context
-            context.readerFarm = farm
-            return try await next(request, context)
+        let status = rateLimiter.acquire(keyID)
+        if status.isLimited {
+            throw APIError(
+                .tooManyRequests, code: "rate_limited",
+                message:
+                    "this read token makes more than \(rateLimiter.rate) requests per second (burst \(rateLimiter.burst)); retry after \(status.retryAfterSeconds) s, and poll less often or ask for more per request",
+                headers: status.headers)
         }
+        var context = context
+        context.readerFarm = farm
+        var response = try await next(request, context)
+        status.add(to: &response.headers)
+        return response
     }
 }
 

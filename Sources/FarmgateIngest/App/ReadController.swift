@@ -7,7 +7,9 @@ import Logging
 /// - `GET /v1/farms/{farm}/devices/{device}/sensors/{sensor}/readings?from=&to=&limit=`: one sensor's readings in time order.
 struct ReadController: Sendable {
     let store: any IngestStore
-    let authenticator: Authenticator
+    let gate: AuthenticationGate
+    /// Per read token; see ``ReaderAuthMiddleware``.
+    let rateLimiter: KeyedRateLimiter<String>
     let logger: Logger
 
     /// The most readings one request returns.
@@ -51,7 +53,7 @@ struct ReadController: Sendable {
     }
 
     func addRoutes(to router: Router<IngestRequestContext>) {
-        let farms = router.group("/v1/farms/{farm}").add(middleware: ReaderAuthMiddleware(authenticator: authenticator, logger: logger))
+        let farms = router.group("/v1/farms/{farm}").add(middleware: ReaderAuthMiddleware(gate: gate, rateLimiter: rateLimiter))
         farms.get("latest") { request, context in try await self.latest(request, context: context) }
         farms.get("devices/{device}/sensors/{sensor}/readings") { request, context in try await self.readings(request, context: context) }
     }

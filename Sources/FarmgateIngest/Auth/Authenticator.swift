@@ -3,7 +3,12 @@ import Synchronization
 /// Checks bearer keys against the store, caching found credentials for a short time.
 ///
 /// A cached credential is trusted for at most ``cacheTTL``, so a revocation takes effect within that time.
-/// Unknown key ids are never cached, so a new device works at once.
+///
+/// Unknown key ids are remembered too, for ``negativeCacheTTL`` (off by default, 2 s in `serve`): a client repeating a
+/// wrong key is answered from memory instead of the store's single reader thread, and a device created after a failed
+/// attempt works within that time. That cache holds at most `maxEntries` ids: a flood of random ids replaces its
+/// expired entries and, when all are fresh, starts it afresh, so memory stays bounded (the per-address limit on failed
+/// authentications, ``FailedAuthenticationLimiter``, is what keeps such a flood away from the store).
 public final class Authenticator: Sendable {
     /// The result of checking a device key.
     public enum DeviceResult: Sendable, Hashable {
@@ -29,20 +34,26 @@ public final class Authenticator: Sendable {
     private struct Cache {
         var devices: [String: Entry<DeviceCredential>] = [:]
         var readers: [String: Entry<ReadTokenCredential>] = [:]
+        /// Unknown key ids (prefixed by their kind) and when each stops being trusted as unknown.
+        var unknown: [String: ContinuousClock.Instant] = [:]
     }
 
     private let store: any IngestStore
     /// How long a credential read from the store is trusted.
     public let cacheTTL: Duration
+    /// How long a key id the store did not know is answered as unknown without asking again.
+    public let negativeCacheTTL: Duration
     private let maxEntries: Int
     private let cache = Mutex(Cache())
 
     /// - Parameters:
     ///   - cacheTTL: how long a credential read from the store is trusted; `.zero` disables the cache. Default 2 seconds.
-    ///   - maxEntries: how many credentials of each kind are cached at most.
-    public init(store: any IngestStore, cacheTTL: Duration = .seconds(2), maxEntries: Int = 10_000) {
+    ///   - negativeCacheTTL: how long an unknown key id is remembered as unknown; `.zero` (the default) disables it.
+    ///   - maxEntries: how many credentials of each kind, and how many unknown ids, are cached at most.
+    public init(store: any IngestStore, cacheTTL: Duration = .seconds(2), negativeCacheTTL: Duration = .zero, maxEntries: Int = 10_000) {
         self.store = store
         self.cacheTTL = cacheTTL
+        self.negativeCacheTTL = negativeCacheTTL
         self.maxEntries = maxEntries
     }
 
@@ -74,18 +85,37 @@ public final class Authenticator: Sendable {
         fetch: () async throws -> Credential?
     ) async throws -> Credential? {
         let now = ContinuousClock.now
-        if let fresh = cache.withLock({ cache in cache[keyPath: table][key.keyID].flatMap { $0.expires > now ? $0.credential : nil } }) {
-            return fresh
+        let unknownKey = key.kind.rawValue + key.keyID
+        let (fresh, knownUnknown) = cache.withLock { cache in
+            (
+                cache[keyPath: table][key.keyID].flatMap { $0.expires > now ? $0.credential : nil },
+                cache.unknown[unknownKey].map { $0 > now } ?? false
+            )
         }
-        guard let found = try await fetch() else { return nil }
+        if let fresh { return fresh }
+        if knownUnknown { return nil }
+        let limit = maxEntries
+        guard let found = try await fetch() else {
+            guard negativeCacheTTL > .zero else { return nil }
+            let expires = now + negativeCacheTTL
+            cache.withLock { cache in
+                if cache.unknown.count >= limit { cache.unknown = cache.unknown.filter { $0.value > now } }
+                if cache.unknown.count >= limit { cache.unknown.removeAll(keepingCapacity: true) }
+                cache.unknown[unknownKey] = expires
+            }
+            return nil
+        }
         guard cacheTTL > .zero else { return found }
         let entry = Entry(credential: found, expires: now + cacheTTL)
-        let limit = maxEntries
         cache.withLock { cache in
+            cache.unknown[unknownKey] = nil
             if cache[keyPath: table].count >= limit { cache[keyPath: table] = cache[keyPath: table].filter { $0.value.expires > now } }
             if cache[keyPath: table].count >= limit { cache[keyPath: table].removeAll() }
             cache[keyPath: table][key.keyID] = entry
         }
         return found
     }
+
+    /// How many unknown key ids are remembered (tests check the bound).
+    var unknownCount: Int { cache.withLock { $0.unknown.count } }
 }

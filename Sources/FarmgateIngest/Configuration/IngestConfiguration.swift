@@ -12,6 +12,10 @@ public import Logging
 /// [server]
 /// host = "127.0.0.1"          # default "127.0.0.1"
 /// port = 8080                 # default 8080
+/// idle_timeout = "75s"        # default 75 s: a keep-alive connection with no request for this long is closed
+/// header_timeout = "60s"      # default 60 s: a request head (line and headers) must arrive within this; else 408
+/// body_timeout = "60s"        # default 60 s: a request body must arrive within this after its head; else 408
+/// max_connections = 4096      # default 4096: past it, a new connection is answered 503 with Retry-After and closed
 ///
 /// [storage]
 /// path = "/var/lib/farmgate-ingest/ingest.sqlite"   # the embedded SQLite file; relative paths resolve
@@ -24,6 +28,11 @@ public import Logging
 /// future_tolerance = "10m"            # default 10 minutes: later timestamps are rejected one by one
 /// requests_per_second = 20            # default 20 batches per second and device (token bucket rate)
 /// burst = 40                          # default 40 batches (token bucket size)
+/// read_requests_per_second = 10       # default 10 read-API requests per second and read token
+/// read_burst = 20                     # default 20
+/// auth_failures_per_second = 1        # default 1 failed authentication per second and client address, past the burst
+/// auth_failure_burst = 20             # default 20; past it the address is answered 429 before the store is asked
+/// unknown_key_cache_ttl = "2s"        # default 2 s: an unknown key id is answered from memory for this long
 ///
 /// [log]
 /// level = "info"                      # trace, debug, info, notice, warning, error, critical
@@ -35,11 +44,38 @@ public struct IngestConfiguration: Sendable, Hashable {
         public var host: String
         /// The TCP port. Default `8080`; `0` picks a free port (tests).
         public var port: Int
+        /// How long a keep-alive connection may wait for its next request before it is closed. Default 75 s (nginx's
+        /// `keepalive_timeout`).
+        public var idleTimeout: Duration
+        /// How long a request's line and headers may take to arrive, from their first byte (or from the connection's
+        /// opening for its first request) to the end of the head. Past it the answer is 408 `request_timeout` and the
+        /// connection is closed. Default 60 s (nginx's `client_header_timeout`). It ends slowloris clients.
+        public var headerTimeout: Duration
+        /// How long a request's whole body may take to arrive after its head. Past it the answer is 408
+        /// `request_timeout` (when no answer was started) and the connection is closed. Default 60 s. Unlike nginx's
+        /// `client_body_timeout`, which only bounds the pause between two reads and so never ends a body trickling one
+        /// byte a second, this bounds the whole body: at the default `max_body_bytes` of 8 MiB it asks for about
+        /// 140 kB/s; an agent's batch (256 KiB by default) needs 4.4 kB/s. Raise it for large bodies over slow links.
+        public var bodyTimeout: Duration
+        /// The most connections open at once. Past it a new connection is answered at once with 503 `unavailable`
+        /// (JSON, `Retry-After`) and closed, and past it by 64 new connections wait in the kernel's backlog. Default
+        /// 4096: well above what the sites of one ingest hold (one keep-alive connection per agent), and below the
+        /// file descriptors the process can have. `serve` raises its soft `RLIMIT_NOFILE` to the hard limit at start,
+        /// and lowers this cap (with a warning) when the limit cannot hold it plus 128 descriptors for the store,
+        /// the log and the listening socket: a process out of descriptors stops answering everyone, `/healthz` too.
+        public var maxConnections: Int
 
         /// Creates the section; every parameter defaults as documented on its property.
-        public init(host: String = "127.0.0.1", port: Int = 8080) {
+        public init(
+            host: String = "127.0.0.1", port: Int = 8080, idleTimeout: Duration = .seconds(75), headerTimeout: Duration = .seconds(60),
+            bodyTimeout: Duration = .seconds(60), maxConnections: Int = 4096
+        ) {
             self.host = host
             self.port = port
+            self.idleTimeout = idleTimeout
+            self.headerTimeout = headerTimeout
+            self.bodyTimeout = bodyTimeout
+            self.maxConnections = maxConnections
         }
     }
 
@@ -71,6 +107,18 @@ public struct IngestConfiguration: Sendable, Hashable {
         public var requestsPerSecond: Double
         /// How many batches one device may post at once before it is limited (token bucket size). Default 40.
         public var burst: Int
+        /// The steady number of read-API requests per second one read token may make. Default 10.
+        public var readRequestsPerSecond: Double
+        /// How many read-API requests one read token may make at once. Default 20.
+        public var readBurst: Int
+        /// Failed authentications per second one client address may make once its burst is spent. Default 1.
+        public var authFailuresPerSecond: Double
+        /// Failed authentications one client address may make at once; past them its requests are answered 429 before
+        /// the store is asked anything. Default 20.
+        public var authFailureBurst: Int
+        /// How long a key id the store did not know is answered as unknown from memory. Default 2 s; a device created
+        /// after a failed attempt works within this time. `"0s"` turns the cache off.
+        public var unknownKeyCacheTTL: Duration
 
         /// Creates the section; every parameter defaults as documented on its property.
         public init(
@@ -79,8 +127,18 @@ public struct IngestConfiguration: Sendable, Hashable {
             maxReadingsPerBatch: Int = 100_000,
             futureTolerance: Duration = .seconds(600),
             requestsPerSecond: Double = 20,
-            burst: Int = 40
+            burst: Int = 40,
+            readRequestsPerSecond: Double = 10,
+            readBurst: Int = 20,
+            authFailuresPerSecond: Double = 1,
+            authFailureBurst: Int = 20,
+            unknownKeyCacheTTL: Duration = .seconds(2)
         ) {
+            self.readRequestsPerSecond = readRequestsPerSecond
+            self.readBurst = readBurst
+            self.authFailuresPerSecond = authFailuresPerSecond
+            self.authFailureBurst = authFailureBurst
+            self.unknownKeyCacheTTL = unknownKeyCacheTTL
             self.maxBodyBytes = maxBodyBytes
             self.maxDecompressedBytes = maxDecompressedBytes
             self.maxReadingsPerBatch = maxReadingsPerBatch
@@ -153,7 +211,7 @@ public struct IngestConfiguration: Sendable, Hashable {
         try table.checkKeys(["server", "storage", "limits", "log"])
 
         if let section = try table.table("server") {
-            try section.checkKeys(["host", "port"])
+            try section.checkKeys(["host", "port", "idle_timeout", "header_timeout", "body_timeout", "max_connections"])
             if let host = try section.string("host") {
                 guard !host.isEmpty, !host.contains(" ") else {
                     throw section.error("host", "must be a host name or IP address such as \"127.0.0.1\" or \"0.0.0.0\"")
@@ -161,6 +219,11 @@ public struct IngestConfiguration: Sendable, Hashable {
                 server.host = host
             }
             if let port = try section.int("port", in: 0...65_535) { server.port = port }
+            let timeouts = Duration.milliseconds(100)...Duration.seconds(3600)
+            if let timeout = try section.duration("idle_timeout", in: timeouts) { server.idleTimeout = timeout }
+            if let timeout = try section.duration("header_timeout", in: timeouts) { server.headerTimeout = timeout }
+            if let timeout = try section.duration("body_timeout", in: timeouts) { server.bodyTimeout = timeout }
+            if let count = try section.int("max_connections", in: 1...1_000_000) { server.maxConnections = count }
         }
 
         if let section = try table.table("storage") {
@@ -174,6 +237,7 @@ public struct IngestConfiguration: Sendable, Hashable {
         if let section = try table.table("limits") {
             try section.checkKeys([
                 "max_body_bytes", "max_decompressed_bytes", "max_readings_per_batch", "future_tolerance", "requests_per_second", "burst",
+                "read_requests_per_second", "read_burst", "auth_failures_per_second", "auth_failure_burst", "unknown_key_cache_ttl",
             ])
             if let bytes = try section.byteSize("max_body_bytes", in: 1024...(1 << 30)) { limits.maxBodyBytes = Int(bytes) }
             if let bytes = try section.byteSize("max_decompressed_bytes", in: 1024...(4 << 30)) { limits.maxDecompressedBytes = Int(bytes) }
@@ -183,6 +247,11 @@ public struct IngestConfiguration: Sendable, Hashable {
             }
             if let rate = try section.double("requests_per_second", in: 0.001...1_000_000) { limits.requestsPerSecond = rate }
             if let burst = try section.int("burst", in: 1...1_000_000) { limits.burst = burst }
+            if let rate = try section.double("read_requests_per_second", in: 0.001...1_000_000) { limits.readRequestsPerSecond = rate }
+            if let burst = try section.int("read_burst", in: 1...1_000_000) { limits.readBurst = burst }
+            if let rate = try section.double("auth_failures_per_second", in: 0.001...1_000_000) { limits.authFailuresPerSecond = rate }
+            if let burst = try section.int("auth_failure_burst", in: 1...1_000_000) { limits.authFailureBurst = burst }
+            if let ttl = try section.duration("unknown_key_cache_ttl", in: .zero...Duration.seconds(3600)) { limits.unknownKeyCacheTTL = ttl }
             if limits.maxDecompressedBytes < limits.maxBodyBytes {
                 throw section.error(
                     "max_decompressed_bytes",

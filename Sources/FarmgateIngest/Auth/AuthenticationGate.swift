@@ -1,0 +1,78 @@
+import Hummingbird
+import Logging
+
+/// Authenticates requests in the order that keeps unauthenticated floods away from the store:
+///
+/// 1. a client address over its limit of failed authentications is answered 429 with `Retry-After` at once, before the
+///    key is even parsed, so neither the store nor the credential caches see it;
+/// 2. the key's form is checked (no store access);
+/// 3. the ``Authenticator`` answers from its caches (known and unknown ids) or, only then, asks the store.
+///
+/// Every 401 (no key, a malformed key, an unknown or wrong key, a revoked one) takes a token from the client address's
+/// bucket; successes take none. A legitimate agent whose key was revoked retries with backoff and never reaches the
+/// limit; a flood of wrong keys reaches it after `auth_failure_burst` attempts and then costs the store at most
+/// `auth_failures_per_second` look-ups per second and address.
+struct AuthenticationGate: Sendable {
+    let authenticator: Authenticator
+    let failures: FailedAuthenticationLimiter
+    let logger: Logger
+
+    /// The device of the key in `request`, or the error to answer.
+    func device(_ request: Request, client: ClientAddress) async throws(APIError) -> DeviceIdentity {
+        try failures.admit(client)
+        let key: APIKey
+        do {
+            key = try bearerKey(request, expected: .device)
+        } catch {
+            failures.recordFailure(client)
+            throw error
+        }
+        let result: Authenticator.DeviceResult
+        do {
+            result = try await authenticator.authenticateDevice(key)
+        } catch {
+            logger.warning("store failed during authentication", metadata: ["error": "\(error)"])
+            throw APIError.unavailable()
+        }
+        switch result {
+        case .authenticated(let identity):
+            return identity
+        case .invalid:
+            failures.recordFailure(client)
+            throw APIError.unauthorized(
+                "the device key is not valid; check the key in the agent configuration or create a new one with `farmgate-ingest device create`")
+        case .revoked:
+            failures.recordFailure(client)
+            throw APIError.revoked("device key")
+        }
+    }
+
+    /// The farm and key id of the read token in `request`, or the error to answer.
+    func reader(_ request: Request, client: ClientAddress) async throws(APIError) -> (farm: FarmRecord, keyID: String) {
+        try failures.admit(client)
+        let key: APIKey
+        do {
+            key = try bearerKey(request, expected: .readToken)
+        } catch {
+            failures.recordFailure(client)
+            throw error
+        }
+        let result: Authenticator.ReaderResult
+        do {
+            result = try await authenticator.authenticateReader(key)
+        } catch {
+            logger.warning("store failed during authentication", metadata: ["error": "\(error)"])
+            throw APIError.unavailable()
+        }
+        switch result {
+        case .authenticated(let farm, _):
+            return (farm, key.keyID)
+        case .invalid:
+            failures.recordFailure(client)
+            throw APIError.unauthorized("the read token is not valid; create one with `farmgate-ingest token create --farm NAME --role viewer`")
+        case .revoked:
+            failures.recordFailure(client)
+            throw APIError.revoked("read token")
+        }
+    }
+}

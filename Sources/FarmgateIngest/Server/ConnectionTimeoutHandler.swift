@@ -1,0 +1,235 @@
+import FarmgateWire
+import Foundation
+import HTTPTypes
+import Hummingbird
+import NIOCore
+import NIOHTTP1
+import NIOHTTPTypes
+import NIOHTTPTypesHTTP1
+
+/// Fired inbound by ``RequestBytesObserver`` each time bytes arrive, before they are parsed, so that
+/// ``ConnectionTimeoutHandler`` can tell a waiting connection (idle) from one that has started a request (reading its head).
+struct RequestBytesArrived: Sendable {}
+
+/// The first handler of a connection's pipeline: announces every read with ``RequestBytesArrived`` and passes it on.
+final class RequestBytesObserver: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        context.fireUserInboundEventTriggered(RequestBytesArrived())
+        context.fireChannelRead(data)
+    }
+}
+
+/// Bounds how long a connection may hold the server without making progress, and answers protocol errors as JSON.
+///
+/// It sits after HTTP parsing and watches one connection:
+/// - **idle** (`idle_timeout`): after a response, until the first byte of the next request; the connection is closed
+///   silently, as keep-alive allows;
+/// - **head** (`header_timeout`): from the first byte of a request (for a new connection: from its opening) until its
+///   head is parsed; past it the answer is 408 `request_timeout` and the connection is closed (slowloris);
+/// - **body** (`body_timeout`): from the head until the body's end, in total (a body trickling a byte a second never
+///   resets it); past it the answer is 408 unless one was already started, and the connection is closed.
+/// No timer runs while the application computes an answer: that is the application's own time.
+///
+/// A request the HTTP parser refuses (malformed line or headers, a header section over the decoder's limit) would get
+/// an empty 400 from the framework; here it gets the ingest's JSON error body, 431 `request_header_fields_too_large` for
+/// a header section that is too large, 400 `bad_request` otherwise, and the connection is closed.
+final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPRequestPart
+    typealias InboundOut = HTTPRequestPart
+    typealias OutboundIn = HTTPResponsePart
+    typealias OutboundOut = HTTPResponsePart
+
+    /// What the running timer bounds.
+    enum Phase: String { case idle, header, body }
+
+    struct Timeouts: Sendable {
+        var idle: TimeAmount
+        var header: TimeAmount
+        var body: TimeAmount
+    }
+
+    private let timeouts: Timeouts
+    private let metrics: IngestMetrics?
+    private var timer: Scheduled<Void>?
+    private var phase: Phase?
+    /// Requests whose head arrived and whose response has not ended.
+    private var requestsOpen = 0
+    /// Whether the response to the oldest open request has started.
+    private var responseStarted = false
+    private var readingHead = false
+    private var readingBody = false
+    private var closing = false
+
+    init(timeouts: Timeouts, metrics: IngestMetrics?) {
+        self.timeouts = timeouts
+        self.metrics = metrics
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        if context.channel.isActive { startFirstRequestTimer(context: context) }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        startFirstRequestTimer(context: context)
+        context.fireChannelActive()
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        cancelTimer()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        cancelTimer()
+        context.fireChannelInactive()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        guard event is RequestBytesArrived else {
+            context.fireUserInboundEventTriggered(event)
+            return
+        }
+        // Body bytes, or more of a head already being timed: nothing changes.
+        guard !readingBody, !readingHead else { return }
+        readingHead = true
+        // A new connection's header timer runs from its opening; keep it.
+        if phase != .header { start(.header, context: context) }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head:
+            readingHead = false
+            readingBody = true
+            requestsOpen += 1
+            if requestsOpen == 1 { responseStarted = false }
+            start(.body, context: context)
+        case .body:
+            break
+        case .end:
+            readingBody = false
+            if phase == .body { cancelTimer() }
+        }
+        context.fireChannelRead(data)
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        switch unwrapOutboundIn(data) {
+        case .head(let response):
+            // An informational answer (100 Continue) is not the response.
+            if response.status.kind != .informational { responseStarted = true }
+            context.write(data, promise: promise)
+        case .body:
+            context.write(data, promise: promise)
+        case .end:
+            requestsOpen = max(0, requestsOpen - 1)
+            responseStarted = false
+            context.write(data, promise: promise)
+            if requestsOpen == 0, !readingHead, !readingBody { start(.idle, context: context) }
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        let answer: (HTTPResponse.Status, String, String)?
+        switch error {
+        case HTTPParserError.headerOverflow:
+            answer = (
+                .init(code: 431, reasonPhrase: "Request Header Fields Too Large"), "request_header_fields_too_large",
+                "the request's header section is larger than \(ConnectionLimits.maxHeaderBytes / 1024) KiB; send fewer or shorter headers"
+            )
+        case let error as HTTPParserError:
+            answer = (.badRequest, "bad_request", "the request is not valid HTTP/1.1 (\(error)); fix the client")
+        case is HTTP1TypeConversionError:
+            answer = (.badRequest, "bad_request", "the request's line or headers cannot be represented (an invalid method, path or header); fix the client")
+        default:
+            answer = nil
+        }
+        guard let (status, code, message) = answer else {
+            context.fireErrorCaught(error)
+            return
+        }
+        metrics?.connectionRefused(.malformed)
+        answerAndClose(context: context, status: status, code: code, message: message)
+    }
+
+    // MARK: Timers
+
+    private func startFirstRequestTimer(context: ChannelHandlerContext) {
+        guard phase == nil, requestsOpen == 0, !closing else { return }
+        start(.header, context: context)
+    }
+
+    private func start(_ phase: Phase, context: ChannelHandlerContext) {
+        cancelTimer()
+        guard !closing else { return }
+        self.phase = phase
+        let delay = switch phase {
+        case .idle: timeouts.idle
+        case .header: timeouts.header
+        case .body: timeouts.body
+        }
+        let loopBoundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
+        timer = context.eventLoop.assumeIsolated().scheduleTask(in: delay) { [self] in
+            self.expired(phase, context: loopBoundContext.value)
+        }
+    }
+
+    private func cancelTimer() {
+        timer?.cancel()
+        timer = nil
+        phase = nil
+    }
+
+    private func expired(_ phase: Phase, context: ChannelHandlerContext) {
+        guard self.phase == phase, !closing else { return }
+        timer = nil
+        self.phase = nil
+        metrics?.connectionTimedOut(phase)
+        switch phase {
+        case .idle:
+            closing = true
+            context.close(promise: nil)
+        case .header:
+            answerAndClose(
+                context: context, status: .requestTimeout, code: "request_timeout",
+                message: "the request's headers did not arrive within \(Self.describe(timeouts.header)); send the whole request head at once")
+        case .body:
+            answerAndClose(
+                context: context, status: .requestTimeout, code: "request_timeout",
+                message: "the request body did not arrive within \(Self.describe(timeouts.body)) of its headers; send it faster or in smaller batches")
+        }
+    }
+
+    /// Writes a JSON error and closes, unless an answer is already under way (then it only closes: two answers to one
+    /// request would be worse than none).
+    private func answerAndClose(context: ChannelHandlerContext, status: HTTPResponse.Status, code: String, message: String) {
+        guard !closing else { return }
+        closing = true
+        cancelTimer()
+        // No request open and none being read (a head, or nothing yet), or one open whose answer has not started. A body
+        // still arriving after its request was answered (a 401 before the body) gets no second answer.
+        let canAnswer = (requestsOpen == 0 && !readingBody) || (requestsOpen == 1 && !responseStarted)
+        guard canAnswer, context.channel.isActive else {
+            context.close(promise: nil)
+            return
+        }
+        let body = jsonBuffer(APIErrorBody(code: code, message: message))
+        var fields = HTTPFields()
+        fields[.contentType] = "application/json; charset=utf-8"
+        fields[.contentLength] = String(body.readableBytes)
+        fields[.connection] = "close"
+        context.write(wrapOutboundOut(.head(HTTPResponse(status: status, headerFields: fields))), promise: nil)
+        context.write(wrapOutboundOut(.body(body)), promise: nil)
+        let loopBoundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
+        context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
+            loopBoundContext.value.close(promise: nil)
+        }
+    }
+
+    static func describe(_ amount: TimeAmount) -> String {
+        let milliseconds = amount.nanoseconds / 1_000_000
+        return milliseconds % 1000 == 0 ? "\(milliseconds / 1000) s" : "\(milliseconds) ms"
+    }
+}

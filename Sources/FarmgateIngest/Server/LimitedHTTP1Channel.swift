@@ -1,0 +1,163 @@
+public import HummingbirdCore
+public import Logging
+public import NIOCore
+import FarmgateWire
+import Synchronization
+
+/// The connection limits of the ingest's HTTP server (`[server]` in the configuration).
+public struct ConnectionLimits: Sendable, Hashable {
+    /// See ``IngestConfiguration/Server/idleTimeout``.
+    public var idleTimeout: Duration
+    /// See ``IngestConfiguration/Server/headerTimeout``.
+    public var headerTimeout: Duration
+    /// See ``IngestConfiguration/Server/bodyTimeout``.
+    public var bodyTimeout: Duration
+    /// Connections answered normally; see ``IngestConfiguration/Server/maxConnections``.
+    public var maxConnections: Int
+
+    /// Connections past ``maxConnections`` that are still accepted, to be answered 503 and closed; past those, the server
+    /// stops accepting and new connections wait in the kernel's backlog, so the process never runs out of descriptors.
+    public static let refusalHeadroom = 64
+    /// The largest request head the HTTP parser takes (the framework's default); larger ones are answered 431.
+    public static let maxHeaderBytes = 80 * 1024
+    /// `Retry-After` of the 503 answered past ``maxConnections``.
+    public static let retryAfterSeconds = 5
+
+    public init(server: IngestConfiguration.Server) {
+        idleTimeout = server.idleTimeout
+        headerTimeout = server.headerTimeout
+        bodyTimeout = server.bodyTimeout
+        maxConnections = server.maxConnections
+    }
+}
+
+/// Hummingbird's HTTP/1.1 child channel with the ingest's connection limits around it.
+///
+/// Built through Hummingbird's public `HTTPServerBuilder`: each accepted connection gets
+/// 1. a count against ``ConnectionLimits/maxConnections``; past it, ``ConnectionRefusalHandler`` answers 503 and closes;
+/// 2. ``RequestBytesObserver`` in front of the HTTP parser, and ``ConnectionTimeoutHandler`` after it (through
+///    `HTTP1Channel.Configuration.additionalChannelHandlers`), which enforce the idle, header and body timeouts and answer
+///    parser errors as JSON;
+/// 3. then the unchanged `HTTP1Channel` pipeline and request loop.
+public struct LimitedHTTP1Channel: ServerChildChannel {
+    public typealias Value = HTTP1Channel.Value
+
+    let http1: HTTP1Channel
+    let limits: ConnectionLimits
+    let connections: ConnectionCounter
+    let metrics: IngestMetrics?
+
+    /// - Parameters:
+    ///   - responder: the application's responder (from `HTTPServerBuilder`).
+    ///   - limits: the connection limits.
+    ///   - connections: the shared count of open connections.
+    ///   - metrics: where refusals and timeouts are counted.
+    public init(
+        responder: @escaping HTTPChannelHandler.Responder, limits: ConnectionLimits, connections: ConnectionCounter, metrics: IngestMetrics?
+    ) {
+        let timeouts = ConnectionTimeoutHandler.Timeouts(
+            idle: TimeAmount(limits.idleTimeout), header: TimeAmount(limits.headerTimeout), body: TimeAmount(limits.bodyTimeout))
+        self.http1 = HTTP1Channel(
+            responder: responder,
+            configuration: HTTP1Channel.Configuration(
+                additionalChannelHandlers: [ConnectionTimeoutHandler(timeouts: timeouts, metrics: metrics)],
+                httpDecoderConfiguration: .init(
+                    maxHeaderFieldSize: ConnectionLimits.maxHeaderBytes, maxHeaderListSize: ConnectionLimits.maxHeaderBytes)))
+        self.limits = limits
+        self.connections = connections
+        self.metrics = metrics
+    }
+
+    public func setup(channel: any Channel, logger: Logger) -> EventLoopFuture<Value> {
+        let open = connections.opened()
+        let connections = self.connections
+        channel.closeFuture.whenComplete { _ in connections.closed() }
+        let refused = open > limits.maxConnections
+        let added = channel.eventLoop.makeCompletedFuture {
+            if refused {
+                metrics?.connectionRefused(.tooManyConnections)
+                try channel.pipeline.syncOperations.addHandler(ConnectionRefusalHandler(open: open, limit: limits.maxConnections))
+            } else {
+                try channel.pipeline.syncOperations.addHandler(RequestBytesObserver())
+            }
+        }
+        return added.flatMap { http1.setup(channel: channel, logger: logger) }
+    }
+
+    public func handle(value: Value, logger: Logger) async {
+        await http1.handle(value: value, logger: logger)
+    }
+}
+
+/// The number of open connections, shared by every connection's setup.
+public final class ConnectionCounter: Sendable {
+    private let count = Atomic<Int>(0)
+
+    public init() {}
+
+    /// Counts a new connection; returns how many are open with it.
+    func opened() -> Int { count.wrappingAdd(1, ordering: .relaxed).newValue }
+
+    /// Counts a closed connection.
+    func closed() { count.wrappingSubtract(1, ordering: .relaxed) }
+
+    /// Connections open now.
+    public var open: Int { count.load(ordering: .relaxed) }
+}
+
+/// Answers a connection past the cap at once with 503 `unavailable` (JSON, `Retry-After`, `Connection: close`) and closes
+/// it, without parsing anything it sends. The write side is closed first and the connection dropped when the client
+/// closes or after a second, so that its request bytes do not turn the close into a reset that loses the answer.
+final class ConnectionRefusalHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private let open: Int
+    private let limit: Int
+    private var answered = false
+
+    init(open: Int, limit: Int) {
+        self.open = open
+        self.limit = limit
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        if context.channel.isActive { answer(context: context) }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        answer(context: context)
+        context.fireChannelActive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        // Discarded: this connection is answered without being read.
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case ChannelEvent.inputClosed = event { context.close(promise: nil) }
+    }
+
+    private func answer(context: ChannelHandlerContext) {
+        guard !answered else { return }
+        answered = true
+        let body = jsonBuffer(
+            APIErrorBody(
+                code: "unavailable",
+                message:
+                    "the ingest has \(limit) connections open, its limit ([server] max_connections); retry after \(ConnectionLimits.retryAfterSeconds) s, and reuse one connection (keep-alive) instead of opening many"
+            ))
+        var head = ByteBuffer(
+            string: "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json; charset=utf-8\r\ncontent-length: \(body.readableBytes)\r\n"
+                + "retry-after: \(ConnectionLimits.retryAfterSeconds)\r\nconnection: close\r\n\r\n")
+        head.writeImmutableBuffer(body)
+        let loopBoundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
+        context.writeAndFlush(wrapOutboundOut(head)).assumeIsolated().whenComplete { _ in
+            let context = loopBoundContext.value
+            context.close(mode: .output, promise: nil)
+            context.eventLoop.assumeIsolated().scheduleTask(in: .seconds(1)) {
+                loopBoundContext.value.close(promise: nil)
+            }
+        }
+    }
+}
