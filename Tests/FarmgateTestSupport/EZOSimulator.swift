@@ -132,6 +132,11 @@ public final class EZOSimulator: Sendable {
 
     /// The next reads meet these faults, one each, in order.
     public func inject(_ faults: Fault...) {
+        inject(contentsOf: faults)
+    }
+
+    /// The next reads meet these faults, one each, in order.
+    public func inject(contentsOf faults: [Fault]) {
         state.withLock { $0.faults.append(contentsOf: faults) }
     }
 

@@ -29,6 +29,9 @@ final class EZOSession: @unchecked Sendable {
     let margin: Duration
 
     private var splitter = EZOLineSplitter()
+    /// Lines that arrived after the answer a transaction waited for (a `*RS` right behind a reading): examined before
+    /// the next command, so that a complete answer is never thrown away for what followed it.
+    private var queued: [EZOLine] = []
     /// The port generation this session was initialised on; nil when it must initialise (first use, after a reboot).
     private var initialisedGeneration: Int?
     /// Whether the circuit ends answers with `*OK` (learned from `*OK,?`, and followed when it changes).
@@ -104,6 +107,7 @@ final class EZOSession: @unchecked Sendable {
     private func initialise(_ port: SerialPort) throws(Interruption) {
         // A circuit fresh from the factory (or a reboot) streams a reading a second: stop that, then drop what came.
         splitter.discardPartial()
+        queued.removeAll()
         port.discardInput()
         _ = try transact(port, "C,0", time: EZOCircuitKind.commandTime, answer: nil, absorb: false)
         settle(port, for: .milliseconds(100))
@@ -189,7 +193,13 @@ final class EZOSession: @unchecked Sendable {
                 if ContinuousClock.now >= until { break }
                 continue
             }
-            for line in splitter.feed(bytes) {
+            var lines = splitter.feed(bytes)[...]
+            while let line = lines.popFirst() {
+                let done = answer != nil ? data != nil && (!responseCodes || sawOK) : sawOK
+                if done {
+                    queued.append(line)
+                    continue
+                }
                 switch EZOResponse(line: line) {
                 case .ok:
                     sawOK = true
@@ -252,11 +262,18 @@ final class EZOSession: @unchecked Sendable {
     /// Examines what the circuit sent since the last command: a restart event, or readings streamed in continuous mode
     /// (the circuit restarted with factory settings), mean it must be initialised again.
     private func absorbPending(_ port: SerialPort) throws(Interruption) {
+        var lines = queued
+        queued.removeAll()
         while true {
-            let bytes: [UInt8]
-            do { bytes = try port.read(until: .now) } catch { throw .port(error) }
-            if bytes.isEmpty { return }
-            for line in splitter.feed(bytes) {
+            if lines.isEmpty {
+                let bytes: [UInt8]
+                do { bytes = try port.read(until: .now) } catch { throw .port(error) }
+                if bytes.isEmpty { return }
+                lines = splitter.feed(bytes)
+            }
+            let batch = lines
+            lines.removeAll()
+            for line in batch {
                 switch EZOResponse(line: line) {
                 case .ok:
                     responseCodes = true
@@ -281,6 +298,7 @@ final class EZOSession: @unchecked Sendable {
         }
         port.discardInput()
         splitter.discardPartial()
+        queued.removeAll()
     }
 
     /// `21.437` → "21.44": two decimals are what the circuits take.
