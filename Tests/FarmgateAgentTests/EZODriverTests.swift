@@ -443,3 +443,61 @@ struct EZOProtocolTests {
         #expect(EZOSession.format(5) == "5.00")
     }
 }
+
+@Suite("EZO simulator", .serialized)
+struct EZOSimulatorTests {
+    /// Sends `command` and returns the lines that come back within `wait`.
+    func ask(_ port: SerialPort, _ command: String, wait: Duration = .milliseconds(600)) throws -> [String] {
+        try port.write(Array((command + "\r").utf8), deadline: .now + .seconds(1))
+        var splitter = EZOLineSplitter()
+        var lines: [String] = []
+        let deadline = ContinuousClock.now + wait
+        while ContinuousClock.now < deadline {
+            for line in splitter.feed(try port.read(until: deadline)) {
+                if case .text(let text) = line { lines.append(text) }
+            }
+            // A response code or an event ends the answer (with codes off, the wait does).
+            if let last = lines.last, last.hasPrefix("*"), command.uppercased() != "C,0" { break }
+        }
+        return lines
+    }
+
+    @Test("Answers as the datasheets say: i, Cal, Slope, Status, T, O, *OK, unknown commands")
+    func datasheet() async throws {
+        let bench = try EZOBench()
+        let ph = try bench.circuit(.ph, name: "ph", timeScale: 0.5)
+        let ec = try bench.circuit(.ec, name: "ec", timeScale: 0.5, values: { _, _ in 1413 })
+        let (phPath, ecPath) = (ph.path, ec.path)
+        try await runOffPool {
+            let phPort = try SerialPort(path: phPath, settings: SerialSettings())
+            let ecPort = try SerialPort(path: ecPath, settings: SerialSettings())
+            // Continuous mode streams a reading a second until C,0.
+            #expect(try self.ask(phPort, "C,0", wait: .milliseconds(1300)).contains("*OK"))
+            #expect(try self.ask(phPort, "i") == ["?I,pH,2.16", "*OK"])
+            #expect(try self.ask(phPort, "Slope,?") == ["?Slope,99.7,100.3,-0.89", "*OK"])
+            #expect(try self.ask(phPort, "Cal,mid,7.00", wait: .milliseconds(1000)) == ["*OK"])
+            #expect(try self.ask(phPort, "Cal,low,4.00", wait: .milliseconds(1000)) == ["*OK"])
+            #expect(try self.ask(phPort, "Cal,?") == ["?Cal,2", "*OK"])
+            #expect(try self.ask(phPort, "Status") == ["?Status,P,5.038", "*OK"])
+            #expect(try self.ask(phPort, "T,19.5") == ["*OK"])
+            #expect(try self.ask(phPort, "T,?") == ["?T,19.50", "*OK"])
+            #expect(try self.ask(phPort, "O,TDS,1") == ["*ER"])
+            #expect(try self.ask(phPort, "Frobnicate") == ["*ER"])
+            #expect(try self.ask(phPort, "*OK,0").isEmpty)
+            #expect(try self.ask(phPort, "*OK,?") == ["?*OK,0"])
+            #expect(try self.ask(phPort, "R", wait: .milliseconds(900)) == ["6.000"])
+            #expect(try self.ask(phPort, "Sleep") == ["*SL"])
+            #expect(try self.ask(phPort, "i") == ["*WA"])
+
+            _ = try self.ask(ecPort, "C,0", wait: .milliseconds(1300))
+            #expect(try self.ask(ecPort, "O,?") == ["?O,EC", "*OK"])
+            #expect(try self.ask(ecPort, "O,TDS,1") == ["*OK"])
+            #expect(try self.ask(ecPort, "O,SG,1") == ["*OK"])
+            #expect(try self.ask(ecPort, "O,?") == ["?O,EC,TDS,SG", "*OK"])
+            #expect(try self.ask(ecPort, "RT,20.0", wait: .milliseconds(900)) == ["1413.0,707,1.000", "*OK"])
+            #expect(try self.ask(ecPort, "Cal,dry", wait: .milliseconds(1000)) == ["*OK"])
+        }
+        #expect(ec.served.last?.line == "1413.0,707,1.000")
+        #expect(ec.served.last?.temperature == 20)
+    }
+}
