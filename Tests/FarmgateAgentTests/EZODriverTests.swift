@@ -221,6 +221,20 @@ struct EZODriverTests {
         await driver.close()
     }
 
+    @Test("A value no probe can read is refused")
+    func implausibleValue() async throws {
+        let bench = try EZOBench()
+        _ = try bench.circuit(.ph, name: "ph", values: { _, _ in 99 })
+        let driver = try bench.driver("tank1.ph", quantity: "ph", port: "ph")
+        guard case .failure(let error) = await readResult(driver) else {
+            Issue.record("pH 99 was accepted")
+            return
+        }
+        #expect(error.kind == .invalidResponse)
+        #expect(error.message.contains("read 99.0"), "\(error)")
+        await driver.close()
+    }
+
     @Test("*SL during a read: initialise again and read")
     func sleepEvent() async throws {
         let bench = try EZOBench()

@@ -143,6 +143,7 @@ public final class EZODriver: SensorDriver {
 
     public let sensor: SensorID
     let kind: EZOCircuitKind
+    let quantity: Quantity
     private let line: SerialLine
     private let session: EZOSession
     /// Which field of the reading is this sensor's (an EC circuit's outputs come in order).
@@ -157,6 +158,7 @@ public final class EZODriver: SensorDriver {
         let options = try Options(configuration)
         sensor = configuration.id
         kind = options.kind
+        quantity = configuration.descriptor.quantity
         line = try context.serialPorts.line(path: options.port, settings: options.settings)
         // Every sensor on this port reads the same circuit; the EC circuit outputs what any of them needs.
         var siblings: [SensorConfiguration] = []
@@ -204,6 +206,11 @@ public final class EZODriver: SensorDriver {
             throw SensorError(.invalidResponse, "the reading has \(values.count) fields, field \(field + 1) expected")
         }
         let value = values[field]
+        guard quantity.plausibleRange.contains(value) else {
+            throw SensorError(
+                .invalidResponse,
+                "the \(kind) circuit on \(line.path) read \(value), which no \(quantity.rawValue) probe can read: check the probe and the circuit's calibration")
+        }
         var quality: QualityFlags = []
         if temperature != nil { quality.insert(.compensated) }
         return SensorValue(value, quality: quality)
