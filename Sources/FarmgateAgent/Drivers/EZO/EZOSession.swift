@@ -1,3 +1,4 @@
+import FarmgateSupport
 import Logging
 
 /// The conversation with one EZO circuit on one serial port: initialisation, identification, reads, and recovery from a
@@ -182,9 +183,10 @@ final class EZOSession: @unchecked Sendable {
         var data: String?
         var sawOK = false
         var unreadable: [String] = []
+        // Done: the answer (and its *OK while response codes are on), or for a command without an answer its *OK.
+        func complete() -> Bool { answer != nil ? data != nil && (!responseCodes || sawOK) : sawOK }
         while true {
-            let complete = answer != nil ? data != nil && (!responseCodes || sawOK) : sawOK
-            if complete { break }
+            if complete() { break }
             // Without response codes a command without an answer is done when its processing time has passed.
             let until = (answer == nil && !responseCodes) ? start + time : deadline
             let bytes: [UInt8]
@@ -195,8 +197,7 @@ final class EZOSession: @unchecked Sendable {
             }
             var lines = splitter.feed(bytes)[...]
             while let line = lines.popFirst() {
-                let done = answer != nil ? data != nil && (!responseCodes || sawOK) : sawOK
-                if done {
+                if complete() {
                     queued.append(line)
                     continue
                 }
@@ -237,7 +238,7 @@ final class EZOSession: @unchecked Sendable {
                 }
                 throw .sensor(SensorError(
                     .timeout,
-                    "no answer to \(command) from the EZO circuit on \(portPath) within \(ConfigTableFormat.duration(time + margin)): check its power, that TX and RX are crossed, that it is in UART mode (LED not blue) and the baud rate"))
+                    "no answer to \(command) from the EZO circuit on \(portPath) within \(ConfigTable.format(time + margin)): check its power, that TX and RX are crossed, that it is in UART mode (LED not blue) and the baud rate"))
             }
             if responseCodes && !sawOK {
                 // The answer came but no *OK after it: response codes were turned off (another program, a reset).
@@ -314,14 +315,5 @@ final class EZOSession: @unchecked Sendable {
         if bytes.allSatisfy({ $0 >= 0x20 && $0 < 0x7F }) { return "\"\(String(decoding: bytes, as: UTF8.self))\"" }
         return bytes.prefix(12).map { String($0, radix: 16, uppercase: false) }.map { $0.count == 1 ? "0" + $0 : $0 }
             .joined(separator: " ") + (bytes.count > 12 ? " …" : "")
-    }
-}
-
-/// Durations as the configuration writes them (`1.9s`).
-enum ConfigTableFormat {
-    static func duration(_ duration: Duration) -> String {
-        let milliseconds = duration / .milliseconds(1)
-        if milliseconds < 1000 { return "\(Int(milliseconds)) ms" }
-        return "\((milliseconds / 100).rounded() / 10) s"
     }
 }
