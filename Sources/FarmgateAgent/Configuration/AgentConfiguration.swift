@@ -134,6 +134,10 @@ extension AgentConfiguration {
         if sensors.isEmpty {
             throw root.error(nil, "no sensors configured; add at least one [[sensor]] table (see examples/agent.toml)")
         }
+        // Rules across sensors (a port claimed twice with different settings, a compensation source that does not exist).
+        for description in drivers.descriptions where sensors.contains(where: { $0.driver == description.kind }) {
+            try description.validateSite(sensors)
+        }
 
         return AgentConfiguration(
             file: root.file, device: device, buffer: buffer, upload: upload, controlSocket: controlSocket, logLevel: logLevel,

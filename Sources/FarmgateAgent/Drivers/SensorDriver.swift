@@ -52,6 +52,41 @@ extension SensorDriver {
     public func close() async {}
 }
 
+/// The latest value another sensor read, for drivers that depend on it (an EZO pH or EC circuit compensates with the
+/// water temperature another sensor measures).
+public protocol LatestValues: Sendable {
+    /// The last value `sensor` read successfully and when, or nil when it has not read one yet.
+    func latest(_ sensor: SensorID) -> (value: Double, at: Timestamp)?
+}
+
+/// What a driver may use besides its own configuration; given to ``DriverDescription/make`` so that new needs add a field
+/// here rather than a parameter to every driver.
+public struct DriverContext: Sendable {
+    /// Every sensor of the site, in configuration order (drivers that share a port or a circuit look at their siblings).
+    public var sensors: [SensorConfiguration]
+    /// Other sensors' latest values (the sensor status board in the agent).
+    public var latestValues: any LatestValues
+    /// One owner per serial port: sensors on the same port share it and their requests are serialised through it.
+    public var serialPorts: SerialPortRegistry
+    public var logger: Logger
+
+    public init(
+        sensors: [SensorConfiguration] = [], latestValues: any LatestValues = NoLatestValues(),
+        serialPorts: SerialPortRegistry = SerialPortRegistry(), logger: Logger
+    ) {
+        self.sensors = sensors
+        self.latestValues = latestValues
+        self.serialPorts = serialPorts
+        self.logger = logger
+    }
+}
+
+/// No other sensor's value is known (tools that build a single driver).
+public struct NoLatestValues: LatestValues {
+    public init() {}
+    public func latest(_ sensor: SensorID) -> (value: Double, at: Timestamp)? { nil }
+}
+
 /// What the registry knows about a kind of driver: its name, its options, how to validate and build it.
 public struct DriverDescription: Sendable {
     /// The `driver = "..."` value that selects it.
@@ -64,19 +99,25 @@ public struct DriverDescription: Sendable {
     public var sampleConfiguration: String
     /// Checks the driver's own keys when the configuration is loaded, so that mistakes fail at start, not at the first read.
     public var validate: @Sendable (SensorConfiguration) throws(ConfigurationError) -> Void
-    /// Builds a driver for one configured sensor.
-    public var make: @Sendable (SensorConfiguration, Logger) throws -> any SensorDriver
+    /// Checks what one sensor's table cannot: rules across sensors (two sensors claiming one port with different settings,
+    /// a compensation source that does not exist). Called once with every sensor of the site, after each was validated.
+    public var validateSite: @Sendable ([SensorConfiguration]) throws(ConfigurationError) -> Void
+    /// Builds a driver for one configured sensor. It must not fail because the hardware is missing (an unplugged USB
+    /// adapter): that is a read error shown in `farmgate status` until the device comes back.
+    public var make: @Sendable (SensorConfiguration, DriverContext) throws -> any SensorDriver
 
     public init(
         kind: String, summary: String, optionKeys: Set<String>, sampleConfiguration: String,
         validate: @escaping @Sendable (SensorConfiguration) throws(ConfigurationError) -> Void,
-        make: @escaping @Sendable (SensorConfiguration, Logger) throws -> any SensorDriver
+        validateSite: @escaping @Sendable ([SensorConfiguration]) throws(ConfigurationError) -> Void = { _ throws(ConfigurationError) in },
+        make: @escaping @Sendable (SensorConfiguration, DriverContext) throws -> any SensorDriver
     ) {
         self.kind = kind
         self.summary = summary
         self.optionKeys = optionKeys
         self.sampleConfiguration = sampleConfiguration
         self.validate = validate
+        self.validateSite = validateSite
         self.make = make
     }
 }
@@ -90,7 +131,7 @@ public struct DriverRegistry: Sendable {
     }
 
     /// Every driver that ships with Farmgate.
-    public static let standard = DriverRegistry([SimulatedDriver.description])
+    public static let standard = DriverRegistry([SimulatedDriver.description, EZODriver.description])
 
     public var names: [String] { descriptions.map(\.kind).sorted() }
 

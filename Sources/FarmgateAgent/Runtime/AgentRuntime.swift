@@ -18,14 +18,16 @@ public enum AgentRuntime {
         let buffer = try await runOffPool { try ReadingBuffer(configuration: bufferConfiguration, logger: logger) }
         try await buffer.register(configuration.sensors.map(\.descriptor))
 
+        let board = SensorStatusBoard(sensors: configuration.sensors)
+        let context = DriverContext(
+            sensors: configuration.sensors, latestValues: board, serialPorts: SerialPortRegistry(logger: logger), logger: logger)
         var sensors: [Sampler.Sensor] = []
         for sensor in configuration.sensors {
             guard let description = drivers.driver(named: sensor.driver) else {
                 throw ControlSocketError("sensor \(sensor.id): unknown driver \(sensor.driver)")
             }
-            sensors.append(Sampler.Sensor(configuration: sensor, driver: try description.make(sensor, logger)))
+            sensors.append(Sampler.Sensor(configuration: sensor, driver: try description.make(sensor, context)))
         }
-        let board = SensorStatusBoard(sensors: configuration.sensors)
         // The kernel's clocks (reads the boot id, and the test hook's file when FARMGATE_TEST_CLOCK_FILE names one).
         let checkClock = configuration.checkClock
         let hookPath = ProcessInfo.processInfo.environment[SystemClockSource.testHookVariable]

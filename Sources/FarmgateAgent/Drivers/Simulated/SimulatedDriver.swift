@@ -52,7 +52,7 @@ public final class SimulatedDriver: SensorDriver {
             # fault_rate = 0.001
             """,
         validate: { configuration throws(ConfigurationError) in _ = try Options(configuration) },
-        make: { configuration, logger in try SimulatedDriver(configuration: configuration, logger: logger) })
+        make: { configuration, context in try SimulatedDriver(configuration: configuration, logger: context.logger) })
 
     struct Options {
         var profile: Profile

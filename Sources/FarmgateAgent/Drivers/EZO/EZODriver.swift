@@ -1,0 +1,267 @@
+import FarmgateSupport
+import FarmgateWire
+import Foundation
+import Logging
+import Synchronization
+
+/// Atlas Scientific EZO circuits (pH, EC, RTD, ORP, DO) in UART mode: `driver = "ezo"`.
+///
+/// The circuit is chosen by the sensor's quantity (`ph` → pH, `ec`/`tds` → EC, `temperature` → RTD, `orp`, `do`); each
+/// circuit has its own serial port. An EC circuit's further outputs are further `[[sensor]]` tables on the same port
+/// with `quantity = "tds"`: the driver turns on (`O,...`) exactly the outputs configured. pH, EC and DO reads are
+/// temperature-compensated (`RT,<t>`) with the latest value of `temperature_sensor` when one is named.
+/// The protocol work is in ``EZOSession``; the port's ownership, exclusivity and reopening in ``SerialLine``.
+public final class EZODriver: SensorDriver {
+    public static let optionKeys: Set<String> = ["port", "baud", "temperature_sensor", "temperature_max_age"]
+
+    public static let description = DriverDescription(
+        kind: "ezo",
+        summary: "Atlas Scientific EZO pH, EC (and TDS), RTD, ORP and DO circuits over UART, with temperature compensation.",
+        optionKeys: optionKeys,
+        sampleConfiguration: """
+            [[sensor]]
+            id = "tank1.ph"
+            driver = "ezo"
+            quantity = "ph"                  # ph, ec, tds (an EC circuit's output), temperature (RTD), orp, do
+            port = "/dev/serial/by-id/usb-FTDI_FT232R_USB_UART_A10K1234-if00-port0"
+            # baud = 9600                    # the circuit's UART speed (factory 9600)
+            # temperature_sensor = "tank1.temp"   # compensate with this sensor's latest value (pH, EC, DO)
+            # temperature_max_age = "2m"     # older than this: the last good value is used, and the log says so
+            interval = "10s"
+            """,
+        validate: { configuration throws(ConfigurationError) in _ = try Options(configuration) },
+        validateSite: { sensors throws(ConfigurationError) in try validateSite(sensors) },
+        make: { configuration, context in try EZODriver(configuration: configuration, context: context) })
+
+    /// The driver's keys, validated.
+    struct Options {
+        var port: String
+        var settings: SerialSettings
+        var kind: EZOCircuitKind
+        var output: EZOOutput?
+        var temperatureSensor: SensorID?
+        var temperatureMaxAge: Duration
+
+        init(_ configuration: SensorConfiguration) throws(ConfigurationError) {
+            let table = configuration.options
+            let quantity = configuration.descriptor.quantity
+            guard let kind = EZOCircuitKind(quantity: quantity) else {
+                throw table.error(
+                    "quantity", "the ezo driver reads ph, ec, tds (an EC circuit's output), temperature (RTD), orp and do; not \(quantity.rawValue)")
+            }
+            self.kind = kind
+            output = EZOOutput(quantity: quantity)
+            let port = try table.requiredString("port")
+            guard !port.isEmpty else { throw table.error("port", "must name the serial device, e.g. \"/dev/serial/by-id/usb-FTDI_...\"") }
+            let base = URL(fileURLWithPath: table.file).deletingLastPathComponent().path
+            self.port = AgentConfiguration.resolve(port, against: base)
+            let baud = try table.int("baud") ?? 9600
+            guard SerialSettings.supportedBauds.contains(baud) else {
+                throw table.error(
+                    "baud", "must be one of \(SerialSettings.supportedBauds.map(String.init).joined(separator: ", ")) (got \(baud)); EZO circuits leave the factory at 9600")
+            }
+            settings = SerialSettings(baud: baud)
+            if let source = try table.string("temperature_sensor") {
+                guard kind.compensates else {
+                    throw table.error(
+                        "temperature_sensor", "only pH, EC and DO circuits take a temperature; an \(kind) circuit does not compensate")
+                }
+                do { temperatureSensor = try SensorID(source) } catch { throw table.error("temperature_sensor", error.description) }
+            } else {
+                temperatureSensor = nil
+            }
+            let maxAge = try table.duration("temperature_max_age", in: .seconds(1)...(.seconds(86_400)))
+            if maxAge != nil, temperatureSensor == nil {
+                throw table.error("temperature_max_age", "has no effect without temperature_sensor")
+            }
+            temperatureMaxAge = maxAge ?? .seconds(120)
+        }
+    }
+
+    /// Rules across sensors: one port carries one circuit at one baud and belongs to one driver; a compensation source
+    /// exists and measures temperature.
+    static func validateSite(_ sensors: [SensorConfiguration]) throws(ConfigurationError) {
+        var claims: [String: (sensor: SensorConfiguration, options: Options)] = [:]
+        var outputs: [String: Set<EZOOutput>] = [:]
+        for sensor in sensors where sensor.driver == "ezo" {
+            let options = try Options(sensor)
+            let table = sensor.options
+            if let source = options.temperatureSensor {
+                guard let linked = sensors.first(where: { $0.id == source }) else {
+                    throw table.error(
+                        "temperature_sensor",
+                        "no sensor \"\(source)\" in this file; name the id of a [[sensor]] with quantity = \"temperature\" (an EZO RTD or a DS18B20 in the same tank)")
+                }
+                guard linked.descriptor.quantity == .temperature else {
+                    throw table.error(
+                        "temperature_sensor", "sensor \"\(source)\" measures \(linked.descriptor.quantity.rawValue), not temperature")
+                }
+            }
+            if let (first, firstOptions) = claims[options.port] {
+                if firstOptions.settings.baud != options.settings.baud {
+                    throw table.error(
+                        "baud",
+                        "port \(options.port) is also used by sensor \"\(first.id)\" at \(firstOptions.settings.baud) baud; sensors on one port share its baud (the circuit's)")
+                }
+                if firstOptions.kind != options.kind {
+                    throw table.error(
+                        "port",
+                        "port \(options.port) is already claimed by sensor \"\(first.id)\" (an \(firstOptions.kind) circuit); this sensor needs an \(options.kind) circuit, and each EZO circuit has its own port")
+                }
+                guard let output = options.output, outputs[options.port]?.contains(output) == false else {
+                    throw table.error(
+                        "port",
+                        "sensor \"\(first.id)\" already reads the \(options.kind) circuit on \(options.port); two sensors on one circuit must read different outputs (ec, tds)")
+                }
+                outputs[options.port]?.insert(output)
+            } else {
+                claims[options.port] = (sensor, options)
+                outputs[options.port] = options.output.map { [$0] } ?? []
+            }
+        }
+        // A port belongs to one driver: an EZO circuit and, say, a Modbus bus cannot share one.
+        for sensor in sensors where sensor.driver != "ezo" {
+            guard case .string(let raw)? = sensor.options.value("port") else { continue }
+            let base = URL(fileURLWithPath: sensor.options.file).deletingLastPathComponent().path
+            let port = AgentConfiguration.resolve(raw, against: base)
+            if let (first, _) = claims[port] {
+                throw sensor.options.error(
+                    "port", "port \(port) is already claimed by sensor \"\(first.id)\" (driver ezo); a port belongs to one driver")
+            }
+        }
+    }
+
+    private struct Compensation: Sendable {
+        var source: SensorID
+        var maxAge: Duration
+    }
+
+    private struct CompensationState: Sendable {
+        var lastGood: Double?
+        var stale = false
+    }
+
+    public let sensor: SensorID
+    let kind: EZOCircuitKind
+    let quantity: Quantity
+    private let line: SerialLine
+    private let session: EZOSession
+    /// Which field of the reading is this sensor's (an EC circuit's outputs come in order).
+    private let field: Int
+    private let compensation: Compensation?
+    private let latestValues: any LatestValues
+    private let compensationState = Mutex(CompensationState())
+    private let logger: Logger
+
+    /// Builds the driver without touching the port: a missing device is a read error, not a start failure.
+    public init(configuration: SensorConfiguration, context: DriverContext) throws {
+        let options = try Options(configuration)
+        sensor = configuration.id
+        kind = options.kind
+        quantity = configuration.descriptor.quantity
+        line = try context.serialPorts.line(path: options.port, settings: options.settings)
+        // Every sensor on this port reads the same circuit; the EC circuit outputs what any of them needs.
+        var siblings: [SensorConfiguration] = []
+        var outputs: Set<EZOOutput> = []
+        for other in context.sensors where other.driver == "ezo" {
+            guard let otherOptions = try? Options(other), otherOptions.port == options.port else { continue }
+            siblings.append(other)
+            if let output = otherOptions.output { outputs.insert(output) }
+        }
+        if let output = options.output { outputs.insert(output) }
+        if siblings.isEmpty { siblings = [configuration] }
+        let names = siblings.map { "sensor \"\($0.id)\" (quantity \($0.descriptor.quantity.rawValue))" }.joined(separator: " and ")
+        var logger = context.logger
+        logger[metadataKey: "sensor"] = "\(configuration.id)"
+        self.logger = logger
+        let ordered = outputs.sorted()
+        let kind = options.kind
+        let port = options.port
+        session = line.attachment("ezo") {
+            EZOSession(kind: kind, outputs: ordered, portPath: port, sensors: names, logger: logger)
+        }
+        field = options.output.flatMap { ordered.firstIndex(of: $0) } ?? 0
+        compensation = options.temperatureSensor.map { Compensation(source: $0, maxAge: options.temperatureMaxAge) }
+        latestValues = context.latestValues
+    }
+
+    public func read() async throws(SensorError) -> SensorValue {
+        let temperature = compensationTemperature()
+        let session = self.session
+        let outcome: Result<[Double], SensorError>
+        do {
+            outcome = try await line.withPort { port, generation in
+                try session.read(port: port, generation: generation, temperature: temperature)
+            }
+        } catch let error as SerialError {
+            switch error.kind {
+            case .timeout: throw SensorError(.timeout, error.message)
+            default: throw SensorError(.disconnected, error.message)
+            }
+        } catch {
+            throw SensorError(.disconnected, "\(line.path): \(error)")
+        }
+        let values = try outcome.get()
+        guard field < values.count else {
+            throw SensorError(.invalidResponse, "the reading has \(values.count) fields, field \(field + 1) expected")
+        }
+        let value = values[field]
+        guard quantity.plausibleRange.contains(value) else {
+            throw SensorError(
+                .invalidResponse,
+                "the \(kind) circuit on \(line.path) read \(value), which no \(quantity.rawValue) probe can read: check the probe and the circuit's calibration")
+        }
+        var quality: QualityFlags = []
+        if temperature != nil { quality.insert(.compensated) }
+        return SensorValue(value, quality: quality)
+    }
+
+    /// The temperature to compensate this read with: the linked sensor's latest value while it is fresh, else the last
+    /// fresh one (the log says so once, and again when it is fresh again); nil without a link or before any value.
+    func compensationTemperature() -> Double? {
+        guard let compensation else { return nil }
+        let latest = latestValues.latest(compensation.source)
+        let now = Timestamp.now()
+        let maxAgeMicroseconds = Int64(compensation.maxAge / .microseconds(1))
+        let logger = self.logger
+        return compensationState.withLock { state -> Double? in
+            if let latest, now.microseconds - latest.at.microseconds <= maxAgeMicroseconds, latest.value.isFinite {
+                if state.stale {
+                    logger.notice(
+                        "Compensation temperature is fresh again", metadata: ["temperature_sensor": "\(compensation.source)", "temperature": "\(latest.value)"])
+                }
+                state.stale = false
+                state.lastGood = latest.value
+                return latest.value
+            }
+            if !state.stale {
+                state.stale = true
+                let age = latest.map { "\((now.microseconds - $0.at.microseconds) / 1_000_000) s old" } ?? "no value yet"
+                if let last = state.lastGood {
+                    logger.warning(
+                        "Compensation temperature is stale; using the last good value",
+                        metadata: ["temperature_sensor": "\(compensation.source)", "age": "\(age)", "temperature": "\(last)"])
+                } else {
+                    logger.warning(
+                        "No compensation temperature yet; reading with the circuit's own temperature setting",
+                        metadata: ["temperature_sensor": "\(compensation.source)", "age": "\(age)"])
+                }
+            }
+            return state.lastGood
+        }
+    }
+
+    public func close() async {
+        await line.close()
+    }
+}
+
+extension SensorStatusBoard: LatestValues {
+    /// The last value the sensor read successfully and when (whether or not the deadband stored it).
+    public func latest(_ sensor: SensorID) -> (value: Double, at: Timestamp)? {
+        guard let status = snapshot().first(where: { $0.id == sensor.rawValue }), let value = status.lastValue,
+            let at = status.lastReadAt
+        else { return nil }
+        return (value, at)
+    }
+}

@@ -1,0 +1,245 @@
+import FarmgateWire
+import Foundation
+
+/// The kinds of Atlas Scientific EZO circuit the driver reads, with their datasheet timings.
+public enum EZOCircuitKind: String, Sendable, Hashable, CaseIterable, CustomStringConvertible {
+    case ph = "pH"
+    case ec = "EC"
+    case rtd = "RTD"
+    case orp = "ORP"
+    case dissolvedOxygen = "DO"
+
+    public var description: String { "EZO \(rawValue)" }
+
+    /// The circuit type an `i` answer names (`?I,pH,2.16`): case-insensitive, `OR` is older ORP firmware, `D.O.` older DO.
+    public init?(identity: String) {
+        switch identity.uppercased().replacingOccurrences(of: ".", with: "") {
+        case "PH": self = .ph
+        case "EC": self = .ec
+        case "RTD": self = .rtd
+        case "ORP", "OR": self = .orp
+        case "DO": self = .dissolvedOxygen
+        default: return nil
+        }
+    }
+
+    /// The circuit that measures `quantity` (EC circuits also give TDS).
+    public init?(quantity: Quantity) {
+        switch quantity {
+        case .ph: self = .ph
+        case .electricalConductivity, .tds: self = .ec
+        case .temperature: self = .rtd
+        case .orp: self = .orp
+        case .dissolvedOxygen: self = .dissolvedOxygen
+        default: return nil
+        }
+    }
+
+    /// Whether `RT,<t>` (read with temperature compensation) exists on this circuit.
+    public var compensates: Bool { self == .ph || self == .ec || self == .dissolvedOxygen }
+
+    /// How long an `R` takes (feastorg/ezo-driver ezo_product.c; the RTD takes 600–1000 ms).
+    public var readTime: Duration {
+        switch self {
+        case .ph, .orp: .milliseconds(900)
+        case .ec, .dissolvedOxygen: .milliseconds(600)
+        case .rtd: .milliseconds(1000)
+        }
+    }
+
+    /// How long an `RT,<t>` takes.
+    public var compensatedReadTime: Duration { .milliseconds(900) }
+
+    /// How long any other command takes.
+    public static let commandTime: Duration = .milliseconds(300)
+}
+
+/// The parameters an EZO EC circuit can output, in the order a reading lists them (`O,?` → `?O,EC,TDS,S,SG`).
+public enum EZOOutput: String, Sendable, Hashable, CaseIterable, Comparable {
+    case ec = "EC"
+    case tds = "TDS"
+    case salinity = "S"
+    case specificGravity = "SG"
+
+    public static func < (lhs: EZOOutput, rhs: EZOOutput) -> Bool {
+        allCases.firstIndex(of: lhs) ?? 0 < allCases.firstIndex(of: rhs) ?? 0
+    }
+
+    /// The output that gives `quantity` on an EC circuit.
+    public init?(quantity: Quantity) {
+        switch quantity {
+        case .electricalConductivity: self = .ec
+        case .tds: self = .tds
+        default: return nil
+        }
+    }
+}
+
+/// What one line from an EZO circuit means.
+public enum EZOResponse: Sendable, Hashable {
+    /// `*OK`: the command was done (response codes on).
+    case ok
+    /// `*ER`, `*OV`, `*UV`: the command failed.
+    case error(EZOErrorCode)
+    /// `*RS`, `*RE`, `*SL`, `*WA`, `*DONE`: something happened on the circuit.
+    case event(EZOEvent)
+    /// An answer or a reading (`?I,pH,2.16`, `9.560`, `1413,707`).
+    case data(String)
+    /// Bytes that are not a line of the protocol (noise, a wrong baud).
+    case garbage([UInt8])
+
+    public init(line: EZOLine) {
+        switch line {
+        case .garbage(let bytes):
+            self = .garbage(bytes)
+        case .text(let text):
+            let upper = text.uppercased()
+            if upper == "*OK" {
+                self = .ok
+            } else if let code = EZOErrorCode(rawValue: upper) {
+                self = .error(code)
+            } else if let event = EZOEvent(rawValue: upper) {
+                self = .event(event)
+            } else if text.hasPrefix("*") {
+                self = .garbage(Array(text.utf8))
+            } else {
+                self = .data(text)
+            }
+        }
+    }
+}
+
+public enum EZOErrorCode: String, Sendable, Hashable {
+    case unknownCommand = "*ER"
+    case overVoltage = "*OV"
+    case underVoltage = "*UV"
+
+    /// What the installer should do about it.
+    func explanation(command: String) -> String {
+        switch self {
+        case .unknownCommand:
+            "the circuit refused '\(command)' (*ER): it does not know the command, or the line was garbled on the way"
+        case .overVoltage:
+            "the circuit reports over-voltage (*OV, VCC ≥ 5.5 V): check its power supply"
+        case .underVoltage:
+            "the circuit reports under-voltage (*UV, VCC ≤ 3.1 V): check its power supply and the cable length"
+        }
+    }
+}
+
+public enum EZOEvent: String, Sendable, Hashable {
+    /// The circuit is resetting.
+    case reset = "*RS"
+    /// The circuit finished booting and is ready.
+    case ready = "*RE"
+    /// The circuit went to sleep.
+    case sleep = "*SL"
+    /// The circuit woke up.
+    case woke = "*WA"
+    /// A long operation finished.
+    case done = "*DONE"
+
+    /// Whether the circuit lost its session state (continuous mode, outputs): it must be initialised again.
+    var restarts: Bool { self != .done }
+}
+
+/// One line from the circuit: printable text, or bytes that cannot be a line of the protocol.
+public enum EZOLine: Sendable, Hashable {
+    case text(String)
+    case garbage([UInt8])
+}
+
+/// Cuts the byte stream from a circuit into lines. Lines end with a carriage return (a newline is accepted too); bytes
+/// outside printable ASCII, or a line longer than any EZO answer, make the line garbage. Incremental: any split of the
+/// same bytes into chunks gives the same lines.
+public struct EZOLineSplitter: Sendable {
+    /// Longer than any answer the protocol has (`?Slope,99.7,100.3,-0.89` is 24).
+    public static let maxLine = 64
+
+    private var partial: [UInt8] = []
+    private var overflowed = false
+
+    public init() {}
+
+    /// The bytes of a line begun but not finished.
+    public var pending: [UInt8] { partial }
+
+    public mutating func feed(_ bytes: some Sequence<UInt8>) -> [EZOLine] {
+        var lines: [EZOLine] = []
+        for byte in bytes {
+            if byte == 0x0D || byte == 0x0A {
+                if overflowed {
+                    lines.append(.garbage(partial))
+                } else if !partial.isEmpty {
+                    lines.append(Self.line(partial))
+                }
+                partial.removeAll(keepingCapacity: true)
+                overflowed = false
+                continue
+            }
+            if partial.count < Self.maxLine {
+                partial.append(byte)
+            } else {
+                overflowed = true
+            }
+        }
+        return lines
+    }
+
+    /// Forgets a line begun but not finished (before a new command: its end will never come) and returns its bytes.
+    @discardableResult
+    public mutating func discardPartial() -> [UInt8] {
+        let dropped = partial
+        partial.removeAll(keepingCapacity: true)
+        overflowed = false
+        return dropped
+    }
+
+    static func line(_ bytes: [UInt8]) -> EZOLine {
+        guard bytes.allSatisfy({ $0 >= 0x20 && $0 < 0x7F }) else { return .garbage(bytes) }
+        return .text(String(decoding: bytes, as: UTF8.self))
+    }
+}
+
+/// Parsers for the answers the driver asks for.
+public enum EZOParse {
+    /// `?I,pH,2.16` → (pH, "2.16"); nil when the line is no identity answer. The type may be a kind this driver does not
+    /// know (returned as text).
+    public static func identity(_ text: String) -> (type: String, firmware: String)? {
+        let fields = text.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+        guard fields.count >= 3, fields[0].uppercased() == "?I" else { return nil }
+        return (fields[1], fields[2])
+    }
+
+    /// A reading: comma-separated decimal numbers (`9.560`, `1413,707`); nil when any field is not a plain decimal.
+    public static func reading(_ text: String) -> [Double]? {
+        let fields = text.split(separator: ",", omittingEmptySubsequences: false)
+        guard !fields.isEmpty else { return nil }
+        var values: [Double] = []
+        for field in fields {
+            let trimmed = field.trimmingCharacters(in: .whitespaces)
+            var body = Substring(trimmed)
+            if body.hasPrefix("-") { body = body.dropFirst() }
+            let dots = body.filter { $0 == "." }.count
+            guard !body.isEmpty, dots <= 1, body.allSatisfy({ $0.isASCII && ($0.isNumber || $0 == ".") }),
+                body.contains(where: \.isNumber), let value = Double(trimmed), value.isFinite
+            else { return nil }
+            values.append(value)
+        }
+        return values
+    }
+
+    /// `?O,EC,TDS` → [.ec, .tds]; `?O,No output` → []; nil when the line is no output answer.
+    public static func outputs(_ text: String) -> Set<EZOOutput>? {
+        let fields = text.split(separator: ",").map { String($0).uppercased() }
+        guard let first = fields.first, first == "?O" else { return nil }
+        return Set(fields.dropFirst().compactMap { EZOOutput(rawValue: $0) })
+    }
+
+    /// `?*OK,1` → true; nil when the line is no answer to `*OK,?`.
+    public static func responseCodes(_ text: String) -> Bool? {
+        let upper = text.uppercased()
+        guard upper.hasPrefix("?*OK,") else { return nil }
+        return upper.hasSuffix("1")
+    }
+}

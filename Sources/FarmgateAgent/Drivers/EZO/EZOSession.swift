@@ -1,0 +1,319 @@
+import FarmgateSupport
+import Logging
+
+/// The conversation with one EZO circuit on one serial port: initialisation, identification, reads, and recovery from a
+/// reboot. Every method runs on the port's ``SerialLine`` thread, one at a time.
+///
+/// Problems of the port itself (unplugged, gone) are thrown as ``SerialError`` so that the line closes and reopens the
+/// port; problems of the circuit (an error code, garbage, silence) come back as ``SensorError``.
+final class EZOSession: @unchecked Sendable {
+    // @unchecked: all state is touched only by jobs on the owning SerialLine's thread, which run one at a time.
+
+    /// Why a transaction stopped short.
+    enum Interruption: Error {
+        /// The port failed (reopen it).
+        case port(SerialError)
+        /// The circuit failed the command.
+        case sensor(SensorError)
+        /// The circuit restarted or changed state under us: initialise again and retry.
+        case restarted(String)
+    }
+
+    let kind: EZOCircuitKind
+    /// The outputs an EC circuit must have on, in reading order (empty for other kinds).
+    let outputs: [EZOOutput]
+    let portPath: String
+    /// Who configured it, for the mismatch message.
+    let sensors: String
+    private let logger: Logger
+    /// Extra time, past the datasheet's processing time, that an answer may take (transfer, a loaded host).
+    let margin: Duration
+
+    private var splitter = EZOLineSplitter()
+    /// Lines that arrived after the answer a transaction waited for (a `*RS` right behind a reading): examined before
+    /// the next command, so that a complete answer is never thrown away for what followed it.
+    private var queued: [EZOLine] = []
+    /// The port generation this session was initialised on; nil when it must initialise (first use, after a reboot).
+    private var initialisedGeneration: Int?
+    /// Whether the circuit ends answers with `*OK` (learned from `*OK,?`, and followed when it changes).
+    private var responseCodes = true
+    private(set) var firmware: String?
+    private(set) var garbageLines = 0
+
+    init(kind: EZOCircuitKind, outputs: [EZOOutput], portPath: String, sensors: String, margin: Duration = .seconds(1), logger: Logger) {
+        self.kind = kind
+        self.outputs = outputs.sorted()
+        self.portPath = portPath
+        self.sensors = sensors
+        self.margin = margin
+        self.logger = logger
+    }
+
+    /// Takes one reading (`R`, or `RT,<t>` with a temperature), initialising the circuit first when the port is new or the
+    /// circuit restarted. A restart seen during the read re-initialises and reads once more.
+    /// - Returns: the reading's fields (one, or the EC circuit's enabled outputs in order), or why there is none.
+    /// - Throws: ``SerialError`` when the port failed.
+    func read(port: SerialPort, generation: Int, temperature: Double?) throws(SerialError) -> Result<[Double], SensorError> {
+        var restarts: [String] = []
+        for _ in 0..<2 {
+            do throws(Interruption) {
+                if initialisedGeneration != generation {
+                    try initialise(port)
+                    initialisedGeneration = generation
+                }
+                let command: String
+                let time: Duration
+                if let temperature, kind.compensates {
+                    command = "RT,\(Self.format(temperature))"
+                    time = kind.compensatedReadTime
+                } else {
+                    command = "R"
+                    time = kind.readTime
+                }
+                guard let text = try transact(port, command, time: time, answer: { EZOParse.reading($0) != nil }) else {
+                    return .failure(SensorError(.invalidResponse, "no reading in the answer to \(command)"))
+                }
+                guard let values = EZOParse.reading(text) else {
+                    return .failure(SensorError(.invalidResponse, "unreadable reading \"\(text)\""))
+                }
+                let expected = kind == .ec ? outputs.count : 1
+                guard values.count == expected else {
+                    // The EC circuit's outputs changed (a factory reset, another program): set them again.
+                    throw Interruption.restarted("the reading has \(values.count) fields, \(expected) expected")
+                }
+                if kind == .rtd, values.first == -1023 {
+                    return .failure(SensorError(.fault, "the EZO RTD circuit on \(portPath) reads -1023: no probe connected; check the PT-100/PT-1000 probe's wires"))
+                }
+                return .success(values)
+            } catch {
+                switch error {
+                case .port(let serial): throw serial
+                case .sensor(let sensor):
+                    // Whatever went wrong (an error code, noise, silence) may have been a restart we did not see:
+                    // initialise again before the next read.
+                    initialisedGeneration = nil
+                    return .failure(sensor)
+                case .restarted(let why):
+                    initialisedGeneration = nil
+                    restarts.append(why)
+                    logger.notice("EZO circuit restarted or changed state; initialising it again", metadata: ["why": "\(why)"])
+                }
+            }
+        }
+        return .failure(SensorError(.fault, "the EZO circuit on \(portPath) keeps restarting (\(restarts.joined(separator: "; "))): check its power supply"))
+    }
+
+    /// Stops continuous output, learns whether response codes are on, checks the circuit is the configured kind, and on
+    /// an RTD circuit selects °C and on an EC circuit the configured outputs.
+    private func initialise(_ port: SerialPort) throws(Interruption) {
+        // A circuit fresh from the factory (or a reboot) streams a reading a second: stop that, then drop what came.
+        splitter.discardPartial()
+        queued.removeAll()
+        port.discardInput()
+        _ = try transact(port, "C,0", time: EZOCircuitKind.commandTime, answer: nil, absorb: false)
+        settle(port, for: .milliseconds(100))
+        // Learn whether *OK follows each answer: ask without waiting for one.
+        responseCodes = false
+        guard let codes = try transact(port, "*OK,?", time: EZOCircuitKind.commandTime, answer: { EZOParse.responseCodes($0) != nil }),
+            let enabled = EZOParse.responseCodes(codes)
+        else {
+            throw .sensor(SensorError(.invalidResponse, "the circuit on \(portPath) did not answer *OK,?"))
+        }
+        responseCodes = enabled
+        settle(port, for: .milliseconds(enabled ? 50 : 0))
+        guard let identity = try transact(port, "i", time: EZOCircuitKind.commandTime, answer: { EZOParse.identity($0) != nil }),
+            let (type, firmware) = EZOParse.identity(identity)
+        else {
+            throw .sensor(SensorError(.invalidResponse, "the circuit on \(portPath) did not say what it is (no answer to i)"))
+        }
+        guard let found = EZOCircuitKind(identity: type) else {
+            throw .sensor(SensorError(.fault, "the device on \(portPath) says it is \"\(type)\" (firmware \(firmware)), not an EZO pH, EC, RTD, ORP or DO circuit"))
+        }
+        guard found == kind else {
+            throw .sensor(SensorError(
+                .fault,
+                "the circuit on \(portPath) is an \(found) (firmware \(firmware)), but \(sensors) needs an \(kind) circuit: check which circuit is wired to this port, or change the sensor's quantity"))
+        }
+        self.firmware = firmware
+        switch kind {
+        case .rtd:
+            _ = try transact(port, "S,c", time: EZOCircuitKind.commandTime, answer: nil)
+        case .ec:
+            guard let answer = try transact(port, "O,?", time: EZOCircuitKind.commandTime, answer: { EZOParse.outputs($0) != nil }),
+                let enabled = EZOParse.outputs(answer)
+            else {
+                throw .sensor(SensorError(.invalidResponse, "the EC circuit on \(portPath) did not list its outputs (O,?)"))
+            }
+            for output in EZOOutput.allCases where enabled.contains(output) != outputs.contains(output) {
+                _ = try transact(port, "O,\(output.rawValue),\(outputs.contains(output) ? 1 : 0)", time: EZOCircuitKind.commandTime, answer: nil)
+            }
+        case .ph, .orp, .dissolvedOxygen:
+            break
+        }
+        logger.info(
+            "EZO circuit ready",
+            metadata: [
+                "circuit": "\(kind.rawValue)", "firmware": "\(firmware)", "response_codes": "\(responseCodes)",
+                "outputs": "\(outputs.map(\.rawValue).joined(separator: ","))",
+            ])
+    }
+
+    /// Sends `command` and collects the answer.
+    ///
+    /// - Parameters:
+    ///   - time: the datasheet's processing time; the answer may take `margin` longer.
+    ///   - answer: which data line is the answer; nil for commands answered only by `*OK` (or nothing, with response
+    ///     codes off).
+    ///   - absorb: whether lines that arrived before the command are examined (a restart shows there); initialisation
+    ///     discards them instead.
+    /// - Returns: the answer line, or nil for a command without one.
+    private func transact(
+        _ port: SerialPort, _ command: String, time: Duration, answer: ((String) -> Bool)?, absorb: Bool = true
+    ) throws(Interruption) -> String? {
+        if absorb { try absorbPending(port) }
+        let dropped = splitter.discardPartial()
+        if !dropped.isEmpty { logger.debug("EZO partial line dropped", metadata: ["bytes": "\(dropped.count)"]) }
+        let start = ContinuousClock.now
+        do {
+            try port.write(Array((command + "\r").utf8), deadline: start + .seconds(1))
+        } catch {
+            throw .port(error)
+        }
+        let deadline = start + time + margin
+        var data: String?
+        var sawOK = false
+        var unreadable: [String] = []
+        // Done: the answer (and its *OK while response codes are on), or for a command without an answer its *OK.
+        func complete() -> Bool { answer != nil ? data != nil && (!responseCodes || sawOK) : sawOK }
+        while true {
+            if complete() { break }
+            // Without response codes a command without an answer is done when its processing time has passed.
+            let until = (answer == nil && !responseCodes) ? start + time : deadline
+            let bytes: [UInt8]
+            do { bytes = try port.read(until: until) } catch { throw .port(error) }
+            if bytes.isEmpty {
+                if ContinuousClock.now >= until { break }
+                continue
+            }
+            var lines = splitter.feed(bytes)[...]
+            while let line = lines.popFirst() {
+                if complete() {
+                    queued.append(line)
+                    continue
+                }
+                switch EZOResponse(line: line) {
+                case .ok:
+                    sawOK = true
+                case .error(let code):
+                    throw .sensor(SensorError(.fault, "EZO \(kind.rawValue) on \(portPath): \(code.explanation(command: command))"))
+                case .event(let event):
+                    if event.restarts { throw .restarted("\(event.rawValue) during \(command)") }
+                case .data(let text):
+                    if data == nil, let answer, answer(text) {
+                        data = text
+                    } else if EZOParse.reading(text) == nil {
+                        // A reading streamed in continuous mode (being turned off) is no answer, but it is not noise.
+                        unreadable.append(text)
+                    }
+                case .garbage(let bytes):
+                    garbageLines += 1
+                    unreadable.append(Self.show(bytes))
+                }
+            }
+        }
+        if !unreadable.isEmpty {
+            logger.debug("EZO lines ignored", metadata: ["command": "\(command)", "lines": "\(unreadable.prefix(3))"])
+        }
+        if answer != nil {
+            guard let data else {
+                if !unreadable.isEmpty {
+                    throw .sensor(SensorError(
+                        .invalidResponse,
+                        "garbled answer to \(command) from the EZO \(kind.rawValue) circuit on \(portPath) (\(unreadable.count) unreadable line\(unreadable.count == 1 ? "" : "s"), first: \(unreadable[0])): check the baud rate, the wiring and a shared ground"))
+                }
+                if !splitter.pending.isEmpty {
+                    throw .sensor(SensorError(
+                        .invalidResponse,
+                        "incomplete answer to \(command) from the EZO \(kind.rawValue) circuit on \(portPath) (\(Self.show(splitter.pending)) without an end of line)"))
+                }
+                throw .sensor(SensorError(
+                    .timeout,
+                    "no answer to \(command) from the EZO circuit on \(portPath) within \(ConfigTable.format(time + margin)): check its power, that TX and RX are crossed, that it is in UART mode (LED not blue) and the baud rate"))
+            }
+            if responseCodes && !sawOK {
+                // The answer came but no *OK after it: response codes were turned off (another program, a reset).
+                responseCodes = false
+                logger.debug("EZO response codes are off")
+            }
+            return data
+        }
+        if !sawOK && responseCodes {
+            if !unreadable.isEmpty {
+                throw .sensor(SensorError(
+                    .invalidResponse,
+                    "garbled answer to \(command) from the EZO \(kind.rawValue) circuit on \(portPath) (first: \(unreadable[0])): check the baud rate and the wiring"))
+            }
+            // No *OK within the time: the circuit has response codes off (it answers nothing), or it is not there at
+            // all, which the next command that must answer finds out.
+            responseCodes = false
+        }
+        return nil
+    }
+
+    /// Examines what the circuit sent since the last command: a restart event, or readings streamed in continuous mode
+    /// (the circuit restarted with factory settings), mean it must be initialised again.
+    private func absorbPending(_ port: SerialPort) throws(Interruption) {
+        var lines = queued
+        queued.removeAll()
+        while true {
+            if lines.isEmpty {
+                let bytes: [UInt8]
+                do { bytes = try port.read(until: .now) } catch { throw .port(error) }
+                if bytes.isEmpty { return }
+                lines = splitter.feed(bytes)
+            }
+            let batch = lines
+            lines.removeAll()
+            for line in batch {
+                switch EZOResponse(line: line) {
+                case .ok:
+                    responseCodes = true
+                case .event(let event) where event.restarts:
+                    throw .restarted("the circuit sent \(event.rawValue)")
+                case .data(let text) where EZOParse.reading(text) != nil:
+                    throw .restarted("the circuit is streaming readings (continuous mode is on again)")
+                case .garbage:
+                    garbageLines += 1
+                default:
+                    break
+                }
+            }
+        }
+    }
+
+    /// Reads and discards what arrives for `duration` (readings streamed while continuous mode was being turned off).
+    private func settle(_ port: SerialPort, for duration: Duration) {
+        let until = ContinuousClock.now + duration
+        while ContinuousClock.now < until {
+            guard let bytes = try? port.read(until: until), !bytes.isEmpty else { continue }
+        }
+        port.discardInput()
+        splitter.discardPartial()
+        queued.removeAll()
+    }
+
+    /// `21.437` → "21.44": two decimals are what the circuits take.
+    static func format(_ temperature: Double) -> String {
+        let hundredths = Int((temperature * 100).rounded())
+        let sign = hundredths < 0 ? "-" : ""
+        let magnitude = abs(hundredths)
+        let fraction = magnitude % 100
+        return "\(sign)\(magnitude / 100).\(fraction < 10 ? "0" : "")\(fraction)"
+    }
+
+    static func show(_ bytes: [UInt8]) -> String {
+        if bytes.allSatisfy({ $0 >= 0x20 && $0 < 0x7F }) { return "\"\(String(decoding: bytes, as: UTF8.self))\"" }
+        return bytes.prefix(12).map { String($0, radix: 16, uppercase: false) }.map { $0.count == 1 ? "0" + $0 : $0 }
+            .joined(separator: " ") + (bytes.count > 12 ? " …" : "")
+    }
+}

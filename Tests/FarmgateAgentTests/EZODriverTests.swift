@@ -1,0 +1,517 @@
+@testable import FarmgateAgent
+import FarmgateSupport
+import FarmgateTestSupport
+import FarmgateWire
+import Foundation
+import Logging
+import Synchronization
+import Testing
+
+/// Other sensors' latest values as a test sets them.
+final class FixedLatestValues: LatestValues {
+    private let values = Mutex<[SensorID: (Double, Timestamp)]>([:])
+
+    func set(_ sensor: String, _ value: Double, ageSeconds: Int64 = 0) throws {
+        let id = try SensorID(sensor)
+        let at = Timestamp(microseconds: Timestamp.now().microseconds - ageSeconds * 1_000_000)
+        values.withLock { $0[id] = (value, at) }
+    }
+
+    func latest(_ sensor: SensorID) -> (value: Double, at: Timestamp)? {
+        values.withLock { $0[sensor].map { (value: $0.0, at: $0.1) } }
+    }
+}
+
+/// A scratch directory with EZO simulators on pseudo-terminals and drivers built from a configuration, as the agent builds them.
+final class EZOBench {
+    let dir: Scratch
+    let latest = FixedLatestValues()
+    let ports = SerialPortRegistry(backoffInitial: .milliseconds(100), backoffMax: .milliseconds(400), logger: Logger(label: "test"))
+    var simulators: [EZOSimulator] = []
+
+    init() throws {
+        dir = try Scratch(prefix: "fg-ezo", in: URL(fileURLWithPath: "/tmp"))
+    }
+
+    deinit { for simulator in simulators { simulator.stop() } }
+
+    /// A simulated circuit behind `<dir>/<name>` (like a /dev/serial/by-id link).
+    func circuit(
+        _ kind: EZOSimulator.Circuit, name: String, timeScale: Double = 0.2,
+        values: @escaping @Sendable (Int, Double?) -> Double = { index, _ in 6 + Double(max(0, index)) / 100 }
+    ) throws -> EZOSimulator {
+        let simulator = try EZOSimulator(kind, path: dir.file(name), timeScale: timeScale, values: values)
+        simulators.append(simulator)
+        return simulator
+    }
+
+    /// Drivers for every `[[sensor]]` in `sensors` (TOML), keyed by id.
+    func drivers(_ sensors: String) throws -> [String: EZODriver] {
+        let text = "[device]\nid = \"bench\"\n" + sensors
+        let configuration = try AgentConfiguration.parse(ConfigDocument.parse(text, file: dir.file("agent.toml")))
+        var logger = Logger(label: "ezo-test")
+        logger.logLevel = .debug
+        let context = DriverContext(sensors: configuration.sensors, latestValues: latest, serialPorts: ports, logger: logger)
+        var drivers: [String: EZODriver] = [:]
+        for sensor in configuration.sensors where sensor.driver == "ezo" {
+            drivers[sensor.id.rawValue] = try EZODriver(configuration: sensor, context: context)
+        }
+        return drivers
+    }
+
+    func driver(_ id: String, quantity: String, port: String, extra: String = "") throws -> EZODriver {
+        let drivers = try drivers(
+            """
+            [[sensor]]
+            id = "\(id)"
+            driver = "ezo"
+            quantity = "\(quantity)"
+            port = "\(dir.file(port))"
+            \(extra)
+            """)
+        guard let driver = drivers[id] else { throw SensorError(.fault, "no driver") }
+        return driver
+    }
+}
+
+func readResult(_ driver: EZODriver) async -> Result<SensorValue, SensorError> {
+    do throws(SensorError) { return .success(try await driver.read()) } catch { return .failure(error) }
+}
+
+@Suite("EZO driver on simulated circuits", .serialized)
+struct EZODriverTests {
+    @Test("Initialises (continuous off), identifies and reads a pH circuit")
+    func readsPH() async throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.ph, name: "ph")
+        let driver = try bench.driver("tank1.ph", quantity: "ph", port: "ph")
+        #expect(simulator.continuous)
+        let first = try await driver.read()
+        let second = try await driver.read()
+        #expect(first == SensorValue(6.00))
+        #expect(second == SensorValue(6.01))
+        #expect(!simulator.continuous, "C,0 was not sent")
+        let commands = simulator.commands.map { $0.uppercased() }
+        #expect(commands.filter { $0 == "I" }.count == 1, "identified once: \(commands)")
+        #expect(commands.filter { $0 == "R" }.count == 2)
+        await driver.close()
+    }
+
+    @Test("Works whether response codes are on or off", arguments: [true, false])
+    func responseCodes(on: Bool) async throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.rtd, name: "rtd", values: { index, _ in 20 + Double(max(0, index)) / 8 })
+        simulator.setResponseCodes(on)
+        let driver = try bench.driver("tank1.temp", quantity: "temperature", port: "rtd")
+        for index in 0..<3 {
+            let value = try await driver.read()
+            #expect(value.value == 20 + Double(index) / 8)
+        }
+        #expect(simulator.commands.contains { $0.uppercased() == "S,C" }, "the RTD was not set to °C")
+        await driver.close()
+    }
+
+    @Test("Refuses a circuit of another kind with a clear error")
+    func identifyMismatch() async throws {
+        let bench = try EZOBench()
+        _ = try bench.circuit(.ec, name: "port")
+        let driver = try bench.driver("tank1.ph", quantity: "ph", port: "port")
+        let result = await readResult(driver)
+        guard case .failure(let error) = result else {
+            Issue.record("a pH sensor read an EC circuit: \(result)")
+            return
+        }
+        #expect(error.kind == .fault)
+        #expect(error.message.contains("is an EZO EC (firmware 2.16)"), "\(error)")
+        #expect(error.message.contains("needs an EZO pH circuit"), "\(error)")
+        #expect(error.message.contains("tank1.ph"), "\(error)")
+        await driver.close()
+    }
+
+    @Test("Error codes become faults naming the cause; the next read works", arguments: ["*ER", "*OV", "*UV"])
+    func errorCodes(code: String) async throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.ph, name: "ph")
+        let driver = try bench.driver("tank1.ph", quantity: "ph", port: "ph")
+        _ = try await driver.read()
+        simulator.inject(.respond(code))
+        let result = await readResult(driver)
+        guard case .failure(let error) = result else {
+            Issue.record("\(code) gave a value: \(result)")
+            return
+        }
+        #expect(error.kind == .fault)
+        #expect(error.message.contains(code), "\(error)")
+        if code != "*ER" { #expect(error.message.contains("power supply"), "\(error)") }
+        let next = try await driver.read()
+        #expect(next == SensorValue(6.01))
+        await driver.close()
+    }
+
+    @Test("Noise before an answer is skipped; noise instead of one, half a line or silence fail that read only")
+    func garbageAndPartialLines() async throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.ph, name: "ph")
+        let driver = try bench.driver("tank1.ph", quantity: "ph", port: "ph")
+        simulator.inject(.garbageBefore([0xFF, 0x00, 0x8A, 0x13, 0x7F]))
+        #expect(try await driver.read() == SensorValue(6.00))
+
+        simulator.inject(.garbageOnly([0xFE, 0x81, 0x00, 0x33]))
+        guard case .failure(let garbled) = await readResult(driver) else {
+            Issue.record("noise gave a value")
+            return
+        }
+        #expect(garbled.kind == .invalidResponse)
+        #expect(garbled.message.contains("garbled"), "\(garbled)")
+        #expect(garbled.message.contains("baud"), "\(garbled)")
+        #expect(try await driver.read() == SensorValue(6.01))
+
+        simulator.inject(.partial)
+        guard case .failure(let partial) = await readResult(driver) else {
+            Issue.record("half a line gave a value")
+            return
+        }
+        #expect(partial.kind == .invalidResponse)
+        #expect(partial.message.contains("incomplete"), "\(partial)")
+        #expect(try await driver.read() == SensorValue(6.02))
+
+        simulator.inject(.silence)
+        let started = ContinuousClock.now
+        guard case .failure(let silent) = await readResult(driver) else {
+            Issue.record("silence gave a value")
+            return
+        }
+        #expect(silent.kind == .timeout)
+        #expect(silent.message.contains("UART mode"), "\(silent)")
+        #expect(ContinuousClock.now - started < .seconds(5), "the read was not bounded by its deadline")
+        #expect(try await driver.read() == SensorValue(6.03))
+        await driver.close()
+    }
+
+    @Test("A wrong baud shows as garbled answers that say to check the baud")
+    func baudMismatch() async throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.ph, name: "ph")
+        simulator.setBaudMismatch(true)
+        let driver = try bench.driver("tank1.ph", quantity: "ph", port: "ph")
+        guard case .failure(let error) = await readResult(driver) else {
+            Issue.record("a read at the wrong baud gave a value")
+            return
+        }
+        #expect(error.kind == .invalidResponse, "\(error)")
+        #expect(error.message.contains("baud"), "\(error)")
+        simulator.setBaudMismatch(false)
+        #expect(try await driver.read().value == 6.00)
+        await driver.close()
+    }
+
+    @Test("A reboot (*RS then *RE or *WA, factory settings) is detected and the circuit initialised again", arguments: ["*RE", "*WA"])
+    func rebootReinitialises(announce: String) async throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.ph, name: "ph")
+        let driver = try bench.driver("tank1.ph", quantity: "ph", port: "ph")
+        #expect(try await driver.read() == SensorValue(6.00))
+        await simulator.reboot(announce: announce)
+        #expect(simulator.continuous, "the simulated reboot did not restore factory settings")
+        // Let it stream a reading or two, as a rebooted circuit does.
+        try await Task.sleep(for: .milliseconds(1500))
+        #expect(try await driver.read() == SensorValue(6.01))
+        #expect(!simulator.continuous, "continuous mode was not turned off again after the reboot")
+        #expect(simulator.commands.filter { $0.uppercased() == "C,0" }.count == 2, "\(simulator.commands)")
+        await driver.close()
+    }
+
+    @Test("A value no probe can read is refused")
+    func implausibleValue() async throws {
+        let bench = try EZOBench()
+        _ = try bench.circuit(.ph, name: "ph", values: { _, _ in 99 })
+        let driver = try bench.driver("tank1.ph", quantity: "ph", port: "ph")
+        guard case .failure(let error) = await readResult(driver) else {
+            Issue.record("pH 99 was accepted")
+            return
+        }
+        #expect(error.kind == .invalidResponse)
+        #expect(error.message.contains("read 99.0"), "\(error)")
+        await driver.close()
+    }
+
+    @Test("*SL during a read: initialise again and read")
+    func sleepEvent() async throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.ph, name: "ph")
+        let driver = try bench.driver("tank1.ph", quantity: "ph", port: "ph")
+        _ = try await driver.read()
+        simulator.inject(.respond("*SL"))
+        #expect(try await driver.read() == SensorValue(6.01))
+        #expect(simulator.commands.filter { $0.uppercased() == "I" }.count == 2)
+        await driver.close()
+    }
+
+    @Test("Compensation: RT with the fresh temperature, the last good one when stale, none before any")
+    func compensation() async throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.ph, name: "ph")
+        let drivers = try bench.drivers(
+            """
+            [[sensor]]
+            id = "tank1.ph"
+            driver = "ezo"
+            quantity = "ph"
+            port = "\(bench.dir.file("ph"))"
+            temperature_sensor = "tank1.temp"
+            temperature_max_age = "1m"
+
+            [[sensor]]
+            id = "tank1.temp"
+            driver = "simulated"
+            quantity = "temperature"
+            """)
+        let driver = try #require(drivers["tank1.ph"])
+
+        // No temperature yet: a plain R, not flagged.
+        let uncompensated = try await driver.read()
+        #expect(!uncompensated.quality.contains(.compensated))
+        #expect(simulator.served.last?.temperature == nil)
+
+        try bench.latest.set("tank1.temp", 21.437)
+        let fresh = try await driver.read()
+        #expect(fresh.quality.contains(.compensated))
+        #expect(simulator.served.last?.temperature == 21.44)
+        #expect(simulator.commands.last?.uppercased() == "RT,21.44")
+
+        // The temperature sensor stopped updating: its value is two minutes old, older than temperature_max_age.
+        try bench.latest.set("tank1.temp", 30, ageSeconds: 120)
+        let stale = try await driver.read()
+        #expect(stale.quality.contains(.compensated))
+        #expect(simulator.served.last?.temperature == 21.44, "a stale temperature was used instead of the last good one")
+
+        try bench.latest.set("tank1.temp", 22.5)
+        _ = try await driver.read()
+        #expect(simulator.served.last?.temperature == 22.5)
+        await driver.close()
+    }
+
+    @Test("Unplug: disconnected errors; replug: reads resume on the same driver")
+    func unplugAndReplug() async throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.ph, name: "ph")
+        let driver = try bench.driver("tank1.ph", quantity: "ph", port: "ph")
+        #expect(try await driver.read() == SensorValue(6.00))
+        await simulator.unplug()
+        for _ in 0..<3 {
+            guard case .failure(let error) = await readResult(driver) else {
+                Issue.record("read a value while unplugged")
+                return
+            }
+            #expect(error.kind == .disconnected, "\(error)")
+            #expect(error.message.contains(bench.dir.file("ph")), "the configured path is not named: \(error)")
+        }
+        await simulator.replug()
+        var value: SensorValue?
+        let resumed = await eventually(timeout: .seconds(10), every: .milliseconds(50)) {
+            if case .success(let read) = await readResult(driver) { value = read }
+            return value != nil
+        }
+        #expect(resumed, "reads did not resume after the replug")
+        #expect(value == SensorValue(6.01))
+        #expect(!simulator.continuous)
+        await driver.close()
+    }
+
+    @Test("A device missing at start is a read error, and is picked up when it appears")
+    func missingAtStart() async throws {
+        let bench = try EZOBench()
+        let driver = try bench.driver("tank1.ph", quantity: "ph", port: "later")
+        guard case .failure(let error) = await readResult(driver) else {
+            Issue.record("read a device that does not exist")
+            return
+        }
+        #expect(error.kind == .disconnected)
+        #expect(error.message.contains("does not exist"), "\(error)")
+        _ = try bench.circuit(.ph, name: "later")
+        let resumed = await eventually(timeout: .seconds(10), every: .milliseconds(50)) {
+            if case .success = await readResult(driver) { return true }
+            return false
+        }
+        #expect(resumed)
+        await driver.close()
+    }
+
+    @Test("EC and TDS sensors on one EC circuit: the outputs configured are turned on, each sensor gets its own")
+    func ecOutputs() async throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.ec, name: "ec", values: { index, _ in 1400 + Double(max(0, index)) })
+        let port = bench.dir.file("ec")
+        let drivers = try bench.drivers(
+            """
+            [[sensor]]
+            id = "tank1.ec"
+            driver = "ezo"
+            quantity = "ec"
+            port = "\(port)"
+
+            [[sensor]]
+            id = "tank1.tds"
+            driver = "ezo"
+            quantity = "tds"
+            port = "\(port)"
+            """)
+        let ec = try #require(drivers["tank1.ec"])
+        let tds = try #require(drivers["tank1.tds"])
+        #expect(try await ec.read() == SensorValue(1400))
+        #expect(simulator.outputs == ["EC", "TDS"])
+        #expect(try await tds.read() == SensorValue(701))
+        #expect(try await ec.read() == SensorValue(1402))
+        await ec.close()
+    }
+
+    @Test("Two opens of one port: the second is refused as busy")
+    func exclusive() async throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.ph, name: "ph")
+        let first = try SerialPort(path: simulator.path, settings: SerialSettings())
+        #expect(first.resolvedPath.hasPrefix("/dev/pts/"))
+        #expect(throws: SerialError.self) { _ = try SerialPort(path: simulator.path, settings: SerialSettings()) }
+        do {
+            _ = try SerialPort(path: simulator.path, settings: SerialSettings())
+        } catch {
+            #expect(error.kind == .busy)
+            #expect(error.message.contains(simulator.path))
+        }
+    }
+
+    @Test("Permission errors say which group to join and that the agent must be restarted")
+    func permissionMessage() throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.ph, name: "ph")
+        var info = stat()
+        #expect(stat(simulator.path, &info) == 0)
+        let group = getgrgid(info.st_gid).flatMap { $0.pointee.gr_name.map { String(cString: $0) } } ?? "?"
+        let error = SerialPort.openError(EACCES, path: simulator.path, shown: simulator.path)
+        #expect(error.kind == .permissionDenied)
+        #expect(error.message.contains("'\(group)' group"), "\(error)")
+        #expect(error.message.contains("usermod -aG \(group)"), "\(error)")
+        #expect(error.message.contains("restart the agent"), "\(error)")
+    }
+}
+
+@Suite("EZO protocol")
+struct EZOProtocolTests {
+    static let stream: [UInt8] = Array("?I,pH,2.16\r*OK\r9.560\r\u{1}\u{2}x\r1413,707\n*RE\r".utf8) + [0xFF, 0x0D] + Array("6.0".utf8)
+
+    @Test("Lines are the same whatever the chunk size", arguments: 1...12)
+    func chunking(size: Int) {
+        var splitter = EZOLineSplitter()
+        var lines: [EZOLine] = []
+        var offset = 0
+        while offset < Self.stream.count {
+            lines += splitter.feed(Self.stream[offset..<min(offset + size, Self.stream.count)])
+            offset += size
+        }
+        #expect(lines == [
+            .text("?I,pH,2.16"), .text("*OK"), .text("9.560"), .garbage([1, 2, 0x78]), .text("1413,707"), .text("*RE"),
+            .garbage([0xFF]),
+        ])
+        #expect(splitter.pending == Array("6.0".utf8))
+        #expect(splitter.discardPartial() == Array("6.0".utf8))
+        #expect(splitter.pending.isEmpty)
+    }
+
+    @Test("Responses are classified")
+    func responses() {
+        #expect(EZOResponse(line: .text("*OK")) == .ok)
+        #expect(EZOResponse(line: .text("*er")) == .error(.unknownCommand))
+        #expect(EZOResponse(line: .text("*OV")) == .error(.overVoltage))
+        #expect(EZOResponse(line: .text("*UV")) == .error(.underVoltage))
+        #expect(EZOResponse(line: .text("*RS")) == .event(.reset))
+        #expect(EZOResponse(line: .text("*RE")) == .event(.ready))
+        #expect(EZOResponse(line: .text("*SL")) == .event(.sleep))
+        #expect(EZOResponse(line: .text("*WA")) == .event(.woke))
+        #expect(EZOResponse(line: .text("*DONE")) == .event(.done))
+        #expect(EZOResponse(line: .text("*XY")) == .garbage(Array("*XY".utf8)))
+        #expect(EZOResponse(line: .text("9.560")) == .data("9.560"))
+        #expect(!EZOEvent.done.restarts)
+    }
+
+    @Test("Answers are parsed, and malformed ones refused")
+    func parsing() {
+        #expect(EZOParse.identity("?I,pH,2.16")! == ("pH", "2.16"))
+        #expect(EZOParse.identity("?i,EC,2.15")! == ("EC", "2.15"))
+        #expect(EZOParse.identity("9.56") == nil)
+        #expect(EZOCircuitKind(identity: "ph") == .ph)
+        #expect(EZOCircuitKind(identity: "OR") == .orp)
+        #expect(EZOCircuitKind(identity: "D.O.") == .dissolvedOxygen)
+        #expect(EZOCircuitKind(identity: "FLO") == nil)
+        #expect(EZOParse.reading("9.560") == [9.56])
+        #expect(EZOParse.reading("-1023.000") == [-1023])
+        #expect(EZOParse.reading("1413,707,0.71,1.000") == [1413, 707, 0.71, 1])
+        for bad in ["", "9.5.6", "nan", "inf", "1e5", "9.56x", "-", ".", "1,,2", "?I,pH,2.16", "0x10"] {
+            #expect(EZOParse.reading(bad) == nil, "\(bad) parsed")
+        }
+        #expect(EZOParse.outputs("?O,EC,TDS") == [.ec, .tds])
+        #expect(EZOParse.outputs("?O,No output") == [])
+        #expect(EZOParse.responseCodes("?*OK,1") == true)
+        #expect(EZOParse.responseCodes("?*ok,0") == false)
+        #expect(EZOSession.format(21.437) == "21.44")
+        #expect(EZOSession.format(-0.05) == "-0.05")
+        #expect(EZOSession.format(5) == "5.00")
+    }
+}
+
+@Suite("EZO simulator", .serialized)
+struct EZOSimulatorTests {
+    /// Sends `command` and returns the lines that come back within `wait`.
+    func ask(_ port: SerialPort, _ command: String, wait: Duration = .milliseconds(600)) throws -> [String] {
+        try port.write(Array((command + "\r").utf8), deadline: .now + .seconds(1))
+        var splitter = EZOLineSplitter()
+        var lines: [String] = []
+        let deadline = ContinuousClock.now + wait
+        while ContinuousClock.now < deadline {
+            for line in splitter.feed(try port.read(until: deadline)) {
+                if case .text(let text) = line { lines.append(text) }
+            }
+            // A response code or an event ends the answer (with codes off, the wait does).
+            if let last = lines.last, last.hasPrefix("*"), command.uppercased() != "C,0" { break }
+        }
+        return lines
+    }
+
+    @Test("Answers as the datasheets say: i, Cal, Slope, Status, T, O, *OK, unknown commands")
+    func datasheet() async throws {
+        let bench = try EZOBench()
+        let ph = try bench.circuit(.ph, name: "ph", timeScale: 0.5)
+        let ec = try bench.circuit(.ec, name: "ec", timeScale: 0.5, values: { _, _ in 1413 })
+        let (phPath, ecPath) = (ph.path, ec.path)
+        try await runOffPool {
+            let phPort = try SerialPort(path: phPath, settings: SerialSettings())
+            let ecPort = try SerialPort(path: ecPath, settings: SerialSettings())
+            // Continuous mode streams a reading a second until C,0.
+            #expect(try self.ask(phPort, "C,0", wait: .milliseconds(1300)).contains("*OK"))
+            #expect(try self.ask(phPort, "i") == ["?I,pH,2.16", "*OK"])
+            #expect(try self.ask(phPort, "Slope,?") == ["?Slope,99.7,100.3,-0.89", "*OK"])
+            #expect(try self.ask(phPort, "Cal,mid,7.00", wait: .milliseconds(1000)) == ["*OK"])
+            #expect(try self.ask(phPort, "Cal,low,4.00", wait: .milliseconds(1000)) == ["*OK"])
+            #expect(try self.ask(phPort, "Cal,?") == ["?Cal,2", "*OK"])
+            #expect(try self.ask(phPort, "Status") == ["?Status,P,5.038", "*OK"])
+            #expect(try self.ask(phPort, "T,19.5") == ["*OK"])
+            #expect(try self.ask(phPort, "T,?") == ["?T,19.50", "*OK"])
+            #expect(try self.ask(phPort, "O,TDS,1") == ["*ER"])
+            #expect(try self.ask(phPort, "Frobnicate") == ["*ER"])
+            #expect(try self.ask(phPort, "*OK,0").isEmpty)
+            #expect(try self.ask(phPort, "*OK,?") == ["?*OK,0"])
+            #expect(try self.ask(phPort, "R", wait: .milliseconds(900)) == ["6.000"])
+            #expect(try self.ask(phPort, "Sleep") == ["*SL"])
+            #expect(try self.ask(phPort, "i") == ["*WA"])
+
+            _ = try self.ask(ecPort, "C,0", wait: .milliseconds(1300))
+            #expect(try self.ask(ecPort, "O,?") == ["?O,EC", "*OK"])
+            #expect(try self.ask(ecPort, "O,TDS,1") == ["*OK"])
+            #expect(try self.ask(ecPort, "O,SG,1") == ["*OK"])
+            #expect(try self.ask(ecPort, "O,?") == ["?O,EC,TDS,SG", "*OK"])
+            #expect(try self.ask(ecPort, "RT,20.0", wait: .milliseconds(900)) == ["1413.0,707,1.000", "*OK"])
+            #expect(try self.ask(ecPort, "Cal,dry", wait: .milliseconds(1000)) == ["*OK"])
+        }
+        #expect(ec.served.last?.line == "1413.0,707,1.000")
+        #expect(ec.served.last?.temperature == 20)
+    }
+}

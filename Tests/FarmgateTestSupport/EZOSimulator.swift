@@ -1,0 +1,518 @@
+import Foundation
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// An Atlas Scientific EZO circuit in UART mode on a real pseudo-terminal, written from the datasheets (pH, EC, RTD,
+/// ORP, DO): the driver opens ``path`` (a symlink to the pty's slave, like a `/dev/serial/by-id/` link) and talks to it
+/// exactly as to the hardware.
+///
+/// What it does as the circuits do: commands end with a carriage return and are case-insensitive; answers end with a
+/// carriage return and are followed by `*OK` while response codes are on (`*OK,0|1|?`); it starts in continuous mode
+/// (a reading a second) until `C,0`; `i`, `R` (with the circuit's processing time), `RT,<t>`, `T`, `Cal`, `Slope,?`,
+/// `O,` (EC outputs, listed in the order EC, TDS, S, SG), `S,` (RTD scale), `Status`, `Sleep`; `*ER` for anything else.
+///
+/// Faults a test can inject: an unprompted reboot (`*RS` then `*RE`, or `*WA`, with the settings back to factory), an
+/// error code, noise before an answer or instead of it, half an answer, silence, a wrong baud (answers come out as
+/// noise), and unplug/replug (the pty goes away with its link; a new pty appears behind the same link, as a USB replug
+/// gives a new tty behind the same by-id link).
+public final class EZOSimulator: Sendable {
+    public enum Circuit: String, Sendable, CaseIterable {
+        case ph = "pH"
+        case ec = "EC"
+        case rtd = "RTD"
+        case orp = "ORP"
+        case dissolvedOxygen = "DO"
+
+        /// Processing time of `R` (feastorg/ezo-driver ezo_product.c).
+        var readTime: Double {
+            switch self {
+            case .ph, .orp: 0.9
+            case .ec, .dissolvedOxygen: 0.6
+            case .rtd: 0.6
+            }
+        }
+
+        var compensates: Bool { self == .ph || self == .ec || self == .dissolvedOxygen }
+    }
+
+    /// What happens to the next read (`R` or `RT`).
+    public enum Fault: Sendable, Hashable {
+        /// The read is answered with this line instead (`*ER`, `*OV`, `*UV`, `*DONE`).
+        case respond(String)
+        /// Noise bytes and a carriage return come before the normal answer.
+        case garbageBefore([UInt8])
+        /// Noise bytes (and a carriage return) replace the answer.
+        case garbageOnly([UInt8])
+        /// Half of the answer, without its carriage return, then nothing.
+        case partial
+        /// No answer at all.
+        case silence
+    }
+
+    /// One answer the circuit gave to a read.
+    public struct Served: Sendable, Hashable {
+        /// The reading line as sent (`6.02`, `1413.0,707`).
+        public var line: String
+        /// The temperature it was compensated with (`RT,<t>`), nil for `R`.
+        public var temperature: Double?
+    }
+
+    struct Settings: Sendable {
+        var continuous = true
+        var responseCodes = true
+        var temperature = 25.0
+        var outputs: Set<String> = ["EC"]
+        var scale = "c"
+        var calibrationPoints = 0
+        var asleep = false
+    }
+
+    enum Action: Sendable {
+        case reboot(String)
+        case unplug
+        case replug
+    }
+
+    struct State: Sendable {
+        var settings = Settings()
+        var master: Int32 = -1
+        var slave: Int32 = -1
+        var plugged = false
+        var stopped = false
+        var actions: [Action] = []
+        var faults: [Fault] = []
+        var served: [Served] = []
+        var commands: [String] = []
+        var reads = 0
+        var baudMismatch = false
+        var lastAnswerAt = ContinuousClock.now
+    }
+
+    public let circuit: Circuit
+    /// The stable path the driver opens (a symlink re-pointed at every replug).
+    public let path: String
+    public let firmware: String
+    /// Multiplies every processing time (1: the datasheet's; tests that make many reads use less).
+    public let timeScale: Double
+    private let values: @Sendable (Int, Double?) -> Double
+    private let state = Mutex(State())
+
+    /// - Parameters:
+    ///   - circuit: which circuit it is.
+    ///   - path: where the link to the pty goes (its directory must exist).
+    ///   - firmware: what `i` reports.
+    ///   - timeScale: factor for processing times.
+    ///   - values: the reading for the n-th read (from 0), given the compensation temperature (nil for `R`).
+    public init(
+        _ circuit: Circuit, path: String, firmware: String = "2.16", timeScale: Double = 1,
+        values: @escaping @Sendable (Int, Double?) -> Double
+    ) throws {
+        self.circuit = circuit
+        self.path = path
+        self.firmware = firmware
+        self.timeScale = timeScale
+        self.values = values
+        try state.withLock { state in try Self.plug(&state, path: path) }
+        let thread = Thread { [self] in self.loop() }
+        thread.name = "ezo-simulator"
+        thread.start()
+    }
+
+    /// Stops the circuit and removes its pty and link. Call it when done: the circuit's thread keeps it alive until then.
+    public func stop() {
+        state.withLock { state in
+            state.stopped = true
+        }
+    }
+
+    // MARK: What tests do
+
+    /// The next reads meet these faults, one each, in order.
+    public func inject(_ faults: Fault...) {
+        inject(contentsOf: faults)
+    }
+
+    /// The next reads meet these faults, one each, in order.
+    public func inject(contentsOf faults: [Fault]) {
+        state.withLock { $0.faults.append(contentsOf: faults) }
+    }
+
+    /// Answers come out as noise, as when the circuit runs at another baud than the port.
+    public func setBaudMismatch(_ on: Bool) {
+        state.withLock { $0.baudMismatch = on }
+    }
+
+    /// Sets what a factory-fresh circuit would not have: response codes on or off.
+    public func setResponseCodes(_ on: Bool) {
+        state.withLock { $0.settings.responseCodes = on }
+    }
+
+    /// Reboots unprompted: `*RS`, settings back to factory (continuous mode on, response codes on), then `announce`
+    /// (`*RE`, or `*WA`).
+    public func reboot(announce: String = "*RE") async {
+        await perform(.reboot(announce))
+    }
+
+    /// Pulls the adapter: the pty closes (the driver's reads fail with EIO or a hang-up) and the link disappears.
+    /// Waits until no read is being answered and the last answer had time to be read, so that nothing served is lost.
+    public func unplug() async {
+        await perform(.unplug)
+    }
+
+    /// Plugs it back in: a new pty behind the same link, with the circuit's settings kept (it was only the adapter).
+    public func replug() async {
+        await perform(.replug)
+    }
+
+    /// Every answer to a read, in order.
+    public var served: [Served] { state.withLock { $0.served } }
+    /// Every command received, in order, as sent (without the carriage return).
+    public var commands: [String] { state.withLock { $0.commands } }
+    /// Whether continuous mode is on.
+    public var continuous: Bool { state.withLock { $0.settings.continuous } }
+    /// Which EC outputs are on.
+    public var outputs: Set<String> { state.withLock { $0.settings.outputs } }
+    /// The temperature last set by `T` or `RT`.
+    public var temperature: Double { state.withLock { $0.settings.temperature } }
+
+    private func perform(_ action: Action) async {
+        state.withLock { $0.actions.append(action) }
+        while state.withLock({ !$0.actions.isEmpty && !$0.stopped }) {
+            try? await Task.sleep(for: .milliseconds(10))
+        }
+    }
+
+    // MARK: The pty
+
+    /// `TIOCSPTLCK` (`_IOW('T', 0x31, int)`) and `TIOCGPTN` (`_IOR('T', 0x30, unsigned int)`), the same on x86-64 and arm64.
+    private static let setLock: UInt = 0x4004_5431
+    private static let getNumber: UInt = 0x8004_5430
+
+    private static func plug(_ state: inout State, path: String) throws {
+        // What glibc's posix_openpt, grantpt, unlockpt and ptsname_r do on Linux (Swift's Glibc module leaves them out):
+        // open the multiplexer, clear the slave's lock, ask for the slave's number. grantpt has nothing to do on devpts.
+        let master = open("/dev/ptmx", O_RDWR | O_NOCTTY | O_NONBLOCK | O_CLOEXEC)
+        guard master >= 0 else { throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EIO) }
+        var unlock: Int32 = 0
+        var number: UInt32 = 0
+        guard ioctl(master, Self.setLock, &unlock) == 0, ioctl(master, Self.getNumber, &number) == 0 else {
+            close(master)
+            throw POSIXError(.EIO)
+        }
+        let slavePath = "/dev/pts/\(number)"
+        // Hold the slave open too: the master then never sees a hang-up when the driver closes and reopens its side.
+        let slave = open(slavePath, O_RDWR | O_NOCTTY | O_NONBLOCK | O_CLOEXEC)
+        guard slave >= 0 else {
+            close(master)
+            throw POSIXError(.EIO)
+        }
+        var options = termios()
+        tcgetattr(slave, &options)
+        cfmakeraw(&options)
+        cfsetispeed(&options, speed_t(B9600))
+        cfsetospeed(&options, speed_t(B9600))
+        tcsetattr(slave, TCSANOW, &options)
+        // Re-point the link atomically, as udev does.
+        let temporary = path + ".new"
+        unlink(temporary)
+        guard symlink(slavePath, temporary) == 0, rename(temporary, path) == 0 else {
+            close(slave)
+            close(master)
+            throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EIO)
+        }
+        state.master = master
+        state.slave = slave
+        state.plugged = true
+    }
+
+    private static func unplug(_ state: inout State, path: String) {
+        unlink(path)
+        if state.master >= 0 { close(state.master) }
+        if state.slave >= 0 { close(state.slave) }
+        state.master = -1
+        state.slave = -1
+        state.plugged = false
+    }
+
+    // MARK: The circuit
+
+    private func loop() {
+        var input: [UInt8] = []
+        var nextStream = ContinuousClock.now + .seconds(1)
+        while true {
+            let (stopped, master) = state.withLock { ($0.stopped, $0.master) }
+            if stopped { break }
+            if runActions(input: &input, nextStream: &nextStream) { continue }
+            guard master >= 0 else {
+                usleep(10_000)
+                continue
+            }
+            var request = pollfd(fd: master, events: Int16(POLLIN), revents: 0)
+            let ready = poll(&request, 1, 20)
+            if ready > 0, request.revents & Int16(POLLIN) != 0 {
+                var buffer = [UInt8](repeating: 0, count: 256)
+                let count = buffer.withUnsafeMutableBytes { Glibc.read(master, $0.baseAddress, $0.count) }
+                if count > 0 { input.append(contentsOf: buffer[0..<count]) }
+            }
+            while let end = input.firstIndex(where: { $0 == 0x0D || $0 == 0x0A }) {
+                let line = String(decoding: input[..<end], as: UTF8.self)
+                input.removeSubrange(...end)
+                if line.isEmpty { continue }
+                handle(line)
+            }
+            let continuous = state.withLock { $0.settings.continuous && !$0.settings.asleep }
+            if continuous, ContinuousClock.now >= nextStream {
+                nextStream = ContinuousClock.now + .seconds(1)
+                let value = format(values(-1, nil))
+                send([value])
+            }
+        }
+        state.withLock { Self.unplug(&$0, path: path) }
+    }
+
+    /// Runs a queued reboot, unplug or replug; returns whether it did.
+    private func runActions(input: inout [UInt8], nextStream: inout ContinuousClock.Instant) -> Bool {
+        guard let action = state.withLock({ $0.actions.first }) else { return false }
+        switch action {
+        case .reboot(let announce):
+            sendRaw(Array("*RS\r".utf8))
+            state.withLock { $0.settings = Settings() }
+            input.removeAll()
+            usleep(UInt32(200_000 * timeScale))
+            sendRaw(Array("\(announce)\r".utf8))
+            nextStream = ContinuousClock.now + .seconds(1)
+        case .unplug:
+            // Let the driver read the last answer before the tty goes.
+            while true {
+                let since = state.withLock { ContinuousClock.now - $0.lastAnswerAt }
+                if since >= .milliseconds(300) { break }
+                usleep(20_000)
+            }
+            state.withLock { Self.unplug(&$0, path: path) }
+            input.removeAll()
+        case .replug:
+            let path = self.path
+            state.withLock { state in
+                if !state.plugged { try? Self.plug(&state, path: path) }
+            }
+        }
+        state.withLock { _ = $0.actions.removeFirst() }
+        return true
+    }
+
+    private func handle(_ line: String) {
+        state.withLock { $0.commands.append(line) }
+        let asleep = state.withLock { state -> Bool in
+            let was = state.settings.asleep
+            state.settings.asleep = false
+            return was
+        }
+        if asleep {
+            // Any character wakes the circuit; the command that woke it is not run.
+            sendRaw(Array("*WA\r".utf8))
+            return
+        }
+        let fields = line.split(separator: ",", omittingEmptySubsequences: false).map { String($0).uppercased() }
+        let command = fields[0]
+        let generic = 0.3
+        switch (command, fields.count) {
+        case ("I", 1):
+            answer(["?I,\(circuit.rawValue),\(firmware)"], after: generic)
+        case ("R", 1):
+            read(temperature: nil)
+        case ("RT", 2) where circuit.compensates:
+            guard let t = Double(fields[1]) else { return error(after: generic) }
+            read(temperature: t)
+        case ("T", 2) where circuit.compensates:
+            if fields[1] == "?" {
+                let t = state.withLock { $0.settings.temperature }
+                answer(["?T,\(String(format: "%.2f", t))"], after: generic)
+            } else if let t = Double(fields[1]) {
+                state.withLock { $0.settings.temperature = t }
+                answer([], after: generic)
+            } else {
+                error(after: generic)
+            }
+        case ("C", 2):
+            switch fields[1] {
+            case "?":
+                let on = state.withLock { $0.settings.continuous }
+                answer(["?C,\(on ? 1 : 0)"], after: generic)
+            case "0", "1":
+                state.withLock { $0.settings.continuous = fields[1] == "1" }
+                answer([], after: generic)
+            default: error(after: generic)
+            }
+        case ("*OK", 2):
+            switch fields[1] {
+            case "?":
+                let on = state.withLock { $0.settings.responseCodes }
+                answer(["?*OK,\(on ? 1 : 0)"], after: generic)
+            case "0", "1":
+                state.withLock { $0.settings.responseCodes = fields[1] == "1" }
+                answer([], after: generic)
+            default: error(after: generic)
+            }
+        case ("CAL", _):
+            calibrate(Array(fields.dropFirst()))
+        case ("SLOPE", 2) where circuit == .ph && fields[1] == "?":
+            answer(["?Slope,99.7,100.3,-0.89"], after: generic)
+        case ("O", 2) where circuit == .ec && fields[1] == "?":
+            let on = state.withLock { $0.settings.outputs }
+            let listed = ["EC", "TDS", "S", "SG"].filter { on.contains($0) }
+            answer([listed.isEmpty ? "?O,No output" : "?O," + listed.joined(separator: ",")], after: generic)
+        case ("O", 3) where circuit == .ec && ["EC", "TDS", "S", "SG"].contains(fields[1]) && ["0", "1"].contains(fields[2]):
+            state.withLock { state in
+                if fields[2] == "1" { state.settings.outputs.insert(fields[1]) } else { state.settings.outputs.remove(fields[1]) }
+            }
+            answer([], after: generic)
+        case ("S", 2) where circuit == .rtd:
+            if fields[1] == "?" {
+                let scale = state.withLock { $0.settings.scale }
+                answer(["?S,\(scale)"], after: generic)
+            } else if ["C", "K", "F"].contains(fields[1]) {
+                state.withLock { $0.settings.scale = fields[1].lowercased() }
+                answer([], after: generic)
+            } else {
+                error(after: generic)
+            }
+        case ("STATUS", 1):
+            answer(["?Status,P,5.038"], after: generic)
+        case ("SLEEP", 1):
+            state.withLock { $0.settings.asleep = true }
+            sendRaw(Array("*SL\r".utf8))
+        default:
+            error(after: generic)
+        }
+    }
+
+    private func calibrate(_ arguments: [String]) {
+        let time = 1.2
+        switch (circuit, arguments.first, arguments.count) {
+        case (_, "?", 1):
+            let points = state.withLock { $0.settings.calibrationPoints }
+            answer(["?Cal,\(points)"], after: 0.3)
+        case (_, "CLEAR", 1):
+            state.withLock { $0.settings.calibrationPoints = 0 }
+            answer([], after: 0.3)
+        case (.ph, "MID", 2) where Double(arguments[1]) != nil:
+            // Mid-point calibration clears the others.
+            state.withLock { $0.settings.calibrationPoints = 1 }
+            answer([], after: time)
+        case (.ph, "LOW", 2) where Double(arguments[1]) != nil, (.ph, "HIGH", 2) where Double(arguments[1]) != nil:
+            state.withLock { $0.settings.calibrationPoints = min(3, max(1, $0.settings.calibrationPoints) + 1) }
+            answer([], after: time)
+        case (.ec, "DRY", 1):
+            state.withLock { $0.settings.calibrationPoints = 0 }
+            answer([], after: time)
+        case (.ec, "LOW", 2) where Double(arguments[1]) != nil, (.ec, "HIGH", 2) where Double(arguments[1]) != nil:
+            state.withLock { $0.settings.calibrationPoints = min(2, $0.settings.calibrationPoints + 1) }
+            answer([], after: time)
+        case (.ec, _, 1) where Double(arguments[0]) != nil, (.rtd, _, 1) where Double(arguments[0]) != nil,
+            (.orp, _, 1) where Double(arguments[0]) != nil, (.dissolvedOxygen, _, 1) where Double(arguments[0]) != nil:
+            state.withLock { $0.settings.calibrationPoints = 1 }
+            answer([], after: time)
+        default:
+            error(after: 0.3)
+        }
+    }
+
+    private func read(temperature: Double?) {
+        let (fault, index, settings) = state.withLock { state -> (Fault?, Int, Settings) in
+            let fault = state.faults.isEmpty ? nil : state.faults.removeFirst()
+            if let temperature { state.settings.temperature = temperature }
+            return (fault, state.reads, state.settings)
+        }
+        let time = temperature == nil ? circuit.readTime : 0.9
+        let value = values(index, temperature)
+        var fields: [String]
+        if circuit == .ec {
+            fields = []
+            if settings.outputs.contains("EC") { fields.append(format(value)) }
+            if settings.outputs.contains("TDS") { fields.append(String(Int((value * 0.5).rounded()))) }
+            if settings.outputs.contains("S") { fields.append(String(format: "%.2f", value / 1000 * 0.55)) }
+            if settings.outputs.contains("SG") { fields.append("1.000") }
+            if fields.isEmpty { fields = ["No output"] }
+        } else {
+            fields = [format(value)]
+        }
+        let line = fields.joined(separator: ",")
+        switch fault {
+        case .none:
+            answer([line], after: time)
+            state.withLock { state in
+                state.reads += 1
+                state.served.append(Served(line: line, temperature: temperature))
+            }
+        case .respond(let code)?:
+            pause(time)
+            sendRaw(Array("\(code)\r".utf8))
+        case .garbageBefore(let noise)?:
+            pause(time)
+            sendRaw(noise + [0x0D])
+            answer([line], after: 0)
+            state.withLock { state in
+                state.reads += 1
+                state.served.append(Served(line: line, temperature: temperature))
+            }
+        case .garbageOnly(let noise)?:
+            pause(time)
+            sendRaw(noise + [0x0D])
+        case .partial?:
+            pause(time)
+            sendRaw(Array(line.utf8.prefix(max(1, line.utf8.count / 2))))
+        case .silence?:
+            break
+        }
+    }
+
+    private func format(_ value: Double) -> String {
+        switch circuit {
+        case .ec: String(format: "%.1f", value)
+        case .orp: String(format: "%.1f", value)
+        default: String(format: "%.3f", value)
+        }
+    }
+
+    private func pause(_ seconds: Double) {
+        if seconds > 0 { usleep(UInt32(seconds * timeScale * 1_000_000)) }
+    }
+
+    private func error(after seconds: Double) {
+        pause(seconds)
+        sendRaw(Array("*ER\r".utf8))
+    }
+
+    /// Sends `lines` after the processing time, then `*OK` when response codes are on.
+    private func answer(_ lines: [String], after seconds: Double) {
+        pause(seconds)
+        let codes = state.withLock { $0.settings.responseCodes }
+        send(lines + (codes ? ["*OK"] : []))
+    }
+
+    private func send(_ lines: [String]) {
+        guard !lines.isEmpty else { return }
+        sendRaw(Array(lines.map { $0 + "\r" }.joined().utf8))
+    }
+
+    private func sendRaw(_ bytes: [UInt8]) {
+        state.withLock { state in
+            guard state.master >= 0 else { return }
+            var bytes = bytes
+            if state.baudMismatch {
+                // At the wrong speed every byte arrives as something else.
+                bytes = bytes.map { $0 == 0x0D ? 0x0D : ($0 &* 7) | 0x80 }
+            }
+            var offset = 0
+            var attempts = 0
+            while offset < bytes.count, attempts < 100 {
+                let written = bytes[offset...].withUnsafeBytes { Glibc.write(state.master, $0.baseAddress, $0.count) }
+                if written > 0 { offset += written } else { attempts += 1; usleep(1000) }
+            }
+            state.lastAnswerAt = ContinuousClock.now
+        }
+    }
+}
