@@ -55,7 +55,10 @@ func buildRouter(
     BatchController(
         store: store, authenticator: authenticator,
         rateLimiter: RateLimiter(rate: configuration.limits.requestsPerSecond, burst: configuration.limits.burst),
-        validator: ReadingValidator(futureTolerance: configuration.limits.futureTolerance), limits: configuration.limits,
+        validator: ReadingValidator(
+            futureTolerance: configuration.limits.futureTolerance,
+            unsynchronizedFutureLimit: configuration.limits.unsynchronizedFutureLimit),
+        limits: configuration.limits,
         metrics: metrics, now: now, logger: logger
     ).addRoutes(to: router)
     ReadController(store: store, authenticator: authenticator, logger: logger).addRoutes(to: router)

@@ -102,6 +102,7 @@ public final class SQLiteIngestStore: IngestStore {
     private static func store(_ batch: Batch, device: DeviceIdentity, receivedAt: Timestamp, in db: CachedConnection) throws -> StoreOutcome {
         let used = Set(batch.readings.map(\.sensor))
         var sensorRows: [SensorID: Int64] = [:]
+        var resolutions: [SensorID: Resolution] = [:]
         var conflicts: [SensorID: (registered: String, sent: Quantity)] = [:]
         var seenInBatch: [SensorID: Quantity] = [:]
 
@@ -116,6 +117,7 @@ public final class SQLiteIngestStore: IngestStore {
                 continue
             }
             seenInBatch[descriptor.id] = descriptor.quantity
+            resolutions[descriptor.id] = descriptor.resolution
             try findSensor.bind([.integer(device.rowID), .text(descriptor.id.rawValue)])
             if try findSensor.step() {
                 let rowID = findSensor.int64(0)
@@ -150,9 +152,11 @@ public final class SQLiteIngestStore: IngestStore {
             VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, sequence) DO NOTHING
             """)
         var accepted = 0
-        var duplicates = 0
         var rejected: [RejectedReading] = []
         var newest: [Int64: Reading] = [:]
+        var highestAccepted: Int64?
+        // Readings whose sequence is already stored: compared with the stored rows afterwards, many at a time.
+        var alreadyStored: [StoredCandidate] = []
         for reading in batch.readings {
             if let conflict = conflicts[reading.sensor] {
                 rejected.append(
@@ -181,13 +185,23 @@ public final class SQLiteIngestStore: IngestStore {
             ])
             if db.connection.changes == 1 {
                 accepted += 1
+                highestAccepted = max(highestAccepted ?? sequence, sequence)
                 if let current = newest[sensorRow], (current.timestamp, current.sequence) >= (reading.timestamp, reading.sequence) {
                     continue
                 }
                 newest[sensorRow] = reading
             } else {
-                duplicates += 1
+                alreadyStored.append(StoredCandidate(reading: reading, sequence: sequence, sensorRow: sensorRow, resolution: resolutions[reading.sensor]))
             }
+        }
+        let (duplicates, sequenceConflicts) = try compare(alreadyStored, device: device, in: db)
+        rejected += sequenceConflicts
+
+        if let highestAccepted {
+            // In the same transaction as the readings: the device's high-water mark never lags what is stored, and
+            // nothing that deletes readings (retention) can lower it.
+            try db.statement("UPDATE devices SET highest_sequence = max(coalesce(highest_sequence, -1), ?) WHERE id = ?")
+                .run([.integer(highestAccepted), .integer(device.rowID)])
         }
 
         let upsertLatest = try db.statement(
@@ -205,6 +219,119 @@ public final class SQLiteIngestStore: IngestStore {
             ])
         }
         return StoreOutcome(accepted: accepted, duplicates: duplicates, rejected: rejected)
+    }
+
+    /// A reading whose (device, sequence) was already stored when the batch tried to insert it.
+    private struct StoredCandidate {
+        var reading: Reading
+        var sequence: Int64
+        var sensorRow: Int64
+        var resolution: Resolution?
+    }
+
+    /// How many sequences one comparison query looks up (one cached statement; unused places never match).
+    private static let comparisonChunk = 250
+
+    /// Compares readings whose sequence is already stored with the stored rows, `comparisonChunk` at a time (one query
+    /// per chunk, not one per reading, so that a batch sent twice stays cheap): the same sensor, timestamp, value in
+    /// whole steps of the sensor's resolution and flags make a duplicate; anything else is a `sequence_conflict`.
+    private static func compare(_ candidates: [StoredCandidate], device: DeviceIdentity, in db: CachedConnection) throws -> (
+        duplicates: Int, conflicts: [RejectedReading]
+    ) {
+        guard !candidates.isEmpty else { return (0, []) }
+        let placeholders = Array(repeating: "?", count: comparisonChunk).joined(separator: ", ")
+        let select = try db.statement(
+            "SELECT sequence, sensor_id, timestamp_us, value, flags FROM readings WHERE device_id = ? AND sequence IN (\(placeholders))")
+        var duplicates = 0
+        var conflicts: [RejectedReading] = []
+        var stored: [Int64: (sensorRow: Int64, timestamp: Int64, value: Double, flags: Int64)] = [:]
+        var start = 0
+        while start < candidates.count {
+            let chunk = candidates[start..<min(start + comparisonChunk, candidates.count)]
+            start += comparisonChunk
+            stored.removeAll(keepingCapacity: true)
+            var values: [SQLiteValue] = [.integer(device.rowID)]
+            values.reserveCapacity(comparisonChunk + 1)
+            for candidate in chunk { values.append(.integer(candidate.sequence)) }
+            while values.count <= comparisonChunk { values.append(.integer(-1)) }  // no stored sequence is negative
+            try select.bind(values)
+            do {
+                defer { select.reset() }
+                while try select.step() {
+                    stored[select.int64(0)] = (select.int64(1), select.int64(2), select.double(3), select.int64(4))
+                }
+            }
+            for candidate in chunk {
+                guard let row = stored[candidate.sequence] else {
+                    // Inserted by nobody and yet refused: cannot happen inside one transaction; never count it silently.
+                    throw IngestStoreError.corrupt("sequence \(candidate.sequence) of device \(device.device) was refused but is not stored")
+                }
+                let differences = try Self.differences(candidate, stored: row, in: db)
+                if differences.isEmpty {
+                    duplicates += 1
+                } else {
+                    let reading = candidate.reading
+                    conflicts.append(
+                        RejectedReading(
+                            sequence: reading.sequence, sensor: reading.sensor.rawValue, code: RejectionCode.sequenceConflict,
+                            message: "sequence \(reading.sequence) is already stored for this device with another \(differences.joined(separator: ", ")); two readings were numbered alike (a site buffer lost or replaced): number this one above the highest sequence the ingest holds (GET \(IngestProtocol.deviceStatePath))"))
+                }
+            }
+        }
+        return (duplicates, conflicts)
+    }
+
+    /// What differs between `candidate` and the stored row, each as "field stored X, sent Y"; empty when it is the same
+    /// reading.
+    private static func differences(
+        _ candidate: StoredCandidate, stored: (sensorRow: Int64, timestamp: Int64, value: Double, flags: Int64), in db: CachedConnection
+    ) throws -> [String] {
+        let reading = candidate.reading
+        var differences: [String] = []
+        if stored.sensorRow != candidate.sensorRow {
+            let name = try db.withStatement("SELECT name FROM sensors WHERE id = ?", [.integer(stored.sensorRow)]) { statement in
+                try statement.step() ? statement.text(0) : "#\(stored.sensorRow)"
+            }
+            differences.append("sensor (stored '\(name)', sent '\(reading.sensor)')")
+        }
+        if stored.timestamp != reading.timestamp.microseconds {
+            differences.append("timestamp (stored \(Timestamp(microseconds: stored.timestamp)), sent \(reading.timestamp))")
+        }
+        // Values are compared in whole steps of the resolution: the stored double and a re-sent one may differ in their
+        // last bits (another encoder, JSON text) while meaning the same value.
+        let sameValue: Bool
+        if let resolution = candidate.resolution, let storedSteps = resolution.quantize(stored.value),
+            let sentSteps = resolution.quantize(reading.value)
+        {
+            sameValue = storedSteps == sentSteps
+        } else {
+            sameValue = stored.value == reading.value
+        }
+        if !sameValue {
+            let shown = { (value: Double) -> String in
+                guard let resolution = candidate.resolution, let steps = resolution.quantize(value) else { return "\(value)" }
+                return "\(resolution.value(ofSteps: steps))"
+            }
+            differences.append("value (stored \(shown(stored.value)), sent \(shown(reading.value)))")
+        }
+        if stored.flags != Int64(reading.quality.rawValue) {
+            let names = { (flags: QualityFlags) -> String in
+                let named = QualityFlags.names.filter { flags.contains($0.0) }.map(\.1)
+                return named.isEmpty ? "none" : named.joined(separator: "|")
+            }
+            differences.append(
+                "flags (stored \(names(QualityFlags(rawValue: UInt16(truncatingIfNeeded: stored.flags)))), sent \(names(reading.quality)))")
+        }
+        return differences
+    }
+
+    public func highestSequence(device: DeviceIdentity) async throws -> UInt64? {
+        try await reader.withValue { db in
+            try db.withStatement("SELECT highest_sequence FROM devices WHERE id = ?", [.integer(device.rowID)]) { statement throws -> UInt64? in
+                guard try statement.step() else { throw IngestStoreError.notFound("device '\(device.device)' in farm '\(device.farm)'") }
+                return statement.isNull(0) ? nil : UInt64(clamping: statement.int64(0))
+            }
+        }
     }
 
     // MARK: Credentials
@@ -292,6 +419,21 @@ public final class SQLiteIngestStore: IngestStore {
                 UPDATE devices SET revoked = 1, revoked_at_us = coalesce(revoked_at_us, ?)
                 WHERE name = ? AND farm_id = (SELECT id FROM farms WHERE name = ?)
                 """, [.integer(revokedAt.microseconds), .text(device.rawValue), .text(farm)])
+            guard db.connection.changes == 1 else { throw IngestStoreError.notFound("device '\(device)' in farm '\(farm)'") }
+        }
+    }
+
+    public func rotateDeviceKey(farm: String, device: DeviceID, keyID: String, secretHash: [UInt8], rotatedAt: Timestamp) async throws {
+        try await writer.withValue { db in
+            do {
+                try db.connection.query(
+                    """
+                    UPDATE devices SET key_id = ?, secret_sha256 = ?, revoked = 0, revoked_at_us = NULL
+                    WHERE name = ? AND farm_id = (SELECT id FROM farms WHERE name = ?)
+                    """, [.text(keyID), .blob(secretHash), .text(device.rawValue), .text(farm)])
+            } catch let error as SQLiteError where error.isConstraint {
+                throw IngestStoreError.alreadyExists("API key id '\(keyID)'")
+            }
             guard db.connection.changes == 1 else { throw IngestStoreError.notFound("device '\(device)' in farm '\(farm)'") }
         }
     }
