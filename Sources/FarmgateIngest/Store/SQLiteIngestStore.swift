@@ -229,63 +229,89 @@ public final class SQLiteIngestStore: IngestStore {
         var resolution: Resolution?
     }
 
-    /// How many sequences one comparison query looks up (one cached statement; unused places never match).
-    private static let comparisonChunk = 250
+    /// The widest gap between two already-stored sequences that one range query still covers: a batch sent again is
+    /// usually one run of consecutive sequences, read with a single ordered range scan; sparse ones are cut into several
+    /// scans, so that at most this many unrelated rows are stepped over per reading.
+    private static let comparisonGap: Int64 = 32
 
-    /// Compares readings whose sequence is already stored with the stored rows, `comparisonChunk` at a time (one query
-    /// per chunk, not one per reading, so that a batch sent twice stays cheap): the same sensor, timestamp, value in
-    /// whole steps of the sensor's resolution and flags make a duplicate; anything else is a `sequence_conflict`.
+    /// Compares readings whose sequence is already stored with the stored rows, by ordered range scans over the primary
+    /// key rather than one query per reading, so that a batch sent twice stays cheap: the same sensor, timestamp, value
+    /// in whole steps of the sensor's resolution and flags make a duplicate; anything else is a `sequence_conflict`.
     private static func compare(_ candidates: [StoredCandidate], device: DeviceIdentity, in db: CachedConnection) throws -> (
         duplicates: Int, conflicts: [RejectedReading]
     ) {
         guard !candidates.isEmpty else { return (0, []) }
-        let placeholders = Array(repeating: "?", count: comparisonChunk).joined(separator: ", ")
-        let select = try db.statement(
-            "SELECT sequence, sensor_id, timestamp_us, value, flags FROM readings WHERE device_id = ? AND sequence IN (\(placeholders))")
+        let sorted = candidates.sorted { $0.sequence < $1.sequence }
+        let scan = try db.statement(
+            "SELECT sequence, sensor_id, timestamp_us, value, flags FROM readings WHERE device_id = ? AND sequence >= ? AND sequence <= ? ORDER BY sequence")
         var duplicates = 0
         var conflicts: [RejectedReading] = []
-        var stored: [Int64: (sensorRow: Int64, timestamp: Int64, value: Double, flags: Int64)] = [:]
-        var start = 0
-        while start < candidates.count {
-            let chunk = candidates[start..<min(start + comparisonChunk, candidates.count)]
-            start += comparisonChunk
-            stored.removeAll(keepingCapacity: true)
-            var values: [SQLiteValue] = [.integer(device.rowID)]
-            values.reserveCapacity(comparisonChunk + 1)
-            for candidate in chunk { values.append(.integer(candidate.sequence)) }
-            while values.count <= comparisonChunk { values.append(.integer(-1)) }  // no stored sequence is negative
-            try select.bind(values)
+        func missing(_ candidate: StoredCandidate) -> IngestStoreError {
+            // Refused by the insert and yet not stored: cannot happen inside one transaction; never count it silently.
+            .corrupt("sequence \(candidate.sequence) of device \(device.device) was refused but is not stored")
+        }
+        var first = 0
+        while first < sorted.count {
+            var last = first
+            while last + 1 < sorted.count, sorted[last + 1].sequence - sorted[last].sequence <= comparisonGap { last += 1 }
+            try scan.bind([.integer(device.rowID), .integer(sorted[first].sequence), .integer(sorted[last].sequence)])
+            var next = first
             do {
-                defer { select.reset() }
-                while try select.step() {
-                    stored[select.int64(0)] = (select.int64(1), select.int64(2), select.double(3), select.int64(4))
+                defer { scan.reset() }
+                while next <= last, try scan.step() {
+                    let sequence = scan.int64(0)
+                    if sorted[next].sequence < sequence { throw missing(sorted[next]) }
+                    guard sorted[next].sequence == sequence else { continue }
+                    let stored = StoredRow(sensorRow: scan.int64(1), timestamp: scan.int64(2), value: scan.double(3), flags: scan.int64(4))
+                    // The same sequence may come more than once in one batch: each is compared with the stored row.
+                    while next <= last, sorted[next].sequence == sequence {
+                        let candidate = sorted[next]
+                        next += 1
+                        if stored.matches(candidate) {
+                            duplicates += 1
+                            continue
+                        }
+                        let reading = candidate.reading
+                        let differences = try Self.differences(candidate, stored: stored, in: db)
+                        conflicts.append(
+                            RejectedReading(
+                                sequence: reading.sequence, sensor: reading.sensor.rawValue, code: RejectionCode.sequenceConflict,
+                                message: "sequence \(reading.sequence) is already stored for this device with another \(differences.joined(separator: ", ")); two readings were numbered alike (a site buffer lost or replaced): number this one above the highest sequence the ingest holds (GET \(IngestProtocol.deviceStatePath))"))
+                    }
                 }
             }
-            for candidate in chunk {
-                guard let row = stored[candidate.sequence] else {
-                    // Inserted by nobody and yet refused: cannot happen inside one transaction; never count it silently.
-                    throw IngestStoreError.corrupt("sequence \(candidate.sequence) of device \(device.device) was refused but is not stored")
-                }
-                let differences = try Self.differences(candidate, stored: row, in: db)
-                if differences.isEmpty {
-                    duplicates += 1
-                } else {
-                    let reading = candidate.reading
-                    conflicts.append(
-                        RejectedReading(
-                            sequence: reading.sequence, sensor: reading.sensor.rawValue, code: RejectionCode.sequenceConflict,
-                            message: "sequence \(reading.sequence) is already stored for this device with another \(differences.joined(separator: ", ")); two readings were numbered alike (a site buffer lost or replaced): number this one above the highest sequence the ingest holds (GET \(IngestProtocol.deviceStatePath))"))
-                }
-            }
+            if next <= last { throw missing(sorted[next]) }
+            first = last + 1
         }
         return (duplicates, conflicts)
     }
 
-    /// What differs between `candidate` and the stored row, each as "field stored X, sent Y"; empty when it is the same
-    /// reading.
-    private static func differences(
-        _ candidate: StoredCandidate, stored: (sensorRow: Int64, timestamp: Int64, value: Double, flags: Int64), in db: CachedConnection
-    ) throws -> [String] {
+    /// A stored reading as the comparison reads it.
+    private struct StoredRow {
+        var sensorRow: Int64
+        var timestamp: Int64
+        var value: Double
+        var flags: Int64
+
+        /// Whether `candidate` is the same reading: same sensor, timestamp and flags, and the same value in whole steps
+        /// of the resolution (the stored double and a re-sent one may differ in their last bits, from another encoder or
+        /// JSON text, while meaning the same value).
+        func matches(_ candidate: StoredCandidate) -> Bool {
+            let reading = candidate.reading
+            guard sensorRow == candidate.sensorRow, timestamp == reading.timestamp.microseconds, flags == Int64(reading.quality.rawValue)
+            else { return false }
+            return Self.sameValue(value, reading.value, at: candidate.resolution)
+        }
+
+        static func sameValue(_ stored: Double, _ sent: Double, at resolution: Resolution?) -> Bool {
+            if stored == sent { return true }
+            guard let resolution, let storedSteps = resolution.quantize(stored), let sentSteps = resolution.quantize(sent) else { return false }
+            return storedSteps == sentSteps
+        }
+    }
+
+    /// What differs between `candidate` and the stored row, each as "field (stored X, sent Y)".
+    private static func differences(_ candidate: StoredCandidate, stored: StoredRow, in db: CachedConnection) throws -> [String] {
         let reading = candidate.reading
         var differences: [String] = []
         if stored.sensorRow != candidate.sensorRow {
@@ -297,17 +323,7 @@ public final class SQLiteIngestStore: IngestStore {
         if stored.timestamp != reading.timestamp.microseconds {
             differences.append("timestamp (stored \(Timestamp(microseconds: stored.timestamp)), sent \(reading.timestamp))")
         }
-        // Values are compared in whole steps of the resolution: the stored double and a re-sent one may differ in their
-        // last bits (another encoder, JSON text) while meaning the same value.
-        let sameValue: Bool
-        if let resolution = candidate.resolution, let storedSteps = resolution.quantize(stored.value),
-            let sentSteps = resolution.quantize(reading.value)
-        {
-            sameValue = storedSteps == sentSteps
-        } else {
-            sameValue = stored.value == reading.value
-        }
-        if !sameValue {
+        if !StoredRow.sameValue(stored.value, reading.value, at: candidate.resolution) {
             let shown = { (value: Double) -> String in
                 guard let resolution = candidate.resolution, let steps = resolution.quantize(value) else { return "\(value)" }
                 return "\(resolution.value(ofSteps: steps))"
