@@ -102,6 +102,30 @@ struct SequenceStoreTests {
         #expect(outcome.rejected.allSatisfy { $0.code == RejectionCode.sequenceConflict })
     }
 
+    @Test("sequences below the highest stored one that are not stored (gaps) are stored, also twice in one batch")
+    func gapsBelowHighest() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let device = try await fixture.identity(device: "d1")
+        _ = try await fixture.store.store(try phBatch(sequences: [1, 2, 3, 50, 100, 200]), for: device, receivedAt: testNow)
+        var batch = try phBatch(sequences: [2, 4, 40, 50, 60, 99, 150, 201], value: 6.5)
+        var twin = try #require(batch.readings.first { $0.sequence == 60 })
+        batch.readings.append(twin)  // the same gap sequence twice, same content: stored once, then a duplicate
+        twin.sequence = 99
+        twin.value = 9
+        batch.readings.append(twin)  // the same gap sequence twice, other content: stored once, then a conflict
+        let outcome = try await fixture.store.store(batch, for: device, receivedAt: testNow)
+        #expect(outcome.accepted == 6)
+        #expect(outcome.duplicates == 3)
+        #expect(outcome.rejected.map(\.sequence) == [99])
+        #expect(outcome.rejected.map(\.code) == [RejectionCode.sequenceConflict])
+        let stored = try await fixture.store.exportPage(device: device, afterSequence: nil, limit: 100).map(\.sequence)
+        #expect(stored == [1, 2, 3, 4, 40, 50, 60, 99, 100, 150, 200, 201])
+        #expect(try await fixture.store.highestSequence(device: device) == 201)
+        // The newest reading of the sensor is still the latest one by time.
+        #expect(try await fixture.store.latestReadings(farmID: device.farmID).map(\.sequence) == [201])
+    }
+
     @Test("the highest stored sequence is kept per device, never lowered by conflicts, duplicates or deleted readings")
     func highestSequence() async throws {
         let fixture = try await Fixture()

@@ -125,7 +125,7 @@ struct BatchController: Sendable {
         let device: DeviceIdentity
         switch result {
         case .authenticated(let identity): device = identity
-        case .invalid: throw APIError.unauthorized("the device key is not valid; check the key in the agent configuration or create a new one with `farmgate-ingest device create`")
+        case .invalid: throw APIError.unauthorized("the device key is not valid; check the key in the agent configuration, or give the device a new one with `farmgate-ingest device rotate-key`")
         case .revoked: throw APIError.revoked("device key")
         }
         return device

@@ -155,7 +155,30 @@ public final class SQLiteIngestStore: IngestStore {
         var rejected: [RejectedReading] = []
         var newest: [Int64: Reading] = [:]
         var highestAccepted: Int64?
-        // Readings whose sequence is already stored: compared with the stored rows afterwards, many at a time.
+        /// Inserts one reading; false when its (device, sequence) is already stored.
+        func insert(_ candidate: StoredCandidate) throws -> Bool {
+            let reading = candidate.reading
+            try insertReading.run([
+                .integer(device.rowID), .integer(candidate.sequence), .integer(candidate.sensorRow), .integer(reading.timestamp.microseconds),
+                .real(reading.value), .integer(Int64(reading.quality.rawValue)), .integer(receivedAt.microseconds),
+            ])
+            guard db.connection.changes == 1 else { return false }
+            accepted += 1
+            highestAccepted = max(highestAccepted ?? candidate.sequence, candidate.sequence)
+            if let current = newest[candidate.sensorRow], (current.timestamp, current.sequence) >= (reading.timestamp, reading.sequence) {
+                return true
+            }
+            newest[candidate.sensorRow] = reading
+            return true
+        }
+        // Sequences above the device's highest stored one are new: inserted at once. Those at or below it were most
+        // likely sent before (a batch sent again after a lost acknowledgement): they are looked up first, many at a time,
+        // and only those not found are inserted, so that a batch of duplicates costs range scans and no failed inserts.
+        let highestStored = try db.withStatement("SELECT highest_sequence FROM devices WHERE id = ?", [.integer(device.rowID)]) { statement in
+            try statement.step() && !statement.isNull(0) ? statement.int64(0) : -1
+        }
+        var maybeStored: [StoredCandidate] = []
+        // Readings an insert found already stored (the same sequence twice in one batch): compared afterwards.
         var alreadyStored: [StoredCandidate] = []
         for reading in batch.readings {
             if let conflict = conflicts[reading.sensor] {
@@ -179,22 +202,24 @@ public final class SQLiteIngestStore: IngestStore {
                         message: "sequence \(reading.sequence) is larger than \(Int64.max)"))
                 continue
             }
-            try insertReading.run([
-                .integer(device.rowID), .integer(sequence), .integer(sensorRow), .integer(reading.timestamp.microseconds),
-                .real(reading.value), .integer(Int64(reading.quality.rawValue)), .integer(receivedAt.microseconds),
-            ])
-            if db.connection.changes == 1 {
-                accepted += 1
-                highestAccepted = max(highestAccepted ?? sequence, sequence)
-                if let current = newest[sensorRow], (current.timestamp, current.sequence) >= (reading.timestamp, reading.sequence) {
-                    continue
-                }
-                newest[sensorRow] = reading
-            } else {
-                alreadyStored.append(StoredCandidate(reading: reading, sequence: sequence, sensorRow: sensorRow, resolution: resolutions[reading.sensor]))
+            let candidate = StoredCandidate(reading: reading, sequence: sequence, sensorRow: sensorRow, resolution: resolutions[reading.sensor])
+            if sequence <= highestStored {
+                maybeStored.append(candidate)
+            } else if try !insert(candidate) {
+                alreadyStored.append(candidate)
             }
         }
-        let (duplicates, sequenceConflicts) = try compare(alreadyStored, device: device, in: db)
+        var (duplicates, sequenceConflicts, notStored) = try compare(maybeStored, device: device, in: db)
+        for candidate in notStored where try !insert(candidate) {
+            alreadyStored.append(candidate)
+        }
+        let (moreDuplicates, moreConflicts, lost) = try compare(alreadyStored, device: device, in: db)
+        if let candidate = lost.first {
+            // Refused by the insert and yet not stored: cannot happen inside one transaction; never count it silently.
+            throw IngestStoreError.corrupt("sequence \(candidate.sequence) of device \(device.device) was refused but is not stored")
+        }
+        duplicates += moreDuplicates
+        sequenceConflicts += moreConflicts
         rejected += sequenceConflicts
 
         if let highestAccepted {
@@ -234,22 +259,20 @@ public final class SQLiteIngestStore: IngestStore {
     /// scans, so that at most this many unrelated rows are stepped over per reading.
     private static let comparisonGap: Int64 = 32
 
-    /// Compares readings whose sequence is already stored with the stored rows, by ordered range scans over the primary
-    /// key rather than one query per reading, so that a batch sent twice stays cheap: the same sensor, timestamp, value
-    /// in whole steps of the sensor's resolution and flags make a duplicate; anything else is a `sequence_conflict`.
+    /// Compares readings whose sequence may already be stored with the stored rows, by ordered range scans over the
+    /// primary key rather than one query per reading, so that a batch sent twice stays cheap: the same sensor,
+    /// timestamp, value in whole steps of the sensor's resolution and flags make a duplicate; anything else is a
+    /// `sequence_conflict`. Readings whose sequence is not stored come back in `notStored`, in sequence order.
     private static func compare(_ candidates: [StoredCandidate], device: DeviceIdentity, in db: CachedConnection) throws -> (
-        duplicates: Int, conflicts: [RejectedReading]
+        duplicates: Int, conflicts: [RejectedReading], notStored: [StoredCandidate]
     ) {
-        guard !candidates.isEmpty else { return (0, []) }
+        guard !candidates.isEmpty else { return (0, [], []) }
         let sorted = candidates.sorted { $0.sequence < $1.sequence }
         let scan = try db.statement(
             "SELECT sequence, sensor_id, timestamp_us, value, flags FROM readings WHERE device_id = ? AND sequence >= ? AND sequence <= ? ORDER BY sequence")
         var duplicates = 0
         var conflicts: [RejectedReading] = []
-        func missing(_ candidate: StoredCandidate) -> IngestStoreError {
-            // Refused by the insert and yet not stored: cannot happen inside one transaction; never count it silently.
-            .corrupt("sequence \(candidate.sequence) of device \(device.device) was refused but is not stored")
-        }
+        var notStored: [StoredCandidate] = []
         var first = 0
         while first < sorted.count {
             var last = first
@@ -260,8 +283,11 @@ public final class SQLiteIngestStore: IngestStore {
                 defer { scan.reset() }
                 while next <= last, try scan.step() {
                     let sequence = scan.int64(0)
-                    if sorted[next].sequence < sequence { throw missing(sorted[next]) }
-                    guard sorted[next].sequence == sequence else { continue }
+                    while next <= last, sorted[next].sequence < sequence {
+                        notStored.append(sorted[next])
+                        next += 1
+                    }
+                    guard next <= last, sorted[next].sequence == sequence else { continue }
                     let stored = StoredRow(sensorRow: scan.int64(1), timestamp: scan.int64(2), value: scan.double(3), flags: scan.int64(4))
                     // The same sequence may come more than once in one batch: each is compared with the stored row.
                     while next <= last, sorted[next].sequence == sequence {
@@ -280,10 +306,10 @@ public final class SQLiteIngestStore: IngestStore {
                     }
                 }
             }
-            if next <= last { throw missing(sorted[next]) }
+            if next <= last { notStored += sorted[next...last] }
             first = last + 1
         }
-        return (duplicates, conflicts)
+        return (duplicates, conflicts, notStored)
     }
 
     /// A stored reading as the comparison reads it.
