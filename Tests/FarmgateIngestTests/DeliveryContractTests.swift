@@ -1,3 +1,4 @@
+import FarmgateSupport
 import FarmgateWire
 import Foundation
 import HTTPTypes
@@ -66,6 +67,49 @@ struct DeliveryContractTests {
                 _ = name
             }
         }
+    }
+
+    @Test("a body the connection stops sending halfway is 400 incomplete_body over a real socket")
+    func bodyCutInTransit() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let json = BatchJSON.encode(try phBatch(sequences: 1...50))
+        let head = "POST \(IngestProtocol.batchesPath) HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \(fixture.deviceKey.text)\r\nContent-Type: application/json\r\nContent-Length: \(json.count)\r\n\r\n"
+        let request = Array(head.utf8) + json.prefix(json.count / 2)
+        try await fixture.app().test(.live) { client in
+            let port = try #require(client.port)
+            // Plain blocking socket calls, off the concurrency pool: send half the declared body, close the sending side,
+            // read the answer.
+            let answer = try await runOffPool(name: "test-raw-http") { () throws -> String in
+                let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+                guard fd >= 0 else { throw POSIXError(.EIO) }
+                defer { close(fd) }
+                var address = sockaddr_in()
+                address.sin_family = sa_family_t(AF_INET)
+                address.sin_port = in_port_t(UInt16(port).bigEndian)
+                address.sin_addr.s_addr = inet_addr("127.0.0.1")
+                let connected = withUnsafePointer(to: &address) {
+                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+                }
+                guard connected == 0 else { throw POSIXError(.ECONNREFUSED) }
+                var timeout = timeval(tv_sec: 10, tv_usec: 0)
+                setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+                _ = request.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, 0) }
+                shutdown(fd, Int32(SHUT_WR))
+                var received: [UInt8] = []
+                var chunk = [UInt8](repeating: 0, count: 4096)
+                while true {
+                    let count = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+                    if count <= 0 { break }
+                    received += chunk[0..<count]
+                }
+                return String(decoding: received, as: UTF8.self)
+            }
+            #expect(answer.hasPrefix("HTTP/1.1 400"), "\(answer)")
+            #expect(answer.contains(#""code":"incomplete_body""#), "\(answer)")
+        }
+        // Nothing of the cut batch was stored.
+        #expect(try await fixture.store.highestSequence(device: try await fixture.identity(device: "d1")) == nil)
     }
 
     @Test("the issue's reproduction: seq 1 with 6.02, then seq 1 with 7.31, is a sequence_conflict, never a duplicate")
