@@ -278,7 +278,7 @@ struct BatchUploadTests {
             let connection = try SQLiteConnection(path: fixture.store.path, mode: .readWrite)
             try connection.execute("DROP TABLE latest")
             let response = try await postJSON(client, try phBatch(sequences: 1...1), key: fixture.deviceKey)
-            try expectError(response, .serviceUnavailable, "store_unavailable")
+            try expectError(response, .serviceUnavailable, IngestErrorCode.unavailable)
             #expect(response.headers[.retryAfter].flatMap { Int($0) } ?? 0 >= 1)
         }
     }

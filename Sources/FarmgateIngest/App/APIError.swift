@@ -44,7 +44,7 @@ public struct APIError: Error, HTTPResponseError, Sendable, CustomStringConverti
 
     static func unavailable(retryAfterSeconds: Int = 5) -> APIError {
         APIError(
-            .serviceUnavailable, code: "store_unavailable",
+            .serviceUnavailable, code: IngestErrorCode.unavailable,
             message: "the ingest cannot reach its store right now; nothing was stored, retry after the Retry-After delay",
             headers: [.retryAfter: String(retryAfterSeconds)])
     }
