@@ -20,12 +20,16 @@ extension BatchCodec {
         let sensorCount = try reader.count("sensor count", limit: limits.maxSensors)
         // Each sensor takes at least five bytes of the tables (prefix, suffix length, quantity, resolution, count).
         guard sensorCount <= reader.remaining / 5 else {
-            throw BatchDecodingError("the frame declares \(sensorCount) sensors but only \(reader.remaining) bytes remain")
+            throw BatchDecodingError("the frame declares \(sensorCount) sensors but only \(reader.remaining) bytes remain", kind: .truncated)
         }
-        let total = try reader.count("reading count", limit: limits.maxReadings)
+        let declaredTotal = try reader.uvarint("reading count")
+        guard declaredTotal <= UInt64(max(limits.maxReadings, 0)) else {
+            throw BatchDecodingError("reading count is \(declaredTotal), more than the limit of \(limits.maxReadings)", kind: .tooManyReadings)
+        }
+        let total = Int(declaredTotal)
         // Each reading takes at least one byte of residuals or per-sensor fields.
         guard total <= reader.remaining else {
-            throw BatchDecodingError("the frame declares \(total) readings but only \(reader.remaining) bytes remain")
+            throw BatchDecodingError("the frame declares \(total) readings but only \(reader.remaining) bytes remain", kind: .truncated)
         }
         let baseSequence = try reader.uvarint("base sequence")
         let baseTimestamp = try reader.svarint("base timestamp")

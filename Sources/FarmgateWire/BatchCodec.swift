@@ -21,10 +21,31 @@ public struct BatchLimits: Sendable, Hashable {
     public static let `default` = BatchLimits()
 }
 
-/// Why bytes are not a batch. `description` names what was wrong.
+/// Why bytes are not a batch. `description` names what was wrong; ``kind`` says what the sender can do about it.
 public struct BatchDecodingError: Error, Hashable, Sendable, CustomStringConvertible {
+    /// What kind of problem it is: the ingest answers each with its own stable code, because the agent acts on each
+    /// differently (retry, fall back to another format, or split the batch).
+    public enum Kind: Hashable, Sendable {
+        /// The bytes are complete but not a batch: a bug in the sender. The same bytes will never be accepted.
+        case malformed
+        /// The input ends early (a frame, a zstd stream or JSON text cut short): transient, most likely a connection or
+        /// proxy that cut the body; the same batch sent again may be accepted.
+        case truncated
+        /// A binary frame of a format version this decoder does not read (the sender is newer); the version found.
+        case unsupportedVersion(UInt8)
+        /// More readings than ``BatchLimits/maxReadings``: the batch must be split.
+        case tooManyReadings
+        /// The body expands beyond ``BatchLimits/maxDecompressedBytes``: the batch must be split.
+        case tooLarge
+    }
+
     public let description: String
-    public init(_ description: String) { self.description = description }
+    public let kind: Kind
+
+    public init(_ description: String, kind: Kind = .malformed) {
+        self.description = description
+        self.kind = kind
+    }
 }
 
 /// Why a batch cannot be encoded (a value that is not finite, a reading whose sensor has no descriptor, ...).
@@ -118,13 +139,17 @@ public enum BatchCodec {
     /// - Throws: ``BatchDecodingError``.
     public static func decode(_ bytes: [UInt8], limits: BatchLimits = .default) throws(BatchDecodingError) -> Batch {
         guard bytes.count >= 5 else {
-            throw BatchDecodingError("the frame is \(bytes.count) bytes long, shorter than its 5-byte header")
+            // A prefix of a header (the empty body included) is a frame cut short; anything else is not a frame at all.
+            let cutShort = bytes.elementsEqual(magic.prefix(bytes.count)) || (bytes.count > 3 && Array(bytes[0..<3]) == magic)
+            throw BatchDecodingError(
+                "the frame is \(bytes.count) bytes long, shorter than its 5-byte header", kind: cutShort ? .truncated : .malformed)
         }
         guard Array(bytes[0..<3]) == magic else {
             throw BatchDecodingError("the frame does not start with \"FGB\": not a Farmgate binary batch")
         }
         guard bytes[3] == formatVersion else {
-            throw BatchDecodingError("unsupported format version \(bytes[3]) (this build reads version \(formatVersion))")
+            throw BatchDecodingError(
+                "unsupported format version \(bytes[3]) (this build reads version \(formatVersion))", kind: .unsupportedVersion(bytes[3]))
         }
         let flags = bytes[4]
         guard flags & ~(flagZstd | flagMagicless) == 0, flags != flagMagicless else {
@@ -136,14 +161,16 @@ public enum BatchCodec {
             do {
                 body = try Zstd.decompress(rest, maxOutput: limits.maxDecompressedBytes, magicless: flags & flagMagicless != 0)
             } catch {
-                throw BatchDecodingError(
-                    error.exceededLimit
-                        ? "the body expands beyond the limit of \(limits.maxDecompressedBytes) bytes"
-                        : "the body is not valid zstd: \(error.description)")
+                if error.exceededLimit {
+                    throw BatchDecodingError("the body expands beyond the limit of \(limits.maxDecompressedBytes) bytes", kind: .tooLarge)
+                }
+                throw BatchDecodingError("the body is not valid zstd: \(error.description)", kind: error.truncated ? .truncated : .malformed)
             }
+            // A body that ends early after whole zstd frames is .truncated too: the encoder writes several frames, and
+            // a cut between two of them leaves every remaining frame valid.
         } else {
             guard rest.count <= limits.maxDecompressedBytes else {
-                throw BatchDecodingError("the body is \(rest.count) bytes, more than the limit of \(limits.maxDecompressedBytes)")
+                throw BatchDecodingError("the body is \(rest.count) bytes, more than the limit of \(limits.maxDecompressedBytes)", kind: .tooLarge)
             }
             body = rest
         }

@@ -110,77 +110,138 @@ public enum BatchJSON {
         return "\(resolution.numerator)/\(resolution.denominator)"
     }
 
-    /// Decodes a JSON batch.
+    /// Decodes a JSON batch, in one pass over the text and without building it as a tree: members it does not know are
+    /// skipped (their grammar checked, nothing of them kept), readings are counted as they are read and the decoder stops
+    /// at the limit, so memory stays bounded by the readings it keeps whatever the document holds.
     ///
-    /// - Throws: ``BatchDecodingError`` naming the path of a structural problem: not JSON, larger than
-    ///   `limits.maxDecompressedBytes`, not an object, a missing or invalid device, an invalid or duplicated sensor
-    ///   entry, more sensors or readings than the limits allow.
+    /// - Throws: ``BatchDecodingError`` naming the path of a structural problem: not JSON (``BatchDecodingError/Kind/truncated``
+    ///   when the text ends early), larger than `limits.maxDecompressedBytes`, not an object, a member that appears
+    ///   twice in one object, a missing or invalid device, an invalid or duplicated sensor entry, more sensors or readings
+    ///   than the limits allow (``BatchDecodingError/Kind/tooManyReadings``), a string or number too long to be a name,
+    ///   an id, a timestamp or a value.
     /// - Returns: the batch, and the readings that cannot be represented (a sensor not declared in `sensors`:
-    ///   `unknown_sensor`; a missing or invalid `seq`, `ts`, `value` or `flags`: `invalid_reading`), so that the rest
-    ///   of the batch can still be taken.
+    ///   `unknown_sensor`; a missing or invalid `seq`: `invalid_sequence`; a missing or invalid `ts`, `value` or `flags`:
+    ///   `invalid_reading`), so that the rest of the batch can still be taken.
     public static func decode(_ bytes: [UInt8], limits: BatchLimits = .default) throws(BatchDecodingError) -> DecodedJSONBatch {
         guard bytes.count <= limits.maxDecompressedBytes else {
-            throw BatchDecodingError("the JSON document is \(bytes.count) bytes, more than the limit of \(limits.maxDecompressedBytes)")
+            throw BatchDecodingError(
+                "the JSON document is \(bytes.count) bytes, more than the limit of \(limits.maxDecompressedBytes)", kind: .tooLarge)
         }
-        let document = try JSONParser.parse(bytes)
-        guard case .object = document else { throw BatchDecodingError("the document is \(document.kind), not an object") }
+        var reader = JSONReader(bytes)
+        let documentKind = try reader.nextKind()
+        guard documentKind == .object else {
+            try reader.skipValue(depth: 0)
+            try reader.end()
+            throw BatchDecodingError("the document is \(documentKind.name), not an object")
+        }
 
-        guard let deviceValue = document["device"] else { throw BatchDecodingError("device: missing") }
+        var deviceValue: JSONScalar?
+        var sensors: [SensorDescriptor] = []
+        var declared: [SensorID: Resolution]?
+        var readings: [Reading] = []
+        var rejected: [RejectedReading] = []
+        // Readings that come before "sensors" in the document wait here until the sensors are known.
+        var waiting: [(index: Int, reading: JSONReading)] = []
+        var lastSensorText: String?
+
+        try reader.object(depth: 0, path: "") { reader, name throws(BatchDecodingError) in
+            switch name {
+            case "device":
+                deviceValue = try reader.scalar(depth: 1)
+            case "sensors":
+                switch try reader.nextKind() {
+                case .null:
+                    _ = try reader.scalar(depth: 1)
+                    declared = [:]
+                case .array:
+                    var known: [SensorID: Resolution] = [:]
+                    try reader.array(depth: 1) { reader, index throws(BatchDecodingError) in
+                        guard index < limits.maxSensors else {
+                            throw BatchDecodingError("sensors: more than the limit of \(limits.maxSensors) entries")
+                        }
+                        let descriptor = try sensor(&reader, path: "sensors[\(index)]")
+                        guard known.updateValue(descriptor.resolution, forKey: descriptor.id) == nil else {
+                            throw BatchDecodingError("sensors[\(index)].id: '\(descriptor.id)' is declared more than once")
+                        }
+                        sensors.append(descriptor)
+                    }
+                    declared = known
+                case let other:
+                    throw BatchDecodingError("sensors: expected an array, found \(other.name)")
+                }
+                for (index, entry) in waiting {
+                    switch reading(entry, path: "readings[\(index)]", declared: declared ?? [:]) {
+                    case .success(let reading): readings.append(reading)
+                    case .failure(let rejection): rejected.append(rejection)
+                    }
+                }
+                waiting = []
+            case "readings":
+                switch try reader.nextKind() {
+                case .null:
+                    _ = try reader.scalar(depth: 1)
+                case .array:
+                    try reader.array(depth: 1) { reader, index throws(BatchDecodingError) in
+                        guard index < limits.maxReadings else {
+                            throw BatchDecodingError("readings: more than the limit of \(limits.maxReadings) entries", kind: .tooManyReadings)
+                        }
+                        var entry = try JSONReading.read(&reader, path: "readings[\(index)]")
+                        // Readings of one sensor share one copy of its name (a long one costs its bytes once).
+                        if case .string(let text)? = entry.sensor {
+                            if let last = lastSensorText, last == text { entry.sensor = .string(last) } else { lastSensorText = text }
+                        }
+                        if let declared {
+                            switch reading(entry, path: "readings[\(index)]", declared: declared) {
+                            case .success(let reading): readings.append(reading)
+                            case .failure(let rejection): rejected.append(rejection)
+                            }
+                        } else {
+                            waiting.append((index, entry))
+                        }
+                    }
+                case let other:
+                    throw BatchDecodingError("readings: expected an array, found \(other.name)")
+                }
+            default:
+                try reader.skipValue(depth: 1)
+            }
+        }
+        try reader.end()
+
+        guard let deviceValue else { throw BatchDecodingError("device: missing") }
         guard case .string(let deviceText) = deviceValue else {
-            throw BatchDecodingError("device: expected a string, found \(deviceValue.kind)")
+            throw BatchDecodingError("device: expected a string, found \(deviceValue.kind.name)")
         }
         let device: DeviceID
         do { device = try DeviceID(deviceText) } catch { throw BatchDecodingError("device: \(error.description)") }
-
-        var sensors: [SensorDescriptor] = []
-        var declared: [SensorID: Resolution] = [:]
-        switch document["sensors"] {
-        case nil, .null?:
-            break
-        case .array(let entries)?:
-            guard entries.count <= limits.maxSensors else {
-                throw BatchDecodingError("sensors: \(entries.count) entries, more than the limit of \(limits.maxSensors)")
+        // No "sensors" member: every reading names an undeclared sensor.
+        for (index, entry) in waiting {
+            switch reading(entry, path: "readings[\(index)]", declared: [:]) {
+            case .success(let reading): readings.append(reading)
+            case .failure(let rejection): rejected.append(rejection)
             }
-            sensors.reserveCapacity(entries.count)
-            for (index, entry) in entries.enumerated() {
-                let descriptor = try sensor(entry, path: "sensors[\(index)]")
-                guard declared.updateValue(descriptor.resolution, forKey: descriptor.id) == nil else {
-                    throw BatchDecodingError("sensors[\(index)].id: '\(descriptor.id)' is declared more than once")
-                }
-                sensors.append(descriptor)
-            }
-        case let other?:
-            throw BatchDecodingError("sensors: expected an array, found \(other.kind)")
-        }
-
-        var readings: [Reading] = []
-        var rejected: [RejectedReading] = []
-        switch document["readings"] {
-        case nil, .null?:
-            break
-        case .array(let entries)?:
-            guard entries.count <= limits.maxReadings else {
-                throw BatchDecodingError("readings: \(entries.count) entries, more than the limit of \(limits.maxReadings)")
-            }
-            readings.reserveCapacity(entries.count)
-            for (index, entry) in entries.enumerated() {
-                switch reading(entry, path: "readings[\(index)]", declared: declared) {
-                case .success(let reading): readings.append(reading)
-                case .failure(let rejection): rejected.append(rejection)
-                }
-            }
-        case let other?:
-            throw BatchDecodingError("readings: expected an array, found \(other.kind)")
         }
         return DecodedJSONBatch(batch: Batch(device: device, sensors: sensors, readings: readings), rejected: rejected)
     }
 
-    private static func sensor(_ entry: JSONValue, path: String) throws(BatchDecodingError) -> SensorDescriptor {
-        guard case .object = entry else { throw BatchDecodingError("\(path): expected an object, found \(entry.kind)") }
-        guard case .string(let idText)? = entry["id"] else { throw BatchDecodingError("\(path).id: missing or not a string") }
+    private static func sensor(_ reader: inout JSONReader, path: String) throws(BatchDecodingError) -> SensorDescriptor {
+        let kind = try reader.nextKind()
+        guard kind == .object else { throw BatchDecodingError("\(path): expected an object, found \(kind.name)") }
+        var idValue: JSONScalar?
+        var quantityValue: JSONScalar?
+        var resolutionValue: JSONScalar?
+        try reader.object(depth: 2, path: path) { reader, name throws(BatchDecodingError) in
+            switch name {
+            case "id": idValue = try reader.scalar(depth: 3)
+            case "quantity": quantityValue = try reader.scalar(depth: 3)
+            case "resolution": resolutionValue = try reader.scalar(depth: 3)
+            default: try reader.skipValue(depth: 3)
+            }
+        }
+        guard case .string(let idText)? = idValue else { throw BatchDecodingError("\(path).id: missing or not a string") }
         let id: SensorID
         do { id = try SensorID(idText) } catch { throw BatchDecodingError("\(path).id: \(error.description)") }
-        guard case .string(let quantityText)? = entry["quantity"] else {
+        guard case .string(let quantityText)? = quantityValue else {
             throw BatchDecodingError("\(path).quantity: missing or not a string")
         }
         guard let quantity = Quantity(rawValue: quantityText) else {
@@ -188,7 +249,7 @@ public enum BatchJSON {
             throw BatchDecodingError("\(path).quantity: unknown quantity '\(quantityText)' (known: \(known))")
         }
         var resolution: Resolution?
-        switch entry["resolution"] {
+        switch resolutionValue {
         case nil, .null?:
             break
         case .string(let text)?, .number(let text)?:
@@ -196,71 +257,134 @@ public enum BatchJSON {
                 throw BatchDecodingError("\(path).resolution: \(error.description)")
             }
         case let other?:
-            throw BatchDecodingError("\(path).resolution: expected a string or a number, found \(other.kind)")
+            throw BatchDecodingError("\(path).resolution: expected a string or a number, found \(other.kind.name)")
         }
         return SensorDescriptor(id: id, quantity: quantity, resolution: resolution)
     }
 
-    private static func reading(
-        _ entry: JSONValue, path: String, declared: [SensorID: Resolution]
-    ) -> ReadingOutcome {
+    private static func reading(_ entry: JSONReading, path: String, declared: [SensorID: Resolution]) -> ReadingOutcome {
         var sequence: UInt64?
-        if case .number(let text)? = entry["seq"], let value = UInt64(text) { sequence = value }
+        if case .number(let text)? = entry.seq, let value = UInt64(text) { sequence = value }
         let sensorText: String
-        if case .string(let text)? = entry["sensor"] { sensorText = text } else { sensorText = "" }
+        if case .string(let text)? = entry.sensor { sensorText = text } else { sensorText = "" }
         func reject(_ code: String, _ message: String) -> ReadingOutcome {
             .failure(RejectedReading(sequence: sequence, sensor: sensorText, code: code, message: message))
         }
-        guard case .object = entry else { return reject("invalid_reading", "\(path): expected an object, found \(entry.kind)") }
-        guard case .string? = entry["sensor"] else { return reject("invalid_reading", "\(path).sensor: missing or not a string") }
+        if let kind = entry.notAnObject { return reject(RejectionCode.invalidReading, "\(path): expected an object, found \(kind.name)") }
+        guard case .string? = entry.sensor else { return reject(RejectionCode.invalidReading, "\(path).sensor: missing or not a string") }
         guard let sensor = try? SensorID(sensorText), declared[sensor] != nil else {
-            return reject("unknown_sensor", "\(path).sensor: '\(sensorText)' is not declared in \"sensors\"")
+            return reject(RejectionCode.unknownSensor, "\(path).sensor: '\(sensorText)' is not declared in \"sensors\"")
         }
-        guard case .number(let sequenceText)? = entry["seq"], let sequenceValue = UInt64(sequenceText) else {
+        guard let sequenceValue = sequence else {
             return reject(RejectionCode.invalidSequence, "\(path).seq: missing or not an integer from 0 to \(UInt64.max)")
         }
         let timestamp: Timestamp
-        switch entry["ts"] {
+        switch entry.ts {
         case .string(let text)?:
             guard let parsed = RFC3339.parse(text) else {
-                return reject("invalid_reading", "\(path).ts: not an RFC 3339 timestamp or integer microseconds")
+                return reject(RejectionCode.invalidReading, "\(path).ts: not an RFC 3339 timestamp or integer microseconds")
             }
             timestamp = parsed
         case .number(let text)?:
             guard let micros = Int64(text) else {
-                return reject("invalid_reading", "\(path).ts: not an RFC 3339 timestamp or integer microseconds")
+                return reject(RejectionCode.invalidReading, "\(path).ts: not an RFC 3339 timestamp or integer microseconds")
             }
             timestamp = Timestamp(microseconds: micros)
         default:
-            return reject("invalid_reading", "\(path).ts: missing; expected an RFC 3339 timestamp or integer microseconds")
+            return reject(RejectionCode.invalidReading, "\(path).ts: missing; expected an RFC 3339 timestamp or integer microseconds")
         }
         let value: Double
-        switch entry["value"] {
+        switch entry.value {
         case .number(let text)?:
-            guard let parsed = Double(text) else { return reject("invalid_reading", "\(path).value: not a number") }
+            guard let parsed = Double(text) else { return reject(RejectionCode.invalidReading, "\(path).value: not a number") }
             value = parsed
         case .string("NaN")?: value = .nan
         case .string("Infinity")?: value = .infinity
         case .string("-Infinity")?: value = -.infinity
         default:
-            return reject("invalid_reading", "\(path).value: missing; expected a number (or \"NaN\", \"Infinity\", \"-Infinity\")")
+            return reject(
+                RejectionCode.invalidReading, "\(path).value: missing; expected a number (or \"NaN\", \"Infinity\", \"-Infinity\")")
         }
         var quality: QualityFlags = []
-        switch entry["flags"] {
-        case nil, .null?:
+        switch entry.flags {
+        case .absent:
             break
-        case .array(let names)?:
+        case .notAnArray(let kind):
+            return reject(RejectionCode.invalidReading, "\(path).flags: expected an array of names, found \(kind.name)")
+        case .names(let names, let more):
             for (k, name) in names.enumerated() {
                 guard case .string(let text) = name, let flag = QualityFlags.names.first(where: { $0.1 == text })?.0 else {
                     let known = QualityFlags.names.map(\.1).joined(separator: ", ")
-                    return reject("invalid_reading", "\(path).flags[\(k)]: not a known flag (known: \(known))")
+                    return reject(RejectionCode.invalidReading, "\(path).flags[\(k)]: not a known flag (known: \(known))")
                 }
                 quality.insert(flag)
             }
-        case let other?:
-            return reject("invalid_reading", "\(path).flags: expected an array of names, found \(other.kind)")
+            if more {
+                return reject(
+                    RejectionCode.invalidReading, "\(path).flags: more than \(JSONReading.maxFlags) entries; each flag is named once")
+            }
         }
         return .success(Reading(sensor: sensor, sequence: sequenceValue, timestamp: timestamp, value: value, quality: quality))
+    }
+}
+
+/// What the decoder keeps of one element of `readings`: the members it knows, as scalars; everything else was skipped.
+private struct JSONReading {
+    /// The most `flags` entries kept: there are fewer flag names than this, so more can only repeat or be unknown.
+    static let maxFlags = 32
+
+    enum Flags {
+        case absent
+        case notAnArray(JSONKind)
+        /// The first ``maxFlags`` entries, and whether more followed.
+        case names([JSONScalar], more: Bool)
+    }
+
+    /// Set when the element is not an object (then nothing else is).
+    var notAnObject: JSONKind?
+    var sensor: JSONScalar?
+    var seq: JSONScalar?
+    var ts: JSONScalar?
+    var value: JSONScalar?
+    var flags: Flags = .absent
+
+    static func read(_ reader: inout JSONReader, path: @autoclosure () -> String) throws(BatchDecodingError) -> JSONReading {
+        var entry = JSONReading()
+        let kind = try reader.nextKind()
+        guard kind == .object else {
+            try reader.skipValue(depth: 2)
+            entry.notAnObject = kind
+            return entry
+        }
+        try reader.object(depth: 2, path: path()) { reader, name throws(BatchDecodingError) in
+            switch name {
+            case "sensor": entry.sensor = try reader.scalar(depth: 3)
+            case "seq": entry.seq = try reader.scalar(depth: 3)
+            case "ts": entry.ts = try reader.scalar(depth: 3)
+            case "value": entry.value = try reader.scalar(depth: 3)
+            case "flags":
+                switch try reader.nextKind() {
+                case .null:
+                    _ = try reader.scalar(depth: 3)
+                case .array:
+                    var names: [JSONScalar] = []
+                    var more = false
+                    try reader.array(depth: 3) { reader, index throws(BatchDecodingError) in
+                        if index < maxFlags { names.append(try reader.scalar(depth: 4)) } else {
+                            more = true
+                            try reader.skipValue(depth: 4)
+                        }
+                    }
+                    entry.flags = .names(names, more: more)
+                case let other:
+                    try reader.skipValue(depth: 3)
+                    entry.flags = .notAnArray(other)
+                }
+            default:
+                try reader.skipValue(depth: 3)
+            }
+        }
+        return entry
     }
 }
 

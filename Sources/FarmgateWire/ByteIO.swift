@@ -55,14 +55,14 @@ struct ByteReader {
     var isAtEnd: Bool { offset >= bytes.count }
 
     mutating func byte(_ what: @autoclosure () -> String) throws(BatchDecodingError) -> UInt8 {
-        guard offset < bytes.count else { throw BatchDecodingError("\(what()): the frame ends early") }
+        guard offset < bytes.count else { throw BatchDecodingError("\(what()): the frame ends early", kind: .truncated) }
         defer { offset += 1 }
         return bytes[offset]
     }
 
     mutating func bytes(count: Int, _ what: @autoclosure () -> String) throws(BatchDecodingError) -> ArraySlice<UInt8> {
         guard count >= 0, count <= remaining else {
-            throw BatchDecodingError("\(what()): needs \(count) bytes but only \(remaining) remain")
+            throw BatchDecodingError("\(what()): needs \(count) bytes but only \(remaining) remain", kind: count >= 0 ? .truncated : .malformed)
         }
         defer { offset += count }
         return bytes[offset..<(offset + count)]
@@ -72,7 +72,7 @@ struct ByteReader {
         var result: UInt64 = 0
         var shift: UInt64 = 0
         while true {
-            guard offset < bytes.count else { throw BatchDecodingError("\(what()): the frame ends inside a number") }
+            guard offset < bytes.count else { throw BatchDecodingError("\(what()): the frame ends inside a number", kind: .truncated) }
             let b = bytes[offset]
             offset += 1
             if shift == 63 && b > 1 { throw BatchDecodingError("\(what()): number does not fit in 64 bits") }

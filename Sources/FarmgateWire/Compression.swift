@@ -6,9 +6,12 @@ public struct CompressionError: Error, Hashable, Sendable, CustomStringConvertib
     public let description: String
     /// The output would exceed the caller's limit (answer 413, not 400).
     public let exceededLimit: Bool
-    public init(_ description: String, exceededLimit: Bool = false) {
+    /// The input ends before its stream does (cut in transit, most likely): worth sending again, unlike corrupt data.
+    public let truncated: Bool
+    public init(_ description: String, exceededLimit: Bool = false, truncated: Bool = false) {
         self.description = description
         self.exceededLimit = exceededLimit
+        self.truncated = truncated
     }
 }
 
@@ -83,7 +86,7 @@ public enum Zstd {
     /// ``decompress(_:maxOutput:)``, of frames without their magic number if `magicless` (see
     /// ``compress(frames:level:magicless:)``).
     static func decompress(_ bytes: [UInt8], maxOutput: Int, magicless: Bool) throws(CompressionError) -> [UInt8] {
-        guard !bytes.isEmpty else { throw CompressionError("zstd: the input is empty") }
+        guard !bytes.isEmpty else { throw CompressionError("zstd: the input is empty", truncated: true) }
         guard let context = ZSTD_createDCtx() else { throw CompressionError("zstd: could not allocate a decompression context") }
         defer { ZSTD_freeDCtx(context) }
         // ZSTD_d_format (experimental parameter 1) = ZSTD_f_zstd1_magicless (1).
@@ -130,7 +133,7 @@ public enum Zstd {
                 break
             }
         }
-        guard lastResult == 0 else { throw CompressionError("zstd: the frame is truncated") }
+        guard lastResult == 0 else { throw CompressionError("zstd: the frame is truncated", truncated: true) }
         return output
     }
 }
@@ -175,7 +178,7 @@ public enum Gzip {
     ///   ``CompressionError`` whose `exceededLimit` is true. The sizes in gzip trailers are never trusted.
     /// - Throws: ``CompressionError`` for corrupt or truncated data, or output beyond `maxOutput`.
     public static func decompress(_ bytes: [UInt8], maxOutput: Int) throws(CompressionError) -> [UInt8] {
-        guard !bytes.isEmpty else { throw CompressionError("gzip: the input is empty") }
+        guard !bytes.isEmpty else { throw CompressionError("gzip: the input is empty", truncated: true) }
         guard bytes.count < Int(UInt32.max) else { throw CompressionError("gzip: the input is too large", exceededLimit: true) }
         let limit = max(maxOutput, 0)
         var stream = z_stream()
@@ -221,7 +224,7 @@ public enum Gzip {
                 continue
             case Z_BUF_ERROR:
                 // No progress possible: the input ended inside a member.
-                if produced == 0 { throw CompressionError("gzip: the data is truncated") }
+                if produced == 0 { throw CompressionError("gzip: the data is truncated", truncated: true) }
             case Z_NEED_DICT:
                 throw CompressionError("gzip: the stream needs a preset dictionary, which is not supported")
             default:

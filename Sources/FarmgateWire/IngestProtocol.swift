@@ -27,6 +27,13 @@ public struct DeviceState: Codable, Hashable, Sendable {
         case device
         case highestSequence = "highest_sequence"
     }
+
+    /// Writes `"highest_sequence": null` rather than leaving the member out, as documented.
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.container(keyedBy: CodingKeys.self)
+        try container.encode(device, forKey: .device)
+        try container.encode(highestSequence, forKey: .highestSequence)
+    }
 }
 
 /// The stable codes of whole-request errors (``APIErrorBody``). What the agent does with each is part of the delivery

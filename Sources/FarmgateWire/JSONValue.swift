@@ -1,26 +1,19 @@
-// A small, strict JSON (RFC 8259) reader and writer for the JSON batch form, without Foundation.
+// A small, strict JSON (RFC 8259) pull reader and a writer for the JSON batch form, without Foundation.
 //
-// Numbers keep their text so that sequences up to 2^64−1 and microsecond timestamps are exact. Nesting is limited so that
-// deep input cannot exhaust the stack; every other cost is linear in the input.
+// The reader never builds a tree: the batch decoder walks the document member by member, keeps only what it needs and
+// skips everything else without building it, checking the grammar (and UTF-8) as it goes. Memory beyond the input is
+// therefore bounded by what the decoder keeps (a batch's readings, themselves capped), not by the shape of the input:
+// a 32 MiB member the decoder does not know costs no allocation at all. Strings and numbers it keeps are bounded
+// (``JSONReader/maxStringBytes``, ``JSONReader/maxNumberBytes``), objects hold at most ``JSONReader/maxMembers`` members
+// and a member name may appear once per object. Numbers keep their text so that sequences up to 2^64−1 and microsecond
+// timestamps are exact. Nesting is limited so that deep input cannot exhaust the stack; every cost is linear in the input.
 
-/// A parsed JSON value.
-enum JSONValue {
-    case null
-    case bool(Bool)
-    /// The number's text, already checked against the JSON grammar.
-    case number(String)
-    case string(String)
-    case array([JSONValue])
-    /// Members in document order; ``subscript(_:)`` returns the first of duplicated keys.
-    case object([(key: String, value: JSONValue)])
+/// The kind of the JSON value that starts at the reader's position.
+enum JSONKind: Hashable {
+    case null, bool, number, string, array, object
 
-    subscript(key: String) -> JSONValue? {
-        guard case .object(let members) = self else { return nil }
-        return members.first(where: { $0.key == key })?.value
-    }
-
-    /// A short name of the value's kind, for error messages.
-    var kind: String {
+    /// A short name, for error messages.
+    var name: String {
         switch self {
         case .null: "null"
         case .bool: "a boolean"
@@ -32,27 +25,56 @@ enum JSONValue {
     }
 }
 
-/// Parses JSON text; the error names the byte offset and what was expected.
-struct JSONParser {
+/// A value the batch decoder keeps: a scalar, or only the kind of an array or object it skipped.
+enum JSONScalar: Hashable {
+    case null
+    case bool(Bool)
+    /// The number's text, already checked against the JSON grammar.
+    case number(String)
+    case string(String)
+    /// An array or object, skipped without being built.
+    case composite(JSONKind)
+
+    var kind: JSONKind {
+        switch self {
+        case .null: .null
+        case .bool: .bool
+        case .number: .number
+        case .string: .string
+        case .composite(let kind): kind
+        }
+    }
+}
+
+/// Reads JSON text front to back; errors name the byte offset and what was expected, and are ``BatchDecodingError/Kind/truncated``
+/// when the text ended where more was due.
+struct JSONReader {
+    /// How deep arrays and objects may nest.
     static let maxDepth = 32
+    /// The longest string (member name or value) the reader builds, in bytes of JSON text; identifiers are at most 64
+    /// characters and timestamps about 30, so only a hostile document comes near. Skipped strings are not limited.
+    static let maxStringBytes = 4_096
+    /// The longest number the reader keeps, in characters (a double needs fewer than 30).
+    static let maxNumberBytes = 128
+    /// The most members of one object: the batch's own objects have a handful; the bound keeps the duplicate check of a
+    /// hostile object (millions of distinct names) from costing more memory than the names themselves.
+    static let maxMembers = 1_024
 
     private let bytes: [UInt8]
-    private var index = 0
+    private(set) var index = 0
 
-    private init(_ bytes: [UInt8]) { self.bytes = bytes }
-
-    static func parse(_ bytes: [UInt8]) throws(BatchDecodingError) -> JSONValue {
-        var parser = JSONParser(bytes)
+    init(_ bytes: [UInt8]) {
+        self.bytes = bytes
         // A UTF-8 byte order mark is tolerated.
-        if bytes.starts(with: [0xEF, 0xBB, 0xBF]) { parser.index = 3 }
-        let value = try parser.value(depth: 0)
-        parser.skipWhitespace()
-        guard parser.index == bytes.count else { throw parser.error("unexpected data after the JSON value") }
-        return value
+        if bytes.starts(with: [0xEF, 0xBB, 0xBF]) { index = 3 }
     }
 
-    private func error(_ message: String) -> BatchDecodingError {
-        BatchDecodingError("not valid JSON: \(message) at byte \(index)")
+    func error(_ message: String) -> BatchDecodingError {
+        BatchDecodingError("not valid JSON: \(message) at byte \(index)", kind: index >= bytes.count ? .truncated : .malformed)
+    }
+
+    private func error(_ message: String, kind: BatchDecodingError.Kind) -> BatchDecodingError {
+        BatchDecodingError("not valid JSON: \(message) at byte \(index)", kind: kind)
     }
 
     private mutating func skipWhitespace() {
@@ -61,82 +83,149 @@ struct JSONParser {
         }
     }
 
-    private mutating func value(depth: Int) throws(BatchDecodingError) -> JSONValue {
-        guard depth < JSONParser.maxDepth else { throw error("nested more than \(JSONParser.maxDepth) levels deep") }
+    /// The kind of the next value (after whitespace), without consuming it.
+    mutating func nextKind() throws(BatchDecodingError) -> JSONKind {
         skipWhitespace()
         guard index < bytes.count else { throw error("the document ends where a value was expected") }
         switch bytes[index] {
-        case UInt8(ascii: "{"):
+        case UInt8(ascii: "{"): return .object
+        case UInt8(ascii: "["): return .array
+        case UInt8(ascii: "\""): return .string
+        case UInt8(ascii: "t"), UInt8(ascii: "f"): return .bool
+        case UInt8(ascii: "n"): return .null
+        case UInt8(ascii: "-"), UInt8(ascii: "0")...UInt8(ascii: "9"): return .number
+        default: throw error("unexpected character")
+        }
+    }
+
+    /// Checks that only whitespace follows the document's value.
+    mutating func end() throws(BatchDecodingError) {
+        skipWhitespace()
+        guard index == bytes.count else { throw error("unexpected data after the JSON value") }
+    }
+
+    /// Reads an object, calling `member` with each member's name; `member` must consume the value (with one of the
+    /// reading methods). A name that appears twice is refused, whatever its value.
+    ///
+    /// - Parameter depth: the depth of the object itself (0 for the document).
+    mutating func object(
+        depth: Int, path: @autoclosure () -> String, _ member: (inout JSONReader, String) throws(BatchDecodingError) -> Void
+    ) throws(BatchDecodingError) {
+        guard depth < JSONReader.maxDepth else { throw error("nested more than \(JSONReader.maxDepth) levels deep") }
+        skipWhitespace()
+        guard index < bytes.count, bytes[index] == UInt8(ascii: "{") else { throw error("expected an object") }
+        index += 1
+        skipWhitespace()
+        if index < bytes.count, bytes[index] == UInt8(ascii: "}") {
             index += 1
-            var members: [(key: String, value: JSONValue)] = []
+            return
+        }
+        var names = Set<String>()
+        while true {
             skipWhitespace()
-            if index < bytes.count, bytes[index] == UInt8(ascii: "}") {
-                index += 1
-                return .object(members)
+            guard index < bytes.count, bytes[index] == UInt8(ascii: "\"") else { throw error("expected a member name") }
+            let nameStart = index
+            guard let name = try string(keep: true) else { throw error("expected a member name") }
+            guard names.insert(name).inserted else {
+                let shown = name.count > 64 ? String(name.prefix(63)) + "…" : name
+                throw BatchDecodingError(
+                    "\(path().isEmpty ? "" : path() + ": ")the member \"\(shown)\" appears more than once in one object (byte \(nameStart)); send each member once")
             }
-            while true {
-                skipWhitespace()
-                guard index < bytes.count, bytes[index] == UInt8(ascii: "\"") else { throw error("expected a member name") }
-                let key = try string()
-                skipWhitespace()
-                guard index < bytes.count, bytes[index] == UInt8(ascii: ":") else { throw error("expected ':'") }
-                index += 1
-                members.append((key, try value(depth: depth + 1)))
-                skipWhitespace()
-                guard index < bytes.count else { throw error("the document ends inside an object") }
-                if bytes[index] == UInt8(ascii: ",") {
-                    index += 1
-                } else if bytes[index] == UInt8(ascii: "}") {
-                    index += 1
-                    return .object(members)
-                } else {
-                    throw error("expected ',' or '}'")
-                }
+            guard names.count <= JSONReader.maxMembers else {
+                throw error("an object with more than \(JSONReader.maxMembers) members", kind: .malformed)
             }
-        case UInt8(ascii: "["):
+            skipWhitespace()
+            guard index < bytes.count, bytes[index] == UInt8(ascii: ":") else { throw error("expected ':'") }
             index += 1
-            var elements: [JSONValue] = []
+            try member(&self, name)
             skipWhitespace()
-            if index < bytes.count, bytes[index] == UInt8(ascii: "]") {
+            guard index < bytes.count else { throw error("the document ends inside an object") }
+            if bytes[index] == UInt8(ascii: ",") {
                 index += 1
-                return .array(elements)
+            } else if bytes[index] == UInt8(ascii: "}") {
+                index += 1
+                return
+            } else {
+                throw error("expected ',' or '}'")
             }
-            while true {
-                elements.append(try value(depth: depth + 1))
-                skipWhitespace()
-                guard index < bytes.count else { throw error("the document ends inside an array") }
-                if bytes[index] == UInt8(ascii: ",") {
-                    index += 1
-                } else if bytes[index] == UInt8(ascii: "]") {
-                    index += 1
-                    return .array(elements)
-                } else {
-                    throw error("expected ',' or ']'")
-                }
+        }
+    }
+
+    /// Reads an array, calling `element` with each element's position; `element` must consume the value.
+    mutating func array(depth: Int, _ element: (inout JSONReader, Int) throws(BatchDecodingError) -> Void) throws(BatchDecodingError) {
+        guard depth < JSONReader.maxDepth else { throw error("nested more than \(JSONReader.maxDepth) levels deep") }
+        skipWhitespace()
+        guard index < bytes.count, bytes[index] == UInt8(ascii: "[") else { throw error("expected an array") }
+        index += 1
+        skipWhitespace()
+        if index < bytes.count, bytes[index] == UInt8(ascii: "]") {
+            index += 1
+            return
+        }
+        var position = 0
+        while true {
+            try element(&self, position)
+            position += 1
+            skipWhitespace()
+            guard index < bytes.count else { throw error("the document ends inside an array") }
+            if bytes[index] == UInt8(ascii: ",") {
+                index += 1
+            } else if bytes[index] == UInt8(ascii: "]") {
+                index += 1
+                return
+            } else {
+                throw error("expected ',' or ']'")
             }
-        case UInt8(ascii: "\""):
-            return .string(try string())
-        case UInt8(ascii: "t"):
-            try literal("true")
-            return .bool(true)
-        case UInt8(ascii: "f"):
+        }
+    }
+
+    /// Reads a value, keeping it if it is a scalar; an array or object is skipped and only its kind is returned.
+    mutating func scalar(depth: Int) throws(BatchDecodingError) -> JSONScalar {
+        switch try nextKind() {
+        case .object, .array:
+            let kind = try nextKind()
+            try skipValue(depth: depth)
+            return .composite(kind)
+        case .string:
+            return .string(try string(keep: true) ?? "")
+        case .number:
+            return .number(try number(keep: true))
+        case .bool:
+            if bytes[index] == UInt8(ascii: "t") {
+                try literal("true")
+                return .bool(true)
+            }
             try literal("false")
             return .bool(false)
-        case UInt8(ascii: "n"):
+        case .null:
             try literal("null")
             return .null
-        case UInt8(ascii: "-"), UInt8(ascii: "0")...UInt8(ascii: "9"):
-            return .number(try number())
-        default:
-            throw error("unexpected character")
+        }
+    }
+
+    /// Reads a value without keeping anything of it, checking its grammar.
+    mutating func skipValue(depth: Int) throws(BatchDecodingError) {
+        switch try nextKind() {
+        case .object:
+            try object(depth: depth, path: "") { reader, _ throws(BatchDecodingError) in try reader.skipValue(depth: depth + 1) }
+        case .array:
+            try array(depth: depth) { reader, _ throws(BatchDecodingError) in try reader.skipValue(depth: depth + 1) }
+        case .string:
+            _ = try string(keep: false)
+        case .number:
+            _ = try number(keep: false)
+        case .bool:
+            try literal(bytes[index] == UInt8(ascii: "t") ? "true" : "false")
+        case .null:
+            try literal("null")
         }
     }
 
     private mutating func literal(_ word: StaticString) throws(BatchDecodingError) {
         let count = word.utf8CodeUnitCount
-        guard index + count <= bytes.count else { throw error("unexpected end of the document") }
-        for k in 0..<count where bytes[index + k] != word.utf8Start[k] {
-            throw error("unexpected character")
+        for k in 0..<count {
+            guard index + k < bytes.count else { throw error("unexpected end of the document", kind: .truncated) }
+            guard bytes[index + k] == word.utf8Start[k] else { throw error("unexpected character") }
         }
         index += count
     }
@@ -147,7 +236,8 @@ struct JSONParser {
         return index - start
     }
 
-    private mutating func number() throws(BatchDecodingError) -> String {
+    /// A number's text when `keep` (empty otherwise).
+    private mutating func number(keep: Bool) throws(BatchDecodingError) -> String {
         let start = index
         if bytes[index] == UInt8(ascii: "-") { index += 1 }
         guard index < bytes.count else { throw error("the document ends inside a number") }
@@ -165,11 +255,16 @@ struct JSONParser {
             if index < bytes.count, bytes[index] == UInt8(ascii: "+") || bytes[index] == UInt8(ascii: "-") { index += 1 }
             guard digits() > 0 else { throw error("expected a digit in the exponent") }
         }
+        guard keep else { return "" }
+        guard index - start <= JSONReader.maxNumberBytes else {
+            throw BatchDecodingError(
+                "a number of \(index - start) characters at byte \(start), more than the \(JSONReader.maxNumberBytes) this batch form allows")
+        }
         return String(decoding: bytes[start..<index], as: UTF8.self)
     }
 
     private mutating func hex4() throws(BatchDecodingError) -> UInt32 {
-        guard index + 4 <= bytes.count else { throw error("the document ends inside a \\u escape") }
+        guard index + 4 <= bytes.count else { throw error("the document ends inside a \\u escape", kind: .truncated) }
         var value: UInt32 = 0
         for _ in 0..<4 {
             let c = bytes[index]
@@ -186,24 +281,37 @@ struct JSONParser {
         return value
     }
 
-    private mutating func string() throws(BatchDecodingError) -> String {
+    /// Reads the string at the reader's position (its opening quote), returning it when `keep`; a kept string longer
+    /// than ``maxStringBytes`` bytes of JSON text is refused. Either way escapes, control characters and UTF-8 are checked.
+    private mutating func string(keep: Bool) throws(BatchDecodingError) -> String? {
+        let start = index
         index += 1  // the opening quote
         var runStart = index
         var result = ""
         func flushRun(_ end: Int) throws(BatchDecodingError) {
             guard runStart < end else { return }
-            guard let text = String(validating: bytes[runStart..<end], as: UTF8.self) else {
-                throw BatchDecodingError("not valid JSON: a string is not valid UTF-8 near byte \(runStart)")
+            if keep {
+                guard let text = String(validating: bytes[runStart..<end], as: UTF8.self) else {
+                    throw BatchDecodingError("not valid JSON: a string is not valid UTF-8 near byte \(runStart)")
+                }
+                result += text
+            } else {
+                guard isValidUTF8(bytes, runStart..<end) else {
+                    throw BatchDecodingError("not valid JSON: a string is not valid UTF-8 near byte \(runStart)")
+                }
             }
-            result += text
         }
         while true {
             guard index < bytes.count else { throw error("the document ends inside a string") }
+            if keep, index - start > JSONReader.maxStringBytes {
+                throw BatchDecodingError(
+                    "a string longer than \(JSONReader.maxStringBytes) bytes at byte \(start) where the batch form expects a name, an id, a timestamp or a flag")
+            }
             let c = bytes[index]
             if c == UInt8(ascii: "\"") {
                 try flushRun(index)
                 index += 1
-                return result
+                return keep ? result : nil
             }
             if c < 0x20 { throw error("a control character inside a string") }
             if c != UInt8(ascii: "\\") {
@@ -228,7 +336,8 @@ struct JSONParser {
             case UInt8(ascii: "u"):
                 let high = try hex4()
                 if (0xD800...0xDBFF).contains(high) {
-                    guard index + 2 <= bytes.count, bytes[index] == UInt8(ascii: "\\"), bytes[index + 1] == UInt8(ascii: "u") else {
+                    guard index + 2 <= bytes.count else { throw error("the document ends inside a \\u escape", kind: .truncated) }
+                    guard bytes[index] == UInt8(ascii: "\\"), bytes[index + 1] == UInt8(ascii: "u") else {
                         throw error("an unpaired surrogate in a \\u escape")
                     }
                     index += 2
@@ -242,10 +351,44 @@ struct JSONParser {
             default:
                 throw error("invalid escape")
             }
-            if let scalar { result.unicodeScalars.append(scalar) }
+            if keep, let scalar { result.unicodeScalars.append(scalar) }
             runStart = index
         }
     }
+}
+
+/// Whether `bytes[range]` is well-formed UTF-8 (no overlong forms, surrogates or values above U+10FFFF), checked
+/// without allocating.
+func isValidUTF8(_ bytes: [UInt8], _ range: Range<Int>) -> Bool {
+    var i = range.lowerBound
+    while i < range.upperBound {
+        let lead = bytes[i]
+        if lead < 0x80 {
+            i += 1
+            continue
+        }
+        let following: Int
+        var scalar: UInt32
+        let smallest: UInt32
+        if lead & 0xE0 == 0xC0 {
+            (following, scalar, smallest) = (1, UInt32(lead & 0x1F), 0x80)
+        } else if lead & 0xF0 == 0xE0 {
+            (following, scalar, smallest) = (2, UInt32(lead & 0x0F), 0x800)
+        } else if lead & 0xF8 == 0xF0 {
+            (following, scalar, smallest) = (3, UInt32(lead & 0x07), 0x10000)
+        } else {
+            return false
+        }
+        guard range.upperBound - i > following else { return false }
+        for k in 1...following {
+            let byte = bytes[i + k]
+            guard byte & 0xC0 == 0x80 else { return false }
+            scalar = scalar << 6 | UInt32(byte & 0x3F)
+        }
+        guard scalar >= smallest, scalar <= 0x10FFFF, !(0xD800...0xDFFF).contains(scalar) else { return false }
+        i += following + 1
+    }
+    return true
 }
 
 /// Appends JSON text.

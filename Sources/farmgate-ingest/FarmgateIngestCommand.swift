@@ -182,7 +182,7 @@ struct FarmCommand: AsyncParsableCommand {
 
 struct DeviceCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "device", abstract: "Manage devices (site gateways) and their keys.", subcommands: [Create.self, Revoke.self])
+        commandName: "device", abstract: "Manage devices (site gateways) and their keys.", subcommands: [Create.self, Revoke.self, RotateKey.self])
 
     struct DeviceOptions: ParsableArguments {
         @Option(help: "The farm the device belongs to.")
@@ -214,6 +214,28 @@ struct DeviceCommand: AsyncParsableCommand {
             let key = try await options.administer { try await $0.createDevice(farm: device.farm, device: id) }
             print(key.text)
             print("Device \(id) in farm \(device.farm) registered. The key above is shown only once: it is not stored, only its hash.")
+            print("Put it in the agent configuration: [upload] key = \"<the key>\", or save it to a file readable only by the agent and set key_file.")
+        }
+    }
+
+    struct RotateKey: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "rotate-key",
+            abstract: "Give a device a new API key and print it (shown only once); the old key stops working.",
+            discussion: """
+                The old key is replaced in the store: new lookups refuse it at once, and a running ingest that has it in its \
+                credential cache accepts it for at most that cache's lifetime (seconds). A revoked device becomes usable again \
+                with the new key; its sensors and readings are kept.
+                """)
+
+        @OptionGroup var device: DeviceOptions
+        @OptionGroup var options: ConfigOption
+
+        func run() async throws {
+            let id = try device.deviceID
+            let key = try await options.administer { try await $0.rotateDeviceKey(farm: device.farm, device: id) }
+            print(key.text)
+            print("Device \(id) in farm \(device.farm) has a new key. The key above is shown only once: it is not stored, only its hash. The old key no longer works.")
             print("Put it in the agent configuration: [upload] key = \"<the key>\", or save it to a file readable only by the agent and set key_file.")
         }
     }

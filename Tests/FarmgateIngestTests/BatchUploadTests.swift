@@ -235,13 +235,17 @@ struct BatchUploadTests {
         }
     }
 
-    @Test("more readings than max_readings_per_batch is a malformed batch")
+    @Test("more readings than max_readings_per_batch is 413 too_many_readings, in JSON and binary")
     func tooManyReadings() async throws {
         let fixture = try await Fixture()
         defer { fixture.close() }
         let limits = IngestConfiguration.Limits(maxReadingsPerBatch: 10)
+        let frame = try BatchCodec.encode(try phBatch(sequences: 1...11))
         try await fixture.app(limits: limits).test(.router) { client in
-            try expectError(try await postJSON(client, try phBatch(sequences: 1...11), key: fixture.deviceKey), .badRequest, "malformed_batch")
+            try expectError(try await postJSON(client, try phBatch(sequences: 1...11), key: fixture.deviceKey), .contentTooLarge, "too_many_readings")
+            try expectError(
+                try await client.execute(uri: IngestProtocol.batchesPath, method: .post, headers: binaryHeaders(fixture.deviceKey), body: buffer(frame)),
+                .contentTooLarge, "too_many_readings")
             #expect(try await postJSON(client, try phBatch(sequences: 1...10), key: fixture.deviceKey).status == .ok)
         }
     }
@@ -274,7 +278,7 @@ struct BatchUploadTests {
             let connection = try SQLiteConnection(path: fixture.store.path, mode: .readWrite)
             try connection.execute("DROP TABLE latest")
             let response = try await postJSON(client, try phBatch(sequences: 1...1), key: fixture.deviceKey)
-            try expectError(response, .serviceUnavailable, "store_unavailable")
+            try expectError(response, .serviceUnavailable, IngestErrorCode.unavailable)
             #expect(response.headers[.retryAfter].flatMap { Int($0) } ?? 0 >= 1)
         }
     }

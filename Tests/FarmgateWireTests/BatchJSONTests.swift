@@ -111,10 +111,10 @@ struct BatchJSONTests {
     @Test("limits cap the document size and the reading count")
     func limits() {
         let text = Array("{\"device\":\"d\",\"readings\":[1,2,3]}".utf8)
-        #expect(throws: BatchDecodingError("readings: 3 entries, more than the limit of 2")) {
+        #expect(throws: BatchDecodingError("readings: more than the limit of 2 entries", kind: .tooManyReadings)) {
             try BatchJSON.decode(text, limits: BatchLimits(maxReadings: 2))
         }
-        #expect(throws: BatchDecodingError("the JSON document is \(text.count) bytes, more than the limit of 10")) {
+        #expect(throws: BatchDecodingError("the JSON document is \(text.count) bytes, more than the limit of 10", kind: .tooLarge)) {
             try BatchJSON.decode(text, limits: BatchLimits(maxDecompressedBytes: 10))
         }
     }

@@ -1,6 +1,7 @@
 public import FarmgateWire
 
-/// The administration behind `farmgate-ingest farm create`, `device create`, `device revoke`, `token create` and `export`,
+/// The administration behind `farmgate-ingest farm create`, `device create`, `device revoke`, `device rotate-key`,
+/// `token create` and `export`,
 /// as a library so that tests run the same code as the command line.
 public struct IngestAdmin: Sendable {
     public let store: any IngestStore
@@ -25,6 +26,16 @@ public struct IngestAdmin: Sendable {
     /// Revokes a device: its key stops working within the credential cache time of running ingests (seconds).
     public func revokeDevice(farm: String, device: DeviceID) async throws {
         try await store.revokeDevice(farm: farm, device: device, revokedAt: .now())
+    }
+
+    /// Gives a device a new API key and returns it (shown only now: the store keeps its hash). The old key is replaced
+    /// in the store, so it stops working at once for new lookups; a running ingest may still accept it from its
+    /// credential cache for at most the cache's time to live (seconds). A revoked device becomes usable again with the
+    /// new key: this is how a site whose key was revoked, lost or leaked gets back in, keeping its readings and sensors.
+    public func rotateDeviceKey(farm: String, device: DeviceID) async throws -> APIKey {
+        try await newKey(.device, collision: "API key id") { key in
+            try await store.rotateDeviceKey(farm: farm, device: device, keyID: key.keyID, secretHash: key.secretHash, rotatedAt: .now())
+        }
     }
 
     /// Creates a read token for `farm` and returns it. It is shown only now: the store keeps its hash.

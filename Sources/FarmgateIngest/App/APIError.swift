@@ -11,12 +11,15 @@ public struct APIError: Error, HTTPResponseError, Sendable, CustomStringConverti
     public var message: String
     /// Extra headers (`Retry-After`, `WWW-Authenticate`).
     public var headers: HTTPFields
+    /// With `unsupported_format_version`: the binary format versions this ingest reads (``APIErrorBody/Detail/acceptedVersions``).
+    public var acceptedVersions: [Int]?
 
-    public init(_ status: HTTPResponse.Status, code: String, message: String, headers: HTTPFields = [:]) {
+    public init(_ status: HTTPResponse.Status, code: String, message: String, headers: HTTPFields = [:], acceptedVersions: [Int]? = nil) {
         self.status = status
         self.code = code
         self.message = message
         self.headers = headers
+        self.acceptedVersions = acceptedVersions
     }
 
     public var description: String { "\(status.code) \(code): \(message)" }
@@ -24,7 +27,7 @@ public struct APIError: Error, HTTPResponseError, Sendable, CustomStringConverti
     public func response(from request: Request, context: some RequestContext) throws -> Response {
         var headers = self.headers
         headers[.contentType] = "application/json; charset=utf-8"
-        return Response(status: status, headers: headers, body: ResponseBody(byteBuffer: jsonBuffer(APIErrorBody(code: code, message: message))))
+        return Response(status: status, headers: headers, body: ResponseBody(byteBuffer: jsonBuffer(APIErrorBody(code: code, message: message, acceptedVersions: acceptedVersions))))
     }
 
     // MARK: The errors the ingest answers with
@@ -41,7 +44,7 @@ public struct APIError: Error, HTTPResponseError, Sendable, CustomStringConverti
 
     static func unavailable(retryAfterSeconds: Int = 5) -> APIError {
         APIError(
-            .serviceUnavailable, code: "store_unavailable",
+            .serviceUnavailable, code: IngestErrorCode.unavailable,
             message: "the ingest cannot reach its store right now; nothing was stored, retry after the Retry-After delay",
             headers: [.retryAfter: String(retryAfterSeconds)])
     }

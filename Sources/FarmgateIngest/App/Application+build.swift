@@ -80,7 +80,8 @@ func buildRouter(
     BatchController(
         store: store, gate: gate,
         rateLimiter: RateLimiter(rate: limits.requestsPerSecond, burst: limits.burst, policy: "device"),
-        validator: ReadingValidator(futureTolerance: configuration.limits.futureTolerance), limits: configuration.limits,
+        validator: ReadingValidator(futureTolerance: limits.futureTolerance, unsynchronizedFutureLimit: limits.unsynchronizedFutureLimit),
+        limits: limits,
         metrics: metrics, now: now, logger: logger
     ).addRoutes(to: router)
     ReadController(

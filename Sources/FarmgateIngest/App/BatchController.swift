@@ -23,6 +23,9 @@ struct BatchController: Sendable {
         router.post(RouterPath(IngestProtocol.batchesPath)) { request, context in
             try await self.post(request, context: context)
         }
+        router.get(RouterPath(IngestProtocol.deviceStatePath)) { request, context in
+            try await self.deviceState(request, client: context.clientAddress)
+        }
     }
 
     func post(_ request: Request, context: IngestRequestContext) async throws -> Response {
@@ -88,13 +91,11 @@ struct BatchController: Sendable {
                 (batch, preRejected) = (decoded.batch, decoded.rejected)
             }
         } catch {
-            throw APIError(
-                .badRequest, code: "malformed_batch",
-                message: "the \(format == .binary ? "binary" : "JSON") batch cannot be decoded: \(error.description); fix the sender, this batch will never be accepted")
+            throw Self.decodingError(error, format: format, limits: limits)
         }
         guard batch.device == device.device else {
             throw APIError(
-                .forbidden, code: "device_mismatch",
+                .forbidden, code: IngestErrorCode.deviceMismatch,
                 message: "the batch is from device '\(batch.device)' but the key belongs to device '\(device.device)'; each device must upload with its own key")
         }
 
@@ -109,6 +110,36 @@ struct BatchController: Sendable {
         }
         let allRejected = (preRejected + rejected + outcome.rejected).sorted { ($0.sequence ?? 0, $0.sensor) < ($1.sequence ?? 0, $1.sensor) }
         return (IngestReceipt(accepted: outcome.accepted, duplicates: outcome.duplicates, rejections: allRejected), device)
+    }
+
+    /// The answer to a body that is not a batch, by what is wrong with it: the agent retries `incomplete_body`, falls
+    /// back to another format on `unsupported_format_version`, splits the batch on 413 and refuses `malformed_batch`.
+    static func decodingError(_ error: BatchDecodingError, format: BodyFormat, limits: IngestConfiguration.Limits) -> APIError {
+        let form = format == .binary ? "binary" : "JSON"
+        switch error.kind {
+        case .unsupportedVersion(let version):
+            let accepted = [Int(BatchCodec.formatVersion)]
+            return APIError(
+                .unsupportedMediaType, code: IngestErrorCode.unsupportedFormatVersion,
+                message: "the binary batch is of format version \(version); this ingest reads version \(accepted.map(String.init).joined(separator: ", ")) and always accepts the JSON form (\(IngestProtocol.jsonBatchMediaType)); send one of those or upgrade the ingest",
+                acceptedVersions: accepted)
+        case .truncated:
+            return APIError(
+                .badRequest, code: IngestErrorCode.incompleteBody,
+                message: "the \(form) batch ends early (\(error.description)); the body was probably cut in transit (a proxy or a broken connection): send it again")
+        case .tooManyReadings:
+            return APIError(
+                .contentTooLarge, code: IngestErrorCode.tooManyReadings,
+                message: "the batch holds more than \(limits.maxReadingsPerBatch) readings (\(error.description)); send smaller batches")
+        case .tooLarge:
+            return APIError(
+                .contentTooLarge, code: IngestErrorCode.decompressedTooLarge,
+                message: "the \(form) batch expands beyond \(limits.maxDecompressedBytes) bytes (\(error.description)); send smaller batches")
+        case .malformed:
+            return APIError(
+                .badRequest, code: IngestErrorCode.malformedBatch,
+                message: "the \(form) batch cannot be decoded: \(error.description); fix the sender, this batch will never be accepted")
+        }
     }
 
     static func format(of request: Request) throws(APIError) -> BodyFormat {
@@ -151,7 +182,9 @@ struct BatchController: Sendable {
         } catch is NIOTooManyBytesError {
             throw tooLarge
         } catch {
-            throw APIError(.badRequest, code: "incomplete_body", message: "the request body could not be read (\(error)); send it again")
+            throw APIError(
+                .badRequest, code: IngestErrorCode.incompleteBody,
+                message: "the request body could not be read in full (\(error)); it was probably cut in transit: send it again")
         }
         let raw = Array(buffer.readableBytesView)
         let expanded: [UInt8]
@@ -167,8 +200,13 @@ struct BatchController: Sendable {
                     .contentTooLarge, code: "decompressed_too_large",
                     message: "the body expands to more than \(limits.maxDecompressedBytes) bytes; send smaller batches")
             }
+            if error.truncated {
+                throw APIError(
+                    .badRequest, code: IngestErrorCode.incompleteBody,
+                    message: "the \(encoding.rawValue) body ends early (\(error.description)); it was probably cut in transit: send it again")
+            }
             throw APIError(
-                .badRequest, code: "malformed_batch",
+                .badRequest, code: IngestErrorCode.malformedBatch,
                 message: "the \(encoding.rawValue) body cannot be decompressed: \(error.description); compress it with \(encoding.rawValue) or drop the Content-Encoding header")
         }
         guard expanded.count <= limits.maxDecompressedBytes else {

@@ -40,7 +40,7 @@ struct AuthenticationGate: Sendable {
         case .invalid:
             failures.recordFailure(client)
             throw APIError.unauthorized(
-                "the device key is not valid; check the key in the agent configuration or create a new one with `farmgate-ingest device create`")
+                "the device key is not valid; check the key in the agent configuration, or give the device a new one with `farmgate-ingest device rotate-key`")
         case .revoked:
             failures.recordFailure(client)
             throw APIError.revoked("device key")

@@ -26,6 +26,7 @@ public import Logging
 /// max_decompressed_bytes = "32MiB"    # default 32 MiB: larger expanded bodies are answered 413
 /// max_readings_per_batch = 100000     # default 100000
 /// future_tolerance = "10m"            # default 10 minutes: later timestamps are rejected one by one
+/// unsynchronized_future_limit = "366d" # default 366 days: the same for readings flagged clock_unsynchronized
 /// requests_per_second = 20            # default 20 batches per second and device (token bucket rate)
 /// burst = 40                          # default 40 batches (token bucket size)
 /// read_requests_per_second = 10       # default 10 read-API requests per second and read token
@@ -103,6 +104,11 @@ public struct IngestConfiguration: Sendable, Hashable {
         /// How far past the ingest's clock a reading's timestamp may be before it is rejected as `timestamp_in_future`.
         /// Default 10 minutes.
         public var futureTolerance: Duration
+        /// How far past the ingest's clock the timestamp of a reading flagged `clock_unsynchronized` may be. Such a
+        /// reading was stamped before the device's clock was set (a Raspberry Pi without RTC until NTP answers); it is
+        /// stored with its flag while it is plausible rather than refused for good. Default 366 days; at least
+        /// `futureTolerance`.
+        public var unsynchronizedFutureLimit: Duration
         /// The steady number of batches per second one device may post (token bucket refill rate). Default 20.
         public var requestsPerSecond: Double
         /// How many batches one device may post at once before it is limited (token bucket size). Default 40.
@@ -126,6 +132,7 @@ public struct IngestConfiguration: Sendable, Hashable {
             maxDecompressedBytes: Int = 32 << 20,
             maxReadingsPerBatch: Int = 100_000,
             futureTolerance: Duration = .seconds(600),
+            unsynchronizedFutureLimit: Duration = .seconds(366 * 86_400),
             requestsPerSecond: Double = 20,
             burst: Int = 40,
             readRequestsPerSecond: Double = 10,
@@ -143,6 +150,7 @@ public struct IngestConfiguration: Sendable, Hashable {
             self.maxDecompressedBytes = maxDecompressedBytes
             self.maxReadingsPerBatch = maxReadingsPerBatch
             self.futureTolerance = futureTolerance
+            self.unsynchronizedFutureLimit = unsynchronizedFutureLimit
             self.requestsPerSecond = requestsPerSecond
             self.burst = burst
         }
@@ -236,14 +244,23 @@ public struct IngestConfiguration: Sendable, Hashable {
 
         if let section = try table.table("limits") {
             try section.checkKeys([
-                "max_body_bytes", "max_decompressed_bytes", "max_readings_per_batch", "future_tolerance", "requests_per_second", "burst",
-                "read_requests_per_second", "read_burst", "auth_failures_per_second", "auth_failure_burst", "unknown_key_cache_ttl",
+                "max_body_bytes", "max_decompressed_bytes", "max_readings_per_batch", "future_tolerance", "unsynchronized_future_limit",
+                "requests_per_second", "burst", "read_requests_per_second", "read_burst", "auth_failures_per_second", "auth_failure_burst",
+                "unknown_key_cache_ttl",
             ])
             if let bytes = try section.byteSize("max_body_bytes", in: 1024...(1 << 30)) { limits.maxBodyBytes = Int(bytes) }
             if let bytes = try section.byteSize("max_decompressed_bytes", in: 1024...(4 << 30)) { limits.maxDecompressedBytes = Int(bytes) }
             if let count = try section.int("max_readings_per_batch", in: 1...10_000_000) { limits.maxReadingsPerBatch = count }
             if let tolerance = try section.duration("future_tolerance", in: .zero...Duration.seconds(7 * 86_400)) {
                 limits.futureTolerance = tolerance
+            }
+            if let limit = try section.duration("unsynchronized_future_limit", in: .zero...Duration.seconds(10 * 366 * 86_400)) {
+                limits.unsynchronizedFutureLimit = limit
+            }
+            if limits.unsynchronizedFutureLimit < limits.futureTolerance {
+                throw section.error(
+                    section.contains("unsynchronized_future_limit") ? "unsynchronized_future_limit" : "future_tolerance",
+                    "unsynchronized_future_limit (\(ReadingValidator.days(limits.unsynchronizedFutureLimit))) must be at least future_tolerance (\(ReadingValidator.days(limits.futureTolerance))): a reading flagged clock_unsynchronized is never held to a tighter bound than one from a synchronised clock")
             }
             if let rate = try section.double("requests_per_second", in: 0.001...1_000_000) { limits.requestsPerSecond = rate }
             if let burst = try section.int("burst", in: 1...1_000_000) { limits.burst = burst }

@@ -19,11 +19,20 @@ public protocol IngestStore: Sendable {
 
     /// Stores `batch` for `device` in one durable transaction and returns only after it committed.
     ///
-    /// Idempotent on (device, sequence): a reading whose sequence is already stored for the device is counted as a
-    /// duplicate and not stored again. Sensors are registered on first sight; a reading of a sensor that is already
-    /// registered on this device with another quantity is not stored and comes back in ``StoreOutcome/rejected`` with the
-    /// code `sensor_conflict`. The caller has validated every reading and `batch.device == device.device`.
+    /// Idempotent on (device, sequence): a reading whose sequence is already stored for the device is compared with the
+    /// stored one (sensor, timestamp, value in whole steps of the sensor's resolution, flags). The same reading is counted
+    /// as a duplicate and not stored again; a different one is not stored and comes back in ``StoreOutcome/rejected``
+    /// with the code `sequence_conflict` naming what differs (never as a duplicate: the site would delete it). Sensors
+    /// are registered on first sight; a reading of a sensor that is already registered on this device with another
+    /// quantity is not stored and comes back with the code `sensor_conflict`. In the same transaction the device's
+    /// highest stored sequence (``highestSequence(device:)``) is raised. The caller has validated every reading and
+    /// `batch.device == device.device`.
     func store(_ batch: Batch, for device: DeviceIdentity, receivedAt: Timestamp) async throws -> StoreOutcome
+
+    /// The highest sequence ever stored for `device`, or nil when none was. Kept beside the device and raised by
+    /// ``store(_:for:receivedAt:)`` in its transaction, so that deleting readings (retention) never lowers it: the
+    /// agent numbers new readings above it (`GET /v1/device`).
+    func highestSequence(device: DeviceIdentity) async throws -> UInt64?
 
     // MARK: Credentials
 
@@ -48,6 +57,11 @@ public protocol IngestStore: Sendable {
 
     /// Marks the device revoked: its key stops working. Throws ``IngestStoreError/notFound(_:)`` when farm or device is unknown.
     func revokeDevice(farm: String, device: DeviceID, revokedAt: Timestamp) async throws
+
+    /// Replaces the device's key with a new one (the old key stops matching at once in the store) and lifts a
+    /// revocation. Throws ``IngestStoreError/notFound(_:)`` when farm or device is unknown and
+    /// ``IngestStoreError/alreadyExists(_:)`` when the key id is taken.
+    func rotateDeviceKey(farm: String, device: DeviceID, keyID: String, secretHash: [UInt8], rotatedAt: Timestamp) async throws
 
     /// Registers a read token of `role` for `farm`. Throws ``IngestStoreError/notFound(_:)`` for an unknown farm and
     /// ``IngestStoreError/alreadyExists(_:)`` when the key id is taken.

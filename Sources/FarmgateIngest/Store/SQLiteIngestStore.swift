@@ -102,6 +102,7 @@ public final class SQLiteIngestStore: IngestStore {
     private static func store(_ batch: Batch, device: DeviceIdentity, receivedAt: Timestamp, in db: CachedConnection) throws -> StoreOutcome {
         let used = Set(batch.readings.map(\.sensor))
         var sensorRows: [SensorID: Int64] = [:]
+        var resolutions: [SensorID: Resolution] = [:]
         var conflicts: [SensorID: (registered: String, sent: Quantity)] = [:]
         var seenInBatch: [SensorID: Quantity] = [:]
 
@@ -116,6 +117,7 @@ public final class SQLiteIngestStore: IngestStore {
                 continue
             }
             seenInBatch[descriptor.id] = descriptor.quantity
+            resolutions[descriptor.id] = descriptor.resolution
             try findSensor.bind([.integer(device.rowID), .text(descriptor.id.rawValue)])
             if try findSensor.step() {
                 let rowID = findSensor.int64(0)
@@ -150,9 +152,34 @@ public final class SQLiteIngestStore: IngestStore {
             VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, sequence) DO NOTHING
             """)
         var accepted = 0
-        var duplicates = 0
         var rejected: [RejectedReading] = []
         var newest: [Int64: Reading] = [:]
+        var highestAccepted: Int64?
+        /// Inserts one reading; false when its (device, sequence) is already stored.
+        func insert(_ candidate: StoredCandidate) throws -> Bool {
+            let reading = candidate.reading
+            try insertReading.run([
+                .integer(device.rowID), .integer(candidate.sequence), .integer(candidate.sensorRow), .integer(reading.timestamp.microseconds),
+                .real(reading.value), .integer(Int64(reading.quality.rawValue)), .integer(receivedAt.microseconds),
+            ])
+            guard db.connection.changes == 1 else { return false }
+            accepted += 1
+            highestAccepted = max(highestAccepted ?? candidate.sequence, candidate.sequence)
+            if let current = newest[candidate.sensorRow], (current.timestamp, current.sequence) >= (reading.timestamp, reading.sequence) {
+                return true
+            }
+            newest[candidate.sensorRow] = reading
+            return true
+        }
+        // Sequences above the device's highest stored one are new: inserted at once. Those at or below it were most
+        // likely sent before (a batch sent again after a lost acknowledgement): they are looked up first, many at a time,
+        // and only those not found are inserted, so that a batch of duplicates costs range scans and no failed inserts.
+        let highestStored = try db.withStatement("SELECT highest_sequence FROM devices WHERE id = ?", [.integer(device.rowID)]) { statement in
+            try statement.step() && !statement.isNull(0) ? statement.int64(0) : -1
+        }
+        var maybeStored: [StoredCandidate] = []
+        // Readings an insert found already stored (the same sequence twice in one batch): compared afterwards.
+        var alreadyStored: [StoredCandidate] = []
         for reading in batch.readings {
             if let conflict = conflicts[reading.sensor] {
                 rejected.append(
@@ -175,19 +202,31 @@ public final class SQLiteIngestStore: IngestStore {
                         message: "sequence \(reading.sequence) is larger than \(Int64.max)"))
                 continue
             }
-            try insertReading.run([
-                .integer(device.rowID), .integer(sequence), .integer(sensorRow), .integer(reading.timestamp.microseconds),
-                .real(reading.value), .integer(Int64(reading.quality.rawValue)), .integer(receivedAt.microseconds),
-            ])
-            if db.connection.changes == 1 {
-                accepted += 1
-                if let current = newest[sensorRow], (current.timestamp, current.sequence) >= (reading.timestamp, reading.sequence) {
-                    continue
-                }
-                newest[sensorRow] = reading
-            } else {
-                duplicates += 1
+            let candidate = StoredCandidate(reading: reading, sequence: sequence, sensorRow: sensorRow, resolution: resolutions[reading.sensor])
+            if sequence <= highestStored {
+                maybeStored.append(candidate)
+            } else if try !insert(candidate) {
+                alreadyStored.append(candidate)
             }
+        }
+        var (duplicates, sequenceConflicts, notStored) = try compare(maybeStored, device: device, in: db)
+        for candidate in notStored where try !insert(candidate) {
+            alreadyStored.append(candidate)
+        }
+        let (moreDuplicates, moreConflicts, lost) = try compare(alreadyStored, device: device, in: db)
+        if let candidate = lost.first {
+            // Refused by the insert and yet not stored: cannot happen inside one transaction; never count it silently.
+            throw IngestStoreError.corrupt("sequence \(candidate.sequence) of device \(device.device) was refused but is not stored")
+        }
+        duplicates += moreDuplicates
+        sequenceConflicts += moreConflicts
+        rejected += sequenceConflicts
+
+        if let highestAccepted {
+            // In the same transaction as the readings: the device's high-water mark never lags what is stored, and
+            // nothing that deletes readings (retention) can lower it.
+            try db.statement("UPDATE devices SET highest_sequence = max(coalesce(highest_sequence, -1), ?) WHERE id = ?")
+                .run([.integer(highestAccepted), .integer(device.rowID)])
         }
 
         let upsertLatest = try db.statement(
@@ -205,6 +244,136 @@ public final class SQLiteIngestStore: IngestStore {
             ])
         }
         return StoreOutcome(accepted: accepted, duplicates: duplicates, rejected: rejected)
+    }
+
+    /// A reading whose (device, sequence) was already stored when the batch tried to insert it.
+    private struct StoredCandidate {
+        var reading: Reading
+        var sequence: Int64
+        var sensorRow: Int64
+        var resolution: Resolution?
+    }
+
+    /// The widest gap between two already-stored sequences that one range query still covers: a batch sent again is
+    /// usually one run of consecutive sequences, read with a single ordered range scan; sparse ones are cut into several
+    /// scans, so that at most this many unrelated rows are stepped over per reading.
+    private static let comparisonGap: Int64 = 32
+
+    /// Compares readings whose sequence may already be stored with the stored rows, by ordered range scans over the
+    /// primary key rather than one query per reading, so that a batch sent twice stays cheap: the same sensor,
+    /// timestamp, value in whole steps of the sensor's resolution and flags make a duplicate; anything else is a
+    /// `sequence_conflict`. Readings whose sequence is not stored come back in `notStored`, in sequence order.
+    private static func compare(_ candidates: [StoredCandidate], device: DeviceIdentity, in db: CachedConnection) throws -> (
+        duplicates: Int, conflicts: [RejectedReading], notStored: [StoredCandidate]
+    ) {
+        guard !candidates.isEmpty else { return (0, [], []) }
+        let sorted = candidates.sorted { $0.sequence < $1.sequence }
+        let scan = try db.statement(
+            "SELECT sequence, sensor_id, timestamp_us, value, flags FROM readings WHERE device_id = ? AND sequence >= ? AND sequence <= ? ORDER BY sequence")
+        var duplicates = 0
+        var conflicts: [RejectedReading] = []
+        var notStored: [StoredCandidate] = []
+        var first = 0
+        while first < sorted.count {
+            var last = first
+            while last + 1 < sorted.count, sorted[last + 1].sequence - sorted[last].sequence <= comparisonGap { last += 1 }
+            try scan.bind([.integer(device.rowID), .integer(sorted[first].sequence), .integer(sorted[last].sequence)])
+            var next = first
+            do {
+                defer { scan.reset() }
+                while next <= last, try scan.step() {
+                    let sequence = scan.int64(0)
+                    while next <= last, sorted[next].sequence < sequence {
+                        notStored.append(sorted[next])
+                        next += 1
+                    }
+                    guard next <= last, sorted[next].sequence == sequence else { continue }
+                    let stored = StoredRow(sensorRow: scan.int64(1), timestamp: scan.int64(2), value: scan.double(3), flags: scan.int64(4))
+                    // The same sequence may come more than once in one batch: each is compared with the stored row.
+                    while next <= last, sorted[next].sequence == sequence {
+                        let candidate = sorted[next]
+                        next += 1
+                        if stored.matches(candidate) {
+                            duplicates += 1
+                            continue
+                        }
+                        let reading = candidate.reading
+                        let differences = try Self.differences(candidate, stored: stored, in: db)
+                        conflicts.append(
+                            RejectedReading(
+                                sequence: reading.sequence, sensor: reading.sensor.rawValue, code: RejectionCode.sequenceConflict,
+                                message: "sequence \(reading.sequence) is already stored for this device with another \(differences.joined(separator: ", ")); two readings were numbered alike (a site buffer lost or replaced): number this one above the highest sequence the ingest holds (GET \(IngestProtocol.deviceStatePath))"))
+                    }
+                }
+            }
+            if next <= last { notStored += sorted[next...last] }
+            first = last + 1
+        }
+        return (duplicates, conflicts, notStored)
+    }
+
+    /// A stored reading as the comparison reads it.
+    private struct StoredRow {
+        var sensorRow: Int64
+        var timestamp: Int64
+        var value: Double
+        var flags: Int64
+
+        /// Whether `candidate` is the same reading: same sensor, timestamp and flags, and the same value in whole steps
+        /// of the resolution (the stored double and a re-sent one may differ in their last bits, from another encoder or
+        /// JSON text, while meaning the same value).
+        func matches(_ candidate: StoredCandidate) -> Bool {
+            let reading = candidate.reading
+            guard sensorRow == candidate.sensorRow, timestamp == reading.timestamp.microseconds, flags == Int64(reading.quality.rawValue)
+            else { return false }
+            return Self.sameValue(value, reading.value, at: candidate.resolution)
+        }
+
+        static func sameValue(_ stored: Double, _ sent: Double, at resolution: Resolution?) -> Bool {
+            if stored == sent { return true }
+            guard let resolution, let storedSteps = resolution.quantize(stored), let sentSteps = resolution.quantize(sent) else { return false }
+            return storedSteps == sentSteps
+        }
+    }
+
+    /// What differs between `candidate` and the stored row, each as "field (stored X, sent Y)".
+    private static func differences(_ candidate: StoredCandidate, stored: StoredRow, in db: CachedConnection) throws -> [String] {
+        let reading = candidate.reading
+        var differences: [String] = []
+        if stored.sensorRow != candidate.sensorRow {
+            let name = try db.withStatement("SELECT name FROM sensors WHERE id = ?", [.integer(stored.sensorRow)]) { statement in
+                try statement.step() ? statement.text(0) : "#\(stored.sensorRow)"
+            }
+            differences.append("sensor (stored '\(name)', sent '\(reading.sensor)')")
+        }
+        if stored.timestamp != reading.timestamp.microseconds {
+            differences.append("timestamp (stored \(Timestamp(microseconds: stored.timestamp)), sent \(reading.timestamp))")
+        }
+        if !StoredRow.sameValue(stored.value, reading.value, at: candidate.resolution) {
+            let shown = { (value: Double) -> String in
+                guard let resolution = candidate.resolution, let steps = resolution.quantize(value) else { return "\(value)" }
+                return "\(resolution.value(ofSteps: steps))"
+            }
+            differences.append("value (stored \(shown(stored.value)), sent \(shown(reading.value)))")
+        }
+        if stored.flags != Int64(reading.quality.rawValue) {
+            let names = { (flags: QualityFlags) -> String in
+                let named = QualityFlags.names.filter { flags.contains($0.0) }.map(\.1)
+                return named.isEmpty ? "none" : named.joined(separator: "|")
+            }
+            differences.append(
+                "flags (stored \(names(QualityFlags(rawValue: UInt16(truncatingIfNeeded: stored.flags)))), sent \(names(reading.quality)))")
+        }
+        return differences
+    }
+
+    public func highestSequence(device: DeviceIdentity) async throws -> UInt64? {
+        try await reader.withValue { db in
+            try db.withStatement("SELECT highest_sequence FROM devices WHERE id = ?", [.integer(device.rowID)]) { statement throws -> UInt64? in
+                guard try statement.step() else { throw IngestStoreError.notFound("device '\(device.device)' in farm '\(device.farm)'") }
+                return statement.isNull(0) ? nil : UInt64(clamping: statement.int64(0))
+            }
+        }
     }
 
     // MARK: Credentials
@@ -292,6 +461,21 @@ public final class SQLiteIngestStore: IngestStore {
                 UPDATE devices SET revoked = 1, revoked_at_us = coalesce(revoked_at_us, ?)
                 WHERE name = ? AND farm_id = (SELECT id FROM farms WHERE name = ?)
                 """, [.integer(revokedAt.microseconds), .text(device.rawValue), .text(farm)])
+            guard db.connection.changes == 1 else { throw IngestStoreError.notFound("device '\(device)' in farm '\(farm)'") }
+        }
+    }
+
+    public func rotateDeviceKey(farm: String, device: DeviceID, keyID: String, secretHash: [UInt8], rotatedAt: Timestamp) async throws {
+        try await writer.withValue { db in
+            do {
+                try db.connection.query(
+                    """
+                    UPDATE devices SET key_id = ?, secret_sha256 = ?, revoked = 0, revoked_at_us = NULL
+                    WHERE name = ? AND farm_id = (SELECT id FROM farms WHERE name = ?)
+                    """, [.text(keyID), .blob(secretHash), .text(device.rawValue), .text(farm)])
+            } catch let error as SQLiteError where error.isConstraint {
+                throw IngestStoreError.alreadyExists("API key id '\(keyID)'")
+            }
             guard db.connection.changes == 1 else { throw IngestStoreError.notFound("device '\(device)' in farm '\(farm)'") }
         }
     }

@@ -75,6 +75,12 @@ enum SQLiteSchema {
                     flags INTEGER NOT NULL
                 );
                 """),
+        Migration(
+            version: 2, name: "devices.highest_sequence: the highest sequence ever stored per device",
+            sql: """
+                ALTER TABLE devices ADD COLUMN highest_sequence INTEGER;
+                UPDATE devices SET highest_sequence = (SELECT max(sequence) FROM readings WHERE readings.device_id = devices.id);
+                """),
     ]
 
     static var currentVersion: Int { migrations.last?.version ?? 0 }

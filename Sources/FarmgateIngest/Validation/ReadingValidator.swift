@@ -9,12 +9,32 @@ extension Timestamp {
 /// Checks readings one at a time, so that one bad reading never costs the rest of its batch.
 ///
 /// Checks that need the store (a sensor registered with another quantity) are done by the store inside its transaction.
+///
+/// Timestamps: a reading must be stamped on or after 2000-01-01 (``Timestamp/earliestPlausible``). A reading flagged
+/// `clock_unsynchronized` was stamped by a clock the device itself did not trust (a Raspberry Pi without RTC boots with
+/// the time of its last shutdown, or 1970, until NTP answers, maybe hours later on a farm without network); it may be
+/// stamped anywhere up to ``unsynchronizedFutureLimit`` ahead of the ingest's clock and is stored with its flag, so that
+/// it is never refused for good for its timestamp alone while that is plausible. Every other reading may be at most
+/// ``futureTolerance`` ahead.
 public struct ReadingValidator: Sendable {
-    /// How far past `now` a timestamp may be.
+    /// How far past `now` the timestamp of a reading from a synchronised clock may be.
     public var futureTolerance: Duration
+    /// How far past `now` the timestamp of a reading flagged `clock_unsynchronized` may be (default 366 days: a clock
+    /// restored from a stale fake-hwclock file or a drifting RTC, but not a random one).
+    public var unsynchronizedFutureLimit: Duration
 
-    public init(futureTolerance: Duration) {
+    public init(futureTolerance: Duration, unsynchronizedFutureLimit: Duration = .seconds(366 * 86_400)) {
         self.futureTolerance = futureTolerance
+        self.unsynchronizedFutureLimit = unsynchronizedFutureLimit
+    }
+
+    /// The latest timestamp allowed `ahead` of `now`, in microseconds (saturating).
+    static func latest(_ now: Timestamp, ahead: Duration) -> Int64 {
+        let components = ahead.components
+        let microseconds = components.seconds.multipliedReportingOverflow(by: 1_000_000)
+        guard !microseconds.overflow else { return components.seconds < 0 ? Int64.min : Int64.max }
+        let sum = now.microseconds.addingReportingOverflow(microseconds.partialValue + components.attoseconds / 1_000_000_000_000)
+        return sum.overflow ? Int64.max : sum.partialValue
     }
 
     /// Splits `batch` into the readings that may be stored (returned as a batch) and those refused, with reasons.
@@ -25,11 +45,8 @@ public struct ReadingValidator: Sendable {
         for descriptor in batch.sensors where quantities[descriptor.id] == nil {
             quantities[descriptor.id] = descriptor.quantity
         }
-        let tolerance = futureTolerance.components
-        let toleranceMicroseconds = tolerance.seconds.multipliedReportingOverflow(by: 1_000_000).partialValue
-            + tolerance.attoseconds / 1_000_000_000_000
-        let latest = now.microseconds.addingReportingOverflow(toleranceMicroseconds)
-        let latestAllowed = latest.overflow ? Int64.max : latest.partialValue
+        let latestAllowed = Self.latest(now, ahead: futureTolerance)
+        let latestUnsynchronized = Self.latest(now, ahead: unsynchronizedFutureLimit)
 
         var valid: [Reading] = []
         valid.reserveCapacity(batch.readings.count)
@@ -53,11 +70,20 @@ public struct ReadingValidator: Sendable {
                     "\(reading.value) \(quantity.unit) is outside the plausible range \(range.lowerBound)...\(range.upperBound) for \(quantity.rawValue); check the sensor's quantity and calibration")
                 continue
             }
-            guard reading.timestamp.microseconds <= latestAllowed else {
-                reject(
-                    RejectionCode.timestampInFuture,
-                    "the timestamp \(reading.timestamp) is later than the ingest's clock (\(now)) allows; synchronise the device's clock (NTP) and check its time zone setting")
-                continue
+            if reading.quality.contains(.clockUnsynchronized) {
+                guard reading.timestamp.microseconds <= latestUnsynchronized else {
+                    reject(
+                        RejectionCode.timestampInFuture,
+                        "the timestamp \(reading.timestamp) is more than \(Self.days(unsynchronizedFutureLimit)) ahead of the ingest's clock (\(now)), too far even for a clock flagged unsynchronised; check the device's clock source (RTC, fake-hwclock)")
+                    continue
+                }
+            } else {
+                guard reading.timestamp.microseconds <= latestAllowed else {
+                    reject(
+                        RejectionCode.timestampInFuture,
+                        "the timestamp \(reading.timestamp) is later than the ingest's clock (\(now)) allows; synchronise the device's clock (NTP) and check its time zone setting")
+                    continue
+                }
             }
             guard reading.timestamp >= Timestamp.earliestPlausible else {
                 reject(
@@ -72,5 +98,11 @@ public struct ReadingValidator: Sendable {
             valid.append(reading)
         }
         return (Batch(device: batch.device, sensors: batch.sensors, readings: valid), rejected)
+    }
+
+    /// A duration in whole days, or in seconds below one day, for messages.
+    static func days(_ duration: Duration) -> String {
+        let seconds = duration.components.seconds
+        return seconds >= 86_400 ? "\(seconds / 86_400) days" : "\(seconds) s"
     }
 }

@@ -1,0 +1,147 @@
+import FarmgateTestSupport
+import FarmgateWire
+import Foundation
+#if canImport(FoundationNetworking)
+import FoundationNetworking
+#endif
+import Testing
+
+/// The real `farmgate-ingest serve` against hostile bodies, and its key rotation through the real CLI.
+@Suite("End to end: ingest bounds and key rotation", .serialized)
+struct IngestBoundsTests {
+    /// Sends one request to the real ingest; returns the status and body.
+    static func request(
+        _ endpoint: String, method: String = "POST", path: String = IngestProtocol.batchesPath, key: String, body: Data? = nil,
+        headers: [String: String] = [:]
+    ) async throws -> (Int, Data) {
+        guard let url = URL(string: endpoint + path) else { throw URLError(.badURL) }
+        var request = URLRequest(url: url)
+        request.httpMethod = method
+        request.setValue("Bearer \(key)", forHTTPHeaderField: "Authorization")
+        for (name, value) in headers { request.setValue(value, forHTTPHeaderField: name) }
+        request.httpBody = body
+        request.timeoutInterval = 60
+        let (data, response) = try await URLSession.shared.data(for: request)
+        return ((response as? HTTPURLResponse)?.statusCode ?? 0, data)
+    }
+
+    /// The peak resident set (VmHWM) of process `pid`, in bytes.
+    static func peakResidentBytes(pid: Int32) throws -> Int {
+        let status = try String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)
+        guard let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmHWM:") }),
+            let kilobytes = line.split(separator: " ").dropFirst().first.flatMap({ Int($0) })
+        else { throw CocoaError(.fileReadCorruptFile) }
+        return kilobytes * 1024
+    }
+
+    /// Four JSON bombs at once: 3 kB of zstd that expand to just under the 32 MiB decompressed limit, nearly all of it one
+    /// unknown member (an array of 16 million zeros). Built as a tree, each took about 500 MB (four: 960 MB).
+    ///
+    /// The bound: each request must hold its decompressed body (32 MiB) and, while the decompressor's output array
+    /// doubles, briefly half of it again (48 MiB); four at once are at most 4 × 48 = 192 MiB, and the process itself
+    /// (Hummingbird, SQLite, the Swift runtime of a debug build) has about 30 MB resident. 260 MB leaves room for
+    /// allocator slack and is far below what a tree costs (the old parser exceeded it with a single request).
+    @Test("four 32 MiB JSON bombs with one huge unknown member keep the real ingest's peak memory under 260 MB")
+    func jsonBombs() async throws {
+        let farm = try await Farm()
+        let key = try await farm.createDevice("site-1")
+        try await farm.startIngest()
+        let ingest = try #require(farm.ingest)
+
+        let head = Array(#"{"device":"site-1","sensors":[],"readings":[],"x":["#.utf8)
+        let tail = Array("0]}".utf8)
+        let limit = 32 << 20
+        var json = head
+        json.reserveCapacity(limit)
+        let pairs = (limit - head.count - tail.count - 16) / 2
+        for _ in 0..<pairs { json.append(contentsOf: [UInt8(ascii: "0"), UInt8(ascii: ",")]) }
+        json += tail
+        #expect(json.count <= limit)
+        let bomb = Data(Zstd.compress(json, level: 19))
+        #expect(bomb.count < 10_000)
+        json = []
+
+        let before = try Self.peakResidentBytes(pid: ingest.pid)
+        let endpoint = farm.endpoint
+        let results = try await withThrowingTaskGroup(of: (Int, Data).self) { group in
+            for _ in 0..<4 {
+                group.addTask {
+                    try await Self.request(
+                        endpoint, key: key, body: bomb, headers: ["Content-Type": "application/json", "Content-Encoding": "zstd"])
+                }
+            }
+            return try await group.reduce(into: []) { $0.append($1) }
+        }
+        for (status, body) in results {
+            #expect(status == 200, "\(String(decoding: body, as: UTF8.self))")
+            let receipt = try JSONDecoder().decode(IngestReceipt.self, from: body)
+            #expect(receipt == IngestReceipt(accepted: 0, duplicates: 0, rejected: []))
+        }
+        let peak = try Self.peakResidentBytes(pid: ingest.pid)
+        print("farmgate-ingest peak resident: \(before / 1_000_000) MB before, \(peak / 1_000_000) MB after four JSON bombs")
+        #expect(peak < 260_000_000, "peak resident \(peak / 1_000_000) MB (\(before / 1_000_000) MB before the bombs)")
+        // Still serving.
+        #expect(await farm.httpStatus("/readyz") == 200)
+        await ingest.stop()
+    }
+
+    @Test("device rotate-key: a new key printed once like device create, the old key refused, a revoked device usable again")
+    func rotateKey() async throws {
+        let farm = try await Farm()
+        let oldKey = try await farm.createDevice("site-1")
+        try await farm.startIngest()
+        let ingest = try #require(farm.ingest)
+
+        func batch(_ sequence: UInt64) throws -> Data {
+            let sensor = try SensorID("tank1.ph")
+            return Data(
+                BatchJSON.encode(
+                    Batch(
+                        device: try DeviceID("site-1"), sensors: [SensorDescriptor(id: sensor, quantity: .ph)],
+                        readings: [Reading(sensor: sensor, sequence: sequence, timestamp: .now(), value: 6.5)])))
+        }
+        let json = ["Content-Type": "application/json"]
+        #expect(try await Self.request(farm.endpoint, key: oldKey, body: try batch(1), headers: json).0 == 200)
+
+        _ = try await farm.admin(["device", "revoke", "--farm", "e2e", "--device", "site-1"])
+        let refused = try await eventually(timeout: .seconds(10), every: .milliseconds(200)) {
+            try await Self.request(farm.endpoint, key: oldKey, body: try batch(2), headers: json).0 == 401
+        }
+        #expect(refused, "the revoked key was still accepted")
+
+        let created = try await farm.admin(["device", "create", "--farm", "e2e", "--device", "site-2"])
+        let output = try await farm.admin(["device", "rotate-key", "--farm", "e2e", "--device", "site-1"])
+        let lines = output.split(separator: "\n")
+        let newKey = String(try #require(lines.first))
+        #expect(newKey.hasPrefix("fgd_"))
+        #expect(newKey != oldKey)
+        #expect(lines.count == created.split(separator: "\n").count, "same shape as device create:\n\(output)\n\(created)")
+        #expect(output.contains("shown only once"))
+        #expect(lines.last?.contains("key_file") == true)
+
+        // The new key works at once (the revoked device is usable again), with its sequences kept.
+        #expect(try await Self.request(farm.endpoint, key: newKey, body: try batch(3), headers: json).0 == 200)
+        let (status, body) = try await Self.request(farm.endpoint, method: "GET", path: IngestProtocol.deviceStatePath, key: newKey)
+        #expect(status == 200)
+        #expect(try JSONDecoder().decode(DeviceState.self, from: body) == DeviceState(device: "site-1", highestSequence: 3))
+        // The old key stays refused: from the credential cache ("revoked") for at most its lifetime (2 s), then as a key
+        // the store no longer knows.
+        #expect(try await Self.request(farm.endpoint, key: oldKey, body: try batch(4), headers: json).0 == 401)
+        let unknownKey = try await eventually(timeout: .seconds(10), every: .milliseconds(250)) {
+            let (status, body) = try await Self.request(farm.endpoint, key: oldKey, body: try batch(4), headers: json)
+            #expect(status == 401)
+            return String(decoding: body, as: UTF8.self).contains(#""code":"unauthorized""#)
+        }
+        #expect(unknownKey, "the old key was not replaced in the store")
+
+        // Unknown devices and bad arguments fail clearly.
+        let unknown = try await runCommand(
+            Farm.ingestBinary, ["device", "rotate-key", "--farm", "e2e", "--device", "nope", "--config", farm.ingestConfig])
+        #expect(unknown.status == 1)
+        #expect(unknown.stderr.contains("device 'nope' in farm 'e2e' does not exist"))
+        let invalid = try await runCommand(
+            Farm.ingestBinary, ["device", "rotate-key", "--farm", "e2e", "--device", "a b", "--config", farm.ingestConfig])
+        #expect(invalid.status == 64)
+        await ingest.stop()
+    }
+}
