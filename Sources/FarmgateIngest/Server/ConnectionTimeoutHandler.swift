@@ -139,6 +139,13 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
                 .init(code: 431, reasonPhrase: "Request Header Fields Too Large"), "request_header_fields_too_large",
                 "the request's header section is larger than \(ConnectionLimits.maxHeaderBytes / 1024) KiB; send fewer or shorter headers"
             )
+        case HTTPParserError.invalidEOFState where readingBody:
+            // The client closed its side before the declared body arrived: a body cut in transit, which the delivery
+            // contract treats as transient (the agent sends the same batch again).
+            answer = (
+                .badRequest, IngestErrorCode.incompleteBody,
+                "the request body ended before its declared length (the connection was closed mid-body); send it again"
+            )
         case let error as HTTPParserError:
             answer = (.badRequest, "bad_request", "the request is not valid HTTP/1.1 (\(error)); fix the client")
         case is HTTP1TypeConversionError:
