@@ -117,7 +117,7 @@ public struct DriverRegistry: Sendable {
 
     /// Every driver that ships with Farmgate.
     public static let standard = DriverRegistry([
-        SimulatedDriver.description, ModbusDriver.description,
+        SimulatedDriver.description, ModbusDriver.description, DS18B20Driver.description, GPIODriver.description,
     ])
 
     public var names: [String] { descriptions.map(\.kind).sorted() }

@@ -323,9 +323,7 @@ final class ModbusLink {
         let now = ContinuousClock.now
         guard now < due else { return }
         let wait = (due - now).components
-        var request = timespec(tv_sec: Int(wait.seconds), tv_nsec: Int(wait.attoseconds / 1_000_000_000))
-        var remaining = timespec()
-        while nanosleep(&request, &remaining) == -1, errno == EINTR { request = remaining }
+        Thread.sleep(forTimeInterval: Double(wait.seconds) + Double(wait.attoseconds) / 1e18)
     }
 
     static func exceptionName(_ code: Int) -> String {
