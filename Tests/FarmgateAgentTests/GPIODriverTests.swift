@@ -4,6 +4,7 @@ import FarmgateTestSupport
 import FarmgateWire
 import Foundation
 import Logging
+import Synchronization
 import Testing
 
 /// `driver = "gpio"` sensors from `[[sensor]]` bodies, through the real configuration parser.
@@ -146,6 +147,31 @@ struct GPIODriverTests {
         try await line.feed("now 100.075")
         #expect(try await line.value() == 1)
         await line.close()
+    }
+
+    @Test("Through the sampler with deadband 0.5, a float switch is stored on change (plus heartbeat) only")
+    func storedOnChange() async throws {
+        let configurations = try gpioSensors([
+            ("tank1.level_ok", "state", "line = 17\ndebounce = \"0ms\"\ninterval = \"100ms\"\ndeadband = 0.5\nheartbeat = \"1h\"")
+        ])
+        let line = try await ScriptedLine(configurations, script: "level 0\nnow 1")
+        let sink = CollectingSink()
+        let sampler = Sampler(
+            sensors: [.init(configuration: configurations[0], driver: line.drivers[0])], sink: sink,
+            board: SensorStatusBoard(sensors: configurations), clock: WallClock(checkSynchronization: false), logger: driverTestLogger)
+        let task = Task { try await sampler.run() }
+        let stored = { sink.samples.withLock { $0.map(\.value) } }
+        #expect(await eventually { stored() == [0] })
+        try await Task.sleep(for: .milliseconds(300))
+        try await line.feed("rise 2\nnow 3")
+        #expect(await eventually { stored() == [0, 1] })
+        try await Task.sleep(for: .milliseconds(300))
+        try await line.feed("fall 4\nnow 5")
+        #expect(await eventually { stored() == [0, 1, 0] })
+        try await Task.sleep(for: .milliseconds(300))
+        task.cancel()
+        _ = try? await task.value
+        #expect(stored() == [0, 1, 0], "unchanged states in between were not stored")
     }
 
     @Test("A flow meter gives L/min over each interval from the pulse timestamps, and a count sensor the running count")
