@@ -22,7 +22,7 @@ demo: build
 # Suites that assert wall-clock timing (sampling intervals, backoff gaps, timeouts, live-first delivery) run in a second
 # pass: on a two-core machine the CPU-bound suites (codec properties, ingest) would otherwise hold both threads of the
 # concurrency pool and delay their timers. Both passes always run; the target fails if either does.
-TIMED_SUITES := SamplerTests|ConnectionLimitTests|EZODriverTests|EZOSimulatorTests|ControlSocketTests|UploadUploaderTests|UploadRefusalTests|UploadSequenceTests|UploadHTTPClientTests|EndToEndTests
+TIMED_SUITES := SamplerTests|ConnectionLimitTests|EZODriverTests|EZOSimulatorTests|ModbusBusTests|DS18B20DriverTests|GPIODriverTests|DriverExamplesTests|HardwareAgentTests|ControlSocketTests|UploadUploaderTests|UploadRefusalTests|UploadSequenceTests|UploadHTTPClientTests|EndToEndTests
 
 test: deps
 	$(SWIFT) build --build-tests

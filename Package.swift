@@ -45,6 +45,10 @@ let package = Package(
         .systemLibrary(name: "CCurl", pkgConfig: "libcurl", providers: [.apt(["libcurl4-openssl-dev"])]),
         .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
         .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
+        // Modbus RTU master for the agent's `modbus` driver (and the slave the tests run on a pseudo-terminal).
+        .systemLibrary(name: "CModbus", pkgConfig: "libmodbus", providers: [.apt(["libmodbus-dev"])]),
+        // GPIO character-device access (libgpiod 1.6, the v1 API) for the agent's `gpio` driver.
+        .systemLibrary(name: "CGPIOD", pkgConfig: "libgpiod", providers: [.apt(["libgpiod-dev"])]),
         // Linux headers Glibc's Swift module leaves out (adjtimex); no library to link.
         .systemLibrary(name: "CLinux"),
 
@@ -70,6 +74,8 @@ let package = Package(
                 "FarmgateSupport",
                 "CCurl",
                 "CLinux",
+                "CModbus",
+                "CGPIOD",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -129,6 +135,7 @@ let package = Package(
         // MARK: Tests
         .target(
             name: "FarmgateTestSupport",
+            dependencies: ["CModbus"],
             path: "Tests/FarmgateTestSupport",
             swiftSettings: swiftSettings
         ),

@@ -87,7 +87,7 @@ struct ConfigurationTests {
     @Test("Unknown driver and quantity list what exists")
     func unknownDriverAndQuantity() throws {
         let driver = try #require(error(Self.minimal.replacingOccurrences(of: "\"simulated\"", with: "\"ezo-ph\"")))
-        #expect(driver.message.contains("unknown driver \"ezo-ph\"; available: "))
+        #expect(driver.message.contains("unknown driver \"ezo-ph\"; available: \(DriverRegistry.standard.names.joined(separator: ", "))"))
         #expect(driver.message.contains("simulated"))
         let quantity = try #require(error(Self.minimal.replacingOccurrences(of: "\"ph\"", with: "\"acidity\"")))
         #expect(quantity.message.contains("one of: ph, ec, temperature"))

@@ -134,6 +134,7 @@ extension AgentConfiguration {
         if sensors.isEmpty {
             throw root.error(nil, "no sensors configured; add at least one [[sensor]] table (see examples/agent.toml)")
         }
+        try checkClaims(of: sensors, drivers: drivers)
         // Rules across sensors (a port claimed twice with different settings, a compensation source that does not exist).
         for description in drivers.descriptions where sensors.contains(where: { $0.driver == description.kind }) {
             try description.validateSite(sensors)
@@ -239,6 +240,32 @@ extension AgentConfiguration {
             interval: interval, deadband: deadband, heartbeat: heartbeat, expectedRange: expected, options: table)
         try driver.validate(configuration)
         return configuration
+    }
+
+    /// Refuses two sensors that claim one port or line with different settings, or one that cannot be shared.
+    static func checkClaims(of sensors: [SensorConfiguration], drivers: DriverRegistry) throws(ConfigurationError) {
+        var first: [String: (claim: ResourceClaim, sensor: SensorConfiguration)] = [:]
+        for sensor in sensors {
+            guard let driver = drivers.driver(named: sensor.driver) else { continue }
+            for claim in try driver.claims(sensor) {
+                guard let earlier = first[claim.resource] else {
+                    first[claim.resource] = (claim, sensor)
+                    continue
+                }
+                let earlierLine = earlier.sensor.options.error(earlier.claim.key, "").line.map { " (line \($0))" } ?? ""
+                let other = "sensor \"\(earlier.sensor.id)\"\(earlierLine)"
+                if !claim.shareable || !earlier.claim.shareable {
+                    throw sensor.options.error(
+                        claim.key, "\(claim.resource) is already used by \(other); only one sensor may use it")
+                }
+                if claim.settings != earlier.claim.settings {
+                    throw sensor.options.error(
+                        claim.key,
+                        "\(claim.resource) is also used by \(other) with \(earlier.claim.settings); every sensor on it must use the "
+                            + "same settings (this one has \(claim.settings))")
+                }
+            }
+        }
     }
 
     static func resolve(_ path: String, against base: String) -> String {

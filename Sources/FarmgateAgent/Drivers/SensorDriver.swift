@@ -102,6 +102,9 @@ public struct DriverDescription: Sendable {
     /// Checks what one sensor's table cannot: rules across sensors (two sensors claiming one port with different settings,
     /// a compensation source that does not exist). Called once with every sensor of the site, after each was validated.
     public var validateSite: @Sendable ([SensorConfiguration]) throws(ConfigurationError) -> Void
+    /// The hardware a configured sensor uses (serial port, GPIO line), so that loading the configuration refuses two
+    /// sensors that would fight over it. Called after ``validate``.
+    public var claims: @Sendable (SensorConfiguration) throws(ConfigurationError) -> [ResourceClaim]
     /// Builds a driver for one configured sensor. It must not fail because the hardware is missing (an unplugged USB
     /// adapter): that is a read error shown in `farmgate status` until the device comes back.
     public var make: @Sendable (SensorConfiguration, DriverContext) throws -> any SensorDriver
@@ -110,6 +113,7 @@ public struct DriverDescription: Sendable {
         kind: String, summary: String, optionKeys: Set<String>, sampleConfiguration: String,
         validate: @escaping @Sendable (SensorConfiguration) throws(ConfigurationError) -> Void,
         validateSite: @escaping @Sendable ([SensorConfiguration]) throws(ConfigurationError) -> Void = { _ throws(ConfigurationError) in },
+        claims: @escaping @Sendable (SensorConfiguration) throws(ConfigurationError) -> [ResourceClaim] = { _ throws(ConfigurationError) in [] },
         make: @escaping @Sendable (SensorConfiguration, DriverContext) throws -> any SensorDriver
     ) {
         self.kind = kind
@@ -118,7 +122,29 @@ public struct DriverDescription: Sendable {
         self.sampleConfiguration = sampleConfiguration
         self.validate = validate
         self.validateSite = validateSite
+        self.claims = claims
         self.make = make
+    }
+}
+
+/// A piece of hardware one sensor uses: a serial port, a GPIO line. Every driver names what its sensors use, and
+/// ``AgentConfiguration`` refuses a configuration in which two sensors claim one resource with different settings, or
+/// claim a resource that cannot be shared, whatever their drivers (an EZO circuit and a Modbus bus on one port).
+public struct ResourceClaim: Sendable, Hashable {
+    /// What is claimed, the way an installer names it: `serial port /dev/ttyUSB0`, `GPIO line gpiochip0:17`.
+    public var resource: String
+    /// The key of the sensor's table that names it; a conflict is reported there.
+    public var key: String
+    /// What every sensor sharing the resource must agree on, as shown in the error (`Modbus RTU 9600 8N1`).
+    public var settings: String
+    /// Whether other sensors may claim the resource too (when their settings are equal).
+    public var shareable: Bool
+
+    public init(resource: String, key: String, settings: String = "", shareable: Bool) {
+        self.resource = resource
+        self.key = key
+        self.settings = settings
+        self.shareable = shareable
     }
 }
 
@@ -131,7 +157,9 @@ public struct DriverRegistry: Sendable {
     }
 
     /// Every driver that ships with Farmgate.
-    public static let standard = DriverRegistry([SimulatedDriver.description, EZODriver.description])
+    public static let standard = DriverRegistry([
+        SimulatedDriver.description, EZODriver.description, ModbusDriver.description, DS18B20Driver.description, GPIODriver.description,
+    ])
 
     public var names: [String] { descriptions.map(\.kind).sorted() }
 

@@ -1,0 +1,248 @@
+import FarmgateSupport
+import FarmgateWire
+import Logging
+import Synchronization
+
+/// A GPIO input through libgpiod: a float switch or leak sensor (`quantity = "state"`, debounced), or a flow meter's
+/// pulses (`quantity = "flow"` in L/min over each interval, `quantity = "count"` for the running pulse count).
+///
+/// The line is watched on a thread of its own from the moment the driver is built, so that no edge is missed between
+/// reads; each read answers from what the watcher saw. A flow and a count sensor may name the same line (they share its
+/// watcher); any other second use of a line is refused by the configuration check. A missing chip or line is not a
+/// configuration error: the sensor reads `disconnected` and the line is requested again with backoff.
+///
+/// For state sensors, `deadband = 0.5` with a `heartbeat` stores a value only when it changes, plus the heartbeat.
+public final class GPIODriver: SensorDriver {
+    static let optionKeys: Set<String> = [
+        "chip", "line", "active_low", "bias", "debounce", "edge", "pulses_per_litre", "backend", "events_file",
+    ]
+
+    public static let description = DriverDescription(
+        kind: "gpio",
+        summary: "A GPIO input through libgpiod: float or leak switch (state, debounced) or flow-meter pulses (flow in L/min, count).",
+        optionKeys: optionKeys,
+        sampleConfiguration: """
+            [[sensor]]
+            id = "tank1.level_low"
+            driver = "gpio"
+            quantity = "state"        # 1 = active; "flow" (L/min) and "count" (pulses) count edges instead
+            chip = "gpiochip0"        # name, number or /dev path (`gpiodetect`)
+            line = 17                 # offset or line name such as "GPIO17" (`gpioinfo`)
+            active_low = true         # a switch that pulls the line to ground reads 1 when closed
+            bias = "pull_up"          # as_is, pull_up, pull_down, disable
+            debounce = "50ms"
+            interval = "1s"
+            deadband = 0.5            # store on change...
+            heartbeat = "15m"         # ...and at least every 15 minutes
+            # flow meters: quantity = "flow", pulses_per_litre = 450, edge = "rising", debounce = "1ms"
+            """,
+        validate: { configuration throws(ConfigurationError) in _ = try Options(configuration) },
+        claims: { configuration throws(ConfigurationError) in try Options(configuration).claims },
+        make: { configuration, context in try GPIODriver(configuration: configuration, logger: context.logger) })
+
+    enum Role: Sendable, Hashable {
+        case state
+        case flow(pulsesPerLitre: Double)
+        case count
+    }
+
+    struct Options: Sendable, Hashable {
+        /// `chip` (default `gpiochip0`) and `line` (required): by name or number.
+        var request: GPIOLineRequest
+        var role: Role
+        var mode: GPIOLineMonitor.Mode
+        /// `active_low`: the line is active (1) when low. Default false.
+        var activeLow: Bool
+        /// `backend`: `libgpiod` (default) or `events` (the line-event protocol read from `events_file`).
+        var eventsFile: String?
+
+        init(_ configuration: SensorConfiguration) throws(ConfigurationError) {
+            let table = configuration.options
+            let chip: GPIOChipSelector
+            switch table.value("chip") {
+            case nil: chip = .name("gpiochip0")
+            case .integer(let number)?:
+                guard number >= 0 else { throw table.error("chip", "a chip number is 0 or more (got \(number))") }
+                chip = .number(number)
+            case .string(let name)?:
+                let trimmed = name.trimmingSpaces
+                guard !trimmed.isEmpty else { throw table.error("chip", "must name a chip such as \"gpiochip0\"") }
+                if let number = Int(trimmed), number >= 0 {
+                    chip = .number(number)
+                } else if trimmed.hasPrefix("gpiochip"), let number = Int(trimmed.dropFirst(8)), number >= 0 {
+                    chip = .number(number)
+                } else if trimmed.hasPrefix("/dev/gpiochip"), let number = Int(trimmed.dropFirst(13)), number >= 0 {
+                    chip = .number(number)
+                } else {
+                    chip = .name(trimmed)
+                }
+            case let other?:
+                throw table.error("chip", "must be a chip name such as \"gpiochip0\" or a number (got \(Self.kind(of: other)))")
+            }
+            let line: GPIOLineSelector
+            switch table.value("line") {
+            case nil:
+                throw table.error("line", "is required: the line's offset on the chip (17 for GPIO17 on a Raspberry Pi) or its name (\"GPIO17\"); `gpioinfo` lists them")
+            case .integer(let offset)?:
+                guard (0...511).contains(offset) else { throw table.error("line", "a line offset is between 0 and 511 (got \(offset))") }
+                line = .offset(offset)
+            case .string(let name)?:
+                let trimmed = name.trimmingSpaces
+                guard !trimmed.isEmpty else { throw table.error("line", "must name a line such as \"GPIO17\" or give its offset") }
+                line = .name(trimmed)
+            case let other?:
+                throw table.error("line", "must be a line offset such as 17 or a line name such as \"GPIO17\" (got \(Self.kind(of: other)))")
+            }
+            let biases = Dictionary(uniqueKeysWithValues: GPIOBias.allCases.map { ($0.rawValue, $0) })
+            let bias = try table.choice("bias", biases) ?? .asIs
+            request = GPIOLineRequest(chip: chip, line: line, bias: bias, consumer: "farmgate")
+            activeLow = try table.bool("active_low") ?? false
+
+            switch configuration.descriptor.quantity {
+            case .state:
+                for key in ["edge", "pulses_per_litre"] where table.contains(key) {
+                    throw table.error(key, "only applies to pulse counting (quantity \"flow\" or \"count\"); a state input has no \(key)")
+                }
+                role = .state
+                let debounce = try table.duration("debounce", in: .zero...(.seconds(10))) ?? .milliseconds(50)
+                mode = .input(debounce: debounce.nanoseconds)
+            case .flowRate, .count:
+                let edge = try table.choice("edge", ["rising": GPIOEdge.rising, "falling": .falling]) ?? .rising
+                let debounce = try table.duration("debounce", in: .zero...(.seconds(1))) ?? .milliseconds(1)
+                mode = .pulses(edge: edge, debounce: debounce.nanoseconds)
+                if configuration.descriptor.quantity == .flowRate {
+                    guard let perLitre = try table.double("pulses_per_litre", in: 0.001...1_000_000) else {
+                        throw table.error(
+                            "pulses_per_litre", "is required for a flow meter: its K factor from the datasheet (a YF-S201 gives about 450 pulses per litre)")
+                    }
+                    role = .flow(pulsesPerLitre: perLitre)
+                } else {
+                    _ = try table.double("pulses_per_litre", in: 0.001...1_000_000)
+                    role = .count
+                }
+            default:
+                throw table.error(
+                    "quantity", "a gpio sensor measures \"state\" (a switch), \"flow\" (L/min from pulses) or \"count\" (pulses), not \"\(configuration.descriptor.quantity.rawValue)\"")
+            }
+
+            let backend = try table.choice("backend", ["libgpiod": false, "events": true]) ?? false
+            let file = try table.string("events_file")
+            switch (backend, file) {
+            case (true, nil):
+                throw table.error("events_file", "is required with backend = \"events\": the file of line-event commands to follow")
+            case (false, .some):
+                throw table.error("events_file", "only applies with backend = \"events\"")
+            case (true, .some(let path)):
+                guard path.hasPrefix("/") else { throw table.error("events_file", "must be an absolute path (got \"\(path)\")") }
+                eventsFile = path
+            case (false, nil):
+                eventsFile = nil
+            }
+        }
+
+        static func kind(of value: ConfigValue) -> String {
+            switch value {
+            case .string: "a string"
+            case .integer: "an integer"
+            case .double: "a number"
+            case .bool: "a boolean"
+            case .array: "an array"
+            case .table: "a table"
+            case .other(let name): name
+            }
+        }
+
+        /// The line is one sensor's, except that one flow and one count sensor may share a pulse line when they count
+        /// it the same way.
+        var claims: [ResourceClaim] {
+            let line = "GPIO line \(request.name)" + (eventsFile.map { " (events \($0))" } ?? "")
+            switch role {
+            case .state:
+                return [ResourceClaim(resource: line, key: "line", shareable: false)]
+            case .flow, .count:
+                guard case .pulses(let edge, let debounce) = mode else { return [] }
+                let settings = "pulse counting on \(edge.rawValue) edges, debounce \(debounce / 1_000_000)ms, active_low \(activeLow), bias \(request.bias.rawValue)"
+                let output = role == .count ? "count" : "flow"
+                return [
+                    ResourceClaim(resource: line, key: "line", settings: settings, shareable: true),
+                    ResourceClaim(resource: "the \(output) of \(line)", key: "line", shareable: false),
+                ]
+            }
+        }
+    }
+
+    let options: Options
+    let backend: any GPIOBackend
+    let watcher: GPIOLineWatcher
+
+    public convenience init(configuration: SensorConfiguration, logger: Logger) throws {
+        let options = try Options(configuration)
+        let backend: any GPIOBackend =
+            if let file = options.eventsFile { EventFileBackends.shared.backend(for: file) } else { LibgpiodBackends.shared }
+        try self.init(configuration: configuration, backend: backend, logger: logger)
+    }
+
+    /// A driver on `backend` (tests pass a ``ScriptedGPIOBackend``).
+    public init(configuration: SensorConfiguration, backend: any GPIOBackend, logger: Logger) throws {
+        let options = try Options(configuration)
+        self.options = options
+        self.backend = backend
+        watcher = try GPIOLineWatchers.shared.watcher(
+            for: options.request, mode: options.mode, activeLow: options.activeLow, backend: backend, logger: logger)
+    }
+
+    public func read() async throws(SensorError) -> SensorValue {
+        switch options.role {
+        case .state:
+            return SensorValue(Double(try watcher.withMonitor { monitor, now in monitor.state(at: now) }))
+        case .count:
+            return SensorValue(Double(try watcher.withMonitor { monitor, _ in monitor.totalPulses }))
+        case .flow(let perLitre):
+            let window = try watcher.withMonitor { monitor, now in monitor.takeFlowWindow(at: now) }
+            guard window.seconds > 0 else {
+                throw SensorError(.timeout, "no time has passed on the line's clock since the previous flow reading")
+            }
+            return SensorValue(Double(window.pulses) / perLitre / (window.seconds / 60))
+        }
+    }
+
+    public func close() async {
+        GPIOLineWatchers.shared.release(watcher, backend: backend)
+    }
+}
+
+/// One libgpiod backend for the process (it holds no state; the watchers key on its identity).
+enum LibgpiodBackends {
+    static let shared = LibgpiodBackend()
+}
+
+/// One scripted backend per events file, so that a flow and a count sensor following one file share its line.
+final class EventFileBackends: Sendable {
+    static let shared = EventFileBackends()
+    private let backends = Mutex<[String: ScriptedGPIOBackend]>([:])
+
+    func backend(for file: String) -> ScriptedGPIOBackend {
+        backends.withLock { backends in
+            if let backend = backends[file] { return backend }
+            let backend = ScriptedGPIOBackend(file: file)
+            backends[file] = backend
+            return backend
+        }
+    }
+}
+
+extension Duration {
+    /// The whole nanoseconds of this duration.
+    var nanoseconds: Int64 {
+        components.seconds * 1_000_000_000 + components.attoseconds / 1_000_000_000
+    }
+}
+
+extension String {
+    fileprivate var trimmingSpaces: String {
+        var slice = self[...]
+        while slice.first == " " { slice = slice.dropFirst() }
+        while slice.last == " " { slice = slice.dropLast() }
+        return String(slice)
+    }
+}

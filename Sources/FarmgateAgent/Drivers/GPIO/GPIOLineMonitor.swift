@@ -1,0 +1,96 @@
+/// What one GPIO line's edges mean: a debounced state, or a count of pulses. A pure state machine fed with edge events
+/// and asked questions at a time on the same clock, so that it is tested by feeding it events.
+///
+/// Levels here are logical: with `activeLow`, a physically low line is 1 (a float switch that pulls the line to ground
+/// when the water reaches it reads 1 = wet) and a physical rising edge is a logical falling one.
+struct GPIOLineMonitor: Sendable {
+    enum Mode: Sendable, Hashable {
+        /// A switch: the state changes once the line has held its new level for `debounce` nanoseconds.
+        case input(debounce: Int64)
+        /// A pulse counter: counts `edge`s at least `debounce` nanoseconds after the previous counted one.
+        case pulses(edge: GPIOEdge, debounce: Int64)
+    }
+
+    let mode: Mode
+    let activeLow: Bool
+
+    /// The logical level the line has now (after the last event), and since when.
+    private(set) var rawLevel: Int
+    private(set) var rawSince: Int64
+    /// The debounced state.
+    private(set) var stable: Int
+    /// Pulses counted since the monitor started (across reconnects of the line).
+    private(set) var totalPulses: UInt64 = 0
+    private var lastPulse: Int64?
+    /// Timestamps of counted pulses not yet attributed to a flow window.
+    private var unattributed: [Int64] = []
+    /// Where the current flow window started.
+    private(set) var windowStart: Int64
+
+    /// The most pulse timestamps kept between two flow reads (a 500 Hz meter read every 10 min needs 300 000).
+    static let maxUnattributed = 1_000_000
+
+    init(mode: Mode, activeLow: Bool, physicalLevel: Int, at time: Int64) {
+        self.mode = mode
+        self.activeLow = activeLow
+        let level = activeLow ? 1 - (physicalLevel != 0 ? 1 : 0) : (physicalLevel != 0 ? 1 : 0)
+        rawLevel = level
+        // The level found when the line is requested counts as settled.
+        rawSince = time - 1_000_000_000_000
+        stable = level
+        windowStart = time
+    }
+
+    /// The line was requested again (after the chip came back): its level now, keeping the count and flow window.
+    mutating func restart(physicalLevel: Int, at time: Int64) {
+        let level = activeLow ? 1 - (physicalLevel != 0 ? 1 : 0) : (physicalLevel != 0 ? 1 : 0)
+        if level != rawLevel {
+            rawLevel = level
+            rawSince = time
+        }
+    }
+
+    mutating func apply(_ event: GPIOEdgeEvent) {
+        let physicalRising = event.edge == .rising
+        let logicalEdge: GPIOEdge = physicalRising != activeLow ? .rising : .falling
+        let level = logicalEdge == .rising ? 1 : 0
+        let time = max(event.timestamp, rawSince)
+        switch mode {
+        case .input(let debounce):
+            guard level != rawLevel else { return }  // a repeated edge (one was lost): nothing changes
+            if time - rawSince >= debounce { stable = rawLevel }
+            rawLevel = level
+            rawSince = time
+        case .pulses(let edge, let debounce):
+            rawLevel = level
+            rawSince = time
+            guard logicalEdge == edge else { return }
+            if let lastPulse, event.timestamp - lastPulse < debounce { return }
+            lastPulse = event.timestamp
+            totalPulses += 1
+            if unattributed.count < Self.maxUnattributed {
+                unattributed.append(event.timestamp)
+            } else {
+                // Attribute the overflow to the current window rather than losing it.
+                unattributed[unattributed.count - 1] = event.timestamp
+            }
+        }
+    }
+
+    /// The debounced state at `time`: the line's level once it has held it for the debounce time.
+    mutating func state(at time: Int64) -> Int {
+        if case .input(let debounce) = mode, time - rawSince >= debounce { stable = rawLevel }
+        return stable
+    }
+
+    /// The pulses counted since the previous call (or the start) up to `time`, and how long that window was in
+    /// seconds; starts the next window at `time`.
+    mutating func takeFlowWindow(at time: Int64) -> (pulses: Int, seconds: Double) {
+        let split = unattributed.firstIndex { $0 > time } ?? unattributed.count
+        let pulses = split
+        unattributed.removeFirst(split)
+        let seconds = Double(time - windowStart) / 1e9
+        windowStart = max(windowStart, time)
+        return (pulses, seconds)
+    }
+}

@@ -1,0 +1,196 @@
+import Foundation
+import Synchronization
+
+/// A GPIO line without hardware, driven by the **line-event protocol**: for tests, and for demos and end-to-end runs of
+/// the real agent on machines without GPIO chips (`backend = "events"`, `events_file = "..."`).
+///
+/// The protocol is text, one command per line; `#` starts a comment and blank lines are ignored. Times are seconds on
+/// the event clock (the kernel's CLOCK_MONOTONIC for real lines) with up to nine decimals, and levels are physical
+/// (before `active_low`):
+///
+/// ```
+/// level 1             the level the line reads when it is requested (default 0); set it before the driver starts
+/// rise 1200.000123    a rising edge (low to high) at that time
+/// fall 1200.050000    a falling edge
+/// now 1260            the clock now reads 1260 s (it never goes back; delivered edges advance it too)
+/// unplug              the chip vanishes: requests fail and a requested line fails (the driver reads `disconnected`)
+/// replug              the chip is back (the driver requests the line again)
+/// ```
+///
+/// `level`, `now`, `unplug` and `replug` take effect when fed; edges are queued and delivered, in order, to the line's
+/// thread, which applies them (``undelivered`` is 0 once it has: wait for that before reading). One backend is one line: give each
+/// sensor its own (or, with `events_file`, its own file; the file is followed as lines are appended, like `tail -f`).
+public final class ScriptedGPIOBackend: GPIOBackend {
+    /// A line of the protocol that means nothing.
+    public struct ScriptError: Error, Sendable, CustomStringConvertible {
+        public var line: String
+        public var reason: String
+        public var description: String { "line-event protocol: \"\(line)\": \(reason)" }
+    }
+
+    private struct State {
+        var level = 0
+        var clock: Int64 = 0
+        var present = true
+        /// Bumped by `unplug`: a line requested before fails.
+        var generation = 0
+        var queue: [GPIOEdgeEvent] = []
+        /// Edges handed to the line's thread by the last wait, until it comes back for more (having applied them).
+        var inFlight = 0
+        var fileOffset: UInt64 = 0
+        var partialLine = ""
+    }
+
+    private let state = Mutex(State())
+    private let file: String?
+
+    /// An in-memory line, fed with ``feed(_:)``.
+    public init() {
+        file = nil
+    }
+
+    /// A line that follows `file`, reading commands as they are appended.
+    public init(file: String) {
+        self.file = file
+    }
+
+    /// Applies one or more protocol lines.
+    public func feed(_ text: String) throws(ScriptError) {
+        for raw in text.split(separator: "\n", omittingEmptySubsequences: false) {
+            try apply(String(raw))
+        }
+    }
+
+    /// Edges fed but not yet applied: still queued, or handed to the line's thread, which has not come back for more.
+    public var undelivered: Int { state.withLock { $0.queue.count + $0.inFlight } }
+
+    public func now() -> Int64 { state.withLock { $0.clock } }
+
+    public func open(_ request: GPIOLineRequest) throws(SensorError) -> any GPIOLine {
+        pumpFile()
+        let generation = try state.withLock { state throws(SensorError) -> Int in
+            guard state.present else {
+                throw SensorError(.disconnected, "GPIO chip \(request.chip) not found (the event script unplugged it)")
+            }
+            return state.generation
+        }
+        return ScriptedLine(backend: self, generation: generation, name: request.name)
+    }
+
+    fileprivate func level(generation: Int, name: String) throws(SensorError) -> Int {
+        try state.withLock { state throws(SensorError) -> Int in
+            guard state.present, state.generation == generation else { throw Self.gone(name) }
+            return state.level
+        }
+    }
+
+    fileprivate func take(generation: Int, name: String, timeout: Duration) throws(SensorError) -> [GPIOEdgeEvent] {
+        let deadline = ContinuousClock.now + timeout
+        while true {
+            pumpFile()
+            let events = try state.withLock { state throws(SensorError) -> [GPIOEdgeEvent] in
+                guard state.present, state.generation == generation else { throw Self.gone(name) }
+                let events = state.queue
+                state.queue = []
+                state.inFlight = events.count
+                for event in events {
+                    state.clock = max(state.clock, event.timestamp)
+                    state.level = event.edge == .rising ? 1 : 0
+                }
+                return events
+            }
+            if !events.isEmpty || ContinuousClock.now >= deadline { return events }
+            Thread.sleep(forTimeInterval: 0.002)
+        }
+    }
+
+    private static func gone(_ name: String) -> SensorError {
+        SensorError(.disconnected, "GPIO line \(name) is gone (the event script unplugged its chip)")
+    }
+
+    private func apply(_ raw: String) throws(ScriptError) {
+        let text = raw.split(separator: "#", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? ""
+        let words = text.split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\r" }).map(String.init)
+        guard let command = words.first?.lowercased() else { return }
+        switch (command, words.count) {
+        case ("rise", 2), ("fall", 2):
+            let time = try Self.time(words[1], line: raw)
+            state.withLock { $0.queue.append(GPIOEdgeEvent(command == "rise" ? .rising : .falling, at: time)) }
+        case ("level", 2):
+            guard let level = Int(words[1]), level == 0 || level == 1 else {
+                throw ScriptError(line: raw, reason: "a level is 0 or 1")
+            }
+            state.withLock { $0.level = level }
+        case ("now", 2):
+            let time = try Self.time(words[1], line: raw)
+            state.withLock { $0.clock = max($0.clock, time) }
+        case ("unplug", 1):
+            state.withLock {
+                $0.present = false
+                $0.generation += 1
+                $0.queue = []
+                $0.inFlight = 0
+            }
+        case ("replug", 1):
+            state.withLock { $0.present = true }
+        default:
+            throw ScriptError(
+                line: raw, reason: "expected `rise SECONDS`, `fall SECONDS`, `level 0|1`, `now SECONDS`, `unplug` or `replug`")
+        }
+    }
+
+    /// Seconds with up to nine decimals, parsed exactly into nanoseconds.
+    static func time(_ text: String, line: String) throws(ScriptError) -> Int64 {
+        let parts = text.split(separator: ".", maxSplits: 1, omittingEmptySubsequences: false)
+        let fraction = parts.count == 2 ? String(parts[1]) : ""
+        guard let seconds = Int64(parts[0]), seconds >= 0, seconds < 9_000_000_000, fraction.count <= 9,
+            fraction.allSatisfy(\.isASCII), fraction.allSatisfy(\.isNumber),
+            let nanoseconds = Int64(fraction.padding(toLength: 9, withPad: "0", startingAt: 0))
+        else {
+            throw ScriptError(line: line, reason: "a time is seconds with up to 9 decimals, such as 1200.000123")
+        }
+        return seconds * 1_000_000_000 + nanoseconds
+    }
+
+    /// Reads what was appended to the events file since the last call and applies its complete lines; a bad line is
+    /// skipped (a test writing the file sees it never take effect).
+    private func pumpFile() {
+        guard let file, let handle = FileHandle(forReadingAtPath: file) else { return }
+        defer { try? handle.close() }
+        let offset = state.withLock { $0.fileOffset }
+        guard (try? handle.seek(toOffset: offset)) != nil, let data = try? handle.readToEnd(), !data.isEmpty else { return }
+        let lines = state.withLock { state -> [String] in
+            state.fileOffset += UInt64(data.count)
+            var text = state.partialLine + String(decoding: data, as: UTF8.self)
+            var complete: [String] = []
+            while let newline = text.firstIndex(of: "\n") {
+                complete.append(String(text[..<newline]))
+                text = String(text[text.index(after: newline)...])
+            }
+            state.partialLine = text
+            return complete
+        }
+        for line in lines { try? apply(line) }
+    }
+}
+
+/// A line of a ``ScriptedGPIOBackend``.
+private final class ScriptedLine: GPIOLine {
+    let backend: ScriptedGPIOBackend
+    let generation: Int
+    let name: String
+
+    init(backend: ScriptedGPIOBackend, generation: Int, name: String) {
+        self.backend = backend
+        self.generation = generation
+        self.name = name
+    }
+
+    func level() throws(SensorError) -> Int {
+        try backend.level(generation: generation, name: name)
+    }
+
+    func waitForEvents(timeout: Duration) throws(SensorError) -> [GPIOEdgeEvent] {
+        try backend.take(generation: generation, name: name, timeout: timeout)
+    }
+}

@@ -1,0 +1,395 @@
+import CModbus
+import FarmgateSupport
+import FarmgateWire
+import Foundation
+import Logging
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One Modbus RTU bus: a serial port, the libmodbus context that owns it, and every sensor on it.
+///
+/// All traffic runs on the bus's own thread, one request at a time, so requests on one wire never overlap and
+/// consecutive frames are kept apart by the RTU silent interval. A request waits at most its response timeout, so a
+/// silent slave delays the others on the bus by at most that. Registers of one slave that lie close together are read
+/// in one request (``ModbusRequestPlan``), and the block is kept for the round: each sensor's read returns its slice.
+final class ModbusBus: Sendable {
+    let settings: ModbusBusSettings
+    private let members = Mutex(Members())
+    private let link: ThreadOwned<ModbusLink>
+
+    struct Members: Sendable {
+        var version = 0
+        var bySensor: [SensorID: ModbusMember] = [:]
+    }
+
+    init(settings: ModbusBusSettings, logger: Logger) throws {
+        self.settings = settings
+        var logger = logger
+        logger[metadataKey: "port"] = "\(settings.port)"
+        let linkLogger = logger
+        link = try ThreadOwned(name: "farmgate-modbus") { ModbusLink(settings: settings, logger: linkLogger) }
+    }
+
+    func add(_ member: ModbusMember) {
+        members.withLock {
+            $0.bySensor[member.sensor] = member
+            $0.version += 1
+        }
+    }
+
+    /// Removes a sensor; returns how many remain.
+    func remove(_ sensor: SensorID) -> Int {
+        members.withLock {
+            $0.bySensor[sensor] = nil
+            $0.version += 1
+            return $0.bySensor.count
+        }
+    }
+
+    /// The registers of `sensor`: from this round's block when another sensor of the block already read it, otherwise
+    /// from a new request.
+    func registers(for sensor: SensorID) async throws(SensorError) -> [UInt16] {
+        let snapshot = members.withLock { $0 }
+        let outcome: Result<[UInt16], SensorError>
+        do {
+            outcome = try await link.withValue { link in link.registers(for: sensor, members: snapshot) }
+        } catch {
+            throw SensorError(.disconnected, "the Modbus bus on \(settings.port) has shut down")
+        }
+        return try outcome.get()
+    }
+
+    /// Closes the port (on the bus's thread) and stops the thread.
+    func close() async {
+        await link.release()
+    }
+}
+
+/// The libmodbus context of one bus and what the bus remembers between requests. Lives on the bus's thread only.
+final class ModbusLink {
+    private let settings: ModbusBusSettings
+    private let logger: Logger
+    private var context: OpaquePointer?
+    /// Reconnection after the port vanished or could not be opened: 1 s, doubling, at most 30 s.
+    private var reconnect = Backoff(initial: .seconds(1), maximum: .seconds(30))
+    private var retryAt: ContinuousClock.Instant?
+    private var lastConnectError: SensorError?
+    /// When the last frame on the wire ended (answer received or timeout): the next request waits t3.5 after it.
+    private var lastFrameEnd: ContinuousClock.Instant?
+
+    private var planVersion = -1
+    private var blocks: [ModbusBlock] = []
+    private var blockIndex: [SensorID: Int] = [:]
+    private var uncoalesced: Set<ModbusUnit> = []
+    private var cache: [ModbusBlock: Cached] = [:]
+
+    private struct Cached {
+        var at: ContinuousClock.Instant
+        var result: Result<[UInt16], ModbusFailure>
+        var servedTo: Set<SensorID>
+    }
+
+    init(settings: ModbusBusSettings, logger: Logger) {
+        self.settings = settings
+        self.logger = logger
+    }
+
+    deinit { disconnect() }
+
+    func registers(for sensor: SensorID, members: ModbusBus.Members) -> Result<[UInt16], SensorError> {
+        if members.version != planVersion { replan(members) }
+        guard let member = members.bySensor[sensor], let index = blockIndex[sensor] else {
+            return .failure(SensorError(.fault, "sensor \(sensor) is not registered on the Modbus bus \(settings.port)"))
+        }
+        let block = blocks[index]
+        let slice = { (registers: [UInt16]) -> [UInt16] in
+            let from = member.address - block.start
+            return Array(registers[from..<(from + member.count)])
+        }
+        if var cached = cache[block], !cached.servedTo.contains(sensor), ContinuousClock.now - cached.at < block.maxAge {
+            cached.servedTo.insert(sensor)
+            cache[block] = cached
+            return cached.result.map(slice).mapError(\.error)
+        }
+        let result = transact(block)
+        if case .failure(let failure) = result, failure.exception == 2, block.members.count > 1 {
+            // The slave has no register somewhere in the block's gaps: read this unit one sensor at a time from now on.
+            logger.warning(
+                "Modbus slave refused a coalesced read; reading its registers one sensor at a time",
+                metadata: ["slave": "\(block.unit.slave)", "start": "\(block.start)", "count": "\(block.count)"])
+            uncoalesced.insert(block.unit)
+            replan(members)
+            return registers(for: sensor, members: members)
+        }
+        cache[block] = Cached(at: ContinuousClock.now, result: result, servedTo: [sensor])
+        return result.map(slice).mapError(\.error)
+    }
+
+    private func replan(_ members: ModbusBus.Members) {
+        blocks = ModbusRequestPlan.blocks(for: Array(members.bySensor.values), uncoalesced: uncoalesced)
+        blockIndex = [:]
+        for (index, block) in blocks.enumerated() {
+            for sensor in block.members { blockIndex[sensor] = index }
+        }
+        let current = Set(blocks)
+        cache = cache.filter { current.contains($0.key) }
+        planVersion = members.version
+    }
+
+    /// One request on the wire.
+    private func transact(_ block: ModbusBlock) -> Result<[UInt16], ModbusFailure> {
+        let context: OpaquePointer
+        switch connect() {
+        case .success(let open): context = open
+        case .failure(let error): return .failure(ModbusFailure(error))
+        }
+        waitForSilentInterval()
+        let registers = block.unit.function == .holding ? "holding registers" : "input registers"
+        let what = "\(registers) \(block.start)-\(block.start + block.count - 1) of slave \(block.unit.slave)"
+        modbus_set_slave(context, Int32(block.unit.slave))
+        let timeout = block.responseTimeout.components
+        modbus_set_response_timeout(
+            context, UInt32(timeout.seconds), UInt32(timeout.attoseconds / 1_000_000_000_000))
+        var values = [UInt16](repeating: 0, count: block.count)
+        let received = values.withUnsafeMutableBufferPointer { buffer -> Int32 in
+            guard let base = buffer.baseAddress else { return -1 }
+            return block.unit.function == .holding
+                ? modbus_read_registers(context, Int32(block.start), Int32(block.count), base)
+                : modbus_read_input_registers(context, Int32(block.start), Int32(block.count), base)
+        }
+        let code = errno
+        lastFrameEnd = ContinuousClock.now
+        if received == Int32(block.count) { return .success(values) }
+        if received >= 0 {
+            return .failure(ModbusFailure(SensorError(.invalidResponse, "slave \(block.unit.slave) sent \(received) registers for \(what)")))
+        }
+        return .failure(classify(code, what: what, slave: block.unit.slave, timeout: block.responseTimeout))
+    }
+
+    private func classify(_ code: Int32, what: String, slave: Int, timeout: Duration) -> ModbusFailure {
+        let base = Int32(MODBUS_ENOBASE)
+        if code > base, code <= base + 11 {
+            let exception = Int(code - base)
+            return ModbusFailure(
+                SensorError(.fault, "slave \(slave) answered \(what) with exception \(Self.exceptionName(exception)); check address, function and data_type against its register map"),
+                exception: exception)
+        }
+        switch code {
+        case ETIMEDOUT:
+            flush()
+            return ModbusFailure(
+                SensorError(.timeout, "slave \(slave) did not answer within \(timeout) on \(settings.port); check its unit id, the baud and parity (\(settings)), the A/B wiring and its power"))
+        case base + 12:  // EMBBADCRC
+            flush()
+            return ModbusFailure(
+                SensorError(.invalidResponse, "the answer of slave \(slave) failed its CRC; check the baud and parity (\(settings)), termination and cable (noise)"))
+        case base + 13...(base + 17):  // bad data, bad exception, unknown exception, too many data, wrong slave
+            flush()
+            return ModbusFailure(
+                SensorError(.invalidResponse, "slave \(slave) answered \(what) with a malformed frame (\(Self.text(code))); is another master on the bus, or two slaves with id \(slave)?"))
+        case EIO, ENXIO, ENODEV, EBADF, ECONNRESET, EPIPE, ENOENT:
+            let error = SensorError(.disconnected, "\(settings.port) failed (\(Self.text(code))): the USB adapter was unplugged or the port went away")
+            lostPort(error)
+            return ModbusFailure(error)
+        default:
+            flush()
+            return ModbusFailure(SensorError(.fault, "reading \(what) on \(settings.port) failed: \(Self.text(code))"))
+        }
+    }
+
+    /// The open context, opening the port when it is not: fails fast with the last error until the next attempt is due.
+    private func connect() -> Result<OpaquePointer, SensorError> {
+        if let context { return .success(context) }
+        let now = ContinuousClock.now
+        if let retryAt, let lastConnectError, now < retryAt {
+            let wait = retryAt - now
+            return .failure(SensorError(lastConnectError.kind, "\(lastConnectError.message); next attempt in \(Self.seconds(wait))"))
+        }
+        switch open() {
+        case .success(let context):
+            if reconnect.failures > 0 {
+                logger.info("Modbus port is back", metadata: ["after_failures": "\(reconnect.failures)"])
+            }
+            reconnect.reset()
+            retryAt = nil
+            lastConnectError = nil
+            self.context = context
+            return .success(context)
+        case .failure(let error):
+            if reconnect.failures == 0 {
+                logger.warning("Cannot open the Modbus port", metadata: ["error": "\(error)"])
+            }
+            retryAt = now + reconnect.ceiling
+            reconnect.recordFailure()
+            lastConnectError = error
+            return .failure(error)
+        }
+    }
+
+    private func open() -> Result<OpaquePointer, SensorError> {
+        let port = settings.port
+        guard
+            let context = modbus_new_rtu(
+                port, Int32(settings.baud), CChar(UInt8(ascii: settings.parity.letter.unicodeScalars.first ?? "N")),
+                Int32(settings.dataBits), Int32(settings.stopBits))
+        else {
+            return .failure(SensorError(.fault, "libmodbus refused the settings \(settings) for \(port): \(Self.text(errno))"))
+        }
+        if modbus_connect(context) == -1 {
+            let code = errno
+            modbus_free(context)
+            return .failure(Self.openError(code, port: port))
+        }
+        let fd = modbus_get_socket(context)
+        // libmodbus waits with select(2), which cannot watch descriptors past FD_SETSIZE.
+        if fd >= 1024 {
+            modbus_close(context)
+            modbus_free(context)
+            return .failure(SensorError(.fault, "\(port) opened as descriptor \(fd), beyond what libmodbus can wait on (1023)"))
+        }
+        // One owner per port: an advisory lock that `farmgate scan` and other agents respect, and TIOCEXCL so that other
+        // (non-root) programs cannot open it while the agent does.
+        if flock(fd, LOCK_EX | LOCK_NB) != 0 {
+            let code = errno
+            modbus_close(context)
+            modbus_free(context)
+            return .failure(
+                SensorError(
+                    .disconnected,
+                    code == EWOULDBLOCK
+                        ? "\(port) is in use by another program (another farmgate agent or `farmgate scan`?); stop it"
+                        : "cannot lock \(port): \(Self.text(code))"))
+        }
+        _ = ioctl(fd, UInt(TIOCEXCL))
+        if settings.rs485, modbus_rtu_set_serial_mode(context, Int32(MODBUS_RTU_RS485)) == -1 {
+            let code = errno
+            modbus_close(context)
+            modbus_free(context)
+            return .failure(
+                SensorError(
+                    .fault,
+                    "\(port) does not support the kernel's RS-485 mode (\(Self.text(code))); remove rs485 = true (USB RS-485 adapters switch direction themselves)"))
+        }
+        // Between two bytes of one answer; the first byte is bounded by the response timeout.
+        modbus_set_byte_timeout(context, 0, 100_000)
+        // Whatever the line held before (a half answer from before an unplug) is not an answer to our first request.
+        modbus_flush(context)
+        lastFrameEnd = ContinuousClock.now
+        return .success(context)
+    }
+
+    static func openError(_ code: Int32, port: String) -> SensorError {
+        switch code {
+        case ENOENT, ENODEV, ENXIO:
+            SensorError(.disconnected, "\(port) does not exist: is the USB RS-485 adapter plugged in? (`ls /dev/serial/by-id/` lists adapters)")
+        case EACCES, EPERM:
+            SensorError(
+                .disconnected,
+                "permission denied opening \(port): add the agent's user to the dialout group (`sudo usermod -aG dialout farmgate`) and restart it")
+        case EBUSY:
+            SensorError(.disconnected, "\(port) is busy: another program holds it (ModemManager, a serial console, another agent?)")
+        default:
+            SensorError(.disconnected, "cannot open \(port): \(text(code))")
+        }
+    }
+
+    private func lostPort(_ error: SensorError) {
+        logger.warning("Modbus port lost; reconnecting with backoff", metadata: ["error": "\(error)"])
+        disconnect()
+        lastConnectError = error
+        retryAt = ContinuousClock.now + reconnect.ceiling
+        reconnect.recordFailure()
+    }
+
+    private func disconnect() {
+        guard let context else { return }
+        modbus_close(context)
+        modbus_free(context)
+        self.context = nil
+        cache = [:]
+    }
+
+    private func flush() {
+        if let context { modbus_flush(context) }
+    }
+
+    /// Sleeps until t3.5 has passed since the last frame ended, so that the next request is never glued to it.
+    private func waitForSilentInterval() {
+        guard let lastFrameEnd else { return }
+        let due = lastFrameEnd + settings.silentInterval
+        let now = ContinuousClock.now
+        guard now < due else { return }
+        let wait = (due - now).components
+        Thread.sleep(forTimeInterval: Double(wait.seconds) + Double(wait.attoseconds) / 1e18)
+    }
+
+    static func exceptionName(_ code: Int) -> String {
+        let names = [
+            1: "illegal function", 2: "illegal data address", 3: "illegal data value", 4: "slave device failure",
+            5: "acknowledge", 6: "slave device busy", 7: "negative acknowledge", 8: "memory parity error",
+            10: "gateway path unavailable", 11: "gateway target failed to respond",
+        ]
+        let code2 = code < 10 ? "0\(code)" : "\(code)"
+        return "\(code2) (\(names[code] ?? "unknown"))"
+    }
+
+    static func text(_ code: Int32) -> String {
+        guard let message = modbus_strerror(code) else { return "error \(code)" }
+        return String(cString: message)
+    }
+
+    static func seconds(_ duration: Duration) -> String {
+        let milliseconds = duration.components.seconds * 1000 + duration.components.attoseconds / 1_000_000_000_000_000
+        return milliseconds >= 1000 ? "\((Double(milliseconds) / 1000).rounded(.up).formatted())s" : "\(milliseconds)ms"
+    }
+}
+
+/// A failed request: the sensor error it becomes and, for a Modbus exception, its code.
+struct ModbusFailure: Error {
+    var error: SensorError
+    var exception: Int?
+
+    init(_ error: SensorError, exception: Int? = nil) {
+        self.error = error
+        self.exception = exception
+    }
+}
+
+/// The buses of this process, one per port, shared by every sensor that names the port.
+///
+/// The runtime builds drivers one sensor at a time, so a bus is found here by its port: the first sensor opens it, the
+/// last one to close releases it.
+final class ModbusBuses: Sendable {
+    static let shared = ModbusBuses()
+
+    private let buses = Mutex<[String: ModbusBus]>([:])
+
+    /// The bus on `settings.port`, created on first use. Fails when the port is already open with other settings
+    /// (the configuration check refuses that first).
+    func bus(for settings: ModbusBusSettings, logger: Logger) throws -> ModbusBus {
+        try buses.withLock { buses in
+            if let bus = buses[settings.port] {
+                guard bus.settings == settings else {
+                    throw SensorError(.fault, "\(settings.port) is already used with \(bus.settings); every sensor on a bus must use the same settings (this one has \(settings))")
+                }
+                return bus
+            }
+            let bus = try ModbusBus(settings: settings, logger: logger)
+            buses[settings.port] = bus
+            return bus
+        }
+    }
+
+    /// Takes `sensor` off its bus; closes the bus when it was the last.
+    func release(_ sensor: SensorID, from bus: ModbusBus) async {
+        let last = buses.withLock { buses -> Bool in
+            guard bus.remove(sensor) == 0 else { return false }
+            if buses[bus.settings.port] === bus { buses[bus.settings.port] = nil }
+            return true
+        }
+        if last { await bus.close() }
+    }
+}

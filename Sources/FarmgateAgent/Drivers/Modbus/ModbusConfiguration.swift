@@ -1,0 +1,215 @@
+import FarmgateSupport
+import FarmgateWire
+
+/// The serial line of one Modbus RTU bus. Every sensor on one port must give the same settings: they are one wire.
+public struct ModbusBusSettings: Sendable, Hashable, CustomStringConvertible {
+    public enum Parity: String, Sendable, Hashable, CaseIterable {
+        case none, even, odd
+
+        /// The character libmodbus takes.
+        var letter: Character {
+            switch self {
+            case .none: "N"
+            case .even: "E"
+            case .odd: "O"
+            }
+        }
+    }
+
+    /// `port`: the serial device, best a stable `/dev/serial/by-id/...` path. Required.
+    public var port: String
+    /// `baud`: default 9600 (what most water-quality transmitters ship with).
+    public var baud: Int
+    /// `parity`: `none` (default), `even` or `odd`.
+    public var parity: Parity
+    /// `data_bits`: 8 (default) or 7.
+    public var dataBits: Int
+    /// `stop_bits`: 1 (default) or 2.
+    public var stopBits: Int
+    /// `rs485`: put the UART in the kernel's RS-485 mode (a UART with a transceiver whose direction pin the kernel drives).
+    /// Default false: USB RS-485 adapters switch direction themselves.
+    public var rs485: Bool
+
+    public init(port: String, baud: Int = 9600, parity: Parity = .none, dataBits: Int = 8, stopBits: Int = 1, rs485: Bool = false) {
+        self.port = port
+        self.baud = baud
+        self.parity = parity
+        self.dataBits = dataBits
+        self.stopBits = stopBits
+        self.rs485 = rs485
+    }
+
+    /// The bauds libmodbus (and termios) accept.
+    public static let bauds: [Int] = [1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200, 230400]
+
+    /// `9600 8N1`, `19200 8E1 RS-485`.
+    public var description: String {
+        "\(baud) \(dataBits)\(parity.letter)\(stopBits)" + (rs485 ? " RS-485" : "")
+    }
+
+    /// The RTU silent interval (t3.5) that must separate two frames: 3.5 character times below 19200 baud, and the
+    /// fixed 1750 µs the specification prescribes above (Modbus over Serial Line V1.02, 2.5.1.1).
+    public var silentInterval: Duration {
+        guard baud <= 19200 else { return .microseconds(1750) }
+        let bitsPerCharacter = 1 + dataBits + (parity == .none ? 0 : 1) + stopBits
+        return .nanoseconds(Int64((3.5 * Double(bitsPerCharacter) / Double(baud) * 1e9).rounded(.up)))
+    }
+}
+
+/// Which registers a read asks for: function 03 (holding) or 04 (input).
+public enum ModbusFunction: String, Sendable, Hashable, CaseIterable {
+    case holding, input
+
+    public var code: UInt8 { self == .holding ? 3 : 4 }
+}
+
+/// How the registers of a value are read.
+public enum ModbusDataType: String, Sendable, Hashable, CaseIterable {
+    case int16, uint16, int32, uint32, float32
+
+    /// 16-bit registers one value takes.
+    public var registerCount: Int {
+        switch self {
+        case .int16, .uint16: 1
+        case .int32, .uint32, .float32: 2
+        }
+    }
+}
+
+/// Where one sensor's value lives on the bus and how to turn its registers into a value.
+public struct ModbusPoint: Sendable, Hashable {
+    /// `slave`: the unit id, 1–247. Required.
+    public var slave: Int
+    /// `function`: `holding` (03, default) or `input` (04).
+    public var function: ModbusFunction
+    /// `address`: the first register, as sent on the wire (0-based: "40001" and "30001" in a manual are address 0).
+    public var address: Int
+    /// `data_type`: `uint16` (default), `int16`, `uint32`, `int32`, `float32`.
+    public var dataType: ModbusDataType
+    /// `word_order`: for 32-bit types, `big` (default: the first register holds the high word, "ABCD") or `little`
+    /// (low word first, "CDAB", as many transmitters send floats).
+    public var lowWordFirst: Bool
+    /// `byte_order`: `big` (default, Modbus's own) or `little` (bytes swapped inside each register: "BADC" / "DCBA").
+    public var swapBytes: Bool
+    /// `scale` and `offset`: value = raw × scale + offset. Defaults 1 and 0.
+    public var scale: Double
+    public var offset: Double
+
+    public init(
+        slave: Int, function: ModbusFunction = .holding, address: Int, dataType: ModbusDataType = .uint16,
+        lowWordFirst: Bool = false, swapBytes: Bool = false, scale: Double = 1, offset: Double = 0
+    ) {
+        self.slave = slave
+        self.function = function
+        self.address = address
+        self.dataType = dataType
+        self.lowWordFirst = lowWordFirst
+        self.swapBytes = swapBytes
+        self.scale = scale
+        self.offset = offset
+    }
+
+    public var registerCount: Int { dataType.registerCount }
+
+    /// The value these registers hold, scaled; nil when a float register pair holds NaN or infinity.
+    public func decode(_ registers: ArraySlice<UInt16>) -> Double? {
+        guard registers.count >= registerCount, let firstIndex = registers.indices.first else { return nil }
+        func word(_ index: Int) -> UInt16 {
+            let raw = registers[firstIndex + index]
+            return swapBytes ? raw.byteSwapped : raw
+        }
+        let raw: Double
+        switch dataType {
+        case .int16: raw = Double(Int16(bitPattern: word(0)))
+        case .uint16: raw = Double(word(0))
+        case .int32, .uint32, .float32:
+            let (high, low) = lowWordFirst ? (word(1), word(0)) : (word(0), word(1))
+            let bits = UInt32(high) << 16 | UInt32(low)
+            switch dataType {
+            case .int32: raw = Double(Int32(bitPattern: bits))
+            case .uint32: raw = Double(bits)
+            default:
+                let float = Float(bitPattern: bits)
+                guard float.isFinite else { return nil }
+                raw = Double(float)
+            }
+        }
+        let value = raw * scale + offset
+        return value.isFinite ? value : nil
+    }
+}
+
+/// Everything one `driver = "modbus"` sensor table says.
+struct ModbusSensorOptions: Sendable, Hashable {
+    var bus: ModbusBusSettings
+    var point: ModbusPoint
+    /// `response_timeout`: how long a request waits for the slave's answer. Default 500 ms, 20 ms–10 s. A silent slave
+    /// costs the other sensors on its bus at most this per request.
+    var responseTimeout: Duration
+    /// `coalesce_gap`: registers of one slave and function at most this many apart are read in one request (unused
+    /// registers in between are read and ignored). Default 4, 0–100; 0 coalesces only adjacent registers.
+    var coalesceGap: Int
+
+    static let keys: Set<String> = [
+        "port", "baud", "parity", "data_bits", "stop_bits", "rs485", "response_timeout", "coalesce_gap",
+        "slave", "function", "address", "data_type", "word_order", "byte_order", "scale", "offset",
+    ]
+
+    init(_ configuration: SensorConfiguration) throws(ConfigurationError) {
+        let table = configuration.options
+        let port = try table.requiredString("port")
+        guard port.hasPrefix("/") else {
+            throw table.error(
+                "port", "must be the absolute path of the serial device, such as \"/dev/serial/by-id/usb-FTDI_...-if00-port0\" or \"/dev/ttyUSB0\" (got \"\(port)\")")
+        }
+        var bus = ModbusBusSettings(port: port)
+        if let baud = try table.int("baud") {
+            guard ModbusBusSettings.bauds.contains(baud) else {
+                throw table.error("baud", "must be one of \(ModbusBusSettings.bauds.map(String.init).joined(separator: ", ")) (got \(baud)); the transmitter's manual gives it, 9600 is the usual default")
+            }
+            bus.baud = baud
+        }
+        let parities: [String: ModbusBusSettings.Parity] = ["none": .none, "even": .even, "odd": .odd, "n": .none, "e": .even, "o": .odd]
+        if let parity = try table.choice("parity", parities) { bus.parity = parity }
+        if let dataBits = try table.int("data_bits") {
+            guard dataBits == 7 || dataBits == 8 else { throw table.error("data_bits", "must be 8 or 7 (got \(dataBits)); Modbus RTU uses 8") }
+            bus.dataBits = dataBits
+        }
+        if let stopBits = try table.int("stop_bits") {
+            guard stopBits == 1 || stopBits == 2 else { throw table.error("stop_bits", "must be 1 or 2 (got \(stopBits))") }
+            bus.stopBits = stopBits
+        }
+        if let rs485 = try table.bool("rs485") { bus.rs485 = rs485 }
+        self.bus = bus
+
+        guard let slave = try table.int("slave") else {
+            throw table.error("slave", "is required: the transmitter's Modbus address (unit id), 1-247; its manual gives the default, often 1")
+        }
+        guard (1...247).contains(slave) else {
+            throw table.error("slave", "must be a unit id between 1 and 247 (got \(slave)); 0 is broadcast and 248-255 are reserved")
+        }
+        let function = try table.choice(
+            "function", ["holding": ModbusFunction.holding, "input": .input, "3": .holding, "4": .input, "03": .holding, "04": .input]) ?? .holding
+        let dataTypes = Dictionary(uniqueKeysWithValues: ModbusDataType.allCases.map { ($0.rawValue, $0) })
+        let dataType = try table.choice("data_type", dataTypes) ?? .uint16
+        guard let address = try table.int("address") else {
+            throw table.error("address", "is required: the first register's address as sent on the wire, 0-65535 (register 40001 in a manual is address 0)")
+        }
+        guard (0...(65536 - dataType.registerCount)).contains(address) else {
+            throw table.error("address", "must be between 0 and \(65536 - dataType.registerCount) for \(dataType.rawValue) (got \(address))")
+        }
+        let wordOrder = try table.choice("word_order", ["big": false, "little": true, "abcd": false, "cdab": true]) ?? false
+        if table.contains("word_order"), dataType.registerCount == 1 {
+            throw table.error("word_order", "only applies to 32-bit data types (int32, uint32, float32); remove it for \(dataType.rawValue)")
+        }
+        let byteOrder = try table.choice("byte_order", ["big": false, "little": true]) ?? false
+        let scale = try table.double("scale") ?? 1
+        guard scale != 0 else { throw table.error("scale", "must not be 0 (every value would be the offset)") }
+        let offset = try table.double("offset") ?? 0
+        point = ModbusPoint(
+            slave: slave, function: function, address: address, dataType: dataType, lowWordFirst: wordOrder,
+            swapBytes: byteOrder, scale: scale, offset: offset)
+        responseTimeout = try table.duration("response_timeout", in: .milliseconds(20)...(.seconds(10))) ?? .milliseconds(500)
+        coalesceGap = try table.int("coalesce_gap", in: 0...100) ?? 4
+    }
+}

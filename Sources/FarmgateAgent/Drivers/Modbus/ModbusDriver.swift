@@ -1,0 +1,70 @@
+import FarmgateSupport
+import FarmgateWire
+import Logging
+
+/// Reads one value from a Modbus RTU slave (a pH, EC or temperature transmitter on RS-485) through libmodbus.
+///
+/// Every sensor table names its bus (`port` and the serial settings, equal for all sensors on one port) and its point
+/// (`slave`, `function`, `address`, `data_type`, word and byte order, `scale`, `offset`). Sensors on one port share one
+/// ``ModbusBus``: one thread, requests serialised with the silent interval, adjacent registers read together.
+/// A missing or unplugged adapter is not a configuration error: the sensor reads `disconnected` and the bus reopens
+/// the port with backoff (1 s doubling to 30 s).
+public final class ModbusDriver: SensorDriver {
+    public static let description = DriverDescription(
+        kind: "modbus",
+        summary: "A register of a Modbus RTU slave on RS-485 (pH/EC/temperature transmitters), through libmodbus.",
+        optionKeys: ModbusSensorOptions.keys,
+        sampleConfiguration: """
+            [[sensor]]
+            id = "tank1.ph"
+            driver = "modbus"
+            quantity = "ph"
+            port = "/dev/serial/by-id/usb-FTDI_FT232R_USB_UART_A10K1234-if00-port0"
+            baud = 9600              # parity = "none", data_bits = 8, stop_bits = 1: the same for every sensor on the port
+            slave = 1                # unit id, 1-247
+            function = "holding"     # or "input"
+            address = 1              # 0-based register address (40002 in a manual)
+            data_type = "uint16"     # int16, uint16, int32, uint32, float32 (word_order = "big" | "little")
+            scale = 0.01             # value = raw * scale + offset
+            # response_timeout = "500ms"
+            """,
+        validate: { configuration throws(ConfigurationError) in _ = try ModbusSensorOptions(configuration) },
+        claims: { configuration throws(ConfigurationError) in
+            let options = try ModbusSensorOptions(configuration)
+            return [
+                ResourceClaim(
+                    resource: "serial port \(options.bus.port)", key: "port", settings: "Modbus RTU \(options.bus)", shareable: true)
+            ]
+        },
+        make: { configuration, context in try ModbusDriver(configuration: configuration, logger: context.logger) })
+
+    public let sensor: SensorID
+    let point: ModbusPoint
+    let bus: ModbusBus
+
+    public init(configuration: SensorConfiguration, logger: Logger) throws {
+        let options = try ModbusSensorOptions(configuration)
+        sensor = configuration.id
+        point = options.point
+        bus = try ModbusBuses.shared.bus(for: options.bus, logger: logger)
+        bus.add(
+            ModbusMember(
+                sensor: configuration.id, slave: options.point.slave, function: options.point.function,
+                address: options.point.address, count: options.point.registerCount, coalesceGap: options.coalesceGap,
+                responseTimeout: options.responseTimeout, maxAge: configuration.interval))
+    }
+
+    public func read() async throws(SensorError) -> SensorValue {
+        let registers = try await bus.registers(for: sensor)
+        guard let value = point.decode(registers[...]) else {
+            throw SensorError(
+                .invalidResponse,
+                "slave \(point.slave) register \(point.address) holds no number as \(point.dataType.rawValue) (NaN or infinity); check data_type and word_order")
+        }
+        return SensorValue(value)
+    }
+
+    public func close() async {
+        await ModbusBuses.shared.release(sensor, from: bus)
+    }
+}

@@ -1,0 +1,200 @@
+import FarmgateSupport
+import FarmgateWire
+import Foundation
+import Logging
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A DS18B20 (or another w1-therm sensor) read through the Linux 1-Wire sysfs files.
+///
+/// Each read runs on the sensor's own thread (a sysfs read blocks for the whole conversion, 750 ms at 12 bits) and is
+/// abandoned after `read_timeout` if the bus hangs. `w1_slave` is preferred, because it carries the kernel's CRC
+/// verdict; the `temperature` file of newer kernels is used when there is no `w1_slave`.
+///
+/// What is refused: a failed CRC (`fault`), an empty read (the conversion failed), an all-zero scratchpad, the 127.94 °C
+/// of a starved parasite-powered sensor, and the 85.000 °C power-on value unless the next read repeats it (a tank can
+/// be 85 °C; a brown-out reads 85 once). A device directory that vanished is `disconnected`.
+public final class DS18B20Driver: SensorDriver {
+    /// The w1-therm families: DS18S20, DS1822, DS18B20, MAX31850, DS28EA00 (and DS1825 shares 3b).
+    static let families: Set<String> = ["10", "22", "28", "3b", "42"]
+
+    static let optionKeys: Set<String> = ["address", "w1_root", "read_timeout"]
+
+    public static let description = DriverDescription(
+        kind: "ds18b20",
+        summary: "A DS18B20 1-Wire temperature probe through the kernel's w1-therm sysfs files (1/16 °C).",
+        optionKeys: optionKeys,
+        sampleConfiguration: """
+            [[sensor]]
+            id = "tank1.temp"
+            driver = "ds18b20"
+            quantity = "temperature"
+            address = "28-0316a2791aff"      # the directory name under /sys/bus/w1/devices
+            interval = "30s"
+            # w1_root = "/sys/bus/w1/devices"
+            # read_timeout = "2s"
+            """,
+        validate: { configuration throws(ConfigurationError) in _ = try Options(configuration) },
+        claims: { configuration throws(ConfigurationError) in
+            let options = try Options(configuration)
+            return [ResourceClaim(resource: "1-Wire device \(options.root)/\(options.address)", key: "address", shareable: false)]
+        },
+        make: { configuration, context in try DS18B20Driver(configuration: configuration, logger: context.logger) })
+
+    struct Options: Sendable {
+        /// `address`: the sensor's directory under the w1 root, `28-0316a2791aff`. Required.
+        var address: String
+        /// `w1_root`: where the kernel lists 1-Wire devices. Default `/sys/bus/w1/devices` (another for tests and
+        /// containers).
+        var root: String
+        /// `read_timeout`: how long a read may block before it is abandoned as a timeout. Default 2 s, 100 ms–60 s.
+        var readTimeout: Duration
+
+        init(_ configuration: SensorConfiguration) throws(ConfigurationError) {
+            let table = configuration.options
+            let text = try table.requiredString("address")
+            let address = text.lowercased()
+            let parts = address.split(separator: "-", omittingEmptySubsequences: false)
+            guard parts.count == 2, parts[0].count == 2, parts[1].count == 12,
+                parts.allSatisfy({ $0.allSatisfy(\.isHexDigit) })
+            else {
+                throw table.error(
+                    "address", "must be a 1-Wire device name such as \"28-0316a2791aff\" (family, dash, 12 hex digits; `ls /sys/bus/w1/devices` lists them), got \"\(text)\"")
+            }
+            guard DS18B20Driver.families.contains(String(parts[0])) else {
+                throw table.error(
+                    "address", "family \(parts[0]) is not a w1-therm temperature sensor (DS18B20 addresses start with 28-)")
+            }
+            self.address = address
+            root = try table.string("w1_root") ?? "/sys/bus/w1/devices"
+            guard root.hasPrefix("/") else {
+                throw table.error("w1_root", "must be an absolute directory such as \"/sys/bus/w1/devices\" (got \"\(root)\")")
+            }
+            readTimeout = try table.duration("read_timeout", in: .milliseconds(100)...(.seconds(60))) ?? .seconds(2)
+        }
+    }
+
+    private struct State {
+        /// The previous good read was the power-on value (refused): a second one in a row is believed.
+        var powerOnPending = false
+        /// A read is running on the thread (possibly abandoned, stuck on the bus).
+        var busy = false
+    }
+
+    let options: Options
+    private let thread: DedicatedThread
+    private let state = Mutex(State())
+
+    public init(configuration: SensorConfiguration, logger: Logger) throws {
+        options = try Options(configuration)
+        thread = DedicatedThread(name: "farmgate-w1")
+    }
+
+    deinit { thread.shutdown() }
+
+    public func read() async throws(SensorError) -> SensorValue {
+        let claimed = state.withLock { state -> Bool in
+            if state.busy { return false }
+            state.busy = true
+            return true
+        }
+        guard claimed else {
+            throw SensorError(.timeout, "the previous read of \(options.address) is still blocked; the 1-Wire bus may hang (check the wiring)")
+        }
+        let options = self.options
+        let outcome = await thread.run(timeout: options.readTimeout) { [self] () -> Result<Int, SensorError> in
+            defer { self.state.withLock { $0.busy = false } }
+            return Self.readMillidegrees(options)
+        }
+        guard let outcome else {
+            throw SensorError(.timeout, "no answer from \(options.address) within \(options.readTimeout)")
+        }
+        let millidegrees = try outcome.get()
+        if let problem = W1Therm.check(millidegrees: millidegrees) { throw problem }
+        let repeated = state.withLock { state -> Bool? in
+            guard millidegrees == W1Therm.powerOnMillidegrees else {
+                state.powerOnPending = false
+                return nil
+            }
+            defer { state.powerOnPending = true }
+            return state.powerOnPending
+        }
+        if repeated == false {
+            throw SensorError(
+                .fault, "85.000 °C is the DS18B20's power-on value (a reset during conversion, often a brown-out); ignored unless the next read repeats it")
+        }
+        return SensorValue(W1Therm.celsius(millidegrees: millidegrees))
+    }
+
+    public func close() async {
+        thread.shutdown()
+    }
+
+    /// One blocking read of the sensor's sysfs file. Runs on the sensor's thread.
+    static func readMillidegrees(_ options: Options) -> Result<Int, SensorError> {
+        let directory = options.root + "/" + options.address
+        var isDirectory: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: directory, isDirectory: &isDirectory), isDirectory.boolValue else {
+            return .failure(missing(options))
+        }
+        let slave = directory + "/w1_slave"
+        let temperature = directory + "/temperature"
+        let useSlave = FileManager.default.fileExists(atPath: slave) || !FileManager.default.fileExists(atPath: temperature)
+        let path = useSlave ? slave : temperature
+        switch readFile(path) {
+        case .success(let text): return useSlave ? W1Therm.parseSlaveFile(text) : W1Therm.parseTemperatureFile(text)
+        case .failure(let failure):
+            let code = failure.code
+            switch code {
+            case ENOENT, ENODEV, ENXIO:
+                return .failure(missing(options))
+            case EACCES, EPERM:
+                return .failure(SensorError(.fault, "permission denied reading \(path); the agent's user must be able to read it"))
+            case EIO:
+                return .failure(SensorError(.fault, "the kernel reported an I/O error reading \(path) (CRC or bus error); check the wiring and pull-up"))
+            default:
+                return .failure(SensorError(.fault, "cannot read \(path): \(String(cString: strerror(code)))"))
+            }
+        }
+    }
+
+    static func missing(_ options: Options) -> SensorError {
+        guard let names = try? FileManager.default.contentsOfDirectory(atPath: options.root) else {
+            return SensorError(
+                .disconnected,
+                "no 1-Wire bus at \(options.root): enable it (Raspberry Pi: dtoverlay=w1-gpio in /boot/firmware/config.txt, then reboot)")
+        }
+        let present = names.filter { $0.count == 15 && families.contains(String($0.prefix(2))) }.sorted()
+        let listing = present.isEmpty ? "no temperature sensor is listed" : "present: \(present.joined(separator: ", "))"
+        return SensorError(
+            .disconnected, "1-Wire device \(options.address) is not on the bus (unplugged or a broken wire?); \(listing)")
+    }
+
+    /// The whole file, read with POSIX calls so that the kernel's error number survives.
+    static func readFile(_ path: String) -> Result<String, Errno> {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return .failure(Errno(errno)) }
+        defer { Glibc.close(fd) }
+        var bytes: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 512)
+        while bytes.count < 16_384 {
+            let count = Glibc.read(fd, &buffer, buffer.count)
+            if count < 0 {
+                if errno == EINTR { continue }
+                return .failure(Errno(errno))
+            }
+            if count == 0 { break }
+            bytes.append(contentsOf: buffer[0..<count])
+        }
+        return .success(String(decoding: bytes, as: UTF8.self))
+    }
+}
+
+/// An errno value as an error.
+struct Errno: Error, Sendable {
+    var code: Int32
+    init(_ code: Int32) { self.code = code }
+}

@@ -1,0 +1,96 @@
+import Foundation
+
+/// What the Linux w1-therm driver's sysfs files say, parsed. Pure functions, so every fault signature is tested
+/// without a 1-Wire bus.
+///
+/// `w1_slave` holds two lines, the scratchpad with the kernel's CRC verdict, then the scratchpad with the temperature
+/// in millidegrees Celsius:
+///
+/// ```
+/// 72 01 4b 46 7f ff 0e 10 57 : crc=57 YES
+/// 72 01 4b 46 7f ff 0e 10 57 t=23125
+/// ```
+///
+/// Newer kernels also have `temperature`: the millidegrees alone (`23125`), empty when the conversion failed.
+enum W1Therm {
+    /// The power-on reset value of the temperature register (85.000 °C): read after a reset during the conversion,
+    /// usually a brown-out, and only trusted when it repeats.
+    static let powerOnMillidegrees = 85_000
+    /// 0x07FF × 62.5 m°C: what a parasite-powered DS18B20 reads when the bus cannot supply the conversion current.
+    static let insufficientPowerMillidegrees = 127_937...127_938
+    /// The DS18B20's measuring range.
+    static let validMillidegrees = -55_000...125_000
+
+    /// The temperature in millidegrees from the text of `w1_slave`, or why there is none.
+    static func parseSlaveFile(_ text: String) -> Result<Int, SensorError> {
+        let lines = text.split(whereSeparator: \.isNewline).map { $0.trimming(" \t") }.filter { !$0.isEmpty }
+        guard let first = lines.first else {
+            return .failure(
+                SensorError(.fault, "the sensor returned nothing (the conversion failed); check the data wire, the 4.7 kΩ pull-up and the sensor's power"))
+        }
+        guard let crcRange = first.range(of: "crc=") else {
+            return .failure(SensorError(.invalidResponse, "w1_slave does not look like w1-therm output: \"\(first)\""))
+        }
+        let verdict = first[crcRange.upperBound...].split(separator: " ").last.map(String.init) ?? ""
+        let scratchpad = first[..<crcRange.lowerBound].replacingOccurrences(of: ":", with: "")
+            .split(separator: " ").compactMap { UInt8($0, radix: 16) }
+        switch verdict.uppercased() {
+        case "YES": break
+        case "NO":
+            return .failure(
+                SensorError(.fault, "CRC check failed (\(first[crcRange.lowerBound...])): noise on the cable; check the pull-up, cable length and shielding"))
+        default:
+            return .failure(SensorError(.invalidResponse, "w1_slave has no CRC verdict: \"\(first)\""))
+        }
+        if scratchpad.count == 9, scratchpad.allSatisfy({ $0 == 0 }) {
+            return .failure(SensorError(.fault, "the scratchpad reads all zeros (the sensor did not answer); check its wiring and power"))
+        }
+        guard lines.count >= 2, let t = lines[1].range(of: "t=") else {
+            return .failure(SensorError(.invalidResponse, "w1_slave has no temperature line (t=...)"))
+        }
+        return parseMillidegrees(String(lines[1][t.upperBound...]), file: "w1_slave")
+    }
+
+    /// The temperature in millidegrees from the text of `temperature`.
+    static func parseTemperatureFile(_ text: String) -> Result<Int, SensorError> {
+        let trimmed = text.trimming(" \t\n\r")
+        guard !trimmed.isEmpty else {
+            return .failure(
+                SensorError(.fault, "the sensor returned nothing (the conversion failed); check the data wire, the 4.7 kΩ pull-up and the sensor's power"))
+        }
+        return parseMillidegrees(trimmed, file: "temperature")
+    }
+
+    static func parseMillidegrees(_ text: String, file: String) -> Result<Int, SensorError> {
+        guard let value = Int(text.trimming(" \t\n\r")) else {
+            return .failure(SensorError(.invalidResponse, "\(file) holds \"\(text)\", not a temperature in millidegrees"))
+        }
+        return .success(value)
+    }
+
+    /// Checks a value against what a DS18B20 can mean (85 °C is handled by the caller, which knows the previous read).
+    static func check(millidegrees: Int) -> SensorError? {
+        if insufficientPowerMillidegrees.contains(millidegrees) {
+            return SensorError(.fault, "127.94 °C means the sensor lacked power for the conversion (parasite power?); wire its VDD to 3.3 V")
+        }
+        if !validMillidegrees.contains(millidegrees) {
+            return SensorError(.invalidResponse, "\(Double(millidegrees) / 1000) °C is outside the DS18B20's range (-55 to 125 °C)")
+        }
+        return nil
+    }
+
+    /// Degrees Celsius at the DS18B20's 12-bit resolution, 1/16 °C (the kernel prints millidegrees, truncated).
+    static func celsius(millidegrees: Int) -> Double {
+        (Double(millidegrees) * 16 / 1000).rounded() / 16
+    }
+}
+
+extension StringProtocol {
+    fileprivate func trimming(_ set: String) -> String {
+        let characters = Set(set)
+        var slice = self[...]
+        while let first = slice.first, characters.contains(first) { slice = slice.dropFirst() }
+        while let last = slice.last, characters.contains(last) { slice = slice.dropLast() }
+        return String(slice)
+    }
+}

@@ -1,0 +1,204 @@
+@testable import FarmgateAgent
+import FarmgateSupport
+import FarmgateTestSupport
+import FarmgateWire
+import Foundation
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A fake `/sys/bus/w1/devices` in a scratch directory, as w1thermsensor's tests do.
+final class FakeW1Tree {
+    let scratch: Scratch
+    var root: String { scratch.path }
+
+    init() throws {
+        scratch = try Scratch(prefix: "fg-w1")
+        try FileManager.default.createDirectory(atPath: scratch.file("w1_bus_master1"), withIntermediateDirectories: true)
+    }
+
+    /// Writes `w1_slave` of `address` holding `millidegrees` with the CRC verdict `crc`.
+    func slave(_ address: String, millidegrees: Int, crc: Bool = true) throws {
+        try write(address, "w1_slave", Self.slaveText(millidegrees: millidegrees, crc: crc))
+    }
+
+    func write(_ address: String, _ file: String, _ text: String) throws {
+        let directory = scratch.file(address)
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        try text.write(toFile: directory + "/" + file, atomically: true, encoding: .utf8)
+    }
+
+    func remove(_ address: String) throws {
+        try FileManager.default.removeItem(atPath: scratch.file(address))
+    }
+
+    /// What w1-therm prints: the scratchpad (temperature in 1/16 °C, little-endian) with the CRC verdict, then again
+    /// with `t=`.
+    static func slaveText(millidegrees: Int, crc: Bool) -> String {
+        let raw = UInt16(bitPattern: Int16(clamping: (millidegrees * 16) / 1000))
+        let pad = String(format: "%02x %02x 4b 46 7f ff 0c 10 1c", raw & 0xFF, raw >> 8)
+        return "\(pad) : crc=1c \(crc ? "YES" : "NO")\n\(pad) t=\(millidegrees)\n"
+    }
+
+    func configuration(_ address: String, extra: String = "") throws -> SensorConfiguration {
+        let text = """
+            [device]
+            id = "t"
+            [[sensor]]
+            id = "tank1.temp"
+            driver = "ds18b20"
+            quantity = "temperature"
+            address = "\(address)"
+            w1_root = "\(root)"
+            \(extra)
+            """
+        return try #require(try AgentConfiguration.parse(ConfigDocument.parse(text, file: "test.toml")).sensors.first)
+    }
+
+    func driver(_ address: String, extra: String = "") throws -> DS18B20Driver {
+        try DS18B20Driver(configuration: try configuration(address, extra: extra), logger: driverTestLogger)
+    }
+}
+
+@Suite("w1-therm sysfs parsing")
+struct W1ThermTests {
+    @Test(
+        "w1_slave values at 1/16 °C",
+        arguments: [(23125, 23.125), (-1062, -1.0625), (23062, 23.0625), (0, 0.0), (125_000, 125.0), (-55_000, -55.0)])
+    func values(millidegrees: Int, celsius: Double) throws {
+        let parsed = try W1Therm.parseSlaveFile(FakeW1Tree.slaveText(millidegrees: millidegrees, crc: true)).get()
+        #expect(parsed == millidegrees)
+        #expect(W1Therm.celsius(millidegrees: parsed) == celsius)
+        #expect((celsius * 16).rounded() == celsius * 16)
+    }
+
+    @Test(
+        "Fault signatures are refused with what to check",
+        arguments: [
+            ("", SensorError.Kind.fault, "returned nothing"),
+            ("72 01 4b 46 7f ff 0e 10 57 : crc=57 NO\n72 01 4b 46 7f ff 0e 10 57 t=23125\n", .fault, "CRC check failed"),
+            ("00 00 00 00 00 00 00 00 00 : crc=00 YES\n00 00 00 00 00 00 00 00 00 t=0\n", .fault, "all zeros"),
+            ("72 01 4b 46 7f ff 0e 10 57 : crc=57 YES\n", .invalidResponse, "no temperature line"),
+            ("garbage\n", .invalidResponse, "does not look like w1-therm"),
+            ("72 01 4b 46 7f ff 0e 10 57 : crc=57 YES\n72 01 4b 46 7f ff 0e 10 57 t=abc\n", .invalidResponse, "not a temperature"),
+        ])
+    func faults(text: String, kind: SensorError.Kind, message: String) throws {
+        let error = try #require(W1Therm.parseSlaveFile(text).failure)
+        #expect(error.kind == kind)
+        #expect(error.message.contains(message), "\(error)")
+    }
+
+    @Test("127.94 °C (starved parasite power) and values outside -55..125 °C are refused; 85 °C is left to the driver")
+    func checks() {
+        #expect(W1Therm.check(millidegrees: 127_937)?.message.contains("lacked power") == true)
+        #expect(W1Therm.check(millidegrees: 126_000)?.kind == .invalidResponse)
+        #expect(W1Therm.check(millidegrees: -56_000)?.kind == .invalidResponse)
+        #expect(W1Therm.check(millidegrees: 85_000) == nil)
+    }
+}
+
+@Suite("DS18B20 driver on a fake w1 tree")
+struct DS18B20DriverTests {
+    let address = "28-0316a2791aff"
+
+    @Test("Reads w1_slave; a CRC failure is a fault and the next good read recovers")
+    func readsAndRejectsCRC() async throws {
+        let tree = try FakeW1Tree()
+        try tree.slave(address, millidegrees: 21_437)
+        let driver = try tree.driver(address)
+        #expect(try await driver.read().value == 21.4375)
+        try tree.slave(address, millidegrees: 21_500, crc: false)
+        let error = try #require(await readResult(driver).failure)
+        #expect(error.kind == .fault)
+        #expect(error.message.contains("CRC"))
+        try tree.slave(address, millidegrees: -312)
+        #expect(try await driver.read().value == -0.3125)
+        await driver.close()
+    }
+
+    @Test("85 °C once is refused as the power-on value; repeated on the next read it is believed")
+    func powerOnValue() async throws {
+        let tree = try FakeW1Tree()
+        try tree.slave(address, millidegrees: 20_000)
+        let driver = try tree.driver(address)
+        #expect(try await driver.read().value == 20)
+        try tree.slave(address, millidegrees: 85_000)
+        let first = try #require(await readResult(driver).failure)
+        #expect(first.kind == .fault)
+        #expect(first.message.contains("power-on value"))
+        // A good value in between resets: 85 must come twice in a row.
+        try tree.slave(address, millidegrees: 20_062)
+        #expect(try await driver.read().value == 20.0625)
+        try tree.slave(address, millidegrees: 85_000)
+        #expect(await readResult(driver).failure != nil)
+        #expect(try await driver.read().value == 85)
+        #expect(try await driver.read().value == 85)
+        await driver.close()
+    }
+
+    @Test("A vanished device is disconnected and names what is on the bus; a missing bus says how to enable it")
+    func vanished() async throws {
+        let tree = try FakeW1Tree()
+        try tree.slave(address, millidegrees: 19_000)
+        try tree.slave("28-00000a1b2c3d", millidegrees: 19_500)
+        let driver = try tree.driver(address)
+        #expect(try await driver.read().value == 19)
+        try tree.remove(address)
+        let error = try #require(await readResult(driver).failure)
+        #expect(error.kind == .disconnected)
+        #expect(error.message.contains("\(address) is not on the bus"))
+        #expect(error.message.contains("present: 28-00000a1b2c3d"))
+        try tree.slave(address, millidegrees: 19_125)
+        #expect(try await driver.read().value == 19.125)
+        await driver.close()
+
+        let configuration = try tree.configuration(address, extra: "")
+        var options = try DS18B20Driver.Options(configuration)
+        options.root = tree.scratch.file("no-such-bus")
+        let missing = try #require(DS18B20Driver.readMillidegrees(options).failure)
+        #expect(missing.kind == .disconnected)
+        #expect(missing.message.contains("dtoverlay=w1-gpio"))
+    }
+
+    @Test("Without w1_slave the newer temperature file is read; empty means the conversion failed")
+    func temperatureFile() async throws {
+        let tree = try FakeW1Tree()
+        try tree.write(address, "temperature", "23187\n")
+        let driver = try tree.driver(address)
+        #expect(try await driver.read().value == 23.1875)
+        try tree.write(address, "temperature", "")
+        let error = try #require(await readResult(driver).failure)
+        #expect(error.kind == .fault)
+        #expect(error.message.contains("conversion failed"))
+        await driver.close()
+    }
+
+    @Test("A read that blocks (a hung bus) is abandoned after read_timeout and the sensor recovers once it returns")
+    func blockedRead() async throws {
+        let tree = try FakeW1Tree()
+        try FileManager.default.createDirectory(atPath: tree.scratch.file(address), withIntermediateDirectories: true)
+        let fifo = tree.scratch.file(address) + "/w1_slave"
+        #expect(mkfifo(fifo, 0o600) == 0)
+        let driver = try tree.driver(address, extra: "read_timeout = \"200ms\"")
+        let start = ContinuousClock.now
+        let error = try #require(await readResult(driver).failure)
+        #expect(error.kind == .timeout)
+        #expect(ContinuousClock.now - start < .seconds(3))
+        // While the first read is stuck, the next fails at once instead of queueing behind it.
+        let stuck = try #require(await readResult(driver).failure)
+        #expect(stuck.message.contains("still blocked"))
+        // The bus answers: the stuck read completes; then the sensor reads normally again.
+        let writer = open(fifo, O_WRONLY)
+        #expect(writer >= 0)
+        let text = FakeW1Tree.slaveText(millidegrees: 18_000, crc: true)
+        _ = text.withCString { write(writer, $0, strlen($0)) }
+        close(writer)
+        try FileManager.default.removeItem(atPath: fifo)
+        try tree.slave(address, millidegrees: 18_250)
+        let back = await eventually(timeout: .seconds(10)) { (try? await driver.read().value) == 18.25 }
+        #expect(back)
+        await driver.close()
+    }
+}

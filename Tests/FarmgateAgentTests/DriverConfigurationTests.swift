@@ -1,0 +1,199 @@
+@testable import FarmgateAgent
+import FarmgateSupport
+import FarmgateTestSupport
+import FarmgateWire
+import Foundation
+import Synchronization
+import Testing
+
+@Suite("Hardware driver configuration")
+struct DriverConfigurationTests {
+    static let header = "[device]\nid = \"t\"\n"
+
+    func error(_ sensors: String) -> ConfigurationError? {
+        do {
+            _ = try AgentConfiguration.parse(ConfigDocument.parse(Self.header + sensors, file: "/etc/farmgate/agent.toml"))
+            return nil
+        } catch {
+            return error
+        }
+    }
+
+    static func modbus(_ id: String, _ keys: String) -> String {
+        """
+
+        [[sensor]]
+        id = "\(id)"
+        driver = "modbus"
+        quantity = "ph"
+        port = "/dev/ttyUSB0"
+        \(keys)
+        """
+    }
+
+    static func gpio(_ id: String, _ quantity: String, _ keys: String) -> String {
+        """
+
+        [[sensor]]
+        id = "\(id)"
+        driver = "gpio"
+        quantity = "\(quantity)"
+        \(keys)
+        """
+    }
+
+    @Test(
+        "Bad Modbus keys are located and say what is allowed",
+        arguments: [
+            ("slave = 0\naddress = 0", "slave", "between 1 and 247 (got 0)"),
+            ("slave = 248\naddress = 0", "slave", "between 1 and 247 (got 248)"),
+            ("address = 0", "slave", "is required"),
+            ("slave = 1", "address", "is required"),
+            ("slave = 1\naddress = 0\ndata_type = \"float64\"", "data_type", "\"float32\", \"int16\", \"int32\", \"uint16\", \"uint32\" (got \"float64\")"),
+            ("slave = 1\naddress = 65535\ndata_type = \"uint32\"", "address", "between 0 and 65534"),
+            ("slave = 1\naddress = 0\nword_order = \"little\"", "word_order", "only applies to 32-bit"),
+            ("slave = 1\naddress = 0\nbaud = 9601", "baud", "must be one of"),
+            ("slave = 1\naddress = 0\nparity = \"mark\"", "parity", "must be one of"),
+            ("slave = 1\naddress = 0\nfunction = \"coils\"", "function", "must be one of"),
+            ("slave = 1\naddress = 0\nscale = 0", "scale", "must not be 0"),
+            ("slave = 1\naddress = 0\nresponse_timeout = \"1ms\"", "response_timeout", "between 20ms and 10s"),
+        ])
+    func modbusKeys(keys: String, key: String, message: String) throws {
+        let failure = try #require(error(Self.modbus("tank1.ph", keys)))
+        #expect(failure.key == "sensor \"tank1.ph\": \(key)")
+        #expect(failure.line != nil)
+        #expect(failure.message.contains(message), "\(failure.message)")
+    }
+
+    @Test("A relative Modbus port is refused")
+    func relativePort() throws {
+        let failure = try #require(error(Self.modbus("a", "slave = 1\naddress = 0").replacingOccurrences(of: "/dev/ttyUSB0", with: "ttyUSB0")))
+        #expect(failure.key == "sensor \"a\": port")
+        #expect(failure.message.contains("absolute path"))
+    }
+
+    @Test("Two Modbus sensors on one port with different bus settings: the second is refused at its port line")
+    func modbusBusMismatch() throws {
+        let text = Self.modbus("tank1.ph", "slave = 1\naddress = 0") + "\n" + Self.modbus("tank1.ec", "slave = 2\naddress = 0\nbaud = 19200")
+        let failure = try #require(error(text))
+        #expect(failure.key == "sensor \"tank1.ec\": port")
+        #expect(failure.line == 16)
+        #expect(failure.message.contains("serial port /dev/ttyUSB0 is also used by sensor \"tank1.ph\" (line 8) with Modbus RTU 9600 8N1"))
+        #expect(failure.message.contains("this one has Modbus RTU 19200 8N1"))
+        // The same settings written differently are one bus.
+        #expect(error(Self.modbus("a", "slave = 1\naddress = 0\nparity = \"N\"") + Self.modbus("b", "slave = 2\naddress = 0\nparity = \"none\"")) == nil)
+    }
+
+    @Test("A GPIO line used twice is refused, however the chip is written; a flow and a count sensor may share one")
+    func gpioLineTwice() throws {
+        let twice = Self.gpio("tank1.float", "state", "chip = \"gpiochip0\"\nline = 17") + Self.gpio("tank1.leak", "state", "chip = 0\nline = 17")
+        let failure = try #require(error(twice))
+        #expect(failure.key == "sensor \"tank1.leak\": line")
+        #expect(failure.message.contains("GPIO line gpiochip0:17 is already used by sensor \"tank1.float\" (line 9)"))
+
+        let shared = Self.gpio("loop.flow", "flow", "line = 27\npulses_per_litre = 450") + Self.gpio("loop.count", "count", "line = 27")
+        #expect(error(shared) == nil)
+        let twoFlows = shared + Self.gpio("loop.flow2", "flow", "line = 27\npulses_per_litre = 330")
+        #expect(try #require(error(twoFlows)).message.contains("the flow of GPIO line gpiochip0:27 is already used by sensor \"loop.flow\""))
+        let differentEdges = Self.gpio("loop.flow", "flow", "line = 27\npulses_per_litre = 450") + Self.gpio("loop.count", "count", "line = 27\nedge = \"falling\"")
+        #expect(try #require(error(differentEdges)).message.contains("every sensor on it must use the same settings"))
+        let stateAndFlow = Self.gpio("a", "state", "line = 5") + Self.gpio("b", "flow", "line = 5\npulses_per_litre = 1")
+        #expect(try #require(error(stateAndFlow)).message.contains("only one sensor may use it"))
+    }
+
+    @Test(
+        "Bad GPIO keys are located",
+        arguments: [
+            ("state", "chip = \"gpiochip0\"", "line", "is required"),
+            ("state", "line = 600", "line", "between 0 and 511"),
+            ("state", "line = 17\npulses_per_litre = 450", "pulses_per_litre", "only applies to pulse counting"),
+            ("flow", "line = 17", "pulses_per_litre", "is required for a flow meter"),
+            ("ph", "line = 17", "quantity", "measures \"state\""),
+            ("state", "line = 17\nbias = \"pullup\"", "bias", "must be one of"),
+            ("state", "line = 17\ndebounce = \"20s\"", "debounce", "between 0s and 10s"),
+            ("state", "line = 17\nbackend = \"events\"", "events_file", "is required with backend"),
+            ("state", "line = 17\nevents_file = \"/tmp/x\"", "events_file", "only applies with backend"),
+        ])
+    func gpioKeys(quantity: String, keys: String, key: String, message: String) throws {
+        let failure = try #require(error(Self.gpio("s", quantity, keys)))
+        #expect(failure.key == "sensor \"s\": \(key)")
+        #expect(failure.message.contains(message), "\(failure.message)")
+    }
+
+    @Test("DS18B20 addresses are checked, and one probe cannot be two sensors")
+    func ds18b20() throws {
+        func sensor(_ id: String, _ address: String) -> String {
+            "\n[[sensor]]\nid = \"\(id)\"\ndriver = \"ds18b20\"\nquantity = \"temperature\"\naddress = \"\(address)\"\n"
+        }
+        #expect(try #require(error(sensor("a", "28-xyz"))).message.contains("family, dash, 12 hex digits"))
+        #expect(try #require(error(sensor("a", "2d-0316a2791aff"))).message.contains("not a w1-therm temperature sensor"))
+        #expect(error(sensor("a", "28-0316A2791AFF")) == nil)
+        let twice = try #require(error(sensor("a", "28-0316a2791aff") + sensor("b", "28-0316a2791aff")))
+        #expect(twice.key == "sensor \"b\": address")
+        #expect(twice.message.contains("is already used by sensor \"a\""))
+    }
+
+    @Test("The registry lists the hardware drivers with samples that are themselves valid")
+    func registry() throws {
+        #expect(Set(DriverRegistry.standard.names).isSuperset(of: ["modbus", "ds18b20", "gpio", "simulated"]))
+        for kind in ["modbus", "ds18b20", "gpio"] {
+            let sample = try #require(DriverRegistry.standard.driver(named: kind)).sampleConfiguration
+            let parsed = try AgentConfiguration.parse(ConfigDocument.parse(Self.header + sample, file: "sample.toml"))
+            #expect(parsed.sensors.first?.driver == kind)
+        }
+    }
+}
+
+@Suite("Hardware example configurations")
+struct DriverExamplesTests {
+    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+    /// Runs the real `farmgate` binary and returns its status and standard output.
+    func farmgate(_ arguments: [String]) async throws -> (status: Int32, output: String) {
+        let binary = builtExecutable("farmgate", environmentOverride: "FARMGATE_BINARY")
+        return try await runOffPool(name: "test-farmgate") {
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: binary)
+            process.arguments = arguments
+            let out = Pipe()
+            process.standardOutput = out
+            process.standardError = out
+            try process.run()
+            let data = out.fileHandleForReading.readDataToEndOfFile()
+            process.waitUntilExit()
+            return (process.terminationStatus, String(decoding: data, as: UTF8.self))
+        }
+    }
+
+    @Test(
+        "Each hardware example passes `farmgate config check`",
+        arguments: [
+            ("site-modbus.toml", ["tank1.ph", "tank1.ec", "tank1.temp", "modbus"]),
+            ("site-ds18b20-gpio.toml", ["tank1.temp", "tank1.level_ok", "floor.leak", "loop.flow", "loop.pulses", "ds18b20", "gpio"]),
+        ])
+    func example(file: String, expected: [String]) async throws {
+        let path = Self.root.appendingPathComponent("examples/\(file)").path
+        let result = try await farmgate(["config", "check", "-c", path])
+        #expect(result.status == 0, "\(result.output)")
+        #expect(result.output.contains("\(path): OK"))
+        for word in expected { #expect(result.output.contains(word), "\(word) missing from: \(result.output)") }
+    }
+
+    @Test("A broken copy of an example fails `farmgate config check` with the located error (exit 78)")
+    func brokenExample() async throws {
+        let scratch = try Scratch(prefix: "fg-examples")
+        let text = try String(contentsOf: Self.root.appendingPathComponent("examples/site-modbus.toml"), encoding: .utf8)
+        let broken = try scratch.write("agent.toml", text.replacingOccurrences(of: "slave = 2\n", with: "slave = 300\n"))
+        let result = try await farmgate(["config", "check", "-c", broken])
+        #expect(result.status == 78)
+        #expect(result.output.contains("\(broken):"))
+        #expect(result.output.contains("sensor \"tank1.ec\": slave: must be a unit id between 1 and 247 (got 300)"), "\(result.output)")
+    }
+
+    @Test("`farmgate sensor drivers` lists the hardware drivers")
+    func drivers() async throws {
+        let result = try await farmgate(["sensor", "drivers"])
+        #expect(result.status == 0)
+        for kind in ["modbus:", "ds18b20:", "gpio:", "simulated:"] { #expect(result.output.contains(kind)) }
+    }
+}

@@ -1,0 +1,263 @@
+@testable import FarmgateAgent
+import FarmgateSupport
+import FarmgateTestSupport
+import FarmgateWire
+import Foundation
+import Logging
+import Testing
+
+/// Builds `driver = "modbus"` sensors on `port` from `[[sensor]]` bodies (id → extra keys), through the real
+/// configuration parser (and so its cross-sensor checks).
+func modbusSensors(port: String, _ sensors: [(id: String, keys: String)], interval: String = "10s") throws -> [SensorConfiguration] {
+    var text = "[device]\nid = \"t\"\n"
+    for sensor in sensors {
+        text += """
+            [[sensor]]
+            id = "\(sensor.id)"
+            driver = "modbus"
+            quantity = "ph"
+            interval = "\(interval)"
+            port = "\(port)"
+            \(sensor.keys)
+
+            """
+    }
+    return try AgentConfiguration.parse(ConfigDocument.parse(text, file: "test.toml")).sensors
+}
+
+let driverTestLogger = Logger(label: "test.drivers") { _ in SwiftLogNoOpLogHandler() }
+
+/// Drivers for `configurations`, closed (and their bus with them) at the end of `body`.
+func withModbusDrivers<T>(
+    _ configurations: [SensorConfiguration], _ body: ([ModbusDriver]) async throws -> T
+) async throws -> T {
+    let drivers = try configurations.map { try ModbusDriver(configuration: $0, logger: driverTestLogger) }
+    do {
+        let result = try await body(drivers)
+        for driver in drivers { await driver.close() }
+        return result
+    } catch {
+        for driver in drivers { await driver.close() }
+        throw error
+    }
+}
+
+func readResult(_ driver: any SensorDriver) async -> Result<SensorValue, SensorError> {
+    do throws(SensorError) { return .success(try await driver.read()) } catch { return .failure(error) }
+}
+
+@Suite("Modbus bus against a libmodbus slave on a pseudo-terminal", .serialized)
+struct ModbusBusTests {
+    @Test("Values, scaling, data types and word order come out as the slave holds them")
+    func values() async throws {
+        let scratch = try Scratch(prefix: "fg-modbus")
+        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1])
+        // SUP-PH8001-style map: reg0 temperature ×0.1, reg1 pH ×0.01.
+        slave.set(slave: 1, address: 0, [250, 612])
+        let float = Float(1234.5).bitPattern
+        slave.set(slave: 1, address: 10, [UInt16(float >> 16), UInt16(float & 0xFFFF)])  // big: high word first
+        slave.set(slave: 1, address: 20, [UInt16(float & 0xFFFF), UInt16(float >> 16)])  // little: low word first
+        slave.set(slave: 1, address: 30, [UInt16(bitPattern: -5)])
+        let negative = UInt32(bitPattern: -100_000)
+        slave.set(slave: 1, address: 40, [UInt16(negative >> 16), UInt16(negative & 0xFFFF)])
+        slave.set(slave: 1, address: 50, [0xB2D0, 0x5E00])  // 3_000_000_000
+        slave.set(slave: 1, address: 60, [UInt16(0x1234).byteSwapped])
+        slave.set(slave: 1, .input, address: 5, [1413])
+        let configurations = try modbusSensors(
+            port: slave.path,
+            [
+                ("t.temp", "slave = 1\naddress = 0\nscale = 0.1"),
+                ("t.ph", "slave = 1\naddress = 1\nscale = 0.01"),
+                ("t.f_big", "slave = 1\naddress = 10\ndata_type = \"float32\""),
+                ("t.f_little", "slave = 1\naddress = 20\ndata_type = \"float32\"\nword_order = \"little\""),
+                ("t.i16", "slave = 1\naddress = 30\ndata_type = \"int16\"\nscale = 0.5\noffset = 1"),
+                ("t.i32", "slave = 1\naddress = 40\ndata_type = \"int32\""),
+                ("t.u32", "slave = 1\naddress = 50\ndata_type = \"uint32\""),
+                ("t.swapped", "slave = 1\naddress = 60\nbyte_order = \"little\""),
+                ("t.ec", "slave = 1\nfunction = \"input\"\naddress = 5"),
+            ])
+        let values = try await withModbusDrivers(configurations) { drivers in
+            var values: [Double] = []
+            for driver in drivers { values.append(try await driver.read().value) }
+            return values
+        }
+        #expect(abs(values[0] - 25.0) < 1e-9)
+        #expect(abs(values[1] - 6.12) < 1e-9)
+        #expect(values[2] == 1234.5)
+        #expect(values[3] == 1234.5)
+        #expect(values[4] == -1.5)
+        #expect(values[5] == -100_000)
+        #expect(values[6] == 3_000_000_000)
+        #expect(values[7] == 0x1234)
+        #expect(values[8] == 1413)
+        #expect(slave.requests.allSatisfy { $0.slave == 1 })
+        #expect(slave.requests.contains { $0.function == 4 && $0.address == 5 })
+    }
+
+    @Test("An illegal address is a fault naming exception 02; the other sensors of a coalesced block still read")
+    func illegalAddress() async throws {
+        let scratch = try Scratch(prefix: "fg-modbus")
+        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1], registerCount: 100)
+        slave.set(slave: 1, address: 98, [42])
+        // 98 and 101 are 3 apart: planned as one request for 98-101, which the slave refuses (it ends at 99).
+        let configurations = try modbusSensors(
+            port: slave.path, [("t.ok", "slave = 1\naddress = 98"), ("t.missing", "slave = 1\naddress = 101")])
+        try await withModbusDrivers(configurations) { drivers in
+            let first = await readResult(drivers[0])
+            let second = await readResult(drivers[1])
+            #expect(first.map(\.value) == .success(42))
+            guard case .failure(let error) = second else {
+                Issue.record("reading a register the slave does not have succeeded: \(second)")
+                return
+            }
+            #expect(error.kind == .fault)
+            #expect(error.message.contains("exception 02 (illegal data address)"))
+            // After the refusal the unit is read one sensor at a time: the next round reads 98 alone.
+            let before = slave.requestCount(slave: 1)
+            let again = try await drivers[0].read().value
+            #expect(again == 42)
+            #expect(slave.requests.last?.address == 98 && slave.requests.last?.count == 1)
+            #expect(slave.requestCount(slave: 1) == before + 1)
+        }
+    }
+
+    @Test("Adjacent registers of one slave are read in one request per round, each sensor gets its slice")
+    func coalescing() async throws {
+        let scratch = try Scratch(prefix: "fg-modbus")
+        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1, 2])
+        slave.set(slave: 1, address: 0, [200, 650, 1413])
+        slave.set(slave: 1, address: 60, [7])
+        slave.set(slave: 2, address: 0, [99])
+        let configurations = try modbusSensors(
+            port: slave.path,
+            [
+                ("t.temp", "slave = 1\naddress = 0"), ("t.ph", "slave = 1\naddress = 1"), ("t.ec", "slave = 1\naddress = 2"),
+                ("t.far", "slave = 1\naddress = 60"), ("t.other", "slave = 2\naddress = 0"),
+            ])
+        try await withModbusDrivers(configurations) { drivers in
+            for round in 1...3 {
+                let values = try await drivers.asyncMap { try await $0.read().value }
+                #expect(values == [200, 650, 1413, 7, 99])
+                // Per round: one request for 0-2, one for 60, one to slave 2.
+                #expect(slave.requests.filter { $0.slave == 1 && $0.address == 0 }.count == round)
+                #expect(slave.requests.filter { $0.slave == 1 && $0.address == 0 }.allSatisfy { $0.count == 3 })
+                #expect(slave.requestCount(slave: 1) == 2 * round)
+                #expect(slave.requestCount(slave: 2) == round)
+            }
+            // A value that changed at the slave shows in the next round's request.
+            slave.set(slave: 1, address: 1, [655])
+            #expect(try await drivers[0].read().value == 200)
+            #expect(try await drivers[1].read().value == 655)
+        }
+    }
+
+    @Test("A silent slave times out and delays the others on its bus by at most its response timeout")
+    func silentSlave() async throws {
+        let scratch = try Scratch(prefix: "fg-modbus")
+        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1])
+        slave.set(slave: 1, address: 0, [612])
+        let configurations = try modbusSensors(
+            port: slave.path,
+            [("t.ph", "slave = 1\naddress = 0\nresponse_timeout = \"500ms\""), ("t.dead", "slave = 2\naddress = 0\nresponse_timeout = \"500ms\"")],
+            interval: "100ms")
+        try await withModbusDrivers(configurations) { drivers in
+            for _ in 0..<3 {
+                // The silent slave's request goes first; the good sensor's read queues behind it.
+                async let dead = Self.timed { await readResult(drivers[1]) }
+                try await Task.sleep(for: .milliseconds(50))
+                let good = await Self.timed { await readResult(drivers[0]) }
+                let silent = await dead
+                guard case .failure(let error) = silent.result else {
+                    Issue.record("the silent slave answered: \(silent.result)")
+                    return
+                }
+                #expect(error.kind == .timeout)
+                #expect(error.message.contains("slave 2 did not answer within"))
+                #expect(silent.elapsed >= .milliseconds(450))
+                #expect(try good.result.get().value == 612)
+                // Waited for (part of) one timeout, never two.
+                #expect(good.elapsed < .milliseconds(1000), "the good slave's read took \(good.elapsed)")
+                try await Task.sleep(for: .milliseconds(120))
+            }
+            // One request per read: no retries that would multiply the cost.
+            #expect(slave.requestCount(slave: 2) == 3)
+        }
+    }
+
+    @Test("Consecutive requests are separated by the RTU silent interval")
+    func silentInterval() async throws {
+        let scratch = try Scratch(prefix: "fg-modbus")
+        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1, 3])
+        // At 1200 baud 8N1, t3.5 = 3.5 × 10 / 1200 s ≈ 29.2 ms, far above how fast the next request would otherwise go.
+        let configurations = try modbusSensors(
+            port: slave.path, [("t.a", "slave = 1\naddress = 0\nbaud = 1200"), ("t.b", "slave = 3\naddress = 0\nbaud = 1200")],
+            interval: "100ms")
+        let interval = try ModbusSensorOptions(configurations[0]).bus.silentInterval
+        #expect(interval > .milliseconds(29) && interval < .milliseconds(30))
+        try await withModbusDrivers(configurations) { drivers in
+            for _ in 0..<5 {
+                _ = try await drivers[0].read()
+                _ = try await drivers[1].read()
+            }
+        }
+        let requests = slave.requests
+        #expect(requests.count == 10)
+        for (previous, next) in zip(requests, requests.dropFirst()) {
+            let end = try #require(previous.answeredAt)
+            #expect(next.receivedAt - end >= interval, "only \(next.receivedAt - end) between two frames")
+        }
+    }
+
+    @Test("A missing adapter reads disconnected; unplugged and replugged, the bus reopens the port by itself")
+    func unplugAndReplug() async throws {
+        let scratch = try Scratch(prefix: "fg-modbus")
+        let missing = try modbusSensors(port: scratch.file("ttyNothing"), [("t.none", "slave = 1\naddress = 0")])
+        try await withModbusDrivers(missing) { drivers in
+            let error = try #require(await readResult(drivers[0]).failure)
+            #expect(error.kind == .disconnected)
+            #expect(error.message.contains("does not exist"))
+            // Within the backoff the next read fails fast, saying when the next attempt is.
+            let again = try #require(await readResult(drivers[0]).failure)
+            #expect(again.message.contains("next attempt in"))
+        }
+
+        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1])
+        slave.set(slave: 1, address: 0, [612])
+        let configurations = try modbusSensors(port: slave.path, [("t.ph", "slave = 1\naddress = 0")], interval: "100ms")
+        try await withModbusDrivers(configurations) { drivers in
+            #expect(try await drivers[0].read().value == 612)
+            slave.unplug()
+            let error = try #require(await readResult(drivers[0]).failure)
+            #expect(error.kind == .disconnected)
+            try slave.replug()
+            slave.set(slave: 1, address: 0, [640])
+            let back = await eventually(timeout: .seconds(20), every: .milliseconds(200)) {
+                (try? await drivers[0].read().value) == 640
+            }
+            #expect(back)
+        }
+    }
+}
+
+extension ModbusBusTests {
+    static func timed<T>(_ body: () async -> T) async -> (result: T, elapsed: Duration) {
+        let start = ContinuousClock.now
+        let result = await body()
+        return (result, ContinuousClock.now - start)
+    }
+}
+
+extension Result {
+    var failure: Failure? {
+        if case .failure(let error) = self { return error }
+        return nil
+    }
+}
+
+extension Array {
+    func asyncMap<T>(_ transform: (Element) async throws -> T) async rethrows -> [T] {
+        var results: [T] = []
+        for element in self { results.append(try await transform(element)) }
+        return results
+    }
+}
