@@ -10,7 +10,11 @@ import FarmgateSupport
 ///   `configured` is 0 for a sensor no longer registered; such a row stays while readings or quarantined readings refer to it.
 /// - `readings`: committed, unacknowledged readings. `sequence` is the rowid. Values are whole `steps` of the sensor's resolution.
 ///   The UNIQUE index on (sensor, timestamp) is what deduplicates.
-/// - `quarantine`: readings the ingest refused for good, with the reason and when (UTC microseconds).
+/// - `quarantine`: readings the ingest refused for good, with the reason and when (UTC microseconds). From version 3 the
+///   reason is also kept split into its stable `code` (`timestamp_in_future`, `encoding_failed`, ...; `unknown` when the
+///   reason has none) and its `message`, so that an installer can list, requeue or drop by code; `reason` keeps the whole
+///   `code: message` text. Counters `quarantine_trimmed` (quarantined readings deleted by the quota policy) and
+///   `quarantine_dropped` (deleted by an installer with `farmgate quarantine drop`).
 enum BufferSchema {
     /// One step of the schema: the statements that take a file from `version - 1` to `version`, run in one transaction.
     /// Never edit a migration that has shipped: append a new one.
@@ -22,6 +26,7 @@ enum BufferSchema {
     /// Every migration, in order. A new file gets all of them; an older file the ones above its version.
     static let migrations: [Migration] = [
         Migration(version: 1, sql: version1),
+        Migration(version: 3, sql: version3),
     ]
 
     /// The version this build writes. A file with a higher version was written by a newer Farmgate and is not touched.
@@ -30,6 +35,8 @@ enum BufferSchema {
     static let counterLastSequence = "last_sequence"
     static let counterDropped = "dropped"
     static let counterDuplicatesIgnored = "duplicates_ignored"
+    static let counterQuarantineTrimmed = "quarantine_trimmed"
+    static let counterQuarantineDropped = "quarantine_dropped"
 
     /// Statements that create version 1 from an empty file. Run inside one transaction.
     static let version1 = """
@@ -67,6 +74,30 @@ enum BufferSchema {
             quarantined_at INTEGER NOT NULL
         );
         CREATE INDEX IF NOT EXISTS quarantine_sensor ON quarantine(sensor);
+        """
+
+    /// Version 3: quarantine keeps the code apart from the message, and two counters of readings deleted from quarantine.
+    ///
+    /// Old rows are backfilled from their `code: message` reason with the rule of ``QuarantineReason/init(parsing:)``: the
+    /// text before the first `": "` is the code when it is 1 to 64 characters of `a-z`, `0-9` and `_`; otherwise the code
+    /// is `unknown` and the message is the whole reason.
+    static let version3 = """
+        ALTER TABLE quarantine ADD COLUMN code TEXT NOT NULL DEFAULT 'unknown';
+        ALTER TABLE quarantine ADD COLUMN message TEXT NOT NULL DEFAULT '';
+        UPDATE quarantine SET
+            code = CASE
+                WHEN instr(reason, ': ') BETWEEN 2 AND 65
+                    AND substr(reason, 1, instr(reason, ': ') - 1) NOT GLOB '*[^a-z0-9_]*'
+                THEN substr(reason, 1, instr(reason, ': ') - 1)
+                ELSE 'unknown' END,
+            message = CASE
+                WHEN instr(reason, ': ') BETWEEN 2 AND 65
+                    AND substr(reason, 1, instr(reason, ': ') - 1) NOT GLOB '*[^a-z0-9_]*'
+                THEN substr(reason, instr(reason, ': ') + 2)
+                ELSE reason END;
+        CREATE INDEX IF NOT EXISTS quarantine_code ON quarantine(code, sequence);
+        INSERT OR IGNORE INTO counters(name, value) VALUES ('quarantine_trimmed', 0);
+        INSERT OR IGNORE INTO counters(name, value) VALUES ('quarantine_dropped', 0);
         """
 
     /// The version of the file behind `connection`, 0 for an empty file.
