@@ -30,7 +30,7 @@ extension ControlSocketTests {
                 return Array("{\"ok\":true,\"error\":\"\(request.command)\"}".utf8)
             }
             task = Task { try await server.run() }
-            let up = try await eventually(timeout: .seconds(10), every: .milliseconds(20)) {
+            let up = await eventually(timeout: .seconds(10), every: .milliseconds(20)) {
                 (try? await Self.request("ping", path: path)) != nil
             }
             #expect(up, "the control server did not come up")
@@ -107,7 +107,7 @@ extension ControlSocketTests {
         let answer = try await Running.request("status", path: server.path)
         #expect(answer.contains("\"ok\":false") && answer.contains("already serving 2 control clients"), "\(answer)")
         // Once the silent ones time out, clients are served again.
-        let served = try await eventually(timeout: .seconds(10), every: .milliseconds(200)) {
+        let served = await eventually(timeout: .seconds(10), every: .milliseconds(200)) {
             (try? await Running.request("status", path: server.path)) == #"{"ok":true,"error":"status"}"#
         }
         #expect(served)

@@ -46,7 +46,9 @@ enum UnixSocket {
             default: reason = String(cString: strerror(code))
             }
             throw ControlSocketError(
-                "cannot reach the agent at \(path): \(reason). Is `farmgate agent` running? (systemctl status farmgate)")
+                "cannot reach the agent at \(path): \(reason). Is `farmgate agent` running? Start it with "
+                    + "`sudo systemctl start farmgate` (or run `farmgate agent --config <file>`); `systemctl status farmgate` "
+                    + "and `journalctl -u farmgate` say why it stopped")
         }
         return fd
     }
