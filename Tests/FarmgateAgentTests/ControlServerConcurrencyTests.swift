@@ -97,6 +97,8 @@ extension ControlSocketTests {
     @Test("Past the maximum number of clients a new one is told the agent is busy, at once")
     func boundedClients() async throws {
         let server = try await Running(maximumClients: 2, clientTimeout: .seconds(3))
+        // The start-up ping's thread must be done before two silent clients take both places.
+        try await Task.sleep(for: .milliseconds(300))
         let first = try server.silentClient()
         let second = try server.silentClient()
         defer {

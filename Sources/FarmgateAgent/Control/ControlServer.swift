@@ -284,10 +284,11 @@ public enum ControlClient {
         let fd = try UnixSocket.connect(path, timeoutSeconds: timeoutSeconds)
         defer { close(fd) }
         let body = try JSONEncoder().encode(request)
-        guard UnixSocket.writeAll(fd, Array(body) + [0x0A]) else {
-            throw ControlSocketError("the agent closed the control socket \(path) before the request was sent")
-        }
+        // An agent serving its maximum of clients answers "busy" and closes without reading: the send may then fail
+        // while that answer is waiting to be read, so read whatever came back before deciding.
+        let sent = UnixSocket.writeAll(fd, Array(body) + [0x0A])
         guard let answer = UnixSocket.readLine(fd, limit: 16 << 20) else {
+            guard sent else { throw ControlSocketError("the agent closed the control socket \(path) before the request was sent") }
             throw ControlSocketError("the agent did not answer on \(path) within \(timeoutSeconds) s")
         }
         return answer
