@@ -84,8 +84,7 @@ struct QuarantineCommand: ParsableCommand {
                 let page = try agent.send("quarantine.list", arguments, as: "quarantine list").quarantine
                 let readings = page?.readings ?? []
                 if !readings.isEmpty {
-                    if printed == 0, !json { print(table.header) }
-                    var text = ""
+                    var text = printed == 0 && !json ? table.header + "\n" : ""
                     for reading in readings { text += (json ? try QuarantineExport.line(reading) : table.row(reading)) + "\n" }
                     FileHandle.standardOutput.write(Data(text.utf8))
                     printed += readings.count
@@ -94,11 +93,12 @@ struct QuarantineCommand: ParsableCommand {
                 after = next
             }
             if !json {
-                if printed == 0 {
-                    print(code.map { "No quarantined reading has code \($0)." } ?? "Quarantine is empty.")
-                } else {
-                    print("\(printed) reading\(printed == 1 ? "" : "s") listed.")
-                }
+                // Through the same unbuffered handle as the rows, so the lines keep their order.
+                let summary =
+                    printed == 0
+                    ? code.map { "No quarantined reading has code \($0)." } ?? "Quarantine is empty."
+                    : "\(printed) reading\(printed == 1 ? "" : "s") listed."
+                FileHandle.standardOutput.write(Data((summary + "\n").utf8))
             }
         }
     }

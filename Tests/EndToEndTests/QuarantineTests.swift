@@ -40,7 +40,8 @@ struct QuarantineTests {
         #expect(row?["sensor"] as? String == "tank1.ph")
         #expect((row?["value"] as? NSNumber)?.doubleValue == 6.08)
         let table = try await runCommand(Farm.agentBinary, ["quarantine", "list", "--config", config])
-        #expect(table.status == 0 && table.stdout.contains("timestamp_in_future") && table.stdout.contains("6.08"), "\(table.stdout)")
+        #expect(table.status == 0 && table.stdout.hasPrefix("SEQ ") && table.stdout.hasSuffix("1 reading listed.\n"), "\(table.stdout)")
+        #expect(table.stdout.contains("timestamp_in_future") && table.stdout.contains(" 6.08 "), "\(table.stdout)")
         let human = try await runCommand(Farm.agentBinary, ["status", "--config", config])
         #expect(human.stdout.contains("Quarantine 1 reading: timestamp_in_future 1"), "\(human.stdout)")
 
