@@ -240,13 +240,18 @@ enum QuarantineExport {
         }
     }
 
+    /// One encoder for every line (creating one per row costs more than the encoding).
+    private static let encoder: JSONEncoder = {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        return encoder
+    }()
+
     static func line(_ reading: QuarantinedReading) throws -> String {
         let line = Line(
             sequence: reading.sequence, sensor: reading.sensor, timestamp: reading.timestamp, value: reading.value,
             resolution: reading.resolution, flags: QualityFlags.names.filter { reading.quality.contains($0.0) }.map(\.1),
             code: reading.code, message: reading.message, quarantinedAt: reading.quarantinedAt)
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         do {
             return String(decoding: try encoder.encode(line), as: UTF8.self)
         } catch {

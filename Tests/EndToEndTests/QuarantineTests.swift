@@ -85,6 +85,49 @@ struct QuarantineTests {
         #expect(await farm.ingest?.stop(SIGTERM) == 0)
     }
 
+    @Test("An export of 100,000 quarantined readings streams through the real CLI in pages, every row once, in order")
+    func largeExport() async throws {
+        let farm = try await Farm()
+        let keyFile = try farm.dir.write("site-x.key", "fgd_unused\n")
+        let config = try farm.agentConfig("agent.toml", device: "site-x", keyFile: keyFile, sensors: 3, interval: "1h")
+        // 100,000 readings quarantined in the stopped agent's buffer (no ingest runs: nothing is uploaded or refused).
+        let count = 100_000
+        let bufferPath = farm.dir.file("site-x/buffer.sqlite")
+        let buffer = try await runOffPool { try ReadingBuffer(configuration: BufferConfiguration(path: bufferPath), logger: Logger(label: "test")) }
+        let sensor = try SensorID("tank1.ph")
+        try await buffer.register([SensorDescriptor(id: sensor, quantity: .ph)])
+        let base = Timestamp.now().microseconds - Int64(count) * 1_000_000
+        try await buffer.append((0..<count).map { Sample(sensor: sensor, timestamp: Timestamp(microseconds: base + Int64($0) * 1_000_000), value: 6.5) })
+        let last = try await buffer.flush()
+        try await buffer.quarantine(Dictionary(uniqueKeysWithValues: (1...last).map { ($0, "timestamp_in_future: ahead") }))
+        try await buffer.close()
+
+        let agent = try farm.startAgent(config: config, log: "agent.log")
+        let up = try await eventually(timeout: .seconds(20), every: .milliseconds(200)) { try await farm.agentStatus(config: config) != nil }
+        #expect(up, "\(agent.log)")
+        let clock = ContinuousClock()
+        let start = clock.now
+        let export = try await runCommand(Farm.agentBinary, ["quarantine", "list", "--json", "--config", config])
+        let elapsed = start.duration(to: clock.now)
+        #expect(export.status == 0, "\(export.stderr)")
+        var sequences: [UInt64] = []
+        sequences.reserveCapacity(count)
+        for line in export.stdout.split(separator: "\n") {
+            guard let object = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
+                let sequence = (object["sequence"] as? NSNumber)?.uint64Value
+            else {
+                Issue.record("not a reading: \(line.prefix(200))")
+                break
+            }
+            sequences.append(sequence)
+        }
+        #expect(sequences == Array(1...last), "exported \(sequences.count) of \(last)")
+        let limited = try await runCommand(Farm.agentBinary, ["quarantine", "list", "--json", "--limit", "1500", "--config", config])
+        #expect(limited.stdout.split(separator: "\n").count == 1_500)
+        print("quarantine export of \(count) rows through farmgate quarantine list --json: \(elapsed)")
+        #expect(await agent.stop(SIGTERM) == 0)
+    }
+
     @Test(
         "Bad arguments exit non-zero with a message that says what to give",
         arguments: [

@@ -77,7 +77,7 @@ public struct QuarantinedReading: Hashable, Sendable, Codable {
         sequence: UInt64, sensor: String, timestamp: Timestamp, value: Double, reason: String, quarantinedAt: Timestamp,
         code: String? = nil, message: String? = nil, quality: QualityFlags = [], resolution: String? = nil
     ) {
-        let parsed = QuarantineReason(parsing: reason)
+        let parsed = code != nil && message != nil ? QuarantineReason(code: code ?? "", message: message ?? "") : QuarantineReason(parsing: reason)
         self.sequence = sequence
         self.sensor = sensor
         self.timestamp = timestamp
@@ -98,6 +98,11 @@ public struct QuarantineReason: Hashable, Sendable {
 
     public var code: String
     public var message: String
+
+    public init(code: String, message: String) {
+        self.code = code
+        self.message = message
+    }
 
     /// Splits `code: message`. The text before the first `": "` is the code when it is 1 to 64 characters of `a-z`, `0-9`
     /// and `_` (the form of every ingest code); otherwise the code is ``unknownCode`` and the message is the whole text.
