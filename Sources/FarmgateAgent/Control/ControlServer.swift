@@ -138,7 +138,14 @@ public final class ControlServer: Service {
             if fds[1].revents != 0 { return }
             guard fds[0].revents & Int16(POLLIN) != 0 else { continue }
             let client = accept(fd, nil, nil)
-            guard client >= 0 else { continue }
+            guard client >= 0 else {
+                // Out of descriptors: the pending connection stays readable, so pause rather than spin on it.
+                if errno == EMFILE || errno == ENFILE {
+                    logger.warning("Control socket cannot accept a client: too many open files", metadata: ["error": "\(UnixSocket.errnoText())"])
+                    usleep(100_000)
+                }
+                continue
+            }
             _ = fcntl(client, F_SETFD, FD_CLOEXEC)
             UnixSocket.setTimeouts(client, seconds: 2)  // for the answer's send; the request's read has its own deadline
             switch clients.admit(client, maximum: maximumClients) {
