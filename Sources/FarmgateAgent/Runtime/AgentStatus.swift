@@ -84,7 +84,7 @@ extension AgentStatus {
         return lines.joined(separator: "\n")
     }
 
-    /// `Quarantine 3 readings: timestamp_in_future 2, unknown_sensor 1; 0 trimmed (quota), 0 dropped`.
+    /// `Quarantine 3 readings: timestamp_in_future 2, unknown_sensor 1; 0 trimmed (quota), 0 dropped by an installer`.
     var quarantineSummary: String {
         var line = "Quarantine \(buffer.quarantined) reading\(buffer.quarantined == 1 ? "" : "s")"
         let codes = buffer.quarantinedByCode.sorted { $0.value != $1.value ? $0.value > $1.value : $0.key < $1.key }
