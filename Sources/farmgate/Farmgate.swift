@@ -15,7 +15,9 @@ struct Farmgate: AsyncParsableCommand {
             agent over its control socket, or read the configuration file.
             """,
         version: FarmgateVersion.current,
-        subcommands: [AgentCommand.self, StatusCommand.self, ConfigCommand.self, SensorCommand.self, DebugCommand.self]
+        subcommands: [
+            AgentCommand.self, StatusCommand.self, QuarantineCommand.self, ConfigCommand.self, SensorCommand.self, DebugCommand.self,
+        ]
     )
 }
 

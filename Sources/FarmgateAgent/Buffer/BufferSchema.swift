@@ -10,7 +10,11 @@ import FarmgateSupport
 ///   `configured` is 0 for a sensor no longer registered; such a row stays while readings or quarantined readings refer to it.
 /// - `readings`: committed, unacknowledged readings. `sequence` is the rowid. Values are whole `steps` of the sensor's resolution.
 ///   The UNIQUE index on (sensor, timestamp) is what deduplicates.
-/// - `quarantine`: readings the ingest refused for good, with the reason and when (UTC microseconds).
+/// - `quarantine`: readings the ingest refused for good, with the reason and when (UTC microseconds). From version 3 the
+///   reason is also kept split into its stable `code` (`timestamp_in_future`, `encoding_failed`, ...; `unknown` when the
+///   reason has none) and its `message`, so that an installer can list, requeue or drop by code; `reason` keeps the whole
+///   `code: message` text. Counters `quarantine_trimmed` (quarantined readings deleted by the quota policy) and
+///   `quarantine_dropped` (deleted by an installer with `farmgate quarantine drop`).
 /// - `boots` (version 2): one row per kernel boot id that readings were taken in while the clock was not synchronised.
 ///   `readings.boot` (its key) and `readings.boottime` (CLOCK_BOOTTIME in microseconds) are set only for such readings, and
 ///   cleared when their time is corrected; NULL (no bytes) for every reading taken with a synchronised clock.
@@ -26,6 +30,7 @@ enum BufferSchema {
     static let migrations: [Migration] = [
         Migration(version: 1, sql: version1),
         Migration(version: 2, sql: version2),
+        Migration(version: 3, sql: version3),
     ]
 
     /// The version this build writes. A file with a higher version was written by a newer Farmgate and is not touched.
@@ -34,6 +39,8 @@ enum BufferSchema {
     static let counterLastSequence = "last_sequence"
     static let counterDropped = "dropped"
     static let counterDuplicatesIgnored = "duplicates_ignored"
+    static let counterQuarantineTrimmed = "quarantine_trimmed"
+    static let counterQuarantineDropped = "quarantine_dropped"
 
     /// Statements that create version 1 from an empty file. Run inside one transaction.
     static let version1 = """
@@ -84,6 +91,30 @@ enum BufferSchema {
         ALTER TABLE readings ADD COLUMN boot INTEGER;
         ALTER TABLE readings ADD COLUMN boottime INTEGER;
         CREATE INDEX IF NOT EXISTS readings_boot ON readings(boot, boottime) WHERE boot IS NOT NULL;
+        """
+
+    /// Version 3: quarantine keeps the code apart from the message, and two counters of readings deleted from quarantine.
+    ///
+    /// Old rows are backfilled from their `code: message` reason with the rule of ``QuarantineReason/init(parsing:)``: the
+    /// text before the first `": "` is the code when it is 1 to 64 characters of `a-z`, `0-9` and `_`; otherwise the code
+    /// is `unknown` and the message is the whole reason.
+    static let version3 = """
+        ALTER TABLE quarantine ADD COLUMN code TEXT NOT NULL DEFAULT 'unknown';
+        ALTER TABLE quarantine ADD COLUMN message TEXT NOT NULL DEFAULT '';
+        UPDATE quarantine SET
+            code = CASE
+                WHEN instr(reason, ': ') BETWEEN 2 AND 65
+                    AND substr(reason, 1, instr(reason, ': ') - 1) NOT GLOB '*[^a-z0-9_]*'
+                THEN substr(reason, 1, instr(reason, ': ') - 1)
+                ELSE 'unknown' END,
+            message = CASE
+                WHEN instr(reason, ': ') BETWEEN 2 AND 65
+                    AND substr(reason, 1, instr(reason, ': ') - 1) NOT GLOB '*[^a-z0-9_]*'
+                THEN substr(reason, instr(reason, ': ') + 2)
+                ELSE reason END;
+        CREATE INDEX IF NOT EXISTS quarantine_code ON quarantine(code, sequence);
+        INSERT OR IGNORE INTO counters(name, value) VALUES ('quarantine_trimmed', 0);
+        INSERT OR IGNORE INTO counters(name, value) VALUES ('quarantine_dropped', 0);
         """
 
     /// The version of the file behind `connection`, 0 for an empty file.

@@ -59,22 +59,111 @@ public enum BacklogEnd: Sendable {
     case newest
 }
 
-/// A reading the ingest refused for good, kept aside where an installer can see it.
+/// A reading the ingest refused for good, kept aside where an installer can see, requeue or drop it.
 public struct QuarantinedReading: Hashable, Sendable, Codable {
     public var sequence: UInt64
     public var sensor: String
     public var timestamp: Timestamp
+    /// The value at the sensor's resolution, as stored.
     public var value: Double
+    /// The whole reason, `code: message` as the ingest (or the agent) gave it.
     public var reason: String
     public var quarantinedAt: Timestamp
+    /// The stable code of the reason (`timestamp_in_future`, `encoding_failed`, ...; `unknown` when the reason has none).
+    public var code: String
+    /// The reason without its code.
+    public var message: String
+    public var quality: QualityFlags
+    /// The sensor's resolution (`1/100`), nil when the buffer no longer knows the sensor.
+    public var resolution: String?
 
-    public init(sequence: UInt64, sensor: String, timestamp: Timestamp, value: Double, reason: String, quarantinedAt: Timestamp) {
+    public init(
+        sequence: UInt64, sensor: String, timestamp: Timestamp, value: Double, reason: String, quarantinedAt: Timestamp,
+        code: String? = nil, message: String? = nil, quality: QualityFlags = [], resolution: String? = nil
+    ) {
+        let parsed = code != nil && message != nil ? QuarantineReason(code: code ?? "", message: message ?? "") : QuarantineReason(parsing: reason)
         self.sequence = sequence
         self.sensor = sensor
         self.timestamp = timestamp
         self.value = value
         self.reason = reason
         self.quarantinedAt = quarantinedAt
+        self.code = code ?? parsed.code
+        self.message = message ?? parsed.message
+        self.quality = quality
+        self.resolution = resolution
+    }
+}
+
+/// A quarantine reason split into its stable code and its message.
+public struct QuarantineReason: Hashable, Sendable {
+    /// The code of a reason that does not start with one.
+    public static let unknownCode = "unknown"
+
+    public var code: String
+    public var message: String
+
+    public init(code: String, message: String) {
+        self.code = code
+        self.message = message
+    }
+
+    /// Splits `code: message`. The text before the first `": "` is the code when it is 1 to 64 characters of `a-z`, `0-9`
+    /// and `_` (the form of every ingest code); otherwise the code is ``unknownCode`` and the message is the whole text.
+    /// Buffer migration 3 backfills old rows with the same rule, in SQL.
+    public init(parsing reason: String) {
+        if let separator = reason.firstRange(of: ": "), Self.isCode(reason[..<separator.lowerBound]) {
+            code = String(reason[..<separator.lowerBound])
+            message = String(reason[separator.upperBound...])
+        } else {
+            code = Self.unknownCode
+            message = reason
+        }
+    }
+
+    /// Whether `text` has the form of a reason code: 1 to 64 characters of `a-z`, `0-9` and `_`.
+    public static func isCode(_ text: some StringProtocol) -> Bool {
+        (1...64).contains(text.utf8.count) && text.utf8.allSatisfy { (0x61...0x7A).contains($0) || (0x30...0x39).contains($0) || $0 == 0x5F }
+    }
+}
+
+/// Which quarantined readings a requeue or drop applies to. An installer must name one: nothing applies to all by default.
+public enum QuarantineSelection: Hashable, Sendable {
+    /// Every quarantined reading.
+    case all
+    /// The readings whose reason has this code.
+    case code(String)
+    /// The readings with these sequence numbers.
+    case sequences([UInt64])
+}
+
+/// What a requeue did.
+public struct RequeueOutcome: Hashable, Sendable, Codable {
+    /// Readings moved back into the queue with their original sequence numbers.
+    public var requeued: Int
+    /// Readings left in quarantine because a pending reading has the same sensor and timestamp (the buffer holds one
+    /// reading per sensor and timestamp). Requeue them again once that reading is delivered, or drop them.
+    public var conflicting: [UInt64]
+    /// Requested sequence numbers that are not in quarantine.
+    public var notFound: [UInt64]
+
+    public init(requeued: Int, conflicting: [UInt64], notFound: [UInt64]) {
+        self.requeued = requeued
+        self.conflicting = conflicting
+        self.notFound = notFound
+    }
+}
+
+/// What a drop did.
+public struct DropOutcome: Hashable, Sendable, Codable {
+    /// Readings deleted from quarantine for good.
+    public var dropped: Int
+    /// Requested sequence numbers that are not in quarantine.
+    public var notFound: [UInt64]
+
+    public init(dropped: Int, notFound: [UInt64]) {
+        self.dropped = dropped
+        self.notFound = notFound
     }
 }
 
@@ -91,6 +180,12 @@ public struct BufferStatistics: Hashable, Sendable, Codable {
     public var uncommitted: Int
     /// Readings in quarantine.
     public var quarantined: Int
+    /// Readings in quarantine by the code of their reason.
+    public var quarantinedByCode: [String: Int]
+    /// Quarantined readings deleted by the quota policy (only once no pending reading was left), since the file was created.
+    public var quarantineTrimmed: Int64
+    /// Quarantined readings deleted by an installer (`farmgate quarantine drop`), since the file was created.
+    public var quarantineDropped: Int64
     /// Readings discarded because the buffer was full, since the buffer file was created.
     public var dropped: Int64
     /// Samples not stored because the same sensor and timestamp was already buffered, since the file was created.
@@ -103,8 +198,12 @@ public struct BufferStatistics: Hashable, Sendable, Codable {
 
     public init(
         pending: Int, oldestPending: Timestamp?, uncommitted: Int, quarantined: Int, dropped: Int64, duplicatesIgnored: Int64,
-        lastSequence: UInt64, usedBytes: Int64, quotaBytes: Int64, held: Int = 0
+        lastSequence: UInt64, usedBytes: Int64, quotaBytes: Int64, quarantinedByCode: [String: Int] = [:],
+        quarantineTrimmed: Int64 = 0, quarantineDropped: Int64 = 0, held: Int = 0
     ) {
+        self.quarantinedByCode = quarantinedByCode
+        self.quarantineTrimmed = quarantineTrimmed
+        self.quarantineDropped = quarantineDropped
         self.pending = pending
         self.held = held
         self.oldestPending = oldestPending

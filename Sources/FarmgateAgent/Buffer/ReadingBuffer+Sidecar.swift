@@ -11,8 +11,9 @@ import Darwin
 /// The database's own `last_sequence` counter is authoritative while the file is healthy. The sidecar exists for the day the
 /// database is lost (corrupt and moved aside, or deleted): the ingest is idempotent on (device, sequence), so a fresh buffer that
 /// started again at 1 would see its new readings silently dropped as duplicates of old ones. The sidecar holds one decimal number
-/// and a newline; it is written after each commit to a temporary file that is fsynced and then renamed over the old one, so after
-/// a crash or power loss it holds either the previous or the new value, never a torn one.
+/// and a newline; it is written after each commit to a temporary file that is fsynced and then renamed over the old one, and the
+/// directory is fsynced after the rename, so after a crash or power loss it holds either the previous or the new value, never a
+/// torn one, and once stored the new value stays.
 struct SequenceSidecar {
     let path: String
 
@@ -63,6 +64,21 @@ struct SequenceSidecar {
         }
         close(fd)
         guard rename(temporary, path) == 0 else { throw SidecarError(operation: "rename", path: path, code: errno) }
+        // The rename is a change to the directory, not to the file: until the directory itself is fsynced, a power loss
+        // can bring back the old directory entry (the previous value, or no sidecar at all) even though the new file's
+        // bytes are on disk. The sidecar only matters on the day the database is lost, so it must not be older than the
+        // commits it claims to cover: fsync the directory before saying it is stored.
+        if durably { try Self.syncDirectory(of: path) }
+    }
+
+    /// fsyncs the directory holding `path`, making a rename or creation in it durable.
+    static func syncDirectory(of path: String) throws(SidecarError) {
+        let slash = path.lastIndex(of: "/")
+        let directory = slash.map { $0 == path.startIndex ? "/" : String(path[..<$0]) } ?? "."
+        let fd = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard fd >= 0 else { throw SidecarError(operation: "open the directory", path: directory, code: errno) }
+        defer { close(fd) }
+        guard fsync(fd) == 0 else { throw SidecarError(operation: "fsync the directory", path: directory, code: errno) }
     }
 }
 

@@ -17,6 +17,8 @@ struct CommitOutcome {
     var rejected = 0
     /// Readings with a boot stamp moved to the next free millisecond of their sensor instead of being dropped as duplicates.
     var clockShifted = 0
+    /// Quarantined readings the quota policy deleted (only once no pending reading was left).
+    var trimmedFromQuarantine = 0
     var lastSequence: Int64 = 0
 }
 
@@ -33,17 +35,22 @@ final class BufferStore {
     let connection: SQLiteConnection
     private let sidecar: SequenceSidecar
     private let synchronousFull: Bool
-    private let logger: Logger
+    let logger: Logger
 
     private(set) var sensorsByID: [SensorID: SensorEntry] = [:]
     private(set) var sensorsByKey: [Int64: SensorEntry] = [:]
     /// The last sequence number assigned (committed).
     private(set) var lastSequence: Int64
-    private(set) var pendingCount: Int
-    private(set) var quarantinedCount: Int
+    var pendingCount: Int
+    var quarantinedCount: Int
+    /// Quarantined readings by reason code, recounted after every change to the quarantine (rare) so that statistics,
+    /// which the uploader polls, cost no query.
+    var quarantineCodeCounts: [String: Int] = [:]
     /// Persisted counters, as committed.
     private(set) var dropped: Int64
     private(set) var duplicatesIgnored: Int64
+    var quarantineTrimmed: Int64
+    var quarantineDropped: Int64
     private var sidecarSequence: Int64
     private var sidecarFailureLogged = false
     /// The current boot and what the clock said last (ReadingBuffer+Clock.swift).
@@ -177,6 +184,8 @@ final class BufferStore {
         self.sidecarSequence = sidecarValue ?? -1
         self.dropped = try counter(BufferSchema.counterDropped)
         self.duplicatesIgnored = try counter(BufferSchema.counterDuplicatesIgnored)
+        self.quarantineTrimmed = try counter(BufferSchema.counterQuarantineTrimmed)
+        self.quarantineDropped = try counter(BufferSchema.counterQuarantineDropped)
         self.pendingCount = Int(try connection.queryInt("SELECT count(*) FROM readings") ?? 0)
         self.quarantinedCount = Int(try connection.queryInt("SELECT count(*) FROM quarantine") ?? 0)
         self.pageSize = try connection.queryInt("PRAGMA page_size") ?? 4096
@@ -195,13 +204,14 @@ final class BufferStore {
         selectOldestTimestamp = try connection.prepare("SELECT timestamp FROM readings ORDER BY sequence LIMIT 1")
         copyToQuarantine = try connection.prepare(
             """
-            INSERT OR REPLACE INTO quarantine(sequence, sensor, timestamp, steps, quality, reason, quarantined_at)
-            SELECT sequence, sensor, timestamp, steps, quality, ?2, ?3 FROM readings WHERE sequence = ?1
+            INSERT OR REPLACE INTO quarantine(sequence, sensor, timestamp, steps, quality, reason, quarantined_at, code, message)
+            SELECT sequence, sensor, timestamp, steps, quality, ?2, ?3, ?4, ?5 FROM readings WHERE sequence = ?1
             """)
         pageCount = try connection.prepare("PRAGMA page_count")
         freelistCount = try connection.prepare("PRAGMA freelist_count")
 
         try loadSensors()
+        try recountQuarantineCodes()
     }
 
     private static func createParentDirectory(of path: String) throws {
@@ -263,15 +273,17 @@ final class BufferStore {
     /// Runs `body` in `BEGIN IMMEDIATE ... COMMIT`; on failure rolls back and restores the cached counts.
     func write<T>(_ body: () throws -> T) throws -> T {
         let saved = (lastSequence, pendingCount, quarantinedCount, dropped, duplicatesIgnored)
+        let savedQuarantine = (quarantineTrimmed, quarantineDropped, quarantineCodeCounts)
         do {
             return try connection.transaction(body)
         } catch {
             (lastSequence, pendingCount, quarantinedCount, dropped, duplicatesIgnored) = saved
+            (quarantineTrimmed, quarantineDropped, quarantineCodeCounts) = savedQuarantine
             throw error
         }
     }
 
-    private func setCounter(_ name: String, _ value: Int64) throws {
+    func setCounter(_ name: String, _ value: Int64) throws {
         try updateCounter.run([.text(name), .integer(value)])
     }
 
@@ -414,6 +426,7 @@ final class BufferStore {
                 pendingCount += outcome.stored
                 if policy == .dropOldest, outcome.stored > 0, try usedBytes() > quotaBytes {
                     outcome.dropped = try dropOldest(downTo: quotaBytes / 10 * 9)
+                    outcome.trimmedFromQuarantine = try trimQuarantine(downTo: quotaBytes / 10 * 9)
                 }
             }
             if outcome.stored > 0 { try setCounter(BufferSchema.counterLastSequence, lastSequence) }
@@ -425,6 +438,14 @@ final class BufferStore {
                 dropped += Int64(outcome.dropped) + carriedDrops
                 try setCounter(BufferSchema.counterDropped, dropped)
             }
+        }
+        if outcome.trimmedFromQuarantine > 0 {
+            logger.warning(
+                "Buffer is at its disk quota with no pending reading left; the oldest quarantined readings were deleted",
+                metadata: [
+                    "buffer.quarantine_trimmed": "\(outcome.trimmedFromQuarantine)", "buffer.policy": "\(policy.rawValue)",
+                    "buffer.quota_bytes": "\(quotaBytes)",
+                ])
         }
         if outcome.dropped > 0 {
             logger.warning(
@@ -510,7 +531,9 @@ final class BufferStore {
             // Never let such rows block the queue.
             logger.error("Buffer readings refer to an unknown sensor; quarantining them", metadata: ["buffer.count": "\(orphans.count)"])
             var reasons: [UInt64: String] = [:]
-            for sequence in orphans where sequence > 0 { reasons[UInt64(sequence)] = "the buffer has no descriptor for this reading's sensor" }
+            for sequence in orphans where sequence > 0 {
+                reasons[UInt64(sequence)] = "missing_descriptor: the buffer has no descriptor for this reading's sensor"
+            }
             try quarantine(reasons)
             if orphans.contains(where: { $0 <= 0 }) {
                 try write {
@@ -614,13 +637,18 @@ final class BufferStore {
             var moved = 0
             for (sequence, reason) in reasons.sorted(by: { $0.key < $1.key }) {
                 guard let value = Int64(exactly: sequence) else { continue }
-                try copyToQuarantine.run([.integer(value), .text(String(reason.prefix(1_000))), .integer(now)])
+                let text = String(reason.prefix(1_000))
+                let parsed = QuarantineReason(parsing: text)
+                try copyToQuarantine.run([
+                    .integer(value), .text(text), .integer(now), .text(parsed.code), .text(parsed.message),
+                ])
                 guard connection.changes == 1 else { continue }
                 try deleteReading.run([.integer(value)])
                 moved += connection.changes
             }
             pendingCount -= moved
             quarantinedCount += moved
+            if moved > 0 { try recountQuarantineCodes() }
             return moved
         }
     }
@@ -629,19 +657,10 @@ final class BufferStore {
         guard limit > 0 else { return [] }
         let rows = try connection.query(
             """
-            SELECT sequence, sensor, timestamp, steps, reason, quarantined_at FROM quarantine
+            SELECT \(Self.quarantineColumns) FROM quarantine
             ORDER BY quarantined_at DESC, sequence DESC LIMIT ?
             """, [.integer(Int64(limit))])
-        return rows.compactMap { row in
-            guard row.count == 6, let sequence = row[0].int64, sequence > 0, let key = row[1].int64, let timestamp = row[2].int64,
-                let steps = row[3].int64
-            else { return nil }
-            let entry = sensorsByKey[key]
-            return QuarantinedReading(
-                sequence: UInt64(sequence), sensor: entry?.descriptor.id.rawValue ?? "sensor #\(key)",
-                timestamp: Timestamp(microseconds: timestamp), value: entry?.descriptor.resolution.value(ofSteps: steps) ?? Double(steps),
-                reason: row[4].string ?? "", quarantinedAt: Timestamp(microseconds: row[5].int64 ?? 0))
-        }
+        return rows.compactMap(quarantinedReading(row:))
     }
 
     func statistics(uncommitted: Int, droppedInMemory: Int64, quotaBytes: Int64) throws -> BufferStatistics {
@@ -657,7 +676,8 @@ final class BufferStore {
         return BufferStatistics(
             pending: pendingCount - held, oldestPending: oldest, uncommitted: uncommitted, quarantined: quarantinedCount,
             dropped: dropped + droppedInMemory, duplicatesIgnored: duplicatesIgnored, lastSequence: UInt64(max(0, lastSequence)),
-            usedBytes: try usedBytes(), quotaBytes: quotaBytes, held: held)
+            usedBytes: try usedBytes(), quotaBytes: quotaBytes, quarantinedByCode: quarantineCodeCounts,
+            quarantineTrimmed: quarantineTrimmed, quarantineDropped: quarantineDropped, held: held)
     }
 
     func limitPageCount(_ pages: Int64) throws {

@@ -23,7 +23,8 @@ import Synchronization
 /// - A sample equal in sensor and timestamp to a pending reading is stored once and counted in
 ///   ``BufferStatistics/duplicatesIgnored``.
 /// - After each commit, if the pages in use exceed ``BufferConfiguration/quotaBytes``: ``BufferFullPolicy/dropOldest`` deletes
-///   the oldest pending readings until under 90 % of the quota; ``BufferFullPolicy/dropNewest`` refuses the next commits' samples
+///   the oldest pending readings until under 90 % of the quota, and only when no pending reading is left the oldest
+///   quarantined ones (counted apart, in ``BufferStatistics/quarantineTrimmed``); ``BufferFullPolicy/dropNewest`` refuses the next commits' samples
 ///   until space is freed. Both count in ``BufferStatistics/dropped`` and log a warning. The quota can be exceeded by one commit.
 /// - When a commit fails (disk full), the samples stay queued and the loop retries every interval. At most
 ///   ``maximumQueuedSamples`` wait in memory; beyond that the policy decides which are dropped, and they are counted.
@@ -97,7 +98,7 @@ public final class ReadingBuffer: PendingReadings, Service {
         }
     }
 
-    private func withStore<T: Sendable>(_ body: @escaping @Sendable (BufferStore) throws -> T) async throws -> T {
+    func withStore<T: Sendable>(_ body: @escaping @Sendable (BufferStore) throws -> T) async throws -> T {
         do {
             return try await store.withValue(body)
         } catch is DedicatedThreadError {
@@ -384,7 +385,7 @@ private final class Committer: Sendable {
         onCommit?(
             BufferCommit(
                 lastSequence: sequence, stored: outcome.stored, duplicates: outcome.duplicates, dropped: outcome.dropped,
-                rejected: outcome.rejected))
+                rejected: outcome.rejected, trimmedFromQuarantine: outcome.trimmedFromQuarantine))
         return sequence
     }
 }
@@ -401,8 +402,11 @@ public struct BufferCommit: Hashable, Sendable {
     public var dropped: Int
     /// Samples rejected (unregistered sensor, unquantizable value).
     public var rejected: Int
+    /// Quarantined readings the quota policy deleted in this commit (only once no pending reading was left).
+    public var trimmedFromQuarantine: Int
 
-    public init(lastSequence: UInt64, stored: Int, duplicates: Int, dropped: Int, rejected: Int) {
+    public init(lastSequence: UInt64, stored: Int, duplicates: Int, dropped: Int, rejected: Int, trimmedFromQuarantine: Int = 0) {
+        self.trimmedFromQuarantine = trimmedFromQuarantine
         self.lastSequence = lastSequence
         self.stored = stored
         self.duplicates = duplicates

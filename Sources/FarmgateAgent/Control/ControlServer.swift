@@ -19,39 +19,68 @@ public struct ControlRequest: Codable, Sendable, Hashable {
 /// The daemon's side of the control socket that the installer's CLI talks to.
 ///
 /// The socket lives under the runtime directory, is created mode 0660 (owner and group only) in a directory the agent
-/// creates mode 0750, and answers one request per connection: a line of JSON in, a line of JSON out. Blocking `accept`
-/// and `recv` run on a thread of their own.
+/// creates mode 0750, and answers one request per connection: a line of JSON in, a line of JSON out.
+///
+/// Clients are served concurrently, each on a thread of its own (never on the concurrency pool: `recv` and `send` block), at
+/// most ``maximumClients`` at once; a client past that gets a one-line "busy" answer at once rather than waiting. A client
+/// that has not sent its whole request line within ``clientTimeout`` is dropped, so a stuck `farmgate status` never holds
+/// up the next one. The accepting thread sleeps in `poll` on the socket and on a pipe that shutdown writes to: it wakes for
+/// a client or for shutdown, never on a timer. Shutdown also wakes every client thread (`shutdown(2)` on its socket) and
+/// waits for them briefly.
 public final class ControlServer: Service {
     /// Answers one request with the bytes of a JSON document.
     public typealias Handler = @Sendable (ControlRequest) async -> [UInt8]
 
+    /// The most clients served at once.
+    public let maximumClients: Int
+    /// How long a client has to send its request line.
+    public let clientTimeout: Duration
+
     private let path: String
     private let handler: Handler
     private let logger: Logger
-    private let stopping = Atomic<Bool>(false)
+    private let clients = ClientSet()
 
-    public init(path: String, logger: Logger, handler: @escaping Handler) {
+    /// - Parameters:
+    ///   - path: the socket's path.
+    ///   - maximumClients: the most clients served at once (default 8); more get a "busy" answer.
+    ///   - clientTimeout: how long a client may take to send its request (default 5 s).
+    ///   - handler: answers a request; runs on the concurrency pool while the client's thread waits for it.
+    public init(
+        path: String, logger: Logger, maximumClients: Int = 8, clientTimeout: Duration = .seconds(5), handler: @escaping Handler
+    ) {
         self.path = path
         self.handler = handler
         self.logger = logger
+        self.maximumClients = max(1, maximumClients)
+        self.clientTimeout = clientTimeout
     }
 
     public func run() async throws {
         let fd = try listen()
+        let wake = try WakePipe()
         logger.info("Control socket listening", metadata: ["path": "\(path)"])
         let path = self.path
+        let clients = self.clients
         try await withGracefulShutdownHandler {
             try await withTaskCancellationHandler {
                 try await runOffPool(name: "farmgate-control") { [self] in
-                    self.acceptLoop(fd)
+                    self.acceptLoop(fd, wake: wake.readEnd)
                     close(fd)
                     unlink(path)
+                    clients.stop()
+                    wake.close()
+                    if !clients.waitUntilIdle(timeout: .seconds(2)) {
+                        self.logger.warning("Control socket clients still running at shutdown; leaving them")
+                    }
                 }
             } onCancel: {
-                self.stopping.store(true, ordering: .relaxed)
+                clients.stop()
+                wake.signal()
             }
         } onGracefulShutdown: {
-            self.stopping.store(true, ordering: .relaxed)
+            clients.stop()
+            wake.signal()
         }
     }
 
@@ -94,22 +123,54 @@ public final class ControlServer: Service {
         return fd
     }
 
-    private func acceptLoop(_ fd: Int32) {
-        while !stopping.load(ordering: .relaxed) {
-            var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            let ready = poll(&poller, 1, 200)
-            guard ready > 0 else { continue }
+    /// Sleeps in `poll` until a client connects or the wake pipe is written (shutdown); no timeout, no polling.
+    private func acceptLoop(_ fd: Int32, wake: Int32) {
+        var fds = [pollfd(fd: fd, events: Int16(POLLIN), revents: 0), pollfd(fd: wake, events: Int16(POLLIN), revents: 0)]
+        while true {
+            fds[0].revents = 0
+            fds[1].revents = 0
+            let ready = poll(&fds, 2, -1)
+            if ready < 0 {
+                if errno == EINTR { continue }
+                logger.error("Control socket poll failed; the control socket stops", metadata: ["error": "\(UnixSocket.errnoText())"])
+                return
+            }
+            if fds[1].revents != 0 { return }
+            guard fds[0].revents & Int16(POLLIN) != 0 else { continue }
             let client = accept(fd, nil, nil)
-            guard client >= 0 else { continue }
+            guard client >= 0 else {
+                // Out of descriptors: the pending connection stays readable, so pause rather than spin on it.
+                if errno == EMFILE || errno == ENFILE {
+                    logger.warning("Control socket cannot accept a client: too many open files", metadata: ["error": "\(UnixSocket.errnoText())"])
+                    usleep(100_000)
+                }
+                continue
+            }
             _ = fcntl(client, F_SETFD, FD_CLOEXEC)
-            serve(client)
-            close(client)
+            UnixSocket.setTimeouts(client, seconds: 2)  // for the answer's send; the request's read has its own deadline
+            switch clients.admit(client, maximum: maximumClients) {
+            case .admitted:
+                let thread = Thread { [self] in
+                    self.serve(client)
+                    self.clients.finish(client)
+                }
+                thread.name = "farmgate-control-client"
+                thread.stackSize = 512 << 10
+                thread.start()
+            case .busy:
+                let answer = ControlAnswer(
+                    ok: false, error: "the agent is already serving \(maximumClients) control clients; try again in a few seconds")
+                _ = UnixSocket.writeAll(client, Self.encode(answer) + [0x0A])
+                close(client)
+            case .stopping:
+                close(client)
+            }
         }
     }
 
     private func serve(_ client: Int32) {
-        UnixSocket.setTimeouts(client, seconds: 5)
-        guard let line = UnixSocket.readLine(client, limit: 64 << 10) else { return }
+        let deadline = ContinuousClock.now + clientTimeout
+        guard let line = UnixSocket.readLine(client, limit: 64 << 10, deadline: deadline) else { return }
         let response: [UInt8]
         if let request = try? JSONDecoder().decode(ControlRequest.self, from: Data(line)) {
             let done = DispatchSemaphore(value: 0)
@@ -127,6 +188,99 @@ public final class ControlServer: Service {
         }
         _ = UnixSocket.writeAll(client, response + [0x0A])
     }
+
+    /// The JSON of `answer` (sorted keys, slashes unescaped), or a fixed error when it cannot be encoded.
+    public static func encode<T: Encodable>(_ answer: T) -> [UInt8] {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        return (try? Array(encoder.encode(answer))) ?? Array(#"{"ok":false,"error":"cannot encode the answer"}"#.utf8)
+    }
+}
+
+/// The clients being served: admitted up to a maximum, woken (`shutdown(2)`) and no longer admitted once stopping.
+private final class ClientSet: Sendable {
+    enum Admission { case admitted, busy, stopping }
+
+    private struct State {
+        var active: Set<Int32> = []
+        var stopping = false
+    }
+
+    private let state = Mutex(State())
+    private let idle = DispatchGroup()
+
+    func admit(_ fd: Int32, maximum: Int) -> Admission {
+        let admission: Admission = state.withLock { state in
+            if state.stopping { return .stopping }
+            guard state.active.count < maximum else { return .busy }
+            state.active.insert(fd)
+            return .admitted
+        }
+        if admission == .admitted { idle.enter() }
+        return admission
+    }
+
+    /// Called by a client's thread when it is done: forgets the socket and closes it (under the lock, so that ``stop()``
+    /// never shuts down a descriptor number that was closed and reused).
+    func finish(_ fd: Int32) {
+        state.withLock { state in
+            state.active.remove(fd)
+            close(fd)
+        }
+        idle.leave()
+    }
+
+    /// Admits no more clients and wakes those being served: their blocked `recv` returns at once.
+    func stop() {
+        state.withLock { state in
+            state.stopping = true
+            for fd in state.active { shutdown(fd, Int32(SHUT_RDWR)) }
+        }
+    }
+
+    /// Waits (blocking) until every admitted client has finished, at most `timeout`. Returns whether they all did.
+    func waitUntilIdle(timeout: Duration) -> Bool {
+        idle.wait(timeout: .now() + .milliseconds(Int(timeout / .milliseconds(1)))) == .success
+    }
+}
+
+/// A pipe whose write end wakes the accepting thread's `poll`. Writes after ``close()`` are ignored, so a late shutdown
+/// signal never writes to a descriptor number that was reused.
+private final class WakePipe: Sendable {
+    private let fds: Mutex<(read: Int32, write: Int32)?>
+    let readEnd: Int32
+
+    init() throws(ControlSocketError) {
+        var pair: [Int32] = [-1, -1]
+        guard pipe(&pair) == 0 else {
+            throw ControlSocketError("cannot create the control socket's wake pipe: \(UnixSocket.errnoText())")
+        }
+        for fd in pair {
+            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+            _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+        }
+        fds = Mutex((pair[0], pair[1]))
+        readEnd = pair[0]
+    }
+
+    func signal() {
+        fds.withLock { fds in
+            guard let fds else { return }
+            var byte: UInt8 = 1
+            _ = write(fds.write, &byte, 1)  // a full pipe (EAGAIN) is already readable: nothing to add
+        }
+    }
+
+    func close() {
+        fds.withLock { fds in
+            guard let pair = fds else { return }
+            _ = Foundation.close(pair.read)
+            _ = Foundation.close(pair.write)
+            fds = nil
+        }
+    }
+
+    deinit { close() }
 }
 
 /// The CLI's side of the control socket.
@@ -137,10 +291,11 @@ public enum ControlClient {
         let fd = try UnixSocket.connect(path, timeoutSeconds: timeoutSeconds)
         defer { close(fd) }
         let body = try JSONEncoder().encode(request)
-        guard UnixSocket.writeAll(fd, Array(body) + [0x0A]) else {
-            throw ControlSocketError("the agent closed the control socket \(path) before the request was sent")
-        }
+        // An agent serving its maximum of clients answers "busy" and closes without reading: the send may then fail
+        // while that answer is waiting to be read, so read whatever came back before deciding.
+        let sent = UnixSocket.writeAll(fd, Array(body) + [0x0A])
         guard let answer = UnixSocket.readLine(fd, limit: 16 << 20) else {
+            guard sent else { throw ControlSocketError("the agent closed the control socket \(path) before the request was sent") }
             throw ControlSocketError("the agent did not answer on \(path) within \(timeoutSeconds) s")
         }
         return answer

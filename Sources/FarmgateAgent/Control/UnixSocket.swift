@@ -46,7 +46,9 @@ enum UnixSocket {
             default: reason = String(cString: strerror(code))
             }
             throw ControlSocketError(
-                "cannot reach the agent at \(path): \(reason). Is `farmgate agent` running? (systemctl status farmgate)")
+                "cannot reach the agent at \(path): \(reason). Is `farmgate agent` running? Start it with "
+                    + "`sudo systemctl start farmgate` (or run `farmgate agent --config <file>`); `systemctl status farmgate` "
+                    + "and `journalctl -u farmgate` say why it stopped")
         }
         return fd
     }
@@ -75,6 +77,27 @@ enum UnixSocket {
         while data.count < limit {
             let n = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
             if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { return data.isEmpty ? nil : data }
+            data.append(contentsOf: chunk[0..<n])
+            if let newline = data.firstIndex(of: 0x0A) { return Array(data[..<newline]) }
+        }
+        return nil
+    }
+
+    /// Reads until a newline, end of stream or `limit` bytes, giving up at `deadline` however slowly the bytes trickle in
+    /// (a client that sends a byte a second never holds a thread longer than the deadline). nil when no line came in time.
+    static func readLine(_ fd: Int32, limit: Int, deadline: ContinuousClock.Instant) -> [UInt8]? {
+        var data: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while data.count < limit {
+            let remaining = ContinuousClock.now.duration(to: deadline)
+            guard remaining > .zero else { return nil }
+            var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let ready = poll(&poller, 1, Int32(clamping: Int(remaining / .milliseconds(1)) + 1))
+            if ready < 0 && errno == EINTR { continue }
+            guard ready > 0 else { return nil }
+            let n = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
+            if n < 0 && (errno == EINTR || errno == EAGAIN) { continue }
             guard n > 0 else { return data.isEmpty ? nil : data }
             data.append(contentsOf: chunk[0..<n])
             if let newline = data.firstIndex(of: 0x0A) { return Array(data[..<newline]) }

@@ -57,6 +57,8 @@ public enum AgentRuntime {
         let control = ControlServer(path: configuration.controlSocket, logger: logger) { request in
             let answer: ControlAnswer
             switch request.command {
+            case let command where QuarantineCommands.commands.contains(command):
+                answer = await QuarantineCommands(buffer: buffer).answer(request)
             case "status":
                 do {
                     let status = AgentStatus(
@@ -70,11 +72,10 @@ public enum AgentRuntime {
                     answer = ControlAnswer(ok: false, error: "cannot read the buffer: \(error)")
                 }
             default:
-                answer = ControlAnswer(ok: false, error: "unknown command \"\(request.command)\"; this agent knows: status")
+                let known = (["status"] + QuarantineCommands.commands).joined(separator: ", ")
+                answer = ControlAnswer(ok: false, error: "unknown command \"\(request.command)\"; this agent knows: \(known)")
             }
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
-            return (try? Array(encoder.encode(answer))) ?? Array(#"{"ok":false,"error":"cannot encode the answer"}"#.utf8)
+            return ControlServer.encode(answer)
         }
 
         // Shut down in reverse: control socket, sampler (no new readings), uploader (finishes its request and sends what

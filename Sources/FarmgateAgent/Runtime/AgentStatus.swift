@@ -25,11 +25,14 @@ public struct ControlAnswer: Codable, Sendable {
     public var ok: Bool
     public var error: String?
     public var status: AgentStatus?
+    /// The answer to a `quarantine.*` command.
+    public var quarantine: QuarantineAnswer?
 
-    public init(ok: Bool, error: String? = nil, status: AgentStatus? = nil) {
+    public init(ok: Bool, error: String? = nil, status: AgentStatus? = nil, quarantine: QuarantineAnswer? = nil) {
         self.ok = ok
         self.error = error
         self.status = status
+        self.quarantine = quarantine
     }
 }
 
@@ -73,7 +76,7 @@ extension AgentStatus {
         let header = [pad("ID", 22), pad("VALUE", 12), pad("UNIT", 7), pad("LAST READ", 11), "STATE"].joined(separator: " ")
         lines.append("  " + header)
         for sensor in sensors {
-            let value = sensor.lastValue.map { String(format: "%.3f", $0) } ?? "-"
+            let value = sensor.lastValue.map { Resolution.display($0, resolution: sensor.resolution) } ?? "-"
             let read = sensor.lastReadAt.map { Self.age(from: $0, to: now) + " ago" } ?? "never"
             var state = "ok"
             if sensor.consecutiveErrors > 0, let error = sensor.lastError {
@@ -83,10 +86,12 @@ extension AgentStatus {
             }
             lines.append("  " + [pad(sensor.id, 22), pad(value, 12), pad(sensor.unit, 7), pad(read, 11), state].joined(separator: " "))
         }
+        lines.append(quarantineSummary)
         if !recentQuarantine.isEmpty {
-            lines.append("Quarantine (most recent; the ingest refused these for good)")
+            lines.append("  most recent (farmgate quarantine list shows them all):")
             for entry in recentQuarantine {
-                lines.append("  seq \(entry.sequence) \(entry.sensor) at \(entry.timestamp) value \(entry.value): \(entry.reason)")
+                let value = Resolution.display(entry.value, resolution: entry.resolution)
+                lines.append("  seq \(entry.sequence) \(entry.sensor) at \(entry.timestamp) value \(value): \(entry.reason)")
             }
         }
         return lines.joined(separator: "\n")
@@ -115,6 +120,15 @@ extension AgentStatus {
             line += ")"
             if correction.shifted > 0 { line += ", \(correction.shifted) moved by a millisecond or more (time taken)" }
         }
+        return line
+    }
+
+    /// `Quarantine 3 readings: timestamp_in_future 2, unknown_sensor 1; 0 trimmed (quota), 0 dropped by an installer`.
+    var quarantineSummary: String {
+        var line = "Quarantine \(buffer.quarantined) reading\(buffer.quarantined == 1 ? "" : "s")"
+        let codes = buffer.quarantinedByCode.sorted { $0.value != $1.value ? $0.value > $1.value : $0.key < $1.key }
+        if !codes.isEmpty { line += ": " + codes.map { "\($0.key) \($0.value)" }.joined(separator: ", ") }
+        line += "; \(buffer.quarantineTrimmed) trimmed (quota), \(buffer.quarantineDropped) dropped by an installer"
         return line
     }
 

@@ -1,4 +1,5 @@
 import FarmgateWire
+import Foundation
 import Synchronization
 
 /// What `farmgate status` shows for one sensor.
@@ -7,7 +8,10 @@ public struct SensorStatus: Sendable, Hashable, Codable {
     public var driver: String
     public var quantity: String
     public var unit: String
+    /// The sensor's resolution (`1/100`): values are stored, sent and shown as whole steps of it.
+    public var resolution: String
     public var intervalSeconds: Double
+    /// The last value at the sensor's resolution, as the buffer stores it (6.08, not the driver's raw 6.075).
     public var lastValue: Double?
     public var lastReadAt: Timestamp?
     public var lastError: String?
@@ -23,24 +27,28 @@ public struct SensorStatus: Sendable, Hashable, Codable {
 public final class SensorStatusBoard: Sendable {
     private let entries: Mutex<[SensorID: SensorStatus]>
     private let order: [SensorID]
+    private let resolutions: [SensorID: Resolution]
 
     public init(sensors: [SensorConfiguration]) {
         var entries: [SensorID: SensorStatus] = [:]
         for sensor in sensors {
             entries[sensor.id] = SensorStatus(
                 id: sensor.id.rawValue, driver: sensor.driver, quantity: sensor.descriptor.quantity.rawValue,
-                unit: sensor.descriptor.quantity.unit,
+                unit: sensor.descriptor.quantity.unit, resolution: sensor.descriptor.resolution.description,
                 intervalSeconds: sensor.interval / .seconds(1),
                 lastValue: nil, lastReadAt: nil, lastError: nil, lastErrorAt: nil, consecutiveErrors: 0, readsOK: 0,
                 readsFailed: 0, suppressed: 0)
         }
         self.entries = Mutex(entries)
         self.order = sensors.map(\.id)
+        self.resolutions = Dictionary(sensors.map { ($0.id, $0.descriptor.resolution) }, uniquingKeysWith: { first, _ in first })
     }
 
     func recordSuccess(_ sensor: SensorID, value: Double, at time: Timestamp, stored: Bool) {
+        // What the buffer stores: whole steps of the resolution (a value that cannot be quantized is shown raw).
+        let stepped = resolutions[sensor].flatMap { resolution in resolution.quantize(value).map(resolution.value(ofSteps:)) } ?? value
         entries.withLock { entries in
-            entries[sensor]?.lastValue = value
+            entries[sensor]?.lastValue = stepped
             entries[sensor]?.lastReadAt = time
             entries[sensor]?.consecutiveErrors = 0
             entries[sensor]?.readsOK += 1
@@ -60,5 +68,24 @@ public final class SensorStatusBoard: Sendable {
     /// Every sensor, in configuration order.
     public func snapshot() -> [SensorStatus] {
         entries.withLock { entries in order.compactMap { entries[$0] } }
+    }
+}
+
+extension Resolution {
+    /// The decimal places that show every multiple of this resolution exactly (2 for 1/100, 4 for 1/16), at most 6.
+    public var decimalPlaces: Int {
+        var scaled = UInt64(numerator)
+        for places in 0...6 {
+            if scaled % UInt64(denominator) == 0 { return places }
+            scaled *= 10
+        }
+        return 6
+    }
+
+    /// `value` with the decimal places of `resolution` (`1/100` shows 6.08; `1/16` shows 20.0625); with three places when
+    /// the resolution is unknown or unreadable.
+    public static func display(_ value: Double, resolution: String?) -> String {
+        let places = resolution.flatMap { try? Resolution(parsing: $0) }?.decimalPlaces ?? 3
+        return String(format: "%.\(places)f", value)
     }
 }

@@ -1,0 +1,261 @@
+import ArgumentParser
+import FarmgateAgent
+import FarmgateWire
+import Foundation
+
+/// Where the running agent answers, and how to ask it: the options every command that talks to the agent shares.
+struct AgentConnection: ParsableArguments {
+    @OptionGroup var options: ConfigOption
+
+    @Option(help: ArgumentHelp("The agent's control socket (default: [control] socket of the configuration).", valueName: "path"))
+    var socket: String?
+
+    /// Sends `command` and returns the agent's answer; exits 1 with the reason when the agent cannot be reached or refuses.
+    func send(_ command: String, _ arguments: [String: String] = [:], as name: String) throws -> ControlAnswer {
+        let path = try socket ?? options.load().controlSocket
+        let bytes: [UInt8]
+        do {
+            bytes = try ControlClient.send(ControlRequest(command: command, arguments: arguments.isEmpty ? nil : arguments), to: path)
+        } catch {
+            throw CleanExit.message("farmgate \(name): \(error)", code: 1)
+        }
+        let answer: ControlAnswer
+        do {
+            answer = try JSONDecoder().decode(ControlAnswer.self, from: Data(bytes))
+        } catch {
+            throw CleanExit.message("farmgate \(name): the agent's answer cannot be read (\(error)); are the CLI and the agent the same version?", code: 1)
+        }
+        guard answer.ok else {
+            throw CleanExit.message("farmgate \(name): the agent answered: \(answer.error ?? "unknown error")", code: 1)
+        }
+        return answer
+    }
+}
+
+struct QuarantineCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "quarantine",
+        abstract: "Review the readings the ingest refused for good: list or export them, send them again, or drop them.",
+        discussion: """
+            The agent keeps a reading the ingest refused for good (a timestamp too far ahead, a sensor it does not know, ...) \
+            aside in quarantine so the queue moves on. Fix the cause, then requeue the readings: they go back into the queue \
+            with their original sequence numbers, and the ingest stores each exactly once. All three commands talk to the \
+            running agent and exit 1 when it cannot be reached.
+            """,
+        subcommands: [List.self, Requeue.self, Drop.self])
+
+    struct List: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "List quarantined readings, oldest sequence first (with --json: export them as JSON lines).",
+            discussion: """
+                The table shows sequence, sensor, timestamp, value (at the sensor's resolution), code, when it was \
+                quarantined and the message. --json prints one JSON object per line and nothing else: \
+                {"sequence":N,"sensor":"...","timestamp":"RFC 3339","value":6.08,"resolution":"1/100","flags":[...],\
+                "code":"...","message":"...","quarantined_at":"RFC 3339"}. Rows are fetched from the agent 1000 at a time \
+                and printed as they come, so exporting any number of rows takes little memory.
+                """)
+
+        @OptionGroup var agent: AgentConnection
+
+        @Flag(help: "Print JSON lines (one object per reading) instead of a table: the export format.")
+        var json = false
+
+        @Option(help: ArgumentHelp("Only readings whose reason has this code, e.g. timestamp_in_future.", valueName: "code"))
+        var code: String?
+
+        @Option(help: ArgumentHelp("Print at most this many readings (default: all).", valueName: "n"))
+        var limit: Int?
+
+        func validate() throws {
+            if let code, !QuarantineReason.isCode(code) {
+                throw ValidationError("--code must be a reason code such as timestamp_in_future (1 to 64 of a-z, 0-9, _), not '\(code)'")
+            }
+            if let limit, limit < 1 { throw ValidationError("--limit must be at least 1, not \(limit)") }
+        }
+
+        func run() throws {
+            var after: UInt64 = 0
+            var printed = 0
+            let table = QuarantineTable()
+            while limit.map({ printed < $0 }) ?? true {
+                let pageSize = min(ReadingBuffer.maximumQuarantinePage, limit.map { $0 - printed } ?? Int.max)
+                var arguments = ["after": String(after), "limit": String(pageSize)]
+                if let code { arguments["code"] = code }
+                let page = try agent.send("quarantine.list", arguments, as: "quarantine list").quarantine
+                let readings = page?.readings ?? []
+                if !readings.isEmpty {
+                    var text = printed == 0 && !json ? table.header + "\n" : ""
+                    for reading in readings { text += (json ? try QuarantineExport.line(reading) : table.row(reading)) + "\n" }
+                    FileHandle.standardOutput.write(Data(text.utf8))
+                    printed += readings.count
+                }
+                guard let next = page?.nextAfter, !readings.isEmpty else { break }
+                after = next
+            }
+            if !json {
+                // Through the same unbuffered handle as the rows, so the lines keep their order.
+                let summary =
+                    printed == 0
+                    ? code.map { "No quarantined reading has code \($0)." } ?? "Quarantine is empty."
+                    : "\(printed) reading\(printed == 1 ? "" : "s") listed."
+                FileHandle.standardOutput.write(Data((summary + "\n").utf8))
+            }
+        }
+    }
+
+    /// The selector `requeue` and `drop` share: exactly one of them.
+    struct Selection: ParsableArguments {
+        @Flag(help: "Every quarantined reading.")
+        var all = false
+
+        @Option(help: ArgumentHelp("The readings whose reason has this code, e.g. timestamp_in_future.", valueName: "code"))
+        var code: String?
+
+        @Option(
+            name: .customLong("sequence"), parsing: .upToNextOption,
+            help: ArgumentHelp("These sequence numbers (repeat the option or list several after it).", valueName: "n"))
+        var sequences: [UInt64] = []
+
+        func validate() throws {
+            let given = (all ? 1 : 0) + (code == nil ? 0 : 1) + (sequences.isEmpty ? 0 : 1)
+            guard given == 1 else {
+                throw ValidationError(
+                    given == 0
+                        ? "say which readings: --all, --code CODE or --sequence N... (farmgate quarantine list shows them)"
+                        : "give only one of --all, --code and --sequence")
+            }
+            if let code, !QuarantineReason.isCode(code) {
+                throw ValidationError("--code must be a reason code such as timestamp_in_future (1 to 64 of a-z, 0-9, _), not '\(code)'")
+            }
+            if sequences.contains(0) { throw ValidationError("--sequence: sequence numbers start at 1") }
+            if sequences.count > QuarantineCommands.maximumSequences {
+                throw ValidationError("--sequence: at most \(QuarantineCommands.maximumSequences) numbers at once; use --code or --all")
+            }
+        }
+
+        var arguments: [String: String] {
+            if all { return ["all": "true"] }
+            if let code { return ["code": code] }
+            return ["sequences": sequences.map(String.init).joined(separator: ",")]
+        }
+
+        var summary: String {
+            if all { return "" }
+            if let code { return " with code \(code)" }
+            return ""
+        }
+    }
+
+    struct Requeue: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Send quarantined readings again, with their original sequence numbers (fix the cause first).",
+            discussion: """
+                A reading whose sensor and timestamp equal those of a reading still waiting to be sent stays in quarantine \
+                (the buffer keeps one reading per sensor and timestamp) and is listed; requeue it again once that reading is \
+                delivered, or drop it. Exits 1 when nothing could be requeued.
+                """)
+
+        @OptionGroup var agent: AgentConnection
+        @OptionGroup var selection: Selection
+
+        func run() throws {
+            let answer = try agent.send("quarantine.requeue", selection.arguments, as: "quarantine requeue")
+            guard let outcome = answer.quarantine?.requeue else {
+                throw CleanExit.message("farmgate quarantine requeue: the agent's answer has no outcome; are the CLI and the agent the same version?", code: 1)
+            }
+            print("Requeued \(outcome.requeued) reading\(outcome.requeued == 1 ? "" : "s")\(selection.summary) with their original sequence numbers.")
+            if !outcome.conflicting.isEmpty {
+                print(
+                    "Left in quarantine: \(outcome.conflicting.count) whose sensor and timestamp equal a reading waiting to be sent "
+                        + "(sequence \(QuarantineTable.list(outcome.conflicting))); requeue them once it is delivered, or drop them.")
+            }
+            if !outcome.notFound.isEmpty { print("Not in quarantine: sequence \(QuarantineTable.list(outcome.notFound)).") }
+            if outcome.requeued == 0 { throw ExitCode(1) }
+        }
+    }
+
+    struct Drop: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Delete quarantined readings for good (counted in status and logged by the agent).",
+            discussion: "Exits 1 when nothing was dropped.")
+
+        @OptionGroup var agent: AgentConnection
+        @OptionGroup var selection: Selection
+
+        func run() throws {
+            let answer = try agent.send("quarantine.drop", selection.arguments, as: "quarantine drop")
+            guard let outcome = answer.quarantine?.drop else {
+                throw CleanExit.message("farmgate quarantine drop: the agent's answer has no outcome; are the CLI and the agent the same version?", code: 1)
+            }
+            print("Dropped \(outcome.dropped) reading\(outcome.dropped == 1 ? "" : "s")\(selection.summary) for good.")
+            if !outcome.notFound.isEmpty { print("Not in quarantine: sequence \(QuarantineTable.list(outcome.notFound)).") }
+            if outcome.dropped == 0 { throw ExitCode(1) }
+        }
+    }
+}
+
+/// The human table of `farmgate quarantine list`.
+struct QuarantineTable {
+    private func pad(_ text: String, _ width: Int) -> String {
+        text.count >= width ? text : text + String(repeating: " ", count: width - text.count)
+    }
+
+    var header: String {
+        [pad("SEQ", 10), pad("SENSOR", 20), pad("TIMESTAMP", 27), pad("VALUE", 10), pad("CODE", 22), pad("QUARANTINED", 20), "MESSAGE"]
+            .joined(separator: " ")
+    }
+
+    func row(_ reading: QuarantinedReading) -> String {
+        let quarantined = String(RFC3339.format(reading.quarantinedAt).prefix(19)) + "Z"
+        return [
+            pad(String(reading.sequence), 10), pad(reading.sensor, 20), pad(RFC3339.format(reading.timestamp), 27),
+            pad(Resolution.display(reading.value, resolution: reading.resolution), 10), pad(reading.code, 22), pad(quarantined, 20),
+            reading.message,
+        ].joined(separator: " ")
+    }
+
+    /// `1, 2, 3` or `1, 2, 3, ... (12 in all)`.
+    static func list(_ sequences: [UInt64]) -> String {
+        let shown = sequences.prefix(10).map(String.init).joined(separator: ", ")
+        return sequences.count > 10 ? "\(shown), ... (\(sequences.count) in all)" : shown
+    }
+}
+
+/// One quarantined reading as a line of JSON: the export format of `farmgate quarantine list --json`.
+enum QuarantineExport {
+    struct Line: Encodable {
+        let sequence: UInt64
+        let sensor: String
+        let timestamp: Timestamp
+        let value: Double
+        let resolution: String?
+        let flags: [String]
+        let code: String
+        let message: String
+        let quarantinedAt: Timestamp
+
+        enum CodingKeys: String, CodingKey {
+            case sequence, sensor, timestamp, value, resolution, flags, code, message
+            case quarantinedAt = "quarantined_at"
+        }
+    }
+
+    /// One encoder for every line (creating one per row costs more than the encoding).
+    private static let encoder: JSONEncoder = {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        return encoder
+    }()
+
+    static func line(_ reading: QuarantinedReading) throws -> String {
+        let line = Line(
+            sequence: reading.sequence, sensor: reading.sensor, timestamp: reading.timestamp, value: reading.value,
+            resolution: reading.resolution, flags: QualityFlags.names.filter { reading.quality.contains($0.0) }.map(\.1),
+            code: reading.code, message: reading.message, quarantinedAt: reading.quarantinedAt)
+        do {
+            return String(decoding: try encoder.encode(line), as: UTF8.self)
+        } catch {
+            throw CleanExit.message("farmgate quarantine list: cannot write reading \(reading.sequence) as JSON: \(error)", code: 1)
+        }
+    }
+}

@@ -1,0 +1,167 @@
+import FarmgateAgent
+import FarmgateSupport
+import FarmgateTestSupport
+import FarmgateWire
+import Foundation
+import Logging
+import Testing
+
+/// `farmgate quarantine` with the real binaries: a reading the ingest refuses is listed, requeued once the cause is fixed,
+/// and stored exactly once with its original sequence number.
+@Suite("End to end: quarantine", .serialized)
+struct QuarantineTests {
+    @Test("A quarantined reading is listed, requeued by code after the cause is fixed, and stored once with its sequence")
+    func listRequeueDeliver() async throws {
+        let farm = try await Farm()
+        let key = try await farm.createDevice("site-q")
+        let keyFile = try farm.dir.write("site-q.key", key + "\n")
+        let config = try farm.agentConfig("agent.toml", device: "site-q", keyFile: keyFile, sensors: 3, interval: "1h")
+        try await farm.startIngest()
+
+        // A reading stamped two days ahead (a clock gone wrong) is committed to the buffer before the agent starts.
+        let poison = try await commitFutureReading(bufferPath: farm.dir.file("site-q/buffer.sqlite"))
+        var agent = try farm.startAgent(config: config, log: "agent-1.log")
+        var status: AgentStatus?
+        let quarantined = try await eventually(timeout: .seconds(30), every: .milliseconds(200)) {
+            status = try await farm.agentStatus(config: config)
+            return status?.buffer.quarantined == 1 && status?.buffer.pending == 0
+        }
+        #expect(quarantined, "the reading was not quarantined: \(String(describing: status?.buffer)) \(agent.log)")
+        #expect(status?.buffer.quarantinedByCode == ["timestamp_in_future": 1])
+
+        // Listed, as JSON lines and in the table; status shows the count by code.
+        let list = try await runCommand(Farm.agentBinary, ["quarantine", "list", "--json", "--config", config])
+        #expect(list.status == 0, "\(list.stderr)")
+        let lines = list.stdout.split(separator: "\n")
+        #expect(lines.count == 1, "\(list.stdout)")
+        let row = try lines.first.map { try JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] } ?? nil
+        #expect((row?["sequence"] as? NSNumber)?.uint64Value == poison)
+        #expect(row?["code"] as? String == "timestamp_in_future")
+        #expect(row?["sensor"] as? String == "tank1.ph")
+        #expect((row?["value"] as? NSNumber)?.doubleValue == 6.08)
+        let table = try await runCommand(Farm.agentBinary, ["quarantine", "list", "--config", config])
+        #expect(table.status == 0 && table.stdout.hasPrefix("SEQ ") && table.stdout.hasSuffix("1 reading listed.\n"), "\(table.stdout)")
+        #expect(table.stdout.contains("timestamp_in_future") && table.stdout.contains(" 6.08 "), "\(table.stdout)")
+        let human = try await runCommand(Farm.agentBinary, ["status", "--config", config])
+        #expect(human.stdout.contains("Quarantine 1 reading: timestamp_in_future 1"), "\(human.stdout)")
+
+        // The cause is fixed: the ingest restarts with a tolerance that admits the reading. Requeue it by code.
+        await farm.ingest?.stop(SIGTERM)
+        let ingestText = try String(contentsOfFile: farm.ingestConfig, encoding: .utf8)
+            .replacingOccurrences(of: "future_tolerance = \"10m\"", with: "future_tolerance = \"3d\"")
+        try ingestText.write(toFile: farm.ingestConfig, atomically: true, encoding: .utf8)
+        try await farm.startIngest()
+        let requeue = try await runCommand(Farm.agentBinary, ["quarantine", "requeue", "--code", "timestamp_in_future", "--config", config])
+        #expect(requeue.status == 0, "\(requeue.stdout) \(requeue.stderr)")
+        #expect(requeue.stdout.contains("Requeued 1 reading"), "\(requeue.stdout)")
+
+        let delivered = try await eventually(timeout: .seconds(30), every: .milliseconds(200)) {
+            try await farm.storedSequences(device: "site-q").contains(poison)
+        }
+        #expect(delivered, "the requeued reading never reached the ingest: \(agent.log)")
+        let drained = try await eventually(timeout: .seconds(20), every: .milliseconds(200)) {
+            status = try await farm.agentStatus(config: config)
+            return status?.buffer.quarantined == 0 && status?.buffer.pending == 0
+        }
+        #expect(drained, "\(String(describing: status?.buffer))")
+        #expect(await agent.stop(SIGTERM) == 0)
+
+        // Stored exactly once, with its original sequence, and every other reading too.
+        let stored = try await farm.storedSequences(device: "site-q")
+        #expect(stored.filter { $0 == poison }.count == 1)
+        #expect(Set(stored).count == stored.count, "duplicates stored")
+        let last = try #require(status?.buffer.lastSequence)
+        #expect(stored.sorted() == Array(1...last), "sequence numbers were not kept")
+
+        // Requeue again (nothing left) exits 1 and says so; the agent was restarted to check the answer after a restart.
+        agent = try farm.startAgent(config: config, log: "agent-2.log")
+        let up = try await eventually(timeout: .seconds(20), every: .milliseconds(200)) { try await farm.agentStatus(config: config) != nil }
+        #expect(up)
+        let again = try await runCommand(Farm.agentBinary, ["quarantine", "requeue", "--all", "--config", config])
+        #expect(again.status == 1 && again.stdout.contains("Requeued 0 readings"), "\(again.stdout) \(again.stderr)")
+        let empty = try await runCommand(Farm.agentBinary, ["quarantine", "list", "--config", config])
+        #expect(empty.status == 0 && empty.stdout.contains("Quarantine is empty."))
+        #expect(await agent.stop(SIGTERM) == 0)
+        #expect(await farm.ingest?.stop(SIGTERM) == 0)
+    }
+
+    @Test("An export of 100,000 quarantined readings streams through the real CLI in pages, every row once, in order")
+    func largeExport() async throws {
+        let farm = try await Farm()
+        let keyFile = try farm.dir.write("site-x.key", "fgd_unused\n")
+        let config = try farm.agentConfig("agent.toml", device: "site-x", keyFile: keyFile, sensors: 3, interval: "1h")
+        // 100,000 readings quarantined in the stopped agent's buffer (no ingest runs: nothing is uploaded or refused).
+        let count = 100_000
+        let bufferPath = farm.dir.file("site-x/buffer.sqlite")
+        let buffer = try await runOffPool { try ReadingBuffer(configuration: BufferConfiguration(path: bufferPath), logger: Logger(label: "test")) }
+        let sensor = try SensorID("tank1.ph")
+        try await buffer.register([SensorDescriptor(id: sensor, quantity: .ph)])
+        let base = Timestamp.now().microseconds - Int64(count) * 1_000_000
+        try await buffer.append((0..<count).map { Sample(sensor: sensor, timestamp: Timestamp(microseconds: base + Int64($0) * 1_000_000), value: 6.5) })
+        let last = try await buffer.flush()
+        try await buffer.quarantine(Dictionary(uniqueKeysWithValues: (1...last).map { ($0, "timestamp_in_future: ahead") }))
+        try await buffer.close()
+
+        let agent = try farm.startAgent(config: config, log: "agent.log")
+        let up = try await eventually(timeout: .seconds(20), every: .milliseconds(200)) { try await farm.agentStatus(config: config) != nil }
+        #expect(up, "\(agent.log)")
+        let clock = ContinuousClock()
+        let start = clock.now
+        let export = try await runCommand(Farm.agentBinary, ["quarantine", "list", "--json", "--config", config])
+        let elapsed = start.duration(to: clock.now)
+        #expect(export.status == 0, "\(export.stderr)")
+        var sequences: [UInt64] = []
+        sequences.reserveCapacity(count)
+        for line in export.stdout.split(separator: "\n") {
+            guard let object = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
+                let sequence = (object["sequence"] as? NSNumber)?.uint64Value
+            else {
+                Issue.record("not a reading: \(line.prefix(200))")
+                break
+            }
+            sequences.append(sequence)
+        }
+        #expect(sequences == Array(1...last), "exported \(sequences.count) of \(last)")
+        let limited = try await runCommand(Farm.agentBinary, ["quarantine", "list", "--json", "--limit", "1500", "--config", config])
+        #expect(limited.stdout.split(separator: "\n").count == 1_500)
+        print("quarantine export of \(count) rows through farmgate quarantine list --json: \(elapsed)")
+        #expect(await agent.stop(SIGTERM) == 0)
+    }
+
+    @Test(
+        "Bad arguments exit non-zero with a message that says what to give",
+        arguments: [
+            (["quarantine", "requeue"], "--all, --code CODE or --sequence N"),
+            (["quarantine", "drop", "--all", "--code", "x"], "only one of --all, --code and --sequence"),
+            (["quarantine", "drop", "--code", "Not-A-Code"], "--code must be a reason code"),
+            (["quarantine", "requeue", "--sequence", "0"], "sequence numbers start at 1"),
+            (["quarantine", "requeue", "--sequence", "x"], "--sequence"),
+            (["quarantine", "list", "--limit", "0"], "--limit must be at least 1"),
+        ])
+    func badArguments(arguments: [String], expected: String) async throws {
+        let result = try await runCommand(Farm.agentBinary, arguments + ["--socket", "/tmp/fg-no-agent-here.sock"])
+        #expect(result.status != 0)
+        #expect(result.stderr.contains(expected), "\(result.stderr)")
+    }
+
+    @Test("With no agent running, each command says so and how to start it, and exits 1")
+    func noAgent() async throws {
+        for arguments in [["quarantine", "list"], ["quarantine", "requeue", "--all"], ["quarantine", "drop", "--code", "x"], ["status"]] {
+            let result = try await runCommand(Farm.agentBinary, arguments + ["--socket", "/tmp/fg-no-agent-here.sock"])
+            #expect(result.status == 1, "\(arguments)")
+            #expect(result.stderr.contains("Is `farmgate agent` running?") && result.stderr.contains("systemctl start farmgate"), "\(result.stderr)")
+        }
+    }
+
+    /// Opens the stopped agent's buffer and commits one pH reading of 6.075 stamped two days ahead; returns its sequence.
+    func commitFutureReading(bufferPath: String) async throws -> UInt64 {
+        let buffer = try await runOffPool { try ReadingBuffer(configuration: BufferConfiguration(path: bufferPath), logger: Logger(label: "test")) }
+        let sensor = try SensorID("tank1.ph")
+        try await buffer.register([SensorDescriptor(id: sensor, quantity: .ph)])
+        let future = Timestamp(microseconds: Timestamp.now().microseconds + 2 * 86_400 * 1_000_000)
+        try await buffer.append([Sample(sensor: sensor, timestamp: future, value: 6.075)])
+        let sequence = try await buffer.flush()
+        try await buffer.close()
+        return sequence
+    }
+}
