@@ -400,7 +400,7 @@ struct ClockCorrectionTests {
 
         let buffer = try openBuffer(scratch)
         let version = try BufferSchema.version(of: SQLiteConnection(path: path))
-        #expect(version == 2)
+        #expect(version == BufferSchema.currentVersion)
         #expect(BufferSchema.currentVersion >= 2)
         var statistics = try await buffer.statistics()
         #expect(statistics.pending == 3)
@@ -434,7 +434,7 @@ struct ClockCorrectionTests {
         let again = try openBuffer(scratch)
         #expect(try await again.statistics().lastSequence == 4)
         try await again.close()
-        #expect(try SQLiteConnection(path: path).queryInt("SELECT count(*) FROM schema_version") == 2)
+        #expect(try SQLiteConnection(path: path).queryInt("SELECT count(*) FROM schema_version") == BufferSchema.currentVersion)
     }
 
     @Test("The clock monitor tells the buffer, corrects once and reports how far the clock was set")

@@ -442,22 +442,24 @@ public final class EZOSimulator: Sendable {
         let line = fields.joined(separator: ",")
         switch fault {
         case .none:
-            answer([line], after: time)
+            // Recorded before the answer goes out: a driver that has read the answer must find it served.
+            pause(time)
             state.withLock { state in
                 state.reads += 1
                 state.served.append(Served(line: line, temperature: temperature))
             }
+            answer([line], after: 0)
         case .respond(let code)?:
             pause(time)
             sendRaw(Array("\(code)\r".utf8))
         case .garbageBefore(let noise)?:
             pause(time)
             sendRaw(noise + [0x0D])
-            answer([line], after: 0)
             state.withLock { state in
                 state.reads += 1
                 state.served.append(Served(line: line, temperature: temperature))
             }
+            answer([line], after: 0)
         case .garbageOnly(let noise)?:
             pause(time)
             sendRaw(noise + [0x0D])
