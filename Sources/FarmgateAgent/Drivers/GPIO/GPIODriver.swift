@@ -33,11 +33,10 @@ public final class GPIODriver: StreamingSensorDriver {
             line = 17                 # offset or line name such as "GPIO17" (`gpioinfo`)
             active_low = true         # a switch that pulls the line to ground reads 1 when closed
             bias = "pull_up"          # as_is, pull_up, pull_down, disable
-            debounce = "50ms"
-            interval = "1s"
-            deadband = 0.5            # store on change...
-            heartbeat = "15m"         # ...and at least every 15 minutes
-            # flow meters: quantity = "flow", pulses_per_litre = 450, edge = "rising", debounce = "1ms"
+            debounce = "50ms"         # every change held this long is stored, at the time of its edge...
+            heartbeat = "15m"         # ...and the unchanged state every 15 minutes
+            # flow meters: quantity = "flow", pulses_per_litre = 450, edge = "rising", debounce = "1ms", interval = "10s"
+            # (quantity = "count" keeps its running count across restarts, beside the buffer)
             """,
         validate: { configuration throws(ConfigurationError) in _ = try Options(configuration) },
         claims: { configuration throws(ConfigurationError) in try Options(configuration).claims },
