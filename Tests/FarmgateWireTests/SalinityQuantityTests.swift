@@ -63,4 +63,32 @@ struct SalinityQuantityTests {
         }
         #expect(Quantity(code: 14) == nil)
     }
+
+    @Test("A binary batch with a quantity code the decoder does not know is refused naming the sensor and what to do")
+    func unknownQuantityCode() throws {
+        // Two batches that differ only in the quantity byte (both at 1/10, the default of neither): the differing byte is the quantity's.
+        func body(_ quantity: Quantity) throws -> [UInt8] {
+            let id = try SensorID("tank1.salinity")
+            let batch = Batch(
+                device: try DeviceID("d"), sensors: [SensorDescriptor(id: id, quantity: quantity, resolution: .tenth)],
+                readings: [Reading(sensor: id, sequence: 1, timestamp: Timestamp(microseconds: 1_795_428_000_000_000), value: 1.1)])
+            return try BatchCodec.encode(batch, compressionLevel: 3, compressed: false)
+        }
+        let salinity = try body(.salinity)
+        let gravity = try body(.specificGravity)
+        let differing = zip(salinity.indices, zip(salinity, gravity)).filter { $0.1.0 != $0.1.1 }.map(\.0)
+        #expect(salinity.count == gravity.count && differing.count == 1)
+        let position = try #require(differing.first)
+        #expect(salinity[position] == 12 && gravity[position] == 13)
+        var patched = salinity
+        patched[position] = 200
+        do {
+            _ = try BatchCodec.decode(patched)
+            Issue.record("an unknown quantity code was accepted")
+        } catch {
+            #expect(
+                error.description.contains("sensor 'tank1.salinity' has quantity code 200, which this ingest does not know (known: 1-13); upgrade the ingest"),
+                "\(error)")
+        }
+    }
 }
