@@ -13,6 +13,7 @@ struct StreamedLine {
     let line: ScriptedLine
     let sink = CollectingSink()
     let clock: ManualClock
+    let board: SensorStatusBoard
     let task: Task<Void, any Error>
     static let wall = Timestamp(microseconds: 1_800_000_000_000_000)
 
@@ -21,9 +22,9 @@ struct StreamedLine {
         line = try await ScriptedLine(configurations, script: script)
         clock = ManualClock(trueTime: Self.wall, offsetSeconds: 0)
         clock.state.withLock { $0.synchronized = true }
+        board = SensorStatusBoard(sensors: configurations)
         let sampler = StreamingSampler(
-            sensors: [.init(configuration: configurations[0], driver: line.drivers[0])], sink: sink,
-            board: SensorStatusBoard(sensors: configurations), clock: WallClock(checkSynchronization: true, source: clock),
+            sensors: [.init(configuration: configurations[0], driver: line.drivers[0])], sink: sink, board: board, clock: WallClock(checkSynchronization: true, source: clock),
             logger: driverTestLogger, pollInterval: pollInterval)
         task = Task { try await sampler.run() }
     }
@@ -97,6 +98,21 @@ struct GPIOStreamingTests {
         try await line.line.feed("now 12\nfall 11")
         #expect(await eventually { line.stored.contains { $0.value == 0 && !$0.heartbeat } })
         #expect(await eventually(timeout: .seconds(15)) { line.stored.last.map { $0.value == 0 && $0.heartbeat } == true })
+        await line.stop()
+    }
+
+    @Test("An unplugged chip is a failure on the status board, counted once per interval; replugged at another level, the change is stored")
+    func unplugged() async throws {
+        let line = try await StreamedLine("line = 9\ndebounce = \"0ms\"", script: "level 0\nnow 10")
+        #expect(await eventually { line.stored.map(\.value) == [0] })
+        try line.line.backend.feed("unplug")
+        let board = line.board
+        #expect(await eventually { board.snapshot()[0].lastError?.contains("unplugged its chip") == true }, "\(board.snapshot())")
+        try await Task.sleep(for: .milliseconds(600))
+        #expect(board.snapshot()[0].consecutiveErrors == 1, "not once per 100 ms poll: \(board.snapshot())")
+        try line.line.backend.feed("replug\nlevel 1\nnow 20")
+        #expect(await eventually(timeout: .seconds(15)) { line.stored.map(\.value) == [0, 1] }, "\(line.stored)")
+        #expect(board.snapshot()[0].consecutiveErrors == 0)
         await line.stop()
     }
 

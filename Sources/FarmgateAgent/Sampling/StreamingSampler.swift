@@ -43,7 +43,8 @@ public protocol StreamingSensorDriver: SensorDriver {
 
 /// Runs the streaming sensors beside the ``Sampler``: polls each every ``pollInterval`` and appends every value it
 /// reports to the same sink (the buffer), stamped with the time it happened, plus a heartbeat of the current value
-/// when nothing was stored for the sensor's `heartbeat`. It updates the same ``SensorStatusBoard``.
+/// when nothing was stored for the sensor's `heartbeat`. It updates the same ``SensorStatusBoard`` (a failure is
+/// counted there once per the sensor's `interval` while it lasts; `interval` plays no other part for these sensors).
 ///
 /// Polling is only how values are collected: the driver keeps every value between polls (a GPIO line's watcher thread
 /// sees each edge as it happens), so a change shorter than the poll interval is stored all the same, at its own time.
@@ -110,6 +111,8 @@ public final class StreamingSampler: Service {
     struct HeartbeatGate {
         var lastStored: ContinuousClock.Instant?
         var failing = false
+        /// When a failure was last counted on the status board: once per `interval` while it lasts, not once per poll.
+        var lastFailureRecorded: ContinuousClock.Instant?
     }
 
     /// Collects what `sensor` reports and stores it.
@@ -119,7 +122,11 @@ public final class StreamingSampler: Service {
         do throws(SensorError) {
             update = try await sensor.driver.poll()
         } catch {
-            board.recordFailure(configuration.id, error: error, at: clock.now())
+            let now = ContinuousClock.now
+            if !gate.failing || gate.lastFailureRecorded.map({ now - $0 >= configuration.interval }) ?? true {
+                board.recordFailure(configuration.id, error: error, at: clock.now())
+                gate.lastFailureRecorded = now
+            }
             if !gate.failing {
                 logger.warning(
                     "Sensor failed", metadata: ["sensor": "\(configuration.id)", "error": "\(error)", "driver": "\(configuration.driver)"])
@@ -129,6 +136,7 @@ public final class StreamingSampler: Service {
         }
         if gate.failing { logger.info("Sensor is back", metadata: ["sensor": "\(configuration.id)"]) }
         gate.failing = false
+        gate.lastFailureRecorded = nil
         // One clock reading for the whole update: the values keep their spacing exactly.
         let clocks = clock.source.read()
         let synchronized = !clock.checkSynchronization || clocks.synchronized
