@@ -45,12 +45,17 @@ extension BatchCodec {
         // Sensor table: quantities, then the front-coded ids as (shared prefix, suffix length) pairs and suffix bytes.
         var quantities: [Quantity] = []
         quantities.reserveCapacity(sensorCount)
+        // A quantity newer than this decoder is named with its sensor's id once the ids are read, so that the person
+        // reading the refusal knows which sensor needs a newer ingest.
+        var unknownQuantity: (index: Int, code: UInt8)?
         for i in 0..<sensorCount {
             let code = try reader.byte("sensor \(i) quantity")
-            guard let quantity = Quantity(code: code) else {
-                throw BatchDecodingError("sensor \(i) has unknown quantity code \(code)")
+            if let quantity = Quantity(code: code) {
+                quantities.append(quantity)
+            } else {
+                if unknownQuantity == nil { unknownQuantity = (i, code) }
+                quantities.append(.count)
             }
-            quantities.append(quantity)
         }
         var prefixLengths = [Int](), suffixLengths = [Int]()
         prefixLengths.reserveCapacity(sensorCount)
@@ -77,6 +82,11 @@ extension BatchCodec {
             guard seen.insert(id).inserted else { throw BatchDecodingError("sensor '\(id)' is described more than once") }
             ids.append(id)
             previousName = Array(name)
+        }
+        if let unknownQuantity {
+            throw BatchDecodingError(
+                "sensor '\(ids[unknownQuantity.index])' has quantity code \(unknownQuantity.code), which this ingest does not know "
+                    + "(known: 1-\(Quantity.allCases.map(\.code).max() ?? 0)); upgrade the ingest, or remove the sensor from the device")
         }
         var table: [SensorDescriptor] = []
         table.reserveCapacity(sensorCount)

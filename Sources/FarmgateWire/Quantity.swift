@@ -25,6 +25,11 @@ public enum Quantity: String, CaseIterable, Hashable, Sendable, Codable {
     case humidity
     /// Air pressure in hPa.
     case pressure
+    /// Salinity in PSU (practical salinity units, PSS-78), as an Atlas EZO-EC circuit outputs it (`O,S,1`).
+    case salinity
+    /// Specific gravity (density relative to pure water), dimensionless, as an Atlas EZO-EC circuit outputs it
+    /// (`O,SG,1`).
+    case specificGravity = "specific_gravity"
 
     /// The stable byte used on the wire.
     public var code: UInt8 {
@@ -40,6 +45,8 @@ public enum Quantity: String, CaseIterable, Hashable, Sendable, Codable {
         case .tds: 9
         case .humidity: 10
         case .pressure: 11
+        case .salinity: 12
+        case .specificGravity: 13
         }
     }
 
@@ -63,6 +70,8 @@ public enum Quantity: String, CaseIterable, Hashable, Sendable, Codable {
         case .tds: "ppm"
         case .humidity: "%"
         case .pressure: "hPa"
+        case .salinity: "PSU"
+        case .specificGravity: "SG"
         }
     }
 
@@ -79,6 +88,8 @@ public enum Quantity: String, CaseIterable, Hashable, Sendable, Codable {
         case .tds: .one
         case .humidity: .tenth
         case .pressure: .tenth
+        case .salinity: .hundredth
+        case .specificGravity: .thousandth
         }
     }
 
@@ -96,6 +107,10 @@ public enum Quantity: String, CaseIterable, Hashable, Sendable, Codable {
         case .tds: 0...1_000_000
         case .humidity: 0...100
         case .pressure: 0...2_000
+        // PSS-78 is defined up to 42 PSU (the EZO-EC reads 0–42); brines and salt lakes reach about 300.
+        case .salinity: 0...300
+        // Pure water near boiling is 0.958; saturated brine about 1.2; the EZO-EC reads 1.00–1.30.
+        case .specificGravity: 0.9...1.5
         }
     }
 }

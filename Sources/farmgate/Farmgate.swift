@@ -86,6 +86,11 @@ struct ConfigCommand: ParsableCommand {
 
         func run() throws {
             let configuration = try options.load()
+            // GPIO lines resolved on this machine's chips: one line written two ways is found only here.
+            let gpioNotes: [String]
+            do { gpioNotes = try GPIODriver.checkLinesOnChips(configuration.sensors) } catch {
+                throw CleanExit.message(error.description, code: 78)
+            }
             print("\(configuration.file): OK")
             print("device      \(configuration.device)")
             print("buffer      \(configuration.buffer.path) (quota \(configuration.buffer.quotaBytes >> 20) MiB, \(configuration.buffer.whenFull.rawValue))")
@@ -95,6 +100,9 @@ struct ConfigCommand: ParsableCommand {
             for sensor in configuration.sensors {
                 let d = sensor.descriptor
                 print("  \(sensor.id.rawValue.padding(toLength: 24, withPad: " ", startingAt: 0)) \(sensor.driver.padding(toLength: 10, withPad: " ", startingAt: 0)) \(d.quantity.rawValue) (\(d.quantity.unit)) every \(ConfigTable.format(sensor.interval)), resolution \(d.resolution)")
+            }
+            for note in gpioNotes {
+                print("gpio        \(note)")
             }
         }
     }

@@ -365,6 +365,27 @@ struct EZODriverTests {
         await ec.close()
     }
 
+    @Test("EC, TDS, salinity and specific gravity on one EC circuit: O,S,1 and O,SG,1 are sent, each sensor reads its field")
+    func ecFourOutputs() async throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.ec, name: "ec", values: { index, _ in 1400 + Double(max(0, index)) })
+        let port = bench.dir.file("ec")
+        var tables = ""
+        for (id, quantity) in [("tank1.ec", "ec"), ("tank1.tds", "tds"), ("tank1.salinity", "salinity"), ("tank1.sg", "specific_gravity")] {
+            tables += "[[sensor]]\nid = \"\(id)\"\ndriver = \"ezo\"\nquantity = \"\(quantity)\"\nport = \"\(port)\"\n\n"
+        }
+        let drivers = try bench.drivers(tables)
+        let salinity = try #require(drivers["tank1.salinity"])
+        let gravity = try #require(drivers["tank1.sg"])
+        let ec = try #require(drivers["tank1.ec"])
+        // The simulator answers S as EC/1000 × 0.55 (two decimals) and SG as 1.000.
+        #expect(try await salinity.read() == SensorValue(0.77))
+        #expect(simulator.outputs == ["EC", "TDS", "S", "SG"])
+        #expect(try await gravity.read() == SensorValue(1))
+        #expect(try await ec.read() == SensorValue(1402))
+        await ec.close()
+    }
+
     @Test("Two opens of one port: the second is refused as busy")
     func exclusive() async throws {
         let bench = try EZOBench()

@@ -28,10 +28,12 @@ struct ScriptedLine {
     let backend = ScriptedGPIOBackend()
     let drivers: [GPIODriver]
 
-    init(_ configurations: [SensorConfiguration], script: String = "") async throws {
+    init(_ configurations: [SensorConfiguration], script: String = "", countFile: String? = nil) async throws {
         try backend.feed(script)
         let backend = self.backend
-        drivers = try configurations.map { try GPIODriver(configuration: $0, backend: backend, logger: driverTestLogger) }
+        drivers = try configurations.map {
+            try GPIODriver(configuration: $0, backend: backend, logger: driverTestLogger, countFile: countFile)
+        }
         let drivers = self.drivers
         let requested = await eventually(timeout: .seconds(10)) {
             if case .failure(let error) = await readResult(drivers[0]), error.message.contains("not requested yet") { return false }

@@ -69,15 +69,19 @@ public struct DriverContext: Sendable {
     /// One owner per serial port: sensors on the same port share it and their requests are serialised through it.
     public var serialPorts: SerialPortRegistry
     public var logger: Logger
+    /// Where drivers keep small state files that must survive a restart (a flow meter's running count): a path prefix
+    /// to which each appends its own suffix, the buffer's path in the agent. Nil: no state survives (one-off reads).
+    public var stateFilePrefix: String?
 
     public init(
         sensors: [SensorConfiguration] = [], latestValues: any LatestValues = NoLatestValues(),
-        serialPorts: SerialPortRegistry = SerialPortRegistry(), logger: Logger
+        serialPorts: SerialPortRegistry = SerialPortRegistry(), logger: Logger, stateFilePrefix: String? = nil
     ) {
         self.sensors = sensors
         self.latestValues = latestValues
         self.serialPorts = serialPorts
         self.logger = logger
+        self.stateFilePrefix = stateFilePrefix
     }
 }
 

@@ -20,13 +20,21 @@ public enum AgentRuntime {
 
         let board = SensorStatusBoard(sensors: configuration.sensors)
         let context = DriverContext(
-            sensors: configuration.sensors, latestValues: board, serialPorts: SerialPortRegistry(logger: logger), logger: logger)
+            sensors: configuration.sensors, latestValues: board, serialPorts: SerialPortRegistry(logger: logger), logger: logger,
+            stateFilePrefix: configuration.buffer.path)
         var sensors: [Sampler.Sensor] = []
+        var streamingSensors: [StreamingSampler.Sensor] = []
         for sensor in configuration.sensors {
             guard let description = drivers.driver(named: sensor.driver) else {
                 throw ControlSocketError("sensor \(sensor.id): unknown driver \(sensor.driver)")
             }
-            sensors.append(Sampler.Sensor(configuration: sensor, driver: try description.make(sensor, context)))
+            let driver = try description.make(sensor, context)
+            // Sensors that report changes as they happen (GPIO switches) run beside the sampler, not on its interval.
+            if let streaming = driver as? any StreamingSensorDriver, streaming.streams {
+                streamingSensors.append(StreamingSampler.Sensor(configuration: sensor, driver: streaming))
+            } else {
+                sensors.append(Sampler.Sensor(configuration: sensor, driver: driver))
+            }
         }
         // The kernel's clocks (reads the boot id, and the test hook's file when FARMGATE_TEST_CLOCK_FILE names one).
         let checkClock = configuration.checkClock
@@ -84,11 +92,14 @@ public enum AgentRuntime {
         if let monitor { services.append(monitor) }
         if let uploader { services.append(uploader) }
         services.append(sampler)
+        if !streamingSensors.isEmpty {
+            services.append(StreamingSampler(sensors: streamingSensors, sink: buffer, board: board, clock: clock, logger: logger))
+        }
         services.append(control)
         logger.info(
             "Agent starting",
             metadata: [
-                "device": "\(configuration.device)", "sensors": "\(sensors.count)", "buffer": "\(configuration.buffer.path)",
+                "device": "\(configuration.device)", "sensors": "\(configuration.sensors.count)", "buffer": "\(configuration.buffer.path)",
                 "upload": "\(endpoint ?? "off")", "version": "\(FarmgateVersion.current)",
             ])
         let group = ServiceGroup(

@@ -8,7 +8,7 @@ import Synchronization
 ///
 /// The circuit is chosen by the sensor's quantity (`ph` → pH, `ec`/`tds` → EC, `temperature` → RTD, `orp`, `do`); each
 /// circuit has its own serial port. An EC circuit's further outputs are further `[[sensor]]` tables on the same port
-/// with `quantity = "tds"`: the driver turns on (`O,...`) exactly the outputs configured. pH, EC and DO reads are
+/// with `quantity = "tds"`, `"salinity"` (`S`) or `"specific_gravity"` (`SG`): the driver turns on (`O,...`) exactly the outputs configured. pH, EC and DO reads are
 /// temperature-compensated (`RT,<t>`) with the latest value of `temperature_sensor` when one is named.
 /// The protocol work is in ``EZOSession``; the port's ownership, exclusivity and reopening in ``SerialLine``.
 public final class EZODriver: SensorDriver {
@@ -16,13 +16,13 @@ public final class EZODriver: SensorDriver {
 
     public static let description = DriverDescription(
         kind: "ezo",
-        summary: "Atlas Scientific EZO pH, EC (and TDS), RTD, ORP and DO circuits over UART, with temperature compensation.",
+        summary: "Atlas Scientific EZO pH, EC (and TDS, salinity, specific gravity), RTD, ORP and DO circuits over UART, with temperature compensation.",
         optionKeys: optionKeys,
         sampleConfiguration: """
             [[sensor]]
             id = "tank1.ph"
             driver = "ezo"
-            quantity = "ph"                  # ph, ec, tds (an EC circuit's output), temperature (RTD), orp, do
+            quantity = "ph"                  # ph, ec, tds, salinity, specific_gravity (EC outputs), temperature (RTD), orp, do
             port = "/dev/serial/by-id/usb-FTDI_FT232R_USB_UART_A10K1234-if00-port0"
             # baud = 9600                    # the circuit's UART speed (factory 9600)
             # temperature_sensor = "tank1.temp"   # compensate with this sensor's latest value (pH, EC, DO)
@@ -47,7 +47,7 @@ public final class EZODriver: SensorDriver {
             let quantity = configuration.descriptor.quantity
             guard let kind = EZOCircuitKind(quantity: quantity) else {
                 throw table.error(
-                    "quantity", "the ezo driver reads ph, ec, tds (an EC circuit's output), temperature (RTD), orp and do; not \(quantity.rawValue)")
+                    "quantity", "the ezo driver reads ph, ec, tds, salinity and specific_gravity (an EC circuit's outputs), temperature (RTD), orp and do; not \(quantity.rawValue)")
             }
             self.kind = kind
             output = EZOOutput(quantity: quantity)
@@ -111,7 +111,7 @@ public final class EZODriver: SensorDriver {
                 guard let output = options.output, outputs[options.port]?.contains(output) == false else {
                     throw table.error(
                         "port",
-                        "sensor \"\(first.id)\" already reads the \(options.kind) circuit on \(options.port); two sensors on one circuit must read different outputs (ec, tds)")
+                        "sensor \"\(first.id)\" already reads the \(options.kind) circuit on \(options.port); two sensors on one circuit must read different outputs (ec, tds, salinity, specific_gravity)")
                 }
                 outputs[options.port]?.insert(output)
             } else {

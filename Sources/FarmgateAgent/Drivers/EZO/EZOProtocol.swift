@@ -23,11 +23,11 @@ public enum EZOCircuitKind: String, Sendable, Hashable, CaseIterable, CustomStri
         }
     }
 
-    /// The circuit that measures `quantity` (EC circuits also give TDS).
+    /// The circuit that measures `quantity` (EC circuits also give TDS, salinity and specific gravity).
     public init?(quantity: Quantity) {
         switch quantity {
         case .ph: self = .ph
-        case .electricalConductivity, .tds: self = .ec
+        case .electricalConductivity, .tds, .salinity, .specificGravity: self = .ec
         case .temperature: self = .rtd
         case .orp: self = .orp
         case .dissolvedOxygen: self = .dissolvedOxygen
@@ -70,6 +70,8 @@ public enum EZOOutput: String, Sendable, Hashable, CaseIterable, Comparable {
         switch quantity {
         case .electricalConductivity: self = .ec
         case .tds: self = .tds
+        case .salinity: self = .salinity
+        case .specificGravity: self = .specificGravity
         default: return nil
         }
     }

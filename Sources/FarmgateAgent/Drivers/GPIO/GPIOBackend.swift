@@ -8,6 +8,19 @@ public protocol GPIOBackend: AnyObject, Sendable {
     func open(_ request: GPIOLineRequest) throws(SensorError) -> any GPIOLine
     /// Now, on the clock of the events' timestamps (CLOCK_MONOTONIC for the kernel), in nanoseconds.
     func now() -> Int64
+    /// Finds a line without requesting it: which chip and offset a name or number means, so that `farmgate config check`
+    /// sees one line written two ways (`17` and `"GPIO17"`). Blocking (opens the chip): not on the concurrency pool.
+    func lookUp(chip: GPIOChipSelector, line: GPIOLineSelector) -> GPIOLineLookup
+}
+
+/// What ``GPIOBackend/lookUp(chip:line:)`` found.
+public enum GPIOLineLookup: Sendable, Hashable {
+    /// The line is offset `offset` of the chip the kernel names `chip` (`gpiochip0`).
+    case found(chip: String, offset: Int)
+    /// The chip does not exist here (or cannot be opened): nothing can be resolved; says why.
+    case noChip(String)
+    /// The chip exists but has no such line; says which lines it has.
+    case noLine(String)
 }
 
 /// A requested line. One thread owns it; it is released when the object is.

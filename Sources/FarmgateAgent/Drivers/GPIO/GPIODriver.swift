@@ -11,8 +11,11 @@ import Synchronization
 /// watcher); any other second use of a line is refused by the configuration check. A missing chip or line is not a
 /// configuration error: the sensor reads `disconnected` and the line is requested again with backoff.
 ///
-/// For state sensors, `deadband = 0.5` with a `heartbeat` stores a value only when it changes, plus the heartbeat.
-public final class GPIODriver: SensorDriver {
+/// A state input streams (``StreamingSensorDriver``): every debounced change is stored as it happens, stamped with the
+/// time of the kernel's edge event, plus the unchanged state every `heartbeat`; its `interval` and `deadband` do not
+/// apply. Flow and count sensors are read every `interval`; the running count continues across restarts of the agent
+/// from a small state file beside the buffer (``GPIOCountStore``).
+public final class GPIODriver: StreamingSensorDriver {
     static let optionKeys: Set<String> = [
         "chip", "line", "active_low", "bias", "debounce", "edge", "pulses_per_litre", "backend", "events_file",
     ]
@@ -30,15 +33,18 @@ public final class GPIODriver: SensorDriver {
             line = 17                 # offset or line name such as "GPIO17" (`gpioinfo`)
             active_low = true         # a switch that pulls the line to ground reads 1 when closed
             bias = "pull_up"          # as_is, pull_up, pull_down, disable
-            debounce = "50ms"
-            interval = "1s"
-            deadband = 0.5            # store on change...
-            heartbeat = "15m"         # ...and at least every 15 minutes
-            # flow meters: quantity = "flow", pulses_per_litre = 450, edge = "rising", debounce = "1ms"
+            debounce = "50ms"         # every change held this long is stored, at the time of its edge...
+            heartbeat = "15m"         # ...and the unchanged state every 15 minutes
+            # flow meters: quantity = "flow", pulses_per_litre = 450, edge = "rising", debounce = "1ms", interval = "10s"
+            # (quantity = "count" keeps its running count across restarts, beside the buffer)
             """,
         validate: { configuration throws(ConfigurationError) in _ = try Options(configuration) },
         claims: { configuration throws(ConfigurationError) in try Options(configuration).claims },
-        make: { configuration, context in try GPIODriver(configuration: configuration, logger: context.logger) })
+        make: { configuration, context in
+            try GPIODriver(
+                configuration: configuration, logger: context.logger,
+                countFile: context.stateFilePrefix.map { GPIOCountStore.path(prefix: $0, sensor: configuration.id) })
+        })
 
     enum Role: Sendable, Hashable {
         case state
@@ -174,21 +180,44 @@ public final class GPIODriver: SensorDriver {
     let options: Options
     let backend: any GPIOBackend
     let watcher: GPIOLineWatcher
+    /// Where a count sensor keeps its running count across restarts (nil: it starts at 0 each time).
+    let countStore: GPIOCountStore?
 
-    public convenience init(configuration: SensorConfiguration, logger: Logger) throws {
+    /// - Parameter countFile: for a count sensor, the file that keeps its running count across restarts.
+    public convenience init(configuration: SensorConfiguration, logger: Logger, countFile: String? = nil) throws {
         let options = try Options(configuration)
-        let backend: any GPIOBackend =
-            if let file = options.eventsFile { EventFileBackends.shared.backend(for: file) } else { LibgpiodBackends.shared }
-        try self.init(configuration: configuration, backend: backend, logger: logger)
+        let backend = Self.backend(for: options)
+        try self.init(configuration: configuration, backend: backend, logger: logger, countFile: countFile)
     }
 
     /// A driver on `backend` (tests pass a ``ScriptedGPIOBackend``).
-    public init(configuration: SensorConfiguration, backend: any GPIOBackend, logger: Logger) throws {
+    public init(configuration: SensorConfiguration, backend: any GPIOBackend, logger: Logger, countFile: String? = nil) throws {
         let options = try Options(configuration)
         self.options = options
         self.backend = backend
+        countStore = options.role == .count ? countFile.map { GPIOCountStore(path: $0, logger: logger) } : nil
         watcher = try GPIOLineWatchers.shared.watcher(
             for: options.request, mode: options.mode, activeLow: options.activeLow, backend: backend, logger: logger)
+    }
+
+    /// The backend a configured sensor uses: libgpiod, or the events file it follows.
+    static func backend(for options: Options) -> any GPIOBackend {
+        if let file = options.eventsFile { EventFileBackends.shared.backend(for: file) } else { LibgpiodBackends.shared }
+    }
+
+    /// A state input streams its changes; flow and count sensors are read on their interval.
+    public var streams: Bool { options.role == .state }
+
+    /// The debounced changes since the previous poll, each with how long ago its edge happened, and the settled state.
+    public func poll() async throws(SensorError) -> StreamedUpdate {
+        guard options.role == .state else { return StreamedUpdate(current: nil) }
+        let (changes, current, now) = try watcher.withMonitor { monitor, now in
+            let state = monitor.state(at: now)
+            return (monitor.takeChanges(), monitor.settling ? nil : state, now)
+        }
+        return StreamedUpdate(
+            values: changes.map { StreamedValue(SensorValue(Double($0.state)), age: .nanoseconds(now - $0.at)) },
+            current: current.map { SensorValue(Double($0)) })
     }
 
     public func read() async throws(SensorError) -> SensorValue {
@@ -196,7 +225,9 @@ public final class GPIODriver: SensorDriver {
         case .state:
             return SensorValue(Double(try watcher.withMonitor { monitor, now in monitor.state(at: now) }))
         case .count:
-            return SensorValue(Double(try watcher.withMonitor { monitor, _ in monitor.totalPulses }))
+            let pulses = try watcher.withMonitor { monitor, _ in monitor.totalPulses }
+            guard let countStore else { return SensorValue(Double(pulses)) }
+            return SensorValue(Double(try await countStore.total(pulsesSinceStart: pulses)))
         case .flow(let perLitre):
             let window = try watcher.withMonitor { monitor, now in monitor.takeFlowWindow(at: now) }
             guard window.seconds > 0 else {

@@ -56,9 +56,9 @@ struct GPIOLineMonitor: Sendable {
         let level = logicalEdge == .rising ? 1 : 0
         let time = max(event.timestamp, rawSince)
         switch mode {
-        case .input(let debounce):
+        case .input:
             guard level != rawLevel else { return }  // a repeated edge (one was lost): nothing changes
-            if time - rawSince >= debounce { stable = rawLevel }
+            settle(at: time)
             rawLevel = level
             rawSince = time
         case .pulses(let edge, let debounce):
@@ -79,8 +79,46 @@ struct GPIOLineMonitor: Sendable {
 
     /// The debounced state at `time`: the line's level once it has held it for the debounce time.
     mutating func state(at time: Int64) -> Int {
-        if case .input(let debounce) = mode, time - rawSince >= debounce { stable = rawLevel }
+        settle(at: time)
         return stable
+    }
+
+    /// A debounced change of a state input: the new state and the time of the edge that began it.
+    struct StateChange: Sendable, Hashable {
+        var state: Int
+        var at: Int64
+    }
+
+    /// Debounced changes not yet taken, oldest first (a state input records them for ``takeChanges()``).
+    private(set) var changes: [StateChange] = []
+    /// Changes dropped because nobody took them (more than ``maxChanges`` between two takes).
+    private(set) var droppedChanges = 0
+    /// The most changes kept between two takes: a switch bouncing past its debounce every 50 ms for 80 minutes.
+    static let maxChanges = 100_000
+
+    /// Whether a state input's line holds a level that is not (yet) its debounced state: a change may be about to be
+    /// reported with the time of its edge, which is before now.
+    var settling: Bool {
+        guard case .input = mode else { return false }
+        return rawLevel != stable
+    }
+
+    /// The changes debounced so far, oldest first; they are not reported again.
+    mutating func takeChanges() -> [StateChange] {
+        defer { changes = [] }
+        return changes
+    }
+
+    /// Confirms the line's level as the state once it has held it for the debounce time at `time`, recording the
+    /// change with the time of the edge that began it.
+    private mutating func settle(at time: Int64) {
+        guard case .input(let debounce) = mode, rawLevel != stable, time - rawSince >= debounce else { return }
+        stable = rawLevel
+        if changes.count >= Self.maxChanges {
+            changes.removeFirst()
+            droppedChanges += 1
+        }
+        changes.append(StateChange(state: stable, at: rawSince))
     }
 
     /// The pulses counted since the previous call (or the start) up to `time`, and how long that window was in

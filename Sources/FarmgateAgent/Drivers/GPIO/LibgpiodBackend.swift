@@ -18,6 +18,30 @@ public final class LibgpiodBackend: GPIOBackend {
         Self.clock(CLOCK_MONOTONIC)
     }
 
+    public func lookUp(chip chipSelector: GPIOChipSelector, line lineSelector: GPIOLineSelector) -> GPIOLineLookup {
+        let opened: OpaquePointer? =
+            switch chipSelector {
+            case .number(let number): gpiod_chip_open_by_number(UInt32(clamping: number))
+            case .name(let text): gpiod_chip_open_lookup(text)
+            }
+        guard let chip = opened else { return .noChip(LibgpiodLine.chipError(errno, chip: chipSelector).message) }
+        defer { gpiod_chip_close(chip) }
+        let name = String(cString: gpiod_chip_name(chip))
+        let count = Int(gpiod_chip_num_lines(chip))
+        switch lineSelector {
+        case .offset(let offset):
+            guard offset >= 0, offset < count else {
+                return .noLine("\(name) has lines 0-\(count - 1), not \(offset); `gpioinfo \(name)` lists them")
+            }
+            return .found(chip: name, offset: offset)
+        case .name(let lineName):
+            guard let line = gpiod_chip_find_line(chip, lineName) else {
+                return .noLine("\(name) has no line named \"\(lineName)\"; `gpioinfo \(name)` lists the names and offsets")
+            }
+            return .found(chip: name, offset: Int(gpiod_line_offset(line)))
+        }
+    }
+
     static func clock(_ id: clockid_t) -> Int64 {
         var now = timespec()
         clock_gettime(id, &now)

@@ -13,6 +13,7 @@ import Synchronization
 /// rise 1200.000123    a rising edge (low to high) at that time
 /// fall 1200.050000    a falling edge
 /// now 1260            the clock now reads 1260 s (it never goes back; delivered edges advance it too)
+/// name 17 GPIO17       the chip's line 17 is named GPIO17 (for `farmgate config check`, which resolves names to offsets)
 /// unplug              the chip vanishes: requests fail and a requested line fails (the driver reads `disconnected`)
 /// replug              the chip is back (the driver requests the line again)
 /// ```
@@ -38,6 +39,8 @@ public final class ScriptedGPIOBackend: GPIOBackend {
         /// Edges handed to the line's thread by the last wait, until it comes back for more (having applied them).
         var inFlight = 0
         var fileOffset: UInt64 = 0
+        /// Line names declared with `name`, by name.
+        var names: [String: Int] = [:]
         var partialLine = ""
     }
 
@@ -55,9 +58,13 @@ public final class ScriptedGPIOBackend: GPIOBackend {
     }
 
     /// Applies one or more protocol lines.
+    /// Applies one or more protocol lines, all at once: the line's thread sees none or all of them (up to a bad line,
+    /// which is refused after the lines before it took effect).
     public func feed(_ text: String) throws(ScriptError) {
-        for raw in text.split(separator: "\n", omittingEmptySubsequences: false) {
-            try apply(String(raw))
+        try state.withLock { state throws(ScriptError) in
+            for raw in text.split(separator: "\n", omittingEmptySubsequences: false) {
+                try Self.apply(String(raw), to: &state)
+            }
         }
     }
 
@@ -75,6 +82,25 @@ public final class ScriptedGPIOBackend: GPIOBackend {
             return state.generation
         }
         return ScriptedLine(backend: self, generation: generation, name: request.name)
+    }
+
+    public func lookUp(chip: GPIOChipSelector, line: GPIOLineSelector) -> GPIOLineLookup {
+        if let file, !FileManager.default.fileExists(atPath: file) {
+            return .noChip("the events file \(file) does not exist yet")
+        }
+        pumpFile()
+        return state.withLock { state in
+            guard state.present else { return .noChip("GPIO chip \(chip) not found (the event script unplugged it)") }
+            switch line {
+            case .offset(let offset): return .found(chip: chip.description, offset: offset)
+            case .name(let name):
+                guard let offset = state.names[name] else {
+                    let declared = state.names.sorted { $0.value < $1.value }.map { "\($0.value)=\($0.key)" }.joined(separator: ", ")
+                    return .noLine("\(chip) has no line named \"\(name)\" (the event script names: \(declared.isEmpty ? "none" : declared))")
+                }
+                return .found(chip: chip.description, offset: offset)
+            }
+        }
     }
 
     fileprivate func level(generation: Int, name: String) throws(SensorError) -> Int {
@@ -108,34 +134,38 @@ public final class ScriptedGPIOBackend: GPIOBackend {
         SensorError(.disconnected, "GPIO line \(name) is gone (the event script unplugged its chip)")
     }
 
-    private func apply(_ raw: String) throws(ScriptError) {
+    private static func apply(_ raw: String, to state: inout State) throws(ScriptError) {
         let text = raw.split(separator: "#", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? ""
         let words = text.split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\r" }).map(String.init)
         guard let command = words.first?.lowercased() else { return }
         switch (command, words.count) {
         case ("rise", 2), ("fall", 2):
             let time = try Self.time(words[1], line: raw)
-            state.withLock { $0.queue.append(GPIOEdgeEvent(command == "rise" ? .rising : .falling, at: time)) }
+            state.queue.append(GPIOEdgeEvent(command == "rise" ? .rising : .falling, at: time))
         case ("level", 2):
             guard let level = Int(words[1]), level == 0 || level == 1 else {
                 throw ScriptError(line: raw, reason: "a level is 0 or 1")
             }
-            state.withLock { $0.level = level }
+            state.level = level
         case ("now", 2):
             let time = try Self.time(words[1], line: raw)
-            state.withLock { $0.clock = max($0.clock, time) }
+            state.clock = max(state.clock, time)
         case ("unplug", 1):
-            state.withLock {
-                $0.present = false
-                $0.generation += 1
-                $0.queue = []
-                $0.inFlight = 0
-            }
+            state.present = false
+            state.generation += 1
+            state.queue = []
+            state.inFlight = 0
         case ("replug", 1):
-            state.withLock { $0.present = true }
+            state.present = true
+        case ("name", 3):
+            guard let offset = Int(words[1]), (0...511).contains(offset) else {
+                throw ScriptError(line: raw, reason: "a line offset is between 0 and 511")
+            }
+            let name = words[2]
+            state.names[name] = offset
         default:
             throw ScriptError(
-                line: raw, reason: "expected `rise SECONDS`, `fall SECONDS`, `level 0|1`, `now SECONDS`, `unplug` or `replug`")
+                line: raw, reason: "expected `rise SECONDS`, `fall SECONDS`, `level 0|1`, `now SECONDS`, `name OFFSET NAME`, `unplug` or `replug`")
         }
     }
 
@@ -159,7 +189,7 @@ public final class ScriptedGPIOBackend: GPIOBackend {
         defer { try? handle.close() }
         let offset = state.withLock { $0.fileOffset }
         guard (try? handle.seek(toOffset: offset)) != nil, let data = try? handle.readToEnd(), !data.isEmpty else { return }
-        let lines = state.withLock { state -> [String] in
+        state.withLock { state in
             state.fileOffset += UInt64(data.count)
             var text = state.partialLine + String(decoding: data, as: UTF8.self)
             var complete: [String] = []
@@ -168,9 +198,9 @@ public final class ScriptedGPIOBackend: GPIOBackend {
                 text = String(text[text.index(after: newline)...])
             }
             state.partialLine = text
-            return complete
+            // All at once, as ``feed(_:)``.
+            for line in complete { try? Self.apply(line, to: &state) }
         }
-        for line in lines { try? apply(line) }
     }
 }
 

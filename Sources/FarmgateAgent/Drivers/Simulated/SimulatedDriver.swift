@@ -28,6 +28,8 @@ public final class SimulatedDriver: SensorDriver {
             case .tds: Profile(base: 700, amplitude: 30, noise: 1, walk: 4)
             case .humidity: Profile(base: 65, amplitude: 10, noise: 0.3, walk: 1)
             case .pressure: Profile(base: 1013, amplitude: 3, noise: 0.1, walk: 0.5)
+            case .salinity: Profile(base: 0.7, amplitude: 0.03, noise: 0.002, walk: 0.005)
+            case .specificGravity: Profile(base: 1.001, amplitude: 0, noise: 0.0002, walk: 0.0001)
             case .flowRate: Profile(base: 12, amplitude: 1, noise: 0.1, walk: 0.3)
             case .state, .count: Profile(base: 0, amplitude: 0, noise: 0, walk: 0)
             }

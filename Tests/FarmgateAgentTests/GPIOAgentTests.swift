@@ -1,0 +1,206 @@
+@testable import FarmgateAgent
+import FarmgateSupport
+import FarmgateTestSupport
+import FarmgateWire
+import Foundation
+import Logging
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@Suite("The real agent on GPIO event files", .serialized)
+struct GPIOAgentTests {
+    /// `farmgate agent` with `backend = "events"`: a float switch's changes appended to its events file while the agent
+    /// runs are each stored at their edge's time; a pulse count continues from its stored value after a restart.
+    @Test("Changes appended to an events file are stored at their edge times; the count survives a restart")
+    func agentStoresChanges() async throws {
+        let scratch = try Scratch(prefix: "fg-gpio-agent", in: URL(fileURLWithPath: "/tmp"))
+        let floatEvents = try scratch.write("float.events", "level 0\nnow 100\n")
+        let countEvents = try scratch.write("count.events", "level 0\nnow 100\nrise 100.1\nfall 100.2\nrise 100.3\n")
+        let buffer = scratch.file("buffer.sqlite")
+        let socket = scratch.file("control.sock")
+        let configuration = try scratch.write(
+            "agent.toml",
+            """
+            [device]
+            id = "gpio-site"
+            [buffer]
+            path = "\(buffer)"
+            commit_interval = "100ms"
+            [control]
+            socket = "\(socket)"
+            [clock]
+            check = false
+
+            [[sensor]]
+            id = "tank1.float"
+            driver = "gpio"
+            quantity = "state"
+            interval = "1h"
+            line = 17
+            debounce = "10ms"
+            backend = "events"
+            events_file = "\(floatEvents)"
+
+            [[sensor]]
+            id = "loop.pulses"
+            driver = "gpio"
+            quantity = "count"
+            interval = "200ms"
+            line = 27
+            backend = "events"
+            events_file = "\(countEvents)"
+            """)
+
+        // First run: the float switch is read once, then three changes are appended, each shorter than any interval.
+        let log = scratch.file("agent.log")
+        var process = try startAgent(configuration, log: log)
+        let readOnce = await eventually(timeout: .seconds(30), every: .milliseconds(100)) {
+            await sensorStatus(socket, "tank1.float")?.lastValue == 0
+        }
+        #expect(readOnce, "the agent never stored the switch's state: \(agentLog(log))")
+        let handle = try #require(FileHandle(forWritingAtPath: floatEvents))
+        try handle.seekToEnd()
+        try handle.write(contentsOf: Data("rise 100.200\nfall 100.250\nrise 100.400\nnow 101\n".utf8))
+        try handle.close()
+        let changed = await eventually(timeout: .seconds(30), every: .milliseconds(100)) {
+            await sensorStatus(socket, "tank1.float").map { $0.lastValue == 1 && $0.readsOK >= 4 } == true
+        }
+        #expect(changed, "the changes were not stored: \(agentLog(log))")
+        let counted = await eventually(timeout: .seconds(30)) {
+            (try? String(contentsOfFile: buffer + ".gpio-count.loop.pulses", encoding: .utf8)) == "2\n"
+        }
+        #expect(counted)
+        try await stop(process, log: log)
+
+        var readings = try await buffered(buffer)
+        let float = readings.filter { $0.sensor.rawValue == "tank1.float" }
+        #expect(float.map(\.value) == [0, 1, 0, 1], "\(float)")
+        if float.count == 4 {
+            // The changes keep the spacing of their edges exactly: 50 ms, then 150 ms.
+            #expect(float[2].timestamp.microseconds - float[1].timestamp.microseconds == 50_000)
+            #expect(float[3].timestamp.microseconds - float[2].timestamp.microseconds == 150_000)
+            #expect(float.dropFirst().allSatisfy { !$0.quality.contains(.heartbeat) })
+            // On the wall clock (the script's edges are placed by their age against its own clock, as the kernel's are).
+            #expect(abs(float[1].timestamp.microseconds - Timestamp.now().microseconds) < 60_000_000)
+        }
+        #expect(readings.filter { $0.sensor.rawValue == "loop.pulses" }.last?.value == 2)
+
+        // Second run: a fresh events file (the lines' own counts start at 0 again) with one pulse.
+        try Data("level 0\nnow 200\nrise 200.1\nnow 201\n".utf8).write(to: URL(fileURLWithPath: countEvents))
+        try Data("level 1\nnow 200\n".utf8).write(to: URL(fileURLWithPath: floatEvents))
+        process = try startAgent(configuration, log: log)
+        let continued = await eventually(timeout: .seconds(30)) {
+            (try? String(contentsOfFile: buffer + ".gpio-count.loop.pulses", encoding: .utf8)) == "3\n"
+        }
+        #expect(continued, "the count did not continue from 2: \(agentLog(log))")
+        try await stop(process, log: log)
+        readings = try await buffered(buffer)
+        let counts = readings.filter { $0.sensor.rawValue == "loop.pulses" }.map(\.value)
+        #expect(counts.last == 3)
+        #expect(zip(counts, counts.dropFirst()).allSatisfy { $0 <= $1 }, "the count never goes back: \(counts)")
+    }
+
+    @Test("`farmgate config check` resolves line names on the chip and refuses one line used twice; without the chip it says the check was skipped")
+    func configCheck() async throws {
+        let scratch = try Scratch(prefix: "fg-gpio-check", in: URL(fileURLWithPath: "/tmp"))
+        let chip = try scratch.write("chip.events", "name 17 GPIO17\n")
+        func configuration(_ events: String, second line: String) throws -> String {
+            try scratch.write(
+                "agent.toml",
+                """
+                [device]
+                id = "gpio-site"
+                [buffer]
+                path = "\(scratch.file("buffer.sqlite"))"
+
+                [[sensor]]
+                id = "tank1.low"
+                driver = "gpio"
+                quantity = "state"
+                line = 17
+                backend = "events"
+                events_file = "\(events)"
+
+                [[sensor]]
+                id = "tank1.leak"
+                driver = "gpio"
+                quantity = "state"
+                line = \(line)
+                backend = "events"
+                events_file = "\(events)"
+                """)
+        }
+        var path = try configuration(chip, second: "\"GPIO17\"")
+        var result = try await farmgateCLI(["config", "check", "-c", path])
+        #expect(result.status == 78, "\(result.output)")
+        #expect(result.output.contains("\(path):"), "\(result.output)")
+        #expect(
+            result.output.contains("sensor \"tank1.leak\": line: GPIO line gpiochip0:17 (events \(chip)) (written gpiochip0:GPIO17 here) is already used by sensor \"tank1.low\""),
+            "\(result.output)")
+
+        path = try configuration(scratch.file("absent.events"), second: "\"GPIO17\"")
+        result = try await farmgateCLI(["config", "check", "-c", path])
+        #expect(result.status == 0, "\(result.output)")
+        #expect(result.output.contains("gpio        sensor tank1.leak: GPIO line check skipped: the events file"), "\(result.output)")
+    }
+
+    func farmgateCLI(_ arguments: [String]) async throws -> (status: Int32, output: String) {
+        let binary = builtExecutable("farmgate", environmentOverride: "FARMGATE_BINARY")
+        return try await runOffPool(name: "test-farmgate") {
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: binary)
+            process.arguments = arguments
+            let out = Pipe()
+            process.standardOutput = out
+            process.standardError = out
+            try process.run()
+            let data = out.fileHandleForReading.readDataToEndOfFile()
+            process.waitUntilExit()
+            return (process.terminationStatus, String(decoding: data, as: UTF8.self))
+        }
+    }
+
+    func startAgent(_ configuration: String, log: String) throws -> Process {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: builtExecutable("farmgate", environmentOverride: "FARMGATE_BINARY"))
+        process.arguments = ["agent", "-c", configuration]
+        if !FileManager.default.fileExists(atPath: log) { _ = FileManager.default.createFile(atPath: log, contents: nil) }
+        let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
+        try handle.seekToEnd()
+        process.standardError = handle
+        process.standardOutput = handle
+        try process.run()
+        return process
+    }
+
+    func stop(_ process: Process, log: String) async throws {
+        kill(process.processIdentifier, SIGTERM)
+        let exited = await eventually(timeout: .seconds(20)) { !process.isRunning }
+        #expect(exited)
+        if !exited { kill(process.processIdentifier, SIGKILL) }
+        process.waitUntilExit()
+        #expect(process.terminationStatus == 0, "\(agentLog(log))")
+    }
+
+    func buffered(_ path: String) async throws -> [Reading] {
+        let store = try ReadingBuffer(
+            configuration: BufferConfiguration(path: path), logger: Logger(label: "test") { _ in SwiftLogNoOpLogHandler() })
+        let readings = try await store.pending(limit: 100_000, from: .oldest)
+        try await store.close()
+        return readings
+    }
+
+    func agentLog(_ path: String) -> String { (try? String(contentsOfFile: path, encoding: .utf8)) ?? "" }
+
+    /// One sensor's line of `farmgate status`, through the control socket (nil while the agent does not answer).
+    func sensorStatus(_ socket: String, _ sensor: String) async -> SensorStatus? {
+        let answer = try? await runOffPool(name: "test-status") {
+            try ControlClient.send(ControlRequest(command: "status"), to: socket, timeoutSeconds: 5)
+        }
+        guard let answer, let decoded = try? JSONDecoder().decode(ControlAnswer.self, from: Data(answer)) else { return nil }
+        return decoded.status?.sensors.first { $0.id == sensor }
+    }
+}
