@@ -104,7 +104,7 @@ struct SensorCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "sensor",
         abstract: "Sensors and their drivers.",
-        subcommands: [Drivers.self])
+        subcommands: [Drivers.self, SensorRead.self])
 
     struct Drivers: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "List the drivers this build has, with a configuration to copy.")

@@ -127,6 +127,15 @@ struct SamplerStuckDriverTests {
         #expect((try? value.get())?.value == 1)
     }
 
+    @Test("A result that comes before the deadline is never mistaken for a timeout (the timer's cancellation is no deadline)")
+    func resultBeatsTimer() async {
+        var timeouts = 0
+        for index in 0..<500 {
+            if await Sampler.bounded(.seconds(30), { index }) != index { timeouts += 1 }
+        }
+        #expect(timeouts == 0)
+    }
+
     @Test("A cancelled caller gets its answer at once while the driver's read runs on")
     func cancellation() async throws {
         let stuck = ThreadStuckDriver()

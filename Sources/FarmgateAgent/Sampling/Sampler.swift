@@ -41,7 +41,7 @@ public final class Sampler: Service {
         }
     }
 
-    private let sensors: [Sensor]
+    let sensors: [Sensor]
     private let sink: any SampleSink
     private let board: SensorStatusBoard
     private let clock: WallClock
@@ -149,7 +149,14 @@ public final class Sampler: Service {
     /// The read runs in a task of its own: a driver that ignores cancellation or is blocked on a thread cannot hold the
     /// caller. An abandoned read runs on to its end and its result is dropped; until it ends, `gate` refuses a new one.
     static func read(_ driver: any SensorDriver, timeout: Duration, gate: ReadGate = ReadGate()) async -> Result<SensorValue, SensorError> {
-        if let since = gate.enter() {
+        // A read in flight that is younger than the timeout is someone else's ordinary read (the installer's test read
+        // beside the sampler's): wait for it. One older than that is stuck: report it rather than start another.
+        var busySince = gate.enter()
+        while let since = busySince, ContinuousClock.now - since < timeout, !Task.isCancelled {
+            try? await Task.sleep(for: .milliseconds(10))
+            busySince = gate.enter()
+        }
+        if let since = busySince {
             let seconds = Int((ContinuousClock.now - since) / .seconds(1))
             return .failure(
                 SensorError(
@@ -169,13 +176,14 @@ public final class Sampler: Service {
 
     /// Runs `body` in a task of its own and waits for it at most `timeout` (or until the caller is cancelled); nil when
     /// it did not finish in time. The body is not cancelled: it runs on and its result is dropped.
-    static func bounded<T: Sendable>(_ timeout: Duration, _ body: @escaping @Sendable () async -> T) async -> T? {
+    public static func bounded<T: Sendable>(_ timeout: Duration, _ body: @escaping @Sendable () async -> T) async -> T? {
         let shot = FirstResult<T>()
         return await withTaskCancellationHandler {
             await withCheckedContinuation { (continuation: CheckedContinuation<T?, Never>) in
                 shot.install(continuation)
                 let timer = Task {
-                    try? await Task.sleep(for: timeout)
+                    // Cancelled: the body finished first (and resumes with its value).
+                    do { try await Task.sleep(for: timeout) } catch { return }
                     shot.resume(nil)
                 }
                 Task {
