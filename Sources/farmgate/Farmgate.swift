@@ -16,7 +16,8 @@ struct Farmgate: AsyncParsableCommand {
             """,
         version: FarmgateVersion.current,
         subcommands: [
-            AgentCommand.self, StatusCommand.self, QuarantineCommand.self, ConfigCommand.self, SensorCommand.self, DebugCommand.self,
+            AgentCommand.self, StatusCommand.self, QuarantineCommand.self, ConfigCommand.self, SensorCommand.self, ScanCommand.self,
+            DebugCommand.self,
         ]
     )
 }
