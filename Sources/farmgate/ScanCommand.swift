@@ -21,7 +21,7 @@ struct ScanCommand: AsyncParsableCommand {
         help: ArgumentHelp("Bauds to try, in order (default 9600 38400 115200 19200 57600).", valueName: "baud"))
     var bauds: [Int] = []
 
-    @Option(name: .customLong("modbus-ids"), help: ArgumentHelp("Modbus unit ids to ask for (default 1-16).", valueName: "first-last"))
+    @Option(name: .customLong("modbus-ids"), help: ArgumentHelp("Modbus unit ids to ask for: a range or one id, within 1-247.", valueName: "first-last"))
     var modbusIDs: String = "1-16"
 
     @Option(name: .customLong("w1-root"), help: ArgumentHelp("Where the kernel lists 1-Wire devices.", valueName: "path"))
