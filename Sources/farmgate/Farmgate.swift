@@ -16,7 +16,8 @@ struct Farmgate: AsyncParsableCommand {
             """,
         version: FarmgateVersion.current,
         subcommands: [
-            AgentCommand.self, StatusCommand.self, QuarantineCommand.self, ConfigCommand.self, SensorCommand.self, DebugCommand.self,
+            AgentCommand.self, StatusCommand.self, QuarantineCommand.self, ConfigCommand.self, SensorCommand.self, ScanCommand.self,
+            DebugCommand.self,
         ]
     )
 }
@@ -112,7 +113,7 @@ struct SensorCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "sensor",
         abstract: "Sensors and their drivers.",
-        subcommands: [Drivers.self])
+        subcommands: [Drivers.self, SensorRead.self])
 
     struct Drivers: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "List the drivers this build has, with a configuration to copy.")

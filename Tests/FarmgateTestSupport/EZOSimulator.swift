@@ -88,6 +88,8 @@ public final class EZOSimulator: Sendable {
         var commands: [String] = []
         var reads = 0
         var baudMismatch = false
+        /// The baud the circuit runs at; nil: whatever the port is set to.
+        var baud: Int?
         var lastAnswerAt = ContinuousClock.now
     }
 
@@ -143,6 +145,12 @@ public final class EZOSimulator: Sendable {
     /// Answers come out as noise, as when the circuit runs at another baud than the port.
     public func setBaudMismatch(_ on: Bool) {
         state.withLock { $0.baudMismatch = on }
+    }
+
+    /// Makes the circuit run at `baud`: while the port is set to another speed (the pty's settings, which the driver
+    /// sets on its side), answers come out as noise. nil: it answers at any speed.
+    public func setBaud(_ baud: Int?) {
+        state.withLock { $0.baud = baud }
     }
 
     /// Sets what a factory-fresh circuit would not have: response codes on or off.
@@ -495,6 +503,19 @@ public final class EZOSimulator: Sendable {
         send(lines + (codes ? ["*OK"] : []))
     }
 
+    /// The speed the other end set on the pseudo-terminal (Linux reports the slave's settings through the master).
+    static func portBaud(_ master: Int32) -> Int? {
+        var options = termios()
+        guard tcgetattr(master, &options) == 0 else { return nil }
+        let speeds: [(speed_t, Int)] = [
+            (speed_t(B1200), 1200), (speed_t(B2400), 2400), (speed_t(B4800), 4800), (speed_t(B9600), 9600),
+            (speed_t(B19200), 19200), (speed_t(B38400), 38400), (speed_t(B57600), 57600), (speed_t(B115200), 115_200),
+            (speed_t(B230400), 230_400),
+        ]
+        let speed = cfgetospeed(&options)
+        return speeds.first { $0.0 == speed }?.1
+    }
+
     private func send(_ lines: [String]) {
         guard !lines.isEmpty else { return }
         sendRaw(Array(lines.map { $0 + "\r" }.joined().utf8))
@@ -504,7 +525,7 @@ public final class EZOSimulator: Sendable {
         state.withLock { state in
             guard state.master >= 0 else { return }
             var bytes = bytes
-            if state.baudMismatch {
+            if state.baudMismatch || (state.baud != nil && Self.portBaud(state.master) != state.baud) {
                 // At the wrong speed every byte arrives as something else.
                 bytes = bytes.map { $0 == 0x0D ? 0x0D : ($0 &* 7) | 0x80 }
             }

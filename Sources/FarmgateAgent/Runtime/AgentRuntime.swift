@@ -19,9 +19,8 @@ public enum AgentRuntime {
         try await buffer.register(configuration.sensors.map(\.descriptor))
 
         let board = SensorStatusBoard(sensors: configuration.sensors)
-        let context = DriverContext(
-            sensors: configuration.sensors, latestValues: board, serialPorts: SerialPortRegistry(logger: logger), logger: logger,
-            stateFilePrefix: configuration.buffer.path)
+        let context = DriverContext.site(
+            configuration.sensors, latestValues: board, logger: logger, stateFilePrefix: configuration.buffer.path)
         var sensors: [Sampler.Sensor] = []
         var streamingSensors: [StreamingSampler.Sensor] = []
         for sensor in configuration.sensors {
@@ -67,6 +66,8 @@ public enum AgentRuntime {
             switch request.command {
             case let command where QuarantineCommands.commands.contains(command):
                 answer = await QuarantineCommands(buffer: buffer).answer(request)
+            case SensorReadCommand.command:
+                return ControlServer.encode(await SensorReadCommand.answer(request, sampler: sampler))
             case "status":
                 do {
                     let status = AgentStatus(
@@ -80,7 +81,7 @@ public enum AgentRuntime {
                     answer = ControlAnswer(ok: false, error: "cannot read the buffer: \(error)")
                 }
             default:
-                let known = (["status"] + QuarantineCommands.commands).joined(separator: ", ")
+                let known = (["status", SensorReadCommand.command] + QuarantineCommands.commands).joined(separator: ", ")
                 answer = ControlAnswer(ok: false, error: "unknown command \"\(request.command)\"; this agent knows: \(known)")
             }
             return ControlServer.encode(answer)

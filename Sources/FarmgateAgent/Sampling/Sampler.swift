@@ -1,6 +1,8 @@
+import FarmgateSupport
 import FarmgateWire
 import Logging
 import ServiceLifecycle
+import Synchronization
 
 /// Where the sampler puts what it read: the site buffer (or a test's collector).
 public protocol SampleSink: Sendable {
@@ -11,31 +13,57 @@ public protocol SampleSink: Sendable {
 ///
 /// Each sensor runs in its own child task, scheduled on absolute ticks of a monotonic clock (a slow read delays that
 /// sensor's next reading, it never shifts its schedule), with sensors of the same interval staggered across it so that
-/// reads and commits are spread out. A read that takes longer than the sensor's interval (at least 5 s) is abandoned and
-/// counted as a timeout. A failing sensor never stops the others.
+/// reads and commits are spread out. A failing sensor never stops the others.
+///
+/// The sampler stays responsive whatever a driver does: a read that takes longer than the sensor's interval (at least
+/// 5 s) is abandoned, not awaited. It runs on to its end in a task of its own and its result is ignored; the sensor
+/// reports `timeout`, and while that read is still running no new one is started (the sensor reports that instead of
+/// piling up blocked threads). At shutdown the loops stop at once, and closing the drivers is awaited at most
+/// `closeTimeout`: a driver stuck in a read cannot hold the agent's stop.
 public final class Sampler: Service {
     public struct Sensor: Sendable {
         public var configuration: SensorConfiguration
         public var driver: any SensorDriver
+        /// Keeps one read of this sensor in flight at a time (shared by the sampler and `farmgate sensor read`).
+        let gate = ReadGate()
 
         public init(configuration: SensorConfiguration, driver: any SensorDriver) {
             self.configuration = configuration
             self.driver = driver
         }
+
+        /// The longest a read may take before it is abandoned: the sensor's interval, at least 5 s.
+        public var readTimeout: Duration { max(configuration.interval, .seconds(5)) }
+
+        /// Reads once, bounded by ``readTimeout``, without storing anything (the installer's test read).
+        public func readOnce() async -> Result<SensorValue, SensorError> {
+            await Sampler.read(driver, timeout: readTimeout, gate: gate)
+        }
     }
 
-    private let sensors: [Sensor]
+    let sensors: [Sensor]
     private let sink: any SampleSink
     private let board: SensorStatusBoard
     private let clock: WallClock
     private let logger: Logger
+    /// How long shutdown waits for the drivers to close (a driver stuck in a read may never close).
+    let closeTimeout: Duration
 
-    public init(sensors: [Sensor], sink: any SampleSink, board: SensorStatusBoard, clock: WallClock, logger: Logger) {
+    public init(
+        sensors: [Sensor], sink: any SampleSink, board: SensorStatusBoard, clock: WallClock, closeTimeout: Duration = .seconds(3),
+        logger: Logger
+    ) {
         self.sensors = sensors
         self.sink = sink
         self.board = board
         self.clock = clock
+        self.closeTimeout = closeTimeout
         self.logger = logger
+    }
+
+    /// The sensor with `id`, for a read on the installer's request.
+    public func sensor(_ id: SensorID) -> Sensor? {
+        sensors.first { $0.configuration.id == id }
     }
 
     public func run() async throws {
@@ -49,7 +77,19 @@ public final class Sampler: Service {
                 await group.waitForAll()
             }
         }
-        for sensor in sensors { await sensor.driver.close() }
+        let sensors = self.sensors
+        let closed: Bool? = await Self.bounded(closeTimeout) {
+            await withTaskGroup(of: Void.self) { group in
+                for sensor in sensors { group.addTask { await sensor.driver.close() } }
+                await group.waitForAll()
+                return true
+            }
+        }
+        if closed == nil {
+            logger.warning(
+                "Drivers did not close in time; leaving them to the process exit",
+                metadata: ["timeout": "\(closeTimeout)", "stuck": "\(sensors.filter(\.gate.isBusy).map(\.configuration.id.rawValue))"])
+        }
     }
 
     private func loop(_ sensor: Sensor, firstTick: ContinuousClock.Instant) async {
@@ -76,8 +116,9 @@ public final class Sampler: Service {
     /// Reads `sensor` once and stores the value unless the deadband suppresses it.
     func sampleOnce(_ sensor: Sensor, gate: inout Deadband) async {
         let configuration = sensor.configuration
-        let timeout = max(configuration.interval, .seconds(5))
-        let outcome = await Self.read(sensor.driver, timeout: timeout)
+        let outcome = await sensor.readOnce()
+        // A read abandoned because the agent is stopping is no failure of the sensor.
+        if Task.isCancelled, case .failure = outcome { return }
         let stamp = clock.stamp()
         let now = stamp.timestamp
         switch outcome {
@@ -103,21 +144,103 @@ public final class Sampler: Service {
         }
     }
 
-    static func read(_ driver: any SensorDriver, timeout: Duration) async -> Result<SensorValue, SensorError> {
-        await withTaskGroup(of: Result<SensorValue, SensorError>?.self) { group in
-            group.addTask {
-                do throws(SensorError) { return .success(try await driver.read()) } catch { return .failure(error) }
-            }
-            group.addTask {
-                do { try await Task.sleep(for: timeout) } catch { return nil }
-                return .failure(SensorError(.timeout, "no answer within \(timeout)"))
-            }
-            defer { group.cancelAll() }
-            while let next = await group.next() {
-                if let result = next { return result }
-            }
-            return .failure(SensorError(.timeout, "read cancelled"))
+    /// Reads `driver` once, waiting at most `timeout`, and returns at once when the calling task is cancelled.
+    ///
+    /// The read runs in a task of its own: a driver that ignores cancellation or is blocked on a thread cannot hold the
+    /// caller. An abandoned read runs on to its end and its result is dropped; until it ends, `gate` refuses a new one.
+    static func read(_ driver: any SensorDriver, timeout: Duration, gate: ReadGate = ReadGate()) async -> Result<SensorValue, SensorError> {
+        // A read in flight that is younger than the timeout is someone else's ordinary read (the installer's test read
+        // beside the sampler's): wait for it. One older than that is stuck: report it rather than start another.
+        var busySince = gate.enter()
+        while let since = busySince, ContinuousClock.now - since < timeout, !Task.isCancelled {
+            try? await Task.sleep(for: .milliseconds(10))
+            busySince = gate.enter()
         }
+        if let since = busySince {
+            let seconds = Int((ContinuousClock.now - since) / .seconds(1))
+            return .failure(
+                SensorError(
+                    .timeout,
+                    "the previous read (started \(seconds) s ago) has not finished; the driver is stuck on the device: check its wiring and power, or unplug and replug it"))
+        }
+        let outcome = await bounded(timeout) { () -> Result<SensorValue, SensorError> in
+            defer { gate.leave() }
+            do throws(SensorError) { return .success(try await driver.read()) } catch { return .failure(error) }
+        }
+        guard let outcome else {
+            if Task.isCancelled { return .failure(SensorError(.timeout, "read cancelled (the agent is stopping)")) }
+            return .failure(SensorError(.timeout, "no answer within \(ConfigTable.format(timeout)); the read was abandoned"))
+        }
+        return outcome
+    }
+
+    /// Runs `body` in a task of its own and waits for it at most `timeout` (or until the caller is cancelled); nil when
+    /// it did not finish in time. The body is not cancelled: it runs on and its result is dropped.
+    public static func bounded<T: Sendable>(_ timeout: Duration, _ body: @escaping @Sendable () async -> T) async -> T? {
+        let shot = FirstResult<T>()
+        return await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<T?, Never>) in
+                shot.install(continuation)
+                let timer = Task {
+                    // Cancelled: the body finished first (and resumes with its value).
+                    do { try await Task.sleep(for: timeout) } catch { return }
+                    shot.resume(nil)
+                }
+                Task {
+                    let value = await body()
+                    timer.cancel()
+                    shot.resume(value)
+                }
+            }
+        } onCancel: {
+            shot.resume(nil)
+        }
+    }
+}
+
+/// Lets one read of a sensor run at a time, remembering when it started.
+final class ReadGate: Sendable {
+    private let started = Mutex<ContinuousClock.Instant?>(nil)
+
+    /// Takes the gate; returns when the read in flight started if there is one (the gate is then not taken).
+    func enter() -> ContinuousClock.Instant? {
+        started.withLock { started in
+            if let started { return started }
+            started = .now
+            return nil
+        }
+    }
+
+    func leave() { started.withLock { $0 = nil } }
+
+    var isBusy: Bool { started.withLock { $0 != nil } }
+}
+
+/// A continuation resumed once, by whichever comes first: a result, a deadline (nil) or cancellation (nil).
+private final class FirstResult<T: Sendable>: Sendable {
+    private struct State {
+        var continuation: CheckedContinuation<T?, Never>?
+        var early: T??
+    }
+    private let state = Mutex(State())
+
+    func install(_ continuation: CheckedContinuation<T?, Never>) {
+        let early = state.withLock { state -> T?? in
+            if let early = state.early { return early }
+            state.continuation = continuation
+            return nil
+        }
+        if let early { continuation.resume(returning: early) }
+    }
+
+    func resume(_ value: T?) {
+        let continuation = state.withLock { state -> CheckedContinuation<T?, Never>? in
+            if state.early != nil { return nil }
+            state.early = .some(value)
+            defer { state.continuation = nil }
+            return state.continuation
+        }
+        continuation?.resume(returning: value)
     }
 }
 

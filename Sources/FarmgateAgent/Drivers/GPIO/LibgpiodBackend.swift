@@ -163,3 +163,38 @@ final class LibgpiodLine: GPIOLine {
         }
     }
 }
+
+extension LibgpiodBackend {
+    /// The GPIO chips under `deviceDirectory` (`gpiochip*`) with every line's name and user, for `farmgate scan`.
+    /// - Throws: ``SensorError`` saying so when there is no chip at all, or a chip cannot be opened (permission).
+    public static func chips(in deviceDirectory: String = "/dev") throws(SensorError) -> [GPIOChipInfo] {
+        let names = ((try? FileManager.default.contentsOfDirectory(atPath: deviceDirectory)) ?? [])
+            .filter { $0.hasPrefix("gpiochip") && Int($0.dropFirst(8)) != nil }
+            .sorted { Int($0.dropFirst(8)) ?? 0 < Int($1.dropFirst(8)) ?? 0 }
+        guard !names.isEmpty else {
+            throw SensorError(
+                .disconnected,
+                "no GPIO chip: \(deviceDirectory) has no gpiochip device (this machine has no GPIO header, or its GPIO driver is not loaded; on a Raspberry Pi `ls /dev/gpiochip*` lists them)")
+        }
+        var chips: [GPIOChipInfo] = []
+        for name in names {
+            let path = deviceDirectory + "/" + name
+            guard let chip = gpiod_chip_open(path) else {
+                throw LibgpiodLine.chipError(errno, chip: .name(name))
+            }
+            defer { gpiod_chip_close(chip) }
+            var lines: [GPIOChipInfo.Line] = []
+            for offset in 0..<gpiod_chip_num_lines(chip) {
+                guard let line = gpiod_chip_get_line(chip, offset) else { continue }
+                lines.append(
+                    GPIOChipInfo.Line(
+                        offset: Int(offset), name: gpiod_line_name(line).map { String(cString: $0) },
+                        consumer: gpiod_line_consumer(line).map { String(cString: $0) }))
+            }
+            chips.append(
+                GPIOChipInfo(
+                    name: String(cString: gpiod_chip_name(chip)), label: String(cString: gpiod_chip_label(chip)), lines: lines))
+        }
+        return chips
+    }
+}

@@ -14,7 +14,8 @@ extension DedicatedThread {
             await withCheckedContinuation { (continuation: CheckedContinuation<T?, Never>) in
                 shot.install(continuation)
                 let timer = Task {
-                    try? await Task.sleep(for: timeout)
+                    // Cancelled: the result came first (resuming with nil here would turn it into a timeout).
+                    do { try await Task.sleep(for: timeout) } catch { return }
                     shot.resume(nil)
                 }
                 Task {

@@ -1,0 +1,252 @@
+import FarmgateSupport
+import Foundation
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What `farmgate scan` looks at and how long it may take.
+public struct ScanOptions: Sendable {
+    /// Where the device files are (`/dev`; a test's directory of links to pseudo-terminals). Ports are its
+    /// `serial/by-id/*` links first, then `ttyUSB*`, `ttyACM*`, `ttyAMA*` and `ttyS*` not already named by a link.
+    public var deviceDirectory = "/dev"
+    /// The bauds tried, in order: EZO circuits leave the factory at 9600.
+    public var bauds: [Int] = [9600, 38400, 115_200, 19200, 57600]
+    /// The Modbus unit ids asked for.
+    public var modbusIDs: ClosedRange<Int> = 1...16
+    /// Where the kernel lists 1-Wire devices.
+    public var w1Root = "/sys/bus/w1/devices"
+    /// How long an EZO circuit has to answer `i`.
+    public var ezoTimeout: Duration = .milliseconds(500)
+    /// How long a Modbus slave has to answer.
+    public var modbusTimeout: Duration = .milliseconds(150)
+    /// The most one port's probing may take, whatever answers.
+    public var portBudget: Duration = .seconds(30)
+    /// Ports the running agent is configured to use (resolved device → why), which are not opened at all.
+    public var agentPorts: [String: String] = [:]
+
+    public init() {}
+}
+
+/// Finds serial ports and what answers on them, without fighting anyone for a port: each port is opened with the
+/// exclusive lock the drivers take (non-blocking; a held port is reported busy, never waited for), and every probe has
+/// a deadline inside the port's budget.
+public enum SerialScan {
+    /// A port to probe.
+    public struct Candidate: Sendable, Hashable {
+        public var path: String
+        public var device: String
+        /// Built-in UARTs (`ttyS*`) are listed only when something answers: most PCs have 32 that lead nowhere.
+        public var listOnlyIfFound: Bool
+    }
+
+    /// The ports under `deviceDirectory`, stable `serial/by-id` links first.
+    public static func candidates(in deviceDirectory: String) -> [Candidate] {
+        var found: [Candidate] = []
+        var devices: Set<String> = []
+        let byID = deviceDirectory + "/serial/by-id"
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: byID))?.sorted() ?? [] {
+            let path = byID + "/" + name
+            let device = resolve(path)
+            guard devices.insert(device).inserted else { continue }
+            found.append(Candidate(path: path, device: device, listOnlyIfFound: false))
+        }
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: deviceDirectory)) ?? []
+        for prefix in ["ttyUSB", "ttyACM", "ttyAMA", "ttyS"] {
+            let matching = names.filter { $0.hasPrefix(prefix) && Int($0.dropFirst(prefix.count)) != nil }
+                .sorted { Int($0.dropFirst(prefix.count)) ?? 0 < Int($1.dropFirst(prefix.count)) ?? 0 }
+            for name in matching {
+                let path = deviceDirectory + "/" + name
+                let device = resolve(path)
+                guard devices.insert(device).inserted else { continue }
+                found.append(Candidate(path: path, device: device, listOnlyIfFound: prefix == "ttyS"))
+            }
+        }
+        return found
+    }
+
+    /// The serial ports `configuration`'s sensors use, by resolved device, with the sensor that uses each.
+    public static func agentPorts(_ configuration: AgentConfiguration) -> [String: String] {
+        var ports: [String: String] = [:]
+        let base = URL(fileURLWithPath: configuration.file).deletingLastPathComponent().path
+        for sensor in configuration.sensors {
+            guard case .string(let raw)? = sensor.options.value("port") else { continue }
+            let device = resolve(AgentConfiguration.resolve(raw, against: base))
+            ports[device] = "used by the running agent (sensor \(sensor.id))"
+        }
+        return ports
+    }
+
+    /// `path` with every link followed (itself when it cannot be resolved).
+    public static func resolve(_ path: String) -> String {
+        guard let real = realpath(path, nil) else { return path }
+        defer { free(real) }
+        return String(cString: real)
+    }
+
+    /// Probes every port, each on a thread of its own, all at once; ports that lead nowhere are left out.
+    public static func scan(_ options: ScanOptions) async -> [SerialPortFinding] {
+        let ports = candidates(in: options.deviceDirectory)
+        let findings = await withTaskGroup(of: (Int, SerialPortFinding?).self) { group in
+            for (index, candidate) in ports.enumerated() {
+                group.addTask {
+                    let finding = try? await runOffPool(name: "farmgate-scan") { probe(candidate, options: options) }
+                    return (index, finding ?? nil)
+                }
+            }
+            var results: [(Int, SerialPortFinding?)] = []
+            for await result in group { results.append(result) }
+            return results.sorted { $0.0 < $1.0 }.compactMap(\.1)
+        }
+        return findings
+    }
+
+    /// Probes one port: EZO circuits at each baud, then Modbus slaves. Blocks (run it off the concurrency pool).
+    public static func probe(_ candidate: Candidate, options: ScanOptions) -> SerialPortFinding? {
+        let start = ContinuousClock.now
+        let budgetEnd = start + options.portBudget
+        var finding = SerialPortFinding(path: candidate.path, device: candidate.device, state: .silent)
+        func done() -> SerialPortFinding? {
+            finding.milliseconds = Int((ContinuousClock.now - start) / .milliseconds(1))
+            if candidate.listOnlyIfFound, finding.state != .found, finding.state != .busy, finding.state != .agent { return nil }
+            return finding
+        }
+        if let why = options.agentPorts[candidate.device] {
+            finding.state = .agent
+            finding.message = why
+            return done()
+        }
+        // EZO first: one circuit per port, and its answer is quick.
+        for baud in options.bauds where ContinuousClock.now < budgetEnd {
+            switch open(candidate, baud: baud) {
+            case .failure(let error):
+                finding.state = error.kind == .busy ? .busy : .error
+                finding.message = error.kind == .busy ? "in use (by the running agent?)" : error.message
+                return done()
+            case .success(let port):
+                if let ezo = probeEZO(port, baud: baud, deadline: min(ContinuousClock.now + options.ezoTimeout, budgetEnd)) {
+                    finding.state = .found
+                    finding.ezo = ezo
+                    return done()
+                }
+            }
+        }
+        for baud in options.bauds where ContinuousClock.now < budgetEnd {
+            guard case .success(let port) = open(candidate, baud: baud) else { break }
+            for slave in options.modbusIDs where ContinuousClock.now < budgetEnd {
+                let deadline = min(ContinuousClock.now + options.modbusTimeout, budgetEnd)
+                if let found = probeModbus(port, slave: slave, baud: baud, deadline: deadline) {
+                    finding.modbusSlaves.append(found)
+                }
+            }
+            if !finding.modbusSlaves.isEmpty {
+                finding.state = .found
+                return done()
+            }
+        }
+        let tried = options.bauds.map(String.init).joined(separator: ", ")
+        finding.message =
+            ContinuousClock.now >= budgetEnd
+            ? "nothing answered within the port's time budget"
+            : "no EZO circuit and no Modbus slave \(options.modbusIDs.lowerBound)-\(options.modbusIDs.upperBound) at \(tried) baud: check power, wiring (TX/RX crossed, A/B) and the device's baud"
+        return done()
+    }
+
+    static func open(_ candidate: Candidate, baud: Int) -> Result<SerialPort, SerialError> {
+        do {
+            return .success(try SerialPort(path: candidate.path, settings: SerialSettings(baud: baud)))
+        } catch {
+            return .failure(error)
+        }
+    }
+
+    /// Sends `i` and waits for `?I,<kind>,<firmware>` until `deadline`.
+    static func probeEZO(_ port: SerialPort, baud: Int, deadline: ContinuousClock.Instant) -> EZOFinding? {
+        port.discardInput()
+        // The carriage return first ends whatever half line the circuit holds.
+        guard (try? port.write(Array("\ri\r".utf8), deadline: deadline)) != nil else { return nil }
+        var splitter = EZOLineSplitter()
+        while ContinuousClock.now < deadline {
+            guard let bytes = try? port.read(until: deadline) else { return nil }
+            for line in splitter.feed(bytes) {
+                if case .text(let text) = line, let (type, firmware) = EZOParse.identity(text) {
+                    return EZOFinding(circuit: type, firmware: firmware, baud: baud)
+                }
+            }
+        }
+        return nil
+    }
+
+    /// Reads holding register 0 of `slave`: an answer, or an exception, proves the slave is there.
+    static func probeModbus(_ port: SerialPort, slave: Int, baud: Int, deadline: ContinuousClock.Instant) -> ModbusFinding? {
+        port.discardInput()
+        guard (try? port.write(ModbusRTU.readHoldingRequest(slave: UInt8(clamping: slave), address: 0, count: 1), deadline: deadline)) != nil
+        else { return nil }
+        var received: [UInt8] = []
+        while ContinuousClock.now < deadline {
+            guard let bytes = try? port.read(until: deadline) else { return nil }
+            received += bytes
+            switch ModbusRTU.parseReadAnswer(received, slave: UInt8(clamping: slave)) {
+            case .registers(let values)?:
+                return ModbusFinding(slave: slave, baud: baud, register0: values.first, exception: nil)
+            case .exception(let code)?:
+                return ModbusFinding(slave: slave, baud: baud, register0: nil, exception: code)
+            case nil:
+                continue
+            }
+        }
+        return nil
+    }
+}
+
+/// The two Modbus RTU frames the scan needs (the drivers use libmodbus, which cannot share the scan's locked port).
+enum ModbusRTU {
+    enum Answer: Equatable {
+        case registers([UInt16])
+        case exception(Int)
+    }
+
+    /// CRC-16/MODBUS: init 0xFFFF, polynomial 0xA001 reflected; sent low byte first.
+    static func crc16(_ bytes: some Collection<UInt8>) -> UInt16 {
+        var crc: UInt16 = 0xFFFF
+        for byte in bytes {
+            crc ^= UInt16(byte)
+            for _ in 0..<8 { crc = crc & 1 != 0 ? (crc >> 1) ^ 0xA001 : crc >> 1 }
+        }
+        return crc
+    }
+
+    static func readHoldingRequest(slave: UInt8, address: UInt16, count: UInt16) -> [UInt8] {
+        let body: [UInt8] = [slave, 3, UInt8(address >> 8), UInt8(address & 0xFF), UInt8(count >> 8), UInt8(count & 0xFF)]
+        let crc = crc16(body)
+        return body + [UInt8(crc & 0xFF), UInt8(crc >> 8)]
+    }
+
+    /// The answer of `slave` to a function 3 request in `bytes` (noise before it is skipped); nil while incomplete.
+    static func parseReadAnswer(_ bytes: [UInt8], slave: UInt8) -> Answer? {
+        for start in bytes.indices where bytes[start] == slave {
+            let frame = bytes[start...]
+            guard frame.count >= 5 else { return nil }
+            let function = frame[start + 1]
+            if function == 0x83 {
+                if checks(frame.prefix(5)) { return .exception(Int(frame[start + 2])) }
+                continue
+            }
+            guard function == 3 else { continue }
+            let length = Int(frame[start + 2])
+            guard frame.count >= 5 + length else { continue }
+            let whole = frame.prefix(5 + length)
+            guard checks(whole), length % 2 == 0 else { continue }
+            let data = Array(whole.dropFirst(3).prefix(length))
+            return .registers(stride(from: 0, to: data.count, by: 2).map { UInt16(data[$0]) << 8 | UInt16(data[$0 + 1]) })
+        }
+        return nil
+    }
+
+    private static func checks(_ frame: ArraySlice<UInt8>) -> Bool {
+        guard frame.count >= 4 else { return false }
+        let body = frame.dropLast(2)
+        let crc = crc16(body)
+        return frame[frame.endIndex - 2] == UInt8(crc & 0xFF) && frame[frame.endIndex - 1] == UInt8(crc >> 8)
+    }
+}

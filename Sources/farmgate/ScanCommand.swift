@@ -1,0 +1,88 @@
+import ArgumentParser
+import FarmgateAgent
+import FarmgateSupport
+import Foundation
+
+/// `farmgate scan`: what is connected, printed as `[[sensor]]` tables to paste.
+struct ScanCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "scan",
+        abstract: "Find sensors: EZO circuits and Modbus slaves on serial ports, DS18B20s on 1-Wire, GPIO chips and lines.",
+        discussion: """
+            Serial ports are /dev/serial/by-id links (the paths to configure) and ttyUSB, ttyACM, ttyAMA and ttyS ports. Each \
+            is opened with the lock the agent's drivers take, without waiting: a port in use is reported, never fought for, \
+            and the ports the running agent is configured for are not opened at all. Every probe has a deadline.
+            """)
+
+    @OptionGroup var options: ConfigOption
+
+    @Option(
+        name: .customLong("serial-baud"), parsing: .upToNextOption,
+        help: ArgumentHelp("Bauds to try, in order (default 9600 38400 115200 19200 57600).", valueName: "baud"))
+    var bauds: [Int] = []
+
+    @Option(name: .customLong("modbus-ids"), help: ArgumentHelp("Modbus unit ids to ask for: a range or one id, within 1-247.", valueName: "first-last"))
+    var modbusIDs: String = "1-16"
+
+    @Option(name: .customLong("w1-root"), help: ArgumentHelp("Where the kernel lists 1-Wire devices.", valueName: "path"))
+    var w1Root: String = "/sys/bus/w1/devices"
+
+    @Option(
+        name: .customLong("device-dir"),
+        help: ArgumentHelp("Where to look for serial ports and GPIO chips (for tests and containers).", valueName: "path"))
+    var deviceDirectory: String = "/dev"
+
+    @Option(name: .customLong("port-timeout"), help: ArgumentHelp("The most one serial port's probing may take.", valueName: "duration"))
+    var portTimeout: String = "30s"
+
+    @Flag(help: "Print the findings as JSON.")
+    var json = false
+
+    func validate() throws {
+        guard Self.idRange(modbusIDs) != nil else {
+            throw ValidationError("--modbus-ids must be a range such as 1-16 or one id such as 3, within 1-247 (got \"\(modbusIDs)\")")
+        }
+        for baud in bauds where !SerialSettings.supportedBauds.contains(baud) {
+            throw ValidationError("--serial-baud \(baud) is not supported; use \(SerialSettings.supportedBauds.map(String.init).joined(separator: ", "))")
+        }
+        guard ConfigTable.parseDuration(portTimeout) != nil else {
+            throw ValidationError("--port-timeout must be a duration such as \"10s\" (got \"\(portTimeout)\")")
+        }
+    }
+
+    static func idRange(_ text: String) -> ClosedRange<Int>? {
+        let parts = text.split(separator: "-", omittingEmptySubsequences: false).map { Int($0.trimmingCharacters(in: .whitespaces)) }
+        guard (1...2).contains(parts.count), let first = parts.first ?? nil, let last = parts.last ?? nil, first <= last,
+            first >= 1, last <= 247
+        else { return nil }
+        return first...last
+    }
+
+    func run() async throws {
+        var scan = ScanOptions()
+        scan.deviceDirectory = deviceDirectory
+        if !bauds.isEmpty { scan.bauds = bauds }
+        scan.modbusIDs = Self.idRange(modbusIDs) ?? 1...16
+        scan.w1Root = w1Root
+        if let budget = ConfigTable.parseDuration(portTimeout) { scan.portBudget = budget }
+        scan.agentPorts = agentPorts()
+        let directory = deviceDirectory
+        let report = await Scanner.scan(scan, gpio: { GPIOScan.scan(deviceDirectory: directory) })
+        if json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+            print(String(decoding: try encoder.encode(report), as: UTF8.self))
+        } else {
+            print(report.text())
+        }
+    }
+
+    /// The serial ports of the configured sensors, when an agent answers on the configuration's control socket: those are
+    /// the agent's, and the scan does not open them (opening a port can reset the device behind it).
+    func agentPorts() -> [String: String] {
+        guard let configuration = try? AgentConfiguration.load(path: options.config),
+            (try? ControlClient.send(ControlRequest(command: "status"), to: configuration.controlSocket, timeoutSeconds: 5)) != nil
+        else { return [:] }
+        return SerialScan.agentPorts(configuration)
+    }
+}

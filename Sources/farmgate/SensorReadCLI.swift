@@ -1,0 +1,123 @@
+import ArgumentParser
+import FarmgateAgent
+import FarmgateSupport
+import FarmgateWire
+import Foundation
+import Logging
+
+/// `farmgate sensor read SENSOR`: one test read, through the running agent (which owns the ports) or, when none answers,
+/// directly with the sensor's own driver.
+struct SensorRead: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "read",
+        abstract: "Read one sensor once, through the running agent or directly when none runs; nothing is stored.",
+        discussion: """
+            With an agent running, the agent reads the sensor with the driver that owns its port (compensation included). \
+            Without one, the sensor's driver is built from the configuration, reads once and closes. \
+            Exit codes: 0 read, 1 read failed (the message says what to check), 64 unknown sensor, 78 bad configuration.
+            """)
+
+    @OptionGroup var options: ConfigOption
+
+    @Option(help: ArgumentHelp("The agent's control socket (default: [control] socket of the configuration).", valueName: "path"))
+    var socket: String?
+
+    @Flag(help: "Print the answer as JSON.")
+    var json = false
+
+    @Argument(help: ArgumentHelp("The sensor's id, as in its [[sensor]] table.", valueName: "sensor"))
+    var sensor: String
+
+    func run() async throws {
+        var loaded: Result<AgentConfiguration, ConfigurationError>
+        do { loaded = .success(try AgentConfiguration.load(path: options.config)) } catch { loaded = .failure(error) }
+        let answer: SensorReadAnswer
+        if let path = socket ?? (try? loaded.get())?.controlSocket, let viaAgent = try askAgent(path) {
+            answer = viaAgent
+        } else {
+            let configuration: AgentConfiguration
+            switch loaded {
+            case .success(let value): configuration = value
+            case .failure(let error): throw CleanExit.message(error.description, code: 78)
+            }
+            answer = await Self.readDirectly(sensor, configuration: configuration)
+        }
+        try report(answer)
+    }
+
+    /// The agent's answer, or nil when no agent listens on `path` (then the sensor is read directly).
+    func askAgent(_ path: String) throws -> SensorReadAnswer? {
+        guard FileManager.default.fileExists(atPath: path) else { return nil }
+        let bytes: [UInt8]
+        do {
+            // The agent's read is bounded by the sensor's interval (at least 5 s); leave room for it.
+            bytes = try ControlClient.send(
+                ControlRequest(command: SensorReadCommand.command, arguments: ["sensor": sensor]), to: path, timeoutSeconds: 120)
+        } catch {
+            // A socket file that nobody listens on: the agent is not running.
+            if "\(error)".contains("connection refused") || "\(error)".contains("no such socket") { return nil }
+            throw CleanExit.message("farmgate sensor read: \(error)", code: 1)
+        }
+        if let answer = try? JSONDecoder().decode(SensorReadAnswer.self, from: Data(bytes)), answer.ok || answer.code != nil {
+            return answer
+        }
+        let other = try? JSONDecoder().decode(ControlAnswer.self, from: Data(bytes))
+        throw CleanExit.message(
+            "farmgate sensor read: the agent answered: \(other?.error ?? String(decoding: bytes, as: UTF8.self)) (is it an older version? restart it after an upgrade)",
+            code: 1)
+    }
+
+    /// Builds the sensor's driver as the agent would (same driver context), reads once and closes it.
+    static func readDirectly(_ name: String, configuration: AgentConfiguration) async -> SensorReadAnswer {
+        guard let id = try? SensorID(name), let sensor = configuration.sensors.first(where: { $0.id == id }) else {
+            return SensorReadCommand.unknown(name, known: configuration.sensors.map(\.id))
+        }
+        // The driver's error is the message; its log lines would only repeat it.
+        let logger = Logger(label: "farmgate.sensor-read", factory: { _ in SwiftLogNoOpLogHandler() })
+        let context = DriverContext.site(configuration.sensors, logger: logger)
+        guard let description = DriverRegistry.standard.driver(named: sensor.driver) else {
+            return SensorReadAnswer(ok: false, code: .readFailed, error: "sensor \(name): unknown driver \(sensor.driver)")
+        }
+        let driver: any SensorDriver
+        do {
+            driver = try description.make(sensor, context)
+        } catch {
+            return SensorReadAnswer(ok: false, code: .readFailed, error: "cannot set up the \(sensor.driver) driver: \(error)")
+        }
+        let reader = Sampler.Sensor(configuration: sensor, driver: driver)
+        let answer = await SensorReadCommand.read(reader, via: "direct")
+        // A driver stuck in its read may never close; the process exits anyway.
+        _ = await Sampler.bounded(.seconds(2)) { await driver.close() }
+        return answer
+    }
+
+    func report(_ answer: SensorReadAnswer) throws {
+        if json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+            if let data = try? encoder.encode(answer) { print(String(decoding: data, as: UTF8.self)) }
+        }
+        switch answer.code {
+        case nil:
+            guard let reading = answer.reading, let value = reading.value else { throw ExitCode(1) }
+            if !json {
+                let shown = Resolution.display(value, resolution: reading.resolution)
+                var line = "\(reading.sensor): \(shown) \(reading.unit)"
+                var notes = ["\(reading.via == "agent" ? "read by the running agent" : "read directly (no agent running)") in \(reading.milliseconds) ms"]
+                if !reading.flags.isEmpty { notes.append("flags: \(reading.flags.joined(separator: ", "))") }
+                if reading.via == "direct" && reading.flags.contains("compensated") == false,
+                    ["ph", "ec", "do"].contains(reading.quantity)
+                {
+                    notes.append("not temperature-compensated without the agent")
+                }
+                line += " (\(notes.joined(separator: "; ")))"
+                print(line)
+            }
+        case .unknownSensor?:
+            throw CleanExit.message("farmgate sensor read: \(answer.error ?? "unknown sensor")", code: 64)
+        case .readFailed?, .badRequest?:
+            let via = answer.reading.map { $0.via == "agent" ? " (read by the running agent)" : " (read directly; no agent running)" } ?? ""
+            throw CleanExit.message("farmgate sensor read \(sensor): \(answer.error ?? "the read failed")\(via)", code: 1)
+        }
+    }
+}

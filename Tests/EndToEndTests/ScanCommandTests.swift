@@ -1,0 +1,67 @@
+import FarmgateAgent
+import FarmgateTestSupport
+import Foundation
+import Testing
+
+/// `farmgate scan` with the real binary beside a running agent.
+@Suite("End to end: farmgate scan", .serialized)
+struct ScanCommandTests {
+    let farmgate = builtExecutable("farmgate")
+
+    @Test("Finds a free EZO circuit, leaves the running agent's port alone, prints pasteable tables; bad ranges exit 64")
+    func scanBesideAgent() async throws {
+        let dir = try Scratch(prefix: "fg-scan", in: URL(fileURLWithPath: "/tmp"))
+        let dev = dir.file("dev")
+        try FileManager.default.createDirectory(atPath: dev + "/serial/by-id", withIntermediateDirectories: true)
+        let owned = try EZOSimulator(.ph, path: dev + "/serial/by-id/usb-agent-ph", timeScale: 0.2, values: { _, _ in 6 })
+        let free = try EZOSimulator(.rtd, path: dev + "/ttyUSB0", values: { _, _ in 21 })
+        defer {
+            owned.stop()
+            free.stop()
+        }
+        let config = try dir.write(
+            "agent.toml",
+            """
+            [device]
+            id = "site"
+            [buffer]
+            path = "buffer.sqlite"
+            [control]
+            socket = "control.sock"
+            [clock]
+            check = false
+            [[sensor]]
+            id = "tank1.ph"
+            driver = "ezo"
+            quantity = "ph"
+            port = "\(owned.path)"
+            interval = "1s"
+
+            """)
+        let agent = try Child(farmgate, ["agent", "--config", config], logPath: dir.file("agent.log"))
+        let up = try await eventually(timeout: .seconds(30), every: .milliseconds(300)) {
+            try await runCommand(farmgate, ["status", "--config", config]).status == 0 && owned.served.count >= 1
+        }
+        #expect(up, "\(agent.log)")
+        let commandsBefore = owned.commands.count
+
+        let arguments = ["scan", "--config", config, "--device-dir", dev, "--w1-root", dir.file("w1"), "--modbus-ids", "1-2", "--port-timeout", "10s"]
+        let json = try await runCommand(farmgate, arguments + ["--json"])
+        #expect(json.status == 0, "\(json.stderr)")
+        let report = try JSONDecoder().decode(ScanReport.self, from: Data(json.stdout.utf8))
+        #expect(report.serialPorts.first { $0.path == owned.path }?.state == .agent, "\(json.stdout)")
+        #expect(report.serialPorts.first { $0.path == free.path }?.ezo?.circuit == "RTD", "\(json.stdout)")
+        #expect(report.gpio.message?.contains("no GPIO chip") == true)
+        // The agent's circuit got only the agent's own commands meanwhile (its reads), never the scan's `i`.
+        #expect(!owned.commands.dropFirst(commandsBefore).contains { $0.lowercased().hasSuffix("i") }, "\(owned.commands)")
+
+        let text = try await runCommand(farmgate, arguments)
+        #expect(text.stdout.contains("used by the running agent (sensor tank1.ph); not probed"), "\(text.stdout)")
+        #expect(text.stdout.contains("driver = \"ezo\"\nquantity = \"temperature\"\nport = \"\(free.path)\""), "\(text.stdout)")
+        #expect(await agent.stop(SIGTERM) == 0, "\(agent.log)")
+
+        let bad = try await runCommand(farmgate, ["scan", "--modbus-ids", "0-300"])
+        #expect(bad.status == 64)
+        #expect(bad.stderr.contains("--modbus-ids must be a range"), "\(bad.stderr)")
+    }
+}

@@ -1,0 +1,147 @@
+@testable import FarmgateAgent
+import FarmgateSupport
+import FarmgateTestSupport
+import FarmgateWire
+import Foundation
+import Testing
+
+/// `farmgate scan` against simulators on pseudo-terminals in a directory that stands in for /dev, a fake w1 tree and a
+/// machine without GPIO chips.
+@Suite("Scan", .serialized)
+struct ScanTests {
+    func options(dev: String, w1: String) -> ScanOptions {
+        var options = ScanOptions()
+        options.deviceDirectory = dev
+        options.w1Root = w1
+        options.modbusIDs = 1...4
+        options.modbusTimeout = .milliseconds(150)
+        options.ezoTimeout = .milliseconds(500)
+        options.portBudget = .seconds(20)
+        return options
+    }
+
+    @Test("EZO circuits at 9600 and 38400 baud, Modbus slaves on a bus, a port held by another opener: found, reported, pasteable")
+    func serialPorts() async throws {
+        let dir = try Scratch(prefix: "fg-scan", in: URL(fileURLWithPath: "/tmp"))
+        let dev = dir.file("dev")
+        try FileManager.default.createDirectory(atPath: dev + "/serial/by-id", withIntermediateDirectories: true)
+        let ph = try EZOSimulator(.ph, path: dev + "/serial/by-id/usb-Atlas_pH-if00", firmware: "2.16", values: { _, _ in 6.1 })
+        ph.setBaud(9600)
+        let ec = try EZOSimulator(.ec, path: dev + "/serial/by-id/usb-Atlas_EC-if00", firmware: "2.15", values: { _, _ in 1413 })
+        ec.setBaud(38400)
+        let bus = try ModbusTestSlave(path: dev + "/ttyUSB0", answering: [1, 3])
+        bus.set(slave: 1, address: 0, [700])
+        let held = try EZOSimulator(.rtd, path: dev + "/ttyUSB1", values: { _, _ in 20 })
+        defer {
+            ph.stop()
+            ec.stop()
+            held.stop()
+            bus.stop()
+        }
+        // Another program holds ttyUSB1 (the way the agent's drivers hold their ports).
+        let holder = try SerialPort(path: held.path, settings: SerialSettings(baud: 9600))
+        defer { withExtendedLifetime(holder) {} }
+
+        let start = ContinuousClock.now
+        let found = await SerialScan.scan(options(dev: dev, w1: dir.file("w1")))
+        let took = ContinuousClock.now - start
+        #expect(took < .seconds(20), "the scan took \(took)")
+
+        let byPath = Dictionary(found.map { ($0.path, $0) }, uniquingKeysWith: { first, _ in first })
+        #expect(found.count == 4, "\(found.map(\.path))")
+        #expect(byPath[ph.path]?.ezo == EZOFinding(circuit: "pH", firmware: "2.16", baud: 9600))
+        #expect(byPath[ec.path]?.ezo == EZOFinding(circuit: "EC", firmware: "2.15", baud: 38400))
+        let modbus = try #require(byPath[bus.path])
+        #expect(modbus.state == .found)
+        #expect(modbus.modbusSlaves == [
+            ModbusFinding(slave: 1, baud: 9600, register0: 700, exception: nil),
+            ModbusFinding(slave: 3, baud: 9600, register0: 0, exception: nil),
+        ])
+        #expect(bus.requests.contains { $0.slave == 2 } && bus.requests.contains { $0.slave == 4 })
+        let busy = try #require(byPath[held.path])
+        #expect(busy.state == .busy)
+        #expect(held.commands.isEmpty, "the held port was written to: \(held.commands)")
+
+        // The tables paste into a configuration that passes the check.
+        let report = ScanReport(serialPorts: found, oneWire: OneWireFinding(root: "/sys/bus/w1/devices"), gpio: GPIOFinding())
+        let text = report.text()
+        #expect(text.contains("in use (by the running agent?)"))
+        #expect(text.contains("baud = 38400"))
+        let tables = try #require(text.components(separatedBy: "`farmgate config check`.\n").last)
+        let configuration = try AgentConfiguration.parse(ConfigDocument.parse("[device]\nid = \"site\"\n\n" + tables, file: "pasted.toml"))
+        #expect(configuration.sensors.map(\.driver) == ["ezo", "ezo", "modbus", "modbus"])
+        #expect(configuration.sensors.map(\.id.rawValue) == ["tank1.ec", "tank2.ph", "bus1.slave1", "bus1.slave3"])
+    }
+
+    @Test("Ports the running agent is configured for are not opened; a silent port is bounded by its budget")
+    func agentPortsAndBudget() async throws {
+        let dir = try Scratch(prefix: "fg-scan", in: URL(fileURLWithPath: "/tmp"))
+        let dev = dir.file("dev")
+        try FileManager.default.createDirectory(atPath: dev, withIntermediateDirectories: true)
+        let agentOwned = try EZOSimulator(.ph, path: dev + "/ttyACM0", values: { _, _ in 6 })
+        let silent = try EZOSimulator(.ph, path: dev + "/ttyACM1", values: { _, _ in 6 })
+        silent.setBaudMismatch(true)
+        defer {
+            agentOwned.stop()
+            silent.stop()
+        }
+        var options = options(dev: dev, w1: dir.file("w1"))
+        options.agentPorts = [SerialScan.resolve(agentOwned.path): "used by the running agent (sensor tank1.ph)"]
+        options.modbusIDs = 1...247
+        options.portBudget = .seconds(2)
+        let start = ContinuousClock.now
+        let found = await SerialScan.scan(options)
+        #expect(ContinuousClock.now - start < .seconds(5))
+        #expect(found.first { $0.path == agentOwned.path }?.state == .agent)
+        #expect(agentOwned.commands.isEmpty)
+        let quiet = try #require(found.first { $0.path == silent.path })
+        #expect(quiet.state == .silent)
+        #expect(quiet.message?.contains("time budget") == true, "\(quiet.message ?? "-")")
+    }
+
+    @Test("DS18B20s in a fake w1 tree: values, a CRC failure, and a missing bus")
+    func oneWire() async throws {
+        let dir = try Scratch(prefix: "fg-w1")
+        let root = dir.file("w1")
+        for (address, text) in [
+            ("28-000000000001", "50 05 4b 46 7f ff 0c 10 1c : crc=1c YES\n50 05 4b 46 7f ff 0c 10 1c t=21437\n"),
+            ("28-000000000002", "50 05 4b 46 7f ff 0c 10 1c : crc=1d NO\n50 05 4b 46 7f ff 0c 10 1c t=21437\n"),
+        ] {
+            try FileManager.default.createDirectory(atPath: root + "/" + address, withIntermediateDirectories: true)
+            try text.write(toFile: root + "/" + address + "/w1_slave", atomically: true, encoding: .utf8)
+        }
+        try FileManager.default.createDirectory(atPath: root + "/w1_bus_master1", withIntermediateDirectories: true)
+        let finding = await OneWireScan.scan(root: root)
+        #expect(finding.message == nil)
+        #expect(finding.sensors.map(\.address) == ["28-000000000001", "28-000000000002"])
+        #expect(finding.sensors[0].celsius == 21.4375)
+        #expect(finding.sensors[1].problem?.contains("CRC check failed") == true)
+        let text = ScanReport(oneWire: finding, gpio: GPIOFinding()).text()
+        #expect(text.contains("address = \"28-000000000001\"") && text.contains("w1_root = \"\(root)\""))
+
+        let missing = await OneWireScan.scan(root: dir.file("no-such-bus"))
+        #expect(missing.message?.contains("dtoverlay=w1-gpio") == true)
+    }
+
+    @Test("No gpiochip under the device directory is said plainly, through the libgpiod binding")
+    func noGPIOChip() throws {
+        let dir = try Scratch(prefix: "fg-gpio")
+        let finding = GPIOScan.scan(deviceDirectory: dir.path)
+        #expect(finding.chips.isEmpty)
+        #expect(finding.message?.hasPrefix("no GPIO chip: \(dir.path) has no gpiochip device") == true, "\(finding.message ?? "-")")
+    }
+
+    @Test("Modbus RTU frames: the request's CRC, answers and exceptions found behind noise, incomplete answers wait")
+    func modbusFrames() {
+        #expect(ModbusRTU.readHoldingRequest(slave: 1, address: 0, count: 1) == [0x01, 0x03, 0x00, 0x00, 0x00, 0x01, 0x84, 0x0A])
+        let answer: [UInt8] = [0x01, 0x03, 0x02, 0x02, 0xBC]
+        let crc = ModbusRTU.crc16(answer)
+        let frame = answer + [UInt8(crc & 0xFF), UInt8(crc >> 8)]
+        #expect(ModbusRTU.parseReadAnswer([0xFF, 0x01] + frame, slave: 1) == .registers([700]))
+        for cut in 0..<frame.count { #expect(ModbusRTU.parseReadAnswer(Array(frame.prefix(cut)), slave: 1) == nil) }
+        let exception: [UInt8] = [0x02, 0x83, 0x02]
+        let ecrc = ModbusRTU.crc16(exception)
+        #expect(ModbusRTU.parseReadAnswer(exception + [UInt8(ecrc & 0xFF), UInt8(ecrc >> 8)], slave: 2) == .exception(2))
+        #expect(ModbusRTU.parseReadAnswer(frame, slave: 2) == nil)
+    }
+}
