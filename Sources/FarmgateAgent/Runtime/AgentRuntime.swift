@@ -54,6 +54,16 @@ public enum AgentRuntime {
         let endpoint = configuration.upload?.endpoint
         let uploaderForStatus = uploader
         let monitorForStatus = monitor
+        let pid = ProcessInfo.processInfo.processIdentifier
+        // One snapshot for `farmgate status`, the systemd status line and the metrics file.
+        let snapshot: @Sendable () async throws -> AgentStatus = {
+            AgentStatus(
+                device: device, version: FarmgateVersion.current, pid: pid,
+                startedAt: startedAt, now: Timestamp.now(), clockSynchronized: clock.isSynchronized(),
+                clock: monitorForStatus?.status(),
+                buffer: try await buffer.statistics(), upload: uploaderForStatus?.status(), uploadEndpoint: endpoint,
+                sensors: board.snapshot(), recentQuarantine: try await buffer.quarantined(limit: 10))
+        }
         let control = ControlServer(path: configuration.controlSocket, logger: logger) { request in
             let answer: ControlAnswer
             switch request.command {
@@ -61,13 +71,7 @@ public enum AgentRuntime {
                 answer = await QuarantineCommands(buffer: buffer).answer(request)
             case "status":
                 do {
-                    let status = AgentStatus(
-                        device: device, version: FarmgateVersion.current, pid: ProcessInfo.processInfo.processIdentifier,
-                        startedAt: startedAt, now: Timestamp.now(), clockSynchronized: clock.isSynchronized(),
-                        clock: monitorForStatus?.status(),
-                        buffer: try await buffer.statistics(), upload: uploaderForStatus?.status(), uploadEndpoint: endpoint,
-                        sensors: board.snapshot(), recentQuarantine: try await buffer.quarantined(limit: 10))
-                    answer = ControlAnswer(ok: true, status: status)
+                    answer = ControlAnswer(ok: true, status: try await snapshot())
                 } catch {
                     answer = ControlAnswer(ok: false, error: "cannot read the buffer: \(error)")
                 }
@@ -81,10 +85,23 @@ public enum AgentRuntime {
         // Shut down in reverse: control socket, sampler (no new readings), uploader (finishes its request and sends what
         // is pending), buffer (commits anything left).
         var services: [any Service] = [buffer]
+        // The metrics file stops just before the buffer: its last write has the final counts.
+        if let metrics = configuration.metrics {
+            services.append(TextfileMetricsService(configuration: metrics, snapshot: snapshot, logger: logger))
+        }
         if let monitor { services.append(monitor) }
         if let uploader { services.append(uploader) }
         services.append(sampler)
         services.append(control)
+        // Under systemd (Type=notify): READY=1, STATUS=, WATCHDOG=1 while sampler, buffer and uploader make progress, and
+        // STOPPING=1 first thing on shutdown (listed last, so told first).
+        if let notifier = SystemdNotifier(environment: ProcessInfo.processInfo.environment) {
+            let heartbeats = [sampler.heartbeat, buffer.heartbeat] + (uploader.map { [$0.heartbeat] } ?? [])
+            services.append(
+                AgentSupervisor(
+                    notifier: notifier, gate: WatchdogGate(heartbeats: heartbeats), controlSocket: configuration.controlSocket,
+                    snapshot: snapshot, logger: logger))
+        }
         logger.info(
             "Agent starting",
             metadata: [

@@ -29,6 +29,8 @@ public final class Sampler: Service {
     private let board: SensorStatusBoard
     private let clock: WallClock
     private let logger: Logger
+    /// Liveness for the systemd watchdog: one key per sensor loop, beaten each time round (see ``Heartbeat``).
+    public let heartbeat = Heartbeat(component: "sampler")
 
     public init(sensors: [Sensor], sink: any SampleSink, board: SensorStatusBoard, clock: WallClock, logger: Logger) {
         self.sensors = sensors
@@ -40,6 +42,7 @@ public final class Sampler: Service {
 
     public func run() async throws {
         let start = ContinuousClock.now
+        heartbeat.start()
         await cancelWhenGracefulShutdown {
             await withTaskGroup(of: Void.self) { group in
                 for (index, sensor) in self.sensors.enumerated() {
@@ -57,6 +60,8 @@ public final class Sampler: Service {
         var gate = Deadband(deadband: configuration.deadband, heartbeat: configuration.heartbeat)
         var tick = firstTick
         while !Task.isCancelled && !Task.isShuttingDownGracefully {
+            // Back by the next tick plus the longest read (sampleOnce's timeout); a read that ignores its timeout is stuck.
+            heartbeat.beat("\(configuration.id)", within: ContinuousClock.now.duration(to: tick) + max(configuration.interval, .seconds(5)))
             do {
                 try await Task.sleep(until: tick, clock: .continuous)
             } catch {
