@@ -144,9 +144,11 @@ public enum TextfileMetrics {
         let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         guard fd >= 0 else { throw TextfileError(path: temporary, step: "create", errno) }
         var failure: TextfileError?
+        // node_exporter runs as another user: readable by all whatever the agent's umask (UMask=0077 in the unit).
+        if fchmod(fd, 0o644) != 0 { failure = TextfileError(path: temporary, step: "chmod", errno) }
         let bytes = Array(text.utf8)
         var offset = 0
-        while offset < bytes.count {
+        while failure == nil, offset < bytes.count {
             let written = bytes[offset...].withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
             if written < 0 {
                 if errno == EINTR { continue }
