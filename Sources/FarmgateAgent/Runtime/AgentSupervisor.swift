@@ -75,7 +75,7 @@ public final class AgentSupervisor: Service {
             lastVerdict = verdict
             if !lines.isEmpty { send(lines) }
             do {
-                try await Task.sleep(for: tick)
+                try await cancelWhenGracefulShutdown { try await Task.sleep(for: tick) }
             } catch {
                 return
             }

@@ -35,7 +35,7 @@ public final class IngestSystemdNotifier: Service {
         await withGracefulShutdownHandler {
             for await _ in self.ready.stream {}
             while !Task.isShuttingDownGracefully && !Task.isCancelled {
-                do { try await Task.sleep(for: Self.statusInterval) } catch { return }
+                do { try await cancelWhenGracefulShutdown { try await Task.sleep(for: Self.statusInterval) } } catch { return }
                 self.send(["STATUS=" + self.statusLine()])
             }
         } onGracefulShutdown: {
