@@ -106,7 +106,14 @@ struct ServeCommand: AsyncParsableCommand {
         let (configuration, store, logger) = try await options.openStore(label: "farmgate-ingest")
         let registry = PrometheusCollectorRegistry()
         MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
-        let app = buildApplication(configuration: configuration, store: store, registry: registry, logger: logger)
+        // Under systemd (Type=notify): READY=1 once listening (the store is migrated by now), STATUS= with the last
+        // minute's traffic, STOPPING=1 when a graceful stop begins.
+        let notifier = SystemdNotifier(environment: ProcessInfo.processInfo.environment).map {
+            IngestSystemdNotifier(notifier: $0, registry: registry, logger: logger)
+        }
+        let app = buildApplication(
+            configuration: configuration, store: store, registry: registry, logger: logger,
+            onServerRunning: { await notifier?.serverRunning() })
         logger.info(
             "farmgate-ingest starting",
             metadata: [
@@ -114,7 +121,8 @@ struct ServeCommand: AsyncParsableCommand {
                 "storage.path": "\(configuration.storage.path)",
             ])
         let group = ServiceGroup(
-            configuration: ServiceGroupConfiguration(services: [app], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+            configuration: ServiceGroupConfiguration(
+                services: [app] + (notifier.map { [$0] } ?? []), gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         do {
             try await group.run()
         } catch {

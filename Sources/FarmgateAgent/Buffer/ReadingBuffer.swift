@@ -52,6 +52,8 @@ public final class ReadingBuffer: PendingReadings, Service {
 
     public let configuration: BufferConfiguration
     private let logger: Logger
+    /// Liveness for the systemd watchdog: beaten by the group-commit loop (see ``Heartbeat``).
+    public let heartbeat = Heartbeat(component: "buffer")
     private let store: ThreadOwned<BufferStore>
     private let committer: Committer
 
@@ -149,6 +151,8 @@ public final class ReadingBuffer: PendingReadings, Service {
             var failing = false
             var lastFailureLog: ContinuousClock.Instant?
             while !Task.isCancelled {
+                // Back after the sleep and one commit (a slow SD card's fsync included); a commit that never returns is stuck.
+                heartbeat.beat(within: clock.now.duration(to: deadline) + .seconds(30))
                 do {
                     try await Task.sleep(until: deadline, clock: clock)
                 } catch {

@@ -27,6 +27,8 @@ public struct AgentConfiguration: Sendable {
     public var holdUnsynchronized: Duration = .seconds(900)
     /// `[[sensor]]`: one table per sensor.
     public var sensors: [SensorConfiguration]
+    /// `[metrics]`: the metrics file for node_exporter's textfile collector; nil (no file) when the section is absent.
+    public var metrics: MetricsFileConfiguration? = nil
 
     /// The default configuration file.
     public static let defaultPath = "/etc/farmgate/agent.toml"
@@ -67,7 +69,7 @@ extension AgentConfiguration {
 
     /// Validates an already parsed document.
     public static func parse(_ root: ConfigTable, drivers: DriverRegistry = .standard) throws(ConfigurationError) -> AgentConfiguration {
-        try root.checkKeys(["device", "buffer", "upload", "control", "log", "clock", "sensor"])
+        try root.checkKeys(["device", "buffer", "upload", "control", "log", "clock", "sensor", "metrics"])
         let base = URL(fileURLWithPath: root.file).deletingLastPathComponent().path
 
         guard let deviceTable = try root.table("device") else {
@@ -140,9 +142,28 @@ extension AgentConfiguration {
             try description.validateSite(sensors)
         }
 
-        return AgentConfiguration(
+        var configuration = AgentConfiguration(
             file: root.file, device: device, buffer: buffer, upload: upload, controlSocket: controlSocket, logLevel: logLevel,
             checkClock: checkClock, holdUnsynchronized: holdUnsynchronized, sensors: sensors)
+        configuration.metrics = try root.table("metrics").map { table throws(ConfigurationError) in try parseMetrics(table, base: base) }
+        return configuration
+    }
+
+    /// `[metrics] textfile` (required in the section) and `interval`.
+    static func parseMetrics(_ table: ConfigTable, base: String) throws(ConfigurationError) -> MetricsFileConfiguration {
+        try table.checkKeys(["textfile", "interval"])
+        guard let path = try table.string("textfile"), !path.isEmpty else {
+            throw table.error(
+                "textfile",
+                "is required in [metrics]: the file node_exporter's textfile collector reads, such as "
+                    + "\"/var/lib/node_exporter/textfile_collector/farmgate.prom\" (or remove the [metrics] section)")
+        }
+        guard path.hasSuffix(".prom") else {
+            throw table.error("textfile", "must end in .prom, or node_exporter's textfile collector ignores it (got \"\(path)\")")
+        }
+        var metrics = MetricsFileConfiguration(path: resolve(path, against: base))
+        if let interval = try table.duration("interval", in: .seconds(1)...(.seconds(3600))) { metrics.interval = interval }
+        return metrics
     }
 
     static func parseUpload(_ table: ConfigTable, base: String) throws(ConfigurationError) -> UploadConfiguration {

@@ -61,6 +61,16 @@ public enum AgentRuntime {
         let endpoint = configuration.upload?.endpoint
         let uploaderForStatus = uploader
         let monitorForStatus = monitor
+        let pid = ProcessInfo.processInfo.processIdentifier
+        // One snapshot for `farmgate status`, the systemd status line and the metrics file.
+        let snapshot: @Sendable () async throws -> AgentStatus = {
+            AgentStatus(
+                device: device, version: FarmgateVersion.current, pid: pid,
+                startedAt: startedAt, now: Timestamp.now(), clockSynchronized: clock.isSynchronized(),
+                clock: monitorForStatus?.status(),
+                buffer: try await buffer.statistics(), upload: uploaderForStatus?.status(), uploadEndpoint: endpoint,
+                sensors: board.snapshot(), recentQuarantine: try await buffer.quarantined(limit: 10))
+        }
         let control = ControlServer(path: configuration.controlSocket, logger: logger) { request in
             let answer: ControlAnswer
             switch request.command {
@@ -70,13 +80,7 @@ public enum AgentRuntime {
                 return ControlServer.encode(await SensorReadCommand.answer(request, sampler: sampler))
             case "status":
                 do {
-                    let status = AgentStatus(
-                        device: device, version: FarmgateVersion.current, pid: ProcessInfo.processInfo.processIdentifier,
-                        startedAt: startedAt, now: Timestamp.now(), clockSynchronized: clock.isSynchronized(),
-                        clock: monitorForStatus?.status(),
-                        buffer: try await buffer.statistics(), upload: uploaderForStatus?.status(), uploadEndpoint: endpoint,
-                        sensors: board.snapshot(), recentQuarantine: try await buffer.quarantined(limit: 10))
-                    answer = ControlAnswer(ok: true, status: status)
+                    answer = ControlAnswer(ok: true, status: try await snapshot())
                 } catch {
                     answer = ControlAnswer(ok: false, error: "cannot read the buffer: \(error)")
                 }
@@ -90,6 +94,10 @@ public enum AgentRuntime {
         // Shut down in reverse: control socket, sampler (no new readings), uploader (finishes its request and sends what
         // is pending), buffer (commits anything left).
         var services: [any Service] = [buffer]
+        // The metrics file stops just before the buffer: its last write has the final counts.
+        if let metrics = configuration.metrics {
+            services.append(TextfileMetricsService(configuration: metrics, snapshot: snapshot, logger: logger))
+        }
         if let monitor { services.append(monitor) }
         if let uploader { services.append(uploader) }
         services.append(sampler)
@@ -97,6 +105,15 @@ public enum AgentRuntime {
             services.append(StreamingSampler(sensors: streamingSensors, sink: buffer, board: board, clock: clock, logger: logger))
         }
         services.append(control)
+        // Under systemd (Type=notify): READY=1, STATUS=, WATCHDOG=1 while sampler, buffer and uploader make progress, and
+        // STOPPING=1 first thing on shutdown (listed last, so told first).
+        if let notifier = SystemdNotifier(environment: ProcessInfo.processInfo.environment) {
+            let heartbeats = [sampler.heartbeat, buffer.heartbeat] + (uploader.map { [$0.heartbeat] } ?? [])
+            services.append(
+                AgentSupervisor(
+                    notifier: notifier, gate: WatchdogGate(heartbeats: heartbeats), controlSocket: configuration.controlSocket,
+                    snapshot: snapshot, logger: logger))
+        }
         logger.info(
             "Agent starting",
             metadata: [

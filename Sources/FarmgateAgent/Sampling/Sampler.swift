@@ -48,6 +48,8 @@ public final class Sampler: Service {
     private let logger: Logger
     /// How long shutdown waits for the drivers to close (a driver stuck in a read may never close).
     let closeTimeout: Duration
+    /// Liveness for the systemd watchdog: one key per sensor loop, beaten each time round (see ``Heartbeat``).
+    public let heartbeat = Heartbeat(component: "sampler")
 
     public init(
         sensors: [Sensor], sink: any SampleSink, board: SensorStatusBoard, clock: WallClock, closeTimeout: Duration = .seconds(3),
@@ -68,6 +70,7 @@ public final class Sampler: Service {
 
     public func run() async throws {
         let start = ContinuousClock.now
+        heartbeat.start()
         await cancelWhenGracefulShutdown {
             await withTaskGroup(of: Void.self) { group in
                 for (index, sensor) in self.sensors.enumerated() {
@@ -97,6 +100,8 @@ public final class Sampler: Service {
         var gate = Deadband(deadband: configuration.deadband, heartbeat: configuration.heartbeat)
         var tick = firstTick
         while !Task.isCancelled && !Task.isShuttingDownGracefully {
+            // Back by the next tick plus the longest read (sampleOnce's timeout); a read that ignores its timeout is stuck.
+            heartbeat.beat("\(configuration.id)", within: ContinuousClock.now.duration(to: tick) + max(configuration.interval, .seconds(5)))
             do {
                 try await Task.sleep(until: tick, clock: .continuous)
             } catch {

@@ -94,6 +94,7 @@ extension Uploader {
         }
         let headers = [authorization, HTTPHeader("Content-Type", format.mediaType), HTTPHeader("Accept", "application/json")]
         let response: HTTPResponse
+        heartbeat.beat(within: heartbeatAllowance)
         do {
             response = try await client.post(batchesURL, headers: headers, body: body)
         } catch {

@@ -21,6 +21,7 @@ extension Uploader {
     /// buffer lost its history). Logs loudly when it jumps.
     func learnDeviceState(_ loop: inout LoopState) async -> IngestHighest {
         let response: HTTPResponse
+        heartbeat.beat(within: heartbeatAllowance)
         do {
             response = try await client.get(deviceStateURL, headers: [authorization, HTTPHeader("Accept", "application/json")])
         } catch {

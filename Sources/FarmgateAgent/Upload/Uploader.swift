@@ -71,6 +71,11 @@ public final class Uploader: Service {
     let authorization: HTTPHeader
     let state: Mutex<UploadStatus>
     let metrics = UploadMetrics()
+    /// Liveness for the systemd watchdog: beaten by the loop and before every request (see ``Heartbeat``).
+    public let heartbeat = Heartbeat(component: "uploader")
+    /// The longest one step of the loop may go without a beat: a whole request (curl's timeout covers connecting) and the
+    /// buffer work around it.
+    var heartbeatAllowance: Duration { configuration.requestTimeout + .seconds(10) }
 
     /// Creates the uploader and its HTTP client (no request is made until ``run()``).
     /// - Parameters:
@@ -107,8 +112,12 @@ public final class Uploader: Service {
             format: configuration.format,
             deviceCheck: DeviceStateCheck(backoff: Backoff(initial: configuration.backoffInitial, maximum: configuration.backoffMax)))
         while !Self.stopping {
+            heartbeat.beat(within: heartbeatAllowance)
             let wait = await step(&loop)
-            if wait > .zero { await Self.pause(wait) }
+            if wait > .zero {
+                heartbeat.beat(within: wait + heartbeatAllowance)
+                await Self.pause(wait)
+            }
         }
         if !Task.isCancelled { await finalFlush(&loop) }
         let left = (try? await source.statistics().pending) ?? -1

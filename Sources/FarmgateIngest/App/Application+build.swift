@@ -21,6 +21,7 @@ public import Prometheus
 ///   - now: the wall clock used to judge timestamps (tests pass a fixed one).
 ///   - credentialCacheTTL: how long a verified credential is trusted before the store is asked again; a revocation
 ///     takes effect within this time. Default 2 seconds.
+///   - onServerRunning: called once the server listens (`serve` tells systemd `READY=1` there).
 ///
 /// The server enforces `[server]`'s connection limits (``LimitedHTTP1Channel``). To keep `max_connections` below what
 /// the process can hold, this raises the process's soft `RLIMIT_NOFILE` towards its hard limit and, if that is still too
@@ -31,7 +32,8 @@ public func buildApplication(
     registry: PrometheusCollectorRegistry,
     logger: Logger,
     now: @escaping @Sendable () -> Timestamp = { Timestamp.now() },
-    credentialCacheTTL: Duration = .seconds(2)
+    credentialCacheTTL: Duration = .seconds(2),
+    onServerRunning: @escaping @Sendable () async -> Void = {}
 ) -> some ApplicationProtocol {
     let metrics = IngestMetrics(registry: registry)
     let router = buildRouter(
@@ -56,6 +58,7 @@ public func buildApplication(
         configuration: ApplicationConfiguration(
             address: .hostname(configuration.server.host, port: configuration.server.port), serverName: "farmgate-ingest",
             availableConnectionsDelegate: MaximumAvailableConnections(connectionLimits.maxConnections + ConnectionLimits.refusalHeadroom, logger: logger)),
+        onServerRunning: { _ in await onServerRunning() },
         logger: logger)
 }
 

@@ -1,0 +1,151 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import FarmgateSupport
+import FarmgateWire
+import Logging
+import ServiceLifecycle
+
+/// The agent's side of `Type=notify`: `READY=1` once it really serves, a `STATUS=` line for `systemctl status`,
+/// `WATCHDOG=1` pings while every component is alive, and `STOPPING=1` when a graceful stop begins.
+///
+/// Ready means: the buffer is open (it is, before any service runs), the sampler and buffer loops and the uploader have
+/// started (their ``Heartbeat``s), and the control socket accepts a connection. The watchdog pings go out every half
+/// `WatchdogSec` (`$WATCHDOG_USEC` / 2), but only while ``WatchdogGate`` finds no component late: a stuck sampler, buffer
+/// or uploader stops them, and systemd restarts the agent `WatchdogSec` after the last ping. The first late check is
+/// logged as an error naming the component, and the status line says it too.
+///
+/// Listed last in the service group, so that it is the first to hear of a graceful shutdown.
+public final class AgentSupervisor: Service {
+    /// How often the status line is refreshed (the watchdog may ping more often).
+    public static let statusInterval: Duration = .seconds(5)
+
+    let notifier: SystemdNotifier
+    let gate: WatchdogGate
+    let controlSocket: String
+    let snapshot: @Sendable () async throws -> AgentStatus
+    let logger: Logger
+
+    public init(
+        notifier: SystemdNotifier, gate: WatchdogGate, controlSocket: String, snapshot: @escaping @Sendable () async throws -> AgentStatus,
+        logger: Logger
+    ) {
+        self.notifier = notifier
+        self.gate = gate
+        self.controlSocket = controlSocket
+        self.snapshot = snapshot
+        self.logger = logger
+    }
+
+    public func run() async throws {
+        await withGracefulShutdownHandler {
+            await self.supervise()
+        } onGracefulShutdown: {
+            self.send(["STOPPING=1", "STATUS=stopping: committing the buffer and sending what is pending"])
+        }
+    }
+
+    private func supervise() async {
+        guard await waitUntilReady() else { return }
+        var lastVerdict = gate.verdict()
+        send(["READY=1", "STATUS=" + (await statusLine(lastVerdict))])
+        logger.info(
+            "Told systemd the agent is ready",
+            metadata: ["systemd.watchdog": "\(notifier.watchdogTimeout.map { "\($0)" } ?? "off")"])
+        let pingInterval = notifier.watchdogPingInterval
+        let tick = min(pingInterval ?? Self.statusInterval, Self.statusInterval)
+        var nextStatus = ContinuousClock.now + Self.statusInterval
+        while !Task.isShuttingDownGracefully && !Task.isCancelled {
+            let verdict = gate.verdict()
+            var lines: [String] = []
+            if pingInterval != nil, verdict == .alive { lines.append("WATCHDOG=1") }
+            if verdict != lastVerdict {
+                if case .stale(let late) = verdict {
+                    logger.error(
+                        "A component stopped making progress; withholding systemd watchdog pings, systemd restarts the agent if it stays stuck",
+                        metadata: ["watchdog.late": "\(late.joined(separator: ", "))"])
+                } else if case .stale = lastVerdict {
+                    logger.notice("Every component makes progress again; watchdog pings resume")
+                }
+            }
+            if verdict != lastVerdict || ContinuousClock.now >= nextStatus {
+                lines.append("STATUS=" + (await statusLine(verdict)))
+                nextStatus = ContinuousClock.now + Self.statusInterval
+            }
+            lastVerdict = verdict
+            if !lines.isEmpty { send(lines) }
+            do {
+                try await cancelWhenGracefulShutdown { try await Task.sleep(for: tick) }
+            } catch {
+                return
+            }
+        }
+    }
+
+    /// Waits until every component started and the control socket answers; false when shut down first.
+    private func waitUntilReady() async -> Bool {
+        let path = controlSocket
+        while !Task.isShuttingDownGracefully && !Task.isCancelled {
+            if case .starting = gate.verdict() {
+            } else {
+                let listening = (try? await runOffPool(name: "farmgate-ready") {
+                    do {
+                        let fd = try UnixSocket.connect(path, timeoutSeconds: 1)
+                        close(fd)
+                        return true
+                    } catch {
+                        return false
+                    }
+                }) ?? false
+                if listening { return true }
+            }
+            do { try await Task.sleep(for: .milliseconds(50)) } catch { return false }
+        }
+        return false
+    }
+
+    private func statusLine(_ verdict: WatchdogGate.Verdict) async -> String {
+        do {
+            return AgentStatusLine.render(try await snapshot(), verdict: verdict)
+        } catch {
+            return "cannot read the buffer: \(error)"
+        }
+    }
+
+    private func send(_ lines: [String]) {
+        do {
+            try notifier.send(lines)
+        } catch {
+            logger.warning("Cannot notify systemd", metadata: ["error": "\(error)"])
+        }
+    }
+}
+
+/// The one line `systemctl status` shows for the agent: `42 pending, last upload 3s ago, 12/12 sensors ok`.
+public enum AgentStatusLine {
+    public static func render(_ status: AgentStatus, verdict: WatchdogGate.Verdict = .alive) -> String {
+        var parts: [String] = []
+        if case .stale(let late) = verdict { parts.append("STUCK: \(late.joined(separator: ", "))") }
+        parts.append("\(status.buffer.pending) pending")
+        if let upload = status.upload {
+            if let success = upload.lastSuccessAt {
+                parts.append("last upload \(AgentStatus.age(from: success, to: status.now)) ago")
+            } else {
+                parts.append("no upload yet")
+            }
+            if let held = upload.held {
+                parts.append("upload held (\(held.httpStatus) \(held.code))")
+            } else if upload.consecutiveFailures > 0 {
+                parts.append("\(upload.consecutiveFailures) upload failures in a row")
+            }
+        } else {
+            parts.append("upload off")
+        }
+        let ok = status.sensors.filter { $0.consecutiveErrors == 0 && $0.lastReadAt != nil }.count
+        parts.append("\(ok)/\(status.sensors.count) sensors ok")
+        if status.buffer.quarantined > 0 { parts.append("\(status.buffer.quarantined) quarantined") }
+        if status.buffer.held > 0 { parts.append("\(status.buffer.held) held (clock not set)") }
+        if !status.clockSynchronized { parts.append("clock not synchronized") }
+        return parts.joined(separator: ", ")
+    }
+}

@@ -1,0 +1,152 @@
+@testable import FarmgateAgent
+import FarmgateSupport
+import FarmgateTestSupport
+import FarmgateWire
+import Foundation
+import Logging
+import Synchronization
+import Testing
+
+/// A driver whose read never returns and ignores cancellation: a blocking read in a driver that hangs for good, the case
+/// the sampler's own read timeout cannot end.
+final class WedgedDriver: SensorDriver {
+    private let waiting = Mutex<[CheckedContinuation<Void, Never>]>([])
+
+    func read() async throws(SensorError) -> SensorValue {
+        await withCheckedContinuation { continuation in waiting.withLock { $0.append(continuation) } }
+        throw SensorError(.timeout, "released by the test")
+    }
+
+    func release() {
+        for continuation in waiting.withLock({ value in defer { value.removeAll() }; return value }) { continuation.resume() }
+    }
+}
+
+/// The systemd watchdog's gate: pings only while every component beats on time.
+///
+/// Why not a stuck component inside the real binary: nothing the agent can be given from outside wedges a loop for good
+/// (reads time out, requests time out, commits fail and are retried), and a hook that wedges one on demand would be code
+/// in the daemon that exists only for tests. So the real components are tested here, in process: a real `Sampler` with a
+/// driver that hangs, and the real `AgentSupervisor` speaking the real protocol to a socket, with a heartbeat the test
+/// stops; the real binaries' pings (rate, READY, STATUS, STOPPING) are tested in `SystemdNotifyTests`.
+@Suite("Watchdog")
+struct WatchdogTests {
+    @Test("The gate waits for every component to start, then finds the late ones by name; on time again, alive again")
+    func gate() {
+        let sampler = Heartbeat(component: "sampler")
+        let uploader = Heartbeat(component: "uploader")
+        let gate = WatchdogGate(heartbeats: [sampler, uploader])
+        #expect(gate.verdict() == .starting(["sampler", "uploader"]))
+        sampler.start()
+        #expect(gate.verdict() == .starting(["uploader"]))
+        let now = ContinuousClock.now
+        sampler.beat("tank1.ph", within: .seconds(10))
+        sampler.beat("tank1.ec", within: .seconds(1))
+        uploader.beat(within: .seconds(30))
+        #expect(gate.verdict(at: now) == .alive)
+        // Past tank1.ec's deadline (1 s + the margin) but within the others'.
+        #expect(gate.verdict(at: now + .seconds(1) + Heartbeat.margin + .milliseconds(100)) == .stale(["sampler tank1.ec"]))
+        #expect(gate.verdict(at: now + .seconds(40)) == .stale(["sampler tank1.ec", "sampler tank1.ph", "uploader"]))
+        sampler.beat("tank1.ec", within: .seconds(60))
+        #expect(gate.verdict(at: now + .seconds(5)) == .alive)
+        sampler.end("tank1.ph")
+        #expect(gate.verdict(at: now + .seconds(20)) == .alive)
+    }
+
+    @Test("A sensor read that hangs for good does not stall the real sampler: its loop keeps beating, the sensor shows the timeout")
+    func wedgedSampler() async throws {
+        let healthy = try sensorConfiguration("tank1.ph", quantity: .ph, interval: "100ms")
+        let wedged = try sensorConfiguration("tank1.ec", quantity: .electricalConductivity, interval: "100ms")
+        let logger = Logger(label: "test")
+        let driver = WedgedDriver()
+        let board = SensorStatusBoard(sensors: [healthy, wedged])
+        let sampler = Sampler(
+            sensors: [
+                .init(configuration: healthy, driver: try SimulatedDriver(configuration: healthy, logger: logger)),
+                .init(configuration: wedged, driver: driver),
+            ],
+            sink: CollectingSink(), board: board, clock: WallClock(checkSynchronization: false), logger: logger)
+        let gate = WatchdogGate(heartbeats: [sampler.heartbeat])
+        let task = Task { try await sampler.run() }
+        #expect(await eventually(timeout: .seconds(5)) { gate.verdict() == .alive })
+        // The read timeout (5 s) passes and the hung read never returns: the sampler abandons it, reports a timeout and
+        // goes on, so the watchdog keeps being fed (a restart would not unstick it any better than the next read does).
+        let timedOut = await eventually(timeout: .seconds(20), every: .milliseconds(100)) {
+            board.snapshot().first { $0.id == "tank1.ec" }?.lastError?.contains("timeout") == true
+        }
+        #expect(timedOut, "\(board.snapshot())")
+        let deadline = ContinuousClock.now + .seconds(3)
+        while ContinuousClock.now < deadline {
+            #expect(gate.verdict() == .alive)
+            try await Task.sleep(for: .milliseconds(200))
+        }
+        driver.release()
+        task.cancel()
+        let releaser = Task {
+            while !Task.isCancelled {
+                driver.release()
+                try? await Task.sleep(for: .milliseconds(50))
+            }
+        }
+        _ = try? await task.value
+        releaser.cancel()
+    }
+
+    @Test("The supervisor sends READY=1 once the control socket listens, pings while all beat, stops while one is late, resumes")
+    func supervisorWithholdsPings() async throws {
+        let dir = try Scratch(prefix: "fg-wd", in: URL(fileURLWithPath: "/tmp"))
+        let listener = try NotifyListener(address: dir.file("notify.sock"))
+        defer { listener.stop() }
+        let logger = Logger(label: "test")
+        let controlPath = dir.file("control.sock")
+        let sampler = Heartbeat(component: "sampler")
+        let uploader = Heartbeat(component: "uploader")
+        sampler.beat(within: .seconds(600))
+        let snapshot: @Sendable () async throws -> AgentStatus = {
+            AgentStatus(
+                device: "t", version: "test", pid: 1, startedAt: Timestamp.now(), now: Timestamp.now(), clockSynchronized: true,
+                buffer: BufferStatistics(
+                    pending: 42, oldestPending: nil, uncommitted: 0, quarantined: 0, dropped: 0, duplicatesIgnored: 0, lastSequence: 42,
+                    usedBytes: 0, quotaBytes: 1),
+                upload: nil, uploadEndpoint: nil, sensors: [], recentQuarantine: [])
+        }
+        let supervisor = AgentSupervisor(
+            notifier: SystemdNotifier(socketPath: listener.address, watchdogTimeout: .milliseconds(200)),
+            gate: WatchdogGate(heartbeats: [sampler, uploader]), controlSocket: controlPath, snapshot: snapshot, logger: logger)
+        let supervising = Task { try await supervisor.run() }
+        // The uploader "loop": beats every 100 ms while `beating` is set.
+        let beating = Mutex(true)
+        let loop = Task {
+            while !Task.isCancelled {
+                if beating.withLock({ $0 }) { uploader.beat(within: .zero) }
+                try? await Task.sleep(for: .milliseconds(100))
+            }
+        }
+        defer {
+            supervising.cancel()
+            loop.cancel()
+        }
+        try await Task.sleep(for: .milliseconds(500))
+        #expect(listener.messages(with: "READY=1").isEmpty, "READY=1 before the control socket listens")
+        let control = ControlServer(path: controlPath, logger: logger) { _ in Array("{\"ok\":true}\n".utf8) }
+        let serving = Task { try await control.run() }
+        defer { serving.cancel() }
+        #expect(await eventually(timeout: .seconds(10)) { !listener.messages(with: "READY=1").isEmpty })
+        #expect(listener.statusLines.first?.hasPrefix("42 pending, upload off, 0/0 sensors ok") == true, "\(listener.statusLines)")
+        #expect(await eventually(timeout: .seconds(5)) { listener.messages(with: "WATCHDOG=1").count >= 5 })
+
+        beating.withLock { $0 = false }
+        let stoppedAt = ContinuousClock.now
+        // Late after the 2 s margin: the pings stop and the status line names the component.
+        #expect(await eventually(timeout: .seconds(10)) { listener.statusLines.last?.hasPrefix("STUCK: uploader") == true }, "\(listener.statusLines)")
+        let countWhenStuck = listener.messages(with: "WATCHDOG=1").count
+        try await Task.sleep(for: .seconds(1))
+        #expect(listener.messages(with: "WATCHDOG=1").count == countWhenStuck, "pings went on while the uploader was late")
+        let lastPing = try #require(listener.messages(with: "WATCHDOG=1").last)
+        #expect(lastPing.at < stoppedAt + Heartbeat.margin + .milliseconds(500))
+
+        beating.withLock { $0 = true }
+        #expect(await eventually(timeout: .seconds(5)) { listener.messages(with: "WATCHDOG=1").count >= countWhenStuck + 3 })
+        #expect(listener.statusLines.last?.hasPrefix("42 pending") == true)
+    }
+}
