@@ -54,7 +54,11 @@ public enum AgentRuntime {
         let endpoint = configuration.upload?.endpoint
         let uploaderForStatus = uploader
         let monitorForStatus = monitor
+        let calibration = CalibrationCommands(
+            drivers: Dictionary(sensors.map { ($0.configuration.id, $0.driver) }, uniquingKeysWith: { first, _ in first }),
+            flags: sampler.calibrating, recorder: buffer, logger: logger)
         let control = ControlServer(path: configuration.controlSocket, logger: logger) { request in
+            if CalibrationCommands.commands.contains(request.command) { return ControlServer.encode(await calibration.answer(request)) }
             let answer: ControlAnswer
             switch request.command {
             case let command where QuarantineCommands.commands.contains(command):
@@ -72,7 +76,7 @@ public enum AgentRuntime {
                     answer = ControlAnswer(ok: false, error: "cannot read the buffer: \(error)")
                 }
             default:
-                let known = (["status"] + QuarantineCommands.commands).joined(separator: ", ")
+                let known = (["status"] + QuarantineCommands.commands + CalibrationCommands.commands).joined(separator: ", ")
                 answer = ControlAnswer(ok: false, error: "unknown command \"\(request.command)\"; this agent knows: \(known)")
             }
             return ControlServer.encode(answer)

@@ -29,6 +29,8 @@ public final class Sampler: Service {
     private let board: SensorStatusBoard
     private let clock: WallClock
     private let logger: Logger
+    /// Sensors being calibrated (`farmgate calibrate`): their readings carry `calibrating`.
+    public let calibrating = CalibrationFlags()
 
     public init(sensors: [Sensor], sink: any SampleSink, board: SensorStatusBoard, clock: WallClock, logger: Logger) {
         self.sensors = sensors
@@ -91,6 +93,7 @@ public final class Sampler: Service {
             // Unsynchronised: flagged, and the boot stamp lets the buffer repair the time once the clock is set.
             if !stamp.synchronized { quality.insert(.clockUnsynchronized) }
             if let expected = configuration.expectedRange, !expected.contains(reading.value) { quality.insert(.outOfRange) }
+            if calibrating.contains(configuration.id) { quality.insert(.calibrating) }
             let decision = gate.admit(reading.value, at: now)
             board.recordSuccess(configuration.id, value: reading.value, at: now, stored: decision != .suppress)
             guard decision != .suppress else { return }
