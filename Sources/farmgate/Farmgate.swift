@@ -16,7 +16,7 @@ struct Farmgate: AsyncParsableCommand {
             """,
         version: FarmgateVersion.current,
         subcommands: [
-            AgentCommand.self, StatusCommand.self, QuarantineCommand.self, ConfigCommand.self, SensorCommand.self, DebugCommand.self,
+            AgentCommand.self, StatusCommand.self, QuarantineCommand.self, CalibrateCommand.self, ConfigCommand.self, SensorCommand.self, DebugCommand.self,
         ]
     )
 }
