@@ -24,7 +24,7 @@ demo: build
 # concurrency pool and delay their timers. A third pass runs the suites that must have the test process to themselves
 # (HostileConnectionsTests holds 2,000 sockets open, which pushes every descriptor another suite opens past the 1024 that
 # select(2), and so libmodbus, can watch). Every pass always runs; the target fails if any does.
-TIMED_SUITES := SamplerTests|ConnectionLimitTests|EZODriverTests|EZOSimulatorTests|ModbusBusTests|DS18B20DriverTests|GPIODriverTests|DriverExamplesTests|HardwareAgentTests|ControlSocketTests|UploadUploaderTests|UploadRefusalTests|UploadSequenceTests|UploadHTTPClientTests|EndToEndTests
+TIMED_SUITES := SamplerTests|CalibrationAgentTests|ConnectionLimitTests|EZODriverTests|EZOSimulatorTests|ModbusBusTests|DS18B20DriverTests|GPIODriverTests|DriverExamplesTests|HardwareAgentTests|ControlSocketTests|UploadUploaderTests|UploadRefusalTests|UploadSequenceTests|UploadHTTPClientTests|EndToEndTests
 SOLO_SUITES := HostileConnectionsTests
 
 test: deps
