@@ -90,3 +90,16 @@ public struct CalibrationEvent: Codable, Sendable, Hashable {
     /// The most points one event may carry (EC dry/low/high is three; pH mid/low/high three).
     public static let maximumPoints = 8
 }
+
+/// The ingest's answer about the calibration events of a batch (``IngestReceipt/calibrations``).
+public struct CalibrationReceipt: Codable, Hashable, Sendable {
+    /// Events stored now for the first time.
+    public var accepted: Int
+    /// Events whose (device, id) was already stored.
+    public var duplicates: Int
+
+    public init(accepted: Int, duplicates: Int) {
+        self.accepted = accepted
+        self.duplicates = duplicates
+    }
+}
