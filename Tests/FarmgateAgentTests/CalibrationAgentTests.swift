@@ -37,6 +37,20 @@ struct CalibrationAgentTests {
         }
     }
 
+    /// Runs `farmgate calibrate -c configuration arguments...` and returns its exit status and output. Blocks.
+    static func cli(_ binary: String, _ configuration: String, _ arguments: [String]) throws -> (status: Int32, output: String) {
+        let cli = Process()
+        cli.executableURL = URL(fileURLWithPath: binary)
+        cli.arguments = ["calibrate", "-c", configuration] + arguments
+        let pipe = Pipe()
+        cli.standardOutput = pipe
+        cli.standardError = pipe
+        try cli.run()
+        let data = pipe.fileHandleForReading.readDataToEndOfFile()
+        cli.waitUntilExit()
+        return (cli.terminationStatus, String(decoding: data, as: UTF8.self))
+    }
+
     @Test("pH mid, low, high: noisy readings are waited out, each Cal is sent once in order, Cal,? and Slope,? are reported, the event is committed, readings meanwhile carry calibrating")
     func guidedPH() async throws {
         let scratch = try Scratch(prefix: "fg-cal", in: URL(fileURLWithPath: "/tmp"))
@@ -149,6 +163,20 @@ struct CalibrationAgentTests {
         #expect(again.ok, "the declined guide left its session open: \(again)")
         _ = try send(ControlRequest(command: "calibrate.abort", arguments: ["sensor": "tank1.ph"]))
 
+        // 4. The real CLI: `farmgate calibrate` with --yes succeeds; an out-of-order plan exits 1 with the reason.
+        let binary = builtExecutable("farmgate", environmentOverride: "FARMGATE_BINARY")
+        let ok = try await runOffPool {
+            try Self.cli(binary, configuration, ["tank1.ph", "--point", "mid=7.00", "--yes", "--window", "1s", "--interval", "100ms", "--tolerance", "0.02"])
+        }
+        #expect(ok.status == 0, "\(ok.output)")
+        #expect(ok.output.contains("The circuit holds 1 calibration point (Cal,?)."), "\(ok.output)")
+        #expect(ok.output.contains("Calibration recorded as event"))
+        let refusedCLI = try await runOffPool { try Self.cli(binary, configuration, ["tank1.ph", "--point", "low=4.00", "--yes"]) }
+        #expect(refusedCLI.status == 1)
+        #expect(refusedCLI.output.contains("calibrate the mid point (pH 7.00) first"), "\(refusedCLI.output)")
+        let badWindow = try await runOffPool { try Self.cli(binary, configuration, ["tank1.ph", "--window", "soon"]) }
+        #expect(badWindow.status != 0 && badWindow.output.contains("--window must be a duration"), "\(badWindow.output)")
+
         // Readings after the last session carry no flag.
         let readsBefore = ph.served.count
         #expect(await eventually(timeout: .seconds(20)) { ph.served.count >= readsBefore + 4 })
@@ -164,7 +192,8 @@ struct CalibrationAgentTests {
         let stored = try await store.pendingCalibrations(limit: 10)
         let readings = try await store.pending(limit: 100_000, from: .oldest).filter { $0.sensor.rawValue == "tank1.ph" }
         try await store.close()
-        #expect(stored == [event], "the finished calibration is committed to the buffer, once")
+        #expect(stored.count == 2 && stored.first == event, "each finished calibration is committed to the buffer, once: \(stored)")
+        #expect(stored.last?.points.map(\.name) == ["mid"])
         #expect(readings.contains { $0.quality.contains(.calibrating) }, "readings taken during the calibration carry calibrating")
         #expect(readings.contains { !$0.quality.contains(.calibrating) })
         #expect(readings.last.map { !$0.quality.contains(.calibrating) } == true, "the flag is off once the calibration ended")
