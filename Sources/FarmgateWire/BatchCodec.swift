@@ -138,6 +138,12 @@ public enum BatchCodec {
     /// in the input and memory bounded by `limits`.
     /// - Throws: ``BatchDecodingError``.
     public static func decode(_ bytes: [UInt8], limits: BatchLimits = .default) throws(BatchDecodingError) -> Batch {
+        try decodeBody(try body(of: bytes, versions: [formatVersion], limits: limits).body, limits: limits)
+    }
+
+    /// Checks the frame header and returns the version and the decompressed body.
+    /// - Parameter versions: the format versions the caller reads; others are ``BatchDecodingError/Kind/unsupportedVersion(_:)``.
+    static func body(of bytes: [UInt8], versions: Set<UInt8>, limits: BatchLimits) throws(BatchDecodingError) -> (version: UInt8, body: [UInt8]) {
         guard bytes.count >= 5 else {
             // A prefix of a header (the empty body included) is a frame cut short; anything else is not a frame at all.
             let cutShort = bytes.elementsEqual(magic.prefix(bytes.count)) || (bytes.count > 3 && Array(bytes[0..<3]) == magic)
@@ -147,9 +153,10 @@ public enum BatchCodec {
         guard Array(bytes[0..<3]) == magic else {
             throw BatchDecodingError("the frame does not start with \"FGB\": not a Farmgate binary batch")
         }
-        guard bytes[3] == formatVersion else {
+        guard versions.contains(bytes[3]) else {
             throw BatchDecodingError(
-                "unsupported format version \(bytes[3]) (this build reads version \(formatVersion))", kind: .unsupportedVersion(bytes[3]))
+                "unsupported format version \(bytes[3]) (this build reads version \(versions.sorted().map(String.init).joined(separator: " and ")))",
+                kind: .unsupportedVersion(bytes[3]))
         }
         let flags = bytes[4]
         guard flags & ~(flagZstd | flagMagicless) == 0, flags != flagMagicless else {
@@ -174,6 +181,6 @@ public enum BatchCodec {
             }
             body = rest
         }
-        return try decodeBody(body, limits: limits)
+        return (bytes[3], body)
     }
 }

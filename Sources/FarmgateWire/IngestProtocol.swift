@@ -17,15 +17,24 @@ public struct DeviceState: Codable, Hashable, Sendable {
     public var device: String
     /// The highest sequence number stored for this device, whatever became of that reading since (retention never lowers it).
     public var highestSequence: UInt64?
+    /// The binary format versions this ingest reads (`[2, 3]`: 3 carries calibration events). Absent from an older
+    /// ingest, which reads version 2 only (``effectiveAcceptedVersions``): an agent sends events only to an ingest that
+    /// lists 3, because an older one would answer a version 3 frame with 415 and skip an unknown JSON member silently.
+    public var acceptedVersions: [Int]?
 
-    public init(device: String, highestSequence: UInt64?) {
+    public init(device: String, highestSequence: UInt64?, acceptedVersions: [Int]? = nil) {
         self.device = device
         self.highestSequence = highestSequence
+        self.acceptedVersions = acceptedVersions
     }
+
+    /// The versions the ingest reads; `[2]` when it did not say.
+    public var effectiveAcceptedVersions: [Int] { acceptedVersions ?? [2] }
 
     enum CodingKeys: String, CodingKey {
         case device
         case highestSequence = "highest_sequence"
+        case acceptedVersions = "accepted_versions"
     }
 
     /// Writes `"highest_sequence": null` rather than leaving the member out, as documented.
@@ -33,6 +42,7 @@ public struct DeviceState: Codable, Hashable, Sendable {
         var container = encoder.container(keyedBy: CodingKeys.self)
         try container.encode(device, forKey: .device)
         try container.encode(highestSequence, forKey: .highestSequence)
+        try container.encodeIfPresent(acceptedVersions, forKey: .acceptedVersions)
     }
 }
 
@@ -191,6 +201,10 @@ public struct IngestReceipt: Codable, Hashable, Sendable {
     public var duplicates: Int
     /// Readings refused one by one, with the reason; the rest of the batch was stored.
     public var rejected: [RejectionGroup]
+    /// The calibration events of a version 3 frame: present only when the batch carried some. Every event of a batch
+    /// the ingest answered 200 is either stored now or was already stored (an event it cannot take makes the whole
+    /// frame `malformed_batch`), so the agent deletes them all; `accepted + duplicates` equals the number sent.
+    public var calibrations: CalibrationReceipt?
 
     /// The longest sensor id a receipt echoes; longer ones are cut (a hostile batch may name a huge one).
     public static let maxEchoedSensorLength = 64

@@ -16,8 +16,8 @@ struct Farmgate: AsyncParsableCommand {
             """,
         version: FarmgateVersion.current,
         subcommands: [
-            AgentCommand.self, StatusCommand.self, QuarantineCommand.self, ConfigCommand.self, SensorCommand.self, ScanCommand.self,
-            DebugCommand.self,
+            AgentCommand.self, StatusCommand.self, QuarantineCommand.self, CalibrateCommand.self, ConfigCommand.self, SensorCommand.self,
+            ScanCommand.self, DebugCommand.self,
         ]
     )
 }

@@ -18,6 +18,7 @@ import FarmgateSupport
 /// - `boots` (version 2): one row per kernel boot id that readings were taken in while the clock was not synchronised.
 ///   `readings.boot` (its key) and `readings.boottime` (CLOCK_BOOTTIME in microseconds) are set only for such readings, and
 ///   cleared when their time is corrected; NULL (no bytes) for every reading taken with a synchronised clock.
+/// - `calibrations` (version 4): finished calibration events, kept until the ingest acknowledged them.
 enum BufferSchema {
     /// One step of the schema: the statements that take a file from `version - 1` to `version`, run in one transaction.
     /// Never edit a migration that has shipped: append a new one.
@@ -31,6 +32,7 @@ enum BufferSchema {
         Migration(version: 1, sql: version1),
         Migration(version: 2, sql: version2),
         Migration(version: 3, sql: version3),
+        Migration(version: 4, sql: version4),
     ]
 
     /// The version this build writes. A file with a higher version was written by a newer Farmgate and is not touched.
@@ -115,6 +117,19 @@ enum BufferSchema {
         CREATE INDEX IF NOT EXISTS quarantine_code ON quarantine(code, sequence);
         INSERT OR IGNORE INTO counters(name, value) VALUES ('quarantine_trimmed', 0);
         INSERT OR IGNORE INTO counters(name, value) VALUES ('quarantine_dropped', 0);
+        """
+
+    /// Version 4: finished calibrations waiting for the ingest (see ``ReadingBuffer/recordCalibration(_:)``). `event` is the
+    /// event's JSON as it is uploaded; `id` (the event's own id) is unique, so recording it twice keeps one row.
+    static let version4 = """
+        CREATE TABLE IF NOT EXISTS calibrations(
+            key INTEGER PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            sensor TEXT NOT NULL,
+            time INTEGER NOT NULL,
+            event TEXT NOT NULL,
+            recorded_at INTEGER NOT NULL
+        );
         """
 
     /// The version of the file behind `connection`, 0 for an empty file.

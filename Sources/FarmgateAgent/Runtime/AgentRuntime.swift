@@ -71,7 +71,11 @@ public enum AgentRuntime {
                 buffer: try await buffer.statistics(), upload: uploaderForStatus?.status(), uploadEndpoint: endpoint,
                 sensors: board.snapshot(), recentQuarantine: try await buffer.quarantined(limit: 10))
         }
+        let calibration = CalibrationCommands(
+            drivers: Dictionary(sensors.map { ($0.configuration.id, $0.driver) }, uniquingKeysWith: { first, _ in first }),
+            flags: sampler.calibrating, recorder: buffer, logger: logger)
         let control = ControlServer(path: configuration.controlSocket, logger: logger) { request in
+            if CalibrationCommands.commands.contains(request.command) { return ControlServer.encode(await calibration.answer(request)) }
             let answer: ControlAnswer
             switch request.command {
             case let command where QuarantineCommands.commands.contains(command):
@@ -85,7 +89,7 @@ public enum AgentRuntime {
                     answer = ControlAnswer(ok: false, error: "cannot read the buffer: \(error)")
                 }
             default:
-                let known = (["status", SensorReadCommand.command] + QuarantineCommands.commands).joined(separator: ", ")
+                let known = (["status", SensorReadCommand.command] + QuarantineCommands.commands + CalibrationCommands.commands).joined(separator: ", ")
                 answer = ControlAnswer(ok: false, error: "unknown command \"\(request.command)\"; this agent knows: \(known)")
             }
             return ControlServer.encode(answer)

@@ -50,6 +50,8 @@ public final class Sampler: Service {
     let closeTimeout: Duration
     /// Liveness for the systemd watchdog: one key per sensor loop, beaten each time round (see ``Heartbeat``).
     public let heartbeat = Heartbeat(component: "sampler")
+    /// Sensors being calibrated (`farmgate calibrate`): their readings carry `calibrating`.
+    public let calibrating = CalibrationFlags()
 
     public init(
         sensors: [Sensor], sink: any SampleSink, board: SensorStatusBoard, clock: WallClock, closeTimeout: Duration = .seconds(3),
@@ -137,6 +139,7 @@ public final class Sampler: Service {
             // Unsynchronised: flagged, and the boot stamp lets the buffer repair the time once the clock is set.
             if !stamp.synchronized { quality.insert(.clockUnsynchronized) }
             if let expected = configuration.expectedRange, !expected.contains(reading.value) { quality.insert(.outOfRange) }
+            if calibrating.contains(configuration.id) { quality.insert(.calibrating) }
             let decision = gate.admit(reading.value, at: now)
             board.recordSuccess(configuration.id, value: reading.value, at: now, stored: decision != .suppress)
             guard decision != .suppress else { return }

@@ -87,10 +87,11 @@ func buildRouter(
         limits: limits,
         metrics: metrics, now: now, logger: logger
     ).addRoutes(to: router)
-    ReadController(
-        store: store, gate: gate, rateLimiter: KeyedRateLimiter(rate: limits.readRequestsPerSecond, burst: limits.readBurst, policy: "read"),
-        logger: logger
-    ).addRoutes(to: router)
+    let readLimiter = KeyedRateLimiter<String>(rate: limits.readRequestsPerSecond, burst: limits.readBurst, policy: "read")
+    ReadController(store: store, gate: gate, rateLimiter: readLimiter, logger: logger).addRoutes(to: router)
+    if let calibrations = store as? any CalibrationStore {
+        CalibrationController(store: store, calibrations: calibrations, gate: gate, rateLimiter: readLimiter, logger: logger).addRoutes(to: router)
+    }
 
     router.get("/healthz") { _, _ in
         jsonResponse(["status": "ok"])

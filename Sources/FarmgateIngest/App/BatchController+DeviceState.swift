@@ -16,6 +16,6 @@ extension BatchController {
             logger.warning("store failed to read a device's highest sequence", metadata: ["device.id": "\(device.device)", "error": "\(error)"])
             throw APIError.unavailable()
         }
-        return jsonResponse(DeviceState(device: device.device.rawValue, highestSequence: highest))
+        return jsonResponse(DeviceState(device: device.device.rawValue, highestSequence: highest, acceptedVersions: acceptedVersions.map(Int.init)))
     }
 }

@@ -82,16 +82,24 @@ struct BatchController: Sendable {
         let batchLimits = BatchLimits(maxReadings: limits.maxReadingsPerBatch, maxDecompressedBytes: limits.maxDecompressedBytes)
         let batch: Batch
         var preRejected: [RejectedReading] = []
+        var calibrations: [CalibrationEvent] = []
+        var eventStore: (any CalibrationStore)?
         do {
             switch format {
             case .binary:
-                batch = try BatchCodec.decode(bytes, limits: batchLimits)
+                if let calibrationStore = store as? any CalibrationStore {
+                    let frame = try BatchCodec.decodeFrame(bytes, limits: batchLimits)
+                    batch = frame.batch
+                    (calibrations, eventStore) = (frame.calibrations, calibrationStore)
+                } else {
+                    batch = try BatchCodec.decode(bytes, limits: batchLimits)
+                }
             case .json:
                 let decoded = try BatchJSON.decode(bytes, limits: batchLimits)
                 (batch, preRejected) = (decoded.batch, decoded.rejected)
             }
         } catch {
-            throw Self.decodingError(error, format: format, limits: limits)
+            throw decodingError(error, format: format, limits: limits)
         }
         guard batch.device == device.device else {
             throw APIError(
@@ -109,16 +117,30 @@ struct BatchController: Sendable {
             throw APIError.unavailable()
         }
         let allRejected = (preRejected + rejected + outcome.rejected).sorted { ($0.sequence ?? 0, $0.sensor) < ($1.sequence ?? 0, $1.sensor) }
-        return (IngestReceipt(accepted: outcome.accepted, duplicates: outcome.duplicates, rejections: allRejected), device)
+        var receipt = IngestReceipt(accepted: outcome.accepted, duplicates: outcome.duplicates, rejections: allRejected)
+        if let eventStore, !calibrations.isEmpty {
+            // After the readings: a failure here answers 503, the agent sends the batch again, the readings come back as
+            // duplicates and the events are stored then. Nothing is acknowledged before both are durable.
+            do {
+                receipt.calibrations = try await eventStore.storeCalibrations(calibrations, for: device, receivedAt: now())
+            } catch {
+                logger.error("store failed to commit calibration events", metadata: ["device.id": "\(device.device)", "error": "\(error)"])
+                throw APIError.unavailable()
+            }
+        }
+        return (receipt, device)
     }
 
     /// The answer to a body that is not a batch, by what is wrong with it: the agent retries `incomplete_body`, falls
     /// back to another format on `unsupported_format_version`, splits the batch on 413 and refuses `malformed_batch`.
-    static func decodingError(_ error: BatchDecodingError, format: BodyFormat, limits: IngestConfiguration.Limits) -> APIError {
+    /// The binary format versions this ingest reads: 3 (calibration events) only when its store keeps them.
+    var acceptedVersions: [UInt8] { store is any CalibrationStore ? BatchCodec.readableVersions : [BatchCodec.formatVersion] }
+
+    func decodingError(_ error: BatchDecodingError, format: BodyFormat, limits: IngestConfiguration.Limits) -> APIError {
         let form = format == .binary ? "binary" : "JSON"
         switch error.kind {
         case .unsupportedVersion(let version):
-            let accepted = [Int(BatchCodec.formatVersion)]
+            let accepted = acceptedVersions.map(Int.init)
             return APIError(
                 .unsupportedMediaType, code: IngestErrorCode.unsupportedFormatVersion,
                 message: "the binary batch is of format version \(version); this ingest reads version \(accepted.map(String.init).joined(separator: ", ")) and always accepts the JSON form (\(IngestProtocol.jsonBatchMediaType)); send one of those or upgrade the ingest",

@@ -16,8 +16,8 @@ public import Logging
 public final class SQLiteIngestStore: IngestStore {
     /// The database file.
     public let path: String
-    private let writer: ThreadOwned<CachedConnection>
-    private let reader: ThreadOwned<CachedConnection>
+    let writer: ThreadOwned<CachedConnection>
+    let reader: ThreadOwned<CachedConnection>
     private let logger: Logger
 
     /// Opens (creating when missing, with its directory) the database at `path`. Does not migrate: call ``migrate()``.

@@ -81,6 +81,22 @@ enum SQLiteSchema {
                 ALTER TABLE devices ADD COLUMN highest_sequence INTEGER;
                 UPDATE devices SET highest_sequence = (SELECT max(sequence) FROM readings WHERE readings.device_id = devices.id);
                 """),
+        Migration(
+            version: 3, name: "calibrations: calibration events, once per (device, event id)",
+            sql: """
+                CREATE TABLE calibrations (
+                    id INTEGER PRIMARY KEY,
+                    device_id INTEGER NOT NULL REFERENCES devices(id),
+                    event_id TEXT NOT NULL,
+                    sensor TEXT NOT NULL,
+                    time_us INTEGER NOT NULL,
+                    circuit TEXT NOT NULL,
+                    event TEXT NOT NULL,
+                    received_at_us INTEGER NOT NULL,
+                    UNIQUE (device_id, event_id)
+                );
+                CREATE INDEX calibrations_by_sensor ON calibrations(device_id, sensor, time_us);
+                """),
     ]
 
     static var currentVersion: Int { migrations.last?.version ?? 0 }

@@ -144,8 +144,8 @@ public final class EZODriver: SensorDriver {
     public let sensor: SensorID
     let kind: EZOCircuitKind
     let quantity: Quantity
-    private let line: SerialLine
-    private let session: EZOSession
+    let line: SerialLine
+    let session: EZOSession
     /// Which field of the reading is this sensor's (an EC circuit's outputs come in order).
     private let field: Int
     private let compensation: Compensation?

@@ -103,6 +103,37 @@ final class EZOSession: @unchecked Sendable {
         return .failure(SensorError(.fault, "the EZO circuit on \(portPath) keeps restarting (\(restarts.joined(separator: "; "))): check its power supply"))
     }
 
+    /// Sends one command other than a read (a calibration, `Cal,?`, `Slope,?`), initialising the circuit first when needed.
+    /// - Parameters:
+    ///   - time: the command's processing time (1.2 s for a calibration point).
+    ///   - answer: which data line is the answer; nil for commands answered only by `*OK`.
+    /// - Returns: the answer line (nil for a command without one), or why the circuit failed it.
+    /// - Throws: ``SerialError`` when the port failed.
+    func command(
+        port: SerialPort, generation: Int, _ command: String, time: Duration, answer: ((String) -> Bool)?
+    ) throws(SerialError) -> Result<String?, SensorError> {
+        for _ in 0..<2 {
+            do throws(Interruption) {
+                if initialisedGeneration != generation {
+                    try initialise(port)
+                    initialisedGeneration = generation
+                }
+                return .success(try transact(port, command, time: time, answer: answer))
+            } catch {
+                switch error {
+                case .port(let serial): throw serial
+                case .sensor(let sensor):
+                    initialisedGeneration = nil
+                    return .failure(sensor)
+                case .restarted(let why):
+                    initialisedGeneration = nil
+                    logger.notice("EZO circuit restarted during a command; initialising it again", metadata: ["why": "\(why)", "command": "\(command)"])
+                }
+            }
+        }
+        return .failure(SensorError(.fault, "the EZO circuit on \(portPath) restarted twice during \(command): check its power supply"))
+    }
+
     /// Stops continuous output, learns whether response codes are on, checks the circuit is the configured kind, and on
     /// an RTD circuit selects °C and on an EC circuit the configured outputs.
     private func initialise(_ port: SerialPort) throws(Interruption) {

@@ -1,0 +1,62 @@
+import FarmgateSupport
+import FarmgateWire
+import Foundation
+
+/// Where a finished calibration goes: the site buffer (or a test's collector).
+public protocol CalibrationRecorder: Sendable {
+    /// Commits `event` durably; recording the same event id twice keeps one.
+    func recordCalibration(_ event: CalibrationEvent) async throws
+}
+
+/// Calibration events wait in the buffer until the ingest acknowledged them, beside the readings.
+///
+/// A calibration exists once ``recordCalibration(_:)`` returned: it is committed in its own transaction at once (it is
+/// rare and precious, not worth batching). The uploader sends the oldest ones with the readings, when the ingest says it
+/// understands them (format version 3), and deletes them with ``acknowledgeCalibrations(_:)`` only after the ingest's
+/// receipt counted them. The ingest is idempotent on (device, event id): a re-sent event is a duplicate.
+extension ReadingBuffer: CalibrationRecorder {
+    public func recordCalibration(_ event: CalibrationEvent) async throws {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        let json = String(decoding: try encoder.encode(event), as: UTF8.self)
+        let now = Timestamp.now().microseconds
+        try await withStore { store in
+            try store.connection.transaction {
+                try store.connection.prepare(
+                    "INSERT OR IGNORE INTO calibrations(id, sensor, time, event, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5)"
+                ).run([.text(event.id), .text(event.sensor.rawValue), .integer(event.time.microseconds), .text(json), .integer(now)])
+            }
+        }
+    }
+
+    /// Up to `limit` calibrations not yet acknowledged, oldest first. A row that no longer decodes (written by a newer
+    /// Farmgate and downgraded) is skipped, never sent half-read.
+    public func pendingCalibrations(limit: Int) async throws -> [CalibrationEvent] {
+        let rows = try await withStore { store in
+            try store.connection.query("SELECT event FROM calibrations ORDER BY key LIMIT ?1", [.integer(Int64(max(0, limit)))])
+        }
+        let decoder = JSONDecoder()
+        return rows.compactMap { row in
+            guard let text = row.first?.string else { return nil }
+            return try? decoder.decode(CalibrationEvent.self, from: Data(text.utf8))
+        }
+    }
+
+    /// Deletes the calibrations the ingest acknowledged (stored or already had).
+    public func acknowledgeCalibrations(_ ids: [String]) async throws {
+        guard !ids.isEmpty else { return }
+        try await withStore { store in
+            try store.connection.transaction {
+                let statement = try store.connection.prepare("DELETE FROM calibrations WHERE id = ?1")
+                for id in ids {
+                    try statement.run([.text(id)])
+                }
+            }
+        }
+    }
+
+    /// How many calibrations wait for the ingest (shown by `farmgate status`).
+    public func pendingCalibrationCount() async throws -> Int {
+        Int(try await withStore { store in try store.connection.queryInt("SELECT count(*) FROM calibrations") } ?? 0)
+    }
+}

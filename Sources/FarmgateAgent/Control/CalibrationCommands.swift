@@ -1,0 +1,233 @@
+import FarmgateWire
+import Foundation
+import Logging
+import Synchronization
+
+/// The control socket's calibration commands, as `farmgate calibrate` sends them. The agent owns the serial port, so the
+/// CLI drives the session and the agent talks to the circuit, between the sampler's reads.
+///
+/// | command | arguments | answer (`calibration`) |
+/// |---|---|---|
+/// | `calibrate.begin` | `sensor` | the circuit, its points, the default points; the sensor's readings carry `calibrating` from now |
+/// | `calibrate.read` | `sensor` | `reading`: one fresh reading (not stored) |
+/// | `calibrate.point` | `sensor`, `point`, `reference` (a number; absent for `dry`, `air`, `zero`), `reading` (optional) | `command` sent, `taken` |
+/// | `calibrate.status` | `sensor` | `taken`, `state` (`Cal,?`, `Slope,?`) |
+/// | `calibrate.finish` | `sensor` | `event` (committed to the buffer), `state`, `warnings` |
+/// | `calibrate.abort` | `sensor` | `taken` (points the circuit already holds stay in it) |
+///
+/// One calibration per sensor at a time; a session idle for longer than the flags' idle limit has lapsed and a new
+/// `calibrate.begin` replaces it.
+public final class CalibrationCommands: Sendable {
+    public static let commands = ["calibrate.begin", "calibrate.read", "calibrate.point", "calibrate.status", "calibrate.finish", "calibrate.abort"]
+
+    struct Session: Sendable {
+        var circuit: EZOCircuitKind
+        var steps: [CalibrationStep] = []
+        var points: [CalibrationEvent.Point] = []
+        var lastActivity = ContinuousClock.now
+    }
+
+    private let drivers: [SensorID: any SensorDriver]
+    private let flags: CalibrationFlags
+    private let recorder: any CalibrationRecorder
+    private let sessions = Mutex<[SensorID: Session]>([:])
+    private let logger: Logger
+
+    public init(drivers: [SensorID: any SensorDriver], flags: CalibrationFlags, recorder: any CalibrationRecorder, logger: Logger) {
+        self.drivers = drivers
+        self.flags = flags
+        self.recorder = recorder
+        self.logger = logger
+    }
+
+    /// Answers `request` with the JSON of a ``CalibrationControlAnswer``.
+    public func answer(_ request: ControlRequest) async -> CalibrationControlAnswer {
+        let arguments = request.arguments ?? [:]
+        do {
+            guard let name = arguments["sensor"] else { throw CalibrationError("name the sensor (argument sensor)") }
+            let sensor: SensorID
+            do { sensor = try SensorID(name) } catch { throw CalibrationError("\"\(name.prefix(80))\" is not a sensor id: \(error)") }
+            guard let driver = drivers[sensor] else {
+                throw CalibrationError("this agent has no sensor \"\(sensor)\"; `farmgate status` lists its sensors")
+            }
+            guard let device = driver as? any CalibratableDriver else {
+                throw CalibrationError("sensor \"\(sensor)\" is not an EZO circuit: only EZO pH, EC, RTD, ORP and DO circuits are calibrated through the agent (a Modbus transmitter is calibrated with its vendor's tool)")
+            }
+            switch request.command {
+            case "calibrate.begin": return try begin(sensor, device)
+            case "calibrate.read": return try await read(sensor, device)
+            case "calibrate.point": return try await point(sensor, device, arguments)
+            case "calibrate.status":
+                let session = try current(sensor)
+                let state = try await device.calibrationState()
+                return CalibrationControlAnswer(ok: true, calibration: CalibrationAnswer(sensor: sensor, circuit: session.circuit, taken: session.points, state: state))
+            case "calibrate.finish": return try await finish(sensor, device)
+            case "calibrate.abort":
+                let session = try current(sensor)
+                sessions.withLock { _ = $0.removeValue(forKey: sensor) }
+                flags.clear(sensor)
+                logger.notice("Calibration aborted", metadata: ["sensor": "\(sensor)", "points": "\(session.points.count)"])
+                var answer = CalibrationAnswer(sensor: sensor, circuit: session.circuit, taken: session.points)
+                if !session.points.isEmpty {
+                    answer.warnings = ["the circuit keeps the \(session.points.count) point\(session.points.count == 1 ? "" : "s") it already took (\(session.points.map(\.name).joined(separator: ", "))); calibrate again to replace them"]
+                }
+                return CalibrationControlAnswer(ok: true, calibration: answer)
+            default:
+                throw CalibrationError("unknown calibration command \"\(request.command)\"; known: \(Self.commands.joined(separator: ", "))")
+            }
+        } catch let error as CalibrationError {
+            return CalibrationControlAnswer(ok: false, error: "\(request.command): \(error.description)")
+        } catch let error as SensorError {
+            return CalibrationControlAnswer(ok: false, error: "\(request.command): the circuit failed: \(error.message)")
+        } catch {
+            return CalibrationControlAnswer(ok: false, error: "\(request.command): \(error)")
+        }
+    }
+
+    /// The sensor's session, which must be live (touched now).
+    private func current(_ sensor: SensorID) throws(CalibrationError) -> Session {
+        let now = ContinuousClock.now
+        let limit = flags.idleLimit
+        let session: Session? = sessions.withLock { sessions in
+            guard var session = sessions[sensor] else { return nil }
+            guard now - session.lastActivity <= limit else {
+                sessions[sensor] = nil
+                return nil
+            }
+            session.lastActivity = now
+            sessions[sensor] = session
+            return session
+        }
+        guard let session else {
+            throw CalibrationError("no calibration of \(sensor) is in progress (or it lapsed after \(limit) without a command); start one with calibrate.begin")
+        }
+        flags.mark(sensor)
+        return session
+    }
+
+    private func begin(_ sensor: SensorID, _ device: any CalibratableDriver) throws(CalibrationError) -> CalibrationControlAnswer {
+        let now = ContinuousClock.now
+        let limit = flags.idleLimit
+        let circuit = device.circuit
+        let busy: Bool = sessions.withLock { sessions in
+            if let session = sessions[sensor], now - session.lastActivity <= limit { return true }
+            sessions[sensor] = Session(circuit: circuit)
+            return false
+        }
+        guard !busy else {
+            throw CalibrationError("a calibration of \(sensor) is already in progress (another farmgate calibrate?); finish or abort it first (farmgate calibrate \(sensor) --abort)")
+        }
+        flags.mark(sensor)
+        logger.notice("Calibration started", metadata: ["sensor": "\(sensor)", "circuit": "\(circuit.rawValue)"])
+        var answer = CalibrationAnswer(sensor: sensor, circuit: circuit, taken: [])
+        answer.points = EZOCalibration.points(circuit)
+        answer.defaultPoints = EZOCalibration.defaultSteps(circuit).map(\.description)
+        return CalibrationControlAnswer(ok: true, calibration: answer)
+    }
+
+    private func read(_ sensor: SensorID, _ device: any CalibratableDriver) async throws -> CalibrationControlAnswer {
+        let session = try current(sensor)
+        let value = try await device.read()
+        var answer = CalibrationAnswer(sensor: sensor, circuit: session.circuit, taken: session.points)
+        answer.reading = value.value
+        answer.readingAt = Timestamp.now()
+        return CalibrationControlAnswer(ok: true, calibration: answer)
+    }
+
+    private func point(_ sensor: SensorID, _ device: any CalibratableDriver, _ arguments: [String: String]) async throws -> CalibrationControlAnswer {
+        let session = try current(sensor)
+        guard let name = arguments["point"] else {
+            throw CalibrationError("name the point (argument point: \(EZOCalibration.points(session.circuit).joined(separator: ", ")))")
+        }
+        var reference: Double?
+        if let text = arguments["reference"] {
+            guard let value = Double(text), value.isFinite else {
+                throw CalibrationError("the reference must be a number, not \"\(text.prefix(40))\"")
+            }
+            reference = value
+        }
+        let step = CalibrationStep(point: name.lowercased(), reference: reference)
+        let command = try EZOCalibration.command(for: step, kind: session.circuit, after: session.steps)
+        try await device.sendCalibration(command)
+        let reading = arguments["reading"].flatMap(Double.init).flatMap { $0.isFinite ? $0 : nil }
+        let taken = CalibrationEvent.Point(name: step.point, reference: step.reference, at: Timestamp.now(), reading: reading)
+        let points: [CalibrationEvent.Point] = sessions.withLock { sessions in
+            sessions[sensor]?.steps.append(step)
+            sessions[sensor]?.points.append(taken)
+            return sessions[sensor]?.points ?? [taken]
+        }
+        logger.notice("Calibration point taken", metadata: ["sensor": "\(sensor)", "command": "\(command)"])
+        var answer = CalibrationAnswer(sensor: sensor, circuit: session.circuit, taken: points)
+        answer.command = command
+        return CalibrationControlAnswer(ok: true, calibration: answer)
+    }
+
+    private func finish(_ sensor: SensorID, _ device: any CalibratableDriver) async throws -> CalibrationControlAnswer {
+        let session = try current(sensor)
+        guard !session.points.isEmpty else {
+            throw CalibrationError("no point was taken yet; take at least one (\(EZOCalibration.defaultSteps(session.circuit).first?.description ?? "single=<reference>")) or abort")
+        }
+        let state = try await device.calibrationState()
+        let event = CalibrationEvent(
+            id: UUID().uuidString.lowercased(), sensor: sensor, time: Timestamp.now(), circuit: session.circuit.rawValue,
+            firmware: state.firmware, points: session.points, calibratedPoints: state.calibratedPoints, slope: state.slope)
+        try await recorder.recordCalibration(event)
+        sessions.withLock { _ = $0.removeValue(forKey: sensor) }
+        flags.clear(sensor)
+        logger.notice(
+            "Calibration recorded",
+            metadata: ["sensor": "\(sensor)", "event": "\(event.id)", "points": "\(event.points.map(\.name).joined(separator: ","))"])
+        var answer = CalibrationAnswer(sensor: sensor, circuit: session.circuit, taken: session.points, state: state)
+        answer.event = event
+        var warnings: [String] = []
+        if let slope = state.slope, let warning = EZOCalibration.slopeWarning(slope) { warnings.append(warning) }
+        if let held = state.calibratedPoints, held < session.points.filter({ $0.name != "dry" }).count {
+            warnings.append("the circuit says it holds \(held) calibration point\(held == 1 ? "" : "s") after \(session.points.count) were taken: a point may have been lost (a restart?); calibrate again")
+        }
+        answer.warnings = warnings
+        return CalibrationControlAnswer(ok: true, calibration: answer)
+    }
+}
+
+/// What the control socket answers to a `calibrate.*` command.
+public struct CalibrationControlAnswer: Codable, Sendable {
+    public var ok: Bool
+    public var error: String?
+    public var calibration: CalibrationAnswer?
+
+    public init(ok: Bool, error: String? = nil, calibration: CalibrationAnswer? = nil) {
+        self.ok = ok
+        self.error = error
+        self.calibration = calibration
+    }
+}
+
+/// The calibration part of an answer; which fields are set depends on the command (see ``CalibrationCommands``).
+public struct CalibrationAnswer: Codable, Sendable {
+    public var sensor: String
+    /// `pH`, `EC`, `RTD`, `ORP`, `DO`.
+    public var circuit: String
+    /// The points taken so far in this session, in order.
+    public var taken: [CalibrationEvent.Point]
+    public var points: [String]?
+    public var defaultPoints: [String]?
+    public var reading: Double?
+    public var readingAt: Timestamp?
+    public var command: String?
+    public var state: CalibrationState?
+    public var event: CalibrationEvent?
+    public var warnings: [String]?
+
+    init(sensor: SensorID, circuit: EZOCircuitKind, taken: [CalibrationEvent.Point], state: CalibrationState? = nil) {
+        self.sensor = sensor.rawValue
+        self.circuit = circuit.rawValue
+        self.taken = taken
+        self.state = state
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case sensor, circuit, taken, points, reading, command, state, event, warnings
+        case defaultPoints = "default_points"
+        case readingAt = "reading_at"
+    }
+}

@@ -1,0 +1,224 @@
+import FarmgateSupport
+import FarmgateWire
+import Foundation
+
+/// Decides when a probe has settled: the longest run of consecutive readings whose spread (largest minus smallest) is
+/// within `tolerance`, and that run spans at least `window` with at least three readings. Time is passed in.
+public struct StabilityDetector: Sendable {
+    public let tolerance: Double
+    public let window: Duration
+    private var run: [(value: Double, at: Duration)] = []
+
+    public init(tolerance: Double, window: Duration) {
+        self.tolerance = tolerance
+        self.window = window
+    }
+
+    /// Adds a reading taken at `at` (any monotonic origin) and says whether the readings are now stable.
+    @discardableResult
+    public mutating func add(_ value: Double, at: Duration) -> Bool {
+        run.append((value, at))
+        // Keep the longest suffix within the tolerance: a reading that moved too far restarts the run from there.
+        while run.count > 1, let low = run.map(\.value).min(), let high = run.map(\.value).max(), high - low > tolerance {
+            run.removeFirst()
+        }
+        return isStable
+    }
+
+    public var isStable: Bool {
+        guard run.count >= 3, let first = run.first, let last = run.last else { return false }
+        return last.at - first.at >= window
+    }
+
+    /// The spread of the current run and how long it lasted, for the live display.
+    public var spread: (range: Double, lasted: Duration) {
+        guard let first = run.first, let last = run.last, let low = run.map(\.value).min(), let high = run.map(\.value).max() else {
+            return (0, .zero)
+        }
+        return (high - low, last.at - first.at)
+    }
+
+    /// Forgets every reading (the probe moved to another solution).
+    public mutating func reset() { run.removeAll() }
+}
+
+/// The guided calibration `farmgate calibrate` runs: it drives the agent's `calibrate.*` commands, shows live readings,
+/// waits until they are stable, asks the installer to confirm each point, and reports what the circuit holds afterwards.
+///
+/// Synchronous and blocking (the control socket is blocking): run it on a thread of its own, never on the concurrency pool.
+public struct CalibrationGuide {
+    public struct Options: Sendable {
+        /// The points to take, in order; empty: the circuit's usual ones (``EZOCalibration/defaultSteps(_:)``).
+        public var steps: [CalibrationStep] = []
+        /// How far apart readings may be and still count as stable; nil: the circuit's default (``defaultTolerance(_:)``).
+        public var tolerance: Double?
+        /// How long the readings must stay within the tolerance.
+        public var window: Duration = .seconds(30)
+        /// How often a reading is taken while waiting.
+        public var interval: Duration = .seconds(1)
+        /// How long to wait for stable readings at one point before giving up.
+        public var settleTimeout: Duration = .seconds(600)
+        /// Take each point without asking (scripts); otherwise the installer confirms each one.
+        public var assumeYes = false
+
+        public init() {}
+    }
+
+    public struct Failure: Error, CustomStringConvertible {
+        public let description: String
+        init(_ description: String) { self.description = description }
+    }
+
+    /// The tolerance when none is given: a few counts of the circuit's resolution.
+    public static func defaultTolerance(_ circuit: EZOCircuitKind) -> Double {
+        switch circuit {
+        case .ph: 0.02
+        case .ec: 10  // µS/cm
+        case .rtd: 0.1
+        case .orp: 2  // mV
+        case .dissolvedOxygen: 0.1
+        }
+    }
+
+    let options: Options
+    let send: (ControlRequest) throws -> CalibrationControlAnswer
+    let confirm: (String) -> Bool
+    let output: (String) -> Void
+
+    /// - Parameters:
+    ///   - send: sends one request to the agent and decodes its answer.
+    ///   - confirm: asks the installer a yes/no question; not called with `assumeYes`.
+    ///   - output: prints one line.
+    public init(
+        options: Options, send: @escaping (ControlRequest) throws -> CalibrationControlAnswer, confirm: @escaping (String) -> Bool,
+        output: @escaping (String) -> Void
+    ) {
+        self.options = options
+        self.send = send
+        self.confirm = confirm
+        self.output = output
+    }
+
+    /// Runs the whole calibration of `sensor` and returns the agent's answer to `calibrate.finish` (with the event).
+    /// On any failure after the session began it aborts the session, so the sensor's readings stop carrying `calibrating`.
+    public func run(sensor: String) throws(Failure) -> CalibrationAnswer {
+        let begun = try request("calibrate.begin", sensor)
+        guard let circuit = EZOCircuitKind(rawValue: begun.circuit) else {
+            abort(sensor)
+            throw Failure("the agent reports an unknown circuit \"\(begun.circuit)\"; are the agent and the CLI the same version?")
+        }
+        do throws(Failure) {
+            let steps = options.steps.isEmpty ? EZOCalibration.defaultSteps(circuit) : options.steps
+            guard !steps.isEmpty else {
+                throw Failure("an \(circuit) circuit has no usual point: give the reference, e.g. --point single=21.50 with the temperature a trusted thermometer reads in the same water")
+            }
+            // Check the whole plan before touching the circuit: a refusal at the third point must not leave two taken.
+            var planned: [CalibrationStep] = []
+            for step in steps {
+                do { _ = try EZOCalibration.command(for: step, kind: circuit, after: planned) } catch { throw Failure(error.description) }
+                planned.append(step)
+            }
+            let tolerance = options.tolerance ?? Self.defaultTolerance(circuit)
+            output("Calibrating \(sensor) (\(circuit)): \(steps.map(\.description).joined(separator: ", ")); stable means within \(EZOCalibration.format(tolerance)) for \(ConfigTable.format(options.window))")
+            for step in steps {
+                try take(step, sensor: sensor, circuit: circuit, tolerance: tolerance)
+            }
+            let finished = try request("calibrate.finish", sensor)
+            report(finished)
+            return finished
+        } catch {
+            abort(sensor)
+            throw error
+        }
+    }
+
+    private func take(_ step: CalibrationStep, sensor: String, circuit: EZOCircuitKind, tolerance: Double) throws(Failure) {
+        output("")
+        output("Point \(step.description): \(Self.instruction(step, circuit))")
+        if !options.assumeYes, !confirm("Is the probe in place? [y/N] ") {
+            throw Failure("stopped at point \(step.point) on your request; points taken before it stay in the circuit")
+        }
+        var detector = StabilityDetector(tolerance: tolerance, window: options.window)
+        let start = ContinuousClock.now
+        var failures: [String] = []
+        var last: Double?
+        waiting: while true {
+            let at = ContinuousClock.now - start
+            if at > options.settleTimeout {
+                let spread = detector.spread
+                throw Failure(
+                    "the readings did not settle at point \(step.point) within \(ConfigTable.format(options.settleTimeout)) (last \(last.map(EZOCalibration.format) ?? "none"), moving by \(EZOCalibration.format(spread.range)) in \(ConfigTable.format(spread.lasted))): rinse the probe, check it is submerged without air bubbles at its tip and the solution is fresh, or allow more with --tolerance or a shorter --window")
+            }
+            do throws(Failure) {
+                let answer = try request("calibrate.read", sensor)
+                failures.removeAll()
+                if let value = answer.reading {
+                    last = value
+                    let stable = detector.add(value, at: at)
+                    let spread = detector.spread
+                    output("  \(EZOCalibration.format(value))  (within \(EZOCalibration.format(spread.range)) for \(ConfigTable.format(spread.lasted)))\(stable ? "  stable" : "")")
+                    if stable { break waiting }
+                }
+            } catch {
+                failures.append(error.description)
+                output("  no reading: \(error.description)")
+                if failures.count >= 5 {
+                    throw Failure("five reads in a row failed at point \(step.point) (last: \(error.description)): check the probe's connector, the circuit's power and its wiring to the port")
+                }
+            }
+            Thread.sleep(forTimeInterval: options.interval / .seconds(1))
+        }
+        if !options.assumeYes, !confirm("Readings are stable at \(last.map(EZOCalibration.format) ?? "?"). Calibrate \(step.description)? [y/N] ") {
+            throw Failure("stopped before point \(step.point) on your request; points taken before it stay in the circuit")
+        }
+        var arguments = ["sensor": sensor, "point": step.point]
+        if let reference = step.reference { arguments["reference"] = String(reference) }
+        if let last { arguments["reading"] = String(last) }
+        let taken = try request("calibrate.point", sensor, arguments)
+        output("Point \(step.description) taken (\(taken.command ?? "Cal")).")
+    }
+
+    private func report(_ answer: CalibrationAnswer) {
+        output("")
+        if let points = answer.state?.calibratedPoints {
+            output("The circuit holds \(points) calibration point\(points == 1 ? "" : "s") (Cal,?).")
+        } else {
+            output("The circuit did not say how many points it holds (Cal,?).")
+        }
+        if let slope = answer.state?.slope {
+            output("Slope: acid \(EZOCalibration.format(slope.acidPercent)) %, base \(EZOCalibration.format(slope.basePercent)) %\(slope.offsetMillivolts.map { ", offset \(EZOCalibration.format($0)) mV" } ?? "") (Slope,?).")
+        }
+        for warning in answer.warnings ?? [] { output("WARNING: \(warning)") }
+        if let event = answer.event {
+            output("Calibration recorded as event \(event.id); it is uploaded with the readings.")
+        }
+    }
+
+    private func abort(_ sensor: String) {
+        _ = try? send(ControlRequest(command: "calibrate.abort", arguments: ["sensor": sensor]))
+    }
+
+    private func request(_ command: String, _ sensor: String, _ arguments: [String: String]? = nil) throws(Failure) -> CalibrationAnswer {
+        let answer: CalibrationControlAnswer
+        do {
+            answer = try send(ControlRequest(command: command, arguments: arguments ?? ["sensor": sensor]))
+        } catch {
+            throw Failure("cannot reach the agent: \(error) (is `farmgate agent` running, and may you use its control socket? members of the agent's group may)")
+        }
+        guard answer.ok, let calibration = answer.calibration else {
+            throw Failure(answer.error ?? "the agent answered \(command) without a result; are the agent and the CLI the same version?")
+        }
+        return calibration
+    }
+
+    /// What the installer does at a point.
+    static func instruction(_ step: CalibrationStep, _ circuit: EZOCircuitKind) -> String {
+        switch (circuit, step.point) {
+        case (.ec, "dry"): "take the probe out of any liquid and dry it; it reads about 0"
+        case (.dissolvedOxygen, "air"): "take the probe out, let it sit in the air (not in the sun, not wet)"
+        case (.dissolvedOxygen, "zero"): "put the probe in the zero dissolved-oxygen solution and stir away the bubbles"
+        case (.rtd, _): "put the probe in water whose temperature a trusted thermometer reads \(step.reference.map(EZOCalibration.format) ?? "?") °C"
+        default: "rinse the probe and put it in the \(step.reference.map(EZOCalibration.format) ?? "") solution"
+        }
+    }
+}

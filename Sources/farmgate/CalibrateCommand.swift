@@ -1,0 +1,109 @@
+import ArgumentParser
+import FarmgateAgent
+import FarmgateSupport
+import Foundation
+
+struct CalibrateCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "calibrate",
+        abstract: "Calibrate an EZO circuit through the running agent, point by point, waiting for stable readings.",
+        discussion: """
+            The agent owns the serial port: this command asks it to read and calibrate. For each point it shows live readings, \
+            waits until they stay within --tolerance for --window, asks you to confirm (unless --yes), then sends Cal. \
+            Afterwards it prints what the circuit holds (Cal,?) and, on pH, the probe's slope (Slope,?), and the agent records \
+            the calibration as an event that is uploaded with the readings. Readings taken meanwhile carry the calibrating flag.
+
+            Points (in the datasheets' order): pH mid=7.00 (first: it clears the others), low=4.00, high=10.00; \
+            EC dry, then single=1413 or low=12880 and high=80000 (µS/cm); RTD single=<°C>; ORP single=225 (mV); DO air, zero. \
+            Without --point the usual ones are taken (pH mid, low, high; EC dry, low, high; ORP single=225; DO air).
+            Exits 1 when the calibration could not be completed, with what to check.
+            """)
+
+    @OptionGroup var options: ConfigOption
+
+    @Option(help: ArgumentHelp("The agent's control socket (default: [control] socket of the configuration).", valueName: "path"))
+    var socket: String?
+
+    @Argument(help: "The sensor's id, as in the configuration (e.g. tank1.ph).")
+    var sensor: String
+
+    @Option(name: .customLong("point"), help: ArgumentHelp("A point to take, in order: name=reference, or name alone for dry, air, zero. Repeatable.", valueName: "point"))
+    var points: [String] = []
+
+    @Option(help: ArgumentHelp("How far apart readings may be and still count as stable (default: pH 0.02, EC 10 µS/cm, RTD 0.1 °C, ORP 2 mV, DO 0.1 mg/L).", valueName: "value"))
+    var tolerance: Double?
+
+    @Option(help: ArgumentHelp("How long readings must stay within the tolerance.", valueName: "duration"))
+    var window: String = "30s"
+
+    @Option(help: ArgumentHelp("How long to wait at one point for stable readings before giving up.", valueName: "duration"))
+    var timeout: String = "10m"
+
+    @Option(help: ArgumentHelp("How often to read while waiting.", valueName: "duration"))
+    var interval: String = "1s"
+
+    @Flag(name: [.short, .customLong("yes")], help: "Take each point without asking (for scripts).")
+    var yes = false
+
+    @Flag(help: "Abort a calibration of this sensor left in progress (points already taken stay in the circuit).")
+    var abort = false
+
+    func validate() throws {
+        for (name, text) in [("--window", window), ("--timeout", timeout), ("--interval", interval)] {
+            guard let duration = ConfigTable.parseDuration(text), duration > .zero else {
+                throw ValidationError("\(name) must be a duration such as 30s, 2m or 500ms, not \"\(text)\"")
+            }
+        }
+        if let tolerance, !(tolerance.isFinite && tolerance > 0) {
+            throw ValidationError("--tolerance must be a positive number, in the sensor's unit")
+        }
+        for point in points {
+            do { _ = try CalibrationStep(parsing: point) } catch { throw ValidationError("--point \(point): \(error.description)") }
+        }
+    }
+
+    func run() throws {
+        let path = try socket ?? options.load().controlSocket
+        let send: (ControlRequest) throws -> CalibrationControlAnswer = { request in
+            // A calibration point takes the circuit over a second, behind a read in progress: allow for both.
+            let bytes = try ControlClient.send(request, to: path, timeoutSeconds: 30)
+            return try JSONDecoder().decode(CalibrationControlAnswer.self, from: Data(bytes))
+        }
+        if abort {
+            do {
+                let answer = try send(ControlRequest(command: "calibrate.abort", arguments: ["sensor": sensor]))
+                guard answer.ok else { throw CleanExit.message("farmgate calibrate: \(answer.error ?? "the agent refused")", code: 1) }
+                print("Calibration of \(sensor) aborted.")
+                for warning in answer.calibration?.warnings ?? [] { print("Note: \(warning)") }
+                return
+            } catch let error as ExitCode {
+                throw error
+            } catch {
+                throw CleanExit.message("farmgate calibrate: cannot reach the agent on \(path): \(error)", code: 1)
+            }
+        }
+        var guideOptions = CalibrationGuide.Options()
+        guideOptions.steps = points.compactMap { try? CalibrationStep(parsing: $0) }
+        guideOptions.tolerance = tolerance
+        guideOptions.window = ConfigTable.parseDuration(window) ?? .seconds(30)
+        guideOptions.settleTimeout = ConfigTable.parseDuration(timeout) ?? .seconds(600)
+        guideOptions.interval = ConfigTable.parseDuration(interval) ?? .seconds(1)
+        guideOptions.assumeYes = yes
+        let guide = CalibrationGuide(
+            options: guideOptions, send: send,
+            confirm: { question in
+                FileHandle.standardOutput.write(Data(question.utf8))
+                guard let line = readLine() else { return false }
+                return ["y", "yes"].contains(line.trimmingCharacters(in: .whitespaces).lowercased())
+            },
+            output: { line in
+                // Unbuffered, so that live readings show as they come even through a pipe.
+                FileHandle.standardOutput.write(Data((line + "\n").utf8))
+            })
+        do {
+            _ = try guide.run(sensor: sensor)
+        } catch {
+            throw CleanExit.message("farmgate calibrate: \(error.description)", code: 1)
+        }
+    }
+}

@@ -1,0 +1,201 @@
+@testable import FarmgateAgent
+import FarmgateSupport
+import FarmgateTestSupport
+import FarmgateWire
+import Foundation
+import Logging
+import Synchronization
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The guided calibration against the real agent binary, over its real control socket, with an EZO pH circuit simulated
+/// on a pseudo-terminal.
+@Suite("Guided calibration through the running agent")
+struct CalibrationAgentTests {
+    final class Lines: Sendable {
+        let lines = Mutex<[String]>([])
+        func append(_ line: String) { lines.withLock { $0.append(line) } }
+        var text: String { lines.withLock { $0.joined(separator: "\n") } }
+    }
+
+    static func send(_ socket: String) -> @Sendable (ControlRequest) throws -> CalibrationControlAnswer {
+        { request in
+            try JSONDecoder().decode(CalibrationControlAnswer.self, from: Data(try ControlClient.send(request, to: socket, timeoutSeconds: 30)))
+        }
+    }
+
+    /// Runs the guide on a thread of its own (it blocks), as the CLI does.
+    static func guide(
+        _ sensor: String, socket: String, options: CalibrationGuide.Options, output: Lines, confirm: @escaping @Sendable (String) -> Bool = { _ in true }
+    ) async throws -> Result<CalibrationAnswer, CalibrationGuide.Failure> {
+        try await runOffPool(name: "calibration-guide") {
+            let guide = CalibrationGuide(options: options, send: send(socket), confirm: confirm, output: output.append)
+            do throws(CalibrationGuide.Failure) { return .success(try guide.run(sensor: sensor)) } catch { return .failure(error) }
+        }
+    }
+
+    /// Runs `farmgate calibrate -c configuration arguments...` and returns its exit status and output. Blocks.
+    static func cli(_ binary: String, _ configuration: String, _ arguments: [String]) throws -> (status: Int32, output: String) {
+        let cli = Process()
+        cli.executableURL = URL(fileURLWithPath: binary)
+        cli.arguments = ["calibrate", "-c", configuration] + arguments
+        let pipe = Pipe()
+        cli.standardOutput = pipe
+        cli.standardError = pipe
+        try cli.run()
+        let data = pipe.fileHandleForReading.readDataToEndOfFile()
+        cli.waitUntilExit()
+        return (cli.terminationStatus, String(decoding: data, as: UTF8.self))
+    }
+
+    @Test("pH mid, low, high: noisy readings are waited out, each Cal is sent once in order, Cal,? and Slope,? are reported, the event is committed, readings meanwhile carry calibrating")
+    func guidedPH() async throws {
+        let scratch = try Scratch(prefix: "fg-cal", in: URL(fileURLWithPath: "/tmp"))
+        // Noisy for the first 12 reads (±0.3), then settled at 7.01.
+        let ph = try EZOSimulator(.ph, path: scratch.file("by-id-ph"), timeScale: 0.2, values: { index, _ in
+            index < 12 ? 7 + (index % 2 == 0 ? 0.3 : -0.3) : 7.01
+        })
+        defer { ph.stop() }
+        let buffer = scratch.file("buffer.sqlite")
+        let socket = scratch.file("control.sock")
+        let configuration = try scratch.write(
+            "agent.toml",
+            """
+            [device]
+            id = "cal-site"
+            [buffer]
+            path = "\(buffer)"
+            commit_interval = "100ms"
+            [control]
+            socket = "\(socket)"
+            [clock]
+            check = false
+
+            [[sensor]]
+            id = "tank1.ph"
+            driver = "ezo"
+            quantity = "ph"
+            port = "\(ph.path)"
+            interval = "400ms"
+
+            [[sensor]]
+            id = "tank1.level"
+            driver = "simulated"
+            quantity = "state"
+            interval = "1s"
+            """)
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: builtExecutable("farmgate", environmentOverride: "FARMGATE_BINARY"))
+        process.arguments = ["agent", "-c", configuration]
+        let log = scratch.file("agent.log")
+        #expect(FileManager.default.createFile(atPath: log, contents: nil))
+        process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
+        process.standardOutput = process.standardError
+        try process.run()
+        defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
+        func agentLog() -> String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
+
+        let up = await eventually(timeout: .seconds(20), every: .milliseconds(100)) {
+            (try? ControlClient.send(ControlRequest(command: "status"), to: socket, timeoutSeconds: 2)) != nil
+        }
+        try #require(up, "the agent did not answer on its control socket: \(agentLog())")
+
+        // 1. The guide, as `farmgate calibrate tank1.ph --yes --window 1.5s --tolerance 0.02`.
+        var options = CalibrationGuide.Options()
+        options.window = .milliseconds(1500)
+        options.interval = .milliseconds(100)
+        options.settleTimeout = .seconds(60)
+        options.tolerance = 0.02
+        options.assumeYes = true
+        let output = Lines()
+        let outcome = try await Self.guide("tank1.ph", socket: socket, options: options, output: output)
+        let finished = try #require(try? outcome.get(), "the calibration failed: \(outcome) \(output.text)\n\(agentLog())")
+        #expect(finished.state?.calibratedPoints == 3)
+        #expect(finished.state?.slope == CalibrationEvent.Slope(acidPercent: 99.7, basePercent: 100.3, offsetMillivolts: -0.89))
+        #expect(finished.state?.firmware == "2.16")
+        #expect(finished.warnings == [])
+        let event = try #require(finished.event)
+        #expect(event.points.map(\.name) == ["mid", "low", "high"])
+        #expect(event.points.map(\.reference) == [7, 4, 10])
+        // Each point was taken on the settled value, never during the noise.
+        #expect(event.points.allSatisfy { $0.reading == 7.01 }, "\(event.points)")
+        #expect(event.circuit == "pH" && event.sensor.rawValue == "tank1.ph" && event.calibratedPoints == 3)
+        #expect(output.text.contains("The circuit holds 3 calibration points (Cal,?)."))
+        #expect(output.text.contains("Slope: acid 99.70 %, base 100.30 %, offset -0.89 mV (Slope,?)."))
+        let commands = ph.commands.map { $0.uppercased() }
+        let calibrations = commands.filter { $0.hasPrefix("CAL,") && $0 != "CAL,?" }
+        #expect(calibrations == ["CAL,MID,7.00", "CAL,LOW,4.00", "CAL,HIGH,10.00"])
+        let firstCal = try #require(commands.firstIndex(of: "CAL,MID,7.00"))
+        #expect(commands[..<firstCal].filter { $0 == "R" }.count >= 12, "Cal,mid was sent before the noise settled")
+        #expect(commands.contains("SLOPE,?"))
+
+        // 2. Out of order: the agent refuses a low point before mid, and sends nothing.
+        let send = Self.send(socket)
+        let begun = try send(ControlRequest(command: "calibrate.begin", arguments: ["sensor": "tank1.ph"]))
+        #expect(begun.ok && begun.calibration?.defaultPoints == ["mid=7.00", "low=4.00", "high=10.00"])
+        let busy = try send(ControlRequest(command: "calibrate.begin", arguments: ["sensor": "tank1.ph"]))
+        #expect(!busy.ok && busy.error?.contains("already in progress") == true)
+        let low = try send(ControlRequest(command: "calibrate.point", arguments: ["sensor": "tank1.ph", "point": "low", "reference": "4.00"]))
+        #expect(!low.ok && low.error?.contains("calibrate the mid point (pH 7.00) first") == true, "\(low)")
+        let aborted = try send(ControlRequest(command: "calibrate.abort", arguments: ["sensor": "tank1.ph"]))
+        #expect(aborted.ok)
+        let notEZO = try send(ControlRequest(command: "calibrate.begin", arguments: ["sensor": "tank1.level"]))
+        #expect(!notEZO.ok && notEZO.error?.contains("not an EZO circuit") == true)
+        let unknown = try send(ControlRequest(command: "calibrate.begin", arguments: ["sensor": "tank9.ph"]))
+        #expect(!unknown.ok && unknown.error?.contains("no sensor \"tank9.ph\"") == true)
+
+        // 3. The guide refuses a plan out of order before touching the circuit, and a "no" stops it (the session aborted).
+        var lowFirst = options
+        lowFirst.steps = [CalibrationStep(point: "low", reference: 4)]
+        let refused = try await Self.guide("tank1.ph", socket: socket, options: lowFirst, output: Lines())
+        guard case .failure(let failure) = refused else { Issue.record("a low point before mid was accepted"); return }
+        #expect(failure.description.contains("mid point"))
+        var asking = options
+        asking.assumeYes = false
+        let declined = try await Self.guide("tank1.ph", socket: socket, options: asking, output: Lines(), confirm: { _ in false })
+        guard case .failure(let stopped) = declined else { Issue.record("a declined point was taken"); return }
+        #expect(stopped.description.contains("on your request"))
+        #expect(ph.commands.map { $0.uppercased() }.filter { $0.hasPrefix("CAL,") && $0 != "CAL,?" }.count == 3, "nothing more was sent")
+        let again = try send(ControlRequest(command: "calibrate.begin", arguments: ["sensor": "tank1.ph"]))
+        #expect(again.ok, "the declined guide left its session open: \(again)")
+        _ = try send(ControlRequest(command: "calibrate.abort", arguments: ["sensor": "tank1.ph"]))
+
+        // 4. The real CLI: `farmgate calibrate` with --yes succeeds; an out-of-order plan exits 1 with the reason.
+        let binary = builtExecutable("farmgate", environmentOverride: "FARMGATE_BINARY")
+        let ok = try await runOffPool {
+            try Self.cli(binary, configuration, ["tank1.ph", "--point", "mid=7.00", "--yes", "--window", "1s", "--interval", "100ms", "--tolerance", "0.02"])
+        }
+        #expect(ok.status == 0, "\(ok.output)")
+        #expect(ok.output.contains("The circuit holds 1 calibration point (Cal,?)."), "\(ok.output)")
+        #expect(ok.output.contains("Calibration recorded as event"))
+        let refusedCLI = try await runOffPool { try Self.cli(binary, configuration, ["tank1.ph", "--point", "low=4.00", "--yes"]) }
+        #expect(refusedCLI.status == 1)
+        #expect(refusedCLI.output.contains("calibrate the mid point (pH 7.00) first"), "\(refusedCLI.output)")
+        let badWindow = try await runOffPool { try Self.cli(binary, configuration, ["tank1.ph", "--window", "soon"]) }
+        #expect(badWindow.status != 0 && badWindow.output.contains("--window must be a duration"), "\(badWindow.output)")
+
+        // Readings after the last session carry no flag.
+        let readsBefore = ph.served.count
+        #expect(await eventually(timeout: .seconds(20)) { ph.served.count >= readsBefore + 4 })
+        try await Task.sleep(for: .milliseconds(400))
+        kill(process.processIdentifier, SIGTERM)
+        let exited = await eventually(timeout: .seconds(20)) { !process.isRunning }
+        #expect(exited)
+        process.waitUntilExit()
+        #expect(process.terminationStatus == 0, "\(agentLog())")
+
+        let store = try ReadingBuffer(
+            configuration: BufferConfiguration(path: buffer), logger: Logger(label: "test") { _ in SwiftLogNoOpLogHandler() })
+        let stored = try await store.pendingCalibrations(limit: 10)
+        let readings = try await store.pending(limit: 100_000, from: .oldest).filter { $0.sensor.rawValue == "tank1.ph" }
+        try await store.close()
+        #expect(stored.count == 2 && stored.first == event, "each finished calibration is committed to the buffer, once: \(stored)")
+        #expect(stored.last?.points.map(\.name) == ["mid"])
+        #expect(readings.contains { $0.quality.contains(.calibrating) }, "readings taken during the calibration carry calibrating")
+        #expect(readings.contains { !$0.quality.contains(.calibrating) })
+        #expect(readings.last.map { !$0.quality.contains(.calibrating) } == true, "the flag is off once the calibration ended")
+    }
+}

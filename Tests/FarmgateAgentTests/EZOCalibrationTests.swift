@@ -1,0 +1,127 @@
+@testable import FarmgateAgent
+import FarmgateWire
+import Testing
+
+@Suite("EZO calibration rules, answers and stability")
+struct EZOCalibrationTests {
+    func steps(_ texts: String...) throws -> [CalibrationStep] { try texts.map { try CalibrationStep(parsing: $0) } }
+
+    /// Sends every step in order and returns the commands; throws the first refusal.
+    func plan(_ kind: EZOCircuitKind, _ texts: String...) throws -> [String] {
+        var done: [CalibrationStep] = []
+        var commands: [String] = []
+        for text in texts {
+            let step = try CalibrationStep(parsing: text)
+            commands.append(try EZOCalibration.command(for: step, kind: kind, after: done))
+            done.append(step)
+        }
+        return commands
+    }
+
+    func refusal(_ kind: EZOCircuitKind, _ texts: String...) -> String? {
+        var done: [CalibrationStep] = []
+        for text in texts {
+            do {
+                let step = try CalibrationStep(parsing: text)
+                _ = try EZOCalibration.command(for: step, kind: kind, after: done)
+                done.append(step)
+            } catch {
+                return error.description
+            }
+        }
+        return nil
+    }
+
+    @Test("pH: mid, low, high in that order become the datasheet's commands")
+    func phOrder() throws {
+        #expect(try plan(.ph, "mid=7.00", "low=4.00", "high=10.00") == ["Cal,mid,7.00", "Cal,low,4.00", "Cal,high,10.00"])
+        #expect(try plan(.ph, "mid=6.86", "low=4.01") == ["Cal,mid,6.86", "Cal,low,4.01"])
+    }
+
+    @Test("pH: out-of-order and implausible points are refused with the reason")
+    func phRefusals() {
+        #expect(refusal(.ph, "low=4.00")?.contains("mid point (pH 7.00) first") == true)
+        #expect(refusal(.ph, "high=10.00")?.contains("mid point") == true)
+        #expect(refusal(.ph, "mid=7", "high=10")?.contains("low point (pH 4.00) before the high point") == true)
+        #expect(refusal(.ph, "mid=7", "low=7.5")?.contains("a low point above 7") == true)
+        #expect(refusal(.ph, "mid=7", "low=4", "high=6")?.contains("above the mid point") == true)
+        #expect(refusal(.ph, "mid=4")?.contains("neutral buffer") == true)
+        #expect(refusal(.ph, "mid=15")?.contains("outside the pH scale") == true)
+        #expect(refusal(.ph, "mid")?.contains("needs the solution's reference value") == true)
+        #expect(refusal(.ph, "mid=7", "mid=7")?.contains("already taken") == true)
+        #expect(refusal(.ph, "dry")?.contains("has no point \"dry\"") == true)
+    }
+
+    @Test("EC: dry first, then single or low and high; other circuits one point")
+    func otherCircuits() throws {
+        #expect(try plan(.ec, "dry", "low=12880", "high=80000") == ["Cal,dry", "Cal,low,12880", "Cal,high,80000"])
+        #expect(try plan(.ec, "dry", "single=1413") == ["Cal,dry", "Cal,1413"])
+        #expect(refusal(.ec, "single=1413")?.contains("calibrate dry first") == true)
+        #expect(refusal(.ec, "dry", "high=80000")?.contains("low point before the high point") == true)
+        #expect(refusal(.ec, "dry", "low=80000", "high=12880")?.contains("must be above the low point") == true)
+        #expect(refusal(.ec, "dry", "single=-5")?.contains("above 0") == true)
+        #expect(refusal(.ec, "dry=3")?.contains("takes no reference") == true)
+        #expect(try plan(.rtd, "single=21.5") == ["Cal,21.50"])
+        #expect(refusal(.rtd, "single=2000")?.contains("-126 and 1254") == true)
+        #expect(try plan(.orp, "single=225") == ["Cal,225"])
+        #expect(try plan(.dissolvedOxygen, "zero", "air") == ["Cal,0", "Cal"])
+    }
+
+    @Test("Cal,? and Slope,? answers parse; anything else does not")
+    func answers() {
+        #expect(EZOCalibration.parseCalibrated("?Cal,3") == 3)
+        #expect(EZOCalibration.parseCalibrated("?CAL,0") == 0)
+        #expect(EZOCalibration.parseCalibrated("?Cal,x") == nil)
+        #expect(EZOCalibration.parseCalibrated("7.01") == nil)
+        #expect(EZOCalibration.parseSlope("?Slope,99.7,100.3,-0.89") == CalibrationEvent.Slope(acidPercent: 99.7, basePercent: 100.3, offsetMillivolts: -0.89))
+        #expect(EZOCalibration.parseSlope("?Slope,98.2,101.0") == CalibrationEvent.Slope(acidPercent: 98.2, basePercent: 101, offsetMillivolts: nil))
+        #expect(EZOCalibration.parseSlope("?Slope,nan,1") == nil)
+        #expect(EZOCalibration.parseSlope("?Cal,2") == nil)
+        #expect(EZOCalibration.slopeWarning(CalibrationEvent.Slope(acidPercent: 99.7, basePercent: 100.3, offsetMillivolts: 0)) == nil)
+        #expect(EZOCalibration.slopeWarning(CalibrationEvent.Slope(acidPercent: 80.1, basePercent: 100.3, offsetMillivolts: 0))?.contains("acid side 80.10 %") == true)
+        #expect(EZOCalibration.slopeWarning(CalibrationEvent.Slope(acidPercent: 99, basePercent: 106, offsetMillivolts: 0))?.contains("replace the probe") == true)
+    }
+
+    @Test("Point arguments: name=value or a bare name; a bad value says how to write it")
+    func parsing() throws {
+        #expect(try CalibrationStep(parsing: "MID=7.00") == CalibrationStep(point: "mid", reference: 7))
+        #expect(try CalibrationStep(parsing: "dry") == CalibrationStep(point: "dry"))
+        #expect(throws: CalibrationError.self) { try CalibrationStep(parsing: "mid=seven") }
+        #expect(throws: CalibrationError.self) { try CalibrationStep(parsing: "=7") }
+    }
+
+    func add(_ detector: inout StabilityDetector, _ value: Double, at: Duration) -> Bool { detector.add(value, at: at) }
+
+    @Test("Stability: noise restarts the run; readings within the tolerance over the window are stable")
+    func stability() {
+        var detector = StabilityDetector(tolerance: 0.02, window: .seconds(3))
+        let noisy = [7.3, 6.8, 7.2, 6.9, 7.1]
+        for (i, value) in noisy.enumerated() { #expect(!add(&detector, value, at: .seconds(i))) }
+        // Settling: 7.01, 7.02, 7.01, 7.00 one second apart: the run starts at 7.01 (t=5) and spans 3 s at t=8.
+        #expect(!add(&detector, 7.01, at: .seconds(5)))
+        #expect(!add(&detector, 7.02, at: .seconds(6)))
+        #expect(!add(&detector, 7.01, at: .seconds(7)))
+        #expect(add(&detector, 7.00, at: .seconds(8)))
+        // One reading out of the band breaks it again.
+        #expect(!add(&detector, 7.05, at: .seconds(9)))
+        // Two readings spanning the window are not enough: three are needed.
+        var sparse = StabilityDetector(tolerance: 0.1, window: .seconds(1))
+        #expect(!add(&sparse, 1, at: .zero))
+        #expect(!add(&sparse, 1, at: .seconds(5)))
+        #expect(add(&sparse, 1, at: .seconds(6)))
+    }
+
+    @Test("Calibration flags lapse when the CLI goes silent")
+    func flagsLapse() async throws {
+        let flags = CalibrationFlags(idleLimit: .milliseconds(200))
+        let sensor = try SensorID("tank1.ph")
+        #expect(!flags.contains(sensor))
+        flags.mark(sensor)
+        #expect(flags.contains(sensor))
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(!flags.contains(sensor))
+        flags.mark(sensor)
+        flags.clear(sensor)
+        #expect(!flags.contains(sensor))
+    }
+}
