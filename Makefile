@@ -24,16 +24,18 @@ demo: build
 # concurrency pool and delay their timers. A third pass runs the suites that must have the test process to themselves
 # (HostileConnectionsTests holds 2,000 sockets open, which pushes every descriptor another suite opens past the 1024 that
 # select(2), and so libmodbus, can watch). Every pass always runs; the target fails if any does.
-TIMED_SUITES := SamplerTests|ConnectionLimitTests|EZODriverTests|EZOSimulatorTests|ModbusBusTests|DS18B20DriverTests|GPIODriverTests|DriverExamplesTests|HardwareAgentTests|ControlSocketTests|UploadUploaderTests|UploadRefusalTests|UploadSequenceTests|UploadHTTPClientTests|EndToEndTests
+TIMED_SUITES := PostgresEndToEndTests|SamplerTests|ConnectionLimitTests|EZODriverTests|EZOSimulatorTests|ModbusBusTests|DS18B20DriverTests|GPIODriverTests|DriverExamplesTests|HardwareAgentTests|ControlSocketTests|UploadUploaderTests|UploadRefusalTests|UploadSequenceTests|UploadHTTPClientTests|EndToEndTests
 SOLO_SUITES := HostileConnectionsTests
 
+# All passes run beside one throwaway PostgreSQL cluster (.ci/with-postgres: initdb in a temporary directory, a Unix
+# socket, stopped and removed afterwards); PostgreSQL tests fail, never skip, without it.
 test: deps
 	$(SWIFT) build --build-tests
-	@status=0; \
-	$(SWIFT) test --skip-build --skip '$(TIMED_SUITES)' || status=1; \
-	$(SWIFT) test --skip-build --filter '$(TIMED_SUITES)' --skip '$(SOLO_SUITES)' || status=1; \
-	$(SWIFT) test --skip-build --filter '$(SOLO_SUITES)' || status=1; \
-	exit $$status
+	@.ci/with-postgres bash -c 'status=0; \
+	$(SWIFT) test --skip-build --skip "$(TIMED_SUITES)" || status=1; \
+	$(SWIFT) test --skip-build --filter "$(TIMED_SUITES)" --skip "$(SOLO_SUITES)" || status=1; \
+	$(SWIFT) test --skip-build --filter "$(SOLO_SUITES)" || status=1; \
+	exit $$status'
 
 bench: release
 	$(SWIFT) run -c release farmgate-bench all
