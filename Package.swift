@@ -171,6 +171,7 @@ let package = Package(
                 "FarmgateSupport",
                 "FarmgateTestSupport",
                 .product(name: "HummingbirdTesting", package: "hummingbird"),
+                .product(name: "PostgresNIO", package: "postgres-nio"),
             ],
             swiftSettings: swiftSettings
         ),

@@ -105,7 +105,7 @@ public final class PostgresIngestStore: IngestStore {
         let firstDay = Self.day(of: Timestamp(microseconds: now.microseconds - 86_400_000_000))
         let created = try await transaction { connection in
             try await connection.query("SELECT pg_advisory_xact_lock(\(PostgresSchema.partitionLock))", logger: self.logger)
-            let rows = try await connection.query("SELECT farmgate_create_partitions(\(firstDay)::date, \(days))", logger: self.logger)
+            let rows = try await connection.query("SELECT farmgate_create_partitions(\(firstDay)::date, \(days)::integer)", logger: self.logger)
             var created = 0
             for try await count in rows.decode(Int.self) { created = count }
             return created
@@ -133,12 +133,18 @@ public final class PostgresIngestStore: IngestStore {
         let timeout = settings.queryTimeout
         let logger = self.logger
         return try await withDeadline(timeout) {
-            try await self.client.withTransaction(logger: logger) { connection in
-                if timeout > .zero {
-                    let milliseconds = Int64(timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000)
-                    try await connection.query("SELECT set_config('statement_timeout', \(String(milliseconds)), true)", logger: logger)
+            do {
+                return try await self.client.withTransaction(logger: logger) { connection in
+                    if timeout > .zero {
+                        let milliseconds = Int64(timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000)
+                        try await connection.query("SELECT set_config('statement_timeout', \(String(milliseconds)), true)", logger: logger)
+                    }
+                    return try await body(connection)
                 }
-                return try await body(connection)
+            } catch let error as PostgresTransactionError {
+                // What failed, not the wrapper: callers match IngestStoreError and unique violations.
+                if let inner = error.closureError ?? error.commitError ?? error.beginError { throw inner }
+                throw error
             }
         }
     }
