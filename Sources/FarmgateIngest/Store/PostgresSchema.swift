@@ -27,6 +27,17 @@
 /// `sequence_conflict`); one inside a range whose row is gone (its partition dropped) is a duplicate: it was stored and
 /// acknowledged once. Retention never touches `stored_sequences`. The non-unique index `(device_id, sequence)` on
 /// every partition serves that comparison and the export.
+///
+/// ## Size, and where it goes next
+/// Measured on PostgreSQL 15 after loading 1,000,000 readings (60 sensors every 10 s, sequences in time order,
+/// `VACUUM ANALYZE`, `sum(pg_total_relation_size)` over the partitions): 100.6 bytes per reading, of which the heap
+/// 68.3 (a 24-byte tuple header and 4-byte line pointer around 34 bytes of data, padded to 8) and the
+/// `(device_id, sequence)` B-tree 32.3; the BRIN index is negligible. The goal of 60 cannot be met with one row per
+/// reading and a B-tree: the header and pointer alone are 28 bytes. Because idempotency lives in `stored_sequences`
+/// and not in a per-row unique index, the next step can store readings as one row per (device, sensor, batch) with
+/// arrays of sequences, timestamps, values and flags, indexed by `(device_id, first_sequence)` and
+/// `(sensor_id, first_ts)`: the same million readings in that layout measured 40.8 bytes per reading, both indexes
+/// included.
 enum PostgresSchema {
     struct Migration: Sendable {
         let version: Int
