@@ -15,18 +15,21 @@ struct PostgresEndToEndTests {
         let bin: String
         let data: String
         let user: String
+        let port: String
 
         static func fromEnvironment() throws -> Cluster {
             let environment = ProcessInfo.processInfo.environment
             guard let url = environment["FARMGATE_TEST_DATABASE_URL"], let bin = environment["FARMGATE_TEST_PGBIN"],
                 let data = environment["FARMGATE_TEST_PGDATA"], let user = environment["FARMGATE_TEST_PGUSER"],
-                let host = URLComponents(string: url.replacingOccurrences(of: "@/", with: "@x/"))?.queryItems?.first(where: { $0.name == "host" })?.value
+                let query = URLComponents(string: url.replacingOccurrences(of: "@/", with: "@x/"))?.queryItems,
+                let host = query.first(where: { $0.name == "host" })?.value
             else {
                 Issue.record(
                     "FARMGATE_TEST_DATABASE_URL, FARMGATE_TEST_PGBIN, FARMGATE_TEST_PGDATA and FARMGATE_TEST_PGUSER are not all set: run through `make test` or `.ci/with-postgres swift test --filter PostgresEndToEndTests`")
                 throw CancellationError()
             }
-            return Cluster(url: url, socketDirectory: host, bin: bin, data: data, user: user)
+            let port = query.first(where: { $0.name == "port" })?.value ?? "5432"
+            return Cluster(url: url, socketDirectory: host, bin: bin, data: data, user: user, port: port)
         }
 
         /// Runs a PostgreSQL program as the cluster's owner (through runuser when the tests run as root), its output
@@ -55,9 +58,9 @@ struct PostgresEndToEndTests {
         /// A new database's URL.
         func createDatabase() async throws -> String {
             let name = "farmgate_e2e_\(UUID().uuidString.prefix(8).lowercased())"
-            let status = try await run("createdb", ["-h", socketDirectory, "-U", "farmgate", name], log: "/dev/null")
+            let status = try await run("createdb", ["-h", socketDirectory, "-p", port, "-U", "farmgate", name], log: "/dev/null")
             #expect(status == 0, "createdb \(name) failed")
-            return "postgresql://farmgate@/\(name)?host=\(socketDirectory)"
+            return "postgresql://farmgate@/\(name)?host=\(socketDirectory)&port=\(port)"
         }
     }
 
