@@ -77,7 +77,11 @@ extension ConfigOption {
     /// exit status 1.
     @discardableResult
     func administer<T: Sendable>(_ body: @escaping @Sendable (IngestAdmin) async throws -> T) async throws -> T {
-        let (configuration, logger) = try loadAndLog(label: "farmgate-ingest")
+        let (configuration, commandLogger) = try loadAndLog(label: "farmgate-ingest")
+        var logger = commandLogger
+        // A one-shot command starts its connection pool beside its first query, which postgres-nio would warn about;
+        // the command says what happened itself, so only errors are logged.
+        logger.logLevel = max(logger.logLevel, .error)
         let store = try await openStore(configuration, logger: logger)
         return try await withRunning(store) { store in
             do {
@@ -169,7 +173,7 @@ struct MigrateCommand: AsyncParsableCommand {
     func run() async throws {
         let configuration = try options.load()
         var logger = Logger(label: "farmgate-ingest")
-        logger.logLevel = .warning
+        logger.logLevel = .error
         let store = try await options.openStore(configuration, logger: logger)
         let storage = configuration.storage.displayName
         let applied = try await withRunning(store) { store in
