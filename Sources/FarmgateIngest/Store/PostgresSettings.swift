@@ -40,9 +40,11 @@ public struct PostgresSettings: Sendable, Hashable {
     public var poolSize: Int
     /// `[storage] connect_timeout`: how long opening one connection may take. Default 10 s.
     public var connectTimeout: Duration
-    /// `[storage] query_timeout`: the longest one statement may run, enforced by the server (`statement_timeout`, set
-    /// with `SET LOCAL` inside each transaction, so that it also holds behind PgBouncer), and the longest a call waits
-    /// for a connection from the pool. Default 30 s; `"0s"` turns both off.
+    /// `[storage] query_timeout`: the longest one store call may take, waiting for a pooled connection included (the
+    /// call then fails and the ingest answers 503 with Retry-After). Inside write transactions and migrations the server
+    /// enforces it too (`statement_timeout`, set transaction-locally with `set_config(..., true)`, so that it holds behind
+    /// PgBouncer); a single read statement past it is abandoned by the caller and ends when the server finishes it.
+    /// Default 30 s; `"0s"` turns it off.
     public var queryTimeout: Duration
 
     public init(
