@@ -25,16 +25,18 @@ demo: build
 # HostileConnectionsTests holds 2,000 sockets open, which pushes every descriptor another suite opens past the 1024 that
 # select(2), and so libmodbus, can watch; SamplerTests counts reads per interval to within a tick, which the many
 # simulator and end-to-end suites of the timed pass disturb on two cores. Every pass always runs; the target fails if any does.
-TIMED_SUITES := SamplerTests|SamplerStuckDriverTests|WatchdogTests|ScanTests|MissingDeviceTests|ConnectionLimitTests|EZODriverTests|EZOSimulatorTests|ModbusBusTests|DS18B20DriverTests|GPIODriverTests|GPIOStreamingTests|GPIOAgentTests|DriverExamplesTests|HardwareAgentTests|CalibrationAgentTests|ControlSocketTests|UploadUploaderTests|UploadRefusalTests|UploadSequenceTests|UploadHTTPClientTests|EndToEndTests
+TIMED_SUITES := PostgresEndToEndTests|SamplerTests|SamplerStuckDriverTests|WatchdogTests|ScanTests|MissingDeviceTests|ConnectionLimitTests|EZODriverTests|EZOSimulatorTests|ModbusBusTests|DS18B20DriverTests|GPIODriverTests|GPIOStreamingTests|GPIOAgentTests|DriverExamplesTests|HardwareAgentTests|CalibrationAgentTests|ControlSocketTests|UploadUploaderTests|UploadRefusalTests|UploadSequenceTests|UploadHTTPClientTests|EndToEndTests
 SOLO_SUITES := HostileConnectionsTests|SamplerTests
 
+# All passes run beside one throwaway PostgreSQL cluster (.ci/with-postgres: initdb in a temporary directory, a Unix
+# socket, stopped and removed afterwards); PostgreSQL tests fail, never skip, without it.
 test: deps
 	$(SWIFT) build --build-tests
-	@status=0; \
-	$(SWIFT) test --skip-build --skip '$(TIMED_SUITES)' || status=1; \
-	$(SWIFT) test --skip-build --filter '$(TIMED_SUITES)' --skip '$(SOLO_SUITES)' || status=1; \
-	for suite in $$(echo '$(SOLO_SUITES)' | tr '|' ' '); do $(SWIFT) test --skip-build --filter "$$suite" || status=1; done; \
-	exit $$status
+	@.ci/with-postgres bash -c 'status=0; \
+	$(SWIFT) test --skip-build --skip "$(TIMED_SUITES)" || status=1; \
+	$(SWIFT) test --skip-build --filter "$(TIMED_SUITES)" --skip "$(SOLO_SUITES)" || status=1; \
+	for suite in $$(echo "$(SOLO_SUITES)" | tr "|" " "); do $(SWIFT) test --skip-build --filter "$$suite" || status=1; done; \
+	exit $$status'
 
 bench: release
 	$(SWIFT) run -c release farmgate-bench all

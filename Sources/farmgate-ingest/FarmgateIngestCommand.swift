@@ -44,8 +44,8 @@ struct ConfigOption: ParsableArguments {
         }
     }
 
-    /// Loads the configuration, bootstraps logging to standard error, opens the store and brings its schema up to date.
-    func openStore(label: String) async throws -> (IngestConfiguration, SQLiteIngestStore, Logger) {
+    /// Loads the configuration and bootstraps logging to standard error.
+    func loadAndLog(label: String) throws -> (IngestConfiguration, Logger) {
         let configuration = try load()
         let level = configuration.log.level
         LoggingSystem.bootstrap { label in
@@ -53,16 +53,16 @@ struct ConfigOption: ParsableArguments {
             handler.logLevel = level
             return handler
         }
-        let logger = Logger(label: label)
-        let store: SQLiteIngestStore
+        return (configuration, Logger(label: label))
+    }
+
+    /// Opens the store `[storage]` names (not yet running, not migrated); exits 74 when it cannot be opened.
+    func openStore(_ configuration: IngestConfiguration, logger: Logger) async throws -> any IngestStore {
         do {
-            let path = configuration.storage.path
-            store = try await runOffPool { try SQLiteIngestStore(path: path, logger: logger) }
-            try await store.migrate()
+            return try await openIngestStore(configuration.storage, logger: logger)
         } catch {
-            throw failure("cannot open the store \(configuration.storage.path): \(error)", code: 74)  // EX_IOERR
+            throw failure("cannot open the store \(configuration.storage.displayName): \(error)", code: 74)  // EX_IOERR
         }
-        return (configuration, store, logger)
     }
 }
 
@@ -76,13 +76,24 @@ extension ConfigOption {
     /// Opens the store, runs an administrative step on it, and closes it; store errors become a clear message and
     /// exit status 1.
     @discardableResult
-    func administer<T>(_ body: (IngestAdmin) async throws -> T) async throws -> T {
-        let (_, store, _) = try await openStore(label: "farmgate-ingest")
-        defer { store.close() }
-        do {
-            return try await body(IngestAdmin(store: store))
-        } catch let error as IngestStoreError {
-            throw failure(error.description)
+    func administer<T: Sendable>(_ body: @escaping @Sendable (IngestAdmin) async throws -> T) async throws -> T {
+        let (configuration, commandLogger) = try loadAndLog(label: "farmgate-ingest")
+        var logger = commandLogger
+        // A one-shot command starts its connection pool beside its first query, which postgres-nio would warn about;
+        // the command says what happened itself, so only errors are logged.
+        logger.logLevel = max(logger.logLevel, .error)
+        let store = try await openStore(configuration, logger: logger)
+        return try await withRunning(store) { store in
+            do {
+                try await store.migrate()
+            } catch {
+                throw failure("cannot migrate the store \(configuration.storage.displayName): \(error)", code: 74)
+            }
+            do {
+                return try await body(IngestAdmin(store: store))
+            } catch let error as IngestStoreError {
+                throw failure(error.description)
+            }
         }
     }
 }
@@ -103,7 +114,8 @@ struct ServeCommand: AsyncParsableCommand {
     @OptionGroup var options: ConfigOption
 
     func run() async throws {
-        let (configuration, store, logger) = try await options.openStore(label: "farmgate-ingest")
+        let (configuration, logger) = try options.loadAndLog(label: "farmgate-ingest")
+        let store = try await options.openStore(configuration, logger: logger)
         let registry = PrometheusCollectorRegistry()
         MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
         // Under systemd (Type=notify): READY=1 once listening (the store is migrated by now), STATUS= with the last
@@ -118,20 +130,44 @@ struct ServeCommand: AsyncParsableCommand {
             "farmgate-ingest starting",
             metadata: [
                 "server.host": "\(configuration.server.host)", "server.port": "\(configuration.server.port)",
-                "storage.path": "\(configuration.storage.path)",
+                "storage": "\(configuration.storage.displayName)",
             ])
+        // The store first: it starts before the server and stops after it. The server listens only once the schema is
+        // current (several instances starting at once migrate one after another, under an advisory lock).
         let group = ServiceGroup(
             configuration: ServiceGroupConfiguration(
-                services: [app] + (notifier.map { [$0] } ?? []), gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+                services: [store, MigrateThenServe(store: store, app: app, storage: configuration.storage.displayName, logger: logger)]
+                    + (notifier.map { [$0] } ?? []),
+                gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         do {
             try await group.run()
         } catch {
-            store.close()
-            throw failure("the service stopped: \(error)")
+            throw failure("the service stopped: \(error)", code: error is MigrationFailed ? 74 : 1)
         }
-        store.close()
         logger.info("farmgate-ingest stopped")
     }
+}
+
+/// `serve`'s HTTP service, started only after the store's schema is current.
+struct MigrateThenServe<App: Service>: Service {
+    let store: any IngestStore
+    let app: App
+    let storage: String
+    let logger: Logger
+
+    func run() async throws {
+        do {
+            try await store.migrate()
+        } catch {
+            logger.critical("cannot bring the store's schema up to date", metadata: ["storage": "\(storage)", "error": "\(error)"])
+            throw MigrationFailed(description: "cannot migrate the store \(storage): \(error)")
+        }
+        try await app.run()
+    }
+}
+
+struct MigrationFailed: Error, CustomStringConvertible {
+    let description: String
 }
 
 // MARK: migrate
@@ -144,18 +180,19 @@ struct MigrateCommand: AsyncParsableCommand {
 
     func run() async throws {
         let configuration = try options.load()
-        let store: SQLiteIngestStore
-        let applied: [AppliedMigration]
-        do {
-            let path = configuration.storage.path
-            store = try await runOffPool { try SQLiteIngestStore(path: path, logger: Logger(label: "farmgate-ingest")) }
-            applied = try await store.migrate()
-        } catch {
-            throw failure("cannot migrate \(configuration.storage.path): \(error)", code: 74)
+        var logger = Logger(label: "farmgate-ingest")
+        logger.logLevel = .error
+        let store = try await options.openStore(configuration, logger: logger)
+        let storage = configuration.storage.displayName
+        let applied = try await withRunning(store) { store in
+            do {
+                return try await store.migrate()
+            } catch {
+                throw failure("cannot migrate \(storage): \(error)", code: 74)
+            }
         }
-        store.close()
         if applied.isEmpty {
-            print("The schema of \(configuration.storage.path) is up to date.")
+            print("The schema of \(storage) is up to date.")
         } else {
             for migration in applied { print("Applied migration \(migration.version): \(migration.name)") }
         }

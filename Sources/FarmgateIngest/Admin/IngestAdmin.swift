@@ -4,9 +4,9 @@ public import FarmgateWire
 /// `token create` and `export`,
 /// as a library so that tests run the same code as the command line.
 public struct IngestAdmin: Sendable {
-    public let store: any IngestStore
+    public let store: any AdministrationStore
 
-    public init(store: any IngestStore) {
+    public init(store: any AdministrationStore) {
         self.store = store
     }
 

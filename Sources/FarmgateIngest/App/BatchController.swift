@@ -7,7 +7,7 @@ import NIOCore
 /// `POST /v1/batches`: authenticates the device, bounds and decodes the body, validates readings one by one, stores them
 /// in one durable transaction and answers with an ``IngestReceipt``.
 struct BatchController: Sendable {
-    let store: any IngestStore
+    let store: any ReadingIngestStore
     let gate: AuthenticationGate
     let rateLimiter: RateLimiter
     let validator: ReadingValidator

@@ -6,7 +6,7 @@ import Logging
 /// - `GET /v1/farms/{farm}/latest`: the latest reading of every sensor of the farm;
 /// - `GET /v1/farms/{farm}/devices/{device}/sensors/{sensor}/readings?from=&to=&limit=`: one sensor's readings in time order.
 struct ReadController: Sendable {
-    let store: any IngestStore
+    let store: any ReadingQueryStore
     let gate: AuthenticationGate
     /// Per read token; see ``ReaderAuthMiddleware``.
     let rateLimiter: KeyedRateLimiter<String>

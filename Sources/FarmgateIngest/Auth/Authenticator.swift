@@ -38,7 +38,7 @@ public final class Authenticator: Sendable {
         var unknown: [String: ContinuousClock.Instant] = [:]
     }
 
-    private let store: any IngestStore
+    private let store: any CredentialStore
     /// How long a credential read from the store is trusted.
     public let cacheTTL: Duration
     /// How long a key id the store did not know is answered as unknown without asking again.
@@ -50,7 +50,7 @@ public final class Authenticator: Sendable {
     ///   - cacheTTL: how long a credential read from the store is trusted; `.zero` disables the cache. Default 2 seconds.
     ///   - negativeCacheTTL: how long an unknown key id is remembered as unknown; `.zero` (the default) disables it.
     ///   - maxEntries: how many credentials of each kind, and how many unknown ids, are cached at most.
-    public init(store: any IngestStore, cacheTTL: Duration = .seconds(2), negativeCacheTTL: Duration = .zero, maxEntries: Int = 10_000) {
+    public init(store: any CredentialStore, cacheTTL: Duration = .seconds(2), negativeCacheTTL: Duration = .zero, maxEntries: Int = 10_000) {
         self.store = store
         self.cacheTTL = cacheTTL
         self.negativeCacheTTL = negativeCacheTTL

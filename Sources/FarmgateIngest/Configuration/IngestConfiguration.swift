@@ -20,6 +20,12 @@ public import Logging
 /// [storage]
 /// path = "/var/lib/farmgate-ingest/ingest.sqlite"   # the embedded SQLite file; relative paths resolve
 ///                                                   # against the directory of the configuration file
+/// url = "postgresql://farmgate@db:5432/farmgate"    # PostgreSQL instead (or FARMGATE_INGEST_DATABASE_URL)
+/// pool_size = 10                      # default 10 connections per instance
+/// connect_timeout = "10s"             # default 10 s
+/// query_timeout = "30s"               # default 30 s (statement_timeout, and the wait for a pooled connection)
+/// tls = "verify-full"                 # disable, prefer, require, verify-full (default: the URL's sslmode, else prefer)
+/// ca_file = "/etc/farmgate/db-ca.pem" # the CA for verify-full (default: the system's)
 ///
 /// [limits]
 /// max_body_bytes = "8MiB"             # default 8 MiB: larger request bodies are answered 413
@@ -85,11 +91,18 @@ public struct IngestConfiguration: Sendable, Hashable {
         /// The embedded SQLite database file. Default `"/var/lib/farmgate-ingest/ingest.sqlite"`. Its directory is created
         /// when missing. In a file, a relative path resolves against the directory of that file.
         public var path: String
+        /// PostgreSQL instead of SQLite: `[storage] url` and the pool keys, or `FARMGATE_INGEST_DATABASE_URL` (which wins
+        /// over the file's `url`). Default nil: the embedded SQLite file at ``path``.
+        public var postgres: PostgresSettings?
 
         /// Creates the section; every parameter defaults as documented on its property.
-        public init(path: String = "/var/lib/farmgate-ingest/ingest.sqlite") {
+        public init(path: String = "/var/lib/farmgate-ingest/ingest.sqlite", postgres: PostgresSettings? = nil) {
             self.path = path
+            self.postgres = postgres
         }
+
+        /// What the log and errors call the store: the SQLite path, or the PostgreSQL URL without its password.
+        public var displayName: String { postgres?.redacted ?? path }
     }
 
     /// What one request may cost.
@@ -190,6 +203,10 @@ public struct IngestConfiguration: Sendable, Hashable {
     /// The environment variable that overrides ``defaultPath``.
     public static let pathEnvironmentVariable = "FARMGATE_INGEST_CONFIG"
 
+    /// The environment variable that selects PostgreSQL (a `postgresql://` URL), overriding `[storage] url`: a
+    /// deployment keeps the password out of the configuration file this way.
+    public static let databaseURLEnvironmentVariable = "FARMGATE_INGEST_DATABASE_URL"
+
     /// The configuration path to use: `explicit` if given, else `FARMGATE_INGEST_CONFIG` if set and not empty, else
     /// ``defaultPath``.
     public static func resolvePath(explicit: String?, environment: [String: String] = ProcessInfo.processInfo.environment) -> String {
@@ -201,20 +218,24 @@ public struct IngestConfiguration: Sendable, Hashable {
     /// Reads and validates the file at `path`.
     ///
     /// - Throws: ``ConfigurationError`` naming the file, line and key of the first problem.
-    public static func load(path: String) throws(ConfigurationError) -> IngestConfiguration {
+    public static func load(
+        path: String, environment: [String: String] = ProcessInfo.processInfo.environment
+    ) throws(ConfigurationError) -> IngestConfiguration {
         let table = try ConfigDocument.load(path: path)
         let directory = URL(fileURLWithPath: path).deletingLastPathComponent().path
-        return try IngestConfiguration(table: table, baseDirectory: directory)
+        return try IngestConfiguration(table: table, baseDirectory: directory, environment: environment)
     }
 
     /// Parses and validates `text`; `file` names it in errors and relative paths resolve against `baseDirectory`.
     ///
     /// - Throws: ``ConfigurationError`` naming the file, line and key of the first problem.
-    public static func parse(_ text: String, file: String, baseDirectory: String) throws(ConfigurationError) -> IngestConfiguration {
-        try IngestConfiguration(table: ConfigDocument.parse(text, file: file), baseDirectory: baseDirectory)
+    public static func parse(
+        _ text: String, file: String, baseDirectory: String, environment: [String: String] = [:]
+    ) throws(ConfigurationError) -> IngestConfiguration {
+        try IngestConfiguration(table: ConfigDocument.parse(text, file: file), baseDirectory: baseDirectory, environment: environment)
     }
 
-    init(table: ConfigTable, baseDirectory: String) throws(ConfigurationError) {
+    init(table: ConfigTable, baseDirectory: String, environment: [String: String]) throws(ConfigurationError) {
         self.init()
         try table.checkKeys(["server", "storage", "limits", "log"])
 
@@ -234,11 +255,59 @@ public struct IngestConfiguration: Sendable, Hashable {
             if let count = try section.int("max_connections", in: 1...1_000_000) { server.maxConnections = count }
         }
 
-        if let section = try table.table("storage") {
-            try section.checkKeys(["path"])
+        let storageSection = try table.table("storage")
+        if let section = storageSection {
+            try section.checkKeys(["path", "url", "pool_size", "connect_timeout", "query_timeout", "tls", "ca_file"])
             if let path = try section.string("path") {
                 guard !path.isEmpty else { throw section.error("path", "must name the SQLite file, e.g. \"data/ingest.sqlite\"") }
-                storage.path = path.hasPrefix("/") ? path : URL(fileURLWithPath: path, relativeTo: URL(fileURLWithPath: baseDirectory, isDirectory: true)).standardizedFileURL.path
+                storage.path = Self.resolve(path, against: baseDirectory)
+            }
+            if let url = try section.string("url") {
+                do { storage.postgres = try PostgresSettings(url: url) } catch { throw section.error("url", error.message) }
+            }
+        }
+        if let url = environment[Self.databaseURLEnvironmentVariable], !url.isEmpty {
+            do {
+                storage.postgres = try PostgresSettings(url: url)
+            } catch {
+                throw ConfigurationError(file: "environment", line: nil, key: Self.databaseURLEnvironmentVariable, message: error.message)
+            }
+        }
+        if let section = storageSection {
+            let poolKeys = ["pool_size", "connect_timeout", "query_timeout", "tls", "ca_file"]
+            if var postgres = storage.postgres {
+                if let size = try section.int("pool_size", in: 1...1_000) { postgres.poolSize = size }
+                if let timeout = try section.duration("connect_timeout", in: Duration.milliseconds(100)...Duration.seconds(600)) {
+                    postgres.connectTimeout = timeout
+                }
+                if let timeout = try section.duration("query_timeout", in: .zero...Duration.seconds(86_400)) {
+                    if timeout > .zero, timeout < .milliseconds(100) {
+                        throw section.error("query_timeout", "must be at least 100ms, or \"0s\" to turn it off")
+                    }
+                    postgres.queryTimeout = timeout
+                }
+                let modes = Dictionary(uniqueKeysWithValues: PostgresSettings.TLSMode.allCases.map { ($0.rawValue, $0) })
+                if let mode = try section.choice("tls", modes) {
+                    if case .unixSocket = postgres.endpoint, mode != .disable {
+                        throw section.error("tls", "the URL names a Unix socket, which carries no TLS; set tls = \"disable\" or connect over TCP")
+                    }
+                    postgres.tls = mode
+                }
+                if let file = try section.string("ca_file") {
+                    guard !file.isEmpty else { throw section.error("ca_file", "must name a PEM file with the CA that signed the server's certificate") }
+                    postgres.caFile = Self.resolve(file, against: baseDirectory)
+                }
+                if postgres.caFile != nil, postgres.tls != .verifyFull {
+                    throw section.error(
+                        section.contains("ca_file") ? "ca_file" : "tls",
+                        "a CA file is only used with tls = \"verify-full\" (now \"\(postgres.tls.rawValue)\"); set tls = \"verify-full\" or remove ca_file")
+                }
+                if let caFile = postgres.caFile, !FileManager.default.isReadableFile(atPath: caFile) {
+                    throw section.error(section.contains("ca_file") ? "ca_file" : "url", "cannot read the CA file \(caFile); check the path and its permissions")
+                }
+                storage.postgres = postgres
+            } else if let key = poolKeys.first(where: { section.contains($0) }) {
+                throw section.error(key, "applies to PostgreSQL only; set [storage] url = \"postgresql://...\" (or \(Self.databaseURLEnvironmentVariable)) or remove it")
             }
         }
 
@@ -281,5 +350,10 @@ public struct IngestConfiguration: Sendable, Hashable {
             let levels = Dictionary(uniqueKeysWithValues: Logger.Level.allCases.map { ($0.rawValue, $0) })
             if let level = try section.choice("level", levels) { log.level = level }
         }
+    }
+
+    /// `path` as given when absolute, else relative to `directory` (the configuration file's).
+    static func resolve(_ path: String, against directory: String) -> String {
+        path.hasPrefix("/") ? path : URL(fileURLWithPath: path, relativeTo: URL(fileURLWithPath: directory, isDirectory: true)).standardizedFileURL.path
     }
 }

@@ -1,12 +1,29 @@
 public import FarmgateWire
 
-/// Where the ingest keeps farms, credentials and readings. The HTTP layer and the admin commands use only this protocol,
-/// so that a PostgreSQL implementation can sit beside ``SQLiteIngestStore`` without changing them.
+public import ServiceLifecycle
+
+/// Where the ingest keeps farms, credentials and readings: one store that plays every role below, with a lifecycle.
+///
+/// The HTTP layer and the admin commands each ask for the narrowest role they use (``ReadingIngestStore`` for batches,
+/// ``CredentialStore`` for authentication, ``ReadingQueryStore`` for the read API, ``AdministrationStore`` for the
+/// commands, ``StoreMaintenance`` for `/readyz` and `migrate`), so that an implementation, or a test double for one
+/// role, never has to know the others. ``SQLiteIngestStore`` (embedded, the default) and ``PostgresIngestStore``
+/// (pooled, several instances) implement all of them and are checked by one conformance suite.
+///
+/// Roles added later (calibrations, alerting's outbox) are protocols of their own beside these, adopted by the stores
+/// that keep them; `IngestStore` is only what every store must do to run the ingest.
+///
+/// The store is a `Service`: `serve` puts it first in its `ServiceGroup`, so that it starts before the HTTP server and
+/// stops after it. ``SQLiteIngestStore`` answers before `run()` (its threads start in `init`); ``PostgresIngestStore``
+/// needs `run()` to be running (its connection pool lives there), and runs its maintenance (partitions ahead) there.
 ///
 /// Every method may block on disk or network in its implementation, never on the caller's thread: implementations run
-/// their blocking calls on threads of their own.
-public protocol IngestStore: Sendable {
-    /// Brings the schema up to date. Safe to call on every start and from several processes.
+/// their blocking calls on threads of their own, or do non-blocking I/O.
+public protocol IngestStore: ReadingIngestStore, CredentialStore, AdministrationStore, ReadingQueryStore, StoreMaintenance, Service {}
+
+/// The schema and health of a store.
+public protocol StoreMaintenance: Sendable {
+    /// Brings the schema up to date. Safe to call on every start and from several processes at once.
     ///
     /// - Returns: the migrations applied now (empty when the schema was already current).
     @discardableResult
@@ -14,36 +31,40 @@ public protocol IngestStore: Sendable {
 
     /// Answers a trivial query; throws when the store cannot serve requests (used by `/readyz`).
     func ping() async throws
+}
 
-    // MARK: Ingest
-
+/// Where batches go: the write path of the delivery contract.
+public protocol ReadingIngestStore: Sendable {
     /// Stores `batch` for `device` in one durable transaction and returns only after it committed.
     ///
     /// Idempotent on (device, sequence): a reading whose sequence is already stored for the device is compared with the
     /// stored one (sensor, timestamp, value in whole steps of the sensor's resolution, flags). The same reading is counted
     /// as a duplicate and not stored again; a different one is not stored and comes back in ``StoreOutcome/rejected``
     /// with the code `sequence_conflict` naming what differs (never as a duplicate: the site would delete it). Sensors
-    /// are registered on first sight; a reading of a sensor that is already registered on this device with another
-    /// quantity is not stored and comes back with the code `sensor_conflict`. In the same transaction the device's
-    /// highest stored sequence (``highestSequence(device:)``) is raised. The caller has validated every reading and
-    /// `batch.device == device.device`.
+    /// are registered on first sight, safely when several writers register the same sensor at once (one
+    /// `INSERT ... ON CONFLICT ... RETURNING`); a reading of a sensor that is already registered on this device with
+    /// another quantity is not stored and comes back with the code `sensor_conflict`. In the same transaction the
+    /// device's highest stored sequence (``highestSequence(device:)``) is raised. The caller has validated every
+    /// reading and `batch.device == device.device`.
     func store(_ batch: Batch, for device: DeviceIdentity, receivedAt: Timestamp) async throws -> StoreOutcome
 
     /// The highest sequence ever stored for `device`, or nil when none was. Kept beside the device and raised by
     /// ``store(_:for:receivedAt:)`` in its transaction, so that deleting readings (retention) never lowers it: the
     /// agent numbers new readings above it (`GET /v1/device`).
     func highestSequence(device: DeviceIdentity) async throws -> UInt64?
+}
 
-    // MARK: Credentials
-
+/// Credentials, as authentication reads them.
+public protocol CredentialStore: Sendable {
     /// The device credential with API key id `keyID`, revoked or not, or nil.
     func deviceCredential(keyID: String) async throws -> DeviceCredential?
 
     /// The read token with id `keyID`, or nil.
     func readTokenCredential(keyID: String) async throws -> ReadTokenCredential?
+}
 
-    // MARK: Administration
-
+/// What the admin commands change and export.
+public protocol AdministrationStore: Sendable {
     /// Creates a farm. Throws ``IngestStoreError/alreadyExists(_:)`` when the name is taken.
     func createFarm(name: String, createdAt: Timestamp) async throws -> FarmRecord
 
@@ -67,8 +88,15 @@ public protocol IngestStore: Sendable {
     /// ``IngestStoreError/alreadyExists(_:)`` when the key id is taken.
     func createReadToken(farm: String, role: ReadRole, keyID: String, secretHash: [UInt8], createdAt: Timestamp) async throws
 
-    // MARK: Reading
+    /// The devices of the farm ordered by name.
+    func devices(farmID: Int64) async throws -> [DeviceIdentity]
 
+    /// Up to `limit` readings of one device with a sequence above `afterSequence`, in sequence order, for streaming exports.
+    func exportPage(device: DeviceIdentity, afterSequence: UInt64?, limit: Int) async throws -> [ExportRow]
+}
+
+/// What the read API reads.
+public protocol ReadingQueryStore: Sendable {
     /// The latest reading of every sensor of every device of the farm (by timestamp), ordered by device then sensor.
     func latestReadings(farmID: Int64) async throws -> [LatestReading]
 
@@ -77,15 +105,9 @@ public protocol IngestStore: Sendable {
 
     /// Readings of one sensor with `from <= timestamp < to`, in time order (then sequence), at most `limit`.
     func readings(sensorRowID: Int64, from: Timestamp?, to: Timestamp?, limit: Int) async throws -> [StoredReading]
-
-    /// The devices of the farm ordered by name.
-    func devices(farmID: Int64) async throws -> [DeviceIdentity]
-
-    /// Up to `limit` readings of one device with a sequence above `afterSequence`, in sequence order, for streaming exports.
-    func exportPage(device: DeviceIdentity, afterSequence: UInt64?, limit: Int) async throws -> [ExportRow]
 }
 
-/// A migration that ``IngestStore/migrate()`` applied.
+/// A migration that ``StoreMaintenance/migrate()`` applied.
 public struct AppliedMigration: Sendable, Hashable {
     /// The schema version it produces.
     public var version: Int
@@ -98,7 +120,7 @@ public struct AppliedMigration: Sendable, Hashable {
     }
 }
 
-/// The outcome of ``IngestStore/store(_:for:receivedAt:)``: counts for the readings the store saw, `rejected` holding
+/// The outcome of ``ReadingIngestStore/store(_:for:receivedAt:)``: counts for the readings the store saw, `rejected` holding
 /// only what the store itself refuses (`sensor_conflict`, `sequence_conflict`); the controller adds the validator's and
 /// groups them into the ``IngestReceipt``.
 public struct StoreOutcome: Sendable, Hashable {

@@ -2,6 +2,7 @@ import FarmgateSupport
 public import FarmgateWire
 import Foundation
 public import Logging
+import ServiceLifecycle
 
 /// The embedded store: one SQLite file in WAL mode with `synchronous=FULL`, so that a committed batch survives power loss.
 ///
@@ -47,10 +48,17 @@ public final class SQLiteIngestStore: IngestStore {
         }
     }
 
-    /// Closes both connections and ends their threads. Later calls throw.
+    /// Closes both connections and ends their threads. Later calls throw. Safe to call more than once.
     public func close() {
         reader.close()
         writer.close()
+    }
+
+    /// The store's part in the ingest's `ServiceGroup`: it answers from `init` on (its threads are its own), waits for
+    /// the group's graceful shutdown, which comes after the HTTP server's (services stop in reverse order), and closes.
+    public func run() async throws {
+        try? await gracefulShutdown()
+        close()
     }
 
     // MARK: Schema
@@ -106,10 +114,20 @@ public final class SQLiteIngestStore: IngestStore {
         var conflicts: [SensorID: (registered: String, sent: Quantity)] = [:]
         var seenInBatch: [SensorID: Quantity] = [:]
 
-        let findSensor = try db.statement("SELECT id, quantity, resolution_numerator, resolution_denominator FROM sensors WHERE device_id = ? AND name = ?")
-        let insertSensor = try db.statement(
-            "INSERT INTO sensors(device_id, name, quantity, resolution_numerator, resolution_denominator, first_seen_us) VALUES (?, ?, ?, ?, ?, ?)")
-        let updateResolution = try db.statement("UPDATE sensors SET resolution_numerator = ?, resolution_denominator = ? WHERE id = ?")
+        // One statement per sensor, safe with several writers (another process, an admin command): the row is created
+        // or, when it exists, its resolution follows the batch's (only while the quantity agrees), and either way its
+        // id and registered quantity come back. Never select-then-insert, which two writers can interleave.
+        let registerSensor = try db.statement(
+            """
+            INSERT INTO sensors(device_id, name, quantity, resolution_numerator, resolution_denominator, first_seen_us)
+            VALUES (?, ?, ?, ?, ?, ?)
+            ON CONFLICT (device_id, name) DO UPDATE SET
+                resolution_numerator = CASE WHEN sensors.quantity = excluded.quantity
+                    THEN excluded.resolution_numerator ELSE sensors.resolution_numerator END,
+                resolution_denominator = CASE WHEN sensors.quantity = excluded.quantity
+                    THEN excluded.resolution_denominator ELSE sensors.resolution_denominator END
+            RETURNING id, quantity
+            """)
 
         for descriptor in batch.sensors where used.contains(descriptor.id) {
             if let earlier = seenInBatch[descriptor.id] {
@@ -118,32 +136,24 @@ public final class SQLiteIngestStore: IngestStore {
             }
             seenInBatch[descriptor.id] = descriptor.quantity
             resolutions[descriptor.id] = descriptor.resolution
-            try findSensor.bind([.integer(device.rowID), .text(descriptor.id.rawValue)])
-            if try findSensor.step() {
-                let rowID = findSensor.int64(0)
-                let quantity = findSensor.text(1)
-                let numerator = findSensor.int64(2)
-                let denominator = findSensor.int64(3)
-                findSensor.reset()
-                if quantity != descriptor.quantity.rawValue {
-                    conflicts[descriptor.id] = (quantity, descriptor.quantity)
-                    continue
-                }
-                if numerator != Int64(descriptor.resolution.numerator) || denominator != Int64(descriptor.resolution.denominator) {
-                    try updateResolution.run([
-                        .integer(Int64(descriptor.resolution.numerator)), .integer(Int64(descriptor.resolution.denominator)), .integer(rowID),
-                    ])
-                }
-                sensorRows[descriptor.id] = rowID
-            } else {
-                findSensor.reset()
-                try insertSensor.run([
-                    .integer(device.rowID), .text(descriptor.id.rawValue), .text(descriptor.quantity.rawValue),
-                    .integer(Int64(descriptor.resolution.numerator)), .integer(Int64(descriptor.resolution.denominator)),
-                    .integer(receivedAt.microseconds),
-                ])
-                sensorRows[descriptor.id] = db.connection.lastInsertRowID
+            try registerSensor.bind([
+                .integer(device.rowID), .text(descriptor.id.rawValue), .text(descriptor.quantity.rawValue),
+                .integer(Int64(descriptor.resolution.numerator)), .integer(Int64(descriptor.resolution.denominator)),
+                .integer(receivedAt.microseconds),
+            ])
+            guard try registerSensor.step() else {
+                registerSensor.reset()
+                throw IngestStoreError.corrupt("registering sensor '\(descriptor.id)' returned no row")
             }
+            let rowID = registerSensor.int64(0)
+            let quantity = registerSensor.text(1)
+            _ = try registerSensor.step()  // SQLITE_DONE: the statement has finished
+            registerSensor.reset()
+            if quantity != descriptor.quantity.rawValue {
+                conflicts[descriptor.id] = (quantity, descriptor.quantity)
+                continue
+            }
+            sensorRows[descriptor.id] = rowID
         }
 
         let insertReading = try db.statement(

@@ -18,7 +18,8 @@ final class Farm {
     static let ingestBinary = builtExecutable("farmgate-ingest")
     static let agentBinary = builtExecutable("farmgate")
 
-    init(name: String = "e2e", rateLimit: (perSecond: Int, burst: Int) = (1000, 1000)) async throws {
+    /// - Parameter databaseURL: a `postgresql://` URL to store in instead of the embedded SQLite file.
+    init(name: String = "e2e", rateLimit: (perSecond: Int, burst: Int) = (1000, 1000), databaseURL: String? = nil) async throws {
         // Short base path: Unix socket paths must stay under 108 bytes.
         dir = try Scratch(prefix: "fg-e2e", in: URL(fileURLWithPath: "/tmp"))
         port = try freePort()
@@ -30,7 +31,7 @@ final class Farm {
             port = \(port)
 
             [storage]
-            path = "ingest/ingest.sqlite"
+            \(databaseURL.map { "url = \"\($0)\"" } ?? "path = \"ingest/ingest.sqlite\"")
 
             [limits]
             requests_per_second = \(rateLimit.perSecond)

@@ -1,0 +1,455 @@
+public import FarmgateWire
+import Foundation
+public import Logging
+import Metrics
+import PostgresNIO
+import ServiceLifecycle
+
+/// The store for many farms and several instances: PostgreSQL through postgres-nio's pooled `PostgresClient`.
+///
+/// The same contract as ``SQLiteIngestStore`` (one conformance suite checks both): idempotent on (device, sequence) with
+/// `sequence_conflict` for different content, `devices.highest_sequence` raised in the write transaction, the answer
+/// only after `COMMIT`. A batch is one transaction of a fixed number of statements whatever its size: the readings go
+/// in with one `INSERT ... SELECT FROM unnest($1::int8[], ...)`, stored ones are read back with one `= ANY($n)`. How
+/// idempotency holds across time partitions and after a partition is dropped is explained on ``PostgresSchema``.
+///
+/// The store is a `Service`: its ``run()`` runs the connection pool (queries wait until it runs), creates the coming
+/// days' partitions at start and then daily, and ends with the group's graceful shutdown, after the HTTP server.
+///
+/// ## Behind PgBouncer (transaction pooling)
+/// It works there as it is, because it needs nothing of a session: every statement is either alone or inside one
+/// transaction; settings are transaction-local (`set_config(..., true)`, for `statement_timeout`); locks are
+/// transaction-level (`pg_advisory_xact_lock`, `SELECT ... FOR UPDATE`); it never uses `LISTEN`, temporary tables or
+/// named prepared statements: postgres-nio's `query` sends unnamed statements (Parse/Bind/Execute in one Sync), which
+/// PgBouncer forwards within the transaction. Size `pool_size` × instances to at most PgBouncer's
+/// `default_pool_size`; PgBouncer's own `query_wait_timeout` should exceed `query_timeout`.
+public final class PostgresIngestStore: IngestStore {
+    /// Where it connects, for logs (without the password).
+    public let settings: PostgresSettings
+    private let client: PostgresClient
+    private let logger: Logger
+    private let partitionsCreated = Counter(label: "farmgate_ingest_partitions_created_total")
+    /// How many days of partitions ``run()`` keeps ahead of today.
+    public static let partitionDaysAhead = 7
+
+    /// Builds the pool (no connection is opened before ``run()`` runs).
+    ///
+    /// - Throws: ``PostgresStoreError/tls(_:)`` when the CA file cannot be loaded.
+    public init(settings: PostgresSettings, logger: Logger) throws {
+        self.settings = settings
+        self.logger = logger
+        var configuration: PostgresClient.Configuration
+        switch settings.endpoint {
+        case .unixSocket(let path):
+            configuration = .init(unixSocketPath: path, username: settings.username, password: settings.password, database: settings.database)
+        case .tcp(let host, let port):
+            var tls = TLSConfiguration.makeClientConfiguration()
+            let mode: PostgresClient.Configuration.TLS
+            switch settings.tls {
+            case .disable:
+                mode = .disable
+            case .prefer, .require:
+                tls.certificateVerification = .none
+                mode = settings.tls == .prefer ? .prefer(tls) : .require(tls)
+            case .verifyFull:
+                tls.certificateVerification = .fullVerification
+                if let caFile = settings.caFile {
+                    do {
+                        tls.trustRoots = .certificates(try NIOSSLCertificate.fromPEMFile(caFile))
+                    } catch {
+                        throw PostgresStoreError.tls("cannot load the CA file \(caFile): \(error); it must hold PEM certificates")
+                    }
+                }
+                mode = .require(tls)
+            }
+            configuration = .init(host: host, port: port, username: settings.username, password: settings.password, database: settings.database, tls: mode)
+        }
+        configuration.options.maximumConnections = settings.poolSize
+        configuration.options.connectTimeout = settings.connectTimeout
+        configuration.options.minimumConnections = 0
+        self.client = PostgresClient(configuration: configuration, backgroundLogger: logger)
+    }
+
+    // MARK: Lifecycle
+
+    /// Runs the pool until the group shuts down, and creates partitions ahead every six hours (``migrate()`` does at start).
+    public func run() async throws {
+        await withDiscardingTaskGroup { group in
+            group.addTask { await self.client.run() }
+            group.addTask {
+                // Every six hours (migrate() created them at start): partitions stay days ahead of the clock.
+                await cancelWhenGracefulShutdown {
+                    while !Task.isCancelled {
+                        do {
+                            try await Task.sleep(for: .seconds(6 * 3600))
+                            try await self.createPartitions()
+                        } catch is CancellationError {
+                            return
+                        } catch {
+                            self.logger.error(
+                                "cannot create the coming days' reading partitions; readings go to the default partition meanwhile",
+                                metadata: ["error": "\(String(reflecting: error))"])
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Creates the partitions for yesterday through ``partitionDaysAhead`` days ahead that do not exist yet.
+    ///
+    /// - Returns: how many were created.
+    @discardableResult
+    public func createPartitions(now: Timestamp = .now()) async throws -> Int {
+        let days = Self.partitionDaysAhead + 2
+        let firstDay = Self.day(of: Timestamp(microseconds: now.microseconds - 86_400_000_000))
+        let created = try await transaction { connection in
+            try await connection.query("SELECT pg_advisory_xact_lock(\(PostgresSchema.partitionLock))", logger: self.logger)
+            let rows = try await connection.query("SELECT farmgate_create_partitions(\(firstDay)::date, \(days)::integer)", logger: self.logger)
+            var created = 0
+            for try await count in rows.decode(Int.self) { created = count }
+            return created
+        }
+        if created > 0 {
+            partitionsCreated.increment(by: created)
+            logger.info("created reading partitions ahead", metadata: ["store.partitions.created": "\(created)", "store.partitions.from": "\(firstDay)"])
+        }
+        return created
+    }
+
+    static func day(of timestamp: Timestamp) -> String {
+        let date = Date(timeIntervalSince1970: Double(timestamp.microseconds / 1_000_000))
+        var calendar = Calendar(identifier: .gregorian)
+        calendar.timeZone = TimeZone(identifier: "UTC") ?? calendar.timeZone
+        let parts = calendar.dateComponents([.year, .month, .day], from: date)
+        return String(format: "%04d-%02d-%02d", parts.year ?? 1970, parts.month ?? 1, parts.day ?? 1)
+    }
+
+    // MARK: Plumbing
+
+    /// Runs `body` in one transaction with `query_timeout` as the server's `statement_timeout` for it, and bounds the
+    /// wait for a pooled connection by the same timeout.
+    private func transaction<T: Sendable>(_ body: @escaping @Sendable (PostgresConnection) async throws -> T) async throws -> T {
+        let timeout = settings.queryTimeout
+        let logger = self.logger
+        return try await withDeadline(timeout) {
+            do {
+                return try await self.client.withTransaction(logger: logger) { connection in
+                    if timeout > .zero {
+                        let milliseconds = Int64(timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000)
+                        try await connection.query("SELECT set_config('statement_timeout', \(String(milliseconds)), true)", logger: logger)
+                    }
+                    return try await body(connection)
+                }
+            } catch let error as PostgresTransactionError {
+                // What failed, not the wrapper: callers match IngestStoreError and unique violations.
+                if let inner = error.closureError ?? error.commitError ?? error.beginError { throw inner }
+                throw error
+            }
+        }
+    }
+
+    /// Runs one read-only statement outside a transaction and collects its rows.
+    private func rows<Row: Sendable>(_ query: PostgresQuery, _ decode: @escaping @Sendable (PostgresRow) throws -> Row) async throws -> [Row] {
+        let logger = self.logger
+        return try await withDeadline(settings.queryTimeout) {
+            var result: [Row] = []
+            for try await row in try await self.client.query(query, logger: logger) { result.append(try decode(row)) }
+            return result
+        }
+    }
+
+    /// Fails with ``PostgresStoreError/timedOut(_:)`` when `body` takes longer than `timeout` (zero: no limit). Waiting
+    /// for a pooled connection is cancelled then; a statement already running is ended by the server's
+    /// `statement_timeout`.
+    private func withDeadline<T: Sendable>(_ timeout: Duration, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
+        guard timeout > .zero else { return try await body() }
+        return try await withThrowingTaskGroup(of: T.self) { group in
+            group.addTask { try await body() }
+            group.addTask {
+                try await Task.sleep(for: timeout)
+                throw PostgresStoreError.timedOut("no answer from PostgreSQL within query_timeout (\(timeout)); check that the database is up and the pool is not exhausted")
+            }
+            defer { group.cancelAll() }
+            guard let first = try await group.next() else { throw CancellationError() }
+            return first
+        }
+    }
+
+    // MARK: Schema
+
+    @discardableResult
+    public func migrate() async throws -> [AppliedMigration] {
+        let logger = self.logger
+        let applied = try await transaction { connection in
+            try await connection.query("SELECT pg_advisory_xact_lock(\(PostgresSchema.migrationLock))", logger: logger)
+            try await connection.query(PostgresQuery(unsafeSQL: PostgresSchema.bookkeeping), logger: logger)
+            var current = 0
+            for try await version in try await connection.query("SELECT coalesce(max(version), 0) FROM schema_migrations", logger: logger).decode(Int.self) {
+                current = version
+            }
+            guard current <= PostgresSchema.currentVersion else {
+                throw PostgresStoreError.schemaTooNew(found: current, known: PostgresSchema.currentVersion)
+            }
+            var applied: [AppliedMigration] = []
+            for migration in PostgresSchema.migrations where migration.version > current {
+                for statement in migration.statements {
+                    try await connection.query(PostgresQuery(unsafeSQL: statement), logger: logger)
+                }
+                try await connection.query(
+                    "INSERT INTO schema_migrations(version, name, applied_at_us) VALUES (\(migration.version), \(migration.name), \(Timestamp.now().microseconds))",
+                    logger: logger)
+                applied.append(AppliedMigration(version: migration.version, name: migration.name))
+            }
+            return applied
+        }
+        for migration in applied {
+            logger.info("applied schema migration", metadata: ["store.migration.version": "\(migration.version)", "store.migration.name": "\(migration.name)"])
+        }
+        try await createPartitions()
+        return applied
+    }
+
+    public func ping() async throws {
+        _ = try await rows("SELECT 1") { try $0.decode(Int.self) }
+    }
+
+    // MARK: Ingest
+
+    public func store(_ batch: Batch, for device: DeviceIdentity, receivedAt: Timestamp) async throws -> StoreOutcome {
+        let logger = self.logger
+        return try await transaction { connection in
+            try await PostgresBatchWriter(connection: connection, device: device, receivedAt: receivedAt, logger: logger).store(batch)
+        }
+    }
+
+    public func highestSequence(device: DeviceIdentity) async throws -> UInt64? {
+        let found = try await rows("SELECT highest_sequence FROM devices WHERE id = \(device.rowID)") { try $0.decode(Int64?.self) }
+        guard let row = found.first else { throw IngestStoreError.notFound("device '\(device.device)' in farm '\(device.farm)'") }
+        return row.map { UInt64(clamping: $0) }
+    }
+
+    // MARK: Credentials
+
+    public func deviceCredential(keyID: String) async throws -> DeviceCredential? {
+        try await rows(
+            """
+            SELECT f.id, f.name, d.id::int8, d.name, d.secret_sha256, d.revoked
+            FROM devices d JOIN farms f ON f.id = d.farm_id WHERE d.key_id = \(keyID)
+            """
+        ) { row in
+            let (farmID, farm, rowID, name, hash, revoked) = try row.decode((Int64, String, Int64, String, ByteBuffer, Bool).self)
+            return DeviceCredential(
+                identity: DeviceIdentity(farmID: farmID, farm: farm, rowID: rowID, device: try pgDeviceID(name)),
+                secretHash: Array(hash.readableBytesView), revoked: revoked)
+        }.first
+    }
+
+    public func readTokenCredential(keyID: String) async throws -> ReadTokenCredential? {
+        try await rows(
+            "SELECT f.id, f.name, t.role, t.secret_sha256, t.revoked FROM read_tokens t JOIN farms f ON f.id = t.farm_id WHERE t.key_id = \(keyID)"
+        ) { row in
+            let (farmID, farm, roleText, hash, revoked) = try row.decode((Int64, String, String, ByteBuffer, Bool).self)
+            guard let role = ReadRole(rawValue: roleText) else { throw IngestStoreError.corrupt("read token role '\(roleText)'") }
+            return ReadTokenCredential(farm: FarmRecord(id: farmID, name: farm), role: role, secretHash: Array(hash.readableBytesView), revoked: revoked)
+        }.first
+    }
+
+    // MARK: Administration
+
+    public func createFarm(name: String, createdAt: Timestamp) async throws -> FarmRecord {
+        do {
+            let ids = try await transaction { connection in
+                var ids: [Int64] = []
+                for try await id in try await connection.query(
+                    "INSERT INTO farms(name, created_at_us) VALUES (\(name), \(createdAt.microseconds)) RETURNING id", logger: self.logger
+                ).decode(Int64.self) { ids.append(id) }
+                return ids
+            }
+            guard let id = ids.first else { throw IngestStoreError.corrupt("creating farm '\(name)' returned no id") }
+            return FarmRecord(id: id, name: name)
+        } catch let error as PSQLError where error.isUniqueViolation {
+            throw IngestStoreError.alreadyExists("farm '\(name)'")
+        }
+    }
+
+    public func farm(named name: String) async throws -> FarmRecord? {
+        try await rows("SELECT id, name FROM farms WHERE name = \(name)") { row in
+            let (id, name) = try row.decode((Int64, String).self)
+            return FarmRecord(id: id, name: name)
+        }.first
+    }
+
+    public func createDevice(farm: String, device: DeviceID, keyID: String, secretHash: [UInt8], createdAt: Timestamp) async throws
+        -> DeviceIdentity
+    {
+        let hash = ByteBuffer(bytes: secretHash)
+        do {
+            return try await transaction { connection in
+                var farmID: Int64?
+                for try await id in try await connection.query("SELECT id FROM farms WHERE name = \(farm)", logger: self.logger).decode(Int64.self) {
+                    farmID = id
+                }
+                guard let farmID else { throw IngestStoreError.notFound("farm '\(farm)'") }
+                var rowID: Int64?
+                for try await id in try await connection.query(
+                    """
+                    INSERT INTO devices(farm_id, name, key_id, secret_sha256, created_at_us)
+                    VALUES (\(farmID), \(device.rawValue), \(keyID), \(hash), \(createdAt.microseconds))
+                    ON CONFLICT (farm_id, name) DO NOTHING RETURNING id::int8
+                    """, logger: self.logger
+                ).decode(Int64.self) { rowID = id }
+                guard let rowID else { throw IngestStoreError.alreadyExists("device '\(device)' in farm '\(farm)'") }
+                return DeviceIdentity(farmID: farmID, farm: farm, rowID: rowID, device: device)
+            }
+        } catch let error as PSQLError where error.isUniqueViolation {
+            throw IngestStoreError.alreadyExists("API key id '\(keyID)'")
+        }
+    }
+
+    public func revokeDevice(farm: String, device: DeviceID, revokedAt: Timestamp) async throws {
+        let changed = try await rows(
+            """
+            UPDATE devices SET revoked = true, revoked_at_us = coalesce(revoked_at_us, \(revokedAt.microseconds))
+            WHERE name = \(device.rawValue) AND farm_id = (SELECT id FROM farms WHERE name = \(farm)) RETURNING id::int8
+            """
+        ) { try $0.decode(Int64.self) }
+        guard changed.count == 1 else { throw IngestStoreError.notFound("device '\(device)' in farm '\(farm)'") }
+    }
+
+    public func rotateDeviceKey(farm: String, device: DeviceID, keyID: String, secretHash: [UInt8], rotatedAt: Timestamp) async throws {
+        let hash = ByteBuffer(bytes: secretHash)
+        let changed: [Int64]
+        do {
+            changed = try await rows(
+                """
+                UPDATE devices SET key_id = \(keyID), secret_sha256 = \(hash), revoked = false, revoked_at_us = NULL
+                WHERE name = \(device.rawValue) AND farm_id = (SELECT id FROM farms WHERE name = \(farm)) RETURNING id::int8
+                """
+            ) { try $0.decode(Int64.self) }
+        } catch let error as PSQLError where error.isUniqueViolation {
+            throw IngestStoreError.alreadyExists("API key id '\(keyID)'")
+        }
+        guard changed.count == 1 else { throw IngestStoreError.notFound("device '\(device)' in farm '\(farm)'") }
+    }
+
+    public func createReadToken(farm: String, role: ReadRole, keyID: String, secretHash: [UInt8], createdAt: Timestamp) async throws {
+        let hash = ByteBuffer(bytes: secretHash)
+        let inserted: [Int64]
+        do {
+            inserted = try await rows(
+                """
+                INSERT INTO read_tokens(farm_id, role, key_id, secret_sha256, created_at_us)
+                SELECT id, \(role.rawValue), \(keyID), \(hash), \(createdAt.microseconds) FROM farms WHERE name = \(farm) RETURNING id
+                """
+            ) { try $0.decode(Int64.self) }
+        } catch let error as PSQLError where error.isUniqueViolation {
+            throw IngestStoreError.alreadyExists("token id '\(keyID)'")
+        }
+        guard inserted.count == 1 else { throw IngestStoreError.notFound("farm '\(farm)'") }
+    }
+
+    public func devices(farmID: Int64) async throws -> [DeviceIdentity] {
+        try await rows(
+            "SELECT f.name, d.id::int8, d.name FROM devices d JOIN farms f ON f.id = d.farm_id WHERE d.farm_id = \(farmID) ORDER BY d.name COLLATE \"C\""
+        ) { row in
+            let (farm, rowID, name) = try row.decode((String, Int64, String).self)
+            return DeviceIdentity(farmID: farmID, farm: farm, rowID: rowID, device: try pgDeviceID(name))
+        }
+    }
+
+    public func exportPage(device: DeviceIdentity, afterSequence: UInt64?, limit: Int) async throws -> [ExportRow] {
+        let after = afterSequence.map { Int64(clamping: $0) } ?? -1
+        return try await rows(
+            """
+            SELECT s.name, r.sequence, r.timestamp_us, r.value, r.flags
+            FROM readings r JOIN sensors s ON s.id = r.sensor_id
+            WHERE r.device_id = \(device.rowID) AND r.sequence > \(after) ORDER BY r.sequence LIMIT \(limit)
+            """
+        ) { row in
+            let (sensor, sequence, timestamp, value, flags) = try row.decode((String, Int64, Int64, Double, Int16).self)
+            return ExportRow(
+                device: device.device, sensor: try pgSensorID(sensor), sequence: UInt64(clamping: sequence), timestamp: Timestamp(microseconds: timestamp),
+                value: value, quality: QualityFlags(rawValue: UInt16(bitPattern: flags)))
+        }
+    }
+
+    // MARK: Reading
+
+    public func latestReadings(farmID: Int64) async throws -> [LatestReading] {
+        try await rows(
+            """
+            SELECT d.name, s.name, s.quantity, l.sequence, l.timestamp_us, l.value, l.flags
+            FROM latest l JOIN sensors s ON s.id = l.sensor_id JOIN devices d ON d.id = s.device_id
+            WHERE d.farm_id = \(farmID) ORDER BY d.name COLLATE "C", s.name COLLATE "C"
+            """
+        ) { row in
+            let (device, sensor, quantity, sequence, timestamp, value, flags) = try row.decode((String, String, String, Int64, Int64, Double, Int16).self)
+            return LatestReading(
+                device: try pgDeviceID(device), sensor: try pgSensorID(sensor), quantity: try pgQuantity(quantity), sequence: UInt64(clamping: sequence),
+                timestamp: Timestamp(microseconds: timestamp), value: value, quality: QualityFlags(rawValue: UInt16(bitPattern: flags)))
+        }
+    }
+
+    public func sensor(farmID: Int64, device: DeviceID, sensor: SensorID) async throws -> SensorRecord? {
+        try await rows(
+            """
+            SELECT s.id::int8, s.quantity FROM sensors s JOIN devices d ON d.id = s.device_id
+            WHERE d.farm_id = \(farmID) AND d.name = \(device.rawValue) AND s.name = \(sensor.rawValue)
+            """
+        ) { row in
+            let (rowID, quantity) = try row.decode((Int64, String).self)
+            return SensorRecord(rowID: rowID, device: device, sensor: sensor, quantity: try pgQuantity(quantity))
+        }.first
+    }
+
+    public func readings(sensorRowID: Int64, from: Timestamp?, to: Timestamp?, limit: Int) async throws -> [StoredReading] {
+        try await rows(
+            """
+            SELECT sequence, timestamp_us, value, flags FROM readings
+            WHERE sensor_id = \(sensorRowID) AND timestamp_us >= \(from?.microseconds ?? Int64.min) AND timestamp_us < \(to?.microseconds ?? Int64.max)
+            ORDER BY timestamp_us, sequence LIMIT \(limit)
+            """
+        ) { row in
+            let (sequence, timestamp, value, flags) = try row.decode((Int64, Int64, Double, Int16).self)
+            return StoredReading(
+                sequence: UInt64(clamping: sequence), timestamp: Timestamp(microseconds: timestamp), value: value,
+                quality: QualityFlags(rawValue: UInt16(bitPattern: flags)))
+        }
+    }
+}
+
+/// Problems specific to the PostgreSQL store.
+public enum PostgresStoreError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// The database was migrated by a newer `farmgate-ingest`.
+    case schemaTooNew(found: Int, known: Int)
+    /// The TLS settings cannot be used.
+    case tls(String)
+    /// A call took longer than `query_timeout`.
+    case timedOut(String)
+
+    public var description: String {
+        switch self {
+        case .schemaTooNew(let found, let known):
+            "the database schema is at version \(found), newer than this farmgate-ingest knows (\(known)); run a newer farmgate-ingest"
+        case .tls(let message), .timedOut(let message): message
+        }
+    }
+}
+
+extension PSQLError {
+    var isUniqueViolation: Bool { serverInfo?[.sqlState] == PostgresError.Code.uniqueViolation.raw }
+}
+
+func pgDeviceID(_ text: String) throws -> DeviceID {
+    do { return try DeviceID(text) } catch { throw IngestStoreError.corrupt(error.description) }
+}
+
+func pgSensorID(_ text: String) throws -> SensorID {
+    do { return try SensorID(text) } catch { throw IngestStoreError.corrupt(error.description) }
+}
+
+func pgQuantity(_ text: String) throws -> Quantity {
+    guard let quantity = Quantity(rawValue: text) else { throw IngestStoreError.corrupt("quantity '\(text)'") }
+    return quantity
+}

@@ -1,0 +1,83 @@
+import FarmgateSupport
+import Foundation
+import Testing
+
+@testable import FarmgateIngest
+
+@Suite("[storage] PostgreSQL keys")
+struct StorageConfigurationTests {
+    @Test("a URL selects PostgreSQL with the documented defaults; the pool keys override them")
+    func urlAndPoolKeys() throws {
+        let plain = try IngestConfiguration.parse(
+            "[storage]\nurl = \"postgresql://farm%40gate:s%3Acret@db.example:6432/farmgate?sslmode=require\"\n", file: "ingest.toml", baseDirectory: "/etc")
+        let postgres = try #require(plain.storage.postgres)
+        #expect(postgres.endpoint == .tcp(host: "db.example", port: 6432))
+        #expect(postgres.username == "farm@gate" && postgres.password == "s:cret" && postgres.database == "farmgate")
+        #expect(postgres.tls == .require)
+        #expect(postgres.poolSize == 10 && postgres.connectTimeout == .seconds(10) && postgres.queryTimeout == .seconds(30))
+        #expect(!plain.storage.displayName.contains("s:cret") && !plain.storage.displayName.contains("s%3Acret"))
+
+        let directory = NSTemporaryDirectory() + "farmgate-storage-config-" + UUID().uuidString
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        try Data("-----BEGIN CERTIFICATE-----\n".utf8).write(to: URL(fileURLWithPath: directory + "/ca.pem"))
+        let tuned = try IngestConfiguration.parse(
+            """
+            [storage]
+            url = "postgresql://farmgate@db/farmgate"
+            pool_size = 32
+            connect_timeout = "3s"
+            query_timeout = "0s"
+            tls = "verify-full"
+            ca_file = "ca.pem"
+            """, file: "ingest.toml", baseDirectory: directory)
+        let settings = try #require(tuned.storage.postgres)
+        #expect(settings.poolSize == 32 && settings.connectTimeout == .seconds(3) && settings.queryTimeout == .zero)
+        #expect(settings.tls == .verifyFull && settings.caFile == directory + "/ca.pem")
+        #expect(settings.endpoint == .tcp(host: "db", port: 5432))
+    }
+
+    @Test("a socket URL names the socket file; FARMGATE_INGEST_DATABASE_URL wins over the file")
+    func socketAndEnvironment() throws {
+        let configuration = try IngestConfiguration.parse(
+            "[storage]\nurl = \"postgresql://a@db/x\"\n", file: "ingest.toml", baseDirectory: "/etc",
+            environment: ["FARMGATE_INGEST_DATABASE_URL": "postgresql://farmgate@/farmgate?host=/run/postgresql"])
+        let postgres = try #require(configuration.storage.postgres)
+        #expect(postgres.endpoint == .unixSocket(path: "/run/postgresql/.s.PGSQL.5432"))
+        #expect(postgres.tls == .disable)
+        #expect(try IngestConfiguration.parse("", file: "f", baseDirectory: "/").storage.postgres == nil)
+    }
+
+    @Test(
+        "bad storage values are located errors that say what to write",
+        arguments: [
+            ("[storage]\nurl = \"mysql://x@y/z\"\n", "ingest.toml:2: storage.url: must start with postgresql://"),
+            ("[storage]\nurl = \"postgresql://db.example/farmgate\"\n", "ingest.toml:2: storage.url: names no user"),
+            ("[storage]\nurl = \"postgresql://u@/farmgate\"\n", "ingest.toml:2: storage.url: names no host; for a Unix socket add ?host="),
+            ("[storage]\nurl = \"postgresql://u@h/d?sslmode=verify-ca\"\n", "ingest.toml:2: storage.url: sslmode 'verify-ca' is not supported"),
+            ("[storage]\nurl = \"postgresql://u@h/d?options=x\"\n", "ingest.toml:2: storage.url: has the parameter 'options'"),
+            ("[storage]\npool_size = 4\n", "ingest.toml:2: storage.pool_size: applies to PostgreSQL only"),
+            ("[storage]\nurl = \"postgresql://u@h/d\"\npool_size = 0\n", "ingest.toml:3: storage.pool_size:"),
+            ("[storage]\nurl = \"postgresql://u@h/d\"\nquery_timeout = \"10ms\"\n", "ingest.toml:3: storage.query_timeout: must be at least 100ms"),
+            ("[storage]\nurl = \"postgresql://u@h/d\"\ntls = \"maybe\"\n", "ingest.toml:3: storage.tls:"),
+            ("[storage]\nurl = \"postgresql://u@h/d\"\nca_file = \"/nonexistent/ca.pem\"\n", "ingest.toml:3: storage.ca_file: a CA file is only used with tls = \"verify-full\""),
+            ("[storage]\nurl = \"postgresql://u@h/d\"\ntls = \"verify-full\"\nca_file = \"/nonexistent/ca.pem\"\n", "ingest.toml:4: storage.ca_file: cannot read the CA file /nonexistent/ca.pem"),
+            ("[storage]\nurl = \"postgresql://u@/d?host=/run/pg\"\ntls = \"require\"\n", "ingest.toml:3: storage.tls: the URL names a Unix socket"),
+        ])
+    func badValues(text: String, expected: String) {
+        #expect {
+            _ = try IngestConfiguration.parse(text, file: "ingest.toml", baseDirectory: "/etc")
+        } throws: { error in
+            (error as? ConfigurationError)?.description.hasPrefix(expected) == true
+        }
+    }
+
+    @Test("a bad FARMGATE_INGEST_DATABASE_URL names the variable")
+    func badEnvironment() {
+        #expect {
+            _ = try IngestConfiguration.parse("", file: "ingest.toml", baseDirectory: "/etc", environment: ["FARMGATE_INGEST_DATABASE_URL": "postgres:/x"])
+        } throws: { error in
+            (error as? ConfigurationError)?.description.hasPrefix("environment: FARMGATE_INGEST_DATABASE_URL: must start with postgresql://") == true
+        }
+    }
+}

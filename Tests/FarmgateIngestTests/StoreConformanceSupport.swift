@@ -1,0 +1,75 @@
+import FarmgateWire
+import Foundation
+import Logging
+import PostgresNIO
+import Testing
+
+@testable import FarmgateIngest
+
+/// The stores the conformance suite runs against.
+enum StoreKind: String, CaseIterable, Sendable, CustomTestStringConvertible {
+    case sqlite, postgres
+    var testDescription: String { rawValue }
+}
+
+/// Why a PostgreSQL test cannot run: it fails (never skips) with what to do.
+struct MissingTestDatabase: Error, CustomStringConvertible {
+    var description: String {
+        "FARMGATE_TEST_DATABASE_URL is not set: PostgreSQL tests need a server. Run them through `make test`, or "
+            + "`.ci/with-postgres swift test --filter ...` (it starts a throwaway cluster); they fail rather than skip"
+    }
+}
+
+/// A fresh, migrated store of `kind`, running while `body` uses it: SQLite in a temporary file, PostgreSQL in a database
+/// of its own created on the test server (dropped afterwards), so that tests run in parallel without seeing each other.
+func withFreshStore<T: Sendable>(_ kind: StoreKind, _ body: @Sendable (any IngestStore) async throws -> T) async throws -> T {
+    switch kind {
+    case .sqlite:
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let store = try SQLiteIngestStore(path: directory.path + "/ingest.sqlite", logger: testLogger)
+        return try await withRunning(store) { store in
+            try await store.migrate()
+            return try await body(store)
+        }
+    case .postgres:
+        return try await withTestDatabase { settings in
+            let store = try PostgresIngestStore(settings: settings, logger: testLogger)
+            return try await withRunning(store) { store in
+                try await store.migrate()
+                return try await body(store)
+            }
+        }
+    }
+}
+
+/// The settings of a new, empty database on the test server, dropped after `body`.
+func withTestDatabase<T: Sendable>(_ body: @Sendable (PostgresSettings) async throws -> T) async throws -> T {
+    guard let url = ProcessInfo.processInfo.environment["FARMGATE_TEST_DATABASE_URL"], !url.isEmpty else { throw MissingTestDatabase() }
+    let base = try PostgresSettings(url: url)
+    let name = "farmgate_t_" + UUID().uuidString.lowercased().replacingOccurrences(of: "-", with: "")
+    try await adminQuery(base, "CREATE DATABASE \(name)")
+    var settings = base
+    settings.database = name
+    settings.poolSize = 4
+    do {
+        let result = try await body(settings)
+        try? await adminQuery(base, "DROP DATABASE IF EXISTS \(name) WITH (FORCE)")
+        return result
+    } catch {
+        try? await adminQuery(base, "DROP DATABASE IF EXISTS \(name) WITH (FORCE)")
+        throw error
+    }
+}
+
+/// Runs one statement on the test server's maintenance database.
+func adminQuery(_ settings: PostgresSettings, _ sql: String) async throws {
+    guard case .unixSocket(let path) = settings.endpoint else { throw MissingTestDatabase() }
+    let configuration = PostgresClient.Configuration(unixSocketPath: path, username: settings.username, password: settings.password, database: settings.database)
+    let client = PostgresClient(configuration: configuration)
+    try await withThrowingTaskGroup(of: Void.self) { group in
+        group.addTask { await client.run() }
+        defer { group.cancelAll() }
+        try await client.query(PostgresQuery(unsafeSQL: sql))
+    }
+}

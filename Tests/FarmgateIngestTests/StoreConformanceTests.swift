@@ -1,0 +1,152 @@
+import FarmgateWire
+import Testing
+
+@testable import FarmgateIngest
+
+/// What the ingest relies on from a store, checked on SQLite and PostgreSQL alike.
+@Suite struct StoreConformanceTests {
+    /// A farm `f1` with device `d1`, returning the device's identity.
+    static func device(in store: any IngestStore, name: String = "d1") async throws -> DeviceIdentity {
+        if try await store.farm(named: "f1") == nil { _ = try await store.createFarm(name: "f1", createdAt: testNow) }
+        return try await store.createDevice(
+            farm: "f1", device: try deviceID(name), keyID: "k" + name, secretHash: Array(repeating: 7, count: 32), createdAt: testNow)
+    }
+
+    @Test(arguments: StoreKind.allCases)
+    func storesEachSequenceOnceAndCountsDuplicates(kind: StoreKind) async throws {
+        try await withFreshStore(kind) { store in
+            let device = try await Self.device(in: store)
+            let first = try await store.store(try phBatch(sequences: 1...100), for: device, receivedAt: testNow)
+            #expect(first == StoreOutcome(accepted: 100, duplicates: 0, rejected: []))
+            // Re-cut differently: half old, half new, one sequence twice in the batch.
+            let again = try await store.store(try phBatch(sequences: Array(51...150) + [150]), for: device, receivedAt: testNow)
+            #expect(again.accepted == 50)
+            #expect(again.duplicates == 51)
+            #expect(again.rejected.isEmpty)
+            #expect(try await store.highestSequence(device: device) == 150)
+            var exported: [UInt64] = []
+            var after: UInt64?
+            while true {
+                let page = try await store.exportPage(device: device, afterSequence: after, limit: 40)
+                guard let last = page.last else { break }
+                exported += page.map(\.sequence)
+                after = last.sequence
+            }
+            #expect(exported == Array(1...150))
+        }
+    }
+
+    @Test(arguments: StoreKind.allCases)
+    func differentContentIsASequenceConflictNeverADuplicate(kind: StoreKind) async throws {
+        try await withFreshStore(kind) { store in
+            let device = try await Self.device(in: store)
+            _ = try await store.store(try phBatch(sequences: 1...10, value: 6.5), for: device, receivedAt: testNow)
+            // The same value in another binary form (6.5 + a rounding error below the resolution) is a duplicate.
+            let same = try await store.store(try phBatch(sequences: 1...2, value: 6.5000000001), for: device, receivedAt: testNow)
+            #expect(same == StoreOutcome(accepted: 0, duplicates: 2, rejected: []))
+            let other = try await store.store(try phBatch(sequences: 5...12, value: 7.1), for: device, receivedAt: testNow)
+            #expect(other.accepted == 2)
+            #expect(other.duplicates == 0)
+            #expect(other.rejected.map(\.sequence) == [5, 6, 7, 8, 9, 10])
+            #expect(other.rejected.allSatisfy { $0.code == RejectionCode.sequenceConflict && $0.message.contains("value (stored 6.5, sent 7.1)") })
+            let rows = try await store.exportPage(device: device, afterSequence: 4, limit: 2)
+            #expect(rows.map(\.value) == [6.5, 6.5])
+        }
+    }
+
+    @Test(arguments: StoreKind.allCases)
+    func sensorRegisteredWithAnotherQuantityIsRejected(kind: StoreKind) async throws {
+        try await withFreshStore(kind) { store in
+            let device = try await Self.device(in: store)
+            _ = try await store.store(try phBatch(sequences: 1...3), for: device, receivedAt: testNow)
+            let sensor = try sensorID("tank1.ph")
+            let batch = Batch(
+                device: try deviceID("d1"), sensors: [SensorDescriptor(id: sensor, quantity: .temperature)],
+                readings: [Reading(sensor: sensor, sequence: 4, timestamp: testNow, value: 20)])
+            let outcome = try await store.store(batch, for: device, receivedAt: testNow)
+            #expect(outcome.accepted == 0)
+            #expect(outcome.rejected.map(\.code) == [RejectionCode.sensorConflict])
+            let undeclared = Batch(
+                device: try deviceID("d1"), sensors: [], readings: [Reading(sensor: sensor, sequence: 5, timestamp: testNow, value: 6)])
+            #expect(try await store.store(undeclared, for: device, receivedAt: testNow).rejected.map(\.code) == [RejectionCode.unknownSensor])
+            #expect(try await store.highestSequence(device: device) == 3)
+        }
+    }
+
+    @Test(arguments: StoreKind.allCases)
+    func concurrentWritersRegisterOneSensorOnce(kind: StoreKind) async throws {
+        try await withFreshStore(kind) { store in
+            let device = try await Self.device(in: store)
+            try await withThrowingTaskGroup(of: StoreOutcome.self) { group in
+                for part in 0..<8 {
+                    let start = UInt64(part * 50 + 1)
+                    let batch = try phBatch(sequences: start...(start + 49))
+                    group.addTask { try await store.store(batch, for: device, receivedAt: testNow) }
+                }
+                var accepted = 0
+                for try await outcome in group { accepted += outcome.accepted }
+                #expect(accepted == 400)
+            }
+            let farm = try #require(try await store.farm(named: "f1"))
+            let record = try #require(try await store.sensor(farmID: farm.id, device: device.device, sensor: try sensorID("tank1.ph")))
+            #expect(record.quantity == .ph)
+            #expect(try await store.highestSequence(device: device) == 400)
+        }
+    }
+
+    @Test(arguments: StoreKind.allCases)
+    func queriesReturnLatestAndRanges(kind: StoreKind) async throws {
+        try await withFreshStore(kind) { store in
+            let device = try await Self.device(in: store)
+            let other = try await Self.device(in: store, name: "c0")
+            _ = try await store.store(try phBatch(sequences: 1...20), for: device, receivedAt: testNow)
+            _ = try await store.store(try phBatch(device: "c0", sequences: 1...5, value: 5.5), for: other, receivedAt: testNow)
+            let farm = try #require(try await store.farm(named: "f1"))
+            let latest = try await store.latestReadings(farmID: farm.id)
+            #expect(latest.map(\.device.rawValue) == ["c0", "d1"])
+            #expect(latest.map(\.sequence) == [5, 20])
+            let sensor = try #require(try await store.sensor(farmID: farm.id, device: device.device, sensor: try sensorID("tank1.ph")))
+            let start = testNow.microseconds - 3_600_000_000
+            let range = try await store.readings(
+                sensorRowID: sensor.rowID, from: Timestamp(microseconds: start + 5_000_000), to: Timestamp(microseconds: start + 10_000_000), limit: 3)
+            #expect(range.map(\.sequence) == [5, 6, 7])
+            #expect(try await store.sensor(farmID: farm.id, device: device.device, sensor: try sensorID("tank9.ph")) == nil)
+            #expect(try await store.devices(farmID: farm.id).map(\.device.rawValue) == ["c0", "d1"])
+        }
+    }
+
+    @Test(arguments: StoreKind.allCases)
+    func credentialsAdministrationAndKeyRotation(kind: StoreKind) async throws {
+        try await withFreshStore(kind) { store in
+            let device = try await Self.device(in: store)
+            await #expect(throws: IngestStoreError.alreadyExists("farm 'f1'")) { _ = try await store.createFarm(name: "f1", createdAt: testNow) }
+            await #expect(throws: IngestStoreError.self) { _ = try await Self.device(in: store) }
+            await #expect(throws: IngestStoreError.notFound("farm 'nope'")) {
+                _ = try await store.createDevice(farm: "nope", device: try deviceID("x"), keyID: "kx", secretHash: [1], createdAt: testNow)
+            }
+            let credential = try #require(try await store.deviceCredential(keyID: "kd1"))
+            #expect(credential.identity == device)
+            #expect(!credential.revoked)
+            try await store.revokeDevice(farm: "f1", device: device.device, revokedAt: testNow)
+            #expect(try await store.deviceCredential(keyID: "kd1")?.revoked == true)
+            try await store.rotateDeviceKey(farm: "f1", device: device.device, keyID: "kd1-new", secretHash: [9, 9], rotatedAt: testNow)
+            #expect(try await store.deviceCredential(keyID: "kd1") == nil)
+            let rotated = try #require(try await store.deviceCredential(keyID: "kd1-new"))
+            #expect(rotated.secretHash == [9, 9])
+            #expect(!rotated.revoked)
+            await #expect(throws: IngestStoreError.notFound("device 'zz' in farm 'f1'")) {
+                try await store.revokeDevice(farm: "f1", device: try deviceID("zz"), revokedAt: testNow)
+            }
+            try await store.createReadToken(farm: "f1", role: .viewer, keyID: "r1", secretHash: [3], createdAt: testNow)
+            await #expect(throws: IngestStoreError.alreadyExists("token id 'r1'")) {
+                try await store.createReadToken(farm: "f1", role: .viewer, keyID: "r1", secretHash: [3], createdAt: testNow)
+            }
+            let token = try #require(try await store.readTokenCredential(keyID: "r1"))
+            #expect(token.farm.name == "f1")
+            #expect(token.role == .viewer)
+            #expect(try await store.readTokenCredential(keyID: "r2") == nil)
+            try await store.ping()
+            #expect(try await store.migrate().isEmpty)
+        }
+    }
+}
