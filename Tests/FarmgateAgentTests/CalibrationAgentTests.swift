@@ -54,9 +54,10 @@ struct CalibrationAgentTests {
     @Test("pH mid, low, high: noisy readings are waited out, each Cal is sent once in order, Cal,? and Slope,? are reported, the event is committed, readings meanwhile carry calibrating")
     func guidedPH() async throws {
         let scratch = try Scratch(prefix: "fg-cal", in: URL(fileURLWithPath: "/tmp"))
-        // Noisy for the first 12 reads (±0.3), then settled at 7.01.
+        // Drifting for the first 12 reads (7.10, 7.15, ... 7.65: any two differ by more than the 0.02 tolerance, whichever
+        // of them the guide gets while the sampler takes the others), then settled at 7.01.
         let ph = try EZOSimulator(.ph, path: scratch.file("by-id-ph"), timeScale: 0.2, values: { index, _ in
-            index < 12 ? 7 + (index % 2 == 0 ? 0.3 : -0.3) : 7.01
+            index < 12 ? 7.1 + 0.05 * Double(index) : 7.01
         })
         defer { ph.stop() }
         let buffer = scratch.file("buffer.sqlite")
