@@ -195,22 +195,8 @@ public final class EZOSimulator: Sendable {
 
     // MARK: The pty
 
-    /// `TIOCSPTLCK` (`_IOW('T', 0x31, int)`) and `TIOCGPTN` (`_IOR('T', 0x30, unsigned int)`), the same on x86-64 and arm64.
-    private static let setLock: UInt = 0x4004_5431
-    private static let getNumber: UInt = 0x8004_5430
-
     private static func plug(_ state: inout State, path: String) throws {
-        // What glibc's posix_openpt, grantpt, unlockpt and ptsname_r do on Linux (Swift's Glibc module leaves them out):
-        // open the multiplexer, clear the slave's lock, ask for the slave's number. grantpt has nothing to do on devpts.
-        let master = open("/dev/ptmx", O_RDWR | O_NOCTTY | O_NONBLOCK | O_CLOEXEC)
-        guard master >= 0 else { throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EIO) }
-        var unlock: Int32 = 0
-        var number: UInt32 = 0
-        guard ioctl(master, Self.setLock, &unlock) == 0, ioctl(master, Self.getNumber, &number) == 0 else {
-            close(master)
-            throw POSIXError(.EIO)
-        }
-        let slavePath = "/dev/pts/\(number)"
+        let (master, slavePath) = try PseudoTerminal.open(nonBlocking: true)
         // Hold the slave open too: the master then never sees a hang-up when the driver closes and reopens its side.
         let slave = open(slavePath, O_RDWR | O_NOCTTY | O_NONBLOCK | O_CLOEXEC)
         guard slave >= 0 else {

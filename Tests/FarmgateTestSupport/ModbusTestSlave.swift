@@ -100,7 +100,7 @@ public final class ModbusTestSlave: Sendable {
 
     /// Opens a new pseudo-terminal and points the link at it.
     public func replug() throws {
-        let (master, terminal) = try Self.openPseudoTerminal()
+        let (master, terminal) = try PseudoTerminal.open()
         try? FileManager.default.removeItem(atPath: path)
         try FileManager.default.createSymbolicLink(atPath: path, withDestinationPath: terminal)
         let generation = state.withLock { state -> Int in
@@ -111,24 +111,6 @@ public final class ModbusTestSlave: Sendable {
         let thread = Thread { [self] in serve(master: master, generation: generation) }
         thread.name = "modbus-test-slave"
         thread.start()
-    }
-
-    /// A new pseudo-terminal: its master descriptor and the path of its slave side.
-    ///
-    /// What glibc's posix_openpt, unlockpt and ptsname do on Linux (Swift's Glibc module leaves them out; grantpt has
-    /// nothing to do with devpts): open /dev/ptmx, clear the lock with `TIOCSPTLCK` (`_IOW('T', 0x31, int)`) and ask the
-    /// number with `TIOCGPTN` (`_IOR('T', 0x30, unsigned int)`), both the same on x86-64 and arm64.
-    static func openPseudoTerminal() throws -> (master: Int32, path: String) {
-        let master = open("/dev/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC)
-        guard master >= 0 else { throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EIO) }
-        var unlock: Int32 = 0
-        var number: UInt32 = 0
-        guard ioctl(master, 0x4004_5431, &unlock) == 0, ioctl(master, 0x8004_5430, &number) == 0 else {
-            let code = errno
-            close(master)
-            throw POSIXError(POSIXErrorCode(rawValue: code) ?? .EIO)
-        }
-        return (master, "/dev/pts/\(number)")
     }
 
     /// Stops answering and removes the link.
