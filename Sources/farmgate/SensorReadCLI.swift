@@ -87,7 +87,7 @@ struct SensorRead: AsyncParsableCommand {
         let reader = Sampler.Sensor(configuration: sensor, driver: driver)
         let answer = await SensorReadCommand.read(reader, via: "direct")
         // A driver stuck in its read may never close; the process exits anyway.
-        _ = await Sampler.bounded(.seconds(2)) { await driver.close() }
+        _ = await withDeadline(.seconds(2)) { await driver.close() }
         return answer
     }
 

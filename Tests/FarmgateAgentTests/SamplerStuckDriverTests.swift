@@ -131,7 +131,7 @@ struct SamplerStuckDriverTests {
     func resultBeatsTimer() async {
         var timeouts = 0
         for index in 0..<500 {
-            if await Sampler.bounded(.seconds(30), { index }) != index { timeouts += 1 }
+            if await withDeadline(.seconds(30), { index }) != index { timeouts += 1 }
         }
         #expect(timeouts == 0)
     }

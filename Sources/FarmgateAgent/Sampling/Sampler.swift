@@ -83,7 +83,7 @@ public final class Sampler: Service {
             }
         }
         let sensors = self.sensors
-        let closed: Bool? = await Self.bounded(closeTimeout) {
+        let closed: Bool? = await withDeadline(closeTimeout) {
             await withTaskGroup(of: Void.self) { group in
                 for sensor in sensors { group.addTask { await sensor.driver.close() } }
                 await group.waitForAll()
@@ -171,7 +171,7 @@ public final class Sampler: Service {
                     .timeout,
                     "the previous read (started \(seconds) s ago) has not finished; the driver is stuck on the device: check its wiring and power, or unplug and replug it"))
         }
-        let outcome = await bounded(timeout) { () -> Result<SensorValue, SensorError> in
+        let outcome = await withDeadline(timeout) { () -> Result<SensorValue, SensorError> in
             defer { gate.leave() }
             do throws(SensorError) { return .success(try await driver.read()) } catch { return .failure(error) }
         }
@@ -180,29 +180,6 @@ public final class Sampler: Service {
             return .failure(SensorError(.timeout, "no answer within \(ConfigTable.format(timeout)); the read was abandoned"))
         }
         return outcome
-    }
-
-    /// Runs `body` in a task of its own and waits for it at most `timeout` (or until the caller is cancelled); nil when
-    /// it did not finish in time. The body is not cancelled: it runs on and its result is dropped.
-    public static func bounded<T: Sendable>(_ timeout: Duration, _ body: @escaping @Sendable () async -> T) async -> T? {
-        let shot = FirstResult<T>()
-        return await withTaskCancellationHandler {
-            await withCheckedContinuation { (continuation: CheckedContinuation<T?, Never>) in
-                shot.install(continuation)
-                let timer = Task {
-                    // Cancelled: the body finished first (and resumes with its value).
-                    do { try await Task.sleep(for: timeout) } catch { return }
-                    shot.resume(nil)
-                }
-                Task {
-                    let value = await body()
-                    timer.cancel()
-                    shot.resume(value)
-                }
-            }
-        } onCancel: {
-            shot.resume(nil)
-        }
     }
 }
 
@@ -222,34 +199,6 @@ final class ReadGate: Sendable {
     func leave() { started.withLock { $0 = nil } }
 
     var isBusy: Bool { started.withLock { $0 != nil } }
-}
-
-/// A continuation resumed once, by whichever comes first: a result, a deadline (nil) or cancellation (nil).
-private final class FirstResult<T: Sendable>: Sendable {
-    private struct State {
-        var continuation: CheckedContinuation<T?, Never>?
-        var early: T??
-    }
-    private let state = Mutex(State())
-
-    func install(_ continuation: CheckedContinuation<T?, Never>) {
-        let early = state.withLock { state -> T?? in
-            if let early = state.early { return early }
-            state.continuation = continuation
-            return nil
-        }
-        if let early { continuation.resume(returning: early) }
-    }
-
-    func resume(_ value: T?) {
-        let continuation = state.withLock { state -> CheckedContinuation<T?, Never>? in
-            if state.early != nil { return nil }
-            state.early = .some(value)
-            defer { state.continuation = nil }
-            return state.continuation
-        }
-        continuation?.resume(returning: value)
-    }
 }
 
 /// Suppresses values that have not moved by more than `deadband` since the last stored one, until `heartbeat` has passed.
