@@ -71,26 +71,14 @@ struct PostgresBatchWriter {
         var rejected: [RejectedReading] = []
         var candidates: [Candidate] = []
         for reading in batch.readings {
-            if let conflict = conflicts[reading.sensor] {
-                rejected.append(
-                    RejectedReading(
-                        sequence: reading.sequence, sensor: reading.sensor.rawValue, code: RejectionCode.sensorConflict,
-                        message: "sensor '\(reading.sensor)' is registered on this device as \(conflict.registered), but the batch declares it as \(conflict.sent.rawValue); give the new sensor an id of its own"))
+            let sequence: Int64
+            let sensorRow: Int64
+            switch ReadingPlacement(reading, conflicts: conflicts, sensorRows: sensorRows) {
+            case .refuse(let refusal):
+                rejected.append(refusal)
                 continue
-            }
-            guard let sensorRow = sensorRows[reading.sensor] else {
-                rejected.append(
-                    RejectedReading(
-                        sequence: reading.sequence, sensor: reading.sensor.rawValue, code: RejectionCode.unknownSensor,
-                        message: "the batch has no descriptor for sensor '\(reading.sensor)'; list every sensor a reading names in the batch's sensors"))
-                continue
-            }
-            guard let sequence = Int64(exactly: reading.sequence) else {
-                rejected.append(
-                    RejectedReading(
-                        sequence: reading.sequence, sensor: reading.sensor.rawValue, code: RejectionCode.invalidSequence,
-                        message: "sequence \(reading.sequence) is larger than \(Int64.max)"))
-                continue
+            case .place(let placed, let row):
+                (sequence, sensorRow) = (placed, row)
             }
             candidates.append(Candidate(reading: reading, sequence: sequence, sensorRow: sensorRow, resolution: resolutions[reading.sensor]))
         }
