@@ -141,6 +141,13 @@ public final class Uploader: Service {
         /// Numbers this run gave to renumbered readings: a conflict on one of them again means that someone else numbers
         /// readings for this device too (two sites with one key), and the next renumbering waits a backoff.
         var renumbered: Set<UInt64> = []
+        /// Whether the ingest reads format version 3 (calibration events): what `GET /v1/device` last said in
+        /// `accepted_versions` (absent: only 2). Cleared by a 415 `unsupported_format_version` to a version 3 frame.
+        var acceptsEvents = false
+        /// The calibration events the next request of this delivery carries (at most one request carries them).
+        var outgoingEvents: [CalibrationEvent] = []
+        /// After the ingest refused a frame carrying events as malformed, events wait until then (readings do not).
+        var eventsPausedUntil: ContinuousClock.Instant?
     }
 
     /// When to ask `GET /v1/device`: at start, and after a `sequence_conflict`; again later while the ingest cannot answer.
@@ -247,6 +254,24 @@ public final class Uploader: Service {
         return await deliver(readings, &loop)
     }
 
+    /// The most calibration events one batch carries: they are rare and each is small, so a handful keeps a batch's size
+    /// close to what its readings make it.
+    static let maxEventsPerBatch = 8
+
+    /// The calibration events to attach to the next batch: the oldest pending ones, when the ingest reads version 3 and
+    /// batches go as binary; none in JSON (its form has no calibrations member) or while events are paused.
+    func eventsToAttach(_ loop: LoopState) async -> [CalibrationEvent] {
+        guard loop.format == .binary, loop.acceptsEvents else { return [] }
+        if let until = loop.eventsPausedUntil, ContinuousClock.now < until { return [] }
+        do {
+            return try await source.pendingCalibrations(limit: Self.maxEventsPerBatch)
+        } catch {
+            // Readings go anyway; the events wait in the buffer for the next batch.
+            logger.error("Cannot read pending calibration events from the buffer", metadata: ["error": "\(error)"])
+            return []
+        }
+    }
+
     // MARK: - Delivering a batch: halving and bisection
 
     /// Where a delivery stands: go on with the next group, or stop and wait this long before the next step.
@@ -267,6 +292,8 @@ public final class Uploader: Service {
     /// documentation). Returns the wait before the next step: zero after progress, the backoff after a failure or a hold.
     func deliver(_ readings: [Reading], _ loop: inout LoopState) async -> Duration {
         var bisection = Bisection()
+        loop.outgoingEvents = await eventsToAttach(loop)
+        defer { loop.outgoingEvents = [] }
         switch await deliverGroup(readings[...], &loop, &bisection) {
         case .proceed:
             loop.pendingSince = nil
@@ -360,7 +387,8 @@ public final class Uploader: Service {
         case bufferFailed
     }
 
-    func encode(_ group: ArraySlice<Reading>, format: UploadConfiguration.Format) async -> Encoding {
+    /// Encodes `group` with `events` (version 3 when there are any; JSON never carries them).
+    func encode(_ group: ArraySlice<Reading>, events: [CalibrationEvent], format: UploadConfiguration.Format) async -> Encoding {
         let descriptors: [SensorDescriptor]
         do {
             descriptors = try await source.descriptors(for: Set(group.map(\.sensor)))
@@ -374,7 +402,7 @@ public final class Uploader: Service {
             return .encoded(BatchJSON.encode(batch))
         case .binary:
             do {
-                return .encoded(try BatchCodec.encode(batch))
+                return .encoded(try BatchCodec.encode(batch, calibrations: events))
             } catch {
                 return .unencodable(error.description)
             }
@@ -404,5 +432,7 @@ struct UploadMetrics: Sendable {
     let rejected = Counter(label: "farmgate_upload_readings_total", dimensions: [("outcome", "rejected")])
     let quarantined = Counter(label: "farmgate_upload_readings_total", dimensions: [("outcome", "quarantined")])
     let renumbered = Counter(label: "farmgate_upload_readings_total", dimensions: [("outcome", "renumbered")])
+    /// Calibration events the ingest counted in a receipt (stored or already had) and the buffer deleted.
+    let calibrations = Counter(label: "farmgate_upload_calibrations_total")
     let held = Gauge(label: "farmgate_upload_held")
 }
