@@ -17,6 +17,8 @@ final class EventIngest: Sendable {
         var refuseVersion3 = false
         /// Leave `calibrations` out of the receipt of frame `n` (counting batch POSTs from 0).
         var uncounted: @Sendable (Int) -> Bool = { _ in false }
+        /// Refuse frames with more readings than this 413 `too_many_readings`.
+        var maxReadings = Int.max
     }
 
     struct Log: Sendable {
@@ -56,6 +58,9 @@ final class EventIngest: Sendable {
             let index = shared.posts.add(1, ordering: .sequentiallyConsistent).oldValue
             shared.log.withLock {
                 $0.frames.append((frame.version, frame.batch.readings.map(\.sequence), frame.calibrations.map(\.id)))
+            }
+            if frame.batch.readings.count > rules.maxReadings {
+                return .error(413, IngestErrorCode.tooManyReadings, "more than \(rules.maxReadings) readings")
             }
             if frame.version == 3 && rules.refuseVersion3 {
                 return .error(415, IngestErrorCode.unsupportedFormatVersion, "format version 3 is not read here", acceptedVersions: [2])
@@ -231,11 +236,11 @@ struct UploadCalibrationTests {
     }
 
     @Test func aBatchHalvedForSizeCarriesItsEventsOnOneHalfOnly() async throws {
-        let data = try await TestBuffer(count: 400)
+        let data = try await TestBuffer(count: 3000, value: { i in Double((i * 7919) % 10007) / 13 })
         try await data.buffer.recordCalibration(Self.event(1))
         let ingest = try EventIngest()
-        // Small enough that 400 readings are halved at least once before they fit.
-        let configuration = uploadConfiguration(ingest.url, batchMaxReadings: 400, batchMaxBytes: 300)
+        // Small enough that 3000 readings are halved before they fit, large enough for an event and a few hundred readings.
+        let configuration = uploadConfiguration(ingest.url, batchMaxReadings: 3000, batchMaxBytes: 3000)
         try await withUploader(source: data.buffer, configuration: configuration) { _ throws in
             #expect(
                 try await eventually {
@@ -248,6 +253,34 @@ struct UploadCalibrationTests {
         #expect(log.frames.count > 1, "the batch was halved: \(log.frames.map(\.sequences.count))")
         #expect(log.frames.filter { !$0.events.isEmpty }.count == 1)
         #expect(log.storedEvents == ["cal-test-1": 1])
-        #expect(log.storedReadings.count == 400)
+        #expect(log.storedReadings.count == 3000)
+        // Halving went by the readings, not down to single readings because of the event.
+        #expect(log.frames.allSatisfy { $0.sequences.count >= 100 }, "\(log.frames.map(\.sequences.count))")
+    }
+
+    @Test func aBatchRefused413IsHalvedAndItsEventsGoWithOneHalfOnly() async throws {
+        let data = try await TestBuffer(count: 80)
+        try await data.buffer.recordCalibration(Self.event(1))
+        try await data.buffer.recordCalibration(Self.event(2))
+        let ingest = try EventIngest(EventIngest.Rules(maxReadings: 20))
+        try await withUploader(source: data.buffer, configuration: uploadConfiguration(ingest.url, batchMaxReadings: 80)) { uploader throws in
+            #expect(
+                try await eventually {
+                    let events = try await data.buffer.pendingCalibrationCount()
+                    let pending = try await data.statistics().pending
+                    return events == 0 && pending == 0
+                })
+            #expect(uploader.status().held == nil)
+        }
+        let log = ingest.log
+        #expect(log.frames.first?.sequences.count == 80, "the whole batch was tried first")
+        #expect(log.frames.first?.events == ["cal-test-1", "cal-test-2"])
+        // After the refusal the events went once more, on the first half that was accepted, and never again.
+        let accepted = log.frames.filter { $0.sequences.count <= 20 }
+        #expect(accepted.filter { !$0.events.isEmpty }.count == 1, "\(log.frames.map { "\($0.sequences.count)/\($0.events.count)" })")
+        #expect(log.storedEvents == ["cal-test-1": 1, "cal-test-2": 1])
+        #expect(log.eventDuplicates == 0)
+        #expect(log.storedReadings.count == 80)
+        #expect(try await data.statistics().quarantined == 0)
     }
 }
