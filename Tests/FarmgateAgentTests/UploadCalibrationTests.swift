@@ -17,6 +17,8 @@ final class EventIngest: Sendable {
         var refuseVersion3 = false
         /// Leave `calibrations` out of the receipt of frame `n` (counting batch POSTs from 0).
         var uncounted: @Sendable (Int) -> Bool = { _ in false }
+        /// Refuse every version 3 frame 422 (an ingest that cannot take an event: its fault is the event's, not the readings').
+        var refuseEvents = false
         /// Refuse frames with more readings than this 413 `too_many_readings`.
         var maxReadings = Int.max
     }
@@ -61,6 +63,9 @@ final class EventIngest: Sendable {
             }
             if frame.batch.readings.count > rules.maxReadings {
                 return .error(413, IngestErrorCode.tooManyReadings, "more than \(rules.maxReadings) readings")
+            }
+            if frame.version == 3 && rules.refuseEvents {
+                return .error(422, "invalid_calibration", "the calibration event cannot be stored")
             }
             if frame.version == 3 && rules.refuseVersion3 {
                 return .error(415, IngestErrorCode.unsupportedFormatVersion, "format version 3 is not read here", acceptedVersions: [2])
@@ -282,5 +287,27 @@ struct UploadCalibrationTests {
         #expect(log.eventDuplicates == 0)
         #expect(log.storedReadings.count == 80)
         #expect(try await data.statistics().quarantined == 0)
+    }
+
+    @Test func aBatchWithEventsRefused422SendsItsReadingsWithoutThemAndQuarantinesNothing() async throws {
+        let data = try await TestBuffer(count: 40)
+        try await data.buffer.recordCalibration(Self.event(1))
+        let ingest = try EventIngest(EventIngest.Rules(refuseEvents: true))
+        try await withUploader(source: data.buffer, configuration: uploadConfiguration(ingest.url)) { uploader throws in
+            #expect(try await Self.feed(data) { ingest.log.frames.count >= 4 })
+            #expect(try await eventually { try await data.statistics().pending == 0 })
+            #expect(uploader.status().held == nil)
+            #expect(uploader.status().quarantinedTotal == 0)
+        }
+        let log = ingest.log
+        #expect(log.frames.first?.events == ["cal-test-1"])
+        if log.frames.count >= 2 {
+            #expect(log.frames[1].sequences == log.frames[0].sequences, "the same readings went again at once")
+            #expect(log.frames[1].events.isEmpty)
+        }
+        // Events pause after the refusal (at least a minute): no second version 3 frame while the test runs.
+        #expect(log.frames.filter { $0.version == 3 }.count == 1)
+        #expect(try await data.statistics().quarantined == 0)
+        #expect(try await data.buffer.pendingCalibrationCount() == 1)
     }
 }
