@@ -51,6 +51,15 @@ import Synchronization
 ///
 /// A reading that cannot be encoded at all goes to quarantine with `encoding_failed: ...`.
 ///
+/// **Calibration events** (``ReadingBuffer/recordCalibration(_:)``) ride with the readings: when `GET /v1/device` listed 3 in
+/// `accepted_versions` and batches go as binary, the first request of a delivery carries up to ``maxEventsPerBatch`` of the
+/// oldest pending events in a version 3 frame; every other batch stays version 2. They are deleted only when the receipt's
+/// `calibrations.accepted + duplicates` equals the number sent; otherwise they go again with a later batch (the ingest is
+/// idempotent on event ids). Events never cost readings anything: a 415 `unsupported_format_version` to a version 3 frame
+/// stops events until `GET /v1/device` lists 3 again, a 400/422 to one pauses them for a while, and in both cases the same
+/// readings go again at once as version 2. A batch halved for size (or 413) carries its events on the first half sent
+/// only. In JSON (configured, or after a fallback) events wait: the JSON form has no calibrations member.
+///
 /// **Shutdown.** On graceful shutdown a request in flight is finished (bounded by ``UploadConfiguration/requestTimeout``) and
 /// its outcome recorded; then, unless the ingest is failing, the buffer is committed and what is pending is sent for at most
 /// ``UploadConfiguration/shutdownFlushTimeout``, and ``run()`` returns. Cancelling the task abandons the request.
