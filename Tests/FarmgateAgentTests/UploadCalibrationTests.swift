@@ -153,16 +153,16 @@ struct UploadCalibrationTests {
 
     @Test func moreEventsThanOneBatchCarriesGoInSeveralBatchesEachOnce() async throws {
         let data = try await TestBuffer(count: 10)
-        for n in 1...(Uploader.maxEventsPerBatchForTests + 3) { try await data.buffer.recordCalibration(Self.event(n)) }
+        for n in 1...(Uploader.maxEventsPerBatch + 3) { try await data.buffer.recordCalibration(Self.event(n)) }
         let ingest = try EventIngest()
         try await withUploader(source: data.buffer, configuration: uploadConfiguration(ingest.url)) { _ throws in
             #expect(try await Self.feed(data) { try await data.buffer.pendingCalibrationCount() == 0 })
         }
         let log = ingest.log
-        #expect(log.storedEvents.count == Uploader.maxEventsPerBatchForTests + 3)
+        #expect(log.storedEvents.count == Uploader.maxEventsPerBatch + 3)
         #expect(log.storedEvents.values.allSatisfy { $0 == 1 })
         #expect(log.eventDuplicates == 0)
-        #expect(log.frames.allSatisfy { $0.events.count <= Uploader.maxEventsPerBatchForTests })
+        #expect(log.frames.allSatisfy { $0.events.count <= Uploader.maxEventsPerBatch })
     }
 
     @Test func aReceiptThatDoesNotCountTheEventsKeepsThemAndTheyGoAgain() async throws {

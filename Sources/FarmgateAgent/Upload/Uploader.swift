@@ -265,9 +265,7 @@ public final class Uploader: Service {
 
     /// The most calibration events one batch carries: they are rare and each is small, so a handful keeps a batch's size
     /// close to what its readings make it.
-    static let maxEventsPerBatch = 8
-    /// ``maxEventsPerBatch``, for tests that send more events than one batch carries.
-    public static var maxEventsPerBatchForTests: Int { maxEventsPerBatch }
+    public static let maxEventsPerBatch = 8
 
     /// The calibration events to attach to the next batch: the oldest pending ones, when the ingest reads version 3 and
     /// batches go as binary; none in JSON (its form has no calibrations member) or while events are paused.
