@@ -195,12 +195,15 @@ public struct BufferStatistics: Hashable, Sendable, Codable {
     /// Bytes the buffer uses now (pages in use), and its quota.
     public var usedBytes: Int64
     public var quotaBytes: Int64
+    /// Calibration events waiting for the ingest to acknowledge them (nil from a source that does not keep them).
+    public var pendingCalibrations: Int?
 
     public init(
         pending: Int, oldestPending: Timestamp?, uncommitted: Int, quarantined: Int, dropped: Int64, duplicatesIgnored: Int64,
         lastSequence: UInt64, usedBytes: Int64, quotaBytes: Int64, quarantinedByCode: [String: Int] = [:],
-        quarantineTrimmed: Int64 = 0, quarantineDropped: Int64 = 0, held: Int = 0
+        quarantineTrimmed: Int64 = 0, quarantineDropped: Int64 = 0, held: Int = 0, pendingCalibrations: Int? = nil
     ) {
+        self.pendingCalibrations = pendingCalibrations
         self.quarantinedByCode = quarantinedByCode
         self.quarantineTrimmed = quarantineTrimmed
         self.quarantineDropped = quarantineDropped
@@ -248,4 +251,14 @@ public protocol PendingReadings: Sendable {
     func statistics() async throws -> BufferStatistics
     /// Commits what is queued now; returns the highest durable sequence. Used before the uploader's final flush.
     @discardableResult func flush() async throws -> UInt64
+    /// Up to `limit` calibration events not yet acknowledged by the ingest, oldest first.
+    func pendingCalibrations(limit: Int) async throws -> [CalibrationEvent]
+    /// Deletes calibration events the ingest counted in a receipt (stored or already had).
+    func acknowledgeCalibrations(_ ids: [String]) async throws
+}
+
+extension PendingReadings {
+    /// A source that keeps no calibration events (a test's) has none to send.
+    public func pendingCalibrations(limit: Int) async throws -> [CalibrationEvent] { [] }
+    public func acknowledgeCalibrations(_ ids: [String]) async throws {}
 }

@@ -677,7 +677,8 @@ final class BufferStore {
             pending: pendingCount - held, oldestPending: oldest, uncommitted: uncommitted, quarantined: quarantinedCount,
             dropped: dropped + droppedInMemory, duplicatesIgnored: duplicatesIgnored, lastSequence: UInt64(max(0, lastSequence)),
             usedBytes: try usedBytes(), quotaBytes: quotaBytes, quarantinedByCode: quarantineCodeCounts,
-            quarantineTrimmed: quarantineTrimmed, quarantineDropped: quarantineDropped, held: held)
+            quarantineTrimmed: quarantineTrimmed, quarantineDropped: quarantineDropped, held: held,
+            pendingCalibrations: Int(try connection.queryInt("SELECT count(*) FROM calibrations") ?? 0))
     }
 
     func limitPageCount(_ pages: Int64) throws {

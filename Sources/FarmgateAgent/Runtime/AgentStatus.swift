@@ -48,8 +48,11 @@ extension AgentStatus {
         if buffer.held > 0 { bufferLine += "; \(buffer.held) held (clock not set)" }
         bufferLine += "; \(buffer.uncommitted) uncommitted; \(buffer.quarantined) quarantined; \(buffer.dropped) dropped (full); \(buffer.duplicatesIgnored) duplicates ignored"
         lines.append(bufferLine)
-        lines.append(
-            "          \(Self.bytes(buffer.usedBytes)) used of \(Self.bytes(buffer.quotaBytes)) quota; last sequence \(buffer.lastSequence)")
+        var sizeLine = "          \(Self.bytes(buffer.usedBytes)) used of \(Self.bytes(buffer.quotaBytes)) quota; last sequence \(buffer.lastSequence)"
+        if let calibrations = buffer.pendingCalibrations {
+            sizeLine += "; \(calibrations) calibration event\(calibrations == 1 ? "" : "s") waiting for the ingest"
+        }
+        lines.append(sizeLine)
         if let upload, let endpoint = uploadEndpoint {
             var line = "Upload    \(endpoint): \(upload.lastResult ?? "no attempt yet")"
             if let at = upload.lastAttemptAt { line += " (\(Self.age(from: at, to: now)) ago)" }

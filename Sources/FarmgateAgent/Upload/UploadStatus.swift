@@ -45,6 +45,11 @@ public struct UploadStatus: Codable, Sendable, Hashable {
     /// Readings renumbered since start because the ingest holds other readings under their sequence numbers
     /// (`sequence_conflict`: this site's buffer lost its history).
     public var renumberedTotal: Int64
+    /// The binary format versions the ingest said it reads (`accepted_versions` of `GET /v1/device`, [2] when it did not
+    /// say); nil before it answered. Calibration events go only to an ingest that reads 3.
+    public var ingestAcceptedVersions: [Int]?
+    /// Calibration events the ingest counted in a receipt since start (and the buffer deleted); nil before the first.
+    public var calibrationsUploadedTotal: Int64?
 
     public init(
         endpoint: String, lastAttemptAt: Timestamp? = nil, lastSuccessAt: Timestamp? = nil, lastResult: String? = nil,

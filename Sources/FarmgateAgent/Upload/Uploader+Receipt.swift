@@ -6,7 +6,7 @@ import Synchronization
 
 /// What a 2xx answer acknowledges: the receipt must add up to the batch, or it acknowledges nothing.
 extension Uploader {
-    func acknowledge(_ group: ArraySlice<Reading>, response: HTTPResponse, _ loop: inout LoopState) async -> Attempt {
+    func acknowledge(_ group: ArraySlice<Reading>, events: [CalibrationEvent], response: HTTPResponse, _ loop: inout LoopState) async -> Attempt {
         let status = response.status
         guard let receipt = try? JSONDecoder().decode(IngestReceipt.self, from: Data(response.body)) else {
             // Re-sending is safe (the ingest is idempotent); a receipt we cannot read acknowledges nothing.
@@ -55,6 +55,11 @@ extension Uploader {
             logger.error("Cannot delete acknowledged readings from the buffer", metadata: ["error": "\(error)"])
             return .stop(bufferRetryDelay)
         }
+        if !events.isEmpty {
+            // Sent once per delivery: the rest of a halved batch goes without them, whatever this receipt says of them.
+            loop.outgoingEvents = []
+            guard await acknowledgeEvents(events, receipt: receipt) else { return .stop(bufferRetryDelay) }
+        }
         loop.backoff.reset()
         metrics.delivered.increment()
         metrics.accepted.increment(by: Int64(receipt.accepted))
@@ -89,6 +94,33 @@ extension Uploader {
         }
         if !conflicts.isEmpty, let wait = await repairConflicts(conflicts.sorted(), &loop) { return .stop(wait) }
         return .delivered
+    }
+
+    /// Deletes `events` from the buffer when the receipt counted every one of them (`calibrations.accepted + duplicates`
+    /// equals the number sent); otherwise they stay and go with a later batch (the ingest is idempotent on event ids).
+    /// Returns false only when the buffer failed.
+    func acknowledgeEvents(_ events: [CalibrationEvent], receipt: IngestReceipt) async -> Bool {
+        let counted = receipt.calibrations.map { $0.accepted + $0.duplicates }
+        guard let counted, let answer = receipt.calibrations, answer.accepted >= 0, answer.duplicates >= 0, counted == events.count else {
+            logger.warning(
+                "The ingest's receipt does not count the calibration events of the batch; they stay in the buffer and are sent again",
+                metadata: ["calibration.events": "\(events.count)", "receipt.calibrations": "\(counted.map(String.init) ?? "absent")"])
+            return true
+        }
+        do {
+            try await source.acknowledgeCalibrations(events.map(\.id))
+        } catch {
+            logger.error("Cannot delete acknowledged calibration events from the buffer", metadata: ["error": "\(error)"])
+            return false
+        }
+        state.withLock { $0.calibrationsUploadedTotal = ($0.calibrationsUploadedTotal ?? 0) + Int64(events.count) }
+        metrics.calibrations.increment(by: Int64(events.count))
+        logger.info(
+            "Calibration events delivered",
+            metadata: [
+                "calibration.events": "\(events.count)", "receipt.accepted": "\(answer.accepted)", "receipt.duplicates": "\(answer.duplicates)",
+            ])
+        return true
     }
 
     /// The sum of the receipt's rejection counts, or nil when one is negative or larger than the batch (not a receipt of it).

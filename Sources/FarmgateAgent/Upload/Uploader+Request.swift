@@ -61,8 +61,17 @@ extension Uploader {
             // Graceful shutdown: the request in flight has finished; start no new one.
             if Self.stopping && !loop.draining { return .stop(.zero) }
             let format = loop.format
+            // Events ride on the first request of a delivery that is sent; a halved batch's first half takes them.
+            let events = format == .binary ? loop.outgoingEvents : []
             let body: [UInt8]
-            switch await encode(group, format: format) {
+            switch await encode(group, events: events, format: format) {
+            case .unencodable(let reason) where !events.isEmpty:
+                // The events, not the readings, may be what cannot be encoded: readings never pay for an event.
+                logger.error(
+                    "Calibration events cannot be encoded; the readings go without them and the events wait in the buffer",
+                    metadata: ["calibration.events": "\(events.count)", "error": "\(reason)"])
+                pauseEvents(&loop)
+                continue
             case .encoded(let bytes) where bytes.count > configuration.batchMaxBytes && group.count > 1:
                 logger.debug("Batch too large, halving", metadata: ["batch.bytes": "\(bytes.count)", "batch.readings": "\(group.count)"])
                 return .halve(nil)
@@ -80,14 +89,21 @@ extension Uploader {
                 return .stop(bufferRetryDelay)
             }
             // nil: the uploader fell back to another format (at most once per run); the same readings go again at once.
-            guard let outcome = await send(group, body: body, format: format, &loop) else { continue }
+            guard let outcome = await send(group, body: body, format: format, events: events, &loop) else { continue }
             return outcome
         }
     }
 
     /// Sends one encoded batch and classifies the answer (see the type's documentation). Returns nil when the ingest refused
     /// the binary format version and the uploader switched to JSON: the caller encodes the same readings again and resends.
-    func send(_ group: ArraySlice<Reading>, body: [UInt8], format: UploadConfiguration.Format, _ loop: inout LoopState) async -> Attempt? {
+    ///
+    /// A frame carrying calibration events that the ingest refuses whole never costs its readings anything: a 415
+    /// `unsupported_format_version` means the ingest does not read version 3 after all (events wait until `GET /v1/device`
+    /// says otherwise); a 400/422 may be the events' fault (they pause for a while). Either way the same readings go again
+    /// at once as version 2 and the events stay in the buffer. A 413 halves as usual; the events go with the first half.
+    func send(
+        _ group: ArraySlice<Reading>, body: [UInt8], format: UploadConfiguration.Format, events: [CalibrationEvent], _ loop: inout LoopState
+    ) async -> Attempt? {
         state.withLock {
             $0.lastAttemptAt = Timestamp.now()
             $0.requestsTotal += 1
@@ -104,9 +120,26 @@ extension Uploader {
         }
 
         let status = response.status
-        if (200...299).contains(status) { return await acknowledge(group, response: response, &loop) }
+        if (200...299).contains(status) { return await acknowledge(group, events: events, response: response, &loop) }
         let refusal = Refusal(response)
         let result = "\(status): \(refusal.reason)"
+        if !events.isEmpty, status == 415, refusal.code == IngestErrorCode.unsupportedFormatVersion {
+            noteRefusal(result, status: status)
+            loop.acceptsEvents = false
+            loop.outgoingEvents = []
+            logger.warning(
+                "The ingest does not read batch format version 3 (calibration events) although it said so; readings go as version 2, the events wait in the buffer until the ingest says it reads version 3",
+                metadata: ["ingest.accepted_versions": "\(refusal.acceptedVersions.map { "\($0)" } ?? "not said")", "calibration.events": "\(events.count)"])
+            return nil
+        }
+        if !events.isEmpty, status == 400 || status == 422, refusal.code != IngestErrorCode.incompleteBody {
+            noteRefusal(result, status: status)
+            logger.warning(
+                "The ingest refused a batch carrying calibration events; its readings go again without them, the events wait in the buffer",
+                metadata: ["http.status": "\(status)", "reason": "\(refusal.reason)", "calibration.events": "\(events.count)"])
+            pauseEvents(&loop)
+            return nil
+        }
         switch status {
         case 429, 503:
             if let header = response.header("Retry-After"), let asked = RetryAfter.delay(header) {
@@ -158,6 +191,13 @@ extension Uploader {
         default:
             return transient(refusal, &loop)
         }
+    }
+
+    /// Sends no events for a while (a backoff's maximum, at least a minute) after a frame carrying them was refused or could
+    /// not be encoded: readings must not pay a second request per batch for an event the ingest keeps refusing.
+    func pauseEvents(_ loop: inout LoopState) {
+        loop.outgoingEvents = []
+        loop.eventsPausedUntil = ContinuousClock.now + max(configuration.backoffMax, .seconds(60))
     }
 
     /// A refusal that bisection or halving follows up: recorded, not yet a failure.

@@ -66,7 +66,22 @@ extension Uploader {
                 }
             }
             loop.deviceCheck.answered()
-            state.withLock { $0.ingestHighestSequence = answer.highestSequence }
+            let versions = answer.effectiveAcceptedVersions
+            let readsEvents = versions.contains(Int(BatchCodec.eventsFormatVersion))
+            if readsEvents != loop.acceptsEvents {
+                if readsEvents {
+                    logger.info("The ingest reads batch format version 3: calibration events go with the readings",
+                        metadata: ["ingest.accepted_versions": "\(versions)"])
+                } else {
+                    logger.info("The ingest does not read batch format version 3: calibration events wait in the buffer",
+                        metadata: ["ingest.accepted_versions": "\(versions)"])
+                }
+            }
+            loop.acceptsEvents = readsEvents
+            state.withLock {
+                $0.ingestHighestSequence = answer.highestSequence
+                $0.ingestAcceptedVersions = versions
+            }
             logger.info(
                 "The ingest reported the highest sequence it holds for this device",
                 metadata: ["ingest.highest_sequence": "\(answer.highestSequence.map(String.init) ?? "none")"])
@@ -76,6 +91,7 @@ extension Uploader {
                 "The ingest does not report the sequence numbers it holds (an older ingest); sequence numbers are not checked against it",
                 metadata: ["http.status": "\(response.status)", "upload.url": "\(deviceStateURL)"])
             loop.deviceCheck.answered()
+            loop.acceptsEvents = false
             return .unsupported
         default:
             logger.notice(

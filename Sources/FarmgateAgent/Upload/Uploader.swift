@@ -51,6 +51,15 @@ import Synchronization
 ///
 /// A reading that cannot be encoded at all goes to quarantine with `encoding_failed: ...`.
 ///
+/// **Calibration events** (``ReadingBuffer/recordCalibration(_:)``) ride with the readings: when `GET /v1/device` listed 3 in
+/// `accepted_versions` and batches go as binary, the first request of a delivery carries up to ``maxEventsPerBatch`` of the
+/// oldest pending events in a version 3 frame; every other batch stays version 2. They are deleted only when the receipt's
+/// `calibrations.accepted + duplicates` equals the number sent; otherwise they go again with a later batch (the ingest is
+/// idempotent on event ids). Events never cost readings anything: a 415 `unsupported_format_version` to a version 3 frame
+/// stops events until `GET /v1/device` lists 3 again, a 400/422 to one pauses them for a while, and in both cases the same
+/// readings go again at once as version 2. A batch halved for size (or 413) carries its events on the first half sent
+/// only. In JSON (configured, or after a fallback) events wait: the JSON form has no calibrations member.
+///
 /// **Shutdown.** On graceful shutdown a request in flight is finished (bounded by ``UploadConfiguration/requestTimeout``) and
 /// its outcome recorded; then, unless the ingest is failing, the buffer is committed and what is pending is sent for at most
 /// ``UploadConfiguration/shutdownFlushTimeout``, and ``run()`` returns. Cancelling the task abandons the request.
@@ -141,6 +150,13 @@ public final class Uploader: Service {
         /// Numbers this run gave to renumbered readings: a conflict on one of them again means that someone else numbers
         /// readings for this device too (two sites with one key), and the next renumbering waits a backoff.
         var renumbered: Set<UInt64> = []
+        /// Whether the ingest reads format version 3 (calibration events): what `GET /v1/device` last said in
+        /// `accepted_versions` (absent: only 2). Cleared by a 415 `unsupported_format_version` to a version 3 frame.
+        var acceptsEvents = false
+        /// The calibration events the next request of this delivery carries (at most one request carries them).
+        var outgoingEvents: [CalibrationEvent] = []
+        /// After the ingest refused a frame carrying events as malformed, events wait until then (readings do not).
+        var eventsPausedUntil: ContinuousClock.Instant?
     }
 
     /// When to ask `GET /v1/device`: at start, and after a `sequence_conflict`; again later while the ingest cannot answer.
@@ -247,6 +263,24 @@ public final class Uploader: Service {
         return await deliver(readings, &loop)
     }
 
+    /// The most calibration events one batch carries: they are rare and each is small, so a handful keeps a batch's size
+    /// close to what its readings make it.
+    public static let maxEventsPerBatch = 8
+
+    /// The calibration events to attach to the next batch: the oldest pending ones, when the ingest reads version 3 and
+    /// batches go as binary; none in JSON (its form has no calibrations member) or while events are paused.
+    func eventsToAttach(_ loop: LoopState) async -> [CalibrationEvent] {
+        guard loop.format == .binary, loop.acceptsEvents else { return [] }
+        if let until = loop.eventsPausedUntil, ContinuousClock.now < until { return [] }
+        do {
+            return try await source.pendingCalibrations(limit: Self.maxEventsPerBatch)
+        } catch {
+            // Readings go anyway; the events wait in the buffer for the next batch.
+            logger.error("Cannot read pending calibration events from the buffer", metadata: ["error": "\(error)"])
+            return []
+        }
+    }
+
     // MARK: - Delivering a batch: halving and bisection
 
     /// Where a delivery stands: go on with the next group, or stop and wait this long before the next step.
@@ -267,6 +301,8 @@ public final class Uploader: Service {
     /// documentation). Returns the wait before the next step: zero after progress, the backoff after a failure or a hold.
     func deliver(_ readings: [Reading], _ loop: inout LoopState) async -> Duration {
         var bisection = Bisection()
+        loop.outgoingEvents = await eventsToAttach(loop)
+        defer { loop.outgoingEvents = [] }
         switch await deliverGroup(readings[...], &loop, &bisection) {
         case .proceed:
             loop.pendingSince = nil
@@ -360,7 +396,8 @@ public final class Uploader: Service {
         case bufferFailed
     }
 
-    func encode(_ group: ArraySlice<Reading>, format: UploadConfiguration.Format) async -> Encoding {
+    /// Encodes `group` with `events` (version 3 when there are any; JSON never carries them).
+    func encode(_ group: ArraySlice<Reading>, events: [CalibrationEvent], format: UploadConfiguration.Format) async -> Encoding {
         let descriptors: [SensorDescriptor]
         do {
             descriptors = try await source.descriptors(for: Set(group.map(\.sensor)))
@@ -374,7 +411,7 @@ public final class Uploader: Service {
             return .encoded(BatchJSON.encode(batch))
         case .binary:
             do {
-                return .encoded(try BatchCodec.encode(batch))
+                return .encoded(try BatchCodec.encode(batch, calibrations: events))
             } catch {
                 return .unencodable(error.description)
             }
@@ -404,5 +441,7 @@ struct UploadMetrics: Sendable {
     let rejected = Counter(label: "farmgate_upload_readings_total", dimensions: [("outcome", "rejected")])
     let quarantined = Counter(label: "farmgate_upload_readings_total", dimensions: [("outcome", "quarantined")])
     let renumbered = Counter(label: "farmgate_upload_readings_total", dimensions: [("outcome", "renumbered")])
+    /// Calibration events the ingest counted in a receipt (stored or already had) and the buffer deleted.
+    let calibrations = Counter(label: "farmgate_upload_calibrations_total")
     let held = Gauge(label: "farmgate_upload_held")
 }
