@@ -109,6 +109,6 @@ struct PostgresEndToEndTests {
         #expect(status.buffer.quarantined == 0)
         #expect(stored.sorted() == Array(1...status.buffer.lastSequence), "stored \(stored.count) of \(status.buffer.lastSequence)")
         #expect(status.buffer.lastSequence > 120)
-        #expect(await farm.ingest?.stop(SIGTERM) == 0)
+        #expect(await farm.ingest?.stop(SIGTERM) == 0, "the ingest did not stop gracefully: \(farm.ingest?.log.suffix(3000) ?? "")")
     }
 }

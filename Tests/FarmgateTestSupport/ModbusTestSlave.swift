@@ -181,8 +181,10 @@ public final class ModbusTestSlave: Sendable {
         for (index, value) in holding.enumerated() { mapping.pointee.tab_registers[index] = value }
         for (index, value) in input.enumerated() { mapping.pointee.tab_input_registers[index] = value }
         if let delay { Thread.sleep(forTimeInterval: Double(delay.components.seconds) + Double(delay.components.attoseconds) / 1e18) }
-        _ = frame.withUnsafeBufferPointer { modbus_reply(context, $0.baseAddress, Int32($0.count), mapping) }
+        // Stamped just before the answer goes out: on a pseudo-terminal the master may read it (and start its silent
+        // interval) before this thread runs again, so a stamp taken after the write would be late by a scheduling delay.
         request.answeredAt = .now
+        _ = frame.withUnsafeBufferPointer { modbus_reply(context, $0.baseAddress, Int32($0.count), mapping) }
         state.withLock { $0.requests.append(request) }
     }
 

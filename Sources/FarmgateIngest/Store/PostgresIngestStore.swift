@@ -1,4 +1,5 @@
 public import FarmgateWire
+import FarmgateSupport
 import Foundation
 public import Logging
 import Metrics
@@ -73,28 +74,41 @@ public final class PostgresIngestStore: IngestStore {
     // MARK: Lifecycle
 
     /// Runs the pool until the group shuts down, and creates partitions ahead every six hours (``migrate()`` does at start).
+    ///
+    /// On shutdown the pool is given ``shutdownGrace`` to close its connections: a query caught by a database restart
+    /// can hang on its dead socket until `query_timeout`, and must not hold the process's exit (systemd, or an operator,
+    /// would kill it). The server answered everything it acknowledged before this point; nothing is lost.
     public func run() async throws {
-        await withDiscardingTaskGroup { group in
-            group.addTask { await self.client.run() }
-            group.addTask {
-                // Every six hours (migrate() created them at start): partitions stay days ahead of the clock.
-                await cancelWhenGracefulShutdown {
-                    while !Task.isCancelled {
-                        do {
-                            try await Task.sleep(for: .seconds(6 * 3600))
-                            try await self.createPartitions()
-                        } catch is CancellationError {
-                            return
-                        } catch {
-                            self.logger.error(
-                                "cannot create the coming days' reading partitions; readings go to the default partition meanwhile",
-                                metadata: ["error": "\(String(reflecting: error))"])
-                        }
-                    }
+        let pool = Task { await self.client.run() }
+        // Every six hours (migrate() created them at start): partitions stay days ahead of the clock.
+        await cancelWhenGracefulShutdown {
+            while !Task.isCancelled {
+                do {
+                    try await Task.sleep(for: .seconds(6 * 3600))
+                    try await self.createPartitions()
+                } catch is CancellationError {
+                    return
+                } catch {
+                    self.logger.error(
+                        "cannot create the coming days' reading partitions; readings go to the default partition meanwhile",
+                        metadata: ["error": "\(String(reflecting: error))"])
                 }
             }
         }
+        pool.cancel()
+        let closed: Bool? = await FarmgateSupport.withDeadline(Self.shutdownGrace) {
+            _ = await pool.result
+            return true
+        }
+        if closed == nil {
+            logger.warning(
+                "the PostgreSQL pool did not close its connections in time; stopping without waiting for them",
+                metadata: ["grace": "\(Self.shutdownGrace)"])
+        }
     }
+
+    /// How long shutdown waits for the pool's connections to close.
+    static let shutdownGrace: Duration = .seconds(5)
 
     /// Creates the partitions for yesterday through ``partitionDaysAhead`` days ahead that do not exist yet.
     ///
