@@ -20,7 +20,8 @@ demo: build
 	@DEMO_SECONDS=$(DEMO_SECONDS) examples/demo.sh
 
 # Suites that assert wall-clock timing (sampling intervals, backoff gaps, timeouts, live-first delivery) run in a second
-# pass: on a two-core machine the CPU-bound suites (codec properties, ingest) would otherwise hold both threads of the
+# pass, the end-to-end suites (real processes) in a third of their own so that fewer timed suites share two cores at once:
+# on a two-core machine the CPU-bound suites (codec properties, ingest) would otherwise hold both threads of the
 # concurrency pool and delay their timers. Last, each suite that must have the test process to itself runs alone:
 # HostileConnectionsTests holds 2,000 sockets open, which pushes every descriptor another suite opens past the 1024 that
 # select(2), and so libmodbus, can watch; SamplerTests counts reads per interval to within a tick, which the many
@@ -34,7 +35,8 @@ test: deps
 	$(SWIFT) build --build-tests
 	@.ci/with-postgres bash -c 'status=0; \
 	$(SWIFT) test --skip-build --skip "$(TIMED_SUITES)" || status=1; \
-	$(SWIFT) test --skip-build --filter "$(TIMED_SUITES)" --skip "$(SOLO_SUITES)" || status=1; \
+	$(SWIFT) test --skip-build --filter "$(TIMED_SUITES)" --skip "EndToEndTests|$(SOLO_SUITES)" || status=1; \
+	$(SWIFT) test --skip-build --filter EndToEndTests --skip "$(SOLO_SUITES)" || status=1; \
 	for suite in $$(echo "$(SOLO_SUITES)" | tr "|" " "); do $(SWIFT) test --skip-build --filter "$$suite" || status=1; done; \
 	exit $$status'
 
