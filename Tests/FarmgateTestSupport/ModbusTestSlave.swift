@@ -181,11 +181,11 @@ public final class ModbusTestSlave: Sendable {
         for (index, value) in holding.enumerated() { mapping.pointee.tab_registers[index] = value }
         for (index, value) in input.enumerated() { mapping.pointee.tab_input_registers[index] = value }
         if let delay { Thread.sleep(forTimeInterval: Double(delay.components.seconds) + Double(delay.components.attoseconds) / 1e18) }
-        // Stamped just before the answer goes out: on a pseudo-terminal the master may read it (and start its silent
-        // interval) before this thread runs again, so a stamp taken after the write would be late by a scheduling delay.
+        // Recorded and stamped just before the answer goes out: on a pseudo-terminal the master may read it (start its
+        // silent interval, send its next request, let the test count requests) before this thread runs again.
         request.answeredAt = .now
-        _ = frame.withUnsafeBufferPointer { modbus_reply(context, $0.baseAddress, Int32($0.count), mapping) }
         state.withLock { $0.requests.append(request) }
+        _ = frame.withUnsafeBufferPointer { modbus_reply(context, $0.baseAddress, Int32($0.count), mapping) }
     }
 
     /// The Modbus RTU CRC: initial 0xFFFF, reflected polynomial 0xA001, sent low byte first.
