@@ -144,11 +144,7 @@ struct PostgresBatchWriter {
                 duplicates += 1
                 return
             }
-            let reading = candidate.reading
-            rejected.append(
-                RejectedReading(
-                    sequence: reading.sequence, sensor: reading.sensor.rawValue, code: RejectionCode.sequenceConflict,
-                    message: "sequence \(reading.sequence) is already stored for this device with another \(differences.joined(separator: ", ")); two readings were numbered alike (a site buffer lost or replaced): number this one above the highest sequence the ingest holds (GET \(IngestProtocol.deviceStatePath))"))
+            rejected.append(SequenceComparison.conflict(candidate.reading, differences: differences))
         }
         for candidate in toCompare {
             if let stored = storedRows[candidate.sequence] {
@@ -266,43 +262,21 @@ struct PostgresBatchWriter {
     /// What differs between `candidate` and the stored row, each as "field (stored X, sent Y)"; empty for the same
     /// reading (same sensor, timestamp and flags, the same value in whole steps of the sensor's resolution).
     private func differences(_ candidate: Candidate, stored: StoredRow, names: [Int64: String]) async throws -> [String] {
-        let reading = candidate.reading
-        var differences: [String] = []
+        var storedSensor: String?
         if stored.sensorRow != candidate.sensorRow {
-            var name = names[stored.sensorRow]
-            if name == nil {
+            storedSensor = names[stored.sensorRow]
+            if storedSensor == nil {
                 for try await found in try await connection.query("SELECT name FROM sensors WHERE id = \(stored.sensorRow)", logger: logger).decode(String.self) {
-                    name = found
+                    storedSensor = found
                 }
             }
-            differences.append("sensor (stored '\(name ?? "#\(stored.sensorRow)")', sent '\(reading.sensor)')")
+            storedSensor = storedSensor ?? "#\(stored.sensorRow)"
         }
-        if stored.timestamp != reading.timestamp.microseconds {
-            differences.append("timestamp (stored \(Timestamp(microseconds: stored.timestamp)), sent \(reading.timestamp))")
-        }
-        if !Self.sameValue(stored.value, reading.value, at: candidate.resolution) {
-            let shown = { (value: Double) -> String in
-                guard let resolution = candidate.resolution, let steps = resolution.quantize(value) else { return "\(value)" }
-                return "\(resolution.value(ofSteps: steps))"
-            }
-            differences.append("value (stored \(shown(stored.value)), sent \(shown(reading.value)))")
-        }
-        if stored.flags != Int16(bitPattern: reading.quality.rawValue) {
-            let flagNamesOf = { (flags: QualityFlags) -> String in
-                let named = QualityFlags.names.filter { flags.contains($0.0) }.map(\.1)
-                return named.isEmpty ? "none" : named.joined(separator: "|")
-            }
-            differences.append(
-                "flags (stored \(flagNamesOf(QualityFlags(rawValue: UInt16(bitPattern: stored.flags)))), sent \(flagNamesOf(reading.quality)))")
-        }
-        return differences
+        return SequenceComparison.differences(
+            candidate.reading, resolution: candidate.resolution, storedSensor: storedSensor, storedTimestamp: stored.timestamp,
+            storedValue: stored.value, storedFlags: QualityFlags(rawValue: UInt16(bitPattern: stored.flags)))
     }
 
-    static func sameValue(_ stored: Double, _ sent: Double, at resolution: Resolution?) -> Bool {
-        if stored == sent { return true }
-        guard let resolution, let storedSteps = resolution.quantize(stored), let sentSteps = resolution.quantize(sent) else { return false }
-        return storedSteps == sentSteps
-    }
 
     /// `ranges` (sorted, disjoint) with `sequences` added, adjacent and overlapping ranges joined.
     static func merge(_ ranges: [ClosedRange<Int64>], adding sequences: [Int64]) -> [ClosedRange<Int64>] {

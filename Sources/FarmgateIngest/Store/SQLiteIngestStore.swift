@@ -295,12 +295,8 @@ public final class SQLiteIngestStore: IngestStore {
                             duplicates += 1
                             continue
                         }
-                        let reading = candidate.reading
                         let differences = try Self.differences(candidate, stored: stored, in: db)
-                        conflicts.append(
-                            RejectedReading(
-                                sequence: reading.sequence, sensor: reading.sensor.rawValue, code: RejectionCode.sequenceConflict,
-                                message: "sequence \(reading.sequence) is already stored for this device with another \(differences.joined(separator: ", ")); two readings were numbered alike (a site buffer lost or replaced): number this one above the highest sequence the ingest holds (GET \(IngestProtocol.deviceStatePath))"))
+                        conflicts.append(SequenceComparison.conflict(candidate.reading, differences: differences))
                     }
                 }
             }
@@ -324,45 +320,21 @@ public final class SQLiteIngestStore: IngestStore {
             let reading = candidate.reading
             guard sensorRow == candidate.sensorRow, timestamp == reading.timestamp.microseconds, flags == Int64(reading.quality.rawValue)
             else { return false }
-            return Self.sameValue(value, reading.value, at: candidate.resolution)
-        }
-
-        static func sameValue(_ stored: Double, _ sent: Double, at resolution: Resolution?) -> Bool {
-            if stored == sent { return true }
-            guard let resolution, let storedSteps = resolution.quantize(stored), let sentSteps = resolution.quantize(sent) else { return false }
-            return storedSteps == sentSteps
+            return SequenceComparison.sameValue(value, reading.value, at: candidate.resolution)
         }
     }
 
     /// What differs between `candidate` and the stored row, each as "field (stored X, sent Y)".
     private static func differences(_ candidate: StoredCandidate, stored: StoredRow, in db: CachedConnection) throws -> [String] {
-        let reading = candidate.reading
-        var differences: [String] = []
+        var storedSensor: String?
         if stored.sensorRow != candidate.sensorRow {
-            let name = try db.withStatement("SELECT name FROM sensors WHERE id = ?", [.integer(stored.sensorRow)]) { statement in
+            storedSensor = try db.withStatement("SELECT name FROM sensors WHERE id = ?", [.integer(stored.sensorRow)]) { statement in
                 try statement.step() ? statement.text(0) : "#\(stored.sensorRow)"
             }
-            differences.append("sensor (stored '\(name)', sent '\(reading.sensor)')")
         }
-        if stored.timestamp != reading.timestamp.microseconds {
-            differences.append("timestamp (stored \(Timestamp(microseconds: stored.timestamp)), sent \(reading.timestamp))")
-        }
-        if !StoredRow.sameValue(stored.value, reading.value, at: candidate.resolution) {
-            let shown = { (value: Double) -> String in
-                guard let resolution = candidate.resolution, let steps = resolution.quantize(value) else { return "\(value)" }
-                return "\(resolution.value(ofSteps: steps))"
-            }
-            differences.append("value (stored \(shown(stored.value)), sent \(shown(reading.value)))")
-        }
-        if stored.flags != Int64(reading.quality.rawValue) {
-            let names = { (flags: QualityFlags) -> String in
-                let named = QualityFlags.names.filter { flags.contains($0.0) }.map(\.1)
-                return named.isEmpty ? "none" : named.joined(separator: "|")
-            }
-            differences.append(
-                "flags (stored \(names(QualityFlags(rawValue: UInt16(truncatingIfNeeded: stored.flags)))), sent \(names(reading.quality)))")
-        }
-        return differences
+        return SequenceComparison.differences(
+            candidate.reading, resolution: candidate.resolution, storedSensor: storedSensor, storedTimestamp: stored.timestamp,
+            storedValue: stored.value, storedFlags: QualityFlags(rawValue: UInt16(truncatingIfNeeded: stored.flags)))
     }
 
     public func highestSequence(device: DeviceIdentity) async throws -> UInt64? {

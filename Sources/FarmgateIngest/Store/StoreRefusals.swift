@@ -32,3 +32,50 @@ enum ReadingPlacement {
         }
     }
 }
+
+/// How a re-sent sequence compares with the stored reading: the same (a duplicate) or a `sequence_conflict`, judged
+/// alike by every store.
+enum SequenceComparison {
+    /// Whether two values are the same at the sensor's resolution (whole steps), not as doubles.
+    static func sameValue(_ stored: Double, _ sent: Double, at resolution: Resolution?) -> Bool {
+        if stored == sent { return true }
+        guard let resolution, let storedSteps = resolution.quantize(stored), let sentSteps = resolution.quantize(sent) else { return false }
+        return storedSteps == sentSteps
+    }
+
+    /// What differs between `reading` and the stored one, each as "field (stored X, sent Y)"; empty for the same reading.
+    ///
+    /// - Parameter storedSensor: the stored reading's sensor name when it is another sensor than `reading`'s, else nil.
+    static func differences(
+        _ reading: Reading, resolution: Resolution?, storedSensor: String?, storedTimestamp: Int64, storedValue: Double,
+        storedFlags: QualityFlags
+    ) -> [String] {
+        var differences: [String] = []
+        if let storedSensor { differences.append("sensor (stored '\(storedSensor)', sent '\(reading.sensor)')") }
+        if storedTimestamp != reading.timestamp.microseconds {
+            differences.append("timestamp (stored \(Timestamp(microseconds: storedTimestamp)), sent \(reading.timestamp))")
+        }
+        if !sameValue(storedValue, reading.value, at: resolution) {
+            let shown = { (value: Double) -> String in
+                guard let resolution, let steps = resolution.quantize(value) else { return "\(value)" }
+                return "\(resolution.value(ofSteps: steps))"
+            }
+            differences.append("value (stored \(shown(storedValue)), sent \(shown(reading.value)))")
+        }
+        if storedFlags != reading.quality {
+            let names = { (flags: QualityFlags) -> String in
+                let named = QualityFlags.names.filter { flags.contains($0.0) }.map(\.1)
+                return named.isEmpty ? "none" : named.joined(separator: "|")
+            }
+            differences.append("flags (stored \(names(storedFlags)), sent \(names(reading.quality)))")
+        }
+        return differences
+    }
+
+    /// The refusal of `reading`, whose sequence is stored with other content.
+    static func conflict(_ reading: Reading, differences: [String]) -> RejectedReading {
+        RejectedReading(
+            sequence: reading.sequence, sensor: reading.sensor.rawValue, code: RejectionCode.sequenceConflict,
+            message: "sequence \(reading.sequence) is already stored for this device with another \(differences.joined(separator: ", ")); two readings were numbered alike (a site buffer lost or replaced): number this one above the highest sequence the ingest holds (GET \(IngestProtocol.deviceStatePath))")
+    }
+}
