@@ -5,6 +5,7 @@ import HTTPTypes
 import Hummingbird
 import HummingbirdTesting
 import Prometheus
+import Synchronization
 import Testing
 
 @testable import FarmgateIngest
@@ -23,6 +24,21 @@ struct BatchUploadTests {
             let second = try await postJSON(client, batch, key: fixture.deviceKey)
             #expect(try decode(IngestReceipt.self, second) == IngestReceipt(accepted: 0, duplicates: 10, rejected: []))
         }
+    }
+
+    @Test("each commit hands its new readings, and only those, to the commit observers")
+    func commitObserversSeeNewReadingsOnly() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let recorder = RecordingCommitObserver()
+        try await fixture.app(commits: CommitFeed([recorder])).test(.router) { client in
+            _ = try await postJSON(client, try phBatch(sequences: 1...10), key: fixture.deviceKey)
+            _ = try await postJSON(client, try phBatch(sequences: 1...10), key: fixture.deviceKey)
+            _ = try await postJSON(client, try phBatch(sequences: 8...12), key: fixture.deviceKey)
+        }
+        let batches = recorder.batches.withLock { $0 }
+        #expect(batches.map { $0.readings.map(\.sequence) } == [Array(1...10), [11, 12]])
+        #expect(batches.allSatisfy { $0.device.device.rawValue == "d1" && $0.receivedAt == testNow })
     }
 
     @Test("a binary batch is stored", arguments: ["identity", "gzip", "zstd"])
@@ -303,4 +319,9 @@ struct BatchUploadTests {
             #expect(!text.contains("d1"))
         }
     }
+}
+
+final class RecordingCommitObserver: CommitObserver {
+    let batches = Mutex<[CommittedBatch]>([])
+    func committed(_ batch: CommittedBatch) { batches.withLock { $0.append(batch) } }
 }

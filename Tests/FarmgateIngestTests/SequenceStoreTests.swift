@@ -47,7 +47,7 @@ struct SequenceStoreTests {
         // 6.0200000001 and 6.019 are both 602 hundredths.
         for value in [6.02, 6.0200000001, 6.019] {
             let again = try await fixture.store.store(try Self.batch(1, value: value), for: device, receivedAt: testNow)
-            #expect(again == StoreOutcome(accepted: 0, duplicates: 1, rejected: []), "value \(value)")
+            #expect(again.tally == Tally(accepted: 0, duplicates: 1, rejected: 0), "value \(value)")
         }
         let other = try await fixture.store.store(try Self.batch(1, value: 6.03), for: device, receivedAt: testNow)
         #expect(other.rejected.map(\.code) == [RejectionCode.sequenceConflict])
@@ -167,7 +167,7 @@ struct SequenceStoreTests {
 
         let store = try SQLiteIngestStore(path: path, logger: testLogger)
         defer { store.close() }
-        #expect(try await store.migrate().map(\.version) == [2, 3])
+        #expect(try await store.migrate().map(\.version) == Array(2...SQLiteSchema.currentVersion))
         let d1 = DeviceIdentity(farmID: 1, farm: "f1", rowID: 1, device: try deviceID("d1"))
         let d2 = DeviceIdentity(farmID: 1, farm: "f1", rowID: 2, device: try deviceID("d2"))
         #expect(try await store.highestSequence(device: d1) == 41)

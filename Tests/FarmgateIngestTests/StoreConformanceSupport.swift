@@ -73,3 +73,14 @@ func adminQuery(_ settings: PostgresSettings, _ sql: String) async throws {
         try await client.query(PostgresQuery(unsafeSQL: sql))
     }
 }
+
+/// What a store counted for a batch, without the readings it returns (``StoreOutcome/fresh``).
+struct Tally: Hashable {
+    var accepted: Int
+    var duplicates: Int
+    var rejected: Int
+}
+
+extension StoreOutcome {
+    var tally: Tally { Tally(accepted: accepted, duplicates: duplicates, rejected: rejected.count) }
+}

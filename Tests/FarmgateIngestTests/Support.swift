@@ -81,13 +81,14 @@ struct Fixture {
 
     func app(
         limits: IngestConfiguration.Limits = IngestConfiguration.Limits(), registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry(),
-        cacheTTL: Duration = .zero
+        cacheTTL: Duration = .zero, commits: CommitFeed = CommitFeed()
     ) -> some ApplicationProtocol {
         var configuration = IngestConfiguration()
         configuration.server.port = 0
         configuration.limits = limits
         return buildApplication(
-            configuration: configuration, store: store, registry: registry, logger: testLogger, now: { testNow }, credentialCacheTTL: cacheTTL)
+            configuration: configuration, store: store, registry: registry, logger: testLogger, now: { testNow }, credentialCacheTTL: cacheTTL,
+            commits: commits)
     }
 
     func close() {

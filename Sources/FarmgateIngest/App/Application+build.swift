@@ -21,6 +21,7 @@ public import Prometheus
 ///   - now: the wall clock used to judge timestamps (tests pass a fixed one).
 ///   - credentialCacheTTL: how long a verified credential is trusted before the store is asked again; a revocation
 ///     takes effect within this time. Default 2 seconds.
+///   - commits: told of what each commit stored for the first time (the latest cache, the alert engine).
 ///   - onServerRunning: called once the server listens (`serve` tells systemd `READY=1` there).
 ///
 /// The server enforces `[server]`'s connection limits (``LimitedHTTP1Channel``). To keep `max_connections` below what
@@ -33,11 +34,13 @@ public func buildApplication(
     logger: Logger,
     now: @escaping @Sendable () -> Timestamp = { Timestamp.now() },
     credentialCacheTTL: Duration = .seconds(2),
+    commits: CommitFeed = CommitFeed(),
     onServerRunning: @escaping @Sendable () async -> Void = {}
 ) -> some ApplicationProtocol {
     let metrics = IngestMetrics(registry: registry)
     let router = buildRouter(
-        configuration: configuration, store: store, metrics: metrics, logger: logger, now: now, credentialCacheTTL: credentialCacheTTL)
+        configuration: configuration, store: store, metrics: metrics, logger: logger, now: now, credentialCacheTTL: credentialCacheTTL,
+        commits: commits)
     var limits = ConnectionLimits(server: configuration.server)
     if let fitting = FileDescriptorLimit.fit(connections: limits.maxConnections), fitting < limits.maxConnections {
         logger.warning(
@@ -68,7 +71,8 @@ func buildRouter(
     metrics: IngestMetrics,
     logger: Logger,
     now: @escaping @Sendable () -> Timestamp,
-    credentialCacheTTL: Duration
+    credentialCacheTTL: Duration,
+    commits: CommitFeed
 ) -> Router<IngestRequestContext> {
     let router = Router(context: IngestRequestContext.self)
     // Middleware first: it wraps only routes added after it, and the not-found responder.
@@ -85,7 +89,7 @@ func buildRouter(
         rateLimiter: RateLimiter(rate: limits.requestsPerSecond, burst: limits.burst, policy: "device"),
         validator: ReadingValidator(futureTolerance: limits.futureTolerance, unsynchronizedFutureLimit: limits.unsynchronizedFutureLimit),
         limits: limits,
-        metrics: metrics, now: now, logger: logger
+        metrics: metrics, commits: commits, now: now, logger: logger
     ).addRoutes(to: router)
     let readLimiter = KeyedRateLimiter<String>(rate: limits.readRequestsPerSecond, burst: limits.readBurst, policy: "read")
     ReadController(store: store, gate: gate, rateLimiter: readLimiter, logger: logger).addRoutes(to: router)

@@ -13,6 +13,8 @@ struct BatchController: Sendable {
     let validator: ReadingValidator
     let limits: IngestConfiguration.Limits
     let metrics: IngestMetrics
+    /// Told of what each commit stored for the first time (the latest cache, the alert engine).
+    let commits: CommitFeed
     let now: @Sendable () -> Timestamp
     let logger: Logger
 
@@ -110,12 +112,14 @@ struct BatchController: Sendable {
         // 6. Validate one reading at a time, store the rest durably.
         let (valid, rejected) = validator.validate(batch, now: now())
         let outcome: StoreOutcome
+        let receivedAt = now()
         do {
-            outcome = try await store.store(valid, for: device, receivedAt: now())
+            outcome = try await store.store(valid, for: device, receivedAt: receivedAt)
         } catch {
             logger.error("store failed to commit a batch", metadata: ["device.id": "\(device.device)", "error": "\(error)"])
             throw APIError.unavailable()
         }
+        commits.publish(outcome, device: device, receivedAt: receivedAt)
         let allRejected = (preRejected + rejected + outcome.rejected).sorted { ($0.sequence ?? 0, $0.sensor) < ($1.sequence ?? 0, $1.sensor) }
         var receipt = IngestReceipt(accepted: outcome.accepted, duplicates: outcome.duplicates, rejections: allRejected)
         if let eventStore, !calibrations.isEmpty {

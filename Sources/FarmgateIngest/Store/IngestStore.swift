@@ -127,11 +127,43 @@ public struct StoreOutcome: Sendable, Hashable {
     public var accepted: Int
     public var duplicates: Int
     public var rejected: [RejectedReading]
+    /// The readings this transaction stored for the first time (`fresh.count == accepted`), in batch order: what the
+    /// commit hands to whatever follows it (rollups, the latest cache, the alert engine). Never duplicates, never refused ones.
+    public var fresh: [CommittedReading]
 
-    public init(accepted: Int, duplicates: Int, rejected: [RejectedReading]) {
+    public init(accepted: Int, duplicates: Int, rejected: [RejectedReading], fresh: [CommittedReading] = []) {
         self.accepted = accepted
         self.duplicates = duplicates
         self.rejected = rejected
+        self.fresh = fresh
+    }
+}
+
+/// A reading a commit stored for the first time: the site's reading plus its sensor's row id and quantity in the store.
+public struct CommittedReading: Sendable, Hashable {
+    /// The store's row id of the sensor (`sensors.id`), unique across devices.
+    public var sensorRowID: Int64
+    public var sensor: SensorID
+    public var quantity: Quantity
+    public var sequence: UInt64
+    public var timestamp: Timestamp
+    public var value: Double
+    public var quality: QualityFlags
+
+    public init(sensorRowID: Int64, sensor: SensorID, quantity: Quantity, sequence: UInt64, timestamp: Timestamp, value: Double, quality: QualityFlags) {
+        self.sensorRowID = sensorRowID
+        self.sensor = sensor
+        self.quantity = quantity
+        self.sequence = sequence
+        self.timestamp = timestamp
+        self.value = value
+        self.quality = quality
+    }
+
+    public init(_ reading: Reading, sensorRowID: Int64, quantity: Quantity) {
+        self.init(
+            sensorRowID: sensorRowID, sensor: reading.sensor, quantity: quantity, sequence: reading.sequence, timestamp: reading.timestamp,
+            value: reading.value, quality: reading.quality)
     }
 }
 

@@ -212,7 +212,10 @@ struct PostgresBatchWriter {
             WHERE excluded.timestamp_us > latest.timestamp_us
                 OR (excluded.timestamp_us = latest.timestamp_us AND excluded.sequence > latest.sequence)
             """, logger: logger)
-        return StoreOutcome(accepted: inserted.count, duplicates: duplicates, rejected: rejected)
+        let stored = inserted.compactMap { candidate in
+            seen[candidate.reading.sensor].map { CommittedReading(candidate.reading, sensorRowID: candidate.sensorRow, quantity: $0) }
+        }
+        return StoreOutcome(accepted: inserted.count, duplicates: duplicates, rejected: rejected, fresh: stored)
     }
 
     /// Registers `descriptors` on the device and returns every one's (id, registered quantity) by name. New sensors are

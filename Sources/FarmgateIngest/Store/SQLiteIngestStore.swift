@@ -162,6 +162,7 @@ public final class SQLiteIngestStore: IngestStore {
             VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, sequence) DO NOTHING
             """)
         var accepted = 0
+        var fresh: [CommittedReading] = []
         var rejected: [RejectedReading] = []
         var newest: [Int64: Reading] = [:]
         var highestAccepted: Int64?
@@ -174,6 +175,9 @@ public final class SQLiteIngestStore: IngestStore {
             ])
             guard db.connection.changes == 1 else { return false }
             accepted += 1
+            if let quantity = seenInBatch[reading.sensor] {
+                fresh.append(CommittedReading(reading, sensorRowID: candidate.sensorRow, quantity: quantity))
+            }
             highestAccepted = max(highestAccepted ?? candidate.sequence, candidate.sequence)
             if let current = newest[candidate.sensorRow], (current.timestamp, current.sequence) >= (reading.timestamp, reading.sequence) {
                 return true
@@ -241,7 +245,7 @@ public final class SQLiteIngestStore: IngestStore {
                 .integer(Int64(reading.quality.rawValue)),
             ])
         }
-        return StoreOutcome(accepted: accepted, duplicates: duplicates, rejected: rejected)
+        return StoreOutcome(accepted: accepted, duplicates: duplicates, rejected: rejected, fresh: fresh)
     }
 
     /// A reading whose (device, sequence) was already stored when the batch tried to insert it.

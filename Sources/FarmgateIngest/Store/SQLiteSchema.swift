@@ -97,6 +97,43 @@ enum SQLiteSchema {
                 );
                 CREATE INDEX calibrations_by_sensor ON calibrations(device_id, sensor, time_us);
                 """),
+        Migration(
+            version: 4, name: "alerting: receivers and the notification outbox",
+            sql: """
+                CREATE TABLE alert_receivers (
+                    id INTEGER PRIMARY KEY,
+                    farm_id INTEGER NOT NULL REFERENCES farms(id),
+                    name TEXT NOT NULL,
+                    kind TEXT NOT NULL CHECK (kind IN ('webhook', 'email')),
+                    url TEXT NOT NULL,
+                    secret TEXT,
+                    username TEXT,
+                    email_from TEXT,
+                    email_to TEXT,
+                    max_per_minute INTEGER NOT NULL DEFAULT 60,
+                    created_at_us INTEGER NOT NULL,
+                    UNIQUE (farm_id, name)
+                );
+                CREATE TABLE alert_outbox (
+                    id INTEGER PRIMARY KEY,
+                    farm_id INTEGER NOT NULL REFERENCES farms(id),
+                    receiver_id INTEGER NOT NULL REFERENCES alert_receivers(id),
+                    alert_id INTEGER NOT NULL,
+                    transition_id INTEGER NOT NULL,
+                    idempotency_key TEXT NOT NULL UNIQUE,
+                    payload TEXT NOT NULL,
+                    state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'delivering', 'delivered', 'dead')),
+                    attempts INTEGER NOT NULL DEFAULT 0,
+                    next_attempt_at_us INTEGER NOT NULL,
+                    claimed_by TEXT,
+                    claimed_until_us INTEGER,
+                    last_error TEXT,
+                    created_at_us INTEGER NOT NULL,
+                    delivered_at_us INTEGER
+                );
+                CREATE INDEX alert_outbox_due ON alert_outbox(next_attempt_at_us) WHERE state IN ('pending', 'delivering');
+                CREATE INDEX alert_outbox_by_alert ON alert_outbox(alert_id);
+                """),
     ]
 
     static var currentVersion: Int { migrations.last?.version ?? 0 }
