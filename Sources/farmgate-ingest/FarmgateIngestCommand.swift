@@ -123,8 +123,12 @@ struct ServeCommand: AsyncParsableCommand {
         let notifier = SystemdNotifier(environment: ProcessInfo.processInfo.environment).map {
             IngestSystemdNotifier(notifier: $0, registry: registry, logger: logger)
         }
+        // Latest values from memory: on SQLite (one instance) at once, kept current by this instance's commits; on
+        // PostgreSQL once the listener hears every instance's commits (LISTEN/NOTIFY).
+        let latest = LatestCache(enabled: configuration.storage.postgres == nil)
+        let listener = configuration.storage.postgres.map { PostgresLatestListener(settings: $0, cache: latest, logger: logger) }
         let app = buildApplication(
-            configuration: configuration, store: store, registry: registry, logger: logger,
+            configuration: configuration, store: store, registry: registry, logger: logger, latest: latest,
             onServerRunning: { await notifier?.serverRunning() })
         logger.info(
             "farmgate-ingest starting",
@@ -136,7 +140,7 @@ struct ServeCommand: AsyncParsableCommand {
         // current (several instances starting at once migrate one after another, under an advisory lock).
         let group = ServiceGroup(
             configuration: ServiceGroupConfiguration(
-                services: [store, MigrateThenServe(store: store, app: app, storage: configuration.storage.displayName, logger: logger)]
+                services: ([store] as [any Service]) + (listener.map { [$0] } ?? []) + [MigrateThenServe(store: store, app: app, storage: configuration.storage.displayName, logger: logger)]
                     + (notifier.map { [$0] } ?? []),
                 gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         do {

@@ -21,7 +21,10 @@ public import Prometheus
 ///   - now: the wall clock used to judge timestamps (tests pass a fixed one).
 ///   - credentialCacheTTL: how long a verified credential is trusted before the store is asked again; a revocation
 ///     takes effect within this time. Default 2 seconds.
-///   - commits: told of what each commit stored for the first time (the latest cache, the alert engine).
+///   - commits: told of what each commit stored for the first time (the alert engine, rollups); `latest` is added to it.
+///   - latest: the latest-value cache `GET /v1/farms/{farm}/latest` answers from. On by default (one instance on
+///     SQLite); `serve` on PostgreSQL passes one that its ``PostgresLatestListener`` turns on once it hears every
+///     instance's commits.
 ///   - onServerRunning: called once the server listens (`serve` tells systemd `READY=1` there).
 ///
 /// The server enforces `[server]`'s connection limits (``LimitedHTTP1Channel``). To keep `max_connections` below what
@@ -35,12 +38,13 @@ public func buildApplication(
     now: @escaping @Sendable () -> Timestamp = { Timestamp.now() },
     credentialCacheTTL: Duration = .seconds(2),
     commits: CommitFeed = CommitFeed(),
+    latest: LatestCache = LatestCache(),
     onServerRunning: @escaping @Sendable () async -> Void = {}
 ) -> some ApplicationProtocol {
     let metrics = IngestMetrics(registry: registry)
     let router = buildRouter(
         configuration: configuration, store: store, metrics: metrics, logger: logger, now: now, credentialCacheTTL: credentialCacheTTL,
-        commits: commits)
+        commits: CommitFeed(commits.observers + [latest]), latest: latest)
     var limits = ConnectionLimits(server: configuration.server)
     if let fitting = FileDescriptorLimit.fit(connections: limits.maxConnections), fitting < limits.maxConnections {
         logger.warning(
@@ -72,7 +76,8 @@ func buildRouter(
     logger: Logger,
     now: @escaping @Sendable () -> Timestamp,
     credentialCacheTTL: Duration,
-    commits: CommitFeed
+    commits: CommitFeed,
+    latest: LatestCache
 ) -> Router<IngestRequestContext> {
     let router = Router(context: IngestRequestContext.self)
     // Middleware first: it wraps only routes added after it, and the not-found responder.
@@ -92,7 +97,7 @@ func buildRouter(
         metrics: metrics, commits: commits, now: now, logger: logger
     ).addRoutes(to: router)
     let readLimiter = KeyedRateLimiter<String>(rate: limits.readRequestsPerSecond, burst: limits.readBurst, policy: "read")
-    ReadController(store: store, gate: gate, rateLimiter: readLimiter, logger: logger).addRoutes(to: router)
+    ReadController(store: store, latestCache: latest, gate: gate, rateLimiter: readLimiter, logger: logger).addRoutes(to: router)
     if let calibrations = store as? any CalibrationStore {
         CalibrationController(store: store, calibrations: calibrations, gate: gate, rateLimiter: readLimiter, logger: logger).addRoutes(to: router)
     }

@@ -3,10 +3,13 @@ import Hummingbird
 import Logging
 
 /// The read API, for a farm's read tokens:
-/// - `GET /v1/farms/{farm}/latest`: the latest reading of every sensor of the farm;
+/// - `GET /v1/farms/{farm}/latest?device=&sensor=&quantity=&limit=&cursor=`: the latest reading of every sensor of the
+///   farm, or of one device, paginated (see ``LatestSelection``), from the ``LatestCache``;
 /// - `GET /v1/farms/{farm}/devices/{device}/sensors/{sensor}/readings?from=&to=&limit=`: one sensor's readings in time order.
 struct ReadController: Sendable {
     let store: any ReadingQueryStore
+    /// Where `latest` answers come from (the store only on a farm's first read, or while the cache is off).
+    let latestCache: LatestCache
     let gate: AuthenticationGate
     /// Per read token; see ``ReaderAuthMiddleware``.
     let rateLimiter: KeyedRateLimiter<String>
@@ -16,22 +19,6 @@ struct ReadController: Sendable {
     static let maxLimit = 10_000
     /// The number of readings returned when `limit` is absent.
     static let defaultLimit = 1_000
-
-    struct LatestItem: Encodable {
-        var device: String
-        var sensor: String
-        var quantity: String
-        var unit: String
-        var sequence: UInt64
-        var timestamp: String
-        var value: Double
-        var flags: [String]
-    }
-
-    struct LatestAnswer: Encodable {
-        var farm: String
-        var sensors: [LatestItem]
-    }
 
     struct ReadingItem: Encodable {
         var sequence: UInt64
@@ -60,19 +47,62 @@ struct ReadController: Sendable {
 
     func latest(_ request: Request, context: IngestRequestContext) async throws -> Response {
         let farm = try requireFarm(context)
-        let rows: [LatestReading]
+        let selection = try Self.latestSelection(request.uri.queryParameters)
+        let store = self.store
+        let body: ByteBuffer
         do {
-            rows = try await store.latestReadings(farmID: farm.id)
+            body = try await latestCache.page(farm: farm, selection: selection) { try await store.latestReadings(farmID: farm.id) }
         } catch {
             logger.error("store failed to read the latest readings", metadata: ["error": "\(error)"])
             throw APIError.unavailable()
         }
-        let items = rows.map {
-            LatestItem(
-                device: $0.device.rawValue, sensor: $0.sensor.rawValue, quantity: $0.quantity.rawValue, unit: $0.quantity.unit,
-                sequence: $0.sequence, timestamp: RFC3339.format($0.timestamp), value: $0.value, flags: flagNames($0.quality))
+        return Response(status: .ok, headers: [.contentType: "application/json; charset=utf-8"], body: ResponseBody(byteBuffer: body))
+    }
+
+    /// The `latest` query: `device=ID`, `sensor=GLOB` (`*`, `?`), `quantity=Q`, `limit=1...10000` sensors per page,
+    /// `cursor=` the previous page's `next`.
+    static let globBytes = Set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-*?".utf8)
+
+    static func latestSelection(_ query: Parameters) throws(APIError) -> LatestSelection {
+        var selection = LatestSelection()
+        if let text = query.get("device") {
+            do { selection.device = try DeviceID(text) } catch { throw APIError(.badRequest, code: "invalid_parameter", message: "device: \(error.description)") }
         }
-        return jsonResponse(LatestAnswer(farm: farm.name, sensors: items))
+        if let pattern = query.get("sensor") {
+            guard !pattern.isEmpty, pattern.utf8.count <= 128,
+                pattern.utf8.allSatisfy({ Self.globBytes.contains($0) })
+            else {
+                throw APIError(
+                    .badRequest, code: "invalid_parameter",
+                    message: "sensor '\(pattern.prefix(60))' must be a sensor id or a glob of one (A-Z a-z 0-9 . _ - with * for any run and ? for one character), at most 128 characters, e.g. tank1.* or *.ph")
+            }
+            selection.sensorPattern = pattern
+        }
+        if let text = query.get("quantity") {
+            guard let quantity = Quantity(rawValue: text) else {
+                throw APIError(
+                    .badRequest, code: "invalid_parameter",
+                    message: "quantity '\(text.prefix(40))' is not one of \(Quantity.allCases.map(\.rawValue).joined(separator: ", "))")
+            }
+            selection.quantity = quantity
+        }
+        if let text = query.get("limit") {
+            guard let value = Int(text), (1...LatestSelection.maxLimit).contains(value) else {
+                throw APIError(
+                    .badRequest, code: "invalid_parameter",
+                    message: "limit '\(text.prefix(40))' must be a whole number of sensors from 1 to \(LatestSelection.maxLimit) (default \(LatestSelection.defaultLimit))")
+            }
+            selection.limit = value
+        }
+        if let text = query.get("cursor") {
+            guard let cursor = LatestCursor(text: text) else {
+                throw APIError(
+                    .badRequest, code: "invalid_parameter",
+                    message: "cursor '\(text.prefix(40))' is not one this ingest wrote; pass the previous page's \"next\" exactly, or leave cursor out for the first page")
+            }
+            selection.after = cursor
+        }
+        return selection
     }
 
     func readings(_ request: Request, context: IngestRequestContext) async throws -> Response {

@@ -215,6 +215,7 @@ struct PostgresBatchWriter {
         let stored = inserted.compactMap { candidate in
             seen[candidate.reading.sensor].map { CommittedReading(candidate.reading, sensorRowID: candidate.sensorRow, quantity: $0) }
         }
+        try await PostgresLatestNotice.send(on: connection, device: device, logger: logger)
         return StoreOutcome(accepted: inserted.count, duplicates: duplicates, rejected: rejected, fresh: stored)
     }
 

@@ -39,32 +39,7 @@ public final class PostgresIngestStore: IngestStore {
     public init(settings: PostgresSettings, logger: Logger) throws {
         self.settings = settings
         self.logger = logger
-        var configuration: PostgresClient.Configuration
-        switch settings.endpoint {
-        case .unixSocket(let path):
-            configuration = .init(unixSocketPath: path, username: settings.username, password: settings.password, database: settings.database)
-        case .tcp(let host, let port):
-            var tls = TLSConfiguration.makeClientConfiguration()
-            let mode: PostgresClient.Configuration.TLS
-            switch settings.tls {
-            case .disable:
-                mode = .disable
-            case .prefer, .require:
-                tls.certificateVerification = .none
-                mode = settings.tls == .prefer ? .prefer(tls) : .require(tls)
-            case .verifyFull:
-                tls.certificateVerification = .fullVerification
-                if let caFile = settings.caFile {
-                    do {
-                        tls.trustRoots = .certificates(try NIOSSLCertificate.fromPEMFile(caFile))
-                    } catch {
-                        throw PostgresStoreError.tls("cannot load the CA file \(caFile): \(error); it must hold PEM certificates")
-                    }
-                }
-                mode = .require(tls)
-            }
-            configuration = .init(host: host, port: port, username: settings.username, password: settings.password, database: settings.database, tls: mode)
-        }
+        var configuration = try settings.clientConfiguration()
         configuration.options.maximumConnections = settings.poolSize
         configuration.options.connectTimeout = settings.connectTimeout
         configuration.options.minimumConnections = 0

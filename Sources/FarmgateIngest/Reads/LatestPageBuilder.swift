@@ -1,0 +1,158 @@
+import FarmgateWire
+import Foundation
+import NIOCore
+
+/// Encodes `latest` answers: `{"farm": NAME, "sensors": [ITEM, ...], "next": CURSOR or null}`, the items in (device,
+/// sensor) byte order, each `{"device", "sensor", "quantity", "unit", "sequence", "timestamp", "value", "flags"}`.
+///
+/// Items are encoded by hand, once per reading (identifiers are plain ASCII by construction, see ``SensorID``; units and
+/// flag names are constants), and pages are their concatenation.
+enum LatestPageBuilder {
+    /// One reading as an item of `sensors`.
+    static func json(_ reading: LatestReading) -> [UInt8] {
+        var text = #"{"device":""#
+        text += reading.device.rawValue
+        text += #"","sensor":""#
+        text += reading.sensor.rawValue
+        text += #"","quantity":""#
+        text += reading.quantity.rawValue
+        text += #"","unit":""#
+        text += reading.quantity.unit
+        text += #"","sequence":"#
+        text += String(reading.sequence)
+        text += #","timestamp":""#
+        text += RFC3339.format(reading.timestamp)
+        text += #"","value":"#
+        // Finite by validation; Swift's shortest round-trip form is valid JSON ("6.5", "1e-05").
+        text += reading.value.isFinite ? reading.value.description : "null"
+        text += #","flags":["#
+        text += flagNames(reading.quality).map { "\"\($0)\"" }.joined(separator: ",")
+        text += "]}"
+        return Array(text.utf8)
+    }
+
+    /// The page `selection` asks for, from `farm` (whose sort orders and cached device answers it fills in).
+    static func page(of farm: inout LatestCache.Farm, farm name: String, selection: LatestSelection) -> ByteBuffer {
+        // The hot path: one device's whole answer, kept encoded until the device changes.
+        if let id = selection.device, selection.isUnfiltered, selection.after == nil, let device = farm.devices[id],
+            device.sensors.count <= selection.limit
+        {
+            if let answer = device.answer { return answer }
+            var answer = ByteBuffer()
+            let items = sensorOrder(of: id, in: &farm).compactMap { farm.devices[id]?.sensors[$0]?.json }
+            write(farm: name, items: items, next: nil, into: &answer)
+            farm.devices[id]?.answer = answer
+            return answer
+        }
+        let devices: [DeviceID]
+        if let id = selection.device {
+            devices = farm.devices[id] == nil ? [] : [id]
+        } else {
+            if farm.order == nil { farm.order = farm.devices.keys.sorted() }
+            devices = farm.order ?? []
+        }
+        var items: [[UInt8]] = []
+        var last: LatestCursor?
+        var more = false
+        scan: for id in devices {
+            if let after = selection.after, id < after.device { continue }
+            for sensor in sensorOrder(of: id, in: &farm) {
+                if let after = selection.after, id == after.device, sensor <= after.sensor { continue }
+                guard let entry = farm.devices[id]?.sensors[sensor], selection.includes(entry.reading) else { continue }
+                if items.count == selection.limit {
+                    more = true
+                    break scan
+                }
+                items.append(entry.json)
+                last = LatestCursor(device: id, sensor: sensor)
+            }
+        }
+        var buffer = ByteBuffer()
+        write(farm: name, items: items, next: more ? last : nil, into: &buffer)
+        return buffer
+    }
+
+    private static func sensorOrder(of id: DeviceID, in farm: inout LatestCache.Farm) -> [SensorID] {
+        if let order = farm.devices[id]?.order { return order }
+        let order = farm.devices[id]?.sensors.keys.sorted() ?? []
+        farm.devices[id]?.order = order
+        return order
+    }
+
+    private static func write(farm: String, items: [[UInt8]], next: LatestCursor?, into buffer: inout ByteBuffer) {
+        buffer.reserveCapacity(items.reduce(64 + farm.utf8.count) { $0 + $1.count + 1 })
+        buffer.writeString(#"{"farm":""#)
+        buffer.writeString(farm)
+        buffer.writeString(#"","sensors":["#)
+        for (index, item) in items.enumerated() {
+            if index > 0 { buffer.writeInteger(UInt8(ascii: ",")) }
+            buffer.writeBytes(item)
+        }
+        buffer.writeString(#"],"next":"#)
+        if let next {
+            buffer.writeString("\"" + next.text + "\"")
+        } else {
+            buffer.writeString("null")
+        }
+        buffer.writeString("}")
+    }
+}
+
+/// A position in a farm's `latest` listing: after this device's sensor. Opaque to clients (`next`, then `cursor=`).
+public struct LatestCursor: Sendable, Hashable {
+    public var device: DeviceID
+    public var sensor: SensorID
+
+    public init(device: DeviceID, sensor: SensorID) {
+        self.device = device
+        self.sensor = sensor
+    }
+
+    /// base64url of "1 DEVICE SENSOR" (identifiers hold no space), without padding.
+    public var text: String {
+        Data("1 \(device.rawValue) \(sensor.rawValue)".utf8).base64EncodedString()
+            .replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_").replacingOccurrences(of: "=", with: "")
+    }
+
+    /// Parses ``text``; nil when it is not a cursor this ingest wrote.
+    public init?(text: String) {
+        guard text.utf8.count <= 200 else { return nil }
+        var base64 = text.replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
+        while base64.utf8.count % 4 != 0 { base64 += "=" }
+        guard let data = Data(base64Encoded: base64) else { return nil }
+        let parts = String(decoding: data, as: UTF8.self).split(separator: " ", omittingEmptySubsequences: false)
+        guard parts.count == 3, parts[0] == "1", let device = try? DeviceID(String(parts[1])), let sensor = try? SensorID(String(parts[2])) else {
+            return nil
+        }
+        self.init(device: device, sensor: sensor)
+    }
+}
+
+/// Shell-style globs over identifiers: `*` matches any run of characters, `?` one character, everything else itself.
+enum Glob {
+    static func matches(_ pattern: String, _ text: String) -> Bool {
+        let p = Array(pattern.utf8)
+        let t = Array(text.utf8)
+        var (pi, ti) = (0, 0)
+        var star: Int?
+        var resume = 0
+        while ti < t.count {
+            if pi < p.count, p[pi] == UInt8(ascii: "?") || p[pi] == t[ti] {
+                pi += 1
+                ti += 1
+            } else if pi < p.count, p[pi] == UInt8(ascii: "*") {
+                star = pi
+                resume = ti
+                pi += 1
+            } else if let star {
+                pi = star + 1
+                resume += 1
+                ti = resume
+            } else {
+                return false
+            }
+        }
+        while pi < p.count, p[pi] == UInt8(ascii: "*") { pi += 1 }
+        return pi == p.count
+    }
+}

@@ -1,0 +1,146 @@
+import FarmgateWire
+public import Logging
+import Metrics
+import PostgresNIO
+public import ServiceLifecycle
+import Synchronization
+
+/// Keeps this instance's ``LatestCache`` consistent with commits made by other instances on the same PostgreSQL: one
+/// connection of its own that `LISTEN`s on ``PostgresLatestNotice/channel``.
+///
+/// - Once `LISTEN` is in place, the cache is turned on (``LatestCache/enable()``): from then on every commit of any
+///   instance is heard, so whatever a farm's fill reads later can be kept up to date.
+/// - A notification marks its device stale at once (reads of it wait, never see the older value), then the device's
+///   rows of `latest` are read again on this connection, the devices of notifications that arrived meanwhile in the
+///   same query, and merged. So a commit acknowledged by another instance is served here at most the notification's
+///   delivery plus one small query later (milliseconds on one network).
+/// - When the connection is lost (a database restart, a network cut), notifications may be missed: the cache is emptied
+///   and turned off, so every `latest` is read from the store, and the listener reconnects with backoff (100 ms doubling
+///   to 5 s), turning the cache on again once it listens.
+///
+/// Its connection must reach PostgreSQL directly, or through PgBouncer in session mode: in transaction mode `LISTEN`
+/// does not hold. This instance's own commits are heard too (they also reach the cache through the ``CommitFeed``);
+/// their refresh finds nothing newer.
+public struct PostgresLatestListener: Service {
+    let settings: PostgresSettings
+    let cache: LatestCache
+    let logger: Logger
+    private let reconnects = Counter(label: "farmgate_ingest_latest_listener_reconnects_total")
+
+    public init(settings: PostgresSettings, cache: LatestCache, logger: Logger) {
+        self.settings = settings
+        self.cache = cache
+        self.logger = logger
+    }
+
+    public func run() async throws {
+        var configuration = try settings.clientConfiguration()
+        configuration.options.maximumConnections = 1
+        configuration.options.minimumConnections = 0
+        configuration.options.connectTimeout = settings.connectTimeout
+        let client = PostgresClient(configuration: configuration, backgroundLogger: logger)
+        let pool = Task { await client.run() }
+        defer { pool.cancel() }
+        await cancelWhenGracefulShutdown {
+            var backoff = Duration.milliseconds(100)
+            while !Task.isCancelled {
+                let attempt = ContinuousClock.now
+                do {
+                    try await client.withConnection { connection in
+                        try await connection.listen(on: PostgresLatestNotice.channel) { notifications in
+                            self.cache.enable()
+                            self.logger.info("listening for other instances' commits; latest values are served from memory")
+                            try await self.follow(notifications, connection: connection)
+                        }
+                    }
+                } catch is CancellationError {
+                    break
+                } catch {
+                    if Task.isCancelled { break }
+                    self.logger.warning(
+                        "lost the connection that hears other instances' commits; latest values are read from the store until it is back",
+                        metadata: ["error": "\(String(reflecting: error))", "retry_in": "\(backoff)"])
+                }
+                self.cache.invalidateAll()
+                guard !Task.isCancelled else { break }
+                // A connection that held for a while starts the backoff over.
+                if attempt.duration(to: .now) > .seconds(30) { backoff = .milliseconds(100) }
+                self.reconnects.increment()
+                try? await Task.sleep(for: backoff)
+                backoff = min(backoff * 2, .seconds(5))
+            }
+        }
+        cache.invalidateAll()
+    }
+
+    /// Marks devices stale as notifications arrive, and refreshes them from `latest` in rounds on the same connection.
+    private func follow(_ notifications: PostgresNotificationSequence, connection: PostgresConnection) async throws {
+        let pending = PendingRefreshes()
+        let (wakeups, wake) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask {
+                defer { wake.finish() }
+                for try await notification in notifications {
+                    guard let (farmID, rowID, device) = PostgresLatestNotice.parse(notification.payload) else {
+                        self.logger.warning("ignoring a notification this ingest did not write", metadata: ["payload": "\(notification.payload.prefix(100))"])
+                        continue
+                    }
+                    guard let token = self.cache.markStale(farmID: farmID, device: device) else { continue }
+                    pending.state.withLock { $0[rowID] = PendingRefreshes.Item(farmID: farmID, rowID: rowID, device: device, token: token) }
+                    wake.yield()
+                }
+                throw ListenerEnded()
+            }
+            group.addTask {
+                for await _ in wakeups {
+                    let round = pending.state.withLock { pending in
+                        defer { pending = [:] }
+                        return Array(pending.values)
+                    }
+                    guard !round.isEmpty else { continue }
+                    let rows = try await self.latest(devices: round.map(\.rowID), connection: connection)
+                    for item in round {
+                        self.cache.refreshed(farmID: item.farmID, device: item.device, readings: rows[item.rowID] ?? [], token: item.token)
+                    }
+                }
+            }
+            defer { group.cancelAll() }
+            try await group.next()
+        }
+    }
+
+    /// Devices heard of and not yet refreshed, by device row id, with their newest stale token.
+    private final class PendingRefreshes: Sendable {
+        struct Item: Sendable {
+            var farmID: Int64
+            var rowID: Int64
+            var device: DeviceID
+            var token: UInt64
+        }
+        let state = Mutex<[Int64: Item]>([:])
+    }
+
+    private struct ListenerEnded: Error, CustomStringConvertible {
+        var description: String { "the notification stream ended" }
+    }
+
+    /// The `latest` rows of the devices with row ids `devices`, by device row id.
+    private func latest(devices: [Int64], connection: PostgresConnection) async throws -> [Int64: [LatestReading]] {
+        var found: [Int64: [LatestReading]] = [:]
+        let rows = try await connection.query(
+            """
+            SELECT d.id::int8, d.name, s.name, s.quantity, l.sequence, l.timestamp_us, l.value, l.flags
+            FROM latest l JOIN sensors s ON s.id = l.sensor_id JOIN devices d ON d.id = s.device_id
+            WHERE s.device_id = ANY(\(devices))
+            """, logger: logger)
+        for try await (rowID, device, sensor, quantity, sequence, timestamp, value, flags) in rows.decode(
+            (Int64, String, String, String, Int64, Int64, Double, Int16).self)
+        {
+            found[rowID, default: []].append(
+                LatestReading(
+                    device: try pgDeviceID(device), sensor: try pgSensorID(sensor), quantity: try pgQuantity(quantity), sequence: UInt64(clamping: sequence),
+                    timestamp: Timestamp(microseconds: timestamp), value: value, quality: QualityFlags(rawValue: UInt16(bitPattern: flags))))
+        }
+        return found
+    }
+}
