@@ -212,7 +212,7 @@ struct FloodBench: AsyncParsableCommand {
 /// A blocking HTTP/1.1 keep-alive connection to 127.0.0.1 for the flood benchmark (runs on its own thread).
 final class BenchConnection {
     let fd: Int32
-    private var pending: [UInt8] = []
+    var pending: [UInt8] = []
 
     init(port: Int) throws {
         fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
@@ -258,7 +258,7 @@ final class BenchConnection {
     func request(_ bytes: [UInt8]) -> Int? {
         var offset = 0
         while offset < bytes.count {
-            let sent = bytes[offset...].withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            let sent = bytes[offset...].withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
             if sent <= 0 { return nil }
             offset += sent
         }
