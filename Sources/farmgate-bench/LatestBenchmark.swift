@@ -206,12 +206,13 @@ enum ClosedLoop {
             index += 1
         }
         var fds = connections.map { pollfd(fd: $0.fd, events: Int16(POLLIN), revents: 0) }
+        var scratch = [UInt8](repeating: 0, count: 65_536)
         while ContinuousClock.now < end {
             let ready = poll(&fds, nfds_t(fds.count), 100)
             if ready <= 0 { continue }
             for slot in 0..<count where fds[slot].revents != 0 {
                 fds[slot].revents = 0
-                switch connections[slot].receiveAvailable() {
+                switch connections[slot].receiveAvailable(scratch: &scratch) {
                 case .pending:
                     continue
                 case .answered(let status, let bodyBytes):
@@ -284,22 +285,23 @@ extension BenchConnection {
     }
 
     /// Reads what is there without waiting; answers once a whole response has arrived.
-    func receiveAvailable() -> Received {
+    func receiveAvailable(scratch: inout [UInt8]) -> Received {
         var ignored: [UInt8] = []
-        return receive(flags: Int32(MSG_DONTWAIT), body: &ignored, keepBody: false)
+        return receive(flags: Int32(MSG_DONTWAIT), scratch: &scratch, body: &ignored, keepBody: false)
     }
 
     /// Waits for more bytes; answers once a whole response has arrived, its body in `body`.
     func receiveBlocking(body: inout [UInt8]) -> Received {
-        receive(flags: 0, body: &body, keepBody: true)
+        var scratch = [UInt8](repeating: 0, count: 65_536)
+        return receive(flags: 0, scratch: &scratch, body: &body, keepBody: true)
     }
 
-    private func receive(flags: Int32, body: inout [UInt8], keepBody: Bool) -> Received {
-        var chunk = [UInt8](repeating: 0, count: 65_536)
-        let count = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, flags) }
+    /// One recv into `scratch` (reused across calls: the load generator must not spend its cores zeroing buffers).
+    private func receive(flags: Int32, scratch: inout [UInt8], body: inout [UInt8], keepBody: Bool) -> Received {
+        let count = scratch.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, flags) }
         if count == 0 { return .closed }
         if count < 0 { return errno == EAGAIN || errno == EWOULDBLOCK ? .pending : .closed }
-        return takeResponse(appending: chunk[0..<count], body: &body, keepBody: keepBody)
+        return takeResponse(appending: scratch[0..<count], body: &body, keepBody: keepBody)
     }
 }
 
@@ -307,19 +309,43 @@ extension BenchConnection {
     /// Adds `chunk` to what was received and takes one whole response off the front if it is complete.
     fileprivate func takeResponse(appending chunk: ArraySlice<UInt8>, body: inout [UInt8], keepBody: Bool) -> Received {
         pending += chunk
-        guard let end = pending.firstRange(of: Self.headerEnd) else { return .pending }
-        let head = String(decoding: pending[..<end.lowerBound], as: UTF8.self)
-        var length = 0
-        for line in head.split(separator: "\r\n").dropFirst() {
-            let parts = line.split(separator: ":", maxSplits: 1)
-            if parts.count == 2, parts[0].lowercased() == "content-length" { length = Int(parts[1].trimmingCharacters(in: .whitespaces)) ?? 0 }
+        // Plain byte loops: Foundation's generic firstRange(of:) cost the load generator more CPU than the ingest spent.
+        let parsed: (status: Int, headEnd: Int, length: Int)? = pending.withUnsafeBufferPointer { bytes in
+            guard bytes.count >= 16 else { return nil }
+            var headEnd = -1
+            var index = 3
+            while index < bytes.count {
+                if bytes[index] == 10, bytes[index - 1] == 13, bytes[index - 2] == 10, bytes[index - 3] == 13 {
+                    headEnd = index + 1
+                    break
+                }
+                index += 1
+            }
+            guard headEnd > 12 else { return nil }
+            let status = (Int(bytes[9]) - 48) * 100 + (Int(bytes[10]) - 48) * 10 + Int(bytes[11]) - 48
+            // "content-length:" in any case: find ':' preceded by "ength" (the only such header the ingest sends).
+            var length = 0
+            var position = 7
+            while position < headEnd {
+                if bytes[position] == UInt8(ascii: ":"), bytes[position - 1] | 0x20 == UInt8(ascii: "h"), bytes[position - 2] | 0x20 == UInt8(ascii: "t"),
+                    bytes[position - 5] | 0x20 == UInt8(ascii: "e"), bytes[position - 7] == UInt8(ascii: "-")
+                {
+                    var digit = position + 1
+                    while digit < headEnd, bytes[digit] == UInt8(ascii: " ") { digit += 1 }
+                    while digit < headEnd, (48...57).contains(bytes[digit]) {
+                        length = length * 10 + Int(bytes[digit]) - 48
+                        digit += 1
+                    }
+                    break
+                }
+                position += 1
+            }
+            return (status, headEnd, length)
         }
-        guard pending.count - end.upperBound >= length else { return .pending }
-        let status = head.split(separator: " ").dropFirst().first.flatMap { Int($0) } ?? 0
-        if keepBody { body = Array(pending[end.upperBound..<(end.upperBound + length)]) }
-        pending.removeFirst(end.upperBound + length)
-        return .answered(status: status, bodyBytes: length)
+        guard let parsed, pending.count - parsed.headEnd >= parsed.length else { return .pending }
+        if keepBody { body = Array(pending[parsed.headEnd..<(parsed.headEnd + parsed.length)]) }
+        pending.removeFirst(parsed.headEnd + parsed.length)
+        return .answered(status: parsed.status, bodyBytes: parsed.length)
     }
 
-    fileprivate static let headerEnd = Array("\r\n\r\n".utf8)
 }

@@ -54,11 +54,15 @@ enum LatestPageBuilder {
         var items: [[UInt8]] = []
         var last: LatestCursor?
         var more = false
-        scan: for id in devices {
-            if let after = selection.after, id < after.device { continue }
-            for sensor in sensorOrder(of: id, in: &farm) {
-                if let after = selection.after, id == after.device, sensor <= after.sensor { continue }
-                guard let entry = farm.devices[id]?.sensors[sensor], selection.includes(entry.reading) else { continue }
+        // Start at the cursor by binary search: a page deep into a 10,000-sensor farm must not walk the ones before it.
+        let first = selection.after.map { after in firstIndex(in: devices) { !($0 < after.device) } } ?? 0
+        scan: for id in devices[first...] {
+            let order = sensorOrder(of: id, in: &farm)
+            guard let device = farm.devices[id] else { continue }
+            var start = 0
+            if let after = selection.after, id == after.device { start = firstIndex(in: order) { after.sensor < $0 } }
+            for sensor in order[start...] {
+                guard let entry = device.sensors[sensor], selection.includes(entry.reading) else { continue }
                 if items.count == selection.limit {
                     more = true
                     break scan
@@ -70,6 +74,16 @@ enum LatestPageBuilder {
         var buffer = ByteBuffer()
         write(farm: name, items: items, next: more ? last : nil, into: &buffer)
         return buffer
+    }
+
+    /// The index of the first element of sorted `elements` for which `isAtOrAfter` holds (`elements.count` if none).
+    private static func firstIndex<T>(in elements: [T], where isAtOrAfter: (T) -> Bool) -> Int {
+        var (low, high) = (0, elements.count)
+        while low < high {
+            let middle = (low + high) / 2
+            if isAtOrAfter(elements[middle]) { high = middle } else { low = middle + 1 }
+        }
+        return low
     }
 
     private static func sensorOrder(of id: DeviceID, in farm: inout LatestCache.Farm) -> [SensorID] {
