@@ -115,6 +115,11 @@ struct NginxEndToEndTests {
         let tokenOutput = try await farm.admin(["token", "create", "--farm", "e2e", "--role", "viewer"])
         let token = try #require(tokenOutput.split(whereSeparator: { $0 == " " || $0 == "\n" }).first { $0.hasPrefix("fgr_") }.map(String.init))
         let keyFile = try farm.dir.write("site-ng.key", key + "\n")
+        // As the example says to deploy: nginx is the trusted proxy whose X-Forwarded-For names the client.
+        let configured = try String(contentsOfFile: farm.ingestConfig, encoding: .utf8)
+            .replacingOccurrences(of: "[server]\n", with: "[server]\ntrusted_proxies = [\"127.0.0.1\"]\n")
+        #expect(configured.contains("trusted_proxies"))
+        try configured.write(toFile: farm.ingestConfig, atomically: true, encoding: .utf8)
         try await farm.startIngest()
         let (second, secondPort) = try await startSecondIngest(farm)
         let nginx = try Nginx.start(in: farm.dir, port: try freePort(), upstreams: [farm.port, secondPort])

@@ -83,6 +83,9 @@ func buildRouter(
     // Middleware first: it wraps only routes added after it, and the not-found responder.
     router.add(middleware: RequestMetricsMiddleware(metrics: metrics))
     router.add(middleware: APIErrorMiddleware())
+    if let proxies = try? TrustedProxies(configuration.server.trustedProxies), !proxies.isEmpty {
+        router.add(middleware: ForwardedClientMiddleware(proxies: proxies))
+    }
 
     let limits = configuration.limits
     let authenticator = Authenticator(store: store, cacheTTL: credentialCacheTTL, negativeCacheTTL: limits.unknownKeyCacheTTL)

@@ -1,4 +1,5 @@
 public import Hummingbird
+public import NIOCore
 import Foundation
 import Logging
 
@@ -7,11 +8,15 @@ public struct IngestRequestContext: RequestContext {
     public var coreContext: CoreRequestContextStorage
     /// The farm a verified read token gives access to (set by ``ReaderAuthMiddleware``).
     public var readerFarm: FarmRecord?
-    /// The TCP peer that per-address limits count against.
+    /// The client that per-address limits count against: the TCP peer, or behind a trusted proxy the address it
+    /// forwarded (``ForwardedClientMiddleware``).
     public var clientAddress: ClientAddress
+    /// The TCP peer.
+    public var peerAddress: SocketAddress?
 
     public init(source: ApplicationRequestContextSource) {
         self.coreContext = .init(source: source)
+        self.peerAddress = source.channel.remoteAddress
         self.clientAddress = ClientAddress(source.channel.remoteAddress)
     }
 }

@@ -16,6 +16,7 @@ public import Logging
 /// header_timeout = "60s"      # default 60 s: a request head (line and headers) must arrive within this; else 408
 /// body_timeout = "60s"        # default 60 s: a request body must arrive within this after its head; else 408
 /// max_connections = 4096      # default 4096: past it, a new connection is answered 503 with Retry-After and closed
+/// trusted_proxies = []         # default none; e.g. ["127.0.0.1"] behind nginx: X-Forwarded-For names the client
 ///
 /// [storage]
 /// path = "/var/lib/farmgate-ingest/ingest.sqlite"   # the embedded SQLite file; relative paths resolve
@@ -71,12 +72,16 @@ public struct IngestConfiguration: Sendable, Hashable {
         /// and lowers this cap (with a warning) when the limit cannot hold it plus 128 descriptors for the store,
         /// the log and the listening socket: a process out of descriptors stops answering everyone, `/healthz` too.
         public var maxConnections: Int
+        /// The exact IP addresses of reverse proxies whose `X-Forwarded-For` (its last address) names the client that
+        /// per-address limits count against (``TrustedProxies``). Default none: the TCP peer is the client.
+        public var trustedProxies: [String]
 
         /// Creates the section; every parameter defaults as documented on its property.
         public init(
             host: String = "127.0.0.1", port: Int = 8080, idleTimeout: Duration = .seconds(75), headerTimeout: Duration = .seconds(60),
-            bodyTimeout: Duration = .seconds(60), maxConnections: Int = 4096
+            bodyTimeout: Duration = .seconds(60), maxConnections: Int = 4096, trustedProxies: [String] = []
         ) {
+            self.trustedProxies = trustedProxies
             self.host = host
             self.port = port
             self.idleTimeout = idleTimeout
@@ -240,7 +245,7 @@ public struct IngestConfiguration: Sendable, Hashable {
         try table.checkKeys(["server", "storage", "limits", "log"])
 
         if let section = try table.table("server") {
-            try section.checkKeys(["host", "port", "idle_timeout", "header_timeout", "body_timeout", "max_connections"])
+            try section.checkKeys(["host", "port", "idle_timeout", "header_timeout", "body_timeout", "max_connections", "trusted_proxies"])
             if let host = try section.string("host") {
                 guard !host.isEmpty, !host.contains(" ") else {
                     throw section.error("host", "must be a host name or IP address such as \"127.0.0.1\" or \"0.0.0.0\"")
@@ -253,6 +258,10 @@ public struct IngestConfiguration: Sendable, Hashable {
             if let timeout = try section.duration("header_timeout", in: timeouts) { server.headerTimeout = timeout }
             if let timeout = try section.duration("body_timeout", in: timeouts) { server.bodyTimeout = timeout }
             if let count = try section.int("max_connections", in: 1...1_000_000) { server.maxConnections = count }
+            if let proxies = try section.strings("trusted_proxies") {
+                do { _ = try TrustedProxies(proxies) } catch { throw section.error("trusted_proxies", error.description) }
+                server.trustedProxies = proxies
+            }
         }
 
         let storageSection = try table.table("storage")
