@@ -27,6 +27,7 @@ struct AllBenchmarks: AsyncParsableCommand {
         for (title, command) in [
             ("codec: bytes per reading", ["codec"]), ("buffer: commits per second", ["buffer"]),
             ("drain: backlog to a local ingest", ["drain"]), ("ingest: readings per second on SQLite", ["ingest"]),
+            ("latest: reads from the cache", ["latest"]),
         ] {
             print("\n## \(title)\n")
             var parsed = try FarmgateBench.parseAsRoot(command)
