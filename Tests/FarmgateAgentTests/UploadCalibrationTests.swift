@@ -6,9 +6,10 @@ import Logging
 import Synchronization
 import Testing
 
-/// A loopback ingest that reads binary format versions 2 and 3 like `farmgate-ingest`: idempotent on reading sequences and on
-/// event ids, answering `calibrations` in the receipt of a version 3 frame. What it says in `accepted_versions`, and
-/// whether it answers a version 3 frame or counts its events, is up to the test.
+/// A loopback ingest that reads binary format versions 2 and 3 and the JSON form like `farmgate-ingest`: idempotent on
+/// reading sequences and on event ids, answering `calibrations` in the receipt of a batch that carried events. What it says
+/// in `accepted_versions` (which a test may change while it runs), and whether it answers a version 3 frame or counts its
+/// events, is up to the test. JSON batches are logged as version 0.
 final class EventIngest: Sendable {
     struct Rules: Sendable {
         /// `accepted_versions` in `GET /v1/device` (nil: the member is absent, as from an ingest before version 3).
@@ -21,6 +22,8 @@ final class EventIngest: Sendable {
         var refuseEvents = false
         /// Refuse frames with more readings than this 413 `too_many_readings`.
         var maxReadings = Int.max
+        /// Refuse every binary frame 415 `unsupported_format_version` (an ingest that takes only JSON).
+        var refuseBinary = false
     }
 
     struct Log: Sendable {
@@ -30,30 +33,51 @@ final class EventIngest: Sendable {
         /// How many times each event was stored (it must never be more than once).
         var storedEvents: [String: Int] = [:]
         var eventDuplicates = 0
+        /// `GET /v1/device` questions answered.
+        var deviceQuestions = 0
     }
 
     private final class State: Sendable {
         let log = Mutex(Log())
         let posts = Atomic<Int>(0)
+        let acceptedVersions: Mutex<[Int]?>
+        let refuseBinary: Mutex<Bool>
+
+        init(acceptedVersions: [Int]?, refuseBinary: Bool) {
+            self.acceptedVersions = Mutex(acceptedVersions)
+            self.refuseBinary = Mutex(refuseBinary)
+        }
     }
 
     let server: TestHTTPServer
     private let shared: State
 
     init(_ rules: Rules = Rules()) throws {
-        let shared = State()
+        let shared = State(acceptedVersions: rules.acceptedVersions, refuseBinary: rules.refuseBinary)
         self.shared = shared
         server = try TestHTTPServer { request, _ in
             if request.method == "GET" {
+                let highest = shared.log.withLock { log -> UInt64? in
+                    log.deviceQuestions += 1
+                    return log.storedReadings.max()
+                }
                 let answer = DeviceState(
-                    device: testDevice.rawValue, highestSequence: shared.log.withLock { $0.storedReadings.max() },
-                    acceptedVersions: rules.acceptedVersions)
+                    device: testDevice.rawValue, highestSequence: highest, acceptedVersions: shared.acceptedVersions.withLock { $0 })
                 let body = (try? JSONEncoder().encode(answer)).map { Array($0) } ?? []
                 return .reply(200, headers: ["Content-Type": "application/json"], body: body)
             }
             let frame: BatchFrame
+            let json = request.headers["content-type"] == IngestProtocol.jsonBatchMediaType
+            if !json && shared.refuseBinary.withLock({ $0 }) {
+                return .error(415, IngestErrorCode.unsupportedFormatVersion, "only JSON is read here", acceptedVersions: [])
+            }
             do {
-                frame = try BatchCodec.decodeFrame(request.body)
+                if json {
+                    let decoded = try BatchJSON.decode(request.body)
+                    frame = BatchFrame(version: 0, batch: decoded.batch, calibrations: decoded.calibrations)
+                } else {
+                    frame = try BatchCodec.decodeFrame(request.body)
+                }
             } catch {
                 return .error(400, IngestErrorCode.malformedBatch, "\(error)")
             }
@@ -64,7 +88,7 @@ final class EventIngest: Sendable {
             if frame.batch.readings.count > rules.maxReadings {
                 return .error(413, IngestErrorCode.tooManyReadings, "more than \(rules.maxReadings) readings")
             }
-            if frame.version == 3 && rules.refuseEvents {
+            if !frame.calibrations.isEmpty && rules.refuseEvents {
                 return .error(422, "invalid_calibration", "the calibration event cannot be stored")
             }
             if frame.version == 3 && rules.refuseVersion3 {
@@ -88,7 +112,7 @@ final class EventIngest: Sendable {
                         eventsDuplicate += 1
                     }
                 }
-                if frame.version == 3 && !rules.uncounted(index) {
+                if !frame.calibrations.isEmpty && !rules.uncounted(index) {
                     receipt.calibrations = CalibrationReceipt(accepted: eventsAccepted, duplicates: eventsDuplicate)
                 }
                 return .receipt(receipt)
@@ -98,6 +122,12 @@ final class EventIngest: Sendable {
 
     var url: String { server.url }
     var log: Log { shared.log.withLock { $0 } }
+
+    /// What `GET /v1/device` says from now on (an ingest upgraded or rolled back while the agent runs).
+    func setAcceptedVersions(_ versions: [Int]?) { shared.acceptedVersions.withLock { $0 = versions } }
+
+    /// Whether binary frames are refused 415 from now on.
+    func setRefuseBinary(_ refuse: Bool) { shared.refuseBinary.withLock { $0 = refuse } }
 }
 
 /// Calibration events travel in version 3 frames beside the readings, only to an ingest that reads version 3, and leave the
@@ -230,14 +260,30 @@ struct UploadCalibrationTests {
         #expect(try await data.statistics().quarantined == 0)
     }
 
-    @Test func inJSONEventsAreNotSentAndWait() async throws {
+    @Test func inJSONEventsGoInTheCalibrationsMemberOnceAndAreDeletedWhenTheReceiptCountsThem() async throws {
         let data = try await TestBuffer(count: 10)
         try await data.buffer.recordCalibration(Self.event(1))
-        let ingest = try FakeIngest()
-        try await withUploader(source: data.buffer, configuration: uploadConfiguration(ingest.url, format: .json)) { _ throws in
-            #expect(try await eventually { try await data.statistics().pending == 0 })
+        try await data.buffer.recordCalibration(Self.event(2))
+        let ingest = try EventIngest()
+        try await withUploader(source: data.buffer, configuration: uploadConfiguration(ingest.url, format: .json)) { uploader throws in
+            #expect(try await Self.feed(data) { try await data.buffer.pendingCalibrationCount() == 0 })
+            #expect(await eventually { uploader.status().calibrationsUploadedTotal == 2 })
         }
-        #expect(ingest.log.contentTypes.allSatisfy { $0 == IngestProtocol.jsonBatchMediaType })
+        let log = ingest.log
+        #expect(log.frames.allSatisfy { $0.version == 0 }, "every batch went as JSON")
+        #expect(log.storedEvents == ["cal-test-1": 1, "cal-test-2": 1])
+        #expect(log.eventDuplicates == 0)
+        #expect(log.frames.filter { !$0.events.isEmpty }.map(\.events) == [["cal-test-1", "cal-test-2"]])
+    }
+
+    @Test func inJSONEventsWaitForAnIngestThatDoesNotListVersion3() async throws {
+        let data = try await TestBuffer(count: 10)
+        try await data.buffer.recordCalibration(Self.event(1))
+        let ingest = try EventIngest(EventIngest.Rules(acceptedVersions: [2]))
+        try await withUploader(source: data.buffer, configuration: uploadConfiguration(ingest.url, format: .json)) { _ throws in
+            #expect(try await Self.feed(data) { ingest.log.frames.count >= 3 })
+        }
+        #expect(ingest.log.frames.allSatisfy { $0.version == 0 && $0.events.isEmpty })
         #expect(try await data.buffer.pendingCalibrationCount() == 1)
     }
 

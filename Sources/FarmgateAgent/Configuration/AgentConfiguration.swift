@@ -170,7 +170,7 @@ extension AgentConfiguration {
         try table.checkKeys([
             "endpoint", "key", "key_file", "ca_file", "format", "batch_max_readings", "batch_max_bytes", "batch_max_age",
             "connect_timeout", "request_timeout", "stall_timeout", "backoff_initial", "backoff_max", "retry_after_max",
-            "shutdown_flush_timeout",
+            "shutdown_flush_timeout", "device_check_interval",
         ])
         let endpoint = try table.requiredString("endpoint")
         guard let url = URL(string: endpoint), let scheme = url.scheme?.lowercased(), scheme == "http" || scheme == "https",
@@ -215,7 +215,9 @@ extension AgentConfiguration {
             backoffMax: try table.duration("backoff_max", in: .milliseconds(10)...(.seconds(86_400))) ?? defaults.backoffMax,
             retryAfterMax: try table.duration("retry_after_max", in: .seconds(1)...(.seconds(86_400))) ?? defaults.retryAfterMax,
             shutdownFlushTimeout: try table.duration("shutdown_flush_timeout", in: .zero...(.seconds(600)))
-                ?? defaults.shutdownFlushTimeout)
+                ?? defaults.shutdownFlushTimeout,
+            deviceCheckInterval: try table.duration("device_check_interval", in: .seconds(1)...(.seconds(86_400)))
+                ?? defaults.deviceCheckInterval)
     }
 
     static func parseSensor(_ table: ConfigTable, id: SensorID, drivers: DriverRegistry) throws(ConfigurationError) -> SensorConfiguration {

@@ -62,7 +62,7 @@ extension Uploader {
             if Self.stopping && !loop.draining { return .stop(.zero) }
             let format = loop.format
             // Events ride on the first request of a delivery that is sent; a halved batch's first half takes them.
-            let events = format == .binary ? loop.outgoingEvents : []
+            let events = loop.outgoingEvents
             let body: [UInt8]
             switch await encode(group, events: events, format: format) {
             case .unencodable(let reason) where !events.isEmpty:
@@ -127,6 +127,11 @@ extension Uploader {
             noteRefusal(result, status: status)
             loop.acceptsEvents = false
             loop.outgoingEvents = []
+            // Ask again what it reads. An ingest that keeps saying 3 and refusing it (instances of two versions behind one
+            // address) gets no version 3 frame for a while: one extra request per pause, never one per batch. The JSON
+            // form is not paused: the refusal was of the binary version, not of the events.
+            loop.version3PausedUntil = ContinuousClock.now + max(configuration.backoffMax, .seconds(60))
+            loop.deviceCheck.askSoon()
             logger.warning(
                 "The ingest does not read batch format version 3 (calibration events) although it said so; readings go as version 2, the events wait in the buffer until the ingest says it reads version 3",
                 metadata: ["ingest.accepted_versions": "\(refusal.acceptedVersions.map { "\($0)" } ?? "not said")", "calibration.events": "\(events.count)"])
@@ -217,10 +222,13 @@ extension Uploader {
     /// The ingest does not read the binary format version this build writes: every ingest reads JSON.
     func fallBackToJSON(_ refusal: Refusal, _ loop: inout LoopState) {
         loop.format = .json
+        loop.fellBackAt = ContinuousClock.now
+        loop.deviceCheck.askSoon()
         let versions = refusal.acceptedVersions.map { $0.map(String.init).joined(separator: ", ") } ?? "not said"
         let note =
             "the ingest does not read binary batch format version \(BatchCodec.formatVersion) (it reads: \(versions)); "
-            + "sending JSON until the agent restarts"
+            + "sending JSON until it says it reads it again (GET /v1/device, asked every "
+            + "\(Int(Backoff.seconds(configuration.deviceCheckInterval))) s) or the agent restarts"
         logger.warning(
             "Falling back to JSON batches: the ingest does not read this agent's binary format version",
             metadata: [
