@@ -18,8 +18,10 @@ final class EventIngest: Sendable {
         var refuseVersion3 = false
         /// Leave `calibrations` out of the receipt of frame `n` (counting batch POSTs from 0).
         var uncounted: @Sendable (Int) -> Bool = { _ in false }
-        /// Refuse every version 3 frame 422 (an ingest that cannot take an event: its fault is the event's, not the readings').
+        /// Refuse every frame carrying events 422 (an ingest that cannot take an event: its fault is the event's, not the readings').
         var refuseEvents = false
+        /// Refuse every frame carrying one of these events 422 (and take the others).
+        var refuseEventIDs: Set<String> = []
         /// Refuse frames with more readings than this 413 `too_many_readings`.
         var maxReadings = Int.max
         /// Refuse every binary frame 415 `unsupported_format_version` (an ingest that takes only JSON).
@@ -88,7 +90,7 @@ final class EventIngest: Sendable {
             if frame.batch.readings.count > rules.maxReadings {
                 return .error(413, IngestErrorCode.tooManyReadings, "more than \(rules.maxReadings) readings")
             }
-            if !frame.calibrations.isEmpty && rules.refuseEvents {
+            if !frame.calibrations.isEmpty && (rules.refuseEvents || frame.calibrations.contains { rules.refuseEventIDs.contains($0.id) }) {
                 return .error(422, "invalid_calibration", "the calibration event cannot be stored")
             }
             if frame.version == 3 && rules.refuseVersion3 {
@@ -336,7 +338,7 @@ struct UploadCalibrationTests {
         #expect(try await data.statistics().quarantined == 0)
     }
 
-    @Test func aBatchWithEventsRefused422SendsItsReadingsWithoutThemAndQuarantinesNothing() async throws {
+    @Test func anEventRefused422WhileItsReadingsAloneAreAcceptedIsQuarantinedAndNeverSentAgain() async throws {
         let data = try await TestBuffer(count: 40)
         try await data.buffer.recordCalibration(Self.event(1))
         let ingest = try EventIngest(EventIngest.Rules(refuseEvents: true))
@@ -344,7 +346,8 @@ struct UploadCalibrationTests {
             #expect(try await Self.feed(data) { ingest.log.frames.count >= 4 })
             #expect(try await eventually { try await data.statistics().pending == 0 })
             #expect(uploader.status().held == nil)
-            #expect(uploader.status().quarantinedTotal == 0)
+            #expect(uploader.status().quarantinedTotal == 0, "no reading pays for the event")
+            #expect(uploader.status().calibrationsQuarantinedTotal == 1)
         }
         let log = ingest.log
         #expect(log.frames.first?.events == ["cal-test-1"])
@@ -352,9 +355,57 @@ struct UploadCalibrationTests {
             #expect(log.frames[1].sequences == log.frames[0].sequences, "the same readings went again at once")
             #expect(log.frames[1].events.isEmpty)
         }
-        // Events pause after the refusal (at least a minute): no second version 3 frame while the test runs.
-        #expect(log.frames.filter { $0.version == 3 }.count == 1)
+        #expect(log.frames.filter { !$0.events.isEmpty }.count == 1, "never sent again")
+        let statistics = try await data.statistics()
+        #expect(statistics.quarantined == 0)
+        #expect(statistics.pendingCalibrations == 0)
+        #expect(statistics.quarantinedCalibrations == 1)
+        let quarantined = try await data.buffer.quarantinedCalibrations()
+        #expect(quarantined.first?.event.id == "cal-test-1")
+        #expect(quarantined.first?.code == "invalid_calibration")
+        #expect(quarantined.first?.message == "the calibration event cannot be stored")
+        #expect(try await data.buffer.quarantinedCalibrations(code: "malformed_batch").isEmpty)
+    }
+
+    @Test func oneBadEventAmongSeveralIsFoundAndQuarantinedAndTheOthersAreDeliveredOnce() async throws {
+        let data = try await TestBuffer(count: 40)
+        for n in 1...4 { try await data.buffer.recordCalibration(Self.event(n)) }
+        let ingest = try EventIngest(EventIngest.Rules(refuseEventIDs: ["cal-test-3"]))
+        try await withUploader(source: data.buffer, configuration: uploadConfiguration(ingest.url)) { uploader throws in
+            #expect(
+                try await Self.feed(data) {
+                    let quarantined = try await data.statistics().quarantinedCalibrations
+                    let pending = try await data.buffer.pendingCalibrationCount()
+                    return quarantined == 1 && pending == 0
+                })
+            #expect(uploader.status().held == nil)
+            #expect(uploader.status().quarantinedTotal == 0)
+        }
+        let log = ingest.log
+        #expect(log.storedEvents == ["cal-test-1": 1, "cal-test-2": 1, "cal-test-4": 1])
+        #expect(log.eventDuplicates == 0)
+        #expect(try await data.buffer.quarantinedCalibrations().map(\.event.id) == ["cal-test-3"])
+        // Together once, then one per batch: the bad one was refused twice in all (with the others, then alone).
+        #expect(log.frames.filter { $0.events.contains("cal-test-3") }.count == 2, "\(log.frames.map(\.events))")
         #expect(try await data.statistics().quarantined == 0)
-        #expect(try await data.buffer.pendingCalibrationCount() == 1)
+    }
+
+    @Test func eventsAreNotBlamedWhenTheirReadingsAreRefusedAloneToo() async throws {
+        let data = try await TestBuffer(count: 40)
+        try await data.buffer.recordCalibration(Self.event(1))
+        // Every batch is refused 422: the readings (or the ingest) are at fault, not the event.
+        let ingest = try TestHTTPServer { request, _ in
+            if request.method == "GET" {
+                let body = (try? JSONEncoder().encode(DeviceState(device: testDevice.rawValue, highestSequence: nil, acceptedVersions: [2, 3]))).map { Array($0) } ?? []
+                return .reply(200, headers: ["Content-Type": "application/json"], body: body)
+            }
+            return .error(422, "invalid_reading", "nothing is taken today")
+        }
+        try await withUploader(source: data.buffer, configuration: uploadConfiguration(ingest.url)) { uploader throws in
+            #expect(await eventually { uploader.status().held != nil })
+        }
+        let statistics = try await data.statistics()
+        #expect(statistics.quarantinedCalibrations == 0)
+        #expect(statistics.pendingCalibrations == 1)
     }
 }

@@ -9,7 +9,8 @@ import FarmgateWire
 /// | `quarantine.drop` | the same selectors | `drop` |
 ///
 /// `quarantine.list` answers one page, in ascending sequence order; `next_after` is the `after` of the next page, absent
-/// on the last one. The CLI asks page after page, so an export of any size streams through in bounded memory.
+/// on the last one. The first page (`after` 0) also carries the quarantined calibration events (`calibrations`, with the
+/// same `code` filter): they are few, and never more than the buffer's events. The CLI asks page after page, so an export of any size streams through in bounded memory.
 public struct QuarantineCommands: Sendable {
     /// The commands this type answers.
     public static let commands = ["quarantine.list", "quarantine.requeue", "quarantine.drop"]
@@ -41,7 +42,9 @@ public struct QuarantineCommands: Sendable {
                 } ?? ReadingBuffer.maximumQuarantinePage
                 let page = try await buffer.quarantinePage(code: code, after: after, limit: limit)
                 let next = page.count == limit ? page.last?.sequence : nil
-                return ControlAnswer(ok: true, quarantine: QuarantineAnswer(readings: page, nextAfter: next))
+                var answer = QuarantineAnswer(readings: page, nextAfter: next)
+                if after == 0 { answer.calibrations = try await buffer.quarantinedCalibrations(code: code) }
+                return ControlAnswer(ok: true, quarantine: answer)
             case "quarantine.requeue":
                 let outcome = try await buffer.requeue(try Self.selection(arguments))
                 return ControlAnswer(ok: true, quarantine: QuarantineAnswer(requeue: outcome))
@@ -104,6 +107,8 @@ public struct QuarantineAnswer: Codable, Sendable {
     public var nextAfter: UInt64?
     public var requeue: RequeueOutcome?
     public var drop: DropOutcome?
+    /// `quarantine.list`, first page: calibration events the ingest refused for good, oldest first.
+    public var calibrations: [QuarantinedCalibration]?
 
     public init(readings: [QuarantinedReading]? = nil, nextAfter: UInt64? = nil, requeue: RequeueOutcome? = nil, drop: DropOutcome? = nil) {
         self.readings = readings
@@ -115,6 +120,6 @@ public struct QuarantineAnswer: Codable, Sendable {
     enum CodingKeys: String, CodingKey {
         case readings
         case nextAfter = "next_after"
-        case requeue, drop
+        case requeue, drop, calibrations
     }
 }

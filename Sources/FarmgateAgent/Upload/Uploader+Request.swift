@@ -88,8 +88,14 @@ extension Uploader {
             case .bufferFailed:
                 return .stop(bufferRetryDelay)
             }
-            // nil: the uploader fell back to another format (at most once per run); the same readings go again at once.
+            // nil: the uploader fell back to another format, or left events out; the same readings go again at once.
             guard let outcome = await send(group, body: body, format: format, events: events, &loop) else { continue }
+            if let suspect = loop.suspectEvents, events.isEmpty {
+                loop.suspectEvents = nil
+                guard await judgeSuspectEvents(suspect, readingsDelivered: { if case .delivered = outcome { true } else { false } }(), &loop) else {
+                    return .stop(bufferRetryDelay)
+                }
+            }
             return outcome
         }
     }
@@ -142,7 +148,8 @@ extension Uploader {
             logger.warning(
                 "The ingest refused a batch carrying calibration events; its readings go again without them, the events wait in the buffer",
                 metadata: ["http.status": "\(status)", "reason": "\(refusal.reason)", "calibration.events": "\(events.count)"])
-            pauseEvents(&loop)
+            loop.outgoingEvents = []
+            loop.suspectEvents = (events, refusal)
             return nil
         }
         switch status {
@@ -196,6 +203,42 @@ extension Uploader {
         default:
             return transient(refusal, &loop)
         }
+    }
+
+    /// After the readings of a frame refused with its events went again alone: when they were accepted, the events were
+    /// the cause (a refusal 400/422 is permanent: the same event would be refused forever). A single event is quarantined;
+    /// several are sent one per batch next, so that each is judged alone. When the readings were not accepted, nothing
+    /// shows the events are at fault: they pause for a while. Returns false only when the buffer failed.
+    func judgeSuspectEvents(
+        _ suspect: (events: [CalibrationEvent], refusal: Refusal), readingsDelivered: Bool, _ loop: inout LoopState
+    ) async -> Bool {
+        guard readingsDelivered else {
+            pauseEvents(&loop)
+            return true
+        }
+        guard suspect.events.count == 1, let event = suspect.events.first else {
+            loop.singleEventDeliveries = suspect.events.count
+            logger.notice(
+                "The ingest took the readings without the calibration events it refused with them; sending the events one per batch to find the one at fault",
+                metadata: ["calibration.events": "\(suspect.events.count)"])
+            return true
+        }
+        do {
+            try await source.quarantineCalibrations([event.id: suspect.refusal.reason])
+        } catch {
+            logger.error("Cannot move a calibration event to quarantine", metadata: ["error": "\(error)"])
+            pauseEvents(&loop)
+            return false
+        }
+        loop.singleEventDeliveries = max(0, loop.singleEventDeliveries - 1)
+        state.withLock { $0.calibrationsQuarantinedTotal = ($0.calibrationsQuarantinedTotal ?? 0) + 1 }
+        logger.error(
+            "The ingest refuses a calibration event for good (it took the same readings without it); the event is kept in quarantine and not sent again: see farmgate quarantine list",
+            metadata: [
+                "calibration.id": "\(event.id)", "calibration.sensor": "\(event.sensor)", "http.status": "\(suspect.refusal.status)",
+                "reason": "\(suspect.refusal.reason)",
+            ])
+        return true
     }
 
     /// Sends no events for a while (a backoff's maximum, at least a minute) after a frame carrying them was refused or could

@@ -59,9 +59,12 @@ import Synchronization
 /// JSON (configured, or after a fallback); every other batch stays version 2 (or JSON without the member). They are deleted only when the receipt's
 /// `calibrations.accepted + duplicates` equals the number sent; otherwise they go again with a later batch (the ingest is
 /// idempotent on event ids). Events never cost readings anything: a 415 `unsupported_format_version` to a version 3 frame
-/// stops events until `GET /v1/device` lists 3 again, a 400/422 to one pauses them for a while, and in both cases the same
-/// readings go again at once as version 2. A batch halved for size (or 413) carries its events on the first half sent
-/// only.
+/// stops events until `GET /v1/device` lists 3 again, a 400/422 to one puts them under suspicion, and in both cases the
+/// same readings go again at once without them. When those readings are then accepted, the events were the cause: a
+/// single event is quarantined (kept in the buffer, never sent again, shown by `farmgate status` and `farmgate quarantine
+/// list`), several are sent one per batch from then on so that each bad one is isolated and quarantined the same way and
+/// the good ones delivered. When the readings are refused too, the events are not blamed and pause for a while. A batch
+/// halved for size (or 413) carries its events on the first half sent only.
 ///
 /// **Shutdown.** On graceful shutdown a request in flight is finished (bounded by ``UploadConfiguration/requestTimeout``) and
 /// its outcome recorded; then, unless the ingest is failing, the buffer is committed and what is pending is sent for at most
@@ -164,6 +167,11 @@ public final class Uploader: Service {
         var eventsPausedUntil: ContinuousClock.Instant?
         /// After a 415 to a version 3 frame, binary batches carry no events until then.
         var version3PausedUntil: ContinuousClock.Instant?
+        /// The events of a frame the ingest refused 400/422 while their readings go again without them: if those readings
+        /// are then accepted, the events are the cause (one is quarantined; several are sent one at a time to find out).
+        var suspectEvents: (events: [CalibrationEvent], refusal: Refusal)?
+        /// How many of the next deliveries carry a single event (after several were refused together).
+        var singleEventDeliveries = 0
         /// When the uploader fell back to JSON after a 415 to its binary version (nil while it sends as configured).
         var fellBackAt: ContinuousClock.Instant?
     }
@@ -304,7 +312,7 @@ public final class Uploader: Service {
         if let until = loop.eventsPausedUntil, ContinuousClock.now < until { return [] }
         if loop.format == .binary, let until = loop.version3PausedUntil, ContinuousClock.now < until { return [] }
         do {
-            return try await source.pendingCalibrations(limit: Self.maxEventsPerBatch)
+            return try await source.pendingCalibrations(limit: loop.singleEventDeliveries > 0 ? 1 : Self.maxEventsPerBatch)
         } catch {
             // Readings go anyway; the events wait in the buffer for the next batch.
             logger.error("Cannot read pending calibration events from the buffer", metadata: ["error": "\(error)"])
