@@ -113,7 +113,7 @@ struct QuarantineCommand: ParsableCommand {
 
     /// The selector `requeue` and `drop` share: exactly one of them.
     struct Selection: ParsableArguments {
-        @Flag(help: "Every quarantined reading.")
+        @Flag(help: "Every quarantined reading (and calibration event).")
         var all = false
 
         @Option(help: ArgumentHelp("The readings whose reason has this code, e.g. timestamp_in_future.", valueName: "code"))
@@ -178,7 +178,9 @@ struct QuarantineCommand: ParsableCommand {
                         + "(sequence \(QuarantineTable.list(outcome.conflicting))); requeue them once it is delivered, or drop them.")
             }
             if !outcome.notFound.isEmpty { print("Not in quarantine: sequence \(QuarantineTable.list(outcome.notFound)).") }
-            if outcome.requeued == 0 { throw ExitCode(1) }
+            let events = outcome.calibrations ?? 0
+            if events > 0 { print("Requeued \(events) calibration event\(events == 1 ? "" : "s"); they go with the next batch.") }
+            if outcome.requeued == 0 && events == 0 { throw ExitCode(1) }
         }
     }
 
@@ -197,7 +199,9 @@ struct QuarantineCommand: ParsableCommand {
             }
             print("Dropped \(outcome.dropped) reading\(outcome.dropped == 1 ? "" : "s")\(selection.summary) for good.")
             if !outcome.notFound.isEmpty { print("Not in quarantine: sequence \(QuarantineTable.list(outcome.notFound)).") }
-            if outcome.dropped == 0 { throw ExitCode(1) }
+            let events = outcome.calibrations ?? 0
+            if events > 0 { print("Dropped \(events) calibration event\(events == 1 ? "" : "s") for good.") }
+            if outcome.dropped == 0 && events == 0 { throw ExitCode(1) }
         }
     }
 }

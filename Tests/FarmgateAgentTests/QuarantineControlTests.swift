@@ -110,6 +110,16 @@ struct QuarantineControlTests {
             device: "site", version: "test", pid: 1, startedAt: Timestamp(microseconds: 0), now: Timestamp(microseconds: 2_000_000),
             clockSynchronized: true, buffer: statistics, upload: nil, uploadEndpoint: nil, sensors: [], recentQuarantine: [])
         #expect(status.humanReadable().contains("1 calibration event refused for good (farmgate quarantine list)"), "\(status.humanReadable())")
+
+        // Requeue by code sends it again (sequences select readings only); drop all deletes it for good.
+        #expect(try await site.send("quarantine.requeue", ["sequences": String(site.sequences[0])]).quarantine?.requeue?.calibrations == nil)
+        #expect(try await site.send("quarantine.requeue", ["code": "unknown_sensor"]).quarantine?.requeue?.calibrations == nil)
+        #expect(try await site.send("quarantine.requeue", ["code": "malformed_batch"]).quarantine?.requeue?.calibrations == 1)
+        #expect(try await site.buffer.pendingCalibrations(limit: 8) == [event])
+        try await site.buffer.quarantineCalibrations(["cal-q-1": "malformed_batch: again"])
+        #expect(try await site.send("quarantine.drop", ["all": "true"]).quarantine?.drop?.calibrations == 1)
+        #expect(try await site.buffer.quarantinedCalibrations().isEmpty)
+        #expect(try await site.buffer.pendingCalibrations(limit: 8).isEmpty)
         try await site.stop()
     }
 

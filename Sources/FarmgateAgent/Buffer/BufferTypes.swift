@@ -146,6 +146,8 @@ public struct RequeueOutcome: Hashable, Sendable, Codable {
     public var conflicting: [UInt64]
     /// Requested sequence numbers that are not in quarantine.
     public var notFound: [UInt64]
+    /// Quarantined calibration events sent again (selections `all` and `code` only); nil when none.
+    public var calibrations: Int?
 
     public init(requeued: Int, conflicting: [UInt64], notFound: [UInt64]) {
         self.requeued = requeued
@@ -160,6 +162,8 @@ public struct DropOutcome: Hashable, Sendable, Codable {
     public var dropped: Int
     /// Requested sequence numbers that are not in quarantine.
     public var notFound: [UInt64]
+    /// Quarantined calibration events deleted (selections `all` and `code` only); nil when none.
+    public var calibrations: Int?
 
     public init(dropped: Int, notFound: [UInt64]) {
         self.dropped = dropped

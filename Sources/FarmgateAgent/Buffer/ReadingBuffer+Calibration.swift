@@ -78,6 +78,30 @@ extension ReadingBuffer: CalibrationRecorder {
         }
     }
 
+    /// Sends quarantined calibrations again (once the ingest's cause is fixed), all or those whose refusal has `code`.
+    /// - Returns: how many.
+    public func requeueCalibrations(code: String? = nil) async throws -> Int {
+        try await withStore { store in
+            try store.connection.transaction {
+                try store.connection.prepare(
+                    "UPDATE calibrations SET quarantined_at = NULL, code = NULL, message = NULL WHERE quarantined_at IS NOT NULL AND (?1 IS NULL OR code = ?1)"
+                ).run([code.map { .text($0) } ?? .null])
+                return Int(try store.connection.queryInt("SELECT changes()") ?? 0)
+            }
+        }
+    }
+
+    /// Deletes quarantined calibrations for good, all or those whose refusal has `code`. - Returns: how many.
+    public func dropQuarantinedCalibrations(code: String? = nil) async throws -> Int {
+        try await withStore { store in
+            try store.connection.transaction {
+                try store.connection.prepare("DELETE FROM calibrations WHERE quarantined_at IS NOT NULL AND (?1 IS NULL OR code = ?1)")
+                    .run([code.map { .text($0) } ?? .null])
+                return Int(try store.connection.queryInt("SELECT changes()") ?? 0)
+            }
+        }
+    }
+
     /// The quarantined calibrations, oldest first (at most `limit`), optionally only those whose refusal has `code`.
     public func quarantinedCalibrations(code: String? = nil, limit: Int = 1_000) async throws -> [QuarantinedCalibration] {
         let rows = try await withStore { store in

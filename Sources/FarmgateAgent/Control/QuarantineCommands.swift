@@ -10,7 +10,8 @@ import FarmgateWire
 ///
 /// `quarantine.list` answers one page, in ascending sequence order; `next_after` is the `after` of the next page, absent
 /// on the last one. The first page (`after` 0) also carries the quarantined calibration events (`calibrations`, with the
-/// same `code` filter): they are few, and never more than the buffer's events. The CLI asks page after page, so an export of any size streams through in bounded memory.
+/// same `code` filter): they are few, and never more than the buffer's events. `all` and `code` requeue or drop
+/// quarantined calibration events too (counted in the outcome's `calibrations`); `sequences` selects readings only. The CLI asks page after page, so an export of any size streams through in bounded memory.
 public struct QuarantineCommands: Sendable {
     /// The commands this type answers.
     public static let commands = ["quarantine.list", "quarantine.requeue", "quarantine.drop"]
@@ -46,10 +47,23 @@ public struct QuarantineCommands: Sendable {
                 if after == 0 { answer.calibrations = try await buffer.quarantinedCalibrations(code: code) }
                 return ControlAnswer(ok: true, quarantine: answer)
             case "quarantine.requeue":
-                let outcome = try await buffer.requeue(try Self.selection(arguments))
+                let selection = try Self.selection(arguments)
+                var outcome = try await buffer.requeue(selection)
+                // Calibration events have ids, not sequences: `all` and `code` select them too.
+                switch selection {
+                case .all: outcome.calibrations = Self.some(try await buffer.requeueCalibrations())
+                case .code(let code): outcome.calibrations = Self.some(try await buffer.requeueCalibrations(code: code))
+                default: break
+                }
                 return ControlAnswer(ok: true, quarantine: QuarantineAnswer(requeue: outcome))
             case "quarantine.drop":
-                let outcome = try await buffer.dropQuarantined(try Self.selection(arguments))
+                let selection = try Self.selection(arguments)
+                var outcome = try await buffer.dropQuarantined(selection)
+                switch selection {
+                case .all: outcome.calibrations = Self.some(try await buffer.dropQuarantinedCalibrations())
+                case .code(let code): outcome.calibrations = Self.some(try await buffer.dropQuarantinedCalibrations(code: code))
+                default: break
+                }
                 return ControlAnswer(ok: true, quarantine: QuarantineAnswer(drop: outcome))
             default:
                 return ControlAnswer(ok: false, error: "unknown quarantine command \"\(request.command)\"")
@@ -85,6 +99,9 @@ public struct QuarantineCommands: Sendable {
         }
         return .sequences(sequences)
     }
+
+    /// A count, or nil when zero (an outcome without calibration events reads as it did before they existed).
+    static func some(_ count: Int) -> Int? { count > 0 ? count : nil }
 
     static func code(_ text: String) throws(ArgumentError) -> String {
         guard QuarantineReason.isCode(text) else {
