@@ -105,8 +105,9 @@ extension Uploader {
     ///
     /// A frame carrying calibration events that the ingest refuses whole never costs its readings anything: a 415
     /// `unsupported_format_version` means the ingest does not read version 3 after all (events wait until `GET /v1/device`
-    /// says otherwise); a 400/422 may be the events' fault (they pause for a while). Either way the same readings go again
-    /// at once as version 2 and the events stay in the buffer. A 413 halves as usual; the events go with the first half.
+    /// says otherwise); a 400/422 may be the events' fault (they become suspects, judged by ``judgeSuspectEvents``). Either
+    /// way the same readings go again at once without them and the events stay in the buffer. A 413 halves as usual; the
+    /// events go with the first half.
     func send(
         _ group: ArraySlice<Reading>, body: [UInt8], format: UploadConfiguration.Format, events: [CalibrationEvent], _ loop: inout LoopState
     ) async -> Attempt? {
