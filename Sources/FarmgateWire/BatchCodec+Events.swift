@@ -44,8 +44,26 @@ extension BatchCodec {
         }
         var events = ByteWriter()
         events.uvarint(calibrations.count)
+        for json in try encodeEvents(calibrations) {
+            events.uvarint(json.count)
+            events.bytes(json)
+        }
+        let streams = [("events", events.bytes)] + (try encodeStreams(batch))
+        let body = compressBody(streams: streams, level: compressionLevel)
+        return magic + [eventsFormatVersion, flagZstd | (body.magicless ? flagMagicless : 0)] + body.bytes
+    }
+
+    /// Each event's JSON text, as both forms carry it (sorted keys, so that an event is always the same bytes).
+    /// - Throws: ``BatchEncodingError`` for more than ``maxEvents`` events, an invalid id, an event that cannot be encoded
+    ///   or one larger than ``maxEventBytes``.
+    static func encodeEvents(_ calibrations: [CalibrationEvent]) throws(BatchEncodingError) -> [[UInt8]] {
+        guard calibrations.count <= maxEvents else {
+            throw BatchEncodingError("\(calibrations.count) calibration events in one batch, more than \(maxEvents)")
+        }
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        var texts: [[UInt8]] = []
+        texts.reserveCapacity(calibrations.count)
         for event in calibrations {
             guard CalibrationEvent.isValidID(event.id) else {
                 throw BatchEncodingError("calibration event id \"\(event.id.prefix(80))\" is not 1 to 64 of A-Z, a-z, 0-9, - and _")
@@ -57,12 +75,20 @@ extension BatchCodec {
             guard json.count <= maxEventBytes else {
                 throw BatchEncodingError("calibration event \(event.id) is \(json.count) bytes, more than \(maxEventBytes)")
             }
-            events.uvarint(json.count)
-            events.bytes(json)
+            texts.append(Array(json))
         }
-        let streams = [("events", events.bytes)] + (try encodeStreams(batch))
-        let body = compressBody(streams: streams, level: compressionLevel)
-        return magic + [eventsFormatVersion, flagZstd | (body.magicless ? flagMagicless : 0)] + body.bytes
+        return texts
+    }
+
+    /// Decodes one event's JSON text and checks it (``CalibrationEvent/problem``), for both forms.
+    /// - Parameter what: how an error names the event (`calibration event 3`, `calibrations[2]`).
+    static func decodeEvent(_ json: ArraySlice<UInt8>, what: String) throws(BatchDecodingError) -> CalibrationEvent {
+        let event: CalibrationEvent
+        do { event = try JSONDecoder().decode(CalibrationEvent.self, from: Data(json)) } catch {
+            throw BatchDecodingError("\(what) is not a calibration event: \(JSONErrorText.describe(error))")
+        }
+        if let problem = event.problem { throw BatchDecodingError("\(what): \(problem)") }
+        return event
     }
 
     /// Decodes a frame of version 2 or 3. Total, like ``decode(_:limits:)``: any bytes give a frame or an error naming
@@ -80,16 +106,10 @@ extension BatchCodec {
         }
         var calibrations: [CalibrationEvent] = []
         calibrations.reserveCapacity(count)
-        let decoder = JSONDecoder()
         for index in 0..<count {
             let length = try reader.count("length of calibration event \(index + 1)", limit: maxEventBytes)
             let json = try reader.bytes(count: length, "calibration event \(index + 1)")
-            let event: CalibrationEvent
-            do { event = try decoder.decode(CalibrationEvent.self, from: Data(json)) } catch {
-                throw BatchDecodingError("calibration event \(index + 1) is not a calibration event: \(JSONErrorText.describe(error))")
-            }
-            if let problem = event.problem { throw BatchDecodingError("calibration event \(index + 1): \(problem)") }
-            calibrations.append(event)
+            calibrations.append(try decodeEvent(json[...], what: "calibration event \(index + 1)"))
         }
         let batch = try decodeBody(Array(body[reader.offset...]), limits: limits)
         return BatchFrame(version: version, batch: batch, calibrations: calibrations)

@@ -4,10 +4,13 @@ public struct DecodedJSONBatch: Hashable, Sendable {
     public var batch: Batch
     /// Readings refused one by one (`unknown_sensor`, `invalid_reading`), with their sequence (nil when missing or invalid).
     public var rejected: [RejectedReading]
+    /// The calibration events of the `calibrations` member (empty when absent).
+    public var calibrations: [CalibrationEvent]
 
-    public init(batch: Batch, rejected: [RejectedReading]) {
+    public init(batch: Batch, rejected: [RejectedReading], calibrations: [CalibrationEvent] = []) {
         self.batch = batch
         self.rejected = rejected
+        self.calibrations = calibrations
     }
 }
 
@@ -24,11 +27,26 @@ public struct DecodedJSONBatch: Hashable, Sendable {
 /// - `value` is a number or one of the strings `"NaN"`, `"Infinity"`, `"-Infinity"` (decoded as such, for the ingest
 ///   to reject that reading by itself).
 /// - `flags` is optional: names from ``QualityFlags/names``.
+/// - `calibrations` is optional: calibration events, each exactly the JSON that format version 3 carries in its events
+///   section (``CalibrationEvent``), under the same limits (at most ``BatchCodec/maxEvents`` events of at most
+///   ``BatchCodec/maxEventBytes`` bytes of JSON text each). An ingest that does not keep calibrations skips the member and
+///   its receipt has no `calibrations` count, so a sender keeps the events.
 public enum BatchJSON {
     /// The JSON text of `batch`: values at each sensor's resolution, timestamps as RFC 3339 with microseconds (integer
     /// microseconds for years RFC 3339 cannot write), resolutions as a decimal step or `n/d`. Flags outside
     /// ``QualityFlags/names`` have no name and are left out.
     public static func encode(_ batch: Batch) -> [UInt8] {
+        encodeDocument(batch, events: [])
+    }
+
+    /// The JSON text of `batch` with a `calibrations` member holding `calibrations` (left out when there are none).
+    /// - Throws: ``BatchEncodingError`` for what the binary form refuses too: more than ``BatchCodec/maxEvents`` events,
+    ///   an invalid id, an event that cannot be encoded or is larger than ``BatchCodec/maxEventBytes``.
+    public static func encode(_ batch: Batch, calibrations: [CalibrationEvent]) throws(BatchEncodingError) -> [UInt8] {
+        encodeDocument(batch, events: try BatchCodec.encodeEvents(calibrations))
+    }
+
+    private static func encodeDocument(_ batch: Batch, events: [[UInt8]]) -> [UInt8] {
         var w = JSONWriter()
         w.raw("{\"device\":")
         w.string(batch.device.rawValue)
@@ -80,7 +98,16 @@ public enum BatchJSON {
             }
             w.raw("}")
         }
-        w.raw("]}")
+        w.raw("]")
+        if !events.isEmpty {
+            w.raw(",\"calibrations\":[")
+            for (index, event) in events.enumerated() {
+                if index > 0 { w.raw(",") }
+                w.bytes.append(contentsOf: event)
+            }
+            w.raw("]")
+        }
+        w.raw("}")
         return w.bytes
     }
 
@@ -143,6 +170,7 @@ public enum BatchJSON {
         // Readings that come before "sensors" in the document wait here until the sensors are known.
         var waiting: [(index: Int, reading: JSONReading)] = []
         var lastSensorText: String?
+        var calibrations: [CalibrationEvent] = []
 
         try reader.object(depth: 0, path: "") { reader, name throws(BatchDecodingError) in
             switch name {
@@ -202,6 +230,31 @@ public enum BatchJSON {
                 case let other:
                     throw BatchDecodingError("readings: expected an array, found \(other.name)")
                 }
+            case "calibrations":
+                switch try reader.nextKind() {
+                case .null:
+                    _ = try reader.scalar(depth: 1)
+                case .array:
+                    try reader.array(depth: 1) { reader, index throws(BatchDecodingError) in
+                        guard index < BatchCodec.maxEvents else {
+                            throw BatchDecodingError("calibrations: more than the limit of \(BatchCodec.maxEvents) events")
+                        }
+                        // The element's text is checked by the reader (grammar, depth) and then decoded on its own: an
+                        // event is small and bounded, so a tree of it costs little.
+                        let kind = try reader.nextKind()
+                        guard kind == .object else { throw BatchDecodingError("calibrations[\(index)]: expected an object, found \(kind.name)") }
+                        let start = reader.index
+                        try reader.skipValue(depth: 2)
+                        let length = reader.index - start
+                        guard length <= BatchCodec.maxEventBytes else {
+                            throw BatchDecodingError(
+                                "calibrations[\(index)]: the event is \(length) bytes of JSON, more than the limit of \(BatchCodec.maxEventBytes)")
+                        }
+                        calibrations.append(try BatchCodec.decodeEvent(reader.text(start..<reader.index), what: "calibrations[\(index)]"))
+                    }
+                case let other:
+                    throw BatchDecodingError("calibrations: expected an array, found \(other.name)")
+                }
             default:
                 try reader.skipValue(depth: 1)
             }
@@ -221,7 +274,7 @@ public enum BatchJSON {
             case .failure(let rejection): rejected.append(rejection)
             }
         }
-        return DecodedJSONBatch(batch: Batch(device: device, sensors: sensors, readings: readings), rejected: rejected)
+        return DecodedJSONBatch(batch: Batch(device: device, sensors: sensors, readings: readings), rejected: rejected, calibrations: calibrations)
     }
 
     private static func sensor(_ reader: inout JSONReader, path: String) throws(BatchDecodingError) -> SensorDescriptor {

@@ -69,6 +69,9 @@ struct JSONReader {
         if bytes.starts(with: [0xEF, 0xBB, 0xBF]) { index = 3 }
     }
 
+    /// The document's bytes in `range` (positions from ``index``).
+    func text(_ range: Range<Int>) -> ArraySlice<UInt8> { bytes[range] }
+
     func error(_ message: String) -> BatchDecodingError {
         BatchDecodingError("not valid JSON: \(message) at byte \(index)", kind: index >= bytes.count ? .truncated : .malformed)
     }

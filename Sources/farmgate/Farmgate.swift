@@ -64,6 +64,9 @@ struct AgentCommand: AsyncParsableCommand {
             return handler
         }
         let logger = Logger(label: "farmgate")
+        for warning in configuration.warnings {
+            logger.warning("Configuration key has no effect", metadata: ["config.warning": "\(warning.description)"])
+        }
         do {
             try await AgentRuntime.run(configuration: configuration, logger: logger)
         } catch {
@@ -104,6 +107,9 @@ struct ConfigCommand: ParsableCommand {
             }
             for note in gpioNotes {
                 print("gpio        \(note)")
+            }
+            for warning in configuration.warnings {
+                print("warning     \(warning.description)")
             }
         }
     }

@@ -76,6 +76,7 @@ struct QuarantineCommand: ParsableCommand {
         func run() throws {
             var after: UInt64 = 0
             var printed = 0
+            var events: [QuarantinedCalibration] = []
             let table = QuarantineTable()
             while limit.map({ printed < $0 }) ?? true {
                 let pageSize = min(ReadingBuffer.maximumQuarantinePage, limit.map { $0 - printed } ?? Int.max)
@@ -83,6 +84,7 @@ struct QuarantineCommand: ParsableCommand {
                 if let code { arguments["code"] = code }
                 let page = try agent.send("quarantine.list", arguments, as: "quarantine list").quarantine
                 let readings = page?.readings ?? []
+                if after == 0 { events = page?.calibrations ?? [] }
                 if !readings.isEmpty {
                     var text = printed == 0 && !json ? table.header + "\n" : ""
                     for reading in readings { text += (json ? try QuarantineExport.line(reading) : table.row(reading)) + "\n" }
@@ -92,12 +94,18 @@ struct QuarantineCommand: ParsableCommand {
                 guard let next = page?.nextAfter, !readings.isEmpty else { break }
                 after = next
             }
+            if !events.isEmpty {
+                var text = json ? "" : "\nCalibration events the ingest refused for good (kept here, never sent again):\n" + table.eventHeader + "\n"
+                for event in events { text += (json ? try QuarantineExport.line(event) : table.row(event)) + "\n" }
+                FileHandle.standardOutput.write(Data(text.utf8))
+            }
             if !json {
                 // Through the same unbuffered handle as the rows, so the lines keep their order.
-                let summary =
-                    printed == 0
+                var summary =
+                    printed == 0 && events.isEmpty
                     ? code.map { "No quarantined reading has code \($0)." } ?? "Quarantine is empty."
                     : "\(printed) reading\(printed == 1 ? "" : "s") listed."
+                if !events.isEmpty { summary += " \(events.count) calibration event\(events.count == 1 ? "" : "s") listed." }
                 FileHandle.standardOutput.write(Data((summary + "\n").utf8))
             }
         }
@@ -105,7 +113,7 @@ struct QuarantineCommand: ParsableCommand {
 
     /// The selector `requeue` and `drop` share: exactly one of them.
     struct Selection: ParsableArguments {
-        @Flag(help: "Every quarantined reading.")
+        @Flag(help: "Every quarantined reading (and calibration event).")
         var all = false
 
         @Option(help: ArgumentHelp("The readings whose reason has this code, e.g. timestamp_in_future.", valueName: "code"))
@@ -170,7 +178,9 @@ struct QuarantineCommand: ParsableCommand {
                         + "(sequence \(QuarantineTable.list(outcome.conflicting))); requeue them once it is delivered, or drop them.")
             }
             if !outcome.notFound.isEmpty { print("Not in quarantine: sequence \(QuarantineTable.list(outcome.notFound)).") }
-            if outcome.requeued == 0 { throw ExitCode(1) }
+            let events = outcome.calibrations ?? 0
+            if events > 0 { print("Requeued \(events) calibration event\(events == 1 ? "" : "s"); they go with the next batch.") }
+            if outcome.requeued == 0 && events == 0 { throw ExitCode(1) }
         }
     }
 
@@ -189,7 +199,9 @@ struct QuarantineCommand: ParsableCommand {
             }
             print("Dropped \(outcome.dropped) reading\(outcome.dropped == 1 ? "" : "s")\(selection.summary) for good.")
             if !outcome.notFound.isEmpty { print("Not in quarantine: sequence \(QuarantineTable.list(outcome.notFound)).") }
-            if outcome.dropped == 0 { throw ExitCode(1) }
+            let events = outcome.calibrations ?? 0
+            if events > 0 { print("Dropped \(events) calibration event\(events == 1 ? "" : "s") for good.") }
+            if outcome.dropped == 0 && events == 0 { throw ExitCode(1) }
         }
     }
 }
@@ -211,6 +223,19 @@ struct QuarantineTable {
             pad(String(reading.sequence), 10), pad(reading.sensor, 20), pad(RFC3339.format(reading.timestamp), 27),
             pad(Resolution.display(reading.value, resolution: reading.resolution), 10), pad(reading.code, 22), pad(quarantined, 20),
             reading.message,
+        ].joined(separator: " ")
+    }
+
+    var eventHeader: String {
+        [pad("EVENT", 38), pad("SENSOR", 20), pad("TIME", 27), pad("CIRCUIT", 8), pad("CODE", 22), pad("QUARANTINED", 20), "MESSAGE"]
+            .joined(separator: " ")
+    }
+
+    func row(_ quarantined: QuarantinedCalibration) -> String {
+        let at = String(RFC3339.format(quarantined.quarantinedAt).prefix(19)) + "Z"
+        return [
+            pad(quarantined.event.id, 38), pad(quarantined.event.sensor.rawValue, 20), pad(RFC3339.format(quarantined.event.time), 27),
+            pad(quarantined.event.circuit, 8), pad(quarantined.code, 22), pad(at, 20), quarantined.message,
         ].joined(separator: " ")
     }
 
@@ -246,6 +271,28 @@ enum QuarantineExport {
         encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         return encoder
     }()
+
+    /// A quarantined calibration event as a line of the export: `{"calibration_event": {...}, "code", "message",
+    /// "quarantined_at"}` (no `sequence`: events are not readings).
+    static func line(_ quarantined: QuarantinedCalibration) throws -> String {
+        struct EventLine: Encodable {
+            let calibrationEvent: CalibrationEvent
+            let code: String
+            let message: String
+            let quarantinedAt: Timestamp
+            enum CodingKeys: String, CodingKey {
+                case calibrationEvent = "calibration_event"
+                case code, message
+                case quarantinedAt = "quarantined_at"
+            }
+        }
+        let line = EventLine(calibrationEvent: quarantined.event, code: quarantined.code, message: quarantined.message, quarantinedAt: quarantined.quarantinedAt)
+        do {
+            return String(decoding: try encoder.encode(line), as: UTF8.self)
+        } catch {
+            throw CleanExit.message("farmgate quarantine list: cannot write calibration event \(quarantined.event.id) as JSON: \(error)", code: 1)
+        }
+    }
 
     static func line(_ reading: QuarantinedReading) throws -> String {
         let line = Line(

@@ -9,9 +9,12 @@ struct ScanCommand: AsyncParsableCommand {
         commandName: "scan",
         abstract: "Find sensors: EZO circuits and Modbus slaves on serial ports, DS18B20s on 1-Wire, GPIO chips and lines.",
         discussion: """
-            Serial ports are /dev/serial/by-id links (the paths to configure) and ttyUSB, ttyACM, ttyAMA and ttyS ports. Each \
-            is opened with the lock the agent's drivers take, without waiting: a port in use is reported, never fought for, \
-            and the ports the running agent is configured for are not opened at all. Every probe has a deadline.
+            Serial ports probed are USB serial adapters: /dev/serial/by-id links (the paths to configure), ttyUSB and ttyACM \
+            ports. On-board UARTs (ttyAMA, ttyS) are often wired to a serial console or another device and are skipped (the \
+            output says so) unless named with --port or opted into with --onboard-uarts; a port the kernel reports without a \
+            UART is never probed unless named. Each port is opened with the lock the agent's drivers take, without waiting: a \
+            port in use is reported, never fought for, and the ports the running agent is configured for are not opened at \
+            all. Every probe has a deadline.
             """)
 
     @OptionGroup var options: ConfigOption
@@ -35,6 +38,16 @@ struct ScanCommand: AsyncParsableCommand {
     @Option(name: .customLong("port-timeout"), help: ArgumentHelp("The most one serial port's probing may take.", valueName: "duration"))
     var portTimeout: String = "30s"
 
+    @Option(
+        name: .customLong("port"),
+        help: ArgumentHelp("Probe this serial port too, an on-board UART included (repeat for several).", valueName: "path"))
+    var ports: [String] = []
+
+    @Flag(
+        name: .customLong("onboard-uarts"),
+        help: "Also probe on-board UARTs (ttyAMA*, ttyS*) that have a UART behind them; make sure none is wired to a console or another device.")
+    var onboardUARTs = false
+
     @Flag(help: "Print the findings as JSON.")
     var json = false
 
@@ -44,6 +57,9 @@ struct ScanCommand: AsyncParsableCommand {
         }
         for baud in bauds where !SerialSettings.supportedBauds.contains(baud) {
             throw ValidationError("--serial-baud \(baud) is not supported; use \(SerialSettings.supportedBauds.map(String.init).joined(separator: ", "))")
+        }
+        for port in ports where !FileManager.default.fileExists(atPath: port) {
+            throw ValidationError("--port \(port): no such device; list the serial ports with `ls -l /dev/serial/by-id /dev/tty*`")
         }
         guard ConfigTable.parseDuration(portTimeout) != nil else {
             throw ValidationError("--port-timeout must be a duration such as \"10s\" (got \"\(portTimeout)\")")
@@ -61,6 +77,8 @@ struct ScanCommand: AsyncParsableCommand {
     func run() async throws {
         var scan = ScanOptions()
         scan.deviceDirectory = deviceDirectory
+        scan.explicitPorts = ports
+        scan.includeOnboardUARTs = onboardUARTs
         if !bauds.isEmpty { scan.bauds = bauds }
         scan.modbusIDs = Self.idRange(modbusIDs) ?? 1...16
         scan.w1Root = w1Root

@@ -179,6 +179,71 @@ struct DriverExamplesTests {
         for word in expected { #expect(result.output.contains(word), "\(word) missing from: \(result.output)") }
     }
 
+    @Test("Every agent configuration in examples/ passes `farmgate config check` without a warning (no key a driver ignores)")
+    func everyExampleIsCheckedAndClean() async throws {
+        let directory = Self.root.appendingPathComponent("examples").path
+        let files = try FileManager.default.contentsOfDirectory(atPath: directory).filter { $0.hasSuffix(".toml") }.sorted()
+        var agentFiles: [String] = []
+        for file in files {
+            let text = try String(contentsOfFile: directory + "/" + file, encoding: .utf8)
+            // The ingest's own configuration is checked by the ingest's tests (IngestConfiguration.load).
+            if text.contains("\n[device]") || text.hasPrefix("[device]") { agentFiles.append(file) } else { #expect(file.contains("ingest"), "\(file) is neither an agent nor an ingest configuration") }
+        }
+        #expect(agentFiles.count >= 4, "\(agentFiles)")
+        // Key files the examples name (/etc/farmgate/device.key, the demo's) do not exist here: each copy points at one
+        // that does, and nothing else changes (no other path an example names is opened by the check).
+        let scratch = try Scratch(prefix: "fg-all-examples")
+        let key = try scratch.write("device.key", "fgd_example_key\n")
+        for file in agentFiles {
+            let original = try String(contentsOfFile: directory + "/" + file, encoding: .utf8)
+            let text = original.split(separator: "\n", omittingEmptySubsequences: false).map { line in
+                line.hasPrefix("key_file = ") ? "key_file = \"\(key)\"" : String(line)
+            }.joined(separator: "\n")
+            let path = try scratch.write(file, text)
+            let result = try await farmgate(["config", "check", "-c", path])
+            #expect(result.status == 0, "\(file): \(result.output)")
+            #expect(result.output.contains("\(path): OK"), "\(file): \(result.output)")
+            #expect(!result.output.contains("warning"), "\(file): \(result.output)")
+        }
+    }
+
+    @Test("interval and deadband on a GPIO switch are warned about, located, and the configuration still passes; on a flow meter they apply")
+    func ignoredKeysOnAGPIOSwitch() async throws {
+        let scratch = try Scratch(prefix: "fg-ignored")
+        let path = try scratch.write(
+            "agent.toml",
+            """
+            [device]
+            id = "site"
+
+            [[sensor]]
+            id = "tank1.level_ok"
+            driver = "gpio"
+            quantity = "state"
+            line = 17
+            interval = "1s"
+            deadband = 0.5
+
+            [[sensor]]
+            id = "loop.flow"
+            driver = "gpio"
+            quantity = "flow"
+            line = 27
+            pulses_per_litre = 450
+            interval = "10s"
+            deadband = 0.1
+            """)
+        let configuration = try AgentConfiguration.load(path: path)
+        #expect(configuration.warnings.map(\.description) == [
+            "\(path):10: sensor \"tank1.level_ok\": deadband: has no effect here and is ignored: a GPIO switch stores every debounced change (a state is 0 or 1); remove it",
+            "\(path):9: sensor \"tank1.level_ok\": interval: has no effect here and is ignored: a GPIO switch is not polled; every debounced change is stored as it happens, plus the unchanged state every heartbeat; remove it",
+        ])
+        let result = try await farmgate(["config", "check", "-c", path])
+        #expect(result.status == 0, "\(result.output)")
+        #expect(result.output.contains("warning     \(path):9: sensor \"tank1.level_ok\": interval: has no effect here"), "\(result.output)")
+        #expect(!result.output.contains("loop.flow\": interval"), "\(result.output)")
+    }
+
     @Test("A broken copy of an example fails `farmgate config check` with the located error (exit 78)")
     func brokenExample() async throws {
         let scratch = try Scratch(prefix: "fg-examples")

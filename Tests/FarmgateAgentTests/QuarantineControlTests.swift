@@ -88,6 +88,41 @@ struct QuarantineControlTests {
         try await site.stop()
     }
 
+    @Test("a calibration event refused for good is listed on the first page with its code, filtered by code, and counted in status")
+    func calibrationEvents() async throws {
+        let site = try await Site(count: 3, logger: quiet)
+        let event = CalibrationEvent(
+            id: "cal-q-1", sensor: try SensorID("tank1.ph"), time: Timestamp(microseconds: 1_790_000_000_000_000), circuit: "pH", firmware: "2.16",
+            points: [.init(name: "mid", reference: 7, at: Timestamp(microseconds: 1_789_999_000_000_000), reading: 7.01)], calibratedPoints: 1,
+            slope: nil)
+        try await site.buffer.recordCalibration(event)
+        try await site.buffer.quarantineCalibrations(["cal-q-1": "malformed_batch: calibration event 1: event cal-q-1 has 0 points"])
+        let first = try await site.send("quarantine.list")
+        #expect(first.quarantine?.calibrations?.map(\.event) == [event])
+        #expect(first.quarantine?.calibrations?.first?.code == "malformed_batch")
+        #expect(first.quarantine?.calibrations?.first?.message == "calibration event 1: event cal-q-1 has 0 points")
+        #expect(try await site.send("quarantine.list", ["code": "unknown_sensor"]).quarantine?.calibrations?.isEmpty == true)
+        #expect(try await site.send("quarantine.list", ["after": "1"]).quarantine?.calibrations == nil, "only on the first page")
+        let statistics = try await site.buffer.statistics()
+        #expect(statistics.quarantinedCalibrations == 1 && statistics.pendingCalibrations == 0)
+        #expect(try await site.buffer.pendingCalibrations(limit: 8).isEmpty, "never sent again")
+        let status = AgentStatus(
+            device: "site", version: "test", pid: 1, startedAt: Timestamp(microseconds: 0), now: Timestamp(microseconds: 2_000_000),
+            clockSynchronized: true, buffer: statistics, upload: nil, uploadEndpoint: nil, sensors: [], recentQuarantine: [])
+        #expect(status.humanReadable().contains("1 calibration event refused for good (farmgate quarantine list)"), "\(status.humanReadable())")
+
+        // Requeue by code sends it again (sequences select readings only); drop all deletes it for good.
+        #expect(try await site.send("quarantine.requeue", ["sequences": String(site.sequences[0])]).quarantine?.requeue?.calibrations == nil)
+        #expect(try await site.send("quarantine.requeue", ["code": "unknown_sensor"]).quarantine?.requeue?.calibrations == nil)
+        #expect(try await site.send("quarantine.requeue", ["code": "malformed_batch"]).quarantine?.requeue?.calibrations == 1)
+        #expect(try await site.buffer.pendingCalibrations(limit: 8) == [event])
+        try await site.buffer.quarantineCalibrations(["cal-q-1": "malformed_batch: again"])
+        #expect(try await site.send("quarantine.drop", ["all": "true"]).quarantine?.drop?.calibrations == 1)
+        #expect(try await site.buffer.quarantinedCalibrations().isEmpty)
+        #expect(try await site.buffer.pendingCalibrations(limit: 8).isEmpty)
+        try await site.stop()
+    }
+
     @Test("requeue and drop by code and by sequence; status counts follow")
     func requeueAndDrop() async throws {
         let site = try await Site(count: 9, logger: quiet)

@@ -99,6 +99,68 @@ struct ScanTests {
         #expect(quiet.message?.contains("time budget") == true, "\(quiet.message ?? "-")")
     }
 
+    @Test("On-board UARTs (ttyS, ttyAMA) get no probe bytes unless named with --port or opted into; ports without a UART never; the report says which were skipped and why")
+    func onboardUARTsAreLeftAlone() async throws {
+        let dir = try Scratch(prefix: "fg-scan", in: URL(fileURLWithPath: "/tmp"))
+        let dev = dir.file("dev")
+        try FileManager.default.createDirectory(atPath: dev, withIntermediateDirectories: true)
+        // A console-like device on ttyS0 (an EZO circuit stands in: it records every byte written to it), a circuit on
+        // the Pi's ttyAMA0, one on a USB adapter, and ttyS1 with no UART behind it.
+        let console = try EZOSimulator(.ph, path: dev + "/ttyS0", values: { _, _ in 6 })
+        let ama = try EZOSimulator(.ec, path: dev + "/ttyAMA0", values: { _, _ in 1413 })
+        let empty = try EZOSimulator(.rtd, path: dev + "/ttyS1", values: { _, _ in 20 })
+        let usb = try EZOSimulator(.ph, path: dev + "/ttyUSB0", values: { _, _ in 6 })
+        defer {
+            console.stop()
+            ama.stop()
+            empty.stop()
+            usb.stop()
+        }
+        let noUART = SerialScan.resolve(empty.path)
+        var options = options(dev: dev, w1: dir.file("w1"))
+        options.detectUART = { device in device == noUART ? .none : SerialScan.detectUART(device) }
+
+        // By default: only the USB adapter is probed.
+        let report = await Scanner.scan(options, gpio: { GPIOFinding() })
+        #expect(report.serialPorts.map(\.path) == [usb.path])
+        #expect(report.serialPorts.first?.ezo?.circuit == "pH")
+        #expect(Set(report.skippedPorts.map(\.path)) == [console.path, ama.path, empty.path])
+        #expect(report.skippedPorts.first { $0.path == empty.path }?.reason == .noUART)
+        #expect(report.skippedPorts.first { $0.path == console.path }?.reason == .onboardUART)
+        #expect(console.commands.isEmpty && ama.commands.isEmpty && empty.commands.isEmpty, "probe bytes reached an on-board port")
+        let text = report.text()
+        #expect(text.contains("\(console.path): skipped: an on-board UART"), "\(text)")
+        #expect(text.contains("--port \(ama.path)"))
+        #expect(text.contains("skipped ttyS1: no UART behind it"), "\(text)")
+
+        // Named with --port: probed, the others still not.
+        options.explicitPorts = [console.path]
+        let named = await SerialScan.scan(options)
+        #expect(Set(named.map(\.path)) == [console.path, usb.path])
+        #expect(named.first { $0.path == console.path }?.ezo?.circuit == "pH")
+        #expect(ama.commands.isEmpty && empty.commands.isEmpty)
+
+        // Opted in: every on-board port with a UART (or that cannot say) is probed; the one without a UART still is not.
+        options.explicitPorts = []
+        options.includeOnboardUARTs = true
+        let all = await SerialScan.scan(options)
+        #expect(Set(all.map(\.path)) == [console.path, ama.path, usb.path])
+        #expect(all.first { $0.path == ama.path }?.ezo?.circuit == "EC")
+        #expect(empty.commands.isEmpty)
+    }
+
+    @Test("UART detection: a pseudo-terminal answers no TIOCGSERIAL (unknown); PORT_UNKNOWN means no UART")
+    func uartDetection() throws {
+        let dir = try Scratch(prefix: "fg-uart", in: URL(fileURLWithPath: "/tmp"))
+        let pty = try EZOSimulator(.ph, path: dir.file("ttyS7"), values: { _, _ in 6 })
+        defer { pty.stop() }
+        #expect(SerialScan.serialType(SerialScan.resolve(pty.path)) == .unknown)
+        #expect(SerialScan.detectUART(SerialScan.resolve(pty.path)) == .unknown)
+        #expect(SerialScan.detectUART(dir.file("no-such-port")) == .unknown)
+        #expect(pty.commands.isEmpty, "detection wrote to the port")
+        #expect(SerialScan.portUnknown == 0)
+    }
+
     @Test("DS18B20s in a fake w1 tree: values, a CRC failure, and a missing bus")
     func oneWire() async throws {
         let dir = try Scratch(prefix: "fg-w1")

@@ -6,9 +6,10 @@ import Logging
 import Synchronization
 import Testing
 
-/// A loopback ingest that reads binary format versions 2 and 3 like `farmgate-ingest`: idempotent on reading sequences and on
-/// event ids, answering `calibrations` in the receipt of a version 3 frame. What it says in `accepted_versions`, and
-/// whether it answers a version 3 frame or counts its events, is up to the test.
+/// A loopback ingest that reads binary format versions 2 and 3 and the JSON form like `farmgate-ingest`: idempotent on
+/// reading sequences and on event ids, answering `calibrations` in the receipt of a batch that carried events. What it says
+/// in `accepted_versions` (which a test may change while it runs), and whether it answers a version 3 frame or counts its
+/// events, is up to the test. JSON batches are logged as version 0.
 final class EventIngest: Sendable {
     struct Rules: Sendable {
         /// `accepted_versions` in `GET /v1/device` (nil: the member is absent, as from an ingest before version 3).
@@ -17,10 +18,14 @@ final class EventIngest: Sendable {
         var refuseVersion3 = false
         /// Leave `calibrations` out of the receipt of frame `n` (counting batch POSTs from 0).
         var uncounted: @Sendable (Int) -> Bool = { _ in false }
-        /// Refuse every version 3 frame 422 (an ingest that cannot take an event: its fault is the event's, not the readings').
+        /// Refuse every frame carrying events 422 (an ingest that cannot take an event: its fault is the event's, not the readings').
         var refuseEvents = false
+        /// Refuse every frame carrying one of these events 422 (and take the others).
+        var refuseEventIDs: Set<String> = []
         /// Refuse frames with more readings than this 413 `too_many_readings`.
         var maxReadings = Int.max
+        /// Refuse every binary frame 415 `unsupported_format_version` (an ingest that takes only JSON).
+        var refuseBinary = false
     }
 
     struct Log: Sendable {
@@ -30,30 +35,51 @@ final class EventIngest: Sendable {
         /// How many times each event was stored (it must never be more than once).
         var storedEvents: [String: Int] = [:]
         var eventDuplicates = 0
+        /// `GET /v1/device` questions answered.
+        var deviceQuestions = 0
     }
 
     private final class State: Sendable {
         let log = Mutex(Log())
         let posts = Atomic<Int>(0)
+        let acceptedVersions: Mutex<[Int]?>
+        let refuseBinary: Mutex<Bool>
+
+        init(acceptedVersions: [Int]?, refuseBinary: Bool) {
+            self.acceptedVersions = Mutex(acceptedVersions)
+            self.refuseBinary = Mutex(refuseBinary)
+        }
     }
 
     let server: TestHTTPServer
     private let shared: State
 
     init(_ rules: Rules = Rules()) throws {
-        let shared = State()
+        let shared = State(acceptedVersions: rules.acceptedVersions, refuseBinary: rules.refuseBinary)
         self.shared = shared
         server = try TestHTTPServer { request, _ in
             if request.method == "GET" {
+                let highest = shared.log.withLock { log -> UInt64? in
+                    log.deviceQuestions += 1
+                    return log.storedReadings.max()
+                }
                 let answer = DeviceState(
-                    device: testDevice.rawValue, highestSequence: shared.log.withLock { $0.storedReadings.max() },
-                    acceptedVersions: rules.acceptedVersions)
+                    device: testDevice.rawValue, highestSequence: highest, acceptedVersions: shared.acceptedVersions.withLock { $0 })
                 let body = (try? JSONEncoder().encode(answer)).map { Array($0) } ?? []
                 return .reply(200, headers: ["Content-Type": "application/json"], body: body)
             }
             let frame: BatchFrame
+            let json = request.headers["content-type"] == IngestProtocol.jsonBatchMediaType
+            if !json && shared.refuseBinary.withLock({ $0 }) {
+                return .error(415, IngestErrorCode.unsupportedFormatVersion, "only JSON is read here", acceptedVersions: [])
+            }
             do {
-                frame = try BatchCodec.decodeFrame(request.body)
+                if json {
+                    let decoded = try BatchJSON.decode(request.body)
+                    frame = BatchFrame(version: 0, batch: decoded.batch, calibrations: decoded.calibrations)
+                } else {
+                    frame = try BatchCodec.decodeFrame(request.body)
+                }
             } catch {
                 return .error(400, IngestErrorCode.malformedBatch, "\(error)")
             }
@@ -64,7 +90,7 @@ final class EventIngest: Sendable {
             if frame.batch.readings.count > rules.maxReadings {
                 return .error(413, IngestErrorCode.tooManyReadings, "more than \(rules.maxReadings) readings")
             }
-            if frame.version == 3 && rules.refuseEvents {
+            if !frame.calibrations.isEmpty && (rules.refuseEvents || frame.calibrations.contains { rules.refuseEventIDs.contains($0.id) }) {
                 return .error(422, "invalid_calibration", "the calibration event cannot be stored")
             }
             if frame.version == 3 && rules.refuseVersion3 {
@@ -88,7 +114,7 @@ final class EventIngest: Sendable {
                         eventsDuplicate += 1
                     }
                 }
-                if frame.version == 3 && !rules.uncounted(index) {
+                if !frame.calibrations.isEmpty && !rules.uncounted(index) {
                     receipt.calibrations = CalibrationReceipt(accepted: eventsAccepted, duplicates: eventsDuplicate)
                 }
                 return .receipt(receipt)
@@ -98,6 +124,12 @@ final class EventIngest: Sendable {
 
     var url: String { server.url }
     var log: Log { shared.log.withLock { $0 } }
+
+    /// What `GET /v1/device` says from now on (an ingest upgraded or rolled back while the agent runs).
+    func setAcceptedVersions(_ versions: [Int]?) { shared.acceptedVersions.withLock { $0 = versions } }
+
+    /// Whether binary frames are refused 415 from now on.
+    func setRefuseBinary(_ refuse: Bool) { shared.refuseBinary.withLock { $0 = refuse } }
 }
 
 /// Calibration events travel in version 3 frames beside the readings, only to an ingest that reads version 3, and leave the
@@ -230,14 +262,30 @@ struct UploadCalibrationTests {
         #expect(try await data.statistics().quarantined == 0)
     }
 
-    @Test func inJSONEventsAreNotSentAndWait() async throws {
+    @Test func inJSONEventsGoInTheCalibrationsMemberOnceAndAreDeletedWhenTheReceiptCountsThem() async throws {
         let data = try await TestBuffer(count: 10)
         try await data.buffer.recordCalibration(Self.event(1))
-        let ingest = try FakeIngest()
-        try await withUploader(source: data.buffer, configuration: uploadConfiguration(ingest.url, format: .json)) { _ throws in
-            #expect(try await eventually { try await data.statistics().pending == 0 })
+        try await data.buffer.recordCalibration(Self.event(2))
+        let ingest = try EventIngest()
+        try await withUploader(source: data.buffer, configuration: uploadConfiguration(ingest.url, format: .json)) { uploader throws in
+            #expect(try await Self.feed(data) { try await data.buffer.pendingCalibrationCount() == 0 })
+            #expect(await eventually { uploader.status().calibrationsUploadedTotal == 2 })
         }
-        #expect(ingest.log.contentTypes.allSatisfy { $0 == IngestProtocol.jsonBatchMediaType })
+        let log = ingest.log
+        #expect(log.frames.allSatisfy { $0.version == 0 }, "every batch went as JSON")
+        #expect(log.storedEvents == ["cal-test-1": 1, "cal-test-2": 1])
+        #expect(log.eventDuplicates == 0)
+        #expect(log.frames.filter { !$0.events.isEmpty }.map(\.events) == [["cal-test-1", "cal-test-2"]])
+    }
+
+    @Test func inJSONEventsWaitForAnIngestThatDoesNotListVersion3() async throws {
+        let data = try await TestBuffer(count: 10)
+        try await data.buffer.recordCalibration(Self.event(1))
+        let ingest = try EventIngest(EventIngest.Rules(acceptedVersions: [2]))
+        try await withUploader(source: data.buffer, configuration: uploadConfiguration(ingest.url, format: .json)) { _ throws in
+            #expect(try await Self.feed(data) { ingest.log.frames.count >= 3 })
+        }
+        #expect(ingest.log.frames.allSatisfy { $0.version == 0 && $0.events.isEmpty })
         #expect(try await data.buffer.pendingCalibrationCount() == 1)
     }
 
@@ -290,7 +338,7 @@ struct UploadCalibrationTests {
         #expect(try await data.statistics().quarantined == 0)
     }
 
-    @Test func aBatchWithEventsRefused422SendsItsReadingsWithoutThemAndQuarantinesNothing() async throws {
+    @Test func anEventRefused422WhileItsReadingsAloneAreAcceptedIsQuarantinedAndNeverSentAgain() async throws {
         let data = try await TestBuffer(count: 40)
         try await data.buffer.recordCalibration(Self.event(1))
         let ingest = try EventIngest(EventIngest.Rules(refuseEvents: true))
@@ -298,7 +346,8 @@ struct UploadCalibrationTests {
             #expect(try await Self.feed(data) { ingest.log.frames.count >= 4 })
             #expect(try await eventually { try await data.statistics().pending == 0 })
             #expect(uploader.status().held == nil)
-            #expect(uploader.status().quarantinedTotal == 0)
+            #expect(uploader.status().quarantinedTotal == 0, "no reading pays for the event")
+            #expect(uploader.status().calibrationsQuarantinedTotal == 1)
         }
         let log = ingest.log
         #expect(log.frames.first?.events == ["cal-test-1"])
@@ -306,9 +355,57 @@ struct UploadCalibrationTests {
             #expect(log.frames[1].sequences == log.frames[0].sequences, "the same readings went again at once")
             #expect(log.frames[1].events.isEmpty)
         }
-        // Events pause after the refusal (at least a minute): no second version 3 frame while the test runs.
-        #expect(log.frames.filter { $0.version == 3 }.count == 1)
+        #expect(log.frames.filter { !$0.events.isEmpty }.count == 1, "never sent again")
+        let statistics = try await data.statistics()
+        #expect(statistics.quarantined == 0)
+        #expect(statistics.pendingCalibrations == 0)
+        #expect(statistics.quarantinedCalibrations == 1)
+        let quarantined = try await data.buffer.quarantinedCalibrations()
+        #expect(quarantined.first?.event.id == "cal-test-1")
+        #expect(quarantined.first?.code == "invalid_calibration")
+        #expect(quarantined.first?.message == "the calibration event cannot be stored")
+        #expect(try await data.buffer.quarantinedCalibrations(code: "malformed_batch").isEmpty)
+    }
+
+    @Test func oneBadEventAmongSeveralIsFoundAndQuarantinedAndTheOthersAreDeliveredOnce() async throws {
+        let data = try await TestBuffer(count: 40)
+        for n in 1...4 { try await data.buffer.recordCalibration(Self.event(n)) }
+        let ingest = try EventIngest(EventIngest.Rules(refuseEventIDs: ["cal-test-3"]))
+        try await withUploader(source: data.buffer, configuration: uploadConfiguration(ingest.url)) { uploader throws in
+            #expect(
+                try await Self.feed(data) {
+                    let quarantined = try await data.statistics().quarantinedCalibrations
+                    let pending = try await data.buffer.pendingCalibrationCount()
+                    return quarantined == 1 && pending == 0
+                })
+            #expect(uploader.status().held == nil)
+            #expect(uploader.status().quarantinedTotal == 0)
+        }
+        let log = ingest.log
+        #expect(log.storedEvents == ["cal-test-1": 1, "cal-test-2": 1, "cal-test-4": 1])
+        #expect(log.eventDuplicates == 0)
+        #expect(try await data.buffer.quarantinedCalibrations().map(\.event.id) == ["cal-test-3"])
+        // Together once, then one per batch: the bad one was refused twice in all (with the others, then alone).
+        #expect(log.frames.filter { $0.events.contains("cal-test-3") }.count == 2, "\(log.frames.map(\.events))")
         #expect(try await data.statistics().quarantined == 0)
-        #expect(try await data.buffer.pendingCalibrationCount() == 1)
+    }
+
+    @Test func eventsAreNotBlamedWhenTheirReadingsAreRefusedAloneToo() async throws {
+        let data = try await TestBuffer(count: 40)
+        try await data.buffer.recordCalibration(Self.event(1))
+        // Every batch is refused 422: the readings (or the ingest) are at fault, not the event.
+        let ingest = try TestHTTPServer { request, _ in
+            if request.method == "GET" {
+                let body = (try? JSONEncoder().encode(DeviceState(device: testDevice.rawValue, highestSequence: nil, acceptedVersions: [2, 3]))).map { Array($0) } ?? []
+                return .reply(200, headers: ["Content-Type": "application/json"], body: body)
+            }
+            return .error(422, "invalid_reading", "nothing is taken today")
+        }
+        try await withUploader(source: data.buffer, configuration: uploadConfiguration(ingest.url)) { uploader throws in
+            #expect(await eventually { uploader.status().held != nil })
+        }
+        let statistics = try await data.statistics()
+        #expect(statistics.quarantinedCalibrations == 0)
+        #expect(statistics.pendingCalibrations == 1)
     }
 }

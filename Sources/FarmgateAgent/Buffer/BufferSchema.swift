@@ -18,7 +18,9 @@ import FarmgateSupport
 /// - `boots` (version 2): one row per kernel boot id that readings were taken in while the clock was not synchronised.
 ///   `readings.boot` (its key) and `readings.boottime` (CLOCK_BOOTTIME in microseconds) are set only for such readings, and
 ///   cleared when their time is corrected; NULL (no bytes) for every reading taken with a synchronised clock.
-/// - `calibrations` (version 4): finished calibration events, kept until the ingest acknowledged them.
+/// - `calibrations` (version 4): finished calibration events, kept until the ingest acknowledged them. From version 5 an
+///   event the ingest refused for good stays in the table with `quarantined_at`, `code` and `message` set, and is no
+///   longer sent (see ``ReadingBuffer/quarantineCalibrations(_:)``).
 enum BufferSchema {
     /// One step of the schema: the statements that take a file from `version - 1` to `version`, run in one transaction.
     /// Never edit a migration that has shipped: append a new one.
@@ -33,6 +35,7 @@ enum BufferSchema {
         Migration(version: 2, sql: version2),
         Migration(version: 3, sql: version3),
         Migration(version: 4, sql: version4),
+        Migration(version: 5, sql: version5),
     ]
 
     /// The version this build writes. A file with a higher version was written by a newer Farmgate and is not touched.
@@ -130,6 +133,14 @@ enum BufferSchema {
             event TEXT NOT NULL,
             recorded_at INTEGER NOT NULL
         );
+        """
+
+    /// Version 5: calibration events the ingest refuses for good are quarantined in place (NULL columns: an existing file
+    /// migrates without rewriting a row). `quarantined_at` NULL means the event waits to be sent.
+    static let version5 = """
+        ALTER TABLE calibrations ADD COLUMN quarantined_at INTEGER;
+        ALTER TABLE calibrations ADD COLUMN code TEXT;
+        ALTER TABLE calibrations ADD COLUMN message TEXT;
         """
 
     /// The version of the file behind `connection`, 0 for an empty file.

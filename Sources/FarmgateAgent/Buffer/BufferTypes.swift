@@ -146,6 +146,8 @@ public struct RequeueOutcome: Hashable, Sendable, Codable {
     public var conflicting: [UInt64]
     /// Requested sequence numbers that are not in quarantine.
     public var notFound: [UInt64]
+    /// Quarantined calibration events sent again (selections `all` and `code` only); nil when none.
+    public var calibrations: Int?
 
     public init(requeued: Int, conflicting: [UInt64], notFound: [UInt64]) {
         self.requeued = requeued
@@ -160,6 +162,8 @@ public struct DropOutcome: Hashable, Sendable, Codable {
     public var dropped: Int
     /// Requested sequence numbers that are not in quarantine.
     public var notFound: [UInt64]
+    /// Quarantined calibration events deleted (selections `all` and `code` only); nil when none.
+    public var calibrations: Int?
 
     public init(dropped: Int, notFound: [UInt64]) {
         self.dropped = dropped
@@ -197,13 +201,17 @@ public struct BufferStatistics: Hashable, Sendable, Codable {
     public var quotaBytes: Int64
     /// Calibration events waiting for the ingest to acknowledge them (nil from a source that does not keep them).
     public var pendingCalibrations: Int?
+    /// Calibration events the ingest refused for good, kept aside (nil from a source that does not keep them).
+    public var quarantinedCalibrations: Int?
 
     public init(
         pending: Int, oldestPending: Timestamp?, uncommitted: Int, quarantined: Int, dropped: Int64, duplicatesIgnored: Int64,
         lastSequence: UInt64, usedBytes: Int64, quotaBytes: Int64, quarantinedByCode: [String: Int] = [:],
-        quarantineTrimmed: Int64 = 0, quarantineDropped: Int64 = 0, held: Int = 0, pendingCalibrations: Int? = nil
+        quarantineTrimmed: Int64 = 0, quarantineDropped: Int64 = 0, held: Int = 0, pendingCalibrations: Int? = nil,
+        quarantinedCalibrations: Int? = nil
     ) {
         self.pendingCalibrations = pendingCalibrations
+        self.quarantinedCalibrations = quarantinedCalibrations
         self.quarantinedByCode = quarantinedByCode
         self.quarantineTrimmed = quarantineTrimmed
         self.quarantineDropped = quarantineDropped
@@ -255,10 +263,35 @@ public protocol PendingReadings: Sendable {
     func pendingCalibrations(limit: Int) async throws -> [CalibrationEvent]
     /// Deletes calibration events the ingest counted in a receipt (stored or already had).
     func acknowledgeCalibrations(_ ids: [String]) async throws
+    /// Keeps calibration events the ingest refused for good aside (never sent again), with the reason for each by id.
+    func quarantineCalibrations(_ reasons: [String: String]) async throws
 }
 
 extension PendingReadings {
     /// A source that keeps no calibration events (a test's) has none to send.
     public func pendingCalibrations(limit: Int) async throws -> [CalibrationEvent] { [] }
     public func acknowledgeCalibrations(_ ids: [String]) async throws {}
+    public func quarantineCalibrations(_ reasons: [String: String]) async throws {}
+}
+
+/// A calibration event the ingest refused for good (``PendingReadings/quarantineCalibrations(_:)``).
+public struct QuarantinedCalibration: Hashable, Sendable, Codable {
+    public var event: CalibrationEvent
+    /// The stable code of the refusal (`malformed_batch`, ...; `unknown` when the reason has none).
+    public var code: String
+    /// The refusal without its code.
+    public var message: String
+    public var quarantinedAt: Timestamp
+
+    public init(event: CalibrationEvent, code: String, message: String, quarantinedAt: Timestamp) {
+        self.event = event
+        self.code = code
+        self.message = message
+        self.quarantinedAt = quarantinedAt
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case event, code, message
+        case quarantinedAt = "quarantined_at"
+    }
 }

@@ -33,7 +33,8 @@ extension ReadingBuffer: CalibrationRecorder {
     /// Farmgate and downgraded) is skipped, never sent half-read.
     public func pendingCalibrations(limit: Int) async throws -> [CalibrationEvent] {
         let rows = try await withStore { store in
-            try store.connection.query("SELECT event FROM calibrations ORDER BY key LIMIT ?1", [.integer(Int64(max(0, limit)))])
+            try store.connection.query(
+                "SELECT event FROM calibrations WHERE quarantined_at IS NULL ORDER BY key LIMIT ?1", [.integer(Int64(max(0, limit)))])
         }
         let decoder = JSONDecoder()
         return rows.compactMap { row in
@@ -57,6 +58,67 @@ extension ReadingBuffer: CalibrationRecorder {
 
     /// How many calibrations wait for the ingest (shown by `farmgate status`).
     public func pendingCalibrationCount() async throws -> Int {
-        Int(try await withStore { store in try store.connection.queryInt("SELECT count(*) FROM calibrations") } ?? 0)
+        Int(try await withStore { store in try store.connection.queryInt("SELECT count(*) FROM calibrations WHERE quarantined_at IS NULL") } ?? 0)
+    }
+
+    /// Keeps calibrations the ingest refused for good aside, in one transaction: they stay in the buffer (an installer
+    /// sees them in `farmgate quarantine list`) but are never sent again. `reasons` maps event ids to `code: message`.
+    public func quarantineCalibrations(_ reasons: [String: String]) async throws {
+        guard !reasons.isEmpty else { return }
+        let now = Timestamp.now().microseconds
+        try await withStore { store in
+            try store.connection.transaction {
+                let statement = try store.connection.prepare(
+                    "UPDATE calibrations SET quarantined_at = ?2, code = ?3, message = ?4 WHERE id = ?1 AND quarantined_at IS NULL")
+                for (id, reason) in reasons.sorted(by: { $0.key < $1.key }) {
+                    let parsed = QuarantineReason(parsing: reason)
+                    try statement.run([.text(id), .integer(now), .text(parsed.code), .text(parsed.message)])
+                }
+            }
+        }
+    }
+
+    /// Sends quarantined calibrations again (once the ingest's cause is fixed), all or those whose refusal has `code`.
+    /// - Returns: how many.
+    public func requeueCalibrations(code: String? = nil) async throws -> Int {
+        try await withStore { store in
+            try store.connection.transaction {
+                try store.connection.prepare(
+                    "UPDATE calibrations SET quarantined_at = NULL, code = NULL, message = NULL WHERE quarantined_at IS NOT NULL AND (?1 IS NULL OR code = ?1)"
+                ).run([code.map { .text($0) } ?? .null])
+                return Int(try store.connection.queryInt("SELECT changes()") ?? 0)
+            }
+        }
+    }
+
+    /// Deletes quarantined calibrations for good, all or those whose refusal has `code`. - Returns: how many.
+    public func dropQuarantinedCalibrations(code: String? = nil) async throws -> Int {
+        try await withStore { store in
+            try store.connection.transaction {
+                try store.connection.prepare("DELETE FROM calibrations WHERE quarantined_at IS NOT NULL AND (?1 IS NULL OR code = ?1)")
+                    .run([code.map { .text($0) } ?? .null])
+                return Int(try store.connection.queryInt("SELECT changes()") ?? 0)
+            }
+        }
+    }
+
+    /// The quarantined calibrations, oldest first (at most `limit`), optionally only those whose refusal has `code`.
+    public func quarantinedCalibrations(code: String? = nil, limit: Int = 1_000) async throws -> [QuarantinedCalibration] {
+        let rows = try await withStore { store in
+            try store.connection.query(
+                """
+                SELECT event, code, message, quarantined_at FROM calibrations
+                WHERE quarantined_at IS NOT NULL AND (?1 IS NULL OR code = ?1) ORDER BY key LIMIT ?2
+                """, [code.map { .text($0) } ?? .null, .integer(Int64(max(0, limit)))])
+        }
+        let decoder = JSONDecoder()
+        return rows.compactMap { row in
+            guard row.count == 4, let text = row[0].string, let event = try? decoder.decode(CalibrationEvent.self, from: Data(text.utf8)) else {
+                return nil
+            }
+            return QuarantinedCalibration(
+                event: event, code: row[1].string ?? QuarantineReason.unknownCode, message: row[2].string ?? "",
+                quarantinedAt: Timestamp(microseconds: row[3].int64 ?? 0))
+        }
     }
 }

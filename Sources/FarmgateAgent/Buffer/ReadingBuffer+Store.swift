@@ -678,7 +678,8 @@ final class BufferStore {
             dropped: dropped + droppedInMemory, duplicatesIgnored: duplicatesIgnored, lastSequence: UInt64(max(0, lastSequence)),
             usedBytes: try usedBytes(), quotaBytes: quotaBytes, quarantinedByCode: quarantineCodeCounts,
             quarantineTrimmed: quarantineTrimmed, quarantineDropped: quarantineDropped, held: held,
-            pendingCalibrations: Int(try connection.queryInt("SELECT count(*) FROM calibrations") ?? 0))
+            pendingCalibrations: Int(try connection.queryInt("SELECT count(*) FROM calibrations WHERE quarantined_at IS NULL") ?? 0),
+            quarantinedCalibrations: Int(try connection.queryInt("SELECT count(*) FROM calibrations WHERE quarantined_at IS NOT NULL") ?? 0))
     }
 
     func limitPageCount(_ pages: Int64) throws {

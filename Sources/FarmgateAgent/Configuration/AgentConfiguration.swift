@@ -29,6 +29,9 @@ public struct AgentConfiguration: Sendable {
     public var sensors: [SensorConfiguration]
     /// `[metrics]`: the metrics file for node_exporter's textfile collector; nil (no file) when the section is absent.
     public var metrics: MetricsFileConfiguration? = nil
+    /// Keys that are valid but have no effect where they are (`interval` on a GPIO switch), located: `farmgate config
+    /// check` prints them and the agent logs them at start. The configuration is still used.
+    public var warnings: [ConfigurationError] = []
 
     /// The default configuration file.
     public static let defaultPath = "/etc/farmgate/agent.toml"
@@ -146,7 +149,20 @@ extension AgentConfiguration {
             file: root.file, device: device, buffer: buffer, upload: upload, controlSocket: controlSocket, logLevel: logLevel,
             checkClock: checkClock, holdUnsynchronized: holdUnsynchronized, sensors: sensors)
         configuration.metrics = try root.table("metrics").map { table throws(ConfigurationError) in try parseMetrics(table, base: base) }
+        configuration.warnings = ignoredKeyWarnings(sensors, drivers: drivers)
         return configuration
+    }
+
+    /// One located warning per key a sensor's driver ignores for it (``DriverDescription/ignoredKeys``).
+    static func ignoredKeyWarnings(_ sensors: [SensorConfiguration], drivers: DriverRegistry) -> [ConfigurationError] {
+        var warnings: [ConfigurationError] = []
+        for sensor in sensors {
+            guard let driver = drivers.driver(named: sensor.driver) else { continue }
+            for (key, why) in driver.ignoredKeys(sensor).sorted(by: { $0.key < $1.key }) where sensor.options.contains(key) {
+                warnings.append(sensor.options.error(key, "has no effect here and is ignored: \(why); remove it"))
+            }
+        }
+        return warnings
     }
 
     /// `[metrics] textfile` (required in the section) and `interval`.
@@ -170,7 +186,7 @@ extension AgentConfiguration {
         try table.checkKeys([
             "endpoint", "key", "key_file", "ca_file", "format", "batch_max_readings", "batch_max_bytes", "batch_max_age",
             "connect_timeout", "request_timeout", "stall_timeout", "backoff_initial", "backoff_max", "retry_after_max",
-            "shutdown_flush_timeout",
+            "shutdown_flush_timeout", "device_check_interval",
         ])
         let endpoint = try table.requiredString("endpoint")
         guard let url = URL(string: endpoint), let scheme = url.scheme?.lowercased(), scheme == "http" || scheme == "https",
@@ -215,7 +231,9 @@ extension AgentConfiguration {
             backoffMax: try table.duration("backoff_max", in: .milliseconds(10)...(.seconds(86_400))) ?? defaults.backoffMax,
             retryAfterMax: try table.duration("retry_after_max", in: .seconds(1)...(.seconds(86_400))) ?? defaults.retryAfterMax,
             shutdownFlushTimeout: try table.duration("shutdown_flush_timeout", in: .zero...(.seconds(600)))
-                ?? defaults.shutdownFlushTimeout)
+                ?? defaults.shutdownFlushTimeout,
+            deviceCheckInterval: try table.duration("device_check_interval", in: .seconds(1)...(.seconds(86_400)))
+                ?? defaults.deviceCheckInterval)
     }
 
     static func parseSensor(_ table: ConfigTable, id: SensorID, drivers: DriverRegistry) throws(ConfigurationError) -> SensorConfiguration {

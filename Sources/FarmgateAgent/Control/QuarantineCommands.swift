@@ -9,7 +9,9 @@ import FarmgateWire
 /// | `quarantine.drop` | the same selectors | `drop` |
 ///
 /// `quarantine.list` answers one page, in ascending sequence order; `next_after` is the `after` of the next page, absent
-/// on the last one. The CLI asks page after page, so an export of any size streams through in bounded memory.
+/// on the last one. The first page (`after` 0) also carries the quarantined calibration events (`calibrations`, with the
+/// same `code` filter): they are few, and never more than the buffer's events. `all` and `code` requeue or drop
+/// quarantined calibration events too (counted in the outcome's `calibrations`); `sequences` selects readings only. The CLI asks page after page, so an export of any size streams through in bounded memory.
 public struct QuarantineCommands: Sendable {
     /// The commands this type answers.
     public static let commands = ["quarantine.list", "quarantine.requeue", "quarantine.drop"]
@@ -41,12 +43,27 @@ public struct QuarantineCommands: Sendable {
                 } ?? ReadingBuffer.maximumQuarantinePage
                 let page = try await buffer.quarantinePage(code: code, after: after, limit: limit)
                 let next = page.count == limit ? page.last?.sequence : nil
-                return ControlAnswer(ok: true, quarantine: QuarantineAnswer(readings: page, nextAfter: next))
+                var answer = QuarantineAnswer(readings: page, nextAfter: next)
+                if after == 0 { answer.calibrations = try await buffer.quarantinedCalibrations(code: code) }
+                return ControlAnswer(ok: true, quarantine: answer)
             case "quarantine.requeue":
-                let outcome = try await buffer.requeue(try Self.selection(arguments))
+                let selection = try Self.selection(arguments)
+                var outcome = try await buffer.requeue(selection)
+                // Calibration events have ids, not sequences: `all` and `code` select them too.
+                switch selection {
+                case .all: outcome.calibrations = Self.some(try await buffer.requeueCalibrations())
+                case .code(let code): outcome.calibrations = Self.some(try await buffer.requeueCalibrations(code: code))
+                default: break
+                }
                 return ControlAnswer(ok: true, quarantine: QuarantineAnswer(requeue: outcome))
             case "quarantine.drop":
-                let outcome = try await buffer.dropQuarantined(try Self.selection(arguments))
+                let selection = try Self.selection(arguments)
+                var outcome = try await buffer.dropQuarantined(selection)
+                switch selection {
+                case .all: outcome.calibrations = Self.some(try await buffer.dropQuarantinedCalibrations())
+                case .code(let code): outcome.calibrations = Self.some(try await buffer.dropQuarantinedCalibrations(code: code))
+                default: break
+                }
                 return ControlAnswer(ok: true, quarantine: QuarantineAnswer(drop: outcome))
             default:
                 return ControlAnswer(ok: false, error: "unknown quarantine command \"\(request.command)\"")
@@ -83,6 +100,9 @@ public struct QuarantineCommands: Sendable {
         return .sequences(sequences)
     }
 
+    /// A count, or nil when zero (an outcome without calibration events reads as it did before they existed).
+    static func some(_ count: Int) -> Int? { count > 0 ? count : nil }
+
     static func code(_ text: String) throws(ArgumentError) -> String {
         guard QuarantineReason.isCode(text) else {
             throw ArgumentError("code must be a reason code such as timestamp_in_future (1 to 64 of a-z, 0-9, _), not \"\(text.prefix(80))\"")
@@ -104,6 +124,8 @@ public struct QuarantineAnswer: Codable, Sendable {
     public var nextAfter: UInt64?
     public var requeue: RequeueOutcome?
     public var drop: DropOutcome?
+    /// `quarantine.list`, first page: calibration events the ingest refused for good, oldest first.
+    public var calibrations: [QuarantinedCalibration]?
 
     public init(readings: [QuarantinedReading]? = nil, nextAfter: UInt64? = nil, requeue: RequeueOutcome? = nil, drop: DropOutcome? = nil) {
         self.readings = readings
@@ -115,6 +137,6 @@ public struct QuarantineAnswer: Codable, Sendable {
     enum CodingKeys: String, CodingKey {
         case readings
         case nextAfter = "next_after"
-        case requeue, drop
+        case requeue, drop, calibrations
     }
 }

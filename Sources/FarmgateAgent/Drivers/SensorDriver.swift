@@ -112,6 +112,9 @@ public struct DriverDescription: Sendable {
     /// Builds a driver for one configured sensor. It must not fail because the hardware is missing (an unplugged USB
     /// adapter): that is a read error shown in `farmgate status` until the device comes back.
     public var make: @Sendable (SensorConfiguration, DriverContext) throws -> any SensorDriver
+    /// Common keys the driver does not use for this sensor (a GPIO switch stores every change: `interval` and
+    /// `deadband` mean nothing to it), by key, with why. `farmgate config check` and the agent warn about each one set.
+    public var ignoredKeys: @Sendable (SensorConfiguration) -> [String: String] = { _ in [:] }
 
     public init(
         kind: String, summary: String, optionKeys: Set<String>, sampleConfiguration: String,

@@ -132,6 +132,9 @@ extension AgentStatus {
         let codes = buffer.quarantinedByCode.sorted { $0.value != $1.value ? $0.value > $1.value : $0.key < $1.key }
         if !codes.isEmpty { line += ": " + codes.map { "\($0.key) \($0.value)" }.joined(separator: ", ") }
         line += "; \(buffer.quarantineTrimmed) trimmed (quota), \(buffer.quarantineDropped) dropped by an installer"
+        if let events = buffer.quarantinedCalibrations, events > 0 {
+            line += "; \(events) calibration event\(events == 1 ? "" : "s") refused for good (farmgate quarantine list)"
+        }
         return line
     }
 

@@ -1,8 +1,11 @@
 import FarmgateWire
+import Foundation
 
 /// What `farmgate scan` found, as JSON (`--json`) or as text with ready-to-paste `[[sensor]]` tables.
 public struct ScanReport: Codable, Sendable {
     public var serialPorts: [SerialPortFinding] = []
+    /// Serial ports left alone (on-board UARTs not asked for, ports without a UART), each with the reason.
+    public var skippedPorts: [SkippedPort] = []
     public var oneWire: OneWireFinding
     public var gpio: GPIOFinding
 
@@ -108,7 +111,7 @@ extension ScanReport {
         var out: [String] = []
         var tables: [String] = []
         out.append("Serial ports")
-        if serialPorts.isEmpty { out.append("  none found (no /dev/serial/by-id links, no ttyUSB, ttyACM, ttyAMA or ttyS port that answers)") }
+        if serialPorts.isEmpty { out.append("  none probed (no /dev/serial/by-id links, no ttyUSB or ttyACM port, no port named with --port)") }
         var ezoCount = 0
         var busCount = 0
         for port in serialPorts {
@@ -137,6 +140,16 @@ extension ScanReport {
             case .error:
                 out.append("  \(shown): \(port.message ?? "cannot open")")
             }
+        }
+        let onboard = skippedPorts.filter { $0.reason == .onboardUART }
+        for port in onboard {
+            out.append(
+                "  \(port.path): skipped: an on-board UART, often wired to a serial console or another device; probe it with --port \(port.path), or every on-board UART with --onboard-uarts")
+        }
+        let empty = skippedPorts.filter { $0.reason == .noUART }.map { URL(fileURLWithPath: $0.path).lastPathComponent }
+        if !empty.isEmpty {
+            let names = empty.count > 6 ? empty.prefix(5).joined(separator: ", ") + ", ... (\(empty.count) in all)" : empty.joined(separator: ", ")
+            out.append("  skipped \(names): no UART behind \(empty.count == 1 ? "it" : "them") (the kernel reports the port type as unknown)")
         }
         out.append("")
         out.append("1-Wire (\(oneWire.root))")

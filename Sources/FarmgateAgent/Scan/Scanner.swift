@@ -5,10 +5,13 @@ import Foundation
 /// each bounded.
 public enum Scanner {
     public static func scan(_ options: ScanOptions, gpio: @escaping @Sendable () -> GPIOFinding = { GPIOScan.scan() }) async -> ScanReport {
-        async let serial = SerialScan.scan(options)
+        let plan = SerialScan.plan(options)
+        async let serial = SerialScan.scan(plan.probe, options: options)
         async let oneWire = OneWireScan.scan(root: options.w1Root)
         let chips = (try? await runOffPool(name: "farmgate-scan-gpio") { gpio() }) ?? GPIOFinding(message: "GPIO could not be listed")
-        return ScanReport(serialPorts: await serial, oneWire: await oneWire, gpio: chips)
+        var report = ScanReport(serialPorts: await serial, oneWire: await oneWire, gpio: chips)
+        report.skippedPorts = plan.skipped
+        return report
     }
 }
 

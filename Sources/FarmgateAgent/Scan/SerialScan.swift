@@ -10,6 +10,13 @@ public struct ScanOptions: Sendable {
     /// Where the device files are (`/dev`; a test's directory of links to pseudo-terminals). Ports are its
     /// `serial/by-id/*` links first, then `ttyUSB*`, `ttyACM*`, `ttyAMA*` and `ttyS*` not already named by a link.
     public var deviceDirectory = "/dev"
+    /// Ports named on the command line (`--port`): probed whatever their kind, an on-board UART too.
+    public var explicitPorts: [String] = []
+    /// Whether on-board UARTs (`ttyS*`, `ttyAMA*`) are probed (`--onboard-uarts`). Off by default: they are often wired to
+    /// a serial console or another device, which must not receive probe bytes. Ports without a UART are never probed.
+    public var includeOnboardUARTs = false
+    /// Tells whether a UART is behind an on-board port (a test replaces it; see ``SerialScan/detectUART(_:)``).
+    public var detectUART: @Sendable (_ device: String) -> UARTDetection = { SerialScan.detectUART($0) }
     /// The bauds tried, in order: EZO circuits leave the factory at 9600.
     public var bauds: [Int] = [9600, 38400, 115_200, 19200, 57600]
     /// The Modbus unit ids asked for.
@@ -40,16 +47,33 @@ public enum SerialScan {
         public var listOnlyIfFound: Bool
     }
 
-    /// The ports under `deviceDirectory`, stable `serial/by-id` links first.
-    public static func candidates(in deviceDirectory: String) -> [Candidate] {
-        var found: [Candidate] = []
+    /// What the scan will probe and what it leaves alone.
+    public struct Plan: Sendable {
+        public var probe: [Candidate] = []
+        public var skipped: [SkippedPort] = []
+    }
+
+    /// The ports under `deviceDirectory` that are safe to probe: `serial/by-id` links first, then `ttyUSB*` and `ttyACM*`
+    /// (USB serial adapters, which lead to whatever the installer plugged in). On-board UARTs (`ttyAMA*`, `ttyS*`) are
+    /// skipped, each with the reason, unless named in ``ScanOptions/explicitPorts`` or ``ScanOptions/includeOnboardUARTs``
+    /// is set: a Raspberry Pi's ttyAMA0 or a PC's ttyS0 is often a serial console, a modem or a UPS, and `i\r` written
+    /// to it lands there. A port the kernel reports without a UART (PORT_UNKNOWN: most of a PC's 32 ttyS) is never probed
+    /// unless named.
+    public static func plan(_ options: ScanOptions) -> Plan {
+        var plan = Plan()
         var devices: Set<String> = []
+        for path in options.explicitPorts {
+            let device = resolve(path)
+            guard devices.insert(device).inserted else { continue }
+            plan.probe.append(Candidate(path: path, device: device, listOnlyIfFound: false))
+        }
+        let deviceDirectory = options.deviceDirectory
         let byID = deviceDirectory + "/serial/by-id"
         for name in (try? FileManager.default.contentsOfDirectory(atPath: byID))?.sorted() ?? [] {
             let path = byID + "/" + name
             let device = resolve(path)
             guard devices.insert(device).inserted else { continue }
-            found.append(Candidate(path: path, device: device, listOnlyIfFound: false))
+            plan.probe.append(Candidate(path: path, device: device, listOnlyIfFound: false))
         }
         let names = (try? FileManager.default.contentsOfDirectory(atPath: deviceDirectory)) ?? []
         for prefix in ["ttyUSB", "ttyACM", "ttyAMA", "ttyS"] {
@@ -59,11 +83,63 @@ public enum SerialScan {
                 let path = deviceDirectory + "/" + name
                 let device = resolve(path)
                 guard devices.insert(device).inserted else { continue }
-                found.append(Candidate(path: path, device: device, listOnlyIfFound: prefix == "ttyS"))
+                guard prefix == "ttyAMA" || prefix == "ttyS" else {
+                    plan.probe.append(Candidate(path: path, device: device, listOnlyIfFound: false))
+                    continue
+                }
+                switch options.detectUART(device) {
+                case .none:
+                    plan.skipped.append(SkippedPort(path: path, device: device, reason: .noUART))
+                case .uart, .unknown:
+                    if options.includeOnboardUARTs {
+                        plan.probe.append(Candidate(path: path, device: device, listOnlyIfFound: false))
+                    } else {
+                        plan.skipped.append(SkippedPort(path: path, device: device, reason: .onboardUART))
+                    }
+                }
             }
         }
-        return found
+        return plan
     }
+
+    /// The ports `scan` would probe, for callers that only list them.
+    public static func candidates(in deviceDirectory: String) -> [Candidate] {
+        var options = ScanOptions()
+        options.deviceDirectory = deviceDirectory
+        return plan(options).probe
+    }
+
+    /// Whether a UART is behind `device`, without writing to it: the kernel's `/sys/class/tty/<name>/type` (no open at
+    /// all: opening a port raises its modem lines, which resets some boards), else `TIOCGSERIAL` on a read-only,
+    /// non-blocking open. Type 0 is PORT_UNKNOWN: the port exists but no UART answered the kernel's probe at boot.
+    public static func detectUART(_ device: String) -> UARTDetection {
+        let name = URL(fileURLWithPath: device).lastPathComponent
+        if let text = try? String(contentsOfFile: "/sys/class/tty/\(name)/type", encoding: .utf8),
+            let type = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines))
+        {
+            return type == portUnknown ? .none : .uart(type: type)
+        }
+        return serialType(device)
+    }
+
+    /// `TIOCGSERIAL`'s answer for `device`: `.unknown` when the ioctl is not supported (a pseudo-terminal, a USB ACM
+    /// device) or the port cannot be opened.
+    public static func serialType(_ device: String) -> UARTDetection {
+        let fd = Glibc.open(device, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC)
+        guard fd >= 0 else { return .unknown }
+        defer { close(fd) }
+        // struct serial_struct starts with `int type`; the buffer is larger than the struct on every architecture.
+        var buffer = [Int32](repeating: -1, count: 64)
+        let result = buffer.withUnsafeMutableBytes { bytes -> Int32 in
+            guard let pointer = bytes.baseAddress else { return -1 }
+            return ioctl(fd, UInt(TIOCGSERIAL), pointer)
+        }
+        guard result == 0, let type = buffer.first, type >= 0 else { return .unknown }
+        return type == portUnknown ? .none : .uart(type: type)
+    }
+
+    /// PORT_UNKNOWN in linux/serial.h.
+    static let portUnknown: Int32 = 0
 
     /// The serial ports `configuration`'s sensors use, by resolved device, with the sensor that uses each.
     public static func agentPorts(_ configuration: AgentConfiguration) -> [String: String] {
@@ -84,9 +160,13 @@ public enum SerialScan {
         return String(cString: real)
     }
 
-    /// Probes every port, each on a thread of its own, all at once; ports that lead nowhere are left out.
+    /// Probes every port ``plan(_:)`` allows, each on a thread of its own, all at once; ports that lead nowhere are left
+    /// out.
     public static func scan(_ options: ScanOptions) async -> [SerialPortFinding] {
-        let ports = candidates(in: options.deviceDirectory)
+        await scan(plan(options).probe, options: options)
+    }
+
+    static func scan(_ ports: [Candidate], options: ScanOptions) async -> [SerialPortFinding] {
         let findings = await withTaskGroup(of: (Int, SerialPortFinding?).self) { group in
             for (index, candidate) in ports.enumerated() {
                 group.addTask {
@@ -248,5 +328,35 @@ enum ModbusRTU {
         let body = frame.dropLast(2)
         let crc = crc16(body)
         return frame[frame.endIndex - 2] == UInt8(crc & 0xFF) && frame[frame.endIndex - 1] == UInt8(crc >> 8)
+    }
+}
+
+/// Whether a UART is behind an on-board serial port (``SerialScan/detectUART(_:)``).
+public enum UARTDetection: Sendable, Hashable {
+    /// The kernel found a UART of this type (linux/serial.h: 4 is a 16550A).
+    case uart(type: Int32)
+    /// The kernel reports PORT_UNKNOWN: no UART behind the port.
+    case none
+    /// The kernel could not say (a pseudo-terminal, no permission).
+    case unknown
+}
+
+/// A serial port `farmgate scan` did not probe, and why.
+public struct SkippedPort: Codable, Sendable, Hashable {
+    public enum Reason: String, Codable, Sendable {
+        /// An on-board UART (`ttyS*`, `ttyAMA*`) not named with `--port` and not opted into with `--onboard-uarts`.
+        case onboardUART = "onboard_uart"
+        /// The kernel reports no UART behind it (PORT_UNKNOWN).
+        case noUART = "no_uart"
+    }
+
+    public var path: String
+    public var device: String
+    public var reason: Reason
+
+    public init(path: String, device: String, reason: Reason) {
+        self.path = path
+        self.device = device
+        self.reason = reason
     }
 }

@@ -53,6 +53,10 @@ public struct UploadConfiguration: Sendable, Hashable {
     public var shutdownFlushTimeout: Duration
     /// How often the buffer is looked at while there is nothing to send. Default 500 ms.
     public var pollInterval: Duration
+    /// How often the uploader asks `GET /v1/device` again while all is well, besides at start, after a
+    /// `sequence_conflict` and after a 415 `unsupported_format_version`: an ingest upgraded meanwhile (format version 3,
+    /// calibration events) is noticed without restarting the agent. Default 10 min.
+    public var deviceCheckInterval: Duration
     /// Whether the proxy environment variables (`https_proxy`, `http_proxy`, `no_proxy`, ...) apply, as they do for `curl`.
     /// Default true.
     public var useProxyEnvironment: Bool
@@ -73,7 +77,8 @@ public struct UploadConfiguration: Sendable, Hashable {
         retryAfterMax: Duration = .seconds(3600),
         shutdownFlushTimeout: Duration = .seconds(10),
         pollInterval: Duration = .milliseconds(500),
-        useProxyEnvironment: Bool = true
+        useProxyEnvironment: Bool = true,
+        deviceCheckInterval: Duration = .seconds(600)
     ) {
         self.endpoint = endpoint
         self.deviceKey = deviceKey
@@ -91,6 +96,7 @@ public struct UploadConfiguration: Sendable, Hashable {
         self.shutdownFlushTimeout = shutdownFlushTimeout
         self.pollInterval = pollInterval
         self.useProxyEnvironment = useProxyEnvironment
+        self.deviceCheckInterval = deviceCheckInterval
     }
 
 

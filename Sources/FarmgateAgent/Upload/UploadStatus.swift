@@ -50,6 +50,8 @@ public struct UploadStatus: Codable, Sendable, Hashable {
     public var ingestAcceptedVersions: [Int]?
     /// Calibration events the ingest counted in a receipt since start (and the buffer deleted); nil before the first.
     public var calibrationsUploadedTotal: Int64?
+    /// Calibration events moved to quarantine since start (the ingest refused them for good); nil before the first.
+    public var calibrationsQuarantinedTotal: Int64?
 
     public init(
         endpoint: String, lastAttemptAt: Timestamp? = nil, lastSuccessAt: Timestamp? = nil, lastResult: String? = nil,

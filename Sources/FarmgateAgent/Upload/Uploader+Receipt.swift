@@ -58,7 +58,7 @@ extension Uploader {
         if !events.isEmpty {
             // Sent once per delivery: the rest of a halved batch goes without them, whatever this receipt says of them.
             loop.outgoingEvents = []
-            guard await acknowledgeEvents(events, receipt: receipt) else { return .stop(bufferRetryDelay) }
+            guard await acknowledgeEvents(events, receipt: receipt, &loop) else { return .stop(bufferRetryDelay) }
         }
         loop.backoff.reset()
         metrics.delivered.increment()
@@ -99,7 +99,7 @@ extension Uploader {
     /// Deletes `events` from the buffer when the receipt counted every one of them (`calibrations.accepted + duplicates`
     /// equals the number sent); otherwise they stay and go with a later batch (the ingest is idempotent on event ids).
     /// Returns false only when the buffer failed.
-    func acknowledgeEvents(_ events: [CalibrationEvent], receipt: IngestReceipt) async -> Bool {
+    func acknowledgeEvents(_ events: [CalibrationEvent], receipt: IngestReceipt, _ loop: inout LoopState) async -> Bool {
         let counted = receipt.calibrations.map { $0.accepted + $0.duplicates }
         guard let counted, let answer = receipt.calibrations, answer.accepted >= 0, answer.duplicates >= 0, counted == events.count else {
             logger.warning(
@@ -107,6 +107,7 @@ extension Uploader {
                 metadata: ["calibration.events": "\(events.count)", "receipt.calibrations": "\(counted.map(String.init) ?? "absent")"])
             return true
         }
+        if events.count == 1 { loop.singleEventDeliveries = max(0, loop.singleEventDeliveries - 1) }
         do {
             try await source.acknowledgeCalibrations(events.map(\.id))
         } catch {

@@ -62,7 +62,7 @@ extension Uploader {
             if Self.stopping && !loop.draining { return .stop(.zero) }
             let format = loop.format
             // Events ride on the first request of a delivery that is sent; a halved batch's first half takes them.
-            let events = format == .binary ? loop.outgoingEvents : []
+            let events = loop.outgoingEvents
             let body: [UInt8]
             switch await encode(group, events: events, format: format) {
             case .unencodable(let reason) where !events.isEmpty:
@@ -88,8 +88,14 @@ extension Uploader {
             case .bufferFailed:
                 return .stop(bufferRetryDelay)
             }
-            // nil: the uploader fell back to another format (at most once per run); the same readings go again at once.
+            // nil: the uploader fell back to another format, or left events out; the same readings go again at once.
             guard let outcome = await send(group, body: body, format: format, events: events, &loop) else { continue }
+            if let suspect = loop.suspectEvents, events.isEmpty {
+                loop.suspectEvents = nil
+                guard await judgeSuspectEvents(suspect, readingsDelivered: { if case .delivered = outcome { true } else { false } }(), &loop) else {
+                    return .stop(bufferRetryDelay)
+                }
+            }
             return outcome
         }
     }
@@ -99,8 +105,9 @@ extension Uploader {
     ///
     /// A frame carrying calibration events that the ingest refuses whole never costs its readings anything: a 415
     /// `unsupported_format_version` means the ingest does not read version 3 after all (events wait until `GET /v1/device`
-    /// says otherwise); a 400/422 may be the events' fault (they pause for a while). Either way the same readings go again
-    /// at once as version 2 and the events stay in the buffer. A 413 halves as usual; the events go with the first half.
+    /// says otherwise); a 400/422 may be the events' fault (they become suspects, judged by ``judgeSuspectEvents``). Either
+    /// way the same readings go again at once without them and the events stay in the buffer. A 413 halves as usual; the
+    /// events go with the first half.
     func send(
         _ group: ArraySlice<Reading>, body: [UInt8], format: UploadConfiguration.Format, events: [CalibrationEvent], _ loop: inout LoopState
     ) async -> Attempt? {
@@ -127,6 +134,11 @@ extension Uploader {
             noteRefusal(result, status: status)
             loop.acceptsEvents = false
             loop.outgoingEvents = []
+            // Ask again what it reads. An ingest that keeps saying 3 and refusing it (instances of two versions behind one
+            // address) gets no version 3 frame for a while: one extra request per pause, never one per batch. The JSON
+            // form is not paused: the refusal was of the binary version, not of the events.
+            loop.version3PausedUntil = ContinuousClock.now + max(configuration.backoffMax, .seconds(60))
+            loop.deviceCheck.askSoon()
             logger.warning(
                 "The ingest does not read batch format version 3 (calibration events) although it said so; readings go as version 2, the events wait in the buffer until the ingest says it reads version 3",
                 metadata: ["ingest.accepted_versions": "\(refusal.acceptedVersions.map { "\($0)" } ?? "not said")", "calibration.events": "\(events.count)"])
@@ -137,7 +149,8 @@ extension Uploader {
             logger.warning(
                 "The ingest refused a batch carrying calibration events; its readings go again without them, the events wait in the buffer",
                 metadata: ["http.status": "\(status)", "reason": "\(refusal.reason)", "calibration.events": "\(events.count)"])
-            pauseEvents(&loop)
+            loop.outgoingEvents = []
+            loop.suspectEvents = (events, refusal)
             return nil
         }
         switch status {
@@ -193,6 +206,42 @@ extension Uploader {
         }
     }
 
+    /// After the readings of a frame refused with its events went again alone: when they were accepted, the events were
+    /// the cause (a refusal 400/422 is permanent: the same event would be refused forever). A single event is quarantined;
+    /// several are sent one per batch next, so that each is judged alone. When the readings were not accepted, nothing
+    /// shows the events are at fault: they pause for a while. Returns false only when the buffer failed.
+    func judgeSuspectEvents(
+        _ suspect: (events: [CalibrationEvent], refusal: Refusal), readingsDelivered: Bool, _ loop: inout LoopState
+    ) async -> Bool {
+        guard readingsDelivered else {
+            pauseEvents(&loop)
+            return true
+        }
+        guard suspect.events.count == 1, let event = suspect.events.first else {
+            loop.singleEventDeliveries = suspect.events.count
+            logger.notice(
+                "The ingest took the readings without the calibration events it refused with them; sending the events one per batch to find the one at fault",
+                metadata: ["calibration.events": "\(suspect.events.count)"])
+            return true
+        }
+        do {
+            try await source.quarantineCalibrations([event.id: suspect.refusal.reason])
+        } catch {
+            logger.error("Cannot move a calibration event to quarantine", metadata: ["error": "\(error)"])
+            pauseEvents(&loop)
+            return false
+        }
+        loop.singleEventDeliveries = max(0, loop.singleEventDeliveries - 1)
+        state.withLock { $0.calibrationsQuarantinedTotal = ($0.calibrationsQuarantinedTotal ?? 0) + 1 }
+        logger.error(
+            "The ingest refuses a calibration event for good (it took the same readings without it); the event is kept in quarantine and not sent again: see farmgate quarantine list",
+            metadata: [
+                "calibration.id": "\(event.id)", "calibration.sensor": "\(event.sensor)", "http.status": "\(suspect.refusal.status)",
+                "reason": "\(suspect.refusal.reason)",
+            ])
+        return true
+    }
+
     /// Sends no events for a while (a backoff's maximum, at least a minute) after a frame carrying them was refused or could
     /// not be encoded: readings must not pay a second request per batch for an event the ingest keeps refusing.
     func pauseEvents(_ loop: inout LoopState) {
@@ -217,10 +266,13 @@ extension Uploader {
     /// The ingest does not read the binary format version this build writes: every ingest reads JSON.
     func fallBackToJSON(_ refusal: Refusal, _ loop: inout LoopState) {
         loop.format = .json
+        loop.fellBackAt = ContinuousClock.now
+        loop.deviceCheck.askSoon()
         let versions = refusal.acceptedVersions.map { $0.map(String.init).joined(separator: ", ") } ?? "not said"
         let note =
             "the ingest does not read binary batch format version \(BatchCodec.formatVersion) (it reads: \(versions)); "
-            + "sending JSON until the agent restarts"
+            + "sending JSON until it says it reads it again (GET /v1/device, asked every "
+            + "\(Int(Backoff.seconds(configuration.deviceCheckInterval))) s) or the agent restarts"
         logger.warning(
             "Falling back to JSON batches: the ingest does not read this agent's binary format version",
             metadata: [

@@ -4,8 +4,10 @@ import Logging
 import Metrics
 import Synchronization
 
-/// Sequence numbers the ingest already holds: asked at start and after a `sequence_conflict`, repaired by raising the
-/// buffer's counter and renumbering only the readings the ingest refused.
+/// Sequence numbers the ingest already holds: asked at start, after a `sequence_conflict`, after a 415 and every
+/// ``UploadConfiguration/deviceCheckInterval``; repaired by raising the buffer's counter and renumbering only the readings
+/// the ingest refused. The same answer says which binary format versions the ingest reads (calibration events, a way back
+/// from a JSON fallback).
 extension Uploader {
     /// What the ingest said about the sequences it holds for this device.
     enum IngestHighest {
@@ -78,6 +80,7 @@ extension Uploader {
                 }
             }
             loop.acceptsEvents = readsEvents
+            returnToBinaryIfRead(versions, &loop)
             state.withLock {
                 $0.ingestHighestSequence = answer.highestSequence
                 $0.ingestAcceptedVersions = versions
@@ -99,6 +102,24 @@ extension Uploader {
                 metadata: ["http.status": "\(response.status)", "reason": "\(Refusal(response).reason)"])
             loop.deviceCheck.postpone()
             return .unavailable
+        }
+    }
+
+    /// After a fallback to JSON, goes back to the binary form once the ingest says it reads this build's version again
+    /// (upgraded, or a proxy fixed), but not before a whole ``UploadConfiguration/deviceCheckInterval`` since the fallback:
+    /// an ingest that lists the version and refuses it costs one extra request per interval, never one per batch.
+    func returnToBinaryIfRead(_ versions: [Int], _ loop: inout LoopState) {
+        guard let since = loop.fellBackAt, loop.format == .json, configuration.format == .binary,
+            versions.contains(Int(BatchCodec.formatVersion)), ContinuousClock.now - since >= configuration.deviceCheckInterval
+        else { return }
+        loop.format = .binary
+        loop.fellBackAt = nil
+        logger.notice(
+            "The ingest reads this agent's binary batch format again; sending binary batches",
+            metadata: ["ingest.accepted_versions": "\(versions)"])
+        state.withLock {
+            $0.format = UploadConfiguration.Format.binary.rawValue
+            $0.formatFallback = nil
         }
     }
 

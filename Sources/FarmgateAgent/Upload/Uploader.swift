@@ -34,8 +34,10 @@ import Synchronization
 ///   holds the queue if none was (it is tried again later, when more readings give bisection something to compare).
 /// - 413 (`payload_too_large`, `decompressed_too_large`, `too_many_readings`): the batch is halved and both halves sent,
 ///   whatever happens to the other; a single reading still refused 413 holds the queue.
-/// - 415 `unsupported_format_version` for a binary batch: the uploader sends JSON (every ingest reads it) from then until it
-///   restarts, says so in the log and in ``UploadStatus/formatFallback``, and sends the same batch again at once. This build
+/// - 415 `unsupported_format_version` for a binary batch: the uploader sends JSON (every ingest reads it), says so in the
+///   log and in ``UploadStatus/formatFallback``, sends the same batch again at once and asks `GET /v1/device` what the
+///   ingest reads; it goes back to binary when a routine question (at least ``UploadConfiguration/deviceCheckInterval``
+///   after the fallback) lists its version again. This build
 ///   writes one binary version (``BatchCodec/formatVersion``), so `accepted_versions` never offers another it could write.
 /// - Hold at once, no split: 401, 403 (`unauthorized`, `revoked`, `device_mismatch`), 415 `unsupported_media_type`,
 ///   `unsupported_encoding` (or a JSON batch refused `unsupported_format_version`), any other 4xx.
@@ -52,13 +54,17 @@ import Synchronization
 /// A reading that cannot be encoded at all goes to quarantine with `encoding_failed: ...`.
 ///
 /// **Calibration events** (``ReadingBuffer/recordCalibration(_:)``) ride with the readings: when `GET /v1/device` listed 3 in
-/// `accepted_versions` and batches go as binary, the first request of a delivery carries up to ``maxEventsPerBatch`` of the
-/// oldest pending events in a version 3 frame; every other batch stays version 2. They are deleted only when the receipt's
+/// `accepted_versions` (the ingest keeps events), the first request of a delivery carries up to ``maxEventsPerBatch`` of the
+/// oldest pending events: in a version 3 frame when batches go as binary, in the `calibrations` member when they go as
+/// JSON (configured, or after a fallback); every other batch stays version 2 (or JSON without the member). They are deleted only when the receipt's
 /// `calibrations.accepted + duplicates` equals the number sent; otherwise they go again with a later batch (the ingest is
 /// idempotent on event ids). Events never cost readings anything: a 415 `unsupported_format_version` to a version 3 frame
-/// stops events until `GET /v1/device` lists 3 again, a 400/422 to one pauses them for a while, and in both cases the same
-/// readings go again at once as version 2. A batch halved for size (or 413) carries its events on the first half sent
-/// only. In JSON (configured, or after a fallback) events wait: the JSON form has no calibrations member.
+/// stops events until `GET /v1/device` lists 3 again, a 400/422 to one puts them under suspicion, and in both cases the
+/// same readings go again at once without them. When those readings are then accepted, the events were the cause: a
+/// single event is quarantined (kept in the buffer, never sent again, shown by `farmgate status` and `farmgate quarantine
+/// list`), several are sent one per batch from then on so that each bad one is isolated and quarantined the same way and
+/// the good ones delivered. When the readings are refused too, the events are not blamed and pause for a while. A batch
+/// halved for size (or 413) carries its events on the first half sent only.
 ///
 /// **Shutdown.** On graceful shutdown a request in flight is finished (bounded by ``UploadConfiguration/requestTimeout``) and
 /// its outcome recorded; then, unless the ingest is failing, the buffer is committed and what is pending is sent for at most
@@ -119,7 +125,9 @@ public final class Uploader: Service {
         var loop = LoopState(
             backoff: Backoff(initial: configuration.backoffInitial, maximum: configuration.backoffMax),
             format: configuration.format,
-            deviceCheck: DeviceStateCheck(backoff: Backoff(initial: configuration.backoffInitial, maximum: configuration.backoffMax)))
+            deviceCheck: DeviceStateCheck(
+                backoff: Backoff(initial: configuration.backoffInitial, maximum: configuration.backoffMax),
+                interval: configuration.deviceCheckInterval))
         while !Self.stopping {
             heartbeat.beat(within: heartbeatAllowance)
             let wait = await step(&loop)
@@ -157,20 +165,50 @@ public final class Uploader: Service {
         var outgoingEvents: [CalibrationEvent] = []
         /// After the ingest refused a frame carrying events as malformed, events wait until then (readings do not).
         var eventsPausedUntil: ContinuousClock.Instant?
+        /// After a 415 to a version 3 frame, binary batches carry no events until then.
+        var version3PausedUntil: ContinuousClock.Instant?
+        /// The events of a frame the ingest refused 400/422 while their readings go again without them: if those readings
+        /// are then accepted, the events are the cause (one is quarantined; several are sent one at a time to find out).
+        var suspectEvents: (events: [CalibrationEvent], refusal: Refusal)?
+        /// How many of the next deliveries carry a single event (after several were refused together).
+        var singleEventDeliveries = 0
+        /// When the uploader fell back to JSON after a 415 to its binary version (nil while it sends as configured).
+        var fellBackAt: ContinuousClock.Instant?
     }
 
-    /// When to ask `GET /v1/device`: at start, and after a `sequence_conflict`; again later while the ingest cannot answer.
+    /// When to ask `GET /v1/device`: at start, after a `sequence_conflict` or a 415 `unsupported_format_version`, and every
+    /// ``UploadConfiguration/deviceCheckInterval`` after the last answer (an ingest upgraded meanwhile is noticed without a
+    /// restart); again after a backoff while the ingest cannot answer.
     struct DeviceStateCheck {
         var due = true
         var notBefore: ContinuousClock.Instant?
         var backoff: Backoff
+        /// The routine question's period.
+        var interval: Duration
+        /// When the routine question is due (set by each answer).
+        var routineAt: ContinuousClock.Instant?
 
-        var isDue: Bool { due && (notBefore.map { ContinuousClock.now >= $0 } ?? true) }
+        init(backoff: Backoff, interval: Duration) {
+            self.backoff = backoff
+            self.interval = interval
+        }
+
+        var isDue: Bool {
+            let now = ContinuousClock.now
+            if due { return notBefore.map { now >= $0 } ?? true }
+            return routineAt.map { now >= $0 } ?? false
+        }
 
         mutating func answered() {
             due = false
             notBefore = nil
+            routineAt = ContinuousClock.now + interval
             backoff.reset()
+        }
+
+        /// Asks at the next step (after a 415: what does the ingest read now?).
+        mutating func askSoon() {
+            due = true
         }
 
         mutating func postpone() {
@@ -267,13 +305,14 @@ public final class Uploader: Service {
     /// close to what its readings make it.
     public static let maxEventsPerBatch = 8
 
-    /// The calibration events to attach to the next batch: the oldest pending ones, when the ingest reads version 3 and
-    /// batches go as binary; none in JSON (its form has no calibrations member) or while events are paused.
+    /// The calibration events to attach to the next batch: the oldest pending ones, when the ingest reads version 3 (it
+    /// keeps events, in either form); none while events are paused.
     func eventsToAttach(_ loop: LoopState) async -> [CalibrationEvent] {
-        guard loop.format == .binary, loop.acceptsEvents else { return [] }
+        guard loop.acceptsEvents else { return [] }
         if let until = loop.eventsPausedUntil, ContinuousClock.now < until { return [] }
+        if loop.format == .binary, let until = loop.version3PausedUntil, ContinuousClock.now < until { return [] }
         do {
-            return try await source.pendingCalibrations(limit: Self.maxEventsPerBatch)
+            return try await source.pendingCalibrations(limit: loop.singleEventDeliveries > 0 ? 1 : Self.maxEventsPerBatch)
         } catch {
             // Readings go anyway; the events wait in the buffer for the next batch.
             logger.error("Cannot read pending calibration events from the buffer", metadata: ["error": "\(error)"])
@@ -396,7 +435,7 @@ public final class Uploader: Service {
         case bufferFailed
     }
 
-    /// Encodes `group` with `events` (version 3 when there are any; JSON never carries them).
+    /// Encodes `group` with `events` (binary: version 3 when there are any; JSON: a `calibrations` member).
     func encode(_ group: ArraySlice<Reading>, events: [CalibrationEvent], format: UploadConfiguration.Format) async -> Encoding {
         let descriptors: [SensorDescriptor]
         do {
@@ -408,7 +447,11 @@ public final class Uploader: Service {
         let batch = Batch(device: device, sensors: descriptors, readings: Array(group))
         switch format {
         case .json:
-            return .encoded(BatchJSON.encode(batch))
+            do {
+                return .encoded(try BatchJSON.encode(batch, calibrations: events))
+            } catch {
+                return .unencodable(error.description)
+            }
         case .binary:
             do {
                 return .encoded(try BatchCodec.encode(batch, calibrations: events))

@@ -99,6 +99,11 @@ struct BatchController: Sendable {
             case .json:
                 let decoded = try BatchJSON.decode(bytes, limits: batchLimits)
                 (batch, preRejected) = (decoded.batch, decoded.rejected)
+                // A store that keeps no calibrations ignores the member (as an older ingest skips it): the receipt then
+                // has no calibrations count and the sender keeps its events.
+                if let calibrationStore = store as? any CalibrationStore {
+                    (calibrations, eventStore) = (decoded.calibrations, calibrationStore)
+                }
             }
         } catch {
             throw decodingError(error, format: format, limits: limits)

@@ -20,7 +20,7 @@ public final class GPIODriver: StreamingSensorDriver {
         "chip", "line", "active_low", "bias", "debounce", "edge", "pulses_per_litre", "backend", "events_file",
     ]
 
-    public static let description = DriverDescription(
+    public static let description = withIgnoredKeys(DriverDescription(
         kind: "gpio",
         summary: "A GPIO input through libgpiod: float or leak switch (state, debounced) or flow-meter pulses (flow in L/min, count).",
         optionKeys: optionKeys,
@@ -44,7 +44,21 @@ public final class GPIODriver: StreamingSensorDriver {
             try GPIODriver(
                 configuration: configuration, logger: context.logger,
                 countFile: context.stateFilePrefix.map { GPIOCountStore.path(prefix: $0, sensor: configuration.id) })
-        })
+        }))
+
+    /// A switch (`quantity = "state"`) is not polled: every debounced change is stored as it happens, plus the unchanged
+    /// state every `heartbeat`, so `interval` and `deadband` do nothing for it.
+    static func withIgnoredKeys(_ description: DriverDescription) -> DriverDescription {
+        var description = description
+        description.ignoredKeys = { sensor in
+            guard sensor.descriptor.quantity == .state else { return [:] }
+            return [
+                "interval": "a GPIO switch is not polled; every debounced change is stored as it happens, plus the unchanged state every heartbeat",
+                "deadband": "a GPIO switch stores every debounced change (a state is 0 or 1)",
+            ]
+        }
+        return description
+    }
 
     enum Role: Sendable, Hashable {
         case state
