@@ -5,7 +5,7 @@ SHELL := /bin/bash
 SWIFT ?= swift
 DEMO_SECONDS ?= 40
 
-.PHONY: demo test deps build release bench clean
+.PHONY: demo test deps build release bench clean install deb
 
 deps:
 	@.ci/install-deps
@@ -26,7 +26,7 @@ demo: build
 # HostileConnectionsTests holds 2,000 sockets open, which pushes every descriptor another suite opens past the 1024 that
 # select(2), and so libmodbus, can watch; SamplerTests counts reads per interval to within a tick, which the many
 # simulator and end-to-end suites of the timed pass disturb on two cores. Every pass always runs; the target fails if any does.
-TIMED_SUITES := PostgresEndToEndTests|NginxEndToEndTests|LatestAcrossInstancesTests|SamplerTests|SamplerStuckDriverTests|WatchdogTests|ScanTests|MissingDeviceTests|ConnectionLimitTests|EZODriverTests|EZOSimulatorTests|ModbusBusTests|DS18B20DriverTests|GPIODriverTests|GPIOStreamingTests|GPIOAgentTests|DriverExamplesTests|HardwareAgentTests|CalibrationAgentTests|UploadCalibrationTests|CalibrationDeliveryTests|ControlSocketTests|UploadUploaderTests|UploadRefusalTests|UploadSequenceTests|UploadHTTPClientTests|EndToEndTests|UploadDeviceCheckTests|MixedSiteEndToEndTests
+TIMED_SUITES := PostgresEndToEndTests|NginxEndToEndTests|LatestAcrossInstancesTests|SamplerTests|SamplerStuckDriverTests|WatchdogTests|ScanTests|MissingDeviceTests|ConnectionLimitTests|EZODriverTests|EZOSimulatorTests|ModbusBusTests|DS18B20DriverTests|GPIODriverTests|GPIOStreamingTests|GPIOAgentTests|DriverExamplesTests|HardwareAgentTests|CalibrationAgentTests|UploadCalibrationTests|CalibrationDeliveryTests|ControlSocketTests|UploadUploaderTests|UploadRefusalTests|UploadSequenceTests|UploadHTTPClientTests|EndToEndTests|UploadDeviceCheckTests|MixedSiteEndToEndTests|SiteEnrollmentTests
 SOLO_SUITES := HostileConnectionsTests|SamplerTests
 
 # All passes run beside one throwaway PostgreSQL cluster (.ci/with-postgres: initdb in a temporary directory, a Unix
@@ -39,6 +39,24 @@ test: deps
 	$(SWIFT) test --skip-build --filter EndToEndTests --skip "$(SOLO_SUITES)" || status=1; \
 	for suite in $$(echo "$(SOLO_SUITES)" | tr "|" " "); do $(SWIFT) test --skip-build --filter "$$suite" || status=1; done; \
 	exit $$status'
+
+# Installing the site agent (see README "Installing"). `make install` (PREFIX=/usr/local, DESTDIR honoured) builds the
+# release binary and lays out the binary, the systemd unit, the example configuration (never overwriting one), a udev
+# rule for GPIO and the docs; as root without DESTDIR it also creates the user farmgate (groups dialout, gpio).
+# `make deb` builds farmgate_<version>_<arch>.deb from the same layout (PREFIX=/usr) with a binary that carries the Swift
+# runtime (--static-swift-stdlib), for `apt install ./farmgate_*.deb` on the Pi. FARMGATE_BIN=path skips the build.
+PREFIX ?= /usr/local
+DESTDIR ?=
+FARMGATE_BIN ?=
+
+install:
+	@if [ -z "$(FARMGATE_BIN)" ]; then .ci/install-deps && $(SWIFT) build -c release --product farmgate; fi
+	@FARMGATE_BIN="$(or $(FARMGATE_BIN),$$($(SWIFT) build -c release --show-bin-path)/farmgate)" PREFIX="$(PREFIX)" DESTDIR="$(DESTDIR)" \
+		packaging/install-site.sh
+
+deb:
+	@if [ -z "$(FARMGATE_BIN)" ]; then .ci/install-deps && $(SWIFT) build -c release --product farmgate --static-swift-stdlib; fi
+	@FARMGATE_BIN="$(or $(FARMGATE_BIN),$$($(SWIFT) build -c release --static-swift-stdlib --show-bin-path)/farmgate)" packaging/build-deb.sh
 
 bench: release
 	$(SWIFT) run -c release farmgate-bench all

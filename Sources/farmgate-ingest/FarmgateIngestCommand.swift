@@ -20,6 +20,7 @@ struct FarmgateIngestCommand: AsyncParsableCommand {
             """,
         subcommands: [
             ServeCommand.self, MigrateCommand.self, FarmCommand.self, DeviceCommand.self, TokenCommand.self, ExportCommand.self,
+            EnrollTokenCommand.self,
         ]
     )
 }

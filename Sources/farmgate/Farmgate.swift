@@ -17,7 +17,7 @@ struct Farmgate: AsyncParsableCommand {
         version: FarmgateVersion.current,
         subcommands: [
             AgentCommand.self, StatusCommand.self, QuarantineCommand.self, CalibrateCommand.self, ConfigCommand.self, SensorCommand.self,
-            ScanCommand.self, DebugCommand.self,
+            ScanCommand.self, DebugCommand.self, EnrollCommand.self, DoctorCommand.self,
         ]
     )
 }

@@ -104,6 +104,9 @@ func buildRouter(
     if let calibrations = store as? any CalibrationStore {
         CalibrationController(store: store, calibrations: calibrations, gate: gate, rateLimiter: readLimiter, logger: logger).addRoutes(to: router)
     }
+    if let enrollment = store as? any EnrollmentStore {
+        EnrollmentController(store: enrollment, registry: metrics.registry, now: now, logger: logger).addRoutes(to: router)
+    }
 
     router.get("/healthz") { _, _ in
         jsonResponse(["status": "ok"])

@@ -1,6 +1,7 @@
 import Crypto
 
-/// A bearer secret: `fgd_<keyid>_<secret>` for a device key, `fgr_<keyid>_<secret>` for a read token.
+/// A bearer secret: `fgd_<keyid>_<secret>` for a device key, `fgr_<keyid>_<secret>` for a read token,
+/// `fge_<keyid>_<secret>` for a one-time enrollment token.
 ///
 /// The key id (8 characters of lowercase base32) is stored in clear and finds the credential; the secret (32 random
 /// bytes as 64 hex digits) is stored only as its SHA-256 and compared in constant time.
@@ -17,6 +18,8 @@ public struct APIKey: Sendable, Hashable {
         case device = "fgd"
         /// Reads one farm's data.
         case readToken = "fgr"
+        /// Exchanged once for a device's key (`POST /v1/enroll`).
+        case enrollment = "fge"
     }
 
     public let kind: Kind

@@ -134,6 +134,25 @@ enum SQLiteSchema {
                 CREATE INDEX alert_outbox_due ON alert_outbox(next_attempt_at_us) WHERE state IN ('pending', 'delivering');
                 CREATE INDEX alert_outbox_by_alert ON alert_outbox(alert_id);
                 """),
+        Migration(
+            version: 7, name: "enrollment_tokens: one-time tokens a site exchanges for its device key",
+            sql: """
+                CREATE TABLE enrollment_tokens (
+                    id INTEGER PRIMARY KEY,
+                    farm_id INTEGER NOT NULL REFERENCES farms(id),
+                    device_name TEXT NOT NULL,
+                    key_id TEXT NOT NULL UNIQUE,
+                    secret_sha256 BLOB NOT NULL,
+                    created_at_us INTEGER NOT NULL,
+                    expires_at_us INTEGER NOT NULL,
+                    used_at_us INTEGER,
+                    used_by TEXT,
+                    device_id INTEGER REFERENCES devices(id),
+                    action TEXT CHECK (action IN ('created', 'rotated')),
+                    sealed_key BLOB
+                );
+                CREATE INDEX enrollment_tokens_by_device ON enrollment_tokens(farm_id, device_name);
+                """),
     ]
 
     static var currentVersion: Int { migrations.last?.version ?? 0 }

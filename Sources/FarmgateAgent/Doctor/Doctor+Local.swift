@@ -1,0 +1,242 @@
+import CLinux
+import FarmgateSupport
+import FarmgateWire
+import Foundation
+
+/// The checks of `farmgate doctor` that look only at this machine: device permissions, the clock, disk space and the
+/// buffer. Blocking calls (stat, statvfs, SQLite): run them off the concurrency pool.
+extension Doctor {
+    // MARK: Serial ports and GPIO chips
+
+    /// Every configured serial port (EZO, Modbus) and GPIO chip: it exists, is a character device, and `user` may open it
+    /// for reading and writing; when not, which group it needs.
+    static func deviceFindings(_ configuration: AgentConfiguration, user: UnixUser) -> [DoctorFinding] {
+        var findings: [DoctorFinding] = []
+        var seen: Set<String> = []
+        let base = URL(fileURLWithPath: configuration.file).deletingLastPathComponent().path
+        for sensor in configuration.sensors {
+            switch sensor.driver {
+            case "ezo", "modbus":
+                guard let port = try? sensor.options.string("port"), !port.isEmpty else { continue }
+                let path = AgentConfiguration.resolve(port, against: base)
+                guard seen.insert(path).inserted else { continue }
+                findings.append(deviceFinding(check: "serial", path: path, sensor: sensor.id.rawValue, user: user, usualGroup: "dialout"))
+            case "gpio":
+                if (try? sensor.options.string("backend")) == "events" { continue }
+                let paths = chipPaths(sensor.options.value("chip"))
+                guard !paths.isEmpty else {
+                    findings.append(
+                        DoctorFinding(
+                            check: "gpio", subject: "chip of \(sensor.id)", status: .problem, message: "no GPIO chip on this machine (/dev/gpiochip*)",
+                            fix: "on a Raspberry Pi the chips are /dev/gpiochip0..; elsewhere the board's GPIO driver must be loaded"))
+                    continue
+                }
+                for path in paths where seen.insert(path).inserted {
+                    findings.append(deviceFinding(check: "gpio", path: path, sensor: sensor.id.rawValue, user: user, usualGroup: "gpio"))
+                }
+            default:
+                continue
+            }
+        }
+        return findings
+    }
+
+    /// The device nodes a `chip` value can mean: one path for a number or `gpiochipN`, every chip for a label.
+    static func chipPaths(_ value: ConfigValue?) -> [String] {
+        switch value {
+        case nil:
+            return ["/dev/gpiochip0"]
+        case .integer(let number)?:
+            return ["/dev/gpiochip\(number)"]
+        case .string(let text)?:
+            let trimmed = text.trimmingCharacters(in: .whitespaces)
+            for prefix in ["/dev/gpiochip", "gpiochip", ""] where trimmed.hasPrefix(prefix) {
+                if let number = Int(trimmed.dropFirst(prefix.count)), number >= 0 { return ["/dev/gpiochip\(number)"] }
+            }
+            let names = (try? FileManager.default.contentsOfDirectory(atPath: "/dev")) ?? []
+            return names.filter { $0.hasPrefix("gpiochip") }.sorted().map { "/dev/" + $0 }
+        default:
+            return []
+        }
+    }
+
+    static func deviceFinding(check: String, path: String, sensor: String, user: UnixUser, usualGroup: String) -> DoctorFinding {
+        let subject = "\(path) (\(sensor))"
+        var info = stat()
+        guard stat(path, &info) == 0 else {
+            let reason = String(cString: strerror(errno))
+            let fix =
+                check == "serial"
+                ? "plug the adapter in and check the name: `ls -l /dev/serial/by-id/` lists the USB serial adapters (use those paths: they survive replugging)"
+                : "check that this machine has that GPIO chip: `ls /dev/gpiochip*`, `gpiodetect`"
+            return DoctorFinding(check: check, subject: subject, status: .problem, message: "cannot be found (\(reason))", fix: fix)
+        }
+        guard info.st_mode & S_IFMT == S_IFCHR else {
+            return DoctorFinding(
+                check: check, subject: subject, status: .problem, message: "is not a character device",
+                fix: "give the device node of the port or chip (under /dev)")
+        }
+        let mode = info.st_mode & 0o777
+        let group = UnixUser.groupName(info.st_gid)
+        let owner = UnixUser.userName(info.st_uid)
+        let shown = "mode \(String(mode, radix: 8)), owner \(owner), group \(group)"
+        if user.mayOpen(mode: mode, owner: info.st_uid, group: info.st_gid) {
+            let via = user.uid == 0 ? "as root" : info.st_uid == user.uid ? "as its owner" : user.groups.contains(info.st_gid) ? "through group \(group)" : "as anyone"
+            return DoctorFinding(check: check, subject: subject, status: .ok, message: "\(user.name) may read and write it \(via) (\(shown))")
+        }
+        if !user.groups.contains(info.st_gid), (mode >> 3) & 0o6 == 0o6, info.st_gid != 0 {
+            return DoctorFinding(
+                check: check, subject: subject, status: .problem,
+                message: "\(user.name) may not open it: it is not in group \(group) (\(shown))",
+                fix: "sudo usermod -aG \(group) \(user.name), then restart the agent (systemctl restart farmgate)")
+        }
+        return DoctorFinding(
+            check: check, subject: subject, status: .problem, message: "\(user.name) may not open it (\(shown))",
+            fix:
+                "the node should be group \(usualGroup) with mode 660 (a udev rule sets that: Raspberry Pi OS has one; `ls -l \(path)`), and \(user.name) in group \(usualGroup): sudo usermod -aG \(usualGroup) \(user.name)")
+    }
+
+    // MARK: Clock
+
+    /// Whether the kernel says the clock is synchronised (adjtimex), as the agent sees it (the agent's test hook too).
+    static func clockFinding(_ configuration: AgentConfiguration, clock: any ClockSource) -> DoctorFinding {
+        guard configuration.checkClock else {
+            return DoctorFinding(
+                check: "clock", subject: "system clock", status: .skipped,
+                message: "[clock] check = false: readings are never flagged clock_unsynchronized")
+        }
+        let reading = clock.read()
+        if reading.synchronized {
+            return DoctorFinding(
+                check: "clock", subject: "system clock", status: .ok, message: "synchronised (adjtimex), \(RFC3339.format(reading.realtime))")
+        }
+        return DoctorFinding(
+            check: "clock", subject: "system clock", status: .problem,
+            message:
+                "not synchronised (adjtimex says so): readings are held up to [clock] hold_unsynchronized, then sent flagged clock_unsynchronized; TLS fails if the clock is far off",
+            fix:
+                "enable NTP: sudo timedatectl set-ntp true; `timedatectl timesync-status` shows the server; UDP port 123 must be reachable (or set [clock] check = false in a container that never reports a synchronised clock)")
+    }
+
+    // MARK: Disk
+
+    /// Free space where the buffer lives, against what its quota may still take.
+    static func diskFinding(_ configuration: AgentConfiguration) -> DoctorFinding {
+        let path = configuration.buffer.path
+        var directory = URL(fileURLWithPath: path).deletingLastPathComponent()
+        while !FileManager.default.fileExists(atPath: directory.path), directory.path != "/" { directory.deleteLastPathComponent() }
+        var info = statvfs()
+        guard statvfs(directory.path, &info) == 0 else {
+            return DoctorFinding(
+                check: "disk", subject: directory.path, status: .problem, message: "cannot read the file system's free space: \(String(cString: strerror(errno)))")
+        }
+        let free = Int64(info.f_bavail) * Int64(info.f_frsize)
+        let used = [path, path + "-wal", path + "-shm"].reduce(Int64(0)) { total, file in
+            total + ((try? FileManager.default.attributesOfItem(atPath: file)[.size] as? NSNumber)?.int64Value ?? 0)
+        }
+        let quota = configuration.buffer.quotaBytes
+        let stillNeeded = max(0, quota - used)
+        let shown = "\(mebibytes(free)) free, the buffer uses \(mebibytes(used)) of its \(mebibytes(quota)) quota"
+        if free < 64 << 20 {
+            return DoctorFinding(
+                check: "disk", subject: directory.path, status: .problem, message: "almost full: \(shown)",
+                fix: "free space on this file system (`df -h \(directory.path)`, `journalctl --vacuum-size=50M`), or the buffer stops storing readings")
+        }
+        if free < stillNeeded {
+            return DoctorFinding(
+                check: "disk", subject: directory.path, status: .warning, message: "the buffer's quota does not fit: \(shown)",
+                fix: "lower [buffer] quota below the free space, or free space: the disk fills before the quota is reached")
+        }
+        return DoctorFinding(check: "disk", subject: directory.path, status: .ok, message: shown)
+    }
+
+    static func mebibytes(_ bytes: Int64) -> String {
+        bytes >= 10 << 30 ? "\(bytes >> 30) GiB" : "\(bytes >> 20) MiB"
+    }
+
+    // MARK: Buffer
+
+    /// Depth, age of the oldest unsent reading and quarantine, from the running agent when it answers; else from the file
+    /// itself, read-only, with an integrity check.
+    static func bufferFindings(_ configuration: AgentConfiguration, status: AgentStatus?, now: Timestamp) -> [DoctorFinding] {
+        let path = configuration.buffer.path
+        if let buffer = status?.buffer {
+            return bufferDepthFindings(
+                path: path, pending: buffer.pending, oldest: buffer.oldestPending, quarantined: buffer.quarantined, now: now,
+                integrity: "checked by the agent when it opened the buffer")
+        }
+        guard FileManager.default.fileExists(atPath: path) else {
+            return [DoctorFinding(check: "buffer", subject: path, status: .ok, message: "no buffer yet: the agent creates it when it starts")]
+        }
+        let existedBefore = [path + "-wal", path + "-shm"].filter { FileManager.default.fileExists(atPath: $0) }
+        defer { giveBack(createdBesides: path, except: existedBefore) }
+        do {
+            let connection = try SQLiteConnection(path: path, mode: .readOnly, busyTimeoutMilliseconds: 2_000)
+            let problems = try connection.integrityProblems(quick: true)
+            guard problems.isEmpty else {
+                return [
+                    DoctorFinding(
+                        check: "buffer", subject: path, status: .problem,
+                        message: "damaged: \(problems.prefix(3).joined(separator: "; "))",
+                        fix: "the agent moves a damaged buffer aside (buffer.sqlite.corrupt-<time>) and starts a new one when it starts; replace the SD card if it happens again")
+                ]
+            }
+            let rows = try connection.query("SELECT count(*), min(timestamp) FROM readings")
+            var pending = 0
+            var oldest: Timestamp?
+            if let row = rows.first, row.count == 2 {
+                if case .integer(let count) = row[0] { pending = Int(count) }
+                if case .integer(let micros) = row[1] { oldest = Timestamp(microseconds: micros) }
+            }
+            let quarantined = Int((try? connection.queryInt("SELECT count(*) FROM quarantine")) ?? 0)
+            return bufferDepthFindings(path: path, pending: pending, oldest: oldest, quarantined: quarantined, now: now, integrity: "quick_check ok")
+        } catch {
+            return [
+                DoctorFinding(
+                    check: "buffer", subject: path, status: .problem, message: "cannot be read: \(error)",
+                    fix: "check the file's owner and mode (the agent's user must own it) and the disk; the agent's log says more")
+            ]
+        }
+    }
+
+    static func bufferDepthFindings(path: String, pending: Int, oldest: Timestamp?, quarantined: Int, now: Timestamp, integrity: String) -> [DoctorFinding] {
+        var findings: [DoctorFinding] = []
+        let ageSeconds = oldest.map { max(0, (now.microseconds - $0.microseconds) / 1_000_000) }
+        let depth = "\(pending) reading\(pending == 1 ? "" : "s") waiting\(ageSeconds.map { ", the oldest \(duration($0)) old" } ?? ""); \(integrity)"
+        if let ageSeconds, ageSeconds > 3600 {
+            findings.append(
+                DoctorFinding(
+                    check: "buffer", subject: path, status: .warning, message: "uploads are behind: \(depth)",
+                    fix: "see `farmgate status` for the last upload result; the ingest checks below say whether it can be reached"))
+        } else {
+            findings.append(DoctorFinding(check: "buffer", subject: path, status: .ok, message: depth))
+        }
+        if quarantined > 0 {
+            findings.append(
+                DoctorFinding(
+                    check: "buffer", subject: "quarantine", status: .warning,
+                    message: "\(quarantined) reading\(quarantined == 1 ? "" : "s") the ingest refused for good",
+                    fix: "farmgate quarantine list shows why; fix the cause, then farmgate quarantine requeue --code CODE (or drop)"))
+        }
+        return findings
+    }
+
+    static func duration(_ seconds: Int64) -> String {
+        switch seconds {
+        case ..<120: "\(seconds) s"
+        case ..<7200: "\(seconds / 60) min"
+        case ..<172_800: "\(seconds / 3600) h"
+        default: "\(seconds / 86_400) days"
+        }
+    }
+
+    /// Reading a WAL database may create its `-wal` and `-shm` files; made by root, the agent could no longer open its
+    /// buffer. Those that did not exist before are given to the owner of the database file.
+    static func giveBack(createdBesides path: String, except existed: [String]) {
+        var info = stat()
+        guard stat(path, &info) == 0 else { return }
+        for file in [path + "-wal", path + "-shm"] where !existed.contains(file) && FileManager.default.fileExists(atPath: file) {
+            _ = chown(file, info.st_uid, info.st_gid)
+        }
+    }
+}

@@ -1,0 +1,109 @@
+import Foundation
+
+/// Writes a file so that it is either the old one or the whole new one, even across a power cut: a temporary file in the
+/// same directory, created with its final mode and owner before a byte is written (a key is never readable by others,
+/// not even for a moment), `fsync`ed, renamed over the old one, and the directory `fsync`ed so the rename is durable.
+///
+/// Blocking file system calls: run it off the concurrency pool (the CLI calls it from its own thread).
+public enum AtomicFile {
+    /// Who should own a file: a user id and group id.
+    public struct Owner: Sendable, Hashable {
+        public var uid: uid_t
+        public var gid: gid_t
+        /// The user's name, for messages.
+        public var name: String
+
+        public init(uid: uid_t, gid: gid_t, name: String) {
+            self.uid = uid
+            self.gid = gid
+            self.name = name
+        }
+
+        /// The user `name` from the password database, or nil when there is none.
+        public static func user(named name: String) -> Owner? {
+            guard let entry = getpwnam(name) else { return nil }
+            return Owner(uid: entry.pointee.pw_uid, gid: entry.pointee.pw_gid, name: name)
+        }
+    }
+
+    /// Why a file could not be written: the path and what the system said.
+    public struct Failure: Error, Sendable, CustomStringConvertible {
+        public let description: String
+    }
+
+    /// Writes `bytes` to `path` with `mode`, owned by `owner` (nil: the current user), creating missing directories
+    /// (mode 0755).
+    public static func write(_ bytes: [UInt8], to path: String, mode: mode_t, owner: Owner?) throws(Failure) {
+        let url = URL(fileURLWithPath: path)
+        let directory = url.deletingLastPathComponent().path
+        do {
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
+        } catch {
+            throw Failure(description: "cannot create the directory \(directory): \(error.localizedDescription)")
+        }
+        let temporary = directory + "/." + url.lastPathComponent + ".tmp-\(getpid())"
+        unlink(temporary)
+        let fd = open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, mode)
+        guard fd >= 0 else { throw failure("cannot create \(temporary)") }
+        var closed = false
+        defer {
+            if !closed { close(fd) }
+        }
+        // The umask may have taken bits away; the mode and owner are set before any byte is written.
+        guard fchmod(fd, mode) == 0 else {
+            let error = failure("cannot set the mode of \(temporary)")
+            unlink(temporary)
+            throw error
+        }
+        if let owner, fchown(fd, owner.uid, owner.gid) != 0 {
+            let error = failure("cannot give \(temporary) to \(owner.name)")
+            unlink(temporary)
+            throw error
+        }
+        var written = 0
+        while written < bytes.count {
+            let count = bytes[written...].withUnsafeBytes { Foundation.write(fd, $0.baseAddress, $0.count) }
+            if count < 0, errno == EINTR { continue }
+            guard count > 0 else {
+                let error = failure("cannot write \(temporary)")
+                unlink(temporary)
+                throw error
+            }
+            written += count
+        }
+        guard fsync(fd) == 0 else {
+            let error = failure("cannot write \(temporary) to disk")
+            unlink(temporary)
+            throw error
+        }
+        close(fd)
+        closed = true
+        guard rename(temporary, path) == 0 else {
+            let error = failure("cannot rename \(temporary) to \(path)")
+            unlink(temporary)
+            throw error
+        }
+        let directoryFD = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if directoryFD >= 0 {
+            _ = fsync(directoryFD)
+            close(directoryFD)
+        }
+    }
+
+    /// Whether a file can be created in `directory` (or in the nearest existing parent, where it would be created):
+    /// checked by creating and removing one, which also catches a read-only file system.
+    public static func canCreate(in directory: String) -> Failure? {
+        var existing = URL(fileURLWithPath: directory)
+        while !FileManager.default.fileExists(atPath: existing.path), existing.path != "/" { existing.deleteLastPathComponent() }
+        let probe = existing.path + "/.farmgate-probe-\(getpid())"
+        let fd = open(probe, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { return failure("cannot write in \(existing.path)") }
+        close(fd)
+        unlink(probe)
+        return nil
+    }
+
+    private static func failure(_ what: String) -> Failure {
+        Failure(description: "\(what): \(String(cString: strerror(errno)))")
+    }
+}

@@ -1,0 +1,304 @@
+import FarmgateSupport
+import FarmgateWire
+import Foundation
+import Logging
+
+/// `farmgate enroll URL TOKEN`: exchanges a one-time enrollment token for the device key, writes the key where the agent
+/// reads it (mode 0600, owned by the agent's user) and points `[upload]` of the configuration at the ingest, keeping the
+/// rest of the file and its comments.
+///
+/// Everything that can fail locally is checked **before** the token is used (``prepare(_:)``): the configuration can be
+/// read and edited, the key file and the configuration can be written, the agent's user exists. Only then is the token
+/// exchanged, so a mistake on the site never burns it. If the answer is lost on the way (a timeout, a reset connection),
+/// the exchange is sent again: the ingest answers the same token with the same key for a while, never with a second
+/// device.
+public enum SiteEnrollment {
+    /// What `farmgate enroll` was asked to do.
+    public struct Request: Sendable {
+        /// The ingest's base URL (`https://ingest.example.net`).
+        public var endpoint: String
+        public var token: String
+        /// The agent's configuration file; created when missing.
+        public var configPath: String
+        /// A PEM bundle to trust for the ingest (also written to `[upload] ca_file`); nil keeps the configuration's.
+        public var caFile: String?
+        /// Where to write the key; nil: the configuration's `[upload] key_file`, else `device.key` beside it.
+        public var keyFile: String?
+        /// Who should own the key file; nil: the current user.
+        public var owner: AtomicFile.Owner?
+        /// How long one exchange may take. Default 30 s.
+        public var requestTimeout: Duration = .seconds(30)
+        /// How often an exchange whose answer was lost is sent again. Default 2.
+        public var retries: Int = 2
+
+        public init(endpoint: String, token: String, configPath: String, caFile: String? = nil, keyFile: String? = nil, owner: AtomicFile.Owner? = nil) {
+            self.endpoint = endpoint
+            self.token = token
+            self.configPath = configPath
+            self.caFile = caFile
+            self.keyFile = keyFile
+            self.owner = owner
+        }
+    }
+
+    /// What was checked and will be written.
+    public struct Plan: Sendable {
+        public var request: Request
+        /// The ingest's base URL without trailing slashes.
+        public var endpoint: String
+        public var keyFile: String
+        /// The configuration as it is now (empty when the file does not exist yet).
+        public var originalText: String
+        public var configExists: Bool
+        /// `[device] id` of the configuration, when it has one: sent so that a token for another device is refused unused.
+        public var device: String?
+        /// The CA bundle for the exchange: ``Request/caFile`` or the configuration's `[upload] ca_file`.
+        public var caFile: String?
+    }
+
+    /// What `farmgate enroll` did.
+    public struct Outcome: Sendable {
+        public var answer: EnrollmentAnswer
+        public var keyFile: String
+        public var configPath: String
+        /// `[device] id` was absent and has been set to the device the token was made for.
+        public var deviceIDWritten: Bool
+        /// Why the resulting configuration cannot run the agent yet (no sensors, ...), or nil when it can.
+        public var configurationProblem: String?
+    }
+
+    /// A failure, phrased for the installer, with the exit status the CLI uses.
+    public struct Failure: Error, Sendable, CustomStringConvertible {
+        public let description: String
+        /// 1: the exchange failed; 64: bad arguments; 73: a file cannot be written; 78: the configuration cannot be edited.
+        public let exitCode: Int32
+    }
+
+    // MARK: Before the exchange
+
+    /// Checks everything that does not need the ingest. Blocking file I/O: call it off the concurrency pool.
+    public static func prepare(_ request: Request) throws(Failure) -> Plan {
+        var endpoint = Substring(request.endpoint.trimmingCharacters(in: .whitespaces))
+        while endpoint.hasSuffix("/") { endpoint = endpoint.dropLast() }
+        if endpoint.hasSuffix(EnrollmentProtocol.path) { endpoint = endpoint.dropLast(EnrollmentProtocol.path.count) }
+        guard let url = URL(string: String(endpoint)), let scheme = url.scheme?.lowercased(), scheme == "http" || scheme == "https", url.host != nil
+        else {
+            throw Failure(description: "\(request.endpoint) is not an http:// or https:// URL; give the ingest's base URL, e.g. https://ingest.example.net", exitCode: 64)
+        }
+        guard request.token.hasPrefix(EnrollmentProtocol.tokenPrefix), request.token.utf8.count > 8,
+            request.token.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F })
+        else {
+            let hint = request.token.hasPrefix("fgd_") ? " (this is a device key: put it in key_file instead, or ask for an enrollment token)" : ""
+            throw Failure(
+                description: "the token is not an enrollment token (they start with fge_ and come from `farmgate-ingest enroll-token create`)\(hint)",
+                exitCode: 64)
+        }
+        if let caFile = request.caFile, !FileManager.default.isReadableFile(atPath: caFile) {
+            throw Failure(description: "cannot read the CA file \(caFile); give a PEM file of CA certificates", exitCode: 64)
+        }
+
+        let configExists = FileManager.default.fileExists(atPath: request.configPath)
+        var originalText = ""
+        var device: String?
+        var configuredKeyFile: String?
+        var configuredCA: String?
+        let base = URL(fileURLWithPath: request.configPath).deletingLastPathComponent().path
+        if configExists {
+            do {
+                originalText = try String(contentsOfFile: request.configPath, encoding: .utf8)
+            } catch {
+                throw Failure(description: "cannot read \(request.configPath): \(error.localizedDescription)", exitCode: 78)
+            }
+            let document: ConfigTable
+            do {
+                document = try ConfigDocument.parse(originalText, file: request.configPath)
+            } catch {
+                throw Failure(description: "\(error.description)\nfix the file first: enroll edits it and must be able to read it", exitCode: 78)
+            }
+            do {
+                device = try document.table("device")?.string("id")
+                let upload = try document.table("upload")
+                configuredKeyFile = try upload?.string("key_file").map { AgentConfiguration.resolve($0, against: base) }
+                configuredCA = try upload?.string("ca_file").map { AgentConfiguration.resolve($0, against: base) }
+            } catch {
+                throw Failure(description: "\(error.description)\nfix the file first: enroll edits it", exitCode: 78)
+            }
+        }
+        let keyFile = request.keyFile.map { AgentConfiguration.resolve($0, against: FileManager.default.currentDirectoryPath) }
+            ?? configuredKeyFile ?? AgentConfiguration.resolve("device.key", against: base)
+        let plan = Plan(
+            request: request, endpoint: String(endpoint), keyFile: keyFile, originalText: originalText, configExists: configExists,
+            device: device, caFile: request.caFile.map { AgentConfiguration.resolve($0, against: FileManager.default.currentDirectoryPath) } ?? configuredCA)
+        // The edit must work on the file as it is, with any key: try it now, with a placeholder device.
+        _ = try edited(plan, device: device ?? "placeholder")
+        for directory in Set([URL(fileURLWithPath: keyFile).deletingLastPathComponent().path, base]) {
+            if let problem = AtomicFile.canCreate(in: directory) {
+                throw Failure(description: "\(problem.description) (run farmgate enroll as root, or give --config/--key-file paths you can write)", exitCode: 73)
+            }
+        }
+        return plan
+    }
+
+    /// The configuration text with `[upload]` (and `[device] id` when absent) set, checked with the TOML parser: the values
+    /// read back are the ones written and nothing else changed.
+    static func edited(_ plan: Plan, device: String) throws(Failure) -> String {
+        var editor = ConfigFileEditor(text: plan.configExists ? plan.originalText : newConfigurationHeader)
+        do {
+            if plan.device == nil { try editor.set("id", .string(device), in: "device") }
+            try editor.set("endpoint", .string(plan.endpoint), in: "upload")
+            try editor.remove("key", in: "upload")
+            if editor.stringValue("key_file", in: "upload") == nil || plan.request.keyFile != nil {
+                try editor.set("key_file", .string(plan.keyFile), in: "upload")
+            }
+            if let caFile = plan.request.caFile { try editor.set("ca_file", .string(plan.caFile ?? caFile), in: "upload") }
+        } catch {
+            throw Failure(description: "cannot edit \(plan.request.configPath): \(error.description)", exitCode: 78)
+        }
+        let text = editor.text
+        let problem = "cannot edit [upload] of \(plan.request.configPath) automatically; set endpoint and key_file there by hand"
+        do {
+            let document = try ConfigDocument.parse(text, file: plan.request.configPath)
+            let base = URL(fileURLWithPath: plan.request.configPath).deletingLastPathComponent().path
+            let upload = try document.table("upload")
+            guard try document.table("device")?.string("id") == device,
+                try upload?.string("endpoint") == plan.endpoint,
+                try upload?.string("key_file").map({ AgentConfiguration.resolve($0, against: base) }) == plan.keyFile,
+                upload?.contains("key") == false
+            else { throw Failure(description: problem, exitCode: 78) }
+        } catch let error as Failure {
+            throw error
+        } catch {
+            throw Failure(description: "\(problem) (\(error))", exitCode: 78)
+        }
+        return text
+    }
+
+    /// The start of a configuration file that enroll creates.
+    static let newConfigurationHeader = """
+        # farmgate agent configuration, written by `farmgate enroll`. Add the sensors ([[sensor]] tables: see
+        # `farmgate sensor drivers --samples`, or `farmgate scan`), then `farmgate config check` and `farmgate doctor`.
+
+        """
+
+    // MARK: The exchange
+
+    /// Exchanges the token. An exchange whose answer was lost (timeout, reset) is sent again, up to ``Request/retries``
+    /// times: the ingest gives the same key to the same token for a while.
+    public static func exchange(_ plan: Plan, logger: Logger) async throws(Failure) -> EnrollmentAnswer {
+        let configuration = HTTPClient.Configuration(
+            connectTimeout: .seconds(10), requestTimeout: plan.request.requestTimeout, caFile: plan.caFile, userAgent: "farmgate-enroll")
+        let client: HTTPClient
+        do {
+            client = try HTTPClient(configuration: configuration, logger: logger)
+        } catch {
+            throw Failure(description: "cannot set up HTTP: \(error.description)", exitCode: 1)
+        }
+        defer { client.close() }
+        var body: [UInt8] = []
+        if let device = plan.device {
+            do { body = Array(try JSONEncoder().encode(EnrollmentRequest(device: device))) } catch {
+                throw Failure(description: "cannot encode the request: \(error)", exitCode: 1)
+            }
+        }
+        let url = plan.endpoint + EnrollmentProtocol.path
+        let headers = [HTTPHeader("Authorization", "Bearer \(plan.request.token)"), HTTPHeader("Content-Type", "application/json")]
+        var attempt = 0
+        while true {
+            attempt += 1
+            let response: HTTPResponse
+            do {
+                response = try await client.post(url, headers: headers, body: body)
+            } catch {
+                // Lost on the way: the ingest may have answered. The same token within the grace window gets the same key.
+                if (error.kind == .timedOut || error.kind == .transport), attempt <= plan.request.retries {
+                    logger.warning("no answer from the ingest; asking again with the same token", metadata: ["error": "\(error)"])
+                    try? await Task.sleep(for: .seconds(2))
+                    continue
+                }
+                throw transportFailure(error, endpoint: plan.endpoint)
+            }
+            return try answer(response, plan: plan)
+        }
+    }
+
+    static func transportFailure(_ error: HTTPClientError, endpoint: String) -> Failure {
+        let text: String
+        switch error.kind {
+        case .connectFailed:
+            text = "cannot reach the ingest at \(endpoint) (\(error)); check the URL, this site's network and DNS (`getent hosts <host>`), and that the ingest is running"
+        case .tls:
+            text = "TLS failure talking to \(endpoint) (\(error)); the ingest's certificate is not trusted or does not match the host name. With a private CA, pass --ca-file /path/to/ca.pem; check this site's clock too (`timedatectl`): a clock far off makes every certificate invalid"
+        case .timedOut:
+            text = "the ingest at \(endpoint) did not answer in time (\(error)); check the network (a proxy? `https_proxy`) and try again: the same token works again for a few minutes"
+        case .configuration:
+            text = "cannot talk to \(endpoint): \(error)"
+        case .cancelled, .transport:
+            text = "the exchange with \(endpoint) failed (\(error)); try again: the same token works again for a few minutes"
+        }
+        return Failure(description: text, exitCode: 1)
+    }
+
+    static func answer(_ response: HTTPResponse, plan: Plan) throws(Failure) -> EnrollmentAnswer {
+        let decoder = JSONDecoder()
+        if response.status == 200 {
+            guard let answer = try? decoder.decode(EnrollmentAnswer.self, from: Data(response.body)), answer.key.hasPrefix("fgd_"),
+                (try? DeviceID(answer.device)) != nil
+            else {
+                throw Failure(description: "the answer of \(plan.endpoint) is not an enrollment answer; is it a farmgate-ingest of this version?", exitCode: 1)
+            }
+            return answer
+        }
+        let error = try? decoder.decode(APIErrorBody.self, from: Data(response.body))
+        let message = error?.error.message ?? String(decoding: response.body.prefix(300), as: UTF8.self)
+        let text: String
+        switch (response.status, error?.error.code) {
+        case (_, EnrollmentErrorCode.tokenExpired?):
+            text = "the token has expired: \(message)"
+        case (_, EnrollmentErrorCode.tokenUsed?):
+            text = "the token was already used: \(message)"
+        case (_, EnrollmentErrorCode.invalidToken?):
+            text = "the ingest does not accept this token: \(message)"
+        case (_, EnrollmentErrorCode.deviceMismatch?):
+            text = "wrong device: \(message)"
+        case (429, _):
+            text = "too many attempts: \(message)"
+        case (404, _), (405, _):
+            text = "\(plan.endpoint) has no enrollment endpoint (HTTP \(response.status)); is the URL the ingest's, and is it a farmgate-ingest that knows `enroll-token`?"
+        default:
+            text = "the ingest answered HTTP \(response.status): \(message)"
+        }
+        throw Failure(description: text, exitCode: 1)
+    }
+
+    // MARK: After the exchange
+
+    /// Writes the key (mode 0600, owned by ``Request/owner``) and then the configuration. Blocking file I/O.
+    public static func apply(_ plan: Plan, answer: EnrollmentAnswer) throws(Failure) -> Outcome {
+        let text = try edited(plan, device: plan.device ?? answer.device)
+        do {
+            try AtomicFile.write(Array((answer.key + "\n").utf8), to: plan.keyFile, mode: 0o600, owner: plan.request.owner)
+        } catch {
+            throw Failure(
+                description: "\(error.description). The ingest has issued the key: run the same command again within a few minutes to get it again",
+                exitCode: 73)
+        }
+        // The configuration keeps its mode and owner; a new one is 0644 (it holds no secret: the key is in key_file).
+        var mode: mode_t = 0o644
+        var owner: AtomicFile.Owner?
+        var info = stat()
+        if plan.configExists, stat(plan.request.configPath, &info) == 0 {
+            mode = info.st_mode & 0o7777
+            owner = AtomicFile.Owner(uid: info.st_uid, gid: info.st_gid, name: "the file's owner")
+        }
+        do {
+            try AtomicFile.write(Array(text.utf8), to: plan.request.configPath, mode: mode, owner: owner)
+        } catch {
+            throw Failure(description: "the key is in \(plan.keyFile), but \(error.description); set [upload] endpoint and key_file by hand", exitCode: 73)
+        }
+        var problem: String?
+        do { _ = try AgentConfiguration.load(path: plan.request.configPath) } catch { problem = error.description }
+        return Outcome(
+            answer: answer, keyFile: plan.keyFile, configPath: plan.request.configPath, deviceIDWritten: plan.device == nil,
+            configurationProblem: problem)
+    }
+}

@@ -1,0 +1,199 @@
+import FarmgateAgent
+import FarmgateTestSupport
+import FarmgateWire
+import Foundation
+import Testing
+
+/// `farmgate doctor` with the real binaries: a real `farmgate-ingest serve`, pseudo-terminals as serial ports with the
+/// permissions under test, the agent's clock hook for the clock's state, real keys (good, unknown, revoked).
+@Suite("farmgate doctor", .serialized)
+struct DoctorTests {
+    struct Site {
+        let farm: Farm
+        let config: String
+        let clockFile: String
+    }
+
+    /// A site whose configuration has an EZO sensor on each of `ports`, `extra` sensor tables, and `[upload]` with `key`.
+    static func site(
+        _ farm: Farm, device: String, key: String, ports: [String], extra: String = "", endpoint: String? = nil, synchronized: Bool = true
+    ) throws -> Site {
+        let keyFile = try farm.dir.write("\(device).key", key + "\n")
+        chmod(keyFile, 0o600)
+        if geteuid() == 0, let nobody = AtomicFile.Owner.user(named: "nobody") { chown(keyFile, nobody.uid, nobody.gid) }
+        var text = """
+            [device]
+            id = "\(device)"
+
+            [buffer]
+            path = "\(device)/buffer.sqlite"
+            commit_interval = "100ms"
+
+            [upload]
+            endpoint = "\(endpoint ?? farm.endpoint)"
+            key_file = "\(keyFile)"
+            batch_max_age = "200ms"
+
+            [control]
+            socket = "\(device)/control.sock"
+
+            [[sensor]]
+            id = "tank0.temp"
+            driver = "simulated"
+            quantity = "temperature"
+
+            """
+        for (index, port) in ports.enumerated() {
+            text += """
+
+                [[sensor]]
+                id = "tank\(index + 1).ph"
+                driver = "ezo"
+                quantity = "ph"
+                port = "\(port)"
+
+                """
+        }
+        text += extra
+        let clockFile = try farm.dir.write("\(device)-clock.json", #"{"synchronized": \#(synchronized)}"#)
+        return Site(farm: farm, config: try farm.dir.write("\(device).toml", text), clockFile: clockFile)
+    }
+
+    /// Whose permissions the tests check: `nobody` when they run as root (as in CI; the key files are given to it), else
+    /// the current user.
+    static var checkedUser: String { geteuid() == 0 ? "nobody" : UnixUser.current.name }
+
+    /// `farmgate doctor --json` for `user` (default ``checkedUser``), with the clock hook.
+    static func doctor(_ site: Site, json: Bool = true, user: String = checkedUser) async throws -> (status: Int32, report: DoctorReport?, output: String) {
+        let result = try await runCommand(
+            Farm.agentBinary, ["doctor", "--config", site.config, "--user", user] + (json ? ["--json"] : []),
+            environment: [SystemClockSource.testHookVariable: site.clockFile])
+        let report = json ? try? JSONDecoder().decode(DoctorReport.self, from: Data(result.stdout.utf8)) : nil
+        if json, report == nil { Issue.record("doctor --json printed no report: \(result.stdout) \(result.stderr)") }
+        return (result.status, report, result.stdout + result.stderr)
+    }
+
+    static func finding(_ report: DoctorReport?, _ check: String, _ subject: String? = nil) -> DoctorFinding? {
+        report?.findings.first { finding in finding.check == check && (subject.map { finding.subject.contains($0) } ?? true) }
+    }
+
+    @Test func aHealthySiteHasNoProblem() async throws {
+        let farm = try await Farm()
+        let key = try await farm.createDevice("doc-1")
+        try await farm.startIngest()
+        let port = try PseudoTerminal.open()
+        defer { close(port.master) }
+        chmod(port.path, 0o666)
+        let site = try Self.site(farm, device: "doc-1", key: key, ports: [port.path])
+
+        let (status, report, output) = try await Self.doctor(site)
+        #expect(status == 0, "\(output)")
+        #expect(report?.ok == true && report?.user == Self.checkedUser && report?.device == "doc-1")
+        #expect(Self.finding(report, "serial", port.path)?.status == .ok, "\(output)")
+        #expect(Self.finding(report, "clock")?.status == .ok)
+        #expect(Self.finding(report, "disk")?.status == .ok, "\(output)")
+        #expect(Self.finding(report, "buffer")?.message.contains("no buffer yet") == true)
+        #expect(Self.finding(report, "agent")?.status == .warning, "no agent runs: a warning, not a problem")
+        #expect(Self.finding(report, "ingest")?.status == .ok)
+        #expect(Self.finding(report, "key", "device key")?.message.contains("accepted for device doc-1") == true, "\(output)")
+        #expect(Self.finding(report, "key", "doc-1.key")?.status == .ok, "mode 600")
+
+        let human = try await Self.doctor(site, json: false)
+        #expect(human.status == 0)
+        #expect(human.output.contains("No problem found"), "\(human.output)")
+    }
+
+    @Test func wrongPermissionsAMissingChipAnUnsetClockAndAnUnknownKeyAreProblemsWithFixes() async throws {
+        let farm = try await Farm()
+        try await farm.startIngest()
+        let groupOnly = try PseudoTerminal.open()
+        defer { close(groupOnly.master) }
+        chmod(groupOnly.path, 0o660)
+        // The port's group as on a Pi (dialout), which nobody is not in; not root: the devpts group (tty), the same case.
+        if geteuid() == 0, let dialout = getgrnam("dialout") { chown(groupOnly.path, 0, dialout.pointee.gr_gid) }
+        let ownerOnly = try PseudoTerminal.open()
+        defer { close(ownerOnly.master) }
+        chmod(ownerOnly.path, 0o600)
+        let unknownKey = "fgd_zzzzzzzz_" + String(repeating: "0", count: 64)
+        let gpio = """
+
+            [[sensor]]
+            id = "tank1.float"
+            driver = "gpio"
+            quantity = "state"
+            chip = "gpiochip77"
+            line = 17
+
+            """
+        let site = try Self.site(farm, device: "doc-2", key: unknownKey, ports: [groupOnly.path, ownerOnly.path], extra: gpio, synchronized: false)
+        let keyFile = site.config.replacingOccurrences(of: ".toml", with: ".key")
+        chown(keyFile, 0, 0)
+        chmod(keyFile, 0o644)
+
+        let (status, report, output) = try await Self.doctor(site, user: "nobody")
+        #expect(status == 1, "\(output)")
+        #expect(report?.ok == false)
+        let group = try #require(Self.finding(report, "serial", groupOnly.path))
+        #expect(group.status == .problem && group.message.contains("not in group"), "\(group)")
+        #expect(group.fix?.contains("usermod -aG") == true && group.fix?.contains("nobody") == true)
+        let owner = try #require(Self.finding(report, "serial", ownerOnly.path))
+        #expect(owner.status == .problem && owner.message.contains("may not open it"), "\(owner)")
+        #expect(owner.fix?.contains("udev") == true)
+        let chip = try #require(Self.finding(report, "gpio", "gpiochip77"))
+        #expect(chip.status == .problem && chip.message.contains("cannot be found"), "\(chip)")
+        #expect(Self.finding(report, "clock")?.status == .problem)
+        #expect(Self.finding(report, "clock")?.fix?.contains("timedatectl") == true)
+        let keyFinding = try #require(Self.finding(report, "key", "device key"))
+        #expect(keyFinding.status == .problem && keyFinding.message.contains("does not accept the key"), "\(keyFinding)")
+        #expect(keyFinding.fix?.contains("farmgate enroll") == true)
+        #expect(Self.finding(report, "key", "doc-2.key")?.status == .warning, "a key file others may read")
+
+        let human = try await Self.doctor(site, json: false, user: "nobody")
+        #expect(human.status == 1)
+        #expect(human.output.contains("PROBLEM") && human.output.contains("fix: "), "\(human.output)")
+    }
+
+    @Test func aRevokedKeyAndAnUnreachableIngest() async throws {
+        let farm = try await Farm()
+        let key = try await farm.createDevice("doc-3")
+        try await farm.admin(["device", "revoke", "--farm", "e2e", "--device", "doc-3"])
+        try await farm.startIngest()
+        let revoked = try Self.site(farm, device: "doc-3", key: key, ports: [])
+        let (status, report, output) = try await Self.doctor(revoked)
+        #expect(status == 1)
+        #expect(Self.finding(report, "key", "device key")?.message.contains("revoked") == true, "\(output)")
+
+        let unreachable = try Self.site(farm, device: "doc-4", key: key, ports: [], endpoint: "http://127.0.0.1:\(try freePort())")
+        let second = try await Self.doctor(unreachable)
+        #expect(second.status == 1)
+        let ingest = try #require(Self.finding(second.report, "ingest"))
+        #expect(ingest.status == .problem && ingest.message.contains("cannot connect"), "\(ingest)")
+        #expect(Self.finding(second.report, "key", "device key")?.status == .skipped)
+    }
+
+    @Test func withTheAgentRunningTheBufferComesFromItsStatus() async throws {
+        let farm = try await Farm()
+        let key = try await farm.createDevice("doc-5")
+        try await farm.startIngest()
+        let keyFile = try farm.dir.write("doc-5.key", key + "\n")
+        chmod(keyFile, 0o600)
+        if geteuid() == 0, let nobody = AtomicFile.Owner.user(named: "nobody") { chown(keyFile, nobody.uid, nobody.gid) }
+        let config = try farm.agentConfig("doc-5.toml", device: "doc-5", keyFile: keyFile, sensors: 3, interval: "200ms")
+        let clockFile = try farm.dir.write("doc-5-clock.json", #"{"synchronized": true}"#)
+        let agent = try farm.startAgent(config: config, log: "agent-doc-5.log")
+        let running = await eventually(timeout: .seconds(20), every: .milliseconds(200)) { (try? await farm.agentStatus(config: config)) != nil }
+        #expect(running, "\(agent.log)")
+        let site = Site(farm: farm, config: config, clockFile: clockFile)
+        let (status, report, output) = try await Self.doctor(site)
+        await agent.stop()
+        #expect(status == 0, "\(output)")
+        #expect(Self.finding(report, "agent")?.status == .ok, "\(output)")
+        #expect(Self.finding(report, "agent")?.message.contains("device doc-5") == true)
+        #expect(Self.finding(report, "buffer")?.message.contains("checked by the agent") == true, "\(output)")
+
+        // Stopped: the buffer file itself is read (read-only), with an integrity check.
+        let (_, stopped, stoppedOutput) = try await Self.doctor(site)
+        #expect(Self.finding(stopped, "buffer")?.message.contains("quick_check ok") == true, "\(stoppedOutput)")
+        #expect(Self.finding(stopped, "agent")?.status == .warning)
+    }
+}

@@ -1,0 +1,147 @@
+import FarmgateAgent
+import FarmgateTestSupport
+import FarmgateWire
+import Foundation
+import Testing
+
+/// Enrollment with the real binaries: `farmgate-ingest enroll-token create`, `farmgate-ingest serve`, `farmgate enroll`,
+/// then a real agent uploading with the key it wrote.
+@Suite("Enrollment end to end", .serialized)
+struct EnrollmentEndToEndTests {
+    /// The site's configuration before enrollment: comments, a device id, sensors, no [upload].
+    static func siteConfig(device: String) -> String {
+        """
+        # North greenhouse: three tanks (keep this comment)
+        [device]
+        id = "\(device)"
+
+        [buffer]
+        path = "\(device)/buffer.sqlite"   # beside this file
+        commit_interval = "100ms"
+
+        [control]
+        socket = "\(device)/control.sock"
+
+        [clock]
+        check = false
+
+        [[sensor]]
+        id = "tank1.ph"
+        driver = "simulated"
+        quantity = "ph"
+        interval = "200ms"
+        fault_rate = 0
+        latency = "0ms"
+
+        """
+    }
+
+    /// The token `enroll-token create` printed (its first line).
+    static func token(_ farm: Farm, device: String, ttl: String = "1h") async throws -> String {
+        let output = try await farm.admin(["enroll-token", "create", "--farm", "e2e", "--device", device, "--ttl", ttl])
+        let token = try #require(output.split(separator: "\n").first.map(String.init))
+        #expect(token.hasPrefix("fge_"))
+        #expect(output.contains("valid until"))
+        return token
+    }
+
+    /// `farmgate enroll` as the tests' user; as root the key goes to `nobody`.
+    static func enroll(_ farm: Farm, _ token: String, config: String, endpoint: String? = nil) async throws -> (status: Int32, stdout: String, stderr: String) {
+        var arguments = ["enroll", endpoint ?? farm.endpoint, token, "--config", config]
+        if geteuid() == 0 { arguments += ["--owner", "nobody"] }
+        return try await runCommand(Farm.agentBinary, arguments)
+    }
+
+    @Test func aTokenBecomesAKeyTheAgentUploadsWith() async throws {
+        let farm = try await Farm()
+        try await farm.startIngest()
+        let token = try await Self.token(farm, device: "site-9")
+        let config = try farm.dir.write("site-9.toml", Self.siteConfig(device: "site-9"))
+
+        let enrolled = try await Self.enroll(farm, token, config: config)
+        #expect(enrolled.status == 0, "\(enrolled.stderr)")
+        #expect(enrolled.stdout.contains("Enrolled as device site-9 of farm e2e (a new device)"), "\(enrolled.stdout)")
+        let keyPath = farm.dir.file("device.key")
+        let key = try String(contentsOfFile: keyPath, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(key.hasPrefix("fgd_"))
+        #expect(!enrolled.stdout.contains(key) && !enrolled.stderr.contains(key), "the key is never printed")
+        var info = stat()
+        #expect(stat(keyPath, &info) == 0 && info.st_mode & 0o777 == 0o600)
+        if geteuid() == 0 { #expect(info.st_uid == AtomicFile.Owner.user(named: "nobody")?.uid) }
+        let written = try String(contentsOfFile: config, encoding: .utf8)
+        #expect(written.hasPrefix("# North greenhouse: three tanks (keep this comment)\n[device]\nid = \"site-9\""))
+        #expect(written.contains("path = \"site-9/buffer.sqlite\"   # beside this file"))
+        #expect(written.contains("[upload]\nendpoint = \"\(farm.endpoint)\"\nkey_file = \"\(keyPath)\""))
+
+        // The same token again at once (the answer was lost): the same key, no second device.
+        let again = try await Self.enroll(farm, token, config: config)
+        #expect(again.status == 0, "\(again.stderr)")
+        #expect(again.stdout.contains("same key again"))
+        #expect(try String(contentsOfFile: keyPath, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines) == key)
+
+        let agent = try farm.startAgent(config: config, log: "agent-site-9.log")
+        let stored = await eventually(timeout: .seconds(30), every: .milliseconds(300)) {
+            ((try? await farm.storedSequences(device: "site-9")) ?? []).count >= 3
+        }
+        await agent.stop()
+        #expect(stored, "the agent did not upload with the enrolled key: \(agent.log)")
+
+        let log = farm.ingest?.log ?? ""
+        let tokenID = String(token.dropFirst(4).prefix(8))
+        #expect(log.contains("device enrolled") && log.contains("enroll.token=\(tokenID)") && log.contains("device.id=site-9"))
+        #expect(log.contains("enrollment answered again"))
+        #expect(!log.contains(key) && !log.contains(token), "neither the key nor the token is logged")
+    }
+
+    @Test func aTokenForAnotherDeviceIsRefusedAndStaysUsable() async throws {
+        let farm = try await Farm()
+        try await farm.startIngest()
+        let token = try await Self.token(farm, device: "site-7")
+        let config = try farm.dir.write("site.toml", Self.siteConfig(device: "site-6"))
+        let refused = try await Self.enroll(farm, token, config: config)
+        #expect(refused.status == 1)
+        #expect(refused.stderr.contains("wrong device") && refused.stderr.contains("site-7"), "\(refused.stderr)")
+        #expect(try String(contentsOfFile: config, encoding: .utf8) == Self.siteConfig(device: "site-6"), "nothing written")
+        #expect(!FileManager.default.fileExists(atPath: farm.dir.file("device.key")))
+
+        try Self.siteConfig(device: "site-7").write(toFile: config, atomically: true, encoding: .utf8)
+        let enrolled = try await Self.enroll(farm, token, config: config)
+        #expect(enrolled.status == 0, "\(enrolled.stderr)")
+    }
+
+    @Test func anExistingDeviceGetsANewKeyAndTheOldOneStops() async throws {
+        let farm = try await Farm()
+        let oldKey = try await farm.createDevice("site-5")
+        try await farm.startIngest()
+        let token = try await Self.token(farm, device: "site-5")
+        let config = try farm.dir.write("site.toml", Self.siteConfig(device: "site-5"))
+        let enrolled = try await Self.enroll(farm, token, config: config)
+        #expect(enrolled.status == 0, "\(enrolled.stderr)")
+        #expect(enrolled.stdout.contains("an existing device: it has a new key"), "\(enrolled.stdout)")
+        let newKey = try String(contentsOfFile: farm.dir.file("device.key"), encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(newKey != oldKey)
+        let refused = await eventually(timeout: .seconds(10), every: .milliseconds(200)) {
+            (try? await farm.post(Data(), key: oldKey, contentType: "application/json").0) == 401
+        }
+        #expect(refused, "the old key still works")
+    }
+
+    @Test func anUnreachableIngestIsAClearError() async throws {
+        let farm = try await Farm()
+        let config = try farm.dir.write("site.toml", Self.siteConfig(device: "site-4"))
+        let result = try await Self.enroll(farm, "fge_abcdefgh_" + String(repeating: "a", count: 64), config: config, endpoint: "http://127.0.0.1:\(try freePort())")
+        #expect(result.status == 1)
+        #expect(result.stderr.contains("cannot reach the ingest"), "\(result.stderr)")
+        #expect(try String(contentsOfFile: config, encoding: .utf8) == Self.siteConfig(device: "site-4"))
+    }
+
+    @Test func enrollTokenCreateChecksItsArguments() async throws {
+        let farm = try await Farm()
+        let badTTL = try await runCommand(
+            Farm.ingestBinary, ["enroll-token", "create", "--farm", "e2e", "--device", "d", "--ttl", "90d", "--config", farm.ingestConfig])
+        #expect(badTTL.status == 64 && badTTL.stderr.contains("--ttl must be between 1m and 30d"), "\(badTTL.stderr)")
+        let noFarm = try await runCommand(
+            Farm.ingestBinary, ["enroll-token", "create", "--farm", "nowhere", "--device", "d", "--config", farm.ingestConfig])
+        #expect(noFarm.status == 1 && noFarm.stderr.contains("farm 'nowhere' does not exist"), "\(noFarm.stderr)")
+    }
+}

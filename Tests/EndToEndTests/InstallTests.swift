@@ -1,0 +1,106 @@
+import FarmgateTestSupport
+import Foundation
+import Testing
+
+/// `make install` into a staging root and `make deb` checked with dpkg-deb, with the built `farmgate` binary (the
+/// Makefile's FARMGATE_BIN skips the release build).
+@Suite("Installation (make install, make deb)", .serialized)
+struct InstallTests {
+    /// The repository: three levels above this file.
+    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
+
+    static func make(_ arguments: [String], environment: [String: String] = [:]) async throws -> (status: Int32, stdout: String, stderr: String) {
+        try await runCommand("/usr/bin/make", ["--no-print-directory", "-C", root] + arguments, environment: environment)
+    }
+
+    @Test func makeInstallLaysOutTheFilesAndNeverOverwritesAConfiguration() async throws {
+        let staging = try Scratch(prefix: "fg-install")
+        let binary = builtExecutable("farmgate")
+        let first = try await Self.make(["install", "DESTDIR=\(staging.path)", "FARMGATE_BIN=\(binary)"])
+        #expect(first.status == 0, "\(first.stderr)")
+        #expect(first.stdout.contains("skipped creating the user farmgate: DESTDIR is set"), "\(first.stdout)")
+        let expected = [
+            "usr/local/bin/farmgate", "usr/local/lib/systemd/system/farmgate.service", "etc/farmgate/agent.toml",
+            "etc/udev/rules.d/60-farmgate-gpio.rules", "usr/local/lib/farmgate/create-user", "usr/local/share/doc/farmgate/README.md",
+            "usr/local/share/doc/farmgate/examples/site-ezo.toml",
+        ]
+        for file in expected { #expect(FileManager.default.fileExists(atPath: staging.file(file)), "missing \(file)") }
+        #expect(FileManager.default.isExecutableFile(atPath: staging.file("usr/local/bin/farmgate")))
+        #expect(
+            FileManager.default.contentsEqual(atPath: staging.file("usr/local/bin/farmgate"), andPath: binary), "the binary given is installed")
+        let unit = try String(contentsOfFile: staging.file("usr/local/lib/systemd/system/farmgate.service"), encoding: .utf8)
+        #expect(unit.contains("ExecStart=/usr/local/bin/farmgate agent --config /etc/farmgate/agent.toml"))
+
+        // The installed example is a valid start: `farmgate config check` only misses the device id and the sensors.
+        let check = try await runCommand(binary, ["config", "check", "--config", staging.file("etc/farmgate/agent.toml")])
+        #expect(check.status == 78)
+        #expect(check.stderr.contains("[device]") || check.stderr.contains("id"), "\(check.stderr)")
+
+        // A second install keeps the configuration the installer edited.
+        try "# mine\n".write(toFile: staging.file("etc/farmgate/agent.toml"), atomically: true, encoding: .utf8)
+        let second = try await Self.make(["install", "DESTDIR=\(staging.path)", "PREFIX=/opt/fg", "FARMGATE_BIN=\(binary)"])
+        #expect(second.status == 0, "\(second.stderr)")
+        #expect(try String(contentsOfFile: staging.file("etc/farmgate/agent.toml"), encoding: .utf8) == "# mine\n")
+        #expect(FileManager.default.fileExists(atPath: staging.file("etc/farmgate/agent.toml.example")))
+        #expect(FileManager.default.fileExists(atPath: staging.file("opt/fg/bin/farmgate")), "PREFIX is honoured")
+        let optUnit = try String(contentsOfFile: staging.file("opt/fg/lib/systemd/system/farmgate.service"), encoding: .utf8)
+        #expect(optUnit.contains("ExecStart=/opt/fg/bin/farmgate agent"))
+        #expect(!optUnit.contains("/usr/local/bin"))
+
+        let missing = try await Self.make(["install", "DESTDIR=\(staging.path)", "FARMGATE_BIN=\(staging.file("nothing"))"])
+        #expect(missing.status != 0 && missing.stderr.contains("is not an executable"), "\(missing.stderr)")
+    }
+
+    @Test func makeDebBuildsAPackageDpkgDebAccepts() async throws {
+        let out = try Scratch(prefix: "fg-deb")
+        // A debug build links the Swift runtime dynamically; `make deb` itself builds with --static-swift-stdlib.
+        let built = try await Self.make(
+            ["deb", "FARMGATE_BIN=\(builtExecutable("farmgate"))", "DEB_OUT=\(out.path)", "DEB_VERSION=9.8.7"], environment: ["ALLOW_UNPACKAGED_LIBS": "1", "DEB_COMPRESS": "gzip"])
+        #expect(built.status == 0, "\(built.stderr)")
+        #expect(built.stderr.contains("libswiftCore.so"), "the unpackaged Swift runtime is named: \(built.stderr)")
+        let deb = try #require(out.names().first { $0.hasSuffix(".deb") }.map { out.file($0) })
+        #expect(deb.hasSuffix("farmgate_9.8.7_\(try await Self.dpkgArchitecture()).deb"))
+
+        let info = try await runCommand("/usr/bin/dpkg-deb", ["--info", deb])
+        #expect(info.status == 0, "\(info.stderr)")
+        for line in ["Package: farmgate", "Version: 9.8.7", "postinst", "prerm", "postrm", "conffiles"] {
+            #expect(info.stdout.contains(line), "dpkg-deb --info lacks \(line): \(info.stdout)")
+        }
+        let depends = try await runCommand("/usr/bin/dpkg-deb", ["--field", deb, "Depends"])
+        for package in ["libcurl4", "libsqlite3-0", "libzstd1", "libmodbus5", "libgpiod2", "passwd"] {
+            #expect(depends.stdout.contains(package), "Depends lacks \(package): \(depends.stdout)")
+        }
+        let contents = try await runCommand("/usr/bin/dpkg-deb", ["--contents", deb])
+        for path in [
+            "./usr/bin/farmgate", "./usr/lib/systemd/system/farmgate.service", "./etc/farmgate/agent.toml", "./usr/lib/farmgate/create-user",
+            "./usr/lib/udev/rules.d/60-farmgate-gpio.rules", "./usr/share/doc/farmgate/README.md",
+        ] {
+            #expect(contents.stdout.contains(path), "dpkg-deb --contents lacks \(path)")
+        }
+        #expect(contents.stdout.contains("root/root"), "files belong to root")
+
+        let unpacked = try Scratch(prefix: "fg-deb-x")
+        let extract = try await runCommand("/usr/bin/dpkg-deb", ["--raw-extract", deb, unpacked.path])
+        #expect(extract.status == 0, "\(extract.stderr)")
+        let unit = try String(contentsOfFile: unpacked.file("usr/lib/systemd/system/farmgate.service"), encoding: .utf8)
+        #expect(unit.contains("ExecStart=/usr/bin/farmgate agent --config /etc/farmgate/agent.toml"))
+        #expect(try String(contentsOfFile: unpacked.file("DEBIAN/conffiles"), encoding: .utf8) == "/etc/farmgate/agent.toml\n")
+        for script in ["postinst", "prerm", "postrm"] {
+            #expect(FileManager.default.isExecutableFile(atPath: unpacked.file("DEBIAN/\(script)")))
+            let syntax = try await runCommand("/bin/sh", ["-n", unpacked.file("DEBIAN/\(script)")])
+            #expect(syntax.status == 0, "\(script): \(syntax.stderr)")
+        }
+        let postinst = try String(contentsOfFile: unpacked.file("DEBIAN/postinst"), encoding: .utf8)
+        #expect(postinst.contains("/usr/lib/farmgate/create-user"))
+        let createUser = try String(contentsOfFile: unpacked.file("usr/lib/farmgate/create-user"), encoding: .utf8)
+        #expect(createUser.contains("--groups dialout,gpio") && createUser.contains("useradd --system"))
+
+        // Without the escape hatch, a binary that needs the toolchain's Swift runtime is refused.
+        let refused = try await Self.make(["deb", "FARMGATE_BIN=\(builtExecutable("farmgate"))", "DEB_OUT=\(out.path)"])
+        #expect(refused.status != 0 && refused.stderr.contains("--static-swift-stdlib"), "\(refused.stderr)")
+    }
+
+    static func dpkgArchitecture() async throws -> String {
+        try await runCommand("/usr/bin/dpkg", ["--print-architecture"]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+}

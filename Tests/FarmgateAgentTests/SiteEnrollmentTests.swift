@@ -1,0 +1,162 @@
+import FarmgateAgent
+import FarmgateSupport
+import FarmgateTestSupport
+import FarmgateWire
+import Foundation
+import Logging
+import Testing
+
+/// `farmgate enroll`'s library over real HTTP (libcurl, a loopback server, TLS by socat with openssl certificates), with
+/// real files.
+@Suite("Site enrollment (libcurl, TLS, files)")
+struct SiteEnrollmentTests {
+    let logger = Logger(label: "test.enroll")
+    static let token = "fge_abcdefgh_" + String(repeating: "a", count: 64)
+    static let key = "fgd_keyid123_" + String(repeating: "b", count: 64)
+    static let config = """
+        # the site's own notes
+        [device]
+        id = "site-9"
+
+        [[sensor]]
+        id = "tank1.ph"
+        driver = "simulated"
+        quantity = "ph"
+
+        """
+
+    static func answer(repeated: Bool = false) -> TestResponse {
+        .json(200, #"{"farm":"f1","device":"site-9","key":"\#(key)","action":"created","repeated":\#(repeated)}"#)
+    }
+
+    /// The key file's owner in these tests: `nobody` when the tests run as root (as in CI), else the current user.
+    static var owner: AtomicFile.Owner? { geteuid() == 0 ? AtomicFile.Owner.user(named: "nobody") : nil }
+
+    @Test func overTLSWithTheGivenCAItWritesTheKeyAndPointsUploadAtTheIngest() async throws {
+        let pki = try await TestPKI()
+        defer { pki.remove() }
+        let server = try TestHTTPServer(script: [Self.answer()])
+        let tls = try await TLSTerminator(port: try freePort(), backendPort: server.port, pki: pki)
+        defer { tls.stop() }
+        let dir = try Scratch(prefix: "fg-enroll")
+        let config = try dir.write("agent.toml", Self.config)
+        let endpoint = "https://127.0.0.1:\(tls.port)/"
+        var request = SiteEnrollment.Request(endpoint: endpoint, token: Self.token, configPath: config, caFile: pki.caFile, owner: Self.owner)
+        request.retries = 0
+        let plan = try SiteEnrollment.prepare(request)
+        #expect(plan.keyFile == dir.file("device.key") && plan.device == "site-9")
+        let answer = try await SiteEnrollment.exchange(plan, logger: logger)
+        let outcome = try SiteEnrollment.apply(plan, answer: answer)
+        #expect(outcome.answer.key == Self.key && !outcome.deviceIDWritten && outcome.configurationProblem == nil)
+
+        let sent = try #require(server.requests.first)
+        #expect(sent.method == "POST" && sent.path == EnrollmentProtocol.path)
+        #expect(sent.headers["authorization"] == "Bearer \(Self.token)")
+        #expect(try JSONDecoder().decode(EnrollmentRequest.self, from: Data(sent.body)).device == "site-9")
+
+        #expect(try String(contentsOfFile: dir.file("device.key"), encoding: .utf8) == Self.key + "\n")
+        var info = stat()
+        #expect(stat(dir.file("device.key"), &info) == 0)
+        #expect(info.st_mode & 0o777 == 0o600)
+        if let owner = Self.owner { #expect(info.st_uid == owner.uid) }
+        let written = try String(contentsOfFile: config, encoding: .utf8)
+        #expect(written.hasPrefix("# the site's own notes\n[device]\nid = \"site-9\"\n"))
+        let loaded = try AgentConfiguration.load(path: config)
+        #expect(loaded.upload?.endpoint == "https://127.0.0.1:\(tls.port)")
+        #expect(loaded.upload?.deviceKey == Self.key)
+        #expect(loaded.upload?.caFile == pki.caFile)
+        #expect(dir.names().filter { $0.contains(".tmp-") }.isEmpty, "no temporary file left behind")
+    }
+
+    @Test func anUntrustedCertificateIsATLSFailureAndNothingIsWritten() async throws {
+        let pki = try await TestPKI()
+        defer { pki.remove() }
+        let server = try TestHTTPServer(script: [Self.answer()])
+        let tls = try await TLSTerminator(port: try freePort(), backendPort: server.port, pki: pki)
+        defer { tls.stop() }
+        let dir = try Scratch(prefix: "fg-enroll")
+        let config = try dir.write("agent.toml", Self.config)
+        var request = SiteEnrollment.Request(endpoint: "https://127.0.0.1:\(tls.port)", token: Self.token, configPath: config)
+        request.retries = 0
+        let plan = try SiteEnrollment.prepare(request)
+        let failure = await #expect(throws: SiteEnrollment.Failure.self) { try await SiteEnrollment.exchange(plan, logger: logger) }
+        #expect(failure?.description.contains("TLS failure") == true)
+        #expect(failure?.description.contains("--ca-file") == true)
+        #expect(server.requests.isEmpty)
+        #expect(!FileManager.default.fileExists(atPath: dir.file("device.key")))
+        #expect(try String(contentsOfFile: config, encoding: .utf8) == Self.config)
+    }
+
+    @Test func anAnswerLostOnTheWayIsAskedForAgainWithTheSameToken() async throws {
+        let server = try TestHTTPServer(script: [.close, Self.answer(repeated: true)])
+        let dir = try Scratch(prefix: "fg-enroll")
+        let config = try dir.write("agent.toml", Self.config)
+        let plan = try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: server.url, token: Self.token, configPath: config))
+        let answer = try await SiteEnrollment.exchange(plan, logger: logger)
+        #expect(answer.key == Self.key && answer.repeated)
+        #expect(server.requests.count == 2)
+        #expect(server.requests.allSatisfy { $0.headers["authorization"] == "Bearer \(Self.token)" })
+    }
+
+    @Test(arguments: [
+        (410, "token_expired", "the token has expired"), (410, "token_used", "already used"), (401, "invalid_token", "does not accept this token"),
+        (409, "device_mismatch", "wrong device"), (404, "not_found", "no enrollment endpoint"),
+    ])
+    func refusalsSayWhatHappened(status: Int, code: String, phrase: String) async throws {
+        let server = try TestHTTPServer(script: [.json(status, #"{"error":{"code":"\#(code)","message":"the ingest's words"}}"#)])
+        let dir = try Scratch(prefix: "fg-enroll")
+        let config = try dir.write("agent.toml", Self.config)
+        let plan = try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: server.url, token: Self.token, configPath: config))
+        let failure = await #expect(throws: SiteEnrollment.Failure.self) { try await SiteEnrollment.exchange(plan, logger: logger) }
+        #expect(failure?.description.contains(phrase) == true, "\(failure?.description ?? "")")
+        #expect(failure?.exitCode == 1)
+        #expect(server.requests.count == 1, "a refusal is not retried")
+    }
+
+    @Test func anIngestNobodyListensOnIsUnreachable() async throws {
+        let dir = try Scratch(prefix: "fg-enroll")
+        let config = try dir.write("agent.toml", Self.config)
+        var request = SiteEnrollment.Request(endpoint: "http://127.0.0.1:\(try freePort())", token: Self.token, configPath: config)
+        request.retries = 0
+        let plan = try SiteEnrollment.prepare(request)
+        let failure = await #expect(throws: SiteEnrollment.Failure.self) { try await SiteEnrollment.exchange(plan, logger: logger) }
+        #expect(failure?.description.contains("cannot reach the ingest") == true, "\(failure?.description ?? "")")
+    }
+
+    @Test func localProblemsAreFoundBeforeTheTokenIsUsed() throws {
+        let dir = try Scratch(prefix: "fg-enroll")
+        let broken = try dir.write("broken.toml", "[device\nid = ")
+        let notTOML = #expect(throws: SiteEnrollment.Failure.self) {
+            try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: "https://i.example", token: Self.token, configPath: broken))
+        }
+        #expect(notTOML?.exitCode == 78)
+        let config = try dir.write("agent.toml", Self.config)
+        let unwritable = #expect(throws: SiteEnrollment.Failure.self) {
+            try SiteEnrollment.prepare(
+                SiteEnrollment.Request(endpoint: "https://i.example", token: Self.token, configPath: config, keyFile: "/proc/farmgate/device.key"))
+        }
+        #expect(unwritable?.exitCode == 73)
+        let deviceKey = #expect(throws: SiteEnrollment.Failure.self) {
+            try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: "https://i.example", token: Self.key, configPath: config))
+        }
+        #expect(deviceKey?.description.contains("device key") == true)
+        #expect(throws: SiteEnrollment.Failure.self) {
+            try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: "ftp://i.example", token: Self.token, configPath: config))
+        }
+    }
+
+    @Test func aMissingConfigurationIsCreatedWithTheTokensDevice() async throws {
+        let server = try TestHTTPServer(script: [Self.answer()])
+        let dir = try Scratch(prefix: "fg-enroll")
+        let config = dir.file("etc/agent.toml")
+        let plan = try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: server.url, token: Self.token, configPath: config))
+        #expect(plan.device == nil)
+        let outcome = try SiteEnrollment.apply(plan, answer: try await SiteEnrollment.exchange(plan, logger: logger))
+        #expect(server.requests.first?.body.isEmpty == true, "no [device] id: no device named in the request")
+        #expect(outcome.deviceIDWritten)
+        #expect(outcome.configurationProblem?.contains("sensor") == true, "no sensors yet: \(outcome.configurationProblem ?? "")")
+        let document = try ConfigDocument.load(path: config)
+        #expect(try document.table("device")?.string("id") == "site-9")
+        #expect(try document.table("upload")?.string("key_file") == dir.file("etc/device.key"))
+    }
+}

@@ -1,0 +1,221 @@
+import FarmgateWire
+import Foundation
+import HTTPTypes
+import Hummingbird
+import HummingbirdTesting
+import Logging
+import Prometheus
+import Synchronization
+import Testing
+
+@testable import FarmgateIngest
+
+/// `POST /v1/enroll` through the real router, on the fixture's SQLite store, with a clock the test moves.
+@Suite("Enrollment API")
+struct EnrollmentAPITests {
+    /// The wall clock the application reads.
+    final class Clock: Sendable {
+        let now = Mutex(testNow)
+        func advance(seconds: Int64) { now.withLock { $0 = Timestamp(microseconds: $0.microseconds + seconds * 1_000_000) } }
+        var current: Timestamp { now.withLock { $0 } }
+    }
+
+    /// Every message logged, with its metadata rendered as text.
+    final class LogRecorder: Sendable {
+        let lines = Mutex<[String]>([])
+        var all: [String] { lines.withLock { $0 } }
+    }
+
+    struct RecordingHandler: LogHandler {
+        let recorder: LogRecorder
+        var metadata: Logger.Metadata = [:]
+        var logLevel: Logger.Level = .trace
+        subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+            get { metadata[key] }
+            set { metadata[key] = newValue }
+        }
+        func log(event: LogEvent) {
+            let merged = metadata.merging(event.metadata ?? [:]) { $1 }
+            let text = merged.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
+            recorder.lines.withLock { $0.append("\(event.level) \(event.message) \(text)") }
+        }
+    }
+
+    struct Setup {
+        let fixture: Fixture
+        let clock = Clock()
+        let recorder = LogRecorder()
+        let registry = PrometheusCollectorRegistry()
+
+        var app: some ApplicationProtocol {
+            var configuration = IngestConfiguration()
+            configuration.server.port = 0
+            let clock = self.clock
+            let logger = Logger(label: "enroll-test") { _ in RecordingHandler(recorder: recorder) }
+            return buildApplication(
+                configuration: configuration, store: fixture.store, registry: registry, logger: logger, now: { clock.current },
+                credentialCacheTTL: .zero)
+        }
+
+        /// A token for `device` of `f1`, valid `ttl` seconds from the test clock.
+        func token(device: String, ttl: Int64 = 3600) async throws -> APIKey {
+            try await IngestAdmin(store: fixture.store).createEnrollmentToken(
+                farm: "f1", device: try deviceID(device), ttl: .seconds(ttl), in: fixture.store, now: clock.current
+            ).token
+        }
+
+        func devices() async throws -> [String] {
+            let farm = try #require(try await fixture.store.farm(named: "f1"))
+            return try await fixture.store.devices(farmID: farm.id).map(\.device.rawValue)
+        }
+    }
+
+    static func enroll(_ client: some TestClientProtocol, _ token: String, device: String? = nil) async throws -> TestResponse {
+        let body = try device.map { ByteBuffer(bytes: try JSONEncoder().encode(EnrollmentRequest(device: $0))) }
+        return try await client.execute(
+            uri: EnrollmentProtocol.path, method: .post, headers: [.authorization: "Bearer \(token)", .contentType: "application/json"], body: body)
+    }
+
+    static func deviceState(_ client: some TestClientProtocol, key: String) async throws -> TestResponse {
+        try await client.execute(uri: IngestProtocol.deviceStatePath, method: .get, headers: [.authorization: "Bearer \(key)"])
+    }
+
+    @Test("a token creates its device once; the key it returns uploads; the log says who enrolled what, never the key")
+    func createsTheDevice() async throws {
+        let setup = Setup(fixture: try await Fixture())
+        defer { setup.fixture.close() }
+        let token = try await setup.token(device: "site-9")
+        let issued = try await setup.app.test(.router) { client -> String in
+            let response = try await Self.enroll(client, token.text, device: "site-9")
+            #expect(response.status == .ok)
+            let answer = try decode(EnrollmentAnswer.self, response)
+            #expect(answer.farm == "f1" && answer.device == "site-9" && answer.action == .created && !answer.repeated)
+            #expect(APIKey(parsing: answer.key)?.kind == .device)
+            let state = try await Self.deviceState(client, key: answer.key)
+            #expect(state.status == .ok)
+            #expect(try decode(DeviceState.self, state).device == "site-9")
+            return answer.key
+        }
+        #expect(try await setup.devices().contains("site-9"))
+        let logs = setup.recorder.all
+        let enrolled = logs.filter { $0.contains("device enrolled") }
+        #expect(enrolled.count == 1)
+        #expect(enrolled.first.map { $0.contains("device.farm=f1") && $0.contains("device.id=site-9") && $0.contains("enroll.token=\(token.keyID)") } == true)
+        #expect(enrolled.first?.contains("client.address=") == true)
+        #expect(!issued.isEmpty)
+        let secret = try #require(APIKey(parsing: issued)).secret
+        #expect(logs.allSatisfy { !$0.contains(secret) && !$0.contains(token.secret) }, "no key or token secret in the log")
+        #expect(String(decoding: setup.registry.emitToBuffer(), as: UTF8.self).contains(#"farmgate_ingest_enrollments_total{result="created"} 1"#))
+    }
+
+    @Test("an existing device gets a new key (the answer says rotated) and its old key stops working")
+    func rotatesAnExistingDevice() async throws {
+        let setup = Setup(fixture: try await Fixture())
+        defer { setup.fixture.close() }
+        let token = try await setup.token(device: "d1")
+        try await setup.app.test(.router) { client in
+            #expect(try await Self.deviceState(client, key: setup.fixture.deviceKey.text).status == .ok)
+            let answer = try decode(EnrollmentAnswer.self, try await Self.enroll(client, token.text))
+            #expect(answer.action == .rotated && answer.device == "d1")
+            #expect(try await Self.deviceState(client, key: setup.fixture.deviceKey.text).status == .unauthorized)
+            #expect(try await Self.deviceState(client, key: answer.key).status == .ok)
+        }
+        #expect(try await setup.devices().filter { $0 == "d1" }.count == 1)
+    }
+
+    @Test("the same token within the grace window gets the same key again, never a second device; after it, 410 token_used")
+    func repeatsWithinTheGraceWindow() async throws {
+        let setup = Setup(fixture: try await Fixture())
+        defer { setup.fixture.close() }
+        let token = try await setup.token(device: "site-9")
+        try await setup.app.test(.router) { client in
+            let first = try decode(EnrollmentAnswer.self, try await Self.enroll(client, token.text))
+            setup.clock.advance(seconds: 120)
+            let again = try decode(EnrollmentAnswer.self, try await Self.enroll(client, token.text))
+            #expect(again.key == first.key)
+            #expect(again.repeated && again.action == .created)
+            #expect(try await Self.deviceState(client, key: first.key).status == .ok)
+
+            setup.clock.advance(seconds: 600)
+            let late = try await Self.enroll(client, token.text)
+            let message = try expectError(late, .gone, EnrollmentErrorCode.tokenUsed)
+            #expect(message.contains("enroll-token create --farm f1 --device site-9"))
+            #expect(try await Self.deviceState(client, key: first.key).status == .ok, "the key issued stays valid")
+        }
+        #expect(try await setup.devices().filter { $0 == "site-9" }.count == 1)
+        let record = try #require(try await setup.fixture.store.enrollmentToken(keyID: token.keyID))
+        #expect(record.sealedKey == nil, "after the window the sealed key is forgotten")
+    }
+
+    @Test("an expired token is refused 410 token_expired and creates nothing")
+    func expiredTokens() async throws {
+        let setup = Setup(fixture: try await Fixture())
+        defer { setup.fixture.close() }
+        let token = try await setup.token(device: "site-9", ttl: 60)
+        setup.clock.advance(seconds: 61)
+        try await setup.app.test(.router) { client in
+            let message = try expectError(try await Self.enroll(client, token.text), .gone, EnrollmentErrorCode.tokenExpired)
+            #expect(message.contains("expired at"))
+        }
+        #expect(try await !setup.devices().contains("site-9"))
+    }
+
+    @Test("a site that names another device is refused 409 and the token stays usable")
+    func deviceMismatchKeepsTheToken() async throws {
+        let setup = Setup(fixture: try await Fixture())
+        defer { setup.fixture.close() }
+        let token = try await setup.token(device: "site-9")
+        try await setup.app.test(.router) { client in
+            let message = try expectError(try await Self.enroll(client, token.text, device: "site-8"), .conflict, EnrollmentErrorCode.deviceMismatch)
+            #expect(message.contains("site-9") && message.contains("site-8"))
+            #expect(try await Self.enroll(client, token.text, device: "site-9").status == .ok)
+        }
+    }
+
+    @Test("missing, malformed, unknown and wrong-secret tokens are 401 invalid_token; a device key is no token")
+    func invalidTokens() async throws {
+        let setup = Setup(fixture: try await Fixture())
+        defer { setup.fixture.close() }
+        let token = try await setup.token(device: "site-9")
+        let wrongSecret = "fge_\(token.keyID)_" + String(repeating: "0", count: 64)
+        try await setup.app.test(.router) { client in
+            let none = try await client.execute(uri: EnrollmentProtocol.path, method: .post)
+            _ = try expectError(none, .unauthorized, EnrollmentErrorCode.invalidToken)
+            for text in ["garbage", setup.fixture.deviceKey.text, "fge_zzzzzzzz_" + String(repeating: "1", count: 64), wrongSecret] {
+                _ = try expectError(try await Self.enroll(client, text), .unauthorized, EnrollmentErrorCode.invalidToken)
+            }
+            let bad = try await client.execute(
+                uri: EnrollmentProtocol.path, method: .post, headers: [.authorization: "Bearer \(token.text)"], body: ByteBuffer(string: "{not json"))
+            _ = try expectError(bad, .badRequest, "bad_request")
+            #expect(try await Self.enroll(client, token.text).status == .ok, "failed attempts do not use the token up")
+        }
+    }
+
+    @Test("attempts are limited per address: past the burst, 429 with Retry-After before the store is asked")
+    func rateLimited() async throws {
+        let setup = Setup(fixture: try await Fixture())
+        defer { setup.fixture.close() }
+        let token = try await setup.token(device: "site-9")
+        try await setup.app.test(.router) { client in
+            for _ in 0..<EnrollmentController.Settings().burst {
+                _ = try expectError(try await Self.enroll(client, "garbage"), .unauthorized, EnrollmentErrorCode.invalidToken)
+            }
+            let limited = try await Self.enroll(client, token.text)
+            _ = try expectError(limited, .tooManyRequests, EnrollmentErrorCode.rateLimited)
+            #expect(Int(limited.headers[.retryAfter] ?? "") ?? 0 >= 1)
+        }
+        #expect(try await setup.fixture.store.enrollmentToken(keyID: token.keyID)?.usedAt == nil, "the limited attempt used nothing")
+    }
+
+    @Test("a sealed key opens only with the token that sealed it")
+    func sealing() throws {
+        let token = APIKey.generate(kind: .enrollment)
+        let other = APIKey.generate(kind: .enrollment)
+        let key = APIKey.generate(kind: .device).text
+        let sealed = try EnrollmentSeal.seal(key, with: token)
+        #expect(!String(decoding: sealed, as: UTF8.self).contains(key))
+        #expect(EnrollmentSeal.open(sealed, with: token) == key)
+        #expect(EnrollmentSeal.open(sealed, with: other) == nil)
+        #expect(EnrollmentSeal.open(Array(sealed.dropLast()), with: token) == nil)
+    }
+}

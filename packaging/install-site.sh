@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# `make install`: installs the Farmgate site agent.
+#
+#   FARMGATE_BIN  the farmgate binary to install (required; the Makefile passes the release build)
+#   PREFIX        /usr/local by default (/usr for the .deb)
+#   DESTDIR       a staging root: files go under it and the system is not touched (no user is created)
+#   SYSCONFDIR    /etc by default; the configuration goes to $SYSCONFDIR/farmgate/agent.toml
+#   UNITDIR       $PREFIX/lib/systemd/system by default (systemd reads /usr/local/lib/systemd/system too)
+#   UDEVDIR       /usr/lib/udev/rules.d for PREFIX=/usr, else /etc/udev/rules.d (udev reads no /usr/local)
+#
+# Installs: $PREFIX/bin/farmgate, the unit farmgate.service (ExecStart pointing at that binary), the example
+# configuration as $SYSCONFDIR/farmgate/agent.toml (or agent.toml.example beside an existing one, which is never
+# overwritten), a udev rule giving /dev/gpiochip* to the group gpio, $PREFIX/lib/farmgate/create-user, the README and the
+# example site configurations under $PREFIX/share/doc/farmgate. Then, when run as root without DESTDIR, creates the
+# system user farmgate in the groups dialout and gpio and reloads systemd.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+: "${FARMGATE_BIN:?FARMGATE_BIN must name the farmgate binary to install (make install sets it)}"
+PREFIX=${PREFIX:-/usr/local}
+DESTDIR=${DESTDIR:-}
+SYSCONFDIR=${SYSCONFDIR:-/etc}
+UNITDIR=${UNITDIR:-$PREFIX/lib/systemd/system}
+if [ -z "${UDEVDIR:-}" ]; then
+    if [ "$PREFIX" = /usr ]; then UDEVDIR=/usr/lib/udev/rules.d; else UDEVDIR=/etc/udev/rules.d; fi
+fi
+if [ ! -x "$FARMGATE_BIN" ]; then
+    echo "install: $FARMGATE_BIN is not an executable; build it first (make release)" >&2
+    exit 1
+fi
+root=${DESTDIR%/}
+
+install -d -m 0755 "$root$PREFIX/bin" "$root$UNITDIR" "$root$SYSCONFDIR/farmgate" "$root$UDEVDIR" \
+    "$root$PREFIX/lib/farmgate" "$root$PREFIX/share/doc/farmgate/examples"
+install -m 0755 "$FARMGATE_BIN" "$root$PREFIX/bin/farmgate"
+echo "installed $root$PREFIX/bin/farmgate"
+
+sed "s#/usr/local/bin/farmgate#$PREFIX/bin/farmgate#g" systemd/farmgate.service > "$root$UNITDIR/farmgate.service.tmp"
+chmod 0644 "$root$UNITDIR/farmgate.service.tmp"
+mv "$root$UNITDIR/farmgate.service.tmp" "$root$UNITDIR/farmgate.service"
+echo "installed $root$UNITDIR/farmgate.service"
+
+config="$root$SYSCONFDIR/farmgate/agent.toml"
+if [ -e "$config" ]; then
+    install -m 0644 packaging/agent.toml "$config.example"
+    echo "kept the existing $config; the example is $config.example"
+else
+    install -m 0644 packaging/agent.toml "$config"
+    echo "installed $config (an example: enroll, then add your sensors)"
+fi
+
+install -m 0644 packaging/60-farmgate-gpio.rules "$root$UDEVDIR/60-farmgate-gpio.rules"
+install -m 0755 packaging/create-user.sh "$root$PREFIX/lib/farmgate/create-user"
+install -m 0644 README.md "$root$PREFIX/share/doc/farmgate/README.md"
+install -m 0644 examples/site-*.toml "$root$PREFIX/share/doc/farmgate/examples/"
+
+if [ -n "$DESTDIR" ]; then
+    echo "skipped creating the user farmgate: DESTDIR is set (the target system creates it: $PREFIX/lib/farmgate/create-user, or the package's postinst)"
+    exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+    echo "skipped creating the user farmgate: not root (run sudo $PREFIX/lib/farmgate/create-user, or sudo make install)"
+    exit 0
+fi
+"$PREFIX/lib/farmgate/create-user"
+if [ -d /run/systemd/system ]; then
+    systemctl daemon-reload
+    udevadm control --reload-rules 2>/dev/null && udevadm trigger --subsystem-match=gpio 2>/dev/null || true
+fi
+echo "next: sudo farmgate enroll <ingest URL> <token>, add sensors to $SYSCONFDIR/farmgate/agent.toml, sudo farmgate doctor, sudo systemctl enable --now farmgate"
