@@ -52,11 +52,11 @@ FARMGATE_BIN ?=
 install:
 	@if [ -z "$(FARMGATE_BIN)" ]; then .ci/install-deps && $(SWIFT) build -c release --product farmgate; fi
 	@FARMGATE_BIN="$(or $(FARMGATE_BIN),$$($(SWIFT) build -c release --show-bin-path)/farmgate)" PREFIX="$(PREFIX)" DESTDIR="$(DESTDIR)" \
-		packaging/install-site.sh
+		systemd/install/install-site.sh
 
 deb:
 	@if [ -z "$(FARMGATE_BIN)" ]; then .ci/install-deps && $(SWIFT) build -c release --product farmgate --static-swift-stdlib; fi
-	@FARMGATE_BIN="$(or $(FARMGATE_BIN),$$($(SWIFT) build -c release --static-swift-stdlib --show-bin-path)/farmgate)" packaging/build-deb.sh
+	@FARMGATE_BIN="$(or $(FARMGATE_BIN),$$($(SWIFT) build -c release --static-swift-stdlib --show-bin-path)/farmgate)" systemd/install/build-deb.sh
 
 bench: release
 	$(SWIFT) run -c release farmgate-bench all

@@ -14,7 +14,7 @@
 # The maintainer scripts create the user farmgate (groups dialout, gpio), enable the unit and load the udev rule;
 # /etc/farmgate/agent.toml is a conffile (dpkg keeps local changes on upgrade).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 : "${FARMGATE_BIN:?FARMGATE_BIN must name the farmgate binary (make deb sets it)}"
 DEB_OUT=${DEB_OUT:-.build/deb}
@@ -24,7 +24,7 @@ DEB_ARCH=${DEB_ARCH:-$(dpkg --print-architecture)}
 stage=$(mktemp -d)
 chmod 0755 "$stage"
 trap 'rm -rf "$stage"' EXIT
-DESTDIR="$stage" PREFIX=/usr FARMGATE_BIN="$FARMGATE_BIN" packaging/install-site.sh >/dev/null
+DESTDIR="$stage" PREFIX=/usr FARMGATE_BIN="$FARMGATE_BIN" systemd/install/install-site.sh >/dev/null
 
 # Depends: the packages that own the libraries the binary is linked against.
 packages=()
@@ -62,7 +62,7 @@ Description: Farmgate site agent for hydroponic water-quality sensors
  Runs as the system user farmgate under systemd (Type=notify, watchdog, hardened).
 CONTROL
 echo /etc/farmgate/agent.toml > "$stage/DEBIAN/conffiles"
-install -m 0755 packaging/deb/postinst packaging/deb/prerm packaging/deb/postrm "$stage/DEBIAN/"
+install -m 0755 systemd/install/deb/postinst systemd/install/deb/prerm systemd/install/deb/postrm "$stage/DEBIAN/"
 
 mkdir -p "$DEB_OUT"
 deb="$DEB_OUT/farmgate_${DEB_VERSION}_${DEB_ARCH}.deb"

@@ -14,7 +14,7 @@
 # example site configurations under $PREFIX/share/doc/farmgate. Then, when run as root without DESTDIR, creates the
 # system user farmgate in the groups dialout and gpio and reloads systemd.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 : "${FARMGATE_BIN:?FARMGATE_BIN must name the farmgate binary to install (make install sets it)}"
 PREFIX=${PREFIX:-/usr/local}
@@ -42,15 +42,15 @@ echo "installed $root$UNITDIR/farmgate.service"
 
 config="$root$SYSCONFDIR/farmgate/agent.toml"
 if [ -e "$config" ]; then
-    install -m 0644 packaging/agent.toml "$config.example"
+    install -m 0644 systemd/install/agent.toml "$config.example"
     echo "kept the existing $config; the example is $config.example"
 else
-    install -m 0644 packaging/agent.toml "$config"
+    install -m 0644 systemd/install/agent.toml "$config"
     echo "installed $config (an example: enroll, then add your sensors)"
 fi
 
-install -m 0644 packaging/60-farmgate-gpio.rules "$root$UDEVDIR/60-farmgate-gpio.rules"
-install -m 0755 packaging/create-user.sh "$root$PREFIX/lib/farmgate/create-user"
+install -m 0644 systemd/install/60-farmgate-gpio.rules "$root$UDEVDIR/60-farmgate-gpio.rules"
+install -m 0755 systemd/install/create-user.sh "$root$PREFIX/lib/farmgate/create-user"
 install -m 0644 README.md "$root$PREFIX/share/doc/farmgate/README.md"
 install -m 0644 examples/site-*.toml "$root$PREFIX/share/doc/farmgate/examples/"
 
