@@ -207,7 +207,110 @@ enum PostgresSchema {
                 "CREATE INDEX alert_outbox_due ON alert_outbox (next_attempt_at_us) WHERE state IN ('pending', 'delivering')",
                 "CREATE INDEX alert_outbox_by_alert ON alert_outbox (alert_id)",
             ]),
+        Migration(
+            version: 5, name: "readings as chunks: one row per device, sensor and day with arrays of offsets, values and flags",
+            statements: chunkedReadings),
     ]
 
     static var currentVersion: Int { migrations.last?.version ?? 0 }
+}
+
+extension PostgresSchema {
+    /// Migration 5: `readings` becomes one row per chunk (``PostgresReadingChunk``), partitioned by the chunk's first
+    /// timestamp, one partition per UTC day under the same names as before (`readings_YYYYMMDD`, `readings_default`),
+    /// so that partition creation and retention by dropping partitions work as they did. The rows of migration 1 are
+    /// converted in the same transaction: grouped by device, sensor, 30 minutes of time and 4,096 sequences (which
+    /// keeps every chunk within the limits of ``PostgresReadingChunk``), into partitions made for the days that had one.
+    static let chunkedReadings: [String] = [
+        """
+        DO $$
+        DECLARE
+            child record;
+        BEGIN
+            FOR child IN
+                SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                WHERE i.inhparent = 'readings'::regclass
+            LOOP
+                EXECUTE format('ALTER TABLE %I RENAME TO %I', child.relname, 'readings_v1_' || substr(child.relname, 10));
+            END LOOP;
+            ALTER TABLE readings RENAME TO readings_v1;
+        END
+        $$
+        """,
+        """
+        CREATE TABLE readings (
+            first_ts bigint NOT NULL,
+            last_ts bigint NOT NULL,
+            first_sequence bigint NOT NULL,
+            last_sequence bigint NOT NULL,
+            device_id integer NOT NULL,
+            sensor_id integer NOT NULL,
+            sequence_offsets integer[] NOT NULL,
+            time_offsets integer[] NOT NULL,
+            reading_values double precision[] NOT NULL,
+            flags smallint[],
+            CHECK (last_sequence - first_sequence <= \(PostgresReadingChunk.maximumSequenceSpan)),
+            CHECK (last_ts - first_ts <= \(PostgresReadingChunk.maximumTimeSpan))
+        ) PARTITION BY RANGE (first_ts)
+        """,
+        "CREATE TABLE readings_default PARTITION OF readings DEFAULT",
+        "CREATE INDEX readings_by_device_first_sequence ON readings (device_id, first_sequence)",
+        "CREATE INDEX readings_by_sensor_first_ts ON readings (sensor_id, first_ts)",
+        """
+        CREATE OR REPLACE FUNCTION farmgate_create_partitions(first_day date, days integer) RETURNS integer
+        LANGUAGE plpgsql AS $$
+        DECLARE
+            day date;
+            low bigint;
+            high bigint;
+            partition text;
+            created integer := 0;
+        BEGIN
+            FOR i IN 0 .. days - 1 LOOP
+                day := first_day + i;
+                partition := 'readings_' || to_char(day, 'YYYYMMDD');
+                CONTINUE WHEN to_regclass(partition) IS NOT NULL;
+                low := (extract(epoch FROM day::timestamp) * 1000000)::bigint;
+                high := low + 86400000000;
+                EXECUTE format('CREATE TABLE %I (LIKE readings INCLUDING DEFAULTS INCLUDING CONSTRAINTS)', partition);
+                EXECUTE format(
+                    'WITH moved AS (DELETE FROM readings_default WHERE first_ts >= %s AND first_ts < %s RETURNING *) '
+                    'INSERT INTO %I SELECT * FROM moved', low, high, partition);
+                EXECUTE format('ALTER TABLE readings ATTACH PARTITION %I FOR VALUES FROM (%s) TO (%s)', partition, low, high);
+                created := created + 1;
+            END LOOP;
+            RETURN created;
+        END
+        $$
+        """,
+        """
+        SELECT farmgate_create_partitions(to_date(substr(c.relname, 13), 'YYYYMMDD'), 1)
+        FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+        WHERE i.inhparent = 'readings_v1'::regclass AND c.relname ~ '^readings_v1_[0-9]{8}$'
+        """,
+        """
+        INSERT INTO readings
+        SELECT min(timestamp_us), max(timestamp_us), min(sequence), max(sequence), device_id, sensor_id,
+            array_agg((sequence - first_sequence)::integer ORDER BY sequence),
+            array_agg((timestamp_us - first_ts)::integer ORDER BY sequence),
+            array_agg(value ORDER BY sequence),
+            CASE WHEN bool_or(flags <> 0) THEN array_agg(flags ORDER BY sequence) END
+        FROM (
+            SELECT r.*,
+                min(sequence) OVER chunk AS first_sequence,
+                min(timestamp_us) OVER chunk AS first_ts
+            FROM readings_v1 r
+            WINDOW chunk AS (PARTITION BY device_id, sensor_id, floor(timestamp_us / 1800000000.0), sequence / 4096)
+        ) v
+        GROUP BY device_id, sensor_id, floor(timestamp_us / 1800000000.0), sequence / 4096
+        """,
+        "DROP TABLE readings_v1",
+        """
+        CREATE VIEW reading_rows AS
+        SELECT c.device_id, c.sensor_id, c.first_sequence + u.sequence_offset AS sequence, c.first_ts + u.time_offset AS timestamp_us,
+            u.value, coalesce(c.flags[u.position], 0::smallint) AS flags
+        FROM readings c,
+            unnest(c.sequence_offsets, c.time_offsets, c.reading_values) WITH ORDINALITY AS u(sequence_offset, time_offset, value, position)
+        """,
+    ]
 }
