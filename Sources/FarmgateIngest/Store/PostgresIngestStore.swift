@@ -10,9 +10,9 @@ import ServiceLifecycle
 ///
 /// The same contract as ``SQLiteIngestStore`` (one conformance suite checks both): idempotent on (device, sequence) with
 /// `sequence_conflict` for different content, `devices.highest_sequence` raised in the write transaction, the answer
-/// only after `COMMIT`. A batch is one transaction of a fixed number of statements whatever its size: the readings go
-/// in with one `INSERT ... SELECT FROM unnest($1::int8[], ...)`, stored ones are read back with one `= ANY($n)`. How
-/// idempotency holds across time partitions and after a partition is dropped is explained on ``PostgresSchema``.
+/// only after `COMMIT`. Concurrent batches share transactions (``PostgresGroupCommit``), each of a fixed number of
+/// statements whatever its size (``PostgresBatchWriter``). How readings are laid out and how idempotency holds across
+/// time partitions and after a partition is dropped is explained on ``PostgresSchema``.
 ///
 /// The store is a `Service`: its ``run()`` runs the connection pool (queries wait until it runs), creates the coming
 /// days' partitions at start and then daily, and ends with the group's graceful shutdown, after the HTTP server.

@@ -4,16 +4,21 @@
 /// ``PostgresIngestStore/migrate()`` applies the pending ones in one transaction under `pg_advisory_xact_lock`, so that
 /// several instances starting at once apply each exactly once (the others wait, then find nothing to do).
 ///
-/// ## Readings
-/// `readings` is partitioned by `RANGE (timestamp_us)`, one partition per UTC day (`readings_YYYYMMDD`), created ahead by
-/// `farmgate_create_partitions(first_day, days)` (the service calls it at start and daily), with a `DEFAULT` partition for
-/// what falls outside (a backlog older than the first partition, a clock-unsynchronised reading far ahead). When a day's
-/// partition is created later, the rows the default partition holds for that day move into it in the same transaction.
-/// Retention (next) drops whole partitions.
+/// ## Readings (migration 5)
+/// `readings` holds chunks (``PostgresReadingChunk``): one row per device, sensor and UTC day of a group commit, with
+/// the first and last timestamp and sequence as columns and the readings as arrays: `sequence_offsets` and
+/// `time_offsets` (`int4`, from the first sequence and the first timestamp), `reading_values` (`float8`, exactly what the
+/// site sent, so that nothing depends on a resolution that may change) and `flags` (`int2`, NULL when every one is zero).
+/// A chunk spans at most 4,096 sequences, 30 minutes and 1,024 readings, so the chunks holding a sequence or a time are
+/// found by a bounded range scan of `(device_id, first_sequence)` or `(sensor_id, first_ts)`. The view `reading_rows`
+/// unfolds them into one row per reading for ad-hoc SQL.
 ///
-/// A row holds only what a reading is: timestamp and sequence (`int8`), value (`float8`, exactly what the site sent, so
-/// that nothing depends on a resolution that may change), device and sensor (`int4` keys) and flags (`int2`), columns
-/// ordered widest first so that no padding is spent between them. No per-row unique index: see below.
+/// The table is partitioned by `RANGE (first_ts)`, one partition per UTC day (`readings_YYYYMMDD`); a chunk never
+/// crosses a day, so it lies wholly in its day's partition and retention drops whole days. Partitions are created ahead
+/// by `farmgate_create_partitions(first_day, days)` (the service calls it at start and every six hours), with a `DEFAULT`
+/// partition for what falls outside (a backlog older than the first partition, a clock-unsynchronised reading far
+/// ahead). When a day's partition is created later, the chunks the default partition holds for that day move into it
+/// in the same transaction.
 ///
 /// ## Idempotency across partitions
 /// PostgreSQL cannot enforce a unique index across partitions unless it contains the partition key, and (device,
@@ -21,23 +26,17 @@
 /// reading would be stored again. So the authority on "was (device, sequence) ever stored" is `stored_sequences`: per
 /// device, the closed ranges `[first_sequence, last_sequence]` of sequences ever stored. A site numbers its readings
 /// consecutively, so a device has one range plus one per gap (quarantined readings, a recovered buffer's jump): a few
-/// rows, however many readings. The write transaction locks the device row (`SELECT ... FOR UPDATE`), so two requests
-/// of one device are serialised and the range check and the insert cannot interleave; requests of different devices
-/// never wait on each other. A sequence inside a range whose row is still present is compared (duplicate or
-/// `sequence_conflict`); one inside a range whose row is gone (its partition dropped) is a duplicate: it was stored and
-/// acknowledged once. Retention never touches `stored_sequences`. The non-unique index `(device_id, sequence)` on
-/// every partition serves that comparison and the export.
+/// rows, however many readings. The write transaction locks the device rows (`SELECT ... FOR UPDATE`, in id order), so
+/// two requests of one device are serialised and the range check and the insert cannot interleave; requests of
+/// different devices never wait on each other. A sequence inside a range whose chunk is still present is compared
+/// (duplicate or `sequence_conflict`); one inside a range whose chunk is gone (its partition dropped) is a duplicate: it
+/// was stored and acknowledged once. Retention never touches `stored_sequences`.
 ///
-/// ## Size, and where it goes next
-/// Measured on PostgreSQL 15 after loading 1,000,000 readings (60 sensors every 10 s, sequences in time order,
-/// `VACUUM ANALYZE`, `sum(pg_total_relation_size)` over the partitions): 100.6 bytes per reading, of which the heap
-/// 68.3 (a 24-byte tuple header and 4-byte line pointer around 34 bytes of data, padded to 8) and the
-/// `(device_id, sequence)` B-tree 32.3; the BRIN index is negligible. The goal of 60 cannot be met with one row per
-/// reading and a B-tree: the header and pointer alone are 28 bytes. Because idempotency lives in `stored_sequences`
-/// and not in a per-row unique index, the next step can store readings as one row per (device, sensor, batch) with
-/// arrays of sequences, timestamps, values and flags, indexed by `(device_id, first_sequence)` and
-/// `(sensor_id, first_ts)`: the same million readings in that layout measured 40.8 bytes per reading, both indexes
-/// included.
+/// ## Size
+/// One row per reading (migration 1) cost 100.6 bytes per reading on disk: the heap's 24-byte tuple header and 4-byte
+/// line pointer around 34 bytes of data, and a B-tree entry. Chunks pay those once per chunk. Measured on PostgreSQL 15
+/// by `farmgate-bench postgres` (1,000,000 readings of 60 sensors every 10 s stored in 1000-reading batches, about 17
+/// readings per chunk, `VACUUM ANALYZE`, `sum(pg_total_relation_size)` over the partitions): see the README's figure.
 enum PostgresSchema {
     struct Migration: Sendable {
         let version: Int
