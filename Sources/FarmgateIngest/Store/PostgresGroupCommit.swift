@@ -17,8 +17,10 @@ import Synchronization
 /// statement cannot attribute to one batch is retried one batch per transaction. A failure of the connection, the
 /// server or a timeout fails the whole group: each of its callers gets the error, and their sites send again.
 ///
-/// A caller that is cancelled (its request's `query_timeout`) while still queued leaves the queue; once its group runs
-/// the result comes after the commit whatever happens to the caller (the site then sends again and gets duplicates).
+/// A caller that is cancelled (its request's `query_timeout`) is answered at once with `CancellationError`: it leaves
+/// the queue, or, when its group already runs, its answer is no longer waited for (the group may still commit it; the
+/// site, not acknowledged, sends again and gets duplicates). So no caller waits past its deadline for a transaction that
+/// hangs (a connection that died without the client noticing).
 final class PostgresGroupCommit: Sendable {
     struct Limits: Sendable {
         /// The most batches in one transaction.
@@ -37,11 +39,12 @@ final class PostgresGroupCommit: Sendable {
         var id: UInt64
         var member: Member
         var commit: Commit
-        var continuation: CheckedContinuation<StoreOutcome, any Error>
     }
 
     private struct State {
         var queue: [Waiter] = []
+        /// The callers not answered yet, queued or in a running group.
+        var owed: [UInt64: CheckedContinuation<StoreOutcome, any Error>] = [:]
         var running = 0
         var nextID: UInt64 = 0
         var groups = 0
@@ -77,7 +80,8 @@ final class PostgresGroupCommit: Sendable {
                 // cancelled flag was set before it ran.
                 let start = state.withLock { state -> Bool? in
                     if Task.isCancelled { return nil }
-                    state.queue.append(Waiter(id: id, member: member, commit: commit, continuation: continuation))
+                    state.queue.append(Waiter(id: id, member: member, commit: commit))
+                    state.owed[id] = continuation
                     guard state.running < limits.concurrency else { return false }
                     state.running += 1
                     return true
@@ -89,12 +93,15 @@ final class PostgresGroupCommit: Sendable {
                 }
             }
         } onCancel: {
-            let removed = state.withLock { state -> Waiter? in
-                guard let index = state.queue.firstIndex(where: { $0.id == id }) else { return nil }
-                return state.queue.remove(at: index)
-            }
-            removed?.continuation.resume(throwing: CancellationError())
+            state.withLock { state in state.queue.removeAll { $0.id == id } }
+            answer(id, with: .failure(CancellationError()))
         }
+    }
+
+    /// Resumes the caller `id` unless it was answered already.
+    private func answer(_ id: UInt64, with result: Result<StoreOutcome, any Error>) {
+        let continuation = state.withLock { $0.owed.removeValue(forKey: id) }
+        continuation?.resume(with: result)
     }
 
     /// One worker: takes groups from the queue until it is empty.
@@ -134,16 +141,16 @@ final class PostgresGroupCommit: Sendable {
         while let commit = remaining.first?.commit {
             do {
                 let results = try await commit(remaining.map(\.member))
-                for (waiter, result) in zip(remaining, results) { waiter.continuation.resume(with: result) }
+                for (waiter, result) in zip(remaining, results) { answer(waiter.id, with: result) }
                 return
             } catch let failure as PostgresBatchWriter.MemberFailure where remaining.indices.contains(failure.index) {
-                remaining.remove(at: failure.index).continuation.resume(throwing: failure.error)
+                answer(remaining.remove(at: failure.index).id, with: .failure(failure.error))
             } catch let error as PSQLError where PostgresBatchWriter.isCausedByData(error) && remaining.count > 1 {
                 // Refused by a statement of the whole group: find the batch by writing each alone.
                 for waiter in remaining { await run([waiter]) }
                 return
             } catch {
-                for waiter in remaining { waiter.continuation.resume(throwing: error) }
+                for waiter in remaining { answer(waiter.id, with: .failure(error)) }
                 return
             }
         }

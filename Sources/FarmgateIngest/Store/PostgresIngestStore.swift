@@ -5,6 +5,7 @@ public import Logging
 import Metrics
 import PostgresNIO
 import ServiceLifecycle
+import Synchronization
 
 /// The store for many farms and several instances: PostgreSQL through postgres-nio's pooled `PostgresClient`.
 ///
@@ -188,6 +189,25 @@ public final class PostgresIngestStore: IngestStore {
         }
     }
 
+    /// Like ``withDeadline(_:_:)``, but at the deadline returns at once, leaving `body` cancelled and running on its own
+    /// rather than waiting for it to notice.
+    private func abandoning<T: Sendable>(after timeout: Duration, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
+        guard timeout > .zero else { return try await body() }
+        let answer = OneAnswer<T>()
+        return try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, any Error>) in
+            answer.wait(continuation)
+            let work = Task {
+                do { answer.give(.success(try await body())) } catch { answer.give(.failure(error)) }
+            }
+            answer.timer(
+                Task {
+                    guard (try? await Task.sleep(for: timeout)) != nil else { return }
+                    answer.give(.failure(PostgresStoreError.timedOut("no answer from PostgreSQL within query_timeout (\(timeout)); check that the database is up and the pool is not exhausted")))
+                    work.cancel()
+                })
+        }
+    }
+
     /// Fails with ``PostgresStoreError/timedOut(_:)`` when `body` takes longer than `timeout` (zero: no limit). Waiting
     /// for a pooled connection is cancelled then; a statement already running is ended by the server's
     /// `statement_timeout`.
@@ -257,9 +277,18 @@ public final class PostgresIngestStore: IngestStore {
 
     /// One group's transaction: the batches, then the rollups of everything the group stored for the first time (the
     /// one place where a transaction's fresh readings and its connection meet), then `COMMIT`.
+    ///
+    /// Bounded by `query_timeout` without waiting for a transaction that ignores cancellation (a connection killed
+    /// under it has been seen to hang postgres-nio's transaction): the worker then moves on to the next group.
     private func commitGroup(_ members: [PostgresBatchWriter.Member]) async throws -> [Result<StoreOutcome, any Error>] {
         let logger = self.logger
-        return try await transaction { connection in
+        return try await abandoning(after: settings.queryTimeout) {
+            try await self.writeGroup(members, logger: logger)
+        }
+    }
+
+    private func writeGroup(_ members: [PostgresBatchWriter.Member], logger: Logger) async throws -> [Result<StoreOutcome, any Error>] {
+        try await transaction { connection in
             let results = try await PostgresBatchWriter(connection: connection, logger: logger).write(members)
             let fresh = results.flatMap { result in (try? result.get())?.fresh ?? [] }
             try await self.rollups(fresh, on: connection)
@@ -545,4 +574,33 @@ func pgSensorID(_ text: String) throws -> SensorID {
 func pgQuantity(_ text: String) throws -> Quantity {
     guard let quantity = Quantity(rawValue: text) else { throw IngestStoreError.corrupt("quantity '\(text)'") }
     return quantity
+}
+
+/// The first of two results (the work's or its deadline's) resumes the waiter; the other is dropped, and the deadline's
+/// timer is cancelled when the work answers first.
+private final class OneAnswer<T: Sendable>: Sendable {
+    private let state = Mutex<(continuation: CheckedContinuation<T, any Error>?, timer: Task<Void, Never>?, done: Bool)>((nil, nil, false))
+
+    func wait(_ continuation: CheckedContinuation<T, any Error>) {
+        state.withLock { $0.continuation = continuation }
+    }
+
+    func timer(_ task: Task<Void, Never>) {
+        let done = state.withLock { state -> Bool in
+            state.timer = task
+            return state.done
+        }
+        if done { task.cancel() }
+    }
+
+    func give(_ result: Result<T, any Error>) {
+        let (continuation, timer) = state.withLock { state -> (CheckedContinuation<T, any Error>?, Task<Void, Never>?) in
+            guard !state.done else { return (nil, nil) }
+            state.done = true
+            defer { state.continuation = nil }
+            return (state.continuation, state.timer)
+        }
+        timer?.cancel()
+        continuation?.resume(with: result)
+    }
 }
