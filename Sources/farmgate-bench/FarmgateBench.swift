@@ -14,6 +14,7 @@ struct FarmgateBench: AsyncParsableCommand {
             IngestBench.self,
             FloodBench.self,
             LatestBench.self,
+            PostgresBench.self,
             AllBenchmarks.self,
         ]
     )

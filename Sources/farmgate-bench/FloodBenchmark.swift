@@ -213,6 +213,8 @@ struct FloodBench: AsyncParsableCommand {
 final class BenchConnection {
     let fd: Int32
     var pending: [UInt8] = []
+    /// The body of the last response ``request(_:)`` read.
+    private(set) var lastBody: ArraySlice<UInt8> = []
 
     init(port: Int) throws {
         fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
@@ -274,6 +276,7 @@ final class BenchConnection {
                 }
                 if pending.count - end.upperBound >= length {
                     let status = head.split(separator: " ").dropFirst().first.flatMap { Int($0) }
+                    lastBody = pending[end.upperBound..<(end.upperBound + length)]
                     pending.removeFirst(end.upperBound + length)
                     return status
                 }

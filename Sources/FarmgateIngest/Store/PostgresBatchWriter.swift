@@ -2,19 +2,38 @@ import FarmgateWire
 import Logging
 import PostgresNIO
 
-/// One batch's write transaction on PostgreSQL: a fixed number of statements whatever the batch's size.
+/// The batches of one group commit (``PostgresGroupCommit``), written in one transaction with a fixed number of
+/// statements whatever the group's size:
 ///
-/// 1. lock the device row (`FOR UPDATE`): this device's batches are serialised, other devices' run beside it;
-/// 2. register the batch's sensors (`INSERT ... ON CONFLICT DO NOTHING RETURNING`, plus the rows that already existed);
-/// 3. read the device's stored sequence ranges around the batch (``PostgresSchema``: the authority on what was ever
+/// 1. lock the group's device rows (`FOR UPDATE`, in id order, so that two groups never deadlock): a device's batches
+///    are serialised, other devices' run beside them in other groups;
+/// 2. look up the sensors, registering new ones (`INSERT ... ON CONFLICT DO NOTHING RETURNING`, then read again what
+///    another writer registered meanwhile);
+/// 3. read the devices' stored sequence ranges around the batches (``PostgresSchema``: the authority on what was ever
 ///    stored, across partitions and after retention);
-/// 4. read back the stored rows of sequences inside those ranges, compare (duplicate or `sequence_conflict`);
-/// 5. insert the new readings from arrays (`unnest`), merge their sequences into the ranges, raise
-///    `highest_sequence`, upsert `latest`.
+/// 4. read the stored chunks of sequences inside those ranges, and compare (duplicate or `sequence_conflict`), batch by
+///    batch in arrival order, so that a batch sees what an earlier one of the same device stored in this group;
+/// 5. insert the new readings as chunks (``PostgresReadingChunk``), merge their sequences into the ranges, raise
+///    `highest_sequence` and upsert `latest`.
+///
+/// A batch whose own statements fail (a device deleted meanwhile, a server-side refusal of its data) is reported
+/// through ``MemberFailure`` so that the group commits without it (``PostgresGroupCommit`` retries the others); a
+/// failure of the connection or the transaction fails the group.
 struct PostgresBatchWriter {
+    /// One batch of the group.
+    struct Member: Sendable {
+        var batch: Batch
+        var device: DeviceIdentity
+        var receivedAt: Timestamp
+    }
+
+    /// The batch at `index` cannot be written; the others can be, without it.
+    struct MemberFailure: Error {
+        var index: Int
+        var error: any Error
+    }
+
     let connection: PostgresConnection
-    let device: DeviceIdentity
-    let receivedAt: Timestamp
     let logger: Logger
 
     private struct Candidate {
@@ -31,180 +50,314 @@ struct PostgresBatchWriter {
         var flags: Int16
     }
 
-    func store(_ batch: Batch) async throws -> StoreOutcome {
-        let deviceRow = device.rowID
-        // 1. The device lock.
-        var locked = false
-        for try await _ in try await connection.query("SELECT id FROM devices WHERE id = \(deviceRow) FOR UPDATE", logger: logger) { locked = true }
-        guard locked else { throw IngestStoreError.notFound("device '\(device.device)' in farm '\(device.farm)'") }
-
-        // 2. Sensors.
-        let used = Set(batch.readings.map(\.sensor))
-        var declared: [SensorDescriptor] = []
-        var conflicts: [SensorID: (registered: String, sent: Quantity)] = [:]
+    /// What one member brings after its sensors were looked up.
+    private struct Prepared {
         var seen: [SensorID: Quantity] = [:]
-        for descriptor in batch.sensors where used.contains(descriptor.id) {
-            if let earlier = seen[descriptor.id] {
-                if earlier != descriptor.quantity { conflicts[descriptor.id] = (earlier.rawValue, descriptor.quantity) }
-                continue
-            }
-            seen[descriptor.id] = descriptor.quantity
-            declared.append(descriptor)
-        }
-        let registered = try await register(declared)
-        var sensorRows: [SensorID: Int64] = [:]
-        var resolutions: [SensorID: Resolution] = [:]
-        for descriptor in declared {
-            guard let row = registered[descriptor.id.rawValue] else {
-                throw IngestStoreError.corrupt("sensor '\(descriptor.id)' was registered but cannot be read back")
-            }
-            if conflicts[descriptor.id] != nil { continue }
-            if row.quantity != descriptor.quantity.rawValue {
-                conflicts[descriptor.id] = (row.quantity, descriptor.quantity)
-                continue
-            }
-            sensorRows[descriptor.id] = row.id
-            resolutions[descriptor.id] = descriptor.resolution
-        }
-
-        // Readings the store refuses before looking at sequences.
+        var names: [Int64: String] = [:]
         var rejected: [RejectedReading] = []
         var candidates: [Candidate] = []
-        for reading in batch.readings {
-            let sequence: Int64
-            let sensorRow: Int64
-            switch ReadingPlacement(reading, conflicts: conflicts, sensorRows: sensorRows) {
-            case .refuse(let refusal):
-                rejected.append(refusal)
-                continue
-            case .place(let placed, let row):
-                (sequence, sensorRow) = (placed, row)
-            }
-            candidates.append(Candidate(reading: reading, sequence: sequence, sensorRow: sensorRow, resolution: resolutions[reading.sensor]))
+    }
+
+    private struct SensorKey: Hashable {
+        var device: Int64
+        var name: String
+    }
+
+    /// Writes `members`; returns one result per member, in order. Fails as a whole only for what no single batch caused.
+    ///
+    /// - Throws: ``MemberFailure`` naming the batch whose statements failed (the transaction is then unusable: the
+    ///   caller rolls back and writes the others again), or the connection's error.
+    func write(_ members: [Member]) async throws -> [Result<StoreOutcome, any Error>] {
+        var results = [Result<StoreOutcome, any Error>?](repeating: nil, count: members.count)
+
+        // 1. The device locks, in id order.
+        let deviceRows = Array(Set(members.map(\.device.rowID))).sorted()
+        var present = Set<Int64>()
+        for try await id in try await connection.query(
+            "SELECT id::int8 FROM devices WHERE id = ANY(\(deviceRows)) ORDER BY id FOR UPDATE", logger: logger
+        ).decode(Int64.self) { present.insert(id) }
+        for (index, member) in members.enumerated() where !present.contains(member.device.rowID) {
+            results[index] = .failure(IngestStoreError.notFound("device '\(member.device.device)' in farm '\(member.device.farm)'"))
         }
-        guard let lowest = candidates.map(\.sequence).min(), let highest = candidates.map(\.sequence).max() else {
-            return StoreOutcome(accepted: 0, duplicates: 0, rejected: rejected)
+        let live = members.indices.filter { results[$0] == nil }
+
+        // 2. Sensors, for the whole group at once.
+        var prepared: [Int: Prepared] = [:]
+        var declaredByMember: [Int: [SensorDescriptor]] = [:]
+        var conflictsByMember: [Int: [SensorID: (registered: String, sent: Quantity)]] = [:]
+        var wanted: [SensorKey: SensorDescriptor] = [:]
+        for index in live {
+            let batch = members[index].batch
+            let used = Set(batch.readings.map(\.sensor))
+            var member = Prepared()
+            var declared: [SensorDescriptor] = []
+            var conflicts: [SensorID: (registered: String, sent: Quantity)] = [:]
+            for descriptor in batch.sensors where used.contains(descriptor.id) {
+                if let earlier = member.seen[descriptor.id] {
+                    if earlier != descriptor.quantity { conflicts[descriptor.id] = (earlier.rawValue, descriptor.quantity) }
+                    continue
+                }
+                member.seen[descriptor.id] = descriptor.quantity
+                declared.append(descriptor)
+                wanted[SensorKey(device: members[index].device.rowID, name: descriptor.id.rawValue)] = descriptor
+            }
+            prepared[index] = member
+            declaredByMember[index] = declared
+            conflictsByMember[index] = conflicts
+        }
+        let registered = try await register(wanted, receivedAt: members[live.first ?? 0].receivedAt)
+
+        for index in live {
+            guard var member = prepared[index], var conflicts = conflictsByMember[index] else { continue }
+            let deviceRow = members[index].device.rowID
+            var sensorRows: [SensorID: Int64] = [:]
+            var resolutions: [SensorID: Resolution] = [:]
+            for descriptor in declaredByMember[index] ?? [] {
+                guard let row = registered[SensorKey(device: deviceRow, name: descriptor.id.rawValue)] else {
+                    results[index] = .failure(IngestStoreError.corrupt("sensor '\(descriptor.id)' was registered but cannot be read back"))
+                    break
+                }
+                if conflicts[descriptor.id] != nil { continue }
+                if row.quantity != descriptor.quantity.rawValue {
+                    conflicts[descriptor.id] = (row.quantity, descriptor.quantity)
+                    continue
+                }
+                sensorRows[descriptor.id] = row.id
+                resolutions[descriptor.id] = descriptor.resolution
+                member.names[row.id] = descriptor.id.rawValue
+            }
+            guard results[index] == nil else { continue }
+            for reading in members[index].batch.readings {
+                switch ReadingPlacement(reading, conflicts: conflicts, sensorRows: sensorRows) {
+                case .refuse(let refusal):
+                    member.rejected.append(refusal)
+                case .place(let sequence, let sensorRow):
+                    member.candidates.append(Candidate(reading: reading, sequence: sequence, sensorRow: sensorRow, resolution: resolutions[reading.sensor]))
+                }
+            }
+            prepared[index] = member
         }
 
-        // 3. The stored ranges that touch the batch (adjacent ones too, to merge with).
-        var ranges: [ClosedRange<Int64>] = []
-        for try await (first, last) in try await connection.query(
-            """
-            SELECT first_sequence, last_sequence FROM stored_sequences
-            WHERE device_id = \(deviceRow) AND last_sequence >= \(lowest == 0 ? 0 : lowest - 1) AND first_sequence <= \(highest == Int64.max ? highest : highest + 1)
-            ORDER BY first_sequence
-            """, logger: logger
-        ).decode((Int64, Int64).self) {
-            ranges.append(first...last)
-        }
-        func everStored(_ sequence: Int64) -> Bool {
-            var low = 0
-            var high = ranges.count - 1
-            while low <= high {
-                let middle = (low + high) / 2
-                if ranges[middle].contains(sequence) { return true }
-                if sequence < ranges[middle].lowerBound { high = middle - 1 } else { low = middle + 1 }
+        // 3. The stored ranges that touch the group's sequences (adjacent ones too, to merge with), per device.
+        var bounds: [Int64: ClosedRange<Int64>] = [:]
+        for index in live {
+            for candidate in prepared[index]?.candidates ?? [] {
+                let device = members[index].device.rowID
+                let low = bounds[device].map { min($0.lowerBound, candidate.sequence) } ?? candidate.sequence
+                let high = bounds[device].map { max($0.upperBound, candidate.sequence) } ?? candidate.sequence
+                bounds[device] = low...high
             }
-            return false
+        }
+        var storedRanges: [Int64: [ClosedRange<Int64>]] = [:]
+        if !bounds.isEmpty {
+            let devices = Array(bounds.keys)
+            let lows = devices.map { bounds[$0].map { $0.lowerBound == 0 ? 0 : $0.lowerBound - 1 } ?? 0 }
+            let highs = devices.map { bounds[$0].map { $0.upperBound == Int64.max ? $0.upperBound : $0.upperBound + 1 } ?? 0 }
+            for try await (device, first, last) in try await connection.query(
+                """
+                SELECT s.device_id::int8, s.first_sequence, s.last_sequence
+                FROM stored_sequences s JOIN unnest(\(devices)::int8[], \(lows)::int8[], \(highs)::int8[]) AS u(d, lo, hi)
+                    ON s.device_id = u.d AND s.last_sequence >= u.lo AND s.first_sequence <= u.hi
+                ORDER BY 1, 2
+                """, logger: logger
+            ).decode((Int64, Int64, Int64).self) {
+                storedRanges[device, default: []].append(first...last)
+            }
         }
 
-        // 4. Sort into new readings and ones to compare.
-        var fresh: [Int64: Candidate] = [:]
-        var freshOrder: [Int64] = []
-        var toCompare: [Candidate] = []
-        var inBatchRepeats: [Candidate] = []
-        for candidate in candidates {
-            if everStored(candidate.sequence) {
-                toCompare.append(candidate)
-            } else if fresh[candidate.sequence] != nil {
-                inBatchRepeats.append(candidate)
-            } else {
-                fresh[candidate.sequence] = candidate
-                freshOrder.append(candidate.sequence)
+        // 4. The stored readings of sequences inside those ranges, to compare with.
+        var toFetch: [Int64: ClosedRange<Int64>] = [:]
+        for index in live {
+            let device = members[index].device.rowID
+            for candidate in prepared[index]?.candidates ?? [] where Self.contains(storedRanges[device] ?? [], candidate.sequence) {
+                let low = toFetch[device].map { min($0.lowerBound, candidate.sequence) } ?? candidate.sequence
+                let high = toFetch[device].map { max($0.upperBound, candidate.sequence) } ?? candidate.sequence
+                toFetch[device] = low...high
             }
         }
-        var duplicates = 0
-        var storedRows: [Int64: StoredRow] = [:]
-        if !toCompare.isEmpty {
-            let sequences = Array(Set(toCompare.map(\.sequence)))
-            for try await (sequence, sensor, timestamp, value, flags) in try await connection.query(
-                "SELECT sequence, sensor_id::int8, timestamp_us, value, flags FROM readings WHERE device_id = \(deviceRow) AND sequence = ANY(\(sequences))",
-                logger: logger
-            ).decode((Int64, Int64, Int64, Double, Int16).self) {
-                storedRows[sequence] = StoredRow(sensorRow: sensor, timestamp: timestamp, value: value, flags: flags)
+        var storedRows: [Int64: [Int64: StoredRow]] = [:]
+        if !toFetch.isEmpty {
+            let devices = Array(toFetch.keys)
+            let lows = devices.map { toFetch[$0]?.lowerBound ?? 0 }
+            let highs = devices.map { toFetch[$0]?.upperBound ?? 0 }
+            for try await (device, sensor, firstSequence, firstTimestamp, sequenceOffsets, timeOffsets, values, flags) in try await connection.query(
+                """
+                SELECT r.device_id::int8, r.sensor_id::int8, r.first_sequence, r.first_ts, r.sequence_offsets, r.time_offsets, r.reading_values, r.flags
+                FROM readings r JOIN unnest(\(devices)::int8[], \(lows)::int8[], \(highs)::int8[]) AS u(d, lo, hi)
+                    ON r.device_id = u.d AND r.first_sequence >= u.lo - \(PostgresReadingChunk.maximumSequenceSpan) AND r.first_sequence <= u.hi
+                    AND r.last_sequence >= u.lo
+                """, logger: logger
+            ).decode((Int64, Int64, Int64, Int64, [Int32], [Int32], [Double], [Int16]?).self) {
+                let entries = try PostgresReadingChunk.entries(
+                    firstSequence: firstSequence, firstTimestamp: firstTimestamp, sequenceOffsets: sequenceOffsets, timeOffsets: timeOffsets,
+                    values: values, flags: flags)
+                for entry in entries {
+                    storedRows[device, default: [:]][entry.sequence] = StoredRow(
+                        sensorRow: sensor, timestamp: entry.timestamp, value: entry.value, flags: entry.flags)
+                }
             }
-        }
-        var sensorNames: [Int64: String] = [:]
-        for (id, descriptor) in declared.compactMap({ descriptor in sensorRows[descriptor.id].map { ($0, descriptor) } }) {
-            sensorNames[id] = descriptor.id.rawValue
-        }
-        func judge(_ candidate: Candidate, against stored: StoredRow) async throws {
-            let differences = try await self.differences(candidate, stored: stored, names: sensorNames)
-            if differences.isEmpty {
-                duplicates += 1
-                return
-            }
-            rejected.append(SequenceComparison.conflict(candidate.reading, differences: differences))
-        }
-        for candidate in toCompare {
-            if let stored = storedRows[candidate.sequence] {
-                try await judge(candidate, against: stored)
-            } else {
-                // Stored and acknowledged once, its row since dropped with its partition (retention): a duplicate.
-                duplicates += 1
-            }
-        }
-        for candidate in inBatchRepeats {
-            guard let first = fresh[candidate.sequence] else { continue }
-            try await judge(
-                candidate,
-                against: StoredRow(
-                    sensorRow: first.sensorRow, timestamp: first.reading.timestamp.microseconds, value: first.reading.value,
-                    flags: Int16(bitPattern: first.reading.quality.rawValue)))
         }
 
-        // 5. Insert the new readings and record their sequences.
-        guard !freshOrder.isEmpty else { return StoreOutcome(accepted: 0, duplicates: duplicates, rejected: rejected) }
-        let inserted = freshOrder.compactMap { fresh[$0] }
-        let timestamps = inserted.map(\.reading.timestamp.microseconds)
-        let sequences = inserted.map(\.sequence)
-        let values = inserted.map(\.reading.value)
-        let sensors = inserted.map(\.sensorRow)
-        let flags = inserted.map { Int16(bitPattern: $0.reading.quality.rawValue) }
+        // 5. Sort each batch, in arrival order, into new readings, duplicates and conflicts.
+        var ranges = storedRanges
+        var storedInGroup: [Int64: [Int64: StoredRow]] = [:]
+        var freshByMember: [Int: [Candidate]] = [:]
+        for index in live where results[index] == nil {
+            guard let member = prepared[index] else { continue }
+            let device = members[index].device.rowID
+            var rejected = member.rejected
+            var fresh: [Int64: Candidate] = [:]
+            var freshOrder: [Int64] = []
+            var toCompare: [Candidate] = []
+            var inBatchRepeats: [Candidate] = []
+            let deviceRanges = ranges[device] ?? []
+            for candidate in member.candidates {
+                if Self.contains(deviceRanges, candidate.sequence) {
+                    toCompare.append(candidate)
+                } else if fresh[candidate.sequence] != nil {
+                    inBatchRepeats.append(candidate)
+                } else {
+                    fresh[candidate.sequence] = candidate
+                    freshOrder.append(candidate.sequence)
+                }
+            }
+            var duplicates = 0
+            do {
+                for candidate in toCompare {
+                    if let stored = storedInGroup[device]?[candidate.sequence] ?? storedRows[device]?[candidate.sequence] {
+                        let differences = try await self.differences(candidate, stored: stored, names: member.names)
+                        if differences.isEmpty { duplicates += 1 } else { rejected.append(SequenceComparison.conflict(candidate.reading, differences: differences)) }
+                    } else {
+                        // Stored and acknowledged once, its chunk since dropped with its partition (retention): a duplicate.
+                        duplicates += 1
+                    }
+                }
+                for candidate in inBatchRepeats {
+                    guard let first = fresh[candidate.sequence] else { continue }
+                    let differences = try await self.differences(candidate, stored: Self.row(first), names: member.names)
+                    if differences.isEmpty { duplicates += 1 } else { rejected.append(SequenceComparison.conflict(candidate.reading, differences: differences)) }
+                }
+            } catch let error as PSQLError where Self.isCausedByData(error) {
+                throw MemberFailure(index: index, error: error)
+            }
+            let inserted = freshOrder.compactMap { fresh[$0] }
+            ranges[device] = Self.merge(ranges[device] ?? [], adding: inserted.map(\.sequence))
+            for candidate in inserted { storedInGroup[device, default: [:]][candidate.sequence] = Self.row(candidate) }
+            freshByMember[index] = inserted
+            let committed = inserted.compactMap { candidate in
+                member.seen[candidate.reading.sensor].map { CommittedReading(candidate.reading, sensorRowID: candidate.sensorRow, quantity: $0) }
+            }
+            results[index] = .success(StoreOutcome(accepted: inserted.count, duplicates: duplicates, rejected: rejected, fresh: committed))
+        }
+
+        // 6. One insert for every new reading of the group, one statement for the bookkeeping.
+        let allFresh = live.compactMap { index in freshByMember[index].map { (members[index].device.rowID, $0) } }
+        if allFresh.contains(where: { !$0.1.isEmpty }) {
+            try await insertChunks(allFresh)
+            try await bookkeeping(allFresh, storedRanges: storedRanges, ranges: ranges)
+            let changed = live.filter { freshByMember[$0]?.isEmpty == false }.map { members[$0].device }
+            try await PostgresLatestNotice.send(on: connection, devices: changed, logger: logger)
+        }
+        return results.map { $0 ?? .failure(IngestStoreError.corrupt("a batch of the group was neither written nor refused")) }
+    }
+
+    /// Inserts the readings as chunks with one statement: the chunks' scalar columns as arrays, their readings'
+    /// columns concatenated, each chunk taking its slice (`[start:end]`): twelve parameters whatever the group's size.
+    private func insertChunks(_ fresh: [(device: Int64, readings: [Candidate])]) async throws {
+        struct ChunkKey: Hashable {
+            var device: Int64
+            var sensor: Int64
+        }
+        var entries: [ChunkKey: [PostgresReadingChunk.Entry]] = [:]
+        for (device, readings) in fresh {
+            for candidate in readings {
+                entries[ChunkKey(device: device, sensor: candidate.sensorRow), default: []].append(
+                    .init(
+                        sequence: candidate.sequence, timestamp: candidate.reading.timestamp.microseconds, value: candidate.reading.value,
+                        flags: Int16(bitPattern: candidate.reading.quality.rawValue)))
+            }
+        }
+        var firstTimestamps: [Int64] = [], lastTimestamps: [Int64] = [], firstSequences: [Int64] = [], lastSequences: [Int64] = []
+        var devices: [Int64] = [], sensors: [Int64] = [], starts: [Int32] = [], ends: [Int32] = [], flagged: [Bool] = []
+        var sequenceOffsets: [Int32] = [], timeOffsets: [Int32] = [], values: [Double] = [], flags: [Int16] = []
+        for (key, list) in entries {
+            for chunk in PostgresReadingChunk.cut(deviceRow: key.device, sensorRow: key.sensor, entries: list) {
+                firstTimestamps.append(chunk.firstTimestamp)
+                lastTimestamps.append(chunk.lastTimestamp)
+                firstSequences.append(chunk.firstSequence)
+                lastSequences.append(chunk.lastSequence)
+                devices.append(chunk.deviceRow)
+                sensors.append(chunk.sensorRow)
+                starts.append(Int32(values.count + 1))
+                sequenceOffsets += chunk.sequenceOffsets
+                timeOffsets += chunk.timeOffsets
+                values += chunk.values
+                let chunkFlags = chunk.flags
+                flagged.append(chunkFlags != nil)
+                flags += chunkFlags ?? Array(repeating: 0, count: chunk.entries.count)
+                ends.append(Int32(values.count))
+            }
+        }
         try await connection.query(
             """
-            INSERT INTO readings(timestamp_us, sequence, value, device_id, sensor_id, flags)
-            SELECT t, s, v, \(deviceRow), k, f FROM unnest(\(timestamps)::int8[], \(sequences)::int8[], \(values)::float8[], \(sensors)::int8[], \(flags)::int2[]) AS u(t, s, v, k, f)
+            INSERT INTO readings(first_ts, last_ts, first_sequence, last_sequence, device_id, sensor_id, sequence_offsets, time_offsets, reading_values, flags)
+            SELECT u.ft, u.lt, u.fs, u.ls, u.d, u.k, (\(sequenceOffsets)::int4[])[u.a:u.b], (\(timeOffsets)::int4[])[u.a:u.b],
+                (\(values)::float8[])[u.a:u.b], CASE WHEN u.f THEN (\(flags)::int2[])[u.a:u.b] END
+            FROM unnest(\(firstTimestamps)::int8[], \(lastTimestamps)::int8[], \(firstSequences)::int8[], \(lastSequences)::int8[],
+                \(devices)::int8[], \(sensors)::int8[], \(starts)::int4[], \(ends)::int4[], \(flagged)::bool[]) AS u(ft, lt, fs, ls, d, k, a, b, f)
             """, logger: logger)
+    }
 
-        let merged = Self.merge(ranges, adding: sequences)
-        if !ranges.isEmpty {
-            let firsts = ranges.map(\.lowerBound)
-            try await connection.query(
-                "DELETE FROM stored_sequences WHERE device_id = \(deviceRow) AND first_sequence = ANY(\(firsts))", logger: logger)
-        }
-        try await connection.query(
-            """
-            INSERT INTO stored_sequences(device_id, first_sequence, last_sequence)
-            SELECT \(deviceRow), f, l FROM unnest(\(merged.map(\.lowerBound))::int8[], \(merged.map(\.upperBound))::int8[]) AS u(f, l)
-            """, logger: logger)
-        if let top = sequences.max() {
-            try await connection.query(
-                "UPDATE devices SET highest_sequence = greatest(coalesce(highest_sequence, -1), \(top)) WHERE id = \(deviceRow)", logger: logger)
-        }
-
+    /// Merges the new sequences into `stored_sequences`, raises `highest_sequence` and upserts `latest`, in one statement.
+    private func bookkeeping(
+        _ fresh: [(device: Int64, readings: [Candidate])], storedRanges: [Int64: [ClosedRange<Int64>]], ranges: [Int64: [ClosedRange<Int64>]]
+    ) async throws {
+        var goneDevices: [Int64] = [], goneFirsts: [Int64] = []
+        var keptDevices: [Int64] = [], keptFirsts: [Int64] = [], keptLasts: [Int64] = []
+        var highest: [Int64: Int64] = [:]
         var newest: [Int64: Candidate] = [:]
-        for candidate in inserted {
-            if let current = newest[candidate.sensorRow],
-                (current.reading.timestamp, current.sequence) >= (candidate.reading.timestamp, candidate.sequence)
-            {
-                continue
+        for (device, readings) in fresh {
+            for candidate in readings {
+                highest[device] = max(highest[device] ?? candidate.sequence, candidate.sequence)
+                if let current = newest[candidate.sensorRow],
+                    (current.reading.timestamp, current.sequence) >= (candidate.reading.timestamp, candidate.sequence)
+                {
+                    continue
+                }
+                newest[candidate.sensorRow] = candidate
             }
-            newest[candidate.sensorRow] = candidate
         }
+        for device in highest.keys {
+            let before = storedRanges[device] ?? []
+            let after = ranges[device] ?? []
+            let afterFirsts = Set(after.map(\.lowerBound))
+            for range in before where !afterFirsts.contains(range.lowerBound) {
+                goneDevices.append(device)
+                goneFirsts.append(range.lowerBound)
+            }
+            let unchanged = Set(before.map { [$0.lowerBound, $0.upperBound] })
+            for range in after where !unchanged.contains([range.lowerBound, range.upperBound]) {
+                keptDevices.append(device)
+                keptFirsts.append(range.lowerBound)
+                keptLasts.append(range.upperBound)
+            }
+        }
+        let highestDevices = Array(highest.keys)
+        let highestValues = highestDevices.map { highest[$0] ?? 0 }
         let latest = Array(newest.values)
         try await connection.query(
             """
+            WITH gone AS (
+                DELETE FROM stored_sequences s USING unnest(\(goneDevices)::int8[], \(goneFirsts)::int8[]) AS u(d, f)
+                WHERE s.device_id = u.d AND s.first_sequence = u.f
+            ), ranges AS (
+                INSERT INTO stored_sequences(device_id, first_sequence, last_sequence)
+                SELECT d, f, l FROM unnest(\(keptDevices)::int8[], \(keptFirsts)::int8[], \(keptLasts)::int8[]) AS u(d, f, l)
+                ON CONFLICT (device_id, first_sequence) DO UPDATE SET last_sequence = excluded.last_sequence
+            ), highest AS (
+                UPDATE devices d SET highest_sequence = greatest(coalesce(d.highest_sequence, -1), u.top)
+                FROM unnest(\(highestDevices)::int8[], \(highestValues)::int8[]) AS u(id, top) WHERE d.id = u.id
+            )
             INSERT INTO latest(sensor_id, sequence, timestamp_us, value, flags)
             SELECT k, s, t, v, f FROM unnest(\(latest.map(\.sensorRow))::int8[], \(latest.map(\.sequence))::int8[], \(latest.map(\.reading.timestamp.microseconds))::int8[], \(latest.map(\.reading.value))::float8[], \(latest.map { Int16(bitPattern: $0.reading.quality.rawValue) })::int2[]) AS u(k, s, t, v, f)
             ON CONFLICT (sensor_id) DO UPDATE SET
@@ -212,53 +365,63 @@ struct PostgresBatchWriter {
             WHERE excluded.timestamp_us > latest.timestamp_us
                 OR (excluded.timestamp_us = latest.timestamp_us AND excluded.sequence > latest.sequence)
             """, logger: logger)
-        let stored = inserted.compactMap { candidate in
-            seen[candidate.reading.sensor].map { CommittedReading(candidate.reading, sensorRowID: candidate.sensorRow, quantity: $0) }
-        }
-        try await PostgresLatestNotice.send(on: connection, device: device, logger: logger)
-        return StoreOutcome(accepted: inserted.count, duplicates: duplicates, rejected: rejected, fresh: stored)
     }
 
-    /// Registers `descriptors` on the device and returns every one's (id, registered quantity) by name. New sensors are
-    /// inserted with `ON CONFLICT DO NOTHING RETURNING`; existing ones are read after that insert (never before, so two
-    /// writers cannot both decide to insert), and their resolution follows the batch's while the quantity agrees.
-    private func register(_ descriptors: [SensorDescriptor]) async throws -> [String: (id: Int64, quantity: String)] {
-        guard !descriptors.isEmpty else { return [:] }
-        let names = descriptors.map(\.id.rawValue)
-        let quantities = descriptors.map(\.quantity.rawValue)
-        let numerators = descriptors.map { Int64($0.resolution.numerator) }
-        let denominators = descriptors.map { Int64($0.resolution.denominator) }
-        var found: [String: (id: Int64, quantity: String)] = [:]
-        for try await (id, name, quantity) in try await connection.query(
+    /// Looks up `wanted` sensors (by device and name) and registers the missing ones; returns every one's id and
+    /// registered quantity. New sensors are inserted with `ON CONFLICT DO NOTHING RETURNING` and whatever another writer
+    /// registered meanwhile is read after that insert; an existing sensor's resolution follows the batch's while the
+    /// quantity agrees.
+    private func register(_ wanted: [SensorKey: SensorDescriptor], receivedAt: Timestamp) async throws -> [SensorKey: (id: Int64, quantity: String)] {
+        guard !wanted.isEmpty else { return [:] }
+        var found: [SensorKey: (id: Int64, quantity: String)] = [:]
+        var resolutionChanged: [SensorKey] = []
+        let keys = Array(wanted.keys)
+        for try await (id, device, name, quantity, numerator, denominator) in try await connection.query(
+            """
+            SELECT s.id::int8, s.device_id::int8, s.name, s.quantity, s.resolution_numerator, s.resolution_denominator
+            FROM sensors s JOIN unnest(\(keys.map(\.device))::int8[], \(keys.map(\.name))::text[]) AS u(d, n) ON s.device_id = u.d AND s.name = u.n
+            """, logger: logger
+        ).decode((Int64, Int64, String, String, Int64, Int64).self) {
+            let key = SensorKey(device: device, name: name)
+            found[key] = (id, quantity)
+            if let descriptor = wanted[key], descriptor.quantity.rawValue == quantity,
+                (Int64(descriptor.resolution.numerator), Int64(descriptor.resolution.denominator)) != (numerator, denominator)
+            {
+                resolutionChanged.append(key)
+            }
+        }
+        if !resolutionChanged.isEmpty {
+            let descriptors = resolutionChanged.compactMap { wanted[$0] }
+            try await connection.query(
+                """
+                UPDATE sensors s SET resolution_numerator = u.rn, resolution_denominator = u.rd
+                FROM unnest(\(resolutionChanged.map(\.device))::int8[], \(resolutionChanged.map(\.name))::text[], \(descriptors.map { Int64($0.resolution.numerator) })::int8[], \(descriptors.map { Int64($0.resolution.denominator) })::int8[]) AS u(d, n, rn, rd)
+                WHERE s.device_id = u.d AND s.name = u.n
+                """, logger: logger)
+        }
+        let missing = keys.filter { found[$0] == nil }
+        guard !missing.isEmpty else { return found }
+        let descriptors = missing.compactMap { wanted[$0] }
+        for try await (id, device, name, quantity) in try await connection.query(
             """
             INSERT INTO sensors(device_id, name, quantity, resolution_numerator, resolution_denominator, first_seen_us)
-            SELECT \(device.rowID), n, q, rn, rd, \(receivedAt.microseconds)
-            FROM unnest(\(names)::text[], \(quantities)::text[], \(numerators)::int8[], \(denominators)::int8[]) AS u(n, q, rn, rd)
+            SELECT d, n, q, rn, rd, \(receivedAt.microseconds)
+            FROM unnest(\(missing.map(\.device))::int8[], \(missing.map(\.name))::text[], \(descriptors.map(\.quantity.rawValue))::text[], \(descriptors.map { Int64($0.resolution.numerator) })::int8[], \(descriptors.map { Int64($0.resolution.denominator) })::int8[]) AS u(d, n, q, rn, rd)
             ON CONFLICT (device_id, name) DO NOTHING
-            RETURNING id::int8, name, quantity
+            RETURNING id::int8, device_id::int8, name, quantity
             """, logger: logger
-        ).decode((Int64, String, String).self) {
-            found[name] = (id, quantity)
+        ).decode((Int64, Int64, String, String).self) {
+            found[SensorKey(device: device, name: name)] = (id, quantity)
         }
-        let existing = names.filter { found[$0] == nil }
-        guard !existing.isEmpty else { return found }
-        for try await (id, name, quantity) in try await connection.query(
-            """
-            UPDATE sensors s SET resolution_numerator = u.rn, resolution_denominator = u.rd
-            FROM unnest(\(names)::text[], \(quantities)::text[], \(numerators)::int8[], \(denominators)::int8[]) AS u(n, q, rn, rd)
-            WHERE s.device_id = \(device.rowID) AND s.name = u.n AND s.quantity = u.q
-                AND (s.resolution_numerator, s.resolution_denominator) <> (u.rn, u.rd)
-            RETURNING s.id::int8, s.name, s.quantity
-            """, logger: logger
-        ).decode((Int64, String, String).self) where found[name] == nil {
-            found[name] = (id, quantity)
-        }
-        let unread = names.filter { found[$0] == nil }
+        let unread = missing.filter { found[$0] == nil }
         guard !unread.isEmpty else { return found }
-        for try await (id, name, quantity) in try await connection.query(
-            "SELECT id::int8, name, quantity FROM sensors WHERE device_id = \(device.rowID) AND name = ANY(\(unread))", logger: logger
-        ).decode((Int64, String, String).self) {
-            found[name] = (id, quantity)
+        for try await (id, device, name, quantity) in try await connection.query(
+            """
+            SELECT s.id::int8, s.device_id::int8, s.name, s.quantity
+            FROM sensors s JOIN unnest(\(unread.map(\.device))::int8[], \(unread.map(\.name))::text[]) AS u(d, n) ON s.device_id = u.d AND s.name = u.n
+            """, logger: logger
+        ).decode((Int64, Int64, String, String).self) {
+            found[SensorKey(device: device, name: name)] = (id, quantity)
         }
         return found
     }
@@ -281,6 +444,32 @@ struct PostgresBatchWriter {
             storedValue: stored.value, storedFlags: QualityFlags(rawValue: UInt16(bitPattern: stored.flags)))
     }
 
+    private static func row(_ candidate: Candidate) -> StoredRow {
+        StoredRow(
+            sensorRow: candidate.sensorRow, timestamp: candidate.reading.timestamp.microseconds, value: candidate.reading.value,
+            flags: Int16(bitPattern: candidate.reading.quality.rawValue))
+    }
+
+    /// Whether `sequence` lies in one of `ranges` (sorted, disjoint).
+    static func contains(_ ranges: [ClosedRange<Int64>], _ sequence: Int64) -> Bool {
+        var low = 0
+        var high = ranges.count - 1
+        while low <= high {
+            let middle = (low + high) / 2
+            if ranges[middle].contains(sequence) { return true }
+            if sequence < ranges[middle].lowerBound { high = middle - 1 } else { low = middle + 1 }
+        }
+        return false
+    }
+
+    /// Whether the server refused a statement because of the data it was given (the batch's fault, so the group goes on
+    /// without it), rather than because of the connection, the server's state or a timeout (the group's fault).
+    static func isCausedByData(_ error: PSQLError) -> Bool {
+        guard let state = error.serverInfo?[.sqlState] else { return false }
+        // 08 connection, 40 rollback (serialization, deadlock), 53 resources, 54 limits, 55 object state,
+        // 57 operator intervention (statement_timeout, shutdown), 58 system, XX internal.
+        return !["08", "40", "53", "54", "55", "57", "58", "XX"].contains(String(state.prefix(2)))
+    }
 
     /// `ranges` (sorted, disjoint) with `sequences` added, adjacent and overlapping ranges joined.
     static func merge(_ ranges: [ClosedRange<Int64>], adding sequences: [Int64]) -> [ClosedRange<Int64>] {

@@ -5,14 +5,15 @@ public import Logging
 import Metrics
 import PostgresNIO
 import ServiceLifecycle
+import Synchronization
 
 /// The store for many farms and several instances: PostgreSQL through postgres-nio's pooled `PostgresClient`.
 ///
 /// The same contract as ``SQLiteIngestStore`` (one conformance suite checks both): idempotent on (device, sequence) with
 /// `sequence_conflict` for different content, `devices.highest_sequence` raised in the write transaction, the answer
-/// only after `COMMIT`. A batch is one transaction of a fixed number of statements whatever its size: the readings go
-/// in with one `INSERT ... SELECT FROM unnest($1::int8[], ...)`, stored ones are read back with one `= ANY($n)`. How
-/// idempotency holds across time partitions and after a partition is dropped is explained on ``PostgresSchema``.
+/// only after `COMMIT`. Concurrent batches share transactions (``PostgresGroupCommit``), each of a fixed number of
+/// statements whatever its size (``PostgresBatchWriter``). How readings are laid out and how idempotency holds across
+/// time partitions and after a partition is dropped is explained on ``PostgresSchema``.
 ///
 /// The store is a `Service`: its ``run()`` runs the connection pool (queries wait until it runs), creates the coming
 /// days' partitions at start and then daily, and ends with the group's graceful shutdown, after the HTTP server.
@@ -30,15 +31,30 @@ public final class PostgresIngestStore: IngestStore {
     private let client: PostgresClient
     let logger: Logger
     private let partitionsCreated = Counter(label: "farmgate_ingest_partitions_created_total")
+    /// Gathers concurrent batches into shared transactions.
+    let groupCommit: PostgresGroupCommit
     /// How many days of partitions ``run()`` keeps ahead of today.
     public static let partitionDaysAhead = 7
 
     /// Builds the pool (no connection is opened before ``run()`` runs).
     ///
     /// - Throws: ``PostgresStoreError/tls(_:)`` when the CA file cannot be loaded.
-    public init(settings: PostgresSettings, logger: Logger) throws {
+    public convenience init(settings: PostgresSettings, logger: Logger) throws {
+        try self.init(settings: settings, groupCommit: Self.groupCommitLimits(poolSize: settings.poolSize), logger: logger)
+    }
+
+    /// The group commit's limits for a pool of `poolSize` connections: at most half the pool (at least one, at most
+    /// eight) runs group transactions, so that reads and maintenance always find a connection.
+    static func groupCommitLimits(poolSize: Int) -> PostgresGroupCommit.Limits {
+        var limits = PostgresGroupCommit.Limits()
+        limits.concurrency = min(8, max(1, poolSize / 2))
+        return limits
+    }
+
+    init(settings: PostgresSettings, groupCommit limits: PostgresGroupCommit.Limits, logger: Logger) throws {
         self.settings = settings
         self.logger = logger
+        self.groupCommit = PostgresGroupCommit(limits: limits)
         var configuration = try settings.clientConfiguration()
         configuration.options.maximumConnections = settings.poolSize
         configuration.options.connectTimeout = settings.connectTimeout
@@ -148,6 +164,25 @@ public final class PostgresIngestStore: IngestStore {
         }
     }
 
+    /// Like ``withDeadline(_:_:)``, but at the deadline returns at once, leaving `body` cancelled and running on its own
+    /// rather than waiting for it to notice.
+    private func abandoning<T: Sendable>(after timeout: Duration, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
+        guard timeout > .zero else { return try await body() }
+        let answer = OneAnswer<T>()
+        return try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, any Error>) in
+            answer.wait(continuation)
+            let work = Task {
+                do { answer.give(.success(try await body())) } catch { answer.give(.failure(error)) }
+            }
+            answer.timer(
+                Task {
+                    guard (try? await Task.sleep(for: timeout)) != nil else { return }
+                    answer.give(.failure(PostgresStoreError.timedOut("no answer from PostgreSQL within query_timeout (\(timeout)); check that the database is up and the pool is not exhausted")))
+                    work.cancel()
+                })
+        }
+    }
+
     /// Fails with ``PostgresStoreError/timedOut(_:)`` when `body` takes longer than `timeout` (zero: no limit). Waiting
     /// for a pooled connection is cancelled then; a statement already running is ended by the server's
     /// `statement_timeout`.
@@ -205,10 +240,34 @@ public final class PostgresIngestStore: IngestStore {
 
     // MARK: Ingest
 
+    /// Stores `batch` in a group transaction with the batches of other requests that arrive meanwhile
+    /// (``PostgresGroupCommit``), and returns after that transaction committed. Waiting in the queue counts against
+    /// `query_timeout`.
     public func store(_ batch: Batch, for device: DeviceIdentity, receivedAt: Timestamp) async throws -> StoreOutcome {
+        let member = PostgresBatchWriter.Member(batch: batch, device: device, receivedAt: receivedAt)
+        return try await withDeadline(settings.queryTimeout) {
+            try await self.groupCommit.submit(member) { members in try await self.commitGroup(members) }
+        }
+    }
+
+    /// One group's transaction: the batches, then the rollups of everything the group stored for the first time (the
+    /// one place where a transaction's fresh readings and its connection meet), then `COMMIT`.
+    ///
+    /// Bounded by `query_timeout` without waiting for a transaction that ignores cancellation (a connection killed
+    /// under it has been seen to hang postgres-nio's transaction): the worker then moves on to the next group.
+    private func commitGroup(_ members: [PostgresBatchWriter.Member]) async throws -> [Result<StoreOutcome, any Error>] {
         let logger = self.logger
-        return try await transaction { connection in
-            try await PostgresBatchWriter(connection: connection, device: device, receivedAt: receivedAt, logger: logger).store(batch)
+        return try await abandoning(after: settings.queryTimeout) {
+            try await self.writeGroup(members, logger: logger)
+        }
+    }
+
+    private func writeGroup(_ members: [PostgresBatchWriter.Member], logger: Logger) async throws -> [Result<StoreOutcome, any Error>] {
+        try await transaction { connection in
+            let results = try await PostgresBatchWriter(connection: connection, logger: logger).write(members)
+            let fresh = results.flatMap { result in (try? result.get())?.fresh ?? [] }
+            try await self.rollups(fresh, on: connection)
+            return results
         }
     }
 
@@ -347,19 +406,43 @@ public final class PostgresIngestStore: IngestStore {
         }
     }
 
+    /// Reads the device's chunks in `first_sequence` order, a page of chunks at a time, until `limit` readings above
+    /// `afterSequence` are known to be the lowest: chunks interleave (one per sensor), but none holds a sequence below
+    /// its own first, so once the chunks starting up to `f` are read, every stored sequence up to `f` is known.
     public func exportPage(device: DeviceIdentity, afterSequence: UInt64?, limit: Int) async throws -> [ExportRow] {
         let after = afterSequence.map { Int64(clamping: $0) } ?? -1
-        return try await rows(
-            """
-            SELECT s.name, r.sequence, r.timestamp_us, r.value, r.flags
-            FROM readings r JOIN sensors s ON s.id = r.sensor_id
-            WHERE r.device_id = \(device.rowID) AND r.sequence > \(after) ORDER BY r.sequence LIMIT \(limit)
-            """
-        ) { row in
-            let (sensor, sequence, timestamp, value, flags) = try row.decode((String, Int64, Int64, Double, Int16).self)
-            return ExportRow(
-                device: device.device, sensor: try pgSensorID(sensor), sequence: UInt64(clamping: sequence), timestamp: Timestamp(microseconds: timestamp),
-                value: value, quality: QualityFlags(rawValue: UInt16(bitPattern: flags)))
+        guard limit > 0 else { return [] }
+        let chunksPerPage = max(64, limit / 8)
+        var cursor = after - PostgresReadingChunk.maximumSequenceSpan - 1
+        var found: [(entry: PostgresReadingChunk.Entry, sensor: String)] = []
+        while true {
+            let page = try await rows(
+                """
+                SELECT s.name, r.first_sequence, r.first_ts, r.sequence_offsets, r.time_offsets, r.reading_values, r.flags
+                FROM readings r JOIN sensors s ON s.id = r.sensor_id
+                WHERE r.device_id = \(device.rowID) AND r.first_sequence > \(cursor) AND r.last_sequence > \(after)
+                ORDER BY r.first_sequence LIMIT \(chunksPerPage)
+                """
+            ) { row in
+                let (sensor, first, firstTimestamp, sequenceOffsets, timeOffsets, values, flags) = try row.decode(
+                    (String, Int64, Int64, [Int32], [Int32], [Double], [Int16]?).self)
+                let entries = try PostgresReadingChunk.entries(
+                    firstSequence: first, firstTimestamp: firstTimestamp, sequenceOffsets: sequenceOffsets, timeOffsets: timeOffsets, values: values,
+                    flags: flags)
+                return (first, entries.map { (entry: $0, sensor: sensor) })
+            }
+            for (_, entries) in page { found += entries.filter { $0.entry.sequence > after } }
+            guard let last = page.last?.0, page.count == chunksPerPage else { break }
+            cursor = last
+            // Every sequence up to `last` is known now.
+            if found.lazy.filter({ $0.entry.sequence <= last }).count >= limit { break }
+        }
+        found.sort { $0.entry.sequence < $1.entry.sequence }
+        return try found.prefix(limit).map { item in
+            ExportRow(
+                device: device.device, sensor: try pgSensorID(item.sensor), sequence: UInt64(clamping: item.entry.sequence),
+                timestamp: Timestamp(microseconds: item.entry.timestamp), value: item.entry.value,
+                quality: QualityFlags(rawValue: UInt16(bitPattern: item.entry.flags)))
         }
     }
 
@@ -392,18 +475,43 @@ public final class PostgresIngestStore: IngestStore {
         }.first
     }
 
+    /// Reads the sensor's chunks in `first_ts` order, a page of chunks at a time, until `limit` readings are known to
+    /// be the earliest in the range (no chunk holds a time before its own first, nor spans more than
+    /// ``PostgresReadingChunk/maximumTimeSpan``, which bounds the scan's start).
     public func readings(sensorRowID: Int64, from: Timestamp?, to: Timestamp?, limit: Int) async throws -> [StoredReading] {
-        try await rows(
-            """
-            SELECT sequence, timestamp_us, value, flags FROM readings
-            WHERE sensor_id = \(sensorRowID) AND timestamp_us >= \(from?.microseconds ?? Int64.min) AND timestamp_us < \(to?.microseconds ?? Int64.max)
-            ORDER BY timestamp_us, sequence LIMIT \(limit)
-            """
-        ) { row in
-            let (sequence, timestamp, value, flags) = try row.decode((Int64, Int64, Double, Int16).self)
-            return StoredReading(
-                sequence: UInt64(clamping: sequence), timestamp: Timestamp(microseconds: timestamp), value: value,
-                quality: QualityFlags(rawValue: UInt16(bitPattern: flags)))
+        let low = from?.microseconds ?? Int64.min
+        let high = to?.microseconds ?? Int64.max
+        guard limit > 0, low < high else { return [] }
+        let chunksPerPage = max(64, limit / 8)
+        var cursor = (timestamp: low < Int64.min + PostgresReadingChunk.maximumTimeSpan ? Int64.min : low - PostgresReadingChunk.maximumTimeSpan, sequence: Int64.min)
+        var found: [PostgresReadingChunk.Entry] = []
+        while true {
+            let page = try await rows(
+                """
+                SELECT first_sequence, first_ts, sequence_offsets, time_offsets, reading_values, flags FROM readings
+                WHERE sensor_id = \(sensorRowID) AND first_ts >= \(cursor.timestamp) AND (first_ts, first_sequence) > (\(cursor.timestamp), \(cursor.sequence))
+                    AND first_ts < \(high) AND last_ts >= \(low)
+                ORDER BY first_ts, first_sequence LIMIT \(chunksPerPage)
+                """
+            ) { row in
+                let (first, firstTimestamp, sequenceOffsets, timeOffsets, values, flags) = try row.decode(
+                    (Int64, Int64, [Int32], [Int32], [Double], [Int16]?).self)
+                let entries = try PostgresReadingChunk.entries(
+                    firstSequence: first, firstTimestamp: firstTimestamp, sequenceOffsets: sequenceOffsets, timeOffsets: timeOffsets, values: values,
+                    flags: flags)
+                return (firstTimestamp, first, entries)
+            }
+            for (_, _, entries) in page { found += entries.filter { $0.timestamp >= low && $0.timestamp < high } }
+            guard let last = page.last, page.count == chunksPerPage else { break }
+            cursor = (last.0, last.1)
+            // Every reading before `last`'s first time is known now.
+            if found.lazy.filter({ $0.timestamp < last.0 }).count >= limit { break }
+        }
+        found.sort { ($0.timestamp, $0.sequence) < ($1.timestamp, $1.sequence) }
+        return found.prefix(limit).map { entry in
+            StoredReading(
+                sequence: UInt64(clamping: entry.sequence), timestamp: Timestamp(microseconds: entry.timestamp), value: entry.value,
+                quality: QualityFlags(rawValue: UInt16(bitPattern: entry.flags)))
         }
     }
 }
@@ -441,4 +549,33 @@ func pgSensorID(_ text: String) throws -> SensorID {
 func pgQuantity(_ text: String) throws -> Quantity {
     guard let quantity = Quantity(rawValue: text) else { throw IngestStoreError.corrupt("quantity '\(text)'") }
     return quantity
+}
+
+/// The first of two results (the work's or its deadline's) resumes the waiter; the other is dropped, and the deadline's
+/// timer is cancelled when the work answers first.
+private final class OneAnswer<T: Sendable>: Sendable {
+    private let state = Mutex<(continuation: CheckedContinuation<T, any Error>?, timer: Task<Void, Never>?, done: Bool)>((nil, nil, false))
+
+    func wait(_ continuation: CheckedContinuation<T, any Error>) {
+        state.withLock { $0.continuation = continuation }
+    }
+
+    func timer(_ task: Task<Void, Never>) {
+        let done = state.withLock { state -> Bool in
+            state.timer = task
+            return state.done
+        }
+        if done { task.cancel() }
+    }
+
+    func give(_ result: Result<T, any Error>) {
+        let (continuation, timer) = state.withLock { state -> (CheckedContinuation<T, any Error>?, Task<Void, Never>?) in
+            guard !state.done else { return (nil, nil) }
+            state.done = true
+            defer { state.continuation = nil }
+            return (state.continuation, state.timer)
+        }
+        timer?.cancel()
+        continuation?.resume(with: result)
+    }
 }

@@ -14,9 +14,13 @@ enum PostgresLatestNotice {
     /// The channel every instance listens on.
     static let channel = "farmgate_latest"
 
-    /// Queues the notification for `device` in the transaction running on `connection`.
-    static func send(on connection: PostgresConnection, device: DeviceIdentity, logger: Logger) async throws {
-        try await connection.query("SELECT pg_notify(\(channel), \(payload(device)))", logger: logger)
+    /// Queues one notification per device of `devices` (each once) in the transaction running on `connection`: one
+    /// statement for a whole group commit.
+    static func send(on connection: PostgresConnection, devices: [DeviceIdentity], logger: Logger) async throws {
+        var seen = Set<Int64>()
+        let payloads = devices.filter { seen.insert($0.rowID).inserted }.map(payload)
+        guard !payloads.isEmpty else { return }
+        try await connection.query("SELECT pg_notify(\(channel), p) FROM unnest(\(payloads)::text[]) AS u(p)", logger: logger)
     }
 
     static func payload(_ device: DeviceIdentity) -> String {

@@ -4,16 +4,21 @@
 /// ``PostgresIngestStore/migrate()`` applies the pending ones in one transaction under `pg_advisory_xact_lock`, so that
 /// several instances starting at once apply each exactly once (the others wait, then find nothing to do).
 ///
-/// ## Readings
-/// `readings` is partitioned by `RANGE (timestamp_us)`, one partition per UTC day (`readings_YYYYMMDD`), created ahead by
-/// `farmgate_create_partitions(first_day, days)` (the service calls it at start and daily), with a `DEFAULT` partition for
-/// what falls outside (a backlog older than the first partition, a clock-unsynchronised reading far ahead). When a day's
-/// partition is created later, the rows the default partition holds for that day move into it in the same transaction.
-/// Retention (next) drops whole partitions.
+/// ## Readings (migration 5)
+/// `readings` holds chunks (``PostgresReadingChunk``): one row per device, sensor and UTC day of a group commit, with
+/// the first and last timestamp and sequence as columns and the readings as arrays: `sequence_offsets` and
+/// `time_offsets` (`int4`, from the first sequence and the first timestamp), `reading_values` (`float8`, exactly what the
+/// site sent, so that nothing depends on a resolution that may change) and `flags` (`int2`, NULL when every one is zero).
+/// A chunk spans at most 4,096 sequences, 30 minutes and 1,024 readings, so the chunks holding a sequence or a time are
+/// found by a bounded range scan of `(device_id, first_sequence)` or `(sensor_id, first_ts)`. The view `reading_rows`
+/// unfolds them into one row per reading for ad-hoc SQL.
 ///
-/// A row holds only what a reading is: timestamp and sequence (`int8`), value (`float8`, exactly what the site sent, so
-/// that nothing depends on a resolution that may change), device and sensor (`int4` keys) and flags (`int2`), columns
-/// ordered widest first so that no padding is spent between them. No per-row unique index: see below.
+/// The table is partitioned by `RANGE (first_ts)`, one partition per UTC day (`readings_YYYYMMDD`); a chunk never
+/// crosses a day, so it lies wholly in its day's partition and retention drops whole days. Partitions are created ahead
+/// by `farmgate_create_partitions(first_day, days)` (the service calls it at start and every six hours), with a `DEFAULT`
+/// partition for what falls outside (a backlog older than the first partition, a clock-unsynchronised reading far
+/// ahead). When a day's partition is created later, the chunks the default partition holds for that day move into it
+/// in the same transaction.
 ///
 /// ## Idempotency across partitions
 /// PostgreSQL cannot enforce a unique index across partitions unless it contains the partition key, and (device,
@@ -21,23 +26,17 @@
 /// reading would be stored again. So the authority on "was (device, sequence) ever stored" is `stored_sequences`: per
 /// device, the closed ranges `[first_sequence, last_sequence]` of sequences ever stored. A site numbers its readings
 /// consecutively, so a device has one range plus one per gap (quarantined readings, a recovered buffer's jump): a few
-/// rows, however many readings. The write transaction locks the device row (`SELECT ... FOR UPDATE`), so two requests
-/// of one device are serialised and the range check and the insert cannot interleave; requests of different devices
-/// never wait on each other. A sequence inside a range whose row is still present is compared (duplicate or
-/// `sequence_conflict`); one inside a range whose row is gone (its partition dropped) is a duplicate: it was stored and
-/// acknowledged once. Retention never touches `stored_sequences`. The non-unique index `(device_id, sequence)` on
-/// every partition serves that comparison and the export.
+/// rows, however many readings. The write transaction locks the device rows (`SELECT ... FOR UPDATE`, in id order), so
+/// two requests of one device are serialised and the range check and the insert cannot interleave; requests of
+/// different devices never wait on each other. A sequence inside a range whose chunk is still present is compared
+/// (duplicate or `sequence_conflict`); one inside a range whose chunk is gone (its partition dropped) is a duplicate: it
+/// was stored and acknowledged once. Retention never touches `stored_sequences`.
 ///
-/// ## Size, and where it goes next
-/// Measured on PostgreSQL 15 after loading 1,000,000 readings (60 sensors every 10 s, sequences in time order,
-/// `VACUUM ANALYZE`, `sum(pg_total_relation_size)` over the partitions): 100.6 bytes per reading, of which the heap
-/// 68.3 (a 24-byte tuple header and 4-byte line pointer around 34 bytes of data, padded to 8) and the
-/// `(device_id, sequence)` B-tree 32.3; the BRIN index is negligible. The goal of 60 cannot be met with one row per
-/// reading and a B-tree: the header and pointer alone are 28 bytes. Because idempotency lives in `stored_sequences`
-/// and not in a per-row unique index, the next step can store readings as one row per (device, sensor, batch) with
-/// arrays of sequences, timestamps, values and flags, indexed by `(device_id, first_sequence)` and
-/// `(sensor_id, first_ts)`: the same million readings in that layout measured 40.8 bytes per reading, both indexes
-/// included.
+/// ## Size
+/// One row per reading (migration 1) cost 100.6 bytes per reading on disk: the heap's 24-byte tuple header and 4-byte
+/// line pointer around 34 bytes of data, and a B-tree entry. Chunks pay those once per chunk. Measured on PostgreSQL 15
+/// by `farmgate-bench postgres` (1,000,000 readings of 60 sensors every 10 s stored in 1000-reading batches, about 17
+/// readings per chunk, `VACUUM ANALYZE`, `sum(pg_total_relation_size)` over the partitions): see the README's figure.
 enum PostgresSchema {
     struct Migration: Sendable {
         let version: Int
@@ -208,6 +207,9 @@ enum PostgresSchema {
                 "CREATE INDEX alert_outbox_by_alert ON alert_outbox (alert_id)",
             ]),
         Migration(
+            version: 5, name: "readings as chunks: one row per device, sensor and day with arrays of offsets, values and flags",
+            statements: chunkedReadings),
+        Migration(
             version: 6, name: "enrollment_tokens: one-time tokens a site exchanges for its device key",
             statements: [
                 """
@@ -255,5 +257,103 @@ extension PostgresSchema {
         )
         """,
         "CREATE INDEX calibrations_by_sensor ON calibrations (device_id, sensor, time_us)",
+    ]
+
+    /// Migration 5: `readings` becomes one row per chunk (``PostgresReadingChunk``), partitioned by the chunk's first
+    /// timestamp, one partition per UTC day under the same names as before (`readings_YYYYMMDD`, `readings_default`),
+    /// so that partition creation and retention by dropping partitions work as they did. The rows of migration 1 are
+    /// converted in the same transaction: grouped by device, sensor, 30 minutes of time and 4,096 sequences (which
+    /// keeps every chunk within the limits of ``PostgresReadingChunk``), into partitions made for the days that had one.
+    static let chunkedReadings: [String] = [
+        """
+        DO $$
+        DECLARE
+            child record;
+        BEGIN
+            FOR child IN
+                SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                WHERE i.inhparent = 'readings'::regclass
+            LOOP
+                EXECUTE format('ALTER TABLE %I RENAME TO %I', child.relname, 'readings_v1_' || substr(child.relname, 10));
+            END LOOP;
+            ALTER TABLE readings RENAME TO readings_v1;
+        END
+        $$
+        """,
+        """
+        CREATE TABLE readings (
+            first_ts bigint NOT NULL,
+            last_ts bigint NOT NULL,
+            first_sequence bigint NOT NULL,
+            last_sequence bigint NOT NULL,
+            device_id integer NOT NULL,
+            sensor_id integer NOT NULL,
+            sequence_offsets integer[] NOT NULL,
+            time_offsets integer[] NOT NULL,
+            reading_values double precision[] NOT NULL,
+            flags smallint[],
+            CHECK (last_sequence - first_sequence <= \(PostgresReadingChunk.maximumSequenceSpan)),
+            CHECK (last_ts - first_ts <= \(PostgresReadingChunk.maximumTimeSpan))
+        ) PARTITION BY RANGE (first_ts)
+        """,
+        "CREATE TABLE readings_default PARTITION OF readings DEFAULT",
+        "CREATE INDEX readings_by_device_first_sequence ON readings (device_id, first_sequence)",
+        "CREATE INDEX readings_by_sensor_first_ts ON readings (sensor_id, first_ts)",
+        """
+        CREATE OR REPLACE FUNCTION farmgate_create_partitions(first_day date, days integer) RETURNS integer
+        LANGUAGE plpgsql AS $$
+        DECLARE
+            day date;
+            low bigint;
+            high bigint;
+            partition text;
+            created integer := 0;
+        BEGIN
+            FOR i IN 0 .. days - 1 LOOP
+                day := first_day + i;
+                partition := 'readings_' || to_char(day, 'YYYYMMDD');
+                CONTINUE WHEN to_regclass(partition) IS NOT NULL;
+                low := (extract(epoch FROM day::timestamp) * 1000000)::bigint;
+                high := low + 86400000000;
+                EXECUTE format('CREATE TABLE %I (LIKE readings INCLUDING DEFAULTS INCLUDING CONSTRAINTS)', partition);
+                EXECUTE format(
+                    'WITH moved AS (DELETE FROM readings_default WHERE first_ts >= %s AND first_ts < %s RETURNING *) '
+                    'INSERT INTO %I SELECT * FROM moved', low, high, partition);
+                EXECUTE format('ALTER TABLE readings ATTACH PARTITION %I FOR VALUES FROM (%s) TO (%s)', partition, low, high);
+                created := created + 1;
+            END LOOP;
+            RETURN created;
+        END
+        $$
+        """,
+        """
+        SELECT farmgate_create_partitions(to_date(substr(c.relname, 13), 'YYYYMMDD'), 1)
+        FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+        WHERE i.inhparent = 'readings_v1'::regclass AND c.relname ~ '^readings_v1_[0-9]{8}$'
+        """,
+        """
+        INSERT INTO readings
+        SELECT min(timestamp_us), max(timestamp_us), min(sequence), max(sequence), device_id, sensor_id,
+            array_agg((sequence - first_sequence)::integer ORDER BY sequence),
+            array_agg((timestamp_us - first_ts)::integer ORDER BY sequence),
+            array_agg(value ORDER BY sequence),
+            CASE WHEN bool_or(flags <> 0) THEN array_agg(flags ORDER BY sequence) END
+        FROM (
+            SELECT r.*,
+                min(sequence) OVER chunk AS first_sequence,
+                min(timestamp_us) OVER chunk AS first_ts
+            FROM readings_v1 r
+            WINDOW chunk AS (PARTITION BY device_id, sensor_id, floor(timestamp_us / 1800000000.0), sequence / 4096)
+        ) v
+        GROUP BY device_id, sensor_id, floor(timestamp_us / 1800000000.0), sequence / 4096
+        """,
+        "DROP TABLE readings_v1",
+        """
+        CREATE VIEW reading_rows AS
+        SELECT c.device_id, c.sensor_id, c.first_sequence + u.sequence_offset AS sequence, c.first_ts + u.time_offset AS timestamp_us,
+            u.value, coalesce(c.flags[u.position], 0::smallint) AS flags
+        FROM readings c,
+            unnest(c.sequence_offsets, c.time_offsets, c.reading_values) WITH ORDINALITY AS u(sequence_offset, time_offset, value, position)
+        """,
     ]
 }

@@ -1,0 +1,242 @@
+import FarmgateWire
+import Foundation
+import PostgresNIO
+import Synchronization
+import Testing
+
+@testable import FarmgateIngest
+
+/// Group commit on PostgreSQL: batches of many devices share transactions, a batch that fails alone fails alone, and
+/// nobody is answered before the commit (a connection killed during the transaction fails every batch of the group and
+/// stores none of them).
+@Suite struct PostgresGroupCommitTests {
+    /// A fresh, migrated store with the given group limits, partitions around ``testNow``, farm `f1` and `devices` devices.
+    static func withStore<T: Sendable>(
+        concurrency: Int, devices: Int, _ body: @Sendable (PostgresIngestStore, PostgresSettings, [DeviceIdentity]) async throws -> T
+    ) async throws -> T {
+        try await withTestDatabase { settings in
+            var limits = PostgresGroupCommit.Limits()
+            limits.concurrency = concurrency
+            var pooled = settings
+            pooled.poolSize = 8
+            let settings = pooled
+            let store = try PostgresIngestStore(settings: settings, groupCommit: limits, logger: testLogger)
+            return try await withRunning(store) { _ in
+                try await store.migrate()
+                try await store.createPartitions(now: testNow)
+                _ = try await store.createFarm(name: "f1", createdAt: testNow)
+                var identities: [DeviceIdentity] = []
+                for index in 0..<devices {
+                    identities.append(
+                        try await store.createDevice(farm: "f1", device: try deviceID("g\(index)"), keyID: "kg\(index)", secretHash: [1], createdAt: testNow))
+                }
+                return try await body(store, settings, identities)
+            }
+        }
+    }
+
+    /// Runs `body` on one connection of its own to the test database (to hold locks, or kill the store's backends).
+    static func withConnection<T: Sendable>(_ settings: PostgresSettings, _ body: @Sendable (PostgresConnection) async throws -> T) async throws -> T {
+        guard case .unixSocket(let path) = settings.endpoint else { throw MissingTestDatabase() }
+        let client = PostgresClient(
+            configuration: .init(unixSocketPath: path, username: settings.username, password: settings.password, database: settings.database))
+        return try await withThrowingTaskGroup(of: T?.self) { group in
+            group.addTask {
+                await client.run()
+                return nil
+            }
+            defer { group.cancelAll() }
+            return try await client.withConnection { connection in try await body(connection) }
+        }
+    }
+
+    /// Polls `condition` until it holds or `timeout` passes.
+    static func waitUntil(timeout: Duration = .seconds(20), _ condition: @Sendable () async throws -> Bool) async throws -> Bool {
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            if try await condition() { return true }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        return try await condition()
+    }
+
+    @Test func batchesOfManyDevicesAtOnceShareTransactionsAndAllArrive() async throws {
+        try await Self.withStore(concurrency: 2, devices: 40) { store, _, devices in
+            let outcomes = try await withThrowingTaskGroup(of: (Int, StoreOutcome).self) { group in
+                for (index, device) in devices.enumerated() {
+                    group.addTask {
+                        let batch = try phBatch(device: device.device.rawValue, sequences: 1...UInt64(100 + index), value: 6.5)
+                        return (index, try await store.store(batch, for: device, receivedAt: testNow))
+                    }
+                }
+                var outcomes: [Int: StoreOutcome] = [:]
+                for try await (index, outcome) in group { outcomes[index] = outcome }
+                return outcomes
+            }
+            for (index, device) in devices.enumerated() {
+                #expect(outcomes[index]?.tally == Tally(accepted: 100 + index, duplicates: 0, rejected: 0))
+                #expect(outcomes[index]?.fresh.count == 100 + index)
+                #expect(try await store.highestSequence(device: device) == UInt64(100 + index))
+                let page = try await store.exportPage(device: device, afterSequence: nil, limit: 1_000)
+                #expect(page.map(\.sequence) == Array(1...UInt64(100 + index)))
+            }
+            let groups = store.groupCommit.groupCount
+            #expect(groups < devices.count, "40 concurrent batches took \(groups) transactions: nothing was grouped")
+        }
+    }
+
+    @Test func aBatchThatFailsAloneDoesNotFailTheOthersOfItsGroup() async throws {
+        try await Self.withStore(concurrency: 1, devices: 21) { store, settings, devices in
+            // A server-side refusal of one batch's data (a trigger refusing one sensor name), and a device deleted
+            // between authentication and storing.
+            try await adminQuery(
+                settings,
+                """
+                CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN
+                    IF NEW.name = 'poison.ph' THEN RAISE EXCEPTION 'poisoned sensor' USING ERRCODE = '22023'; END IF;
+                    RETURN NEW;
+                END $$
+                """)
+            try await adminQuery(settings, "CREATE TRIGGER refuse_poison BEFORE INSERT ON sensors FOR EACH ROW EXECUTE FUNCTION refuse_poison()")
+            let blocker = devices[0]
+            let gone = try await store.createDevice(farm: "f1", device: try deviceID("gone"), keyID: "kgone", secretHash: [1], createdAt: testNow)
+            try await adminQuery(settings, "DELETE FROM devices WHERE name = 'gone'")
+            let poison = try sensorID("poison.ph")
+            let poisoned = Batch(
+                device: devices[7].device, sensors: [SensorDescriptor(id: poison, quantity: .ph)],
+                readings: [Reading(sensor: poison, sequence: 1, timestamp: testNow, value: 7)])
+
+            try await Self.withConnection(settings) { locker in
+                // Hold the first device's row: the first group waits on it while everything else queues behind.
+                try await locker.query("BEGIN", logger: testLogger)
+                try await locker.query("SELECT id FROM devices WHERE id = \(blocker.rowID) FOR UPDATE", logger: testLogger)
+                let first = Task { try await store.store(try phBatch(device: blocker.device.rawValue, sequences: 1...10), for: blocker, receivedAt: testNow) }
+                #expect(try await Self.waitUntil { store.groupCommit.groupCount == 1 })
+                let others = Task {
+                    try await withThrowingTaskGroup(of: (String, Result<StoreOutcome, any Error>).self) { group in
+                        for device in devices.dropFirst() + [gone] {
+                            group.addTask {
+                                let batch = device.rowID == devices[7].rowID ? poisoned : try phBatch(device: device.device.rawValue, sequences: 1...10)
+                                do {
+                                    return (device.device.rawValue, .success(try await store.store(batch, for: device, receivedAt: testNow)))
+                                } catch {
+                                    return (device.device.rawValue, .failure(error))
+                                }
+                            }
+                        }
+                        var results: [String: Result<StoreOutcome, any Error>] = [:]
+                        for try await (name, result) in group { results[name] = result }
+                        return results
+                    }
+                }
+                #expect(try await Self.waitUntil { store.groupCommit.queuedCount == 21 }, "the batches did not queue behind the held group")
+                try await locker.query("COMMIT", logger: testLogger)
+                #expect(try await first.value.accepted == 10)
+                let results = try await others.value
+                #expect(store.groupCommit.groupCount == 2, "the 21 queued batches should have formed one group")
+                for device in devices.dropFirst() where device.rowID != devices[7].rowID {
+                    let outcome = try results[device.device.rawValue]?.get()
+                    #expect(outcome?.accepted == 10, "\(device.device) was failed by another batch of its group")
+                }
+                #expect(throws: PSQLError.self) { try results[devices[7].device.rawValue]?.get() }
+                #expect(throws: IngestStoreError.notFound("device 'gone' in farm 'f1'")) { try results["gone"]?.get() }
+                #expect(try await store.highestSequence(device: devices[7]) == nil)
+            }
+        }
+    }
+
+    @Test func nobodyIsAnsweredBeforeTheCommitAndAKilledTransactionStoresNothing() async throws {
+        try await Self.withStore(concurrency: 1, devices: 6) { store, settings, devices in
+            let first = devices[0]
+            // Once armed, the upsert of `latest` (the group's last statement, after its readings were inserted) sleeps
+            // for any device but the first: the transaction is caught between its writes and its COMMIT.
+            try await adminQuery(settings, "CREATE TABLE test_sleep (armed boolean)")
+            try await adminQuery(
+                settings,
+                """
+                CREATE FUNCTION test_slow_latest() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN
+                    IF EXISTS (SELECT 1 FROM test_sleep) AND (SELECT device_id FROM sensors WHERE id = NEW.sensor_id) <> \(first.rowID) THEN
+                        PERFORM pg_sleep(60);
+                    END IF;
+                    RETURN NEW;
+                END $$
+                """)
+            try await adminQuery(settings, "CREATE TRIGGER test_slow_latest BEFORE INSERT ON latest FOR EACH ROW EXECUTE FUNCTION test_slow_latest()")
+            try await adminQuery(settings, "INSERT INTO test_sleep VALUES (true)")
+            let answered = AnswerCount()
+            @Sendable func send(_ device: DeviceIdentity) async -> Result<StoreOutcome, any Error> {
+                defer { answered.count.withLock { $0 += 1 } }
+                do {
+                    return .success(try await store.store(try phBatch(device: device.device.rawValue, sequences: 1...20), for: device, receivedAt: testNow))
+                } catch {
+                    return .failure(error)
+                }
+            }
+            try await Self.withConnection(settings) { locker in
+                // The first device's batch holds the only worker (its row is locked here) while the five others queue,
+                // so that they form one group.
+                try await locker.query("BEGIN", logger: testLogger)
+                try await locker.query("SELECT id FROM devices WHERE id = \(first.rowID) FOR UPDATE", logger: testLogger)
+                let held = Task { await send(first) }
+                #expect(try await Self.waitUntil { store.groupCommit.groupCount == 1 })
+                let group = Task {
+                    await withTaskGroup(of: Result<StoreOutcome, any Error>.self) { tasks in
+                        for device in devices.dropFirst() { tasks.addTask { await send(device) } }
+                        return await tasks.reduce(into: []) { $0.append($1) }
+                    }
+                }
+                #expect(try await Self.waitUntil { store.groupCommit.queuedCount == 5 })
+                try await locker.query("COMMIT", logger: testLogger)
+                #expect(try await held.value.get().accepted == 20)
+                let sleeping = "SELECT count(*)::int8 FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'PgSleep'"
+                #expect(try await Self.waitUntil { try await PostgresStoreTests.count(settings, sleeping) == 1 }, "the group never reached its last statement")
+                #expect(try await PostgresStoreTests.count(settings, "SELECT count(*)::int8 FROM stored_sequences") == 1, "only the first device's commit is visible")
+                try await Task.sleep(for: .milliseconds(300))
+                #expect(answered.count.withLock { $0 } == 1, "a caller was answered while its group had not committed")
+                // Disarm, then kill the connection in the middle of the transaction.
+                try await adminQuery(settings, "DELETE FROM test_sleep")
+                try await locker.query(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'PgSleep'", logger: testLogger)
+                let outcomes = await group.value
+                #expect(outcomes.count == 5)
+                #expect(outcomes.allSatisfy { (try? $0.get()) == nil }, "a batch of the killed transaction was acknowledged")
+            }
+            for device in devices.dropFirst() {
+                #expect(try await store.exportPage(device: device, afterSequence: nil, limit: 100).isEmpty)
+                #expect(try await store.highestSequence(device: device) == nil)
+            }
+            // The store recovers: every batch sent again is stored exactly once.
+            for device in devices {
+                let again = try await store.store(try phBatch(device: device.device.rawValue, sequences: 1...20), for: device, receivedAt: testNow)
+                #expect(again.tally == (device == first ? Tally(accepted: 0, duplicates: 20, rejected: 0) : Tally(accepted: 20, duplicates: 0, rejected: 0)))
+                #expect(try await store.exportPage(device: device, afterSequence: nil, limit: 100).map(\.sequence) == Array(1...20))
+            }
+        }
+    }
+
+    @Test func aCallerCancelledWhileQueuedLeavesTheQueue() async throws {
+        try await Self.withStore(concurrency: 1, devices: 2) { store, settings, devices in
+            try await Self.withConnection(settings) { locker in
+                try await locker.query("BEGIN", logger: testLogger)
+                try await locker.query("SELECT id FROM devices WHERE id = \(devices[0].rowID) FOR UPDATE", logger: testLogger)
+                let held = Task { try await store.store(try phBatch(device: devices[0].device.rawValue, sequences: 1...5), for: devices[0], receivedAt: testNow) }
+                #expect(try await Self.waitUntil { store.groupCommit.groupCount == 1 })
+                let queued = Task { try await store.store(try phBatch(device: devices[1].device.rawValue, sequences: 1...5), for: devices[1], receivedAt: testNow) }
+                #expect(try await Self.waitUntil { store.groupCommit.queuedCount == 1 })
+                queued.cancel()
+                await #expect(throws: CancellationError.self) { try await queued.value }
+                #expect(store.groupCommit.queuedCount == 0)
+                try await locker.query("COMMIT", logger: testLogger)
+                #expect(try await held.value.accepted == 5)
+                #expect(try await store.highestSequence(device: devices[1]) == nil)
+            }
+        }
+    }
+}
+
+/// How many callers were answered, counted from their tasks.
+final class AnswerCount: Sendable {
+    let count = Mutex(0)
+}
