@@ -19,7 +19,7 @@ public final class SQLiteIngestStore: IngestStore {
     public let path: String
     let writer: ThreadOwned<CachedConnection>
     let reader: ThreadOwned<CachedConnection>
-    private let logger: Logger
+    let logger: Logger
 
     /// Opens (creating when missing, with its directory) the database at `path`. Does not migrate: call ``migrate()``.
     ///
@@ -102,7 +102,9 @@ public final class SQLiteIngestStore: IngestStore {
     public func store(_ batch: Batch, for device: DeviceIdentity, receivedAt: Timestamp) async throws -> StoreOutcome {
         try await writer.withValue { db in
             try db.connection.transaction { () throws -> StoreOutcome in
-                try SQLiteIngestStore.store(batch, device: device, receivedAt: receivedAt, in: db)
+                let outcome = try SQLiteIngestStore.store(batch, device: device, receivedAt: receivedAt, in: db)
+                try SQLiteIngestStore.rollups(outcome.fresh, in: db)
+                return outcome
             }
         }
     }

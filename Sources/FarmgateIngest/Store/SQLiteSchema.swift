@@ -134,7 +134,45 @@ enum SQLiteSchema {
                 CREATE INDEX alert_outbox_due ON alert_outbox(next_attempt_at_us) WHERE state IN ('pending', 'delivering');
                 CREATE INDEX alert_outbox_by_alert ON alert_outbox(alert_id);
                 """),
+        Migration(
+            version: 6, name: "rollups at 1 minute, 1 hour and 1 day per sensor, built from the readings already stored",
+            sql: SQLiteSchema.rollupTables),
     ]
+
+    /// Migration 6: the rollup tables (see ``RollupLevel``), and the rollups of every reading already stored, so that
+    /// a store that ran before rollups existed does not lose its history's summaries when retention deletes raw
+    /// readings. Sensors are never deleted, so the tables carry no foreign key (one lookup less per upsert).
+    static var rollupTables: String {
+        RollupLevel.allCases.map { level in
+            let width = level.width
+            return """
+                CREATE TABLE \(level.table) (
+                    sensor_id INTEGER NOT NULL,
+                    bucket_us INTEGER NOT NULL,
+                    count INTEGER NOT NULL,
+                    valid_count INTEGER NOT NULL,
+                    sum_value REAL NOT NULL,
+                    min_value REAL,
+                    max_value REAL,
+                    last_us INTEGER,
+                    last_sequence INTEGER,
+                    last_value REAL,
+                    PRIMARY KEY (sensor_id, bucket_us)
+                ) WITHOUT ROWID;
+                INSERT INTO \(level.table)(sensor_id, bucket_us, count, valid_count, sum_value, min_value, max_value)
+                SELECT sensor_id, timestamp_us - timestamp_us % \(width), count(*), sum((flags & 2) = 0),
+                    total(CASE WHEN flags & 2 = 0 THEN value END), min(CASE WHEN flags & 2 = 0 THEN value END),
+                    max(CASE WHEN flags & 2 = 0 THEN value END)
+                FROM readings GROUP BY 1, 2;
+                UPDATE \(level.table) SET (last_us, last_sequence, last_value) = (
+                    SELECT r.timestamp_us, r.sequence, r.value FROM readings r
+                    WHERE r.sensor_id = \(level.table).sensor_id AND r.timestamp_us >= \(level.table).bucket_us
+                        AND r.timestamp_us < \(level.table).bucket_us + \(width) AND r.flags & 2 = 0
+                    ORDER BY r.timestamp_us DESC, r.sequence DESC LIMIT 1)
+                WHERE valid_count > 0;
+                """
+        }.joined(separator: "\n")
+    }
 
     static var currentVersion: Int { migrations.last?.version ?? 0 }
 }
