@@ -214,6 +214,10 @@ public final class SQLiteIngestStore: IngestStore {
             }
         }
         var (duplicates, sequenceConflicts, notStored) = try compare(maybeStored, device: device, in: db)
+        // Stored once and since deleted by retention: still duplicates, never stored (and rolled up) a second time.
+        let retired = try retiredSequences(notStored.map(\.sequence), device: device.rowID, in: db)
+        duplicates += notStored.count(where: { retired.contains($0.sequence) })
+        notStored.removeAll { retired.contains($0.sequence) }
         for candidate in notStored where try !insert(candidate) {
             alreadyStored.append(candidate)
         }

@@ -142,6 +142,8 @@ enum SQLiteSchema {
     /// Migration 6: the rollup tables (see ``RollupLevel``), and the rollups of every reading already stored, so that
     /// a store that ran before rollups existed does not lose its history's summaries when retention deletes raw
     /// readings. Sensors are never deleted, so the tables carry no foreign key (one lookup less per upsert).
+    /// `retired_sequences` holds, per device, the ranges of sequences whose readings retention deleted, so that such
+    /// a reading sent again is a duplicate and not stored twice (PostgreSQL's `stored_sequences` does that there).
     static var rollupTables: String {
         RollupLevel.allCases.map { level in
             let width = level.width
@@ -171,7 +173,15 @@ enum SQLiteSchema {
                     ORDER BY r.timestamp_us DESC, r.sequence DESC LIMIT 1)
                 WHERE valid_count > 0;
                 """
-        }.joined(separator: "\n")
+        }.joined(separator: "\n") + """
+
+            CREATE TABLE retired_sequences (
+                device_id INTEGER NOT NULL REFERENCES devices(id),
+                first_sequence INTEGER NOT NULL,
+                last_sequence INTEGER NOT NULL CHECK (first_sequence <= last_sequence),
+                PRIMARY KEY (device_id, first_sequence)
+            ) WITHOUT ROWID;
+            """
     }
 
     static var currentVersion: Int { migrations.last?.version ?? 0 }
