@@ -77,6 +77,14 @@ struct RollupBench: AsyncParsableCommand {
                 }
             }
             print("synthesised in \(String(format: "%.1f", filled.seconds)) s")
+            if kind == .sqlite {
+                // The file holds little but the rollups: its size over the 1-minute rows is their cost, all levels included.
+                let bytes = ["", "-wal"].compactMap { try? FileManager.default.attributesOfItem(atPath: sqlitePath + $0)[.size] as? Int }.reduce(0, +)
+                print(
+                    String(
+                        format: "SQLite file %.0f MB: %.1f bytes per 1-minute row (all levels), %.2f per reading", Double(bytes) / 1e6,
+                        Double(bytes) / Double(minutes * sensors), Double(bytes) / Double(minutes * sensors * perMinute)))
+            }
             // Warm-up, then the timed queries: a random sensor, a random whole day.
             var random = SplitMix64(seed: 7)
             let days = max(1, minutes / 1440)
