@@ -15,6 +15,7 @@ struct FarmgateBench: AsyncParsableCommand {
             FloodBench.self,
             LatestBench.self,
             PostgresBench.self,
+            RollupBench.self,
             AllBenchmarks.self,
         ]
     )

@@ -21,6 +21,7 @@ struct FarmgateIngestCommand: AsyncParsableCommand {
         subcommands: [
             ServeCommand.self, MigrateCommand.self, FarmCommand.self, DeviceCommand.self, TokenCommand.self, ExportCommand.self,
             EnrollTokenCommand.self,
+            RetentionCommand.self,
         ]
     )
 }
@@ -137,12 +138,16 @@ struct ServeCommand: AsyncParsableCommand {
                 "server.host": "\(configuration.server.host)", "server.port": "\(configuration.server.port)",
                 "storage": "\(configuration.storage.displayName)",
             ])
+        // Retention runs on a schedule beside the server (once across instances on PostgreSQL).
+        let retention = (store as? any RetentionStore).map {
+            RetentionService(store: $0, retention: configuration.retention, metrics: RetentionMetrics(registry: registry), logger: logger)
+        }
         // The store first: it starts before the server and stops after it. The server listens only once the schema is
         // current (several instances starting at once migrate one after another, under an advisory lock).
         let group = ServiceGroup(
             configuration: ServiceGroupConfiguration(
                 services: ([store] as [any Service]) + (listener.map { [$0] } ?? []) + [MigrateThenServe(store: store, app: app, storage: configuration.storage.displayName, logger: logger)]
-                    + (notifier.map { [$0] } ?? []),
+                    + (retention.map { [$0] } ?? []) + (notifier.map { [$0] } ?? []),
                 gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         do {
             try await group.run()

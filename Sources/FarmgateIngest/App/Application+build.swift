@@ -100,7 +100,9 @@ func buildRouter(
         metrics: metrics, commits: commits, now: now, logger: logger
     ).addRoutes(to: router)
     let readLimiter = KeyedRateLimiter<String>(rate: limits.readRequestsPerSecond, burst: limits.readBurst, policy: "read")
-    ReadController(store: store, latestCache: latest, gate: gate, rateLimiter: readLimiter, logger: logger).addRoutes(to: router)
+    ReadController(
+        store: store, latestCache: latest, gate: gate, rateLimiter: readLimiter, logger: logger, rawRetention: configuration.retention.raw, now: now
+    ).addRoutes(to: router)
     if let calibrations = store as? any CalibrationStore {
         CalibrationController(store: store, calibrations: calibrations, gate: gate, rateLimiter: readLimiter, logger: logger).addRoutes(to: router)
     }

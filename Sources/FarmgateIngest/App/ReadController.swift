@@ -5,7 +5,8 @@ import Logging
 /// The read API, for a farm's read tokens:
 /// - `GET /v1/farms/{farm}/latest?device=&sensor=&quantity=&limit=&cursor=`: the latest reading of every sensor of the
 ///   farm, or of one device, paginated (see ``LatestSelection``), from the ``LatestCache``;
-/// - `GET /v1/farms/{farm}/devices/{device}/sensors/{sensor}/readings?from=&to=&limit=`: one sensor's readings in time order.
+/// - `GET /v1/farms/{farm}/devices/{device}/sensors/{sensor}/readings?from=&to=&limit=&resolution=`: one sensor's
+///   readings in time order, raw or as rollup buckets (`resolution=raw|1m|1h|1d|auto`, default raw).
 struct ReadController: Sendable {
     let store: any ReadingQueryStore
     /// Where `latest` answers come from (the store only on a farm's first read, or while the cache is off).
@@ -14,6 +15,10 @@ struct ReadController: Sendable {
     /// Per read token; see ``ReaderAuthMiddleware``.
     let rateLimiter: KeyedRateLimiter<String>
     let logger: Logger
+    /// Raw readings' retention period (`[retention] raw`): `auto` does not pick raw readings for a span that starts
+    /// before its cut-off.
+    var rawRetention: Duration? = nil
+    var now: @Sendable () -> Timestamp = { Timestamp.now() }
 
     /// The most readings one request returns.
     static let maxLimit = 10_000
@@ -27,6 +32,23 @@ struct ReadController: Sendable {
         var flags: [String]
     }
 
+    /// One rollup bucket: statistics of the readings not flagged `sensor_fault` (absent when all were).
+    struct BucketItem: Encodable {
+        var start: String
+        var count: Int
+        var faults: Int
+        var min: Double?
+        var max: Double?
+        var mean: Double?
+        var last: Double?
+        var lastTimestamp: String?
+
+        enum CodingKeys: String, CodingKey {
+            case start, count, faults, min, max, mean, last
+            case lastTimestamp = "last_timestamp"
+        }
+    }
+
     struct ReadingsAnswer: Encodable {
         var farm: String
         var device: String
@@ -36,7 +58,10 @@ struct ReadController: Sendable {
         var from: String?
         var to: String?
         var limit: Int
-        var readings: [ReadingItem]
+        /// What the answer holds: `raw` (``readings``) or a rollup level (``buckets``); `auto` says what it chose here.
+        var resolution: String
+        var readings: [ReadingItem]?
+        var buckets: [BucketItem]?
     }
 
     func addRoutes(to router: Router<IngestRequestContext>) {
@@ -121,7 +146,8 @@ struct ReadController: Sendable {
         if let from, let to, from >= to {
             throw APIError(.badRequest, code: "invalid_parameter", message: "from must be earlier than to (from is inclusive, to exclusive)")
         }
-        var limit = ReadController.defaultLimit
+        let requested = try resolutionParameter(query.get("resolution"))
+        var limit = requested == .raw ? ReadController.defaultLimit : ReadController.maxLimit
         if let text = query.get("limit") {
             guard let value = Int(text), (1...ReadController.maxLimit).contains(value) else {
                 throw APIError(
@@ -131,13 +157,31 @@ struct ReadController: Sendable {
             limit = value
         }
         let record: SensorRecord?
-        let rows: [StoredReading]
+        var rows: [StoredReading] = []
+        var points: [RollupPoint] = []
+        var resolved = ReadResolution.Resolved.raw
+        var (queryFrom, queryTo) = (from, to)
         do {
             record = try await store.sensor(farmID: farm.id, device: device, sensor: sensor)
             if let record {
-                rows = try await store.readings(sensorRowID: record.rowID, from: from, to: to, limit: limit)
-            } else {
-                rows = []
+                switch requested {
+                case .raw: resolved = .raw
+                case .minute: resolved = .rollup(.minute)
+                case .hour: resolved = .rollup(.hour)
+                case .day: resolved = .rollup(.day)
+                case .auto:
+                    let end = to ?? now()
+                    let start = from ?? Timestamp(microseconds: end.microseconds - ReadResolution.autoDefaultSpan)
+                    (queryFrom, queryTo) = (start, end)
+                    let store = self.store
+                    resolved = try await ReadResolution.decideAuto(
+                        from: start, to: end, rawKeptFrom: IngestConfiguration.Retention.cutoff(rawRetention, now: now())
+                    ) { try await store.storedReadingCount(sensorRowID: record.rowID, from: start, to: end) }
+                }
+                switch resolved {
+                case .raw: rows = try await store.readings(sensorRowID: record.rowID, from: queryFrom, to: queryTo, limit: limit)
+                case .rollup(let level): points = try await store.rollups(sensorRowID: record.rowID, level: level, from: queryFrom, to: queryTo, limit: limit)
+                }
             }
         } catch {
             logger.error("store failed to read readings", metadata: ["error": "\(error)"])
@@ -148,18 +192,37 @@ struct ReadController: Sendable {
                 .notFound, code: "not_found",
                 message: "farm '\(farm.name)' has no sensor '\(sensor)' on device '\(device)'; GET /v1/farms/\(farm.name)/latest lists the sensors")
         }
-        let items = rows.map {
-            ReadingItem(sequence: $0.sequence, timestamp: RFC3339.format($0.timestamp), value: $0.value, flags: flagNames($0.quality))
+        var answer = ReadingsAnswer(
+            farm: farm.name, device: device.rawValue, sensor: sensor.rawValue, quantity: record.quantity.rawValue, unit: record.quantity.unit,
+            from: queryFrom.map(RFC3339.format), to: queryTo.map(RFC3339.format), limit: limit, resolution: resolved.name)
+        switch resolved {
+        case .raw:
+            answer.readings = rows.map {
+                ReadingItem(sequence: $0.sequence, timestamp: RFC3339.format($0.timestamp), value: $0.value, flags: flagNames($0.quality))
+            }
+        case .rollup:
+            answer.buckets = points.map {
+                BucketItem(
+                    start: RFC3339.format($0.start), count: $0.count, faults: $0.count - $0.validCount, min: $0.min, max: $0.max, mean: $0.mean,
+                    last: $0.last, lastTimestamp: $0.lastTimestamp.map(RFC3339.format))
+            }
         }
-        return jsonResponse(
-            ReadingsAnswer(
-                farm: farm.name, device: device.rawValue, sensor: sensor.rawValue, quantity: record.quantity.rawValue, unit: record.quantity.unit,
-                from: from.map(RFC3339.format), to: to.map(RFC3339.format), limit: limit, readings: items))
+        return jsonResponse(answer)
     }
 
     private func requireFarm(_ context: IngestRequestContext) throws(APIError) -> FarmRecord {
         guard let farm = context.readerFarm else { throw APIError.unauthorized("send `Authorization: Bearer <key>` with a read token (fgr_...)") }
         return farm
+    }
+
+    private func resolutionParameter(_ text: String?) throws(APIError) -> ReadResolution {
+        guard let text else { return .raw }
+        guard let resolution = ReadResolution(rawValue: text) else {
+            throw APIError(
+                .badRequest, code: "invalid_parameter",
+                message: "resolution '\(text.prefix(40))' is not one of \(ReadResolution.accepted) (raw readings, 1-minute, hourly or daily rollups, or auto to pick by span)")
+        }
+        return resolution
     }
 
     private func timestampParameter(_ text: String?, name: String) throws(APIError) -> Timestamp? {

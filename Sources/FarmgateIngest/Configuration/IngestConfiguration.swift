@@ -42,6 +42,10 @@ public import Logging
 /// auth_failure_burst = 20             # default 20; past it the address is answered 429 before the store is asked
 /// unknown_key_cache_ttl = "2s"        # default 2 s: an unknown key id is answered from memory for this long
 ///
+/// [retention]                       # see ``Retention``
+/// raw = "90d"                         # default 90 days ("forever" keeps them); rollup_1m default "365d",
+/// interval = "1h"                     # rollup_1h and rollup_1d default "forever"; interval: how often serve runs it
+///
 /// [log]
 /// level = "info"                      # trace, debug, info, notice, warning, error, critical
 /// ```
@@ -193,13 +197,18 @@ public struct IngestConfiguration: Sendable, Hashable {
     public var limits: Limits
     /// `[log]`.
     public var log: Log
+    /// `[retention]`.
+    public var retention: Retention
 
     /// Creates a configuration; every section defaults as documented on its properties.
-    public init(server: Server = Server(), storage: Storage = Storage(), limits: Limits = Limits(), log: Log = Log()) {
+    public init(
+        server: Server = Server(), storage: Storage = Storage(), limits: Limits = Limits(), log: Log = Log(), retention: Retention = Retention()
+    ) {
         self.server = server
         self.storage = storage
         self.limits = limits
         self.log = log
+        self.retention = retention
     }
 
     /// The configuration file read when none is named on the command line and `FARMGATE_INGEST_CONFIG` is unset.
@@ -242,7 +251,7 @@ public struct IngestConfiguration: Sendable, Hashable {
 
     init(table: ConfigTable, baseDirectory: String, environment: [String: String]) throws(ConfigurationError) {
         self.init()
-        try table.checkKeys(["server", "storage", "limits", "log"])
+        try table.checkKeys(["server", "storage", "limits", "log", "retention"])
 
         if let section = try table.table("server") {
             try section.checkKeys(["host", "port", "idle_timeout", "header_timeout", "body_timeout", "max_connections", "trusted_proxies"])
@@ -353,6 +362,8 @@ public struct IngestConfiguration: Sendable, Hashable {
                     "must be at least max_body_bytes (\(limits.maxBodyBytes) bytes), since an uncompressed body is as large as it was sent")
             }
         }
+
+        if let section = try table.table("retention") { retention = try Retention(section: section) }
 
         if let section = try table.table("log") {
             try section.checkKeys(["level"])

@@ -105,6 +105,15 @@ public protocol ReadingQueryStore: Sendable {
 
     /// Readings of one sensor with `from <= timestamp < to`, in time order (then sequence), at most `limit`.
     func readings(sensorRowID: Int64, from: Timestamp?, to: Timestamp?, limit: Int) async throws -> [StoredReading]
+
+    /// One sensor's rollup buckets at `level` that overlap `from <= t < to` (the first one may start before `from`), in
+    /// time order, at most `limit`. See ``RollupLevel`` for what a bucket holds.
+    func rollups(sensorRowID: Int64, level: RollupLevel, from: Timestamp?, to: Timestamp?, limit: Int) async throws -> [RollupPoint]
+
+    /// How many readings of the sensor were stored in the hours that overlap `from..<to`, from the hourly rollups
+    /// (cheap, whatever the span): what `resolution=auto` weighs raw readings by. Readings since deleted by retention
+    /// still count.
+    func storedReadingCount(sensorRowID: Int64, from: Timestamp, to: Timestamp) async throws -> Int
 }
 
 /// A migration that ``StoreMaintenance/migrate()`` applied.

@@ -28,7 +28,7 @@ import Synchronization
 public final class PostgresIngestStore: IngestStore {
     /// Where it connects, for logs (without the password).
     public let settings: PostgresSettings
-    private let client: PostgresClient
+    let client: PostgresClient
     let logger: Logger
     private let partitionsCreated = Counter(label: "farmgate_ingest_partitions_created_total")
     /// Gathers concurrent batches into shared transactions.
@@ -169,35 +169,32 @@ public final class PostgresIngestStore: IngestStore {
     private func abandoning<T: Sendable>(after timeout: Duration, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
         guard timeout > .zero else { return try await body() }
         let answer = OneAnswer<T>()
-        return try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, any Error>) in
-            answer.wait(continuation)
-            let work = Task {
-                do { answer.give(.success(try await body())) } catch { answer.give(.failure(error)) }
+        return try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, any Error>) in
+                answer.wait(continuation)
+                answer.own(
+                    Task {
+                        do { answer.give(.success(try await body())) } catch { answer.give(.failure(error)) }
+                    })
+                answer.own(
+                    Task {
+                        guard (try? await Task.sleep(for: timeout)) != nil else { return }
+                        answer.give(.failure(PostgresStoreError.timedOut("no answer from PostgreSQL within query_timeout (\(timeout)); check that the database is up and the pool is not exhausted")))
+                    })
             }
-            answer.timer(
-                Task {
-                    guard (try? await Task.sleep(for: timeout)) != nil else { return }
-                    answer.give(.failure(PostgresStoreError.timedOut("no answer from PostgreSQL within query_timeout (\(timeout)); check that the database is up and the pool is not exhausted")))
-                    work.cancel()
-                })
+        } onCancel: {
+            // The caller gave up: answer it now and cancel the work (which may finish on its own if it does not notice).
+            answer.give(.failure(CancellationError()))
         }
     }
 
     /// Fails with ``PostgresStoreError/timedOut(_:)`` when `body` takes longer than `timeout` (zero: no limit). Waiting
     /// for a pooled connection is cancelled then; a statement already running is ended by the server's
-    /// `statement_timeout`.
-    private func withDeadline<T: Sendable>(_ timeout: Duration, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
-        guard timeout > .zero else { return try await body() }
-        return try await withThrowingTaskGroup(of: T.self) { group in
-            group.addTask { try await body() }
-            group.addTask {
-                try await Task.sleep(for: timeout)
-                throw PostgresStoreError.timedOut("no answer from PostgreSQL within query_timeout (\(timeout)); check that the database is up and the pool is not exhausted")
-            }
-            defer { group.cancelAll() }
-            guard let first = try await group.next() else { throw CancellationError() }
-            return first
-        }
+    /// `statement_timeout`. The caller is answered at the deadline even when `body` does not notice its cancellation
+    /// (a connection whose server was restarted under it can leave postgres-nio waiting): a store call never hangs,
+    /// whether it writes a batch, runs retention or answers a read.
+    func withDeadline<T: Sendable>(_ timeout: Duration, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
+        try await abandoning(after: timeout, body)
     }
 
     // MARK: Schema
@@ -554,28 +551,43 @@ func pgQuantity(_ text: String) throws -> Quantity {
 /// The first of two results (the work's or its deadline's) resumes the waiter; the other is dropped, and the deadline's
 /// timer is cancelled when the work answers first.
 private final class OneAnswer<T: Sendable>: Sendable {
-    private let state = Mutex<(continuation: CheckedContinuation<T, any Error>?, timer: Task<Void, Never>?, done: Bool)>((nil, nil, false))
+    private struct State {
+        var continuation: CheckedContinuation<T, any Error>?
+        var early: Result<T, any Error>?
+        var tasks: [Task<Void, Never>] = []
+        var done = false
+    }
+    private let state = Mutex(State())
 
+    /// Installs the continuation; resumes it at once when the answer came first (the caller was already cancelled).
     func wait(_ continuation: CheckedContinuation<T, any Error>) {
-        state.withLock { $0.continuation = continuation }
+        let early = state.withLock { state -> Result<T, any Error>? in
+            if let early = state.early { return early }
+            state.continuation = continuation
+            return nil
+        }
+        if let early { continuation.resume(with: early) }
     }
 
-    func timer(_ task: Task<Void, Never>) {
+    /// A task to cancel once the answer is given (the work, the timer); cancelled at once when it already was.
+    func own(_ task: Task<Void, Never>) {
         let done = state.withLock { state -> Bool in
-            state.timer = task
+            state.tasks.append(task)
             return state.done
         }
         if done { task.cancel() }
     }
 
+    /// The first answer wins; every owned task is cancelled.
     func give(_ result: Result<T, any Error>) {
-        let (continuation, timer) = state.withLock { state -> (CheckedContinuation<T, any Error>?, Task<Void, Never>?) in
-            guard !state.done else { return (nil, nil) }
+        let (continuation, tasks) = state.withLock { state -> (CheckedContinuation<T, any Error>?, [Task<Void, Never>]) in
+            guard !state.done else { return (nil, []) }
             state.done = true
+            if state.continuation == nil { state.early = result }
             defer { state.continuation = nil }
-            return (state.continuation, state.timer)
+            return (state.continuation, state.tasks)
         }
-        timer?.cancel()
+        for task in tasks { task.cancel() }
         continuation?.resume(with: result)
     }
 }

@@ -49,6 +49,43 @@ enum PostgresSchema {
     /// The key of the advisory lock that serialises partition creation across instances.
     static let partitionLock: Int64 = 0x6661_726D_7061_7274  // "farmpart"
 
+    /// The key of the advisory lock that one retention run holds, so that with several instances each run happens once.
+    static let retentionLock: Int64 = 0x6661_726D_7265_746E  // "farmretn"
+
+    /// Migration 4's rollup tables (see ``RollupLevel``) and the rollups of the readings already stored. Sensors are
+    /// never deleted, so the tables carry no foreign key. Not partitioned: a 1-minute rollup row stands for every
+    /// reading of a sensor's minute (6 at 10 s), and its retention deletes rows, in one statement per run.
+    static var rollupStatements: [String] {
+        RollupLevel.allCases.flatMap { level -> [String] in
+            let valid = "FILTER (WHERE flags & 2 = 0)"
+            let latest = "ORDER BY timestamp_us DESC, sequence DESC) \(valid))[1]"
+            return [
+                """
+                CREATE TABLE \(level.table) (
+                    bucket_us bigint NOT NULL,
+                    sum_value double precision NOT NULL,
+                    min_value double precision,
+                    max_value double precision,
+                    last_us bigint,
+                    last_sequence bigint,
+                    last_value double precision,
+                    sensor_id integer NOT NULL,
+                    count integer NOT NULL,
+                    valid_count integer NOT NULL,
+                    PRIMARY KEY (sensor_id, bucket_us)
+                )
+                """,
+                """
+                INSERT INTO \(level.table) (sensor_id, bucket_us, count, valid_count, sum_value, min_value, max_value, last_us, last_sequence, last_value)
+                SELECT sensor_id, timestamp_us - timestamp_us % \(level.width), count(*), count(*) \(valid), coalesce(sum(value) \(valid), 0),
+                    min(value) \(valid), max(value) \(valid), (array_agg(timestamp_us \(latest), (array_agg(sequence \(latest),
+                    (array_agg(value \(latest)
+                FROM readings GROUP BY 1, 2
+                """,
+            ]
+        }
+    }
+
     static let bookkeeping = """
         CREATE TABLE IF NOT EXISTS schema_migrations (
             version integer PRIMARY KEY,
@@ -205,6 +242,17 @@ enum PostgresSchema {
                 """,
                 "CREATE INDEX alert_outbox_due ON alert_outbox (next_attempt_at_us) WHERE state IN ('pending', 'delivering')",
                 "CREATE INDEX alert_outbox_by_alert ON alert_outbox (alert_id)",
+            ]),
+        Migration(
+            version: 4, name: "rollups at 1 minute, 1 hour and 1 day per sensor (built from the stored readings), retention runs",
+            statements: rollupStatements + [
+                """
+                CREATE TABLE maintenance_runs (
+                    job text PRIMARY KEY,
+                    finished_at_us bigint NOT NULL,
+                    summary text NOT NULL
+                )
+                """
             ]),
         Migration(
             version: 5, name: "readings as chunks: one row per device, sensor and day with arrays of offsets, values and flags",

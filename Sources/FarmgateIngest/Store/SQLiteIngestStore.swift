@@ -19,7 +19,7 @@ public final class SQLiteIngestStore: IngestStore {
     public let path: String
     let writer: ThreadOwned<CachedConnection>
     let reader: ThreadOwned<CachedConnection>
-    private let logger: Logger
+    let logger: Logger
 
     /// Opens (creating when missing, with its directory) the database at `path`. Does not migrate: call ``migrate()``.
     ///
@@ -102,7 +102,9 @@ public final class SQLiteIngestStore: IngestStore {
     public func store(_ batch: Batch, for device: DeviceIdentity, receivedAt: Timestamp) async throws -> StoreOutcome {
         try await writer.withValue { db in
             try db.connection.transaction { () throws -> StoreOutcome in
-                try SQLiteIngestStore.store(batch, device: device, receivedAt: receivedAt, in: db)
+                let outcome = try SQLiteIngestStore.store(batch, device: device, receivedAt: receivedAt, in: db)
+                try SQLiteIngestStore.rollups(outcome.fresh, in: db)
+                return outcome
             }
         }
     }
@@ -212,6 +214,10 @@ public final class SQLiteIngestStore: IngestStore {
             }
         }
         var (duplicates, sequenceConflicts, notStored) = try compare(maybeStored, device: device, in: db)
+        // Stored once and since deleted by retention: still duplicates, never stored (and rolled up) a second time.
+        let retired = try retiredSequences(notStored.map(\.sequence), device: device.rowID, in: db)
+        duplicates += notStored.count(where: { retired.contains($0.sequence) })
+        notStored.removeAll { retired.contains($0.sequence) }
         for candidate in notStored where try !insert(candidate) {
             alreadyStored.append(candidate)
         }

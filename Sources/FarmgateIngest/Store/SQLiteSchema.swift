@@ -135,6 +135,9 @@ enum SQLiteSchema {
                 CREATE INDEX alert_outbox_by_alert ON alert_outbox(alert_id);
                 """),
         Migration(
+            version: 6, name: "rollups at 1 minute, 1 hour and 1 day per sensor, built from the readings already stored",
+            sql: SQLiteSchema.rollupTables),
+        Migration(
             version: 7, name: "enrollment_tokens: one-time tokens a site exchanges for its device key",
             sql: """
                 CREATE TABLE enrollment_tokens (
@@ -154,6 +157,51 @@ enum SQLiteSchema {
                 CREATE INDEX enrollment_tokens_by_device ON enrollment_tokens(farm_id, device_name);
                 """),
     ]
+
+    /// Migration 6: the rollup tables (see ``RollupLevel``), and the rollups of every reading already stored, so that
+    /// a store that ran before rollups existed does not lose its history's summaries when retention deletes raw
+    /// readings. Sensors are never deleted, so the tables carry no foreign key (one lookup less per upsert).
+    /// `retired_sequences` holds, per device, the ranges of sequences whose readings retention deleted, so that such
+    /// a reading sent again is a duplicate and not stored twice (PostgreSQL's `stored_sequences` does that there).
+    static var rollupTables: String {
+        RollupLevel.allCases.map { level in
+            let width = level.width
+            return """
+                CREATE TABLE \(level.table) (
+                    sensor_id INTEGER NOT NULL,
+                    bucket_us INTEGER NOT NULL,
+                    count INTEGER NOT NULL,
+                    valid_count INTEGER NOT NULL,
+                    sum_value REAL NOT NULL,
+                    min_value REAL,
+                    max_value REAL,
+                    last_us INTEGER,
+                    last_sequence INTEGER,
+                    last_value REAL,
+                    PRIMARY KEY (sensor_id, bucket_us)
+                ) WITHOUT ROWID;
+                INSERT INTO \(level.table)(sensor_id, bucket_us, count, valid_count, sum_value, min_value, max_value)
+                SELECT sensor_id, timestamp_us - timestamp_us % \(width), count(*), sum((flags & 2) = 0),
+                    total(CASE WHEN flags & 2 = 0 THEN value END), min(CASE WHEN flags & 2 = 0 THEN value END),
+                    max(CASE WHEN flags & 2 = 0 THEN value END)
+                FROM readings GROUP BY 1, 2;
+                UPDATE \(level.table) SET (last_us, last_sequence, last_value) = (
+                    SELECT r.timestamp_us, r.sequence, r.value FROM readings r
+                    WHERE r.sensor_id = \(level.table).sensor_id AND r.timestamp_us >= \(level.table).bucket_us
+                        AND r.timestamp_us < \(level.table).bucket_us + \(width) AND r.flags & 2 = 0
+                    ORDER BY r.timestamp_us DESC, r.sequence DESC LIMIT 1)
+                WHERE valid_count > 0;
+                """
+        }.joined(separator: "\n") + """
+
+            CREATE TABLE retired_sequences (
+                device_id INTEGER NOT NULL REFERENCES devices(id),
+                first_sequence INTEGER NOT NULL,
+                last_sequence INTEGER NOT NULL CHECK (first_sequence <= last_sequence),
+                PRIMARY KEY (device_id, first_sequence)
+            ) WITHOUT ROWID;
+            """
+    }
 
     static var currentVersion: Int { migrations.last?.version ?? 0 }
 }

@@ -1,0 +1,95 @@
+import FarmgateSupport
+public import FarmgateWire
+import Foundation
+
+extension IngestConfiguration {
+    /// `[retention]`: how long raw readings and each rollup level are kept, and how often retention runs.
+    ///
+    /// ```toml
+    /// [retention]
+    /// raw = "90d"           # default 90 days; "forever" keeps raw readings
+    /// rollup_1m = "365d"    # default 365 days
+    /// rollup_1h = "forever" # default forever
+    /// rollup_1d = "forever" # default forever
+    /// interval = "1h"       # default 1 hour: how often `serve` runs retention
+    /// ```
+    ///
+    /// A period is cut at a whole UTC day: a run removes what lies before the start of the day that is `raw` before now
+    /// (PostgreSQL keeps raw readings in one partition per UTC day and drops whole ones). So between `raw` and `raw`
+    /// plus one day of raw readings is kept.
+    public struct Retention: Sendable, Hashable {
+        /// How long raw readings are kept. Default 90 days; nil keeps them forever.
+        public var raw: Duration?
+        /// How long 1-minute rollups are kept. Default 365 days; nil keeps them forever.
+        public var rollup1m: Duration?
+        /// How long hourly rollups are kept. Default nil: forever.
+        public var rollup1h: Duration?
+        /// How long daily rollups are kept. Default nil: forever.
+        public var rollup1d: Duration?
+        /// How often `serve` runs retention (the first run comes right after start). Default 1 hour.
+        public var interval: Duration
+
+        /// The shortest period a key accepts: one day (a daily partition is the smallest thing PostgreSQL drops).
+        public static let shortestPeriod: Duration = .seconds(86_400)
+
+        /// Creates the section; every parameter defaults as documented on its property.
+        public init(
+            raw: Duration? = .seconds(90 * 86_400), rollup1m: Duration? = .seconds(365 * 86_400), rollup1h: Duration? = nil,
+            rollup1d: Duration? = nil, interval: Duration = .seconds(3600)
+        ) {
+            self.raw = raw
+            self.rollup1m = rollup1m
+            self.rollup1h = rollup1h
+            self.rollup1d = rollup1d
+            self.interval = interval
+        }
+
+        /// How long `level` is kept (nil: forever).
+        public func period(of level: RollupLevel) -> Duration? {
+            switch level {
+            case .minute: rollup1m
+            case .hour: rollup1h
+            case .day: rollup1d
+            }
+        }
+
+        /// Where a run at `now` cuts a period: the start of the UTC day `period` before `now`; nil for forever.
+        public static func cutoff(_ period: Duration?, now: Timestamp) -> Timestamp? {
+            guard let period else { return nil }
+            let microseconds = period.components.seconds * 1_000_000 + period.components.attoseconds / 1_000_000_000_000
+            return Timestamp(microseconds: RollupLevel.day.bucket(of: now.microseconds - microseconds))
+        }
+
+        /// `90d`, `forever`: how a period is written in logs and the command's output.
+        public static func describe(_ period: Duration?) -> String {
+            guard let period else { return "forever" }
+            let seconds = period.components.seconds
+            if seconds % 86_400 == 0 { return "\(seconds / 86_400)d" }
+            if seconds % 3600 == 0 { return "\(seconds / 3600)h" }
+            return "\(seconds)s"
+        }
+
+        /// Reads `[retention]`.
+        init(section: ConfigTable) throws(ConfigurationError) {
+            self.init()
+            try section.checkKeys(["raw", "rollup_1m", "rollup_1h", "rollup_1d", "interval"])
+            if section.contains("raw") { raw = try Self.period(section, "raw") }
+            if section.contains("rollup_1m") { rollup1m = try Self.period(section, "rollup_1m") }
+            if section.contains("rollup_1h") { rollup1h = try Self.period(section, "rollup_1h") }
+            if section.contains("rollup_1d") { rollup1d = try Self.period(section, "rollup_1d") }
+            if let every = try section.duration("interval", in: Duration.seconds(60)...Duration.seconds(7 * 86_400)) { interval = every }
+        }
+
+        /// A period key: a duration of at least a day, or `"forever"` (nil).
+        private static func period(_ section: ConfigTable, _ key: String) throws(ConfigurationError) -> Duration? {
+            let hint = "a duration of at least one day such as \"90d\", or \"forever\" to keep everything"
+            if case .string(let text)? = section.value(key) {
+                if text.trimmingCharacters(in: .whitespaces).lowercased() == "forever" { return nil }
+                guard ConfigTable.parseDuration(text) != nil else { throw section.error(key, "must be \(hint) (got \"\(text)\")") }
+            }
+            let upper = Duration.seconds(100 * 366 * 86_400)
+            guard let period = try section.duration(key, in: shortestPeriod...upper) else { return nil }
+            return period
+        }
+    }
+}

@@ -1,0 +1,89 @@
+import FarmgateWire
+public import Logging
+public import ServiceLifecycle
+
+/// `serve`'s retention schedule: a run right after start, then every `[retention] interval`, until the group's graceful
+/// shutdown (a run in progress stops at its next transaction on SQLite; what it removed stays removed, the next run
+/// goes on from there).
+///
+/// With several instances on one PostgreSQL each scheduled run happens once: a run takes an advisory try-lock (an
+/// instance that finds it taken skips), and skips too when another instance completed a run less than half an
+/// interval ago. Every run is logged (what went, or why it was skipped) and counted in ``RetentionMetrics``.
+public struct RetentionService: Service {
+    let store: any RetentionStore
+    let retention: IngestConfiguration.Retention
+    let metrics: RetentionMetrics?
+    let logger: Logger
+    let now: @Sendable () -> Timestamp
+
+    /// - Parameters:
+    ///   - store: the store to keep within `retention`; migrated first (harmless when `serve` already did).
+    ///   - metrics: where runs are counted (`serve` passes the registry `/metrics` renders).
+    ///   - now: the clock cut-offs are computed from.
+    public init(
+        store: any RetentionStore, retention: IngestConfiguration.Retention, metrics: RetentionMetrics?, logger: Logger,
+        now: @escaping @Sendable () -> Timestamp = { Timestamp.now() }
+    ) {
+        self.store = store
+        self.retention = retention
+        self.metrics = metrics
+        self.logger = logger
+        self.now = now
+    }
+
+    public func run() async throws {
+        await cancelWhenGracefulShutdown {
+            do {
+                // The schema must have the rollup tables before the first run; migrate() is safe to call again.
+                try await store.migrate()
+            } catch {
+                logger.error("retention cannot start: the store's schema could not be brought up to date", metadata: ["error": "\(error)"])
+            }
+            while !Task.isCancelled {
+                _ = await runOnce()
+                do { try await Task.sleep(for: retention.interval) } catch { return }
+            }
+        }
+    }
+
+    /// One scheduled run: logged and counted, never thrown (the next run tries again).
+    @discardableResult
+    func runOnce() async -> RetentionReport? {
+        let started = ContinuousClock.now
+        let at = now()
+        do {
+            var report = try await store.runRetention(retention, now: at, options: RetentionRunOptions(skipIfRanWithin: retention.interval / 2))
+            report.duration = ContinuousClock.now - started
+            metrics?.record(report, endedAt: Double(Timestamp.now().microseconds) / 1e6)
+            Self.log(report, logger: logger)
+            return report
+        } catch is CancellationError {
+            return nil
+        } catch {
+            metrics?.recordFailure()
+            logger.error(
+                "retention run failed; the next run will try again", metadata: ["error": "\(String(reflecting: error))", "retention.interval": "\(retention.interval)"])
+            return nil
+        }
+    }
+
+    /// Logs what a run removed (info) or why it was skipped (debug).
+    public static func log(_ report: RetentionReport, logger: Logger) {
+        if report.skipped != nil {
+            logger.debug("retention run skipped", metadata: ["retention.reason": "\(report.lines.joined(separator: " "))"])
+            return
+        }
+        var metadata: Logger.Metadata = [
+            "retention.partitions_dropped": "\(report.partitionsDropped.count)",
+            "retention.raw_rows_deleted": "\(report.rawRowsDeleted)",
+            "retention.rows_in_dropped_partitions": "\(report.rowsInDroppedPartitions)",
+            "retention.duration": "\(report.duration)",
+        ]
+        if let first = report.partitionsDropped.first, let last = report.partitionsDropped.last {
+            metadata["retention.partitions"] = "\(first)…\(last)"
+        }
+        if let cutoff = report.rawCutoff { metadata["retention.raw_cutoff"] = "\(RFC3339.format(cutoff))" }
+        for level in RollupLevel.allCases { metadata["retention.\(level.table)_deleted"] = "\(report.rollupRowsDeleted[level] ?? 0)" }
+        logger.info(report.dryRun ? "retention dry run" : "retention run completed", metadata: metadata)
+    }
+}

@@ -1,0 +1,130 @@
+import FarmgateSupport
+import FarmgateWire
+
+/// Retention on SQLite: deletes in small transactions that never stall ingest.
+extension SQLiteIngestStore: RetentionStore {
+    /// Deletes raw readings and rollup rows before their cut-offs, sensor by sensor, at most
+    /// ``RetentionRunOptions/rowsPerTransaction`` rows per transaction. Each transaction is one job on the writer
+    /// thread, so a batch that arrives meanwhile runs right after the transaction in progress (a few milliseconds)
+    /// instead of after the whole run. The deletes walk `readings_by_sensor_time` and the rollups' primary keys, so a
+    /// run costs in proportion to what it removes. Cancelled (graceful shutdown), a run stops between transactions.
+    ///
+    /// The file does not shrink: the freed pages are reused by new readings (run `VACUUM` by hand to give them back).
+    public func runRetention(_ retention: IngestConfiguration.Retention, now: Timestamp, options: RetentionRunOptions) async throws -> RetentionReport {
+        let started = ContinuousClock.now
+        var report = RetentionReport.empty(retention, now: now, dryRun: options.dryRun)
+        let sensors = try await reader.withValue { db in
+            try db.withStatement("SELECT id FROM sensors ORDER BY id") { statement throws -> [Int64] in
+                var ids: [Int64] = []
+                while try statement.step() { ids.append(statement.int64(0)) }
+                return ids
+            }
+        }
+        var removed = 0
+        /// Deletes (or counts) the rows of `table` before `cutoff`; `key` is the time column, `rowKey` the primary key.
+        func purge(_ table: String, key: String, rowKey: String, before cutoff: Timestamp) async throws -> Int {
+            var total = 0
+            for sensor in sensors {
+                if options.dryRun {
+                    total += try await reader.withValue { db in
+                        try db.withStatement("SELECT count(*) FROM \(table) WHERE sensor_id = ? AND \(key) < ?", [.integer(sensor), .integer(cutoff.microseconds)]) {
+                            statement in try statement.step() ? Int(statement.int64(0)) : 0
+                        }
+                    }
+                    continue
+                }
+                let raw = table == "readings"
+                while true {
+                    try Task.checkCancellation()
+                    let limit = Int64(options.rowsPerTransaction)
+                    let deleted = try await writer.withValue { db in
+                        try db.connection.transaction { () throws -> Int in
+                            let delete = try db.statement(
+                                """
+                                DELETE FROM \(table) WHERE (\(rowKey)) IN (
+                                    SELECT \(rowKey) FROM \(table) WHERE sensor_id = ? AND \(key) < ? ORDER BY \(key) LIMIT ?)
+                                RETURNING \(raw ? "device_id, sequence" : "sensor_id, 0")
+                                """)
+                            try delete.bind([.integer(sensor), .integer(cutoff.microseconds), .integer(limit)])
+                            var keys: [(device: Int64, sequence: Int64)] = []
+                            do {
+                                defer { delete.reset() }
+                                while try delete.step() { keys.append((delete.int64(0), delete.int64(1))) }
+                            }
+                            if raw { try SQLiteIngestStore.retire(keys, in: db) }
+                            return keys.count
+                        }
+                    }
+                    total += deleted
+                    if deleted > 0 {
+                        removed += deleted
+                        options.progress?(removed)
+                    }
+                    if deleted < options.rowsPerTransaction { break }
+                }
+            }
+            return total
+        }
+        if let cutoff = report.rawCutoff {
+            report.rawRowsDeleted = try await purge("readings", key: "timestamp_us", rowKey: "device_id, sequence", before: cutoff)
+        }
+        for level in RollupLevel.allCases {
+            guard let cutoff = report.rollupCutoffs[level] else { continue }
+            report.rollupRowsDeleted[level] = try await purge(level.table, key: "bucket_us", rowKey: "sensor_id, bucket_us", before: cutoff)
+        }
+        report.duration = ContinuousClock.now - started
+        return report
+    }
+
+    /// Records that the readings `keys` were deleted, merged into `retired_sequences` ranges per device: one chunk of
+    /// one sensor's readings is every n-th sequence of its device, and the other sensors' chunks fill the gaps, so a
+    /// device's ranges join up as the run goes on (a few rows per device, like PostgreSQL's `stored_sequences`).
+    static func retire(_ keys: [(device: Int64, sequence: Int64)], in db: CachedConnection) throws {
+        guard !keys.isEmpty else { return }
+        let before = try db.statement(
+            "SELECT first_sequence, last_sequence FROM retired_sequences WHERE device_id = ? AND first_sequence <= ? ORDER BY first_sequence DESC LIMIT 1")
+        let after = try db.statement("SELECT last_sequence FROM retired_sequences WHERE device_id = ? AND first_sequence = ?")
+        let remove = try db.statement("DELETE FROM retired_sequences WHERE device_id = ? AND first_sequence = ?")
+        let extend = try db.statement("UPDATE retired_sequences SET last_sequence = ? WHERE device_id = ? AND first_sequence = ?")
+        let insert = try db.statement("INSERT INTO retired_sequences(device_id, first_sequence, last_sequence) VALUES (?, ?, ?)")
+        for (device, runs) in Dictionary(grouping: keys, by: \.device) {
+            for run in PostgresBatchWriter.merge([], adding: runs.map(\.sequence)) {
+                var (first, last) = (run.lowerBound, run.upperBound)
+                // A range that starts right after this run joins it.
+                let following: Int64? = try {
+                    try after.bind([.integer(device), .integer(last + 1)])
+                    defer { after.reset() }
+                    return try after.step() ? after.int64(0) : nil
+                }()
+                if let following {
+                    try remove.run([.integer(device), .integer(last + 1)])
+                    last = following
+                }
+                // A range that ends right before (or overlaps) this run takes it in.
+                try before.bind([.integer(device), .integer(first)])
+                let preceding: (Int64, Int64)? = try before.step() ? (before.int64(0), before.int64(1)) : nil
+                before.reset()
+                if let (start, end) = preceding, end >= first - 1 {
+                    first = start
+                    try extend.run([.integer(max(end, last)), .integer(device), .integer(start)])
+                } else {
+                    try insert.run([.integer(device), .integer(first), .integer(last)])
+                }
+            }
+        }
+    }
+
+    /// Which of `sequences` of the device retention deleted after they were stored (`retired_sequences`).
+    static func retiredSequences(_ sequences: [Int64], device: Int64, in db: CachedConnection) throws -> Set<Int64> {
+        guard !sequences.isEmpty else { return [] }
+        let find = try db.statement(
+            "SELECT last_sequence FROM retired_sequences WHERE device_id = ? AND first_sequence <= ? ORDER BY first_sequence DESC LIMIT 1")
+        var retired: Set<Int64> = []
+        for sequence in sequences {
+            try find.bind([.integer(device), .integer(sequence)])
+            defer { find.reset() }
+            if try find.step(), find.int64(0) >= sequence { retired.insert(sequence) }
+        }
+        return retired
+    }
+}

@@ -1,0 +1,175 @@
+import ArgumentParser
+import FarmgateIngest
+import FarmgateSupport
+import FarmgateWire
+import Foundation
+import Logging
+
+/// `farmgate-bench rollups`: how long one day of one sensor at 1-minute resolution takes to read from a store whose
+/// rollups stand for many readings (the issue's goal: under 20 ms with 10^8 readings stored). The rollup rows are
+/// synthesised straight into the tables (storing 10^8 readings through the write path would take hours), laid out as
+/// ingest lays them out: minute after minute, every sensor's row of a minute next to the others. Prints, never asserts.
+struct RollupBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "rollups",
+        abstract: "Latency of one day of one sensor at 1-minute resolution from rollups standing for many readings.",
+        discussion: """
+            PostgreSQL: pass --database-url (or FARMGATE_BENCH_DATABASE_URL) naming an empty database it may fill; psql must be \
+            installed (it synthesises the rows with generate_series). SQLite: a file in a temporary directory, removed afterwards.
+            """)
+
+    enum Kind: String, ExpressibleByArgument, CaseIterable {
+        case sqlite, postgres
+    }
+
+    @Option(help: "The store: sqlite or postgres.")
+    var store: Kind = .sqlite
+
+    @Option(help: "The PostgreSQL database to fill (an empty one).")
+    var databaseURL: String?
+
+    @Option(help: "How many readings the rollups stand for.")
+    var readings = 100_000_000
+
+    @Option(help: "Sensors of the synthetic site.")
+    var sensors = 60
+
+    @Option(help: "Seconds between two readings of a sensor.")
+    var interval = 10
+
+    @Option(help: "Queries to time.")
+    var queries = 300
+
+    func validate() throws {
+        guard readings > 0, sensors > 0, queries > 0, (1...60).contains(interval), 60 % interval == 0 else {
+            throw ValidationError("--readings, --sensors and --queries must be positive, --interval a divisor of 60")
+        }
+        if store == .postgres, (databaseURL ?? ProcessInfo.processInfo.environment["FARMGATE_BENCH_DATABASE_URL"]) == nil {
+            throw ValidationError("--store postgres needs --database-url postgresql://... (or FARMGATE_BENCH_DATABASE_URL): an empty database it may fill")
+        }
+    }
+
+    func run() async throws {
+        var logger = Logger(label: "farmgate-bench")
+        logger.logLevel = .error
+        let perMinute = 60 / interval
+        let minutes = max(1, readings / (sensors * perMinute))
+        let scratch = NSTemporaryDirectory() + "farmgate-bench-rollups-" + UUID().uuidString
+        let url = databaseURL ?? ProcessInfo.processInfo.environment["FARMGATE_BENCH_DATABASE_URL"]
+        var storage = IngestConfiguration.Storage(path: scratch + "/ingest.sqlite")
+        if store == .postgres, let url { storage.postgres = try PostgresSettings(url: url) }
+        defer { try? FileManager.default.removeItem(atPath: scratch) }
+        let opened = try await openIngestStore(storage, logger: logger)
+        let (kind, sqlitePath, sensors, queries) = (store, storage.path, sensors, queries)
+        let end = RollupLevel.day.bucket(of: Timestamp.now().microseconds)
+        let start = end - Int64(minutes) * 60_000_000
+        print(
+            "\(kind.rawValue): rollups standing for \(minutes * sensors * perMinute) readings (\(sensors) sensors every \(interval) s, "
+                + "\(minutes / 1440) days): \(minutes * sensors) 1-minute rows, \(minutes / 60 * sensors) hourly, \(minutes / 1440 * sensors) daily")
+        try await withRunning(opened) { store in
+            try await store.migrate()
+            let rows = try await Self.registerSensors(store, count: sensors, at: Timestamp(microseconds: end - 1_000_000))
+            let clock = ContinuousClock()
+            let filled = try await clock.measure {
+                switch kind {
+                case .sqlite: try await Self.fillSQLite(path: sqlitePath, start: start, minutes: minutes, perMinute: perMinute)
+                case .postgres: try Self.fillPostgres(url: url ?? "", start: start, minutes: minutes, perMinute: perMinute)
+                }
+            }
+            print("synthesised in \(String(format: "%.1f", filled.seconds)) s")
+            if kind == .sqlite {
+                // The file holds little but the rollups: its size over the 1-minute rows is their cost, all levels included.
+                let bytes = ["", "-wal"].compactMap { try? FileManager.default.attributesOfItem(atPath: sqlitePath + $0)[.size] as? Int }.reduce(0, +)
+                print(
+                    String(
+                        format: "SQLite file %.0f MB: %.1f bytes per 1-minute row (all levels), %.2f per reading", Double(bytes) / 1e6,
+                        Double(bytes) / Double(minutes * sensors), Double(bytes) / Double(minutes * sensors * perMinute)))
+            }
+            // Warm-up, then the timed queries: a random sensor, a random whole day.
+            var random = SplitMix64(seed: 7)
+            let days = max(1, minutes / 1440)
+            var durations: [Duration] = []
+            var points = 0
+            for index in 0..<(queries + 20) {
+                let sensor = rows[Int(random.next() % UInt64(rows.count))]
+                let day = start + Int64(random.next() % UInt64(days)) * 86_400_000_000
+                let elapsed = try await clock.measure {
+                    points = try await store.rollups(
+                        sensorRowID: sensor, level: .minute, from: Timestamp(microseconds: day), to: Timestamp(microseconds: day + 86_400_000_000),
+                        limit: 10_000
+                    ).count
+                }
+                if index >= 20 { durations.append(elapsed) }
+            }
+            let sorted = durations.sorted()
+            func percentile(_ p: Double) -> Double { sorted[min(sorted.count - 1, Int(Double(sorted.count - 1) * p))].seconds * 1000 }
+            print(
+                String(
+                    format: "one day of one sensor at 1m (%d points), %d queries: p50 %.2f ms, p99 %.2f ms, max %.2f ms", points, queries, percentile(0.5),
+                    percentile(0.99), percentile(1)))
+        }
+    }
+
+    /// Registers `count` pH sensors on device `bench` of farm `bench` (one reading each) and returns their row ids.
+    static func registerSensors(_ store: any IngestStore, count: Int, at time: Timestamp) async throws -> [Int64] {
+        let admin = IngestAdmin(store: store)
+        _ = try await admin.createFarm(name: "bench")
+        let deviceID = try DeviceID("bench")
+        _ = try await admin.createDevice(farm: "bench", device: deviceID)
+        guard let farm = try await store.farm(named: "bench"), let device = try await store.devices(farmID: farm.id).first else {
+            throw ValidationError("the bench farm was not created")
+        }
+        let ids = try (0..<count).map { try SensorID(String(format: "s%04d.ph", $0)) }
+        let batch = Batch(
+            device: deviceID, sensors: ids.map { SensorDescriptor(id: $0, quantity: .ph) },
+            readings: ids.enumerated().map { Reading(sensor: $1, sequence: UInt64($0 + 1), timestamp: time, value: 6.5) })
+        _ = try await store.store(batch, for: device, receivedAt: time)
+        var rows: [Int64] = []
+        for id in ids {
+            guard let record = try await store.sensor(farmID: farm.id, device: deviceID, sensor: id) else { throw ValidationError("sensor \(id) missing") }
+            rows.append(record.rowID)
+        }
+        return rows
+    }
+
+    /// The statement that fills one level from `series` (the bucket starts), minute-major like ingest writes them.
+    static func fillSQL(table: String, series: String, perBucket: Int) -> String {
+        """
+        INSERT INTO \(table) (sensor_id, bucket_us, count, valid_count, sum_value, min_value, max_value, last_us, last_sequence, last_value)
+        SELECT s.id, b, \(perBucket), \(perBucket), \(perBucket) * 6.5, 6.4, 6.6, b + 1, 0, 6.5
+        FROM \(series), sensors s WHERE true ORDER BY b, s.id
+        ON CONFLICT (sensor_id, bucket_us) DO NOTHING
+        """
+    }
+
+    static func fillSQLite(path: String, start: Int64, minutes: Int, perMinute: Int) async throws {
+        try await runOffPool {
+            let db = try SQLiteConnection(path: path, mode: .readWrite, busyTimeoutMilliseconds: 60_000)
+            for level in RollupLevel.allCases {
+                let count = Int64(minutes) * 60_000_000 / level.width
+                let series = "(WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < \(count - 1)) SELECT \(start) + i * \(level.width) AS b FROM n)"
+                try db.transaction { try db.execute(fillSQL(table: "rollups_" + level.rawValue, series: series, perBucket: perMinute * Int(level.width / 60_000_000))) }
+            }
+            try db.execute("ANALYZE")
+        }
+    }
+
+    static func fillPostgres(url: String, start: Int64, minutes: Int, perMinute: Int) throws {
+        var statements: [String] = []
+        for level in RollupLevel.allCases {
+            let count = Int64(minutes) * 60_000_000 / level.width
+            let series = "generate_series(\(start)::int8, \(start + (count - 1) * level.width)::int8, \(level.width)::int8) AS b"
+            statements.append(fillSQL(table: "rollups_" + level.rawValue, series: series, perBucket: perMinute * Int(level.width / 60_000_000)))
+        }
+        statements.append("VACUUM ANALYZE rollups_1m")
+        for statement in statements {
+            let process = Process()
+            let psql = (try? FileManager.default.contentsOfDirectory(atPath: "/usr/lib/postgresql"))?.sorted().last.map { "/usr/lib/postgresql/\($0)/bin/psql" }
+            process.executableURL = URL(fileURLWithPath: psql ?? "/usr/bin/psql")
+            process.arguments = ["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", statement]
+            try process.run()
+            process.waitUntilExit()
+            guard process.terminationStatus == 0 else { throw ValidationError("psql failed (status \(process.terminationStatus)) on: \(statement.prefix(120))") }
+        }
+    }
+}

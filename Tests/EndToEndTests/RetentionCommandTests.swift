@@ -1,0 +1,89 @@
+import FarmgateSupport
+import FarmgateTestSupport
+import FarmgateWire
+import Foundation
+import Testing
+
+/// `farmgate-ingest retention run [--dry-run]`, the real binary on a real SQLite file.
+@Suite struct RetentionCommandTests {
+    static let day: Int64 = 86_400_000_000
+
+    /// A migrated store with farm f1, device d1 and sensor tank1.ph: 100 readings 45 days old and 50 from the last
+    /// hour; 1-minute rollups 100 days old (30 rows) and recent (10 rows); 1-hour rollups 100 days old (5 rows).
+    static func prepare(_ scratch: Scratch, retention: String) async throws -> (config: String, database: String) {
+        let database = scratch.file("ingest.sqlite")
+        let config = try scratch.write("ingest.toml", "[storage]\npath = \"ingest.sqlite\"\n\n[retention]\n" + retention)
+        #expect(try await runCommand(Farm.ingestBinary, ["farm", "create", "f1", "--config", config]).status == 0)
+        #expect(try await runCommand(Farm.ingestBinary, ["device", "create", "--farm", "f1", "--device", "d1", "--config", config]).status == 0)
+        let now = Timestamp.now().microseconds
+        try await runOffPool {
+            let db = try SQLiteConnection(path: database, mode: .readWrite)
+            try db.transaction {
+                try db.execute(
+                    """
+                    INSERT INTO sensors(id, device_id, name, quantity, resolution_numerator, resolution_denominator, first_seen_us)
+                    SELECT 1, id, 'tank1.ph', 'ph', 1, 100, 0 FROM devices WHERE name = 'd1';
+                    UPDATE devices SET highest_sequence = 150;
+                    """)
+                for sequence in 1...150 {
+                    let time = sequence <= 100 ? now - 45 * day + Int64(sequence) * 1_000_000 : now - 3_600_000_000 + Int64(sequence) * 1_000_000
+                    try db.query(
+                        "INSERT INTO readings(device_id, sequence, sensor_id, timestamp_us, value, flags, received_at_us) SELECT id, ?, 1, ?, 6.5, 0, ? FROM devices",
+                        [.integer(Int64(sequence)), .integer(time), .integer(now)])
+                }
+                for (table, start, count) in [("rollups_1m", now - 100 * day, 30), ("rollups_1m", now - 3_600_000_000, 10), ("rollups_1h", now - 100 * day, 5)] {
+                    let width: Int64 = table == "rollups_1m" ? 60_000_000 : 3_600_000_000
+                    for index in 0..<count {
+                        let bucket = (start / width + Int64(index)) * width
+                        try db.query(
+                            "INSERT INTO \(table)(sensor_id, bucket_us, count, valid_count, sum_value) VALUES (1, ?, 1, 0, 0)", [.integer(bucket)])
+                    }
+                }
+            }
+        }
+        return (config, database)
+    }
+
+    static func count(_ database: String, _ sql: String) async throws -> Int64 {
+        try await runOffPool { try SQLiteConnection(path: database, mode: .readWrite).queryInt(sql) ?? -1 }
+    }
+
+    @Test func dryRunCountsAndARunRemovesWhatIsOlderThanEachPeriod() async throws {
+        let scratch = try Scratch(prefix: "fg-retention")
+        let (config, database) = try await Self.prepare(scratch, retention: "raw = \"30d\"\nrollup_1m = \"60d\"\n")
+
+        let dry = try await runCommand(Farm.ingestBinary, ["retention", "run", "--dry-run", "--config", config])
+        #expect(dry.status == 0, "\(dry.stderr)")
+        #expect(dry.stdout.contains("(dry run: nothing removed): raw 30d, 1m rollups 60d, 1h rollups forever, 1d rollups forever"), "\(dry.stdout)")
+        #expect(dry.stdout.contains(": would remove 100 rows"), "\(dry.stdout)")
+        #expect(dry.stdout.contains("1m rollups before") && dry.stdout.contains("would remove 30 rows"), "\(dry.stdout)")
+        #expect(try await Self.count(database, "SELECT count(*) FROM readings") == 150)
+
+        let run = try await runCommand(Farm.ingestBinary, ["retention", "run", "--config", config])
+        #expect(run.status == 0, "\(run.stderr)")
+        #expect(run.stdout.contains(": removed 100 rows") && run.stdout.contains("removed 30 rows"), "\(run.stdout)")
+        #expect(run.stdout.contains("1h rollups: kept forever"), "\(run.stdout)")
+        #expect(try await Self.count(database, "SELECT count(*) FROM readings") == 50)
+        #expect(try await Self.count(database, "SELECT min(sequence) FROM readings") == 101)
+        #expect(try await Self.count(database, "SELECT count(*) FROM rollups_1m") == 10)
+        #expect(try await Self.count(database, "SELECT count(*) FROM rollups_1h") == 5)
+        // The deleted sequences are remembered as one range, so that they stay duplicates if sent again.
+        #expect(try await Self.count(database, "SELECT count(*) FROM retired_sequences") == 1)
+        #expect(try await Self.count(database, "SELECT last_sequence - first_sequence + 1 FROM retired_sequences") == 100)
+
+        let again = try await runCommand(Farm.ingestBinary, ["retention", "run", "--config", config])
+        #expect(again.status == 0 && again.stdout.contains(": removed 0 rows"), "\(again.stdout)")
+    }
+
+    @Test func anInvalidPeriodIsALocatedConfigurationError() async throws {
+        let scratch = try Scratch(prefix: "fg-retention")
+        let config = try scratch.write("ingest.toml", "[storage]\npath = \"ingest.sqlite\"\n\n[retention]\nraw = \"2h\"\n")
+        let result = try await runCommand(Farm.ingestBinary, ["retention", "run", "--config", config])
+        #expect(result.status == 78)
+        #expect(result.stderr.contains("ingest.toml:5: retention.raw: must be between 1d and"), "\(result.stderr)")
+        let forever = try scratch.write("forever.toml", "[storage]\npath = \"ingest.sqlite\"\n[retention]\nraw = \"forever\"\nrollup_1m = \"sometimes\"\n")
+        let other = try await runCommand(Farm.ingestBinary, ["retention", "run", "--config", forever])
+        #expect(other.status == 78)
+        #expect(other.stderr.contains("retention.rollup_1m: must be a duration of at least one day such as \"90d\", or \"forever\""), "\(other.stderr)")
+    }
+}

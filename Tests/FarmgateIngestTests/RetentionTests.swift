@@ -1,0 +1,274 @@
+import FarmgateSupport
+import FarmgateTestSupport
+import FarmgateWire
+import Foundation
+import PostgresNIO
+import Prometheus
+import Synchronization
+import Testing
+
+@testable import FarmgateIngest
+
+/// Retention on both stores: raw readings and each rollup level go at their own cut-off, rollups outlive raw readings,
+/// re-sent readings stay duplicates, and several PostgreSQL instances run it once.
+@Suite struct RetentionTests {
+    /// raw 30 days, 1-minute rollups 60 days, hourly and daily forever; at ``testNow`` the cut-offs are
+    /// 2025-12-02T00:00:00Z and 2025-11-02T00:00:00Z.
+    static let retention = IngestConfiguration.Retention(raw: .seconds(30 * 86_400), rollup1m: .seconds(60 * 86_400))
+    static let rawCutoff = Timestamp(microseconds: testNow.microseconds - 30 * 86_400_000_000)
+    static let minuteCutoff = Timestamp(microseconds: testNow.microseconds - 60 * 86_400_000_000)
+
+    /// A fresh store with four months of synthetic readings (and, on PostgreSQL, a daily partition for each day).
+    static func withMonths<T: Sendable>(
+        _ kind: StoreKind, _ body: @Sendable (any IngestStore, DeviceIdentity, SyntheticMonths) async throws -> T
+    ) async throws -> T {
+        try await withFreshStore(kind) { store in
+            let data = SyntheticMonths(start: Timestamp(microseconds: testNow.microseconds - 120 * 86_400_000_000), days: 120)
+            if let postgres = store as? PostgresIngestStore {
+                var now = data.start
+                while now < testNow {
+                    try await postgres.createPartitions(now: now)
+                    now = Timestamp(microseconds: now.microseconds + 8 * 86_400_000_000)
+                }
+            }
+            let device = try await StoreConformanceTests.device(in: store)
+            for batch in try SyntheticMonths.batches(data.readings) {
+                _ = try await store.store(batch, for: device, receivedAt: testNow)
+            }
+            return try await body(store, device, data)
+        }
+    }
+
+    /// Every stored raw reading of the device, by sequence.
+    static func stored(_ store: any IngestStore, device: DeviceIdentity) async throws -> [ExportRow] {
+        var rows: [ExportRow] = []
+        var after: UInt64?
+        while true {
+            let page = try await store.exportPage(device: device, afterSequence: after, limit: 5_000)
+            guard let last = page.last else { return rows }
+            rows += page
+            after = last.sequence
+        }
+    }
+
+    @Test(arguments: StoreKind.allCases)
+    func removesExactlyWhatIsOlderThanEachPeriodAndRollupsOutliveRawReadings(kind: StoreKind) async throws {
+        try await Self.withMonths(kind) { store, device, data in
+            let retention = try #require(store as? any RetentionStore)
+            let before = try await Self.stored(store, device: device)
+            #expect(before.count == data.readings.count)
+            let old = data.readings.filter { $0.timestamp < Self.rawCutoff }
+            #expect(!old.isEmpty && old.count < data.readings.count)
+
+            let dry = try await retention.runRetention(Self.retention, now: testNow, options: RetentionRunOptions(dryRun: true))
+            #expect(dry.skipped == nil && dry.dryRun)
+            #expect(dry.rawCutoff == Self.rawCutoff && dry.rollupCutoffs == [.minute: Self.minuteCutoff])
+            #expect(try await Self.stored(store, device: device).count == data.readings.count)
+            let sensors = try await syntheticSensorRows(store, device: device)
+            let minuteBucketsBefore = try await allRollups(store, sensor: sensors.ph, level: .minute).count + allRollups(store, sensor: sensors.temp, level: .minute).count
+            let oldMinuteBuckets = minuteBucketsBefore - ExpectedBucket.of(data.readings, sensor: SyntheticMonths.ph, level: .minute, from: Self.minuteCutoff.microseconds).count
+                - ExpectedBucket.of(data.readings, sensor: SyntheticMonths.temp, level: .minute, from: Self.minuteCutoff.microseconds).count
+            #expect(dry.rollupRowsDeleted == [.minute: oldMinuteBuckets])
+
+            let report = try await retention.runRetention(Self.retention, now: testNow, options: RetentionRunOptions())
+            #expect(report.skipped == nil && !report.dryRun)
+            if kind == .postgres {
+                // Whole days: every daily partition that ends by the cut-off, and nothing row by row.
+                let days = Int((Self.rawCutoff.microseconds - RollupLevel.day.bucket(of: data.start.microseconds - 86_400_000_000)) / 86_400_000_000)
+                #expect(report.partitionsDropped.count == days)
+                #expect(report.partitionsDropped.first == "readings_20250902" && report.partitionsDropped.last == "readings_20251201")
+                #expect(report.partitionsDropped == dry.partitionsDropped)
+                #expect(report.rawRowsDeleted == 0)
+            } else {
+                #expect(report.rawRowsDeleted == old.count && dry.rawRowsDeleted == old.count)
+            }
+            #expect(report.rollupRowsDeleted == [.minute: oldMinuteBuckets])
+
+            // Raw: exactly the readings from the cut-off on.
+            let after = try await Self.stored(store, device: device)
+            #expect(after.map(\.sequence) == data.readings.filter { $0.timestamp >= Self.rawCutoff }.map(\.sequence).sorted())
+            // 1-minute rollups from their own cut-off; hourly and daily ones untouched, back to the first day.
+            for (sensor, row) in [(SyntheticMonths.ph, sensors.ph), (SyntheticMonths.temp, sensors.temp)] {
+                try await expectRollups(
+                    store, sensor: row, level: .minute, ExpectedBucket.of(data.readings, sensor: sensor, level: .minute, from: Self.minuteCutoff.microseconds))
+                try await expectRollups(store, sensor: row, level: .hour, ExpectedBucket.of(data.readings, sensor: sensor, level: .hour))
+                try await expectRollups(store, sensor: row, level: .day, ExpectedBucket.of(data.readings, sensor: sensor, level: .day))
+            }
+
+            // Sent again after their raw rows went: duplicates, neither stored nor rolled up again.
+            let highest = try await store.highestSequence(device: device)
+            for batch in try SyntheticMonths.batches(Array(old.suffix(3_000)), size: 1_000) {
+                #expect(try await store.store(batch, for: device, receivedAt: testNow).tally == Tally(accepted: 0, duplicates: 1_000, rejected: 0))
+            }
+            #expect(try await Self.stored(store, device: device).count == after.count)
+            try await expectRollups(store, sensor: sensors.ph, level: .day, ExpectedBucket.of(data.readings, sensor: SyntheticMonths.ph, level: .day))
+            #expect(try await store.highestSequence(device: device) == highest)
+
+            // Nothing left to remove.
+            let again = try await retention.runRetention(Self.retention, now: testNow, options: RetentionRunOptions())
+            #expect(again.partitionsDropped.isEmpty && again.rawRowsDeleted == 0 && again.rollupRowsTotal == 0)
+        }
+    }
+
+    @Test func postgresDeletesTheDefaultPartitionsOldRowsAndSkipsWhileAnotherRunHoldsTheLock() async throws {
+        try await PostgresStoreTests.withStore { store, settings in
+            let device = try await PostgresStoreTests.device(in: store)
+            // Far before every daily partition: in the default partition.
+            let ancient = Timestamp(microseconds: testNow.microseconds - 400 * 86_400_000_000)
+            _ = try await store.store(try phBatch(sequences: 1...20, start: ancient), for: device, receivedAt: testNow)
+            _ = try await store.store(try phBatch(sequences: 21...30), for: device, receivedAt: testNow)
+            #expect(try await PostgresChunkLayoutTests.readingCount(settings, "readings_default") == 20)
+
+            // Another session holds the retention lock: a run skips, it never waits.
+            let held = try await Self.holdingRetentionLock(settings) {
+                try await store.runRetention(Self.retention, now: testNow, options: RetentionRunOptions())
+            }
+            #expect(held.skipped == .runningElsewhere)
+            #expect(try await PostgresChunkLayoutTests.readingCount(settings, "readings_default") == 20)
+
+            let report = try await store.runRetention(Self.retention, now: testNow, options: RetentionRunOptions())
+            #expect(report.rawRowsDeleted == 20)
+            #expect(try await PostgresChunkLayoutTests.readingCount(settings, "readings") == 10)
+            // A scheduled run right after this one finds it done.
+            let scheduled = try await store.runRetention(Self.retention, now: testNow, options: RetentionRunOptions(skipIfRanWithin: .seconds(1800)))
+            #expect(scheduled.skipped == .ranRecently(testNow))
+            // Re-sent: a duplicate, though its row went with the default partition's old rows.
+            #expect(try await store.store(try phBatch(sequences: 1...20, start: ancient), for: device, receivedAt: testNow).duplicates == 20)
+        }
+    }
+
+    @Test func severalPostgresInstancesRunningRetentionAtOnceRunItOnce() async throws {
+        try await withTestDatabase { settings in
+            let first = try PostgresIngestStore(settings: settings, logger: testLogger)
+            try await withRunning(first) { _ in
+                try await first.migrate()
+                var now = Timestamp(microseconds: testNow.microseconds - 50 * 86_400_000_000)
+                while now < testNow {
+                    try await first.createPartitions(now: now)
+                    now = Timestamp(microseconds: now.microseconds + 8 * 86_400_000_000)
+                }
+                let device = try await PostgresStoreTests.device(in: first)
+                let data = SyntheticMonths(start: Timestamp(microseconds: testNow.microseconds - 45 * 86_400_000_000), days: 45)
+                for batch in try SyntheticMonths.batches(data.readings) { _ = try await first.store(batch, for: device, receivedAt: testNow) }
+                let partitionsBefore = try await PostgresStoreTests.count(
+                    settings, "SELECT count(*)::int8 FROM pg_inherits WHERE inhparent = 'readings'::regclass")
+
+                // Four instances (their own pools) start their scheduled run at the same moment.
+                let reports = try await withThrowingTaskGroup(of: RetentionReport.self) { group in
+                    for _ in 0..<4 {
+                        group.addTask {
+                            let instance = try PostgresIngestStore(settings: settings, logger: testLogger)
+                            return try await withRunning(instance) { _ in
+                                try await instance.runRetention(Self.retention, now: testNow, options: RetentionRunOptions(skipIfRanWithin: .seconds(1800)))
+                            }
+                        }
+                    }
+                    var reports: [RetentionReport] = []
+                    for try await report in group { reports.append(report) }
+                    return reports
+                }
+                let completed = reports.filter { $0.skipped == nil }
+                #expect(completed.count == 1)
+                #expect(reports.filter { $0.skipped != nil }.count == 3)
+                let dropped = try #require(completed.first).partitionsDropped.count
+                #expect(dropped > 0)
+                #expect(
+                    try await PostgresStoreTests.count(settings, "SELECT count(*)::int8 FROM pg_inherits WHERE inhparent = 'readings'::regclass")
+                        == partitionsBefore - dropped)
+            }
+        }
+    }
+
+    @Test func theScheduleRunsInTheServiceAndCountsWhatWent() async throws {
+        try await withFreshStore(.sqlite) { store in
+            let device = try await StoreConformanceTests.device(in: store)
+            let ancient = Timestamp(microseconds: testNow.microseconds - 200 * 86_400_000_000)
+            _ = try await store.store(try phBatch(sequences: 1...40, start: ancient), for: device, receivedAt: testNow)
+            let registry = PrometheusCollectorRegistry()
+            let service = RetentionService(
+                store: try #require(store as? any RetentionStore), retention: IngestConfiguration.Retention(), metrics: RetentionMetrics(registry: registry),
+                logger: testLogger, now: { testNow })
+            let report = try #require(await service.runOnce())
+            #expect(report.rawRowsDeleted == 40)
+            #expect(try await Self.stored(store, device: device).isEmpty)
+            let text = String(decoding: registry.emitToBuffer(), as: UTF8.self)
+            #expect(text.contains(#"farmgate_ingest_retention_rows_removed_total{table="readings"} 40"#))
+            #expect(text.contains(#"farmgate_ingest_retention_runs_total{outcome="completed"} 1"#))
+            #expect(text.contains("farmgate_ingest_retention_last_run_time_seconds "))
+            #expect(!text.contains("farmgate_ingest_retention_last_run_time_seconds 0"))
+        }
+    }
+
+    /// Runs `body` while another session holds the retention advisory lock.
+    static func holdingRetentionLock<T: Sendable>(_ settings: PostgresSettings, _ body: @Sendable () async throws -> T) async throws -> T {
+        guard case .unixSocket(let path) = settings.endpoint else { throw MissingTestDatabase() }
+        let client = PostgresClient(
+            configuration: .init(unixSocketPath: path, username: settings.username, password: settings.password, database: settings.database))
+        return try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { await client.run() }
+            defer { group.cancelAll() }
+            return try await client.withConnection { connection in
+                try await connection.query("SELECT pg_advisory_lock(\(PostgresSchema.retentionLock))", logger: testLogger)
+                let result = try await body()
+                try await connection.query("SELECT pg_advisory_unlock(\(PostgresSchema.retentionLock))", logger: testLogger)
+                return result
+            }
+        }
+    }
+}
+
+/// A retention run on SQLite that deletes millions of rows never holds the writer for long: batches are stored and
+/// answered between its small transactions, while it still has most of its work ahead of it.
+@Suite struct RetentionUnderLoadTests {
+    @Test func batchesAreAnsweredWhileAMultiMillionRowDeleteRuns() async throws {
+        try await withFreshStore(.sqlite) { store in
+            let sqlite = try #require(store as? SQLiteIngestStore)
+            let device = try await StoreConformanceTests.device(in: store)
+            _ = try await store.store(try phBatch(sequences: 1...10), for: device, receivedAt: testNow)
+            let sensor = try #require(try await store.sensor(farmID: device.farmID, device: device.device, sensor: try sensorID("tank1.ph"))).rowID
+            // Two million readings 200 days old, written straight into the file (through the store it would take minutes).
+            let old = 2_000_000
+            let start = testNow.microseconds - 200 * 86_400_000_000
+            let path = sqlite.path
+            try await runOffPool {
+                let connection = try SQLiteConnection(path: path, mode: .readWrite, busyTimeoutMilliseconds: 30_000)
+                try connection.transaction {
+                    try connection.query(
+                        """
+                        WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < ?)
+                        INSERT INTO readings(device_id, sequence, sensor_id, timestamp_us, value, flags, received_at_us)
+                        SELECT ?, 1000 + i, ?, ? + i * 1000000, 6.5, 0, ? FROM n
+                        """, [.integer(Int64(old - 1)), .integer(device.rowID), .integer(sensor), .integer(start), .integer(testNow.microseconds)])
+                    try connection.query("UPDATE devices SET highest_sequence = ? WHERE id = ?", [.integer(Int64(1000 + old)), .integer(device.rowID)])
+                }
+            }
+            let removed = RemovedRows()
+            let retention = Task {
+                try await sqlite.runRetention(IngestConfiguration.Retention(), now: testNow, options: RetentionRunOptions(progress: { removed.set($0) }))
+            }
+            #expect(await eventually(timeout: .seconds(120)) { removed.value > 0 })
+            // Twenty batches, one after another, while the delete runs: each is answered after at most one of its
+            // transactions, so all of them are done long before the delete is.
+            var next: UInt64 = 10_000_000
+            var answeredWhileDeleting = 0
+            for _ in 0..<20 {
+                let outcome = try await store.store(try phBatch(sequences: next..<next + 500), for: device, receivedAt: testNow)
+                #expect(outcome.accepted == 500)
+                next += 500
+                let progress = removed.value
+                if progress > 0, progress < old { answeredWhileDeleting += 1 }
+            }
+            #expect(answeredWhileDeleting == 20, "batches answered while the delete still had rows to remove")
+            let report = try await retention.value
+            #expect(report.rawRowsDeleted == old)
+            #expect(try await store.exportPage(device: device, afterSequence: nil, limit: 20).first?.sequence == 1)
+        }
+    }
+}
+
+/// The rows a retention run reports removed so far.
+final class RemovedRows: Sendable {
+    private let count = Mutex(0)
+    var value: Int { count.withLock { $0 } }
+    func set(_ value: Int) { count.withLock { $0 = value } }
+}
