@@ -188,6 +188,8 @@ public struct IngestConfiguration: Sendable, Hashable {
     public var limits: Limits
     /// `[log]`.
     public var log: Log
+    /// `[notify]`: delivery of alert notifications (``NotifyConfiguration``).
+    public var notify = NotifyConfiguration()
 
     /// Creates a configuration; every section defaults as documented on its properties.
     public init(server: Server = Server(), storage: Storage = Storage(), limits: Limits = Limits(), log: Log = Log()) {
@@ -237,7 +239,7 @@ public struct IngestConfiguration: Sendable, Hashable {
 
     init(table: ConfigTable, baseDirectory: String, environment: [String: String]) throws(ConfigurationError) {
         self.init()
-        try table.checkKeys(["server", "storage", "limits", "log"])
+        try table.checkKeys(["server", "storage", "limits", "log", "notify"])
 
         if let section = try table.table("server") {
             try section.checkKeys(["host", "port", "idle_timeout", "header_timeout", "body_timeout", "max_connections"])
@@ -350,6 +352,7 @@ public struct IngestConfiguration: Sendable, Hashable {
             let levels = Dictionary(uniqueKeysWithValues: Logger.Level.allCases.map { ($0.rawValue, $0) })
             if let level = try section.choice("level", levels) { log.level = level }
         }
+        try parseNotify(table, baseDirectory: baseDirectory)
     }
 
     /// `path` as given when absolute, else relative to `directory` (the configuration file's).
