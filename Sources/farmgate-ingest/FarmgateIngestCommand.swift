@@ -20,6 +20,7 @@ struct FarmgateIngestCommand: AsyncParsableCommand {
             """,
         subcommands: [
             ServeCommand.self, MigrateCommand.self, FarmCommand.self, DeviceCommand.self, TokenCommand.self, ExportCommand.self,
+            AlertCommand.self,
         ]
     )
 }
@@ -134,10 +135,14 @@ struct ServeCommand: AsyncParsableCommand {
             ])
         // The store first: it starts before the server and stops after it. The server listens only once the schema is
         // current (several instances starting at once migrate one after another, under an advisory lock).
+        var services: [any Service] = [store, MigrateThenServe(store: store, app: app, storage: configuration.storage.displayName, logger: logger)]
+        // The notification workers after the server (they stop first, before the store), also only on a current schema.
+        if let delivery = try makeNotificationDelivery(configuration, store: store, registry: registry, logger: logger) {
+            services.append(MigrateThenServe(store: store, app: delivery, storage: configuration.storage.displayName, logger: logger))
+        }
         let group = ServiceGroup(
             configuration: ServiceGroupConfiguration(
-                services: [store, MigrateThenServe(store: store, app: app, storage: configuration.storage.displayName, logger: logger)]
-                    + (notifier.map { [$0] } ?? []),
+                services: services + (notifier.map { [$0] } ?? []),
                 gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         do {
             try await group.run()
@@ -163,6 +168,18 @@ struct MigrateThenServe<App: Service>: Service {
             throw MigrationFailed(description: "cannot migrate the store \(storage): \(error)")
         }
         try await app.run()
+    }
+}
+
+/// The delivery workers of `[notify]`, or nil when they are turned off; exits 78 when `[notify] ca_file` is not PEM.
+func makeNotificationDelivery(
+    _ configuration: IngestConfiguration, store: any IngestStore, registry: PrometheusCollectorRegistry, logger: Logger
+) throws -> NotificationDelivery? {
+    guard configuration.notify.enabled, let outbox = store as? any NotificationOutboxStore else { return nil }
+    do {
+        return try NotificationDelivery(store: outbox, configuration: configuration.notify, metrics: NotificationMetrics(registry: registry), logger: logger)
+    } catch {
+        throw failure("\(error)", code: 78)
     }
 }
 

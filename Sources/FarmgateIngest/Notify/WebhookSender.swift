@@ -78,12 +78,8 @@ public final class WebhookSender: Sendable {
         try? await client.shutdown()
     }
 
-    /// The URL without user information or query (which may hold a token), for messages.
+    /// `scheme://host:port/…`: webhook paths and queries often hold a token (chat services), so they are never printed.
     static func redacted(_ url: String) -> String {
-        guard var components = URLComponents(string: url) else { return "the receiver's URL" }
-        components.user = nil
-        components.password = nil
-        components.query = nil
-        return components.string ?? "the receiver's URL"
+        AlertDeliveryAdmin.redactedURL(url)
     }
 }
