@@ -139,6 +139,8 @@ let package = Package(
                 "FarmgateAgent",
                 "FarmgateIngest",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                // The local webhook receiver of `farmgate-bench notify`.
+                .product(name: "Hummingbird", package: "hummingbird"),
             ],
             swiftSettings: swiftSettings
         ),
