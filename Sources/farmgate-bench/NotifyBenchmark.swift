@@ -41,9 +41,12 @@ struct NotifyBench: AsyncParsableCommand {
             return .ok
         }
         let port = Atomic<Int>(0)
+        var serverLogger = logger
+        // The server is cancelled at the end, which it would log as an error.
+        serverLogger.logLevel = .critical
         let app = Application(
             router: router, configuration: .init(address: .hostname("127.0.0.1", port: 0)),
-            onServerRunning: { channel in port.store(channel.localAddress?.port ?? 0, ordering: .relaxed) }, logger: logger)
+            onServerRunning: { channel in port.store(channel.localAddress?.port ?? 0, ordering: .relaxed) }, logger: serverLogger)
 
         let store = try SQLiteIngestStore(path: directory + "/ingest.sqlite", logger: logger)
         defer { store.close() }

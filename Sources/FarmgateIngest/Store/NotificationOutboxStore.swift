@@ -1,4 +1,5 @@
 public import FarmgateWire
+import Foundation
 
 /// Where alert receivers and the notification outbox live (`alert_receivers`, `alert_outbox`): the role the delivery
 /// workers (``NotificationDelivery``) and the `farmgate-ingest alert receiver|outbox` commands use.
@@ -289,5 +290,18 @@ extension Duration {
     var wholeMicroseconds: Int64 {
         let (seconds, attoseconds) = components
         return seconds * 1_000_000 + attoseconds / 1_000_000_000_000
+    }
+}
+
+/// The payload column: JSON of ``AlertNotification`` with sorted keys, as the engine writes it.
+enum OutboxPayload {
+    static func encode(_ notification: AlertNotification) throws -> String {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        return String(decoding: try encoder.encode(notification), as: UTF8.self)
+    }
+
+    static func decode(_ text: String) throws -> AlertNotification {
+        try JSONDecoder().decode(AlertNotification.self, from: Data(text.utf8))
     }
 }

@@ -251,20 +251,7 @@ private func optional(_ text: String?) -> SQLiteValue {
     text.map { .text($0) } ?? .null
 }
 
-/// The payload column: JSON of ``AlertNotification`` with sorted keys, as the engine writes it.
-enum OutboxPayload {
-    static func encode(_ notification: AlertNotification) throws -> String {
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
-        return String(decoding: try encoder.encode(notification), as: UTF8.self)
-    }
-
-    static func decode(_ text: String) throws -> AlertNotification {
-        try JSONDecoder().decode(AlertNotification.self, from: Data(text.utf8))
-    }
-}
-
-/// The `UPDATE ... SET` part of a completion, shared in shape by both stores.
+/// The `UPDATE ... SET` part of a completion on SQLite.
 enum OutboxCompletionSQL {
     static func sqlite(_ outcome: OutboxCompletion) -> (String, [SQLiteValue]) {
         switch outcome {
