@@ -24,7 +24,6 @@ public final class NotificationDelivery: Service {
     /// `claimed_by` of this instance's claims: host, process id and a random part.
     public let instanceID: String
     private let store: any NotificationOutboxStore
-    private let notifier: Notifier
     private let configuration: NotifyConfiguration
     private let metrics: NotificationMetrics?
     private let logger: Logger
@@ -50,7 +49,9 @@ public final class NotificationDelivery: Service {
         self.metrics = metrics
         self.logger = logger
         self.instanceID = instanceID ?? Self.defaultInstanceID()
-        notifier = try Notifier(configuration: configuration, logger: logger)
+        // The HTTP client is made in run() (it must be shut down, which a service that never ran could not do); the CA
+        // file is checked now, so that `serve` refuses a bad one at start.
+        try Notifier.checkCAFile(configuration)
         (wakeups, wakeupContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
     }
 
@@ -60,6 +61,7 @@ public final class NotificationDelivery: Service {
     }
 
     public func run() async throws {
+        let notifier = try Notifier(configuration: configuration, logger: logger)
         logger.info("notification delivery started", metadata: ["notify.instance": "\(instanceID)"])
         let interval = configuration.pollInterval
         await withDiscardingTaskGroup { group in
@@ -77,7 +79,7 @@ public final class NotificationDelivery: Service {
                     let claimed = await claim()
                     for notification in claimed {
                         group.addTask {
-                            await self.deliver(notification)
+                            await self.deliver(notification, notifier: notifier)
                             self.finished(notification.receiver.id)
                         }
                     }
@@ -132,7 +134,7 @@ public final class NotificationDelivery: Service {
     }
 
     /// Waits for the row's send slot, sends it, and records the outcome under the claim.
-    private func deliver(_ claimed: ClaimedNotification) async {
+    private func deliver(_ claimed: ClaimedNotification, notifier: Notifier) async {
         let entry = claimed.entry
         var metadata: Logger.Metadata = [
             "notify.id": "\(entry.id)", "notify.receiver": "\(claimed.receiver.name)", "notify.farm": "\(entry.farm)",

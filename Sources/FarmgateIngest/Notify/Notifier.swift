@@ -53,6 +53,11 @@ public final class Notifier: Sendable {
         }
     }
 
+    /// Throws ``DeliveryFailure`` when `[notify] ca_file` is set and holds no PEM certificate.
+    public static func checkCAFile(_ configuration: NotifyConfiguration) throws(DeliveryFailure) {
+        try WebhookSender.trustRoots(configuration)
+    }
+
     /// Closes the webhook client's connections.
     public func shutdown() async {
         await webhook.shutdown()

@@ -17,19 +17,26 @@ public final class WebhookSender: Sendable {
     /// - Throws: ``DeliveryFailure`` when the CA file cannot be loaded.
     public init(configuration: NotifyConfiguration, logger: Logger) throws {
         var tls = TLSConfiguration.makeClientConfiguration()
-        if let caFile = configuration.caFile {
-            do {
-                tls.trustRoots = .certificates(try NIOSSLCertificate.fromPEMFile(caFile))
-            } catch {
-                throw DeliveryFailure("cannot load the CA file \(caFile) ([notify] ca_file): \(error); it must hold PEM certificates", retryable: false)
-            }
-        }
+        if let roots = try Self.trustRoots(configuration) { tls.trustRoots = roots }
         let http = HTTPClient.Configuration(
             tlsConfiguration: tls, redirectConfiguration: .disallow,
             timeout: .init(connect: .nanoseconds(Int64(configuration.connectTimeout.wholeMicroseconds) * 1000)), proxy: nil,
             decompression: .disabled)
         client = HTTPClient(eventLoopGroup: HTTPClient.defaultEventLoopGroup, configuration: http, backgroundActivityLogger: logger)
         timeout = configuration.requestTimeout
+    }
+
+    /// The CAs of `[notify] ca_file`, or nil for the system's. Throws when the file holds no PEM certificate.
+    @discardableResult
+    static func trustRoots(_ configuration: NotifyConfiguration) throws(DeliveryFailure) -> NIOSSLTrustRoots? {
+        guard let caFile = configuration.caFile else { return nil }
+        do {
+            let certificates = try NIOSSLCertificate.fromPEMFile(caFile)
+            guard !certificates.isEmpty else { throw DeliveryFailure("no certificate", retryable: false) }
+            return .certificates(certificates)
+        } catch {
+            throw DeliveryFailure("cannot load the CA file \(caFile) ([notify] ca_file): \(error); it must hold PEM certificates", retryable: false)
+        }
     }
 
     /// Posts `body` to `url` with `headers`; returns the status when it is 2xx.
