@@ -37,6 +37,8 @@ public final class NotificationDelivery: Service {
         var busy: [Int64: Int] = [:]
         var inFlight = 0
         var stopping = false
+        /// When a failed claim was last logged: a store that is down is said once a minute, not at every poll.
+        var claimErrorLogged: ContinuousClock.Instant?
     }
 
     /// - Throws: ``DeliveryFailure`` when `[notify] ca_file` cannot be loaded.
@@ -108,11 +110,20 @@ public final class NotificationDelivery: Service {
         do {
             claimed = try await store.claimNotifications(request)
         } catch {
-            logger.error(
-                "cannot claim notifications from the outbox; trying again at the next poll",
-                metadata: ["error": "\(String(reflecting: error))", "notify.instance": "\(instanceID)"])
+            let now = ContinuousClock.now
+            let log = state.withLock { state in
+                guard state.claimErrorLogged.map({ now - $0 >= .seconds(60) }) ?? true else { return false }
+                state.claimErrorLogged = now
+                return true
+            }
+            if log {
+                logger.error(
+                    "cannot claim notifications from the outbox; trying again at every poll (said again in a minute if it lasts)",
+                    metadata: ["error": "\(String(reflecting: error))", "notify.instance": "\(instanceID)"])
+            }
             return []
         }
+        state.withLock { $0.claimErrorLogged = nil }
         let inFlight = state.withLock { state in
             for notification in claimed { state.busy[notification.receiver.id, default: 0] += 1 }
             state.inFlight += claimed.count
