@@ -40,6 +40,11 @@ let package = Package(
         .package(url: "https://github.com/x-sheep/swift-property-based.git", from: "2.0.0"),
         // The ingest's PostgreSQL store (pooled PostgresClient). FarmgateIngest only: the site binary never links it.
         .package(url: "https://github.com/vapor/postgres-nio.git", from: "1.21.0"),
+        // The ingest's alert webhooks (non-blocking HTTP over the NIO event loops it already runs), and TLS for the
+        // tests' SMTP sink (STARTTLS). FarmgateIngest and the tests only: the site binary never links them.
+        .package(url: "https://github.com/swift-server/async-http-client.git", from: "1.21.0"),
+        .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.27.0"),
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.65.0"),
     ],
     targets: [
         // MARK: C libraries from Debian (see README "Building")
@@ -99,6 +104,9 @@ let package = Package(
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "TOMLKit", package: "TOMLKit"),
                 .product(name: "PostgresNIO", package: "postgres-nio"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                // E-mail notifications through libcurl's SMTP (STARTTLS, AUTH), on threads of their own.
+                "CCurl",
             ],
             swiftSettings: swiftSettings
         ),
@@ -131,6 +139,8 @@ let package = Package(
                 "FarmgateAgent",
                 "FarmgateIngest",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                // The local webhook receiver of `farmgate-bench notify`.
+                .product(name: "Hummingbird", package: "hummingbird"),
             ],
             swiftSettings: swiftSettings
         ),
@@ -138,7 +148,13 @@ let package = Package(
         // MARK: Tests
         .target(
             name: "FarmgateTestSupport",
-            dependencies: ["CModbus"],
+            dependencies: [
+                "CModbus",
+                // The SMTP sink (STARTTLS with a test certificate).
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            ],
             path: "Tests/FarmgateTestSupport",
             swiftSettings: swiftSettings
         ),

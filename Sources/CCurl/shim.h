@@ -47,4 +47,9 @@ static inline CURLcode fg_curl_global_init_default(void) {
 static inline size_t fg_curl_error_size(void) {
     return CURL_ERROR_SIZE;
 }
+// Added for the ingest's SMTP notifications: the message is read from memory by this callback.
+typedef size_t (*fg_curl_read_callback)(char *buffer, size_t size, size_t nitems, void *userdata);
+static inline CURLcode fg_curl_setopt_read_function(CURL *handle, fg_curl_read_callback cb) {
+    return curl_easy_setopt(handle, CURLOPT_READFUNCTION, cb);
+}
 #endif

@@ -16,6 +16,7 @@ struct FarmgateBench: AsyncParsableCommand {
             LatestBench.self,
             PostgresBench.self,
             RollupBench.self,
+            NotifyBench.self,
             AllBenchmarks.self,
         ]
     )

@@ -22,6 +22,7 @@ struct FarmgateIngestCommand: AsyncParsableCommand {
             ServeCommand.self, MigrateCommand.self, FarmCommand.self, DeviceCommand.self, TokenCommand.self, ExportCommand.self,
             EnrollTokenCommand.self,
             RetentionCommand.self,
+            AlertCommand.self,
         ]
     )
 }
@@ -144,10 +145,15 @@ struct ServeCommand: AsyncParsableCommand {
         }
         // The store first: it starts before the server and stops after it. The server listens only once the schema is
         // current (several instances starting at once migrate one after another, under an advisory lock).
+        var services: [any Service] =
+            [store] + (listener.map { [$0] } ?? []) + [MigrateThenServe(store: store, app: app, storage: configuration.storage.displayName, logger: logger)]
+        // The notification workers after the server (they stop first, before the store), also only on a current schema.
+        if let delivery = try makeNotificationDelivery(configuration, store: store, registry: registry, logger: logger) {
+            services.append(MigrateThenServe(store: store, app: delivery, storage: configuration.storage.displayName, logger: logger))
+        }
         let group = ServiceGroup(
             configuration: ServiceGroupConfiguration(
-                services: ([store] as [any Service]) + (listener.map { [$0] } ?? []) + [MigrateThenServe(store: store, app: app, storage: configuration.storage.displayName, logger: logger)]
-                    + (retention.map { [$0] } ?? []) + (notifier.map { [$0] } ?? []),
+                services: services + (retention.map { [$0] } ?? []) + (notifier.map { [$0] } ?? []),
                 gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         do {
             try await group.run()
@@ -173,6 +179,18 @@ struct MigrateThenServe<App: Service>: Service {
             throw MigrationFailed(description: "cannot migrate the store \(storage): \(error)")
         }
         try await app.run()
+    }
+}
+
+/// The delivery workers of `[notify]`, or nil when they are turned off; exits 78 when `[notify] ca_file` is not PEM.
+func makeNotificationDelivery(
+    _ configuration: IngestConfiguration, store: any IngestStore, registry: PrometheusCollectorRegistry, logger: Logger
+) throws -> NotificationDelivery? {
+    guard configuration.notify.enabled, let outbox = store as? any NotificationOutboxStore else { return nil }
+    do {
+        return try NotificationDelivery(store: outbox, configuration: configuration.notify, metrics: NotificationMetrics(registry: registry), logger: logger)
+    } catch {
+        throw failure("\(error)", code: 78)
     }
 }
 

@@ -167,7 +167,7 @@ struct SequenceStoreTests {
 
         let store = try SQLiteIngestStore(path: path, logger: testLogger)
         defer { store.close() }
-        #expect(try await store.migrate().map(\.version) == SQLiteSchema.migrations.map(\.version).filter { $0 >= 2 })
+        #expect(try await store.migrate().map(\.version) == SQLiteSchema.migrations.dropFirst().map(\.version))
         let d1 = DeviceIdentity(farmID: 1, farm: "f1", rowID: 1, device: try deviceID("d1"))
         let d2 = DeviceIdentity(farmID: 1, farm: "f1", rowID: 2, device: try deviceID("d2"))
         #expect(try await store.highestSequence(device: d1) == 41)

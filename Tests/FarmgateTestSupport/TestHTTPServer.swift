@@ -25,6 +25,8 @@ public enum TestResponse: Sendable {
     case hang
     /// Closes the connection without answering.
     case close
+    /// Resets the connection (RST, through SO_LINGER 0) without answering.
+    case reset
     /// Waits, then does what the inner response says.
     indirect case delayed(Duration, TestResponse)
 
@@ -213,6 +215,10 @@ public final class TestHTTPServer: Sendable {
                 while fill() {}
                 return
             case .close:
+                return
+            case .reset:
+                var linger = linger(l_onoff: 1, l_linger: 0)
+                setsockopt(socket, SOL_SOCKET, SO_LINGER, &linger, socklen_t(MemoryLayout<linger>.size))
                 return
             }
         }

@@ -199,6 +199,8 @@ public struct IngestConfiguration: Sendable, Hashable {
     public var log: Log
     /// `[retention]`.
     public var retention: Retention
+    /// `[notify]`: delivery of alert notifications (``NotifyConfiguration``).
+    public var notify = NotifyConfiguration()
 
     /// Creates a configuration; every section defaults as documented on its properties.
     public init(
@@ -251,7 +253,7 @@ public struct IngestConfiguration: Sendable, Hashable {
 
     init(table: ConfigTable, baseDirectory: String, environment: [String: String]) throws(ConfigurationError) {
         self.init()
-        try table.checkKeys(["server", "storage", "limits", "log", "retention"])
+        try table.checkKeys(["server", "storage", "limits", "log", "retention", "notify"])
 
         if let section = try table.table("server") {
             try section.checkKeys(["host", "port", "idle_timeout", "header_timeout", "body_timeout", "max_connections", "trusted_proxies"])
@@ -370,6 +372,7 @@ public struct IngestConfiguration: Sendable, Hashable {
             let levels = Dictionary(uniqueKeysWithValues: Logger.Level.allCases.map { ($0.rawValue, $0) })
             if let level = try section.choice("level", levels) { log.level = level }
         }
+        try parseNotify(table, baseDirectory: baseDirectory)
     }
 
     /// `path` as given when absolute, else relative to `directory` (the configuration file's).

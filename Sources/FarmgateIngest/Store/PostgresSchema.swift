@@ -281,6 +281,17 @@ enum PostgresSchema {
         Migration(
             version: 7, name: "calibrations: calibration events, once per (device, event id)",
             statements: PostgresSchema.calibrations),
+        Migration(
+            version: 8, name: "alert delivery: per-receiver pacing, last attempt, due rows by receiver",
+            statements: [
+                "ALTER TABLE alert_receivers ADD COLUMN next_send_at_us bigint NOT NULL DEFAULT 0",
+                "ALTER TABLE alert_outbox ADD COLUMN last_attempt_at_us bigint",
+                """
+                CREATE INDEX alert_outbox_due_by_receiver ON alert_outbox (receiver_id, next_attempt_at_us)
+                WHERE state IN ('pending', 'delivering')
+                """,
+                "CREATE INDEX alert_outbox_by_state ON alert_outbox (state, id)",
+            ]),
     ]
 
     static var currentVersion: Int { migrations.last?.version ?? 0 }

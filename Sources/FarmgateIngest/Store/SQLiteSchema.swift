@@ -156,6 +156,15 @@ enum SQLiteSchema {
                 );
                 CREATE INDEX enrollment_tokens_by_device ON enrollment_tokens(farm_id, device_name);
                 """),
+        Migration(
+            version: 8, name: "alert delivery: per-receiver pacing, last attempt, due rows by receiver",
+            sql: """
+                ALTER TABLE alert_receivers ADD COLUMN next_send_at_us INTEGER NOT NULL DEFAULT 0;
+                ALTER TABLE alert_outbox ADD COLUMN last_attempt_at_us INTEGER;
+                CREATE INDEX alert_outbox_due_by_receiver ON alert_outbox(receiver_id, next_attempt_at_us)
+                    WHERE state IN ('pending', 'delivering');
+                CREATE INDEX alert_outbox_by_state ON alert_outbox(state, id);
+                """),
     ]
 
     /// Migration 6: the rollup tables (see ``RollupLevel``), and the rollups of every reading already stored, so that

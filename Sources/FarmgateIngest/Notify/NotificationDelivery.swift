@@ -1,0 +1,221 @@
+import FarmgateWire
+import Foundation
+public import Logging
+public import ServiceLifecycle
+import Synchronization
+
+/// The delivery workers: a `Service` in `serve`'s group that claims due outbox rows, sends them, and records the outcome.
+///
+/// - Claims go through ``NotificationOutboxStore/claimNotifications(_:)``: exclusive across instances, paced per
+///   receiver (`max_per_minute`), at most ``NotifyConfiguration/perReceiver`` in flight per receiver and
+///   ``NotifyConfiguration/maxInFlight`` in all at this instance. So a slow or dead receiver holds only its own few
+///   slots, never another receiver's, and never anything of the ingest's request path (deliveries are tasks of their
+///   own; webhooks are non-blocking I/O, SMTP runs on threads of its own).
+/// - A failure is retried after `backoff_initial · 2^(attempt−1)` (capped at `backoff_max`, drawn between half and all
+///   of it), or the receiver's `Retry-After`; after `max_attempts`, or at once for a refusal that a retry cannot change,
+///   the row is a dead letter (`alert outbox list --state dead`, `alert outbox retry ID`, the metric
+///   `farmgate_ingest_notification_outbox{state="dead"}`).
+/// - Every attempt of a row carries the row's idempotency key. An instance killed mid-delivery leaves its claim, which
+///   expires after `claim_timeout`; then any instance delivers the row again with the same key.
+///
+/// On graceful shutdown it stops claiming and lets the deliveries in flight finish (each is bounded by
+/// `request_timeout`); a delivery cut short by a hard stop is retried after its claim expires.
+public final class NotificationDelivery: Service {
+    /// `claimed_by` of this instance's claims: host, process id and a random part.
+    public let instanceID: String
+    private let store: any NotificationOutboxStore
+    private let configuration: NotifyConfiguration
+    private let metrics: NotificationMetrics?
+    private let logger: Logger
+    /// Wakes the polling loop: a tick every `poll_interval`, a delivery that finished, the engine's ``wake()``.
+    /// Coalesced: one pending wake-up is kept, none is lost.
+    private let wakeups: AsyncStream<Void>
+    private let wakeupContinuation: AsyncStream<Void>.Continuation
+    private let state = Mutex(State())
+
+    private struct State {
+        var busy: [Int64: Int] = [:]
+        var inFlight = 0
+        var stopping = false
+        /// When a failed claim was last logged: a store that is down is said once a minute, not at every poll.
+        var claimErrorLogged: ContinuousClock.Instant?
+    }
+
+    /// - Throws: ``DeliveryFailure`` when `[notify] ca_file` cannot be loaded.
+    public init(
+        store: any NotificationOutboxStore, configuration: NotifyConfiguration, metrics: NotificationMetrics? = nil, logger: Logger,
+        instanceID: String? = nil
+    ) throws {
+        self.store = store
+        self.configuration = configuration
+        self.metrics = metrics
+        self.logger = logger
+        self.instanceID = instanceID ?? Self.defaultInstanceID()
+        // The HTTP client is made in run() (it must be shut down, which a service that never ran could not do); the CA
+        // file is checked now, so that `serve` refuses a bad one at start.
+        try Notifier.checkCAFile(configuration)
+        (wakeups, wakeupContinuation) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
+    }
+
+    /// Looks at the outbox now rather than at the next poll: for a caller that has just written rows (the engine).
+    public func wake() {
+        wakeupContinuation.yield()
+    }
+
+    public func run() async throws {
+        let notifier = try Notifier(configuration: configuration, logger: logger)
+        logger.info("notification delivery started", metadata: ["notify.instance": "\(instanceID)"])
+        let interval = configuration.pollInterval
+        await withDiscardingTaskGroup { group in
+            group.addTask {
+                while !Task.isCancelled, !self.state.withLock({ $0.stopping }) {
+                    try? await Task.sleep(for: interval)
+                    self.wake()
+                }
+            }
+            await withGracefulShutdownHandler {
+                var lastCounts = ContinuousClock.now - .seconds(3600)
+                wake()
+                for await _ in wakeups {
+                    guard !state.withLock({ $0.stopping }) else { break }
+                    let claimed = await claim()
+                    for notification in claimed {
+                        group.addTask {
+                            await self.deliver(notification, notifier: notifier)
+                            self.finished(notification.receiver.id)
+                        }
+                    }
+                    if ContinuousClock.now - lastCounts >= max(interval, .seconds(10)) {
+                        lastCounts = ContinuousClock.now
+                        if let metrics, let counts = try? await store.outboxCounts() { metrics.outbox(counts) }
+                    }
+                }
+            } onGracefulShutdown: {
+                self.state.withLock { $0.stopping = true }
+                self.wakeupContinuation.finish()
+            }
+        }
+        await notifier.shutdown()
+        logger.info("notification delivery stopped", metadata: ["notify.instance": "\(instanceID)"])
+    }
+
+    /// Claims what this instance has room for; reserves the room before the deliveries start.
+    private func claim() async -> [ClaimedNotification] {
+        let (free, busy) = state.withLock { state in (configuration.maxInFlight - state.inFlight, state.busy) }
+        guard free > 0 else { return [] }
+        let request = OutboxClaimRequest(
+            claimant: instanceID, now: .now(), claimDuration: configuration.claimTimeout, lookahead: configuration.pollInterval, limit: free,
+            perReceiver: configuration.perReceiver, busy: busy, maxAttempts: configuration.maxAttempts)
+        let claimed: [ClaimedNotification]
+        do {
+            claimed = try await store.claimNotifications(request)
+        } catch {
+            let now = ContinuousClock.now
+            let log = state.withLock { state in
+                guard state.claimErrorLogged.map({ now - $0 >= .seconds(60) }) ?? true else { return false }
+                state.claimErrorLogged = now
+                return true
+            }
+            if log {
+                logger.error(
+                    "cannot claim notifications from the outbox; trying again at every poll (said again in a minute if it lasts)",
+                    metadata: ["error": "\(String(reflecting: error))", "notify.instance": "\(instanceID)"])
+            }
+            return []
+        }
+        state.withLock { $0.claimErrorLogged = nil }
+        let inFlight = state.withLock { state in
+            for notification in claimed { state.busy[notification.receiver.id, default: 0] += 1 }
+            state.inFlight += claimed.count
+            return state.inFlight
+        }
+        metrics?.inFlight(inFlight)
+        return claimed
+    }
+
+    private func finished(_ receiver: Int64) {
+        let inFlight = state.withLock { state in
+            state.busy[receiver, default: 1] -= 1
+            if state.busy[receiver] == 0 { state.busy[receiver] = nil }
+            state.inFlight -= 1
+            return state.inFlight
+        }
+        metrics?.inFlight(inFlight)
+        wake()
+    }
+
+    /// Waits for the row's send slot, sends it, and records the outcome under the claim.
+    private func deliver(_ claimed: ClaimedNotification, notifier: Notifier) async {
+        let entry = claimed.entry
+        var metadata: Logger.Metadata = [
+            "notify.id": "\(entry.id)", "notify.receiver": "\(claimed.receiver.name)", "notify.farm": "\(entry.farm)",
+            "notify.attempt": "\(entry.attempts)", "notify.key": "\(entry.idempotencyKey)",
+        ]
+        let wait = claimed.slot.microseconds - Timestamp.now().microseconds
+        if wait > 0 { try? await Task.sleep(for: .microseconds(wait)) }
+        let started = ContinuousClock.now
+        let completion: OutboxCompletion
+        let result: NotificationMetrics.Result
+        do {
+            let notification: AlertNotification
+            do {
+                notification = try OutboxPayload.decode(entry.payload)
+            } catch {
+                throw DeliveryFailure("the outbox payload is not a notification (\(error)); the alert engine wrote something this version cannot read", retryable: false)
+            }
+            let account = try await notifier.send(notification, idempotencyKey: entry.idempotencyKey, to: claimed.receiver)
+            completion = .delivered(at: .now())
+            result = .delivered
+            logger.debug("notification delivered", metadata: metadata.merging(["notify.result": "\(account)"]) { $1 })
+        } catch let failure as DeliveryFailure {
+            let now = Timestamp.now()
+            metadata["error"] = "\(failure.message)"
+            if !failure.retryable || entry.attempts >= configuration.maxAttempts {
+                completion = .dead(at: now, error: failure.message)
+                result = .dead
+                logger.error(
+                    failure.retryable
+                        ? "notification is a dead letter after its last attempt; retry it with `farmgate-ingest alert outbox retry`"
+                        : "the receiver refused the notification for good; it is a dead letter: fix the receiver, then `farmgate-ingest alert outbox retry`",
+                    metadata: metadata)
+            } else {
+                let delay = failure.retryAfter.map { min($0, configuration.backoffMax) } ?? Self.backoff(attempt: entry.attempts, configuration: configuration)
+                completion = .retry(at: Timestamp(microseconds: now.microseconds + delay.wholeMicroseconds), error: failure.message)
+                result = .retried
+                metadata["notify.retry_in"] = "\(delay)"
+                logger.warning("notification delivery failed; it will be retried", metadata: metadata)
+            }
+        } catch {
+            completion = .retry(at: .now(), error: "\(error)")
+            result = .retried
+        }
+        metrics?.attempt(result, kind: claimed.receiver.kind, duration: ContinuousClock.now - started)
+        do {
+            let applied = try await store.completeNotification(id: entry.id, claim: claimed.claim, outcome: completion)
+            if !applied {
+                logger.warning(
+                    "the claim on a notification expired before its delivery was recorded; another attempt may repeat it with the same idempotency key",
+                    metadata: metadata)
+            }
+        } catch {
+            metadata["error"] = "\(String(reflecting: error))"
+            logger.error(
+                "cannot record a notification's delivery; it will be sent again with the same idempotency key after its claim expires",
+                metadata: metadata)
+        }
+    }
+
+    /// `backoff_initial · 2^(attempt−1)`, at most `backoff_max`, drawn uniformly between half and all of it.
+    static func backoff(attempt: Int, configuration: NotifyConfiguration) -> Duration {
+        let initial = Double(configuration.backoffInitial.wholeMicroseconds)
+        let cap = Double(configuration.backoffMax.wholeMicroseconds)
+        let full = min(cap, initial * pow(2, Double(max(0, min(attempt - 1, 40)))))
+        return .microseconds(Int64(Double.random(in: (full / 2)...max(full / 2, full))))
+    }
+
+    static func defaultInstanceID() -> String {
+        let host = ProcessInfo.processInfo.hostName.split(separator: ".").first.map(String.init) ?? "host"
+        let random = String(UInt32.random(in: 0...UInt32.max), radix: 16)
+        return "\(host.prefix(40))/\(getpid())/\(random)"
+    }
+}

@@ -1,0 +1,124 @@
+public import FarmgateWire
+import Foundation
+public import Logging
+
+/// Renders a notification for its receiver and sends it: the Alertmanager webhook body with its signature and
+/// idempotency headers, or an e-mail. Used by the delivery workers and by `alert receiver test`.
+public final class Notifier: Sendable {
+    private let webhook: WebhookSender
+    private let smtp: SMTPSender
+    private let externalURL: String
+
+    /// - Throws: ``DeliveryFailure`` when `[notify] ca_file` cannot be loaded.
+    public init(configuration: NotifyConfiguration, logger: Logger) throws {
+        webhook = try WebhookSender(configuration: configuration, logger: logger)
+        smtp = SMTPSender(configuration: configuration)
+        externalURL = configuration.externalURL
+    }
+
+    /// Sends `notification` to `receiver` with `idempotencyKey`; returns a short account (`HTTP 200`, `mail accepted`).
+    ///
+    /// Webhooks carry `Idempotency-Key`, and, when the receiver has a secret, `X-Farmgate-Timestamp` and
+    /// `X-Farmgate-Signature` (``WebhookSignature``).
+    public func send(_ notification: AlertNotification, idempotencyKey: String, to receiver: AlertReceiver, now: Timestamp = .now()) async throws(DeliveryFailure)
+        -> String
+    {
+        let spec = receiver.spec
+        switch spec.kind {
+        case .webhook:
+            let body: [UInt8]
+            do {
+                body = try AlertmanagerWebhook(
+                    notification, receiver: spec.name, idempotencyKey: idempotencyKey, externalURL: externalURL, now: now
+                ).encoded()
+            } catch {
+                throw DeliveryFailure("cannot encode the notification: \(error)", retryable: false)
+            }
+            var headers = [("Idempotency-Key", idempotencyKey)]
+            if let secret = spec.secret, !secret.isEmpty {
+                let timestamp = now.microseconds / 1_000_000
+                headers.append((WebhookSignature.timestampHeader, String(timestamp)))
+                headers.append((WebhookSignature.signatureHeader, WebhookSignature.sign(body: body, timestamp: timestamp, secret: secret)))
+            }
+            let status = try await webhook.post(spec.url, headers: headers, body: body)
+            return "HTTP \(status)"
+        case .email:
+            guard let from = spec.emailFrom, let to = spec.emailTo else {
+                throw DeliveryFailure("receiver '\(spec.name)' has no --from or --email address; remove it and add it again", retryable: false)
+            }
+            let recipients = to.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+            let message = EmailMessage(notification, idempotencyKey: idempotencyKey, from: from, to: recipients, externalURL: externalURL, now: now)
+            try await smtp.send(message, url: spec.url, username: spec.username, password: spec.secret)
+            return "mail accepted by \(SMTPSender.redacted(spec.url))"
+        }
+    }
+
+    /// Throws ``DeliveryFailure`` when `[notify] ca_file` is set and holds no PEM certificate.
+    public static func checkCAFile(_ configuration: NotifyConfiguration) throws(DeliveryFailure) {
+        try WebhookSender.trustRoots(configuration)
+    }
+
+    /// Closes the webhook client's connections.
+    public func shutdown() async {
+        await webhook.shutdown()
+    }
+
+    /// The notification `alert receiver test` sends: a firing alert named `farmgate-test` that says it is a test.
+    public static func testNotification(farm: String, receiver: AlertReceiver, now: Timestamp) -> AlertNotification {
+        AlertNotification(
+            farm: farm, rule: "farmgate-test", alertID: 0, transitionID: now.microseconds, fingerprint: "farmgate-test-\(receiver.id)", status: .firing,
+            severity: "info", labels: ["alertname": "farmgate-test", "farm": farm, "severity": "info"],
+            summary: "Test notification from farmgate-ingest to receiver \(receiver.name)",
+            description: "Sent by `farmgate-ingest alert receiver test`; nothing is wrong.", startsAt: now)
+    }
+}
+
+/// What `alert receiver add` checks before storing a receiver.
+public enum AlertReceiverValidation {
+    /// Throws a message that says what to fix.
+    public static func validate(_ spec: AlertReceiverSpec) throws(AlertReceiverSpecError) {
+        do { _ = try DeviceID(spec.name) } catch {
+            throw AlertReceiverSpecError("invalid receiver name '\(spec.name.prefix(80))': use 1 to 64 characters of A-Z a-z 0-9 . _ -")
+        }
+        guard (1...100_000).contains(spec.maxPerMinute) else {
+            throw AlertReceiverSpecError("--max-per-minute must be between 1 and 100000 (got \(spec.maxPerMinute))")
+        }
+        let components = URLComponents(string: spec.url)
+        let scheme = components?.scheme?.lowercased() ?? ""
+        let host = components?.host ?? ""
+        switch spec.kind {
+        case .webhook:
+            guard scheme == "http" || scheme == "https", !host.isEmpty else {
+                throw AlertReceiverSpecError("--webhook must be an http:// or https:// URL with a host, such as https://hooks.example.net/farmgate (got '\(spec.url.prefix(200))')")
+            }
+        case .email:
+            guard scheme == "smtp" || scheme == "smtps", !host.isEmpty, (components?.path ?? "").count <= 1 else {
+                throw AlertReceiverSpecError(
+                    "--smtp must be smtp://HOST:PORT (STARTTLS, usually port 587) or smtps://HOST:PORT (TLS, usually 465) (got '\(spec.url.prefix(200))')")
+            }
+            for (option, address) in [("--from", spec.emailFrom)] + (spec.emailTo ?? "").split(separator: ",").map({ ("--email", String($0)) }) {
+                guard let address = address?.trimmingCharacters(in: .whitespaces), isAddress(address) else {
+                    throw AlertReceiverSpecError("\(option) must be an e-mail address such as grower@example.net (got '\((address ?? "").prefix(200))')")
+                }
+            }
+            guard let to = spec.emailTo, !to.trimmingCharacters(in: .whitespaces).isEmpty else {
+                throw AlertReceiverSpecError("--email needs at least one address")
+            }
+            if spec.secret != nil, (spec.username ?? "").isEmpty {
+                throw AlertReceiverSpecError("a password needs --username too")
+            }
+        }
+    }
+
+    /// `local@domain`, no spaces, angle brackets or control characters (they would break the SMTP envelope).
+    static func isAddress(_ text: String) -> Bool {
+        let parts = text.split(separator: "@", omittingEmptySubsequences: false)
+        return parts.count == 2 && !parts[0].isEmpty && !parts[1].isEmpty && text.count <= 254
+            && text.unicodeScalars.allSatisfy { $0.value > 32 && $0.value != 127 && !"<>,;\"".unicodeScalars.contains($0) }
+    }
+}
+
+public struct AlertReceiverSpecError: Error, Sendable, Hashable, CustomStringConvertible {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+}

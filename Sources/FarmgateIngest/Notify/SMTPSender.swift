@@ -1,0 +1,171 @@
+import CCurl
+import FarmgateSupport
+import Foundation
+import Synchronization
+
+/// Sends e-mail through libcurl's SMTP: `smtp://host:port` with STARTTLS required (the connection is refused when the
+/// server does not offer it, so no password or alert ever crosses the network in clear), or `smtps://` with TLS from
+/// the first byte. AUTH (PLAIN, LOGIN, or what else the server offers and libcurl prefers) with the receiver's user
+/// name and password, when it has them.
+///
+/// `curl_easy_perform` blocks: each message is sent on a thread of its own (``runOffPool(name:_:)``), never on the Swift
+/// concurrency pool, with an easy handle created and freed there. A whole conversation is bounded by
+/// ``NotifyConfiguration/requestTimeout``; cancelling the calling task aborts it within about a second.
+public struct SMTPSender: Sendable {
+    let connectTimeout: Duration
+    let timeout: Duration
+    let caFile: String?
+
+    public init(configuration: NotifyConfiguration) {
+        connectTimeout = configuration.connectTimeout
+        timeout = configuration.requestTimeout
+        caFile = configuration.caFile
+    }
+
+    /// Sends `message` to its recipients through the server at `url`.
+    ///
+    /// - Throws: ``DeliveryFailure``: not retryable for a refused login, a server without STARTTLS, a certificate that
+    ///   does not verify, or a permanent (5xx) SMTP answer; retryable for everything else.
+    public func send(_ message: EmailMessage, url: String, username: String?, password: String?) async throws(DeliveryFailure) {
+        guard SMTPCurlGlobal.initialized else { throw DeliveryFailure("curl_global_init failed", retryable: false) }
+        let cancelled = SMTPCancelFlag()
+        let settings = self
+        let outcome: Result<Void, DeliveryFailure>
+        do {
+            outcome = try await withTaskCancellationHandler {
+                try await runOffPool(name: "farmgate-smtp") {
+                    settings.perform(message, url: url, username: username, password: password, cancelled: cancelled)
+                }
+            } onCancel: {
+                cancelled.set()
+            }
+        } catch {
+            throw DeliveryFailure("cannot send mail: \(error)", retryable: true)
+        }
+        try outcome.get()
+    }
+
+    /// One SMTP conversation on the calling (dedicated) thread.
+    private func perform(_ message: EmailMessage, url: String, username: String?, password: String?, cancelled: SMTPCancelFlag) -> Result<
+        Void, DeliveryFailure
+    > {
+        guard let handle = curl_easy_init() else { return .failure(DeliveryFailure("curl_easy_init failed", retryable: true)) }
+        let errorBuffer = UnsafeMutablePointer<CChar>.allocate(capacity: fg_curl_error_size())
+        errorBuffer.initialize(repeating: 0, count: fg_curl_error_size())
+        let source = SMTPMessageSource(message.bytes, cancelled: cancelled)
+        var recipients: UnsafeMutablePointer<curl_slist>?
+        for recipient in message.recipients { recipients = curl_slist_append(recipients, "<\(recipient)>") }
+        defer {
+            curl_easy_cleanup(handle)
+            curl_slist_free_all(recipients)
+            errorBuffer.deallocate()
+        }
+        let context = Unmanaged.passUnretained(source).toOpaque()
+        var code = CURLE_OK
+        func set(_ result: CURLcode) { if code == CURLE_OK { code = result } }
+        set(fg_curl_setopt_long(handle, CURLOPT_NOSIGNAL, 1))
+        set(fg_curl_setopt_pointer(handle, CURLOPT_ERRORBUFFER, errorBuffer))
+        set(fg_curl_setopt_string(handle, CURLOPT_URL, url))
+        set(fg_curl_setopt_string(handle, CURLOPT_PROTOCOLS_STR, "smtp,smtps"))
+        set(fg_curl_setopt_long(handle, CURLOPT_USE_SSL, Int(CURLUSESSL_ALL.rawValue)))
+        set(fg_curl_setopt_long(handle, CURLOPT_SSL_VERIFYPEER, 1))
+        set(fg_curl_setopt_long(handle, CURLOPT_SSL_VERIFYHOST, 2))
+        if let caFile { set(fg_curl_setopt_string(handle, CURLOPT_CAINFO, caFile)) }
+        set(fg_curl_setopt_long(handle, CURLOPT_CONNECTTIMEOUT_MS, Int(connectTimeout.wholeMicroseconds / 1000)))
+        set(fg_curl_setopt_long(handle, CURLOPT_TIMEOUT_MS, Int(timeout.wholeMicroseconds / 1000)))
+        set(fg_curl_setopt_string(handle, CURLOPT_PROXY, ""))
+        if let username, !username.isEmpty {
+            set(fg_curl_setopt_string(handle, CURLOPT_USERNAME, username))
+            set(fg_curl_setopt_string(handle, CURLOPT_PASSWORD, password ?? ""))
+        }
+        set(fg_curl_setopt_string(handle, CURLOPT_MAIL_FROM, "<\(message.from)>"))
+        set(fg_curl_setopt_slist(handle, CURLOPT_MAIL_RCPT, recipients))
+        set(fg_curl_setopt_long(handle, CURLOPT_UPLOAD, 1))
+        set(fg_curl_setopt_off(handle, CURLOPT_INFILESIZE_LARGE, curl_off_t(message.bytes.count)))
+        set(
+            fg_curl_setopt_read_function(handle) { buffer, size, count, context in
+                guard let buffer, let context else { return 0 }
+                return Unmanaged<SMTPMessageSource>.fromOpaque(context).takeUnretainedValue().read(into: buffer, capacity: size * count)
+            })
+        set(fg_curl_setopt_pointer(handle, CURLOPT_READDATA, context))
+        set(
+            fg_curl_setopt_xferinfo_function(handle) { context, _, _, _, _ in
+                guard let context else { return 0 }
+                return Unmanaged<SMTPMessageSource>.fromOpaque(context).takeUnretainedValue().cancelled.isSet ? 1 : 0
+            })
+        set(fg_curl_setopt_pointer(handle, CURLOPT_XFERINFODATA, context))
+        set(fg_curl_setopt_long(handle, CURLOPT_NOPROGRESS, 0))
+        guard code == CURLE_OK else {
+            return .failure(DeliveryFailure("libcurl refused an SMTP option: \(String(cString: curl_easy_strerror(code)))", retryable: false))
+        }
+        let result = withExtendedLifetime(source) { curl_easy_perform(handle) }
+        guard result != CURLE_OK else { return .success(()) }
+        var response = 0
+        _ = fg_curl_getinfo_long(handle, CURLINFO_RESPONSE_CODE, &response)
+        let detail = errorBuffer[0] != 0 ? String(cString: errorBuffer) : String(cString: curl_easy_strerror(result))
+        let server = SMTPSender.redacted(url)
+        switch result {
+        case CURLE_LOGIN_DENIED:
+            return .failure(DeliveryFailure("\(server) refused the login (\(detail)); check the receiver's --username and password", retryable: false))
+        case CURLE_USE_SSL_FAILED:
+            return .failure(
+                DeliveryFailure(
+                    "\(server) does not offer STARTTLS (\(detail)); farmgate never sends mail in clear: use a server with STARTTLS, or smtps://",
+                    retryable: false))
+        case CURLE_PEER_FAILED_VERIFICATION, CURLE_SSL_CACERT_BADFILE:
+            return .failure(
+                DeliveryFailure("the TLS certificate of \(server) does not verify (\(detail)); fix it, or set [notify] ca_file", retryable: false))
+        case CURLE_OPERATION_TIMEDOUT:
+            return .failure(DeliveryFailure("\(server) timed out after \(timeout) (\(detail))", retryable: true))
+        case CURLE_ABORTED_BY_CALLBACK:
+            return .failure(DeliveryFailure("sending through \(server) was cancelled", retryable: true))
+        default:
+            if (500..<600).contains(response) {
+                return .failure(DeliveryFailure("\(server) refused the message with \(response) (\(detail))", retryable: false))
+            }
+            return .failure(DeliveryFailure("cannot send through \(server): \(detail)" + (response > 0 ? " (last reply \(response))" : ""), retryable: true))
+        }
+    }
+
+    /// `smtp://host:port` without user information.
+    static func redacted(_ url: String) -> String {
+        guard var components = URLComponents(string: url) else { return "the SMTP server" }
+        components.user = nil
+        components.password = nil
+        return components.string ?? "the SMTP server"
+    }
+}
+
+/// `curl_global_init` once per process before the first handle (the agent's HTTPClient has its own, in another module;
+/// libcurl counts the calls).
+private enum SMTPCurlGlobal {
+    static let initialized: Bool = fg_curl_global_init_default() == CURLE_OK
+}
+
+private final class SMTPCancelFlag: Sendable {
+    private let value = Atomic<Bool>(false)
+    func set() { value.store(true, ordering: .relaxed) }
+    var isSet: Bool { value.load(ordering: .relaxed) }
+}
+
+/// The message's bytes handed to libcurl's read callback; used only on the sending thread.
+private final class SMTPMessageSource {
+    let bytes: [UInt8]
+    var offset = 0
+    let cancelled: SMTPCancelFlag
+
+    init(_ bytes: [UInt8], cancelled: SMTPCancelFlag) {
+        self.bytes = bytes
+        self.cancelled = cancelled
+    }
+
+    func read(into buffer: UnsafeMutablePointer<CChar>, capacity: Int) -> Int {
+        let count = min(capacity, bytes.count - offset)
+        guard count > 0 else { return 0 }
+        bytes.withUnsafeBytes { source in
+            UnsafeMutableRawBufferPointer(start: buffer, count: count).copyMemory(from: UnsafeRawBufferPointer(rebasing: source[offset..<(offset + count)]))
+        }
+        offset += count
+        return count
+    }
+}

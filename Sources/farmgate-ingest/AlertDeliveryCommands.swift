@@ -1,0 +1,211 @@
+import ArgumentParser
+import FarmgateIngest
+import FarmgateWire
+import Foundation
+import Logging
+
+extension AlertReceiverKind: ExpressibleByArgument {}
+extension OutboxState: ExpressibleByArgument {}
+
+extension ConfigOption {
+    /// Opens the store like `administer`, and hands over its outbox role.
+    func administerAlerts<T: Sendable>(
+        _ body: @escaping @Sendable (AlertDeliveryAdmin, IngestConfiguration, Logger) async throws -> T
+    ) async throws -> T {
+        let configuration = try load()
+        return try await administer { admin in
+            guard let outbox = admin.store as? any NotificationOutboxStore else {
+                throw failure("this store keeps no notification outbox")
+            }
+            var logger = Logger(label: "farmgate-ingest")
+            logger.logLevel = .error
+            do {
+                return try await body(AlertDeliveryAdmin(store: outbox), configuration, logger)
+            } catch let error as AlertReceiverSpecError {
+                throw failure(error.description, code: 64)
+            } catch let error as FarmNameError {
+                throw failure(error.description, code: 64)
+            } catch let error as OutboxRetryRefused {
+                throw failure(error.description)
+            } catch let error as DeliveryFailure {
+                throw failure(error.description)
+            }
+        }
+    }
+}
+
+/// Reads a secret from a file: the whole file without its final line end. Exits 64 when it cannot be read.
+func readSecretFile(_ path: String, option: String) throws -> String {
+    guard let data = FileManager.default.contents(atPath: path) else {
+        throw ValidationError("\(option): cannot read \(path); give a file readable by this user that holds only the secret")
+    }
+    var text = String(decoding: data, as: UTF8.self)
+    while let last = text.last, last == "\n" || last == "\r" { text.removeLast() }
+    guard !text.isEmpty else { throw ValidationError("\(option): \(path) is empty") }
+    return text
+}
+
+struct AlertReceiverCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "receiver", abstract: "Manage where a farm's alert notifications go (webhooks, e-mail).",
+        subcommands: [Add.self, List.self, Remove.self, Test.self])
+
+    struct Add: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "add", abstract: "Add a receiver: a webhook (Alertmanager format) or an e-mail address.",
+            discussion: """
+                Webhook: --webhook URL [--secret S | --secret-file FILE]. With a secret every request is signed (X-Farmgate-Timestamp, \
+                X-Farmgate-Signature: sha256=HMAC-SHA256(secret, timestamp + "." + body)).
+                E-mail: --email TO[,TO...] --smtp smtp://HOST:587 (STARTTLS, required) or smtps://HOST:465 --from ADDR \
+                [--username U --password-file FILE].
+                Secrets are stored in the ingest's database and never printed.
+                """)
+
+        @Option(help: "The farm whose alerts the receiver gets.") var farm: String
+        @Option(help: "The receiver's name, unique in the farm (A-Z a-z 0-9 . _ -).") var name: String
+        @Option(help: "The webhook URL (http:// or https://).") var webhook: String?
+        @Option(help: "The webhook's HMAC secret (visible in the process list: prefer --secret-file).") var secret: String?
+        @Option(help: "A file holding the webhook's HMAC secret.") var secretFile: String?
+        @Option(help: "E-mail recipients, separated by commas.") var email: String?
+        @Option(help: "The SMTP server: smtp://HOST:PORT (STARTTLS) or smtps://HOST:PORT.") var smtp: String?
+        @Option(help: "The sender address.") var from: String?
+        @Option(help: "The SMTP user name.") var username: String?
+        @Option(help: "A file holding the SMTP password.") var passwordFile: String?
+        @Option(help: "At most this many notifications a minute, spaced evenly; more wait (default 60).") var maxPerMinute: Int = 60
+        @OptionGroup var options: ConfigOption
+
+        func validate() throws {
+            try validateFarmArgument(farm)
+            switch (webhook, email) {
+            case (nil, nil): throw ValidationError("give --webhook URL, or --email TO with --smtp and --from")
+            case (.some, .some): throw ValidationError("a receiver is either a webhook or an e-mail address: give --webhook or --email, not both")
+            case (.some, nil):
+                if smtp != nil || from != nil || username != nil || passwordFile != nil {
+                    throw ValidationError("--smtp, --from, --username and --password-file belong to an e-mail receiver (--email)")
+                }
+                if secret != nil, secretFile != nil { throw ValidationError("give --secret or --secret-file, not both") }
+            case (nil, .some):
+                if secret != nil || secretFile != nil { throw ValidationError("--secret belongs to a webhook; an SMTP password goes in --password-file") }
+                if smtp == nil || from == nil { throw ValidationError("an e-mail receiver needs --smtp smtp://HOST:PORT and --from ADDRESS") }
+                if (username == nil) != (passwordFile == nil) { throw ValidationError("give --username and --password-file together") }
+            }
+        }
+
+        func run() async throws {
+            let spec: AlertReceiverSpec
+            if let webhook {
+                let key = try secretFile.map { try readSecretFile($0, option: "--secret-file") } ?? secret
+                spec = AlertReceiverSpec(name: name, kind: .webhook, url: webhook, secret: key, maxPerMinute: maxPerMinute)
+            } else {
+                let password = try passwordFile.map { try readSecretFile($0, option: "--password-file") }
+                spec = AlertReceiverSpec(
+                    name: name, kind: .email, url: smtp ?? "", secret: password, username: username, emailFrom: from, emailTo: email,
+                    maxPerMinute: maxPerMinute)
+            }
+            let receiver = try await options.administerAlerts { admin, _, _ in try await admin.addReceiver(farm: farm, spec) }
+            print("Added receiver \(receiver.name) to farm \(farm): \(AlertDeliveryAdmin.describe(receiver).replacingOccurrences(of: "\t", with: ", ")).")
+            print("Try it: farmgate-ingest alert receiver test --farm \(farm) --name \(receiver.name)")
+        }
+    }
+
+    struct List: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "list", abstract: "List a farm's receivers (secrets are not shown).")
+
+        @Option(help: "The farm.") var farm: String
+        @OptionGroup var options: ConfigOption
+
+        func validate() throws { try validateFarmArgument(farm) }
+
+        func run() async throws {
+            let receivers = try await options.administerAlerts { admin, _, _ in try await admin.store.alertReceivers(farm: farm) }
+            if receivers.isEmpty {
+                print("Farm \(farm) has no receivers; add one with `farmgate-ingest alert receiver add`.")
+                return
+            }
+            print("NAME\tKIND\tTARGET\tAUTH\tRATE")
+            for receiver in receivers { print(AlertDeliveryAdmin.describe(receiver)) }
+        }
+    }
+
+    struct Remove: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "remove", abstract: "Remove a receiver and its notifications (undelivered ones are dropped, and counted).")
+
+        @Option(help: "The farm.") var farm: String
+        @Option(help: "The receiver's name.") var name: String
+        @OptionGroup var options: ConfigOption
+
+        func validate() throws { try validateFarmArgument(farm) }
+
+        func run() async throws {
+            let dropped = try await options.administerAlerts { admin, _, _ in try await admin.store.removeAlertReceiver(farm: farm, name: name) }
+            print("Removed receiver \(name) from farm \(farm)" + (dropped > 0 ? "; \(dropped) undelivered notification(s) to it were dropped." : "."))
+        }
+    }
+
+    struct Test: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "test", abstract: "Send a test notification to a receiver now and say what it answered.",
+            discussion: "Sent directly, not through the outbox, with this configuration's [notify] settings (timeouts, ca_file, external_url).")
+
+        @Option(help: "The farm.") var farm: String
+        @Option(help: "The receiver's name.") var name: String
+        @OptionGroup var options: ConfigOption
+
+        func validate() throws { try validateFarmArgument(farm) }
+
+        func run() async throws {
+            let (account, duration) = try await options.administerAlerts { admin, configuration, logger in
+                try await admin.test(farm: farm, name: name, configuration: configuration.notify, logger: logger)
+            }
+            let milliseconds = duration.components.seconds * 1000 + duration.components.attoseconds / 1_000_000_000_000_000
+            print("Sent a test notification to receiver \(name) of farm \(farm): \(account) in \(milliseconds) ms.")
+        }
+    }
+}
+
+struct AlertOutboxCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "outbox", abstract: "See and retry notifications waiting for, or given up on, delivery.",
+        subcommands: [List.self, Retry.self])
+
+    struct List: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "list", abstract: "List notifications, newest first.",
+            discussion: "Dead letters (--state dead) are notifications that failed every attempt or were refused for good; retry them with `alert outbox retry ID`.")
+
+        @Option(help: "Only this farm's.") var farm: String?
+        @Option(help: "Only this state: pending, delivering, delivered, dead.") var state: OutboxState?
+        @Option(help: "At most this many (default 100).") var limit: Int = 100
+        @Flag(help: "One JSON object per line.") var json = false
+        @OptionGroup var options: ConfigOption
+
+        func validate() throws {
+            if let farm { try validateFarmArgument(farm) }
+            guard (1...100_000).contains(limit) else { throw ValidationError("--limit must be between 1 and 100000") }
+        }
+
+        func run() async throws {
+            let entries = try await options.administerAlerts { admin, _, _ in try await admin.store.outboxEntries(farm: farm, state: state, limit: limit) }
+            if json {
+                for entry in entries { print(AlertDeliveryAdmin.json(entry)) }
+                return
+            }
+            print("ID\tSTATE\tATTEMPTS\tFARM/RECEIVER\tIDEMPOTENCY KEY\tWHEN\tLAST ERROR")
+            for entry in entries { print(AlertDeliveryAdmin.describe(entry)) }
+        }
+    }
+
+    struct Retry: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "retry", abstract: "Deliver a dead (or pending) notification again now, with its attempts reset and the same idempotency key.")
+
+        @Argument(help: "The notification's id (the first column of `alert outbox list`).") var id: Int64
+        @OptionGroup var options: ConfigOption
+
+        func run() async throws {
+            try await options.administerAlerts { admin, _, _ in try await admin.store.retryNotification(id: id, now: .now()) }
+            print("Notification \(id) is pending again; a running farmgate-ingest serve delivers it within its poll interval.")
+        }
+    }
+}

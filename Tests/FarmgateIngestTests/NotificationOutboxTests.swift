@@ -1,0 +1,156 @@
+import FarmgateTestSupport
+import FarmgateWire
+import Foundation
+import Synchronization
+import Testing
+
+@testable import FarmgateIngest
+
+/// The outbox role on both stores (claims, pacing, receivers), and two instances delivering from one PostgreSQL.
+@Suite("Notification outbox", .serialized)
+struct NotificationOutboxTests {
+    @Test("Concurrent claims never hand out one row twice, and claims respect per-receiver room and pacing", arguments: StoreKind.allCases)
+    func claimsAreExclusive(kind: StoreKind) async throws {
+        try await withOutboxStore(kind) { store in
+            var receivers: [AlertReceiver] = []
+            for index in 0..<3 { receivers.append(try await addWebhook(store, name: "r\(index)", url: "http://127.0.0.1:9/")) }
+            for alert in Int64(1)...60 {
+                _ = try await store.enqueueNotification(testNotification(alert), receiverID: receivers[Int(alert) % 3].id, dueAt: testNow)
+            }
+            // The same notification again is not a second row.
+            #expect(try await store.enqueueNotification(testNotification(1), receiverID: receivers[1].id, dueAt: testNow) == nil)
+            let now = Timestamp(microseconds: testNow.microseconds + 1_000_000)
+            let claims = try await withThrowingTaskGroup(of: [ClaimedNotification].self) { group in
+                for claimant in 0..<8 {
+                    group.addTask {
+                        var mine: [ClaimedNotification] = []
+                        // Until nothing is pending: a claimer that finds every receiver locked by others gets nothing this round.
+                        for _ in 0..<500 {
+                            let got = try await store.claimNotifications(
+                                OutboxClaimRequest(
+                                    claimant: "c\(claimant)", now: now, claimDuration: .seconds(60), lookahead: .seconds(1), limit: 5, perReceiver: 100,
+                                    maxAttempts: 5))
+                            mine += got
+                            if got.isEmpty {
+                                if try await rows(store, .pending).isEmpty { break }
+                                try await Task.sleep(for: .milliseconds(2))
+                            }
+                        }
+                        return mine
+                    }
+                }
+                var all: [ClaimedNotification] = []
+                for try await mine in group { all += mine }
+                return all
+            }
+            let ids = claims.map(\.entry.id)
+            #expect(ids.count == Set(ids).count, "a row was claimed twice")
+            #expect(ids.count == 60)
+            for claim in claims {
+                #expect(claim.entry.state == .delivering)
+                #expect(claim.entry.attempts == 1)
+                #expect(claim.entry.claimedBy == claim.claim.claimant)
+                #expect(claim.entry.claimedUntil == Timestamp(microseconds: claim.slot.microseconds + 60_000_000))
+            }
+            #expect(try await rows(store, .pending).isEmpty)
+        }
+    }
+
+    @Test("Pacing: at most max_per_minute slots a minute per receiver, however many claimers", arguments: StoreKind.allCases)
+    func pacingAcrossClaimers(kind: StoreKind) async throws {
+        try await withOutboxStore(kind) { store in
+            let receiver = try await addWebhook(store, name: "paced", url: "http://127.0.0.1:9/", maxPerMinute: 6)
+            for alert in Int64(1)...20 { _ = try await store.enqueueNotification(testNotification(alert), receiverID: receiver.id, dueAt: testNow) }
+            var slots: [Timestamp] = []
+            // Two claimers every 5 s for two minutes of the store's clock, each with room for everything.
+            for step in 0..<24 {
+                let now = Timestamp(microseconds: testNow.microseconds + Int64(step) * 5_000_000)
+                for claimant in ["a", "b"] {
+                    slots += try await store.claimNotifications(
+                        OutboxClaimRequest(
+                            claimant: claimant, now: now, claimDuration: .seconds(3600), lookahead: .seconds(1), limit: 20, perReceiver: 20, maxAttempts: 5)
+                    ).map(\.slot)
+                }
+            }
+            slots.sort()
+            // 6 a minute: one every 10 s, so 12 in two minutes, never two within 10 s.
+            #expect(slots.count == 12, "\(slots.count) slots in two minutes at 6 a minute")
+            for (earlier, later) in zip(slots, slots.dropFirst()) { #expect(later.microseconds - earlier.microseconds >= 10_000_000) }
+        }
+    }
+
+    @Test("Receivers: added, listed without change, refused twice, removed with their notifications counted", arguments: StoreKind.allCases)
+    func receivers(kind: StoreKind) async throws {
+        try await withOutboxStore(kind) { store in
+            let admin = AlertDeliveryAdmin(store: store)
+            let mail = try await admin.addReceiver(
+                farm: "f1",
+                AlertReceiverSpec(
+                    name: "grower", kind: .email, url: "smtp://mail.example.net:587", secret: "pw", username: "farm", emailFrom: "ingest@example.net",
+                    emailTo: "a@example.net, b@example.net", maxPerMinute: 10))
+            let hook = try await addWebhook(store, name: "chat", url: "https://hooks.example.net/services/T0/B0/token")
+            let listed = try await store.alertReceivers(farm: "f1")
+            #expect(listed == [hook, mail])
+            await #expect(throws: IngestStoreError.alreadyExists("receiver 'chat' in farm 'f1'")) {
+                _ = try await addWebhook(store, name: "chat", url: "https://other.example.net/")
+            }
+            await #expect(throws: IngestStoreError.self) { _ = try await store.alertReceivers(farm: "nowhere") }
+            await #expect(throws: AlertReceiverSpecError.self) {
+                _ = try await admin.addReceiver(farm: "f1", AlertReceiverSpec(name: "x", kind: .webhook, url: "ftp://example.net/"))
+            }
+            await #expect(throws: AlertReceiverSpecError.self) {
+                _ = try await admin.addReceiver(
+                    farm: "f1", AlertReceiverSpec(name: "y", kind: .email, url: "smtp://mail.example.net:587", emailFrom: "me", emailTo: "a@example.net"))
+            }
+            // Secrets and URL paths (which hold tokens) are never in what the CLI prints.
+            let printed = listed.map(AlertDeliveryAdmin.describe).joined(separator: "\n")
+            #expect(!printed.contains("token") && !printed.contains("pw\t") && !printed.contains("s3cret"))
+            #expect(printed.contains("https://hooks.example.net/…"))
+
+            _ = try await store.enqueueNotification(testNotification(1), receiverID: hook.id, dueAt: testNow)
+            _ = try await store.enqueueNotification(testNotification(2), receiverID: hook.id, dueAt: testNow)
+            #expect(try await store.removeAlertReceiver(farm: "f1", name: "chat") == 2)
+            #expect(try await rows(store).isEmpty)
+            #expect(try await store.alertReceivers(farm: "f1") == [mail])
+            await #expect(throws: IngestStoreError.self) { _ = try await store.removeAlertReceiver(farm: "f1", name: "chat") }
+        }
+    }
+
+    @Test("Two instances on one PostgreSQL deliver each notification exactly once")
+    func twoInstancesOnPostgres() async throws {
+        let server = try TestHTTPServer { _, _ in .delayed(.milliseconds(5), .reply(200)) }
+        defer { server.stop() }
+        try await withTestDatabase { settings in
+            let first = try PostgresIngestStore(settings: settings, logger: testLogger)
+            let second = try PostgresIngestStore(settings: settings, logger: testLogger)
+            try await withRunning(first) { _ in
+                try await withRunning(second) { _ in
+                    try await first.migrate()
+                    try await second.migrate()
+                    _ = try await first.createFarm(name: "f1", createdAt: testNow)
+                    var receivers: [AlertReceiver] = []
+                    for index in 0..<3 { receivers.append(try await addWebhook(first, name: "r\(index)", url: server.url + "/r\(index)")) }
+                    var keys = Set<String>()
+                    for alert in Int64(1)...60 {
+                        let receiver = receivers[Int(alert) % 3]
+                        _ = try await first.enqueueNotification(testNotification(alert), receiverID: receiver.id, dueAt: .now())
+                        keys.insert(testNotification(alert).idempotencyKey(receiver: receiver.id))
+                    }
+                    let a = try NotificationDelivery(store: first, configuration: fastNotify(), logger: testLogger, instanceID: "instance-a")
+                    let b = try NotificationDelivery(store: second, configuration: fastNotify(), logger: testLogger, instanceID: "instance-b")
+                    try await withDelivery(a) {
+                        try await withDelivery(b) {
+                            let done = try await eventually(timeout: .seconds(60), every: .milliseconds(100)) { try await rows(first, .delivered).count == 60 }
+                            #expect(done)
+                        }
+                    }
+                    let seen = server.requests.map(\.idempotencyKey)
+                    #expect(seen.count == 60, "\(seen.count) requests for 60 notifications")
+                    #expect(Set(seen) == keys)
+                    let byInstance = Dictionary(grouping: try await rows(first), by: { $0.claimedBy ?? "-" }).mapValues(\.count)
+                    #expect(byInstance.keys.allSatisfy { $0 == "instance-a" || $0 == "instance-b" }, "\(byInstance)")
+                }
+            }
+        }
+    }
+}

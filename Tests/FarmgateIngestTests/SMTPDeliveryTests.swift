@@ -1,0 +1,135 @@
+import FarmgateTestSupport
+import FarmgateWire
+import Foundation
+import Testing
+
+@testable import FarmgateIngest
+
+/// E-mail notifications through libcurl's SMTP to a real SMTP server on loopback (``SMTPSink``): STARTTLS with a test
+/// certificate made by openssl, AUTH PLAIN and LOGIN, and the refusals that must not be retried. Timed (in TIMED_SUITES).
+@Suite("Notification delivery by e-mail", .serialized)
+struct SMTPDeliveryTests {
+    let scratch: Scratch
+    let certificates: TestCertificates
+
+    init() async throws {
+        scratch = try Scratch(prefix: "fg-smtp")
+        certificates = try await TestCertificates.make(in: scratch.path)
+    }
+
+    func sink(_ configure: (inout SMTPSink.Options) -> Void = { _ in }) async throws -> SMTPSink {
+        var options = SMTPSink.Options()
+        options.credentials = ("farm", "pa55 word")
+        configure(&options)
+        return try await SMTPSink(certificate: certificates.certificateFile, key: certificates.keyFile, options: options)
+    }
+
+    static func mailReceiver(_ store: any NotificationOutboxStore, url: String, password: String = "pa55 word") async throws -> AlertReceiver {
+        try await AlertDeliveryAdmin(store: store).addReceiver(
+            farm: "f1",
+            AlertReceiverSpec(
+                name: "grower", kind: .email, url: url, secret: password, username: "farm", emailFrom: "ingest@farm.example",
+                emailTo: "grower@farm.example, night@farm.example", maxPerMinute: 600))
+    }
+
+    @Test("A late resolved notification goes out over STARTTLS with AUTH, says what fired, for how long and that it is late", arguments: ["PLAIN", "LOGIN"])
+    func startTLSAndAuth(mechanism: String) async throws {
+        let sink = try await sink { $0.mechanisms = [mechanism] }
+        let caFile = certificates.caFile
+        let key = try await withOutboxStore(.sqlite) { store in
+            let receiver = try await Self.mailReceiver(store, url: sink.url)
+            let notification = testNotification(3, status: .resolved, late: true)
+            _ = try await store.enqueueNotification(notification, receiverID: receiver.id, dueAt: .now())
+            let delivery = try NotificationDelivery(store: store, configuration: fastNotify(requestTimeout: .seconds(5), claimTimeout: .seconds(10), caFile: caFile), logger: testLogger)
+            try await withDelivery(delivery) {
+                let done = try await eventually(timeout: .seconds(20)) { try await rows(store, .delivered).count == 1 }
+                let states = try await rows(store).map { "\($0.state) \($0.lastError ?? "")" }
+                #expect(done, "\(states)")
+            }
+            return notification.idempotencyKey(receiver: receiver.id)
+        }
+        await sink.stop()
+        let message = try #require(sink.messages.first)
+        #expect(sink.messages.count == 1)
+        #expect(message.tls, "the message was sent before TLS")
+        #expect(message.mechanism == mechanism)
+        #expect(message.username == "farm" && message.password == "pa55 word")
+        #expect(message.from == "ingest@farm.example")
+        #expect(message.recipients == ["grower@farm.example", "night@farm.example"])
+        // Nothing but EHLO and STARTTLS in clear.
+        let commands = sink.commands
+        let tlsAt = try #require(commands.firstIndex(of: "STARTTLS"))
+        #expect(commands[..<tlsAt].allSatisfy { $0.hasPrefix("EHLO") })
+        let text = message.data.replacingOccurrences(of: "=\r\n", with: "")
+        #expect(text.contains("Subject: [RESOLVED] pH below 5.5 on site-1 tank3.ph after 2h (farm f1, reported late)"))
+        #expect(text.contains("Message-ID: <\(key)@farm.example>"))
+        #expect(text.contains("Content-Type: text/plain; charset=utf-8"))
+        #expect(text.contains("it fired from 2025-12-31T22:00:00Z for 2h."))
+        #expect(text.contains("Reported late: the readings behind this notification arrived after the site was offline; meanwhile: firing at 2025-12-31T22:00:00Z, resolved at 2026-01-01T00:00:00Z."))
+        #expect(text.contains("Value: 5.31"))
+        #expect(text.contains("  sensor =3D tank3.ph"))
+    }
+
+    @Test("A server without STARTTLS gets nothing in clear, and the notification is a dead letter at once")
+    func noSTARTTLSIsRefusedForGood() async throws {
+        let sink = try await sink { $0.offerSTARTTLS = false }
+        let caFile = certificates.caFile
+        try await withOutboxStore(.sqlite) { store in
+            let receiver = try await Self.mailReceiver(store, url: sink.url)
+            _ = try await store.enqueueNotification(testNotification(4), receiverID: receiver.id, dueAt: .now())
+            let delivery = try NotificationDelivery(store: store, configuration: fastNotify(requestTimeout: .seconds(5), claimTimeout: .seconds(10), caFile: caFile), logger: testLogger)
+            try await withDelivery(delivery) {
+                let dead = try await eventually(timeout: .seconds(20)) { try await rows(store, .dead).count == 1 }
+                #expect(dead)
+            }
+            let row = try #require(try await rows(store).first)
+            #expect(row.attempts == 1)
+            #expect(row.lastError?.contains("STARTTLS") == true)
+        }
+        await sink.stop()
+        #expect(sink.messages.isEmpty)
+        #expect(!sink.commands.contains { $0.hasPrefix("AUTH") || $0.hasPrefix("MAIL") })
+    }
+
+    @Test("A refused login and a refused recipient are not retried; a certificate from another CA is refused")
+    func refusals() async throws {
+        let sink = try await sink { $0.refusedRecipients = ["night@farm.example"] }
+        let notifier = try Notifier(configuration: fastNotify(requestTimeout: .seconds(5), caFile: certificates.caFile), logger: testLogger)
+        let receiver = AlertReceiver(
+            id: 1, farmID: 1, farm: "f1",
+            spec: AlertReceiverSpec(
+                name: "grower", kind: .email, url: sink.url, secret: "wrong", username: "farm", emailFrom: "ingest@farm.example", emailTo: "grower@farm.example"),
+            createdAt: testNow)
+        do {
+            _ = try await notifier.send(testNotification(5), idempotencyKey: "k1", to: receiver)
+            Issue.record("a wrong password was accepted")
+        } catch {
+            #expect(!error.retryable)
+            #expect(error.message.contains("refused the login"))
+        }
+        var badRecipient = receiver
+        badRecipient.spec.secret = "pa55 word"
+        badRecipient.spec.emailTo = "night@farm.example"
+        do {
+            _ = try await notifier.send(testNotification(5), idempotencyKey: "k2", to: badRecipient)
+            Issue.record("a refused recipient was accepted")
+        } catch {
+            #expect(!error.retryable, "\(error)")
+        }
+        let untrusting = try Notifier(configuration: fastNotify(requestTimeout: .seconds(5)), logger: testLogger)
+        var good = receiver
+        good.spec.secret = "pa55 word"
+        do {
+            _ = try await untrusting.send(testNotification(5), idempotencyKey: "k3", to: good)
+            Issue.record("a certificate from an unknown CA was trusted")
+        } catch {
+            #expect(!error.retryable)
+            #expect(error.message.contains("certificate"))
+        }
+        _ = try await notifier.send(testNotification(5), idempotencyKey: "k4", to: good)
+        await notifier.shutdown()
+        await untrusting.shutdown()
+        await sink.stop()
+        #expect(sink.messages.count == 1)
+    }
+}
