@@ -28,7 +28,7 @@ public final class PostgresIngestStore: IngestStore {
     /// Where it connects, for logs (without the password).
     public let settings: PostgresSettings
     private let client: PostgresClient
-    private let logger: Logger
+    let logger: Logger
     private let partitionsCreated = Counter(label: "farmgate_ingest_partitions_created_total")
     /// How many days of partitions ``run()`` keeps ahead of today.
     public static let partitionDaysAhead = 7
@@ -143,7 +143,7 @@ public final class PostgresIngestStore: IngestStore {
 
     /// Runs `body` in one transaction with `query_timeout` as the server's `statement_timeout` for it, and bounds the
     /// wait for a pooled connection by the same timeout.
-    private func transaction<T: Sendable>(_ body: @escaping @Sendable (PostgresConnection) async throws -> T) async throws -> T {
+    func transaction<T: Sendable>(_ body: @escaping @Sendable (PostgresConnection) async throws -> T) async throws -> T {
         let timeout = settings.queryTimeout
         let logger = self.logger
         return try await withDeadline(timeout) {
@@ -164,7 +164,7 @@ public final class PostgresIngestStore: IngestStore {
     }
 
     /// Runs one read-only statement outside a transaction and collects its rows.
-    private func rows<Row: Sendable>(_ query: PostgresQuery, _ decode: @escaping @Sendable (PostgresRow) throws -> Row) async throws -> [Row] {
+    func rows<Row: Sendable>(_ query: PostgresQuery, _ decode: @escaping @Sendable (PostgresRow) throws -> Row) async throws -> [Row] {
         let logger = self.logger
         return try await withDeadline(settings.queryTimeout) {
             var result: [Row] = []
