@@ -20,6 +20,7 @@ struct FarmgateIngestCommand: AsyncParsableCommand {
             """,
         subcommands: [
             ServeCommand.self, MigrateCommand.self, FarmCommand.self, DeviceCommand.self, TokenCommand.self, ExportCommand.self,
+            AlertCommand.self,
         ]
     )
 }
@@ -123,8 +124,10 @@ struct ServeCommand: AsyncParsableCommand {
         let notifier = SystemdNotifier(environment: ProcessInfo.processInfo.environment).map {
             IngestSystemdNotifier(notifier: $0, registry: registry, logger: logger)
         }
+        // The alert engine evaluates committed readings off the request path (it catches up from the store at start).
+        let engine = (store as? any IngestStore & AlertStore).map { AlertEngine(store: $0, logger: logger) }
         let app = buildApplication(
-            configuration: configuration, store: store, registry: registry, logger: logger,
+            configuration: configuration, store: store, registry: registry, logger: logger, commits: CommitFeed(engine.map { [$0] } ?? []),
             onServerRunning: { await notifier?.serverRunning() })
         logger.info(
             "farmgate-ingest starting",
@@ -136,7 +139,7 @@ struct ServeCommand: AsyncParsableCommand {
         // current (several instances starting at once migrate one after another, under an advisory lock).
         let group = ServiceGroup(
             configuration: ServiceGroupConfiguration(
-                services: [store, MigrateThenServe(store: store, app: app, storage: configuration.storage.displayName, logger: logger)]
+                services: [store, MigrateThenServe(store: store, app: app, storage: configuration.storage.displayName, logger: logger, engine: engine)]
                     + (notifier.map { [$0] } ?? []),
                 gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         do {
@@ -154,6 +157,8 @@ struct MigrateThenServe<App: Service>: Service {
     let app: App
     let storage: String
     let logger: Logger
+    /// Runs beside the server once the schema is current, and stops with it.
+    var engine: AlertEngine?
 
     func run() async throws {
         do {
@@ -162,7 +167,11 @@ struct MigrateThenServe<App: Service>: Service {
             logger.critical("cannot bring the store's schema up to date", metadata: ["storage": "\(storage)", "error": "\(error)"])
             throw MigrationFailed(description: "cannot migrate the store \(storage): \(error)")
         }
-        try await app.run()
+        guard let engine else { return try await app.run() }
+        try await withThrowingDiscardingTaskGroup { group in
+            group.addTask { try await engine.run() }
+            group.addTask { try await app.run() }
+        }
     }
 }
 

@@ -77,6 +77,8 @@ public actor AlertEngine: CommitObserver, Service {
     private nonisolated let queue: AsyncStream<CommittedBatch>
     private nonisolated let continuation: AsyncStream<CommittedBatch>.Continuation
     private nonisolated let mustCatchUp = Atomic<Bool>(true)
+    /// Per device: the lowest sequence of a batch the full queue dropped (merged into ``failedFrom`` by the engine).
+    private nonisolated let dropped = Mutex<[Int64: UInt64]>([:])
 
     private var rulesByFarm: [Int64: [AlertRule]] = [:]
     private var farmNames: [Int64: String] = [:]
@@ -88,6 +90,8 @@ public actor AlertEngine: CommitObserver, Service {
     /// Per device: the highest sequence a catch-up read; the feed skips readings at or below it (already evaluated).
     private var scannedThrough: [Int64: UInt64] = [:]
     private var lastCalibrationCheck: Timestamp?
+    /// Per device: the lowest sequence whose evaluation failed; the watermark stays below it until a catch-up succeeds.
+    private var failedFrom: [Int64: UInt64] = [:]
 
     private let transitionsCounter = Counter(label: "farmgate_ingest_alert_transitions_total")
     private let notificationsCounter = Counter(label: "farmgate_ingest_alert_notifications_total")
@@ -106,7 +110,11 @@ public actor AlertEngine: CommitObserver, Service {
 
     public nonisolated func committed(_ batch: CommittedBatch) {
         if case .dropped = continuation.yield(batch) {
-            // Nothing is lost: the readings are stored, and the next tick reads them back above the watermark.
+            // Nothing is lost: the readings are stored, and the next tick reads them back above the watermark, which
+            // stays below them until then.
+            if let lowest = batch.readings.map(\.sequence).min() {
+                dropped.withLock { $0[batch.device.rowID] = min($0[batch.device.rowID] ?? lowest, lowest) }
+            }
             mustCatchUp.store(true, ordering: .relaxed)
             droppedCounter.increment()
         }
@@ -116,6 +124,9 @@ public actor AlertEngine: CommitObserver, Service {
     /// On shutdown the queue is drained and the watermarks saved.
     public func run() async throws {
         await reload()
+        // Before the queue: readings committed while no engine ran are evaluated first, in sequence order.
+        mustCatchUp.store(false, ordering: .relaxed)
+        await catchUp()
         await withTaskGroup(of: Void.self) { group in
             group.addTask {
                 for await batch in self.queue { await self.evaluate(batch) }
@@ -149,10 +160,14 @@ public actor AlertEngine: CommitObserver, Service {
     /// Reads every device's readings above its watermark back from the store and evaluates them (after a restart, a
     /// full queue, a failed write).
     public func catchUp() async {
+        mergeDropped()
         do {
             for progress in try await store.alertProgress() {
                 let device = progress.device.rowID
                 var after = [progress.watermark, watermarks[device]].compactMap { $0 }.max()
+                if let failure = failedFrom.removeValue(forKey: device) {
+                    after = failure == 0 ? nil : min(after ?? failure - 1, failure - 1)
+                }
                 guard let highest = progress.highest, after.map({ $0 < highest }) ?? true else { continue }
                 while true {
                     let page = try await store.alertCatchUpReadings(device: progress.device, afterSequence: after, limit: 5_000)
@@ -196,15 +211,19 @@ public actor AlertEngine: CommitObserver, Service {
     }
 
     private func evaluate(_ batch: CommittedBatch, fromCatchUp: Bool) async {
+        mergeDropped()
         let device = batch.device
         var readings = batch.readings
         if !fromCatchUp, let scanned = scannedThrough[device.rowID] { readings.removeAll { $0.sequence <= scanned } }
         let top = readings.map(\.sequence).max()
         var failed = false
         defer {
-            if !failed, let top, top > (watermarks[device.rowID] ?? 0) || watermarks[device.rowID] == nil {
-                watermarks[device.rowID] = max(watermarks[device.rowID] ?? 0, top)
-                dirtyWatermarks.insert(device.rowID)
+            if !failed, var top {
+                if let failure = failedFrom[device.rowID] { top = min(top, failure > 0 ? failure - 1 : 0) }
+                if top > (watermarks[device.rowID] ?? 0) || watermarks[device.rowID] == nil, failedFrom[device.rowID] != 0 {
+                    watermarks[device.rowID] = max(watermarks[device.rowID] ?? 0, top)
+                    dirtyWatermarks.insert(device.rowID)
+                }
             }
         }
         let rules = (rulesByFarm[device.farmID] ?? []).filter(\.kind.isReadingDriven)
@@ -251,12 +270,18 @@ public actor AlertEngine: CommitObserver, Service {
         watermarksHold(device: device.rowID, below: readings.map(\.sequence).min())
     }
 
+    private func mergeDropped() {
+        let lost = dropped.withLock { pending in
+            defer { pending = [:] }
+            return pending
+        }
+        for (device, sequence) in lost { watermarksHold(device: device, below: sequence) }
+    }
+
     /// Keeps the device's saved watermark below readings whose evaluation failed, so that a catch-up reads them again.
     private func watermarksHold(device: Int64, below sequence: UInt64?) {
         guard let sequence else { return }
-        if let current = watermarks[device], current >= sequence {
-            watermarks[device] = sequence == 0 ? nil : sequence - 1
-        }
+        failedFrom[device] = min(failedFrom[device] ?? sequence, sequence)
         scannedThrough[device] = nil
     }
 
@@ -373,7 +398,7 @@ public actor AlertEngine: CommitObserver, Service {
             record.pendingSince = nil
         }
         let unreported = history.filter { !$0.notified } + fresh
-        let covered = (unreported + found).sorted { $0.at < $1.at }
+        let covered = unreported.sorted { $0.at < $1.at }
         var seen: Set<String> = []
         let episodes = covered.filter { seen.insert("\($0.from.rawValue)>\($0.to.rawValue)@\($0.at.microseconds)").inserted }
         var change = AlertChange(record: record, transitions: fresh.map { var t = $0; t.notified = true; return t }, markAllNotified: true)

@@ -96,6 +96,9 @@ func buildRouter(
     if let calibrations = store as? any CalibrationStore {
         CalibrationController(store: store, calibrations: calibrations, gate: gate, rateLimiter: readLimiter, logger: logger).addRoutes(to: router)
     }
+    if let alerts = store as? any AdministrationStore & AlertStore {
+        AlertController(admin: AlertAdmin(store: alerts), gate: gate, rateLimiter: readLimiter, now: now, logger: logger).addRoutes(to: router)
+    }
 
     router.get("/healthz") { _, _ in
         jsonResponse(["status": "ok"])
