@@ -59,9 +59,7 @@ public struct AlertAdmin: Sendable {
     public func alerts(farm: String, recent: Duration = .seconds(86_400), limit: Int = 500, now: Timestamp = .now()) async throws -> [AlertView] {
         let farmRecord = try await self.farm(farm)
         let since = Timestamp(microseconds: now.microseconds - recent.microseconds)
-        let records = try await store.alertRecords(farmID: farmRecord.id, changedSince: since, limit: limit).filter {
-            $0.state != .inactive || $0.lateDue != nil
-        }
+        let records = try await store.alertRecords(farmID: farmRecord.id, changedSince: since, limit: limit)
         let history = Dictionary(grouping: try await store.alertTransitions(alertIDs: records.map(\.id)), by: \.alertID)
         let severities = Dictionary(try await store.alertRules(farmID: farmRecord.id).map { ($0.rule.name, $0.rule.severity) }, uniquingKeysWith: { a, _ in a })
         return records.map { AlertView($0, severity: severities[$0.rule], history: history[$0.id] ?? []) }

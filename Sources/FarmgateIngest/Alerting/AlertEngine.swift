@@ -318,7 +318,15 @@ public actor AlertEngine: CommitObserver, Service {
         memories[key] = memory
         guard !transitions.isEmpty || outOfOrder != nil else { return nil }
         record.lastReading = newest
-        let late = transitions.filter(\.late)
+        // Live transitions that notify (firing, resolved), each with a notification of its own.
+        let notifiable = transitions.indices.filter { !transitions[$0].late && (transitions[$0].to == .firing || transitions[$0].to == .resolved) }
+        // Late transitions of this batch followed by a live one (a backlog that reaches the present, in order) fold into
+        // that live notification, unless out-of-order readings wait for a late report anyway.
+        let foldLate = transitions.contains(where: \.late) && !notifiable.isEmpty && outOfOrder == nil && before.lateDue == nil
+        if foldLate {
+            for index in transitions.indices where transitions[index].late { transitions[index].notified = true }
+        }
+        let late = foldLate ? [] : transitions.filter(\.late)
         if !late.isEmpty || outOfOrder != nil {
             let times = late.map(\.at) + (outOfOrder.map { [$0.0, $0.1] } ?? [])
             record.lateFrom = ([record.lateFrom].compactMap { $0 } + times).min()
@@ -329,16 +337,26 @@ public actor AlertEngine: CommitObserver, Service {
             // The same stretch again (a backlog batch re-sent): nothing new to record.
             return nil
         }
-        let live = transitions.filter { !$0.late }
         var change = AlertChange(record: record, transitions: transitions)
-        if let last = live.last(where: { $0.to == .firing || $0.to == .resolved }) {
+        if !notifiable.isEmpty {
             let labels = labels(rule, farm: farm, record: record)
             if isSilenced(labels, farmID: device.farmID, at: current) {
-                change.transitions = transitions.map { var t = $0; if !t.late { t.silenced = true }; return t }
+                change.transitions = transitions.map { var t = $0; if !t.late || foldLate { t.silenced = true }; return t }
             } else {
-                change.notification = notification(
-                    rule, farm: farm, record: record, status: last.to == .firing ? .firing : .resolved, transitions: live, late: false, description: nil,
-                    value: last.value, quantity: first.quantity)
+                var previous = -1
+                for (position, index) in notifiable.enumerated() {
+                    let covered = Array(transitions[(previous + 1)...index])
+                    previous = index
+                    let folded = position == 0 && foldLate
+                    let what = "\(record.sensor ?? record.device ?? rule.name) \(rule.conditionText)"
+                    change.notifications.append(
+                        AlertChange.PlannedNotification(
+                            transitionIndex: index,
+                            notification: notification(
+                                rule, farm: farm, record: record, status: transitions[index].to == .firing ? .firing : .resolved, transitions: covered,
+                                late: folded, description: folded ? "\(AlertEvaluator.episodes(covered, what: what)), reported late" : nil,
+                                value: transitions[index].value, quantity: first.quantity, at: transitions[index])))
+                }
                 change.receivers = rule.receivers
             }
         }
@@ -410,9 +428,14 @@ public actor AlertEngine: CommitObserver, Service {
                 change.transitions = change.transitions.map { var t = $0; t.silenced = true; return t }
             } else {
                 let quantity = try await store.alertSensors(farmID: record.farmID).first { $0.sensorRowID == record.sensorRowID }?.quantity
-                change.notification = notification(
-                    rule, farm: farmNames[record.farmID] ?? "", record: record, status: record.state == .firing ? .firing : .resolved,
-                    transitions: episodes, late: true, description: "\(text), reported late", value: episodes.last?.value ?? record.value, quantity: quantity)
+                change.notifications = [
+                    AlertChange.PlannedNotification(
+                        transitionIndex: nil,
+                        notification: notification(
+                            rule, farm: farmNames[record.farmID] ?? "", record: record, status: record.state == .firing ? .firing : .resolved,
+                            transitions: episodes, late: true, description: "\(text), reported late", value: episodes.last?.value ?? record.value,
+                            quantity: quantity))
+                ]
                 change.receivers = rule.receivers
             }
         }
@@ -490,9 +513,13 @@ public actor AlertEngine: CommitObserver, Service {
                         if isSilenced(labels, farmID: farmID, at: current) {
                             change.transitions = transitions.map { var t = $0; t.silenced = true; return t }
                         } else {
-                            change.notification = notification(
-                                rule, farm: farmNames[farmID] ?? "", record: record, status: move.to == .firing ? .firing : .resolved, transitions: transitions,
-                                late: false, description: nil, value: nil, quantity: target.quantity)
+                            change.notifications = [
+                                AlertChange.PlannedNotification(
+                                    transitionIndex: nil,
+                                    notification: notification(
+                                        rule, farm: farmNames[farmID] ?? "", record: record, status: move.to == .firing ? .firing : .resolved,
+                                        transitions: transitions, late: false, description: nil, value: nil, quantity: target.quantity))
+                            ]
                             change.receivers = rule.receivers
                         }
                         countTransitions(transitions)
@@ -561,7 +588,7 @@ public actor AlertEngine: CommitObserver, Service {
     private func apply(_ changes: [AlertChange]) async throws {
         guard !changes.isEmpty else { return }
         try await store.applyAlertChanges(changes, now: now())
-        let notified = changes.filter { $0.notification != nil }.count
+        let notified = changes.reduce(0) { $0 + $1.notifications.count }
         if notified > 0 { notificationsCounter.increment(by: notified) }
     }
 
@@ -599,9 +626,18 @@ public actor AlertEngine: CommitObserver, Service {
 
     private func notification(
         _ rule: AlertRule, farm: String, record: AlertRecord, status: AlertNotification.Status, transitions: [AlertTransitionRecord], late: Bool,
-        description: String?, value: Double?, quantity: Quantity?
+        description: String?, value: Double?, quantity: Quantity?, at transition: AlertTransitionRecord? = nil
     ) -> AlertNotification {
-        AlertNotification(
+        // A notification for an earlier transition of a batch carries that transition's times, not the final state's.
+        var record = record
+        if let transition, transition.to == .firing {
+            record.startsAt = transition.at
+            record.endsAt = nil
+        } else if let transition, transition.to == .resolved {
+            record.endsAt = transition.at
+            if let began = transitions.last(where: { $0.to == .firing }) { record.startsAt = began.at }
+        }
+        return AlertNotification(
             farm: farm, rule: rule.name, alertID: record.id, transitionID: 0, fingerprint: record.fingerprint, status: status, severity: rule.severity,
             labels: labels(rule, farm: farm, record: record),
             summary: rule.renderSummary(device: record.device, sensor: record.sensor, value: value, quantity: quantity), description: description,

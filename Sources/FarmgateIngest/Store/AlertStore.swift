@@ -182,21 +182,35 @@ public struct AlertTransitionRecord: Sendable, Hashable {
 }
 
 /// What the engine writes for one alert: its new row (``AlertRecord/version`` = the version it read; id 0 inserts),
-/// new transitions, and at most one notification, written once per receiver of `receivers` (names of the farm's
+/// new transitions, and notifications, each written once per receiver of `receivers` (names of the farm's
 /// `alert_receivers`; unknown names are skipped) with ``AlertNotification/alertID`` and ``AlertNotification/transitionID``
-/// filled in by the store (the last transition's id, or `notifyTransitionID`).
+/// filled in by the store: the id of the transition at ``PlannedNotification/transitionIndex`` in `transitions`, or when
+/// that is nil the alert's latest transition.
 public struct AlertChange: Sendable {
+    public struct PlannedNotification: Sendable {
+        public var transitionIndex: Int?
+        public var notification: AlertNotification
+
+        public init(transitionIndex: Int?, notification: AlertNotification) {
+            self.transitionIndex = transitionIndex
+            self.notification = notification
+        }
+    }
+
     public var record: AlertRecord
     public var transitions: [AlertTransitionRecord]
-    public var notification: AlertNotification?
+    public var notifications: [PlannedNotification]
     public var receivers: [String]
     /// Marks every earlier transition of the alert notified (a late report covers them).
     public var markAllNotified: Bool
 
-    public init(record: AlertRecord, transitions: [AlertTransitionRecord] = [], notification: AlertNotification? = nil, receivers: [String] = [], markAllNotified: Bool = false) {
+    public init(
+        record: AlertRecord, transitions: [AlertTransitionRecord] = [], notifications: [PlannedNotification] = [], receivers: [String] = [],
+        markAllNotified: Bool = false
+    ) {
         self.record = record
         self.transitions = transitions
-        self.notification = notification
+        self.notifications = notifications
         self.receivers = receivers
         self.markAllNotified = markAllNotified
     }

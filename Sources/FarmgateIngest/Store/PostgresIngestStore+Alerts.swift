@@ -184,7 +184,7 @@ extension PostgresIngestStore: AlertStore {
                 if change.markAllNotified {
                     try await connection.query("UPDATE alert_transitions SET notified = true WHERE alert_id = \(alertID) AND NOT notified", logger: logger)
                 }
-                var lastTransition: Int64 = 0
+                var transitionIDs: [Int64] = []
                 for t in change.transitions {
                     for try await id in try await connection.query(
                         """
@@ -192,30 +192,33 @@ extension PostgresIngestStore: AlertStore {
                         VALUES (\(alertID), \(t.from.rawValue), \(t.to.rawValue), \(t.at.microseconds), \(t.value), \(t.late), \(t.silenced), \(t.notified),
                             \(now.microseconds)) RETURNING id
                         """, logger: logger
-                    ).decode(Int64.self) { lastTransition = id }
+                    ).decode(Int64.self) { transitionIDs.append(id) }
                 }
-                guard var notification = change.notification else { continue }
-                if lastTransition == 0 {
-                    for try await id in try await connection.query(
-                        "SELECT coalesce(max(id), 0) FROM alert_transitions WHERE alert_id = \(alertID)", logger: logger
-                    ).decode(Int64.self) { lastTransition = id }
-                }
-                notification.alertID = alertID
-                notification.transitionID = lastTransition
-                let payload = try alertJSON(notification)
-                for name in change.receivers {
-                    var receiverID: Int64?
-                    for try await id in try await connection.query(
-                        "SELECT id FROM alert_receivers WHERE farm_id = \(r.farmID) AND name = \(name)", logger: logger
-                    ).decode(Int64.self) { receiverID = id }
-                    guard let receiverID else { continue }
-                    let key = notification.idempotencyKey(receiver: receiverID)
-                    try await connection.query(
-                        """
-                        INSERT INTO alert_outbox(farm_id, receiver_id, alert_id, transition_id, idempotency_key, payload, state, next_attempt_at_us, created_at_us)
-                        VALUES (\(r.farmID), \(receiverID), \(alertID), \(lastTransition), \(key), \(payload), 'pending', \(now.microseconds), \(now.microseconds))
-                        ON CONFLICT (idempotency_key) DO NOTHING
-                        """, logger: logger)
+                for planned in change.notifications {
+                    var notification = planned.notification
+                    var transitionID = planned.transitionIndex.flatMap { transitionIDs.indices.contains($0) ? transitionIDs[$0] : nil } ?? transitionIDs.last ?? 0
+                    if transitionID == 0 {
+                        for try await id in try await connection.query(
+                            "SELECT coalesce(max(id), 0) FROM alert_transitions WHERE alert_id = \(alertID)", logger: logger
+                        ).decode(Int64.self) { transitionID = id }
+                    }
+                    notification.alertID = alertID
+                    notification.transitionID = transitionID
+                    let payload = try alertJSON(notification)
+                    for name in change.receivers {
+                        var receiverID: Int64?
+                        for try await id in try await connection.query(
+                            "SELECT id FROM alert_receivers WHERE farm_id = \(r.farmID) AND name = \(name)", logger: logger
+                        ).decode(Int64.self) { receiverID = id }
+                        guard let receiverID else { continue }
+                        let key = notification.idempotencyKey(receiver: receiverID)
+                        try await connection.query(
+                            """
+                            INSERT INTO alert_outbox(farm_id, receiver_id, alert_id, transition_id, idempotency_key, payload, state, next_attempt_at_us, created_at_us)
+                            VALUES (\(r.farmID), \(receiverID), \(alertID), \(transitionID), \(key), \(payload), 'pending', \(now.microseconds), \(now.microseconds))
+                            ON CONFLICT (idempotency_key) DO NOTHING
+                            """, logger: logger)
+                    }
                 }
             }
             return ids

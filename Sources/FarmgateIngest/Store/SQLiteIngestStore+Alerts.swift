@@ -198,7 +198,7 @@ extension SQLiteIngestStore: AlertStore {
                     if change.markAllNotified {
                         try db.connection.query("UPDATE alert_transitions SET notified = 1 WHERE alert_id = ? AND notified = 0", [.integer(alertID)])
                     }
-                    var lastTransition: Int64 = 0
+                    var transitionIDs: [Int64] = []
                     for transition in change.transitions {
                         try db.connection.query(
                             """
@@ -210,28 +210,31 @@ extension SQLiteIngestStore: AlertStore {
                                 transition.value.map { .real($0) } ?? .null, .integer(transition.late ? 1 : 0), .integer(transition.silenced ? 1 : 0),
                                 .integer(transition.notified ? 1 : 0), .integer(now.microseconds),
                             ])
-                        lastTransition = db.connection.lastInsertRowID
+                        transitionIDs.append(db.connection.lastInsertRowID)
                     }
-                    guard var notification = change.notification else { continue }
-                    if lastTransition == 0 {
-                        lastTransition = try db.connection.queryInt("SELECT max(id) FROM alert_transitions WHERE alert_id = ?", [.integer(alertID)]) ?? 0
-                    }
-                    notification.alertID = alertID
-                    notification.transitionID = lastTransition
-                    let payload = String(decoding: try encoder.encode(notification), as: UTF8.self)
-                    for name in change.receivers {
-                        guard let receiver = try db.connection.queryInt(
-                            "SELECT id FROM alert_receivers WHERE farm_id = ? AND name = ?", [.integer(record.farmID), .text(name)])
-                        else { continue }
-                        try db.connection.query(
-                            """
-                            INSERT INTO alert_outbox(farm_id, receiver_id, alert_id, transition_id, idempotency_key, payload, state, next_attempt_at_us, created_at_us)
-                            VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?) ON CONFLICT (idempotency_key) DO NOTHING
-                            """,
-                            [
-                                .integer(record.farmID), .integer(receiver), .integer(alertID), .integer(lastTransition),
-                                .text(notification.idempotencyKey(receiver: receiver)), .text(payload), .integer(now.microseconds), .integer(now.microseconds),
-                            ])
+                    for planned in change.notifications {
+                        var notification = planned.notification
+                        var transitionID = planned.transitionIndex.flatMap { transitionIDs.indices.contains($0) ? transitionIDs[$0] : nil } ?? transitionIDs.last ?? 0
+                        if transitionID == 0 {
+                            transitionID = try db.connection.queryInt("SELECT max(id) FROM alert_transitions WHERE alert_id = ?", [.integer(alertID)]) ?? 0
+                        }
+                        notification.alertID = alertID
+                        notification.transitionID = transitionID
+                        let payload = String(decoding: try encoder.encode(notification), as: UTF8.self)
+                        for name in change.receivers {
+                            guard let receiver = try db.connection.queryInt(
+                                "SELECT id FROM alert_receivers WHERE farm_id = ? AND name = ?", [.integer(record.farmID), .text(name)])
+                            else { continue }
+                            try db.connection.query(
+                                """
+                                INSERT INTO alert_outbox(farm_id, receiver_id, alert_id, transition_id, idempotency_key, payload, state, next_attempt_at_us, created_at_us)
+                                VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?) ON CONFLICT (idempotency_key) DO NOTHING
+                                """,
+                                [
+                                    .integer(record.farmID), .integer(receiver), .integer(alertID), .integer(transitionID),
+                                    .text(notification.idempotencyKey(receiver: receiver)), .text(payload), .integer(now.microseconds), .integer(now.microseconds),
+                                ])
+                        }
                     }
                 }
                 return ids
