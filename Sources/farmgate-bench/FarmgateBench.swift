@@ -13,6 +13,7 @@ struct FarmgateBench: AsyncParsableCommand {
             DrainBench.self,
             IngestBench.self,
             FloodBench.self,
+            AlertBench.self,
             AllBenchmarks.self,
         ]
     )

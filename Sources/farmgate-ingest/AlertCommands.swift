@@ -107,7 +107,7 @@ struct RuleCommand: AsyncParsableCommand {
             do {
                 rule = try spec.validated()
             } catch {
-                throw ValidationError("--\(error.field ?? "rule") \(error.message)".replacingOccurrences(of: "--for ", with: "--for "))
+                throw ValidationError("--\(error.field ?? "rule") \(error.message)")
             }
             let farmName = farm.farm
             let replace = self.replace

@@ -128,20 +128,21 @@ public actor AlertEngine: CommitObserver, Service {
         mustCatchUp.store(false, ordering: .relaxed)
         await catchUp()
         await withTaskGroup(of: Void.self) { group in
+            // The consumer ends when the queue is finished and empty: every batch handed over before the stop is evaluated.
             group.addTask {
                 for await batch in self.queue { await self.evaluate(batch) }
             }
-            group.addTask {
-                while !Task.isCancelled {
-                    await self.tick()
-                    do { try await Task.sleep(for: self.settings.tick) } catch { return }
+            await withTaskGroup(of: Void.self) { timer in
+                timer.addTask {
+                    while !Task.isCancelled {
+                        await self.tick()
+                        do { try await Task.sleep(for: self.settings.tick) } catch { return }
+                    }
                 }
-            }
-            await withGracefulShutdownHandler {
                 try? await gracefulShutdown()
-            } onGracefulShutdown: {}
+                timer.cancelAll()
+            }
             continuation.finish()
-            group.cancelAll()
             await group.waitForAll()
         }
         await saveWatermarks()
