@@ -84,6 +84,8 @@ public actor AlertEngine: CommitObserver, Service {
     private var farmNames: [Int64: String] = [:]
     private var silencesByFarm: [Int64: [AlertSilence]] = [:]
     private var memories: [SeriesKey: SeriesMemory] = [:]
+    /// Per sensor row: the reading-driven rules whose selectors match it; cleared whenever the rules change.
+    private var matchCache: [Int64: [AlertRule]] = [:]
     /// Per device: the highest sequence evaluated, and whether it changed since the last save.
     private var watermarks: [Int64: UInt64] = [:]
     private var dirtyWatermarks: Set<Int64> = []
@@ -194,6 +196,7 @@ public actor AlertEngine: CommitObserver, Service {
                 rules[stored.farmID, default: []].append(stored.rule)
                 farmNames[stored.farmID] = stored.farm
             }
+            if rules != rulesByFarm { matchCache = [:] }
             rulesByFarm = rules
             var silences: [Int64: [AlertSilence]] = [:]
             for farm in rules.keys { silences[farm] = try await store.alertSilences(farmID: farm, endingAfter: now()) }
@@ -234,7 +237,14 @@ public actor AlertEngine: CommitObserver, Service {
         var work: [(rule: AlertRule, readings: [CommittedReading])] = []
         for (_, sensorReadings) in bySensor {
             guard let first = sensorReadings.first else { continue }
-            for rule in rules where rule.matches(device: device.device.rawValue, sensor: first.sensor.rawValue, quantity: first.quantity) {
+            let matched: [AlertRule]
+            if let cached = matchCache[first.sensorRowID] {
+                matched = cached
+            } else {
+                matched = rules.filter { $0.matches(device: device.device.rawValue, sensor: first.sensor.rawValue, quantity: first.quantity) }
+                matchCache[first.sensorRowID] = matched
+            }
+            for rule in matched {
                 work.append((rule, sensorReadings.sorted { ($0.timestamp, $0.sequence) < ($1.timestamp, $1.sequence) }))
             }
         }
