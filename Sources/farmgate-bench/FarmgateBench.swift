@@ -17,6 +17,7 @@ struct FarmgateBench: AsyncParsableCommand {
             PostgresBench.self,
             RollupBench.self,
             NotifyBench.self,
+            AlertBench.self,
             AllBenchmarks.self,
         ]
     )

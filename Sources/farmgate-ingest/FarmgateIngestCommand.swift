@@ -130,8 +130,11 @@ struct ServeCommand: AsyncParsableCommand {
         // PostgreSQL once the listener hears every instance's commits (LISTEN/NOTIFY).
         let latest = LatestCache(enabled: configuration.storage.postgres == nil)
         let listener = configuration.storage.postgres.map { PostgresLatestListener(settings: $0, cache: latest, logger: logger) }
+        // The alert engine evaluates committed readings off the request path (it catches up from the store at start).
+        let engine = (store as? any IngestStore & AlertStore).map { AlertEngine(store: $0, logger: logger) }
         let app = buildApplication(
-            configuration: configuration, store: store, registry: registry, logger: logger, latest: latest,
+            configuration: configuration, store: store, registry: registry, logger: logger,
+            commits: CommitFeed(engine.map { [$0] } ?? []), latest: latest,
             onServerRunning: { await notifier?.serverRunning() })
         logger.info(
             "farmgate-ingest starting",
@@ -146,7 +149,7 @@ struct ServeCommand: AsyncParsableCommand {
         // The store first: it starts before the server and stops after it. The server listens only once the schema is
         // current (several instances starting at once migrate one after another, under an advisory lock).
         var services: [any Service] =
-            [store] + (listener.map { [$0] } ?? []) + [MigrateThenServe(store: store, app: app, storage: configuration.storage.displayName, logger: logger)]
+            [store] + (listener.map { [$0] } ?? []) + [MigrateThenServe(store: store, app: app, storage: configuration.storage.displayName, logger: logger, engine: engine)]
         // The notification workers after the server (they stop first, before the store), also only on a current schema.
         if let delivery = try makeNotificationDelivery(configuration, store: store, registry: registry, logger: logger) {
             services.append(MigrateThenServe(store: store, app: delivery, storage: configuration.storage.displayName, logger: logger))
@@ -170,6 +173,8 @@ struct MigrateThenServe<App: Service>: Service {
     let app: App
     let storage: String
     let logger: Logger
+    /// Runs beside the server once the schema is current, and stops with it.
+    var engine: AlertEngine?
 
     func run() async throws {
         do {
@@ -178,7 +183,11 @@ struct MigrateThenServe<App: Service>: Service {
             logger.critical("cannot bring the store's schema up to date", metadata: ["storage": "\(storage)", "error": "\(error)"])
             throw MigrationFailed(description: "cannot migrate the store \(storage): \(error)")
         }
-        try await app.run()
+        guard let engine else { return try await app.run() }
+        try await withThrowingDiscardingTaskGroup { group in
+            group.addTask { try await engine.run() }
+            group.addTask { try await app.run() }
+        }
     }
 }
 

@@ -109,6 +109,9 @@ func buildRouter(
     if let enrollment = store as? any EnrollmentStore {
         EnrollmentController(store: enrollment, registry: metrics.registry, now: now, logger: logger).addRoutes(to: router)
     }
+    if let alerts = store as? any AdministrationStore & AlertStore {
+        AlertController(admin: AlertAdmin(store: alerts), gate: gate, rateLimiter: readLimiter, now: now, logger: logger).addRoutes(to: router)
+    }
 
     router.get("/healthz") { _, _ in
         jsonResponse(["status": "ok"])

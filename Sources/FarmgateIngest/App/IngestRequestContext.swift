@@ -8,6 +8,8 @@ public struct IngestRequestContext: RequestContext {
     public var coreContext: CoreRequestContextStorage
     /// The farm a verified read token gives access to (set by ``ReaderAuthMiddleware``).
     public var readerFarm: FarmRecord?
+    /// The role of that read token (set with ``readerFarm``).
+    public var readerRole: ReadRole?
     /// The client that per-address limits count against: the TCP peer, or behind a trusted proxy the address it
     /// forwarded (``ForwardedClientMiddleware``).
     public var clientAddress: ClientAddress
@@ -68,7 +70,7 @@ struct ReaderAuthMiddleware: RouterMiddleware {
     let rateLimiter: KeyedRateLimiter<String>
 
     func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
-        let (farm, keyID) = try await gate.reader(request, client: context.clientAddress)
+        let (farm, role, keyID) = try await gate.reader(request, client: context.clientAddress)
         guard let wanted = context.parameters.get("farm"), wanted == farm.name else {
             throw APIError(.forbidden, code: "forbidden", message: "this read token belongs to another farm; use a token of the farm in the path")
         }
@@ -82,6 +84,7 @@ struct ReaderAuthMiddleware: RouterMiddleware {
         }
         var context = context
         context.readerFarm = farm
+        context.readerRole = role
         var response = try await next(request, context)
         status.add(to: &response.headers)
         return response

@@ -47,8 +47,8 @@ struct AuthenticationGate: Sendable {
         }
     }
 
-    /// The farm and key id of the read token in `request`, or the error to answer.
-    func reader(_ request: Request, client: ClientAddress) async throws(APIError) -> (farm: FarmRecord, keyID: String) {
+    /// The farm, role and key id of the read token in `request`, or the error to answer.
+    func reader(_ request: Request, client: ClientAddress) async throws(APIError) -> (farm: FarmRecord, role: ReadRole, keyID: String) {
         try failures.admit(client)
         let key: APIKey
         do {
@@ -65,8 +65,8 @@ struct AuthenticationGate: Sendable {
             throw APIError.unavailable()
         }
         switch result {
-        case .authenticated(let farm, _):
-            return (farm, key.keyID)
+        case .authenticated(let farm, let role):
+            return (farm, role, key.keyID)
         case .invalid:
             failures.recordFailure(client)
             throw APIError.unauthorized("the read token is not valid; create one with `farmgate-ingest token create --farm NAME --role viewer`")

@@ -141,32 +141,3 @@ public struct LatestCursor: Sendable, Hashable {
         self.init(device: device, sensor: sensor)
     }
 }
-
-/// Shell-style globs over identifiers: `*` matches any run of characters, `?` one character, everything else itself.
-enum Glob {
-    static func matches(_ pattern: String, _ text: String) -> Bool {
-        let p = Array(pattern.utf8)
-        let t = Array(text.utf8)
-        var (pi, ti) = (0, 0)
-        var star: Int?
-        var resume = 0
-        while ti < t.count {
-            if pi < p.count, p[pi] == UInt8(ascii: "?") || p[pi] == t[ti] {
-                pi += 1
-                ti += 1
-            } else if pi < p.count, p[pi] == UInt8(ascii: "*") {
-                star = pi
-                resume = ti
-                pi += 1
-            } else if let star {
-                pi = star + 1
-                resume += 1
-                ti = resume
-            } else {
-                return false
-            }
-        }
-        while pi < p.count, p[pi] == UInt8(ascii: "*") { pi += 1 }
-        return pi == p.count
-    }
-}

@@ -217,8 +217,10 @@ public struct DeviceCredential: Sendable, Hashable {
 
 /// What a read token may do.
 public enum ReadRole: String, Sendable, Hashable, CaseIterable {
-    /// Reads every reading of its farm.
+    /// Reads every reading of its farm, and its alerts and alert rules.
     case viewer
+    /// Everything a viewer does, and manages the farm's alert rules and silences and acknowledges alerts.
+    case admin
 }
 
 /// A read token's stored credential.

@@ -135,6 +135,86 @@ enum SQLiteSchema {
                 CREATE INDEX alert_outbox_by_alert ON alert_outbox(alert_id);
                 """),
         Migration(
+            version: 5, name: "alert rules, alerts and their transitions, silences, the engine's watermarks; admin read tokens",
+            sql: """
+                CREATE TABLE read_tokens_v5 (
+                    id INTEGER PRIMARY KEY,
+                    farm_id INTEGER NOT NULL REFERENCES farms(id),
+                    role TEXT NOT NULL CHECK (role IN ('viewer', 'admin')),
+                    key_id TEXT NOT NULL UNIQUE,
+                    secret_sha256 BLOB NOT NULL,
+                    revoked INTEGER NOT NULL DEFAULT 0,
+                    created_at_us INTEGER NOT NULL
+                );
+                INSERT INTO read_tokens_v5(id, farm_id, role, key_id, secret_sha256, revoked, created_at_us)
+                    SELECT id, farm_id, role, key_id, secret_sha256, revoked, created_at_us FROM read_tokens;
+                DROP TABLE read_tokens;
+                ALTER TABLE read_tokens_v5 RENAME TO read_tokens;
+                CREATE INDEX read_tokens_by_farm ON read_tokens(farm_id);
+                CREATE TABLE alert_rules (
+                    id INTEGER PRIMARY KEY,
+                    farm_id INTEGER NOT NULL REFERENCES farms(id),
+                    name TEXT NOT NULL,
+                    definition TEXT NOT NULL,
+                    updated_at_us INTEGER NOT NULL,
+                    UNIQUE (farm_id, name)
+                );
+                CREATE TABLE alerts (
+                    id INTEGER PRIMARY KEY,
+                    farm_id INTEGER NOT NULL REFERENCES farms(id),
+                    rule TEXT NOT NULL,
+                    device_id INTEGER NOT NULL,
+                    sensor_id INTEGER NOT NULL DEFAULT 0,
+                    device TEXT,
+                    sensor TEXT,
+                    fingerprint TEXT NOT NULL,
+                    state TEXT NOT NULL CHECK (state IN ('inactive', 'pending', 'firing', 'resolved')),
+                    pending_since_us INTEGER,
+                    starts_at_us INTEGER,
+                    ends_at_us INTEGER,
+                    last_reading_us INTEGER,
+                    value REAL,
+                    acknowledged_at_us INTEGER,
+                    acknowledged_by TEXT,
+                    late_from_us INTEGER,
+                    late_to_us INTEGER,
+                    late_due_us INTEGER,
+                    version INTEGER NOT NULL DEFAULT 0,
+                    updated_at_us INTEGER NOT NULL,
+                    UNIQUE (farm_id, rule, device_id, sensor_id)
+                );
+                CREATE INDEX alerts_by_device ON alerts(device_id);
+                CREATE INDEX alerts_by_farm_change ON alerts(farm_id, updated_at_us);
+                CREATE INDEX alerts_late_due ON alerts(late_due_us) WHERE late_due_us IS NOT NULL;
+                CREATE TABLE alert_transitions (
+                    id INTEGER PRIMARY KEY,
+                    alert_id INTEGER NOT NULL REFERENCES alerts(id),
+                    from_state TEXT NOT NULL,
+                    to_state TEXT NOT NULL,
+                    at_us INTEGER NOT NULL,
+                    value REAL,
+                    late INTEGER NOT NULL DEFAULT 0,
+                    silenced INTEGER NOT NULL DEFAULT 0,
+                    notified INTEGER NOT NULL DEFAULT 1,
+                    recorded_at_us INTEGER NOT NULL
+                );
+                CREATE INDEX alert_transitions_by_alert ON alert_transitions(alert_id, at_us);
+                CREATE TABLE alert_silences (
+                    id INTEGER PRIMARY KEY,
+                    farm_id INTEGER NOT NULL REFERENCES farms(id),
+                    matchers TEXT NOT NULL,
+                    starts_at_us INTEGER NOT NULL,
+                    ends_at_us INTEGER NOT NULL,
+                    created_by TEXT NOT NULL,
+                    comment TEXT NOT NULL
+                );
+                CREATE TABLE alert_watermarks (
+                    device_id INTEGER PRIMARY KEY REFERENCES devices(id),
+                    sequence INTEGER NOT NULL
+                );
+                INSERT INTO alert_watermarks(device_id, sequence) SELECT id, highest_sequence FROM devices WHERE highest_sequence IS NOT NULL;
+                """),
+        Migration(
             version: 6, name: "rollups at 1 minute, 1 hour and 1 day per sensor, built from the readings already stored",
             sql: SQLiteSchema.rollupTables),
         Migration(

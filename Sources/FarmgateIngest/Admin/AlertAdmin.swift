@@ -1,0 +1,156 @@
+public import FarmgateWire
+import Foundation
+
+/// The alert administration behind `farmgate-ingest alert ...` and the alert API, as a library so that both run the same
+/// code: rules, alerts with their history, acknowledgements, silences.
+public struct AlertAdmin: Sendable {
+    public let store: any AdministrationStore & AlertStore
+
+    public init(store: any AdministrationStore & AlertStore) {
+        self.store = store
+    }
+
+    /// The alert administration of `admin`'s store; throws when the store keeps no alerts.
+    public init(_ admin: IngestAdmin) throws {
+        guard let store = admin.store as? any AdministrationStore & AlertStore else {
+            throw IngestStoreError.notFound("alerting in this store")
+        }
+        self.store = store
+    }
+
+    public func farm(_ name: String) async throws -> FarmRecord {
+        guard let farm = try await store.farm(named: name) else { throw IngestStoreError.notFound("farm '\(name)'") }
+        return farm
+    }
+
+    // MARK: Rules
+
+    /// Adds `rule` (or replaces the rule of that name when `replace`).
+    public func putRule(farm: String, _ rule: AlertRule, replace: Bool) async throws {
+        try await store.putAlertRule(farmID: try await self.farm(farm).id, rule: rule, replace: replace, at: .now())
+    }
+
+    /// Stores every rule of a file, replacing rules of the same names; other rules of the farm stay.
+    public func load(farm: String, _ rules: [AlertRule]) async throws {
+        let farmID = try await self.farm(farm).id
+        for rule in rules { try await store.putAlertRule(farmID: farmID, rule: rule, replace: true, at: .now()) }
+    }
+
+    public func rules(farm: String) async throws -> [AlertRule] {
+        try await store.alertRules(farmID: try await self.farm(farm).id).map(\.rule)
+    }
+
+    public func rule(farm: String, name: String) async throws -> AlertRule {
+        guard let rule = try await rules(farm: farm).first(where: { $0.name == name }) else {
+            throw IngestStoreError.notFound("alert rule '\(name)' in farm '\(farm)'")
+        }
+        return rule
+    }
+
+    public func removeRule(farm: String, name: String) async throws {
+        guard try await store.removeAlertRule(farmID: try await self.farm(farm).id, name: name) else {
+            throw IngestStoreError.notFound("alert rule '\(name)' in farm '\(farm)'")
+        }
+    }
+
+    // MARK: Alerts
+
+    /// Active alerts and those that changed within `recent`, newest change first, each with its history.
+    public func alerts(farm: String, recent: Duration = .seconds(86_400), limit: Int = 500, now: Timestamp = .now()) async throws -> [AlertView] {
+        let farmRecord = try await self.farm(farm)
+        let since = Timestamp(microseconds: now.microseconds - recent.microseconds)
+        let records = try await store.alertRecords(farmID: farmRecord.id, changedSince: since, limit: limit)
+        let history = Dictionary(grouping: try await store.alertTransitions(alertIDs: records.map(\.id)), by: \.alertID)
+        let severities = Dictionary(try await store.alertRules(farmID: farmRecord.id).map { ($0.rule.name, $0.rule.severity) }, uniquingKeysWith: { a, _ in a })
+        return records.map { AlertView($0, severity: severities[$0.rule], history: history[$0.id] ?? []) }
+    }
+
+    public func acknowledge(farm: String, alertID: Int64, by: String) async throws {
+        guard try await store.acknowledgeAlert(farmID: try await self.farm(farm).id, alertID: alertID, by: by, at: .now()) else {
+            throw IngestStoreError.notFound("alert \(alertID) in farm '\(farm)'")
+        }
+    }
+
+    // MARK: Silences
+
+    /// Adds a silence and returns its id. Matchers are label globs (`alertname`, `device`, `sensor`, `severity`, or a
+    /// rule's own labels); at least one is required, so that a typo never silences a whole farm by accident.
+    public func addSilence(farm: String, matchers: [String: String], until: Timestamp, comment: String, by: String, now: Timestamp = .now()) async throws -> Int64 {
+        guard !matchers.isEmpty else { throw AlertRuleError(field: "matchers", message: "at least one matcher is required, e.g. alertname=ph-low or device=greenhouse-*") }
+        guard until > now else { throw AlertRuleError(field: "until", message: "must be in the future (got \(RFC3339.format(until)))") }
+        return try await store.addAlertSilence(
+            farmID: try await self.farm(farm).id, AlertSilence(matchers: matchers, startsAt: now, endsAt: until, createdBy: by, comment: comment))
+    }
+
+    public func silences(farm: String, now: Timestamp = .now()) async throws -> [AlertSilence] {
+        try await store.alertSilences(farmID: try await self.farm(farm).id, endingAfter: now)
+    }
+
+    public func removeSilence(farm: String, id: Int64) async throws {
+        guard try await store.removeAlertSilence(farmID: try await self.farm(farm).id, id: id) else {
+            throw IngestStoreError.notFound("silence \(id) in farm '\(farm)'")
+        }
+    }
+}
+
+/// One alert as the API and `alert list --json` show it.
+public struct AlertView: Codable, Sendable, Hashable {
+    public struct Transition: Codable, Sendable, Hashable {
+        public var from: String
+        public var to: String
+        public var at: Timestamp
+        public var value: Double?
+        public var late: Bool
+        public var silenced: Bool
+    }
+
+    public var id: Int64
+    public var rule: String
+    public var severity: String?
+    public var device: String?
+    public var sensor: String?
+    public var fingerprint: String
+    public var state: String
+    public var pendingSince: Timestamp?
+    public var startsAt: Timestamp?
+    public var endsAt: Timestamp?
+    public var value: Double?
+    public var acknowledgedAt: Timestamp?
+    public var acknowledgedBy: String?
+    /// A late report (a backlog) is being gathered and will be notified at this time.
+    public var lateReportDue: Timestamp?
+    public var updatedAt: Timestamp
+    public var transitions: [Transition]
+
+    enum CodingKeys: String, CodingKey {
+        case id, rule, severity, device, sensor, fingerprint, state, value, transitions
+        case pendingSince = "pending_since"
+        case startsAt = "starts_at"
+        case endsAt = "ends_at"
+        case acknowledgedAt = "acknowledged_at"
+        case acknowledgedBy = "acknowledged_by"
+        case lateReportDue = "late_report_due"
+        case updatedAt = "updated_at"
+    }
+
+    public init(_ record: AlertRecord, severity: String?, history: [AlertTransitionRecord]) {
+        id = record.id
+        rule = record.rule
+        self.severity = severity
+        device = record.device
+        sensor = record.sensor
+        fingerprint = record.fingerprint
+        state = record.state.rawValue
+        pendingSince = record.pendingSince
+        startsAt = record.startsAt
+        endsAt = record.endsAt
+        value = record.value
+        acknowledgedAt = record.acknowledgedAt
+        acknowledgedBy = record.acknowledgedBy
+        lateReportDue = record.lateDue
+        updatedAt = record.updatedAt
+        transitions = history.map {
+            Transition(from: $0.from.rawValue, to: $0.to.rawValue, at: $0.at, value: $0.value, late: $0.late, silenced: $0.silenced)
+        }
+    }
+}

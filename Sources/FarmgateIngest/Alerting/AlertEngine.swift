@@ -1,0 +1,662 @@
+public import FarmgateWire
+public import Logging
+import Metrics
+public import ServiceLifecycle
+import Synchronization
+
+/// Evaluates alert rules off the request path and writes every state change, its history and its notifications in one
+/// transaction (``AlertStore/applyAlertChanges(_:now:)``).
+///
+/// **Feed and record.** The engine is a ``CommitObserver``: ``committed(_:)`` puts the batch in a bounded queue and
+/// returns at once, so that an upload never waits for evaluation. The queue is a fast path, not the record: readings
+/// are committed before the engine sees them, so the engine keeps a durable watermark per device (the highest sequence
+/// it evaluated, saved every tick) and, at start and whenever the queue overflowed or a write failed, reads what lies
+/// above it back from the store (``catchUp()``). A process that dies between a commit and its evaluation loses no
+/// transition: the next start evaluates those readings.
+///
+/// **Reading time.** Reading-driven rules (above, below, rate of change, sensor fault, out of range) are evaluated in
+/// the order of reading timestamps per series (a rule on one sensor), and `for` is measured between reading
+/// timestamps. No-data, device-offline and calibration-overdue rules run on the engine's timer against the wall clock.
+///
+/// **After an outage.** A reading is *late* when it arrives more than ``Settings/lateAfter`` after it was taken (a
+/// backlog). Transitions caused by late readings are kept in the history at once but not notified one by one; a reading
+/// older than the newest one its series already evaluated (the agent sends the newest batch of a backlog first) is not
+/// evaluated in place. Either way the alert is given a late report, due once its backlog has been quiet for
+/// ``Settings/lateQuiet``: the engine replays the reported stretch from the store, keeps the transitions it finds, and
+/// writes ONE notification per alert (`late: true`, the `transitions` list, a description such as "tank1.ph below 5.5
+/// from 03:12 to 05:40, reported late"). A condition that began and ended inside the backlog is reported that way, as
+/// resolved, never as firing; one that still holds makes the alert firing. Nothing is notified for a backlog in which the
+/// condition never fired.
+///
+/// **Silences and acknowledgements.** An alert whose labels a silence matches still changes state and keeps its
+/// history (the transitions are marked `silenced`), but no notification is written for it: nothing reaches the outbox,
+/// so nothing is sent when the silence ends. Acknowledging records who and when; it is cleared when the alert fires
+/// again.
+///
+/// **Several instances** (PostgreSQL): each evaluates the batches it received, from the alert rows as stored; a write
+/// that finds an alert changed by another instance is refused as a whole (``AlertStoreConflict``), and the engine reads
+/// the alerts again and evaluates once more, so each transition is recorded, and notified, once.
+public actor AlertEngine: CommitObserver, Service {
+    public struct Settings: Sendable {
+        /// How often timer rules, late reports, rule reloads and watermark saves run.
+        public var tick: Duration
+        /// A reading taken longer than this before it arrived is late (part of a backlog).
+        public var lateAfter: Duration
+        /// A late report is written once its alert's backlog has been quiet this long.
+        public var lateQuiet: Duration
+        /// Batches waiting for evaluation; beyond it the engine catches up from the store instead.
+        public var queueLimit: Int
+        /// How often calibration-overdue rules ask the store.
+        public var calibrationInterval: Duration
+
+        /// - Parameters: every default documented: tick 5 s, late after 5 min, late quiet 30 s, queue 1,000 batches,
+        ///   calibrations every 5 min.
+        public init(
+            tick: Duration = .seconds(5), lateAfter: Duration = .seconds(300), lateQuiet: Duration = .seconds(30), queueLimit: Int = 1_000,
+            calibrationInterval: Duration = .seconds(300)
+        ) {
+            self.tick = tick
+            self.lateAfter = lateAfter
+            self.lateQuiet = lateQuiet
+            self.queueLimit = queueLimit
+            self.calibrationInterval = calibrationInterval
+        }
+    }
+
+    private struct SeriesKey: Hashable {
+        var farmID: Int64
+        var rule: String
+        var deviceRowID: Int64
+        var sensorRowID: Int64
+    }
+
+    private let store: any IngestStore & AlertStore
+    private let settings: Settings
+    private let logger: Logger
+    private let now: @Sendable () -> Timestamp
+    private nonisolated let queue: AsyncStream<CommittedBatch>
+    private nonisolated let continuation: AsyncStream<CommittedBatch>.Continuation
+    private nonisolated let mustCatchUp = Atomic<Bool>(true)
+    /// Per device: the lowest sequence of a batch the full queue dropped (merged into ``failedFrom`` by the engine).
+    private nonisolated let dropped = Mutex<[Int64: UInt64]>([:])
+
+    private var rulesByFarm: [Int64: [AlertRule]] = [:]
+    private var farmNames: [Int64: String] = [:]
+    private var silencesByFarm: [Int64: [AlertSilence]] = [:]
+    private var memories: [SeriesKey: SeriesMemory] = [:]
+    /// Per sensor row: the reading-driven rules whose selectors match it; cleared whenever the rules change.
+    private var matchCache: [Int64: [AlertRule]] = [:]
+    /// Per device: the highest sequence evaluated, and whether it changed since the last save.
+    private var watermarks: [Int64: UInt64] = [:]
+    private var dirtyWatermarks: Set<Int64> = []
+    /// Per device: the highest sequence a catch-up read; the feed skips readings at or below it (already evaluated).
+    private var scannedThrough: [Int64: UInt64] = [:]
+    private var lastCalibrationCheck: Timestamp?
+    /// Per device: the lowest sequence whose evaluation failed; the watermark stays below it until a catch-up succeeds.
+    private var failedFrom: [Int64: UInt64] = [:]
+
+    private let transitionsCounter = Counter(label: "farmgate_ingest_alert_transitions_total")
+    private let notificationsCounter = Counter(label: "farmgate_ingest_alert_notifications_total")
+    private let droppedCounter = Counter(label: "farmgate_ingest_alert_queue_overflows_total")
+    private let errorsCounter = Counter(label: "farmgate_ingest_alert_evaluation_errors_total")
+
+    public init(store: any IngestStore & AlertStore, settings: Settings = Settings(), logger: Logger, now: @escaping @Sendable () -> Timestamp = { .now() }) {
+        self.store = store
+        self.settings = settings
+        self.logger = logger
+        self.now = now
+        (queue, continuation) = AsyncStream.makeStream(of: CommittedBatch.self, bufferingPolicy: .bufferingOldest(max(1, settings.queueLimit)))
+    }
+
+    // MARK: The feed
+
+    public nonisolated func committed(_ batch: CommittedBatch) {
+        if case .dropped = continuation.yield(batch) {
+            // Nothing is lost: the readings are stored, and the next tick reads them back above the watermark, which
+            // stays below them until then.
+            if let lowest = batch.readings.map(\.sequence).min() {
+                dropped.withLock { $0[batch.device.rowID] = min($0[batch.device.rowID] ?? lowest, lowest) }
+            }
+            mustCatchUp.store(true, ordering: .relaxed)
+            droppedCounter.increment()
+        }
+    }
+
+    /// Evaluates until the group shuts down: catches up first, then takes batches from the queue and runs the timer.
+    /// On shutdown the queue is drained and the watermarks saved.
+    public func run() async throws {
+        await reload()
+        // Before the queue: readings committed while no engine ran are evaluated first, in sequence order.
+        mustCatchUp.store(false, ordering: .relaxed)
+        await catchUp()
+        await withTaskGroup(of: Void.self) { group in
+            // The consumer ends when the queue is finished and empty: every batch handed over before the stop is evaluated.
+            group.addTask {
+                for await batch in self.queue { await self.evaluate(batch) }
+            }
+            await withTaskGroup(of: Void.self) { timer in
+                timer.addTask {
+                    while !Task.isCancelled {
+                        await self.tick()
+                        do { try await Task.sleep(for: self.settings.tick) } catch { return }
+                    }
+                }
+                try? await gracefulShutdown()
+                timer.cancelAll()
+            }
+            continuation.finish()
+            await group.waitForAll()
+        }
+        await saveWatermarks()
+    }
+
+    /// One round of the timer: rules and silences reloaded, a catch-up when needed, timer rules, due late reports,
+    /// watermarks saved. `serve` runs it every ``Settings/tick``; tests call it directly.
+    public func tick() async {
+        await reload()
+        if mustCatchUp.exchange(false, ordering: .relaxed) { await catchUp() }
+        await evaluateTimerRules()
+        await writeLateReports()
+        await saveWatermarks()
+    }
+
+    /// Reads every device's readings above its watermark back from the store and evaluates them (after a restart, a
+    /// full queue, a failed write).
+    public func catchUp() async {
+        mergeDropped()
+        do {
+            for progress in try await store.alertProgress() {
+                let device = progress.device.rowID
+                var after = [progress.watermark, watermarks[device]].compactMap { $0 }.max()
+                if let failure = failedFrom.removeValue(forKey: device) {
+                    after = failure == 0 ? nil : min(after ?? failure - 1, failure - 1)
+                }
+                guard let highest = progress.highest, after.map({ $0 < highest }) ?? true else { continue }
+                while true {
+                    let page = try await store.alertCatchUpReadings(device: progress.device, afterSequence: after, limit: 5_000)
+                    guard let last = page.last else { break }
+                    scannedThrough[device] = max(scannedThrough[device] ?? 0, last.sequence)
+                    await evaluate(CommittedBatch(device: progress.device, receivedAt: now(), readings: page), fromCatchUp: true)
+                    after = last.sequence
+                    if page.count < 5_000 { break }
+                }
+            }
+        } catch {
+            errorsCounter.increment()
+            mustCatchUp.store(true, ordering: .relaxed)
+            logger.error("alert engine cannot catch up from the store; trying again at the next tick", metadata: ["error": "\(error)"])
+        }
+    }
+
+    /// Reloads rules and silences from the store (rules added by another instance or the CLI count within a tick).
+    public func reload() async {
+        do {
+            var rules: [Int64: [AlertRule]] = [:]
+            for stored in try await store.alertRules(farmID: nil) {
+                rules[stored.farmID, default: []].append(stored.rule)
+                farmNames[stored.farmID] = stored.farm
+            }
+            if rules != rulesByFarm { matchCache = [:] }
+            rulesByFarm = rules
+            var silences: [Int64: [AlertSilence]] = [:]
+            for farm in rules.keys { silences[farm] = try await store.alertSilences(farmID: farm, endingAfter: now()) }
+            silencesByFarm = silences
+        } catch {
+            errorsCounter.increment()
+            logger.error("alert engine cannot read rules from the store; keeping the ones it has", metadata: ["error": "\(error)"])
+        }
+    }
+
+    // MARK: Reading-driven rules
+
+    /// Evaluates one committed batch (the queue's consumer; tests call it directly).
+    public func evaluate(_ batch: CommittedBatch) async {
+        await evaluate(batch, fromCatchUp: false)
+    }
+
+    private func evaluate(_ batch: CommittedBatch, fromCatchUp: Bool) async {
+        mergeDropped()
+        let device = batch.device
+        var readings = batch.readings
+        if !fromCatchUp, let scanned = scannedThrough[device.rowID] { readings.removeAll { $0.sequence <= scanned } }
+        let top = readings.map(\.sequence).max()
+        var failed = false
+        defer {
+            if !failed, var top {
+                if let failure = failedFrom[device.rowID] { top = min(top, failure > 0 ? failure - 1 : 0) }
+                if top > (watermarks[device.rowID] ?? 0) || watermarks[device.rowID] == nil, failedFrom[device.rowID] != 0 {
+                    watermarks[device.rowID] = max(watermarks[device.rowID] ?? 0, top)
+                    dirtyWatermarks.insert(device.rowID)
+                }
+            }
+        }
+        let rules = (rulesByFarm[device.farmID] ?? []).filter(\.kind.isReadingDriven)
+        guard !rules.isEmpty, !readings.isEmpty else { return }
+        var bySensor: [Int64: [CommittedReading]] = [:]
+        for reading in readings { bySensor[reading.sensorRowID, default: []].append(reading) }
+        var work: [(rule: AlertRule, readings: [CommittedReading])] = []
+        for (_, sensorReadings) in bySensor {
+            guard let first = sensorReadings.first else { continue }
+            let matched: [AlertRule]
+            if let cached = matchCache[first.sensorRowID] {
+                matched = cached
+            } else {
+                matched = rules.filter { $0.matches(device: device.device.rawValue, sensor: first.sensor.rawValue, quantity: first.quantity) }
+                matchCache[first.sensorRowID] = matched
+            }
+            for rule in matched {
+                work.append((rule, sensorReadings.sorted { ($0.timestamp, $0.sequence) < ($1.timestamp, $1.sequence) }))
+            }
+        }
+        guard !work.isEmpty else { return }
+        for attempt in 1...3 {
+            let saved = memories
+            do {
+                let stored = try await store.alertRecords(deviceRowID: device.rowID)
+                var records: [SeriesKey: AlertRecord] = [:]
+                for record in stored {
+                    records[SeriesKey(farmID: record.farmID, rule: record.rule, deviceRowID: record.deviceRowID, sensorRowID: record.sensorRowID)] = record
+                }
+                var changes: [AlertChange] = []
+                for (rule, sensorReadings) in work {
+                    if let change = evaluate(rule, sensorReadings, device: device, receivedAt: batch.receivedAt, records: records) { changes.append(change) }
+                }
+                try await apply(changes)
+                return
+            } catch let conflict as AlertStoreConflict {
+                memories = saved
+                logger.debug("alert changed by another writer; evaluating again", metadata: ["alert": "\(conflict.alert)", "attempt": "\(attempt)"])
+            } catch {
+                memories = saved
+                errorsCounter.increment()
+                mustCatchUp.store(true, ordering: .relaxed)
+                logger.error("alert engine cannot write alert state; the readings are evaluated again from the store", metadata: ["error": "\(error)"])
+                failed = true
+                watermarksHold(device: device.rowID, below: readings.map(\.sequence).min())
+                return
+            }
+        }
+        failed = true
+        mustCatchUp.store(true, ordering: .relaxed)
+        watermarksHold(device: device.rowID, below: readings.map(\.sequence).min())
+    }
+
+    private func mergeDropped() {
+        let lost = dropped.withLock { pending in
+            defer { pending = [:] }
+            return pending
+        }
+        for (device, sequence) in lost { watermarksHold(device: device, below: sequence) }
+    }
+
+    /// Keeps the device's saved watermark below readings whose evaluation failed, so that a catch-up reads them again.
+    private func watermarksHold(device: Int64, below sequence: UInt64?) {
+        guard let sequence else { return }
+        failedFrom[device] = min(failedFrom[device] ?? sequence, sequence)
+        scannedThrough[device] = nil
+    }
+
+    private func evaluate(_ rule: AlertRule, _ readings: [CommittedReading], device: DeviceIdentity, receivedAt: Timestamp, records: [SeriesKey: AlertRecord]) -> AlertChange? {
+        guard let first = readings.first else { return nil }
+        let key = SeriesKey(farmID: device.farmID, rule: rule.name, deviceRowID: device.rowID, sensorRowID: first.sensorRowID)
+        let farm = device.farm
+        var record = records[key] ?? AlertRecord(
+            farmID: device.farmID, rule: rule.name, deviceRowID: device.rowID, sensorRowID: first.sensorRowID, device: device.device.rawValue,
+            sensor: first.sensor.rawValue, fingerprint: AlertEvaluator.fingerprint(farm: farm, rule: rule.name, device: device.device.rawValue, sensor: first.sensor.rawValue),
+            updatedAt: receivedAt)
+        let before = record
+        var memory = memories[key] ?? SeriesMemory()
+        var newest = [memory.lastTimestamp, record.lastReading].compactMap { $0 }.max()
+        let lateAfter = settings.lateAfter.microseconds
+        var transitions: [AlertTransitionRecord] = []
+        var outOfOrder: (Timestamp, Timestamp)?
+        let current = now()
+        for reading in readings {
+            if let newest, reading.timestamp <= newest {
+                outOfOrder = (min(outOfOrder?.0 ?? reading.timestamp, reading.timestamp), max(outOfOrder?.1 ?? reading.timestamp, reading.timestamp))
+                continue
+            }
+            newest = reading.timestamp
+            memory.lastTimestamp = reading.timestamp
+            guard let holds = AlertEvaluator.holds(rule, value: reading.value, quality: reading.quality, at: reading.timestamp, active: record.state.isActive, memory: &memory)
+            else { continue }
+            let late = receivedAt.microseconds - reading.timestamp.microseconds > lateAfter
+            for move in AlertEvaluator.step(&record, holds: holds, at: reading.timestamp, value: reading.value, forMicroseconds: rule.forMicroseconds) {
+                transitions.append(
+                    AlertTransitionRecord(from: move.from, to: move.to, at: reading.timestamp, value: reading.value, late: late, notified: !late, recordedAt: current))
+            }
+        }
+        memories[key] = memory
+        guard !transitions.isEmpty || outOfOrder != nil else { return nil }
+        record.lastReading = newest
+        // Live transitions that notify (firing, resolved), each with a notification of its own.
+        let notifiable = transitions.indices.filter { !transitions[$0].late && (transitions[$0].to == .firing || transitions[$0].to == .resolved) }
+        // Late transitions of this batch followed by a live one (a backlog that reaches the present, in order) fold into
+        // that live notification, unless out-of-order readings wait for a late report anyway.
+        let foldLate = transitions.contains(where: \.late) && !notifiable.isEmpty && outOfOrder == nil && before.lateDue == nil
+        if foldLate {
+            for index in transitions.indices where transitions[index].late { transitions[index].notified = true }
+        }
+        let late = foldLate ? [] : transitions.filter(\.late)
+        if !late.isEmpty || outOfOrder != nil {
+            let times = late.map(\.at) + (outOfOrder.map { [$0.0, $0.1] } ?? [])
+            record.lateFrom = ([record.lateFrom].compactMap { $0 } + times).min()
+            record.lateTo = ([record.lateTo].compactMap { $0 } + times).max()
+            record.lateDue = Timestamp(microseconds: current.microseconds + settings.lateQuiet.microseconds)
+        }
+        if transitions.isEmpty, before.lateDue != nil, before.lateFrom == record.lateFrom, before.lateTo == record.lateTo {
+            // The same stretch again (a backlog batch re-sent): nothing new to record.
+            return nil
+        }
+        var change = AlertChange(record: record, transitions: transitions)
+        if !notifiable.isEmpty {
+            let labels = labels(rule, farm: farm, record: record)
+            if isSilenced(labels, farmID: device.farmID, at: current) {
+                change.transitions = transitions.map { var t = $0; if !t.late || foldLate { t.silenced = true }; return t }
+            } else {
+                var previous = -1
+                for (position, index) in notifiable.enumerated() {
+                    let covered = Array(transitions[(previous + 1)...index])
+                    previous = index
+                    let folded = position == 0 && foldLate
+                    let what = "\(record.sensor ?? record.device ?? rule.name) \(rule.conditionText)"
+                    change.notifications.append(
+                        AlertChange.PlannedNotification(
+                            transitionIndex: index,
+                            notification: notification(
+                                rule, farm: farm, record: record, status: transitions[index].to == .firing ? .firing : .resolved, transitions: covered,
+                                late: folded, description: folded ? "\(AlertEvaluator.episodes(covered, what: what)), reported late" : nil,
+                                value: transitions[index].value, quantity: first.quantity, at: transitions[index])))
+                }
+                change.receivers = rule.receivers
+            }
+        }
+        countTransitions(transitions)
+        return change
+    }
+
+    // MARK: Late reports
+
+    /// Writes the late reports that are due: one notification per alert for everything its backlog showed.
+    private func writeLateReports() async {
+        let current = now()
+        let due: [AlertRecord]
+        do {
+            due = try await store.alertRecordsWithLateReportDue(now: current)
+        } catch {
+            errorsCounter.increment()
+            logger.error("alert engine cannot read due late reports", metadata: ["error": "\(error)"])
+            return
+        }
+        for record in due {
+            do {
+                try await writeLateReport(record, now: current)
+            } catch is AlertStoreConflict {
+                continue  // another instance wrote it, or a batch changed the alert: due again at the next tick if still needed
+            } catch {
+                errorsCounter.increment()
+                logger.error("alert engine cannot write a late report", metadata: ["alert": "\(record.fingerprint)", "error": "\(error)"])
+            }
+        }
+    }
+
+    private func writeLateReport(_ original: AlertRecord, now current: Timestamp) async throws {
+        var record = original
+        let from = record.lateFrom ?? current
+        let to = record.lateTo ?? current
+        record.lateFrom = nil
+        record.lateTo = nil
+        record.lateDue = nil
+        guard let rule = rulesByFarm[record.farmID]?.first(where: { $0.name == record.rule }) else {
+            try await apply([AlertChange(record: record, markAllNotified: true)])
+            return
+        }
+        let history = try await store.alertTransitions(alertIDs: [record.id])
+        var found: [AlertTransitionRecord] = []
+        if rule.kind.isReadingDriven, record.sensorRowID != 0 {
+            found = try await replay(rule, record: record, history: history, from: from, to: to, now: current)
+        }
+        let known = Set(history.map { "\($0.to.rawValue)@\($0.at.microseconds)" })
+        var fresh = found.filter { !known.contains("\($0.to.rawValue)@\($0.at.microseconds)") }
+        // The replay found the condition still holding at the end of the stretch: the alert fires now, from then.
+        if let end = found.last, end.to == .firing, record.state == .pending {
+            fresh.append(AlertTransitionRecord(from: .pending, to: .firing, at: end.at, value: end.value, late: true, notified: true, recordedAt: current))
+            record.state = .firing
+            record.startsAt = end.at
+            record.endsAt = nil
+            record.pendingSince = nil
+        }
+        let unreported = history.filter { !$0.notified } + fresh
+        let covered = unreported.sorted { $0.at < $1.at }
+        var seen: Set<String> = []
+        let episodes = covered.filter { seen.insert("\($0.from.rawValue)>\($0.to.rawValue)@\($0.at.microseconds)").inserted }
+        var change = AlertChange(record: record, transitions: fresh.map { var t = $0; t.notified = true; return t }, markAllNotified: true)
+        if episodes.contains(where: { $0.to == .firing }) {
+            let what = "\(record.sensor ?? record.device ?? rule.name) \(rule.conditionText)"
+            let text = AlertEvaluator.episodes(episodes, what: what)
+            let labels = labels(rule, farm: farmNames[record.farmID] ?? "", record: record)
+            if isSilenced(labels, farmID: record.farmID, at: current) {
+                change.transitions = change.transitions.map { var t = $0; t.silenced = true; return t }
+            } else {
+                let quantity = try await store.alertSensors(farmID: record.farmID).first { $0.sensorRowID == record.sensorRowID }?.quantity
+                change.notifications = [
+                    AlertChange.PlannedNotification(
+                        transitionIndex: nil,
+                        notification: notification(
+                            rule, farm: farmNames[record.farmID] ?? "", record: record, status: record.state == .firing ? .firing : .resolved,
+                            transitions: episodes, late: true, description: "\(text), reported late", value: episodes.last?.value ?? record.value,
+                            quantity: quantity))
+                ]
+                change.receivers = rule.receivers
+            }
+        }
+        countTransitions(fresh)
+        try await apply([change])
+    }
+
+    /// Replays the readings of `record`'s sensor from `from` to `to` (plus the rule's `for` or window before, for
+    /// context) from the state the history gives at that point, and returns the transitions inside the stretch.
+    private func replay(_ rule: AlertRule, record: AlertRecord, history: [AlertTransitionRecord], from: Timestamp, to: Timestamp, now current: Timestamp) async throws
+        -> [AlertTransitionRecord]
+    {
+        let context = max(rule.forMicroseconds, rule.windowMicroseconds ?? 0)
+        let start = Timestamp(microseconds: from.microseconds - context)
+        var state = AlertRecord(
+            farmID: record.farmID, rule: record.rule, deviceRowID: record.deviceRowID, sensorRowID: record.sensorRowID, device: record.device,
+            sensor: record.sensor, fingerprint: record.fingerprint, updatedAt: current)
+        if let before = history.last(where: { $0.at < start }) {
+            state.state = before.to
+            state.pendingSince = before.to == .pending ? before.at : nil
+            state.startsAt = before.to == .firing ? before.at : nil
+        }
+        var memory = SeriesMemory()
+        var found: [AlertTransitionRecord] = []
+        var cursor: Timestamp? = start
+        let end = Timestamp(microseconds: to.microseconds + 1)
+        while true {
+            let page = try await store.readings(sensorRowID: record.sensorRowID, from: cursor, to: end, limit: 5_000)
+            for reading in page {
+                guard let holds = AlertEvaluator.holds(rule, value: reading.value, quality: reading.quality, at: reading.timestamp, active: state.state.isActive, memory: &memory)
+                else { continue }
+                for move in AlertEvaluator.step(&state, holds: holds, at: reading.timestamp, value: reading.value, forMicroseconds: rule.forMicroseconds)
+                where reading.timestamp >= from {
+                    found.append(AlertTransitionRecord(from: move.from, to: move.to, at: reading.timestamp, value: reading.value, late: true, recordedAt: current))
+                }
+            }
+            guard page.count == 5_000, let last = page.last else { break }
+            cursor = Timestamp(microseconds: last.timestamp.microseconds + 1)
+        }
+        return found
+    }
+
+    // MARK: Timer rules
+
+    private func evaluateTimerRules() async {
+        let current = now()
+        let checkCalibrations = lastCalibrationCheck.map { current.microseconds - $0.microseconds >= settings.calibrationInterval.microseconds } ?? true
+        if checkCalibrations { lastCalibrationCheck = current }
+        for (farmID, rules) in rulesByFarm {
+            let timerRules = rules.filter { !$0.kind.isReadingDriven && ($0.kind != .calibrationOverdue || checkCalibrations) }
+            guard !timerRules.isEmpty else { continue }
+            do {
+                let sensors = try await store.alertSensors(farmID: farmID)
+                let stored = try await store.alertRecords(farmID: farmID, changedSince: Timestamp(microseconds: Int64.min), limit: 1_000_000)
+                var records: [SeriesKey: AlertRecord] = [:]
+                for record in stored {
+                    records[SeriesKey(farmID: farmID, rule: record.rule, deviceRowID: record.deviceRowID, sensorRowID: record.sensorRowID)] = record
+                }
+                var changes: [AlertChange] = []
+                for rule in timerRules {
+                    for (target, holds) in try await timerConditions(rule, sensors: sensors, now: current) {
+                        let key = SeriesKey(farmID: farmID, rule: rule.name, deviceRowID: target.deviceRowID, sensorRowID: target.sensorRowID)
+                        guard holds || records[key]?.state == .firing else { continue }
+                        var record = records[key] ?? AlertRecord(
+                            farmID: farmID, rule: rule.name, deviceRowID: target.deviceRowID, sensorRowID: target.sensorRowID, device: target.device,
+                            sensor: target.sensor,
+                            fingerprint: AlertEvaluator.fingerprint(farm: farmNames[farmID] ?? "", rule: rule.name, device: target.device, sensor: target.sensor),
+                            updatedAt: current)
+                        let moves = AlertEvaluator.timerStep(&record, holds: holds, at: current)
+                        guard let move = moves.last else { continue }
+                        record.lastReading = target.newest
+                        let transitions = moves.map { AlertTransitionRecord(from: $0.from, to: $0.to, at: current, value: nil, recordedAt: current) }
+                        var change = AlertChange(record: record, transitions: transitions)
+                        let labels = labels(rule, farm: farmNames[farmID] ?? "", record: record)
+                        if isSilenced(labels, farmID: farmID, at: current) {
+                            change.transitions = transitions.map { var t = $0; t.silenced = true; return t }
+                        } else {
+                            change.notifications = [
+                                AlertChange.PlannedNotification(
+                                    transitionIndex: nil,
+                                    notification: notification(
+                                        rule, farm: farmNames[farmID] ?? "", record: record, status: move.to == .firing ? .firing : .resolved,
+                                        transitions: transitions, late: false, description: nil, value: nil, quantity: target.quantity))
+                            ]
+                            change.receivers = rule.receivers
+                        }
+                        countTransitions(transitions)
+                        changes.append(change)
+                    }
+                }
+                try await apply(changes)
+            } catch is AlertStoreConflict {
+                continue  // another instance moved one of these alerts first; the next tick judges again
+            } catch {
+                errorsCounter.increment()
+                logger.error("alert engine cannot evaluate timer rules", metadata: ["farm": "\(farmNames[farmID] ?? String(farmID))", "error": "\(error)"])
+            }
+        }
+    }
+
+    private struct TimerTarget {
+        var deviceRowID: Int64
+        var device: String
+        var sensorRowID: Int64
+        var sensor: String?
+        var quantity: Quantity?
+        var newest: Timestamp?
+    }
+
+    private func timerConditions(_ rule: AlertRule, sensors: [AlertSensor], now current: Timestamp) async throws -> [(TimerTarget, Bool)] {
+        let after = rule.afterMicroseconds ?? 0
+        func silent(_ newest: Timestamp?, since firstSeen: Timestamp) -> Bool {
+            current.microseconds - (newest ?? firstSeen).microseconds > after
+        }
+        switch rule.kind {
+        case .noData:
+            return sensors.filter { rule.matches(device: $0.device, sensor: $0.sensor, quantity: $0.quantity) }.map { sensor in
+                (TimerTarget(deviceRowID: sensor.deviceRowID, device: sensor.device, sensorRowID: sensor.sensorRowID, sensor: sensor.sensor, quantity: sensor.quantity, newest: sensor.newestReading),
+                 silent(sensor.newestReading, since: sensor.firstSeen))
+            }
+        case .deviceOffline:
+            var devices: [Int64: (name: String, newest: Timestamp?, firstSeen: Timestamp)] = [:]
+            for sensor in sensors where Glob.matches(rule.device, sensor.device) {
+                let entry = devices[sensor.deviceRowID]
+                devices[sensor.deviceRowID] = (
+                    sensor.device, [entry?.newest, sensor.newestReading].compactMap { $0 }.max(), min(entry?.firstSeen ?? sensor.firstSeen, sensor.firstSeen)
+                )
+            }
+            return devices.map { row, entry in
+                (TimerTarget(deviceRowID: row, device: entry.name, sensorRowID: 0, sensor: nil, quantity: nil, newest: entry.newest), silent(entry.newest, since: entry.firstSeen))
+            }
+        case .calibrationOverdue:
+            guard let calibrations = store as? any CalibrationStore else { return [] }
+            var result: [(TimerTarget, Bool)] = []
+            for sensor in sensors where rule.matches(device: sensor.device, sensor: sensor.sensor, quantity: sensor.quantity) {
+                guard let id = try? SensorID(sensor.sensor) else { continue }
+                let last = try await calibrations.calibrations(deviceRowID: sensor.deviceRowID, sensor: id, limit: 1).first?.time
+                result.append(
+                    (TimerTarget(deviceRowID: sensor.deviceRowID, device: sensor.device, sensorRowID: sensor.sensorRowID, sensor: sensor.sensor, quantity: sensor.quantity, newest: last),
+                     silent(last, since: sensor.firstSeen)))
+            }
+            return result
+        default:
+            return []
+        }
+    }
+
+    // MARK: Plumbing
+
+    private func apply(_ changes: [AlertChange]) async throws {
+        guard !changes.isEmpty else { return }
+        try await store.applyAlertChanges(changes, now: now())
+        let notified = changes.reduce(0) { $0 + $1.notifications.count }
+        if notified > 0 { notificationsCounter.increment(by: notified) }
+    }
+
+    /// Saves the watermarks that moved since the last save.
+    public func saveWatermarks() async {
+        guard !dirtyWatermarks.isEmpty else { return }
+        var batch: [Int64: UInt64] = [:]
+        for device in dirtyWatermarks { if let value = watermarks[device] { batch[device] = value } }
+        do {
+            try await store.saveAlertWatermarks(batch)
+            dirtyWatermarks = []
+        } catch {
+            errorsCounter.increment()
+            logger.error("alert engine cannot save its watermarks; it will evaluate some readings again after a restart", metadata: ["error": "\(error)"])
+        }
+    }
+
+    private func countTransitions(_ transitions: [AlertTransitionRecord]) {
+        if !transitions.isEmpty { transitionsCounter.increment(by: transitions.count) }
+    }
+
+    private func isSilenced(_ labels: [String: String], farmID: Int64, at time: Timestamp) -> Bool {
+        (silencesByFarm[farmID] ?? []).contains { $0.silences(labels, at: time) }
+    }
+
+    private func labels(_ rule: AlertRule, farm: String, record: AlertRecord) -> [String: String] {
+        var labels = rule.labels
+        labels["alertname"] = rule.name
+        labels["farm"] = farm
+        labels["severity"] = rule.severity
+        if let device = record.device { labels["device"] = device }
+        if let sensor = record.sensor { labels["sensor"] = sensor }
+        return labels
+    }
+
+    private func notification(
+        _ rule: AlertRule, farm: String, record: AlertRecord, status: AlertNotification.Status, transitions: [AlertTransitionRecord], late: Bool,
+        description: String?, value: Double?, quantity: Quantity?, at transition: AlertTransitionRecord? = nil
+    ) -> AlertNotification {
+        // A notification for an earlier transition of a batch carries that transition's times, not the final state's.
+        var record = record
+        if let transition, transition.to == .firing {
+            record.startsAt = transition.at
+            record.endsAt = nil
+        } else if let transition, transition.to == .resolved {
+            record.endsAt = transition.at
+            if let began = transitions.last(where: { $0.to == .firing }) { record.startsAt = began.at }
+        }
+        return AlertNotification(
+            farm: farm, rule: rule.name, alertID: record.id, transitionID: 0, fingerprint: record.fingerprint, status: status, severity: rule.severity,
+            labels: labels(rule, farm: farm, record: record),
+            summary: rule.renderSummary(device: record.device, sensor: record.sensor, value: value, quantity: quantity), description: description,
+            startsAt: record.startsAt ?? record.pendingSince ?? transitions.first?.at ?? now(), endsAt: status == .resolved ? record.endsAt : nil, late: late,
+            transitions: transitions.map { AlertNotification.Transition(state: $0.to.rawValue, at: $0.at) }, value: value)
+    }
+}
+
+extension Duration {
+    var microseconds: Int64 { components.seconds * 1_000_000 + components.attoseconds / 1_000_000_000_000 }
+}

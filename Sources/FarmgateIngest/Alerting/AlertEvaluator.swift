@@ -1,0 +1,139 @@
+import FarmgateWire
+
+/// What the engine remembers of one series (a rule on one sensor) between batches, beside the stored alert: the newest
+/// reading evaluated, the rate-of-change window, the run of faulty readings. Not stored: after a restart it starts
+/// empty (a rate window and a fault run refill from the next readings).
+struct SeriesMemory: Sendable {
+    var lastTimestamp: Timestamp?
+    var window: [(at: Timestamp, value: Double)] = []
+    var faultRun = 0
+}
+
+/// The pure part of evaluation: whether a rule's condition holds for a reading, and how an alert's state moves. No I/O,
+/// no clock; the engine and the late-report replay both use it, and the tests drive it directly.
+enum AlertEvaluator {
+    /// Whether `rule`'s condition holds at this reading, given whether the alert is active (hysteresis), or nil when the
+    /// reading says nothing about it (a faulty reading for a threshold rule).
+    static func holds(_ rule: AlertRule, value: Double, quality: QualityFlags, at: Timestamp, active: Bool, memory: inout SeriesMemory) -> Bool? {
+        let faulty = quality.contains(.sensorFault)
+        switch rule.kind {
+        case .above:
+            guard !faulty, let threshold = rule.threshold else { return nil }
+            return active ? value > (rule.clear ?? threshold) : value > threshold
+        case .below:
+            guard !faulty, let threshold = rule.threshold else { return nil }
+            return active ? value < (rule.clear ?? threshold) : value < threshold
+        case .outOfRange:
+            guard !faulty else { return nil }
+            if rule.min == nil, rule.max == nil { return quality.contains(.outOfRange) }
+            return (rule.min.map { value < $0 } ?? false) || (rule.max.map { value > $0 } ?? false)
+        case .rateOfChange:
+            guard !faulty, let threshold = rule.threshold, let window = rule.windowMicroseconds else { return nil }
+            memory.window.append((at, value))
+            memory.window.removeAll { $0.at.microseconds < at.microseconds - window }
+            guard let low = memory.window.map(\.value).min(), let high = memory.window.map(\.value).max() else { return false }
+            return high - low >= threshold
+        case .sensorFault:
+            memory.faultRun = faulty ? memory.faultRun + 1 : 0
+            return memory.faultRun >= (rule.count ?? 1)
+        case .noData, .deviceOffline, .calibrationOverdue:
+            return nil
+        }
+    }
+
+    /// Moves `record` by one observation of the condition at `at` and returns the transitions (none, one, or two when
+    /// a rule without `for` goes straight from inactive through pending to firing).
+    static func step(_ record: inout AlertRecord, holds: Bool, at: Timestamp, value: Double?, forMicroseconds: Int64) -> [(from: AlertState, to: AlertState)] {
+        var moves: [(AlertState, AlertState)] = []
+        func move(_ to: AlertState) {
+            moves.append((record.state, to))
+            record.state = to
+        }
+        switch (record.state, holds) {
+        case (.inactive, true), (.resolved, true):
+            move(.pending)
+            record.pendingSince = at
+            if forMicroseconds <= 0 {
+                move(.firing)
+                record.startsAt = at
+                record.endsAt = nil
+                record.acknowledgedAt = nil
+                record.acknowledgedBy = nil
+            }
+        case (.pending, true):
+            if let since = record.pendingSince, at.microseconds - since.microseconds >= forMicroseconds {
+                move(.firing)
+                record.startsAt = at
+                record.endsAt = nil
+                record.acknowledgedAt = nil
+                record.acknowledgedBy = nil
+            }
+        case (.pending, false):
+            move(.inactive)
+            record.pendingSince = nil
+        case (.firing, false):
+            move(.resolved)
+            record.endsAt = at
+            record.pendingSince = nil
+        default:
+            break
+        }
+        if !moves.isEmpty { record.value = value }
+        return moves
+    }
+
+    /// A timer rule's move: straight to firing when the condition holds, to resolved when it stops.
+    static func timerStep(_ record: inout AlertRecord, holds: Bool, at: Timestamp) -> [(from: AlertState, to: AlertState)] {
+        switch (record.state, holds) {
+        case (.inactive, true), (.resolved, true), (.pending, true):
+            let from = record.state
+            record.state = .firing
+            record.startsAt = at
+            record.endsAt = nil
+            record.pendingSince = nil
+            record.acknowledgedAt = nil
+            record.acknowledgedBy = nil
+            return [(from, .firing)]
+        case (.firing, false):
+            record.state = .resolved
+            record.endsAt = at
+            return [(.firing, .resolved)]
+        default:
+            return []
+        }
+    }
+
+    /// Stable per alert: FNV-1a 64 of farm, rule, device and sensor, as 16 hex digits (Alertmanager's `fingerprint`).
+    static func fingerprint(farm: String, rule: String, device: String?, sensor: String?) -> String {
+        var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+        for byte in "\(farm)\u{0}\(rule)\u{0}\(device ?? "")\u{0}\(sensor ?? "")".utf8 {
+            hash ^= UInt64(byte)
+            hash = hash &* 0x0000_0100_0000_01B3
+        }
+        let hex = String(hash, radix: 16)
+        return String(repeating: "0", count: 16 - hex.count) + hex
+    }
+
+    /// "pH below 5.5 from 03:12 to 05:40" for every firing episode in `transitions` (sorted by time), joined by "; ".
+    static func episodes(_ transitions: [AlertTransitionRecord], what: String) -> String {
+        var parts: [String] = []
+        var start: Timestamp?
+        for transition in transitions {
+            if transition.to == .firing {
+                start = start ?? transition.at
+            } else if transition.to == .resolved, transition.from == .firing {
+                parts.append("\(what) from \(clock(start ?? transition.at)) to \(clock(transition.at))")
+                start = nil
+            }
+        }
+        if let start { parts.append("\(what) since \(clock(start))") }
+        return parts.joined(separator: "; ")
+    }
+
+    /// `HH:MM` UTC, or `YYYY-MM-DD HH:MM` UTC when `full`.
+    static func clock(_ timestamp: Timestamp) -> String {
+        let text = RFC3339.format(timestamp)  // 2026-01-01T03:12:00.000000Z
+        let time = text.dropFirst(11).prefix(5)
+        return "\(text.prefix(10)) \(time) UTC"
+    }
+}

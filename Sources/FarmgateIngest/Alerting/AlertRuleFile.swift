@@ -1,0 +1,65 @@
+public import FarmgateSupport
+import Foundation
+
+/// Alert rules from a TOML file (`farmgate-ingest alert rule load FILE`): one `[[rule]]` table per rule, with the keys
+/// of ``AlertRuleSpec``. Errors are located (`rules.toml:12: rule "ph-low": threshold: ...`), like the ingest's
+/// configuration. See `examples/ingest-alert-rules.toml`.
+public enum AlertRuleFile {
+    /// Reads and validates every rule of `path`; fails on the first invalid one, so that a file is loaded whole or not at all.
+    public static func load(path: String) throws(ConfigurationError) -> [AlertRule] {
+        try rules(in: ConfigDocument.load(path: path))
+    }
+
+    /// Parses `text` (named `file` in errors).
+    public static func parse(_ text: String, file: String) throws(ConfigurationError) -> [AlertRule] {
+        try rules(in: ConfigDocument.parse(text, file: file))
+    }
+
+    static func rules(in document: ConfigTable) throws(ConfigurationError) -> [AlertRule] {
+        try document.checkKeys(["rule"])
+        var rules: [AlertRule] = []
+        var names: Set<String> = []
+        for table in try document.tables("rule") {
+            let named = table.named((try? table.string("name")).flatMap { $0 }.map { "rule \"\($0)\"" } ?? table.keyName(nil))
+            try named.checkKeys(AlertRuleSpec.keys)
+            var spec = AlertRuleSpec()
+            spec.name = try named.string("name")
+            spec.kind = try named.string("kind")
+            spec.device = try named.string("device")
+            spec.sensor = try named.string("sensor")
+            spec.quantity = try named.string("quantity")
+            spec.threshold = try named.double("threshold")
+            spec.clear = try named.double("clear")
+            spec.for = try durationText(named, "for")
+            spec.window = try durationText(named, "window")
+            spec.after = try durationText(named, "after")
+            spec.count = try named.int("count")
+            spec.min = try named.double("min")
+            spec.max = try named.double("max")
+            spec.severity = try named.string("severity")
+            spec.summary = try named.string("summary")
+            spec.receivers = try named.strings("receivers")
+            if let labels = try named.table("labels") {
+                var values: [String: String] = [:]
+                for key in labels.keys { values[key] = try labels.requiredString(key) }
+                spec.labels = values
+            }
+            let rule: AlertRule
+            do {
+                rule = try spec.validated()
+            } catch {
+                throw named.error(error.field, error.message)
+            }
+            guard names.insert(rule.name).inserted else { throw named.error("name", "'\(rule.name)' is used by an earlier rule of this file") }
+            rules.append(rule)
+        }
+        if rules.isEmpty { throw document.error(nil, "no [[rule]] tables; see examples/ingest-alert-rules.toml") }
+        return rules
+    }
+
+    /// A duration key as text for ``AlertRuleSpec`` (numbers are seconds), checked by ``ConfigTable/duration(_:in:)``.
+    private static func durationText(_ table: ConfigTable, _ key: String) throws(ConfigurationError) -> String? {
+        guard let duration = try table.duration(key) else { return nil }
+        return ConfigTable.format(duration)
+    }
+}

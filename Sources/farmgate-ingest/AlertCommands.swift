@@ -1,0 +1,303 @@
+import ArgumentParser
+import FarmgateIngest
+import FarmgateSupport
+import FarmgateWire
+import Foundation
+
+/// `farmgate-ingest alert ...`: rules, alerts, acknowledgements and silences of a farm, on the store directly (no running
+/// service needed; a running `serve` picks changed rules and silences up within its engine's tick, 5 s), and the
+/// receivers and notification outbox (AlertDeliveryCommands.swift).
+struct AlertCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "alert", abstract: "Manage alert rules, silences, receivers and the outbox; list and acknowledge alerts.",
+        subcommands: [RuleCommand.self, ListAlerts.self, Acknowledge.self, SilenceCommand.self, AlertReceiverCommand.self, AlertOutboxCommand.self])
+
+    struct FarmOption: ParsableArguments {
+        @Option(help: "The farm.")
+        var farm: String
+
+        func validate() throws { try validateFarmArgument(farm) }
+    }
+}
+
+extension ConfigOption {
+    /// ``administer(_:)`` with the alert administration; rule and silence errors exit 1 with the field named.
+    @discardableResult
+    func administerAlerts<T: Sendable>(_ body: @escaping @Sendable (AlertAdmin) async throws -> T) async throws -> T {
+        try await administer { admin in
+            do {
+                return try await body(try AlertAdmin(admin))
+            } catch let error as AlertRuleError {
+                throw failure(error.description)
+            }
+        }
+    }
+}
+
+func printJSON(_ value: some Encodable) throws {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes, .prettyPrinted]
+    print(String(decoding: try encoder.encode(value), as: UTF8.self))
+}
+
+// MARK: rules
+
+struct RuleCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "rule", abstract: "Add, list, show, remove and load alert rules.",
+        subcommands: [Add.self, List.self, Show.self, Remove.self, Load.self])
+
+    struct Add: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Add an alert rule (or replace one with --replace).",
+            discussion: """
+                Kinds: above, below (--threshold, optional --clear and --for), rate_of_change (--threshold, --window), \
+                no_data and device_offline (--after), sensor_fault (--count), out_of_range (--min/--max, or the site's \
+                out_of_range flag), calibration_overdue (--after). Example:
+                  farmgate-ingest alert rule add --farm f1 --name ph-low --kind below --quantity ph --threshold 5.5 --clear 5.6 --for 30m --severity critical --receiver grower
+                """)
+
+        @OptionGroup var farm: AlertCommand.FarmOption
+        @Option(help: "The rule's name, unique in the farm.") var name: String
+        @Option(help: "above, below, rate_of_change, no_data, device_offline, sensor_fault, out_of_range, calibration_overdue.") var kind: String
+        @Option(help: "Glob on device ids (default *).") var device: String?
+        @Option(help: "Glob on sensor ids (default *).") var sensor: String?
+        @Option(help: "Only sensors of this quantity (ph, ec, temperature, flow, state, ...).") var quantity: String?
+        @Option(help: "The level (above, below) or the change (rate_of_change).") var threshold: Double?
+        @Option(help: "Where an above/below alert clears (hysteresis; default: the threshold).") var clear: Double?
+        @Option(name: .customLong("for"), help: "How long the condition must hold before the alert fires, e.g. 30m.") var forDuration: String?
+        @Option(help: "rate_of_change: the window, e.g. 10m.") var window: String?
+        @Option(help: "no_data, device_offline, calibration_overdue: how long, e.g. 15m or 30d.") var after: String?
+        @Option(help: "sensor_fault: consecutive faulty readings (default 3).") var count: Int?
+        @Option(help: "out_of_range: the lowest expected value.") var min: Double?
+        @Option(help: "out_of_range: the highest expected value.") var max: Double?
+        @Option(help: "critical, warning (default) or info.") var severity: String?
+        @Option(name: .customLong("label"), help: "A label KEY=VALUE (repeatable).") var labels: [String] = []
+        @Option(help: "The summary template: {{device}} {{sensor}} {{value}} {{threshold}} {{unit}} ...") var summary: String?
+        @Option(name: .customLong("receiver"), help: "A receiver name to notify (repeatable).") var receivers: [String] = []
+        @Flag(help: "Replace a rule of the same name.") var replace = false
+        @OptionGroup var options: ConfigOption
+
+        func run() async throws {
+            var spec = AlertRuleSpec()
+            spec.name = name
+            spec.kind = kind
+            spec.device = device
+            spec.sensor = sensor
+            spec.quantity = quantity
+            spec.threshold = threshold
+            spec.clear = clear
+            spec.for = forDuration
+            spec.window = window
+            spec.after = after
+            spec.count = count
+            spec.min = min
+            spec.max = max
+            spec.severity = severity
+            spec.summary = summary
+            spec.receivers = receivers.isEmpty ? nil : receivers
+            if !labels.isEmpty {
+                var values: [String: String] = [:]
+                for label in labels {
+                    guard let equals = label.firstIndex(of: "=") else { throw ValidationError("--label '\(label)' must be KEY=VALUE") }
+                    values[String(label[..<equals])] = String(label[label.index(after: equals)...])
+                }
+                spec.labels = values
+            }
+            let rule: AlertRule
+            do {
+                rule = try spec.validated()
+            } catch {
+                throw ValidationError("--\(error.field ?? "rule") \(error.message)")
+            }
+            let farmName = farm.farm
+            let replace = self.replace
+            try await options.administerAlerts { try await $0.putRule(farm: farmName, rule, replace: replace) }
+            print("\(replace ? "Stored" : "Added") alert rule \(rule.name) in farm \(farmName): \(rule.conditionText).")
+        }
+    }
+
+    struct List: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List a farm's alert rules.")
+        @OptionGroup var farm: AlertCommand.FarmOption
+        @Flag(help: "Print JSON.") var json = false
+        @OptionGroup var options: ConfigOption
+
+        func run() async throws {
+            let farmName = farm.farm
+            let rules = try await options.administerAlerts { try await $0.rules(farm: farmName) }
+            if json { return try printJSON(rules.map(AlertRuleSpec.init)) }
+            if rules.isEmpty { print("Farm \(farmName) has no alert rules.") }
+            for rule in rules {
+                let selector = [rule.device == "*" ? nil : "device \(rule.device)", rule.sensor == "*" ? nil : "sensor \(rule.sensor)", rule.quantity.map { "quantity \($0.rawValue)" }]
+                    .compactMap { $0 }.joined(separator: ", ")
+                print("\(rule.name)\t\(rule.severity)\t\(rule.conditionText)\t\(selector.isEmpty ? "every sensor" : selector)\t→ \(rule.receivers.joined(separator: ", "))")
+            }
+        }
+    }
+
+    struct Show: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Show one alert rule as JSON (the form the API takes).")
+        @OptionGroup var farm: AlertCommand.FarmOption
+        @Argument(help: "The rule's name.") var name: String
+        @OptionGroup var options: ConfigOption
+
+        func run() async throws {
+            let (farmName, name) = (farm.farm, name)
+            try printJSON(AlertRuleSpec(try await options.administerAlerts { try await $0.rule(farm: farmName, name: name) }))
+        }
+    }
+
+    struct Remove: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Remove an alert rule (its alerts and their history stay).")
+        @OptionGroup var farm: AlertCommand.FarmOption
+        @Argument(help: "The rule's name.") var name: String
+        @OptionGroup var options: ConfigOption
+
+        func run() async throws {
+            let (farmName, name) = (farm.farm, name)
+            try await options.administerAlerts { try await $0.removeRule(farm: farmName, name: name) }
+            print("Removed alert rule \(name) from farm \(farmName).")
+        }
+    }
+
+    struct Load: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Load alert rules from a TOML file ([[rule]] tables; see examples/ingest-alert-rules.toml).",
+            discussion: "The file is checked whole first (errors name file:line: rule: key); rules of the same names are replaced, others stay.")
+        @OptionGroup var farm: AlertCommand.FarmOption
+        @Argument(help: "The rules file.") var file: String
+        @OptionGroup var options: ConfigOption
+
+        func run() async throws {
+            let rules: [AlertRule]
+            do {
+                rules = try AlertRuleFile.load(path: file)
+            } catch {
+                throw failure(error.description, code: 78)
+            }
+            let farmName = farm.farm
+            try await options.administerAlerts { try await $0.load(farm: farmName, rules) }
+            print("Loaded \(rules.count) alert rules into farm \(farmName): \(rules.map(\.name).joined(separator: ", ")).")
+        }
+    }
+}
+
+// MARK: alerts
+
+struct ListAlerts: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "list", abstract: "List active alerts and those that changed recently, with their history.")
+    @OptionGroup var farm: AlertCommand.FarmOption
+    @Option(help: "How far back resolved alerts are shown.") var recent = "24h"
+    @Flag(help: "Print JSON.") var json = false
+    @OptionGroup var options: ConfigOption
+
+    func run() async throws {
+        guard let recent = ConfigTable.parseDuration(recent) else { throw ValidationError("--recent '\(recent)' must be a duration such as 1h, 24h or 7d") }
+        let farmName = farm.farm
+        let alerts = try await options.administerAlerts { try await $0.alerts(farm: farmName, recent: recent) }
+        if json { return try printJSON(alerts) }
+        if alerts.isEmpty { print("No active or recent alerts in farm \(farmName).") }
+        for alert in alerts {
+            let target = [alert.device, alert.sensor].compactMap { $0 }.joined(separator: " ")
+            var line = "#\(alert.id) \(alert.state.uppercased()) \(alert.rule) \(target)"
+            if let value = alert.value { line += " value \(value)" }
+            if let by = alert.acknowledgedBy { line += " (acknowledged by \(by))" }
+            if alert.lateReportDue != nil { line += " (late report pending)" }
+            print(line)
+            for t in alert.transitions.suffix(10) {
+                print("    \(RFC3339.format(t.at)) \(t.from) → \(t.to)\(t.value.map { " at \($0)" } ?? "")\(t.late ? " (late)" : "")\(t.silenced ? " (silenced)" : "")")
+            }
+        }
+    }
+}
+
+struct Acknowledge: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "ack", abstract: "Acknowledge an alert (by its id from `alert list`).")
+    @OptionGroup var farm: AlertCommand.FarmOption
+    @Argument(help: "The alert's id.") var id: Int64
+    @Option(help: "Who acknowledges (default: $USER).") var by: String?
+    @OptionGroup var options: ConfigOption
+
+    func run() async throws {
+        let who = by ?? ProcessInfo.processInfo.environment["USER"] ?? "cli"
+        let (farmName, id) = (farm.farm, id)
+        try await options.administerAlerts { try await $0.acknowledge(farm: farmName, alertID: id, by: who) }
+        print("Acknowledged alert #\(id) in farm \(farmName).")
+    }
+}
+
+// MARK: silences
+
+struct SilenceCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "silence", abstract: "Silence notifications of matching alerts until a time.", subcommands: [Add.self, List.self, Remove.self])
+
+    struct Add: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Add a silence: matching alerts keep changing state, but no notification is written while it lasts.",
+            discussion: "Example: farmgate-ingest alert silence add --farm f1 --match alertname=ph-* --match device=gh1 --for 2h --comment 'probe swap'")
+        @OptionGroup var farm: AlertCommand.FarmOption
+        @Option(name: .customLong("match"), help: "LABEL=GLOB (repeatable): alertname, device, sensor, severity or a rule label.") var matchers: [String] = []
+        @Option(help: "Until this RFC 3339 time.") var until: String?
+        @Option(name: .customLong("for"), help: "For this long from now, e.g. 2h.") var duration: String?
+        @Option(help: "Why.") var comment = ""
+        @Option(help: "Who (default: $USER).") var by: String?
+        @OptionGroup var options: ConfigOption
+
+        func run() async throws {
+            var parsed: [String: String] = [:]
+            for matcher in matchers {
+                guard let equals = matcher.firstIndex(of: "="), equals != matcher.startIndex else { throw ValidationError("--match '\(matcher)' must be LABEL=GLOB") }
+                parsed[String(matcher[..<equals])] = String(matcher[matcher.index(after: equals)...])
+            }
+            let now = Timestamp.now()
+            let end: Timestamp
+            switch (until, duration) {
+            case (let text?, nil):
+                guard let time = RFC3339.parse(text) else { throw ValidationError("--until '\(text)' must be an RFC 3339 time such as 2026-01-31T12:00:00Z") }
+                end = time
+            case (nil, let text?):
+                guard let length = ConfigTable.parseDuration(text), length > .zero else { throw ValidationError("--for '\(text)' must be a duration such as 30m or 2h") }
+                end = Timestamp(microseconds: now.microseconds + length.components.seconds * 1_000_000 + length.components.attoseconds / 1_000_000_000_000)
+            default:
+                throw ValidationError("give exactly one of --until TIME or --for DURATION")
+            }
+            let who = by ?? ProcessInfo.processInfo.environment["USER"] ?? "cli"
+            let (farmName, comment, matchers) = (farm.farm, comment, parsed)
+            let id = try await options.administerAlerts { try await $0.addSilence(farm: farmName, matchers: matchers, until: end, comment: comment, by: who, now: now) }
+            print("Added silence #\(id) in farm \(farmName) until \(RFC3339.format(end)).")
+        }
+    }
+
+    struct List: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List silences that have not ended.")
+        @OptionGroup var farm: AlertCommand.FarmOption
+        @Flag(help: "Print JSON.") var json = false
+        @OptionGroup var options: ConfigOption
+
+        func run() async throws {
+            let farmName = farm.farm
+            let silences = try await options.administerAlerts { try await $0.silences(farm: farmName) }
+            if json { return try printJSON(silences) }
+            if silences.isEmpty { print("No silences in farm \(farmName).") }
+            for silence in silences {
+                let matchers = silence.matchers.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
+                print("#\(silence.id) until \(RFC3339.format(silence.endsAt)) \(matchers) by \(silence.createdBy)\(silence.comment.isEmpty ? "" : ": \(silence.comment)")")
+            }
+        }
+    }
+
+    struct Remove: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Remove a silence.")
+        @OptionGroup var farm: AlertCommand.FarmOption
+        @Argument(help: "The silence's id.") var id: Int64
+        @OptionGroup var options: ConfigOption
+
+        func run() async throws {
+            let (farmName, id) = (farm.farm, id)
+            try await options.administerAlerts { try await $0.removeSilence(farm: farmName, id: id) }
+            print("Removed silence #\(id) from farm \(farmName).")
+        }
+    }
+}

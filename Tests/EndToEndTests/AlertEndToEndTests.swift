@@ -1,0 +1,103 @@
+import FarmgateSupport
+import FarmgateTestSupport
+import FarmgateWire
+import Foundation
+#if canImport(FoundationNetworking)
+import FoundationNetworking
+#endif
+import Testing
+
+/// The real agent uploads to the real `farmgate-ingest serve`; a rule added with the real CLI fires once, and exactly one
+/// outbox row per receiver waits for the delivery workers.
+@Suite("End to end: alert rules to the outbox", .serialized)
+struct AlertEndToEndTests {
+    /// The outbox rows of the ingest's SQLite file: (receiver name, idempotency key, payload).
+    static func outbox(_ farm: Farm) throws -> [(receiver: String, key: String, payload: String)] {
+        let db = try SQLiteConnection(path: farm.dir.file("ingest/ingest.sqlite"), mode: .readWrite)
+        return try db.query("SELECT r.name, o.idempotency_key, o.payload FROM alert_outbox o JOIN alert_receivers r ON r.id = o.receiver_id ORDER BY o.id")
+            .map { row in
+                func text(_ index: Int) -> String { if case .text(let value) = row[index] { return value } else { return "" } }
+                return (text(0), text(1), text(2))
+            }
+    }
+
+    @Test("agent → serve → a rule fires once: one outbox row per receiver, the alert listed by the API and the CLI")
+    func ruleFiresIntoTheOutbox() async throws {
+        let farm = try await Farm()
+        let key = try await farm.createDevice("alert-site")
+        let keyFile = try farm.dir.write("alert-site.key", key + "\n")
+        // The simulated pH wanders around 6.0: above 5 from the first reading.
+        try await farm.admin([
+            "alert", "rule", "add", "--farm", "e2e", "--name", "ph-high", "--kind", "above", "--quantity", "ph", "--threshold", "5", "--clear", "4.9",
+            "--severity", "critical", "--summary", "{{device}} {{sensor}} pH {{value}} above {{threshold}}", "--receiver", "grower", "--receiver", "on-call",
+        ])
+        let listed = try await farm.admin(["alert", "rule", "list", "--farm", "e2e"])
+        #expect(listed.contains("ph-high\tcritical\tabove 5"), "\(listed)")
+        let invalid = try await runCommand(
+            Farm.ingestBinary, ["alert", "rule", "add", "--farm", "e2e", "--name", "bad", "--kind", "below", "--config", farm.ingestConfig])
+        #expect(invalid.status != 0)
+        #expect(invalid.stderr.contains("threshold"), "\(invalid.stderr)")
+        // Receivers are the delivery side's command; here they are rows.
+        let db = try SQLiteConnection(path: farm.dir.file("ingest/ingest.sqlite"), mode: .readWrite)
+        for name in ["grower", "on-call"] {
+            try db.query(
+                "INSERT INTO alert_receivers(farm_id, name, kind, url, created_at_us) SELECT id, ?, 'webhook', 'http://127.0.0.1:9/hook', 0 FROM farms WHERE name = 'e2e'",
+                [.text(name)])
+        }
+        let tokenOutput = try await farm.admin(["token", "create", "--farm", "e2e", "--role", "admin"])
+        let token = try #require(tokenOutput.split(whereSeparator: { $0 == " " || $0 == "\n" }).first { $0.hasPrefix("fgr_") }.map(String.init))
+
+        let config = try farm.agentConfig("agent.toml", device: "alert-site", keyFile: keyFile, sensors: 1, interval: "200ms")
+        try await farm.startIngest()
+        let agent = try farm.startAgent(config: config, log: "agent.log")
+        let fired = try await eventually(timeout: .seconds(40), every: .milliseconds(300)) { try Self.outbox(farm).count >= 2 }
+        try #require(fired, "no outbox rows: \(farm.ingest?.log ?? "") \(agent.log)")
+        // More readings, the condition still holds: still one row per receiver.
+        let before = try await farm.storedSequences(device: "alert-site").count
+        #expect(try await eventually(timeout: .seconds(30), every: .milliseconds(500)) {
+            try await farm.storedSequences(device: "alert-site").count >= before + 10
+        })
+        let rows = try Self.outbox(farm)
+        #expect(rows.map(\.receiver).sorted() == ["grower", "on-call"])
+        #expect(Set(rows.map(\.key)).count == 2)
+        let payload = try #require(rows.first?.payload)
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(payload.utf8)) as? [String: Any])
+        #expect(object["status"] as? String == "firing")
+        #expect(object["late"] as? Bool == false)
+        #expect((object["summary"] as? String)?.hasPrefix("alert-site tank1.ph pH ") == true, "\(payload)")
+        #expect((object["labels"] as? [String: String])?["severity"] == "critical")
+
+        // The API lists it with its history; the CLI too.
+        var request = URLRequest(url: try #require(URL(string: farm.endpoint + "/v1/farms/e2e/alerts")))
+        request.setValue("Bearer \(token)", forHTTPHeaderField: "Authorization")
+        let (data, response) = try await URLSession.shared.data(for: request)
+        #expect((response as? HTTPURLResponse)?.statusCode == 200)
+        let answer = try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any])
+        let alerts = try #require(answer["alerts"] as? [[String: Any]])
+        #expect(alerts.count == 1)
+        #expect(alerts.first?["state"] as? String == "firing")
+        #expect((alerts.first?["transitions"] as? [[String: Any]])?.compactMap { $0["to"] as? String } == ["pending", "firing"])
+        let cli = try await farm.admin(["alert", "list", "--farm", "e2e"])
+        #expect(cli.contains("FIRING ph-high alert-site tank1.ph"), "\(cli)")
+
+        #expect(await agent.stop() == 0, "\(agent.log)")
+        await farm.ingest?.stop()
+    }
+
+    @Test("alert rule load takes the example file; a broken file is refused with file:line and nothing is loaded")
+    func loadExampleRules() async throws {
+        let farm = try await Farm()
+        let examples = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("examples/ingest-alert-rules.toml").path
+        let loaded = try await farm.admin(["alert", "rule", "load", "--farm", "e2e", examples])
+        #expect(loaded.hasPrefix("Loaded 11 alert rules into farm e2e"), "\(loaded)")
+        let broken = try farm.dir.write("broken.toml", "[[rule]]\nname = \"x\"\nkind = \"above\"\nthreshold = 5\n\n[[rule]]\nname = \"y\"\nkind = \"no_data\"\n")
+        let result = try await runCommand(Farm.ingestBinary, ["alert", "rule", "load", "--farm", "e2e", broken, "--config", farm.ingestConfig])
+        #expect(result.status == 78)
+        #expect(result.stderr.contains("broken.toml:6: rule \"y\": after: is required"), "\(result.stderr)")
+        let list = try await farm.admin(["alert", "rule", "list", "--farm", "e2e", "--json"])
+        let rules = try #require(try JSONSerialization.jsonObject(with: Data(list.utf8)) as? [[String: Any]])
+        #expect(rules.count == 11)
+        #expect(!rules.contains { $0["name"] as? String == "x" })
+    }
+}

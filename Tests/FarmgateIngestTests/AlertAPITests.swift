@@ -1,0 +1,146 @@
+import FarmgateWire
+import Foundation
+import HTTPTypes
+import Hummingbird
+import HummingbirdTesting
+import Testing
+
+@testable import FarmgateIngest
+
+@Suite("Alert API: rules, alerts, silences and who may change them")
+struct AlertAPITests {
+    struct Rules: Decodable {
+        var farm: String
+        var rules: [AlertRuleSpec]
+    }
+
+    struct Alerts: Decodable {
+        var farm: String
+        var alerts: [AlertView]
+    }
+
+    struct Silences: Decodable {
+        var farm: String
+        var silences: [AlertSilence]
+    }
+
+    static let rule = #"{"name": "ph-low", "kind": "below", "quantity": "ph", "threshold": 5.5, "for": "30m", "receivers": ["grower"]}"#
+
+    func jsonBody(_ text: String) -> ByteBuffer { ByteBuffer(string: text) }
+
+    func headers(_ key: APIKey) -> HTTPFields {
+        var headers = bearer(key)
+        headers[.contentType] = "application/json"
+        return headers
+    }
+
+    @Test("a viewer reads but cannot write rules; an admin can; another farm's tokens are refused")
+    func authorization() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let admin = try await IngestAdmin(store: fixture.store).createReadToken(farm: "f1", role: .admin)
+        let otherAdmin = try await IngestAdmin(store: fixture.store).createReadToken(farm: "f2", role: .admin)
+        try await fixture.app().test(.router) { client in
+            var response = try await client.execute(uri: "/v1/farms/f1/alert-rules", method: .post, headers: headers(fixture.readToken), body: jsonBody(Self.rule))
+            let message = try expectError(response, .forbidden, "forbidden")
+            #expect(message.contains("--role admin"))
+            response = try await client.execute(uri: "/v1/farms/f1/alert-rules", method: .post, headers: headers(otherAdmin), body: jsonBody(Self.rule))
+            try expectError(response, .forbidden, "forbidden")
+            response = try await client.execute(uri: "/v1/farms/f1/alert-rules", method: .post, headers: headers(admin), body: jsonBody(Self.rule))
+            #expect(response.status == .created)
+            response = try await client.execute(uri: "/v1/farms/f1/alert-rules", method: .post, headers: headers(admin), body: jsonBody(Self.rule))
+            try expectError(response, .conflict, "already_exists")
+            // Viewers read.
+            response = try await client.execute(uri: "/v1/farms/f1/alert-rules", method: .get, headers: bearer(fixture.readToken))
+            #expect(response.status == .ok)
+            #expect(try decode(Rules.self, response).rules.map(\.name) == ["ph-low"])
+            response = try await client.execute(uri: "/v1/farms/f1/alert-rules/ph-low", method: .get, headers: bearer(fixture.readToken))
+            #expect(try decode(AlertRuleSpec.self, response).for == "30m")
+            response = try await client.execute(uri: "/v1/farms/f2/alert-rules", method: .get, headers: bearer(fixture.readToken))
+            try expectError(response, .forbidden, "forbidden")
+            response = try await client.execute(uri: "/v1/farms/f1/alert-rules/ph-low", method: .delete, headers: bearer(fixture.readToken))
+            try expectError(response, .forbidden, "forbidden")
+            // PUT replaces; DELETE removes; a second DELETE is 404.
+            response = try await client.execute(
+                uri: "/v1/farms/f1/alert-rules/ph-low", method: .put, headers: headers(admin),
+                body: jsonBody(#"{"kind": "below", "quantity": "ph", "threshold": 5.2}"#))
+            #expect(response.status == .ok)
+            #expect(try await fixture.store.alertRules(farmID: 1).first?.rule.threshold == 5.2)
+            response = try await client.execute(uri: "/v1/farms/f1/alert-rules/ph-low", method: .delete, headers: bearer(admin))
+            #expect(response.status == .noContent)
+            response = try await client.execute(uri: "/v1/farms/f1/alert-rules/ph-low", method: .delete, headers: bearer(admin))
+            try expectError(response, .notFound, "not_found")
+            response = try await client.execute(uri: "/v1/farms/f1/alert-rules", method: .get)
+            try expectError(response, .unauthorized, "unauthorized")
+        }
+    }
+
+    @Test("an invalid rule is refused 400 with the field named")
+    func invalidRule() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let admin = try await IngestAdmin(store: fixture.store).createReadToken(farm: "f1", role: .admin)
+        try await fixture.app().test(.router) { client in
+            for (body, prefix) in [
+                (#"{"name": "x", "kind": "below"}"#, "threshold: is required"),
+                (#"{"name": "x", "kind": "below", "threshold": 5, "for": "a while"}"#, "for: 'a while' is not a duration"),
+                (#"{"name": "x", "kind": "above", "threshold": 5, "nonsense": 1}"#, "nonsense: is not a rule field"),
+                ("not json", "the body is not JSON"),
+            ] {
+                let response = try await client.execute(uri: "/v1/farms/f1/alert-rules", method: .post, headers: headers(admin), body: jsonBody(body))
+                let message = try expectError(response, .badRequest, "invalid_rule")
+                #expect(message.hasPrefix(prefix), "\(message)")
+            }
+            let response = try await client.execute(
+                uri: "/v1/farms/f1/alert-rules/other", method: .put, headers: headers(admin), body: jsonBody(Self.rule))
+            let message = try expectError(response, .badRequest, "invalid_rule")
+            #expect(message.hasPrefix("name:"))
+        }
+    }
+
+    @Test("alerts are listed with their history; an admin acknowledges and silences, a viewer cannot")
+    func alertsSilencesAndAcknowledgements() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let admin = try await IngestAdmin(store: fixture.store).createReadToken(farm: "f1", role: .admin)
+        let engine = AlertEngine(store: fixture.store, logger: testLogger, now: { testNow })
+        try await AlertAdmin(store: fixture.store).putRule(farm: "f1", try AlertRuleSpec.parseJSON(Array(#"{"name": "ph-low", "kind": "below", "threshold": 5.5}"#.utf8)).validated(), replace: false)
+        await engine.reload()
+        try await fixture.app(commits: CommitFeed([engine])).test(.router) { client in
+            // A batch through the API: the feed hands it to the engine's queue; evaluate the same readings directly here.
+            let d1 = try await fixture.identity(device: "d1")
+            let outcome = try await fixture.store.store(try phBatch(sequences: 1...3, value: 5.0), for: d1, receivedAt: testNow)
+            await engine.evaluate(CommittedBatch(device: d1, receivedAt: testNow, readings: outcome.fresh))
+            var response = try await client.execute(uri: "/v1/farms/f1/alerts", method: .get, headers: bearer(fixture.readToken))
+            #expect(response.status == .ok)
+            let alerts = try decode(Alerts.self, response).alerts
+            #expect(alerts.map(\.state) == ["firing"])
+            #expect(alerts.first?.transitions.map(\.to) == ["pending", "firing"])
+            let id = try #require(alerts.first?.id)
+            response = try await client.execute(uri: "/v1/farms/f1/alerts/\(id)/ack", method: .post, headers: bearer(fixture.readToken))
+            try expectError(response, .forbidden, "forbidden")
+            response = try await client.execute(uri: "/v1/farms/f1/alerts/\(id)/ack", method: .post, headers: headers(admin), body: jsonBody(#"{"by": "anna"}"#))
+            #expect(response.status == .ok)
+            response = try await client.execute(uri: "/v1/farms/f1/alerts", method: .get, headers: bearer(fixture.readToken))
+            #expect(try decode(Alerts.self, response).alerts.first?.acknowledgedBy == "anna")
+            response = try await client.execute(uri: "/v1/farms/f1/alerts/999/ack", method: .post, headers: headers(admin))
+            try expectError(response, .notFound, "not_found")
+            response = try await client.execute(uri: "/v1/farms/f2/alerts", method: .get, headers: bearer(fixture.otherFarmReadToken))
+            #expect(try decode(Alerts.self, response).alerts.isEmpty)
+            // Silences.
+            let silence = #"{"matchers": {"alertname": "ph-*"}, "duration": "2h", "comment": "probe swap"}"#
+            response = try await client.execute(uri: "/v1/farms/f1/silences", method: .post, headers: headers(fixture.readToken), body: jsonBody(silence))
+            try expectError(response, .forbidden, "forbidden")
+            response = try await client.execute(uri: "/v1/farms/f1/silences", method: .post, headers: headers(admin), body: jsonBody(#"{"matchers": {}, "duration": "2h"}"#))
+            try expectError(response, .badRequest, "invalid_silence")
+            response = try await client.execute(uri: "/v1/farms/f1/silences", method: .post, headers: headers(admin), body: jsonBody(silence))
+            #expect(response.status == .created)
+            response = try await client.execute(uri: "/v1/farms/f1/silences", method: .get, headers: bearer(fixture.readToken))
+            let silences = try decode(Silences.self, response).silences
+            #expect(silences.map(\.comment) == ["probe swap"])
+            #expect(silences.first?.endsAt == Timestamp(microseconds: testNow.microseconds + 7_200_000_000))
+            response = try await client.execute(uri: "/v1/farms/f1/silences/\(try #require(silences.first?.id))", method: .delete, headers: bearer(admin))
+            #expect(response.status == .noContent)
+        }
+    }
+}

@@ -1,0 +1,255 @@
+import FarmgateWire
+import Foundation
+import Testing
+
+@testable import FarmgateIngest
+
+@Suite("Alert engine on both stores")
+struct AlertEngineTests {
+    @Test("below with for and hysteresis: pending, firing only after `for`, clears only past the clear level; a short dip never fires", arguments: StoreKind.allCases)
+    func thresholdForAndHysteresis(kind: StoreKind) async throws {
+        try await AlertHarness.with(kind) { h in
+            try await h.rule(spec("ph-low", "below") { $0.quantity = "ph"; $0.threshold = 5.5; $0.clear = 5.6; $0.for = "30m" })
+            // A dip of 10 minutes: pending, then back to inactive; nothing notified.
+            try await h.send([(0, 6.0), (60, 5.4), (600, 5.45), (660, 6.0)])
+            var alert = try await h.alerts().first
+            #expect(states(alert) == ["inactive>pending", "pending>inactive"])
+            #expect(try await h.outbox().isEmpty)
+            // A long dip: pending at 1000 s, still holding at 5.55 (under the clear level), firing once 30 min passed.
+            try await h.send([(1_000, 5.4), (2_000, 5.55), (2_799, 5.3)])
+            #expect(try await h.alerts().first?.state == "pending")
+            try await h.send([(2_800, 5.3)])
+            alert = try await h.alerts().first
+            #expect(alert?.state == "firing")
+            // 5.58 is above the threshold but below the clear level: still firing. 5.7 clears.
+            try await h.send([(3_000, 5.58)])
+            #expect(try await h.alerts().first?.state == "firing")
+            try await h.send([(3_100, 5.7)])
+            alert = try await h.alerts().first
+            #expect(alert?.state == "resolved")
+            #expect(states(alert) == ["inactive>pending", "pending>inactive", "inactive>pending", "pending>firing", "firing>resolved"])
+            let notifications = try await h.notifications()
+            #expect(notifications.map(\.status) == [.firing, .resolved])
+            #expect(notifications.first?.summary == "d1 tank1.ph is below 5.5 (5.3)")
+            #expect(notifications.first?.labels["alertname"] == "ph-low")
+            #expect(notifications.allSatisfy { !$0.late })
+            let rows = try await h.outbox()
+            #expect(rows.map(\.receiver) == ["grower", "grower"])
+            #expect(rows.allSatisfy { $0.state == "pending" })
+            for (row, notification) in zip(rows, notifications) {
+                #expect(row.idempotencyKey == notification.idempotencyKey(receiver: row.receiverID))
+                #expect(row.transitionID == notification.transitionID && row.alertID == notification.alertID)
+            }
+        }
+    }
+
+    @Test("above, rate of change, sensor fault and out of range each fire and resolve", arguments: StoreKind.allCases)
+    func readingRuleKinds(kind: StoreKind) async throws {
+        try await AlertHarness.with(kind) { h in
+            try await h.rule(spec("warm", "above") { $0.sensor = "*.temp"; $0.threshold = 24; $0.clear = 23.5 })
+            try await h.rule(spec("ph-swing", "rate_of_change") { $0.quantity = "ph"; $0.threshold = 0.5; $0.window = "10m" })
+            try await h.rule(spec("fault", "sensor_fault") { $0.count = 3; $0.sensor = "tank2.ec" })
+            try await h.rule(spec("ec-band", "out_of_range") { $0.quantity = "ec"; $0.min = 1200; $0.max = 2000 })
+            try await h.send([(0, 22), (10, 24.5), (20, 23.8), (30, 23.4)], sensor: "tank1.temp", quantity: .temperature)
+            try await h.send([(0, 6.0), (300, 5.8), (500, 5.4), (2_000, 5.4), (2_500, 5.45)], sensor: "tank1.ph", quantity: .ph)
+            try await h.send([(0, 1500), (10, 1500)], sensor: "tank2.ec", quantity: .electricalConductivity, flags: [.sensorFault])
+            try await h.send([(20, 1500)], sensor: "tank2.ec", quantity: .electricalConductivity, flags: [.sensorFault])
+            try await h.send([(30, 2100), (40, 1600)], sensor: "tank2.ec", quantity: .electricalConductivity)
+            let byRule = Dictionary(grouping: try await h.alerts(), by: \.rule)
+            #expect(states(byRule["warm"]?.first) == ["inactive>pending", "pending>firing", "firing>resolved"])
+            #expect(byRule["warm"]?.first?.transitions.last?.value == 23.4)  // 23.8 was above the clear level
+            #expect(states(byRule["ph-swing"]?.first) == ["inactive>pending", "pending>firing", "firing>resolved"])
+            #expect(byRule["ph-swing"]?.first?.transitions[1].at == Timestamp(microseconds: testNow.microseconds + 500_000_000))
+            #expect(states(byRule["fault"]?.first) == ["inactive>pending", "pending>firing", "firing>resolved"])
+            #expect(states(byRule["ec-band"]?.first) == ["inactive>pending", "pending>firing", "firing>resolved"])
+            #expect(byRule["ec-band"]?.first?.transitions[1].value == 2100)
+            #expect(try await h.outbox().count == 8)
+        }
+    }
+
+    @Test("no data, device offline and calibration overdue run on the timer and resolve when the cause goes", arguments: StoreKind.allCases)
+    func timerRuleKinds(kind: StoreKind) async throws {
+        try await AlertHarness.with(kind) { h in
+            try await h.rule(spec("silent", "no_data") { $0.sensor = "tank1.ph"; $0.after = "15m" })
+            try await h.rule(spec("offline", "device_offline") { $0.after = "10m"; $0.receivers = ["on-call"] })
+            try await h.rule(spec("calibrate", "calibration_overdue") { $0.quantity = "ph"; $0.after = "30d" })
+            try await h.send([(0, 6.0)])
+            await h.engine.tick()
+            #expect(try await h.alerts().isEmpty)
+            h.clock.advance(seconds: 11 * 60)
+            await h.engine.tick()
+            #expect(try await h.alerts().map(\.rule) == ["offline"])
+            h.clock.advance(seconds: 5 * 60)
+            await h.engine.tick()
+            #expect(Set(try await h.alerts().filter { $0.state == "firing" }.map(\.rule)) == ["offline", "silent"])
+            try await h.send([(0, 6.1)])
+            await h.engine.tick()
+            #expect(try await h.alerts().filter { $0.state == "firing" }.isEmpty)
+            #expect(try await h.outbox().map(\.receiver).sorted() == ["grower", "grower", "on-call", "on-call"])
+            // Calibration: the sensor was first seen 16 minutes ago and never calibrated; 30 days later it is overdue
+            // where the store keeps calibrations (SQLite; PostgreSQL gets them from the sensors work).
+            h.clock.advance(seconds: 31 * 86_400)
+            try await h.send([(0, 6.1)])
+            await h.engine.tick()
+            let overdue = try await h.alerts().first { $0.rule == "calibrate" }
+            if h.store is any CalibrationStore {
+                #expect(overdue?.state == "firing")
+                let event = CalibrationEvent(
+                    id: "cal-1", sensor: try sensorID("tank1.ph"), time: h.clock.now, circuit: "pH",
+                    firmware: nil, points: [CalibrationEvent.Point(name: "mid", reference: 7, at: h.clock.now)], calibratedPoints: nil, slope: nil)
+                _ = try await (h.store as? any CalibrationStore)?.storeCalibrations([event], for: h.device, receivedAt: h.clock.now)
+                h.clock.advance(seconds: 600)
+                await h.engine.tick()
+                #expect(try await h.alerts().first { $0.rule == "calibrate" }?.state == "resolved")
+            } else {
+                #expect(overdue == nil)
+            }
+        }
+    }
+
+    @Test("a backlog arriving after its newest batch folds into one late notification that says what happened", arguments: StoreKind.allCases)
+    func backlogFold(kind: StoreKind) async throws {
+        try await AlertHarness.with(kind) { h in
+            try await h.rule(spec("ph-low", "below") { $0.quantity = "ph"; $0.threshold = 5.5; $0.for = "10m" })
+            let outage = Timestamp(microseconds: h.clock.now.microseconds - 3 * 3_600_000_000)
+            // Live first: the newest readings arrive first (pH fine now)...
+            try await h.send([(-10, 6.0), (0, 6.0)], start: h.clock.now)
+            // ...then the backlog in three batches, oldest last: pH below 5.5 from +40 min to +100 min of the outage.
+            try await h.send([(7_200, 6.0), (9_000, 6.0)], start: outage)
+            try await h.send([(2_400, 5.3), (3_600, 5.2), (4_800, 5.3), (6_000, 6.0)], start: outage)
+            try await h.send([(0, 6.0), (1_200, 6.0)], start: outage)
+            #expect(try await h.outbox().isEmpty)
+            var alert = try await h.alerts().first
+            #expect(alert?.lateReportDue != nil)
+            h.clock.advance(seconds: 10)
+            await h.engine.tick()
+            #expect(try await h.outbox().isEmpty)  // the backlog is not quiet yet
+            h.clock.advance(seconds: 30)
+            await h.engine.tick()
+            let notifications = try await h.notifications()
+            #expect(notifications.count == 1)
+            let report = try #require(notifications.first)
+            #expect(report.late)
+            #expect(report.status == .resolved)
+            #expect(report.transitions.map(\.state) == ["pending", "firing", "resolved"])
+            #expect(report.description?.contains("tank1.ph below 5.5 from") == true)
+            #expect(report.description?.hasSuffix("reported late") == true)
+            alert = try await h.alerts().first
+            #expect(alert?.state == "inactive" || alert?.state == "resolved")
+            #expect(alert?.lateReportDue == nil)
+            #expect(alert?.transitions.allSatisfy(\.late) == true)
+            // Another tick writes nothing more.
+            h.clock.advance(seconds: 60)
+            await h.engine.tick()
+            #expect(try await h.outbox().count == 1)
+        }
+    }
+
+    @Test("a backlog in order after an outage is reported once, late; one that reaches the present folds into the live notification", arguments: StoreKind.allCases)
+    func backlogInOrder(kind: StoreKind) async throws {
+        try await AlertHarness.with(kind) { h in
+            try await h.rule(spec("ph-low", "below") { $0.quantity = "ph"; $0.threshold = 5.5; $0.for = "10m" })
+            let outage = Timestamp(microseconds: h.clock.now.microseconds - 2 * 3_600_000_000)
+            // Two hours of readings in one batch, all late: a dip that ended, then one that still holds at the end.
+            try await h.send([(0, 6.0), (600, 5.0), (1_800, 5.0), (2_400, 6.0), (4_000, 5.2), (6_000, 5.1)], start: outage)
+            #expect(try await h.outbox().isEmpty)
+            h.clock.advance(seconds: 31)
+            await h.engine.tick()
+            var notifications = try await h.notifications()
+            #expect(notifications.count == 1)
+            #expect(notifications.first?.late == true)
+            #expect(notifications.first?.status == .firing)
+            #expect(notifications.first?.transitions.map(\.state) == ["pending", "firing", "resolved", "pending", "firing"])
+            #expect(notifications.first?.description?.contains(" since ") == true)
+            #expect(try await h.alerts().first?.state == "firing")
+            // A live reading that clears it is notified at once, not late.
+            try await h.send([(0, 6.0)], start: h.clock.now)
+            notifications = try await h.notifications()
+            #expect(notifications.count == 2)
+            #expect(notifications.last?.status == .resolved && notifications.last?.late == false)
+            // Another tank: pending in the backlog, firing with a live reading of the same batch: one notification, late.
+            try await h.send([(6_000, 5.0), (7_000, 5.0)], sensor: "tank2.ph", start: outage)
+            notifications = try await h.notifications()
+            #expect(notifications.count == 3)
+            let folded = try #require(notifications.last)
+            #expect(folded.late && folded.status == .firing)
+            #expect(folded.transitions.map(\.state) == ["pending", "firing"])
+            #expect(folded.description?.hasSuffix("reported late") == true)
+            h.clock.advance(seconds: 60)
+            await h.engine.tick()
+            #expect(try await h.outbox().count == 3)
+        }
+    }
+
+    @Test("after a crash between commit and evaluation the next engine catches up from the watermark, once", arguments: StoreKind.allCases)
+    func restartCatchUp(kind: StoreKind) async throws {
+        try await AlertHarness.with(kind) { h in
+            try await h.rule(spec("ph-low", "below") { $0.quantity = "ph"; $0.threshold = 5.5 })
+            try await h.send([(0, 6.0), (10, 5.0)])
+            await h.engine.saveWatermarks()
+            #expect(try await h.outbox().count == 1)
+            // Committed, never evaluated: the process died.
+            try await h.send([(20, 6.0), (30, 5.1)], feed: false)
+            let restarted = h.newEngine()
+            await restarted.tick()
+            #expect(states(try await h.alerts().first) == ["inactive>pending", "pending>firing", "firing>resolved", "resolved>pending", "pending>firing"])
+            #expect(try await h.outbox().count == 3)
+            // A third engine finds nothing left to evaluate.
+            await restarted.saveWatermarks()
+            let third = h.newEngine()
+            await third.tick()
+            #expect(try await h.outbox().count == 3)
+            #expect(try await h.alerts().first?.transitions.count == 5)
+        }
+    }
+
+    @Test("silenced alerts change state without notifications; acknowledging records who", arguments: StoreKind.allCases)
+    func silenceAndAcknowledge(kind: StoreKind) async throws {
+        try await AlertHarness.with(kind) { h in
+            try await h.rule(spec("ph-low", "below") { $0.quantity = "ph"; $0.threshold = 5.5 })
+            let silence = try await h.admin.addSilence(
+                farm: "f1", matchers: ["alertname": "ph-*", "device": "d1"], until: Timestamp(microseconds: h.clock.now.microseconds + 3_600_000_000),
+                comment: "probe swap", by: "tester", now: h.clock.now)
+            await h.engine.reload()
+            try await h.send([(0, 5.0), (10, 6.0)])
+            var alert = try await h.alerts().first
+            #expect(alert?.state == "resolved")
+            #expect(alert?.transitions.filter { $0.to != "pending" }.allSatisfy(\.silenced) == true)
+            #expect(try await h.outbox().isEmpty)
+            try await h.admin.removeSilence(farm: "f1", id: silence)
+            await h.engine.reload()
+            try await h.send([(20, 5.0)])
+            #expect(try await h.outbox().count == 1)
+            alert = try await h.alerts().first
+            try await h.admin.acknowledge(farm: "f1", alertID: try #require(alert?.id), by: "grower-anna")
+            alert = try await h.alerts().first
+            #expect(alert?.acknowledgedBy == "grower-anna")
+            #expect(alert?.state == "firing")
+            // The engine works from the stored row, version included: the next transition still lands.
+            try await h.send([(30, 6.0)])
+            #expect(try await h.alerts().first?.state == "resolved")
+            #expect(try await h.outbox().count == 2)
+            await #expect(throws: IngestStoreError.self) { try await h.admin.acknowledge(farm: "f2", alertID: try #require(alert?.id), by: "x") }
+        }
+    }
+
+    @Test("one outbox row per transition and receiver, even when two engines evaluate the same batch", arguments: StoreKind.allCases)
+    func outboxExactlyOnce(kind: StoreKind) async throws {
+        try await AlertHarness.with(kind) { h in
+            try await h.rule(spec("ph-low", "below") { $0.quantity = "ph"; $0.threshold = 5.5; $0.receivers = ["grower", "on-call", "not-there"] })
+            let other = h.newEngine()
+            await other.reload()
+            let batch = try await h.send([(0, 6.0), (10, 5.0)], feed: false)
+            async let first: Void = h.engine.evaluate(batch)
+            async let second: Void = other.evaluate(batch)
+            _ = await (first, second)
+            #expect(states(try await h.alerts().first) == ["inactive>pending", "pending>firing"])
+            let rows = try await h.outbox()
+            #expect(rows.map(\.receiver).sorted() == ["grower", "on-call"])
+            #expect(Set(rows.map(\.idempotencyKey)).count == 2)
+            // The same batch again (a feed delivered twice): nothing new.
+            await h.engine.evaluate(batch)
+            #expect(try await h.outbox().count == 2)
+        }
+    }
+}

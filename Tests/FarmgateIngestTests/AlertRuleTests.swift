@@ -1,0 +1,103 @@
+import FarmgateSupport
+import FarmgateWire
+import Foundation
+import Testing
+
+@testable import FarmgateIngest
+
+@Suite("Alert rules: validation, TOML files, templates, globs")
+struct AlertRuleTests {
+    @Test("the example rules file loads: pH band, EC band, water temperature, pump flow, float switch, calibration overdue")
+    func exampleFile() throws {
+        let path = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("examples/ingest-alert-rules.toml").path
+        let rules = try AlertRuleFile.load(path: path)
+        let byName = Dictionary(uniqueKeysWithValues: rules.map { ($0.name, $0) })
+        #expect(byName["ph-low"]?.kind == .below && byName["ph-low"]?.clear == 5.6 && byName["ph-low"]?.forMicroseconds == 1_800_000_000)
+        #expect(byName["ec-band"]?.kind == .outOfRange && byName["ec-band"]?.min == 1200)
+        #expect(byName["water-warm"]?.kind == .above)
+        #expect(byName["pump-flow-stopped"]?.quantity == .flowRate)
+        #expect(byName["reservoir-low"]?.quantity == .state)
+        let overdue = byName["ph-calibration-overdue"]?.afterMicroseconds ?? 0
+        #expect(overdue == Int64(30) * 86_400 * 1_000_000)
+        #expect(Set(rules.map(\.kind)) == Set(AlertRule.Kind.allCases))
+    }
+
+    @Test("an invalid rule in a file is located: file, line, rule and field")
+    func locatedErrors() throws {
+        let text = """
+            [[rule]]
+            name = "ph-low"
+            kind = "below"
+            threshold = 5.5
+
+            [[rule]]
+            name = "ph-high"
+            kind = "above"
+            threshold = 6.5
+            clear = 6.8
+            """
+        #expect {
+            try AlertRuleFile.parse(text, file: "rules.toml")
+        } throws: { error in
+            "\(error)" == "rules.toml:10: rule \"ph-high\": clear: must be at or below threshold 6.5 for kind above (it is where the alert clears)"
+        }
+        #expect {
+            try AlertRuleFile.parse("[[rule]]\nname = \"x\"\nkind = \"below\"\ntreshold = 5\n", file: "r.toml")
+        } throws: { error in
+            "\(error)".hasPrefix("r.toml:4: rule \"x\": treshold: unknown key; did you mean 'threshold'?")
+        }
+        #expect {
+            try AlertRuleFile.parse("[[rule]]\nname = \"x\"\nkind = \"below\"\nthreshold = 5\nfor = \"soon\"\n", file: "r.toml")
+        } throws: { error in
+            "\(error)".hasPrefix("r.toml:5: rule \"x\": for: must be a duration")
+        }
+    }
+
+    @Test("validation names the field", arguments: [
+        (#"{"kind": "below", "threshold": 5}"#, "name"),
+        (#"{"name": "a", "kind": "sideways"}"#, "kind"),
+        (#"{"name": "a", "kind": "below"}"#, "threshold"),
+        (#"{"name": "a", "kind": "below", "threshold": 5, "clear": 4}"#, "clear"),
+        (#"{"name": "a", "kind": "rate_of_change", "threshold": 1}"#, "window"),
+        (#"{"name": "a", "kind": "no_data"}"#, "after"),
+        (#"{"name": "a", "kind": "device_offline", "after": "5m", "sensor": "x"}"#, "sensor"),
+        (#"{"name": "a", "kind": "out_of_range", "min": 5, "max": 4}"#, "max"),
+        (#"{"name": "a", "kind": "sensor_fault", "count": 0}"#, "count"),
+        (#"{"name": "a", "kind": "below", "threshold": 5, "quantity": "acidity"}"#, "quantity"),
+        (#"{"name": "a", "kind": "below", "threshold": 5, "severity": "panic"}"#, "severity"),
+        (#"{"name": "a", "kind": "below", "threshold": 5, "labels": {"device": "x"}}"#, "labels"),
+        (#"{"name": "a", "kind": "below", "threshold": "low"}"#, "threshold"),
+        (#"{"name": "a", "kind": "below", "threshold": 5, "colour": "red"}"#, "colour"),
+        (#"{"name": "a", "kind": "below", "threshold": 5, "window": "5m"}"#, "window"),
+    ])
+    func fieldErrors(json: String, field: String) throws {
+        #expect {
+            try AlertRuleSpec.parseJSON(Array(json.utf8)).validated()
+        } throws: { error in
+            (error as? AlertRuleError)?.field == field && !((error as? AlertRuleError)?.message.isEmpty ?? true)
+        }
+    }
+
+    @Test("a rule goes to JSON and back unchanged, and its summary template is filled")
+    func roundTripAndSummary() throws {
+        let rule = try AlertRuleSpec.parseJSON(
+            Array(#"{"name": "ph-low", "kind": "below", "quantity": "ph", "sensor": "tank*.ph", "threshold": 5.5, "clear": 5.6, "for": "30m", "summary": "{{device}} {{sensor}}: pH {{value}} below {{threshold}} {{nope}}", "receivers": ["grower"]}"#.utf8)
+        ).validated()
+        let again = try AlertRuleSpec(rule).validated()
+        #expect(again == rule)
+        #expect(rule.renderSummary(device: "gh1", sensor: "tank1.ph", value: 5.32, quantity: .ph) == "gh1 tank1.ph: pH 5.32 below 5.5 {{nope}}")
+        #expect(rule.matches(device: "gh1", sensor: "tank12.ph", quantity: .ph))
+        #expect(!rule.matches(device: "gh1", sensor: "tank1.ec", quantity: .ph))
+        #expect(!rule.matches(device: "gh1", sensor: "tank1.ph", quantity: .electricalConductivity))
+    }
+
+    @Test("globs: * any run, ? one character, everything else literal")
+    func globs() {
+        #expect(Glob.matches("*", ""))
+        #expect(Glob.matches("tank*.ph", "tank1.ph") && Glob.matches("tank*.ph", "tank.ph"))
+        #expect(!Glob.matches("tank*.ph", "tank1.ec"))
+        #expect(Glob.matches("gh?-*", "gh1-north") && !Glob.matches("gh?-*", "gh12-north"))
+        #expect(Glob.matches("*pump*", "main_pump_flow") && !Glob.matches("pump", "pump2"))
+    }
+}
