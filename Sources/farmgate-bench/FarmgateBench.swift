@@ -11,6 +11,7 @@ struct FarmgateBench: AsyncParsableCommand {
             CodecBenchmark.self,
             BufferBench.self,
             DrainBench.self,
+            FootprintBench.self,
             IngestBench.self,
             FloodBench.self,
             LatestBench.self,

@@ -36,9 +36,10 @@ struct LocalIngest {
 
     /// Starts the ingest, runs `body` while it serves, then shuts it down gracefully.
     ///
-    /// - Parameter now: the ingest's clock; generated readings lie in a fixed window, so they are judged by its end.
+    /// - Parameter now: the ingest's clock; generated readings lie in a fixed window, so they are judged by its end. nil: the
+    ///   real clock (for live agents).
     static func withRunning<T: Sendable>(
-        directory: String, device: DeviceID, now: Timestamp, logger: Logger, _ body: @escaping @Sendable (LocalIngest) async throws -> T
+        directory: String, device: DeviceID, now: Timestamp?, logger: Logger, _ body: @escaping @Sendable (LocalIngest) async throws -> T
     ) async throws -> T {
         let (store, key) = try await openStore(directory: directory, device: device, logger: logger)
         defer { store.close() }
@@ -49,7 +50,8 @@ struct LocalIngest {
         configuration.limits.requestsPerSecond = 1_000_000
         configuration.limits.burst = 1_000_000
         let app = buildApplication(
-            configuration: configuration, store: store, registry: PrometheusCollectorRegistry(), logger: logger, now: { now })
+            configuration: configuration, store: store, registry: PrometheusCollectorRegistry(), logger: logger,
+            now: { now ?? Timestamp.now() })
         let ingest = LocalIngest(port: port, deviceKey: key.text, store: store)
         let group = ServiceGroup(configuration: ServiceGroupConfiguration(services: [app], logger: logger))
         return try await withThrowingTaskGroup(of: T?.self) { tasks in

@@ -161,6 +161,7 @@ extension BufferStore {
                 quarantineDropped += Int64(dropped)
                 try setCounter(BufferSchema.counterQuarantineDropped, quarantineDropped)
                 try recountQuarantineCodes()
+                try persistLastSequenceIfUncovered()
             }
             return DropOutcome(dropped: dropped, notFound: notFound)
         }

@@ -51,6 +51,9 @@ final class BufferStore {
     private(set) var duplicatesIgnored: Int64
     var quarantineTrimmed: Int64
     var quarantineDropped: Int64
+    /// The `last_sequence` counter as stored in the file. A commit does not write it (its readings carry their numbers);
+    /// a transaction that deletes readings does, when the rows left would no longer cover ``lastSequence``.
+    private(set) var storedLastSequence: Int64
     private var sidecarSequence: Int64
     private var sidecarFailureLogged = false
     /// The current boot and what the clock said last (ReadingBuffer+Clock.swift).
@@ -60,6 +63,8 @@ final class BufferStore {
     private let updateCounter: SQLiteStatement
     private let deleteReading: SQLiteStatement
     private let deleteRange: SQLiteStatement
+    private let deleteAll: SQLiteStatement
+    private let selectBounds: SQLiteStatement
     private let deleteOldest: SQLiteStatement
     private let selectOldest: SQLiteStatement
     private let selectNewest: SQLiteStatement
@@ -104,6 +109,9 @@ final class BufferStore {
         }
     }
 
+    /// The page size of a new buffer file (see `init`).
+    static let newFilePageSize = 1024
+
     static func isCorruption(_ error: any Error) -> Bool {
         if error is BufferCorruption { return true }
         if let error = error as? SQLiteError { return error.isCorruption }
@@ -115,13 +123,28 @@ final class BufferStore {
     ) throws {
         let fileExisted = (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? Int).map { $0 > 0 } ?? false
         let connection = try SQLiteConnection(path: path, mode: .readWriteCreate, busyTimeoutMilliseconds: 5_000)
+        // A new file gets 1 KiB pages. A group commit rewrites the last page of the table and of its index whole, so the
+        // page size is what a commit costs the SD card: 50 readings are about 2.3 KB of rows and index entries, and with
+        // 4 KiB pages each commit wrote about 16 KiB. Only possible before the first table exists; an existing file keeps
+        // its page size.
+        if !fileExisted { try connection.execute("PRAGMA page_size = \(Self.newFilePageSize)") }
         let journalMode = try connection.query("PRAGMA journal_mode = WAL").first?.first?.string
         guard journalMode?.lowercased() == "wal" else {
             throw BufferError("cannot put the buffer \(path) in WAL mode (SQLite answered \(journalMode ?? "nothing")); is it on a network file system?")
         }
         // FULL: every group commit is fsynced, so a committed reading survives power loss (the delivery contract).
         try connection.execute(synchronousFull ? "PRAGMA synchronous = FULL" : "PRAGMA synchronous = NORMAL")
-        // Keep the WAL file from staying large after a big delete.
+        // What the SD card sees (see README "SD-card wear"):
+        // - secure_delete: Debian builds SQLite with it on, which overwrites every deleted reading with zeros, so that each
+        //   acknowledgement rewrote the pages it emptied. The buffer holds no secrets: off.
+        // - wal_autocheckpoint: a checkpoint copies the pages changed since the last one into the database file; the
+        //   buffer's live pages are few and reused, so fewer checkpoints write fewer pages. 1000 pages (1 MiB of WAL with
+        //   1 KiB pages) is SQLite's default, set here so that it stays a decision.
+        // - journal_size_limit: the WAL is reused from its start after each checkpoint rather than truncated and grown
+        //   again (each regrowth is a file-system metadata write); only a WAL left larger than 16 MiB by a big backlog
+        //   is cut back.
+        try connection.execute("PRAGMA secure_delete = OFF")
+        try connection.execute("PRAGMA wal_autocheckpoint = 1000")
         try connection.execute("PRAGMA journal_size_limit = 16777216")
         let problems = try connection.integrityProblems(quick: true)
         guard problems.isEmpty else { throw BufferCorruption(problems: problems) }
@@ -181,6 +204,7 @@ final class BufferStore {
         self.synchronousFull = synchronousFull
         self.logger = logger
         self.lastSequence = max(counted, maxPending, maxQuarantined, sidecarValue ?? 0)
+        self.storedLastSequence = counted
         self.sidecarSequence = sidecarValue ?? -1
         self.dropped = try counter(BufferSchema.counterDropped)
         self.duplicatesIgnored = try counter(BufferSchema.counterDuplicatesIgnored)
@@ -195,6 +219,8 @@ final class BufferStore {
         updateCounter = try connection.prepare("INSERT OR REPLACE INTO counters(name, value) VALUES (?, ?)")
         deleteReading = try connection.prepare("DELETE FROM readings WHERE sequence = ?")
         deleteRange = try connection.prepare("DELETE FROM readings WHERE sequence BETWEEN ?1 AND ?2")
+        deleteAll = try connection.prepare("DELETE FROM readings")
+        selectBounds = try connection.prepare("SELECT min(sequence), max(sequence) FROM readings")
         deleteOldest = try connection.prepare(
             "DELETE FROM readings WHERE sequence IN (SELECT sequence FROM readings ORDER BY sequence LIMIT ?)")
         selectOldest = try connection.prepare(
@@ -273,18 +299,32 @@ final class BufferStore {
     /// Runs `body` in `BEGIN IMMEDIATE ... COMMIT`; on failure rolls back and restores the cached counts.
     func write<T>(_ body: () throws -> T) throws -> T {
         let saved = (lastSequence, pendingCount, quarantinedCount, dropped, duplicatesIgnored)
+        let savedStoredLastSequence = storedLastSequence
         let savedQuarantine = (quarantineTrimmed, quarantineDropped, quarantineCodeCounts)
         do {
             return try connection.transaction(body)
         } catch {
             (lastSequence, pendingCount, quarantinedCount, dropped, duplicatesIgnored) = saved
             (quarantineTrimmed, quarantineDropped, quarantineCodeCounts) = savedQuarantine
+            storedLastSequence = savedStoredLastSequence
             throw error
         }
     }
 
     func setCounter(_ name: String, _ value: Int64) throws {
         try updateCounter.run([.text(name), .integer(value)])
+        if name == BufferSchema.counterLastSequence { storedLastSequence = value }
+    }
+
+    /// Writes `last_sequence` when the rows left no longer carry the last number assigned. Call it inside the write
+    /// transaction of anything that deletes readings or quarantined readings, after the delete: the counter then never
+    /// goes backwards across a restart, and a commit, whose new readings carry their own numbers, need not write it.
+    func persistLastSequenceIfUncovered() throws {
+        guard storedLastSequence < lastSequence else { return }
+        let highest = max(
+            try connection.queryInt("SELECT max(sequence) FROM readings") ?? 0,
+            try connection.queryInt("SELECT max(sequence) FROM quarantine") ?? 0)
+        if highest < lastSequence { try setCounter(BufferSchema.counterLastSequence, lastSequence) }
     }
 
     /// Bytes in use: pages that are not on the free list.
@@ -429,7 +469,8 @@ final class BufferStore {
                     outcome.trimmedFromQuarantine = try trimQuarantine(downTo: quotaBytes / 10 * 9)
                 }
             }
-            if outcome.stored > 0 { try setCounter(BufferSchema.counterLastSequence, lastSequence) }
+            // The new readings carry lastSequence; only a quota drop can have deleted them again.
+            if outcome.dropped > 0 || outcome.trimmedFromQuarantine > 0 { try persistLastSequenceIfUncovered() }
             if outcome.duplicates > 0 {
                 duplicatesIgnored += Int64(outcome.duplicates)
                 try setCounter(BufferSchema.counterDuplicatesIgnored, duplicatesIgnored)
@@ -478,8 +519,16 @@ final class BufferStore {
         return deleted
     }
 
-    private func writeSidecar() {
+    /// How far the sidecar may lag the counter. It is read only when the database was lost, and a recovered buffer starts
+    /// ``ReadingBuffer/recoverySequenceGap`` (1,000,000) above it, so a lag of at most this many numbers is safe; writing
+    /// it (a new file, an fsync, a rename, an fsync of the directory) after every commit cost the SD card 4 KiB a second.
+    static let sidecarStride: Int64 = 10_000
+
+    /// Mirrors the counter into the sidecar when it has moved ``sidecarStride`` or more since the last write (or always,
+    /// with `force`: jumps of the counter, and closing).
+    func writeSidecar(force: Bool = false) {
         guard lastSequence != sidecarSequence else { return }
+        guard force || sidecarSequence < 0 || lastSequence - sidecarSequence >= Self.sidecarStride else { return }
         do {
             try sidecar.store(lastSequence, durably: synchronousFull)
             sidecarSequence = lastSequence
@@ -539,6 +588,7 @@ final class BufferStore {
                 try write {
                     try connection.query("DELETE FROM readings WHERE sequence <= 0")
                     pendingCount -= connection.changes
+                    try persistLastSequenceIfUncovered()
                 }
             }
         }
@@ -574,7 +624,7 @@ final class BufferStore {
             lastSequence = floor
             try setCounter(BufferSchema.counterLastSequence, lastSequence)
         }
-        writeSidecar()
+        writeSidecar(force: true)
         return previous
     }
 
@@ -602,7 +652,7 @@ final class BufferStore {
             }
             return pairs
         }
-        writeSidecar()
+        writeSidecar(force: true)
         return pairs
     }
 
@@ -610,11 +660,30 @@ final class BufferStore {
     @discardableResult
     func acknowledge(_ sequences: [UInt64]) throws -> Int {
         guard !sequences.isEmpty else { return 0 }
+        // An acknowledgement need not survive a power cut: lost, it only brings back readings the ingest already holds,
+        // which go again and are counted as duplicates. So it is committed without its own fsync (`synchronous=NORMAL`
+        // for this transaction); the next group commit's fsync makes it durable together with that commit's readings,
+        // and the SD card sees one flush of the WAL's last page per commit window instead of two.
+        if synchronousFull { try connection.execute("PRAGMA synchronous = NORMAL") }
+        defer { if synchronousFull { try? connection.execute("PRAGMA synchronous = FULL") } }
         return try write {
             // An acknowledged batch is nearly always one run of consecutive numbers: one range delete per run.
             // Numbers that are not buffered delete nothing and are not counted.
             var removed = 0
             let sorted = Set(sequences.compactMap { Int64(exactly: $0) }).sorted()
+            // The usual case once the ingest keeps up: the batch held every committed reading, one run of numbers from the
+            // lowest to the highest. `DELETE` without `WHERE` then frees the pages of the table and its index without
+            // rewriting them (SQLite's truncate optimisation), where a range delete rewrote every page it emptied: half of
+            // what the buffer wrote to the SD card.
+            if let first = sorted.first, let last = sorted.last, last - first == Int64(sorted.count) - 1,
+                try coversEveryReading(from: first, through: last)
+            {
+                try deleteAll.run()
+                removed = connection.changes
+                pendingCount -= removed
+                if removed > 0 { try persistLastSequenceIfUncovered() }
+                return removed
+            }
             var start = 0
             while start < sorted.count {
                 var end = start
@@ -624,8 +693,18 @@ final class BufferStore {
                 start = end + 1
             }
             pendingCount -= removed
+            if removed > 0 { try persistLastSequenceIfUncovered() }
             return removed
         }
+    }
+
+    /// Whether every buffered reading is numbered within `first...last`.
+    private func coversEveryReading(from first: Int64, through last: Int64) throws -> Bool {
+        try selectBounds.bind([])
+        defer { selectBounds.reset() }
+        guard try selectBounds.step() else { return false }
+        if selectBounds.isNull(0) { return true }
+        return selectBounds.int64(0) >= first && selectBounds.int64(1) <= last
     }
 
     /// Moves the readings with these sequence numbers to quarantine, in one transaction. Returns how many moved.
@@ -680,6 +759,11 @@ final class BufferStore {
             quarantineTrimmed: quarantineTrimmed, quarantineDropped: quarantineDropped, held: held,
             pendingCalibrations: Int(try connection.queryInt("SELECT count(*) FROM calibrations WHERE quarantined_at IS NULL") ?? 0),
             quarantinedCalibrations: Int(try connection.queryInt("SELECT count(*) FROM calibrations WHERE quarantined_at IS NOT NULL") ?? 0))
+    }
+
+    /// Brings the sequence sidecar up to date (it otherwise lags by up to ``sidecarStride``); when the buffer closes.
+    func closing() {
+        writeSidecar(force: true)
     }
 
     func limitPageCount(_ pages: Int64) throws {

@@ -17,7 +17,7 @@ import Synchronization
 ///   most every ``BufferConfiguration/commitInterval``, in one transaction, and assigns device-wide sequence numbers in commit
 ///   order. ``flush()`` commits now. A commit is fsynced: once it returns, the readings survive `kill -9` and power loss.
 /// - Sequence numbers are never reused: the counter is persisted with the readings, survives the deletion of every row, and is
-///   mirrored after each commit into `<path>.seq` (see below).
+///   mirrored into `<path>.seq` (see below) every ``BufferStore/sidecarStride`` numbers, when it jumps, and at close.
 /// - Values are stored as whole steps of the sensor's resolution. A sample for a sensor not in the last ``register(_:)``, or whose
 ///   value cannot be quantized (NaN, infinite, too large), is dropped with a warning and counted in ``rejectedSamples``.
 /// - A sample equal in sensor and timestamp to a pending reading is stored once and counted in
@@ -33,7 +33,8 @@ import Synchronization
 /// A file SQLite cannot open as a database, or that fails `PRAGMA quick_check`, does not stop the agent: it is renamed (with its
 /// `-wal` and `-shm`) to `<path>.corrupt-<UTC timestamp>`, an error names both paths, and a fresh file is created. The ingest is
 /// idempotent on (device, sequence), so restarting at 1 would make it discard new readings as duplicates. The high-water mark is
-/// therefore also kept in the sidecar `<path>.seq`, replaced atomically (temporary file, fsync, rename) after every commit. A fresh
+/// therefore also kept in the sidecar `<path>.seq`, replaced atomically (temporary file, fsync, rename) at least every 10,000
+/// numbers (``BufferStore/sidecarStride``, far below the gap). A fresh
 /// file whose history was lost (moved aside as corrupt, or deleted while the sidecar remained) starts at
 /// sidecar + ``recoverySequenceGap`` + 1: the gap covers commits the sidecar may not have recorded. A brand-new site (no file, no
 /// sidecar) starts at 1. An existing file continues from max(its counter, its highest row, the sidecar).
@@ -181,6 +182,7 @@ public final class ReadingBuffer: PendingReadings, Service {
         }
         do {
             try await flush()
+            try await withStore { store in store.closing() }
         } catch {
             logger.error("Buffer could not commit its queue at shutdown", metadata: ["error": "\(error)"])
             throw error
@@ -194,6 +196,7 @@ public final class ReadingBuffer: PendingReadings, Service {
         committer.close()
         var flushError: (any Error)?
         do { try await flush() } catch { flushError = error }
+        try? await withStore { store in store.closing() }
         await store.release()
         if let flushError { throw flushError }
     }

@@ -12,7 +12,30 @@ import UnixSignals
 /// flight and sends what is pending (bounded by `shutdown_flush_timeout`), and the buffer commits what it still holds
 /// last, so a graceful stop loses nothing and normally leaves nothing behind.
 public enum AgentRuntime {
+    /// Runs the agent until SIGTERM or SIGINT. On SIGHUP the configuration file is read again
+    /// (``ConfigurationReloadService``): a valid one replaces the running services by new ones built from it, in this
+    /// process; an invalid one is refused and the running configuration kept.
     public static func run(configuration: AgentConfiguration, drivers: DriverRegistry = .standard, logger: Logger) async throws {
+        // Held for the whole run: a SIGHUP that arrives while one generation of services stops and the next starts finds
+        // a handler, rather than the default action, which would end the process.
+        let hangups = await UnixSignalsSequence(trapping: .sighup)
+        let reloads = ConfigurationReloads(file: configuration.file)
+        var current = configuration
+        while true {
+            try await runServices(configuration: current, drivers: drivers, reloads: reloads, logger: logger)
+            guard let next = reloads.takeAccepted() else { break }
+            logger.notice(
+                "Agent restarted its services with the reloaded configuration",
+                metadata: ["config": "\(next.file)", "sensors": "\(next.sensors.count)"])
+            current = next
+        }
+        withExtendedLifetime(hangups) {}
+    }
+
+    /// One generation of services, from the buffer to the control socket, until a graceful shutdown or an accepted reload.
+    static func runServices(
+        configuration: AgentConfiguration, drivers: DriverRegistry, reloads: ConfigurationReloads, logger: Logger
+    ) async throws {
         // Opening runs quick_check, which takes seconds on a large buffer: keep it off the concurrency pool.
         let bufferConfiguration = configuration.buffer
         let buffer = try await runOffPool { try ReadingBuffer(configuration: bufferConfiguration, logger: logger) }
@@ -69,7 +92,8 @@ public enum AgentRuntime {
                 startedAt: startedAt, now: Timestamp.now(), clockSynchronized: clock.isSynchronized(),
                 clock: monitorForStatus?.status(),
                 buffer: try await buffer.statistics(), upload: uploaderForStatus?.status(), uploadEndpoint: endpoint,
-                sensors: board.snapshot(), recentQuarantine: try await buffer.quarantined(limit: 10))
+                sensors: board.snapshot(), recentQuarantine: try await buffer.quarantined(limit: 10),
+                configuration: reloads.status())
         }
         let calibration = CalibrationCommands(
             drivers: Dictionary(sensors.map { ($0.configuration.id, $0.driver) }, uniquingKeysWith: { first, _ in first }),
@@ -116,7 +140,7 @@ public enum AgentRuntime {
             services.append(
                 AgentSupervisor(
                     notifier: notifier, gate: WatchdogGate(heartbeats: heartbeats), controlSocket: configuration.controlSocket,
-                    snapshot: snapshot, logger: logger))
+                    snapshot: snapshot, reloading: { reloads.isReloading }, logger: logger))
         }
         logger.info(
             "Agent starting",
@@ -124,13 +148,16 @@ public enum AgentRuntime {
                 "device": "\(configuration.device)", "sensors": "\(configuration.sensors.count)", "buffer": "\(configuration.buffer.path)",
                 "upload": "\(endpoint ?? "off")", "version": "\(FarmgateVersion.current)",
             ])
+        // Returns when SIGHUP brought a valid configuration: the group then stops gracefully, like on SIGTERM.
+        let reload = ConfigurationReloadService(file: configuration.file, drivers: drivers, reloads: reloads, logger: logger)
         let group = ServiceGroup(
             configuration: ServiceGroupConfiguration(
-                services: services.map { ServiceGroupConfiguration.ServiceConfiguration(service: $0) },
+                services: services.map { ServiceGroupConfiguration.ServiceConfiguration(service: $0) }
+                    + [.init(service: reload, successTerminationBehavior: .gracefullyShutdownGroup)],
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger))
         try await group.run()
-        logger.info("Agent stopped")
+        if !reloads.isReloading { logger.info("Agent stopped") }
     }
 }
 

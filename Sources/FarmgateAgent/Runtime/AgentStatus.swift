@@ -18,6 +18,8 @@ public struct AgentStatus: Codable, Sendable {
     public var sensors: [SensorStatus]
     /// The most recently quarantined readings (at most 10).
     public var recentQuarantine: [QuarantinedReading]
+    /// The configuration file and how the last reload (SIGHUP) went; nil from an agent before reloads existed.
+    public var configuration: ConfigurationStatus? = nil
 }
 
 /// The control socket's answer envelope: `{"ok": true, "status": {...}}` or `{"ok": false, "error": "..."}`.
@@ -43,6 +45,14 @@ extension AgentStatus {
         let uptime = Self.age(from: startedAt, to: now)
         lines.append("Farmgate agent \(device) (version \(version), pid \(pid)), up \(uptime)")
         lines.append(clockLine())
+        if let configuration {
+            var line = "Config    \(configuration.file), loaded \(Self.age(from: configuration.loadedAt, to: now)) ago"
+            if configuration.reloads > 0 { line += " (\(configuration.reloads) reload\(configuration.reloads == 1 ? "" : "s"))" }
+            lines.append(line)
+            if let error = configuration.lastReloadError, let at = configuration.lastReloadAt {
+                lines.append("          RELOAD REFUSED \(Self.age(from: at, to: now)) ago, still running the configuration above: \(error)")
+            }
+        }
         var bufferLine = "Buffer    \(buffer.pending) pending"
         if let oldest = buffer.oldestPending { bufferLine += ", oldest \(Self.age(from: oldest, to: now)) old" }
         if buffer.held > 0 { bufferLine += "; \(buffer.held) held (clock not set)" }

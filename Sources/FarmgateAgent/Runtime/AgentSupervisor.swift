@@ -24,12 +24,15 @@ public final class AgentSupervisor: Service {
     let gate: WatchdogGate
     let controlSocket: String
     let snapshot: @Sendable () async throws -> AgentStatus
+    /// Whether a graceful shutdown is a reload (the services start again with a new configuration) rather than a stop.
+    let reloading: @Sendable () -> Bool
     let logger: Logger
 
     public init(
         notifier: SystemdNotifier, gate: WatchdogGate, controlSocket: String, snapshot: @escaping @Sendable () async throws -> AgentStatus,
-        logger: Logger
+        reloading: @escaping @Sendable () -> Bool = { false }, logger: Logger
     ) {
+        self.reloading = reloading
         self.notifier = notifier
         self.gate = gate
         self.controlSocket = controlSocket
@@ -41,7 +44,12 @@ public final class AgentSupervisor: Service {
         await withGracefulShutdownHandler {
             await self.supervise()
         } onGracefulShutdown: {
-            self.send(["STOPPING=1", "STATUS=stopping: committing the buffer and sending what is pending"])
+            if self.reloading() {
+                // The next generation's supervisor says READY=1 again once it serves.
+                self.send(["STATUS=reloading the configuration: restarting the services"])
+            } else {
+                self.send(["STOPPING=1", "STATUS=stopping: committing the buffer and sending what is pending"])
+            }
         }
     }
 

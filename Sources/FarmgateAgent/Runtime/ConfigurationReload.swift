@@ -1,0 +1,133 @@
+import FarmgateSupport
+import FarmgateWire
+import Logging
+import ServiceLifecycle
+import Synchronization
+import UnixSignals
+
+/// What `farmgate status` shows about the configuration the agent runs: which file, since when, and how the last reload
+/// (SIGHUP) went.
+public struct ConfigurationStatus: Codable, Sendable, Hashable {
+    /// The file the running configuration came from.
+    public var file: String
+    /// When the running configuration was loaded (at start, or by the last successful reload).
+    public var loadedAt: Timestamp
+    /// Successful reloads since the agent started.
+    public var reloads: Int
+    /// The last SIGHUP, successful or not.
+    public var lastReloadAt: Timestamp?
+    /// Why the last reload was refused (`file:line: key: message`); nil when it succeeded or none was asked for.
+    public var lastReloadError: String?
+
+    public init(file: String, loadedAt: Timestamp, reloads: Int = 0, lastReloadAt: Timestamp? = nil, lastReloadError: String? = nil) {
+        self.file = file
+        self.loadedAt = loadedAt
+        self.reloads = reloads
+        self.lastReloadAt = lastReloadAt
+        self.lastReloadError = lastReloadError
+    }
+}
+
+/// The agent's configuration across reloads: what status shows, and the configuration a reload accepted, which the
+/// runtime starts next. Lives as long as the process; shared by every generation of services.
+public final class ConfigurationReloads: Sendable {
+    private struct State {
+        var status: ConfigurationStatus
+        var accepted: AgentConfiguration?
+    }
+    private let state: Mutex<State>
+
+    public init(file: String, loadedAt: Timestamp = .now()) {
+        state = Mutex(State(status: ConfigurationStatus(file: file, loadedAt: loadedAt)))
+    }
+
+    public func status() -> ConfigurationStatus { state.withLock { $0.status } }
+
+    /// Whether a reload was accepted and the services are stopping to start again with it.
+    public var isReloading: Bool { state.withLock { $0.accepted != nil } }
+
+    func accept(_ configuration: AgentConfiguration, at time: Timestamp = .now()) {
+        state.withLock {
+            $0.accepted = configuration
+            $0.status.lastReloadAt = time
+            $0.status.lastReloadError = nil
+        }
+    }
+
+    func refuse(_ reason: String, at time: Timestamp = .now()) {
+        state.withLock {
+            $0.status.lastReloadAt = time
+            $0.status.lastReloadError = reason
+        }
+    }
+
+    /// The accepted configuration, once: the runtime calls it after the services stopped.
+    func takeAccepted(at time: Timestamp = .now()) -> AgentConfiguration? {
+        state.withLock { state in
+            guard let next = state.accepted else { return nil }
+            state.accepted = nil
+            state.status.file = next.file
+            state.status.loadedAt = time
+            state.status.reloads += 1
+            return next
+        }
+    }
+}
+
+/// Reloads the configuration on SIGHUP (`systemctl reload farmgate`).
+///
+/// The file is read and validated exactly as at start (and as `farmgate config check` does, GPIO lines included). Invalid:
+/// the agent keeps running the configuration it has, logs the located error (`file:line: key: message`) and `farmgate
+/// status` shows it until the next reload. Valid: this service returns, which stops the services gracefully (the sampler,
+/// then the uploader finishing its request and sending what is pending, then the buffer committing), and the runtime starts
+/// them again with the new configuration in the same process: sensors added, removed or changed, intervals, upload
+/// settings, and every other key take effect. The process, its PID and systemd's view of it stay; sampling pauses for
+/// about a second (longer when the uploader has a backlog to flush, at most `shutdown_flush_timeout`).
+final class ConfigurationReloadService: Service {
+    let file: String
+    let drivers: DriverRegistry
+    let reloads: ConfigurationReloads
+    let logger: Logger
+
+    init(file: String, drivers: DriverRegistry, reloads: ConfigurationReloads, logger: Logger) {
+        self.file = file
+        self.drivers = drivers
+        self.reloads = reloads
+        self.logger = logger
+    }
+
+    func run() async throws {
+        let hangups = await UnixSignalsSequence(trapping: .sighup)
+        for await _ in hangups.cancelOnGracefulShutdown() {
+            logger.notice("SIGHUP: reloading the configuration", metadata: ["config": "\(file)"])
+            let (file, drivers) = (self.file, self.drivers)
+            let outcome: Result<AgentConfiguration, ConfigurationError>
+            do {
+                // Reads the file and the GPIO chips: blocking, so off the concurrency pool.
+                outcome = .success(
+                    try await runOffPool(name: "farmgate-reload") {
+                        let next = try AgentConfiguration.load(path: file, drivers: drivers)
+                        _ = try GPIODriver.checkLinesOnChips(next.sensors)
+                        return next
+                    })
+            } catch let error as ConfigurationError {
+                outcome = .failure(error)
+            } catch {
+                outcome = .failure(ConfigurationError(file: file, line: nil, key: nil, message: "\(error)"))
+            }
+            switch outcome {
+            case .failure(let error):
+                reloads.refuse(error.description)
+                logger.error(
+                    "Configuration reload refused; the agent keeps running the configuration it has. Fix the file and send SIGHUP again",
+                    metadata: ["config": "\(file)", "error": "\(error.description)"])
+            case .success(let next):
+                reloads.accept(next)
+                logger.notice(
+                    "Configuration is valid; restarting the services with it",
+                    metadata: ["config": "\(file)", "sensors": "\(next.sensors.count)", "upload": "\(next.upload?.endpoint ?? "off")"])
+                return
+            }
+        }
+    }
+}

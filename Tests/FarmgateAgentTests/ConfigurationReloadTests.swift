@@ -1,0 +1,122 @@
+import FarmgateSupport
+import FarmgateTestSupport
+import FarmgateWire
+import Foundation
+import Testing
+
+@testable import FarmgateAgent
+
+/// `farmgate agent` reloads its configuration on SIGHUP: the real binary, real signals, its control socket.
+@Suite("Configuration reload on SIGHUP", .serialized)
+struct ConfigurationReloadTests {
+    static func configuration(sensors: [String], interval: String = "200ms", extra: String = "") -> String {
+        var text = """
+            [device]
+            id = "reload-site"
+
+            [buffer]
+            path = "buffer.sqlite"
+            commit_interval = "100ms"
+
+            [control]
+            socket = "control.sock"
+
+            [clock]
+            check = false
+            \(extra)
+
+            """
+        for id in sensors {
+            text += """
+
+                [[sensor]]
+                id = "\(id)"
+                driver = "simulated"
+                quantity = "ph"
+                interval = "\(interval)"
+                fault_rate = 0
+                latency = "0ms"
+
+                """
+        }
+        return text
+    }
+
+    static func status(_ socket: String) async -> AgentStatus? {
+        guard let answer = try? await runOffPool(name: "test-status", { try ControlClient.send(ControlRequest(command: "status"), to: socket, timeoutSeconds: 2) })
+        else { return nil }
+        return (try? JSONDecoder().decode(ControlAnswer.self, from: Data(answer)))?.status
+    }
+
+    @Test("an invalid file is refused and the agent keeps running; a valid one adds, removes and changes sensors live")
+    func reloadRefusesThenApplies() async throws {
+        let scratch = try Scratch(prefix: "fg-reload", in: URL(fileURLWithPath: "/tmp"))
+        let config = try scratch.write("agent.toml", Self.configuration(sensors: ["tank1.ph", "tank2.ph"]))
+        let socket = scratch.file("control.sock")
+        let binary = builtExecutable("farmgate", environmentOverride: "FARMGATE_BINARY")
+        let log = scratch.file("agent.log")
+        #expect(FileManager.default.createFile(atPath: log, contents: nil))
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: binary)
+        process.arguments = ["agent", "--config", config]
+        process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
+        process.standardOutput = process.standardError
+        try process.run()
+        defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
+        func agentLog() -> String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
+
+        var status: AgentStatus?
+        let started = await eventually(timeout: .seconds(30), every: .milliseconds(100)) {
+            status = await Self.status(socket)
+            return (status?.buffer.lastSequence ?? 0) > 4
+        }
+        try #require(started, "the agent did not start: \(agentLog())")
+        #expect(status?.configuration?.file == config)
+        #expect(status?.configuration?.reloads == 0)
+
+        // 1. An unknown key: refused, located, the agent keeps sampling with the configuration it has.
+        _ = try scratch.write("agent.toml", Self.configuration(sensors: ["tank1.ph"], extra: "colour = \"blue\""))
+        kill(process.processIdentifier, SIGHUP)
+        let refused = await eventually(timeout: .seconds(20), every: .milliseconds(100)) {
+            status = await Self.status(socket)
+            return status?.configuration?.lastReloadError != nil
+        }
+        #expect(refused, "no refusal in status: \(agentLog())")
+        let error = status?.configuration?.lastReloadError ?? ""
+        #expect(error.contains("agent.toml:"), "located: \(error)")
+        #expect(error.contains("colour"), "names the key: \(error)")
+        #expect(process.isRunning)
+        #expect(status?.sensors.map(\.id).sorted() == ["tank1.ph", "tank2.ph"], "the running configuration is kept")
+        #expect(status?.configuration?.reloads == 0)
+        let before = status?.buffer.lastSequence ?? 0
+        let sampling = await eventually(timeout: .seconds(10), every: .milliseconds(100)) {
+            (await Self.status(socket)?.buffer.lastSequence ?? 0) > before + 4
+        }
+        #expect(sampling, "the agent kept sampling after the refusal")
+        #expect(agentLog().contains("Configuration reload refused"))
+
+        // 2. A valid file: one sensor removed, one added, the interval changed. Applied without a new process.
+        _ = try scratch.write("agent.toml", Self.configuration(sensors: ["tank1.ph", "tank3.ph"], interval: "300ms"))
+        let pid = process.processIdentifier
+        kill(pid, SIGHUP)
+        let applied = await eventually(timeout: .seconds(30), every: .milliseconds(100)) {
+            status = await Self.status(socket)
+            return status?.configuration?.reloads == 1
+        }
+        #expect(applied, "the reload was not applied: \(agentLog())")
+        #expect(status?.configuration?.lastReloadError == nil)
+        #expect(status?.pid == pid, "same process")
+        #expect(status?.sensors.map(\.id).sorted() == ["tank1.ph", "tank3.ph"])
+        let tank3 = await eventually(timeout: .seconds(10), every: .milliseconds(100)) {
+            (await Self.status(socket)?.sensors.first { $0.id == "tank3.ph" }?.lastReadAt) != nil
+        }
+        #expect(tank3, "the added sensor is read")
+        let sequenceAfter = status?.buffer.lastSequence ?? 0
+        #expect(sequenceAfter >= before, "the buffer and its numbering carry on")
+
+        // 3. SIGTERM still stops it gracefully.
+        kill(pid, SIGTERM)
+        process.waitUntilExit()
+        #expect(process.terminationReason == .exit && process.terminationStatus == 0, "\(agentLog())")
+    }
+}
