@@ -174,7 +174,8 @@ struct AuthFloodTests {
             let limited = try await client.execute(uri: "/v1/farms/f1/latest", method: .get, headers: bearer(fixture.readToken))
             try expectError(limited, .tooManyRequests, "rate_limited")
             expectRateLimitHeaders(limited.headers, policy: "read", limit: 3, limited: true)
-            #expect(limited.headers[.retryAfter] == "2")
+            // One token comes back every 2 s; the three answers before took some of that (more on a loaded machine).
+            #expect(["1", "2"].contains(limited.headers[.retryAfter] ?? ""))
             // Another farm's token has its own bucket.
             let other = try await client.execute(uri: "/v1/farms/f2/latest", method: .get, headers: bearer(fixture.otherFarmReadToken))
             #expect(other.status == .ok)
