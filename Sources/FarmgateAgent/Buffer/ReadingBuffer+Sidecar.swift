@@ -1,3 +1,4 @@
+import FarmgateSupport
 import Foundation
 
 #if canImport(Glibc)
@@ -40,45 +41,24 @@ struct SequenceSidecar {
 
     /// Replaces the sidecar's content with `sequence`, atomically and durably. Blocking file I/O.
     func store(_ sequence: Int64, durably: Bool = true) throws(SidecarError) {
-        let temporary = path + ".tmp"
-        let bytes = Array("\(sequence)\n".utf8)
-        let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw SidecarError(operation: "open", path: temporary, code: errno) }
-        var written = 0
-        while written < bytes.count {
-            let result = bytes[written...].withUnsafeBytes { raw in
-                write(fd, raw.baseAddress, raw.count)
-            }
-            if result < 0 {
-                if errno == EINTR { continue }
-                let code = errno
-                close(fd)
-                throw SidecarError(operation: "write", path: temporary, code: code)
-            }
-            written += result
-        }
-        if durably, fsync(fd) != 0 {
-            let code = errno
-            close(fd)
-            throw SidecarError(operation: "fsync", path: temporary, code: code)
-        }
-        close(fd)
-        guard rename(temporary, path) == 0 else { throw SidecarError(operation: "rename", path: path, code: errno) }
         // The rename is a change to the directory, not to the file: until the directory itself is fsynced, a power loss
         // can bring back the old directory entry (the previous value, or no sidecar at all) even though the new file's
         // bytes are on disk. The sidecar only matters on the day the database is lost, so it must not be older than the
-        // commits it claims to cover: fsync the directory before saying it is stored.
-        if durably { try Self.syncDirectory(of: path) }
+        // commits it claims to cover: ``DurableFile`` fsyncs the directory before saying it is stored.
+        do {
+            try DurableFile.replace(path, with: Array("\(sequence)\n".utf8), temporary: path + ".tmp", mode: 0o644, durably: durably)
+        } catch {
+            throw SidecarError(operation: error.step, path: error.path, code: error.code)
+        }
     }
 
     /// fsyncs the directory holding `path`, making a rename or creation in it durable.
     static func syncDirectory(of path: String) throws(SidecarError) {
-        let slash = path.lastIndex(of: "/")
-        let directory = slash.map { $0 == path.startIndex ? "/" : String(path[..<$0]) } ?? "."
-        let fd = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        guard fd >= 0 else { throw SidecarError(operation: "open the directory", path: directory, code: errno) }
-        defer { close(fd) }
-        guard fsync(fd) == 0 else { throw SidecarError(operation: "fsync the directory", path: directory, code: errno) }
+        do {
+            try DurableFile.syncDirectory(of: path)
+        } catch {
+            throw SidecarError(operation: error.step, path: error.path, code: error.code)
+        }
     }
 }
 

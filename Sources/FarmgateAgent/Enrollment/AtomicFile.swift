@@ -1,8 +1,9 @@
+import FarmgateSupport
 import Foundation
 
-/// Writes a file so that it is either the old one or the whole new one, even across a power cut: a temporary file in the
-/// same directory, created with its final mode and owner before a byte is written (a key is never readable by others,
-/// not even for a moment), `fsync`ed, renamed over the old one, and the directory `fsync`ed so the rename is durable.
+/// Writes a file so that it is either the old one or the whole new one, even across a power cut (``DurableFile``): the
+/// temporary file gets its final mode and owner before a byte is written, so a key is never readable by others, not
+/// even for a moment. Creates missing directories first.
 ///
 /// Blocking file system calls: run it off the concurrency pool (the CLI calls it from its own thread).
 public enum AtomicFile {
@@ -41,52 +42,13 @@ public enum AtomicFile {
         } catch {
             throw Failure(description: "cannot create the directory \(directory): \(error.localizedDescription)")
         }
-        let temporary = directory + "/." + url.lastPathComponent + ".tmp-\(getpid())"
-        unlink(temporary)
-        let fd = open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, mode)
-        guard fd >= 0 else { throw failure("cannot create \(temporary)") }
-        var closed = false
-        defer {
-            if !closed { close(fd) }
-        }
-        // The umask may have taken bits away; the mode and owner are set before any byte is written.
-        guard fchmod(fd, mode) == 0 else {
-            let error = failure("cannot set the mode of \(temporary)")
-            unlink(temporary)
-            throw error
-        }
-        if let owner, fchown(fd, owner.uid, owner.gid) != 0 {
-            let error = failure("cannot give \(temporary) to \(owner.name)")
-            unlink(temporary)
-            throw error
-        }
-        var written = 0
-        while written < bytes.count {
-            let count = bytes[written...].withUnsafeBytes { Foundation.write(fd, $0.baseAddress, $0.count) }
-            if count < 0, errno == EINTR { continue }
-            guard count > 0 else {
-                let error = failure("cannot write \(temporary)")
-                unlink(temporary)
-                throw error
-            }
-            written += count
-        }
-        guard fsync(fd) == 0 else {
-            let error = failure("cannot write \(temporary) to disk")
-            unlink(temporary)
-            throw error
-        }
-        close(fd)
-        closed = true
-        guard rename(temporary, path) == 0 else {
-            let error = failure("cannot rename \(temporary) to \(path)")
-            unlink(temporary)
-            throw error
-        }
-        let directoryFD = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        if directoryFD >= 0 {
-            _ = fsync(directoryFD)
-            close(directoryFD)
+        do {
+            try DurableFile.replace(
+                path, with: bytes, temporary: directory + "/." + url.lastPathComponent + ".tmp-\(getpid())", mode: mode,
+                owner: owner.map { (uid: $0.uid, gid: $0.gid) })
+        } catch {
+            let detail = error.step == "chown" ? " to \(owner?.name ?? "its owner")" : ""
+            throw Failure(description: "\(error.description)\(detail)")
         }
     }
 

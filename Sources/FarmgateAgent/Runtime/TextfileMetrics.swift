@@ -138,36 +138,11 @@ public enum TextfileMetrics {
     /// Writes `text` to `path` atomically: a temporary file in the same directory, written and fsynced, renamed over
     /// `path`, then the directory fsynced. A reader (node_exporter) sees the old file or the new one, never a part.
     public static func writeAtomically(_ text: String, to path: String) throws(TextfileError) {
-        let slash = path.utf8.lastIndex(of: UInt8(ascii: "/"))
-        let directory = slash.map { String(path[..<$0]) } ?? "."
-        let temporary = path + ".tmp.\(getpid())"
-        let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw TextfileError(path: temporary, step: "create", errno) }
-        var failure: TextfileError?
-        // node_exporter runs as another user: readable by all whatever the agent's umask (UMask=0077 in the unit).
-        if fchmod(fd, 0o644) != 0 { failure = TextfileError(path: temporary, step: "chmod", errno) }
-        let bytes = Array(text.utf8)
-        var offset = 0
-        while failure == nil, offset < bytes.count {
-            let written = bytes[offset...].withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-            if written < 0 {
-                if errno == EINTR { continue }
-                failure = TextfileError(path: temporary, step: "write", errno)
-                break
-            }
-            offset += written
-        }
-        if failure == nil, fsync(fd) != 0 { failure = TextfileError(path: temporary, step: "fsync", errno) }
-        close(fd)
-        if failure == nil, rename(temporary, path) != 0 { failure = TextfileError(path: path, step: "rename", errno) }
-        if let failure {
-            unlink(temporary)
-            throw failure
-        }
-        let directoryFD = open(directory.isEmpty ? "/" : directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        if directoryFD >= 0 {
-            _ = fsync(directoryFD)
-            close(directoryFD)
+        do {
+            // node_exporter runs as another user: readable by all whatever the agent's umask (UMask=0077 in the unit).
+            try DurableFile.replace(path, with: Array(text.utf8), temporary: path + ".tmp.\(getpid())", mode: 0o644)
+        } catch {
+            throw TextfileError(path: error.path, step: error.step, error.code)
         }
     }
 }
