@@ -194,7 +194,9 @@ struct AuthFloodTests {
             let limited = try await postJSON(client, try phBatch(sequences: 2...2), key: fixture.deviceKey)
             try expectError(limited, .tooManyRequests, "rate_limited")
             expectRateLimitHeaders(limited.headers, policy: "device", limit: 1, limited: true)
-            #expect(limited.headers[.retryAfter] == "4")
+            // One token comes back every 4 s; the first answer took some of that (more on a loaded CI machine).
+            let retryAfter = Int(limited.headers[.retryAfter] ?? "") ?? 0
+            #expect((1...4).contains(retryAfter), "Retry-After \(retryAfter) s is not within the 4 s refill")
         }
     }
 
