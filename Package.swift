@@ -141,6 +141,9 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 // The local webhook receiver of `farmgate-bench notify`.
                 .product(name: "Hummingbird", package: "hummingbird"),
+                // The TLS line-protocol sink of `farmgate-bench wire` (its baseline).
+                .product(name: "HummingbirdTLS", package: "hummingbird"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
             ],
             swiftSettings: swiftSettings
         ),

@@ -106,7 +106,7 @@ struct CodecBenchmark: AsyncParsableCommand {
             jsonGzip += Gzip.compress(document).count
         }
         for batch in batchList {
-            let lines = lineProtocol(batch)
+            let lines = Self.lineProtocol(batch)
             lineRaw += lines.count
             lineGzip += Gzip.compress(lines).count
         }
@@ -130,7 +130,7 @@ struct CodecBenchmark: AsyncParsableCommand {
     }
 
     /// `reading,device=...,sensor=... value=6.02 <ns timestamp>`, one line per reading, values at their resolution.
-    func lineProtocol(_ batch: Batch) -> [UInt8] {
+    static func lineProtocol(_ batch: Batch) -> [UInt8] {
         var resolutions: [SensorID: Resolution] = [:]
         for sensor in batch.sensors { resolutions[sensor.id] = sensor.resolution }
         var text = ""

@@ -19,6 +19,7 @@ struct FarmgateBench: AsyncParsableCommand {
             RollupBench.self,
             NotifyBench.self,
             AlertBench.self,
+            WireBench.self,
             AllBenchmarks.self,
         ]
     )
