@@ -195,6 +195,14 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .testTarget(
+            name: "FarmgateBenchTests",
+            dependencies: [
+                "farmgate-bench",
+                "FarmgateSupport",
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
             name: "EndToEndTests",
             dependencies: [
                 "FarmgateWire",

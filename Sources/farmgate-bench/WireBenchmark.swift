@@ -21,7 +21,8 @@ import Glibc
 ///   reading, the ingest's `received_at` minus the reading's timestamp (both from the ingest's SQLite store).
 /// - Backlog: realistic site data (``RealisticSite``, profile agent) posted in batches of 10, 30, 250 and 1000 readings with
 ///   the agent's own HTTP client (libcurl, same headers as the uploader), one connection per batch size and format,
-///   sequentially: the binary frame (BatchCodec, format version 2) to the ingest, and the baseline, the same readings as
+///   sequentially: the self-contained binary frame (BatchCodec, format version 2) and the stateful frame (WireSession,
+///   version 4, with compact receipts) to the ingest, and the baseline, the same readings as
 ///   InfluxDB line protocol + gzip over HTTP/1.1 to a TLS sink that answers 204 as InfluxDB's write API does
 ///   (``LineProtocolSink``), through a second counting proxy.
 ///
@@ -106,7 +107,7 @@ struct WireBench: AsyncParsableCommand {
         let certificate = plain ? nil : try BenchCertificate.make(in: directory)
         let ingest = try await BenchIngest.start(
             binary: ingestBinary, directory: directory, certificate: certificate, http2: http2,
-            devices: ["site-live"] + (liveOnly ? [] : sizes.map { "backlog-\($0)" }))
+            devices: ["site-live"] + (liveOnly ? [] : sizes.flatMap { ["backlog-\($0)", "backlog-\($0)-stateful"] }))
         defer { ingest.stop() }
         let proxy = try ByteCountingProxy(targetPort: ingest.port)
         defer { proxy.stop() }
@@ -436,10 +437,13 @@ struct BacklogRun {
             site.readings[index].timestamp = Timestamp(microseconds: site.readings[index].timestamp.microseconds + shift)
         }
         let data = site
+        // The agent's table: every configured sensor.
+        let table = try SensorTable(site.sensors)
         print("data: RealisticSite profile agent, \(data.sensors.count) sensors every 10 s, seed \(seed)")
-        print("binary: BatchCodec frame (zstd 19) posted to \(IngestProtocol.batchesPath), Content-Type \(IngestProtocol.binaryBatchMediaType), Accept application/json")
+        print("binary v2: BatchCodec frames (zstd 19) posted to \(IngestProtocol.batchesPath), Content-Type \(IngestProtocol.binaryBatchMediaType), Accept application/json (the agent before issue 10)")
+        print("stateful v4: WireSession frames (table once, then its hash; predicted from the acknowledged readings), Accept \(IngestProtocol.compactReceiptMediaType), application/json (the agent now)")
         print("line protocol: `reading,device=…,sensor=… value=… <ns>` + gzip (level 6) posted to /api/v2/write over HTTP/1.1, answered 204")
-        print("both: Authorization Bearer <device key>, User-Agent farmgate, the agent's libcurl client (one connection, keep-alive)")
+        print("all: Authorization Bearer <device key>, User-Agent farmgate, the agent's libcurl client (one connection, keep-alive)")
         print("")
         print("batch   format                 requests   up B/reading   down B/reading   total B/reading   without setup   setup bytes (up+down)")
         try await LineProtocolSink.withRunning(certificate: certificate, logger: logger) { sinkPort, sink in
@@ -452,27 +456,48 @@ struct BacklogRun {
                 let batches = data.batches(of: size).map { Batch(device: device, sensors: $0.sensors, readings: $0.readings) }
                 let count = batches.reduce(0) { $0 + $1.readings.count }
 
-                let frames = try batches.map { try BatchCodec.encode($0) }
-                let binary = try await post(
-                    frames, to: "\(scheme)://127.0.0.1:\(ingestProxy.port)\(IngestProtocol.batchesPath)", proxy: ingestProxy,
-                    headers: [
+                let binary = try await connection(ingestProxy) { client in
+                    let url = "\(scheme)://127.0.0.1:\(ingestProxy.port)\(IngestProtocol.batchesPath)"
+                    let headers = [
                         HTTPHeader("Authorization", "Bearer \(key)"), HTTPHeader("Content-Type", IngestProtocol.binaryBatchMediaType),
                         HTTPHeader("Accept", "application/json"),
-                    ])
-                rows.append(Row(size: size, format: "farmgate binary", requests: frames.count, readings: count, bytes: binary))
+                    ]
+                    for batch in batches {
+                        let response = try await client.post(url, headers: headers, body: try BatchCodec.encode(batch))
+                        try Self.checkReceipt(response, readings: batch.readings.count, url: url)
+                    }
+                    return batches.count
+                }
+                rows.append(Row(size: size, format: "farmgate binary v2", requests: binary.requests, readings: count, bytes: binary.bytes))
+                Self.printRow(rows[rows.count - 1])
+
+                let statefulKey = keys["backlog-\(size)-stateful"] ?? ""
+                let statefulDevice = try DeviceID("backlog-\(size)-stateful")
+                let stateful = try await connection(ingestProxy) { client in
+                    try await Self.postStateful(
+                        batches.map { Batch(device: statefulDevice, sensors: $0.sensors, readings: $0.readings) }, table: table, client: client,
+                        url: "\(scheme)://127.0.0.1:\(ingestProxy.port)\(IngestProtocol.batchesPath)", key: statefulKey)
+                }
+                rows.append(Row(size: size, format: "farmgate stateful v4", requests: stateful.requests, readings: count, bytes: stateful.bytes))
                 Self.printRow(rows[rows.count - 1])
 
                 let bodies = batches.map { Gzip.compress(CodecBenchmark.lineProtocol($0)) }
                 let linesBefore = sink.lines.load(ordering: .relaxed)
-                let line = try await post(
-                    bodies, to: "\(scheme)://127.0.0.1:\(sinkProxy.port)/api/v2/write?org=farm&bucket=site&precision=ns", proxy: sinkProxy,
-                    headers: [
+                let line = try await connection(sinkProxy) { client in
+                    let url = "\(scheme)://127.0.0.1:\(sinkProxy.port)/api/v2/write?org=farm&bucket=site&precision=ns"
+                    let headers = [
                         HTTPHeader("Authorization", "Bearer \(key)"), HTTPHeader("Content-Type", "text/plain; charset=utf-8"),
                         HTTPHeader("Content-Encoding", "gzip"), HTTPHeader("Accept", "application/json"),
-                    ])
+                    ]
+                    for body in bodies {
+                        let response = try await client.post(url, headers: headers, body: body)
+                        guard response.status == 204 else { throw ValidationError("\(url) answered \(response.status)") }
+                    }
+                    return bodies.count
+                }
                 let received = sink.lines.load(ordering: .relaxed) - linesBefore
                 guard received == count else { throw ValidationError("the line protocol sink received \(received) lines of \(count)") }
-                rows.append(Row(size: size, format: "line protocol + gzip", requests: bodies.count, readings: count, bytes: line))
+                rows.append(Row(size: size, format: "line protocol + gzip", requests: line.requests, readings: count, bytes: line.bytes))
                 Self.printRow(rows[rows.count - 1])
             }
         }
@@ -492,25 +517,65 @@ struct BacklogRun {
                 + WireFormat.pad("\(row.bytes.setupUp)+\(row.bytes.setupDown)", 22))
     }
 
-    /// Posts every body in order on one new connection of the agent's HTTP client; every answer must be 2xx. Returns the
-    /// bytes the proxy counted for that connection, its closing included.
-    func post(_ bodies: [[UInt8]], to url: String, proxy: ByteCountingProxy, headers: [HTTPHeader]) async throws -> ByteCountingProxy.Totals {
-        let configuration = UploadConfiguration(endpoint: url, deviceKey: "", caFile: caFile, useProxyEnvironment: false)
+    /// Runs `body` with a new client of the agent's kind (libcurl, one connection kept alive) through `proxy`, closes it,
+    /// and returns the requests `body` made and the bytes the proxy counted for that connection, its closing included.
+    func connection(
+        _ proxy: ByteCountingProxy, _ body: @Sendable (HTTPClient) async throws -> Int
+    ) async throws -> (requests: Int, bytes: ByteCountingProxy.Totals) {
+        let configuration = UploadConfiguration(endpoint: "https://127.0.0.1", deviceKey: "", caFile: caFile, useProxyEnvironment: false)
         let client = try HTTPClient(configuration: configuration.httpClientConfiguration, logger: logger)
         let before = proxy.totals()
+        let requests: Int
         do {
-            for body in bodies {
-                let response = try await client.post(url, headers: headers, body: body)
-                guard (200...299).contains(response.status) else {
-                    throw ValidationError("\(url) answered \(response.status): \(String(decoding: response.body, as: UTF8.self))")
-                }
-            }
+            requests = try await body(client)
         } catch {
             client.close()
             throw error
         }
         client.close()
         for _ in 0..<100 where proxy.connections().contains(where: { !$0.closed }) { try await Task.sleep(for: .milliseconds(20)) }
-        return proxy.totals() - before
+        return (requests, proxy.totals() - before)
+    }
+
+    /// A 2xx answer whose receipt (JSON or compact) accounts for every reading as stored or duplicate.
+    static func checkReceipt(_ response: HTTPResponse, readings: Int, url: String) throws {
+        guard (200...299).contains(response.status) else {
+            throw ValidationError("\(url) answered \(response.status): \(String(decoding: response.body.prefix(500), as: UTF8.self))")
+        }
+        let compact = response.header("Content-Type")?.hasPrefix(IngestProtocol.compactReceiptMediaType) ?? false
+        let receipt = compact ? IngestReceipt(compact: response.body) : try? JSONDecoder().decode(IngestReceipt.self, from: Data(response.body))
+        guard let receipt, receipt.accepted + receipt.duplicates == readings else {
+            throw ValidationError("\(url) answered \(response.status) without a receipt for all \(readings) readings")
+        }
+    }
+
+    /// Posts the batches as stateful frames through a ``WireSession``, as the agent does: the table declared in the first
+    /// frame, then named by its hash; each frame predicted from the readings acknowledged before; compact receipts; a 409
+    /// about the state answered by sending the same readings again. Returns the requests made.
+    static func postStateful(_ batches: [Batch], table: SensorTable, client: HTTPClient, url: String, key: String) async throws -> Int {
+        let headers = [
+            HTTPHeader("Authorization", "Bearer \(key)"), HTTPHeader("Content-Type", IngestProtocol.binaryBatchMediaType),
+            HTTPHeader("Accept", "\(IngestProtocol.compactReceiptMediaType), application/json"),
+        ]
+        var session = WireSession()
+        var requests = 0
+        for batch in batches {
+            var refusals = 0
+            while true {
+                let frame = try session.encode(batch, table: table)
+                let response = try await client.post(url, headers: headers, body: frame.bytes)
+                requests += 1
+                if response.status == 409, refusals < 3, let refusal = try? JSONDecoder().decode(APIErrorBody.self, from: Data(response.body)),
+                    session.refused(code: refusal.error.code, ingestContext: refusal.error.context)
+                {
+                    refusals += 1
+                    continue
+                }
+                try checkReceipt(response, readings: batch.readings.count, url: url)
+                session.delivered(frame, acknowledged: batch.readings)
+                break
+            }
+        }
+        return requests
     }
 }
