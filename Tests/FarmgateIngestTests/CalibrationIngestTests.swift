@@ -23,7 +23,7 @@ struct CalibrationIngestTests {
             calibratedPoints: 1, slope: .init(acidPercent: 99.7, basePercent: 100.3, offsetMillivolts: -0.89))
     }
 
-    @Test("GET /v1/device lists format versions 2 and 3; a v3 frame stores readings and events once, a re-send counts duplicates; the read route serves them newest first")
+    @Test("GET /v1/device lists format versions 2, 3 and 4; a v3 frame stores readings and events once, a re-send counts duplicates; the read route serves them newest first")
     func storeAndServe() async throws {
         let fixture = try await Fixture()
         defer { fixture.close() }
@@ -31,7 +31,7 @@ struct CalibrationIngestTests {
         let second = try Self.event("ev-2", at: 1_000_000)
         try await fixture.app().test(.live) { client in
             let state = try decode(DeviceState.self, try await client.execute(uri: IngestProtocol.deviceStatePath, method: .get, headers: bearer(fixture.deviceKey)))
-            #expect(state.acceptedVersions == [2, 3])
+            #expect(state.acceptedVersions == [2, 3, 4])
 
             let frame = try BatchCodec.encode(try phBatch(sequences: 1...5), calibrations: [first, second])
             let stored = try await client.execute(uri: IngestProtocol.batchesPath, method: .post, headers: binaryHeaders(fixture.deviceKey), body: buffer(frame))

@@ -81,7 +81,7 @@ import Testing
                 credentialCacheTTL: .zero)
             try await app.test(.router) { client in
                 let state = try decode(DeviceState.self, try await client.execute(uri: IngestProtocol.deviceStatePath, method: .get, headers: bearer(key)))
-                #expect(state.acceptedVersions == [2, 3])
+                #expect(state.acceptedVersions == [2, 3, 4])
                 let frame = try BatchCodec.encode(try phBatch(sequences: 1...3), calibrations: [try Self.event("bin-1")])
                 let binary = try decode(
                     IngestReceipt.self,

@@ -16,19 +16,19 @@ struct DeliveryContractTests {
         try await client.execute(uri: IngestProtocol.batchesPath, method: .post, headers: headers, body: buffer(body))
     }
 
-    @Test("a binary batch of an unknown format version is 415 unsupported_format_version with accepted_versions [2, 3]")
+    @Test("a binary batch of an unknown format version is 415 unsupported_format_version with accepted_versions [2, 3, 4]")
     func unsupportedVersion() async throws {
         let fixture = try await Fixture()
         defer { fixture.close() }
         var newer = try BatchCodec.encode(try phBatch(sequences: 1...10))
-        newer[3] = 4
+        newer[3] = 5
         let frame = newer
         try await fixture.app().test(.router) { client in
             let response = try await Self.post(client, frame, headers: binaryHeaders(fixture.deviceKey))
             let message = try expectError(response, .unsupportedMediaType, IngestErrorCode.unsupportedFormatVersion)
-            #expect(try decode(APIErrorBody.self, response).error.acceptedVersions == [2, 3])
-            #expect(message.contains("version 4"))
-            #expect(message.contains("reads version 2, 3"))
+            #expect(try decode(APIErrorBody.self, response).error.acceptedVersions == [2, 3, 4])
+            #expect(message.contains("version 5"))
+            #expect(message.contains("reads version 2, 3, 4"))
             #expect(message.contains("JSON"))
         }
     }
@@ -151,7 +151,7 @@ struct DeliveryContractTests {
             _ = try await postJSON(client, try phBatch(device: "d2", sequences: [5_000]), key: fixture.secondDeviceKey)
             let state = try decode(
                 DeviceState.self, try await client.execute(uri: IngestProtocol.deviceStatePath, method: .get, headers: bearer(fixture.deviceKey)))
-            #expect(state == DeviceState(device: "d1", highestSequence: 1_000, acceptedVersions: [2, 3]))
+            #expect(state == DeviceState(device: "d1", highestSequence: 1_000, acceptedVersions: [2, 3, 4]))
 
             try expectError(try await client.execute(uri: IngestProtocol.deviceStatePath, method: .get), .unauthorized, "unauthorized")
             try expectError(

@@ -215,7 +215,9 @@ struct BatchController: Sendable {
                     context: entries)
             }
         }
-        return try BatchCodec.decodeStateful(head, table: table, context: context, device: device.device, limits: limits)
+        let frame = try BatchCodec.decodeStateful(head, table: table, context: context, device: device.device, limits: limits)
+        metrics.statefulFrame(declared: head.declaredTable != nil, context: head.usesContext)
+        return frame
     }
 
     func decodingError(_ error: BatchDecodingError, format: BodyFormat, limits: IngestConfiguration.Limits) -> APIError {

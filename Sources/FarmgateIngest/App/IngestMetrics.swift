@@ -37,6 +37,8 @@ public final class IngestMetrics: Sendable {
     private let durations = Mutex<[String: DurationHistogram]>([:])
     private let refusals: [ConnectionRefusal: Counter]
     private let timeouts: [String: Counter]
+    /// Keyed by "declared|named" and "used|none".
+    private let statefulFrames: [String: Counter]
 
     static let durationBuckets: [Duration] = [
         .milliseconds(1), .milliseconds(2), .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50),
@@ -75,6 +77,20 @@ public final class IngestMetrics: Sendable {
             timeouts[phase] = registry.makeCounter(descriptor: timeoutsName, labels: [("phase", phase)])
         }
         self.timeouts = timeouts
+        let statefulName = MetricNameDescriptor(
+            namespace: "farmgate_ingest", metricName: "stateful_frames", unitName: "total",
+            helpText: "Stateful frames (format version 4) decoded, by whether the table came inline or by hash and whether a context was used.")
+        var statefulFrames: [String: Counter] = [:]
+        for table in ["declared", "named"] {
+            for context in ["used", "none"] {
+                statefulFrames[table + " " + context] = registry.makeCounter(descriptor: statefulName, labels: [("table", table), ("context", context)])
+            }
+        }
+        self.statefulFrames = statefulFrames
+    }
+
+    func statefulFrame(declared: Bool, context: Bool) {
+        statefulFrames[(declared ? "declared" : "named") + " " + (context ? "used" : "none")]?.increment()
     }
 
     func connectionRefused(_ reason: ConnectionRefusal) {

@@ -448,16 +448,19 @@ public final class PostgresIngestStore: IngestStore {
     public func latestReadings(farmID: Int64) async throws -> [LatestReading] {
         try await rows(
             """
-            SELECT d.name, s.name, s.quantity, l.sequence, l.timestamp_us, l.value, l.flags
+            SELECT d.name, s.quantity, s.name, l.sequence, l.timestamp_us, l.value, l.flags
             FROM latest l JOIN sensors s ON s.id = l.sensor_id JOIN devices d ON d.id = s.device_id
             WHERE d.farm_id = \(farmID) ORDER BY d.name COLLATE "C", s.name COLLATE "C"
             """
         ) { row in
-            let (device, sensor, quantity, sequence, timestamp, value, flags) = try row.decode((String, String, String, Int64, Int64, Double, Int16).self)
-            return LatestReading(
-                device: try pgDeviceID(device), sensor: try pgSensorID(sensor), quantity: try pgQuantity(quantity), sequence: UInt64(clamping: sequence),
-                timestamp: Timestamp(microseconds: timestamp), value: value, quality: QualityFlags(rawValue: UInt16(bitPattern: flags)))
+            let (device, quantity, sensor, sequence, timestamp, value, flags) = try row.decode((String, String, String, Int64, Int64, Double, Int16).self)
+            return try Self.latestRow(sensor, sequence, timestamp, value, flags).latestReading(device: try pgDeviceID(device), quantity: try pgQuantity(quantity))
         }
+    }
+
+    /// A `latest` row from its columns `s.name, l.sequence, l.timestamp_us, l.value, l.flags` as decoded.
+    static func latestRow(_ sensor: String, _ sequence: Int64, _ timestamp: Int64, _ value: Double, _ flags: Int16) -> LatestRow {
+        LatestRow(sensor: sensor, sequence: sequence, timestamp: timestamp, value: value, flags: Int64(flags))
     }
 
     public func sensor(farmID: Int64, device: DeviceID, sensor: SensorID) async throws -> SensorRecord? {

@@ -370,12 +370,32 @@ enum PostgresSchema {
                 """,
                 "CREATE INDEX alert_outbox_by_state ON alert_outbox (state, id)",
             ]),
+        Migration(
+            version: 9, name: "sensor_tables: the sensor tables devices declare for stateful frames (format version 4)",
+            statements: PostgresSchema.sensorTables),
     ]
 
     static var currentVersion: Int { migrations.last?.version ?? 0 }
 }
 
 extension PostgresSchema {
+    /// Migration 9: the sensor tables devices declared in stateful frames (``WireStateStore``), by device and
+    /// ``SensorTable/hash`` (stored as the bigint of the same 64 bits), holding the ``SensorTable/encoded`` bytes as
+    /// declared. No retention: a row is one configuration of a device's sensors (a few per device over its life, each a
+    /// few hundred bytes at most), and a table a device declared once may be named by its frames at any time after.
+    /// Devices are never deleted (revocation and key rotation keep the row), so the foreign key needs no cascade.
+    static let sensorTables = [
+        """
+        CREATE TABLE sensor_tables (
+            device_id integer NOT NULL REFERENCES devices(id),
+            hash bigint NOT NULL,
+            encoded bytea NOT NULL,
+            declared_us bigint NOT NULL,
+            PRIMARY KEY (device_id, hash)
+        )
+        """
+    ]
+
     /// Migration 7: calibration events as SQLite keeps them (its migration 3): the event's JSON as it arrived, beside the
     /// columns the read route needs. `(device_id, event_id)` is unique: an event re-sent after a lost acknowledgement is a
     /// duplicate, never a second calibration. Events are few (a handful per probe and year), so no partitioning.

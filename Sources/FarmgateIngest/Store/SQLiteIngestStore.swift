@@ -481,7 +481,7 @@ public final class SQLiteIngestStore: IngestStore {
         try await reader.withValue { db in
             try db.withStatement(
                 """
-                SELECT d.name, s.name, s.quantity, l.sequence, l.timestamp_us, l.value, l.flags
+                SELECT d.name, s.quantity, \(Self.latestColumns)
                 FROM latest l JOIN sensors s ON s.id = l.sensor_id JOIN devices d ON d.id = s.device_id
                 WHERE d.farm_id = ? ORDER BY d.name, s.name
                 """, [.integer(farmID)]
@@ -489,14 +489,21 @@ public final class SQLiteIngestStore: IngestStore {
                 var rows: [LatestReading] = []
                 while try statement.step() {
                     rows.append(
-                        LatestReading(
-                            device: try deviceID(statement.text(0)), sensor: try sensorID(statement.text(1)), quantity: try quantity(statement.text(2)),
-                            sequence: UInt64(clamping: statement.int64(3)), timestamp: Timestamp(microseconds: statement.int64(4)),
-                            value: statement.double(5), quality: QualityFlags(rawValue: UInt16(truncatingIfNeeded: statement.int64(6)))))
+                        try Self.latestRow(statement, from: 2).latestReading(device: try deviceID(statement.text(0)), quantity: try quantity(statement.text(1))))
                 }
                 return rows
             }
         }
+    }
+
+    /// The columns ``latestRow(_:from:)`` reads, in its order, from `latest l JOIN sensors s`.
+    static let latestColumns = "s.name, l.sequence, l.timestamp_us, l.value, l.flags"
+
+    /// The `latest` row whose ``latestColumns`` start at column `first` of `statement`'s current row.
+    static func latestRow(_ statement: SQLiteStatement, from first: Int32) -> LatestRow {
+        LatestRow(
+            sensor: statement.text(first), sequence: statement.int64(first + 1), timestamp: statement.int64(first + 2),
+            value: statement.double(first + 3), flags: statement.int64(first + 4))
     }
 
     public func sensor(farmID: Int64, device: DeviceID, sensor: SensorID) async throws -> SensorRecord? {

@@ -245,6 +245,19 @@ enum SQLiteSchema {
                     WHERE state IN ('pending', 'delivering');
                 CREATE INDEX alert_outbox_by_state ON alert_outbox(state, id);
                 """),
+        // Like PostgreSQL's migration 9 (see `PostgresSchema.sensorTables`): no retention, one row per configuration of a
+        // device's sensors; devices are never deleted, so no cascade.
+        Migration(
+            version: 9, name: "sensor_tables: the sensor tables devices declare for stateful frames (format version 4)",
+            sql: """
+                CREATE TABLE sensor_tables (
+                    device_id INTEGER NOT NULL REFERENCES devices(id),
+                    hash INTEGER NOT NULL,
+                    encoded BLOB NOT NULL,
+                    declared_us INTEGER NOT NULL,
+                    PRIMARY KEY (device_id, hash)
+                ) WITHOUT ROWID;
+                """),
     ]
 
     /// Migration 6: the rollup tables (see ``RollupLevel``), and the rollups of every reading already stored, so that

@@ -1,0 +1,104 @@
+import FarmgateSupport
+import FarmgateTestSupport
+import FarmgateWire
+import Foundation
+import Testing
+
+/// The delivery contract in the stateful mode (format version 4, the default between this agent and this ingest), with
+/// the real binaries: restarts of the ingest that keep its state, and restarts that lose it (the sensor tables gone from
+/// the store, the newest readings changed behind its back), each answered with a stable code and the same readings sent
+/// again, never a reading stored wrong or twice.
+@Suite("End to end: stateful frames", .serialized)
+struct StatefulDeliveryTests {
+    /// Runs `sql` on the (stopped) ingest's SQLite file.
+    static func alterStore(_ farm: Farm, _ sql: String) throws {
+        let db = try SQLiteConnection(path: farm.dir.file("ingest/ingest.sqlite"), mode: .readWrite)
+        try db.query(sql)
+    }
+
+    /// Stateful frames decoded so far, by table and context labels.
+    static func frames(_ farm: Farm, table: String, context: String) async throws -> Double {
+        try await farm.ingestMetric("farmgate_ingest_stateful_frames_total{table=\"\(table)\",context=\"\(context)\"}") ?? 0
+    }
+
+    @Test("Exactly once in the stateful mode through ingest restarts that lose the sensor tables and change the newest readings")
+    func exactlyOnceThroughStateLoss() async throws {
+        let farm = try await Farm()
+        let key = try await farm.createDevice("site-s")
+        let keyFile = try farm.dir.write("site-s.key", key + "\n")
+        let config = try farm.agentConfig("agent.toml", device: "site-s", keyFile: keyFile, sensors: 9, interval: "100ms")
+        try await farm.startIngest()
+        var agent = try farm.startAgent(config: config, log: "agent-1.log")
+
+        // 1. Frames name the table and predict from the context once the first one declared it.
+        let predicting = try await eventually(timeout: .seconds(30), every: .milliseconds(200)) {
+            try await Self.frames(farm, table: "named", context: "used") >= 5
+        }
+        #expect(predicting, "no stateful frames with a named table and a context: \(agent.log)")
+        #expect(try await Self.frames(farm, table: "declared", context: "none") >= 1)
+
+        // 2. The ingest restarts (kill -9) with its state in the store: frames go on naming the table.
+        await farm.ingest?.stop(SIGKILL)
+        try await farm.startIngest()
+        let resumed = try await eventually(timeout: .seconds(30), every: .milliseconds(200)) {
+            try await Self.frames(farm, table: "named", context: "used") >= 5
+        }
+        #expect(resumed, "after a restart that kept the state, frames did not name the table: \(agent.log)")
+        #expect(try await Self.frames(farm, table: "declared", context: "none") == 0, "a restart that kept the state made the agent declare again")
+
+        // 3. The ingest restarts having lost the sensor tables: the agent is told unknown_sensor_table and declares again.
+        await farm.ingest?.stop(SIGTERM)
+        try Self.alterStore(farm, "DELETE FROM sensor_tables")
+        try await farm.startIngest()
+        let redeclared = try await eventually(timeout: .seconds(30), every: .milliseconds(200)) {
+            try await Self.frames(farm, table: "declared", context: "used") + Self.frames(farm, table: "declared", context: "none") >= 1
+                && Self.frames(farm, table: "named", context: "used") >= 3
+        }
+        #expect(redeclared, "the agent did not declare its table again after the ingest lost it: \(agent.log)")
+        #expect(try await farm.ingestMetric("farmgate_ingest_batches_total{result=\"stale_state\"}") ?? 0 >= 1)
+
+        // 4. The ingest restarts with other newest readings than the agent predicts from (a restored backup): stale_context,
+        // the agent adopts the ingest's context and goes on. The changed rows are `latest` only; the readings stay.
+        await farm.ingest?.stop(SIGTERM)
+        try Self.alterStore(farm, "UPDATE latest SET value = value + 1")
+        try await farm.startIngest()
+        let adopted = try await eventually(timeout: .seconds(30), every: .milliseconds(200)) {
+            try await farm.ingestMetric("farmgate_ingest_batches_total{result=\"stale_state\"}") ?? 0 >= 1
+                && Self.frames(farm, table: "named", context: "used") >= 3
+        }
+        #expect(adopted, "the agent did not recover from a stale context: \(agent.log)")
+
+        // 5. A kill -9 of the agent mid-stream, and a quiet agent drains what is left.
+        await agent.stop(SIGKILL)
+        let quiet = try farm.agentConfig("agent-quiet.toml", device: "site-s", keyFile: keyFile, sensors: 9, interval: "1h")
+        agent = try farm.startAgent(config: quiet, log: "agent-2.log")
+        var final: AgentStatus?
+        let drained = try await eventually(timeout: .seconds(40), every: .milliseconds(200)) {
+            guard let status = try await farm.agentStatus(config: quiet) else { return false }
+            final = status
+            return status.buffer.pending == 0 && status.buffer.uncommitted == 0
+        }
+        #expect(drained, "backlog did not drain: \(String(describing: final?.buffer)) \(agent.log)")
+        #expect(await agent.stop(SIGTERM) == 0)
+        guard let status = final else { return }
+
+        // Every sequence the agent assigned is stored exactly once, nothing quarantined, and the values are the agent's
+        // (the simulated sensors stay within their ranges; a reading decoded against a wrong context would not).
+        #expect(status.buffer.quarantined == 0, "\(status.recentQuarantine)")
+        let stored = try await farm.storedSequences(device: "site-s")
+        #expect(Set(stored).count == stored.count, "duplicates stored")
+        #expect(stored.sorted() == Array(1...status.buffer.lastSequence), "missing \(Set(1...status.buffer.lastSequence).subtracting(stored).sorted().prefix(20))")
+        let readings = try await farm.storedReadings(device: "site-s")
+        var outOfRange: [String] = []
+        for (sequence, fields) in readings {
+            let parts = fields.split(separator: " ", omittingEmptySubsequences: false)
+            guard parts.count >= 3, let value = Double(parts[2]) else { continue }
+            let sensor = String(parts[0])
+            let plausible =
+                sensor.hasSuffix(".ph") ? (5.4...6.6).contains(value) : sensor.hasSuffix(".ec") ? (1150.0...1650.0).contains(value) : (17.5...23.5).contains(value)
+            if !plausible { outOfRange.append("\(sequence): \(fields)") }
+        }
+        #expect(outOfRange.isEmpty, "implausible values stored: \(outOfRange.prefix(10))")
+        #expect(await farm.ingest?.stop(SIGTERM) == 0)
+    }
+}
