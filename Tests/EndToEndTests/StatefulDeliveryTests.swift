@@ -89,6 +89,7 @@ struct StatefulDeliveryTests {
         // Every sequence the agent assigned is stored exactly once, nothing quarantined, and the values are the agent's
         // (the simulated sensors stay within their ranges; a reading decoded against a wrong context would not).
         #expect(status.buffer.quarantined == 0, "\(status.recentQuarantine)")
+        #expect(status.upload?.frames == "stateful (format version 4)", "\(String(describing: status.upload?.frames))")
         let stored = try await farm.storedSequences(device: "site-s")
         #expect(Set(stored).count == stored.count, "duplicates stored")
         let expected = Array(1...status.buffer.lastSequence)
