@@ -59,7 +59,12 @@ extension BatchCodec {
             segments[segments.count - 1].append(contentsOf: stream.bytes)
             if frameEnds.contains(stream.name) { segments.append([]) }
         }
-        return Zstd.compress(frames: segments.filter { !$0.isEmpty }, level: level, magicless: true)
+        let split = Zstd.compress(frames: segments.filter { !$0.isEmpty }, level: level, magicless: true)
+        // A small body (a live batch of a few hundred bytes) often costs less as one frame: each frame has its own
+        // header and block headers, worth more than separate entropy tables at that size. The decoder reads either.
+        guard split.bytes.count < 600 else { return split }
+        let single = Zstd.compress(frames: [segments.flatMap { $0 }], level: level, magicless: true)
+        return single.bytes.count < split.bytes.count && single.magicless == split.magicless ? single : split
     }
 
     /// Groups, quantizes and orders the readings of `batch` by sensor, each column ordered by (timestamp, sequence), and

@@ -145,7 +145,7 @@ struct DeliveryContractTests {
         try await fixture.app().test(.router) { client in
             let empty = try await client.execute(uri: IngestProtocol.deviceStatePath, method: .get, headers: bearer(fixture.deviceKey))
             #expect(empty.status == .ok)
-            #expect(String(buffer: empty.body) == #"{"accepted_versions":[2,3],"device":"d1","highest_sequence":null}"#)
+            #expect(String(buffer: empty.body) == #"{"accepted_versions":[2,3,4],"device":"d1","highest_sequence":null}"#)
 
             _ = try await postJSON(client, try phBatch(sequences: [3, 1_000, 17]), key: fixture.deviceKey)
             _ = try await postJSON(client, try phBatch(device: "d2", sequences: [5_000]), key: fixture.secondDeviceKey)

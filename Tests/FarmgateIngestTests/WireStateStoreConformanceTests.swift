@@ -87,6 +87,28 @@ import Testing
     }
 
     @Test(arguments: StoreKind.allCases)
+    func keepsTheNewestSixteenTablesPerDevice(kind: StoreKind) async throws {
+        try await withFreshStore(kind) { store in
+            let state = try Self.wireState(store)
+            let d1 = try await StoreConformanceTests.device(in: store)
+            let d2 = try await StoreConformanceTests.device(in: store, name: "d2")
+            let tables = try (1...18).map { n in try SensorTable([SensorDescriptor(id: try sensorID("tank\(n).ph"), quantity: .ph)]) }
+            try await state.rememberSensorTable(deviceRowID: d2.rowID, hash: tables[0].hash, encoded: tables[0].encoded)
+            for table in tables {
+                try await state.rememberSensorTable(deviceRowID: d1.rowID, hash: table.hash, encoded: table.encoded)
+                try await Task.sleep(for: .milliseconds(2))
+            }
+            #expect(try await state.sensorTable(deviceRowID: d1.rowID, hash: tables[0].hash) == nil)
+            #expect(try await state.sensorTable(deviceRowID: d1.rowID, hash: tables[1].hash) == nil)
+            for table in tables[2...] {
+                #expect(try await state.sensorTable(deviceRowID: d1.rowID, hash: table.hash) == table.encoded)
+            }
+            // Another device's tables are not counted against it.
+            #expect(try await state.sensorTable(deviceRowID: d2.rowID, hash: tables[0].hash) == tables[0].encoded)
+        }
+    }
+
+    @Test(arguments: StoreKind.allCases)
     func concurrentDeclarationsOfOneTableAllSucceedAcrossInstances(kind: StoreKind) async throws {
         try await Self.withTwoStores(kind) { first, second in
             let device = try await StoreConformanceTests.device(in: first)

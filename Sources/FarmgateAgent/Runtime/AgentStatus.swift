@@ -78,6 +78,10 @@ extension AgentStatus {
                 lines.append("          \(held.reason); nothing is quarantined, retrying with backoff")
             }
             if let fallback = upload.formatFallback { lines.append("          format \(upload.format ?? "json"): \(fallback)") }
+            if let frames = upload.frames {
+                let refusals = upload.stateRefusalsTotal.map { $0 > 0 ? "; \($0) answers that the ingest lacked the state (resent at once)" : "" } ?? ""
+                lines.append("          frames \(frames)\(refusals)")
+            }
             if upload.renumberedTotal > 0 {
                 lines.append(
                     "          \(upload.renumberedTotal) readings renumbered after sequence_conflict (the ingest holds up to sequence \(upload.ingestHighestSequence.map(String.init) ?? "?"))")

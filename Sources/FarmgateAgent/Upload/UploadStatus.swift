@@ -52,6 +52,10 @@ public struct UploadStatus: Codable, Sendable, Hashable {
     public var calibrationsUploadedTotal: Int64?
     /// Calibration events moved to quarantine since start (the ingest refused them for good); nil before the first.
     public var calibrationsQuarantinedTotal: Int64?
+    /// How binary batches go: `stateful` (format version 4), or why not (`self-contained: ...`); nil before the first.
+    public var frames: String?
+    /// 409 `unknown_sensor_table` / `stale_context` answers since start (each followed at once by the same readings).
+    public var stateRefusalsTotal: Int64?
 
     public init(
         endpoint: String, lastAttemptAt: Timestamp? = nil, lastSuccessAt: Timestamp? = nil, lastResult: String? = nil,

@@ -93,6 +93,7 @@ extension Uploader {
             case .bufferFailed:
                 return .stop(bufferRetryDelay)
             }
+            if format == .binary { noteFrames(frame, loop) }
             // nil: the uploader fell back to another format, or left events out; the same readings go again at once.
             guard let outcome = await send(group, body: body, format: format, events: events, frame: frame, &loop) else { continue }
             if let suspect = loop.suspectEvents, events.isEmpty {
@@ -147,6 +148,7 @@ extension Uploader {
         if frame != nil {
             if status == 409, loop.session.refused(code: refusal.code, ingestContext: refusal.context) {
                 loop.stateRefusals += 1
+                state.withLock { $0.stateRefusalsTotal = ($0.stateRefusalsTotal ?? 0) + 1 }
                 logger.info(
                     "The ingest does not hold the state a stateful frame assumed; sending the same readings again",
                     metadata: ["error.code": "\(refusal.code)", "refusals_in_a_row": "\(loop.stateRefusals)"])
@@ -233,6 +235,21 @@ extension Uploader {
         default:
             return transient(refusal, &loop)
         }
+    }
+
+    /// Records in the status how binary batches go now, for `farmgate status`.
+    func noteFrames(_ frame: StatefulFrame?, _ loop: LoopState) {
+        let frames: String
+        if frame != nil {
+            frames = "stateful (format version 4)"
+        } else if !configuration.stateful {
+            frames = "self-contained (upload.stateful = false)"
+        } else if !loop.acceptsStateful {
+            frames = "self-contained: the ingest does not read format version 4"
+        } else {
+            frames = "self-contained for a while: the ingest refused a stateful frame"
+        }
+        state.withLock { $0.frames = frames }
     }
 
     /// How many 409 answers about the state in a row make the uploader pause stateful frames. One declares the table

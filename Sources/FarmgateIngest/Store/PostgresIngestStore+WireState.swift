@@ -4,6 +4,9 @@ import PostgresNIO
 /// The state of stateful frames (``WireStateStore``): declared sensor tables in `sensor_tables` (migration 9), context
 /// readings from `latest`. Each call is one statement, outside a transaction (autocommit): shared by every instance.
 extension PostgresIngestStore: WireStateStore {
+    /// The most sensor tables kept per device; the oldest declared go first.
+    static let maxSensorTablesPerDevice = 16
+
     public func sensorTable(deviceRowID: Int64, hash: UInt64) async throws -> [UInt8]? {
         try await rows(
             "SELECT encoded FROM sensor_tables WHERE device_id = \(deviceRowID)::integer AND hash = \(Int64(bitPattern: hash))"
@@ -18,11 +21,21 @@ extension PostgresIngestStore: WireStateStore {
         let bytes = ByteBuffer(bytes: encoded)
         let declared = Timestamp.now().microseconds
         do {
-            _ = try await rows(
+            let inserted = try await rows(
                 """
                 INSERT INTO sensor_tables(device_id, hash, encoded, declared_us)
                 VALUES (\(deviceRowID)::integer, \(Int64(bitPattern: hash)), \(bytes), \(declared))
                 ON CONFLICT (device_id, hash) DO NOTHING RETURNING 1
+                """
+            ) { _ in () }
+            guard !inserted.isEmpty else { return }
+            // Bounded per device (a device that declares a new table with every frame must not fill the store): the
+            // newest tables stay; one pruned away is declared again by its device after a 409 unknown_sensor_table.
+            _ = try await rows(
+                """
+                DELETE FROM sensor_tables WHERE device_id = \(deviceRowID)::integer AND hash NOT IN (
+                    SELECT hash FROM sensor_tables WHERE device_id = \(deviceRowID)::integer
+                    ORDER BY declared_us DESC LIMIT \(Self.maxSensorTablesPerDevice))
                 """
             ) { _ in () }
         } catch let error as PSQLError where error.serverInfo?[.sqlState] == PostgresError.Code.foreignKeyViolation.raw {

@@ -381,9 +381,11 @@ enum PostgresSchema {
 extension PostgresSchema {
     /// Migration 9: the sensor tables devices declared in stateful frames (``WireStateStore``), by device and
     /// ``SensorTable/hash`` (stored as the bigint of the same 64 bits), holding the ``SensorTable/encoded`` bytes as
-    /// declared. No retention: a row is one configuration of a device's sensors (a few per device over its life, each a
-    /// few hundred bytes at most), and a table a device declared once may be named by its frames at any time after.
-    /// Devices are never deleted (revocation and key rotation keep the row), so the foreign key needs no cascade.
+    /// declared. No time-based retention: a row is one configuration of a device's sensors, and a table a device declared
+    /// once may be named by its frames at any time after. Bounded instead by count: declaring a table keeps only the 16
+    /// newest of the device (`maxSensorTablesPerDevice`); a device whose table was pruned declares it again after a 409
+    /// `unknown_sensor_table`. Devices are never deleted (revocation and key rotation keep the row), so the foreign key
+    /// needs no cascade.
     static let sensorTables = [
         """
         CREATE TABLE sensor_tables (

@@ -4,6 +4,9 @@ import FarmgateWire
 /// The state of stateful frames (``WireStateStore``): declared sensor tables in `sensor_tables` (migration 9), context
 /// readings from `latest`. Like every other call of this store, the statements run on its writer or reader thread.
 extension SQLiteIngestStore: WireStateStore {
+    /// The most sensor tables kept per device; the oldest declared go first.
+    static let maxSensorTablesPerDevice = 16
+
     public func sensorTable(deviceRowID: Int64, hash: UInt64) async throws -> [UInt8]? {
         try await reader.withValue { db in
             try db.withStatement(
@@ -23,6 +26,15 @@ extension SQLiteIngestStore: WireStateStore {
                 try db.statement(
                     "INSERT INTO sensor_tables(device_id, hash, encoded, declared_us) VALUES (?, ?, ?, ?) ON CONFLICT (device_id, hash) DO NOTHING"
                 ).run([.integer(deviceRowID), .integer(Int64(bitPattern: hash)), .blob(encoded), .integer(declared)])
+                guard db.connection.changes > 0 else { return }
+                // Bounded per device (a device that declares a new table with every frame must not fill the store): the
+                // newest tables stay; one pruned away is declared again by its device after a 409 unknown_sensor_table.
+                try db.statement(
+                    """
+                    DELETE FROM sensor_tables WHERE device_id = ?1 AND hash NOT IN (
+                        SELECT hash FROM sensor_tables WHERE device_id = ?1 ORDER BY declared_us DESC LIMIT ?2)
+                    """
+                ).run([.integer(deviceRowID), .integer(Int64(Self.maxSensorTablesPerDevice))])
             } catch let error as SQLiteError where error.isConstraint {
                 // Only the foreign key can refuse it (a conflict on the key inserts nothing).
                 throw IngestStoreError.notFound("device #\(deviceRowID)")

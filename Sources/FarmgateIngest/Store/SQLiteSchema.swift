@@ -245,8 +245,8 @@ enum SQLiteSchema {
                     WHERE state IN ('pending', 'delivering');
                 CREATE INDEX alert_outbox_by_state ON alert_outbox(state, id);
                 """),
-        // Like PostgreSQL's migration 9 (see `PostgresSchema.sensorTables`): no retention, one row per configuration of a
-        // device's sensors; devices are never deleted, so no cascade.
+        // Like PostgreSQL's migration 9 (see `PostgresSchema.sensorTables`): one row per configuration of a device's
+        // sensors, the 16 newest kept per device; devices are never deleted, so no cascade.
         Migration(
             version: 9, name: "sensor_tables: the sensor tables devices declare for stateful frames (format version 4)",
             sql: """
