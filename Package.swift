@@ -97,6 +97,10 @@ let package = Package(
                 "FarmgateWire",
                 "FarmgateSupport",
                 .product(name: "Hummingbird", package: "hummingbird"),
+                // The ingest's own TLS and HTTP/2 ([server] tls_certificate, tls_key, http2).
+                .product(name: "HummingbirdHTTP2", package: "hummingbird"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "NIOTLS", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
