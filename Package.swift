@@ -188,6 +188,9 @@ let package = Package(
             name: "FarmgateIngestTests",
             dependencies: [
                 "FarmgateIngest",
+                // The agent's libcurl client against the ingest's own TLS and HTTP/2 (IngestTLSTests).
+                "FarmgateAgent",
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 "FarmgateSupport",
                 "FarmgateTestSupport",
                 .product(name: "HummingbirdTesting", package: "hummingbird"),
