@@ -174,9 +174,25 @@ final class ConnectionRefusalHandler: ChannelInboundHandler, RemovableChannelHan
 /// whether its clock is synchronised from the kernel, and `Retry-After` is sent in seconds), and on a metered link it is the one header that changes every
 /// second: about 37 bytes per HTTP/1.1 response, and about 25 per HTTP/2 response that HPACK cannot index. RFC 9110
 /// §6.6.1 asks origin servers with a clock to send it; the ingest's answers are not cached, which is what it serves.
+///
+/// In an HTTP/2 stream (`http2Stream`) it also puts ``EndStreamOnLastData`` first in the stream's pipeline, below the
+/// framework's HTTP/2 codec, which the stream's configuration cannot reach.
 final class ResponseHeaderTrimmer: ChannelOutboundHandler, RemovableChannelHandler {
     typealias OutboundIn = HTTPResponsePart
     typealias OutboundOut = HTTPResponsePart
+
+    private let http2Stream: Bool
+
+    init(http2Stream: Bool = false) {
+        self.http2Stream = http2Stream
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        if http2Stream {
+            // Without it the response is only a few bytes longer.
+            try? context.pipeline.syncOperations.addHandler(EndStreamOnLastData(), position: .first)
+        }
+    }
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         guard case .head(var head) = unwrapOutboundIn(data), head.headerFields[.date] != nil else {
