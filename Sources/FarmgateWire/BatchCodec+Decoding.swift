@@ -117,7 +117,33 @@ extension BatchCodec {
             previousPosition = position
         }
         let descriptors = framed.compactMap { $0 }
-        ids = descriptors.map(\.id)
+        let readings = try decodeColumns(
+            &reader, descriptors: descriptors, total: total,
+            header: BodyHeader(baseSequence: baseSequence, baseTimestamp: baseTimestamp, unit: unit, sequencesExact: sequencesExact, anchorLag: anchorLag),
+            stateful: nil, limits: limits)
+        return Batch(device: device, sensors: table.sorted { $0.id < $1.id }, readings: readings)
+    }
+
+    /// The numbers of a body's header that the streams are decoded with.
+    struct BodyHeader {
+        var baseSequence: UInt64
+        var baseTimestamp: Int64
+        var unit: UInt64
+        var sequencesExact: Bool
+        var anchorLag: Int
+    }
+
+    /// Decodes the streams that follow the sensor table (version 2) or the header (version 4), for `descriptors` in frame
+    /// order; with `stateful`, the first timestamps and reference values of the sensors that have a context reading are
+    /// predicted from it. Returns the readings in canonical order, and checks that the body ends with them.
+    static func decodeColumns(
+        _ reader: inout ByteReader, descriptors: [SensorDescriptor], total: Int, header: BodyHeader, stateful: StatefulPredictions?,
+        limits: BatchLimits
+    ) throws(BatchDecodingError) -> [Reading] {
+        let sensorCount = descriptors.count
+        let ids = descriptors.map(\.id)
+        let (baseSequence, baseTimestamp, unit) = (header.baseSequence, header.baseTimestamp, header.unit)
+        let (sequencesExact, anchorLag) = (header.sequencesExact, header.anchorLag)
         // Flags: runs over every reading, column after column; one value for all when there is a single run.
         var allFlags: [UInt16] = []
         let runCount = try reader.count("flag run count", limit: total)
@@ -238,8 +264,13 @@ extension BatchCodec {
         }
         var decodedAnchors: [Int64] = []
         decodedAnchors.reserveCapacity(sensorCount)
+        var periodInEffect: Int64 = 0
         for i in 0..<sensorCount where counts[i] >= 1 {
-            let prediction = predictAnchor(decodedAnchors, at: decodedAnchors.count, lag: anchorLag)
+            // A sensor with one reading is predicted with the period of the last sensor before it that has two or more.
+            if counts[i] >= 2 { periodInEffect = periods[i] }
+            let prediction =
+                stateful?.context[i].map { contextUnits($0.timestamp, base: baseTimestamp, unit: unit) &+ periodInEffect }
+                ?? predictAnchor(decodedAnchors, at: decodedAnchors.count, lag: anchorLag)
             anchors[i] = prediction &+ (try reader.svarint("sensor '\(ids[i])' first timestamp"))
             decodedAnchors.append(anchors[i])
         }
@@ -264,7 +295,8 @@ extension BatchCodec {
         for i in 0..<sensorCount where counts[i] >= 1 {
             let key = QuantityResolution(quantity: descriptors[i].quantity, resolution: descriptors[i].resolution)
             let quotient = try reader.svarint("sensor '\(ids[i])' reference value")
-            references[i] = (previousReference[key] ?? 0) &+ quotient &* Int64(truncatingIfNeeded: referenceUnits[i])
+            let predicted = stateful?.context[i]?.steps ?? previousReference[key] ?? 0
+            references[i] = predicted &+ quotient &* Int64(truncatingIfNeeded: referenceUnits[i])
                 &+ Int64(truncatingIfNeeded: remainders[i])
             previousReference[key] = references[i]
         }
@@ -345,6 +377,6 @@ extension BatchCodec {
                 value: descriptors[i].resolution.value(ofSteps: steps[i][j]),
                 quality: QualityFlags(rawValue: flags[i].isEmpty ? 0 : flags[i][j]))
         }
-        return Batch(device: device, sensors: table.sorted { $0.id < $1.id }, readings: readings)
+        return readings
     }
 }

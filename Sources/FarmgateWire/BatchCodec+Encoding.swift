@@ -66,8 +66,10 @@ extension BatchCodec {
     /// the columns in the order the frame lists them: sensors with readings by their first timestamp (so that each
     /// sensor's first timestamp is close to the previous one's, and readings committed in time order rank in sensor
     /// order), ties and sensors without readings by id.
-    static func columns(of batch: Batch) throws(BatchEncodingError) -> (columns: [EncodedColumn], table: [Int]) {
-        let sortedSensors = batch.sensors.sorted { $0.id < $1.id }
+    /// - Parameter fixedOrder: keep the columns in the order of `batch.sensors` (a version 4 frame lists the sensors of
+    ///   its table in the table's order, known to both sides): `table` is then the identity.
+    static func columns(of batch: Batch, fixedOrder: Bool = false) throws(BatchEncodingError) -> (columns: [EncodedColumn], table: [Int]) {
+        let sortedSensors = fixedOrder ? batch.sensors : batch.sensors.sorted { $0.id < $1.id }
         var indexOf: [SensorID: Int] = [:]
         indexOf.reserveCapacity(sortedSensors.count)
         for (index, descriptor) in sortedSensors.enumerated() {
@@ -106,6 +108,7 @@ extension BatchCodec {
             columns[index].sequences = order.map { c.sequences[$0] }
             columns[index].flags = order.map { c.flags[$0] }
         }
+        if fixedOrder { return (columns, Array(columns.indices)) }
         // The name table lists ids in natural order ("tank2" before "tank10"), which front-codes well and is often
         // the order of a configuration. The frame lists sensors in the cheaper of that order and time order (by first
         // timestamp, sensors without readings last), judged by the bits of the permutation, the first timestamps and
@@ -209,7 +212,14 @@ extension BatchCodec {
 
     /// The uncompressed body of `batch`, stream by stream in the order they are written (for measurements).
     package static func encodeStreams(_ batch: Batch) throws(BatchEncodingError) -> [(name: String, bytes: [UInt8])] {
-        let (columns, table) = try columns(of: batch)
+        try encodeStreams(batch, stateful: nil)
+    }
+
+    /// The streams of a version 2 body, or with `stateful` those of a version 4 body after its state section: no device
+    /// id and no sensor table (the receiver holds both), columns in table order, and the first timestamps, reference
+    /// values, base sequence and base timestamp predicted from the context where `stateful` has one.
+    static func encodeStreams(_ batch: Batch, stateful: StatefulPredictions?) throws(BatchEncodingError) -> [(name: String, bytes: [UInt8])] {
+        let (columns, table) = try columns(of: batch, fixedOrder: stateful != nil)
         let total = columns.reduce(0) { $0 + $1.timestamps.count }
 
         let baseSequence = columns.lazy.compactMap { $0.sequences.min() }.min() ?? 0
@@ -232,7 +242,7 @@ extension BatchCodec {
         var previousName: [UInt8] = []
         var frameOrder = ByteWriter()
         var previousPosition = -1
-        for position in table {
+        for position in table where stateful == nil {
             let column = columns[position]
             frameOrder.svarint(Int64(position - previousPosition - 1))
             previousPosition = position
@@ -264,6 +274,9 @@ extension BatchCodec {
         var timestampResiduals = ByteWriter(capacity: total), valueResiduals = ByteWriter(capacity: total)
         var sequenceResiduals = ByteWriter(capacity: sequencesExact ? 0 : total)
         var anchors: [Int64] = []
+        // Per anchor: its prediction from the context (the context reading's timestamp plus one period), or nil when the
+        // sensor has no context and the anchor is predicted from the anchors before it.
+        var anchorPredictions: [Int64?] = []
         var previousPeriod: Int64 = 0
         var previousReference: [QuantityResolution: (reference: Int64, unit: UInt64)] = [:]
         var previousUnit: [QuantityResolution: UInt64] = [:]
@@ -280,8 +293,10 @@ extension BatchCodec {
             // Timestamps, in units after the base.
             let x = column.timestamps.map { Int64(bitPattern: UInt64(bitPattern: $0 &- baseTimestamp) / unit) }
             var mode: UInt8 = 0
+            let context = stateful?.context[sensor]
             if n == 1 {
                 anchors.append(x[0])
+                anchorPredictions.append(context.map { contextUnits($0.timestamp, base: baseTimestamp, unit: unit) &+ previousPeriod })
             } else {
                 let coding = timestampCoding(x, previousPeriod: previousPeriod)
                 mode |= coding.mode
@@ -297,6 +312,7 @@ extension BatchCodec {
                     }
                 }
                 anchors.append(coding.anchor)
+                anchorPredictions.append(context.map { contextUnits($0.timestamp, base: baseTimestamp, unit: unit) &+ coding.period })
                 for r in coding.residuals { timestampResiduals.svarint(r) }
             }
 
@@ -317,7 +333,8 @@ extension BatchCodec {
                 for r in coding.residuals { valueResiduals.svarint(r) }
             }
             let previous = previousReference[key] ?? (0, 0)
-            let (quotient, remainder) = referenceDivision(reference &- previous.reference, unit: max(gcd(g, previous.unit), 1))
+            let predicted = context?.steps ?? previous.reference
+            let (quotient, remainder) = referenceDivision(reference &- predicted, unit: max(gcd(g, previous.unit), 1))
             references.svarint(quotient)
             if let remainder { referenceRemainders.uvarint(remainder) }
             previousReference[key] = (reference, g)
@@ -345,22 +362,37 @@ extension BatchCodec {
         var lag = 0
         var lagCost = Int.max
         for candidate in 0...min(maxAnchorLag, anchors.count) {
-            let cost = anchors.indices.reduce(0) { $0 + codeBits(anchors[$1] &- predictAnchor(anchors, at: $1, lag: candidate)) }
+            let cost = anchors.indices.reduce(0) {
+                $0 + (anchorPredictions[$1] == nil ? codeBits(anchors[$1] &- predictAnchor(anchors, at: $1, lag: candidate)) : 0)
+            }
             if cost < lagCost {
                 lag = candidate
                 lagCost = cost
             }
         }
         var anchorStream = ByteWriter()
-        for j in anchors.indices { anchorStream.svarint(anchors[j] &- predictAnchor(anchors, at: j, lag: lag)) }
+        for j in anchors.indices {
+            anchorStream.svarint(anchors[j] &- (anchorPredictions[j] ?? predictAnchor(anchors, at: j, lag: lag)))
+        }
 
         var header = ByteWriter()
-        header.uvarint(batch.device.rawValue.utf8.count)
-        header.bytes(batch.device.rawValue.utf8)
-        header.uvarint(columns.count)
-        header.uvarint(total)
-        header.uvarint(baseSequence)
-        header.svarint(baseTimestamp)
+        if let stateful {
+            header.uvarint(total)
+            if let newest = stateful.newest {
+                header.svarint(Int64(bitPattern: baseSequence &- (newest.sequence &+ 1)))
+                header.svarint(baseTimestamp &- newest.timestamp)
+            } else {
+                header.uvarint(baseSequence)
+                header.svarint(baseTimestamp)
+            }
+        } else {
+            header.uvarint(batch.device.rawValue.utf8.count)
+            header.bytes(batch.device.rawValue.utf8)
+            header.uvarint(columns.count)
+            header.uvarint(total)
+            header.uvarint(baseSequence)
+            header.svarint(baseTimestamp)
+        }
         header.uvarint(unit)
         header.byte(sequencesExact ? layoutSequencesExact : 0)
         header.uvarint(lag)
@@ -450,6 +482,21 @@ struct TimestampCoding {
     func cost(previousPeriod: Int64) -> Int {
         residuals.reduce(0) { $0 + codeBits($1) } + codeBits(period &- previousPeriod) + 8 * gaps.count
     }
+}
+
+/// A timestamp of the context in units after the base, as the frame's timestamps are (signed: the context is usually
+/// before the base). Wrapping, total on any input.
+func contextUnits(_ timestamp: Int64, base: Int64, unit: UInt64) -> Int64 {
+    let u = Int64(truncatingIfNeeded: unit)
+    guard u > 0 else { return 0 }
+    return (timestamp &- base) / u
+}
+
+/// What a version 4 body is predicted from: per column (table order), the context reading in steps, if used; and the
+/// newest (sequence, timestamp) of the context, which predicts the base sequence and timestamp.
+struct StatefulPredictions {
+    var context: [(timestamp: Int64, steps: Int64)?]
+    var newest: (sequence: UInt64, timestamp: Int64)?
 }
 
 /// The key under which the previous sensor's reference value predicts the next one's.

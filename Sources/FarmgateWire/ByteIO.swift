@@ -52,6 +52,12 @@ struct ByteReader {
     }
 
     var remaining: Int { bytes.count - offset }
+
+    /// The bytes read since `start` (an earlier ``offset``).
+    func consumed(from start: Int) -> ArraySlice<UInt8> { bytes[start..<offset] }
+
+    /// The bytes not read yet.
+    var rest: [UInt8] { Array(bytes[offset...]) }
     var isAtEnd: Bool { offset >= bytes.count }
 
     mutating func byte(_ what: @autoclosure () -> String) throws(BatchDecodingError) -> UInt8 {

@@ -9,6 +9,9 @@ public enum IngestProtocol {
     public static let binaryBatchMediaType = "application/vnd.farmgate.batch"
     /// The media type of a JSON batch (see ``BatchJSON``).
     public static let jsonBatchMediaType = "application/json"
+    /// The media type of a compact receipt (``IngestReceipt/compact``): an agent that lists it in `Accept` gets a receipt
+    /// without rejections as a few bytes; one with rejections always comes as JSON.
+    public static let compactReceiptMediaType = "application/vnd.farmgate.receipt"
 }
 
 /// The answer to `GET /v1/device` (``IngestProtocol/deviceStatePath``):
@@ -73,6 +76,13 @@ public enum IngestErrorCode {
     public static let unauthorized = "unauthorized"
     /// 401: the key's device (or token) was revoked.
     public static let revoked = "revoked"
+    /// 409: a stateful frame (format version 4) names a sensor table this ingest does not hold for the device (it was
+    /// never declared here, or the store lost it): send the same readings again with the table declared.
+    public static let unknownSensorTable = "unknown_sensor_table"
+    /// 409: a stateful frame predicts from newest readings other than those this ingest holds for the device
+    /// (``APIErrorBody/Detail/context`` lists the ingest's): send the same readings again, without context or against
+    /// the ingest's.
+    public static let staleContext = "stale_context"
     /// 429: too many requests; `Retry-After` says when to come back.
     public static let rateLimited = "rate_limited"
     /// 503: the store cannot commit now; `Retry-After` says when to come back.
@@ -279,21 +289,86 @@ public struct APIErrorBody: Codable, Hashable, Sendable {
         public var message: String
         /// With `unsupported_format_version`: the binary format versions this ingest reads.
         public var acceptedVersions: [Int]?
+        /// With `stale_context`: the newest reading the ingest holds of each sensor of the frame's table, the context the
+        /// sender may predict from instead.
+        public var context: [ContextEntryJSON]?
 
-        public init(code: String, message: String, acceptedVersions: [Int]? = nil) {
+        public init(code: String, message: String, acceptedVersions: [Int]? = nil, context: [ContextEntryJSON]? = nil) {
             self.code = code
             self.message = message
             self.acceptedVersions = acceptedVersions
+            self.context = context
         }
 
         enum CodingKeys: String, CodingKey {
-            case code, message
+            case code, message, context
             case acceptedVersions = "accepted_versions"
         }
     }
     public var error: Detail
 
-    public init(code: String, message: String, acceptedVersions: [Int]? = nil) {
-        self.error = Detail(code: code, message: message, acceptedVersions: acceptedVersions)
+    public init(code: String, message: String, acceptedVersions: [Int]? = nil, context: [ContextEntryJSON]? = nil) {
+        self.error = Detail(code: code, message: message, acceptedVersions: acceptedVersions, context: context)
+    }
+}
+
+/// One context reading in a `stale_context` answer: `{"sensor": "tank1.ph", "seq": 812, "ts_us": 1764590400123000, "value": 6.02}`.
+public struct ContextEntryJSON: Codable, Hashable, Sendable {
+    public var sensor: String
+    public var sequence: UInt64
+    public var timestampMicroseconds: Int64
+    public var value: Double
+
+    public init(sensor: SensorID, reading: ContextReading) {
+        self.sensor = sensor.rawValue
+        self.sequence = reading.sequence
+        self.timestampMicroseconds = reading.timestamp.microseconds
+        self.value = reading.value
+    }
+
+    /// The entry as a context reading, nil when its sensor id is not valid.
+    public var reading: (sensor: SensorID, reading: ContextReading)? {
+        guard let id = try? SensorID(sensor), value.isFinite else { return nil }
+        return (id, ContextReading(sequence: sequence, timestamp: Timestamp(microseconds: timestampMicroseconds), value: value))
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case sensor, value
+        case sequence = "seq"
+        case timestampMicroseconds = "ts_us"
+    }
+}
+
+extension IngestReceipt {
+    /// The compact form (``IngestProtocol/compactReceiptMediaType``) of a receipt without rejections: accepted and
+    /// duplicates as LEB128 varints, then, when the batch carried calibration events, their accepted and duplicates.
+    /// Two bytes for a batch of up to 127 readings. nil when the receipt rejects readings (those go as JSON, which names them).
+    public var compact: [UInt8]? {
+        guard rejected.isEmpty, accepted >= 0, duplicates >= 0 else { return nil }
+        var writer = ByteWriter()
+        writer.uvarint(accepted)
+        writer.uvarint(duplicates)
+        if let calibrations {
+            guard calibrations.accepted >= 0, calibrations.duplicates >= 0 else { return nil }
+            writer.uvarint(calibrations.accepted)
+            writer.uvarint(calibrations.duplicates)
+        }
+        return writer.bytes
+    }
+
+    /// Reads the compact form; nil when `bytes` are not one (the caller treats that as an unreadable receipt).
+    public init?(compact bytes: [UInt8]) {
+        var reader = ByteReader(bytes)
+        guard let accepted = try? reader.count("accepted", limit: Int(Int32.max)),
+            let duplicates = try? reader.count("duplicates", limit: Int(Int32.max))
+        else { return nil }
+        self.init(accepted: accepted, duplicates: duplicates)
+        if !reader.isAtEnd {
+            guard let calibrationsAccepted = try? reader.count("calibrations accepted", limit: Int(Int32.max)),
+                let calibrationsDuplicates = try? reader.count("calibrations duplicates", limit: Int(Int32.max))
+            else { return nil }
+            calibrations = CalibrationReceipt(accepted: calibrationsAccepted, duplicates: calibrationsDuplicates)
+        }
+        guard reader.isAtEnd else { return nil }
     }
 }

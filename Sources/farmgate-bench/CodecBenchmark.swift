@@ -93,6 +93,7 @@ struct CodecBenchmark: AsyncParsableCommand {
             }
         }
         if mismatches > 0 { print("warning (\(profile)): \(mismatches) readings did not round-trip") }
+        let stateful = try statefulBytes(batchList)
         var jsonDocuments: [[UInt8]] = []
         let jsonEncodeTime = clock.measure {
             for batch in batchList { jsonDocuments.append(BatchJSON.encode(batch)) }
@@ -123,10 +124,47 @@ struct CodecBenchmark: AsyncParsableCommand {
             "[\(profile)] \(format)".padding(toLength: 40, withPad: " ", startingAt: 0)
         }
         print(label("farmgate binary (zstd \(level))") + "  \(perReading(binary))        \(rate(encodeTime))        \(rate(decodeTime))")
+        print(label("farmgate stateful (v4, zstd \(level))") + "  \(perReading(stateful.bytes))        \(rate(stateful.encodeTime))        \(rate(stateful.decodeTime))")
         print(label("JSON") + "  \(perReading(jsonRaw))        \(rate(jsonEncodeTime))        \(rate(jsonDecodeTime))")
         print(label("JSON + gzip") + "  \(perReading(jsonGzip))")
         print(label("InfluxDB line protocol") + "  \(perReading(lineRaw))")
         print(label("InfluxDB line protocol + gzip") + "  \(perReading(lineGzip))")
+    }
+
+    /// The batches as one sender sends them in the stateful mode (format version 4): the first declares the table, each
+    /// later one references it and predicts from the newest reading per sensor of those before, as the ingest holds them.
+    /// Every frame is decoded as the ingest does (table and context checked first) and must give back its readings.
+    func statefulBytes(_ batchList: [Batch]) throws -> (bytes: Int, encodeTime: Duration, decodeTime: Duration) {
+        guard let first = batchList.first else { return (0, .zero, .zero) }
+        let table = try SensorTable(Array(Set(batchList.flatMap(\.sensors))))
+        var session = WireSession()
+        var held: [SensorID: ContextReading] = [:]
+        var bytes = 0
+        var encodeTime = Duration.zero, decodeTime = Duration.zero
+        let clock = ContinuousClock()
+        for batch in batchList {
+            var frame: StatefulFrame?
+            encodeTime += try clock.measure { frame = try session.encode(batch, table: table, compressionLevel: level) }
+            guard let frame else { continue }
+            bytes += frame.bytes.count
+            var decoded: BatchFrame?
+            decodeTime += try clock.measure {
+                let head = try BatchCodec.decodeStatefulHead(frame.bytes)
+                guard head.contextMatches(table: table, context: held) else { throw ValidationError("the ingest's context differs from the sender's") }
+                decoded = try BatchCodec.decodeStateful(head, table: table, context: held, device: first.device)
+            }
+            let readings = decoded?.batch.readings ?? []
+            guard readings.count == batch.readings.count else {
+                throw ValidationError("a stateful frame decoded to \(readings.count) readings instead of \(batch.readings.count)")
+            }
+            for reading in readings {
+                let candidate = ContextReading(sequence: reading.sequence, timestamp: reading.timestamp, value: reading.value)
+                if let current = held[reading.sensor], !candidate.isNewer(than: current) { continue }
+                held[reading.sensor] = candidate
+            }
+            session.delivered(frame, acknowledged: batch.readings)
+        }
+        return (bytes, encodeTime, decodeTime)
     }
 
     /// `reading,device=...,sensor=... value=6.02 <ns timestamp>`, one line per reading, values at their resolution.

@@ -250,6 +250,9 @@ public protocol PendingReadings: Sendable {
     func pending(limit: Int, from end: BacklogEnd) async throws -> [Reading]
     /// The descriptors of `sensors`, as registered with the buffer (they travel with every batch).
     func descriptors(for sensors: Set<SensorID>) async throws -> [SensorDescriptor]
+    /// Every configured sensor (the sensor table of stateful frames, with the sensors of the readings sent). Default:
+    /// none, the table is then the sensors of the readings sent.
+    func allDescriptors() async throws -> [SensorDescriptor]
     /// Deletes readings the ingest has durably stored (accepted or duplicate).
     func acknowledge(_ sequences: [UInt64]) async throws
     /// Raises the sequence counter so that the next reading is numbered above `sequence`; returns the previous last
@@ -273,6 +276,7 @@ public protocol PendingReadings: Sendable {
 
 extension PendingReadings {
     /// A source that keeps no calibration events (a test's) has none to send.
+    public func allDescriptors() async throws -> [SensorDescriptor] { [] }
     public func pendingCalibrations(limit: Int) async throws -> [CalibrationEvent] { [] }
     public func acknowledgeCalibrations(_ ids: [String]) async throws {}
     public func quarantineCalibrations(_ reasons: [String: String]) async throws {}

@@ -599,6 +599,11 @@ final class BufferStore {
         sensors.sorted().compactMap { sensorsByID[$0]?.descriptor }
     }
 
+    /// The configured sensors (those only kept for their pending readings are left out).
+    func allDescriptors() -> [SensorDescriptor] {
+        sensorsByID.values.filter(\.configured).map(\.descriptor)
+    }
+
     // MARK: Sequence repair (the ingest holds numbers this buffer has forgotten)
 
     /// The highest sequence the counter may be raised to from outside: half the range, so that numbering above it can never

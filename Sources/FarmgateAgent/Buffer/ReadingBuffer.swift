@@ -217,6 +217,10 @@ public final class ReadingBuffer: PendingReadings, Service {
         try await withStore { store in store.descriptors(for: sensors) }
     }
 
+    public func allDescriptors() async throws -> [SensorDescriptor] {
+        try await withStore { store in store.allDescriptors() }
+    }
+
     /// Makes sure the next reading is numbered above `sequence` (the highest the ingest holds for this device): raises the
     /// counter, and the sidecar, when it is below. Pending readings keep their numbers.
     ///

@@ -186,7 +186,7 @@ extension AgentConfiguration {
         try table.checkKeys([
             "endpoint", "key", "key_file", "ca_file", "format", "batch_max_readings", "batch_max_bytes", "batch_max_age",
             "connect_timeout", "request_timeout", "stall_timeout", "backoff_initial", "backoff_max", "retry_after_max",
-            "shutdown_flush_timeout", "device_check_interval",
+            "shutdown_flush_timeout", "device_check_interval", "stateful",
         ])
         let endpoint = try table.requiredString("endpoint")
         guard let url = URL(string: endpoint), let scheme = url.scheme?.lowercased(), scheme == "http" || scheme == "https",
@@ -233,7 +233,8 @@ extension AgentConfiguration {
             shutdownFlushTimeout: try table.duration("shutdown_flush_timeout", in: .zero...(.seconds(600)))
                 ?? defaults.shutdownFlushTimeout,
             deviceCheckInterval: try table.duration("device_check_interval", in: .seconds(1)...(.seconds(86_400)))
-                ?? defaults.deviceCheckInterval)
+                ?? defaults.deviceCheckInterval,
+            stateful: try table.bool("stateful") ?? defaults.stateful)
     }
 
     static func parseSensor(_ table: ConfigTable, id: SensorID, drivers: DriverRegistry) throws(ConfigurationError) -> SensorConfiguration {

@@ -60,6 +60,10 @@ public struct UploadConfiguration: Sendable, Hashable {
     /// Whether the proxy environment variables (`https_proxy`, `http_proxy`, `no_proxy`, ...) apply, as they do for `curl`.
     /// Default true.
     public var useProxyEnvironment: Bool
+    /// Whether binary batches go as stateful frames (format version 4: the sensor table sent once, then named by its
+    /// hash; values and timestamps predicted from the newest readings the ingest holds) when the ingest says it reads
+    /// them (`GET /v1/device`). Default true; false sends self-contained version 2/3 frames.
+    public var stateful: Bool
 
     public init(
         endpoint: String,
@@ -78,7 +82,8 @@ public struct UploadConfiguration: Sendable, Hashable {
         shutdownFlushTimeout: Duration = .seconds(10),
         pollInterval: Duration = .milliseconds(500),
         useProxyEnvironment: Bool = true,
-        deviceCheckInterval: Duration = .seconds(600)
+        deviceCheckInterval: Duration = .seconds(600),
+        stateful: Bool = true
     ) {
         self.endpoint = endpoint
         self.deviceKey = deviceKey
@@ -97,6 +102,7 @@ public struct UploadConfiguration: Sendable, Hashable {
         self.pollInterval = pollInterval
         self.useProxyEnvironment = useProxyEnvironment
         self.deviceCheckInterval = deviceCheckInterval
+        self.stateful = stateful
     }
 
 

@@ -6,9 +6,15 @@ import Synchronization
 
 /// What a 2xx answer acknowledges: the receipt must add up to the batch, or it acknowledges nothing.
 extension Uploader {
-    func acknowledge(_ group: ArraySlice<Reading>, events: [CalibrationEvent], response: HTTPResponse, _ loop: inout LoopState) async -> Attempt {
+    func acknowledge(
+        _ group: ArraySlice<Reading>, events: [CalibrationEvent], response: HTTPResponse, frame: StatefulFrame? = nil, _ loop: inout LoopState
+    ) async -> Attempt {
         let status = response.status
-        guard let receipt = try? JSONDecoder().decode(IngestReceipt.self, from: Data(response.body)) else {
+        let compact = response.header("Content-Type").map {
+            $0.split(separator: ";").first?.trimmingCharacters(in: .whitespaces).lowercased() == IngestProtocol.compactReceiptMediaType
+        } ?? false
+        let parsed = compact ? IngestReceipt(compact: response.body) : try? JSONDecoder().decode(IngestReceipt.self, from: Data(response.body))
+        guard let receipt = parsed else {
             // Re-sending is safe (the ingest is idempotent); a receipt we cannot read acknowledges nothing.
             logger.warning("The ingest answered without a readable receipt", metadata: ["http.status": "\(status)"])
             return .stop(failed(result: "\(status): the answer is not a receipt", status: status, delay: loop.backoff.nextDelay(), &loop))
@@ -54,6 +60,11 @@ extension Uploader {
         } catch {
             logger.error("Cannot delete acknowledged readings from the buffer", metadata: ["error": "\(error)"])
             return .stop(bufferRetryDelay)
+        }
+        if let frame {
+            // The ingest holds the table now, and every reading it did not refuse: the next frame predicts from them.
+            loop.session.delivered(frame, acknowledged: group.filter { refusedBy[$0.sequence] == nil })
+            loop.stateRefusals = 0
         }
         if !events.isEmpty {
             // Sent once per delivery: the rest of a halved batch goes without them, whatever this receipt says of them.

@@ -12,6 +12,8 @@ extension Uploader {
         var code: String
         var message: String
         var acceptedVersions: [Int]? = nil
+        /// With `stale_context`: the ingest's newest readings.
+        var context: [ContextEntryJSON]? = nil
 
         /// `code: message`, as quarantine reasons and the status show it.
         var reason: String { "\(code): \(message)" }
@@ -32,6 +34,7 @@ extension Uploader {
                 code = String(body.error.code.prefix(100))
                 message = String(body.error.message.prefix(IngestReceipt.maxMessageLength))
                 acceptedVersions = body.error.acceptedVersions
+                context = body.error.context
                 return
             }
             code = "http_\(response.status)"
@@ -64,7 +67,8 @@ extension Uploader {
             // Events ride on the first request of a delivery that is sent; a halved batch's first half takes them.
             let events = loop.outgoingEvents
             let body: [UInt8]
-            switch await encode(group, events: events, format: format) {
+            let frame: StatefulFrame?
+            switch await encode(group, events: events, format: format, session: statefulSession(loop)) {
             case .unencodable(let reason) where !events.isEmpty:
                 // The events, not the readings, may be what cannot be encoded: readings never pay for an event.
                 logger.error(
@@ -72,11 +76,12 @@ extension Uploader {
                     metadata: ["calibration.events": "\(events.count)", "error": "\(reason)"])
                 pauseEvents(&loop)
                 continue
-            case .encoded(let bytes) where bytes.count > configuration.batchMaxBytes && group.count > 1:
+            case .encoded(let bytes, _) where bytes.count > configuration.batchMaxBytes && group.count > 1:
                 logger.debug("Batch too large, halving", metadata: ["batch.bytes": "\(bytes.count)", "batch.readings": "\(group.count)"])
                 return .halve(nil)
-            case .encoded(let bytes):
+            case .encoded(let bytes, let stateful):
                 body = bytes
+                frame = stateful
             case .unencodable(let reason):
                 if group.count > 1 { return .halve(nil) }
                 let reading = group[group.startIndex]
@@ -89,7 +94,7 @@ extension Uploader {
                 return .stop(bufferRetryDelay)
             }
             // nil: the uploader fell back to another format, or left events out; the same readings go again at once.
-            guard let outcome = await send(group, body: body, format: format, events: events, &loop) else { continue }
+            guard let outcome = await send(group, body: body, format: format, events: events, frame: frame, &loop) else { continue }
             if let suspect = loop.suspectEvents, events.isEmpty {
                 loop.suspectEvents = nil
                 guard await judgeSuspectEvents(suspect, readingsDelivered: { if case .delivered = outcome { true } else { false } }(), &loop) else {
@@ -108,14 +113,23 @@ extension Uploader {
     /// says otherwise); a 400/422 may be the events' fault (they become suspects, judged by ``judgeSuspectEvents``). Either
     /// way the same readings go again at once without them and the events stay in the buffer. A 413 halves as usual; the
     /// events go with the first half.
+    ///
+    /// A stateful frame (`frame`) whose state the ingest does not hold (409 `unknown_sensor_table` or `stale_context`) goes
+    /// again at once against the state the answer implies (the table declared, the ingest's context); after
+    /// ``maxStateRefusals`` such answers in a row, or a 415 or 400/422 to a stateful frame, the same readings go again at
+    /// once as a self-contained frame and stateful frames pause for a while.
     func send(
-        _ group: ArraySlice<Reading>, body: [UInt8], format: UploadConfiguration.Format, events: [CalibrationEvent], _ loop: inout LoopState
+        _ group: ArraySlice<Reading>, body: [UInt8], format: UploadConfiguration.Format, events: [CalibrationEvent], frame: StatefulFrame? = nil,
+        _ loop: inout LoopState
     ) async -> Attempt? {
         state.withLock {
             $0.lastAttemptAt = Timestamp.now()
             $0.requestsTotal += 1
         }
-        let headers = [authorization, HTTPHeader("Content-Type", format.mediaType), HTTPHeader("Accept", "application/json")]
+        let headers = [
+            authorization, HTTPHeader("Content-Type", format.mediaType),
+            HTTPHeader("Accept", "\(IngestProtocol.compactReceiptMediaType), application/json"),
+        ]
         let response: HTTPResponse
         heartbeat.beat(within: heartbeatAllowance)
         do {
@@ -127,9 +141,24 @@ extension Uploader {
         }
 
         let status = response.status
-        if (200...299).contains(status) { return await acknowledge(group, events: events, response: response, &loop) }
+        if (200...299).contains(status) { return await acknowledge(group, events: events, response: response, frame: frame, &loop) }
         let refusal = Refusal(response)
         let result = "\(status): \(refusal.reason)"
+        if frame != nil {
+            if status == 409, loop.session.refused(code: refusal.code, ingestContext: refusal.context) {
+                loop.stateRefusals += 1
+                logger.info(
+                    "The ingest does not hold the state a stateful frame assumed; sending the same readings again",
+                    metadata: ["error.code": "\(refusal.code)", "refusals_in_a_row": "\(loop.stateRefusals)"])
+                if loop.stateRefusals >= Self.maxStateRefusals { pauseStateful(&loop, refusal) }
+                return nil
+            }
+            if status == 415 || ((status == 400 || status == 422) && refusal.code != IngestErrorCode.incompleteBody) {
+                if status == 415 { loop.deviceCheck.askSoon() }
+                pauseStateful(&loop, refusal)
+                return nil
+            }
+        }
         if !events.isEmpty, status == 415, refusal.code == IngestErrorCode.unsupportedFormatVersion {
             noteRefusal(result, status: status)
             loop.acceptsEvents = false
@@ -205,6 +234,10 @@ extension Uploader {
             return transient(refusal, &loop)
         }
     }
+
+    /// How many 409 answers about the state in a row make the uploader pause stateful frames. One declares the table
+    /// again, one adopts the ingest's context: a third means the two sides do not settle (instances that disagree).
+    static let maxStateRefusals = 3
 
     /// After the readings of a frame refused with its events went again alone: when they were accepted, the events were
     /// the cause (a refusal 400/422 is permanent: the same event would be refused forever). A single event is quarantined;

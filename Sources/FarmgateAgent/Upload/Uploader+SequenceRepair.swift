@@ -80,6 +80,16 @@ extension Uploader {
                 }
             }
             loop.acceptsEvents = readsEvents
+            let readsStateful = versions.contains(Int(BatchCodec.statefulFormatVersion))
+            if readsStateful != loop.acceptsStateful && configuration.stateful {
+                logger.info(
+                    readsStateful
+                        ? "The ingest reads batch format version 4: binary batches go as stateful frames"
+                        : "The ingest does not read batch format version 4: binary batches go as self-contained frames",
+                    metadata: ["ingest.accepted_versions": "\(versions)"])
+            }
+            if !readsStateful { loop.session.reset() }
+            loop.acceptsStateful = readsStateful
             returnToBinaryIfRead(versions, &loop)
             state.withLock {
                 $0.ingestHighestSequence = answer.highestSequence
@@ -95,6 +105,7 @@ extension Uploader {
                 metadata: ["http.status": "\(response.status)", "upload.url": "\(deviceStateURL)"])
             loop.deviceCheck.answered()
             loop.acceptsEvents = false
+            loop.acceptsStateful = false
             return .unsupported
         default:
             logger.notice(

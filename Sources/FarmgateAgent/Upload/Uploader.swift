@@ -174,6 +174,15 @@ public final class Uploader: Service {
         var singleEventDeliveries = 0
         /// When the uploader fell back to JSON after a 415 to its binary version (nil while it sends as configured).
         var fellBackAt: ContinuousClock.Instant?
+        /// What the ingest holds for stateful frames (format version 4), as far as this run knows.
+        var session = WireSession()
+        /// Whether the ingest reads format version 4: what `GET /v1/device` last listed in `accepted_versions`.
+        var acceptsStateful = false
+        /// After a 415 or a 400/422 to a stateful frame, or refusals of its state that do not settle: binary batches go as
+        /// version 2/3 frames until then.
+        var statefulPausedUntil: ContinuousClock.Instant?
+        /// 409 `unknown_sensor_table` / `stale_context` answers in a row (each is followed at once by the same readings).
+        var stateRefusals = 0
     }
 
     /// When to ask `GET /v1/device`: at start, after a `sequence_conflict` or a 415 `unsupported_format_version`, and every
@@ -430,31 +439,68 @@ public final class Uploader: Service {
     }
 
     enum Encoding {
-        case encoded([UInt8])
+        /// The body, and what it assumed of the ingest when it is a stateful frame.
+        case encoded([UInt8], StatefulFrame?)
         case unencodable(String)
         case bufferFailed
     }
 
-    /// Encodes `group` with `events` (binary: version 3 when there are any; JSON: a `calibrations` member).
-    func encode(_ group: ArraySlice<Reading>, events: [CalibrationEvent], format: UploadConfiguration.Format) async -> Encoding {
+    /// The session to encode the next binary batch with, or nil when it goes as a self-contained version 2/3 frame: the
+    /// ingest must read version 4, the configuration allow it, and no refusal have paused it.
+    func statefulSession(_ loop: LoopState) -> WireSession? {
+        guard configuration.stateful, loop.acceptsStateful, loop.format == .binary else { return nil }
+        if let until = loop.statefulPausedUntil, ContinuousClock.now < until { return nil }
+        return loop.session
+    }
+
+    /// Sends version 2/3 frames for a while (a backoff's maximum, at least a minute) and forgets the session: the next
+    /// stateful frame declares its table and predicts from nothing it has not seen acknowledged.
+    func pauseStateful(_ loop: inout LoopState, _ refusal: Refusal) {
+        loop.statefulPausedUntil = ContinuousClock.now + max(configuration.backoffMax, .seconds(60))
+        loop.session.reset()
+        loop.stateRefusals = 0
+        logger.warning(
+            "The ingest refused a stateful batch frame (format version 4); the same readings go again as a self-contained frame, and stateful frames pause for a while",
+            metadata: ["http.status": "\(refusal.status)", "reason": "\(refusal.reason)"])
+    }
+
+    /// Encodes `group` with `events` (binary: version 3 when there are any, version 4 through `session`; JSON: a
+    /// `calibrations` member).
+    func encode(
+        _ group: ArraySlice<Reading>, events: [CalibrationEvent], format: UploadConfiguration.Format, session: WireSession? = nil
+    ) async -> Encoding {
         let descriptors: [SensorDescriptor]
+        var configured: [SensorDescriptor] = []
         do {
             descriptors = try await source.descriptors(for: Set(group.map(\.sensor)))
+            if session != nil { configured = try await source.allDescriptors() }
         } catch {
             logger.error("Cannot read sensor descriptors from the buffer", metadata: ["error": "\(error)"])
             return .bufferFailed
         }
         let batch = Batch(device: device, sensors: descriptors, readings: Array(group))
+        if let session, format == .binary {
+            // The table: every configured sensor, and those of the readings sent (a sensor no longer configured may still
+            // have readings pending); with the readings' descriptors winning.
+            var byID: [SensorID: SensorDescriptor] = [:]
+            for descriptor in configured + descriptors { byID[descriptor.id] = descriptor }
+            do {
+                let frame = try session.encode(batch, table: try SensorTable(Array(byID.values)), calibrations: events)
+                return .encoded(frame.bytes, frame)
+            } catch {
+                return .unencodable(error.description)
+            }
+        }
         switch format {
         case .json:
             do {
-                return .encoded(try BatchJSON.encode(batch, calibrations: events))
+                return .encoded(try BatchJSON.encode(batch, calibrations: events), nil)
             } catch {
                 return .unencodable(error.description)
             }
         case .binary:
             do {
-                return .encoded(try BatchCodec.encode(batch, calibrations: events))
+                return .encoded(try BatchCodec.encode(batch, calibrations: events), nil)
             } catch {
                 return .unencodable(error.description)
             }

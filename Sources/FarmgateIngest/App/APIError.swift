@@ -1,4 +1,4 @@
-import FarmgateWire
+public import FarmgateWire
 import Foundation
 public import Hummingbird
 
@@ -13,13 +13,19 @@ public struct APIError: Error, HTTPResponseError, Sendable, CustomStringConverti
     public var headers: HTTPFields
     /// With `unsupported_format_version`: the binary format versions this ingest reads (``APIErrorBody/Detail/acceptedVersions``).
     public var acceptedVersions: [Int]?
+    /// With `stale_context`: the ingest's newest readings of the frame's sensors (``APIErrorBody/Detail/context``).
+    public var context: [ContextEntryJSON]?
 
-    public init(_ status: HTTPResponse.Status, code: String, message: String, headers: HTTPFields = [:], acceptedVersions: [Int]? = nil) {
+    public init(
+        _ status: HTTPResponse.Status, code: String, message: String, headers: HTTPFields = [:], acceptedVersions: [Int]? = nil,
+        context: [ContextEntryJSON]? = nil
+    ) {
         self.status = status
         self.code = code
         self.message = message
         self.headers = headers
         self.acceptedVersions = acceptedVersions
+        self.context = context
     }
 
     public var description: String { "\(status.code) \(code): \(message)" }
@@ -27,7 +33,7 @@ public struct APIError: Error, HTTPResponseError, Sendable, CustomStringConverti
     public func response(from request: Request, context: some RequestContext) throws -> Response {
         var headers = self.headers
         headers[.contentType] = "application/json; charset=utf-8"
-        return Response(status: status, headers: headers, body: ResponseBody(byteBuffer: jsonBuffer(APIErrorBody(code: code, message: message, acceptedVersions: acceptedVersions))))
+        return Response(status: status, headers: headers, body: ResponseBody(byteBuffer: jsonBuffer(APIErrorBody(code: code, message: message, acceptedVersions: acceptedVersions, context: self.context))))
     }
 
     // MARK: The errors the ingest answers with

@@ -102,6 +102,8 @@ func buildRouter(
     }
 
     let limits = configuration.limits
+    let wireState = (store as? any WireStateStore).map { WireStateCache(store: $0, logger: logger) }
+    let commits = CommitFeed(commits.observers + [wireState].compactMap { $0 })
     let authenticator = Authenticator(store: store, cacheTTL: credentialCacheTTL, negativeCacheTTL: limits.unknownKeyCacheTTL)
     let gate = AuthenticationGate(
         authenticator: authenticator,
@@ -111,7 +113,7 @@ func buildRouter(
         rateLimiter: RateLimiter(rate: limits.requestsPerSecond, burst: limits.burst, policy: "device"),
         validator: ReadingValidator(futureTolerance: limits.futureTolerance, unsynchronizedFutureLimit: limits.unsynchronizedFutureLimit),
         limits: limits,
-        metrics: metrics, commits: commits, now: now, logger: logger
+        metrics: metrics, commits: commits, wireState: wireState, now: now, logger: logger
     ).addRoutes(to: router)
     let readLimiter = KeyedRateLimiter<String>(rate: limits.readRequestsPerSecond, burst: limits.readBurst, policy: "read")
     ReadController(

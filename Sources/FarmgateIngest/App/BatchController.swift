@@ -15,6 +15,9 @@ struct BatchController: Sendable {
     let metrics: IngestMetrics
     /// Told of what each commit stored for the first time (the latest cache, the alert engine).
     let commits: CommitFeed
+    /// The tables and newest readings stateful frames (format version 4) are decoded against; nil when the store keeps
+    /// none (version 4 is then answered 415 like any version this ingest does not read).
+    let wireState: WireStateCache?
     let now: @Sendable () -> Timestamp
     let logger: Logger
 
@@ -41,6 +44,11 @@ struct BatchController: Sendable {
                     "device.farm": "\(device.farm)", "device.id": "\(device.device)", "batch.accepted": "\(receipt.accepted)",
                     "batch.duplicates": "\(receipt.duplicates)", "batch.rejected": "\(receipt.rejectedCount)",
                 ])
+            if Self.acceptsCompactReceipt(request), let compact = receipt.compact {
+                return Response(
+                    status: .ok, headers: [.contentType: IngestProtocol.compactReceiptMediaType],
+                    body: ResponseBody(byteBuffer: ByteBuffer(bytes: compact)))
+            }
             return jsonResponse(receipt)
         } catch {
             metrics.batch(Self.result(for: error.status))
@@ -48,10 +56,21 @@ struct BatchController: Sendable {
         }
     }
 
+    /// Whether the request's `Accept` lists the compact receipt (``IngestProtocol/compactReceiptMediaType``).
+    static func acceptsCompactReceipt(_ request: Request) -> Bool {
+        request.headers[values: .accept].contains { value in
+            value.split(separator: ",").contains {
+                $0.split(separator: ";", maxSplits: 1).first?.trimmingCharacters(in: .whitespaces).lowercased()
+                    == IngestProtocol.compactReceiptMediaType
+            }
+        }
+    }
+
     static func result(for status: HTTPResponse.Status) -> IngestMetrics.BatchResult {
         switch status.code {
         case 401: .unauthorized
         case 403: .forbidden
+        case 409: .staleState
         case 413: .tooLarge
         case 415: .unsupported
         case 429: .rateLimited
@@ -88,6 +107,14 @@ struct BatchController: Sendable {
         var eventStore: (any CalibrationStore)?
         do {
             switch format {
+            case .binary where bytes.count > 3 && bytes[3] == BatchCodec.statefulFormatVersion && wireState != nil:
+                let frame = try await decodeStateful(bytes, device: device, limits: batchLimits)
+                batch = frame.batch
+                if let calibrationStore = store as? any CalibrationStore {
+                    (calibrations, eventStore) = (frame.calibrations, calibrationStore)
+                } else if !frame.calibrations.isEmpty {
+                    throw BatchDecodingError("the frame carries calibration events, which this ingest's store does not keep")
+                }
             case .binary:
                 if let calibrationStore = store as? any CalibrationStore {
                     let frame = try BatchCodec.decodeFrame(bytes, limits: batchLimits)
@@ -105,8 +132,13 @@ struct BatchController: Sendable {
                     (calibrations, eventStore) = (decoded.calibrations, calibrationStore)
                 }
             }
-        } catch {
+        } catch let error as BatchDecodingError {
             throw decodingError(error, format: format, limits: limits)
+        } catch let error as APIError {
+            throw error
+        } catch {
+            logger.error("store failed to read the state of a stateful frame", metadata: ["device.id": "\(device.device)", "error": "\(error)"])
+            throw APIError.unavailable()
         }
         guard batch.device == device.device else {
             throw APIError(
@@ -143,7 +175,48 @@ struct BatchController: Sendable {
     /// The answer to a body that is not a batch, by what is wrong with it: the agent retries `incomplete_body`, falls
     /// back to another format on `unsupported_format_version`, splits the batch on 413 and refuses `malformed_batch`.
     /// The binary format versions this ingest reads: 3 (calibration events) only when its store keeps them.
-    var acceptedVersions: [UInt8] { store is any CalibrationStore ? BatchCodec.readableVersions : [BatchCodec.formatVersion] }
+    var acceptedVersions: [UInt8] {
+        (store is any CalibrationStore ? BatchCodec.readableVersions : [BatchCodec.formatVersion])
+            + (wireState != nil ? [BatchCodec.statefulFormatVersion] : [])
+    }
+
+    /// Decodes a stateful frame (format version 4) against the device's state: a declared table is stored first; a table
+    /// named by its hash must be held (else 409 `unknown_sensor_table`); a context must match the device's newest readings,
+    /// from memory or else from the store (else 409 `stale_context`, with the ingest's newest readings in the answer).
+    /// - Throws: ``BatchDecodingError``, ``APIError`` (409), or the store's error.
+    func decodeStateful(_ bytes: [UInt8], device: DeviceIdentity, limits: BatchLimits) async throws -> BatchFrame {
+        guard let wireState else { throw BatchDecodingError("unsupported format version 4", kind: .unsupportedVersion(4)) }
+        let head = try BatchCodec.decodeStatefulHead(bytes, limits: limits)
+        let table: SensorTable
+        if let declared = head.declaredTable {
+            try await wireState.remember(declared, device: device)
+            table = declared
+        } else if let known = try await wireState.table(device: device, hash: head.tableHash) {
+            table = known
+        } else {
+            throw APIError(
+                .conflict, code: IngestErrorCode.unknownSensorTable,
+                message: "this ingest holds no sensor table \(String(head.tableHash, radix: 16)) for device '\(device.device)' (it was never declared here, or the store lost it); send the same readings again with the table declared")
+        }
+        var context: [SensorID: ContextReading] = [:]
+        if head.usesContext {
+            context = try await wireState.context(device: device)
+            if !head.contextMatches(table: table, context: context) {
+                // Another instance may have stored readings of the device since: the store decides.
+                context = try await wireState.context(device: device, reload: true)
+            }
+            guard head.contextMatches(table: table, context: context) else {
+                let entries = table.sensors.compactMap { descriptor in
+                    context[descriptor.id].map { ContextEntryJSON(sensor: descriptor.id, reading: $0) }
+                }
+                throw APIError(
+                    .conflict, code: IngestErrorCode.staleContext,
+                    message: "the frame predicts from newest readings other than those this ingest holds for device '\(device.device)'; send the same readings again against the context in this answer, or without context",
+                    context: entries)
+            }
+        }
+        return try BatchCodec.decodeStateful(head, table: table, context: context, device: device.device, limits: limits)
+    }
 
     func decodingError(_ error: BatchDecodingError, format: BodyFormat, limits: IngestConfiguration.Limits) -> APIError {
         let form = format == .binary ? "binary" : "JSON"

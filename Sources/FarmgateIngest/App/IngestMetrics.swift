@@ -15,6 +15,8 @@ public final class IngestMetrics: Sendable {
         case malformed
         case rateLimited = "rate_limited"
         case unavailable
+        /// 409: a stateful frame against a table or context the ingest does not hold; the agent sends it again.
+        case staleState = "stale_state"
     }
 
     /// Why a connection was answered and closed before the application saw a request

@@ -1,0 +1,115 @@
+public import FarmgateWire
+import Logging
+import Synchronization
+
+/// The state stateful frames (format version 4) are decoded against, per device: the sensor tables it declared and its
+/// newest reading per sensor, kept in memory in front of the store (``WireStateStore``) so that a live device costs no
+/// query per batch.
+///
+/// How it stays right:
+/// - **Tables** never change once declared (a table is named by the hash of its contents), so a table in memory is
+///   always right; one missing from memory is looked up in the store, where every instance puts the tables declared to it.
+/// - **Newest readings** follow this instance's commits (``committed(_:)``, through the ``CommitFeed`` before the receipt
+///   is sent). Another instance's commits are not heard: a frame whose context checksum differs from the memory's makes
+///   the controller ask again with `reload`, which reads the store's `latest` rows. Only when those differ too is the
+///   frame answered `stale_context`. So memory may be stale, never wrong in a way that decodes a reading.
+///
+/// Memory: about 100 bytes per sensor of each device seen since start; past ``maxDevices`` devices the least recently
+/// used half is dropped (and read from the store again when they come back).
+public final class WireStateCache: CommitObserver, Sendable {
+    struct Device: Sendable {
+        var tables: [UInt64: SensorTable] = [:]
+        /// nil until read from the store: commits are merged only into a context that was loaded.
+        var context: [SensorID: ContextReading]?
+        var lastUsed: UInt64 = 0
+    }
+
+    struct State: Sendable {
+        var devices: [Int64: Device] = [:]
+        var clock: UInt64 = 0
+    }
+
+    let store: any WireStateStore
+    let maxDevices: Int
+    let logger: Logger
+    private let state = Mutex(State())
+
+    public init(store: any WireStateStore, maxDevices: Int = 20_000, logger: Logger) {
+        self.store = store
+        self.maxDevices = max(1, maxDevices)
+        self.logger = logger
+    }
+
+    /// The table `hash` of `device`, from memory or the store; nil when the device never declared it.
+    public func table(device: DeviceIdentity, hash: UInt64) async throws -> SensorTable? {
+        if let table = touch(device.rowID, { $0.tables[hash] }) { return table }
+        guard let encoded = try await store.sensorTable(deviceRowID: device.rowID, hash: hash) else { return nil }
+        let table: SensorTable
+        do { table = try SensorTable(encoded: encoded) } catch {
+            // Written by a newer ingest that knows more quantities, or damaged: the device declares it again.
+            logger.warning(
+                "a stored sensor table cannot be read; the device will be asked to declare it again",
+                metadata: ["device.id": "\(device.device)", "table.hash": "\(hash)", "error": "\(error)"])
+            return nil
+        }
+        guard table.hash == hash else { return nil }
+        touch(device.rowID) { $0.tables[hash] = table }
+        return table
+    }
+
+    /// Keeps a declared table: in the store first (durable), then in memory.
+    public func remember(_ table: SensorTable, device: DeviceIdentity) async throws {
+        if touch(device.rowID, { $0.tables[table.hash] }) != nil { return }
+        try await store.rememberSensorTable(deviceRowID: device.rowID, hash: table.hash, encoded: table.encoded)
+        touch(device.rowID) { $0.tables[table.hash] = table }
+    }
+
+    /// The newest reading per sensor of `device`: from memory, or (first use, or `reload`) from the store.
+    public func context(device: DeviceIdentity, reload: Bool = false) async throws -> [SensorID: ContextReading] {
+        if !reload, let context = touch(device.rowID, { $0.context }) { return context }
+        let loaded = try await store.contextReadings(deviceRowID: device.rowID)
+        return touch(device.rowID) { entry in
+            // Commits that landed while the store was read are merged in: the newest by (timestamp, sequence) wins.
+            var merged = loaded
+            for (sensor, reading) in entry.context ?? [:] where merged[sensor].map({ reading.isNewer(than: $0) }) ?? true {
+                merged[sensor] = reading
+            }
+            entry.context = merged
+            return merged
+        }
+    }
+
+    public func committed(_ batch: CommittedBatch) {
+        state.withLock { state in
+            guard var entry = state.devices[batch.device.rowID], var context = entry.context else { return }
+            for reading in batch.readings {
+                let candidate = ContextReading(sequence: reading.sequence, timestamp: reading.timestamp, value: reading.value)
+                if let current = context[reading.sensor], !candidate.isNewer(than: current) { continue }
+                context[reading.sensor] = candidate
+            }
+            entry.context = context
+            state.devices[batch.device.rowID] = entry
+        }
+    }
+
+    /// Devices held in memory (for tests and metrics).
+    public var deviceCount: Int { state.withLock { $0.devices.count } }
+
+    /// Runs `body` on the device's entry (created if absent) under the lock, marking it used, and evicts the least
+    /// recently used half when there are too many devices.
+    @discardableResult
+    private func touch<T>(_ rowID: Int64, _ body: (inout Device) -> T) -> T {
+        state.withLock { state in
+            state.clock += 1
+            var entry = state.devices[rowID] ?? Device()
+            entry.lastUsed = state.clock
+            let result = body(&entry)
+            state.devices[rowID] = entry
+            if state.devices.count > maxDevices {
+                let keep = state.devices.sorted { $0.value.lastUsed > $1.value.lastUsed }.prefix(maxDevices / 2 + 1)
+                state.devices = Dictionary(uniqueKeysWithValues: keep.map { ($0.key, $0.value) })
+            }
+            return result
+        }
+    }
+}
