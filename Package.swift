@@ -45,6 +45,9 @@ let package = Package(
         .package(url: "https://github.com/swift-server/async-http-client.git", from: "1.21.0"),
         .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.27.0"),
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.65.0"),
+        // HTTP/2 frames, for the ingest's stream handler that ends a response on its last DATA frame (Hummingbird's
+        // HummingbirdHTTP2 is built on it).
+        .package(url: "https://github.com/apple/swift-nio-http2.git", from: "1.30.0"),
     ],
     targets: [
         // MARK: C libraries from Debian (see README "Building")
@@ -97,6 +100,11 @@ let package = Package(
                 "FarmgateWire",
                 "FarmgateSupport",
                 .product(name: "Hummingbird", package: "hummingbird"),
+                // The ingest's own TLS and HTTP/2 ([server] tls_certificate, tls_key, http2).
+                .product(name: "HummingbirdHTTP2", package: "hummingbird"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "NIOTLS", package: "swift-nio"),
+                .product(name: "NIOHTTP2", package: "swift-nio-http2"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
@@ -187,6 +195,13 @@ let package = Package(
             name: "FarmgateIngestTests",
             dependencies: [
                 "FarmgateIngest",
+                // The agent's libcurl client against the ingest's own TLS and HTTP/2 (IngestTLSTests).
+                "FarmgateAgent",
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                // TLSRecordShapingTests: the ingest's TLS handlers on an embedded channel.
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOHTTP2", package: "swift-nio-http2"),
+                .product(name: "NIOHPACK", package: "swift-nio-http2"),
                 "FarmgateSupport",
                 "FarmgateTestSupport",
                 .product(name: "HummingbirdTesting", package: "hummingbird"),

@@ -52,4 +52,11 @@ typedef size_t (*fg_curl_read_callback)(char *buffer, size_t size, size_t nitems
 static inline CURLcode fg_curl_setopt_read_function(CURL *handle, fg_curl_read_callback cb) {
     return curl_easy_setopt(handle, CURLOPT_READFUNCTION, cb);
 }
+// Added for HTTP/2: the CURLOPT_HTTP_VERSION values the client sets, and those CURLINFO_HTTP_VERSION reports, as plain
+// longs (curl.h declares them in an anonymous enum).
+static const long FG_CURL_HTTP_VERSION_1_0 = CURL_HTTP_VERSION_1_0;
+static const long FG_CURL_HTTP_VERSION_1_1 = CURL_HTTP_VERSION_1_1;
+static const long FG_CURL_HTTP_VERSION_2_0 = CURL_HTTP_VERSION_2_0;
+static const long FG_CURL_HTTP_VERSION_2TLS = CURL_HTTP_VERSION_2TLS;
+static const long FG_CURL_HTTP_VERSION_3 = CURL_HTTP_VERSION_3;
 #endif

@@ -197,9 +197,15 @@ struct EnrollmentAPITests {
         defer { setup.fixture.close() }
         let token = try await setup.token(device: "site-9")
         try await setup.app.test(.router) { client in
-            for _ in 0..<EnrollmentController.Settings().burst {
+            let burst = EnrollmentController.Settings().burst
+            for _ in 0..<burst {
                 _ = try expectError(try await Self.enroll(client, "garbage"), .unauthorized, EnrollmentErrorCode.invalidToken)
             }
+            // One attempt comes back every 10 s: on a loaded machine the burst may have taken that long, so a few more
+            // garbage attempts may still be answered 401 before the limit shows (never more than the refill allows).
+            var extra = 0
+            while extra < 5, try await Self.enroll(client, "garbage").status == .unauthorized { extra += 1 }
+            #expect(extra < 5, "past the burst of \(burst), 5 more attempts were still answered")
             let limited = try await Self.enroll(client, token.text)
             _ = try expectError(limited, .tooManyRequests, EnrollmentErrorCode.rateLimited)
             #expect(Int(limited.headers[.retryAfter] ?? "") ?? 0 >= 1)

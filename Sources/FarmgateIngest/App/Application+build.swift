@@ -27,7 +27,8 @@ public import Prometheus
 ///     instance's commits.
 ///   - onServerRunning: called once the server listens (`serve` tells systemd `READY=1` there).
 ///
-/// The server enforces `[server]`'s connection limits (``LimitedHTTP1Channel``). To keep `max_connections` below what
+/// The server enforces `[server]`'s connection limits (``LimitedHTTP1Channel``, or ``LimitedTLSChannel`` with
+/// `tls_certificate` and `tls_key`, which also serves HTTP/2). To keep `max_connections` below what
 /// the process can hold, this raises the process's soft `RLIMIT_NOFILE` towards its hard limit and, if that is still too
 /// low, lowers the cap and logs a warning saying how to raise the limit.
 public func buildApplication(
@@ -57,13 +58,26 @@ public func buildApplication(
     }
     let connectionLimits = limits
     let connections = ConnectionCounter()
+    let server: HTTPServerBuilder
+    if let tls = configuration.server.tls {
+        let http2 = configuration.server.http2
+        logger.info(
+            "serving HTTPS", metadata: ["server.protocols": "\(http2 ? "h2, http/1.1" : "http/1.1")", "server.tls_certificate": "\(tls.certificateFile)"])
+        server = HTTPServerBuilder { responder in
+            try LimitedTLSChannel(
+                responder: responder, tls: tls, http2: http2, limits: connectionLimits, connections: connections, metrics: metrics)
+        }
+    } else {
+        server = HTTPServerBuilder { responder in
+            LimitedHTTP1Channel(responder: responder, limits: connectionLimits, connections: connections, metrics: metrics)
+        }
+    }
     return Application(
         router: router,
-        server: HTTPServerBuilder { responder in
-            LimitedHTTP1Channel(responder: responder, limits: connectionLimits, connections: connections, metrics: metrics)
-        },
+        server: server,
+        // No server name: a `Server` header on every response carries nothing the agent uses (bytes on a metered link).
         configuration: ApplicationConfiguration(
-            address: .hostname(configuration.server.host, port: configuration.server.port), serverName: "farmgate-ingest",
+            address: .hostname(configuration.server.host, port: configuration.server.port),
             availableConnectionsDelegate: MaximumAvailableConnections(connectionLimits.maxConnections + ConnectionLimits.refusalHeadroom, logger: logger)),
         onServerRunning: { _ in await onServerRunning() },
         logger: logger)

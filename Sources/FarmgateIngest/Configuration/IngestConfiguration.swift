@@ -17,6 +17,9 @@ public import Logging
 /// body_timeout = "60s"        # default 60 s: a request body must arrive within this after its head; else 408
 /// max_connections = 4096      # default 4096: past it, a new connection is answered 503 with Retry-After and closed
 /// trusted_proxies = []         # default none; e.g. ["127.0.0.1"] behind nginx: X-Forwarded-For names the client
+/// tls_certificate = "ingest.crt" # default none (plain HTTP): PEM certificate chain; with tls_key, serve HTTPS
+/// tls_key = "ingest.key"         # default none: the PEM private key of tls_certificate (both or neither)
+/// http2 = true                   # default true: with TLS, offer HTTP/2 (h2) besides HTTP/1.1 by ALPN
 ///
 /// [storage]
 /// path = "/var/lib/farmgate-ingest/ingest.sqlite"   # the embedded SQLite file; relative paths resolve
@@ -79,12 +82,22 @@ public struct IngestConfiguration: Sendable, Hashable {
         /// The exact IP addresses of reverse proxies whose `X-Forwarded-For` (its last address) names the client that
         /// per-address limits count against (``TrustedProxies``). Default none: the TCP peer is the client.
         public var trustedProxies: [String]
+        /// The ingest's own TLS (`tls_certificate` and `tls_key`, both or neither), read when the configuration is
+        /// loaded. Default nil: plain HTTP/1.1, for loopback or behind a reverse proxy that terminates TLS.
+        public var tls: ServerTLS?
+        /// With ``tls``, whether HTTP/2 (`h2`) is offered besides HTTP/1.1 by ALPN; a client that offers both gets h2,
+        /// whose compressed headers (HPACK) cost a few bytes per request on a metered link. Without TLS it changes
+        /// nothing (no cleartext HTTP/2). Default true.
+        public var http2: Bool
 
         /// Creates the section; every parameter defaults as documented on its property.
         public init(
             host: String = "127.0.0.1", port: Int = 8080, idleTimeout: Duration = .seconds(75), headerTimeout: Duration = .seconds(60),
-            bodyTimeout: Duration = .seconds(60), maxConnections: Int = 4096, trustedProxies: [String] = []
+            bodyTimeout: Duration = .seconds(60), maxConnections: Int = 4096, trustedProxies: [String] = [], tls: ServerTLS? = nil,
+            http2: Bool = true
         ) {
+            self.tls = tls
+            self.http2 = http2
             self.trustedProxies = trustedProxies
             self.host = host
             self.port = port
@@ -256,7 +269,10 @@ public struct IngestConfiguration: Sendable, Hashable {
         try table.checkKeys(["server", "storage", "limits", "log", "retention", "notify"])
 
         if let section = try table.table("server") {
-            try section.checkKeys(["host", "port", "idle_timeout", "header_timeout", "body_timeout", "max_connections", "trusted_proxies"])
+            try section.checkKeys([
+                "host", "port", "idle_timeout", "header_timeout", "body_timeout", "max_connections", "trusted_proxies", "tls_certificate", "tls_key",
+                "http2",
+            ])
             if let host = try section.string("host") {
                 guard !host.isEmpty, !host.contains(" ") else {
                     throw section.error("host", "must be a host name or IP address such as \"127.0.0.1\" or \"0.0.0.0\"")
@@ -273,6 +289,30 @@ public struct IngestConfiguration: Sendable, Hashable {
                 do { _ = try TrustedProxies(proxies) } catch { throw section.error("trusted_proxies", error.description) }
                 server.trustedProxies = proxies
             }
+            let certificate = try section.string("tls_certificate")
+            let key = try section.string("tls_key")
+            switch (certificate, key) {
+            case (nil, nil):
+                break
+            case (let certificate?, nil):
+                throw section.error(
+                    "tls_certificate",
+                    "needs tls_key too: set tls_key to the PEM private key of \(certificate), or remove tls_certificate to serve plain HTTP")
+            case (nil, let key?):
+                throw section.error(
+                    "tls_key", "needs tls_certificate too: set tls_certificate to the PEM certificate chain of \(key), or remove tls_key to serve plain HTTP")
+            case (let certificate?, let key?):
+                for (name, value) in [("tls_certificate", certificate), ("tls_key", key)] where value.isEmpty {
+                    throw section.error(name, "must name a PEM file, e.g. \"/etc/farmgate/ingest.\(name == "tls_key" ? "key" : "crt")\"")
+                }
+                do {
+                    server.tls = try ServerTLS.load(
+                        certificateFile: Self.resolve(certificate, against: baseDirectory), keyFile: Self.resolve(key, against: baseDirectory))
+                } catch {
+                    throw section.error(error.key, error.message)
+                }
+            }
+            if let http2 = try section.bool("http2") { server.http2 = http2 }
         }
 
         let storageSection = try table.table("storage")

@@ -2,6 +2,8 @@ public import HummingbirdCore
 public import Logging
 public import NIOCore
 import FarmgateWire
+import HTTPTypes
+import NIOHTTPTypes
 import Synchronization
 
 /// The connection limits of the ingest's HTTP server (`[server]` in the configuration).
@@ -37,7 +39,7 @@ public struct ConnectionLimits: Sendable, Hashable {
 /// 1. a count against ``ConnectionLimits/maxConnections``; past it, ``ConnectionRefusalHandler`` answers 503 and closes;
 /// 2. ``RequestBytesObserver`` in front of the HTTP parser, and ``ConnectionTimeoutHandler`` after it (through
 ///    `HTTP1Channel.Configuration.additionalChannelHandlers`), which enforce the idle, header and body timeouts and answer
-///    parser errors as JSON;
+///    parser errors as JSON, and ``ResponseHeaderTrimmer``, which drops the framework's `Date` header;
 /// 3. then the unchanged `HTTP1Channel` pipeline and request loop.
 public struct LimitedHTTP1Channel: ServerChildChannel {
     public typealias Value = HTTP1Channel.Value
@@ -55,17 +57,23 @@ public struct LimitedHTTP1Channel: ServerChildChannel {
     public init(
         responder: @escaping HTTPChannelHandler.Responder, limits: ConnectionLimits, connections: ConnectionCounter, metrics: IngestMetrics?
     ) {
-        let timeouts = ConnectionTimeoutHandler.Timeouts(
-            idle: TimeAmount(limits.idleTimeout), header: TimeAmount(limits.headerTimeout), body: TimeAmount(limits.bodyTimeout))
-        self.http1 = HTTP1Channel(
-            responder: responder,
-            configuration: HTTP1Channel.Configuration(
-                additionalChannelHandlers: [ConnectionTimeoutHandler(timeouts: timeouts, metrics: metrics)],
-                httpDecoderConfiguration: .init(
-                    maxHeaderFieldSize: ConnectionLimits.maxHeaderBytes, maxHeaderListSize: ConnectionLimits.maxHeaderBytes)))
+        self.http1 = Self.http1Channel(responder: responder, limits: limits, metrics: metrics)
         self.limits = limits
         self.connections = connections
         self.metrics = metrics
+    }
+
+    /// Hummingbird's HTTP/1.1 channel with ``ConnectionTimeoutHandler`` and ``ResponseHeaderTrimmer`` after the parser;
+    /// ``LimitedTLSChannel`` serves HTTP/1.1 over TLS with the same.
+    static func http1Channel(responder: @escaping HTTPChannelHandler.Responder, limits: ConnectionLimits, metrics: IngestMetrics?) -> HTTP1Channel {
+        let timeouts = ConnectionTimeoutHandler.Timeouts(
+            idle: TimeAmount(limits.idleTimeout), header: TimeAmount(limits.headerTimeout), body: TimeAmount(limits.bodyTimeout))
+        return HTTP1Channel(
+            responder: responder,
+            configuration: HTTP1Channel.Configuration(
+                additionalChannelHandlers: [ConnectionTimeoutHandler(timeouts: timeouts, metrics: metrics), ResponseHeaderTrimmer()],
+                httpDecoderConfiguration: .init(
+                    maxHeaderFieldSize: ConnectionLimits.maxHeaderBytes, maxHeaderListSize: ConnectionLimits.maxHeaderBytes)))
     }
 
     public func setup(channel: any Channel, logger: Logger) -> EventLoopFuture<Value> {
@@ -159,5 +167,39 @@ final class ConnectionRefusalHandler: ChannelInboundHandler, RemovableChannelHan
                 loopBoundContext.value.close(promise: nil)
             }
         }
+    }
+}
+
+/// Drops the `Date` header the framework adds to every response. No client of the ingest reads it (the agent learns
+/// whether its clock is synchronised from the kernel, and `Retry-After` is sent in seconds), and on a metered link it is the one header that changes every
+/// second: about 37 bytes per HTTP/1.1 response, and about 25 per HTTP/2 response that HPACK cannot index. RFC 9110
+/// §6.6.1 asks origin servers with a clock to send it; the ingest's answers are not cached, which is what it serves.
+///
+/// In an HTTP/2 stream (`http2Stream`) it also puts ``EndStreamOnLastData`` first in the stream's pipeline, below the
+/// framework's HTTP/2 codec, which the stream's configuration cannot reach.
+final class ResponseHeaderTrimmer: ChannelOutboundHandler, RemovableChannelHandler {
+    typealias OutboundIn = HTTPResponsePart
+    typealias OutboundOut = HTTPResponsePart
+
+    private let http2Stream: Bool
+
+    init(http2Stream: Bool = false) {
+        self.http2Stream = http2Stream
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        if http2Stream {
+            // Without it the response is only a few bytes longer.
+            try? context.pipeline.syncOperations.addHandler(EndStreamOnLastData(), position: .first)
+        }
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        guard case .head(var head) = unwrapOutboundIn(data), head.headerFields[.date] != nil else {
+            context.write(data, promise: promise)
+            return
+        }
+        head.headerFields[.date] = nil
+        context.write(wrapOutboundOut(.head(head)), promise: promise)
     }
 }

@@ -1,0 +1,300 @@
+import FarmgateAgent
+import FarmgateSupport
+import FarmgateTestSupport
+import FarmgateWire
+import Foundation
+import Prometheus
+import ServiceLifecycle
+import Testing
+
+@testable import FarmgateIngest
+
+/// The ingest's own TLS (`[server] tls_certificate`, `tls_key`, `http2`) against the agent's libcurl client: certificates
+/// made by the `openssl` tool, the real application on loopback, HTTP/2 chosen by ALPN.
+@Suite("Ingest TLS and HTTP/2 (openssl certificates, libcurl client)")
+struct IngestTLSTests {
+    /// Runs the ingest with `server` (its port replaced by a free one) and TLS from `certificates`, and calls `body` with
+    /// its `https` base URL.
+    func withIngest<T: Sendable>(
+        _ fixture: Fixture, certificates: TestCertificates, server: IngestConfiguration.Server = .init(),
+        limits: IngestConfiguration.Limits = .init(), _ body: (String) async throws -> T
+    ) async throws -> T {
+        var configuration = IngestConfiguration()
+        configuration.server = server
+        configuration.server.port = try freePort()
+        configuration.server.tls = try ServerTLS.load(certificateFile: certificates.certificateFile, keyFile: certificates.keyFile)
+        configuration.limits = limits
+        let (running, runningContinuation) = AsyncStream<Void>.makeStream()
+        let app = buildApplication(
+            configuration: configuration, store: fixture.store, registry: PrometheusCollectorRegistry(), logger: testLogger, now: { testNow },
+            onServerRunning: { runningContinuation.yield() })
+        let serviceGroup = ServiceGroup(configuration: .init(services: [app], logger: testLogger))
+        return try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await serviceGroup.run() }
+            for await _ in running { break }
+            do {
+                let value = try await body("https://localhost:\(configuration.server.port)")
+                await serviceGroup.triggerGracefulShutdown()
+                return value
+            } catch {
+                await serviceGroup.triggerGracefulShutdown()
+                throw error
+            }
+        }
+    }
+
+    func client(_ certificates: TestCertificates, http2: Bool = true) throws -> FarmgateAgent.HTTPClient {
+        try FarmgateAgent.HTTPClient(configuration: .init(caFile: certificates.caFile, useProxyEnvironment: false, http2: http2), logger: testLogger)
+    }
+
+    func post(_ client: FarmgateAgent.HTTPClient, _ base: String, key: APIKey, sequences: ClosedRange<UInt64>) async throws -> FarmgateAgent.HTTPResponse {
+        try await client.post(
+            base + IngestProtocol.batchesPath,
+            headers: [HTTPHeader("Authorization", "Bearer \(key.text)"), HTTPHeader("Content-Type", IngestProtocol.jsonBatchMediaType)],
+            body: BatchJSON.encode(try phBatch(sequences: sequences)))
+    }
+
+    func receipt(_ response: FarmgateAgent.HTTPResponse) throws -> IngestReceipt {
+        try JSONDecoder().decode(IngestReceipt.self, from: Data(response.body))
+    }
+
+    @Test("batches go over HTTP/2 on one connection, without Date or Server headers; HTTP/1.1 over TLS still works")
+    func http2AndHTTP1() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let scratch = try Scratch(prefix: "fg-tls")
+        defer { try? FileManager.default.removeItem(at: scratch.url) }
+        let certificates = try await TestCertificates.make(in: scratch.path)
+        try await withIngest(fixture, certificates: certificates) { base in
+            let http2 = try client(certificates)
+            defer { http2.close() }
+            var connections = 0
+            for round in 0..<5 {
+                let first = UInt64(round * 10 + 1)
+                let response = try await post(http2, base, key: fixture.deviceKey, sequences: first...(first + 9))
+                #expect(response.status == 200)
+                #expect(response.httpVersion == .http2)
+                #expect(try receipt(response).accepted == 10)
+                #expect(response.header("date") == nil, "\(response.headers)")
+                #expect(response.header("server") == nil, "\(response.headers)")
+                connections += response.newConnections
+            }
+            #expect(connections == 1, "5 requests opened \(connections) connections")
+            // A GET on the same handle reuses the connection too.
+            let health = try await http2.get(base + "/healthz", headers: [])
+            #expect(health.status == 200)
+            #expect(health.httpVersion == .http2)
+            #expect(health.newConnections == 0)
+
+            // A client that asks for HTTP/1.1 only is served HTTP/1.1 over TLS, keep-alive included.
+            let http1 = try client(certificates, http2: false)
+            defer { http1.close() }
+            let repeated = try await post(http1, base, key: fixture.deviceKey, sequences: 1...10)
+            #expect(repeated.status == 200)
+            #expect(repeated.httpVersion == .http1_1)
+            #expect(try receipt(repeated).duplicates == 10)
+            #expect(repeated.header("date") == nil)
+            let next = try await post(http1, base, key: fixture.deviceKey, sequences: 51...60)
+            #expect(next.httpVersion == .http1_1)
+            #expect(next.newConnections == 0)
+            #expect(try receipt(next).accepted == 10)
+
+            // The curl tool with --http1.1 (ALPN offers http/1.1 only) agrees.
+            let tool = try await runCurl(["--http1.1", "--cacert", certificates.caFile, "-o", "/dev/null", "-w", "%{http_version} %{http_code}", base + "/healthz"])
+            #expect(tool == "1.1 200")
+            let toolHTTP2 = try await runCurl(["--cacert", certificates.caFile, "-o", "/dev/null", "-w", "%{http_version} %{http_code}", base + "/healthz"])
+            #expect(toolHTTP2 == "2 200")
+        }
+    }
+
+    @Test("with http2 = false only HTTP/1.1 is offered")
+    func http2Off() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let scratch = try Scratch(prefix: "fg-tls")
+        defer { try? FileManager.default.removeItem(at: scratch.url) }
+        let certificates = try await TestCertificates.make(in: scratch.path)
+        try await withIngest(fixture, certificates: certificates, server: .init(http2: false)) { base in
+            let client = try client(certificates)
+            defer { client.close() }
+            let response = try await post(client, base, key: fixture.deviceKey, sequences: 1...10)
+            #expect(response.status == 200)
+            #expect(response.httpVersion == .http1_1)
+        }
+    }
+
+    @Test("max_body_bytes holds over HTTP/2: a larger body is answered 413")
+    func bodyLimitOverHTTP2() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let scratch = try Scratch(prefix: "fg-tls")
+        defer { try? FileManager.default.removeItem(at: scratch.url) }
+        let certificates = try await TestCertificates.make(in: scratch.path)
+        try await withIngest(fixture, certificates: certificates, limits: .init(maxBodyBytes: 2048, maxDecompressedBytes: 2048)) { base in
+            let client = try client(certificates)
+            defer { client.close() }
+            let large = try await post(client, base, key: fixture.deviceKey, sequences: 1...200)
+            #expect(large.status == 413)
+            #expect(large.httpVersion == .http2)
+            #expect(String(decoding: large.body, as: UTF8.self).contains(IngestErrorCode.payloadTooLarge))
+            // The connection survives the refused stream.
+            let small = try await post(client, base, key: fixture.deviceKey, sequences: 1...5)
+            #expect(small.status == 200)
+        }
+    }
+
+    @Test("past max_connections a TLS connection is answered 503 over HTTP/1.1, whatever the client asked for")
+    func connectionCap() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let scratch = try Scratch(prefix: "fg-tls")
+        defer { try? FileManager.default.removeItem(at: scratch.url) }
+        let certificates = try await TestCertificates.make(in: scratch.path)
+        try await withIngest(fixture, certificates: certificates, server: .init(maxConnections: 2)) { base in
+            // Two clients, each holding one keep-alive connection.
+            var held: [FarmgateAgent.HTTPClient] = []
+            defer { held.forEach { $0.close() } }
+            for _ in 0..<2 {
+                let client = try client(certificates)
+                held.append(client)
+                #expect(try await client.get(base + "/healthz", headers: []).status == 200)
+            }
+            let third = try client(certificates)
+            defer { third.close() }
+            let refused = try await third.get(base + "/healthz", headers: [])
+            #expect(refused.status == 503)
+            #expect(refused.httpVersion == .http1_1)
+            #expect(refused.header("retry-after") == "5")
+            #expect(String(decoding: refused.body, as: UTF8.self).contains("max_connections"))
+            // Once a held connection closes, a new one is served again (over HTTP/2).
+            held.removeLast().close()
+            let served = await eventually(timeout: .seconds(10), every: .milliseconds(100)) {
+                let client = try? self.client(certificates)
+                defer { client?.close() }
+                guard let response = try? await client?.get(base + "/healthz", headers: []) else { return false }
+                return response.status == 200 && response.httpVersion == .http2
+            }
+            #expect(served)
+        }
+    }
+
+    @Test("timeouts: a TCP connection that never starts its handshake is closed after header_timeout; an idle HTTP/2 connection after idle_timeout")
+    func timeouts() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let scratch = try Scratch(prefix: "fg-tls")
+        defer { try? FileManager.default.removeItem(at: scratch.url) }
+        let certificates = try await TestCertificates.make(in: scratch.path)
+        try await withIngest(fixture, certificates: certificates, server: .init(idleTimeout: .seconds(1), headerTimeout: .seconds(1))) { base in
+            let port = try #require(Int(base.split(separator: ":").last ?? ""))
+            let closed = try await runOffPool(name: "raw-tls") {
+                let connection = try RawConnection(port: port)
+                return connection.readUntilClosed(timeout: .seconds(10)).closed
+            }
+            #expect(closed, "a silent connection was still open after 10 s with header_timeout = 1 s")
+
+            let client = try client(certificates)
+            defer { client.close() }
+            let first = try await client.get(base + "/healthz", headers: [])
+            #expect(first.httpVersion == .http2)
+            #expect(first.newConnections == 1)
+            try await Task.sleep(for: .seconds(3))
+            let afterIdle = try await client.get(base + "/healthz", headers: [])
+            #expect(afterIdle.status == 200)
+            #expect(afterIdle.newConnections == 1, "the idle HTTP/2 connection was still open after 3 s with idle_timeout = 1 s")
+        }
+    }
+
+    /// Runs the `curl` tool and returns what it printed.
+    func runCurl(_ arguments: [String]) async throws -> String {
+        try await runOffPool(name: "test-curl") {
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
+            process.arguments = ["-sS", "--noproxy", "*"] + arguments
+            let output = Pipe()
+            process.standardOutput = output
+            try process.run()
+            let data = output.fileHandleForReading.readDataToEndOfFile()
+            process.waitUntilExit()
+            return String(decoding: data, as: UTF8.self)
+        }
+    }
+}
+
+@Suite("[server] TLS configuration")
+struct IngestTLSConfigurationTests {
+    func parse(_ text: String, in directory: String) throws(ConfigurationError) -> IngestConfiguration {
+        try IngestConfiguration.parse(text, file: "ingest.toml", baseDirectory: directory)
+    }
+
+    func error(_ text: String, in directory: String) -> ConfigurationError? {
+        do {
+            _ = try parse(text, in: directory)
+            return nil
+        } catch {
+            return error
+        }
+    }
+
+    @Test("both files load, relative to the configuration; http2 defaults to true")
+    func loads() async throws {
+        let scratch = try Scratch(prefix: "fg-tlsconf")
+        defer { try? FileManager.default.removeItem(at: scratch.url) }
+        _ = try await TestCertificates.make(in: scratch.path)
+        let configuration = try parse("[server]\ntls_certificate = \"server.pem\"\ntls_key = \"server.key\"\n", in: scratch.path)
+        let tls = try #require(configuration.server.tls)
+        #expect(tls.certificateFile == scratch.file("server.pem"))
+        #expect(tls.certificateChain.count == 1)
+        #expect(configuration.server.http2)
+        let off = try parse("[server]\ntls_certificate = \"server.pem\"\ntls_key = \"server.key\"\nhttp2 = false\n", in: scratch.path)
+        #expect(!off.server.http2)
+        #expect(try parse("", in: scratch.path).server.tls == nil)
+    }
+
+    @Test("one key without the other is a located error naming the missing key")
+    func bothOrNeither() async throws {
+        let scratch = try Scratch(prefix: "fg-tlsconf")
+        defer { try? FileManager.default.removeItem(at: scratch.url) }
+        _ = try await TestCertificates.make(in: scratch.path)
+        let onlyCertificate = try #require(error("[server]\nport = 8443\ntls_certificate = \"server.pem\"\n", in: scratch.path))
+        #expect(onlyCertificate.key == "server.tls_certificate")
+        #expect(onlyCertificate.line == 3)
+        #expect(onlyCertificate.message.contains("needs tls_key"))
+        let onlyKey = try #require(error("[server]\ntls_key = \"server.key\"\n", in: scratch.path))
+        #expect(onlyKey.key == "server.tls_key")
+        #expect(onlyKey.message.contains("needs tls_certificate"))
+    }
+
+    @Test("a missing, non-PEM or mismatched file is an error naming the file and what is wrong")
+    func badFiles() async throws {
+        let scratch = try Scratch(prefix: "fg-tlsconf")
+        defer { try? FileManager.default.removeItem(at: scratch.url) }
+        _ = try await TestCertificates.make(in: scratch.path)
+        _ = try scratch.write("garbage.pem", "not a certificate\n")
+
+        let missing = try #require(error("[server]\ntls_certificate = \"nope.pem\"\ntls_key = \"server.key\"\n", in: scratch.path))
+        #expect(missing.key == "server.tls_certificate")
+        #expect(missing.message.contains(scratch.file("nope.pem")) && missing.message.contains("does not exist"), "\(missing)")
+
+        let missingKey = try #require(error("[server]\ntls_certificate = \"server.pem\"\ntls_key = \"nope.key\"\n", in: scratch.path))
+        #expect(missingKey.key == "server.tls_key")
+
+        let directory = try #require(error("[server]\ntls_certificate = \".\"\ntls_key = \"server.key\"\n", in: scratch.path))
+        #expect(directory.message.contains("is a directory"), "\(directory)")
+
+        let notPEM = try #require(error("[server]\ntls_certificate = \"garbage.pem\"\ntls_key = \"server.key\"\n", in: scratch.path))
+        #expect(notPEM.key == "server.tls_certificate")
+        #expect(notPEM.message.contains(scratch.file("garbage.pem")) && notPEM.message.contains("no certificate"), "\(notPEM)")
+
+        let certificateAsKey = try #require(error("[server]\ntls_certificate = \"server.pem\"\ntls_key = \"server.pem\"\n", in: scratch.path))
+        #expect(certificateAsKey.key == "server.tls_key")
+        #expect(certificateAsKey.message.contains("not an unencrypted PEM private key"), "\(certificateAsKey)")
+
+        let otherKey = try #require(error("[server]\ntls_certificate = \"server.pem\"\ntls_key = \"ca.key\"\n", in: scratch.path))
+        #expect(otherKey.key == "server.tls_key")
+        #expect(otherKey.message.contains("does not belong"), "\(otherKey)")
+
+        let emptyPath = try #require(error("[server]\ntls_certificate = \"\"\ntls_key = \"server.key\"\n", in: scratch.path))
+        #expect(emptyPath.key == "server.tls_certificate")
+    }
+}
