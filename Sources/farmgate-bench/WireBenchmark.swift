@@ -23,7 +23,7 @@ import Glibc
 ///   the agent's own HTTP client (libcurl, same headers as the uploader), one connection per batch size and format,
 ///   sequentially: the self-contained binary frame (BatchCodec, format version 2) and the stateful frame (WireSession,
 ///   version 4, with compact receipts) to the ingest, and the baseline, the same readings as
-///   InfluxDB line protocol + gzip over HTTP/1.1 to a TLS sink that answers 204 as InfluxDB's write API does
+///   InfluxDB line protocol + gzip over HTTP/1.1 (the only protocol it offers by ALPN) to a TLS sink that answers 204 as InfluxDB's write API does
 ///   (``LineProtocolSink``), through a second counting proxy.
 ///
 /// Prints, never asserts.
@@ -422,6 +422,7 @@ struct BacklogRun {
     struct Row {
         var size: Int
         var format: String
+        var version: String
         var requests: Int
         var readings: Int
         var bytes: ByteCountingProxy.Totals
@@ -445,7 +446,7 @@ struct BacklogRun {
         print("line protocol: `reading,device=…,sensor=… value=… <ns>` + gzip (level 6) posted to /api/v2/write over HTTP/1.1, answered 204")
         print("all: Authorization Bearer <device key>, User-Agent farmgate, the agent's libcurl client (one connection, keep-alive)")
         print("")
-        print("batch   format                 requests   up B/reading   down B/reading   total B/reading   without setup   setup bytes (up+down)")
+        print("batch   format                 HTTP       requests   up B/reading   down B/reading   total B/reading   without setup   setup bytes (up+down)")
         try await LineProtocolSink.withRunning(certificate: certificate, logger: logger) { sinkPort, sink in
             let sinkProxy = try ByteCountingProxy(targetPort: sinkPort)
             defer { sinkProxy.stop() }
@@ -462,13 +463,15 @@ struct BacklogRun {
                         HTTPHeader("Authorization", "Bearer \(key)"), HTTPHeader("Content-Type", IngestProtocol.binaryBatchMediaType),
                         HTTPHeader("Accept", "application/json"),
                     ]
+                    var version: HTTPVersion?
                     for batch in batches {
                         let response = try await client.post(url, headers: headers, body: try BatchCodec.encode(batch))
                         try Self.checkReceipt(response, readings: batch.readings.count, url: url)
+                        version = response.httpVersion
                     }
-                    return batches.count
+                    return (batches.count, version)
                 }
-                rows.append(Row(size: size, format: "farmgate binary v2", requests: binary.requests, readings: count, bytes: binary.bytes))
+                rows.append(Row(size: size, format: "farmgate binary v2", version: binary.version, requests: binary.requests, readings: count, bytes: binary.bytes))
                 Self.printRow(rows[rows.count - 1])
 
                 let statefulKey = keys["backlog-\(size)-stateful"] ?? ""
@@ -478,7 +481,7 @@ struct BacklogRun {
                         batches.map { Batch(device: statefulDevice, sensors: $0.sensors, readings: $0.readings) }, table: table, client: client,
                         url: "\(scheme)://127.0.0.1:\(ingestProxy.port)\(IngestProtocol.batchesPath)", key: statefulKey)
                 }
-                rows.append(Row(size: size, format: "farmgate stateful v4", requests: stateful.requests, readings: count, bytes: stateful.bytes))
+                rows.append(Row(size: size, format: "farmgate stateful v4", version: stateful.version, requests: stateful.requests, readings: count, bytes: stateful.bytes))
                 Self.printRow(rows[rows.count - 1])
 
                 let bodies = batches.map { Gzip.compress(CodecBenchmark.lineProtocol($0)) }
@@ -489,15 +492,17 @@ struct BacklogRun {
                         HTTPHeader("Authorization", "Bearer \(key)"), HTTPHeader("Content-Type", "text/plain; charset=utf-8"),
                         HTTPHeader("Content-Encoding", "gzip"), HTTPHeader("Accept", "application/json"),
                     ]
+                    var version: HTTPVersion?
                     for body in bodies {
                         let response = try await client.post(url, headers: headers, body: body)
                         guard response.status == 204 else { throw ValidationError("\(url) answered \(response.status)") }
+                        version = response.httpVersion
                     }
-                    return bodies.count
+                    return (bodies.count, version)
                 }
                 let received = sink.lines.load(ordering: .relaxed) - linesBefore
                 guard received == count else { throw ValidationError("the line protocol sink received \(received) lines of \(count)") }
-                rows.append(Row(size: size, format: "line protocol + gzip", requests: line.requests, readings: count, bytes: line.bytes))
+                rows.append(Row(size: size, format: "line protocol + gzip", version: line.version, requests: line.requests, readings: count, bytes: line.bytes))
                 Self.printRow(rows[rows.count - 1])
             }
         }
@@ -509,7 +514,7 @@ struct BacklogRun {
         let withoutSetup = row.bytes.total - row.bytes.setupUp - row.bytes.setupDown
         Swift.print(
             WireFormat.pad("\(row.size)", 5) + "   " + row.format.padding(toLength: 22, withPad: " ", startingAt: 0)
-                + WireFormat.pad("\(row.requests)", 9)
+                + " " + row.version.padding(toLength: 8, withPad: " ", startingAt: 0) + WireFormat.pad("\(row.requests)", 11)
                 + WireFormat.pad(WireFormat.perReading(row.bytes.up, row.readings), 15)
                 + WireFormat.pad(WireFormat.perReading(row.bytes.down, row.readings), 17)
                 + WireFormat.pad(WireFormat.perReading(row.bytes.total, row.readings), 18)
@@ -520,21 +525,21 @@ struct BacklogRun {
     /// Runs `body` with a new client of the agent's kind (libcurl, one connection kept alive) through `proxy`, closes it,
     /// and returns the requests `body` made and the bytes the proxy counted for that connection, its closing included.
     func connection(
-        _ proxy: ByteCountingProxy, _ body: @Sendable (HTTPClient) async throws -> Int
-    ) async throws -> (requests: Int, bytes: ByteCountingProxy.Totals) {
+        _ proxy: ByteCountingProxy, _ body: @Sendable (HTTPClient) async throws -> (Int, HTTPVersion?)
+    ) async throws -> (requests: Int, version: String, bytes: ByteCountingProxy.Totals) {
         let configuration = UploadConfiguration(endpoint: "https://127.0.0.1", deviceKey: "", caFile: caFile, useProxyEnvironment: false)
         let client = try HTTPClient(configuration: configuration.httpClientConfiguration, logger: logger)
         let before = proxy.totals()
-        let requests: Int
+        let requests: Int, version: HTTPVersion?
         do {
-            requests = try await body(client)
+            (requests, version) = try await body(client)
         } catch {
             client.close()
             throw error
         }
         client.close()
         for _ in 0..<100 where proxy.connections().contains(where: { !$0.closed }) { try await Task.sleep(for: .milliseconds(20)) }
-        return (requests, proxy.totals() - before)
+        return (requests, version?.rawValue ?? "-", proxy.totals() - before)
     }
 
     /// A 2xx answer whose receipt (JSON or compact) accounts for every reading as stored or duplicate.
@@ -552,19 +557,21 @@ struct BacklogRun {
     /// Posts the batches as stateful frames through a ``WireSession``, as the agent does: the table declared in the first
     /// frame, then named by its hash; each frame predicted from the readings acknowledged before; compact receipts; a 409
     /// about the state answered by sending the same readings again. Returns the requests made.
-    static func postStateful(_ batches: [Batch], table: SensorTable, client: HTTPClient, url: String, key: String) async throws -> Int {
+    static func postStateful(_ batches: [Batch], table: SensorTable, client: HTTPClient, url: String, key: String) async throws -> (Int, HTTPVersion?) {
         let headers = [
             HTTPHeader("Authorization", "Bearer \(key)"), HTTPHeader("Content-Type", IngestProtocol.binaryBatchMediaType),
             HTTPHeader("Accept", "\(IngestProtocol.compactReceiptMediaType), application/json"),
         ]
         var session = WireSession()
         var requests = 0
+        var version: HTTPVersion?
         for batch in batches {
             var refusals = 0
             while true {
                 let frame = try session.encode(batch, table: table)
                 let response = try await client.post(url, headers: headers, body: frame.bytes)
                 requests += 1
+                version = response.httpVersion
                 if response.status == 409, refusals < 3, let refusal = try? JSONDecoder().decode(APIErrorBody.self, from: Data(response.body)),
                     session.refused(code: refusal.error.code, ingestContext: refusal.error.context)
                 {
@@ -576,6 +583,6 @@ struct BacklogRun {
                 break
             }
         }
-        return requests
+        return (requests, version)
     }
 }
