@@ -43,11 +43,7 @@ extension BatchCodec {
             throw BatchEncodingError("\(calibrations.count) calibration events in one batch, more than \(maxEvents)")
         }
         var events = ByteWriter()
-        events.uvarint(calibrations.count)
-        for json in try encodeEvents(calibrations) {
-            events.uvarint(json.count)
-            events.bytes(json)
-        }
+        try writeEvents(calibrations, to: &events)
         let streams = [("events", events.bytes)] + (try encodeStreams(batch))
         let body = compressBody(streams: streams, level: compressionLevel)
         return magic + [eventsFormatVersion, flagZstd | (body.magicless ? flagMagicless : 0)] + body.bytes
@@ -99,6 +95,13 @@ extension BatchCodec {
             return BatchFrame(version: version, batch: try decodeBody(body, limits: limits), calibrations: [])
         }
         var reader = ByteReader(body)
+        let calibrations = try readEvents(&reader)
+        let batch = try decodeBody(Array(body[reader.offset...]), limits: limits)
+        return BatchFrame(version: version, batch: batch, calibrations: calibrations)
+    }
+
+    /// Reads the events section that opens a version 3 or 4 body.
+    static func readEvents(_ reader: inout ByteReader) throws(BatchDecodingError) -> [CalibrationEvent] {
         let count = try reader.count("calibration event count", limit: maxEvents)
         // Each event takes at least two bytes (a length and a brace).
         guard count <= reader.remaining / 2 else {
@@ -111,8 +114,16 @@ extension BatchCodec {
             let json = try reader.bytes(count: length, "calibration event \(index + 1)")
             calibrations.append(try decodeEvent(json[...], what: "calibration event \(index + 1)"))
         }
-        let batch = try decodeBody(Array(body[reader.offset...]), limits: limits)
-        return BatchFrame(version: version, batch: batch, calibrations: calibrations)
+        return calibrations
+    }
+
+    /// Writes the events section: their count, then each one's JSON text with its length.
+    static func writeEvents(_ calibrations: [CalibrationEvent], to writer: inout ByteWriter) throws(BatchEncodingError) {
+        writer.uvarint(calibrations.count)
+        for json in try encodeEvents(calibrations) {
+            writer.uvarint(json.count)
+            writer.bytes(json)
+        }
     }
 }
 

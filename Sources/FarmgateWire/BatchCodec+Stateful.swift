@@ -56,11 +56,7 @@ extension BatchCodec {
         let usedCount = used.reduce(0) { $0 + ($1 == nil ? 0 : 1) }
 
         var state = ByteWriter()
-        state.uvarint(calibrations.count)
-        for json in try encodeEvents(calibrations) {
-            state.uvarint(json.count)
-            state.bytes(json)
-        }
+        try writeEvents(calibrations, to: &state)
         var flags: UInt8 = declare ? stateTableInline : 0
         if usedCount > 0 { flags |= stateContext }
         if usedCount > 0 && usedCount < used.count { flags |= stateContextBitmap }
@@ -90,17 +86,7 @@ extension BatchCodec {
     public static func decodeStatefulHead(_ bytes: [UInt8], limits: BatchLimits = .default) throws(BatchDecodingError) -> StatefulFrameHead {
         let (_, body) = try self.body(of: bytes, versions: [statefulFormatVersion], limits: limits)
         var reader = ByteReader(body)
-        let count = try reader.count("calibration event count", limit: maxEvents)
-        guard count <= reader.remaining / 2 else {
-            throw BatchDecodingError("the frame declares \(count) calibration events but only \(reader.remaining) bytes remain", kind: .truncated)
-        }
-        var calibrations: [CalibrationEvent] = []
-        calibrations.reserveCapacity(count)
-        for index in 0..<count {
-            let length = try reader.count("length of calibration event \(index + 1)", limit: maxEventBytes)
-            let json = try reader.bytes(count: length, "calibration event \(index + 1)")
-            calibrations.append(try decodeEvent(json[...], what: "calibration event \(index + 1)"))
-        }
+        let calibrations = try readEvents(&reader)
         let flags = try reader.byte("state byte")
         guard flags & ~(stateTableInline | stateContext | stateContextBitmap) == 0,
             flags & stateContextBitmap == 0 || flags & stateContext != 0

@@ -9,6 +9,11 @@ public enum IngestProtocol {
     public static let binaryBatchMediaType = "application/vnd.farmgate.batch"
     /// The media type of a JSON batch (see ``BatchJSON``).
     public static let jsonBatchMediaType = "application/json"
+    /// The header a device key may be sent in instead of `Authorization: Bearer <key>`: the same key, alone. HTTP/2's
+    /// header compression (HPACK) never indexes `Authorization` in libcurl's nghttp2 (it treats it as sensitive), so
+    /// the bearer key costs about 62 bytes on every request; this header costs one byte after the first. The agent sends
+    /// it to an ingest that lists format version 4 (which reads it); `Authorization` wins when both are present.
+    public static let deviceKeyHeader = "Farmgate-Key"
     /// The media type of a compact receipt (``IngestReceipt/compact``): an agent that lists it in `Accept` gets a receipt
     /// without rejections as a few bytes; one with rejections always comes as JSON.
     public static let compactReceiptMediaType = "application/vnd.farmgate.receipt"

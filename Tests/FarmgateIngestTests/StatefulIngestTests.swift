@@ -35,8 +35,11 @@ struct StatefulIngestTests {
         ])
     }
 
+    /// What the agent sends to an ingest that reads version 4: the key in Farmgate-Key, the compact receipt accepted.
     static func headers(_ key: APIKey) -> HTTPFields {
-        var headers = binaryHeaders(key)
+        var headers: HTTPFields = [:]
+        headers[HTTPField.Name(IngestProtocol.deviceKeyHeader)!] = key.text
+        headers[.contentType] = IngestProtocol.binaryBatchMediaType
         headers[.accept] = "\(IngestProtocol.compactReceiptMediaType), application/json"
         return headers
     }
@@ -215,6 +218,35 @@ struct StatefulIngestTests {
             let next = try session.encode(Batch(device: try deviceID("d1"), sensors: [], readings: try Self.readings(from: 31, count: 30)), table: table)
             #expect(next.usedContext)
             #expect(try Self.compactReceipt(try await Self.post(client, next, key: fixture.deviceKey)).accepted == 30)
+        }
+    }
+
+    @Test("the device key in Farmgate-Key: a device key works, a read token or garbage is 401, Authorization wins when both are sent")
+    func keyHeader() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let body = buffer(try BatchCodec.encode(try phBatch(sequences: 1...3)))
+        let keyField = HTTPField.Name(IngestProtocol.deviceKeyHeader)!
+        try await fixture.app().test(.router) { client in
+            var headers: HTTPFields = [.contentType: IngestProtocol.binaryBatchMediaType]
+            headers[keyField] = fixture.deviceKey.text
+            #expect(try await client.execute(uri: IngestProtocol.batchesPath, method: .post, headers: headers, body: body).status == .ok)
+            headers[keyField] = fixture.readToken.text
+            _ = try expectError(
+                try await client.execute(uri: IngestProtocol.batchesPath, method: .post, headers: headers, body: body), .unauthorized, "unauthorized")
+            headers[keyField] = "fgd_nonsense"
+            _ = try expectError(
+                try await client.execute(uri: IngestProtocol.batchesPath, method: .post, headers: headers, body: body), .unauthorized, "unauthorized")
+            // Authorization wins: a good Farmgate-Key does not rescue a wrong bearer key.
+            headers[keyField] = fixture.deviceKey.text
+            headers[.authorization] = "Bearer \(fixture.secondDeviceKey.text)"
+            _ = try expectError(
+                try await client.execute(uri: IngestProtocol.batchesPath, method: .post, headers: headers, body: body), .forbidden,
+                IngestErrorCode.deviceMismatch)
+            // Reads take read tokens in Authorization only.
+            var read: HTTPFields = [:]
+            read[keyField] = fixture.readToken.text
+            _ = try expectError(try await client.execute(uri: "/v1/farms/f1/latest", method: .get, headers: read), .unauthorized, "unauthorized")
         }
     }
 

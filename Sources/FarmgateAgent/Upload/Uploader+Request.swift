@@ -127,8 +127,9 @@ extension Uploader {
             $0.lastAttemptAt = Timestamp.now()
             $0.requestsTotal += 1
         }
+        // An ingest that reads format version 4 reads the key in Farmgate-Key too, which HTTP/2 compresses to a byte.
         let headers = [
-            authorization, HTTPHeader("Content-Type", format.mediaType),
+            loop.acceptsStateful ? deviceKeyHeader : authorization, HTTPHeader("Content-Type", format.mediaType),
             HTTPHeader("Accept", "\(IngestProtocol.compactReceiptMediaType), application/json"),
         ]
         let response: HTTPResponse

@@ -84,6 +84,8 @@ public final class Uploader: Service {
     let batchesURL: String
     let deviceStateURL: String
     let authorization: HTTPHeader
+    /// The key in ``IngestProtocol/deviceKeyHeader``, which HPACK indexes: sent with batches to an ingest that reads it.
+    let deviceKeyHeader: HTTPHeader
     let state: Mutex<UploadStatus>
     let metrics = UploadMetrics()
     /// Liveness for the systemd watchdog: beaten by the loop and before every request (see ``Heartbeat``).
@@ -108,6 +110,7 @@ public final class Uploader: Service {
         self.batchesURL = configuration.batchesURL
         self.deviceStateURL = configuration.deviceStateURL
         self.authorization = HTTPHeader("Authorization", "Bearer \(configuration.deviceKey)")
+        self.deviceKeyHeader = HTTPHeader(IngestProtocol.deviceKeyHeader, configuration.deviceKey)
         self.state = Mutex(UploadStatus(endpoint: batchesURL, format: configuration.format.rawValue))
         metrics.held.record(0)
     }

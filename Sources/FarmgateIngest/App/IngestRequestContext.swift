@@ -1,6 +1,8 @@
 public import Hummingbird
 public import NIOCore
+import FarmgateWire
 import Foundation
+import HTTPTypes
 import Logging
 
 /// Per-request state of the ingest: who the caller is, once a middleware has established it.
@@ -92,16 +94,26 @@ struct ReaderAuthMiddleware: RouterMiddleware {
 }
 
 /// The API key in `Authorization: Bearer ...`, or a 401 that says what is missing.
+/// The header a device key may come in instead of `Authorization: Bearer` (``IngestProtocol/deviceKeyHeader``).
+let deviceKeyField = HTTPField.Name(IngestProtocol.deviceKeyHeader) ?? .authorization
+
+/// The key of `request`: `Authorization: Bearer <key>`, or for a device key also `Farmgate-Key: <key>`.
 func bearerKey(_ request: Request, expected kind: APIKey.Kind) throws(APIError) -> APIKey {
     let what = kind == .device ? "a device key (fgd_...)" : "a read token (fgr_...)"
-    guard let header = request.headers[.authorization] else {
-        throw APIError.unauthorized("send `Authorization: Bearer <key>` with \(what)")
+    let text: String
+    if kind == .device, request.headers[.authorization] == nil, let header = request.headers[deviceKeyField] {
+        // The agent's form on a metered link (IngestProtocol.deviceKeyHeader): HPACK indexes it, Authorization it never does.
+        text = header.trimmingCharacters(in: .whitespaces)
+    } else {
+        guard let header = request.headers[.authorization] else {
+            throw APIError.unauthorized("send `Authorization: Bearer <key>` with \(what)")
+        }
+        let parts = header.split(separator: " ", maxSplits: 1, omittingEmptySubsequences: true)
+        guard parts.count == 2, parts[0].lowercased() == "bearer" else {
+            throw APIError.unauthorized("the Authorization header must be `Bearer <key>` with \(what)")
+        }
+        text = parts[1].trimmingCharacters(in: .whitespaces)
     }
-    let parts = header.split(separator: " ", maxSplits: 1, omittingEmptySubsequences: true)
-    guard parts.count == 2, parts[0].lowercased() == "bearer" else {
-        throw APIError.unauthorized("the Authorization header must be `Bearer <key>` with \(what)")
-    }
-    let text = parts[1].trimmingCharacters(in: .whitespaces)
     guard let key = APIKey(parsing: text) else {
         throw APIError.unauthorized("the bearer key is not in the form fgd_<keyid>_<secret> or fgr_<keyid>_<secret>; copy it exactly as it was printed")
     }

@@ -27,7 +27,7 @@ extension PostgresIngestStore: WireStateStore {
                 VALUES (\(deviceRowID)::integer, \(Int64(bitPattern: hash)), \(bytes), \(declared))
                 ON CONFLICT (device_id, hash) DO NOTHING RETURNING 1
                 """
-            ) { _ in () }
+            ) { _ in 1 }
             guard !inserted.isEmpty else { return }
             // Bounded per device (a device that declares a new table with every frame must not fill the store): the
             // newest tables stay; one pruned away is declared again by its device after a 409 unknown_sensor_table.
