@@ -442,9 +442,9 @@ struct BacklogRun {
         let table = try SensorTable(site.sensors)
         print("data: RealisticSite profile agent, \(data.sensors.count) sensors every 10 s, seed \(seed)")
         print("binary v2: BatchCodec frames (zstd 19) posted to \(IngestProtocol.batchesPath), Content-Type \(IngestProtocol.binaryBatchMediaType), Accept application/json (the agent before issue 10)")
-        print("stateful v4: WireSession frames (table once, then its hash; predicted from the acknowledged readings), Accept \(IngestProtocol.compactReceiptMediaType), application/json (the agent now)")
+        print("stateful v4: WireSession frames (table once, then its hash; predicted from the acknowledged readings), key in \(IngestProtocol.deviceKeyHeader), Accept \(IngestProtocol.compactReceiptMediaType), application/json (the agent now)")
         print("line protocol: `reading,device=…,sensor=… value=… <ns>` + gzip (level 6) posted to /api/v2/write over HTTP/1.1, answered 204")
-        print("all: Authorization Bearer <device key>, User-Agent farmgate, the agent's libcurl client (one connection, keep-alive)")
+        print("v2 and line protocol: Authorization Bearer <device key>; all: User-Agent farmgate, the agent's libcurl client (one connection, keep-alive)")
         print("")
         print("batch   format                 HTTP       requests   up B/reading   down B/reading   total B/reading   without setup   setup bytes (up+down)")
         try await LineProtocolSink.withRunning(certificate: certificate, logger: logger) { sinkPort, sink in
@@ -558,8 +558,9 @@ struct BacklogRun {
     /// frame, then named by its hash; each frame predicted from the readings acknowledged before; compact receipts; a 409
     /// about the state answered by sending the same readings again. Returns the requests made.
     static func postStateful(_ batches: [Batch], table: SensorTable, client: HTTPClient, url: String, key: String) async throws -> (Int, HTTPVersion?) {
+        // As the agent sends to an ingest that reads version 4: the key in Farmgate-Key, which HPACK indexes.
         let headers = [
-            HTTPHeader("Authorization", "Bearer \(key)"), HTTPHeader("Content-Type", IngestProtocol.binaryBatchMediaType),
+            HTTPHeader(IngestProtocol.deviceKeyHeader, key), HTTPHeader("Content-Type", IngestProtocol.binaryBatchMediaType),
             HTTPHeader("Accept", "\(IngestProtocol.compactReceiptMediaType), application/json"),
         ]
         var session = WireSession()
