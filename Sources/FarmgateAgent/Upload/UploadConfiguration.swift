@@ -35,7 +35,7 @@ public struct UploadConfiguration: Sendable, Hashable {
     /// A partial batch is sent once its oldest reading is this old (by the reading's timestamp, or by how long the
     /// uploader has seen it pending, whichever is more: a wrong clock does not hold readings back). Default 20 s: a
     /// reading reaches the ingest within about 21 s, and a 60-sensor site at 10 s sends about 120 readings per request,
-    /// a few bytes per reading on the wire (see the README's metered-link table; 5 s costs about three times as much).
+    /// a few bytes per reading on the wire (see the README's metered-link table; 5 s costs about 1.6 times as much).
     public var batchMaxAge: Duration
     /// The longest time to establish a connection, TLS handshake included. Default 10 s.
     public var connectTimeout: Duration

@@ -39,6 +39,10 @@ import Synchronization
 ///   ingest reads; it goes back to binary when a routine question (at least ``UploadConfiguration/deviceCheckInterval``
 ///   after the fallback) lists its version again. This build
 ///   writes one binary version (``BatchCodec/formatVersion``), so `accepted_versions` never offers another it could write.
+/// - 409 `unknown_sensor_table` / `stale_context` to a stateful frame (format version 4, sent when the ingest lists 4 and
+///   `[upload] stateful` is on; see ``WireSession``): the same readings go again at once, the table declared or against
+///   the context the answer carries; after ``maxStateRefusals`` in a row, or a 415 or 400/422 to a stateful frame, the
+///   same readings go again at once as a self-contained frame and stateful frames pause for a while.
 /// - Hold at once, no split: 401, 403 (`unauthorized`, `revoked`, `device_mismatch`), 415 `unsupported_media_type`,
 ///   `unsupported_encoding` (or a JSON batch refused `unsupported_format_version`), any other 4xx.
 /// - Transient, retried after a backoff, no split: 400 `incomplete_body`, 5xx, no answer (connection refused, timeouts,
