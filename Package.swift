@@ -71,6 +71,7 @@ let package = Package(
         .target(
             name: "FarmgateSupport",
             dependencies: [
+                "CLinux",
                 "CSQLite",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "TOMLKit", package: "TOMLKit"),

@@ -5,6 +5,7 @@
 #include <sys/un.h>
 #include <sys/socket.h>
 #include <time.h>
+#include <sys/prctl.h>
 
 /// adjtimex(2) returns TIME_ERROR while the kernel's clock is not synchronised (no NTP sync yet).
 static inline int fg_clock_is_synchronized(void) {
@@ -23,5 +24,10 @@ static inline int fg_clock_pair_microseconds(long long *realtime, long long *boo
     *realtime = (long long)real.tv_sec * 1000000LL + real.tv_nsec / 1000;
     *boottime = (long long)boot.tv_sec * 1000000LL + boot.tv_nsec / 1000;
     return 0;
+}
+/// Names the calling thread (at most 15 bytes are kept) as `top -H` and /proc/PID/task/*/comm show it.
+/// prctl(2) is variadic, which Swift cannot call.
+static inline int fg_set_thread_name(const char *name) {
+    return prctl(PR_SET_NAME, (unsigned long)name, 0, 0, 0);
 }
 #endif

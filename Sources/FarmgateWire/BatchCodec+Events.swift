@@ -1,4 +1,11 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A decoded binary frame of any version this build reads: the readings, and the calibration events of a version 3 frame.
 public struct BatchFrame: Hashable, Sendable {

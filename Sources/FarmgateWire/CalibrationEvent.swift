@@ -1,4 +1,11 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// One finished calibration of one sensor: which points were calibrated against which reference values, what the
 /// circuit reported afterwards, and when. It travels beside the readings (format version 3) so that the ingest can tell

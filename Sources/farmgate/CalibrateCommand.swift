@@ -1,7 +1,14 @@
 import ArgumentParser
 import FarmgateAgent
 import FarmgateSupport
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 
 struct CalibrateCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -92,13 +99,13 @@ struct CalibrateCommand: ParsableCommand {
         let guide = CalibrationGuide(
             options: guideOptions, send: send,
             confirm: { question in
-                FileHandle.standardOutput.write(Data(question.utf8))
+                StandardStream.output.write(question)
                 guard let line = readLine() else { return false }
-                return ["y", "yes"].contains(line.trimmingCharacters(in: .whitespaces).lowercased())
+                return ["y", "yes"].contains(line.trimmingWhitespace().lowercased())
             },
             output: { line in
                 // Unbuffered, so that live readings show as they come even through a pipe.
-                FileHandle.standardOutput.write(Data((line + "\n").utf8))
+                StandardStream.output.write(line + "\n")
             })
         do {
             _ = try guide.run(sensor: sensor)

@@ -1,7 +1,11 @@
 import ArgumentParser
 import FarmgateAgent
 import FarmgateWire
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 import Logging
 
 #if canImport(Glibc)

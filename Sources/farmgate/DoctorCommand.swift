@@ -1,7 +1,14 @@
 import ArgumentParser
 import FarmgateAgent
 import FarmgateSupport
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 import Logging
 
 struct DoctorCommand: AsyncParsableCommand {

@@ -2,7 +2,14 @@ import ArgumentParser
 import FarmgateAgent
 import FarmgateSupport
 import FarmgateWire
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 import Logging
 
 struct EnrollCommand: AsyncParsableCommand {
@@ -47,8 +54,7 @@ struct EnrollCommand: AsyncParsableCommand {
             throw CleanExit.message("farmgate enroll: \(failure.description)", code: failure.exitCode)
         }
         if plan.endpoint.lowercased().hasPrefix("http://"), !Self.isLoopback(plan.endpoint) {
-            FileHandle.standardError.write(
-                Data("farmgate enroll: warning: \(plan.endpoint) is plain HTTP: the key and every reading cross the network unencrypted; put TLS in front of the ingest\n".utf8))
+            StandardStream.error.write("farmgate enroll: warning: \(plan.endpoint) is plain HTTP: the key and every reading cross the network unencrypted; put TLS in front of the ingest\n")
         }
         var logger = Logger(label: "farmgate-enroll")
         logger.logLevel = .warning

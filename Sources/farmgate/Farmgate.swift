@@ -2,7 +2,14 @@ import ArgumentParser
 import FarmgateAgent
 import FarmgateSupport
 import FarmgateWire
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 import Logging
 
 @main
@@ -42,7 +49,7 @@ struct ConfigOption: ParsableArguments {
 extension CleanExit {
     /// Prints `text` to standard error and exits with `code`.
     static func message(_ text: String, code: Int32) -> any Error {
-        FileHandle.standardError.write(Data((text + "\n").utf8))
+        StandardStream.error.write(text + "\n")
         return ExitCode(code)
     }
 }
@@ -103,7 +110,7 @@ struct ConfigCommand: ParsableCommand {
             print("sensors     \(configuration.sensors.count)")
             for sensor in configuration.sensors {
                 let d = sensor.descriptor
-                print("  \(sensor.id.rawValue.padding(toLength: 24, withPad: " ", startingAt: 0)) \(sensor.driver.padding(toLength: 10, withPad: " ", startingAt: 0)) \(d.quantity.rawValue) (\(d.quantity.unit)) every \(ConfigTable.format(sensor.interval)), resolution \(d.resolution)")
+                print("  \(sensor.id.rawValue.padded(to: 24)) \(sensor.driver.padded(to: 10)) \(d.quantity.rawValue) (\(d.quantity.unit)) every \(ConfigTable.format(sensor.interval)), resolution \(d.resolution)")
             }
             for note in gpioNotes {
                 print("gpio        \(note)")

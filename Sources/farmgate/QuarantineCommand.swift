@@ -1,7 +1,15 @@
 import ArgumentParser
 import FarmgateAgent
+import FarmgateSupport
 import FarmgateWire
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Where the running agent answers, and how to ask it: the options every command that talks to the agent shares.
 struct AgentConnection: ParsableArguments {
@@ -88,7 +96,7 @@ struct QuarantineCommand: ParsableCommand {
                 if !readings.isEmpty {
                     var text = printed == 0 && !json ? table.header + "\n" : ""
                     for reading in readings { text += (json ? try QuarantineExport.line(reading) : table.row(reading)) + "\n" }
-                    FileHandle.standardOutput.write(Data(text.utf8))
+                    StandardStream.output.write(text)
                     printed += readings.count
                 }
                 guard let next = page?.nextAfter, !readings.isEmpty else { break }
@@ -97,7 +105,7 @@ struct QuarantineCommand: ParsableCommand {
             if !events.isEmpty {
                 var text = json ? "" : "\nCalibration events the ingest refused for good (kept here, never sent again):\n" + table.eventHeader + "\n"
                 for event in events { text += (json ? try QuarantineExport.line(event) : table.row(event)) + "\n" }
-                FileHandle.standardOutput.write(Data(text.utf8))
+                StandardStream.output.write(text)
             }
             if !json {
                 // Through the same unbuffered handle as the rows, so the lines keep their order.
@@ -106,7 +114,7 @@ struct QuarantineCommand: ParsableCommand {
                     ? code.map { "No quarantined reading has code \($0)." } ?? "Quarantine is empty."
                     : "\(printed) reading\(printed == 1 ? "" : "s") listed."
                 if !events.isEmpty { summary += " \(events.count) calibration event\(events.count == 1 ? "" : "s") listed." }
-                FileHandle.standardOutput.write(Data((summary + "\n").utf8))
+                StandardStream.output.write(summary + "\n")
             }
         }
     }

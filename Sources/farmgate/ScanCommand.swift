@@ -1,7 +1,14 @@
 import ArgumentParser
 import FarmgateAgent
 import FarmgateSupport
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// `farmgate scan`: what is connected, printed as `[[sensor]]` tables to paste.
 struct ScanCommand: AsyncParsableCommand {
@@ -67,7 +74,7 @@ struct ScanCommand: AsyncParsableCommand {
     }
 
     static func idRange(_ text: String) -> ClosedRange<Int>? {
-        let parts = text.split(separator: "-", omittingEmptySubsequences: false).map { Int($0.trimmingCharacters(in: .whitespaces)) }
+        let parts = text.split(separator: "-", omittingEmptySubsequences: false).map { Int($0.trimmingWhitespace()) }
         guard (1...2).contains(parts.count), let first = parts.first ?? nil, let last = parts.last ?? nil, first <= last,
             first >= 1, last <= 247
         else { return nil }

@@ -2,7 +2,14 @@ import ArgumentParser
 import FarmgateAgent
 import FarmgateSupport
 import FarmgateWire
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 import Logging
 
 /// `farmgate sensor read SENSOR`: one test read, through the running agent (which owns the ports) or, when none answers,

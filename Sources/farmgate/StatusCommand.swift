@@ -1,6 +1,13 @@
 import ArgumentParser
 import FarmgateAgent
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 
 struct StatusCommand: ParsableCommand {
     static let configuration = CommandConfiguration(

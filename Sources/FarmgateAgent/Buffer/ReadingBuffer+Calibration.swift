@@ -1,6 +1,13 @@
 import FarmgateSupport
 import FarmgateWire
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Where a finished calibration goes: the site buffer (or a test's collector).
 public protocol CalibrationRecorder: Sendable {

@@ -1,5 +1,9 @@
 import FarmgateSupport
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 
 #if canImport(Glibc)
 import Glibc
@@ -34,7 +38,7 @@ struct SequenceSidecar {
         guard let data = FileManager.default.contents(atPath: path) else {
             return FileManager.default.fileExists(atPath: path) ? .unreadable("cannot read the file") : .absent
         }
-        let text = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        let text = String(decoding: data, as: UTF8.self).trimmingWhitespace()
         guard let value = Int64(text), value >= 0 else { return .unreadable("it does not hold a sequence number") }
         return .value(value)
     }

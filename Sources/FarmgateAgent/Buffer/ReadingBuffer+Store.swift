@@ -1,6 +1,13 @@
 import FarmgateSupport
 import FarmgateWire
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 import Logging
 
 /// A buffer file that SQLite can open but that `PRAGMA quick_check` finds damaged.
@@ -241,12 +248,12 @@ final class BufferStore {
     }
 
     private static func createParentDirectory(of path: String) throws {
-        let directory = (path as NSString).deletingLastPathComponent
+        let directory = path.lastIndex(of: "/").map { String(path[..<$0]) } ?? ""
         guard !directory.isEmpty else { return }
         do {
-            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+            try FileSystem.createDirectories(directory)
         } catch {
-            throw BufferError("cannot create the buffer directory \(directory): \(error.localizedDescription)")
+            throw BufferError("cannot create the buffer directory \(directory): \(error.reason)")
         }
     }
 

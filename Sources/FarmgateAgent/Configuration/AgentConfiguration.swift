@@ -1,6 +1,13 @@
 import FarmgateSupport
 import FarmgateWire
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 import Logging
 
 /// Everything `farmgate agent` reads from its TOML file, validated. Every default is documented here and in the README.
@@ -203,9 +210,9 @@ extension AgentConfiguration {
         case (.none, .some(let file)):
             let path = resolve(file, against: base)
             do {
-                key = try String(contentsOfFile: path, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+                key = try FileSystem.text(path, limit: 64 << 10).trimmingWhitespace()
             } catch {
-                throw table.error("key_file", "cannot read \(path): \(error.localizedDescription)")
+                throw table.error("key_file", "cannot read \(path): \(error.reason)")
             }
         case (.none, .none):
             throw table.error(nil, "needs key or key_file: the device key printed by `farmgate-ingest device create`")

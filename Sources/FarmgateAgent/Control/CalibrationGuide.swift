@@ -1,6 +1,13 @@
 import FarmgateSupport
 import FarmgateWire
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Decides when a probe has settled: the longest run of consecutive readings whose spread (largest minus smallest) is
 /// within `tolerance`, and that run spans at least `window` with at least three readings. Time is passed in.
@@ -166,7 +173,7 @@ public struct CalibrationGuide {
                     throw Failure("five reads in a row failed at point \(step.point) (last: \(error.description)): check the probe's connector, the circuit's power and its wiring to the port")
                 }
             }
-            Thread.sleep(forTimeInterval: options.interval / .seconds(1))
+            sleepBlocking(options.interval)
         }
         if !options.assumeYes, !confirm("Readings are stable at \(last.map(EZOCalibration.format) ?? "?"). Calibrate \(step.description)? [y/N] ") {
             throw Failure("stopped before point \(step.point) on your request; points taken before it stay in the circuit")

@@ -1,6 +1,14 @@
 import CLinux
 import FarmgateSupport
+import Dispatch
+#if canImport(Glibc)
+import Glibc
+#endif
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 import Logging
 import ServiceLifecycle
 import Synchronization
@@ -86,12 +94,11 @@ public final class ControlServer: Service {
 
     private func listen() throws(ControlSocketError) -> Int32 {
         let directory = URL(fileURLWithPath: path).deletingLastPathComponent().path
-        if !FileManager.default.fileExists(atPath: directory) {
+        if !FileSystem.isDirectory(directory) {
             do {
-                try FileManager.default.createDirectory(
-                    atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o750])
+                try FileSystem.createDirectories(directory, mode: 0o750)
             } catch {
-                throw ControlSocketError("cannot create the runtime directory \(directory): \(error.localizedDescription)")
+                throw ControlSocketError("cannot create the runtime directory \(directory): \(error.reason)")
             }
         }
         if FileManager.default.fileExists(atPath: path) {
@@ -115,7 +122,7 @@ public final class ControlServer: Service {
             throw ControlSocketError("cannot bind the control socket \(path): \(reason)")
         }
         chmod(path, 0o660)
-        guard Foundation.listen(fd, 16) == 0 else {
+        guard Glibc.listen(fd, 16) == 0 else {
             let reason = UnixSocket.errnoText()
             close(fd)
             throw ControlSocketError("cannot listen on \(path): \(reason)")
@@ -150,13 +157,14 @@ public final class ControlServer: Service {
             UnixSocket.setTimeouts(client, seconds: 2)  // for the answer's send; the request's read has its own deadline
             switch clients.admit(client, maximum: maximumClients) {
             case .admitted:
-                let thread = Thread { [self] in
+                let started = startOSThread(name: "farmgate-control-client", stackSize: 512 << 10) { [self] in
                     self.serve(client)
                     self.clients.finish(client)
                 }
-                thread.name = "farmgate-control-client"
-                thread.stackSize = 512 << 10
-                thread.start()
+                if !started {
+                    logger.warning("Control socket cannot start a thread for a client; closing it")
+                    clients.finish(client)
+                }
             case .busy:
                 let answer = ControlAnswer(
                     ok: false, error: "the agent is already serving \(maximumClients) control clients; try again in a few seconds")
@@ -274,8 +282,8 @@ private final class WakePipe: Sendable {
     func close() {
         fds.withLock { fds in
             guard let pair = fds else { return }
-            _ = Foundation.close(pair.read)
-            _ = Foundation.close(pair.write)
+            _ = Glibc.close(pair.read)
+            _ = Glibc.close(pair.write)
             fds = nil
         }
     }

@@ -1,5 +1,12 @@
 import CLinux
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Errors from the control socket, phrased for an installer.
 public struct ControlSocketError: Error, CustomStringConvertible, Sendable {
@@ -33,7 +40,7 @@ enum UnixSocket {
         guard fd >= 0 else { throw ControlSocketError("cannot create a socket: \(errnoText())") }
         setTimeouts(fd, seconds: timeoutSeconds)
         let rc = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Foundation.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }
         guard rc == 0 else {
             let code = errno

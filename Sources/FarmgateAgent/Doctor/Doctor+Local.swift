@@ -1,7 +1,14 @@
 import CLinux
 import FarmgateSupport
 import FarmgateWire
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The checks of `farmgate doctor` that look only at this machine: device permissions, the clock, disk space and the
 /// buffer. Blocking calls (stat, statvfs, SQLite): run them off the concurrency pool.
@@ -49,7 +56,7 @@ extension Doctor {
         case .integer(let number)?:
             return ["/dev/gpiochip\(number)"]
         case .string(let text)?:
-            let trimmed = text.trimmingCharacters(in: .whitespaces)
+            let trimmed = text.trimmingWhitespace()
             for prefix in ["/dev/gpiochip", "gpiochip", ""] where trimmed.hasPrefix(prefix) {
                 if let number = Int(trimmed.dropFirst(prefix.count)), number >= 0 { return ["/dev/gpiochip\(number)"] }
             }
@@ -132,7 +139,7 @@ extension Doctor {
         }
         let free = Int64(info.f_bavail) * Int64(info.f_frsize)
         let used = [path, path + "-wal", path + "-shm"].reduce(Int64(0)) { total, file in
-            total + ((try? FileManager.default.attributesOfItem(atPath: file)[.size] as? NSNumber)?.int64Value ?? 0)
+            total + (FileSystem.size(file) ?? 0)
         }
         let quota = configuration.buffer.quotaBytes
         let stillNeeded = max(0, quota - used)

@@ -1,4 +1,12 @@
+import FarmgateSupport
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// One thing `farmgate doctor` looked at: what, what it found, and what to do about it.
 public struct DoctorFinding: Codable, Sendable, Hashable {
@@ -62,7 +70,7 @@ public struct DoctorReport: Codable, Sendable, Hashable {
             case .problem: status = "PROBLEM"
             case .skipped: status = "skipped"
             }
-            let check = finding.check.padding(toLength: 13, withPad: " ", startingAt: 0)
+            let check = finding.check.padded(to: 13)
             lines.append("  \(status) \(check) \(finding.subject): \(finding.message)")
             if let fix = finding.fix { lines.append("          \(String(repeating: " ", count: 13))  fix: \(fix)") }
         }

@@ -1,4 +1,11 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A user and the groups it belongs to, to tell whether it may open a device node, from the node's mode, owner and group
 /// (what the kernel checks; ACLs are not looked at).

@@ -1,5 +1,12 @@
 import FarmgateSupport
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Writes a file so that it is either the old one or the whole new one, even across a power cut (``DurableFile``): the
 /// temporary file gets its final mode and owner before a byte is written, so a key is never readable by others, not
@@ -38,9 +45,9 @@ public enum AtomicFile {
         let url = URL(fileURLWithPath: path)
         let directory = url.deletingLastPathComponent().path
         do {
-            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
+            try FileSystem.createDirectories(directory, mode: 0o755)
         } catch {
-            throw Failure(description: "cannot create the directory \(directory): \(error.localizedDescription)")
+            throw Failure(description: "cannot create the directory \(directory): \(error.reason)")
         }
         do {
             try DurableFile.replace(

@@ -1,6 +1,13 @@
 import FarmgateSupport
 import FarmgateWire
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 import Logging
 
 /// `farmgate enroll URL TOKEN`: exchanges a one-time enrollment token for the device key, writes the key where the agent
@@ -78,7 +85,7 @@ public enum SiteEnrollment {
 
     /// Checks everything that does not need the ingest. Blocking file I/O: call it off the concurrency pool.
     public static func prepare(_ request: Request) throws(Failure) -> Plan {
-        var endpoint = Substring(request.endpoint.trimmingCharacters(in: .whitespaces))
+        var endpoint = Substring(request.endpoint.trimmingWhitespace())
         while endpoint.hasSuffix("/") { endpoint = endpoint.dropLast() }
         if endpoint.hasSuffix(EnrollmentProtocol.path) { endpoint = endpoint.dropLast(EnrollmentProtocol.path.count) }
         guard let url = URL(string: String(endpoint)), let scheme = url.scheme?.lowercased(), scheme == "http" || scheme == "https", url.host != nil
@@ -105,9 +112,9 @@ public enum SiteEnrollment {
         let base = URL(fileURLWithPath: request.configPath).deletingLastPathComponent().path
         if configExists {
             do {
-                originalText = try String(contentsOfFile: request.configPath, encoding: .utf8)
+                originalText = try FileSystem.text(request.configPath)
             } catch {
-                throw Failure(description: "cannot read \(request.configPath): \(error.localizedDescription)", exitCode: 78)
+                throw Failure(description: "cannot read \(request.configPath): \(error.reason)", exitCode: 78)
             }
             let document: ConfigTable
             do {

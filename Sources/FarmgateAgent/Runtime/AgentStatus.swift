@@ -1,5 +1,13 @@
 import FarmgateWire
+import FarmgateSupport
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Everything `farmgate status` shows, as the agent reports it over the control socket.
 public struct AgentStatus: Codable, Sendable {
@@ -169,9 +177,9 @@ extension AgentStatus {
     }
 
     static func bytes(_ count: Int64) -> String {
-        if count >= 1 << 30 { return String(format: "%.1f GiB", Double(count) / Double(1 << 30)) }
-        if count >= 1 << 20 { return String(format: "%.1f MiB", Double(count) / Double(1 << 20)) }
-        if count >= 1 << 10 { return String(format: "%.1f KiB", Double(count) / Double(1 << 10)) }
+        if count >= 1 << 30 { return fixedPoint(Double(count) / Double(1 << 30), places: 1) + " GiB" }
+        if count >= 1 << 20 { return fixedPoint(Double(count) / Double(1 << 20), places: 1) + " MiB" }
+        if count >= 1 << 10 { return fixedPoint(Double(count) / Double(1 << 10), places: 1) + " KiB" }
         return "\(count) B"
     }
 }

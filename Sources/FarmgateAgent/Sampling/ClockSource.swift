@@ -1,6 +1,14 @@
 import CLinux
 import FarmgateWire
+import FarmgateSupport
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 import Logging
 import Synchronization
 
@@ -152,7 +160,7 @@ public final class SystemClockSource: ClockSource {
     private static func kernelBootID(logger: Logger) -> String {
         let path = "/proc/sys/kernel/random/boot_id"
         if let data = FileManager.default.contents(atPath: path) {
-            let text = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+            let text = String(decoding: data, as: UTF8.self).trimmingWhitespace()
             if !text.isEmpty { return text }
         }
         let fallback = UUID().uuidString.lowercased()

@@ -1,5 +1,13 @@
 import FarmgateWire
+import FarmgateSupport
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 import Synchronization
 
 /// What `farmgate status` shows for one sensor.
@@ -86,6 +94,6 @@ extension Resolution {
     /// the resolution is unknown or unreadable.
     public static func display(_ value: Double, resolution: String?) -> String {
         let places = resolution.flatMap { try? Resolution(parsing: $0) }?.decimalPlaces ?? 3
-        return String(format: "%.\(places)f", value)
+        return fixedPoint(value, places: places)
     }
 }

@@ -1,5 +1,12 @@
 import FarmgateWire
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// What `farmgate scan` found, as JSON (`--json`) or as text with ready-to-paste `[[sensor]]` tables.
 public struct ScanReport: Codable, Sendable {

@@ -1,5 +1,12 @@
 import FarmgateSupport
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// `farmgate scan`: serial ports (EZO circuits, Modbus slaves), 1-Wire temperature sensors and GPIO chips, in parallel,
 /// each bounded.

@@ -1,5 +1,9 @@
 import FarmgateSupport
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 
 #if canImport(Glibc)
 import Glibc
@@ -115,7 +119,7 @@ public enum SerialScan {
     public static func detectUART(_ device: String) -> UARTDetection {
         let name = URL(fileURLWithPath: device).lastPathComponent
         if let text = try? String(contentsOfFile: "/sys/class/tty/\(name)/type", encoding: .utf8),
-            let type = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines))
+            let type = Int32(text.trimmingWhitespace())
         {
             return type == portUnknown ? .none : .uart(type: type)
         }

@@ -1,5 +1,13 @@
 import FarmgateWire
+import FarmgateSupport
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Exponential backoff with full jitter, capped: after `n` consecutive failures the next wait is uniformly random in
 /// `0...min(maximum, initial × 2ⁿ)`. A success resets it.
@@ -77,7 +85,7 @@ public enum RetryAfter {
     ///   - now: The current time, for dates.
     /// - Returns: The wait (zero for a date in the past), or nil when the value is neither form.
     public static func delay(_ value: String, now: Date = Date()) -> Duration? {
-        let trimmed = value.trimmingCharacters(in: .whitespaces)
+        let trimmed = value.trimmingWhitespace()
         guard !trimmed.isEmpty else { return nil }
         if trimmed.utf8.allSatisfy({ $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }) {
             // Huge numbers are clamped: the caller caps the wait anyway.

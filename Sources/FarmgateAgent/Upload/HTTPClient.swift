@@ -1,6 +1,13 @@
 import CCurl
 import FarmgateSupport
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 import Logging
 import Synchronization
 
@@ -44,7 +51,7 @@ public struct HTTPResponse: Hashable, Sendable {
 
     /// The value of the first header called `name` (compared case-insensitively), or nil.
     public func header(_ name: String) -> String? {
-        headers.first { $0.name.caseInsensitiveCompare(name) == .orderedSame }?.value
+        headers.first { $0.name.lowercased() == name.lowercased() }?.value
     }
 }
 
@@ -184,8 +191,7 @@ public final class HTTPClient: Sendable {
             throw HTTPClientError(kind: .configuration, detail: "curl_global_init failed")
         }
         if let caFile = configuration.caFile {
-            var isDirectory: ObjCBool = false
-            guard FileManager.default.fileExists(atPath: caFile, isDirectory: &isDirectory), !isDirectory.boolValue else {
+            guard FileSystem.isFile(caFile) else {
                 throw HTTPClientError(
                     kind: .configuration, summary: "CA file not found",
                     detail: "\(caFile) does not exist; give a PEM file of CA certificates, or none to use the system CAs")
@@ -305,8 +311,8 @@ private final class Exchange {
             return
         }
         guard let colon = line.firstIndex(of: ":") else { return }
-        let name = String(line[..<colon]).trimmingCharacters(in: .whitespaces)
-        let value = String(line[line.index(after: colon)...]).trimmingCharacters(in: .whitespaces)
+        let name = String(line[..<colon]).trimmingWhitespace()
+        let value = String(line[line.index(after: colon)...]).trimmingWhitespace()
         if !name.isEmpty, headers.count < 200 { headers.append(HTTPHeader(name, value)) }
     }
 }
@@ -416,7 +422,7 @@ private final class CurlEasy {
         // sets them).
         list = curl_slist_append(list, "Expect:")
         // Nor the "Content-Type: application/x-www-form-urlencoded" libcurl gives a POST without one, which would be false.
-        for name in ["Accept", "Content-Type"] where !headers.contains(where: { $0.name.caseInsensitiveCompare(name) == .orderedSame }) {
+        for name in ["Accept", "Content-Type"] where !headers.contains(where: { $0.name.lowercased() == name.lowercased() }) {
             list = curl_slist_append(list, "\(name):")
         }
         defer {

@@ -1,5 +1,13 @@
 import FarmgateWire
+import FarmgateSupport
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 import Logging
 import Metrics
 import Synchronization
@@ -11,7 +19,7 @@ extension Uploader {
     ) async -> Attempt {
         let status = response.status
         let compact = response.header("Content-Type").map {
-            $0.split(separator: ";").first?.trimmingCharacters(in: .whitespaces).lowercased() == IngestProtocol.compactReceiptMediaType
+            $0.split(separator: ";").first?.trimmingWhitespace().lowercased() == IngestProtocol.compactReceiptMediaType
         } ?? false
         let parsed = compact ? IngestReceipt(compact: response.body) : try? JSONDecoder().decode(IngestReceipt.self, from: Data(response.body))
         guard let receipt = parsed else {

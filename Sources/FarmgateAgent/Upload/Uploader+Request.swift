@@ -1,5 +1,13 @@
 import FarmgateWire
+import FarmgateSupport
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 import Logging
 import Metrics
 import Synchronization
@@ -39,8 +47,8 @@ extension Uploader {
             }
             code = "http_\(response.status)"
             message = String(decoding: response.body.prefix(200), as: UTF8.self)
-                .trimmingCharacters(in: .whitespacesAndNewlines)
-                .replacingOccurrences(of: "\n", with: " ")
+                .trimmingWhitespace()
+                .replacing("\n", with: " ")
         }
     }
 

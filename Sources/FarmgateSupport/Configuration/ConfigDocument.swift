@@ -1,4 +1,11 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 import TOMLKit
 
 /// A configuration problem, located: `agent.toml:14: sensor "tank1.ph": interval: must be a duration like "10s" (got "ten")`.
@@ -55,11 +62,11 @@ public enum ConfigDocument {
     public static func load(path: String) throws(ConfigurationError) -> ConfigTable {
         let text: String
         do {
-            text = try String(contentsOfFile: path, encoding: .utf8)
+            text = try FileSystem.text(path)
         } catch {
             throw ConfigurationError(
                 file: path, line: nil, key: nil,
-                message: "cannot read the configuration file (\(error.localizedDescription)); check the path and its permissions")
+                message: "cannot read the configuration file (\(error.reason)); check the path and its permissions")
         }
         return try parse(text, file: path)
     }
@@ -91,7 +98,7 @@ final class LineIndex: Sendable {
         var arrayCounts: [String: Int] = [:]
         for (offset, rawLine) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
             let number = offset + 1
-            let line = rawLine.trimmingCharacters(in: .whitespaces)
+            let line = rawLine.trimmingWhitespace()
             if line.isEmpty || line.hasPrefix("#") { continue }
             if line.hasPrefix("[[") {
                 let name = LineIndex.keyPath(String(line.dropFirst(2).prefix(while: { $0 != "]" })))
@@ -149,13 +156,13 @@ final class LineIndex: Sendable {
             } else if c == "\"" || c == "'" {
                 quote = c
             } else if c == "." {
-                parts.append(current.trimmingCharacters(in: .whitespaces))
+                parts.append(current.trimmingWhitespace())
                 current = ""
             } else {
                 current.append(c)
             }
         }
-        parts.append(current.trimmingCharacters(in: .whitespaces))
+        parts.append(current.trimmingWhitespace())
         return parts
     }
 }
@@ -231,7 +238,7 @@ public struct ConfigTable: Sendable {
 
     /// How errors name `key` in this table.
     public func keyName(_ key: String?) -> String {
-        let base = display ?? path.map { $0.replacingOccurrences(of: "#", with: "[") + ($0.contains("#") ? "]" : "") }
+        let base = display ?? path.map { $0.replacing("#", with: "[") + ($0.contains("#") ? "]" : "") }
             .joined(separator: ".")
         guard let key else { return base.isEmpty ? "(top level)" : base }
         if base.isEmpty { return key }
@@ -389,9 +396,9 @@ public struct ConfigTable: Sendable {
     // MARK: Parsing helpers
 
     public static func parseDuration(_ text: String) -> Duration? {
-        let trimmed = text.trimmingCharacters(in: .whitespaces).lowercased()
+        let trimmed = text.trimmingWhitespace().lowercased()
         let digits = trimmed.prefix(while: { $0.isNumber || $0 == "." })
-        let unit = trimmed.dropFirst(digits.count).trimmingCharacters(in: .whitespaces)
+        let unit = trimmed.dropFirst(digits.count).trimmingWhitespace()
         guard !digits.isEmpty, let number = Double(digits), number.isFinite, number >= 0 else { return nil }
         let millisecondsPerUnit: Double
         switch unit {
@@ -408,9 +415,9 @@ public struct ConfigTable: Sendable {
     }
 
     public static func parseByteSize(_ text: String) -> Int64? {
-        let trimmed = text.trimmingCharacters(in: .whitespaces)
+        let trimmed = text.trimmingWhitespace()
         let digits = trimmed.prefix(while: { $0.isNumber || $0 == "." })
-        let unit = trimmed.dropFirst(digits.count).trimmingCharacters(in: .whitespaces).lowercased()
+        let unit = trimmed.dropFirst(digits.count).trimmingWhitespace().lowercased()
         guard !digits.isEmpty, let number = Double(digits), number.isFinite, number >= 0 else { return nil }
         let multiplier: Double
         switch unit {

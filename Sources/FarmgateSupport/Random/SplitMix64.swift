@@ -1,4 +1,11 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 
 /// A small, fast, seedable generator (Vigna's SplitMix64): the simulated driver, the benchmarks' data and the
 /// property tests use it so that a series, a figure or a failing case can be reproduced from its seed.

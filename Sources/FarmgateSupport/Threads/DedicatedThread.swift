@@ -1,4 +1,12 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
+import Dispatch
 import Synchronization
 
 /// A thread of its own for blocking C calls (`sqlite3_step`, `curl_easy_perform`, `read(2)` on a serial port), so that they
@@ -14,12 +22,11 @@ public final class DedicatedThread: Sendable {
         self.name = name
         let queue = JobQueue()
         self.queue = queue
-        let thread = Thread {
+        let started = startOSThread(name: name, stackSize: 1 << 20) {
             while let job = queue.next() { job() }
         }
-        thread.name = name
-        thread.stackSize = 1 << 20
-        thread.start()
+        // Without a thread no job can run: refuse them at once rather than let callers wait forever.
+        if !started { queue.close() }
     }
 
     deinit {

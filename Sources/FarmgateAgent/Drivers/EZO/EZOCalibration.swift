@@ -1,5 +1,13 @@
 import FarmgateWire
+import FarmgateSupport
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A calibration point an installer asks for: a named point and the reference value of the solution the probe sits in.
 public struct CalibrationStep: Sendable, Hashable, Codable {
@@ -14,11 +22,11 @@ public struct CalibrationStep: Sendable, Hashable, Codable {
     /// `mid=7.00` → (mid, 7.0); `dry` → (dry, nil).
     public init(parsing text: String) throws(CalibrationError) {
         let parts = text.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)
-        let name = parts[0].lowercased().trimmingCharacters(in: .whitespaces)
+        let name = parts[0].lowercased().trimmingWhitespace()
         guard !name.isEmpty else { throw CalibrationError("a point needs a name, such as mid=7.00 or dry (got \"\(text.prefix(40))\")") }
         point = name
         if parts.count == 2 {
-            guard let value = Double(parts[1].trimmingCharacters(in: .whitespaces)), value.isFinite else {
+            guard let value = Double(parts[1].trimmingWhitespace()), value.isFinite else {
                 throw CalibrationError("the reference value of point \(name) must be a number, such as \(name)=7.00 (got \"\(parts[1].prefix(40))\")")
             }
             reference = value

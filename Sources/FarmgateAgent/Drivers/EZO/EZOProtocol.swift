@@ -1,5 +1,13 @@
 import FarmgateWire
+import FarmgateSupport
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The kinds of Atlas Scientific EZO circuit the driver reads, with their datasheet timings.
 public enum EZOCircuitKind: String, Sendable, Hashable, CaseIterable, CustomStringConvertible {
@@ -13,7 +21,7 @@ public enum EZOCircuitKind: String, Sendable, Hashable, CaseIterable, CustomStri
 
     /// The circuit type an `i` answer names (`?I,pH,2.16`): case-insensitive, `OR` is older ORP firmware, `D.O.` older DO.
     public init?(identity: String) {
-        switch identity.uppercased().replacingOccurrences(of: ".", with: "") {
+        switch identity.uppercased().replacing(".", with: "") {
         case "PH": self = .ph
         case "EC": self = .ec
         case "RTD": self = .rtd
@@ -219,7 +227,7 @@ public enum EZOParse {
         guard !fields.isEmpty else { return nil }
         var values: [Double] = []
         for field in fields {
-            let trimmed = field.trimmingCharacters(in: .whitespaces)
+            let trimmed = field.trimmingWhitespace()
             var body = Substring(trimmed)
             if body.hasPrefix("-") { body = body.dropFirst() }
             let dots = body.filter { $0 == "." }.count

@@ -1,5 +1,12 @@
 import FarmgateSupport
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 import Logging
 import Synchronization
 
@@ -114,7 +121,7 @@ final class GPIOLineWatcher: Sendable {
         let until = ContinuousClock.now + duration
         while ContinuousClock.now < until, !state.withLock({ $0.stopping }) {
             let step = min(until - ContinuousClock.now, .milliseconds(50))
-            Thread.sleep(forTimeInterval: Double(step.components.seconds) + Double(step.components.attoseconds) / 1e18)
+            sleepBlocking(step)
         }
     }
 }

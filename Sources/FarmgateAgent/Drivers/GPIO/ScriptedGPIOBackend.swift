@@ -1,4 +1,12 @@
+import FarmgateSupport
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 import Synchronization
 
 /// A GPIO line without hardware, driven by the **line-event protocol**: for tests, and for demos and end-to-end runs of
@@ -126,7 +134,7 @@ public final class ScriptedGPIOBackend: GPIOBackend {
                 return events
             }
             if !events.isEmpty || ContinuousClock.now >= deadline { return events }
-            Thread.sleep(forTimeInterval: 0.002)
+            sleepBlocking(.milliseconds(2))
         }
     }
 
@@ -175,20 +183,37 @@ public final class ScriptedGPIOBackend: GPIOBackend {
         let fraction = parts.count == 2 ? String(parts[1]) : ""
         guard let seconds = Int64(parts[0]), seconds >= 0, seconds < 9_000_000_000, fraction.count <= 9,
             fraction.allSatisfy(\.isASCII), fraction.allSatisfy(\.isNumber),
-            let nanoseconds = Int64(fraction.padding(toLength: 9, withPad: "0", startingAt: 0))
+            let nanoseconds = Int64(fraction + String(repeating: "0", count: 9 - fraction.count))
         else {
             throw ScriptError(line: line, reason: "a time is seconds with up to 9 decimals, such as 1200.000123")
         }
         return seconds * 1_000_000_000 + nanoseconds
     }
 
+    /// The bytes of `path` from `offset` to its end; empty when it cannot be read (yet).
+    private static func readFile(_ path: String, from offset: UInt64) -> [UInt8] {
+        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return [] }
+        defer { Glibc.close(fd) }
+        guard lseek(fd, off_t(offset), SEEK_SET) >= 0 else { return [] }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let count = chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+            if count < 0, errno == EINTR { continue }
+            guard count > 0 else { break }
+            bytes.append(contentsOf: chunk[..<count])
+        }
+        return bytes
+    }
+
     /// Reads what was appended to the events file since the last call and applies its complete lines; a bad line is
     /// skipped (a test writing the file sees it never take effect).
     private func pumpFile() {
-        guard let file, let handle = FileHandle(forReadingAtPath: file) else { return }
-        defer { try? handle.close() }
+        guard let file else { return }
         let offset = state.withLock { $0.fileOffset }
-        guard (try? handle.seek(toOffset: offset)) != nil, let data = try? handle.readToEnd(), !data.isEmpty else { return }
+        let data = Self.readFile(file, from: offset)
+        guard !data.isEmpty else { return }
         state.withLock { state in
             state.fileOffset += UInt64(data.count)
             var text = state.partialLine + String(decoding: data, as: UTF8.self)

@@ -1,7 +1,11 @@
 import CModbus
 import FarmgateSupport
 import FarmgateWire
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 import Logging
 import Synchronization
 
@@ -322,8 +326,7 @@ final class ModbusLink {
         let due = lastFrameEnd + settings.silentInterval
         let now = ContinuousClock.now
         guard now < due else { return }
-        let wait = (due - now).components
-        Thread.sleep(forTimeInterval: Double(wait.seconds) + Double(wait.attoseconds) / 1e18)
+        sleepBlocking(due - now)
     }
 
     static func exceptionName(_ code: Int) -> String {
@@ -343,7 +346,7 @@ final class ModbusLink {
 
     static func seconds(_ duration: Duration) -> String {
         let milliseconds = duration.components.seconds * 1000 + duration.components.attoseconds / 1_000_000_000_000_000
-        return milliseconds >= 1000 ? "\((Double(milliseconds) / 1000).rounded(.up).formatted())s" : "\(milliseconds)ms"
+        return milliseconds >= 1000 ? "\((milliseconds + 999) / 1000)s" : "\(milliseconds)ms"
     }
 }
 

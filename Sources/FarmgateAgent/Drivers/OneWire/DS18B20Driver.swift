@@ -1,6 +1,10 @@
 import FarmgateSupport
 import FarmgateWire
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 import Logging
 import Synchronization
 
@@ -136,8 +140,7 @@ public final class DS18B20Driver: SensorDriver {
     /// One blocking read of the sensor's sysfs file. Runs on the sensor's thread.
     static func readMillidegrees(_ options: Options) -> Result<Int, SensorError> {
         let directory = options.root + "/" + options.address
-        var isDirectory: ObjCBool = false
-        guard FileManager.default.fileExists(atPath: directory, isDirectory: &isDirectory), isDirectory.boolValue else {
+        guard FileSystem.isDirectory(directory) else {
             return .failure(missing(options))
         }
         let slave = directory + "/w1_slave"

@@ -1,4 +1,11 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// What the Linux w1-therm driver's sysfs files say, parsed. Pure functions, so every fault signature is tested
 /// without a 1-Wire bus.
@@ -28,11 +35,11 @@ enum W1Therm {
             return .failure(
                 SensorError(.fault, "the sensor returned nothing (the conversion failed); check the data wire, the 4.7 kΩ pull-up and the sensor's power"))
         }
-        guard let crcRange = first.range(of: "crc=") else {
+        guard let crcRange = first.firstRange(of: "crc=") else {
             return .failure(SensorError(.invalidResponse, "w1_slave does not look like w1-therm output: \"\(first)\""))
         }
         let verdict = first[crcRange.upperBound...].split(separator: " ").last.map(String.init) ?? ""
-        let scratchpad = first[..<crcRange.lowerBound].replacingOccurrences(of: ":", with: "")
+        let scratchpad = first[..<crcRange.lowerBound].replacing(":", with: "")
             .split(separator: " ").compactMap { UInt8($0, radix: 16) }
         switch verdict.uppercased() {
         case "YES": break
@@ -45,7 +52,7 @@ enum W1Therm {
         if scratchpad.count == 9, scratchpad.allSatisfy({ $0 == 0 }) {
             return .failure(SensorError(.fault, "the scratchpad reads all zeros (the sensor did not answer); check its wiring and power"))
         }
-        guard lines.count >= 2, let t = lines[1].range(of: "t=") else {
+        guard lines.count >= 2, let t = lines[1].firstRange(of: "t=") else {
             return .failure(SensorError(.invalidResponse, "w1_slave has no temperature line (t=...)"))
         }
         return parseMillidegrees(String(lines[1][t.upperBound...]), file: "w1_slave")

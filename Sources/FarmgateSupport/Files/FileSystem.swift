@@ -1,0 +1,83 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// The file system calls the site binary needs, with errors that carry `errno` and a reason an installer can act on
+/// ("Permission denied"): whole small files (configuration, keys, sysfs attributes), `mkdir -p`, a file's kind and
+/// size. What `String(contentsOfFile:)` and `FileManager` would do, without full Foundation. Blocking: run them off
+/// the concurrency pool where it matters.
+public enum FileSystem {
+    public struct Failure: Error, Sendable, CustomStringConvertible {
+        public let path: String
+        /// `errno`, or 0 when the file was read but is not UTF-8 text or is larger than the limit.
+        public let code: Int32
+        /// What went wrong without the path: `strerror(code)`, "not UTF-8 text", "larger than N bytes".
+        public let reason: String
+
+        public var description: String { "cannot read \(path): \(reason)" }
+    }
+
+    /// The bytes of `path`; files larger than `limit` are refused rather than read into memory.
+    public static func bytes(_ path: String, limit: Int = 16 << 20) throws(Failure) -> [UInt8] {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw failure(path, errno) }
+        defer { close(fd) }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 16_384)
+        while true {
+            let count = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if count < 0 {
+                if errno == EINTR { continue }
+                throw failure(path, errno)
+            }
+            if count == 0 { return bytes }
+            guard bytes.count + count <= limit else {
+                throw Failure(path: path, code: 0, reason: "larger than \(limit) bytes")
+            }
+            bytes.append(contentsOf: chunk[..<count])
+        }
+    }
+
+    /// The UTF-8 text of `path`.
+    public static func text(_ path: String, limit: Int = 16 << 20) throws(Failure) -> String {
+        let bytes = try bytes(path, limit: limit)
+        guard let text = String(validating: bytes, as: UTF8.self) else {
+            throw Failure(path: path, code: 0, reason: "not UTF-8 text")
+        }
+        return text
+    }
+
+    /// Creates `path` and any missing parents (`mkdir -p`), the new ones with `mode` (less the umask); an existing
+    /// directory is fine, an existing file of another kind is an error.
+    public static func createDirectories(_ path: String, mode: mode_t = 0o755) throws(Failure) {
+        guard !path.isEmpty, !isDirectory(path) else { return }
+        let parent = path.lastIndex(of: "/").map { String(path[..<$0]) } ?? ""
+        if !parent.isEmpty { try createDirectories(parent, mode: mode) }
+        if mkdir(path, mode) != 0, errno != EEXIST { throw failure(path, errno) }
+        guard isDirectory(path) else { throw Failure(path: path, code: ENOTDIR, reason: "exists and is not a directory") }
+    }
+
+    /// Whether `path` is a directory (following symbolic links).
+    public static func isDirectory(_ path: String) -> Bool {
+        var info = stat()
+        return stat(path, &info) == 0 && info.st_mode & S_IFMT == S_IFDIR
+    }
+
+    /// Whether `path` exists and is anything but a directory (following symbolic links).
+    public static func isFile(_ path: String) -> Bool {
+        var info = stat()
+        return stat(path, &info) == 0 && info.st_mode & S_IFMT != S_IFDIR
+    }
+
+    /// The size of `path` in bytes, or nil when it does not exist or cannot be read.
+    public static func size(_ path: String) -> Int64? {
+        var info = stat()
+        return stat(path, &info) == 0 ? Int64(info.st_size) : nil
+    }
+
+    private static func failure(_ path: String, _ code: Int32) -> Failure {
+        Failure(path: path, code: code, reason: String(cString: strerror(code)))
+    }
+}
