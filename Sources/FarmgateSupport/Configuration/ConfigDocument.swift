@@ -6,7 +6,6 @@ import Foundation
 #if canImport(Glibc)
 import Glibc
 #endif
-import TOMLKit
 
 /// A configuration problem, located: `agent.toml:14: sensor "tank1.ph": interval: must be a duration like "10s" (got "ten")`.
 public struct ConfigurationError: Error, CustomStringConvertible, Sendable, Equatable {
@@ -73,18 +72,15 @@ public enum ConfigDocument {
 
     /// Parses `text`; `file` is only used in error messages.
     public static func parse(_ text: String, file: String) throws(ConfigurationError) -> ConfigTable {
-        let table: TOMLTable
+        let root: TOMLTableBuilder
         do {
-            table = try TOMLTable(string: text)
-        } catch let error as TOMLParseError {
-            throw ConfigurationError(
-                file: file, line: error.source.begin.line, key: nil,
-                message: "not valid TOML: \(error.description) (column \(error.source.begin.column))")
+            root = try TOMLParser.parse(text)
         } catch {
-            throw ConfigurationError(file: file, line: nil, key: nil, message: "not valid TOML: \(error)")
+            throw ConfigurationError(
+                file: file, line: error.line, key: nil, message: "not valid TOML: \(error.message) (column \(error.column))")
         }
         let index = LineIndex(text: text)
-        return ConfigTable(convert: table, file: file, path: [], display: nil, index: index)
+        return ConfigTable(built: root, file: file, path: [], display: nil, index: index)
     }
 }
 
@@ -181,18 +177,17 @@ public struct ConfigTable: Sendable {
     let values: [String: ConfigValue]
     let index: LineIndex
 
-    init(convert table: TOMLTable, file: String, path: [String], display: String?, index: LineIndex) {
+    init(built table: TOMLTableBuilder, file: String, path: [String], display: String?, index: LineIndex) {
         self.file = file
         self.path = path
         self.display = display
         self.index = index
         var values: [String: ConfigValue] = [:]
-        let keys = table.keys
-        for key in keys {
-            guard let node = table[key] else { continue }
-            values[key] = ConfigTable.convert(node, file: file, path: path + [key], index: index)
+        for (key, entry) in table.entries {
+            values[key] = ConfigTable.convert(entry, file: file, path: path + [key], index: index)
         }
-        self.keys = keys
+        // In byte order, as toml++ (and so TOMLKit, which this parser replaced) lists them.
+        self.keys = values.keys.sorted { $0.utf8.lexicographicallyPrecedes($1.utf8) }
         self.values = values
     }
 
@@ -205,32 +200,40 @@ public struct ConfigTable: Sendable {
         self.index = other.index
     }
 
-    private static func convert(_ node: any TOMLValueConvertible, file: String, path: [String], index: LineIndex) -> ConfigValue {
-        switch node.type {
-        case .string: return .string(node.string ?? "")
-        case .int: return .integer(node.int ?? 0)
-        case .double: return .double(node.double ?? 0)
-        case .bool: return .bool(node.bool ?? false)
-        case .table:
-            guard let table = node.table else { return .other("a table") }
-            return .table(ConfigTable(convert: table, file: file, path: path, display: nil, index: index))
-        case .array:
-            guard let array = node.array else { return .array([]) }
-            var elements: [ConfigValue] = []
-            for (offset, element) in array.enumerated() {
-                var elementPath = path
-                elementPath[elementPath.count - 1] += "#\(offset)"
-                if element.type == .table, let table = element.table {
-                    elements.append(.table(ConfigTable(convert: table, file: file, path: elementPath, display: nil, index: index)))
-                } else {
-                    elements.append(convert(element, file: file, path: path, index: index))
-                }
-            }
-            return .array(elements)
-        case .date: return .other("a date")
-        case .time: return .other("a time")
-        case .dateTime: return .other("a date-time")
+    private static func convert(_ entry: TOMLTableBuilder.Entry, file: String, path: [String], index: LineIndex) -> ConfigValue {
+        switch entry {
+        case .value(let value): return convert(value, file: file, path: path, index: index)
+        case .table(let table): return .table(ConfigTable(built: table, file: file, path: path, display: nil, index: index))
+        case .tables(let tables):
+            return .array(tables.enumerated().map { offset, table in
+                .table(ConfigTable(built: table, file: file, path: elementPath(path, offset), display: nil, index: index))
+            })
         }
+    }
+
+    private static func convert(_ value: TOMLValue, file: String, path: [String], index: LineIndex) -> ConfigValue {
+        switch value {
+        case .string(let text): return .string(text)
+        case .integer(let number): return .integer(number)
+        case .double(let number): return .double(number)
+        case .bool(let flag): return .bool(flag)
+        case .dateTime(_, let kind): return .other(kind == "a local date-time" ? "a date-time" : kind)
+        case .table(let table): return .table(ConfigTable(built: table, file: file, path: path, display: nil, index: index))
+        case .array(let elements):
+            return .array(elements.enumerated().map { offset, element in
+                if case .table(let table) = element {
+                    return .table(ConfigTable(built: table, file: file, path: elementPath(path, offset), display: nil, index: index))
+                }
+                return convert(element, file: file, path: path, index: index)
+            })
+        }
+    }
+
+    /// `sensors#2`: how the third element of the array `sensors` is named in key paths.
+    private static func elementPath(_ path: [String], _ offset: Int) -> [String] {
+        var path = path
+        if !path.isEmpty { path[path.count - 1] += "#\(offset)" }
+        return path
     }
 
     /// The same table, named `display` in errors.
