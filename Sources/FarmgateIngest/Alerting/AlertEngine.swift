@@ -82,10 +82,13 @@ public actor AlertEngine: CommitObserver, Service {
     /// ``SensorSeries`` keeps the positions of the rules that select it), and a stored alert finds its rule by name.
     private struct ReadingRules {
         var rules: [AlertRule]
+        /// Aligned with `rules`: what the loop over readings needs.
+        var conditions: [AlertCondition]
         var position: [String: Int]
 
         init(_ all: [AlertRule]) {
             rules = all.filter(\.kind.isReadingDriven)
+            conditions = rules.map(AlertCondition.init)
             position = Dictionary(rules.enumerated().map { ($1.name, $0) }, uniquingKeysWith: { first, _ in first })
         }
     }
@@ -317,13 +320,13 @@ public actor AlertEngine: CommitObserver, Service {
             evaluated = true
             return
         }
-        // What a failed write must undo: the memories of this batch's sensors (not the whole map: a copy of it per
-        // batch would cost in proportion to every series the engine knows).
-        let saved = work.map { (series[$0.sensor], lastEvaluated[$0.sensor]) }
+        // A failed write leaves the memories of this batch's sensors ahead of what was recorded: they are derived again
+        // from the store (no copy is kept: one per batch would cost a copy of every window it touches).
+        let savedNewest = work.map { lastEvaluated[$0.sensor] }
         func restore() {
             for (index, item) in work.enumerated() {
-                series[item.sensor] = saved[index].0
-                lastEvaluated[item.sensor] = saved[index].1
+                series[item.sensor]?.epoch = nil
+                lastEvaluated[item.sensor] = savedNewest[index]
             }
         }
         for attempt in 1...3 {
@@ -457,17 +460,18 @@ public actor AlertEngine: CommitObserver, Service {
         sensor: Int64, _ readings: [CommittedReading], farm: ReadingRules, device: DeviceIdentity, receivedAt: Timestamp, now current: Timestamp,
         records: [Int: AlertRecord], into changes: inout [AlertChange]
     ) {
-        guard var entry = series[sensor], let first = readings.first, let last = readings.last else { return }
+        // Taken out of the map while it changes, so that its arrays are not shared and change in place.
+        guard let first = readings.first, let last = readings.last, var entry = series.removeValue(forKey: sensor) else { return }
+        defer { series[sensor] = entry }
         let newestBefore = lastEvaluated[sensor]
         for (slot, position) in entry.rules.enumerated() {
             if let change = evaluate(
-                farm.rules[position], readings, after: newestBefore, memory: &entry.memories[slot], record: records[position], sensorRowID: sensor,
-                first: first, device: device, receivedAt: receivedAt, now: current)
+                farm.conditions[position], of: farm.rules, at: position, readings, after: newestBefore, memory: &entry.memories[slot],
+                record: records[position], sensorRowID: sensor, first: first, device: device, receivedAt: receivedAt, now: current)
             {
                 changes.append(change)
             }
         }
-        series[sensor] = entry
         lastEvaluated[sensor] = max(newestBefore ?? last.timestamp, last.timestamp)
     }
 
@@ -475,18 +479,21 @@ public actor AlertEngine: CommitObserver, Service {
     /// or the stored alert's) is out of order and waits for a late report. The common case, an alert that does not
     /// exist and a condition that does not hold, allocates nothing.
     private func evaluate(
-        _ rule: AlertRule, _ readings: [CommittedReading], after newestBefore: Timestamp?, memory: inout SeriesMemory, record stored: AlertRecord?,
-        sensorRowID: Int64, first: CommittedReading, device: DeviceIdentity, receivedAt: Timestamp, now current: Timestamp
+        _ condition: AlertCondition, of rules: [AlertRule], at position: Int, _ readings: [CommittedReading], after newestBefore: Timestamp?,
+        memory: inout SeriesMemory, record stored: AlertRecord?, sensorRowID: Int64, first: CommittedReading, device: DeviceIdentity,
+        receivedAt: Timestamp, now current: Timestamp
     ) -> AlertChange? {
         func fresh() -> AlertRecord {
-            AlertRecord(
+            let rule = rules[position]
+            return AlertRecord(
                 farmID: device.farmID, rule: rule.name, deviceRowID: device.rowID, sensorRowID: sensorRowID, device: device.device.rawValue,
                 sensor: first.sensor.rawValue,
                 fingerprint: AlertEvaluator.fingerprint(farm: device.farm, rule: rule.name, device: device.device.rawValue, sensor: first.sensor.rawValue),
                 updatedAt: receivedAt)
         }
         var alert = stored
-        var newest = [newestBefore, stored?.lastReading].compactMap { $0 }.max()
+        var newest = newestBefore
+        if let judged = stored?.lastReading, newest.map({ judged > $0 }) ?? true { newest = judged }
         let lateAfter = settings.lateAfter.microseconds
         var transitions: [AlertTransitionRecord] = []
         var outOfOrder: (Timestamp, Timestamp)?
@@ -498,19 +505,20 @@ public actor AlertEngine: CommitObserver, Service {
             newest = reading.timestamp
             guard
                 let holds = AlertEvaluator.holds(
-                    rule, value: reading.value, quality: reading.quality, at: reading.timestamp, active: alert?.state.isActive ?? false, memory: &memory)
+                    condition, value: reading.value, quality: reading.quality, at: reading.timestamp, active: alert?.state.isActive ?? false, memory: &memory)
             else { continue }
             // No alert yet and the condition does not hold: an inactive alert stays inactive, nothing to record.
             if alert == nil, !holds { continue }
             var moving = alert ?? fresh()
             let late = receivedAt.microseconds - reading.timestamp.microseconds > lateAfter
-            for move in AlertEvaluator.step(&moving, holds: holds, at: reading.timestamp, value: reading.value, forMicroseconds: rule.forMicroseconds) {
+            for move in AlertEvaluator.step(&moving, holds: holds, at: reading.timestamp, value: reading.value, forMicroseconds: condition.forMicroseconds) {
                 transitions.append(
                     AlertTransitionRecord(from: move.from, to: move.to, at: reading.timestamp, value: reading.value, late: late, notified: !late, recordedAt: current))
             }
             alert = moving
         }
         guard !transitions.isEmpty || outOfOrder != nil else { return nil }
+        let rule = rules[position]
         var record = alert ?? fresh()
         record.lastReading = newest
         let farm = device.farm

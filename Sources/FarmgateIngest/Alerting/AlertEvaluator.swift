@@ -52,12 +52,41 @@ struct RateWindow: Sendable, Equatable {
     static func == (lhs: RateWindow, rhs: RateWindow) -> Bool { lhs.entries.elementsEqual(rhs.entries) { $0 == $1 } }
 }
 
+/// What a reading-driven rule tests, without its names, labels and texts: plain values, so that the engine's loop over
+/// thousands of rules per batch copies no reference-counted field.
+struct AlertCondition: Sendable {
+    var kind: AlertRule.Kind
+    var threshold: Double?
+    var clear: Double?
+    var min: Double?
+    var max: Double?
+    var windowMicroseconds: Int64?
+    var count: Int?
+    var forMicroseconds: Int64
+
+    init(_ rule: AlertRule) {
+        kind = rule.kind
+        threshold = rule.threshold
+        clear = rule.clear
+        min = rule.min
+        max = rule.max
+        windowMicroseconds = rule.windowMicroseconds
+        count = rule.count
+        forMicroseconds = rule.forMicroseconds
+    }
+}
+
 /// The pure part of evaluation: whether a rule's condition holds for a reading, and how an alert's state moves. No I/O,
 /// no clock; the engine and the late-report replay both use it, and the tests drive it directly.
 enum AlertEvaluator {
-    /// Whether `rule`'s condition holds at this reading, given whether the alert is active (hysteresis), or nil when the
-    /// reading says nothing about it (a faulty reading for a threshold rule).
+    /// Whether `rule`'s condition holds at this reading (see the ``AlertCondition`` form).
     static func holds(_ rule: AlertRule, value: Double, quality: QualityFlags, at: Timestamp, active: Bool, memory: inout SeriesMemory) -> Bool? {
+        holds(AlertCondition(rule), value: value, quality: quality, at: at, active: active, memory: &memory)
+    }
+
+    /// Whether the condition holds at this reading, given whether the alert is active (hysteresis), or nil when the
+    /// reading says nothing about it (a faulty reading for a threshold rule).
+    static func holds(_ rule: AlertCondition, value: Double, quality: QualityFlags, at: Timestamp, active: Bool, memory: inout SeriesMemory) -> Bool? {
         let faulty = quality.contains(.sensorFault)
         switch rule.kind {
         case .above:
