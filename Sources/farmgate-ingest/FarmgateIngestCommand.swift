@@ -130,8 +130,15 @@ struct ServeCommand: AsyncParsableCommand {
         // PostgreSQL once the listener hears every instance's commits (LISTEN/NOTIFY).
         let latest = LatestCache(enabled: configuration.storage.postgres == nil)
         let listener = configuration.storage.postgres.map { PostgresLatestListener(settings: $0, cache: latest, logger: logger) }
+        // The notification workers; the engine wakes them when it writes outbox rows (rows of other instances wait
+        // for the next poll).
+        let delivery = try makeNotificationDelivery(configuration, store: store, registry: registry, logger: logger)
         // The alert engine evaluates committed readings off the request path (it catches up from the store at start).
-        let engine = (store as? any IngestStore & AlertStore).map { AlertEngine(store: $0, logger: logger) }
+        var wakeDelivery: (@Sendable () -> Void)?
+        if let delivery { wakeDelivery = { delivery.wake() } }
+        let engine = (store as? any IngestStore & AlertStore).map {
+            AlertEngine(store: $0, settings: configuration.alerting, logger: logger, notificationsWritten: wakeDelivery)
+        }
         let app = buildApplication(
             configuration: configuration, store: store, registry: registry, logger: logger,
             commits: CommitFeed(engine.map { [$0] } ?? []), latest: latest,
@@ -151,7 +158,7 @@ struct ServeCommand: AsyncParsableCommand {
         var services: [any Service] =
             [store] + (listener.map { [$0] } ?? []) + [MigrateThenServe(store: store, app: app, storage: configuration.storage.displayName, logger: logger, engine: engine)]
         // The notification workers after the server (they stop first, before the store), also only on a current schema.
-        if let delivery = try makeNotificationDelivery(configuration, store: store, registry: registry, logger: logger) {
+        if let delivery {
             services.append(MigrateThenServe(store: store, app: delivery, storage: configuration.storage.displayName, logger: logger))
         }
         let group = ServiceGroup(

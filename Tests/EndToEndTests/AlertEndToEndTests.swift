@@ -84,6 +84,34 @@ struct AlertEndToEndTests {
         await farm.ingest?.stop()
     }
 
+    @Test("serve wakes its delivery workers when the engine writes a notification: delivered in seconds although poll_interval is 30 s")
+    func engineWakesDeliveryInServe() async throws {
+        let server = try TestHTTPServer { _, _ in .reply(200) }
+        defer { server.stop() }
+        let farm = try await Farm()
+        let key = try await farm.createDevice("wake-site")
+        let keyFile = try farm.dir.write("wake-site.key", key + "\n")
+        try (try String(contentsOfFile: farm.ingestConfig, encoding: .utf8) + "\n[notify]\npoll_interval = \"30s\"\n")
+            .write(toFile: farm.ingestConfig, atomically: true, encoding: .utf8)
+        _ = try await farm.admin(["alert", "receiver", "add", "--farm", "e2e", "--name", "hook", "--webhook", server.url + "/hook"])
+        try await farm.admin([
+            "alert", "rule", "add", "--farm", "e2e", "--name", "ph-high", "--kind", "above", "--quantity", "ph", "--threshold", "5", "--receiver", "hook",
+        ])
+        let config = try farm.agentConfig("agent.toml", device: "wake-site", keyFile: keyFile, sensors: 1, interval: "200ms")
+        try await farm.startIngest()
+        // The workers looked at the empty outbox when serve started; without a wake-up the next look is 30 s later.
+        let started = ContinuousClock.now
+        let agent = try farm.startAgent(config: config, log: "agent.log")
+        let delivered = await server.waitForRequests(1, timeout: .seconds(25))
+        #expect(delivered, "no notification within 25 s: \(farm.ingest?.log ?? "") \(agent.log)")
+        if let first = server.requests.first {
+            #expect(first.receivedAt - started < .seconds(20), "delivered \(first.receivedAt - started) after the agent started: it waited for the poll")
+            #expect(first.headers["idempotency-key"]?.hasPrefix("farmgate-") == true)
+        }
+        #expect(await agent.stop() == 0, "\(agent.log)")
+        await farm.ingest?.stop()
+    }
+
     @Test("alert rule load takes the example file; a broken file is refused with file:line and nothing is loaded")
     func loadExampleRules() async throws {
         let farm = try await Farm()

@@ -1,3 +1,4 @@
+import FarmgateTestSupport
 import FarmgateWire
 import Foundation
 import Testing
@@ -250,6 +251,101 @@ struct AlertEngineTests {
             // The same batch again (a feed delivered twice): nothing new.
             await h.engine.evaluate(batch)
             #expect(try await h.outbox().count == 2)
+        }
+    }
+
+    @Test("a restart in the middle of a fault run or a rate window fires at the same reading as one engine would", arguments: StoreKind.allCases)
+    func memoryAcrossRestart(kind: StoreKind) async throws {
+        try await AlertHarness.with(kind) { h in
+            try await h.rule(spec("fault", "sensor_fault") { $0.count = 3; $0.sensor = "tank2.ec" })
+            try await h.rule(spec("ph-swing", "rate_of_change") { $0.quantity = "ph"; $0.threshold = 0.5; $0.window = "10m" })
+            // Two flagged EC readings and a pH that moved 0.2 within the window, evaluated by the first engine.
+            try await h.send([(0, 1500), (10, 1500)], sensor: "tank2.ec", quantity: .electricalConductivity, flags: [.sensorFault])
+            try await h.send([(0, 6.0), (300, 5.8)], sensor: "tank1.ph", quantity: .ph)
+            #expect(try await h.alerts().isEmpty)
+            // The process restarts: the next engine has never seen those readings.
+            let restarted = h.newEngine()
+            await restarted.reload()
+            // The third flagged reading completes the run of 3; 5.45 is 0.55 below the 6.0 of 400 s before.
+            try await h.send([(20, 1500)], sensor: "tank2.ec", quantity: .electricalConductivity, flags: [.sensorFault], to: restarted)
+            try await h.send([(400, 5.45)], sensor: "tank1.ph", quantity: .ph, to: restarted)
+            let byRule = Dictionary(grouping: try await h.alerts(), by: \.rule)
+            #expect(states(byRule["fault"]?.first) == ["inactive>pending", "pending>firing"])
+            #expect(byRule["fault"]?.first?.transitions.last?.at == Timestamp(microseconds: testNow.microseconds + 20_000_000))
+            #expect(states(byRule["ph-swing"]?.first) == ["inactive>pending", "pending>firing"])
+            #expect(byRule["ph-swing"]?.first?.transitions.last?.at == Timestamp(microseconds: testNow.microseconds + 400_000_000))
+            // Outside the window (more than 10 minutes after 6.0 and 5.8) the swing is only 5.45 → 5.3: resolved.
+            try await h.send([(1_000, 5.3)], sensor: "tank1.ph", quantity: .ph, to: restarted)
+            #expect(try await h.alerts().first { $0.rule == "ph-swing" }?.state == "resolved")
+        }
+    }
+
+    @Test("two instances taking turns with one device's batches share its fault run and rate window", arguments: StoreKind.allCases)
+    func memoryAcrossInstances(kind: StoreKind) async throws {
+        try await AlertHarness.with(kind) { h in
+            try await h.rule(spec("fault", "sensor_fault") { $0.count = 3; $0.sensor = "tank2.ec" })
+            try await h.rule(spec("ph-swing", "rate_of_change") { $0.quantity = "ph"; $0.threshold = 0.5; $0.window = "10m" })
+            let other = h.newEngine()
+            await other.reload()
+            // A: one flagged, B: one flagged, A: one flagged → the run of 3 is complete at A's second batch.
+            try await h.send([(0, 1500)], sensor: "tank2.ec", quantity: .electricalConductivity, flags: [.sensorFault])
+            try await h.send([(10, 1500)], sensor: "tank2.ec", quantity: .electricalConductivity, flags: [.sensorFault], to: other)
+            #expect(try await h.alerts().isEmpty)
+            try await h.send([(20, 1500)], sensor: "tank2.ec", quantity: .electricalConductivity, flags: [.sensorFault])
+            // A clean reading at B ends the run: a new flagged one at A starts from 1, not from A's remembered 3.
+            try await h.send([(30, 1500)], sensor: "tank2.ec", quantity: .electricalConductivity, to: other)
+            try await h.send([(40, 1500)], sensor: "tank2.ec", quantity: .electricalConductivity, flags: [.sensorFault])
+            let fault = try await h.alerts().first { $0.rule == "fault" }
+            #expect(states(fault) == ["inactive>pending", "pending>firing", "firing>resolved"])
+            #expect(fault?.transitions[1].at == Timestamp(microseconds: testNow.microseconds + 20_000_000))
+            // pH: 6.0 at A, 5.6 at B (0.4: nothing), 6.15 at A: 0.55 only with B's reading in A's window.
+            try await h.send([(0, 6.0)], sensor: "tank1.ph", quantity: .ph)
+            try await h.send([(300, 5.6)], sensor: "tank1.ph", quantity: .ph, to: other)
+            #expect(try await h.alerts().first { $0.rule == "ph-swing" } == nil)
+            try await h.send([(400, 6.15)], sensor: "tank1.ph", quantity: .ph)
+            let swing = try await h.alerts().first { $0.rule == "ph-swing" }
+            #expect(states(swing) == ["inactive>pending", "pending>firing"])
+            #expect(swing?.transitions.last?.at == Timestamp(microseconds: testNow.microseconds + 400_000_000))
+        }
+    }
+
+    @Test("the engine wakes this instance's delivery workers: a notification goes out long before a 30 s poll", arguments: StoreKind.allCases)
+    func engineWakesDelivery(kind: StoreKind) async throws {
+        let server = try TestHTTPServer { _, _ in .reply(200) }
+        defer { server.stop() }
+        try await AlertHarness.with(kind) { h in
+            guard let outbox = h.store as? any NotificationOutboxStore else { throw IngestStoreError.notFound("an outbox role") }
+            _ = try await AlertDeliveryAdmin(store: outbox).addReceiver(
+                farm: "f1", AlertReceiverSpec(name: "hook", kind: .webhook, url: server.url, maxPerMinute: 100_000))
+            var settings = fastNotify()
+            settings.pollInterval = .seconds(30)
+            let delivery = try NotificationDelivery(store: outbox, configuration: settings, logger: testLogger)
+            let clock = h.clock
+            let engine = AlertEngine(
+                store: h.store, settings: AlertEngine.Settings(lateAfter: .seconds(300), lateQuiet: .seconds(30)), logger: testLogger, now: { clock.now },
+                notificationsWritten: { delivery.wake() })
+            try await h.admin.putRule(farm: "f1", try spec("ph-low", "below") { $0.threshold = 5.5; $0.receivers = ["hook"] }.validated(), replace: true)
+            await engine.reload()
+            try await withDelivery(delivery) {
+                // The workers looked at the empty outbox when they started; their next poll is 30 s away.
+                try await Task.sleep(for: .milliseconds(500))
+                let written = ContinuousClock.now
+                try await h.send([(0, 5.0)], to: engine)
+                #expect(try await h.outbox().count == 1)
+                let delivered = await eventually(timeout: .seconds(10)) { server.requests.count == 1 }
+                #expect(delivered, "the notification waited for the poll")
+                #expect(ContinuousClock.now - written < .seconds(5))
+            }
+            // Without the wake-up the same row waits for the poll: a second engine that does not wake anyone.
+            let quiet = h.newEngine()
+            await quiet.reload()
+            let idle = try NotificationDelivery(store: outbox, configuration: settings, logger: testLogger)
+            try await withDelivery(idle) {
+                try await Task.sleep(for: .milliseconds(500))
+                try await h.send([(10, 6.0)], to: quiet)
+                try await Task.sleep(for: .seconds(2))
+                #expect(server.requests.count == 1, "a row written without a wake-up is delivered at the next poll, not at once")
+            }
         }
     }
 }

@@ -49,3 +49,53 @@ struct NotifyConfigurationTests {
         }
     }
 }
+
+@Suite("[alerting] configuration and the outbox's retention keys")
+struct AlertingConfigurationTests {
+    @Test("Every engine timing is a key; the defaults hold without the section")
+    func keys() throws {
+        let defaults = try IngestConfiguration.parse("", file: "ingest.toml", baseDirectory: "/")
+        #expect(defaults.alerting == AlertEngine.Settings())
+        #expect(defaults.alerting.tick == .seconds(5) && defaults.alerting.lateAfter == .seconds(300) && defaults.alerting.lateQuiet == .seconds(30))
+        #expect(defaults.retention.deliveredNotifications == .seconds(30 * 86_400) && defaults.retention.deadNotifications == .seconds(90 * 86_400))
+        let text = """
+            [alerting]
+            evaluation_interval = "2s"
+            late_after = "10m"
+            late_quiet = "1m"
+            calibration_interval = "1h"
+            queue_limit = 50
+
+            [retention]
+            delivered_notifications = "7d"
+            dead_notifications = "forever"
+            """
+        let configuration = try IngestConfiguration.parse(text, file: "ingest.toml", baseDirectory: "/")
+        #expect(
+            configuration.alerting
+                == AlertEngine.Settings(tick: .seconds(2), lateAfter: .seconds(600), lateQuiet: .seconds(60), queueLimit: 50, calibrationInterval: .seconds(3600)))
+        #expect(configuration.retention.deliveredNotifications == .seconds(7 * 86_400))
+        #expect(configuration.retention.deadNotifications == nil)
+    }
+
+    @Test(
+        "Bad values are refused with file, line and key",
+        arguments: [
+            ("[alerting]\nevaluation_interval = \"10ms\"\n", "ingest.toml:2: alerting.evaluation_interval"),
+            ("[alerting]\nlate_after = \"soon\"\n", "ingest.toml:2: alerting.late_after"),
+            ("[alerting]\n\nlate_quiet = \"2h\"\n", "ingest.toml:3: alerting.late_quiet"),
+            ("[alerting]\nqueue_limit = 0\n", "ingest.toml:2: alerting.queue_limit"),
+            ("[alerting]\ncalibration_interval = true\n", "ingest.toml:2: alerting.calibration_interval"),
+            ("[alerting]\ntick = \"5s\"\n", "ingest.toml:2: alerting.tick"),
+            ("[retention]\ndelivered_notifications = \"1h\"\n", "ingest.toml:2: retention.delivered_notifications"),
+            ("[retention]\ndead_notifications = \"never\"\n", "ingest.toml:2: retention.dead_notifications"),
+        ])
+    func refused(text: String, location: String) throws {
+        do {
+            _ = try IngestConfiguration.parse(text, file: "ingest.toml", baseDirectory: "/")
+            Issue.record("accepted: \(text)")
+        } catch {
+            #expect(error.description.hasPrefix(location), "\(error.description)")
+        }
+    }
+}

@@ -219,6 +219,53 @@ import Testing
 
 /// A retention run on SQLite that deletes millions of rows never holds the writer for long: batches are stored and
 /// answered between its small transactions, while it still has most of its work ahead of it.
+/// The outbox under retention: delivered rows and dead letters go after their own periods, pending rows never.
+@Suite struct OutboxRetentionTests {
+    @Test("delivered notifications go after 30 days, dead letters after 90, pending ones never; counted, and kept forever when told", arguments: StoreKind.allCases)
+    func outboxRowsArePruned(kind: StoreKind) async throws {
+        try await withOutboxStore(kind) { store in
+            guard let retentionStore = store as? any RetentionStore else { throw IngestStoreError.notFound("a retention role") }
+            let receiver = try await addWebhook(store, name: "hook", url: "http://127.0.0.1:9/hook")
+            func daysAgo(_ days: Int64) -> Timestamp { Timestamp(microseconds: testNow.microseconds - days * 86_400_000_000) }
+            /// Alert `alert`'s notification, due `days` ago, claimed then and delivered or dead then.
+            func settle(_ alert: Int64, daysAgo days: Int64, delivered: Bool) async throws {
+                _ = try await store.enqueueNotification(testNotification(alert), receiverID: receiver.id, dueAt: daysAgo(days))
+                let claimed = try await store.claimNotifications(
+                    OutboxClaimRequest(claimant: "test", now: daysAgo(days), claimDuration: .seconds(60), lookahead: .zero, limit: 1, perReceiver: 1, maxAttempts: 12))
+                let claim = try #require(claimed.first)
+                #expect(claim.entry.alertID == alert)
+                let outcome: OutboxCompletion = delivered ? .delivered(at: daysAgo(days)) : .dead(at: daysAgo(days), error: "refused")
+                #expect(try await store.completeNotification(id: claim.entry.id, claim: claim.claim, outcome: outcome))
+            }
+            try await settle(1, daysAgo: 100, delivered: false)  // dead 100 days: goes
+            try await settle(2, daysAgo: 50, delivered: false)  // dead 50 days: kept (dead letters stay 90)
+            try await settle(3, daysAgo: 40, delivered: true)  // delivered 40 days ago: goes
+            try await settle(4, daysAgo: 5, delivered: true)  // kept
+            _ = try await store.enqueueNotification(testNotification(5), receiverID: receiver.id, dueAt: daysAgo(200))  // pending: never goes
+            let defaults = IngestConfiguration.Retention()
+            let dry = try await retentionStore.runRetention(defaults, now: testNow, options: RetentionRunOptions(dryRun: true))
+            #expect(dry.deliveredNotificationsDeleted == 1 && dry.deadNotificationsDeleted == 1)
+            #expect(try await rows(store).count == 5)
+            // The scheduled run: counted in the retention metric, named in the report.
+            let registry = PrometheusCollectorRegistry()
+            let service = RetentionService(store: retentionStore, retention: defaults, metrics: RetentionMetrics(registry: registry), logger: testLogger, now: { testNow })
+            let report = try #require(await service.runOnce())
+            #expect(report.deliveredNotificationsDeleted == 1 && report.deadNotificationsDeleted == 1)
+            #expect(report.lines.contains("delivered notifications before 2025-12-02T00:00:00Z: removed 1 outbox rows"), "\(report.lines)")
+            #expect(report.lines.contains("dead notifications before 2025-10-03T00:00:00Z: removed 1 outbox rows"), "\(report.lines)")
+            let left = try await rows(store)
+            #expect(left.map(\.alertID).sorted() == [2, 4, 5])
+            #expect(metric(registry, "farmgate_ingest_retention_rows_removed_total{table=\"alert_outbox\"}") == 2)
+            // "forever" keeps them all.
+            let forever = IngestConfiguration.Retention(deliveredNotifications: nil, deadNotifications: nil)
+            let kept = try await retentionStore.runRetention(forever, now: Timestamp(microseconds: testNow.microseconds + 400 * 86_400_000_000), options: RetentionRunOptions())
+            #expect(kept.deliveredNotificationsDeleted == 0 && kept.deadNotificationsDeleted == 0)
+            #expect(kept.lines.contains("delivered notifications: kept forever"))
+            #expect(try await rows(store).count == 3)
+        }
+    }
+}
+
 @Suite struct RetentionUnderLoadTests {
     @Test func batchesAreAnsweredWhileAMultiMillionRowDeleteRuns() async throws {
         try await withFreshStore(.sqlite) { store in

@@ -28,6 +28,14 @@ import Synchronization
 /// resolved, never as firing; one that still holds makes the alert firing. Nothing is notified for a backlog in which the
 /// condition never fired.
 ///
+/// **Series memory.** A rate-of-change rule needs the readings of its window, a sensor-fault rule the run of flagged
+/// readings before the one at hand. The engine keeps both in memory while it evaluates a device's batches one after
+/// another (a batch whose lowest sequence follows the last one it evaluated); before any other batch (the first after a
+/// start, one after readings another instance evaluated, a gap) it derives them again from the stored readings before
+/// the batch's first (``memories(of:sensorRowID:before:store:)``). So a restart, or a device whose uploads alternate
+/// between instances, fires at the same reading as one engine that saw everything; the late-report replay starts from
+/// the same derivation.
+///
 /// **Silences and acknowledgements.** An alert whose labels a silence matches still changes state and keeps its
 /// history (the transitions are marked `silenced`), but no notification is written for it: nothing reaches the outbox,
 /// so nothing is sent when the silence ends. Acknowledging records who and when; it is cleared when the alert fires
@@ -37,8 +45,8 @@ import Synchronization
 /// that finds an alert changed by another instance is refused as a whole (``AlertStoreConflict``), and the engine reads
 /// the alerts again and evaluates once more, so each transition is recorded, and notified, once.
 public actor AlertEngine: CommitObserver, Service {
-    public struct Settings: Sendable {
-        /// How often timer rules, late reports, rule reloads and watermark saves run.
+    public struct Settings: Sendable, Hashable {
+        /// How often timer rules (no data, device offline), late reports, rule reloads and watermark saves run.
         public var tick: Duration
         /// A reading taken longer than this before it arrived is late (part of a backlog).
         public var lateAfter: Duration
@@ -50,7 +58,7 @@ public actor AlertEngine: CommitObserver, Service {
         public var calibrationInterval: Duration
 
         /// - Parameters: every default documented: tick 5 s, late after 5 min, late quiet 30 s, queue 1,000 batches,
-        ///   calibrations every 5 min.
+        ///   calibrations every 5 min. `[alerting]` in `ingest.toml` sets them (``IngestConfiguration/alerting``).
         public init(
             tick: Duration = .seconds(5), lateAfter: Duration = .seconds(300), lateQuiet: Duration = .seconds(30), queueLimit: Int = 1_000,
             calibrationInterval: Duration = .seconds(300)
@@ -70,10 +78,37 @@ public actor AlertEngine: CommitObserver, Service {
         var sensorRowID: Int64
     }
 
+    /// A farm's reading-driven rules, indexed once per change of its rules: a sensor is matched against them once (its
+    /// ``SensorSeries`` keeps the positions of the rules that select it), and a stored alert finds its rule by name.
+    private struct ReadingRules {
+        var rules: [AlertRule]
+        /// Aligned with `rules`: what the loop over readings needs.
+        var conditions: [AlertCondition]
+        var position: [String: Int]
+
+        init(_ all: [AlertRule]) {
+            rules = all.filter(\.kind.isReadingDriven)
+            conditions = rules.map(AlertCondition.init)
+            position = Dictionary(rules.enumerated().map { ($1.name, $0) }, uniquingKeysWith: { first, _ in first })
+        }
+    }
+
+    /// What the engine keeps per sensor for its reading-driven rules: which rules select it, and each one's memory.
+    private struct SensorSeries {
+        /// Positions in the farm's ``ReadingRules/rules``.
+        var rules: [Int]
+        /// Aligned with `rules`.
+        var memories: [SeriesMemory]
+        /// The device epoch the memories are current for (nil: never derived). See ``deviceEpoch``.
+        var epoch: UInt64?
+    }
+
     private let store: any IngestStore & AlertStore
     private let settings: Settings
     private let logger: Logger
     private let now: @Sendable () -> Timestamp
+    /// Called after a write that put rows in the outbox: `serve` wakes this instance's delivery workers with it.
+    private let notificationsWritten: (@Sendable () -> Void)?
     private nonisolated let queue: AsyncStream<CommittedBatch>
     private nonisolated let continuation: AsyncStream<CommittedBatch>.Continuation
     private nonisolated let mustCatchUp = Atomic<Bool>(true)
@@ -81,11 +116,19 @@ public actor AlertEngine: CommitObserver, Service {
     private nonisolated let dropped = Mutex<[Int64: UInt64]>([:])
 
     private var rulesByFarm: [Int64: [AlertRule]] = [:]
+    private var readingRules: [Int64: ReadingRules] = [:]
     private var farmNames: [Int64: String] = [:]
     private var silencesByFarm: [Int64: [AlertSilence]] = [:]
-    private var memories: [SeriesKey: SeriesMemory] = [:]
-    /// Per sensor row: the reading-driven rules whose selectors match it; cleared whenever the rules change.
-    private var matchCache: [Int64: [AlertRule]] = [:]
+    /// Per sensor row: its reading-driven rules and their memories; cleared whenever the rules change.
+    private var series: [Int64: SensorSeries] = [:]
+    /// Per sensor row: the newest reading timestamp evaluated in order (older readings wait for a late report).
+    private var lastEvaluated: [Int64: Timestamp] = [:]
+    /// Per device: the highest sequence of the last batch this engine evaluated. A batch that starts right after it
+    /// holds the device's next readings, so every memory is current; any other batch (the first after a start, one
+    /// after readings that another instance evaluated, a gap) raises the device's epoch, and each sensor's memories
+    /// are derived again from the stored readings before they are used.
+    private var evaluatedThrough: [Int64: UInt64] = [:]
+    private var deviceEpoch: [Int64: UInt64] = [:]
     /// Per device: the highest sequence evaluated, and whether it changed since the last save.
     private var watermarks: [Int64: UInt64] = [:]
     private var dirtyWatermarks: Set<Int64> = []
@@ -99,12 +142,20 @@ public actor AlertEngine: CommitObserver, Service {
     private let notificationsCounter = Counter(label: "farmgate_ingest_alert_notifications_total")
     private let droppedCounter = Counter(label: "farmgate_ingest_alert_queue_overflows_total")
     private let errorsCounter = Counter(label: "farmgate_ingest_alert_evaluation_errors_total")
+    private let derivedCounter = Counter(label: "farmgate_ingest_alert_memories_derived_total")
 
-    public init(store: any IngestStore & AlertStore, settings: Settings = Settings(), logger: Logger, now: @escaping @Sendable () -> Timestamp = { .now() }) {
+    /// - Parameters:
+    ///   - notificationsWritten: called (outside any transaction) after each write that added outbox rows, so that
+    ///     delivery starts at once instead of at the next poll (`serve` passes ``NotificationDelivery/wake()``).
+    public init(
+        store: any IngestStore & AlertStore, settings: Settings = Settings(), logger: Logger, now: @escaping @Sendable () -> Timestamp = { .now() },
+        notificationsWritten: (@Sendable () -> Void)? = nil
+    ) {
         self.store = store
         self.settings = settings
         self.logger = logger
         self.now = now
+        self.notificationsWritten = notificationsWritten
         (queue, continuation) = AsyncStream.makeStream(of: CommittedBatch.self, bufferingPolicy: .bufferingOldest(max(1, settings.queueLimit)))
     }
 
@@ -196,7 +247,11 @@ public actor AlertEngine: CommitObserver, Service {
                 rules[stored.farmID, default: []].append(stored.rule)
                 farmNames[stored.farmID] = stored.farm
             }
-            if rules != rulesByFarm { matchCache = [:] }
+            if rules != rulesByFarm {
+                // Rules changed: sensors are matched again, and memories derived again under the new rules.
+                series = [:]
+                readingRules = rules.mapValues(ReadingRules.init)
+            }
             rulesByFarm = rules
             var silences: [Int64: [AlertSilence]] = [:]
             for farm in rules.keys { silences[farm] = try await store.alertSilences(farmID: farm, endingAfter: now()) }
@@ -219,66 +274,170 @@ public actor AlertEngine: CommitObserver, Service {
         let device = batch.device
         var readings = batch.readings
         if !fromCatchUp, let scanned = scannedThrough[device.rowID] { readings.removeAll { $0.sequence <= scanned } }
-        let top = readings.map(\.sequence).max()
-        var failed = false
+        guard var top = readings.first?.sequence, var lowest = readings.first?.sequence else { return }
+        for reading in readings {
+            top = max(top, reading.sequence)
+            lowest = min(lowest, reading.sequence)
+        }
+        // Readings of the device this engine did not evaluate may lie between its last batch and this one: every
+        // memory of the device's series is derived again before it is used.
+        if evaluatedThrough[device.rowID].map({ $0 &+ 1 != lowest }) ?? true { deviceEpoch[device.rowID, default: 0] &+= 1 }
+        let epoch = deviceEpoch[device.rowID] ?? 0
+        var evaluated = false
         defer {
-            if !failed, var top {
-                if let failure = failedFrom[device.rowID] { top = min(top, failure > 0 ? failure - 1 : 0) }
-                if top > (watermarks[device.rowID] ?? 0) || watermarks[device.rowID] == nil, failedFrom[device.rowID] != 0 {
-                    watermarks[device.rowID] = max(watermarks[device.rowID] ?? 0, top)
+            if evaluated {
+                evaluatedThrough[device.rowID] = top
+                var saved = top
+                if let failure = failedFrom[device.rowID] { saved = min(saved, failure > 0 ? failure - 1 : 0) }
+                if saved > (watermarks[device.rowID] ?? 0) || watermarks[device.rowID] == nil, failedFrom[device.rowID] != 0 {
+                    watermarks[device.rowID] = max(watermarks[device.rowID] ?? 0, saved)
                     dirtyWatermarks.insert(device.rowID)
                 }
             }
         }
-        let rules = (rulesByFarm[device.farmID] ?? []).filter(\.kind.isReadingDriven)
-        guard !rules.isEmpty, !readings.isEmpty else { return }
+        guard let farmRules = readingRules[device.farmID], !farmRules.rules.isEmpty else {
+            evaluated = true
+            return
+        }
+        // Per sensor: its readings in time order and the rules that select it (matched once per sensor and rule set).
         var bySensor: [Int64: [CommittedReading]] = [:]
         for reading in readings { bySensor[reading.sensorRowID, default: []].append(reading) }
-        var work: [(rule: AlertRule, readings: [CommittedReading])] = []
-        for (_, sensorReadings) in bySensor {
+        var work: [(sensor: Int64, readings: [CommittedReading])] = []
+        work.reserveCapacity(bySensor.count)
+        for (sensor, var sensorReadings) in bySensor {
             guard let first = sensorReadings.first else { continue }
-            let matched: [AlertRule]
-            if let cached = matchCache[first.sensorRowID] {
-                matched = cached
-            } else {
-                matched = rules.filter { $0.matches(device: device.device.rawValue, sensor: first.sensor.rawValue, quantity: first.quantity) }
-                matchCache[first.sensorRowID] = matched
+            if series[sensor] == nil {
+                let matched = farmRules.rules.indices.filter {
+                    farmRules.rules[$0].matches(device: device.device.rawValue, sensor: first.sensor.rawValue, quantity: first.quantity)
+                }
+                series[sensor] = SensorSeries(rules: matched, memories: Array(repeating: SeriesMemory(), count: matched.count), epoch: nil)
             }
-            for rule in matched {
-                work.append((rule, sensorReadings.sorted { ($0.timestamp, $0.sequence) < ($1.timestamp, $1.sequence) }))
+            guard series[sensor]?.rules.isEmpty == false else { continue }
+            sensorReadings.sort { ($0.timestamp, $0.sequence) < ($1.timestamp, $1.sequence) }
+            work.append((sensor, sensorReadings))
+        }
+        guard !work.isEmpty else {
+            evaluated = true
+            return
+        }
+        // A failed write leaves the memories of this batch's sensors ahead of what was recorded: they are derived again
+        // from the store (no copy is kept: one per batch would cost a copy of every window it touches).
+        let savedNewest = work.map { lastEvaluated[$0.sensor] }
+        func restore() {
+            for (index, item) in work.enumerated() {
+                series[item.sensor]?.epoch = nil
+                lastEvaluated[item.sensor] = savedNewest[index]
             }
         }
-        guard !work.isEmpty else { return }
         for attempt in 1...3 {
-            let saved = memories
             do {
-                let stored = try await store.alertRecords(deviceRowID: device.rowID)
-                var records: [SeriesKey: AlertRecord] = [:]
-                for record in stored {
-                    records[SeriesKey(farmID: record.farmID, rule: record.rule, deviceRowID: record.deviceRowID, sensorRowID: record.sensorRowID)] = record
+                for item in work where series[item.sensor]?.epoch != epoch {
+                    try await deriveMemories(sensor: item.sensor, farm: farmRules, before: item.readings, epoch: epoch)
                 }
+                var records: [Int64: [Int: AlertRecord]] = [:]
+                for record in try await store.alertRecords(deviceRowID: device.rowID) where record.sensorRowID != 0 {
+                    guard let position = farmRules.position[record.rule] else { continue }
+                    records[record.sensorRowID, default: [:]][position] = record
+                }
+                let current = now()
                 var changes: [AlertChange] = []
-                for (rule, sensorReadings) in work {
-                    if let change = evaluate(rule, sensorReadings, device: device, receivedAt: batch.receivedAt, records: records) { changes.append(change) }
+                for item in work {
+                    evaluate(sensor: item.sensor, item.readings, farm: farmRules, device: device, receivedAt: batch.receivedAt, now: current,
+                             records: records[item.sensor] ?? [:], into: &changes)
                 }
                 try await apply(changes)
+                evaluated = true
                 return
             } catch let conflict as AlertStoreConflict {
-                memories = saved
+                restore()
                 logger.debug("alert changed by another writer; evaluating again", metadata: ["alert": "\(conflict.alert)", "attempt": "\(attempt)"])
             } catch {
-                memories = saved
+                restore()
                 errorsCounter.increment()
                 mustCatchUp.store(true, ordering: .relaxed)
                 logger.error("alert engine cannot write alert state; the readings are evaluated again from the store", metadata: ["error": "\(error)"])
-                failed = true
-                watermarksHold(device: device.rowID, below: readings.map(\.sequence).min())
+                watermarksHold(device: device.rowID, below: lowest)
                 return
             }
         }
-        failed = true
         mustCatchUp.store(true, ordering: .relaxed)
-        watermarksHold(device: device.rowID, below: readings.map(\.sequence).min())
+        watermarksHold(device: device.rowID, below: lowest)
+    }
+
+    /// Rebuilds the memories of `sensor`'s rate-of-change and sensor-fault rules as they stand just before the first
+    /// of `readings` that will be evaluated, from the readings stored before it.
+    private func deriveMemories(sensor: Int64, farm: ReadingRules, before readings: [CommittedReading], epoch: UInt64) async throws {
+        guard var entry = series[sensor] else { return }
+        entry.epoch = epoch
+        let rules = entry.rules.map { farm.rules[$0] }
+        guard rules.contains(where: { $0.kind == .rateOfChange || $0.kind == .sensorFault }) else {
+            series[sensor] = entry  // nothing to remember across readings
+            return
+        }
+        let newest = lastEvaluated[sensor]
+        guard let time = readings.first(where: { reading in newest.map { reading.timestamp > $0 } ?? true })?.timestamp ?? readings.first?.timestamp else { return }
+        entry.memories = try await Self.memories(of: rules, sensorRowID: sensor, before: time, store: store)
+        series[sensor] = entry
+        derivedCounter.increment()
+    }
+
+    /// The memory of each of `rules` on one sensor just before `time`, from the readings stored before it: a rate
+    /// window holds the sensor's non-faulty readings within the rule's window, a fault run counts the faulty readings
+    /// that end at `time` (at most the largest `count`, which decides as well as the whole run would). Used when the
+    /// engine has not seen the readings before (a start, another instance, a gap) and by the late-report replay.
+    static func memories(of rules: [AlertRule], sensorRowID: Int64, before time: Timestamp, store: any IngestStore & AlertStore) async throws -> [SeriesMemory] {
+        var memories = Array(repeating: SeriesMemory(), count: rules.count)
+        let longestWindow = rules.compactMap { $0.kind == .rateOfChange ? $0.windowMicroseconds : nil }.max()
+        let longestRun = rules.compactMap { $0.kind == .sensorFault ? ($0.count ?? 1) : nil }.max()
+        if let longestWindow {
+            var cursor = Timestamp(microseconds: time.microseconds - longestWindow)
+            var stored: [StoredReading] = []
+            while true {
+                let page = try await store.readings(sensorRowID: sensorRowID, from: cursor, to: time, limit: 5_000)
+                stored += page
+                guard page.count == 5_000, let last = page.last else { break }
+                cursor = Timestamp(microseconds: last.timestamp.microseconds + 1)
+            }
+            for (index, rule) in rules.enumerated() where rule.kind == .rateOfChange {
+                let start = time.microseconds - (rule.windowMicroseconds ?? 0)
+                for reading in stored where reading.timestamp.microseconds >= start && !reading.quality.contains(.sensorFault) {
+                    memories[index].window.append(reading.timestamp.microseconds, reading.value)
+                }
+            }
+        }
+        if let longestRun {
+            let run = try await faultRun(sensorRowID: sensorRowID, before: time, upTo: longestRun, store: store)
+            for index in rules.indices where rules[index].kind == .sensorFault { memories[index].faultRun = run }
+        }
+        return memories
+    }
+
+    /// How many readings in a row flagged `sensor_fault` end just before `time` (counted up to `limit`): looks back in
+    /// spans that double from 10 minutes until a reading without the flag, `limit` flagged ones, or the sensor's first.
+    static func faultRun(sensorRowID: Int64, before time: Timestamp, upTo limit: Int, store: any IngestStore & AlertStore) async throws -> Int {
+        var run = 0
+        var upper = time.microseconds
+        var span: Int64 = 600_000_000
+        while run < limit {
+            let lower = upper - span
+            var page: [StoredReading] = []
+            var cursor = Timestamp(microseconds: lower)
+            while true {
+                let part = try await store.readings(sensorRowID: sensorRowID, from: cursor, to: Timestamp(microseconds: upper), limit: 5_000)
+                page += part
+                guard part.count == 5_000, let last = part.last else { break }
+                cursor = Timestamp(microseconds: last.timestamp.microseconds + 1)
+            }
+            for reading in page.reversed() {
+                guard reading.quality.contains(.sensorFault) else { return run }
+                run += 1
+                if run >= limit { return run }
+            }
+            if page.isEmpty, try await store.readings(sensorRowID: sensorRowID, from: nil, to: Timestamp(microseconds: lower), limit: 1).isEmpty { return run }
+            upper = lower
+            span = min(span * 2, 400 * 86_400_000_000)
+        }
+        return run
     }
 
     private func mergeDropped() {
@@ -296,44 +455,79 @@ public actor AlertEngine: CommitObserver, Service {
         scannedThrough[device] = nil
     }
 
-    private func evaluate(_ rule: AlertRule, _ readings: [CommittedReading], device: DeviceIdentity, receivedAt: Timestamp, records: [SeriesKey: AlertRecord]) -> AlertChange? {
-        guard let first = readings.first else { return nil }
-        let key = SeriesKey(farmID: device.farmID, rule: rule.name, deviceRowID: device.rowID, sensorRowID: first.sensorRowID)
-        let farm = device.farm
-        var record = records[key] ?? AlertRecord(
-            farmID: device.farmID, rule: rule.name, deviceRowID: device.rowID, sensorRowID: first.sensorRowID, device: device.device.rawValue,
-            sensor: first.sensor.rawValue, fingerprint: AlertEvaluator.fingerprint(farm: farm, rule: rule.name, device: device.device.rawValue, sensor: first.sensor.rawValue),
-            updatedAt: receivedAt)
-        let before = record
-        var memory = memories[key] ?? SeriesMemory()
-        var newest = [memory.lastTimestamp, record.lastReading].compactMap { $0 }.max()
+    /// Evaluates every rule of one sensor over its readings (in time order) and appends the alerts that changed.
+    private func evaluate(
+        sensor: Int64, _ readings: [CommittedReading], farm: ReadingRules, device: DeviceIdentity, receivedAt: Timestamp, now current: Timestamp,
+        records: [Int: AlertRecord], into changes: inout [AlertChange]
+    ) {
+        // Taken out of the map while it changes, so that its arrays are not shared and change in place.
+        guard let first = readings.first, let last = readings.last, var entry = series.removeValue(forKey: sensor) else { return }
+        defer { series[sensor] = entry }
+        let newestBefore = lastEvaluated[sensor]
+        for (slot, position) in entry.rules.enumerated() {
+            if let change = evaluate(
+                farm.conditions[position], of: farm.rules, at: position, readings, after: newestBefore, memory: &entry.memories[slot],
+                record: records[position], sensorRowID: sensor, first: first, device: device, receivedAt: receivedAt, now: current)
+            {
+                changes.append(change)
+            }
+        }
+        lastEvaluated[sensor] = max(newestBefore ?? last.timestamp, last.timestamp)
+    }
+
+    /// One rule over one sensor's readings in time order; a reading at or before the newest one evaluated (`after`,
+    /// or the stored alert's) is out of order and waits for a late report. The common case, an alert that does not
+    /// exist and a condition that does not hold, allocates nothing.
+    private func evaluate(
+        _ condition: AlertCondition, of rules: [AlertRule], at position: Int, _ readings: [CommittedReading], after newestBefore: Timestamp?,
+        memory: inout SeriesMemory, record stored: AlertRecord?, sensorRowID: Int64, first: CommittedReading, device: DeviceIdentity,
+        receivedAt: Timestamp, now current: Timestamp
+    ) -> AlertChange? {
+        func fresh() -> AlertRecord {
+            let rule = rules[position]
+            return AlertRecord(
+                farmID: device.farmID, rule: rule.name, deviceRowID: device.rowID, sensorRowID: sensorRowID, device: device.device.rawValue,
+                sensor: first.sensor.rawValue,
+                fingerprint: AlertEvaluator.fingerprint(farm: device.farm, rule: rule.name, device: device.device.rawValue, sensor: first.sensor.rawValue),
+                updatedAt: receivedAt)
+        }
+        var alert = stored
+        var newest = newestBefore
+        if let judged = stored?.lastReading, newest.map({ judged > $0 }) ?? true { newest = judged }
         let lateAfter = settings.lateAfter.microseconds
         var transitions: [AlertTransitionRecord] = []
         var outOfOrder: (Timestamp, Timestamp)?
-        let current = now()
         for reading in readings {
             if let newest, reading.timestamp <= newest {
                 outOfOrder = (min(outOfOrder?.0 ?? reading.timestamp, reading.timestamp), max(outOfOrder?.1 ?? reading.timestamp, reading.timestamp))
                 continue
             }
             newest = reading.timestamp
-            memory.lastTimestamp = reading.timestamp
-            guard let holds = AlertEvaluator.holds(rule, value: reading.value, quality: reading.quality, at: reading.timestamp, active: record.state.isActive, memory: &memory)
+            guard
+                let holds = AlertEvaluator.holds(
+                    condition, value: reading.value, quality: reading.quality, at: reading.timestamp, active: alert?.state.isActive ?? false, memory: &memory)
             else { continue }
+            // No alert yet and the condition does not hold: an inactive alert stays inactive, nothing to record.
+            if alert == nil, !holds { continue }
+            var moving = alert ?? fresh()
             let late = receivedAt.microseconds - reading.timestamp.microseconds > lateAfter
-            for move in AlertEvaluator.step(&record, holds: holds, at: reading.timestamp, value: reading.value, forMicroseconds: rule.forMicroseconds) {
+            for move in AlertEvaluator.step(&moving, holds: holds, at: reading.timestamp, value: reading.value, forMicroseconds: condition.forMicroseconds) {
                 transitions.append(
                     AlertTransitionRecord(from: move.from, to: move.to, at: reading.timestamp, value: reading.value, late: late, notified: !late, recordedAt: current))
             }
+            alert = moving
         }
-        memories[key] = memory
         guard !transitions.isEmpty || outOfOrder != nil else { return nil }
+        let rule = rules[position]
+        var record = alert ?? fresh()
         record.lastReading = newest
+        let farm = device.farm
+        let before = stored
         // Live transitions that notify (firing, resolved), each with a notification of its own.
         let notifiable = transitions.indices.filter { !transitions[$0].late && (transitions[$0].to == .firing || transitions[$0].to == .resolved) }
         // Late transitions of this batch followed by a live one (a backlog that reaches the present, in order) fold into
         // that live notification, unless out-of-order readings wait for a late report anyway.
-        let foldLate = transitions.contains(where: \.late) && !notifiable.isEmpty && outOfOrder == nil && before.lateDue == nil
+        let foldLate = transitions.contains(where: \.late) && !notifiable.isEmpty && outOfOrder == nil && before?.lateDue == nil
         if foldLate {
             for index in transitions.indices where transitions[index].late { transitions[index].notified = true }
         }
@@ -344,7 +538,7 @@ public actor AlertEngine: CommitObserver, Service {
             record.lateTo = ([record.lateTo].compactMap { $0 } + times).max()
             record.lateDue = Timestamp(microseconds: current.microseconds + settings.lateQuiet.microseconds)
         }
-        if transitions.isEmpty, before.lateDue != nil, before.lateFrom == record.lateFrom, before.lateTo == record.lateTo {
+        if transitions.isEmpty, before?.lateDue != nil, before?.lateFrom == record.lateFrom, before?.lateTo == record.lateTo {
             // The same stretch again (a backlog batch re-sent): nothing new to record.
             return nil
         }
@@ -469,7 +663,8 @@ public actor AlertEngine: CommitObserver, Service {
             state.pendingSince = before.to == .pending ? before.at : nil
             state.startsAt = before.to == .firing ? before.at : nil
         }
-        var memory = SeriesMemory()
+        var memories = try await Self.memories(of: [rule], sensorRowID: record.sensorRowID, before: start, store: store)
+        var memory = memories.removeFirst()
         var found: [AlertTransitionRecord] = []
         var cursor: Timestamp? = start
         let end = Timestamp(microseconds: to.microseconds + 1)
@@ -600,7 +795,10 @@ public actor AlertEngine: CommitObserver, Service {
         guard !changes.isEmpty else { return }
         try await store.applyAlertChanges(changes, now: now())
         let notified = changes.reduce(0) { $0 + $1.notifications.count }
-        if notified > 0 { notificationsCounter.increment(by: notified) }
+        if notified > 0 {
+            notificationsCounter.increment(by: notified)
+            notificationsWritten?()
+        }
     }
 
     /// Saves the watermarks that moved since the last save.

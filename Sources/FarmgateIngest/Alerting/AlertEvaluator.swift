@@ -1,20 +1,92 @@
 import FarmgateWire
 
-/// What the engine remembers of one series (a rule on one sensor) between batches, beside the stored alert: the newest
-/// reading evaluated, the rate-of-change window, the run of faulty readings. Not stored: after a restart it starts
-/// empty (a rate window and a fault run refill from the next readings).
+/// What evaluation carries from one reading of a series (a rule on one sensor) to the next, beside the stored alert: the
+/// rate-of-change window and the run of faulty readings. The engine keeps it between batches while it has evaluated
+/// every reading of the device in between, and otherwise rebuilds it from the stored readings before the next one
+/// (``AlertEngine``, "Series memory"), so a restart or another instance starts from what the readings say, not empty.
 struct SeriesMemory: Sendable {
-    var lastTimestamp: Timestamp?
-    var window: [(at: Timestamp, value: Double)] = []
+    var window = RateWindow()
     var faultRun = 0
+}
+
+/// The non-faulty readings of a rate-of-change window, oldest first: appended at the back, dropped at the front, the
+/// spread (highest minus lowest) found by one pass. No allocation per reading once its buffers have grown.
+struct RateWindow: Sendable, Equatable {
+    private var times: [Int64] = []
+    private var values: [Double] = []
+    private var start = 0
+
+    var count: Int { times.count - start }
+
+    mutating func append(_ time: Int64, _ value: Double) {
+        times.append(time)
+        values.append(value)
+    }
+
+    /// Drops the readings taken before `time`.
+    mutating func drop(before time: Int64) {
+        while start < times.count, times[start] < time { start += 1 }
+        // Compact once the dropped part outweighs the kept one: amortised O(1) per reading.
+        if start > 64, start * 2 > times.count {
+            times.removeFirst(start)
+            values.removeFirst(start)
+            start = 0
+        }
+    }
+
+    /// Highest minus lowest value in the window (0 when empty).
+    var spread: Double {
+        guard start < values.count else { return 0 }
+        var low = values[start]
+        var high = low
+        for index in (start + 1)..<values.count {
+            let value = values[index]
+            if value < low { low = value } else if value > high { high = value }
+        }
+        return high - low
+    }
+
+    /// The kept readings, oldest first (tests).
+    var entries: [(time: Int64, value: Double)] { (start..<times.count).map { (times[$0], values[$0]) } }
+
+    static func == (lhs: RateWindow, rhs: RateWindow) -> Bool { lhs.entries.elementsEqual(rhs.entries) { $0 == $1 } }
+}
+
+/// What a reading-driven rule tests, without its names, labels and texts: plain values, so that the engine's loop over
+/// thousands of rules per batch copies no reference-counted field.
+struct AlertCondition: Sendable {
+    var kind: AlertRule.Kind
+    var threshold: Double?
+    var clear: Double?
+    var min: Double?
+    var max: Double?
+    var windowMicroseconds: Int64?
+    var count: Int?
+    var forMicroseconds: Int64
+
+    init(_ rule: AlertRule) {
+        kind = rule.kind
+        threshold = rule.threshold
+        clear = rule.clear
+        min = rule.min
+        max = rule.max
+        windowMicroseconds = rule.windowMicroseconds
+        count = rule.count
+        forMicroseconds = rule.forMicroseconds
+    }
 }
 
 /// The pure part of evaluation: whether a rule's condition holds for a reading, and how an alert's state moves. No I/O,
 /// no clock; the engine and the late-report replay both use it, and the tests drive it directly.
 enum AlertEvaluator {
-    /// Whether `rule`'s condition holds at this reading, given whether the alert is active (hysteresis), or nil when the
-    /// reading says nothing about it (a faulty reading for a threshold rule).
+    /// Whether `rule`'s condition holds at this reading (see the ``AlertCondition`` form).
     static func holds(_ rule: AlertRule, value: Double, quality: QualityFlags, at: Timestamp, active: Bool, memory: inout SeriesMemory) -> Bool? {
+        holds(AlertCondition(rule), value: value, quality: quality, at: at, active: active, memory: &memory)
+    }
+
+    /// Whether the condition holds at this reading, given whether the alert is active (hysteresis), or nil when the
+    /// reading says nothing about it (a faulty reading for a threshold rule).
+    static func holds(_ rule: AlertCondition, value: Double, quality: QualityFlags, at: Timestamp, active: Bool, memory: inout SeriesMemory) -> Bool? {
         let faulty = quality.contains(.sensorFault)
         switch rule.kind {
         case .above:
@@ -29,10 +101,9 @@ enum AlertEvaluator {
             return (rule.min.map { value < $0 } ?? false) || (rule.max.map { value > $0 } ?? false)
         case .rateOfChange:
             guard !faulty, let threshold = rule.threshold, let window = rule.windowMicroseconds else { return nil }
-            memory.window.append((at, value))
-            memory.window.removeAll { $0.at.microseconds < at.microseconds - window }
-            guard let low = memory.window.map(\.value).min(), let high = memory.window.map(\.value).max() else { return false }
-            return high - low >= threshold
+            memory.window.append(at.microseconds, value)
+            memory.window.drop(before: at.microseconds - window)
+            return memory.window.spread >= threshold
         case .sensorFault:
             memory.faultRun = faulty ? memory.faultRun + 1 : 0
             return memory.faultRun >= (rule.count ?? 1)

@@ -12,6 +12,8 @@ extension IngestConfiguration {
     /// rollup_1h = "forever" # default forever
     /// rollup_1d = "forever" # default forever
     /// interval = "1h"       # default 1 hour: how often `serve` runs retention
+    /// delivered_notifications = "30d"   # default 30 days: delivered outbox rows, counted from their delivery
+    /// dead_notifications = "90d"        # default 90 days: dead letters, counted from their last attempt
     /// ```
     ///
     /// A period is cut at a whole UTC day: a run removes what lies before the start of the day that is `raw` before now
@@ -28,6 +30,11 @@ extension IngestConfiguration {
         public var rollup1d: Duration?
         /// How often `serve` runs retention (the first run comes right after start). Default 1 hour.
         public var interval: Duration
+        /// How long a delivered notification stays in the outbox after its delivery (`alert outbox list`). Default 30
+        /// days; nil keeps them forever.
+        public var deliveredNotifications: Duration?
+        /// How long a dead letter stays after its last attempt, for `alert outbox retry`. Default 90 days; nil: forever.
+        public var deadNotifications: Duration?
 
         /// The shortest period a key accepts: one day (a daily partition is the smallest thing PostgreSQL drops).
         public static let shortestPeriod: Duration = .seconds(86_400)
@@ -35,13 +42,16 @@ extension IngestConfiguration {
         /// Creates the section; every parameter defaults as documented on its property.
         public init(
             raw: Duration? = .seconds(90 * 86_400), rollup1m: Duration? = .seconds(365 * 86_400), rollup1h: Duration? = nil,
-            rollup1d: Duration? = nil, interval: Duration = .seconds(3600)
+            rollup1d: Duration? = nil, interval: Duration = .seconds(3600), deliveredNotifications: Duration? = .seconds(30 * 86_400),
+            deadNotifications: Duration? = .seconds(90 * 86_400)
         ) {
             self.raw = raw
             self.rollup1m = rollup1m
             self.rollup1h = rollup1h
             self.rollup1d = rollup1d
             self.interval = interval
+            self.deliveredNotifications = deliveredNotifications
+            self.deadNotifications = deadNotifications
         }
 
         /// How long `level` is kept (nil: forever).
@@ -72,11 +82,13 @@ extension IngestConfiguration {
         /// Reads `[retention]`.
         init(section: ConfigTable) throws(ConfigurationError) {
             self.init()
-            try section.checkKeys(["raw", "rollup_1m", "rollup_1h", "rollup_1d", "interval"])
+            try section.checkKeys(["raw", "rollup_1m", "rollup_1h", "rollup_1d", "interval", "delivered_notifications", "dead_notifications"])
             if section.contains("raw") { raw = try Self.period(section, "raw") }
             if section.contains("rollup_1m") { rollup1m = try Self.period(section, "rollup_1m") }
             if section.contains("rollup_1h") { rollup1h = try Self.period(section, "rollup_1h") }
             if section.contains("rollup_1d") { rollup1d = try Self.period(section, "rollup_1d") }
+            if section.contains("delivered_notifications") { deliveredNotifications = try Self.period(section, "delivered_notifications") }
+            if section.contains("dead_notifications") { deadNotifications = try Self.period(section, "dead_notifications") }
             if let every = try section.duration("interval", in: Duration.seconds(60)...Duration.seconds(7 * 86_400)) { interval = every }
         }
 

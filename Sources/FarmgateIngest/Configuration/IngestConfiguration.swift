@@ -214,6 +214,8 @@ public struct IngestConfiguration: Sendable, Hashable {
     public var retention: Retention
     /// `[notify]`: delivery of alert notifications (``NotifyConfiguration``).
     public var notify = NotifyConfiguration()
+    /// `[alerting]`: the alert engine's timings (``AlertEngine/Settings``).
+    public var alerting = AlertEngine.Settings()
 
     /// Creates a configuration; every section defaults as documented on its properties.
     public init(
@@ -266,7 +268,7 @@ public struct IngestConfiguration: Sendable, Hashable {
 
     init(table: ConfigTable, baseDirectory: String, environment: [String: String]) throws(ConfigurationError) {
         self.init()
-        try table.checkKeys(["server", "storage", "limits", "log", "retention", "notify"])
+        try table.checkKeys(["server", "storage", "limits", "log", "retention", "notify", "alerting"])
 
         if let section = try table.table("server") {
             try section.checkKeys([
@@ -413,6 +415,7 @@ public struct IngestConfiguration: Sendable, Hashable {
             if let level = try section.choice("level", levels) { log.level = level }
         }
         try parseNotify(table, baseDirectory: baseDirectory)
+        try parseAlerting(table)
     }
 
     /// `path` as given when absolute, else relative to `directory` (the configuration file's).

@@ -26,7 +26,7 @@ public final class RetentionMetrics: Sendable {
             namespace: "farmgate_ingest", subsystem: "retention", metricName: "rows_removed", unitName: "total",
             helpText: "Rows removed by retention, by table (readings: deleted rows plus the estimated rows of dropped partitions).")
         var rows: [String: Counter] = [:]
-        for table in ["readings"] + RollupLevel.allCases.map(\.table) {
+        for table in ["readings", "alert_outbox"] + RollupLevel.allCases.map(\.table) {
             rows[table] = registry.makeCounter(descriptor: rowsName, labels: [("table", table)])
         }
         self.rows = rows
@@ -50,6 +50,7 @@ public final class RetentionMetrics: Sendable {
         partitions.increment(by: Int64(report.partitionsDropped.count))
         rows["readings"]?.increment(by: Int64(report.rawRowsDeleted + report.rowsInDroppedPartitions))
         for (level, count) in report.rollupRowsDeleted { rows[level.table]?.increment(by: Int64(count)) }
+        rows["alert_outbox"]?.increment(by: Int64(report.deliveredNotificationsDeleted + report.deadNotificationsDeleted))
         lastRun.set(unixSeconds)
         let parts = report.duration.components
         lastDuration.set(Double(parts.seconds) + Double(parts.attoseconds) / 1e18)

@@ -84,6 +84,8 @@ public struct RetentionService: Service {
         }
         if let cutoff = report.rawCutoff { metadata["retention.raw_cutoff"] = "\(RFC3339.format(cutoff))" }
         for level in RollupLevel.allCases { metadata["retention.\(level.table)_deleted"] = "\(report.rollupRowsDeleted[level] ?? 0)" }
+        metadata["retention.delivered_notifications_deleted"] = "\(report.deliveredNotificationsDeleted)"
+        metadata["retention.dead_notifications_deleted"] = "\(report.deadNotificationsDeleted)"
         logger.info(report.dryRun ? "retention dry run" : "retention run completed", metadata: metadata)
     }
 }

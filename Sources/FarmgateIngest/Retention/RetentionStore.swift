@@ -65,6 +65,12 @@ public struct RetentionReport: Sendable, Hashable {
     public var rawRowsDeleted: Int
     /// Rollup rows deleted, per level.
     public var rollupRowsDeleted: [RollupLevel: Int]
+    /// Outbox rows delivered before this went (nil: kept forever), and dead letters whose last attempt was before this.
+    public var deliveredNotificationCutoff: Timestamp?
+    public var deadNotificationCutoff: Timestamp?
+    /// Outbox rows deleted: delivered ones, and dead letters.
+    public var deliveredNotificationsDeleted: Int = 0
+    public var deadNotificationsDeleted: Int = 0
     /// How long the run took.
     public var duration: Duration
 
@@ -96,7 +102,10 @@ public struct RetentionReport: Sendable, Hashable {
         for level in RollupLevel.allCases {
             if let cutoff = IngestConfiguration.Retention.cutoff(retention.period(of: level), now: now) { cutoffs[level] = cutoff }
         }
-        return RetentionReport(dryRun: dryRun, rawCutoff: IngestConfiguration.Retention.cutoff(retention.raw, now: now), rollupCutoffs: cutoffs)
+        var report = RetentionReport(dryRun: dryRun, rawCutoff: IngestConfiguration.Retention.cutoff(retention.raw, now: now), rollupCutoffs: cutoffs)
+        report.deliveredNotificationCutoff = IngestConfiguration.Retention.cutoff(retention.deliveredNotifications, now: now)
+        report.deadNotificationCutoff = IngestConfiguration.Retention.cutoff(retention.deadNotifications, now: now)
+        return report
     }
 
     /// Every rollup row deleted, all levels.
@@ -133,6 +142,12 @@ public struct RetentionReport: Sendable, Hashable {
             } else {
                 lines.append("\(name): kept forever")
             }
+        }
+        for (name, cutoff, count) in [
+            ("delivered notifications", deliveredNotificationCutoff, deliveredNotificationsDeleted),
+            ("dead notifications", deadNotificationCutoff, deadNotificationsDeleted),
+        ] {
+            lines.append(cutoff.map { "\(name) before \(RFC3339.format($0)): \(verb) \(count) outbox rows" } ?? "\(name): kept forever")
         }
         return lines
     }

@@ -60,6 +60,16 @@ extension PostgresIngestStore: RetentionStore {
                         }
                     }
                 }
+                // Outbox rows: delivered ones by their delivery, dead letters by their last attempt (`alert_outbox_by_state`).
+                if let cutoff = report.deliveredNotificationCutoff {
+                    report.deliveredNotificationsDeleted = try await Self.purgeOutbox(
+                        "state = 'delivered' AND delivered_at_us < ", before: cutoff, dryRun: options.dryRun, on: connection, logger: logger)
+                }
+                if let cutoff = report.deadNotificationCutoff {
+                    report.deadNotificationsDeleted = try await Self.purgeOutbox(
+                        "state = 'dead' AND coalesce(last_attempt_at_us, created_at_us) < ", before: cutoff, dryRun: options.dryRun, on: connection,
+                        logger: logger)
+                }
                 report.duration = ContinuousClock.now - started
                 if !options.dryRun {
                     let summary = report.lines.joined(separator: "; ")
@@ -111,6 +121,19 @@ extension PostgresIngestStore: RetentionStore {
         calendar.timeZone = utc
         guard let date = calendar.date(from: DateComponents(year: year, month: month, day: day)) else { return nil }
         return Int64(date.timeIntervalSince1970) * 1_000_000
+    }
+
+    /// Deletes (or counts) the outbox rows that match `condition` (a constant text that ends with the comparison the
+    /// cut-off completes, as a bind parameter).
+    private static func purgeOutbox(
+        _ condition: String, before cutoff: Timestamp, dryRun: Bool, on connection: PostgresConnection, logger: Logger
+    ) async throws -> Int {
+        let sql: PostgresQuery = dryRun
+            ? "SELECT count(*)::int8 FROM alert_outbox WHERE \(unescaped: condition)\(cutoff.microseconds)"
+            : "WITH gone AS (DELETE FROM alert_outbox WHERE \(unescaped: condition)\(cutoff.microseconds) RETURNING 1) SELECT count(*)::int8 FROM gone"
+        var count = 0
+        for try await value in try await connection.query(sql, logger: logger).decode(Int64.self) { count = Int(value) }
+        return count
     }
 
     /// Deletes (or counts) the rows of `table` before `cutoff`, by primary key per sensor where there is one.

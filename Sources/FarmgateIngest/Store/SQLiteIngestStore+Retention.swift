@@ -72,8 +72,44 @@ extension SQLiteIngestStore: RetentionStore {
             guard let cutoff = report.rollupCutoffs[level] else { continue }
             report.rollupRowsDeleted[level] = try await purge(level.table, key: "bucket_us", rowKey: "sensor_id, bucket_us", before: cutoff)
         }
+        if let cutoff = report.deliveredNotificationCutoff {
+            report.deliveredNotificationsDeleted = try await purgeOutbox("state = 'delivered' AND delivered_at_us < ?", before: cutoff, options: options)
+        }
+        if let cutoff = report.deadNotificationCutoff {
+            report.deadNotificationsDeleted = try await purgeOutbox(
+                "state = 'dead' AND coalesce(last_attempt_at_us, created_at_us) < ?", before: cutoff, options: options)
+        }
         report.duration = ContinuousClock.now - started
         return report
+    }
+
+    /// Deletes (or counts) the outbox rows that match `condition` (one `?`: the cut-off), a transaction of at most
+    /// ``RetentionRunOptions/rowsPerTransaction`` rows at a time, like the readings.
+    private func purgeOutbox(_ condition: String, before cutoff: Timestamp, options: RetentionRunOptions) async throws -> Int {
+        if options.dryRun {
+            return try await reader.withValue { db in
+                try db.withStatement("SELECT count(*) FROM alert_outbox WHERE \(condition)", [.integer(cutoff.microseconds)]) { statement in
+                    try statement.step() ? Int(statement.int64(0)) : 0
+                }
+            }
+        }
+        var total = 0
+        while true {
+            try Task.checkCancellation()
+            let deleted = try await writer.withValue { db in
+                try db.connection.transaction { () throws -> Int in
+                    let delete = try db.statement(
+                        "DELETE FROM alert_outbox WHERE id IN (SELECT id FROM alert_outbox WHERE \(condition) ORDER BY id LIMIT ?) RETURNING id")
+                    try delete.bind([.integer(cutoff.microseconds), .integer(Int64(options.rowsPerTransaction))])
+                    defer { delete.reset() }
+                    var count = 0
+                    while try delete.step() { count += 1 }
+                    return count
+                }
+            }
+            total += deleted
+            if deleted < options.rowsPerTransaction { return total }
+        }
     }
 
     /// Records that the readings `keys` were deleted, merged into `retired_sequences` ranges per device: one chunk of
