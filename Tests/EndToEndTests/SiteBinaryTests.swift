@@ -1,3 +1,4 @@
+import FarmgateTestSupport
 import Foundation
 import Testing
 
@@ -10,7 +11,9 @@ struct SiteBinaryTests {
         let binary = builtExecutable("farmgate")
         let linked = try await runCommand("/usr/bin/ldd", [binary])
         #expect(linked.status == 0, "\(linked.stderr)")
-        let libraries = linked.stdout.split(separator: "\n").compactMap { $0.split(separator: " ").first.map(String.init) }
+        let libraries = linked.stdout.split(separator: "\n").compactMap { line in
+            line.trimmingCharacters(in: .whitespaces).split(separator: " ").first.map(String.init)
+        }
         #expect(libraries.contains { $0.hasPrefix("libFoundationEssentials") }, "\(libraries)")
         for forbidden in ["libFoundation.so", "libFoundationInternationalization", "lib_FoundationICU", "libFoundationNetworking"] {
             #expect(!libraries.contains { $0.hasPrefix(forbidden) }, "farmgate links \(forbidden): \(libraries)")
