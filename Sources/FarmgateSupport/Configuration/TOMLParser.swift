@@ -204,9 +204,9 @@ struct TOMLParser {
     private mutating func simpleKey() throws(TOMLSyntaxError) -> String {
         switch peek() {
         case UInt8(ascii: "\""):
-            return try basicString(multiline: false)
+            return try string(quote: UInt8(ascii: "\""), multiline: false)
         case UInt8(ascii: "'"):
-            return try literalString(multiline: false)
+            return try string(quote: UInt8(ascii: "'"), multiline: false)
         default:
             let start = position
             while let byte = peek(), isBareKeyByte(byte) { position += 1 }
@@ -220,12 +220,8 @@ struct TOMLParser {
     private mutating func value() throws(TOMLSyntaxError) -> TOMLValue {
         guard let byte = peek() else { throw error("a value is missing") }
         switch byte {
-        case UInt8(ascii: "\""):
-            if peek(1) == UInt8(ascii: "\""), peek(2) == UInt8(ascii: "\"") { return .string(try basicString(multiline: true)) }
-            return .string(try basicString(multiline: false))
-        case UInt8(ascii: "'"):
-            if peek(1) == UInt8(ascii: "'"), peek(2) == UInt8(ascii: "'") { return .string(try literalString(multiline: true)) }
-            return .string(try literalString(multiline: false))
+        case UInt8(ascii: "\""), UInt8(ascii: "'"):
+            return .string(try string(quote: byte, multiline: peek(1) == byte && peek(2) == byte))
         case UInt8(ascii: "["):
             return try array()
         case UInt8(ascii: "{"):
@@ -429,23 +425,26 @@ struct TOMLParser {
 
     // MARK: Strings
 
-    private mutating func basicString(multiline: Bool) throws(TOMLSyntaxError) -> String {
+    /// A basic (`"`, with escapes) or literal (`'`) string, on one line or multi-line (three quotes).
+    private mutating func string(quote: UInt8, multiline: Bool) throws(TOMLSyntaxError) -> String {
+        let escapes = quote == UInt8(ascii: "\"")
+        let mark = Character(UnicodeScalar(quote))
         let start = position
         position += multiline ? 3 : 1
         if multiline { skipOneNewline() }
         var out: [UInt8] = []
         while true {
-            guard let byte = peek() else { throw error(at: start, "the string is not closed (a `\"` is missing)") }
-            if byte == UInt8(ascii: "\"") {
+            guard let byte = peek() else { throw error(at: start, "the string is not closed (a `\(mark)` is missing)") }
+            if byte == quote {
                 if !multiline {
                     position += 1
                     return try decode(out, start: start)
                 }
-                if peek(1) == UInt8(ascii: "\""), peek(2) == UInt8(ascii: "\"") {
+                if peek(1) == quote, peek(2) == quote {
                     // Up to two quotes may end the content right before the closing three.
                     var extra = 0
-                    while extra < 2, peek(3 + extra) == UInt8(ascii: "\"") { extra += 1 }
-                    out.append(contentsOf: Array(repeating: UInt8(ascii: "\""), count: extra))
+                    while extra < 2, peek(3 + extra) == quote { extra += 1 }
+                    out.append(contentsOf: repeatElement(quote, count: extra))
                     position += 3 + extra
                     return try decode(out, start: start)
                 }
@@ -453,7 +452,7 @@ struct TOMLParser {
                 position += 1
                 continue
             }
-            if byte == UInt8(ascii: "\\") {
+            if escapes, byte == UInt8(ascii: "\\") {
                 position += 1
                 if multiline, let next = peek(), next == UInt8(ascii: " ") || next == UInt8(ascii: "\t") || isNewline(next) {
                     // A line-ending backslash: drop it, the newline and all whitespace up to the next content.
@@ -470,7 +469,7 @@ struct TOMLParser {
                 continue
             }
             if isNewline(byte) {
-                guard multiline else { throw error("the string is not closed on its line (a `\"` is missing)") }
+                guard multiline else { throw error("the string is not closed on its line (a `\(mark)` is missing)") }
                 if byte == UInt8(ascii: "\r") {
                     guard peek(1) == UInt8(ascii: "\n") else { throw error("a carriage return must be followed by a line feed") }
                     position += 1
@@ -480,7 +479,9 @@ struct TOMLParser {
                 out.append(UInt8(ascii: "\n"))
                 continue
             }
-            if isControl(byte) { throw error("control character 0x\(String(byte, radix: 16)) in a string; escape it") }
+            if isControl(byte) {
+                throw error("control character 0x\(String(byte, radix: 16)) in a string\(escapes ? "; escape it" : "")")
+            }
             out.append(byte)
             position += 1
         }
@@ -508,43 +509,6 @@ struct TOMLParser {
             out.append(contentsOf: Array(String(Character(scalar)).utf8))
         default:
             throw error("unknown escape `\\\(Character(UnicodeScalar(code)))` (use \\\\ for a backslash, or a literal 'string')")
-        }
-    }
-
-    private mutating func literalString(multiline: Bool) throws(TOMLSyntaxError) -> String {
-        let start = position
-        position += multiline ? 3 : 1
-        if multiline { skipOneNewline() }
-        var out: [UInt8] = []
-        while true {
-            guard let byte = peek() else { throw error(at: start, "the string is not closed (a `'` is missing)") }
-            if byte == UInt8(ascii: "'") {
-                if !multiline {
-                    position += 1
-                    return try decode(out, start: start)
-                }
-                if peek(1) == UInt8(ascii: "'"), peek(2) == UInt8(ascii: "'") {
-                    var extra = 0
-                    while extra < 2, peek(3 + extra) == UInt8(ascii: "'") { extra += 1 }
-                    out.append(contentsOf: Array(repeating: UInt8(ascii: "'"), count: extra))
-                    position += 3 + extra
-                    return try decode(out, start: start)
-                }
-            }
-            if isNewline(byte) {
-                guard multiline else { throw error("the string is not closed on its line (a `'` is missing)") }
-                if byte == UInt8(ascii: "\r") {
-                    guard peek(1) == UInt8(ascii: "\n") else { throw error("a carriage return must be followed by a line feed") }
-                    position += 1
-                }
-                position += 1
-                newLine()
-                out.append(UInt8(ascii: "\n"))
-                continue
-            }
-            if isControl(byte) { throw error("control character 0x\(String(byte, radix: 16)) in a string") }
-            out.append(byte)
-            position += 1
         }
     }
 
