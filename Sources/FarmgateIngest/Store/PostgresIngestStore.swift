@@ -21,7 +21,7 @@ import Synchronization
 /// ## Behind PgBouncer (transaction pooling)
 /// It works there as it is, because it needs nothing of a session: every statement is either alone or inside one
 /// transaction; settings are transaction-local (`set_config(..., true)`, for `statement_timeout`); locks are
-/// transaction-level (`pg_advisory_xact_lock`, `SELECT ... FOR UPDATE`); it never uses `LISTEN`, temporary tables or
+/// transaction-level (`pg_advisory_xact_lock`, `SELECT ... FOR NO KEY UPDATE`); it never uses `LISTEN`, temporary tables or
 /// named prepared statements: postgres-nio's `query` sends unnamed statements (Parse/Bind/Execute in one Sync), which
 /// PgBouncer forwards within the transaction. Migrations too: one transaction under `pg_advisory_xact_lock`. Only the
 /// latest-value listener needs a session (`LISTEN`): point `[storage] listen_url` at PostgreSQL itself
