@@ -52,6 +52,9 @@ struct PostgresBench: AsyncParsableCommand {
     @Flag(help: "Skip the COPY baselines (b).")
     var skipCopy = false
 
+    @Option(name: .customLong("storage"), help: "One more [storage] key for the ingest, e.g. 'group_max_batches = 8' (repeatable).")
+    var storageKeys: [String] = []
+
     func validate() throws {
         guard (1...2_000).contains(gateways) else { throw ValidationError("--gateways must be from 1 to 2000") }
         guard (1...600).contains(seconds), (1...600).contains(latencySeconds) else { throw ValidationError("--seconds and --latency-seconds must be from 1 to 600") }
@@ -97,7 +100,7 @@ struct PostgresBench: AsyncParsableCommand {
             let shift = now.microseconds - 60_000_000 - (site.readings.last?.timestamp.microseconds ?? 0)
             _ = try await store.createPartitions(now: Timestamp(microseconds: (site.readings.first?.timestamp.microseconds ?? 0) + shift))
             let run = UUID().uuidString.prefix(6).lowercased()
-            print("(a) \(gateways) gateways posting 1000-reading binary batches (60 sensors each) back to back, \(seconds) s, pool_size \(poolSize)")
+            print("(a) \(gateways) gateways posting 1000-reading binary batches (60 sensors each) back to back, \(seconds) s, pool_size \(poolSize)\(storageKeys.isEmpty ? "" : ", " + storageKeys.joined(separator: ", "))")
             let throughputKeys = try await makeGateways("a\(run)", admin: admin, site: site, shift: shift, batches: batchesPerGateway)
             let stored = try await withIngest(cluster: cluster, directory: directory, logger: logger) { port in
                 try await throughput(port: port, gateways: throughputKeys)
@@ -403,6 +406,7 @@ struct PostgresBench: AsyncParsableCommand {
         [storage]
         url = "\(cluster.url)"
         pool_size = \(poolSize)
+        \(storageKeys.joined(separator: "\n"))
 
         [limits]
         requests_per_second = 1000000
