@@ -5,6 +5,7 @@ import FarmgateWire
 import Foundation
 import Logging
 import ServiceLifecycle
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -281,14 +282,20 @@ struct PostgresBench: AsyncParsableCommand {
         guard perGateway > 0 else { return Latency(p50: 0, p99: 0, max: 0, count: 0, failed: 0) }
         let period = Duration.seconds(1 / perGateway)
         let duration = Duration.seconds(latencySeconds)
-        let start = ContinuousClock.now + .milliseconds(500)
+        // Pacing starts 200 ms after the last gateway's warm-up batch was answered: the warm-up of fresh devices (their
+        // sensors registered, 1000 readings each, all at once) is a backlog that paced requests must not queue behind.
+        let barrier = WarmupBarrier(count: gateways.count)
         let count = gateways.count
         let results = try await withThrowingTaskGroup(of: ([Double], Int).self) { group in
             for (index, gateway) in gateways.enumerated() {
                 group.addTask {
                     try await runOffPool(name: "bench-paced") { () -> ([Double], Int) in
                         var connection = try BenchConnection(port: port)
-                        guard connection.request(gateway.requests[0]) == 200 else { throw ValidationError("the warm-up batch was refused") }
+                        guard connection.request(gateway.requests[0]) == 200 else {
+                            barrier.arrive()
+                            throw ValidationError("the warm-up batch was refused")
+                        }
+                        let start = barrier.arriveAndWait()
                         var latencies: [Double] = []
                         var failed = 0
                         let phase = period * (Double(index) / Double(count))
@@ -555,5 +562,35 @@ final class BenchCluster: Sendable {
         var status: Int32 = 0
         while waitpid(pid, &status, 0) == -1, errno == EINTR {}
         return (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+    }
+}
+
+/// Lets paced gateways start together once every one has finished its warm-up: ``arriveAndWait()`` returns the common
+/// start, 200 ms after the last arrival. Used from dedicated threads (it sleeps while it waits).
+final class WarmupBarrier: Sendable {
+    private let state: Mutex<(arrived: Int, start: ContinuousClock.Instant?)>
+    private let count: Int
+
+    init(count: Int) {
+        self.count = count
+        state = Mutex((0, nil))
+    }
+
+    /// Counts this gateway in without waiting (one that failed).
+    func arrive() {
+        state.withLock { state in
+            state.arrived += 1
+            if state.arrived >= count, state.start == nil { state.start = .now + .milliseconds(200) }
+        }
+    }
+
+    func arriveAndWait() -> ContinuousClock.Instant {
+        arrive()
+        let deadline = ContinuousClock.now + .seconds(120)
+        while true {
+            if let start = state.withLock({ $0.start }) { return start }
+            if ContinuousClock.now > deadline { return .now }
+            usleep(1_000)
+        }
     }
 }
