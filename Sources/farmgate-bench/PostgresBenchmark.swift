@@ -5,6 +5,7 @@ import FarmgateWire
 import Foundation
 import Logging
 import ServiceLifecycle
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -52,6 +53,9 @@ struct PostgresBench: AsyncParsableCommand {
     @Flag(help: "Skip the COPY baselines (b).")
     var skipCopy = false
 
+    @Option(name: .customLong("storage"), help: "One more [storage] key for the ingest, e.g. 'group_max_batches = 8' (repeatable).")
+    var storageKeys: [String] = []
+
     func validate() throws {
         guard (1...2_000).contains(gateways) else { throw ValidationError("--gateways must be from 1 to 2000") }
         guard (1...600).contains(seconds), (1...600).contains(latencySeconds) else { throw ValidationError("--seconds and --latency-seconds must be from 1 to 600") }
@@ -97,7 +101,7 @@ struct PostgresBench: AsyncParsableCommand {
             let shift = now.microseconds - 60_000_000 - (site.readings.last?.timestamp.microseconds ?? 0)
             _ = try await store.createPartitions(now: Timestamp(microseconds: (site.readings.first?.timestamp.microseconds ?? 0) + shift))
             let run = UUID().uuidString.prefix(6).lowercased()
-            print("(a) \(gateways) gateways posting 1000-reading binary batches (60 sensors each) back to back, \(seconds) s, pool_size \(poolSize)")
+            print("(a) \(gateways) gateways posting 1000-reading binary batches (60 sensors each) back to back, \(seconds) s, pool_size \(poolSize)\(storageKeys.isEmpty ? "" : ", " + storageKeys.joined(separator: ", "))")
             let throughputKeys = try await makeGateways("a\(run)", admin: admin, site: site, shift: shift, batches: batchesPerGateway)
             let stored = try await withIngest(cluster: cluster, directory: directory, logger: logger) { port in
                 try await throughput(port: port, gateways: throughputKeys)
@@ -278,14 +282,20 @@ struct PostgresBench: AsyncParsableCommand {
         guard perGateway > 0 else { return Latency(p50: 0, p99: 0, max: 0, count: 0, failed: 0) }
         let period = Duration.seconds(1 / perGateway)
         let duration = Duration.seconds(latencySeconds)
-        let start = ContinuousClock.now + .milliseconds(500)
+        // Pacing starts 200 ms after the last gateway's warm-up batch was answered: the warm-up of fresh devices (their
+        // sensors registered, 1000 readings each, all at once) is a backlog that paced requests must not queue behind.
+        let barrier = WarmupBarrier(count: gateways.count)
         let count = gateways.count
         let results = try await withThrowingTaskGroup(of: ([Double], Int).self) { group in
             for (index, gateway) in gateways.enumerated() {
                 group.addTask {
                     try await runOffPool(name: "bench-paced") { () -> ([Double], Int) in
                         var connection = try BenchConnection(port: port)
-                        guard connection.request(gateway.requests[0]) == 200 else { throw ValidationError("the warm-up batch was refused") }
+                        guard connection.request(gateway.requests[0]) == 200 else {
+                            barrier.arrive()
+                            throw ValidationError("the warm-up batch was refused")
+                        }
+                        let start = barrier.arriveAndWait()
                         var latencies: [Double] = []
                         var failed = 0
                         let phase = period * (Double(index) / Double(count))
@@ -403,6 +413,7 @@ struct PostgresBench: AsyncParsableCommand {
         [storage]
         url = "\(cluster.url)"
         pool_size = \(poolSize)
+        \(storageKeys.joined(separator: "\n"))
 
         [limits]
         requests_per_second = 1000000
@@ -551,5 +562,35 @@ final class BenchCluster: Sendable {
         var status: Int32 = 0
         while waitpid(pid, &status, 0) == -1, errno == EINTR {}
         return (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+    }
+}
+
+/// Lets paced gateways start together once every one has finished its warm-up: ``arriveAndWait()`` returns the common
+/// start, 200 ms after the last arrival. Used from dedicated threads (it sleeps while it waits).
+final class WarmupBarrier: Sendable {
+    private let state: Mutex<(arrived: Int, start: ContinuousClock.Instant?)>
+    private let count: Int
+
+    init(count: Int) {
+        self.count = count
+        state = Mutex((0, nil))
+    }
+
+    /// Counts this gateway in without waiting (one that failed).
+    func arrive() {
+        state.withLock { state in
+            state.arrived += 1
+            if state.arrived >= count, state.start == nil { state.start = .now + .milliseconds(200) }
+        }
+    }
+
+    func arriveAndWait() -> ContinuousClock.Instant {
+        arrive()
+        let deadline = ContinuousClock.now + .seconds(120)
+        while true {
+            if let start = state.withLock({ $0.start }) { return start }
+            if ContinuousClock.now > deadline { return .now }
+            usleep(1_000)
+        }
     }
 }

@@ -98,7 +98,7 @@ struct WireBench: AsyncParsableCommand {
         let agentBinary = binaries + "/farmgate", ingestBinary = binaries + "/farmgate-ingest"
         for binary in [agentBinary, ingestBinary] where !FileManager.default.isExecutableFile(atPath: binary) {
             throw ValidationError(
-                "no \(binary); build it with `swift build -c release --product farmgate --product farmgate-ingest` or pass --bin")
+                "no \(binary); build it with `swift build -c release` (all products) or pass --bin")
         }
         let directory = keep ?? (NSTemporaryDirectory() + "farmgate-bench-wire-" + UUID().uuidString)
         try FileManager.default.createDirectory(atPath: directory + "/agent", withIntermediateDirectories: true)

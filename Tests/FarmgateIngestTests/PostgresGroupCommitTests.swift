@@ -216,6 +216,27 @@ import Testing
         }
     }
 
+    /// A foreign-key check of another transaction (here the alert engine's watermark insert, which takes `FOR KEY SHARE`
+    /// on the device row) must not hold the device's writes: under load the engine's upserts of many devices at once
+    /// made every write group queue behind them (measured: most of PostgreSQL's waits, p99 above a second).
+    @Test func aForeignKeyCheckOnTheDeviceDoesNotHoldItsWrites() async throws {
+        try await Self.withStore(concurrency: 1, devices: 1) { store, settings, devices in
+            let device = devices[0]
+            try await Self.withConnection(settings) { other in
+                try await other.query("BEGIN", logger: testLogger)
+                try await other.query("INSERT INTO alert_watermarks(device_id, sequence) VALUES (\(device.rowID), 0)", logger: testLogger)
+                let write = Task { try await store.store(try phBatch(device: device.device.rawValue, sequences: 1...10), for: device, receivedAt: testNow) }
+                let done = try await Self.waitUntil(timeout: .seconds(10)) {
+                    let highest = try? await store.highestSequence(device: device)
+                    return highest == 10
+                }
+                #expect(done, "the write waited for the other transaction's key-share lock on its device")
+                try await other.query("COMMIT", logger: testLogger)
+                #expect(try await write.value.accepted == 10)
+            }
+        }
+    }
+
     @Test func aCallerCancelledWhileQueuedLeavesTheQueue() async throws {
         try await Self.withStore(concurrency: 1, devices: 2) { store, settings, devices in
             try await Self.withConnection(settings) { locker in

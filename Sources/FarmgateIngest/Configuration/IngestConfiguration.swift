@@ -30,6 +30,9 @@ public import Logging
 /// query_timeout = "30s"               # default 30 s (statement_timeout, and the wait for a pooled connection)
 /// tls = "verify-full"                 # disable, prefer, require, verify-full (default: the URL's sslmode, else prefer)
 /// ca_file = "/etc/farmgate/db-ca.pem" # the CA for verify-full (default: the system's)
+/// listen_url = "postgresql://..."     # LISTEN's connection (default: url); see ``readPostgresWrites(_:into:environment:)``
+/// write_transactions = 5              # group commit: transactions at once (default pool_size / 2, 1–8),
+/// group_max_batches = 64              # batches (default 64) and readings (default 64,000) per transaction
 ///
 /// [limits]
 /// max_body_bytes = "8MiB"             # default 8 MiB: larger request bodies are answered 413
@@ -319,7 +322,7 @@ public struct IngestConfiguration: Sendable, Hashable {
 
         let storageSection = try table.table("storage")
         if let section = storageSection {
-            try section.checkKeys(["path", "url", "pool_size", "connect_timeout", "query_timeout", "tls", "ca_file"])
+            try section.checkKeys(Set(["path", "url", "pool_size", "connect_timeout", "query_timeout", "tls", "ca_file"] + Self.postgresWriteKeys))
             if let path = try section.string("path") {
                 guard !path.isEmpty else { throw section.error("path", "must name the SQLite file, e.g. \"data/ingest.sqlite\"") }
                 storage.path = Self.resolve(path, against: baseDirectory)
@@ -336,7 +339,7 @@ public struct IngestConfiguration: Sendable, Hashable {
             }
         }
         if let section = storageSection {
-            let poolKeys = ["pool_size", "connect_timeout", "query_timeout", "tls", "ca_file"]
+            let poolKeys = ["pool_size", "connect_timeout", "query_timeout", "tls", "ca_file"] + Self.postgresWriteKeys
             if var postgres = storage.postgres {
                 if let size = try section.int("pool_size", in: 1...1_000) { postgres.poolSize = size }
                 if let timeout = try section.duration("connect_timeout", in: Duration.milliseconds(100)...Duration.seconds(600)) {
@@ -372,6 +375,8 @@ public struct IngestConfiguration: Sendable, Hashable {
                 throw section.error(key, "applies to PostgreSQL only; set [storage] url = \"postgresql://...\" (or \(Self.databaseURLEnvironmentVariable)) or remove it")
             }
         }
+
+        try Self.readPostgresWrites(storageSection, into: &storage.postgres, environment: environment)
 
         if let section = try table.table("limits") {
             try section.checkKeys([

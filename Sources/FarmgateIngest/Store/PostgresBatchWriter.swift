@@ -5,8 +5,10 @@ import PostgresNIO
 /// The batches of one group commit (``PostgresGroupCommit``), written in one transaction with a fixed number of
 /// statements whatever the group's size:
 ///
-/// 1. lock the group's device rows (`FOR UPDATE`, in id order, so that two groups never deadlock): a device's batches
-///    are serialised, other devices' run beside them in other groups;
+/// 1. lock the group's device rows (`FOR NO KEY UPDATE`, in id order, so that two groups never deadlock): a device's
+///    batches are serialised, other devices' run beside them in other groups. Not `FOR UPDATE`: that also waits for
+///    every `FOR KEY SHARE` a foreign-key check takes on the device row (the alert engine's watermark upsert, a new
+///    sensor, a calibration), which made writes queue behind the engine under load;
 /// 2. look up the sensors, registering new ones (`INSERT ... ON CONFLICT DO NOTHING RETURNING`, then read again what
 ///    another writer registered meanwhile);
 /// 3. read the devices' stored sequence ranges around the batches (``PostgresSchema``: the authority on what was ever
@@ -74,7 +76,7 @@ struct PostgresBatchWriter {
         let deviceRows = Array(Set(members.map(\.device.rowID))).sorted()
         var present = Set<Int64>()
         for try await id in try await connection.query(
-            "SELECT id::int8 FROM devices WHERE id = ANY(\(deviceRows)) ORDER BY id FOR UPDATE", logger: logger
+            "SELECT id::int8 FROM devices WHERE id = ANY(\(deviceRows)) ORDER BY id FOR NO KEY UPDATE", logger: logger
         ).decode(Int64.self) { present.insert(id) }
         for (index, member) in members.enumerated() where !present.contains(member.device.rowID) {
             results[index] = .failure(IngestStoreError.notFound("device '\(member.device.device)' in farm '\(member.device.farm)'"))

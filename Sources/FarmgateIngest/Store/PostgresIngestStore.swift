@@ -21,10 +21,13 @@ import Synchronization
 /// ## Behind PgBouncer (transaction pooling)
 /// It works there as it is, because it needs nothing of a session: every statement is either alone or inside one
 /// transaction; settings are transaction-local (`set_config(..., true)`, for `statement_timeout`); locks are
-/// transaction-level (`pg_advisory_xact_lock`, `SELECT ... FOR UPDATE`); it never uses `LISTEN`, temporary tables or
+/// transaction-level (`pg_advisory_xact_lock`, `SELECT ... FOR NO KEY UPDATE`); it never uses `LISTEN`, temporary tables or
 /// named prepared statements: postgres-nio's `query` sends unnamed statements (Parse/Bind/Execute in one Sync), which
-/// PgBouncer forwards within the transaction. Size `pool_size` × instances to at most PgBouncer's
-/// `default_pool_size`; PgBouncer's own `query_wait_timeout` should exceed `query_timeout`.
+/// PgBouncer forwards within the transaction. Migrations too: one transaction under `pg_advisory_xact_lock`. Only the
+/// latest-value listener needs a session (`LISTEN`): point `[storage] listen_url` at PostgreSQL itself
+/// (``PostgresLatestListener``). `PgBouncerTests` runs all of this through a real PgBouncer in transaction mode. Size
+/// `pool_size` × instances to at most PgBouncer's `default_pool_size`; PgBouncer's own `query_wait_timeout` should
+/// exceed `query_timeout`.
 public final class PostgresIngestStore: IngestStore {
     /// Where it connects, for logs (without the password).
     public let settings: PostgresSettings
@@ -40,15 +43,15 @@ public final class PostgresIngestStore: IngestStore {
     ///
     /// - Throws: ``PostgresStoreError/tls(_:)`` when the CA file cannot be loaded.
     public convenience init(settings: PostgresSettings, logger: Logger) throws {
-        try self.init(settings: settings, groupCommit: Self.groupCommitLimits(poolSize: settings.poolSize), logger: logger)
+        try self.init(settings: settings, groupCommit: Self.groupCommitLimits(settings), logger: logger)
     }
 
-    /// The group commit's limits for a pool of `poolSize` connections: at most half the pool (at least one, at most
-    /// eight) runs group transactions, so that reads and maintenance always find a connection.
-    static func groupCommitLimits(poolSize: Int) -> PostgresGroupCommit.Limits {
-        var limits = PostgresGroupCommit.Limits()
-        limits.concurrency = min(8, max(1, poolSize / 2))
-        return limits
+    /// The group commit's limits from `[storage] write_transactions`, `group_max_batches` and `group_max_readings`. By
+    /// default at most half the pool (at least one, at most eight) runs group transactions, so that reads and maintenance
+    /// always find a connection.
+    static func groupCommitLimits(_ settings: PostgresSettings) -> PostgresGroupCommit.Limits {
+        PostgresGroupCommit.Limits(
+            maximumBatches: settings.groupMaxBatches, maximumReadings: settings.groupMaxReadings, concurrency: settings.effectiveWriteTransactions)
     }
 
     init(settings: PostgresSettings, groupCommit limits: PostgresGroupCommit.Limits, logger: Logger) throws {

@@ -18,9 +18,11 @@ import Synchronization
 ///   and turned off, so every `latest` is read from the store, and the listener reconnects with backoff (100 ms doubling
 ///   to 5 s), turning the cache on again once it listens.
 ///
-/// Its connection must reach PostgreSQL directly, or through PgBouncer in session mode: in transaction mode `LISTEN`
-/// does not hold. This instance's own commits are heard too (they also reach the cache through the ``CommitFeed``);
-/// their refresh finds nothing newer.
+/// Its connection is ``PostgresSettings/forListening``: `[storage] listen_url` when set, else the pool's `url`. It must
+/// reach PostgreSQL directly, or through PgBouncer in session mode: in transaction mode `LISTEN` does not hold (the
+/// server connection goes back to PgBouncer's pool after the statement). Behind a transaction-mode PgBouncer set
+/// `listen_url` to the database itself. This instance's own commits are heard too (they also reach the cache through
+/// the ``CommitFeed``); their refresh finds nothing newer.
 public struct PostgresLatestListener: Service {
     let settings: PostgresSettings
     let cache: LatestCache
@@ -34,6 +36,7 @@ public struct PostgresLatestListener: Service {
     }
 
     public func run() async throws {
+        let settings = self.settings.forListening
         var configuration = try settings.clientConfiguration()
         configuration.options.maximumConnections = 1
         configuration.options.minimumConnections = 0
@@ -49,7 +52,8 @@ public struct PostgresLatestListener: Service {
                     try await client.withConnection { connection in
                         try await connection.listen(on: PostgresLatestNotice.channel) { notifications in
                             self.cache.enable()
-                            self.logger.info("listening for other instances' commits; latest values are served from memory")
+                            self.logger.info(
+                                "listening for other instances' commits; latest values are served from memory", metadata: ["store.listen": "\(settings.redacted)"])
                             try await self.follow(notifications, connection: connection)
                         }
                     }

@@ -26,7 +26,7 @@
 /// reading would be stored again. So the authority on "was (device, sequence) ever stored" is `stored_sequences`: per
 /// device, the closed ranges `[first_sequence, last_sequence]` of sequences ever stored. A site numbers its readings
 /// consecutively, so a device has one range plus one per gap (quarantined readings, a recovered buffer's jump): a few
-/// rows, however many readings. The write transaction locks the device rows (`SELECT ... FOR UPDATE`, in id order), so
+/// rows, however many readings. The write transaction locks the device rows (`SELECT ... FOR NO KEY UPDATE`, in id order), so
 /// two requests of one device are serialised and the range check and the insert cannot interleave; requests of
 /// different devices never wait on each other. A sequence inside a range whose chunk is still present is compared
 /// (duplicate or `sequence_conflict`); one inside a range whose chunk is gone (its partition dropped) is a duplicate: it

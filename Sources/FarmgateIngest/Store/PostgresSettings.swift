@@ -46,10 +46,31 @@ public struct PostgresSettings: Sendable, Hashable {
     /// PgBouncer); a single read statement past it is abandoned by the caller and ends when the server finishes it.
     /// Default 30 s; `"0s"` turns it off.
     public var queryTimeout: Duration
+    /// `[storage] write_transactions`: the most group-commit transactions one instance runs at once, each holding a
+    /// pooled connection. Default nil: half of ``poolSize`` (at least 1, at most 8), so that reads and maintenance
+    /// always find a connection.
+    public var writeTransactions: Int?
+    /// `[storage] group_max_batches`: the most batches (uploads) one group-commit transaction takes. Default 64; 1 commits
+    /// every batch alone.
+    public var groupMaxBatches: Int
+    /// `[storage] group_max_readings`: the most readings one group-commit transaction takes; a group stops before a batch
+    /// that would pass it, but always takes at least one batch. Default 64,000.
+    public var groupMaxReadings: Int
+    /// `[storage] listen_url` (or `FARMGATE_INGEST_LISTEN_URL`): where the one connection that `LISTEN`s for other
+    /// instances' commits goes (``PostgresLatestListener``), when it must differ from the pool's: PostgreSQL itself (or a
+    /// session-mode PgBouncer) while the pool goes through a transaction-mode PgBouncer. Default nil: the same place as
+    /// the pool. ``forListening`` is what the listener connects with.
+    public var listen: PostgresSettings? {
+        get { listenStorage.first }
+        set { listenStorage = newValue.map { [$0] } ?? [] }
+    }
+    /// An array only because a struct cannot hold an optional of itself; at most one element.
+    private var listenStorage: [PostgresSettings] = []
 
     public init(
         endpoint: Endpoint, username: String, password: String? = nil, database: String? = nil, tls: TLSMode = .prefer,
-        caFile: String? = nil, poolSize: Int = 10, connectTimeout: Duration = .seconds(10), queryTimeout: Duration = .seconds(30)
+        caFile: String? = nil, poolSize: Int = 10, connectTimeout: Duration = .seconds(10), queryTimeout: Duration = .seconds(30),
+        writeTransactions: Int? = nil, groupMaxBatches: Int = 64, groupMaxReadings: Int = 64_000
     ) {
         self.endpoint = endpoint
         self.username = username
@@ -60,6 +81,21 @@ public struct PostgresSettings: Sendable, Hashable {
         self.poolSize = poolSize
         self.connectTimeout = connectTimeout
         self.queryTimeout = queryTimeout
+        self.writeTransactions = writeTransactions
+        self.groupMaxBatches = groupMaxBatches
+        self.groupMaxReadings = groupMaxReadings
+    }
+
+    /// The group-commit transactions run at once: ``writeTransactions``, else half the pool (at least 1, at most 8).
+    public var effectiveWriteTransactions: Int {
+        writeTransactions ?? min(8, max(1, poolSize / 2))
+    }
+
+    /// What the latest-value listener connects with: ``listen`` (with this connect timeout) when set, else these settings.
+    public var forListening: PostgresSettings {
+        guard var listen else { return self }
+        listen.connectTimeout = connectTimeout
+        return listen
     }
 
     /// The URL without its password, for logs and errors.
