@@ -326,4 +326,24 @@ struct TOMLParserTests {
             _ = try? ConfigDocument.parse(text, file: "fuzz.toml")
         }
     }
+
+    @Test("deeply nested arrays and inline tables are refused, not a stack overflow")
+    func nesting() throws {
+        for open in ["[", "{ a = "] {
+            let text = "x = " + String(repeating: open, count: 100_000) + "\n"
+            do {
+                _ = try ConfigDocument.parse(text, file: "deep.toml")
+                Issue.record("accepted 100,000 levels of \(open)")
+            } catch {
+                #expect(error.description.contains("nested deeper than 32 levels"), "\(error)")
+                #expect(error.line == 1)
+            }
+        }
+        let fine = "x = " + String(repeating: "[", count: 32) + String(repeating: "]", count: 32) + "\n"
+        #expect(Self.render(try ConfigDocument.parse(fine, file: "ok.toml").value("x")).hasPrefix("[[[["))
+        for key in [String(repeating: "a.", count: 100_000) + "a = 1\n", "[" + String(repeating: "t.", count: 20) + "t]\n"] {
+            #expect(throws: ConfigurationError.self) { try ConfigDocument.parse(key, file: "long.toml") }
+        }
+        #expect(try ConfigDocument.parse(String(repeating: "a.", count: 15) + "a = 1\n", file: "ok.toml").table("a") != nil)
+    }
 }

@@ -52,6 +52,11 @@ struct TOMLParser {
     private var position = 0
     private var line = 1
     private var lineStart = 0
+    /// Arrays and inline tables open around the current value. This and the parts of a key are bounded so that a
+    /// hostile file cannot nest tables deep enough to exhaust a stack (at most 16 × 33 levels); configurations use 4.
+    private var depth = 0
+    static let maximumDepth = 32
+    static let maximumKeyParts = 16
 
     init(_ text: String) { bytes = Array(text.utf8) }
 
@@ -189,6 +194,9 @@ struct TOMLParser {
         var parts: [String] = []
         while true {
             skipWhitespace()
+            guard parts.count < Self.maximumKeyParts else {
+                throw error("a key of more than \(Self.maximumKeyParts) dotted parts")
+            }
             parts.append(try simpleKey())
             skipWhitespace()
             guard peek() == UInt8(ascii: ".") else { break }
@@ -238,6 +246,8 @@ struct TOMLParser {
     }
 
     private mutating func array() throws(TOMLSyntaxError) -> TOMLValue {
+        try enter()
+        defer { depth -= 1 }
         position += 1  // [
         var elements: [TOMLValue] = []
         while true {
@@ -259,6 +269,8 @@ struct TOMLParser {
     }
 
     private mutating func inlineTable() throws(TOMLSyntaxError) -> TOMLValue {
+        try enter()
+        defer { depth -= 1 }
         position += 1  // {
         let table = TOMLTableBuilder(origin: .inline)
         skipWhitespace()
@@ -279,6 +291,13 @@ struct TOMLParser {
             default: throw error("expected `,` or `}` in the inline table (it must stay on one line)")
             }
         }
+    }
+
+    private mutating func enter() throws(TOMLSyntaxError) {
+        guard depth < Self.maximumDepth else {
+            throw error("arrays and inline tables nested deeper than \(Self.maximumDepth) levels")
+        }
+        depth += 1
     }
 
     /// Tables made by dotted keys inside an inline table are as closed as the inline table itself.
