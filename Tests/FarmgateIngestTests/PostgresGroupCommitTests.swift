@@ -10,29 +10,12 @@ import Testing
 /// nobody is answered before the commit (a connection killed during the transaction fails every batch of the group and
 /// stores none of them).
 @Suite struct PostgresGroupCommitTests {
-    /// A fresh, migrated store with the given group limits, partitions around ``testNow``, farm `f1` and `devices` devices.
+    /// A fresh, migrated store running `concurrency` group transactions at once, partitions around ``testNow``, farm
+    /// `f1` and `devices` devices (built from settings, as `serve` builds it).
     static func withStore<T: Sendable>(
         concurrency: Int, devices: Int, _ body: @Sendable (PostgresIngestStore, PostgresSettings, [DeviceIdentity]) async throws -> T
     ) async throws -> T {
-        try await withTestDatabase { settings in
-            var limits = PostgresGroupCommit.Limits()
-            limits.concurrency = concurrency
-            var pooled = settings
-            pooled.poolSize = 8
-            let settings = pooled
-            let store = try PostgresIngestStore(settings: settings, groupCommit: limits, logger: testLogger)
-            return try await withRunning(store) { _ in
-                try await store.migrate()
-                try await store.createPartitions(now: testNow)
-                _ = try await store.createFarm(name: "f1", createdAt: testNow)
-                var identities: [DeviceIdentity] = []
-                for index in 0..<devices {
-                    identities.append(
-                        try await store.createDevice(farm: "f1", device: try deviceID("g\(index)"), keyID: "kg\(index)", secretHash: [1], createdAt: testNow))
-                }
-                return try await body(store, settings, identities)
-            }
-        }
+        try await PostgresGroupCommitLimitsTests.withStore(devices: devices, configure: { $0.writeTransactions = concurrency }, body)
     }
 
     /// Runs `body` on one connection of its own to the test database (to hold locks, or kill the store's backends).
