@@ -15,7 +15,7 @@ struct ScanTests {
         options.w1Root = w1
         options.modbusIDs = 1...4
         options.modbusTimeout = .milliseconds(150)
-        options.ezoTimeout = .milliseconds(500)
+        options.ezoTimeout = .milliseconds(1500)
         options.portBudget = .seconds(20)
         return options
     }
