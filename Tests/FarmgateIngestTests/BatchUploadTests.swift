@@ -270,7 +270,9 @@ struct BatchUploadTests {
     func rateLimited() async throws {
         let fixture = try await Fixture()
         defer { fixture.close() }
-        let limits = IngestConfiguration.Limits(requestsPerSecond: 0.1, burst: 2)
+        // One token per 100 s: a loaded CI machine that stalls this test for many seconds between requests still
+        // has no token to give back before the third.
+        let limits = IngestConfiguration.Limits(requestsPerSecond: 0.01, burst: 2)
         try await fixture.app(limits: limits).test(.router) { client in
             #expect(try await postJSON(client, try phBatch(sequences: 1...1), key: fixture.deviceKey).status == .ok)
             #expect(try await postJSON(client, try phBatch(sequences: 2...2), key: fixture.deviceKey).status == .ok)
@@ -278,7 +280,7 @@ struct BatchUploadTests {
             try expectError(limited, .tooManyRequests, "rate_limited")
             let retryAfter = limited.headers[.retryAfter].flatMap { Int($0) }
             #expect(retryAfter != nil)
-            #expect((retryAfter ?? 0) >= 1 && (retryAfter ?? 0) <= 10)
+            #expect((retryAfter ?? 0) >= 1 && (retryAfter ?? 0) <= 100)
             // Another device has its own bucket.
             #expect(try await postJSON(client, try phBatch(device: "d2", sequences: 1...1), key: fixture.secondDeviceKey).status == .ok)
         }
