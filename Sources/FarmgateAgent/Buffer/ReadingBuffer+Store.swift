@@ -227,7 +227,9 @@ final class BufferStore {
         deleteReading = try connection.prepare("DELETE FROM readings WHERE sequence = ?")
         deleteRange = try connection.prepare("DELETE FROM readings WHERE sequence BETWEEN ?1 AND ?2")
         deleteAll = try connection.prepare("DELETE FROM readings")
-        selectBounds = try connection.prepare("SELECT min(sequence), max(sequence) FROM readings")
+        // Two subqueries: SQLite answers a lone min() or max() from the ends of the primary key, but `min(x), max(x)` in
+        // one query scans the whole table (a quarter of the CPU of a backlog drain, once per acknowledged batch).
+        selectBounds = try connection.prepare("SELECT (SELECT min(sequence) FROM readings), (SELECT max(sequence) FROM readings)")
         deleteOldest = try connection.prepare(
             "DELETE FROM readings WHERE sequence IN (SELECT sequence FROM readings ORDER BY sequence LIMIT ?)")
         selectOldest = try connection.prepare(
