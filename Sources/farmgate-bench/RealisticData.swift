@@ -29,7 +29,7 @@ enum DataProfile: String, CaseIterable, Sendable {
 /// - pH: 5.8–6.4 per tank, drifting up 0.02–0.08 pH/h as plants take up nutrients [HARDWARE.md, hydroponics 5.5–6.5];
 ///   noise σ = 0.004 pH (EZO-pH accuracy ±0.002, reading to 0.001), declared at 0.01.
 /// - EC: 1000–2000 µS/cm per tank [HARDWARE.md, lettuce 0.6–1.2 to tomato 2.2–5 mS/cm], drifting down 5–25 µS/cm/h,
-///   noise σ = 1 µS/cm, reported in whole µS/cm (the EZO-EC's output at that range), declared at 0.1 µS/cm.
+///   (both drifts reset once a day, when the dosing system corrects the tank), noise σ = 1 µS/cm, reported in whole µS/cm (the EZO-EC's output at that range), declared at 0.1 µS/cm.
 /// - Water temperature: 18–24 °C per tank [HARDWARE.md, water 18–22 °C] with a daily swing of ±1.5 °C, noise σ = 0.03 °C,
 ///   quantized to 1/16 °C as the DS18B20 reads at 12 bits [HARDWARE.md, DS18B20].
 /// - One read in 200 fails (no reading stored, the sensor keeps its schedule); one in 2000 carries the sensor_fault flag.
@@ -94,14 +94,17 @@ struct RealisticSite {
                     timestampMs = Int64((scheduled + channel.readMs + rng.normal(deviation: 2)).rounded(.down))
                 }
                 let hours = (Double(timestampMs) - start) / 3_600_000
+                // The dosing system brings pH and EC back once a day: drift never carries a long run (a day of a
+                // 50-sensor site at 1 Hz spans ten days here) out of the plausible range. Runs under a day are unchanged.
+                let sinceDosing = hours.truncatingRemainder(dividingBy: 24)
                 if Int.random(in: 0..<200, using: &rng) == 0 { continue }  // a failed read
                 let noise = rng.normal(deviation: channel.noise)
                 let value: Double
                 switch channel.descriptor.quantity {
                 case .ph:
-                    value = channel.base + channel.drift * hours + noise
+                    value = channel.base + channel.drift * sinceDosing + noise
                 case .electricalConductivity:
-                    value = (channel.base + channel.drift * hours + noise).rounded()
+                    value = (channel.base + channel.drift * sinceDosing + noise).rounded()
                 default:
                     let daily = 1.5 * cos(2 * Double.pi * hours / 24)
                     value = ((channel.base + daily + noise) * 16).rounded() / 16

@@ -60,7 +60,7 @@ struct WireBench: AsyncParsableCommand {
     var backlogReadings = 20_000
 
     @Option(help: "Backlog: batch sizes, comma-separated.")
-    var batchSizes = "10,30,250,1000"
+    var batchSizes = "10,30,250,1000,5000"
 
     @Option(help: "Backlog: seed of the data generator.")
     var seed: UInt64 = 42

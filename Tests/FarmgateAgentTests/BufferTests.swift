@@ -531,3 +531,93 @@ struct BufferTests {
         #expect(scratch.names(in: "buffer").contains("buffer.sqlite"))
     }
 }
+
+@Suite("Buffer page size conversion")
+struct BufferPageSizeTests {
+    /// Rebuilds the buffer file with `pageSize`-byte pages, as farmgate before 2026-12 created every buffer (4 KiB).
+    private func rebuild(_ path: String, pageSize: Int) throws {
+        let connection = try SQLiteConnection(path: path, mode: .readWrite, busyTimeoutMilliseconds: 1_000)
+        #expect(try connection.query("PRAGMA journal_mode = DELETE").first?.first?.string == "delete")
+        try connection.execute("PRAGMA page_size = \(pageSize)")
+        try connection.execute("VACUUM")
+        #expect(try connection.query("PRAGMA journal_mode = WAL").first?.first?.string == "wal")
+        #expect(try connection.queryInt("PRAGMA page_size") == Int64(pageSize))
+    }
+
+    private func pageSize(_ path: String) throws -> Int64? {
+        try SQLiteConnection(path: path, mode: .readOnly).queryInt("PRAGMA page_size")
+    }
+
+    /// A buffer with readings 101...500 pending (1...100 acknowledged), rebuilt with 4 KiB pages; returns what is pending.
+    private func oldBuffer(_ scratch: Scratch) async throws -> [Reading] {
+        let buffer = try openBuffer(scratch)
+        try await register(buffer, "tank1.ph")
+        try await buffer.append(series(try sensor("tank1.ph"), count: 500))
+        #expect(try await buffer.flush() == 500)
+        try await buffer.acknowledge(Array(1...100))
+        let pending = try await allPending(buffer)
+        try await buffer.close()
+        try rebuild(scratch.file("buffer/buffer.sqlite"), pageSize: 4096)
+        return pending
+    }
+
+    @Test("a buffer written with 4 KiB pages is converted to 1 KiB pages when opened, keeping every reading and its number")
+    func converted() async throws {
+        let scratch = try Scratch(prefix: "fg-pagesize")
+        let path = scratch.file("buffer/buffer.sqlite")
+        let before = try await oldBuffer(scratch)
+        #expect(before.map(\.sequence) == Array(101...500))
+
+        let recorder = LogRecorder()
+        let buffer = try openBuffer(scratch, logger: recorder.logger)
+        #expect(try await allPending(buffer) == before)
+        #expect(try await buffer.statistics().lastSequence == 500)
+        try await buffer.append(series(try sensor("tank1.ph"), count: 1, start: 1_000))
+        #expect(try await buffer.flush() == 501, "numbering goes on after the conversion")
+        try await buffer.close()
+        #expect(try pageSize(path) == 1024)
+        #expect(recorder.entries.contains { $0.level == .info && $0.message.contains("converted to 1024-byte pages") })
+        // In WAL mode again, and healthy.
+        let check = try SQLiteConnection(path: path, mode: .readWrite)
+        #expect(try check.query("PRAGMA journal_mode").first?.first?.string == "wal")
+        #expect(try check.integrityProblems(quick: false).isEmpty)
+    }
+
+    @Test("a file over the size limit keeps its pages and works; a later start under the limit converts it")
+    func overTheLimit() async throws {
+        let scratch = try Scratch(prefix: "fg-pagesize")
+        let path = scratch.file("buffer/buffer.sqlite")
+        let before = try await oldBuffer(scratch)
+        let recorder = LogRecorder()
+        do {
+            let store = try BufferStore.open(path: path, pageConversionLimit: 0, logger: recorder.logger)
+            #expect(try store.connection.queryInt("PRAGMA page_size") == 4096)
+            #expect(try store.pending(limit: 1_000, from: .oldest) == before)
+        }
+        #expect(recorder.entries.contains { $0.level == .notice && $0.message.contains("keeps its 4096-byte pages for now") })
+        let buffer = try openBuffer(scratch)
+        #expect(try await allPending(buffer) == before)
+        try await buffer.close()
+        #expect(try pageSize(path) == 1024)
+    }
+
+    @Test("while another process holds the file, the conversion is skipped with a warning and the buffer opens as it was")
+    func heldByAnotherProcess() async throws {
+        let scratch = try Scratch(prefix: "fg-pagesize")
+        let path = scratch.file("buffer/buffer.sqlite")
+        let before = try await oldBuffer(scratch)
+        // Another reader in the middle of a read transaction: WAL mode cannot be left under it.
+        let reader = try SQLiteConnection(path: path, mode: .readOnly)
+        try reader.execute("BEGIN")
+        #expect(try reader.queryInt("SELECT count(*) FROM readings") == 400)
+        let recorder = LogRecorder()
+        do {
+            let store = try BufferStore.open(path: path, logger: recorder.logger)
+            #expect(try store.connection.queryInt("PRAGMA page_size") == 4096)
+            #expect(try store.pending(limit: 1_000, from: .oldest) == before)
+        }
+        try reader.execute("COMMIT")
+        #expect(recorder.entries.contains { $0.level == .warning && $0.message.contains("keeps its 4096-byte pages") })
+        #expect(try pageSize(path) == 4096)
+    }
+}

@@ -126,6 +126,18 @@ struct ConfigurationTests {
         #expect(configuration.upload?.deviceKey == "fgd_abc_def")
         #expect(configuration.upload?.batchMaxAge == .seconds(2))
         #expect(configuration.upload?.batchMaxReadings == 1000)
+        #expect(configuration.upload?.backlogBatchMaxReadings == UploadConfiguration.defaultBacklogBatchMaxReadings)
+        let upload = Self.minimal + "\n[upload]\nendpoint = \"https://ingest.example.net\"\nkey = \"fgd_abc_def\"\n"
+        // Backlog batches: their own size, the default raised to a larger live batch, never below it.
+        let sized = try AgentConfiguration.parse(ConfigDocument.parse(upload + "backlog_batch_readings = 20000", file: path))
+        #expect(sized.upload?.backlogBatchMaxReadings == 20000)
+        let largeLive = try AgentConfiguration.parse(ConfigDocument.parse(upload + "batch_max_readings = 8000", file: path))
+        #expect(largeLive.upload?.backlogBatchMaxReadings == 8000)
+        let smaller = try #require(error(upload + "batch_max_readings = 2000\nbacklog_batch_readings = 500"))
+        #expect(smaller.key == "upload.backlog_batch_readings")
+        #expect(smaller.message.contains("at least batch_max_readings (2000)"))
+        let huge = try #require(error(upload + "backlog_batch_readings = 1000000"))
+        #expect(huge.key == "upload.backlog_batch_readings")
 
         let ftp = try #require(error(Self.minimal + "\n[upload]\nendpoint = \"ftp://x\"\nkey = \"fgd_abc_def\""))
         #expect(ftp.key == "upload.endpoint")

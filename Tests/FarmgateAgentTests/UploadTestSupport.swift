@@ -220,12 +220,15 @@ final class TestBuffer: Sendable {
 }
 
 func uploadConfiguration(
-    _ url: String, format: UploadConfiguration.Format = .binary, batchMaxReadings: Int = 100, batchMaxBytes: Int = 256 << 10,
+    _ url: String, format: UploadConfiguration.Format = .binary, batchMaxReadings: Int = 100, backlogBatchMaxReadings: Int? = nil,
+    batchMaxBytes: Int = 256 << 10,
     requestTimeout: Duration = .seconds(5), backoffInitial: Duration = .milliseconds(30), backoffMax: Duration = .seconds(1),
     key: String = FakeIngest.key
 ) -> UploadConfiguration {
     UploadConfiguration(
-        endpoint: url + "/", deviceKey: key, format: format, batchMaxReadings: batchMaxReadings, batchMaxBytes: batchMaxBytes,
+        endpoint: url + "/", deviceKey: key, format: format, batchMaxReadings: batchMaxReadings,
+        // Unless a test asks for larger backlog batches, every batch has one size (what most tests count on).
+        backlogBatchMaxReadings: backlogBatchMaxReadings ?? batchMaxReadings, batchMaxBytes: batchMaxBytes,
         batchMaxAge: .milliseconds(200), connectTimeout: .seconds(2), requestTimeout: requestTimeout,
         stallTimeout: requestTimeout, backoffInitial: backoffInitial, backoffMax: backoffMax, pollInterval: .milliseconds(20),
         useProxyEnvironment: false)

@@ -196,6 +196,24 @@ struct UploadUploaderTests {
         #expect(ingest.server.connectionCount == 1, "every batch on one kept-alive connection")
     }
 
+    @Test func backlogBatchesFromTheOldestEndCarryTheBacklogSize() async throws {
+        let data = try await TestBuffer(count: 1050)
+        let all = try await data.buffer.pending(limit: 2000, from: .oldest).map(\.sequence)
+        let ingest = try FakeIngest()
+        let configuration = uploadConfiguration(ingest.url, batchMaxReadings: 100, backlogBatchMaxReadings: 400)
+        try await withUploader(source: data.buffer, configuration: configuration) { uploader throws in
+            #expect(try await eventually { try await data.statistics().pending == 0 && uploader.status().uploadedTotal == 1050 })
+        }
+        let batches = ingest.log.batches
+        // Live (newest) batches keep batch_max_readings, backlog (oldest) ones carry up to 400; the last 50, one batch or
+        // less, go as an ordinary batch once batch_max_age has passed.
+        #expect(batches.map(\.count) == [100, 400, 100, 400, 50])
+        #expect(batches[0].max() == all.last, "the newest readings go first")
+        #expect(batches[1] == Array(all.prefix(400)), "then the 400 oldest, in order")
+        #expect(Set(ingest.log.stored.keys) == Set(all))
+        #expect(ingest.log.duplicates == 0)
+    }
+
     @Test func batchesOverTheByteLimitAreHalvedAndJSONWorks() async throws {
         let data = try await TestBuffer(count: 60)
         let ingest = try FakeIngest()

@@ -89,7 +89,9 @@ final class BufferStore {
     /// Sequence numbers never go backwards: a fresh file whose history was lost (a corrupt file moved aside, or a database deleted
     /// while its `<path>.seq` sidecar remained) starts after the sidecar's high-water mark plus ``ReadingBuffer/recoverySequenceGap``,
     /// because the sidecar may lag the lost file by the commits made after its last write.
-    static func open(path: String, synchronousFull: Bool = true, logger: Logger) throws -> BufferStore {
+    static func open(
+        path: String, synchronousFull: Bool = true, pageConversionLimit: Int64 = BufferStore.pageConversionLimit, logger: Logger
+    ) throws -> BufferStore {
         try createParentDirectory(of: path)
         let sidecar = SequenceSidecar(bufferPath: path)
         var sidecarValue: Int64?
@@ -104,7 +106,7 @@ final class BufferStore {
         do {
             return try BufferStore(
                 path: path, sidecar: sidecar, sidecarValue: sidecarValue, recoveredFromCorruption: false, synchronousFull: synchronousFull,
-                logger: logger)
+                pageConversionLimit: pageConversionLimit, logger: logger)
         } catch let error where BufferStore.isCorruption(error) {
             let movedTo = try moveAside(path: path)
             logger.error(
@@ -112,12 +114,54 @@ final class BufferStore {
                 metadata: ["buffer.path": "\(path)", "buffer.moved_to": "\(movedTo)", "error": "\(error)"])
             return try BufferStore(
                 path: path, sidecar: sidecar, sidecarValue: sidecarValue, recoveredFromCorruption: true, synchronousFull: synchronousFull,
-                logger: logger)
+                pageConversionLimit: pageConversionLimit, logger: logger)
         }
     }
 
     /// The page size of a new buffer file (see `init`).
     static let newFilePageSize = 1024
+
+    /// The largest buffer file whose pages are converted to ``newFilePageSize`` when it is opened (see
+    /// ``convertPageSize(_:path:limit:logger:)``): 64 MiB, a few seconds of copying on an SD card.
+    static let pageConversionLimit: Int64 = 64 << 20
+
+    /// Converts a buffer written with another page size (4 KiB, by farmgate before 2026-12) to ``newFilePageSize``, which
+    /// halves what each group commit writes to the SD card. SQLite changes the page size only by rebuilding the file
+    /// (`VACUUM`) outside WAL mode, so the file leaves WAL mode for the rebuild; `VACUUM` is one transaction under a
+    /// rollback journal, so a power cut during it leaves the old file intact, converted at the next start. A file larger
+    /// than `limit` (a long backlog) keeps its pages until a start finds it smaller; a failure (another process holds the
+    /// file, no room for the copy) is logged and changes nothing. Either way the buffer works as before.
+    static func convertPageSize(_ connection: SQLiteConnection, path: String, limit: Int64, logger: Logger) {
+        guard let current = try? connection.queryInt("PRAGMA page_size"), current != Int64(newFilePageSize) else { return }
+        let bytes = ((try? connection.queryInt("PRAGMA page_count")) ?? Int64.max / current) * current
+        let metadata: Logger.Metadata = ["buffer.path": "\(path)", "buffer.page_size": "\(current)", "buffer.bytes": "\(bytes)"]
+        guard bytes <= limit else {
+            logger.notice(
+                "Buffer keeps its \(current)-byte pages for now: converting a file this large at start would take too long; it is converted at a start after the backlog has drained",
+                metadata: metadata.merging(["buffer.conversion_limit": "\(limit)"]) { $1 })
+            return
+        }
+        let started = ContinuousClock.now
+        do {
+            // Leaving WAL mode checkpoints the WAL into the file; SQLite answers with the mode it is in.
+            let mode = try connection.query("PRAGMA journal_mode = DELETE").first?.first?.string?.lowercased()
+            guard mode == "delete" else {
+                logger.warning(
+                    "Buffer keeps its \(current)-byte pages: it cannot leave WAL mode for the conversion (another process has it open?); tried again at the next start",
+                    metadata: metadata.merging(["buffer.journal_mode": "\(mode ?? "none")"]) { $1 })
+                return
+            }
+            try connection.execute("PRAGMA page_size = \(newFilePageSize)")
+            try connection.execute("VACUUM")
+            logger.info(
+                "Buffer converted to \(newFilePageSize)-byte pages (each commit writes less to the SD card)",
+                metadata: metadata.merging(["duration": "\(ContinuousClock.now - started)"]) { $1 })
+        } catch {
+            logger.warning(
+                "Buffer keeps its \(current)-byte pages: the conversion failed and changed nothing; tried again at the next start",
+                metadata: metadata.merging(["error": "\(error)"]) { $1 })
+        }
+    }
 
     static func isCorruption(_ error: any Error) -> Bool {
         if error is BufferCorruption { return true }
@@ -126,15 +170,20 @@ final class BufferStore {
     }
 
     private init(
-        path: String, sidecar: SequenceSidecar, sidecarValue: Int64?, recoveredFromCorruption: Bool, synchronousFull: Bool, logger: Logger
+        path: String, sidecar: SequenceSidecar, sidecarValue: Int64?, recoveredFromCorruption: Bool, synchronousFull: Bool,
+        pageConversionLimit: Int64, logger: Logger
     ) throws {
         let fileExisted = (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? Int).map { $0 > 0 } ?? false
         let connection = try SQLiteConnection(path: path, mode: .readWriteCreate, busyTimeoutMilliseconds: 5_000)
         // A new file gets 1 KiB pages. A group commit rewrites the last page of the table and of its index whole, so the
         // page size is what a commit costs the SD card: 50 readings are about 2.3 KB of rows and index entries, and with
         // 4 KiB pages each commit wrote about 16 KiB. Only possible before the first table exists; an existing file keeps
-        // its page size.
-        if !fileExisted { try connection.execute("PRAGMA page_size = \(Self.newFilePageSize)") }
+        // its page size, until it is converted.
+        if !fileExisted {
+            try connection.execute("PRAGMA page_size = \(Self.newFilePageSize)")
+        } else {
+            Self.convertPageSize(connection, path: path, limit: pageConversionLimit, logger: logger)
+        }
         let journalMode = try connection.query("PRAGMA journal_mode = WAL").first?.first?.string
         guard journalMode?.lowercased() == "wal" else {
             throw BufferError("cannot put the buffer \(path) in WAL mode (SQLite answered \(journalMode ?? "nothing")); is it on a network file system?")

@@ -191,7 +191,8 @@ extension AgentConfiguration {
 
     static func parseUpload(_ table: ConfigTable, base: String) throws(ConfigurationError) -> UploadConfiguration {
         try table.checkKeys([
-            "endpoint", "key", "key_file", "ca_file", "format", "batch_max_readings", "batch_max_bytes", "batch_max_age",
+            "endpoint", "key", "key_file", "ca_file", "format", "batch_max_readings", "backlog_batch_readings", "batch_max_bytes",
+            "batch_max_age",
             "connect_timeout", "request_timeout", "stall_timeout", "backoff_initial", "backoff_max", "retry_after_max",
             "shutdown_flush_timeout", "device_check_interval", "stateful",
         ])
@@ -225,10 +226,18 @@ extension AgentConfiguration {
             throw table.error("ca_file", "cannot read \(caFile); give a PEM file of CA certificates, or remove the key to use the system CAs")
         }
         let defaults = UploadConfiguration(endpoint: endpoint, deviceKey: key)
+        let batchMaxReadings = try table.int("batch_max_readings", in: 1...100_000) ?? defaults.batchMaxReadings
+        let backlogBatchReadings = try table.int("backlog_batch_readings", in: 1...100_000)
+        if let backlogBatchReadings, backlogBatchReadings < batchMaxReadings {
+            throw table.error(
+                "backlog_batch_readings",
+                "must be at least batch_max_readings (\(batchMaxReadings)): backlog batches are the large ones (got \(backlogBatchReadings))")
+        }
         return UploadConfiguration(
             endpoint: endpoint, deviceKey: key, caFile: caFile,
             format: try table.choice("format", ["binary": .binary, "json": .json]) ?? defaults.format,
-            batchMaxReadings: try table.int("batch_max_readings", in: 1...100_000) ?? defaults.batchMaxReadings,
+            batchMaxReadings: batchMaxReadings,
+            backlogBatchMaxReadings: backlogBatchReadings,
             batchMaxBytes: Int(try table.byteSize("batch_max_bytes", in: 1024...(64 << 20)) ?? Int64(defaults.batchMaxBytes)),
             batchMaxAge: try table.duration("batch_max_age", in: .zero...(.seconds(3600))) ?? defaults.batchMaxAge,
             connectTimeout: try table.duration("connect_timeout", in: .milliseconds(100)...(.seconds(300))) ?? defaults.connectTimeout,

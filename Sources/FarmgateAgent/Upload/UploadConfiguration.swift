@@ -29,6 +29,14 @@ public struct UploadConfiguration: Sendable, Hashable {
     public var format: Format
     /// The most readings in one batch. Default 1000. A full batch is sent as soon as it is pending.
     public var batchMaxReadings: Int
+    /// The most readings in one batch from the oldest end of a backlog, while more than ``batchMaxReadings`` are pending
+    /// (after an outage). A request's fixed costs (a commit at the ingest, headers, the sensor table) are shared by more
+    /// readings, so a backlog drains faster and costs fewer bytes; live batches, from the newest end, keep
+    /// ``batchMaxReadings``. Default 5000, or ``batchMaxReadings`` when that is more; never less than it.
+    public var backlogBatchMaxReadings: Int
+    /// The default of ``backlogBatchMaxReadings`` (measured: 1000 → 5000 readings per backlog request drained a local
+    /// backlog about 1.4 times as fast).
+    public static let defaultBacklogBatchMaxReadings = 5000
     /// The largest encoded batch, in bytes. Default 256 KiB. A batch that encodes larger is halved (by reading count)
     /// until it fits; a single reading is sent whatever its size.
     public var batchMaxBytes: Int
@@ -73,6 +81,7 @@ public struct UploadConfiguration: Sendable, Hashable {
         caFile: String? = nil,
         format: Format = .binary,
         batchMaxReadings: Int = 1000,
+        backlogBatchMaxReadings: Int? = nil,
         batchMaxBytes: Int = 256 << 10,
         batchMaxAge: Duration = .seconds(20),
         connectTimeout: Duration = .seconds(10),
@@ -92,6 +101,7 @@ public struct UploadConfiguration: Sendable, Hashable {
         self.caFile = caFile
         self.format = format
         self.batchMaxReadings = batchMaxReadings
+        self.backlogBatchMaxReadings = max(backlogBatchMaxReadings ?? Self.defaultBacklogBatchMaxReadings, batchMaxReadings)
         self.batchMaxBytes = batchMaxBytes
         self.batchMaxAge = batchMaxAge
         self.connectTimeout = connectTimeout

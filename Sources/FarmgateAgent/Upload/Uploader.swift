@@ -21,7 +21,8 @@ import Synchronization
 ///
 /// **Live first.** While the backlog holds more than one batch (after an outage), batches alternate between the newest and the
 /// oldest end of the backlog, starting with the newest: fresh readings reach the ingest within a request or two while the
-/// backlog drains at half the request rate in the background. With one batch or less pending, the oldest readings go first.
+/// backlog drains in the background, in batches of up to ``UploadConfiguration/backlogBatchMaxReadings`` (the final flush
+/// on shutdown uses that size too). With one batch or less pending, the oldest readings go first.
 ///
 /// **Outcomes.** A reading goes to quarantine only when the ingest named it in a receipt, or when bisection isolated it
 /// while the rest of its batch was accepted; a refusal of whole requests never quarantines a backlog.
@@ -254,7 +255,7 @@ public final class Uploader: Service {
         }
         loop.draining = true
         while ContinuousClock.now < deadline, !Task.isCancelled {
-            guard let readings = try? await source.pending(limit: max(1, configuration.batchMaxReadings), from: .oldest),
+            guard let readings = try? await source.pending(limit: max(1, configuration.backlogBatchMaxReadings), from: .oldest),
                 !readings.isEmpty
             else { break }
             if await deliver(readings, &loop) > .zero { break }
@@ -306,16 +307,18 @@ public final class Uploader: Service {
         }
 
         let end: BacklogEnd
+        var limit = configuration.batchMaxReadings
         if statistics.pending > configuration.batchMaxReadings {
             end = loop.nextEnd
             loop.nextEnd = end == .newest ? .oldest : .newest
+            if end == .oldest { limit = configuration.backlogBatchMaxReadings }
         } else {
             end = .oldest
             loop.nextEnd = .newest
         }
         let readings: [Reading]
         do {
-            readings = try await source.pending(limit: max(1, configuration.batchMaxReadings), from: end)
+            readings = try await source.pending(limit: max(1, limit), from: end)
         } catch {
             logger.error("Cannot read pending readings from the buffer", metadata: ["error": "\(error)"])
             return bufferRetryDelay
