@@ -165,3 +165,11 @@ enum AlertEvaluator {
         return "\(text.prefix(10)) \(time) UTC"
     }
 }
+
+extension AlertRecord {
+    /// ``AlertEvaluator/step(_:holds:at:value:forMicroseconds:)`` as a mutating method, so that the engine moves an
+    /// optional record in place (`alert?.step(...)`) instead of copying it out and back for every reading.
+    mutating func step(holds: Bool, at: Timestamp, value: Double?, forMicroseconds: Int64) -> [(from: AlertState, to: AlertState)] {
+        AlertEvaluator.step(&self, holds: holds, at: at, value: value, forMicroseconds: forMicroseconds)
+    }
+}
