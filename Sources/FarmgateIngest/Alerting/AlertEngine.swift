@@ -345,7 +345,7 @@ public actor AlertEngine: CommitObserver, Service {
                     evaluate(sensor: item.sensor, item.readings, farm: farmRules, device: device, receivedAt: batch.receivedAt, now: current,
                              records: records[item.sensor] ?? [:], into: &changes)
                 }
-                try await apply(changes)
+                try await apply(changes, durability: .withNextSyncedCommit)
                 evaluated = true
                 return
             } catch let conflict as AlertStoreConflict {
@@ -466,12 +466,13 @@ public actor AlertEngine: CommitObserver, Service {
         let newestBefore = lastEvaluated[sensor]
         guard let columns = SensorReadings(readings, after: newestBefore) else { return }
         for (slot, position) in entry.rules.enumerated() {
-            let stored = records.isEmpty ? nil : records[position]
+            // Found by index: an alert record (280 bytes) is copied only for the rules evaluated reading by reading.
+            let found = records.isEmpty ? nil : records.index(forKey: position)
             // The common case, decided from the batch's summary: no alert, and the condition holds at no reading.
-            if stored == nil, columns.skips(farm.conditions[position], memory: &entry.memories[slot]) { continue }
+            if found == nil, columns.skips(farm.conditions[position], memory: &entry.memories[slot]) { continue }
             evaluate(
                 farm.conditions[position], of: farm.rules, at: position, columns, after: newestBefore, memory: &entry.memories[slot],
-                record: stored, sensorRowID: sensor, device: device, receivedAt: receivedAt, now: current, into: &changes)
+                record: found.map { records[$0].value }, sensorRowID: sensor, device: device, receivedAt: receivedAt, now: current, into: &changes)
         }
         lastEvaluated[sensor] = max(newestBefore ?? last.timestamp, last.timestamp)
     }
@@ -510,7 +511,7 @@ public actor AlertEngine: CommitObserver, Service {
                 let holds = AlertEvaluator.holds(
                     condition, value: value, quality: readings.qualities[index], at: time, active: alert?.state.isActive ?? false, memory: &memory)
             else { continue }
-            if alert == nil {
+            if case .none = alert {
                 // No alert yet and the condition does not hold: an inactive alert stays inactive, nothing to record.
                 guard holds else { continue }
                 alert = fresh()
@@ -797,9 +798,13 @@ public actor AlertEngine: CommitObserver, Service {
 
     // MARK: Plumbing
 
-    private func apply(_ changes: [AlertChange]) async throws {
+    /// Writes `changes`; `durability` is ``AlertWriteDurability/withNextSyncedCommit`` only for the changes of
+    /// batches of readings, which a restart evaluates again from the store when the watermark that covers them was not
+    /// saved (see ``AlertWriteDurability``). Timer rules and late reports are judged against the wall clock and write
+    /// synced.
+    private func apply(_ changes: [AlertChange], durability: AlertWriteDurability = .immediate) async throws {
         guard !changes.isEmpty else { return }
-        try await store.applyAlertChanges(changes, now: now())
+        try await store.applyAlertChanges(changes, now: now(), durability: durability)
         let notified = changes.reduce(0) { $0 + $1.notifications.count }
         if notified > 0 {
             notificationsCounter.increment(by: notified)
