@@ -96,3 +96,21 @@ struct AlertRateWindowTests {
         }())
     }
 }
+
+extension AlertRateWindowTests {
+    @Test("windows that share buffers, hold equal readings, or differ are told apart")
+    func sameReadings() {
+        var first = RateWindow()
+        for index in 0..<200 { first.append(Int64(index), Double(index % 7)) }
+        first.drop(before: 120)
+        let shared = first
+        #expect(shared.holdsSameReadings(as: first))
+        var rebuilt = RateWindow()
+        for index in 120..<200 { rebuilt.append(Int64(index), Double(index % 7)) }
+        #expect(rebuilt.holdsSameReadings(as: first) && first.holdsSameReadings(as: rebuilt))
+        var moved = shared
+        moved.append(200, 3)
+        #expect(!moved.holdsSameReadings(as: first) && !first.holdsSameReadings(as: moved))
+        #expect(RateWindow().holdsSameReadings(as: RateWindow()))
+    }
+}

@@ -44,6 +44,12 @@ struct AlertSensorReadingsTests {
             rule("sensor_fault") { $0.count = 1 },
             rule("sensor_fault") { $0.count = 3 },
             rule("rate_of_change") { $0.threshold = 0.2; $0.window = "1m" },
+            // Rate rules share one window run per length when their windows hold the same readings (``SensorReadings``):
+            // several of one length, with different thresholds and starting windows, and one of another length.
+            rule("rate_of_change") { $0.threshold = 0.05; $0.window = "1m" },
+            rule("rate_of_change") { $0.threshold = 0.5; $0.window = "1m" },
+            rule("rate_of_change") { $0.threshold = 0.3; $0.window = "1m" },
+            rule("rate_of_change") { $0.threshold = 0.1; $0.window = "2m" },
         ]
     }
 
@@ -54,6 +60,7 @@ struct AlertSensorReadingsTests {
         let sensor = try SensorID("tank1.ph")
         var skipped = 0
         var evaluated = 0
+        var rateSkipped = 0
         for _ in 0..<3_000 {
             // 1 to 20 readings in time order (sometimes two at one instant), values around the levels above, now and
             // then flagged; sometimes `after` lies inside the batch (readings out of order for a series without alert).
@@ -80,23 +87,29 @@ struct AlertSensorReadingsTests {
             var start = SeriesMemory()
             if random.next() % 3 == 0 { start.faultRun = Int(random.next() % 4) }
             if random.next() % 3 == 0 { start.window.append((readings.first?.timestamp.microseconds ?? 0) - 10_000_000, 5.7 + Double(random.next() % 700) / 1000) }
-            let summary = try #require(SensorReadings(readings, after: after))
-            for condition in conditions {
-                var fast = start
-                var slow = start
+            // A second starting memory, given to every third rule: a window that holds other readings than the first.
+            var other = start
+            other.window.append((readings.first?.timestamp.microseconds ?? 0) - 5_000_000, 5.7 + Double(random.next() % 700) / 1000)
+            var summary = try #require(SensorReadings(readings, after: after))
+            for (index, condition) in conditions.enumerated() {
+                let begin = index % 3 == 2 ? other : start
+                var fast = begin
+                var slow = begin
                 let records = Self.wouldRecord(condition, readings, after: after, memory: &slow)
                 if summary.skips(condition, memory: &fast) {
                     skipped += 1
+                    if condition.kind == .rateOfChange { rateSkipped += 1 }
                     #expect(!records, "a skipped \(condition.kind) rule records something at some reading")
                     #expect(fast.faultRun == slow.faultRun && fast.window == slow.window, "memory after a skip of \(condition.kind)")
                 } else {
                     evaluated += 1
-                    #expect(fast.faultRun == start.faultRun && fast.window == start.window, "memory touched without a skip")
+                    #expect(fast.faultRun == begin.faultRun && fast.window == begin.window, "memory touched without a skip")
                 }
             }
         }
         // Both paths are exercised.
         #expect(skipped > 1_000 && evaluated > 1_000)
+        #expect(rateSkipped > 500)
     }
 
     @Test("the columns hold the readings in order, and readings at or before `after` or repeated instants are out of order")

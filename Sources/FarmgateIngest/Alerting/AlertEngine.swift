@@ -464,7 +464,7 @@ public actor AlertEngine: CommitObserver, Service {
         guard let last = readings.last, var entry = series.removeValue(forKey: sensor) else { return }
         defer { series[sensor] = entry }
         let newestBefore = lastEvaluated[sensor]
-        guard let columns = SensorReadings(readings, after: newestBefore) else { return }
+        guard var columns = SensorReadings(readings, after: newestBefore) else { return }
         for (slot, position) in entry.rules.enumerated() {
             // Found by index: an alert record (280 bytes) is copied only for the rules evaluated reading by reading.
             let found = records.isEmpty ? nil : records.index(forKey: position)

@@ -62,6 +62,23 @@ struct RateWindow: Sendable, Equatable {
         for index in highs.indices { highs[index] -= shift }
     }
 
+    /// True when both hold the same readings: at once when they share their buffers (one was assigned from the other
+    /// and neither changed since), otherwise by comparing the readings.
+    func holdsSameReadings(as other: RateWindow) -> Bool {
+        if start == other.start, times.count == other.times.count, lowsStart == other.lowsStart, highsStart == other.highsStart,
+            lows.count == other.lows.count, highs.count == other.highs.count,
+            Self.sameBuffer(times, other.times), Self.sameBuffer(values, other.values), Self.sameBuffer(lows, other.lows),
+            Self.sameBuffer(highs, other.highs)
+        {
+            return true
+        }
+        return self == other
+    }
+
+    private static func sameBuffer<Element>(_ lhs: [Element], _ rhs: [Element]) -> Bool {
+        lhs.withUnsafeBufferPointer { left in rhs.withUnsafeBufferPointer { right in left.baseAddress == right.baseAddress } }
+    }
+
     /// The kept readings, oldest first (tests).
     var entries: [(time: Int64, value: Double)] { (start..<times.count).map { (times[$0], values[$0]) } }
 

@@ -24,6 +24,17 @@ struct SensorReadings {
     private(set) var flaggedOutOfRange = false
     /// Some reading is flagged `sensor_fault`.
     private(set) var faulty = false
+    /// Per window length: a rate window taken through these readings once, for every rate-of-change rule without an
+    /// alert whose window held the same readings before the batch (``RateRun``).
+    private var rateRuns: [Int64: RateRun] = [:]
+
+    /// One rate window taken through the batch: where it started, where it ended, and the largest spread it had at a
+    /// reading (the condition `spread >= threshold` holds at some reading exactly when this is at least the threshold).
+    private struct RateRun {
+        var before: RateWindow
+        var after: RateWindow
+        var largestSpread: Double
+    }
 
     var count: Int { times.count }
 
@@ -64,7 +75,13 @@ struct SensorReadings {
     /// highest non-faulty value is above the threshold, `below` when the lowest is below it, a range when either end
     /// is outside it, the flag form when a non-faulty reading carries the flag; a fault run is reset by the first
     /// reading that is not faulty, so without any faulty reading it ends at 0 and never reaches `count` (at least 1).
-    func skips(_ condition: AlertCondition, memory: inout SeriesMemory) -> Bool {
+    ///
+    /// A rate-of-change rule (the engine has ~50 on each pH sensor with 1,000 rules) takes its window through the
+    /// readings once per window length: every rule whose window held the same readings before the batch (rules without
+    /// an alert saw the same readings, so they normally do) ends with the same window, and holds somewhere exactly when
+    /// the largest spread at a non-faulty reading reaches its threshold. Such a rule is given the shared result (its
+    /// buffers shared until it changes) instead of taking its own window through the readings.
+    mutating func skips(_ condition: AlertCondition, memory: inout SeriesMemory) -> Bool {
         guard inOrder, !times.isEmpty else { return false }
         switch condition.kind {
         case .above:
@@ -83,9 +100,34 @@ struct SensorReadings {
             memory.faultRun = 0
             return true
         case .rateOfChange:
-            return false
+            guard let threshold = condition.threshold, let length = condition.windowMicroseconds else { return true }
+            let run: RateRun
+            if let shared = rateRuns[length], shared.before.holdsSameReadings(as: memory.window) {
+                run = shared
+            } else {
+                run = rateRun(from: memory.window, length: length)
+                // The first window of each length seen in this batch is the one later rules are compared with.
+                if rateRuns[length] == nil { rateRuns[length] = run }
+            }
+            guard run.largestSpread < threshold else { return false }
+            memory.window = run.after
+            return true
         case .noData, .deviceOffline, .calibrationOverdue:
             return true  // not judged on readings
         }
+    }
+
+    /// `window` taken through the readings as ``AlertEvaluator/holds(_:value:quality:at:active:memory:)`` takes a rate
+    /// window: each non-faulty reading appended, the readings older than the window dropped, the spread read.
+    private func rateRun(from window: RateWindow, length: Int64) -> RateRun {
+        var moved = window
+        var largest = -Double.infinity
+        for index in times.indices where !qualities[index].contains(.sensorFault) {
+            let at = times[index].microseconds
+            moved.append(at, values[index])
+            moved.drop(before: at - length)
+            largest = Swift.max(largest, moved.spread)
+        }
+        return RateRun(before: window, after: moved, largestSpread: largest)
     }
 }
