@@ -345,7 +345,7 @@ public actor AlertEngine: CommitObserver, Service {
                     evaluate(sensor: item.sensor, item.readings, farm: farmRules, device: device, receivedAt: batch.receivedAt, now: current,
                              records: records[item.sensor] ?? [:], into: &changes)
                 }
-                try await apply(changes)
+                try await apply(changes, durability: .withNextSyncedCommit)
                 evaluated = true
                 return
             } catch let conflict as AlertStoreConflict {
@@ -461,34 +461,36 @@ public actor AlertEngine: CommitObserver, Service {
         records: [Int: AlertRecord], into changes: inout [AlertChange]
     ) {
         // Taken out of the map while it changes, so that its arrays are not shared and change in place.
-        guard let first = readings.first, let last = readings.last, var entry = series.removeValue(forKey: sensor) else { return }
+        guard let last = readings.last, var entry = series.removeValue(forKey: sensor) else { return }
         defer { series[sensor] = entry }
         let newestBefore = lastEvaluated[sensor]
+        guard var columns = SensorReadings(readings, after: newestBefore) else { return }
         for (slot, position) in entry.rules.enumerated() {
-            if let change = evaluate(
-                farm.conditions[position], of: farm.rules, at: position, readings, after: newestBefore, memory: &entry.memories[slot],
-                record: records[position], sensorRowID: sensor, first: first, device: device, receivedAt: receivedAt, now: current)
-            {
-                changes.append(change)
-            }
+            // Found by index: an alert record (280 bytes) is copied only for the rules evaluated reading by reading.
+            let found = records.isEmpty ? nil : records.index(forKey: position)
+            // The common case, decided from the batch's summary: no alert, and the condition holds at no reading.
+            if found == nil, columns.skips(farm.conditions[position], memory: &entry.memories[slot]) { continue }
+            evaluate(
+                farm.conditions[position], of: farm.rules, at: position, columns, after: newestBefore, memory: &entry.memories[slot],
+                record: found.map { records[$0].value }, sensorRowID: sensor, device: device, receivedAt: receivedAt, now: current, into: &changes)
         }
         lastEvaluated[sensor] = max(newestBefore ?? last.timestamp, last.timestamp)
     }
 
     /// One rule over one sensor's readings in time order; a reading at or before the newest one evaluated (`after`,
-    /// or the stored alert's) is out of order and waits for a late report. The common case, an alert that does not
-    /// exist and a condition that does not hold, allocates nothing.
+    /// or the stored alert's) is out of order and waits for a late report. Appends the alert's change, if any. An
+    /// alert that does not exist and a condition that does not hold allocate nothing.
     private func evaluate(
-        _ condition: AlertCondition, of rules: [AlertRule], at position: Int, _ readings: [CommittedReading], after newestBefore: Timestamp?,
-        memory: inout SeriesMemory, record stored: AlertRecord?, sensorRowID: Int64, first: CommittedReading, device: DeviceIdentity,
-        receivedAt: Timestamp, now current: Timestamp
-    ) -> AlertChange? {
+        _ condition: AlertCondition, of rules: [AlertRule], at position: Int, _ readings: SensorReadings, after newestBefore: Timestamp?,
+        memory: inout SeriesMemory, record stored: AlertRecord?, sensorRowID: Int64, device: DeviceIdentity,
+        receivedAt: Timestamp, now current: Timestamp, into changes: inout [AlertChange]
+    ) {
         func fresh() -> AlertRecord {
             let rule = rules[position]
             return AlertRecord(
                 farmID: device.farmID, rule: rule.name, deviceRowID: device.rowID, sensorRowID: sensorRowID, device: device.device.rawValue,
-                sensor: first.sensor.rawValue,
-                fingerprint: AlertEvaluator.fingerprint(farm: device.farm, rule: rule.name, device: device.device.rawValue, sensor: first.sensor.rawValue),
+                sensor: readings.sensor,
+                fingerprint: AlertEvaluator.fingerprint(farm: device.farm, rule: rule.name, device: device.device.rawValue, sensor: readings.sensor),
                 updatedAt: receivedAt)
         }
         var alert = stored
@@ -497,27 +499,32 @@ public actor AlertEngine: CommitObserver, Service {
         let lateAfter = settings.lateAfter.microseconds
         var transitions: [AlertTransitionRecord] = []
         var outOfOrder: (Timestamp, Timestamp)?
-        for reading in readings {
-            if let newest, reading.timestamp <= newest {
-                outOfOrder = (min(outOfOrder?.0 ?? reading.timestamp, reading.timestamp), max(outOfOrder?.1 ?? reading.timestamp, reading.timestamp))
+        for index in 0..<readings.count {
+            let time = readings.times[index]
+            if let newest, time <= newest {
+                outOfOrder = (min(outOfOrder?.0 ?? time, time), max(outOfOrder?.1 ?? time, time))
                 continue
             }
-            newest = reading.timestamp
+            newest = time
+            let value = readings.values[index]
             guard
                 let holds = AlertEvaluator.holds(
-                    condition, value: reading.value, quality: reading.quality, at: reading.timestamp, active: alert?.state.isActive ?? false, memory: &memory)
+                    condition, value: value, quality: readings.qualities[index], at: time, active: alert?.state.isActive ?? false, memory: &memory)
             else { continue }
-            // No alert yet and the condition does not hold: an inactive alert stays inactive, nothing to record.
-            if alert == nil, !holds { continue }
-            var moving = alert ?? fresh()
-            let late = receivedAt.microseconds - reading.timestamp.microseconds > lateAfter
-            for move in AlertEvaluator.step(&moving, holds: holds, at: reading.timestamp, value: reading.value, forMicroseconds: condition.forMicroseconds) {
-                transitions.append(
-                    AlertTransitionRecord(from: move.from, to: move.to, at: reading.timestamp, value: reading.value, late: late, notified: !late, recordedAt: current))
+            if case .none = alert {
+                // No alert yet and the condition does not hold: an inactive alert stays inactive, nothing to record.
+                guard holds else { continue }
+                alert = fresh()
             }
-            alert = moving
+            // Moved in place (optional chaining on a mutating method): no copy of the record per reading.
+            let moves = alert?.step(holds: holds, at: time, value: value, forMicroseconds: condition.forMicroseconds) ?? []
+            guard !moves.isEmpty else { continue }
+            let late = receivedAt.microseconds - time.microseconds > lateAfter
+            for move in moves {
+                transitions.append(AlertTransitionRecord(from: move.from, to: move.to, at: time, value: value, late: late, notified: !late, recordedAt: current))
+            }
         }
-        guard !transitions.isEmpty || outOfOrder != nil else { return nil }
+        guard !transitions.isEmpty || outOfOrder != nil else { return }
         let rule = rules[position]
         var record = alert ?? fresh()
         record.lastReading = newest
@@ -540,7 +547,7 @@ public actor AlertEngine: CommitObserver, Service {
         }
         if transitions.isEmpty, before?.lateDue != nil, before?.lateFrom == record.lateFrom, before?.lateTo == record.lateTo {
             // The same stretch again (a backlog batch re-sent): nothing new to record.
-            return nil
+            return
         }
         var change = AlertChange(record: record, transitions: transitions)
         if !notifiable.isEmpty {
@@ -560,13 +567,13 @@ public actor AlertEngine: CommitObserver, Service {
                             notification: notification(
                                 rule, farm: farm, record: record, status: transitions[index].to == .firing ? .firing : .resolved, transitions: covered,
                                 late: folded, description: folded ? "\(AlertEvaluator.episodes(covered, what: what)), reported late" : nil,
-                                value: transitions[index].value, quantity: first.quantity, at: transitions[index])))
+                                value: transitions[index].value, quantity: readings.quantity, at: transitions[index])))
                 }
                 change.receivers = rule.receivers
             }
         }
         countTransitions(transitions)
-        return change
+        changes.append(change)
     }
 
     // MARK: Late reports
@@ -791,9 +798,13 @@ public actor AlertEngine: CommitObserver, Service {
 
     // MARK: Plumbing
 
-    private func apply(_ changes: [AlertChange]) async throws {
+    /// Writes `changes`; `durability` is ``AlertWriteDurability/withNextSyncedCommit`` only for the changes of
+    /// batches of readings, which a restart evaluates again from the store when the watermark that covers them was not
+    /// saved (see ``AlertWriteDurability``). Timer rules and late reports are judged against the wall clock and write
+    /// synced.
+    private func apply(_ changes: [AlertChange], durability: AlertWriteDurability = .immediate) async throws {
         guard !changes.isEmpty else { return }
-        try await store.applyAlertChanges(changes, now: now())
+        try await store.applyAlertChanges(changes, now: now(), durability: durability)
         let notified = changes.reduce(0) { $0 + $1.notifications.count }
         if notified > 0 {
             notificationsCounter.increment(by: notified)

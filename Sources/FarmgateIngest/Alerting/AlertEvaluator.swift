@@ -9,49 +9,6 @@ struct SeriesMemory: Sendable {
     var faultRun = 0
 }
 
-/// The non-faulty readings of a rate-of-change window, oldest first: appended at the back, dropped at the front, the
-/// spread (highest minus lowest) found by one pass. No allocation per reading once its buffers have grown.
-struct RateWindow: Sendable, Equatable {
-    private var times: [Int64] = []
-    private var values: [Double] = []
-    private var start = 0
-
-    var count: Int { times.count - start }
-
-    mutating func append(_ time: Int64, _ value: Double) {
-        times.append(time)
-        values.append(value)
-    }
-
-    /// Drops the readings taken before `time`.
-    mutating func drop(before time: Int64) {
-        while start < times.count, times[start] < time { start += 1 }
-        // Compact once the dropped part outweighs the kept one: amortised O(1) per reading.
-        if start > 64, start * 2 > times.count {
-            times.removeFirst(start)
-            values.removeFirst(start)
-            start = 0
-        }
-    }
-
-    /// Highest minus lowest value in the window (0 when empty).
-    var spread: Double {
-        guard start < values.count else { return 0 }
-        var low = values[start]
-        var high = low
-        for index in (start + 1)..<values.count {
-            let value = values[index]
-            if value < low { low = value } else if value > high { high = value }
-        }
-        return high - low
-    }
-
-    /// The kept readings, oldest first (tests).
-    var entries: [(time: Int64, value: Double)] { (start..<times.count).map { (times[$0], values[$0]) } }
-
-    static func == (lhs: RateWindow, rhs: RateWindow) -> Bool { lhs.entries.elementsEqual(rhs.entries) { $0 == $1 } }
-}
-
 /// What a reading-driven rule tests, without its names, labels and texts: plain values, so that the engine's loop over
 /// thousands of rules per batch copies no reference-counted field.
 struct AlertCondition: Sendable {
@@ -206,5 +163,13 @@ enum AlertEvaluator {
         let text = RFC3339.format(timestamp)  // 2026-01-01T03:12:00.000000Z
         let time = text.dropFirst(11).prefix(5)
         return "\(text.prefix(10)) \(time) UTC"
+    }
+}
+
+extension AlertRecord {
+    /// ``AlertEvaluator/step(_:holds:at:value:forMicroseconds:)`` as a mutating method, so that the engine moves an
+    /// optional record in place (`alert?.step(...)`) instead of copying it out and back for every reading.
+    mutating func step(holds: Bool, at: Timestamp, value: Double?, forMicroseconds: Int64) -> [(from: AlertState, to: AlertState)] {
+        AlertEvaluator.step(&self, holds: holds, at: at, value: value, forMicroseconds: forMicroseconds)
     }
 }

@@ -36,9 +36,10 @@ public protocol AlertStore: Sendable {
     /// Acknowledges an alert of the farm; false when the farm has no such alert.
     func acknowledgeAlert(farmID: Int64, alertID: Int64, by: String, at: Timestamp) async throws -> Bool
     /// Writes the changes in one transaction (see the type's documentation). Returns the alert ids, in order.
+    /// - Parameter durability: whether the commit waits for the disk (``AlertWriteDurability``).
     /// - Throws: ``AlertStoreConflict`` when an alert changed since it was read; nothing is written then.
     @discardableResult
-    func applyAlertChanges(_ changes: [AlertChange], now: Timestamp) async throws -> [Int64]
+    func applyAlertChanges(_ changes: [AlertChange], now: Timestamp, durability: AlertWriteDurability) async throws -> [Int64]
 
     // MARK: Engine progress
     /// Per device that has readings: the highest sequence the engine evaluated (nil: none) and the highest stored.
@@ -52,7 +53,34 @@ public protocol AlertStore: Sendable {
     func alertOutbox(farmID: Int64) async throws -> [AlertOutboxRow]
 }
 
-/// Thrown by ``AlertStore/applyAlertChanges(_:now:)`` when another writer changed one of the alerts first.
+extension AlertStore {
+    /// ``applyAlertChanges(_:now:durability:)`` synced before it returns.
+    @discardableResult
+    public func applyAlertChanges(_ changes: [AlertChange], now: Timestamp) async throws -> [Int64] {
+        try await applyAlertChanges(changes, now: now, durability: .immediate)
+    }
+}
+
+/// How soon an alert write must be on the disk.
+///
+/// The engine's writes for batches of readings are the only writes besides the batches themselves on the ingest's
+/// path: with SQLite's one writer, a synced commit of each of them (one `fdatasync` per batch with a transition, as
+/// many as the batches themselves in the 1,000-rule benchmark) halved the write rate. They can wait for the next synced
+/// commit because they can be derived again: the engine's watermark, which says up to which reading alerts were
+/// evaluated, is saved by a synced commit after them, and every synced commit on SQLite's write-ahead log syncs the
+/// frames before it. So a power loss takes the alert writes only together with the watermark that covers them, and the
+/// engine evaluates those readings again from the store after the restart; a notification is claimed for delivery (a
+/// synced write) before it is sent, so nothing that went out is lost. A process that dies (`kill -9`) loses nothing: a
+/// commit is in the operating system's cache when it returns.
+public enum AlertWriteDurability: Sendable, Hashable {
+    /// Synced before the call returns (SQLite `synchronous=FULL`, as every other write of the ingest).
+    case immediate
+    /// Visible at once; on the disk with the store's next synced commit (SQLite: `synchronous=NORMAL` for this
+    /// transaction only). PostgreSQL commits every alert write synchronously either way.
+    case withNextSyncedCommit
+}
+
+/// Thrown by ``AlertStore/applyAlertChanges(_:now:durability:)`` when another writer changed one of the alerts first.
 public struct AlertStoreConflict: Error, Sendable, CustomStringConvertible {
     public var alert: String
     public init(alert: String) { self.alert = alert }

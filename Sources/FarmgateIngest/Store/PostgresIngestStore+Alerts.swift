@@ -146,7 +146,8 @@ extension PostgresIngestStore: AlertStore {
         ) { try $0.decode(Int64.self) }.isEmpty
     }
 
-    public func applyAlertChanges(_ changes: [AlertChange], now: Timestamp) async throws -> [Int64] {
+    /// Always a synchronous commit (`durability` is not used: PostgreSQL groups concurrent commits into one flush).
+    public func applyAlertChanges(_ changes: [AlertChange], now: Timestamp, durability: AlertWriteDurability) async throws -> [Int64] {
         guard !changes.isEmpty else { return [] }
         let logger = self.logger
         return try await transaction { connection in

@@ -1,6 +1,7 @@
 import FarmgateSupport
 public import FarmgateWire
 import Foundation
+import Logging
 
 /// Alert rules, alerts, transitions, silences and the engine's watermarks in the SQLite store (migration 5).
 /// Writes run on the writer thread, each in one transaction; reads on the reader thread.
@@ -154,91 +155,120 @@ extension SQLiteIngestStore: AlertStore {
         }
     }
 
-    public func applyAlertChanges(_ changes: [AlertChange], now: Timestamp) async throws -> [Int64] {
+    /// With ``AlertWriteDurability/withNextSyncedCommit`` the transaction runs at `synchronous=NORMAL` (no `fdatasync`
+    /// at its commit) and the writer is set back to `FULL` before any other write can run on it.
+    public func applyAlertChanges(_ changes: [AlertChange], now: Timestamp, durability: AlertWriteDurability) async throws -> [Int64] {
         guard !changes.isEmpty else { return [] }
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        let logger = self.logger
         return try await writer.withValue { db in
-            try db.connection.transaction { () throws -> [Int64] in
-                var ids: [Int64] = []
-                for change in changes {
-                    let record = change.record
-                    let columns: [SQLiteValue] = [
-                        .text(record.state.rawValue), record.pendingSince.sqlite, record.startsAt.sqlite, record.endsAt.sqlite, record.lastReading.sqlite,
-                        record.value.map { .real($0) } ?? .null, record.acknowledgedAt.sqlite, record.acknowledgedBy.map { .text($0) } ?? .null,
-                        record.lateFrom.sqlite, record.lateTo.sqlite, record.lateDue.sqlite, .integer(now.microseconds),
-                    ]
-                    var alertID = record.id
-                    if alertID == 0 {
-                        let inserted = try db.connection.query(
-                            """
-                            INSERT INTO alerts(state, pending_since_us, starts_at_us, ends_at_us, last_reading_us, value, acknowledged_at_us,
-                                acknowledged_by, late_from_us, late_to_us, late_due_us, updated_at_us,
-                                farm_id, rule, device_id, sensor_id, device, sensor, fingerprint)
-                            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                            ON CONFLICT (farm_id, rule, device_id, sensor_id) DO NOTHING RETURNING id
-                            """,
-                            columns + [
-                                .integer(record.farmID), .text(record.rule), .integer(record.deviceRowID), .integer(record.sensorRowID),
-                                record.device.map { .text($0) } ?? .null, record.sensor.map { .text($0) } ?? .null, .text(record.fingerprint),
-                            ])
-                        guard let row = inserted.first else { throw AlertStoreConflict(alert: record.fingerprint) }
-                        alertID = row.int(0)
-                    } else {
+            guard durability == .withNextSyncedCommit else { return try Self.applyAlertChanges(changes, now: now, encoder: encoder, in: db) }
+            try db.connection.execute("PRAGMA synchronous=NORMAL")
+            let written = Result { try Self.applyAlertChanges(changes, now: now, encoder: encoder, in: db) }
+            // Every later write on this connection (the batches) must be synced again. Setting the flag does no I/O and
+            // takes no lock, so it fails only when SQLite cannot allocate; it is tried three times, and a failure is
+            // logged as critical and thrown, never passed over.
+            var restored: (any Error)?
+            for _ in 1...3 {
+                do {
+                    try db.connection.execute("PRAGMA synchronous=FULL")
+                    restored = nil
+                    break
+                } catch {
+                    restored = error
+                }
+            }
+            if let restored {
+                logger.critical(
+                    "the SQLite writer could not be set back to synchronous=FULL after an alert write; commits may not be synced until a restart",
+                    metadata: ["error": "\(restored)"])
+                throw restored
+            }
+            return try written.get()
+        }
+    }
+
+    private static func applyAlertChanges(_ changes: [AlertChange], now: Timestamp, encoder: JSONEncoder, in db: CachedConnection) throws -> [Int64] {
+        try db.connection.transaction { () throws -> [Int64] in
+            var ids: [Int64] = []
+            for change in changes {
+                let record = change.record
+                let columns: [SQLiteValue] = [
+                    .text(record.state.rawValue), record.pendingSince.sqlite, record.startsAt.sqlite, record.endsAt.sqlite, record.lastReading.sqlite,
+                    record.value.map { .real($0) } ?? .null, record.acknowledgedAt.sqlite, record.acknowledgedBy.map { .text($0) } ?? .null,
+                    record.lateFrom.sqlite, record.lateTo.sqlite, record.lateDue.sqlite, .integer(now.microseconds),
+                ]
+                var alertID = record.id
+                if alertID == 0 {
+                    let inserted = try db.connection.query(
+                        """
+                        INSERT INTO alerts(state, pending_since_us, starts_at_us, ends_at_us, last_reading_us, value, acknowledged_at_us,
+                            acknowledged_by, late_from_us, late_to_us, late_due_us, updated_at_us,
+                            farm_id, rule, device_id, sensor_id, device, sensor, fingerprint)
+                        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                        ON CONFLICT (farm_id, rule, device_id, sensor_id) DO NOTHING RETURNING id
+                        """,
+                        columns + [
+                            .integer(record.farmID), .text(record.rule), .integer(record.deviceRowID), .integer(record.sensorRowID),
+                            record.device.map { .text($0) } ?? .null, record.sensor.map { .text($0) } ?? .null, .text(record.fingerprint),
+                        ])
+                    guard let row = inserted.first else { throw AlertStoreConflict(alert: record.fingerprint) }
+                    alertID = row.int(0)
+                } else {
+                    try db.connection.query(
+                        """
+                        UPDATE alerts SET state = ?, pending_since_us = ?, starts_at_us = ?, ends_at_us = ?, last_reading_us = ?, value = ?,
+                            acknowledged_at_us = ?, acknowledged_by = ?, late_from_us = ?, late_to_us = ?, late_due_us = ?, updated_at_us = ?,
+                            version = version + 1
+                        WHERE id = ? AND version = ?
+                        """, columns + [.integer(alertID), .integer(record.version)])
+                    guard db.connection.changes == 1 else { throw AlertStoreConflict(alert: record.fingerprint) }
+                }
+                ids.append(alertID)
+                if change.markAllNotified {
+                    try db.connection.query("UPDATE alert_transitions SET notified = 1 WHERE alert_id = ? AND notified = 0", [.integer(alertID)])
+                }
+                var transitionIDs: [Int64] = []
+                for transition in change.transitions {
+                    try db.connection.query(
+                        """
+                        INSERT INTO alert_transitions(alert_id, from_state, to_state, at_us, value, late, silenced, notified, recorded_at_us)
+                        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                        """,
+                        [
+                            .integer(alertID), .text(transition.from.rawValue), .text(transition.to.rawValue), .integer(transition.at.microseconds),
+                            transition.value.map { .real($0) } ?? .null, .integer(transition.late ? 1 : 0), .integer(transition.silenced ? 1 : 0),
+                            .integer(transition.notified ? 1 : 0), .integer(now.microseconds),
+                        ])
+                    transitionIDs.append(db.connection.lastInsertRowID)
+                }
+                for planned in change.notifications {
+                    var notification = planned.notification
+                    var transitionID = planned.transitionIndex.flatMap { transitionIDs.indices.contains($0) ? transitionIDs[$0] : nil } ?? transitionIDs.last ?? 0
+                    if transitionID == 0 {
+                        transitionID = try db.connection.queryInt("SELECT max(id) FROM alert_transitions WHERE alert_id = ?", [.integer(alertID)]) ?? 0
+                    }
+                    notification.alertID = alertID
+                    notification.transitionID = transitionID
+                    let payload = String(decoding: try encoder.encode(notification), as: UTF8.self)
+                    for name in change.receivers {
+                        guard let receiver = try db.connection.queryInt(
+                            "SELECT id FROM alert_receivers WHERE farm_id = ? AND name = ?", [.integer(record.farmID), .text(name)])
+                        else { continue }
                         try db.connection.query(
                             """
-                            UPDATE alerts SET state = ?, pending_since_us = ?, starts_at_us = ?, ends_at_us = ?, last_reading_us = ?, value = ?,
-                                acknowledged_at_us = ?, acknowledged_by = ?, late_from_us = ?, late_to_us = ?, late_due_us = ?, updated_at_us = ?,
-                                version = version + 1
-                            WHERE id = ? AND version = ?
-                            """, columns + [.integer(alertID), .integer(record.version)])
-                        guard db.connection.changes == 1 else { throw AlertStoreConflict(alert: record.fingerprint) }
-                    }
-                    ids.append(alertID)
-                    if change.markAllNotified {
-                        try db.connection.query("UPDATE alert_transitions SET notified = 1 WHERE alert_id = ? AND notified = 0", [.integer(alertID)])
-                    }
-                    var transitionIDs: [Int64] = []
-                    for transition in change.transitions {
-                        try db.connection.query(
-                            """
-                            INSERT INTO alert_transitions(alert_id, from_state, to_state, at_us, value, late, silenced, notified, recorded_at_us)
-                            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                            INSERT INTO alert_outbox(farm_id, receiver_id, alert_id, transition_id, idempotency_key, payload, state, next_attempt_at_us, created_at_us)
+                            VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?) ON CONFLICT (idempotency_key) DO NOTHING
                             """,
                             [
-                                .integer(alertID), .text(transition.from.rawValue), .text(transition.to.rawValue), .integer(transition.at.microseconds),
-                                transition.value.map { .real($0) } ?? .null, .integer(transition.late ? 1 : 0), .integer(transition.silenced ? 1 : 0),
-                                .integer(transition.notified ? 1 : 0), .integer(now.microseconds),
+                                .integer(record.farmID), .integer(receiver), .integer(alertID), .integer(transitionID),
+                                .text(notification.idempotencyKey(receiver: receiver)), .text(payload), .integer(now.microseconds), .integer(now.microseconds),
                             ])
-                        transitionIDs.append(db.connection.lastInsertRowID)
-                    }
-                    for planned in change.notifications {
-                        var notification = planned.notification
-                        var transitionID = planned.transitionIndex.flatMap { transitionIDs.indices.contains($0) ? transitionIDs[$0] : nil } ?? transitionIDs.last ?? 0
-                        if transitionID == 0 {
-                            transitionID = try db.connection.queryInt("SELECT max(id) FROM alert_transitions WHERE alert_id = ?", [.integer(alertID)]) ?? 0
-                        }
-                        notification.alertID = alertID
-                        notification.transitionID = transitionID
-                        let payload = String(decoding: try encoder.encode(notification), as: UTF8.self)
-                        for name in change.receivers {
-                            guard let receiver = try db.connection.queryInt(
-                                "SELECT id FROM alert_receivers WHERE farm_id = ? AND name = ?", [.integer(record.farmID), .text(name)])
-                            else { continue }
-                            try db.connection.query(
-                                """
-                                INSERT INTO alert_outbox(farm_id, receiver_id, alert_id, transition_id, idempotency_key, payload, state, next_attempt_at_us, created_at_us)
-                                VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?) ON CONFLICT (idempotency_key) DO NOTHING
-                                """,
-                                [
-                                    .integer(record.farmID), .integer(receiver), .integer(alertID), .integer(transitionID),
-                                    .text(notification.idempotencyKey(receiver: receiver)), .text(payload), .integer(now.microseconds), .integer(now.microseconds),
-                                ])
-                        }
                     }
                 }
-                return ids
             }
+            return ids
         }
     }
 

@@ -1,0 +1,116 @@
+import FarmgateSupport
+import Testing
+
+@testable import FarmgateIngest
+
+/// The rate-of-change window keeps its lowest and highest values in monotonic queues; these tests hold it against the
+/// obvious implementation (a list, a pass over it for the spread) on random sequences of appends and drops.
+@Suite("Alert rate window against a brute-force oracle")
+struct AlertRateWindowTests {
+    /// The window as it was before the queues: readings in a list, the spread found by one pass.
+    struct Oracle {
+        var entries: [(time: Int64, value: Double)] = []
+        mutating func append(_ time: Int64, _ value: Double) { entries.append((time, value)) }
+        mutating func drop(before time: Int64) {
+            let kept = entries.firstIndex { $0.time >= time } ?? entries.count
+            entries.removeFirst(kept)
+        }
+        var spread: Double {
+            guard let low = entries.map(\.value).min(), let high = entries.map(\.value).max() else { return 0 }
+            return high - low
+        }
+    }
+
+    @Test(
+        "spread, count and contents equal the oracle's after every step of random appends and drops",
+        arguments: [(seed: UInt64(1), ties: false), (2, true), (3, false), (4, true), (5, false), (6, true), (7, false), (8, true)])
+    func randomSequences(seed: UInt64, ties: Bool) {
+        var random = SplitMix64(seed: seed)
+        var window = RateWindow()
+        var oracle = Oracle()
+        var time: Int64 = 0
+        // Long enough to compact the buffers many times (compaction starts past 64 dropped readings).
+        for step in 0..<20_000 {
+            let roll = random.next() % 100
+            if roll < 70 {
+                // Readings arrive in time order, sometimes several at the same instant.
+                time += Int64(random.next() % 4)
+                // Few distinct values make equal values common (ties in the queues); otherwise any value, of any sign.
+                let value = ties ? Double(random.next() % 5) : (Double(random.next() % 2_000_001) - 1_000_000) / 1000
+                window.append(time, value)
+                oracle.append(time, value)
+            } else {
+                // The engine drops before `reading time - window`; any cut-off, also one behind the last, must work.
+                let back = Int64(random.next() % 120)
+                let cut = random.next() % 10 == 0 ? time + 1 : time - back
+                window.drop(before: cut)
+                oracle.drop(before: cut)
+            }
+            #expect(window.spread == oracle.spread, "step \(step)")
+            #expect(window.count == oracle.entries.count, "step \(step)")
+            if step % 97 == 0 {
+                #expect(window.entries.elementsEqual(oracle.entries) { $0 == $1 }, "step \(step)")
+            }
+        }
+    }
+
+    @Test("as the engine uses it: a 10-minute window over readings every 10 s, the spread of exactly the last 10 minutes")
+    func slidingWindow() {
+        var window = RateWindow()
+        var oracle = Oracle()
+        var random = SplitMix64(seed: 42)
+        let length: Int64 = 600_000_000
+        for index in 0..<5_000 {
+            let at = Int64(index) * 10_000_000 + Int64(random.next() % 3_000)
+            let value = 6 + Double(index % 97) / 100 - Double(random.next() % 50) / 1000
+            window.append(at, value)
+            window.drop(before: at - length)
+            oracle.append(at, value)
+            oracle.drop(before: at - length)
+            #expect(window.spread == oracle.spread, "reading \(index)")
+        }
+        #expect(window.count == 61)
+    }
+
+    @Test("empty, emptied and refilled windows")
+    func emptyAndRefilled() {
+        var window = RateWindow()
+        #expect(window.spread == 0 && window.count == 0)
+        window.append(10, 5)
+        #expect(window.spread == 0 && window.count == 1)
+        window.append(20, 7.5)
+        window.append(30, 6)
+        #expect(window.spread == 2.5)
+        window.drop(before: 21)
+        #expect(window.spread == 0 && window.count == 1)
+        window.drop(before: 1_000)
+        #expect(window.spread == 0 && window.count == 0)
+        window.append(2_000, -3)
+        window.append(2_001, 4)
+        #expect(window.spread == 7)
+        #expect(window == {
+            var other = RateWindow()
+            other.append(2_000, -3)
+            other.append(2_001, 4)
+            return other
+        }())
+    }
+}
+
+extension AlertRateWindowTests {
+    @Test("windows that share buffers, hold equal readings, or differ are told apart")
+    func sameReadings() {
+        var first = RateWindow()
+        for index in 0..<200 { first.append(Int64(index), Double(index % 7)) }
+        first.drop(before: 120)
+        let shared = first
+        #expect(shared.holdsSameReadings(as: first))
+        var rebuilt = RateWindow()
+        for index in 120..<200 { rebuilt.append(Int64(index), Double(index % 7)) }
+        #expect(rebuilt.holdsSameReadings(as: first) && first.holdsSameReadings(as: rebuilt))
+        var moved = shared
+        moved.append(200, 3)
+        #expect(!moved.holdsSameReadings(as: first) && !first.holdsSameReadings(as: moved))
+        #expect(RateWindow().holdsSameReadings(as: RateWindow()))
+    }
+}
