@@ -1,6 +1,7 @@
 @testable import FarmgateAgent
 import FarmgateSupport
 import FarmgateWire
+import FarmgateTestSupport
 import Foundation
 import Logging
 import Synchronization
@@ -75,6 +76,33 @@ struct SamplerTests {
         #expect(brokenStatus.consecutiveErrors >= 9)
         #expect(brokenStatus.lastError?.contains("/dev/ttyUSB9") == true)
         #expect(statuses.first?.lastValue != nil)
+    }
+
+    @Test("Sensors of one interval start on at most four phases of it, sensor i on phase i % 4, so that they wake together")
+    func phases() async throws {
+        #expect(Sampler.phaseSlots(50) == 4)
+        #expect(Sampler.phaseSlots(3) == 3)
+        #expect(Sampler.phaseSlots(0) == 1)
+        let configurations = try (0..<8).map { try sensorConfiguration("tank\($0).ph", quantity: .ph, interval: "1s") }
+        let logger = Logger(label: "test")
+        let sink = CollectingSink()
+        let sampler = Sampler(
+            sensors: try configurations.map { .init(configuration: $0, driver: try SimulatedDriver(configuration: $0, logger: logger)) },
+            sink: sink, board: SensorStatusBoard(sensors: configurations), clock: WallClock(checkSynchronization: false), logger: logger)
+        let task = Task { try await sampler.run() }
+        let complete = await eventually(timeout: .seconds(10)) { Set(sink.samples.withLock { $0.map(\.sensor) }).count == 8 }
+        task.cancel()
+        _ = try? await task.value
+        #expect(complete)
+        let samples = sink.samples.withLock { $0 }
+        let first = try configurations.map { configuration in
+            try #require(samples.first { $0.sensor == configuration.id }).timestamp.microseconds
+        }
+        // Phases are 250 ms apart: sensors 4 apart share one, neighbours do not.
+        for index in 0..<4 {
+            #expect(abs(first[index + 4] - first[index]) < 100_000, "sensors \(index) and \(index + 4) share a phase")
+            if index < 3 { #expect(first[index + 1] - first[index] > 150_000, "sensors \(index) and \(index + 1) are on different phases") }
+        }
     }
 
     @Test("Out-of-range values are flagged, not dropped; deadband suppresses repeats")

@@ -343,7 +343,9 @@ struct AlertEngineTests {
             await quiet.reload()
             let idle = try NotificationDelivery(store: outbox, configuration: settings, logger: testLogger)
             try await withDelivery(idle) {
-                try await Task.sleep(for: .milliseconds(500))
+                // Long enough for the workers' first look at the outbox even on a loaded machine (after 500 ms it once
+                // came after the row was written, and delivered it at once).
+                try await Task.sleep(for: .seconds(2))
                 try await h.send([(10, 6.0)], to: quiet)
                 try await Task.sleep(for: .seconds(2))
                 #expect(server.requests.count == 1, "a row written without a wake-up is delivered at the next poll, not at once")

@@ -12,8 +12,8 @@ public protocol SampleSink: Sendable {
 /// Reads every sensor on its own interval and hands the values to the buffer.
 ///
 /// Each sensor runs in its own child task, scheduled on absolute ticks of a monotonic clock (a slow read delays that
-/// sensor's next reading, it never shifts its schedule), with sensors of the same interval staggered across it so that
-/// reads and commits are spread out. A failing sensor never stops the others.
+/// sensor's next reading, it never shifts its schedule), with sensors staggered across their interval on up to four
+/// phases (see ``phaseSlots(_:)``) so that reads and commits are spread out. A failing sensor never stops the others.
 ///
 /// The sampler stays responsive whatever a driver does: a read that takes longer than the sensor's interval (at least
 /// 5 s) is abandoned, not awaited. It runs on to its end in a task of its own and its result is ignored; the sensor
@@ -75,8 +75,9 @@ public final class Sampler: Service {
         heartbeat.start()
         await cancelWhenGracefulShutdown {
             await withTaskGroup(of: Void.self) { group in
+                let slots = Self.phaseSlots(self.sensors.count)
                 for (index, sensor) in self.sensors.enumerated() {
-                    let phase = sensor.configuration.interval * Double(index) / Double(max(1, self.sensors.count))
+                    let phase = sensor.configuration.interval * Double(index % slots) / Double(slots)
                     group.addTask { await self.loop(sensor, firstTick: start + phase) }
                 }
                 await group.waitForAll()
@@ -96,6 +97,13 @@ public final class Sampler: Service {
                 metadata: ["timeout": "\(closeTimeout)", "stuck": "\(sensors.filter(\.gate.isBusy).map(\.configuration.id.rawValue))"])
         }
     }
+
+    /// Sensors start on this many phases of their interval (sensor `i` on phase `i % slots`): spread enough that reads
+    /// do not all fall together, few enough that sensors sharing a phase wake together. Every wake-up costs the process
+    /// a few context switches, which were most of the agent's CPU at 50 sensors and 1 Hz: with a phase per sensor about
+    /// 275 switches a second and 2.5 % of a core, with 10 phases 101 and 1.3 %, with 4 phases 61 and 1.1 %. Readings
+    /// are committed by the buffer's group commit whatever their phase, and a bus still reads its sensors one at a time.
+    static func phaseSlots(_ sensors: Int) -> Int { max(1, min(sensors, 4)) }
 
     private func loop(_ sensor: Sensor, firstTick: ContinuousClock.Instant) async {
         let configuration = sensor.configuration
