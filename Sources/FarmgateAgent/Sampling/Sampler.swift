@@ -113,7 +113,8 @@ public final class Sampler: Service {
             // Back by the next tick plus the longest read (sampleOnce's timeout); a read that ignores its timeout is stuck.
             heartbeat.beat("\(configuration.id)", within: ContinuousClock.now.duration(to: tick) + max(configuration.interval, .seconds(5)))
             do {
-                try await Task.sleep(until: tick, clock: .continuous)
+                // The shared timer: sensors on one phase wake together, from one timer wake-up.
+                try await SharedTimer.shared.sleep(until: tick)
             } catch {
                 return
             }

@@ -11,15 +11,12 @@ public func withDeadline<T: Sendable>(_ timeout: Duration, _ body: @escaping @Se
     return await withTaskCancellationHandler {
         await withCheckedContinuation { (continuation: CheckedContinuation<T?, Never>) in
             shot.install(continuation)
-            let timer = Task {
-                // Cancelled: the body finished first (and resumes with its value); resuming with nil here would turn
-                // that result into a timeout.
-                do { try await Task.sleep(for: timeout) } catch { return }
-                shot.resume(nil)
-            }
+            // The shared timer, not a task sleeping beside the body: a deadline that does not expire (nearly all of
+            // them) then costs no task and no wake-up of anyone (see SharedTimer).
+            let timer = SharedTimer.shared.schedule(after: timeout) { shot.resume(nil) }
             Task {
                 let value = await body()
-                timer.cancel()
+                SharedTimer.shared.cancel(timer)
                 shot.resume(value)
             }
         }
