@@ -171,23 +171,29 @@ public final class PostgresIngestStore: IngestStore {
     /// rather than waiting for it to notice.
     private func abandoning<T: Sendable>(after timeout: Duration, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
         guard timeout > .zero else { return try await body() }
-        let answer = OneAnswer<T>()
+        // The first answer wins (the work's, the deadline's, or the caller's cancellation); then the work is cancelled
+        // and the deadline forgotten.
+        let answer = OnceContinuation<T>()
         return try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, any Error>) in
-                answer.wait(continuation)
-                answer.own(
-                    Task {
-                        do { answer.give(.success(try await body())) } catch { answer.give(.failure(error)) }
-                    })
-                answer.own(
-                    Task {
-                        guard (try? await Task.sleep(for: timeout)) != nil else { return }
-                        answer.give(.failure(PostgresStoreError.timedOut("no answer from PostgreSQL within query_timeout (\(timeout)); check that the database is up and the pool is not exhausted")))
-                    })
+                answer.install(continuation)
+                let work = Task {
+                    do { answer.resume(with: .success(try await body())) } catch { answer.resume(with: .failure(error)) }
+                }
+                let timer = SharedTimer.shared.schedule(after: timeout) {
+                    answer.resume(
+                        with: .failure(
+                            PostgresStoreError.timedOut(
+                                "no answer from PostgreSQL within query_timeout (\(timeout)); check that the database is up and the pool is not exhausted")))
+                }
+                answer.onResume {
+                    work.cancel()
+                    SharedTimer.shared.cancel(timer)
+                }
             }
         } onCancel: {
             // The caller gave up: answer it now and cancel the work (which may finish on its own if it does not notice).
-            answer.give(.failure(CancellationError()))
+            answer.resume(with: .failure(CancellationError()))
         }
     }
 
@@ -552,48 +558,4 @@ func pgSensorID(_ text: String) throws -> SensorID {
 func pgQuantity(_ text: String) throws -> Quantity {
     guard let quantity = Quantity(rawValue: text) else { throw IngestStoreError.corrupt("quantity '\(text)'") }
     return quantity
-}
-
-/// The first of two results (the work's or its deadline's) resumes the waiter; the other is dropped, and the deadline's
-/// timer is cancelled when the work answers first.
-private final class OneAnswer<T: Sendable>: Sendable {
-    private struct State {
-        var continuation: CheckedContinuation<T, any Error>?
-        var early: Result<T, any Error>?
-        var tasks: [Task<Void, Never>] = []
-        var done = false
-    }
-    private let state = Mutex(State())
-
-    /// Installs the continuation; resumes it at once when the answer came first (the caller was already cancelled).
-    func wait(_ continuation: CheckedContinuation<T, any Error>) {
-        let early = state.withLock { state -> Result<T, any Error>? in
-            if let early = state.early { return early }
-            state.continuation = continuation
-            return nil
-        }
-        if let early { continuation.resume(with: early) }
-    }
-
-    /// A task to cancel once the answer is given (the work, the timer); cancelled at once when it already was.
-    func own(_ task: Task<Void, Never>) {
-        let done = state.withLock { state -> Bool in
-            state.tasks.append(task)
-            return state.done
-        }
-        if done { task.cancel() }
-    }
-
-    /// The first answer wins; every owned task is cancelled.
-    func give(_ result: Result<T, any Error>) {
-        let (continuation, tasks) = state.withLock { state -> (CheckedContinuation<T, any Error>?, [Task<Void, Never>]) in
-            guard !state.done else { return (nil, []) }
-            state.done = true
-            if state.continuation == nil { state.early = result }
-            defer { state.continuation = nil }
-            return (state.continuation, state.tasks)
-        }
-        for task in tasks { task.cancel() }
-        continuation?.resume(with: result)
-    }
 }

@@ -1,5 +1,3 @@
-import Synchronization
-
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -126,15 +124,15 @@ public final class SharedTimer: @unchecked Sendable {
     public func sleep(until deadline: ContinuousClock.Instant) async throws {
         try Task.checkCancellation()
         guard deadline > .now else { return }
-        let wake = OnceContinuation()
+        let wake = OnceContinuation<Void>()
         try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
                 wake.install(continuation)
-                let token = schedule(at: deadline) { wake.resume(.success(())) }
+                let token = schedule(at: deadline) { wake.resume(with: .success(())) }
                 wake.onResume { [self] in cancel(token) }
             }
         } onCancel: {
-            wake.resume(.failure(CancellationError()))
+            wake.resume(with: .failure(CancellationError()))
         }
     }
 
@@ -181,45 +179,5 @@ public final class SharedTimer: @unchecked Sendable {
             }
             thread = .running
         }
-    }
-}
-
-/// A throwing `Void` continuation resumed once, by whichever comes first; a resume before ``install(_:)`` is kept.
-private final class OnceContinuation: Sendable {
-    private struct State {
-        var continuation: CheckedContinuation<Void, any Error>?
-        var result: Result<Void, any Error>?
-        var onResume: (@Sendable () -> Void)?
-    }
-    private let state = Mutex(State())
-
-    func install(_ continuation: CheckedContinuation<Void, any Error>) {
-        let early = state.withLock { state -> Result<Void, any Error>? in
-            if let result = state.result { return result }
-            state.continuation = continuation
-            return nil
-        }
-        if let early { continuation.resume(with: early) }
-    }
-
-    /// Runs `cleanup` once the continuation is resumed (at once if it already was).
-    func onResume(_ cleanup: @escaping @Sendable () -> Void) {
-        let now = state.withLock { state -> Bool in
-            if state.result != nil { return true }
-            state.onResume = cleanup
-            return false
-        }
-        if now { cleanup() }
-    }
-
-    func resume(_ result: Result<Void, any Error>) {
-        let (continuation, cleanup) = state.withLock { state -> (CheckedContinuation<Void, any Error>?, (@Sendable () -> Void)?) in
-            guard state.result == nil else { return (nil, nil) }
-            state.result = result
-            defer { state.continuation = nil; state.onResume = nil }
-            return (state.continuation, state.onResume)
-        }
-        continuation?.resume(with: result)
-        cleanup?()
     }
 }
