@@ -130,7 +130,8 @@ struct LiveFirstTests {
             "agent.toml", device: "site-3", keyFile: keyFile, sensors: 30, interval: "100ms",
             upload: "", endpoint: nil)
         let configText = try String(contentsOfFile: config, encoding: .utf8)
-            .replacingOccurrences(of: "batch_max_readings = 50", with: "batch_max_readings = 100")
+            // Backlog batches as small as live ones: the ingest's 5 requests/s then carry 500 readings/s either way.
+            .replacingOccurrences(of: "batch_max_readings = 50", with: "batch_max_readings = 100\nbacklog_batch_readings = 100")
         try configText.write(toFile: config, atomically: true, encoding: .utf8)
 
         // The ingest is down from the start: a backlog of at least 1500 readings builds up.

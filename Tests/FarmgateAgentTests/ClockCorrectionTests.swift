@@ -93,7 +93,10 @@ private func sample(_ sampler: Sampler, _ sensor: Sampler.Sensor) async {
 }
 
 private func phSensor() throws -> Sampler.Sensor {
-    let configuration = try sensorConfiguration("tank1.ph", quantity: .ph)
+    // A long interval, hence a long read deadline (the interval, at least 5 s): these tests run beside CPU-bound
+    // property tests that can hold the concurrency pool's threads for seconds, and a read abandoned at its deadline
+    // would be a reading missing from their counts. The reads are driven by hand; the interval schedules nothing.
+    let configuration = try sensorConfiguration("tank1.ph", quantity: .ph, interval: "10m")
     return Sampler.Sensor(configuration: configuration, driver: ConstantDriver(value: 6.02))
 }
 
