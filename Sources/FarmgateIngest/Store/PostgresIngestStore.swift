@@ -180,7 +180,11 @@ public final class PostgresIngestStore: IngestStore {
                 let work = Task {
                     do { answer.resume(with: .success(try await body())) } catch { answer.resume(with: .failure(error)) }
                 }
-                let timer = SharedTimer.shared.schedule(after: timeout) {
+                // A sleeping task, not the shared timer: it is scheduled like the work, so an ingest whose threads are
+                // all busy (or a test process full of CPU-bound tests) does not time out work that is merely waiting
+                // for a thread.
+                let timer = Task {
+                    guard (try? await Task.sleep(for: timeout)) != nil else { return }
                     answer.resume(
                         with: .failure(
                             PostgresStoreError.timedOut(
@@ -188,7 +192,7 @@ public final class PostgresIngestStore: IngestStore {
                 }
                 answer.onResume {
                     work.cancel()
-                    SharedTimer.shared.cancel(timer)
+                    timer.cancel()
                 }
             }
         } onCancel: {
