@@ -61,8 +61,10 @@ struct TestPgBouncer: Sendable {
         process.standardError = FileHandle.nullDevice
         try process.run()
         let bouncer = TestPgBouncer(directory: scratch.path, port: port)
+        // SIGKILL, not terminate(): Foundation's Process hands the child the spawning thread's signal mask, and the
+        // concurrency pool's threads block SIGTERM and SIGINT, so PgBouncer never saw them and outlived the tests.
         defer {
-            process.terminate()
+            if process.isRunning { kill(process.processIdentifier, SIGKILL) }
             withExtendedLifetime(scratch) {}
         }
         let socketFile = scratch.file(".s.PGSQL.\(port)")
@@ -76,7 +78,7 @@ struct TestPgBouncer: Sendable {
         }
         let result = try await body(bouncer)
         // Stop it and wait (off the pool's threads) so that the next test's cluster changes find no connection of it.
-        process.terminate()
+        kill(process.processIdentifier, SIGKILL)
         for _ in 0..<250 where process.isRunning { try await Task.sleep(for: .milliseconds(20)) }
         return result
     }
