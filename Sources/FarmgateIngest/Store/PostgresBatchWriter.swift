@@ -15,8 +15,11 @@ import PostgresNIO
 ///    stored, across partitions and after retention);
 /// 4. read the stored chunks of sequences inside those ranges, and compare (duplicate or `sequence_conflict`), batch by
 ///    batch in arrival order, so that a batch sees what an earlier one of the same device stored in this group;
-/// 5. insert the new readings as chunks (``PostgresReadingChunk``), merge their sequences into the ranges, raise
-///    `highest_sequence` and upsert `latest`.
+/// 5. in one statement: insert the new readings as chunks (``PostgresReadingChunk``), merge their sequences into the
+///    ranges, raise `highest_sequence`, upsert `latest`, merge the rollups and notify the other instances.
+///
+/// With `BEGIN` and `COMMIT` that is five round trips for a group whose sensors are known and whose sequences are new
+/// (the timeout is set by the first statement), six when some were stored before and must be compared.
 ///
 /// A batch whose own statements fail (a device deleted meanwhile, a server-side refusal of its data) is reported
 /// through ``MemberFailure`` so that the group commits without it (``PostgresGroupCommit`` retries the others); a
@@ -36,6 +39,8 @@ struct PostgresBatchWriter {
     }
 
     let connection: PostgresConnection
+    /// The transaction's `statement_timeout` in milliseconds, set by its first statement (the device locks); nil for none.
+    var statementTimeout: String?
     let logger: Logger
 
     private struct Candidate {
@@ -75,9 +80,17 @@ struct PostgresBatchWriter {
         // 1. The device locks, in id order.
         let deviceRows = Array(Set(members.map(\.device.rowID))).sorted()
         var present = Set<Int64>()
-        for try await id in try await connection.query(
-            "SELECT id::int8 FROM devices WHERE id = ANY(\(deviceRows)) ORDER BY id FOR NO KEY UPDATE", logger: logger
-        ).decode(Int64.self) { present.insert(id) }
+        let lock: PostgresQuery
+        if let statementTimeout {
+            // The timeout for the statements after this one (this one runs under the session's).
+            lock = """
+                SELECT d.id::int8 FROM devices d CROSS JOIN (SELECT set_config('statement_timeout', \(statementTimeout), true)) AS t
+                WHERE d.id = ANY(\(deviceRows)) ORDER BY d.id FOR NO KEY UPDATE OF d
+                """
+        } else {
+            lock = "SELECT id::int8 FROM devices WHERE id = ANY(\(deviceRows)) ORDER BY id FOR NO KEY UPDATE"
+        }
+        for try await id in try await connection.query(lock, logger: logger).decode(Int64.self) { present.insert(id) }
         for (index, member) in members.enumerated() where !present.contains(member.device.rowID) {
             results[index] = .failure(IngestStoreError.notFound("device '\(member.device.device)' in farm '\(member.device.farm)'"))
         }
@@ -252,121 +265,196 @@ struct PostgresBatchWriter {
             results[index] = .success(StoreOutcome(accepted: inserted.count, duplicates: duplicates, rejected: rejected, fresh: committed))
         }
 
-        // 6. One insert for every new reading of the group, one statement for the bookkeeping.
+        // 6. One statement for everything the group stored: readings, bookkeeping, rollups, notifications.
         let allFresh = live.compactMap { index in freshByMember[index].map { (members[index].device.rowID, $0) } }
         if allFresh.contains(where: { !$0.1.isEmpty }) {
-            try await insertChunks(allFresh)
-            try await bookkeeping(allFresh, storedRanges: storedRanges, ranges: ranges)
             let changed = live.filter { freshByMember[$0]?.isEmpty == false }.map { members[$0].device }
-            try await PostgresLatestNotice.send(on: connection, devices: changed, logger: logger)
+            let committed = results.flatMap { result in (try? result?.get())?.fresh ?? [] }
+            try await store(allFresh, committed: committed, storedRanges: storedRanges, ranges: ranges, changed: changed)
         }
         return results.map { $0 ?? .failure(IngestStoreError.corrupt("a batch of the group was neither written nor refused")) }
     }
 
-    /// Inserts the readings as chunks with one statement: the chunks' scalar columns as arrays, their readings'
-    /// columns concatenated, each chunk taking its slice (`[start:end]`): twelve parameters whatever the group's size.
-    private func insertChunks(_ fresh: [(device: Int64, readings: [Candidate])]) async throws {
-        struct ChunkKey: Hashable {
-            var device: Int64
-            var sensor: Int64
-        }
-        var entries: [ChunkKey: [PostgresReadingChunk.Entry]] = [:]
-        for (device, readings) in fresh {
-            for candidate in readings {
-                entries[ChunkKey(device: device, sensor: candidate.sensorRow), default: []].append(
-                    .init(
-                        sequence: candidate.sequence, timestamp: candidate.reading.timestamp.microseconds, value: candidate.reading.value,
-                        flags: Int16(bitPattern: candidate.reading.quality.rawValue)))
-            }
-        }
-        var firstTimestamps: [Int64] = [], lastTimestamps: [Int64] = [], firstSequences: [Int64] = [], lastSequences: [Int64] = []
-        var devices: [Int64] = [], sensors: [Int64] = [], starts: [Int32] = [], ends: [Int32] = [], flagged: [Bool] = []
-        var sequenceOffsets: [Int32] = [], timeOffsets: [Int32] = [], values: [Double] = [], flags: [Int16] = []
-        for (key, list) in entries {
-            for chunk in PostgresReadingChunk.cut(deviceRow: key.device, sensorRow: key.sensor, entries: list) {
-                firstTimestamps.append(chunk.firstTimestamp)
-                lastTimestamps.append(chunk.lastTimestamp)
-                firstSequences.append(chunk.firstSequence)
-                lastSequences.append(chunk.lastSequence)
-                devices.append(chunk.deviceRow)
-                sensors.append(chunk.sensorRow)
-                starts.append(Int32(values.count + 1))
-                sequenceOffsets += chunk.sequenceOffsets
-                timeOffsets += chunk.timeOffsets
-                values += chunk.values
-                let chunkFlags = chunk.flags
-                flagged.append(chunkFlags != nil)
-                flags += chunkFlags ?? Array(repeating: 0, count: chunk.entries.count)
-                ends.append(Int32(values.count))
-            }
-        }
-        try await connection.query(
-            """
-            INSERT INTO readings(first_ts, last_ts, first_sequence, last_sequence, device_id, sensor_id, sequence_offsets, time_offsets, reading_values, flags)
-            SELECT u.ft, u.lt, u.fs, u.ls, u.d, u.k, (\(sequenceOffsets)::int4[])[u.a:u.b], (\(timeOffsets)::int4[])[u.a:u.b],
-                (\(values)::float8[])[u.a:u.b], CASE WHEN u.f THEN (\(flags)::int2[])[u.a:u.b] END
-            FROM unnest(\(firstTimestamps)::int8[], \(lastTimestamps)::int8[], \(firstSequences)::int8[], \(lastSequences)::int8[],
-                \(devices)::int8[], \(sensors)::int8[], \(starts)::int4[], \(ends)::int4[], \(flagged)::bool[]) AS u(ft, lt, fs, ls, d, k, a, b, f)
-            """, logger: logger)
-    }
-
-    /// Merges the new sequences into `stored_sequences`, raises `highest_sequence` and upserts `latest`, in one statement.
-    private func bookkeeping(
-        _ fresh: [(device: Int64, readings: [Candidate])], storedRanges: [Int64: [ClosedRange<Int64>]], ranges: [Int64: [ClosedRange<Int64>]]
+    /// Stores what the group brought for the first time with one statement, so that a group costs the same few round
+    /// trips whatever it holds (on a busy machine each round trip is a chance to wait for a core while the transaction
+    /// holds its device locks). Its parts, as data-modifying CTEs (all run, in one snapshot, on different rows):
+    /// - the readings as chunks (``PostgresReadingChunk``): the chunks' scalar columns as arrays, their readings'
+    ///   columns concatenated, each chunk taking its slice (`[start:end]`);
+    /// - the bookkeeping: the new sequences merged into `stored_sequences`, `highest_sequence` raised, `latest` upserted;
+    /// - the 1-minute, 1-hour and 1-day rollups of `committed` (partial aggregates computed here, one row per sensor
+    ///   and bucket, merged with ``RollupSQL/merge(table:excluded:)``): duplicates never reach them, so nothing counts
+    ///   twice, and a backlog days late merges into its old buckets. Rows go in (sensor, bucket) order; a sensor belongs
+    ///   to one device, whose batches the device lock serialises, so two transactions never wait on the same rows;
+    /// - one ``PostgresLatestNotice`` per changed device (`pg_notify` in the statement's final `SELECT`).
+    private func store(
+        _ fresh: [(device: Int64, readings: [Candidate])], committed: [CommittedReading], storedRanges: [Int64: [ClosedRange<Int64>]],
+        ranges: [Int64: [ClosedRange<Int64>]], changed: [DeviceIdentity]
     ) async throws {
-        var goneDevices: [Int64] = [], goneFirsts: [Int64] = []
-        var keptDevices: [Int64] = [], keptFirsts: [Int64] = [], keptLasts: [Int64] = []
-        var highest: [Int64: Int64] = [:]
-        var newest: [Int64: Candidate] = [:]
-        for (device, readings) in fresh {
-            for candidate in readings {
-                highest[device] = max(highest[device] ?? candidate.sequence, candidate.sequence)
-                if let current = newest[candidate.sensorRow],
-                    (current.reading.timestamp, current.sequence) >= (candidate.reading.timestamp, candidate.sequence)
-                {
-                    continue
-                }
-                newest[candidate.sensorRow] = candidate
-            }
-        }
-        for device in highest.keys {
-            let before = storedRanges[device] ?? []
-            let after = ranges[device] ?? []
-            let afterFirsts = Set(after.map(\.lowerBound))
-            for range in before where !afterFirsts.contains(range.lowerBound) {
-                goneDevices.append(device)
-                goneFirsts.append(range.lowerBound)
-            }
-            let unchanged = Set(before.map { [$0.lowerBound, $0.upperBound] })
-            for range in after where !unchanged.contains([range.lowerBound, range.upperBound]) {
-                keptDevices.append(device)
-                keptFirsts.append(range.lowerBound)
-                keptLasts.append(range.upperBound)
-            }
-        }
-        let highestDevices = Array(highest.keys)
-        let highestValues = highestDevices.map { highest[$0] ?? 0 }
-        let latest = Array(newest.values)
+        let chunks = ChunkColumns(fresh)
+        let book = Bookkeeping(fresh, storedRanges: storedRanges, ranges: ranges)
+        let minute = RollupColumns(RollupPartial.partials(of: committed, at: .minute))
+        let hour = RollupColumns(RollupPartial.partials(of: committed, at: .hour))
+        let day = RollupColumns(RollupPartial.partials(of: committed, at: .day))
+        let notices = PostgresLatestNotice.payloads(changed)
         try await connection.query(
             """
-            WITH gone AS (
-                DELETE FROM stored_sequences s USING unnest(\(goneDevices)::int8[], \(goneFirsts)::int8[]) AS u(d, f)
+            WITH chunks AS (
+                INSERT INTO readings(first_ts, last_ts, first_sequence, last_sequence, device_id, sensor_id, sequence_offsets, time_offsets, reading_values, flags)
+                SELECT u.ft, u.lt, u.fs, u.ls, u.d, u.k, (\(chunks.sequenceOffsets)::int4[])[u.a:u.b], (\(chunks.timeOffsets)::int4[])[u.a:u.b],
+                    (\(chunks.values)::float8[])[u.a:u.b], CASE WHEN u.f THEN (\(chunks.flags)::int2[])[u.a:u.b] END
+                FROM unnest(\(chunks.firstTimestamps)::int8[], \(chunks.lastTimestamps)::int8[], \(chunks.firstSequences)::int8[], \(chunks.lastSequences)::int8[],
+                    \(chunks.devices)::int8[], \(chunks.sensors)::int8[], \(chunks.starts)::int4[], \(chunks.ends)::int4[], \(chunks.flagged)::bool[]) AS u(ft, lt, fs, ls, d, k, a, b, f)
+            ), gone AS (
+                DELETE FROM stored_sequences s USING unnest(\(book.goneDevices)::int8[], \(book.goneFirsts)::int8[]) AS u(d, f)
                 WHERE s.device_id = u.d AND s.first_sequence = u.f
             ), ranges AS (
                 INSERT INTO stored_sequences(device_id, first_sequence, last_sequence)
-                SELECT d, f, l FROM unnest(\(keptDevices)::int8[], \(keptFirsts)::int8[], \(keptLasts)::int8[]) AS u(d, f, l)
+                SELECT d, f, l FROM unnest(\(book.keptDevices)::int8[], \(book.keptFirsts)::int8[], \(book.keptLasts)::int8[]) AS u(d, f, l)
                 ON CONFLICT (device_id, first_sequence) DO UPDATE SET last_sequence = excluded.last_sequence
             ), highest AS (
                 UPDATE devices d SET highest_sequence = greatest(coalesce(d.highest_sequence, -1), u.top)
-                FROM unnest(\(highestDevices)::int8[], \(highestValues)::int8[]) AS u(id, top) WHERE d.id = u.id
+                FROM unnest(\(book.highestDevices)::int8[], \(book.highestValues)::int8[]) AS u(id, top) WHERE d.id = u.id
+            ), newest AS (
+                INSERT INTO latest(sensor_id, sequence, timestamp_us, value, flags)
+                SELECT k, s, t, v, f FROM unnest(\(book.latestSensors)::int8[], \(book.latestSequences)::int8[], \(book.latestTimes)::int8[], \(book.latestValues)::float8[], \(book.latestFlags)::int2[]) AS u(k, s, t, v, f)
+                ON CONFLICT (sensor_id) DO UPDATE SET
+                    sequence = excluded.sequence, timestamp_us = excluded.timestamp_us, value = excluded.value, flags = excluded.flags
+                WHERE excluded.timestamp_us > latest.timestamp_us
+                    OR (excluded.timestamp_us = latest.timestamp_us AND excluded.sequence > latest.sequence)
+            ), minute AS (
+                INSERT INTO rollups_1m \(unescaped: RollupColumns.columns)
+                SELECT \(unescaped: RollupColumns.select)
+                FROM unnest(\(minute.sensors)::int8[], \(minute.buckets)::int8[], \(minute.counts)::int8[], \(minute.valid)::int8[], \(minute.sums)::float8[], \(minute.mins)::float8[],
+                    \(minute.maxes)::float8[], \(minute.lastTimes)::int8[], \(minute.lastSequences)::int8[], \(minute.lastValues)::float8[]) AS u(k, b, n, v, s, lo, hi, lt, ls, lv)
+                \(unescaped: RollupSQL.merge(table: RollupLevel.minute.table))
+            ), hour AS (
+                INSERT INTO rollups_1h \(unescaped: RollupColumns.columns)
+                SELECT \(unescaped: RollupColumns.select)
+                FROM unnest(\(hour.sensors)::int8[], \(hour.buckets)::int8[], \(hour.counts)::int8[], \(hour.valid)::int8[], \(hour.sums)::float8[], \(hour.mins)::float8[],
+                    \(hour.maxes)::float8[], \(hour.lastTimes)::int8[], \(hour.lastSequences)::int8[], \(hour.lastValues)::float8[]) AS u(k, b, n, v, s, lo, hi, lt, ls, lv)
+                \(unescaped: RollupSQL.merge(table: RollupLevel.hour.table))
+            ), day AS (
+                INSERT INTO rollups_1d \(unescaped: RollupColumns.columns)
+                SELECT \(unescaped: RollupColumns.select)
+                FROM unnest(\(day.sensors)::int8[], \(day.buckets)::int8[], \(day.counts)::int8[], \(day.valid)::int8[], \(day.sums)::float8[], \(day.mins)::float8[],
+                    \(day.maxes)::float8[], \(day.lastTimes)::int8[], \(day.lastSequences)::int8[], \(day.lastValues)::float8[]) AS u(k, b, n, v, s, lo, hi, lt, ls, lv)
+                \(unescaped: RollupSQL.merge(table: RollupLevel.day.table))
             )
-            INSERT INTO latest(sensor_id, sequence, timestamp_us, value, flags)
-            SELECT k, s, t, v, f FROM unnest(\(latest.map(\.sensorRow))::int8[], \(latest.map(\.sequence))::int8[], \(latest.map(\.reading.timestamp.microseconds))::int8[], \(latest.map(\.reading.value))::float8[], \(latest.map { Int16(bitPattern: $0.reading.quality.rawValue) })::int2[]) AS u(k, s, t, v, f)
-            ON CONFLICT (sensor_id) DO UPDATE SET
-                sequence = excluded.sequence, timestamp_us = excluded.timestamp_us, value = excluded.value, flags = excluded.flags
-            WHERE excluded.timestamp_us > latest.timestamp_us
-                OR (excluded.timestamp_us = latest.timestamp_us AND excluded.sequence > latest.sequence)
+            SELECT count(pg_notify(\(PostgresLatestNotice.channel), p)) FROM unnest(\(notices)::text[]) AS u(p)
             """, logger: logger)
+    }
+
+    /// The chunk rows of `readings`, column by column, for ``store(_:committed:storedRanges:ranges:changed:)``.
+    private struct ChunkColumns {
+        var firstTimestamps: [Int64] = [], lastTimestamps: [Int64] = [], firstSequences: [Int64] = [], lastSequences: [Int64] = []
+        var devices: [Int64] = [], sensors: [Int64] = [], starts: [Int32] = [], ends: [Int32] = [], flagged: [Bool] = []
+        var sequenceOffsets: [Int32] = [], timeOffsets: [Int32] = [], values: [Double] = [], flags: [Int16] = []
+
+        init(_ fresh: [(device: Int64, readings: [Candidate])]) {
+            struct ChunkKey: Hashable {
+                var device: Int64
+                var sensor: Int64
+            }
+            var entries: [ChunkKey: [PostgresReadingChunk.Entry]] = [:]
+            for (device, readings) in fresh {
+                for candidate in readings {
+                    entries[ChunkKey(device: device, sensor: candidate.sensorRow), default: []].append(
+                        .init(
+                            sequence: candidate.sequence, timestamp: candidate.reading.timestamp.microseconds, value: candidate.reading.value,
+                            flags: Int16(bitPattern: candidate.reading.quality.rawValue)))
+                }
+            }
+            for (key, list) in entries {
+                for chunk in PostgresReadingChunk.cut(deviceRow: key.device, sensorRow: key.sensor, entries: list) {
+                    firstTimestamps.append(chunk.firstTimestamp)
+                    lastTimestamps.append(chunk.lastTimestamp)
+                    firstSequences.append(chunk.firstSequence)
+                    lastSequences.append(chunk.lastSequence)
+                    devices.append(chunk.deviceRow)
+                    sensors.append(chunk.sensorRow)
+                    starts.append(Int32(values.count + 1))
+                    sequenceOffsets += chunk.sequenceOffsets
+                    timeOffsets += chunk.timeOffsets
+                    values += chunk.values
+                    let chunkFlags = chunk.flags
+                    flagged.append(chunkFlags != nil)
+                    flags += chunkFlags ?? Array(repeating: 0, count: chunk.entries.count)
+                    ends.append(Int32(values.count))
+                }
+            }
+        }
+    }
+
+    /// The sequence ranges that went or changed, each device's highest sequence and each sensor's newest reading.
+    private struct Bookkeeping {
+        var goneDevices: [Int64] = [], goneFirsts: [Int64] = []
+        var keptDevices: [Int64] = [], keptFirsts: [Int64] = [], keptLasts: [Int64] = []
+        var highestDevices: [Int64] = [], highestValues: [Int64] = []
+        var latestSensors: [Int64] = [], latestSequences: [Int64] = [], latestTimes: [Int64] = [], latestValues: [Double] = []
+        var latestFlags: [Int16] = []
+
+        init(_ fresh: [(device: Int64, readings: [Candidate])], storedRanges: [Int64: [ClosedRange<Int64>]], ranges: [Int64: [ClosedRange<Int64>]]) {
+            var highest: [Int64: Int64] = [:]
+            var newest: [Int64: Candidate] = [:]
+            for (device, readings) in fresh {
+                for candidate in readings {
+                    highest[device] = max(highest[device] ?? candidate.sequence, candidate.sequence)
+                    if let current = newest[candidate.sensorRow],
+                        (current.reading.timestamp, current.sequence) >= (candidate.reading.timestamp, candidate.sequence)
+                    {
+                        continue
+                    }
+                    newest[candidate.sensorRow] = candidate
+                }
+            }
+            for device in highest.keys {
+                let before = storedRanges[device] ?? []
+                let after = ranges[device] ?? []
+                let afterFirsts = Set(after.map(\.lowerBound))
+                for range in before where !afterFirsts.contains(range.lowerBound) {
+                    goneDevices.append(device)
+                    goneFirsts.append(range.lowerBound)
+                }
+                let unchanged = Set(before.map { [$0.lowerBound, $0.upperBound] })
+                for range in after where !unchanged.contains([range.lowerBound, range.upperBound]) {
+                    keptDevices.append(device)
+                    keptFirsts.append(range.lowerBound)
+                    keptLasts.append(range.upperBound)
+                }
+            }
+            highestDevices = Array(highest.keys)
+            highestValues = highestDevices.map { highest[$0] ?? 0 }
+            let latest = Array(newest.values)
+            latestSensors = latest.map(\.sensorRow)
+            latestSequences = latest.map(\.sequence)
+            latestTimes = latest.map(\.reading.timestamp.microseconds)
+            latestValues = latest.map(\.reading.value)
+            latestFlags = latest.map { Int16(bitPattern: $0.reading.quality.rawValue) }
+        }
+    }
+
+    /// One rollup level's partial aggregates, column by column.
+    private struct RollupColumns {
+        static let columns = "(sensor_id, bucket_us, count, valid_count, sum_value, min_value, max_value, last_us, last_sequence, last_value)"
+        /// The row of `u(k, b, n, v, s, lo, hi, lt, ls, lv)`: statistics only from valid readings (NULL when none was).
+        static let select =
+            "k, b, n, v, s, CASE WHEN v > 0 THEN lo END, CASE WHEN v > 0 THEN hi END, CASE WHEN v > 0 THEN lt END, CASE WHEN v > 0 THEN ls END, CASE WHEN v > 0 THEN lv END"
+
+        var sensors: [Int64], buckets: [Int64], counts: [Int64], valid: [Int64], sums: [Double], mins: [Double], maxes: [Double]
+        var lastTimes: [Int64], lastSequences: [Int64], lastValues: [Double]
+
+        init(_ partials: [RollupPartial]) {
+            sensors = partials.map(\.sensorRowID)
+            buckets = partials.map(\.bucket)
+            counts = partials.map(\.count)
+            valid = partials.map(\.validCount)
+            sums = partials.map(\.sum)
+            mins = partials.map(\.min)
+            maxes = partials.map(\.max)
+            lastTimes = partials.map(\.lastTimestamp)
+            lastSequences = partials.map(\.lastSequence)
+            lastValues = partials.map(\.lastValue)
+        }
     }
 
     /// Looks up `wanted` sensors (by device and name) and registers the missing ones; returns every one's id and

@@ -137,15 +137,18 @@ public final class PostgresIngestStore: IngestStore {
 
     /// Runs `body` in one transaction with `query_timeout` as the server's `statement_timeout` for it, and bounds the
     /// wait for a pooled connection by the same timeout.
-    func transaction<T: Sendable>(_ body: @escaping @Sendable (PostgresConnection) async throws -> T) async throws -> T {
+    ///
+    /// - Parameter settingTimeout: false when `body`'s first statement sets ``statementTimeout`` itself (one round trip
+    ///   fewer on the write path).
+    func transaction<T: Sendable>(settingTimeout: Bool = true, _ body: @escaping @Sendable (PostgresConnection) async throws -> T) async throws -> T {
         let timeout = settings.queryTimeout
         let logger = self.logger
+        let statementTimeout = settingTimeout ? self.statementTimeout : nil
         return try await withDeadline(timeout) {
             do {
                 return try await self.client.withTransaction(logger: logger) { connection in
-                    if timeout > .zero {
-                        let milliseconds = Int64(timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000)
-                        try await connection.query("SELECT set_config('statement_timeout', \(String(milliseconds)), true)", logger: logger)
+                    if let statementTimeout {
+                        try await connection.query("SELECT set_config('statement_timeout', \(statementTimeout), true)", logger: logger)
                     }
                     return try await body(connection)
                 }
@@ -155,6 +158,14 @@ public final class PostgresIngestStore: IngestStore {
                 throw error
             }
         }
+    }
+
+    /// `query_timeout` in milliseconds, as a transaction sets it for its statements (`SET LOCAL statement_timeout`);
+    /// nil when there is none.
+    var statementTimeout: String? {
+        let timeout = settings.queryTimeout
+        guard timeout > .zero else { return nil }
+        return String(Int64(timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000))
     }
 
     /// Runs one read-only statement outside a transaction and collects its rows.
@@ -260,8 +271,7 @@ public final class PostgresIngestStore: IngestStore {
         }
     }
 
-    /// One group's transaction: the batches, then the rollups of everything the group stored for the first time (the
-    /// one place where a transaction's fresh readings and its connection meet), then `COMMIT`.
+    /// One group's transaction: the batches with their rollups (``PostgresBatchWriter``), then `COMMIT`.
     ///
     /// Bounded by `query_timeout` without waiting for a transaction that ignores cancellation (a connection killed
     /// under it has been seen to hang postgres-nio's transaction): the worker then moves on to the next group.
@@ -273,11 +283,9 @@ public final class PostgresIngestStore: IngestStore {
     }
 
     private func writeGroup(_ members: [PostgresBatchWriter.Member], logger: Logger) async throws -> [Result<StoreOutcome, any Error>] {
-        try await transaction { connection in
-            let results = try await PostgresBatchWriter(connection: connection, logger: logger).write(members)
-            let fresh = results.flatMap { result in (try? result.get())?.fresh ?? [] }
-            try await self.rollups(fresh, on: connection)
-            return results
+        let statementTimeout = self.statementTimeout
+        return try await transaction(settingTimeout: false) { connection in
+            try await PostgresBatchWriter(connection: connection, statementTimeout: statementTimeout, logger: logger).write(members)
         }
     }
 

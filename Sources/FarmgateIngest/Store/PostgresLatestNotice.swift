@@ -14,13 +14,11 @@ enum PostgresLatestNotice {
     /// The channel every instance listens on.
     static let channel = "farmgate_latest"
 
-    /// Queues one notification per device of `devices` (each once) in the transaction running on `connection`: one
-    /// statement for a whole group commit.
-    static func send(on connection: PostgresConnection, devices: [DeviceIdentity], logger: Logger) async throws {
+    /// The payloads of one notification per device of `devices` (each once), which the write transaction sends with
+    /// `pg_notify` (``PostgresBatchWriter``): one statement for a whole group commit.
+    static func payloads(_ devices: [DeviceIdentity]) -> [String] {
         var seen = Set<Int64>()
-        let payloads = devices.filter { seen.insert($0.rowID).inserted }.map(payload)
-        guard !payloads.isEmpty else { return }
-        try await connection.query("SELECT pg_notify(\(channel), p) FROM unnest(\(payloads)::text[]) AS u(p)", logger: logger)
+        return devices.filter { seen.insert($0.rowID).inserted }.map(payload)
     }
 
     static func payload(_ device: DeviceIdentity) -> String {
