@@ -243,4 +243,29 @@ import Testing
 /// How many callers were answered, counted from their tasks.
 final class AnswerCount: Sendable {
     let count = Mutex(0)
+
+}
+
+extension PostgresGroupCommitTests {
+    @Test("a write group's first statement sets statement_timeout for the statements after it, and only for its transaction")
+    func theLockStatementSetsTheTimeout() async throws {
+        try await Self.withStore(concurrency: 1, devices: 1) { store, _, devices in
+            #expect(store.statementTimeout == 30_000, "query_timeout's default 30 s, in milliseconds")
+            for (timeout, shown) in [(Int64(1234), "1234ms"), (nil, "0")] {
+                let (accepted, inside) = try await store.transaction(settingTimeout: false) { connection in
+                    let sequences: ClosedRange<UInt64> = timeout == nil ? 4...6 : 1...3
+                    let member = PostgresBatchWriter.Member(
+                        batch: try phBatch(device: devices[0].device.rawValue, sequences: sequences), device: devices[0], receivedAt: testNow)
+                    let results = try await PostgresBatchWriter(connection: connection, statementTimeout: timeout, logger: testLogger).write([member])
+                    var shown = ""
+                    for try await value in try await connection.query("SHOW statement_timeout", logger: testLogger).decode(String.self) { shown = value }
+                    return (try results.first?.get().accepted ?? 0, shown)
+                }
+                #expect(accepted == 3)
+                #expect(inside == shown)
+            }
+            let after = try await store.rows("SHOW statement_timeout") { try $0.decode(String.self) }
+            #expect(after == ["0"], "SET LOCAL: the pooled connection goes back without it")
+        }
+    }
 }

@@ -5,12 +5,13 @@ import PostgresNIO
 /// The batches of one group commit (``PostgresGroupCommit``), written in one transaction with a fixed number of
 /// statements whatever the group's size:
 ///
-/// 1. lock the group's device rows (`FOR NO KEY UPDATE`, in id order, so that two groups never deadlock): a device's
-///    batches are serialised, other devices' run beside them in other groups. Not `FOR UPDATE`: that also waits for
-///    every `FOR KEY SHARE` a foreign-key check takes on the device row (the alert engine's watermark upsert, a new
-///    sensor, a calibration), which made writes queue behind the engine under load;
-/// 2. look up the sensors, registering new ones (`INSERT ... ON CONFLICT DO NOTHING RETURNING`, then read again what
-///    another writer registered meanwhile);
+/// 1. lock the group's device rows (`FOR NO KEY UPDATE`, in id order, so that two groups never deadlock) and read the
+///    registered sensors the batches name, in one statement: a device's batches are serialised, other devices' run
+///    beside them in other groups. Not `FOR UPDATE`: that also waits for every `FOR KEY SHARE` a foreign-key check takes
+///    on the device row (the alert engine's watermark upsert, a new sensor, a calibration), which made writes queue
+///    behind the engine under load;
+/// 2. register the sensors not found (`INSERT ... ON CONFLICT DO NOTHING RETURNING`, then read again what another
+///    writer registered meanwhile);
 /// 3. read the devices' stored sequence ranges around the batches (``PostgresSchema``: the authority on what was ever
 ///    stored, across partitions and after retention);
 /// 4. read the stored chunks of sequences inside those ranges, and compare (duplicate or `sequence_conflict`), batch by
@@ -18,8 +19,9 @@ import PostgresNIO
 /// 5. in one statement: insert the new readings as chunks (``PostgresReadingChunk``), merge their sequences into the
 ///    ranges, raise `highest_sequence`, upsert `latest`, merge the rollups and notify the other instances.
 ///
-/// With `BEGIN` and `COMMIT` that is five round trips for a group whose sensors are known and whose sequences are new
-/// (the timeout is set by the first statement), six when some were stored before and must be compared.
+/// With `BEGIN` and `COMMIT` that is five round trips for a group whose sensors are registered and whose sequences are
+/// new (the first statement also sets the timeout), one more when some were stored before and must be compared, one
+/// or two more when a sensor is new.
 ///
 /// A batch whose own statements fail (a device deleted meanwhile, a server-side refusal of its data) is reported
 /// through ``MemberFailure`` so that the group commits without it (``PostgresGroupCommit`` retries the others); a
@@ -40,7 +42,7 @@ struct PostgresBatchWriter {
 
     let connection: PostgresConnection
     /// The transaction's `statement_timeout` in milliseconds, set by its first statement (the device locks); nil for none.
-    var statementTimeout: String?
+    var statementTimeout: Int64?
     let logger: Logger
 
     private struct Candidate {
@@ -77,31 +79,12 @@ struct PostgresBatchWriter {
     func write(_ members: [Member]) async throws -> [Result<StoreOutcome, any Error>] {
         var results = [Result<StoreOutcome, any Error>?](repeating: nil, count: members.count)
 
-        // 1. The device locks, in id order.
-        let deviceRows = Array(Set(members.map(\.device.rowID))).sorted()
-        var present = Set<Int64>()
-        let lock: PostgresQuery
-        if let statementTimeout {
-            // The timeout for the statements after this one (this one runs under the session's).
-            lock = """
-                SELECT d.id::int8 FROM devices d CROSS JOIN (SELECT set_config('statement_timeout', \(statementTimeout), true)) AS t
-                WHERE d.id = ANY(\(deviceRows)) ORDER BY d.id FOR NO KEY UPDATE OF d
-                """
-        } else {
-            lock = "SELECT id::int8 FROM devices WHERE id = ANY(\(deviceRows)) ORDER BY id FOR NO KEY UPDATE"
-        }
-        for try await id in try await connection.query(lock, logger: logger).decode(Int64.self) { present.insert(id) }
-        for (index, member) in members.enumerated() where !present.contains(member.device.rowID) {
-            results[index] = .failure(IngestStoreError.notFound("device '\(member.device.device)' in farm '\(member.device.farm)'"))
-        }
-        let live = members.indices.filter { results[$0] == nil }
-
-        // 2. Sensors, for the whole group at once.
+        // What each batch declares (and uses), before anything is asked.
         var prepared: [Int: Prepared] = [:]
         var declaredByMember: [Int: [SensorDescriptor]] = [:]
         var conflictsByMember: [Int: [SensorID: (registered: String, sent: Quantity)]] = [:]
         var wanted: [SensorKey: SensorDescriptor] = [:]
-        for index in live {
+        for index in members.indices {
             let batch = members[index].batch
             let used = Set(batch.readings.map(\.sensor))
             var member = Prepared()
@@ -120,7 +103,17 @@ struct PostgresBatchWriter {
             declaredByMember[index] = declared
             conflictsByMember[index] = conflicts
         }
-        let registered = try await register(wanted, receivedAt: members[live.first ?? 0].receivedAt)
+
+        // 1. The device locks, in id order, with the registered sensors the batches name (one statement).
+        let (present, known) = try await lockDevices(Array(Set(members.map(\.device.rowID))).sorted(), sensors: Array(wanted.keys))
+        for (index, member) in members.enumerated() where !present.contains(member.device.rowID) {
+            results[index] = .failure(IngestStoreError.notFound("device '\(member.device.device)' in farm '\(member.device.farm)'"))
+        }
+        let live = members.indices.filter { results[$0] == nil }
+
+        // 2. Sensors not registered yet, for the whole group at once.
+        let registered = try await register(
+            wanted.filter { present.contains($0.key.device) }, known: known, receivedAt: members[live.first ?? 0].receivedAt)
 
         for index in live {
             guard var member = prepared[index], var conflicts = conflictsByMember[index] else { continue }
@@ -457,25 +450,62 @@ struct PostgresBatchWriter {
         }
     }
 
-    /// Looks up `wanted` sensors (by device and name) and registers the missing ones; returns every one's id and
-    /// registered quantity. New sensors are inserted with `ON CONFLICT DO NOTHING RETURNING` and whatever another writer
+    /// A registered sensor as the lock statement read it.
+    private struct KnownSensor {
+        var id: Int64
+        var quantity: String
+        var numerator: Int64
+        var denominator: Int64
+    }
+
+    /// Locks `devices` (`FOR NO KEY UPDATE`, in id order, so that two groups never deadlock) and reads the registered
+    /// sensors among `sensors`, in one statement that also sets the transaction's `statement_timeout` for the
+    /// statements after it. Returns the devices that exist and the sensors found.
+    ///
+    /// The sensors are read in the statement's snapshot, which may predate the wait for a lock: a sensor another group
+    /// registered meanwhile is then missing here, and ``register(_:known:receivedAt:)`` finds it after its insert
+    /// conflicts. Sensors are never deleted, so what is found here exists.
+    private func lockDevices(_ devices: [Int64], sensors: [SensorKey]) async throws -> (present: Set<Int64>, known: [SensorKey: KnownSensor]) {
+        // Digits only (an integer), so it can be written into the statement.
+        let setting = statementTimeout.map { "set_config('statement_timeout', '\($0)', true)" } ?? "''"
+        var present = Set<Int64>()
+        var known: [SensorKey: KnownSensor] = [:]
+        for try await (device, id, name, quantity, numerator, denominator) in try await connection.query(
+            """
+            WITH settings AS MATERIALIZED (SELECT \(unescaped: setting)),
+            locked AS MATERIALIZED (
+                SELECT d.id FROM devices d WHERE d.id = ANY(\(devices)) ORDER BY d.id FOR NO KEY UPDATE
+            )
+            SELECT l.id::int8, s.id::int8, s.name, s.quantity, s.resolution_numerator, s.resolution_denominator
+            FROM locked l CROSS JOIN settings
+            LEFT JOIN (sensors s JOIN unnest(\(sensors.map(\.device))::int8[], \(sensors.map(\.name))::text[]) AS u(d, n) ON s.device_id = u.d AND s.name = u.n)
+                ON s.device_id = l.id
+            """, logger: logger
+        ).decode((Int64, Int64?, String?, String?, Int64?, Int64?).self) {
+            present.insert(device)
+            if let id, let name, let quantity, let numerator, let denominator {
+                known[SensorKey(device: device, name: name)] = KnownSensor(id: id, quantity: quantity, numerator: numerator, denominator: denominator)
+            }
+        }
+        return (present, known)
+    }
+
+    /// Registers the `wanted` sensors that are not `known` (by device and name); returns every one's id and registered
+    /// quantity. New sensors are inserted with `ON CONFLICT DO NOTHING RETURNING` and whatever another writer
     /// registered meanwhile is read after that insert; an existing sensor's resolution follows the batch's while the
     /// quantity agrees.
-    private func register(_ wanted: [SensorKey: SensorDescriptor], receivedAt: Timestamp) async throws -> [SensorKey: (id: Int64, quantity: String)] {
+    private func register(
+        _ wanted: [SensorKey: SensorDescriptor], known: [SensorKey: KnownSensor], receivedAt: Timestamp
+    ) async throws -> [SensorKey: (id: Int64, quantity: String)] {
         guard !wanted.isEmpty else { return [:] }
         var found: [SensorKey: (id: Int64, quantity: String)] = [:]
         var resolutionChanged: [SensorKey] = []
         let keys = Array(wanted.keys)
-        for try await (id, device, name, quantity, numerator, denominator) in try await connection.query(
-            """
-            SELECT s.id::int8, s.device_id::int8, s.name, s.quantity, s.resolution_numerator, s.resolution_denominator
-            FROM sensors s JOIN unnest(\(keys.map(\.device))::int8[], \(keys.map(\.name))::text[]) AS u(d, n) ON s.device_id = u.d AND s.name = u.n
-            """, logger: logger
-        ).decode((Int64, Int64, String, String, Int64, Int64).self) {
-            let key = SensorKey(device: device, name: name)
-            found[key] = (id, quantity)
-            if let descriptor = wanted[key], descriptor.quantity.rawValue == quantity,
-                (Int64(descriptor.resolution.numerator), Int64(descriptor.resolution.denominator)) != (numerator, denominator)
+        for key in keys {
+            guard let sensor = known[key] else { continue }
+            found[key] = (sensor.id, sensor.quantity)
+            if let descriptor = wanted[key], descriptor.quantity.rawValue == sensor.quantity,
+                (Int64(descriptor.resolution.numerator), Int64(descriptor.resolution.denominator)) != (sensor.numerator, sensor.denominator)
             {
                 resolutionChanged.append(key)
             }

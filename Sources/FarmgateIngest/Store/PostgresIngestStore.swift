@@ -148,7 +148,7 @@ public final class PostgresIngestStore: IngestStore {
             do {
                 return try await self.client.withTransaction(logger: logger) { connection in
                     if let statementTimeout {
-                        try await connection.query("SELECT set_config('statement_timeout', \(statementTimeout), true)", logger: logger)
+                        try await connection.query("SELECT set_config('statement_timeout', \(String(statementTimeout)), true)", logger: logger)
                     }
                     return try await body(connection)
                 }
@@ -162,10 +162,10 @@ public final class PostgresIngestStore: IngestStore {
 
     /// `query_timeout` in milliseconds, as a transaction sets it for its statements (`SET LOCAL statement_timeout`);
     /// nil when there is none.
-    var statementTimeout: String? {
+    var statementTimeout: Int64? {
         let timeout = settings.queryTimeout
         guard timeout > .zero else { return nil }
-        return String(Int64(timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000))
+        return Int64(timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000)
     }
 
     /// Runs one read-only statement outside a transaction and collects its rows.
