@@ -111,7 +111,8 @@ struct EnrollTokenCommand: AsyncParsableCommand {
                 exchange produced keeps working (withdraw that with `farmgate-ingest device revoke --farm F --device D`); \
                 if the same answer could still be fetched again with it (the 10 minutes after the exchange), that is \
                 stopped. A token already revoked, expired or used is left as it is: the command says so and exits 0, since \
-                the token cannot enroll anything either way. An unknown id exits 1.
+                the token cannot enroll anything either way. An unknown id exits 1; a malformed id, or a key that is no \
+                enrollment token, exits 64.
                 """)
 
         @Argument(help: ArgumentHelp("The token's id (8 characters a-z 2-7), or the whole token fge_<id>_<secret>.", valueName: "key-id"))
@@ -128,7 +129,9 @@ struct EnrollTokenCommand: AsyncParsableCommand {
             let text = token.trimmingCharacters(in: .whitespacesAndNewlines)
             if text.contains("_") {
                 guard let key = APIKey(parsing: text) else {
-                    throw ValidationError("'\(text.prefix(12))…' is not an enrollment token (fge_<id>_<secret>) or a token id; copy the id from `farmgate-ingest enroll-token list`")
+                    // At most the kind and id of a mangled token are echoed, never what may be its secret.
+                    let shown = text.count > 12 ? "\(text.prefix(12))…" : text
+                    throw ValidationError("'\(shown)' is not an enrollment token (fge_<id>_<secret>) or a token id; copy the id from `farmgate-ingest enroll-token list`")
                 }
                 guard key.kind == .enrollment else {
                     throw ValidationError(
@@ -146,7 +149,11 @@ struct EnrollTokenCommand: AsyncParsableCommand {
         func run() async throws {
             let keyID = try keyID()
             let outcome = try await options.administer { admin in
-                try await admin.revokeEnrollmentToken(keyID: keyID, in: try enrollmentStore(admin))
+                do {
+                    return try await admin.revokeEnrollmentToken(keyID: keyID, in: try enrollmentStore(admin))
+                } catch IngestStoreError.notFound(let what) where what.hasPrefix("enrollment token") {
+                    throw failure("\(IngestStoreError.notFound(what)); `farmgate-ingest enroll-token list --all` lists this ingest's tokens")
+                }
             }
             switch outcome {
             case .revoked(let record):
