@@ -1,3 +1,4 @@
+import FarmgateSupport
 import FarmgateWire
 import Testing
 
@@ -260,5 +261,37 @@ import Testing
                 }
             }
         }
+    }
+
+    @Test func sqliteMigrationKeepsTheTokensOfAnOlderStoreUsable() async throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let path = directory.path + "/ingest.sqlite"
+        // The schema before revocation (migrations up to 9), with an outstanding token in it.
+        try await runOffPool {
+            let db = try SQLiteConnection(path: path)
+            try db.execute(SQLiteSchema.bookkeeping)
+            for migration in SQLiteSchema.migrations where migration.version <= 9 {
+                try db.execute(migration.sql)
+                try db.query(
+                    "INSERT INTO schema_migrations(version, name, applied_at_us) VALUES (?, ?, 0)", [.integer(Int64(migration.version)), .text(migration.name)])
+            }
+            try db.execute(
+                """
+                INSERT INTO farms(id, name, created_at_us) VALUES (1, 'f1', 0);
+                INSERT INTO enrollment_tokens(farm_id, device_name, key_id, secret_sha256, created_at_us, expires_at_us)
+                    VALUES (1, 'site-1', 'old00001', x'03', \(testNow.microseconds), \(testNow.microseconds + Support.hour));
+                """)
+        }
+        let store = try SQLiteIngestStore(path: path, logger: testLogger)
+        defer { store.close() }
+        #expect(try await store.migrate().map(\.version) == [10])
+        let listed = try await store.enrollmentTokens(farm: "f1", usableAt: testNow)
+        #expect(listed.map(\.keyID) == ["old00001"] && listed.first?.revokedAt == nil)
+        guard case .revoked = try await store.revokeEnrollmentToken(keyID: "old00001", at: testNow) else {
+            Issue.record("a token from before the migration could not be revoked")
+            return
+        }
+        #expect(try await store.enrollmentTokens(farm: "f1", usableAt: testNow).isEmpty)
     }
 }
