@@ -60,6 +60,8 @@ public enum EnrollmentErrorCode {
     public static let tokenExpired = "token_expired"
     /// 410: the token was used already, longer ago than the grace window in which the same answer is given again.
     public static let tokenUsed = "token_used"
+    /// 410: the token was revoked (`farmgate-ingest enroll-token revoke`) before it was used; make a new one.
+    public static let tokenRevoked = "token_revoked"
     /// 409: the site's `[device] id` is not the device the token was made for; the token is not used up.
     public static let deviceMismatch = "device_mismatch"
     /// 429: too many enrollment attempts from this address; `Retry-After` says when to try again.

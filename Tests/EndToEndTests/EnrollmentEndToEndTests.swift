@@ -144,4 +144,92 @@ struct EnrollmentEndToEndTests {
             Farm.ingestBinary, ["enroll-token", "create", "--farm", "nowhere", "--device", "d", "--config", farm.ingestConfig])
         #expect(noFarm.status == 1 && noFarm.stderr.contains("farm 'nowhere' does not exist"), "\(noFarm.stderr)")
     }
+
+    /// `farmgate-ingest ARGUMENTS --config …` with its status and output, for commands expected to fail.
+    static func ingestCommand(_ farm: Farm, _ arguments: [String]) async throws -> (status: Int32, stdout: String, stderr: String) {
+        try await runCommand(Farm.ingestBinary, arguments + ["--config", farm.ingestConfig])
+    }
+
+    /// The objects `enroll-token list --json` printed.
+    static func listedJSON(_ farm: Farm, _ arguments: [String] = []) async throws -> [[String: String]] {
+        let output = try await farm.admin(["enroll-token", "list", "--json"] + arguments)
+        let parsed = try JSONSerialization.jsonObject(with: Data(output.utf8))
+        return try #require(parsed as? [[String: String]], "not an array of objects of strings: \(output)")
+    }
+
+    @Test func listShowsUsableTokensAndRevokeStopsOneAtOnce() async throws {
+        let farm = try await Farm()
+        try await farm.startIngest()
+        let revokedToken = try await Self.token(farm, device: "site-3")
+        let keptToken = try await Self.token(farm, device: "site-2", ttl: "2h")
+        let revokedID = String(revokedToken.dropFirst(4).prefix(8))
+        let keptID = String(keptToken.dropFirst(4).prefix(8))
+
+        let table = try await farm.admin(["enroll-token", "list"])
+        let lines = table.split(separator: "\n").map(String.init)
+        #expect(lines.first == "KEY ID\tFARM\tDEVICE\tCREATED\tEXPIRES\tSTATE", "\(table)")
+        #expect(lines.count == 3, "\(table)")
+        #expect(lines.dropFirst().first?.hasPrefix("\(keptID)\te2e\tsite-2\t") == true, "newest first: \(table)")
+        #expect(lines.last?.hasPrefix("\(revokedID)\te2e\tsite-3\t") == true && lines.last?.hasSuffix("\tunused") == true, "\(table)")
+        let secrets = [revokedToken, keptToken].map { String($0.dropFirst(13)) }
+        #expect(secrets.allSatisfy { !table.contains($0) }, "never a secret")
+
+        let listed = try await Self.listedJSON(farm, ["--farm", "e2e"])
+        #expect(listed.map { $0["key_id"] } == [keptID, revokedID])
+        let first = try #require(listed.first)
+        #expect(first["farm"] == "e2e" && first["device"] == "site-2" && first["state"] == "unused")
+        #expect(first["created"].flatMap(RFC3339.parse) != nil && first["expires"].flatMap(RFC3339.parse) != nil)
+
+        // Revoked by its whole text: the running ingest refuses it at once, and the site says why.
+        let revoked = try await farm.admin(["enroll-token", "revoke", revokedToken])
+        #expect(revoked.contains("Revoked enrollment token \(revokedID) (device site-3 of farm e2e)"), "\(revoked)")
+        let config = try farm.dir.write("site-3.toml", Self.siteConfig(device: "site-3"))
+        let refused = try await Self.enroll(farm, revokedToken, config: config)
+        #expect(refused.status == 1)
+        #expect(refused.stderr.contains("the token was revoked") && refused.stderr.contains("enroll-token create --farm e2e --device site-3"), "\(refused.stderr)")
+        #expect(!FileManager.default.fileExists(atPath: farm.dir.file("device.key")))
+
+        #expect(try await Self.listedJSON(farm).map { $0["key_id"] } == [keptID], "by default only usable tokens")
+        let all = try await Self.listedJSON(farm, ["--all"])
+        let gone = try #require(all.first { $0["key_id"] == revokedID })
+        #expect(gone["state"] == "revoked" && gone["revoked_at"].flatMap(RFC3339.parse) != nil)
+        let allTable = try await farm.admin(["enroll-token", "list", "--all"])
+        #expect(allTable.contains("\tsite-3\t") && allTable.contains("\trevoked at "), "\(allTable)")
+
+        // Again by id: a no-op that says so.
+        let again = try await farm.admin(["enroll-token", "revoke", revokedID])
+        #expect(again.contains("was already revoked at") && again.contains("nothing changed"), "\(again)")
+
+        // The other token still enrolls; then it is listed as used, and revoking it leaves its key alone.
+        let keptConfig = try farm.dir.write("site-2.toml", Self.siteConfig(device: "site-2"))
+        let enrolled = try await Self.enroll(farm, keptToken, config: keptConfig)
+        #expect(enrolled.status == 0, "\(enrolled.stderr)")
+        let used = try await farm.admin(["enroll-token", "revoke", keptID])
+        #expect(used.contains("was already used at") && used.contains("it was not revoked"), "\(used)")
+        #expect(used.contains("The device key it produced keeps working") && used.contains("device revoke --farm e2e --device site-2"), "\(used)")
+        let key = try String(contentsOfFile: farm.dir.file("device.key"), encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(await farm.httpStatus(IngestProtocol.deviceStatePath, bearer: key) == 200, "the device key keeps working")
+        let usedEntry = try #require(try await Self.listedJSON(farm, ["--all"]).first { $0["key_id"] == keptID })
+        #expect(usedEntry["state"] == "used" && usedEntry["used_by"] == "127.0.0.1" && usedEntry["action"] == "created", "\(usedEntry)")
+        #expect(try await farm.admin(["enroll-token", "list"]).contains("No usable enrollment tokens"))
+    }
+
+    @Test func listAndRevokeRefuseBadInput() async throws {
+        let farm = try await Farm()
+        let unknown = try await Self.ingestCommand(farm, ["enroll-token", "revoke", "abcdefgh"])
+        #expect(unknown.status == 1 && unknown.stderr.contains("enrollment token 'abcdefgh' does not exist"), "\(unknown.stderr)")
+        #expect(unknown.stderr.contains("enroll-token list --all"), "\(unknown.stderr)")
+        let mangled = try await Self.ingestCommand(farm, ["enroll-token", "revoke", "fge_x"])
+        #expect(mangled.status == 64 && mangled.stderr.contains("'fge_x' is not an enrollment token"), "\(mangled.stderr)")
+        let malformed = try await Self.ingestCommand(farm, ["enroll-token", "revoke", "ABC-1"])
+        #expect(malformed.status == 64 && malformed.stderr.contains("'ABC-1' is not an enrollment token id"), "\(malformed.stderr)")
+        let deviceKey = try await farm.createDevice("d1")
+        let notAToken = try await Self.ingestCommand(farm, ["enroll-token", "revoke", deviceKey])
+        #expect(notAToken.status == 64 && notAToken.stderr.contains("that is a device key"), "\(notAToken.stderr)")
+        #expect(!notAToken.stderr.contains(String(deviceKey.dropFirst(13))), "the key's secret is not echoed")
+        let noFarm = try await Self.ingestCommand(farm, ["enroll-token", "list", "--farm", "nowhere"])
+        #expect(noFarm.status == 1 && noFarm.stderr.contains("farm 'nowhere' does not exist"), "\(noFarm.stderr)")
+        let badFarm = try await Self.ingestCommand(farm, ["enroll-token", "list", "--farm", "no farm"])
+        #expect(badFarm.status == 64, "\(badFarm.stderr)")
+    }
 }

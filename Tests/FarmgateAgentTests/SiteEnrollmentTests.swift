@@ -99,7 +99,7 @@ struct SiteEnrollmentTests {
     }
 
     @Test(arguments: [
-        (410, "token_expired", "the token has expired"), (410, "token_used", "already used"), (401, "invalid_token", "does not accept this token"),
+        (410, "token_expired", "the token has expired"), (410, "token_used", "already used"), (410, "token_revoked", "was revoked"), (401, "invalid_token", "does not accept this token"),
         (409, "device_mismatch", "wrong device"), (404, "not_found", "no enrollment endpoint"),
     ])
     func refusalsSayWhatHappened(status: Int, code: String, phrase: String) async throws {

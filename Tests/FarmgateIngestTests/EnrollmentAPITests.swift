@@ -170,6 +170,59 @@ struct EnrollmentAPITests {
         #expect(try await !setup.devices().contains("site-9"))
     }
 
+    @Test("a revoked token is refused 410 token_revoked, saying how to make a new one, and creates nothing")
+    func revokedTokens() async throws {
+        let setup = Setup(fixture: try await Fixture())
+        defer { setup.fixture.close() }
+        let token = try await setup.token(device: "site-9")
+        let other = try await setup.token(device: "site-8")
+        setup.clock.advance(seconds: 30)
+        let outcome = try await IngestAdmin(store: setup.fixture.store).revokeEnrollmentToken(
+            keyID: token.keyID, in: setup.fixture.store, now: setup.clock.current)
+        guard case .revoked = outcome else {
+            Issue.record("an unused token was not revoked: \(outcome)")
+            return
+        }
+        let revokedAt = RFC3339.format(setup.clock.current)
+        setup.clock.advance(seconds: 30)
+        try await setup.app.test(.router) { client in
+            let message = try expectError(try await Self.enroll(client, token.text), .gone, EnrollmentErrorCode.tokenRevoked)
+            #expect(message.contains("revoked at \(revokedAt)"), "\(message)")
+            #expect(message.contains("enroll-token create --farm f1 --device site-9"), "\(message)")
+            // Refused before the device check: a site naming the right device is refused the same way.
+            _ = try expectError(try await Self.enroll(client, token.text, device: "site-9"), .gone, EnrollmentErrorCode.tokenRevoked)
+            #expect(try await Self.enroll(client, other.text).status == .ok, "another token of the farm still works")
+        }
+        #expect(try await !setup.devices().contains("site-9"), "a revoked token creates nothing")
+        let stored = try #require(try await setup.fixture.store.enrollmentToken(keyID: token.keyID))
+        #expect(stored.usedAt == nil && stored.sealedKey == nil)
+        let refused = setup.recorder.all.filter { $0.contains("enrollment refused: token revoked") }
+        #expect(refused.count == 2 && refused.allSatisfy { $0.contains("enroll.token=\(token.keyID)") && $0.contains("device.id=site-9") })
+        #expect(setup.recorder.all.allSatisfy { !$0.contains(token.secret) })
+        #expect(String(decoding: setup.registry.emitToBuffer(), as: UTF8.self).contains(#"farmgate_ingest_enrollments_total{result="revoked"} 2"#))
+    }
+
+    @Test("revoking a token already exchanged leaves the device key working and stops the answer being repeated")
+    func revokingAUsedToken() async throws {
+        let setup = Setup(fixture: try await Fixture())
+        defer { setup.fixture.close() }
+        let token = try await setup.token(device: "site-9")
+        try await setup.app.test(.router) { client in
+            let answer = try decode(EnrollmentAnswer.self, try await Self.enroll(client, token.text))
+            setup.clock.advance(seconds: 60)
+            let outcome = try await IngestAdmin(store: setup.fixture.store).revokeEnrollmentToken(
+                keyID: token.keyID, in: setup.fixture.store, now: setup.clock.current)
+            guard case .alreadyUsed(_, forgotSealedKey: true) = outcome else {
+                Issue.record("a used token within the grace window: \(outcome)")
+                return
+            }
+            // Within the grace window, but the sealed key is gone: the key is not handed out again.
+            _ = try expectError(try await Self.enroll(client, token.text), .gone, EnrollmentErrorCode.tokenUsed)
+            #expect(try await Self.deviceState(client, key: answer.key).status == .ok, "the device key it produced keeps working")
+        }
+        #expect(try await setup.fixture.store.enrollmentToken(keyID: token.keyID)?.revokedAt == nil)
+    }
+
     @Test("a site that names another device is refused 409 and the token stays usable")
     func deviceMismatchKeepsTheToken() async throws {
         let setup = Setup(fixture: try await Fixture())

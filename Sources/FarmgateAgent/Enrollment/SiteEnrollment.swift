@@ -263,6 +263,8 @@ public enum SiteEnrollment {
             text = "the token has expired: \(message)"
         case (_, EnrollmentErrorCode.tokenUsed?):
             text = "the token was already used: \(message)"
+        case (_, EnrollmentErrorCode.tokenRevoked?):
+            text = "the token was revoked: \(message)"
         case (_, EnrollmentErrorCode.invalidToken?):
             text = "the ingest does not accept this token: \(message)"
         case (_, EnrollmentErrorCode.deviceMismatch?):

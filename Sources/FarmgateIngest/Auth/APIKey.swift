@@ -34,6 +34,11 @@ public struct APIKey: Sendable, Hashable {
     public static let secretLength = 64
     static let base32Alphabet = Array("abcdefghijklmnopqrstuvwxyz234567".utf8)
 
+    /// Whether `text` has the form of a key id: ``keyIDLength`` characters of a-z and 2-7.
+    public static func isKeyID(_ text: some StringProtocol) -> Bool {
+        text.utf8.count == keyIDLength && text.utf8.allSatisfy { base32Alphabet.contains($0) }
+    }
+
     /// The whole key, as given to its holder.
     public var text: String { "\(kind.rawValue)_\(keyID)_\(secret)" }
 

@@ -8,7 +8,8 @@ import Prometheus
 ///
 /// - Every attempt, good or bad, takes a token from its client address's bucket (``Settings/burst`` at once, then
 ///   ``Settings/perSecond``): the endpoint creates credentials, so it is limited before the store is asked anything.
-/// - A token works once and until it expires. The device is created, or, when it exists, given a new key (its old key
+/// - A token works once, until it expires (410 `token_expired`) or is revoked (410 `token_revoked`, by
+///   `farmgate-ingest enroll-token revoke`). The device is created, or, when it exists, given a new key (its old key
 ///   stops working; sensors and readings are kept); the answer says which (``EnrollmentAnswer/Action``).
 /// - If the answer is lost, the same token presented again within ``Settings/graceWindow`` of the exchange gets the same
 ///   key again (`"repeated": true`), never a second device or another key; after the window it is 410 `token_used`.
@@ -31,7 +32,7 @@ struct EnrollmentController: Sendable {
     /// The bounded label of `farmgate_ingest_enrollments_total`.
     enum Result: String, CaseIterable {
         case created, rotated, repeated
-        case invalid, expired, used, mismatch
+        case invalid, expired, used, revoked, mismatch
         case rateLimited = "rate_limited"
     }
 
@@ -91,6 +92,7 @@ struct EnrollmentController: Sendable {
             throw unavailable(error)
         }
         let at = now()
+        if let revokedAt = record.revokedAt { throw revoked(record, at: revokedAt, client: client) }
         if record.usedAt != nil { return try await repeatOrRefuse(record, token: token, client: client, at: at) }
         guard record.expiresAt > at else { throw expired(record, client: client) }
         if let wanted, wanted != record.device.rawValue {
@@ -125,10 +127,11 @@ struct EnrollmentController: Sendable {
                     return jsonResponse(
                         EnrollmentAnswer(farm: record.farm, device: record.device.rawValue, key: key.text, action: action, repeated: false))
                 case .notRedeemable:
-                    // Another exchange of the same token won (an agent that retried at once), or it expired meanwhile.
-                    guard let again = try await store.enrollmentToken(keyID: token.keyID), again.usedAt != nil else {
-                        throw expired(record, client: client)
-                    }
+                    // Another exchange of the same token won (an agent that retried at once), or it expired or was
+                    // revoked meanwhile.
+                    let again = try await store.enrollmentToken(keyID: token.keyID)
+                    if let again, let revokedAt = again.revokedAt { throw revoked(again, at: revokedAt, client: client) }
+                    guard let again, again.usedAt != nil else { throw expired(record, client: client) }
                     return try await repeatOrRefuse(again, token: token, client: client, at: at)
                 }
             } catch IngestStoreError.alreadyExists(let what) where what.hasPrefix("API key id") && attempt < 5 {
@@ -188,6 +191,20 @@ struct EnrollmentController: Sendable {
             .gone, code: EnrollmentErrorCode.tokenExpired,
             message:
                 "this enrollment token expired at \(RFC3339.format(record.expiresAt)); make a new one with `farmgate-ingest enroll-token create --farm \(record.farm) --device \(record.device)` (longer with --ttl)")
+    }
+
+    private func revoked(_ record: EnrollmentTokenRecord, at revokedAt: Timestamp, client: ClientAddress) -> APIError {
+        count(.revoked)
+        logger.notice(
+            "enrollment refused: token revoked",
+            metadata: [
+                "device.farm": "\(record.farm)", "device.id": "\(record.device)", "client.address": "\(client)", "enroll.token": "\(record.keyID)",
+                "enroll.revoked_at": "\(RFC3339.format(revokedAt))",
+            ])
+        return APIError(
+            .gone, code: EnrollmentErrorCode.tokenRevoked,
+            message:
+                "this enrollment token was revoked at \(RFC3339.format(revokedAt)) and no longer works; make a new one with `farmgate-ingest enroll-token create --farm \(record.farm) --device \(record.device)`")
     }
 
     private func unavailable(_ error: any Error) -> APIError {

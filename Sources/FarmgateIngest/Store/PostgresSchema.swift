@@ -373,6 +373,11 @@ enum PostgresSchema {
         Migration(
             version: 9, name: "sensor_tables: the sensor tables devices declare for stateful frames (format version 4)",
             statements: PostgresSchema.sensorTables),
+        // Like SQLite's migration 10: `enroll-token revoke` withdraws an unused token. Adding a nullable column without a
+        // default rewrites nothing.
+        Migration(
+            version: 10, name: "enrollment_tokens.revoked_at_us: enrollment tokens withdrawn before they were used",
+            statements: ["ALTER TABLE enrollment_tokens ADD COLUMN revoked_at_us bigint"]),
     ]
 
     static var currentVersion: Int { migrations.last?.version ?? 0 }

@@ -258,6 +258,11 @@ enum SQLiteSchema {
                     PRIMARY KEY (device_id, hash)
                 ) WITHOUT ROWID;
                 """),
+        // `enroll-token revoke` withdraws an unused token; `enroll-token list` shows it revoked. No backfill: no token
+        // was revoked before.
+        Migration(
+            version: 10, name: "enrollment_tokens.revoked_at_us: enrollment tokens withdrawn before they were used",
+            sql: "ALTER TABLE enrollment_tokens ADD COLUMN revoked_at_us INTEGER;"),
     ]
 
     /// Migration 6: the rollup tables (see ``RollupLevel``), and the rollups of every reading already stored, so that

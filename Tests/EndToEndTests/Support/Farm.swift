@@ -75,10 +75,11 @@ final class Farm {
     }
 
     /// GET `path` on the ingest; nil when it does not answer.
-    func httpStatus(_ path: String) async -> Int? {
+    func httpStatus(_ path: String, bearer: String? = nil) async -> Int? {
         guard let url = URL(string: endpoint + path) else { return nil }
         var request = URLRequest(url: url)
         request.timeoutInterval = 2
+        if let bearer { request.setValue("Bearer \(bearer)", forHTTPHeaderField: "Authorization") }
         guard let (_, response) = try? await URLSession.shared.data(for: request) else { return nil }
         return (response as? HTTPURLResponse)?.statusCode
     }
