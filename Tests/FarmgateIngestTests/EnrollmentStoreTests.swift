@@ -269,13 +269,7 @@ import Testing
         let path = directory.path + "/ingest.sqlite"
         // The schema before revocation (migrations up to 9), with an outstanding token in it.
         try await runOffPool {
-            let db = try SQLiteConnection(path: path)
-            try db.execute(SQLiteSchema.bookkeeping)
-            for migration in SQLiteSchema.migrations where migration.version <= 9 {
-                try db.execute(migration.sql)
-                try db.query(
-                    "INSERT INTO schema_migrations(version, name, applied_at_us) VALUES (?, ?, 0)", [.integer(Int64(migration.version)), .text(migration.name)])
-            }
+            let db = try sqliteIngestFile(at: path, migratedTo: 9)
             try db.execute(
                 """
                 INSERT INTO farms(id, name, created_at_us) VALUES (1, 'f1', 0);

@@ -20,12 +20,7 @@ import Testing
         let path = directory.path + "/ingest.sqlite"
         // The schema as it was before rollups (migrations up to 4), with readings in it.
         try await runOffPool {
-            let db = try SQLiteConnection(path: path)
-            try db.execute(SQLiteSchema.bookkeeping)
-            for migration in SQLiteSchema.migrations where migration.version <= 4 {
-                try db.execute(migration.sql)
-                try db.query("INSERT INTO schema_migrations(version, name, applied_at_us) VALUES (?, ?, 0)", [.integer(Int64(migration.version)), .text(migration.name)])
-            }
+            let db = try sqliteIngestFile(at: path, migratedTo: 4)
             try db.transaction {
                 try db.execute(
                     """

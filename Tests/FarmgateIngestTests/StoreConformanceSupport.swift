@@ -1,3 +1,4 @@
+import FarmgateSupport
 import FarmgateWire
 import Foundation
 import Logging
@@ -83,4 +84,16 @@ struct Tally: Hashable {
 
 extension StoreOutcome {
     var tally: Tally { Tally(accepted: accepted, duplicates: duplicates, rejected: rejected.count) }
+}
+
+/// Opens a new SQLite ingest file at `path` with the schema as it was after migration `version` (for tests of the
+/// migrations after it); call it off the concurrency pool.
+func sqliteIngestFile(at path: String, migratedTo version: Int) throws -> SQLiteConnection {
+    let db = try SQLiteConnection(path: path)
+    try db.execute(SQLiteSchema.bookkeeping)
+    for migration in SQLiteSchema.migrations where migration.version <= version {
+        try db.execute(migration.sql)
+        try db.query("INSERT INTO schema_migrations(version, name, applied_at_us) VALUES (?, ?, 0)", [.integer(Int64(migration.version)), .text(migration.name)])
+    }
+    return db
 }

@@ -285,9 +285,7 @@ struct PostgresBatchWriter {
     ) async throws {
         let chunks = ChunkColumns(fresh)
         let book = Bookkeeping(fresh, storedRanges: storedRanges, ranges: ranges)
-        let minute = RollupColumns(RollupPartial.partials(of: committed, at: .minute))
-        let hour = RollupColumns(RollupPartial.partials(of: committed, at: .hour))
-        let day = RollupColumns(RollupPartial.partials(of: committed, at: .day))
+        let rollups = RollupColumns(committed)
         let notices = PostgresLatestNotice.payloads(changed)
         try await connection.query(
             """
@@ -314,25 +312,11 @@ struct PostgresBatchWriter {
                     sequence = excluded.sequence, timestamp_us = excluded.timestamp_us, value = excluded.value, flags = excluded.flags
                 WHERE excluded.timestamp_us > latest.timestamp_us
                     OR (excluded.timestamp_us = latest.timestamp_us AND excluded.sequence > latest.sequence)
-            ), minute AS (
-                INSERT INTO rollups_1m \(unescaped: RollupColumns.columns)
-                SELECT \(unescaped: RollupColumns.select)
-                FROM unnest(\(minute.sensors)::int8[], \(minute.buckets)::int8[], \(minute.counts)::int8[], \(minute.valid)::int8[], \(minute.sums)::float8[], \(minute.mins)::float8[],
-                    \(minute.maxes)::float8[], \(minute.lastTimes)::int8[], \(minute.lastSequences)::int8[], \(minute.lastValues)::float8[]) AS u(k, b, n, v, s, lo, hi, lt, ls, lv)
-                \(unescaped: RollupSQL.merge(table: RollupLevel.minute.table))
-            ), hour AS (
-                INSERT INTO rollups_1h \(unescaped: RollupColumns.columns)
-                SELECT \(unescaped: RollupColumns.select)
-                FROM unnest(\(hour.sensors)::int8[], \(hour.buckets)::int8[], \(hour.counts)::int8[], \(hour.valid)::int8[], \(hour.sums)::float8[], \(hour.mins)::float8[],
-                    \(hour.maxes)::float8[], \(hour.lastTimes)::int8[], \(hour.lastSequences)::int8[], \(hour.lastValues)::float8[]) AS u(k, b, n, v, s, lo, hi, lt, ls, lv)
-                \(unescaped: RollupSQL.merge(table: RollupLevel.hour.table))
-            ), day AS (
-                INSERT INTO rollups_1d \(unescaped: RollupColumns.columns)
-                SELECT \(unescaped: RollupColumns.select)
-                FROM unnest(\(day.sensors)::int8[], \(day.buckets)::int8[], \(day.counts)::int8[], \(day.valid)::int8[], \(day.sums)::float8[], \(day.mins)::float8[],
-                    \(day.maxes)::float8[], \(day.lastTimes)::int8[], \(day.lastSequences)::int8[], \(day.lastValues)::float8[]) AS u(k, b, n, v, s, lo, hi, lt, ls, lv)
-                \(unescaped: RollupSQL.merge(table: RollupLevel.day.table))
-            )
+            ), partials AS (
+                SELECT * FROM unnest(\(rollups.levels)::int2[], \(rollups.sensors)::int8[], \(rollups.buckets)::int8[], \(rollups.counts)::int8[],
+                    \(rollups.valid)::int8[], \(rollups.sums)::float8[], \(rollups.mins)::float8[], \(rollups.maxes)::float8[], \(rollups.lastTimes)::int8[],
+                    \(rollups.lastSequences)::int8[], \(rollups.lastValues)::float8[]) AS u(level, k, b, n, v, s, lo, hi, lt, ls, lv)
+            ), \(unescaped: RollupColumns.inserts)
             SELECT count(pg_notify(\(PostgresLatestNotice.channel), p)) FROM unnest(\(notices)::text[]) AS u(p)
             """, logger: logger)
     }
@@ -426,27 +410,43 @@ struct PostgresBatchWriter {
         }
     }
 
-    /// One rollup level's partial aggregates, column by column.
+    /// The partial aggregates of every rollup level, column by column, each row with its level's index in
+    /// `RollupLevel.allCases`; ``inserts`` merges them from the statement's `partials`.
     private struct RollupColumns {
-        static let columns = "(sensor_id, bucket_us, count, valid_count, sum_value, min_value, max_value, last_us, last_sequence, last_value)"
-        /// The row of `u(k, b, n, v, s, lo, hi, lt, ls, lv)`: statistics only from valid readings (NULL when none was).
-        static let select =
-            "k, b, n, v, s, CASE WHEN v > 0 THEN lo END, CASE WHEN v > 0 THEN hi END, CASE WHEN v > 0 THEN lt END, CASE WHEN v > 0 THEN ls END, CASE WHEN v > 0 THEN lv END"
+        /// One CTE per level: `INSERT INTO rollups_<level> ... SELECT FROM partials WHERE level = <index> ON CONFLICT ...`
+        /// (statistics only from valid readings, NULL when none was).
+        static let inserts = RollupLevel.allCases.enumerated().map { index, level in
+            """
+            rollup_\(index) AS (
+                INSERT INTO \(level.table) (sensor_id, bucket_us, count, valid_count, sum_value, min_value, max_value, last_us, last_sequence, last_value)
+                SELECT k, b, n, v, s, CASE WHEN v > 0 THEN lo END, CASE WHEN v > 0 THEN hi END, CASE WHEN v > 0 THEN lt END,
+                    CASE WHEN v > 0 THEN ls END, CASE WHEN v > 0 THEN lv END
+                FROM partials WHERE level = \(index)
+                \(RollupSQL.merge(table: level.table))
+            )
+            """
+        }.joined(separator: ", ")
 
-        var sensors: [Int64], buckets: [Int64], counts: [Int64], valid: [Int64], sums: [Double], mins: [Double], maxes: [Double]
-        var lastTimes: [Int64], lastSequences: [Int64], lastValues: [Double]
+        var levels: [Int16] = [], sensors: [Int64] = [], buckets: [Int64] = [], counts: [Int64] = [], valid: [Int64] = []
+        var sums: [Double] = [], mins: [Double] = [], maxes: [Double] = [], lastTimes: [Int64] = [], lastSequences: [Int64] = []
+        var lastValues: [Double] = []
 
-        init(_ partials: [RollupPartial]) {
-            sensors = partials.map(\.sensorRowID)
-            buckets = partials.map(\.bucket)
-            counts = partials.map(\.count)
-            valid = partials.map(\.validCount)
-            sums = partials.map(\.sum)
-            mins = partials.map(\.min)
-            maxes = partials.map(\.max)
-            lastTimes = partials.map(\.lastTimestamp)
-            lastSequences = partials.map(\.lastSequence)
-            lastValues = partials.map(\.lastValue)
+        init(_ readings: [CommittedReading]) {
+            for (index, level) in RollupLevel.allCases.enumerated() {
+                for partial in RollupPartial.partials(of: readings, at: level) {
+                    levels.append(Int16(index))
+                    sensors.append(partial.sensorRowID)
+                    buckets.append(partial.bucket)
+                    counts.append(partial.count)
+                    valid.append(partial.validCount)
+                    sums.append(partial.sum)
+                    mins.append(partial.min)
+                    maxes.append(partial.max)
+                    lastTimes.append(partial.lastTimestamp)
+                    lastSequences.append(partial.lastSequence)
+                    lastValues.append(partial.lastValue)
+                }
+            }
         }
     }
 
