@@ -257,15 +257,41 @@ extension PostgresGroupCommitTests {
                     let member = PostgresBatchWriter.Member(
                         batch: try phBatch(device: devices[0].device.rawValue, sequences: sequences), device: devices[0], receivedAt: testNow)
                     let results = try await PostgresBatchWriter(connection: connection, statementTimeout: timeout, logger: testLogger).write([member])
-                    var shown = ""
-                    for try await value in try await connection.query("SHOW statement_timeout", logger: testLogger).decode(String.self) { shown = value }
+                    var shown: [String] = []
+                    for name in ["statement_timeout", "lock_timeout"] {
+                        for try await value in try await connection.query("SELECT current_setting(\(name))", logger: testLogger).decode(String.self) {
+                            shown.append(value)
+                        }
+                    }
                     return (try results.first?.get().accepted ?? 0, shown)
                 }
                 #expect(accepted == 3)
-                #expect(inside == shown)
+                #expect(inside == [shown, shown])
             }
-            let after = try await store.rows("SHOW statement_timeout") { try $0.decode(String.self) }
-            #expect(after == ["0"], "SET LOCAL: the pooled connection goes back without it")
+            let after = try await store.rows("SELECT current_setting('statement_timeout') || ' ' || current_setting('lock_timeout')") { try $0.decode(String.self) }
+            #expect(after == ["0 0"], "SET LOCAL: the pooled connection goes back without them")
+        }
+    }
+
+    @Test("a group waiting for a device another transaction holds gives up after the timeout (lock_timeout, 55P03)")
+    func aHeldDeviceLockTimesOut() async throws {
+        try await PostgresGroupCommitTests.withStore(concurrency: 1, devices: 1) { store, settings, devices in
+            try await PostgresGroupCommitTests.withConnection(settings) { locker in
+                try await locker.query("BEGIN", logger: testLogger)
+                try await locker.query("SELECT id FROM devices WHERE id = \(devices[0].rowID) FOR UPDATE", logger: testLogger)
+                let member = PostgresBatchWriter.Member(
+                    batch: try phBatch(device: devices[0].device.rawValue, sequences: 1...3), device: devices[0], receivedAt: testNow)
+                let started = ContinuousClock.now
+                let error = await #expect(throws: PSQLError.self) {
+                    try await store.transaction(settingTimeout: false) { connection in
+                        _ = try await PostgresBatchWriter(connection: connection, statementTimeout: 500, logger: testLogger).write([member])
+                    }
+                }
+                #expect(error?.serverInfo?[.sqlState] == "55P03", "lock_not_available")
+                #expect(ContinuousClock.now - started < .seconds(15), "bounded by the 500 ms lock_timeout, not by the 30 s deadline")
+                try await locker.query("ROLLBACK", logger: testLogger)
+            }
+            #expect(try await store.store(try phBatch(device: devices[0].device.rawValue, sequences: 1...3), for: devices[0], receivedAt: testNow).accepted == 3)
         }
     }
 }

@@ -459,25 +459,31 @@ struct PostgresBatchWriter {
     }
 
     /// Locks `devices` (`FOR NO KEY UPDATE`, in id order, so that two groups never deadlock) and reads the registered
-    /// sensors among `sensors`, in one statement that also sets the transaction's `statement_timeout` for the
-    /// statements after it. Returns the devices that exist and the sensors found.
+    /// sensors among `sensors`, in one statement that also sets the transaction's timeouts. Returns the devices that
+    /// exist and the sensors found.
+    ///
+    /// The timeouts (``statementTimeout``, both `SET LOCAL`): `statement_timeout` for the statements after this one
+    /// (a statement's own is armed when it starts), and `lock_timeout`, which PostgreSQL reads when a lock wait begins,
+    /// so it bounds this statement's wait for a device another transaction holds: `settings` is a relation of the
+    /// locking query, evaluated before its first row is locked. A wait past it fails the group (`55P03`), as a
+    /// statement timeout would, rather than holding a pooled connection after the caller gave up.
     ///
     /// The sensors are read in the statement's snapshot, which may predate the wait for a lock: a sensor another group
     /// registered meanwhile is then missing here, and ``register(_:known:receivedAt:)`` finds it after its insert
     /// conflicts. Sensors are never deleted, so what is found here exists.
     private func lockDevices(_ devices: [Int64], sensors: [SensorKey]) async throws -> (present: Set<Int64>, known: [SensorKey: KnownSensor]) {
         // Digits only (an integer), so it can be written into the statement.
-        let setting = statementTimeout.map { "set_config('statement_timeout', '\($0)', true)" } ?? "''"
+        let setting = statementTimeout.map { "set_config('statement_timeout', '\($0)', true), set_config('lock_timeout', '\($0)', true)" } ?? "'', ''"
         var present = Set<Int64>()
         var known: [SensorKey: KnownSensor] = [:]
         for try await (device, id, name, quantity, numerator, denominator) in try await connection.query(
             """
             WITH settings AS MATERIALIZED (SELECT \(unescaped: setting)),
             locked AS MATERIALIZED (
-                SELECT d.id FROM devices d WHERE d.id = ANY(\(devices)) ORDER BY d.id FOR NO KEY UPDATE
+                SELECT d.id FROM devices d CROSS JOIN settings WHERE d.id = ANY(\(devices)) ORDER BY d.id FOR NO KEY UPDATE OF d
             )
             SELECT l.id::int8, s.id::int8, s.name, s.quantity, s.resolution_numerator, s.resolution_denominator
-            FROM locked l CROSS JOIN settings
+            FROM locked l
             LEFT JOIN (sensors s JOIN unnest(\(sensors.map(\.device))::int8[], \(sensors.map(\.name))::text[]) AS u(d, n) ON s.device_id = u.d AND s.name = u.n)
                 ON s.device_id = l.id
             """, logger: logger
