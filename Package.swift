@@ -159,6 +159,7 @@ let package = Package(
             name: "FarmgateTestSupport",
             dependencies: [
                 "CModbus",
+                "FarmgateSupport",
                 // The SMTP sink (STARTTLS with a test certificate).
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),

@@ -151,18 +151,7 @@ struct DriverExamplesTests {
     /// Runs the real `farmgate` binary and returns its status and standard output.
     func farmgate(_ arguments: [String]) async throws -> (status: Int32, output: String) {
         let binary = builtExecutable("farmgate", environmentOverride: "FARMGATE_BINARY")
-        return try await runOffPool(name: "test-farmgate") {
-            let process = Process()
-            process.executableURL = URL(fileURLWithPath: binary)
-            process.arguments = arguments
-            let out = Pipe()
-            process.standardOutput = out
-            process.standardError = out
-            try process.run()
-            let data = out.fileHandleForReading.readDataToEndOfFile()
-            process.waitUntilExit()
-            return (process.terminationStatus, String(decoding: data, as: UTF8.self))
-        }
+        return try await runProgram(binary, arguments)
     }
 
     @Test(

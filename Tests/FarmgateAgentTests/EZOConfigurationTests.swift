@@ -76,18 +76,7 @@ struct EZOConfigurationTests {
         #expect(text.contains("\"/etc/farmgate/device.key\""))
         let config = try dir.write("site-ezo.toml", text.replacingOccurrences(of: "/etc/farmgate/device.key", with: key))
         let binary = builtExecutable("farmgate")
-        let (status, output) = try await runOffPool { () -> (Int32, String) in
-            let process = Process()
-            process.executableURL = URL(fileURLWithPath: binary)
-            process.arguments = ["config", "check", "--config", config]
-            let pipe = Pipe()
-            process.standardOutput = pipe
-            process.standardError = pipe
-            try process.run()
-            let data = pipe.fileHandleForReading.readDataToEndOfFile()
-            process.waitUntilExit()
-            return (process.terminationStatus, String(decoding: data, as: UTF8.self))
-        }
+        let (status, output) = try await runProgram(binary, ["config", "check", "--config", config])
         #expect(status == 0, "\(output)")
         #expect(output.contains("sensors     4"), "\(output)")
         #expect(output.contains("tank1.tds"), "\(output)")
@@ -95,18 +84,7 @@ struct EZOConfigurationTests {
         // And the same file with the compensation source misspelled fails with its location.
         let broken = try dir.write("broken.toml", text.replacingOccurrences(of: "/etc/farmgate/device.key", with: key)
             .replacingOccurrences(of: "temperature_sensor = \"tank1.temp\"  #", with: "temperature_sensor = \"tank1.tmp\"  #"))
-        let (brokenStatus, brokenOutput) = try await runOffPool { () -> (Int32, String) in
-            let process = Process()
-            process.executableURL = URL(fileURLWithPath: binary)
-            process.arguments = ["config", "check", "--config", broken]
-            let pipe = Pipe()
-            process.standardError = pipe
-            process.standardOutput = FileHandle.nullDevice
-            try process.run()
-            let data = pipe.fileHandleForReading.readDataToEndOfFile()
-            process.waitUntilExit()
-            return (process.terminationStatus, String(decoding: data, as: UTF8.self))
-        }
+        let (brokenStatus, brokenOutput) = try await runProgram(binary, ["config", "check", "--config", broken], capturing: .standardError)
         #expect(brokenStatus == 78)
         #expect(brokenOutput.contains("broken.toml:29: sensor \"tank1.ph\": temperature_sensor: no sensor \"tank1.tmp\""), "\(brokenOutput)")
     }

@@ -207,17 +207,7 @@ struct IngestTLSTests {
 
     /// Runs the `curl` tool and returns what it printed.
     func runCurl(_ arguments: [String]) async throws -> String {
-        try await runOffPool(name: "test-curl") {
-            let process = Process()
-            process.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
-            process.arguments = ["-sS", "--noproxy", "*"] + arguments
-            let output = Pipe()
-            process.standardOutput = output
-            try process.run()
-            let data = output.fileHandleForReading.readDataToEndOfFile()
-            process.waitUntilExit()
-            return String(decoding: data, as: UTF8.self)
-        }
+        try await runProgram("/usr/bin/curl", ["-sS", "--noproxy", "*"] + arguments, capturing: .standardOutput).output
     }
 }
 

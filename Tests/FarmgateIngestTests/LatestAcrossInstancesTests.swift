@@ -41,26 +41,30 @@ struct LatestAcrossInstancesTests {
         return Instance(store: store, cache: cache, listener: PostgresLatestListener(settings: settings, cache: cache, logger: testLogger), app: app)
     }
 
-    /// Runs both instances' stores and listeners while `body` uses their apps' routers.
-    func withTwoInstances(
-        _ body: @escaping @Sendable (Instance, Instance, any TestClientProtocol, any TestClientProtocol, APIKey, APIKey, PostgresSettings) async throws -> Void
-    ) async throws {
-        try await withTestDatabase { settings in
-            let a = try instance(settings)
-            let b = try instance(settings)
-            try await withThrowingTaskGroup(of: Void.self) { group in
-                for part in [a.store, b.store] as [any Service] + [a.listener, b.listener] { group.addTask { try await part.run() } }
-                defer { group.cancelAll() }
-                try await a.store.migrate()
-                let admin = IngestAdmin(store: a.store)
-                _ = try await admin.createFarm(name: "f1")
-                let key = try await admin.createDevice(farm: "f1", device: try deviceID("d1"))
-                let token = try await admin.createReadToken(farm: "f1", role: .viewer)
-                #expect(await eventuallyOn { a.cache.isEnabled && b.cache.isEnabled }, "the listeners never listened")
-                try await a.app.test(.router) { clientA in
-                    try await b.app.test(.router) { clientB in
-                        try await body(a, b, clientA, clientB, key, token, settings)
-                    }
+    typealias TwoInstancesBody = @Sendable (Instance, Instance, any TestClientProtocol, any TestClientProtocol, APIKey, APIKey, PostgresSettings)
+        async throws -> Void
+
+    /// Runs both instances' stores and listeners on a fresh test database while `body` uses their apps' routers.
+    func withTwoInstances(_ body: @escaping TwoInstancesBody) async throws {
+        try await withTestDatabase { settings in try await withTwoInstances(on: settings, body) }
+    }
+
+    /// Runs both instances on `settings` (farm `f1`, device `d1`, a viewer token) while `body` uses their apps' routers.
+    func withTwoInstances(on settings: PostgresSettings, _ body: @escaping TwoInstancesBody) async throws {
+        let a = try instance(settings)
+        let b = try instance(settings)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for part in [a.store, b.store] as [any Service] + [a.listener, b.listener] { group.addTask { try await part.run() } }
+            defer { group.cancelAll() }
+            try await a.store.migrate()
+            let admin = IngestAdmin(store: a.store)
+            _ = try await admin.createFarm(name: "f1")
+            let key = try await admin.createDevice(farm: "f1", device: try deviceID("d1"))
+            let token = try await admin.createReadToken(farm: "f1", role: .viewer)
+            #expect(await eventuallyOn { a.cache.isEnabled && b.cache.isEnabled }, "the listeners never listened")
+            try await a.app.test(.router) { clientA in
+                try await b.app.test(.router) { clientB in
+                    try await body(a, b, clientA, clientB, key, token, settings)
                 }
             }
         }

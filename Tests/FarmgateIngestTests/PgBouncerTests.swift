@@ -118,30 +118,15 @@ struct PgBouncerTests {
     @Test("writes through PgBouncer, LISTEN straight to PostgreSQL: B's latest follows A's acknowledgements")
     func latestAcrossInstancesThroughPgBouncer() async throws {
         try await Self.withBouncedDatabase { bouncer, direct, through in
-            let instances = LatestAcrossInstancesTests()
-            let a = try instances.instance(through)
-            let b = try instances.instance(through)
-            try await withThrowingTaskGroup(of: Void.self) { group in
-                for part in [a.store, b.store] as [any Service] + [a.listener, b.listener] { group.addTask { try await part.run() } }
-                defer { group.cancelAll() }
-                try await a.store.migrate()
-                let admin = IngestAdmin(store: a.store)
-                _ = try await admin.createFarm(name: "f1")
-                let key = try await admin.createDevice(farm: "f1", device: try deviceID("d1"))
-                let token = try await admin.createReadToken(farm: "f1", role: .viewer)
-                #expect(await eventuallyOn { a.cache.isEnabled && b.cache.isEnabled }, "the listeners never listened")
+            try await LatestAcrossInstancesTests().withTwoInstances(on: through) { _, b, clientA, clientB, key, token, _ in
                 // The listeners are PostgreSQL's own sessions: two LISTENing backends, none of them PgBouncer's.
                 let listening = "SELECT count(*)::int8 FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'"
                 #expect(try await PostgresStoreTests.count(direct, listening) == 2)
-                try await a.app.test(.router) { clientA in
-                    try await b.app.test(.router) { clientB in
-                        try await Self.follow(clientA, clientB, key: key, token: token)
-                    }
-                }
+                try await Self.follow(clientA, clientB, key: key, token: token)
                 #expect(b.cache.isEnabled, "B's cache was turned off: its listener lost its connection")
-                let stats = try await bouncer.stats(of: direct.database ?? "")
-                #expect((stats["total_xact_count"] ?? 0) >= 10, "the uploads did not go through PgBouncer: \(stats)")
             }
+            let stats = try await bouncer.stats(of: direct.database ?? "")
+            #expect((stats["total_xact_count"] ?? 0) >= 10, "the uploads did not go through PgBouncer: \(stats)")
         }
     }
 

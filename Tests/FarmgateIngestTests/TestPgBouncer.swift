@@ -101,18 +101,7 @@ struct TestPgBouncer: Sendable {
         let psql = (environment["FARMGATE_TEST_PGBIN"].map { $0 + "/psql" }).flatMap { FileManager.default.isExecutableFile(atPath: $0) ? $0 : nil }
             ?? "/usr/bin/psql"
         let arguments = ["-X", "-A", "-t", "-F", "|", "-h", directory, "-p", "\(port)", "-U", "farmgate", "-d", "pgbouncer", "-c", command]
-        let (status, output) = try await runOffPool(name: "test-psql") {
-            let process = Process()
-            process.executableURL = URL(fileURLWithPath: psql)
-            process.arguments = arguments
-            let pipe = Pipe()
-            process.standardOutput = pipe
-            process.standardError = pipe
-            try process.run()
-            let data = pipe.fileHandleForReading.readDataToEndOfFile()
-            process.waitUntilExit()
-            return (process.terminationStatus, String(decoding: data, as: UTF8.self))
-        }
+        let (status, output) = try await runProgram(psql, arguments)
         guard status == 0 else { throw MissingPgBouncer(description: "psql \(command) on PgBouncer's console failed (\(status)): \(output)") }
         return output.split(separator: "\n").map { $0.split(separator: "|", omittingEmptySubsequences: false).map(String.init) }
     }
