@@ -1,5 +1,6 @@
 import ArgumentParser
 import FarmgateIngest
+import FarmgateSupport
 import FarmgateWire
 import Foundation
 import Logging
@@ -158,7 +159,7 @@ struct AlertReceiverCommand: AsyncParsableCommand {
             let (account, duration) = try await options.administerAlerts { admin, configuration, logger in
                 try await admin.test(farm: farm, name: name, configuration: configuration.notify, logger: logger)
             }
-            let milliseconds = duration.components.seconds * 1000 + duration.components.attoseconds / 1_000_000_000_000_000
+            let milliseconds = duration.wholeMilliseconds
             print("Sent a test notification to receiver \(name) of farm \(farm): \(account) in \(milliseconds) ms.")
         }
     }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import FarmgateIngest
+import FarmgateSupport
 import FarmgateWire
 import Logging
 
@@ -57,8 +58,7 @@ struct RetentionCommand: AsyncParsableCommand {
                     .joined(separator: ", "))
             for line in report.lines { print(line) }
             if report.skipped != nil { throw ExitCode(75) }  // EX_TEMPFAIL
-            let parts = report.duration.components
-            print("Took \(parts.seconds * 1000 + parts.attoseconds / 1_000_000_000_000_000) ms.")
+            print("Took \(report.duration.wholeMilliseconds) ms.")
         }
     }
 }

@@ -1,3 +1,4 @@
+import FarmgateSupport
 public import FarmgateWire
 import Foundation
 
@@ -58,7 +59,7 @@ public struct AlertAdmin: Sendable {
     /// Active alerts and those that changed within `recent`, newest change first, each with its history.
     public func alerts(farm: String, recent: Duration = .seconds(86_400), limit: Int = 500, now: Timestamp = .now()) async throws -> [AlertView] {
         let farmRecord = try await self.farm(farm)
-        let since = Timestamp(microseconds: now.microseconds - recent.microseconds)
+        let since = Timestamp(microseconds: now.microseconds - recent.wholeMicroseconds)
         let records = try await store.alertRecords(farmID: farmRecord.id, changedSince: since, limit: limit)
         let history = Dictionary(grouping: try await store.alertTransitions(alertIDs: records.map(\.id)), by: \.alertID)
         let severities = Dictionary(try await store.alertRules(farmID: farmRecord.id).map { ($0.rule.name, $0.rule.severity) }, uniquingKeysWith: { a, _ in a })

@@ -1,3 +1,4 @@
+import FarmgateSupport
 public import FarmgateWire
 public import Logging
 import Metrics
@@ -496,7 +497,7 @@ public actor AlertEngine: CommitObserver, Service {
         var alert = stored
         var newest = newestBefore
         if let judged = stored?.lastReading, newest.map({ judged > $0 }) ?? true { newest = judged }
-        let lateAfter = settings.lateAfter.microseconds
+        let lateAfter = settings.lateAfter.wholeMicroseconds
         var transitions: [AlertTransitionRecord] = []
         var outOfOrder: (Timestamp, Timestamp)?
         for index in 0..<readings.count {
@@ -543,7 +544,7 @@ public actor AlertEngine: CommitObserver, Service {
             let times = late.map(\.at) + (outOfOrder.map { [$0.0, $0.1] } ?? [])
             record.lateFrom = ([record.lateFrom].compactMap { $0 } + times).min()
             record.lateTo = ([record.lateTo].compactMap { $0 } + times).max()
-            record.lateDue = Timestamp(microseconds: current.microseconds + settings.lateQuiet.microseconds)
+            record.lateDue = Timestamp(microseconds: current.microseconds + settings.lateQuiet.wholeMicroseconds)
         }
         if transitions.isEmpty, before?.lateDue != nil, before?.lateFrom == record.lateFrom, before?.lateTo == record.lateTo {
             // The same stretch again (a backlog batch re-sent): nothing new to record.
@@ -695,7 +696,7 @@ public actor AlertEngine: CommitObserver, Service {
 
     private func evaluateTimerRules() async {
         let current = now()
-        let checkCalibrations = lastCalibrationCheck.map { current.microseconds - $0.microseconds >= settings.calibrationInterval.microseconds } ?? true
+        let checkCalibrations = lastCalibrationCheck.map { current.microseconds - $0.microseconds >= settings.calibrationInterval.wholeMicroseconds } ?? true
         if checkCalibrations { lastCalibrationCheck = current }
         for (farmID, rules) in rulesByFarm {
             let timerRules = rules.filter { !$0.kind.isReadingDriven && ($0.kind != .calibrationOverdue || checkCalibrations) }
@@ -864,8 +865,4 @@ public actor AlertEngine: CommitObserver, Service {
             startsAt: record.startsAt ?? record.pendingSince ?? transitions.first?.at ?? now(), endsAt: status == .resolved ? record.endsAt : nil, late: late,
             transitions: transitions.map { AlertNotification.Transition(state: $0.to.rawValue, at: $0.at) }, value: value)
     }
-}
-
-extension Duration {
-    var microseconds: Int64 { components.seconds * 1_000_000 + components.attoseconds / 1_000_000_000_000 }
 }

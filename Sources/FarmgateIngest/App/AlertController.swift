@@ -189,7 +189,7 @@ struct AlertController: Sendable {
             guard let parsed = ConfigTable.parseDuration(text), parsed > .zero else {
                 throw APIError(.badRequest, code: "invalid_silence", message: "duration: '\(text.prefix(40))' must be a duration such as 30m, 2h or 7d")
             }
-            until = Timestamp(microseconds: current.microseconds + parsed.microseconds)
+            until = Timestamp(microseconds: current.microseconds + parsed.wholeMicroseconds)
         } else {
             throw APIError(.badRequest, code: "invalid_silence", message: "ends_at or duration is required: how long the silence lasts")
         }

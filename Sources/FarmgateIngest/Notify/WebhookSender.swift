@@ -1,4 +1,5 @@
 import AsyncHTTPClient
+import FarmgateSupport
 import Foundation
 public import Logging
 import NIOCore

@@ -1,3 +1,4 @@
+import FarmgateSupport
 public import FarmgateWire
 import Foundation
 
@@ -282,14 +283,6 @@ public struct ReceiverPacing: Sendable, Hashable {
     public func next(after slots: [Timestamp], stored: Timestamp) -> Timestamp {
         guard let last = slots.last else { return stored }
         return Timestamp(microseconds: last.microseconds + interval)
-    }
-}
-
-extension Duration {
-    /// Whole microseconds, for `*_us` columns.
-    var wholeMicroseconds: Int64 {
-        let (seconds, attoseconds) = components
-        return seconds * 1_000_000 + attoseconds / 1_000_000_000_000
     }
 }
 

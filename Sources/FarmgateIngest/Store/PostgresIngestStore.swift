@@ -165,7 +165,7 @@ public final class PostgresIngestStore: IngestStore {
     var statementTimeout: Int64? {
         let timeout = settings.queryTimeout
         guard timeout > .zero else { return nil }
-        return Int64(timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000)
+        return timeout.wholeMilliseconds
     }
 
     /// Runs one read-only statement outside a transaction and collects its rows.

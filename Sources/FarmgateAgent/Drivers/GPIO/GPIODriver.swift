@@ -125,11 +125,11 @@ public final class GPIODriver: StreamingSensorDriver {
                 }
                 role = .state
                 let debounce = try table.duration("debounce", in: .zero...(.seconds(10))) ?? .milliseconds(50)
-                mode = .input(debounce: debounce.nanoseconds)
+                mode = .input(debounce: debounce.wholeNanoseconds)
             case .flowRate, .count:
                 let edge = try table.choice("edge", ["rising": GPIOEdge.rising, "falling": .falling]) ?? .rising
                 let debounce = try table.duration("debounce", in: .zero...(.seconds(1))) ?? .milliseconds(1)
-                mode = .pulses(edge: edge, debounce: debounce.nanoseconds)
+                mode = .pulses(edge: edge, debounce: debounce.wholeNanoseconds)
                 if configuration.descriptor.quantity == .flowRate {
                     guard let perLitre = try table.double("pulses_per_litre", in: 0.001...1_000_000) else {
                         throw table.error(
@@ -273,13 +273,6 @@ final class EventFileBackends: Sendable {
             backends[file] = backend
             return backend
         }
-    }
-}
-
-extension Duration {
-    /// The whole nanoseconds of this duration.
-    var nanoseconds: Int64 {
-        components.seconds * 1_000_000_000 + components.attoseconds / 1_000_000_000
     }
 }
 

@@ -345,7 +345,7 @@ final class ModbusLink {
     }
 
     static func seconds(_ duration: Duration) -> String {
-        let milliseconds = duration.components.seconds * 1000 + duration.components.attoseconds / 1_000_000_000_000_000
+        let milliseconds = duration.wholeMilliseconds
         return milliseconds >= 1000 ? "\((milliseconds + 999) / 1000)s" : "\(milliseconds)ms"
     }
 }
