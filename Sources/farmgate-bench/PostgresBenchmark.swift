@@ -103,17 +103,12 @@ struct PostgresBench: AsyncParsableCommand {
             let run = UUID().uuidString.prefix(6).lowercased()
             print("(a) \(gateways) gateways posting 1000-reading binary batches (60 sensors each) back to back, \(seconds) s, pool_size \(poolSize)\(storageKeys.isEmpty ? "" : ", " + storageKeys.joined(separator: ", "))")
             let throughputKeys = try await makeGateways("a\(run)", admin: admin, site: site, shift: shift, batches: batchesPerGateway)
-            let (stored, caughtUp) = try await withIngest(cluster: cluster, directory: directory, logger: logger) { port in
-                let stored = try await throughput(port: port, gateways: throughputKeys)
-                return (stored, try await rollupsCaughtUp(cluster: cluster))
+            let stored = try await withIngest(cluster: cluster, directory: directory, logger: logger) { port in
+                try await throughput(port: port, gateways: throughputKeys)
             }
             let storedReadings = Int(try cluster.psql(["-Atc", "SELECT coalesce(sum(cardinality(reading_values)), 0) FROM readings"]).trimmingCharacters(in: .whitespacesAndNewlines)) ?? -1
             print(String(format: "    %.0f readings/s (%d readings acknowledged in %.2f s; %d stored in the table, warm-up batches included)", stored.rate, stored.readings, stored.seconds, storedReadings))
             if stored.readings >= (batchesPerGateway - 1) * 1000 * gateways { print("    (every gateway ran out of batches: the rate is a lower bound)") }
-            print(
-                String(
-                    format: "    rollups: %d groups queued at the last answer, all merged %.2f s after it; %.0f readings/s counting that time",
-                    caughtUp.queued, caughtUp.seconds, Double(stored.readings) / (stored.seconds + caughtUp.seconds)))
 
             // (b) Two binary COPY clients, the same rows; and, for comparison with the issue's figure, the same readings
             // as one row per reading in the layout of migration 1.
@@ -127,33 +122,13 @@ struct PostgresBench: AsyncParsableCommand {
             let latencyShift = Timestamp.now().microseconds - 60_000_000 - (latencySite.readings.last?.timestamp.microseconds ?? 0)
             _ = try await store.createPartitions(now: Timestamp(microseconds: (latencySite.readings.first?.timestamp.microseconds ?? 0) + latencyShift))
             let latencyKeys = try await makeGateways("c\(run)", admin: admin, site: latencySite, shift: latencyShift, batches: latencyBatches)
-            let (latency, latencyCaughtUp) = try await withIngest(cluster: cluster, directory: directory, logger: logger) { port in
-                let latency = try await paced(port: port, gateways: latencyKeys, rate: half)
-                return (latency, try await rollupsCaughtUp(cluster: cluster))
+            let latency = try await withIngest(cluster: cluster, directory: directory, logger: logger) { port in
+                try await paced(port: port, gateways: latencyKeys, rate: half)
             }
             print(
                 String(
                     format: "    ack latency p50 %.1f ms, p99 %.1f ms, max %.1f ms over %d batches (%d not wholly accepted); goal p99 < 20 ms", latency.p50, latency.p99,
                     latency.max, latency.count, latency.failed))
-            print(String(format: "    rollups: %d groups queued at the last answer, all merged %.2f s after it", latencyCaughtUp.queued, latencyCaughtUp.seconds))
-        }
-    }
-
-    /// How many groups' rollups were still queued when the load stopped, and how long the ingest's rollup job took to
-    /// merge them (``PostgresIngestStore/mergeQueuedRollups(upTo:wait:)``): a write rate is only sustainable if the job
-    /// keeps up with it.
-    private func rollupsCaughtUp(cluster: BenchCluster) async throws -> (queued: Int, seconds: Double) {
-        try await runOffPool(name: "bench-rollups") {
-            let start = ContinuousClock.now
-            func queued() throws -> Int { Int(try cluster.psql(["-Atc", "SELECT count(*) FROM rollup_queue"]).trimmingCharacters(in: .whitespacesAndNewlines)) ?? -1 }
-            let atEnd = try queued()
-            var left = atEnd
-            while left != 0 {
-                guard start.duration(to: .now) < .seconds(600) else { throw ValidationError("the rollup queue did not drain in 10 minutes (\(left) groups left)") }
-                usleep(20_000)
-                left = try queued()
-            }
-            return (atEnd, start.duration(to: .now).seconds)
         }
     }
 

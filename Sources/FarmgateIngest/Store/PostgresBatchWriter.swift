@@ -17,8 +17,7 @@ import PostgresNIO
 /// 4. read the stored chunks of sequences inside those ranges, and compare (duplicate or `sequence_conflict`), batch by
 ///    batch in arrival order, so that a batch sees what an earlier one of the same device stored in this group;
 /// 5. in one statement: insert the new readings as chunks (``PostgresReadingChunk``), merge their sequences into the
-///    ranges, raise `highest_sequence`, upsert `latest`, queue the chunks for the rollups (merged beside the write
-///    path, see ``PostgresIngestStore/mergeQueuedRollups(upTo:wait:)``) and notify the other instances.
+///    ranges, raise `highest_sequence`, upsert `latest`, merge the rollups and notify the other instances.
 ///
 /// With `BEGIN` and `COMMIT` that is five round trips for a group whose sensors are registered and whose sequences are
 /// new (the first statement also sets the timeout), one more when some were stored before and must be compared, one
@@ -259,11 +258,12 @@ struct PostgresBatchWriter {
             results[index] = .success(StoreOutcome(accepted: inserted.count, duplicates: duplicates, rejected: rejected, fresh: committed))
         }
 
-        // 6. One statement for everything the group stored: readings, bookkeeping, the rollup queue, notifications.
+        // 6. One statement for everything the group stored: readings, bookkeeping, rollups, notifications.
         let allFresh = live.compactMap { index in freshByMember[index].map { (members[index].device.rowID, $0) } }
         if allFresh.contains(where: { !$0.1.isEmpty }) {
             let changed = live.filter { freshByMember[$0]?.isEmpty == false }.map { members[$0].device }
-            try await store(allFresh, storedRanges: storedRanges, ranges: ranges, changed: changed)
+            let committed = results.flatMap { result in (try? result?.get())?.fresh ?? [] }
+            try await store(allFresh, committed: committed, storedRanges: storedRanges, ranges: ranges, changed: changed)
         }
         return results.map { $0 ?? .failure(IngestStoreError.corrupt("a batch of the group was neither written nor refused")) }
     }
@@ -274,16 +274,18 @@ struct PostgresBatchWriter {
     /// - the readings as chunks (``PostgresReadingChunk``): the chunks' scalar columns as arrays, their readings'
     ///   columns concatenated, each chunk taking its slice (`[start:end]`);
     /// - the bookkeeping: the new sequences merged into `stored_sequences`, `highest_sequence` raised, `latest` upserted;
-    /// - one `rollup_queue` row naming the chunks (their keys, from the insert's `RETURNING`), from which the rollup
-    ///   job merges them into the 1-minute, 1-hour and 1-day rollups after the commit: only new readings are chunks, so
-    ///   duplicates never reach the rollups, and a backlog days late merges into its old buckets;
+    /// - the 1-minute, 1-hour and 1-day rollups of `committed` (partial aggregates computed here, one row per sensor
+    ///   and bucket, merged with ``RollupSQL/merge(table:excluded:)``): duplicates never reach them, so nothing counts
+    ///   twice, and a backlog days late merges into its old buckets. Rows go in (sensor, bucket) order; a sensor belongs
+    ///   to one device, whose batches the device lock serialises, so two transactions never wait on the same rows;
     /// - one ``PostgresLatestNotice`` per changed device (`pg_notify` in the statement's final `SELECT`).
     private func store(
-        _ fresh: [(device: Int64, readings: [Candidate])], storedRanges: [Int64: [ClosedRange<Int64>]], ranges: [Int64: [ClosedRange<Int64>]],
-        changed: [DeviceIdentity]
+        _ fresh: [(device: Int64, readings: [Candidate])], committed: [CommittedReading], storedRanges: [Int64: [ClosedRange<Int64>]],
+        ranges: [Int64: [ClosedRange<Int64>]], changed: [DeviceIdentity]
     ) async throws {
         let chunks = ChunkColumns(fresh)
         let book = Bookkeeping(fresh, storedRanges: storedRanges, ranges: ranges)
+        let rollups = RollupColumns(committed)
         let notices = PostgresLatestNotice.payloads(changed)
         try await connection.query(
             """
@@ -293,10 +295,6 @@ struct PostgresBatchWriter {
                     (\(chunks.values)::float8[])[u.a:u.b], CASE WHEN u.f THEN (\(chunks.flags)::int2[])[u.a:u.b] END
                 FROM unnest(\(chunks.firstTimestamps)::int8[], \(chunks.lastTimestamps)::int8[], \(chunks.firstSequences)::int8[], \(chunks.lastSequences)::int8[],
                     \(chunks.devices)::int8[], \(chunks.sensors)::int8[], \(chunks.starts)::int4[], \(chunks.ends)::int4[], \(chunks.flagged)::bool[]) AS u(ft, lt, fs, ls, d, k, a, b, f)
-                RETURNING first_ts, device_id, first_sequence
-            ), queued AS (
-                INSERT INTO rollup_queue(first_ts, device_ids, first_sequences)
-                SELECT array_agg(first_ts), array_agg(device_id), array_agg(first_sequence) FROM chunks HAVING count(*) > 0
             ), gone AS (
                 DELETE FROM stored_sequences s USING unnest(\(book.goneDevices)::int8[], \(book.goneFirsts)::int8[]) AS u(d, f)
                 WHERE s.device_id = u.d AND s.first_sequence = u.f
@@ -314,12 +312,16 @@ struct PostgresBatchWriter {
                     sequence = excluded.sequence, timestamp_us = excluded.timestamp_us, value = excluded.value, flags = excluded.flags
                 WHERE excluded.timestamp_us > latest.timestamp_us
                     OR (excluded.timestamp_us = latest.timestamp_us AND excluded.sequence > latest.sequence)
-            )
+            ), partials AS (
+                SELECT * FROM unnest(\(rollups.levels)::int2[], \(rollups.sensors)::int8[], \(rollups.buckets)::int8[], \(rollups.counts)::int8[],
+                    \(rollups.valid)::int8[], \(rollups.sums)::float8[], \(rollups.mins)::float8[], \(rollups.maxes)::float8[], \(rollups.lastTimes)::int8[],
+                    \(rollups.lastSequences)::int8[], \(rollups.lastValues)::float8[]) AS u(level, k, b, n, v, s, lo, hi, lt, ls, lv)
+            ), \(unescaped: RollupColumns.inserts)
             SELECT count(pg_notify(\(PostgresLatestNotice.channel), p)) FROM unnest(\(notices)::text[]) AS u(p)
             """, logger: logger)
     }
 
-    /// The chunk rows of `readings`, column by column, for ``store(_:storedRanges:ranges:changed:)``.
+    /// The chunk rows of `readings`, column by column, for ``store(_:committed:storedRanges:ranges:changed:)``.
     private struct ChunkColumns {
         var firstTimestamps: [Int64] = [], lastTimestamps: [Int64] = [], firstSequences: [Int64] = [], lastSequences: [Int64] = []
         var devices: [Int64] = [], sensors: [Int64] = [], starts: [Int32] = [], ends: [Int32] = [], flagged: [Bool] = []
@@ -405,6 +407,46 @@ struct PostgresBatchWriter {
             latestTimes = latest.map(\.reading.timestamp.microseconds)
             latestValues = latest.map(\.reading.value)
             latestFlags = latest.map { Int16(bitPattern: $0.reading.quality.rawValue) }
+        }
+    }
+
+    /// The partial aggregates of every rollup level, column by column, each row with its level's index in
+    /// `RollupLevel.allCases`; ``inserts`` merges them from the statement's `partials`.
+    private struct RollupColumns {
+        /// One CTE per level: `INSERT INTO rollups_<level> ... SELECT FROM partials WHERE level = <index> ON CONFLICT ...`
+        /// (statistics only from valid readings, NULL when none was).
+        static let inserts = RollupLevel.allCases.enumerated().map { index, level in
+            """
+            rollup_\(index) AS (
+                INSERT INTO \(level.table) (sensor_id, bucket_us, count, valid_count, sum_value, min_value, max_value, last_us, last_sequence, last_value)
+                SELECT k, b, n, v, s, CASE WHEN v > 0 THEN lo END, CASE WHEN v > 0 THEN hi END, CASE WHEN v > 0 THEN lt END,
+                    CASE WHEN v > 0 THEN ls END, CASE WHEN v > 0 THEN lv END
+                FROM partials WHERE level = \(index)
+                \(RollupSQL.merge(table: level.table))
+            )
+            """
+        }.joined(separator: ", ")
+
+        var levels: [Int16] = [], sensors: [Int64] = [], buckets: [Int64] = [], counts: [Int64] = [], valid: [Int64] = []
+        var sums: [Double] = [], mins: [Double] = [], maxes: [Double] = [], lastTimes: [Int64] = [], lastSequences: [Int64] = []
+        var lastValues: [Double] = []
+
+        init(_ readings: [CommittedReading]) {
+            for (index, level) in RollupLevel.allCases.enumerated() {
+                for partial in RollupPartial.partials(of: readings, at: level) {
+                    levels.append(Int16(index))
+                    sensors.append(partial.sensorRowID)
+                    buckets.append(partial.bucket)
+                    counts.append(partial.count)
+                    valid.append(partial.validCount)
+                    sums.append(partial.sum)
+                    mins.append(partial.min)
+                    maxes.append(partial.max)
+                    lastTimes.append(partial.lastTimestamp)
+                    lastSequences.append(partial.lastSequence)
+                    lastValues.append(partial.lastValue)
+                }
+            }
         }
     }
 

@@ -24,8 +24,6 @@ extension PostgresIngestStore: RetentionStore {
         let started = ContinuousClock.now
         let logger = self.logger
         let empty = RetentionReport.empty(retention, now: now, dryRun: options.dryRun)
-        // A queued chunk in a partition about to be dropped would never reach the rollups.
-        if !options.dryRun { try await settleQueuedRollups() }
         do {
             return try await client.withTransaction(logger: logger) { connection in
                 try await connection.query("SELECT set_config('statement_timeout', '1800000', true), set_config('lock_timeout', '10000', true)", logger: logger)

@@ -2,11 +2,10 @@ import FarmgateWire
 import Logging
 import PostgresNIO
 
-/// Rollups on PostgreSQL: queued by the write transaction, merged beside it (``mergeQueuedRollups(upTo:wait:)``), read by
-/// the range query at 1m, 1h or 1d after what was queued before the read is merged.
+/// Rollups on PostgreSQL: merged by the write transaction's last statement (``PostgresBatchWriter``), read by the range
+/// query at 1m, 1h or 1d.
 extension PostgresIngestStore {
     public func rollups(sensorRowID: Int64, level: RollupLevel, from: Timestamp?, to: Timestamp?, limit: Int) async throws -> [RollupPoint] {
-        try await settleQueuedRollups()
         let low = from.map { level.bucket(of: $0.microseconds) } ?? Int64.min
         return try await rows(
             """
@@ -21,7 +20,6 @@ extension PostgresIngestStore {
     }
 
     public func storedReadingCount(sensorRowID: Int64, from: Timestamp, to: Timestamp) async throws -> Int {
-        try await settleQueuedRollups()
         let found = try await rows(
             """
             SELECT coalesce(sum(count), 0)::int8 FROM rollups_1h

@@ -16,8 +16,7 @@ import Synchronization
 /// time partitions and after a partition is dropped is explained on ``PostgresSchema``.
 ///
 /// The store is a `Service`: its ``run()`` runs the connection pool (queries wait until it runs), creates the coming
-/// days' partitions at start and then every six hours, merges queued rollups (``mergeRollupsAsQueued()``), and ends
-/// with the group's graceful shutdown, after the HTTP server.
+/// days' partitions at start and then daily, and ends with the group's graceful shutdown, after the HTTP server.
 ///
 /// ## Behind PgBouncer (transaction pooling)
 /// It works there as it is, because it needs nothing of a session: every statement is either alone or inside one
@@ -39,9 +38,6 @@ public final class PostgresIngestStore: IngestStore {
     let groupCommit: PostgresGroupCommit
     /// How many days of partitions ``run()`` keeps ahead of today.
     public static let partitionDaysAhead = 7
-    /// Wakes the rollup job (``mergeRollupsAsQueued()``) after a commit queued rollups; a wake-up that finds one
-    /// pending is dropped (the job takes everything queued at each run).
-    let rollupWakeups = AsyncStream<Void>.makeStream(bufferingPolicy: .bufferingNewest(1))
 
     /// Builds the pool (no connection is opened before ``run()`` runs).
     ///
@@ -71,18 +67,26 @@ public final class PostgresIngestStore: IngestStore {
 
     // MARK: Lifecycle
 
-    /// Runs the pool until the group shuts down, creates partitions ahead every six hours (``migrate()`` does at start)
-    /// and runs the rollup job.
+    /// Runs the pool until the group shuts down, and creates partitions ahead every six hours (``migrate()`` does at start).
     ///
     /// On shutdown the pool is given ``shutdownGrace`` to close its connections: a query caught by a database restart
     /// can hang on its dead socket until `query_timeout`, and must not hold the process's exit (systemd, or an operator,
     /// would kill it). The server answered everything it acknowledged before this point; nothing is lost.
     public func run() async throws {
         let pool = Task { await self.client.run() }
+        // Every six hours (migrate() created them at start): partitions stay days ahead of the clock.
         await cancelWhenGracefulShutdown {
-            await withTaskGroup(of: Void.self) { group in
-                group.addTask { await self.createPartitionsAhead() }
-                group.addTask { await self.mergeRollupsAsQueued() }
+            while !Task.isCancelled {
+                do {
+                    try await Task.sleep(for: .seconds(6 * 3600))
+                    try await self.createPartitions()
+                } catch is CancellationError {
+                    return
+                } catch {
+                    self.logger.error(
+                        "cannot create the coming days' reading partitions; readings go to the default partition meanwhile",
+                        metadata: ["error": "\(String(reflecting: error))"])
+                }
             }
         }
         pool.cancel()
@@ -94,22 +98,6 @@ public final class PostgresIngestStore: IngestStore {
             logger.warning(
                 "the PostgreSQL pool did not close its connections in time; stopping without waiting for them",
                 metadata: ["grace": "\(Self.shutdownGrace)"])
-        }
-    }
-
-    /// Every six hours (``migrate()`` created them at start): partitions stay days ahead of the clock.
-    private func createPartitionsAhead() async {
-        while !Task.isCancelled {
-            do {
-                try await Task.sleep(for: .seconds(6 * 3600))
-                try await createPartitions()
-            } catch is CancellationError {
-                return
-            } catch {
-                logger.error(
-                    "cannot create the coming days' reading partitions; readings go to the default partition meanwhile",
-                    metadata: ["error": "\(String(reflecting: error))"])
-            }
         }
     }
 
@@ -283,8 +271,7 @@ public final class PostgresIngestStore: IngestStore {
         }
     }
 
-    /// One group's transaction: the batches and their rollups' queue row (``PostgresBatchWriter``), then `COMMIT`;
-    /// then the rollup job is woken.
+    /// One group's transaction: the batches with their rollups (``PostgresBatchWriter``), then `COMMIT`.
     ///
     /// Bounded by `query_timeout` without waiting for a transaction that ignores cancellation (a connection killed
     /// under it has been seen to hang postgres-nio's transaction): the worker then moves on to the next group.
@@ -297,11 +284,9 @@ public final class PostgresIngestStore: IngestStore {
 
     private func writeGroup(_ members: [PostgresBatchWriter.Member], logger: Logger) async throws -> [Result<StoreOutcome, any Error>] {
         let statementTimeout = self.statementTimeout
-        let results = try await transaction(settingTimeout: false) { connection in
+        return try await transaction(settingTimeout: false) { connection in
             try await PostgresBatchWriter(connection: connection, statementTimeout: statementTimeout, logger: logger).write(members)
         }
-        if results.contains(where: { (try? $0.get())?.accepted ?? 0 > 0 }) { rollupsQueued() }
-        return results
     }
 
     public func highestSequence(device: DeviceIdentity) async throws -> UInt64? {

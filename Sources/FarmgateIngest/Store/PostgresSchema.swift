@@ -52,9 +52,6 @@ enum PostgresSchema {
     /// The key of the advisory lock that one retention run holds, so that with several instances each run happens once.
     static let retentionLock: Int64 = 0x6661_726D_7265_746E  // "farmretn"
 
-    /// The key of the advisory lock that one run merging queued rollups holds (``PostgresIngestStore/mergeQueuedRollups(upTo:wait:)``).
-    static let rollupLock: Int64 = 0x6661_726D_726F_6C6C  // "farmroll"
-
     /// Migration 4's rollup tables (see ``RollupLevel``) and the rollups of the readings already stored. Sensors are
     /// never deleted, so the tables carry no foreign key. Not partitioned: a 1-minute rollup row stands for every
     /// reading of a sensor's minute (6 at 10 s), and its retention deletes rows, in one statement per run.
@@ -381,31 +378,12 @@ enum PostgresSchema {
         Migration(
             version: 10, name: "enrollment_tokens.revoked_at_us: enrollment tokens withdrawn before they were used",
             statements: ["ALTER TABLE enrollment_tokens ADD COLUMN revoked_at_us bigint"]),
-        Migration(
-            version: 12, name: "rollup_queue: rollups merged beside the write transaction, from the chunks each group queued",
-            statements: PostgresSchema.rollupQueue),
     ]
 
     static var currentVersion: Int { migrations.last?.version ?? 0 }
 }
 
 extension PostgresSchema {
-    /// Migration 12: the chunks whose readings are not merged into the rollups yet, one row per write group: the
-    /// chunks' keys as three arrays (first timestamp, the partition key; device; first sequence), so a row is small
-    /// (about 1 kB for a 1000-reading batch of 60 sensors) and stays in the heap. See ``PostgresIngestStore``'s
-    /// rollup queue: rows live for a fraction of a second, so autovacuum is told to clean the table after every
-    /// thousand dead rows rather than after a fifth of the table.
-    static let rollupQueue = [
-        """
-        CREATE TABLE rollup_queue (
-            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-            first_ts bigint[] NOT NULL,
-            device_ids integer[] NOT NULL,
-            first_sequences bigint[] NOT NULL
-        ) WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000)
-        """
-    ]
-
     /// Migration 9: the sensor tables devices declared in stateful frames (``WireStateStore``), by device and
     /// ``SensorTable/hash`` (stored as the bigint of the same 64 bits), holding the ``SensorTable/encoded`` bytes as
     /// declared. No time-based retention: a row is one configuration of a device's sensors, and a table a device declared

@@ -3,13 +3,10 @@ public import FarmgateWire
 /// The summaries kept beside raw readings: one row per sensor and bucket at each level, so that a day at 1-minute
 /// resolution or a year at 1-day resolution is read from at most a few thousand rows whatever the sampling rate.
 ///
-/// Both stores merge only readings stored for the first time (never a duplicate, so nothing counts twice) into
-/// `rollups_1m`, `rollups_1h` and `rollups_1d`, with the same upsert (``RollupSQL``). SQLite does it in the write
-/// transaction (``StoreOutcome/fresh``, one statement per level); PostgreSQL queues the group's chunks in the write
-/// transaction and merges them beside it (``PostgresIngestStore/mergeQueuedRollups(upTo:wait:)``), and a read of rollups
-/// first merges what was queued before it, so on both an acknowledged reading is in every later answer. A backlog that
-/// arrives days late updates the old buckets it falls in, in the same way. Each level has its own retention
-/// (`[retention]`).
+/// Both stores keep them the same way: the write transaction that stores readings for the first time merges them
+/// (``StoreOutcome/fresh``, never a duplicate, so nothing counts twice) into `rollups_1m`, `rollups_1h` and `rollups_1d`,
+/// one upsert statement per level. A backlog that arrives days late updates the old buckets it falls in, in the same
+/// way. Each level has its own retention (`[retention]`).
 ///
 /// ## What a bucket holds
 /// `count` is every stored reading in the bucket. Readings flagged `sensor_fault` are counted there but left out of
