@@ -3,6 +3,7 @@ import FarmgateSupport
 import FarmgateTestSupport
 import FarmgateWire
 import Foundation
+import Synchronization
 import Testing
 
 /// `farmgate scan` against simulators on pseudo-terminals in a directory that stands in for /dev, a fake w1 tree and a
@@ -18,6 +19,14 @@ struct ScanTests {
         options.ezoTimeout = .milliseconds(1500)
         options.portBudget = .seconds(20)
         return options
+    }
+
+    /// Which descriptors of this process are open on `device`, for a failure message: a port reported busy names its
+    /// holder.
+    static func holders(of device: String) -> String {
+        let descriptors = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
+        let open = descriptors.filter { (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\($0)")) == device }
+        return "descriptors of this process on \(device): \(open.isEmpty ? "none" : open.joined(separator: ", "))"
     }
 
     @Test("EZO circuits at 9600 and 38400 baud, Modbus slaves on a bus, a port held by another opener: found, reported, pasteable")
@@ -52,7 +61,7 @@ struct ScanTests {
         #expect(byPath[ph.path]?.ezo == EZOFinding(circuit: "pH", firmware: "2.16", baud: 9600))
         #expect(byPath[ec.path]?.ezo == EZOFinding(circuit: "EC", firmware: "2.15", baud: 38400))
         let modbus = try #require(byPath[bus.path])
-        #expect(modbus.state == .found)
+        #expect(modbus.state == .found, "\(modbus.message ?? "no message"); \(Self.holders(of: SerialScan.resolve(bus.path)))")
         #expect(modbus.modbusSlaves == [
             ModbusFinding(slave: 1, baud: 9600, register0: 700, exception: nil),
             ModbusFinding(slave: 3, baud: 9600, register0: 0, exception: nil),
@@ -97,6 +106,27 @@ struct ScanTests {
         let quiet = try #require(found.first { $0.path == silent.path })
         #expect(quiet.state == .silent)
         #expect(quiet.message?.contains("time budget") == true, "\(quiet.message ?? "-")")
+    }
+
+    @Test("A port held for a moment (ModemManager probing a new adapter) is waited for and found; held longer than the patience, it is busy")
+    func briefHolderIsWaitedFor() async throws {
+        let dir = try Scratch(prefix: "fg-scan", in: URL(fileURLWithPath: "/tmp"))
+        let dev = dir.file("dev")
+        try FileManager.default.createDirectory(atPath: dev, withIntermediateDirectories: true)
+        let circuit = try EZOSimulator(.ph, path: dev + "/ttyUSB0", values: { _, _ in 6 })
+        defer { circuit.stop() }
+        var options = options(dev: dev, w1: dir.file("w1"))
+        options.busyPatience = .milliseconds(1500)
+        for (held, expected) in [(Duration.milliseconds(400), SerialPortFinding.State.found), (.milliseconds(2500), .busy)] {
+            let holder = Mutex<SerialPort?>(try SerialPort(path: circuit.path, settings: SerialSettings(baud: 9600)))
+            let release = Task {
+                try? await Task.sleep(for: held)
+                holder.withLock { $0 = nil }
+            }
+            let found = await SerialScan.scan(options)
+            #expect(found.first { $0.path == circuit.path }?.state == expected, "held \(held)")
+            await release.value
+        }
     }
 
     @Test("On-board UARTs (ttyS, ttyAMA) get no probe bytes unless named with --port or opted into; ports without a UART never; the report says which were skipped and why")

@@ -33,6 +33,9 @@ public struct ScanOptions: Sendable {
     public var modbusTimeout: Duration = .milliseconds(150)
     /// The most one port's probing may take, whatever answers.
     public var portBudget: Duration = .seconds(30)
+    /// How long a port that is in use is tried again before it is reported busy: a program may hold a new port for a
+    /// moment (ModemManager probes every new ttyUSB and ttyACM when it appears).
+    public var busyPatience: Duration = .seconds(1)
     /// Ports the running agent is configured to use (resolved device → why), which are not opened at all.
     public var agentPorts: [String: String] = [:]
 
@@ -40,7 +43,7 @@ public struct ScanOptions: Sendable {
 }
 
 /// Finds serial ports and what answers on them, without fighting anyone for a port: each port is opened with the
-/// exclusive lock the drivers take (non-blocking; a held port is reported busy, never waited for), and every probe has
+/// exclusive lock the drivers take (non-blocking, tried again for ``ScanOptions/busyPatience`` before a held port is reported busy), and every probe has
 /// a deadline inside the port's budget.
 public enum SerialScan {
     /// A port to probe.
@@ -202,7 +205,7 @@ public enum SerialScan {
         }
         // EZO first: one circuit per port, and its answer is quick.
         for baud in options.bauds where ContinuousClock.now < budgetEnd {
-            switch open(candidate, baud: baud) {
+            switch open(candidate, baud: baud, patience: min(options.busyPatience, start.duration(to: budgetEnd))) {
             case .failure(let error):
                 finding.state = error.kind == .busy ? .busy : .error
                 finding.message = error.kind == .busy ? "in use (by the running agent?)" : error.message
@@ -236,11 +239,16 @@ public enum SerialScan {
         return done()
     }
 
-    static func open(_ candidate: Candidate, baud: Int) -> Result<SerialPort, SerialError> {
-        do {
-            return .success(try SerialPort(path: candidate.path, settings: SerialSettings(baud: baud)))
-        } catch {
-            return .failure(error)
+    /// Opens the port; one that is in use is tried again every 100 ms for `patience`.
+    static func open(_ candidate: Candidate, baud: Int, patience: Duration = .zero) -> Result<SerialPort, SerialError> {
+        let end = ContinuousClock.now + patience
+        while true {
+            do {
+                return .success(try SerialPort(path: candidate.path, settings: SerialSettings(baud: baud)))
+            } catch {
+                guard error.kind == .busy, ContinuousClock.now < end else { return .failure(error) }
+                usleep(100_000)
+            }
         }
     }
 

@@ -91,7 +91,7 @@ public final class SerialPort {
             if code == EWOULDBLOCK || code == EAGAIN {
                 throw SerialError(
                     .busy,
-                    "\(shown) is in use by another process (a second farmgate agent, `farmgate scan`, or a terminal program); stop it first")
+                    "\(shown) is locked by another process (a second farmgate agent or `farmgate scan`: flock); stop it first")
             }
         }
         if ioctl(fd, UInt(TIOCEXCL)) != 0 {
