@@ -78,7 +78,7 @@ import Testing
             _ = try await store.store(try phBatch(sequences: 1...5, start: later), for: device, receivedAt: testNow)
             #expect(try await Self.count(settings, "SELECT coalesce(sum(cardinality(reading_values)), 0)::int8 FROM readings_default") == 5)
             let created = try await store.createPartitions(now: later)
-            #expect(created > 0)
+            #expect(created.readings > 0)
             #expect(try await Self.count(settings, "SELECT coalesce(sum(cardinality(reading_values)), 0)::int8 FROM readings_default") == 0)
             #expect(try await Self.count(settings, "SELECT coalesce(sum(cardinality(reading_values)), 0)::int8 FROM readings_20260131") == 5)
             // Still one reading per sequence, and duplicates are still recognised.
