@@ -20,6 +20,12 @@
 /// ahead). When a day's partition is created later, the chunks the default partition holds for that day move into it
 /// in the same transaction.
 ///
+/// ## Rollups (migrations 4 and 11)
+/// `rollups_1m`, `rollups_1h` and `rollups_1d` (see ``RollupLevel``). `rollups_1m` is partitioned by `RANGE
+/// (bucket_us)`, one partition per UTC calendar month (`rollups_1m_YYYYMM`) and a default partition, made ahead by
+/// `farmgate_create_rollup_partitions(first_month, months)` beside the readings' days, so that its retention drops
+/// whole months (``partitionedMinuteRollups``); the hourly and daily tables are not partitioned.
+///
 /// ## Idempotency across partitions
 /// PostgreSQL cannot enforce a unique index across partitions unless it contains the partition key, and (device,
 /// sequence) does not; a row-level unique index would also vanish with a dropped partition, after which a re-sent
