@@ -104,6 +104,12 @@ import Testing
                 let line = try #require(report.lines.first { $0.hasPrefix("1m rollups before 2025-11-02T00:00:00Z: ") })
                 #expect(line.contains("removed 3 monthly partitions (rollups_1m_202508, rollups_1m_202509, rollups_1m_202510, about "), "\(line)")
                 #expect(line.hasSuffix(" rows) and 192 rows"), "\(line)")
+                // Counted by table.
+                let registry = PrometheusCollectorRegistry()
+                RetentionMetrics(registry: registry).record(report, endedAt: 0)
+                let metrics = String(decoding: registry.emitToBuffer(), as: UTF8.self)
+                #expect(metrics.contains(#"farmgate_ingest_retention_partitions_dropped_total{table="rollups_1m"} 3"#), "\(metrics)")
+                #expect(metrics.contains(#"farmgate_ingest_retention_partitions_dropped_total{table="readings"} \#(days)"#), "\(metrics)")
                 // November keeps its buckets from the cut-off on, and only those.
                 #expect(try await Self.pgCount(postgres, "SELECT count(*)::int8 FROM rollups_1m_202511 WHERE bucket_us < \(Self.minuteCutoff.microseconds)") == 0)
                 #expect(try await Self.pgCount(postgres, "SELECT count(*)::int8 FROM rollups_1m_202511") == 2 * 29 * 96)
