@@ -170,7 +170,7 @@ struct RollupBench: AsyncParsableCommand {
             let process = Process()
             let psql = (try? FileManager.default.contentsOfDirectory(atPath: "/usr/lib/postgresql"))?.sorted().last.map { "/usr/lib/postgresql/\($0)/bin/psql" }
             process.executableURL = URL(fileURLWithPath: psql ?? "/usr/bin/psql")
-            process.arguments = ["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", statement]
+            process.arguments = ["-X", "-q", "-o", "/dev/null", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", statement]
             try process.run()
             process.waitUntilExit()
             guard process.terminationStatus == 0 else { throw ValidationError("psql failed (status \(process.terminationStatus)) on: \(statement.prefix(120))") }
