@@ -155,7 +155,11 @@ struct RollupBench: AsyncParsableCommand {
     }
 
     static func fillPostgres(url: String, start: Int64, minutes: Int, perMinute: Int) throws {
-        var statements: [String] = []
+        // The monthly partitions of 1-minute rollups that ingest would have made over that time (migrate made only
+        // last month's through two months ahead); without them the older months would fill the default partition.
+        var statements = [
+            "SELECT farmgate_create_rollup_partitions((timestamp 'epoch' + \(start / 1_000_000) * interval '1 second')::date, \(minutes / 43_200 + 2))"
+        ]
         for level in RollupLevel.allCases {
             let count = Int64(minutes) * 60_000_000 / level.width
             let series = "generate_series(\(start)::int8, \(start + (count - 1) * level.width)::int8, \(level.width)::int8) AS b"
@@ -166,7 +170,7 @@ struct RollupBench: AsyncParsableCommand {
             let process = Process()
             let psql = (try? FileManager.default.contentsOfDirectory(atPath: "/usr/lib/postgresql"))?.sorted().last.map { "/usr/lib/postgresql/\($0)/bin/psql" }
             process.executableURL = URL(fileURLWithPath: psql ?? "/usr/bin/psql")
-            process.arguments = ["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", statement]
+            process.arguments = ["-X", "-q", "-o", "/dev/null", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", statement]
             try process.run()
             process.waitUntilExit()
             guard process.terminationStatus == 0 else { throw ValidationError("psql failed (status \(process.terminationStatus)) on: \(statement.prefix(120))") }

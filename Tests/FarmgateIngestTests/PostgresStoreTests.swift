@@ -40,6 +40,84 @@ import Testing
         }
     }
 
+    /// The text in the first column of every row `query` returns.
+    static func texts(_ settings: PostgresSettings, _ query: PostgresQuery) async throws -> [String] {
+        guard case .unixSocket(let path) = settings.endpoint else { throw MissingTestDatabase() }
+        let client = PostgresClient(
+            configuration: .init(unixSocketPath: path, username: settings.username, password: settings.password, database: settings.database))
+        return try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { await client.run() }
+            defer { group.cancelAll() }
+            var result: [String] = []
+            for try await row in try await client.query(query) { result.append(try row.decode(String.self)) }
+            return result
+        }
+    }
+
+    /// The partitions of `rollups_1m` (monthly ones and the default), by name.
+    static func minuteRollupPartitions(_ settings: PostgresSettings) async throws -> [String] {
+        try await texts(
+            settings,
+            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'rollups_1m'::regclass ORDER BY 1")
+    }
+
+    @Test func monthlyMinuteRollupPartitionsAreMadeAheadAndTakeTheirMonthsRowsFromTheDefaultPartition() async throws {
+        try await Self.withStore { store, settings in
+            // withStore created them for testNow (2026-01-01): last month through two months ahead, and the default.
+            let made = try await Self.minuteRollupPartitions(settings)
+            for name in ["rollups_1m_202512", "rollups_1m_202601", "rollups_1m_202602", "rollups_1m_202603", "rollups_1m_default"] {
+                #expect(made.contains(name), "\(made)")
+            }
+            #expect(!made.contains("rollups_1m_202511") && !made.contains("rollups_1m_202604"), "\(made)")
+            #expect(try await store.createPartitions(now: testNow) == PostgresIngestStore.CreatedPartitions(readings: 0, minuteRollups: 0))
+            // Five months ahead (2026-05-31), beyond every month made: its 1-minute rollups wait in the default partition.
+            let device = try await Self.device(in: store)
+            let later = Timestamp(microseconds: testNow.microseconds + 150 * 86_400_000_000)
+            _ = try await store.store(try phBatch(sequences: 1...90, value: 6.2, start: later), for: device, receivedAt: testNow)
+            #expect(try await Self.count(settings, "SELECT count(*)::int8 FROM rollups_1m_default") == 2)
+            // Its month made: the rows move into it (and April, June and July are made too).
+            let created = try await store.createPartitions(now: later)
+            #expect(created.minuteRollups == 4)
+            #expect(try await Self.minuteRollupPartitions(settings).filter { $0 >= "rollups_1m_202604" && $0 < "rollups_1m_202608" }
+                == ["rollups_1m_202604", "rollups_1m_202605", "rollups_1m_202606", "rollups_1m_202607"])
+            #expect(try await Self.count(settings, "SELECT count(*)::int8 FROM rollups_1m_default") == 0)
+            #expect(try await Self.count(settings, "SELECT count(*)::int8 FROM rollups_1m_202605") == 2)
+            // Merged into where they moved: readings 1-59 in the first minute, 60-100 in the second.
+            _ = try await store.store(try phBatch(sequences: 91...100, value: 6.8, start: later), for: device, receivedAt: testNow)
+            #expect(try await Self.count(settings, "SELECT count(*)::int8 FROM rollups_1m") == 2)
+            let farm = try #require(try await store.farm(named: "f1"))
+            let sensor = try #require(try await store.sensor(farmID: farm.id, device: device.device, sensor: try sensorID("tank1.ph")))
+            let points = try await allRollups(store, sensor: sensor.rowID, level: .minute)
+            #expect(points.map(\.count) == [59, 41])
+            #expect(points.map(\.min) == [6.2, 6.2] && points.map(\.max) == [6.2, 6.8] && points.map(\.last) == [6.2, 6.8])
+        }
+    }
+
+    @Test func aDayAtOneMinuteResolutionReadsOnlyTheMonthsItSpans() async throws {
+        try await Self.withStore { store, settings in
+            let device = try await Self.device(in: store)
+            _ = try await store.store(try phBatch(sequences: 1...100), for: device, receivedAt: testNow)
+            /// The partitions of `rollups_1m` in the plan of the store's own range query (its bind parameters included).
+            func scanned(from: Int64, hours: Int64) async throws -> [String] {
+                let query = PostgresIngestStore.rollupQuery(
+                    sensorRowID: 1, level: .minute, from: Timestamp(microseconds: from), to: Timestamp(microseconds: from + hours * 3_600_000_000), limit: 10_000)
+                let plan = try await Self.texts(settings, PostgresQuery(unsafeSQL: "EXPLAIN " + query.sql, binds: query.binds)).joined(separator: "\n")
+                // Partition names only (not their indexes, nor the plan's aliases such as rollups_1m_1).
+                let words = plan.split { !($0.isLetter || $0.isNumber || $0 == "_") }.map(String.init)
+                return Set(words.filter { $0 == "rollups_1m_default" || ($0.hasPrefix("rollups_1m_") && $0.count == 17 && $0.suffix(6).allSatisfy(\.isNumber)) })
+                    .sorted()
+            }
+            let day: Int64 = 86_400_000_000
+            // 2025-12-31: December only; noon to noon across the new year: December and January; never the default.
+            let lastDay = try await scanned(from: testNow.microseconds - day, hours: 24)
+            let acrossTheNewYear = try await scanned(from: testNow.microseconds - day / 2, hours: 24)
+            let january = try await scanned(from: testNow.microseconds + 14 * day, hours: 24)
+            #expect(lastDay == ["rollups_1m_202512"], "\(lastDay)")
+            #expect(acrossTheNewYear == ["rollups_1m_202512", "rollups_1m_202601"], "\(acrossTheNewYear)")
+            #expect(january == ["rollups_1m_202601"], "\(january)")
+        }
+    }
+
     @Test func aReadingSentAgainAfterItsPartitionWasDroppedIsADuplicate() async throws {
         try await Self.withStore { store, settings in
             let device = try await Self.device(in: store)
@@ -78,7 +156,7 @@ import Testing
             _ = try await store.store(try phBatch(sequences: 1...5, start: later), for: device, receivedAt: testNow)
             #expect(try await Self.count(settings, "SELECT coalesce(sum(cardinality(reading_values)), 0)::int8 FROM readings_default") == 5)
             let created = try await store.createPartitions(now: later)
-            #expect(created > 0)
+            #expect(created.readings > 0)
             #expect(try await Self.count(settings, "SELECT coalesce(sum(cardinality(reading_values)), 0)::int8 FROM readings_default") == 0)
             #expect(try await Self.count(settings, "SELECT coalesce(sum(cardinality(reading_values)), 0)::int8 FROM readings_20260131") == 5)
             // Still one reading per sequence, and duplicates are still recognised.

@@ -17,6 +17,8 @@ import Testing
     static let retention = IngestConfiguration.Retention(raw: .seconds(30 * 86_400), rollup1m: .seconds(60 * 86_400))
     static let rawCutoff = Timestamp(microseconds: testNow.microseconds - 30 * 86_400_000_000)
     static let minuteCutoff = Timestamp(microseconds: testNow.microseconds - 60 * 86_400_000_000)
+    /// 2025-11-01T00:00:00Z: the start of the month the 1-minute cut-off falls in.
+    static let minuteCutoffMonth = Timestamp(microseconds: minuteCutoff.microseconds - 86_400_000_000)
 
     /// A fresh store with four months of synthetic readings (and, on PostgreSQL, a daily partition for each day).
     static func withMonths<T: Sendable>(
@@ -66,23 +68,56 @@ import Testing
             #expect(try await Self.stored(store, device: device).count == data.readings.count)
             let sensors = try await syntheticSensorRows(store, device: device)
             let minuteBucketsBefore = try await allRollups(store, sensor: sensors.ph, level: .minute).count + allRollups(store, sensor: sensors.temp, level: .minute).count
-            let oldMinuteBuckets = minuteBucketsBefore - ExpectedBucket.of(data.readings, sensor: SyntheticMonths.ph, level: .minute, from: Self.minuteCutoff.microseconds).count
-                - ExpectedBucket.of(data.readings, sensor: SyntheticMonths.temp, level: .minute, from: Self.minuteCutoff.microseconds).count
-            #expect(dry.rollupRowsDeleted == [.minute: oldMinuteBuckets])
+            /// The 1-minute buckets of both sensors from `start` on.
+            func minuteBuckets(from start: Timestamp) -> Int {
+                [SyntheticMonths.ph, SyntheticMonths.temp].map { ExpectedBucket.of(data.readings, sensor: $0, level: .minute, from: start.microseconds).count }
+                    .reduce(0, +)
+            }
+            let oldMinuteBuckets = minuteBucketsBefore - minuteBuckets(from: Self.minuteCutoff)
+            // PostgreSQL drops the months that end by the cut-off (partitions for August to October 2025 were made
+            // ahead) and deletes rows only in November before the 2nd: 96 buckets a day of each sensor.
+            let straddlingBuckets = minuteBuckets(from: Self.minuteCutoffMonth) - minuteBuckets(from: Self.minuteCutoff)
+            #expect(straddlingBuckets == 192)
+            let oldMonths = ["rollups_1m_202508", "rollups_1m_202509", "rollups_1m_202510"]
+            let minuteRowsDeleted = kind == .postgres ? straddlingBuckets : oldMinuteBuckets
+            #expect(dry.rollupRowsDeleted == [.minute: minuteRowsDeleted])
+            #expect(dry.minuteRollupPartitionsDropped == (kind == .postgres ? oldMonths : []))
+            let postgres = store as? PostgresIngestStore
+            var partitionsBefore: [String]?
+            if let postgres { partitionsBefore = try await Self.minuteRollupPartitions(postgres) }
+            #expect(partitionsBefore.map { Set(oldMonths + ["rollups_1m_202511", "rollups_1m_default"]).isSubset(of: $0) } ?? true)
+            #expect(try await allRollups(store, sensor: sensors.ph, level: .minute).count + allRollups(store, sensor: sensors.temp, level: .minute).count
+                == minuteBucketsBefore, "a dry run removes nothing")
 
             let report = try await retention.runRetention(Self.retention, now: testNow, options: RetentionRunOptions())
             #expect(report.skipped == nil && !report.dryRun)
-            if kind == .postgres {
+            if let postgres, let partitionsBefore {
                 // Whole days: every daily partition that ends by the cut-off, and nothing row by row.
                 let days = Int((Self.rawCutoff.microseconds - RollupLevel.day.bucket(of: data.start.microseconds - 86_400_000_000)) / 86_400_000_000)
                 #expect(report.partitionsDropped.count == days)
                 #expect(report.partitionsDropped.first == "readings_20250902" && report.partitionsDropped.last == "readings_20251201")
                 #expect(report.partitionsDropped == dry.partitionsDropped)
                 #expect(report.rawRowsDeleted == 0)
+                // Whole months of 1-minute rollups, gone from the table; the rest of the partitions untouched.
+                #expect(report.minuteRollupPartitionsDropped == oldMonths)
+                #expect(try await Self.minuteRollupPartitions(postgres) == partitionsBefore.filter { !oldMonths.contains($0) })
+                let line = try #require(report.lines.first { $0.hasPrefix("1m rollups before 2025-11-02T00:00:00Z: ") })
+                #expect(line.contains("removed 3 monthly partitions (rollups_1m_202508, rollups_1m_202509, rollups_1m_202510, about "), "\(line)")
+                #expect(line.hasSuffix(" rows) and 192 rows"), "\(line)")
+                // Counted by table.
+                let registry = PrometheusCollectorRegistry()
+                RetentionMetrics(registry: registry).record(report, endedAt: 0)
+                let metrics = String(decoding: registry.emitToBuffer(), as: UTF8.self)
+                #expect(metrics.contains(#"farmgate_ingest_retention_partitions_dropped_total{table="rollups_1m"} 3"#), "\(metrics)")
+                #expect(metrics.contains(#"farmgate_ingest_retention_partitions_dropped_total{table="readings"} \#(days)"#), "\(metrics)")
+                // November keeps its buckets from the cut-off on, and only those.
+                #expect(try await Self.pgCount(postgres, "SELECT count(*)::int8 FROM rollups_1m_202511 WHERE bucket_us < \(Self.minuteCutoff.microseconds)") == 0)
+                #expect(try await Self.pgCount(postgres, "SELECT count(*)::int8 FROM rollups_1m_202511") == 2 * 29 * 96)
             } else {
                 #expect(report.rawRowsDeleted == old.count && dry.rawRowsDeleted == old.count)
+                #expect(report.minuteRollupPartitionsDropped.isEmpty)
             }
-            #expect(report.rollupRowsDeleted == [.minute: oldMinuteBuckets])
+            #expect(report.rollupRowsDeleted == [.minute: minuteRowsDeleted])
 
             // Raw: exactly the readings from the cut-off on.
             let after = try await Self.stored(store, device: device)
@@ -107,7 +142,20 @@ import Testing
             // Nothing left to remove.
             let again = try await retention.runRetention(Self.retention, now: testNow, options: RetentionRunOptions())
             #expect(again.partitionsDropped.isEmpty && again.rawRowsDeleted == 0 && again.rollupRowsTotal == 0)
+            #expect(again.minuteRollupPartitionsDropped.isEmpty)
         }
+    }
+
+    /// The partitions of `rollups_1m` (monthly ones and the default), by name.
+    static func minuteRollupPartitions(_ store: PostgresIngestStore) async throws -> [String] {
+        try await store.rows(
+            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'rollups_1m'::regclass ORDER BY 1"
+        ) { try $0.decode(String.self) }
+    }
+
+    /// The one integer `sql` answers, through the store's pool.
+    static func pgCount(_ store: PostgresIngestStore, _ sql: String) async throws -> Int {
+        try await store.rows(PostgresQuery(unsafeSQL: sql)) { try $0.decode(Int.self) }.first ?? -1
     }
 
     @Test func postgresDeletesTheDefaultPartitionsOldRowsAndSkipsWhileAnotherRunHoldsTheLock() async throws {
@@ -117,18 +165,29 @@ import Testing
             let ancient = Timestamp(microseconds: testNow.microseconds - 400 * 86_400_000_000)
             _ = try await store.store(try phBatch(sequences: 1...20, start: ancient), for: device, receivedAt: testNow)
             _ = try await store.store(try phBatch(sequences: 21...30), for: device, receivedAt: testNow)
-            #expect(try await PostgresChunkLayoutTests.readingCount(settings, "readings_default") == 20)
+            // 200 days ahead, beyond every partition made: in the default partitions too, but after every cut-off.
+            let ahead = Timestamp(microseconds: testNow.microseconds + 200 * 86_400_000_000)
+            _ = try await store.store(try phBatch(sequences: 31...31, start: ahead), for: device, receivedAt: testNow)
+            #expect(try await PostgresChunkLayoutTests.readingCount(settings, "readings_default") == 21)
+            // One 1-minute bucket each: the ancient and the one ahead in the default partition, the recent one in December's.
+            #expect(try await PostgresStoreTests.count(settings, "SELECT count(*)::int8 FROM rollups_1m_default") == 2)
+            #expect(try await PostgresStoreTests.count(settings, "SELECT count(*)::int8 FROM rollups_1m_202512") == 1)
 
             // Another session holds the retention lock: a run skips, it never waits.
             let held = try await Self.holdingRetentionLock(settings) {
                 try await store.runRetention(Self.retention, now: testNow, options: RetentionRunOptions())
             }
             #expect(held.skipped == .runningElsewhere)
-            #expect(try await PostgresChunkLayoutTests.readingCount(settings, "readings_default") == 20)
+            #expect(try await PostgresChunkLayoutTests.readingCount(settings, "readings_default") == 21)
 
             let report = try await store.runRetention(Self.retention, now: testNow, options: RetentionRunOptions())
             #expect(report.rawRowsDeleted == 20)
-            #expect(try await PostgresChunkLayoutTests.readingCount(settings, "readings") == 10)
+            #expect(try await PostgresChunkLayoutTests.readingCount(settings, "readings") == 11)
+            // The default partition's 1-minute rollups before the cut-off go row by row; the one ahead stays.
+            #expect(report.rollupRowsDeleted == [.minute: 1] && report.minuteRollupPartitionsDropped.isEmpty)
+            #expect(try await PostgresStoreTests.count(settings, "SELECT count(*)::int8 FROM rollups_1m_default") == 1)
+            #expect(try await PostgresStoreTests.count(settings, "SELECT count(*)::int8 FROM rollups_1m_default WHERE bucket_us > \(testNow.microseconds)") == 1)
+            #expect(try await PostgresStoreTests.count(settings, "SELECT count(*)::int8 FROM rollups_1m") == 2)
             // A scheduled run right after this one finds it done.
             let scheduled = try await store.runRetention(Self.retention, now: testNow, options: RetentionRunOptions(skipIfRanWithin: .seconds(1800)))
             #expect(scheduled.skipped == .ranRecently(testNow))

@@ -8,6 +8,7 @@ import Testing
 
 /// A store that held readings before rollups existed gets their rollups from the migration that adds them, exactly as
 /// if they had been merged one commit at a time: history keeps its summaries when retention later removes raw rows.
+/// PostgreSQL's migration 11 moves the 1-minute rollups into monthly partitions without changing a value.
 @Suite struct RollupBackfillTests {
     /// Two weeks of synthetic readings, as rows of the `readings` table (device 1, sensors 1 and 2).
     static let data = SyntheticMonths(start: Timestamp(microseconds: testNow.microseconds - 14 * 86_400_000_000), days: 14)
@@ -83,6 +84,79 @@ import Testing
                 for level in RollupLevel.allCases {
                     try await expectRollups(store, sensor: 1, level: level, ExpectedBucket.of(Self.data.readings, sensor: SyntheticMonths.ph, level: level))
                     try await expectRollups(store, sensor: 2, level: level, ExpectedBucket.of(Self.data.readings, sensor: SyntheticMonths.temp, level: level))
+                }
+            }
+        }
+    }
+
+    /// The 1-minute rollups as one digest of every row's every column, in key order, and the row count.
+    static func minuteRollupDigest(_ settings: PostgresSettings) async throws -> (digest: String, rows: Int) {
+        let digest = try await PostgresStoreTests.texts(
+            settings, "SELECT coalesce(md5(string_agg(r::text, ';' ORDER BY sensor_id, bucket_us)), '') FROM rollups_1m r")
+        return (digest.first ?? "", try await PostgresStoreTests.count(settings, "SELECT count(*)::int8 FROM rollups_1m"))
+    }
+
+    @Test func postgresMigrationElevenMovesTheMinuteRollupsIntoMonthlyPartitionsAndTheyStillMergeExactly() async throws {
+        try await withTestDatabase { settings in
+            // The schema as migration 10 left it, with daily partitions for the readings.
+            try await adminQuery(settings, PostgresSchema.bookkeeping)
+            for migration in PostgresSchema.migrations where migration.version <= 10 {
+                for statement in migration.statements { try await adminQuery(settings, statement) }
+                try await adminQuery(settings, "INSERT INTO schema_migrations VALUES (\(migration.version), 'test', 0)")
+            }
+            try await adminQuery(settings, "SELECT farmgate_create_partitions('2025-09-30', 95)")
+            #expect(try await PostgresStoreTests.count(settings, "SELECT count(*)::int8 FROM pg_partitioned_table WHERE partrelid = 'rollups_1m'::regclass") == 0)
+            // October to December 2025, stored (and rolled up) before the migration.
+            let data = SyntheticMonths(start: RollupTests.monthsAgo, days: 92)
+            // After it: a second reading 30 s into minutes already rolled up, from October 30 to November 3 (both
+            // months' partitions), new sequences.
+            let from = RollupTests.monthsAgo.microseconds + 29 * 86_400_000_000
+            let later = data.readings.filter { $0.timestamp.microseconds >= from && $0.timestamp.microseconds < from + 5 * 86_400_000_000 }.enumerated().map {
+                index, reading in
+                Reading(
+                    sensor: reading.sensor, sequence: 1_000_000 + UInt64(index), timestamp: Timestamp(microseconds: reading.timestamp.microseconds + 30_000_000),
+                    value: reading.value + 0.5, quality: index % 7 == 3 ? [.sensorFault] : [])
+            }
+            #expect(later.count == 2 * 5 * 96)
+            let store = try PostgresIngestStore(settings: settings, logger: testLogger)
+            try await withRunning(store) { _ in
+                let device = try await PostgresStoreTests.device(in: store)
+                for batch in try SyntheticMonths.batches(data.readings) {
+                    #expect(try await store.store(batch, for: device, receivedAt: testNow).accepted == batch.readings.count)
+                }
+                let before = try await Self.minuteRollupDigest(settings)
+                #expect(before.rows == 2 * 92 * 96)
+
+                #expect(try await store.migrate().map(\.version) == [11])
+                // Every row, every value, and nothing more.
+                let after = try await Self.minuteRollupDigest(settings)
+                #expect(after.rows == before.rows && after.digest == before.digest && !after.digest.isEmpty)
+                #expect(try await PostgresStoreTests.count(settings, "SELECT count(*)::int8 FROM pg_partitioned_table WHERE partrelid = 'rollups_1m'::regclass") == 1)
+                #expect(try await PostgresStoreTests.count(settings, "SELECT count(*)::int8 FROM pg_class WHERE relname LIKE 'rollups_1m_v4%'") == 0)
+                // A partition for each month that had rows, holding that month's rows; the default one empty.
+                let partitions = try await PostgresStoreTests.minuteRollupPartitions(settings)
+                #expect(Set(["rollups_1m_202510", "rollups_1m_202511", "rollups_1m_202512", "rollups_1m_default"]).isSubset(of: partitions), "\(partitions)")
+                #expect(!partitions.contains("rollups_1m_202509"), "\(partitions)")
+                for (month, days) in [("202510", 31), ("202511", 30), ("202512", 31)] {
+                    #expect(try await PostgresStoreTests.count(settings, "SELECT count(*)::int8 FROM rollups_1m_\(month)") == 2 * days * 96)
+                }
+                #expect(try await PostgresStoreTests.count(settings, "SELECT count(*)::int8 FROM rollups_1m_default") == 0)
+                // The hourly and daily tables stay as they were.
+                #expect(try await PostgresStoreTests.count(settings, "SELECT count(*)::int8 FROM pg_partitioned_table WHERE partrelid IN ('rollups_1h'::regclass, 'rollups_1d'::regclass)") == 0)
+
+                // Written after it, merged into the moved rows; sent again, counted once.
+                for batch in try SyntheticMonths.batches(later, size: 300) {
+                    #expect(try await store.store(batch, for: device, receivedAt: testNow).accepted == batch.readings.count)
+                }
+                for batch in try SyntheticMonths.batches(Array(later.prefix(600)), size: 200) {
+                    #expect(try await store.store(batch, for: device, receivedAt: testNow).duplicates == batch.readings.count)
+                }
+                #expect(try await PostgresStoreTests.count(settings, "SELECT count(*)::int8 FROM rollups_1m") == before.rows)
+                let sensors = try await syntheticSensorRows(store, device: device)
+                for level in RollupLevel.allCases {
+                    for (sensor, row) in [(SyntheticMonths.ph, sensors.ph), (SyntheticMonths.temp, sensors.temp)] {
+                        try await expectRollups(store, sensor: row, level: level, ExpectedBucket.of(data.readings + later, sensor: sensor, level: level))
+                    }
                 }
             }
         }

@@ -5,7 +5,7 @@ public final class RetentionMetrics: Sendable {
     private let completed: Counter
     private let skipped: Counter
     private let failed: Counter
-    private let partitions: Counter
+    private let partitions: [String: Counter]
     private let rows: [String: Counter]
     private let lastRun: Gauge
     private let lastDuration: Gauge
@@ -18,13 +18,14 @@ public final class RetentionMetrics: Sendable {
         completed = registry.makeCounter(descriptor: runs, labels: [("outcome", "completed")])
         skipped = registry.makeCounter(descriptor: runs, labels: [("outcome", "skipped")])
         failed = registry.makeCounter(descriptor: runs, labels: [("outcome", "failed")])
-        partitions = registry.makeCounter(
-            descriptor: MetricNameDescriptor(
-                namespace: "farmgate_ingest", subsystem: "retention", metricName: "partitions_dropped", unitName: "total",
-                helpText: "Daily partitions of raw readings dropped (PostgreSQL)."))
+        let partitionsName = MetricNameDescriptor(
+            namespace: "farmgate_ingest", subsystem: "retention", metricName: "partitions_dropped", unitName: "total",
+            helpText: "Partitions dropped (PostgreSQL), by table: daily ones of raw readings, monthly ones of 1-minute rollups.")
+        partitions = Dictionary(
+            uniqueKeysWithValues: ["readings", RollupLevel.minute.table].map { ($0, registry.makeCounter(descriptor: partitionsName, labels: [("table", $0)])) })
         let rowsName = MetricNameDescriptor(
             namespace: "farmgate_ingest", subsystem: "retention", metricName: "rows_removed", unitName: "total",
-            helpText: "Rows removed by retention, by table (readings: deleted rows plus the estimated rows of dropped partitions).")
+            helpText: "Rows removed by retention, by table (readings and rollups_1m: deleted rows plus the estimated rows of dropped partitions).")
         var rows: [String: Counter] = [:]
         for table in ["readings", "alert_outbox"] + RollupLevel.allCases.map(\.table) {
             rows[table] = registry.makeCounter(descriptor: rowsName, labels: [("table", table)])
@@ -47,9 +48,11 @@ public final class RetentionMetrics: Sendable {
         }
         guard !report.dryRun else { return }
         completed.increment()
-        partitions.increment(by: Int64(report.partitionsDropped.count))
+        partitions["readings"]?.increment(by: Int64(report.partitionsDropped.count))
+        partitions[RollupLevel.minute.table]?.increment(by: Int64(report.minuteRollupPartitionsDropped.count))
         rows["readings"]?.increment(by: Int64(report.rawRowsDeleted + report.rowsInDroppedPartitions))
         for (level, count) in report.rollupRowsDeleted { rows[level.table]?.increment(by: Int64(count)) }
+        rows[RollupLevel.minute.table]?.increment(by: Int64(report.rowsInDroppedMinuteRollupPartitions))
         rows["alert_outbox"]?.increment(by: Int64(report.deliveredNotificationsDeleted + report.deadNotificationsDeleted))
         lastRun.set(unixSeconds)
         let parts = report.duration.components

@@ -82,6 +82,11 @@ public struct RetentionService: Service {
         if let first = report.partitionsDropped.first, let last = report.partitionsDropped.last {
             metadata["retention.partitions"] = "\(first)…\(last)"
         }
+        if let first = report.minuteRollupPartitionsDropped.first, let last = report.minuteRollupPartitionsDropped.last {
+            metadata["retention.rollups_1m_partitions_dropped"] = "\(report.minuteRollupPartitionsDropped.count)"
+            metadata["retention.rollups_1m_partitions"] = "\(first)…\(last)"
+            metadata["retention.rows_in_dropped_rollups_1m_partitions"] = "\(report.rowsInDroppedMinuteRollupPartitions)"
+        }
         if let cutoff = report.rawCutoff { metadata["retention.raw_cutoff"] = "\(RFC3339.format(cutoff))" }
         for level in RollupLevel.allCases { metadata["retention.\(level.table)_deleted"] = "\(report.rollupRowsDeleted[level] ?? 0)" }
         metadata["retention.delivered_notifications_deleted"] = "\(report.deliveredNotificationsDeleted)"

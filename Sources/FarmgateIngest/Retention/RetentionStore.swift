@@ -5,7 +5,9 @@ public import FarmgateWire
 /// ``SQLiteIngestStore`` deletes in small transactions (a few thousand rows each) and hands the writer back between
 /// them, so that a batch waits for at most one of them; ``PostgresIngestStore`` drops whole daily partitions of raw
 /// readings (never a row `DELETE`, except in the default partition, which holds only what fell outside every daily
-/// partition) and runs under an advisory try-lock, so that with several instances each run happens once.
+/// partition) and whole monthly partitions of 1-minute rollups (deleting rows only in the month the cut-off falls in
+/// and in the default partition), and runs under an advisory try-lock, so that with several instances each run
+/// happens once.
 ///
 /// Neither touches what makes re-sent readings duplicates (`stored_sequences`, `devices.highest_sequence`): a reading
 /// sent again after its raw row went is still counted as a duplicate and not stored again.
@@ -63,8 +65,13 @@ public struct RetentionReport: Sendable, Hashable {
     public var rowsInDroppedPartitions: Int
     /// Raw readings deleted row by row (SQLite; PostgreSQL's default partition).
     public var rawRowsDeleted: Int
-    /// Rollup rows deleted, per level.
+    /// Rollup rows deleted row by row, per level (on PostgreSQL at 1 minute: in the month the cut-off falls in and in
+    /// the default partition; the dropped months are counted apart).
     public var rollupRowsDeleted: [RollupLevel: Int]
+    /// The monthly partitions of 1-minute rollups dropped (PostgreSQL), oldest first.
+    public var minuteRollupPartitionsDropped: [String] = []
+    /// The rows those partitions held, as PostgreSQL estimates them (`pg_class.reltuples`).
+    public var rowsInDroppedMinuteRollupPartitions: Int = 0
     /// Outbox rows delivered before this went (nil: kept forever), and dead letters whose last attempt was before this.
     public var deliveredNotificationCutoff: Timestamp?
     public var deadNotificationCutoff: Timestamp?
@@ -123,22 +130,31 @@ public struct RetentionReport: Sendable, Hashable {
         }
         let verb = dryRun ? "would remove" : "removed"
         var lines: [String] = []
-        if let cutoff = rawCutoff {
+        /// "3 daily partitions (a, b, c, about 1200 rows) and 5 rows"; only the rows when no partition went.
+        func removed(partitions: [String], kind: String, estimatedRows: Int, rows: Int) -> String {
             var parts: [String] = []
-            if !partitionsDropped.isEmpty {
-                let names = partitionsDropped.count <= 4 ? partitionsDropped.joined(separator: ", ")
-                    : "\(partitionsDropped[0]) … \(partitionsDropped[partitionsDropped.count - 1])"
-                parts.append("\(partitionsDropped.count) daily partitions (\(names), about \(rowsInDroppedPartitions) rows)")
+            if !partitions.isEmpty {
+                let names = partitions.count <= 4 ? partitions.joined(separator: ", ") : "\(partitions[0]) … \(partitions[partitions.count - 1])"
+                parts.append("\(partitions.count) \(kind) partitions (\(names), about \(estimatedRows) rows)")
             }
-            if rawRowsDeleted > 0 || partitionsDropped.isEmpty { parts.append("\(rawRowsDeleted) rows") }
-            lines.append("raw readings before \(RFC3339.format(cutoff)): \(verb) \(parts.joined(separator: " and "))")
+            if rows > 0 || partitions.isEmpty { parts.append("\(rows) rows") }
+            return parts.joined(separator: " and ")
+        }
+        if let cutoff = rawCutoff {
+            let what = removed(partitions: partitionsDropped, kind: "daily", estimatedRows: rowsInDroppedPartitions, rows: rawRowsDeleted)
+            lines.append("raw readings before \(RFC3339.format(cutoff)): \(verb) \(what)")
         } else {
             lines.append("raw readings: kept forever")
         }
         for level in RollupLevel.allCases {
             let name = "\(level.rawValue) rollups"
             if let cutoff = rollupCutoffs[level] {
-                lines.append("\(name) before \(RFC3339.format(cutoff)): \(verb) \(rollupRowsDeleted[level] ?? 0) rows")
+                let what = level == .minute
+                    ? removed(
+                        partitions: minuteRollupPartitionsDropped, kind: "monthly", estimatedRows: rowsInDroppedMinuteRollupPartitions,
+                        rows: rollupRowsDeleted[level] ?? 0)
+                    : "\(rollupRowsDeleted[level] ?? 0) rows"
+                lines.append("\(name) before \(RFC3339.format(cutoff)): \(verb) \(what)")
             } else {
                 lines.append("\(name): kept forever")
             }

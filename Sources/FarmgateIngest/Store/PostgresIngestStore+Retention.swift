@@ -3,20 +3,30 @@ import Foundation
 import Logging
 import PostgresNIO
 
-/// Retention on PostgreSQL: whole daily partitions dropped, once across instances.
+/// Retention on PostgreSQL: whole daily partitions of readings and whole monthly partitions of 1-minute rollups
+/// dropped, once across instances.
 extension PostgresIngestStore: RetentionStore {
     /// Removes what lies before the cut-offs in one transaction that holds the retention advisory lock
     /// (`pg_try_advisory_xact_lock`: an instance that finds it taken skips, it never waits), so that with several
     /// instances each run happens once; a scheduled run also skips when `maintenance_runs` says another instance
     /// completed one less than ``RetentionRunOptions/skipIfRanWithin`` ago.
     ///
-    /// In that transaction, in this order: rollup rows before their levels' cut-offs are deleted (one statement per
-    /// level, by primary key per sensor); rows of the default partition before the raw cut-off are deleted (it holds
-    /// only readings that fell outside every daily partition, such as a backlog older than the first one); then every
-    /// daily partition `readings_YYYYMMDD` that ends at or before the raw cut-off is dropped. A drop locks `readings`
-    /// for a moment, so the drops come last, just before the commit, under a `lock_timeout` of 10 s (a run that cannot
-    /// get the lock fails and the next one tries again). `stored_sequences` is never touched: a reading sent again after
-    /// its partition was dropped is still a duplicate.
+    /// In that transaction, in this order:
+    /// - 1-minute rollups (partitioned by month, see ``PostgresSchema/partitionedMinuteRollups``): every monthly
+    ///   partition `rollups_1m_YYYYMM` that ends at or before the cut-off is listed to be dropped; rows before the
+    ///   cut-off are deleted by primary key per sensor only in the partition the cut-off falls in (at most a month) and
+    ///   in the default partition (buckets outside every month made), so the row deletes stay bounded however long the
+    ///   table's history. Hourly and daily rollups are deleted by primary key per sensor, one statement per level.
+    /// - Raw readings: rows of the default partition before the raw cut-off are deleted (it holds only readings that
+    ///   fell outside every daily partition, such as a backlog older than the first one); every daily partition
+    ///   `readings_YYYYMMDD` that ends at or before the cut-off is listed to be dropped.
+    /// - The notification outbox's old rows are deleted, and the run is recorded in `maintenance_runs`.
+    /// - Last, just before the commit, the listed partitions are dropped (readings first, then rollups: the order in
+    ///   which the write transaction takes its locks). A drop locks its parent table for a moment, so they come last,
+    ///   under a `lock_timeout` of 10 s (a run that cannot get a lock fails, whole, and the next one tries again).
+    ///
+    /// A dry run lists and counts the same and drops and deletes nothing. `stored_sequences` is never touched: a
+    /// reading sent again after its partition was dropped is still a duplicate.
     ///
     /// The run is a transaction of its own, without `query_timeout` (a first run on a large store may take minutes);
     /// its statements are bounded by a `statement_timeout` of 30 minutes.
@@ -45,19 +55,31 @@ extension PostgresIngestStore: RetentionStore {
                 var report = empty
                 for level in RollupLevel.allCases {
                     guard let cutoff = report.rollupCutoffs[level] else { continue }
-                    report.rollupRowsDeleted[level] = try await Self.purge(
-                        level.table, key: "bucket_us", before: cutoff, dryRun: options.dryRun, on: connection, logger: logger)
+                    guard level == .minute else {
+                        report.rollupRowsDeleted[level] = try await Self.purge(
+                            level.table, key: "bucket_us", before: cutoff, dryRun: options.dryRun, on: connection, logger: logger)
+                        continue
+                    }
+                    let months = try await Self.partitions(of: .minuteRollups, on: connection, logger: logger)
+                    var deleted = 0
+                    for month in months where month.end <= cutoff.microseconds {
+                        report.minuteRollupPartitionsDropped.append(month.name)
+                        report.rowsInDroppedMinuteRollupPartitions += month.estimatedRows
+                    }
+                    for month in months where month.start < cutoff.microseconds && cutoff.microseconds < month.end {
+                        deleted += try await Self.purge(month.name, key: "bucket_us", before: cutoff, dryRun: options.dryRun, on: connection, logger: logger)
+                    }
+                    deleted += try await Self.purge(
+                        TimePartition.Kind.minuteRollups.defaultPartition, key: "bucket_us", before: cutoff, dryRun: options.dryRun, on: connection,
+                        logger: logger)
+                    report.rollupRowsDeleted[level] = deleted
                 }
                 if let cutoff = report.rawCutoff {
                     report.rawRowsDeleted = try await Self.purge(
-                        "readings_default", key: "last_ts", before: cutoff, dryRun: options.dryRun, on: connection, logger: logger)
-                    let partitions = try await Self.dailyPartitions(on: connection, logger: logger)
-                    for partition in partitions where partition.end <= cutoff.microseconds {
-                        report.partitionsDropped.append(partition.name)
-                        report.rowsInDroppedPartitions += partition.estimatedRows
-                        if !options.dryRun {
-                            try await connection.query("DROP TABLE \(unescaped: "\"" + partition.name + "\"")", logger: logger)
-                        }
+                        TimePartition.Kind.readings.defaultPartition, key: "last_ts", before: cutoff, dryRun: options.dryRun, on: connection, logger: logger)
+                    for day in try await Self.partitions(of: .readings, on: connection, logger: logger) where day.end <= cutoff.microseconds {
+                        report.partitionsDropped.append(day.name)
+                        report.rowsInDroppedPartitions += day.estimatedRows
                     }
                 }
                 // Outbox rows: delivered ones by their delivery, dead letters by their last attempt (`alert_outbox_by_state`).
@@ -70,15 +92,21 @@ extension PostgresIngestStore: RetentionStore {
                         "state = 'dead' AND coalesce(last_attempt_at_us, created_at_us) < ", before: cutoff, dryRun: options.dryRun, on: connection,
                         logger: logger)
                 }
-                report.duration = ContinuousClock.now - started
-                if !options.dryRun {
-                    let summary = report.lines.joined(separator: "; ")
-                    try await connection.query(
-                        """
-                        INSERT INTO maintenance_runs(job, finished_at_us, summary) VALUES ('retention', \(now.microseconds), \(summary))
-                        ON CONFLICT (job) DO UPDATE SET finished_at_us = excluded.finished_at_us, summary = excluded.summary
-                        """, logger: logger)
+                guard !options.dryRun else {
+                    report.duration = ContinuousClock.now - started
+                    return report
                 }
+                let summary = report.lines.joined(separator: "; ")
+                try await connection.query(
+                    """
+                    INSERT INTO maintenance_runs(job, finished_at_us, summary) VALUES ('retention', \(now.microseconds), \(summary))
+                    ON CONFLICT (job) DO UPDATE SET finished_at_us = excluded.finished_at_us, summary = excluded.summary
+                    """, logger: logger)
+                // The drops, last: each holds an exclusive lock on its parent until the commit.
+                for name in report.partitionsDropped + report.minuteRollupPartitionsDropped {
+                    try await connection.query("DROP TABLE \(unescaped: "\"" + name + "\"")", logger: logger)
+                }
+                report.duration = ContinuousClock.now - started
                 return report
             }
         } catch let error as PostgresTransactionError {
@@ -87,25 +115,61 @@ extension PostgresIngestStore: RetentionStore {
         }
     }
 
-    /// A daily partition of `readings` and the range it holds.
-    struct DailyPartition {
+    /// A time partition (a day of `readings`, a month of `rollups_1m`) and the range it holds.
+    struct TimePartition {
+        /// The partitioned tables retention drops partitions of, and how their partitions are named.
+        enum Kind {
+            /// `readings_YYYYMMDD`, by `farmgate_create_partitions`.
+            case readings
+            /// `rollups_1m_YYYYMM`, by `farmgate_create_rollup_partitions`.
+            case minuteRollups
+
+            var parent: String {
+                switch self {
+                case .readings: "readings"
+                case .minuteRollups: RollupLevel.minute.table
+                }
+            }
+
+            var defaultPartition: String { parent + "_default" }
+
+            /// The partition names' pattern (a constant of this code, never input).
+            var pattern: String {
+                switch self {
+                case .readings: "^readings_[0-9]{8}$"
+                case .minuteRollups: "^rollups_1m_[0-9]{6}$"
+                }
+            }
+
+            /// The range `[start, end)` (UTC microseconds) a partition of this kind named `name` holds.
+            func range(of name: String) -> (start: Int64, end: Int64)? {
+                switch self {
+                case .readings:
+                    guard let start = PostgresIngestStore.dayStart(of: name) else { return nil }
+                    return (start, start + RollupLevel.day.width)
+                case .minuteRollups:
+                    return PostgresIngestStore.monthRange(of: name)
+                }
+            }
+        }
+
         var name: String
         var start: Int64
         var end: Int64
         var estimatedRows: Int
     }
 
-    /// The daily partitions of `readings` (named `readings_YYYYMMDD` by `farmgate_create_partitions`), oldest first.
-    static func dailyPartitions(on connection: PostgresConnection, logger: Logger) async throws -> [DailyPartition] {
-        var partitions: [DailyPartition] = []
+    /// The partitions of `kind` (by their names), oldest first; the default partition is not among them.
+    static func partitions(of kind: TimePartition.Kind, on connection: PostgresConnection, logger: Logger) async throws -> [TimePartition] {
+        var partitions: [TimePartition] = []
         for try await (name, tuples) in try await connection.query(
             """
             SELECT c.relname::text, c.reltuples::float8 FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-            WHERE i.inhparent = 'readings'::regclass AND c.relname ~ '^readings_[0-9]{8}$'
+            WHERE i.inhparent = \(kind.parent)::regclass AND c.relname ~ \(kind.pattern)
             """, logger: logger
         ).decode((String, Double).self) {
-            guard let start = dayStart(of: name) else { continue }
-            partitions.append(DailyPartition(name: name, start: start, end: start + RollupLevel.day.width, estimatedRows: tuples > 0 ? Int(tuples) : 0))
+            guard let range = kind.range(of: name) else { continue }
+            partitions.append(TimePartition(name: name, start: range.start, end: range.end, estimatedRows: tuples > 0 ? Int(tuples) : 0))
         }
         return partitions.sorted { $0.start < $1.start }
     }
@@ -116,6 +180,22 @@ extension PostgresIngestStore: RetentionStore {
         guard digits.count == 8, let year = Int(digits.prefix(4)), let month = Int(digits.dropFirst(4).prefix(2)), let day = Int(digits.suffix(2)) else {
             return nil
         }
+        return utcStart(year: year, month: month, day: day)
+    }
+
+    /// The range (UTC microseconds) of the month a partition named `rollups_1m_YYYYMM` holds: its first day's start to
+    /// the next month's.
+    static func monthRange(of name: String) -> (start: Int64, end: Int64)? {
+        let digits = name.dropFirst("rollups_1m_".count)
+        guard digits.count == 6, let year = Int(digits.prefix(4)), let month = Int(digits.suffix(2)), (1...12).contains(month),
+            let start = utcStart(year: year, month: month, day: 1),
+            let end = utcStart(year: month == 12 ? year + 1 : year, month: month == 12 ? 1 : month + 1, day: 1)
+        else { return nil }
+        return (start, end)
+    }
+
+    /// The start (UTC microseconds) of a calendar day.
+    private static func utcStart(year: Int, month: Int, day: Int) -> Int64? {
         var calendar = Calendar(identifier: .gregorian)
         guard let utc = TimeZone(identifier: "UTC") else { return nil }
         calendar.timeZone = utc
@@ -136,12 +216,13 @@ extension PostgresIngestStore: RetentionStore {
         return count
     }
 
-    /// Deletes (or counts) the rows of `table` before `cutoff`, by primary key per sensor where there is one.
+    /// Deletes (or counts) the rows of `table` before `cutoff`, by primary key per sensor where there is one. `table` is
+    /// a name of this code or of a partition it listed (never input).
     private static func purge(
         _ table: String, key: String, before cutoff: Timestamp, dryRun: Bool, on connection: PostgresConnection, logger: Logger
     ) async throws -> Int {
         let sql: PostgresQuery
-        if table == "readings_default" {
+        if table == TimePartition.Kind.readings.defaultPartition {
             // Readings are chunks (``PostgresReadingChunk``) that never cross a UTC day, and the cutoff is the start of
             // a day: a chunk whose last reading is before it is old as a whole. Counted in readings, not chunks.
             sql = dryRun

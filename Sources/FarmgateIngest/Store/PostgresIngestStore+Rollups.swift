@@ -6,17 +6,22 @@ import PostgresNIO
 /// query at 1m, 1h or 1d.
 extension PostgresIngestStore {
     public func rollups(sensorRowID: Int64, level: RollupLevel, from: Timestamp?, to: Timestamp?, limit: Int) async throws -> [RollupPoint] {
+        try await rows(Self.rollupQuery(sensorRowID: sensorRowID, level: level, from: from, to: to, limit: limit)) { row in
+            let (start, count, valid, sum, min, max, lastTime, last) = try row.decode((Int64, Int64, Int64, Double, Double?, Double?, Int64?, Double?).self)
+            return RollupPoint(start: start, count: count, validCount: valid, sum: sum, min: min, max: max, lastTimestamp: lastTime, last: last)
+        }
+    }
+
+    /// The range query of ``rollups(sensorRowID:level:from:to:limit:)``: a range of the primary key `(sensor_id,
+    /// bucket_us)`. On `rollups_1m`, partitioned by month, the bounds on `bucket_us` (bind parameters, which the server
+    /// plans with their values) prune the scan to the months the range spans: one or two for a day.
+    static func rollupQuery(sensorRowID: Int64, level: RollupLevel, from: Timestamp?, to: Timestamp?, limit: Int) -> PostgresQuery {
         let low = from.map { level.bucket(of: $0.microseconds) } ?? Int64.min
-        return try await rows(
-            """
+        return """
             SELECT bucket_us, count::int8, valid_count::int8, sum_value, min_value, max_value, last_us, last_value FROM \(unescaped: level.table)
             WHERE sensor_id = \(sensorRowID) AND bucket_us >= \(low) AND bucket_us < \(to?.microseconds ?? Int64.max)
             ORDER BY bucket_us LIMIT \(limit)
             """
-        ) { row in
-            let (start, count, valid, sum, min, max, lastTime, last) = try row.decode((Int64, Int64, Int64, Double, Double?, Double?, Int64?, Double?).self)
-            return RollupPoint(start: start, count: count, validCount: valid, sum: sum, min: min, max: max, lastTimestamp: lastTime, last: last)
-        }
     }
 
     public func storedReadingCount(sensorRowID: Int64, from: Timestamp, to: Timestamp) async throws -> Int {

@@ -16,7 +16,8 @@ import Synchronization
 /// time partitions and after a partition is dropped is explained on ``PostgresSchema``.
 ///
 /// The store is a `Service`: its ``run()`` runs the connection pool (queries wait until it runs), creates the coming
-/// days' partitions at start and then daily, and ends with the group's graceful shutdown, after the HTTP server.
+/// partitions (readings by day, 1-minute rollups by month) every six hours (``migrate()`` does at start), and ends with
+/// the group's graceful shutdown, after the HTTP server.
 ///
 /// ## Behind PgBouncer (transaction pooling)
 /// It works there as it is, because it needs nothing of a session: every statement is either alone or inside one
@@ -33,11 +34,15 @@ public final class PostgresIngestStore: IngestStore {
     public let settings: PostgresSettings
     let client: PostgresClient
     let logger: Logger
-    private let partitionsCreated = Counter(label: "farmgate_ingest_partitions_created_total")
+    /// Partitions created ahead, by table: daily ones of `readings`, monthly ones of `rollups_1m`.
+    private let readingPartitionsCreated = Counter(label: "farmgate_ingest_partitions_created_total", dimensions: [("table", "readings")])
+    private let rollupPartitionsCreated = Counter(label: "farmgate_ingest_partitions_created_total", dimensions: [("table", "rollups_1m")])
     /// Gathers concurrent batches into shared transactions.
     let groupCommit: PostgresGroupCommit
     /// How many days of partitions ``run()`` keeps ahead of today.
     public static let partitionDaysAhead = 7
+    /// How many months of 1-minute rollup partitions ``run()`` keeps ahead of this month.
+    public static let rollupPartitionMonthsAhead = 2
 
     /// Builds the pool (no connection is opened before ``run()`` runs).
     ///
@@ -84,7 +89,7 @@ public final class PostgresIngestStore: IngestStore {
                     return
                 } catch {
                     self.logger.error(
-                        "cannot create the coming days' reading partitions; readings go to the default partition meanwhile",
+                        "cannot create the coming partitions; readings and 1-minute rollups go to their default partitions meanwhile",
                         metadata: ["error": "\(String(reflecting: error))"])
                 }
             }
@@ -104,33 +109,67 @@ public final class PostgresIngestStore: IngestStore {
     /// How long shutdown waits for the pool's connections to close.
     static let shutdownGrace: Duration = .seconds(5)
 
-    /// Creates the partitions for yesterday through ``partitionDaysAhead`` days ahead that do not exist yet.
-    ///
-    /// - Returns: how many were created.
+    /// How many partitions one ``createPartitions(now:)`` created.
+    public struct CreatedPartitions: Sendable, Hashable {
+        /// Daily partitions of `readings` (`readings_YYYYMMDD`).
+        public var readings: Int
+        /// Monthly partitions of `rollups_1m` (`rollups_1m_YYYYMM`).
+        public var minuteRollups: Int
+    }
+
+    /// Creates the partitions that do not exist yet: of `readings` for yesterday through ``partitionDaysAhead`` days
+    /// ahead, of `rollups_1m` for last month through ``rollupPartitionMonthsAhead`` months ahead (UTC). One transaction
+    /// under the advisory lock ``PostgresSchema/partitionLock``; rows of the default partitions that belong to a new
+    /// partition move into it there (see ``PostgresSchema``). What was created is counted in
+    /// `farmgate_ingest_partitions_created_total{table}` and logged.
     @discardableResult
-    public func createPartitions(now: Timestamp = .now()) async throws -> Int {
+    public func createPartitions(now: Timestamp = .now()) async throws -> CreatedPartitions {
         let days = Self.partitionDaysAhead + 2
         let firstDay = Self.day(of: Timestamp(microseconds: now.microseconds - 86_400_000_000))
+        let months = Self.rollupPartitionMonthsAhead + 2
+        let firstMonth = Self.month(of: now, offset: -1)
         let created = try await transaction { connection in
             try await connection.query("SELECT pg_advisory_xact_lock(\(PostgresSchema.partitionLock))", logger: self.logger)
-            let rows = try await connection.query("SELECT farmgate_create_partitions(\(firstDay)::date, \(days)::integer)", logger: self.logger)
-            var created = 0
-            for try await count in rows.decode(Int.self) { created = count }
+            var created = CreatedPartitions(readings: 0, minuteRollups: 0)
+            for try await count in try await connection.query(
+                "SELECT farmgate_create_partitions(\(firstDay)::date, \(days)::integer)", logger: self.logger
+            ).decode(Int.self) { created.readings = count }
+            for try await count in try await connection.query(
+                "SELECT farmgate_create_rollup_partitions(\(firstMonth)::date, \(months)::integer)", logger: self.logger
+            ).decode(Int.self) { created.minuteRollups = count }
             return created
         }
-        if created > 0 {
-            partitionsCreated.increment(by: created)
-            logger.info("created reading partitions ahead", metadata: ["store.partitions.created": "\(created)", "store.partitions.from": "\(firstDay)"])
+        if created.readings > 0 || created.minuteRollups > 0 {
+            readingPartitionsCreated.increment(by: created.readings)
+            rollupPartitionsCreated.increment(by: created.minuteRollups)
+            logger.info(
+                "created partitions ahead",
+                metadata: [
+                    "store.partitions.readings_created": "\(created.readings)", "store.partitions.readings_from": "\(firstDay)",
+                    "store.partitions.rollups_1m_created": "\(created.minuteRollups)", "store.partitions.rollups_1m_from": "\(firstMonth)",
+                ])
         }
         return created
     }
 
     static func day(of timestamp: Timestamp) -> String {
+        let parts = utcParts(of: timestamp)
+        return String(format: "%04d-%02d-%02d", parts.year ?? 1970, parts.month ?? 1, parts.day ?? 1)
+    }
+
+    /// The first day (`YYYY-MM-01`) of the UTC month `offset` months from the one holding `timestamp`.
+    static func month(of timestamp: Timestamp, offset: Int) -> String {
+        let parts = utcParts(of: timestamp)
+        let index = (parts.year ?? 1970) * 12 + (parts.month ?? 1) - 1 + offset
+        let year = index >= 0 ? index / 12 : (index - 11) / 12
+        return String(format: "%04d-%02d-01", year, index - year * 12 + 1)
+    }
+
+    private static func utcParts(of timestamp: Timestamp) -> DateComponents {
         let date = Date(timeIntervalSince1970: Double(timestamp.microseconds / 1_000_000))
         var calendar = Calendar(identifier: .gregorian)
         calendar.timeZone = TimeZone(identifier: "UTC") ?? calendar.timeZone
-        let parts = calendar.dateComponents([.year, .month, .day], from: date)
-        return String(format: "%04d-%02d-%02d", parts.year ?? 1970, parts.month ?? 1, parts.day ?? 1)
+        return calendar.dateComponents([.year, .month, .day], from: date)
     }
 
     // MARK: Plumbing

@@ -20,6 +20,12 @@
 /// ahead). When a day's partition is created later, the chunks the default partition holds for that day move into it
 /// in the same transaction.
 ///
+/// ## Rollups (migrations 4 and 11)
+/// `rollups_1m`, `rollups_1h` and `rollups_1d` (see ``RollupLevel``). `rollups_1m` is partitioned by `RANGE
+/// (bucket_us)`, one partition per UTC calendar month (`rollups_1m_YYYYMM`) and a default partition, made ahead by
+/// `farmgate_create_rollup_partitions(first_month, months)` beside the readings' days, so that its retention drops
+/// whole months (``partitionedMinuteRollups``); the hourly and daily tables are not partitioned.
+///
 /// ## Idempotency across partitions
 /// PostgreSQL cannot enforce a unique index across partitions unless it contains the partition key, and (device,
 /// sequence) does not; a row-level unique index would also vanish with a dropped partition, after which a re-sent
@@ -53,8 +59,8 @@ enum PostgresSchema {
     static let retentionLock: Int64 = 0x6661_726D_7265_746E  // "farmretn"
 
     /// Migration 4's rollup tables (see ``RollupLevel``) and the rollups of the readings already stored. Sensors are
-    /// never deleted, so the tables carry no foreign key. Not partitioned: a 1-minute rollup row stands for every
-    /// reading of a sensor's minute (6 at 10 s), and its retention deletes rows, in one statement per run.
+    /// never deleted, so the tables carry no foreign key. Created unpartitioned; migration 11 partitions `rollups_1m` by
+    /// month (``partitionedMinuteRollups``), the hourly and daily tables stay as they are.
     static var rollupStatements: [String] {
         RollupLevel.allCases.flatMap { level -> [String] in
             let valid = "FILTER (WHERE flags & 2 = 0)"
@@ -378,12 +384,91 @@ enum PostgresSchema {
         Migration(
             version: 10, name: "enrollment_tokens.revoked_at_us: enrollment tokens withdrawn before they were used",
             statements: ["ALTER TABLE enrollment_tokens ADD COLUMN revoked_at_us bigint"]),
+        Migration(
+            version: 11, name: "rollups_1m partitioned by month (rollups_1m_YYYYMM and a default): retention drops whole months",
+            statements: PostgresSchema.partitionedMinuteRollups),
     ]
 
     static var currentVersion: Int { migrations.last?.version ?? 0 }
 }
 
 extension PostgresSchema {
+    /// Migration 11: `rollups_1m` becomes `PARTITION BY RANGE (bucket_us)`, one partition per UTC calendar month
+    /// (`rollups_1m_YYYYMM`) and a `DEFAULT` partition (`rollups_1m_default`) for buckets outside every month made,
+    /// so that its retention drops whole months instead of deleting a year-old month row by row: at 60 sensors a month
+    /// is 2.6 million rows, which a `DELETE` writes to the WAL one by one and leaves for vacuum. Same columns, same
+    /// primary key `(sensor_id, bucket_us)`: it holds the partition key, so it is enforced across partitions and the
+    /// write transaction's `ON CONFLICT (sensor_id, bucket_us)` upsert (``RollupSQL/merge(table:excluded:)``) works on
+    /// the parent as before; a range query for one sensor prunes to the months it spans.
+    ///
+    /// Partitions are created by `farmgate_create_rollup_partitions(first_month, months)`, like the readings' days
+    /// (``PostgresIngestStore/createPartitions(now:)`` calls both: last month through two months ahead): an existing
+    /// month is skipped; a new one is filled with the default partition's rows of that month in the same transaction,
+    /// then attached. The existing rows move in this migration's transaction (the table renamed, the new one made,
+    /// partitions for the months that have rows, `INSERT ... SELECT`, the old table dropped), as migration 5 did for
+    /// readings.
+    ///
+    /// `rollups_1h` and `rollups_1d` stay unpartitioned: they hold 24 and 1 rows per sensor and day (a year of 60 sensors
+    /// is 525,600 and 21,900 rows, against 31.5 million at 1 minute) and are kept forever by default, so there is
+    /// little to drop, and a configured retention deletes few rows by primary key.
+    static let partitionedMinuteRollups: [String] = [
+        "ALTER TABLE rollups_1m RENAME TO rollups_1m_v4",
+        "ALTER TABLE rollups_1m_v4 RENAME CONSTRAINT rollups_1m_pkey TO rollups_1m_v4_pkey",
+        """
+        CREATE TABLE rollups_1m (
+            bucket_us bigint NOT NULL,
+            sum_value double precision NOT NULL,
+            min_value double precision,
+            max_value double precision,
+            last_us bigint,
+            last_sequence bigint,
+            last_value double precision,
+            sensor_id integer NOT NULL,
+            count integer NOT NULL,
+            valid_count integer NOT NULL,
+            PRIMARY KEY (sensor_id, bucket_us)
+        ) PARTITION BY RANGE (bucket_us)
+        """,
+        "CREATE TABLE rollups_1m_default PARTITION OF rollups_1m DEFAULT",
+        """
+        CREATE FUNCTION farmgate_create_rollup_partitions(first_month date, months integer) RETURNS integer
+        LANGUAGE plpgsql AS $$
+        DECLARE
+            month_start timestamp;
+            low bigint;
+            high bigint;
+            partition text;
+            created integer := 0;
+        BEGIN
+            FOR i IN 0 .. months - 1 LOOP
+                month_start := date_trunc('month', first_month::timestamp) + make_interval(months => i);
+                partition := 'rollups_1m_' || to_char(month_start, 'YYYYMM');
+                CONTINUE WHEN to_regclass(partition) IS NOT NULL;
+                low := (extract(epoch FROM month_start) * 1000000)::bigint;
+                high := (extract(epoch FROM month_start + interval '1 month') * 1000000)::bigint;
+                EXECUTE format('CREATE TABLE %I (LIKE rollups_1m INCLUDING DEFAULTS INCLUDING CONSTRAINTS)', partition);
+                EXECUTE format(
+                    'WITH moved AS (DELETE FROM rollups_1m_default WHERE bucket_us >= %s AND bucket_us < %s RETURNING *) '
+                    'INSERT INTO %I SELECT * FROM moved', low, high, partition);
+                EXECUTE format('ALTER TABLE rollups_1m ATTACH PARTITION %I FOR VALUES FROM (%s) TO (%s)', partition, low, high);
+                created := created + 1;
+            END LOOP;
+            RETURN created;
+        END
+        $$
+        """,
+        """
+        SELECT farmgate_create_rollup_partitions(month_start, 1) FROM (
+            SELECT DISTINCT date_trunc('month', timestamp 'epoch' + (bucket_us / 1000000) * interval '1 second')::date AS month_start FROM rollups_1m_v4
+        ) months
+        """,
+        """
+        INSERT INTO rollups_1m (sensor_id, bucket_us, count, valid_count, sum_value, min_value, max_value, last_us, last_sequence, last_value)
+        SELECT sensor_id, bucket_us, count, valid_count, sum_value, min_value, max_value, last_us, last_sequence, last_value FROM rollups_1m_v4
+        """,
+        "DROP TABLE rollups_1m_v4",
+    ]
+
     /// Migration 9: the sensor tables devices declared in stateful frames (``WireStateStore``), by device and
     /// ``SensorTable/hash`` (stored as the bigint of the same 64 bits), holding the ``SensorTable/encoded`` bytes as
     /// declared. No time-based retention: a row is one configuration of a device's sensors, and a table a device declared

@@ -6,7 +6,8 @@ public import FarmgateWire
 /// Both stores keep them the same way: the write transaction that stores readings for the first time merges them
 /// (``StoreOutcome/fresh``, never a duplicate, so nothing counts twice) into `rollups_1m`, `rollups_1h` and `rollups_1d`,
 /// one upsert statement per level. A backlog that arrives days late updates the old buckets it falls in, in the same
-/// way. Each level has its own retention (`[retention]`).
+/// way. Each level has its own retention (`[retention]`); on PostgreSQL `rollups_1m` is partitioned by month, so that
+/// its retention drops whole months (``PostgresSchema/partitionedMinuteRollups``).
 ///
 /// ## What a bucket holds
 /// `count` is every stored reading in the bucket. Readings flagged `sensor_fault` are counted there but left out of
