@@ -5,7 +5,7 @@ SHELL := /bin/bash
 SWIFT ?= swift
 DEMO_SECONDS ?= 40
 
-.PHONY: demo test deps build release bench clean install deb
+.PHONY: demo test deps build release bench clean install install-ingest deb
 
 deps:
 	@.ci/install-deps
@@ -56,6 +56,16 @@ install:
 	@if [ -z "$(FARMGATE_BIN)" ]; then .ci/install-deps && $(SWIFT) build -c release --product farmgate; fi
 	@FARMGATE_BIN="$(or $(FARMGATE_BIN),$$($(SWIFT) build -c release --show-bin-path)/farmgate)" PREFIX="$(PREFIX)" DESTDIR="$(DESTDIR)" \
 		systemd/install/install-site.sh
+
+# Installing the ingest on a server: `make install-ingest` (PREFIX, DESTDIR, SYSCONFDIR honoured) builds the release
+# binary and lays out the binary, the systemd unit, a configuration (never overwriting one) and the docs; as root
+# without DESTDIR it also creates the user farmgate-ingest. FARMGATE_INGEST_BIN=path skips the build.
+FARMGATE_INGEST_BIN ?=
+
+install-ingest:
+	@if [ -z "$(FARMGATE_INGEST_BIN)" ]; then .ci/install-deps && $(SWIFT) build -c release --product farmgate-ingest; fi
+	@FARMGATE_INGEST_BIN="$(or $(FARMGATE_INGEST_BIN),$$($(SWIFT) build -c release --show-bin-path)/farmgate-ingest)" PREFIX="$(PREFIX)" \
+		DESTDIR="$(DESTDIR)" SYSCONFDIR="$(SYSCONFDIR)" systemd/install/install-ingest.sh
 
 deb:
 	@if [ -z "$(FARMGATE_BIN)" ]; then .ci/install-deps && $(SWIFT) build -c release --product farmgate --static-swift-stdlib; fi

@@ -51,6 +51,53 @@ struct InstallTests {
         #expect(missing.status != 0 && missing.stderr.contains("is not an executable"), "\(missing.stderr)")
     }
 
+    @Test func makeInstallIngestLaysOutTheServiceWithAConfigurationThatRuns() async throws {
+        let staging = try Scratch(prefix: "fg-install-ingest")
+        let binary = builtExecutable("farmgate-ingest")
+        let first = try await Self.make(["install-ingest", "DESTDIR=\(staging.path)", "PREFIX=/opt/fgi", "FARMGATE_INGEST_BIN=\(binary)"])
+        #expect(first.status == 0, "\(first.stderr)")
+        #expect(first.stdout.contains("skipped creating the user farmgate-ingest: DESTDIR is set"), "\(first.stdout)")
+        for file in [
+            "opt/fgi/bin/farmgate-ingest", "opt/fgi/lib/systemd/system/farmgate-ingest.service", "etc/farmgate/ingest.toml",
+            "opt/fgi/share/doc/farmgate-ingest/README.md", "opt/fgi/share/doc/farmgate-ingest/examples/nginx-farmgate.conf",
+            "opt/fgi/share/doc/farmgate-ingest/examples/ingest-alert-rules.toml",
+        ] {
+            #expect(FileManager.default.fileExists(atPath: staging.file(file)), "missing \(file)")
+        }
+        #expect(FileManager.default.contentsEqual(atPath: staging.file("opt/fgi/bin/farmgate-ingest"), andPath: binary))
+        let unit = try String(contentsOfFile: staging.file("opt/fgi/lib/systemd/system/farmgate-ingest.service"), encoding: .utf8)
+        #expect(unit.contains("ExecStartPre=/opt/fgi/bin/farmgate-ingest migrate --config /etc/farmgate/ingest.toml"))
+        #expect(unit.contains("ExecStart=/opt/fgi/bin/farmgate-ingest serve --config /etc/farmgate/ingest.toml"))
+        #expect(!unit.contains("/usr/local/bin"))
+        // The configuration may hold a database password: not world-readable.
+        let mode = try FileManager.default.attributesOfItem(atPath: staging.file("etc/farmgate/ingest.toml"))[.posixPermissions] as? Int
+        #expect(mode == 0o640)
+
+        // The installed configuration runs as it is, its store moved into the scratch directory.
+        let installed = try String(contentsOfFile: staging.file("etc/farmgate/ingest.toml"), encoding: .utf8)
+        #expect(installed.contains("path = \"/var/lib/farmgate-ingest/ingest.sqlite\""))
+        let local = staging.file("ingest.toml")
+        try installed.replacingOccurrences(of: "/var/lib/farmgate-ingest/", with: staging.path + "/").write(toFile: local, atomically: true, encoding: .utf8)
+        let migrated = try await runCommand(binary, ["migrate", "--config", local])
+        #expect(migrated.status == 0, "\(migrated.stderr)")
+        #expect(FileManager.default.fileExists(atPath: staging.file("ingest.sqlite")))
+
+        // A second install keeps the configuration; SYSCONFDIR moves it and the unit follows.
+        try "# mine\n".write(toFile: staging.file("etc/farmgate/ingest.toml"), atomically: true, encoding: .utf8)
+        let second = try await Self.make(["install-ingest", "DESTDIR=\(staging.path)", "PREFIX=/opt/fgi", "FARMGATE_INGEST_BIN=\(binary)"])
+        #expect(second.status == 0, "\(second.stderr)")
+        #expect(try String(contentsOfFile: staging.file("etc/farmgate/ingest.toml"), encoding: .utf8) == "# mine\n")
+        #expect(FileManager.default.fileExists(atPath: staging.file("etc/farmgate/ingest.toml.example")))
+        let moved = try await Self.make(["install-ingest", "DESTDIR=\(staging.path)", "SYSCONFDIR=/srv/conf", "FARMGATE_INGEST_BIN=\(binary)"])
+        #expect(moved.status == 0, "\(moved.stderr)")
+        #expect(FileManager.default.fileExists(atPath: staging.file("srv/conf/farmgate/ingest.toml")))
+        let movedUnit = try String(contentsOfFile: staging.file("usr/local/lib/systemd/system/farmgate-ingest.service"), encoding: .utf8)
+        #expect(movedUnit.contains("serve --config /srv/conf/farmgate/ingest.toml"))
+
+        let missing = try await Self.make(["install-ingest", "DESTDIR=\(staging.path)", "FARMGATE_INGEST_BIN=\(staging.file("nothing"))"])
+        #expect(missing.status != 0 && missing.stderr.contains("is not an executable"), "\(missing.stderr)")
+    }
+
     @Test func makeDebBuildsAPackageDpkgDebAccepts() async throws {
         let out = try Scratch(prefix: "fg-deb")
         // A debug build links the Swift runtime dynamically; `make deb` itself builds with --static-swift-stdlib.
