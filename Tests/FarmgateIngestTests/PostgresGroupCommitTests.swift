@@ -20,16 +20,8 @@ import Testing
 
     /// Runs `body` on one connection of its own to the test database (to hold locks, or kill the store's backends).
     static func withConnection<T: Sendable>(_ settings: PostgresSettings, _ body: @Sendable (PostgresConnection) async throws -> T) async throws -> T {
-        guard case .unixSocket(let path) = settings.endpoint else { throw MissingTestDatabase() }
-        let client = PostgresClient(
-            configuration: .init(unixSocketPath: path, username: settings.username, password: settings.password, database: settings.database))
-        return try await withThrowingTaskGroup(of: T?.self) { group in
-            group.addTask {
-                await client.run()
-                return nil
-            }
-            defer { group.cancelAll() }
-            return try await client.withConnection { connection in try await body(connection) }
+        try await withTestClient(settings) { client in
+            try await client.withConnection { connection in try await body(connection) }
         }
     }
 

@@ -28,12 +28,7 @@ import Testing
     }
 
     static func count(_ settings: PostgresSettings, _ sql: String) async throws -> Int {
-        guard case .unixSocket(let path) = settings.endpoint else { throw MissingTestDatabase() }
-        let client = PostgresClient(
-            configuration: .init(unixSocketPath: path, username: settings.username, password: settings.password, database: settings.database))
-        return try await withThrowingTaskGroup(of: Void.self) { group in
-            group.addTask { await client.run() }
-            defer { group.cancelAll() }
+        try await withTestClient(settings) { client in
             var result = -1
             for try await value in try await client.query(PostgresQuery(unsafeSQL: sql)).decode(Int.self) { result = value }
             return result
@@ -42,12 +37,7 @@ import Testing
 
     /// The text in the first column of every row `query` returns.
     static func texts(_ settings: PostgresSettings, _ query: PostgresQuery) async throws -> [String] {
-        guard case .unixSocket(let path) = settings.endpoint else { throw MissingTestDatabase() }
-        let client = PostgresClient(
-            configuration: .init(unixSocketPath: path, username: settings.username, password: settings.password, database: settings.database))
-        return try await withThrowingTaskGroup(of: Void.self) { group in
-            group.addTask { await client.run() }
-            defer { group.cancelAll() }
+        try await withTestClient(settings) { client in
             var result: [String] = []
             for try await row in try await client.query(query) { result.append(try row.decode(String.self)) }
             return result

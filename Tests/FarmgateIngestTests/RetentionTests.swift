@@ -260,13 +260,8 @@ import Testing
 
     /// Runs `body` while another session holds the retention advisory lock.
     static func holdingRetentionLock<T: Sendable>(_ settings: PostgresSettings, _ body: @Sendable () async throws -> T) async throws -> T {
-        guard case .unixSocket(let path) = settings.endpoint else { throw MissingTestDatabase() }
-        let client = PostgresClient(
-            configuration: .init(unixSocketPath: path, username: settings.username, password: settings.password, database: settings.database))
-        return try await withThrowingTaskGroup(of: Void.self) { group in
-            group.addTask { await client.run() }
-            defer { group.cancelAll() }
-            return try await client.withConnection { connection in
+        try await withTestClient(settings) { client in
+            try await client.withConnection { connection in
                 try await connection.query("SELECT pg_advisory_lock(\(PostgresSchema.retentionLock))", logger: testLogger)
                 let result = try await body()
                 try await connection.query("SELECT pg_advisory_unlock(\(PostgresSchema.retentionLock))", logger: testLogger)

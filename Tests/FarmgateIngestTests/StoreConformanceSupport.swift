@@ -63,6 +63,18 @@ func withTestDatabase<T: Sendable>(_ body: @Sendable (PostgresSettings) async th
     }
 }
 
+/// Runs `body` with a client of its own on the database `settings` names: a session apart from a store's pool.
+func withTestClient<T: Sendable>(_ settings: PostgresSettings, _ body: @Sendable (PostgresClient) async throws -> T) async throws -> T {
+    guard case .unixSocket(let path) = settings.endpoint else { throw MissingTestDatabase() }
+    let client = PostgresClient(
+        configuration: .init(unixSocketPath: path, username: settings.username, password: settings.password, database: settings.database))
+    return try await withThrowingTaskGroup(of: Void.self) { group in
+        group.addTask { await client.run() }
+        defer { group.cancelAll() }
+        return try await body(client)
+    }
+}
+
 /// Runs one statement on the test server's maintenance database.
 func adminQuery(_ settings: PostgresSettings, _ sql: String) async throws {
     guard case .unixSocket(let path) = settings.endpoint else { throw MissingTestDatabase() }

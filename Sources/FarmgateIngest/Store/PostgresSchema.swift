@@ -58,28 +58,23 @@ enum PostgresSchema {
     /// The key of the advisory lock that one retention run holds, so that with several instances each run happens once.
     static let retentionLock: Int64 = 0x6661_726D_7265_746E  // "farmretn"
 
-    /// Migration 4's rollup tables (see ``RollupLevel``) and the rollups of the readings already stored. Sensors are
+    /// Migration 4's rollup tables (see ``RollupLevel``; columns ``rollupColumns``, which migration 11 uses again) and
+    /// the rollups of the readings already stored. Sensors are
     /// never deleted, so the tables carry no foreign key. Created unpartitioned; migration 11 partitions `rollups_1m` by
     /// month (``partitionedMinuteRollups``), the hourly and daily tables stay as they are.
+    static let rollupColumns = """
+        bucket_us bigint NOT NULL, sum_value double precision NOT NULL, min_value double precision, max_value double precision,
+        last_us bigint, last_sequence bigint, last_value double precision, sensor_id integer NOT NULL, count integer NOT NULL,
+        valid_count integer NOT NULL, PRIMARY KEY (sensor_id, bucket_us)
+        """
+
     static var rollupStatements: [String] {
         RollupLevel.allCases.flatMap { level -> [String] in
             let valid = "FILTER (WHERE flags & 2 = 0)"
             let latest = "ORDER BY timestamp_us DESC, sequence DESC) \(valid))[1]"
             return [
                 """
-                CREATE TABLE \(level.table) (
-                    bucket_us bigint NOT NULL,
-                    sum_value double precision NOT NULL,
-                    min_value double precision,
-                    max_value double precision,
-                    last_us bigint,
-                    last_sequence bigint,
-                    last_value double precision,
-                    sensor_id integer NOT NULL,
-                    count integer NOT NULL,
-                    valid_count integer NOT NULL,
-                    PRIMARY KEY (sensor_id, bucket_us)
-                )
+                CREATE TABLE \(level.table) (\(rollupColumns))
                 """,
                 """
                 INSERT INTO \(level.table) (sensor_id, bucket_us, count, valid_count, sum_value, min_value, max_value, last_us, last_sequence, last_value)
@@ -415,19 +410,7 @@ extension PostgresSchema {
         "ALTER TABLE rollups_1m RENAME TO rollups_1m_v4",
         "ALTER TABLE rollups_1m_v4 RENAME CONSTRAINT rollups_1m_pkey TO rollups_1m_v4_pkey",
         """
-        CREATE TABLE rollups_1m (
-            bucket_us bigint NOT NULL,
-            sum_value double precision NOT NULL,
-            min_value double precision,
-            max_value double precision,
-            last_us bigint,
-            last_sequence bigint,
-            last_value double precision,
-            sensor_id integer NOT NULL,
-            count integer NOT NULL,
-            valid_count integer NOT NULL,
-            PRIMARY KEY (sensor_id, bucket_us)
-        ) PARTITION BY RANGE (bucket_us)
+        CREATE TABLE rollups_1m (\(rollupColumns)) PARTITION BY RANGE (bucket_us)
         """,
         "CREATE TABLE rollups_1m_default PARTITION OF rollups_1m DEFAULT",
         """
