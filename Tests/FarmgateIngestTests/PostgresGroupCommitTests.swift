@@ -265,6 +265,34 @@ extension PostgresGroupCommitTests {
         }
     }
 
+    @Test("batches of one device in one group see what the earlier ones stored: repeats are duplicates, changed values conflicts")
+    func batchesOfOneDeviceInOneGroupCompareWithEachOther() async throws {
+        try await Self.withStore(concurrency: 1, devices: 2) { store, _, devices in
+            let results = try await store.transaction(settingTimeout: false) { connection in
+                func member(_ device: DeviceIdentity, _ sequences: ClosedRange<UInt64>, value: Double) throws -> PostgresBatchWriter.Member {
+                    PostgresBatchWriter.Member(
+                        batch: try phBatch(device: device.device.rawValue, sequences: sequences, value: value), device: device, receivedAt: testNow)
+                }
+                // The first device's batches are first, fourth and last; the other device's between them.
+                let group = [
+                    try member(devices[0], 1...10, value: 6.5), try member(devices[1], 1...10, value: 6.5), try member(devices[1], 5...12, value: 6.5),
+                    try member(devices[0], 8...12, value: 6.5), try member(devices[0], 1...3, value: 7.1),
+                ]
+                return try await PostgresBatchWriter(connection: connection, statementTimeout: nil, logger: testLogger).write(group).map {
+                    try $0.get()
+                }
+            }
+            #expect(results.map(\.tally) == [
+                Tally(accepted: 10, duplicates: 0, rejected: 0), Tally(accepted: 10, duplicates: 0, rejected: 0),
+                Tally(accepted: 2, duplicates: 6, rejected: 0), Tally(accepted: 2, duplicates: 3, rejected: 0),
+                Tally(accepted: 0, duplicates: 0, rejected: 3),
+            ])
+            #expect(results.last?.rejected.allSatisfy { $0.code == RejectionCode.sequenceConflict && $0.message.contains("stored 6.5, sent 7.1") } == true)
+            #expect(try await store.highestSequence(device: devices[0]) == 12)
+            #expect(try await store.highestSequence(device: devices[1]) == 12)
+        }
+    }
+
     @Test("a group waiting for a device another transaction holds gives up after the timeout (lock_timeout, 55P03)")
     func aHeldDeviceLockTimesOut() async throws {
         try await PostgresGroupCommitTests.withStore(concurrency: 1, devices: 1) { store, settings, devices in

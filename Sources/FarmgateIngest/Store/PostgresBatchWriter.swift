@@ -209,12 +209,17 @@ struct PostgresBatchWriter {
         // 5. Sort each batch, in arrival order, into new readings, duplicates and conflicts.
         var ranges = storedRanges
         var storedInGroup: [Int64: [Int64: StoredRow]] = [:]
+        // How many of the group's batches each device still has to come: what a batch stores is kept for comparison
+        // only when a later batch of its device may repeat it (most groups hold one batch per device).
+        var batchesToCome: [Int64: Int] = [:]
+        for index in live where results[index] == nil { batchesToCome[members[index].device.rowID, default: 0] += 1 }
         var freshByMember: [Int: [Candidate]] = [:]
         for index in live where results[index] == nil {
             guard let member = prepared[index] else { continue }
             let device = members[index].device.rowID
             var rejected = member.rejected
             var fresh: [Int64: Candidate] = [:]
+            fresh.reserveCapacity(member.candidates.count)
             var freshOrder: [Int64] = []
             var toCompare: [Candidate] = []
             var inBatchRepeats: [Candidate] = []
@@ -250,7 +255,10 @@ struct PostgresBatchWriter {
             }
             let inserted = freshOrder.compactMap { fresh[$0] }
             ranges[device] = Self.merge(ranges[device] ?? [], adding: inserted.map(\.sequence))
-            for candidate in inserted { storedInGroup[device, default: [:]][candidate.sequence] = Self.row(candidate) }
+            batchesToCome[device, default: 1] -= 1
+            if batchesToCome[device, default: 0] > 0 {
+                for candidate in inserted { storedInGroup[device, default: [:]][candidate.sequence] = Self.row(candidate) }
+            }
             freshByMember[index] = inserted
             let committed = inserted.compactMap { candidate in
                 member.seen[candidate.reading.sensor].map { CommittedReading(candidate.reading, sensorRowID: candidate.sensorRow, quantity: $0) }
