@@ -43,8 +43,8 @@ public struct ScanOptions: Sendable {
 }
 
 /// Finds serial ports and what answers on them, without fighting anyone for a port: each port is opened with the
-/// exclusive lock the drivers take (non-blocking, tried again for ``ScanOptions/busyPatience`` before a held port is reported busy), and every probe has
-/// a deadline inside the port's budget.
+/// exclusive lock the drivers take (non-blocking, tried again for ``ScanOptions/busyPatience`` before a held port is
+/// reported busy), and every probe has a deadline inside the port's budget.
 public enum SerialScan {
     /// A port to probe.
     public struct Candidate: Sendable, Hashable {
