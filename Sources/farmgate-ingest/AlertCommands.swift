@@ -259,7 +259,7 @@ struct SilenceCommand: AsyncParsableCommand {
                 end = time
             case (nil, let text?):
                 guard let length = ConfigTable.parseDuration(text), length > .zero else { throw ValidationError("--for '\(text)' must be a duration such as 30m or 2h") }
-                end = Timestamp(microseconds: now.microseconds + length.components.seconds * 1_000_000 + length.components.attoseconds / 1_000_000_000_000)
+                end = Timestamp(microseconds: now.microseconds + length.wholeMicroseconds)
             default:
                 throw ValidationError("give exactly one of --until TIME or --for DURATION")
             }

@@ -153,8 +153,7 @@ extension BufferStore {
                 clock.bootKeys = clock.bootKeys.filter { $0.value == key }
             }
         }
-        let components = observation.hold.components
-        clock.holdMicroseconds = max(0, components.seconds * 1_000_000 + components.attoseconds / 1_000_000_000_000)
+        clock.holdMicroseconds = max(0, observation.hold.wholeMicroseconds)
         clock.boottimeNow = reading.boottime
         guard reading.synchronized else {
             if clock.bootEpoch != nil {

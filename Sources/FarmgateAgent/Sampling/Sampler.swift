@@ -225,8 +225,7 @@ struct Deadband {
 
     init(deadband: Double, heartbeat: Duration) {
         self.deadband = deadband
-        let components = heartbeat.components
-        self.heartbeatMicroseconds = components.seconds * 1_000_000 + components.attoseconds / 1_000_000_000_000
+        self.heartbeatMicroseconds = heartbeat.wholeMicroseconds
     }
 
     mutating func admit(_ value: Double, at time: Timestamp) -> Decision {

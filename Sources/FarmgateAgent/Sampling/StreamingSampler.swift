@@ -1,3 +1,4 @@
+import FarmgateSupport
 import FarmgateWire
 import Logging
 import ServiceLifecycle
@@ -167,7 +168,7 @@ public final class StreamingSampler: Service {
     private func sample(
         _ configuration: SensorConfiguration, _ value: SensorValue, age: Duration, clocks: ClockReading, synchronized: Bool
     ) -> Sample {
-        let ageMicroseconds = age.components.seconds * 1_000_000 + age.components.attoseconds / 1_000_000_000_000
+        let ageMicroseconds = age.wholeMicroseconds
         var quality = value.quality
         if !synchronized { quality.insert(.clockUnsynchronized) }
         if let expected = configuration.expectedRange, !expected.contains(value.value) { quality.insert(.outOfRange) }

@@ -191,7 +191,7 @@ public struct AlertRuleSpec: Codable, Sendable, Hashable {
             guard let parsed = ConfigTable.parseDuration(text) else {
                 throw AlertRuleError(field: field, message: "'\(text.prefix(40))' is not a duration; write it like \"30s\", \"15m\", \"2h\" or \"30d\"")
             }
-            let micro = parsed.components.seconds * 1_000_000 + parsed.components.attoseconds / 1_000_000_000_000
+            let micro = parsed.wholeMicroseconds
             guard micro <= 366 * 86_400_000_000 else { throw AlertRuleError(field: field, message: "must be at most 366 days") }
             return micro
         }

@@ -66,8 +66,7 @@ extension IngestConfiguration {
         /// Where a run at `now` cuts a period: the start of the UTC day `period` before `now`; nil for forever.
         public static func cutoff(_ period: Duration?, now: Timestamp) -> Timestamp? {
             guard let period else { return nil }
-            let microseconds = period.components.seconds * 1_000_000 + period.components.attoseconds / 1_000_000_000_000
-            return Timestamp(microseconds: RollupLevel.day.bucket(of: now.microseconds - microseconds))
+            return Timestamp(microseconds: RollupLevel.day.bucket(of: now.microseconds - period.wholeMicroseconds))
         }
 
         /// `90d`, `forever`: how a period is written in logs and the command's output.

@@ -1,3 +1,4 @@
+import FarmgateSupport
 import FarmgateWire
 import Foundation
 import Hummingbird
@@ -147,7 +148,7 @@ struct EnrollmentController: Sendable {
 
     /// A used token: the same answer again within the grace window, else 410 `token_used`.
     private func repeatOrRefuse(_ record: EnrollmentTokenRecord, token: APIKey, client: ClientAddress, at: Timestamp) async throws(APIError) -> Response {
-        let grace = Self.microseconds(settings.graceWindow)
+        let grace = settings.graceWindow.wholeMicroseconds
         if let usedAt = record.usedAt, at.microseconds - usedAt.microseconds <= grace, let sealed = record.sealedKey,
             let action = record.action, let key = EnrollmentSeal.open(sealed, with: token)
         {
@@ -248,10 +249,5 @@ struct EnrollmentController: Sendable {
 
     private static func invalid(_ message: String) -> APIError {
         APIError(.unauthorized, code: EnrollmentErrorCode.invalidToken, message: message, headers: [.wwwAuthenticate: "Bearer"])
-    }
-
-    static func microseconds(_ duration: Duration) -> Int64 {
-        let (seconds, attoseconds) = duration.components
-        return seconds * 1_000_000 + attoseconds / 1_000_000_000_000
     }
 }

@@ -1,3 +1,4 @@
+import FarmgateSupport
 public import FarmgateWire
 
 extension IngestAdmin {
@@ -14,7 +15,7 @@ extension IngestAdmin {
     public func createEnrollmentToken(
         farm: String, device: DeviceID, ttl: Duration, in store: any EnrollmentStore, now: Timestamp = .now()
     ) async throws -> (token: APIKey, record: EnrollmentTokenRecord) {
-        let microseconds = ttl.components.seconds * 1_000_000 + ttl.components.attoseconds / 1_000_000_000_000
+        let microseconds = ttl.wholeMicroseconds
         for attempt in 1...5 {
             let key = APIKey.generate(kind: .enrollment)
             do {

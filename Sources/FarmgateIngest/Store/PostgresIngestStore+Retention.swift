@@ -1,3 +1,4 @@
+import FarmgateSupport
 import FarmgateWire
 import Foundation
 import Logging
@@ -46,7 +47,7 @@ extension PostgresIngestStore: RetentionStore {
                     for try await finished in try await connection.query(
                         "SELECT finished_at_us FROM maintenance_runs WHERE job = 'retention'", logger: logger
                     ).decode(Int64.self) {
-                        let windowMicroseconds = window.components.seconds * 1_000_000 + window.components.attoseconds / 1_000_000_000_000
+                        let windowMicroseconds = window.wholeMicroseconds
                         if now.microseconds - finished < windowMicroseconds, finished <= now.microseconds {
                             return .skip(.ranRecently(Timestamp(microseconds: finished)), retention: retention, now: now, dryRun: options.dryRun)
                         }
