@@ -152,11 +152,7 @@ import Testing
     @Test func migrationFiveConvertsTheRowsOfMigrationOne() async throws {
         try await withTestDatabase { settings in
             // The schema as migrations 1 and 2 left it, with readings in the flat layout.
-            try await adminQuery(settings, PostgresSchema.bookkeeping)
-            for migration in PostgresSchema.migrations where migration.version <= 2 {
-                for statement in migration.statements { try await adminQuery(settings, statement) }
-                try await adminQuery(settings, "INSERT INTO schema_migrations VALUES (\(migration.version), 'test', 0)")
-            }
+            try await postgresSchema(migratedTo: 2, settings)
             try await adminQuery(settings, "SELECT farmgate_create_partitions('2025-12-31', 2)")
             try await adminQuery(settings, "INSERT INTO farms(name, created_at_us) VALUES ('f1', 0)")
             try await adminQuery(settings, "INSERT INTO devices(farm_id, name, key_id, secret_sha256, created_at_us, highest_sequence) VALUES (1, 'd1', 'kd1', '\\x01', 0, 10000)")

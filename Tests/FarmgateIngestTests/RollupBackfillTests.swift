@@ -49,17 +49,8 @@ import Testing
 
     @Test func postgresMigrationBuildsTheRollupsOfTheReadingsAlreadyStored() async throws {
         try await withTestDatabase { settings in
-            guard case .unixSocket(let socket) = settings.endpoint else { throw MissingTestDatabase() }
-            let client = PostgresClient(
-                configuration: .init(unixSocketPath: socket, username: settings.username, password: settings.password, database: settings.database))
-            try await withThrowingTaskGroup(of: Void.self) { group in
-                group.addTask { await client.run() }
-                defer { group.cancelAll() }
-                try await client.query(PostgresQuery(unsafeSQL: PostgresSchema.bookkeeping))
-                for migration in PostgresSchema.migrations where migration.version < 4 {
-                    for statement in migration.statements { try await client.query(PostgresQuery(unsafeSQL: statement)) }
-                    try await client.query("INSERT INTO schema_migrations(version, name, applied_at_us) VALUES (\(migration.version), \(migration.name), 0)")
-                }
+            try await postgresSchema(migratedTo: 3, settings)
+            try await withTestClient(settings) { client in
                 try await client.query(
                     """
                     INSERT INTO farms(id, name, created_at_us) VALUES (1, 'f1', 0);
@@ -99,11 +90,7 @@ import Testing
     @Test func postgresMigrationElevenMovesTheMinuteRollupsIntoMonthlyPartitionsAndTheyStillMergeExactly() async throws {
         try await withTestDatabase { settings in
             // The schema as migration 10 left it, with daily partitions for the readings.
-            try await adminQuery(settings, PostgresSchema.bookkeeping)
-            for migration in PostgresSchema.migrations where migration.version <= 10 {
-                for statement in migration.statements { try await adminQuery(settings, statement) }
-                try await adminQuery(settings, "INSERT INTO schema_migrations VALUES (\(migration.version), 'test', 0)")
-            }
+            try await postgresSchema(migratedTo: 10, settings)
             try await adminQuery(settings, "SELECT farmgate_create_partitions('2025-09-30', 95)")
             #expect(try await PostgresStoreTests.count(settings, "SELECT count(*)::int8 FROM pg_partitioned_table WHERE partrelid = 'rollups_1m'::regclass") == 0)
             // October to December 2025, stored (and rolled up) before the migration.

@@ -75,6 +75,16 @@ func withTestClient<T: Sendable>(_ settings: PostgresSettings, _ body: @Sendable
     }
 }
 
+/// The PostgreSQL schema as migrations 1 through `version` left it, in the database `settings` names, each recorded in
+/// `schema_migrations`: the starting point of an upgrade test.
+func postgresSchema(migratedTo version: Int, _ settings: PostgresSettings) async throws {
+    try await adminQuery(settings, PostgresSchema.bookkeeping)
+    for migration in PostgresSchema.migrations where migration.version <= version {
+        for statement in migration.statements { try await adminQuery(settings, statement) }
+        try await adminQuery(settings, "INSERT INTO schema_migrations VALUES (\(migration.version), '\(migration.name.replacingOccurrences(of: "'", with: "''"))', 0)")
+    }
+}
+
 /// Runs one statement on the test server's maintenance database.
 func adminQuery(_ settings: PostgresSettings, _ sql: String) async throws {
     guard case .unixSocket(let path) = settings.endpoint else { throw MissingTestDatabase() }

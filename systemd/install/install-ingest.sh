@@ -14,6 +14,7 @@
 # lets its group read the configuration (which may hold a database password) and reloads systemd.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. systemd/install/install-lib.sh
 
 : "${FARMGATE_INGEST_BIN:?FARMGATE_INGEST_BIN must name the farmgate-ingest binary to install (make install-ingest sets it)}"
 PREFIX=${PREFIX:-/usr/local}
@@ -30,20 +31,10 @@ install -d -m 0755 "$root$PREFIX/bin" "$root$UNITDIR" "$root$SYSCONFDIR/farmgate
 install -m 0755 "$FARMGATE_INGEST_BIN" "$root$PREFIX/bin/farmgate-ingest"
 echo "installed $root$PREFIX/bin/farmgate-ingest"
 
-sed "s#/usr/local/bin/farmgate-ingest#$PREFIX/bin/farmgate-ingest#g; s#/etc/farmgate/#$SYSCONFDIR/farmgate/#g" systemd/farmgate-ingest.service \
-    > "$root$UNITDIR/farmgate-ingest.service.tmp"
-chmod 0644 "$root$UNITDIR/farmgate-ingest.service.tmp"
-mv "$root$UNITDIR/farmgate-ingest.service.tmp" "$root$UNITDIR/farmgate-ingest.service"
-echo "installed $root$UNITDIR/farmgate-ingest.service"
-
-config="$root$SYSCONFDIR/farmgate/ingest.toml"
-if [ -e "$config" ]; then
-    install -m 0640 systemd/install/ingest.toml "$config.example"
-    echo "kept the existing $config; the example is $config.example"
-else
-    install -m 0640 systemd/install/ingest.toml "$config"
-    echo "installed $config (SQLite in /var/lib/farmgate-ingest; set [storage] url for PostgreSQL)"
-fi
+install_unit systemd/farmgate-ingest.service "$root$UNITDIR/farmgate-ingest.service" \
+    "s#/usr/local/bin/farmgate-ingest#$PREFIX/bin/farmgate-ingest#g; s#/etc/farmgate/#$SYSCONFDIR/farmgate/#g"
+install_config systemd/install/ingest.toml "$root$SYSCONFDIR/farmgate/ingest.toml" 0640 \
+    "SQLite in /var/lib/farmgate-ingest; set [storage] url for PostgreSQL"
 
 install -m 0644 README.md "$root$PREFIX/share/doc/farmgate-ingest/README.md"
 install -m 0644 examples/ingest.toml examples/ingest-alert-rules.toml examples/nginx-farmgate.conf "$root$PREFIX/share/doc/farmgate-ingest/examples/"

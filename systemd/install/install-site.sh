@@ -15,6 +15,7 @@
 # system user farmgate in the groups dialout and gpio and reloads systemd.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. systemd/install/install-lib.sh
 
 : "${FARMGATE_BIN:?FARMGATE_BIN must name the farmgate binary to install (make install sets it)}"
 PREFIX=${PREFIX:-/usr/local}
@@ -35,19 +36,8 @@ install -d -m 0755 "$root$PREFIX/bin" "$root$UNITDIR" "$root$SYSCONFDIR/farmgate
 install -m 0755 "$FARMGATE_BIN" "$root$PREFIX/bin/farmgate"
 echo "installed $root$PREFIX/bin/farmgate"
 
-sed "s#/usr/local/bin/farmgate#$PREFIX/bin/farmgate#g" systemd/farmgate.service > "$root$UNITDIR/farmgate.service.tmp"
-chmod 0644 "$root$UNITDIR/farmgate.service.tmp"
-mv "$root$UNITDIR/farmgate.service.tmp" "$root$UNITDIR/farmgate.service"
-echo "installed $root$UNITDIR/farmgate.service"
-
-config="$root$SYSCONFDIR/farmgate/agent.toml"
-if [ -e "$config" ]; then
-    install -m 0644 systemd/install/agent.toml "$config.example"
-    echo "kept the existing $config; the example is $config.example"
-else
-    install -m 0644 systemd/install/agent.toml "$config"
-    echo "installed $config (an example: enroll, then add your sensors)"
-fi
+install_unit systemd/farmgate.service "$root$UNITDIR/farmgate.service" "s#/usr/local/bin/farmgate#$PREFIX/bin/farmgate#g"
+install_config systemd/install/agent.toml "$root$SYSCONFDIR/farmgate/agent.toml" 0644 "an example: enroll, then add your sensors"
 
 install -m 0644 systemd/install/60-farmgate-gpio.rules "$root$UDEVDIR/60-farmgate-gpio.rules"
 install -m 0755 systemd/install/create-user.sh "$root$PREFIX/lib/farmgate/create-user"

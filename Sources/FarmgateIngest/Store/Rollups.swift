@@ -4,8 +4,9 @@ public import FarmgateWire
 /// resolution or a year at 1-day resolution is read from at most a few thousand rows whatever the sampling rate.
 ///
 /// Both stores keep them the same way: the write transaction that stores readings for the first time merges them
-/// (``StoreOutcome/fresh``, never a duplicate, so nothing counts twice) into `rollups_1m`, `rollups_1h` and `rollups_1d`,
-/// one upsert statement per level. A backlog that arrives days late updates the old buckets it falls in, in the same
+/// (``StoreOutcome/fresh``, never a duplicate, so nothing counts twice) into `rollups_1m`, `rollups_1h` and `rollups_1d`
+/// (SQLite: one upsert statement per level; PostgreSQL: one insert per level inside the group's single write
+/// statement). A backlog that arrives days late updates the old buckets it falls in, in the same
 /// way. Each level has its own retention (`[retention]`); on PostgreSQL `rollups_1m` is partitioned by month, so that
 /// its retention drops whole months (``PostgresSchema/partitionedMinuteRollups``).
 ///
