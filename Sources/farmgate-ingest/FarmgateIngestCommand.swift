@@ -161,16 +161,56 @@ struct ServeCommand: AsyncParsableCommand {
         if let delivery {
             services.append(MigrateThenServe(store: store, app: delivery, storage: configuration.storage.displayName, logger: logger))
         }
-        let group = ServiceGroup(
-            configuration: ServiceGroupConfiguration(
-                services: services + (retention.map { [$0] } ?? []) + (notifier.map { [$0] } ?? []),
-                gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+        services += (retention.map { [$0] } ?? []) + (notifier.map { [$0] } ?? [])
+        var groupConfiguration = ServiceGroupConfiguration(
+            services: services.map { StopLoggedService($0, logger: logger) }, gracefulShutdownSignals: [.sigterm, .sigint],
+            logger: logger)
+        // A graceful stop is bounded: past this, what has not stopped is cancelled (an upload in flight then gets no
+        // answer and its agent sends it again, a duplicate to the store). systemd's own stop timeout is 90 s.
+        groupConfiguration.maximumGracefulShutdownDuration = Self.gracefulStopLimit
+        let group = ServiceGroup(configuration: groupConfiguration)
         do {
             try await group.run()
         } catch {
             throw failure("the service stopped: \(error)", code: error is MigrationFailed ? 74 : 1)
         }
         logger.info("farmgate-ingest stopped")
+    }
+}
+
+extension ServeCommand {
+    static let gracefulStopLimit = Duration.seconds(10)
+}
+
+/// One of `serve`'s services, saying in the log when its graceful stop begins and when it has stopped, so that a stop
+/// that does not finish names the service it waits for.
+struct StopLoggedService: Service, CustomStringConvertible {
+    let service: any Service
+    let logger: Logger
+
+    init(_ service: any Service, logger: Logger) {
+        self.service = service
+        self.logger = logger
+    }
+
+    var description: String { String(describing: type(of: service)) }
+
+    func run() async throws {
+        let name = description
+        defer {
+            if Task.isCancelled {
+                logger.warning(
+                    "service cancelled: it did not stop within the graceful stop limit",
+                    metadata: ["service": "\(name)", "limit": "\(ServeCommand.gracefulStopLimit)"])
+            } else {
+                logger.info("service stopped", metadata: ["service": "\(name)"])
+            }
+        }
+        try await withGracefulShutdownHandler {
+            try await service.run()
+        } onGracefulShutdown: {
+            logger.info("service stopping", metadata: ["service": "\(name)"])
+        }
     }
 }
 

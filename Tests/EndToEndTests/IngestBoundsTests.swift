@@ -147,4 +147,32 @@ struct IngestBoundsTests {
         #expect(invalid.status == 64)
         await ingest.stop()
     }
+
+    @Test("SIGTERM with an upload stalled mid-body: the graceful stop ends within its 10 s limit and names the service it cut")
+    func gracefulStopIsBounded() async throws {
+        let farm = try await Farm()
+        let key = try await farm.createDevice("site-1")
+        try await farm.startIngest()
+        let ingest = try #require(farm.ingest)
+
+        // Headers and one byte of a 1,000-byte body, then nothing: the server holds the request for `body_timeout`
+        // (60 s by default), so a graceful stop that waits for requests in flight would wait that long.
+        let stalled = try RawConnection(port: farm.port)
+        #expect(stalled.send(
+            "POST \(IngestProtocol.batchesPath) HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \(key)\r\n"
+                + "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"))
+        try await Task.sleep(for: .milliseconds(500))
+
+        let started = ContinuousClock.now
+        _ = await ingest.stop(SIGTERM, timeout: .seconds(40))
+        let took = ContinuousClock.now - started
+        #expect(took < .seconds(25), "the stop took \(took): \(ingest.log.suffix(2000))")
+        #expect(took >= .seconds(9), "the stop did not wait for the request in flight (\(took)): \(ingest.log.suffix(2000))")
+        let log = ingest.log
+        #expect(log.contains("service stopping"), "\(log.suffix(2000))")
+        #expect(log.contains("did not stop within the graceful stop limit"), "\(log.suffix(2000))")
+        // The services after the cut one still stopped in order, the store last.
+        #expect(log.contains("service stopped"), "\(log.suffix(2000))")
+        withExtendedLifetime(stalled) {}
+    }
 }
