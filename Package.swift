@@ -127,6 +127,8 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
+            // The order `make install` and `make deb` link the agent's code in (Tests/tools/site-order-file.sh).
+            exclude: ["farmgate.order"],
             swiftSettings: swiftSettings
         ),
         .executableTarget(

@@ -92,9 +92,13 @@ struct FootprintBench: AsyncParsableCommand {
             let after = try await Sample.take(pid: pid, socket: socket)
             let hwm = Sample.statusField(pid: pid, "VmHWM") ?? 0
             let rss = Sample.statusField(pid: pid, "VmRSS") ?? 0
+            let split = ["RssAnon", "RssFile", "RssShmem"].map { Sample.statusField(pid: pid, $0) ?? 0 }
+            let mappings = Mapping.resident(pid: pid)
             kill(pid, SIGTERM)
             process.waitUntilExit()
-            return Figures(before: before, after: after, vmHWMKiB: hwm, vmRSSKiB: rss, status: process.terminationStatus)
+            return Figures(
+                before: before, after: after, vmHWMKiB: hwm, vmRSSKiB: rss, anonFileShmemKiB: split, mappings: mappings,
+                status: process.terminationStatus)
         }
         let readings = Double(figures.after.committed - figures.before.committed)
         let written = Double(figures.after.writeBytes - figures.before.writeBytes)
@@ -105,8 +109,18 @@ struct FootprintBench: AsyncParsableCommand {
         print("readings committed: \(Int(readings)) (\(String(format: "%.1f", readings / elapsed.seconds))/s), acknowledged by the ingest: \(figures.after.uploaded - figures.before.uploaded)")
         print("bytes written: \(Int(written)) = \(String(format: "%.1f", readings > 0 ? written / readings : 0)) per reading (write_bytes, /proc/PID/io)")
         print("peak resident: \(String(format: "%.1f", Double(figures.vmHWMKiB) / 1024)) MB (VmHWM), now \(String(format: "%.1f", Double(figures.vmRSSKiB) / 1024)) MB (VmRSS)")
+        let (anon, file, shmem) = (figures.anonFileShmemKiB[0], figures.anonFileShmemKiB[1], figures.anonFileShmemKiB[2])
+        print("resident now by kind: anonymous \(Self.megabytes(anon)) MB, file-backed \(Self.megabytes(file)) MB, shared memory \(Self.megabytes(shmem)) MB")
+        print("resident now by mapping (/proc/PID/smaps, Rss; of which anonymous, i.e. written or private):")
+        for mapping in figures.mappings.prefix(16) {
+            print("  \(Self.megabytes(mapping.rssKiB).padding(toLength: 6, withPad: " ", startingAt: 0)) MB (\(Self.megabytes(mapping.anonymousKiB)) anonymous)  \(mapping.name)")
+        }
         print("CPU: \(String(format: "%.2f", cpu * 100)) % of one core (utime + stime, /proc/PID/stat)")
         print("agent exit status after SIGTERM: \(figures.status)")
+    }
+
+    static func megabytes(_ kib: Int) -> String {
+        String(format: "%.1f", Double(kib) / 1024)
     }
 
     struct Figures: Sendable {
@@ -114,7 +128,41 @@ struct FootprintBench: AsyncParsableCommand {
         var after: Sample
         var vmHWMKiB: Int
         var vmRSSKiB: Int
+        var anonFileShmemKiB: [Int]
+        var mappings: [Mapping]
         var status: Int32
+    }
+
+    /// Resident memory of one mapped object (a file, or `[heap]`, `[stack]`, `[anonymous]`), summed over its mappings
+    /// in /proc/PID/smaps; `anonymousKiB` is the part no file backs (written private pages, heap, stacks).
+    struct Mapping: Sendable {
+        var name: String
+        var rssKiB = 0
+        var anonymousKiB = 0
+
+        /// Every mapped object, the most resident first.
+        static func resident(pid: Int32) -> [Mapping] {
+            // Read to the end: a /proc file reports size 0, and smaps is longer than one read.
+            guard let handle = FileHandle(forReadingAtPath: "/proc/\(pid)/smaps"), let data = try? handle.readToEnd() else { return [] }
+            try? handle.close()
+            let text = String(decoding: data, as: UTF8.self)
+            var byName: [String: Mapping] = [:]
+            var current = "[anonymous]"
+            for line in text.split(separator: "\n") {
+                let fields = line.split(separator: " ", omittingEmptySubsequences: true)
+                guard let first = fields.first else { continue }
+                if first.hasSuffix(":") {
+                    guard fields.count >= 2, let kib = Int(fields[1]) else { continue }
+                    if first == "Rss:" { byName[current, default: Mapping(name: current)].rssKiB += kib }
+                    if first == "Anonymous:" { byName[current, default: Mapping(name: current)].anonymousKiB += kib }
+                } else if fields.count >= 5, first.contains("-") {
+                    // A mapping's header: range, permissions, offset, device, inode, then the path if any.
+                    current = fields.count >= 6 ? fields[5...].joined(separator: " ") : "[anonymous]"
+                    if current.hasPrefix("[stack:") { current = "[stack]" }
+                }
+            }
+            return byName.values.sorted { $0.rssKiB > $1.rssKiB }
+        }
     }
 
     /// The agent's counters at one moment.

@@ -42,7 +42,13 @@ if [ ${#missing[@]} -gt 0 ]; then
     message="the binary needs libraries no Debian package provides: ${missing[*]}; build it with --static-swift-stdlib (make deb does)"
     if [ "${ALLOW_UNPACKAGED_LIBS:-0}" = 1 ]; then echo "build-deb: warning: $message" >&2; else echo "build-deb: $message" >&2; exit 1; fi
 fi
-depends=$(printf '%s\n' "${packages[@]}" | sort -u | paste -sd, - | sed 's/,/, /g')
+# libc6 at the newest glibc symbol version the binary uses (packed relocations, DT_RELR, need 2.36), as
+# dpkg-shlibdeps would say it.
+glibc=$(objdump -p "$FARMGATE_BIN" | awk '
+    $NF ~ /^GLIBC_[0-9]+\.[0-9]+$/ { split(substr($NF, 7), v, "."); n = v[1] * 1000 + v[2]; if (n > best) { best = n; name = v[1] "." v[2] } }
+    $NF == "GLIBC_ABI_DT_RELR" && best < 2036 { best = 2036; name = "2.36" }
+    END { print name }')
+depends=$(printf '%s\n' "${packages[@]}" | sort -u | sed "s/^libc6\$/libc6 (>= ${glibc:-2.17})/" | paste -sd, - | sed 's/,/, /g')
 
 mkdir -p "$stage/DEBIAN"
 size=$(du -sk --exclude=DEBIAN "$stage" | cut -f1)
