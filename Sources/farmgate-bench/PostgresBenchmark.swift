@@ -129,6 +129,9 @@ struct PostgresBench: AsyncParsableCommand {
                 String(
                     format: "    ack latency p50 %.1f ms, p99 %.1f ms, max %.1f ms over %d batches (%d not wholly accepted); goal p99 < 20 ms", latency.p50, latency.p99,
                     latency.max, latency.count, latency.failed))
+            // When the slow answers came: at one moment (a stall of the server or the database) or spread out.
+            let slowest = latency.slowest.map { String(format: "%.0f ms at +%.2f s", $0.milliseconds, $0.at) }
+            print("    slowest: \(slowest.joined(separator: ", "))")
         }
     }
 
@@ -274,6 +277,8 @@ struct PostgresBench: AsyncParsableCommand {
         var max: Double
         var count: Int
         var failed: Int
+        /// The ten slowest answers: milliseconds, and seconds since pacing started when the batch was sent.
+        var slowest: [(milliseconds: Double, at: Double)] = []
     }
 
     /// Every gateway posts at `rate / gateways` readings per second (open loop, phases spread evenly) for `latencySeconds`.
@@ -286,17 +291,17 @@ struct PostgresBench: AsyncParsableCommand {
         // sensors registered, 1000 readings each, all at once) is a backlog that paced requests must not queue behind.
         let barrier = WarmupBarrier(count: gateways.count)
         let count = gateways.count
-        let results = try await withThrowingTaskGroup(of: ([Double], Int).self) { group in
+        let results = try await withThrowingTaskGroup(of: ([(milliseconds: Double, at: Double)], Int).self) { group in
             for (index, gateway) in gateways.enumerated() {
                 group.addTask {
-                    try await runOffPool(name: "bench-paced") { () -> ([Double], Int) in
+                    try await runOffPool(name: "bench-paced") { () -> ([(milliseconds: Double, at: Double)], Int) in
                         var connection = try BenchConnection(port: port)
                         guard connection.request(gateway.requests[0]) == 200 else {
                             barrier.arrive()
                             throw ValidationError("the warm-up batch was refused")
                         }
                         let start = barrier.arriveAndWait()
-                        var latencies: [Double] = []
+                        var latencies: [(milliseconds: Double, at: Double)] = []
                         var failed = 0
                         let phase = period * (Double(index) / Double(count))
                         for (step, request) in gateway.requests.dropFirst().enumerated() {
@@ -306,7 +311,7 @@ struct PostgresBench: AsyncParsableCommand {
                             if wait > .zero { usleep(UInt32(wait / .microseconds(1))) }
                             let sent = ContinuousClock.now
                             let status = connection.request(request)
-                            latencies.append(sent.duration(to: .now) / .milliseconds(1))
+                            latencies.append((sent.duration(to: .now) / .milliseconds(1), start.duration(to: sent) / .seconds(1)))
                             if status != 200 || Self.accepted(connection.lastBody) != gateway.readingsPerRequest { failed += 1 }
                             if status == nil { connection = try BenchConnection(port: port) }
                         }
@@ -314,20 +319,22 @@ struct PostgresBench: AsyncParsableCommand {
                     }
                 }
             }
-            var latencies: [Double] = []
+            var latencies: [(milliseconds: Double, at: Double)] = []
             var failed = 0
             for try await (some, failures) in group {
                 latencies += some
                 failed += failures
             }
-            return (latencies.sorted(), failed)
+            return (latencies.sorted { $0.milliseconds < $1.milliseconds }, failed)
         }
-        let sorted = results.0
+        let sorted = results.0.map(\.milliseconds)
         func percentile(_ p: Double) -> Double {
             guard !sorted.isEmpty else { return 0 }
             return sorted[min(sorted.count - 1, Int((Double(sorted.count - 1) * p).rounded()))]
         }
-        return Latency(p50: percentile(0.5), p99: percentile(0.99), max: sorted.last ?? 0, count: sorted.count, failed: results.1)
+        return Latency(
+            p50: percentile(0.5), p99: percentile(0.99), max: sorted.last ?? 0, count: sorted.count, failed: results.1,
+            slowest: results.0.suffix(10).reversed())
     }
 
     // MARK: (b)
