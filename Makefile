@@ -45,8 +45,9 @@ test: deps
 
 # Installing the site agent (see README "Installing"). `make install` (PREFIX=/usr/local, DESTDIR honoured) builds the
 # release binary (carrying the Swift runtime, like the package's: it keeps running when the toolchain changes, and is
-# 6 MB smaller in memory than one linked to the toolchain's libraries) and lays out the binary, the systemd unit, the example configuration (never overwriting one), a udev
-# rule for GPIO and the docs; as root without DESTDIR it also creates the user farmgate (groups dialout, gpio).
+# 6 MB smaller in memory than one linked to the toolchain's libraries) and lays out the binary, the systemd unit, the
+# example configuration (never overwriting one), a udev rule for GPIO and the docs; as root without DESTDIR it also
+# creates the user farmgate (groups dialout, gpio).
 # `make deb` builds farmgate_<version>_<arch>.deb from the same layout (PREFIX=/usr) with a binary that carries the Swift
 # runtime (--static-swift-stdlib), for `apt install ./farmgate_*.deb` on the Pi. FARMGATE_BIN=path skips the build.
 # The site binary is built in .build/site with each function in its own section and linked by lld in the order of

@@ -183,7 +183,8 @@ extension ServeCommand {
 }
 
 /// One of `serve`'s services, saying in the log when its graceful stop begins and when it has stopped, so that a stop
-/// that does not finish names the service it waits for.
+/// that does not finish names the service it waits for. Past the limit the group cancels every service still running:
+/// the one it waited for and those after it (the store then closes on cancellation instead of its graceful turn).
 struct StopLoggedService: Service, CustomStringConvertible {
     let service: any Service
     let logger: Logger
@@ -200,7 +201,7 @@ struct StopLoggedService: Service, CustomStringConvertible {
         defer {
             if Task.isCancelled {
                 logger.warning(
-                    "service cancelled: it did not stop within the graceful stop limit",
+                    "service cancelled: the graceful stop passed its limit",
                     metadata: ["service": "\(name)", "limit": "\(ServeCommand.gracefulStopLimit)"])
             } else {
                 logger.info("service stopped", metadata: ["service": "\(name)"])

@@ -20,9 +20,9 @@ chmod +x "$work/agent"
 "$(swift build -c release --show-bin-path)/farmgate-bench" footprint --agent "$work/agent" --warmup 20 --seconds 40
 
 # callgrind names each object (ob=) and function (fn=, cfn=) once in full and by its number after that; every function
-# that ran has its own fn= entry in the object it belongs to. Keep the site binary's, without
-# callgrind's recursion suffix ('2) and unnamed addresses, sorted by name: every function in the list is mapped anyway,
-# so their order among themselves matters little, and a sorted list changes only where the code did.
+# that ran has its own fn= entry in the object it belongs to. Keep the site binary's, without callgrind's recursion
+# suffix ('2) and unnamed addresses, sorted by name: every function in the list is mapped anyway, so their order among
+# themselves matters little, and a sorted list changes only where the code did.
 awk '
 function named(spec, table,    id, rest) {
     if (match(spec, /^\([0-9]+\)/)) {
