@@ -15,6 +15,9 @@ public struct RecordedRequest: Sendable {
     public var headers: [String: String]
     public var body: [UInt8]
     public var receivedAt: ContinuousClock.Instant
+    /// The wall-clock time it arrived, for comparing with what a product schedules in wall time (the notification
+    /// outbox's send slots): a step of the system clock moves those slots against the monotonic clock.
+    public var receivedAtWall: Date = Date()
 }
 
 /// What the test server does with one request.
@@ -192,7 +195,7 @@ public final class TestHTTPServer: Sendable {
             buffer.removeFirst(headEnd + length)
             let request = RecordedRequest(
                 connection: connection, method: requestLine[0], path: requestLine[1], headers: headers, body: body,
-                receivedAt: .now)
+                receivedAt: .now, receivedAtWall: Date())
             let index = state.withLock { state -> Int in
                 state.requests.append(request)
                 return state.requests.count - 1
