@@ -13,11 +13,11 @@ struct AlertBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "alerts", abstract: "Ingest write throughput on SQLite with 1,000 active alert rules against none.")
 
-    @Option(help: "Batches to store.") var batches = 100
+    @Option(help: "Batches to store per run.") var batches = 300
     @Option(help: "Readings per batch.") var readings = 1000
     @Option(help: "Tanks on the simulated site; each has a pH, an EC and a temperature sensor.") var tanks = 20
     @Option(help: "Active rules in the measured run.") var rules = 1000
-    @Option(help: "Runs of each; the best is reported.") var rounds = 3
+    @Option(help: "Rounds, each one run without rules and one with; the medians are compared.") var rounds = 7
     @Option(help: "Seed of the generator.") var seed: UInt64 = 42
 
     func validate() throws {
@@ -31,26 +31,43 @@ struct AlertBench: AsyncParsableCommand {
         let batchList = site.batches(of: readings)
         let total = batchList.reduce(0) { $0 + $1.readings.count }
         let end = batchList.flatMap(\.readings).map(\.timestamp).max() ?? .now()
-        print("\(batchList.count) batches of \(readings) readings from \(tanks * 3) sensors, SQLite (WAL, synchronous=FULL), best of \(rounds)")
-        var best: [Int: (rate: Double, drain: Double, transitions: Int)] = [:]
+        print("\(batchList.count) batches of \(readings) readings from \(tanks * 3) sensors, SQLite (WAL, synchronous=FULL) in \(NSTemporaryDirectory()), \(rounds) rounds")
+        var results: [Int: [(rate: Double, drain: Double, transitions: Int)]] = [:]
         for round in 0..<rounds {
             // The order alternates: a run's files are still being written back while the next one runs, which would
             // always slow the same side.
+            var pair: [Int: Double] = [:]
             for count in round % 2 == 0 ? [0, rules] : [rules, 0] {
                 let result = try await measure(rules: count, batchList: batchList, total: total, device: site.device, end: end, logger: logger)
-                if result.rate > (best[count]?.rate ?? 0) { best[count] = result }
+                results[count, default: []].append(result)
+                pair[count] = result.rate
+            }
+            if let none = pair[0], let some = pair[rules], none > 0 {
+                print(String(format: "  round %d: %10.0f readings/s without rules, %10.0f with %d (%.1f %%)", round + 1, none, some, rules, some / none * 100))
             }
         }
+        // One run's rate moves by ±15 % on a shared two-core VM (write-back of the previous run, the host): the figure
+        // is the median of each side over the rounds, not one lucky run.
+        var medians: [Int: Double] = [:]
         for count in [0, rules] {
-            guard let result = best[count] else { continue }
+            guard let runs = results[count], let best = runs.max(by: { $0.rate < $1.rate }) else { continue }
+            let median = Self.median(runs.map(\.rate))
+            medians[count] = median
             print(
                 String(
-                    format: "%5d rules: %10.0f readings/s stored; engine done %.3f s after the last commit; %d alerts changed", count, result.rate,
-                    result.drain, result.transitions))
+                    format: "%5d rules: median %10.0f, best %10.0f readings/s stored; engine done %.3f s after the last commit; %d alerts changed", count, median,
+                    best.rate, best.drain, best.transitions))
         }
-        if let none = best[0]?.rate, let some = best[rules]?.rate, none > 0 {
-            print(String(format: "with %d rules: %.1f %% of the throughput without rules", rules, some / none * 100))
+        if let none = medians[0], let some = medians[rules], none > 0 {
+            print(String(format: "with %d rules: %.1f %% of the throughput without rules (medians; goal ≥ 90 %%)", rules, some / none * 100))
         }
+    }
+
+    static func median(_ values: [Double]) -> Double {
+        let sorted = values.sorted()
+        guard !sorted.isEmpty else { return 0 }
+        let middle = sorted.count / 2
+        return sorted.count % 2 == 1 ? sorted[middle] : (sorted[middle - 1] + sorted[middle]) / 2
     }
 
     /// Rules on the site's sensors: thresholds and bands mostly outside what the sensors read (most rules never fire,
