@@ -77,7 +77,7 @@ struct PostgresBench: AsyncParsableCommand {
         defer { cluster.stop() }
         print(Machine.describe())
         print("PostgreSQL: \(try cluster.psql(["-Atc", "SELECT version()"]).trimmingCharacters(in: .whitespacesAndNewlines))")
-        print("  \(try cluster.psql(["-Atc", "SELECT string_agg(name || '=' || setting, ', ' ORDER BY name) FROM pg_settings WHERE name IN ('fsync', 'synchronous_commit', 'shared_buffers', 'wal_level', 'max_wal_size')"]).trimmingCharacters(in: .whitespacesAndNewlines))")
+        print("  \(try cluster.psql(["-Atc", "SELECT string_agg(name || '=' || setting, ', ' ORDER BY name) FROM pg_settings WHERE name IN ('fsync', 'synchronous_commit', 'shared_buffers', 'wal_level', 'max_wal_size', 'checkpoint_timeout')"]).trimmingCharacters(in: .whitespacesAndNewlines))")
         print("")
 
         let settings = try PostgresSettings(url: cluster.url)
@@ -122,9 +122,12 @@ struct PostgresBench: AsyncParsableCommand {
             let latencyShift = Timestamp.now().microseconds - 60_000_000 - (latencySite.readings.last?.timestamp.microseconds ?? 0)
             _ = try await store.createPartitions(now: Timestamp(microseconds: (latencySite.readings.first?.timestamp.microseconds ?? 0) + latencyShift))
             let latencyKeys = try await makeGateways("c\(run)", admin: admin, site: latencySite, shift: latencyShift, batches: latencyBatches)
+            let checkpointsBefore = cluster.checkpoints()
             let latency = try await withIngest(cluster: cluster, directory: directory, logger: logger) { port in
                 try await paced(port: port, gateways: latencyKeys, rate: half)
             }
+            // A checkpoint inside (c) shows as one moment when every answer waits (see the README's deployment notes).
+            if let before = checkpointsBefore, let after = cluster.checkpoints() { print("    checkpoints started during (c): \(after - before)") }
             print(
                 String(
                     format: "    ack latency p50 %.1f ms, p99 %.1f ms, max %.1f ms over %d batches (%d not wholly accepted); goal p99 < 20 ms", latency.p50, latency.p99,
@@ -488,7 +491,7 @@ final class BenchCluster: Sendable {
     }
 
     /// Starts a cluster as `.ci/with-postgres` does (initdb in `root`, a Unix socket there, run as `postgres` when this
-    /// runs as root), with fsync on and room for 300 connections.
+    /// runs as root), with fsync on, room for 300 connections and the WAL sized so that no checkpoint falls in a run.
     static func start(in root: String) async throws -> BenchCluster {
         let candidates = ((try? FileManager.default.contentsOfDirectory(atPath: "/usr/lib/postgresql")) ?? []).sorted {
             $0.compare($1, options: .numeric) == .orderedAscending
@@ -507,12 +510,24 @@ final class BenchCluster: Sendable {
         guard run(asUser + ["\(bin)/initdb", "-D", "\(root)/data", "-U", "farmgate", "-A", "trust", "-E", "UTF8"], log: "\(root)/initdb.log") == 0 else {
             throw ValidationError("initdb failed: see \(root)/initdb.log")
         }
-        let options = "-k \(root) -p \(port) -c listen_addresses='' -c max_connections=300 -c shared_buffers=256MB"
+        // The WAL sized as the README's deployment notes advise: with the default max_wal_size (1 GB) (a)'s load alone
+        // (about 530 MB of WAL) starts a checkpoint, which then falls inside (c) with its writes and full-page images.
+        let options =
+            "-k \(root) -p \(port) -c listen_addresses='' -c max_connections=300 -c shared_buffers=256MB -c max_wal_size=4GB -c min_wal_size=1GB -c checkpoint_timeout=15min"
         guard run(asUser + ["\(bin)/pg_ctl", "-D", "\(root)/data", "-l", "\(root)/server.log", "-w", "-t", "60", "-o", options, "start"], log: "\(root)/pg_ctl.log") == 0
         else { throw ValidationError("the server did not start: see \(root)/server.log") }
         let cluster = BenchCluster(url: "postgresql://farmgate@/postgres?host=\(root)&port=\(port)", bin: bin, data: "\(root)/data", root: root, asUser: asUser)
         try cluster.exec("CREATE DATABASE farmgate_bench")
         return BenchCluster(url: "postgresql://farmgate@/farmgate_bench?host=\(root)&port=\(port)", bin: bin, data: "\(root)/data", root: root, asUser: asUser)
+    }
+
+    /// How many checkpoints the server has started (PostgreSQL 17 and later count them in pg_stat_checkpointer, 15 and
+    /// 16 in pg_stat_bgwriter); nil when neither answers.
+    func checkpoints() -> Int? {
+        for query in ["SELECT num_timed + num_requested FROM pg_stat_checkpointer", "SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter"] {
+            if let text = try? psql(["-Atc", query]), let count = Int(text.trimmingCharacters(in: .whitespacesAndNewlines)) { return count }
+        }
+        return nil
     }
 
     /// Stops the cluster the benchmark started (nothing for a URL).
