@@ -24,7 +24,9 @@ struct NotificationDeliveryTests {
             let receiver = try await addWebhook(store, name: "hook", url: server.url + "/alerts")
             var expected: [String: AlertNotification] = [:]
             for alert in Int64(1)...12 {
-                let notification = testNotification(alert)
+                // Fired just now: the text's "so far" changes from one second to the next.
+                var notification = testNotification(alert)
+                notification.startsAt = .now()
                 _ = try await store.enqueueNotification(notification, receiverID: receiver.id, dueAt: .now())
                 expected[notification.idempotencyKey(receiver: receiver.id)] = notification
             }
@@ -71,6 +73,10 @@ struct NotificationDeliveryTests {
                 #expect(request.path == "/alerts")
             }
             #expect(answered == Set(expected.keys), "keys never answered 2xx: \(Set(expected.keys).subtracting(answered))")
+            // A repeat is the same request: the text is told as of when the notification was written, not when sent.
+            for (key, sent) in Dictionary(grouping: requests, by: \.idempotencyKey) {
+                #expect(Set(sent.map(\.body)).count == 1, "notification \(key) was sent with different bodies")
+            }
             for row in try await rows(store) {
                 #expect(row.state == .delivered)
                 #expect(row.deliveredAt != nil)

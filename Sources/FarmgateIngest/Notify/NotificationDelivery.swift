@@ -164,7 +164,9 @@ public final class NotificationDelivery: Service {
             } catch {
                 throw DeliveryFailure("the outbox payload is not a notification (\(error)); the alert engine wrote something this version cannot read", retryable: false)
             }
-            let account = try await notifier.send(notification, idempotencyKey: entry.idempotencyKey, to: claimed.receiver)
+            // Told as of when the notification was written ("firing since 03:12 (5m so far)", the mail's Date), so that
+            // every attempt under one idempotency key sends the same body.
+            let account = try await notifier.send(notification, idempotencyKey: entry.idempotencyKey, to: claimed.receiver, now: entry.createdAt)
             completion = .delivered(at: .now())
             result = .delivered
             logger.debug("notification delivered", metadata: metadata.merging(["notify.result": "\(account)"]) { $1 })
