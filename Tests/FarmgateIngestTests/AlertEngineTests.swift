@@ -146,6 +146,47 @@ struct AlertEngineTests {
         }
     }
 
+    @Test(
+        "the newest batch of a backlog, sent first, starting in the middle of an episode: nothing live, one late report of the whole stretch in reading order",
+        arguments: StoreKind.allCases)
+    func newestBatchFirstMidEpisode(kind: StoreKind) async throws {
+        try await AlertHarness.with(kind) { h in
+            try await h.rule(spec("ph-low", "below") { $0.quantity = "ph"; $0.threshold = 5.5 })
+            let outage = Timestamp(microseconds: h.clock.now.microseconds - 3_600_000_000)
+            func at(_ seconds: Int64) -> Timestamp { Timestamp(microseconds: outage.microseconds + seconds * 1_000_000) }
+            // Before the outage, live: pH fine.
+            h.clock.set(outage)
+            try await h.send([(0, 6.0)], sequence: 1)
+            // An hour offline, a reading a minute: pH low from +600 to +1200 s and from +2880 to +3360 s.
+            let points = (Int64(1)...60).map { minute -> (seconds: Int64, value: Double) in
+                let seconds = minute * 60
+                return (seconds, (600...1200).contains(seconds) || (2880...3360).contains(seconds) ? 5.0 : 6.0)
+            }
+            h.clock.set(at(3605))
+            // Live first: the newest ten readings (+3060 s on, inside the second dip) arrive first, with a gap below them.
+            // Judged alone they would fire at +3060 s (late) and resolve at +3420 s (185 s old: live).
+            try await h.send(Array(points[50...]), start: outage, sequence: 52)
+            #expect(try await h.outbox().isEmpty, "a transition of a batch above a gap was notified on its own")
+            // Then the rest of the backlog, oldest first.
+            try await h.send(Array(points[..<50]), start: outage, sequence: 2)
+            #expect(try await h.outbox().isEmpty)
+            h.clock.advance(seconds: 31)
+            await h.engine.tick()
+            let notifications = try await h.notifications()
+            #expect(notifications.count == 1, "\(notifications.map { $0.transitions.map(\.state) })")
+            let report = try #require(notifications.first)
+            #expect(report.late && report.status == .resolved)
+            // Both dips, as the readings in time order show them: the second fired at +2880 s, not at +3060 s.
+            #expect(report.transitions.map(\.state) == ["pending", "firing", "resolved", "pending", "firing", "resolved"])
+            #expect(report.transitions.map(\.at) == [at(600), at(600), at(1260), at(2880), at(2880), at(3420)])
+            #expect(report.description?.hasSuffix("reported late") == true)
+            h.clock.advance(seconds: 60)
+            await h.engine.tick()
+            #expect(try await h.notifications().count == 1)
+            #expect(try await h.alerts().first?.lateReportDue == nil)
+        }
+    }
+
     @Test("a backlog in order after an outage is reported once, late; one that reaches the present folds into the live notification", arguments: StoreKind.allCases)
     func backlogInOrder(kind: StoreKind) async throws {
         try await AlertHarness.with(kind) { h in

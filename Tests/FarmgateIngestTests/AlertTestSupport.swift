@@ -56,15 +56,17 @@ struct AlertHarness: Sendable {
     }
 
     /// Stores readings of `sensor` (values at the given seconds after `start`) as one batch received at the clock's now,
-    /// and hands what was stored to `engine` (unless `feed` is false: the process "died" before evaluating).
+    /// and hands what was stored to `engine` (unless `feed` is false: the process "died" before evaluating). The
+    /// readings are numbered from `sequence` (default: after the device's highest stored one).
     @discardableResult
     func send(
         _ points: [(seconds: Int64, value: Double)], sensor: String = "tank1.ph", quantity: Quantity = .ph, start: Timestamp? = nil,
-        flags: QualityFlags = [], feed: Bool = true, to engine: AlertEngine? = nil
+        flags: QualityFlags = [], feed: Bool = true, to engine: AlertEngine? = nil, sequence: UInt64? = nil
     ) async throws -> CommittedBatch {
         let id = try sensorID(sensor)
         let origin = start ?? clock.now
-        let first = (try await store.highestSequence(device: device) ?? 0) + 1
+        var first = (try await store.highestSequence(device: device) ?? 0) + 1
+        if let sequence { first = sequence }
         let readings = points.enumerated().map { offset, point in
             Reading(sensor: id, sequence: first + UInt64(offset), timestamp: Timestamp(microseconds: origin.microseconds + point.seconds * 1_000_000), value: point.value, quality: flags)
         }

@@ -282,7 +282,8 @@ public actor AlertEngine: CommitObserver, Service {
         }
         // Readings of the device this engine did not evaluate may lie between its last batch and this one: every
         // memory of the device's series is derived again before it is used.
-        if evaluatedThrough[device.rowID].map({ $0 &+ 1 != lowest }) ?? true { deviceEpoch[device.rowID, default: 0] &+= 1 }
+        let followsOn = evaluatedThrough[device.rowID].map { $0 &+ 1 == lowest } ?? false
+        if !followsOn { deviceEpoch[device.rowID, default: 0] &+= 1 }
         let epoch = deviceEpoch[device.rowID] ?? 0
         var evaluated = false
         defer {
@@ -343,7 +344,7 @@ public actor AlertEngine: CommitObserver, Service {
                 let current = now()
                 var changes: [AlertChange] = []
                 for item in work {
-                    evaluate(sensor: item.sensor, item.readings, farm: farmRules, device: device, receivedAt: batch.receivedAt, now: current,
+                    evaluate(sensor: item.sensor, item.readings, farm: farmRules, device: device, receivedAt: batch.receivedAt, followsOn: followsOn, now: current,
                              records: records[item.sensor] ?? [:], into: &changes)
                 }
                 try await apply(changes, durability: .withNextSyncedCommit)
@@ -458,8 +459,8 @@ public actor AlertEngine: CommitObserver, Service {
 
     /// Evaluates every rule of one sensor over its readings (in time order) and appends the alerts that changed.
     private func evaluate(
-        sensor: Int64, _ readings: [CommittedReading], farm: ReadingRules, device: DeviceIdentity, receivedAt: Timestamp, now current: Timestamp,
-        records: [Int: AlertRecord], into changes: inout [AlertChange]
+        sensor: Int64, _ readings: [CommittedReading], farm: ReadingRules, device: DeviceIdentity, receivedAt: Timestamp, followsOn: Bool,
+        now current: Timestamp, records: [Int: AlertRecord], into changes: inout [AlertChange]
     ) {
         // Taken out of the map while it changes, so that its arrays are not shared and change in place.
         guard let last = readings.last, var entry = series.removeValue(forKey: sensor) else { return }
@@ -473,7 +474,8 @@ public actor AlertEngine: CommitObserver, Service {
             if found == nil, columns.skips(farm.conditions[position], memory: &entry.memories[slot]) { continue }
             evaluate(
                 farm.conditions[position], of: farm.rules, at: position, columns, after: newestBefore, memory: &entry.memories[slot],
-                record: found.map { records[$0].value }, sensorRowID: sensor, device: device, receivedAt: receivedAt, now: current, into: &changes)
+                record: found.map { records[$0].value }, sensorRowID: sensor, device: device, receivedAt: receivedAt, followsOn: followsOn, now: current,
+                into: &changes)
         }
         lastEvaluated[sensor] = max(newestBefore ?? last.timestamp, last.timestamp)
     }
@@ -484,7 +486,7 @@ public actor AlertEngine: CommitObserver, Service {
     private func evaluate(
         _ condition: AlertCondition, of rules: [AlertRule], at position: Int, _ readings: SensorReadings, after newestBefore: Timestamp?,
         memory: inout SeriesMemory, record stored: AlertRecord?, sensorRowID: Int64, device: DeviceIdentity,
-        receivedAt: Timestamp, now current: Timestamp, into changes: inout [AlertChange]
+        receivedAt: Timestamp, followsOn: Bool, now current: Timestamp, into changes: inout [AlertChange]
     ) {
         func fresh() -> AlertRecord {
             let rule = rules[position]
@@ -526,6 +528,16 @@ public actor AlertEngine: CommitObserver, Service {
             }
         }
         guard !transitions.isEmpty || outOfOrder != nil else { return }
+        // A batch that does not follow on from the device's last evaluated one and holds late transitions is part of a
+        // backlog whose older readings have not all arrived (the agent sends the newest batch of a backlog first, and
+        // its first readings may lie in the middle of an episode). None of its transitions is notified on its own: the
+        // late report tells the whole stretch once, from a replay of every reading in time order.
+        if !followsOn, transitions.contains(where: \.late) {
+            for index in transitions.indices {
+                transitions[index].late = true
+                transitions[index].notified = false
+            }
+        }
         let rule = rules[position]
         var record = alert ?? fresh()
         record.lastReading = newest
@@ -620,15 +632,22 @@ public actor AlertEngine: CommitObserver, Service {
         }
         let known = Set(history.map { "\($0.to.rawValue)@\($0.at.microseconds)" })
         var fresh = found.filter { !known.contains("\($0.to.rawValue)@\($0.at.microseconds)") }
+        var replayed = found
         // The replay found the condition still holding at the end of the stretch: the alert fires now, from then.
         if let end = found.last, end.to == .firing, record.state == .pending {
-            fresh.append(AlertTransitionRecord(from: .pending, to: .firing, at: end.at, value: end.value, late: true, notified: true, recordedAt: current))
+            let firing = AlertTransitionRecord(from: .pending, to: .firing, at: end.at, value: end.value, late: true, notified: true, recordedAt: current)
+            fresh.append(firing)
+            replayed.append(firing)
             record.state = .firing
             record.startsAt = end.at
             record.endsAt = nil
             record.pendingSince = nil
         }
-        let unreported = history.filter { !$0.notified } + fresh
+        // Inside the stretch the replay (every stored reading in time order, from the state before it) is the account:
+        // transitions recorded while the backlog arrived out of order (a newest batch judged before the readings under
+        // it) may disagree with it there, and are kept in the history but left out of the report.
+        let notified = Set(history.filter(\.notified).map { "\($0.to.rawValue)@\($0.at.microseconds)" })
+        let unreported = history.filter { !$0.notified && ($0.at < from || $0.at > to) } + replayed.filter { !notified.contains("\($0.to.rawValue)@\($0.at.microseconds)") }
         let covered = unreported.sorted { $0.at < $1.at }
         var seen: Set<String> = []
         let episodes = covered.filter { seen.insert("\($0.from.rawValue)>\($0.to.rawValue)@\($0.at.microseconds)").inserted }
@@ -654,6 +673,12 @@ public actor AlertEngine: CommitObserver, Service {
         }
         countTransitions(fresh)
         try await apply([change])
+        logger.info(
+            "alert late report written",
+            metadata: [
+                "alert": "\(record.fingerprint)", "rule": "\(record.rule)", "sensor": "\(record.sensor ?? "")", "from": "\(RFC3339.format(from))",
+                "to": "\(RFC3339.format(to))", "transitions": "\(episodes.count)", "notified": "\(!change.notifications.isEmpty)",
+            ])
     }
 
     /// Replays the readings of `record`'s sensor from `from` to `to` (plus the rule's `for` or window before, for
