@@ -224,6 +224,7 @@ let package = Package(
             name: "EndToEndTests",
             dependencies: [
                 "FarmgateWire",
+                "FarmgateIngest",
                 "FarmgateSupport",
                 "FarmgateAgent",
                 "FarmgateTestSupport",

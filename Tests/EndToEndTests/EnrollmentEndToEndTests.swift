@@ -65,9 +65,9 @@ struct EnrollmentEndToEndTests {
         let key = try String(contentsOfFile: keyPath, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
         #expect(key.hasPrefix("fgd_"))
         #expect(!enrolled.stdout.contains(key) && !enrolled.stderr.contains(key), "the key is never printed")
-        var info = stat()
-        #expect(stat(keyPath, &info) == 0 && info.st_mode & 0o777 == 0o600)
-        if geteuid() == 0 { #expect(info.st_uid == AtomicFile.Owner.user(named: "nobody")?.uid) }
+        let attributes = try FileManager.default.attributesOfItem(atPath: keyPath)
+        #expect((attributes[.posixPermissions] as? NSNumber)?.intValue == 0o600)
+        if geteuid() == 0 { #expect((attributes[.ownerAccountID] as? NSNumber)?.uint32Value == AtomicFile.Owner.user(named: "nobody")?.uid) }
         let written = try String(contentsOfFile: config, encoding: .utf8)
         #expect(written.hasPrefix("# North greenhouse: three tanks (keep this comment)\n[device]\nid = \"site-9\""))
         #expect(written.contains("path = \"site-9/buffer.sqlite\"   # beside this file"))

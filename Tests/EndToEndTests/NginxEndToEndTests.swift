@@ -65,25 +65,6 @@ struct NginxEndToEndTests {
         }
     }
 
-    /// The second instance: the farm's ingest configuration on another port.
-    func startSecondIngest(_ farm: Farm) async throws -> (Child, Int) {
-        let port = try freePort()
-        let text = try String(contentsOfFile: farm.ingestConfig, encoding: .utf8).replacingOccurrences(of: "port = \(farm.port)", with: "port = \(port)")
-        let config = try farm.dir.write("ingest-b.toml", text)
-        let child = try Child(Farm.ingestBinary, ["serve", "--config", config], logPath: farm.dir.file("ingest-b.log"))
-        let ready = await eventually(timeout: .seconds(20), every: .milliseconds(200)) { await httpStatus("http://127.0.0.1:\(port)/readyz") == 200 }
-        #expect(ready, "the second ingest did not become ready: \(child.log)")
-        return (child, port)
-    }
-
-    func httpStatus(_ url: String) async -> Int? {
-        guard let url = URL(string: url) else { return nil }
-        var request = URLRequest(url: url)
-        request.timeoutInterval = 2
-        guard let (_, response) = try? await URLSession.shared.data(for: request) else { return nil }
-        return (response as? HTTPURLResponse)?.statusCode
-    }
-
     func storedBatches(_ endpoint: String) async -> Double {
         guard let url = URL(string: endpoint + "/metrics"), let (data, _) = try? await URLSession.shared.data(from: url) else { return 0 }
         let sample = #"farmgate_ingest_batches_total{result="stored"} "#
@@ -121,9 +102,10 @@ struct NginxEndToEndTests {
         #expect(configured.contains("trusted_proxies"))
         try configured.write(toFile: farm.ingestConfig, atomically: true, encoding: .utf8)
         try await farm.startIngest()
-        let (second, secondPort) = try await startSecondIngest(farm)
+        let secondPort = try freePort()
+        let second = try await farm.startOtherInstance(port: secondPort)
         let nginx = try Nginx.start(in: farm.dir, port: try freePort(), upstreams: [farm.port, secondPort])
-        let proxied = await eventually(timeout: .seconds(20), every: .milliseconds(100)) { await httpStatus(nginx.endpoint + "/readyz") == 200 }
+        let proxied = await eventually(timeout: .seconds(20), every: .milliseconds(100)) { await Farm.httpStatus(url: nginx.endpoint + "/readyz") == 200 }
         #expect(proxied, "nginx did not answer: \(nginx.child.log) \((try? String(contentsOfFile: farm.dir.file("nginx/error.log"), encoding: .utf8)) ?? "")")
 
         let busy = try farm.agentConfig("agent.toml", device: "site-ng", keyFile: keyFile, sensors: 6, interval: "100ms", endpoint: nginx.endpoint)

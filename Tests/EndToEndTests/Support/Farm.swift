@@ -74,9 +74,25 @@ final class Farm {
         #expect(ready, "ingest did not become ready: \(child.log)")
     }
 
+    /// Another instance of the ingest on the same storage: the farm's configuration (as it is now) on `port`, its log
+    /// in `ingest-NAME.log`. Returns once it answers `/readyz`.
+    func startOtherInstance(port: Int, name: String = "b") async throws -> Child {
+        let text = try String(contentsOfFile: ingestConfig, encoding: .utf8).replacingOccurrences(of: "port = \(self.port)", with: "port = \(port)")
+        let config = try dir.write("ingest-\(name).toml", text)
+        let child = try Child(Farm.ingestBinary, ["serve", "--config", config], logPath: dir.file("ingest-\(name).log"))
+        let ready = await eventually(timeout: .seconds(20), every: .milliseconds(200)) { await Farm.httpStatus(url: "http://127.0.0.1:\(port)/readyz") == 200 }
+        #expect(ready, "the ingest on port \(port) did not become ready: \(child.log)")
+        return child
+    }
+
     /// GET `path` on the ingest; nil when it does not answer.
     func httpStatus(_ path: String, bearer: String? = nil) async -> Int? {
-        guard let url = URL(string: endpoint + path) else { return nil }
+        await Farm.httpStatus(url: endpoint + path, bearer: bearer)
+    }
+
+    /// GET `url`; nil when nothing answers.
+    static func httpStatus(url text: String, bearer: String? = nil) async -> Int? {
+        guard let url = URL(string: text) else { return nil }
         var request = URLRequest(url: url)
         request.timeoutInterval = 2
         if let bearer { request.setValue("Bearer \(bearer)", forHTTPHeaderField: "Authorization") }
