@@ -161,7 +161,8 @@ struct AlertOutageEndToEndTests {
         #expect(all.count == hook.requests.count, "a webhook request was not an Alertmanager body")
         #expect(Set(all.map(\.body.farmgate.idempotencyKey)) == hookKeys)
         #expect(Set(all.filter(\.answered).map(\.body.farmgate.idempotencyKey)) == hookKeys, "a notification was never answered 200")
-        for (key, requests) in Dictionary(grouping: all, by: { $0.body.farmgate.idempotencyKey }) {
+        let byKey = Dictionary(grouping: all, by: { $0.body.farmgate.idempotencyKey })
+        for (key, requests) in byKey {
             #expect(Set(requests.map(\.request.body)).count == 1, "notification \(key) was sent with different bodies")
             #expect(requests.allSatisfy { $0.request.headers["idempotency-key"] == key })
         }
@@ -183,7 +184,7 @@ struct AlertOutageEndToEndTests {
         // The outage: per alert, exactly one late notification, which tells of the swings the site lived through
         // offline; nothing live for a transition in the middle of it (the last 10 s of the outage are not late on
         // arrival, and the agents' newest readings may arrive first, so only the stretch before is checked).
-        let unique = Dictionary(grouping: all, by: { $0.body.farmgate.idempotencyKey }).compactMap { $0.value.first?.body }
+        let unique = byKey.compactMap { $0.value.first?.body }
         for device in ["site-a", "site-b"] {
             let mine = unique.filter { $0.alerts.first?.labels["device"] == device }
             let late = mine.filter(\.farmgate.late)

@@ -630,8 +630,10 @@ public actor AlertEngine: CommitObserver, Service {
         if rule.kind.isReadingDriven, record.sensorRowID != 0 {
             found = try await replay(rule, record: record, history: history, from: from, to: to, now: current)
         }
-        let known = Set(history.map { "\($0.to.rawValue)@\($0.at.microseconds)" })
-        var fresh = found.filter { !known.contains("\($0.to.rawValue)@\($0.at.microseconds)") }
+        // A transition is the same one when it reached the same state at the same reading.
+        func moment(_ transition: AlertTransitionRecord) -> String { "\(transition.to.rawValue)@\(transition.at.microseconds)" }
+        let known = Set(history.map(moment))
+        var fresh = found.filter { !known.contains(moment($0)) }
         var replayed = found
         // The replay found the condition still holding at the end of the stretch: the alert fires now, from then.
         if let end = found.last, end.to == .firing, record.state == .pending {
@@ -646,8 +648,8 @@ public actor AlertEngine: CommitObserver, Service {
         // Inside the stretch the replay (every stored reading in time order, from the state before it) is the account:
         // transitions recorded while the backlog arrived out of order (a newest batch judged before the readings under
         // it) may disagree with it there, and are kept in the history but left out of the report.
-        let notified = Set(history.filter(\.notified).map { "\($0.to.rawValue)@\($0.at.microseconds)" })
-        let unreported = history.filter { !$0.notified && ($0.at < from || $0.at > to) } + replayed.filter { !notified.contains("\($0.to.rawValue)@\($0.at.microseconds)") }
+        let notified = Set(history.filter(\.notified).map(moment))
+        let unreported = history.filter { !$0.notified && ($0.at < from || $0.at > to) } + replayed.filter { !notified.contains(moment($0)) }
         let covered = unreported.sorted { $0.at < $1.at }
         var seen: Set<String> = []
         let episodes = covered.filter { seen.insert("\($0.from.rawValue)>\($0.to.rawValue)@\($0.at.microseconds)").inserted }
