@@ -112,7 +112,7 @@ extension SQLiteIngestStore: AlertStore {
     }
 
     private func alertQuery(_ sql: String, _ values: [SQLiteValue]) async throws -> [AlertRecord] {
-        let rows = try await reader.withValue { db in try db.connection.query(sql, values) }
+        let rows = try await reader.withValue { db in try db.query(sql, values) }
         return try rows.map(Self.alertRecord)
     }
 
@@ -201,7 +201,7 @@ extension SQLiteIngestStore: AlertStore {
                 ]
                 var alertID = record.id
                 if alertID == 0 {
-                    let inserted = try db.connection.query(
+                    let inserted = try db.query(
                         """
                         INSERT INTO alerts(state, pending_since_us, starts_at_us, ends_at_us, last_reading_us, value, acknowledged_at_us,
                             acknowledged_by, late_from_us, late_to_us, late_due_us, updated_at_us,
@@ -216,7 +216,7 @@ extension SQLiteIngestStore: AlertStore {
                     guard let row = inserted.first else { throw AlertStoreConflict(alert: record.fingerprint) }
                     alertID = row.int(0)
                 } else {
-                    try db.connection.query(
+                    try db.query(
                         """
                         UPDATE alerts SET state = ?, pending_since_us = ?, starts_at_us = ?, ends_at_us = ?, last_reading_us = ?, value = ?,
                             acknowledged_at_us = ?, acknowledged_by = ?, late_from_us = ?, late_to_us = ?, late_due_us = ?, updated_at_us = ?,
@@ -227,11 +227,11 @@ extension SQLiteIngestStore: AlertStore {
                 }
                 ids.append(alertID)
                 if change.markAllNotified {
-                    try db.connection.query("UPDATE alert_transitions SET notified = 1 WHERE alert_id = ? AND notified = 0", [.integer(alertID)])
+                    try db.query("UPDATE alert_transitions SET notified = 1 WHERE alert_id = ? AND notified = 0", [.integer(alertID)])
                 }
                 var transitionIDs: [Int64] = []
                 for transition in change.transitions {
-                    try db.connection.query(
+                    try db.query(
                         """
                         INSERT INTO alert_transitions(alert_id, from_state, to_state, at_us, value, late, silenced, notified, recorded_at_us)
                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
@@ -247,16 +247,16 @@ extension SQLiteIngestStore: AlertStore {
                     var notification = planned.notification
                     var transitionID = planned.transitionIndex.flatMap { transitionIDs.indices.contains($0) ? transitionIDs[$0] : nil } ?? transitionIDs.last ?? 0
                     if transitionID == 0 {
-                        transitionID = try db.connection.queryInt("SELECT max(id) FROM alert_transitions WHERE alert_id = ?", [.integer(alertID)]) ?? 0
+                        transitionID = try db.queryInt("SELECT max(id) FROM alert_transitions WHERE alert_id = ?", [.integer(alertID)]) ?? 0
                     }
                     notification.alertID = alertID
                     notification.transitionID = transitionID
                     let payload = String(decoding: try encoder.encode(notification), as: UTF8.self)
                     for name in change.receivers {
-                        guard let receiver = try db.connection.queryInt(
+                        guard let receiver = try db.queryInt(
                             "SELECT id FROM alert_receivers WHERE farm_id = ? AND name = ?", [.integer(record.farmID), .text(name)])
                         else { continue }
-                        try db.connection.query(
+                        try db.query(
                             """
                             INSERT INTO alert_outbox(farm_id, receiver_id, alert_id, transition_id, idempotency_key, payload, state, next_attempt_at_us, created_at_us)
                             VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?) ON CONFLICT (idempotency_key) DO NOTHING

@@ -622,6 +622,25 @@ final class CachedConnection {
         defer { statement.reset() }
         return try body(statement)
     }
+
+    /// Runs the cached statement for `sql` with `values` bound and returns every row. For statements that run often
+    /// (compiling one costs more than running it); `sql` must not vary with the values, or the cache grows with it.
+    @discardableResult
+    func query(_ sql: String, _ values: [SQLiteValue] = []) throws -> [[SQLiteValue]] {
+        try withStatement(sql, values) { statement in
+            var rows: [[SQLiteValue]] = []
+            while try statement.step() { rows.append(statement.row()) }
+            return rows
+        }
+    }
+
+    /// Runs the cached statement for `sql` and returns the first column of its first row as an integer, or nil.
+    func queryInt(_ sql: String, _ values: [SQLiteValue] = []) throws -> Int64? {
+        try withStatement(sql, values) { statement in
+            guard try statement.step() else { return nil }
+            return statement.isNull(0) ? nil : statement.int64(0)
+        }
+    }
 }
 
 private func deviceID(_ text: String) throws -> DeviceID {
