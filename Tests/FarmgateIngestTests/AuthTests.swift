@@ -47,6 +47,33 @@ struct AuthTests {
         #expect(!constantTimeEquals([0, 2, 3], [1, 2, 3]))
     }
 
+    @Test("HTTP's optional whitespace around a key is ignored, whitespace inside it is not")
+    func trimmedKeys() {
+        #expect(trimmedSpacesAndTabs("  \tfgd_abc \t ") == "fgd_abc")
+        #expect(trimmedSpacesAndTabs("fgd_abc") == "fgd_abc")
+        #expect(trimmedSpacesAndTabs(" \t ") == "")
+        #expect(trimmedSpacesAndTabs("") == "")
+        #expect(trimmedSpacesAndTabs(" a b ") == "a b")
+        #expect(trimmedSpacesAndTabs("\nfgd\n") == "\nfgd\n")
+        #expect(trimmedSpacesAndTabs(" ünï ") == "ünï")
+    }
+
+    @Test("a read token is accepted with the scheme in any case and whitespace around the token, and refused under another scheme")
+    func bearerForms() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        try await fixture.app().test(.router) { client in
+            for header in ["Bearer \(fixture.readToken.text)", "bearer \(fixture.readToken.text)", "BEARER   \(fixture.readToken.text) \t"] {
+                let response = try await client.execute(uri: "/v1/farms/f1/latest", method: .get, headers: [.authorization: header])
+                #expect(response.status == .ok, "\(header)")
+            }
+            for header in ["Bearers \(fixture.readToken.text)", "Bearer", "\(fixture.readToken.text)", "Bearer \(fixture.readToken.text)x"] {
+                let response = try await client.execute(uri: "/v1/farms/f1/latest", method: .get, headers: [.authorization: header])
+                try expectError(response, .unauthorized, "unauthorized")
+            }
+        }
+    }
+
     @Test("uploads without a key, with a wrong key, or with a read token are answered 401")
     func uploadAuth() async throws {
         let fixture = try await Fixture()
