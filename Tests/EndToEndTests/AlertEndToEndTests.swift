@@ -128,4 +128,77 @@ struct AlertEndToEndTests {
         #expect(rules.count == 11)
         #expect(!rules.contains { $0["name"] as? String == "x" })
     }
+
+    @Test("silences and acknowledgements through the real CLI while serve runs: a silenced alert fires without a notification, another is delivered; an acknowledgement shows in the CLI and the API")
+    func silencesAndAcknowledgements() async throws {
+        let server = try TestHTTPServer { _, _ in .reply(200) }
+        defer { server.stop() }
+        let farm = try await Farm()
+        let key = try await farm.createDevice("quiet-site")
+        let keyFile = try farm.dir.write("quiet-site.key", key + "\n")
+        _ = try await farm.admin(["alert", "receiver", "add", "--farm", "e2e", "--name", "hook", "--webhook", server.url + "/hook"])
+        // The simulated pH wanders around 6.0: both rules fire on the first readings.
+        for name in ["ph-loud", "ph-quiet"] {
+            try await farm.admin(["alert", "rule", "add", "--farm", "e2e", "--name", name, "--kind", "above", "--quantity", "ph", "--threshold", "5", "--receiver", "hook"])
+        }
+        let silenced = try await farm.admin([
+            "alert", "silence", "add", "--farm", "e2e", "--match", "alertname=ph-quiet", "--for", "1h", "--comment", "probe maintenance", "--by", "installer",
+        ])
+        let silenceID = try #require(silenced.split(whereSeparator: { !$0.isNumber }).first.flatMap { Int($0) }, "\(silenced)")
+        let silences = try await farm.admin(["alert", "silence", "list", "--farm", "e2e"])
+        #expect(silences.contains("alertname=ph-quiet") && silences.contains("probe maintenance"), "\(silences)")
+
+        let config = try farm.agentConfig("agent.toml", device: "quiet-site", keyFile: keyFile, sensors: 1, interval: "200ms")
+        try await farm.startIngest()
+        let agent = try farm.startAgent(config: config, log: "agent.log")
+        func alertNames(_ request: RecordedRequest) -> [String] {
+            let object = (try? JSONSerialization.jsonObject(with: Data(request.body))) as? [String: Any]
+            return ((object?["alerts"] as? [[String: Any]]) ?? []).compactMap { ($0["labels"] as? [String: String])?["alertname"] }
+        }
+        let delivered = await eventually(timeout: .seconds(40), every: .milliseconds(300)) {
+            server.requests.contains { alertNames($0).contains("ph-loud") }
+        }
+        try #require(delivered, "ph-loud was not delivered: \(farm.ingest?.log ?? "") \(agent.log)")
+        func listed() async throws -> [[String: Any]] {
+            let text = try await farm.admin(["alert", "list", "--farm", "e2e", "--json"])
+            return try #require(try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [[String: Any]], "\(text)")
+        }
+        let quietFired = try await eventually(timeout: .seconds(20), every: .milliseconds(300)) {
+            try await listed().contains { $0["rule"] as? String == "ph-quiet" && $0["state"] as? String == "firing" }
+        }
+        try #require(quietFired, "ph-quiet did not fire")
+        // Give a notification that should not exist the time a delivered one took.
+        try await Task.sleep(for: .seconds(3))
+        #expect(!server.requests.contains { alertNames($0).contains("ph-quiet") }, "a silenced alert was notified")
+        let quiet = try #require(try await listed().first { $0["rule"] as? String == "ph-quiet" })
+        let transitions = try #require(quiet["transitions"] as? [[String: Any]])
+        #expect(transitions.contains { $0["to"] as? String == "firing" && $0["silenced"] as? Bool == true }, "\(transitions)")
+        let loud = try #require(try await listed().first { $0["rule"] as? String == "ph-loud" })
+        #expect((loud["transitions"] as? [[String: Any]])?.contains { $0["silenced"] as? Bool == true } == false)
+
+        // Acknowledge the loud one with the CLI: shown by the CLI and by the API.
+        let loudID = try #require(loud["id"] as? Int)
+        let acked = try await farm.admin(["alert", "ack", "--farm", "e2e", String(loudID), "--by", "night-shift"])
+        #expect(acked.contains("Acknowledged alert #\(loudID)"), "\(acked)")
+        let text = try await farm.admin(["alert", "list", "--farm", "e2e"])
+        #expect(text.contains("#\(loudID) FIRING ph-loud quiet-site tank1.ph") && text.contains("(acknowledged by night-shift)"), "\(text)")
+        let tokenOutput = try await farm.admin(["token", "create", "--farm", "e2e", "--role", "viewer"])
+        let token = try #require(tokenOutput.split(whereSeparator: { $0 == " " || $0 == "\n" }).first { $0.hasPrefix("fgr_") }.map(String.init))
+        var request = URLRequest(url: try #require(URL(string: farm.endpoint + "/v1/farms/e2e/alerts")))
+        request.setValue("Bearer \(token)", forHTTPHeaderField: "Authorization")
+        let (data, _) = try await URLSession.shared.data(for: request)
+        let answer = try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any])
+        let apiLoud = (answer["alerts"] as? [[String: Any]])?.first { $0["id"] as? Int == loudID }
+        #expect(apiLoud?["acknowledged_by"] as? String == "night-shift", "\(answer)")
+        // An unknown alert is refused with a non-zero exit.
+        let unknown = try await runCommand(Farm.ingestBinary, ["alert", "ack", "--farm", "e2e", "999999", "--config", farm.ingestConfig])
+        #expect(unknown.status != 0)
+
+        // The silence removed: listed no more.
+        _ = try await farm.admin(["alert", "silence", "remove", "--farm", "e2e", String(silenceID)])
+        #expect(!(try await farm.admin(["alert", "silence", "list", "--farm", "e2e"])).contains("ph-quiet"))
+
+        #expect(await agent.stop() == 0, "\(agent.log)")
+        await farm.ingest?.stop()
+    }
 }
