@@ -123,9 +123,12 @@ struct PostgresBench: AsyncParsableCommand {
             _ = try await store.createPartitions(now: Timestamp(microseconds: (latencySite.readings.first?.timestamp.microseconds ?? 0) + latencyShift))
             let latencyKeys = try await makeGateways("c\(run)", admin: admin, site: latencySite, shift: latencyShift, batches: latencyBatches)
             let checkpointsBefore = cluster.checkpoints()
+            let disk = cluster.dataDirectory().flatMap { DiskStallSampler(directory: $0) }
+            disk?.start()
             let latency = try await withIngest(cluster: cluster, directory: directory, logger: logger) { port in
                 try await paced(port: port, gateways: latencyKeys, rate: half)
             }
+            let stalls = disk?.stop() ?? []
             // A checkpoint inside (c) shows as one moment when every answer waits (see the README's deployment notes).
             if let before = checkpointsBefore, let after = cluster.checkpoints() { print("    checkpoints started during (c): \(after - before)") }
             print(
@@ -135,6 +138,16 @@ struct PostgresBench: AsyncParsableCommand {
             // When the slow answers came: at one moment (a stall of the server or the database) or spread out.
             let slowest = latency.slowest.map { String(format: "%.0f ms at +%.2f s", $0.milliseconds, $0.at) }
             print("    slowest: \(slowest.joined(separator: ", "))")
+            // The disk's own stalls, to compare with those moments: writes queued and none completed.
+            if let disk {
+                let inside = stalls.filter { latency.startedAt.duration(to: $0.start) > .seconds(-1) }
+                let listed = inside.sorted { $0.duration > $1.duration }.prefix(5).map {
+                    String(format: "%.0f ms at +%.2f s", $0.duration / .milliseconds(1), latency.startedAt.duration(to: $0.start) / .seconds(1))
+                }
+                print("    disk \(disk.device): \(inside.count) stretch(es) of 50 ms or more with requests queued and none completed\(listed.isEmpty ? "" : ": " + listed.joined(separator: ", "))")
+            } else {
+                print("    disk: not sampled (the data directory's device has no statistics here)")
+            }
         }
     }
 
@@ -282,6 +295,8 @@ struct PostgresBench: AsyncParsableCommand {
         var failed: Int
         /// The ten slowest answers: milliseconds, and seconds since pacing started when the batch was sent.
         var slowest: [(milliseconds: Double, at: Double)] = []
+        /// When pacing started.
+        var startedAt: ContinuousClock.Instant = .now
     }
 
     /// Every gateway posts at `rate / gateways` readings per second (open loop, phases spread evenly) for `latencySeconds`.
@@ -337,7 +352,7 @@ struct PostgresBench: AsyncParsableCommand {
         }
         return Latency(
             p50: percentile(0.5), p99: percentile(0.99), max: sorted.last ?? 0, count: sorted.count, failed: results.1,
-            slowest: results.0.suffix(10).reversed())
+            slowest: results.0.suffix(10).reversed(), startedAt: barrier.started ?? .now)
     }
 
     // MARK: (b)
@@ -491,7 +506,8 @@ final class BenchCluster: Sendable {
     }
 
     /// Starts a cluster as `.ci/with-postgres` does (initdb in `root`, a Unix socket there, run as `postgres` when this
-    /// runs as root), with fsync on, room for 300 connections and the WAL sized so that no checkpoint falls in a run.
+    /// runs as root), with fsync on, room for 300 connections, the WAL sized so that no checkpoint falls in a run, and
+    /// its WAL files already made (recycled), as on a server in service.
     static func start(in root: String) async throws -> BenchCluster {
         let candidates = ((try? FileManager.default.contentsOfDirectory(atPath: "/usr/lib/postgresql")) ?? []).sorted {
             $0.compare($1, options: .numeric) == .orderedAscending
@@ -518,7 +534,26 @@ final class BenchCluster: Sendable {
         else { throw ValidationError("the server did not start: see \(root)/server.log") }
         let cluster = BenchCluster(url: "postgresql://farmgate@/postgres?host=\(root)&port=\(port)", bin: bin, data: "\(root)/data", root: root, asUser: asUser)
         try cluster.exec("CREATE DATABASE farmgate_bench")
+        // A server that has run a while reuses its WAL files (renamed at each checkpoint, up to min_wal_size); a fresh
+        // one creates each new 16 MB segment inside whichever commit needs it, zero-filling and syncing it while every
+        // other commit waits (the sampled disk showed an 18 MB write every 0.9 s during (c), some taking 200 ms). So
+        // 1.5 GB of segments are made and recycled first, as on a server in service.
+        try cluster.exec(
+            """
+            CREATE TABLE wal_prewarm(x int);
+            DO $$ BEGIN FOR i IN 1..96 LOOP INSERT INTO wal_prewarm VALUES (i); PERFORM pg_switch_wal(); END LOOP; END $$;
+            DROP TABLE wal_prewarm;
+            CHECKPOINT;
+            """)
         return BenchCluster(url: "postgresql://farmgate@/farmgate_bench?host=\(root)&port=\(port)", bin: bin, data: "\(root)/data", root: root, asUser: asUser)
+    }
+
+    /// The server's data directory, when this machine can see it (a local cluster), else nil.
+    func dataDirectory() -> String? {
+        if let owned { return owned.data }
+        guard let text = try? psql(["-Atc", "SHOW data_directory"]) else { return nil }
+        let path = text.trimmingCharacters(in: .whitespacesAndNewlines)
+        return FileManager.default.fileExists(atPath: path) ? path : nil
     }
 
     /// How many checkpoints the server has started (PostgreSQL 17 and later count them in pg_stat_checkpointer, 15 and
@@ -605,6 +640,9 @@ final class WarmupBarrier: Sendable {
             if state.arrived >= count, state.start == nil { state.start = .now + .milliseconds(200) }
         }
     }
+
+    /// When pacing started, once every gateway arrived.
+    var started: ContinuousClock.Instant? { state.withLock { $0.start } }
 
     func arriveAndWait() -> ContinuousClock.Instant {
         arrive()
