@@ -73,7 +73,13 @@ final class DiskStallSampler: Sendable {
                     lastChange = now
                 }
             }
-            state.withLock { $0.finished = true }
+            // A stretch still open when sampling stops counts as far as it went.
+            let end = ContinuousClock.now
+            let open = waiting && lastChange.duration(to: end) >= minimum ? Stall(start: lastChange, duration: lastChange.duration(to: end)) : nil
+            state.withLock { state in
+                if let open { state.stalls.append(open) }
+                state.finished = true
+            }
         }
         thread.name = "bench-disk"
         thread.start()
