@@ -68,6 +68,34 @@ struct AlertEngineTests {
         }
     }
 
+    @Test("several alerts of one sensor, begun in different batches, each carry on from its own stored record and resolve once", arguments: StoreKind.allCases)
+    func severalAlertsOfOneSensor(kind: StoreKind) async throws {
+        try await AlertHarness.with(kind) { h in
+            // Rules in an order unlike the order their alerts begin in; two that never fire sit between them.
+            try await h.rule(spec("ph-high-7", "above") { $0.quantity = "ph"; $0.threshold = 7 })
+            try await h.rule(spec("never-1", "above") { $0.quantity = "ph"; $0.threshold = 14 })
+            try await h.rule(spec("ph-high-6", "above") { $0.quantity = "ph"; $0.threshold = 6 })
+            try await h.rule(spec("never-2", "below") { $0.quantity = "ph"; $0.threshold = 0 })
+            try await h.rule(spec("ph-high-6.5", "above") { $0.quantity = "ph"; $0.threshold = 6.5 })
+            try await h.send([(0, 6.2), (10, 6.3)])  // ph-high-6 fires
+            try await h.send([(20, 6.7), (30, 6.8)])  // ph-high-6.5 fires, ph-high-6 holds
+            try await h.send([(40, 7.2), (50, 7.3)])  // ph-high-7 fires, the others hold
+            try await h.send([(60, 7.4), (70, 6.9)])  // all hold, then 7 resolves
+            try await h.send([(80, 5.0)])  // 6 and 6.5 resolve
+            let byRule = Dictionary(grouping: try await h.alerts(), by: \.rule)
+            #expect(byRule.keys.sorted() == ["ph-high-6", "ph-high-6.5", "ph-high-7"])
+            for rule in ["ph-high-6", "ph-high-6.5", "ph-high-7"] {
+                #expect(byRule[rule]?.count == 1, "\(rule)")
+                #expect(states(byRule[rule]?.first) == ["inactive>pending", "pending>firing", "firing>resolved"], "\(rule)")
+            }
+            #expect(byRule["ph-high-7"]?.first?.transitions.last?.at == Timestamp(microseconds: h.clock.now.microseconds + 70_000_000))
+            #expect(byRule["ph-high-6"]?.first?.transitions.last?.at == Timestamp(microseconds: h.clock.now.microseconds + 80_000_000))
+            let notifications = try await h.notifications()
+            #expect(notifications.count == 6)
+            #expect(Set(notifications.map { "\($0.labels["alertname"] ?? "")/\($0.status)" }).count == 6)
+        }
+    }
+
     @Test("no data, device offline and calibration overdue run on the timer and resolve when the cause goes", arguments: StoreKind.allCases)
     func timerRuleKinds(kind: StoreKind) async throws {
         try await AlertHarness.with(kind) { h in

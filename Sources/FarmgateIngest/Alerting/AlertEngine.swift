@@ -96,7 +96,7 @@ public actor AlertEngine: CommitObserver, Service {
 
     /// What the engine keeps per sensor for its reading-driven rules: which rules select it, and each one's memory.
     private struct SensorSeries {
-        /// Positions in the farm's ``ReadingRules/rules``.
+        /// Positions in the farm's ``ReadingRules/rules``, ascending (the walk beside the stored alerts relies on it).
         var rules: [Int]
         /// Aligned with `rules`.
         var memories: [SeriesMemory]
@@ -336,16 +336,16 @@ public actor AlertEngine: CommitObserver, Service {
                 for item in work where series[item.sensor]?.epoch != epoch {
                     try await deriveMemories(sensor: item.sensor, farm: farmRules, before: item.readings, epoch: epoch)
                 }
-                var records: [Int64: [Int: AlertRecord]] = [:]
+                var records: [Int64: [(position: Int, record: AlertRecord)]] = [:]
                 for record in try await store.alertRecords(deviceRowID: device.rowID) where record.sensorRowID != 0 {
                     guard let position = farmRules.position[record.rule] else { continue }
-                    records[record.sensorRowID, default: [:]][position] = record
+                    records[record.sensorRowID, default: []].append((position, record))
                 }
                 let current = now()
                 var changes: [AlertChange] = []
                 for item in work {
                     evaluate(sensor: item.sensor, item.readings, farm: farmRules, device: device, receivedAt: batch.receivedAt, followsOn: followsOn, now: current,
-                             records: records[item.sensor] ?? [:], into: &changes)
+                             records: records[item.sensor] ?? [], into: &changes)
                 }
                 try await apply(changes, durability: .withNextSyncedCommit)
                 evaluated = true
@@ -460,21 +460,26 @@ public actor AlertEngine: CommitObserver, Service {
     /// Evaluates every rule of one sensor over its readings (in time order) and appends the alerts that changed.
     private func evaluate(
         sensor: Int64, _ readings: [CommittedReading], farm: ReadingRules, device: DeviceIdentity, receivedAt: Timestamp, followsOn: Bool,
-        now current: Timestamp, records: [Int: AlertRecord], into changes: inout [AlertChange]
+        now current: Timestamp, records: [(position: Int, record: AlertRecord)], into changes: inout [AlertChange]
     ) {
         // Taken out of the map while it changes, so that its arrays are not shared and change in place.
         guard let last = readings.last, var entry = series.removeValue(forKey: sensor) else { return }
         defer { series[sensor] = entry }
         let newestBefore = lastEvaluated[sensor]
         guard var columns = SensorReadings(readings, after: newestBefore) else { return }
+        // The sensor's few stored alerts in rule order, walked beside its rules (in rule order too): no lookup, no
+        // hashing per rule (a dictionary lookup per rule and sensor was the engine's largest cost after the rules).
+        let stored = records.count > 1 ? records.sorted { $0.position < $1.position } : records
+        var next = 0
         for (slot, position) in entry.rules.enumerated() {
-            // Found by index: an alert record (280 bytes) is copied only for the rules evaluated reading by reading.
-            let found = records.isEmpty ? nil : records.index(forKey: position)
+            while next < stored.count, stored[next].position < position { next += 1 }
+            let found = next < stored.count && stored[next].position == position ? next : nil
             // The common case, decided from the batch's summary: no alert, and the condition holds at no reading.
             if found == nil, columns.skips(farm.conditions[position], memory: &entry.memories[slot]) { continue }
+            // An alert record (280 bytes) is copied only for the rules evaluated reading by reading.
             evaluate(
                 farm.conditions[position], of: farm.rules, at: position, columns, after: newestBefore, memory: &entry.memories[slot],
-                record: found.map { records[$0].value }, sensorRowID: sensor, device: device, receivedAt: receivedAt, followsOn: followsOn, now: current,
+                record: found.map { stored[$0].record }, sensorRowID: sensor, device: device, receivedAt: receivedAt, followsOn: followsOn, now: current,
                 into: &changes)
         }
         lastEvaluated[sensor] = max(newestBefore ?? last.timestamp, last.timestamp)
