@@ -213,10 +213,14 @@ func gcd(_ a: UInt64, _ b: UInt64) -> UInt64 {
 }
 
 extension StringProtocol {
-    var trimmingSpaces: String {
-        var scalars = Substring(self)
-        while let first = scalars.first, first == " " || first == "\t" { scalars.removeFirst() }
-        while let last = scalars.last, last == " " || last == "\t" { scalars.removeLast() }
-        return String(scalars)
+    /// Without the spaces and horizontal tabs around it (HTTP's optional whitespace, RFC 9110 §5.6.3; the blanks of a
+    /// configuration line). By bytes: Foundation's `trimmingCharacters(in:)` bridges through NSString, and was the
+    /// largest part of authenticating a read in the ingest.
+    public var trimmingSpaces: String {
+        let bytes = Substring(self).utf8
+        guard let first = bytes.firstIndex(where: { $0 != 0x20 && $0 != 0x09 }), let last = bytes.lastIndex(where: { $0 != 0x20 && $0 != 0x09 })
+        else { return "" }
+        // Cut next to ASCII bytes, so both ends lie on character boundaries.
+        return String(decoding: bytes[first...last], as: UTF8.self)
     }
 }

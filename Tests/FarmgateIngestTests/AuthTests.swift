@@ -49,13 +49,13 @@ struct AuthTests {
 
     @Test("HTTP's optional whitespace around a key is ignored, whitespace inside it is not")
     func trimmedKeys() {
-        #expect(trimmedSpacesAndTabs("  \tfgd_abc \t ") == "fgd_abc")
-        #expect(trimmedSpacesAndTabs("fgd_abc") == "fgd_abc")
-        #expect(trimmedSpacesAndTabs(" \t ") == "")
-        #expect(trimmedSpacesAndTabs("") == "")
-        #expect(trimmedSpacesAndTabs(" a b ") == "a b")
-        #expect(trimmedSpacesAndTabs("\nfgd\n") == "\nfgd\n")
-        #expect(trimmedSpacesAndTabs(" ünï ") == "ünï")
+        #expect("  \tfgd_abc \t ".trimmingSpaces == "fgd_abc")
+        #expect("fgd_abc".trimmingSpaces == "fgd_abc")
+        #expect(" \t ".trimmingSpaces == "")
+        #expect("".trimmingSpaces == "")
+        #expect(" a b ".trimmingSpaces == "a b")
+        #expect("\nfgd\n".trimmingSpaces == "\nfgd\n")
+        #expect(" ünï ".trimmingSpaces == "ünï")
     }
 
     @Test("a read token is accepted with the scheme in any case and whitespace around the token, and refused under another scheme")

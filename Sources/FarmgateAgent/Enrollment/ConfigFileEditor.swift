@@ -1,3 +1,5 @@
+import FarmgateWire
+
 /// Edits keys of a TOML configuration file as text, line by line, so that everything else (comments, blank lines, the
 /// order of sections and keys, the `[[sensor]]` tables) stays exactly as the installer wrote it. A TOML library would
 /// parse and re-render the file and lose its comments.
@@ -169,15 +171,5 @@ public struct ConfigFileEditor: Sendable {
             }
         }
         return nil
-    }
-}
-
-extension StringProtocol {
-    /// Without leading and trailing spaces and tabs.
-    fileprivate var trimmingSpaces: String {
-        var text = Substring(self)
-        while let first = text.first, first == " " || first == "\t" { text.removeFirst() }
-        while let last = text.last, last == " " || last == "\t" { text.removeLast() }
-        return String(text)
     }
 }

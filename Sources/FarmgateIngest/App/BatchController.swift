@@ -60,7 +60,7 @@ struct BatchController: Sendable {
     static func acceptsCompactReceipt(_ request: Request) -> Bool {
         request.headers[values: .accept].contains { value in
             value.split(separator: ",").contains {
-                $0.split(separator: ";", maxSplits: 1).first.map(trimmedSpacesAndTabs)?.lowercased()
+                $0.split(separator: ";", maxSplits: 1).first?.trimmingSpaces.lowercased()
                     == IngestProtocol.compactReceiptMediaType
             }
         }
@@ -250,7 +250,7 @@ struct BatchController: Sendable {
 
     static func format(of request: Request) throws(APIError) -> BodyFormat {
         let raw = request.headers[.contentType] ?? ""
-        let mediaType = raw.split(separator: ";", maxSplits: 1).first.map { trimmedSpacesAndTabs($0).lowercased() } ?? ""
+        let mediaType = raw.split(separator: ";", maxSplits: 1).first.map { $0.trimmingSpaces.lowercased() } ?? ""
         switch mediaType {
         case IngestProtocol.binaryBatchMediaType: return .binary
         case IngestProtocol.jsonBatchMediaType: return .json

@@ -97,26 +97,13 @@ struct ReaderAuthMiddleware: RouterMiddleware {
 /// The header a device key may come in instead of `Authorization: Bearer` (``IngestProtocol/deviceKeyHeader``).
 let deviceKeyField = HTTPField.Name(IngestProtocol.deviceKeyHeader) ?? .authorization
 
-/// `text` without the spaces and horizontal tabs around it (HTTP's optional whitespace, RFC 9110 §5.6.3), by bytes:
-/// Foundation's `trimmingCharacters(in:)` bridges through NSString and was the largest part of authenticating a read.
-func trimmedSpacesAndTabs(_ text: String) -> String { trimmedSpacesAndTabs(text[...]) }
-
-func trimmedSpacesAndTabs(_ text: Substring) -> String {
-    let bytes = text.utf8
-    guard let first = bytes.firstIndex(where: { $0 != 0x20 && $0 != 0x09 }), let last = bytes.lastIndex(where: { $0 != 0x20 && $0 != 0x09 }) else {
-        return ""
-    }
-    // Cut next to ASCII bytes, so both ends lie on character boundaries.
-    return String(decoding: bytes[first...last], as: UTF8.self)
-}
-
 /// The key of `request`: `Authorization: Bearer <key>`, or for a device key also `Farmgate-Key: <key>`.
 func bearerKey(_ request: Request, expected kind: APIKey.Kind) throws(APIError) -> APIKey {
     let what = kind == .device ? "a device key (fgd_...)" : "a read token (fgr_...)"
     let text: String
     if kind == .device, request.headers[.authorization] == nil, let header = request.headers[deviceKeyField] {
         // The agent's form on a metered link (IngestProtocol.deviceKeyHeader): HPACK indexes it, Authorization it never does.
-        text = trimmedSpacesAndTabs(header)
+        text = header.trimmingSpaces
     } else {
         guard let header = request.headers[.authorization] else {
             throw APIError.unauthorized("send `Authorization: Bearer <key>` with \(what)")
@@ -125,7 +112,7 @@ func bearerKey(_ request: Request, expected kind: APIKey.Kind) throws(APIError) 
         guard parts.count == 2, parts[0].utf8.count == 6, parts[0].lowercased() == "bearer" else {
             throw APIError.unauthorized("the Authorization header must be `Bearer <key>` with \(what)")
         }
-        text = trimmedSpacesAndTabs(parts[1])
+        text = parts[1].trimmingSpaces
     }
     guard let key = APIKey(parsing: text) else {
         throw APIError.unauthorized("the bearer key is not in the form fgd_<keyid>_<secret> or fgr_<keyid>_<secret>; copy it exactly as it was printed")

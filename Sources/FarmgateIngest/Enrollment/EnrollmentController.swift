@@ -222,7 +222,7 @@ struct EnrollmentController: Sendable {
             throw Self.invalid("send `Authorization: Bearer fge_…` with the enrollment token from `farmgate-ingest enroll-token create`")
         }
         let parts = header.split(separator: " ", maxSplits: 1, omittingEmptySubsequences: true)
-        guard parts.count == 2, parts[0].lowercased() == "bearer", let key = APIKey(parsing: trimmedSpacesAndTabs(parts[1])),
+        guard parts.count == 2, parts[0].lowercased() == "bearer", let key = APIKey(parsing: parts[1].trimmingSpaces),
             key.kind == .enrollment
         else {
             count(.invalid)

@@ -1,3 +1,4 @@
+import FarmgateWire
 import Foundation
 public import NIOCore
 
@@ -51,7 +52,7 @@ public struct TrustedProxies: Sendable, Hashable {
     public func client(peer: SocketAddress?, forwardedFor: String?) -> ClientAddress {
         let direct = ClientAddress(peer)
         guard trusts(peer), let header = forwardedFor,
-            let last = header.split(separator: ",").last.map(trimmedSpacesAndTabs), !last.isEmpty
+            let last = header.split(separator: ",").last?.trimmingSpaces, !last.isEmpty
         else { return direct }
         if let value = ClientAddress.ipv4(last) { return .v4(value) }
         // "[2001:db8::1]:port" and a plain IPv6 address alike.
