@@ -395,12 +395,30 @@ func isValidUTF8(_ bytes: [UInt8], _ range: Range<Int>) -> Bool {
 }
 
 /// Appends JSON text.
-struct JSONWriter {
-    var bytes: [UInt8] = []
+package struct JSONWriter {
+    package var bytes: [UInt8] = []
 
-    mutating func raw(_ text: String) { bytes.append(contentsOf: text.utf8) }
+    package init(capacity: Int = 0) {
+        bytes.reserveCapacity(capacity)
+    }
 
-    mutating func string(_ text: String) {
+    package mutating func raw(_ text: String) { bytes.append(contentsOf: text.utf8) }
+
+    /// A finite number in Swift's shortest form that reads back to the same value ("6.5", "1e-05"); `null` otherwise.
+    package mutating func number(_ value: Double) {
+        raw(value.isFinite ? value.description : "null")
+    }
+
+    package mutating func number(_ value: some BinaryInteger) { raw(String(value)) }
+
+    /// A quoted RFC 3339 timestamp.
+    package mutating func timestamp(_ value: Timestamp) {
+        bytes.append(UInt8(ascii: "\""))
+        RFC3339.append(value, to: &bytes)
+        bytes.append(UInt8(ascii: "\""))
+    }
+
+    package mutating func string(_ text: String) {
         bytes.append(UInt8(ascii: "\""))
         for byte in text.utf8 {
             switch byte {

@@ -4,6 +4,8 @@ import FarmgateSupport
 import FarmgateWire
 import Foundation
 import Logging
+import Prometheus
+import ServiceLifecycle
 
 /// `farmgate-bench rollups`: how long one day of one sensor at 1-minute resolution takes to read from a store whose
 /// rollups stand for many readings (the issue's goal: under 20 ms with 10^8 readings stored). The rollup rows are
@@ -40,6 +42,9 @@ struct RollupBench: AsyncParsableCommand {
     @Option(help: "Queries to time.")
     var queries = 300
 
+    @Flag(help: "PostgreSQL: time the queries against what an earlier run (the same UTC day, the same options) left in the database, without filling it again.")
+    var reuse = false
+
     func validate() throws {
         guard readings > 0, sensors > 0, queries > 0, (1...60).contains(interval), 60 % interval == 0 else {
             throw ValidationError("--readings, --sensors and --queries must be positive, --interval a divisor of 60")
@@ -60,7 +65,7 @@ struct RollupBench: AsyncParsableCommand {
         if store == .postgres, let url { storage.postgres = try PostgresSettings(url: url) }
         defer { try? FileManager.default.removeItem(atPath: scratch) }
         let opened = try await openIngestStore(storage, logger: logger)
-        let (kind, sqlitePath, sensors, queries) = (store, storage.path, sensors, queries)
+        let (kind, sqlitePath, sensors, queries, quiet) = (store, storage.path, sensors, queries, logger)
         let end = RollupLevel.day.bucket(of: Timestamp.now().microseconds)
         let start = end - Int64(minutes) * 60_000_000
         print(
@@ -68,15 +73,21 @@ struct RollupBench: AsyncParsableCommand {
                 + "\(minutes / 1440) days): \(minutes * sensors) 1-minute rows, \(minutes / 60 * sensors) hourly, \(minutes / 1440 * sensors) daily")
         try await withRunning(opened) { store in
             try await store.migrate()
-            let rows = try await Self.registerSensors(store, count: sensors, at: Timestamp(microseconds: end - 1_000_000))
             let clock = ContinuousClock()
-            let filled = try await clock.measure {
-                switch kind {
-                case .sqlite: try await Self.fillSQLite(path: sqlitePath, start: start, minutes: minutes, perMinute: perMinute)
-                case .postgres: try Self.fillPostgres(url: url ?? "", start: start, minutes: minutes, perMinute: perMinute)
+            let rows: [Int64]
+            if reuse, kind == .postgres, try await store.farm(named: "bench") != nil {
+                rows = try await Self.sensorRows(store, count: sensors)
+                print("reusing the rows of an earlier run")
+            } else {
+                rows = try await Self.registerSensors(store, count: sensors, at: Timestamp(microseconds: end - 1_000_000))
+                let filled = try await clock.measure {
+                    switch kind {
+                    case .sqlite: try await Self.fillSQLite(path: sqlitePath, start: start, minutes: minutes, perMinute: perMinute)
+                    case .postgres: try Self.fillPostgres(url: url ?? "", start: start, minutes: minutes, perMinute: perMinute)
+                    }
                 }
+                print("synthesised in \(String(format: "%.1f", filled.seconds)) s")
             }
-            print("synthesised in \(String(format: "%.1f", filled.seconds)) s")
             if kind == .sqlite {
                 // The file holds little but the rollups: its size over the 1-minute rows is their cost, all levels included.
                 let bytes = ["", "-wal"].compactMap { try? FileManager.default.attributesOfItem(atPath: sqlitePath + $0)[.size] as? Int }.reduce(0, +)
@@ -101,12 +112,67 @@ struct RollupBench: AsyncParsableCommand {
                 }
                 if index >= 20 { durations.append(elapsed) }
             }
-            let sorted = durations.sorted()
-            func percentile(_ p: Double) -> Double { sorted[min(sorted.count - 1, Int(Double(sorted.count - 1) * p))].seconds * 1000 }
             print(
                 String(
-                    format: "one day of one sensor at 1m (%d points), %d queries: p50 %.2f ms, p99 %.2f ms, max %.2f ms", points, queries, percentile(0.5),
-                    percentile(0.99), percentile(1)))
+                    format: "one day of one sensor at 1m (%d points), %d queries through the store: %@", points, queries, Self.summary(durations)))
+            try await Self.timeHTTP(store: store, start: start, days: days, sensors: sensors, queries: queries, logger: quiet)
+        }
+    }
+
+    /// p50, p99 and max of `durations`, in milliseconds.
+    static func summary(_ durations: [Duration]) -> String {
+        let sorted = durations.sorted()
+        func percentile(_ p: Double) -> Double { sorted[min(sorted.count - 1, Int(Double(sorted.count - 1) * p))].seconds * 1000 }
+        return String(format: "p50 %.2f ms, p99 %.2f ms, max %.2f ms", percentile(0.5), percentile(0.99), percentile(1))
+    }
+
+    /// The same question as the API asks it: `GET …/readings?resolution=1m` for a random sensor and whole day, one
+    /// keep-alive connection to the ingest serving `store` on loopback, timed from the request's first byte to the
+    /// answer's last (authentication, the query, the JSON body of 1,440 buckets and HTTP included).
+    static func timeHTTP(store: any IngestStore, start: Int64, days: Int, sensors: Int, queries: Int, logger: Logger) async throws {
+        let token = try await IngestAdmin(store: store).createReadToken(farm: "bench", role: .viewer).text
+        var configuration = IngestConfiguration()
+        let port = try LocalIngest.freePort()
+        configuration.server.host = "127.0.0.1"
+        configuration.server.port = port
+        configuration.limits.readRequestsPerSecond = 1_000_000
+        configuration.limits.readBurst = 1_000_000
+        let app = buildApplication(configuration: configuration, store: store, registry: PrometheusCollectorRegistry(), logger: logger)
+        let group = ServiceGroup(configuration: ServiceGroupConfiguration(services: [app], logger: logger))
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { try await group.run() }
+            do {
+                let (durations, bytes) = try await runOffPool(name: "bench-range") {
+                    try BenchConnection.waitForListener(port: port)
+                    let connection = try BenchConnection(port: port)
+                    var random = SplitMix64(seed: 11)
+                    var durations: [Duration] = []
+                    var bytes = 0
+                    let clock = ContinuousClock()
+                    for index in 0..<(queries + 20) {
+                        let sensor = String(format: "s%04d.ph", Int(random.next() % UInt64(sensors)))
+                        let from = start + Int64(random.next() % UInt64(days)) * 86_400_000_000
+                        let range = "from=\(RFC3339.format(Timestamp(microseconds: from)))&to=\(RFC3339.format(Timestamp(microseconds: from + 86_400_000_000)))"
+                        let request = Array(
+                            "GET /v1/farms/bench/devices/bench/sensors/\(sensor)/readings?\(range)&resolution=1m&limit=10000 HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \(token)\r\n\r\n"
+                                .utf8)
+                        var status: Int?
+                        let elapsed = clock.measure { status = connection.request(request) }
+                        guard status == 200 else {
+                            throw ValidationError("GET …/readings answered \(status.map(String.init) ?? "nothing"): \(String(decoding: connection.lastBody.prefix(300), as: UTF8.self))")
+                        }
+                        bytes = connection.lastBody.count
+                        if index >= 20 { durations.append(elapsed) }
+                    }
+                    return (durations, bytes)
+                }
+                print("the same through HTTP (GET …/readings?resolution=1m, \(bytes) bytes of JSON), one keep-alive connection: \(summary(durations))")
+                await group.triggerGracefulShutdown()
+                try await tasks.waitForAll()
+            } catch {
+                tasks.cancelAll()
+                throw error
+            }
         }
     }
 
@@ -124,6 +190,14 @@ struct RollupBench: AsyncParsableCommand {
             device: deviceID, sensors: ids.map { SensorDescriptor(id: $0, quantity: .ph) },
             readings: ids.enumerated().map { Reading(sensor: $1, sequence: UInt64($0 + 1), timestamp: time, value: 6.5) })
         _ = try await store.store(batch, for: device, receivedAt: time)
+        return try await sensorRows(store, count: count)
+    }
+
+    /// The row ids of the `count` sensors ``registerSensors(_:count:at:)`` registered.
+    static func sensorRows(_ store: any IngestStore, count: Int) async throws -> [Int64] {
+        guard let farm = try await store.farm(named: "bench") else { throw ValidationError("the bench farm is missing") }
+        let deviceID = try DeviceID("bench")
+        let ids = try (0..<count).map { try SensorID(String(format: "s%04d.ph", $0)) }
         var rows: [Int64] = []
         for id in ids {
             guard let record = try await store.sensor(farmID: farm.id, device: deviceID, sensor: id) else { throw ValidationError("sensor \(id) missing") }

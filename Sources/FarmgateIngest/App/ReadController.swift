@@ -25,45 +25,6 @@ struct ReadController: Sendable {
     /// The number of readings returned when `limit` is absent.
     static let defaultLimit = 1_000
 
-    struct ReadingItem: Encodable {
-        var sequence: UInt64
-        var timestamp: String
-        var value: Double
-        var flags: [String]
-    }
-
-    /// One rollup bucket: statistics of the readings not flagged `sensor_fault` (absent when all were).
-    struct BucketItem: Encodable {
-        var start: String
-        var count: Int
-        var faults: Int
-        var min: Double?
-        var max: Double?
-        var mean: Double?
-        var last: Double?
-        var lastTimestamp: String?
-
-        enum CodingKeys: String, CodingKey {
-            case start, count, faults, min, max, mean, last
-            case lastTimestamp = "last_timestamp"
-        }
-    }
-
-    struct ReadingsAnswer: Encodable {
-        var farm: String
-        var device: String
-        var sensor: String
-        var quantity: String
-        var unit: String
-        var from: String?
-        var to: String?
-        var limit: Int
-        /// What the answer holds: `raw` (``readings``) or a rollup level (``buckets``); `auto` says what it chose here.
-        var resolution: String
-        var readings: [ReadingItem]?
-        var buckets: [BucketItem]?
-    }
-
     func addRoutes(to router: Router<IngestRequestContext>) {
         let farms = router.group("/v1/farms/{farm}").add(middleware: ReaderAuthMiddleware(gate: gate, rateLimiter: rateLimiter))
         farms.get("latest") { request, context in try await self.latest(request, context: context) }
@@ -192,22 +153,11 @@ struct ReadController: Sendable {
                 .notFound, code: "not_found",
                 message: "farm '\(farm.name)' has no sensor '\(sensor)' on device '\(device)'; GET /v1/farms/\(farm.name)/latest lists the sensors")
         }
-        var answer = ReadingsAnswer(
+        let answer = RangeAnswer(
             farm: farm.name, device: device.rawValue, sensor: sensor.rawValue, quantity: record.quantity.rawValue, unit: record.quantity.unit,
-            from: queryFrom.map(RFC3339.format), to: queryTo.map(RFC3339.format), limit: limit, resolution: resolved.name)
-        switch resolved {
-        case .raw:
-            answer.readings = rows.map {
-                ReadingItem(sequence: $0.sequence, timestamp: RFC3339.format($0.timestamp), value: $0.value, flags: flagNames($0.quality))
-            }
-        case .rollup:
-            answer.buckets = points.map {
-                BucketItem(
-                    start: RFC3339.format($0.start), count: $0.count, faults: $0.count - $0.validCount, min: $0.min, max: $0.max, mean: $0.mean,
-                    last: $0.last, lastTimestamp: $0.lastTimestamp.map(RFC3339.format))
-            }
-        }
-        return jsonResponse(answer)
+            from: queryFrom, to: queryTo, limit: limit, resolution: resolved.name,
+            content: resolved == .raw ? .readings(rows) : .buckets(points))
+        return Response(status: .ok, headers: [.contentType: "application/json; charset=utf-8"], body: ResponseBody(byteBuffer: answer.json))
     }
 
     private func requireFarm(_ context: IngestRequestContext) throws(APIError) -> FarmRecord {

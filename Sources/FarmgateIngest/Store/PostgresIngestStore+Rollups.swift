@@ -7,8 +7,10 @@ import PostgresNIO
 extension PostgresIngestStore {
     public func rollups(sensorRowID: Int64, level: RollupLevel, from: Timestamp?, to: Timestamp?, limit: Int) async throws -> [RollupPoint] {
         try await rows(Self.rollupQuery(sensorRowID: sensorRowID, level: level, from: from, to: to, limit: limit)) { row in
-            let (start, count, valid, sum, min, max, lastTime, last) = try row.decode((Int64, Int64, Int64, Double, Double?, Double?, Int64?, Double?).self)
-            return RollupPoint(start: start, count: count, validCount: valid, sum: sum, min: min, max: max, lastTimestamp: lastTime, last: last)
+            var cells = PostgresCellReader(row)
+            return RollupPoint(
+                start: try cells.int64(), count: try cells.int64(), validCount: try cells.int64(), sum: try cells.double(), min: try cells.optionalDouble(),
+                max: try cells.optionalDouble(), lastTimestamp: try cells.optionalInt64(), last: try cells.optionalDouble())
         }
     }
 
