@@ -299,31 +299,31 @@ struct PostgresBatchWriter {
             """
             WITH chunks AS (
                 INSERT INTO readings(first_ts, last_ts, first_sequence, last_sequence, device_id, sensor_id, sequence_offsets, time_offsets, reading_values, flags)
-                SELECT u.ft, u.lt, u.fs, u.ls, u.d, u.k, (\(chunks.sequenceOffsets)::int4[])[u.a:u.b], (\(chunks.timeOffsets)::int4[])[u.a:u.b],
-                    (\(chunks.values)::float8[])[u.a:u.b], CASE WHEN u.f THEN (\(chunks.flags)::int2[])[u.a:u.b] END
-                FROM unnest(\(chunks.firstTimestamps)::int8[], \(chunks.lastTimestamps)::int8[], \(chunks.firstSequences)::int8[], \(chunks.lastSequences)::int8[],
-                    \(chunks.devices)::int8[], \(chunks.sensors)::int8[], \(chunks.starts)::int4[], \(chunks.ends)::int4[], \(chunks.flagged)::bool[]) AS u(ft, lt, fs, ls, d, k, a, b, f)
+                SELECT u.ft, u.lt, u.fs, u.ls, u.d, u.k, (\(chunks.sequenceOffsets.postgresArray)::int4[])[u.a:u.b], (\(chunks.timeOffsets.postgresArray)::int4[])[u.a:u.b],
+                    (\(chunks.values.postgresArray)::float8[])[u.a:u.b], CASE WHEN u.f THEN (\(chunks.flags.postgresArray)::int2[])[u.a:u.b] END
+                FROM unnest(\(chunks.firstTimestamps.postgresArray)::int8[], \(chunks.lastTimestamps.postgresArray)::int8[], \(chunks.firstSequences.postgresArray)::int8[], \(chunks.lastSequences.postgresArray)::int8[],
+                    \(chunks.devices.postgresArray)::int8[], \(chunks.sensors.postgresArray)::int8[], \(chunks.starts.postgresArray)::int4[], \(chunks.ends.postgresArray)::int4[], \(chunks.flagged.postgresArray)::bool[]) AS u(ft, lt, fs, ls, d, k, a, b, f)
             ), gone AS (
-                DELETE FROM stored_sequences s USING unnest(\(book.goneDevices)::int8[], \(book.goneFirsts)::int8[]) AS u(d, f)
+                DELETE FROM stored_sequences s USING unnest(\(book.goneDevices.postgresArray)::int8[], \(book.goneFirsts.postgresArray)::int8[]) AS u(d, f)
                 WHERE s.device_id = u.d AND s.first_sequence = u.f
             ), ranges AS (
                 INSERT INTO stored_sequences(device_id, first_sequence, last_sequence)
-                SELECT d, f, l FROM unnest(\(book.keptDevices)::int8[], \(book.keptFirsts)::int8[], \(book.keptLasts)::int8[]) AS u(d, f, l)
+                SELECT d, f, l FROM unnest(\(book.keptDevices.postgresArray)::int8[], \(book.keptFirsts.postgresArray)::int8[], \(book.keptLasts.postgresArray)::int8[]) AS u(d, f, l)
                 ON CONFLICT (device_id, first_sequence) DO UPDATE SET last_sequence = excluded.last_sequence
             ), highest AS (
                 UPDATE devices d SET highest_sequence = greatest(coalesce(d.highest_sequence, -1), u.top)
-                FROM unnest(\(book.highestDevices)::int8[], \(book.highestValues)::int8[]) AS u(id, top) WHERE d.id = u.id
+                FROM unnest(\(book.highestDevices.postgresArray)::int8[], \(book.highestValues.postgresArray)::int8[]) AS u(id, top) WHERE d.id = u.id
             ), newest AS (
                 INSERT INTO latest(sensor_id, sequence, timestamp_us, value, flags)
-                SELECT k, s, t, v, f FROM unnest(\(book.latestSensors)::int8[], \(book.latestSequences)::int8[], \(book.latestTimes)::int8[], \(book.latestValues)::float8[], \(book.latestFlags)::int2[]) AS u(k, s, t, v, f)
+                SELECT k, s, t, v, f FROM unnest(\(book.latestSensors.postgresArray)::int8[], \(book.latestSequences.postgresArray)::int8[], \(book.latestTimes.postgresArray)::int8[], \(book.latestValues.postgresArray)::float8[], \(book.latestFlags.postgresArray)::int2[]) AS u(k, s, t, v, f)
                 ON CONFLICT (sensor_id) DO UPDATE SET
                     sequence = excluded.sequence, timestamp_us = excluded.timestamp_us, value = excluded.value, flags = excluded.flags
                 WHERE excluded.timestamp_us > latest.timestamp_us
                     OR (excluded.timestamp_us = latest.timestamp_us AND excluded.sequence > latest.sequence)
             ), partials AS (
-                SELECT * FROM unnest(\(rollups.levels)::int2[], \(rollups.sensors)::int8[], \(rollups.buckets)::int8[], \(rollups.counts)::int8[],
-                    \(rollups.valid)::int8[], \(rollups.sums)::float8[], \(rollups.mins)::float8[], \(rollups.maxes)::float8[], \(rollups.lastTimes)::int8[],
-                    \(rollups.lastSequences)::int8[], \(rollups.lastValues)::float8[]) AS u(level, k, b, n, v, s, lo, hi, lt, ls, lv)
+                SELECT * FROM unnest(\(rollups.levels.postgresArray)::int2[], \(rollups.sensors.postgresArray)::int8[], \(rollups.buckets.postgresArray)::int8[], \(rollups.counts.postgresArray)::int8[],
+                    \(rollups.valid.postgresArray)::int8[], \(rollups.sums.postgresArray)::float8[], \(rollups.mins.postgresArray)::float8[], \(rollups.maxes.postgresArray)::float8[], \(rollups.lastTimes.postgresArray)::int8[],
+                    \(rollups.lastSequences.postgresArray)::int8[], \(rollups.lastValues.postgresArray)::float8[]) AS u(level, k, b, n, v, s, lo, hi, lt, ls, lv)
             ), \(unescaped: RollupColumns.inserts)
             SELECT count(pg_notify(\(PostgresLatestNotice.channel), p)) FROM unnest(\(notices)::text[]) AS u(p)
             """, logger: logger)
@@ -440,8 +440,8 @@ struct PostgresBatchWriter {
         var lastValues: [Double] = []
 
         init(_ readings: [CommittedReading]) {
-            for (index, level) in RollupLevel.allCases.enumerated() {
-                for partial in RollupPartial.partials(of: readings, at: level) {
+            for (index, partials) in RollupPartial.partialsByLevel(of: readings).enumerated() {
+                for partial in partials {
                     levels.append(Int16(index))
                     sensors.append(partial.sensorRowID)
                     buckets.append(partial.bucket)

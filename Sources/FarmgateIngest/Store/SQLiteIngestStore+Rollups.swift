@@ -9,14 +9,14 @@ extension SQLiteIngestStore {
     /// per partial. Duplicates are not in `fresh`, so nothing counts twice; a late backlog merges into its old buckets.
     static func rollups(_ fresh: [CommittedReading], in db: CachedConnection) throws {
         guard !fresh.isEmpty else { return }
-        for level in RollupLevel.allCases {
+        for (level, partials) in zip(RollupLevel.allCases, RollupPartial.partialsByLevel(of: fresh)) {
             let upsert = try db.statement(
                 """
                 INSERT INTO \(level.table) (sensor_id, bucket_us, count, valid_count, sum_value, min_value, max_value, last_us, last_sequence, last_value)
                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                 \(RollupSQL.merge(table: level.table))
                 """)
-            for partial in RollupPartial.partials(of: fresh, at: level) {
+            for partial in partials {
                 let valid = partial.validCount > 0
                 try upsert.run([
                     .integer(partial.sensorRowID), .integer(partial.bucket), .integer(partial.count), .integer(partial.validCount), .real(partial.sum),
