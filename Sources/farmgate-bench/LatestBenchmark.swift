@@ -90,12 +90,7 @@ struct LatestBench: AsyncParsableCommand {
         }
         let token = try await admin.createReadToken(farm: "bench", role: .viewer).text
 
-        var configuration = IngestConfiguration()
-        let port = try LocalIngest.freePort()
-        configuration.server.host = "127.0.0.1"
-        configuration.server.port = port
-        configuration.limits.readRequestsPerSecond = 10_000_000
-        configuration.limits.readBurst = 10_000_000
+        let (configuration, port) = try LocalIngest.readerConfiguration()
         let app = buildApplication(configuration: configuration, store: store, registry: PrometheusCollectorRegistry(), logger: logger, now: { now })
         let group = ServiceGroup(configuration: ServiceGroupConfiguration(services: [app], logger: logger))
         let (seconds, clients, clientThreads, pageLimit, sweepers, sensorCount, deviceCount) = (seconds, clients, clientThreads, pageLimit, sweepers, sensors, devices)

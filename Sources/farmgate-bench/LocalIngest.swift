@@ -72,6 +72,17 @@ struct LocalIngest {
         }
     }
 
+    /// A configuration serving on 127.0.0.1 at a free port (returned) whose read rate limit never throttles a benchmark.
+    static func readerConfiguration() throws -> (IngestConfiguration, port: Int) {
+        var configuration = IngestConfiguration()
+        let port = try freePort()
+        configuration.server.host = "127.0.0.1"
+        configuration.server.port = port
+        configuration.limits.readRequestsPerSecond = 10_000_000
+        configuration.limits.readBurst = 10_000_000
+        return (configuration, port)
+    }
+
     /// Waits until something accepts TCP connections on the port.
     private static func waitForListener(port: Int) async throws {
         for _ in 0..<200 {

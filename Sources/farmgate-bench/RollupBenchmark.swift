@@ -131,12 +131,7 @@ struct RollupBench: AsyncParsableCommand {
     /// answer's last (authentication, the query, the JSON body of 1,440 buckets and HTTP included).
     static func timeHTTP(store: any IngestStore, start: Int64, days: Int, sensors: Int, queries: Int, logger: Logger) async throws {
         let token = try await IngestAdmin(store: store).createReadToken(farm: "bench", role: .viewer).text
-        var configuration = IngestConfiguration()
-        let port = try LocalIngest.freePort()
-        configuration.server.host = "127.0.0.1"
-        configuration.server.port = port
-        configuration.limits.readRequestsPerSecond = 1_000_000
-        configuration.limits.readBurst = 1_000_000
+        let (configuration, port) = try LocalIngest.readerConfiguration()
         let app = buildApplication(configuration: configuration, store: store, registry: PrometheusCollectorRegistry(), logger: logger)
         let group = ServiceGroup(configuration: ServiceGroupConfiguration(services: [app], logger: logger))
         try await withThrowingTaskGroup(of: Void.self) { tasks in

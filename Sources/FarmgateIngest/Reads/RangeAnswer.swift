@@ -94,28 +94,22 @@ struct RangeAnswer {
         w.number(bucket.count)
         w.raw(",\"faults\":")
         w.number(bucket.count - bucket.validCount)
-        if let last = bucket.last {
-            w.raw(",\"last\":")
-            w.number(last)
-        }
+        if let last = bucket.last { Self.field(",\"last\":", last, to: &w) }
         if let lastTimestamp = bucket.lastTimestamp {
             w.raw(",\"last_timestamp\":")
             w.timestamp(lastTimestamp)
         }
-        if let max = bucket.max {
-            w.raw(",\"max\":")
-            w.number(max)
-        }
-        if let mean = bucket.mean {
-            w.raw(",\"mean\":")
-            w.number(mean)
-        }
-        if let min = bucket.min {
-            w.raw(",\"min\":")
-            w.number(min)
-        }
+        if let max = bucket.max { Self.field(",\"max\":", max, to: &w) }
+        if let mean = bucket.mean { Self.field(",\"mean\":", mean, to: &w) }
+        if let min = bucket.min { Self.field(",\"min\":", min, to: &w) }
         w.raw(",\"start\":")
         w.timestamp(bucket.start)
         w.raw("}")
+    }
+
+    /// `key` (with its leading comma and colon) and a number.
+    private static func field(_ key: String, _ value: Double, to w: inout JSONWriter) {
+        w.raw(key)
+        w.number(value)
     }
 }
