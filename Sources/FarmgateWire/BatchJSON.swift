@@ -71,7 +71,7 @@ public enum BatchJSON {
             w.raw(",\"seq\":\(reading.sequence),\"ts\":")
             // RFC 3339 writes years 0001 to 9999 only (and RFC3339.format traps far outside them): integers elsewhere.
             if rfc3339Range.contains(reading.timestamp.microseconds) {
-                w.string(RFC3339.format(reading.timestamp))
+                w.timestamp(reading.timestamp)
             } else {
                 w.raw(String(reading.timestamp.microseconds))
             }

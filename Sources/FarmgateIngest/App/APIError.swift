@@ -110,5 +110,10 @@ func jsonBuffer(_ value: some Encodable) -> ByteBuffer {
 
 /// A 200 (or `status`) answer with `value` as JSON.
 func jsonResponse(_ value: some Encodable, status: HTTPResponse.Status = .ok) -> Response {
-    Response(status: status, headers: [.contentType: "application/json; charset=utf-8"], body: ResponseBody(byteBuffer: jsonBuffer(value)))
+    jsonResponse(body: jsonBuffer(value), status: status)
+}
+
+/// A 200 (or `status`) answer whose body is already JSON.
+func jsonResponse(body: ByteBuffer, status: HTTPResponse.Status = .ok) -> Response {
+    Response(status: status, headers: [.contentType: "application/json; charset=utf-8"], body: ResponseBody(byteBuffer: body))
 }

@@ -42,7 +42,7 @@ struct ReadController: Sendable {
             logger.error("store failed to read the latest readings", metadata: ["error": "\(error)"])
             throw APIError.unavailable()
         }
-        return Response(status: .ok, headers: [.contentType: "application/json; charset=utf-8"], body: ResponseBody(byteBuffer: body))
+        return jsonResponse(body: body)
     }
 
     /// The `latest` query: `device=ID`, `sensor=GLOB` (`*`, `?`), `quantity=Q`, `limit=1...10000` sensors per page,
@@ -157,7 +157,7 @@ struct ReadController: Sendable {
             farm: farm.name, device: device.rawValue, sensor: sensor.rawValue, quantity: record.quantity.rawValue, unit: record.quantity.unit,
             from: queryFrom, to: queryTo, limit: limit, resolution: resolved.name,
             content: resolved == .raw ? .readings(rows) : .buckets(points))
-        return Response(status: .ok, headers: [.contentType: "application/json; charset=utf-8"], body: ResponseBody(byteBuffer: answer.json))
+        return jsonResponse(body: answer.json)
     }
 
     private func requireFarm(_ context: IngestRequestContext) throws(APIError) -> FarmRecord {

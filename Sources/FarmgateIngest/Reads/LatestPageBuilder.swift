@@ -10,25 +10,29 @@ import NIOCore
 enum LatestPageBuilder {
     /// One reading as an item of `sensors`.
     static func json(_ reading: LatestReading) -> [UInt8] {
-        var text = #"{"device":""#
-        text += reading.device.rawValue
-        text += #"","sensor":""#
-        text += reading.sensor.rawValue
-        text += #"","quantity":""#
-        text += reading.quantity.rawValue
-        text += #"","unit":""#
-        text += reading.quantity.unit
-        text += #"","sequence":"#
-        text += String(reading.sequence)
-        text += #","timestamp":""#
-        text += RFC3339.format(reading.timestamp)
-        text += #"","value":"#
+        var w = JSONWriter(capacity: 192)
+        w.raw(#"{"device":"#)
+        w.string(reading.device.rawValue)
+        w.raw(#","sensor":"#)
+        w.string(reading.sensor.rawValue)
+        w.raw(#","quantity":"#)
+        w.string(reading.quantity.rawValue)
+        w.raw(#","unit":"#)
+        w.string(reading.quantity.unit)
+        w.raw(#","sequence":"#)
+        w.number(reading.sequence)
+        w.raw(#","timestamp":"#)
+        w.timestamp(reading.timestamp)
         // Finite by validation; Swift's shortest round-trip form is valid JSON ("6.5", "1e-05").
-        text += reading.value.isFinite ? reading.value.description : "null"
-        text += #","flags":["#
-        text += flagNames(reading.quality).map { "\"\($0)\"" }.joined(separator: ",")
-        text += "]}"
-        return Array(text.utf8)
+        w.raw(#","value":"#)
+        w.number(reading.value)
+        w.raw(#","flags":["#)
+        for (index, name) in flagNames(reading.quality).enumerated() {
+            if index > 0 { w.raw(",") }
+            w.string(name)
+        }
+        w.raw("]}")
+        return w.bytes
     }
 
     /// The page `selection` asks for, from `farm` (whose sort orders and cached device answers it fills in).

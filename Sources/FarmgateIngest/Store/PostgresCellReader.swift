@@ -18,41 +18,36 @@ struct PostgresCellReader {
     /// The next column, which must not be NULL.
     mutating func int64() throws -> Int64 {
         let cell = try next()
-        if cell.format == .binary, cell.dataType == .int8, let bytes = cell.bytes, bytes.readableBytes == 8,
-            let value = bytes.getInteger(at: bytes.readerIndex, endianness: .big, as: Int64.self)
-        {
-            return value
-        }
-        return try cell.decode(Int64.self)
+        return try Self.binaryInt64(cell) ?? cell.decode(Int64.self)
     }
 
     /// The next column, nil when NULL.
     mutating func optionalInt64() throws -> Int64? {
         let cell = try next()
         guard cell.bytes != nil else { return nil }
-        if cell.format == .binary, cell.dataType == .int8, let bytes = cell.bytes, bytes.readableBytes == 8,
-            let value = bytes.getInteger(at: bytes.readerIndex, endianness: .big, as: Int64.self)
-        {
-            return value
-        }
-        return try cell.decode(Int64.self)
+        return try Self.binaryInt64(cell) ?? cell.decode(Int64.self)
     }
 
     /// The next column, which must not be NULL.
     mutating func double() throws -> Double {
         let cell = try next()
-        if let value = Self.binaryDouble(cell) { return value }
-        return try cell.decode(Double.self)
+        return try Self.binaryDouble(cell) ?? cell.decode(Double.self)
     }
 
     /// The next column, nil when NULL.
     mutating func optionalDouble() throws -> Double? {
         let cell = try next()
         guard cell.bytes != nil else { return nil }
-        if let value = Self.binaryDouble(cell) { return value }
-        return try cell.decode(Double.self)
+        return try Self.binaryDouble(cell) ?? cell.decode(Double.self)
     }
 
+    /// The cell's value when it is a binary `int8`; nil otherwise (postgres-nio decides then).
+    private static func binaryInt64(_ cell: PostgresCell) -> Int64? {
+        guard cell.format == .binary, cell.dataType == .int8, let bytes = cell.bytes, bytes.readableBytes == 8 else { return nil }
+        return bytes.getInteger(at: bytes.readerIndex, endianness: .big, as: Int64.self)
+    }
+
+    /// The cell's value when it is a binary `float8`; nil otherwise (postgres-nio decides then).
     private static func binaryDouble(_ cell: PostgresCell) -> Double? {
         guard cell.format == .binary, cell.dataType == .float8, let bytes = cell.bytes, bytes.readableBytes == 8,
             let bits = bytes.getInteger(at: bytes.readerIndex, endianness: .big, as: UInt64.self)
