@@ -160,4 +160,48 @@ struct ConnectionLimitTests {
             #expect(idleClosed)
         }
     }
+
+    @Test("each timeout runs from its own phase: a connection busier than idle_timeout stays open, a late head still gets 408")
+    func timeoutsFollowEachRequest() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        var server = IngestConfiguration.Server()
+        server.headerTimeout = .seconds(1)
+        server.bodyTimeout = .seconds(1)
+        server.idleTimeout = .seconds(1)
+        try await app(fixture, server: server).test(.live) { client in
+            let port = try #require(client.port)
+            let (statuses, headerSeconds, headerAnswer, idleSeconds, idleClosed) = try await runOffPool(name: "raw-http") {
+                let connection = try RawConnection(port: port)
+                // Eight requests 300 ms apart: 2.4 s on one connection, never 1 s without one.
+                var statuses: [Int] = []
+                for _ in 0..<8 {
+                    connection.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                    statuses.append(connection.readResponse(timeout: .seconds(5))?.status ?? 0)
+                    Thread.sleep(forTimeInterval: 0.3)
+                }
+                // Then half a head: 408 one header_timeout after it began, not after the connection opened.
+                let start = ContinuousClock.now
+                connection.send("GET /healthz HTTP/1.1\r\nHost: x\r\n")
+                let answer = connection.readUntilClosed(timeout: .seconds(5))
+                let headerSeconds = start.duration(to: .now) / .seconds(1)
+
+                // A second connection, idle after its answer, is closed one idle_timeout later.
+                let idle = try RawConnection(port: port)
+                idle.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                _ = idle.readResponse(timeout: .seconds(5))
+                let idleStart = ContinuousClock.now
+                let idleResult = idle.readUntilClosed(timeout: .seconds(5))
+                return (
+                    statuses, headerSeconds, String(decoding: answer.bytes, as: UTF8.self), idleStart.duration(to: .now) / .seconds(1),
+                    idleResult.closed && idleResult.bytes.isEmpty
+                )
+            }
+            #expect(statuses == Array(repeating: 200, count: 8))
+            #expect(headerAnswer.hasPrefix("HTTP/1.1 408"), "\(headerAnswer)")
+            #expect(headerSeconds >= 0.9 && headerSeconds < 1.8, "answered 408 after \(headerSeconds) s")
+            #expect(idleClosed)
+            #expect(idleSeconds >= 0.9 && idleSeconds < 1.8, "closed after \(idleSeconds) s idle")
+        }
+    }
 }

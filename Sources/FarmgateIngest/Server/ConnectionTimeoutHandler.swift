@@ -52,9 +52,14 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
     }
 
     private let timeouts: Timeouts
+    /// The shortest of the three: the armed timer never fires later than this after it was armed.
+    private let checkInterval: TimeAmount
     private let metrics: IngestMetrics?
+    /// The connection's one timer, when armed.
     private var timer: Scheduled<Void>?
+    /// What is being timed, and until when.
     private var phase: Phase?
+    private var deadline: NIODeadline = .distantFuture
     /// Requests whose head arrived and whose response has not ended.
     private var requestsOpen = 0
     /// Whether the response to the oldest open request has started.
@@ -65,6 +70,7 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
 
     init(timeouts: Timeouts, metrics: IngestMetrics?) {
         self.timeouts = timeouts
+        self.checkInterval = min(timeouts.idle, timeouts.header, timeouts.body)
         self.metrics = metrics
     }
 
@@ -78,11 +84,11 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
-        cancelTimer()
+        disarm()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        cancelTimer()
+        disarm()
         context.fireChannelInactive()
     }
 
@@ -110,7 +116,7 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
             break
         case .end:
             readingBody = false
-            if phase == .body { cancelTimer() }
+            if phase == .body { stopTiming() }
         }
         context.fireChannelRead(data)
     }
@@ -168,8 +174,10 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
         start(.header, context: context)
     }
 
+    /// Times `phase` from now. A keep-alive request passes through three phases, so this costs no scheduling: it only
+    /// moves ``deadline``. The connection's one timer, armed at most ``checkInterval`` ahead, is never later than a new
+    /// deadline; when it fires it expires the phase or arms itself again for what is left.
     private func start(_ phase: Phase, context: ChannelHandlerContext) {
-        cancelTimer()
         guard !closing else { return }
         self.phase = phase
         let delay = switch phase {
@@ -177,22 +185,42 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
         case .header: timeouts.header
         case .body: timeouts.body
         }
+        deadline = .now() + delay
+        if timer == nil { arm(at: deadline, context: context) }
+    }
+
+    /// Nothing is timed (the application's own time); the armed timer, if any, finds that when it fires.
+    private func stopTiming() {
+        phase = nil
+        deadline = .distantFuture
+    }
+
+    private func arm(at wanted: NIODeadline, context: ChannelHandlerContext) {
+        let fires = min(wanted, .now() + checkInterval)
         let loopBoundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
-        timer = context.eventLoop.assumeIsolated().scheduleTask(in: delay) { [self] in
-            self.expired(phase, context: loopBoundContext.value)
+        timer = context.eventLoop.assumeIsolated().scheduleTask(deadline: fires) { [self] in
+            self.timerFired(context: loopBoundContext.value)
         }
     }
 
-    private func cancelTimer() {
+    private func disarm() {
         timer?.cancel()
         timer = nil
-        phase = nil
+        stopTiming()
+    }
+
+    private func timerFired(context: ChannelHandlerContext) {
+        timer = nil
+        guard let phase, !closing else { return }
+        if deadline > .now() {
+            arm(at: deadline, context: context)
+        } else {
+            expired(phase, context: context)
+        }
     }
 
     private func expired(_ phase: Phase, context: ChannelHandlerContext) {
-        guard self.phase == phase, !closing else { return }
-        timer = nil
-        self.phase = nil
+        stopTiming()
         metrics?.connectionTimedOut(phase)
         switch phase {
         case .idle:
@@ -214,7 +242,7 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
     private func answerAndClose(context: ChannelHandlerContext, status: HTTPResponse.Status, code: String, message: String) {
         guard !closing else { return }
         closing = true
-        cancelTimer()
+        disarm()
         // No request open and none being read (a head, or nothing yet), or one open whose answer has not started. A body
         // still arriving after its request was answered (a 401 before the body) gets no second answer.
         let canAnswer = (requestsOpen == 0 && !readingBody) || (requestsOpen == 1 && !responseStarted)
