@@ -25,8 +25,7 @@ struct AlertBench: AsyncParsableCommand {
     }
 
     func run() async throws {
-        var logger = Logger(label: "farmgate-bench")
-        logger.logLevel = .error
+        let logger = Logger.bench
         let site = try RealisticSite(tanks: tanks, readingCount: batches * readings, seed: seed)
         let batchList = site.batches(of: readings)
         let total = batchList.reduce(0) { $0 + $1.readings.count }

@@ -38,11 +38,7 @@ struct DrainBench: AsyncParsableCommand {
     }
 
     func run() async throws {
-        let logger = {
-            var logger = Logger(label: "farmgate-bench")
-            logger.logLevel = .error
-            return logger
-        }()
+        let logger = Logger.bench
         let directory = NSTemporaryDirectory() + "farmgate-bench-drain-" + UUID().uuidString
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: directory) }

@@ -1,4 +1,6 @@
 import ArgumentParser
+import FarmgateIngest
+import Logging
 
 /// `farmgate-bench`: figures for the README, printed, never asserted. One subcommand per measured part.
 @main
@@ -43,5 +45,13 @@ struct AllBenchmarks: AsyncParsableCommand {
                 try parsed.run()
             }
         }
+    }
+}
+
+extension Logger {
+    /// The benchmarks' logger: errors only, through the handler `farmgate-ingest` logs with, so that an ingest run
+    /// inside a benchmark pays what the real one pays per request.
+    static var bench: Logger {
+        Logger(label: "farmgate-bench") { IngestLogHandler(label: $0, level: .error) }
     }
 }

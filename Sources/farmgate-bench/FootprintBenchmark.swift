@@ -49,11 +49,7 @@ struct FootprintBench: AsyncParsableCommand {
     }
 
     func run() async throws {
-        let logger = {
-            var logger = Logger(label: "farmgate-bench")
-            logger.logLevel = .error
-            return logger
-        }()
+        let logger = Logger.bench
         let binary = agent ?? (URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().path + "/farmgate")
         guard FileManager.default.isExecutableFile(atPath: binary) else {
             throw ValidationError("no farmgate binary at \(binary); build it with `swift build -c release --product farmgate` or pass --agent")

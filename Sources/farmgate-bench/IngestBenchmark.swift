@@ -39,8 +39,7 @@ struct IngestBench: AsyncParsableCommand {
     }
 
     func run() async throws {
-        var logger = Logger(label: "farmgate-bench")
-        logger.logLevel = .error
+        let logger = Logger.bench
         let directory = NSTemporaryDirectory() + "farmgate-bench-ingest-" + UUID().uuidString
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: directory) }

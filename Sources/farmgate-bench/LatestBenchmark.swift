@@ -58,11 +58,7 @@ struct LatestBench: AsyncParsableCommand {
     }
 
     func run() async throws {
-        let logger = {
-            var logger = Logger(label: "farmgate-bench")
-            logger.logLevel = .error
-            return logger
-        }()
+        let logger = Logger.bench
         let directory = NSTemporaryDirectory() + "farmgate-bench-latest-" + UUID().uuidString
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: directory) }

@@ -27,8 +27,7 @@ struct NotifyBench: AsyncParsableCommand {
     }
 
     func run() async throws {
-        var logger = Logger(label: "farmgate-bench")
-        logger.logLevel = .error
+        let logger = Logger.bench
         let directory = NSTemporaryDirectory() + "farmgate-bench-notify-" + UUID().uuidString
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: directory) }

@@ -64,9 +64,7 @@ struct PostgresBench: AsyncParsableCommand {
     }
 
     func run() async throws {
-        var quiet = Logger(label: "farmgate-bench")
-        quiet.logLevel = .error
-        let logger = quiet
+        let logger = Logger.bench
         let directory = NSTemporaryDirectory() + "farmgate-bench-pg-" + UUID().uuidString
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         chmod(directory, 0o755)

@@ -55,8 +55,7 @@ struct RollupBench: AsyncParsableCommand {
     }
 
     func run() async throws {
-        var logger = Logger(label: "farmgate-bench")
-        logger.logLevel = .error
+        let logger = Logger.bench
         let perMinute = 60 / interval
         let minutes = max(1, readings / (sensors * perMinute))
         let scratch = NSTemporaryDirectory() + "farmgate-bench-rollups-" + UUID().uuidString

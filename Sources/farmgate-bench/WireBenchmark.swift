@@ -92,8 +92,7 @@ struct WireBench: AsyncParsableCommand {
     var sizes: [Int] { batchSizes.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) } }
 
     func run() async throws {
-        var logger = Logger(label: "farmgate-bench")
-        logger.logLevel = .error
+        let logger = Logger.bench
         let binaries = bin ?? URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().path
         let agentBinary = binaries + "/farmgate", ingestBinary = binaries + "/farmgate-ingest"
         for binary in [agentBinary, ingestBinary] where !FileManager.default.isExecutableFile(atPath: binary) {

@@ -51,11 +51,7 @@ struct ConfigOption: ParsableArguments {
     func loadAndLog(label: String) throws -> (IngestConfiguration, Logger) {
         let configuration = try load()
         let level = configuration.log.level
-        LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
-            handler.logLevel = level
-            return handler
-        }
+        LoggingSystem.bootstrap { label in IngestLogHandler(label: label, level: level) }
         return (configuration, Logger(label: label))
     }
 
