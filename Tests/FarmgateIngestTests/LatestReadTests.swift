@@ -52,7 +52,7 @@ struct LatestReadTests {
         let fixture = try await Fixture()
         defer { fixture.close() }
         try await seed(fixture)
-        try await fixture.app().test(.router) { client in
+        try await fixture.app(cacheTTL: .seconds(60)).test(.live) { client in
             func names(_ query: String) async throws -> [String] {
                 let response = try await get(client, fixture, query)
                 #expect(response.status == .ok, "\(query)")
@@ -87,7 +87,7 @@ struct LatestReadTests {
         let fixture = try await Fixture()
         defer { fixture.close() }
         try await seed(fixture)
-        try await fixture.app().test(.router) { client in
+        try await fixture.app(cacheTTL: .seconds(60)).test(.live) { client in
             var seen: [String] = []
             var cursor: String?
             var pages = 0
@@ -110,7 +110,7 @@ struct LatestReadTests {
         let fixture = try await Fixture()
         defer { fixture.close() }
         try await seed(fixture)
-        try await fixture.app().test(.router) { client in
+        try await fixture.app(cacheTTL: .seconds(60)).test(.live) { client in
             let before = try decode(Page.self, try await get(client, fixture, "?device=d2"))
             #expect(before.sensors.map(\.sequence) == [1])
             for round in 2...5 {

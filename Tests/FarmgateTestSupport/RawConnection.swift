@@ -69,34 +69,41 @@ public final class RawConnection: @unchecked Sendable {
 
     /// Reads one HTTP/1.1 response with a `Content-Length` (what the ingest always sends); nil on close or timeout.
     public func readResponse(timeout: Duration) -> (status: Int, head: String, body: [UInt8])? {
+        readResponses(1, timeout: timeout).first
+    }
+
+    /// Reads `count` HTTP/1.1 responses with a `Content-Length` that arrive back to back (answers to pipelined
+    /// requests), in order; fewer when the connection closes or the time runs out.
+    public func readResponses(_ count: Int, timeout: Duration) -> [(status: Int, head: String, body: [UInt8])] {
         let deadline = ContinuousClock.now + timeout
         var received: [UInt8] = []
+        var responses: [(status: Int, head: String, body: [UInt8])] = []
         var buffer = [UInt8](repeating: 0, count: 16_384)
         let separator: [UInt8] = Array("\r\n\r\n".utf8)
         while ContinuousClock.now < deadline {
-            if let end = received.firstRange(of: separator) {
+            while responses.count < count, let end = received.firstRange(of: separator) {
                 let head = String(decoding: received[..<end.lowerBound], as: UTF8.self)
                 let length = head.split(separator: "\r\n").compactMap { line -> Int? in
                     let parts = line.split(separator: ":", maxSplits: 1)
                     guard parts.count == 2, parts[0].lowercased() == "content-length" else { return nil }
                     return Int(parts[1].trimmingCharacters(in: .whitespaces))
                 }.first ?? 0
-                if received.count - end.upperBound >= length {
-                    let status = head.split(separator: " ").dropFirst().first.flatMap { Int($0) } ?? 0
-                    return (status, head, Array(received[end.upperBound..<(end.upperBound + length)]))
-                }
+                guard received.count - end.upperBound >= length else { break }
+                let status = head.split(separator: " ").dropFirst().first.flatMap { Int($0) } ?? 0
+                responses.append((status, head, Array(received[end.upperBound..<(end.upperBound + length)])))
+                received.removeFirst(end.upperBound + length)
             }
+            if responses.count == count { return responses }
             var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            guard poll(&poller, 1, 50) >= 0 || errno == EINTR else { return nil }
+            guard poll(&poller, 1, 50) >= 0 || errno == EINTR else { return responses }
             if poller.revents == 0 { continue }
-            let count = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
-            if count <= 0 { return nil }
-            received += buffer[0..<count]
+            let read = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if read <= 0 { return responses }
+            received += buffer[0..<read]
         }
-        return nil
+        return responses
     }
 
-    /// Everything ``checkClosed()`` drained so far.
     public private(set) var drained: [UInt8] = []
 
     /// Whether the server has closed the connection, checked without waiting; what it sent before is kept in ``drained``.

@@ -43,9 +43,19 @@ public func buildApplication(
     onServerRunning: @escaping @Sendable () async -> Void = {}
 ) -> some ApplicationProtocol {
     let metrics = IngestMetrics(registry: registry)
+    let requestLimits = configuration.limits
+    let authenticator = Authenticator(store: store, cacheTTL: credentialCacheTTL, negativeCacheTTL: requestLimits.unknownKeyCacheTTL)
+    let failures = FailedAuthenticationLimiter(rate: requestLimits.authFailuresPerSecond, burst: requestLimits.authFailureBurst)
+    let readLimiter = KeyedRateLimiter<String>(rate: requestLimits.readRequestsPerSecond, burst: requestLimits.readBurst, policy: "read")
+    let trustedProxies = (try? TrustedProxies(configuration.server.trustedProxies)) ?? TrustedProxies()
     let router = buildRouter(
-        configuration: configuration, store: store, metrics: metrics, logger: logger, now: now, credentialCacheTTL: credentialCacheTTL,
-        commits: CommitFeed(commits.observers + [latest]), latest: latest)
+        configuration: configuration, store: store, metrics: metrics, logger: logger, now: now,
+        gate: AuthenticationGate(authenticator: authenticator, failures: failures, logger: logger), readLimiter: readLimiter,
+        trustedProxies: trustedProxies, commits: CommitFeed(commits.observers + [latest]), latest: latest)
+    // Behind a trusted proxy the client address comes from a header the router's middleware reads: no fast path there.
+    let fastPath =
+        trustedProxies.isEmpty
+        ? LatestFastPath(authenticator: authenticator, failures: failures, rateLimiter: readLimiter, cache: latest, metrics: metrics) : nil
     var limits = ConnectionLimits(server: configuration.server)
     if let fitting = FileDescriptorLimit.fit(connections: limits.maxConnections), fitting < limits.maxConnections {
         logger.warning(
@@ -65,11 +75,12 @@ public func buildApplication(
             "serving HTTPS", metadata: ["server.protocols": "\(http2 ? "h2, http/1.1" : "http/1.1")", "server.tls_certificate": "\(tls.certificateFile)"])
         server = HTTPServerBuilder { responder in
             try LimitedTLSChannel(
-                responder: responder, tls: tls, http2: http2, limits: connectionLimits, connections: connections, metrics: metrics)
+                responder: responder, tls: tls, http2: http2, limits: connectionLimits, connections: connections, metrics: metrics,
+                fastPath: fastPath)
         }
     } else {
         server = HTTPServerBuilder { responder in
-            LimitedHTTP1Channel(responder: responder, limits: connectionLimits, connections: connections, metrics: metrics)
+            LimitedHTTP1Channel(responder: responder, limits: connectionLimits, connections: connections, metrics: metrics, fastPath: fastPath)
         }
     }
     return Application(
@@ -89,7 +100,9 @@ func buildRouter(
     metrics: IngestMetrics,
     logger: Logger,
     now: @escaping @Sendable () -> Timestamp,
-    credentialCacheTTL: Duration,
+    gate: AuthenticationGate,
+    readLimiter: KeyedRateLimiter<String>,
+    trustedProxies: TrustedProxies,
     commits: CommitFeed,
     latest: LatestCache
 ) -> Router<IngestRequestContext> {
@@ -97,17 +110,13 @@ func buildRouter(
     // Middleware first: it wraps only routes added after it, and the not-found responder.
     router.add(middleware: RequestMetricsMiddleware(metrics: metrics))
     router.add(middleware: APIErrorMiddleware())
-    if let proxies = try? TrustedProxies(configuration.server.trustedProxies), !proxies.isEmpty {
-        router.add(middleware: ForwardedClientMiddleware(proxies: proxies))
+    if !trustedProxies.isEmpty {
+        router.add(middleware: ForwardedClientMiddleware(proxies: trustedProxies))
     }
 
     let limits = configuration.limits
     let wireState = (store as? any WireStateStore).map { WireStateCache(store: $0, logger: logger) }
     let commits = CommitFeed(commits.observers + [wireState].compactMap { $0 })
-    let authenticator = Authenticator(store: store, cacheTTL: credentialCacheTTL, negativeCacheTTL: limits.unknownKeyCacheTTL)
-    let gate = AuthenticationGate(
-        authenticator: authenticator,
-        failures: FailedAuthenticationLimiter(rate: limits.authFailuresPerSecond, burst: limits.authFailureBurst), logger: logger)
     BatchController(
         store: store, gate: gate,
         rateLimiter: RateLimiter(rate: limits.requestsPerSecond, burst: limits.burst, policy: "device"),
@@ -115,7 +124,6 @@ func buildRouter(
         limits: limits,
         metrics: metrics, commits: commits, wireState: wireState, now: now, logger: logger
     ).addRoutes(to: router)
-    let readLimiter = KeyedRateLimiter<String>(rate: limits.readRequestsPerSecond, burst: limits.readBurst, policy: "read")
     ReadController(
         store: store, latestCache: latest, gate: gate, rateLimiter: readLimiter, logger: logger, rawRetention: configuration.retention.raw, now: now
     ).addRoutes(to: router)

@@ -39,6 +39,7 @@ public final class IngestMetrics: Sendable {
     private let timeouts: [String: Counter]
     /// Keyed by "declared|named" and "used|none".
     private let statefulFrames: [String: Counter]
+    private let latestOnEventLoop: Counter
 
     static let durationBuckets: [Duration] = [
         .milliseconds(1), .milliseconds(2), .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50),
@@ -87,6 +88,14 @@ public final class IngestMetrics: Sendable {
             }
         }
         self.statefulFrames = statefulFrames
+        latestOnEventLoop = registry.makeCounter(
+            descriptor: MetricNameDescriptor(
+                namespace: "farmgate_ingest", metricName: "latest_event_loop_answers", unitName: "total",
+                helpText: "latest reads answered from memory on the connection's event loop, without the router (also counted in http_request_duration)."))
+    }
+
+    func latestAnsweredOnEventLoop() {
+        latestOnEventLoop.increment()
     }
 
     func statefulFrame(declared: Bool, context: Bool) {

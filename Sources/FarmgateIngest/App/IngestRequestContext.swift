@@ -99,13 +99,18 @@ let deviceKeyField = HTTPField.Name(IngestProtocol.deviceKeyHeader) ?? .authoriz
 
 /// The key of `request`: `Authorization: Bearer <key>`, or for a device key also `Farmgate-Key: <key>`.
 func bearerKey(_ request: Request, expected kind: APIKey.Kind) throws(APIError) -> APIKey {
+    try bearerKey(request.headers, expected: kind)
+}
+
+/// The key in `headers` (see ``bearerKey(_:expected:)``).
+func bearerKey(_ headers: HTTPFields, expected kind: APIKey.Kind) throws(APIError) -> APIKey {
     let what = kind == .device ? "a device key (fgd_...)" : "a read token (fgr_...)"
     let text: String
-    if kind == .device, request.headers[.authorization] == nil, let header = request.headers[deviceKeyField] {
+    if kind == .device, headers[.authorization] == nil, let header = headers[deviceKeyField] {
         // The agent's form on a metered link (IngestProtocol.deviceKeyHeader): HPACK indexes it, Authorization it never does.
         text = header.trimmingSpaces
     } else {
-        guard let header = request.headers[.authorization] else {
+        guard let header = headers[.authorization] else {
             throw APIError.unauthorized("send `Authorization: Bearer <key>` with \(what)")
         }
         let parts = header.split(separator: " ", maxSplits: 1, omittingEmptySubsequences: true)

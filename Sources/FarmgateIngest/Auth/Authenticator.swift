@@ -79,6 +79,20 @@ public final class Authenticator: Sendable {
         return credential.revoked ? .revoked : .authenticated(credential.farm, credential.role)
     }
 
+    /// A read token's farm and role when its credential is cached and fresh, the secret matches and it is not revoked;
+    /// nil in every other case (the caller then goes through ``authenticateReader(_:)``, which answers the rest). Never
+    /// asks the store.
+    ///
+    /// - Parameter secretHash: `key.secretHash`, which the caller may have kept from an earlier request.
+    func cachedReader(_ key: APIKey, secretHash: [UInt8]) -> (FarmRecord, ReadRole)? {
+        guard key.kind == .readToken else { return nil }
+        let now = ContinuousClock.now
+        guard let credential = cache.withLock({ $0.readers[key.keyID].flatMap { $0.expires > now ? $0.credential : nil } }),
+            constantTimeEquals(credential.secretHash, secretHash), !credential.revoked
+        else { return nil }
+        return (credential.farm, credential.role)
+    }
+
     /// The credential of `key`'s id: from the cache while fresh, else from the store (and then cached when found).
     private func cached<Credential: Sendable>(
         _ key: APIKey, in table: WritableKeyPath<Cache, [String: Entry<Credential>]>,

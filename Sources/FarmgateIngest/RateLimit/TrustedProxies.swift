@@ -18,6 +18,9 @@ public struct TrustedProxies: Sendable, Hashable {
 
     public var isEmpty: Bool { v4.isEmpty && v6.isEmpty }
 
+    /// No trusted proxy.
+    public init() {}
+
     /// - Throws: ``TrustedProxiesError`` naming the first entry that is not an IP address.
     public init(_ addresses: [String]) throws(TrustedProxiesError) {
         for address in addresses {

@@ -118,6 +118,19 @@ public final class LatestCache: CommitObserver, Sendable {
         }
     }
 
+    /// The answer to one `latest` request when memory holds it now: the cache on, the farm loaded with no fill in flight,
+    /// and no device of the selection stale. Otherwise nil, and the read goes through ``page(farm:selection:load:)``.
+    /// Never waits and never starts a fill: the event loop answers with it (``LatestFastPath``).
+    func cachedPage(farm: FarmRecord, selection: LatestSelection) -> ByteBuffer? {
+        state.withLock { state in
+            guard state.enabled, var entry = state.farms[farm.id], entry.loaded, entry.load == nil, !selection.touchesStale(entry) else {
+                return nil
+            }
+            defer { state.farms[farm.id] = entry }
+            return LatestPageBuilder.page(of: &entry, farm: farm.name, selection: selection)
+        }
+    }
+
     private enum ReadAction {
         case answer(ByteBuffer)
         case bypass

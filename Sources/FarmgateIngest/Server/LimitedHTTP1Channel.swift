@@ -54,10 +54,12 @@ public struct LimitedHTTP1Channel: ServerChildChannel {
     ///   - limits: the connection limits.
     ///   - connections: the shared count of open connections.
     ///   - metrics: where refusals and timeouts are counted.
-    public init(
-        responder: @escaping HTTPChannelHandler.Responder, limits: ConnectionLimits, connections: ConnectionCounter, metrics: IngestMetrics?
+    ///   - fastPath: answers `latest` reads on the event loop when it can (``LatestFastPathHandler``); nil for none.
+    init(
+        responder: @escaping HTTPChannelHandler.Responder, limits: ConnectionLimits, connections: ConnectionCounter, metrics: IngestMetrics?,
+        fastPath: LatestFastPath? = nil
     ) {
-        self.http1 = Self.http1Channel(responder: responder, limits: limits, metrics: metrics)
+        self.http1 = Self.http1Channel(responder: responder, limits: limits, metrics: metrics, fastPath: fastPath)
         self.limits = limits
         self.connections = connections
         self.metrics = metrics
@@ -65,13 +67,16 @@ public struct LimitedHTTP1Channel: ServerChildChannel {
 
     /// Hummingbird's HTTP/1.1 channel with ``ConnectionTimeoutHandler`` and ``ResponseHeaderTrimmer`` after the parser;
     /// ``LimitedTLSChannel`` serves HTTP/1.1 over TLS with the same.
-    static func http1Channel(responder: @escaping HTTPChannelHandler.Responder, limits: ConnectionLimits, metrics: IngestMetrics?) -> HTTP1Channel {
+    static func http1Channel(
+        responder: @escaping HTTPChannelHandler.Responder, limits: ConnectionLimits, metrics: IngestMetrics?, fastPath: LatestFastPath?
+    ) -> HTTP1Channel {
         let timeouts = ConnectionTimeoutHandler.Timeouts(
             idle: TimeAmount(limits.idleTimeout), header: TimeAmount(limits.headerTimeout), body: TimeAmount(limits.bodyTimeout))
         return HTTP1Channel(
             responder: responder,
             configuration: HTTP1Channel.Configuration(
-                additionalChannelHandlers: [ConnectionTimeoutHandler(timeouts: timeouts, metrics: metrics), ResponseHeaderTrimmer()],
+                additionalChannelHandlers: [ConnectionTimeoutHandler(timeouts: timeouts, metrics: metrics), ResponseHeaderTrimmer()]
+                    + (fastPath.map { [LatestFastPathHandler(fastPath: $0)] } ?? []),
                 httpDecoderConfiguration: .init(
                     maxHeaderFieldSize: ConnectionLimits.maxHeaderBytes, maxHeaderListSize: ConnectionLimits.maxHeaderBytes)))
     }

@@ -48,13 +48,14 @@ public struct LimitedTLSChannel: ServerChildChannel {
     ///   - limits: the connection limits.
     ///   - connections: the shared count of open connections.
     ///   - metrics: where refusals and timeouts are counted.
+    ///   - fastPath: answers `latest` reads over HTTP/1.1 on the event loop when it can; nil for none.
     /// - Throws: when BoringSSL refuses the certificate or key (``ServerTLS/load(certificateFile:keyFile:)`` checks
     ///   this when the configuration is loaded).
-    public init(
+    init(
         responder: @escaping HTTPChannelHandler.Responder, tls: ServerTLS, http2: Bool, limits: ConnectionLimits, connections: ConnectionCounter,
-        metrics: IngestMetrics?
+        metrics: IngestMetrics?, fastPath: LatestFastPath? = nil
     ) throws {
-        self.http1 = LimitedHTTP1Channel.http1Channel(responder: responder, limits: limits, metrics: metrics)
+        self.http1 = LimitedHTTP1Channel.http1Channel(responder: responder, limits: limits, metrics: metrics, fastPath: fastPath)
         self.http2 =
             http2
             ? HTTP2Channel(
