@@ -142,6 +142,7 @@ let package = Package(
         .executableTarget(
             name: "farmgate-bench",
             dependencies: [
+                "CLinux",
                 "FarmgateSupport",
                 "FarmgateWire",
                 "FarmgateAgent",

@@ -6,6 +6,7 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <sys/prctl.h>
+#include <sys/epoll.h>
 
 /// adjtimex(2) returns TIME_ERROR while the kernel's clock is not synchronised (no NTP sync yet).
 static inline int fg_clock_is_synchronized(void) {
