@@ -39,7 +39,8 @@ public struct ConnectionLimits: Sendable, Hashable {
 /// 1. a count against ``ConnectionLimits/maxConnections``; past it, ``ConnectionRefusalHandler`` answers 503 and closes;
 /// 2. ``RequestBytesObserver`` in front of the HTTP parser, and ``ConnectionTimeoutHandler`` after it (through
 ///    `HTTP1Channel.Configuration.additionalChannelHandlers`), which enforce the idle, header and body timeouts and answer
-///    parser errors as JSON, and ``ResponseHeaderTrimmer``, which drops the framework's `Date` header;
+///    parser errors as JSON, ``ResponseHeaderTrimmer``, which drops the framework's `Date` header, and
+///    ``LatestFastPathHandler``, which answers cached `latest` reads on the event loop;
 /// 3. then the unchanged `HTTP1Channel` pipeline and request loop.
 public struct LimitedHTTP1Channel: ServerChildChannel {
     public typealias Value = HTTP1Channel.Value
@@ -65,8 +66,8 @@ public struct LimitedHTTP1Channel: ServerChildChannel {
         self.metrics = metrics
     }
 
-    /// Hummingbird's HTTP/1.1 channel with ``ConnectionTimeoutHandler`` and ``ResponseHeaderTrimmer`` after the parser;
-    /// ``LimitedTLSChannel`` serves HTTP/1.1 over TLS with the same.
+    /// Hummingbird's HTTP/1.1 channel with ``ConnectionTimeoutHandler``, ``ResponseHeaderTrimmer`` and (given a
+    /// `fastPath`) ``LatestFastPathHandler`` after the parser; ``LimitedTLSChannel`` serves HTTP/1.1 over TLS with the same.
     static func http1Channel(
         responder: @escaping HTTPChannelHandler.Responder, limits: ConnectionLimits, metrics: IngestMetrics?, fastPath: LatestFastPath?
     ) -> HTTP1Channel {
