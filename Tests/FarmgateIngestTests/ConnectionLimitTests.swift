@@ -108,15 +108,20 @@ struct ConnectionLimitTests {
         }
     }
 
-    @Test("a head sent a byte at a time is answered 408 after header_timeout; a trickling body after body_timeout")
-    func slowClients() async throws {
-        let fixture = try await Fixture()
-        defer { fixture.close() }
+    /// Header, body and idle timeouts of one second each.
+    static var oneSecondTimeouts: IngestConfiguration.Server {
         var server = IngestConfiguration.Server()
         server.headerTimeout = .seconds(1)
         server.bodyTimeout = .seconds(1)
         server.idleTimeout = .seconds(1)
-        try await app(fixture, server: server).test(.live) { client in
+        return server
+    }
+
+    @Test("a head sent a byte at a time is answered 408 after header_timeout; a trickling body after body_timeout")
+    func slowClients() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        try await app(fixture, server: Self.oneSecondTimeouts).test(.live) { client in
             let port = try #require(client.port)
             let deviceKey = fixture.deviceKey.text
             let (headerAnswer, headerSeconds, bodyAnswer, idleClosed) = try await runOffPool(name: "raw-http") {
@@ -165,11 +170,7 @@ struct ConnectionLimitTests {
     func timeoutsFollowEachRequest() async throws {
         let fixture = try await Fixture()
         defer { fixture.close() }
-        var server = IngestConfiguration.Server()
-        server.headerTimeout = .seconds(1)
-        server.bodyTimeout = .seconds(1)
-        server.idleTimeout = .seconds(1)
-        try await app(fixture, server: server).test(.live) { client in
+        try await app(fixture, server: Self.oneSecondTimeouts).test(.live) { client in
             let port = try #require(client.port)
             let (statuses, headerSeconds, headerAnswer, idleSeconds, idleClosed) = try await runOffPool(name: "raw-http") {
                 let connection = try RawConnection(port: port)
