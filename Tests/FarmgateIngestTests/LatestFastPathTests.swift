@@ -152,6 +152,40 @@ struct LatestFastPathTests {
         }
     }
 
+    @Test("a client that pipelines reads without reading the answers does not have them all written into memory")
+    func backpressure() async throws {
+        var limits = IngestConfiguration.Limits()
+        limits.readBurst = 100_000
+        try await withServer(limits: limits) { port, fixture, metrics in
+            // 500 more sensors on d2: an answer of about 80 kB.
+            let identity = try await fixture.identity(device: "d2")
+            let sensors = try (0..<500).map { SensorDescriptor(id: try sensorID("tank.s\($0)"), quantity: .ph) }
+            let batch = Batch(
+                device: identity.device, sensors: sensors,
+                readings: sensors.enumerated().map { index, sensor in
+                    Reading(sensor: sensor.id, sequence: UInt64(10 + index), timestamp: Timestamp(microseconds: testNow.microseconds - 1_000_000), value: 6.5)
+                })
+            _ = try await fixture.store.store(batch, for: identity, receivedAt: testNow)
+            let key = fixture.readToken
+            let count = 2_000
+            let (answeredWhileBlocked, answers) = try await runOffPool(name: "raw-http") { () throws -> (Double, [Answer]) in
+                let connection = try RawConnection(port: port)
+                connection.send(request("/v1/farms/f1/latest?device=d2", key))
+                _ = connection.readResponses(1, timeout: .seconds(5))
+                // 2,000 reads of about 80 kB each (160 MB of answers) sent at once, none read for a second.
+                connection.send(String(repeating: request("/v1/farms/f1/latest?device=d2", key), count: count))
+                Thread.sleep(forTimeInterval: 1)
+                let answered = metric(metrics(), "farmgate_ingest_latest_event_loop_answers_total").first ?? 0
+                return (answered, connection.readResponses(count, timeout: .seconds(60)))
+            }
+            // What the sockets hold (a few MB) and a high-water mark's worth, not all 2,000.
+            #expect(answeredWhileBlocked < 500, "\(answeredWhileBlocked) answers written while the client read nothing")
+            // Then every answer arrives, complete and in order, from either path.
+            #expect(answers.count == count)
+            #expect(answers.allSatisfy { $0.status == 200 && $0.body.count > 50_000 })
+        }
+    }
+
     @Test("only the route itself is a candidate", arguments: [
         ("/v1/farms/f1/latest", true), ("/v1/farms/f1/latest?device=d1&sensor=*.ph", true), ("/v1/farms/f1/latest/", false),
         ("/v1/farms//latest", false), ("/v1/farms/f%31/latest", false), ("/v1/farms/a/b/latest", false), ("/v1/farms/f1/latestx", false),

@@ -7,7 +7,10 @@ import NIOHTTPTypes
 ///
 /// A candidate request's head is held until its end arrives; then either the fast path answers it (the answer is
 /// flushed when the read completes, so pipelined answers leave together) or head and end go on to the router. Answers
-/// stay in request order: nothing is answered here while the router still owes an answer on this connection.
+/// stay in request order: nothing is answered here while the router still owes an answer on this connection. Nothing
+/// is answered here either while the channel is not writable (its outbound buffer over the high-water mark): those
+/// requests go to the router, whose request loop applies backpressure, so a client that never reads cannot grow the
+/// server's memory.
 final class LatestFastPathHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPRequestPart
     typealias InboundOut = HTTPRequestPart
@@ -29,7 +32,9 @@ final class LatestFastPathHandler: ChannelDuplexHandler, RemovableChannelHandler
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
         case .head(let head):
-            if routerOwes == 0, held == nil, let farm = LatestFastPath.candidate(head) {
+            // Not while the socket is behind: a client that sends reads without reading the answers would otherwise
+            // have them all written into memory here; the router's request loop waits for the socket instead.
+            if routerOwes == 0, held == nil, context.channel.isWritable, let farm = LatestFastPath.candidate(head) {
                 held = (head, farm)
                 return
             }
