@@ -32,7 +32,7 @@ public struct APIError: Error, HTTPResponseError, Sendable, CustomStringConverti
 
     public func response(from request: Request, context: some RequestContext) throws -> Response {
         var headers = self.headers
-        headers[.contentType] = "application/json; charset=utf-8"
+        headers[.contentType] = jsonContentType
         return Response(status: status, headers: headers, body: ResponseBody(byteBuffer: jsonBuffer(APIErrorBody(code: code, message: message, acceptedVersions: acceptedVersions, context: self.context))))
     }
 
@@ -113,7 +113,10 @@ func jsonResponse(_ value: some Encodable, status: HTTPResponse.Status = .ok) ->
     jsonResponse(body: jsonBuffer(value), status: status)
 }
 
+/// The `Content-Type` of every JSON answer.
+let jsonContentType = "application/json; charset=utf-8"
+
 /// A 200 (or `status`) answer whose body is already JSON.
 func jsonResponse(body: ByteBuffer, status: HTTPResponse.Status = .ok) -> Response {
-    Response(status: status, headers: [.contentType: "application/json; charset=utf-8"], body: ResponseBody(byteBuffer: body))
+    Response(status: status, headers: [.contentType: jsonContentType], body: ResponseBody(byteBuffer: body))
 }

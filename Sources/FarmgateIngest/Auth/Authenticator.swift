@@ -87,10 +87,15 @@ public final class Authenticator: Sendable {
     func cachedReader(_ key: APIKey, secretHash: [UInt8]) -> (FarmRecord, ReadRole)? {
         guard key.kind == .readToken else { return nil }
         let now = ContinuousClock.now
-        guard let credential = cache.withLock({ $0.readers[key.keyID].flatMap { $0.expires > now ? $0.credential : nil } }),
+        guard let credential = cache.withLock({ Self.fresh(key.keyID, in: $0.readers, now: now) }),
             constantTimeEquals(credential.secretHash, secretHash), !credential.revoked
         else { return nil }
         return (credential.farm, credential.role)
+    }
+
+    /// The cached credential of `keyID` while it is fresh.
+    private static func fresh<Credential>(_ keyID: String, in table: [String: Entry<Credential>], now: ContinuousClock.Instant) -> Credential? {
+        table[keyID].flatMap { $0.expires > now ? $0.credential : nil }
     }
 
     /// The credential of `key`'s id: from the cache while fresh, else from the store (and then cached when found).
@@ -102,7 +107,7 @@ public final class Authenticator: Sendable {
         let unknownKey = key.kind.rawValue + key.keyID
         let (fresh, knownUnknown) = cache.withLock { cache in
             (
-                cache[keyPath: table][key.keyID].flatMap { $0.expires > now ? $0.credential : nil },
+                Self.fresh(key.keyID, in: cache[keyPath: table], now: now),
                 cache.unknown[unknownKey].map { $0 > now } ?? false
             )
         }

@@ -9,7 +9,7 @@ import NIOCore
 /// rate-limit headers, counted in the same request metric), without the hop to a task and back.
 ///
 /// In every other case (any error to answer, a first read that fills the cache, a stale device, a credential to look
-/// up, `Connection: close`, a request with a body, a trusted proxy in front) ``answer(_:farmName:peer:memo:)`` returns nil and the
+/// up, `Connection: close`, a request with a body, a trusted proxy in front) ``answer(_:farmName:client:memo:)`` returns nil and the
 /// request goes to the router unchanged, which answers it as it always did.
 final class LatestFastPath: Sendable {
     let authenticator: Authenticator
@@ -29,10 +29,9 @@ final class LatestFastPath: Sendable {
         self.metrics = metrics
     }
 
-    /// What one connection's requests share, kept by its ``LatestFastPathHandler``: the client's address, and the last
-    /// read token parsed with its hash (a client sends the same `Authorization` on every request of a connection).
+    /// What one connection's requests share, kept by its ``LatestFastPathHandler``: the last read token parsed, with its
+    /// hash (a client sends the same `Authorization` on every request of a connection).
     struct ConnectionMemo {
-        var client: ClientAddress?
         var authorization: String?
         var key: APIKey?
         var secretHash: [UInt8] = []
@@ -57,21 +56,21 @@ final class LatestFastPath: Sendable {
     /// The farm segment when `request` may be answered here: a GET of the route without `Connection: close`.
     static func candidate(_ request: HTTPRequest) -> Substring? {
         guard request.method == .get, let path = request.path, let farm = farmSegment(of: path) else { return nil }
-        if let connection = request.headerFields[.connection], connection.utf8.count >= 5, connection.lowercased().contains("close") { return nil }
+        if let connection = request.headerFields[.connection], connection.lowercased().contains("close") { return nil }
         return farm
     }
 
     /// The answer to a ``candidate(_:)`` request of `farmName`, or nil for the router to answer (see the type's
     /// description).
-    func answer(_ request: HTTPRequest, farmName: Substring, peer: SocketAddress?, memo: inout ConnectionMemo) -> (HTTPResponse, ByteBuffer)? {
+    ///
+    /// - Parameter client: the connection's peer, as the router's failed-authentication limit counts it.
+    func answer(_ request: HTTPRequest, farmName: Substring, client: ClientAddress, memo: inout ConnectionMemo) -> (HTTPResponse, ByteBuffer)? {
         let started = ContinuousClock.now
-        let client = memo.client ?? ClientAddress(peer)
-        memo.client = client
         guard let path = request.path, let authorization = request.headerFields[.authorization] else { return nil }
         if authorization != memo.authorization || memo.key == nil {
             // Read tokens come only in `Authorization`, so the same header is the same key.
             guard let key = try? bearerKey(request.headerFields, expected: .readToken) else { return nil }
-            memo = ConnectionMemo(client: client, authorization: authorization, key: key, secretHash: key.secretHash)
+            memo = ConnectionMemo(authorization: authorization, key: key, secretHash: key.secretHash)
         }
         guard let key = memo.key, (try? failures.admit(client, now: started)) != nil,
             let (farm, _) = authenticator.cachedReader(key, secretHash: memo.secretHash), farm.name == farmName,
@@ -81,7 +80,7 @@ final class LatestFastPath: Sendable {
         let limit = rateLimiter.acquire(key.keyID, now: started)
         guard !limit.isLimited else { return nil }
         var fields = HTTPFields()
-        fields[.contentType] = "application/json; charset=utf-8"
+        fields[.contentType] = jsonContentType
         limit.add(to: &fields)
         fields[.contentLength] = String(body.readableBytes)
         metrics.request(route: Self.route, status: 200, duration: started.duration(to: .now))

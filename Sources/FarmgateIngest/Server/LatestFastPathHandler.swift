@@ -21,6 +21,8 @@ final class LatestFastPathHandler: ChannelDuplexHandler, RemovableChannelHandler
     /// A candidate head waiting for its end, with its farm segment.
     private var held: (head: HTTPRequest, farm: Substring)?
     private var memo = LatestFastPath.ConnectionMemo()
+    /// The peer's address, read once.
+    private var client: ClientAddress?
     /// Requests passed to the router whose answer has not ended yet.
     private var routerOwes = 0
     private var needsFlush = false
@@ -46,17 +48,18 @@ final class LatestFastPathHandler: ChannelDuplexHandler, RemovableChannelHandler
             context.fireChannelRead(data)
         case .end:
             if let (head, farm) = held {
-                held = nil
-                if let (response, body) = fastPath.answer(head, farmName: farm, peer: context.channel.remoteAddress, memo: &memo) {
+                let client = self.client ?? ClientAddress(context.channel.remoteAddress)
+                self.client = client
+                if let (response, body) = fastPath.answer(head, farmName: farm, client: client, memo: &memo) {
+                    held = nil
                     context.write(wrapOutboundOut(.head(response)), promise: nil)
                     context.write(wrapOutboundOut(.body(body)), promise: nil)
                     context.write(wrapOutboundOut(.end(nil)), promise: nil)
                     needsFlush = true
                     return
                 }
-                routerOwes += 1
-                context.fireChannelRead(wrapInboundOut(.head(head)))
             }
+            passHeld(context: context)
             context.fireChannelRead(data)
         }
     }
@@ -74,7 +77,8 @@ final class LatestFastPathHandler: ChannelDuplexHandler, RemovableChannelHandler
         context.write(data, promise: promise)
     }
 
-    /// A held head turned out to be the router's (a body part, or another head behind it): pass it on first.
+    /// A held head turned out to be the router's (a body part, another head behind it, or an answer the fast path
+    /// could not give): pass it on first.
     private func passHeld(context: ChannelHandlerContext) {
         guard let (head, _) = held else { return }
         held = nil
