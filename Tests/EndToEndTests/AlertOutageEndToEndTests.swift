@@ -134,7 +134,21 @@ struct AlertOutageEndToEndTests {
         let reported = await eventually(timeout: .seconds(60), every: .milliseconds(500)) {
             devices { $0.body.farmgate.late } == ["site-a", "site-b"]
         }
-        #expect(reported, "no late notification for both devices after the outage: \(logs())")
+        if !reported {
+            // What the webhook saw, and where the outbox stands: a late notification written but not delivered, or never written.
+            let seen = hook.requests.enumerated().map { index, request in
+                let body = try? JSONDecoder().decode(AlertmanagerWebhook.self, from: Data(request.body))
+                return "#\(index) \(pattern[index % pattern.count]) key=\(body?.farmgate.idempotencyKey ?? "?") device=\(body?.alerts.first?.labels["device"] ?? "?") late=\(body?.farmgate.late ?? false) \(body?.status ?? "?")"
+            }
+            let rows = (try? await outbox(farm)) ?? []
+            Issue.record(
+                """
+                no late notification for both devices after the outage
+                webhook requests: \(seen.joined(separator: "\n"))
+                outbox: \(rows.map { "\($0.receiver) \($0.key) \($0.state) \($0.lastError ?? "")" }.joined(separator: "\n"))
+                \(logs())
+                """)
+        }
         for (device, config) in configs {
             let drained = try await eventually(timeout: .seconds(30), every: .milliseconds(500)) {
                 try await farm.agentStatus(config: config)?.buffer.pending == 0

@@ -251,6 +251,38 @@ struct AlertEngineTests {
         }
     }
 
+    @Test(
+        "a late report written after a live notification of the same alert is its own notification, not a repeat of the live one's key",
+        arguments: StoreKind.allCases)
+    func lateReportAfterLiveNotification(kind: StoreKind) async throws {
+        try await AlertHarness.with(kind) { h in
+            try await h.rule(spec("ph-low", "below") { $0.quantity = "ph"; $0.threshold = 5.5; $0.clear = 5.6 })
+            let outage = Timestamp(microseconds: h.clock.now.microseconds - 3_600_000_000)
+            // The backlog, in order: a dip that came and went while the site was offline (recorded, not notified).
+            try await h.send([(0, 6.0), (600, 5.0), (1_200, 6.0), (1_800, 6.0)], start: outage)
+            #expect(try await h.outbox().isEmpty)
+            // Before the backlog is quiet, a live reading fires the alert: notified at once, at the alert's newest transition.
+            try await h.send([(0, 5.0)], start: h.clock.now)
+            var notifications = try await h.notifications()
+            #expect(notifications.count == 1)
+            #expect(notifications.first?.late == false && notifications.first?.status == .firing)
+            // The late report tells of the dip: a notification of its own, with a key of its own.
+            h.clock.advance(seconds: 31)
+            await h.engine.tick()
+            notifications = try await h.notifications()
+            #expect(notifications.count == 2, "the late report was lost: \(notifications.map { ($0.late, $0.status) })")
+            let late = notifications.filter(\.late)
+            let report = try #require(late.first)
+            #expect(report.transitions.map(\.state) == ["pending", "firing", "resolved"], "\(report.transitions)")
+            let keys = try await h.outbox().map(\.idempotencyKey)
+            #expect(Set(keys).count == keys.count, "\(keys)")
+            // Nothing more at the next tick.
+            h.clock.advance(seconds: 60)
+            await h.engine.tick()
+            #expect(try await h.outbox().count == 2)
+        }
+    }
+
     @Test("after a crash between commit and evaluation the next engine catches up from the watermark, once", arguments: StoreKind.allCases)
     func restartCatchUp(kind: StoreKind) async throws {
         try await AlertHarness.with(kind) { h in

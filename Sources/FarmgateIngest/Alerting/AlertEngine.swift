@@ -667,14 +667,12 @@ public actor AlertEngine: CommitObserver, Service {
                 change.transitions = change.transitions.map { var t = $0; t.silenced = true; return t }
             } else {
                 let quantity = try await store.alertSensors(farmID: record.farmID).first { $0.sensorRowID == record.sensorRowID }?.quantity
-                change.notifications = [
-                    AlertChange.PlannedNotification(
-                        transitionIndex: nil,
-                        notification: notification(
-                            rule, farm: farmNames[record.farmID] ?? "", record: record, status: record.state == .firing ? .firing : .resolved,
-                            transitions: episodes, late: true, description: "\(text), reported late", value: episodes.last?.value ?? record.value,
-                            quantity: quantity))
-                ]
+                var report = notification(
+                    rule, farm: farmNames[record.farmID] ?? "", record: record, status: record.state == .firing ? .firing : .resolved,
+                    transitions: episodes, late: true, description: "\(text), reported late", value: episodes.last?.value ?? record.value,
+                    quantity: quantity)
+                report.reportedAt = current
+                change.notifications = [AlertChange.PlannedNotification(transitionIndex: nil, notification: report)]
                 change.receivers = rule.receivers
             }
         }

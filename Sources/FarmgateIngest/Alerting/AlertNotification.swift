@@ -47,6 +47,9 @@ public struct AlertNotification: Codable, Sendable, Hashable {
     public var transitions: [Transition]
     /// The value that caused the transition, when there is one.
     public var value: Double?
+    /// On a late report: when the engine wrote it. A report has no transition of its own (``transitionID`` is the
+    /// alert's newest, which a live notification may already carry), so this gives it a key of its own.
+    public var reportedAt: Timestamp?
 
     public init(
         farm: String, rule: String, alertID: Int64, transitionID: Int64, fingerprint: String, status: Status, severity: String,
@@ -76,10 +79,13 @@ public struct AlertNotification: Codable, Sendable, Hashable {
         case transitionID = "transition_id"
         case startsAt = "starts_at"
         case endsAt = "ends_at"
+        case reportedAt = "reported_at"
     }
 
     /// The idempotency key of this notification at `receiver` (an `alert_receivers.id`): the same on every retry.
+    /// `farmgate-<alert>-<transition>-<receiver>`; a late report's ends in `-late-<unix µs when it was written>`.
     public func idempotencyKey(receiver: Int64) -> String {
-        "farmgate-\(alertID)-\(transitionID)-\(receiver)"
+        let key = "farmgate-\(alertID)-\(transitionID)-\(receiver)"
+        return reportedAt.map { "\(key)-late-\($0.microseconds)" } ?? key
     }
 }
