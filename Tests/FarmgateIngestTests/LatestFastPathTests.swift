@@ -152,6 +152,37 @@ struct LatestFastPathTests {
         }
     }
 
+    @Test(
+        "a request that does not keep its connection alive is answered, then the connection closed; one that does stays open",
+        arguments: [
+            ("HTTP/1.0", "", false), ("HTTP/1.1", "Connection: Close\r\n", false), ("HTTP/1.1", "Connection: keep-alive, close\r\n", false),
+            ("HTTP/1.0", "Connection: keep-alive\r\n", true), ("HTTP/1.1", "", true),
+        ])
+    func keepAlive(version: String, header: String, staysOpen: Bool) async throws {
+        try await withServer { port, fixture, metrics in
+            let key = fixture.readToken
+            let (answers, closed) = try await runOffPool(name: "raw-http") { () throws -> ([Answer], Bool) in
+                // The cache warm, so that a read the connection may keep would be answered on the event loop.
+                let warm = try RawConnection(port: port)
+                warm.send(request("/v1/farms/f1/latest", key))
+                var answers = warm.readResponses(1, timeout: .seconds(5))
+                let connection = try RawConnection(port: port)
+                for path in ["/v1/farms/f1/latest", "/healthz"] {
+                    connection.send("GET \(path) \(version)\r\nAuthorization: Bearer \(key.text)\r\n\(header)\r\n")
+                    answers += connection.readResponses(1, timeout: .seconds(5))
+                    guard staysOpen else { break }
+                }
+                let end = connection.readUntilClosed(timeout: .seconds(staysOpen ? 1 : 5))
+                return (answers, end.closed)
+            }
+            #expect(answers.map(\.status) == (staysOpen ? [200, 200, 200] : [200, 200]), "\(answers.map(\.status))")
+            #expect(answers.count >= 2 && answers[1].body == answers[0].body)
+            #expect(closed == !staysOpen, staysOpen ? "the connection was closed" : "the connection stayed open after its answer")
+            // Only a read on a connection that stays open is the event loop's.
+            #expect(metric(metrics(), "farmgate_ingest_latest_event_loop_answers_total") == [staysOpen ? 1 : 0])
+        }
+    }
+
     @Test("a client that pipelines reads without reading the answers does not have them all written into memory")
     func backpressure() async throws {
         var limits = IngestConfiguration.Limits()

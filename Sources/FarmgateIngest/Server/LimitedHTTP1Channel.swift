@@ -3,7 +3,9 @@ public import Logging
 public import NIOCore
 import FarmgateWire
 import HTTPTypes
+import NIOHTTP1
 import NIOHTTPTypes
+import NIOHTTPTypesHTTP1
 import Synchronization
 
 /// The connection limits of the ingest's HTTP server (`[server]` in the configuration).
@@ -95,7 +97,16 @@ public struct LimitedHTTP1Channel: ServerChildChannel {
                 try channel.pipeline.syncOperations.addHandler(RequestBytesObserver())
             }
         }
-        return added.flatMap { http1.setup(channel: channel, logger: logger) }
+        return added.flatMap { Self.setup(http1, channel: channel, logger: logger) }
+    }
+
+    /// `http1.setup`, then ``KeepAliveNormalizer`` in front of the framework's conversion to HTTP types.
+    static func setup(_ http1: HTTP1Channel, channel: any Channel, logger: Logger) -> EventLoopFuture<Value> {
+        http1.setup(channel: channel, logger: logger).flatMapThrowing { value in
+            let codec = try channel.pipeline.syncOperations.handler(type: HTTP1ToHTTPServerCodec.self)
+            try channel.pipeline.syncOperations.addHandler(KeepAliveNormalizer(), position: .before(codec))
+            return value
+        }
     }
 
     public func handle(value: Value, logger: Logger) async {
@@ -207,5 +218,24 @@ final class ResponseHeaderTrimmer: ChannelOutboundHandler, RemovableChannelHandl
         }
         head.headerFields[.date] = nil
         context.write(wrapOutboundOut(.head(head)), promise: promise)
+    }
+}
+
+/// Says `Connection: close` on every request that does not keep its connection alive, as HTTP/1.1 defines it: an
+/// HTTP/1.0 request without `Connection: keep-alive`, and a `close` token in any case or list (`Close`,
+/// `keep-alive, close`). The conversion to HTTP types drops the version, and the framework closes after an answer
+/// only when the header is exactly `close`; without this an HTTP/1.0 client that reads until the connection closes
+/// (health checkers, old scripts) waited for `idle_timeout`.
+final class KeepAliveNormalizer: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias InboundOut = HTTPServerRequestPart
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard case .head(var head) = unwrapInboundIn(data), !head.isKeepAlive, head.headers[canonicalForm: "connection"] != ["close"] else {
+            context.fireChannelRead(data)
+            return
+        }
+        head.headers.replaceOrAdd(name: "connection", value: "close")
+        context.fireChannelRead(wrapInboundOut(.head(head)))
     }
 }

@@ -95,7 +95,7 @@ public struct LimitedTLSChannel: ServerChildChannel {
                     return channel.eventLoop.makeCompletedFuture {
                         try channel.pipeline.syncOperations.addHandler(RequestBytesObserver())
                     }.flatMap {
-                        http1.setup(channel: channel, logger: logger).map { .http1($0) }
+                        LimitedHTTP1Channel.setup(http1, channel: channel, logger: logger).map { .http1($0) }
                     }
                 case .negotiated:
                     break
