@@ -205,6 +205,53 @@ struct IngestTLSTests {
         }
     }
 
+    @Test("over HTTP/2 a stream whose body stops arriving is answered 408 after body_timeout; HTTP/2 uploads go on")
+    func streamBodyTimeout() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let scratch = try Scratch(prefix: "fg-tls")
+        defer { try? FileManager.default.removeItem(at: scratch.url) }
+        let certificates = try await TestCertificates.make(in: scratch.path)
+        try await withIngest(fixture, certificates: certificates, server: .init(bodyTimeout: .seconds(1))) { base in
+            let key = fixture.deviceKey.text
+            // The curl tool, uploading from a pipe that gets the body's first bytes and then nothing: a stream that stalls
+            // mid-body (`-T .`: stdin read without blocking, so that curl reads the answer while its upload waits). Its output goes to a file; it is waited for here, and killed with SIGKILL if it hangs (this
+            // process may ignore SIGTERM for its own services, and a child inherits that).
+            let outputFile = scratch.path + "/curl.out"
+            _ = FileManager.default.createFile(atPath: outputFile, contents: nil)
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
+            process.arguments = [
+                "-sS", "-v", "--noproxy", "*", "--http2", "--cacert", certificates.caFile, "-o", "/dev/null", "-w", "%{http_version} %{http_code}",
+                "-X", "POST", "-H", "Authorization: Bearer \(key)", "-H", "Content-Type: \(IngestProtocol.jsonBatchMediaType)",
+                "-H", "Content-Length: 100000", "-T", ".", base + IngestProtocol.batchesPath,
+            ]
+            let input = Pipe()
+            process.standardInput = input
+            process.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: outputFile))
+            _ = FileManager.default.createFile(atPath: outputFile + ".err", contents: nil)
+            process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: outputFile + ".err"))
+            let started = ContinuousClock.now
+            try process.run()
+            input.fileHandleForWriting.write(Data(#"{"device":"d1","sensors":["#.utf8))
+            while process.isRunning, started.duration(to: .now) < .seconds(15) { try await Task.sleep(for: .milliseconds(20)) }
+            let finished = !process.isRunning
+            let elapsed = started.duration(to: .now).components
+            let seconds = Double(elapsed.seconds) + Double(elapsed.attoseconds) / 1e18
+            if !finished { kill(process.processIdentifier, SIGKILL) }
+            try? input.fileHandleForWriting.close()
+            let printed = ((try? String(contentsOfFile: outputFile, encoding: .utf8)) ?? "").trimmingCharacters(in: .whitespacesAndNewlines)
+            #expect(finished, "the stalled stream was still open after 15 s with body_timeout = 1 s: \((try? String(contentsOfFile: outputFile + ".err", encoding: .utf8)) ?? "")")
+            #expect(printed == "2 408", "curl printed '\(printed)'")
+            #expect(seconds >= 0.9, "answered after \(seconds) s, before body_timeout")
+            // The ingest goes on serving HTTP/2 streams.
+            let client = try client(certificates)
+            defer { client.close() }
+            let after = try await post(client, base, key: fixture.deviceKey, sequences: 1...5)
+            #expect(after.status == 200 && after.httpVersion == .http2)
+        }
+    }
+
     /// Runs the `curl` tool and returns what it printed.
     func runCurl(_ arguments: [String]) async throws -> String {
         try await runProgram("/usr/bin/curl", ["-sS", "--noproxy", "*"] + arguments, capturing: .standardOutput).output

@@ -49,6 +49,17 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
         var idle: TimeAmount
         var header: TimeAmount
         var body: TimeAmount
+
+        init(idle: TimeAmount, header: TimeAmount, body: TimeAmount) {
+            self.idle = idle
+            self.header = header
+            self.body = body
+        }
+
+        /// `[server] idle_timeout`, `header_timeout` and `body_timeout`.
+        init(_ limits: ConnectionLimits) {
+            self.init(idle: TimeAmount(limits.idleTimeout), header: TimeAmount(limits.headerTimeout), body: TimeAmount(limits.bodyTimeout))
+        }
     }
 
     private let timeouts: Timeouts
@@ -68,10 +79,15 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
     private var readingBody = false
     private var closing = false
 
-    init(timeouts: Timeouts, metrics: IngestMetrics?) {
+    /// In an HTTP/2 stream (one request, one answer): the header and body phases only, and a 408 without
+    /// `Connection: close` (a connection-specific field that HTTP/2 forbids); closing ends the stream, not the connection.
+    private let http2Stream: Bool
+
+    init(timeouts: Timeouts, metrics: IngestMetrics?, http2Stream: Bool = false) {
         self.timeouts = timeouts
         self.checkInterval = min(timeouts.idle, timeouts.header, timeouts.body)
         self.metrics = metrics
+        self.http2Stream = http2Stream
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -133,7 +149,7 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
             requestsOpen = max(0, requestsOpen - 1)
             responseStarted = false
             context.write(data, promise: promise)
-            if requestsOpen == 0, !readingHead, !readingBody { start(.idle, context: context) }
+            if requestsOpen == 0, !readingHead, !readingBody, !http2Stream { start(.idle, context: context) }
         }
     }
 
@@ -254,7 +270,7 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
         var fields = HTTPFields()
         fields[.contentType] = jsonContentType
         fields[.contentLength] = String(body.readableBytes)
-        fields[.connection] = "close"
+        if !http2Stream { fields[.connection] = "close" }
         context.write(wrapOutboundOut(.head(HTTPResponse(status: status, headerFields: fields))), promise: nil)
         context.write(wrapOutboundOut(.body(body)), promise: nil)
         let loopBoundContext = NIOLoopBound(context, eventLoop: context.eventLoop)

@@ -73,8 +73,7 @@ public struct LimitedHTTP1Channel: ServerChildChannel {
     static func http1Channel(
         responder: @escaping HTTPChannelHandler.Responder, limits: ConnectionLimits, metrics: IngestMetrics?, fastPath: LatestFastPath?
     ) -> HTTP1Channel {
-        let timeouts = ConnectionTimeoutHandler.Timeouts(
-            idle: TimeAmount(limits.idleTimeout), header: TimeAmount(limits.headerTimeout), body: TimeAmount(limits.bodyTimeout))
+        let timeouts = ConnectionTimeoutHandler.Timeouts(limits)
         return HTTP1Channel(
             responder: responder,
             configuration: HTTP1Channel.Configuration(

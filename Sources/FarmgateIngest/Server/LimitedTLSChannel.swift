@@ -14,11 +14,12 @@ import NIOTLS
 ///    ``ConnectionRefusalHandler`` answers 503 through TLS and closes, whatever the client asked for;
 /// 2. must finish its TLS handshake within `header_timeout`, else it is closed (counted as a header timeout);
 /// 3. then, when the client chose `h2` (and `[server] http2` is on), runs Hummingbird's `HTTP2Channel`, closed after
-///    `idle_timeout` without open streams; otherwise the same HTTP/1.1 pipeline as without TLS (``RequestBytesObserver``
-///    after the TLS handler, ``ConnectionTimeoutHandler``, idle/header/body timeouts).
+///    `idle_timeout` without open streams, each stream with ``ConnectionTimeoutHandler``'s body timeout (a stream whose
+///    body stops arriving is answered 408 and reset after `body_timeout`; the connection's other streams go on);
+///    otherwise the same HTTP/1.1 pipeline as without TLS (``RequestBytesObserver`` after the TLS handler,
+///    ``ConnectionTimeoutHandler``, idle/header/body timeouts).
 ///
-/// Request bodies are bounded by the controllers (`max_body_bytes`) whatever the protocol. HTTP/2 streams have no header
-/// or body timeout of their own: a stream that stops sending holds its connection until the client goes away.
+/// Request bodies are bounded by the controllers (`max_body_bytes`) whatever the protocol.
 public struct LimitedTLSChannel: ServerChildChannel {
     /// What the handshake led to.
     enum Negotiated: Sendable {
@@ -61,7 +62,11 @@ public struct LimitedTLSChannel: ServerChildChannel {
             ? HTTP2Channel(
                 responder: responder,
                 configuration: HTTP2ChannelConfiguration(
-                    idleTimeout: limits.idleTimeout, streamConfiguration: HTTP1Channel.Configuration(additionalChannelHandlers: [ResponseHeaderTrimmer(http2Stream: true)])))
+                    idleTimeout: limits.idleTimeout,
+                    streamConfiguration: HTTP1Channel.Configuration(additionalChannelHandlers: [
+                        ConnectionTimeoutHandler(timeouts: ConnectionTimeoutHandler.Timeouts(limits), metrics: metrics, http2Stream: true),
+                        ResponseHeaderTrimmer(http2Stream: true),
+                    ])))
             : nil
         self.context = try NIOSSLContext(configuration: tls.configuration(http2: http2))
         self.refusingContext = try NIOSSLContext(configuration: tls.configuration(http2: false))
