@@ -135,9 +135,16 @@ struct ServeCommand: AsyncParsableCommand {
         let engine = (store as? any IngestStore & AlertStore).map {
             AlertEngine(store: $0, settings: configuration.alerting, logger: logger, notificationsWritten: wakeDelivery)
         }
+        // The certificate is read again on SIGHUP (`systemctl reload farmgate-ingest`, certbot's deploy hook).
+        let certificates: ServerCertificates?
+        do {
+            certificates = try configuration.server.tls.map { try ServerCertificates(tls: $0, http2: configuration.server.http2) }
+        } catch {
+            throw failure("[server] tls_certificate and tls_key cannot be served: \(error)", code: 78)
+        }
         let app = buildApplication(
             configuration: configuration, store: store, registry: registry, logger: logger,
-            commits: CommitFeed(engine.map { [$0] } ?? []), latest: latest,
+            commits: CommitFeed(engine.map { [$0] } ?? []), latest: latest, certificates: certificates,
             onServerRunning: { await notifier?.serverRunning() })
         logger.info(
             "farmgate-ingest starting",
@@ -158,6 +165,7 @@ struct ServeCommand: AsyncParsableCommand {
             services.append(MigrateThenServe(store: store, app: delivery, storage: configuration.storage.displayName, logger: logger))
         }
         services += (retention.map { [$0] } ?? []) + (notifier.map { [$0] } ?? [])
+        services.append(CertificateReloadOnHangup(certificates: certificates, logger: logger))
         var groupConfiguration = ServiceGroupConfiguration(
             services: services.map { StopLoggedService($0, logger: logger) }, gracefulShutdownSignals: [.sigterm, .sigint],
             logger: logger)

@@ -3,6 +3,7 @@ import FarmgateSupport
 import FarmgateTestSupport
 import FarmgateWire
 import Foundation
+import NIOSSL
 import Prometheus
 import ServiceLifecycle
 import Testing
@@ -17,17 +18,17 @@ struct IngestTLSTests {
     /// its `https` base URL.
     func withIngest<T: Sendable>(
         _ fixture: Fixture, certificates: TestCertificates, server: IngestConfiguration.Server = .init(),
-        limits: IngestConfiguration.Limits = .init(), _ body: (String) async throws -> T
+        limits: IngestConfiguration.Limits = .init(), served: ServerCertificates? = nil, _ body: (String) async throws -> T
     ) async throws -> T {
         var configuration = IngestConfiguration()
         configuration.server = server
         configuration.server.port = try freePort()
-        configuration.server.tls = try ServerTLS.load(certificateFile: certificates.certificateFile, keyFile: certificates.keyFile)
+        configuration.server.tls = try served?.tls ?? ServerTLS.load(certificateFile: certificates.certificateFile, keyFile: certificates.keyFile)
         configuration.limits = limits
         let (running, runningContinuation) = AsyncStream<Void>.makeStream()
         let app = buildApplication(
             configuration: configuration, store: fixture.store, registry: PrometheusCollectorRegistry(), logger: testLogger, now: { testNow },
-            onServerRunning: { runningContinuation.yield() })
+            certificates: served, onServerRunning: { runningContinuation.yield() })
         let serviceGroup = ServiceGroup(configuration: .init(services: [app], logger: testLogger))
         return try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { try await serviceGroup.run() }
@@ -249,6 +250,55 @@ struct IngestTLSTests {
             defer { client.close() }
             let after = try await post(client, base, key: fixture.deviceKey, sequences: 1...5)
             #expect(after.status == 200 && after.httpVersion == .http2)
+        }
+    }
+
+    @Test("a reloaded certificate is served from the next connection on; a broken file keeps the running one")
+    func certificateReload() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let scratch = try Scratch(prefix: "fg-tls")
+        defer { try? FileManager.default.removeItem(at: scratch.url) }
+        for name in ["first", "second"] { try FileManager.default.createDirectory(atPath: scratch.file(name), withIntermediateDirectories: true) }
+        let first = try await TestCertificates.make(in: scratch.file("first"))
+        let second = try await TestCertificates.make(in: scratch.file("second"))
+        // The files the configuration names; each set of certificates has its own CA.
+        let certificateFile = scratch.path + "/served.crt", keyFile = scratch.path + "/served.key"
+        func serve(_ certificates: TestCertificates) throws {
+            for (from, to) in [(certificates.certificateFile, certificateFile), (certificates.keyFile, keyFile)] {
+                try? FileManager.default.removeItem(atPath: to)
+                try FileManager.default.copyItem(atPath: from, toPath: to)
+            }
+        }
+        try serve(first)
+        let served = try ServerCertificates(tls: try ServerTLS.load(certificateFile: certificateFile, keyFile: keyFile), http2: true)
+        try await withIngest(fixture, certificates: first, served: served) { base in
+            /// Whether a new connection verifies against `certificates`' CA.
+            func trusted(_ certificates: TestCertificates) async throws -> Bool {
+                let result = try await runProgram(
+                    "/usr/bin/curl", ["-sS", "--noproxy", "*", "--cacert", certificates.caFile, "-o", "/dev/null", "-w", "%{http_code}", base + "/healthz"],
+                    capturing: .standardOutput)
+                return result.status == 0 && result.output == "200"
+            }
+            #expect(try await trusted(first))
+            #expect(try await !trusted(second))
+            // A client that keeps its connection keeps the certificate it began with.
+            let client = try client(first)
+            defer { client.close() }
+            #expect(try await client.get(base + "/healthz", headers: []).status == 200)
+
+            try serve(second)
+            let reloaded = try served.reload()
+            #expect(reloaded.certificateChain == (try NIOSSLCertificate.fromPEMFile(second.certificateFile)))
+            #expect(try await trusted(second), "a new connection did not get the reloaded certificate")
+            #expect(try await !trusted(first))
+            let kept = try await client.get(base + "/healthz", headers: [])
+            #expect(kept.status == 200 && kept.newConnections == 0, "the open connection was not kept")
+
+            // A certificate file that is not PEM: the reload fails naming it, and the running certificate stays.
+            try "not a certificate\n".write(toFile: certificateFile, atomically: true, encoding: .utf8)
+            #expect(throws: ServerTLS.LoadError.self) { try served.reload() }
+            #expect(try await trusted(second))
         }
     }
 

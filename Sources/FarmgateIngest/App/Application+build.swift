@@ -25,6 +25,8 @@ public import Prometheus
 ///   - latest: the latest-value cache `GET /v1/farms/{farm}/latest` answers from. On by default (one instance on
 ///     SQLite); `serve` on PostgreSQL passes one that its ``PostgresLatestListener`` turns on once it hears every
 ///     instance's commits.
+///   - certificates: with `configuration.server.tls`, the certificate the server serves, which `serve` reloads on
+///     SIGHUP; nil to serve `configuration.server.tls` as it is. Unused without TLS.
 ///   - onServerRunning: called once the server listens (`serve` tells systemd `READY=1` there).
 ///
 /// The server enforces `[server]`'s connection limits (``LimitedHTTP1Channel``, or ``LimitedTLSChannel`` with
@@ -40,6 +42,7 @@ public func buildApplication(
     credentialCacheTTL: Duration = .seconds(2),
     commits: CommitFeed = CommitFeed(),
     latest: LatestCache = LatestCache(),
+    certificates: ServerCertificates? = nil,
     onServerRunning: @escaping @Sendable () async -> Void = {}
 ) -> some ApplicationProtocol {
     let metrics = IngestMetrics(registry: registry)
@@ -74,9 +77,9 @@ public func buildApplication(
         logger.info(
             "serving HTTPS", metadata: ["server.protocols": "\(http2 ? "h2, http/1.1" : "http/1.1")", "server.tls_certificate": "\(tls.certificateFile)"])
         server = HTTPServerBuilder { responder in
-            try LimitedTLSChannel(
-                responder: responder, tls: tls, http2: http2, limits: connectionLimits, connections: connections, metrics: metrics,
-                fastPath: fastPath)
+            LimitedTLSChannel(
+                responder: responder, certificates: try certificates ?? ServerCertificates(tls: tls, http2: http2), limits: connectionLimits,
+                connections: connections, metrics: metrics, fastPath: fastPath)
         }
     } else {
         server = HTTPServerBuilder { responder in

@@ -36,29 +36,25 @@ public struct LimitedTLSChannel: ServerChildChannel {
 
     let http1: HTTP1Channel
     let http2: HTTP2Channel?
-    let context: NIOSSLContext
-    let refusingContext: NIOSSLContext
+    let certificates: ServerCertificates
     let limits: ConnectionLimits
     let connections: ConnectionCounter
     let metrics: IngestMetrics?
 
     /// - Parameters:
     ///   - responder: the application's responder (from `HTTPServerBuilder`).
-    ///   - tls: the certificate chain and key.
-    ///   - http2: whether `h2` is offered by ALPN.
+    ///   - certificates: the certificate and key each new connection is set up with, and whether `h2` is offered by ALPN.
     ///   - limits: the connection limits.
     ///   - connections: the shared count of open connections.
     ///   - metrics: where refusals and timeouts are counted.
     ///   - fastPath: answers `latest` reads over HTTP/1.1 on the event loop when it can; nil for none.
-    /// - Throws: when BoringSSL refuses the certificate or key (``ServerTLS/load(certificateFile:keyFile:)`` checks
-    ///   this when the configuration is loaded).
     init(
-        responder: @escaping HTTPChannelHandler.Responder, tls: ServerTLS, http2: Bool, limits: ConnectionLimits, connections: ConnectionCounter,
+        responder: @escaping HTTPChannelHandler.Responder, certificates: ServerCertificates, limits: ConnectionLimits, connections: ConnectionCounter,
         metrics: IngestMetrics?, fastPath: LatestFastPath? = nil
-    ) throws {
+    ) {
         self.http1 = LimitedHTTP1Channel.http1Channel(responder: responder, limits: limits, metrics: metrics, fastPath: fastPath)
         self.http2 =
-            http2
+            certificates.http2
             ? HTTP2Channel(
                 responder: responder,
                 configuration: HTTP2ChannelConfiguration(
@@ -68,8 +64,7 @@ public struct LimitedTLSChannel: ServerChildChannel {
                         ResponseHeaderTrimmer(http2Stream: true),
                     ])))
             : nil
-        self.context = try NIOSSLContext(configuration: tls.configuration(http2: http2))
-        self.refusingContext = try NIOSSLContext(configuration: tls.configuration(http2: false))
+        self.certificates = certificates
         self.limits = limits
         self.connections = connections
         self.metrics = metrics
@@ -82,7 +77,9 @@ public struct LimitedTLSChannel: ServerChildChannel {
         let refused = open > limits.maxConnections
         let (http1, http2, limit, metrics) = (self.http1, self.http2, limits.maxConnections, self.metrics)
         return channel.eventLoop.makeCompletedFuture {
-            try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: refused ? refusingContext : context))
+            // The certificate served now (``ServerCertificates`` swaps it on SIGHUP).
+            let contexts = certificates.current
+            try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: refused ? contexts.refusing : contexts.serving))
             try channel.pipeline.syncOperations.addHandler(WriteCoalescingHandler())
             let negotiation = NIOTypedApplicationProtocolNegotiationHandler<Negotiated> { result, channel in
                 if refused {
