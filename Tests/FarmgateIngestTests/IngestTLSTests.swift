@@ -216,8 +216,9 @@ struct IngestTLSTests {
         try await withIngest(fixture, certificates: certificates, server: .init(bodyTimeout: .seconds(1))) { base in
             let key = fixture.deviceKey.text
             // The curl tool, uploading from a pipe that gets the body's first bytes and then nothing: a stream that stalls
-            // mid-body (`-T .`: stdin read without blocking, so that curl reads the answer while its upload waits). Its output goes to a file; it is waited for here, and killed with SIGKILL if it hangs (this
-            // process may ignore SIGTERM for its own services, and a child inherits that).
+            // mid-body (`-T .`: stdin read without blocking, so that curl reads the answer while its upload waits). Its
+            // output goes to a file; it is waited for here, and killed with SIGKILL if it hangs (this process may ignore
+            // SIGTERM for its own services, and a child inherits that).
             let outputFile = scratch.path + "/curl.out"
             _ = FileManager.default.createFile(atPath: outputFile, contents: nil)
             let process = Process()
@@ -297,7 +298,12 @@ struct IngestTLSTests {
 
             // A certificate file that is not PEM: the reload fails naming it, and the running certificate stays.
             try "not a certificate\n".write(toFile: certificateFile, atomically: true, encoding: .utf8)
-            #expect(throws: ServerTLS.LoadError.self) { try served.reload() }
+            do throws(ServerTLS.LoadError) {
+                try served.reload()
+                Issue.record("a certificate file that is not PEM was reloaded")
+            } catch {
+                #expect(error.key == "tls_certificate" && error.message.contains(certificateFile), "\(error)")
+            }
             #expect(try await trusted(second))
         }
     }
