@@ -6,14 +6,6 @@ import Testing
 /// read again, a broken one is refused with the running one kept, and the process never dies of the signal.
 @Suite("End to end: ingest SIGHUP", .serialized)
 struct IngestReloadTests {
-    /// Copies `certificates`' certificate and key over the files the configuration names.
-    func install(_ certificates: TestCertificates, certificate: String, key: String) throws {
-        for (from, to) in [(certificates.certificateFile, certificate), (certificates.keyFile, key)] {
-            try? FileManager.default.removeItem(atPath: to)
-            try FileManager.default.copyItem(atPath: from, toPath: to)
-        }
-    }
-
     /// Whether `/healthz` answers 200 over a new TLS connection that trusts only `certificates`' CA.
     func trusted(_ certificates: TestCertificates, port: Int) async throws -> Bool {
         let result = try await runCommand(
@@ -29,7 +21,7 @@ struct IngestReloadTests {
         let first = try await TestCertificates.make(in: farm.dir.file("first"))
         let second = try await TestCertificates.make(in: farm.dir.file("second"))
         let certificate = farm.dir.file("ingest.crt"), key = farm.dir.file("ingest.key")
-        try install(first, certificate: certificate, key: key)
+        try first.install(certificate: certificate, key: key)
         let config = try String(contentsOfFile: farm.ingestConfig, encoding: .utf8).replacingOccurrences(
             of: "port = \(farm.port)\n", with: "port = \(farm.port)\ntls_certificate = \"\(certificate)\"\ntls_key = \"\(key)\"\n")
         try config.write(toFile: farm.ingestConfig, atomically: true, encoding: .utf8)
@@ -39,7 +31,7 @@ struct IngestReloadTests {
         try #require(ready, "the ingest did not serve the first certificate: \(ingest.log)")
         #expect(try await !trusted(second, port: port))
 
-        try install(second, certificate: certificate, key: key)
+        try second.install(certificate: certificate, key: key)
         ingest.signal(SIGHUP)
         let reloaded = try await eventually(timeout: .seconds(10), every: .milliseconds(100)) { try await trusted(second, port: port) }
         #expect(reloaded, "a new connection did not get the certificate after SIGHUP: \(ingest.log)")

@@ -44,6 +44,22 @@ struct IngestTLSTests {
         }
     }
 
+    /// A fresh store and certificates in a scratch directory, then ``withIngest(_:certificates:server:limits:served:_:)``;
+    /// `body` gets the base URL, the store, the certificates and the scratch directory.
+    func withTLSIngest(
+        server: IngestConfiguration.Server = .init(), limits: IngestConfiguration.Limits = .init(),
+        _ body: (_ base: String, _ fixture: Fixture, _ certificates: TestCertificates, _ scratch: Scratch) async throws -> Void
+    ) async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let scratch = try Scratch(prefix: "fg-tls")
+        defer { try? FileManager.default.removeItem(at: scratch.url) }
+        let certificates = try await TestCertificates.make(in: scratch.path)
+        try await withIngest(fixture, certificates: certificates, server: server, limits: limits) { base in
+            try await body(base, fixture, certificates, scratch)
+        }
+    }
+
     func client(_ certificates: TestCertificates, http2: Bool = true) throws -> FarmgateAgent.HTTPClient {
         try FarmgateAgent.HTTPClient(configuration: .init(caFile: certificates.caFile, useProxyEnvironment: false, http2: http2), logger: testLogger)
     }
@@ -61,12 +77,7 @@ struct IngestTLSTests {
 
     @Test("batches go over HTTP/2 on one connection, without Date or Server headers; HTTP/1.1 over TLS still works")
     func http2AndHTTP1() async throws {
-        let fixture = try await Fixture()
-        defer { fixture.close() }
-        let scratch = try Scratch(prefix: "fg-tls")
-        defer { try? FileManager.default.removeItem(at: scratch.url) }
-        let certificates = try await TestCertificates.make(in: scratch.path)
-        try await withIngest(fixture, certificates: certificates) { base in
+        try await withTLSIngest { base, fixture, certificates, scratch in
             let http2 = try client(certificates)
             defer { http2.close() }
             var connections = 0
@@ -110,12 +121,7 @@ struct IngestTLSTests {
 
     @Test("with http2 = false only HTTP/1.1 is offered")
     func http2Off() async throws {
-        let fixture = try await Fixture()
-        defer { fixture.close() }
-        let scratch = try Scratch(prefix: "fg-tls")
-        defer { try? FileManager.default.removeItem(at: scratch.url) }
-        let certificates = try await TestCertificates.make(in: scratch.path)
-        try await withIngest(fixture, certificates: certificates, server: .init(http2: false)) { base in
+        try await withTLSIngest(server: .init(http2: false)) { base, fixture, certificates, scratch in
             let client = try client(certificates)
             defer { client.close() }
             let response = try await post(client, base, key: fixture.deviceKey, sequences: 1...10)
@@ -126,12 +132,7 @@ struct IngestTLSTests {
 
     @Test("max_body_bytes holds over HTTP/2: a larger body is answered 413")
     func bodyLimitOverHTTP2() async throws {
-        let fixture = try await Fixture()
-        defer { fixture.close() }
-        let scratch = try Scratch(prefix: "fg-tls")
-        defer { try? FileManager.default.removeItem(at: scratch.url) }
-        let certificates = try await TestCertificates.make(in: scratch.path)
-        try await withIngest(fixture, certificates: certificates, limits: .init(maxBodyBytes: 2048, maxDecompressedBytes: 2048)) { base in
+        try await withTLSIngest(limits: .init(maxBodyBytes: 2048, maxDecompressedBytes: 2048)) { base, fixture, certificates, scratch in
             let client = try client(certificates)
             defer { client.close() }
             let large = try await post(client, base, key: fixture.deviceKey, sequences: 1...200)
@@ -146,12 +147,7 @@ struct IngestTLSTests {
 
     @Test("past max_connections a TLS connection is answered 503 over HTTP/1.1, whatever the client asked for")
     func connectionCap() async throws {
-        let fixture = try await Fixture()
-        defer { fixture.close() }
-        let scratch = try Scratch(prefix: "fg-tls")
-        defer { try? FileManager.default.removeItem(at: scratch.url) }
-        let certificates = try await TestCertificates.make(in: scratch.path)
-        try await withIngest(fixture, certificates: certificates, server: .init(maxConnections: 2)) { base in
+        try await withTLSIngest(server: .init(maxConnections: 2)) { base, fixture, certificates, scratch in
             // Two clients, each holding one keep-alive connection.
             var held: [FarmgateAgent.HTTPClient] = []
             defer { held.forEach { $0.close() } }
@@ -181,12 +177,7 @@ struct IngestTLSTests {
 
     @Test("timeouts: a TCP connection that never starts its handshake is closed after header_timeout; an idle HTTP/2 connection after idle_timeout")
     func timeouts() async throws {
-        let fixture = try await Fixture()
-        defer { fixture.close() }
-        let scratch = try Scratch(prefix: "fg-tls")
-        defer { try? FileManager.default.removeItem(at: scratch.url) }
-        let certificates = try await TestCertificates.make(in: scratch.path)
-        try await withIngest(fixture, certificates: certificates, server: .init(idleTimeout: .seconds(1), headerTimeout: .seconds(1))) { base in
+        try await withTLSIngest(server: .init(idleTimeout: .seconds(1), headerTimeout: .seconds(1))) { base, fixture, certificates, scratch in
             let port = try #require(Int(base.split(separator: ":").last ?? ""))
             let closed = try await runOffPool(name: "raw-tls") {
                 let connection = try RawConnection(port: port)
@@ -208,12 +199,7 @@ struct IngestTLSTests {
 
     @Test("over HTTP/2 a stream whose body stops arriving is answered 408 after body_timeout; HTTP/2 uploads go on")
     func streamBodyTimeout() async throws {
-        let fixture = try await Fixture()
-        defer { fixture.close() }
-        let scratch = try Scratch(prefix: "fg-tls")
-        defer { try? FileManager.default.removeItem(at: scratch.url) }
-        let certificates = try await TestCertificates.make(in: scratch.path)
-        try await withIngest(fixture, certificates: certificates, server: .init(bodyTimeout: .seconds(1))) { base in
+        try await withTLSIngest(server: .init(bodyTimeout: .seconds(1))) { base, fixture, certificates, scratch in
             let key = fixture.deviceKey.text
             // The curl tool, uploading from a pipe that gets the body's first bytes and then nothing: a stream that stalls
             // mid-body (`-T .`: stdin read without blocking, so that curl reads the answer while its upload waits). Its
@@ -265,13 +251,7 @@ struct IngestTLSTests {
         let second = try await TestCertificates.make(in: scratch.file("second"))
         // The files the configuration names; each set of certificates has its own CA.
         let certificateFile = scratch.path + "/served.crt", keyFile = scratch.path + "/served.key"
-        func serve(_ certificates: TestCertificates) throws {
-            for (from, to) in [(certificates.certificateFile, certificateFile), (certificates.keyFile, keyFile)] {
-                try? FileManager.default.removeItem(atPath: to)
-                try FileManager.default.copyItem(atPath: from, toPath: to)
-            }
-        }
-        try serve(first)
+        try first.install(certificate: certificateFile, key: keyFile)
         let served = try ServerCertificates(tls: try ServerTLS.load(certificateFile: certificateFile, keyFile: keyFile), http2: true)
         try await withIngest(fixture, certificates: first, served: served) { base in
             /// Whether a new connection verifies against `certificates`' CA.
@@ -288,7 +268,7 @@ struct IngestTLSTests {
             defer { client.close() }
             #expect(try await client.get(base + "/healthz", headers: []).status == 200)
 
-            try serve(second)
+            try second.install(certificate: certificateFile, key: keyFile)
             let reloaded = try served.reload()
             #expect(reloaded.certificateChain == (try NIOSSLCertificate.fromPEMFile(second.certificateFile)))
             #expect(try await trusted(second), "a new connection did not get the reloaded certificate")

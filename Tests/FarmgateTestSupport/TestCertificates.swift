@@ -18,6 +18,15 @@ public struct TestCertificates: Sendable {
         return TestCertificates(caFile: directory + "/ca.pem", certificateFile: directory + "/server.pem", keyFile: directory + "/server.key")
     }
 
+    /// Copies the server certificate and key over `certificate` and `key` (the files a configuration names), as a
+    /// renewal would.
+    public func install(certificate: String, key: String) throws {
+        for (from, to) in [(certificateFile, certificate), (keyFile, key)] {
+            try? FileManager.default.removeItem(atPath: to)
+            try FileManager.default.copyItem(atPath: from, toPath: to)
+        }
+    }
+
     /// Runs openssl on a thread of its own (never the concurrency pool) and fails when it exits non-zero.
     private static func openssl(_ arguments: [String], in directory: String) async throws {
         let status: Int32 = try await withCheckedThrowingContinuation { continuation in
