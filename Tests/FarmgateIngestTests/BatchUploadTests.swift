@@ -319,6 +319,8 @@ struct BatchUploadTests {
             #expect(text.contains(#"farmgate_ingest_readings_total{outcome="duplicate"} 5"#))
             #expect(text.contains("farmgate_ingest_http_request_duration_seconds_count{route=\"/v1/batches\",status=\"2xx\"} 2"))
             #expect(!text.contains("d1"))
+            // Plain HTTP: no certificate expiry to alert on, not even a zero.
+            #expect(!text.contains("farmgate_ingest_tls_certificate_expiry"))
         }
     }
 }

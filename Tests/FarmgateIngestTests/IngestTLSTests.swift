@@ -18,7 +18,8 @@ struct IngestTLSTests {
     /// its `https` base URL.
     func withIngest<T: Sendable>(
         _ fixture: Fixture, certificates: TestCertificates, server: IngestConfiguration.Server = .init(),
-        limits: IngestConfiguration.Limits = .init(), served: ServerCertificates? = nil, _ body: (String) async throws -> T
+        limits: IngestConfiguration.Limits = .init(), served: ServerCertificates? = nil, registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry(),
+        _ body: (String) async throws -> T
     ) async throws -> T {
         var configuration = IngestConfiguration()
         configuration.server = server
@@ -27,7 +28,7 @@ struct IngestTLSTests {
         configuration.limits = limits
         let (running, runningContinuation) = AsyncStream<Void>.makeStream()
         let app = buildApplication(
-            configuration: configuration, store: fixture.store, registry: PrometheusCollectorRegistry(), logger: testLogger, now: { testNow },
+            configuration: configuration, store: fixture.store, registry: registry, logger: testLogger, now: { testNow },
             certificates: served, onServerRunning: { runningContinuation.yield() })
         let serviceGroup = ServiceGroup(configuration: .init(services: [app], logger: testLogger))
         return try await withThrowingTaskGroup(of: Void.self) { group in
@@ -248,12 +249,24 @@ struct IngestTLSTests {
         defer { try? FileManager.default.removeItem(at: scratch.url) }
         for name in ["first", "second"] { try FileManager.default.createDirectory(atPath: scratch.file(name), withIntermediateDirectories: true) }
         let first = try await TestCertificates.make(in: scratch.file("first"))
-        let second = try await TestCertificates.make(in: scratch.file("second"))
+        // Valid a day longer than the first: the expiry metric tells them apart.
+        let second = try await TestCertificates.make(in: scratch.file("second"), days: 3)
         // The files the configuration names; each set of certificates has its own CA.
         let certificateFile = scratch.path + "/served.crt", keyFile = scratch.path + "/served.key"
         try first.install(certificate: certificateFile, key: keyFile)
         let served = try ServerCertificates(tls: try ServerTLS.load(certificateFile: certificateFile, keyFile: keyFile), http2: true)
-        try await withIngest(fixture, certificates: first, served: served) { base in
+        let registry = PrometheusCollectorRegistry()
+        /// `farmgate_ingest_tls_certificate_expiry_timestamp_seconds` as `/metrics` shows it.
+        func expiry() -> Double? {
+            String(decoding: registry.emitToBuffer(), as: UTF8.self).split(separator: "\n")
+                .first { $0.hasPrefix("farmgate_ingest_tls_certificate_expiry_timestamp_seconds ") }
+                .flatMap { $0.split(separator: " ").last.flatMap { Double($0) } }
+        }
+        /// When the earliest certificate of a PEM chain expires, in Unix seconds.
+        func notAfter(_ file: String) throws -> Double? {
+            try NIOSSLCertificate.fromPEMFile(file).map { Double($0.notValidAfter) }.min()
+        }
+        try await withIngest(fixture, certificates: first, served: served, registry: registry) { base in
             /// Whether a new connection verifies against `certificates`' CA.
             func trusted(_ certificates: TestCertificates) async throws -> Bool {
                 let result = try await runProgram(
@@ -263,6 +276,7 @@ struct IngestTLSTests {
             }
             #expect(try await trusted(first))
             #expect(try await !trusted(second))
+            #expect(try expiry() != nil && expiry() == notAfter(first.certificateFile), "\(String(describing: expiry()))")
             // A client that keeps its connection keeps the certificate it began with.
             let client = try client(first)
             defer { client.close() }
@@ -272,6 +286,7 @@ struct IngestTLSTests {
             let reloaded = try served.reload()
             #expect(reloaded.certificateChain == (try NIOSSLCertificate.fromPEMFile(second.certificateFile)))
             #expect(try await trusted(second), "a new connection did not get the reloaded certificate")
+            #expect(try expiry() == notAfter(second.certificateFile) && expiry() != notAfter(first.certificateFile))
             #expect(try await !trusted(first))
             let kept = try await client.get(base + "/healthz", headers: [])
             #expect(kept.status == 200 && kept.newConnections == 0, "the open connection was not kept")
@@ -285,6 +300,7 @@ struct IngestTLSTests {
                 #expect(error.key == "tls_certificate" && error.message.contains(certificateFile), "\(error)")
             }
             #expect(try await trusted(second))
+            #expect(try expiry() == notAfter(second.certificateFile))
         }
     }
 

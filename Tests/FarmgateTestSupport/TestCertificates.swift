@@ -7,13 +7,14 @@ public struct TestCertificates: Sendable {
     public let certificateFile: String
     public let keyFile: String
 
-    public static func make(in directory: String) async throws -> TestCertificates {
+    /// - Parameter days: how long the server certificate is valid (the CA: two days).
+    public static func make(in directory: String, days: Int = 2) async throws -> TestCertificates {
         let curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
         try await openssl(["req", "-x509"] + curve + ["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=Farmgate test CA"], in: directory)
         try await openssl(["req"] + curve + ["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"], in: directory)
         try "subjectAltName=IP:127.0.0.1,DNS:localhost\n".write(toFile: directory + "/san.ext", atomically: true, encoding: .utf8)
         try await openssl(
-            ["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", "server.pem"],
+            ["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "\(days)", "-extfile", "san.ext", "-out", "server.pem"],
             in: directory)
         return TestCertificates(caFile: directory + "/ca.pem", certificateFile: directory + "/server.pem", keyFile: directory + "/server.key")
     }

@@ -76,9 +76,12 @@ public func buildApplication(
         let http2 = configuration.server.http2
         logger.info(
             "serving HTTPS", metadata: ["server.protocols": "\(http2 ? "h2, http/1.1" : "http/1.1")", "server.tls_certificate": "\(tls.certificateFile)"])
+        // A pair BoringSSL refuses (the configuration's check makes that unlikely) fails the server's start below.
+        let served = certificates ?? (try? ServerCertificates(tls: tls, http2: http2))
+        served?.observe { metrics.tlsCertificate($0) }
         server = HTTPServerBuilder { responder in
             LimitedTLSChannel(
-                responder: responder, certificates: try certificates ?? ServerCertificates(tls: tls, http2: http2), limits: connectionLimits,
+                responder: responder, certificates: try served ?? ServerCertificates(tls: tls, http2: http2), limits: connectionLimits,
                 connections: connections, metrics: metrics, fastPath: fastPath)
         }
     } else {

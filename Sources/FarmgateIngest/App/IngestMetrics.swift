@@ -1,4 +1,5 @@
 public import Prometheus
+import NIOSSL
 import Synchronization
 
 /// The ingest's metrics, registered once in the registry that `main` owns and `/metrics` exposes.
@@ -40,6 +41,7 @@ public final class IngestMetrics: Sendable {
     /// Keyed by "declared|named" and "used|none".
     private let statefulFrames: [String: Counter]
     private let latestOnEventLoop: Counter
+    private let certificateExpiry = Mutex<Gauge?>(nil)
 
     static let durationBuckets: [Duration] = [
         .milliseconds(1), .milliseconds(2), .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50),
@@ -96,6 +98,22 @@ public final class IngestMetrics: Sendable {
 
     func latestAnsweredOnEventLoop() {
         latestOnEventLoop.increment()
+    }
+
+    /// `farmgate_ingest_tls_certificate_expiry_timestamp_seconds`: when the first certificate of the served chain to
+    /// expire does (Unix seconds), as blackbox_exporter's `probe_ssl_earliest_cert_expiry`. Registered with the first
+    /// certificate, so that an ingest without TLS exports no zero to alert on.
+    func tlsCertificate(_ tls: ServerTLS) {
+        guard let earliest = tls.certificateChain.map({ Int64($0.notValidAfter) }).min() else { return }
+        let registry = self.registry
+        certificateExpiry.withLock { gauge in
+            let current = gauge ?? registry.makeGauge(
+                descriptor: MetricNameDescriptor(
+                    namespace: "farmgate_ingest", metricName: "tls_certificate_expiry_timestamp", unitName: "seconds",
+                    helpText: "When the served TLS certificate chain's first certificate to expire does, in Unix seconds."))
+            current.set(Double(earliest))
+            gauge = current
+        }
     }
 
     func statefulFrame(declared: Bool, context: Bool) {

@@ -20,6 +20,8 @@ public final class ServerCertificates: Sendable {
     /// Whether `h2` is offered by ALPN (`[server] http2`).
     public let http2: Bool
     private let state: Mutex<Contexts>
+    /// Told of the certificate served, at once and after each reload (the expiry metric).
+    private let observers = Mutex<[@Sendable (ServerTLS) -> Void]>([])
 
     /// - Throws: when BoringSSL refuses the certificate or key (``ServerTLS/load(certificateFile:keyFile:)`` checked
     ///   this already when the configuration was loaded).
@@ -49,7 +51,14 @@ public final class ServerCertificates: Sendable {
             throw ServerTLS.LoadError(key: "tls_key", message: "the certificate and key cannot be used together (\(error))")
         }
         state.withLock { $0 = contexts }
+        for observer in observers.withLock({ $0 }) { observer(loaded) }
         return loaded
+    }
+
+    /// Calls `observer` with the certificate served now, and again after each reload.
+    func observe(_ observer: @escaping @Sendable (ServerTLS) -> Void) {
+        observers.withLock { $0.append(observer) }
+        observer(tls)
     }
 
     private static func contexts(_ tls: ServerTLS, http2: Bool) throws -> Contexts {
