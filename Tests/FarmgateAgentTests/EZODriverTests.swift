@@ -221,6 +221,125 @@ struct EZODriverTests {
         await driver.close()
     }
 
+    @Test("A reboot that takes a second to boot, seen as a read starts: the read waits for *RE, initialises and reads")
+    func slowBoot() async throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.ph, name: "ph")
+        let driver = try bench.driver("tank1.ph", quantity: "ph", port: "ph")
+        #expect(try await driver.read() == SensorValue(6.00))
+        // 5 × the bench's time scale of 0.2: deaf for a second after *RS.
+        async let rebooted: Void = simulator.reboot(boot: 5)
+        try await Task.sleep(for: .milliseconds(150))
+        let result = await readResult(driver)
+        await rebooted
+        guard case .success(let value) = result else {
+            Issue.record("the read during the boot failed: \(result)")
+            return
+        }
+        #expect(value == SensorValue(6.01))
+        #expect(!simulator.continuous, "continuous mode was not turned off after the reboot")
+        await driver.close()
+    }
+
+    @Test("NUL and 0xFF run into an answer, without a line end between them, are dropped and the reading kept")
+    func noiseRunIntoAnswer() async throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.ph, name: "ph")
+        let driver = try bench.driver("tank1.ph", quantity: "ph", port: "ph")
+        #expect(try await driver.read() == SensorValue(6.00))
+        simulator.inject(.noisePrefix([0x00]), .noisePrefix([0xFF, 0x00, 0xFF]))
+        #expect(try await driver.read() == SensorValue(6.01))
+        #expect(try await driver.read() == SensorValue(6.02))
+        #expect(simulator.commands.filter { $0.uppercased() == "I" }.count == 1, "noise before an answer made the driver initialise again")
+        await driver.close()
+    }
+
+    @Test("A calibration command the circuit does not acknowledge is an error, not a point taken")
+    func unacknowledgedCalibration() async throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.ph, name: "ph")
+        let driver = try bench.driver("tank1.ph", quantity: "ph", port: "ph")
+        _ = try await driver.read()
+        simulator.injectCommand("Cal", .silence)
+        do {
+            try await driver.sendCalibration("Cal,mid,7.00")
+            Issue.record("a calibration point without *OK was taken as done")
+        } catch {
+            #expect(error.kind == .timeout, "\(error)")
+            #expect(error.message.contains("no *OK to Cal,mid,7.00"), "\(error)")
+        }
+        simulator.injectCommand("Cal", .respond("*ER"))
+        do {
+            try await driver.sendCalibration("Cal,mid,7.00")
+            Issue.record("a calibration point answered *ER was taken as done")
+        } catch {
+            #expect(error.kind == .fault, "\(error)")
+            #expect(error.message.contains("*ER"), "\(error)")
+        }
+        try await driver.sendCalibration("Cal,mid,7.00")
+        #expect(try await driver.calibrationState().calibratedPoints == 1)
+        // The codes are still on: the reading after it waits for its *OK as before.
+        #expect(try await driver.read() == SensorValue(6.01))
+        await driver.close()
+    }
+
+    @Test("Firmware without RT: the temperature goes with T, then R, and the reading is still compensated")
+    func firmwareWithoutRT() async throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.ph, name: "ph")
+        simulator.setKnowsRT(false)
+        let drivers = try bench.drivers(
+            """
+            [[sensor]]
+            id = "tank1.ph"
+            driver = "ezo"
+            quantity = "ph"
+            port = "\(bench.dir.file("ph"))"
+            temperature_sensor = "tank1.temp"
+
+            [[sensor]]
+            id = "tank1.temp"
+            driver = "simulated"
+            quantity = "temperature"
+            """)
+        let driver = try #require(drivers["tank1.ph"])
+        try bench.latest.set("tank1.temp", 21.437)
+        let first = try await driver.read()
+        #expect(first.quality.contains(.compensated))
+        #expect(simulator.temperature == 21.44)
+        try bench.latest.set("tank1.temp", 19)
+        let second = try await driver.read()
+        #expect(second.quality.contains(.compensated))
+        #expect(simulator.temperature == 19)
+        let commands = simulator.commands.map { $0.uppercased() }
+        #expect(commands.filter { $0.hasPrefix("RT,") }.count == 1, "RT was tried again after *ER: \(commands)")
+        #expect(commands.suffix(2) == ["T,19.00", "R"], "\(commands)")
+        await driver.close()
+    }
+
+    @Test("A DO circuit with % saturation on as well is set to mg/L alone")
+    func oxygenOutputs() async throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.dissolvedOxygen, name: "do", values: { _, _ in 8.5 })
+        simulator.setOxygenOutputs(["MG", "%"])
+        let driver = try bench.driver("tank1.do", quantity: "do", port: "do")
+        #expect(try await driver.read() == SensorValue(8.5))
+        #expect(simulator.oxygenOutputs == ["MG"])
+        await driver.close()
+    }
+
+    @Test("Temperatures and calibration values far out of range are formatted, not trapped on")
+    func formattingExtremes() {
+        #expect(EZOSession.format(21.437) == "21.44")
+        #expect(EZOSession.format(-5.5) == "-5.50")
+        #expect(EZOSession.format(3.4e38) == "10000.00")
+        #expect(EZOSession.format(-.infinity) == "25.00")
+        #expect(EZOCalibration.format(12880) == "12880")
+        #expect(EZOCalibration.format(1e19) == "1e+19")
+        #expect(EZOCalibration.format(-9.3e18) == "-9.3e+18")
+        #expect(EZOCalibration.format(.nan) == "nan")
+    }
+
     @Test("A value no probe can read is refused")
     func implausibleValue() async throws {
         let bench = try EZOBench()
@@ -418,7 +537,11 @@ struct EZODriverTests {
 
 @Suite("EZO protocol")
 struct EZOProtocolTests {
-    static let stream: [UInt8] = Array("?I,pH,2.16\r*OK\r9.560\r\u{1}\u{2}x\r1413,707\n*RE\r".utf8) + [0xFF, 0x0D] + Array("6.0".utf8)
+    /// NUL and 0xFF before a line's text are dropped (`*OK`); other noise spoils the line, before its text
+    /// (`\u{1}\u{2}x`) or inside it (`9.\u{1}5`).
+    static let stream: [UInt8] =
+        Array("?I,pH,2.16\r*OK\r9.560\r\u{1}\u{2}x\r1413,707\n*RE\r".utf8) + [0xFF, 0x0D] + Array("9.\u{1}5\r".utf8) + [0x00, 0xFF]
+        + Array("*OK\r6.0".utf8)
 
     @Test("Lines are the same whatever the chunk size", arguments: 1...12)
     func chunking(size: Int) {
@@ -431,7 +554,7 @@ struct EZOProtocolTests {
         }
         #expect(lines == [
             .text("?I,pH,2.16"), .text("*OK"), .text("9.560"), .garbage([1, 2, 0x78]), .text("1413,707"), .text("*RE"),
-            .garbage([0xFF]),
+            .garbage([0xFF]), .garbage(Array("9.\u{1}5".utf8)), .text("*OK"),
         ])
         #expect(splitter.pending == Array("6.0".utf8))
         #expect(splitter.discardPartial() == Array("6.0".utf8))

@@ -14,10 +14,12 @@ import Glibc
 /// (a reading a second) until `C,0`; `i`, `R` (with the circuit's processing time), `RT,<t>`, `T`, `Cal`, `Slope,?`,
 /// `O,` (EC outputs, listed in the order EC, TDS, S, SG), `S,` (RTD scale), `Status`, `Sleep`; `*ER` for anything else.
 ///
-/// Faults a test can inject: an unprompted reboot (`*RS` then `*RE`, or `*WA`, with the settings back to factory), an
-/// error code, noise before an answer or instead of it, half an answer, silence, a wrong baud (answers come out as
-/// noise), and unplug/replug (the pty goes away with its link; a new pty appears behind the same link, as a USB replug
-/// gives a new tty behind the same by-id link).
+/// Faults a test can inject: an unprompted reboot (`*RS`, deaf while it boots, then `*RE`, or `*WA`, with the settings
+/// back to factory), an error code, `*SL` (asleep until a character wakes it, which answers `*WA` and is not run), noise
+/// before an answer, run into it, or instead of it, half an answer, silence (on reads, or on any other command), a wrong
+/// baud (answers come out as noise), firmware without `RT`, DO outputs other than mg/L, and unplug/replug (the pty goes
+/// away with its link; a new pty appears behind the same link, as a USB replug gives a new tty behind the same by-id
+/// link).
 public final class EZOSimulator: Sendable {
     public enum Circuit: String, Sendable, CaseIterable {
         case ph = "pH"
@@ -40,10 +42,14 @@ public final class EZOSimulator: Sendable {
 
     /// What happens to the next read (`R` or `RT`).
     public enum Fault: Sendable, Hashable {
-        /// The read is answered with this line instead (`*ER`, `*OV`, `*UV`, `*DONE`).
+        /// The read is answered with this line instead (`*ER`, `*OV`, `*UV`, `*DONE`; `*SL` also puts the circuit to
+        /// sleep, as the `Sleep` command does).
         case respond(String)
         /// Noise bytes and a carriage return come before the normal answer.
         case garbageBefore([UInt8])
+        /// Noise bytes run straight into the normal answer, without a line end between them (a glitch on the line as
+        /// the circuit starts to send).
+        case noisePrefix([UInt8])
         /// Noise bytes (and a carriage return) replace the answer.
         case garbageOnly([UInt8])
         /// Half of the answer, without its carriage return, then nothing.
@@ -65,13 +71,15 @@ public final class EZOSimulator: Sendable {
         var responseCodes = true
         var temperature = 25.0
         var outputs: Set<String> = ["EC"]
+        /// A DO circuit's outputs (`MG`, `%`): mg/L only from the factory.
+        var oxygenOutputs: Set<String> = ["MG"]
         var scale = "c"
         var calibrationPoints = 0
         var asleep = false
     }
 
     enum Action: Sendable {
-        case reboot(String)
+        case reboot(String, boot: Double)
         case unplug
         case replug
     }
@@ -84,6 +92,10 @@ public final class EZOSimulator: Sendable {
         var stopped = false
         var actions: [Action] = []
         var faults: [Fault] = []
+        /// Faults for the next command whose name (the part before the first comma) is the key, upper case.
+        var commandFaults: [String: [Fault]] = [:]
+        /// Whether `RT,<t>` exists (firmware before it answers `*ER`).
+        var knowsRT = true
         var served: [Served] = []
         var commands: [String] = []
         var reads = 0
@@ -142,6 +154,22 @@ public final class EZOSimulator: Sendable {
         state.withLock { $0.faults.append(contentsOf: faults) }
     }
 
+    /// The next command named `name` (`CAL`, `SLOPE`, `O`: the part before the first comma, any case) meets `fault`
+    /// instead of being done: `.silence` (no answer at all), `.respond(code)` (that line only).
+    public func injectCommand(_ name: String, _ fault: Fault) {
+        state.withLock { $0.commandFaults[name.uppercased(), default: []].append(fault) }
+    }
+
+    /// Whether the circuit knows `RT,<t>` (firmware from before it answers `*ER`, and takes `T,<t>` then `R`).
+    public func setKnowsRT(_ on: Bool) {
+        state.withLock { $0.knowsRT = on }
+    }
+
+    /// Sets a DO circuit's outputs (`MG`, `%`), as `O,mg,1` / `O,%,1` from another program would.
+    public func setOxygenOutputs(_ outputs: Set<String>) {
+        state.withLock { $0.settings.oxygenOutputs = outputs }
+    }
+
     /// Answers come out as noise, as when the circuit runs at another baud than the port.
     public func setBaudMismatch(_ on: Bool) {
         state.withLock { $0.baudMismatch = on }
@@ -158,10 +186,10 @@ public final class EZOSimulator: Sendable {
         state.withLock { $0.settings.responseCodes = on }
     }
 
-    /// Reboots unprompted: `*RS`, settings back to factory (continuous mode on, response codes on), then `announce`
-    /// (`*RE`, or `*WA`).
-    public func reboot(announce: String = "*RE") async {
-        await perform(.reboot(announce))
+    /// Reboots unprompted: `*RS`, settings back to factory (continuous mode on, response codes on), then after `boot`
+    /// seconds (times ``timeScale``) of deafness `announce` (`*RE`, or `*WA`). Returns when the circuit is up again.
+    public func reboot(announce: String = "*RE", boot: Double = 0.2) async {
+        await perform(.reboot(announce, boot: boot))
     }
 
     /// Pulls the adapter: the pty closes (the driver's reads fail with EIO or a hang-up) and the link disappears.
@@ -183,6 +211,8 @@ public final class EZOSimulator: Sendable {
     public var continuous: Bool { state.withLock { $0.settings.continuous } }
     /// Which EC outputs are on.
     public var outputs: Set<String> { state.withLock { $0.settings.outputs } }
+    /// Which DO outputs are on.
+    public var oxygenOutputs: Set<String> { state.withLock { $0.settings.oxygenOutputs } }
     /// The temperature last set by `T` or `RT`.
     public var temperature: Double { state.withLock { $0.settings.temperature } }
 
@@ -271,11 +301,17 @@ public final class EZOSimulator: Sendable {
     private func runActions(input: inout [UInt8], nextStream: inout ContinuousClock.Instant) -> Bool {
         guard let action = state.withLock({ $0.actions.first }) else { return false }
         switch action {
-        case .reboot(let announce):
+        case .reboot(let announce, let boot):
             sendRaw(Array("*RS\r".utf8))
             state.withLock { $0.settings = Settings() }
+            usleep(UInt32(boot * 1_000_000 * timeScale))
+            // Deaf while it boots: what was sent meanwhile is lost.
+            state.withLock { state in
+                guard state.master >= 0 else { return }
+                var buffer = [UInt8](repeating: 0, count: 256)
+                while buffer.withUnsafeMutableBytes({ Glibc.read(state.master, $0.baseAddress, $0.count) }) > 0 {}
+            }
             input.removeAll()
-            usleep(UInt32(200_000 * timeScale))
             sendRaw(Array("\(announce)\r".utf8))
             nextStream = ContinuousClock.now + .seconds(1)
         case .unplug:
@@ -312,12 +348,20 @@ public final class EZOSimulator: Sendable {
         let fields = line.split(separator: ",", omittingEmptySubsequences: false).map { String($0).uppercased() }
         let command = fields[0]
         let generic = 0.3
+        let commandFault = state.withLock { state -> Fault? in
+            guard var queued = state.commandFaults[command], !queued.isEmpty else { return nil }
+            let fault = queued.removeFirst()
+            state.commandFaults[command] = queued
+            return fault
+        }
+        if case .silence? = commandFault { return }
+        if case .respond(let code)? = commandFault { return send([code]) }
         switch (command, fields.count) {
         case ("I", 1):
             answer(["?I,\(circuit.rawValue),\(firmware)"], after: generic)
         case ("R", 1):
             read(temperature: nil)
-        case ("RT", 2) where circuit.compensates:
+        case ("RT", 2) where circuit.compensates && state.withLock({ $0.knowsRT }):
             guard let t = Double(fields[1]) else { return error(after: generic) }
             read(temperature: t)
         case ("T", 2) where circuit.compensates:
@@ -361,6 +405,15 @@ public final class EZOSimulator: Sendable {
         case ("O", 3) where circuit == .ec && ["EC", "TDS", "S", "SG"].contains(fields[1]) && ["0", "1"].contains(fields[2]):
             state.withLock { state in
                 if fields[2] == "1" { state.settings.outputs.insert(fields[1]) } else { state.settings.outputs.remove(fields[1]) }
+            }
+            answer([], after: generic)
+        case ("O", 2) where circuit == .dissolvedOxygen && fields[1] == "?":
+            let on = state.withLock { $0.settings.oxygenOutputs }
+            let listed = ["mg", "%"].filter { on.contains($0.uppercased()) }
+            answer([listed.isEmpty ? "?O,No output" : "?O," + listed.joined(separator: ",")], after: generic)
+        case ("O", 3) where circuit == .dissolvedOxygen && ["MG", "%"].contains(fields[1]) && ["0", "1"].contains(fields[2]):
+            state.withLock { state in
+                if fields[2] == "1" { state.settings.oxygenOutputs.insert(fields[1]) } else { state.settings.oxygenOutputs.remove(fields[1]) }
             }
             answer([], after: generic)
         case ("S", 2) where circuit == .rtd:
@@ -430,6 +483,12 @@ public final class EZOSimulator: Sendable {
             if settings.outputs.contains("S") { fields.append(String(format: "%.2f", value / 1000 * 0.55)) }
             if settings.outputs.contains("SG") { fields.append("1.000") }
             if fields.isEmpty { fields = ["No output"] }
+        } else if circuit == .dissolvedOxygen {
+            // mg/L, then % saturation, of those on.
+            fields = []
+            if settings.oxygenOutputs.contains("MG") { fields.append(format(value)) }
+            if settings.oxygenOutputs.contains("%") { fields.append(String(format: "%.1f", value * 11)) }
+            if fields.isEmpty { fields = ["No output"] }
         } else {
             fields = [format(value)]
         }
@@ -445,6 +504,7 @@ public final class EZOSimulator: Sendable {
             answer([line], after: 0)
         case .respond(let code)?:
             pause(time)
+            if code.uppercased() == "*SL" { state.withLock { $0.settings.asleep = true } }
             sendRaw(Array("\(code)\r".utf8))
         case .garbageBefore(let noise)?:
             pause(time)
@@ -454,6 +514,14 @@ public final class EZOSimulator: Sendable {
                 state.served.append(Served(line: line, temperature: temperature))
             }
             answer([line], after: 0)
+        case .noisePrefix(let noise)?:
+            pause(time)
+            state.withLock { state in
+                state.reads += 1
+                state.served.append(Served(line: line, temperature: temperature))
+            }
+            let codes = state.withLock { $0.settings.responseCodes }
+            sendRaw(noise + Array((line + "\r" + (codes ? "*OK\r" : "")).utf8))
         case .garbageOnly(let noise)?:
             pause(time)
             sendRaw(noise + [0x0D])

@@ -174,7 +174,15 @@ public final class CalibrationCommands: Sendable {
         guard !session.points.isEmpty else {
             throw CalibrationError("no point was taken yet; take at least one (\(EZOCalibration.defaultSteps(session.circuit).first?.description ?? "single=<reference>")) or abort")
         }
-        let state = try await device.calibrationState()
+        // The points are taken (each was acknowledged): they are recorded even when the circuit does not say what it holds.
+        var warnings: [String] = []
+        let state: CalibrationState
+        do throws(SensorError) {
+            state = try await device.calibrationState()
+        } catch {
+            state = CalibrationState(calibratedPoints: nil, slope: nil, firmware: nil)
+            warnings.append("the circuit did not say which calibration points it holds (\(error.message)); the points taken are recorded, but whether it kept them is unknown: if its readings look wrong, calibrate again")
+        }
         let event = CalibrationEvent(
             id: UUID().uuidString.lowercased(), sensor: sensor, time: Timestamp.now(), circuit: session.circuit.rawValue,
             firmware: state.firmware, points: session.points, calibratedPoints: state.calibratedPoints, slope: state.slope)
@@ -186,7 +194,6 @@ public final class CalibrationCommands: Sendable {
             metadata: ["sensor": "\(sensor)", "event": "\(event.id)", "points": "\(event.points.map(\.name).joined(separator: ","))"])
         var answer = CalibrationAnswer(sensor: sensor, circuit: session.circuit, taken: session.points, state: state)
         answer.event = event
-        var warnings: [String] = []
         if let slope = state.slope, let warning = EZOCalibration.slopeWarning(slope) { warnings.append(warning) }
         if let held = state.calibratedPoints, held < session.points.filter({ $0.name != "dry" }).count {
             warnings.append("the circuit says it holds \(held) calibration point\(held == 1 ? "" : "s") after \(session.points.count) were taken: a point may have been lost (a restart?); calibrate again")

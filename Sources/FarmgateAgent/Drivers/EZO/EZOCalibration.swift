@@ -194,8 +194,10 @@ public enum EZOCalibration {
         }
     }
 
-    /// Two decimals, trailing zeros kept for pH-like values (`7.00`), plain for large ones (`12880`).
+    /// Two decimals, trailing zeros kept for pH-like values (`7.00`), plain for large ones (`12880`). A value no
+    /// calibration uses (a typo, a circuit's garbled slope) is shown as it is rather than converted.
     public static func format(_ value: Double) -> String {
+        guard value.isFinite, abs(value) < 1e15 else { return "\(value)" }
         if value == value.rounded(), abs(value) >= 100 { return String(Int64(value)) }
         let hundredths = Int64((value * 100).rounded())
         let sign = hundredths < 0 ? "-" : ""

@@ -38,7 +38,8 @@ extension EZODriver: CalibratableDriver {
         let points = try await exchange("Cal,?", time: EZOCircuitKind.commandTime) { EZOCalibration.parseCalibrated($0) != nil }
         var slope: CalibrationEvent.Slope?
         if kind == .ph {
-            let answer = try await exchange("Slope,?", time: EZOCircuitKind.commandTime) { EZOCalibration.parseSlope($0) != nil }
+            // The slope is advice (a worn probe); a circuit that does not give it still holds its points.
+            let answer = try? await exchange("Slope,?", time: EZOCircuitKind.commandTime) { EZOCalibration.parseSlope($0) != nil }
             slope = answer.flatMap(EZOCalibration.parseSlope)
         }
         return CalibrationState(calibratedPoints: points.flatMap(EZOCalibration.parseCalibrated), slope: slope, firmware: session.firmware)

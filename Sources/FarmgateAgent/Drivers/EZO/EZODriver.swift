@@ -232,7 +232,7 @@ public final class EZODriver: SensorDriver {
         let maxAgeMicroseconds = Int64(compensation.maxAge / .microseconds(1))
         let logger = self.logger
         return compensationState.withLock { state -> Double? in
-            if let latest, now.microseconds - latest.at.microseconds <= maxAgeMicroseconds, latest.value.isFinite {
+            if let latest, now.microseconds - latest.at.microseconds <= maxAgeMicroseconds, Quantity.temperature.plausibleRange.contains(latest.value) {
                 if state.stale {
                     logger.notice(
                         "Compensation temperature is fresh again", metadata: ["temperature_sensor": "\(compensation.source)", "temperature": "\(latest.value)"])

@@ -160,7 +160,8 @@ public enum EZOLine: Sendable, Hashable {
 }
 
 /// Cuts the byte stream from a circuit into lines. Lines end with a carriage return (a newline is accepted too); bytes
-/// outside printable ASCII, or a line longer than any EZO answer, make the line garbage. Incremental: any split of the
+/// outside printable ASCII (but NUL and 0xFF before a line's text, see ``line(_:)``), or a line longer
+/// than any EZO answer, make the line garbage. Incremental: any split of the
 /// same bytes into chunks gives the same lines.
 public struct EZOLineSplitter: Sendable {
     /// Longer than any answer the protocol has (`?Slope,99.7,100.3,-0.89` is 24).
@@ -205,9 +206,15 @@ public struct EZOLineSplitter: Sendable {
         return dropped
     }
 
+    /// A line is text when it is printable ASCII after any NUL or 0xFF bytes at its start: what a UART reads while the
+    /// line is held low or settles at power-up and wake-up, before the circuit's first byte. Any other byte outside
+    /// printable ASCII makes the line garbage: random noise can end in digits, and a byte lost inside a reading would
+    /// change its value.
     static func line(_ bytes: [UInt8]) -> EZOLine {
-        guard bytes.allSatisfy({ $0 >= 0x20 && $0 < 0x7F }) else { return .garbage(bytes) }
-        return .text(String(decoding: bytes, as: UTF8.self))
+        let printable: (UInt8) -> Bool = { $0 >= 0x20 && $0 < 0x7F }
+        let text = bytes.drop { $0 == 0x00 || $0 == 0xFF }
+        guard !text.isEmpty, text.allSatisfy(printable) else { return .garbage(bytes) }
+        return .text(String(decoding: text, as: UTF8.self))
     }
 }
 
@@ -244,6 +251,14 @@ public enum EZOParse {
         let fields = text.split(separator: ",").map { String($0).uppercased() }
         guard let first = fields.first, first == "?O" else { return nil }
         return Set(fields.dropFirst().compactMap { EZOOutput(rawValue: $0) })
+    }
+
+    /// A DO circuit's outputs, upper case: `?O,mg,%` → ["MG", "%"]; `?O,No output` → []; nil when the line is no output
+    /// answer.
+    public static func oxygenOutputs(_ text: String) -> Set<String>? {
+        let fields = text.split(separator: ",").map { String($0).uppercased() }
+        guard let first = fields.first, first == "?O" else { return nil }
+        return Set(fields.dropFirst().filter { $0 == "MG" || $0 == "%" })
     }
 
     /// `?*OK,1` → true; nil when the line is no answer to `*OK,?`.

@@ -15,9 +15,15 @@ final class EZOSession: @unchecked Sendable {
         case port(SerialError)
         /// The circuit failed the command.
         case sensor(SensorError)
-        /// The circuit restarted or changed state under us: initialise again and retry.
-        case restarted(String)
+        /// The circuit answered `command` with an error code.
+        case refused(EZOErrorCode, command: String)
+        /// The circuit restarted or changed state under us: initialise again and retry. `event` is the last event it
+        /// sent (`*RS` while it boots), nil when it said so otherwise (readings streamed again, outputs changed).
+        case restarted(String, event: EZOEvent?)
     }
+
+    /// How long a circuit may take from `*RS` to `*RE`; a command sent meanwhile is lost.
+    static let bootTime: Duration = .seconds(3)
 
     let kind: EZOCircuitKind
     /// The outputs an EC circuit must have on, in reading order (empty for other kinds).
@@ -37,6 +43,8 @@ final class EZOSession: @unchecked Sendable {
     private var initialisedGeneration: Int?
     /// Whether the circuit ends answers with `*OK` (learned from `*OK,?`, and followed when it changes).
     private var responseCodes = true
+    /// Whether the circuit takes `RT,<t>`; firmware from before it answers `*ER`, and is sent `T,<t>` then `R`.
+    private var knowsRT = true
     private(set) var firmware: String?
     private(set) var garbageLines = 0
 
@@ -61,16 +69,8 @@ final class EZOSession: @unchecked Sendable {
                     try initialise(port)
                     initialisedGeneration = generation
                 }
-                let command: String
-                let time: Duration
-                if let temperature, kind.compensates {
-                    command = "RT,\(Self.format(temperature))"
-                    time = kind.compensatedReadTime
-                } else {
-                    command = "R"
-                    time = kind.readTime
-                }
-                guard let text = try transact(port, command, time: time, answer: { EZOParse.reading($0) != nil }) else {
+                let (command, answer) = try takeReading(port, temperature: temperature)
+                guard let text = answer else {
                     return .failure(SensorError(.invalidResponse, "no reading in the answer to \(command)"))
                 }
                 guard let values = EZOParse.reading(text) else {
@@ -79,7 +79,7 @@ final class EZOSession: @unchecked Sendable {
                 let expected = kind == .ec ? outputs.count : 1
                 guard values.count == expected else {
                     // The EC circuit's outputs changed (a factory reset, another program): set them again.
-                    throw Interruption.restarted("the reading has \(values.count) fields, \(expected) expected")
+                    throw Interruption.restarted("the reading has \(values.count) fields, \(expected) expected", event: nil)
                 }
                 if kind == .rtd, values.first == -1023 {
                     return .failure(SensorError(.fault, "the EZO RTD circuit on \(portPath) reads -1023: no probe connected; check the PT-100/PT-1000 probe's wires"))
@@ -93,10 +93,14 @@ final class EZOSession: @unchecked Sendable {
                     // initialise again before the next read.
                     initialisedGeneration = nil
                     return .failure(sensor)
-                case .restarted(let why):
+                case .refused(let code, let command):
+                    initialisedGeneration = nil
+                    return .failure(refusal(code, command))
+                case .restarted(let why, let event):
                     initialisedGeneration = nil
                     restarts.append(why)
                     logger.notice("EZO circuit restarted or changed state; initialising it again", metadata: ["why": "\(why)"])
+                    try awaitBoot(port, after: event)
                 }
             }
         }
@@ -125,34 +129,97 @@ final class EZOSession: @unchecked Sendable {
                 case .sensor(let sensor):
                     initialisedGeneration = nil
                     return .failure(sensor)
-                case .restarted(let why):
+                case .refused(let code, let command):
+                    initialisedGeneration = nil
+                    return .failure(refusal(code, command))
+                case .restarted(let why, let event):
                     initialisedGeneration = nil
                     logger.notice("EZO circuit restarted during a command; initialising it again", metadata: ["why": "\(why)", "command": "\(command)"])
+                    try awaitBoot(port, after: event)
                 }
             }
         }
         return .failure(SensorError(.fault, "the EZO circuit on \(portPath) restarted twice during \(command): check its power supply"))
     }
 
-    /// Stops continuous output, learns whether response codes are on, checks the circuit is the configured kind, and on
-    /// an RTD circuit selects °C and on an EC circuit the configured outputs.
+    /// The answer to a read: `R`, or with a temperature `RT,<t>` (`T,<t>` then `R` on firmware without `RT`).
+    /// - Returns: the command that was answered and its answer.
+    private func takeReading(_ port: SerialPort, temperature: Double?) throws(Interruption) -> (command: String, answer: String?) {
+        let isReading: (String) -> Bool = { EZOParse.reading($0) != nil }
+        guard let temperature, kind.compensates else {
+            return ("R", try transact(port, "R", time: kind.readTime, answer: isReading))
+        }
+        let degrees = Self.format(temperature)
+        if knowsRT {
+            do throws(Interruption) {
+                return ("RT,\(degrees)", try transact(port, "RT,\(degrees)", time: kind.compensatedReadTime, answer: isReading))
+            } catch .refused(.unknownCommand, _) {
+                knowsRT = false
+                logger.notice(
+                    "The EZO circuit does not know RT (firmware from before it): sending T,<temperature> before each R",
+                    metadata: ["port": "\(portPath)", "firmware": "\(firmware ?? "?")"])
+            }
+        }
+        _ = try transact(port, "T,\(degrees)", time: EZOCircuitKind.commandTime, answer: nil)
+        return ("R", try transact(port, "R", time: kind.readTime, answer: isReading))
+    }
+
+    /// The sensor error for an error code the circuit answered `command` with.
+    private func refusal(_ code: EZOErrorCode, _ command: String) -> SensorError {
+        SensorError(.fault, "EZO \(kind.rawValue) on \(portPath): \(code.explanation(command: command))")
+    }
+
+    /// After `*RS` the circuit is deaf until it sends `*RE` (or `*WA`): waits for that, at most ``bootTime``, so that
+    /// the initialisation that follows is heard. Other events need no wait.
+    private func awaitBoot(_ port: SerialPort, after event: EZOEvent?) throws(SerialError) {
+        guard event == .reset else { return }
+        let until = ContinuousClock.now + Self.bootTime
+        while ContinuousClock.now < until {
+            for line in splitter.feed(try port.read(until: until)) {
+                if case .event(let event) = EZOResponse(line: line), event == .ready || event == .woke { return }
+            }
+        }
+        logger.notice("EZO circuit did not say it is ready within the boot time", metadata: ["port": "\(portPath)", "boot_time": "\(Self.bootTime)"])
+    }
+
+    /// Initialises the circuit (``initialiseOnce(_:)``), starting over when it restarts, wakes or says it is ready
+    /// meanwhile (a command sent while it boots or sleeps is lost), at most three times.
     private func initialise(_ port: SerialPort) throws(Interruption) {
+        var round = 1
+        while true {
+            do throws(Interruption) {
+                return try initialiseOnce(port)
+            } catch .restarted(let why, let event) where round < 3 {
+                round += 1
+                logger.debug("EZO circuit restarted while being initialised; starting over", metadata: ["why": "\(why)"])
+                do throws(SerialError) { try awaitBoot(port, after: event) } catch { throw .port(error) }
+            }
+        }
+    }
+
+    /// Stops continuous output, learns whether response codes are on, checks the circuit is the configured kind, and
+    /// selects °C on an RTD circuit, the configured outputs on an EC circuit, and mg/L alone on a DO circuit.
+    ///
+    /// Nothing that arrived before is examined: a reading still streamed after `C,0` is no restart here.
+    private func initialiseOnce(_ port: SerialPort) throws(Interruption) {
         // A circuit fresh from the factory (or a reboot) streams a reading a second: stop that, then drop what came.
         splitter.discardPartial()
         queued.removeAll()
         port.discardInput()
-        _ = try transact(port, "C,0", time: EZOCircuitKind.commandTime, answer: nil, absorb: false)
+        knowsRT = true
+        // Response codes may be off: a missing *OK is no failure here (*OK,? tells).
+        _ = try transact(port, "C,0", time: EZOCircuitKind.commandTime, answer: nil, absorb: false, acknowledged: false)
         settle(port, for: .milliseconds(100))
         // Learn whether *OK follows each answer: ask without waiting for one.
         responseCodes = false
-        guard let codes = try transact(port, "*OK,?", time: EZOCircuitKind.commandTime, answer: { EZOParse.responseCodes($0) != nil }),
+        guard let codes = try transact(port, "*OK,?", time: EZOCircuitKind.commandTime, answer: { EZOParse.responseCodes($0) != nil }, absorb: false),
             let enabled = EZOParse.responseCodes(codes)
         else {
             throw .sensor(SensorError(.invalidResponse, "the circuit on \(portPath) did not answer *OK,?"))
         }
         responseCodes = enabled
         settle(port, for: .milliseconds(enabled ? 50 : 0))
-        guard let identity = try transact(port, "i", time: EZOCircuitKind.commandTime, answer: { EZOParse.identity($0) != nil }),
+        guard let identity = try transact(port, "i", time: EZOCircuitKind.commandTime, answer: { EZOParse.identity($0) != nil }, absorb: false),
             let (type, firmware) = EZOParse.identity(identity)
         else {
             throw .sensor(SensorError(.invalidResponse, "the circuit on \(portPath) did not say what it is (no answer to i)"))
@@ -168,17 +235,30 @@ final class EZOSession: @unchecked Sendable {
         self.firmware = firmware
         switch kind {
         case .rtd:
-            _ = try transact(port, "S,c", time: EZOCircuitKind.commandTime, answer: nil)
+            _ = try transact(port, "S,c", time: EZOCircuitKind.commandTime, answer: nil, absorb: false)
         case .ec:
-            guard let answer = try transact(port, "O,?", time: EZOCircuitKind.commandTime, answer: { EZOParse.outputs($0) != nil }),
+            guard let answer = try transact(port, "O,?", time: EZOCircuitKind.commandTime, answer: { EZOParse.outputs($0) != nil }, absorb: false),
                 let enabled = EZOParse.outputs(answer)
             else {
                 throw .sensor(SensorError(.invalidResponse, "the EC circuit on \(portPath) did not list its outputs (O,?)"))
             }
             for output in EZOOutput.allCases where enabled.contains(output) != outputs.contains(output) {
-                _ = try transact(port, "O,\(output.rawValue),\(outputs.contains(output) ? 1 : 0)", time: EZOCircuitKind.commandTime, answer: nil)
+                _ = try transact(port, "O,\(output.rawValue),\(outputs.contains(output) ? 1 : 0)", time: EZOCircuitKind.commandTime, answer: nil, absorb: false)
             }
-        case .ph, .orp, .dissolvedOxygen:
+        case .dissolvedOxygen:
+            // mg/L alone: with % saturation on too, every reading has two fields.
+            let answer: String?
+            do throws(Interruption) {
+                answer = try transact(port, "O,?", time: EZOCircuitKind.commandTime, answer: { EZOParse.oxygenOutputs($0) != nil }, absorb: false)
+            } catch .refused(.unknownCommand, _) {
+                answer = nil  // firmware without outputs to choose: mg/L only
+            }
+            if let enabled = answer.flatMap(EZOParse.oxygenOutputs) {
+                for (output, wanted) in [("%", false), ("mg", true)] where enabled.contains(output.uppercased()) != wanted {
+                    _ = try transact(port, "O,\(output),\(wanted ? 1 : 0)", time: EZOCircuitKind.commandTime, answer: nil, absorb: false)
+                }
+            }
+        case .ph, .orp:
             break
         }
         logger.info(
@@ -197,9 +277,11 @@ final class EZOSession: @unchecked Sendable {
     ///     codes off).
     ///   - absorb: whether lines that arrived before the command are examined (a restart shows there); initialisation
     ///     discards them instead.
+    ///   - acknowledged: for a command without an answer, whether a missing `*OK` (response codes on) is an error: the
+    ///     command may not have been done. Only `C,0`, sent before the codes are known, does without.
     /// - Returns: the answer line, or nil for a command without one.
     private func transact(
-        _ port: SerialPort, _ command: String, time: Duration, answer: ((String) -> Bool)?, absorb: Bool = true
+        _ port: SerialPort, _ command: String, time: Duration, answer: ((String) -> Bool)?, absorb: Bool = true, acknowledged: Bool = true
     ) throws(Interruption) -> String? {
         if absorb { try absorbPending(port) }
         let dropped = splitter.discardPartial()
@@ -234,11 +316,19 @@ final class EZOSession: @unchecked Sendable {
                 }
                 switch EZOResponse(line: line) {
                 case .ok:
-                    sawOK = true
+                    // An answer's *OK follows it; one before it is left over from an earlier command.
+                    if answer == nil || data != nil { sawOK = true }
                 case .error(let code):
-                    throw .sensor(SensorError(.fault, "EZO \(kind.rawValue) on \(portPath): \(code.explanation(command: command))"))
+                    throw .refused(code, command: command)
                 case .event(let event):
-                    if event.restarts { throw .restarted("\(event.rawValue) during \(command)") }
+                    if event.restarts {
+                        // *RS and *RE may come in one chunk: the last event says whether it is still booting.
+                        let last = lines.compactMap { line -> EZOEvent? in
+                            if case .event(let later) = EZOResponse(line: line), later.restarts { return later }
+                            return nil
+                        }.last
+                        throw .restarted("\(event.rawValue) during \(command)", event: last ?? event)
+                    }
                 case .data(let text):
                     if data == nil, let answer, answer(text) {
                         data = text
@@ -284,23 +374,32 @@ final class EZOSession: @unchecked Sendable {
                     .invalidResponse,
                     "garbled answer to \(command) from the EZO \(kind.rawValue) circuit on \(portPath) (first: \(unreadable[0])): check the baud rate and the wiring"))
             }
-            // No *OK within the time: the circuit has response codes off (it answers nothing), or it is not there at
-            // all, which the next command that must answer finds out.
-            responseCodes = false
+            guard acknowledged else {
+                // No *OK within the time: the circuit has response codes off (it answers nothing), or it is not there
+                // at all, which the next command that must answer finds out.
+                responseCodes = false
+                return nil
+            }
+            throw .sensor(SensorError(
+                .timeout,
+                "no *OK to \(command) from the EZO \(kind.rawValue) circuit on \(portPath) within \(ConfigTable.format(time + margin)): it may not have been done; check its power and wiring, then send it again"))
         }
         return nil
     }
 
     /// Examines what the circuit sent since the last command: a restart event, or readings streamed in continuous mode
-    /// (the circuit restarted with factory settings), mean it must be initialised again.
+    /// (the circuit restarted with factory settings), mean it must be initialised again. Reads what is there, for at
+    /// most a quarter of a second (a line that never falls silent is left to the command's answer to show).
     private func absorbPending(_ port: SerialPort) throws(Interruption) {
         var lines = queued
         queued.removeAll()
+        var restart: (why: String, event: EZOEvent?)?
+        let until = ContinuousClock.now + .milliseconds(250)
         while true {
             if lines.isEmpty {
                 let bytes: [UInt8]
                 do { bytes = try port.read(until: .now) } catch { throw .port(error) }
-                if bytes.isEmpty { return }
+                if bytes.isEmpty || ContinuousClock.now >= until { break }
                 lines = splitter.feed(bytes)
             }
             let batch = lines
@@ -310,9 +409,10 @@ final class EZOSession: @unchecked Sendable {
                 case .ok:
                     responseCodes = true
                 case .event(let event) where event.restarts:
-                    throw .restarted("the circuit sent \(event.rawValue)")
+                    // The last event counts: `*RS` then `*RE` is a circuit that is up again.
+                    restart = (restart?.why ?? "the circuit sent \(event.rawValue)", event)
                 case .data(let text) where EZOParse.reading(text) != nil:
-                    throw .restarted("the circuit is streaming readings (continuous mode is on again)")
+                    if restart == nil { restart = ("the circuit is streaming readings (continuous mode is on again)", nil) }
                 case .garbage:
                     garbageLines += 1
                 default:
@@ -320,6 +420,7 @@ final class EZOSession: @unchecked Sendable {
                 }
             }
         }
+        if let restart { throw .restarted(restart.why, event: restart.event) }
     }
 
     /// Reads and discards what arrives for `duration` (readings streamed while continuous mode was being turned off).
@@ -333,9 +434,11 @@ final class EZOSession: @unchecked Sendable {
         queued.removeAll()
     }
 
-    /// `21.437` → "21.44": two decimals are what the circuits take.
+    /// `21.437` → "21.44": two decimals are what the circuits take. Callers pass plausible temperatures; anything
+    /// else is clamped rather than allowed to overflow.
     static func format(_ temperature: Double) -> String {
-        let hundredths = Int((temperature * 100).rounded())
+        let bounded = temperature.isFinite ? min(max(temperature, -1_000), 10_000) : 25
+        let hundredths = Int((bounded * 100).rounded())
         let sign = hundredths < 0 ? "-" : ""
         let magnitude = abs(hundredths)
         let fraction = magnitude % 100
