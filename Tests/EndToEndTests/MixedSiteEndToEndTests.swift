@@ -65,7 +65,7 @@ struct MixedSiteEndToEndTests {
         var written: Set<Double> = []
         func writeProbe(_ millidegrees: Int, crcOK: Bool = true) throws {
             try Self.w1Slave(millidegrees: millidegrees, crcOK: crcOK).write(toFile: probe + "/w1_slave", atomically: true, encoding: .utf8)
-            // Stored at the driver's 1/16 °C.
+            // Stored at the sensor's resolution, 1/16 °C by default for a temperature.
             if crcOK { written.insert((Double(millidegrees) / 1000 * 16).rounded() / 16) }
         }
         try writeProbe(21_437)

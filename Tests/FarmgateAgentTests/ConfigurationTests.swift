@@ -84,6 +84,40 @@ struct ConfigurationTests {
         #expect(failure.line != nil)
     }
 
+    @Test(
+        "Numbers too large for a duration (or NaN, infinite) are located errors naming the range, never a trap",
+        arguments: [
+            ("interval = 1e300", "1e+300 seconds"),
+            ("interval = 1e20", "1e+20 seconds"),
+            ("interval = -1e300", "-1e+300 seconds"),
+            ("interval = nan", "nan seconds"),
+            ("interval = inf", "inf seconds"),
+            ("interval = 9223372036854775807", "9223372036854775807 seconds"),
+            ("interval = -9223372036854775808", "-9223372036854775808 seconds"),
+            ("interval = \"99999999999999999999d\"", "\"99999999999999999999d\""),
+        ])
+    func hugeDurations(line: String, got: String) throws {
+        let failure = try #require(error(Self.minimal + "\n" + line))
+        #expect(failure.file == "/etc/farmgate/agent.toml")
+        #expect(failure.line == 8)
+        #expect(failure.key == "sensor \"tank1.ph\": interval")
+        #expect(failure.message == "must be a duration between 100ms and 1d (got \(got))", "\(failure)")
+    }
+
+    @Test("Durations at the edges of what a key can hold still parse; sizes too large are errors naming the range")
+    func durationAndSizeEdges() throws {
+        let table = try ConfigDocument.parse("a = 999999999999\nb = 999999999999.5\nc = \"11574074d\"\nd = 1e12\ne = \"9999999999GiB\"", file: "x.toml")
+        #expect(try table.duration("a") == .seconds(999_999_999_999))
+        #expect(try table.duration("b") == .milliseconds(999_999_999_999_500))
+        #expect(try table.duration("c") == .seconds(11_574_074 * 86_400))
+        #expect(throws: ConfigurationError(file: "x.toml", line: 4, key: "d", message: "must be a duration at most 1000000000000 seconds (got 1000000000000.0 seconds)")) {
+            try table.duration("d")
+        }
+        #expect(throws: ConfigurationError(file: "x.toml", line: 5, key: "e", message: "must be a size between 1048576 and 1125899906842624 bytes (got \"9999999999GiB\")")) {
+            try table.byteSize("e", in: (1 << 20)...(Int64(1) << 50))
+        }
+    }
+
     @Test("Unknown driver and quantity list what exists")
     func unknownDriverAndQuantity() throws {
         let driver = try #require(error(Self.minimal.replacingOccurrences(of: "\"simulated\"", with: "\"ezo-ph\"")))

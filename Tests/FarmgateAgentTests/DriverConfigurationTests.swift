@@ -55,14 +55,49 @@ struct DriverConfigurationTests {
             ("slave = 1\naddress = 0\nbaud = 9601", "baud", "must be one of"),
             ("slave = 1\naddress = 0\nparity = \"mark\"", "parity", "must be one of"),
             ("slave = 1\naddress = 0\nfunction = \"coils\"", "function", "must be one of"),
+            ("slave = 1\naddress = 0\nfunction = 6", "function", "must be \"holding\" (or 3) for holding registers, \"input\" (or 4) for input registers (got 6)"),
+            ("slave = 1\naddress = 0\nfunction = true", "function", "(got a boolean)"),
+            ("slave = 1\naddress = 0\ndata_type = \"float32\"\nword_order = \"bacd\"", "word_order", "\"abcd\", \"badc\", \"cdab\", \"dcba\""),
+            ("slave = 1\naddress = 0\ndata_type = \"float32\"\nword_order = \"bacd\"", "word_order", "(got \"bacd\")"),
+            ("slave = 1\naddress = 0\ndata_type = \"float32\"\nword_order = \"dcba\"\nbyte_order = \"big\"", "byte_order", "contradicts word_order = \"dcba\""),
             ("slave = 1\naddress = 0\nscale = 0", "scale", "must not be 0"),
             ("slave = 1\naddress = 0\nresponse_timeout = \"1ms\"", "response_timeout", "between 20ms and 10s"),
+            ("slave = 1\naddress = 0\nresponse_timeout = 1e300", "response_timeout", "must be a duration between 20ms and 10s (got 1e+300 seconds)"),
         ])
     func modbusKeys(keys: String, key: String, message: String) throws {
         let failure = try #require(error(Self.modbus("tank1.ph", keys)))
         #expect(failure.key == "sensor \"tank1.ph\": \(key)")
         #expect(failure.line != nil)
         #expect(failure.message.contains(message), "\(failure.message)")
+    }
+
+    @Test(
+        "libmodbus's float orders set word and byte order; a float comes out the same in each",
+        arguments: [
+            ("abcd", false, false, [UInt16(0x449A), 0x5000]),
+            ("badc", false, true, [UInt16(0x9A44), 0x0050]),
+            ("cdab", true, false, [UInt16(0x5000), 0x449A]),
+            ("dcba", true, true, [UInt16(0x0050), 0x9A44]),
+        ])
+    func modbusFloatOrders(order: String, lowWordFirst: Bool, swapBytes: Bool, registers: [UInt16]) throws {
+        #expect(Float(1234.5).bitPattern == 0x449A_5000)
+        for extra in ["", "\nbyte_order = \"\(swapBytes ? "little" : "big")\""] {
+            let text = Self.header + Self.modbus("t.f", "slave = 1\naddress = 0\ndata_type = \"float32\"\nword_order = \"\(order.uppercased())\"" + extra)
+            let sensor = try #require(try AgentConfiguration.parse(ConfigDocument.parse(text, file: "t.toml")).sensors.first)
+            let point = try ModbusSensorOptions(sensor).point
+            #expect(point.lowWordFirst == lowWordFirst)
+            #expect(point.swapBytes == swapBytes)
+            #expect(point.decode(registers[...]) == 1234.5)
+        }
+    }
+
+    @Test("function is the name, or the function code as a string or a TOML integer")
+    func modbusFunctionCodes() throws {
+        for (written, expected) in [("3", ModbusFunction.holding), ("4", .input), ("\"04\"", .input), ("\"input\"", .input), ("\"holding\"", .holding)] {
+            let text = Self.header + Self.modbus("t.a", "slave = 1\naddress = 0\nfunction = \(written)")
+            let sensor = try #require(try AgentConfiguration.parse(ConfigDocument.parse(text, file: "t.toml")).sensors.first)
+            #expect(try ModbusSensorOptions(sensor).point.function == expected, "function = \(written)")
+        }
     }
 
     @Test("A relative Modbus port is refused")

@@ -238,6 +238,47 @@ struct GPIODriverTests {
         await driver.close()
     }
 
+    @Test("An events file truncated or replaced is read again from its start; a line that means nothing is logged with its number and why")
+    func eventsFileRewritten() async throws {
+        let scratch = try Scratch(prefix: "fg-gpio")
+        let file = try scratch.write("line18.events", "level 0\nnow 50\nrise 50.5\nnow 51\n")
+        let configurations = try gpioSensors([
+            ("tank1.leak", "state", "line = 18\ndebounce = \"0ms\"\nbackend = \"events\"\nevents_file = \"\(file)\"")
+        ])
+        let log = LogRecords()
+        let driver = try GPIODriver(configuration: configurations[0], logger: Logger(label: "test.gpio") { _ in RecordingLogHandler(records: log) })
+        #expect(await eventually { (try? await driver.read().value) == 1 })
+        // Truncated in place and written again, shorter than what was read.
+        let handle = try #require(FileHandle(forWritingAtPath: file))
+        try handle.truncate(atOffset: 0)
+        try handle.write(contentsOf: Data("fall 52\nnow 53\n".utf8))
+        try handle.close()
+        #expect(await eventually { (try? await driver.read().value) == 0 }, "the events written after the truncation were lost")
+        // Replaced (another inode, as `mv` or an editor leaves it) by a longer file whose edge lies before where the old
+        // file ended, with a line that means nothing.
+        let replacement = try scratch.write("next.events", "rise 54\nwiggle 3\nnow 55\n# \(String(repeating: "-", count: 60))\n")
+        #expect(rename(replacement, file) == 0)
+        #expect(await eventually { (try? await driver.read().value) == 1 }, "the replaced file was not read from its start")
+        let logged = await eventually {
+            log.entries.contains {
+                $0.message.contains("means nothing") && $0.metadata["line"] == "2" && $0.metadata["text"] == "wiggle 3"
+                    && $0.metadata["reason"]?.description.contains("expected `rise SECONDS`") == true
+                    && $0.metadata["events_file"]?.description == file
+            }
+        }
+        #expect(logged, "\(log.entries)")
+        #expect(log.entries.contains { $0.message.contains("truncated or replaced") })
+        await driver.close()
+    }
+
+    @Test("A line whose chip vanished is requested again at most 5 s apart, however long the chip was away")
+    func reopenBackoffCap() {
+        var backoff = GPIOLineWatcher.reopenBackoff
+        #expect(backoff.ceiling == .seconds(1))
+        for _ in 0..<20 { backoff.recordFailure() }
+        #expect(backoff.ceiling == .seconds(5))
+    }
+
     @Test("The libgpiod backend links and says clearly that a chip does not exist")
     func libgpiodMissingChip() async throws {
         let backend = LibgpiodBackend()
@@ -262,5 +303,34 @@ struct GPIODriverTests {
         }
         #expect(reported)
         await driver.close()
+    }
+}
+
+/// Log entries a test can look at.
+private final class LogRecords: Sendable {
+    struct Entry: Sendable {
+        var level: Logger.Level
+        var message: String
+        var metadata: Logger.Metadata
+    }
+
+    private let storage = Mutex<[Entry]>([])
+    var entries: [Entry] { storage.withLock { $0 } }
+    func append(_ entry: Entry) { storage.withLock { $0.append(entry) } }
+}
+
+/// Records every entry, with the logger's metadata and the entry's merged.
+private struct RecordingLogHandler: LogHandler {
+    let records: LogRecords
+    var metadata: Logger.Metadata = [:]
+    var logLevel: Logger.Level = .trace
+
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+
+    func log(event: LogEvent) {
+        records.append(.init(level: event.level, message: event.message.description, metadata: metadata.merging(event.metadata ?? [:]) { $1 }))
     }
 }

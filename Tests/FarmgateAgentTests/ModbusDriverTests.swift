@@ -188,12 +188,13 @@ struct ModbusBusTests {
     func silentInterval() async throws {
         let scratch = try Scratch(prefix: "fg-modbus")
         let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1, 3])
-        // At 1200 baud 8N1, t3.5 = 3.5 × 10 / 1200 s ≈ 29.2 ms, far above how fast the next request would otherwise go.
+        // At 1200 baud, t3.5 = 3.5 × 11 / 1200 s ≈ 32.1 ms (an RTU character counts 11 bits, even at 8N1), far above
+        // how fast the next request would otherwise go.
         let configurations = try modbusSensors(
             port: slave.path, [("t.a", "slave = 1\naddress = 0\nbaud = 1200"), ("t.b", "slave = 3\naddress = 0\nbaud = 1200")],
             interval: "100ms")
         let interval = try ModbusSensorOptions(configurations[0]).bus.silentInterval
-        #expect(interval > .milliseconds(29) && interval < .milliseconds(30))
+        #expect(interval > .milliseconds(32) && interval < .milliseconds(33), "\(interval)")
         try await withModbusDrivers(configurations) { drivers in
             for _ in 0..<5 {
                 _ = try await drivers[0].read()
@@ -205,6 +206,101 @@ struct ModbusBusTests {
         for (previous, next) in zip(requests, requests.dropFirst()) {
             let end = try #require(previous.answeredAt)
             #expect(next.receivedAt - end >= interval, "only \(next.receivedAt - end) between two frames")
+        }
+    }
+
+    @Test(
+        "t3.5 counts 11 bits per character below 19200 baud (9600: 4.01 ms), more with 8E2; 1750 µs above",
+        arguments: [
+            (9600, "none", 1, Duration.nanoseconds(4_010_417)),
+            (9600, "even", 1, .nanoseconds(4_010_417)),
+            (9600, "even", 2, .nanoseconds(4_375_000)),
+            (19200, "none", 1, .nanoseconds(2_005_209)),
+            (38400, "none", 1, .microseconds(1750)),
+            (115200, "even", 2, .microseconds(1750)),
+        ])
+    func silentIntervalBits(baud: Int, parity: String, stopBits: Int, expected: Duration) throws {
+        let configuration = try modbusSensors(
+            port: "/dev/ttyUSB0", [("t.a", "slave = 1\naddress = 0\nbaud = \(baud)\nparity = \"\(parity)\"\nstop_bits = \(stopBits)")])
+        #expect(try ModbusSensorOptions(configuration[0]).bus.silentInterval == expected)
+    }
+
+    @Test("A late answer (after its request timed out) is discarded, never taken as the answer to the next request")
+    func lateAnswer() async throws {
+        let scratch = try Scratch(prefix: "fg-modbus")
+        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1])
+        // Two sensors of one slave, far apart (two requests), each one register: the answers have the same length, so
+        // only the flush keeps one from being taken for the other.
+        slave.set(slave: 1, address: 0, [100])
+        slave.set(slave: 1, address: 50, [200])
+        let configurations = try modbusSensors(
+            port: slave.path,
+            [("t.a", "slave = 1\naddress = 0\nresponse_timeout = \"100ms\""), ("t.b", "slave = 1\naddress = 50\nresponse_timeout = \"100ms\"")],
+            interval: "100ms")
+        try await withModbusDrivers(configurations) { drivers in
+            slave.delayNextAnswer(of: 1, by: .milliseconds(300))
+            let late = try #require(await readResult(drivers[0]).failure)
+            #expect(late.kind == .timeout)
+            // The answer for register 0 arrives now, into the port's buffer.
+            try await Task.sleep(for: .milliseconds(400))
+            #expect(try await drivers[1].read().value == 200, "the late answer for register 0 was taken for register 50")
+            #expect(try await drivers[0].read().value == 100)
+            #expect(try await drivers[1].read().value == 200)
+        }
+        #expect(slave.requests.map(\.address) == [0, 50, 0, 50])
+    }
+
+    @Test(
+        "An exception answer libmodbus cannot parse, or exception code 00, says to check the unit id",
+        arguments: [
+            // What some servers and gateways send for a unit id they do not have: function byte 0x80.
+            (5, [UInt8(5), 0x80, 0x04], "Invalid exception code"),
+            (1, [UInt8(1), 0x83, 0x00], "exception code 00"),
+        ])
+    func invalidException(unit: Int, frame: [UInt8], detail: String) async throws {
+        let scratch = try Scratch(prefix: "fg-modbus")
+        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1])
+        slave.reply(to: unit, with: frame)
+        let configurations = try modbusSensors(port: slave.path, [("t.ph", "slave = \(unit)\naddress = 0")])
+        try await withModbusDrivers(configurations) { drivers in
+            let error = try #require(await readResult(drivers[0]).failure)
+            #expect(error.kind == .fault)
+            #expect(error.message.contains("slave \(unit) answered holding registers 0-0 of slave \(unit) with an invalid exception response (\(detail))"), "\(error)")
+            #expect(error.message.contains("no transmitter on \(slave.path) has unit id \(unit)"), "\(error)")
+            #expect(error.message.contains("check `slave`"), "\(error)")
+            #expect(!error.message.contains("another master"), "\(error)")
+        }
+    }
+
+    @Test("An unplugged adapter is read again as soon as its port is back, however long it was away; the backoff stays within 5 s")
+    func replugIsUsedAtOnce() async throws {
+        var backoff = ModbusLink.reconnectBackoff
+        for _ in 0..<20 { backoff.recordFailure() }
+        #expect(backoff.ceiling <= .seconds(5))
+
+        let scratch = try Scratch(prefix: "fg-modbus")
+        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1])
+        slave.set(slave: 1, address: 0, [612])
+        let configurations = try modbusSensors(port: slave.path, [("t.ph", "slave = 1\naddress = 0")], interval: "100ms")
+        try await withModbusDrivers(configurations) { drivers in
+            #expect(try await drivers[0].read().value == 612)
+            slave.unplug()
+            // Away for a while: the attempts back off (1 s, then 2 s, ...).
+            let start = ContinuousClock.now
+            var failures = 0
+            while ContinuousClock.now - start < .milliseconds(3500) {
+                if await readResult(drivers[0]).failure?.kind == .disconnected { failures += 1 }
+                try await Task.sleep(for: .milliseconds(100))
+            }
+            #expect(failures > 10)
+            let waiting = try #require(await readResult(drivers[0]).failure)
+            #expect(waiting.message.contains("next attempt in"), "\(waiting)")
+            // Back: the next read opens the port, without waiting out the backoff.
+            try slave.replug()
+            slave.set(slave: 1, address: 0, [640])
+            let back = await Self.timed { await readResult(drivers[0]) }
+            #expect(back.result.map(\.value) == .success(640), "\(back.result)")
+            #expect(back.elapsed < .milliseconds(900))
         }
     }
 

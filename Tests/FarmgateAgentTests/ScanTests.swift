@@ -206,7 +206,7 @@ struct ScanTests {
         let finding = await OneWireScan.scan(root: root)
         #expect(finding.message == nil)
         #expect(finding.sensors.map(\.address) == ["28-000000000001", "28-000000000002"])
-        #expect(finding.sensors[0].celsius == 21.4375)
+        #expect(finding.sensors[0].celsius == 21.437)
         #expect(finding.sensors[1].problem?.contains("CRC check failed") == true)
         let text = ScanReport(oneWire: finding, gpio: GPIOFinding()).text()
         #expect(text.contains("address = \"28-000000000001\"") && text.contains("w1_root = \"\(root)\""))

@@ -10,7 +10,10 @@ import Glibc
 /// this object answers on the other end, one thread reading request frames and libmodbus (`modbus_reply`) building every
 /// answer from registers the test sets, exceptions included (a read outside the registers is exception 02).
 ///
-/// Slave ids in `answering` answer; any other id is silent, like a transmitter that is unpowered or has another address.
+/// Slave ids in `answering` answer; any other id is silent, like a transmitter that is unpowered or has another address,
+/// unless ``reply(to:with:)`` gives it a raw answer (a gateway or a server that answers for ids it does not have).
+/// Answers can be delayed, every one (``delayAnswers(of:by:)``) or the next one only (``delayNextAnswer(of:by:)``, a
+/// slave that answers late once, after the master gave up).
 /// Every request is recorded (slave, function, registers, when it arrived and when it was answered), so that tests can
 /// count requests and check their spacing. ``unplug()`` and ``replug()`` do what a USB adapter does: the port fails with
 /// EIO and vanishes, then comes back (as a new pseudo-terminal behind the same path).
@@ -43,6 +46,8 @@ public final class ModbusTestSlave: Sendable {
         var generation = 0
         var running: Int?
         var delays: [Int: Duration] = [:]
+        var nextDelays: [Int: Duration] = [:]
+        var rawReplies: [Int: [UInt8]] = [:]
     }
 
     /// - Parameters:
@@ -82,6 +87,19 @@ public final class ModbusTestSlave: Sendable {
     /// Makes `slave` wait this long before each answer (a slow transmitter).
     public func delayAnswers(of slave: Int, by delay: Duration) {
         state.withLock { $0.delays[slave] = delay }
+    }
+
+    /// Makes `slave` wait this long before its next answer only: a late answer that arrives after the master's
+    /// response timeout, while later answers come at once.
+    public func delayNextAnswer(of slave: Int, by delay: Duration) {
+        state.withLock { $0.nextDelays[slave] = delay }
+    }
+
+    /// Answers every request to `slave` (answering or not) with `frame` followed by its CRC, instead of what libmodbus
+    /// would build: malformed or unusual answers, such as `[id, 0x80, 0x04]`, the exception with function byte 0x80
+    /// that some servers send for a unit id they do not have.
+    public func reply(to slave: Int, with frame: [UInt8]) {
+        state.withLock { $0.rawReplies[slave] = frame }
     }
 
     /// Every request received so far, in order.
@@ -163,16 +181,30 @@ public final class ModbusTestSlave: Sendable {
                     continue
                 }
                 pending.removeFirst(8)
-                answer(frame, context: context, mapping: mapping)
+                answer(frame, master: master, context: context, mapping: mapping)
             }
         }
     }
 
-    private func answer(_ frame: [UInt8], context: OpaquePointer, mapping: UnsafeMutablePointer<modbus_mapping_t>) {
+    private static func sleep(_ delay: Duration) {
+        Thread.sleep(forTimeInterval: Double(delay.components.seconds) + Double(delay.components.attoseconds) / 1e18)
+    }
+
+    private func answer(_ frame: [UInt8], master: Int32, context: OpaquePointer, mapping: UnsafeMutablePointer<modbus_mapping_t>) {
         let slave = Int(frame[0])
         var request = Request(
             slave: slave, function: Int(frame[1]), address: Int(frame[2]) << 8 | Int(frame[3]),
             count: Int(frame[4]) << 8 | Int(frame[5]), receivedAt: .now, answeredAt: nil)
+        let (raw, nextDelay) = state.withLock { ($0.rawReplies[slave], $0.nextDelays.removeValue(forKey: slave)) }
+        if let raw {
+            if let nextDelay { Self.sleep(nextDelay) }
+            request.answeredAt = .now
+            state.withLock { $0.requests.append(request) }
+            let crc = Self.crc16(raw)
+            let bytes = raw + [UInt8(crc & 0xFF), UInt8(crc >> 8)]
+            _ = bytes.withUnsafeBufferPointer { write(master, $0.baseAddress, $0.count) }
+            return
+        }
         guard answering.contains(slave) else {
             state.withLock { $0.requests.append(request) }
             return
@@ -180,7 +212,7 @@ public final class ModbusTestSlave: Sendable {
         let (holding, input, delay) = state.withLock { ($0.holding[slave] ?? [], $0.input[slave] ?? [], $0.delays[slave]) }
         for (index, value) in holding.enumerated() { mapping.pointee.tab_registers[index] = value }
         for (index, value) in input.enumerated() { mapping.pointee.tab_input_registers[index] = value }
-        if let delay { Thread.sleep(forTimeInterval: Double(delay.components.seconds) + Double(delay.components.attoseconds) / 1e18) }
+        if let delay = nextDelay ?? delay { Self.sleep(delay) }
         // Recorded and stamped just before the answer goes out: on a pseudo-terminal the master may read it (start its
         // silent interval, send its next request, let the test count requests) before this thread runs again.
         request.answeredAt = .now

@@ -42,7 +42,15 @@ public indirect enum ConfigValue: Sendable {
     /// A TOML date or time; no Farmgate key takes one.
     case other(String)
 
-    var typeName: String {
+    var isNumber: Bool {
+        switch self {
+        case .integer, .double: true
+        default: false
+        }
+    }
+
+    /// How errors name the value's type: "a string", "an integer".
+    public var typeName: String {
         switch self {
         case .string: "a string"
         case .integer: "an integer"
@@ -316,17 +324,32 @@ public struct ConfigTable: Sendable {
     }
 
     /// A duration written as `"250ms"`, `"10s"`, `"5m"`, `"2h"`, `"7d"`, or a number of seconds.
+    ///
+    /// A number too large for a duration (`1e300`, `inf`, `nan`, or more than ``maximumDurationMilliseconds``) is an
+    /// error naming the allowed range, never a trap in a conversion to an integer.
     public func duration(_ key: String, in range: ClosedRange<Duration>? = nil) throws(ConfigurationError) -> Duration? {
         guard let value = values[key] else { return nil }
-        let parsed: Duration?
+        let milliseconds: Double?
         switch value {
-        case .integer(let seconds): parsed = .seconds(seconds)
-        case .double(let seconds): parsed = seconds.isFinite ? .milliseconds(Int64((seconds * 1000).rounded())) : nil
-        case .string(let text): parsed = ConfigTable.parseDuration(text)
-        default: parsed = nil
+        case .integer(let seconds): milliseconds = Double(seconds) * 1000
+        case .double(let seconds): milliseconds = seconds * 1000
+        case .string(let text): milliseconds = ConfigTable.durationMilliseconds(text)
+        default: milliseconds = nil
         }
-        guard let duration = parsed else {
+        guard let milliseconds else {
             throw error(key, "must be a duration such as \"500ms\", \"10s\", \"5m\", \"1h\" or \"7d\" (got \(ConfigTable.show(value)))")
+        }
+        guard milliseconds.magnitude < ConfigTable.maximumDurationMilliseconds else {
+            let got = value.isNumber ? "\(ConfigTable.show(value)) seconds" : ConfigTable.show(value)
+            let allowed = range.map { "between \(ConfigTable.format($0.lowerBound)) and \(ConfigTable.format($0.upperBound))" }
+                ?? "at most \(Int64(ConfigTable.maximumDurationMilliseconds / 1000)) seconds"
+            throw error(key, "must be a duration \(allowed) (got \(got))")
+        }
+        let duration: Duration
+        if case .integer(let seconds) = value {
+            duration = .seconds(seconds)
+        } else {
+            duration = .milliseconds(Int64(milliseconds.rounded()))
         }
         if let range, !range.contains(duration) {
             throw error(key, "must be between \(ConfigTable.format(range.lowerBound)) and \(ConfigTable.format(range.upperBound)) (got \(ConfigTable.format(duration)))")
@@ -344,6 +367,10 @@ public struct ConfigTable: Sendable {
         default: parsed = nil
         }
         guard let bytes = parsed, bytes >= 0 else {
+            if case .string(let text) = value, let bytes = ConfigTable.byteSizeBytes(text), bytes >= ConfigTable.maximumByteSize {
+                let allowed = range.map { "between \($0.lowerBound) and \($0.upperBound) bytes" } ?? "below \(Int64(ConfigTable.maximumByteSize)) bytes"
+                throw error(key, "must be a size \(allowed) (got \(ConfigTable.show(value)))")
+            }
             throw error(key, "must be a size such as \"512KiB\", \"64MiB\" or \"2GiB\" (got \(ConfigTable.show(value)))")
         }
         if let range, !range.contains(bytes) {
@@ -398,7 +425,19 @@ public struct ConfigTable: Sendable {
 
     // MARK: Parsing helpers
 
+    /// The longest duration a key may give, whatever its own range (31,700 years): every duration below it converts
+    /// to whole milliseconds or microseconds in an Int64, so that neither parsing nor an error message can overflow.
+    public static let maximumDurationMilliseconds: Double = 1e15
+
+    /// A duration string (`"500ms"`, `"10s"`, `"1.5h"`), or nil when it is not one or is not below
+    /// ``maximumDurationMilliseconds``.
     public static func parseDuration(_ text: String) -> Duration? {
+        guard let milliseconds = durationMilliseconds(text), milliseconds < maximumDurationMilliseconds else { return nil }
+        return .milliseconds(Int64(milliseconds.rounded()))
+    }
+
+    /// The milliseconds a duration string means, however many (nil when it is not a duration).
+    static func durationMilliseconds(_ text: String) -> Double? {
         let trimmed = text.trimmingWhitespace().lowercased()
         let digits = trimmed.prefix(while: { $0.isNumber || $0 == "." })
         let unit = trimmed.dropFirst(digits.count).trimmingWhitespace()
@@ -413,11 +452,20 @@ public struct ConfigTable: Sendable {
         default: return nil
         }
         let milliseconds = number * millisecondsPerUnit
-        guard milliseconds < 1e15 else { return nil }
-        return .milliseconds(Int64(milliseconds.rounded()))
+        return milliseconds.isFinite ? milliseconds : nil
     }
 
+    /// The largest size a key may give, whatever its own range: sizes below it are exact in an Int64.
+    public static let maximumByteSize: Double = 9e18
+
+    /// A size string (`"512KiB"`, `"64MiB"`, `"2GiB"`), or nil when it is not one or is not below ``maximumByteSize``.
     public static func parseByteSize(_ text: String) -> Int64? {
+        guard let bytes = byteSizeBytes(text), bytes < maximumByteSize else { return nil }
+        return Int64(bytes.rounded())
+    }
+
+    /// The bytes a size string means, however many (nil when it is not a size).
+    static func byteSizeBytes(_ text: String) -> Double? {
         let trimmed = text.trimmingWhitespace()
         let digits = trimmed.prefix(while: { $0.isNumber || $0 == "." })
         let unit = trimmed.dropFirst(digits.count).trimmingWhitespace().lowercased()
@@ -434,8 +482,7 @@ public struct ConfigTable: Sendable {
         default: return nil
         }
         let bytes = number * multiplier
-        guard bytes < 9e18 else { return nil }
-        return Int64(bytes.rounded())
+        return bytes.isFinite ? bytes : nil
     }
 
     public static func format(_ duration: Duration) -> String {

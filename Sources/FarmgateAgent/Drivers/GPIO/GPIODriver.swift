@@ -200,7 +200,7 @@ public final class GPIODriver: StreamingSensorDriver {
     /// - Parameter countFile: for a count sensor, the file that keeps its running count across restarts.
     public convenience init(configuration: SensorConfiguration, logger: Logger, countFile: String? = nil) throws {
         let options = try Options(configuration)
-        let backend = Self.backend(for: options)
+        let backend = Self.backend(for: options, logger: logger)
         try self.init(configuration: configuration, backend: backend, logger: logger, countFile: countFile)
     }
 
@@ -214,9 +214,14 @@ public final class GPIODriver: StreamingSensorDriver {
             for: options.request, mode: options.mode, activeLow: options.activeLow, backend: backend, logger: logger)
     }
 
-    /// The backend a configured sensor uses: libgpiod, or the events file it follows.
-    static func backend(for options: Options) -> any GPIOBackend {
-        if let file = options.eventsFile { EventFileBackends.shared.backend(for: file) } else { LibgpiodBackends.shared }
+    /// The backend a configured sensor uses: libgpiod, or the events file it follows (which logs its bad lines to
+    /// `logger`, the first sensor's that follows the file).
+    static func backend(for options: Options, logger: Logger = Logger(label: "farmgate.gpio")) -> any GPIOBackend {
+        if let file = options.eventsFile {
+            EventFileBackends.shared.backend(for: file, logger: logger)
+        } else {
+            LibgpiodBackends.shared
+        }
     }
 
     /// A state input streams its changes; flow and count sensors are read on their interval.
@@ -266,10 +271,10 @@ final class EventFileBackends: Sendable {
     static let shared = EventFileBackends()
     private let backends = Mutex<[String: ScriptedGPIOBackend]>([:])
 
-    func backend(for file: String) -> ScriptedGPIOBackend {
+    func backend(for file: String, logger: Logger) -> ScriptedGPIOBackend {
         backends.withLock { backends in
             if let backend = backends[file] { return backend }
-            let backend = ScriptedGPIOBackend(file: file)
+            let backend = ScriptedGPIOBackend(file: file, logger: logger)
             backends[file] = backend
             return backend
         }

@@ -72,9 +72,14 @@ final class GPIOLineWatcher: Sendable {
     /// Returns how many users remain.
     func release() -> Int { state.withLock { state in state.users -= 1; return state.users } }
 
+    /// Between requests of a line whose chip is missing or vanished: 1 s, doubling, at most 5 s, so that a chip that is
+    /// back (a USB GPIO expander replugged, an overlay loaded) is watched again within seconds. An attempt costs one
+    /// open of the chip; the log says once that the line is lost and once that it is back, not at every attempt.
+    static let reopenBackoff = Backoff(initial: .seconds(1), maximum: .seconds(5))
+
     private func watch() {
         var line: (any GPIOLine)?
-        var backoff = Backoff(initial: .seconds(1), maximum: .seconds(30))
+        var backoff = Self.reopenBackoff
         while !state.withLock({ $0.stopping }) {
             guard let current = line else {
                 do throws(SensorError) {

@@ -7,6 +7,7 @@ import Foundation
 #if canImport(Glibc)
 import Glibc
 #endif
+import Logging
 import Synchronization
 
 /// A GPIO line without hardware, driven by the **line-event protocol**: for tests, and for demos and end-to-end runs of
@@ -29,6 +30,10 @@ import Synchronization
 /// `level`, `now`, `unplug` and `replug` take effect when fed; edges are queued and delivered, in order, to the line's
 /// thread, which applies them (``undelivered`` is 0 once it has: wait for that before reading). One backend is one line: give each
 /// sensor its own (or, with `events_file`, its own file; the file is followed as lines are appended, like `tail -f`).
+///
+/// An events file that is truncated, rewritten or replaced (another inode, as an editor or `mv` leaves it) is read
+/// again from its start, as `tail -F` does, rather than from where the old file ended. A line of the file that means
+/// nothing is logged with its line number and why, and skipped.
 public final class ScriptedGPIOBackend: GPIOBackend {
     /// A line of the protocol that means nothing.
     public struct ScriptError: Error, Sendable, CustomStringConvertible {
@@ -46,23 +51,28 @@ public final class ScriptedGPIOBackend: GPIOBackend {
         var queue: [GPIOEdgeEvent] = []
         /// Edges handed to the line's thread by the last wait, until it comes back for more (having applied them).
         var inFlight = 0
-        var fileOffset: UInt64 = 0
         /// Line names declared with `name`, by name.
         var names: [String: Int] = [:]
-        var partialLine = ""
+        var follower = FileFollower()
     }
 
     private let state = Mutex(State())
     private let file: String?
+    private let logger: Logger
 
     /// An in-memory line, fed with ``feed(_:)``.
     public init() {
         file = nil
+        logger = Logger(label: "farmgate.gpio.events") { _ in SwiftLogNoOpLogHandler() }
     }
 
     /// A line that follows `file`, reading commands as they are appended.
-    public init(file: String) {
+    /// - Parameter logger: where lines of the file that mean nothing are reported.
+    public init(file: String, logger: Logger = Logger(label: "farmgate.gpio.events")) {
         self.file = file
+        var logger = logger
+        logger[metadataKey: "events_file"] = "\(file)"
+        self.logger = logger
     }
 
     /// Applies one or more protocol lines.
@@ -190,42 +200,108 @@ public final class ScriptedGPIOBackend: GPIOBackend {
         return seconds * 1_000_000_000 + nanoseconds
     }
 
-    /// The bytes of `path` from `offset` to its end; empty when it cannot be read (yet).
-    private static func readFile(_ path: String, from offset: UInt64) -> [UInt8] {
-        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return [] }
-        defer { Glibc.close(fd) }
-        guard lseek(fd, off_t(offset), SEEK_SET) >= 0 else { return [] }
-        var bytes: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 4096)
-        while true {
-            let count = chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
-            if count < 0, errno == EINTR { continue }
-            guard count > 0 else { break }
-            bytes.append(contentsOf: chunk[..<count])
-        }
-        return bytes
-    }
-
-    /// Reads what was appended to the events file since the last call and applies its complete lines; a bad line is
-    /// skipped (a test writing the file sees it never take effect).
+    /// Reads what was appended to the events file since the last call and applies its complete lines, all at once
+    /// (as ``feed(_:)``); a line that means nothing is logged and skipped (a test writing the file sees it never take
+    /// effect). Reads run under the state's lock, so that two threads pumping at once never apply a line twice.
     private func pumpFile() {
         guard let file else { return }
-        let offset = state.withLock { $0.fileOffset }
-        let data = Self.readFile(file, from: offset)
-        guard !data.isEmpty else { return }
-        state.withLock { state in
-            state.fileOffset += UInt64(data.count)
-            var text = state.partialLine + String(decoding: data, as: UTF8.self)
-            var complete: [String] = []
-            while let newline = text.firstIndex(of: "\n") {
-                complete.append(String(text[..<newline]))
-                text = String(text[text.index(after: newline)...])
+        let (restarted, refused) = state.withLock { state -> (Bool, [(number: Int, error: ScriptError)]) in
+            let (restarted, lines) = state.follower.read(file)
+            var refused: [(number: Int, error: ScriptError)] = []
+            for (number, line) in lines {
+                do throws(ScriptError) {
+                    try Self.apply(line, to: &state)
+                } catch {
+                    refused.append((number, error))
+                }
             }
-            state.partialLine = text
-            // All at once, as ``feed(_:)``.
-            for line in complete { try? Self.apply(line, to: &state) }
+            return (restarted, refused)
         }
+        if restarted {
+            logger.info("GPIO events file was truncated or replaced; reading it again from its start")
+        }
+        for (number, error) in refused {
+            logger.warning(
+                "Skipping a line of the GPIO events file that means nothing",
+                metadata: ["line": "\(number)", "text": "\(error.line)", "reason": "\(error.reason)"])
+        }
+    }
+}
+
+/// Follows a growing text file as `tail -F` does: hands out each complete line once, numbered, and starts again from
+/// the top when the file was truncated or replaced.
+///
+/// A replacement is a new inode (or device); a truncation shows as a file shorter than what was read, or as the bytes
+/// just before the read position no longer being the ones read there (a file truncated and refilled beyond its old
+/// length between two reads). A file that was rewritten with the same text up to the read position is, rightly,
+/// followed as if it had only grown.
+struct FileFollower {
+    /// How many bytes before the read position are compared to tell a rewritten file from a grown one.
+    static let tailLength = 64
+
+    private var identity: (device: UInt64, inode: UInt64)?
+    private var offset: UInt64 = 0
+    /// The last bytes read (at most ``tailLength``), which must still be in the file just before ``offset``.
+    private var tail: [UInt8] = []
+    private var partialLine: [UInt8] = []
+    /// Complete lines handed out since the file's start.
+    private var lineCount = 0
+
+    /// The complete lines added since the last call, with their line numbers (from 1); `restarted` when the file was
+    /// truncated or replaced and is read from its start again. Nothing when the file cannot be read (yet).
+    mutating func read(_ path: String) -> (restarted: Bool, lines: [(number: Int, text: String)]) {
+        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return (false, []) }
+        defer { Glibc.close(fd) }
+        var status = stat()
+        guard fstat(fd, &status) == 0 else { return (false, []) }
+        let current = (device: UInt64(status.st_dev), inode: UInt64(status.st_ino))
+        var restarted = false
+        if let identity, identity != current {
+            restarted = true
+        } else if status.st_size < off_t(clamping: offset) {
+            restarted = true
+        } else if !tail.isEmpty {
+            let start = offset - UInt64(tail.count)
+            restarted = Self.bytes(fd, from: start, count: tail.count) != tail
+        }
+        if restarted {
+            offset = 0
+            tail = []
+            partialLine = []
+            lineCount = 0
+        }
+        identity = current
+        let data = Self.bytes(fd, from: offset, count: nil)
+        guard !data.isEmpty else { return (restarted, []) }
+        offset += UInt64(data.count)
+        tail = Array((tail + data).suffix(Self.tailLength))
+        var lines: [(number: Int, text: String)] = []
+        var pending = partialLine[...]
+        var rest = data[...]
+        while let newline = rest.firstIndex(of: UInt8(ascii: "\n")) {
+            lineCount += 1
+            lines.append((lineCount, String(decoding: pending + rest[..<newline], as: UTF8.self)))
+            pending = []
+            rest = rest[(newline + 1)...]
+        }
+        partialLine = Array(pending + rest)
+        return (restarted, lines)
+    }
+
+    /// `count` bytes of `fd` from `offset` (all to its end when nil); fewer when the file is shorter.
+    private static func bytes(_ fd: Int32, from offset: UInt64, count: Int?) -> [UInt8] {
+        guard lseek(fd, off_t(clamping: offset), SEEK_SET) >= 0 else { return [] }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while count.map({ bytes.count < $0 }) ?? true {
+            let wanted = min(chunk.count, count.map { $0 - bytes.count } ?? chunk.count)
+            let read = chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, wanted) }
+            if read < 0, errno == EINTR { continue }
+            guard read > 0 else { break }
+            bytes.append(contentsOf: chunk[..<read])
+        }
+        return bytes
     }
 }
 

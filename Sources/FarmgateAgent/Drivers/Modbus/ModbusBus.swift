@@ -77,10 +77,15 @@ final class ModbusLink {
     private let settings: ModbusBusSettings
     private let logger: Logger
     private var context: OpaquePointer?
-    /// Reconnection after the port vanished or could not be opened: 1 s, doubling, at most 30 s.
-    private var reconnect = Backoff(initial: .seconds(1), maximum: .seconds(30))
+    /// Reconnection after the port vanished or could not be opened: 1 s, doubling, at most 5 s, so that a replugged
+    /// adapter is read again within seconds; sooner when the port's path is back (``connect()``).
+    static let reconnectBackoff = Backoff(initial: .seconds(1), maximum: .seconds(5))
+    private var reconnect = ModbusLink.reconnectBackoff
     private var retryAt: ContinuousClock.Instant?
     private var lastConnectError: SensorError?
+    /// The port's path did not exist when the last attempt failed: an adapter that is unplugged (or not yet plugged).
+    /// When the path is back, the next read opens it at once instead of waiting out the backoff.
+    private var portWasMissing = false
     /// When the last frame on the wire ended (answer received or timeout): the next request waits t3.5 after it.
     private var lastFrameEnd: ContinuousClock.Instant?
 
@@ -151,6 +156,12 @@ final class ModbusLink {
         case .failure(let error): return .failure(ModbusFailure(error))
         }
         waitForSilentInterval()
+        // RTU answers carry no transaction id: an answer that came after its request timed out waits in the port's
+        // buffer, and libmodbus 3.1.6 (which does not flush before sending) would take it as the answer to this request,
+        // so that values lag a round or two sensors swap. Whatever arrived since the last frame is no answer to this one.
+        // (An answer later still, crossing this request on the wire, cannot be told apart; the silent interval makes
+        // that a slave answering more than its response timeout late, at the very moment of the next request.)
+        modbus_flush(context)
         let registers = block.unit.function == .holding ? "holding registers" : "input registers"
         let what = "\(registers) \(block.start)-\(block.start + block.count - 1) of slave \(block.unit.slave)"
         modbus_set_slave(context, Int32(block.unit.slave))
@@ -175,6 +186,16 @@ final class ModbusLink {
 
     private func classify(_ code: Int32, what: String, slave: Int, timeout: Duration) -> ModbusFailure {
         let base = Int32(MODBUS_ENOBASE)
+        // libmodbus reports a well-formed exception response as MODBUS_ENOBASE + its code (code 0 is none of the
+        // specification's, so it is an invalid exception response as much as EMBBADEXC is), and an exception frame it
+        // cannot parse as EMBBADEXC: typically a server or gateway that answers for unit ids it does not have with
+        // function byte 0x80.
+        if code == base || code == base + 14 {  // exception 00, EMBBADEXC
+            return ModbusFailure(
+                SensorError(
+                    .fault,
+                    "slave \(slave) answered \(what) with an invalid exception response (\(code == base ? "exception code 00" : Self.text(code))): most likely no transmitter on \(settings.port) has unit id \(slave) and another device answered for it; check `slave` (the transmitter's Modbus address, from its manual or display)"))
+        }
         if code > base, code <= base + 11 {
             let exception = Int(code - base)
             return ModbusFailure(
@@ -190,7 +211,7 @@ final class ModbusLink {
             flush()
             return ModbusFailure(
                 SensorError(.invalidResponse, "the answer of slave \(slave) failed its CRC; check the baud and parity (\(settings)), termination and cable (noise)"))
-        case base + 13...(base + 17):  // bad data, bad exception, unknown exception, too many data, wrong slave
+        case base + 13, base + 15...(base + 17):  // bad data, unknown exception, too many data, wrong slave
             flush()
             return ModbusFailure(
                 SensorError(.invalidResponse, "slave \(slave) answered \(what) with a malformed frame (\(Self.text(code))); is another master on the bus, or two slaves with id \(slave)?"))
@@ -208,7 +229,7 @@ final class ModbusLink {
     private func connect() -> Result<OpaquePointer, SensorError> {
         if let context { return .success(context) }
         let now = ContinuousClock.now
-        if let retryAt, let lastConnectError, now < retryAt {
+        if let retryAt, let lastConnectError, now < retryAt, !(portWasMissing && portExists) {
             let wait = retryAt - now
             return .failure(SensorError(lastConnectError.kind, "\(lastConnectError.message); next attempt in \(Self.seconds(wait))"))
         }
@@ -220,6 +241,7 @@ final class ModbusLink {
             reconnect.reset()
             retryAt = nil
             lastConnectError = nil
+            portWasMissing = false
             self.context = context
             return .success(context)
         case .failure(let error):
@@ -229,6 +251,7 @@ final class ModbusLink {
             retryAt = now + reconnect.ceiling
             reconnect.recordFailure()
             lastConnectError = error
+            portWasMissing = !portExists
             return .failure(error)
         }
     }
@@ -306,6 +329,13 @@ final class ModbusLink {
         lastConnectError = error
         retryAt = ContinuousClock.now + reconnect.ceiling
         reconnect.recordFailure()
+        portWasMissing = !portExists
+    }
+
+    /// Whether the port's path exists (a `/dev/serial/by-id/...` link resolves): udev removes it when the adapter is
+    /// unplugged and creates it again when it is back.
+    private var portExists: Bool {
+        FileManager.default.fileExists(atPath: settings.port)
     }
 
     private func disconnect() {

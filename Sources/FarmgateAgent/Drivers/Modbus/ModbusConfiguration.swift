@@ -49,9 +49,13 @@ public struct ModbusBusSettings: Sendable, Hashable, CustomStringConvertible {
 
     /// The RTU silent interval (t3.5) that must separate two frames: 3.5 character times below 19200 baud, and the
     /// fixed 1750 µs the specification prescribes above (Modbus over Serial Line V1.02, 2.5.1.1).
+    ///
+    /// An RTU character is 11 bits on the wire (start, 8 data, parity or a second stop bit, stop: 2.5.1), and the
+    /// specification's timings count it so (9600 baud: 4.01 ms). A line set to fewer bits (8N1 is 10) still waits the
+    /// 11-bit time: a slave built to the specification expects that gap, and waiting a little longer never glues frames.
     public var silentInterval: Duration {
         guard baud <= 19200 else { return .microseconds(1750) }
-        let bitsPerCharacter = 1 + dataBits + (parity == .none ? 0 : 1) + stopBits
+        let bitsPerCharacter = max(1 + dataBits + (parity == .none ? 0 : 1) + stopBits, 11)
         return .nanoseconds(Int64((3.5 * Double(bitsPerCharacter) / Double(baud) * 1e9).rounded(.up)))
     }
 }
@@ -87,7 +91,9 @@ public struct ModbusPoint: Sendable, Hashable {
     /// `data_type`: `uint16` (default), `int16`, `uint32`, `int32`, `float32`.
     public var dataType: ModbusDataType
     /// `word_order`: for 32-bit types, `big` (default: the first register holds the high word, "ABCD") or `little`
-    /// (low word first, "CDAB", as many transmitters send floats).
+    /// (low word first, "CDAB", as many transmitters send floats). The names libmodbus gives its float orders, `abcd`,
+    /// `badc`, `cdab` and `dcba` (A the value's most significant byte, in the order the bytes come off the wire), set
+    /// the byte order too.
     public var lowWordFirst: Bool
     /// `byte_order`: `big` (default, Modbus's own) or `little` (bytes swapped inside each register: "BADC" / "DCBA").
     public var swapBytes: Bool
@@ -188,8 +194,7 @@ struct ModbusSensorOptions: Sendable, Hashable {
         guard (1...247).contains(slave) else {
             throw table.error("slave", "must be a unit id between 1 and 247 (got \(slave)); 0 is broadcast and 248-255 are reserved")
         }
-        let function = try table.choice(
-            "function", ["holding": ModbusFunction.holding, "input": .input, "3": .holding, "4": .input, "03": .holding, "04": .input]) ?? .holding
+        let function = try Self.function(table)
         let dataTypes = Dictionary(uniqueKeysWithValues: ModbusDataType.allCases.map { ($0.rawValue, $0) })
         let dataType = try table.choice("data_type", dataTypes) ?? .uint16
         guard let address = try table.int("address") else {
@@ -198,11 +203,22 @@ struct ModbusSensorOptions: Sendable, Hashable {
         guard (0...(65536 - dataType.registerCount)).contains(address) else {
             throw table.error("address", "must be between 0 and \(65536 - dataType.registerCount) for \(dataType.rawValue) (got \(address))")
         }
-        let wordOrder = try table.choice("word_order", ["big": false, "little": true, "abcd": false, "cdab": true]) ?? false
+        let (wordOrder, impliedByteOrder) = try Self.wordOrder(table)
         if table.contains("word_order"), dataType.registerCount == 1 {
             throw table.error("word_order", "only applies to 32-bit data types (int32, uint32, float32); remove it for \(dataType.rawValue)")
         }
-        let byteOrder = try table.choice("byte_order", ["big": false, "little": true]) ?? false
+        let byteOrders = ["big": false, "little": true]
+        let byteOrder: Bool
+        switch (try table.choice("byte_order", byteOrders), impliedByteOrder) {
+        case (let given?, let implied?) where given != implied:
+            let order = (try table.string("word_order") ?? "").lowercased()
+            throw table.error(
+                "byte_order",
+                "contradicts word_order = \"\(order)\", which already means \(implied ? "bytes swapped in each register (\"little\")" : "Modbus's own byte order (\"big\")"); remove byte_order")
+        case (let given?, _): byteOrder = given
+        case (nil, let implied?): byteOrder = implied
+        case (nil, nil): byteOrder = false
+        }
         let scale = try table.double("scale") ?? 1
         guard scale != 0 else { throw table.error("scale", "must not be 0 (every value would be the offset)") }
         let offset = try table.double("offset") ?? 0
@@ -211,5 +227,44 @@ struct ModbusSensorOptions: Sendable, Hashable {
             swapBytes: byteOrder, scale: scale, offset: offset)
         responseTimeout = try table.duration("response_timeout", in: .milliseconds(20)...(.seconds(10))) ?? .milliseconds(500)
         coalesceGap = try table.int("coalesce_gap", in: 0...100) ?? 4
+    }
+
+    /// `function`: the name (`holding`, `input`) or the function code a register map gives, as a string (`"03"`) or a
+    /// TOML integer (`3`).
+    static func function(_ table: ConfigTable) throws(ConfigurationError) -> ModbusFunction {
+        let accepted = "\"holding\" (or 3) for holding registers, \"input\" (or 4) for input registers"
+        switch table.value("function") {
+        case nil: return .holding
+        case .integer(3)?: return .holding
+        case .integer(4)?: return .input
+        case .integer(let code)?:
+            throw table.error("function", "must be \(accepted) (got \(code)); only the read functions 03 and 04 are supported")
+        case .string(let text)?:
+            let names: [String: ModbusFunction] = ["holding": .holding, "input": .input, "3": .holding, "4": .input, "03": .holding, "04": .input]
+            guard let function = names[text.trimmingWhitespace().lowercased()] else {
+                throw table.error("function", "must be one of \(names.keys.sorted().map { "\"\($0)\"" }.joined(separator: ", ")): \(accepted) (got \"\(text)\")")
+            }
+            return function
+        case let other?:
+            throw table.error("function", "must be \(accepted) (got \(other.typeName))")
+        }
+    }
+
+    /// `word_order`: whether the low word comes first, and the byte order that libmodbus's four-letter names imply
+    /// (nil for `big` and `little`, which leave it to `byte_order`).
+    static func wordOrder(_ table: ConfigTable) throws(ConfigurationError) -> (lowWordFirst: Bool, swapBytes: Bool?) {
+        guard let text = try table.string("word_order") else { return (false, nil) }
+        switch text.trimmingWhitespace().lowercased() {
+        case "big": return (false, nil)
+        case "little": return (true, nil)
+        case "abcd": return (false, false)
+        case "badc": return (false, true)
+        case "cdab": return (true, false)
+        case "dcba": return (true, true)
+        default:
+            throw table.error(
+                "word_order",
+                "must be \"big\" (high word first) or \"little\" (low word first), or one of libmodbus's byte orders \"abcd\", \"badc\", \"cdab\", \"dcba\" (A = the most significant byte, as the bytes come off the wire; the transmitter's manual names one of them) (got \"\(text)\")")
+        }
     }
 }

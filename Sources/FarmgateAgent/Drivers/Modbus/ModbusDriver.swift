@@ -8,7 +8,7 @@ import Logging
 /// (`slave`, `function`, `address`, `data_type`, word and byte order, `scale`, `offset`). Sensors on one port share one
 /// ``ModbusBus``: one thread, requests serialised with the silent interval, adjacent registers read together.
 /// A missing or unplugged adapter is not a configuration error: the sensor reads `disconnected` and the bus reopens
-/// the port with backoff (1 s doubling to 30 s).
+/// the port with backoff (1 s doubling to 5 s), at once when the port's path is back.
 public final class ModbusDriver: SensorDriver {
     public static let description = DriverDescription(
         kind: "modbus",
@@ -22,9 +22,9 @@ public final class ModbusDriver: SensorDriver {
             port = "/dev/serial/by-id/usb-FTDI_FT232R_USB_UART_A10K1234-if00-port0"
             baud = 9600              # parity = "none", data_bits = 8, stop_bits = 1: the same for every sensor on the port
             slave = 1                # unit id, 1-247
-            function = "holding"     # or "input"
+            function = "holding"     # or "input" (or the function code: 3, 4)
             address = 1              # 0-based register address (40002 in a manual)
-            data_type = "uint16"     # int16, uint16, int32, uint32, float32 (word_order = "big" | "little")
+            data_type = "uint16"     # int16, uint16, int32, uint32, float32 (word_order = "big" | "little" | "abcd" | "badc" | "cdab" | "dcba")
             scale = 0.01             # value = raw * scale + offset
             # response_timeout = "500ms"
             """,

@@ -19,8 +19,8 @@ import Glibc
 /// verdict; the `temperature` file of newer kernels is used when there is no `w1_slave`.
 ///
 /// What is refused: a failed CRC (`fault`), an empty read (the conversion failed), an all-zero scratchpad, the 127.94 °C
-/// of a starved parasite-powered sensor, and the 85.000 °C power-on value unless the next read repeats it (a tank can
-/// be 85 °C; a brown-out reads 85 once). A device directory that vanished is `disconnected`.
+/// of a starved parasite-powered sensor, and the 85.000 °C power-on value, always (``W1Therm/check(millidegrees:)``).
+/// A device directory that vanished is `disconnected`. Values are the kernel's millidegrees over 1000, unrounded.
 public final class DS18B20Driver: SensorDriver {
     /// The w1-therm families: DS18S20, DS1822, DS18B20, MAX31850, DS28EA00 (and DS1825 shares 3b).
     static let families: Set<String> = ["10", "22", "28", "3b", "42"]
@@ -82,8 +82,6 @@ public final class DS18B20Driver: SensorDriver {
     }
 
     private struct State {
-        /// The previous good read was the power-on value (refused): a second one in a row is believed.
-        var powerOnPending = false
         /// A read is running on the thread (possibly abandoned, stuck on the bus).
         var busy = false
     }
@@ -118,18 +116,6 @@ public final class DS18B20Driver: SensorDriver {
         }
         let millidegrees = try outcome.get()
         if let problem = W1Therm.check(millidegrees: millidegrees) { throw problem }
-        let repeated = state.withLock { state -> Bool? in
-            guard millidegrees == W1Therm.powerOnMillidegrees else {
-                state.powerOnPending = false
-                return nil
-            }
-            defer { state.powerOnPending = true }
-            return state.powerOnPending
-        }
-        if repeated == false {
-            throw SensorError(
-                .fault, "85.000 °C is the DS18B20's power-on value (a reset during conversion, often a brown-out); ignored unless the next read repeats it")
-        }
         return SensorValue(W1Therm.celsius(millidegrees: millidegrees))
     }
 

@@ -20,11 +20,15 @@ import Glibc
 ///
 /// Newer kernels also have `temperature`: the millidegrees alone (`23125`), empty when the conversion failed.
 enum W1Therm {
-    /// The power-on reset value of the temperature register (85.000 °C): read after a reset during the conversion,
-    /// usually a brown-out, and only trusted when it repeats.
+    /// The power-on reset value of the temperature register (85.000 °C): what the sensor holds when it was reset
+    /// during the conversion (a brown-out, a loose VDD or ground) and so did not measure. Always refused, as
+    /// w1thermsensor does: a hydroponic tank is never 85 °C, and a sensor that browns out at every conversion repeats it.
     static let powerOnMillidegrees = 85_000
-    /// 0x07FF × 62.5 m°C: what a parasite-powered DS18B20 reads when the bus cannot supply the conversion current.
-    static let insufficientPowerMillidegrees = 127_937...127_938
+    /// What a parasite-powered sensor reads when the bus cannot supply the conversion current: the register stays
+    /// 0x07FF, 127.9375 °C, which the kernel prints as 127937 (truncated); 127.94 in datasheets and forum posts, 127984
+    /// from clones in 14-bit mode. Every value of 127.9xx °C is taken as that signature (all are beyond the range anyway),
+    /// so that the message says what to fix rather than only "out of range".
+    static let insufficientPowerMillidegrees = 127_900...127_999
     /// The DS18B20's measuring range.
     static let validMillidegrees = -55_000...125_000
 
@@ -75,8 +79,13 @@ enum W1Therm {
         return .success(value)
     }
 
-    /// Checks a value against what a DS18B20 can mean (85 °C is handled by the caller, which knows the previous read).
+    /// Checks a value against what a DS18B20 can mean: the power-on value, starved parasite power, the measuring range.
     static func check(millidegrees: Int) -> SensorError? {
+        if millidegrees == powerOnMillidegrees {
+            return SensorError(
+                .fault,
+                "85.000 °C is the DS18B20's power-on reset value, not a measurement: the sensor was reset during the conversion (a brown-out); check its VDD and ground wiring and the supply (3.3 V at the probe)")
+        }
         if insufficientPowerMillidegrees.contains(millidegrees) {
             return SensorError(.fault, "127.94 °C means the sensor lacked power for the conversion (parasite power?); wire its VDD to 3.3 V")
         }
@@ -86,9 +95,11 @@ enum W1Therm {
         return nil
     }
 
-    /// Degrees Celsius at the DS18B20's 12-bit resolution, 1/16 °C (the kernel prints millidegrees, truncated).
+    /// Degrees Celsius: the kernel's millidegrees over 1000, as w1thermsensor computes them. Not rounded to the
+    /// DS18B20's 1/16 °C here: other w1-therm sensors and resolutions (a clone's 1/64 °C) are finer, and the reading
+    /// is quantized to the sensor's configured `resolution` (1/16 °C by default for temperature) when it is stored.
     static func celsius(millidegrees: Int) -> Double {
-        (Double(millidegrees) * 16 / 1000).rounded() / 16
+        Double(millidegrees) / 1000
     }
 }
 
