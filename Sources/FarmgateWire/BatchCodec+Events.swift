@@ -147,6 +147,12 @@ extension CalibrationEvent {
             guard !point.name.isEmpty, point.name.utf8.count <= 16 else { return "event \(id): a point name is empty or longer than 16 bytes" }
         }
         if let calibratedPoints, !(0...16).contains(calibratedPoints) { return "event \(id): calibrated_points \(calibratedPoints) is out of range" }
+        // Names a circuit reported, never free text: no control character at all. Taken, a NUL made PostgreSQL refuse the
+        // batch (503, sent again for ever) and SQLite store the text cut short.
+        let texts = [("circuit", circuit), ("firmware", firmware ?? "")] + points.enumerated().map { ("points[\($0.offset)].name", $0.element.name) }
+        for (field, text) in texts {
+            if let problem = text.controlCharacterProblem() { return "event \(id): \(field) \(problem)" }
+        }
         return nil
     }
 }

@@ -3,6 +3,7 @@ import Foundation
 import HTTPTypes
 import Hummingbird
 import HummingbirdTesting
+import Prometheus
 import Testing
 
 @testable import FarmgateIngest
@@ -142,5 +143,79 @@ struct AlertAPITests {
             response = try await client.execute(uri: "/v1/farms/f1/silences/\(try #require(silences.first?.id))", method: .delete, headers: bearer(admin))
             #expect(response.status == .noContent)
         }
+    }
+
+    @Test(
+        "a control character in an acknowledgement's by, a silence's comment or created_by is 400 naming the field, on either store; a tab is taken in a comment",
+        arguments: StoreKind.allCases)
+    func controlCharacters(kind: StoreKind) async throws {
+        try await withFreshStore(kind) { store in
+            let alertStore = try #require(store as? any IngestStore & AlertStore)
+            let admin = IngestAdmin(store: store)
+            _ = try await admin.createFarm(name: "f1")
+            _ = try await admin.createDevice(farm: "f1", device: try deviceID("d1"))
+            let token = try await admin.createReadToken(farm: "f1", role: .admin)
+            let alerts = AlertAdmin(store: alertStore)
+            try await alerts.putRule(farm: "f1", try AlertRuleSpec.parseJSON(Array(#"{"name": "ph-low", "kind": "below", "threshold": 5.5}"#.utf8)).validated(), replace: false)
+            let engine = AlertEngine(store: alertStore, logger: testLogger, now: { testNow })
+            await engine.reload()
+            let farm = try #require(try await store.farm(named: "f1"))
+            let d1 = try #require(try await store.devices(farmID: farm.id).first)
+            let outcome = try await store.store(try phBatch(sequences: 1...3, value: 5.0), for: d1, receivedAt: testNow)
+            await engine.evaluate(CommittedBatch(device: d1, receivedAt: testNow, readings: outcome.fresh))
+            let id = try #require(try await alerts.alerts(farm: "f1", now: testNow).first?.id)
+            var configuration = IngestConfiguration()
+            configuration.server.port = 0
+            let app = buildApplication(
+                configuration: configuration, store: store, registry: PrometheusCollectorRegistry(), logger: testLogger, now: { testNow },
+                credentialCacheTTL: .zero)
+            let silence = #"{"matchers": {"alertname": "ph-*"}, "duration": "2h""#
+            try await app.test(.router) { client in
+                for (uri, body, code, field) in [
+                    ("/v1/farms/f1/alerts/\(id)/ack", #"{"by": "an\u0000na"}"#, "invalid_body", "by"),
+                    ("/v1/farms/f1/alerts/\(id)/ack", #"{"by": "anna\u001b[2J"}"#, "invalid_body", "by"),
+                    ("/v1/farms/f1/silences", silence + #", "comment": "probe\u0000swap"}"#, "invalid_silence", "comment"),
+                    ("/v1/farms/f1/silences", silence + #", "comment": "probe\nswap"}"#, "invalid_silence", "comment"),
+                    ("/v1/farms/f1/silences", silence + #", "comment": "probe swap", "created_by": "x\u0000"}"#, "invalid_silence", "created_by"),
+                ] {
+                    let response = try await client.execute(uri: uri, method: .post, headers: headers(token), body: jsonBody(body))
+                    let message = try expectError(response, .badRequest, code)
+                    #expect(message.hasPrefix("\(field): contains the control character U+00"), "\(body): \(message)")
+                }
+                let acknowledged = try await client.execute(uri: "/v1/farms/f1/alerts/\(id)/ack", method: .post, headers: headers(token), body: jsonBody(#"{"by": "anna"}"#))
+                #expect(acknowledged.status == .ok)
+                let added = try await client.execute(
+                    uri: "/v1/farms/f1/silences", method: .post, headers: headers(token), body: jsonBody(silence + #", "comment": "probe\tswap"}"#))
+                #expect(added.status == .created)
+            }
+            // Nothing refused was stored.
+            #expect(try await alerts.silences(farm: "f1", now: testNow).map(\.comment) == ["probe\tswap"])
+            #expect(try await alerts.alerts(farm: "f1", now: testNow).first?.acknowledgedBy == "anna")
+        }
+    }
+
+    @Test("a rule or silence body that cannot be read in full is 400 incomplete_body, not 413; one over 64 KiB is 413")
+    func bodyErrors() async throws {
+        struct StreamReset: Error {}
+        // Half a body, then the stream fails (an HTTP/2 stream reset, a connection lost mid-body).
+        let (cut, source) = RequestBody.makeStream()
+        let feeder = Task {
+            await source.yield(ByteBuffer(string: #"{"name": "ph-"#))
+            source.finish(StreamReset())
+        }
+        do {
+            _ = try await AlertController.collect(cut)
+            Issue.record("a body that failed half way was taken")
+        } catch {
+            #expect(error.status == .badRequest && error.code == IngestErrorCode.incompleteBody, "\(error)")
+        }
+        await feeder.value
+        do {
+            _ = try await AlertController.collect(RequestBody(buffer: ByteBuffer(repeating: UInt8(ascii: " "), count: AlertController.maxBodyBytes + 1)))
+            Issue.record("a body over the limit was taken")
+        } catch {
+            #expect(error.status == .contentTooLarge && error.code == "payload_too_large", "\(error)")
+        }
+        #expect(try await AlertController.collect(RequestBody(buffer: ByteBuffer(string: Self.rule))) == ByteBuffer(string: Self.rule))
     }
 }

@@ -54,6 +54,29 @@ struct AlertRuleTests {
         }
     }
 
+    @Test("a duration in a rules file out of 0s...366d is refused naming file, rule and key, however large the number")
+    func outOfRangeDurationsInAFile() throws {
+        for (line, shown) in [
+            ("for = 10000000000000000", "10000000000000000 seconds"), ("window = 1e300", "1e+300 seconds"), ("for = -5", "-5 seconds"),
+            ("window = \"367d\"", "\"367d\""), ("for = 31622401", "31622401 seconds"),
+        ] {
+            let kind = line.hasPrefix("window") ? "kind = \"rate_of_change\"" : "kind = \"below\""
+            let key = line.hasPrefix("window") ? "window" : "for"
+            do {
+                _ = try AlertRuleFile.parse("[[rule]]\nname = \"x\"\n\(kind)\nthreshold = 5\n\(line)\n", file: "r.toml")
+                Issue.record("\(line) was accepted")
+            } catch {
+                #expect("\(error)" == "r.toml:5: rule \"x\": \(key): must be from 0s to 366d, the longest a rule takes (got \(shown))")
+            }
+        }
+        // The limit itself, as a number or as text, is taken.
+        let limit: Int64 = 366 * 86_400_000_000
+        let rules = try AlertRuleFile.parse("[[rule]]\nname = \"x\"\nkind = \"below\"\nthreshold = 5\nfor = 31622400\n", file: "r.toml")
+        #expect(rules.first?.forMicroseconds == limit)
+        let window = try AlertRuleFile.parse("[[rule]]\nname = \"x\"\nkind = \"rate_of_change\"\nthreshold = 5\nwindow = \"366d\"\n", file: "r.toml")
+        #expect(window.first?.windowMicroseconds == limit)
+    }
+
     @Test("validation names the field", arguments: [
         (#"{"kind": "below", "threshold": 5}"#, "name"),
         (#"{"name": "a", "kind": "sideways"}"#, "kind"),

@@ -1,4 +1,5 @@
 import FarmgateSupport
+import FarmgateTestSupport
 import FarmgateWire
 import Foundation
 import HTTPTypes
@@ -283,6 +284,69 @@ struct BatchUploadTests {
             #expect((retryAfter ?? 0) >= 1 && (retryAfter ?? 0) <= 100)
             // Another device has its own bucket.
             #expect(try await postJSON(client, try phBatch(device: "d2", sequences: 1...1), key: fixture.secondDeviceKey).status == .ok)
+        }
+    }
+
+    @Test("past uploads_in_flight slow uploads of one device, its next is 429 rate_limited with Retry-After; another device is not held up")
+    func uploadsInFlightPerDevice() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        // A bucket that never runs dry here: only the in-flight cap (default 4) can refuse.
+        let limits = IngestConfiguration.Limits(requestsPerSecond: 1_000, burst: 1_000)
+        #expect(limits.uploadsInFlight == 4)
+        let registry = PrometheusCollectorRegistry()
+        try await fixture.app(limits: limits, registry: registry).test(.live) { client in
+            let port = try #require(client.port)
+            let key = fixture.deviceKey.text
+            let body = BatchJSON.encode(try phBatch(sequences: 1...3))
+            // Four slow uploads: the head and half the body sent, the rest held back.
+            let held = try await runOffPool(name: "slow-uploads") { () throws -> [RawConnection] in
+                try (0..<4).map { _ in
+                    let connection = try RawConnection(port: port)
+                    connection.send(
+                        "POST \(IngestProtocol.batchesPath) HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \(key)\r\nContent-Type: application/json\r\nContent-Length: \(body.count)\r\n\r\n")
+                    connection.send(Array(body.prefix(body.count / 2)))
+                    return connection
+                }
+            }
+            // Once the four are being read, the device's next upload is refused at once. A probe that races one of the four
+            // to a slot may be taken instead, and that one refused: either way it is the cap at work.
+            let empty = try phBatch(sequences: [UInt64]())
+            var refusal: (head: String, body: [UInt8])?
+            var answeredEarly: Set<Int> = []
+            let refused = try await eventually(timeout: .seconds(10), every: .milliseconds(20)) {
+                let response = try await postJSON(client, empty, key: fixture.deviceKey)
+                if response.status == .tooManyRequests {
+                    refusal = ("retry-after: \(response.headers[.retryAfter] ?? "")", Array(response.body.readableBytesView))
+                    return true
+                }
+                let early = try await runOffPool(name: "slow-uploads") { held.map { $0.readResponse(timeout: .milliseconds(1)) } }
+                for (index, answer) in early.enumerated() {
+                    guard let answer else { continue }
+                    answeredEarly.insert(index)
+                    if answer.status == 429 { refusal = (answer.head.lowercased(), answer.body) }
+                }
+                return refusal != nil
+            }
+            #expect(refused, "a fifth upload was accepted while four were in flight")
+            let answer = try #require(refusal)
+            let error = try JSONDecoder().decode(APIErrorBody.self, from: Data(answer.body)).error
+            #expect(error.code == "rate_limited" && error.message.contains("4 uploads in flight"), "\(error.message)")
+            #expect(answer.head.contains("retry-after: 1"), "\(answer.head)")
+            // Another device has its own slots.
+            #expect(try await postJSON(client, try phBatch(device: "d2", sequences: 1...1), key: fixture.secondDeviceKey).status == .ok)
+            // One slow upload ends: it is stored, and its slot is free again.
+            let slow = try #require(held.indices.first { !answeredEarly.contains($0) })
+            let finished = try await runOffPool(name: "slow-uploads") {
+                held[slow].send(Array(body.dropFirst(body.count / 2)))
+                return held[slow].readResponse(timeout: .seconds(10))
+            }
+            #expect(finished?.status == 200)
+            #expect(try await postJSON(client, empty, key: fixture.deviceKey).status == .ok)
+            let metrics = String(buffer: try await client.execute(uri: "/metrics", method: .get).body)
+            let limited = try PrometheusText.parse(metrics).first { $0.name == "farmgate_ingest_batches_total" && $0.labels["result"] == "rate_limited" }
+            #expect((limited?.value ?? 0) >= 1, "counted as rate_limited")
+            withExtendedLifetime(held) {}
         }
     }
 

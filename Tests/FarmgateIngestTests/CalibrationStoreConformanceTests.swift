@@ -110,4 +110,95 @@ import Testing
             #expect(Set(stored.map(\.id)) == ["bin-1", "json-1"])
         }
     }
+
+    /// The JSON text of `event` with its `time` written as `time` (an integer of microseconds, say), not as RFC 3339.
+    static func eventJSON(_ event: CalibrationEvent, time: String? = nil) throws -> String {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        let text = String(decoding: try encoder.encode(event), as: UTF8.self)
+        guard let time else { return text }
+        return text.replacingOccurrences(of: #""time":"\#(RFC3339.format(event.time))""#, with: #""time":\#(time)"#)
+    }
+
+    @Test(
+        "an event with a control character in a text or a time outside 2000...now + future_tolerance is refused whole (400, naming event and field) on either store, nothing stored",
+        arguments: StoreKind.allCases)
+    func refusesEventsWithControlCharactersOrImplausibleTimes(kind: StoreKind) async throws {
+        try await withFreshStore(kind) { store in
+            let admin = IngestAdmin(store: store)
+            _ = try await admin.createFarm(name: "f1")
+            let key = try await admin.createDevice(farm: "f1", device: try deviceID("d1"))
+            var configuration = IngestConfiguration()
+            configuration.server.port = 0
+            let app = buildApplication(
+                configuration: configuration, store: store, registry: PrometheusCollectorRegistry(), logger: testLogger, now: { testNow },
+                credentialCacheTTL: .zero)
+            var nul = try Self.event("nul")
+            nul.circuit = "p\u{0}H"
+            var escape = try Self.event("escape")
+            escape.firmware = "2.16\u{1B}[31m"
+            var point = try Self.event("point")
+            point.points[1].name = "low\n"
+            let pointAhead = { () throws -> CalibrationEvent in
+                var event = try Self.event("point-ahead")
+                event.points[0].at = Timestamp(microseconds: 32_503_680_000_000_000)
+                return event
+            }
+            var ahead = try Self.event("ahead")
+            ahead.time = Timestamp(microseconds: testNow.microseconds + 11 * 60_000_000)
+            var old = try Self.event("old")
+            old.time = Timestamp(microseconds: Timestamp.earliestPlausible.microseconds - 1)
+            let cases: [(json: String, problem: String)] = [
+                (try Self.eventJSON(nul), "event nul: circuit contains the control character U+0000 at character 2"),
+                (try Self.eventJSON(escape), "event escape: firmware contains the control character U+001B"),
+                (try Self.eventJSON(point), "event point: points[1].name contains the control character U+000A"),
+                (try Self.eventJSON(try Self.event("max"), time: "9223372036854775807"), "calibration event max: time 294247-"),
+                (try Self.eventJSON(try Self.event("y10k"), time: "253402300800000000"), "calibration event y10k: time 10000-01-01T00:00:00Z is later than"),
+                (try Self.eventJSON(try pointAhead()), "calibration event point-ahead: points[0].at 3000-01-01T00:00:00Z is later than"),
+                (try Self.eventJSON(ahead), "calibration event ahead: time 2026-01-01T00:11:00Z is later than the ingest's clock"),
+                (try Self.eventJSON(old), "calibration event old: time 1999-12-31T23:59:59.999999Z is before 2000-01-01"),
+            ]
+            try await app.test(.router) { client in
+                for (json, problem) in cases {
+                    let document = #"{"device":"d1","sensors":[{"id":"tank1.ph","quantity":"ph"}],"readings":[{"sensor":"tank1.ph","seq":1,"ts":"2025-12-31T23:00:00Z","value":6.5}],"calibrations":[\#(json)]}"#
+                    let refused = try await client.execute(uri: IngestProtocol.batchesPath, method: .post, headers: jsonHeaders(key), body: buffer(Array(document.utf8)))
+                    let message = try expectError(refused, .badRequest, IngestErrorCode.malformedBatch)
+                    #expect(message.contains(problem), "\(message)")
+                }
+                // In a binary frame the same: a time the ingest can write and read, but far ahead.
+                var future = try Self.event("future")
+                future.time = Timestamp(microseconds: 32_503_680_000_000_000)
+                let frame = try BatchCodec.encode(try phBatch(sequences: 1...1), calibrations: [future])
+                let binary = try await client.execute(uri: IngestProtocol.batchesPath, method: .post, headers: binaryHeaders(key), body: buffer(frame))
+                #expect(try expectError(binary, .badRequest, IngestErrorCode.malformedBatch).contains("calibration event future: time 3000-01-01T00:00:00Z"))
+                // Up to future_tolerance ahead, with a tab nowhere: taken.
+                var soon = try Self.event("soon")
+                soon.time = Timestamp(microseconds: testNow.microseconds + 9 * 60_000_000)
+                let taken = try BatchCodec.encode(try phBatch(sequences: 1...1), calibrations: [soon])
+                let receipt = try decode(
+                    IngestReceipt.self, try await client.execute(uri: IngestProtocol.batchesPath, method: .post, headers: binaryHeaders(key), body: buffer(taken)))
+                #expect(receipt.accepted == 1 && receipt.calibrations == CalibrationReceipt(accepted: 1, duplicates: 0))
+            }
+            let farm = try #require(try await store.farm(named: "f1"))
+            let d1 = try #require(try await store.devices(farmID: farm.id).first)
+            let stored = try await Self.calibrations(store).calibrations(deviceRowID: d1.rowID, sensor: try sensorID("tank1.ph"), limit: 100)
+            #expect(stored.map(\.id) == ["soon"])
+            #expect(try await store.highestSequence(device: d1) == 1, "the refused batches stored none of their readings")
+        }
+    }
+
+    @Test("an event stored before times were checked, at year 294247, is skipped by reads rather than hiding the real ones", arguments: StoreKind.allCases)
+    func readsSkipEventsThatCannotBeReadBack(kind: StoreKind) async throws {
+        try await withFreshStore(kind) { store in
+            let calibrations = try Self.calibrations(store)
+            let device = try await StoreConformanceTests.device(in: store)
+            var far = try Self.event("far")
+            far.time = Timestamp(microseconds: Int64.max)
+            let real = try Self.event("real", minutesAgo: 5)
+            #expect(try await calibrations.storeCalibrations([far, real], for: device, receivedAt: testNow) == CalibrationReceipt(accepted: 2, duplicates: 0))
+            let ph = try sensorID("tank1.ph")
+            #expect(try await calibrations.calibrations(deviceRowID: device.rowID, sensor: ph, limit: 1) == [real])
+            #expect(try await calibrations.calibrations(deviceRowID: device.rowID, sensor: ph, limit: 100) == [real])
+        }
+    }
 }

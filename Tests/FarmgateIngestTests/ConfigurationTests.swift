@@ -18,6 +18,7 @@ struct ConfigurationTests {
         #expect(configuration.limits.maxReadingsPerBatch == 100_000)
         #expect(configuration.limits.futureTolerance == .seconds(600))
         #expect(configuration.limits.requestsPerSecond == 20 && configuration.limits.burst == 40)
+        #expect(configuration.limits.uploadsInFlight == 4)
         #expect(configuration.log.level == .info)
     }
 
@@ -36,6 +37,7 @@ struct ConfigurationTests {
             future_tolerance = "30s"
             requests_per_second = 2.5
             burst = 5
+            uploads_in_flight = 2
             [log]
             level = "debug"
             """
@@ -44,7 +46,9 @@ struct ConfigurationTests {
         #expect(configuration.storage.path == "/srv/data/ingest.sqlite")
         #expect(
             configuration.limits
-                == .init(maxBodyBytes: 1 << 20, maxDecompressedBytes: 4 << 20, maxReadingsPerBatch: 5000, futureTolerance: .seconds(30), requestsPerSecond: 2.5, burst: 5))
+                == .init(
+                    maxBodyBytes: 1 << 20, maxDecompressedBytes: 4 << 20, maxReadingsPerBatch: 5000, futureTolerance: .seconds(30), requestsPerSecond: 2.5,
+                    burst: 5, uploadsInFlight: 2))
         #expect(configuration.log.level == .debug)
     }
 
@@ -55,6 +59,7 @@ struct ConfigurationTests {
             ("[server]\nport = 70000\n", "ingest.toml:2: server.port: must be between 0 and 65535"),
             ("\n\n[limits]\nfuture_tolerance = \"soon\"\n", "ingest.toml:4: limits.future_tolerance: must be a duration"),
             ("[limits]\nmax_body_bytes = \"8 parsecs\"\n", "ingest.toml:2: limits.max_body_bytes: must be a size"),
+            ("[limits]\nuploads_in_flight = 0\n", "ingest.toml:2: limits.uploads_in_flight: must be between 1 and 1000"),
             ("[limits]\nmax_body_bytes = \"16MiB\"\nmax_decompressed_bytes = \"8MiB\"\n", "ingest.toml:3: limits.max_decompressed_bytes: must be at least"),
             ("[log]\nlevel = \"loud\"\n", "ingest.toml:2: log.level: must be one of"),
             ("[storage]\npath = 5\n", "ingest.toml:2: storage.path: must be a string"),

@@ -146,6 +146,38 @@ import Testing
         }
     }
 
+    @Test("a reading at sequence Int64.max older than raw retention is removed without a crash, and it stays a duplicate", arguments: StoreKind.allCases)
+    func removesTheLastPossibleSequence(kind: StoreKind) async throws {
+        try await withFreshStore(kind) { store in
+            let retention = try #require(store as? any RetentionStore)
+            let device = try await StoreConformanceTests.device(in: store)
+            let sensor = try sensorID("tank1.ph")
+            // A day before the raw cut-off, a second apart.
+            let old = Self.rawCutoff.microseconds - 86_400_000_000
+            func batch(_ sequences: [UInt64]) throws -> Batch {
+                Batch(
+                    device: try deviceID("d1"), sensors: [SensorDescriptor(id: sensor, quantity: .ph)],
+                    readings: sequences.map { sequence in
+                        Reading(sensor: sensor, sequence: sequence, timestamp: Timestamp(microseconds: old + Int64(sequence % 1_000) * 1_000_000), value: 6.5)
+                    })
+            }
+            let top = UInt64(Int64.max)
+            #expect(try await store.store(try batch([7, top]), for: device, receivedAt: testNow).tally == Tally(accepted: 2, duplicates: 0, rejected: 0))
+            let report = try await retention.runRetention(Self.retention, now: testNow, options: RetentionRunOptions())
+            #expect(report.skipped == nil)
+            if kind == .sqlite { #expect(report.rawRowsDeleted == 2) }
+            #expect(try await Self.stored(store, device: device).isEmpty)
+            // Sent again after retention removed them: duplicates, never stored again (the delivery contract).
+            #expect(try await store.store(try batch([7, top]), for: device, receivedAt: testNow).tally == Tally(accepted: 0, duplicates: 2, rejected: 0))
+            // The sequence just below, stored and removed by a later run, joins the range that ends at Int64.max.
+            #expect(try await store.store(try batch([top - 1]), for: device, receivedAt: testNow).tally == Tally(accepted: 1, duplicates: 0, rejected: 0))
+            _ = try await retention.runRetention(Self.retention, now: testNow, options: RetentionRunOptions())
+            #expect(try await Self.stored(store, device: device).isEmpty)
+            #expect(try await store.store(try batch([7, top - 1, top]), for: device, receivedAt: testNow).tally == Tally(accepted: 0, duplicates: 3, rejected: 0))
+            #expect(try await store.highestSequence(device: device) == top)
+        }
+    }
+
     /// The partitions of `rollups_1m` (monthly ones and the default), by name.
     static func minuteRollupPartitions(_ store: PostgresIngestStore) async throws -> [String] {
         try await store.rows(

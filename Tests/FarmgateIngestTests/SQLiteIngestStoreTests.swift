@@ -180,6 +180,23 @@ struct SQLiteIngestStoreTests {
         #expect(!dump.contains { $0.contains(fixture.deviceKey.secret) })
     }
 
+    @Test("text is bound with its byte count: a NUL inside is stored and read back whole, not cut off there")
+    func textWithNULIsBoundWhole() throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let connection = try SQLiteConnection(path: directory.path + "/text.sqlite")
+        try connection.execute("CREATE TABLE t (value TEXT NOT NULL)")
+        for text in ["p\u{0}H", "\u{0}", "", "é\u{0}ü", String(repeating: "x", count: 100) + "\u{0}tail"] {
+            try connection.execute("DELETE FROM t")
+            _ = try connection.query("INSERT INTO t VALUES (?)", [.text(text)])
+            let rows = try connection.query("SELECT value, length(CAST(value AS BLOB)) FROM t")
+            #expect(rows.first?[0].string == text, "\(text.debugDescription)")
+            #expect(rows.first?[1].int64 == Int64(text.utf8.count), "\(text.debugDescription)")
+            // And found by it: the whole text is compared, not its part before the NUL.
+            #expect(try connection.queryInt("SELECT count(*) FROM t WHERE value = ?", [.text(text)]) == 1)
+        }
+    }
+
     func storedSequences(_ fixture: Fixture, device: DeviceIdentity) async throws -> [UInt64] {
         var sequences: [UInt64] = []
         var after: UInt64?

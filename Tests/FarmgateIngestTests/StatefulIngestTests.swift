@@ -142,6 +142,32 @@ struct StatefulIngestTests {
         }
     }
 
+    @Test("a frame that declares a table and then fails to decode leaves no table behind: a frame naming it is 409 unknown_sensor_table")
+    func failedFrameKeepsNoTable() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let table = try Self.table()
+        // The head (with the table) decodes; the readings do not: more than max_readings_per_batch.
+        let tooMany = try WireSession().encode(Batch(device: try deviceID("d1"), sensors: [], readings: try Self.readings(from: 1, count: 30)), table: table)
+        #expect(tooMany.declaredTable)
+        var believing = WireSession()
+        believing.delivered(tooMany, acknowledged: [])
+        let named = try believing.encode(Batch(device: try deviceID("d1"), sensors: [], readings: try Self.readings(from: 1, count: 6)), table: table)
+        #expect(!named.declaredTable)
+        try await fixture.app(limits: IngestConfiguration.Limits(maxReadingsPerBatch: 10)).test(.router) { client in
+            try expectError(try await Self.post(client, tooMany, key: fixture.deviceKey), .contentTooLarge, IngestErrorCode.tooManyReadings)
+            let d1 = try await fixture.identity(device: "d1")
+            #expect(try await fixture.store.sensorTable(deviceRowID: d1.rowID, hash: table.hash) == nil)
+            // Neither memory nor the store holds it.
+            try expectError(try await Self.post(client, named, key: fixture.deviceKey), .conflict, IngestErrorCode.unknownSensorTable)
+            // Declared in a frame that decodes, it is kept, and named frames decode against it.
+            let declaring = try WireSession().encode(Batch(device: try deviceID("d1"), sensors: [], readings: try Self.readings(from: 1, count: 6)), table: table)
+            #expect(try Self.compactReceipt(try await Self.post(client, declaring, key: fixture.deviceKey)).accepted == 6)
+            #expect(try await fixture.store.sensorTable(deviceRowID: d1.rowID, hash: table.hash) == table.encoded)
+            #expect(try Self.compactReceipt(try await Self.post(client, named, key: fixture.deviceKey)).duplicates == 6)
+        }
+    }
+
     @Test("a context other than the ingest's is 409 stale_context with the ingest's newest readings; against those the same readings are stored")
     func staleContext() async throws {
         let fixture = try await Fixture()

@@ -109,6 +109,31 @@ import Testing
     }
 
     @Test(arguments: StoreKind.allCases)
+    func theCacheInFrontKeepsNoMoreTablesPerDeviceThanTheStoreLeastRecentlyUsedFirst(kind: StoreKind) async throws {
+        try await withFreshStore(kind) { store in
+            let state = try Self.wireState(store)
+            let d1 = try await StoreConformanceTests.device(in: store)
+            let d2 = try await StoreConformanceTests.device(in: store, name: "d2")
+            let cache = WireStateCache(store: state, logger: testLogger)
+            let limit = type(of: state).maxSensorTablesPerDevice
+            #expect(limit == 16)
+            let tables = try (1...41).map { n in try SensorTable([SensorDescriptor(id: try sensorID("tank\(n).ph"), quantity: .ph)]) }
+            try await cache.remember(tables[0], device: d2)
+            // A device declaring 40 tables, one per frame: memory holds the 16 most recently used.
+            for table in tables[..<40] { try await cache.remember(table, device: d1) }
+            #expect(cache.tablesInMemory(deviceRowID: d1.rowID) == Set(tables[24..<40].map(\.hash)))
+            // Using one keeps it: the next table pushes out the least recently used, not it.
+            #expect(try await cache.table(device: d1, hash: tables[24].hash) == tables[24])
+            try await cache.remember(tables[40], device: d1)
+            #expect(cache.tablesInMemory(deviceRowID: d1.rowID) == Set(([tables[24]] + tables[26...40]).map(\.hash)))
+            // One the store dropped too is unknown; another device's table is its own.
+            #expect(try await cache.table(device: d1, hash: tables[0].hash) == nil)
+            #expect(cache.tablesInMemory(deviceRowID: d1.rowID).count == limit)
+            #expect(cache.tablesInMemory(deviceRowID: d2.rowID) == [tables[0].hash])
+        }
+    }
+
+    @Test(arguments: StoreKind.allCases)
     func concurrentDeclarationsOfOneTableAllSucceedAcrossInstances(kind: StoreKind) async throws {
         try await Self.withTwoStores(kind) { first, second in
             let device = try await StoreConformanceTests.device(in: first)

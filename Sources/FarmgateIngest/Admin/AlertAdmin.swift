@@ -66,7 +66,9 @@ public struct AlertAdmin: Sendable {
         return records.map { AlertView($0, severity: severities[$0.rule], history: history[$0.id] ?? []) }
     }
 
+    /// Records who acknowledged the alert. `by` is a name: a control character in it is refused (``AlertRuleError``).
     public func acknowledge(farm: String, alertID: Int64, by: String) async throws {
+        if let problem = by.controlCharacterProblem() { throw AlertRuleError(field: "by", message: problem) }
         guard try await store.acknowledgeAlert(farmID: try await self.farm(farm).id, alertID: alertID, by: by, at: .now()) else {
             throw IngestStoreError.notFound("alert \(alertID) in farm '\(farm)'")
         }
@@ -75,8 +77,11 @@ public struct AlertAdmin: Sendable {
     // MARK: Silences
 
     /// Adds a silence and returns its id. Matchers are label globs (`alertname`, `device`, `sensor`, `severity`, or a
-    /// rule's own labels); at least one is required, so that a typo never silences a whole farm by accident.
+    /// rule's own labels); at least one is required, so that a typo never silences a whole farm by accident. `comment` is
+    /// free text (tabs taken), `by` a name; a control character in either is refused (``AlertRuleError``).
     public func addSilence(farm: String, matchers: [String: String], until: Timestamp, comment: String, by: String, now: Timestamp = .now()) async throws -> Int64 {
+        if let problem = comment.controlCharacterProblem(allowingTab: true) { throw AlertRuleError(field: "comment", message: problem) }
+        if let problem = by.controlCharacterProblem() { throw AlertRuleError(field: "created_by", message: problem) }
         guard !matchers.isEmpty else { throw AlertRuleError(field: "matchers", message: "at least one matcher is required, e.g. alertname=ph-low or device=greenhouse-*") }
         guard until > now else { throw AlertRuleError(field: "until", message: "must be in the future (got \(RFC3339.format(until)))") }
         return try await store.addAlertSilence(

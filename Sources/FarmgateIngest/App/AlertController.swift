@@ -3,6 +3,7 @@ import FarmgateWire
 import Foundation
 import Hummingbird
 import Logging
+import NIOCore
 
 /// The alert API of a farm, behind its read tokens (``ReaderAuthMiddleware``). Viewers read; writes need an admin token
 /// of the farm (`farmgate-ingest token create --role admin`):
@@ -233,11 +234,21 @@ struct AlertController: Sendable {
         return farm
     }
 
-    private func collect(_ request: Request) async throws -> ByteBuffer {
+    private func collect(_ request: Request) async throws(APIError) -> ByteBuffer {
+        try await Self.collect(request.body)
+    }
+
+    /// The whole body, at most ``maxBodyBytes``: larger is 413; a body that cannot be read in full (a stream reset or cut
+    /// mid-body) is 400 `incomplete_body`, as for batches, not 413, which would tell the client to send less.
+    static func collect(_ body: RequestBody) async throws(APIError) -> ByteBuffer {
         do {
-            return try await request.body.collect(upTo: Self.maxBodyBytes)
+            return try await body.collect(upTo: maxBodyBytes)
+        } catch is NIOTooManyBytesError {
+            throw APIError(.contentTooLarge, code: "payload_too_large", message: "the body is larger than \(maxBodyBytes) bytes; send one rule or silence at a time")
         } catch {
-            throw APIError(.contentTooLarge, code: "payload_too_large", message: "the body is larger than \(Self.maxBodyBytes) bytes; send one rule or silence at a time")
+            throw APIError(
+                .badRequest, code: IngestErrorCode.incompleteBody,
+                message: "the request body could not be read in full (\(error)); it was probably cut in transit: send it again")
         }
     }
 
@@ -245,11 +256,14 @@ struct AlertController: Sendable {
         APIError(.badRequest, code: "invalid_rule", message: error.description)
     }
 
-    /// Runs a store call: not found becomes 404, a taken name 409, anything else 503 with the details in the log.
+    /// Runs a store call: a field ``AlertAdmin`` refuses becomes 400 `invalid_body` naming it, not found 404, a taken name
+    /// 409, anything else 503 with the details in the log.
     @discardableResult
     private func storeCall<T: Sendable>(_ what: String, _ body: () async throws -> T) async throws -> T {
         do {
             return try await body()
+        } catch let error as AlertRuleError {
+            throw APIError(.badRequest, code: "invalid_body", message: error.description)
         } catch IngestStoreError.notFound(let thing) {
             throw APIError(.notFound, code: "not_found", message: "\(thing) does not exist")
         } catch IngestStoreError.alreadyExists(let thing) {

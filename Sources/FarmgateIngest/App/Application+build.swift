@@ -126,6 +126,7 @@ func buildRouter(
     BatchController(
         store: store, gate: gate,
         rateLimiter: RateLimiter(rate: limits.requestsPerSecond, burst: limits.burst, policy: "device"),
+        uploadsInFlight: UploadsInFlight(limit: limits.uploadsInFlight),
         validator: ReadingValidator(futureTolerance: limits.futureTolerance, unsynchronizedFutureLimit: limits.unsynchronizedFutureLimit),
         limits: limits,
         metrics: metrics, commits: commits, wireState: wireState, now: now, logger: logger

@@ -10,6 +10,8 @@ struct BatchController: Sendable {
     let store: any ReadingIngestStore
     let gate: AuthenticationGate
     let rateLimiter: RateLimiter
+    /// Each device's uploads in flight, capped at `limits.uploadsInFlight`.
+    let uploadsInFlight: UploadsInFlight
     let validator: ReadingValidator
     let limits: IngestConfiguration.Limits
     let metrics: IngestMetrics
@@ -66,6 +68,9 @@ struct BatchController: Sendable {
         }
     }
 
+    /// `Retry-After` of a 429 for too many uploads in flight: an upload of the device is answered within seconds.
+    static let inFlightRetryAfterSeconds = 1
+
     static func result(for status: HTTPResponse.Status) -> IngestMetrics.BatchResult {
         switch status.code {
         case 401: .unauthorized
@@ -95,6 +100,16 @@ struct BatchController: Sendable {
                 message: "this device posts more than \(rateLimiter.rate) batches per second (burst \(rateLimiter.burst)); retry after \(limit.retryAfterSeconds) s and send larger batches less often",
                 headers: limit.headers)
         }
+        // A device's uploads at once are bounded too: each holds its body and decompressed copies until it is answered.
+        guard uploadsInFlight.enter(device.rowID) else {
+            var headers = limit.headers
+            headers[.retryAfter] = String(Self.inFlightRetryAfterSeconds)
+            throw APIError(
+                .tooManyRequests, code: "rate_limited",
+                message: "this device already has \(uploadsInFlight.limit) uploads in flight, the most the ingest takes at once from one device; wait for their answers, then retry after \(Self.inFlightRetryAfterSeconds) s (send one batch at a time, as the agent does)",
+                headers: headers)
+        }
+        defer { uploadsInFlight.leave(device.rowID) }
 
         // 4. Bounded body.
         let bytes = try await readBody(request, encoding: encoding)
@@ -146,8 +161,18 @@ struct BatchController: Sendable {
                 message: "the batch is from device '\(batch.device)' but the key belongs to device '\(device.device)'; each device must upload with its own key")
         }
 
+        // Calibration events are taken whole or the batch is refused (the receipt has no place for a refused event); the
+        // agent then sends the readings without them and quarantines the event. Times need the ingest's clock, so they
+        // are checked here rather than in the decoder.
+        let current = now()
+        if let problem = calibrations.lazy.compactMap({ validator.problem(of: $0, now: current) }).first {
+            throw APIError(
+                .badRequest, code: IngestErrorCode.malformedBatch,
+                message: "\(problem); this batch will never be accepted with the event: send its readings without it")
+        }
+
         // 6. Validate one reading at a time, store the rest durably.
-        let (valid, rejected) = validator.validate(batch, now: now())
+        let (valid, rejected) = validator.validate(batch, now: current)
         let outcome: StoreOutcome
         let receivedAt = now()
         do {
@@ -180,16 +205,17 @@ struct BatchController: Sendable {
             + (wireState != nil ? [BatchCodec.statefulFormatVersion] : [])
     }
 
-    /// Decodes a stateful frame (format version 4) against the device's state: a declared table is stored first; a table
-    /// named by its hash must be held (else 409 `unknown_sensor_table`); a context must match the device's newest readings,
-    /// from memory or else from the store (else 409 `stale_context`, with the ingest's newest readings in the answer).
+    /// Decodes a stateful frame (format version 4) against the device's state: a declared table is used as it is and
+    /// stored once the frame decoded (before the answer, so a sender that sees a 2xx may name it by hash; a frame that
+    /// fails to decode leaves no table behind, in memory or in the store); a table named by its hash must be held (else
+    /// 409 `unknown_sensor_table`); a context must match the device's newest readings, from memory or else from the store
+    /// (else 409 `stale_context`, with the ingest's newest readings in the answer).
     /// - Throws: ``BatchDecodingError``, ``APIError`` (409), or the store's error.
     func decodeStateful(_ bytes: [UInt8], device: DeviceIdentity, limits: BatchLimits) async throws -> BatchFrame {
         guard let wireState else { throw BatchDecodingError("unsupported format version 4", kind: .unsupportedVersion(4)) }
         let head = try BatchCodec.decodeStatefulHead(bytes, limits: limits)
         let table: SensorTable
         if let declared = head.declaredTable {
-            try await wireState.remember(declared, device: device)
             table = declared
         } else if let known = try await wireState.table(device: device, hash: head.tableHash) {
             table = known
@@ -216,6 +242,7 @@ struct BatchController: Sendable {
             }
         }
         let frame = try BatchCodec.decodeStateful(head, table: table, context: context, device: device.device, limits: limits)
+        if let declared = head.declaredTable { try await wireState.remember(declared, device: device) }
         metrics.statefulFrame(declared: head.declaredTable != nil, context: head.usesContext)
         return frame
     }

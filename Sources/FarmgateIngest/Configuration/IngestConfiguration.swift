@@ -42,6 +42,7 @@ public import Logging
 /// unsynchronized_future_limit = "366d" # default 366 days: the same for readings flagged clock_unsynchronized
 /// requests_per_second = 20            # default 20 batches per second and device (token bucket rate)
 /// burst = 40                          # default 40 batches (token bucket size)
+/// uploads_in_flight = 4               # default 4 uploads of one device at once; past it 429 (the agent sends one at a time)
 /// read_requests_per_second = 10       # default 10 read-API requests per second and read token
 /// read_burst = 20                     # default 20
 /// auth_failures_per_second = 1        # default 1 failed authentication per second and client address, past the burst
@@ -151,6 +152,10 @@ public struct IngestConfiguration: Sendable, Hashable {
         public var requestsPerSecond: Double
         /// How many batches one device may post at once before it is limited (token bucket size). Default 40.
         public var burst: Int
+        /// How many uploads of one device may be in flight at once (body being read, decoded or stored); past it 429.
+        /// Default 4. The bucket bounds how often a device posts, this how much of the ingest's memory one key can hold
+        /// (each upload up to `maxBodyBytes` plus its decompressed copies). The agent sends one batch at a time.
+        public var uploadsInFlight: Int
         /// The steady number of read-API requests per second one read token may make. Default 10.
         public var readRequestsPerSecond: Double
         /// How many read-API requests one read token may make at once. Default 20.
@@ -173,6 +178,7 @@ public struct IngestConfiguration: Sendable, Hashable {
             unsynchronizedFutureLimit: Duration = .seconds(366 * 86_400),
             requestsPerSecond: Double = 20,
             burst: Int = 40,
+            uploadsInFlight: Int = 4,
             readRequestsPerSecond: Double = 10,
             readBurst: Int = 20,
             authFailuresPerSecond: Double = 1,
@@ -191,6 +197,7 @@ public struct IngestConfiguration: Sendable, Hashable {
             self.unsynchronizedFutureLimit = unsynchronizedFutureLimit
             self.requestsPerSecond = requestsPerSecond
             self.burst = burst
+            self.uploadsInFlight = uploadsInFlight
         }
     }
 
@@ -381,8 +388,8 @@ public struct IngestConfiguration: Sendable, Hashable {
         if let section = try table.table("limits") {
             try section.checkKeys([
                 "max_body_bytes", "max_decompressed_bytes", "max_readings_per_batch", "future_tolerance", "unsynchronized_future_limit",
-                "requests_per_second", "burst", "read_requests_per_second", "read_burst", "auth_failures_per_second", "auth_failure_burst",
-                "unknown_key_cache_ttl",
+                "requests_per_second", "burst", "uploads_in_flight", "read_requests_per_second", "read_burst", "auth_failures_per_second",
+                "auth_failure_burst", "unknown_key_cache_ttl",
             ])
             if let bytes = try section.byteSize("max_body_bytes", in: 1024...(1 << 30)) { limits.maxBodyBytes = Int(bytes) }
             if let bytes = try section.byteSize("max_decompressed_bytes", in: 1024...(4 << 30)) { limits.maxDecompressedBytes = Int(bytes) }
@@ -400,6 +407,7 @@ public struct IngestConfiguration: Sendable, Hashable {
             }
             if let rate = try section.double("requests_per_second", in: 0.001...1_000_000) { limits.requestsPerSecond = rate }
             if let burst = try section.int("burst", in: 1...1_000_000) { limits.burst = burst }
+            if let count = try section.int("uploads_in_flight", in: 1...1000) { limits.uploadsInFlight = count }
             if let rate = try section.double("read_requests_per_second", in: 0.001...1_000_000) { limits.readRequestsPerSecond = rate }
             if let burst = try section.int("read_burst", in: 1...1_000_000) { limits.readBurst = burst }
             if let rate = try section.double("auth_failures_per_second", in: 0.001...1_000_000) { limits.authFailuresPerSecond = rate }

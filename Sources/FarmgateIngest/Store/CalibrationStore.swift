@@ -11,3 +11,11 @@ public protocol CalibrationStore: Sendable {
     /// The calibrations of one sensor of a device, newest first.
     func calibrations(deviceRowID: Int64, sensor: SensorID, limit: Int) async throws -> [CalibrationEvent]
 }
+
+extension CalibrationStore {
+    /// The event times (UTC microseconds) an event can be read back with: years 0000 to 9999, what RFC 3339 writes and
+    /// parses. The ingest refuses events outside 2000-01-01 to now + `future_tolerance` (``ReadingValidator/problem(of:now:)``),
+    /// but a store written before it did may hold some; reads skip them, so that one (newest of all at year 294247) does
+    /// not take a `limit` slot and hide the sensor's real calibrations.
+    static var readableTimes: Range<Int64> { -62_167_219_200_000_000..<253_402_300_800_000_000 }
+}

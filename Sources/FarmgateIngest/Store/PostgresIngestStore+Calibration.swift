@@ -41,6 +41,7 @@ extension PostgresIngestStore: CalibrationStore {
         let texts = try await rows(
             """
             SELECT event FROM calibrations WHERE device_id = \(deviceRowID) AND sensor = \(sensor.rawValue)
+                AND time_us >= \(Self.readableTimes.lowerBound) AND time_us < \(Self.readableTimes.upperBound)
             ORDER BY time_us DESC, id DESC LIMIT \(Int64(max(0, limit)))
             """
         ) { try $0.decode(String.self) }

@@ -4,9 +4,6 @@ import PostgresNIO
 /// The state of stateful frames (``WireStateStore``): declared sensor tables in `sensor_tables` (migration 9), context
 /// readings from `latest`. Each call is one statement, outside a transaction (autocommit): shared by every instance.
 extension PostgresIngestStore: WireStateStore {
-    /// The most sensor tables kept per device; the oldest declared go first.
-    static let maxSensorTablesPerDevice = 16
-
     public func sensorTable(deviceRowID: Int64, hash: UInt64) async throws -> [UInt8]? {
         try await rows(
             "SELECT encoded FROM sensor_tables WHERE device_id = \(deviceRowID)::integer AND hash = \(Int64(bitPattern: hash))"

@@ -33,8 +33,14 @@ extension SQLiteIngestStore: CalibrationStore {
     public func calibrations(deviceRowID: Int64, sensor: SensorID, limit: Int) async throws -> [CalibrationEvent] {
         let texts = try await reader.withValue { db in
             try db.withStatement(
-                "SELECT event FROM calibrations WHERE device_id = ? AND sensor = ? ORDER BY time_us DESC, id DESC LIMIT ?",
-                [.integer(deviceRowID), .text(sensor.rawValue), .integer(Int64(max(0, limit)))]
+                """
+                SELECT event FROM calibrations WHERE device_id = ? AND sensor = ? AND time_us >= ? AND time_us < ?
+                ORDER BY time_us DESC, id DESC LIMIT ?
+                """,
+                [
+                    .integer(deviceRowID), .text(sensor.rawValue), .integer(Self.readableTimes.lowerBound), .integer(Self.readableTimes.upperBound),
+                    .integer(Int64(max(0, limit))),
+                ]
             ) { statement in
                 var texts: [String] = []
                 while try statement.step() { texts.append(statement.text(0)) }

@@ -126,15 +126,19 @@ extension SQLiteIngestStore: RetentionStore {
         for (device, runs) in Dictionary(grouping: keys, by: \.device) {
             for run in PostgresBatchWriter.merge([], adding: runs.map(\.sequence)) {
                 var (first, last) = (run.lowerBound, run.upperBound)
-                // A range that starts right after this run joins it.
-                let following: Int64? = try {
-                    try after.bind([.integer(device), .integer(last + 1)])
-                    defer { after.reset() }
-                    return try after.step() ? after.int64(0) : nil
-                }()
-                if let following {
-                    try remove.run([.integer(device), .integer(last + 1)])
-                    last = following
+                // A range that starts right after this run joins it. None can follow a run that ends at Int64.max (a
+                // device may send that sequence; the validator allows it), and `last + 1` would trap there.
+                if last < Int64.max {
+                    let next = last + 1
+                    let following: Int64? = try {
+                        try after.bind([.integer(device), .integer(next)])
+                        defer { after.reset() }
+                        return try after.step() ? after.int64(0) : nil
+                    }()
+                    if let following {
+                        try remove.run([.integer(device), .integer(next)])
+                        last = following
+                    }
                 }
                 // A range that ends right before (or overlaps) this run takes it in.
                 try before.bind([.integer(device), .integer(first)])

@@ -4,9 +4,6 @@ import FarmgateWire
 /// The state of stateful frames (``WireStateStore``): declared sensor tables in `sensor_tables` (migration 9), context
 /// readings from `latest`. Like every other call of this store, the statements run on its writer or reader thread.
 extension SQLiteIngestStore: WireStateStore {
-    /// The most sensor tables kept per device; the oldest declared go first.
-    static let maxSensorTablesPerDevice = 16
-
     public func sensorTable(deviceRowID: Int64, hash: UInt64) async throws -> [UInt8]? {
         try await reader.withValue { db in
             try db.withStatement(

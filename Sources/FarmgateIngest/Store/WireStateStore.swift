@@ -16,3 +16,11 @@ public protocol WireStateStore: Sendable {
     /// sequence)), with the value as stored.
     func contextReadings(deviceRowID: Int64) async throws -> [SensorID: ContextReading]
 }
+
+extension WireStateStore {
+    /// The most sensor tables a store keeps per device: a device that declares a new table with every frame must not fill
+    /// the store (the newest declared stay), nor memory (``WireStateCache`` keeps as many per device, the most recently
+    /// used). A device whose table was dropped declares it again after a 409 `unknown_sensor_table`. A site declares one
+    /// table per configuration it ran, so 16 is more than any site needs at once.
+    public static var maxSensorTablesPerDevice: Int { 16 }
+}

@@ -100,6 +100,26 @@ public struct ReadingValidator: Sendable {
         return (Batch(device: batch.device, sensors: batch.sensors, readings: valid), rejected)
     }
 
+    /// What is wrong with the times of a calibration event (`time` and each point's `at`), or nil. They are held to the
+    /// bounds of a reading from a synchronised clock, 2000-01-01 to ``futureTolerance`` past `now`: an event has no
+    /// `clock_unsynchronized` flag, and one stamped outside them is wrong for good. Taken, an event at year 10000 or later
+    /// could not be read back (RFC 3339 has four-digit years) and, being the newest, would hide the sensor's real
+    /// calibrations from `GET …/calibrations?limit=1` and from `calibration_overdue` rules.
+    ///
+    /// - Parameter now: the ingest's clock.
+    public func problem(of event: CalibrationEvent, now: Timestamp) -> String? {
+        let latestAllowed = Self.latest(now, ahead: futureTolerance)
+        for (field, time) in [("time", event.time)] + event.points.enumerated().map({ ("points[\($0.offset)].at", $0.element.at) }) {
+            if time.microseconds > latestAllowed {
+                return "calibration event \(event.id): \(field) \(time) is later than the ingest's clock (\(now)) allows; synchronise the site's clock (NTP) before calibrating"
+            }
+            if time < Timestamp.earliestPlausible {
+                return "calibration event \(event.id): \(field) \(time) is before 2000-01-01; the site's clock was not set when it calibrated"
+            }
+        }
+        return nil
+    }
+
     /// A duration in whole days, or in seconds below one day, for messages.
     static func days(_ duration: Duration) -> String {
         let seconds = duration.components.seconds

@@ -14,11 +14,15 @@ import Synchronization
 ///   the controller ask again with `reload`, which reads the store's `latest` rows. Only when those differ too is the
 ///   frame answered `stale_context`. So memory may be stale, never wrong in a way that decodes a reading.
 ///
-/// Memory: about 100 bytes per sensor of each device seen since start; past ``maxDevices`` devices the least recently
-/// used half is dropped (and read from the store again when they come back).
+/// Memory: about 100 bytes per sensor of each device seen since start, and per device at most ``maxTablesPerDevice``
+/// tables (the store's bound, ``WireStateStore/maxSensorTablesPerDevice``; the least recently used goes first, and is
+/// read from the store again if it is named later), so that a device declaring a new table with every frame cannot grow
+/// memory; past ``maxDevices`` devices the least recently used half is dropped (and read from the store again when they
+/// come back).
 public final class WireStateCache: CommitObserver, Sendable {
     struct Device: Sendable {
-        var tables: [UInt64: SensorTable] = [:]
+        /// By hash: the table and when it was last used (the cache's clock).
+        var tables: [UInt64: (table: SensorTable, lastUsed: UInt64)] = [:]
         /// nil until read from the store: commits are merged only into a context that was loaded.
         var context: [SensorID: ContextReading]?
         var lastUsed: UInt64 = 0
@@ -31,18 +35,21 @@ public final class WireStateCache: CommitObserver, Sendable {
 
     let store: any WireStateStore
     let maxDevices: Int
+    /// The most tables kept in memory per device.
+    let maxTablesPerDevice: Int
     let logger: Logger
     private let state = Mutex(State())
 
     public init(store: any WireStateStore, maxDevices: Int = 20_000, logger: Logger) {
         self.store = store
         self.maxDevices = max(1, maxDevices)
+        self.maxTablesPerDevice = max(1, type(of: store).maxSensorTablesPerDevice)
         self.logger = logger
     }
 
     /// The table `hash` of `device`, from memory or the store; nil when the device never declared it.
     public func table(device: DeviceIdentity, hash: UInt64) async throws -> SensorTable? {
-        if let table = touch(device.rowID, { $0.tables[hash] }) { return table }
+        if let table = touch(device.rowID, { $0.useTable(hash, clock: $1) }) { return table }
         guard let encoded = try await store.sensorTable(deviceRowID: device.rowID, hash: hash) else { return nil }
         let table: SensorTable
         do { table = try SensorTable(encoded: encoded) } catch {
@@ -53,22 +60,30 @@ public final class WireStateCache: CommitObserver, Sendable {
             return nil
         }
         guard table.hash == hash else { return nil }
-        touch(device.rowID) { $0.tables[hash] = table }
+        let limit = maxTablesPerDevice
+        touch(device.rowID) { $0.keepTable(table, clock: $1, limit: limit) }
         return table
     }
 
-    /// Keeps a declared table: in the store first (durable), then in memory.
+    /// Keeps a declared table: in the store first (durable), then in memory. Call it only once the frame that declared
+    /// the table decoded: a frame that fails leaves nothing behind.
     public func remember(_ table: SensorTable, device: DeviceIdentity) async throws {
-        if touch(device.rowID, { $0.tables[table.hash] }) != nil { return }
+        if touch(device.rowID, { $0.useTable(table.hash, clock: $1) }) != nil { return }
         try await store.rememberSensorTable(deviceRowID: device.rowID, hash: table.hash, encoded: table.encoded)
-        touch(device.rowID) { $0.tables[table.hash] = table }
+        let limit = maxTablesPerDevice
+        touch(device.rowID) { $0.keepTable(table, clock: $1, limit: limit) }
+    }
+
+    /// The hashes of the device's tables in memory (for tests).
+    func tablesInMemory(deviceRowID: Int64) -> Set<UInt64> {
+        state.withLock { $0.devices[deviceRowID].map { Set($0.tables.keys) } ?? [] }
     }
 
     /// The newest reading per sensor of `device`: from memory, or (first use, or `reload`) from the store.
     public func context(device: DeviceIdentity, reload: Bool = false) async throws -> [SensorID: ContextReading] {
-        if !reload, let context = touch(device.rowID, { $0.context }) { return context }
+        if !reload, let context = touch(device.rowID, { entry, _ in entry.context }) { return context }
         let loaded = try await store.contextReadings(deviceRowID: device.rowID)
-        return touch(device.rowID) { entry in
+        return touch(device.rowID) { entry, _ in
             // Commits that landed while the store was read are merged in: the newest by (timestamp, sequence) wins.
             var merged = loaded
             for (sensor, reading) in entry.context ?? [:] where merged[sensor].map({ reading.isNewer(than: $0) }) ?? true {
@@ -95,21 +110,38 @@ public final class WireStateCache: CommitObserver, Sendable {
     /// Devices held in memory (for tests and metrics).
     public var deviceCount: Int { state.withLock { $0.devices.count } }
 
-    /// Runs `body` on the device's entry (created if absent) under the lock, marking it used, and evicts the least
-    /// recently used half when there are too many devices.
+    /// Runs `body` on the device's entry (created if absent) and the clock under the lock, marking it used, and evicts
+    /// the least recently used half when there are too many devices.
     @discardableResult
-    private func touch<T>(_ rowID: Int64, _ body: (inout Device) -> T) -> T {
+    private func touch<T>(_ rowID: Int64, _ body: (inout Device, UInt64) -> T) -> T {
         state.withLock { state in
             state.clock += 1
             var entry = state.devices[rowID] ?? Device()
             entry.lastUsed = state.clock
-            let result = body(&entry)
+            let result = body(&entry, state.clock)
             state.devices[rowID] = entry
             if state.devices.count > maxDevices {
                 let keep = state.devices.sorted { $0.value.lastUsed > $1.value.lastUsed }.prefix(maxDevices / 2 + 1)
                 state.devices = Dictionary(uniqueKeysWithValues: keep.map { ($0.key, $0.value) })
             }
             return result
+        }
+    }
+}
+
+extension WireStateCache.Device {
+    /// The table `hash`, marked used at `clock`; nil when it is not in memory.
+    mutating func useTable(_ hash: UInt64, clock: UInt64) -> SensorTable? {
+        guard let held = tables[hash] else { return nil }
+        tables[hash] = (held.table, clock)
+        return held.table
+    }
+
+    /// Keeps `table`, used at `clock`; past `limit` tables the least recently used goes (at most `limit` + 1 to look at).
+    mutating func keepTable(_ table: SensorTable, clock: UInt64, limit: Int) {
+        tables[table.hash] = (table, clock)
+        while tables.count > limit, let oldest = tables.min(by: { $0.value.lastUsed < $1.value.lastUsed })?.key {
+            tables[oldest] = nil
         }
     }
 }

@@ -154,13 +154,18 @@ struct TOMLParser {
         let parent = try walk(root, Array(key.dropLast()), column: column)
         guard let last = key.last else { throw error(at: column, "an array-of-tables header needs a name") }
         let element = TOMLTableBuilder(origin: .arrayElement)
-        switch parent.entries[last] {
+        // The array is taken out of the dictionary and consumed into `elements`, its only reference, so that the append
+        // is in place. While the dictionary (or a copy the switch keeps, as a debug build does without `consume`) still
+        // holds it, the append copies the whole array first: a file of n `[[sensor]]` tables would cost n²/2 copies.
+        let existing = parent.entries.removeValue(forKey: last)
+        switch consume existing {
         case nil:
             parent.entries[last] = .tables([element])
-        case .tables(var elements):
+        case .tables(var elements)?:
             elements.append(element)
             parent.entries[last] = .tables(elements)
-        default:
+        case .value?, .table?:
+            // The document is not used after an error, so the entry taken out need not go back.
             throw error(at: column, "[[\(key.joined(separator: "."))]] names something already defined as a table or value")
         }
         return element

@@ -186,7 +186,11 @@ public final class SQLiteStatement {
         case .null: rc = sqlite3_bind_null(handle, index)
         case .integer(let v): rc = sqlite3_bind_int64(handle, index, v)
         case .real(let v): rc = sqlite3_bind_double(handle, index, v)
-        case .text(let v): rc = sqlite3_bind_text(handle, index, v, -1, sqliteTransient)
+        case .text(let v):
+            // With its byte count, not -1 (up to the first NUL): text holding U+0000 is bound whole, never cut short.
+            rc = v.withCString { pointer in
+                sqlite3_bind_text64(handle, index, pointer, sqlite3_uint64(v.utf8.count), sqliteTransient, UInt8(SQLITE_UTF8))
+            }
         case .blob(let v):
             rc = v.withUnsafeBytes { raw in
                 sqlite3_bind_blob64(handle, index, raw.baseAddress ?? UnsafeRawPointer(bitPattern: 1), sqlite3_uint64(raw.count), sqliteTransient)
