@@ -9,17 +9,19 @@ import Testing
 /// `farmgate agent` reloads its configuration on SIGHUP: the real binary, real signals, its control socket.
 @Suite("Configuration reload on SIGHUP", .serialized)
 struct ConfigurationReloadTests {
-    static func configuration(sensors: [String], interval: String = "200ms", extra: String = "") -> String {
+    static func configuration(
+        sensors: [String], interval: String = "200ms", extra: String = "", buffer: String = "buffer.sqlite", socket: String = "control.sock"
+    ) -> String {
         var text = """
             [device]
             id = "reload-site"
 
             [buffer]
-            path = "buffer.sqlite"
+            path = "\(buffer)"
             commit_interval = "100ms"
 
             [control]
-            socket = "control.sock"
+            socket = "\(socket)"
 
             [clock]
             check = false
@@ -116,6 +118,60 @@ struct ConfigurationReloadTests {
 
         // 3. SIGTERM still stops it gracefully.
         kill(pid, SIGTERM)
+        process.waitUntilExit()
+        #expect(process.terminationReason == .exit && process.terminationStatus == 0, "\(agentLog())")
+    }
+
+    // Before the fix, both were accepted: the old services stopped, and a control socket the new generation could not
+    // create ended the process (under systemd, a restart loop); a moved buffer left its pending readings behind.
+    @Test("a reload that the new services could not start with, or that moves the buffer, is refused and the agent keeps running")
+    func reloadRefusesWhatCannotStart() async throws {
+        let scratch = try Scratch(prefix: "fg-reload", in: URL(fileURLWithPath: "/tmp"))
+        let config = try scratch.write("agent.toml", Self.configuration(sensors: ["tank1.ph"]))
+        // A regular file where the new socket's directory would have to be: no user, root included, can create it.
+        _ = try scratch.write("not-a-directory", "")
+        let socket = scratch.file("control.sock")
+        let binary = builtExecutable("farmgate", environmentOverride: "FARMGATE_BINARY")
+        let log = scratch.file("agent.log")
+        #expect(FileManager.default.createFile(atPath: log, contents: nil))
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: binary)
+        process.arguments = ["agent", "--config", config]
+        process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
+        process.standardOutput = process.standardError
+        try process.run()
+        defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
+        func agentLog() -> String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
+        let started = await eventually(timeout: .seconds(30), every: .milliseconds(100)) {
+            (await Self.status(socket)?.buffer.lastSequence ?? 0) > 2
+        }
+        try #require(started, "the agent did not start: \(agentLog())")
+
+        for (number, (text, expected)) in [
+            (Self.configuration(sensors: ["tank1.ph"], socket: "not-a-directory/control.sock"), "not-a-directory"),
+            (Self.configuration(sensors: ["tank1.ph"], buffer: "moved/buffer.sqlite"), "restart the agent"),
+        ].enumerated() {
+            _ = try scratch.write("agent.toml", text)
+            kill(process.processIdentifier, SIGHUP)
+            var status: AgentStatus?
+            let refused = await eventually(timeout: .seconds(20), every: .milliseconds(100)) {
+                status = await Self.status(socket)
+                return status?.configuration?.lastReloadError?.contains(expected) == true
+            }
+            #expect(refused, "reload \(number) not refused: \(status?.configuration?.lastReloadError ?? "nil"): \(agentLog())")
+            #expect(process.isRunning, "\(agentLog())")
+            #expect(status?.configuration?.reloads == 0)
+            let before = status?.buffer.lastSequence ?? 0
+            let sampling = await eventually(timeout: .seconds(10), every: .milliseconds(100)) {
+                (await Self.status(socket)?.buffer.lastSequence ?? 0) > before + 2
+            }
+            #expect(sampling, "the agent kept sampling into the same buffer after refusal \(number)")
+            // Ask again only once this refusal is recorded: the next one must be told apart.
+            _ = try scratch.write("agent.toml", Self.configuration(sensors: ["tank1.ph"]))
+        }
+        #expect(!FileManager.default.fileExists(atPath: scratch.file("moved/buffer.sqlite")))
+
+        kill(process.processIdentifier, SIGTERM)
         process.waitUntilExit()
         #expect(process.terminationReason == .exit && process.terminationStatus == 0, "\(agentLog())")
     }

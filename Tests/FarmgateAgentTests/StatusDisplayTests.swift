@@ -42,6 +42,24 @@ struct StatusDisplayTests {
         #expect(decoded?["quarantineTrimmed"] as? Int == 7)
     }
 
+    @Test("Status shows the buffer's last failed write, its age and the failures by operation; none while it writes fine")
+    func bufferErrors() throws {
+        #expect(!status(sensors: [], buffer: statistics()).humanReadable().contains("BUFFER ERROR"))
+        var buffer = statistics()
+        buffer.errors = BufferErrors(
+            commit: 1, acknowledge: 12,
+            last: BufferFailure(operation: "acknowledge", message: "attempt to write a readonly database", at: Timestamp(microseconds: 0)))
+        let value = status(sensors: [], buffer: buffer)
+        #expect(
+            value.humanReadable().contains(
+                "BUFFER ERROR 2s ago (acknowledge): attempt to write a readonly database; 1 commit and 12 acknowledge failures since the buffer was opened"),
+            "\(value.humanReadable())")
+        let json = try JSONSerialization.jsonObject(with: JSONEncoder().encode(value)) as? [String: Any]
+        let errors = (json?["buffer"] as? [String: Any])?["errors"] as? [String: Any]
+        #expect(errors?["acknowledge"] as? Int == 12)
+        #expect((errors?["last"] as? [String: Any])?["operation"] as? String == "acknowledge")
+    }
+
     func statistics() -> BufferStatistics {
         BufferStatistics(
             pending: 0, oldestPending: nil, uncommitted: 0, quarantined: 0, dropped: 0, duplicatesIgnored: 0, lastSequence: 0,

@@ -53,6 +53,24 @@ struct TextfileMetricsTests {
         #expect(!text.contains("tank1.ph"), "a sensor id became a label")
     }
 
+    @Test("Failed buffer writes are counted by operation, both labels present from the start")
+    func bufferErrors() throws {
+        func value(_ text: String, _ operation: String) throws -> Double? {
+            try PrometheusText.parse(text).first { $0.name == "farmgate_agent_buffer_errors_total" && $0.labels == ["operation": operation] }?.value
+        }
+        let healthy = TextfileMetrics.render(Self.status(), writtenBytes: nil)
+        #expect(try value(healthy, "commit") == 0)
+        #expect(try value(healthy, "acknowledge") == 0)
+        var failing = Self.status()
+        failing.buffer.errors = BufferErrors(
+            commit: 2, acknowledge: 37, last: BufferFailure(operation: "acknowledge", message: "disk I/O error", at: failing.now))
+        let text = TextfileMetrics.render(failing, writtenBytes: nil)
+        #expect(try value(text, "commit") == 2)
+        #expect(try value(text, "acknowledge") == 37)
+        #expect(text.contains("# TYPE farmgate_agent_buffer_errors_total counter"))
+        #expect(!text.contains("disk I/O error"), "an error message became a label")
+    }
+
     @Test("Quarantine codes get at most 16 labels; odd or excess codes are summed under other")
     func boundedCodes() throws {
         var codes: [String: Int] = ["Bad Code\"": 5]

@@ -52,6 +52,12 @@ struct UploadBackoffTests {
         #expect(RetryAfter.delay("120") == .seconds(120))
         #expect(RetryAfter.delay(" 0 ") == .zero)
         #expect(RetryAfter.delay("99999999999999999999999") != nil)
+        // Leading zeros are not digits of the value: cutting the text to 12 characters once read 0 here.
+        #expect(RetryAfter.delay("000000000000005") == .seconds(5))
+        #expect(RetryAfter.delay("0000000000000000000000000000120") == .seconds(120))
+        // Too many digits saturate: a wait longer than any cap, never a short one.
+        #expect(RetryAfter.delay("99999999999999999999999") == .seconds(Int64.max))
+        #expect(RetryAfter.delay("10000000000000") == .seconds(10_000_000_000_000))
         #expect(RetryAfter.delay("-5") == nil)
         #expect(RetryAfter.delay("1.5") == nil)
         #expect(RetryAfter.delay("") == nil)
@@ -66,5 +72,18 @@ struct UploadBackoffTests {
         #expect(RetryAfter.delay("Sun, 06 Nov 1994 08:00:00 GMT", now: now) == .zero)
         #expect(RetryAfter.delay("Sun, 06 Foo 1994 08:49:37 GMT", now: now) == nil)
         #expect(RetryAfter.delay("Sun, 06 Nov 1994 25:49:37 GMT", now: now) == nil)
+    }
+
+    @Test func retryAfterDateIsMeasuredAgainstTheResponsesDate() {
+        // The agent's clock is years ahead (no RTC, no NTP yet): the answer's Date header is the ingest's "now".
+        let agentNow = Date(timeIntervalSince1970: 1_900_000_000)
+        let retry = "Sun, 06 Nov 1994 08:49:37 GMT"
+        #expect(RetryAfter.delay(retry, now: agentNow, responseDate: "Sun, 06 Nov 1994 08:49:07 GMT") == .seconds(30))
+        #expect(RetryAfter.delay(retry, now: agentNow, responseDate: "Sunday, 06-Nov-94 08:49:07 GMT") == .seconds(30))
+        // Without a readable Date header, the agent's clock is all there is.
+        #expect(RetryAfter.delay(retry, now: agentNow, responseDate: "yesterday") == .zero)
+        #expect(RetryAfter.delay(retry, now: agentNow, responseDate: nil) == .zero)
+        // Delta-seconds need no clock at all.
+        #expect(RetryAfter.delay("7", now: agentNow, responseDate: "Sun, 06 Nov 1994 08:49:07 GMT") == .seconds(7))
     }
 }

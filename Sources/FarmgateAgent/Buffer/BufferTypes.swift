@@ -207,6 +207,8 @@ public struct BufferStatistics: Hashable, Sendable, Codable {
     public var pendingCalibrations: Int?
     /// Calibration events the ingest refused for good, kept aside (nil from a source that does not keep them).
     public var quarantinedCalibrations: Int?
+    /// The buffer's failed writes since it was opened; nil while none failed (and from an agent before they were counted).
+    public var errors: BufferErrors?
 
     public init(
         pending: Int, oldestPending: Timestamp?, uncommitted: Int, quarantined: Int, dropped: Int64, duplicatesIgnored: Int64,
@@ -229,6 +231,63 @@ public struct BufferStatistics: Hashable, Sendable, Codable {
         self.lastSequence = lastSequence
         self.usedBytes = usedBytes
         self.quotaBytes = quotaBytes
+    }
+}
+
+/// What the buffer writes, as its failures are counted (a bounded label of `farmgate_agent_buffer_errors_total`).
+public enum BufferOperation: String, Hashable, Sendable, Codable, CaseIterable {
+    /// The group commit that stores new readings.
+    case commit
+    /// Recording what the ingest answered: deleting acknowledged readings and calibration events, moving refused ones to
+    /// quarantine, renumbering after `sequence_conflict`. While it fails, the same batch goes again after each backoff.
+    case acknowledge
+}
+
+/// Failed buffer writes since the buffer was opened (at start, or by a reload), and the last one: a read-only remount, a
+/// full disk or an I/O error shows here, in `farmgate status` and in the metrics file, not only in the log.
+public struct BufferErrors: Hashable, Sendable, Codable {
+    /// Failed group commits (the samples stay queued in memory and are committed again).
+    public var commit: Int64 = 0
+    /// Failed acknowledgements (see ``BufferOperation/acknowledge``).
+    public var acknowledge: Int64 = 0
+    /// The most recent failure.
+    public var last: BufferFailure?
+
+    public init(commit: Int64 = 0, acknowledge: Int64 = 0, last: BufferFailure? = nil) {
+        self.commit = commit
+        self.acknowledge = acknowledge
+        self.last = last
+    }
+
+    /// The count of `operation`.
+    public func count(_ operation: BufferOperation) -> Int64 {
+        switch operation {
+        case .commit: commit
+        case .acknowledge: acknowledge
+        }
+    }
+
+    /// Counts a failure of `operation` and makes it the last one.
+    mutating func record(_ operation: BufferOperation, message: String, at time: Timestamp) {
+        switch operation {
+        case .commit: commit += 1
+        case .acknowledge: acknowledge += 1
+        }
+        last = BufferFailure(operation: operation.rawValue, message: message, at: time)
+    }
+}
+
+/// One failed buffer write: what was being done, the error, and when.
+public struct BufferFailure: Hashable, Sendable, Codable {
+    /// A ``BufferOperation`` raw value (`commit`, `acknowledge`).
+    public var operation: String
+    public var message: String
+    public var at: Timestamp
+
+    public init(operation: String, message: String, at: Timestamp) {
+        self.operation = operation
+        self.message = message
+        self.at = at
     }
 }
 

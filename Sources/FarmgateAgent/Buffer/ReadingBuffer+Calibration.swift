@@ -1,5 +1,6 @@
 import FarmgateSupport
 import FarmgateWire
+import Logging
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
@@ -36,24 +37,60 @@ extension ReadingBuffer: CalibrationRecorder {
         }
     }
 
-    /// Up to `limit` calibrations not yet acknowledged, oldest first. A row that no longer decodes (written by a newer
-    /// Farmgate and downgraded) is skipped, never sent half-read.
+    /// The quarantine code of a calibration row that no longer decodes as an event.
+    public static let undecodableCalibrationCode = "undecodable_event"
+
+    /// Up to `limit` calibrations not yet acknowledged, oldest first.
+    ///
+    /// A row that no longer decodes (written by a newer Farmgate and downgraded, or damaged) is never sent half-read, and
+    /// never left pending either: the oldest rows go first, so a handful of them would be all this ever returned and every
+    /// later event would wait for good. It is quarantined in place with ``undecodableCalibrationCode`` (kept, counted in
+    /// `farmgate status`, requeued after an upgrade or dropped by that code) and an error is logged.
     public func pendingCalibrations(limit: Int) async throws -> [CalibrationEvent] {
-        let rows = try await withStore { store in
-            try store.connection.query(
-                "SELECT event FROM calibrations WHERE quarantined_at IS NULL ORDER BY key LIMIT ?1", [.integer(Int64(max(0, limit)))])
+        let limit = max(0, limit)
+        return try await withStore { store in
+            let decoder = JSONDecoder()
+            while true {
+                let rows = try store.connection.query(
+                    "SELECT key, id, event FROM calibrations WHERE quarantined_at IS NULL ORDER BY key LIMIT ?1", [.integer(Int64(limit))])
+                var events: [CalibrationEvent] = []
+                var undecodable: [(key: Int64, id: String)] = []
+                for row in rows where row.count == 3 {
+                    guard let key = row[0].int64 else { continue }
+                    if let text = row[2].string, let event = try? decoder.decode(CalibrationEvent.self, from: Data(text.utf8)) {
+                        events.append(event)
+                    } else {
+                        undecodable.append((key, row[1].string ?? "?"))
+                    }
+                }
+                guard !undecodable.isEmpty else { return events }
+                try Self.quarantineUndecodable(undecodable, in: store)
+                // Fewer rows than asked were events: look again past the rows just set aside.
+                if rows.count < limit || events.count == limit { return events }
+            }
         }
-        let decoder = JSONDecoder()
-        return rows.compactMap { row in
-            guard let text = row.first?.string else { return nil }
-            return try? decoder.decode(CalibrationEvent.self, from: Data(text.utf8))
+    }
+
+    /// Quarantines calibration rows that do not decode, in one transaction, and says so in the log.
+    static func quarantineUndecodable(_ rows: [(key: Int64, id: String)], in store: BufferStore) throws {
+        let now = Timestamp.now().microseconds
+        let message = "the buffer cannot read this calibration event (written by a newer farmgate, or damaged); it is not sent"
+        try store.connection.transaction {
+            let statement = try store.connection.prepare(
+                "UPDATE calibrations SET quarantined_at = ?2, code = ?3, message = ?4 WHERE key = ?1 AND quarantined_at IS NULL")
+            for row in rows {
+                try statement.run([.integer(row.key), .integer(now), .text(undecodableCalibrationCode), .text(message)])
+            }
         }
+        store.logger.error(
+            "Buffer holds calibration events it cannot read; they are kept in quarantine and not sent, so that later events go. After upgrading farmgate, farmgate quarantine requeue --code undecodable_event sends them; farmgate quarantine drop --code undecodable_event deletes them",
+            metadata: ["calibration.ids": "\(rows.map(\.id).prefix(10).joined(separator: ", "))", "calibration.count": "\(rows.count)"])
     }
 
     /// Deletes the calibrations the ingest acknowledged (stored or already had).
     public func acknowledgeCalibrations(_ ids: [String]) async throws {
         guard !ids.isEmpty else { return }
-        try await withStore { store in
+        try await writing(.acknowledge) { store in
             try store.connection.transaction {
                 let statement = try store.connection.prepare("DELETE FROM calibrations WHERE id = ?1")
                 for id in ids {
@@ -73,7 +110,7 @@ extension ReadingBuffer: CalibrationRecorder {
     public func quarantineCalibrations(_ reasons: [String: String]) async throws {
         guard !reasons.isEmpty else { return }
         let now = Timestamp.now().microseconds
-        try await withStore { store in
+        try await writing(.acknowledge) { store in
             try store.connection.transaction {
                 let statement = try store.connection.prepare(
                     "UPDATE calibrations SET quarantined_at = ?2, code = ?3, message = ?4 WHERE id = ?1 AND quarantined_at IS NULL")

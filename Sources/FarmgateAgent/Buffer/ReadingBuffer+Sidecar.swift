@@ -40,6 +40,11 @@ struct SequenceSidecar {
         }
         let text = String(decoding: data, as: UTF8.self).trimmingWhitespace()
         guard let value = Int64(text), value >= 0 else { return .unreadable("it does not hold a sequence number") }
+        // Past any number this buffer can have given (a hand edit, a bad block): trusting it would overflow the
+        // arithmetic that starts a recovered buffer above it, at every start.
+        guard value <= BufferStore.maximumPlausibleSequence else {
+            return .unreadable("it holds \(value), past any sequence number this buffer can have given (\(BufferStore.maximumPlausibleSequence))")
+        }
         return .value(value)
     }
 

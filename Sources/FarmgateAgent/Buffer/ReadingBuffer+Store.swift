@@ -215,6 +215,7 @@ final class BufferStore {
             // A fresh file. Where did the history go?
             var start: Int64 = 0
             if recoveredFromCorruption || (sidecarValue != nil && !fileExisted) {
+                // The sidecar was read as at most maximumPlausibleSequence: no overflow.
                 start = (sidecarValue ?? 0) + ReadingBuffer.recoverySequenceGap
                 logger.warning(
                     "Buffer history was lost; new sequence numbers start above the old high-water mark",
@@ -250,9 +251,30 @@ final class BufferStore {
         func counter(_ name: String) throws -> Int64 {
             try connection.queryInt("SELECT value FROM counters WHERE name = ?", [.text(name)]) ?? 0
         }
-        let counted = try counter(BufferSchema.counterLastSequence)
-        let maxPending = try connection.queryInt("SELECT max(sequence) FROM readings") ?? 0
-        let maxQuarantined = try connection.queryInt("SELECT max(sequence) FROM quarantine") ?? 0
+        // Numbers past any this buffer can have given (a hand edit, a bad block) are not trusted: numbering above them
+        // would overflow at the next commit, at every start. Rows carrying one stay and are sent as they are.
+        let plausible = SQLiteValue.integer(Self.maximumPlausibleSequence)
+        var counted = try counter(BufferSchema.counterLastSequence)
+        let maxPending = try connection.queryInt("SELECT max(sequence) FROM readings WHERE sequence <= ?1", [plausible]) ?? 0
+        let maxQuarantined = try connection.queryInt("SELECT max(sequence) FROM quarantine WHERE sequence <= ?1", [plausible]) ?? 0
+        let implausibleRows =
+            (try connection.queryInt("SELECT count(*) FROM readings WHERE sequence > ?1", [plausible]) ?? 0)
+            + (try connection.queryInt("SELECT count(*) FROM quarantine WHERE sequence > ?1", [plausible]) ?? 0)
+        if counted > Self.maximumPlausibleSequence || implausibleRows > 0 {
+            let trusted = counted <= Self.maximumPlausibleSequence ? counted : 0
+            let repaired = max(trusted, maxPending, maxQuarantined, sidecarValue ?? 0)
+            logger.error(
+                "Buffer holds sequence numbers past any it can have given (the file was edited or damaged); they are ignored and numbering goes on from the highest plausible one. If the ingest holds higher numbers, the agent's start-up question to it (GET /v1/device) moves the counter above them",
+                metadata: [
+                    "buffer.path": "\(path)", "buffer.counter": "\(counted)", "buffer.implausible_rows": "\(implausibleRows)",
+                    "buffer.maximum_plausible": "\(Self.maximumPlausibleSequence)", "buffer.last_sequence": "\(repaired)",
+                ])
+            if counted > Self.maximumPlausibleSequence {
+                try connection.query(
+                    "INSERT OR REPLACE INTO counters(name, value) VALUES (?, ?)", [.text(BufferSchema.counterLastSequence), .integer(repaired)])
+                counted = repaired
+            }
+        }
 
         self.path = path
         self.connection = connection
@@ -502,9 +524,11 @@ final class BufferStore {
                     let placed = placement(timestamp: row.timestamp, quality: row.quality, boot: row.boot, bootKeys: bootKeys)
                     var timestamp = placed.timestamp
                     var attempts = 0
+                    let (next, exhausted) = lastSequence.addingReportingOverflow(1)
+                    guard !exhausted else { throw Self.sequencesExhausted(path) }
                     while true {
                         try insertReading.run([
-                            .integer(lastSequence + 1), .integer(row.key), .integer(timestamp), .integer(row.steps), .integer(placed.quality),
+                            .integer(next), .integer(row.key), .integer(timestamp), .integer(row.steps), .integer(placed.quality),
                             placed.boot, placed.boottime,
                         ])
                         // A boot-stamped reading is a distinct measurement: on a taken timestamp, the next free millisecond.
@@ -513,7 +537,7 @@ final class BufferStore {
                         timestamp &+= 1000
                     }
                     if connection.changes == 1 {
-                        lastSequence += 1
+                        lastSequence = next
                         outcome.stored += 1
                         if attempts > 0 { outcome.clockShifted += 1 }
                         if placed.holdable { clock.mayHold = true }
@@ -668,6 +692,19 @@ final class BufferStore {
     /// overflow. A larger number (from an ingest's answer) is refused rather than trusted.
     static let maximumSequenceFloor = Int64.max / 2
 
+    /// The highest sequence this buffer can have given: ``maximumSequenceFloor`` plus 2^50 numbers (35,000 years at 1,000
+    /// readings a second). A larger one in the buffer's own files (its counter, a row, the `.seq` sidecar) was not written by
+    /// it and is not trusted; everything added to a trusted number stays far below `Int64.max`.
+    static let maximumPlausibleSequence = maximumSequenceFloor + (1 << 50)
+
+    /// Sequence numbers are used up: never on a real site (see ``maximumPlausibleSequence``), checked all the same so that
+    /// the buffer refuses to commit rather than trap.
+    static func sequencesExhausted(_ path: String) -> BufferError {
+        BufferError(
+            "the buffer \(path) has used every sequence number; stop the agent, move the file and its .seq sidecar aside, "
+                + "and start it again (a new buffer asks the ingest where to continue)")
+    }
+
     private static func checkSequenceFloor(_ floor: Int64) throws(BufferError) {
         guard floor <= maximumSequenceFloor else {
             throw BufferError(
@@ -704,9 +741,11 @@ final class BufferStore {
             var next = max(floor, lastSequence)
             var pairs: [(old: UInt64, new: UInt64)] = []
             for old in wanted {
-                try move.run([.integer(old), .integer(next + 1)])
+                let (candidate, exhausted) = next.addingReportingOverflow(1)
+                guard !exhausted else { throw Self.sequencesExhausted(path) }
+                try move.run([.integer(old), .integer(candidate)])
                 guard connection.changes == 1 else { continue }
-                next += 1
+                next = candidate
                 pairs.append((UInt64(old), UInt64(next)))
             }
             if next > lastSequence {

@@ -28,6 +28,8 @@ import Synchronization
 ///   until space is freed. Both count in ``BufferStatistics/dropped`` and log a warning. The quota can be exceeded by one commit.
 /// - When a commit fails (disk full), the samples stay queued and the loop retries every interval. At most
 ///   ``maximumQueuedSamples`` wait in memory; beyond that the policy decides which are dropped, and they are counted.
+/// - Every failed write (a commit, or recording what the ingest answered) is counted with its error in
+///   ``BufferStatistics/errors``, which `farmgate status` and the metrics file show.
 ///
 /// ## Corruption and sequence safety
 /// A file SQLite cannot open as a database, or that fails `PRAGMA quick_check`, does not stop the agent: it is renamed (with its
@@ -57,6 +59,8 @@ public final class ReadingBuffer: PendingReadings, Service {
     public let heartbeat = Heartbeat(component: "buffer")
     private let store: ThreadOwned<BufferStore>
     private let committer: Committer
+    /// Failed writes since the buffer was opened, for ``statistics()`` (the callers log each one).
+    let errorLog = Mutex(BufferErrors())
 
     /// Opens (or creates) the buffer file, recovering from a corrupt one as described in the type's documentation.
     ///
@@ -109,6 +113,20 @@ public final class ReadingBuffer: PendingReadings, Service {
         }
     }
 
+    /// ``withStore(_:)`` for a write whose failure counts in ``BufferStatistics/errors`` (a closed buffer does not: that
+    /// is shutdown, not a failing disk).
+    func writing<T: Sendable>(_ operation: BufferOperation, _ body: @escaping @Sendable (BufferStore) throws -> T) async throws -> T {
+        do {
+            return try await withStore(body)
+        } catch {
+            if (error as? BufferError) != .closed {
+                let message = "\(error)"
+                errorLog.withLock { $0.record(operation, message: message, at: .now()) }
+            }
+            throw error
+        }
+    }
+
     // MARK: Writing
 
     /// Makes `sensors` the configured sensors: samples for others are rejected from now on.
@@ -135,7 +153,7 @@ public final class ReadingBuffer: PendingReadings, Service {
         // Capture the committer, not `self`: a closure released on the buffer's thread must never hold the last reference to
         // the buffer, whose deinit waits for that thread.
         let committer = self.committer
-        return try await withStore { store in try committer.commit(on: store) }
+        return try await writing(.commit) { store in try committer.commit(on: store) }
     }
 
     /// The group-commit loop: commits what is queued every ``BufferConfiguration/commitInterval`` (skipping empty intervals).
@@ -238,20 +256,20 @@ public final class ReadingBuffer: PendingReadings, Service {
     /// - Returns: (old, new) pairs in ascending order.
     public func renumber(_ sequences: [UInt64], above floor: UInt64) async throws -> [SequenceRenumbering] {
         let bound = Int64(clamping: floor)
-        return try await withStore { store in
+        return try await writing(.acknowledge) { store in
             try store.renumber(sequences, above: bound).map { SequenceRenumbering(old: $0.old, new: $0.new) }
         }
     }
 
     /// Deletes the readings with these sequence numbers, in one transaction. Unknown numbers are ignored.
     public func acknowledge(_ sequences: [UInt64]) async throws {
-        try await withStore { store in _ = try store.acknowledge(sequences) }
+        try await writing(.acknowledge) { store in _ = try store.acknowledge(sequences) }
     }
 
     /// Moves these readings into quarantine with their reasons and the current time, in one transaction. Sequence numbers
     /// that are not pending are ignored.
     public func quarantine(_ reasons: [UInt64: String]) async throws {
-        try await withStore { store in _ = try store.quarantine(reasons) }
+        try await writing(.acknowledge) { store in _ = try store.quarantine(reasons) }
     }
 
     /// The `limit` most recently quarantined readings, newest first.
@@ -263,9 +281,12 @@ public final class ReadingBuffer: PendingReadings, Service {
     public func statistics() async throws -> BufferStatistics {
         let (uncommitted, droppedInMemory, _) = committer.counts()
         let quota = configuration.quotaBytes
-        return try await withStore { store in
+        var statistics = try await withStore { store in
             try store.statistics(uncommitted: uncommitted, droppedInMemory: droppedInMemory, quotaBytes: quota)
         }
+        let errors = errorLog.withLock { $0 }
+        statistics.errors = errors == BufferErrors() ? nil : errors
+        return statistics
     }
 
     // MARK: Clock

@@ -21,7 +21,8 @@ import UnixSignals
 public enum AgentRuntime {
     /// Runs the agent until SIGTERM or SIGINT. On SIGHUP the configuration file is read again
     /// (``ConfigurationReloadService``): a valid one replaces the running services by new ones built from it, in this
-    /// process; an invalid one is refused and the running configuration kept.
+    /// process; an invalid one, or one the new services could not start with (a control socket where the agent cannot
+    /// write, a moved buffer), is refused and the running configuration kept.
     public static func run(configuration: AgentConfiguration, drivers: DriverRegistry = .standard, logger: Logger) async throws {
         // Held for the whole run: a SIGHUP that arrives while one generation of services stops and the next starts finds
         // a handler, rather than the default action, which would end the process.
@@ -156,7 +157,7 @@ public enum AgentRuntime {
                 "upload": "\(endpoint ?? "off")", "version": "\(FarmgateVersion.current)",
             ])
         // Returns when SIGHUP brought a valid configuration: the group then stops gracefully, like on SIGTERM.
-        let reload = ConfigurationReloadService(file: configuration.file, drivers: drivers, reloads: reloads, logger: logger)
+        let reload = ConfigurationReloadService(running: configuration, drivers: drivers, reloads: reloads, logger: logger)
         let group = ServiceGroup(
             configuration: ServiceGroupConfiguration(
                 services: services.map { ServiceGroupConfiguration.ServiceConfiguration(service: $0) }

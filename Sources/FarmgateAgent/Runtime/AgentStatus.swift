@@ -71,6 +71,12 @@ extension AgentStatus {
             sizeLine += "; \(calibrations) calibration event\(calibrations == 1 ? "" : "s") waiting for the ingest"
         }
         lines.append(sizeLine)
+        if let errors = buffer.errors, let last = errors.last {
+            // A buffer that cannot write loses new readings or resends acknowledged ones: say so beside the counts.
+            lines.append(
+                "          BUFFER ERROR \(Self.age(from: last.at, to: now)) ago (\(last.operation)): \(last.message); "
+                    + "\(errors.commit) commit and \(errors.acknowledge) acknowledge failures since the buffer was opened")
+        }
         if let upload, let endpoint = uploadEndpoint {
             var line = "Upload    \(endpoint): \(upload.lastResult ?? "no attempt yet")"
             if let at = upload.lastAttemptAt { line += " (\(Self.age(from: at, to: now)) ago)" }

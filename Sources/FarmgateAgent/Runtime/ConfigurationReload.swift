@@ -1,5 +1,13 @@
 import FarmgateSupport
 import FarmgateWire
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
 import Logging
 import ServiceLifecycle
 import Synchronization
@@ -83,24 +91,73 @@ public final class ConfigurationReloads: Sendable {
 /// them again with the new configuration in the same process: sensors added, removed or changed, intervals, upload
 /// settings, and every other key take effect. The process, its PID and systemd's view of it stay; sampling pauses for
 /// about a second (longer when the uploader has a backlog to flush, at most `shutdown_flush_timeout`).
+///
+/// Before the running services stop, the new configuration must be one they can start with: the running one is only
+/// given up for one that works. Beyond what `farmgate config check` checks, a reload is refused when it moves the buffer
+/// (`[buffer] path`: the pending readings of the old file would be left behind; restart the agent to move it), when the
+/// new control socket's directory cannot be created or written, when another agent answers on the new socket, or when
+/// the uploader's HTTP client cannot be set up (a CA file it cannot read).
 final class ConfigurationReloadService: Service {
     let file: String
     let drivers: DriverRegistry
     let reloads: ConfigurationReloads
     let logger: Logger
+    /// The configuration the services run now.
+    let running: AgentConfiguration
 
-    init(file: String, drivers: DriverRegistry, reloads: ConfigurationReloads, logger: Logger) {
-        self.file = file
+    init(running: AgentConfiguration, drivers: DriverRegistry, reloads: ConfigurationReloads, logger: Logger) {
+        self.file = running.file
+        self.running = running
         self.drivers = drivers
         self.reloads = reloads
         self.logger = logger
+    }
+
+    /// Refuses `next` when the services could not start with it where `running` works (see the type's documentation).
+    /// Blocking (file system, curl): call it off the concurrency pool.
+    static func checkStartable(_ next: AgentConfiguration, running: AgentConfiguration, logger: Logger) throws(ConfigurationError) {
+        func refuse(_ key: String, _ message: String) -> ConfigurationError {
+            ConfigurationError(file: next.file, line: nil, key: key, message: message)
+        }
+        if next.buffer.path != running.buffer.path {
+            throw refuse(
+                "buffer.path",
+                "changed from \(running.buffer.path) to \(next.buffer.path), which a reload cannot do: the readings still pending in "
+                    + "the old file would be left behind. Put the old path back and reload, or restart the agent to move the buffer "
+                    + "(stop it, move the file with its -wal and .seq files to the new path, then start it)")
+        }
+        if next.controlSocket != running.controlSocket {
+            let socket = next.controlSocket
+            let directory = URL(fileURLWithPath: socket).deletingLastPathComponent().path
+            do {
+                // What the control socket does when it starts; done now, so that a directory it cannot make is refused.
+                try FileSystem.createDirectories(directory, mode: 0o750)
+            } catch {
+                throw refuse("control.socket", "cannot create the directory \(directory) for \(socket): \(error.reason)")
+            }
+            guard access(directory, W_OK | X_OK) == 0 else {
+                throw refuse(
+                    "control.socket", "the agent may not create \(socket): \(String(cString: strerror(errno))) on \(directory)")
+            }
+            if FileManager.default.fileExists(atPath: socket), let fd = try? UnixSocket.connect(socket, timeoutSeconds: 1) {
+                close(fd)
+                throw refuse("control.socket", "another farmgate agent answers on \(socket); choose another path or stop that agent")
+            }
+        }
+        if let upload = next.upload {
+            do {
+                _ = try HTTPClient(configuration: upload.httpClientConfiguration, logger: logger)
+            } catch {
+                throw refuse("upload", "the uploader cannot be set up: \(error)")
+            }
+        }
     }
 
     func run() async throws {
         let hangups = await UnixSignalsSequence(trapping: .sighup)
         for await _ in hangups.cancelOnGracefulShutdown() {
             logger.notice("SIGHUP: reloading the configuration", metadata: ["config": "\(file)"])
-            let (file, drivers) = (self.file, self.drivers)
+            let (file, drivers, running, logger) = (self.file, self.drivers, self.running, self.logger)
             let outcome: Result<AgentConfiguration, ConfigurationError>
             do {
                 // Reads the file and the GPIO chips: blocking, so off the concurrency pool.
@@ -108,6 +165,7 @@ final class ConfigurationReloadService: Service {
                     try await runOffPool(name: "farmgate-reload") {
                         let next = try AgentConfiguration.load(path: file, drivers: drivers)
                         _ = try GPIODriver.checkLinesOnChips(next.sensors)
+                        try Self.checkStartable(next, running: running, logger: logger)
                         return next
                     })
             } catch let error as ConfigurationError {

@@ -23,7 +23,7 @@ public struct MetricsFileConfiguration: Sendable, Hashable {
 /// Renders the agent's state in the Prometheus text format (version 0.0.4).
 ///
 /// Labels are bounded: an upload outcome, a driver kind (never a sensor id), a quarantine code (at most
-/// ``maximumCodes`` distinct ones, the rest summed under `other`).
+/// ``maximumCodes`` distinct ones, the rest summed under `other`), a buffer operation (``BufferOperation``).
 public enum TextfileMetrics {
     /// The most quarantine codes given a label of their own.
     public static let maximumCodes = 16
@@ -53,6 +53,13 @@ public enum TextfileMetrics {
         out.gauge("farmgate_buffer_used_bytes", "Bytes the buffer file uses.", Double(status.buffer.usedBytes))
         out.gauge("farmgate_buffer_quota_bytes", "The buffer's disk quota.", Double(status.buffer.quotaBytes))
         out.counter("farmgate_buffer_last_sequence", "The last sequence number assigned.", Double(status.buffer.lastSequence))
+        out.header(
+            "farmgate_agent_buffer_errors_total",
+            "Buffer writes that failed since the buffer was opened: commit (new readings), acknowledge (recording the ingest's answer).",
+            type: "counter")
+        for operation in BufferOperation.allCases {
+            out.sample("farmgate_agent_buffer_errors_total", [("operation", operation.rawValue)], Double(status.buffer.errors?.count(operation) ?? 0))
+        }
 
         if let upload = status.upload {
             out.counter("farmgate_upload_attempts_total", "Upload requests sent since the agent started.", Double(upload.requestsTotal))

@@ -79,21 +79,40 @@ public struct Backoff: Sendable, Hashable {
 /// The `Retry-After` header of RFC 9110 §10.2.3: a number of seconds or an HTTP-date.
 public enum RetryAfter {
     /// How long a `Retry-After` value asks the client to wait.
+    ///
+    /// This is what the ingest asked, nothing more: the uploader never waits less than its own backoff, so that an answer
+    /// of zero (or a date already past) cannot make it send the same batch again at once, forever.
+    ///
     /// - Parameters:
     ///   - value: The header's value: delta-seconds (`120`) or an HTTP-date in any of the three forms recipients must accept
     ///     (`Sun, 06 Nov 1994 08:49:37 GMT`, `Sunday, 06-Nov-94 08:49:37 GMT`, `Sun Nov  6 08:49:37 1994`).
-    ///   - now: The current time, for dates.
-    /// - Returns: The wait (zero for a date in the past), or nil when the value is neither form.
-    public static func delay(_ value: String, now: Date = Date()) -> Duration? {
+    ///   - now: The current time, for a date when the answer carries no readable `Date` header.
+    ///   - responseDate: The answer's `Date` header. A date is measured against it when it can be read: the ingest wrote
+    ///     both with its own clock, while this box's clock may be years off (no RTC, no NTP yet).
+    /// - Returns: The wait (zero for a date in the past), or nil when the value is neither form. Delta-seconds are read
+    ///   whatever their leading zeros, and saturate at `Int64.max` seconds rather than wrap or shrink.
+    public static func delay(_ value: String, now: Date = Date(), responseDate: String? = nil) -> Duration? {
         let trimmed = value.trimmingWhitespace()
         guard !trimmed.isEmpty else { return nil }
         if trimmed.utf8.allSatisfy({ $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }) {
-            // Huge numbers are clamped: the caller caps the wait anyway.
-            return .seconds(Int64(trimmed.prefix(12)) ?? 0)
+            return .seconds(deltaSeconds(trimmed.utf8))
         }
         guard let date = httpDate(trimmed) else { return nil }
-        let seconds = date - now.timeIntervalSince1970
+        let reference = responseDate.flatMap { httpDate($0.trimmingWhitespace()) } ?? now.timeIntervalSince1970
+        let seconds = date - reference
         return seconds > 0 ? Backoff.duration(seconds) : .zero
+    }
+
+    /// The value of a run of ASCII digits, saturating at `Int64.max` (the caller caps the wait anyway).
+    static func deltaSeconds(_ digits: some Collection<UInt8>) -> Int64 {
+        var value: Int64 = 0
+        for digit in digits {
+            let (shifted, overflowed) = value.multipliedReportingOverflow(by: 10)
+            let (next, overflowedAgain) = shifted.addingReportingOverflow(Int64(digit - UInt8(ascii: "0")))
+            guard !overflowed, !overflowedAgain else { return Int64.max }
+            value = next
+        }
+        return value
     }
 
     private static let months = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]

@@ -32,6 +32,20 @@ extension Uploader {
             if let rejected = receipt.rejection(of: reading.sequence) { refusedBy[reading.sequence] = rejected }
         }
         let rejectedTotal = Self.rejectedTotal(receipt, batch: group.count)
+        if let answer = receipt.calibrations, !Self.countsEvents(answer, sent: events.count) {
+            // Counts no ingest can give for these events: the receipt is not of this batch (a broken or hostile ingest),
+            // so it acknowledges nothing, readings included, like a reading count that does not add up.
+            logger.warning(
+                "The ingest's receipt does not count the calibration events of the batch: not an acknowledgement; nothing is deleted, the batch is sent again",
+                metadata: [
+                    "calibration.events": "\(events.count)", "receipt.calibrations.accepted": "\(answer.accepted)",
+                    "receipt.calibrations.duplicates": "\(answer.duplicates)",
+                ])
+            let result =
+                "\(status): the receipt's calibration counts (\(answer.accepted) accepted, \(answer.duplicates) duplicates) "
+                + "do not add up to the \(events.count) calibration event\(events.count == 1 ? "" : "s") sent; not an acknowledgement"
+            return .stop(failed(result: result, status: status, delay: loop.backoff.nextDelay(), &loop))
+        }
         guard let refused = rejectedTotal,
             receipt.accepted >= 0, receipt.duplicates >= 0, receipt.accepted <= group.count, receipt.duplicates <= group.count,
             receipt.accepted + receipt.duplicates + refused == group.count, refusedBy.count == refused
@@ -61,13 +75,12 @@ extension Uploader {
         }
         if !reasons.isEmpty {
             logger.warning("The ingest rejected readings; moving them to quarantine", metadata: ["readings": "\(reasons.count)"])
-            guard await quarantine(reasons) else { return .stop(bufferRetryDelay) }
+            if let wait = await quarantine(reasons, status: status, &loop) { return .stop(wait) }
         }
         do {
             try await source.acknowledge(group.map(\.sequence).filter { refusedBy[$0] == nil })
         } catch {
-            logger.error("Cannot delete acknowledged readings from the buffer", metadata: ["error": "\(error)"])
-            return .stop(bufferRetryDelay)
+            return .stop(bufferFailed("cannot delete the readings the ingest acknowledged", error, status: status, &loop))
         }
         if let frame {
             // The ingest holds the table now, and every reading it did not refuse: the next frame predicts from them.
@@ -77,7 +90,7 @@ extension Uploader {
         if !events.isEmpty {
             // Sent once per delivery: the rest of a halved batch goes without them, whatever this receipt says of them.
             loop.outgoingEvents = []
-            guard await acknowledgeEvents(events, receipt: receipt, &loop) else { return .stop(bufferRetryDelay) }
+            if let wait = await acknowledgeEvents(events, receipt: receipt, status: status, &loop) { return .stop(wait) }
         }
         loop.backoff.reset()
         metrics.delivered.increment()
@@ -116,22 +129,21 @@ extension Uploader {
     }
 
     /// Deletes `events` from the buffer when the receipt counted every one of them (`calibrations.accepted + duplicates`
-    /// equals the number sent); otherwise they stay and go with a later batch (the ingest is idempotent on event ids).
-    /// Returns false only when the buffer failed.
-    func acknowledgeEvents(_ events: [CalibrationEvent], receipt: IngestReceipt, _ loop: inout LoopState) async -> Bool {
-        let counted = receipt.calibrations.map { $0.accepted + $0.duplicates }
-        guard let counted, let answer = receipt.calibrations, answer.accepted >= 0, answer.duplicates >= 0, counted == events.count else {
+    /// equals the number sent, which ``acknowledge(_:events:response:frame:_:)`` checked before deleting any reading); a
+    /// receipt without `calibrations` leaves them for a later batch (the ingest is idempotent on event ids). Returns the
+    /// wait when the buffer failed, else nil.
+    func acknowledgeEvents(_ events: [CalibrationEvent], receipt: IngestReceipt, status: Int, _ loop: inout LoopState) async -> Duration? {
+        guard let answer = receipt.calibrations, Self.countsEvents(answer, sent: events.count) else {
             logger.warning(
                 "The ingest's receipt does not count the calibration events of the batch; they stay in the buffer and are sent again",
-                metadata: ["calibration.events": "\(events.count)", "receipt.calibrations": "\(counted.map(String.init) ?? "absent")"])
-            return true
+                metadata: ["calibration.events": "\(events.count)", "receipt.calibrations": "absent"])
+            return nil
         }
         if events.count == 1 { loop.singleEventDeliveries = max(0, loop.singleEventDeliveries - 1) }
         do {
             try await source.acknowledgeCalibrations(events.map(\.id))
         } catch {
-            logger.error("Cannot delete acknowledged calibration events from the buffer", metadata: ["error": "\(error)"])
-            return false
+            return bufferFailed("cannot delete the calibration events the ingest acknowledged", error, status: status, &loop)
         }
         state.withLock { $0.calibrationsUploadedTotal = ($0.calibrationsUploadedTotal ?? 0) + Int64(events.count) }
         metrics.calibrations.increment(by: Int64(events.count))
@@ -140,7 +152,13 @@ extension Uploader {
             metadata: [
                 "calibration.events": "\(events.count)", "receipt.accepted": "\(answer.accepted)", "receipt.duplicates": "\(answer.duplicates)",
             ])
-        return true
+        return nil
+    }
+
+    /// Whether `answer` counts exactly the `sent` events: each count in `0...sent` (so that their sum cannot overflow,
+    /// whatever an ingest writes) and together `sent`. The ingest counts every event it was sent, stored or already had.
+    static func countsEvents(_ answer: CalibrationReceipt, sent: Int) -> Bool {
+        (0...sent).contains(answer.accepted) && (0...sent).contains(answer.duplicates) && answer.accepted + answer.duplicates == sent
     }
 
     /// The sum of the receipt's rejection counts, or nil when one is negative or larger than the batch (not a receipt of it).

@@ -96,7 +96,7 @@ extension Uploader {
                 logger.error(
                     "A reading cannot be encoded; moving it to quarantine",
                     metadata: ["reading.sequence": "\(reading.sequence)", "reading.sensor": "\(reading.sensor)", "error": "\(reason)"])
-                guard await quarantine([reading.sequence: "encoding_failed: \(reason)"]) else { return .stop(bufferRetryDelay) }
+                if let wait = await quarantine([reading.sequence: "encoding_failed: \(reason)"], status: nil, &loop) { return .stop(wait) }
                 return .settled
             case .bufferFailed:
                 return .stop(bufferRetryDelay)
@@ -106,9 +106,8 @@ extension Uploader {
             guard let outcome = await send(group, body: body, format: format, events: events, frame: frame, &loop) else { continue }
             if let suspect = loop.suspectEvents, events.isEmpty {
                 loop.suspectEvents = nil
-                guard await judgeSuspectEvents(suspect, readingsDelivered: { if case .delivered = outcome { true } else { false } }(), &loop) else {
-                    return .stop(bufferRetryDelay)
-                }
+                let delivered = if case .delivered = outcome { true } else { false }
+                if let wait = await judgeSuspectEvents(suspect, readingsDelivered: delivered, &loop) { return .stop(wait) }
             }
             return outcome
         }
@@ -195,12 +194,13 @@ extension Uploader {
         }
         switch status {
         case 429, 503:
-            if let header = response.header("Retry-After"), let asked = RetryAfter.delay(header) {
-                let delay = min(asked, configuration.retryAfterMax)
+            if let header = response.header("Retry-After"), let asked = RetryAfter.delay(header, responseDate: response.header("Date")) {
+                // Never less than the backoff (and a second): `Retry-After: 0`, or a date already past, would otherwise
+                // send the same batch again at once, as long as the ingest keeps saying so.
+                let delay = max(min(asked, configuration.retryAfterMax), loop.backoff.nextDelay(), Self.minimumRetryAfterWait)
                 logger.notice(
                     "The ingest asked to retry later",
                     metadata: ["http.status": "\(status)", "retry_after": "\(header)", "delay": "\(delay)"])
-                loop.backoff.recordFailure()
                 return .stop(failed(result: result, status: status, delay: delay, &loop))
             }
             return transient(refusal, &loop)
@@ -246,6 +246,10 @@ extension Uploader {
         }
     }
 
+    /// The shortest wait after a `Retry-After`, whatever it says: the ingest is overloaded, and a client that answers
+    /// "retry in 0 s" by retrying at once is part of the load.
+    static let minimumRetryAfterWait: Duration = .seconds(1)
+
     /// Records in the status how binary batches go now, for `farmgate status`.
     func noteFrames(_ frame: StatefulFrame?, _ loop: LoopState) {
         let frames: String
@@ -268,27 +272,26 @@ extension Uploader {
     /// After the readings of a frame refused with its events went again alone: when they were accepted, the events were
     /// the cause (a refusal 400/422 is permanent: the same event would be refused forever). A single event is quarantined;
     /// several are sent one per batch next, so that each is judged alone. When the readings were not accepted, nothing
-    /// shows the events are at fault: they pause for a while. Returns false only when the buffer failed.
+    /// shows the events are at fault: they pause for a while. Returns the wait when the buffer failed, else nil.
     func judgeSuspectEvents(
         _ suspect: (events: [CalibrationEvent], refusal: Refusal), readingsDelivered: Bool, _ loop: inout LoopState
-    ) async -> Bool {
+    ) async -> Duration? {
         guard readingsDelivered else {
             pauseEvents(&loop)
-            return true
+            return nil
         }
         guard suspect.events.count == 1, let event = suspect.events.first else {
             loop.singleEventDeliveries = suspect.events.count
             logger.notice(
                 "The ingest took the readings without the calibration events it refused with them; sending the events one per batch to find the one at fault",
                 metadata: ["calibration.events": "\(suspect.events.count)"])
-            return true
+            return nil
         }
         do {
             try await source.quarantineCalibrations([event.id: suspect.refusal.reason])
         } catch {
-            logger.error("Cannot move a calibration event to quarantine", metadata: ["error": "\(error)"])
             pauseEvents(&loop)
-            return false
+            return bufferFailed("cannot move a refused calibration event to quarantine", error, status: suspect.refusal.status, &loop)
         }
         loop.singleEventDeliveries = max(0, loop.singleEventDeliveries - 1)
         state.withLock { $0.calibrationsQuarantinedTotal = ($0.calibrationsQuarantinedTotal ?? 0) + 1 }
@@ -298,7 +301,7 @@ extension Uploader {
                 "calibration.id": "\(event.id)", "calibration.sensor": "\(event.sensor)", "http.status": "\(suspect.refusal.status)",
                 "reason": "\(suspect.refusal.reason)",
             ])
-        return true
+        return nil
     }
 
     /// Sends no events for a while (a backoff's maximum, at least a minute) after a frame carrying them was refused or could

@@ -163,8 +163,7 @@ extension Uploader {
         do {
             moved = try await source.renumber(conflicts, above: floor)
         } catch {
-            logger.error("Cannot renumber readings in the buffer", metadata: ["error": "\(error)"])
-            return bufferRetryDelay
+            return bufferFailed("cannot renumber the readings the ingest refused as sequence_conflict", error, status: nil, &loop)
         }
         guard !moved.isEmpty else { return nil }
         let again = conflicts.contains { loop.renumbered.contains($0) }

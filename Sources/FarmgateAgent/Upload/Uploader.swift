@@ -55,8 +55,10 @@ import Synchronization
 ///   `unsupported_encoding` (or a JSON batch refused `unsupported_format_version`), any other 4xx.
 /// - Transient, retried after a backoff, no split: 400 `incomplete_body`, 5xx, no answer (connection refused, timeouts,
 ///   TLS failures), an unreadable receipt.
-/// - 429, 503 with `Retry-After`: the next attempt waits exactly that long (even beyond ``UploadConfiguration/backoffMax``),
-///   capped only at ``UploadConfiguration/retryAfterMax``.
+/// - 429, 503 with `Retry-After`: the next attempt waits that long (even beyond ``UploadConfiguration/backoffMax``),
+///   capped only at ``UploadConfiguration/retryAfterMax``, but never less than the backoff would and never less than a
+///   second (`Retry-After: 0` or a date already past must not resend at once, forever). An HTTP-date is measured against
+///   the answer's `Date` header when it has one (this box's clock may be years off).
 ///
 /// Held means: nothing is quarantined and nothing deleted; ``UploadStatus/held`` shows the HTTP status, code, message and
 /// since when, an error is logged when the hold begins (a notice at each further refusal), and the next attempt waits an
@@ -65,12 +67,17 @@ import Synchronization
 ///
 /// A reading that cannot be encoded at all goes to quarantine with `encoding_failed: ...`.
 ///
+/// A buffer that cannot record an answer (delete what was acknowledged, quarantine, renumber: a read-only remount, a
+/// full disk, an I/O error) is a failure like a 5xx: the batch stays pending and goes again after the backoff (at least
+/// a second), and the status says so; it never resends the same batch every second (see ``bufferFailed(_:_:status:_:)``).
+///
 /// **Calibration events** (``ReadingBuffer/recordCalibration(_:)``) ride with the readings: when `GET /v1/device` listed 3 in
 /// `accepted_versions` (the ingest keeps events), the first request of a delivery carries up to ``maxEventsPerBatch`` of the
 /// oldest pending events: in a version 3 frame when batches go as binary, in the `calibrations` member when they go as
 /// JSON (configured, or after a fallback); every other batch stays version 2 (or JSON without the member). They are deleted only when the receipt's
-/// `calibrations.accepted + duplicates` equals the number sent; otherwise they go again with a later batch (the ingest is
-/// idempotent on event ids). Events never cost readings anything: a 415 `unsupported_format_version` to a version 3 frame
+/// `calibrations.accepted + duplicates` equals the number sent; a receipt without `calibrations` leaves them for a later
+/// batch (the ingest is idempotent on event ids), and one whose counts cannot be of these events (negative, more than
+/// were sent, or not adding up) acknowledges nothing, readings included: the batch goes again after a backoff. Events never cost readings anything: a 415 `unsupported_format_version` to a version 3 frame
 /// stops events until `GET /v1/device` lists 3 again, a 400/422 to one puts them under suspicion, and in both cases the
 /// same readings go again at once without them. When those readings are then accepted, the events were the cause: a
 /// single event is quarantined (kept in the buffer, never sent again, shown by `farmgate status` and `farmgate quarantine
@@ -270,8 +277,23 @@ public final class Uploader: Service {
         _ = try? await cancelWhenGracefulShutdown { try await Task.sleep(for: duration) }
     }
 
-    /// The wait after the buffer itself failed (it logs its own details).
+    /// The wait after the buffer failed to read (nothing was sent), and the shortest wait after it failed to settle what
+    /// the ingest answered (see ``bufferFailed(_:_:status:_:)``).
     var bufferRetryDelay: Duration { max(configuration.pollInterval, .seconds(1)) }
+
+    /// The buffer could not settle what the ingest answered (delete acknowledged readings or events, quarantine,
+    /// renumber): a read-only remount, a full disk, an I/O error. The batch is still pending and goes again, so this is a
+    /// failure like any other: it waits the exponential backoff (at least ``bufferRetryDelay``), counts in the status'
+    /// consecutive failures and says what failed, rather than resending the same batch every second on a metered link.
+    /// The buffer counts and shows its own error (``BufferStatistics/errors``). Returns the wait.
+    func bufferFailed(_ what: String, _ error: any Error, status: Int?, _ loop: inout LoopState) -> Duration {
+        let delay = max(loop.backoff.nextDelay(), bufferRetryDelay)
+        logger.error(
+            "The buffer cannot record the ingest's answer; the batch stays pending and goes again after a backoff",
+            metadata: ["operation": "\(what)", "error": "\(error)", "retry_in": "\(delay)"])
+        let result = "\(status.map { "\($0): " } ?? "")the buffer \(what): \(error); the batch goes again after a backoff"
+        return failed(result: result, status: status, delay: delay, &loop)
+    }
 
     /// Looks at the buffer, sends what is due, and says how long to wait before looking again.
     func step(_ loop: inout LoopState) async -> Duration {
@@ -427,7 +449,7 @@ public final class Uploader: Service {
                     "reading.sequence": "\(reading.sequence)", "reading.sensor": "\(reading.sensor)", "http.status": "\(refusal.status)",
                     "reason": "\(refusal.reason)",
                 ])
-            guard await quarantine([reading.sequence: refusal.reason]) else { return .stop(bufferRetryDelay) }
+            if let wait = await quarantine([reading.sequence: refusal.reason], status: refusal.status, &loop) { return .stop(wait) }
             return .proceed
         }
         let (first, second) = Self.halves(group)
@@ -524,16 +546,17 @@ public final class Uploader: Service {
         }
     }
 
-    func quarantine(_ reasons: [UInt64: String]) async -> Bool {
+    /// Moves readings to quarantine. Returns nil, or the wait when the buffer failed (`status`: the answer that refused
+    /// them, nil when the agent did).
+    func quarantine(_ reasons: [UInt64: String], status: Int?, _ loop: inout LoopState) async -> Duration? {
         do {
             try await source.quarantine(reasons)
         } catch {
-            logger.error("Cannot move readings to quarantine", metadata: ["error": "\(error)"])
-            return false
+            return bufferFailed("cannot move refused readings to quarantine", error, status: status, &loop)
         }
         state.withLock { $0.quarantinedTotal += Int64(reasons.count) }
         metrics.quarantined.increment(by: Int64(reasons.count))
-        return true
+        return nil
     }
 }
 
