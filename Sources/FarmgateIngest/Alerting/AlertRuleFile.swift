@@ -60,33 +60,10 @@ public enum AlertRuleFile {
     /// The longest duration a rule takes (``AlertRuleSpec/validated()`` refuses longer ones too).
     static let maximumDuration = Duration.seconds(366 * 86_400)
 
-    /// A duration key as text for ``AlertRuleSpec`` (numbers are seconds), range-checked here, before the duration is
-    /// formatted: the file is input, and a number such as `for = 10000000000000000` (seconds) is a `Duration` whose
-    /// milliseconds overflow `Int64`. So the value is read raw, and nothing outside 0s...366d is ever converted.
+    /// A duration key as text for ``AlertRuleSpec`` (numbers are seconds), checked against 0s...366d here, before it is
+    /// formatted: a number such as `for = 10000000000000000` (seconds) would not fit the text's milliseconds.
     private static func durationText(_ table: ConfigTable, _ key: String) throws(ConfigurationError) -> String? {
-        guard let value = table.value(key) else { return nil }
-        let limitSeconds = maximumDuration.components.seconds
-        let outOfRange = "must be from 0s to 366d, the longest a rule takes"
-        let duration: Duration
-        switch value {
-        case .integer(let seconds):
-            guard seconds >= 0, Int64(seconds) <= limitSeconds else { throw table.error(key, "\(outOfRange) (got \(seconds) seconds)") }
-            duration = .seconds(seconds)
-        case .double(let seconds):
-            guard seconds.isFinite, seconds >= 0, seconds <= Double(limitSeconds) else {
-                throw table.error(key, "\(outOfRange) (got \(seconds) seconds)")
-            }
-            duration = .milliseconds(Int64((seconds * 1000).rounded()))
-        case .string(let text):
-            // parseDuration refuses negative values and anything from 1e15 ms on, so the comparison below cannot overflow.
-            guard let parsed = ConfigTable.parseDuration(text) else {
-                throw table.error(key, "must be a duration such as \"30s\", \"15m\", \"2h\" or \"30d\" (got \"\(text.prefix(40))\")")
-            }
-            guard parsed <= maximumDuration else { throw table.error(key, "\(outOfRange) (got \"\(text.prefix(40))\")") }
-            duration = parsed
-        default:
-            throw table.error(key, "must be a duration such as \"30s\", \"15m\", \"2h\" or \"30d\", or a number of seconds")
-        }
+        guard let duration = try table.duration(key, in: .zero...maximumDuration) else { return nil }
         return ConfigTable.format(duration)
     }
 }
