@@ -93,6 +93,30 @@ struct UploadRefusalTests {
         #expect(Set(ingest.log.stored.keys) == Set(data.sequences).subtracting(poisoned))
     }
 
+    @Test func aRefusalThatStartsInTheMiddleOfABisectionHoldsInsteadOfQuarantiningTheRest() async throws {
+        let data = try await TestBuffer(count: 40)
+        let gate = Gate()
+        // The whole batch is refused (a poison reading, it seems), its first half taken, and from then on the ingest
+        // refuses everything (a bad deploy), until the gate opens.
+        let ingest = try FakeIngest(
+            FakeIngest.Rules(script: { index, _ in
+                if gate.isOpen || index == 1 { return nil }
+                return .error(422, "invalid_batch", "the ingest cannot store readings right now")
+            }))
+        let configuration = uploadConfiguration(ingest.url, batchMaxReadings: 40, backoffInitial: .milliseconds(20), backoffMax: .milliseconds(200))
+        try await withUploader(source: data.buffer, configuration: configuration) { uploader throws in
+            #expect(await eventually { uploader.status().held != nil })
+            let held = try #require(uploader.status().held)
+            #expect(held.reason.contains("a reading the ingest took earlier"), "\(held.reason)")
+            #expect(try await data.statistics().quarantined == 0, "readings were quarantined for a refusal of everything")
+            #expect(try await data.statistics().pending == 20)
+            gate.release()
+            #expect(try await eventually { try await data.statistics().pending == 0 })
+        }
+        #expect(try await data.statistics().quarantined == 0)
+        #expect(Set(ingest.log.stored.keys) == Set(data.sequences))
+    }
+
     /// Answers the agent must retry as they are: no split, no hold, nothing quarantined.
     @Test(arguments: [
         TestResponse.error(400, IngestErrorCode.incompleteBody, "the body ended after 120 of 2048 bytes"),

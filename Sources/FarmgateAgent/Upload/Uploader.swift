@@ -37,7 +37,8 @@ import Synchronization
 ///   above the ingest's from the first; an ingest that is down is asked again later and never delays sampling.
 /// - 400/422 (`malformed_batch` and any code but `incomplete_body`), a possible poison batch: the batch is halved and both
 ///   halves sent. When both halves are refused the same way and nothing of the batch was accepted, the refusal is
-///   systematic: the queue is held (below). Otherwise bisection continues into the refused halves; a single reading still
+///   systematic: the queue is held (below). When part of it was accepted, a reading taken earlier in the delivery is sent
+///   again first: refused as well, the queue is held too. Otherwise bisection continues into the refused halves; a single reading still
 ///   refused is quarantined with the error body's `code: message` if some other reading of its batch was accepted, and
 ///   holds the queue if none was (it is tried again later, when more readings give bisection something to compare).
 /// - 413 (`payload_too_large`, `decompressed_too_large`, `too_many_readings`): the batch is halved and both halves sent,
@@ -378,10 +379,20 @@ public final class Uploader: Service {
 
     /// What one delivery has learnt: whether any part of its batch was accepted. Until then, a refusal both halves of a
     /// split share is systematic (hold), and so is a single reading refused (nothing shows it is the cause). Once part of
-    /// the batch was accepted, the refusal depends on what is sent: bisection goes on into every refused half (two poison
-    /// readings side by side are both found) and a single reading still refused is quarantined.
+    /// the batch was accepted, the refusal may depend on what is sent (two poison readings, one in each half), or the
+    /// ingest may have begun to refuse everything since: a reading it took earlier in this delivery (``sample``) is sent
+    /// again, a duplicate to an ingest that works. Taken again, bisection goes on into both halves and a single reading
+    /// still refused is quarantined; refused too, the refusal is systematic and the queue is held, so that a refusal
+    /// that starts in the middle of a bisection never quarantines the readings it had still to send.
     struct Bisection {
         var accepted = false
+        /// One reading of a group the ingest took in this delivery.
+        var sample: ArraySlice<Reading>?
+
+        mutating func took(_ group: ArraySlice<Reading>) {
+            accepted = true
+            sample = group.suffix(1)
+        }
     }
 
     /// Delivers `readings`, halving batches that are too large or cannot be encoded and bisecting refused ones (see the type's
@@ -408,7 +419,7 @@ public final class Uploader: Service {
     func settle(_ group: ArraySlice<Reading>, _ attempt: Attempt, _ loop: inout LoopState, _ bisection: inout Bisection) async -> Flow {
         switch attempt {
         case .delivered:
-            bisection.accepted = true
+            bisection.took(group)
             return .proceed
         case .settled:
             return .proceed
@@ -455,15 +466,26 @@ public final class Uploader: Service {
         let (first, second) = Self.halves(group)
         let firstAttempt = await attempt(first, &loop)
         if case .stop(let wait) = firstAttempt { return .stop(wait) }
-        if case .delivered = firstAttempt { bisection.accepted = true }
+        if case .delivered = firstAttempt { bisection.took(first) }
         let secondAttempt = await attempt(second, &loop)
         if case .stop(let wait) = secondAttempt { return .stop(wait) }
-        if case .delivered = secondAttempt { bisection.accepted = true }
-        if case .refused(let one) = firstAttempt, case .refused(let other) = secondAttempt, one.isSame(as: other), !bisection.accepted {
-            return .stop(
-                hold(
-                    one, reason: "both halves of a split batch were refused the same way: the refusal is systematic, not caused by a reading",
-                    &loop))
+        if case .delivered = secondAttempt { bisection.took(second) }
+        if case .refused(let one) = firstAttempt, case .refused(let other) = secondAttempt, one.isSame(as: other) {
+            guard bisection.accepted, let sample = bisection.sample else {
+                return .stop(
+                    hold(
+                        one, reason: "both halves of a split batch were refused the same way: the refusal is systematic, not caused by a reading",
+                        &loop))
+            }
+            let probe = await attempt(sample, &loop)
+            if case .stop(let wait) = probe { return .stop(wait) }
+            guard case .delivered = probe else {
+                return .stop(
+                    hold(
+                        one,
+                        reason: "both halves of a split batch were refused the same way, and so was a reading the ingest took earlier in "
+                            + "this delivery: the refusal is systematic, not caused by a reading", &loop))
+            }
         }
         for (half, outcome) in [(first, firstAttempt), (second, secondAttempt)] {
             if case .stop(let wait) = await settle(half, outcome, &loop, &bisection) { return .stop(wait) }
