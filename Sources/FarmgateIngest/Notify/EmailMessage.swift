@@ -44,9 +44,10 @@ public struct EmailMessage: Sendable, Hashable {
         NotificationText.singleLine(text)
     }
 
-    /// The subject as is when it is printable ASCII, else as RFC 2047 encoded words (UTF-8, base64), folded.
+    /// The subject as is when it is printable ASCII (folded at spaces when long, ``folded(_:)``), else as RFC 2047 encoded
+    /// words (UTF-8, base64), folded.
     static func encodedWords(_ text: String) -> String {
-        if text.utf8.allSatisfy({ $0 >= 32 && $0 < 127 }) { return text }
+        if text.utf8.allSatisfy({ $0 >= 32 && $0 < 127 }), let folded = folded(text) { return folded }
         var words: [String] = []
         var chunk = ""
         for character in text {
@@ -58,6 +59,31 @@ public struct EmailMessage: Sendable, Hashable {
         }
         if !chunk.isEmpty { words.append(chunk) }
         return words.map { "=?UTF-8?B?\(Data($0.utf8).base64EncodedString())?=" }.joined(separator: "\r\n ")
+    }
+
+    /// Printable ASCII as one line when the header fits in 998 characters (RFC 5322 §2.1.1); longer (a summary filled
+    /// with long names can be kilobytes, and servers refuse or cut such a line), folded before spaces (§2.2.3) into lines
+    /// of at most 78 where a space allows. Unfolding (dropping each CRLF) gives `text` back. Nil when a word alone is too
+    /// long for a line, which encoded words, split anywhere, carry instead.
+    static func folded(_ text: String, header: String = "Subject: ") -> String? {
+        if header.count + text.count <= 998 { return text }
+        var lines: [String] = []
+        var line = ""
+        var width = header.count
+        for (index, word) in text.split(separator: " ", omittingEmptySubsequences: false).enumerated() {
+            guard header.count + 1 + word.count <= 998 else { return nil }
+            if !line.isEmpty, width + 1 + word.count > 78 {
+                lines.append(line)
+                line = ""
+                width = 0
+            }
+            // Every word but the first follows a space; on a new line that space is the fold's whitespace.
+            if index > 0 { line += " " }
+            line += word
+            width += word.count + 1
+        }
+        lines.append(line)
+        return lines.joined(separator: "\r\n")
     }
 
     /// Quoted-printable (RFC 2045) of `text`, whose lines end in CRLF: readable where it is ASCII, lines at most 76.
