@@ -59,6 +59,27 @@ final class EZOBench {
         return drivers
     }
 
+    /// `tank1.ph` on the circuit behind `ph`, compensated with `tank1.temp` (whose values the test sets in ``latest``).
+    func compensatedPH(maxAge: String? = nil) throws -> EZODriver {
+        let drivers = try drivers(
+            """
+            [[sensor]]
+            id = "tank1.ph"
+            driver = "ezo"
+            quantity = "ph"
+            port = "\(dir.file("ph"))"
+            temperature_sensor = "tank1.temp"
+            \(maxAge.map { "temperature_max_age = \"\($0)\"" } ?? "")
+
+            [[sensor]]
+            id = "tank1.temp"
+            driver = "simulated"
+            quantity = "temperature"
+            """)
+        guard let driver = drivers["tank1.ph"] else { throw SensorError(.fault, "no driver") }
+        return driver
+    }
+
     func driver(_ id: String, quantity: String, port: String, extra: String = "") throws -> EZODriver {
         let drivers = try drivers(
             """
@@ -288,21 +309,7 @@ struct EZODriverTests {
         let bench = try EZOBench()
         let simulator = try bench.circuit(.ph, name: "ph")
         simulator.setKnowsRT(false)
-        let drivers = try bench.drivers(
-            """
-            [[sensor]]
-            id = "tank1.ph"
-            driver = "ezo"
-            quantity = "ph"
-            port = "\(bench.dir.file("ph"))"
-            temperature_sensor = "tank1.temp"
-
-            [[sensor]]
-            id = "tank1.temp"
-            driver = "simulated"
-            quantity = "temperature"
-            """)
-        let driver = try #require(drivers["tank1.ph"])
+        let driver = try bench.compensatedPH()
         try bench.latest.set("tank1.temp", 21.437)
         let first = try await driver.read()
         #expect(first.quality.contains(.compensated))
@@ -370,22 +377,7 @@ struct EZODriverTests {
     func compensation() async throws {
         let bench = try EZOBench()
         let simulator = try bench.circuit(.ph, name: "ph")
-        let drivers = try bench.drivers(
-            """
-            [[sensor]]
-            id = "tank1.ph"
-            driver = "ezo"
-            quantity = "ph"
-            port = "\(bench.dir.file("ph"))"
-            temperature_sensor = "tank1.temp"
-            temperature_max_age = "1m"
-
-            [[sensor]]
-            id = "tank1.temp"
-            driver = "simulated"
-            quantity = "temperature"
-            """)
-        let driver = try #require(drivers["tank1.ph"])
+        let driver = try bench.compensatedPH(maxAge: "1m")
 
         // No temperature yet: a plain R, not flagged.
         let uncompensated = try await driver.read()
