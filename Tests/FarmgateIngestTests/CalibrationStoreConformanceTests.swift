@@ -70,6 +70,42 @@ import Testing
 
     @Test(arguments: StoreKind.allCases)
     func anIngestOnEitherStoreReadsVersion3AndTheJSONCalibrationsMember(kind: StoreKind) async throws {
+        try await Self.withDeviceOne(kind) { store, key, client in
+            let state = try decode(DeviceState.self, try await client.execute(uri: IngestProtocol.deviceStatePath, method: .get, headers: bearer(key)))
+            #expect(state.acceptedVersions == [2, 3, 4])
+            let frame = try BatchCodec.encode(try phBatch(sequences: 1...3), calibrations: [try Self.event("bin-1")])
+            let binary = try decode(
+                IngestReceipt.self,
+                try await client.execute(uri: IngestProtocol.batchesPath, method: .post, headers: binaryHeaders(key), body: buffer(frame)))
+            #expect(binary.accepted == 3)
+            #expect(binary.calibrations == CalibrationReceipt(accepted: 1, duplicates: 0))
+            let json = try BatchJSON.encode(try phBatch(sequences: 4...5), calibrations: [try Self.event("json-1"), try Self.event("bin-1")])
+            let viaJSON = try decode(
+                IngestReceipt.self,
+                try await client.execute(uri: IngestProtocol.batchesPath, method: .post, headers: jsonHeaders(key), body: buffer(json)))
+            #expect(viaJSON.accepted == 2)
+            #expect(viaJSON.calibrations == CalibrationReceipt(accepted: 1, duplicates: 1))
+            // A JSON event that breaks the rules refuses the batch as binary does, and stores none of it.
+            var bad = try Self.event("bad-1")
+            bad.points = []
+            let badText = String(decoding: try JSONEncoder().encode(bad), as: UTF8.self)
+            let document = #"{"device":"d1","sensors":[{"id":"tank1.ph","quantity":"ph"}],"readings":[],"calibrations":[\#(badText)]}"#
+            let refused = try await client.execute(uri: IngestProtocol.batchesPath, method: .post, headers: jsonHeaders(key), body: buffer(Array(document.utf8)))
+            let message = try expectError(refused, .badRequest, IngestErrorCode.malformedBatch)
+            #expect(message.contains("calibrations[0]"))
+            let farm = try #require(try await store.farm(named: "f1"))
+            let devices = try await store.devices(farmID: farm.id)
+            let d1 = try #require(devices.first { $0.device.rawValue == "d1" })
+            let stored = try await Self.calibrations(store).calibrations(deviceRowID: d1.rowID, sensor: try sensorID("tank1.ph"), limit: 10)
+            #expect(Set(stored.map(\.id)) == ["bin-1", "json-1"])
+        }
+    }
+
+    /// Runs `body` with a fresh store of `kind` holding farm f1 and its device d1, d1's key, and a client of an ingest's
+    /// router on that store.
+    static func withDeviceOne(
+        _ kind: StoreKind, _ body: @escaping @Sendable (any IngestStore, APIKey, any TestClientProtocol) async throws -> Void
+    ) async throws {
         try await withFreshStore(kind) { store in
             let admin = IngestAdmin(store: store)
             _ = try await admin.createFarm(name: "f1")
@@ -79,35 +115,7 @@ import Testing
             let app = buildApplication(
                 configuration: configuration, store: store, registry: PrometheusCollectorRegistry(), logger: testLogger, now: { testNow },
                 credentialCacheTTL: .zero)
-            try await app.test(.router) { client in
-                let state = try decode(DeviceState.self, try await client.execute(uri: IngestProtocol.deviceStatePath, method: .get, headers: bearer(key)))
-                #expect(state.acceptedVersions == [2, 3, 4])
-                let frame = try BatchCodec.encode(try phBatch(sequences: 1...3), calibrations: [try Self.event("bin-1")])
-                let binary = try decode(
-                    IngestReceipt.self,
-                    try await client.execute(uri: IngestProtocol.batchesPath, method: .post, headers: binaryHeaders(key), body: buffer(frame)))
-                #expect(binary.accepted == 3)
-                #expect(binary.calibrations == CalibrationReceipt(accepted: 1, duplicates: 0))
-                let json = try BatchJSON.encode(try phBatch(sequences: 4...5), calibrations: [try Self.event("json-1"), try Self.event("bin-1")])
-                let viaJSON = try decode(
-                    IngestReceipt.self,
-                    try await client.execute(uri: IngestProtocol.batchesPath, method: .post, headers: jsonHeaders(key), body: buffer(json)))
-                #expect(viaJSON.accepted == 2)
-                #expect(viaJSON.calibrations == CalibrationReceipt(accepted: 1, duplicates: 1))
-                // A JSON event that breaks the rules refuses the batch as binary does, and stores none of it.
-                var bad = try Self.event("bad-1")
-                bad.points = []
-                let badText = String(decoding: try JSONEncoder().encode(bad), as: UTF8.self)
-                let document = #"{"device":"d1","sensors":[{"id":"tank1.ph","quantity":"ph"}],"readings":[],"calibrations":[\#(badText)]}"#
-                let refused = try await client.execute(uri: IngestProtocol.batchesPath, method: .post, headers: jsonHeaders(key), body: buffer(Array(document.utf8)))
-                let message = try expectError(refused, .badRequest, IngestErrorCode.malformedBatch)
-                #expect(message.contains("calibrations[0]"))
-            }
-            let farm = try #require(try await store.farm(named: "f1"))
-            let devices = try await store.devices(farmID: farm.id)
-            let d1 = try #require(devices.first { $0.device.rawValue == "d1" })
-            let stored = try await Self.calibrations(store).calibrations(deviceRowID: d1.rowID, sensor: try sensorID("tank1.ph"), limit: 10)
-            #expect(Set(stored.map(\.id)) == ["bin-1", "json-1"])
+            try await app.test(.router) { client in try await body(store, key, client) }
         }
     }
 
@@ -124,15 +132,7 @@ import Testing
         "an event with a control character in a text or a time outside 2000...now + future_tolerance is refused whole (400, naming event and field) on either store, nothing stored",
         arguments: StoreKind.allCases)
     func refusesEventsWithControlCharactersOrImplausibleTimes(kind: StoreKind) async throws {
-        try await withFreshStore(kind) { store in
-            let admin = IngestAdmin(store: store)
-            _ = try await admin.createFarm(name: "f1")
-            let key = try await admin.createDevice(farm: "f1", device: try deviceID("d1"))
-            var configuration = IngestConfiguration()
-            configuration.server.port = 0
-            let app = buildApplication(
-                configuration: configuration, store: store, registry: PrometheusCollectorRegistry(), logger: testLogger, now: { testNow },
-                credentialCacheTTL: .zero)
+        try await Self.withDeviceOne(kind) { store, key, client in
             var nul = try Self.event("nul")
             nul.circuit = "p\u{0}H"
             var escape = try Self.event("escape")
@@ -158,27 +158,25 @@ import Testing
                 (try Self.eventJSON(ahead), "calibration event ahead: time 2026-01-01T00:11:00Z is later than the ingest's clock"),
                 (try Self.eventJSON(old), "calibration event old: time 1999-12-31T23:59:59.999999Z is before 2000-01-01"),
             ]
-            try await app.test(.router) { client in
-                for (json, problem) in cases {
-                    let document = #"{"device":"d1","sensors":[{"id":"tank1.ph","quantity":"ph"}],"readings":[{"sensor":"tank1.ph","seq":1,"ts":"2025-12-31T23:00:00Z","value":6.5}],"calibrations":[\#(json)]}"#
-                    let refused = try await client.execute(uri: IngestProtocol.batchesPath, method: .post, headers: jsonHeaders(key), body: buffer(Array(document.utf8)))
-                    let message = try expectError(refused, .badRequest, IngestErrorCode.malformedBatch)
-                    #expect(message.contains(problem), "\(message)")
-                }
-                // In a binary frame the same: a time the ingest can write and read, but far ahead.
-                var future = try Self.event("future")
-                future.time = Timestamp(microseconds: 32_503_680_000_000_000)
-                let frame = try BatchCodec.encode(try phBatch(sequences: 1...1), calibrations: [future])
-                let binary = try await client.execute(uri: IngestProtocol.batchesPath, method: .post, headers: binaryHeaders(key), body: buffer(frame))
-                #expect(try expectError(binary, .badRequest, IngestErrorCode.malformedBatch).contains("calibration event future: time 3000-01-01T00:00:00Z"))
-                // Up to future_tolerance ahead, with a tab nowhere: taken.
-                var soon = try Self.event("soon")
-                soon.time = Timestamp(microseconds: testNow.microseconds + 9 * 60_000_000)
-                let taken = try BatchCodec.encode(try phBatch(sequences: 1...1), calibrations: [soon])
-                let receipt = try decode(
-                    IngestReceipt.self, try await client.execute(uri: IngestProtocol.batchesPath, method: .post, headers: binaryHeaders(key), body: buffer(taken)))
-                #expect(receipt.accepted == 1 && receipt.calibrations == CalibrationReceipt(accepted: 1, duplicates: 0))
+            for (json, problem) in cases {
+                let document = #"{"device":"d1","sensors":[{"id":"tank1.ph","quantity":"ph"}],"readings":[{"sensor":"tank1.ph","seq":1,"ts":"2025-12-31T23:00:00Z","value":6.5}],"calibrations":[\#(json)]}"#
+                let refused = try await client.execute(uri: IngestProtocol.batchesPath, method: .post, headers: jsonHeaders(key), body: buffer(Array(document.utf8)))
+                let message = try expectError(refused, .badRequest, IngestErrorCode.malformedBatch)
+                #expect(message.contains(problem), "\(message)")
             }
+            // In a binary frame the same: a time the ingest can write and read, but far ahead.
+            var future = try Self.event("future")
+            future.time = Timestamp(microseconds: 32_503_680_000_000_000)
+            let frame = try BatchCodec.encode(try phBatch(sequences: 1...1), calibrations: [future])
+            let binary = try await client.execute(uri: IngestProtocol.batchesPath, method: .post, headers: binaryHeaders(key), body: buffer(frame))
+            #expect(try expectError(binary, .badRequest, IngestErrorCode.malformedBatch).contains("calibration event future: time 3000-01-01T00:00:00Z"))
+            // Up to future_tolerance ahead, with a tab nowhere: taken.
+            var soon = try Self.event("soon")
+            soon.time = Timestamp(microseconds: testNow.microseconds + 9 * 60_000_000)
+            let taken = try BatchCodec.encode(try phBatch(sequences: 1...1), calibrations: [soon])
+            let receipt = try decode(
+                IngestReceipt.self, try await client.execute(uri: IngestProtocol.batchesPath, method: .post, headers: binaryHeaders(key), body: buffer(taken)))
+            #expect(receipt.accepted == 1 && receipt.calibrations == CalibrationReceipt(accepted: 1, duplicates: 0))
             let farm = try #require(try await store.farm(named: "f1"))
             let d1 = try #require(try await store.devices(farmID: farm.id).first)
             let stored = try await Self.calibrations(store).calibrations(deviceRowID: d1.rowID, sensor: try sensorID("tank1.ph"), limit: 100)
