@@ -79,6 +79,70 @@ struct NotificationOutboxTests {
         }
     }
 
+    @Test("On PostgreSQL claims run on the database's clock: an instance whose clock is 10 minutes ahead neither takes over nor kills another's live claim")
+    func claimsUseTheDatabaseClock() async throws {
+        try await withOutboxStore(.postgres) { store in
+            let receiver = try await addWebhook(store, name: "hook", url: "http://127.0.0.1:9/")
+            let live = try #require(try await store.enqueueNotification(testNotification(1), receiverID: receiver.id, dueAt: .now()))
+            func claim(_ claimant: String, now: Timestamp, maxAttempts: Int) async throws -> [ClaimedNotification] {
+                try await store.claimNotifications(
+                    OutboxClaimRequest(
+                        claimant: claimant, now: now, claimDuration: .seconds(60), lookahead: .seconds(1), limit: 10, perReceiver: 10,
+                        maxAttempts: maxAttempts, clock: .store))
+            }
+            // Instance A, its clock right, holds the row for a minute.
+            let first = try await claim("a", now: .now(), maxAttempts: 1)
+            #expect(first.map(\.entry.id) == [live])
+            let waiting = try #require(try await store.enqueueNotification(testNotification(2), receiverID: receiver.id, dueAt: .now()))
+            // Instance B runs 10 minutes ahead: it takes the row that is due, not A's.
+            let skewed = Timestamp(microseconds: Timestamp.now().microseconds + 600_000_000)
+            let second = try await claim("b", now: skewed, maxAttempts: 5)
+            #expect(second.map(\.entry.id) == [waiting], "instance b took over a live claim")
+            // Its send slot is in its own clock: it sends now, not ten minutes late.
+            for claimed in second { #expect(abs(claimed.slot.microseconds - skewed.microseconds) < 5_000_000, "slot \(claimed.slot), b's now \(skewed)") }
+            // Nor does its sweep take A's claim, at A's last attempt, for one whose instance died.
+            #expect(try await claim("b", now: skewed, maxAttempts: 1).isEmpty)
+            let row = try #require(try await rows(store).first { $0.id == live })
+            #expect(row.state == .delivering)
+            #expect(row.claimedBy == "a")
+            let first0 = try #require(first.first)
+            #expect(try await store.completeNotification(id: live, claim: first0.claim, outcome: .delivered(at: .now())))
+        }
+    }
+
+    @Test("A deferred attempt is taken back; a late completion of a claim that was taken over is still refused", arguments: StoreKind.allCases)
+    func deferralKeepsTheFence(kind: StoreKind) async throws {
+        try await withOutboxStore(kind) { store in
+            let receiver = try await addWebhook(store, name: "hook", url: "http://127.0.0.1:9/")
+            let id = try #require(try await store.enqueueNotification(testNotification(1), receiverID: receiver.id, dueAt: testNow))
+            func claim(_ claimant: String, at seconds: Int64) async throws -> ClaimedNotification? {
+                try await store.claimNotifications(
+                    OutboxClaimRequest(
+                        claimant: claimant, now: Timestamp(microseconds: testNow.microseconds + seconds * 1_000_000), claimDuration: .seconds(60),
+                        lookahead: .seconds(1), limit: 10, perReceiver: 10, maxAttempts: 5)
+                ).first
+            }
+            // A claims (attempt 1) and stalls past its claim; B takes over (attempt 2) and is asked to wait.
+            let a = try #require(try await claim("a", at: 1))
+            let b = try #require(try await claim("b", at: 120))
+            #expect(b.entry.attempts == 2)
+            let later = Timestamp(microseconds: testNow.microseconds + 200_000_000)
+            #expect(try await store.completeNotification(id: id, claim: b.claim, outcome: .deferred(at: later, error: "HTTP 503")))
+            var row = try #require(try await rows(store).first)
+            #expect(row.state == .pending)
+            #expect(row.attempts == 1)
+            #expect(row.lastError == "HTTP 503")
+            // A claims it again (attempt 2 once more): A's first, stale completion (attempt 1) is still refused.
+            let again = try #require(try await claim("a", at: 201))
+            #expect(again.entry.attempts == 2)
+            #expect(try await !store.completeNotification(id: id, claim: a.claim, outcome: .dead(at: .now(), error: "stale")))
+            #expect(try await store.completeNotification(id: id, claim: again.claim, outcome: .delivered(at: .now())))
+            row = try #require(try await rows(store).first)
+            #expect(row.state == .delivered)
+            #expect(row.attempts == 2)
+        }
+    }
+
     @Test("Receivers: added, listed without change, refused twice, removed with their notifications counted", arguments: StoreKind.allCases)
     func receivers(kind: StoreKind) async throws {
         try await withOutboxStore(kind) { store in

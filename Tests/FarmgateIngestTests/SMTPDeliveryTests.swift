@@ -132,4 +132,34 @@ struct SMTPDeliveryTests {
         await sink.stop()
         #expect(sink.messages.count == 1)
     }
+
+    @Test(
+        "A login or STARTTLS turned down with a temporary 4xx reply is retried; with 5xx it is refused for good",
+        arguments: [
+            ("AUTH", "454 4.7.0 Temporary authentication failure", true), ("AUTH", "535 5.7.8 authentication failed", false),
+            ("STARTTLS", "454 4.7.0 TLS not available due to temporary reason", true), ("STARTTLS", "554 5.7.3 TLS not available", false),
+        ])
+    func temporaryRefusalsAreRetried(command: String, reply: String, retryable: Bool) async throws {
+        let sink = try await sink { options in
+            if command == "AUTH" { options.authReply = reply } else { options.startTLSReply = reply }
+        }
+        let notifier = try Notifier(configuration: fastNotify(requestTimeout: .seconds(5), caFile: certificates.caFile), logger: testLogger)
+        let receiver = AlertReceiver(
+            id: 1, farmID: 1, farm: "f1",
+            spec: AlertReceiverSpec(
+                name: "grower", kind: .email, url: sink.url, secret: "pa55 word", username: "farm", emailFrom: "ingest@farm.example",
+                emailTo: "grower@farm.example"),
+            createdAt: testNow)
+        do {
+            _ = try await notifier.send(testNotification(6), idempotencyKey: "k-\(command)", to: receiver)
+            Issue.record("the message was accepted although the server answered \(command) with \(reply)")
+        } catch {
+            #expect(error.retryable == retryable, "\(error)")
+            #expect(error.message.contains(String(reply.prefix(3))), "the reply code is not in '\(error.message)'")
+        }
+        await notifier.shutdown()
+        await sink.stop()
+        #expect(sink.messages.isEmpty)
+        #expect(sink.commands.contains { $0.hasPrefix(command) }, "the server never saw \(command): \(sink.commands)")
+    }
 }

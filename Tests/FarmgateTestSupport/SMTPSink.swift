@@ -24,7 +24,8 @@ public struct SMTPSinkMessage: Sendable, Hashable {
 /// MAIL/RCPT/DATA; it records each message and answers `250`. Real TLS and a real protocol, so that libcurl's SMTP
 /// client is tested as it talks to a mail server.
 ///
-/// Options make it misbehave: no STARTTLS on offer, a login refused, a recipient refused with a permanent error.
+/// Options make it misbehave: no STARTTLS on offer, a login refused, a recipient refused with a permanent error, a
+/// STARTTLS or AUTH turned down with a reply of the test's choosing.
 public final class SMTPSink: Sendable {
     public struct Options: Sendable {
         /// Offer STARTTLS in the EHLO answer. Default true.
@@ -35,6 +36,12 @@ public final class SMTPSink: Sendable {
         public var credentials: (username: String, password: String)?
         /// Recipients refused with `550`.
         public var refusedRecipients: Set<String> = []
+        /// The reply to every `STARTTLS` instead of `220` (TLS does not start), such as
+        /// `454 4.7.0 TLS not available due to temporary reason`. Default nil.
+        public var startTLSReply: String?
+        /// The reply to every `AUTH` instead of the exchange, such as `454 4.7.0 Temporary authentication failure`.
+        /// Default nil.
+        public var authReply: String?
 
         public init() {}
     }
@@ -184,6 +191,7 @@ private final class SMTPSessionHandler: ChannelInboundHandler {
             reply(context, lines.joined(separator: "\r\n"))
         case "STARTTLS":
             guard options.offerSTARTTLS, !inTLS else { return reply(context, "502 5.5.1 not offered") }
+            if let answer = options.startTLSReply { return reply(context, answer) }
             reply(context, "220 2.0.0 ready to start TLS")
             inTLS = true
             try? context.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls), position: .first)
@@ -191,6 +199,7 @@ private final class SMTPSessionHandler: ChannelInboundHandler {
             let parts = line.split(separator: " ").map(String.init)
             let mechanism = parts.count > 1 ? parts[1].uppercased() : ""
             guard options.mechanisms.contains(mechanism) else { return reply(context, "504 5.5.4 mechanism not offered") }
+            if let answer = options.authReply { return reply(context, answer) }
             if mechanism == "PLAIN" {
                 if parts.count > 2 { finishPlain(parts[2], context: context) } else {
                     phase = .authPlain

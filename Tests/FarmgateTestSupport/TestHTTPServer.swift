@@ -32,6 +32,9 @@ public enum TestResponse: Sendable {
     case reset
     /// Waits, then does what the inner response says.
     indirect case delayed(Duration, TestResponse)
+    /// Sends the head of `status` announcing a body of a megabyte, then `chunk` bytes of it every `interval` until the
+    /// client goes away (or the megabyte is out): an answer whose body trickles, or, with a long interval, never ends.
+    case trickle(Int, chunk: Int = 1, every: Duration)
 
     public static func json(_ status: Int, _ text: String, headers: [String: String] = [:]) -> TestResponse {
         var all = headers
@@ -223,8 +226,38 @@ public final class TestHTTPServer: Sendable {
                 var linger = linger(l_onoff: 1, l_linger: 0)
                 setsockopt(socket, SOL_SOCKET, SO_LINGER, &linger, socklen_t(MemoryLayout<linger>.size))
                 return
+            case .trickle(let status, let chunk, let interval):
+                let length = 1 << 20
+                guard send(socket, Array("HTTP/1.1 \(status) \(Self.reason(status))\r\nContent-Length: \(length)\r\n\r\n".utf8)) else { return }
+                var sent = 0
+                while sent < length {
+                    let count = max(1, min(chunk, length - sent))
+                    guard send(socket, [UInt8](repeating: UInt8(ascii: "x"), count: count)) else { return }
+                    sent += count
+                    guard clientStays(socket, for: interval) else { return }
+                }
+                return
             }
         }
+    }
+
+    /// Waits `interval` unless the client closes the connection (or the server stops) first; returns whether it is
+    /// still there.
+    private func clientStays(_ socket: Int32, for interval: Duration) -> Bool {
+        let deadline = ContinuousClock.now + interval
+        while ContinuousClock.now < deadline {
+            let left = deadline - ContinuousClock.now
+            var descriptor = pollfd(fd: socket, events: Int16(POLLIN), revents: 0)
+            let ready = poll(&descriptor, 1, Int32(min(1000, max(1, left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000))))
+            if ready < 0, errno != EINTR { return false }
+            if ready > 0 {
+                var byte: UInt8 = 0
+                if recv(socket, &byte, 1, Int32(MSG_PEEK)) <= 0 { return false }
+                // The client sent something (it should not): leave it unread and keep waiting.
+                Thread.sleep(forTimeInterval: 0.01)
+            }
+        }
+        return true
     }
 
     @discardableResult

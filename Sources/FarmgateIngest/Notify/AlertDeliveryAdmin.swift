@@ -34,7 +34,8 @@ public struct AlertDeliveryAdmin: Sendable {
         let notification = Notifier.testNotification(farm: farm, receiver: receiver, now: now)
         let started = ContinuousClock.now
         do {
-            let account = try await notifier.send(notification, idempotencyKey: "farmgate-test-\(receiver.id)-\(now.microseconds)", to: receiver, now: now)
+            let account = try await notifier.send(
+                notification, idempotencyKey: "farmgate-test-\(receiver.id)-\(now.microseconds)", to: receiver, asOf: now, signedAt: now)
             await notifier.shutdown()
             return (account, ContinuousClock.now - started)
         } catch {

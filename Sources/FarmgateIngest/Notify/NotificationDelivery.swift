@@ -13,9 +13,13 @@ import Synchronization
 ///   slots, never another receiver's, and never anything of the ingest's request path (deliveries are tasks of their
 ///   own; webhooks are non-blocking I/O, SMTP runs on threads of its own).
 /// - A failure is retried after `backoff_initial · 2^(attempt−1)` (capped at `backoff_max`, drawn between half and all
-///   of it), or the receiver's `Retry-After`; after `max_attempts`, or at once for a refusal that a retry cannot change,
-///   the row is a dead letter (`alert outbox list --state dead`, `alert outbox retry ID`, the metric
-///   `farmgate_ingest_notification_outbox{state="dead"}`).
+///   of it), or after the receiver's `Retry-After` when that is longer (``retryDelay(for:attempt:configuration:)``);
+///   after `max_attempts`, or at once for a refusal that a retry cannot change, the row is a dead letter
+///   (`alert outbox list --state dead`, `alert outbox retry ID`, the metric `farmgate_ingest_notification_outbox{state="dead"}`).
+///   A 429 or 503 with `Retry-After` is the receiver asking for time, not failing: it does not count toward
+///   `max_attempts` for ``deferralLimit`` after the notification was written.
+/// - Claims are timed by the store's clock (``OutboxClaimClock/store``): on PostgreSQL every instance agrees on when a
+///   claim expires, whatever its own clock says.
 /// - Every attempt of a row carries the row's idempotency key. An instance killed mid-delivery leaves its claim, which
 ///   expires after `claim_timeout`; then any instance delivers the row again with the same key.
 ///
@@ -106,7 +110,7 @@ public final class NotificationDelivery: Service {
         guard free > 0 else { return [] }
         let request = OutboxClaimRequest(
             claimant: instanceID, now: .now(), claimDuration: configuration.claimTimeout, lookahead: configuration.pollInterval, limit: free,
-            perReceiver: configuration.perReceiver, busy: busy, maxAttempts: configuration.maxAttempts)
+            perReceiver: configuration.perReceiver, busy: busy, maxAttempts: configuration.maxAttempts, clock: .store)
         let claimed: [ClaimedNotification]
         do {
             claimed = try await store.claimNotifications(request)
@@ -165,15 +169,17 @@ public final class NotificationDelivery: Service {
                 throw DeliveryFailure("the outbox payload is not a notification (\(error)); the alert engine wrote something this version cannot read", retryable: false)
             }
             // Told as of when the notification was written ("firing since 03:12 (5m so far)", the mail's Date), so that
-            // every attempt under one idempotency key sends the same body.
-            let account = try await notifier.send(notification, idempotencyKey: entry.idempotencyKey, to: claimed.receiver, now: entry.createdAt)
+            // every attempt under one idempotency key sends the same body; signed now, as receivers check.
+            let account = try await notifier.send(
+                notification, idempotencyKey: entry.idempotencyKey, to: claimed.receiver, asOf: entry.createdAt, signedAt: .now())
             completion = .delivered(at: .now())
             result = .delivered
             logger.debug("notification delivered", metadata: metadata.merging(["notify.result": "\(account)"]) { $1 })
         } catch let failure as DeliveryFailure {
             let now = Timestamp.now()
             metadata["error"] = "\(failure.message)"
-            if !failure.retryable || entry.attempts >= configuration.maxAttempts {
+            let deferral = failure.asksForTime && now.microseconds - entry.createdAt.microseconds < Self.deferralLimit.wholeMicroseconds
+            if !failure.retryable || (!deferral && entry.attempts >= configuration.maxAttempts) {
                 completion = .dead(at: now, error: failure.message)
                 result = .dead
                 logger.error(
@@ -182,11 +188,17 @@ public final class NotificationDelivery: Service {
                         : "the receiver refused the notification for good; it is a dead letter: fix the receiver, then `farmgate-ingest alert outbox retry`",
                     metadata: metadata)
             } else {
-                let delay = failure.retryAfter.map { min($0, configuration.backoffMax) } ?? Self.backoff(attempt: entry.attempts, configuration: configuration)
-                completion = .retry(at: Timestamp(microseconds: now.microseconds + delay.wholeMicroseconds), error: failure.message)
+                let delay = Self.retryDelay(for: failure, attempt: entry.attempts, configuration: configuration)
+                let at = Timestamp(microseconds: now.microseconds + delay.wholeMicroseconds)
                 result = .retried
                 metadata["notify.retry_in"] = "\(delay)"
-                logger.warning("notification delivery failed; it will be retried", metadata: metadata)
+                if deferral {
+                    completion = .deferred(at: at, error: failure.message + " (the receiver asked to wait; not counted as an attempt)")
+                    logger.warning("the receiver asked to be called later; the notification waits, and the attempt does not count", metadata: metadata)
+                } else {
+                    completion = .retry(at: at, error: failure.message)
+                    logger.warning("notification delivery failed; it will be retried", metadata: metadata)
+                }
             }
         } catch {
             completion = .retry(at: .now(), error: "\(error)")
@@ -206,6 +218,25 @@ public final class NotificationDelivery: Service {
                 "cannot record a notification's delivery; it will be sent again with the same idempotency key after its claim expires",
                 metadata: metadata)
         }
+    }
+
+    /// The longest a receiver's `Retry-After` is obeyed: an hour, beyond `backoff_max`'s default, so that a receiver in
+    /// maintenance is left alone as long as it asks, but a notification does not wait half a day on a header that asks
+    /// for one (a larger value waits this long, then asks again).
+    public static let retryAfterMax: Duration = .seconds(3600)
+
+    /// How long after a notification was written a receiver may ask for time (a 429 or 503 with `Retry-After`) without
+    /// the attempt counting toward `max_attempts`: a day. Beyond it such attempts count like any other, so a receiver
+    /// that says "later" for ever still ends in a dead letter, after at most `max_attempts` more.
+    public static let deferralLimit: Duration = .seconds(86_400)
+
+    /// The wait after `failure` on attempt `attempt`: the backoff, or the receiver's `Retry-After` when that is longer,
+    /// at most ``retryAfterMax``. Never shorter than the backoff: a `Retry-After: 0` (or a date in the past) is no
+    /// reason to retry at once and burn every attempt in seconds.
+    static func retryDelay(for failure: DeliveryFailure, attempt: Int, configuration: NotifyConfiguration) -> Duration {
+        let backoff = backoff(attempt: attempt, configuration: configuration)
+        guard let asked = failure.retryAfter else { return backoff }
+        return max(backoff, min(asked, retryAfterMax))
     }
 
     /// `backoff_initial · 2^(attempt−1)`, at most `backoff_max`, drawn uniformly between half and all of it.

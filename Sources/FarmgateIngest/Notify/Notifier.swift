@@ -20,34 +20,41 @@ public final class Notifier: Sendable {
     ///
     /// Webhooks carry `Idempotency-Key`, and, when the receiver has a secret, `X-Farmgate-Timestamp` and
     /// `X-Farmgate-Signature` (``WebhookSignature``).
-    public func send(_ notification: AlertNotification, idempotencyKey: String, to receiver: AlertReceiver, now: Timestamp = .now()) async throws(DeliveryFailure)
-        -> String
-    {
+    ///
+    /// - Parameters:
+    ///   - asOf: When the text is told as of ("firing since 03:12 (5m so far)", the mail's `Date`): the delivery passes
+    ///     when the notification was written, so that every attempt under one idempotency key sends the same body.
+    ///   - signedAt: The signature's timestamp: the time of this attempt, never `asOf`. Receivers refuse a timestamp more
+    ///     than five minutes off their clock, so a retry after an outage, a paced backlog or `alert outbox retry` signed
+    ///     with the time the notification was written would be refused for good. Only the two headers change between
+    ///     attempts; the body and the key do not.
+    public func send(
+        _ notification: AlertNotification, idempotencyKey: String, to receiver: AlertReceiver, asOf: Timestamp = .now(), signedAt: Timestamp = .now()
+    ) async throws(DeliveryFailure) -> String {
         let spec = receiver.spec
         switch spec.kind {
         case .webhook:
             let body: [UInt8]
             do {
                 body = try AlertmanagerWebhook(
-                    notification, receiver: spec.name, idempotencyKey: idempotencyKey, externalURL: externalURL, now: now
+                    notification, receiver: spec.name, idempotencyKey: idempotencyKey, externalURL: externalURL, now: asOf
                 ).encoded()
             } catch {
                 throw DeliveryFailure("cannot encode the notification: \(error)", retryable: false)
             }
             var headers = [("Idempotency-Key", idempotencyKey)]
             if let secret = spec.secret, !secret.isEmpty {
-                let timestamp = now.microseconds / 1_000_000
+                let timestamp = signedAt.microseconds / 1_000_000
                 headers.append((WebhookSignature.timestampHeader, String(timestamp)))
                 headers.append((WebhookSignature.signatureHeader, WebhookSignature.sign(body: body, timestamp: timestamp, secret: secret)))
             }
-            let status = try await webhook.post(spec.url, headers: headers, body: body)
-            return "HTTP \(status)"
+            return try await webhook.post(spec.url, headers: headers, body: body)
         case .email:
             guard let from = spec.emailFrom, let to = spec.emailTo else {
                 throw DeliveryFailure("receiver '\(spec.name)' has no --from or --email address; remove it and add it again", retryable: false)
             }
             let recipients = to.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
-            let message = EmailMessage(notification, idempotencyKey: idempotencyKey, from: from, to: recipients, externalURL: externalURL, now: now)
+            let message = EmailMessage(notification, idempotencyKey: idempotencyKey, from: from, to: recipients, externalURL: externalURL, now: asOf)
             try await smtp.send(message, url: spec.url, username: spec.username, password: spec.secret)
             return "mail accepted by \(SMTPSender.redacted(spec.url))"
         }

@@ -8,7 +8,7 @@
 /// max_attempts = 12             # default 12: attempts before a notification becomes a dead letter
 /// backoff_initial = "10s"       # default 10 s: the wait after the first failure, doubled after each (with jitter)
 /// backoff_max = "10m"           # default 10 minutes
-/// request_timeout = "15s"       # default 15 s: one webhook request or one SMTP conversation, connecting included
+/// request_timeout = "15s"       # default 15 s: one webhook exchange or SMTP conversation, connecting to the last byte
 /// connect_timeout = "5s"        # default 5 s
 /// claim_timeout = "60s"         # default 60 s past the send slot: then another instance may retry a claimed row
 /// per_receiver = 2              # default 2 deliveries in flight per receiver and instance
@@ -22,15 +22,18 @@ public struct NotifyConfiguration: Sendable, Hashable {
     /// The ingest's public base URL, sent as Alertmanager's `externalURL` and used for `generatorURL`. Default "".
     public var externalURL: String
     /// Attempts before a notification becomes a dead letter (`alert outbox list --state dead`). Default 12 (with the
-    /// default backoff about an hour of retrying).
+    /// default backoff about an hour of retrying). A webhook receiver's request for time (429 or 503 with
+    /// `Retry-After`) is not counted for ``NotificationDelivery/deferralLimit`` after the notification was written.
     public var maxAttempts: Int
     /// The wait after the first failed attempt; doubled after each, capped at ``backoffMax``, each wait drawn between
     /// half and all of it (jitter) so that many notifications to one receiver that came back do not retry together.
-    /// Default 10 s. A `Retry-After` from a webhook (429, 503) is obeyed instead, up to ``backoffMax``.
+    /// Default 10 s. A `Retry-After` from a webhook (429, 503) is obeyed instead when it is longer, up to
+    /// ``NotificationDelivery/retryAfterMax`` (an hour), however short ``backoffMax`` is.
     public var backoffInitial: Duration
     /// Default 10 minutes.
     public var backoffMax: Duration
-    /// The longest one delivery may take: a webhook request with its response, or a whole SMTP conversation. Default 15 s.
+    /// The longest one delivery may take: a webhook request with its whole response, body included, or a whole SMTP
+    /// conversation. Default 15 s.
     public var requestTimeout: Duration
     /// The longest time to connect (TLS included). Default 5 s.
     public var connectTimeout: Duration

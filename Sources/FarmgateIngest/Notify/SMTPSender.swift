@@ -25,7 +25,9 @@ public struct SMTPSender: Sendable {
     /// Sends `message` to its recipients through the server at `url`.
     ///
     /// - Throws: ``DeliveryFailure``: not retryable for a refused login, a server without STARTTLS, a certificate that
-    ///   does not verify, or a permanent (5xx) SMTP answer; retryable for everything else.
+    ///   does not verify, or a permanent (5xx) SMTP answer; retryable for everything else, a login or STARTTLS the
+    ///   server turned down with a temporary (4xx) reply included (`454 4.7.0 Temporary authentication failure`: its
+    ///   password backend or TLS setup is down for the moment, which a retry outlasts).
     public func send(_ message: EmailMessage, url: String, username: String?, password: String?) async throws(DeliveryFailure) {
         guard SMTPCurlGlobal.initialized else { throw DeliveryFailure("curl_global_init failed", retryable: false) }
         let cancelled = SMTPCancelFlag()
@@ -104,9 +106,25 @@ public struct SMTPSender: Sendable {
         _ = fg_curl_getinfo_long(handle, CURLINFO_RESPONSE_CODE, &response)
         let detail = errorBuffer[0] != 0 ? String(cString: errorBuffer) : String(cString: curl_easy_strerror(result))
         let server = SMTPSender.redacted(url)
+        // libcurl reports a refused AUTH or STARTTLS the same way whatever the server's reply; the reply's class says
+        // whether it is for good (5xx) or for now (4xx). Other replies (250: STARTTLS not offered, no mechanism in
+        // common) are the server's settings: permanent too.
+        let temporary = (400..<500).contains(response)
         switch result {
+        case CURLE_LOGIN_DENIED where temporary:
+            return .failure(DeliveryFailure("\(server) turned the login down for now with \(response) (\(detail)); it will be retried", retryable: true))
         case CURLE_LOGIN_DENIED:
-            return .failure(DeliveryFailure("\(server) refused the login (\(detail)); check the receiver's --username and password", retryable: false))
+            return .failure(
+                DeliveryFailure(
+                    "\(server) refused the login" + (response >= 400 ? " with \(response)" : "") + " (\(detail)); check the receiver's --username and password",
+                    retryable: false))
+        case CURLE_USE_SSL_FAILED where temporary:
+            return .failure(DeliveryFailure("\(server) turned STARTTLS down for now with \(response) (\(detail)); it will be retried", retryable: true))
+        case CURLE_USE_SSL_FAILED where (500..<600).contains(response):
+            return .failure(
+                DeliveryFailure(
+                    "\(server) refused STARTTLS with \(response) (\(detail)); farmgate never sends mail in clear: fix the server's TLS, or use smtps://",
+                    retryable: false))
         case CURLE_USE_SSL_FAILED:
             return .failure(
                 DeliveryFailure(

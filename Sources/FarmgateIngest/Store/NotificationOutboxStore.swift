@@ -12,6 +12,12 @@ import Foundation
 /// `idempotency_key`. While a row is `delivering`, `next_attempt_at_us` equals `claimed_until_us`, so one index
 /// (`state IN ('pending', 'delivering')`, `next_attempt_at_us`) finds every row that is due.
 ///
+/// `attempts` counts the attempts that failed or were cut short, plus the one in flight; an attempt the receiver
+/// answered with a request for time (``OutboxCompletion/deferred(at:error:)``) is taken back by its own completion.
+/// Only the completion of the claim that raised it lowers it, so the fencing token (`claimed_by`, `attempts`) of a claim
+/// that expired and was taken over does not come back: every later claim sets it at least one higher (until
+/// `alert outbox retry` starts the count again).
+///
 /// Claims are exclusive across instances: PostgreSQL locks the receivers it claims for (`FOR NO KEY UPDATE SKIP LOCKED`,
 /// which does not block the engine's inserts that reference them) and the rows (`FOR UPDATE SKIP LOCKED`); SQLite claims
 /// on its single writer. The same claim gives each row a send slot from the receiver's pacing
@@ -178,10 +184,12 @@ public struct OutboxClaimRequest: Sendable, Hashable {
     public var busy: [Int64: Int]
     /// An expired claim of a row that has had this many attempts becomes a dead letter instead of being claimed again.
     public var maxAttempts: Int
+    /// Whose clock times the claim: `now` (the default), or the store's.
+    public var clock: OutboxClaimClock
 
     public init(
         claimant: String, now: Timestamp, claimDuration: Duration, lookahead: Duration, limit: Int, perReceiver: Int, busy: [Int64: Int] = [:],
-        maxAttempts: Int
+        maxAttempts: Int, clock: OutboxClaimClock = .claimant
     ) {
         self.claimant = claimant
         self.now = now
@@ -191,10 +199,25 @@ public struct OutboxClaimRequest: Sendable, Hashable {
         self.perReceiver = perReceiver
         self.busy = busy
         self.maxAttempts = maxAttempts
+        self.clock = clock
     }
 
     /// How many more rows `receiver` may take at this instance.
     func room(for receiver: Int64) -> Int { max(0, perReceiver - busy[receiver, default: 0]) }
+}
+
+/// Whose clock times a claim: which rows are due, which claims expired (and which of those are dead letters), the send
+/// slots, `claimed_until_us` and `last_attempt_at_us`.
+public enum OutboxClaimClock: Sendable, Hashable {
+    /// The request's `now`: for tests and tools that step time through claims.
+    case claimant
+    /// The store's own. On PostgreSQL, `clock_timestamp()`: the one clock every instance sharing the database agrees
+    /// on, so that an instance whose clock runs ahead can neither take over a claim another instance is still
+    /// delivering nor sweep it into a dead letter, and pacing holds across instances whatever their clocks say. The
+    /// claimed rows' times are then the store's; each ``ClaimedNotification/slot`` is moved into the claimant's clock
+    /// (the offset measured at the claim), because the claimant waits for it on its own clock. SQLite, which one process
+    /// owns, uses `now`.
+    case store
 }
 
 /// Who holds a claim: the fencing token a completion must present.
@@ -213,7 +236,7 @@ public struct OutboxClaim: Sendable, Hashable {
 public struct ClaimedNotification: Sendable, Hashable {
     public var entry: OutboxEntry
     public var receiver: AlertReceiver
-    /// Not before: the receiver's pacing slot for this row.
+    /// Not before: the receiver's pacing slot for this row, in the claimant's clock.
     public var slot: Timestamp
 
     public init(entry: OutboxEntry, receiver: AlertReceiver, slot: Timestamp) {
@@ -230,6 +253,9 @@ public enum OutboxCompletion: Sendable, Hashable {
     case delivered(at: Timestamp)
     /// Pending again, due at `at`.
     case retry(at: Timestamp, error: String)
+    /// Pending again, due at `at`, and the attempt not counted (`attempts` lowered by one): the receiver asked for time
+    /// (a 429 or 503 with `Retry-After`) rather than failed.
+    case deferred(at: Timestamp, error: String)
     /// A dead letter: retried only from the CLI.
     case dead(at: Timestamp, error: String)
 }

@@ -10,6 +10,13 @@ import PostgresNIO
 /// round, and the engine's inserts, which only take `FOR KEY SHARE` on the receiver through the foreign key, never
 /// wait); each receiver's due rows are locked `FOR UPDATE SKIP LOCKED`, marked `delivering` with `claimed_by` and
 /// `claimed_until_us`, and the receiver's pacing (`next_send_at_us`) is moved past the slots handed out.
+///
+/// The delivery workers time their claims by the database's clock (``OutboxClaimClock/store``): instances' clocks
+/// drift apart, and an instance running a minute ahead would otherwise see another's live claims as expired, deliver
+/// them a second time, and sweep those at their last attempt into dead letters. Completions keep the instance's times
+/// (a retry's due time, when it was delivered): a pending row has no owner, so a skewed clock only moves its next
+/// attempt by the skew (NTP is still worth having: a backoff shorter than the skew of an instance running behind is
+/// not waited).
 extension PostgresIngestStore: NotificationOutboxStore {
     static let receiverColumns = """
         r.id, r.farm_id, f.name, r.name, r.kind, r.url, r.secret, r.username, r.email_from, r.email_to, r.max_per_minute::int8,
@@ -84,10 +91,27 @@ extension PostgresIngestStore: NotificationOutboxStore {
     public func claimNotifications(_ request: OutboxClaimRequest) async throws -> [ClaimedNotification] {
         guard request.limit > 0 else { return [] }
         let logger = self.logger
-        let now = request.now.microseconds
-        let horizon = now + max(1, request.lookahead.wholeMicroseconds)
         let maxAttempts = request.maxAttempts
+        let called = ContinuousClock.now
         return try await transaction { connection in
+            // `now` in the claim's clock, and how far the claimant's clock is ahead of it (its slots are moved by that).
+            let now: Int64
+            let offset: Int64
+            switch request.clock {
+            case .claimant:
+                now = request.now.microseconds
+                offset = 0
+            case .store:
+                var read: Int64?
+                for try await value in try await connection.query(
+                    "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8", logger: logger
+                ).decode(Int64.self) { read = value }
+                guard let read else { throw IngestStoreError.corrupt("clock_timestamp() returned no row") }
+                now = read
+                offset = request.now.microseconds + (ContinuousClock.now - called).wholeMicroseconds - read
+            }
+            let storeNow = Timestamp(microseconds: now)
+            let horizon = now + max(1, request.lookahead.wholeMicroseconds)
             try await connection.query(
                 """
                 UPDATE alert_outbox SET state = 'dead', claimed_by = NULL, claimed_until_us = NULL,
@@ -118,7 +142,7 @@ extension PostgresIngestStore: NotificationOutboxStore {
             for (receiver, nextSend) in receivers where claimed.count < request.limit {
                 let room = min(request.room(for: receiver.id), request.limit - claimed.count)
                 let pacing = ReceiverPacing(maxPerMinute: receiver.spec.maxPerMinute)
-                let slots = pacing.slots(next: nextSend, now: request.now, lookahead: request.lookahead, count: room)
+                let slots = pacing.slots(next: nextSend, now: storeNow, lookahead: request.lookahead, count: room)
                 guard !slots.isEmpty else { continue }
                 var ids: [Int64] = []
                 for try await id in try await connection.query(
@@ -150,7 +174,8 @@ extension PostgresIngestStore: NotificationOutboxStore {
                     """, logger: logger
                 ) {
                     let entry = try Self.entry(row)
-                    claimed.append(ClaimedNotification(entry: entry, receiver: receiver, slot: slotByID[entry.id] ?? request.now))
+                    let slot = slotByID[entry.id] ?? storeNow
+                    claimed.append(ClaimedNotification(entry: entry, receiver: receiver, slot: Timestamp(microseconds: slot.microseconds + offset)))
                 }
             }
             return claimed
@@ -169,6 +194,12 @@ extension PostgresIngestStore: NotificationOutboxStore {
             query = """
                 UPDATE alert_outbox SET state = 'pending', next_attempt_at_us = \(at.microseconds), claimed_until_us = NULL,
                     last_error = \(String(error.prefix(1000)))
+                WHERE id = \(id) AND state = 'delivering' AND claimed_by = \(claim.claimant) AND attempts = \(claim.attempt)::integer RETURNING id
+                """
+        case .deferred(let at, let error):
+            query = """
+                UPDATE alert_outbox SET state = 'pending', next_attempt_at_us = \(at.microseconds), claimed_until_us = NULL,
+                    last_error = \(String(error.prefix(1000))), attempts = attempts - 1
                 WHERE id = \(id) AND state = 'delivering' AND claimed_by = \(claim.claimant) AND attempts = \(claim.attempt)::integer RETURNING id
                 """
         case .dead(_, let error):

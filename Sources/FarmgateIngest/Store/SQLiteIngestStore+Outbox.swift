@@ -4,7 +4,8 @@ import Foundation
 
 /// Alert receivers and the notification outbox on SQLite (migrations 4 and 8). Every write, claims included, runs on
 /// the single writer thread in one `BEGIN IMMEDIATE` transaction, so a claim is exclusive by construction; the claim
-/// itself is short (a few indexed statements) and never waits on a receiver.
+/// itself is short (a few indexed statements) and never waits on a receiver. One process owns the database, so its
+/// clock is the only one: a claim is timed by the request's `now` whatever its ``OutboxClaimClock``.
 extension SQLiteIngestStore: NotificationOutboxStore {
     static let receiverColumns = """
         r.id, r.farm_id, f.name, r.name, r.kind, r.url, r.secret, r.username, r.email_from, r.email_to, r.max_per_minute,
@@ -260,6 +261,11 @@ enum OutboxCompletionSQL {
         case .retry(let at, let error):
             (
                 "UPDATE alert_outbox SET state = 'pending', next_attempt_at_us = ?, claimed_until_us = NULL, last_error = ?",
+                [.integer(at.microseconds), .text(String(error.prefix(1000)))]
+            )
+        case .deferred(let at, let error):
+            (
+                "UPDATE alert_outbox SET state = 'pending', next_attempt_at_us = ?, claimed_until_us = NULL, last_error = ?, attempts = attempts - 1",
                 [.integer(at.microseconds), .text(String(error.prefix(1000)))]
             )
         case .dead(_, let error):
