@@ -1,5 +1,6 @@
 import FarmgateAgent
 import FarmgateSupport
+import FarmgateWire
 import Foundation
 import Testing
 
@@ -65,18 +66,20 @@ struct UploadBackoffTests {
     }
 
     @Test func retryAfterAsHTTPDateInEveryForm() throws {
-        let now = Date(timeIntervalSince1970: 784_111_747)  // Sun, 06 Nov 1994 08:49:07 GMT
+        let now = Timestamp(microseconds: 784_111_747_000_000)  // Sun, 06 Nov 1994 08:49:07 GMT
         #expect(RetryAfter.delay("Sun, 06 Nov 1994 08:49:37 GMT", now: now) == .seconds(30))
         #expect(RetryAfter.delay("Sunday, 06-Nov-94 08:49:37 GMT", now: now) == .seconds(30))
         #expect(RetryAfter.delay("Sun Nov  6 08:49:37 1994", now: now) == .seconds(30))
         #expect(RetryAfter.delay("Sun, 06 Nov 1994 08:00:00 GMT", now: now) == .zero)
         #expect(RetryAfter.delay("Sun, 06 Foo 1994 08:49:37 GMT", now: now) == nil)
         #expect(RetryAfter.delay("Sun, 06 Nov 1994 25:49:37 GMT", now: now) == nil)
+        #expect(RetryAfter.delay("Sun, 06 Nov 1994 08:49 GMT", now: now) == nil)
+        #expect(RetryAfter.delay("Fri, 31 Dec 9999 23:59:59 GMT", now: now) == .seconds(253_402_300_799 - 784_111_747))
     }
 
     @Test func retryAfterDateIsMeasuredAgainstTheResponsesDate() {
         // The agent's clock is years ahead (no RTC, no NTP yet): the answer's Date header is the ingest's "now".
-        let agentNow = Date(timeIntervalSince1970: 1_900_000_000)
+        let agentNow = Timestamp(microseconds: 1_900_000_000_000_000)
         let retry = "Sun, 06 Nov 1994 08:49:37 GMT"
         #expect(RetryAfter.delay(retry, now: agentNow, responseDate: "Sun, 06 Nov 1994 08:49:07 GMT") == .seconds(30))
         #expect(RetryAfter.delay(retry, now: agentNow, responseDate: "Sunday, 06-Nov-94 08:49:07 GMT") == .seconds(30))
