@@ -164,6 +164,30 @@ struct UploadRefusalTests {
         #expect(Set(ingest.log.stored.keys) == Set(data.sequences))
     }
 
+    @Test(arguments: [301, 308])
+    func aRedirectHoldsAndSaysWhereItPoints(status: Int) async throws {
+        let data = try await TestBuffer(count: 40)
+        let gate = Gate()
+        // What nginx answers an agent configured with http:// when the site moved to https://.
+        let ingest = try FakeIngest(
+            FakeIngest.Rules(script: { _, _ in
+                gate.isOpen ? nil : .reply(status, headers: ["Location": "https://ingest.example/v1/batches"], body: [])
+            }))
+        let configuration = uploadConfiguration(ingest.url, backoffInitial: .milliseconds(20), backoffMax: .milliseconds(200))
+        try await withUploader(source: data.buffer, configuration: configuration) { uploader throws in
+            #expect(await eventually { (uploader.status().held?.refusals ?? 0) >= 2 })
+            let held = try #require(uploader.status().held)
+            #expect(held.httpStatus == status)
+            #expect(held.reason.contains("redirects to https://ingest.example/v1/batches"), "\(held.reason)")
+            #expect(held.reason.contains("upload.endpoint"), "\(held.reason)")
+            #expect(ingest.log.batches.allSatisfy { $0.count == 40 }, "held at once, never split: \(ingest.log.batches.map(\.count))")
+            #expect(try await data.statistics().pending == 40)
+            gate.release()
+            #expect(try await eventually { try await data.statistics().pending == 0 })
+        }
+        #expect(try await data.statistics().quarantined == 0)
+    }
+
     @Test func payloadTooLargeHalvesUntilTheIngestTakesTheBatches() async throws {
         let data = try await TestBuffer(count: 60)
         let ingest = try FakeIngest(

@@ -241,6 +241,16 @@ extension Uploader {
             metrics.refused.increment()
             return .stop(
                 hold(refusal, reason: "the ingest refuses the request itself: check upload.endpoint in the agent configuration", &loop))
+        case 300...399:
+            // A redirect is an address to fix, not a failure to wait out: batches are never posted where a redirect
+            // points (a POST would be resent as a GET, or to a host the key was not meant for), so hold and say where.
+            metrics.refused.increment()
+            let target = response.header("Location").map { " to \($0.prefix(200))" } ?? ""
+            return .stop(
+                hold(
+                    refusal,
+                    reason: "the ingest's address redirects\(target): batches are not posted to a redirect; set upload.endpoint "
+                        + "to the address it names (http:// to https://, a new host or path) and reload the agent", &loop))
         default:
             return transient(refusal, &loop)
         }

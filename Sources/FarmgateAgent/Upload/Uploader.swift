@@ -52,7 +52,8 @@ import Synchronization
 ///   `[upload] stateful` is on; see ``WireSession``): the same readings go again at once, the table declared or against
 ///   the context the answer carries; after ``maxStateRefusals`` in a row, or a 415 or 400/422 to a stateful frame, the
 ///   same readings go again at once as a self-contained frame and stateful frames pause for a while.
-/// - Hold at once, no split: 401, 403 (`unauthorized`, `revoked`, `device_mismatch`), 415 `unsupported_media_type`,
+/// - Hold at once, no split: a 3xx (the reason names the `Location` to set as `upload.endpoint`; redirects are never
+///   followed), 401, 403 (`unauthorized`, `revoked`, `device_mismatch`), 415 `unsupported_media_type`,
 ///   `unsupported_encoding` (or a JSON batch refused `unsupported_format_version`), any other 4xx.
 /// - Transient, retried after a backoff, no split: 400 `incomplete_body`, 5xx, no answer (connection refused, timeouts,
 ///   TLS failures), an unreadable receipt.
