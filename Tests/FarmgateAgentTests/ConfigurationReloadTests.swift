@@ -50,11 +50,8 @@ struct ConfigurationReloadTests {
         return (try? JSONDecoder().decode(ControlAnswer.self, from: Data(answer)))?.status
     }
 
-    @Test("an invalid file is refused and the agent keeps running; a valid one adds, removes and changes sensors live")
-    func reloadRefusesThenApplies() async throws {
-        let scratch = try Scratch(prefix: "fg-reload", in: URL(fileURLWithPath: "/tmp"))
-        let config = try scratch.write("agent.toml", Self.configuration(sensors: ["tank1.ph", "tank2.ph"]))
-        let socket = scratch.file("control.sock")
+    /// The real `farmgate agent` on `config`, its output in `agent.log` of `scratch` (returned with the process).
+    static func startAgent(config: String, in scratch: Scratch) throws -> (Process, String) {
         let binary = builtExecutable("farmgate", environmentOverride: "FARMGATE_BINARY")
         let log = scratch.file("agent.log")
         #expect(FileManager.default.createFile(atPath: log, contents: nil))
@@ -64,6 +61,15 @@ struct ConfigurationReloadTests {
         process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
         process.standardOutput = process.standardError
         try process.run()
+        return (process, log)
+    }
+
+    @Test("an invalid file is refused and the agent keeps running; a valid one adds, removes and changes sensors live")
+    func reloadRefusesThenApplies() async throws {
+        let scratch = try Scratch(prefix: "fg-reload", in: URL(fileURLWithPath: "/tmp"))
+        let config = try scratch.write("agent.toml", Self.configuration(sensors: ["tank1.ph", "tank2.ph"]))
+        let socket = scratch.file("control.sock")
+        let (process, log) = try Self.startAgent(config: config, in: scratch)
         defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
         func agentLog() -> String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
 
@@ -131,15 +137,7 @@ struct ConfigurationReloadTests {
         // A regular file where the new socket's directory would have to be: no user, root included, can create it.
         _ = try scratch.write("not-a-directory", "")
         let socket = scratch.file("control.sock")
-        let binary = builtExecutable("farmgate", environmentOverride: "FARMGATE_BINARY")
-        let log = scratch.file("agent.log")
-        #expect(FileManager.default.createFile(atPath: log, contents: nil))
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: binary)
-        process.arguments = ["agent", "--config", config]
-        process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
-        process.standardOutput = process.standardError
-        try process.run()
+        let (process, log) = try Self.startAgent(config: config, in: scratch)
         defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
         func agentLog() -> String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
         let started = await eventually(timeout: .seconds(30), every: .milliseconds(100)) {
