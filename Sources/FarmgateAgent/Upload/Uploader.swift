@@ -386,12 +386,11 @@ public final class Uploader: Service {
     /// still refused is quarantined; refused too, the refusal is systematic and the queue is held, so that a refusal
     /// that starts in the middle of a bisection never quarantines the readings it had still to send.
     struct Bisection {
-        var accepted = false
         /// One reading of a group the ingest took in this delivery.
         var sample: ArraySlice<Reading>?
+        var accepted: Bool { sample != nil }
 
         mutating func took(_ group: ArraySlice<Reading>) {
-            accepted = true
             sample = group.suffix(1)
         }
     }
@@ -472,7 +471,7 @@ public final class Uploader: Service {
         if case .stop(let wait) = secondAttempt { return .stop(wait) }
         if case .delivered = secondAttempt { bisection.took(second) }
         if case .refused(let one) = firstAttempt, case .refused(let other) = secondAttempt, one.isSame(as: other) {
-            guard bisection.accepted, let sample = bisection.sample else {
+            guard let sample = bisection.sample else {
                 return .stop(
                     hold(
                         one, reason: "both halves of a split batch were refused the same way: the refusal is systematic, not caused by a reading",

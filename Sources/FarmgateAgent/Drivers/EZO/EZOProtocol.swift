@@ -197,6 +197,9 @@ public struct EZOLineSplitter: Sendable {
         return lines
     }
 
+    /// Printable ASCII, the only bytes of a line of the protocol.
+    static func isPrintable(_ byte: UInt8) -> Bool { byte >= 0x20 && byte < 0x7F }
+
     /// Forgets a line begun but not finished (before a new command: its end will never come) and returns its bytes.
     @discardableResult
     public mutating func discardPartial() -> [UInt8] {
@@ -211,9 +214,8 @@ public struct EZOLineSplitter: Sendable {
     /// printable ASCII makes the line garbage: random noise can end in digits, and a byte lost inside a reading would
     /// change its value.
     static func line(_ bytes: [UInt8]) -> EZOLine {
-        let printable: (UInt8) -> Bool = { $0 >= 0x20 && $0 < 0x7F }
         let text = bytes.drop { $0 == 0x00 || $0 == 0xFF }
-        guard !text.isEmpty, text.allSatisfy(printable) else { return .garbage(bytes) }
+        guard !text.isEmpty, text.allSatisfy(isPrintable) else { return .garbage(bytes) }
         return .text(String(decoding: text, as: UTF8.self))
     }
 }

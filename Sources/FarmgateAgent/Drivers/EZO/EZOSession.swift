@@ -446,7 +446,7 @@ final class EZOSession: @unchecked Sendable {
     }
 
     static func show(_ bytes: [UInt8]) -> String {
-        if bytes.allSatisfy({ $0 >= 0x20 && $0 < 0x7F }) { return "\"\(String(decoding: bytes, as: UTF8.self))\"" }
+        if bytes.allSatisfy(EZOLineSplitter.isPrintable) { return "\"\(String(decoding: bytes, as: UTF8.self))\"" }
         return bytes.prefix(12).map { String($0, radix: 16, uppercase: false) }.map { $0.count == 1 ? "0" + $0 : $0 }
             .joined(separator: " ") + (bytes.count > 12 ? " …" : "")
     }
