@@ -1,6 +1,7 @@
 import FarmgateTestSupport
 import FarmgateWire
 import Foundation
+import Prometheus
 import Testing
 
 @testable import FarmgateIngest
@@ -442,11 +443,14 @@ struct AlertEngineTests {
             // Without the wake-up the same row waits for the poll: a second engine that does not wake anyone.
             let quiet = h.newEngine()
             await quiet.reload()
-            let idle = try NotificationDelivery(store: outbox, configuration: settings, logger: testLogger)
+            let registry = PrometheusCollectorRegistry()
+            let idle = try NotificationDelivery(store: outbox, configuration: settings, metrics: NotificationMetrics(registry: registry), logger: testLogger)
             try await withDelivery(idle) {
-                // Long enough for the workers' first look at the outbox even on a loaded machine (after 500 ms it once
-                // came after the row was written, and delivered it at once).
-                try await Task.sleep(for: .seconds(2))
+                // The workers' first look at the outbox (a claim, then the outbox counts: the one row delivered above)
+                // must come before the row is written, or it would deliver the row at once. A fixed wait was not
+                // always long enough on a loaded machine; the counts in the metrics say when the look happened.
+                let looked = await eventually(timeout: .seconds(60)) { metric(registry, #"farmgate_ingest_notification_outbox{state="delivered"}"#) == 1 }
+                try #require(looked, "the idle workers never looked at the outbox")
                 try await h.send([(10, 6.0)], to: quiet)
                 try await Task.sleep(for: .seconds(2))
                 #expect(server.requests.count == 1, "a row written without a wake-up is delivered at the next poll, not at once")
