@@ -108,6 +108,9 @@ public enum RejectionCode {
     public static let sensorConflict = "sensor_conflict"
     /// The batch has no descriptor for the reading's sensor.
     public static let unknownSensor = "unknown_sensor"
+    /// The reading's sensor is not registered and its device already has as many sensors as the ingest allows one
+    /// device (`[limits] sensors_per_device`).
+    public static let tooManySensors = "too_many_sensors"
     /// The reading's sequence number is missing, not a whole number, or does not fit the store (above 2^63 - 1).
     public static let invalidSequence = "invalid_sequence"
     /// A JSON reading that cannot be represented (a missing member, a value of the wrong type).

@@ -58,7 +58,7 @@ struct ConfigOption: ParsableArguments {
     /// Opens the store `[storage]` names (not yet running, not migrated); exits 74 when it cannot be opened.
     func openStore(_ configuration: IngestConfiguration, logger: Logger) async throws -> any IngestStore {
         do {
-            return try await openIngestStore(configuration.storage, logger: logger)
+            return try await openIngestStore(configuration.storage, limits: configuration.limits, logger: logger)
         } catch {
             throw failure("cannot open the store \(configuration.storage.displayName): \(error)", code: 74)  // EX_IOERR
         }

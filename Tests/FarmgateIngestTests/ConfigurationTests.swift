@@ -19,6 +19,7 @@ struct ConfigurationTests {
         #expect(configuration.limits.futureTolerance == .seconds(600))
         #expect(configuration.limits.requestsPerSecond == 20 && configuration.limits.burst == 40)
         #expect(configuration.limits.uploadsInFlight == 4)
+        #expect(configuration.limits.sensorsPerDevice == 1000)
         #expect(configuration.log.level == .info)
     }
 
@@ -38,6 +39,7 @@ struct ConfigurationTests {
             requests_per_second = 2.5
             burst = 5
             uploads_in_flight = 2
+            sensors_per_device = 64
             [log]
             level = "debug"
             """
@@ -48,7 +50,7 @@ struct ConfigurationTests {
             configuration.limits
                 == .init(
                     maxBodyBytes: 1 << 20, maxDecompressedBytes: 4 << 20, maxReadingsPerBatch: 5000, futureTolerance: .seconds(30), requestsPerSecond: 2.5,
-                    burst: 5, uploadsInFlight: 2))
+                    burst: 5, uploadsInFlight: 2, sensorsPerDevice: 64))
         #expect(configuration.log.level == .debug)
     }
 
@@ -60,6 +62,7 @@ struct ConfigurationTests {
             ("\n\n[limits]\nfuture_tolerance = \"soon\"\n", "ingest.toml:4: limits.future_tolerance: must be a duration"),
             ("[limits]\nmax_body_bytes = \"8 parsecs\"\n", "ingest.toml:2: limits.max_body_bytes: must be a size"),
             ("[limits]\nuploads_in_flight = 0\n", "ingest.toml:2: limits.uploads_in_flight: must be between 1 and 1000"),
+            ("[limits]\nsensors_per_device = 0\n", "ingest.toml:2: limits.sensors_per_device: must be between 1 and 1000000"),
             ("[limits]\nmax_body_bytes = \"16MiB\"\nmax_decompressed_bytes = \"8MiB\"\n", "ingest.toml:3: limits.max_decompressed_bytes: must be at least"),
             ("[log]\nlevel = \"loud\"\n", "ingest.toml:2: log.level: must be one of"),
             ("[storage]\npath = 5\n", "ingest.toml:2: storage.path: must be a string"),

@@ -23,19 +23,22 @@ struct MissingTestDatabase: Error, CustomStringConvertible {
 
 /// A fresh, migrated store of `kind`, running while `body` uses it: SQLite in a temporary file, PostgreSQL in a database
 /// of its own created on the test server (dropped afterwards), so that tests run in parallel without seeing each other.
-func withFreshStore<T: Sendable>(_ kind: StoreKind, _ body: @Sendable (any IngestStore) async throws -> T) async throws -> T {
+func withFreshStore<T: Sendable>(
+    _ kind: StoreKind, sensorsPerDevice: Int = IngestConfiguration.Limits.defaultSensorsPerDevice,
+    _ body: @Sendable (any IngestStore) async throws -> T
+) async throws -> T {
     switch kind {
     case .sqlite:
         let directory = try TemporaryDirectory()
         defer { directory.remove() }
-        let store = try SQLiteIngestStore(path: directory.path + "/ingest.sqlite", logger: testLogger)
+        let store = try SQLiteIngestStore(path: directory.path + "/ingest.sqlite", sensorsPerDevice: sensorsPerDevice, logger: testLogger)
         return try await withRunning(store) { store in
             try await store.migrate()
             return try await body(store)
         }
     case .postgres:
         return try await withTestDatabase { settings in
-            let store = try PostgresIngestStore(settings: settings, logger: testLogger)
+            let store = try PostgresIngestStore(settings: settings, sensorsPerDevice: sensorsPerDevice, logger: testLogger)
             return try await withRunning(store) { store in
                 try await store.migrate()
                 return try await body(store)

@@ -112,6 +112,66 @@ import Testing
         }
     }
 
+    /// A batch of one reading per sensor named, sequences from `first` on, in the order given.
+    static func sensorsBatch(_ names: [String], first: UInt64, device: String = "d1") throws -> Batch {
+        let sensors = try names.map { SensorDescriptor(id: try sensorID($0), quantity: .temperature) }
+        let readings = sensors.enumerated().map { index, sensor in
+            Reading(sensor: sensor.id, sequence: first + UInt64(index), timestamp: Timestamp(microseconds: testNow.microseconds - Int64(index) * 1_000_000), value: 21)
+        }
+        return Batch(device: try deviceID(device), sensors: sensors, readings: readings)
+    }
+
+    @Test("[limits] sensors_per_device: a new sensor past the limit is refused reading by reading, the registered ones go on", arguments: StoreKind.allCases)
+    func sensorsPastTheLimitAreRefused(kind: StoreKind) async throws {
+        try await withFreshStore(kind, sensorsPerDevice: 3) { store in
+            let device = try await Self.device(in: store)
+            let first = try await store.store(try Self.sensorsBatch(["a", "b"], first: 1), for: device, receivedAt: testNow)
+            #expect(first.tally == Tally(accepted: 2, duplicates: 0, rejected: 0))
+            // One registered sensor and three new ones: room for one.
+            let batch = try Self.sensorsBatch(["a", "c", "d", "e"], first: 3)
+            let second = try await store.store(batch, for: device, receivedAt: testNow)
+            #expect(second.accepted == 2)
+            #expect(second.rejected.map(\.sequence) == [5, 6])
+            #expect(second.rejected.map(\.sensor) == ["d", "e"])
+            #expect(second.rejected.allSatisfy { $0.code == RejectionCode.tooManySensors && $0.message.contains("already has 3 sensors") })
+            // Sent again: what was stored is a duplicate, the rest is still refused; nothing was registered for them.
+            let again = try await store.store(batch, for: device, receivedAt: testNow)
+            #expect(again.tally == Tally(accepted: 0, duplicates: 2, rejected: 2))
+            let farm = try #require(try await store.farm(named: "f1"))
+            #expect(try await store.sensor(farmID: farm.id, device: device.device, sensor: try sensorID("c")) != nil)
+            #expect(try await store.sensor(farmID: farm.id, device: device.device, sensor: try sensorID("d")) == nil)
+            // The registered sensors go on, and the limit is per device.
+            let later = try await store.store(try Self.sensorsBatch(["c", "b", "a"], first: 7), for: device, receivedAt: testNow)
+            #expect(later.tally == Tally(accepted: 3, duplicates: 0, rejected: 0))
+            let other = try await Self.device(in: store, name: "d2")
+            let fresh = try await store.store(try Self.sensorsBatch(["x", "y", "z"], first: 1, device: "d2"), for: other, receivedAt: testNow)
+            #expect(fresh.tally == Tally(accepted: 3, duplicates: 0, rejected: 0))
+            #expect(try await store.exportPage(device: device, afterSequence: nil, limit: 100).map(\.sequence) == [1, 2, 3, 4, 7, 8, 9])
+        }
+    }
+
+    @Test("[limits] sensors_per_device holds for batches of one device written at once", arguments: StoreKind.allCases)
+    func sensorLimitHoldsForConcurrentBatches(kind: StoreKind) async throws {
+        try await withFreshStore(kind, sensorsPerDevice: 5) { store in
+            let device = try await Self.device(in: store)
+            let outcomes = try await withThrowingTaskGroup(of: StoreOutcome.self) { group in
+                for part in 0..<12 {
+                    let batch = try Self.sensorsBatch(["s\(part)"], first: UInt64(part + 1))
+                    group.addTask { try await store.store(batch, for: device, receivedAt: testNow) }
+                }
+                return try await group.reduce(into: [StoreOutcome]()) { $0.append($1) }
+            }
+            #expect(outcomes.map(\.accepted).reduce(0, +) == 5)
+            #expect(outcomes.flatMap(\.rejected).map(\.code) == Array(repeating: RejectionCode.tooManySensors, count: 7))
+            let farm = try #require(try await store.farm(named: "f1"))
+            var registered = 0
+            for part in 0..<12 where try await store.sensor(farmID: farm.id, device: device.device, sensor: try sensorID("s\(part)")) != nil {
+                registered += 1
+            }
+            #expect(registered == 5)
+        }
+    }
+
     @Test(arguments: StoreKind.allCases)
     func queriesReturnLatestAndRanges(kind: StoreKind) async throws {
         try await withFreshStore(kind) { store in

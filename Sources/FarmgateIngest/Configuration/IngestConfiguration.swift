@@ -43,6 +43,7 @@ public import Logging
 /// requests_per_second = 20            # default 20 batches per second and device (token bucket rate)
 /// burst = 40                          # default 40 batches (token bucket size)
 /// uploads_in_flight = 4               # default 4 uploads of one device at once; past it 429 (the agent sends one at a time)
+/// sensors_per_device = 1000           # default 1000 sensors registered per device; readings of more: too_many_sensors
 /// read_requests_per_second = 10       # default 10 read-API requests per second and read token
 /// read_burst = 20                     # default 20
 /// auth_failures_per_second = 1        # default 1 failed authentication per second and client address, past the burst
@@ -168,6 +169,14 @@ public struct IngestConfiguration: Sendable, Hashable {
         /// How long a key id the store did not know is answered as unknown from memory. Default 2 s; a device created
         /// after a failed attempt works within this time. `"0s"` turns the cache off.
         public var unknownKeyCacheTTL: Duration
+        /// How many sensors one device may register. Default 1000. A reading of a sensor past it is refused one by one
+        /// as `too_many_sensors` (the agent quarantines it; `farmgate quarantine requeue --code too_many_sensors` sends
+        /// it again once the limit is raised); the device's registered sensors go on. Sensors are never deleted, so
+        /// without a limit one device key could fill the sensor table (4,096 new names per batch).
+        public var sensorsPerDevice: Int
+
+        /// The default of ``sensorsPerDevice``.
+        public static let defaultSensorsPerDevice = 1000
 
         /// Creates the section; every parameter defaults as documented on its property.
         public init(
@@ -183,8 +192,10 @@ public struct IngestConfiguration: Sendable, Hashable {
             readBurst: Int = 20,
             authFailuresPerSecond: Double = 1,
             authFailureBurst: Int = 20,
-            unknownKeyCacheTTL: Duration = .seconds(2)
+            unknownKeyCacheTTL: Duration = .seconds(2),
+            sensorsPerDevice: Int = Limits.defaultSensorsPerDevice
         ) {
+            self.sensorsPerDevice = sensorsPerDevice
             self.readRequestsPerSecond = readRequestsPerSecond
             self.readBurst = readBurst
             self.authFailuresPerSecond = authFailuresPerSecond
@@ -389,7 +400,7 @@ public struct IngestConfiguration: Sendable, Hashable {
             try section.checkKeys([
                 "max_body_bytes", "max_decompressed_bytes", "max_readings_per_batch", "future_tolerance", "unsynchronized_future_limit",
                 "requests_per_second", "burst", "uploads_in_flight", "read_requests_per_second", "read_burst", "auth_failures_per_second",
-                "auth_failure_burst", "unknown_key_cache_ttl",
+                "auth_failure_burst", "unknown_key_cache_ttl", "sensors_per_device",
             ])
             if let bytes = try section.byteSize("max_body_bytes", in: 1024...(1 << 30)) { limits.maxBodyBytes = Int(bytes) }
             if let bytes = try section.byteSize("max_decompressed_bytes", in: 1024...(4 << 30)) { limits.maxDecompressedBytes = Int(bytes) }
@@ -408,6 +419,7 @@ public struct IngestConfiguration: Sendable, Hashable {
             if let rate = try section.double("requests_per_second", in: 0.001...1_000_000) { limits.requestsPerSecond = rate }
             if let burst = try section.int("burst", in: 1...1_000_000) { limits.burst = burst }
             if let count = try section.int("uploads_in_flight", in: 1...1000) { limits.uploadsInFlight = count }
+            if let count = try section.int("sensors_per_device", in: 1...1_000_000) { limits.sensorsPerDevice = count }
             if let rate = try section.double("read_requests_per_second", in: 0.001...1_000_000) { limits.readRequestsPerSecond = rate }
             if let burst = try section.int("read_burst", in: 1...1_000_000) { limits.readBurst = burst }
             if let rate = try section.double("auth_failures_per_second", in: 0.001...1_000_000) { limits.authFailuresPerSecond = rate }

@@ -7,12 +7,16 @@ import ServiceLifecycle
 /// yet: run the store (``withRunning(_:_:)`` or a `ServiceGroup`) and call ``StoreMaintenance/migrate()``.
 ///
 /// - Throws: what the store's initialiser throws (an unreadable SQLite file or directory, an unusable CA file).
-public func openIngestStore(_ storage: IngestConfiguration.Storage, logger: Logger) async throws -> any IngestStore {
+/// `limits` gives the store its `sensors_per_device`.
+public func openIngestStore(
+    _ storage: IngestConfiguration.Storage, limits: IngestConfiguration.Limits = IngestConfiguration.Limits(), logger: Logger
+) async throws -> any IngestStore {
+    let sensorsPerDevice = limits.sensorsPerDevice
     if let postgres = storage.postgres {
-        return try PostgresIngestStore(settings: postgres, logger: logger)
+        return try PostgresIngestStore(settings: postgres, sensorsPerDevice: sensorsPerDevice, logger: logger)
     }
     let path = storage.path
-    return try await runOffPool { try SQLiteIngestStore(path: path, logger: logger) }
+    return try await runOffPool { try SQLiteIngestStore(path: path, sensorsPerDevice: sensorsPerDevice, logger: logger) }
 }
 
 /// Runs `store` (its `run()`, as a `ServiceGroup` would) while `body` uses it, then stops it: for the admin commands and

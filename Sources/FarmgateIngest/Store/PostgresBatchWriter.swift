@@ -10,8 +10,8 @@ import PostgresNIO
 ///    beside them in other groups. Not `FOR UPDATE`: that also waits for every `FOR KEY SHARE` a foreign-key check takes
 ///    on the device row (the alert engine's watermark upsert, a new sensor, a calibration), which made writes queue
 ///    behind the engine under load;
-/// 2. register the sensors not found (`INSERT ... ON CONFLICT DO NOTHING RETURNING`, then read again what another
-///    writer registered meanwhile);
+/// 2. register the sensors not found, up to `[limits] sensors_per_device` per device (a count, then `INSERT ... ON
+///    CONFLICT DO NOTHING RETURNING`, then read again what another writer registered meanwhile);
 /// 3. read the devices' stored sequence ranges around the batches (``PostgresSchema``: the authority on what was ever
 ///    stored, across partitions and after retention);
 /// 4. read the stored chunks of sequences inside those ranges, and compare (duplicate or `sequence_conflict`), batch by
@@ -20,8 +20,8 @@ import PostgresNIO
 ///    ranges, raise `highest_sequence`, upsert `latest`, merge the rollups and notify the other instances.
 ///
 /// With `BEGIN` and `COMMIT` that is five round trips for a group whose sensors are registered and whose sequences are
-/// new (the first statement also sets the timeout), one more when some were stored before and must be compared, one
-/// or two more when a sensor is new.
+/// new (the first statement also sets the timeout), one more when some were stored before and must be compared, two
+/// or three more when a sensor is new.
 ///
 /// A batch whose own statements fail (a device deleted meanwhile, a server-side refusal of its data) is reported
 /// through ``MemberFailure`` so that the group commits without it (``PostgresGroupCommit`` retries the others); a
@@ -43,6 +43,8 @@ struct PostgresBatchWriter {
     let connection: PostgresConnection
     /// The transaction's `statement_timeout` in milliseconds, set by its first statement (the device locks); nil for none.
     var statementTimeout: Int64?
+    /// How many sensors one device may register (`[limits] sensors_per_device`).
+    var sensorLimit: Int = IngestConfiguration.Limits.defaultSensorsPerDevice
     let logger: Logger
 
     private struct Candidate {
@@ -112,7 +114,7 @@ struct PostgresBatchWriter {
         let live = members.indices.filter { results[$0] == nil }
 
         // 2. Sensors not registered yet, for the whole group at once.
-        let registered = try await register(
+        let (registered, overLimit) = try await register(
             wanted.filter { present.contains($0.key.device) }, known: known, receivedAt: members[live.first ?? 0].receivedAt)
 
         for index in live {
@@ -120,8 +122,14 @@ struct PostgresBatchWriter {
             let deviceRow = members[index].device.rowID
             var sensorRows: [SensorID: Int64] = [:]
             var resolutions: [SensorID: Resolution] = [:]
+            var memberOverLimit: Set<SensorID> = []
             for descriptor in declaredByMember[index] ?? [] {
-                guard let row = registered[SensorKey(device: deviceRow, name: descriptor.id.rawValue)] else {
+                let key = SensorKey(device: deviceRow, name: descriptor.id.rawValue)
+                if overLimit.contains(key) {
+                    memberOverLimit.insert(descriptor.id)
+                    continue
+                }
+                guard let row = registered[key] else {
                     results[index] = .failure(IngestStoreError.corrupt("sensor '\(descriptor.id)' was registered but cannot be read back"))
                     break
                 }
@@ -136,7 +144,7 @@ struct PostgresBatchWriter {
             }
             guard results[index] == nil else { continue }
             for reading in members[index].batch.readings {
-                switch ReadingPlacement(reading, conflicts: conflicts, sensorRows: sensorRows) {
+                switch ReadingPlacement(reading, conflicts: conflicts, sensorRows: sensorRows, overLimit: memberOverLimit, sensorLimit: sensorLimit) {
                 case .refuse(let refusal):
                     member.rejected.append(refusal)
                 case .place(let sequence, let sensorRow):
@@ -505,13 +513,13 @@ struct PostgresBatchWriter {
     }
 
     /// Registers the `wanted` sensors that are not `known` (by device and name); returns every one's id and registered
-    /// quantity. New sensors are inserted with `ON CONFLICT DO NOTHING RETURNING` and whatever another writer
-    /// registered meanwhile is read after that insert; an existing sensor's resolution follows the batch's while the
-    /// quantity agrees.
+    /// quantity, and the new ones not registered because their device has ``sensorLimit`` sensors already. New sensors
+    /// are inserted with `ON CONFLICT DO NOTHING RETURNING` and whatever another writer registered meanwhile is read
+    /// after that insert; an existing sensor's resolution follows the batch's while the quantity agrees.
     private func register(
         _ wanted: [SensorKey: SensorDescriptor], known: [SensorKey: KnownSensor], receivedAt: Timestamp
-    ) async throws -> [SensorKey: (id: Int64, quantity: String)] {
-        guard !wanted.isEmpty else { return [:] }
+    ) async throws -> (found: [SensorKey: (id: Int64, quantity: String)], overLimit: Set<SensorKey>) {
+        guard !wanted.isEmpty else { return ([:], []) }
         var found: [SensorKey: (id: Int64, quantity: String)] = [:]
         var resolutionChanged: [SensorKey] = []
         let keys = Array(wanted.keys)
@@ -533,8 +541,29 @@ struct PostgresBatchWriter {
                 WHERE s.device_id = u.d AND s.name = u.n
                 """, logger: logger)
         }
-        let missing = keys.filter { found[$0] == nil }
-        guard !missing.isEmpty else { return found }
+        var missing = keys.filter { found[$0] == nil }
+        guard !missing.isEmpty else { return (found, []) }
+        // `[limits] sensors_per_device`, counted only when a sensor is new (one more round trip). The devices are locked
+        // by this transaction, so no other batch registers sensors of theirs meanwhile. Past the limit the new sensors
+        // are taken in name order.
+        var counts: [Int64: Int] = [:]
+        let devices = Array(Set(missing.map(\.device))).sorted()
+        for try await (device, count) in try await connection.query(
+            "SELECT device_id::int8, count(*)::int8 FROM sensors WHERE device_id = ANY(\(devices)) GROUP BY device_id", logger: logger
+        ).decode((Int64, Int64).self) {
+            counts[device] = Int(count)
+        }
+        var overLimit = Set<SensorKey>()
+        missing = missing.sorted { ($0.device, $0.name) < ($1.device, $1.name) }.filter { key in
+            let count = counts[key.device, default: 0]
+            guard count < sensorLimit else {
+                overLimit.insert(key)
+                return false
+            }
+            counts[key.device] = count + 1
+            return true
+        }
+        guard !missing.isEmpty else { return (found, overLimit) }
         let descriptors = missing.compactMap { wanted[$0] }
         for try await (id, device, name, quantity) in try await connection.query(
             """
@@ -548,7 +577,7 @@ struct PostgresBatchWriter {
             found[SensorKey(device: device, name: name)] = (id, quantity)
         }
         let unread = missing.filter { found[$0] == nil }
-        guard !unread.isEmpty else { return found }
+        guard !unread.isEmpty else { return (found, overLimit) }
         for try await (id, device, name, quantity) in try await connection.query(
             """
             SELECT s.id::int8, s.device_id::int8, s.name, s.quantity
@@ -557,7 +586,7 @@ struct PostgresBatchWriter {
         ).decode((Int64, Int64, String, String).self) {
             found[SensorKey(device: device, name: name)] = (id, quantity)
         }
-        return found
+        return (found, overLimit)
     }
 
     /// What differs between `candidate` and the stored row, each as "field (stored X, sent Y)"; empty for the same

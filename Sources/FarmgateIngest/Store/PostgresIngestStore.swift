@@ -32,6 +32,8 @@ import Synchronization
 public final class PostgresIngestStore: IngestStore {
     /// Where it connects, for logs (without the password).
     public let settings: PostgresSettings
+    /// How many sensors one device may register (`[limits] sensors_per_device`); readings of more are refused.
+    public let sensorsPerDevice: Int
     let client: PostgresClient
     let logger: Logger
     /// Partitions created ahead, by table: daily ones of `readings`, monthly ones of `rollups_1m`.
@@ -47,8 +49,11 @@ public final class PostgresIngestStore: IngestStore {
     /// Builds the pool (no connection is opened before ``run()`` runs).
     ///
     /// - Throws: ``PostgresStoreError/tls(_:)`` when the CA file cannot be loaded.
-    public convenience init(settings: PostgresSettings, logger: Logger) throws {
-        try self.init(settings: settings, groupCommit: Self.groupCommitLimits(settings), logger: logger)
+    /// - Parameter sensorsPerDevice: ``IngestConfiguration/Limits/sensorsPerDevice``.
+    public convenience init(
+        settings: PostgresSettings, sensorsPerDevice: Int = IngestConfiguration.Limits.defaultSensorsPerDevice, logger: Logger
+    ) throws {
+        try self.init(settings: settings, groupCommit: Self.groupCommitLimits(settings), sensorsPerDevice: sensorsPerDevice, logger: logger)
     }
 
     /// The group commit's limits from `[storage] write_transactions`, `group_max_batches` and `group_max_readings`. By
@@ -59,8 +64,12 @@ public final class PostgresIngestStore: IngestStore {
             maximumBatches: settings.groupMaxBatches, maximumReadings: settings.groupMaxReadings, concurrency: settings.effectiveWriteTransactions)
     }
 
-    init(settings: PostgresSettings, groupCommit limits: PostgresGroupCommit.Limits, logger: Logger) throws {
+    init(
+        settings: PostgresSettings, groupCommit limits: PostgresGroupCommit.Limits,
+        sensorsPerDevice: Int = IngestConfiguration.Limits.defaultSensorsPerDevice, logger: Logger
+    ) throws {
         self.settings = settings
+        self.sensorsPerDevice = sensorsPerDevice
         self.logger = logger
         self.groupCommit = PostgresGroupCommit(limits: limits)
         var configuration = try settings.clientConfiguration()
@@ -323,8 +332,10 @@ public final class PostgresIngestStore: IngestStore {
 
     private func writeGroup(_ members: [PostgresBatchWriter.Member], logger: Logger) async throws -> [Result<StoreOutcome, any Error>] {
         let statementTimeout = self.statementTimeout
+        let sensorLimit = sensorsPerDevice
         return try await transaction(settingTimeout: false) { connection in
-            try await PostgresBatchWriter(connection: connection, statementTimeout: statementTimeout, logger: logger).write(members)
+            try await PostgresBatchWriter(connection: connection, statementTimeout: statementTimeout, sensorLimit: sensorLimit, logger: logger)
+                .write(members)
         }
     }
 

@@ -17,6 +17,8 @@ import ServiceLifecycle
 public final class SQLiteIngestStore: IngestStore {
     /// The database file.
     public let path: String
+    /// How many sensors one device may register (`[limits] sensors_per_device`); readings of more are refused.
+    public let sensorsPerDevice: Int
     let writer: ThreadOwned<CachedConnection>
     let reader: ThreadOwned<CachedConnection>
     let logger: Logger
@@ -25,9 +27,14 @@ public final class SQLiteIngestStore: IngestStore {
     ///
     /// - Parameter busyTimeoutMilliseconds: how long a statement waits for another process's lock (an admin command
     ///   writing at the same time) before failing.
+    /// - Parameter sensorsPerDevice: ``IngestConfiguration/Limits/sensorsPerDevice``.
     /// - Throws: ``SQLiteError`` when the file cannot be opened or is not a database, or a Foundation error when its
     ///   directory cannot be created.
-    public init(path: String, busyTimeoutMilliseconds: Int32 = 5_000, logger: Logger) throws {
+    public init(
+        path: String, busyTimeoutMilliseconds: Int32 = 5_000, sensorsPerDevice: Int = IngestConfiguration.Limits.defaultSensorsPerDevice,
+        logger: Logger
+    ) throws {
+        self.sensorsPerDevice = sensorsPerDevice
         let directory = URL(fileURLWithPath: path).deletingLastPathComponent().path
         if !directory.isEmpty {
             try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
@@ -100,18 +107,22 @@ public final class SQLiteIngestStore: IngestStore {
     // MARK: Ingest
 
     public func store(_ batch: Batch, for device: DeviceIdentity, receivedAt: Timestamp) async throws -> StoreOutcome {
-        try await writer.withValue { db in
+        let sensorLimit = sensorsPerDevice
+        return try await writer.withValue { db in
             try db.connection.transaction { () throws -> StoreOutcome in
-                let outcome = try SQLiteIngestStore.store(batch, device: device, receivedAt: receivedAt, in: db)
+                let outcome = try SQLiteIngestStore.store(batch, device: device, receivedAt: receivedAt, sensorLimit: sensorLimit, in: db)
                 try SQLiteIngestStore.rollups(outcome.fresh, in: db)
                 return outcome
             }
         }
     }
 
-    private static func store(_ batch: Batch, device: DeviceIdentity, receivedAt: Timestamp, in db: CachedConnection) throws -> StoreOutcome {
+    private static func store(
+        _ batch: Batch, device: DeviceIdentity, receivedAt: Timestamp, sensorLimit: Int, in db: CachedConnection
+    ) throws -> StoreOutcome {
         let used = Set(batch.readings.map(\.sensor))
         var sensorRows: [SensorID: Int64] = [:]
+        var overLimit: Set<SensorID> = []
         var resolutions: [SensorID: Resolution] = [:]
         var conflicts: [SensorID: (registered: String, sent: Quantity)] = [:]
         var seenInBatch: [SensorID: Quantity] = [:]
@@ -131,12 +142,31 @@ public final class SQLiteIngestStore: IngestStore {
             RETURNING id, quantity
             """)
 
+        // `[limits] sensors_per_device`: the device's sensors are counted once per batch (an index range); only a batch
+        // whose sensors could take the device past the limit asks which of them are new. The writer is the only one
+        // registering sensors (the transaction holds the database's write lock), so the count cannot change meanwhile.
+        var registered = try db.withStatement("SELECT count(*) FROM sensors WHERE device_id = ?", [.integer(device.rowID)]) { statement in
+            try statement.step() ? Int(statement.int64(0)) : 0
+        }
+        let mayPassLimit = registered + used.count > sensorLimit
         for descriptor in batch.sensors where used.contains(descriptor.id) {
             if let earlier = seenInBatch[descriptor.id] {
                 if earlier != descriptor.quantity { conflicts[descriptor.id] = (earlier.rawValue, descriptor.quantity) }
                 continue
             }
             seenInBatch[descriptor.id] = descriptor.quantity
+            if mayPassLimit {
+                let exists = try db.withStatement(
+                    "SELECT 1 FROM sensors WHERE device_id = ? AND name = ?", [.integer(device.rowID), .text(descriptor.id.rawValue)]
+                ) { try $0.step() }
+                if !exists {
+                    guard registered < sensorLimit else {
+                        overLimit.insert(descriptor.id)
+                        continue
+                    }
+                    registered += 1
+                }
+            }
             resolutions[descriptor.id] = descriptor.resolution
             try registerSensor.bind([
                 .integer(device.rowID), .text(descriptor.id.rawValue), .text(descriptor.quantity.rawValue),
@@ -199,7 +229,7 @@ public final class SQLiteIngestStore: IngestStore {
         for reading in batch.readings {
             let sequence: Int64
             let sensorRow: Int64
-            switch ReadingPlacement(reading, conflicts: conflicts, sensorRows: sensorRows) {
+            switch ReadingPlacement(reading, conflicts: conflicts, sensorRows: sensorRows, overLimit: overLimit, sensorLimit: sensorLimit) {
             case .refuse(let refusal):
                 rejected.append(refusal)
                 continue

@@ -11,11 +11,19 @@ enum ReadingPlacement {
     /// - Parameters:
     ///   - conflicts: sensors of the batch registered on the device with another quantity.
     ///   - sensorRows: the store's row of every sensor of the batch it could register.
-    init(_ reading: Reading, conflicts: [SensorID: (registered: String, sent: Quantity)], sensorRows: [SensorID: Int64]) {
+    ///   - overLimit: the batch's new sensors the store did not register because the device has `sensorLimit` already.
+    init(
+        _ reading: Reading, conflicts: [SensorID: (registered: String, sent: Quantity)], sensorRows: [SensorID: Int64],
+        overLimit: Set<SensorID> = [], sensorLimit: Int = 0
+    ) {
         func refusal(_ code: String, _ message: String) -> ReadingPlacement {
             .refuse(RejectedReading(sequence: reading.sequence, sensor: reading.sensor.rawValue, code: code, message: message))
         }
-        if let conflict = conflicts[reading.sensor] {
+        if overLimit.contains(reading.sensor) {
+            self = refusal(
+                RejectionCode.tooManySensors,
+                "sensor '\(reading.sensor)' is new and this device already has \(sensorLimit) sensors, the most the ingest allows one device ([limits] sensors_per_device); give retired sensors' ids to new ones, or have the ingest's operator raise the limit and then run `farmgate quarantine requeue --code \(RejectionCode.tooManySensors)`")
+        } else if let conflict = conflicts[reading.sensor] {
             self = refusal(
                 RejectionCode.sensorConflict,
                 "sensor '\(reading.sensor)' is registered on this device as \(conflict.registered), but the batch declares it as \(conflict.sent.rawValue); give the new sensor an id of its own")
