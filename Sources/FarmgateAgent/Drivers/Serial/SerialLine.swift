@@ -33,7 +33,7 @@ public final class SerialLine: Sendable {
     }
 
     public init(
-        path: String, settings: SerialSettings, backoffInitial: Duration = .seconds(1), backoffMax: Duration = .seconds(30),
+        path: String, settings: SerialSettings, backoffInitial: Duration = .seconds(1), backoffMax: Duration = .seconds(5),
         logger: Logger
     ) {
         self.path = path
@@ -138,7 +138,7 @@ public final class SerialPortRegistry: Sendable {
     let backoffMax: Duration
 
     public init(
-        backoffInitial: Duration = .seconds(1), backoffMax: Duration = .seconds(30), logger: Logger = Logger(label: "farmgate.serial")
+        backoffInitial: Duration = .seconds(1), backoffMax: Duration = .seconds(5), logger: Logger = Logger(label: "farmgate.serial")
     ) {
         self.backoffInitial = backoffInitial
         self.backoffMax = backoffMax
