@@ -439,6 +439,10 @@ struct AlertEngineTests {
                 let delivered = await eventually(timeout: .seconds(20)) { server.requests.count == 1 }
                 #expect(delivered, "the notification waited for the poll")
                 #expect(ContinuousClock.now - written < .seconds(20))
+                // The delivery is recorded before these workers stop: a row left `delivering` would be sent again
+                // once its claim expires, by the idle workers below.
+                let recorded = try await eventually(timeout: .seconds(20)) { try await h.outbox().first?.state == "delivered" }
+                #expect(recorded, "the delivery was not recorded")
             }
             // Without the wake-up the same row waits for the poll: a second engine that does not wake anyone.
             let quiet = h.newEngine()
