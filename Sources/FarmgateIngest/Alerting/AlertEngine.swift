@@ -392,19 +392,19 @@ public actor AlertEngine: CommitObserver, Service {
         let longestWindow = rules.compactMap { $0.kind == .rateOfChange ? $0.windowMicroseconds : nil }.max()
         let longestRun = rules.compactMap { $0.kind == .sensorFault ? ($0.count ?? 1) : nil }.max()
         if let longestWindow {
+            // Page by page into the windows, which keep only what can still be an extreme: a long window (up to 366
+            // days) is never held in memory whole.
             var cursor = Timestamp(microseconds: time.microseconds - longestWindow)
-            var stored: [StoredReading] = []
             while true {
                 let page = try await store.readings(sensorRowID: sensorRowID, from: cursor, to: time, limit: 5_000)
-                stored += page
+                for (index, rule) in rules.enumerated() where rule.kind == .rateOfChange {
+                    let start = time.microseconds - (rule.windowMicroseconds ?? 0)
+                    for reading in page where reading.timestamp.microseconds >= start && !reading.quality.contains(.sensorFault) {
+                        memories[index].window.append(reading.timestamp.microseconds, reading.value)
+                    }
+                }
                 guard page.count == 5_000, let last = page.last else { break }
                 cursor = Timestamp(microseconds: last.timestamp.microseconds + 1)
-            }
-            for (index, rule) in rules.enumerated() where rule.kind == .rateOfChange {
-                let start = time.microseconds - (rule.windowMicroseconds ?? 0)
-                for reading in stored where reading.timestamp.microseconds >= start && !reading.quality.contains(.sensorFault) {
-                    memories[index].window.append(reading.timestamp.microseconds, reading.value)
-                }
             }
         }
         if let longestRun {
