@@ -79,6 +79,43 @@ struct NotificationOutboxTests {
         }
     }
 
+    @Test(
+        "Receivers past the 200 longest-waiting are claimed when those 200 cannot take a row now (paced out, or no room here)",
+        arguments: StoreKind.allCases)
+    func receiversPastTheFirstTwoHundredAreNotStarved(kind: StoreKind) async throws {
+        try await withOutboxStore(kind) { store in
+            func claim(at now: Timestamp, busy: [Int64: Int] = [:]) async throws -> [ClaimedNotification] {
+                try await store.claimNotifications(
+                    OutboxClaimRequest(
+                        claimant: "a", now: now, claimDuration: .seconds(3600), lookahead: .seconds(1), limit: 1_000, perReceiver: 2, busy: busy,
+                        maxAttempts: 5))
+            }
+            // 200 receivers at one notification a minute, each with two rows due: the first claim takes one row of
+            // each and uses its slot for the next minute; the second rows wait, the oldest rows of the outbox.
+            var slow: [AlertReceiver] = []
+            for index in 0..<200 {
+                let receiver = try await addWebhook(store, name: "slow\(index)", url: "http://127.0.0.1:9/", maxPerMinute: 1)
+                slow.append(receiver)
+                for alert in [Int64(1), 2] { _ = try await store.enqueueNotification(testNotification(alert), receiverID: receiver.id, dueAt: testNow) }
+            }
+            #expect(try await claim(at: testNow).count == 200)
+            // A receiver whose row came a second later.
+            let late = try await addWebhook(store, name: "late", url: "http://127.0.0.1:9/")
+            let row = try #require(try await store.enqueueNotification(testNotification(3), receiverID: late.id, dueAt: Timestamp(microseconds: testNow.microseconds + 1_000_000)))
+            let next = try await claim(at: Timestamp(microseconds: testNow.microseconds + 2_000_000))
+            #expect(next.map(\.entry.id) == [row], "a receiver behind 200 paced-out ones was not claimed")
+
+            // The same with 200 receivers that have no room at this instance (their deliveries still running here).
+            let fast = try await addWebhook(store, name: "fast", url: "http://127.0.0.1:9/")
+            var busy: [Int64: Int] = [:]
+            for receiver in slow { busy[receiver.id] = 2 }
+            let later = Timestamp(microseconds: testNow.microseconds + 120_000_000)
+            let waiting = try #require(try await store.enqueueNotification(testNotification(4), receiverID: fast.id, dueAt: later))
+            let taken = try await claim(at: later, busy: busy)
+            #expect(taken.map(\.entry.id) == [waiting], "a receiver behind 200 busy ones was not claimed")
+        }
+    }
+
     @Test("On PostgreSQL claims run on the database's clock: an instance whose clock is 10 minutes ahead neither takes over nor kills another's live claim")
     func claimsUseTheDatabaseClock() async throws {
         try await withOutboxStore(.postgres) { store in

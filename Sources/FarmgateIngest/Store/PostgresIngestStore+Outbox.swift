@@ -119,11 +119,17 @@ extension PostgresIngestStore: NotificationOutboxStore {
                         || '); last error: ' || coalesce(last_error, 'none')
                 WHERE state = 'delivering' AND next_attempt_at_us <= \(now) AND attempts >= \(maxAttempts)::integer
                 """, logger: logger)
+            // Receivers with due rows that can take one now, the longest-waiting first: not one whose pacing has no
+            // slot before the horizon, nor one with no room at this instance. Those would otherwise fill the 200 and
+            // starve every receiver past them for as long as they stay behind.
+            let full = request.busy.keys.filter { request.room(for: $0) == 0 }.sorted()
             var due: [Int64] = []
             for try await id in try await connection.query(
                 """
-                SELECT receiver_id FROM alert_outbox WHERE state IN ('pending', 'delivering') AND next_attempt_at_us <= \(now)
-                GROUP BY receiver_id ORDER BY min(next_attempt_at_us) LIMIT 200
+                SELECT o.receiver_id FROM alert_outbox o JOIN alert_receivers r ON r.id = o.receiver_id
+                WHERE o.state IN ('pending', 'delivering') AND o.next_attempt_at_us <= \(now) AND r.next_send_at_us < \(horizon)
+                    AND o.receiver_id <> ALL(\(full)::int8[])
+                GROUP BY o.receiver_id ORDER BY min(o.next_attempt_at_us) LIMIT 200
                 """, logger: logger
             ).decode(Int64.self) { due.append(id) }
             guard !due.isEmpty else { return [] }

@@ -101,12 +101,18 @@ extension SQLiteIngestStore: NotificationOutboxStore {
                     WHERE state = 'delivering' AND next_attempt_at_us <= ? AND attempts >= ?
                     """, [.integer(Int64(request.maxAttempts)), .integer(now), .integer(Int64(request.maxAttempts))]
                 ) { statement in _ = try statement.step() }
-                // Receivers with due rows, the longest-waiting first.
+                // Receivers with due rows that can take one now, the longest-waiting first: not one whose pacing has no
+                // slot before the horizon, nor one with no room at this instance. Those would otherwise fill the 200 and
+                // starve every receiver past them for as long as they stay behind.
+                let horizon = now + max(1, request.lookahead.wholeMicroseconds)
+                let full = request.busy.keys.filter { request.room(for: $0) == 0 }.sorted().map(String.init).joined(separator: ",")
                 let due = try db.withStatement(
                     """
-                    SELECT receiver_id FROM alert_outbox WHERE state IN ('pending', 'delivering') AND next_attempt_at_us <= ?
-                    GROUP BY receiver_id ORDER BY min(next_attempt_at_us) LIMIT 200
-                    """, [.integer(now)]
+                    SELECT o.receiver_id FROM alert_outbox o JOIN alert_receivers r ON r.id = o.receiver_id
+                    WHERE o.state IN ('pending', 'delivering') AND o.next_attempt_at_us <= ? AND r.next_send_at_us < ?
+                        AND o.receiver_id NOT IN (SELECT value FROM json_each(?))
+                    GROUP BY o.receiver_id ORDER BY min(o.next_attempt_at_us) LIMIT 200
+                    """, [.integer(now), .integer(horizon), .text("[" + full + "]")]
                 ) { statement in
                     var ids: [Int64] = []
                     while try statement.step() { ids.append(statement.int64(0)) }
