@@ -196,6 +196,20 @@ struct LatestReadTests {
         #expect(try sequences(try await impatient.page(farm: Self.farm, selection: LatestSelection(), load: load)) == [3])
     }
 
+    @Test("a device first heard of through another instance's notification is listed in farm-wide pages once refreshed")
+    func newDeviceFromAnotherInstance() async throws {
+        let cache = LatestCache(staleWait: .seconds(30))
+        let load: @Sendable () async throws -> [LatestReading] = { [try reading("d1", "tank1.ph", sequence: 1, seconds: 0)] }
+        // The farm-wide page is served once: the cache keeps its device order.
+        #expect(try sequences(try await cache.page(farm: Self.farm, selection: LatestSelection(), load: load)) == [1])
+        // Another instance commits the first readings of d2.
+        let first = try reading("d2", "tank1.ph", sequence: 5, seconds: 1)
+        let token = try #require(cache.markStale(farmID: 1, device: try deviceID("d2")))
+        cache.refreshed(farmID: 1, device: try deviceID("d2"), readings: [first], token: token)
+        #expect(try sequences(try await cache.page(farm: Self.farm, selection: LatestSelection(device: try deviceID("d2")), load: load)) == [5])
+        #expect(try sequences(try await cache.page(farm: Self.farm, selection: LatestSelection(), load: load)) == [1, 5])
+    }
+
     @Test("turned off (the listener lost its connection) every read goes to the store, and nothing is kept")
     func disabled() async throws {
         let cache = LatestCache()

@@ -193,6 +193,9 @@ public final class LatestCache: CommitObserver, Sendable {
         state.withLock { state in
             guard state.enabled, var entry = state.farms[farmID] else { return nil }
             state.staleCounter += 1
+            // A device the farm's kept device order does not know yet: the order is built again, or farm-wide pages
+            // would never list it (``merge`` only clears the order for a device it has not seen).
+            if entry.devices[device] == nil { entry.order = nil }
             entry.devices[device, default: Device()].staleToken = state.staleCounter
             state.farms[farmID] = entry
             return state.staleCounter
