@@ -93,6 +93,27 @@ struct ReadResolutionAPITests {
             // A day before raw retention's cut-off (90 days before now: 2025-10-03): rollups, though it is only 96 readings.
             let old = try await get(client, fixture, "from=2025-10-01T00:00:00Z&to=2025-10-02T00:00:00Z&resolution=auto")
             #expect(old.resolution == "1m" && old.buckets?.count == 96)
+            // A span that starts in the future of `to` (now, when absent) is refused like from >= to.
+            let response = try await client.execute(
+                uri: "/v1/farms/f1/devices/d1/sensors/tank1.ph/readings?from=2030-01-01T00:00:00Z&resolution=auto", method: .get,
+                headers: bearer(fixture.readToken))
+            #expect(try expectError(response, .badRequest, "invalid_parameter").contains("must be earlier than to"))
+        }
+    }
+
+    @Test("auto never picks a rollup level retention has removed from the span: the next coarser one still kept")
+    func autoFollowsRollupRetention() async throws {
+        let fixture = try await seeded()
+        defer { fixture.close() }
+        var retention = IngestConfiguration.Retention()
+        retention.rollup1m = .seconds(30 * 86_400)
+        try await fixture.app(retention: retention).test(.router) { client in
+            // 92 days ago: raw readings and 1-minute rollups are past their retention, hourly ones are kept.
+            let old = try await get(client, fixture, "from=2025-10-01T00:00:00Z&to=2025-10-02T00:00:00Z&resolution=auto")
+            #expect(old.resolution == "1h" && old.buckets?.count == 24)
+            // A recent day still reads raw readings.
+            let day = try await get(client, fixture, "from=2025-12-30T00:00:00Z&to=2025-12-31T00:00:00Z&resolution=auto")
+            #expect(day.resolution == "raw")
         }
     }
 

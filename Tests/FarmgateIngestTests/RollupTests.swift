@@ -81,9 +81,19 @@ import Testing
 
     @Test func autoPicksTheFinestLevelThatKeepsTheAnswerUnderTwoThousandPoints() async throws {
         let from = Timestamp(microseconds: testNow.microseconds - 86_400_000_000)
-        func decide(days: Int64, stored: Int, keptFrom: Timestamp? = nil) async -> ReadResolution.Resolved {
+        func decide(days: Int64, stored: Int, keptFrom: Timestamp? = nil, minutesFrom: Timestamp? = nil, hoursFrom: Timestamp? = nil) async
+            -> ReadResolution.Resolved
+        {
             await ReadResolution.decideAuto(
-                from: Timestamp(microseconds: testNow.microseconds - days * 86_400_000_000), to: testNow, rawKeptFrom: keptFrom) { stored }
+                from: Timestamp(microseconds: testNow.microseconds - days * 86_400_000_000), to: testNow,
+                keptFrom: { resolution in
+                    switch resolution {
+                    case .raw: keptFrom
+                    case .rollup(.minute): minutesFrom
+                    case .rollup(.hour): hoursFrom
+                    case .rollup(.day): nil
+                    }
+                }) { stored }
         }
         #expect(await decide(days: 1, stored: 1_440) == .raw)
         #expect(await decide(days: 1, stored: 8_640) == .rollup(.minute))
@@ -94,5 +104,9 @@ import Testing
         // Few readings, but raw ones are gone from part of the span: rollups.
         #expect(await decide(days: 1, stored: 96, keptFrom: testNow) == .rollup(.minute))
         #expect(await decide(days: 1, stored: 96, keptFrom: from) == .raw)
+        // 1-minute rollups are gone from the span (older than rollup_1m): hourly ones, then daily ones.
+        #expect(await decide(days: 1, stored: 8_640, keptFrom: testNow, minutesFrom: testNow) == .rollup(.hour))
+        #expect(await decide(days: 1, stored: 8_640, keptFrom: testNow, minutesFrom: from) == .rollup(.minute))
+        #expect(await decide(days: 1, stored: 8_640, keptFrom: testNow, minutesFrom: testNow, hoursFrom: testNow) == .rollup(.day))
     }
 }

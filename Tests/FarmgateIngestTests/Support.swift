@@ -81,11 +81,12 @@ struct Fixture {
 
     func app(
         limits: IngestConfiguration.Limits = IngestConfiguration.Limits(), registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry(),
-        cacheTTL: Duration = .zero, commits: CommitFeed = CommitFeed()
+        cacheTTL: Duration = .zero, commits: CommitFeed = CommitFeed(), retention: IngestConfiguration.Retention = IngestConfiguration.Retention()
     ) -> some ApplicationProtocol {
         var configuration = IngestConfiguration()
         configuration.server.port = 0
         configuration.limits = limits
+        configuration.retention = retention
         return buildApplication(
             configuration: configuration, store: store, registry: registry, logger: testLogger, now: { testNow }, credentialCacheTTL: cacheTTL,
             commits: commits)

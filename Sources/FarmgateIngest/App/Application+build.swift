@@ -132,7 +132,7 @@ func buildRouter(
         metrics: metrics, commits: commits, wireState: wireState, now: now, logger: logger
     ).addRoutes(to: router)
     ReadController(
-        store: store, latestCache: latest, gate: gate, rateLimiter: readLimiter, logger: logger, rawRetention: configuration.retention.raw, now: now
+        store: store, latestCache: latest, gate: gate, rateLimiter: readLimiter, logger: logger, retention: configuration.retention, now: now
     ).addRoutes(to: router)
     if let calibrations = store as? any CalibrationStore {
         CalibrationController(store: store, calibrations: calibrations, gate: gate, rateLimiter: readLimiter, logger: logger).addRoutes(to: router)

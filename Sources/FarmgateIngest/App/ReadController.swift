@@ -17,7 +17,8 @@ struct ReadController: Sendable {
     let logger: Logger
     /// Raw readings' retention period (`[retention] raw`): `auto` does not pick raw readings for a span that starts
     /// before its cut-off.
-    var rawRetention: Duration? = nil
+    /// What retention keeps, for `resolution=auto` (nil: everything is kept).
+    var retention: IngestConfiguration.Retention? = nil
     var now: @Sendable () -> Timestamp = { Timestamp.now() }
 
     /// The most readings one request returns.
@@ -122,6 +123,17 @@ struct ReadController: Sendable {
         var points: [RollupPoint] = []
         var resolved = ReadResolution.Resolved.raw
         var (queryFrom, queryTo) = (from, to)
+        if requested == .auto {
+            // `auto` reads a closed span: up to now when `to` is absent, the day before `to` when `from` is.
+            let end = to ?? now()
+            let start = from ?? Timestamp(microseconds: end.microseconds - ReadResolution.autoDefaultSpan)
+            guard start < end else {
+                throw APIError(
+                    .badRequest, code: "invalid_parameter",
+                    message: "from (\(start)) must be earlier than to, which is now (\(end)) when absent, for resolution=auto")
+            }
+            (queryFrom, queryTo) = (start, end)
+        }
         do {
             record = try await store.sensor(farmID: farm.id, device: device, sensor: sensor)
             if let record {
@@ -131,12 +143,18 @@ struct ReadController: Sendable {
                 case .hour: resolved = .rollup(.hour)
                 case .day: resolved = .rollup(.day)
                 case .auto:
-                    let end = to ?? now()
-                    let start = from ?? Timestamp(microseconds: end.microseconds - ReadResolution.autoDefaultSpan)
-                    (queryFrom, queryTo) = (start, end)
+                    guard let start = queryFrom, let end = queryTo else { throw IngestStoreError.corrupt("auto without a span") }
                     let store = self.store
+                    let (retention, at) = (self.retention, now())
                     resolved = try await ReadResolution.decideAuto(
-                        from: start, to: end, rawKeptFrom: IngestConfiguration.Retention.cutoff(rawRetention, now: now())
+                        from: start, to: end,
+                        keptFrom: { resolution in
+                            guard let retention else { return nil }
+                            switch resolution {
+                            case .raw: return IngestConfiguration.Retention.cutoff(retention.raw, now: at)
+                            case .rollup(let level): return IngestConfiguration.Retention.cutoff(retention.period(of: level), now: at)
+                            }
+                        }
                     ) { try await store.storedReadingCount(sensorRowID: record.rowID, from: start, to: end) }
                 }
                 switch resolved {

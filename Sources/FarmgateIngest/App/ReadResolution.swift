@@ -31,16 +31,22 @@ enum ReadResolution: String, CaseIterable, Sendable {
     static var accepted: String { allCases.map(\.rawValue).joined(separator: ", ") }
 
     /// What `auto` reads for `from..<to`: raw readings when the sensor stored at most ``autoTargetPoints`` there and
-    /// raw readings are still kept from `from` on (`rawKeptFrom`, retention's cut-off), else the finest rollup level
-    /// with at most that many buckets in the span (1 day when even that has more).
+    /// raw readings are still kept from `from` on, else the finest rollup level with at most that many buckets in the
+    /// span that is still kept from `from` on (1 day when none is).
     ///
-    /// - Parameter storedReadings: how many readings the sensor stored in the span (from the hourly rollups).
-    static func decideAuto(from: Timestamp, to: Timestamp, rawKeptFrom: Timestamp?, storedReadings: () async throws -> Int) async rethrows -> Resolved {
+    /// - Parameters:
+    ///   - keptFrom: retention's cut-off of each resolution (nil: kept forever); a level whose cut-off is after `from`
+    ///     has lost part of the span, so a coarser one that still holds it is read instead.
+    ///   - storedReadings: how many readings the sensor stored in the span (from the hourly rollups).
+    static func decideAuto(
+        from: Timestamp, to: Timestamp, keptFrom: (Resolved) -> Timestamp?, storedReadings: () async throws -> Int
+    ) async rethrows -> Resolved {
         let span = max(0, to.microseconds - from.microseconds)
-        if rawKeptFrom.map({ from >= $0 }) ?? true, try await storedReadings() <= autoTargetPoints {
+        func kept(_ resolution: Resolved) -> Bool { keptFrom(resolution).map { from >= $0 } ?? true }
+        if kept(.raw), try await storedReadings() <= autoTargetPoints {
             return .raw
         }
-        for level in RollupLevel.allCases where span / level.width <= Int64(autoTargetPoints) {
+        for level in RollupLevel.allCases where span / level.width <= Int64(autoTargetPoints) && kept(.rollup(level)) {
             return .rollup(level)
         }
         return .rollup(.day)
