@@ -122,7 +122,10 @@ import Testing
             let farm = try #require(try await store.farm(named: "f1"))
             let sensor = try #require(try await store.sensor(farmID: farm.id, device: device.device, sensor: try sensorID("tank1.s0")))
             let all = (early.readings + late.readings).sorted { ($0.timestamp, $0.sequence) < ($1.timestamp, $1.sequence) }
-            for (from, to, limit) in [(start, start + 1_000_000_000, 50), (start + 3_333_333_333, start + 9_000_000_000, 1_000), (start - 1, start + 30_000_000_000, 5_999)] {
+            for (from, to, limit) in [
+                (start, start + 1_000_000_000, 50), (start + 3_333_333_333, start + 9_000_000_000, 1_000), (start - 1, start + 30_000_000_000, 5_999),
+                (start - 1, start + 30_000_000_000, 1), (start + 7, start + 30_000_000_000, 7), (start, start + 30_000_000_000, 333),
+            ] {
                 let answer = try await store.readings(
                     sensorRowID: sensor.rowID, from: Timestamp(microseconds: from), to: Timestamp(microseconds: to), limit: limit)
                 let expected = all.filter { $0.timestamp.microseconds >= from && $0.timestamp.microseconds < to }.prefix(limit)
@@ -228,5 +231,23 @@ import Testing
         }
         #expect(PostgresReadingChunk.day(of: -1) == -1)
         #expect(PostgresReadingChunk.day(of: 0) == 0)
+    }
+
+    @Test func pagedReadsAskForFewChunksFirstThenWhatTheRestNeeds() {
+        var one = ChunkPaging(limit: 1)
+        #expect(one.size == 8)
+        var many = ChunkPaging(limit: 10_000)
+        #expect(many.size == 64)
+        // Small chunks (10 readings): the next page asks for what the rest needs, a quarter more, at most limit / 8.
+        many.read(chunks: 64, readings: 640, known: 600)
+        #expect(many.size == 1_175)
+        many.read(chunks: 1_175, readings: 11_750, known: 9_990)
+        #expect(many.size == 8)
+        // Full chunks: never past the ceiling.
+        var full = ChunkPaging(limit: 100_000)
+        full.read(chunks: 64, readings: 64, known: 0)
+        #expect(full.size == 12_500)
+        one.read(chunks: 8, readings: 8_192, known: 0)
+        #expect(one.size == 8)
     }
 }

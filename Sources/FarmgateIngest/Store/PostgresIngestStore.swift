@@ -480,10 +480,11 @@ public final class PostgresIngestStore: IngestStore {
     public func exportPage(device: DeviceIdentity, afterSequence: UInt64?, limit: Int) async throws -> [ExportRow] {
         let after = afterSequence.map { Int64(clamping: $0) } ?? -1
         guard limit > 0 else { return [] }
-        let chunksPerPage = max(64, limit / 8)
+        var paging = ChunkPaging(limit: limit)
         var cursor = after - PostgresReadingChunk.maximumSequenceSpan - 1
         var found: [(entry: PostgresReadingChunk.Entry, sensor: String)] = []
         while true {
+            let chunksPerPage = paging.size
             let page = try await rows(
                 """
                 SELECT s.name, r.first_sequence, r.first_ts, r.sequence_offsets, r.time_offsets, r.reading_values, r.flags
@@ -503,7 +504,9 @@ public final class PostgresIngestStore: IngestStore {
             guard let last = page.last?.0, page.count == chunksPerPage else { break }
             cursor = last
             // Every sequence up to `last` is known now.
-            if found.lazy.filter({ $0.entry.sequence <= last }).count >= limit { break }
+            let known = found.lazy.filter({ $0.entry.sequence <= last }).count
+            if known >= limit { break }
+            paging.read(chunks: page.count, readings: page.reduce(0) { $0 + $1.1.count }, known: known)
         }
         found.sort { $0.entry.sequence < $1.entry.sequence }
         return try found.prefix(limit).map { item in
@@ -553,10 +556,11 @@ public final class PostgresIngestStore: IngestStore {
         let low = from?.microseconds ?? Int64.min
         let high = to?.microseconds ?? Int64.max
         guard limit > 0, low < high else { return [] }
-        let chunksPerPage = max(64, limit / 8)
+        var paging = ChunkPaging(limit: limit)
         var cursor = (timestamp: low < Int64.min + PostgresReadingChunk.maximumTimeSpan ? Int64.min : low - PostgresReadingChunk.maximumTimeSpan, sequence: Int64.min)
         var found: [PostgresReadingChunk.Entry] = []
         while true {
+            let chunksPerPage = paging.size
             let page = try await rows(
                 """
                 SELECT first_sequence, first_ts, sequence_offsets, time_offsets, reading_values, flags FROM readings
@@ -576,7 +580,9 @@ public final class PostgresIngestStore: IngestStore {
             guard let last = page.last, page.count == chunksPerPage else { break }
             cursor = (last.0, last.1)
             // Every reading before `last`'s first time is known now.
-            if found.lazy.filter({ $0.timestamp < last.0 }).count >= limit { break }
+            let known = found.lazy.filter({ $0.timestamp < last.0 }).count
+            if known >= limit { break }
+            paging.read(chunks: page.count, readings: page.reduce(0) { $0 + $1.2.count }, known: known)
         }
         found.sort { ($0.timestamp, $0.sequence) < ($1.timestamp, $1.sequence) }
         return found.prefix(limit).map { entry in

@@ -106,3 +106,31 @@ struct PostgresReadingChunk: Sendable, Hashable {
         }
     }
 }
+
+/// How many chunks a paged read (a range of one sensor, an export page of one device) asks for next: a few at first,
+/// then as many as the readings still wanted need at the chunk size seen so far (a quarter more), so that a read of 10
+/// readings over full chunks decodes tens of thousands of readings rather than a million, and one over small chunks
+/// still takes two or three round trips. Never more than `max(64, limit / 8)` at once.
+struct ChunkPaging: Sendable, Hashable {
+    let limit: Int
+    /// The chunks the next page asks for.
+    private(set) var size: Int
+    private var chunks = 0
+    private var readings = 0
+
+    init(limit: Int) {
+        self.limit = limit
+        size = min(64, max(8, limit / 8))
+    }
+
+    private var ceiling: Int { max(64, limit / 8) }
+
+    /// After a page of `chunks` chunks holding `readings` readings, when `known` of the readings wanted are certain.
+    mutating func read(chunks pageChunks: Int, readings pageReadings: Int, known: Int) {
+        chunks += pageChunks
+        readings += pageReadings
+        let perChunk = max(1, readings / max(1, chunks))
+        let wanted = (max(0, limit - known) + perChunk - 1) / perChunk
+        size = min(ceiling, max(8, wanted + wanted / 4))
+    }
+}
