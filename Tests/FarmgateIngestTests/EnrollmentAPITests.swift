@@ -157,6 +157,25 @@ struct EnrollmentAPITests {
         #expect(record.sealedKey == nil, "after the window the sealed key is forgotten")
     }
 
+    @Test("a used token is never answered again to a site naming another device, nor with a key that has since been replaced")
+    func repeatsOnlyTheCurrentKeyToTheSameDevice() async throws {
+        let setup = Setup(fixture: try await Fixture())
+        defer { setup.fixture.close() }
+        let token = try await setup.token(device: "site-9")
+        try await setup.app.test(.router) { client in
+            let first = try decode(EnrollmentAnswer.self, try await Self.enroll(client, token.text, device: "site-9"))
+            setup.clock.advance(seconds: 60)
+            // Another site, configured as another device, presents the same token within the grace window.
+            let other = try await Self.enroll(client, token.text, device: "site-3")
+            let message = try expectError(other, .conflict, EnrollmentErrorCode.deviceMismatch)
+            #expect(message.contains("'site-9'") && message.contains("site-3") && !message.contains(first.key))
+            // The key is rotated by the operator: the repeat would hand out a key that is refused.
+            _ = try await IngestAdmin(store: setup.fixture.store).rotateDeviceKey(farm: "f1", device: try deviceID("site-9"))
+            let stale = try await Self.enroll(client, token.text, device: "site-9")
+            #expect(try expectError(stale, .gone, EnrollmentErrorCode.tokenUsed).contains("enroll-token create"))
+        }
+    }
+
     @Test("an expired token is refused 410 token_expired and creates nothing")
     func expiredTokens() async throws {
         let setup = Setup(fixture: try await Fixture())

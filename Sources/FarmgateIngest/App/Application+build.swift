@@ -137,7 +137,7 @@ func buildRouter(
     if let calibrations = store as? any CalibrationStore {
         CalibrationController(store: store, calibrations: calibrations, gate: gate, rateLimiter: readLimiter, logger: logger).addRoutes(to: router)
     }
-    if let enrollment = store as? any EnrollmentStore {
+    if let enrollment = store as? any EnrollmentStore & CredentialStore {
         EnrollmentController(store: enrollment, registry: metrics.registry, now: now, logger: logger).addRoutes(to: router)
     }
     if let alerts = store as? any AdministrationStore & AlertStore {

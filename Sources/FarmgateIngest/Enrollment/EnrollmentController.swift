@@ -37,7 +37,7 @@ struct EnrollmentController: Sendable {
         case rateLimited = "rate_limited"
     }
 
-    let store: any EnrollmentStore
+    let store: any EnrollmentStore & CredentialStore
     let settings: Settings
     let limiter: KeyedRateLimiter<ClientAddress>
     let counters: [Result: Counter]
@@ -45,7 +45,7 @@ struct EnrollmentController: Sendable {
     let logger: Logger
 
     init(
-        store: any EnrollmentStore, settings: Settings = Settings(), registry: PrometheusCollectorRegistry,
+        store: any EnrollmentStore & CredentialStore, settings: Settings = Settings(), registry: PrometheusCollectorRegistry,
         now: @escaping @Sendable () -> Timestamp, logger: Logger
     ) {
         self.store = store
@@ -94,8 +94,8 @@ struct EnrollmentController: Sendable {
         }
         let at = now()
         if let revokedAt = record.revokedAt { throw revoked(record, at: revokedAt, client: client) }
-        if record.usedAt != nil { return try await repeatOrRefuse(record, token: token, client: client, at: at) }
-        guard record.expiresAt > at else { throw expired(record, client: client) }
+        // Before the repeat of a used token's answer too: a site configured for another device must not be given
+        // this device's key, whether the token is fresh or was used a moment ago.
         if let wanted, wanted != record.device.rawValue {
             count(.mismatch)
             logger.notice(
@@ -104,11 +104,14 @@ struct EnrollmentController: Sendable {
                     "device.farm": "\(record.farm)", "device.id": "\(record.device)", "enroll.requested_device": "\(wanted)",
                     "client.address": "\(client)", "enroll.token": "\(record.keyID)",
                 ])
+            let state = record.usedAt == nil ? "the token was not used" : "nothing was given"
             throw APIError(
                 .conflict, code: EnrollmentErrorCode.deviceMismatch,
                 message:
-                    "this token is for device '\(record.device)' of farm '\(record.farm)', but the site's configuration says [device] id = \"\(wanted)\"; the token was not used. Ask for a token for '\(wanted)', or set [device] id = \"\(record.device)\"")
+                    "this token is for device '\(record.device)' of farm '\(record.farm)', but the site's configuration says [device] id = \"\(wanted)\"; \(state). Ask for a token for '\(wanted)', or set [device] id = \"\(record.device)\"")
         }
+        if record.usedAt != nil { return try await repeatOrRefuse(record, token: token, client: client, at: at) }
+        guard record.expiresAt > at else { throw expired(record, client: client) }
         for attempt in 1...5 {
             let key = APIKey.generate(kind: .device)
             do {
@@ -150,7 +153,7 @@ struct EnrollmentController: Sendable {
     private func repeatOrRefuse(_ record: EnrollmentTokenRecord, token: APIKey, client: ClientAddress, at: Timestamp) async throws(APIError) -> Response {
         let grace = settings.graceWindow.wholeMicroseconds
         if let usedAt = record.usedAt, at.microseconds - usedAt.microseconds <= grace, let sealed = record.sealedKey,
-            let action = record.action, let key = EnrollmentSeal.open(sealed, with: token)
+            let action = record.action, let key = EnrollmentSeal.open(sealed, with: token), try await stillCurrent(key, of: record)
         {
             count(.repeated)
             logger.notice(
@@ -179,6 +182,18 @@ struct EnrollmentController: Sendable {
             .gone, code: EnrollmentErrorCode.tokenUsed,
             message:
                 "this enrollment token was already used at \(when) from \(record.usedBy ?? "another address") (device '\(record.device)' of farm '\(record.farm)'); a token works once. Make a new one with `farmgate-ingest enroll-token create --farm \(record.farm) --device \(record.device)`")
+    }
+
+    /// Whether the key an exchange gave is still the device's: a rotation, a revocation or another token since then
+    /// replaced it, and repeating it would hand the site a key that is refused.
+    private func stillCurrent(_ key: String, of record: EnrollmentTokenRecord) async throws(APIError) -> Bool {
+        guard let parsed = APIKey(parsing: key) else { return false }
+        do {
+            guard let credential = try await store.deviceCredential(keyID: parsed.keyID) else { return false }
+            return !credential.revoked && credential.identity.device == record.device && credential.identity.farm == record.farm
+        } catch {
+            throw unavailable(error)
+        }
     }
 
     private func expired(_ record: EnrollmentTokenRecord, client: ClientAddress) -> APIError {
