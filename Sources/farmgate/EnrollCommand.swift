@@ -22,7 +22,7 @@ struct EnrollCommand: AsyncParsableCommand {
             (`farmgate`) when run as root, and never printed. [upload] endpoint and key_file are set in the configuration; the \
             rest of the file and its comments stay as they are (a missing file is created, a missing [device] id is set to \
             the token's device). Everything local is checked before the token is used. Exits 1 when the exchange fails \
-            (expired or used token, ingest unreachable, TLS), 64 on bad arguments, 73 when a file cannot be written, 78 when \
+            (expired or used token, ingest unreachable, TLS, an answer for another device than [device] id), 64 on bad arguments, 73 when a file cannot be written, 78 when \
             the configuration cannot be read or edited.
             """)
 

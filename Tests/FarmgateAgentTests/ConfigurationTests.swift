@@ -182,6 +182,102 @@ struct ConfigurationTests {
     }
 }
 
+extension ConfigurationTests {
+    @Test("An empty [buffer] path is refused where it is written, not when the agent starts")
+    func emptyBufferPath() throws {
+        for value in ["\"\"", "\"  \""] {
+            let failure = try #require(error(Self.minimal + "\n[buffer]\npath = \(value)"))
+            #expect(failure.key == "buffer.path" && failure.line == 9, "\(failure)")
+            #expect(failure.message.contains("must not be empty"), "\(failure)")
+        }
+    }
+
+    @Test(
+        "A control socket on one of the agent's own files is refused, located at [control] socket",
+        arguments: [
+            ("socket = \"/var/lib/farmgate/buffer.sqlite\"", "the buffer ([buffer] path)"),
+            ("socket = \"/var/lib/farmgate/buffer.sqlite-wal\"", "the buffer's -wal file"),
+            ("socket = \"/var/lib/farmgate//buffer.sqlite-shm\"", "the buffer's -shm file"),
+            ("socket = \"/var/lib/farmgate/./buffer.sqlite.seq\"", "the buffer's .seq sidecar"),
+            ("socket = \"/var/lib/node_exporter/farmgate.prom\"", "the metrics file ([metrics] textfile)"),
+            ("socket = \"agent.toml\"", "the configuration file itself"),
+            ("socket = \"../farmgate/agent.toml\"", "the configuration file itself"),
+        ])
+    func controlSocketOnOwnFiles(line: String, what: String) throws {
+        let text = Self.minimal + "\n[metrics]\ntextfile = \"/var/lib/node_exporter/farmgate.prom\"\n[control]\n" + line
+        let failure = try #require(error(text))
+        #expect(failure.key == "control.socket" && failure.line == 11, "\(failure)")
+        #expect(failure.message.contains("is \(what)"), "\(failure)")
+        #expect(failure.message.contains("Give the socket a path of its own"), "\(failure)")
+        // Beside them, it is fine.
+        #expect(throws: Never.self) { try parse(Self.minimal + "\n[control]\nsocket = \"/var/lib/farmgate/control.sock\"") }
+    }
+
+    @Test("The default control socket named as the buffer is refused at [buffer] path")
+    func defaultSocketAsBuffer() throws {
+        let failure = try #require(error(Self.minimal + "\n[buffer]\npath = \"/run/farmgate/control.sock\""))
+        #expect(failure.key == "buffer.path" && failure.line == 9, "\(failure)")
+        #expect(failure.message.contains("is the buffer ([buffer] path)"), "\(failure)")
+    }
+
+    /// `count` simulated sensors, `[[sensor]]` tables of four lines after the three of the `[device]` section.
+    static func sensors(_ count: Int) -> String {
+        "[device]\nid = \"site-1\"\n\n"
+            + (1...count).map { "[[sensor]]\nid = \"s\($0)\"\ndriver = \"simulated\"\nquantity = \"ph\"\n" }.joined()
+    }
+
+    @Test("More sensors than one sensor table holds are refused, naming the limit, at the first one too many")
+    func tooManySensors() throws {
+        #expect(SensorTable.maxSensors == 4_096)
+        let most = try parse(Self.sensors(SensorTable.maxSensors))
+        #expect(most.sensors.count == SensorTable.maxSensors)
+        let failure = try #require(error(Self.sensors(SensorTable.maxSensors + 1)))
+        #expect(failure.key == "sensor #4097", "\(failure)")
+        #expect(failure.line == 4 + 4 * SensorTable.maxSensors, "\(failure)")
+        #expect(failure.message.contains("4097 sensors configured, more than the 4096 one device can send"), "\(failure)")
+    }
+
+    @Test(
+        "A resolution coarser than a tenth of the quantity's physical range is refused",
+        arguments: [
+            ("ph", "\"1000000\""), ("ph", "\"2\""), ("ph", "100"), ("temperature", "\"25\""), ("ec", "\"1000000\""),
+            ("state", "\"2\""), ("specific_gravity", "\"0.1\""), ("humidity", "\"20\""),
+        ])
+    func coarseResolution(quantity: String, resolution: String) throws {
+        let text = Self.minimal.replacingOccurrences(of: "\"ph\"", with: "\"\(quantity)\"") + "\nresolution = \(resolution)"
+        let failure = try #require(error(text))
+        #expect(failure.key == "sensor \"tank1.ph\": resolution" && failure.line == 8, "\(failure)")
+        #expect(failure.message.contains("coarser than a tenth of the whole range of \(quantity)"), "\(failure)")
+        #expect(failure.message.contains("give a step of at most"), "\(failure)")
+    }
+
+    @Test("Coarse resolutions within a tenth of the range, and every quantity's default, are accepted")
+    func acceptedResolutions() throws {
+        for (quantity, resolution) in [("ph", "\"1\""), ("ph", "\"1.8\""), ("state", "\"1\""), ("ec", "\"1000\""), ("temperature", "\"1/16\"")] {
+            let text = Self.minimal.replacingOccurrences(of: "\"ph\"", with: "\"\(quantity)\"") + "\nresolution = \(resolution)"
+            #expect(throws: Never.self, "\(quantity) \(resolution)") { try parse(text) }
+        }
+        for quantity in Quantity.allCases {
+            #expect(AgentConfiguration.coarseResolutionProblem(quantity.defaultResolution, quantity: quantity) == nil, "\(quantity)")
+        }
+    }
+
+    @Test(
+        "An endpoint with a query or a fragment is refused, saying what to remove",
+        arguments: [
+            ("https://h/?x=1", "without a query: remove \"?x=1\""), ("https://h?x=1", "without a query: remove \"?x=1\""),
+            ("https://h/ingest?", "without a query: remove \"?\""), ("https://h/#top", "without a fragment: remove \"#top\""),
+        ])
+    func endpointWithQuery(endpoint: String, phrase: String) throws {
+        let failure = try #require(error(Self.minimal + "\n[upload]\nendpoint = \"\(endpoint)\"\nkey = \"fgd_abc_def\""))
+        #expect(failure.key == "upload.endpoint" && failure.line == 9, "\(failure)")
+        #expect(failure.message.contains(phrase), "\(failure)")
+        #expect(throws: Never.self) {
+            try parse(Self.minimal + "\n[upload]\nendpoint = \"https://h/ingest/\"\nkey = \"fgd_abc_def\"")
+        }
+    }
+}
+
 @Suite("Deadband")
 struct DeadbandTests {
     @Test("Off by default: every value is stored")

@@ -158,9 +158,9 @@ struct ControlSocketTests {
         let dir = "/tmp/fg-ctl-\(UUID().uuidString.prefix(8))"
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let path = dir + "/run/control.sock"
-        // A stale socket file left by a killed agent.
+        // A stale socket left by a killed agent: bound, then closed without unlinking it.
         try FileManager.default.createDirectory(atPath: dir + "/run", withIntermediateDirectories: true)
-        _ = FileManager.default.createFile(atPath: path, contents: Data())
+        try Self.leaveStaleSocket(at: path)
 
         let logger = Logger(label: "test")
         let server = ControlServer(path: path, logger: logger) { request in
@@ -189,6 +189,53 @@ struct ControlSocketTests {
         } catch {
             #expect("\(error)".contains("Is `farmgate agent` running?"))
         }
+    }
+
+    @Test("A file at the socket path that is not a socket is left alone, and the agent says so")
+    func refusesToReplaceAFile() async throws {
+        let scratch = try Scratch(prefix: "fg-ctl", in: URL(fileURLWithPath: "/tmp"))
+        let logger = Logger(label: "test")
+        let notes = try scratch.write("notes.txt", "the installer's notes\n")
+        try FileManager.default.createSymbolicLink(atPath: scratch.file("link.sock"), withDestinationPath: notes)
+        try FileManager.default.createDirectory(atPath: scratch.file("dir.sock"), withIntermediateDirectories: false)
+        for (name, kind) in [("notes.txt", "a regular file"), ("link.sock", "a symbolic link"), ("dir.sock", "a directory")] {
+            let path = scratch.file(name)
+            let server = ControlServer(path: path, logger: logger) { _ in [] }
+            // Bounded: a server that replaced the file would run (and listen) until cancelled.
+            let outcome = await withTaskGroup(of: Result<Void, any Error>?.self) { group in
+                group.addTask {
+                    do { return .success(try await server.run()) } catch { return .failure(error) }
+                }
+                group.addTask {
+                    try? await Task.sleep(for: .seconds(5))
+                    return nil
+                }
+                let first = await group.next() ?? nil
+                group.cancelAll()
+                return first
+            }
+            guard case .failure(let error)? = outcome, let failure = error as? ControlSocketError else {
+                Issue.record("the control server did not refuse \(name) (\(kind)): \(String(describing: outcome))")
+                continue
+            }
+            #expect(failure.description.contains("\(path) exists and is not a socket (it is \(kind))"), "\(failure)")
+            #expect(failure.description.contains("set [control] socket to a path of its own"), "\(failure)")
+        }
+        #expect(try String(contentsOfFile: notes, encoding: .utf8) == "the installer's notes\n")
+        #expect((try? FileManager.default.destinationOfSymbolicLink(atPath: scratch.file("link.sock"))) == notes)
+        #expect(FileSystem.isDirectory(scratch.file("dir.sock")))
+    }
+
+    /// Binds a Unix socket at `path` and closes it without unlinking, as an agent killed with SIGKILL leaves it.
+    static func leaveStaleSocket(at path: String) throws {
+        var address = try UnixSocket.address(path)
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        #expect(fd >= 0)
+        let rc = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        close(fd)
+        #expect(rc == 0, "cannot bind \(path)")
     }
 
     func waitFor(_ condition: () -> Bool) async -> Bool {

@@ -145,6 +145,69 @@ struct SiteEnrollmentTests {
         }
     }
 
+    @Test func aKeyPathThatIsADirectoryOrTheConfigurationIsRefusedBeforeTheTokenIsUsed() throws {
+        let dir = try Scratch(prefix: "fg-enroll")
+        let config = try dir.write("agent.toml", Self.config)
+        try FileManager.default.createDirectory(atPath: dir.file("keys"), withIntermediateDirectories: false)
+        try FileManager.default.createSymbolicLink(atPath: dir.file("other-name.toml"), withDestinationPath: config)
+        let given: [(String, String)] = [
+            (dir.file("keys"), "is a directory"), (dir.file("keys") + "/", "is a directory"), (config, "is the configuration file itself"),
+            (dir.file("keys/../agent.toml"), "is the configuration file itself"), (dir.file("other-name.toml"), "is the configuration file itself"),
+        ]
+        for (keyFile, phrase) in given {
+            let failure = #expect(throws: SiteEnrollment.Failure.self) {
+                try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: "https://i.example", token: Self.token, configPath: config, keyFile: keyFile))
+            }
+            #expect(failure?.description.contains("--key-file") == true && failure?.description.contains(phrase) == true, "\(failure?.description ?? "")")
+            #expect(failure?.exitCode == 64)
+        }
+        // The same from the configuration's own [upload] key_file.
+        for (keyFile, phrase) in [
+            ("keys", "is a directory"), ("configured.toml", "is the configuration file itself"),
+            ("./keys/../configured.toml", "is the configuration file itself"),
+        ] {
+            let configured = try dir.write("configured.toml", Self.config + "\n[upload]\nendpoint = \"https://i.example\"\nkey_file = \"\(keyFile)\"\n")
+            let failure = #expect(throws: SiteEnrollment.Failure.self) {
+                try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: "https://i.example", token: Self.token, configPath: configured))
+            }
+            #expect(failure?.description.contains("[upload] key_file") == true && failure?.description.contains(phrase) == true, "\(failure?.description ?? "")")
+            #expect(failure?.exitCode == 78)
+        }
+        #expect(try String(contentsOfFile: config, encoding: .utf8) == Self.config)
+        #expect(dir.names(in: "keys").isEmpty)
+    }
+
+    @Test func anEndpointWithAQueryIsRefusedBeforeTheTokenIsUsed() throws {
+        let dir = try Scratch(prefix: "fg-enroll")
+        let config = try dir.write("agent.toml", Self.config)
+        let failure = #expect(throws: SiteEnrollment.Failure.self) {
+            try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: "https://i.example/?x=1", token: Self.token, configPath: config))
+        }
+        #expect(failure?.description.contains("remove \"?x=1\"") == true, "\(failure?.description ?? "")")
+        #expect(failure?.exitCode == 64)
+    }
+
+    @Test func anAnswerForAnotherDeviceThanTheConfiguredOneWritesNothing() async throws {
+        let other = TestResponse.json(200, #"{"farm":"f1","device":"other-7","key":"\#(Self.key)","action":"rotated","repeated":false}"#)
+        let server = try TestHTTPServer(script: [other])
+        let dir = try Scratch(prefix: "fg-enroll")
+        let config = try dir.write("agent.toml", Self.config)
+        let plan = try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: server.url, token: Self.token, configPath: config))
+        #expect(plan.device == "site-9")
+        let failure = await #expect(throws: SiteEnrollment.Failure.self) { try await SiteEnrollment.exchange(plan, logger: logger) }
+        #expect(failure?.exitCode == 1)
+        let text = failure?.description ?? ""
+        #expect(text.contains("wrong device: the ingest enrolled device \"other-7\"") && text.contains("[device] id = \"site-9\""), "\(text)")
+        #expect(text.contains("the key was not written") && text.contains("old key no longer works"), "\(text)")
+        // apply refuses such an answer too, before writing anything.
+        let answer = EnrollmentAnswer(farm: "f1", device: "other-7", key: Self.key, action: .created, repeated: false)
+        let applied = #expect(throws: SiteEnrollment.Failure.self) { try SiteEnrollment.apply(plan, answer: answer) }
+        #expect(applied?.exitCode == 1)
+        #expect(!FileManager.default.fileExists(atPath: dir.file("device.key")))
+        #expect(try String(contentsOfFile: config, encoding: .utf8) == Self.config)
+        #expect(dir.names() == ["agent.toml"])
+    }
+
     @Test func aMissingConfigurationIsCreatedWithTheTokensDevice() async throws {
         let server = try TestHTTPServer(script: [Self.answer()])
         let dir = try Scratch(prefix: "fg-enroll")

@@ -93,7 +93,15 @@ extension AgentConfiguration {
         var buffer = BufferConfiguration()
         if let table = try root.table("buffer") {
             try table.checkKeys(["path", "commit_interval", "quota", "when_full"])
-            if let path = try table.string("path") { buffer.path = resolve(path, against: base) }
+            if let path = try table.string("path") {
+                guard !path.trimmingWhitespace().isEmpty else {
+                    throw table.error(
+                        "path",
+                        "must not be empty: give the buffer's SQLite file, such as \"/var/lib/farmgate/buffer.sqlite\" "
+                            + "(or remove the key for that default)")
+                }
+                buffer.path = resolve(path, against: base)
+            }
             if let interval = try table.duration("commit_interval", in: .milliseconds(10)...(.seconds(60))) {
                 buffer.commitInterval = interval
             }
@@ -131,7 +139,17 @@ extension AgentConfiguration {
 
         var sensors: [SensorConfiguration] = []
         var seen: [SensorID: Int] = [:]
-        for (offset, raw) in try root.tables("sensor").enumerated() {
+        let sensorTables = try root.tables("sensor")
+        // Stateful frames carry every configured sensor in one table, which holds at most this many: past it every batch
+        // would be unencodable and every reading would go to quarantine.
+        if sensorTables.count > SensorTable.maxSensors {
+            throw sensorTables[SensorTable.maxSensors].named("sensor #\(SensorTable.maxSensors + 1)").error(
+                nil,
+                "\(sensorTables.count) sensors configured, more than the \(SensorTable.maxSensors) one device can send (the "
+                    + "sensor table of a batch holds at most \(SensorTable.maxSensors)); remove sensors, or split them across two "
+                    + "devices with a [device] id and an agent each")
+        }
+        for (offset, raw) in sensorTables.enumerated() {
             let named = raw.named("sensor #\(offset + 1)")
             let idText = try named.requiredString("id")
             let id: SensorID
@@ -156,8 +174,54 @@ extension AgentConfiguration {
             file: root.file, device: device, buffer: buffer, upload: upload, controlSocket: controlSocket, logLevel: logLevel,
             checkClock: checkClock, holdUnsynchronized: holdUnsynchronized, sensors: sensors)
         configuration.metrics = try root.table("metrics").map { table throws(ConfigurationError) in try parseMetrics(table, base: base) }
+        try checkControlSocket(configuration, root: root)
         configuration.warnings = ignoredKeyWarnings(sensors, drivers: drivers)
         return configuration
+    }
+
+    /// Refuses a control socket path that names one of the agent's own files (the configuration, the buffer and its
+    /// sidecars, the metrics file): the agent could not start, and a file there is not a socket to replace. Compared by
+    /// path (`.`, `..` and repeated slashes resolved), before anything exists on disk. Located at `[control] socket` when
+    /// it is set, else at the other file's key.
+    static func checkControlSocket(_ configuration: AgentConfiguration, root: ConfigTable) throws(ConfigurationError) {
+        let socket = lexicalPath(configuration.controlSocket)
+        let control = try root.table("control")
+        let buffer = try root.table("buffer")
+        let metrics = try root.table("metrics")
+        let bufferPath = configuration.buffer.path
+        var files: [(path: String, what: String, table: ConfigTable?, key: String?)] = [
+            (root.file, "the configuration file itself", nil, nil),
+            (bufferPath, "the buffer ([buffer] path)", buffer, "path"),
+            (bufferPath + "-wal", "the buffer's -wal file", buffer, "path"),
+            (bufferPath + "-shm", "the buffer's -shm file", buffer, "path"),
+            (bufferPath + ".seq", "the buffer's .seq sidecar", buffer, "path"),
+        ]
+        if let metricsFile = configuration.metrics?.path {
+            files.append((metricsFile, "the metrics file ([metrics] textfile)", metrics, "textfile"))
+        }
+        for file in files where lexicalPath(file.path) == socket {
+            let message =
+                "the control socket \(configuration.controlSocket) is \(file.what); the agent creates its socket there and would "
+                + "refuse to start. Give the socket a path of its own, such as \"/run/farmgate/control.sock\""
+            if let control, control.contains("socket") { throw control.error("socket", message) }
+            if let table = file.table, let key = file.key, table.contains(key) { throw table.error(key, message) }
+            throw root.error(nil, message)
+        }
+    }
+
+    /// `path` made absolute (against the working directory) with `.`, `..` and repeated slashes resolved, without touching
+    /// the file system: two spellings of one path compare equal.
+    static func lexicalPath(_ path: String) -> String {
+        let absolute = path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
+        var components: [Substring] = []
+        for component in absolute.split(separator: "/", omittingEmptySubsequences: true) {
+            switch component {
+            case ".": continue
+            case "..": _ = components.popLast()
+            default: components.append(component)
+            }
+        }
+        return "/" + components.joined(separator: "/")
     }
 
     /// One located warning per key a sensor's driver ignores for it (``DriverDescription/ignoredKeys``).
@@ -202,6 +266,7 @@ extension AgentConfiguration {
         else {
             throw table.error("endpoint", "must be an http:// or https:// URL such as \"https://ingest.example.net\" (got \"\(endpoint)\")")
         }
+        if let problem = endpointQueryOrFragment(endpoint) { throw table.error("endpoint", problem) }
         let key: String
         switch (try table.string("key"), try table.string("key_file")) {
         case (.some, .some):
@@ -253,6 +318,15 @@ extension AgentConfiguration {
             stateful: try table.bool("stateful") ?? defaults.stateful)
     }
 
+    /// Why `endpoint` cannot be the ingest's base URL because it has a query (`?…`) or a fragment (`#…`): the agent appends
+    /// its paths (`/v1/batches`) to the base URL, so they would end up inside the query. nil when it has neither.
+    public static func endpointQueryOrFragment(_ endpoint: String) -> String? {
+        guard let mark = endpoint.firstIndex(where: { $0 == "?" || $0 == "#" }) else { return nil }
+        let part = endpoint[mark] == "?" ? "a query" : "a fragment"
+        return "must be the ingest's base URL without \(part): remove \"\(endpoint[mark...])\" (got \"\(endpoint)\"); the agent "
+            + "appends the paths it posts to, such as \(IngestProtocol.batchesPath)"
+    }
+
     static func parseSensor(_ table: ConfigTable, id: SensorID, drivers: DriverRegistry) throws(ConfigurationError) -> SensorConfiguration {
         let driverName = try table.requiredString("driver")
         guard let driver = drivers.driver(named: driverName) else {
@@ -273,6 +347,7 @@ extension AgentConfiguration {
             default: throw table.error("resolution", "must be a decimal step such as \"0.01\" or a fraction such as \"1/16\"")
             }
             do { resolution = try Resolution(parsing: text) } catch { throw table.error("resolution", error.description) }
+            if let problem = coarseResolutionProblem(resolution, quantity: quantity) { throw table.error("resolution", problem) }
         }
         let interval = try table.duration("interval", in: .milliseconds(100)...(.seconds(86_400))) ?? .seconds(10)
         let deadband = try table.double("deadband", in: 0...1_000_000) ?? 0
@@ -296,6 +371,24 @@ extension AgentConfiguration {
             interval: interval, deadband: deadband, heartbeat: heartbeat, expectedRange: expected, options: table)
         try driver.validate(configuration)
         return configuration
+    }
+
+    /// Why `resolution` is too coarse for `quantity`: a step larger than a tenth of the quantity's physical range (the one
+    /// the ingest refuses values outside of as `out_of_range`), or than its default resolution when that is larger (a
+    /// switch state, 0 or 1, steps by 1). Every value would be rounded to one of a few steps, most to 0. nil when it is fine.
+    static func coarseResolutionProblem(_ resolution: Resolution, quantity: Quantity) -> String? {
+        let range = quantity.plausibleRange
+        let limit = max((range.upperBound - range.lowerBound) / 10, quantity.defaultResolution.step)
+        guard resolution.step > limit else { return nil }
+        return "a step of \(plain(resolution.step)) is coarser than a tenth of the whole range of \(quantity.rawValue) "
+            + "(\(plain(range.lowerBound)) to \(plain(range.upperBound)) \(quantity.unit)): every value would be rounded to a multiple "
+            + "of it, most to 0; give a step of at most \(plain(limit)), such as the default \"\(plain(quantity.defaultResolution.step))\""
+    }
+
+    /// A number as a person writes it: `16`, not `16.0`.
+    static func plain(_ value: Double) -> String {
+        if value.rounded() == value, value.magnitude < 1e15 { return "\(Int64(value))" }
+        return "\(value)"
     }
 
     /// Refuses two sensors that claim one port or line with different settings, or one that cannot be shared.

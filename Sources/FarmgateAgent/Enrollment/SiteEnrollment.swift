@@ -92,6 +92,9 @@ public enum SiteEnrollment {
         else {
             throw Failure(description: "\(request.endpoint) is not an http:// or https:// URL; give the ingest's base URL, e.g. https://ingest.example.net", exitCode: 64)
         }
+        if let problem = AgentConfiguration.endpointQueryOrFragment(String(endpoint)) {
+            throw Failure(description: "the URL \(problem)", exitCode: 64)
+        }
         guard request.token.hasPrefix(EnrollmentProtocol.tokenPrefix), request.token.utf8.count > 8,
             request.token.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F })
         else {
@@ -133,6 +136,7 @@ public enum SiteEnrollment {
         }
         let keyFile = request.keyFile.map { AgentConfiguration.resolve($0, against: FileManager.default.currentDirectoryPath) }
             ?? configuredKeyFile ?? AgentConfiguration.resolve("device.key", against: base)
+        try checkKeyFile(keyFile, configPath: request.configPath, given: request.keyFile != nil)
         let plan = Plan(
             request: request, endpoint: String(endpoint), keyFile: keyFile, originalText: originalText, configExists: configExists,
             device: device, caFile: request.caFile.map { AgentConfiguration.resolve($0, against: FileManager.default.currentDirectoryPath) } ?? configuredCA)
@@ -144,6 +148,46 @@ public enum SiteEnrollment {
             }
         }
         return plan
+    }
+
+    /// Refuses a key path that cannot hold the key, or would destroy something: an existing directory, or the
+    /// configuration file itself (by path, or the same file under another name). `given`: it came from `--key-file`
+    /// (exit 64), not from the configuration's `[upload] key_file` (exit 78).
+    static func checkKeyFile(_ keyFile: String, configPath: String, given: Bool) throws(Failure) {
+        let source = given ? "--key-file \(keyFile)" : "[upload] key_file of \(configPath) (\(keyFile))"
+        let fix = given ? "give --key-file a file of its own" : "set key_file to a file of its own, or pass --key-file"
+        let exitCode: Int32 = given ? 64 : 78
+        if FileSystem.isDirectory(keyFile) {
+            throw Failure(
+                description: "\(source) is a directory; the key is written to a file: \(fix), such as \(keyFile)/device.key",
+                exitCode: exitCode)
+        }
+        var key = stat()
+        var config = stat()
+        let sameInode = stat(keyFile, &key) == 0 && stat(configPath, &config) == 0 && key.st_dev == config.st_dev && key.st_ino == config.st_ino
+        if sameInode || AgentConfiguration.lexicalPath(keyFile) == AgentConfiguration.lexicalPath(configPath) {
+            throw Failure(
+                description: "\(source) is the configuration file itself; writing the key there would replace the configuration: "
+                    + "\(fix), such as device.key beside it",
+                exitCode: exitCode)
+        }
+    }
+
+    /// Refuses an answer for another device than the configuration's `[device] id`: the key belongs to that device, and
+    /// writing it here would have this site send as it (or be refused for good). Nothing is written.
+    static func checkDevice(_ answer: EnrollmentAnswer, plan: Plan) throws(Failure) {
+        guard let expected = plan.device, answer.device != expected else { return }
+        let rotated =
+            answer.action == .rotated
+            ? " The ingest gave \"\(answer.device)\" a new key: its old key no longer works, so if that device runs elsewhere, enroll it again."
+            : ""
+        throw Failure(
+            description: "wrong device: the ingest enrolled device \"\(answer.device)\" of farm \"\(answer.farm)\" with this token, but "
+                + "\(plan.request.configPath) has [device] id = \"\(expected)\"; the key was not written and the configuration not "
+                + "changed. Make a token for \"\(expected)\" (`farmgate-ingest enroll-token create --farm \(answer.farm) --device "
+                + "\(expected)`) and run farmgate enroll with it, or, if this site is \"\(answer.device)\", set [device] id to it and run "
+                + "the same command again within a few minutes (the ingest answers the same key).\(rotated)",
+            exitCode: 1)
     }
 
     /// The configuration text with `[upload]` (and `[device] id` when absent) set, checked with the TOML parser: the values
@@ -253,6 +297,7 @@ public enum SiteEnrollment {
             else {
                 throw Failure(description: "the answer of \(plan.endpoint) is not an enrollment answer; is it a farmgate-ingest of this version?", exitCode: 1)
             }
+            try checkDevice(answer, plan: plan)
             return answer
         }
         let error = try? decoder.decode(APIErrorBody.self, from: Data(response.body))
@@ -283,6 +328,7 @@ public enum SiteEnrollment {
 
     /// Writes the key (mode 0600, owned by ``Request/owner``) and then the configuration. Blocking file I/O.
     public static func apply(_ plan: Plan, answer: EnrollmentAnswer) throws(Failure) -> Outcome {
+        try checkDevice(answer, plan: plan)
         let text = try edited(plan, device: plan.device ?? answer.device)
         do {
             try AtomicFile.write(Array((answer.key + "\n").utf8), to: plan.keyFile, mode: 0o600, owner: plan.request.owner)
