@@ -17,7 +17,8 @@ struct RetentionCommand: AsyncParsableCommand {
             discussion: """
                 Raw readings before the start of the UTC day `raw` ago go (PostgreSQL: whole daily partitions dropped; \
                 SQLite: deleted a few thousand rows per transaction, so a running serve keeps taking batches), and each rollup \
-                level's rows before its own cut-off. Re-sent readings stay duplicates afterwards. On PostgreSQL a run that \
+                level's rows before its own cut-off; delivered and dead notifications, and alert transitions recorded more than \
+                `alert_history` ago (each alert's newest stays). Re-sent readings stay duplicates afterwards. On PostgreSQL a run that \
                 finds another instance's run in progress does nothing and exits with status 75 (try again later).
                 """)
 
@@ -55,7 +56,7 @@ struct RetentionCommand: AsyncParsableCommand {
             print(
                 "Retention on \(storage)\(dryRun ? " (dry run: nothing removed)" : ""): raw \(IngestConfiguration.Retention.describe(retention.raw)), "
                     + RollupLevel.allCases.map { "\($0.rawValue) rollups \(IngestConfiguration.Retention.describe(retention.period(of: $0)))" }
-                    .joined(separator: ", "))
+                    .joined(separator: ", ") + ", alert history \(IngestConfiguration.Retention.describe(retention.alertHistory))")
             for line in report.lines { print(line) }
             if report.skipped != nil { throw ExitCode(75) }  // EX_TEMPFAIL
             print("Took \(report.duration.wholeMilliseconds) ms.")

@@ -3,7 +3,8 @@ public import FarmgateWire
 import Foundation
 
 extension IngestConfiguration {
-    /// `[retention]`: how long raw readings and each rollup level are kept, and how often retention runs.
+    /// `[retention]`: how long raw readings, each rollup level, outbox rows and alert history are kept, and how often
+    /// retention runs.
     ///
     /// ```toml
     /// [retention]
@@ -14,6 +15,8 @@ extension IngestConfiguration {
     /// interval = "1h"       # default 1 hour: how often `serve` runs retention
     /// delivered_notifications = "30d"   # default 30 days: delivered outbox rows, counted from their delivery
     /// dead_notifications = "90d"        # default 90 days: dead letters, counted from their last attempt
+    /// alert_history = "365d"            # default 365 days: alert transitions, counted from when they were recorded;
+    ///                                   # each alert's newest is always kept
     /// ```
     ///
     /// A period is cut at a whole UTC day: a run removes what lies before the start of the day that is `raw` before now
@@ -35,6 +38,9 @@ extension IngestConfiguration {
         public var deliveredNotifications: Duration?
         /// How long a dead letter stays after its last attempt, for `alert outbox retry`. Default 90 days; nil: forever.
         public var deadNotifications: Duration?
+        /// How long an alert transition (`alert list`, the alerts API's history) stays after it was recorded. Each
+        /// alert's newest transition stays whatever its age. Default 365 days; nil keeps them forever.
+        public var alertHistory: Duration?
 
         /// The shortest period a key accepts: one day (a daily partition is the smallest thing PostgreSQL drops).
         public static let shortestPeriod: Duration = .seconds(86_400)
@@ -43,7 +49,7 @@ extension IngestConfiguration {
         public init(
             raw: Duration? = .seconds(90 * 86_400), rollup1m: Duration? = .seconds(365 * 86_400), rollup1h: Duration? = nil,
             rollup1d: Duration? = nil, interval: Duration = .seconds(3600), deliveredNotifications: Duration? = .seconds(30 * 86_400),
-            deadNotifications: Duration? = .seconds(90 * 86_400)
+            deadNotifications: Duration? = .seconds(90 * 86_400), alertHistory: Duration? = .seconds(365 * 86_400)
         ) {
             self.raw = raw
             self.rollup1m = rollup1m
@@ -52,6 +58,7 @@ extension IngestConfiguration {
             self.interval = interval
             self.deliveredNotifications = deliveredNotifications
             self.deadNotifications = deadNotifications
+            self.alertHistory = alertHistory
         }
 
         /// How long `level` is kept (nil: forever).
@@ -81,13 +88,16 @@ extension IngestConfiguration {
         /// Reads `[retention]`.
         init(section: ConfigTable) throws(ConfigurationError) {
             self.init()
-            try section.checkKeys(["raw", "rollup_1m", "rollup_1h", "rollup_1d", "interval", "delivered_notifications", "dead_notifications"])
+            try section.checkKeys([
+                "raw", "rollup_1m", "rollup_1h", "rollup_1d", "interval", "delivered_notifications", "dead_notifications", "alert_history",
+            ])
             if section.contains("raw") { raw = try Self.period(section, "raw") }
             if section.contains("rollup_1m") { rollup1m = try Self.period(section, "rollup_1m") }
             if section.contains("rollup_1h") { rollup1h = try Self.period(section, "rollup_1h") }
             if section.contains("rollup_1d") { rollup1d = try Self.period(section, "rollup_1d") }
             if section.contains("delivered_notifications") { deliveredNotifications = try Self.period(section, "delivered_notifications") }
             if section.contains("dead_notifications") { deadNotifications = try Self.period(section, "dead_notifications") }
+            if section.contains("alert_history") { alertHistory = try Self.period(section, "alert_history") }
             if let every = try section.duration("interval", in: Duration.seconds(60)...Duration.seconds(7 * 86_400)) { interval = every }
         }
 

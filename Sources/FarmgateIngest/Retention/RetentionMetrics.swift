@@ -27,7 +27,7 @@ public final class RetentionMetrics: Sendable {
             namespace: "farmgate_ingest", subsystem: "retention", metricName: "rows_removed", unitName: "total",
             helpText: "Rows removed by retention, by table (readings and rollups_1m: deleted rows plus the estimated rows of dropped partitions).")
         var rows: [String: Counter] = [:]
-        for table in ["readings", "alert_outbox"] + RollupLevel.allCases.map(\.table) {
+        for table in ["readings", "alert_outbox", "alert_transitions"] + RollupLevel.allCases.map(\.table) {
             rows[table] = registry.makeCounter(descriptor: rowsName, labels: [("table", table)])
         }
         self.rows = rows
@@ -54,6 +54,7 @@ public final class RetentionMetrics: Sendable {
         for (level, count) in report.rollupRowsDeleted { rows[level.table]?.increment(by: Int64(count)) }
         rows[RollupLevel.minute.table]?.increment(by: Int64(report.rowsInDroppedMinuteRollupPartitions))
         rows["alert_outbox"]?.increment(by: Int64(report.deliveredNotificationsDeleted + report.deadNotificationsDeleted))
+        rows["alert_transitions"]?.increment(by: Int64(report.alertTransitionsDeleted))
         lastRun.set(unixSeconds)
         let parts = report.duration.components
         lastDuration.set(Double(parts.seconds) + Double(parts.attoseconds) / 1e18)

@@ -91,6 +91,8 @@ public struct RetentionService: Service {
         for level in RollupLevel.allCases { metadata["retention.\(level.table)_deleted"] = "\(report.rollupRowsDeleted[level] ?? 0)" }
         metadata["retention.delivered_notifications_deleted"] = "\(report.deliveredNotificationsDeleted)"
         metadata["retention.dead_notifications_deleted"] = "\(report.deadNotificationsDeleted)"
+        metadata["retention.alert_transitions_deleted"] = "\(report.alertTransitionsDeleted)"
+        if let cutoff = report.alertHistoryCutoff { metadata["retention.alert_history_cutoff"] = "\(RFC3339.format(cutoff))" }
         logger.info(report.dryRun ? "retention dry run" : "retention run completed", metadata: metadata)
     }
 }

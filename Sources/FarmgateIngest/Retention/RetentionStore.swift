@@ -1,6 +1,7 @@
 public import FarmgateWire
 
-/// A store that removes what `[retention]` no longer keeps: raw readings and each rollup level past their periods.
+/// A store that removes what `[retention]` no longer keeps: raw readings and each rollup level past their periods,
+/// delivered and dead outbox rows, and alert transitions (each alert's newest always stays).
 ///
 /// ``SQLiteIngestStore`` deletes in small transactions (a few thousand rows each) and hands the writer back between
 /// them, so that a batch waits for at most one of them; ``PostgresIngestStore`` drops whole daily partitions of raw
@@ -78,6 +79,10 @@ public struct RetentionReport: Sendable, Hashable {
     /// Outbox rows deleted: delivered ones, and dead letters.
     public var deliveredNotificationsDeleted: Int = 0
     public var deadNotificationsDeleted: Int = 0
+    /// Alert transitions recorded before this went (nil: kept forever), except each alert's newest.
+    public var alertHistoryCutoff: Timestamp?
+    /// Alert transitions deleted.
+    public var alertTransitionsDeleted: Int = 0
     /// How long the run took.
     public var duration: Duration
 
@@ -112,6 +117,7 @@ public struct RetentionReport: Sendable, Hashable {
         var report = RetentionReport(dryRun: dryRun, rawCutoff: IngestConfiguration.Retention.cutoff(retention.raw, now: now), rollupCutoffs: cutoffs)
         report.deliveredNotificationCutoff = IngestConfiguration.Retention.cutoff(retention.deliveredNotifications, now: now)
         report.deadNotificationCutoff = IngestConfiguration.Retention.cutoff(retention.deadNotifications, now: now)
+        report.alertHistoryCutoff = IngestConfiguration.Retention.cutoff(retention.alertHistory, now: now)
         return report
     }
 
@@ -165,6 +171,10 @@ public struct RetentionReport: Sendable, Hashable {
         ] {
             lines.append(cutoff.map { "\(name) before \(RFC3339.format($0)): \(verb) \(count) outbox rows" } ?? "\(name): kept forever")
         }
+        lines.append(
+            alertHistoryCutoff.map {
+                "alert transitions recorded before \(RFC3339.format($0)): \(verb) \(alertTransitionsDeleted) rows (each alert's newest kept)"
+            } ?? "alert transitions: kept forever")
         return lines
     }
 }

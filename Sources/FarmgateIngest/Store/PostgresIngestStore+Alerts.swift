@@ -199,6 +199,7 @@ extension PostgresIngestStore: AlertStore {
                     var notification = planned.notification
                     var transitionID = planned.transitionIndex.flatMap { transitionIDs.indices.contains($0) ? transitionIDs[$0] : nil } ?? transitionIDs.last ?? 0
                     if transitionID == 0 {
+                        // The alert's newest transition: retention always keeps it (`alert_transitions_newest` finds it).
                         for try await id in try await connection.query(
                             "SELECT coalesce(max(id), 0) FROM alert_transitions WHERE alert_id = \(alertID)", logger: logger
                         ).decode(Int64.self) { transitionID = id }

@@ -21,7 +21,9 @@ extension PostgresIngestStore: RetentionStore {
     /// - Raw readings: rows of the default partition before the raw cut-off are deleted (it holds only readings that
     ///   fell outside every daily partition, such as a backlog older than the first one); every daily partition
     ///   `readings_YYYYMMDD` that ends at or before the cut-off is listed to be dropped.
-    /// - The notification outbox's old rows are deleted, and the run is recorded in `maintenance_runs`.
+    /// - The notification outbox's old rows are deleted, then the alert transitions recorded before the
+    ///   `alert_history` cut-off except each alert's newest (``purgeAlertHistory(before:dryRun:on:logger:)``), and the
+    ///   run is recorded in `maintenance_runs`.
     /// - Last, just before the commit, the listed partitions are dropped (readings first, then rollups: the order in
     ///   which the write transaction takes its locks). A drop locks its parent table for a moment, so they come last,
     ///   under a `lock_timeout` of 10 s (a run that cannot get a lock fails, whole, and the next one tries again).
@@ -92,6 +94,9 @@ extension PostgresIngestStore: RetentionStore {
                     report.deadNotificationsDeleted = try await Self.purgeOutbox(
                         "state = 'dead' AND coalesce(last_attempt_at_us, created_at_us) < ", before: cutoff, dryRun: options.dryRun, on: connection,
                         logger: logger)
+                }
+                if let cutoff = report.alertHistoryCutoff {
+                    report.alertTransitionsDeleted = try await Self.purgeAlertHistory(before: cutoff, dryRun: options.dryRun, on: connection, logger: logger)
                 }
                 guard !options.dryRun else {
                     report.duration = ContinuousClock.now - started
@@ -212,6 +217,35 @@ extension PostgresIngestStore: RetentionStore {
         let sql: PostgresQuery = dryRun
             ? "SELECT count(*)::int8 FROM alert_outbox WHERE \(unescaped: condition)\(cutoff.microseconds)"
             : "WITH gone AS (DELETE FROM alert_outbox WHERE \(unescaped: condition)\(cutoff.microseconds) RETURNING 1) SELECT count(*)::int8 FROM gone"
+        var count = 0
+        for try await value in try await connection.query(sql, logger: logger).decode(Int64.self) { count = Int(value) }
+        return count
+    }
+
+    /// Deletes (or counts) the alert transitions recorded before `cutoff`, in one statement of the run's transaction:
+    /// every one but its alert's newest (a newer one of the same alert exists in the statement's snapshot, so the
+    /// newest stays even when a transition is written meanwhile), and none of an alert whose late report is due (it is
+    /// gathering a backlog, and the report reads the alert's history; see ``AlertEngine``).
+    ///
+    /// The engine takes an alert's newest transition as its latest change (`max(id)` for a late report's notification).
+    /// Ids come from an identity sequence and are never handed out again, so an idempotency key
+    /// `farmgate-<alert>-<transition>-<receiver>` never names two transitions. Outbox rows keep their transition's id as
+    /// a number (no foreign key) and their payload whole: a notification still pending or delivered is not changed
+    /// when its transition goes. The rows are found by `alert_transitions_by_recorded`, each one's newer one by
+    /// `alert_transitions_newest` (migration 12). The engine only inserts transitions and marks an alert's unnotified
+    /// ones (a late report's, excluded here), so it never waits for this statement's row locks.
+    private static func purgeAlertHistory(before cutoff: Timestamp, dryRun: Bool, on connection: PostgresConnection, logger: Logger) async throws -> Int {
+        // A constant of this code; the cut-off is a bind parameter.
+        let deletable = """
+            AND t.alert_id NOT IN (SELECT id FROM alerts WHERE late_due_us IS NOT NULL)
+            AND EXISTS (SELECT 1 FROM alert_transitions n WHERE n.alert_id = t.alert_id AND n.id > t.id)
+            """
+        let sql: PostgresQuery = dryRun
+            ? "SELECT count(*)::int8 FROM alert_transitions t WHERE t.recorded_at_us < \(cutoff.microseconds) \(unescaped: deletable)"
+            : """
+            WITH gone AS (DELETE FROM alert_transitions t WHERE t.recorded_at_us < \(cutoff.microseconds) \(unescaped: deletable) RETURNING 1)
+            SELECT count(*)::int8 FROM gone
+            """
         var count = 0
         for try await value in try await connection.query(sql, logger: logger).decode(Int64.self) { count = Int(value) }
         return count

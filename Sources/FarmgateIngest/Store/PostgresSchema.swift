@@ -382,6 +382,16 @@ enum PostgresSchema {
         Migration(
             version: 11, name: "rollups_1m partitioned by month (rollups_1m_YYYYMM and a default): retention drops whole months",
             statements: PostgresSchema.partitionedMinuteRollups),
+        // Like SQLite's migration 11: retention of alert history finds the transitions recorded before its cut-off by
+        // `recorded_at_us` and keeps each alert's newest, which `(alert_id, id)` answers with one index probe (and the
+        // engine's `max(id)` per alert with an index-only scan). Built in the migration's transaction, which holds the
+        // engine's writes of transitions for as long as it takes: seconds for millions of rows.
+        Migration(
+            version: 12, name: "alert_transitions by recorded time and by (alert, id): retention of alert history",
+            statements: [
+                "CREATE INDEX alert_transitions_by_recorded ON alert_transitions (recorded_at_us)",
+                "CREATE INDEX alert_transitions_newest ON alert_transitions (alert_id, id)",
+            ]),
     ]
 
     static var currentVersion: Int { migrations.last?.version ?? 0 }

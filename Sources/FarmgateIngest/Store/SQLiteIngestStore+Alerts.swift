@@ -247,6 +247,7 @@ extension SQLiteIngestStore: AlertStore {
                     var notification = planned.notification
                     var transitionID = planned.transitionIndex.flatMap { transitionIDs.indices.contains($0) ? transitionIDs[$0] : nil } ?? transitionIDs.last ?? 0
                     if transitionID == 0 {
+                        // The alert's newest transition: retention always keeps it (`alert_transitions_newest` finds it).
                         transitionID = try db.queryInt("SELECT max(id) FROM alert_transitions WHERE alert_id = ?", [.integer(alertID)]) ?? 0
                     }
                     notification.alertID = alertID

@@ -79,6 +79,9 @@ extension SQLiteIngestStore: RetentionStore {
             report.deadNotificationsDeleted = try await purgeOutbox(
                 "state = 'dead' AND coalesce(last_attempt_at_us, created_at_us) < ?", before: cutoff, options: options)
         }
+        if let cutoff = report.alertHistoryCutoff {
+            report.alertTransitionsDeleted = try await purgeAlertHistory(before: cutoff, options: options, removedBefore: removed)
+        }
         report.duration = ContinuousClock.now - started
         return report
     }
@@ -109,6 +112,69 @@ extension SQLiteIngestStore: RetentionStore {
             }
             total += deleted
             if deleted < options.rowsPerTransaction { return total }
+        }
+    }
+
+    /// The alert transitions retention removes: recorded before the cut-off (the first `?`), not their alert's newest
+    /// (a newer one of the same alert exists), and not of an alert whose late report is due (it is gathering a
+    /// backlog: the report reads the alert's history, see ``AlertEngine``). Found through
+    /// `alert_transitions_by_recorded`; the newer one through `alert_transitions_newest` (one seek per row).
+    private static let oldAlertTransitions = """
+        t.recorded_at_us < ? AND t.alert_id NOT IN (SELECT id FROM alerts WHERE late_due_us IS NOT NULL)
+            AND EXISTS (SELECT 1 FROM alert_transitions n WHERE n.alert_id = t.alert_id AND n.id > t.id)
+        """
+
+    /// Deletes (or counts) the alert transitions recorded before `cutoff`, keeping each alert's newest (the engine takes
+    /// it as the alert's latest change: `max(id)` for a late report's notification), at most
+    /// ``RetentionRunOptions/rowsPerTransaction`` rows per transaction, oldest first, like the readings (and told to
+    /// ``RetentionRunOptions/progress`` as they are, after the `removedBefore` rows of the readings and rollups).
+    ///
+    /// Keeping each alert's newest also keeps the table's highest id, so SQLite (no `AUTOINCREMENT`: a new row gets
+    /// the highest id plus one) never hands out a deleted id again, and an idempotency key
+    /// `farmgate-<alert>-<transition>-<receiver>` never names two transitions. Outbox rows keep their transition's id
+    /// as a number (no foreign key) and their payload whole, so a notification still pending or delivered is not
+    /// changed when its transition goes.
+    private func purgeAlertHistory(before cutoff: Timestamp, options: RetentionRunOptions, removedBefore: Int) async throws -> Int {
+        if options.dryRun {
+            return try await reader.withValue { db in
+                try db.withStatement("SELECT count(*) FROM alert_transitions t WHERE \(Self.oldAlertTransitions)", [.integer(cutoff.microseconds)]) {
+                    statement in try statement.step() ? Int(statement.int64(0)) : 0
+                }
+            }
+        }
+        var total = 0
+        // Where the next transaction starts (a recorded time): what lies before it and is still there is kept (an
+        // alert's newest, or the history of an alert whose late report is due), and would otherwise be read again by
+        // every transaction.
+        var from = Int64.min
+        while true {
+            try Task.checkCancellation()
+            let start = from
+            let (deleted, last) = try await writer.withValue { db in
+                try db.connection.transaction { () throws -> (Int, Int64?) in
+                    let delete = try db.statement(
+                        """
+                        DELETE FROM alert_transitions WHERE id IN (
+                            SELECT t.id FROM alert_transitions t WHERE \(Self.oldAlertTransitions) AND t.recorded_at_us >= ?
+                            ORDER BY t.recorded_at_us LIMIT ?)
+                        RETURNING recorded_at_us
+                        """)
+                    try delete.bind([.integer(cutoff.microseconds), .integer(start), .integer(Int64(options.rowsPerTransaction))])
+                    defer { delete.reset() }
+                    var count = 0
+                    var last: Int64?
+                    while try delete.step() {
+                        count += 1
+                        last = max(last ?? Int64.min, delete.int64(0))
+                    }
+                    return (count, last)
+                }
+            }
+            total += deleted
+            if deleted > 0 { options.progress?(removedBefore + total) }
+            if deleted < options.rowsPerTransaction { return total }
+            // The newest recorded time deleted, not past it: rows recorded at that very time may be left.
+            if let last { from = last }
         }
     }
 

@@ -263,6 +263,18 @@ enum SQLiteSchema {
         Migration(
             version: 10, name: "enrollment_tokens.revoked_at_us: enrollment tokens withdrawn before they were used",
             sql: "ALTER TABLE enrollment_tokens ADD COLUMN revoked_at_us INTEGER;"),
+        // Retention of alert history (`[retention] alert_history`): the transitions recorded before the cut-off are
+        // found by `recorded_at_us`, and each one is kept when it is its alert's newest, which `(alert_id, id)` answers
+        // with one seek (as it does the engine's `max(id)` per alert). Without them the first transaction of 5,000
+        // deletes on a million transitions of 20 alerts did not end within 15 minutes (each row's newer one was looked
+        // for along the alert's `(alert_id, at_us)` entries from its oldest); with them it takes 10–30 ms of CPU. Like
+        // PostgreSQL's migration 12.
+        Migration(
+            version: 11, name: "alert_transitions by recorded time and by (alert, id): retention of alert history",
+            sql: """
+                CREATE INDEX alert_transitions_by_recorded ON alert_transitions(recorded_at_us);
+                CREATE INDEX alert_transitions_newest ON alert_transitions(alert_id, id);
+                """),
     ]
 
     /// Migration 6: the rollup tables (see ``RollupLevel``), and the rollups of every reading already stored, so that
