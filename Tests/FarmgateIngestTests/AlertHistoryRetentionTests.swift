@@ -220,3 +220,32 @@ struct AlertHistoryConfigurationTests {
         }
     }
 }
+
+extension AlertHistoryRetentionTests {
+    @Test("the alerts list gives each alert's newest transitions only, and says when older ones exist", arguments: StoreKind.allCases)
+    func alertsListTheNewestTransitions(kind: StoreKind) async throws {
+        try await Self.withHistory(kind) { history in
+            // The newest two by id, in time order: out-of-order's newest by id is not its latest by reading time.
+            let alerts = try await history.store.alertRecords(deviceRowID: history.deviceRowID)
+            let rules = Dictionary(uniqueKeysWithValues: alerts.map { ($0.id, $0.rule) })
+            let two = try await history.store.alertTransitions(alertIDs: alerts.map(\.id), newestPerAlert: 2)
+            let byRule = Dictionary(grouping: two) { rules[$0.alertID] ?? "?" }.mapValues { $0.map(Self.text) }
+            #expect(byRule["flapping"] == ["pending>firing@10", "firing>resolved@1"])
+            #expect(byRule["out-of-order"] == ["firing>resolved@95", "pending>firing@90"])
+            #expect(byRule["quiet"]?.count == 2 && byRule["backlog"]?.count == 2)
+
+            // A sensor that flapped 150 times: the list shows its newest 100 and says older ones exist.
+            var moves: [(AlertState, AlertState, Int64)] = []
+            for index in 0..<150 { moves.append(index % 2 == 0 ? (.inactive, .firing, 5) : (.firing, .inactive, 5)) }
+            try await history.write("storm", moves, recorded: 5)
+            let views = try await AlertAdmin(store: history.store).alerts(farm: "f1", recent: .seconds(400 * 86_400), now: testNow)
+            let storm = try #require(views.first { $0.rule == "storm" })
+            #expect(storm.transitions.count == AlertAdmin.transitionsPerAlert && storm.transitionsOmitted)
+            let flapping = try #require(views.first { $0.rule == "flapping" })
+            #expect(flapping.transitions.count == 9 && !flapping.transitionsOmitted)
+            // The full history is still there for the late report.
+            let all = try await history.store.alertTransitions(alertIDs: [storm.id])
+            #expect(all.count == 150)
+        }
+    }
+}

@@ -56,14 +56,28 @@ public struct AlertAdmin: Sendable {
 
     // MARK: Alerts
 
-    /// Active alerts and those that changed within `recent`, newest change first, each with its history.
+    /// How many of an alert's newest transitions ``alerts(farm:recent:limit:now:)`` gives: a flapping sensor can
+    /// record millions in a year, and one answer must not hold them all.
+    public static let transitionsPerAlert = 100
+
+    /// Active alerts and those that changed within `recent`, newest change first, each with its newest
+    /// ``transitionsPerAlert`` transitions (`transitionsOmitted` says whether older ones exist).
     public func alerts(farm: String, recent: Duration = .seconds(86_400), limit: Int = 500, now: Timestamp = .now()) async throws -> [AlertView] {
         let farmRecord = try await self.farm(farm)
         let since = Timestamp(microseconds: now.microseconds - recent.wholeMicroseconds)
         let records = try await store.alertRecords(farmID: farmRecord.id, changedSince: since, limit: limit)
-        let history = Dictionary(grouping: try await store.alertTransitions(alertIDs: records.map(\.id)), by: \.alertID)
+        // One more than shown tells whether older transitions exist.
+        let history = Dictionary(
+            grouping: try await store.alertTransitions(alertIDs: records.map(\.id), newestPerAlert: Self.transitionsPerAlert + 1), by: \.alertID)
         let severities = Dictionary(try await store.alertRules(farmID: farmRecord.id).map { ($0.rule.name, $0.rule.severity) }, uniquingKeysWith: { a, _ in a })
-        return records.map { AlertView($0, severity: severities[$0.rule], history: history[$0.id] ?? []) }
+        return records.map { record in
+            let transitions = history[record.id] ?? []
+            let omitted = transitions.count > Self.transitionsPerAlert
+            let newest = omitted ? Array(transitions.sorted { $0.id < $1.id }.suffix(Self.transitionsPerAlert)).sorted { ($0.at, $0.id) < ($1.at, $1.id) } : transitions
+            var view = AlertView(record, severity: severities[record.rule], history: newest)
+            view.transitionsOmitted = omitted
+            return view
+        }
     }
 
     /// Records who acknowledged the alert. `by` is a name: a control character in it is refused (``AlertRuleError``).
@@ -126,10 +140,14 @@ public struct AlertView: Codable, Sendable, Hashable {
     /// A late report (a backlog) is being gathered and will be notified at this time.
     public var lateReportDue: Timestamp?
     public var updatedAt: Timestamp
+    /// The newest transitions (at most ``AlertAdmin/transitionsPerAlert``), by time.
     public var transitions: [Transition]
+    /// Older transitions exist than those listed (kept until `[retention] alert_history`).
+    public var transitionsOmitted = false
 
     enum CodingKeys: String, CodingKey {
         case id, rule, severity, device, sensor, fingerprint, state, value, transitions
+        case transitionsOmitted = "transitions_omitted"
         case pendingSince = "pending_since"
         case startsAt = "starts_at"
         case endsAt = "ends_at"

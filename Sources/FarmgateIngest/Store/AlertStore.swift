@@ -31,8 +31,9 @@ public protocol AlertStore: Sendable {
     func alertRecords(farmID: Int64, changedSince: Timestamp, limit: Int) async throws -> [AlertRecord]
     /// Alerts whose late report is due (`late_due_us <= now`).
     func alertRecordsWithLateReportDue(now: Timestamp) async throws -> [AlertRecord]
-    /// The history of the given alerts, by time then id.
-    func alertTransitions(alertIDs: [Int64]) async throws -> [AlertTransitionRecord]
+    /// The history of the given alerts, by time then id: all of it, or with `newestPerAlert` only that many of each
+    /// alert's newest transitions (by id), found by seeks on `(alert_id, id)` however long the history is.
+    func alertTransitions(alertIDs: [Int64], newestPerAlert: Int?) async throws -> [AlertTransitionRecord]
     /// Acknowledges an alert of the farm; false when the farm has no such alert.
     func acknowledgeAlert(farmID: Int64, alertID: Int64, by: String, at: Timestamp) async throws -> Bool
     /// Writes the changes in one transaction (see the type's documentation). Returns the alert ids, in order.
@@ -327,5 +328,12 @@ public struct AlertOutboxRow: Sendable, Hashable {
         self.idempotencyKey = idempotencyKey
         self.state = state
         self.payload = payload
+    }
+}
+
+extension AlertStore {
+    /// The whole history of the given alerts, by time then id.
+    func alertTransitions(alertIDs: [Int64]) async throws -> [AlertTransitionRecord] {
+        try await alertTransitions(alertIDs: alertIDs, newestPerAlert: nil)
     }
 }

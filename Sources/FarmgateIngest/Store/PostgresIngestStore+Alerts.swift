@@ -118,14 +118,24 @@ extension PostgresIngestStore: AlertStore {
             updatedAt: Timestamp(microseconds: try value(20, Int64.self)))
     }
 
-    public func alertTransitions(alertIDs: [Int64]) async throws -> [AlertTransitionRecord] {
+    public func alertTransitions(alertIDs: [Int64], newestPerAlert: Int?) async throws -> [AlertTransitionRecord] {
         guard !alertIDs.isEmpty else { return [] }
-        return try await rows(
-            """
-            SELECT id, alert_id, from_state, to_state, at_us, value, late, silenced, notified, recorded_at_us FROM alert_transitions
-            WHERE alert_id = ANY(\(alertIDs)) ORDER BY alert_id, at_us, id
-            """
-        ) { row in
+        let query: PostgresQuery
+        if let newest = newestPerAlert {
+            // One index probe per alert on (alert_id, id): a window function would read every transition of a flapping alert.
+            query = """
+                SELECT t.id, t.alert_id, t.from_state, t.to_state, t.at_us, t.value, t.late, t.silenced, t.notified, t.recorded_at_us
+                FROM unnest(\(alertIDs)::int8[]) AS a(id)
+                CROSS JOIN LATERAL (SELECT * FROM alert_transitions WHERE alert_id = a.id ORDER BY id DESC LIMIT \(Int64(max(0, newest)))) AS t
+                ORDER BY t.alert_id, t.at_us, t.id
+                """
+        } else {
+            query = """
+                SELECT id, alert_id, from_state, to_state, at_us, value, late, silenced, notified, recorded_at_us FROM alert_transitions
+                WHERE alert_id = ANY(\(alertIDs)) ORDER BY alert_id, at_us, id
+                """
+        }
+        return try await rows(query) { row in
             let (id, alertID, fromText, toText, at, value, late, silenced, notified, recorded) = try row.decode(
                 (Int64, Int64, String, String, Int64, Double?, Bool, Bool, Bool, Int64).self)
             guard let from = AlertState(rawValue: fromText), let to = AlertState(rawValue: toText) else {

@@ -126,15 +126,26 @@ extension SQLiteIngestStore: AlertStore {
             version: row.int(19), updatedAt: Timestamp(microseconds: row.int(20)))
     }
 
-    public func alertTransitions(alertIDs: [Int64]) async throws -> [AlertTransitionRecord] {
+    public func alertTransitions(alertIDs: [Int64], newestPerAlert: Int?) async throws -> [AlertTransitionRecord] {
         guard !alertIDs.isEmpty else { return [] }
         let ids = try alertJSON(alertIDs)
+        let columns = "id, alert_id, from_state, to_state, at_us, value, late, silenced, notified, recorded_at_us"
         let rows = try await reader.withValue { db in
-            try db.connection.query(
-                """
-                SELECT id, alert_id, from_state, to_state, at_us, value, late, silenced, notified, recorded_at_us FROM alert_transitions
-                WHERE alert_id IN (SELECT value FROM json_each(?)) ORDER BY alert_id, at_us, id
-                """, [.text(ids)])
+            guard let newest = newestPerAlert else {
+                return try db.connection.query(
+                    """
+                    SELECT \(columns) FROM alert_transitions
+                    WHERE alert_id IN (SELECT value FROM json_each(?)) ORDER BY alert_id, at_us, id
+                    """, [.text(ids)])
+            }
+            // One seek per alert on (alert_id, id): a window function would read every transition of a flapping alert.
+            var rows: [[SQLiteValue]] = []
+            for alertID in alertIDs {
+                rows += try db.connection.query(
+                    "SELECT \(columns) FROM alert_transitions WHERE alert_id = ? ORDER BY id DESC LIMIT ?",
+                    [.integer(alertID), .integer(Int64(max(0, newest)))])
+            }
+            return rows.sorted { ($0.int(1), $0.int(4), $0.int(0)) < ($1.int(1), $1.int(4), $1.int(0)) }
         }
         return try rows.map { row in
             guard let from = AlertState(rawValue: row.string(2)), let to = AlertState(rawValue: row.string(3)) else {
