@@ -116,6 +116,36 @@ struct NotificationOutboxTests {
         }
     }
 
+    @Test(
+        "An instance never claims a row its own delivery still holds, so after `alert outbox retry` a stale attempt's completion is refused",
+        arguments: StoreKind.allCases)
+    func aStaleAttemptCannotCompleteARetriedRow(kind: StoreKind) async throws {
+        try await withOutboxStore(kind) { store in
+            let receiver = try await addWebhook(store, name: "hook", url: "http://127.0.0.1:9/")
+            let row = try #require(try await store.enqueueNotification(testNotification(1), receiverID: receiver.id, dueAt: testNow))
+            func claim(_ claimant: String, at seconds: Int64, delivering: Set<Int64> = []) async throws -> [ClaimedNotification] {
+                try await store.claimNotifications(
+                    OutboxClaimRequest(
+                        claimant: claimant, now: Timestamp(microseconds: testNow.microseconds + seconds * 1_000_000), claimDuration: .seconds(10),
+                        lookahead: .seconds(1), limit: 10, perReceiver: 10, maxAttempts: 1, delivering: delivering))
+            }
+            // Instance a's only attempt hangs past its claim; b's next claim turns the expired claim into a dead letter.
+            let stale = try #require(try await claim("a", at: 0).first)
+            #expect(stale.claim == OutboxClaim(claimant: "a", attempt: 1))
+            #expect(try await claim("b", at: 20).isEmpty)
+            #expect(try await rows(store, .dead).map(\.id) == [row])
+            // The operator retries it: attempts start again at 0.
+            try await store.retryNotification(id: row, now: Timestamp(microseconds: testNow.microseconds + 30_000_000))
+            // a, still delivering it, does not claim it (with the count restarted, its claim would be (a, 1) again).
+            #expect(try await claim("a", at: 31, delivering: [row]).isEmpty)
+            let fresh = try await claim("b", at: 31)
+            #expect(fresh.map(\.claim) == [OutboxClaim(claimant: "b", attempt: 1)])
+            // a's hung attempt ends: its completion no longer applies.
+            #expect(try await !store.completeNotification(id: row, claim: stale.claim, outcome: .delivered(at: .now())))
+            #expect(try await rows(store, .delivering).map(\.claimedBy) == ["b"])
+        }
+    }
+
     @Test("On PostgreSQL claims run on the database's clock: an instance whose clock is 10 minutes ahead neither takes over nor kills another's live claim")
     func claimsUseTheDatabaseClock() async throws {
         try await withOutboxStore(.postgres) { store in

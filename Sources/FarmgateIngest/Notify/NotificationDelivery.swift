@@ -40,6 +40,8 @@ public final class NotificationDelivery: Service {
 
     private struct State {
         var busy: [Int64: Int] = [:]
+        /// The ids of the rows being delivered (``OutboxClaimRequest/delivering``).
+        var rows: Set<Int64> = []
         var inFlight = 0
         var stopping = false
         /// When a failed claim was last logged: a store that is down is said once a minute, not at every poll.
@@ -87,7 +89,7 @@ public final class NotificationDelivery: Service {
                     for notification in claimed {
                         group.addTask {
                             await self.deliver(notification, notifier: notifier)
-                            self.finished(notification.receiver.id)
+                            self.finished(notification.receiver.id, row: notification.entry.id)
                         }
                     }
                     if ContinuousClock.now - lastCounts >= max(interval, .seconds(10)) {
@@ -106,11 +108,11 @@ public final class NotificationDelivery: Service {
 
     /// Claims what this instance has room for; reserves the room before the deliveries start.
     private func claim() async -> [ClaimedNotification] {
-        let (free, busy) = state.withLock { state in (configuration.maxInFlight - state.inFlight, state.busy) }
+        let (free, busy, rows) = state.withLock { state in (configuration.maxInFlight - state.inFlight, state.busy, state.rows) }
         guard free > 0 else { return [] }
         let request = OutboxClaimRequest(
             claimant: instanceID, now: .now(), claimDuration: configuration.claimTimeout, lookahead: configuration.pollInterval, limit: free,
-            perReceiver: configuration.perReceiver, busy: busy, maxAttempts: configuration.maxAttempts, clock: .store)
+            perReceiver: configuration.perReceiver, busy: busy, maxAttempts: configuration.maxAttempts, clock: .store, delivering: rows)
         let claimed: [ClaimedNotification]
         do {
             claimed = try await store.claimNotifications(request)
@@ -130,7 +132,10 @@ public final class NotificationDelivery: Service {
         }
         state.withLock { $0.claimErrorLogged = nil }
         let inFlight = state.withLock { state in
-            for notification in claimed { state.busy[notification.receiver.id, default: 0] += 1 }
+            for notification in claimed {
+                state.busy[notification.receiver.id, default: 0] += 1
+                state.rows.insert(notification.entry.id)
+            }
             state.inFlight += claimed.count
             return state.inFlight
         }
@@ -138,8 +143,9 @@ public final class NotificationDelivery: Service {
         return claimed
     }
 
-    private func finished(_ receiver: Int64) {
+    private func finished(_ receiver: Int64, row: Int64) {
         let inFlight = state.withLock { state in
+            state.rows.remove(row)
             state.busy[receiver, default: 1] -= 1
             if state.busy[receiver] == 0 { state.busy[receiver] = nil }
             state.inFlight -= 1

@@ -15,8 +15,10 @@ import Foundation
 /// `attempts` counts the attempts that failed or were cut short, plus the one in flight; an attempt the receiver
 /// answered with a request for time (``OutboxCompletion/deferred(at:error:)``) is taken back by its own completion.
 /// Only the completion of the claim that raised it lowers it, so the fencing token (`claimed_by`, `attempts`) of a claim
-/// that expired and was taken over does not come back: every later claim sets it at least one higher (until
-/// `alert outbox retry` starts the count again).
+/// that expired and was taken over does not come back: every later claim sets it at least one higher. `alert outbox
+/// retry` starts the count again, but the token still never repeats while its claim's delivery runs: `claimed_by` is
+/// the instance (host and a random part, new at every start), and an instance never claims a row its own delivery of
+/// it still holds (``OutboxClaimRequest/delivering``).
 ///
 /// Claims are exclusive across instances: PostgreSQL locks the receivers it claims for (`FOR NO KEY UPDATE SKIP LOCKED`,
 /// which does not block the engine's inserts that reference them) and the rows (`FOR UPDATE SKIP LOCKED`); SQLite claims
@@ -182,6 +184,10 @@ public struct OutboxClaimRequest: Sendable, Hashable {
     public var perReceiver: Int
     /// Rows this instance is delivering now, by receiver id (they count against ``perReceiver``).
     public var busy: [Int64: Int]
+    /// The ids of the rows this instance is delivering now: never claimed again by it, even when the claim expired
+    /// (an attempt that outlived its claim), so that one instance never sends a row twice at once and its claim's
+    /// fencing token cannot come back after `alert outbox retry`.
+    public var delivering: Set<Int64>
     /// An expired claim of a row that has had this many attempts becomes a dead letter instead of being claimed again.
     public var maxAttempts: Int
     /// Whose clock times the claim: `now` (the default), or the store's.
@@ -189,8 +195,9 @@ public struct OutboxClaimRequest: Sendable, Hashable {
 
     public init(
         claimant: String, now: Timestamp, claimDuration: Duration, lookahead: Duration, limit: Int, perReceiver: Int, busy: [Int64: Int] = [:],
-        maxAttempts: Int, clock: OutboxClaimClock = .claimant
+        maxAttempts: Int, clock: OutboxClaimClock = .claimant, delivering: Set<Int64> = []
     ) {
+        self.delivering = delivering
         self.claimant = claimant
         self.now = now
         self.claimDuration = claimDuration

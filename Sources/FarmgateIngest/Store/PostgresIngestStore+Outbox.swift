@@ -123,6 +123,7 @@ extension PostgresIngestStore: NotificationOutboxStore {
             // slot before the horizon, nor one with no room at this instance. Those would otherwise fill the 200 and
             // starve every receiver past them for as long as they stay behind.
             let full = request.busy.keys.filter { request.room(for: $0) == 0 }.sorted()
+            let delivering = request.delivering.sorted()
             var due: [Int64] = []
             for try await id in try await connection.query(
                 """
@@ -154,7 +155,7 @@ extension PostgresIngestStore: NotificationOutboxStore {
                 for try await id in try await connection.query(
                     """
                     SELECT id FROM alert_outbox WHERE receiver_id = \(receiver.id) AND state IN ('pending', 'delivering')
-                        AND next_attempt_at_us <= \(now)
+                        AND next_attempt_at_us <= \(now) AND id <> ALL(\(delivering)::int8[])
                     ORDER BY next_attempt_at_us, id LIMIT \(slots.count) FOR UPDATE SKIP LOCKED
                     """, logger: logger
                 ).decode(Int64.self) { ids.append(id) }

@@ -106,6 +106,7 @@ extension SQLiteIngestStore: NotificationOutboxStore {
                 // starve every receiver past them for as long as they stay behind.
                 let horizon = now + max(1, request.lookahead.wholeMicroseconds)
                 let full = request.busy.keys.filter { request.room(for: $0) == 0 }.sorted().map(String.init).joined(separator: ",")
+                let delivering = "[" + request.delivering.sorted().map(String.init).joined(separator: ",") + "]"
                 let due = try db.withStatement(
                     """
                     SELECT o.receiver_id FROM alert_outbox o JOIN alert_receivers r ON r.id = o.receiver_id
@@ -134,8 +135,9 @@ extension SQLiteIngestStore: NotificationOutboxStore {
                     let ids = try db.withStatement(
                         """
                         SELECT id FROM alert_outbox WHERE receiver_id = ? AND state IN ('pending', 'delivering') AND next_attempt_at_us <= ?
+                            AND id NOT IN (SELECT value FROM json_each(?))
                         ORDER BY next_attempt_at_us, id LIMIT ?
-                        """, [.integer(receiverID), .integer(now), .integer(Int64(slots.count))]
+                        """, [.integer(receiverID), .integer(now), .text(delivering), .integer(Int64(slots.count))]
                     ) { statement in
                         var ids: [Int64] = []
                         while try statement.step() { ids.append(statement.int64(0)) }
