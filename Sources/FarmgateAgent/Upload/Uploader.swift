@@ -545,6 +545,15 @@ public final class Uploader: Service {
             // have readings pending); with the readings' descriptors winning.
             var byID: [SensorID: SensorDescriptor] = [:]
             for descriptor in configured + descriptors { byID[descriptor.id] = descriptor }
+            // Past what one table holds (4,096 configured sensors and a renamed one with readings pending), this batch
+            // goes as a self-contained frame, which names only its own sensors: never unencodable for the table alone.
+            if byID.count > SensorTable.maxSensors {
+                do {
+                    return .encoded(try BatchCodec.encode(batch, calibrations: events), nil)
+                } catch {
+                    return .unencodable(error.description)
+                }
+            }
             do {
                 let frame = try session.encode(batch, table: try SensorTable(Array(byID.values)), calibrations: events)
                 return .encoded(frame.bytes, frame)
