@@ -1,4 +1,5 @@
 import FarmgateSupport
+import FarmgateWire
 import Testing
 
 @testable import FarmgateIngest
@@ -145,5 +146,29 @@ extension AlertRateWindowTests {
         drifting.drop(before: 500_000 * 1_000_000)
         #expect(abs(drifting.spread - 0.49) < 1e-9)
         #expect(drifting.kept <= 51)
+    }
+}
+
+extension AlertRateWindowTests {
+    @Test("a window rebuilt from the store takes every reading, also two of one microsecond on either side of a page")
+    func rebuiltWindowTakesReadingsAcrossPages() async throws {
+        try await withFreshStore(.sqlite) { store in
+            guard let alerts = store as? any IngestStore & AlertStore else { throw IngestStoreError.notFound("alerting") }
+            let device = try await StoreConformanceTests.device(in: store)
+            let sensor = try sensorID("tank1.ph")
+            let start = testNow.microseconds - 7_200_000_000
+            // 5,000 readings a second apart at pH 6; the 5,001st has the 5,000th's microsecond (a later sequence) and pH 9.
+            var readings = (0..<5_000).map { index in
+                Reading(sensor: sensor, sequence: UInt64(index + 1), timestamp: Timestamp(microseconds: start + Int64(index) * 1_000_000), value: 6)
+            }
+            readings.append(Reading(sensor: sensor, sequence: 5_001, timestamp: readings[4_999].timestamp, value: 9))
+            readings.append(Reading(sensor: sensor, sequence: 5_002, timestamp: Timestamp(microseconds: start + 5_000_000_000), value: 6))
+            _ = try await store.store(Batch(device: device.device, sensors: [SensorDescriptor(id: sensor, quantity: .ph)], readings: readings), for: device, receivedAt: testNow)
+            let farm = try #require(try await store.farm(named: "f1"))
+            let record = try #require(try await store.sensor(farmID: farm.id, device: device.device, sensor: sensor))
+            let rule = try spec("ph-swing", "rate_of_change") { $0.quantity = "ph"; $0.threshold = 0.5; $0.window = "3h" }.validated()
+            let memories = try await AlertEngine.memories(of: [rule], sensorRowID: record.rowID, before: testNow, store: alerts)
+            #expect(memories.first?.window.spread == 3, "the reading of pH 9 on the next page was missed")
+        }
     }
 }

@@ -394,17 +394,24 @@ public actor AlertEngine: CommitObserver, Service {
         if let longestWindow {
             // Page by page into the windows, which keep only what can still be an extreme: a long window (up to 366
             // days) is never held in memory whole.
+            // The next page starts at the last one's final timestamp, not after it (readings of one microsecond may
+            // straddle two pages); those already taken at that microsecond are skipped (the order is time, then
+            // sequence, so they come first).
+            let pageSize = 5_000
             var cursor = Timestamp(microseconds: time.microseconds - longestWindow)
+            var takenAtCursor = 0
             while true {
-                let page = try await store.readings(sensorRowID: sensorRowID, from: cursor, to: time, limit: 5_000)
+                let fetched = try await store.readings(sensorRowID: sensorRowID, from: cursor, to: time, limit: pageSize + takenAtCursor)
+                let page = fetched.dropFirst(min(takenAtCursor, fetched.prefix { $0.timestamp == cursor }.count))
                 for (index, rule) in rules.enumerated() where rule.kind == .rateOfChange {
                     let start = time.microseconds - (rule.windowMicroseconds ?? 0)
                     for reading in page where reading.timestamp.microseconds >= start && !reading.quality.contains(.sensorFault) {
                         memories[index].window.append(reading.timestamp.microseconds, reading.value)
                     }
                 }
-                guard page.count == 5_000, let last = page.last else { break }
-                cursor = Timestamp(microseconds: last.timestamp.microseconds + 1)
+                guard fetched.count == pageSize + takenAtCursor, let last = fetched.last else { break }
+                takenAtCursor = last.timestamp == cursor ? takenAtCursor + page.count : page.reversed().prefix { $0.timestamp == last.timestamp }.count
+                cursor = last.timestamp
             }
         }
         if let longestRun {
