@@ -128,6 +128,30 @@ struct ConfigurationReloadTests {
         #expect(process.terminationReason == .exit && process.terminationStatus == 0, "\(agentLog())")
     }
 
+    @Test("SIGTERM right after SIGHUP stops the agent: a stop during a reload is not lost", arguments: [0, 20, 60])
+    func stopDuringReload(delayMilliseconds: Int) async throws {
+        let scratch = try Scratch(prefix: "fg-reload-stop", in: URL(fileURLWithPath: "/tmp"))
+        let config = try scratch.write("agent.toml", Self.configuration(sensors: ["tank1.ph"]))
+        let socket = scratch.file("control.sock")
+        let (process, log) = try Self.startAgent(config: config, in: scratch)
+        defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
+        func agentLog() -> String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
+        let started = await eventually(timeout: .seconds(30), every: .milliseconds(100)) {
+            (await Self.status(socket)?.buffer.lastSequence ?? 0) > 2
+        }
+        try #require(started, "the agent did not start: \(agentLog())")
+
+        // A valid new configuration, reloaded, and a stop while the reload is validated or the old services stop.
+        _ = try scratch.write("agent.toml", Self.configuration(sensors: ["tank1.ph", "tank2.ph"]))
+        kill(process.processIdentifier, SIGHUP)
+        if delayMilliseconds > 0 { try await Task.sleep(for: .milliseconds(delayMilliseconds)) }
+        kill(process.processIdentifier, SIGTERM)
+        let stopped = await eventually(timeout: .seconds(30), every: .milliseconds(100)) { !process.isRunning }
+        #expect(stopped, "the agent went on running after SIGTERM: \(agentLog())")
+        guard stopped else { return }
+        #expect(process.terminationReason == .exit && process.terminationStatus == 0, "\(agentLog())")
+    }
+
     // Before the fix, both were accepted: the old services stopped, and a control socket the new generation could not
     // create ended the process (under systemd, a restart loop); a moved buffer left its pending readings behind.
     @Test("a reload that the new services could not start with, or that moves the buffer, is refused and the agent keeps running")

@@ -10,6 +10,7 @@ import Glibc
 #endif
 import Logging
 import ServiceLifecycle
+import Synchronization
 import UnixSignals
 
 /// Assembles the daemon from its configuration and runs it until SIGTERM or SIGINT.
@@ -27,11 +28,27 @@ public enum AgentRuntime {
         // Held for the whole run: a SIGHUP that arrives while one generation of services stops and the next starts finds
         // a handler, rather than the default action, which would end the process.
         let hangups = await UnixSignalsSequence(trapping: .sighup)
+        // A stop asked for while a reload is stopping one generation (the service group then ignores further signals)
+        // or starting the next (no group listens yet) must end the agent, not be lost: `systemctl reload` followed by
+        // `stop` would otherwise leave it running, with the new configuration, until systemd kills it.
+        let stopRequested = Mutex(false)
+        let stops = await UnixSignalsSequence(trapping: .sigterm, .sigint)
+        let stopWatch = Task {
+            for await _ in stops {
+                stopRequested.withLock { $0 = true }
+            }
+        }
+        defer { stopWatch.cancel() }
         let reloads = ConfigurationReloads(file: configuration.file)
         var current = configuration
         while true {
-            try await runServices(configuration: current, drivers: drivers, reloads: reloads, logger: logger)
+            try await runServices(
+                configuration: current, drivers: drivers, reloads: reloads, logger: logger, stopRequested: { stopRequested.withLock { $0 } })
             guard let next = reloads.takeAccepted() else { break }
+            if stopRequested.withLock({ $0 }) {
+                logger.notice("Agent stopping: a stop was asked for while the reloaded configuration was being applied")
+                break
+            }
             logger.notice(
                 "Agent restarted its services with the reloaded configuration",
                 metadata: ["config": "\(next.file)", "sensors": "\(next.sensors.count)"])
@@ -42,7 +59,8 @@ public enum AgentRuntime {
 
     /// One generation of services, from the buffer to the control socket, until a graceful shutdown or an accepted reload.
     static func runServices(
-        configuration: AgentConfiguration, drivers: DriverRegistry, reloads: ConfigurationReloads, logger: Logger
+        configuration: AgentConfiguration, drivers: DriverRegistry, reloads: ConfigurationReloads, logger: Logger,
+        stopRequested: @Sendable () -> Bool = { false }
     ) async throws {
         // Opening runs quick_check, which takes seconds on a large buffer: keep it off the concurrency pool.
         let bufferConfiguration = configuration.buffer
@@ -164,6 +182,11 @@ public enum AgentRuntime {
                     + [.init(service: reload, successTerminationBehavior: .gracefullyShutdownGroup)],
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger))
+        // A stop that came while this generation was being built (after a reload) found no group listening.
+        if stopRequested() {
+            logger.info("Agent stopped before its services started: a stop was asked for while they were being built")
+            return
+        }
         try await group.run()
         if !reloads.isReloading { logger.info("Agent stopped") }
     }
