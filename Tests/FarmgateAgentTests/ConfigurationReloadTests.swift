@@ -50,6 +50,14 @@ struct ConfigurationReloadTests {
         return (try? JSONDecoder().decode(ControlAnswer.self, from: Data(answer)))?.status
     }
 
+    /// Waits (at most 30 s) until the agent on `socket` has committed a few readings; fails with its log otherwise.
+    static func requireSampling(_ socket: String, log: () -> String) async throws {
+        let started = await eventually(timeout: .seconds(30), every: .milliseconds(100)) {
+            (await Self.status(socket)?.buffer.lastSequence ?? 0) > 2
+        }
+        try #require(started, "the agent did not start: \(log())")
+    }
+
     /// The real `farmgate agent` on `config`, its output in `agent.log` of `scratch` (returned with the process).
     static func startAgent(config: String, in scratch: Scratch) throws -> (Process, String) {
         let binary = builtExecutable("farmgate", environmentOverride: "FARMGATE_BINARY")
@@ -136,10 +144,7 @@ struct ConfigurationReloadTests {
         let (process, log) = try Self.startAgent(config: config, in: scratch)
         defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
         func agentLog() -> String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
-        let started = await eventually(timeout: .seconds(30), every: .milliseconds(100)) {
-            (await Self.status(socket)?.buffer.lastSequence ?? 0) > 2
-        }
-        try #require(started, "the agent did not start: \(agentLog())")
+        try await Self.requireSampling(socket, log: agentLog)
 
         // A valid new configuration, reloaded, and a stop while the reload is validated or the old services stop.
         _ = try scratch.write("agent.toml", Self.configuration(sensors: ["tank1.ph", "tank2.ph"]))
@@ -164,10 +169,7 @@ struct ConfigurationReloadTests {
         let (process, log) = try Self.startAgent(config: config, in: scratch)
         defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
         func agentLog() -> String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
-        let started = await eventually(timeout: .seconds(30), every: .milliseconds(100)) {
-            (await Self.status(socket)?.buffer.lastSequence ?? 0) > 2
-        }
-        try #require(started, "the agent did not start: \(agentLog())")
+        try await Self.requireSampling(socket, log: agentLog)
 
         for (number, (text, expected)) in [
             (Self.configuration(sensors: ["tank1.ph"], socket: "not-a-directory/control.sock"), "not-a-directory"),

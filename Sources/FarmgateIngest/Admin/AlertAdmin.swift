@@ -71,10 +71,11 @@ public struct AlertAdmin: Sendable {
             grouping: try await store.alertTransitions(alertIDs: records.map(\.id), newestPerAlert: Self.transitionsPerAlert + 1), by: \.alertID)
         let severities = Dictionary(try await store.alertRules(farmID: farmRecord.id).map { ($0.rule.name, $0.rule.severity) }, uniquingKeysWith: { a, _ in a })
         return records.map { record in
-            let transitions = history[record.id] ?? []
+            var transitions = history[record.id] ?? []
+            // The store gave the newest by id, in time order: the one more than shown is the lowest id.
             let omitted = transitions.count > Self.transitionsPerAlert
-            let newest = omitted ? Array(transitions.sorted { $0.id < $1.id }.suffix(Self.transitionsPerAlert)).sorted { ($0.at, $0.id) < ($1.at, $1.id) } : transitions
-            var view = AlertView(record, severity: severities[record.rule], history: newest)
+            if omitted, let oldest = transitions.map(\.id).min() { transitions.removeAll { $0.id == oldest } }
+            var view = AlertView(record, severity: severities[record.rule], history: transitions)
             view.transitionsOmitted = omitted
             return view
         }

@@ -123,6 +123,7 @@ struct ReadController: Sendable {
         var points: [RollupPoint] = []
         var resolved = ReadResolution.Resolved.raw
         var (queryFrom, queryTo) = (from, to)
+        var autoSpan: (from: Timestamp, to: Timestamp)?
         if requested == .auto {
             // `auto` reads a closed span: up to now when `to` is absent, the day before `to` when `from` is.
             let end = to ?? now()
@@ -133,6 +134,7 @@ struct ReadController: Sendable {
                     message: "from (\(start)) must be earlier than to, which is now (\(end)) when absent, for resolution=auto")
             }
             (queryFrom, queryTo) = (start, end)
+            autoSpan = (start, end)
         }
         do {
             record = try await store.sensor(farmID: farm.id, device: device, sensor: sensor)
@@ -143,7 +145,7 @@ struct ReadController: Sendable {
                 case .hour: resolved = .rollup(.hour)
                 case .day: resolved = .rollup(.day)
                 case .auto:
-                    guard let start = queryFrom, let end = queryTo else { throw IngestStoreError.corrupt("auto without a span") }
+                    let (start, end) = autoSpan ?? (Timestamp(microseconds: 0), now())
                     let store = self.store
                     let (retention, at) = (self.retention, now())
                     resolved = try await ReadResolution.decideAuto(
