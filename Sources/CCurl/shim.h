@@ -39,6 +39,14 @@ typedef int (*fg_curl_xferinfo_callback)(void *clientp, curl_off_t dltotal, curl
 static inline CURLcode fg_curl_setopt_xferinfo_function(CURL *handle, fg_curl_xferinfo_callback cb) {
     return curl_easy_setopt(handle, CURLOPT_XFERINFOFUNCTION, cb);
 }
+// Added for the uploader's last check before a request leaves: CURLOPT_PREREQFUNCTION (libcurl 7.80) runs once the
+// connection is up, just before the request is sent; a non-zero answer (CURL_PREREQFUNC_ABORT) stops the transfer with
+// CURLE_ABORTED_BY_CALLBACK and nothing of the request is sent.
+typedef int (*fg_curl_prereq_callback)(void *clientp, char *conn_primary_ip, char *conn_local_ip, int conn_primary_port,
+                                       int conn_local_port);
+static inline CURLcode fg_curl_setopt_prereq_function(CURL *handle, fg_curl_prereq_callback cb) {
+    return curl_easy_setopt(handle, CURLOPT_PREREQFUNCTION, cb);
+}
 // curl_global_init with CURL_GLOBAL_DEFAULT (a macro Swift does not import).
 static inline CURLcode fg_curl_global_init_default(void) {
     return curl_global_init(CURL_GLOBAL_DEFAULT);

@@ -253,25 +253,35 @@ struct ClockCorrectionTests {
         #expect(released.count == 3)
         #expect(released.allSatisfy { $0.quality == [.clockCorrected] })
 
-        // With hold_unsynchronized = 0 nothing is ever held. A reading the uploader has seen never changes afterwards (the
-        // ingest may hold it already, and a re-sent reading that differs is a sequence conflict): no correction for it.
+        // With hold_unsynchronized = 0 nothing is ever held. A reading whose request left (the uploader's freezeForSending,
+        // once the connection was up) never changes afterwards: the ingest may hold it already, and a re-sent reading that
+        // differs is a sequence conflict. One the uploader read but never sent (no network: the connection failed) is
+        // still repaired.
         clock.reboot(bootID: "boot-b", offsetSeconds: -threeDays)
         try await buffer.observeClock(clock.observation(hold: .zero))
-        await sample(sampler, sensor)
-        clock.advance(seconds: 10)
-        await sample(sampler, sensor)
+        for _ in 0..<3 {
+            await sample(sampler, sensor)
+            clock.advance(seconds: 10)
+        }
         try await buffer.flush()
         statistics = try await buffer.statistics()
         #expect(statistics.held == 0)
-        #expect(statistics.pending == 5)
-        let handedOut = try await buffer.pending(limit: 1, from: .oldest) + buffer.pending(limit: 1, from: .newest)
-        #expect(handedOut.last?.quality == [.clockUnsynchronized])
+        #expect(statistics.pending == 6)
+        let handedOut = try await buffer.pending(limit: 3, from: .newest)
+        #expect(handedOut.count == 3)
+        #expect(handedOut.allSatisfy { $0.quality == [.clockUnsynchronized] })
+        #expect(try buffer.freezeForSending([handedOut[2].sequence]), "sent")
         clock.synchronize()
-        #expect(try await buffer.observeClock(clock.observation(hold: .zero))?.corrected == 1, "the one never handed out")
+        #expect(
+            try await buffer.observeClock(clock.observation(hold: .zero))?.corrected == 2, "the two read by the uploader but never sent")
         let after = try await buffer.pending(limit: 100, from: .oldest)
-        #expect(after.first == handedOut.first)
-        #expect(after.last == handedOut.last)
-        #expect(after.dropLast().last?.quality == [.clockCorrected])
+        #expect(after.count == 6)
+        #expect(after.last == handedOut[2], "the one sent is as it was sent")
+        #expect(after.dropLast().suffix(2).allSatisfy { $0.quality == [.clockCorrected] })
+        #expect(after.dropLast().suffix(2).map(\.sequence) == handedOut.prefix(2).map(\.sequence))
+        // A request still carrying the old version of a repaired reading must not go; one already final may go again.
+        #expect(try buffer.freezeForSending([handedOut[0].sequence]) == false)
+        #expect(try buffer.freezeForSending([handedOut[2].sequence]))
         try await buffer.close()
     }
 
@@ -374,6 +384,71 @@ struct ClockCorrectionTests {
         #expect(stored.quality == [.clockCorrected])
         #expect(try await buffer.integrityProblems().isEmpty)
         try await buffer.close()
+    }
+
+    @Test("A long unsynchronised boot is repaired in steps: the rest is held meanwhile, commits go between steps, a restart resumes")
+    func steppedRepair() async throws {
+        let scratch = try Scratch(prefix: "fg-clock")
+        var buffer: ReadingBuffer? = try openBuffer(scratch)
+        let sensor = try phSensor()
+        let start = try trueStart()
+        let clock = ManualClock(trueTime: start, offsetSeconds: -threeDays)
+        try await buffer?.register([sensor.configuration.descriptor])
+        try await buffer?.observeClock(clock.observation(hold: .seconds(60)))
+        // Two and a half steps of readings of this boot, one a second, stamped three days early.
+        let count = BufferStore.clockRepairStep * 5 / 2
+        let first = clock.read()
+        var samples: [Sample] = []
+        for index in 0..<count {
+            let micros = Int64(index) * 1_000_000
+            samples.append(
+                Sample(
+                    sensor: sensor.configuration.id, timestamp: Timestamp(microseconds: first.realtime.microseconds + micros),
+                    value: 6.0, quality: [.clockUnsynchronized], boot: BootStamp(bootID: first.bootID, boottime: first.boottime + micros)))
+        }
+        try await buffer?.append(samples)
+        try await buffer?.flush()
+        clock.advance(seconds: Double(count) + 3_600)  // past the hold: the uploader may read them, unrepaired
+        try await buffer?.observeClock(clock.observation(hold: .seconds(60)))
+        #expect(try await buffer?.statistics().held == 0)
+        clock.synchronize()
+
+        // One step by hand, as the buffer's own loop takes them: the readings it has not reached are held, whatever
+        // their age, and a commit goes between two steps.
+        let started = try await buffer?.withStore { store in try store.observeClock(clock.observation(hold: .seconds(60))) }
+        #expect(started == true)
+        let step = try #require(try await buffer?.withStore { store in try store.repairClockStep() })
+        #expect(step.step.corrected == BufferStore.clockRepairStep)
+        #expect(!step.finished)
+        var statistics = try #require(try await buffer?.statistics())
+        #expect(statistics.held == count - BufferStore.clockRepairStep)
+        let released = try #require(try await buffer?.pending(limit: count, from: .oldest))
+        #expect(released.count == BufferStore.clockRepairStep)
+        #expect(released.allSatisfy { $0.quality == [.clockCorrected] })
+        #expect(released.first?.timestamp == WallClock.wholeMilliseconds(first.boottime + clock.read().bootEpochMicroseconds))
+        #expect(released.first?.timestamp.microseconds == start.microseconds, "the true time of the first reading")
+        await sample(Sampler(sensors: [sensor], sink: try #require(buffer), board: SensorStatusBoard(sensors: [sensor.configuration]),
+            clock: WallClock(source: clock), logger: quiet), sensor)
+        try await buffer?.flush()
+        #expect(try await buffer?.statistics().pending == BufferStore.clockRepairStep + 1, "committed between steps, corrected as stored")
+
+        // The agent stops between two steps (a restart by the watchdog, an upgrade): what the finished step corrected
+        // stays, the rest is still stamped and is repaired when the same boot's clock is seen synchronised again.
+        try await buffer?.close()
+        buffer = nil
+        let reopened = try openBuffer(scratch)
+        let correction = try #require(try await reopened.observeClock(clock.observation(hold: .seconds(60))))
+        #expect(correction.corrected == count - BufferStore.clockRepairStep)
+        statistics = try await reopened.statistics()
+        #expect(statistics.held == 0)
+        #expect(statistics.pending == count + 1)
+        let all = try await reopened.pending(limit: count + 1, from: .oldest)
+        #expect(all.prefix(count).allSatisfy { $0.quality == [.clockCorrected] })
+        #expect(all.last?.quality == [], "taken with the clock set")
+        let times = all.prefix(count).map(\.timestamp.microseconds)
+        #expect(times == (0..<Int64(count)).map { times[0] + $0 * 1_000_000 }, "one epoch for the whole boot")
+        #expect(Set(all.map(\.timestamp)).count == count + 1)
+        try await reopened.close()
     }
 
     @Test("A version-1 buffer file is migrated to version 2 and its readings survive")

@@ -2,6 +2,7 @@ import FarmgateTestSupport
 import FarmgateAgent
 import Foundation
 import Logging
+import Synchronization
 import Testing
 
 @Suite("Upload HTTP client (libcurl against a loopback server)")
@@ -102,6 +103,40 @@ struct UploadHTTPClientTests {
         if case .failure(let error as HTTPClientError) = result { #expect(error.kind == .cancelled) }
     }
 
+    @Test("beforeSending runs once the connection is up, before the request; false withholds it and nothing reaches the server")
+    func beforeSendingWithholds() async throws {
+        let server = try TestHTTPServer { _, _ in .reply(200) }
+        let http = try client()
+        let calls = Counter()
+        let withheld = await #expect(throws: HTTPClientError.self) {
+            try await http.post(server.url + "/v1/batches", headers: [], body: [1, 2, 3], beforeSending: { calls.increment(); return false })
+        }
+        #expect(withheld?.kind == .withheld)
+        #expect(calls.value == 1)
+        #expect(server.requests.isEmpty, "a withheld request sends nothing")
+        #expect(server.connectionCount == 1, "the check ran after the connection was up")
+        // The next request on the same handle goes, and the check that said yes ran before it did.
+        let response = try await http.post(server.url + "/v1/batches", headers: [], body: [4], beforeSending: { calls.increment(); return true })
+        #expect(response.status == 200)
+        #expect(calls.value == 2)
+        #expect(server.requests.map(\.body) == [[4]])
+        // Without a check the client never calls the last one.
+        #expect(try await http.post(server.url, headers: [], body: [5]).status == 200)
+        #expect(calls.value == 2)
+    }
+
+    @Test("A request that cannot connect never calls beforeSending: nothing of it can have reached the server")
+    func beforeSendingNotCalledWithoutConnection() async throws {
+        let port = try freePort()
+        let http = try client()
+        let calls = Counter()
+        let error = await #expect(throws: HTTPClientError.self) {
+            try await http.post("http://127.0.0.1:\(port)/", headers: [], body: [1], beforeSending: { calls.increment(); return true })
+        }
+        #expect(error?.kind == .connectFailed)
+        #expect(calls.value == 0)
+    }
+
     @Test func connectionRefusedIsNamed() async throws {
         let port = try freePort()  // bound and released, never listened on: connections are refused
         let http = try client()
@@ -143,4 +178,11 @@ struct UploadHTTPClientTests {
         #expect(error?.kind == .tls)
         #expect(server.requests.isEmpty)
     }
+}
+
+/// Counts calls from any thread (the HTTP client's callbacks run on its own).
+final class Counter: Sendable {
+    private let count = Atomic<Int>(0)
+    func increment() { count.add(1, ordering: .relaxed) }
+    var value: Int { count.load(ordering: .relaxed) }
 }

@@ -319,6 +319,12 @@ public protocol PendingReadings: Sendable {
     @discardableResult func advanceSequence(past sequence: UInt64) async throws -> UInt64?
     /// Renumbers pending readings above max(`floor`, the last sequence), keeping their content, atomically with the counter.
     func renumber(_ sequences: [UInt64], above floor: UInt64) async throws -> [SequenceRenumbering]
+    /// Called on the HTTP client's thread once the connection is up, just before a request carrying `sequences` (its
+    /// readings flagged `clock_unsynchronized`) is sent: makes their content final (a later clock repair leaves them as
+    /// they are) and answers whether they are still what ``pending(limit:from:)`` returned (false: one was repaired
+    /// meanwhile, the request must not go). Blocks that thread; never called on the concurrency pool. Default: nothing
+    /// changes content, true.
+    func freezeForSending(_ sequences: [UInt64]) throws -> Bool
     /// Moves readings the ingest refused for good out of the queue into quarantine, with the reason for each.
     func quarantine(_ reasons: [UInt64: String]) async throws
     /// Counts and ages, for deciding when to cut a batch and for status.
@@ -336,6 +342,7 @@ public protocol PendingReadings: Sendable {
 extension PendingReadings {
     /// A source that keeps no calibration events (a test's) has none to send.
     public func allDescriptors() async throws -> [SensorDescriptor] { [] }
+    public func freezeForSending(_ sequences: [UInt64]) throws -> Bool { true }
     public func pendingCalibrations(limit: Int) async throws -> [CalibrationEvent] { [] }
     public func acknowledgeCalibrations(_ ids: [String]) async throws {}
     public func quarantineCalibrations(_ reasons: [String: String]) async throws {}

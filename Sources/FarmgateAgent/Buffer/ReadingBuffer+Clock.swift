@@ -45,6 +45,9 @@ struct BufferClockState {
     /// Whether uncorrected readings of this boot may be stored; cleared when a count finds none, so that a site whose clock
     /// is synchronised never pays for the held-reading queries.
     var mayHold = false
+    /// A repair of this boot's readings is under way (``BufferStore/repairClockStep()``): the readings it has not reached
+    /// yet are all held, whatever their age, so that none goes out with its old time between two steps.
+    var repairing = false
     /// Known boot keys by boot id.
     var bootKeys: [String: Int64] = [:]
     /// Prepared on first use: the uploader's queries that skip held readings.
@@ -85,7 +88,10 @@ struct HoldFilter {
 extension BufferStore {
     /// The uploader's hold filter; nil when nothing can be held (hold 0, clock synchronised, nothing of this boot stored).
     var holdFilter: HoldFilter? {
-        guard let key = clock.bootKey, clock.holdMicroseconds > 0, clock.bootEpoch == nil, clock.mayHold else { return nil }
+        guard let key = clock.bootKey else { return nil }
+        // During a repair every reading of this boot still stamped is held: boottime > Int64.min holds for all of them.
+        if clock.repairing { return HoldFilter(key: key, cutoff: .min, plausible: HoldFilter.plausibleSince) }
+        guard clock.holdMicroseconds > 0, clock.bootEpoch == nil, clock.mayHold else { return nil }
         return HoldFilter(key: key, cutoff: clock.boottimeNow &- clock.holdMicroseconds, plausible: HoldFilter.plausibleSince)
     }
 
@@ -133,15 +139,19 @@ extension BufferStore {
     }
 
     /// Takes in what the clock says now. The first time it says synchronised in this boot (and again after it lost and
-    /// regained synchronisation), every uncorrected reading of this boot that the uploader has not seen yet gets its true
-    /// time, in one transaction.
-    func observeClock(_ observation: ClockObservation) throws -> ClockCorrection? {
+    /// regained synchronisation), the repair of every uncorrected reading of this boot that has not been sent yet starts:
+    /// readings committed from now on are corrected as they are stored, those already stored are held until
+    /// ``repairClockStep()`` reached them (the caller runs the steps, each its own job on the buffer's thread).
+    ///
+    /// - Returns: true when a repair started.
+    func observeClock(_ observation: ClockObservation) throws -> Bool {
         let reading = observation.reading
         if clock.bootID != reading.bootID {
             let key = try resolveBoots([reading.bootID])[reading.bootID]
             clock.bootID = reading.bootID
             clock.bootKey = key
             clock.bootEpoch = nil
+            clock.repairing = false
             clock.mayHold = true
             // Boots no reading refers to any more are forgotten (the index on readings.boot answers this).
             if let key {
@@ -158,39 +168,58 @@ extension BufferStore {
         guard reading.synchronized else {
             if clock.bootEpoch != nil {
                 clock.bootEpoch = nil
+                clock.repairing = false
                 clock.mayHold = true
             }
-            return nil
+            return false
         }
-        guard clock.bootEpoch == nil, let key = clock.bootKey else { return nil }
-        let epoch = reading.bootEpochMicroseconds
-        let correction = try correctReadings(boot: key, epoch: epoch)
-        clock.bootEpoch = epoch
+        guard clock.bootEpoch == nil, clock.bootKey != nil else { return false }
+        clock.bootEpoch = reading.bootEpochMicroseconds
+        clock.repairing = true
         clock.mayHold = false
-        return correction
+        return true
     }
 
-    /// Gives every reading of boot `key` the time `boottime + epoch` (whole milliseconds), flags it `clock_corrected` instead
-    /// of `clock_unsynchronized`, and clears its boot stamp, in one transaction.
+    /// The most readings one step of a clock repair corrects: one transaction of a few hundred milliseconds on a Raspberry
+    /// Pi's SD card, so that group commits, the uploader and the watchdog's heartbeat go on between steps however long the
+    /// boot ran unsynchronised (a week of 50 sensors at 1 Hz is 30 million readings; one transaction over them outlasted
+    /// the watchdog, and the restart rolled it back).
+    static let clockRepairStep = 5_000
+
+    /// Corrects the next ``clockRepairStep`` readings of the repair under way (see ``observeClock(_:)``), in one transaction:
+    /// each gets the time `boottime + epoch` (whole milliseconds), the flag `clock_corrected` instead of
+    /// `clock_unsynchronized`, and loses its boot stamp.
     ///
-    /// The UNIQUE (sensor, timestamp) index: the readings being corrected are first parked at distinct negative timestamps,
-    /// so that they never collide with each other's old, wrong times; then, in boot-time order, each takes its repaired time,
-    /// or the next free millisecond of its sensor when another reading already has that time. Each is a distinct measurement
-    /// (its own boot time), so none is dropped as a duplicate; a millisecond is far below what the repair itself is sure of
-    /// (a read takes 300–900 ms, NTP's offset is known to a few ms), and the ingest keys readings by sequence, not by time.
+    /// The UNIQUE (timestamp, sensor) index: the step's readings are first parked at distinct negative timestamps, so that
+    /// they never collide with each other's old, wrong times; then, in boot-time order, each takes its repaired time, or the
+    /// next free millisecond of its sensor when another reading already has that time. Each is a distinct measurement (its
+    /// own boot time), so none is dropped as a duplicate; a millisecond is far below what the repair itself is sure of (a
+    /// read takes 300–900 ms, NTP's offset is known to a few ms), and the ingest keys readings by sequence, not by time.
     /// The search ends: a sensor has fewer readings than the buffer holds.
-    func correctReadings(boot key: Int64, epoch: Int64) throws -> ClockCorrection {
+    ///
+    /// A process that dies between steps keeps what the finished steps corrected; a restart in the same boot finds the
+    /// rest still stamped and repairs it with the same epoch (the clock says the same boot started at the same time).
+    ///
+    /// - Returns: what this step corrected, and whether the repair is finished (then nothing of this boot is held for it).
+    func repairClockStep() throws -> (step: ClockCorrection, finished: Bool) {
+        guard clock.repairing, let key = clock.bootKey, let epoch = clock.bootEpoch else {
+            return (ClockCorrection(corrected: 0, shifted: 0, bootEpochMicroseconds: clock.bootEpoch ?? 0), true)
+        }
+        // The partial index on (boot, boottime) gives the step's readings in order; corrected ones leave it.
         let rows = try connection.query(
-            "SELECT sequence, boottime FROM readings WHERE boot = ? ORDER BY boottime, sequence", [.integer(key)])
-        guard !rows.isEmpty else { return ClockCorrection(corrected: 0, shifted: 0, bootEpochMicroseconds: epoch) }
-        let limit = pendingCount + 2
-        return try write {
-            try connection.query("UPDATE OR IGNORE readings SET timestamp = -sequence WHERE boot = ?", [.integer(key)])
+            "SELECT sequence, boottime FROM readings WHERE boot = ? ORDER BY boottime, sequence LIMIT ?",
+            [.integer(key), .integer(Int64(Self.clockRepairStep))])
+        let step = try write {
+            let park = try connection.prepare("UPDATE OR IGNORE readings SET timestamp = -sequence WHERE sequence = ?")
+            for row in rows {
+                if let sequence = row.first?.int64 { try park.run([.integer(sequence)]) }
+            }
             let update = try connection.prepare(
                 """
                 UPDATE OR IGNORE readings SET timestamp = ?2, quality = (quality & ~?3) | ?4, boot = NULL, boottime = NULL
                 WHERE sequence = ?1
                 """)
+            let limit = pendingCount + 2
             var corrected = 0
             var shifted = 0
             for row in rows {
@@ -214,6 +243,9 @@ extension BufferStore {
             }
             return ClockCorrection(corrected: corrected, shifted: shifted, bootEpochMicroseconds: epoch)
         }
+        let finished = rows.count < Self.clockRepairStep
+        if finished { clock.repairing = false }
+        return (step, finished)
     }
 
     /// How many readings are held now (0 when nothing can be; then no query runs).
@@ -240,27 +272,45 @@ extension BufferStore {
         switch end {
         case .oldest:
             let statement = try clock.oldestUnheld ?? connection.prepare(
-                "SELECT sequence, sensor, timestamp, steps, quality, boot IS NOT NULL FROM readings \(filter) ORDER BY sequence LIMIT ?1")
+                "SELECT sequence, sensor, timestamp, steps, quality FROM readings \(filter) ORDER BY sequence LIMIT ?1")
             clock.oldestUnheld = statement
             return statement
         case .newest:
             let statement = try clock.newestUnheld ?? connection.prepare(
-                "SELECT sequence, sensor, timestamp, steps, quality, boot IS NOT NULL FROM readings \(filter) ORDER BY sequence DESC LIMIT ?1")
+                "SELECT sequence, sensor, timestamp, steps, quality FROM readings \(filter) ORDER BY sequence DESC LIMIT ?1")
             clock.newestUnheld = statement
             return statement
         }
     }
 
-    /// Clears the boot stamp of readings handed to the uploader: from then on their content never changes, not even when the
-    /// clock is set later in the same boot. The ingest may already hold them (a request whose answer was lost), and a
-    /// re-sent reading that differs from the stored one is a `sequence_conflict`, not a duplicate.
-    func freeze(_ sequences: [Int64]) throws {
-        guard !sequences.isEmpty else { return }
-        _ = try write {
-            for sequence in sequences {
-                try connection.query("UPDATE readings SET boot = NULL, boottime = NULL WHERE sequence = ?", [.integer(sequence)])
-            }
+    /// Makes the content of readings about to be sent final, just before their request leaves (the uploader calls it once
+    /// the connection to the ingest is up, see ``PendingReadings/freezeForSending(_:)``): their boot stamps are cleared,
+    /// so that no later clock repair changes them. The ingest may from then on hold them (a request whose answer is lost),
+    /// and a re-sent reading that differs from the stored one is a `sequence_conflict`, not a duplicate. A reading whose
+    /// request never left the box (no network, no DNS) keeps its stamp and is repaired once the clock is set.
+    ///
+    /// - Parameter sequences: the readings of the request sent flagged `clock_unsynchronized` (only those can change).
+    /// - Returns: false when one of them was repaired since the uploader read it: the request carries an old time and must
+    ///   not go; the uploader reads the readings again. A reading no longer pending (acknowledged meanwhile) changes nothing.
+    func freezeForSending(_ sequences: [UInt64]) throws -> Bool {
+        guard !sequences.isEmpty else { return true }
+        let select = try connection.prepare("SELECT quality, boot IS NOT NULL FROM readings WHERE sequence = ?")
+        var stamped: [Int64] = []
+        for sequence in sequences {
+            guard sequence <= UInt64(Int64.max) else { continue }
+            try select.bind([.integer(Int64(sequence))])
+            defer { select.reset() }
+            guard try select.step() else { continue }
+            let quality = QualityFlags(rawValue: UInt16(truncatingIfNeeded: select.int64(0)))
+            guard quality.contains(.clockUnsynchronized) else { return false }
+            if select.int64(1) != 0 { stamped.append(Int64(sequence)) }
         }
+        guard !stamped.isEmpty else { return true }
+        _ = try write {
+            let update = try connection.prepare("UPDATE readings SET boot = NULL, boottime = NULL WHERE sequence = ?")
+            for sequence in stamped { try update.run([.integer(sequence)]) }
+        }
+        return true
     }
 
     /// The timestamp of the oldest reading that is not held.

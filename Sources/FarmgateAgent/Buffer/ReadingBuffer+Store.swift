@@ -304,9 +304,9 @@ final class BufferStore {
         deleteOldest = try connection.prepare(
             "DELETE FROM readings WHERE sequence IN (SELECT sequence FROM readings ORDER BY sequence LIMIT ?)")
         selectOldest = try connection.prepare(
-            "SELECT sequence, sensor, timestamp, steps, quality, boot IS NOT NULL FROM readings ORDER BY sequence LIMIT ?")
+            "SELECT sequence, sensor, timestamp, steps, quality FROM readings ORDER BY sequence LIMIT ?")
         selectNewest = try connection.prepare(
-            "SELECT sequence, sensor, timestamp, steps, quality, boot IS NOT NULL FROM readings ORDER BY sequence DESC LIMIT ?")
+            "SELECT sequence, sensor, timestamp, steps, quality FROM readings ORDER BY sequence DESC LIMIT ?")
         selectOldestTimestamp = try connection.prepare("SELECT timestamp FROM readings ORDER BY sequence LIMIT 1")
         copyToQuarantine = try connection.prepare(
             """
@@ -641,10 +641,8 @@ final class BufferStore {
         var readings: [Reading] = []
         readings.reserveCapacity(min(limit, pendingCount))
         var orphans: [Int64] = []
-        var stamped: [Int64] = []
         while try statement.step() {
             let sequence = statement.int64(0)
-            if statement.int64(5) != 0 { stamped.append(sequence) }
             guard sequence > 0, let entry = sensorsByKey[statement.int64(1)] else {
                 orphans.append(sequence)
                 continue
@@ -656,7 +654,6 @@ final class BufferStore {
                     quality: QualityFlags(rawValue: UInt16(truncatingIfNeeded: statement.int64(4)))))
         }
         statement.reset()
-        try freeze(stamped)
         if !orphans.isEmpty {
             // Impossible through this API (a sensor row stays while readings refer to it); a hand-edited file could do it.
             // Never let such rows block the queue.

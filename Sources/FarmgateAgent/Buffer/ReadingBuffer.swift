@@ -299,15 +299,35 @@ public final class ReadingBuffer: PendingReadings, Service {
     ///   `clock_unsynchronized`, as do readings of earlier boots (their time can no longer be repaired). A reading of this
     ///   boot stamped before 2000 (a box that booted at 1970) is held as long as the boot lasts: the ingest would refuse it
     ///   for good, only a correction can save it. With `hold` zero nothing is held.
-    /// - The first time it is synchronised in this boot, every reading of this boot still in the buffer and not yet handed to
-    ///   the uploader (a reading's content never changes once ``pending(limit:from:)`` returned it) gets its true time
-    ///   (`boottime + realtime − boottime at synchronisation`) and `clock_corrected` instead of `clock_unsynchronized`, in one
-    ///   transaction; readings of this boot committed later (taken just before) are corrected as they are stored.
+    /// - The first time it is synchronised in this boot, every reading of this boot still in the buffer and not yet sent
+    ///   (a reading's content never changes once a request carrying it left, see ``freezeForSending(_:)``) gets its true
+    ///   time (`boottime + realtime − boottime at synchronisation`) and `clock_corrected` instead of
+    ///   `clock_unsynchronized`; readings of this boot committed later (taken just before) are corrected as they are
+    ///   stored. The repair runs in steps of ``BufferStore/clockRepairStep`` readings, each its own transaction, with
+    ///   commits and the uploader's reads between them; until it is done the readings it has not reached are held.
     ///
     /// - Returns: what was corrected, when this observation found the clock newly synchronised; nil otherwise.
     @discardableResult
     public func observeClock(_ observation: ClockObservation) async throws -> ClockCorrection? {
-        try await withStore { store in try store.observeClock(observation) }
+        guard try await withStore({ store in try store.observeClock(observation) }) else { return nil }
+        var total = ClockCorrection(corrected: 0, shifted: 0, bootEpochMicroseconds: observation.reading.bootEpochMicroseconds)
+        while true {
+            let (step, finished) = try await withStore { store in try store.repairClockStep() }
+            total.corrected += step.corrected
+            total.shifted += step.shifted
+            if finished { return total }
+        }
+    }
+
+    /// Makes the content of `sequences` final just before a request carrying them leaves; false when one of them was
+    /// repaired since it was read (the request must not go). Blocks the calling thread (the uploader's HTTP thread, never
+    /// the concurrency pool) while the buffer's thread writes. See ``PendingReadings/freezeForSending(_:)``.
+    public func freezeForSending(_ sequences: [UInt64]) throws -> Bool {
+        do {
+            return try store.withValueBlocking { store in try store.freezeForSending(sequences) }
+        } catch is DedicatedThreadError {
+            throw BufferError.closed
+        }
     }
 
     /// Limits the file to `pages` pages (`PRAGMA max_page_count`), so that tests can provoke a real `SQLITE_FULL`.

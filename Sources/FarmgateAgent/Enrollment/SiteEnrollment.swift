@@ -283,7 +283,7 @@ public enum SiteEnrollment {
             text = "the ingest at \(endpoint) did not answer in time (\(error)); check the network (a proxy? `https_proxy`) and try again: the same token works again for a few minutes"
         case .configuration:
             text = "cannot talk to \(endpoint): \(error)"
-        case .cancelled, .transport:
+        case .cancelled, .transport, .withheld:
             text = "the exchange with \(endpoint) failed (\(error)); try again: the same token works again for a few minutes"
         }
         return Failure(description: text, exitCode: 1)

@@ -91,6 +91,9 @@ public struct HTTPClientError: Error, Hashable, Sendable, CustomStringConvertibl
         case configuration = "configuration error"
         /// Anything else libcurl reported (connection reset mid-response, malformed response, ...).
         case transport = "transport error"
+        /// The caller's check just before the request would have left (`beforeSending`) said it must not go; nothing of
+        /// the request was sent.
+        case withheld = "withheld before sending"
     }
 
     public var kind: Kind
@@ -218,8 +221,13 @@ public final class HTTPClient: Sendable {
     ///   - body: The request body.
     /// - Returns: The final response, whatever its status.
     /// - Throws: ``HTTPClientError`` when no response arrived (connection, TLS, timeout, cancellation).
-    public func post(_ url: String, headers: [HTTPHeader], body: [UInt8]) async throws(HTTPClientError) -> HTTPResponse {
-        try await perform(url, headers: headers, body: body)
+    ///   - beforeSending: Called on the client's thread once the connection is up (TCP and TLS), just before the request is
+    ///     sent; false withholds the request (``HTTPClientError/Kind/withheld``). A request that fails before this point
+    ///     (no route, DNS, refused, TLS) never calls it: nothing of it can have reached the server.
+    public func post(
+        _ url: String, headers: [HTTPHeader], body: [UInt8], beforeSending: (@Sendable () -> Bool)? = nil
+    ) async throws(HTTPClientError) -> HTTPResponse {
+        try await perform(url, headers: headers, body: body, beforeSending: beforeSending)
     }
 
     /// Sends a `GET` and waits for the complete response, on the same connection as the posts.
@@ -235,12 +243,16 @@ public final class HTTPClient: Sendable {
     }
 
     /// A `POST` of `body`, or a `GET` when `body` is nil.
-    private func perform(_ url: String, headers: [HTTPHeader], body: [UInt8]?) async throws(HTTPClientError) -> HTTPResponse {
+    private func perform(
+        _ url: String, headers: [HTTPHeader], body: [UInt8]?, beforeSending: (@Sendable () -> Bool)? = nil
+    ) async throws(HTTPClientError) -> HTTPResponse {
         let cancelled = CancelFlag()
         let outcome: Result<HTTPResponse, HTTPClientError>
         do {
             outcome = try await withTaskCancellationHandler {
-                try await handle.withValue { easy in easy.perform(url: url, headers: headers, body: body, cancelled: cancelled) }
+                try await handle.withValue { easy in
+                    easy.perform(url: url, headers: headers, body: body, cancelled: cancelled, beforeSending: beforeSending)
+                }
             } onCancel: {
                 cancelled.set()
             }
@@ -282,14 +294,27 @@ private final class Exchange {
     var truncated = false
     var maxBody: Int
     var cancelled: CancelFlag?
+    var beforeSending: (@Sendable () -> Bool)?
+    /// `beforeSending` answered false for this transfer.
+    var withheld = false
 
     init(maxBody: Int) { self.maxBody = maxBody }
 
-    func reset(cancelled: CancelFlag) {
+    func reset(cancelled: CancelFlag, beforeSending: (@Sendable () -> Bool)?) {
         headers = []
         body = []
         truncated = false
         self.cancelled = cancelled
+        self.beforeSending = beforeSending
+        withheld = false
+    }
+
+    /// The connection is up and the request about to go: whether it may.
+    func mayStart() -> Bool {
+        guard let beforeSending else { return true }
+        if beforeSending() { return true }
+        withheld = true
+        return false
     }
 
     func appendBody(_ bytes: UnsafeRawBufferPointer) {
@@ -405,12 +430,21 @@ private final class CurlEasy {
             }, "CURLOPT_XFERINFOFUNCTION")
         try check(fg_curl_setopt_pointer(h, CURLOPT_XFERINFODATA, context), "CURLOPT_XFERINFODATA")
         try check(fg_curl_setopt_long(h, CURLOPT_NOPROGRESS, 0), "CURLOPT_NOPROGRESS")
+        try check(
+            fg_curl_setopt_prereq_function(h) { context, _, _, _, _ in
+                // CURL_PREREQFUNC_OK is 0, CURL_PREREQFUNC_ABORT 1.
+                guard let context else { return 0 }
+                return Unmanaged<Exchange>.fromOpaque(context).takeUnretainedValue().mayStart() ? 0 : 1
+            }, "CURLOPT_PREREQFUNCTION")
+        try check(fg_curl_setopt_pointer(h, CURLOPT_PREREQDATA, context), "CURLOPT_PREREQDATA")
     }
 
     /// One exchange: a `POST` of `body`, or a `GET` when `body` is nil.
-    func perform(url: String, headers: [HTTPHeader], body: [UInt8]?, cancelled: CancelFlag) -> Result<HTTPResponse, HTTPClientError> {
+    func perform(
+        url: String, headers: [HTTPHeader], body: [UInt8]?, cancelled: CancelFlag, beforeSending: (@Sendable () -> Bool)?
+    ) -> Result<HTTPResponse, HTTPClientError> {
         let h = handle
-        exchange.reset(cancelled: cancelled)
+        exchange.reset(cancelled: cancelled, beforeSending: beforeSending)
         errorBuffer[0] = 0
         guard !cancelled.isSet else { return .failure(HTTPClientError(kind: .cancelled, detail: "the request was cancelled")) }
 
@@ -450,7 +484,12 @@ private final class CurlEasy {
             guard setupCode == CURLE_OK else { return .failure(failure(setupCode)) }
             code = curl_easy_perform(h)
         }
-        guard code == CURLE_OK else { return .failure(failure(code)) }
+        guard code == CURLE_OK else {
+            if exchange.withheld {
+                return .failure(HTTPClientError(kind: .withheld, curlCode: Int(code.rawValue), detail: "the request was withheld before it was sent"))
+            }
+            return .failure(failure(code))
+        }
 
         var status = 0
         _ = fg_curl_getinfo_long(h, CURLINFO_RESPONSE_CODE, &status)

@@ -141,10 +141,23 @@ extension Uploader {
         ]
         let response: HTTPResponse
         heartbeat.beat(within: heartbeatAllowance)
+        // Readings taken before the clock was set may still be repaired, until a request carrying them may have reached the
+        // ingest: the buffer makes them final once the connection is up, just before the request leaves, so that an
+        // outage (no route, DNS, refused) never costs them their repair.
+        let unsynchronized = group.compactMap { $0.quality.contains(.clockUnsynchronized) ? $0.sequence : nil }
+        let freeze = unsynchronized.isEmpty ? nil : FreezeCheck(source: source, sequences: unsynchronized)
+        var beforeSending: (@Sendable () -> Bool)?
+        if let freeze { beforeSending = { freeze.run() } }
         do {
-            response = try await client.post(batchesURL, headers: headers, body: body)
+            response = try await client.post(batchesURL, headers: headers, body: body, beforeSending: beforeSending)
         } catch {
             if error.kind == .cancelled { return .stop(.zero) }
+            if error.kind == .withheld, let freeze {
+                if let failure = freeze.failure { return .stop(bufferFailed("make readings final before sending", failure, status: nil, &loop)) }
+                // Repaired since they were read: read them again, with their true time.
+                logger.info("Readings were repaired by the clock while being sent; sending their repaired version")
+                return .stop(.zero)
+            }
             logger.warning("Upload failed", metadata: ["error": "\(error)", "upload.url": "\(batchesURL)"])
             return .stop(failed(result: error.description, status: nil, delay: loop.backoff.nextDelay(), &loop))
         }
@@ -403,5 +416,30 @@ extension Uploader {
             $0.currentBackoffSeconds = seconds
         }
         return delay
+    }
+}
+
+/// The uploader's check just before a request leaves (``PendingReadings/freezeForSending(_:)``), run on the HTTP client's
+/// thread; remembers why it said no.
+final class FreezeCheck: Sendable {
+    let source: any PendingReadings
+    let sequences: [UInt64]
+    private let error = Mutex<(any Error)?>(nil)
+
+    init(source: any PendingReadings, sequences: [UInt64]) {
+        self.source = source
+        self.sequences = sequences
+    }
+
+    /// The buffer's error when it could not make the readings final (the request is then withheld too).
+    var failure: (any Error)? { error.withLock { $0 } }
+
+    func run() -> Bool {
+        do {
+            return try source.freezeForSending(sequences)
+        } catch {
+            self.error.withLock { $0 = error }
+            return false
+        }
     }
 }
