@@ -294,7 +294,9 @@ extension BufferStore {
     ///   not go; the uploader reads the readings again. A reading no longer pending (acknowledged meanwhile) changes nothing.
     func freezeForSending(_ sequences: [UInt64]) throws -> Bool {
         guard !sequences.isEmpty else { return true }
-        let select = try connection.prepare("SELECT quality, boot IS NOT NULL FROM readings WHERE sequence = ?")
+        // Only readings of the current boot can still be repaired; a stamp of an earlier boot is left (nothing changes it,
+        // and a backlog of such readings then costs no write per request).
+        let select = try connection.prepare("SELECT quality, boot FROM readings WHERE sequence = ?")
         var stamped: [Int64] = []
         for sequence in sequences {
             guard sequence <= UInt64(Int64.max) else { continue }
@@ -303,7 +305,8 @@ extension BufferStore {
             guard try select.step() else { continue }
             let quality = QualityFlags(rawValue: UInt16(truncatingIfNeeded: select.int64(0)))
             guard quality.contains(.clockUnsynchronized) else { return false }
-            if select.int64(1) != 0 { stamped.append(Int64(sequence)) }
+            guard !select.isNull(1) else { continue }
+            if clock.bootKey == nil || select.int64(1) == clock.bootKey { stamped.append(Int64(sequence)) }
         }
         guard !stamped.isEmpty else { return true }
         _ = try write {
