@@ -219,11 +219,11 @@ public final class HTTPClient: Sendable {
     ///   - url: An absolute `http` or `https` URL.
     ///   - headers: Request headers; `Content-Length` is set from `body`.
     ///   - body: The request body.
-    /// - Returns: The final response, whatever its status.
-    /// - Throws: ``HTTPClientError`` when no response arrived (connection, TLS, timeout, cancellation).
     ///   - beforeSending: Called on the client's thread once the connection is up (TCP and TLS), just before the request is
     ///     sent; false withholds the request (``HTTPClientError/Kind/withheld``). A request that fails before this point
     ///     (no route, DNS, refused, TLS) never calls it: nothing of it can have reached the server.
+    /// - Returns: The final response, whatever its status.
+    /// - Throws: ``HTTPClientError`` when no response arrived (connection, TLS, timeout, cancellation).
     public func post(
         _ url: String, headers: [HTTPHeader], body: [UInt8], beforeSending: (@Sendable () -> Bool)? = nil
     ) async throws(HTTPClientError) -> HTTPResponse {
