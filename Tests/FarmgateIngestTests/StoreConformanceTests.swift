@@ -54,6 +54,36 @@ import Testing
         }
     }
 
+    @Test(
+        "a reading re-sent after the site changed its sensor's resolution is a duplicate, also at a tie (1.005 → 1.01)",
+        arguments: StoreKind.allCases)
+    func resentAfterAResolutionChangeIsADuplicate(kind: StoreKind) async throws {
+        try await withFreshStore(kind) { store in
+            let device = try await Self.device(in: store)
+            let id = try sensorID("tank1.ph")
+            let time = Timestamp(microseconds: testNow.microseconds - 3_600_000_000)
+            // Stored at 0.001; the site's answer was lost, then tank1.ph went to 0.01 and the buffer converted its pending
+            // readings, rounding half away from zero (SQLite's round over whole steps), before sending them again.
+            let stored: [Double] = [1.005, 1.015, 0.145, 6.123, 6.125, 7.0]
+            let converted: [Double] = [1.01, 1.02, 0.15, 6.12, 6.13, 7.0]
+            func batch(_ values: [Double], _ resolution: Resolution) -> Batch {
+                Batch(
+                    device: device.device, sensors: [SensorDescriptor(id: id, quantity: .ph, resolution: resolution)],
+                    readings: values.enumerated().map { index, value in
+                        Reading(sensor: id, sequence: UInt64(index + 1), timestamp: Timestamp(microseconds: time.microseconds + Int64(index) * 1_000_000), value: value)
+                    })
+            }
+            let thousandths = try Resolution(numerator: 1, denominator: 1000)
+            let hundredths = try Resolution(numerator: 1, denominator: 100)
+            #expect(try await store.store(batch(stored, thousandths), for: device, receivedAt: testNow).accepted == stored.count)
+            let again = try await store.store(batch(converted, hundredths), for: device, receivedAt: testNow)
+            #expect(again.tally == Tally(accepted: 0, duplicates: stored.count, rejected: 0), "\(again.rejected.map(\.message))")
+            // A value a whole step away is still another reading.
+            let other = try await store.store(batch([1.02], hundredths), for: device, receivedAt: testNow)
+            #expect(other.rejected.map(\.code) == [RejectionCode.sequenceConflict])
+        }
+    }
+
     @Test(arguments: StoreKind.allCases)
     func differentContentIsASequenceConflictNeverADuplicate(kind: StoreKind) async throws {
         try await withFreshStore(kind) { store in

@@ -45,10 +45,20 @@ enum ReadingPlacement {
 /// alike by every store.
 enum SequenceComparison {
     /// Whether two values are the same at the sensor's resolution (whole steps), not as doubles.
+    ///
+    /// A value exactly half a step from the sent one is the same too: a site converts its pending readings when a sensor's
+    /// resolution changes (pH 1.005 at 0.001 becomes 1.01 at 0.01, rounding half away from zero in SQLite), and when the
+    /// stored value is such a tie, rounding it here in binary floating point can land on the other side (1.005 is
+    /// 1.00499999… as a double). Without this a reading whose answer was lost before the change came back as a
+    /// `sequence_conflict`, was renumbered by the site, and was stored twice. A value on another step is never that close.
     static func sameValue(_ stored: Double, _ sent: Double, at resolution: Resolution?) -> Bool {
         if stored == sent { return true }
         guard let resolution, let storedSteps = resolution.quantize(stored), let sentSteps = resolution.quantize(sent) else { return false }
-        return storedSteps == sentSteps
+        if storedSteps == sentSteps { return true }
+        guard (storedSteps - sentSteps).magnitude == 1 else { return false }
+        let halfStep = Double(resolution.numerator) / Double(resolution.denominator) / 2
+        let slack = max(stored.magnitude, sent.magnitude, halfStep).ulp * 8
+        return ((stored - sent).magnitude - halfStep).magnitude <= slack
     }
 
     /// What differs between `reading` and the stored one, each as "field (stored X, sent Y)"; empty for the same reading.
