@@ -69,6 +69,18 @@ final class ManualClock: ClockSource {
     }
 
     func observation(hold: Duration) -> ClockObservation { ClockObservation(reading: read(), hold: hold) }
+
+    /// `count` samples taken from now on, one a second, round `sensors`, before the clock was set: flagged and
+    /// boot-stamped as the sampler stamps them. The clock does not move.
+    func unsynchronizedSamples(_ count: Int, sensors: [SensorID], value: Double = 6.5) -> [Sample] {
+        let first = read()
+        return (0..<count).map { index in
+            let micros = Int64(index) * 1_000_000
+            return Sample(
+                sensor: sensors[index % sensors.count], timestamp: Timestamp(microseconds: first.realtime.microseconds + micros),
+                value: value, quality: [.clockUnsynchronized], boot: BootStamp(bootID: first.bootID, boottime: first.boottime + micros))
+        }
+    }
 }
 
 /// A probe that always reads `value`.
@@ -398,15 +410,7 @@ struct ClockCorrectionTests {
         // Two and a half steps of readings of this boot, one a second, stamped three days early.
         let count = BufferStore.clockRepairStep * 5 / 2
         let first = clock.read()
-        var samples: [Sample] = []
-        for index in 0..<count {
-            let micros = Int64(index) * 1_000_000
-            samples.append(
-                Sample(
-                    sensor: sensor.configuration.id, timestamp: Timestamp(microseconds: first.realtime.microseconds + micros),
-                    value: 6.0, quality: [.clockUnsynchronized], boot: BootStamp(bootID: first.bootID, boottime: first.boottime + micros)))
-        }
-        try await buffer?.append(samples)
+        try await buffer?.append(clock.unsynchronizedSamples(count, sensors: [sensor.configuration.id]))
         try await buffer?.flush()
         clock.advance(seconds: Double(count) + 3_600)  // past the hold: the uploader may read them, unrepaired
         try await buffer?.observeClock(clock.observation(hold: .seconds(60)))

@@ -5,19 +5,10 @@ import Foundation
 import Logging
 import Testing
 
-/// `count` readings of this boot of `clock`, one a second, taken before the clock was set (flagged and boot-stamped as the
-/// sampler stamps them), committed.
+/// `count` readings of this boot of `clock`, one a second, taken before the clock was set, committed; the clock moves past
+/// them.
 private func appendUnsynchronized(_ count: Int, to buffer: ReadingBuffer, clock: ManualClock) async throws {
-    let first = clock.read()
-    var samples: [Sample] = []
-    for index in 0..<count {
-        let micros = Int64(index) * 1_000_000
-        samples.append(
-            Sample(
-                sensor: TestBuffer.sensors[index % 3].id, timestamp: Timestamp(microseconds: first.realtime.microseconds + micros),
-                value: 6.5, quality: [.clockUnsynchronized], boot: BootStamp(bootID: first.bootID, boottime: first.boottime + micros)))
-    }
-    try await buffer.append(samples)
+    try await buffer.append(clock.unsynchronizedSamples(count, sensors: TestBuffer.sensors.map(\.id)))
     try await buffer.flush()
     clock.advance(seconds: Double(count))
 }
