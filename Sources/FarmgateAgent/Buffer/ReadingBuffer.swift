@@ -54,13 +54,16 @@ public final class ReadingBuffer: PendingReadings, Service {
     public static let recoverySequenceGap: Int64 = 1_000_000
 
     public let configuration: BufferConfiguration
-    private let logger: Logger
+    let logger: Logger
     /// Liveness for the systemd watchdog: beaten by the group-commit loop (see ``Heartbeat``).
     public let heartbeat = Heartbeat(component: "buffer")
     private let store: ThreadOwned<BufferStore>
     private let committer: Committer
     /// Failed writes since the buffer was opened, for ``statistics()`` (the callers log each one).
     let errorLog = Mutex(BufferErrors())
+    /// Set when the commit loop ends (a stop, a reload): a job of many transactions (a requeue) ends at its next chunk
+    /// instead of working on for an agent that is going away, or, after a reload, beside the next buffer.
+    let ending = Mutex(false)
 
     /// Opens (or creates) the buffer file, recovering from a corrupt one as described in the type's documentation.
     ///
@@ -198,6 +201,7 @@ public final class ReadingBuffer: PendingReadings, Service {
                 }
             }
         }
+        ending.withLock { $0 = true }
         do {
             try await flush()
             try await withStore { store in store.closing() }
@@ -455,4 +459,7 @@ public struct BufferError: Error, Hashable, Sendable, CustomStringConvertible {
 
     /// The buffer was closed.
     public static let closed = BufferError("the reading buffer is closed")
+
+    /// The buffer's commit loop has ended: the agent stops or restarts its services.
+    public static let ending = BufferError("the reading buffer is stopping (the agent stops or reloads its configuration)")
 }
