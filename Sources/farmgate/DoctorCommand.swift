@@ -17,8 +17,9 @@ struct DoctorCommand: AsyncParsableCommand {
         abstract: "Check this site: device permissions, clock, disk, buffer, the ingest and the key; each finding with what to do.",
         discussion: """
             Checks, as the agent's user (farmgate when it exists, else you): every configured serial port and GPIO chip \
-            (exists; mode, owner and group let the user open it), clock synchronisation (adjtimex), free disk space against \
-            the buffer's quota, the buffer (integrity, depth, oldest unsent reading, quarantine; from the running agent when \
+            (exists; mode, owner and group let the user open it, or a group that the agent's systemd unit grants, read from \
+            farmgate.service and its drop-ins on systemd's unit path, or SYSTEMD_UNIT_PATH), clock synchronisation \
+            (adjtimex), free disk space against the buffer's quota, the buffer (integrity, depth, oldest unsent reading, quarantine; from the running agent when \
             it answers), the key file's mode, the ingest (reachable, TLS verified) and whether it accepts the key for this \
             device (GET /v1/device). Exits 0 when nothing is a problem (warnings allowed), 1 otherwise, 78 when the \
             configuration is invalid.
@@ -63,7 +64,9 @@ struct DoctorCommand: AsyncParsableCommand {
         let clock = try await runOffPool(name: "farmgate-doctor") {
             SystemClockSource(checkSynchronization: configuration.checkClock, testHookPath: clockHook, logger: logger)
         }
-        let report = await Doctor.run(configuration: configuration, user: checked, clock: clock, logger: logger)
+        let report = await Doctor.run(
+            configuration: configuration, user: checked, clock: clock,
+            unitDirectories: ServiceUnit.directories(environment: ProcessInfo.processInfo.environment), logger: logger)
         if json {
             try printJSON(report)
         } else {

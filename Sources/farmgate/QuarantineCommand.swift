@@ -19,11 +19,20 @@ struct AgentConnection: ParsableArguments {
     var socket: String?
 
     /// Sends `command` and returns the agent's answer; exits 1 with the reason when the agent cannot be reached or refuses.
-    func send(_ command: String, _ arguments: [String: String] = [:], as name: String) throws -> ControlAnswer {
+    ///
+    /// - Parameters:
+    ///   - timeoutSeconds: how long to wait for the answer.
+    ///   - unanswered: added to the error when the agent was reached but did not answer (what became of the request).
+    func send(
+        _ command: String, _ arguments: [String: String] = [:], as name: String, timeoutSeconds: Int = 10, unanswered: String? = nil
+    ) throws -> ControlAnswer {
         let path = try socket ?? options.load().controlSocket
         let bytes: [UInt8]
         do {
-            bytes = try ControlClient.send(ControlRequest(command: command, arguments: arguments.isEmpty ? nil : arguments), to: path)
+            bytes = try ControlClient.send(
+                ControlRequest(command: command, arguments: arguments.isEmpty ? nil : arguments), to: path, timeoutSeconds: timeoutSeconds)
+        } catch let error as ControlSocketError where error.unanswered {
+            throw CleanExit.message("farmgate \(name): \(error)\(unanswered.map { "; \($0)" } ?? "")", code: 1)
         } catch {
             throw CleanExit.message("farmgate \(name): \(error)", code: 1)
         }
@@ -160,6 +169,18 @@ struct QuarantineCommand: ParsableCommand {
             if let code { return " with code \(code)" }
             return ""
         }
+
+        /// How long `requeue` and `drop` wait for the agent's answer. The agent works through a large selection in chunks
+        /// between its commits and uploads (a million readings take minutes on a Raspberry Pi), and answers when all are
+        /// done; the usual 10 s would give up on it while it works.
+        static let answerTimeoutSeconds = 3_600
+
+        /// Added to the error when no answer came (`verb`: requeue, drop): a running agent goes on with the job, and what a
+        /// stopped one finished stays done.
+        static func unanswered(_ verb: String) -> String {
+            "an agent that still runs goes on with it, and what it finished stays done (`farmgate status` shows what is left in "
+                + "quarantine); run the command again to \(verb) the rest"
+        }
     }
 
     struct Requeue: ParsableCommand {
@@ -168,14 +189,19 @@ struct QuarantineCommand: ParsableCommand {
             discussion: """
                 A reading whose sensor and timestamp equal those of a reading still waiting to be sent stays in quarantine \
                 (the buffer keeps one reading per sensor and timestamp) and is listed; requeue it again once that reading is \
-                delivered, or drop it. Exits 1 when nothing could be requeued.
+                delivered, or drop it. The agent moves at most 5000 readings per transaction while it goes on sampling and \
+                uploading, and answers once all are moved (the command waits up to an hour). If the agent stops midway, the \
+                readings already moved stay moved: run the command again to requeue the rest. Exits 1 when nothing could be \
+                requeued.
                 """)
 
         @OptionGroup var agent: AgentConnection
         @OptionGroup var selection: Selection
 
         func run() throws {
-            let answer = try agent.send("quarantine.requeue", selection.arguments, as: "quarantine requeue")
+            let answer = try agent.send(
+                "quarantine.requeue", selection.arguments, as: "quarantine requeue", timeoutSeconds: Selection.answerTimeoutSeconds,
+                unanswered: Selection.unanswered("requeue"))
             guard let outcome = answer.quarantine?.requeue else {
                 throw CleanExit.message("farmgate quarantine requeue: the agent's answer has no outcome; are the CLI and the agent the same version?", code: 1)
             }
@@ -195,13 +221,19 @@ struct QuarantineCommand: ParsableCommand {
     struct Drop: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Delete quarantined readings for good (counted in status and logged by the agent).",
-            discussion: "Exits 1 when nothing was dropped.")
+            discussion: """
+                Like requeue, the agent works in transactions of at most 5000 readings and answers once all are dropped (the \
+                command waits up to an hour); if it stops midway, run the command again to drop the rest. Exits 1 when \
+                nothing was dropped.
+                """)
 
         @OptionGroup var agent: AgentConnection
         @OptionGroup var selection: Selection
 
         func run() throws {
-            let answer = try agent.send("quarantine.drop", selection.arguments, as: "quarantine drop")
+            let answer = try agent.send(
+                "quarantine.drop", selection.arguments, as: "quarantine drop", timeoutSeconds: Selection.answerTimeoutSeconds,
+                unanswered: Selection.unanswered("drop"))
             guard let outcome = answer.quarantine?.drop else {
                 throw CleanExit.message("farmgate quarantine drop: the agent's answer has no outcome; are the CLI and the agent the same version?", code: 1)
             }

@@ -64,10 +64,12 @@ struct DoctorTests {
     static var checkedUser: String { geteuid() == 0 ? "nobody" : UnixUser.current.name }
 
     /// `farmgate doctor --json` for `user` (default ``checkedUser``), with the clock hook.
-    static func doctor(_ site: Site, json: Bool = true, user: String = checkedUser) async throws -> (status: Int32, report: DoctorReport?, output: String) {
+    static func doctor(
+        _ site: Site, json: Bool = true, user: String = checkedUser, environment: [String: String] = [:]
+    ) async throws -> (status: Int32, report: DoctorReport?, output: String) {
         let result = try await runCommand(
             Farm.agentBinary, ["doctor", "--config", site.config, "--user", user] + (json ? ["--json"] : []),
-            environment: [SystemClockSource.testHookVariable: site.clockFile])
+            environment: environment.merging([SystemClockSource.testHookVariable: site.clockFile]) { $1 })
         let report = json ? try? JSONDecoder().decode(DoctorReport.self, from: Data(result.stdout.utf8)) : nil
         if json, report == nil { Issue.record("doctor --json printed no report: \(result.stdout) \(result.stderr)") }
         return (result.status, report, result.stdout + result.stderr)
@@ -151,6 +153,47 @@ struct DoctorTests {
         let human = try await Self.doctor(site, json: false, user: "nobody")
         #expect(human.status == 1)
         #expect(human.output.contains("PROBLEM") && human.output.contains("fix: "), "\(human.output)")
+    }
+
+    // Before the fix, doctor called a port of group dialout a problem for an agent user outside that group, although the
+    // installed unit runs the agent with `SupplementaryGroups=dialout gpio`.
+    @Test func aGroupTheAgentsUnitGrantsIsNoProblemAndOneItDoesNotGrantStaysOne() async throws {
+        let farm = try await Farm()
+        try await farm.startIngest()
+        // As on a Pi: the port's group is dialout, which nobody is not in (not root: the devpts group, the same case).
+        let granted = try PseudoTerminal.open()
+        defer { close(granted.master) }
+        chmod(granted.path, 0o660)
+        if geteuid() == 0, let dialout = getgrnam("dialout") { chown(granted.path, 0, dialout.pointee.gr_gid) }
+        let grantedGroup = try #require(try FileManager.default.attributesOfItem(atPath: granted.path)[.groupOwnerAccountName] as? String)
+        // Root can give a second port a group the unit does not grant.
+        let other = try PseudoTerminal.open()
+        defer { close(other.master) }
+        chmod(other.path, 0o660)
+        if geteuid() == 0 { chown(other.path, 0, 5) }  // tty
+        let site = try Self.site(farm, device: "doc-6", key: "fgd_zzzzzzzz_" + String(repeating: "0", count: 64), ports: [granted.path, other.path])
+
+        // The unit as installed, found where systemd's SYSTEMD_UNIT_PATH says, with a drop-in (`systemctl edit`).
+        let units = farm.dir.file("units")
+        try FileManager.default.createDirectory(atPath: units + "/farmgate.service.d", withIntermediateDirectories: true)
+        let installed = try String(contentsOf: SystemdUnitTests.unitDirectory.appendingPathComponent("farmgate.service"), encoding: .utf8)
+        try installed.replacingOccurrences(of: "User=farmgate", with: "User=nobody")
+            .write(toFile: units + "/farmgate.service", atomically: true, encoding: .utf8)
+        try "[Service]\nSupplementaryGroups=\(grantedGroup)\n".write(toFile: units + "/farmgate.service.d/override.conf", atomically: true, encoding: .utf8)
+
+        let (_, report, output) = try await Self.doctor(site, user: "nobody", environment: ["SYSTEMD_UNIT_PATH": units])
+        let port = try #require(Self.finding(report, "serial", granted.path), "\(output)")
+        #expect(port.status == .ok, "\(port)")
+        #expect(port.message.contains("its systemd unit grants"), "\(port)")
+        if geteuid() == 0 {
+            let refused = try #require(Self.finding(report, "serial", other.path))
+            #expect(refused.status == .problem && refused.message.contains("not in group tty, nor does its systemd unit grant it"), "\(refused)")
+            #expect(refused.fix?.contains("SupplementaryGroups=tty") == true && refused.fix?.contains("usermod -aG tty nobody") == true)
+        }
+
+        // Without the unit the user's own groups decide, as before.
+        let (_, alone, aloneOutput) = try await Self.doctor(site, user: "nobody", environment: ["SYSTEMD_UNIT_PATH": farm.dir.file("no-units")])
+        #expect(Self.finding(alone, "serial", granted.path)?.status == .problem, "\(aloneOutput)")
     }
 
     @Test func aRevokedKeyAndAnUnreachableIngest() async throws {

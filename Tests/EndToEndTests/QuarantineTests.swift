@@ -125,7 +125,42 @@ struct QuarantineTests {
         let limited = try await runCommand(Farm.agentBinary, ["quarantine", "list", "--json", "--limit", "1500", "--config", config])
         #expect(limited.stdout.split(separator: "\n").count == 1_500)
         print("quarantine export of \(count) rows through farmgate quarantine list --json: \(elapsed)")
+
+        // All of them back into the queue, in chunks between the agent's commits, with one answer at the end.
+        let requeueStart = clock.now
+        let requeue = try await runCommand(Farm.agentBinary, ["quarantine", "requeue", "--all", "--config", config])
+        let requeueElapsed = requeueStart.duration(to: clock.now)
+        #expect(requeue.status == 0 && requeue.stdout.contains("Requeued 100000 readings"), "\(requeue.stdout) \(requeue.stderr)")
+        let status = try #require(try await farm.agentStatus(config: config))
+        #expect(status.buffer.quarantined == 0 && status.buffer.pending >= count, "the agent's own samples come on top: \(status.buffer)")
+        print("quarantine requeue --all of \(count) rows through the real CLI: \(requeueElapsed)")
         #expect(await agent.stop(SIGTERM) == 0)
+    }
+
+    // Before the fix the CLI gave up after 10 s, while the agent went on with the requeue: an installer saw an error for
+    // a requeue that was working.
+    @Test("requeue and drop wait for an agent that works on them longer than the usual 10 s")
+    func longJobsAreWaitedFor() async throws {
+        let scratch = try Scratch(prefix: "fg-q-slow", in: URL(fileURLWithPath: "/tmp"))
+        let socket = scratch.file("control.sock")
+        // An agent whose requeue and drop take 12 s (a large quarantine on a Raspberry Pi takes minutes).
+        let server = ControlServer(path: socket, logger: Logger(label: "test") { _ in SwiftLogNoOpLogHandler() }) { request in
+            try? await Task.sleep(for: .seconds(12))
+            let answer =
+                request.command == "quarantine.drop"
+                ? QuarantineAnswer(drop: DropOutcome(dropped: 7, notFound: []))
+                : QuarantineAnswer(requeue: RequeueOutcome(requeued: 7, conflicting: [], notFound: []))
+            return ControlServer.encode(ControlAnswer(ok: true, quarantine: answer))
+        }
+        let serving = Task { try await server.run() }
+        defer { serving.cancel() }
+        let up = await eventually(timeout: .seconds(10)) { FileManager.default.fileExists(atPath: socket) }
+        #expect(up)
+        async let requeue = runCommand(Farm.agentBinary, ["quarantine", "requeue", "--all", "--socket", socket])
+        async let drop = runCommand(Farm.agentBinary, ["quarantine", "drop", "--code", "unknown_sensor", "--socket", socket])
+        let (requeued, dropped) = try await (requeue, drop)
+        #expect(requeued.status == 0 && requeued.stdout.contains("Requeued 7 readings"), "\(requeued.stdout) \(requeued.stderr)")
+        #expect(dropped.status == 0 && dropped.stdout.contains("Dropped 7 readings"), "\(dropped.stdout) \(dropped.stderr)")
     }
 
     @Test(

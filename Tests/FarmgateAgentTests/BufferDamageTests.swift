@@ -3,6 +3,7 @@ import FarmgateTestSupport
 import FarmgateWire
 import Foundation
 import Logging
+import Synchronization
 import Testing
 
 @testable import FarmgateAgent
@@ -113,5 +114,117 @@ struct BufferDamageTests {
         try await buffer.limitPageCount(1 << 30)
         try await buffer.flush()
         try await buffer.close()
+    }
+
+    /// Where a running buffer first meets the damage: its own group commit, or a read (the uploader's).
+    enum Discovery: String, CaseIterable, Sendable {
+        case commit
+        case read
+    }
+
+    /// Damages the buffer at `path` under its running owner: the root pages of the readings table and its indexes are
+    /// overwritten with bytes no b-tree page has, as a bad SD card block would leave them. First the WAL is checkpointed
+    /// into the file and restarted, which also makes the owner's connection drop its page cache at its next transaction,
+    /// so that it reads the damaged pages from the disk.
+    static func damageUnderOwner(_ path: String) throws {
+        let pageSize: Int64
+        let roots: [Int64]
+        do {
+            let connection = try SQLiteConnection(path: path, mode: .readWrite, busyTimeoutMilliseconds: 5_000)
+            pageSize = try connection.queryInt("PRAGMA page_size") ?? 1024
+            roots = try connection.query("SELECT rootpage FROM sqlite_master WHERE tbl_name = 'readings' AND rootpage > 1")
+                .compactMap { $0.first?.int64 }
+            let checkpoint = try connection.query("PRAGMA wal_checkpoint(TRUNCATE)")
+            #expect(checkpoint.first?.first?.int64 == 0, "the checkpoint was not blocked: \(checkpoint)")
+        }
+        #expect(roots.count >= 2, "the table and its index: \(roots)")
+        let handle = try FileHandle(forUpdating: URL(fileURLWithPath: path))
+        for root in roots {
+            try handle.seek(toOffset: UInt64((root - 1) * pageSize))
+            try handle.write(contentsOf: [UInt8](repeating: 0xFF, count: Int(pageSize)))
+        }
+        try handle.synchronize()
+        try handle.close()
+    }
+
+    // Before the fix the commit loop logged the failure and retried it every interval for ever, beating its heartbeat all
+    // the while: systemd never restarted the agent, and only a restart recovers a damaged buffer.
+    @Test(arguments: Discovery.allCases)
+    func aFileDamagedWhileRunningEndsTheCommitLoopSoThatARestartRecoversIt(discovery: Discovery) async throws {
+        let scratch = try Scratch(prefix: "fg-damage")
+        let path = scratch.file("buffer/buffer.sqlite")
+        let log = LogLines()
+        let logger = Logger(label: "test.buffer.damage.run") { _ in RecordingLogHandler(log: log) }
+        let buffer = try ReadingBuffer(configuration: BufferConfiguration(path: path, commitInterval: .milliseconds(50)), logger: logger)
+        try await buffer.register([Self.ph])
+        try await buffer.append(Self.samples(3_000, start: 0))
+        let committed = try await buffer.flush()
+        let ended = Mutex<String?>(nil)
+        let loop = Task {
+            do {
+                try await buffer.run()
+                ended.withLock { $0 = "returned without an error" }
+            } catch {
+                ended.withLock { $0 = "\(error)" }
+            }
+        }
+        defer { loop.cancel() }
+
+        try Self.damageUnderOwner(path)
+        switch discovery {
+        case .commit:
+            try await buffer.append(Self.samples(5, start: 10_000))
+        case .read:
+            await #expect(throws: SQLiteError.self) { try await buffer.pending(limit: 10, from: .oldest) }
+        }
+        let stopped = await eventually(timeout: .seconds(10)) { ended.withLock { $0 } != nil }
+        #expect(stopped, "the commit loop goes on over a damaged file")
+        guard stopped, let error = ended.withLock({ $0 }) else { return }
+        #expect(error.contains(path) && error.contains("corrupt") && error.contains("restart"), "\(error)")
+
+        // Said once, naming the file and where it went; the file is moved aside as at start, the sidecar is current.
+        let reports = log.lines.withLock { $0 }.filter { $0.message.contains("corrupt") }
+        #expect(reports.count == 1, "\(reports.map(\.message))")
+        #expect(reports.first?.level == .critical)
+        #expect(reports.first?.metadata["buffer.path"] == "\(path)")
+        let moved = scratch.names(in: "buffer").filter { $0.hasPrefix("buffer.sqlite.corrupt-") && !$0.hasSuffix("-wal") && !$0.hasSuffix("-shm") }
+        #expect(moved.count == 1, "\(scratch.names(in: "buffer"))")
+        #expect(reports.first?.metadata["buffer.moved_to"] == moved.first.map { "\(scratch.file("buffer/\($0)"))" })
+        #expect(!FileManager.default.fileExists(atPath: path))
+        let sidecar = try String(contentsOfFile: path + ".seq", encoding: .utf8)
+        #expect(sidecar == "\(committed)\n")
+        await #expect(throws: BufferError.closed) { try await buffer.pending(limit: 1, from: .oldest) }
+
+        // What the restart does: a fresh buffer, numbered above everything the damaged one handed out.
+        let restarted = try Self.open(scratch)
+        try await restarted.register([Self.ph])
+        try await restarted.append(Self.samples(1, start: 20_000))
+        #expect(try await restarted.flush() == committed + UInt64(ReadingBuffer.recoverySequenceGap) + 1)
+        #expect(try await restarted.integrityProblems().isEmpty)
+        try await restarted.close()
+    }
+}
+
+/// Log events with their level and metadata.
+private final class LogLines: Sendable {
+    struct Line: Sendable {
+        let level: Logger.Level
+        let message: String
+        let metadata: Logger.Metadata
+    }
+    let lines = Mutex<[Line]>([])
+}
+
+private struct RecordingLogHandler: LogHandler {
+    let log: LogLines
+    var metadata: Logger.Metadata = [:]
+    var logLevel: Logger.Level = .trace
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+    func log(event: LogEvent) {
+        let line = LogLines.Line(level: event.level, message: event.message.description, metadata: metadata.merging(event.metadata ?? [:]) { $1 })
+        log.lines.withLock { $0.append(line) }
     }
 }

@@ -191,6 +191,147 @@ struct QuarantineBufferTests {
         try await reopened.close()
     }
 
+    // Before the fix, `requeue --all` over a large quarantine was one transaction and one job on the buffer's thread: the
+    // group commit waited behind all of it (the watchdog then killed the agent on a Pi), and nobody ever saw it half done.
+    @Test("A large requeue runs in chunks that commits and status go between; outcome, counts and log stay exact")
+    func largeRequeueRunsInChunks() async throws {
+        let scratch = try Scratch(prefix: "fg-q-chunks")
+        let log = LogBox()
+        let buffer = try await open(scratch, logger: log.logger)
+        // Six chunks of 5,000 (ReadingBuffer.quarantineChunkSize), and three readings of another code left alone.
+        let count = 30_000
+        let sequences = try await commit(buffer, count: count)
+        let ecSequences = try await commit(buffer, count: 3, sensor: ec)
+        try await buffer.quarantine(Dictionary(uniqueKeysWithValues: sequences.map { ($0, "timestamp_in_future: ahead") }))
+        try await buffer.quarantine(Dictionary(uniqueKeysWithValues: ecSequences.map { ($0, "unknown_sensor: not declared") }))
+        // Pending readings equal in sensor and timestamp to quarantined ones on both sides of chunk boundaries.
+        let clashing = [4_999, 5_000, 25_001]
+        try await buffer.append(clashing.map { Sample(sensor: ph, timestamp: Timestamp(microseconds: base + Int64($0) * 1_000_000), value: 7) })
+        try await buffer.flush()
+
+        let finished = Mutex(false)
+        let requeue = Task {
+            defer { finished.withLock { $0 = true } }
+            return try await buffer.requeue(.code("timestamp_in_future"))
+        }
+        // Meanwhile the sampler's commits and `farmgate status` go on; what status sees shows whether it got in between.
+        var seen: [Int] = []
+        var sampled = 0
+        while !finished.withLock({ $0 }) {
+            try await buffer.append([Sample(sensor: ph, timestamp: Timestamp(microseconds: base + Int64(100_000 + sampled) * 1_000_000), value: 6)])
+            try await buffer.flush()
+            sampled += 1
+            seen.append(try await buffer.statistics().quarantined)
+        }
+        let outcome = try await requeue.value
+        #expect(outcome.requeued == count - clashing.count)
+        #expect(outcome.conflicting == clashing.map { sequences[$0] }, "named in ascending order across chunks")
+        #expect(outcome.notFound.isEmpty)
+        let start = count + 3
+        let end = clashing.count + 3
+        #expect(seen.contains { $0 < start && $0 > end }, "status never ran between two chunks: \(Set(seen).sorted())")
+
+        let statistics = try await buffer.statistics()
+        #expect(statistics.quarantined == end)
+        #expect(statistics.quarantinedByCode == ["timestamp_in_future": clashing.count, "unknown_sensor": 3])
+        #expect(statistics.pending == count - clashing.count + clashing.count + sampled)
+        let notices = log.entries.filter { $0.message.contains("requeued") }
+        #expect(notices.count == 1, "one log line for the whole requeue: \(notices.map(\.message))")
+        #expect(notices.first?.metadata["buffer.requeued"] == "\(count - clashing.count)")
+        #expect(notices.first?.metadata["buffer.conflicting"] == "\(clashing.count)")
+        try await buffer.close()
+
+        // What the reopened file says agrees with what the buffer counted.
+        let reopened = try await open(scratch)
+        let again = try await reopened.statistics()
+        #expect(again.quarantined == end && again.quarantinedByCode == statistics.quarantinedByCode && again.pending == statistics.pending)
+        try await reopened.close()
+    }
+
+    // Before the fix, one failing moment anywhere in a large drop or requeue undid all of it, and a stop midway (the
+    // watchdog's kill) did the same: the job could never finish.
+    @Test("A requeue or drop stopped midway keeps the chunks it finished, says so, and a repeat finishes the rest",
+          arguments: ["requeue", "drop"])
+    func stoppedMidwayKeepsFinishedChunks(operation: String) async throws {
+        let scratch = try Scratch(prefix: "fg-q-midway")
+        let log = LogBox()
+        let buffer = try await open(scratch, logger: log.logger)
+        let count = 12_000
+        let sequences = try await commit(buffer, count: count)
+        try await buffer.quarantine(
+            Dictionary(uniqueKeysWithValues: sequences.enumerated().map { ($1, $0 % 2 == 0 ? "out_of_range: high" : "unknown_sensor: x") }))
+        // Something fails in the middle (here a trigger: the disk, or the agent's stop, in real life).
+        let failing = sequences[7_500]
+        try await buffer.withStore { store in
+            try store.connection.execute(
+                "CREATE TEMP TRIGGER fail_midway BEFORE DELETE ON quarantine WHEN old.sequence = \(failing) BEGIN SELECT RAISE(ABORT, 'injected failure'); END")
+        }
+        let unknown: UInt64 = 999_999_999
+        let selection = QuarantineSelection.sequences(sequences + [unknown])
+        do {
+            if operation == "requeue" { _ = try await buffer.requeue(selection) } else { _ = try await buffer.dropQuarantined(selection) }
+            Issue.record("the injected failure did not stop the \(operation)")
+        } catch {
+            #expect("\(error)".contains("injected failure"), "\(error)")
+            #expect("\(error)".contains("run the \(operation) again"), "says that the rest can be finished: \(error)")
+        }
+        var statistics = try await buffer.statistics()
+        let done = count - statistics.quarantined
+        #expect(done > 0 && done < count, "the chunks before the failure stay done; the failing one is undone whole: \(done)")
+        #expect(statistics.quarantinedByCode.values.reduce(0, +) == statistics.quarantined)
+        if operation == "requeue" {
+            #expect(statistics.pending == done)
+        } else {
+            #expect(statistics.quarantineDropped == Int64(done) && statistics.pending == 0)
+        }
+        #expect(log.entries.contains { $0.metadata["buffer.unfinished"] != nil }, "what was done before the failure is logged")
+        try await buffer.close()
+
+        // Durable as counted; the repeat finishes the rest and names what was already gone.
+        let reopened = try await open(scratch)
+        #expect(try await reopened.statistics().quarantined == statistics.quarantined)
+        if operation == "requeue" {
+            let rest = try await reopened.requeue(selection)
+            #expect(rest.requeued == count - done && rest.conflicting.isEmpty)
+            #expect(rest.notFound == Array(sequences.prefix(done)) + [unknown])
+        } else {
+            let rest = try await reopened.dropQuarantined(selection)
+            #expect(rest.dropped == count - done)
+            #expect(rest.notFound == Array(sequences.prefix(done)) + [unknown])
+        }
+        statistics = try await reopened.statistics()
+        #expect(statistics.quarantined == 0 && statistics.quarantinedByCode.isEmpty)
+        #expect(statistics.pending == (operation == "requeue" ? count : 0))
+        #expect(statistics.quarantineDropped == (operation == "requeue" ? 0 : Int64(count)))
+        try await reopened.close()
+    }
+
+    @Test("A requeue starts no further chunk once the commit loop has ended (the agent stops or reloads)")
+    func requeueEndsWithTheCommitLoop() async throws {
+        let scratch = try Scratch(prefix: "fg-q-ending")
+        let buffer = try await open(scratch)
+        let count = 60_000
+        let sequences = try await commit(buffer, count: count)
+        try await buffer.quarantine(Dictionary(uniqueKeysWithValues: sequences.map { ($0, "timestamp_in_future: ahead") }))
+        let loop = Task { try await buffer.run() }
+        let requeue = Task { try await buffer.requeue(.all) }
+        let started = try await eventually(timeout: .seconds(20), every: .milliseconds(1)) {
+            try await buffer.statistics().quarantined < count
+        }
+        #expect(started)
+        loop.cancel()
+        try await loop.value
+        do {
+            let outcome = try await requeue.value
+            Issue.record("the requeue went on after the commit loop ended: \(outcome.requeued) requeued")
+        } catch {
+            #expect("\(error)".contains("stopping") && "\(error)".contains("run the requeue again"), "\(error)")
+        }
+        let statistics = try await buffer.statistics()
+        #expect(statistics.quarantined > 0 && statistics.pending == count - statistics.quarantined)
+        try await buffer.close()
+    }
+
     @Test("drop_oldest trims pending readings first and quarantine only when no pending reading is left, counted apart")
     func quotaTrimsQuarantineLast() async throws {
         let scratch = try Scratch(prefix: "fg-q-quota")
@@ -262,4 +403,35 @@ private struct MessageRecorder: LogHandler {
         set { metadata[key] = newValue }
     }
     func log(event: LogEvent) { box.messages.withLock { $0.append(event.message.description) } }
+}
+
+/// Records log entries with their metadata.
+private final class LogBox: Sendable {
+    struct Entry: Sendable {
+        let level: Logger.Level
+        let message: String
+        let metadata: Logger.Metadata
+    }
+
+    private let storage = Mutex<[Entry]>([])
+    var entries: [Entry] { storage.withLock { $0 } }
+
+    var logger: Logger {
+        Logger(label: "test.quarantine.log") { _ in Handler(box: self) }
+    }
+
+    private struct Handler: LogHandler {
+        let box: LogBox
+        var metadata: Logger.Metadata = [:]
+        var logLevel: Logger.Level = .trace
+        subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+            get { metadata[key] }
+            set { metadata[key] = newValue }
+        }
+        func log(event: LogEvent) {
+            let entry = Entry(
+                level: event.level, message: event.message.description, metadata: metadata.merging(event.metadata ?? [:]) { $1 })
+            box.storage.withLock { $0.append(entry) }
+        }
+    }
 }

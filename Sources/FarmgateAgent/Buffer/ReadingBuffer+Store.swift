@@ -331,7 +331,7 @@ final class BufferStore {
     }
 
     /// Renames `path` and its `-wal` and `-shm` files to `<path>.corrupt-<UTC timestamp>[-n]`; returns the new name.
-    private static func moveAside(path: String) throws -> String {
+    static func moveAside(path: String) throws -> String {
         let stamp = RFC3339.format(Timestamp(microseconds: Timestamp.now().microseconds / 1_000_000 * 1_000_000))
             .filter { $0 != "-" && $0 != ":" }
         var target = "\(path).corrupt-\(stamp)"

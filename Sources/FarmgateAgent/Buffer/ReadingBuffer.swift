@@ -39,7 +39,9 @@ import Synchronization
 /// numbers (``BufferStore/sidecarStride``, far below the gap). A fresh
 /// file whose history was lost (moved aside as corrupt, or deleted while the sidecar remained) starts at
 /// sidecar + ``recoverySequenceGap`` + 1: the gap covers commits the sidecar may not have recorded. A brand-new site (no file, no
-/// sidecar) starts at 1. An existing file continues from max(its counter, its highest row, the sidecar).
+/// sidecar) starts at 1. An existing file continues from max(its counter, its highest row, the sidecar). A file that turns
+/// out damaged while the buffer runs ends ``run()`` after it is moved aside the same way, so that the agent restarts with a
+/// fresh file (see there).
 ///
 /// ## Readings taken before the clock is set
 /// A sample stamped while the kernel said the clock was not synchronised carries a ``BootStamp`` (boot id and CLOCK_BOOTTIME),
@@ -54,13 +56,19 @@ public final class ReadingBuffer: PendingReadings, Service {
     public static let recoverySequenceGap: Int64 = 1_000_000
 
     public let configuration: BufferConfiguration
-    private let logger: Logger
+    let logger: Logger
     /// Liveness for the systemd watchdog: beaten by the group-commit loop (see ``Heartbeat``).
     public let heartbeat = Heartbeat(component: "buffer")
     private let store: ThreadOwned<BufferStore>
     private let committer: Committer
     /// Failed writes since the buffer was opened, for ``statistics()`` (the callers log each one).
     let errorLog = Mutex(BufferErrors())
+    /// The first error by which SQLite said the open file is damaged (`SQLITE_CORRUPT`, `SQLITE_NOTADB`), whichever
+    /// operation met it; the commit loop ends on it (see ``run()``).
+    private let corruption = Mutex<String?>(nil)
+    /// Set when the commit loop ends (a stop, a reload, a damaged file): a job of many transactions (a requeue) ends at its
+    /// next chunk instead of working on for an agent that is going away, or, after a reload, beside the next buffer.
+    let ending = Mutex(false)
 
     /// Opens (or creates) the buffer file, recovering from a corrupt one as described in the type's documentation.
     ///
@@ -110,6 +118,10 @@ public final class ReadingBuffer: PendingReadings, Service {
             return try await store.withValue(body)
         } catch is DedicatedThreadError {
             throw BufferError.closed
+        } catch where BufferStore.isCorruption(error) {
+            let description = "\(error)"
+            corruption.withLock { $0 = $0 ?? description }
+            throw error
         }
     }
 
@@ -161,10 +173,20 @@ public final class ReadingBuffer: PendingReadings, Service {
     /// A failed commit is logged and retried at the next interval with the samples still queued. On graceful shutdown or
     /// cancellation the loop stops and flushes what is queued before returning.
     ///
-    /// - Throws: the final flush's error, if it fails.
+    /// A file that SQLite finds damaged while the agent runs (any operation answering `SQLITE_CORRUPT` or `SQLITE_NOTADB`:
+    /// a commit, the uploader's read, an acknowledgement) ends the loop instead, at its next turn: retrying cannot repair
+    /// it, and the heartbeat would keep systemd from restarting the agent. The loop writes the last committed sequence
+    /// number to the sidecar, closes the file, moves it aside as the start-up recovery does (with its `-wal` and `-shm`,
+    /// to `<path>.corrupt-<UTC time>`), logs that once and throws: the agent exits non-zero, systemd restarts it, and it
+    /// starts a fresh buffer numbered above the sidecar. Moving the file now rather than at the next start recovers also
+    /// damage that `quick_check` at open would not see (an index that disagrees with its table). Lost, as with a
+    /// corruption found at start: the readings, quarantine and calibration events of the damaged file that were not yet
+    /// uploaded (they stay in the moved file), and the samples still queued in memory.
+    ///
+    /// - Throws: the final flush's error, if it fails; a ``BufferError`` naming the file when it is damaged.
     public func run() async throws {
         let interval = max(configuration.commitInterval, .milliseconds(1))
-        await cancelWhenGracefulShutdown { [self] in
+        let damage: String? = await cancelWhenGracefulShutdown { [self] () -> String? in
             let clock = ContinuousClock()
             var deadline = clock.now.advanced(by: interval)
             var failing = false
@@ -175,10 +197,11 @@ public final class ReadingBuffer: PendingReadings, Service {
                 do {
                     try await Task.sleep(until: deadline, clock: clock)
                 } catch {
-                    return
+                    return nil
                 }
                 deadline = deadline.advanced(by: interval)
                 if deadline < clock.now { deadline = clock.now.advanced(by: interval) }
+                if let damage = corruption.withLock({ $0 }) { return damage }
                 do {
                     try await flush()
                     if failing {
@@ -186,6 +209,7 @@ public final class ReadingBuffer: PendingReadings, Service {
                         failing = false
                     }
                 } catch {
+                    if let damage = corruption.withLock({ $0 }) { return damage }
                     let now = clock.now
                     if !failing || lastFailureLog.map({ $0.duration(to: now) >= .seconds(60) }) ?? true {
                         let queued = committer.counts().uncommitted
@@ -197,13 +221,60 @@ public final class ReadingBuffer: PendingReadings, Service {
                     failing = true
                 }
             }
+            return nil
         }
+        ending.withLock { $0 = true }
+        if let damage { try await endOnDamagedFile(damage) }
         do {
             try await flush()
             try await withStore { store in store.closing() }
         } catch {
+            // Damage met while stopping (the final commit, or the uploader's last batch) is handled as while running.
+            if let damage = corruption.withLock({ $0 }) { try await endOnDamagedFile(damage) }
             logger.error("Buffer could not commit its queue at shutdown", metadata: ["error": "\(error)"])
             throw error
+        }
+    }
+
+    /// Ends the buffer on a damaged file, as ``run()`` describes: sidecar, close, move aside, one log line, an error.
+    private func endOnDamagedFile(_ damage: String) async throws -> Never {
+        committer.close()
+        let lost = committer.counts().uncommitted
+        let path = configuration.path
+        // The sidecar is a file of its own, not damaged: it gets the last number committed, so that nothing the damaged
+        // file handed out is given again (the sidecar otherwise lags by up to BufferStore.sidecarStride, within the gap).
+        let lastSequence = try? await withStore { store in
+            store.closing()
+            return store.lastSequence
+        }
+        await store.release()
+        let moved: Result<String, any Error>
+        do {
+            moved = .success(try await runOffPool(name: "farmgate-buffer") { try BufferStore.moveAside(path: path) })
+        } catch {
+            moved = .failure(error)
+        }
+        var metadata: Logger.Metadata = [
+            "buffer.path": "\(path)", "error": "\(damage)", "buffer.lost_uncommitted": "\(lost)",
+            "buffer.last_sequence": "\(lastSequence.map { String($0) } ?? "unknown")",
+        ]
+        switch moved {
+        case .success(let target):
+            metadata["buffer.moved_to"] = "\(target)"
+            logger.critical(
+                "Buffer file is corrupt: moved it aside and stopping the agent; it restarts (systemd) with a fresh buffer numbered above the old one. Readings not yet uploaded are in the moved file",
+                metadata: metadata)
+            throw BufferError(
+                "the buffer \(path) is corrupt (\(damage)); it was moved aside to \(target), and the agent stops so that it restarts "
+                    + "with a fresh buffer (systemd restarts it; otherwise start it again)")
+        case .failure(let error):
+            metadata["buffer.move_error"] = "\(error)"
+            logger.critical(
+                "Buffer file is corrupt and cannot be moved aside; stopping the agent, whose next start checks the file again",
+                metadata: metadata)
+            throw BufferError(
+                "the buffer \(path) is corrupt (\(damage)) and cannot be moved aside (\(error)); the agent stops so that it "
+                    + "restarts and checks the file again; if it does not recover, stop it and move the file away")
         }
     }
 
@@ -475,4 +546,7 @@ public struct BufferError: Error, Hashable, Sendable, CustomStringConvertible {
 
     /// The buffer was closed.
     public static let closed = BufferError("the reading buffer is closed")
+
+    /// The buffer's commit loop has ended: the agent stops or restarts its services.
+    public static let ending = BufferError("the reading buffer is stopping (the agent stops or reloads its configuration)")
 }

@@ -315,6 +315,10 @@ private final class WakePipe: Sendable {
 public enum ControlClient {
     /// Sends `request` to the agent listening on `path` and returns its JSON answer. Blocks the calling thread (use it from
     /// the command line, not from the concurrency pool).
+    ///
+    /// - Parameter timeoutSeconds: how long connecting, sending and each read of the answer may wait. A request that makes
+    ///   the agent work for long (a requeue of the whole quarantine) needs a longer one.
+    /// - Throws: ``ControlSocketError``, with ``ControlSocketError/unanswered`` when the request was sent but no answer came.
     public static func send(_ request: ControlRequest, to path: String, timeoutSeconds: Int = 10) throws -> [UInt8] {
         let fd = try UnixSocket.connect(path, timeoutSeconds: timeoutSeconds)
         defer { close(fd) }
@@ -322,9 +326,16 @@ public enum ControlClient {
         // An agent serving its maximum of clients answers "busy" and closes without reading: the send may then fail
         // while that answer is waiting to be read, so read whatever came back before deciding.
         let sent = UnixSocket.writeAll(fd, Array(body) + [0x0A])
+        let asked = ContinuousClock.now
         guard let answer = UnixSocket.readLine(fd, limit: 16 << 20) else {
             guard sent else { throw ControlSocketError("the agent closed the control socket \(path) before the request was sent") }
-            throw ControlSocketError("the agent did not answer on \(path) within \(timeoutSeconds) s")
+            // The receive timeout applies to each read; a connection closed well before it is the agent going away.
+            if asked.duration(to: .now) < .seconds(timeoutSeconds) - .milliseconds(500) {
+                throw ControlSocketError(
+                    "the agent closed the control socket \(path) without answering (did it stop? `journalctl -u farmgate` says)",
+                    unanswered: true)
+            }
+            throw ControlSocketError("the agent did not answer on \(path) within \(timeoutSeconds) s", unanswered: true)
         }
         return answer
     }

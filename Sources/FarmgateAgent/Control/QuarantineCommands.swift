@@ -12,6 +12,10 @@ import FarmgateWire
 /// on the last one. The first page (`after` 0) also carries the quarantined calibration events (`calibrations`, with the
 /// same `code` filter): they are few, and never more than the buffer's events. `all` and `code` requeue or drop
 /// quarantined calibration events too (counted in the outcome's `calibrations`); `sequences` selects readings only. The CLI asks page after page, so an export of any size streams through in bounded memory.
+///
+/// `quarantine.requeue` and `quarantine.drop` answer once the whole selection is done, which for a large quarantine takes
+/// minutes: the buffer works through it in chunks (``ReadingBuffer/quarantineChunkSize``) between its commits, so the
+/// agent stays responsive meanwhile, and the CLI waits for these two answers far longer than for the others.
 public struct QuarantineCommands: Sendable {
     /// The commands this type answers.
     public static let commands = ["quarantine.list", "quarantine.requeue", "quarantine.drop"]

@@ -11,7 +11,13 @@ import Glibc
 /// Errors from the control socket, phrased for an installer.
 public struct ControlSocketError: Error, CustomStringConvertible, Sendable {
     public let description: String
-    public init(_ description: String) { self.description = description }
+    /// The agent took the request but gave no answer in time: it may still be working on it.
+    public let unanswered: Bool
+
+    public init(_ description: String, unanswered: Bool = false) {
+        self.description = description
+        self.unanswered = unanswered
+    }
 }
 
 /// Thin helpers over AF_UNIX stream sockets (blocking calls: only ever used on a dedicated thread or in the CLI).

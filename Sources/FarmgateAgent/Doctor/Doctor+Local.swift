@@ -15,9 +15,10 @@ import Glibc
 extension Doctor {
     // MARK: Serial ports and GPIO chips
 
-    /// Every configured serial port (EZO, Modbus) and GPIO chip: it exists, is a character device, and `user` may open it
-    /// for reading and writing; when not, which group it needs.
-    static func deviceFindings(_ configuration: AgentConfiguration, user: UnixUser) -> [DoctorFinding] {
+    /// Every configured serial port (EZO, Modbus) and GPIO chip: it exists, is a character device, and the agent may open
+    /// it for reading and writing, as `user` or through a group its systemd `unit` grants (when the unit runs the agent as
+    /// `user`); when not, which group it needs.
+    static func deviceFindings(_ configuration: AgentConfiguration, user: UnixUser, unit: ServiceUnit? = nil) -> [DoctorFinding] {
         var findings: [DoctorFinding] = []
         var seen: Set<String> = []
         let base = URL(fileURLWithPath: configuration.file).deletingLastPathComponent().path
@@ -27,7 +28,8 @@ extension Doctor {
                 guard let port = try? sensor.options.string("port"), !port.isEmpty else { continue }
                 let path = AgentConfiguration.resolve(port, against: base)
                 guard seen.insert(path).inserted else { continue }
-                findings.append(deviceFinding(check: "serial", path: path, sensor: sensor.id.rawValue, user: user, usualGroup: "dialout"))
+                findings.append(
+                    deviceFinding(check: "serial", path: path, sensor: sensor.id.rawValue, user: user, usualGroup: "dialout", unit: unit))
             case "gpio":
                 if (try? sensor.options.string("backend")) == "events" { continue }
                 let paths = chipPaths(sensor.options.value("chip"))
@@ -39,7 +41,7 @@ extension Doctor {
                     continue
                 }
                 for path in paths where seen.insert(path).inserted {
-                    findings.append(deviceFinding(check: "gpio", path: path, sensor: sensor.id.rawValue, user: user, usualGroup: "gpio"))
+                    findings.append(deviceFinding(check: "gpio", path: path, sensor: sensor.id.rawValue, user: user, usualGroup: "gpio", unit: unit))
                 }
             default:
                 continue
@@ -67,7 +69,9 @@ extension Doctor {
         }
     }
 
-    static func deviceFinding(check: String, path: String, sensor: String, user: UnixUser, usualGroup: String) -> DoctorFinding {
+    static func deviceFinding(
+        check: String, path: String, sensor: String, user: UnixUser, usualGroup: String, unit: ServiceUnit? = nil
+    ) -> DoctorFinding {
         let subject = "\(path) (\(sensor))"
         var info = stat()
         guard stat(path, &info) == 0 else {
@@ -91,11 +95,29 @@ extension Doctor {
             let via = user.uid == 0 ? "as root" : info.st_uid == user.uid ? "as its owner" : user.groups.contains(info.st_gid) ? "through group \(group)" : "as anyone"
             return DoctorFinding(check: check, subject: subject, status: .ok, message: "\(user.name) may read and write it \(via) (\(shown))")
         }
+        // The agent runs with the groups of its unit too (the installed one grants dialout and gpio): what the service
+        // may open counts, not what a login of its user could.
+        let unitRunsUser = unit?.runs(as: user) == true
+        if let unit, unitRunsUser {
+            var service = user
+            service.groups.formUnion(unit.groupIDs().map(\.id))
+            if service.mayOpen(mode: mode, owner: info.st_uid, group: info.st_gid) {
+                let grant = unit.grantedBy[group] ?? unit.files.joined(separator: ", ")
+                return DoctorFinding(
+                    check: check, subject: subject, status: .ok,
+                    message:
+                        "the agent may read and write it through group \(group), which its systemd unit grants (\(grant)); \(user.name) is not in the group itself, so only the agent started by systemd has it (\(shown))")
+            }
+        }
         if !user.groups.contains(info.st_gid), (mode >> 3) & 0o6 == 0o6, info.st_gid != 0 {
+            let fix =
+                unitRunsUser
+                ? "sudo usermod -aG \(group) \(user.name), or grant the group to the service: `sudo systemctl edit farmgate`, add SupplementaryGroups=\(group) under [Service]; then restart the agent (systemctl restart farmgate)"
+                : "sudo usermod -aG \(group) \(user.name), then restart the agent (systemctl restart farmgate)"
+            let granted = unitRunsUser ? ", nor does its systemd unit grant it" : ""
             return DoctorFinding(
                 check: check, subject: subject, status: .problem,
-                message: "\(user.name) may not open it: it is not in group \(group) (\(shown))",
-                fix: "sudo usermod -aG \(group) \(user.name), then restart the agent (systemctl restart farmgate)")
+                message: "\(user.name) may not open it: it is not in group \(group)\(granted) (\(shown))", fix: fix)
         }
         return DoctorFinding(
             check: check, subject: subject, status: .problem, message: "\(user.name) may not open it (\(shown))",

@@ -13,9 +13,10 @@ import Logging
 /// `farmgate doctor`: checks what a site needs to work and says, for each finding, what to do.
 ///
 /// In order: the running agent (control socket), each configured serial port and GPIO chip (exists, and the agent's
-/// user may open it: mode, owner, group membership), the clock (adjtimex), disk space against the buffer's quota, the
-/// buffer (integrity, depth, oldest unsent reading, quarantine), the ingest (reachable, TLS verified, `/healthz`), the
-/// key file (mode, owner) and whether the ingest accepts the key (`GET /v1/device`, and that it is this device's).
+/// user may open it: mode, owner, group membership or a group its systemd unit grants), the clock (adjtimex), disk space
+/// against the buffer's quota, the buffer (integrity, depth, oldest unsent reading, quarantine), the ingest (reachable,
+/// TLS verified, `/healthz`), the key file (mode, owner) and whether the ingest accepts the key (`GET /v1/device`, and
+/// that it is this device's).
 ///
 /// Checks that block (stat, SQLite, the control socket) run on a thread of their own; HTTP runs on the libcurl client's.
 public enum Doctor {
@@ -25,13 +26,16 @@ public enum Doctor {
     ///   - user: whose permissions count (the agent's user: `farmgate` under systemd).
     ///   - clock: where the clock's state comes from (the kernel; the agent's test hook in tests).
     ///   - timeout: the longest one HTTP request to the ingest may take.
+    ///   - unitDirectories: where to look for the agent's systemd unit (``ServiceUnit``), whose groups count for the
+    ///     device checks when it runs the agent as `user`.
     public static func run(
-        configuration: AgentConfiguration, user: UnixUser, clock: any ClockSource, timeout: Duration = .seconds(15), logger: Logger
+        configuration: AgentConfiguration, user: UnixUser, clock: any ClockSource, timeout: Duration = .seconds(15),
+        unitDirectories: [String] = ServiceUnit.standardDirectories, logger: Logger
     ) async -> DoctorReport {
         let local = await runBlocking { () -> [DoctorFinding] in
             let status = agentStatus(configuration)
             var findings = [status.finding]
-            findings += deviceFindings(configuration, user: user)
+            findings += deviceFindings(configuration, user: user, unit: ServiceUnit.load(directories: unitDirectories))
             findings.append(clockFinding(configuration, clock: clock))
             findings.append(diskFinding(configuration))
             findings += bufferFindings(configuration, status: status.status, now: clock.read().realtime)
