@@ -340,6 +340,37 @@ struct BufferTests {
         try await buffer.close()
     }
 
+    @Test("drop_oldest on a disk that stays full: once half the memory queue waits, the oldest stored readings make room")
+    func diskFullDropsOldestStored() async throws {
+        let scratch = try Scratch(prefix: "fg-buffer")
+        let buffer = try openBuffer(scratch, whenFull: .dropOldest)
+        try await register(buffer, "tank1.ph")
+        let ph = try sensor("tank1.ph")
+        let backlog = 80_000
+        try await buffer.append(series(ph, count: backlog))
+        try await buffer.flush()
+        // The disk is full: the file cannot grow by a page.
+        try await buffer.limitPageCount((try await buffer.statistics().usedBytes) / 1024)
+        // Below half the queue nothing stored is touched: the commit fails and the samples wait.
+        try await buffer.append(series(ph, count: 1_000, start: backlog))
+        await #expect(throws: (any Error).self) { try await buffer.flush() }
+        #expect(try await buffer.statistics().pending == backlog)
+        // Half the queue: the oldest stored readings go, the newest are committed.
+        let waiting = ReadingBuffer.maximumQueuedSamples / 2
+        try await buffer.append(series(ph, count: waiting - 1_000, start: backlog + 1_000))
+        let last = try await buffer.flush()
+        #expect(last == UInt64(backlog + waiting))
+        let statistics = try await buffer.statistics()
+        #expect(statistics.uncommitted == 0)
+        #expect(statistics.dropped > 0 && statistics.dropped <= Int64(waiting + waiting / 20 + 64))
+        #expect(statistics.pending == backlog + waiting - Int(statistics.dropped))
+        let pending = try await allPending(buffer)
+        #expect(pending.last?.sequence == UInt64(backlog + waiting))
+        #expect(pending.first?.sequence == UInt64(statistics.dropped) + 1, "the oldest went, nothing else")
+        try await buffer.limitPageCount(1 << 30)
+        try await buffer.close()
+    }
+
     @Test("past the in-memory cap while commits fail, the policy drops samples and they are counted")
     func memoryCap() async throws {
         let scratch = try Scratch(prefix: "fg-buffer")

@@ -587,6 +587,32 @@ final class BufferStore {
         return outcome
     }
 
+    /// `drop_oldest` on a full disk (see ``Committer``): deletes up to `count` of the oldest pending readings in a
+    /// transaction of their own, counted as dropped, so that the pages they free take the newest readings without the file
+    /// growing. Returns how many went.
+    func dropOldestForFullDisk(_ count: Int) throws -> Int {
+        guard count > 0, pendingCount > 0 else { return 0 }
+        // On a disk that is really full the WAL cannot grow either: a checkpoint that truncates it gives its space back
+        // for the delete and the commit after it (it fails harmlessly while anything holds the WAL).
+        _ = try? connection.query("PRAGMA wal_checkpoint(TRUNCATE)")
+        return try write {
+            var deleted = 0
+            while deleted < count, pendingCount > 0 {
+                try deleteOldest.run([.integer(Int64(min(count - deleted, 10_000)))])
+                let removed = connection.changes
+                guard removed > 0 else { break }
+                deleted += removed
+                pendingCount -= removed
+            }
+            if deleted > 0 {
+                try persistLastSequenceIfUncovered()
+                dropped += Int64(deleted)
+                try setCounter(BufferSchema.counterDropped, dropped)
+            }
+            return deleted
+        }
+    }
+
     /// Deletes the oldest pending readings in chunks until the used bytes are at most `target`. Returns how many it deleted.
     private func dropOldest(downTo target: Int64) throws -> Int {
         var deleted = 0

@@ -479,6 +479,11 @@ private final class Committer: Sendable {
             ])
     }
 
+    /// How many samples must wait in memory, their commit failing for a full disk, before `drop_oldest` deletes stored
+    /// readings to make room: half the queue (at 50 readings a second, about 17 minutes of a full disk). Below it nothing
+    /// stored is deleted: a disk filled by something else for a while costs nothing once space returns.
+    static let makeRoomAt = ReadingBuffer.maximumQueuedSamples / 2
+
     /// Commits everything queued. Runs on the buffer's thread, so commits happen one at a time and sequence numbers follow
     /// commit order. On failure the samples go back to the front of the queue.
     func commit(on store: BufferStore) throws -> UInt64 {
@@ -490,9 +495,22 @@ private final class Committer: Sendable {
             return (queue.samples, queue.droppedInMemory)
         }
         guard !samples.isEmpty || carried > 0 else { return UInt64(max(0, store.lastSequence)) }
-        let outcome: CommitOutcome
+        var outcome: CommitOutcome
         do {
-            outcome = try store.commit(samples, carriedDrops: carried, quotaBytes: quotaBytes, policy: policy)
+            do {
+                outcome = try store.commit(samples, carriedDrops: carried, quotaBytes: quotaBytes, policy: policy)
+            } catch let error as SQLiteError where error.isDiskFull && policy == .dropOldest && samples.count >= Self.makeRoomAt {
+                // The disk filled before the quota, and has stayed full while half the memory queue filled up: the policy
+                // drops the oldest readings, so the oldest stored ones make room (their pages take the newest) rather than
+                // newer ones waiting in memory, which are lost at the cap or in a restart.
+                let freed = try store.dropOldestForFullDisk(samples.count + samples.count / 20 + 64)
+                guard freed > 0 else { throw error }
+                logger.warning(
+                    "The disk is full before the buffer's quota; the oldest stored readings were dropped to commit the newest",
+                    metadata: ["buffer.dropped": "\(freed)", "buffer.policy": "\(policy.rawValue)", "error": "\(error)"])
+                outcome = try store.commit(samples, carriedDrops: carried, quotaBytes: quotaBytes, policy: policy)
+                outcome.dropped += freed
+            }
         } catch {
             let policy = self.policy
             let overflow = queue.withLock { queue in
