@@ -340,6 +340,28 @@ struct BufferTests {
         try await buffer.close()
     }
 
+    @Test("acknowledgements written without their own fsync reach the disk at the next window that has nothing to commit")
+    func idleAcknowledgementsAreSynced() async throws {
+        let scratch = try Scratch(prefix: "fg-buffer")
+        let buffer = try openBuffer(scratch)
+        try await register(buffer, "tank1.ph")
+        let ph = try sensor("tank1.ph")
+        try await buffer.append(series(ph, count: 500))
+        try await buffer.flush()
+        let path = scratch.file("buffer/buffer.sqlite")
+        // A checkpoint now, so that the file holds everything committed; the acknowledgement then lives in the WAL only.
+        _ = try await buffer.withStore { store in try store.connection.query("PRAGMA wal_checkpoint(TRUNCATE)") }
+        try await buffer.acknowledge(try await allPending(buffer).map(\.sequence))
+        let before = try Data(contentsOf: URL(fileURLWithPath: path))
+        try await buffer.flush()  // nothing queued: a quiet window of the commit loop
+        let after = try Data(contentsOf: URL(fileURLWithPath: path))
+        #expect(before != after, "the acknowledgement was checkpointed (its WAL synced) although nothing was committed")
+        // Once synced, a quiet window writes nothing.
+        try await buffer.flush()
+        #expect(try Data(contentsOf: URL(fileURLWithPath: path)) == after)
+        try await buffer.close()
+    }
+
     @Test("drop_oldest on a disk that stays full: once half the memory queue waits, the oldest stored readings make room")
     func diskFullDropsOldestStored() async throws {
         let scratch = try Scratch(prefix: "fg-buffer")

@@ -49,6 +49,8 @@ final class BufferStore {
     /// The last sequence number assigned (committed).
     private(set) var lastSequence: Int64
     var pendingCount: Int
+    /// An acknowledgement was written without its own fsync since the last synced commit (see ``acknowledge(_:)``).
+    private(set) var acknowledgementsUnsynced = false
     var quarantinedCount: Int
     /// Quarantined readings by reason code, recounted after every change to the quarantine (rare) so that statistics,
     /// which the uploader polls, cost no query.
@@ -562,6 +564,8 @@ final class BufferStore {
                 try setCounter(BufferSchema.counterDropped, dropped)
             }
         }
+        // A commit that wrote readings synced the WAL, and every acknowledgement written before it with it.
+        if synchronousFull, outcome.stored > 0 { acknowledgementsUnsynced = false }
         if outcome.trimmedFromQuarantine > 0 {
             logger.warning(
                 "Buffer is at its disk quota with no pending reading left; the oldest quarantined readings were deleted",
@@ -585,6 +589,16 @@ final class BufferStore {
         outcome.lastSequence = lastSequence
         writeSidecar()
         return outcome
+    }
+
+    /// Makes unsynced acknowledgements durable when no commit came to do it: on a site that samples nothing for a while
+    /// (long intervals, every sensor failing) they would otherwise wait for the next reading, and a power cut meanwhile
+    /// would send the acknowledged readings again. A checkpoint syncs the WAL (then writes its pages into the file, which a
+    /// later checkpoint would have written anyway); once per quiet commit window after an upload.
+    func syncAcknowledgements() throws {
+        guard acknowledgementsUnsynced else { return }
+        _ = try connection.query("PRAGMA wal_checkpoint(PASSIVE)")
+        acknowledgementsUnsynced = false
     }
 
     /// `drop_oldest` on a full disk (see ``Committer``): deletes up to `count` of the oldest pending readings in a
@@ -789,7 +803,10 @@ final class BufferStore {
         // which go again and are counted as duplicates. So it is committed without its own fsync (`synchronous=NORMAL`
         // for this transaction); the next group commit's fsync makes it durable together with that commit's readings,
         // and the SD card sees one flush of the WAL's last page per commit window instead of two.
-        if synchronousFull { try connection.execute("PRAGMA synchronous = NORMAL") }
+        if synchronousFull {
+            try connection.execute("PRAGMA synchronous = NORMAL")
+            acknowledgementsUnsynced = true
+        }
         defer { if synchronousFull { try? connection.execute("PRAGMA synchronous = FULL") } }
         return try write {
             // An acknowledged batch is nearly always one run of consecutive numbers: one range delete per run.

@@ -494,7 +494,11 @@ private final class Committer: Sendable {
             }
             return (queue.samples, queue.droppedInMemory)
         }
-        guard !samples.isEmpty || carried > 0 else { return UInt64(max(0, store.lastSequence)) }
+        guard !samples.isEmpty || carried > 0 else {
+            // Nothing to commit in this window: acknowledgements written since the last commit are synced now.
+            try store.syncAcknowledgements()
+            return UInt64(max(0, store.lastSequence))
+        }
         var outcome: CommitOutcome
         do {
             do {
