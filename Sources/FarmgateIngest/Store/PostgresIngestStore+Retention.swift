@@ -135,6 +135,14 @@ extension PostgresIngestStore: RetentionStore {
 
             var defaultPartition: String { parent + "_default" }
 
+            /// The partition key: the first timestamp of a chunk, the start of a 1-minute bucket.
+            var key: String {
+                switch self {
+                case .readings: "first_ts"
+                case .minuteRollups: "bucket_us"
+                }
+            }
+
             /// The partition names' pattern (a constant of this code, never input).
             var pattern: String {
                 switch self {
