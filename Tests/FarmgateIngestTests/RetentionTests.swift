@@ -220,9 +220,14 @@ import Testing
             #expect(try await PostgresStoreTests.count(settings, "SELECT count(*)::int8 FROM rollups_1m_default") == 1)
             #expect(try await PostgresStoreTests.count(settings, "SELECT count(*)::int8 FROM rollups_1m_default WHERE bucket_us > \(testNow.microseconds)") == 1)
             #expect(try await PostgresStoreTests.count(settings, "SELECT count(*)::int8 FROM rollups_1m") == 2)
-            // A scheduled run right after this one finds it done.
+            // A scheduled run right after this one finds it done, completed at the database's time (not the `now` it
+            // was given, which is almost a year behind it).
             let scheduled = try await store.runRetention(Self.retention, now: testNow, options: RetentionRunOptions(skipIfRanWithin: .seconds(1800)))
-            #expect(scheduled.skipped == .ranRecently(testNow))
+            guard case .ranRecently(let finished)? = scheduled.skipped else {
+                Issue.record("not skipped as run recently: \(String(describing: scheduled.skipped))")
+                return
+            }
+            #expect(abs(finished.microseconds - Timestamp.now().microseconds) < 600_000_000, "\(RFC3339.format(finished))")
             // Re-sent: a duplicate, though its row went with the default partition's old rows.
             #expect(try await store.store(try phBatch(sequences: 1...20, start: ancient), for: device, receivedAt: testNow).duplicates == 20)
         }
@@ -267,6 +272,51 @@ import Testing
                     try await PostgresStoreTests.count(settings, "SELECT count(*)::int8 FROM pg_inherits WHERE inhparent = 'readings'::regclass")
                         == partitionsBefore - dropped)
             }
+        }
+    }
+
+    /// Instances whose clocks disagree by minutes decide alike whether a scheduled run is due: by the database's clock.
+    /// With each instance's own clock, one running behind saw the run another had just completed as one from its
+    /// future and ran again, and one running ahead by more than the window saw it as long past.
+    @Test func instancesWhoseClocksDisagreeRunScheduledRetentionOnce() async throws {
+        try await withTestDatabase { settings in
+            let first = try PostgresIngestStore(settings: settings, logger: testLogger)
+            _ = try await withRunning(first) { _ in try await first.migrate() }
+            let minute: Int64 = 60_000_000
+            /// A scheduled run (interval one hour: skipped within half of it) of an instance whose clock reads `offset`
+            /// minutes from testNow, through a pool of its own.
+            func scheduledRun(clockOffsetMinutes offset: Int64) async throws -> RetentionReport {
+                let instance = try PostgresIngestStore(settings: settings, logger: testLogger)
+                return try await withRunning(instance) { _ in
+                    try await instance.runRetention(
+                        Self.retention, now: Timestamp(microseconds: testNow.microseconds + offset * minute),
+                        options: RetentionRunOptions(skipIfRanWithin: .seconds(1800)))
+                }
+            }
+            // One after another: the first runs; one five minutes behind it, one forty minutes ahead (past the
+            // half-hour window by its own clock) and one a day behind all find it done.
+            #expect(try await scheduledRun(clockOffsetMinutes: 0).skipped == nil)
+            for offset: Int64 in [-5, 40, -1440] {
+                let report = try await scheduledRun(clockOffsetMinutes: offset)
+                guard case .ranRecently? = report.skipped else {
+                    Issue.record("the instance \(offset) minutes off ran retention again: \(report.lines)")
+                    continue
+                }
+            }
+            // Due again (the last run was an hour ago by the database's clock): four instances minutes apart ask at the
+            // same moment, and exactly one runs.
+            try await adminQuery(settings, "UPDATE maintenance_runs SET finished_at_us = finished_at_us - 3600000000 WHERE job = 'retention'")
+            let reports = try await withThrowingTaskGroup(of: RetentionReport.self) { group in
+                for offset: Int64 in [-7, -2, 3, 9] { group.addTask { try await scheduledRun(clockOffsetMinutes: offset) } }
+                var reports: [RetentionReport] = []
+                for try await report in group { reports.append(report) }
+                return reports
+            }
+            #expect(reports.filter { $0.skipped == nil }.count == 1, "\(reports.map(\.lines))")
+            // A completion recorded in the database's future (an older version, on an instance whose clock ran ahead)
+            // does not hold the job off.
+            try await adminQuery(settings, "UPDATE maintenance_runs SET finished_at_us = finished_at_us + 86400000000 WHERE job = 'retention'")
+            #expect(try await scheduledRun(clockOffsetMinutes: 0).skipped == nil)
         }
     }
 

@@ -8,7 +8,8 @@ public import ServiceLifecycle
 ///
 /// With several instances on one PostgreSQL each scheduled run happens once: a run takes an advisory try-lock (an
 /// instance that finds it taken skips), and skips too when another instance completed a run less than half an
-/// interval ago. Every run is logged (what went, or why it was skipped) and counted in ``RetentionMetrics``.
+/// interval ago, measured by the database's clock (instances' clocks may disagree by minutes; `now` only sets the
+/// cut-offs). Every run is logged (what went, or why it was skipped) and counted in ``RetentionMetrics``.
 public struct RetentionService: Service {
     let store: any RetentionStore
     let retention: IngestConfiguration.Retention

@@ -23,7 +23,8 @@ public struct RetentionRunOptions: Sendable {
     /// Count what would go and remove nothing.
     public var dryRun: Bool
     /// For the schedule: skip the run when another instance completed one less than this long ago (PostgreSQL keeps
-    /// the last run in `maintenance_runs`). Nil (a run asked for by hand) always runs.
+    /// the last run in `maintenance_runs` and measures this by its own clock, not the `now` a run is given, so that
+    /// instances whose clocks disagree decide alike). Nil (a run asked for by hand) always runs.
     public var skipIfRanWithin: Duration?
     /// Told how many rows have gone so far, after each transaction that removed some (SQLite); for tests and progress.
     public var progress: (@Sendable (Int) -> Void)?
@@ -50,7 +51,8 @@ public struct RetentionReport: Sendable, Hashable {
     public enum Skip: Sendable, Hashable {
         /// Another instance holds the retention lock: it is running now.
         case runningElsewhere
-        /// Another instance completed a run at this time, less than ``RetentionRunOptions/skipIfRanWithin`` ago.
+        /// Another instance completed a run at this time (the database's clock), less than
+        /// ``RetentionRunOptions/skipIfRanWithin`` ago.
         case ranRecently(Timestamp)
     }
 

@@ -7,10 +7,15 @@ import PostgresNIO
 /// Retention on PostgreSQL: whole daily partitions of readings and whole monthly partitions of 1-minute rollups
 /// dropped, once across instances.
 extension PostgresIngestStore: RetentionStore {
+    /// Retention's row in `maintenance_runs`.
+    static let retentionJob = "retention"
+
     /// Removes what lies before the cut-offs in one transaction that holds the retention advisory lock
     /// (`pg_try_advisory_xact_lock`: an instance that finds it taken skips, it never waits), so that with several
     /// instances each run happens once; a scheduled run also skips when `maintenance_runs` says another instance
-    /// completed one less than ``RetentionRunOptions/skipIfRanWithin`` ago.
+    /// completed one less than ``RetentionRunOptions/skipIfRanWithin`` ago. That is decided by the database's clock
+    /// (``recentMaintenanceRun(_:within:on:logger:)``), under the lock, and the run is recorded by the same clock, so
+    /// instances whose clocks disagree decide alike; `now` only sets the cut-offs.
     ///
     /// In that transaction, in this order:
     /// - 1-minute rollups (partitioned by month, see ``PostgresSchema/partitionedMinuteRollups``): every monthly
@@ -23,7 +28,7 @@ extension PostgresIngestStore: RetentionStore {
     ///   `readings_YYYYMMDD` that ends at or before the cut-off is listed to be dropped.
     /// - The notification outbox's old rows are deleted, then the alert transitions recorded before the
     ///   `alert_history` cut-off except each alert's newest (``purgeAlertHistory(before:dryRun:on:logger:)``), and the
-    ///   run is recorded in `maintenance_runs`.
+    ///   run is recorded in `maintenance_runs` (at the database's `clock_timestamp()`).
     /// - Last, just before the commit, the listed partitions are dropped (readings first, then rollups: the order in
     ///   which the write transaction takes its locks). A drop locks its parent table for a moment, so they come last,
     ///   under a `lock_timeout` of 10 s (a run that cannot get a lock fails, whole, and the next one tries again).
@@ -45,15 +50,11 @@ extension PostgresIngestStore: RetentionStore {
                     locked = got
                 }
                 guard locked else { return .skip(.runningElsewhere, retention: retention, now: now, dryRun: options.dryRun) }
-                if let window = options.skipIfRanWithin {
-                    for try await finished in try await connection.query(
-                        "SELECT finished_at_us FROM maintenance_runs WHERE job = 'retention'", logger: logger
-                    ).decode(Int64.self) {
-                        let windowMicroseconds = window.wholeMicroseconds
-                        if now.microseconds - finished < windowMicroseconds, finished <= now.microseconds {
-                            return .skip(.ranRecently(Timestamp(microseconds: finished)), retention: retention, now: now, dryRun: options.dryRun)
-                        }
-                    }
+                // Due or not by the database's clock, never `now` (this instance's): see recentMaintenanceRun.
+                if let window = options.skipIfRanWithin,
+                    let finished = try await Self.recentMaintenanceRun(Self.retentionJob, within: window, on: connection, logger: logger)
+                {
+                    return .skip(.ranRecently(finished), retention: retention, now: now, dryRun: options.dryRun)
                 }
                 var report = empty
                 for level in RollupLevel.allCases {
@@ -102,12 +103,7 @@ extension PostgresIngestStore: RetentionStore {
                     report.duration = ContinuousClock.now - started
                     return report
                 }
-                let summary = report.lines.joined(separator: "; ")
-                try await connection.query(
-                    """
-                    INSERT INTO maintenance_runs(job, finished_at_us, summary) VALUES ('retention', \(now.microseconds), \(summary))
-                    ON CONFLICT (job) DO UPDATE SET finished_at_us = excluded.finished_at_us, summary = excluded.summary
-                    """, logger: logger)
+                try await Self.recordMaintenanceRun(Self.retentionJob, summary: report.lines.joined(separator: "; "), on: connection, logger: logger)
                 // The drops, last: each holds an exclusive lock on its parent until the commit.
                 for name in report.partitionsDropped + report.minuteRollupPartitionsDropped {
                     try await connection.query("DROP TABLE \(unescaped: "\"" + name + "\"")", logger: logger)
@@ -138,6 +134,14 @@ extension PostgresIngestStore: RetentionStore {
             }
 
             var defaultPartition: String { parent + "_default" }
+
+            /// The partition key: the first timestamp of a chunk, the start of a 1-minute bucket.
+            var key: String {
+                switch self {
+                case .readings: "first_ts"
+                case .minuteRollups: "bucket_us"
+                }
+            }
 
             /// The partition names' pattern (a constant of this code, never input).
             var pattern: String {

@@ -37,8 +37,8 @@ public final class PostgresIngestStore: IngestStore {
     let client: PostgresClient
     let logger: Logger
     /// Partitions created ahead, by table: daily ones of `readings`, monthly ones of `rollups_1m`.
-    private let readingPartitionsCreated = Counter(label: "farmgate_ingest_partitions_created_total", dimensions: [("table", "readings")])
-    private let rollupPartitionsCreated = Counter(label: "farmgate_ingest_partitions_created_total", dimensions: [("table", "rollups_1m")])
+    let readingPartitionsCreated = Counter(label: "farmgate_ingest_partitions_created_total", dimensions: [("table", "readings")])
+    let rollupPartitionsCreated = Counter(label: "farmgate_ingest_partitions_created_total", dimensions: [("table", "rollups_1m")])
     /// Gathers concurrent batches into shared transactions.
     let groupCommit: PostgresGroupCommit
     /// How many days of partitions ``run()`` keeps ahead of today.
@@ -118,69 +118,6 @@ public final class PostgresIngestStore: IngestStore {
     /// How long shutdown waits for the pool's connections to close.
     static let shutdownGrace: Duration = .seconds(5)
 
-    /// How many partitions one ``createPartitions(now:)`` created.
-    public struct CreatedPartitions: Sendable, Hashable {
-        /// Daily partitions of `readings` (`readings_YYYYMMDD`).
-        public var readings: Int
-        /// Monthly partitions of `rollups_1m` (`rollups_1m_YYYYMM`).
-        public var minuteRollups: Int
-    }
-
-    /// Creates the partitions that do not exist yet: of `readings` for yesterday through ``partitionDaysAhead`` days
-    /// ahead, of `rollups_1m` for last month through ``rollupPartitionMonthsAhead`` months ahead (UTC). One transaction
-    /// under the advisory lock ``PostgresSchema/partitionLock``; rows of the default partitions that belong to a new
-    /// partition move into it there (see ``PostgresSchema``). What was created is counted in
-    /// `farmgate_ingest_partitions_created_total{table}` and logged.
-    @discardableResult
-    public func createPartitions(now: Timestamp = .now()) async throws -> CreatedPartitions {
-        let days = Self.partitionDaysAhead + 2
-        let firstDay = Self.day(of: Timestamp(microseconds: now.microseconds - 86_400_000_000))
-        let months = Self.rollupPartitionMonthsAhead + 2
-        let firstMonth = Self.month(of: now, offset: -1)
-        let created = try await transaction { connection in
-            try await connection.query("SELECT pg_advisory_xact_lock(\(PostgresSchema.partitionLock))", logger: self.logger)
-            var created = CreatedPartitions(readings: 0, minuteRollups: 0)
-            for try await count in try await connection.query(
-                "SELECT farmgate_create_partitions(\(firstDay)::date, \(days)::integer)", logger: self.logger
-            ).decode(Int.self) { created.readings = count }
-            for try await count in try await connection.query(
-                "SELECT farmgate_create_rollup_partitions(\(firstMonth)::date, \(months)::integer)", logger: self.logger
-            ).decode(Int.self) { created.minuteRollups = count }
-            return created
-        }
-        if created.readings > 0 || created.minuteRollups > 0 {
-            readingPartitionsCreated.increment(by: created.readings)
-            rollupPartitionsCreated.increment(by: created.minuteRollups)
-            logger.info(
-                "created partitions ahead",
-                metadata: [
-                    "store.partitions.readings_created": "\(created.readings)", "store.partitions.readings_from": "\(firstDay)",
-                    "store.partitions.rollups_1m_created": "\(created.minuteRollups)", "store.partitions.rollups_1m_from": "\(firstMonth)",
-                ])
-        }
-        return created
-    }
-
-    static func day(of timestamp: Timestamp) -> String {
-        let parts = utcParts(of: timestamp)
-        return String(format: "%04d-%02d-%02d", parts.year ?? 1970, parts.month ?? 1, parts.day ?? 1)
-    }
-
-    /// The first day (`YYYY-MM-01`) of the UTC month `offset` months from the one holding `timestamp`.
-    static func month(of timestamp: Timestamp, offset: Int) -> String {
-        let parts = utcParts(of: timestamp)
-        let index = (parts.year ?? 1970) * 12 + (parts.month ?? 1) - 1 + offset
-        let year = index >= 0 ? index / 12 : (index - 11) / 12
-        return String(format: "%04d-%02d-01", year, index - year * 12 + 1)
-    }
-
-    private static func utcParts(of timestamp: Timestamp) -> DateComponents {
-        let date = Date(timeIntervalSince1970: Double(timestamp.microseconds / 1_000_000))
-        var calendar = Calendar(identifier: .gregorian)
-        calendar.timeZone = TimeZone(identifier: "UTC") ?? calendar.timeZone
-        return calendar.dateComponents([.year, .month, .day], from: date)
-    }
-
     // MARK: Plumbing
 
     /// Runs `body` in one transaction with `query_timeout` as the server's `statement_timeout` for it, and bounds the
@@ -228,7 +165,11 @@ public final class PostgresIngestStore: IngestStore {
 
     /// Like ``withDeadline(_:_:)``, but at the deadline returns at once, leaving `body` cancelled and running on its own
     /// rather than waiting for it to notice.
-    private func abandoning<T: Sendable>(after timeout: Duration, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
+    ///
+    /// - Parameter limit: what `timeout` is, for the error (``PostgresStoreError/timedOut(_:)``).
+    private func abandoning<T: Sendable>(
+        after timeout: Duration, limit: String = "query_timeout", _ body: @escaping @Sendable () async throws -> T
+    ) async throws -> T {
         guard timeout > .zero else { return try await body() }
         // The first answer wins (the work's, the deadline's, or the caller's cancellation); then the work is cancelled
         // and the deadline forgotten.
@@ -247,7 +188,7 @@ public final class PostgresIngestStore: IngestStore {
                     answer.resume(
                         with: .failure(
                             PostgresStoreError.timedOut(
-                                "no answer from PostgreSQL within query_timeout (\(timeout)); check that the database is up and the pool is not exhausted")))
+                                "no answer from PostgreSQL within \(limit) (\(timeout)); check that the database is up and the pool is not exhausted")))
                 }
                 answer.onResume {
                     work.cancel()
@@ -265,8 +206,10 @@ public final class PostgresIngestStore: IngestStore {
     /// `statement_timeout`. The caller is answered at the deadline even when `body` does not notice its cancellation
     /// (a connection whose server was restarted under it can leave postgres-nio waiting): a store call never hangs,
     /// whether it writes a batch, runs retention or answers a read.
-    func withDeadline<T: Sendable>(_ timeout: Duration, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
-        try await abandoning(after: timeout, body)
+    func withDeadline<T: Sendable>(
+        _ timeout: Duration, limit: String = "query_timeout", _ body: @escaping @Sendable () async throws -> T
+    ) async throws -> T {
+        try await abandoning(after: timeout, limit: limit, body)
     }
 
     // MARK: Schema

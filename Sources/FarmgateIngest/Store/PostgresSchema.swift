@@ -15,16 +15,18 @@
 ///
 /// The table is partitioned by `RANGE (first_ts)`, one partition per UTC day (`readings_YYYYMMDD`); a chunk never
 /// crosses a day, so it lies wholly in its day's partition and retention drops whole days. Partitions are created ahead
-/// by `farmgate_create_partitions(first_day, days)` (the service calls it at start and every six hours), with a `DEFAULT`
-/// partition for what falls outside (a backlog older than the first partition, a clock-unsynchronised reading far
-/// ahead). When a day's partition is created later, the chunks the default partition holds for that day move into it
-/// in the same transaction.
+/// by ``PostgresIngestStore/createPartitions(now:)`` (at start and every six hours), with a `DEFAULT` partition for what
+/// falls outside (a backlog older than the first partition, a clock-unsynchronised reading far ahead). When a day's
+/// partition is created later, the chunks the default partition holds for that day move into it in the transaction that
+/// attaches it. (Migrations 5 and 11 made partitions with the SQL functions `farmgate_create_partitions` and
+/// `farmgate_create_rollup_partitions`, which stay in the database; the store no longer calls them: they move rows in
+/// one transaction for every partition, under `query_timeout`.)
 ///
 /// ## Rollups (migrations 4 and 11)
 /// `rollups_1m`, `rollups_1h` and `rollups_1d` (see ``RollupLevel``). `rollups_1m` is partitioned by `RANGE
 /// (bucket_us)`, one partition per UTC calendar month (`rollups_1m_YYYYMM`) and a default partition, made ahead by
-/// `farmgate_create_rollup_partitions(first_month, months)` beside the readings' days, so that its retention drops
-/// whole months (``partitionedMinuteRollups``); the hourly and daily tables are not partitioned.
+/// ``PostgresIngestStore/createPartitions(now:)`` beside the readings' days, so that its retention drops whole months
+/// (``partitionedMinuteRollups``); the hourly and daily tables are not partitioned.
 ///
 /// ## Idempotency across partitions
 /// PostgreSQL cannot enforce a unique index across partitions unless it contains the partition key, and (device,
@@ -406,12 +408,12 @@ extension PostgresSchema {
     /// write transaction's `ON CONFLICT (sensor_id, bucket_us)` upsert (``RollupSQL/merge(table:excluded:)``) works on
     /// the parent as before; a range query for one sensor prunes to the months it spans.
     ///
-    /// Partitions are created by `farmgate_create_rollup_partitions(first_month, months)`, like the readings' days
-    /// (``PostgresIngestStore/createPartitions(now:)`` calls both: last month through two months ahead): an existing
-    /// month is skipped; a new one is filled with the default partition's rows of that month in the same transaction,
-    /// then attached. The existing rows move in this migration's transaction (the table renamed, the new one made,
-    /// partitions for the months that have rows, `INSERT ... SELECT`, the old table dropped), as migration 5 did for
-    /// readings.
+    /// Partitions are created like the readings' days (``PostgresIngestStore/createPartitions(now:)``: last month
+    /// through two months ahead): an existing month is skipped; a new one is filled with the default partition's rows of
+    /// that month in the transaction that attaches it. The existing rows move in this migration's transaction (the
+    /// table renamed, the new one made, partitions for the months that have rows made by
+    /// `farmgate_create_rollup_partitions(first_month, months)`, `INSERT ... SELECT`, the old table dropped), as
+    /// migration 5 did for readings.
     ///
     /// `rollups_1h` and `rollups_1d` stay unpartitioned: they hold 24 and 1 rows per sensor and day (a year of 60 sensors
     /// is 525,600 and 21,900 rows, against 31.5 million at 1 minute) and are kept forever by default, so there is
