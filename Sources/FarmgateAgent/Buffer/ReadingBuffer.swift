@@ -398,6 +398,10 @@ public final class ReadingBuffer: PendingReadings, Service {
             return try store.withValueBlocking { store in try store.freezeForSending(sequences) }
         } catch is DedicatedThreadError {
             throw BufferError.closed
+        } catch where BufferStore.isCorruption(error) {
+            let description = "\(error)"
+            corruption.withLock { $0 = $0 ?? description }
+            throw error
         }
     }
 
