@@ -166,6 +166,7 @@ let package = Package(
             dependencies: [
                 "CModbus",
                 "FarmgateSupport",
+                .product(name: "Logging", package: "swift-log"),
                 // The SMTP sink (STARTTLS with a test certificate).
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),

@@ -153,8 +153,8 @@ struct BufferDamageTests {
     func aFileDamagedWhileRunningEndsTheCommitLoopSoThatARestartRecoversIt(discovery: Discovery) async throws {
         let scratch = try Scratch(prefix: "fg-damage")
         let path = scratch.file("buffer/buffer.sqlite")
-        let log = LogLines()
-        let logger = Logger(label: "test.buffer.damage.run") { _ in RecordingLogHandler(log: log) }
+        let log = RecordedLog()
+        let logger = log.logger(label: "test.buffer.damage.run")
         let buffer = try ReadingBuffer(configuration: BufferConfiguration(path: path, commitInterval: .milliseconds(50)), logger: logger)
         try await buffer.register([Self.ph])
         try await buffer.append(Self.samples(3_000, start: 0))
@@ -183,7 +183,7 @@ struct BufferDamageTests {
         #expect(error.contains(path) && error.contains("corrupt") && error.contains("restart"), "\(error)")
 
         // Said once, naming the file and where it went; the file is moved aside as at start, the sidecar is current.
-        let reports = log.lines.withLock { $0 }.filter { $0.message.contains("corrupt") }
+        let reports = log.entries.filter { $0.message.contains("corrupt") }
         #expect(reports.count == 1, "\(reports.map(\.message))")
         #expect(reports.first?.level == .critical)
         #expect(reports.first?.metadata["buffer.path"] == "\(path)")
@@ -202,29 +202,5 @@ struct BufferDamageTests {
         #expect(try await restarted.flush() == committed + UInt64(ReadingBuffer.recoverySequenceGap) + 1)
         #expect(try await restarted.integrityProblems().isEmpty)
         try await restarted.close()
-    }
-}
-
-/// Log events with their level and metadata.
-private final class LogLines: Sendable {
-    struct Line: Sendable {
-        let level: Logger.Level
-        let message: String
-        let metadata: Logger.Metadata
-    }
-    let lines = Mutex<[Line]>([])
-}
-
-private struct RecordingLogHandler: LogHandler {
-    let log: LogLines
-    var metadata: Logger.Metadata = [:]
-    var logLevel: Logger.Level = .trace
-    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-        get { metadata[key] }
-        set { metadata[key] = newValue }
-    }
-    func log(event: LogEvent) {
-        let line = LogLines.Line(level: event.level, message: event.message.description, metadata: metadata.merging(event.metadata ?? [:]) { $1 })
-        log.lines.withLock { $0.append(line) }
     }
 }

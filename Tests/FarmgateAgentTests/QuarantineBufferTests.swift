@@ -196,8 +196,8 @@ struct QuarantineBufferTests {
     @Test("A large requeue runs in chunks that commits and status go between; outcome, counts and log stay exact")
     func largeRequeueRunsInChunks() async throws {
         let scratch = try Scratch(prefix: "fg-q-chunks")
-        let log = LogBox()
-        let buffer = try await open(scratch, logger: log.logger)
+        let log = RecordedLog()
+        let buffer = try await open(scratch, logger: log.logger())
         // Six chunks of 5,000 (ReadingBuffer.quarantineChunkSize), and three readings of another code left alone.
         let count = 30_000
         let sequences = try await commit(buffer, count: count)
@@ -254,8 +254,8 @@ struct QuarantineBufferTests {
           arguments: ["requeue", "drop"])
     func stoppedMidwayKeepsFinishedChunks(operation: String) async throws {
         let scratch = try Scratch(prefix: "fg-q-midway")
-        let log = LogBox()
-        let buffer = try await open(scratch, logger: log.logger)
+        let log = RecordedLog()
+        let buffer = try await open(scratch, logger: log.logger())
         let count = 12_000
         let sequences = try await commit(buffer, count: count)
         try await buffer.quarantine(
@@ -403,35 +403,4 @@ private struct MessageRecorder: LogHandler {
         set { metadata[key] = newValue }
     }
     func log(event: LogEvent) { box.messages.withLock { $0.append(event.message.description) } }
-}
-
-/// Records log entries with their metadata.
-private final class LogBox: Sendable {
-    struct Entry: Sendable {
-        let level: Logger.Level
-        let message: String
-        let metadata: Logger.Metadata
-    }
-
-    private let storage = Mutex<[Entry]>([])
-    var entries: [Entry] { storage.withLock { $0 } }
-
-    var logger: Logger {
-        Logger(label: "test.quarantine.log") { _ in Handler(box: self) }
-    }
-
-    private struct Handler: LogHandler {
-        let box: LogBox
-        var metadata: Logger.Metadata = [:]
-        var logLevel: Logger.Level = .trace
-        subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-            get { metadata[key] }
-            set { metadata[key] = newValue }
-        }
-        func log(event: LogEvent) {
-            let entry = Entry(
-                level: event.level, message: event.message.description, metadata: metadata.merging(event.metadata ?? [:]) { $1 })
-            box.storage.withLock { $0.append(entry) }
-        }
-    }
 }
