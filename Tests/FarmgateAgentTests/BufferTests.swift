@@ -393,6 +393,27 @@ struct BufferTests {
         try await buffer.close()
     }
 
+    @Test("drop_oldest on a full disk deletes nothing when even the room it makes is not enough")
+    func diskFullMakingRoomFailsWhole() async throws {
+        let scratch = try Scratch(prefix: "fg-buffer")
+        let buffer = try openBuffer(scratch, whenFull: .dropOldest)
+        try await register(buffer, "tank1.ph")
+        let ph = try sensor("tank1.ph")
+        try await buffer.append(series(ph, count: 100))
+        try await buffer.flush()
+        try await buffer.limitPageCount((try await buffer.statistics().usedBytes) / 1024)
+        // Half the queue waits; a hundred stored readings free far too little for it.
+        try await buffer.append(series(ph, count: ReadingBuffer.maximumQueuedSamples / 2, start: 100))
+        await #expect(throws: (any Error).self) { try await buffer.flush() }
+        let statistics = try await buffer.statistics()
+        #expect(statistics.pending == 100, "the stored readings stay: the failed commit deleted nothing")
+        #expect(statistics.dropped == 0)
+        #expect(statistics.uncommitted == ReadingBuffer.maximumQueuedSamples / 2)
+        try await buffer.limitPageCount(1 << 30)
+        #expect(try await buffer.flush() == UInt64(100 + ReadingBuffer.maximumQueuedSamples / 2))
+        try await buffer.close()
+    }
+
     @Test("past the in-memory cap while commits fail, the policy drops samples and they are counted")
     func memoryCap() async throws {
         let scratch = try Scratch(prefix: "fg-buffer")

@@ -455,6 +455,41 @@ struct ClockCorrectionTests {
         try await reopened.close()
     }
 
+    @Test("Once the clock is known, a reading the repair has not reached cannot go with its old time; an interrupted repair resumes")
+    func repairBeforeSend() async throws {
+        let scratch = try Scratch(prefix: "fg-clock")
+        let buffer = try openBuffer(scratch)
+        let sensor = try phSensor()
+        let clock = ManualClock(trueTime: try trueStart(), offsetSeconds: -threeDays)
+        try await buffer.register([sensor.configuration.descriptor])
+        try await buffer.observeClock(clock.observation(hold: .zero))
+        let count = BufferStore.clockRepairStep * 3 / 2
+        try await buffer.append(clock.unsynchronizedSamples(count, sensors: [sensor.configuration.id]))
+        try await buffer.flush()
+        clock.advance(seconds: Double(count))
+        // The uploader reads the newest readings (hold 0: nothing is held) and connects; meanwhile NTP sets the clock and
+        // the repair starts at the oldest.
+        let handedOut = try await buffer.pending(limit: 10, from: .newest)
+        #expect(handedOut.count == 10 && handedOut.allSatisfy { $0.quality == [.clockUnsynchronized] })
+        clock.synchronize()
+        #expect(try await buffer.withStore { store in try store.observeClock(clock.observation(hold: .zero)) })
+        #expect(try await buffer.withStore { store in try store.repairClockStep().finished } == false)
+        #expect(try buffer.freezeForSending(handedOut.map(\.sequence)) == false, "the request must not go with the old times")
+        // A sample taken now whose millisecond equals an unrepaired reading's old time is kept, not dropped as a duplicate.
+        let unrepaired = try #require(handedOut.last)
+        try await buffer.append([Sample(sensor: sensor.configuration.id, timestamp: unrepaired.timestamp, value: 7.0)])
+        try await buffer.flush()
+        #expect(try await buffer.statistics().duplicatesIgnored == 0)
+        // The repair was cut short (a failed step, a stop): the next observation resumes it.
+        let resumed = try #require(try await buffer.observeClock(clock.observation(hold: .zero)))
+        #expect(resumed.corrected == count - BufferStore.clockRepairStep)
+        let all = try await buffer.pending(limit: count + 10, from: .oldest)
+        #expect(all.count == count + 1)
+        #expect(all.prefix(count).allSatisfy { $0.quality == [.clockCorrected] })
+        #expect(try buffer.freezeForSending(handedOut.map(\.sequence)) == false, "repaired since read: read them again")
+        try await buffer.close()
+    }
+
     @Test("A version-1 buffer file is migrated to version 2 and its readings survive")
     func migratesVersion1() async throws {
         let scratch = try Scratch(prefix: "fg-clock")

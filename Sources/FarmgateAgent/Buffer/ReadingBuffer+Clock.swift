@@ -118,8 +118,11 @@ extension BufferStore {
     /// How a sample with `timestamp`, `quality` and `boot` is stored.
     func placement(timestamp: Int64, quality: QualityFlags, boot: BootStamp?, bootKeys: [String: Int64]) -> ClockPlacement {
         guard let boot, let key = bootKeys[boot.bootID] else {
+            // During a repair a reading not reached yet still has its old time, which a new reading may now have: the new
+            // one moves to the next free millisecond rather than be dropped as a duplicate of it.
             return ClockPlacement(
-                timestamp: timestamp, quality: Int64(quality.rawValue), boot: .null, boottime: .null, distinct: false, holdable: false)
+                timestamp: timestamp, quality: Int64(quality.rawValue), boot: .null, boottime: .null, distinct: clock.repairing,
+                holdable: false)
         }
         if key == clock.bootKey, let epoch = clock.bootEpoch {
             var corrected = quality
@@ -173,6 +176,8 @@ extension BufferStore {
             }
             return false
         }
+        // A repair that a failed step or a stop interrupted goes on (with the epoch it started with).
+        if clock.repairing { return true }
         guard clock.bootEpoch == nil, clock.bootKey != nil else { return false }
         clock.bootEpoch = reading.bootEpochMicroseconds
         clock.repairing = true
@@ -306,7 +311,10 @@ extension BufferStore {
             let quality = QualityFlags(rawValue: UInt16(truncatingIfNeeded: select.int64(0)))
             guard quality.contains(.clockUnsynchronized) else { return false }
             guard !select.isNull(1) else { continue }
-            if clock.bootKey == nil || select.int64(1) == clock.bootKey { stamped.append(Int64(sequence)) }
+            guard clock.bootKey == nil || select.int64(1) == clock.bootKey else { continue }
+            // The clock is known and the repair has not reached it yet: it must not go with its old time.
+            if clock.bootEpoch != nil { return false }
+            stamped.append(Int64(sequence))
         }
         guard !stamped.isEmpty else { return true }
         _ = try write {

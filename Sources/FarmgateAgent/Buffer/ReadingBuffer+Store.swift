@@ -480,7 +480,13 @@ final class BufferStore {
     ///
     /// Samples for a sensor that is not configured, or whose value cannot be quantized, are counted in `rejected` and
     /// skipped. `carriedDrops` (samples dropped in memory since the last commit) is added to the persisted `dropped` counter.
-    func commit(_ samples: [Sample], carriedDrops: Int64, quotaBytes: Int64, policy: BufferFullPolicy) throws -> CommitOutcome {
+    ///
+    /// `makeRoom`: how many of the oldest pending readings to delete first, in the same transaction (``Committer``'s
+    /// `drop_oldest` on a full disk): the deleted pages take the new readings, and a commit that still fails deletes
+    /// nothing.
+    func commit(
+        _ samples: [Sample], carriedDrops: Int64, quotaBytes: Int64, policy: BufferFullPolicy, makeRoom: Int = 0
+    ) throws -> CommitOutcome {
         struct Row {
             let key: Int64
             let timestamp: Int64
@@ -519,6 +525,15 @@ final class BufferStore {
 
         let bootKeys = try resolveBoots(Set(rows.compactMap { $0.boot?.bootID }))
         try write {
+            var deleted = 0
+            while deleted < makeRoom, pendingCount > 0 {
+                try deleteOldest.run([.integer(Int64(min(makeRoom - deleted, 10_000)))])
+                let removed = connection.changes
+                guard removed > 0 else { break }
+                deleted += removed
+                pendingCount -= removed
+            }
+            outcome.dropped = deleted
             if policy == .dropNewest, !rows.isEmpty, try usedBytes() >= quotaBytes {
                 outcome.dropped = rows.count
             } else {
@@ -549,7 +564,7 @@ final class BufferStore {
                 }
                 pendingCount += outcome.stored
                 if policy == .dropOldest, outcome.stored > 0, try usedBytes() > quotaBytes {
-                    outcome.dropped = try dropOldest(downTo: quotaBytes / 10 * 9)
+                    outcome.dropped += try dropOldest(downTo: quotaBytes / 10 * 9)
                     outcome.trimmedFromQuarantine = try trimQuarantine(downTo: quotaBytes / 10 * 9)
                 }
             }
@@ -597,34 +612,16 @@ final class BufferStore {
     /// later checkpoint would have written anyway); once per quiet commit window after an upload.
     func syncAcknowledgements() throws {
         guard acknowledgementsUnsynced else { return }
-        _ = try connection.query("PRAGMA wal_checkpoint(PASSIVE)")
-        acknowledgementsUnsynced = false
+        // (busy, frames in the WAL, frames checkpointed): the WAL was synced only when the checkpoint copied it all.
+        let result = try connection.query("PRAGMA wal_checkpoint(PASSIVE)").first ?? []
+        if result.count == 3, result[0].int64 == 0, result[1].int64 == result[2].int64 { acknowledgementsUnsynced = false }
     }
 
-    /// `drop_oldest` on a full disk (see ``Committer``): deletes up to `count` of the oldest pending readings in a
-    /// transaction of their own, counted as dropped, so that the pages they free take the newest readings without the file
-    /// growing. Returns how many went.
-    func dropOldestForFullDisk(_ count: Int) throws -> Int {
-        guard count > 0, pendingCount > 0 else { return 0 }
-        // On a disk that is really full the WAL cannot grow either: a checkpoint that truncates it gives its space back
-        // for the delete and the commit after it (it fails harmlessly while anything holds the WAL).
+    /// On a disk that is really full the WAL cannot grow either: a checkpoint that truncates it gives its space back to
+    /// the file system before ``Committer`` retries a commit that makes room (it fails harmlessly while anything holds
+    /// the WAL).
+    func truncateWAL() {
         _ = try? connection.query("PRAGMA wal_checkpoint(TRUNCATE)")
-        return try write {
-            var deleted = 0
-            while deleted < count, pendingCount > 0 {
-                try deleteOldest.run([.integer(Int64(min(count - deleted, 10_000)))])
-                let removed = connection.changes
-                guard removed > 0 else { break }
-                deleted += removed
-                pendingCount -= removed
-            }
-            if deleted > 0 {
-                try persistLastSequenceIfUncovered()
-                dropped += Int64(deleted)
-                try setCounter(BufferSchema.counterDropped, dropped)
-            }
-            return deleted
-        }
     }
 
     /// Deletes the oldest pending readings in chunks until the used bytes are at most `target`. Returns how many it deleted.

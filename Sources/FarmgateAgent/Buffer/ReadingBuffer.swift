@@ -386,7 +386,8 @@ public final class ReadingBuffer: PendingReadings, Service {
             let (step, finished) = try await withStore { store in try store.repairClockStep() }
             total.corrected += step.corrected
             total.shifted += step.shifted
-            if finished { return total }
+            // A stop between steps leaves the rest for the next observation (or start), which resumes the repair.
+            if finished || Task.isCancelled { return total }
         }
     }
 
@@ -499,25 +500,32 @@ private final class Committer: Sendable {
             return (queue.samples, queue.droppedInMemory)
         }
         guard !samples.isEmpty || carried > 0 else {
-            // Nothing to commit in this window: acknowledgements written since the last commit are synced now.
-            try store.syncAcknowledgements()
+            // Nothing to commit in this window: acknowledgements written since the last commit are synced now. A failure
+            // only means they wait for the next commit, as they always could: logged, never the flush's error.
+            do {
+                try store.syncAcknowledgements()
+            } catch {
+                logger.debug("Cannot checkpoint the buffer's acknowledgements now", metadata: ["error": "\(error)"])
+            }
             return UInt64(max(0, store.lastSequence))
         }
         var outcome: CommitOutcome
         do {
             do {
                 outcome = try store.commit(samples, carriedDrops: carried, quotaBytes: quotaBytes, policy: policy)
-            } catch let error as SQLiteError where error.isDiskFull && policy == .dropOldest && samples.count >= Self.makeRoomAt {
+            } catch let error as SQLiteError
+                where error.isDiskFull && policy == .dropOldest && samples.count >= Self.makeRoomAt && store.pendingCount > 0
+            {
                 // The disk filled before the quota, and has stayed full while half the memory queue filled up: the policy
-                // drops the oldest readings, so the oldest stored ones make room (their pages take the newest) rather than
-                // newer ones waiting in memory, which are lost at the cap or in a restart.
-                let freed = try store.dropOldestForFullDisk(samples.count + samples.count / 20 + 64)
-                guard freed > 0 else { throw error }
+                // drops the oldest readings, so the oldest stored ones make room (their pages take the newest, in the same
+                // transaction: a commit that still fails deletes nothing) rather than newer ones waiting in memory, which
+                // are lost at the cap or in a restart.
+                store.truncateWAL()
+                outcome = try store.commit(
+                    samples, carriedDrops: carried, quotaBytes: quotaBytes, policy: policy, makeRoom: samples.count + samples.count / 20 + 64)
                 logger.warning(
                     "The disk is full before the buffer's quota; the oldest stored readings were dropped to commit the newest",
-                    metadata: ["buffer.dropped": "\(freed)", "buffer.policy": "\(policy.rawValue)", "error": "\(error)"])
-                outcome = try store.commit(samples, carriedDrops: carried, quotaBytes: quotaBytes, policy: policy)
-                outcome.dropped += freed
+                    metadata: ["buffer.dropped": "\(outcome.dropped)", "buffer.policy": "\(policy.rawValue)", "error": "\(error)"])
             }
         } catch {
             let policy = self.policy

@@ -445,6 +445,8 @@ private final class CurlEasy {
     ) -> Result<HTTPResponse, HTTPClientError> {
         let h = handle
         exchange.reset(cancelled: cancelled, beforeSending: beforeSending)
+        // The check holds the buffer: released with the request, not kept until the next one.
+        defer { exchange.beforeSending = nil }
         errorBuffer[0] = 0
         guard !cancelled.isSet else { return .failure(HTTPClientError(kind: .cancelled, detail: "the request was cancelled")) }
 
