@@ -490,6 +490,26 @@ struct ClockCorrectionTests {
         try await buffer.close()
     }
 
+    @Test("The agent's first observation starts a due repair without running it: the readings wait held for the next one")
+    func firstObservationOnlyStartsTheRepair() async throws {
+        let scratch = try Scratch(prefix: "fg-clock")
+        let buffer = try openBuffer(scratch)
+        let sensor = try phSensor()
+        let clock = ManualClock(trueTime: try trueStart(), offsetSeconds: -threeDays)
+        try await buffer.register([sensor.configuration.descriptor])
+        try await buffer.observeClock(clock.observation(hold: .zero))
+        try await buffer.append(clock.unsynchronizedSamples(20, sensors: [sensor.configuration.id]))
+        try await buffer.flush()
+        clock.advance(seconds: 20)
+        clock.synchronize()
+        #expect(try await buffer.observeClock(clock.observation(hold: .zero), repair: false) == nil)
+        #expect(try await buffer.statistics().held == 20, "held, not sent with their old time")
+        #expect(try await buffer.pending(limit: 100, from: .oldest).isEmpty)
+        #expect(try await buffer.observeClock(clock.observation(hold: .zero))?.corrected == 20)
+        #expect(try await buffer.pending(limit: 100, from: .oldest).allSatisfy { $0.quality == [.clockCorrected] })
+        try await buffer.close()
+    }
+
     @Test("A version-1 buffer file is migrated to version 2 and its readings survive")
     func migratesVersion1() async throws {
         let scratch = try Scratch(prefix: "fg-clock")

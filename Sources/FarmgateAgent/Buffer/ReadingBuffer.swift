@@ -377,10 +377,12 @@ public final class ReadingBuffer: PendingReadings, Service {
     ///   stored. The repair runs in steps of ``BufferStore/clockRepairStep`` readings, each its own transaction, with
     ///   commits and the uploader's reads between them; until it is done the readings it has not reached are held.
     ///
+    /// - Parameter repair: false to start a due repair without running it (the readings it must correct are held; the next
+    ///   observation runs it): the agent's first observation, before it is ready.
     /// - Returns: what was corrected, when this observation found the clock newly synchronised; nil otherwise.
     @discardableResult
-    public func observeClock(_ observation: ClockObservation) async throws -> ClockCorrection? {
-        guard try await withStore({ store in try store.observeClock(observation) }) else { return nil }
+    public func observeClock(_ observation: ClockObservation, repair: Bool = true) async throws -> ClockCorrection? {
+        guard try await withStore({ store in try store.observeClock(observation) }), repair else { return nil }
         var total = ClockCorrection(corrected: 0, shifted: 0, bootEpochMicroseconds: observation.reading.bootEpochMicroseconds)
         while true {
             let (step, finished) = try await withStore { store in try store.repairClockStep() }

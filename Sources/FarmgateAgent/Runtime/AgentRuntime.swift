@@ -94,8 +94,9 @@ public enum AgentRuntime {
         var monitor: ClockMonitor?
         if checkClock {
             let clockMonitor = ClockMonitor(source: source, observer: buffer, hold: configuration.holdUnsynchronized, logger: logger)
-            // Before the uploader starts: readings of this boot still waiting in the buffer stay held or get corrected first.
-            await clockMonitor.poll()
+            // Before the uploader starts: readings of this boot still waiting in the buffer stay held, and are corrected by
+            // the monitor's first poll once the agent runs (a repair of millions of readings here would hold up READY).
+            await clockMonitor.poll(repair: false)
             monitor = clockMonitor
         }
         let sampler = Sampler(sensors: sensors, sink: buffer, board: board, clock: clock, logger: logger)

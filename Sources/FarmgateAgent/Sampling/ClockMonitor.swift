@@ -7,8 +7,9 @@ import Synchronization
 
 /// What the ``ClockMonitor`` tells about the clock: the site buffer.
 public protocol ClockObserver: Sendable {
-    /// Takes in what the clock says now; returns what was corrected when the clock was newly found synchronised.
-    func observeClock(_ observation: ClockObservation) async throws -> ClockCorrection?
+    /// Takes in what the clock says now; returns what was corrected when the clock was newly found synchronised. With
+    /// `repair` false a repair that is due is only started (what it has to correct is held), not run.
+    func observeClock(_ observation: ClockObservation, repair: Bool) async throws -> ClockCorrection?
 }
 
 extension ReadingBuffer: ClockObserver {}
@@ -89,8 +90,9 @@ public final class ClockMonitor: Service {
     }
 
     /// Reads the clock once and tells the buffer. The runtime calls it once before the uploader starts, so that nothing of
-    /// this boot goes out before the hold applies.
-    public func poll() async {
+    /// this boot goes out before the hold applies; with `repair` false (that first call), a repair of the buffer's readings
+    /// is started but left to the next poll, so that the agent is ready, and commits, while it runs.
+    public func poll(repair: Bool = true) async {
         let source = self.source
         let reading: ClockReading
         do {
@@ -103,7 +105,7 @@ public final class ClockMonitor: Service {
         }
         let correction: ClockCorrection?
         do {
-            correction = try await observer.observeClock(ClockObservation(reading: reading, hold: hold))
+            correction = try await observer.observeClock(ClockObservation(reading: reading, hold: hold), repair: repair)
         } catch {
             if !failing.withLock({ $0 }) {
                 logger.error("Cannot tell the buffer the clock's state; retrying every poll", metadata: ["error": "\(error)"])
