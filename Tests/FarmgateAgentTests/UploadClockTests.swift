@@ -26,7 +26,7 @@ struct UploadClockTests {
         let port = try freePort()  // nobody listens: every attempt fails to connect, as with the LTE link down
         try await withUploader(source: data.buffer, configuration: uploadConfiguration("http://127.0.0.1:\(port)", batchMaxReadings: 10))
         { uploader throws in
-            #expect(await eventually { uploader.status().consecutiveFailures >= 3 })
+            #expect(await eventually(timeout: .seconds(30)) { uploader.status().consecutiveFailures >= 3 })
         }
         #expect(try await data.statistics().pending == 30)
 
