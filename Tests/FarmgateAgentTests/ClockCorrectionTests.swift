@@ -112,6 +112,20 @@ private func phSensor() throws -> Sampler.Sensor {
     return Sampler.Sensor(configuration: configuration, driver: ConstantDriver(value: 6.02))
 }
 
+/// A buffer (hold 0) holding `count` readings of one pH sensor taken one a second on a clock three days behind, not yet
+/// synchronised; the clock has moved past them.
+private func unsynchronizedBuffer(_ scratch: Scratch, count: Int) async throws -> (ReadingBuffer, Sampler.Sensor, ManualClock) {
+    let buffer = try openBuffer(scratch)
+    let sensor = try phSensor()
+    let clock = ManualClock(trueTime: try trueStart(), offsetSeconds: -threeDays)
+    try await buffer.register([sensor.configuration.descriptor])
+    try await buffer.observeClock(clock.observation(hold: .zero))
+    try await buffer.append(clock.unsynchronizedSamples(count, sensors: [sensor.configuration.id]))
+    try await buffer.flush()
+    clock.advance(seconds: Double(count))
+    return (buffer, sensor, clock)
+}
+
 // MARK: Tests
 
 @Suite("Clock correction")
@@ -458,15 +472,8 @@ struct ClockCorrectionTests {
     @Test("Once the clock is known, a reading the repair has not reached cannot go with its old time; an interrupted repair resumes")
     func repairBeforeSend() async throws {
         let scratch = try Scratch(prefix: "fg-clock")
-        let buffer = try openBuffer(scratch)
-        let sensor = try phSensor()
-        let clock = ManualClock(trueTime: try trueStart(), offsetSeconds: -threeDays)
-        try await buffer.register([sensor.configuration.descriptor])
-        try await buffer.observeClock(clock.observation(hold: .zero))
         let count = BufferStore.clockRepairStep * 3 / 2
-        try await buffer.append(clock.unsynchronizedSamples(count, sensors: [sensor.configuration.id]))
-        try await buffer.flush()
-        clock.advance(seconds: Double(count))
+        let (buffer, sensor, clock) = try await unsynchronizedBuffer(scratch, count: count)
         // The uploader reads the newest readings (hold 0: nothing is held) and connects; meanwhile NTP sets the clock and
         // the repair starts at the oldest.
         let handedOut = try await buffer.pending(limit: 10, from: .newest)
@@ -493,14 +500,7 @@ struct ClockCorrectionTests {
     @Test("The agent's first observation starts a due repair without running it: the readings wait held for the next one")
     func firstObservationOnlyStartsTheRepair() async throws {
         let scratch = try Scratch(prefix: "fg-clock")
-        let buffer = try openBuffer(scratch)
-        let sensor = try phSensor()
-        let clock = ManualClock(trueTime: try trueStart(), offsetSeconds: -threeDays)
-        try await buffer.register([sensor.configuration.descriptor])
-        try await buffer.observeClock(clock.observation(hold: .zero))
-        try await buffer.append(clock.unsynchronizedSamples(20, sensors: [sensor.configuration.id]))
-        try await buffer.flush()
-        clock.advance(seconds: 20)
+        let (buffer, _, clock) = try await unsynchronizedBuffer(scratch, count: 20)
         clock.synchronize()
         #expect(try await buffer.observeClock(clock.observation(hold: .zero), repair: false) == nil)
         #expect(try await buffer.statistics().held == 20, "held, not sent with their old time")
