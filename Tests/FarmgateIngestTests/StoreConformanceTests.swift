@@ -55,7 +55,7 @@ import Testing
     }
 
     @Test(
-        "a reading re-sent after the site changed its sensor's resolution is a duplicate, also at a tie (1.005 → 1.01)",
+        "a reading re-sent after the site changed its sensor's resolution is a duplicate, also at a tie (1.005 → 1.01) and after two changes (1.045 → 1.05 → 1.1)",
         arguments: StoreKind.allCases)
     func resentAfterAResolutionChangeIsADuplicate(kind: StoreKind) async throws {
         try await withFreshStore(kind) { store in
@@ -64,8 +64,8 @@ import Testing
             let time = Timestamp(microseconds: testNow.microseconds - 3_600_000_000)
             // Stored at 0.001; the site's answer was lost, then tank1.ph went to 0.01 and the buffer converted its pending
             // readings, rounding half away from zero (SQLite's round over whole steps), before sending them again.
-            let stored: [Double] = [1.005, 1.015, 0.145, 6.123, 6.125, 7.0]
-            let converted: [Double] = [1.01, 1.02, 0.15, 6.12, 6.13, 7.0]
+            let stored: [Double] = [1.005, 1.015, 0.145, 6.123, 6.125, 7.0, 1.045]
+            let converted: [Double] = [1.01, 1.02, 0.15, 6.12, 6.13, 7.0, 1.05]
             func batch(_ values: [Double], _ resolution: Resolution) -> Batch {
                 Batch(
                     device: device.device, sensors: [SensorDescriptor(id: id, quantity: .ph, resolution: resolution)],
@@ -81,6 +81,16 @@ import Testing
             // A value a whole step away is still another reading.
             let other = try await store.store(batch([1.02], hundredths), for: device, receivedAt: testNow)
             #expect(other.rejected.map(\.code) == [RejectionCode.sequenceConflict])
+            // Converted a second time (0.01 → 0.1) before they went again: 0.145 → 0.15 → 0.2, 1.045 → 1.05 → 1.1, while
+            // the stored values round to 0.1 and 1.0 at 0.1.
+            let tenths = try Resolution(numerator: 1, denominator: 10)
+            let twice: [Double] = [1.0, 1.0, 0.2, 6.1, 6.1, 7.0, 1.1]
+            let againTwice = try await store.store(batch(twice, tenths), for: device, receivedAt: testNow)
+            #expect(againTwice.tally == Tally(accepted: 0, duplicates: twice.count, rejected: 0), "\(againTwice.rejected.map(\.message))")
+            // 7.0 was stored on a step of 0.1, so the resolution cannot explain 7.1: another reading.
+            let onStep = try await store.store(batch([1.0, 1.0, 0.2, 6.1, 6.1, 7.1], tenths), for: device, receivedAt: testNow)
+            #expect(onStep.duplicates == 5)
+            #expect(onStep.rejected.map(\.sequence) == [6])
         }
     }
 

@@ -46,19 +46,24 @@ enum ReadingPlacement {
 enum SequenceComparison {
     /// Whether two values are the same at the sensor's resolution (whole steps), not as doubles.
     ///
-    /// A value exactly half a step from the sent one is the same too: a site converts its pending readings when a sensor's
-    /// resolution changes (pH 1.005 at 0.001 becomes 1.01 at 0.01, rounding half away from zero in SQLite), and when the
-    /// stored value is such a tie, rounding it here in binary floating point can land on the other side (1.005 is
-    /// 1.00499999… as a double). Without this a reading whose answer was lost before the change came back as a
-    /// `sequence_conflict`, was renumbered by the site, and was stored twice. A value on another step is never that close.
+    /// A stored value that lies between two steps of the sent resolution was stored at a finer one: the site converted its
+    /// pending readings when the sensor's resolution changed (pH 1.005 at 0.001 becomes 1.01 at 0.01, rounding half away
+    /// from zero in SQLite), perhaps more than once before they went again (1.045 → 1.05 at 0.01 → 1.1 at 0.1). Rounding
+    /// the stored value here cannot retrace that (1.045 rounds to 1.0 at 0.1; 1.005 is 1.00499999… as a double), so such
+    /// a value is the same when it is within one step of the sent one: each conversion moves it by at most half of its
+    /// step, and a chain of resolutions that at least double each time adds up to less than the last step. Without this a
+    /// reading whose answer was lost before the change came back as a `sequence_conflict`, was renumbered by the site,
+    /// and was stored twice. A stored value on a step of the sent resolution (the resolution did not change) must be on
+    /// the same step.
     static func sameValue(_ stored: Double, _ sent: Double, at resolution: Resolution?) -> Bool {
         if stored == sent { return true }
         guard let resolution, let storedSteps = resolution.quantize(stored), let sentSteps = resolution.quantize(sent) else { return false }
         if storedSteps == sentSteps { return true }
-        guard (storedSteps - sentSteps).magnitude == 1 else { return false }
-        let halfStep = Double(resolution.numerator) / Double(resolution.denominator) / 2
-        let slack = max(stored.magnitude, sent.magnitude, halfStep).ulp * 8
-        return ((stored - sent).magnitude - halfStep).magnitude <= slack
+        let step = Double(resolution.numerator) / Double(resolution.denominator)
+        let slack = max(stored.magnitude, sent.magnitude, step).ulp * 8
+        let onGrid = (stored - resolution.value(ofSteps: storedSteps)).magnitude <= slack
+        if onGrid { return false }
+        return (stored - sent).magnitude <= step + slack
     }
 
     /// What differs between `reading` and the stored one, each as "field (stored X, sent Y)"; empty for the same reading.
