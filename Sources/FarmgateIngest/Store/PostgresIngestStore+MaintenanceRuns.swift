@@ -17,6 +17,13 @@ extension PostgresIngestStore {
     /// transaction's start, which a run that waited for a lock may have passed long ago).
     static let databaseClockMicroseconds = "(extract(epoch FROM clock_timestamp()) * 1000000)::int8"
 
+    /// The database's clock (``databaseClockMicroseconds``) now.
+    func databaseNow() async throws -> Timestamp {
+        let read = try await rows("SELECT \(unescaped: Self.databaseClockMicroseconds)") { try $0.decode(Int64.self) }
+        guard let microseconds = read.first else { throw IngestStoreError.corrupt("clock_timestamp() returned no row") }
+        return Timestamp(microseconds: microseconds)
+    }
+
     /// When `job` last completed (the database's clock), if that was less than `window` ago by the database's clock;
     /// nil when the job is due. A completion recorded in the database's future (by a version that recorded the
     /// instance's own clock, one running ahead) does not count, so that it cannot hold the job off for as long as that

@@ -104,7 +104,7 @@ extension PostgresIngestStore: NotificationOutboxStore {
             case .store:
                 var read: Int64?
                 for try await value in try await connection.query(
-                    "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8", logger: logger
+                    "SELECT \(unescaped: Self.databaseClockMicroseconds)", logger: logger
                 ).decode(Int64.self) { read = value }
                 guard let read else { throw IngestStoreError.corrupt("clock_timestamp() returned no row") }
                 now = read

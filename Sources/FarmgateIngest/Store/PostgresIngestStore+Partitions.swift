@@ -76,8 +76,17 @@ extension PostgresIngestStore {
     ///
     /// Several instances: each partition's transaction holds the advisory lock ``PostgresSchema/partitionLock``
     /// (waiting for it, not bounded by the lock timeout) and skips a partition that exists by then.
+    ///
+    /// - Parameter now: the day to plan from; nil (what the service and `migrate` pass) reads the database's clock, so
+    ///   that instances whose clocks disagree plan the same partitions.
     @discardableResult
-    public func createPartitions(now: Timestamp = .now()) async throws -> CreatedPartitions {
+    public func createPartitions(now given: Timestamp? = nil) async throws -> CreatedPartitions {
+        let now: Timestamp
+        if let given {
+            now = given
+        } else {
+            now = try await databaseNow()
+        }
         var created = CreatedPartitions(readings: 0, minuteRollups: 0)
         var moved: [TimePartition.Kind: Int] = [:]
         for partition in Self.partitionsAhead(of: now) {
