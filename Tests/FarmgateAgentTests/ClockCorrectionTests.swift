@@ -435,6 +435,7 @@ struct ClockCorrectionTests {
         // their age, and a commit goes between two steps.
         let started = try await buffer?.withStore { store in try store.observeClock(clock.observation(hold: .seconds(60))) }
         #expect(started == true)
+        #expect(try await buffer?.statistics().held == count, "counted once at the repair's start")
         let step = try #require(try await buffer?.withStore { store in try store.repairClockStep() })
         #expect(step.step.corrected == BufferStore.clockRepairStep)
         #expect(!step.finished)

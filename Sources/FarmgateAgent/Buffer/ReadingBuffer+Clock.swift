@@ -55,6 +55,9 @@ struct BufferClockState {
     var newestUnheld: SQLiteStatement?
     var oldestUnheldTimestamp: SQLiteStatement?
     var countHeld: SQLiteStatement?
+    /// During a repair: the held readings as last counted, less what the steps since corrected, and when they were counted
+    /// (see ``BufferStore/heldCount()``).
+    var heldInRepair: (count: Int, countedAt: ContinuousClock.Instant)?
 }
 
 /// Where a sample goes in the `readings` table, after the clock's view of it.
@@ -181,6 +184,7 @@ extension BufferStore {
         guard clock.bootEpoch == nil, clock.bootKey != nil else { return false }
         clock.bootEpoch = reading.bootEpochMicroseconds
         clock.repairing = true
+        clock.heldInRepair = nil
         clock.mayHold = false
         return true
     }
@@ -249,19 +253,39 @@ extension BufferStore {
             return ClockCorrection(corrected: corrected, shifted: shifted, bootEpochMicroseconds: epoch)
         }
         let finished = rows.count < Self.clockRepairStep
-        if finished { clock.repairing = false }
+        if finished {
+            clock.repairing = false
+            clock.heldInRepair = nil
+        } else if let counted = clock.heldInRepair {
+            clock.heldInRepair = (max(0, counted.count - step.corrected), counted.countedAt)
+        }
         return (step, finished)
     }
 
+    /// How often a repair counts its held readings again; between two counts each step takes off what it corrected.
+    static let heldRecountInterval: Duration = .seconds(30)
+
     /// How many readings are held now (0 when nothing can be; then no query runs).
+    ///
+    /// During a repair every stamped reading of the boot is held, millions after a week without a clock, and the count
+    /// walks all of them: the uploader asks at every poll, and counting at each would take most of the buffer's thread
+    /// from the repair's steps. So a repair counts once per ``heldRecountInterval`` and takes each step's corrections off
+    /// the count in between (readings deleted meanwhile, by an acknowledgement or the quota, are caught at the next count).
     func heldCount() throws -> Int {
-        guard let hold = holdFilter else { return 0 }
+        guard let hold = holdFilter else {
+            clock.heldInRepair = nil
+            return 0
+        }
+        if clock.repairing, let counted = clock.heldInRepair, ContinuousClock.now - counted.countedAt < Self.heldRecountInterval {
+            return counted.count
+        }
         let statement = try clock.countHeld ?? connection.prepare(
             "SELECT count(*) FROM readings WHERE boot = ?1 AND (boottime > ?2 OR timestamp < ?3)")
         clock.countHeld = statement
         try statement.bind(hold.bindings)
         defer { statement.reset() }
         let count = try statement.step() ? Int(statement.int64(0)) : 0
+        clock.heldInRepair = clock.repairing ? (count, ContinuousClock.now) : nil
         if count == 0, clock.bootEpoch == nil {
             // Nothing of this boot is waiting: stop asking until a commit stores an uncorrected reading of this boot again.
             if try connection.queryInt("SELECT count(*) FROM readings WHERE boot = ?", [.integer(hold.key)]) == 0 {

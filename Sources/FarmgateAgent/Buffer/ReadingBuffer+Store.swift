@@ -892,7 +892,7 @@ final class BufferStore {
             oldest = try selectOldestTimestamp.step() ? Timestamp(microseconds: selectOldestTimestamp.int64(0)) : nil
         }
         return BufferStatistics(
-            pending: pendingCount - held, oldestPending: oldest, uncommitted: uncommitted, quarantined: quarantinedCount,
+            pending: max(0, pendingCount - held), oldestPending: oldest, uncommitted: uncommitted, quarantined: quarantinedCount,
             dropped: dropped + droppedInMemory, duplicatesIgnored: duplicatesIgnored, lastSequence: UInt64(max(0, lastSequence)),
             usedBytes: try usedBytes(), quotaBytes: quotaBytes, quarantinedByCode: quarantineCodeCounts,
             quarantineTrimmed: quarantineTrimmed, quarantineDropped: quarantineDropped, held: held,
