@@ -149,6 +149,10 @@ public struct Resolution: Hashable, Sendable, CustomStringConvertible {
     /// Parses `0.01`, `1/16`, `0.1` or `1`.
     public init(parsing text: String) throws(ResolutionError) {
         let trimmed = text.trimmingSpaces
+        // Digits, one point or one slash: a sign would be read past (`UInt32("-0")` is 0), so -0.01 is refused, not 0.01.
+        guard trimmed.unicodeScalars.allSatisfy({ ("0"..."9").contains($0) || $0 == "." || $0 == "/" || $0 == " " }) else {
+            throw ResolutionError(text: text)
+        }
         if let slash = trimmed.firstIndex(of: "/") {
             guard let n = UInt32(trimmed[..<slash].trimmingSpaces),
                 let d = UInt32(trimmed[trimmed.index(after: slash)...].trimmingSpaces)

@@ -63,19 +63,20 @@ struct AgentCommand: AsyncParsableCommand {
     @OptionGroup var options: ConfigOption
 
     func run() async throws {
+        // Until the runtime's handler is installed, a SIGHUP (`systemctl reload` right after start) must not end the agent
+        // by the default action: the configuration is read just below anyway.
+        signal(SIGHUP, SIG_IGN)
         let configuration = try options.load()
-        let level = configuration.logLevel
+        let level = SharedLogLevel(configuration.logLevel)
         LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
-            handler.logLevel = level
-            return handler
+            FollowingLogHandler(StreamLogHandler.standardError(label: label), level: level)
         }
         let logger = Logger(label: "farmgate")
         for warning in configuration.warnings {
             logger.warning("Configuration key has no effect", metadata: ["config.warning": "\(warning.description)"])
         }
         do {
-            try await AgentRuntime.run(configuration: configuration, logger: logger)
+            try await AgentRuntime.run(configuration: configuration, logger: logger, logLevel: level)
         } catch {
             logger.critical("Agent stopped", metadata: ["error": "\(error)"])
             throw ExitCode(1)

@@ -136,6 +136,68 @@ struct ConfigurationReloadTests {
         #expect(process.terminationReason == .exit && process.terminationStatus == 0, "\(agentLog())")
     }
 
+    @Test("A SIGHUP that arrives while a reload is under way is not lost: the file as it is then runs", arguments: [0, 30, 80])
+    func hangupDuringReload(delayMilliseconds: Int) async throws {
+        let scratch = try Scratch(prefix: "fg-reload-twice", in: URL(fileURLWithPath: "/tmp"))
+        let config = try scratch.write("agent.toml", Self.configuration(sensors: ["tank1.ph"]))
+        let socket = scratch.file("control.sock")
+        let (process, log) = try Self.startAgent(config: config, in: scratch)
+        defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
+        func agentLog() -> String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
+        try await Self.requireSampling(socket, log: agentLog)
+
+        _ = try scratch.write("agent.toml", Self.configuration(sensors: ["tank1.ph", "tank2.ph"]))
+        kill(process.processIdentifier, SIGHUP)
+        if delayMilliseconds > 0 { try await Task.sleep(for: .milliseconds(delayMilliseconds)) }
+        _ = try scratch.write("agent.toml", Self.configuration(sensors: ["tank1.ph", "tank2.ph", "tank3.ph"]))
+        kill(process.processIdentifier, SIGHUP)
+        var status: AgentStatus?
+        let latest = await eventually(timeout: .seconds(30), every: .milliseconds(100)) {
+            status = await Self.status(socket)
+            return status?.sensors.map(\.id).sorted() == ["tank1.ph", "tank2.ph", "tank3.ph"]
+        }
+        #expect(latest, "the second SIGHUP was lost: \(status?.sensors.map(\.id) ?? []), \(agentLog())")
+        kill(process.processIdentifier, SIGTERM)
+        process.waitUntilExit()
+        #expect(process.terminationReason == .exit && process.terminationStatus == 0, "\(agentLog())")
+    }
+
+    @Test("A reload applies [log] level to every logger, and keeps the agent's start time")
+    func reloadAppliesLogLevel() async throws {
+        let scratch = try Scratch(prefix: "fg-reload-level", in: URL(fileURLWithPath: "/tmp"))
+        let config = try scratch.write("agent.toml", Self.configuration(sensors: ["tank1.ph"]))
+        let socket = scratch.file("control.sock")
+        let (process, log) = try Self.startAgent(config: config, in: scratch)
+        defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
+        func agentLog() -> String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
+        try await Self.requireSampling(socket, log: agentLog)
+        let startedAt = await Self.status(socket)?.startedAt
+
+        // To "error": the reload's own notices stop appearing from the next reload on.
+        _ = try scratch.write("agent.toml", Self.configuration(sensors: ["tank1.ph", "tank2.ph"], extra: "\n[log]\nlevel = \"error\""))
+        kill(process.processIdentifier, SIGHUP)
+        var status: AgentStatus?
+        let first = await eventually(timeout: .seconds(30), every: .milliseconds(100)) {
+            status = await Self.status(socket)
+            return status?.configuration?.reloads == 1
+        }
+        try #require(first, "the reload was not applied: \(agentLog())")
+        #expect(status?.startedAt == startedAt, "a reload is not a new start")
+        let logged = agentLog().utf8.count
+        _ = try scratch.write(
+            "agent.toml", Self.configuration(sensors: ["tank1.ph", "tank2.ph", "tank3.ph"], extra: "\n[log]\nlevel = \"error\""))
+        kill(process.processIdentifier, SIGHUP)
+        let second = await eventually(timeout: .seconds(30), every: .milliseconds(100)) {
+            await Self.status(socket)?.configuration?.reloads == 2
+        }
+        try #require(second, "the second reload was not applied: \(agentLog())")
+        let after = String(decoding: agentLog().utf8.dropFirst(logged), as: UTF8.self)
+        #expect(!after.contains("SIGHUP: reloading"), "a notice was logged at level error: \(after)")
+        #expect(agentLog().contains("SIGHUP: reloading"), "logged at the start's level info")
+        kill(process.processIdentifier, SIGTERM)
+        process.waitUntilExit()
+    }
+
     @Test("SIGTERM right after SIGHUP stops the agent: a stop during a reload is not lost", arguments: [0, 20, 60])
     func stopDuringReload(delayMilliseconds: Int) async throws {
         let scratch = try Scratch(prefix: "fg-reload-stop", in: URL(fileURLWithPath: "/tmp"))

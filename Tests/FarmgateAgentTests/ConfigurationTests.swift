@@ -1,5 +1,6 @@
 @testable import FarmgateAgent
 import FarmgateSupport
+import FarmgateTestSupport
 import FarmgateWire
 import Foundation
 import Testing
@@ -208,7 +209,7 @@ extension ConfigurationTests {
         let failure = try #require(error(text))
         #expect(failure.key == "control.socket" && failure.line == 11, "\(failure)")
         #expect(failure.message.contains("is \(what)"), "\(failure)")
-        #expect(failure.message.contains("Give the socket a path of its own"), "\(failure)")
+        #expect(failure.message.contains("Give each its own path"), "\(failure)")
         // Beside them, it is fine.
         #expect(throws: Never.self) { try parse(Self.minimal + "\n[control]\nsocket = \"/var/lib/farmgate/control.sock\"") }
     }
@@ -218,6 +219,82 @@ extension ConfigurationTests {
         let failure = try #require(error(Self.minimal + "\n[buffer]\npath = \"/run/farmgate/control.sock\""))
         #expect(failure.key == "buffer.path" && failure.line == 9, "\(failure)")
         #expect(failure.message.contains("is the buffer ([buffer] path)"), "\(failure)")
+    }
+
+    @Test("The metrics file, the key file and the buffer cannot be one file: the agent would overwrite readings or the key")
+    func ownFilesApart() throws {
+        let scratch = try Scratch(prefix: "fg-own-files")
+        let key = "fgd_0123456789abcdef"
+        func load(_ body: String) -> ConfigurationError? {
+            do {
+                _ = try AgentConfiguration.load(path: try scratch.write("agent.toml", Self.minimal + "\n[control]\nsocket = \"c.sock\"\n" + body))
+                return nil
+            } catch {
+                return error as? ConfigurationError
+            }
+        }
+        let upload = { (file: String) in "[upload]\nendpoint = \"http://127.0.0.1:9\"\nkey_file = \"\(file)\"\n" }
+        for file in ["shared.prom", "buffer.sqlite", "buffer.sqlite-wal", "data/../buffer.sqlite.seq"] {
+            _ = try scratch.write(file.replacingOccurrences(of: "data/../", with: ""), key)
+        }
+        // The tester's case: the metrics text replaced a buffer of unsent readings at the next write.
+        var failure = try #require(load("[buffer]\npath = \"shared.prom\"\n[metrics]\ntextfile = \"shared.prom\"\n"))
+        #expect(failure.key == "metrics.textfile", "\(failure)")
+        #expect(failure.message.contains("the metrics file ([metrics] textfile) is the buffer ([buffer] path)"), "\(failure)")
+        failure = try #require(load(upload("shared.prom") + "[metrics]\ntextfile = \"./shared.prom\"\n"))
+        #expect(failure.key == "metrics.textfile" && failure.message.contains("is the device key file"), "\(failure)")
+        for file in ["buffer.sqlite", "buffer.sqlite-wal", "data/../buffer.sqlite.seq"] {
+            failure = try #require(load("[buffer]\npath = \"buffer.sqlite\"\n" + upload(file)))
+            #expect(failure.key == "upload.key_file" && failure.message.contains("the device key file ([upload] key_file) is the buffer"), "\(failure)")
+        }
+        #expect(load("[buffer]\npath = \"buffer.sqlite\"\n" + upload("shared.prom") + "[metrics]\ntextfile = \"farmgate.prom\"\n") == nil)
+    }
+
+    @Test("A control socket path where a file that is not a socket exists is refused: the agent could not start")
+    func controlSocketOnAFile() throws {
+        let scratch = try Scratch(prefix: "fg-socket-file")
+        _ = try scratch.write("notasocket", "x")
+        let config = try scratch.write("agent.toml", Self.minimal + "\n[control]\nsocket = \"notasocket\"\n")
+        #expect {
+            try AgentConfiguration.load(path: config)
+        } throws: { error in
+            guard let error = error as? ConfigurationError else { return false }
+            return error.key == "control.socket" && error.message.contains("exists and is not a socket")
+        }
+        _ = try scratch.write("agent.toml", Self.minimal + "\n[control]\nsocket = \"free.sock\"\n")
+        #expect(throws: Never.self) { try AgentConfiguration.load(path: config) }
+    }
+
+    @Test(
+        "An endpoint libcurl would refuse at every upload is refused in the configuration",
+        arguments: [
+            ("http://127.0.0.1:99999", "port"), ("http://127.0.0.1:0", "port"), ("http://host:80x", "port"), ("http://exa mple.com", "host"),
+            ("http://:8080", "no host"), ("http://[zz]:80", "IPv6"), ("http://[::1", "closing ]"), ("ftp://host", "http:// or https://"),
+            ("http://host/?a=1", "query"),
+        ])
+    func badEndpoints(endpoint: String, problem: String) throws {
+        let failure = try #require(error(Self.minimal + "\n[upload]\nendpoint = \"\(endpoint)\"\nkey = \"fgd_0123456789abcdef\""))
+        #expect(failure.key == "upload.endpoint", "\(failure)")
+        #expect(failure.message.contains(problem), "\(failure)")
+    }
+
+    @Test("Endpoints with a port, an IPv6 address, a user or an internationalised name are fine")
+    func goodEndpoints() throws {
+        for endpoint in ["http://[::1]:8080", "https://ingest.example.net", "HTTPS://Ingest.Example.NET:443/base", "http://u@host_1:65535",
+            "https://bücher.example"] {
+            #expect(throws: Never.self, "\(endpoint)") {
+                try parse(Self.minimal + "\n[upload]\nendpoint = \"\(endpoint)\"\nkey = \"fgd_0123456789abcdef\"")
+            }
+        }
+    }
+
+    @Test("A negative or signed resolution is refused, not read as its magnitude")
+    func signedResolution() throws {
+        for value in ["-0.01", "\"-0.01\"", "\"+0.01\"", "\"-1/16\""] {
+            let failure = try #require(error(Self.minimal + "\nresolution = \(value)"), "\(value)")
+            #expect(failure.key?.hasSuffix("resolution") == true, "\(failure)")
+        }
+        #expect(try parse(Self.minimal + "\nresolution = 0.05").sensors.first?.descriptor.resolution.description == "1/20")
     }
 
     /// `count` simulated sensors, `[[sensor]]` tables of four lines after the three of the `[device]` section.

@@ -22,9 +22,13 @@ struct TextfileMetricsTests {
                 pending: pending, oldestPending: Timestamp(microseconds: now.microseconds - 30_000_000), uncommitted: 2,
                 quarantined: quarantinedByCode.values.reduce(0, +), dropped: 5, duplicatesIgnored: 1, lastSequence: 1000,
                 usedBytes: 4096, quotaBytes: 1 << 20, quarantinedByCode: quarantinedByCode, held: 7),
-            upload: UploadStatus(
-                endpoint: "http://x", lastSuccessAt: now, requestsTotal: 9, uploadedTotal: 900, duplicatesTotal: 4, rejectedTotal: 2,
-                quarantinedTotal: 2),
+            upload: {
+                var upload = UploadStatus(
+                    endpoint: "http://x", lastSuccessAt: now, requestsTotal: 9, uploadedTotal: 900, duplicatesTotal: 4, rejectedTotal: 2,
+                    quarantinedTotal: 2)
+                upload.failuresTotal = ["503": 3, "none": 2]
+                return upload
+            }(),
             uploadEndpoint: "http://x",
             sensors: [sensor("tank1.ph", driver: "ezo", errors: 0), sensor("tank2.ph", driver: "ezo", errors: 2), sensor("t1", driver: "ds18b20", errors: 0)],
             recentQuarantine: [])
@@ -51,6 +55,36 @@ struct TextfileMetricsTests {
         #expect(value("farmgate_process_written_bytes_total") == 123_456)
         #expect(value("farmgate_clock_synchronized") == 1)
         #expect(!text.contains("tank1.ph"), "a sensor id became a label")
+        #expect(value("farmgate_upload_failures_total", ["status": "503"]) == 3)
+        #expect(value("farmgate_upload_failures_total", ["status": "none"]) == 2)
+        // Prometheus' naming rules (promtool check metrics): a counter ends in _total, and only a counter does.
+        for line in text.split(separator: "\n") where line.hasPrefix("# TYPE ") {
+            let parts = line.split(separator: " ")
+            guard parts.count == 4 else { continue }
+            #expect((parts[3] == "counter") == parts[2].hasSuffix("_total"), "\(line)")
+        }
+    }
+
+    @Test("A reload's new uploader carries on the totals and the last success; what describes the connection starts again")
+    func uploadTotalsCarryOver() {
+        let now = Timestamp.now()
+        var previous = UploadStatus(
+            endpoint: "http://old/v1/batches", lastAttemptAt: now, lastSuccessAt: now, consecutiveFailures: 4, requestsTotal: 9,
+            uploadedTotal: 900, duplicatesTotal: 4, rejectedTotal: 2, quarantinedTotal: 3, renumberedTotal: 5)
+        previous.calibrationsUploadedTotal = 6
+        previous.calibrationsQuarantinedTotal = 7
+        previous.stateRefusalsTotal = 8
+        previous.failuresTotal = ["none": 4]
+        var next = UploadStatus(endpoint: "http://new/v1/batches", format: "binary")
+        next.carryTotals(from: previous)
+        #expect(next.endpoint == "http://new/v1/batches")
+        #expect(next.consecutiveFailures == 0)
+        #expect(next.format == "binary")
+        #expect(next.lastSuccessAt == now)
+        #expect([next.requestsTotal, next.uploadedTotal, next.duplicatesTotal, next.rejectedTotal, next.quarantinedTotal, next.renumberedTotal]
+            == [9, 900, 4, 2, 3, 5])
+        #expect([next.calibrationsUploadedTotal, next.calibrationsQuarantinedTotal, next.stateRefusalsTotal] == [6, 7, 8])
+        #expect(next.failuresTotal == ["none": 4])
     }
 
     @Test("Failed buffer writes are counted by operation, both labels present from the start")

@@ -174,37 +174,68 @@ extension AgentConfiguration {
             file: root.file, device: device, buffer: buffer, upload: upload, controlSocket: controlSocket, logLevel: logLevel,
             checkClock: checkClock, holdUnsynchronized: holdUnsynchronized, sensors: sensors)
         configuration.metrics = try root.table("metrics").map { table throws(ConfigurationError) in try parseMetrics(table, base: base) }
-        try checkControlSocket(configuration, root: root)
+        try checkOwnFiles(configuration, root: root)
         configuration.warnings = ignoredKeyWarnings(sensors, drivers: drivers)
         return configuration
     }
 
-    /// Refuses a control socket path that names one of the agent's own files (the configuration, the buffer and its
-    /// sidecars, the metrics file): the agent could not start, and a file there is not a socket to replace. Compared by
-    /// path (`.`, `..` and repeated slashes resolved), before anything exists on disk. Located at `[control] socket` when
-    /// it is set, else at the other file's key.
-    static func checkControlSocket(_ configuration: AgentConfiguration, root: ConfigTable) throws(ConfigurationError) {
-        let socket = lexicalPath(configuration.controlSocket)
+    /// Refuses two of the agent's own files at one path: the configuration, the buffer and its sidecars, the device key
+    /// file, the metrics file and the control socket. The agent would overwrite one with the other (the metrics text
+    /// replacing a buffer full of unsent readings, or the key), or could not start. Compared by path (`.`, `..` and
+    /// repeated slashes resolved), before anything exists on disk; located at the key set later in this list (the
+    /// socket, the metrics file, the key file, the buffer), or at the other file's key when that one is not set.
+    ///
+    /// Also refuses a control socket path where something other than a socket exists: the agent replaces only a stale
+    /// socket, so it would refuse to start (and under systemd be restarted until its start limit).
+    static func checkOwnFiles(_ configuration: AgentConfiguration, root: ConfigTable) throws(ConfigurationError) {
+        struct OwnFile {
+            var path: String
+            var what: String
+            var table: ConfigTable?
+            var key: String?
+            var isSet: Bool { table.map { table in key.map { table.contains($0) } ?? false } ?? false }
+        }
         let control = try root.table("control")
         let buffer = try root.table("buffer")
+        let upload = try root.table("upload")
         let metrics = try root.table("metrics")
         let bufferPath = configuration.buffer.path
-        var files: [(path: String, what: String, table: ConfigTable?, key: String?)] = [
-            (root.file, "the configuration file itself", nil, nil),
-            (bufferPath, "the buffer ([buffer] path)", buffer, "path"),
-            (bufferPath + "-wal", "the buffer's -wal file", buffer, "path"),
-            (bufferPath + "-shm", "the buffer's -shm file", buffer, "path"),
-            (bufferPath + ".seq", "the buffer's .seq sidecar", buffer, "path"),
+        var files: [OwnFile] = [
+            OwnFile(path: root.file, what: "the configuration file itself"),
+            OwnFile(path: bufferPath, what: "the buffer ([buffer] path)", table: buffer, key: "path"),
+            OwnFile(path: bufferPath + "-wal", what: "the buffer's -wal file", table: buffer, key: "path"),
+            OwnFile(path: bufferPath + "-shm", what: "the buffer's -shm file", table: buffer, key: "path"),
+            OwnFile(path: bufferPath + ".seq", what: "the buffer's .seq sidecar", table: buffer, key: "path"),
         ]
-        if let metricsFile = configuration.metrics?.path {
-            files.append((metricsFile, "the metrics file ([metrics] textfile)", metrics, "textfile"))
+        if let upload, let keyFile = try upload.string("key_file") {
+            files.append(OwnFile(path: resolve(keyFile, against: URL(fileURLWithPath: root.file).deletingLastPathComponent().path),
+                what: "the device key file ([upload] key_file)", table: upload, key: "key_file"))
         }
-        for file in files where lexicalPath(file.path) == socket {
+        if let metricsFile = configuration.metrics?.path {
+            files.append(OwnFile(path: metricsFile, what: "the metrics file ([metrics] textfile)", table: metrics, key: "textfile"))
+        }
+        files.append(OwnFile(path: configuration.controlSocket, what: "the control socket ([control] socket)", table: control, key: "socket"))
+        var seen: [String: OwnFile] = [:]
+        for file in files {
+            let path = lexicalPath(file.path)
+            guard let earlier = seen[path] else {
+                seen[path] = file
+                continue
+            }
             let message =
-                "the control socket \(configuration.controlSocket) is \(file.what); the agent creates its socket there and would "
-                + "refuse to start. Give the socket a path of its own, such as \"/run/farmgate/control.sock\""
+                "\(file.what) is \(earlier.what) (\(file.path)); the agent would overwrite one with the other. Give each "
+                + "its own path"
+            for located in [file, earlier] where located.isSet {
+                if let table = located.table, let key = located.key { throw table.error(key, message) }
+            }
+            throw root.error(nil, message)
+        }
+        var status = stat()
+        if lstat(configuration.controlSocket, &status) == 0, status.st_mode & S_IFMT != S_IFSOCK {
+            let message =
+                "\(configuration.controlSocket) exists and is not a socket; the agent creates its control socket there and "
+                + "replaces only a stale socket. Remove that file, or give the socket another path, such as \"/run/farmgate/control.sock\""
             if let control, control.contains("socket") { throw control.error("socket", message) }
-            if let table = file.table, let key = file.key, table.contains(key) { throw table.error(key, message) }
             throw root.error(nil, message)
         }
     }
@@ -261,12 +292,7 @@ extension AgentConfiguration {
             "shutdown_flush_timeout", "device_check_interval", "stateful",
         ])
         let endpoint = try table.requiredString("endpoint")
-        guard let url = URL(string: endpoint), let scheme = url.scheme?.lowercased(), scheme == "http" || scheme == "https",
-            url.host != nil
-        else {
-            throw table.error("endpoint", "must be an http:// or https:// URL such as \"https://ingest.example.net\" (got \"\(endpoint)\")")
-        }
-        if let problem = endpointQueryOrFragment(endpoint) { throw table.error("endpoint", problem) }
+        if let problem = endpointProblem(endpoint) { throw table.error("endpoint", problem) }
         let key: String
         switch (try table.string("key"), try table.string("key_file")) {
         case (.some, .some):
@@ -316,6 +342,66 @@ extension AgentConfiguration {
             deviceCheckInterval: try table.duration("device_check_interval", in: .seconds(1)...(.seconds(86_400)))
                 ?? defaults.deviceCheckInterval,
             stateful: try table.bool("stateful") ?? defaults.stateful)
+    }
+
+    /// Why `endpoint` cannot be the ingest's base URL, or nil when it can: an `http://` or `https://` URL whose host is a
+    /// name or an address (no spaces or other characters a host cannot have), whose port, if given, is 1–65535, without a
+    /// query or a fragment. libcurl would refuse the others at every upload.
+    public static func endpointProblem(_ endpoint: String) -> String? {
+        let example = "such as \"https://ingest.example.net\" or \"http://192.0.2.10:8080\""
+        let lowered = endpoint.lowercased()
+        let afterScheme: String.Index
+        if lowered.hasPrefix("http://") {
+            afterScheme = endpoint.utf8.index(endpoint.startIndex, offsetBy: 7)
+        } else if lowered.hasPrefix("https://") {
+            afterScheme = endpoint.utf8.index(endpoint.startIndex, offsetBy: 8)
+        } else {
+            return "must be an http:// or https:// URL \(example) (got \"\(endpoint)\")"
+        }
+        var authority = endpoint[afterScheme...].prefix { $0 != "/" && $0 != "?" && $0 != "#" }
+        if let at = authority.lastIndex(of: "@") { authority = authority[authority.index(after: at)...] }
+        var host = authority
+        var port: Substring?
+        if authority.hasPrefix("[") {
+            guard let close = authority.firstIndex(of: "]") else { return "has an IPv6 address without its closing ]: \"\(endpoint)\"" }
+            host = authority[authority.index(after: authority.startIndex)..<close]
+            let rest = authority[authority.index(after: close)...]
+            if !rest.isEmpty {
+                guard rest.hasPrefix(":") else { return "has \"\(rest)\" after the IPv6 address where only :port may be (got \"\(endpoint)\")" }
+                port = rest.dropFirst()
+            }
+            guard !host.isEmpty, host.unicodeScalars.allSatisfy({ $0.properties.isASCIIHexDigit || $0 == ":" || $0 == "." }) else {
+                return "has \"[\(host)]\", which is not an IPv6 address (got \"\(endpoint)\")"
+            }
+        } else {
+            if let colon = authority.lastIndex(of: ":") {
+                host = authority[..<colon]
+                port = authority[authority.index(after: colon)...]
+            }
+            guard !host.isEmpty else { return "has no host: give the ingest's name or address, \(example) (got \"\(endpoint)\")" }
+            let allowed = host.unicodeScalars.allSatisfy(Self.isHostScalar)
+            guard allowed else {
+                return "has the host \"\(host)\", which is not a host name or address (letters, digits, - and . only; "
+                    + "no spaces), \(example) (got \"\(endpoint)\")"
+            }
+        }
+        if let port {
+            guard let number = Int(port), (1...65535).contains(number), port.allSatisfy(\.isASCII) else {
+                return "has the port \"\(port)\": a port is a number from 1 to 65535 (got \"\(endpoint)\")"
+            }
+        }
+        if let problem = endpointQueryOrFragment(endpoint) { return problem }
+        guard URL(string: endpoint) != nil else { return "is not a URL \(example) (got \"\(endpoint)\")" }
+        return nil
+    }
+
+    /// A letter, digit, `-`, `.` or `_`, or any non-ASCII scalar (an internationalised name, which libcurl converts).
+    static func isHostScalar(_ scalar: Unicode.Scalar) -> Bool {
+        if scalar.value > 0x7F { return true }
+        switch scalar {
+        case "a"..."z", "A"..."Z", "0"..."9", "-", ".", "_": return true
+        default: return false
+        }
     }
 
     /// Why `endpoint` cannot be the ingest's base URL because it has a query (`?…`) or a fragment (`#…`): the agent appends

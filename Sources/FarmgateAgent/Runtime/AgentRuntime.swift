@@ -24,10 +24,21 @@ public enum AgentRuntime {
     /// (``ConfigurationReloadService``): a valid one replaces the running services by new ones built from it, in this
     /// process; an invalid one, or one the new services could not start with (a control socket where the agent cannot
     /// write, a moved buffer), is refused and the running configuration kept.
-    public static func run(configuration: AgentConfiguration, drivers: DriverRegistry = .standard, logger: Logger) async throws {
-        // Held for the whole run: a SIGHUP that arrives while one generation of services stops and the next starts finds
-        // a handler, rather than the default action, which would end the process.
+    ///
+    /// - Parameter logLevel: set to each configuration's `[log] level` (the one at start is already in it); nil when the
+    ///   caller's log handler does not follow one.
+    public static func run(
+        configuration: AgentConfiguration, drivers: DriverRegistry = .standard, logger: Logger, logLevel: SharedLogLevel? = nil
+    ) async throws {
+        let reloads = ConfigurationReloads(file: configuration.file)
+        // One handler for the whole run: a SIGHUP that arrives while one generation of services stops and the next starts,
+        // or while a reload is being checked, is recorded for the next reload rather than lost (or, with no handler, the
+        // default action ending the process).
         let hangups = await UnixSignalsSequence(trapping: .sighup)
+        let hangupWatch = Task {
+            for await _ in hangups { reloads.hangupReceived() }
+        }
+        defer { hangupWatch.cancel() }
         // A stop asked for while a reload is stopping one generation (the service group then ignores further signals)
         // or starting the next (no group listens yet) must end the agent, not be lost: `systemctl reload` followed by
         // `stop` would otherwise leave it running, with the new configuration, until systemd kills it.
@@ -39,11 +50,12 @@ public enum AgentRuntime {
             }
         }
         defer { stopWatch.cancel() }
-        let reloads = ConfigurationReloads(file: configuration.file)
+        let carried = GenerationCarry()
         var current = configuration
         while true {
             try await runServices(
-                configuration: current, drivers: drivers, reloads: reloads, logger: logger, stopRequested: { stopRequested.withLock { $0 } })
+                configuration: current, drivers: drivers, reloads: reloads, logger: logger, carried: carried,
+                stopRequested: { stopRequested.withLock { $0 } })
             guard let next = reloads.takeAccepted() else { break }
             if stopRequested.withLock({ $0 }) {
                 logger.notice("Agent stopping: a stop was asked for while the reloaded configuration was being applied")
@@ -52,15 +64,25 @@ public enum AgentRuntime {
             logger.notice(
                 "Agent restarted its services with the reloaded configuration",
                 metadata: ["config": "\(next.file)", "sensors": "\(next.sensors.count)"])
+            if let logLevel, next.logLevel != current.logLevel {
+                logLevel.level = next.logLevel
+                logger.notice("Log level changed by the reload", metadata: ["from": "\(current.logLevel)", "to": "\(next.logLevel)"])
+            }
             current = next
         }
-        withExtendedLifetime(hangups) {}
+    }
+
+    /// What outlives one generation of services: the process's start time and the uploader's totals, so that a reload
+    /// neither resets the counters of the metrics file and `farmgate status` nor moves the agent's start time.
+    final class GenerationCarry: Sendable {
+        let startedAt = Timestamp.now()
+        let upload = Mutex<UploadStatus?>(nil)
     }
 
     /// One generation of services, from the buffer to the control socket, until a graceful shutdown or an accepted reload.
     static func runServices(
         configuration: AgentConfiguration, drivers: DriverRegistry, reloads: ConfigurationReloads, logger: Logger,
-        stopRequested: @Sendable () -> Bool = { false }
+        carried: GenerationCarry = GenerationCarry(), stopRequested: @Sendable () -> Bool = { false }
     ) async throws {
         // Opening runs quick_check, which takes seconds on a large buffer: keep it off the concurrency pool.
         let bufferConfiguration = configuration.buffer
@@ -103,10 +125,12 @@ public enum AgentRuntime {
 
         var uploader: Uploader?
         if let upload = configuration.upload {
-            uploader = try Uploader(device: configuration.device, source: buffer, configuration: upload, logger: logger)
+            uploader = try Uploader(
+                device: configuration.device, source: buffer, configuration: upload, logger: logger,
+                carrying: carried.upload.withLock { $0 })
         }
 
-        let startedAt = Timestamp.now()
+        let startedAt = carried.startedAt
         let device = configuration.device.rawValue
         let endpoint = configuration.upload?.endpoint
         let uploaderForStatus = uploader
@@ -187,6 +211,9 @@ public enum AgentRuntime {
         if stopRequested() {
             logger.info("Agent stopped before its services started: a stop was asked for while they were being built")
             return
+        }
+        defer {
+            if let uploader { carried.upload.withLock { $0 = uploader.status() } }
         }
         try await group.run()
         if !reloads.isReloading { logger.info("Agent stopped") }

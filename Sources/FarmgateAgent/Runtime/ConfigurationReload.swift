@@ -44,9 +44,50 @@ public final class ConfigurationReloads: Sendable {
         var accepted: AgentConfiguration?
     }
     private let state: Mutex<State>
+    /// SIGHUPs not yet taken by a reload (at most one: a reload reads the file as it is then), and the reload waiting.
+    private let hangups = Mutex<(pending: Bool, waiter: CheckedContinuation<Bool, Never>?)>((false, nil))
 
     public init(file: String, loadedAt: Timestamp = .now()) {
         state = Mutex(State(status: ConfigurationStatus(file: file, loadedAt: loadedAt)))
+    }
+
+    /// Records a SIGHUP. The runtime's one handler calls this for the whole run, so that a SIGHUP that arrives while a
+    /// reload is being checked, or while one generation of services stops and the next starts, is kept for the next
+    /// generation's reload instead of being lost (several in that time make one reload, of the file as it is then).
+    public func hangupReceived() {
+        let waiter = hangups.withLock { state -> CheckedContinuation<Bool, Never>? in
+            guard let waiter = state.waiter else {
+                state.pending = true
+                return nil
+            }
+            state.waiter = nil
+            return waiter
+        }
+        waiter?.resume(returning: true)
+    }
+
+    /// Waits for the next SIGHUP (one recorded before the call counts): true, or false when the task is cancelled.
+    func nextHangup() async -> Bool {
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
+                let now: Bool? = hangups.withLock { state in
+                    if state.pending {
+                        state.pending = false
+                        return true
+                    }
+                    if Task.isCancelled { return false }
+                    state.waiter = continuation
+                    return nil
+                }
+                if let now { continuation.resume(returning: now) }
+            }
+        } onCancel: {
+            let waiter = hangups.withLock { state -> CheckedContinuation<Bool, Never>? in
+                defer { state.waiter = nil }
+                return state.waiter
+            }
+            waiter?.resume(returning: false)
+        }
     }
 
     public func status() -> ConfigurationStatus { state.withLock { $0.status } }
@@ -154,8 +195,14 @@ final class ConfigurationReloadService: Service {
     }
 
     func run() async throws {
-        let hangups = await UnixSignalsSequence(trapping: .sighup)
-        for await _ in hangups.cancelOnGracefulShutdown() {
+        try await cancelWhenGracefulShutdown {
+            try await self.reloadOnHangups()
+        }
+    }
+
+    /// Reloads at each SIGHUP the runtime recorded (``ConfigurationReloads/hangupReceived()``) until one is accepted.
+    private func reloadOnHangups() async throws {
+        while await reloads.nextHangup() {
             logger.notice("SIGHUP: reloading the configuration", metadata: ["config": "\(file)"])
             let (file, drivers, running, logger) = (self.file, self.drivers, self.running, self.logger)
             let outcome: Result<AgentConfiguration, ConfigurationError>

@@ -52,7 +52,7 @@ public enum TextfileMetrics {
             Double(status.buffer.duplicatesIgnored))
         out.gauge("farmgate_buffer_used_bytes", "Bytes the buffer file uses.", Double(status.buffer.usedBytes))
         out.gauge("farmgate_buffer_quota_bytes", "The buffer's disk quota.", Double(status.buffer.quotaBytes))
-        out.counter("farmgate_buffer_last_sequence", "The last sequence number assigned.", Double(status.buffer.lastSequence))
+        out.gauge("farmgate_buffer_last_sequence", "The last sequence number assigned.", Double(status.buffer.lastSequence))
         out.header(
             "farmgate_agent_buffer_errors_total",
             "Buffer writes that failed since the buffer was opened: commit (new readings), acknowledge (recording the ingest's answer).",
@@ -69,6 +69,12 @@ public enum TextfileMetrics {
                 ("quarantined", upload.quarantinedTotal), ("renumbered", upload.renumberedTotal),
             ] {
                 out.sample("farmgate_upload_readings_total", [("outcome", outcome)], Double(value))
+            }
+            out.header(
+                "farmgate_upload_failures_total",
+                "Failed upload attempts since the agent started, by the HTTP status of the answer (none: no answer).", type: "counter")
+            for (status, count) in (upload.failuresTotal ?? [:]).sorted(by: { $0.key < $1.key }) {
+                out.sample("farmgate_upload_failures_total", [("status", status)], Double(count))
             }
             out.gauge("farmgate_upload_consecutive_failures", "Failed upload attempts since the last success.", Double(upload.consecutiveFailures))
             out.gauge("farmgate_upload_held", "1 while the ingest refuses whole requests and the queue is held.", upload.held == nil ? 0 : 1)

@@ -56,6 +56,9 @@ public struct UploadStatus: Codable, Sendable, Hashable {
     public var frames: String?
     /// 409 `unknown_sensor_table` / `stale_context` answers since start (each followed at once by the same readings).
     public var stateRefusalsTotal: Int64?
+    /// Failed upload attempts since start, by the HTTP status of the answer (`"503"`), or `"none"` when there was no
+    /// answer (refused connection, timeout, TLS, DNS).
+    public var failuresTotal: [String: Int64]?
 
     public init(
         endpoint: String, lastAttemptAt: Timestamp? = nil, lastSuccessAt: Timestamp? = nil, lastResult: String? = nil,
@@ -82,6 +85,24 @@ public struct UploadStatus: Codable, Sendable, Hashable {
         self.formatFallback = formatFallback
         self.ingestHighestSequence = ingestHighestSequence
         self.renumberedTotal = renumberedTotal
+    }
+}
+
+extension UploadStatus {
+    /// Takes the totals and the last success of `previous`, the status of the uploader this one replaces.
+    mutating func carryTotals(from previous: UploadStatus) {
+        lastAttemptAt = previous.lastAttemptAt
+        lastSuccessAt = previous.lastSuccessAt
+        requestsTotal = previous.requestsTotal
+        uploadedTotal = previous.uploadedTotal
+        duplicatesTotal = previous.duplicatesTotal
+        rejectedTotal = previous.rejectedTotal
+        quarantinedTotal = previous.quarantinedTotal
+        renumberedTotal = previous.renumberedTotal
+        calibrationsUploadedTotal = previous.calibrationsUploadedTotal
+        calibrationsQuarantinedTotal = previous.calibrationsQuarantinedTotal
+        stateRefusalsTotal = previous.stateRefusalsTotal
+        failuresTotal = previous.failuresTotal
     }
 }
 

@@ -407,11 +407,13 @@ extension Uploader {
         let seconds = Backoff.seconds(delay)
         let next = Timestamp(microseconds: Timestamp.now().microseconds + Int64(seconds * 1_000_000))
         let failures = loop.backoff.failures
+        let answer = status.map { "\($0)" } ?? "none"
         metrics.failed.increment()
         state.withLock {
             $0.lastResult = result
             $0.lastHTTPStatus = status
             $0.consecutiveFailures = failures
+            $0.failuresTotal = ($0.failuresTotal ?? [:]).merging([answer: 1], uniquingKeysWith: +)
             $0.nextAttemptAt = next
             $0.currentBackoffSeconds = seconds
         }

@@ -121,8 +121,12 @@ public final class Uploader: Service {
     ///   - source: The site buffer.
     ///   - configuration: Where and how to upload.
     ///   - logger: Receives what the uploader does; errors name what to fix.
+    ///   - previous: the status of the uploader this one replaces (a configuration reload): its totals and last success
+    ///     carry on, so that counters never go back while the process runs.
     /// - Throws: ``HTTPClientError`` when the HTTP client cannot be set up (a CA file that cannot be read, ...).
-    public init(device: DeviceID, source: any PendingReadings, configuration: UploadConfiguration, logger: Logger) throws(HTTPClientError) {
+    public init(
+        device: DeviceID, source: any PendingReadings, configuration: UploadConfiguration, logger: Logger, carrying previous: UploadStatus? = nil
+    ) throws(HTTPClientError) {
         self.device = device
         self.source = source
         self.configuration = configuration
@@ -132,7 +136,9 @@ public final class Uploader: Service {
         self.deviceStateURL = configuration.deviceStateURL
         self.authorization = HTTPHeader("Authorization", "Bearer \(configuration.deviceKey)")
         self.deviceKeyHeader = HTTPHeader(IngestProtocol.deviceKeyHeader, configuration.deviceKey)
-        self.state = Mutex(UploadStatus(endpoint: batchesURL, format: configuration.format.rawValue))
+        var status = UploadStatus(endpoint: batchesURL, format: configuration.format.rawValue)
+        if let previous { status.carryTotals(from: previous) }
+        self.state = Mutex(status)
         metrics.held.record(0)
     }
 
