@@ -47,8 +47,19 @@ struct NotificationCoalescingTests {
             #expect(told.status == .firing && told.value == 5.0)
             #expect(told.coalesced?.fired == 25 && told.coalesced?.resolved == 24)
 
+            // What the receiver gets: the newest state, and how often it changed since when.
+            let webhook = AlertmanagerWebhook(told, receiver: "grower", idempotencyKey: row.idempotencyKey, externalURL: "", now: h.clock.now)
+            #expect(webhook.alerts.first?.annotations["transitions"] == "49")
+            #expect(webhook.alerts.first?.annotations["transitions_since"] == RFC3339.format(first))
+            #expect(webhook.farmgate.coalesced?.fired == 25)
+            let since = RFC3339.format(first)
+            #expect(webhook.alerts.first?.annotations["description"]?.contains("Fired 25 times and resolved 24 times since \(since)") == true)
+            #expect(NotificationText.subject(told).contains("changed 49 times"))
+            #expect(NotificationText.emailBody(told, idempotencyKey: row.idempotencyKey, externalURL: "", now: h.clock.now).contains("resolved 24 times since \(since)"))
             let entry = try #require(try await outbox.outboxEntries(farm: "f1", state: .pending, limit: 10).first)
             #expect(entry.transitions == 49 && entry.firstTransitionAt == first && entry.coalescedAt != nil)
+            #expect(AlertDeliveryAdmin.describe(entry).contains("49 transitions since \(since)"))
+            #expect(AlertDeliveryAdmin.json(entry).contains("\"transitions\":49"))
 
             // The receiver's slot comes: the row is claimed as it stands.
             let claimed = try #require(try await claim(outbox, h, "a").first)
@@ -283,6 +294,7 @@ struct NotificationCoalescingTests {
     private func checkUpgraded(_ store: any NotificationOutboxStore, key: String, notification: AlertNotification) async throws {
         let old = try #require(try await store.outboxEntries(farm: "f1", state: nil, limit: 10).first)
         #expect(old.transitions == 1 && old.firstTransitionAt == nil && old.coalescedAt == nil)
+        #expect(AlertDeliveryAdmin.describe(old).contains("\t1 transition\t"))
         // The alert resolves: the row written before the upgrade, never sent, takes it.
         var resolved = notification
         resolved.transitionID = 71
