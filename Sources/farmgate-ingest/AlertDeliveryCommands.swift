@@ -173,7 +173,11 @@ struct AlertOutboxCommand: AsyncParsableCommand {
     struct List: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "list", abstract: "List notifications, newest first.",
-            discussion: "Dead letters (--state dead) are notifications that failed every attempt or were refused for good; retry them with `alert outbox retry ID`.")
+            discussion: """
+                TELLS is how many times the alert fired or resolved in that notification: more than one when later notifications of a \
+                flapping alert were merged into it while it waited to be sent. Dead letters (--state dead) are notifications that failed \
+                every attempt or were refused for good; retry them with `alert outbox retry ID`.
+                """)
 
         @Option(help: "Only this farm's.") var farm: String?
         @Option(help: "Only this state: pending, delivering, delivered, dead.") var state: OutboxState?
@@ -192,7 +196,7 @@ struct AlertOutboxCommand: AsyncParsableCommand {
                 for entry in entries { print(AlertDeliveryAdmin.json(entry)) }
                 return
             }
-            print("ID\tSTATE\tATTEMPTS\tFARM/RECEIVER\tIDEMPOTENCY KEY\tWHEN\tLAST ERROR")
+            print("ID\tSTATE\tATTEMPTS\tFARM/RECEIVER\tIDEMPOTENCY KEY\tTELLS\tWHEN\tLAST ERROR")
             for entry in entries { print(AlertDeliveryAdmin.describe(entry)) }
         }
     }

@@ -23,6 +23,10 @@ struct AlertEngineTests {
             try await h.send([(2_800, 5.3)])
             alert = try await h.alerts().first
             #expect(alert?.state == "firing")
+            let fired = try await h.notifications()
+            #expect(fired.map(\.status) == [.firing])
+            #expect(fired.first?.summary == "d1 tank1.ph is below 5.5 (5.3)")
+            #expect(fired.first?.labels["alertname"] == "ph-low")
             // 5.58 is above the threshold but below the clear level: still firing. 5.7 clears.
             try await h.send([(3_000, 5.58)])
             #expect(try await h.alerts().first?.state == "firing")
@@ -30,13 +34,15 @@ struct AlertEngineTests {
             alert = try await h.alerts().first
             #expect(alert?.state == "resolved")
             #expect(states(alert) == ["inactive>pending", "pending>inactive", "inactive>pending", "pending>firing", "firing>resolved"])
+            // Nothing delivers here, so the firing was still waiting when the alert resolved: one row tells both.
             let notifications = try await h.notifications()
-            #expect(notifications.map(\.status) == [.firing, .resolved])
-            #expect(notifications.first?.summary == "d1 tank1.ph is below 5.5 (5.3)")
-            #expect(notifications.first?.labels["alertname"] == "ph-low")
+            #expect(notifications.map(\.status) == [.resolved])
+            #expect(notifications.first?.coalesced?.fired == 1 && notifications.first?.coalesced?.resolved == 1)
+            #expect(notifications.first?.summary == "d1 tank1.ph is below 5.5 (5.7)")
             #expect(notifications.allSatisfy { !$0.late })
             let rows = try await h.outbox()
-            #expect(rows.map(\.receiver) == ["grower", "grower"])
+            #expect(rows.map(\.receiver) == ["grower"])
+            #expect(rows.map(\.transitions) == [2])
             #expect(rows.allSatisfy { $0.state == "pending" })
             for (row, notification) in zip(rows, notifications) {
                 #expect(row.idempotencyKey == notification.idempotencyKey(receiver: row.receiverID))
@@ -65,7 +71,8 @@ struct AlertEngineTests {
             #expect(states(byRule["fault"]?.first) == ["inactive>pending", "pending>firing", "firing>resolved"])
             #expect(states(byRule["ec-band"]?.first) == ["inactive>pending", "pending>firing", "firing>resolved"])
             #expect(byRule["ec-band"]?.first?.transitions[1].value == 2100)
-            #expect(try await h.outbox().count == 8)
+            // Four alerts that each fired and resolved before anything was sent: a row each, telling both.
+            #expect(try await h.outbox().map(\.transitions) == [2, 2, 2, 2])
         }
     }
 
@@ -91,9 +98,11 @@ struct AlertEngineTests {
             }
             #expect(byRule["ph-high-7"]?.first?.transitions.last?.at == Timestamp(microseconds: h.clock.now.microseconds + 70_000_000))
             #expect(byRule["ph-high-6"]?.first?.transitions.last?.at == Timestamp(microseconds: h.clock.now.microseconds + 80_000_000))
+            // Each alert's firing was still waiting when it resolved: one row per alert, telling both.
             let notifications = try await h.notifications()
-            #expect(notifications.count == 6)
-            #expect(Set(notifications.map { "\($0.labels["alertname"] ?? "")/\($0.status)" }).count == 6)
+            #expect(notifications.count == 3)
+            #expect(Set(notifications.map { "\($0.labels["alertname"] ?? "")/\($0.status)" }).count == 3)
+            #expect(notifications.allSatisfy { $0.status == .resolved && $0.coalesced?.fired == 1 && $0.coalesced?.resolved == 1 })
         }
     }
 
@@ -115,7 +124,10 @@ struct AlertEngineTests {
             try await h.send([(0, 6.1)])
             await h.engine.tick()
             #expect(try await h.alerts().filter { $0.state == "firing" }.isEmpty)
-            #expect(try await h.outbox().map(\.receiver).sorted() == ["grower", "grower", "on-call", "on-call"])
+            // Each alert fired and resolved before anything was sent: one row each, telling both.
+            let rows = try await h.outbox()
+            #expect(rows.map(\.receiver).sorted() == ["grower", "on-call"])
+            #expect(rows.map(\.transitions) == [2, 2])
             // Calibration: the sensor was first seen 16 minutes ago and never calibrated; 30 days later it is overdue
             // where the store keeps calibrations (SQLite; PostgreSQL gets them from the sensors work).
             h.clock.advance(seconds: 31 * 86_400)
@@ -296,12 +308,13 @@ struct AlertEngineTests {
             let restarted = h.newEngine()
             await restarted.tick()
             #expect(states(try await h.alerts().first) == ["inactive>pending", "pending>firing", "firing>resolved", "resolved>pending", "pending>firing"])
-            #expect(try await h.outbox().count == 3)
+            // Nothing was sent: the one row tells the three firings and resolutions.
+            #expect(try await h.outbox().map(\.transitions) == [3])
             // A third engine finds nothing left to evaluate.
             await restarted.saveWatermarks()
             let third = h.newEngine()
             await third.tick()
-            #expect(try await h.outbox().count == 3)
+            #expect(try await h.outbox().map(\.transitions) == [3])
             #expect(try await h.alerts().first?.transitions.count == 5)
         }
     }
@@ -322,7 +335,7 @@ struct AlertEngineTests {
             try await h.admin.removeSilence(farm: "f1", id: silence)
             await h.engine.reload()
             try await h.send([(20, 5.0)])
-            #expect(try await h.outbox().count == 1)
+            #expect(try await h.outbox().map(\.transitions) == [1])
             alert = try await h.alerts().first
             try await h.admin.acknowledge(farm: "f1", alertID: try #require(alert?.id), by: "grower-anna")
             alert = try await h.alerts().first
@@ -331,7 +344,7 @@ struct AlertEngineTests {
             // The engine works from the stored row, version included: the next transition still lands.
             try await h.send([(30, 6.0)])
             #expect(try await h.alerts().first?.state == "resolved")
-            #expect(try await h.outbox().count == 2)
+            #expect(try await h.outbox().map(\.transitions) == [2])
             await #expect(throws: IngestStoreError.self) { try await h.admin.acknowledge(farm: "f2", alertID: try #require(alert?.id), by: "x") }
         }
     }

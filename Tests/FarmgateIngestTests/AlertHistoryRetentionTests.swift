@@ -31,7 +31,8 @@ import Testing
         let deviceRowID: Int64
 
         /// Records `moves` (each `from`, `to` and its reading time in days ago) as one change of the alert of `rule`,
-        /// written `recorded` days ago; a notification for the first move that fires, to receiver `grower`. With
+        /// written `recorded` days ago; a notification for the first move that fires, to receiver `grower` (delivered, so
+        /// never merged into by the next write). With
         /// `lateDue` the alert is left gathering a late report.
         func write(_ rule: String, _ moves: [(AlertState, AlertState, Int64)], recorded: Int64, lateDue: Bool = false) async throws {
             let now = AlertHistoryRetentionTests.daysAgo(recorded)
@@ -55,6 +56,8 @@ import Testing
                 change.notifications = [AlertChange.PlannedNotification(transitionIndex: firing, notification: notification)]
             }
             try await store.applyAlertChanges([change], now: now)
+            // Sent long ago: each write's notification is a row of its own, as in an outbox that has been delivering.
+            try await markOutboxDelivered(store, at: testNow)
         }
 
         /// Every alert's transitions by rule, each as ``AlertHistoryRetentionTests/text(_:)``, in time order.

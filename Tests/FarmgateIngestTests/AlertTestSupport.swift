@@ -112,4 +112,28 @@ func addReceiver(_ store: any IngestStore, farmID: Int64, name: String) async th
     }
 }
 
+/// Marks every pending outbox row delivered at `at` (after one attempt), as a receiver that kept up would have taken
+/// them: the next notification of their alerts is then a row of its own, not merged into them.
+func markOutboxDelivered(_ store: any IngestStore, at: Timestamp) async throws {
+    switch store {
+    case let sqlite as SQLiteIngestStore:
+        _ = try await sqlite.writer.withValue { db in
+            try db.connection.query(
+                """
+                UPDATE alert_outbox SET state = 'delivered', attempts = 1, claimed_by = 'test', last_attempt_at_us = ?, delivered_at_us = ?
+                WHERE state = 'pending'
+                """, [.integer(at.microseconds), .integer(at.microseconds)])
+        }
+    case let postgres as PostgresIngestStore:
+        _ = try await postgres.rows(
+            """
+            UPDATE alert_outbox SET state = 'delivered', attempts = 1, claimed_by = 'test', last_attempt_at_us = \(at.microseconds),
+                delivered_at_us = \(at.microseconds) WHERE state = 'pending' RETURNING id
+            """
+        ) { try $0.decode(Int64.self) }
+    default:
+        throw IngestStoreError.notFound("a store that keeps an outbox")
+    }
+}
+
 func states(_ alert: AlertView?) -> [String] { alert?.transitions.map { "\($0.from)>\($0.to)" } ?? [] }

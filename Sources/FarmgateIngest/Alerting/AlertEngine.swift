@@ -141,6 +141,8 @@ public actor AlertEngine: CommitObserver, Service {
 
     private let transitionsCounter = Counter(label: "farmgate_ingest_alert_transitions_total")
     private let notificationsCounter = Counter(label: "farmgate_ingest_alert_notifications_total")
+    /// Notifications merged into a receiver's row not sent yet instead of written as a row of their own (per receiver).
+    private let coalescedCounter = Counter(label: "farmgate_ingest_notifications_coalesced_total")
     private let droppedCounter = Counter(label: "farmgate_ingest_alert_queue_overflows_total")
     private let errorsCounter = Counter(label: "farmgate_ingest_alert_evaluation_errors_total")
     private let derivedCounter = Counter(label: "farmgate_ingest_alert_memories_derived_total")
@@ -842,7 +844,8 @@ public actor AlertEngine: CommitObserver, Service {
     /// synced.
     private func apply(_ changes: [AlertChange], durability: AlertWriteDurability = .immediate) async throws {
         guard !changes.isEmpty else { return }
-        try await store.applyAlertChanges(changes, now: now(), durability: durability)
+        let written = try await store.applyAlertChanges(changes, now: now(), durability: durability)
+        if written.coalesced > 0 { coalescedCounter.increment(by: written.coalesced) }
         let notified = changes.reduce(0) { $0 + $1.notifications.count }
         if notified > 0 {
             notificationsCounter.increment(by: notified)

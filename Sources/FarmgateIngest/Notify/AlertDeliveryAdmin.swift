@@ -76,7 +76,14 @@ public struct AlertDeliveryAdmin: Sendable {
         case .dead: when = "last tried " + (entry.lastAttemptAt.map(RFC3339.format) ?? "-")
         }
         let error = entry.lastError.map { NotificationText.singleLine(String($0.prefix(200))) } ?? ""
-        return "\(entry.id)\t\(entry.state.rawValue)\t\(entry.attempts)\t\(entry.farm)/\(entry.receiver)\t\(entry.idempotencyKey)\t\(when)\t\(error)"
+        return "\(entry.id)\t\(entry.state.rawValue)\t\(entry.attempts)\t\(entry.farm)/\(entry.receiver)\t\(entry.idempotencyKey)\t\(told(entry))\t\(when)\t\(error)"
+    }
+
+    /// How many transitions a row tells: `1 transition`, or `37 transitions since 2026-01-01T10:02:00Z` for a flapping
+    /// alert's notifications merged into one row.
+    static func told(_ entry: OutboxEntry) -> String {
+        guard entry.transitions > 1 else { return "1 transition" }
+        return "\(entry.transitions) transitions" + (entry.firstTransitionAt.map { " since " + RFC3339.format($0) } ?? "")
     }
 
     /// One outbox row as a JSON object (one line), for `alert outbox list --json`.
@@ -90,6 +97,9 @@ public struct AlertDeliveryAdmin: Sendable {
         if let value = entry.claimedBy { object["claimed_by"] = value }
         if let value = entry.deliveredAt { object["delivered_at"] = RFC3339.format(value) }
         if let value = entry.lastAttemptAt { object["last_attempt_at"] = RFC3339.format(value) }
+        object["transitions"] = entry.transitions
+        if let value = entry.firstTransitionAt { object["first_transition_at"] = RFC3339.format(value) }
+        if let value = entry.coalescedAt { object["coalesced_at"] = RFC3339.format(value) }
         guard let data = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .withoutEscapingSlashes]) else { return "{}" }
         return String(decoding: data, as: UTF8.self)
     }

@@ -7,7 +7,9 @@ import Foundation
 ///
 /// `groupLabels` are the alert's labels and `groupKey` is built from them the way Alertmanager builds it
 /// (`{}:{alertname="ph-low", device="site-1", ...}`), so a receiver that follows incidents by group key sees one per
-/// alert. `endsAt` of a firing alert is `0001-01-01T00:00:00Z`, as Alertmanager sends it.
+/// alert. `endsAt` of a firing alert is `0001-01-01T00:00:00Z`, as Alertmanager sends it. A notification that later
+/// ones of a flapping alert were merged into carries the annotations `transitions` (how many times it fired and
+/// resolved, as a number) and `transitions_since` (RFC 3339), and `farmgate.coalesced`.
 public struct AlertmanagerWebhook: Codable, Sendable, Hashable {
     public struct Alert: Codable, Sendable, Hashable {
         public var status: String
@@ -27,8 +29,21 @@ public struct AlertmanagerWebhook: Codable, Sendable, Hashable {
         public var transitionID: Int64
         public var late: Bool
         public var value: Double?
-        /// `state@RFC 3339` of each transition folded into this notification.
+        /// `state@RFC 3339` of each transition folded into this notification (the newest 20 when several were merged).
         public var transitions: [String]
+        /// Present when later notifications of the alert were merged into this one while it waited (a flapping
+        /// alert): how often it fired and resolved, since when, and the newest transition's id.
+        public var coalesced: Coalesced?
+    }
+
+    /// ``AlertNotification/Coalesced`` as the webhook tells it.
+    public struct Coalesced: Codable, Sendable, Hashable {
+        public var transitions: Int
+        public var fired: Int
+        public var resolved: Int
+        /// RFC 3339.
+        public var since: String
+        public var newestTransitionID: Int64
     }
 
     public var version: String
@@ -51,6 +66,10 @@ public struct AlertmanagerWebhook: Codable, Sendable, Hashable {
         labels["severity"] = labels["severity"] ?? notification.severity
         var annotations = ["summary": notification.summary, "description": NotificationText.description(notification, now: now)]
         if let value = notification.value { annotations["value"] = NotificationText.number(value) }
+        if let coalesced = notification.coalesced {
+            annotations["transitions"] = "\(coalesced.transitions)"
+            annotations["transitions_since"] = RFC3339.format(coalesced.since)
+        }
         let status = notification.status.rawValue
         let generatorURL = externalURL.isEmpty ? "" : "\(externalURL)/v1/farms/\(notification.farm)/alerts"
         version = "4"
@@ -71,7 +90,12 @@ public struct AlertmanagerWebhook: Codable, Sendable, Hashable {
         farmgate = Farmgate(
             idempotencyKey: idempotencyKey, farm: notification.farm, alertID: notification.alertID, transitionID: notification.transitionID,
             late: notification.late, value: notification.value,
-            transitions: notification.transitions.map { "\($0.state)@\(RFC3339.format($0.at))" })
+            transitions: notification.transitions.map { "\($0.state)@\(RFC3339.format($0.at))" },
+            coalesced: notification.coalesced.map {
+                Coalesced(
+                    transitions: $0.transitions, fired: $0.fired, resolved: $0.resolved, since: RFC3339.format($0.since),
+                    newestTransitionID: $0.newestTransitionID)
+            })
     }
 
     /// The exact bytes sent (and signed): JSON with sorted keys.

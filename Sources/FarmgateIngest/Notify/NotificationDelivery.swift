@@ -174,10 +174,11 @@ public final class NotificationDelivery: Service {
             } catch {
                 throw DeliveryFailure("the outbox payload is not a notification (\(error)); the alert engine wrote something this version cannot read", retryable: false)
             }
-            // Told as of when the notification was written ("firing since 03:12 (5m so far)", the mail's Date), so that
-            // every attempt under one idempotency key sends the same body; signed now, as receivers check.
+            // Told as of when the notification was written, or last merged into ("firing since 03:12 (5m so far)", the
+            // mail's Date), so that every attempt under one idempotency key sends the same body (a claimed row is never
+            // merged into again); signed now, as receivers check.
             let account = try await notifier.send(
-                notification, idempotencyKey: entry.idempotencyKey, to: claimed.receiver, asOf: entry.createdAt, signedAt: .now())
+                notification, idempotencyKey: entry.idempotencyKey, to: claimed.receiver, asOf: entry.coalescedAt ?? entry.createdAt, signedAt: .now())
             completion = .delivered(at: .now())
             result = .delivered
             logger.debug("notification delivered", metadata: metadata.merging(["notify.result": "\(account)"]) { $1 })

@@ -4,13 +4,15 @@ import Foundation
 /// The words of a notification, shared by the webhook's `description` and the e-mail: what fired, since when and for
 /// how long, and, for a backlog that arrived after an outage, that it is reported late and what happened meanwhile.
 public enum NotificationText {
-    /// `[FIRING] pH below 5.5 on site-1 tank1.ph (farm f1)`, `[RESOLVED] ... after 2h 28m`, with `, reported late`.
+    /// `[FIRING] pH below 5.5 on site-1 tank1.ph (farm f1)`, `[RESOLVED] ... after 2h 28m`, with `, changed 37 times`
+    /// for a flapping alert's merged notification and `, reported late`.
     public static func subject(_ notification: AlertNotification) -> String {
         var subject = "[\(notification.status.rawValue.uppercased())] \(notification.summary)"
         if notification.status == .resolved, let ends = notification.endsAt {
             subject += " after \(duration(from: notification.startsAt, to: ends))"
         }
         subject += " (farm \(notification.farm)"
+        if let coalesced = notification.coalesced { subject += ", changed \(coalesced.transitions) times" }
         if notification.late { subject += ", reported late" }
         subject += ")"
         return singleLine(subject)
@@ -22,6 +24,7 @@ public enum NotificationText {
         var parts: [String] = []
         if let text = notification.description, !text.isEmpty { parts.append(text) }
         parts.append(situation(notification, now: now))
+        if let note = coalescedNote(notification) { parts.append(note) }
         if notification.late { parts.append(lateNote(notification)) }
         return parts.joined(separator: " ")
     }
@@ -36,6 +39,16 @@ public enum NotificationText {
             let ends = notification.endsAt ?? now
             return "Resolved at \(RFC3339.format(ends)); it fired from \(since) for \(duration(from: notification.startsAt, to: ends))."
         }
+    }
+
+    /// What a flapping alert's merged notification says: `Fired 19 times and resolved 18 times since
+    /// 2026-01-01T10:02:00Z while this notification waited to be sent; this is the newest state.` Nil for one that
+    /// stands for itself alone.
+    public static func coalescedNote(_ notification: AlertNotification) -> String? {
+        guard let coalesced = notification.coalesced else { return nil }
+        func times(_ count: Int) -> String { count == 1 ? "once" : count == 2 ? "twice" : "\(count) times" }
+        return "Fired \(times(coalesced.fired)) and resolved \(times(coalesced.resolved)) since \(RFC3339.format(coalesced.since))"
+            + " while this notification waited to be sent; this is the newest state."
     }
 
     /// What a backlog notification says: that the readings arrived late, and the transitions folded into it.
@@ -53,6 +66,7 @@ public enum NotificationText {
         lines.append("Status: \(notification.status.rawValue.uppercased()), severity \(notification.severity)")
         lines.append(situation(notification, now: now))
         if let value = notification.value { lines.append("Value: \(number(value))") }
+        if let note = coalescedNote(notification) { lines.append(note) }
         if let text = notification.description, !text.isEmpty {
             lines.append("")
             lines.append(text)

@@ -36,11 +36,13 @@ public protocol AlertStore: Sendable {
     func alertTransitions(alertIDs: [Int64], newestPerAlert: Int?) async throws -> [AlertTransitionRecord]
     /// Acknowledges an alert of the farm; false when the farm has no such alert.
     func acknowledgeAlert(farmID: Int64, alertID: Int64, by: String, at: Timestamp) async throws -> Bool
-    /// Writes the changes in one transaction (see the type's documentation). Returns the alert ids, in order.
+    /// Writes the changes in one transaction (see the type's documentation). A notification for a receiver whose newest
+    /// row of the alert was never claimed is merged into that row instead of added (``OutboxCoalescing``).
     /// - Parameter durability: whether the commit waits for the disk (``AlertWriteDurability``).
+    /// - Returns: the alert ids, in order, and how many notifications were merged.
     /// - Throws: ``AlertStoreConflict`` when an alert changed since it was read; nothing is written then.
     @discardableResult
-    func applyAlertChanges(_ changes: [AlertChange], now: Timestamp, durability: AlertWriteDurability) async throws -> [Int64]
+    func applyAlertChanges(_ changes: [AlertChange], now: Timestamp, durability: AlertWriteDurability) async throws -> AlertChangesWritten
 
     // MARK: Engine progress
     /// Per device that has readings: the highest sequence the engine evaluated (nil: none) and the highest stored.
@@ -57,8 +59,21 @@ public protocol AlertStore: Sendable {
 extension AlertStore {
     /// ``applyAlertChanges(_:now:durability:)`` synced before it returns.
     @discardableResult
-    public func applyAlertChanges(_ changes: [AlertChange], now: Timestamp) async throws -> [Int64] {
+    public func applyAlertChanges(_ changes: [AlertChange], now: Timestamp) async throws -> AlertChangesWritten {
         try await applyAlertChanges(changes, now: now, durability: .immediate)
+    }
+}
+
+/// What ``AlertStore/applyAlertChanges(_:now:durability:)`` wrote.
+public struct AlertChangesWritten: Sendable, Hashable {
+    /// The alert ids, in the order of the changes.
+    public var alertIDs: [Int64]
+    /// Outbox rows that took a notification merged into them instead of a row of its own (one per receiver).
+    public var coalesced: Int
+
+    public init(alertIDs: [Int64] = [], coalesced: Int = 0) {
+        self.alertIDs = alertIDs
+        self.coalesced = coalesced
     }
 }
 
@@ -318,8 +333,14 @@ public struct AlertOutboxRow: Sendable, Hashable {
     public var idempotencyKey: String
     public var state: String
     public var payload: String
+    /// How many firing or resolved transitions the row tells (more than 1 once notifications were merged into it).
+    public var transitions: Int
 
-    public init(id: Int64, receiverID: Int64, receiver: String, alertID: Int64, transitionID: Int64, idempotencyKey: String, state: String, payload: String) {
+    public init(
+        id: Int64, receiverID: Int64, receiver: String, alertID: Int64, transitionID: Int64, idempotencyKey: String, state: String, payload: String,
+        transitions: Int = 1
+    ) {
+        self.transitions = transitions
         self.id = id
         self.receiverID = receiverID
         self.receiver = receiver

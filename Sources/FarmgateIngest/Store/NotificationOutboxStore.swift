@@ -6,6 +6,8 @@ import Foundation
 /// workers (``NotificationDelivery``) and the `farmgate-ingest alert receiver|outbox` commands use.
 ///
 /// The alert engine writes outbox rows in the same transaction as an alert's state change; this role only delivers them.
+/// While a row is `pending` and no claim has touched it (no attempt, never claimed), the engine may merge a later
+/// notification of the same alert into it (``OutboxCoalescing``); once claimed, a row's payload never changes.
 /// A row is `pending` until a worker claims it (`delivering`, `claimed_by`, `claimed_until_us`, `attempts` raised by
 /// one), then `delivered`, or `pending` again with a later `next_attempt_at_us` after a failure, or `dead` after the
 /// last attempt. A claim whose instance died expires at `claimed_until_us` and is claimed again, with the same
@@ -38,8 +40,8 @@ public protocol NotificationOutboxStore: Sendable {
     func removeAlertReceiver(farm: String, name: String) async throws -> Int
 
     /// Inserts one `pending` row for `notification` at `receiverID`, due at `dueAt`, with the key
-    /// ``AlertNotification/idempotencyKey(receiver:)``. What the engine does in its own transaction; the tests, the
-    /// benchmark and tools use this. - Returns: the row's id, or nil when a row with that key exists (nothing changed).
+    /// ``AlertNotification/idempotencyKey(receiver:)``. What the engine does in its own transaction for a notification
+    /// it does not merge (``OutboxCoalescing``); the tests, the benchmark and tools use this, and it never merges. - Returns: the row's id, or nil when a row with that key exists (nothing changed).
     func enqueueNotification(_ notification: AlertNotification, receiverID: Int64, dueAt: Timestamp) async throws -> Int64?
 
     /// Claims up to `request.limit` due rows for `request.claimant` (see ``OutboxClaimRequest``), and first turns expired
@@ -143,12 +145,23 @@ public struct OutboxEntry: Sendable, Hashable {
     public var createdAt: Timestamp
     public var deliveredAt: Timestamp?
     public var lastAttemptAt: Timestamp?
+    /// How many firing or resolved transitions the row tells: more than 1 when later notifications of the alert were
+    /// merged into it while it waited (``OutboxCoalescing``), or for a late report.
+    public var transitions: Int
+    /// When the first of them happened (nil for a row written before the ingest recorded it).
+    public var firstTransitionAt: Timestamp?
+    /// When a notification was last merged into it; its text is told as of then (else as of ``createdAt``).
+    public var coalescedAt: Timestamp?
 
     public init(
         id: Int64, farm: String, receiverID: Int64, receiver: String, alertID: Int64, transitionID: Int64, idempotencyKey: String, payload: String,
         state: OutboxState, attempts: Int, nextAttemptAt: Timestamp, claimedBy: String?, claimedUntil: Timestamp?, lastError: String?,
-        createdAt: Timestamp, deliveredAt: Timestamp?, lastAttemptAt: Timestamp?
+        createdAt: Timestamp, deliveredAt: Timestamp?, lastAttemptAt: Timestamp?, transitions: Int = 1, firstTransitionAt: Timestamp? = nil,
+        coalescedAt: Timestamp? = nil
     ) {
+        self.transitions = transitions
+        self.firstTransitionAt = firstTransitionAt
+        self.coalescedAt = coalescedAt
         self.id = id
         self.farm = farm
         self.receiverID = receiverID

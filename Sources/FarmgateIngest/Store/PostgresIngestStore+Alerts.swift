@@ -157,11 +157,11 @@ extension PostgresIngestStore: AlertStore {
     }
 
     /// Always a synchronous commit (`durability` is not used: PostgreSQL groups concurrent commits into one flush).
-    public func applyAlertChanges(_ changes: [AlertChange], now: Timestamp, durability: AlertWriteDurability) async throws -> [Int64] {
-        guard !changes.isEmpty else { return [] }
+    public func applyAlertChanges(_ changes: [AlertChange], now: Timestamp, durability: AlertWriteDurability) async throws -> AlertChangesWritten {
+        guard !changes.isEmpty else { return AlertChangesWritten() }
         let logger = self.logger
         return try await transaction { connection in
-            var ids: [Int64] = []
+            var written = AlertChangesWritten()
             for change in changes {
                 let r = change.record
                 let (pending, starts, ends, last) = (r.pendingSince?.microseconds, r.startsAt?.microseconds, r.endsAt?.microseconds, r.lastReading?.microseconds)
@@ -191,7 +191,7 @@ extension PostgresIngestStore: AlertStore {
                     ).decode(Int64.self) { alertID = id }
                 }
                 guard let alertID else { throw AlertStoreConflict(alert: r.fingerprint) }
-                ids.append(alertID)
+                written.alertIDs.append(alertID)
                 if change.markAllNotified {
                     try await connection.query("UPDATE alert_transitions SET notified = true WHERE alert_id = \(alertID) AND NOT notified", logger: logger)
                 }
@@ -223,17 +223,45 @@ extension PostgresIngestStore: AlertStore {
                             "SELECT id FROM alert_receivers WHERE farm_id = \(r.farmID) AND name = \(name)", logger: logger
                         ).decode(Int64.self) { receiverID = id }
                         guard let receiverID else { continue }
+                        // A row the receiver has not been sent yet takes the new state instead (see `OutboxCoalescing`):
+                        // locked here, so a claim either committed before (the row is then not untouched) or skips it.
+                        var tail: OutboxCoalescing.Tail?
+                        for try await row in try await connection.query(
+                            """
+                            \(unescaped: OutboxCoalescing.newestRow) WHERE alert_id = \(alertID) AND receiver_id = \(receiverID)
+                            ORDER BY id DESC LIMIT 1 FOR UPDATE
+                            """, logger: logger
+                        ).decode((Int64, String, Int32, String?, Int64?, String).self) {
+                            tail = OutboxCoalescing.Tail(id: row.0, state: row.1, attempts: Int64(row.2), claimedBy: row.3, lastAttemptAt: row.4, payload: row.5)
+                        }
+                        if let tail, let merged = OutboxCoalescing.merged(notification, into: tail) {
+                            let mergedPayload = try alertJSON(merged)
+                            var updated = false
+                            for try await _ in try await connection.query(
+                                """
+                                UPDATE alert_outbox SET payload = \(mergedPayload), transitions = \(Int32(clamping: merged.transitionCount)),
+                                    first_transition_at_us = \(merged.firstTransitionAt.microseconds), coalesced_at_us = \(now.microseconds)
+                                WHERE id = \(tail.id) AND \(unescaped: OutboxCoalescing.untouched) RETURNING id
+                                """, logger: logger
+                            ).decode(Int64.self) { updated = true }
+                            if updated {
+                                written.coalesced += 1
+                                continue
+                            }
+                        }
                         let key = notification.idempotencyKey(receiver: receiverID)
                         try await connection.query(
                             """
-                            INSERT INTO alert_outbox(farm_id, receiver_id, alert_id, transition_id, idempotency_key, payload, state, next_attempt_at_us, created_at_us)
-                            VALUES (\(r.farmID), \(receiverID), \(alertID), \(transitionID), \(key), \(payload), 'pending', \(now.microseconds), \(now.microseconds))
+                            INSERT INTO alert_outbox(farm_id, receiver_id, alert_id, transition_id, idempotency_key, payload, state, next_attempt_at_us, created_at_us,
+                                transitions, first_transition_at_us)
+                            VALUES (\(r.farmID), \(receiverID), \(alertID), \(transitionID), \(key), \(payload), 'pending', \(now.microseconds), \(now.microseconds),
+                                \(Int32(clamping: notification.transitionCount)), \(notification.firstTransitionAt.microseconds))
                             ON CONFLICT (idempotency_key) DO NOTHING
                             """, logger: logger)
                     }
                 }
             }
-            return ids
+            return written
         }
     }
 
@@ -302,15 +330,15 @@ extension PostgresIngestStore: AlertStore {
     public func alertOutbox(farmID: Int64) async throws -> [AlertOutboxRow] {
         try await rows(
             """
-            SELECT o.id, o.receiver_id, r.name, o.alert_id, o.transition_id, o.idempotency_key, o.state, o.payload
+            SELECT o.id, o.receiver_id, r.name, o.alert_id, o.transition_id, o.idempotency_key, o.state, o.payload, o.transitions::int8
             FROM alert_outbox o JOIN alert_receivers r ON r.id = o.receiver_id WHERE o.farm_id = \(farmID) ORDER BY o.id
             """
         ) { row in
-            let (id, receiverID, receiver, alertID, transitionID, key, state, payload) = try row.decode(
-                (Int64, Int64, String, Int64, Int64, String, String, String).self)
+            let (id, receiverID, receiver, alertID, transitionID, key, state, payload, transitions) = try row.decode(
+                (Int64, Int64, String, Int64, Int64, String, String, String, Int64).self)
             return AlertOutboxRow(
                 id: id, receiverID: receiverID, receiver: receiver, alertID: alertID, transitionID: transitionID, idempotencyKey: key, state: state,
-                payload: payload)
+                payload: payload, transitions: Int(transitions))
         }
     }
 }

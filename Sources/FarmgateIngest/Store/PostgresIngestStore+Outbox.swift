@@ -24,7 +24,8 @@ extension PostgresIngestStore: NotificationOutboxStore {
         """
     static let entryColumns = """
         o.id, f.name, o.receiver_id, r.name, o.alert_id, o.transition_id, o.idempotency_key, o.payload, o.state, o.attempts::int8,
-        o.next_attempt_at_us, o.claimed_by, o.claimed_until_us, o.last_error, o.created_at_us, o.delivered_at_us, o.last_attempt_at_us
+        o.next_attempt_at_us, o.claimed_by, o.claimed_until_us, o.last_error, o.created_at_us, o.delivered_at_us, o.last_attempt_at_us,
+        o.transitions::int8, o.first_transition_at_us, o.coalesced_at_us
         """
 
     public func addAlertReceiver(farm: String, _ spec: AlertReceiverSpec, createdAt: Timestamp) async throws -> AlertReceiver {
@@ -80,8 +81,10 @@ extension PostgresIngestStore: NotificationOutboxStore {
         let key = notification.idempotencyKey(receiver: receiverID)
         return try await rows(
             """
-            INSERT INTO alert_outbox(farm_id, receiver_id, alert_id, transition_id, idempotency_key, payload, next_attempt_at_us, created_at_us)
-            SELECT farm_id, id, \(notification.alertID), \(notification.transitionID), \(key), \(payload), \(dueAt.microseconds), \(dueAt.microseconds)
+            INSERT INTO alert_outbox(farm_id, receiver_id, alert_id, transition_id, idempotency_key, payload, next_attempt_at_us, created_at_us,
+                transitions, first_transition_at_us)
+            SELECT farm_id, id, \(notification.alertID), \(notification.transitionID), \(key), \(payload), \(dueAt.microseconds), \(dueAt.microseconds),
+                \(Int32(clamping: notification.transitionCount)), \(notification.firstTransitionAt.microseconds)
             FROM alert_receivers WHERE id = \(receiverID)
             ON CONFLICT (idempotency_key) DO NOTHING RETURNING id
             """
@@ -267,7 +270,8 @@ extension PostgresIngestStore: NotificationOutboxStore {
             payload: payload, state: state, attempts: Int(try columns[9].decode(Int64.self)),
             nextAttemptAt: Timestamp(microseconds: try columns[10].decode(Int64.self)), claimedBy: try columns[11].decode(String?.self),
             claimedUntil: try time(12), lastError: try columns[13].decode(String?.self),
-            createdAt: Timestamp(microseconds: try columns[14].decode(Int64.self)), deliveredAt: try time(15), lastAttemptAt: try time(16))
+            createdAt: Timestamp(microseconds: try columns[14].decode(Int64.self)), deliveredAt: try time(15), lastAttemptAt: try time(16),
+            transitions: Int(try columns[17].decode(Int64.self)), firstTransitionAt: try time(18), coalescedAt: try time(19))
     }
 
     private static func receiver(_ row: PostgresRow) throws -> (receiver: AlertReceiver, nextSend: Timestamp) {

@@ -168,8 +168,8 @@ extension SQLiteIngestStore: AlertStore {
 
     /// With ``AlertWriteDurability/withNextSyncedCommit`` the transaction runs at `synchronous=NORMAL` (no `fdatasync`
     /// at its commit) and the writer is set back to `FULL` before any other write can run on it.
-    public func applyAlertChanges(_ changes: [AlertChange], now: Timestamp, durability: AlertWriteDurability) async throws -> [Int64] {
-        guard !changes.isEmpty else { return [] }
+    public func applyAlertChanges(_ changes: [AlertChange], now: Timestamp, durability: AlertWriteDurability) async throws -> AlertChangesWritten {
+        guard !changes.isEmpty else { return AlertChangesWritten() }
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         let logger = self.logger
@@ -200,9 +200,11 @@ extension SQLiteIngestStore: AlertStore {
         }
     }
 
-    private static func applyAlertChanges(_ changes: [AlertChange], now: Timestamp, encoder: JSONEncoder, in db: CachedConnection) throws -> [Int64] {
-        try db.connection.transaction { () throws -> [Int64] in
-            var ids: [Int64] = []
+    private static func applyAlertChanges(_ changes: [AlertChange], now: Timestamp, encoder: JSONEncoder, in db: CachedConnection) throws
+        -> AlertChangesWritten
+    {
+        try db.connection.transaction { () throws -> AlertChangesWritten in
+            var written = AlertChangesWritten()
             for change in changes {
                 let record = change.record
                 let columns: [SQLiteValue] = [
@@ -236,7 +238,7 @@ extension SQLiteIngestStore: AlertStore {
                         """, columns + [.integer(alertID), .integer(record.version)])
                     guard db.connection.changes == 1 else { throw AlertStoreConflict(alert: record.fingerprint) }
                 }
-                ids.append(alertID)
+                written.alertIDs.append(alertID)
                 if change.markAllNotified {
                     try db.query("UPDATE alert_transitions SET notified = 1 WHERE alert_id = ? AND notified = 0", [.integer(alertID)])
                 }
@@ -268,19 +270,45 @@ extension SQLiteIngestStore: AlertStore {
                         guard let receiver = try db.queryInt(
                             "SELECT id FROM alert_receivers WHERE farm_id = ? AND name = ?", [.integer(record.farmID), .text(name)])
                         else { continue }
+                        // A row the receiver has not been sent yet takes the new state instead (see `OutboxCoalescing`).
+                        let tail = try db.query(
+                            OutboxCoalescing.newestRow + " WHERE alert_id = ? AND receiver_id = ? ORDER BY id DESC LIMIT 1",
+                            [.integer(alertID), .integer(receiver)]
+                        ).first.map { row in
+                            OutboxCoalescing.Tail(
+                                id: row.int(0), state: row.string(1), attempts: row.int(2), claimedBy: row.optionalString(3), lastAttemptAt: row.optionalInt(4),
+                                payload: row.string(5))
+                        }
+                        if let tail, let merged = OutboxCoalescing.merged(notification, into: tail) {
+                            try db.query(
+                                """
+                                UPDATE alert_outbox SET payload = ?, transitions = ?, first_transition_at_us = ?, coalesced_at_us = ?
+                                WHERE id = ? AND \(OutboxCoalescing.untouched)
+                                """,
+                                [
+                                    .text(String(decoding: try encoder.encode(merged), as: UTF8.self)), .integer(Int64(merged.transitionCount)),
+                                    .integer(merged.firstTransitionAt.microseconds), .integer(now.microseconds), .integer(tail.id),
+                                ])
+                            if db.connection.changes == 1 {
+                                written.coalesced += 1
+                                continue
+                            }
+                        }
                         try db.query(
                             """
-                            INSERT INTO alert_outbox(farm_id, receiver_id, alert_id, transition_id, idempotency_key, payload, state, next_attempt_at_us, created_at_us)
-                            VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?) ON CONFLICT (idempotency_key) DO NOTHING
+                            INSERT INTO alert_outbox(farm_id, receiver_id, alert_id, transition_id, idempotency_key, payload, state, next_attempt_at_us, created_at_us,
+                                transitions, first_transition_at_us)
+                            VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?) ON CONFLICT (idempotency_key) DO NOTHING
                             """,
                             [
                                 .integer(record.farmID), .integer(receiver), .integer(alertID), .integer(transitionID),
                                 .text(notification.idempotencyKey(receiver: receiver)), .text(payload), .integer(now.microseconds), .integer(now.microseconds),
+                                .integer(Int64(notification.transitionCount)), .integer(notification.firstTransitionAt.microseconds),
                             ])
                     }
                 }
             }
-            return ids
+            return written
         }
     }
 
@@ -354,14 +382,14 @@ extension SQLiteIngestStore: AlertStore {
         let rows = try await reader.withValue { db in
             try db.connection.query(
                 """
-                SELECT o.id, o.receiver_id, r.name, o.alert_id, o.transition_id, o.idempotency_key, o.state, o.payload
+                SELECT o.id, o.receiver_id, r.name, o.alert_id, o.transition_id, o.idempotency_key, o.state, o.payload, o.transitions
                 FROM alert_outbox o JOIN alert_receivers r ON r.id = o.receiver_id WHERE o.farm_id = ? ORDER BY o.id
                 """, [.integer(farmID)])
         }
         return rows.map { row in
             AlertOutboxRow(
                 id: row.int(0), receiverID: row.int(1), receiver: row.string(2), alertID: row.int(3), transitionID: row.int(4),
-                idempotencyKey: row.string(5), state: row.string(6), payload: row.string(7))
+                idempotencyKey: row.string(5), state: row.string(6), payload: row.string(7), transitions: Int(row.int(8)))
         }
     }
 }

@@ -13,7 +13,8 @@ extension SQLiteIngestStore: NotificationOutboxStore {
         """
     static let entryColumns = """
         o.id, f.name, o.receiver_id, r.name, o.alert_id, o.transition_id, o.idempotency_key, o.payload, o.state, o.attempts,
-        o.next_attempt_at_us, o.claimed_by, o.claimed_until_us, o.last_error, o.created_at_us, o.delivered_at_us, o.last_attempt_at_us
+        o.next_attempt_at_us, o.claimed_by, o.claimed_until_us, o.last_error, o.created_at_us, o.delivered_at_us, o.last_attempt_at_us,
+        o.transitions, o.first_transition_at_us, o.coalesced_at_us
         """
 
     public func addAlertReceiver(farm: String, _ spec: AlertReceiverSpec, createdAt: Timestamp) async throws -> AlertReceiver {
@@ -76,13 +77,15 @@ extension SQLiteIngestStore: NotificationOutboxStore {
         return try await writer.withValue { db in
             try db.withStatement(
                 """
-                INSERT INTO alert_outbox(farm_id, receiver_id, alert_id, transition_id, idempotency_key, payload, next_attempt_at_us, created_at_us)
-                SELECT farm_id, id, ?, ?, ?, ?, ?, ? FROM alert_receivers WHERE id = ?
+                INSERT INTO alert_outbox(farm_id, receiver_id, alert_id, transition_id, idempotency_key, payload, next_attempt_at_us, created_at_us,
+                    transitions, first_transition_at_us)
+                SELECT farm_id, id, ?, ?, ?, ?, ?, ?, ?, ? FROM alert_receivers WHERE id = ?
                 ON CONFLICT (idempotency_key) DO NOTHING RETURNING id
                 """,
                 [
                     .integer(notification.alertID), .integer(notification.transitionID), .text(key), .text(payload), .integer(dueAt.microseconds),
-                    .integer(dueAt.microseconds), .integer(receiverID),
+                    .integer(dueAt.microseconds), .integer(Int64(notification.transitionCount)), .integer(notification.firstTransitionAt.microseconds),
+                    .integer(receiverID),
                 ]
             ) { statement in try statement.step() ? statement.int64(0) : nil }
         }
@@ -236,7 +239,8 @@ extension SQLiteIngestStore: NotificationOutboxStore {
                         alertID: statement.int64(4), transitionID: statement.int64(5), idempotencyKey: statement.text(6), payload: statement.text(7),
                         state: state, attempts: Int(statement.int64(9)), nextAttemptAt: Timestamp(microseconds: statement.int64(10)),
                         claimedBy: text(11), claimedUntil: time(12), lastError: text(13), createdAt: Timestamp(microseconds: statement.int64(14)),
-                        deliveredAt: time(15), lastAttemptAt: time(16)))
+                        deliveredAt: time(15), lastAttemptAt: time(16), transitions: Int(statement.int64(17)), firstTransitionAt: time(18),
+                        coalescedAt: time(19)))
             }
             return entries
         }

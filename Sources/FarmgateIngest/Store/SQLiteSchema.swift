@@ -275,6 +275,20 @@ enum SQLiteSchema {
                 CREATE INDEX alert_transitions_by_recorded ON alert_transitions(recorded_at_us);
                 CREATE INDEX alert_transitions_newest ON alert_transitions(alert_id, id);
                 """),
+        // The engine merges a notification into the receiver's newest row of the alert while no claim has touched it
+        // (`OutboxCoalescing`). `transitions` and `first_transition_at_us` say what a row stands for (an older row
+        // stands for its one transition; when it happened is in its payload, so NULL), `coalesced_at_us` when a
+        // notification was last merged in (the time its text is told as of). `(alert_id, receiver_id, id)` finds the
+        // newest row with one seek, and answers what `(alert_id)` did. Like PostgreSQL's migration 13.
+        Migration(
+            version: 12, name: "alert_outbox: notifications of a flapping alert merged into the receiver's row not sent yet",
+            sql: """
+                ALTER TABLE alert_outbox ADD COLUMN transitions INTEGER NOT NULL DEFAULT 1;
+                ALTER TABLE alert_outbox ADD COLUMN first_transition_at_us INTEGER;
+                ALTER TABLE alert_outbox ADD COLUMN coalesced_at_us INTEGER;
+                CREATE INDEX alert_outbox_newest ON alert_outbox(alert_id, receiver_id, id);
+                DROP INDEX alert_outbox_by_alert;
+                """),
     ]
 
     /// Migration 6: the rollup tables (see ``RollupLevel``), and the rollups of every reading already stored, so that

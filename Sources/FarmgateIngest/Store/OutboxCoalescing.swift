@@ -1,0 +1,54 @@
+import FarmgateWire
+
+/// How the alert engine's write of a notification merges it into a row the receiver has not been sent yet, on both stores.
+///
+/// A sensor flapping around a threshold changes state every few readings, and a receiver paced by `max_per_minute`
+/// (or busy with other alerts) takes a notification every few seconds at most: one row per transition would queue
+/// thousands of stale notifications, delivered one by one long after they mattered. So, in the transaction that
+/// records the transition, the engine looks at the receiver's newest row of the alert (`alert_outbox_newest`) and, when
+/// that row is ``untouched`` (pending, no attempt, never claimed) and both it and the new notification are live (not
+/// late reports), writes the merged notification over it (``AlertNotification/merging(_:)``): the newest state, the
+/// counts in ``AlertNotification/Coalesced`` and `alert_outbox.transitions`, `first_transition_at_us` and
+/// `coalesced_at_us`. Otherwise it inserts a row, as for the first notification.
+///
+/// Why this keeps the outbox's guarantees (``NotificationOutboxStore``):
+/// - A row a claim has touched is never changed: a claim sets `claimed_by`, raises `attempts` and sets
+///   `last_attempt_at_us`, and none of them is ever cleared back together (a deferral lowers `attempts` but keeps
+///   `claimed_by`; `alert outbox retry` clears `claimed_by` but keeps `last_attempt_at_us`). So the receiver never gets
+///   two bodies under one idempotency key, and a row's key is one the receiver has not seen when its body changes.
+/// - Only the newest row of (alert, receiver) is merged into, so the order in which the receiver learns the alert's
+///   states is the order they happened in: an earlier row (being delivered, retried, or a late report) goes out before
+///   the merged one, which keeps its place in line (`next_attempt_at_us`).
+/// - On PostgreSQL the engine reads the newest row `FOR UPDATE` in its transaction. A claim that locked it first
+///   (`FOR UPDATE SKIP LOCKED`) makes the engine wait for the claim's commit; PostgreSQL then reads the row again, finds
+///   it `delivering`, and the engine inserts a new row. A claim that comes while the engine holds it skips it and takes
+///   the merged row at its next round. The `UPDATE` checks ``untouched`` again all the same. Two engines never write
+///   the same alert at once: each first updates the alert's row under its version check, which the other waits for.
+/// - On SQLite the engine's transaction and every claim run on the one writer, one after the other.
+enum OutboxCoalescing {
+    /// The receiver's newest outbox row of an alert, as the engine's transaction reads it.
+    struct Tail: Sendable {
+        var id: Int64
+        var state: String
+        var attempts: Int64
+        var claimedBy: String?
+        var lastAttemptAt: Int64?
+        var payload: String
+    }
+
+    /// The `WHERE` part (SQLite and PostgreSQL alike) that holds for a row no claim has touched.
+    static let untouched = "state = 'pending' AND attempts = 0 AND claimed_by IS NULL AND last_attempt_at_us IS NULL"
+
+    /// The receiver's newest row of an alert (`alert_outbox_newest`); PostgreSQL adds `FOR UPDATE`.
+    static let newestRow = "SELECT id, state, attempts, claimed_by, last_attempt_at_us, payload FROM alert_outbox"
+
+    /// What to write over `tail` instead of inserting `notification`, or nil to insert it: when there is no row, the
+    /// row was claimed or attempted, either notification is not live, or the stored payload is not one this version
+    /// reads (it is then left as it is).
+    static func merged(_ notification: AlertNotification, into tail: Tail?) -> AlertNotification? {
+        guard let tail, tail.state == OutboxState.pending.rawValue, tail.attempts == 0, tail.claimedBy == nil, tail.lastAttemptAt == nil,
+            notification.isLive, let waiting = try? OutboxPayload.decode(tail.payload), waiting.isLive, waiting.alertID == notification.alertID
+        else { return nil }
+        return waiting.merging(notification)
+    }
+}
