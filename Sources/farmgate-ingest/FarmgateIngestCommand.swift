@@ -114,9 +114,11 @@ struct ServeCommand: AsyncParsableCommand {
 
     func run() async throws {
         let (configuration, logger) = try options.loadAndLog(label: "farmgate-ingest")
-        let store = try await options.openStore(configuration, logger: logger)
+        // Metrics before anything that makes them: the store creates its swift-metrics counters when it is opened
+        // (partitions created, group commits), and ones made before the bootstrap stay on the no-op handler.
         let registry = PrometheusCollectorRegistry()
         MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+        let store = try await options.openStore(configuration, logger: logger)
         // Under systemd (Type=notify): READY=1 once listening (the store is migrated by now), STATUS= with the last
         // minute's traffic, STOPPING=1 when a graceful stop begins.
         let notifier = SystemdNotifier(environment: ProcessInfo.processInfo.environment).map {
