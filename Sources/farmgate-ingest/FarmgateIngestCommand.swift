@@ -119,6 +119,20 @@ struct ServeCommand: AsyncParsableCommand {
         let registry = PrometheusCollectorRegistry()
         MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
         let store = try await options.openStore(configuration, logger: logger)
+        // SQLite: one serve per file (each would keep its own `latest` cache, stale with the other's commits); held
+        // until the process ends. The admin commands do not take it.
+        var serveLock: SQLiteServeLock?
+        if configuration.storage.postgres == nil {
+            do {
+                serveLock = try SQLiteServeLock(databasePath: configuration.storage.path)
+            } catch {
+                switch error {
+                case .held: throw failure("\(error)", code: 75)  // EX_TEMPFAIL
+                case .unusable: throw failure("\(error)", code: 74)  // EX_IOERR
+                }
+            }
+        }
+        defer { serveLock?.release() }
         // Under systemd (Type=notify): READY=1 once listening (the store is migrated by now), STATUS= with the last
         // minute's traffic, STOPPING=1 when a graceful stop begins.
         let notifier = SystemdNotifier(environment: ProcessInfo.processInfo.environment).map {
