@@ -289,9 +289,14 @@ struct MigrateCommand: AsyncParsableCommand {
         logger.logLevel = .error
         let store = try await options.openStore(configuration, logger: logger)
         let storage = configuration.storage.displayName
-        let applied = try await withRunning(store) { store in
+        let (applied, partitions) = try await withRunning(store) { store in
             do {
-                return try await store.migrate()
+                // PostgreSQL also makes the partitions ahead, moving in what waited in the default ones.
+                if let postgres = store as? PostgresIngestStore {
+                    let (applied, partitions) = try await postgres.migrateAndCreatePartitions()
+                    return (applied, Optional(partitions))
+                }
+                return (try await store.migrate(), nil)
             } catch {
                 throw failure("cannot migrate \(storage): \(error)", code: 74)
             }
@@ -301,6 +306,22 @@ struct MigrateCommand: AsyncParsableCommand {
         } else {
             for migration in applied { print("Applied migration \(migration.version): \(migration.name)") }
         }
+        if let partitions { Self.describe(partitions).forEach { print($0) } }
+    }
+
+    /// What `migrate` says about the partitions it made: one line per table that got any.
+    static func describe(_ created: PostgresIngestStore.CreatedPartitions) -> [String] {
+        func line(_ count: Int, _ kind: String, table: String, prefix: String, moved: Int) -> String? {
+            guard count > 0 else { return nil }
+            let names = created.names.filter { $0.hasPrefix(prefix) }
+            let span = names.count > 1 ? "\(names.first ?? "") to \(names.last ?? "")" : names.first ?? ""
+            return "Created \(count) \(kind) partition\(count == 1 ? "" : "s") of \(table) (\(span)); moved \(moved) row\(moved == 1 ? "" : "s") into "
+                + "\(count == 1 ? "it" : "them") from \(table)_default."
+        }
+        return [
+            line(created.readings, "daily", table: "readings", prefix: "readings_", moved: created.readingRowsMoved),
+            line(created.minuteRollups, "monthly", table: "rollups_1m", prefix: "rollups_1m_", moved: created.minuteRollupRowsMoved),
+        ].compactMap { $0 }
     }
 }
 

@@ -3,7 +3,8 @@ import FarmgateTestSupport
 import Foundation
 import Testing
 
-/// `farmgate-ingest` as an operator runs it: what `serve` refuses. The real binary.
+/// `farmgate-ingest` as an operator runs it: what `serve` refuses and what `migrate` says. The real binary; PostgreSQL
+/// from `.ci/with-postgres`.
 @Suite struct IngestCommandLineTests {
     /// Two `serve` processes on one SQLite file would each keep their own latest values, stale with the other's
     /// writes: the second is refused at once, the admin commands still work beside the first, and once the first has
@@ -28,5 +29,21 @@ import Testing
         // The lock goes with its process.
         try await farm.startIngest()
         #expect(await farm.ingest?.stop(SIGTERM) == 0)
+    }
+
+    /// `migrate` says what it did beyond migrations: the partitions it made ahead, and the rows it moved into them.
+    @Test func migrateSaysWhichPartitionsItCreated() async throws {
+        let cluster = try PostgresEndToEndTests.Cluster.fromEnvironment()
+        let url = try await cluster.createDatabase()
+        let scratch = try Scratch(prefix: "fg-migrate")
+        let config = try scratch.write("ingest.toml", "[storage]\nurl = \"\(url)\"\n")
+        let first = try await runCommand(Farm.ingestBinary, ["migrate", "--config", config])
+        #expect(first.status == 0, "\(first.stderr)")
+        #expect(first.stdout.contains("Applied migration 1:"), "\(first.stdout)")
+        #expect(first.stdout.contains("Created 9 daily partitions of readings (readings_"), "\(first.stdout)")
+        #expect(first.stdout.contains("moved 0 rows into them from readings_default."), "\(first.stdout)")
+        #expect(first.stdout.contains("Created 4 monthly partitions of rollups_1m (rollups_1m_"), "\(first.stdout)")
+        let again = try await runCommand(Farm.ingestBinary, ["migrate", "--config", config])
+        #expect(again.status == 0 && again.stdout.contains("is up to date") && !again.stdout.contains("Created"), "\(again.stdout)")
     }
 }
