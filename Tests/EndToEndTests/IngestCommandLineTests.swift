@@ -3,8 +3,8 @@ import FarmgateTestSupport
 import Foundation
 import Testing
 
-/// `farmgate-ingest` as an operator runs it: what `serve` refuses and what `migrate` says. The real binary; PostgreSQL
-/// from `.ci/with-postgres`.
+/// `farmgate-ingest` as an operator runs it: what `serve` refuses, what `migrate` says, and how a wrong database in
+/// `[storage] url` is reported. The real binary; PostgreSQL from `.ci/with-postgres`.
 @Suite struct IngestCommandLineTests {
     /// Two `serve` processes on one SQLite file would each keep their own latest values, stale with the other's
     /// writes: the second is refused at once, the admin commands still work beside the first, and once the first has
@@ -45,5 +45,28 @@ import Testing
         #expect(first.stdout.contains("Created 4 monthly partitions of rollups_1m (rollups_1m_"), "\(first.stdout)")
         let again = try await runCommand(Farm.ingestBinary, ["migrate", "--config", config])
         #expect(again.status == 0 && again.stdout.contains("is up to date") && !again.stdout.contains("Created"), "\(again.stdout)")
+    }
+
+    /// A configuration whose `[storage] url` names `database` on the test cluster, as `user`.
+    static func config(_ scratch: Scratch, database: String, user: String = "farmgate") throws -> String {
+        let cluster = try PostgresEndToEndTests.Cluster.fromEnvironment()
+        return try scratch.write(
+            "ingest.toml", "[storage]\nurl = \"postgresql://\(user)@/\(database)?host=\(cluster.socketDirectory)&port=\(cluster.port)\"\n")
+    }
+
+    /// PostgreSQL answers a wrong database or role at once; the pool would hide that and wait for `query_timeout`
+    /// (30 s) before saying nothing answered. The command names the server's error within seconds and exits 74.
+    @Test(arguments: [("nodb", "farmgate", "3D000"), ("farmgate_test", "nobody", "28000")])
+    func aDatabaseOrRoleTheServerRefusesIsNamedAtOnce(database: String, user: String, sqlState: String) async throws {
+        let scratch = try Scratch(prefix: "fg-pgurl")
+        let config = try Self.config(scratch, database: database, user: user)
+        for command in [["migrate"], ["farm", "create", "f1"]] {
+            let started = ContinuousClock.now
+            let result = try await runCommand(Farm.ingestBinary, command + ["--config", config])
+            let took = started.duration(to: .now)
+            #expect(result.status == 74, "\(command): \(result.stderr)")
+            #expect(result.stderr.contains(sqlState) && result.stderr.contains("does not exist"), "\(command): \(result.stderr)")
+            #expect(took < .seconds(10), "\(command) took \(took)")
+        }
     }
 }
