@@ -55,13 +55,32 @@ struct ConfigOption: ParsableArguments {
         return (configuration, Logger(label: label))
     }
 
-    /// Opens the store `[storage]` names (not yet running, not migrated); exits 74 when it cannot be opened.
+    /// Opens the store `[storage]` names (not yet running, not migrated); exits 74 when it cannot be opened, or when
+    /// PostgreSQL refuses a connection for good (a database that does not exist, a role or password it does not take):
+    /// one connection is opened first, outside the pool, whose failures postgres-nio does not report (a store call
+    /// would wait for `query_timeout` and say only that nothing answered).
     func openStore(_ configuration: IngestConfiguration, logger: Logger) async throws -> any IngestStore {
+        if let postgres = configuration.storage.postgres, case .refused(let state, let message) = await postgres.probe(logger: logger) {
+            throw failure("cannot connect to PostgreSQL \(configuration.storage.displayName): the server refused: \(state) \(message)", code: 74)  // EX_IOERR
+        }
         do {
             return try await openIngestStore(configuration.storage, limits: configuration.limits, logger: logger)
         } catch {
             throw failure("cannot open the store \(configuration.storage.displayName): \(error)", code: 74)  // EX_IOERR
         }
+    }
+}
+
+/// What a store error says; when PostgreSQL gave no answer in time, with what one connection opened now finds (the
+/// pool does not say why its connections fail).
+func explain(_ error: any Error, _ configuration: IngestConfiguration, logger: Logger) async -> String {
+    guard let storeError = error as? PostgresStoreError, case .timedOut = storeError, let postgres = configuration.storage.postgres else {
+        return "\(error)"
+    }
+    switch await postgres.probe(logger: logger) {
+    case .connected: return "\(error) (a connection opened now succeeds: the server was slow or the pool busy)"
+    case .refused(let state, let message): return "\(error); the server refuses connections: \(state) \(message)"
+    case .unreachable(let why): return "\(error); a connection opened now fails: \(why)"
     }
 }
 
@@ -82,16 +101,18 @@ extension ConfigOption {
         // the command says what happened itself, so only errors are logged.
         logger.logLevel = max(logger.logLevel, .error)
         let store = try await openStore(configuration, logger: logger)
-        return try await withRunning(store) { store in
+        return try await withRunning(store) { [logger] store in
             do {
                 try await store.migrate()
             } catch {
-                throw failure("cannot migrate the store \(configuration.storage.displayName): \(error)", code: 74)
+                throw failure("cannot migrate the store \(configuration.storage.displayName): \(await explain(error, configuration, logger: logger))", code: 74)
             }
             do {
                 return try await body(IngestAdmin(store: store))
             } catch let error as IngestStoreError {
                 throw failure(error.description)
+            } catch let error as PostgresStoreError {
+                throw failure(await explain(error, configuration, logger: logger))
             }
         }
     }
@@ -114,9 +135,25 @@ struct ServeCommand: AsyncParsableCommand {
 
     func run() async throws {
         let (configuration, logger) = try options.loadAndLog(label: "farmgate-ingest")
-        let store = try await options.openStore(configuration, logger: logger)
+        // Metrics before anything that makes them: the store creates its swift-metrics counters when it is opened
+        // (partitions created, group commits), and ones made before the bootstrap stay on the no-op handler.
         let registry = PrometheusCollectorRegistry()
         MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+        let store = try await options.openStore(configuration, logger: logger)
+        // SQLite: one serve per file (each would keep its own `latest` cache, stale with the other's commits); held
+        // until the process ends. The admin commands do not take it.
+        var serveLock: SQLiteServeLock?
+        if configuration.storage.postgres == nil {
+            do {
+                serveLock = try SQLiteServeLock(databasePath: configuration.storage.path)
+            } catch {
+                switch error {
+                case .held: throw failure("\(error)", code: 75)  // EX_TEMPFAIL
+                case .unusable: throw failure("\(error)", code: 74)  // EX_IOERR
+                }
+            }
+        }
+        defer { serveLock?.release() }
         // Under systemd (Type=notify): READY=1 once listening (the store is migrated by now), STATUS= with the last
         // minute's traffic, STOPPING=1 when a graceful stop begins.
         let notifier = SystemdNotifier(environment: ProcessInfo.processInfo.environment).map {
@@ -273,11 +310,16 @@ struct MigrateCommand: AsyncParsableCommand {
         logger.logLevel = .error
         let store = try await options.openStore(configuration, logger: logger)
         let storage = configuration.storage.displayName
-        let applied = try await withRunning(store) { store in
+        let (applied, partitions) = try await withRunning(store) { [logger] store in
             do {
-                return try await store.migrate()
+                // PostgreSQL also makes the partitions ahead, moving in what waited in the default ones.
+                if let postgres = store as? PostgresIngestStore {
+                    let (applied, partitions) = try await postgres.migrateAndCreatePartitions()
+                    return (applied, Optional(partitions))
+                }
+                return (try await store.migrate(), nil)
             } catch {
-                throw failure("cannot migrate \(storage): \(error)", code: 74)
+                throw failure("cannot migrate \(storage): \(await explain(error, configuration, logger: logger))", code: 74)
             }
         }
         if applied.isEmpty {
@@ -285,6 +327,22 @@ struct MigrateCommand: AsyncParsableCommand {
         } else {
             for migration in applied { print("Applied migration \(migration.version): \(migration.name)") }
         }
+        if let partitions { Self.describe(partitions).forEach { print($0) } }
+    }
+
+    /// What `migrate` says about the partitions it made: one line per table that got any.
+    static func describe(_ created: PostgresIngestStore.CreatedPartitions) -> [String] {
+        func line(_ count: Int, _ kind: String, table: String, prefix: String, moved: Int) -> String? {
+            guard count > 0 else { return nil }
+            let names = created.names.filter { $0.hasPrefix(prefix) }
+            let span = names.count > 1 ? "\(names.first ?? "") to \(names.last ?? "")" : names.first ?? ""
+            return "Created \(count) \(kind) partition\(count == 1 ? "" : "s") of \(table) (\(span)); moved \(moved) row\(moved == 1 ? "" : "s") into "
+                + "\(count == 1 ? "it" : "them") from \(table)_default."
+        }
+        return [
+            line(created.readings, "daily", table: "readings", prefix: "readings_", moved: created.readingRowsMoved),
+            line(created.minuteRollups, "monthly", table: "rollups_1m", prefix: "rollups_1m_", moved: created.minuteRollupRowsMoved),
+        ].compactMap { $0 }
     }
 }
 

@@ -1,7 +1,11 @@
 import FarmgateAgent
 import FarmgateSupport
 import FarmgateTestSupport
+import FarmgateWire
 import Foundation
+#if canImport(FoundationNetworking)
+import FoundationNetworking
+#endif
 import Testing
 
 /// The delivery contract on PostgreSQL with the real binaries: `farmgate-ingest serve` on a database of the test
@@ -109,6 +113,34 @@ struct PostgresEndToEndTests {
         #expect(status.buffer.quarantined == 0)
         #expect(stored.sorted() == Array(1...status.buffer.lastSequence), "stored \(stored.count) of \(status.buffer.lastSequence)")
         #expect(status.buffer.lastSequence > 120)
+        #expect(await farm.ingest?.stop(SIGTERM) == 0, "the ingest did not stop gracefully: \(farm.ingest?.log.suffix(3000) ?? "")")
+    }
+
+    /// The store's own metrics are created when `serve` opens it: they must be made on the Prometheus registry
+    /// `/metrics` renders, not on the no-op handler that was in place before the metrics system was bootstrapped.
+    @Test("serve on PostgreSQL shows the store's metrics on /metrics: partitions created, group commits")
+    func storeMetricsAreServed() async throws {
+        let cluster = try Cluster.fromEnvironment()
+        let url = try await cluster.createDatabase()
+        let farm = try await Farm(databaseURL: url)
+        let key = try await farm.createDevice("site-m")
+        try await farm.startIngest()
+        let body = """
+            {"device":"site-m","sensors":[{"id":"tank1.ph","quantity":"ph"}],
+             "readings":[{"sensor":"tank1.ph","seq":1,"ts":"\(RFC3339.format(Timestamp.now()))","value":6.5}]}
+            """
+        let (status, answer) = try await farm.post(Data(body.utf8), key: key, contentType: "application/json")
+        #expect(status == 200, "\(String(decoding: answer, as: UTF8.self))")
+        guard let metricsURL = URL(string: farm.endpoint + "/metrics") else { return }
+        let (data, _) = try await URLSession.shared.data(from: metricsURL)
+        let text = String(decoding: data, as: UTF8.self)
+        for name in [
+            "farmgate_ingest_partitions_created_total{table=\"readings\"}", "farmgate_ingest_partitions_created_total{table=\"rollups_1m\"}",
+            "farmgate_ingest_group_commits_total", "farmgate_ingest_group_commit_batches",
+        ] {
+            #expect(text.contains(name), "\(name) is not on /metrics")
+        }
+        #expect(try await farm.ingestMetric("farmgate_ingest_group_commits_total").map { $0 >= 1 } == true)
         #expect(await farm.ingest?.stop(SIGTERM) == 0, "the ingest did not stop gracefully: \(farm.ingest?.log.suffix(3000) ?? "")")
     }
 }

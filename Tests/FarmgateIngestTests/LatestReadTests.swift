@@ -79,6 +79,10 @@ struct LatestReadTests {
             try expectError(try await get(client, fixture, "?limit=0"), .badRequest, "invalid_parameter")
             try expectError(try await get(client, fixture, "?limit=10001"), .badRequest, "invalid_parameter")
             try expectError(try await get(client, fixture, "?cursor=not-a-cursor"), .badRequest, "invalid_parameter")
+            // Unknown and repeated parameters: refused, naming them, not ignored or taken first-wins.
+            #expect(try expectError(try await get(client, fixture, "?devcie=d1"), .badRequest, "invalid_parameter").contains("'devcie'"))
+            #expect(try expectError(try await get(client, fixture, "?limit=1&limit=2"), .badRequest, "invalid_parameter").contains("'limit'"))
+            #expect(try expectError(try await get(client, fixture, "?device=d1&device=d2"), .badRequest, "invalid_parameter").contains("'device'"))
         }
     }
 

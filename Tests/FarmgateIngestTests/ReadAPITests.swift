@@ -123,6 +123,11 @@ struct ReadAPITests {
         arguments: [
             ("from=yesterday", "from"), ("to=2026-13-01T00:00:00Z", "to"), ("limit=0", "limit"), ("limit=10001", "limit"),
             ("limit=ten", "limit"), ("from=2026-01-01T00:00:00Z&to=2025-01-01T00:00:00Z", "from"),
+            // Unknown (misspelt, or another endpoint's) and repeated parameters are refused, never ignored or first-wins.
+            ("resolutoin=1h", "'resolutoin'"), ("cursor=zzz", "'cursor'"), ("resolution=raw&resolution=1m", "'resolution'"),
+            ("limit=1&limit=2", "'limit'"),
+            // Instants outside the years 0001-9999 UTC, which an offset can reach from a valid text.
+            ("from=0000-01-01T00:00:00%2B23:59", "from"), ("to=9999-12-31T23:59:59.999999-23:59", "to"),
         ])
     func badParameters(query: String, parameter: String) async throws {
         let fixture = try await Fixture()
@@ -132,6 +137,22 @@ struct ReadAPITests {
                 uri: "/v1/farms/f1/devices/d1/sensors/tank1.ph/readings?" + query, method: .get, headers: bearer(fixture.readToken))
             let message = try expectError(response, .badRequest, "invalid_parameter")
             #expect(message.contains(parameter))
+        }
+    }
+
+    @Test("an unknown parameter's error lists the ones the endpoint takes")
+    func unknownParameterListsTheKnownOnes() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        try await fixture.app().test(.router) { client in
+            let response = try await client.execute(
+                uri: "/v1/farms/f1/devices/d1/sensors/tank1.ph/readings?resolutoin=1h", method: .get, headers: bearer(fixture.readToken))
+            let message = try expectError(response, .badRequest, "invalid_parameter")
+            #expect(message.contains("from, to, limit, resolution"), "\(message)")
+            // A trailing '&' names nothing and is no error.
+            let trailing = try await client.execute(
+                uri: "/v1/farms/f1/devices/d1/sensors/tank1.ph/readings?limit=5&", method: .get, headers: bearer(fixture.readToken))
+            #expect(trailing.status != .badRequest)
         }
     }
 

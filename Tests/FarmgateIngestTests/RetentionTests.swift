@@ -178,6 +178,86 @@ import Testing
         }
     }
 
+    /// The delivery contract after retention: a sequence whose reading retention removed cannot be compared, so a
+    /// reading sent again under it is a duplicate only when it is older than the raw cut-off that removed it (it may be
+    /// that reading); a newer one is another reading numbered alike (a site buffer replaced after retention numbers from
+    /// 1 again) and is refused `sequence_conflict`, which the site answers by renumbering it above the ingest's highest
+    /// sequence. Acknowledged as a duplicate, the site would delete it unstored.
+    @Test("a sequence retention removed, sent again by a reading newer than the cut-off, is a sequence_conflict; an older one a duplicate", arguments: StoreKind.allCases)
+    func reusedRetiredSequenceNewerThanTheCutoffIsAConflict(kind: StoreKind) async throws {
+        try await withFreshStore(kind) { store in
+            let retention = try #require(store as? any RetentionStore)
+            // A day before the raw cut-off, in a daily partition of its own on PostgreSQL (retention drops it whole).
+            let old = Timestamp(microseconds: Self.rawCutoff.microseconds - 86_400_000_000)
+            if let postgres = store as? PostgresIngestStore { try await postgres.createPartitions(now: old) }
+            let device = try await StoreConformanceTests.device(in: store)
+            let ph = try sensorID("tank1.ph")
+            let ec = try sensorID("tank2.ec")
+            func batch(_ readings: [(SensorID, UInt64, Timestamp, Double)]) throws -> Batch {
+                Batch(
+                    device: try deviceID("d1"), sensors: [SensorDescriptor(id: ph, quantity: .ph), SensorDescriptor(id: ec, quantity: .electricalConductivity)],
+                    readings: readings.map { Reading(sensor: $0.0, sequence: $0.1, timestamp: $0.2, value: $0.3) })
+            }
+            let stored = try batch([(ph, 7, old, 6.5), (ph, 8, Timestamp(microseconds: old.microseconds + 1_000_000), 6.6)])
+            #expect(try await store.store(stored, for: device, receivedAt: testNow).tally == Tally(accepted: 2, duplicates: 0, rejected: 0))
+            let report = try await retention.runRetention(Self.retention, now: testNow, options: RetentionRunOptions())
+            #expect(report.skipped == nil)
+            if kind == .postgres { #expect(!report.partitionsDropped.isEmpty) }
+            #expect(try await Self.stored(store, device: device).isEmpty)
+
+            // Newer than the cut-off: from the same sensor, and from another one.
+            let recent = Timestamp(microseconds: testNow.microseconds - 3_600_000_000)
+            for reused in [try batch([(ph, 7, recent, 7.0)]), try batch([(ec, 7, testNow, 1.2)])] {
+                let outcome = try await store.store(reused, for: device, receivedAt: testNow)
+                #expect(outcome.tally == Tally(accepted: 0, duplicates: 0, rejected: 1))
+                #expect(outcome.rejected.first?.code == RejectionCode.sequenceConflict)
+                #expect(outcome.rejected.first?.message.contains("retention removed") == true, "\(outcome.rejected)")
+                #expect(outcome.rejected.first?.sequence == 7)
+            }
+            // The same reading sent again (older than the cut-off): a duplicate, neither stored nor rolled up again.
+            #expect(try await store.store(stored, for: device, receivedAt: testNow).tally == Tally(accepted: 0, duplicates: 2, rejected: 0))
+            #expect(try await Self.stored(store, device: device).isEmpty)
+            #expect(try await store.highestSequence(device: device) == 8)
+            // Renumbered above the highest sequence, as the site does: stored.
+            #expect(try await store.store(try batch([(ph, 9, recent, 7.0)]), for: device, receivedAt: testNow).tally == Tally(accepted: 1, duplicates: 0, rejected: 0))
+        }
+    }
+
+    /// A SQLite store from before `retention_cutoff` (migration 13) whose retention already removed sequences 1–10:
+    /// their runs' cut-offs were not recorded, so the migration takes its own time for one. A reading sent again that is
+    /// older is a duplicate, as before; one newer than the migration cannot be a removed reading.
+    @Test func sqliteSequencesRetiredBeforeTheUpgradeAreJudgedByTheMigrationsTime() async throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let path = directory.path + "/ingest.sqlite"
+        try await runOffPool {
+            let db = try sqliteIngestFile(at: path, migratedTo: 12)
+            try db.execute(
+                """
+                INSERT INTO farms(id, name, created_at_us) VALUES (1, 'f1', 0);
+                INSERT INTO devices(id, farm_id, name, key_id, secret_sha256, created_at_us, highest_sequence) VALUES (1, 1, 'd1', 'kd1', x'07', 0, 10);
+                INSERT INTO retired_sequences(device_id, first_sequence, last_sequence) VALUES (1, 1, 10);
+                """)
+        }
+        let store = try SQLiteIngestStore(path: path, logger: testLogger)
+        defer { store.close() }
+        let before = Timestamp.now()
+        #expect(try await store.migrate().map(\.version) == [13])
+        let device = DeviceIdentity(farmID: 1, farm: "f1", rowID: 1, device: try deviceID("d1"))
+        let sensor = try sensorID("tank1.ph")
+        func batch(_ sequence: UInt64, at timestamp: Timestamp) throws -> Batch {
+            Batch(
+                device: try deviceID("d1"), sensors: [SensorDescriptor(id: sensor, quantity: .ph)],
+                readings: [Reading(sensor: sensor, sequence: sequence, timestamp: timestamp, value: 6.5)])
+        }
+        #expect(try await store.store(try batch(5, at: testNow), for: device, receivedAt: testNow).tally == Tally(accepted: 0, duplicates: 1, rejected: 0))
+        let later = Timestamp(microseconds: before.microseconds + 3_600_000_000)
+        let outcome = try await store.store(try batch(6, at: later), for: device, receivedAt: later)
+        #expect(outcome.tally == Tally(accepted: 0, duplicates: 0, rejected: 1) && outcome.rejected.first?.code == RejectionCode.sequenceConflict)
+        // A new sequence is stored as ever.
+        #expect(try await store.store(try batch(11, at: testNow), for: device, receivedAt: testNow).tally == Tally(accepted: 1, duplicates: 0, rejected: 0))
+    }
+
     /// The partitions of `rollups_1m` (monthly ones and the default), by name.
     static func minuteRollupPartitions(_ store: PostgresIngestStore) async throws -> [String] {
         try await store.rows(

@@ -114,7 +114,7 @@ import Testing
                 let before = try await Self.minuteRollupDigest(settings)
                 #expect(before.rows == 2 * 92 * 96)
 
-                #expect(try await store.migrate().map(\.version) == [11, 12, 13])
+                #expect(try await store.migrate().map(\.version) == Array(11...PostgresSchema.currentVersion))
                 // Every row, every value, and nothing more.
                 let after = try await Self.minuteRollupDigest(settings)
                 #expect(after.rows == before.rows && after.digest == before.digest && !after.digest.isEmpty)

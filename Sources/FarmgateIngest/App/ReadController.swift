@@ -50,7 +50,31 @@ struct ReadController: Sendable {
     /// `cursor=` the previous page's `next`.
     static let globBytes = Set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-*?".utf8)
 
+    /// The parameters `latest` takes.
+    static let latestParameters = ["device", "sensor", "quantity", "limit", "cursor"]
+    /// The parameters the range endpoint takes.
+    static let readingsParameters = ["from", "to", "limit", "resolution"]
+
+    /// Refuses a query that holds a parameter not in `known` (a misspelt `resolutoin=1h` would otherwise be ignored
+    /// and the answer look right), or one given more than once (`limit=1&limit=2`: which one would be meant?), with
+    /// 400 `invalid_parameter` naming it.
+    static func checkParameters(_ query: Parameters, known: [String]) throws(APIError) {
+        var seen: Set<Substring> = []
+        // An empty name (a trailing '&') names nothing.
+        for (name, _) in query where !name.isEmpty {
+            guard known.contains(where: { $0[...] == name }) else {
+                throw APIError(
+                    .badRequest, code: "invalid_parameter",
+                    message: "unknown parameter '\(name.prefix(40))'; this endpoint takes \(known.joined(separator: ", "))")
+            }
+            guard seen.insert(name).inserted else {
+                throw APIError(.badRequest, code: "invalid_parameter", message: "parameter '\(name)' is given more than once; give it once")
+            }
+        }
+    }
+
     static func latestSelection(_ query: Parameters) throws(APIError) -> LatestSelection {
+        try checkParameters(query, known: latestParameters)
         var selection = LatestSelection()
         if let text = query.get("device") {
             do { selection.device = try DeviceID(text) } catch { throw APIError(.badRequest, code: "invalid_parameter", message: "device: \(error.description)") }
@@ -103,6 +127,7 @@ struct ReadController: Sendable {
             throw APIError(.badRequest, code: "invalid_parameter", message: error.description)
         }
         let query = request.uri.queryParameters
+        try Self.checkParameters(query, known: Self.readingsParameters)
         let from = try timestampParameter(query.get("from"), name: "from")
         let to = try timestampParameter(query.get("to"), name: "to")
         if let from, let to, from >= to {
@@ -202,8 +227,19 @@ struct ReadController: Sendable {
                 .badRequest, code: "invalid_parameter",
                 message: "\(name) '\(text.prefix(60))' is not an RFC 3339 timestamp; write it like 2026-01-31T12:00:00Z (percent-encode a '+' offset as %2B)")
         }
+        // An offset can carry a valid text out of RFC 3339's years (0000-01-01T00:00:00+23:59 is in year 0, and the
+        // answer would echo it as -0001-12-31T00:01:00Z).
+        guard Self.representable.contains(timestamp.microseconds) else {
+            throw APIError(
+                .badRequest, code: "invalid_parameter",
+                message: "\(name) '\(text.prefix(60))' is \(timestamp.microseconds < Self.representable.lowerBound ? "before" : "after") the years 0001-9999 UTC, which are the instants the API can name")
+        }
         return timestamp
     }
+
+    /// The instants RFC 3339 can write in UTC: 0001-01-01T00:00:00Z up to 10000-01-01T00:00:00Z (excluded), in
+    /// microseconds since 1970.
+    static let representable: Range<Int64> = -62_135_596_800_000_000 ..< 253_402_300_800_000_000
 }
 
 /// The names of the flags set in `quality`, in bit order; bits without a name appear as `bit<N>`.

@@ -15,7 +15,8 @@ import PostgresNIO
 /// 3. read the devices' stored sequence ranges around the batches (``PostgresSchema``: the authority on what was ever
 ///    stored, across partitions and after retention);
 /// 4. read the stored chunks of sequences inside those ranges, and compare (duplicate or `sequence_conflict`), batch by
-///    batch in arrival order, so that a batch sees what an earlier one of the same device stored in this group;
+///    batch in arrival order, so that a batch sees what an earlier one of the same device stored in this group; a
+///    sequence whose chunk retention removed is judged by `retention_cutoff` (one more statement, only then);
 /// 5. in one statement: insert the new readings as chunks (``PostgresReadingChunk``), merge their sequences into the
 ///    ranges, raise `highest_sequence`, upsert `latest`, merge the rollups and notify the other instances.
 ///
@@ -222,6 +223,9 @@ struct PostgresBatchWriter {
         var batchesToCome: [Int64: Int] = [:]
         for index in live where results[index] == nil { batchesToCome[members[index].device.rowID, default: 0] += 1 }
         var freshByMember: [Int: [Candidate]] = [:]
+        // The newest raw cut-off retention applied, read once the group meets a sequence whose chunk is gone.
+        var retentionCutoff: Timestamp?
+        var retentionCutoffRead = false
         for index in live where results[index] == nil {
             guard let member = prepared[index] else { continue }
             let device = members[index].device.rowID
@@ -249,8 +253,17 @@ struct PostgresBatchWriter {
                         let differences = try await self.differences(candidate, stored: stored, names: member.names)
                         if differences.isEmpty { duplicates += 1 } else { rejected.append(SequenceComparison.conflict(candidate.reading, differences: differences)) }
                     } else {
-                        // Stored and acknowledged once, its chunk since dropped with its partition (retention): a duplicate.
-                        duplicates += 1
+                        // Stored and acknowledged once, its chunk since dropped with its partition (retention): a
+                        // duplicate when older than the cut-off that removed it, else another reading numbered alike.
+                        if !retentionCutoffRead {
+                            retentionCutoff = try await readRetentionCutoff()
+                            retentionCutoffRead = true
+                        }
+                        if let refusal = SequenceComparison.retired(candidate.reading, removedBefore: retentionCutoff) {
+                            rejected.append(refusal)
+                        } else {
+                            duplicates += 1
+                        }
                     }
                 }
                 for candidate in inBatchRepeats {
@@ -282,6 +295,18 @@ struct PostgresBatchWriter {
             try await store(allFresh, committed: committed, storedRanges: storedRanges, ranges: ranges, changed: changed)
         }
         return results.map { $0 ?? .failure(IngestStoreError.corrupt("a batch of the group was neither written nor refused")) }
+    }
+
+    /// The newest raw cut-off a retention run applied (`retention_cutoff`, see ``PostgresSchema``): every chunk
+    /// retention dropped or deleted was older. Nil when no run has recorded one. Read after the chunks were (step 4),
+    /// so a chunk that run removed is never missing without its cut-off: the run records it in the transaction that
+    /// drops the chunk.
+    private func readRetentionCutoff() async throws -> Timestamp? {
+        var cutoff: Timestamp?
+        for try await raw in try await connection.query("SELECT raw_us FROM retention_cutoff WHERE id = 1", logger: logger).decode(Int64.self) {
+            cutoff = Timestamp(microseconds: raw)
+        }
+        return cutoff
     }
 
     /// Stores what the group brought for the first time with one statement, so that a group costs the same few round

@@ -8,12 +8,26 @@ import PostgresNIO
 /// Partition maintenance on PostgreSQL: the daily partitions of `readings` and the monthly ones of `rollups_1m` made
 /// ahead of the clock, and the rows that waited for them in the default partitions moved in.
 extension PostgresIngestStore {
-    /// How many partitions one ``createPartitions(now:)`` created.
+    /// How many partitions one ``createPartitions(now:)`` created, and how many rows it moved into them.
     public struct CreatedPartitions: Sendable, Hashable {
         /// Daily partitions of `readings` (`readings_YYYYMMDD`).
         public var readings: Int
         /// Monthly partitions of `rollups_1m` (`rollups_1m_YYYYMM`).
         public var minuteRollups: Int
+        /// Rows (chunks of readings) moved from `readings_default` into the new daily partitions.
+        public var readingRowsMoved: Int
+        /// Rows moved from `rollups_1m_default` into the new monthly partitions.
+        public var minuteRollupRowsMoved: Int
+        /// The names of the partitions created, in the order they were.
+        public var names: [String]
+
+        public init(readings: Int, minuteRollups: Int, readingRowsMoved: Int = 0, minuteRollupRowsMoved: Int = 0, names: [String] = []) {
+            self.readings = readings
+            self.minuteRollups = minuteRollups
+            self.readingRowsMoved = readingRowsMoved
+            self.minuteRollupRowsMoved = minuteRollupRowsMoved
+            self.names = names
+        }
     }
 
     /// The `statement_timeout` of partition maintenance's transactions: its own, not `query_timeout`, because moving a
@@ -95,8 +109,11 @@ extension PostgresIngestStore {
             case .readings: created.readings += 1
             case .minuteRollups: created.minuteRollups += 1
             }
+            created.names.append(partition.name)
             moved[partition.kind, default: 0] += rows
         }
+        created.readingRowsMoved = moved[.readings] ?? 0
+        created.minuteRollupRowsMoved = moved[.minuteRollups] ?? 0
         if created.readings > 0 || created.minuteRollups > 0 {
             readingPartitionsCreated.increment(by: created.readings)
             rollupPartitionsCreated.increment(by: created.minuteRollups)

@@ -34,7 +34,8 @@ extension PostgresIngestStore: RetentionStore {
     ///   under a `lock_timeout` of 10 s (a run that cannot get a lock fails, whole, and the next one tries again).
     ///
     /// A dry run lists and counts the same and drops and deletes nothing. `stored_sequences` is never touched: a
-    /// reading sent again after its partition was dropped is still a duplicate.
+    /// reading sent again after its partition was dropped is still a duplicate when it is older than the raw cut-off,
+    /// which the run records in `retention_cutoff` (kept at its highest), and a `sequence_conflict` when newer.
     ///
     /// The run is a transaction of its own, without `query_timeout` (a first run on a large store may take minutes);
     /// its statements are bounded by a `statement_timeout` of 30 minutes.
@@ -104,6 +105,16 @@ extension PostgresIngestStore: RetentionStore {
                     return report
                 }
                 try await Self.recordMaintenanceRun(Self.retentionJob, summary: report.lines.joined(separator: "; "), on: connection, logger: logger)
+                if let cutoff = report.rawCutoff {
+                    // What a retired sequence sent again is judged by (a duplicate only when older), committed with the
+                    // drops and deletes it covers. Kept at its highest: a longer `[retention] raw` moves the cut-off
+                    // back, but what went, went.
+                    try await connection.query(
+                        """
+                        INSERT INTO retention_cutoff(id, raw_us) VALUES (1, \(cutoff.microseconds))
+                        ON CONFLICT (id) DO UPDATE SET raw_us = greatest(retention_cutoff.raw_us, excluded.raw_us)
+                        """, logger: logger)
+                }
                 // The drops, last: each holds an exclusive lock on its parent until the commit.
                 for name in report.partitionsDropped + report.minuteRollupPartitionsDropped {
                     try await connection.query("DROP TABLE \(unescaped: "\"" + name + "\"")", logger: logger)

@@ -216,6 +216,12 @@ public final class PostgresIngestStore: IngestStore {
 
     @discardableResult
     public func migrate() async throws -> [AppliedMigration] {
+        try await migrateAndCreatePartitions().applied
+    }
+
+    /// ``migrate()``, saying also which partitions it created ahead and how many rows it moved into them (what
+    /// `farmgate-ingest migrate` prints).
+    public func migrateAndCreatePartitions() async throws -> (applied: [AppliedMigration], partitions: CreatedPartitions) {
         let logger = self.logger
         let applied = try await transaction { connection in
             try await connection.query("SELECT pg_advisory_xact_lock(\(PostgresSchema.migrationLock))", logger: logger)
@@ -242,8 +248,8 @@ public final class PostgresIngestStore: IngestStore {
         for migration in applied {
             logger.info("applied schema migration", metadata: ["store.migration.version": "\(migration.version)", "store.migration.name": "\(migration.name)"])
         }
-        try await createPartitions()
-        return applied
+        let partitions = try await createPartitions()
+        return (applied, partitions)
     }
 
     public func ping() async throws {

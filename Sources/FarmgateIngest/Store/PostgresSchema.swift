@@ -37,8 +37,11 @@
 /// rows, however many readings. The write transaction locks the device rows (`SELECT ... FOR NO KEY UPDATE`, in id order), so
 /// two requests of one device are serialised and the range check and the insert cannot interleave; requests of
 /// different devices never wait on each other. A sequence inside a range whose chunk is still present is compared
-/// (duplicate or `sequence_conflict`); one inside a range whose chunk is gone (its partition dropped) is a duplicate: it
-/// was stored and acknowledged once. Retention never touches `stored_sequences`.
+/// (duplicate or `sequence_conflict`); one inside a range whose chunk is gone (its partition dropped) was stored and
+/// acknowledged once, and cannot be compared: it is a duplicate when its timestamp is older than `retention_cutoff`
+/// (migration 14: the newest raw cut-off a retention run applied, recorded in the transaction that drops), else a
+/// `sequence_conflict` (the removed reading was older, so this is another one numbered alike: a site buffer replaced
+/// after retention numbers from 1 again). Retention never touches `stored_sequences`.
 ///
 /// ## Size
 /// One row per reading (migration 1) cost 100.6 bytes per reading on disk: the heap's 24-byte tuple header and 4-byte
@@ -408,6 +411,21 @@ enum PostgresSchema {
                 "ALTER TABLE alert_outbox ADD COLUMN coalesced_at_us bigint",
                 "CREATE INDEX alert_outbox_newest ON alert_outbox (alert_id, receiver_id, id)",
                 "DROP INDEX alert_outbox_by_alert",
+            ]),
+        // Like SQLite's migration 13: a sequence whose chunk retention removed is a duplicate only when the reading sent
+        // again is older than the newest raw cut-off a run applied; a newer one is a `sequence_conflict`. Chunks dropped
+        // before this migration are judged as before, duplicates, for every reading older than the last retention run
+        // (`maintenance_runs`: its cut-off, and every earlier run's, was older still); no run, no row.
+        Migration(
+            version: 14, name: "retention_cutoff: a reading newer than the raw cut-off that retired its sequence is a sequence_conflict",
+            statements: [
+                """
+                CREATE TABLE retention_cutoff (
+                    id integer PRIMARY KEY CHECK (id = 1),
+                    raw_us bigint NOT NULL
+                )
+                """,
+                "INSERT INTO retention_cutoff(id, raw_us) SELECT 1, finished_at_us FROM maintenance_runs WHERE job = 'retention'",
             ]),
     ]
 

@@ -66,6 +66,16 @@ extension SQLiteIngestStore: RetentionStore {
             return total
         }
         if let cutoff = report.rawCutoff {
+            if !options.dryRun {
+                // Recorded before anything goes, in a transaction of its own: a retired sequence sent again is judged by
+                // it (a duplicate only when older), so it must never lag what was removed. Kept at its highest: a
+                // longer `[retention] raw` moves the cut-off back, but what went, went.
+                try await writer.withValue { db -> Void in
+                    try db.query(
+                        "INSERT INTO retention_cutoff(id, raw_us) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET raw_us = max(raw_us, excluded.raw_us)",
+                        [.integer(cutoff.microseconds)])
+                }
+            }
             report.rawRowsDeleted = try await purge("readings", key: "timestamp_us", rowKey: "device_id, sequence", before: cutoff)
         }
         for level in RollupLevel.allCases {
@@ -218,6 +228,12 @@ extension SQLiteIngestStore: RetentionStore {
                 }
             }
         }
+    }
+
+    /// The newest raw cut-off a retention run applied (`retention_cutoff`): every reading retention removed is older.
+    /// Nil when no run has recorded one.
+    static func retentionCutoff(in db: CachedConnection) throws -> Timestamp? {
+        try db.queryInt("SELECT raw_us FROM retention_cutoff WHERE id = 1").map(Timestamp.init(microseconds:))
     }
 
     /// Which of `sequences` of the device retention deleted after they were stored (`retired_sequences`).

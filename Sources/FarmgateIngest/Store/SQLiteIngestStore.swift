@@ -244,10 +244,20 @@ public final class SQLiteIngestStore: IngestStore {
             }
         }
         var (duplicates, sequenceConflicts, notStored) = try compare(maybeStored, device: device, in: db)
-        // Stored once and since deleted by retention: still duplicates, never stored (and rolled up) a second time.
+        // Stored once and since deleted by retention: a reading older than the cut-off that removed it is a duplicate,
+        // never stored (and rolled up) a second time; a newer one cannot be the removed reading: a sequence_conflict.
         let retired = try retiredSequences(notStored.map(\.sequence), device: device.rowID, in: db)
-        duplicates += notStored.count(where: { retired.contains($0.sequence) })
-        notStored.removeAll { retired.contains($0.sequence) }
+        if !retired.isEmpty {
+            let cutoff = try retentionCutoff(in: db)
+            for candidate in notStored where retired.contains(candidate.sequence) {
+                if let refusal = SequenceComparison.retired(candidate.reading, removedBefore: cutoff) {
+                    sequenceConflicts.append(refusal)
+                } else {
+                    duplicates += 1
+                }
+            }
+            notStored.removeAll { retired.contains($0.sequence) }
+        }
         for candidate in notStored where try !insert(candidate) {
             alreadyStored.append(candidate)
         }

@@ -289,13 +289,32 @@ enum SQLiteSchema {
                 CREATE INDEX alert_outbox_newest ON alert_outbox(alert_id, receiver_id, id);
                 DROP INDEX alert_outbox_by_alert;
                 """),
+        // A sequence in `retired_sequences` sent again is a duplicate only when its timestamp is older than the raw
+        // cut-off of the run that removed it: a newer reading cannot be the removed one, and is a `sequence_conflict`
+        // (a site buffer replaced after retention numbers from 1 again). `retention_cutoff` holds the newest raw cut-off
+        // any run applied (see ``SQLiteIngestStore/runRetention(_:now:options:)``). Ranges retired before this migration
+        // are judged as before, duplicates, for every reading older than the migration (their runs' cut-offs were
+        // older still; unknown, they were not recorded): the row starts at the migration's time when any exist.
+        // Like PostgreSQL's migration 14.
+        Migration(
+            version: 13, name: "retention_cutoff: a reading newer than the raw cut-off that retired its sequence is a sequence_conflict",
+            sql: """
+                CREATE TABLE retention_cutoff (
+                    id INTEGER PRIMARY KEY CHECK (id = 1),
+                    raw_us INTEGER NOT NULL
+                );
+                INSERT INTO retention_cutoff(id, raw_us)
+                SELECT 1, CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)
+                WHERE EXISTS (SELECT 1 FROM retired_sequences);
+                """),
     ]
 
     /// Migration 6: the rollup tables (see ``RollupLevel``), and the rollups of every reading already stored, so that
     /// a store that ran before rollups existed does not lose its history's summaries when retention deletes raw
     /// readings. Sensors are never deleted, so the tables carry no foreign key (one lookup less per upsert).
     /// `retired_sequences` holds, per device, the ranges of sequences whose readings retention deleted, so that such
-    /// a reading sent again is a duplicate and not stored twice (PostgreSQL's `stored_sequences` does that there).
+    /// a reading sent again is not stored twice (PostgreSQL's `stored_sequences` does that there): a duplicate when
+    /// older than `retention_cutoff` (migration 13), else a `sequence_conflict`.
     static var rollupTables: String {
         RollupLevel.allCases.map { level in
             let width = level.width

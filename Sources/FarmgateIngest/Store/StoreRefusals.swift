@@ -95,6 +95,18 @@ enum SequenceComparison {
         return differences
     }
 
+    /// How a re-sent reading compares with the one stored under its sequence and since removed by retention, which
+    /// cannot be compared: nil (a duplicate) when the reading is older than `cutoff`, the newest raw cut-off a retention
+    /// run applied, so that it may be the removed one; else its refusal: the removed reading was older than that cut-off,
+    /// so this is another reading numbered alike (a site buffer replaced after retention numbers from 1 again), and
+    /// acknowledging it as a duplicate would lose it. With no cut-off recorded, a duplicate (as before it was recorded).
+    static func retired(_ reading: Reading, removedBefore cutoff: Timestamp?) -> RejectedReading? {
+        guard let cutoff, reading.timestamp >= cutoff else { return nil }
+        return RejectedReading(
+            sequence: reading.sequence, sensor: reading.sensor.rawValue, code: RejectionCode.sequenceConflict,
+            message: "sequence \(reading.sequence) belonged to a reading of this device that retention removed (raw readings before \(cutoff)); this one, at \(reading.timestamp), is newer, so it is another reading numbered alike (a site buffer lost or replaced): number it above the highest sequence the ingest holds (GET \(IngestProtocol.deviceStatePath))")
+    }
+
     /// The refusal of `reading`, whose sequence is stored with other content.
     static func conflict(_ reading: Reading, differences: [String]) -> RejectedReading {
         RejectedReading(

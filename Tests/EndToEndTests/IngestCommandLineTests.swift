@@ -1,0 +1,72 @@
+import FarmgateSupport
+import FarmgateTestSupport
+import Foundation
+import Testing
+
+/// `farmgate-ingest` as an operator runs it: what `serve` refuses, what `migrate` says, and how a wrong database in
+/// `[storage] url` is reported. The real binary; PostgreSQL from `.ci/with-postgres`.
+@Suite struct IngestCommandLineTests {
+    /// Two `serve` processes on one SQLite file would each keep their own latest values, stale with the other's
+    /// writes: the second is refused at once, the admin commands still work beside the first, and once the first has
+    /// stopped a new one starts.
+    @Test func aSecondServeOnOneSQLiteFileIsRefused() async throws {
+        let farm = try await Farm(name: "lock")
+        try await farm.startIngest()
+        let otherPort = try freePort()
+        let text = try String(contentsOfFile: farm.ingestConfig, encoding: .utf8).replacingOccurrences(of: "port = \(farm.port)", with: "port = \(otherPort)")
+        let config = try farm.dir.write("ingest-b.toml", text)
+        let second = try Child(Farm.ingestBinary, ["serve", "--config", config], logPath: farm.dir.file("ingest-b.log"))
+        let exited = await eventually(timeout: .seconds(20), every: .milliseconds(100)) { !second.isRunning }
+        #expect(exited, "a second serve on the same SQLite file kept running: \(second.log)")
+        if exited {
+            #expect(second.process.terminationStatus == 75, "\(second.log)")
+            #expect(second.log.contains("another farmgate-ingest serve is running on the SQLite file") && second.log.contains("one serve per file"), "\(second.log)")
+        }
+        // The admin commands work while serve runs.
+        _ = try await farm.createDevice("site-lock", farm: "lock")
+        #expect(await farm.httpStatus("/readyz") == 200)
+        #expect(await farm.ingest?.stop(SIGTERM) == 0)
+        // The lock goes with its process.
+        try await farm.startIngest()
+        #expect(await farm.ingest?.stop(SIGTERM) == 0)
+    }
+
+    /// `migrate` says what it did beyond migrations: the partitions it made ahead, and the rows it moved into them.
+    @Test func migrateSaysWhichPartitionsItCreated() async throws {
+        let cluster = try PostgresEndToEndTests.Cluster.fromEnvironment()
+        let url = try await cluster.createDatabase()
+        let scratch = try Scratch(prefix: "fg-migrate")
+        let config = try scratch.write("ingest.toml", "[storage]\nurl = \"\(url)\"\n")
+        let first = try await runCommand(Farm.ingestBinary, ["migrate", "--config", config])
+        #expect(first.status == 0, "\(first.stderr)")
+        #expect(first.stdout.contains("Applied migration 1:"), "\(first.stdout)")
+        #expect(first.stdout.contains("Created 9 daily partitions of readings (readings_"), "\(first.stdout)")
+        #expect(first.stdout.contains("moved 0 rows into them from readings_default."), "\(first.stdout)")
+        #expect(first.stdout.contains("Created 4 monthly partitions of rollups_1m (rollups_1m_"), "\(first.stdout)")
+        let again = try await runCommand(Farm.ingestBinary, ["migrate", "--config", config])
+        #expect(again.status == 0 && again.stdout.contains("is up to date") && !again.stdout.contains("Created"), "\(again.stdout)")
+    }
+
+    /// A configuration whose `[storage] url` names `database` on the test cluster, as `user`.
+    static func config(_ scratch: Scratch, database: String, user: String = "farmgate") throws -> String {
+        let cluster = try PostgresEndToEndTests.Cluster.fromEnvironment()
+        return try scratch.write(
+            "ingest.toml", "[storage]\nurl = \"postgresql://\(user)@/\(database)?host=\(cluster.socketDirectory)&port=\(cluster.port)\"\n")
+    }
+
+    /// PostgreSQL answers a wrong database or role at once; the pool would hide that and wait for `query_timeout`
+    /// (30 s) before saying nothing answered. The command names the server's error within seconds and exits 74.
+    @Test(arguments: [("nodb", "farmgate", "3D000"), ("farmgate_test", "nobody", "28000")])
+    func aDatabaseOrRoleTheServerRefusesIsNamedAtOnce(database: String, user: String, sqlState: String) async throws {
+        let scratch = try Scratch(prefix: "fg-pgurl")
+        let config = try Self.config(scratch, database: database, user: user)
+        for command in [["migrate"], ["farm", "create", "f1"]] {
+            let started = ContinuousClock.now
+            let result = try await runCommand(Farm.ingestBinary, command + ["--config", config])
+            let took = started.duration(to: .now)
+            #expect(result.status == 74, "\(command): \(result.stderr)")
+            #expect(result.stderr.contains(sqlState) && result.stderr.contains("does not exist"), "\(command): \(result.stderr)")
+            #expect(took < .seconds(10), "\(command) took \(took)")
+        }
+    }
+}
