@@ -280,6 +280,22 @@ struct SiteEnrollmentTests {
         #expect(dir.names().isEmpty)
     }
 
+    // Before the fix the editor did not see [upload] in a CRLF file and added a second one: refused as "defined twice".
+    @Test func aConfigurationWithCRLFEndingsIsEnrolledAndKeepsThem() async throws {
+        let server = try TestHTTPServer(script: [Self.answer()])
+        let dir = try Scratch(prefix: "fg-enroll")
+        let original = (Self.config + "\n[upload]\nendpoint = \"https://old.example\"\n").replacingOccurrences(of: "\n", with: "\r\n")
+        let config = try dir.write("agent.toml", original)
+        let plan = try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: server.url, token: Self.token, configPath: config))
+        let outcome = try SiteEnrollment.apply(plan, answer: try await SiteEnrollment.exchange(plan, logger: logger))
+        #expect(outcome.configurationProblem == nil, "\(outcome.configurationProblem ?? "")")
+        let written = try FileSystem.bytes(config)
+        let lines = written.split(separator: UInt8(ascii: "\n"))
+        #expect(lines.allSatisfy { $0.last == UInt8(ascii: "\r") }, "every line keeps CRLF: \(String(decoding: written, as: UTF8.self))")
+        let loaded = try AgentConfiguration.load(path: config)
+        #expect(loaded.upload?.endpoint == server.url && loaded.upload?.deviceKey == Self.key)
+    }
+
     // Before the fix the link was replaced by a regular file and its target, the file the installer keeps, left unedited.
     @Test func aSymlinkedConfigurationHasItsTargetEditedAndStaysALink() async throws {
         let server = try TestHTTPServer(script: [Self.answer(), Self.answer(repeated: true)])
