@@ -345,6 +345,30 @@ struct SiteEnrollmentTests {
         try SiteEnrollment.checkConfigOwner(config, as: SiteEnrollment.Identity(uid: 0, gid: 0, groups: [], name: "root"))
     }
 
+    @Test func aSchemeThatDoesNotMatchThePortSaysWhichToUse() async throws {
+        // https:// to a plain HTTP server.
+        let plain = try TestHTTPServer(script: [Self.answer()])
+        let dir = try Scratch(prefix: "fg-enroll")
+        let config = try dir.write("agent.toml", Self.config)
+        var request = SiteEnrollment.Request(endpoint: "https://127.0.0.1:\(plain.port)", token: Self.token, configPath: config)
+        request.retries = 0
+        let plan = try SiteEnrollment.prepare(request)
+        let tls = await #expect(throws: SiteEnrollment.Failure.self) { try await SiteEnrollment.exchange(plan, logger: logger) }
+        #expect(tls?.description.contains("does not speak TLS on this port") == true && tls?.description.contains("http://") == true, "\(tls?.description ?? "")")
+
+        // http:// to a TLS port.
+        let pki = try await TestPKI()
+        defer { pki.remove() }
+        let backend = try TestHTTPServer(script: [Self.answer()])
+        let terminator = try await TLSTerminator(port: try freePort(), backendPort: backend.port, pki: pki)
+        defer { terminator.stop() }
+        request.endpoint = "http://127.0.0.1:\(terminator.port)"
+        let second = try SiteEnrollment.prepare(request)
+        let clear = await #expect(throws: SiteEnrollment.Failure.self) { try await SiteEnrollment.exchange(second, logger: logger) }
+        #expect(clear?.description.contains("use https://") == true, "\(clear?.description ?? "")")
+        #expect(backend.requests.isEmpty)
+    }
+
     // Before the fix a key path through a missing directory and `..` hung prepare: the walk up to an existing parent
     // appended `..` for ever.
     @Test(.timeLimit(.minutes(1))) func aKeyPathThroughAMissingDirectoryAndDotDotIsResolved() throws {

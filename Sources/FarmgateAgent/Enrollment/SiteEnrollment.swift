@@ -292,6 +292,7 @@ public enum SiteEnrollment {
     }
 
     static func transportFailure(_ error: HTTPClientError, endpoint: String) -> Failure {
+        if let mismatch = schemeMismatch(error, endpoint: endpoint) { return Failure(description: mismatch, exitCode: 1) }
         let text: String
         switch error.kind {
         case .connectFailed:
@@ -306,6 +307,28 @@ public enum SiteEnrollment {
             text = "the exchange with \(endpoint) failed (\(error)); try again: the same token works again for a few minutes"
         }
         return Failure(description: text, exitCode: 1)
+    }
+
+    /// The words for an endpoint whose scheme does not match what its port speaks, when libcurl's error says so:
+    /// `https://` to a plain HTTP server (the TLS handshake reads an HTTP answer: OpenSSL's "wrong version number"), or
+    /// `http://` to a TLS port (the server hangs up on bytes that are no TLS handshake: an empty reply or a reset).
+    /// Nil when the error is something else.
+    static func schemeMismatch(_ error: HTTPClientError, endpoint: String) -> String? {
+        let secure = endpoint.lowercased().hasPrefix("https://")
+        let detail = error.detail.lowercased()
+        if secure, error.kind == .tls,
+            ["wrong version number", "wrong_version_number", "packet length too long", "unknown protocol", "record layer failure"]
+                .contains(where: { detail.contains($0) })
+        {
+            return "the server at \(endpoint) does not speak TLS on this port (\(error)): use http:// if the ingest serves plain HTTP "
+                + "there, or the port its TLS listens on (443 behind a reverse proxy). Nothing was exchanged: the token is unused"
+        }
+        // CURLE_GOT_NOTHING (52), CURLE_RECV_ERROR (56), CURLE_WEIRD_SERVER_REPLY (8): a TLS port hanging up on plain HTTP.
+        if !secure, error.kind == .transport, [8, 52, 56].contains(error.curlCode) {
+            return "the ingest at \(endpoint) hung up without an answer (\(error)); if it serves HTTPS on this port, use https:// "
+                + "(plain HTTP to a TLS port gets no answer). Otherwise try again: the same token works again for a few minutes"
+        }
+        return nil
     }
 
     static func answer(_ response: HTTPResponse, plan: Plan) throws(Failure) -> EnrollmentAnswer {
@@ -337,6 +360,9 @@ public enum SiteEnrollment {
             text = "too many attempts: \(message)"
         case (404, _), (405, _):
             text = "\(plan.endpoint) has no enrollment endpoint (HTTP \(response.status)); is the URL the ingest's, and is it a farmgate-ingest that knows `enroll-token`?"
+        case (400, _) where message.lowercased().contains("https port") || message.lowercased().contains("speak plain http"):
+            // nginx: "The plain HTTP request was sent to HTTPS port".
+            text = "\(plan.endpoint) is an HTTPS port (HTTP 400: \(message)): use https:// in the URL"
         default:
             text = "the ingest answered HTTP \(response.status): \(message)"
         }
