@@ -239,4 +239,23 @@ struct DoctorTests {
         #expect(Self.finding(stopped, "buffer")?.message.contains("quick_check ok") == true, "\(stoppedOutput)")
         #expect(Self.finding(stopped, "agent")?.status == .warning)
     }
+
+    // Before the fix a URL answering 404 to /healthz and /v1/device (a web server that is no ingest) gave two warnings
+    // and "No problem found", exit 0: the key was never verified.
+    @Test func aURLThatAnswersButIsNoIngestIsAProblem() async throws {
+        let farm = try await Farm()
+        let server = try TestHTTPServer { _, _ in .reply(404, headers: ["Content-Type": "text/html"], body: Array("<h1>Not Found</h1>".utf8)) }
+        defer { server.stop() }
+        let site = try Self.site(farm, device: "doc-7", key: "fgd_zzzzzzzz_" + String(repeating: "0", count: 64), ports: [], endpoint: server.url)
+        let (status, report, output) = try await Self.doctor(site)
+        #expect(status == 1, "\(output)")
+        let ingest = try #require(Self.finding(report, "ingest", server.url), "\(output)")
+        #expect(ingest.status == .problem && ingest.message.contains("not a Farmgate ingest") && ingest.message.contains("HTTP 404"), "\(ingest)")
+        #expect(ingest.fix?.contains("[upload] endpoint") == true)
+        #expect(report?.findings.filter { $0.check == "ingest" }.count == 1, "one finding says it: \(output)")
+        let human = try await Self.doctor(site, json: false)
+        #expect(human.status == 1 && !human.output.contains("No problem found"), "\(human.output)")
+    }
+
+
 }
