@@ -38,7 +38,8 @@ test: deps
 	$(SWIFT) build --build-tests
 	@SWIFT="$(SWIFT)" TIMED_SUITES="$(TIMED_SUITES)" SOLO_SUITES="$(SOLO_SUITES)" .ci/with-postgres .ci/test-passes
 
-# Installing the site agent (see README "Installing"). `make install` (PREFIX=/usr/local, DESTDIR honoured) builds the
+# Installing the site agent (see README "Installing"). `make install` (PREFIX=/usr/local, DESTDIR, SYSCONFDIR=/etc and
+# SYSTEMD_UNIT_DIR honoured; the unit goes where systemd reads it whatever PREFIX, see install-lib.sh unit_dir) builds the
 # release binary (carrying the Swift runtime, like the package's: it keeps running when the toolchain changes, and is
 # 6 MB smaller in memory than one linked to the toolchain's libraries) and lays out the binary, the systemd unit, the
 # example configuration (never overwriting one), a udev rule for GPIO and the docs; as root without DESTDIR it also
@@ -61,7 +62,7 @@ FARMGATE_BIN ?=
 install:
 	@if [ -z "$(FARMGATE_BIN)" ]; then .ci/install-deps && $(SITE_BUILD) --static-swift-stdlib; fi
 	@FARMGATE_BIN="$(or $(FARMGATE_BIN),$$($(SITE_BUILD) --static-swift-stdlib --show-bin-path)/farmgate)" PREFIX="$(PREFIX)" DESTDIR="$(DESTDIR)" \
-		systemd/install/install-site.sh
+		SYSCONFDIR="$(SYSCONFDIR)" SYSTEMD_UNIT_DIR="$(SYSTEMD_UNIT_DIR)" systemd/install/install-site.sh
 
 # Installing the ingest on a server: `make install-ingest` (PREFIX, DESTDIR, SYSCONFDIR honoured) builds the release
 # binary and lays out the binary, the systemd unit, a configuration (never overwriting one) and the docs; as root
@@ -71,7 +72,7 @@ FARMGATE_INGEST_BIN ?=
 install-ingest:
 	@if [ -z "$(FARMGATE_INGEST_BIN)" ]; then .ci/install-deps && $(SWIFT) build -c release --product farmgate-ingest; fi
 	@FARMGATE_INGEST_BIN="$(or $(FARMGATE_INGEST_BIN),$$($(SWIFT) build -c release --show-bin-path)/farmgate-ingest)" PREFIX="$(PREFIX)" \
-		DESTDIR="$(DESTDIR)" SYSCONFDIR="$(SYSCONFDIR)" systemd/install/install-ingest.sh
+		DESTDIR="$(DESTDIR)" SYSCONFDIR="$(SYSCONFDIR)" SYSTEMD_UNIT_DIR="$(SYSTEMD_UNIT_DIR)" systemd/install/install-ingest.sh
 
 deb:
 	@if [ -z "$(FARMGATE_BIN)" ]; then .ci/install-deps && $(SITE_BUILD) --static-swift-stdlib; fi

@@ -1,4 +1,5 @@
 import FarmgateAgent
+import FarmgateSupport
 import FarmgateTestSupport
 import FarmgateWire
 import Foundation
@@ -238,5 +239,55 @@ struct DoctorTests {
         let (_, stopped, stoppedOutput) = try await Self.doctor(site)
         #expect(Self.finding(stopped, "buffer")?.message.contains("quick_check ok") == true, "\(stoppedOutput)")
         #expect(Self.finding(stopped, "agent")?.status == .warning)
+    }
+
+    // Before the fix a URL answering 404 to /healthz and /v1/device (a web server that is no ingest) gave two warnings
+    // and "No problem found", exit 0: the key was never verified.
+    @Test func aURLThatAnswersButIsNoIngestIsAProblem() async throws {
+        let farm = try await Farm()
+        let server = try TestHTTPServer { _, _ in .reply(404, headers: ["Content-Type": "text/html"], body: Array("<h1>Not Found</h1>".utf8)) }
+        defer { server.stop() }
+        let site = try Self.site(farm, device: "doc-7", key: "fgd_zzzzzzzz_" + String(repeating: "0", count: 64), ports: [], endpoint: server.url)
+        let (status, report, output) = try await Self.doctor(site)
+        #expect(status == 1, "\(output)")
+        let ingest = try #require(Self.finding(report, "ingest", server.url), "\(output)")
+        #expect(ingest.status == .problem && ingest.message.contains("not a Farmgate ingest") && ingest.message.contains("HTTP 404"), "\(ingest)")
+        #expect(ingest.fix?.contains("[upload] endpoint") == true)
+        #expect(report?.findings.filter { $0.check == "ingest" }.count == 1, "one finding says it: \(output)")
+        let human = try await Self.doctor(site, json: false)
+        #expect(human.status == 1 && !human.output.contains("No problem found"), "\(human.output)")
+    }
+
+    // Before the fix a buffer file that is damaged or no database at all was "cannot be read: check the file's owner and
+    // mode", as if it were a permission problem.
+    @Test func aDamagedBufferIsSaidToBeDamagedNotUnreadable() async throws {
+        let farm = try await Farm()
+        let site = try Self.site(farm, device: "doc-8", key: "fgd_zzzzzzzz_" + String(repeating: "0", count: 64), ports: [])
+        let buffer = farm.dir.file("doc-8/buffer.sqlite")
+        try FileManager.default.createDirectory(atPath: farm.dir.file("doc-8"), withIntermediateDirectories: true)
+
+        // Not a database at all (SQLITE_NOTADB).
+        try String(repeating: "not a database, whatever was written here. ", count: 200).write(toFile: buffer, atomically: true, encoding: .utf8)
+        let (_, report, output) = try await Self.doctor(site)
+        let notADatabase = try #require(Self.finding(report, "buffer", buffer), "\(output)")
+        #expect(notADatabase.status == .problem && notADatabase.message.contains("not an SQLite database"), "\(notADatabase)")
+        #expect(notADatabase.fix?.contains("moves a damaged buffer aside") == true, "\(notADatabase)")
+        #expect(notADatabase.fix?.contains("owner and mode") == false, "\(notADatabase)")
+
+        // A database whose schema page is damaged (SQLITE_CORRUPT).
+        try FileManager.default.removeItem(atPath: buffer)
+        do {
+            let connection = try SQLiteConnection(path: buffer, mode: .readWriteCreate, busyTimeoutMilliseconds: 2_000)
+            try connection.query("CREATE TABLE readings (sequence INTEGER PRIMARY KEY, timestamp INTEGER)")
+            try connection.query("CREATE TABLE quarantine (sequence INTEGER PRIMARY KEY)")
+        }
+        let handle = try FileHandle(forUpdating: URL(fileURLWithPath: buffer))
+        try handle.seek(toOffset: 100)
+        try handle.write(contentsOf: [UInt8](repeating: 0xFF, count: 400))
+        try handle.close()
+        let (_, damagedReport, damagedOutput) = try await Self.doctor(site)
+        let damaged = try #require(Self.finding(damagedReport, "buffer", buffer), "\(damagedOutput)")
+        #expect(damaged.status == .problem && damaged.message.hasPrefix("damaged"), "\(damaged)")
+        #expect(damaged.fix?.contains("moves a damaged buffer aside") == true && damaged.fix?.contains("owner and mode") == false, "\(damaged)")
     }
 }

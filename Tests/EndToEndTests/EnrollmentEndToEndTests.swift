@@ -232,4 +232,57 @@ struct EnrollmentEndToEndTests {
         let badFarm = try await Self.ingestCommand(farm, ["enroll-token", "list", "--farm", "no farm"])
         #expect(badFarm.status == 64, "\(badFarm.stderr)")
     }
+
+    /// The state `enroll-token list --all --json` shows for the token `token`.
+    static func tokenState(_ farm: Farm, _ token: String) async throws -> String? {
+        let id = String(token.dropFirst(4).prefix(8))
+        return try await Self.listedJSON(farm, ["--all"]).first { $0["key_id"] == id }?["state"]
+    }
+
+    // Before the fix `-c ''` and FARMGATE_CONFIG='' spent the token and then failed to write (exit 73), the key landing in
+    // the parent of the working directory.
+    @Test func anEmptyConfigurationPathIsRefusedAndTheTokenStaysUnused() async throws {
+        let farm = try await Farm()
+        try await farm.startIngest()
+        let token = try await Self.token(farm, device: "site-8")
+        let work = farm.dir.file("work/here")
+        try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
+        // Run from `work`, so that a key written "beside" an empty path would land in the scratch directory.
+        let shell = ["-c", #"cd "$1" && shift && exec "$@""#, "sh", work, Farm.agentBinary, "enroll", farm.endpoint, token]
+            + (geteuid() == 0 ? ["--owner", "nobody"] : [])
+        for (arguments, environment) in [(["-c", ""], [String: String]()), ([], ["FARMGATE_CONFIG": ""]), (["-c", farm.dir.file("new") + "/"], [:])] {
+            let result = try await runCommand("/bin/sh", shell + arguments, environment: environment)
+            #expect(result.status == 64, "\(arguments) \(environment): \(result.stderr)")
+            #expect(result.stderr.contains("configuration path"), "\(result.stderr)")
+        }
+        #expect(try await Self.tokenState(farm, token) == "unused")
+        #expect(!FileManager.default.fileExists(atPath: farm.dir.file("work/device.key")))
+        #expect(!FileManager.default.fileExists(atPath: farm.dir.file("new")))
+    }
+
+    // Before the fix a user who may write the directory but not give a file to root had the token spent, then got exit
+    // 73 "cannot chown …/.agent.toml.tmp-N" and an unedited configuration.
+    @Test func aConfigurationOwnedByRootRunAsAnotherUserIsRefusedBeforeTheExchange() async throws {
+        guard geteuid() == 0, let nobody = AtomicFile.Owner.user(named: "nobody") else { return }  // needs root to set it up
+        let farm = try await Farm()
+        try await farm.startIngest()
+        let token = try await Self.token(farm, device: "site-1")
+        let site = farm.dir.file("nobody-site")
+        try FileManager.default.createDirectory(atPath: site, withIntermediateDirectories: false)
+        chown(site, nobody.uid, nobody.gid)
+        let config = site + "/agent.toml"
+        try Self.siteConfig(device: "site-1").write(toFile: config, atomically: true, encoding: .utf8)
+        chmod(config, 0o644)
+        let result = try await runCommand(
+            "/usr/bin/setpriv",
+            ["--reuid=\(nobody.uid)", "--regid=\(nobody.gid)", "--clear-groups", "--", Farm.agentBinary, "enroll", farm.endpoint, token, "-c", config])
+        #expect(result.status == 73, "\(result.stderr)")
+        #expect(result.stderr.contains("belongs to root") && result.stderr.contains("sudo"), "\(result.stderr)")
+        #expect(try await Self.tokenState(farm, token) == "unused", "nothing was sent")
+        #expect(try String(contentsOfFile: config, encoding: .utf8) == Self.siteConfig(device: "site-1"))
+        #expect(!FileManager.default.fileExists(atPath: site + "/device.key"))
+        // As root the same token then enrolls.
+        let enrolled = try await Self.enroll(farm, token, config: config)
+        #expect(enrolled.status == 0, "\(enrolled.stderr)")
+    }
 }

@@ -43,9 +43,22 @@ struct InstallTests {
         #expect(try String(contentsOfFile: staging.file("etc/farmgate/agent.toml"), encoding: .utf8) == "# mine\n")
         #expect(FileManager.default.fileExists(atPath: staging.file("etc/farmgate/agent.toml.example")))
         #expect(FileManager.default.fileExists(atPath: staging.file("opt/fg/bin/farmgate")), "PREFIX is honoured")
-        let optUnit = try String(contentsOfFile: staging.file("opt/fg/lib/systemd/system/farmgate.service"), encoding: .utf8)
+        // systemd reads no unit under /opt: the unit goes to systemd's own directory, not to $PREFIX/lib/systemd/system.
+        #expect(!FileManager.default.fileExists(atPath: staging.file("opt/fg/lib/systemd/system/farmgate.service")))
+        let optUnit = try String(contentsOfFile: staging.file(try await Self.systemUnitDirectory() + "/farmgate.service"), encoding: .utf8)
         #expect(optUnit.contains("ExecStart=/opt/fg/bin/farmgate agent"))
         #expect(!optUnit.contains("/usr/local/bin"))
+
+        // SYSCONFDIR moves the configuration and the unit follows it; SYSTEMD_UNIT_DIR puts the unit where it says.
+        let moved = try await Self.make([
+            "install", "DESTDIR=\(staging.path)", "SYSCONFDIR=/opt/etc", "SYSTEMD_UNIT_DIR=/srv/units", "FARMGATE_BIN=\(binary)",
+        ])
+        #expect(moved.status == 0, "\(moved.stderr)")
+        #expect(FileManager.default.fileExists(atPath: staging.file("opt/etc/farmgate/agent.toml")))
+        let movedUnit = try String(contentsOfFile: staging.file("srv/units/farmgate.service"), encoding: .utf8)
+        #expect(movedUnit.contains("ExecStartPre=/usr/local/bin/farmgate config check --config /opt/etc/farmgate/agent.toml"), "\(movedUnit)")
+        #expect(movedUnit.contains("ExecStart=/usr/local/bin/farmgate agent --config /opt/etc/farmgate/agent.toml"), "\(movedUnit)")
+        #expect(!movedUnit.contains("--config /etc/farmgate"), "\(movedUnit)")
 
         let missing = try await Self.make(["install", "DESTDIR=\(staging.path)", "FARMGATE_BIN=\(staging.file("nothing"))"])
         #expect(missing.status != 0 && missing.stderr.contains("is not an executable"), "\(missing.stderr)")
@@ -57,15 +70,17 @@ struct InstallTests {
         let first = try await Self.make(["install-ingest", "DESTDIR=\(staging.path)", "PREFIX=/opt/fgi", "FARMGATE_INGEST_BIN=\(binary)"])
         #expect(first.status == 0, "\(first.stderr)")
         #expect(first.stdout.contains("skipped creating the user farmgate-ingest: DESTDIR is set"), "\(first.stdout)")
+        let unitFile = try await Self.systemUnitDirectory() + "/farmgate-ingest.service"
         for file in [
-            "opt/fgi/bin/farmgate-ingest", "opt/fgi/lib/systemd/system/farmgate-ingest.service", "etc/farmgate/ingest.toml",
+            "opt/fgi/bin/farmgate-ingest", unitFile, "etc/farmgate/ingest.toml",
             "opt/fgi/share/doc/farmgate-ingest/README.md", "opt/fgi/share/doc/farmgate-ingest/examples/nginx-farmgate.conf",
             "opt/fgi/share/doc/farmgate-ingest/examples/ingest-alert-rules.toml",
         ] {
             #expect(FileManager.default.fileExists(atPath: staging.file(file)), "missing \(file)")
         }
         #expect(FileManager.default.contentsEqual(atPath: staging.file("opt/fgi/bin/farmgate-ingest"), andPath: binary))
-        let unit = try String(contentsOfFile: staging.file("opt/fgi/lib/systemd/system/farmgate-ingest.service"), encoding: .utf8)
+        #expect(!FileManager.default.fileExists(atPath: staging.file("opt/fgi/lib/systemd/system/farmgate-ingest.service")), "systemd reads no unit there")
+        let unit = try String(contentsOfFile: staging.file(unitFile), encoding: .utf8)
         #expect(unit.contains("ExecStartPre=/opt/fgi/bin/farmgate-ingest migrate --config /etc/farmgate/ingest.toml"))
         #expect(unit.contains("ExecStart=/opt/fgi/bin/farmgate-ingest serve --config /etc/farmgate/ingest.toml"))
         #expect(!unit.contains("/usr/local/bin"))
@@ -147,6 +162,13 @@ struct InstallTests {
         // Without the escape hatch, a binary that needs the toolchain's Swift runtime is refused.
         let refused = try await Self.make(["deb", "FARMGATE_BIN=\(builtExecutable("farmgate"))", "DEB_OUT=\(out.path)"])
         #expect(refused.status != 0 && refused.stderr.contains("--static-swift-stdlib"), "\(refused.stderr)")
+    }
+
+    /// Where systemd's own units are (the directory an install under another prefix than /usr and /usr/local uses).
+    static func systemUnitDirectory() async throws -> String {
+        let found = try? await runCommand("/usr/bin/pkg-config", ["--variable=systemdsystemunitdir", "systemd"])
+        let directory = found?.stdout.trimmingCharacters(in: .whitespacesAndNewlines) ?? ""
+        return found?.status == 0 && !directory.isEmpty ? directory : "/usr/lib/systemd/system"
     }
 
     static func dpkgArchitecture() async throws -> String {

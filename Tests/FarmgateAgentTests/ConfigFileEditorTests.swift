@@ -1,5 +1,6 @@
 import FarmgateAgent
 import FarmgateSupport
+import Foundation
 import Testing
 
 @Suite("Editing the configuration as text (farmgate enroll)")
@@ -95,5 +96,29 @@ struct ConfigFileEditorTests {
     @Test func refusesToReplaceAValueOverSeveralLines() {
         var editor = ConfigFileEditor(text: "[upload]\nendpoint = \"\"\"\nhttps://a.example\n\"\"\"\n")
         #expect(throws: ConfigFileEditor.Refusal.self) { try editor.set("endpoint", .string("https://b.example"), in: "upload") }
+    }
+
+    // Before the fix a file with CRLF endings was one line to the editor (in a Swift String "\r\n" is one Character, not
+    // "\n"): [upload] was not found and a second one was added, which the TOML parser refused ("defined twice").
+    @Test func aFileWithCRLFEndingsIsEditedInPlaceAndKeepsThem() throws {
+        let crlf = Self.site.replacingOccurrences(of: "\n", with: "\r\n")
+        var editor = ConfigFileEditor(text: crlf)
+        try editor.set("endpoint", .string("https://ingest.example.net"), in: "upload")
+        try editor.remove("key", in: "upload")
+        try editor.set("key_file", .string("/etc/farmgate/device.key"), in: "upload")
+        try editor.set("level", .string("debug"), in: "log")
+        let text = editor.text
+        #expect(text.components(separatedBy: "[upload]").count == 2, "one [upload]: \(text)")
+        #expect(text.contains("[upload]\r\nendpoint = \"https://ingest.example.net\"  # the old server\r\nbatch_max_age = \"5s\"\r\nkey_file = "))
+        #expect(text.contains("[log]\r\nlevel = \"debug\"\r\n"), "added lines take the file's endings: \(text)")
+        #expect(!text.utf8.split(separator: UInt8(ascii: "\n")).contains { $0.last != UInt8(ascii: "\r") }, "every line ends in CRLF")
+        let document = try ConfigDocument.parse(text, file: "crlf.toml")
+        #expect(try document.table("upload")?.string("endpoint") == "https://ingest.example.net")
+        #expect(try document.table("upload")?.string("key") == nil)
+
+        // A file with LF endings and one CRLF line keeps each line's ending; a last line without one gets the usual one.
+        var mixed = ConfigFileEditor(text: "[device]\r\nid = \"a\"\n[upload]\nendpoint = \"http://x\"")
+        try mixed.set("endpoint", .string("https://y"), in: "upload")
+        #expect(mixed.text == "[device]\r\nid = \"a\"\n[upload]\nendpoint = \"https://y\"\n")
     }
 }

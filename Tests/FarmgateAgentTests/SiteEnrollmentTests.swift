@@ -1,4 +1,4 @@
-import FarmgateAgent
+@testable import FarmgateAgent
 import FarmgateSupport
 import FarmgateTestSupport
 import FarmgateWire
@@ -221,5 +221,162 @@ struct SiteEnrollmentTests {
         let document = try ConfigDocument.load(path: config)
         #expect(try document.table("device")?.string("id") == "site-9")
         #expect(try document.table("upload")?.string("key_file") == dir.file("etc/device.key"))
+    }
+
+    // Before the fix only a directory and the configuration itself were refused: a --key-file naming the buffer had its
+    // pending readings replaced by the key (a tester lost 318 that way), after the token was spent.
+    @Test func aKeyPathOnOneOfTheAgentsOwnFilesIsRefusedBeforeTheTokenIsUsed() throws {
+        let dir = try Scratch(prefix: "fg-enroll")
+        let config = try dir.write(
+            "agent.toml",
+            Self.config + "\n[buffer]\npath = \"data/buffer.sqlite\"\n\n[metrics]\ntextfile = \"metrics/farmgate.prom\"\n\n[control]\nsocket = \"run/control.sock\"\n")
+        try FileManager.default.createDirectory(atPath: dir.file("data"), withIntermediateDirectories: false)
+        let buffer = try dir.write("data/buffer.sqlite", "the readings")
+        try FileManager.default.createSymbolicLink(atPath: dir.file("state"), withDestinationPath: dir.file("data"))
+        let given: [(String, String)] = [
+            (buffer, "the agent's buffer"), (dir.file("data/../data/buffer.sqlite"), "the agent's buffer"),
+            (dir.file("state/buffer.sqlite"), "the agent's buffer"), (buffer + "-wal", "-wal"), (buffer + "-shm", "-shm"),
+            (buffer + ".seq", ".seq sidecar"), (dir.file("metrics/farmgate.prom"), "the metrics file"),
+            (dir.file("run/control.sock"), "control socket"),
+        ]
+        for (keyFile, phrase) in given {
+            let failure = #expect(throws: SiteEnrollment.Failure.self) {
+                try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: "https://i.example", token: Self.token, configPath: config, keyFile: keyFile))
+            }
+            #expect(failure?.description.contains("--key-file") == true && failure?.description.contains(phrase) == true, "\(keyFile): \(failure?.description ?? "")")
+            #expect(failure?.description.contains("the token is unused") == true)
+            #expect(failure?.exitCode == 64)
+        }
+        // The same from [upload] key_file, and the default buffer when the configuration does not name one.
+        let configured = try dir.write("configured.toml", Self.config + "\n[buffer]\npath = \"data/buffer.sqlite\"\n\n[upload]\nkey_file = \"data/buffer.sqlite-wal\"\n")
+        let fromFile = #expect(throws: SiteEnrollment.Failure.self) {
+            try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: "https://i.example", token: Self.token, configPath: configured))
+        }
+        #expect(fromFile?.exitCode == 78 && fromFile?.description.contains("[upload] key_file") == true, "\(fromFile?.description ?? "")")
+        let defaults = try dir.write("defaults.toml", Self.config)
+        let defaultBuffer = #expect(throws: SiteEnrollment.Failure.self) {
+            try SiteEnrollment.prepare(
+                SiteEnrollment.Request(endpoint: "https://i.example", token: Self.token, configPath: defaults, keyFile: "/var/lib/farmgate/buffer.sqlite"))
+        }
+        #expect(defaultBuffer?.description.contains("the agent's buffer") == true, "\(defaultBuffer?.description ?? "")")
+        #expect(try String(contentsOfFile: buffer, encoding: .utf8) == "the readings")
+        // A key file of its own is fine.
+        let plan = try SiteEnrollment.prepare(
+            SiteEnrollment.Request(endpoint: "https://i.example", token: Self.token, configPath: config, keyFile: dir.file("data/device.key")))
+        #expect(plan.keyFile == dir.file("data/device.key"))
+    }
+
+    // Before the fix `-c ''` (or FARMGATE_CONFIG set to nothing, or a directory) passed every check, the token was spent,
+    // and then the write failed (exit 73); with '' the key landed in the parent of the working directory.
+    @Test func aConfigurationPathThatNamesNoFileIsRefusedBeforeTheTokenIsUsed() throws {
+        let dir = try Scratch(prefix: "fg-enroll")
+        for path in ["", "  ", dir.path, dir.path + "/", dir.file("newdir") + "/", dir.file("newdir/.."), dir.file(".")] {
+            let failure = #expect(throws: SiteEnrollment.Failure.self) {
+                try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: "https://i.example", token: Self.token, configPath: path))
+            }
+            #expect(failure?.exitCode == 64, "\(path): \(failure?.description ?? "")")
+            #expect(failure?.description.contains("configuration path") == true, "\(path): \(failure?.description ?? "")")
+        }
+        #expect(dir.names().isEmpty)
+    }
+
+    // Before the fix the editor did not see [upload] in a CRLF file and added a second one: refused as "defined twice".
+    @Test func aConfigurationWithCRLFEndingsIsEnrolledAndKeepsThem() async throws {
+        let server = try TestHTTPServer(script: [Self.answer()])
+        let dir = try Scratch(prefix: "fg-enroll")
+        let original = (Self.config + "\n[upload]\nendpoint = \"https://old.example\"\n").replacingOccurrences(of: "\n", with: "\r\n")
+        let config = try dir.write("agent.toml", original)
+        let plan = try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: server.url, token: Self.token, configPath: config))
+        let outcome = try SiteEnrollment.apply(plan, answer: try await SiteEnrollment.exchange(plan, logger: logger))
+        #expect(outcome.configurationProblem == nil, "\(outcome.configurationProblem ?? "")")
+        let written = try FileSystem.bytes(config)
+        let lines = written.split(separator: UInt8(ascii: "\n"))
+        #expect(lines.allSatisfy { $0.last == UInt8(ascii: "\r") }, "every line keeps CRLF: \(String(decoding: written, as: UTF8.self))")
+        let loaded = try AgentConfiguration.load(path: config)
+        #expect(loaded.upload?.endpoint == server.url && loaded.upload?.deviceKey == Self.key)
+    }
+
+    // Before the fix the link was replaced by a regular file and its target, the file the installer keeps, left unedited.
+    @Test func aSymlinkedConfigurationHasItsTargetEditedAndStaysALink() async throws {
+        let server = try TestHTTPServer(script: [Self.answer(), Self.answer(repeated: true)])
+        let dir = try Scratch(prefix: "fg-enroll")
+        try FileManager.default.createDirectory(atPath: dir.file("real"), withIntermediateDirectories: false)
+        try FileManager.default.createDirectory(atPath: dir.file("etc"), withIntermediateDirectories: false)
+        let target = try dir.write("real/real.toml", Self.config)
+        chmod(target, 0o640)
+        let link = dir.file("etc/agent.toml")
+        try FileManager.default.createSymbolicLink(atPath: link, withDestinationPath: "../real/real.toml")
+        let plan = try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: server.url, token: Self.token, configPath: link))
+        #expect(plan.configTarget == target)
+        #expect(plan.keyFile == dir.file("etc/device.key"), "relative to the link's directory, as the agent reads it")
+        _ = try SiteEnrollment.apply(plan, answer: try await SiteEnrollment.exchange(plan, logger: logger))
+        var info = stat()
+        #expect(lstat(link, &info) == 0 && info.st_mode & S_IFMT == S_IFLNK, "the link stays a link")
+        #expect(try FileManager.default.destinationOfSymbolicLink(atPath: link) == "../real/real.toml")
+        #expect(stat(target, &info) == 0 && info.st_mode & 0o777 == 0o640, "the target keeps its mode")
+        #expect(try AgentConfiguration.load(path: link).upload?.deviceKey == Self.key)
+        #expect(try String(contentsOfFile: target, encoding: .utf8).contains("endpoint = \"\(server.url)\""))
+        #expect(dir.names(in: "etc") == ["agent.toml", "device.key"] && dir.names(in: "real") == ["real.toml"], "no temporary file left")
+
+        // A link to a file that does not exist yet: the file is created where the link points.
+        let dangling = dir.file("etc/new.toml")
+        try FileManager.default.createSymbolicLink(atPath: dangling, withDestinationPath: dir.file("real/new/agent.toml"))
+        let second = try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: server.url, token: Self.token, configPath: dangling, keyFile: dir.file("etc/new.key")))
+        _ = try SiteEnrollment.apply(second, answer: try await SiteEnrollment.exchange(second, logger: logger))
+        #expect(lstat(dangling, &info) == 0 && info.st_mode & S_IFMT == S_IFLNK)
+        #expect(FileManager.default.fileExists(atPath: dir.file("real/new/agent.toml")))
+    }
+
+    // Before the fix the process's right to give the new file the old one's owner was found out after the exchange
+    // (fchown EPERM, exit 73, the token spent).
+    @Test func aConfigurationWhoseOwnerTheProcessCannotKeepIsRefusedBeforeTheExchange() throws {
+        let dir = try Scratch(prefix: "fg-enroll")
+        let config = try dir.write("agent.toml", Self.config)
+        var info = stat()
+        #expect(stat(config, &info) == 0)
+        let stranger = SiteEnrollment.Identity(uid: info.st_uid &+ 4242, gid: info.st_gid &+ 4242, groups: [], name: "someone")
+        let failure = #expect(throws: SiteEnrollment.Failure.self) { try SiteEnrollment.checkConfigOwner(config, as: stranger) }
+        #expect(failure?.exitCode == 73)
+        #expect(failure?.description.contains("sudo") == true && failure?.description.contains("token is unused") == true, "\(failure?.description ?? "")")
+        let owner = SiteEnrollment.Identity(uid: info.st_uid, gid: info.st_gid &+ 4242, groups: [info.st_gid], name: "me")
+        try SiteEnrollment.checkConfigOwner(config, as: owner)
+        let otherGroup = SiteEnrollment.Identity(uid: info.st_uid == 0 ? 4242 : info.st_uid, gid: info.st_gid &+ 1, groups: [], name: "me")
+        if info.st_uid != 0 { #expect(throws: SiteEnrollment.Failure.self) { try SiteEnrollment.checkConfigOwner(config, as: otherGroup) } }
+        try SiteEnrollment.checkConfigOwner(config, as: SiteEnrollment.Identity(uid: 0, gid: 0, groups: [], name: "root"))
+    }
+
+    @Test func aSchemeThatDoesNotMatchThePortSaysWhichToUse() async throws {
+        // https:// to a plain HTTP server.
+        let plain = try TestHTTPServer(script: [Self.answer()])
+        let dir = try Scratch(prefix: "fg-enroll")
+        let config = try dir.write("agent.toml", Self.config)
+        var request = SiteEnrollment.Request(endpoint: "https://127.0.0.1:\(plain.port)", token: Self.token, configPath: config)
+        request.retries = 0
+        let plan = try SiteEnrollment.prepare(request)
+        let tls = await #expect(throws: SiteEnrollment.Failure.self) { try await SiteEnrollment.exchange(plan, logger: logger) }
+        #expect(tls?.description.contains("does not speak TLS on this port") == true && tls?.description.contains("http://") == true, "\(tls?.description ?? "")")
+
+        // http:// to a TLS port.
+        let pki = try await TestPKI()
+        defer { pki.remove() }
+        let backend = try TestHTTPServer(script: [Self.answer()])
+        let terminator = try await TLSTerminator(port: try freePort(), backendPort: backend.port, pki: pki)
+        defer { terminator.stop() }
+        request.endpoint = "http://127.0.0.1:\(terminator.port)"
+        let second = try SiteEnrollment.prepare(request)
+        let clear = await #expect(throws: SiteEnrollment.Failure.self) { try await SiteEnrollment.exchange(second, logger: logger) }
+        #expect(clear?.description.contains("use https://") == true, "\(clear?.description ?? "")")
+        #expect(backend.requests.isEmpty)
+    }
+
+    // Before the fix a key path through a missing directory and `..` hung prepare: the walk up to an existing parent
+    // appended `..` for ever.
+    @Test(.timeLimit(.minutes(1))) func aKeyPathThroughAMissingDirectoryAndDotDotIsResolved() throws {
+        let dir = try Scratch(prefix: "fg-enroll")
+        let config = try dir.write("agent.toml", Self.config)
+        let plan = try SiteEnrollment.prepare(
+            SiteEnrollment.Request(endpoint: "https://i.example", token: Self.token, configPath: config, keyFile: dir.file("missing/../keys/device.key")))
+        #expect(plan.keyFile == dir.file("keys/device.key"))
+        #expect(try SiteEnrollment.edited(plan, device: "site-9").contains("key_file = \"\(dir.file("keys/device.key"))\""))
     }
 }

@@ -5,7 +5,9 @@
 #   PREFIX               /usr/local by default
 #   DESTDIR              a staging root: files go under it and the system is not touched (no user is created)
 #   SYSCONFDIR           /etc by default; the configuration goes to $SYSCONFDIR/farmgate/ingest.toml
-#   UNITDIR              $PREFIX/lib/systemd/system by default (systemd reads /usr/local/lib/systemd/system too)
+#   SYSTEMD_UNIT_DIR     where the unit goes (UNITDIR is the older name): $PREFIX/lib/systemd/system for PREFIX /usr
+#                        and /usr/local (systemd reads both), else systemd's own directory (pkg-config's
+#                        systemdsystemunitdir, else /usr/lib/systemd/system): systemd reads no unit under another prefix
 #
 # Installs: $PREFIX/bin/farmgate-ingest, the unit farmgate-ingest.service (ExecStartPre and ExecStart pointing at that
 # binary), a configuration as $SYSCONFDIR/farmgate/ingest.toml (or ingest.toml.example beside an existing one, which
@@ -20,7 +22,7 @@ cd "$(dirname "$0")/../.."
 PREFIX=${PREFIX:-/usr/local}
 DESTDIR=${DESTDIR:-}
 SYSCONFDIR=${SYSCONFDIR:-/etc}
-UNITDIR=${UNITDIR:-$PREFIX/lib/systemd/system}
+UNITDIR=$(unit_dir)
 if [ ! -x "$FARMGATE_INGEST_BIN" ]; then
     echo "install-ingest: $FARMGATE_INGEST_BIN is not an executable; build it first (swift build -c release --product farmgate-ingest)" >&2
     exit 1
@@ -31,8 +33,7 @@ install -d -m 0755 "$root$PREFIX/bin" "$root$UNITDIR" "$root$SYSCONFDIR/farmgate
 install -m 0755 "$FARMGATE_INGEST_BIN" "$root$PREFIX/bin/farmgate-ingest"
 echo "installed $root$PREFIX/bin/farmgate-ingest"
 
-install_unit systemd/farmgate-ingest.service "$root$UNITDIR/farmgate-ingest.service" \
-    "s#/usr/local/bin/farmgate-ingest#$PREFIX/bin/farmgate-ingest#g; s#/etc/farmgate/#$SYSCONFDIR/farmgate/#g"
+install_unit systemd/farmgate-ingest.service "$root$UNITDIR/farmgate-ingest.service" farmgate-ingest
 install_config systemd/install/ingest.toml "$root$SYSCONFDIR/farmgate/ingest.toml" 0640 \
     "SQLite in /var/lib/farmgate-ingest; set [storage] url for PostgreSQL"
 

@@ -1,9 +1,35 @@
 # Functions the install scripts share (sourced by install-site.sh and install-ingest.sh, from the repository's root).
 
-# install_unit SOURCE DESTINATION SED_SCRIPT: the unit SOURCE rewritten by SED_SCRIPT (its paths), mode 0644, replaced
-# in one rename.
+# unit_dir: where the systemd units go. SYSTEMD_UNIT_DIR when set (UNITDIR is its older name); else, for PREFIX /usr
+# and /usr/local, $PREFIX/lib/systemd/system (both are on systemd's unit path); for any other PREFIX, systemd's own
+# directory (pkg-config --variable=systemdsystemunitdir systemd, else /usr/lib/systemd/system), because systemd reads
+# no unit under /opt or another prefix.
+unit_dir() {
+    if [ -n "${SYSTEMD_UNIT_DIR:-}" ]; then echo "$SYSTEMD_UNIT_DIR"; return; fi
+    if [ -n "${UNITDIR:-}" ]; then echo "$UNITDIR"; return; fi
+    case "${PREFIX%/}" in
+        /usr | /usr/local) echo "${PREFIX%/}/lib/systemd/system" ;;
+        *)
+            local found
+            found=$(pkg-config --variable=systemdsystemunitdir systemd 2>/dev/null || true)
+            echo "${found:-/usr/lib/systemd/system}"
+            ;;
+    esac
+}
+
+# sed_replacement TEXT: TEXT escaped for the replacement side of a sed s### command.
+sed_replacement() {
+    printf '%s' "$1" | sed 's/[\\&#]/\\&/g'
+}
+
+# install_unit SOURCE DESTINATION BINARY: the unit SOURCE as DESTINATION, mode 0644, replaced in one rename, with its
+# paths rewritten for this installation: /usr/local/bin/BINARY becomes $PREFIX/bin/BINARY and /etc/farmgate/ becomes
+# $SYSCONFDIR/farmgate/, so that the unit runs the binary installed with the configuration installed.
 install_unit() {
-    sed "$3" "$1" > "$2.tmp"
+    local bin etc
+    bin=$(sed_replacement "$PREFIX/bin/$3")
+    etc=$(sed_replacement "$SYSCONFDIR/farmgate/")
+    sed "s#/usr/local/bin/$3#$bin#g; s#/etc/farmgate/#$etc#g" "$1" > "$2.tmp"
     chmod 0644 "$2.tmp"
     mv "$2.tmp" "$2"
     echo "installed $2"

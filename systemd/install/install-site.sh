@@ -5,10 +5,13 @@
 #   PREFIX        /usr/local by default (/usr for the .deb)
 #   DESTDIR       a staging root: files go under it and the system is not touched (no user is created)
 #   SYSCONFDIR    /etc by default; the configuration goes to $SYSCONFDIR/farmgate/agent.toml
-#   UNITDIR       $PREFIX/lib/systemd/system by default (systemd reads /usr/local/lib/systemd/system too)
+#   SYSTEMD_UNIT_DIR  where the unit goes (UNITDIR is the older name): $PREFIX/lib/systemd/system for PREFIX /usr and
+#                 /usr/local (systemd reads both), else systemd's own directory (pkg-config's systemdsystemunitdir, else
+#                 /usr/lib/systemd/system): systemd reads no unit under /opt or another prefix
 #   UDEVDIR       /usr/lib/udev/rules.d for PREFIX=/usr, else /etc/udev/rules.d (udev reads no /usr/local)
 #
-# Installs: $PREFIX/bin/farmgate, the unit farmgate.service (ExecStart pointing at that binary), the example
+# Installs: $PREFIX/bin/farmgate, the unit farmgate.service (ExecStartPre and ExecStart pointing at that binary and at
+# $SYSCONFDIR/farmgate/agent.toml), the example
 # configuration as $SYSCONFDIR/farmgate/agent.toml (or agent.toml.example beside an existing one, which is never
 # overwritten), a udev rule giving /dev/gpiochip* to the group gpio, $PREFIX/lib/farmgate/create-user, the README and the
 # example site configurations under $PREFIX/share/doc/farmgate. Then, when run as root without DESTDIR, creates the
@@ -21,7 +24,7 @@ cd "$(dirname "$0")/../.."
 PREFIX=${PREFIX:-/usr/local}
 DESTDIR=${DESTDIR:-}
 SYSCONFDIR=${SYSCONFDIR:-/etc}
-UNITDIR=${UNITDIR:-$PREFIX/lib/systemd/system}
+UNITDIR=$(unit_dir)
 if [ -z "${UDEVDIR:-}" ]; then
     if [ "$PREFIX" = /usr ]; then UDEVDIR=/usr/lib/udev/rules.d; else UDEVDIR=/etc/udev/rules.d; fi
 fi
@@ -36,7 +39,7 @@ install -d -m 0755 "$root$PREFIX/bin" "$root$UNITDIR" "$root$SYSCONFDIR/farmgate
 install -m 0755 "$FARMGATE_BIN" "$root$PREFIX/bin/farmgate"
 echo "installed $root$PREFIX/bin/farmgate"
 
-install_unit systemd/farmgate.service "$root$UNITDIR/farmgate.service" "s#/usr/local/bin/farmgate#$PREFIX/bin/farmgate#g"
+install_unit systemd/farmgate.service "$root$UNITDIR/farmgate.service" farmgate
 install_config systemd/install/agent.toml "$root$SYSCONFDIR/farmgate/agent.toml" 0644 "an example: enroll, then add your sensors"
 
 install -m 0644 systemd/install/60-farmgate-gpio.rules "$root$UDEVDIR/60-farmgate-gpio.rules"
@@ -57,4 +60,6 @@ if [ -d /run/systemd/system ]; then
     systemctl daemon-reload
     udevadm control --reload-rules 2>/dev/null && udevadm trigger --subsystem-match=gpio 2>/dev/null || true
 fi
-echo "next: sudo farmgate enroll <ingest URL> <token>, add sensors to $SYSCONFDIR/farmgate/agent.toml, sudo farmgate doctor, sudo systemctl enable --now farmgate"
+config_option=""
+if [ "$SYSCONFDIR/farmgate/agent.toml" != /etc/farmgate/agent.toml ]; then config_option=" -c $SYSCONFDIR/farmgate/agent.toml"; fi
+echo "next: sudo farmgate enroll$config_option <ingest URL> <token>, add sensors to $SYSCONFDIR/farmgate/agent.toml, sudo farmgate doctor$config_option, sudo systemctl enable --now farmgate"

@@ -207,7 +207,7 @@ extension Doctor {
                     DoctorFinding(
                         check: "buffer", subject: path, status: .problem,
                         message: "damaged: \(problems.prefix(3).joined(separator: "; "))",
-                        fix: "the agent moves a damaged buffer aside (buffer.sqlite.corrupt-<time>) and starts a new one when it starts; replace the SD card if it happens again")
+                        fix: Self.damagedBufferFix(path))
                 ]
             }
             let rows = try connection.query("SELECT count(*), min(timestamp) FROM readings")
@@ -219,6 +219,15 @@ extension Doctor {
             }
             let quarantined = Int((try? connection.queryInt("SELECT count(*) FROM quarantine")) ?? 0)
             return bufferDepthFindings(path: path, pending: pending, oldest: oldest, quarantined: quarantined, now: now, integrity: "quick_check ok")
+        } catch where error.isCorruption {
+            // Not a question of permissions: the file itself is damaged (SQLITE_CORRUPT) or is no database at all
+            // (SQLITE_NOTADB), and chown cannot help.
+            let what = error.code == 26 /* SQLITE_NOTADB */ ? "not an SQLite database (damaged, or another file put there)" : "damaged"
+            return [
+                DoctorFinding(
+                    check: "buffer", subject: path, status: .problem, message: "\(what): \(error)",
+                    fix: Self.damagedBufferFix(path))
+            ]
         } catch {
             return [
                 DoctorFinding(
@@ -226,6 +235,13 @@ extension Doctor {
                     fix: "check the file's owner and mode (the agent's user must own it) and the disk; the agent's log says more")
             ]
         }
+    }
+
+    /// What the agent does with a damaged buffer, and what is left to do.
+    static func damagedBufferFix(_ path: String) -> String {
+        "the agent moves a damaged buffer aside (\(path).corrupt-<time>, with its -wal and -shm) and starts a new one when it "
+            + "starts: restart it (systemctl restart farmgate). The readings in the damaged file not yet sent stay there: "
+            + "`sqlite3 \(path).corrupt-… .recover` may salvage some. Replace the SD card if it happens again"
     }
 
     static func bufferDepthFindings(path: String, pending: Int, oldest: Timestamp?, quarantined: Int, now: Timestamp, integrity: String) -> [DoctorFinding] {

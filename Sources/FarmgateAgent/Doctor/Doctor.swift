@@ -141,31 +141,37 @@ public enum Doctor {
         }
         defer { client.close() }
         var findings: [DoctorFinding] = []
+        let health: HTTPResponse
         do {
-            let health = try await client.get(endpoint + "/healthz", headers: [])
-            let secure = endpoint.lowercased().hasPrefix("https://")
-            let transport = secure ? "over HTTPS, certificate verified" : "over plain HTTP"
-            if health.status == 200 {
-                findings.append(DoctorFinding(check: "ingest", subject: endpoint, status: .ok, message: "reachable \(transport)"))
-            } else {
-                findings.append(
-                    DoctorFinding(
-                        check: "ingest", subject: endpoint, status: .warning, message: "reachable \(transport), but /healthz answered HTTP \(health.status)",
-                        fix: "is [upload] endpoint the ingest's base URL (no path)? A proxy in front may answer instead"))
-            }
-            if !secure, !isLoopback(endpoint) {
-                findings.append(
-                    DoctorFinding(
-                        check: "ingest", subject: endpoint, status: .warning, message: "plain HTTP: the key and the readings cross the network unencrypted",
-                        fix: "put TLS in front of the ingest (a reverse proxy) and use https:// in [upload] endpoint"))
-            }
+            health = try await client.get(endpoint + "/healthz", headers: [])
         } catch {
             findings.append(unreachable(error, endpoint: endpoint))
             findings.append(
                 DoctorFinding(check: "key", subject: "device key", status: .skipped, message: "not tried: the ingest cannot be reached"))
             return findings
         }
-        findings.append(await keyFinding(client, endpoint: endpoint, upload: upload, device: configuration.device))
+        let key = await keyFinding(client, endpoint: endpoint, upload: upload, device: configuration.device, healthStatus: health.status)
+        let secure = endpoint.lowercased().hasPrefix("https://")
+        let transport = secure ? "over HTTPS, certificate verified" : "over plain HTTP"
+        if key.message.hasPrefix(notAnIngest) {
+            // Something answers at the URL, but not as an ingest: that one finding says it all (a /healthz warning
+            // beside it would only repeat it).
+            findings.append(key)
+        } else if health.status == 200 {
+            findings.append(DoctorFinding(check: "ingest", subject: endpoint, status: .ok, message: "reachable \(transport)"))
+        } else {
+            findings.append(
+                DoctorFinding(
+                    check: "ingest", subject: endpoint, status: .warning, message: "reachable \(transport), but /healthz answered HTTP \(health.status)",
+                    fix: "is [upload] endpoint the ingest's base URL (no path)? A proxy in front may answer instead"))
+        }
+        if !secure, !isLoopback(endpoint) {
+            findings.append(
+                DoctorFinding(
+                    check: "ingest", subject: endpoint, status: .warning, message: "plain HTTP: the key and the readings cross the network unencrypted",
+                    fix: "put TLS in front of the ingest (a reverse proxy) and use https:// in [upload] endpoint"))
+        }
+        if !key.message.hasPrefix(notAnIngest) { findings.append(key) }
         return findings
     }
 
@@ -187,8 +193,12 @@ public enum Doctor {
         }
     }
 
-    /// Whether the ingest accepts the key, and for this device.
-    static func keyFinding(_ client: HTTPClient, endpoint: String, upload: UploadConfiguration, device: DeviceID) async -> DoctorFinding {
+    /// Whether the ingest accepts the key, and for this device. A URL that answers, but not as an ingest does (GET
+    /// /v1/device is not found, or answers something that is not a device state), is a problem of check `ingest`: the key
+    /// was never verified and every upload would fail. `healthStatus`: what `/healthz` answered, for the message.
+    static func keyFinding(
+        _ client: HTTPClient, endpoint: String, upload: UploadConfiguration, device: DeviceID, healthStatus: Int
+    ) async -> DoctorFinding {
         let subject = "device key"
         let reEnroll = "make a new token on the ingest (farmgate-ingest enroll-token create --farm FARM --device \(device)) and run farmgate enroll again"
         let response: HTTPResponse
@@ -198,12 +208,18 @@ public enum Doctor {
             return unreachable(error, endpoint: endpoint)
         }
         let decoder = JSONDecoder()
+        let health = healthStatus == 200 ? "" : ", /healthz HTTP \(healthStatus)"
+        let notAnIngestFix =
+            "check [upload] endpoint: it must be the ingest's base URL (https://host or https://host:port, no path), the one "
+            + "`farmgate-ingest serve` or its reverse proxy answers on; a proxy must pass /v1/ and /healthz to the ingest"
         switch response.status {
         case 200:
             guard let state = try? decoder.decode(DeviceState.self, from: Data(response.body)) else {
                 return DoctorFinding(
-                    check: "key", subject: subject, status: .warning, message: "accepted, but the answer of GET /v1/device is not a device state",
-                    fix: "is the endpoint a farmgate-ingest?")
+                    check: "ingest", subject: endpoint, status: .problem,
+                    message: "\(notAnIngest): GET \(IngestProtocol.deviceStatePath) answered HTTP 200 with something "
+                        + "that is not a device state\(health); the key was not verified",
+                    fix: notAnIngestFix)
             }
             guard state.device == device.rawValue else {
                 return DoctorFinding(
@@ -220,16 +236,37 @@ public enum Doctor {
                 check: "key", subject: subject, status: .problem,
                 message: revoked ? "the key has been revoked" : "the ingest does not accept the key (\(body?.error.message ?? "HTTP \(response.status)"))",
                 fix: reEnroll)
+        case 404, 405:
+            return DoctorFinding(
+                check: "ingest", subject: endpoint, status: .problem,
+                message: "\(notAnIngest): GET \(IngestProtocol.deviceStatePath) answered HTTP \(response.status)\(health); "
+                    + "the key was not verified and uploads would fail",
+                fix: notAnIngestFix)
         case 429:
             return DoctorFinding(
                 check: "key", subject: subject, status: .warning, message: "rate limited (HTTP 429): too many attempts from this address",
                 fix: "try again in a minute")
+        case 300..<400:
+            let location = response.headers.first { $0.name.lowercased() == "location" }.map { " to \($0.value)" } ?? ""
+            return DoctorFinding(
+                check: "key", subject: subject, status: .problem,
+                message: "GET \(IngestProtocol.deviceStatePath) was redirected (HTTP \(response.status)\(location)); the agent does not follow redirects, so the key was not verified and uploads would fail",
+                fix: "set [upload] endpoint to the URL the ingest answers on (https:// rather than http://?)")
+        case 500..<600:
+            return DoctorFinding(
+                check: "key", subject: subject, status: .problem,
+                message: "GET \(IngestProtocol.deviceStatePath) answered HTTP \(response.status): the ingest (or a proxy in front of it) fails, so the key was not verified and uploads fail the same way",
+                fix: "the ingest's log says why (journalctl -u farmgate-ingest); behind a proxy, check that the ingest runs")
         default:
             return DoctorFinding(
-                check: "key", subject: subject, status: .warning, message: "GET /v1/device answered HTTP \(response.status)",
-                fix: "the ingest's log says why")
+                check: "key", subject: subject, status: .problem,
+                message: "GET \(IngestProtocol.deviceStatePath) answered HTTP \(response.status): the key was not verified",
+                fix: "the ingest's log says why; check [upload] endpoint")
         }
     }
+
+    /// How a finding for a URL that answers, but not as an ingest, begins.
+    static let notAnIngest = "this URL answers but is not a Farmgate ingest"
 
     static func isLoopback(_ endpoint: String) -> Bool {
         guard let host = URL(string: endpoint)?.host?.lowercased() else { return false }

@@ -62,11 +62,15 @@ public enum AtomicFile {
     /// Whether a file can be created in `directory` (or in the nearest existing parent, where it would be created):
     /// checked by creating and removing one, which also catches a read-only file system.
     public static func canCreate(in directory: String) -> Failure? {
-        var existing = URL(fileURLWithPath: directory)
-        while !FileManager.default.fileExists(atPath: existing.path), existing.path != "/" { existing.deleteLastPathComponent() }
-        let probe = existing.path + "/.farmgate-probe-\(getpid())"
+        // `..` resolved first: URL's deleteLastPathComponent appends another `..` to a path ending in one, and the walk
+        // up to an existing parent never ended (`--key-file /missing/../device.key`).
+        var existing = AgentConfiguration.lexicalPath(directory)
+        while !FileManager.default.fileExists(atPath: existing), existing != "/" {
+            existing = existing.lastIndex(of: "/").map { $0 == existing.startIndex ? "/" : String(existing[..<$0]) } ?? "/"
+        }
+        let probe = (existing == "/" ? "" : existing) + "/.farmgate-probe-\(getpid())"
         let fd = open(probe, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { return failure("cannot write in \(existing.path)") }
+        guard fd >= 0 else { return failure("cannot write in \(existing)") }
         close(fd)
         unlink(probe)
         return nil

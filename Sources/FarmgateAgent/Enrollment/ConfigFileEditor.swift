@@ -49,19 +49,55 @@ public struct ConfigFileEditor: Sendable {
         }
     }
 
+    /// The lines without their line ending.
     private var lines: [String]
+    /// Whether each line of ``lines`` ended in CRLF (`\r\n`) rather than LF: kept line by line, so that a file written
+    /// on Windows keeps its endings and a mixed one is changed only where it is edited.
+    private var crlf: [Bool]
+    /// The ending of added lines: CRLF when most lines of the file have it.
+    private let addedCRLF: Bool
     private let endsWithNewline: Bool
 
     public init(text: String) {
-        var split = text.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
-        endsWithNewline = text.isEmpty || text.hasSuffix("\n")
-        if endsWithNewline, split.last == "" { split.removeLast() }
-        lines = split
+        // Split on the bytes: in a Swift String "\r\n" is one Character, which is not equal to "\n".
+        let newline = UInt8(ascii: "\n")
+        let carriageReturn = UInt8(ascii: "\r")
+        var pieces = text.utf8.split(separator: newline, omittingEmptySubsequences: false)
+        endsWithNewline = text.isEmpty || text.utf8.last == newline
+        if endsWithNewline, pieces.last?.isEmpty == true { pieces.removeLast() }
+        var lines: [String] = []
+        var crlf: [Bool] = []
+        for (index, piece) in pieces.enumerated() {
+            // The last line has no ending unless the text ends with one.
+            let ended = index < pieces.count - 1 || endsWithNewline
+            let hasCR = ended && piece.last == carriageReturn
+            lines.append(String(decoding: hasCR ? piece.dropLast() : piece, as: UTF8.self))
+            crlf.append(hasCR)
+        }
+        let ended = endsWithNewline ? crlf : crlf.dropLast()
+        addedCRLF = ended.filter { $0 }.count * 2 > ended.count
+        // A last line without an ending gets the file's usual one.
+        if !endsWithNewline, !crlf.isEmpty { crlf[crlf.count - 1] = addedCRLF }
+        self.lines = lines
+        self.crlf = crlf
     }
 
-    /// The edited text.
+    /// The edited text; every line ends with its line ending (a last line that had none gets the file's usual one).
     public var text: String {
-        lines.joined(separator: "\n") + (endsWithNewline || !lines.isEmpty ? "\n" : "")
+        guard !lines.isEmpty else { return "\n" }
+        var out = ""
+        for (index, line) in lines.enumerated() { out += line + (crlf[index] ? "\r\n" : "\n") }
+        return out
+    }
+
+    private mutating func insertLines(_ new: [String], at index: Int) {
+        lines.insert(contentsOf: new, at: index)
+        crlf.insert(contentsOf: Array(repeating: addedCRLF, count: new.count), at: index)
+    }
+
+    private mutating func removeLine(at index: Int) {
+        lines.remove(at: index)
+        crlf.remove(at: index)
     }
 
     /// Sets `key = value` in `[section]`: replaces the value on the key's line (keeping its indentation and a trailing
@@ -80,7 +116,7 @@ public struct ConfigFileEditor: Sendable {
             }
             var insertAt = range.lowerBound + 1
             for index in range.dropFirst() where Self.isKeyLine(lines[index]) { insertAt = index + 1 }
-            lines.insert(assignment, at: insertAt)
+            insertLines([assignment], at: insertAt)
             return
         }
         var insertAt = lines.count
@@ -91,14 +127,14 @@ public struct ConfigFileEditor: Sendable {
         var block = ["[\(section)]", assignment]
         if insertAt > 0, !lines[insertAt - 1].trimmingSpaces.isEmpty { block.insert("", at: 0) }
         if insertAt < lines.count { block.append("") }
-        lines.insert(contentsOf: block, at: insertAt)
+        insertLines(block, at: insertAt)
     }
 
     /// Removes the line of `key` in `[section]`, if there is one.
     public mutating func remove(_ key: String, in section: String) throws(Refusal) {
         guard let range = sectionRange(section), let index = keyLine(key, in: range) else { return }
         try checkSingleLine(lines[index], key: key, section: section)
-        lines.remove(at: index)
+        removeLine(at: index)
     }
 
     /// The value of `key` in `[section]` as written (a basic or literal string without escapes), or nil.

@@ -14,8 +14,10 @@ import Logging
 /// reads it (mode 0600, owned by the agent's user) and points `[upload]` of the configuration at the ingest, keeping the
 /// rest of the file and its comments.
 ///
-/// Everything that can fail locally is checked **before** the token is used (``prepare(_:)``): the configuration can be
-/// read and edited, the key file and the configuration can be written, the agent's user exists. Only then is the token
+/// Everything that can fail locally is checked **before** the token is used (``prepare(_:)``): the configuration's path
+/// names a file, the configuration can be read and edited, the key file and the configuration can be written (the
+/// configuration with its owner kept), the key would not replace one of the agent's own files, the agent's user exists.
+/// A configuration that is a symbolic link has its target edited; the link stays. Only then is the token
 /// exchanged, so a mistake on the site never burns it. If the answer is lost on the way (a timeout, a reset connection),
 /// the exchange is sent again: the ingest answers the same token with the same key for a while, never with a second
 /// device.
@@ -61,6 +63,9 @@ public enum SiteEnrollment {
         public var device: String?
         /// The CA bundle for the exchange: ``Request/caFile`` or the configuration's `[upload] ca_file`.
         public var caFile: String?
+        /// The file the configuration is written to: ``Request/configPath``, or the file it points to when it is a
+        /// symbolic link (the link stays).
+        public var configTarget: String
     }
 
     /// What `farmgate enroll` did.
@@ -107,15 +112,21 @@ public enum SiteEnrollment {
             throw Failure(description: "cannot read the CA file \(caFile); give a PEM file of CA certificates", exitCode: 64)
         }
 
-        let configExists = FileManager.default.fileExists(atPath: request.configPath)
+        try checkConfigPath(request.configPath)
+        // A symbolic link is followed: its target is the file to edit, and the new one is written beside it.
+        let configTarget = try writeTarget(of: request.configPath)
+        let configExists = FileManager.default.fileExists(atPath: configTarget)
         var originalText = ""
         var device: String?
         var configuredKeyFile: String?
         var configuredCA: String?
+        var parsed: ConfigTable?
+        // Relative paths in the file are resolved as the agent resolves them: against the directory of the path it is
+        // given, a symbolic link's own directory included.
         let base = URL(fileURLWithPath: request.configPath).deletingLastPathComponent().path
         if configExists {
             do {
-                originalText = try FileSystem.text(request.configPath)
+                originalText = try FileSystem.text(configTarget)
             } catch {
                 throw Failure(description: "cannot read \(request.configPath): \(error.reason)", exitCode: 78)
             }
@@ -125,6 +136,7 @@ public enum SiteEnrollment {
             } catch {
                 throw Failure(description: "\(error.description)\nfix the file first: enroll edits it and must be able to read it", exitCode: 78)
             }
+            parsed = document
             do {
                 device = try document.table("device")?.string("id")
                 let upload = try document.table("upload")
@@ -134,15 +146,22 @@ public enum SiteEnrollment {
                 throw Failure(description: "\(error.description)\nfix the file first: enroll edits it", exitCode: 78)
             }
         }
-        let keyFile = request.keyFile.map { AgentConfiguration.resolve($0, against: FileManager.default.currentDirectoryPath) }
+        // A given path is made absolute with `..` resolved (`/missing/../device.key` is /device.key): it is written as
+        // it is to [upload] key_file.
+        let keyFile = request.keyFile.map { AgentConfiguration.lexicalPath($0) }
             ?? configuredKeyFile ?? AgentConfiguration.resolve("device.key", against: base)
-        try checkKeyFile(keyFile, configPath: request.configPath, given: request.keyFile != nil)
+        try checkKeyFile(
+            keyFile, configPath: request.configPath, agentFiles: agentFiles(configPath: request.configPath, document: parsed, base: base),
+            given: request.keyFile != nil)
+        if configExists { try checkConfigOwner(configTarget, as: .current) }
         let plan = Plan(
             request: request, endpoint: String(endpoint), keyFile: keyFile, originalText: originalText, configExists: configExists,
-            device: device, caFile: request.caFile.map { AgentConfiguration.resolve($0, against: FileManager.default.currentDirectoryPath) } ?? configuredCA)
+            device: device, caFile: request.caFile.map { AgentConfiguration.resolve($0, against: FileManager.default.currentDirectoryPath) } ?? configuredCA,
+            configTarget: configTarget)
         // The edit must work on the file as it is, with any key: try it now, with a placeholder device.
         _ = try edited(plan, device: device ?? "placeholder")
-        for directory in Set([URL(fileURLWithPath: keyFile).deletingLastPathComponent().path, base]) {
+        let targetDirectory = URL(fileURLWithPath: configTarget).deletingLastPathComponent().path
+        for directory in Set([URL(fileURLWithPath: keyFile).deletingLastPathComponent().path, targetDirectory]) {
             if let problem = AtomicFile.canCreate(in: directory) {
                 throw Failure(description: "\(problem.description) (run farmgate enroll as root, or give --config/--key-file paths you can write)", exitCode: 73)
             }
@@ -150,10 +169,12 @@ public enum SiteEnrollment {
         return plan
     }
 
-    /// Refuses a key path that cannot hold the key, or would destroy something: an existing directory, or the
-    /// configuration file itself (by path, or the same file under another name). `given`: it came from `--key-file`
-    /// (exit 64), not from the configuration's `[upload] key_file` (exit 78).
-    static func checkKeyFile(_ keyFile: String, configPath: String, given: Bool) throws(Failure) {
+    /// Refuses a key path that cannot hold the key, or would destroy something: an existing directory, or one of the
+    /// agent's own files (``agentFiles(configPath:document:base:)``: the configuration, the buffer and its `-wal`, `-shm`
+    /// and `.seq` files, the metrics file, the control socket), by path or as the same file under another name. The key
+    /// is written by renaming a new file over the path, so a buffer there would be gone with its pending readings.
+    /// `given`: it came from `--key-file` (exit 64), not from the configuration's `[upload] key_file` (exit 78).
+    static func checkKeyFile(_ keyFile: String, configPath: String, agentFiles: [(path: String, what: String)], given: Bool) throws(Failure) {
         let source = given ? "--key-file \(keyFile)" : "[upload] key_file of \(configPath) (\(keyFile))"
         let fix = given ? "give --key-file a file of its own" : "set key_file to a file of its own, or pass --key-file"
         let exitCode: Int32 = given ? 64 : 78
@@ -162,13 +183,11 @@ public enum SiteEnrollment {
                 description: "\(source) is a directory; the key is written to a file: \(fix), such as \(keyFile)/device.key",
                 exitCode: exitCode)
         }
-        var key = stat()
-        var config = stat()
-        let sameInode = stat(keyFile, &key) == 0 && stat(configPath, &config) == 0 && key.st_dev == config.st_dev && key.st_ino == config.st_ino
-        if sameInode || AgentConfiguration.lexicalPath(keyFile) == AgentConfiguration.lexicalPath(configPath) {
+        for file in agentFiles where sameFile(keyFile, file.path) {
+            let shown = file.path == configPath ? "" : " (\(file.path))"
             throw Failure(
-                description: "\(source) is the configuration file itself; writing the key there would replace the configuration: "
-                    + "\(fix), such as device.key beside it",
+                description: "\(source) is \(file.what)\(shown); writing the key there would replace it: \(fix), such as device.key beside "
+                    + "the configuration. Nothing was sent: the token is unused",
                 exitCode: exitCode)
         }
     }
@@ -273,6 +292,7 @@ public enum SiteEnrollment {
     }
 
     static func transportFailure(_ error: HTTPClientError, endpoint: String) -> Failure {
+        if let mismatch = schemeMismatch(error, endpoint: endpoint) { return Failure(description: mismatch, exitCode: 1) }
         let text: String
         switch error.kind {
         case .connectFailed:
@@ -287,6 +307,28 @@ public enum SiteEnrollment {
             text = "the exchange with \(endpoint) failed (\(error)); try again: the same token works again for a few minutes"
         }
         return Failure(description: text, exitCode: 1)
+    }
+
+    /// The words for an endpoint whose scheme does not match what its port speaks, when libcurl's error says so:
+    /// `https://` to a plain HTTP server (the TLS handshake reads an HTTP answer: OpenSSL's "wrong version number"), or
+    /// `http://` to a TLS port (the server hangs up on bytes that are no TLS handshake: an empty reply or a reset).
+    /// Nil when the error is something else.
+    static func schemeMismatch(_ error: HTTPClientError, endpoint: String) -> String? {
+        let secure = endpoint.lowercased().hasPrefix("https://")
+        let detail = error.detail.lowercased()
+        if secure, error.kind == .tls,
+            ["wrong version number", "wrong_version_number", "packet length too long", "unknown protocol", "record layer failure"]
+                .contains(where: { detail.contains($0) })
+        {
+            return "the server at \(endpoint) does not speak TLS on this port (\(error)): use http:// if the ingest serves plain HTTP "
+                + "there, or the port its TLS listens on (443 behind a reverse proxy). Nothing was exchanged: the token is unused"
+        }
+        // CURLE_GOT_NOTHING (52), CURLE_RECV_ERROR (56), CURLE_WEIRD_SERVER_REPLY (8): a TLS port hanging up on plain HTTP.
+        if !secure, error.kind == .transport, [8, 52, 56].contains(error.curlCode) {
+            return "the ingest at \(endpoint) hung up without an answer (\(error)); if it serves HTTPS on this port, use https:// "
+                + "(plain HTTP to a TLS port gets no answer). Otherwise try again: the same token works again for a few minutes"
+        }
+        return nil
     }
 
     static func answer(_ response: HTTPResponse, plan: Plan) throws(Failure) -> EnrollmentAnswer {
@@ -318,6 +360,9 @@ public enum SiteEnrollment {
             text = "too many attempts: \(message)"
         case (404, _), (405, _):
             text = "\(plan.endpoint) has no enrollment endpoint (HTTP \(response.status)); is the URL the ingest's, and is it a farmgate-ingest that knows `enroll-token`?"
+        case (400, _) where message.lowercased().contains("https port") || message.lowercased().contains("speak plain http"):
+            // nginx: "The plain HTTP request was sent to HTTPS port".
+            text = "\(plan.endpoint) is an HTTPS port (HTTP 400: \(message)): use https:// in the URL"
         default:
             text = "the ingest answered HTTP \(response.status): \(message)"
         }
@@ -341,12 +386,12 @@ public enum SiteEnrollment {
         var mode: mode_t = 0o644
         var owner: AtomicFile.Owner?
         var info = stat()
-        if plan.configExists, stat(plan.request.configPath, &info) == 0 {
+        if plan.configExists, stat(plan.configTarget, &info) == 0 {
             mode = info.st_mode & 0o7777
             owner = AtomicFile.Owner(uid: info.st_uid, gid: info.st_gid, name: "the file's owner")
         }
         do {
-            try AtomicFile.write(Array(text.utf8), to: plan.request.configPath, mode: mode, owner: owner)
+            try AtomicFile.write(Array(text.utf8), to: plan.configTarget, mode: mode, owner: owner)
         } catch {
             throw Failure(description: "the key is in \(plan.keyFile), but \(error.description); set [upload] endpoint and key_file by hand", exitCode: 73)
         }

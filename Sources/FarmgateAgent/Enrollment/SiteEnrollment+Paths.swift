@@ -1,0 +1,143 @@
+import FarmgateSupport
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The checks of ``SiteEnrollment/prepare(_:)`` on paths: the configuration's path names a file, the file it is written
+/// to (a symbolic link's target), that the new file can keep the old one's owner, and that the key would not land on one
+/// of the agent's own files. All before the token is spent. Blocking file system calls.
+extension SiteEnrollment {
+    // MARK: The configuration's path
+
+    /// Refuses a configuration path that cannot name a file: empty (`-c ''`, `FARMGATE_CONFIG=`), ending in a slash,
+    /// `.` or `..`, or an existing directory. Without this the key and the edited file would be written beside the
+    /// wrong directory, after the exchange.
+    static func checkConfigPath(_ path: String) throws(Failure) {
+        let example = "such as /etc/farmgate/agent.toml"
+        if path.trimmingWhitespace().isEmpty {
+            throw Failure(
+                description: "the configuration path is empty (-c '' or FARMGATE_CONFIG set to nothing); give the agent's configuration file, \(example)",
+                exitCode: 64)
+        }
+        let last = path.split(separator: "/").last
+        if path.hasSuffix("/") || last == "." || last == ".." || FileSystem.isDirectory(path) {
+            throw Failure(
+                description: "the configuration path \(path) names a directory; give the agent's configuration file in it, \(example)",
+                exitCode: 64)
+        }
+    }
+
+    /// The file a write to `path` must replace: `path` itself, or, when it is a symbolic link (or a chain of them), the
+    /// file it points to, which may not exist yet. Replacing the link itself would turn it into a regular file and leave
+    /// its target, the file the installer keeps, unedited.
+    static func writeTarget(of path: String) throws(Failure) -> String {
+        var current = AgentConfiguration.lexicalPath(path)
+        for _ in 0..<40 {
+            var info = stat()
+            guard lstat(current, &info) == 0, info.st_mode & S_IFMT == S_IFLNK else { return current }
+            var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+            let count = readlink(current, &buffer, buffer.count - 1)
+            guard count > 0 else {
+                throw Failure(description: "cannot read the symbolic link \(current): \(String(cString: strerror(errno)))", exitCode: 78)
+            }
+            let target = String(decoding: buffer[..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            let directory = URL(fileURLWithPath: current).deletingLastPathComponent().path
+            current = AgentConfiguration.lexicalPath(target.hasPrefix("/") ? target : directory + "/" + target)
+        }
+        throw Failure(description: "\(path): too many levels of symbolic links; point -c at the configuration file itself", exitCode: 78)
+    }
+
+    // MARK: The configuration's owner
+
+    /// Who this process is, for deciding whether it may give a file to an owner (`fchown`).
+    struct Identity: Sendable {
+        var uid: uid_t
+        var gid: gid_t
+        var groups: Set<gid_t>
+        var name: String
+
+        /// The running process: effective ids and supplementary groups.
+        static var current: Identity {
+            let count = getgroups(0, nil)
+            var groups = [gid_t](repeating: 0, count: Int(max(count, 0)))
+            let filled = count > 0 ? getgroups(count, &groups) : 0
+            let uid = geteuid()
+            let name = getpwuid(uid).map { String(cString: $0.pointee.pw_name) } ?? "uid \(uid)"
+            return Identity(uid: uid, gid: getegid(), groups: Set(groups.prefix(Int(max(filled, 0)))), name: name)
+        }
+
+        /// Whether `fchown(fd, uid, gid)` on a file this process created can succeed: root may give any file away; anyone
+        /// else only keeps their own uid and may choose one of their own groups.
+        func mayGive(uid owner: uid_t, gid group: gid_t) -> Bool {
+            uid == 0 || (owner == uid && (group == gid || groups.contains(group)))
+        }
+    }
+
+    /// Refuses, before the exchange, to edit a configuration whose owner this process cannot give the new file: the edit
+    /// writes a new file and renames it over the old one, keeping the old owner, and only root may give a file to
+    /// another user (or to a group it is not in). Without this check the token was spent and the file left unedited.
+    static func checkConfigOwner(_ target: String, as identity: Identity) throws(Failure) {
+        var info = stat()
+        guard stat(target, &info) == 0, !identity.mayGive(uid: info.st_uid, gid: info.st_gid) else { return }
+        let owner = "\(UnixUser.userName(info.st_uid)):\(UnixUser.groupName(info.st_gid))"
+        throw Failure(
+            description: "\(target) belongs to \(owner), and \(identity.name) cannot give the edited file that owner (enroll writes a new file and "
+                + "renames it over the old one, keeping its owner); nothing was sent, the token is unused. Run farmgate enroll as root "
+                + "(sudo farmgate enroll …), or, if the file should be \(identity.name)'s, `sudo chown \(identity.name) \(target)` first",
+            exitCode: 73)
+    }
+
+    // MARK: The key file against the agent's own files
+
+    /// The files the agent owns, named by the configuration or by its defaults: the key must never replace one of them.
+    /// `document` is nil when the configuration does not exist yet (the defaults then apply).
+    static func agentFiles(configPath: String, document: ConfigTable?, base: String) -> [(path: String, what: String)] {
+        let buffer = (try? document?.table("buffer")?.string("path")).map { AgentConfiguration.resolve($0, against: base) }
+            ?? BufferConfiguration().path
+        var files: [(path: String, what: String)] = [
+            (configPath, "the configuration file itself"),
+            (buffer, "the agent's buffer ([buffer] path), which holds the readings not yet sent"),
+            (buffer + "-wal", "the buffer's -wal file, which holds its latest committed readings"),
+            (buffer + "-shm", "the buffer's -shm file"),
+            (buffer + ".seq", "the buffer's .seq sidecar, which keeps sequence numbers from going backwards"),
+        ]
+        if let metrics = try? document?.table("metrics")?.string("textfile"), !metrics.isEmpty {
+            files.append((AgentConfiguration.resolve(metrics, against: base), "the metrics file ([metrics] textfile)"))
+        }
+        let socket = (try? document?.table("control")?.string("socket")).map { AgentConfiguration.resolve($0, against: base) }
+            ?? "/run/farmgate/control.sock"
+        files.append((socket, "the agent's control socket ([control] socket)"))
+        return files
+    }
+
+    /// `path` absolute, with `.`, `..` and repeated slashes resolved, and the symbolic links of its longest existing
+    /// prefix resolved (`realpath`): two names of one file compare equal even when the file does not exist yet.
+    static func canonicalPath(_ path: String) -> String {
+        var existing = AgentConfiguration.lexicalPath(path)
+        var rest: [String] = []
+        while existing != "/" {
+            if let resolved = realpath(existing, nil) {
+                defer { free(resolved) }
+                let base = String(cString: resolved)
+                return rest.isEmpty ? base : AgentConfiguration.lexicalPath(base + "/" + rest.reversed().joined(separator: "/"))
+            }
+            let url = URL(fileURLWithPath: existing)
+            rest.append(url.lastPathComponent)
+            existing = url.deletingLastPathComponent().path
+        }
+        return AgentConfiguration.lexicalPath(path)
+    }
+
+    /// Whether `a` and `b` name the same file: the same canonical path, or the same inode when both exist.
+    static func sameFile(_ a: String, _ b: String) -> Bool {
+        var first = stat()
+        var second = stat()
+        if stat(a, &first) == 0, stat(b, &second) == 0, first.st_dev == second.st_dev, first.st_ino == second.st_ino { return true }
+        return canonicalPath(a) == canonicalPath(b)
+    }
+}
