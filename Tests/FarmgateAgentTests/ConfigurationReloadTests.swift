@@ -72,6 +72,23 @@ struct ConfigurationReloadTests {
         return (process, log)
     }
 
+    /// The real agent on one simulated sensor (`tank1.ph`), sampling: its scratch directory (`agent.toml` in it), control
+    /// socket, process and a reader of its log.
+    static func samplingAgent(prefix: String) async throws -> (Scratch, String, Process, @Sendable () -> String) {
+        let scratch = try Scratch(prefix: prefix, in: URL(fileURLWithPath: "/tmp"))
+        let config = try scratch.write("agent.toml", Self.configuration(sensors: ["tank1.ph"]))
+        let socket = scratch.file("control.sock")
+        let (process, log) = try Self.startAgent(config: config, in: scratch)
+        let agentLog: @Sendable () -> String = { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
+        do {
+            try await Self.requireSampling(socket, log: agentLog)
+        } catch {
+            if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+            throw error
+        }
+        return (scratch, socket, process, agentLog)
+    }
+
     @Test("an invalid file is refused and the agent keeps running; a valid one adds, removes and changes sensors live")
     func reloadRefusesThenApplies() async throws {
         let scratch = try Scratch(prefix: "fg-reload", in: URL(fileURLWithPath: "/tmp"))
@@ -138,13 +155,8 @@ struct ConfigurationReloadTests {
 
     @Test("A SIGHUP that arrives while a reload is under way is not lost: the file as it is then runs", arguments: [0, 30, 80])
     func hangupDuringReload(delayMilliseconds: Int) async throws {
-        let scratch = try Scratch(prefix: "fg-reload-twice", in: URL(fileURLWithPath: "/tmp"))
-        let config = try scratch.write("agent.toml", Self.configuration(sensors: ["tank1.ph"]))
-        let socket = scratch.file("control.sock")
-        let (process, log) = try Self.startAgent(config: config, in: scratch)
+        let (scratch, socket, process, agentLog) = try await Self.samplingAgent(prefix: "fg-reload-twice")
         defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
-        func agentLog() -> String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
-        try await Self.requireSampling(socket, log: agentLog)
 
         _ = try scratch.write("agent.toml", Self.configuration(sensors: ["tank1.ph", "tank2.ph"]))
         kill(process.processIdentifier, SIGHUP)
@@ -164,13 +176,8 @@ struct ConfigurationReloadTests {
 
     @Test("A reload applies [log] level to every logger, and keeps the agent's start time")
     func reloadAppliesLogLevel() async throws {
-        let scratch = try Scratch(prefix: "fg-reload-level", in: URL(fileURLWithPath: "/tmp"))
-        let config = try scratch.write("agent.toml", Self.configuration(sensors: ["tank1.ph"]))
-        let socket = scratch.file("control.sock")
-        let (process, log) = try Self.startAgent(config: config, in: scratch)
+        let (scratch, socket, process, agentLog) = try await Self.samplingAgent(prefix: "fg-reload-level")
         defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
-        func agentLog() -> String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
-        try await Self.requireSampling(socket, log: agentLog)
         let startedAt = await Self.status(socket)?.startedAt
 
         // To "error": the reload's own notices stop appearing from the next reload on.
@@ -200,13 +207,8 @@ struct ConfigurationReloadTests {
 
     @Test("SIGTERM right after SIGHUP stops the agent: a stop during a reload is not lost", arguments: [0, 20, 60])
     func stopDuringReload(delayMilliseconds: Int) async throws {
-        let scratch = try Scratch(prefix: "fg-reload-stop", in: URL(fileURLWithPath: "/tmp"))
-        let config = try scratch.write("agent.toml", Self.configuration(sensors: ["tank1.ph"]))
-        let socket = scratch.file("control.sock")
-        let (process, log) = try Self.startAgent(config: config, in: scratch)
+        let (scratch, _, process, agentLog) = try await Self.samplingAgent(prefix: "fg-reload-stop")
         defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
-        func agentLog() -> String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
-        try await Self.requireSampling(socket, log: agentLog)
 
         // A valid new configuration, reloaded, and a stop while the reload is validated or the old services stop.
         _ = try scratch.write("agent.toml", Self.configuration(sensors: ["tank1.ph", "tank2.ph"]))
