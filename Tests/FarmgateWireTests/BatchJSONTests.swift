@@ -100,6 +100,11 @@ struct BatchJSONTests {
             .contains("sensors[0].quantity: unknown quantity 'mood'"))
         #expect(Self.error("{\"device\":\"d\",\"sensors\":[{\"id\":\"x\",\"quantity\":\"ph\",\"resolution\":\"0\"}]}")
             .contains("sensors[0].resolution: invalid resolution"))
+        // A sign is not read past: -0.01 is not 0.01.
+        for negative in ["-0.01", "\"-0.01\"", "\"+0.01\"", "\"-1/16\""] {
+            #expect(Self.error("{\"device\":\"d\",\"sensors\":[{\"id\":\"x\",\"quantity\":\"ph\",\"resolution\":\(negative)}]}")
+                .contains("sensors[0].resolution: invalid resolution"), "\(negative)")
+        }
         #expect(Self.error("{\"device\":\"d\",\"sensors\":[{\"id\":\"x\",\"quantity\":\"ph\"},{\"id\":\"x\",\"quantity\":\"ec\"}]}")
             == "sensors[1].id: 'x' is declared more than once")
         #expect(Self.error("{\"device\":\"d\",\"readings\":{}}") == "readings: expected an array, found an object")
