@@ -22,6 +22,17 @@ import Testing
             #expect(second.process.terminationStatus == 75, "\(second.log)")
             #expect(second.log.contains("another farmgate-ingest serve is running on the SQLite file") && second.log.contains("one serve per file"), "\(second.log)")
         }
+        // The same file through a link is the same file.
+        let link = farm.dir.file("linked.sqlite")
+        try FileManager.default.createSymbolicLink(atPath: link, withDestinationPath: farm.dir.file("ingest/ingest.sqlite"))
+        let linked = try farm.dir.write(
+            "ingest-c.toml", text.replacingOccurrences(of: "path = \"ingest/ingest.sqlite\"", with: "path = \"linked.sqlite\""))
+        let linkedText = try String(contentsOfFile: linked, encoding: .utf8)
+        #expect(linked != config && linkedText.contains("linked.sqlite"))
+        let third = try Child(Farm.ingestBinary, ["serve", "--config", linked], logPath: farm.dir.file("ingest-c.log"))
+        let thirdExited = await eventually(timeout: .seconds(20), every: .milliseconds(100)) { !third.isRunning }
+        #expect(thirdExited, "a serve on a link to the SQLite file kept running: \(third.log)")
+        if thirdExited { #expect(third.process.terminationStatus == 75, "\(third.log)") }
         // The admin commands work while serve runs.
         _ = try await farm.createDevice("site-lock", farm: "lock")
         #expect(await farm.httpStatus("/readyz") == 200)

@@ -270,7 +270,7 @@ extension ConfigurationTests {
         arguments: [
             ("http://127.0.0.1:99999", "port"), ("http://127.0.0.1:0", "port"), ("http://host:80x", "port"), ("http://exa mple.com", "host"),
             ("http://:8080", "no host"), ("http://[zz]:80", "IPv6"), ("http://[::1", "closing ]"), ("ftp://host", "http:// or https://"),
-            ("http://host/?a=1", "query"),
+            ("http://host/?a=1", "query"), ("http://host:+80", "port"), ("http://[fe80::1%25]:80", "IPv6"),
         ])
     func badEndpoints(endpoint: String, problem: String) throws {
         let failure = try #require(error(Self.minimal + "\n[upload]\nendpoint = \"\(endpoint)\"\nkey = \"fgd_0123456789abcdef\""))
@@ -281,7 +281,7 @@ extension ConfigurationTests {
     @Test("Endpoints with a port, an IPv6 address, a user or an internationalised name are fine")
     func goodEndpoints() throws {
         for endpoint in ["http://[::1]:8080", "https://ingest.example.net", "HTTPS://Ingest.Example.NET:443/base", "http://u@host_1:65535",
-            "https://bücher.example"] {
+            "https://bücher.example", "http://host:/", "http://[fe80::1%25eth0]:8080/"] {
             #expect(throws: Never.self, "\(endpoint)") {
                 try parse(Self.minimal + "\n[upload]\nendpoint = \"\(endpoint)\"\nkey = \"fgd_0123456789abcdef\"")
             }

@@ -65,7 +65,7 @@ struct TextfileMetricsTests {
         }
     }
 
-    @Test("A reload's new uploader carries on the totals and the last success; what describes the connection starts again")
+    @Test("A reload's new uploader carries on the totals, and the last success to the same endpoint; what describes the connection starts again")
     func uploadTotalsCarryOver() {
         let now = Timestamp.now()
         var previous = UploadStatus(
@@ -80,7 +80,10 @@ struct TextfileMetricsTests {
         #expect(next.endpoint == "http://new/v1/batches")
         #expect(next.consecutiveFailures == 0)
         #expect(next.format == "binary")
-        #expect(next.lastSuccessAt == now)
+        #expect(next.lastSuccessAt == nil && next.lastAttemptAt == nil, "the new endpoint has not answered yet")
+        var same = UploadStatus(endpoint: previous.endpoint)
+        same.carryTotals(from: previous)
+        #expect(same.lastSuccessAt == now && same.lastAttemptAt == now && same.requestsTotal == 9)
         #expect([next.requestsTotal, next.uploadedTotal, next.duplicatesTotal, next.rejectedTotal, next.quarantinedTotal, next.renumberedTotal]
             == [9, 900, 4, 2, 3, 5])
         #expect([next.calibrationsUploadedTotal, next.calibrationsQuarantinedTotal, next.stateRefusalsTotal] == [6, 7, 8])

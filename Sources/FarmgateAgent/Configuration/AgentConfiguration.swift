@@ -370,7 +370,13 @@ extension AgentConfiguration {
                 guard rest.hasPrefix(":") else { return "has \"\(rest)\" after the IPv6 address where only :port may be (got \"\(endpoint)\")" }
                 port = rest.dropFirst()
             }
-            guard !host.isEmpty, host.unicodeScalars.allSatisfy({ $0.properties.isASCIIHexDigit || $0 == ":" || $0 == "." }) else {
+            // An IPv6 address, with a zone after %25 (`[fe80::1%25eth0]`), which libcurl takes.
+            let zone = host.firstRange(of: "%25")
+            let address = zone.map { host[..<$0.lowerBound] } ?? host
+            let zoneName = zone.map { host[$0.upperBound...] } ?? ""
+            guard !address.isEmpty, address.unicodeScalars.allSatisfy({ $0.properties.isASCIIHexDigit || $0 == ":" || $0 == "." }),
+                zone == nil || (!zoneName.isEmpty && zoneName.unicodeScalars.allSatisfy(Self.isHostScalar))
+            else {
                 return "has \"[\(host)]\", which is not an IPv6 address (got \"\(endpoint)\")"
             }
         } else {
@@ -385,8 +391,9 @@ extension AgentConfiguration {
                     + "no spaces), \(example) (got \"\(endpoint)\")"
             }
         }
-        if let port {
-            guard let number = Int(port), (1...65535).contains(number), port.allSatisfy(\.isASCII) else {
+        // An empty port (`host:/`) is the scheme's default.
+        if let port, !port.isEmpty {
+            guard port.unicodeScalars.allSatisfy({ ("0"..."9").contains($0) }), let number = Int(port), (1...65535).contains(number) else {
                 return "has the port \"\(port)\": a port is a number from 1 to 65535 (got \"\(endpoint)\")"
             }
         }

@@ -42,11 +42,11 @@ public enum AgentRuntime {
         // A stop asked for while a reload is stopping one generation (the service group then ignores further signals)
         // or starting the next (no group listens yet) must end the agent, not be lost: `systemctl reload` followed by
         // `stop` would otherwise leave it running, with the new configuration, until systemd kills it.
-        let stopRequested = Mutex(false)
+        let stopRequests = StopRequests()
         let stops = await UnixSignalsSequence(trapping: .sigterm, .sigint)
         let stopWatch = Task {
             for await _ in stops {
-                stopRequested.withLock { $0 = true }
+                await stopRequests.request()?.triggerGracefulShutdown()
             }
         }
         defer { stopWatch.cancel() }
@@ -54,10 +54,9 @@ public enum AgentRuntime {
         var current = configuration
         while true {
             try await runServices(
-                configuration: current, drivers: drivers, reloads: reloads, logger: logger, carried: carried,
-                stopRequested: { stopRequested.withLock { $0 } })
+                configuration: current, drivers: drivers, reloads: reloads, logger: logger, carried: carried, stops: stopRequests)
             guard let next = reloads.takeAccepted() else { break }
-            if stopRequested.withLock({ $0 }) {
+            if stopRequests.requested {
                 logger.notice("Agent stopping: a stop was asked for while the reloaded configuration was being applied")
                 break
             }
@@ -72,6 +71,32 @@ public enum AgentRuntime {
         }
     }
 
+    /// SIGTERM and SIGINT across generations: whether a stop was asked for, and the service group to stop. A stop that
+    /// comes after a generation checked for one but before its group listens for signals would otherwise be lost (the
+    /// group traps them only once it runs): the group is registered first, and a stop that finds it shuts it down.
+    final class StopRequests: Sendable {
+        private let state = Mutex<(requested: Bool, group: ServiceGroup?)>((false, nil))
+
+        var requested: Bool { state.withLock { $0.requested } }
+
+        /// Records a stop; returns the group running now, to be shut down gracefully.
+        func request() -> ServiceGroup? {
+            state.withLock { state in
+                state.requested = true
+                return state.group
+            }
+        }
+
+        /// Makes `group` the one a stop shuts down (nil once it ran); false when a stop was already asked for, and then
+        /// it must not run.
+        func running(_ group: ServiceGroup?) -> Bool {
+            state.withLock { state in
+                state.group = group
+                return !state.requested
+            }
+        }
+    }
+
     /// What outlives one generation of services: the process's start time and the uploader's totals, so that a reload
     /// neither resets the counters of the metrics file and `farmgate status` nor moves the agent's start time.
     final class GenerationCarry: Sendable {
@@ -82,7 +107,7 @@ public enum AgentRuntime {
     /// One generation of services, from the buffer to the control socket, until a graceful shutdown or an accepted reload.
     static func runServices(
         configuration: AgentConfiguration, drivers: DriverRegistry, reloads: ConfigurationReloads, logger: Logger,
-        carried: GenerationCarry = GenerationCarry(), stopRequested: @Sendable () -> Bool = { false }
+        carried: GenerationCarry = GenerationCarry(), stops: StopRequests = StopRequests()
     ) async throws {
         // Opening runs quick_check, which takes seconds on a large buffer: keep it off the concurrency pool.
         let bufferConfiguration = configuration.buffer
@@ -207,12 +232,14 @@ public enum AgentRuntime {
                     + [.init(service: reload, successTerminationBehavior: .gracefullyShutdownGroup)],
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger))
-        // A stop that came while this generation was being built (after a reload) found no group listening.
-        if stopRequested() {
+        // A stop that came while this generation was being built (after a reload) found no group listening; one that
+        // comes from now on shuts this group down, even before it traps the signals itself.
+        guard stops.running(group) else {
             logger.info("Agent stopped before its services started: a stop was asked for while they were being built")
             return
         }
         defer {
+            _ = stops.running(nil)
             if let uploader { carried.upload.withLock { $0 = uploader.status() } }
         }
         try await group.run()

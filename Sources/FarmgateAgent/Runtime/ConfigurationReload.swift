@@ -66,16 +66,18 @@ public final class ConfigurationReloads: Sendable {
         waiter?.resume(returning: true)
     }
 
-    /// Waits for the next SIGHUP (one recorded before the call counts): true, or false when the task is cancelled.
+    /// Waits for the next SIGHUP (one recorded before the call counts): true, or false when the task is cancelled (a
+    /// recorded SIGHUP then stays for the next call).
     func nextHangup() async -> Bool {
         await withTaskCancellationHandler {
             await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
                 let now: Bool? = hangups.withLock { state in
+                    // A generation that is stopping leaves a recorded SIGHUP to the next one.
+                    if Task.isCancelled { return false }
                     if state.pending {
                         state.pending = false
                         return true
                     }
-                    if Task.isCancelled { return false }
                     state.waiter = continuation
                     return nil
                 }

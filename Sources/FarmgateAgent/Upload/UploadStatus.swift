@@ -89,10 +89,13 @@ public struct UploadStatus: Codable, Sendable, Hashable {
 }
 
 extension UploadStatus {
-    /// Takes the totals and the last success of `previous`, the status of the uploader this one replaces.
+    /// Takes the totals of `previous`, the status of the uploader this one replaces, and its last attempt and success
+    /// when both send to the same endpoint (a new one has not answered yet).
     mutating func carryTotals(from previous: UploadStatus) {
-        lastAttemptAt = previous.lastAttemptAt
-        lastSuccessAt = previous.lastSuccessAt
+        if previous.endpoint == endpoint {
+            lastAttemptAt = previous.lastAttemptAt
+            lastSuccessAt = previous.lastSuccessAt
+        }
         requestsTotal = previous.requestsTotal
         uploadedTotal = previous.uploadedTotal
         duplicatesTotal = previous.duplicatesTotal

@@ -16,14 +16,18 @@ import FarmgateWire
 ///   `last_attempt_at_us`, and none of them is ever cleared back together (a deferral lowers `attempts` but keeps
 ///   `claimed_by`; `alert outbox retry` clears `claimed_by` but keeps `last_attempt_at_us`). So the receiver never gets
 ///   two bodies under one idempotency key, and a row's key is one the receiver has not seen when its body changes.
-/// - Only the newest row of (alert, receiver) is merged into, so the order in which the receiver learns the alert's
-///   states is the order they happened in: an earlier row (being delivered, retried, or a late report) goes out before
-///   the merged one, which keeps its place in line (`next_attempt_at_us`).
-/// - On PostgreSQL the engine reads the newest row `FOR UPDATE` in its transaction. A claim that locked it first
-///   (`FOR UPDATE SKIP LOCKED`) makes the engine wait for the claim's commit; PostgreSQL then reads the row again, finds
-///   it `delivering`, and the engine inserts a new row. A claim that comes while the engine holds it skips it and takes
-///   the merged row at its next round. The `UPDATE` checks ``untouched`` again all the same. Two engines never write
-///   the same alert at once: each first updates the alert's row under its version check, which the other waits for.
+/// - Only the newest row of (alert, receiver) is merged into, so a merge never moves a state ahead of an earlier row
+///   of the alert that is still waiting; the merged row keeps its place in line (`next_attempt_at_us`). (An earlier row
+///   that failed and waits to be retried can still reach the receiver after a newer one, as without merging: the claims
+///   order rows by when they are due.)
+/// - On PostgreSQL the engine reads the newest row without a lock, then updates it `WHERE` it is still ``untouched``
+///   (under READ COMMITTED the `UPDATE` re-checks that on the row's latest version, after waiting for a claim that
+///   holds it): a claim that took the row first makes the `UPDATE` match nothing, and the engine inserts a row; a claim
+///   that comes while the engine's `UPDATE` holds the row skips it (`SKIP LOCKED`) and takes the merged row at its next
+///   round. The engine never waits on a row that cannot be merged into (delivered, dead, being delivered), so it never
+///   waits for retention's purge of old delivered rows. Two engines never write the same alert at once: each first
+///   updates the alert's row under its version check, which the other waits for, so the payload read is the one the
+///   `UPDATE` replaces.
 /// - On SQLite the engine's transaction and every claim run on the one writer, one after the other.
 enum OutboxCoalescing {
     /// The receiver's newest outbox row of an alert, as the engine's transaction reads it.

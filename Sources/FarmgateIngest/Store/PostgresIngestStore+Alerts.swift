@@ -223,13 +223,14 @@ extension PostgresIngestStore: AlertStore {
                             "SELECT id FROM alert_receivers WHERE farm_id = \(r.farmID) AND name = \(name)", logger: logger
                         ).decode(Int64.self) { receiverID = id }
                         guard let receiverID else { continue }
-                        // A row the receiver has not been sent yet takes the new state instead (see `OutboxCoalescing`):
-                        // locked here, so a claim either committed before (the row is then not untouched) or skips it.
+                        // A row the receiver has not been sent yet takes the new state instead (see `OutboxCoalescing`). Read
+                        // without a lock: the UPDATE below locks only a row that is still untouched, so this transaction
+                        // never waits for retention or a claim holding a delivered, dead or delivering row.
                         var tail: OutboxCoalescing.Tail?
                         for try await row in try await connection.query(
                             """
                             \(unescaped: OutboxCoalescing.newestRow) WHERE alert_id = \(alertID) AND receiver_id = \(receiverID)
-                            ORDER BY id DESC LIMIT 1 FOR UPDATE
+                            ORDER BY id DESC LIMIT 1
                             """, logger: logger
                         ).decode((Int64, String, Int32, String?, Int64?, String).self) {
                             tail = OutboxCoalescing.Tail(id: row.0, state: row.1, attempts: Int64(row.2), claimedBy: row.3, lastAttemptAt: row.4, payload: row.5)

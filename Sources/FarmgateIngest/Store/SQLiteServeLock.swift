@@ -40,8 +40,16 @@ public final class SQLiteServeLock {
     ///
     /// - Throws: ``Failure/held(lockPath:databasePath:)`` when another process holds it, else
     ///   ``Failure/unusable(lockPath:errno:)``.
+    ///
+    /// The sidecar is named after the file's resolved path (links followed), so two spellings of one file, or a link to
+    /// it, take the same lock. Taken after the store opened the file, which then exists.
     public init(databasePath: String) throws(Failure) {
-        let path = databasePath + ".lock"
+        var resolved = databasePath
+        if let real = realpath(databasePath, nil) {
+            resolved = String(cString: real)
+            free(real)
+        }
+        let path = resolved + ".lock"
         let descriptor = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
         guard descriptor >= 0 else { throw .unusable(lockPath: path, errno: errno) }
         var result: Int32
