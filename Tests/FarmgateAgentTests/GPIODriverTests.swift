@@ -245,8 +245,8 @@ struct GPIODriverTests {
         let configurations = try gpioSensors([
             ("tank1.leak", "state", "line = 18\ndebounce = \"0ms\"\nbackend = \"events\"\nevents_file = \"\(file)\"")
         ])
-        let log = LogRecords()
-        let driver = try GPIODriver(configuration: configurations[0], logger: Logger(label: "test.gpio") { _ in RecordingLogHandler(records: log) })
+        let log = RecordedLog()
+        let driver = try GPIODriver(configuration: configurations[0], logger: log.logger(label: "test.gpio"))
         #expect(await eventually { (try? await driver.read().value) == 1 })
         // Truncated in place and written again, shorter than what was read.
         let handle = try #require(FileHandle(forWritingAtPath: file))
@@ -303,34 +303,5 @@ struct GPIODriverTests {
         }
         #expect(reported)
         await driver.close()
-    }
-}
-
-/// Log entries a test can look at.
-private final class LogRecords: Sendable {
-    struct Entry: Sendable {
-        var level: Logger.Level
-        var message: String
-        var metadata: Logger.Metadata
-    }
-
-    private let storage = Mutex<[Entry]>([])
-    var entries: [Entry] { storage.withLock { $0 } }
-    func append(_ entry: Entry) { storage.withLock { $0.append(entry) } }
-}
-
-/// Records every entry, with the logger's metadata and the entry's merged.
-private struct RecordingLogHandler: LogHandler {
-    let records: LogRecords
-    var metadata: Logger.Metadata = [:]
-    var logLevel: Logger.Level = .trace
-
-    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-        get { metadata[key] }
-        set { metadata[key] = newValue }
-    }
-
-    func log(event: LogEvent) {
-        records.append(.init(level: event.level, message: event.message.description, metadata: metadata.merging(event.metadata ?? [:]) { $1 }))
     }
 }
