@@ -18,6 +18,18 @@ struct BrokenDriver: SensorDriver {
     func read() async throws(SensorError) -> SensorValue { throw SensorError(.disconnected, "no such device /dev/ttyUSB9") }
 }
 
+/// A driver whose read takes `delay` (calling `started` when it begins) and returns `value`.
+struct DelayedDriver: SensorDriver {
+    let delay: Duration
+    let value: Double
+    let started: @Sendable () -> Void
+    func read() async throws(SensorError) -> SensorValue {
+        started()
+        try? await Task.sleep(for: delay)
+        return SensorValue(value)
+    }
+}
+
 func sensorConfiguration(_ id: String, quantity: Quantity, interval: String = "100ms", extra: String = "") throws -> SensorConfiguration {
     let text = """
         [device]
@@ -129,6 +141,33 @@ struct SamplerTests {
         // pH never moves by 5: only the first reading is stored, the rest are counted as suppressed.
         #expect(samples.filter { $0.sensor == banded.id }.count == 1)
         #expect((board.snapshot().last?.suppressed ?? 0) >= 3)
+    }
+
+    @Test("A read in flight when the sampler stops is stored if it ends within the grace; a stuck one is left behind")
+    func stopDuringRead() async throws {
+        let quick = try sensorConfiguration("loop.pulses", quantity: .count, interval: "1s")
+        let stuck = try sensorConfiguration("tank1.temp", quantity: .temperature, interval: "1s")
+        let started = Mutex(Set<String>())
+        let sink = CollectingSink()
+        let sampler = Sampler(
+            sensors: [
+                // The stuck sensor on the first phase, the quick one half an interval later: both are reading at once.
+                .init(configuration: stuck, driver: DelayedDriver(delay: .seconds(60), value: 20) { started.withLock { _ = $0.insert("stuck") } }),
+                .init(configuration: quick, driver: DelayedDriver(delay: .milliseconds(400), value: 3) { started.withLock { _ = $0.insert("quick") } }),
+            ],
+            sink: sink, board: SensorStatusBoard(sensors: [stuck, quick]), clock: WallClock(checkSynchronization: false),
+            closeTimeout: .milliseconds(100), logger: Logger(label: "test"))
+        let task = Task { try await sampler.run() }
+        #expect(await eventually(timeout: .seconds(10), every: .milliseconds(5)) { started.withLock { $0.count == 2 } })
+        let stop = ContinuousClock.now
+        task.cancel()
+        _ = try? await task.value
+        let took = ContinuousClock.now - stop
+        // The quick read's value was stored although the stop came while it ran; the stuck one did not hold the stop
+        // past the grace (plus the drivers' close timeout).
+        #expect(sink.samples.withLock { $0.map(\.sensor.rawValue) } == ["loop.pulses"])
+        #expect(sink.samples.withLock { $0.first?.value } == 3)
+        #expect(took < Sampler.stoppingReadGrace + .seconds(1), "the stop took \(took)")
     }
 
     @Test("The simulated driver is reproducible from its seed and fails at its fault rate")

@@ -18,7 +18,9 @@ public protocol SampleSink: Sendable {
 /// The sampler stays responsive whatever a driver does: a read that takes longer than the sensor's interval (at least
 /// 5 s) is abandoned, not awaited. It runs on to its end in a task of its own and its result is ignored; the sensor
 /// reports `timeout`, and while that read is still running no new one is started (the sensor reports that instead of
-/// piling up blocked threads). At shutdown the loops stop at once, and closing the drivers is awaited at most
+/// piling up blocked threads). At shutdown the loops stop at once, except that a read in flight is given up to
+/// ``stoppingReadGrace`` to finish and its value is stored (a read has effects that cannot be taken back: a pulse
+/// count stored beside the buffer, an EZO circuit's answer consumed), and closing the drivers is awaited at most
 /// `closeTimeout`: a driver stuck in a read cannot hold the agent's stop.
 public final class Sampler: Service {
     public struct Sensor: Sendable {
@@ -98,6 +100,10 @@ public final class Sampler: Service {
         }
     }
 
+    /// How long a read in flight when the sampler stops may still take to be stored (bounded by its own timeout):
+    /// longer than an EZO circuit's slowest read (900 ms for pH), short against systemd's stop timeout.
+    static let stoppingReadGrace: Duration = .milliseconds(1_500)
+
     /// Sensors start on this many phases of their interval (sensor `i` on phase `i % slots`): spread enough that reads
     /// do not all fall together, few enough that sensors sharing a phase wake together. Every wake-up costs the process
     /// a few context switches, which were most of the agent's CPU at 50 sensors and 1 Hz: with a phase per sensor about
@@ -133,7 +139,7 @@ public final class Sampler: Service {
     func sampleOnce(_ sensor: Sensor, gate: inout Deadband) async {
         let configuration = sensor.configuration
         let outcome = await sensor.readOnce()
-        // A read abandoned because the agent is stopping is no failure of the sensor.
+        // A read abandoned because the agent is stopping is no failure of the sensor; one that finished is stored.
         if Task.isCancelled, case .failure = outcome { return }
         let stamp = clock.stamp()
         let now = stamp.timestamp
@@ -161,7 +167,8 @@ public final class Sampler: Service {
         }
     }
 
-    /// Reads `driver` once, waiting at most `timeout`, and returns at once when the calling task is cancelled.
+    /// Reads `driver` once, waiting at most `timeout`; when the calling task is cancelled, at most
+    /// ``stoppingReadGrace`` more.
     ///
     /// The read runs in a task of its own: a driver that ignores cancellation or is blocked on a thread cannot hold the
     /// caller. An abandoned read runs on to its end and its result is dropped; until it ends, `gate` refuses a new one.
@@ -180,7 +187,7 @@ public final class Sampler: Service {
                     .timeout,
                     "the previous read (started \(seconds) s ago) has not finished; the driver is stuck on the device: check its wiring and power, or unplug and replug it"))
         }
-        let outcome = await withDeadline(timeout) { () -> Result<SensorValue, SensorError> in
+        let outcome = await withDeadline(timeout, graceOnCancel: stoppingReadGrace) { () -> Result<SensorValue, SensorError> in
             defer { gate.leave() }
             do throws(SensorError) { return .success(try await driver.read()) } catch { return .failure(error) }
         }
