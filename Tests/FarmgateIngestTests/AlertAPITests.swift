@@ -76,6 +76,33 @@ struct AlertAPITests {
         }
     }
 
+    @Test(
+        "unknown or repeated query parameters on the alert and calibration endpoints are 400 invalid_parameter naming them",
+        arguments: [
+            ("GET", "/v1/farms/f1/alerts?recnet=7d", "'recnet'"), ("GET", "/v1/farms/f1/alerts?limit=1&limit=2", "'limit'"),
+            ("GET", "/v1/farms/f1/alert-rules?name=ph-low", "'name'"), ("GET", "/v1/farms/f1/alert-rules/ph-low?x=1", "'x'"),
+            ("POST", "/v1/farms/f1/alert-rules?replace=true", "'replace'"), ("PUT", "/v1/farms/f1/alert-rules/ph-low?force=1", "'force'"),
+            ("DELETE", "/v1/farms/f1/alert-rules/ph-low?all=1", "'all'"), ("GET", "/v1/farms/f1/silences?active=1", "'active'"),
+            ("POST", "/v1/farms/f1/silences?for=1h", "'for'"), ("DELETE", "/v1/farms/f1/silences/1?x=1", "'x'"),
+            ("POST", "/v1/farms/f1/alerts/1/ack?by=me", "'by'"),
+            ("GET", "/v1/farms/f1/devices/d1/sensors/tank1.ph/calibrations?limt=5", "'limt'"),
+        ])
+    func unknownParameters(method: String, uri: String, parameter: String) async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let admin = try await IngestAdmin(store: fixture.store).createReadToken(farm: "f1", role: .admin)
+        try await fixture.app().test(.router) { client in
+            let response = try await client.execute(
+                uri: uri, method: HTTPRequest.Method(method) ?? .get, headers: headers(admin), body: jsonBody(Self.rule))
+            let message = try expectError(response, .badRequest, "invalid_parameter")
+            #expect(message.contains(parameter), "\(message)")
+            // Without the parameter the same request is not refused for its query.
+            let plain = try await client.execute(
+                uri: String(uri.prefix { $0 != "?" }), method: HTTPRequest.Method(method) ?? .get, headers: headers(admin), body: jsonBody(Self.rule))
+            #expect(plain.status != .badRequest || !String(buffer: plain.body).contains("invalid_parameter"), "\(String(buffer: plain.body))")
+        }
+    }
+
     @Test("an invalid rule is refused 400 with the field named")
     func invalidRule() async throws {
         let fixture = try await Fixture()

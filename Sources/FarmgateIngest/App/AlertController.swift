@@ -59,18 +59,52 @@ struct AlertController: Sendable {
 
     func addRoutes(to router: Router<IngestRequestContext>) {
         let farms = router.group("/v1/farms/{farm}").add(middleware: ReaderAuthMiddleware(gate: gate, rateLimiter: rateLimiter))
-        farms.get("alerts") { request, context in try await self.alerts(request, context: context) }
-        farms.post("alerts/{id}/ack") { request, context in try await self.acknowledge(request, context: context) }
-        farms.get("alert-rules") { _, context in try await self.rules(context: context) }
-        farms.get("alert-rules/{name}") { _, context in try await self.rule(context: context) }
-        farms.post("alert-rules") { request, context in try await self.putRule(request, context: context, name: nil) }
-        farms.put("alert-rules/{name}") { request, context in
-            try await self.putRule(request, context: context, name: context.parameters.get("name") ?? "")
+        // Every route refuses query parameters it does not take (400 invalid_parameter naming them), as the read
+        // endpoints do: `?recnet=7d` answered with the default day would look right and be wrong.
+        farms.get("alerts") { request, context in
+            try Self.only(["recent", "limit"], request)
+            return try await self.alerts(request, context: context)
         }
-        farms.delete("alert-rules/{name}") { _, context in try await self.removeRule(context: context) }
-        farms.get("silences") { _, context in try await self.silences(context: context) }
-        farms.post("silences") { request, context in try await self.addSilence(request, context: context) }
-        farms.delete("silences/{id}") { _, context in try await self.removeSilence(context: context) }
+        farms.post("alerts/{id}/ack") { request, context in
+            try Self.only([], request)
+            return try await self.acknowledge(request, context: context)
+        }
+        farms.get("alert-rules") { request, context in
+            try Self.only([], request)
+            return try await self.rules(context: context)
+        }
+        farms.get("alert-rules/{name}") { request, context in
+            try Self.only([], request)
+            return try await self.rule(context: context)
+        }
+        farms.post("alert-rules") { request, context in
+            try Self.only([], request)
+            return try await self.putRule(request, context: context, name: nil)
+        }
+        farms.put("alert-rules/{name}") { request, context in
+            try Self.only([], request)
+            return try await self.putRule(request, context: context, name: context.parameters.get("name") ?? "")
+        }
+        farms.delete("alert-rules/{name}") { request, context in
+            try Self.only([], request)
+            return try await self.removeRule(context: context)
+        }
+        farms.get("silences") { request, context in
+            try Self.only([], request)
+            return try await self.silences(context: context)
+        }
+        farms.post("silences") { request, context in
+            try Self.only([], request)
+            return try await self.addSilence(request, context: context)
+        }
+        farms.delete("silences/{id}") { request, context in
+            try Self.only([], request)
+            return try await self.removeSilence(context: context)
+        }
+    }
+
+    static func only(_ known: [String], _ request: Request) throws(APIError) {
+        try ReadController.checkParameters(request.uri.queryParameters, known: known)
     }
 
     // MARK: Alerts

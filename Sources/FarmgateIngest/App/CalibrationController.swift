@@ -36,6 +36,7 @@ struct CalibrationController: Sendable {
         } catch {
             throw APIError(.badRequest, code: "invalid_parameter", message: error.description)
         }
+        try ReadController.checkParameters(request.uri.queryParameters, known: ["limit"])
         var limit = Self.defaultLimit
         if let text = request.uri.queryParameters.get("limit") {
             guard let value = Int(text), (1...Self.maxLimit).contains(value) else {

@@ -65,7 +65,9 @@ struct ReadController: Sendable {
             guard known.contains(where: { $0[...] == name }) else {
                 throw APIError(
                     .badRequest, code: "invalid_parameter",
-                    message: "unknown parameter '\(name.prefix(40))'; this endpoint takes \(known.joined(separator: ", "))")
+                    message: known.isEmpty
+                        ? "unknown parameter '\(name.prefix(40))'; this endpoint takes no query parameters"
+                        : "unknown parameter '\(name.prefix(40))'; this endpoint takes \(known.joined(separator: ", "))")
             }
             guard !query.prefix(index).contains(where: { $0.key == name }) else {
                 throw APIError(.badRequest, code: "invalid_parameter", message: "parameter '\(name)' is given more than once; give it once")
