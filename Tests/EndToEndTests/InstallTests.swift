@@ -30,6 +30,8 @@ struct InstallTests {
             FileManager.default.contentsEqual(atPath: staging.file("usr/local/bin/farmgate"), andPath: binary), "the binary given is installed")
         let unit = try String(contentsOfFile: staging.file("usr/local/lib/systemd/system/farmgate.service"), encoding: .utf8)
         #expect(unit.contains("ExecStart=/usr/local/bin/farmgate agent --config /etc/farmgate/agent.toml"))
+        #expect(unit.contains("Documentation=file:///usr/local/share/doc/farmgate/README.md"))
+        #expect(FileManager.default.fileExists(atPath: staging.file("usr/local/share/doc/farmgate/README.md")))
 
         // The installed example is a valid start: `farmgate config check` only misses the device id and the sensors.
         let check = try await runCommand(binary, ["config", "check", "--config", staging.file("etc/farmgate/agent.toml")])
@@ -47,6 +49,7 @@ struct InstallTests {
         #expect(!FileManager.default.fileExists(atPath: staging.file("opt/fg/lib/systemd/system/farmgate.service")))
         let optUnit = try String(contentsOfFile: staging.file(try await Self.systemUnitDirectory() + "/farmgate.service"), encoding: .utf8)
         #expect(optUnit.contains("ExecStart=/opt/fg/bin/farmgate agent"))
+        #expect(optUnit.contains("Documentation=file:///opt/fg/share/doc/farmgate/README.md"), "the unit names the README installed with it")
         #expect(!optUnit.contains("/usr/local/bin"))
 
         // SYSCONFDIR moves the configuration and the unit follows it; SYSTEMD_UNIT_DIR puts the unit where it says.
@@ -83,6 +86,8 @@ struct InstallTests {
         let unit = try String(contentsOfFile: staging.file(unitFile), encoding: .utf8)
         #expect(unit.contains("ExecStartPre=/opt/fgi/bin/farmgate-ingest migrate --config /etc/farmgate/ingest.toml"))
         #expect(unit.contains("ExecStart=/opt/fgi/bin/farmgate-ingest serve --config /etc/farmgate/ingest.toml"))
+        #expect(unit.contains("Documentation=file:///opt/fgi/share/doc/farmgate-ingest/README.md"), "\(unit)")
+        #expect(FileManager.default.fileExists(atPath: staging.file("opt/fgi/share/doc/farmgate-ingest/README.md")))
         #expect(!unit.contains("/usr/local/bin"))
         // The configuration may hold a database password: not world-readable.
         let mode = try FileManager.default.attributesOfItem(atPath: staging.file("etc/farmgate/ingest.toml"))[.posixPermissions] as? Int
@@ -148,6 +153,7 @@ struct InstallTests {
         #expect(extract.status == 0, "\(extract.stderr)")
         let unit = try String(contentsOfFile: unpacked.file("usr/lib/systemd/system/farmgate.service"), encoding: .utf8)
         #expect(unit.contains("ExecStart=/usr/bin/farmgate agent --config /etc/farmgate/agent.toml"))
+        #expect(unit.contains("Documentation=file:///usr/share/doc/farmgate/README.md"))
         #expect(try String(contentsOfFile: unpacked.file("DEBIAN/conffiles"), encoding: .utf8) == "/etc/farmgate/agent.toml\n")
         for script in ["postinst", "prerm", "postrm"] {
             #expect(FileManager.default.isExecutableFile(atPath: unpacked.file("DEBIAN/\(script)")))

@@ -23,13 +23,15 @@ sed_replacement() {
 }
 
 # install_unit SOURCE DESTINATION BINARY: the unit SOURCE as DESTINATION, mode 0644, replaced in one rename, with its
-# paths rewritten for this installation: /usr/local/bin/BINARY becomes $PREFIX/bin/BINARY and /etc/farmgate/ becomes
-# $SYSCONFDIR/farmgate/, so that the unit runs the binary installed with the configuration installed.
+# paths rewritten for this installation: /usr/local/bin/BINARY becomes $PREFIX/bin/BINARY, /etc/farmgate/ becomes
+# $SYSCONFDIR/farmgate/ and /usr/local/share/doc/BINARY/ becomes $PREFIX/share/doc/BINARY/, so that the unit runs the
+# binary installed with the configuration installed, and `systemctl help` opens the README installed with them.
 install_unit() {
-    local bin etc
+    local bin etc doc
     bin=$(sed_replacement "$PREFIX/bin/$3")
     etc=$(sed_replacement "$SYSCONFDIR/farmgate/")
-    sed "s#/usr/local/bin/$3#$bin#g; s#/etc/farmgate/#$etc#g" "$1" > "$2.tmp"
+    doc=$(sed_replacement "$PREFIX/share/doc/$3/")
+    sed "s#/usr/local/bin/$3#$bin#g; s#/etc/farmgate/#$etc#g; s#/usr/local/share/doc/$3/#$doc#g" "$1" > "$2.tmp"
     chmod 0644 "$2.tmp"
     mv "$2.tmp" "$2"
     echo "installed $2"
