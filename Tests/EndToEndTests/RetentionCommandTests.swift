@@ -85,5 +85,20 @@ import Testing
         let other = try await runCommand(Farm.ingestBinary, ["retention", "run", "--config", forever])
         #expect(other.status == 78)
         #expect(other.stderr.contains("retention.rollup_1m: must be a duration of at least one day such as \"90d\", or \"forever\""), "\(other.stderr)")
+        // A coarser rollup kept for less time than a finer one (hours gone where minutes remain) is refused, naming both.
+        for (body, message) in [
+            ("rollup_1m = \"365d\"\nrollup_1h = \"30d\"\n", "retention.rollup_1h: keeps rollup_1h for 30d, less than rollup_1m (365d)"),
+            ("rollup_1m = \"forever\"\nrollup_1d = \"3650d\"\n", "levels.toml:5: retention.rollup_1d: keeps rollup_1d for 3650d, less than rollup_1h (forever)"),
+            ("rollup_1h = \"400d\"\nrollup_1d = \"100d\"\n", "retention.rollup_1d: keeps rollup_1d for 100d, less than rollup_1h (400d)"),
+        ] {
+            let path = try scratch.write("levels.toml", "[storage]\npath = \"ingest.sqlite\"\n[retention]\n" + body)
+            let refused = try await runCommand(Farm.ingestBinary, ["retention", "run", "--config", path])
+            #expect(refused.status == 78, "\(body): \(refused.stderr)")
+            #expect(refused.stderr.contains(message), "\(body): \(refused.stderr)")
+        }
+        // Equal periods, and the defaults with a longer hourly level, are fine.
+        let fine = try scratch.write("fine.toml", "[storage]\npath = \"ingest.sqlite\"\n[retention]\nrollup_1m = \"400d\"\nrollup_1h = \"400d\"\nrollup_1d = \"forever\"\n")
+        let accepted = try await runCommand(Farm.ingestBinary, ["retention", "run", "--config", fine])
+        #expect(accepted.status == 0, "\(accepted.stderr)")
     }
 }

@@ -99,6 +99,17 @@ extension IngestConfiguration {
             if section.contains("dead_notifications") { deadNotifications = try Self.period(section, "dead_notifications") }
             if section.contains("alert_history") { alertHistory = try Self.period(section, "alert_history") }
             if let every = try section.duration("interval", in: Duration.seconds(60)...Duration.seconds(7 * 86_400)) { interval = every }
+            // A coarser level is what remains of a span once the finer one is gone: keeping it for less time than the
+            // finer one would leave minutes where hours are missing, and `auto` reads would find no level for a span.
+            let levels: [(key: String, period: Duration?)] = [("rollup_1m", rollup1m), ("rollup_1h", rollup1h), ("rollup_1d", rollup1d)]
+            for (finer, coarser) in zip(levels, levels.dropFirst()) {
+                guard let coarserPeriod = coarser.period else { continue }
+                guard let finerPeriod = finer.period, finerPeriod <= coarserPeriod else {
+                    throw section.error(
+                        coarser.key,
+                        "keeps \(coarser.key) for \(Self.describe(coarser.period)), less than \(finer.key) (\(Self.describe(finer.period))); a coarser rollup must be kept at least as long as a finer one: raise \(coarser.key) or lower \(finer.key)")
+                }
+            }
         }
 
         /// A period key: a duration of at least a day, or `"forever"` (nil).
