@@ -73,10 +73,26 @@ struct AlertReceiverCommand: AsyncParsableCommand {
         @Option(help: "The SMTP user name.") var username: String?
         @Option(help: "A file holding the SMTP password.") var passwordFile: String?
         @Option(help: "At most this many notifications a minute, spaced evenly; more wait (default 60).") var maxPerMinute: Int = 60
+        @Option(help: "How long an alert's first notification waits, taking the alert's changes meanwhile into one (e.g. 30s; default 0s).")
+        var groupWait = "0s"
+        @Option(help: "How long after an alert's last notification its next one waits, taking the changes meanwhile into one (e.g. 5m; default 0s).")
+        var groupInterval = "0s"
         @OptionGroup var options: ConfigOption
+
+        /// `--group-wait` and `--group-interval` as durations.
+        func grouping() throws -> (wait: Duration, interval: Duration) {
+            func parse(_ text: String, _ option: String) throws -> Duration {
+                guard let duration = ConfigTable.parseDuration(text) else {
+                    throw ValidationError("\(option) '\(text.prefix(40))' must be a duration such as 0s, 30s, 5m or 1h")
+                }
+                return duration
+            }
+            return (try parse(groupWait, "--group-wait"), try parse(groupInterval, "--group-interval"))
+        }
 
         func validate() throws {
             try validateFarmArgument(farm)
+            _ = try grouping()
             switch (webhook, email) {
             case (nil, nil): throw ValidationError("give --webhook URL, or --email TO with --smtp and --from")
             case (.some, .some): throw ValidationError("a receiver is either a webhook or an e-mail address: give --webhook or --email, not both")
@@ -94,14 +110,16 @@ struct AlertReceiverCommand: AsyncParsableCommand {
 
         func run() async throws {
             let spec: AlertReceiverSpec
+            let (wait, interval) = try grouping()
             if let webhook {
                 let key = try secretFile.map { try readSecretFile($0, option: "--secret-file") } ?? secret
-                spec = AlertReceiverSpec(name: name, kind: .webhook, url: webhook, secret: key, maxPerMinute: maxPerMinute)
+                spec = AlertReceiverSpec(
+                    name: name, kind: .webhook, url: webhook, secret: key, maxPerMinute: maxPerMinute, groupWait: wait, groupInterval: interval)
             } else {
                 let password = try passwordFile.map { try readSecretFile($0, option: "--password-file") }
                 spec = AlertReceiverSpec(
                     name: name, kind: .email, url: smtp ?? "", secret: password, username: username, emailFrom: from, emailTo: email,
-                    maxPerMinute: maxPerMinute)
+                    maxPerMinute: maxPerMinute, groupWait: wait, groupInterval: interval)
             }
             let receiver = try await options.administerAlerts { admin, _, _ in try await admin.addReceiver(farm: farm, spec) }
             print("Added receiver \(receiver.name) to farm \(farm): \(AlertDeliveryAdmin.describe(receiver).replacingOccurrences(of: "\t", with: ", ")).")
@@ -123,7 +141,7 @@ struct AlertReceiverCommand: AsyncParsableCommand {
                 print("Farm \(farm) has no receivers; add one with `farmgate-ingest alert receiver add`.")
                 return
             }
-            print("NAME\tKIND\tTARGET\tAUTH\tRATE")
+            print("NAME\tKIND\tTARGET\tAUTH\tRATE\tGROUPING")
             for receiver in receivers { print(AlertDeliveryAdmin.describe(receiver)) }
         }
     }

@@ -112,6 +112,32 @@ struct AlertEndToEndTests {
         await farm.ingest?.stop()
     }
 
+    @Test("alert receiver add takes --group-wait and --group-interval, lists them, and refuses a duration it cannot use")
+    func receiverGrouping() async throws {
+        let farm = try await Farm()
+        let added = try await farm.admin([
+            "alert", "receiver", "add", "--farm", "e2e", "--name", "grouped", "--webhook", "http://127.0.0.1:9/hook", "--group-wait", "30s",
+            "--group-interval", "5m",
+        ])
+        #expect(added.contains("group wait 30s, interval 5m"), "\(added)")
+        _ = try await farm.admin(["alert", "receiver", "add", "--farm", "e2e", "--name", "plain", "--webhook", "http://127.0.0.1:9/hook"])
+        let listed = try await farm.admin(["alert", "receiver", "list", "--farm", "e2e"])
+        let lines = listed.split(separator: "\n").map(String.init)
+        #expect(lines.first == "NAME\tKIND\tTARGET\tAUTH\tRATE\tGROUPING", "\(listed)")
+        #expect(lines.contains("grouped\twebhook\thttp://127.0.0.1:9/…\tunsigned\t60/min\tgroup wait 30s, interval 5m"), "\(listed)")
+        #expect(lines.contains("plain\twebhook\thttp://127.0.0.1:9/…\tunsigned\t60/min"), "a receiver without grouping shows none: \(listed)")
+        for (option, value, message) in [
+            ("--group-wait", "2d", "--group-wait must be from 0s to 24h"), ("--group-interval", "soon", "--group-interval 'soon' must be a duration"),
+        ] {
+            let refused = try await runCommand(
+                Farm.ingestBinary,
+                ["alert", "receiver", "add", "--farm", "e2e", "--name", "bad", "--webhook", "http://127.0.0.1:9/hook", option, value, "--config", farm.ingestConfig])
+            #expect(refused.status != 0)
+            #expect(refused.stderr.contains(message), "\(refused.stderr)")
+        }
+        #expect(!(try await farm.admin(["alert", "receiver", "list", "--farm", "e2e"])).contains("bad\t"), "a refused receiver was stored")
+    }
+
     @Test("alert rule load takes the example file; a broken file is refused with file:line and nothing is loaded")
     func loadExampleRules() async throws {
         let farm = try await Farm()

@@ -81,6 +81,69 @@ struct NotificationCoalescingTests {
     }
 
     @Test(
+        "a receiver's group wait holds an alert's first notification and takes its changes; its group interval spaces the next ones",
+        arguments: StoreKind.allCases)
+    func groupWaitAndInterval(kind: StoreKind) async throws {
+        try await AlertHarness.with(kind) { h in
+            let outbox = try #require(h.store as? any NotificationOutboxStore)
+            _ = try await outbox.addAlertReceiver(
+                farm: "f1",
+                AlertReceiverSpec(name: "grouped", kind: .webhook, url: "http://127.0.0.1:9/hook", groupWait: .seconds(30), groupInterval: .seconds(300)),
+                createdAt: h.clock.now)
+            let stored = try #require(try await outbox.alertReceivers(farm: "f1").first { $0.spec.name == "grouped" })
+            #expect(stored.spec.groupWait == .seconds(30) && stored.spec.groupInterval == .seconds(300))
+            #expect(AlertDeliveryAdmin.describe(stored).hasSuffix("group wait 30s, interval 5m"), "\(AlertDeliveryAdmin.describe(stored))")
+            try await h.rule(spec("ph-low", "below") { $0.quantity = "ph"; $0.threshold = 5.5; $0.receivers = ["grower", "grouped"] })
+            func rows(_ receiver: String) async throws -> [OutboxEntry] {
+                try await outbox.outboxEntries(farm: "f1", state: nil, limit: 100).filter { $0.receiver == receiver }.sorted { $0.id < $1.id }
+            }
+            func seconds(_ time: Timestamp?, after origin: Timestamp) -> Int64? { time.map { ($0.microseconds - origin.microseconds) / 1_000_000 } }
+
+            // The alert fires: the receiver without grouping is due at once, the grouped one 30 s later.
+            let first = h.clock.now
+            var flapper = Flapper()
+            try await flapper.flap(h)
+            #expect(try await rows("grower").map { seconds($0.nextAttemptAt, after: first) } == [0])
+            #expect(try await rows("grouped").map { seconds($0.nextAttemptAt, after: first) } == [30])
+            // A claim before then takes only the other receiver's row; the grouped row takes the next nine changes.
+            let early = try await claim(outbox, h, "a")
+            #expect(early.map(\.entry.receiver) == ["grower"])
+            for _ in 0..<9 { try await flapper.flap(h) }
+            var grouped = try await rows("grouped")
+            #expect(grouped.count == 1 && grouped.first?.transitions == 10, "\(grouped.map(\.transitions))")
+            #expect(try await rows("grower").count == 2, "the receiver that keeps up got the first change, then the rest merged")
+
+            // Its wait over, it is claimed with the ten changes and delivered.
+            h.clock.set(Timestamp(microseconds: first.microseconds + 30_000_000))
+            let due = try await claim(outbox, h, "b").filter { $0.entry.receiver == "grouped" }
+            let delivered = try #require(due.first)
+            #expect(delivered.entry.transitions == 10)
+            let sentAt = h.clock.now
+            #expect(try await outbox.completeNotification(id: delivered.entry.id, claim: delivered.claim, outcome: .delivered(at: sentAt)))
+
+            // The next changes wait for the group interval after that delivery, merged into one row.
+            for _ in 0..<3 { try await flapper.flap(h) }
+            grouped = try await rows("grouped")
+            #expect(grouped.count == 2)
+            #expect(seconds(grouped.last?.nextAttemptAt, after: sentAt) == 300)
+            #expect(grouped.last?.transitions == 3)
+            h.clock.set(Timestamp(microseconds: sentAt.microseconds + 200_000_000))
+            #expect(try await claim(outbox, h, "c").filter { $0.entry.receiver == "grouped" }.isEmpty, "not before the interval")
+            h.clock.set(Timestamp(microseconds: sentAt.microseconds + 300_000_000))
+            let second = try #require(try await claim(outbox, h, "c").first { $0.entry.receiver == "grouped" })
+            #expect(try await outbox.completeNotification(id: second.entry.id, claim: second.claim, outcome: .delivered(at: h.clock.now)))
+
+            // Quiet for longer than the interval: the next change is a new group, due after the wait.
+            h.clock.advance(seconds: 3_600)
+            let later = h.clock.now
+            try await flapper.flap(h)
+            #expect(seconds(try await rows("grouped").last?.nextAttemptAt, after: later) == 30)
+            // Every notifiable transition reached the grouped receiver's rows once.
+            #expect(try await notifiableTransitions(h).count == (try await rows("grouped")).map(\.transitions).reduce(0, +))
+        }
+    }
+
+    @Test(
         "a row a claim touched is never merged into: being delivered, its attempt taken back (429), retried after it was dead",
         arguments: StoreKind.allCases)
     func touchedRowsAreNeverChanged(kind: StoreKind) async throws {

@@ -1,3 +1,4 @@
+import FarmgateSupport
 import FarmgateWire
 import Foundation
 public import Logging
@@ -44,16 +45,22 @@ public struct AlertDeliveryAdmin: Sendable {
         }
     }
 
-    /// One line per receiver for `alert receiver list`: name, kind, where it sends (without secrets), the rate limit.
+    /// One line per receiver for `alert receiver list`: name, kind, where it sends (without secrets), the rate limit,
+    /// and its grouping when it has one.
     public static func describe(_ receiver: AlertReceiver) -> String {
         let spec = receiver.spec
+        var grouping = ""
+        if spec.groupWait > .zero || spec.groupInterval > .zero {
+            grouping = "\tgroup wait \(ConfigTable.format(spec.groupWait)), interval \(ConfigTable.format(spec.groupInterval))"
+        }
         switch spec.kind {
         case .webhook:
             let signed = (spec.secret ?? "").isEmpty ? "unsigned" : "signed"
-            return "\(spec.name)\twebhook\t\(redactedURL(spec.url))\t\(signed)\t\(spec.maxPerMinute)/min"
+            return "\(spec.name)\twebhook\t\(redactedURL(spec.url))\t\(signed)\t\(spec.maxPerMinute)/min" + grouping
         case .email:
             let auth = (spec.username ?? "").isEmpty ? "no login" : "login \(spec.username ?? "")"
             return "\(spec.name)\temail\t\(spec.emailTo ?? "") via \(redactedURL(spec.url)) from \(spec.emailFrom ?? "")\t\(auth)\t\(spec.maxPerMinute)/min"
+                + grouping
         }
     }
 

@@ -1,4 +1,5 @@
 public import FarmgateWire
+import FarmgateSupport
 import Foundation
 public import Logging
 
@@ -82,6 +83,9 @@ public final class Notifier: Sendable {
 
 /// What `alert receiver add` checks before storing a receiver.
 public enum AlertReceiverValidation {
+    /// The longest `--group-wait` and `--group-interval`: a day (a notification held longer is no longer news).
+    public static let maximumGrouping: Duration = .seconds(86_400)
+
     /// Throws a message that says what to fix.
     public static func validate(_ spec: AlertReceiverSpec) throws(AlertReceiverSpecError) {
         do { _ = try DeviceID(spec.name) } catch {
@@ -89,6 +93,9 @@ public enum AlertReceiverValidation {
         }
         guard (1...100_000).contains(spec.maxPerMinute) else {
             throw AlertReceiverSpecError("--max-per-minute must be between 1 and 100000 (got \(spec.maxPerMinute))")
+        }
+        for (option, value) in [("--group-wait", spec.groupWait), ("--group-interval", spec.groupInterval)] where !(Duration.zero...maximumGrouping).contains(value) {
+            throw AlertReceiverSpecError("\(option) must be from 0s to 24h, such as 30s or 5m (got \(ConfigTable.format(value)))")
         }
         let components = URLComponents(string: spec.url)
         let scheme = components?.scheme?.lowercased() ?? ""

@@ -81,11 +81,20 @@ public struct AlertReceiverSpec: Sendable, Hashable {
     public var emailTo: String?
     /// At most this many notifications per minute reach the receiver, spaced evenly; more wait. Default 60.
     public var maxPerMinute: Int
+    /// How long an alert's first notification to this receiver waits before it is sent, taking the alert's changes in
+    /// the meantime (a sensor flapping at its threshold: one notification telling the newest state and how often it
+    /// changed). Default 0: sent at once. See ``OutboxCoalescing/due(_:now:grouping:after:)``.
+    public var groupWait: Duration
+    /// How long after an alert's last notification to this receiver its next one waits, taking the changes in the
+    /// meantime. Default 0: sent at once.
+    public var groupInterval: Duration
 
     public init(
         name: String, kind: AlertReceiverKind, url: String, secret: String? = nil, username: String? = nil, emailFrom: String? = nil,
-        emailTo: String? = nil, maxPerMinute: Int = 60
+        emailTo: String? = nil, maxPerMinute: Int = 60, groupWait: Duration = .zero, groupInterval: Duration = .zero
     ) {
+        self.groupWait = groupWait
+        self.groupInterval = groupInterval
         self.name = name
         self.kind = kind
         self.url = url

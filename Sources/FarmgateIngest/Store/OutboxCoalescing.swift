@@ -29,7 +29,35 @@ import FarmgateWire
 ///   updates the alert's row under its version check, which the other waits for, so the payload read is the one the
 ///   `UPDATE` replaces.
 /// - On SQLite the engine's transaction and every claim run on the one writer, one after the other.
+///
+/// A receiver's grouping (`alert receiver add --group-wait --group-interval`) makes such a wait on purpose, for a
+/// receiver that keeps up: a new row is due only after the wait (``due(_:now:grouping:after:)``), and until a claim
+/// takes it every change of the alert merges into it as above.
 enum OutboxCoalescing {
+    /// A receiver's grouping, read with its id in the engine's transaction (`alert_receivers.group_wait_us`,
+    /// `group_interval_us`).
+    struct Grouping: Sendable {
+        var waitMicroseconds: Int64 = 0
+        var intervalMicroseconds: Int64 = 0
+    }
+
+    /// The receiver's columns the engine's transaction reads by farm and name: its id and its grouping.
+    static let receiverRow = "SELECT id, group_wait_us, group_interval_us FROM alert_receivers"
+
+    /// When a new row of `notification` for a receiver is due (its `next_attempt_at_us`), `tail` being the receiver's
+    /// newest row of the alert: `group_interval` after that row's last attempt while that is still ahead (the alert was
+    /// told lately: its next change waits, as Alertmanager's `group_interval`), else `group_wait` from now (a new
+    /// alert, or one quiet for longer, as `group_wait`). Late reports are due at once: they are written once a
+    /// backlog went quiet, and never merged.
+    static func due(_ notification: AlertNotification, now: Timestamp, grouping: Grouping, after tail: Tail?) -> Timestamp {
+        guard notification.isLive else { return now }
+        if grouping.intervalMicroseconds > 0, let last = tail?.lastAttemptAt {
+            let (next, overflow) = last.addingReportingOverflow(grouping.intervalMicroseconds)
+            if !overflow, next > now.microseconds { return Timestamp(microseconds: next) }
+        }
+        return Timestamp(microseconds: now.microseconds &+ grouping.waitMicroseconds)
+    }
+
     /// The receiver's newest outbox row of an alert, as the engine's transaction reads it.
     struct Tail: Sendable {
         var id: Int64

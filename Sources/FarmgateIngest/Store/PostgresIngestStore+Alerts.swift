@@ -219,9 +219,13 @@ extension PostgresIngestStore: AlertStore {
                     let payload = try alertJSON(notification)
                     for name in change.receivers {
                         var receiverID: Int64?
-                        for try await id in try await connection.query(
-                            "SELECT id FROM alert_receivers WHERE farm_id = \(r.farmID) AND name = \(name)", logger: logger
-                        ).decode(Int64.self) { receiverID = id }
+                        var grouping = OutboxCoalescing.Grouping()
+                        for try await (id, wait, interval) in try await connection.query(
+                            "\(unescaped: OutboxCoalescing.receiverRow) WHERE farm_id = \(r.farmID) AND name = \(name)", logger: logger
+                        ).decode((Int64, Int64, Int64).self) {
+                            receiverID = id
+                            grouping = OutboxCoalescing.Grouping(waitMicroseconds: wait, intervalMicroseconds: interval)
+                        }
                         guard let receiverID else { continue }
                         // A row the receiver has not been sent yet takes the new state instead (see `OutboxCoalescing`). Read
                         // without a lock: the UPDATE below locks only a row that is still untouched, so this transaction
@@ -251,11 +255,12 @@ extension PostgresIngestStore: AlertStore {
                             }
                         }
                         let key = notification.idempotencyKey(receiver: receiverID)
+                        let due = OutboxCoalescing.due(notification, now: now, grouping: grouping, after: tail)
                         try await connection.query(
                             """
                             INSERT INTO alert_outbox(farm_id, receiver_id, alert_id, transition_id, idempotency_key, payload, state, next_attempt_at_us, created_at_us,
                                 transitions, first_transition_at_us)
-                            VALUES (\(r.farmID), \(receiverID), \(alertID), \(transitionID), \(key), \(payload), 'pending', \(now.microseconds), \(now.microseconds),
+                            VALUES (\(r.farmID), \(receiverID), \(alertID), \(transitionID), \(key), \(payload), 'pending', \(due.microseconds), \(now.microseconds),
                                 \(Int32(clamping: notification.transitionCount)), \(notification.firstTransitionAt.microseconds))
                             ON CONFLICT (idempotency_key) DO NOTHING
                             """, logger: logger)

@@ -20,7 +20,7 @@ import PostgresNIO
 extension PostgresIngestStore: NotificationOutboxStore {
     static let receiverColumns = """
         r.id, r.farm_id, f.name, r.name, r.kind, r.url, r.secret, r.username, r.email_from, r.email_to, r.max_per_minute::int8,
-        r.created_at_us, r.next_send_at_us
+        r.created_at_us, r.next_send_at_us, r.group_wait_us, r.group_interval_us
         """
     static let entryColumns = """
         o.id, f.name, o.receiver_id, r.name, o.alert_id, o.transition_id, o.idempotency_key, o.payload, o.state, o.attempts::int8,
@@ -33,9 +33,11 @@ extension PostgresIngestStore: NotificationOutboxStore {
         do {
             rows = try await self.rows(
                 """
-                INSERT INTO alert_receivers(farm_id, name, kind, url, secret, username, email_from, email_to, max_per_minute, created_at_us)
+                INSERT INTO alert_receivers(farm_id, name, kind, url, secret, username, email_from, email_to, max_per_minute, created_at_us,
+                    group_wait_us, group_interval_us)
                 SELECT id, \(spec.name), \(spec.kind.rawValue), \(spec.url), \(spec.secret), \(spec.username), \(spec.emailFrom), \(spec.emailTo),
-                    \(spec.maxPerMinute)::integer, \(createdAt.microseconds) FROM farms WHERE name = \(farm)
+                    \(spec.maxPerMinute)::integer, \(createdAt.microseconds), \(spec.groupWait.wholeMicroseconds), \(spec.groupInterval.wholeMicroseconds)
+                FROM farms WHERE name = \(farm)
                 RETURNING id, farm_id
                 """
             ) { try $0.decode((Int64, Int64).self) }
@@ -275,11 +277,12 @@ extension PostgresIngestStore: NotificationOutboxStore {
     }
 
     private static func receiver(_ row: PostgresRow) throws -> (receiver: AlertReceiver, nextSend: Timestamp) {
-        let (id, farmID, farm, name, kindText, url, secret, username, emailFrom, emailTo, maxPerMinute, createdAt, nextSend) = try row.decode(
-            (Int64, Int64, String, String, String, String, String?, String?, String?, String?, Int64, Int64, Int64).self)
+        let (id, farmID, farm, name, kindText, url, secret, username, emailFrom, emailTo, maxPerMinute, createdAt, nextSend, groupWait, groupInterval) =
+            try row.decode((Int64, Int64, String, String, String, String, String?, String?, String?, String?, Int64, Int64, Int64, Int64, Int64).self)
         guard let kind = AlertReceiverKind(rawValue: kindText) else { throw IngestStoreError.corrupt("receiver kind '\(kindText)'") }
         let spec = AlertReceiverSpec(
-            name: name, kind: kind, url: url, secret: secret, username: username, emailFrom: emailFrom, emailTo: emailTo, maxPerMinute: Int(maxPerMinute))
+            name: name, kind: kind, url: url, secret: secret, username: username, emailFrom: emailFrom, emailTo: emailTo, maxPerMinute: Int(maxPerMinute),
+            groupWait: .microseconds(groupWait), groupInterval: .microseconds(groupInterval))
         return (AlertReceiver(id: id, farmID: farmID, farm: farm, spec: spec, createdAt: Timestamp(microseconds: createdAt)), Timestamp(microseconds: nextSend))
     }
 }

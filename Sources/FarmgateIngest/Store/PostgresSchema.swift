@@ -427,6 +427,13 @@ enum PostgresSchema {
                 """,
                 "INSERT INTO retention_cutoff(id, raw_us) SELECT 1, finished_at_us FROM maintenance_runs WHERE job = 'retention'",
             ]),
+        // Like SQLite's migration 14: a receiver's grouping (`OutboxCoalescing.due`). 0 is no wait, as before.
+        Migration(
+            version: 15, name: "alert_receivers.group_wait_us, group_interval_us: a receiver's notifications wait to take an alert's next changes",
+            statements: [
+                "ALTER TABLE alert_receivers ADD COLUMN group_wait_us bigint NOT NULL DEFAULT 0",
+                "ALTER TABLE alert_receivers ADD COLUMN group_interval_us bigint NOT NULL DEFAULT 0",
+            ]),
     ]
 
     static var currentVersion: Int { migrations.last?.version ?? 0 }

@@ -267,9 +267,10 @@ extension SQLiteIngestStore: AlertStore {
                     notification.transitionID = transitionID
                     let payload = String(decoding: try encoder.encode(notification), as: UTF8.self)
                     for name in change.receivers {
-                        guard let receiver = try db.queryInt(
-                            "SELECT id FROM alert_receivers WHERE farm_id = ? AND name = ?", [.integer(record.farmID), .text(name)])
+                        guard let receiverRow = try db.query(OutboxCoalescing.receiverRow + " WHERE farm_id = ? AND name = ?", [.integer(record.farmID), .text(name)]).first
                         else { continue }
+                        let receiver = receiverRow.int(0)
+                        let grouping = OutboxCoalescing.Grouping(waitMicroseconds: receiverRow.int(1), intervalMicroseconds: receiverRow.int(2))
                         // A row the receiver has not been sent yet takes the new state instead (see `OutboxCoalescing`).
                         let tail = try db.query(
                             OutboxCoalescing.newestRow + " WHERE alert_id = ? AND receiver_id = ? ORDER BY id DESC LIMIT 1",
@@ -302,7 +303,8 @@ extension SQLiteIngestStore: AlertStore {
                             """,
                             [
                                 .integer(record.farmID), .integer(receiver), .integer(alertID), .integer(transitionID),
-                                .text(notification.idempotencyKey(receiver: receiver)), .text(payload), .integer(now.microseconds), .integer(now.microseconds),
+                                .text(notification.idempotencyKey(receiver: receiver)), .text(payload),
+                                .integer(OutboxCoalescing.due(notification, now: now, grouping: grouping, after: tail).microseconds), .integer(now.microseconds),
                                 .integer(Int64(notification.transitionCount)), .integer(notification.firstTransitionAt.microseconds),
                             ])
                     }

@@ -9,7 +9,7 @@ import Foundation
 extension SQLiteIngestStore: NotificationOutboxStore {
     static let receiverColumns = """
         r.id, r.farm_id, f.name, r.name, r.kind, r.url, r.secret, r.username, r.email_from, r.email_to, r.max_per_minute,
-        r.created_at_us, r.next_send_at_us
+        r.created_at_us, r.next_send_at_us, r.group_wait_us, r.group_interval_us
         """
     static let entryColumns = """
         o.id, f.name, o.receiver_id, r.name, o.alert_id, o.transition_id, o.idempotency_key, o.payload, o.state, o.attempts,
@@ -25,12 +25,14 @@ extension SQLiteIngestStore: NotificationOutboxStore {
             do {
                 try db.connection.query(
                     """
-                    INSERT INTO alert_receivers(farm_id, name, kind, url, secret, username, email_from, email_to, max_per_minute, created_at_us)
-                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                    INSERT INTO alert_receivers(farm_id, name, kind, url, secret, username, email_from, email_to, max_per_minute, created_at_us,
+                        group_wait_us, group_interval_us)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                     """,
                     [
                         .integer(farmID), .text(spec.name), .text(spec.kind.rawValue), .text(spec.url), optional(spec.secret), optional(spec.username),
                         optional(spec.emailFrom), optional(spec.emailTo), .integer(Int64(spec.maxPerMinute)), .integer(createdAt.microseconds),
+                        .integer(spec.groupWait.wholeMicroseconds), .integer(spec.groupInterval.wholeMicroseconds),
                     ])
             } catch let error as SQLiteError where error.isConstraint {
                 throw IngestStoreError.alreadyExists("receiver '\(spec.name)' in farm '\(farm)'")
@@ -251,7 +253,7 @@ extension SQLiteIngestStore: NotificationOutboxStore {
         func text(_ column: Int32) -> String? { statement.isNull(column) ? nil : statement.text(column) }
         let spec = AlertReceiverSpec(
             name: statement.text(3), kind: kind, url: statement.text(5), secret: text(6), username: text(7), emailFrom: text(8), emailTo: text(9),
-            maxPerMinute: Int(statement.int64(10)))
+            maxPerMinute: Int(statement.int64(10)), groupWait: .microseconds(statement.int64(13)), groupInterval: .microseconds(statement.int64(14)))
         return (
             AlertReceiver(
                 id: statement.int64(0), farmID: statement.int64(1), farm: statement.text(2), spec: spec, createdAt: Timestamp(microseconds: statement.int64(11))),

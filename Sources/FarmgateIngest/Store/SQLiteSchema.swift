@@ -307,6 +307,15 @@ enum SQLiteSchema {
                 SELECT 1, CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)
                 WHERE EXISTS (SELECT 1 FROM retired_sequences);
                 """),
+        // A receiver's grouping: how long a new alert's first notification waits, and how long after an alert's last
+        // notification to the receiver its next one waits, taking the alert's changes meanwhile (`OutboxCoalescing.due`).
+        // 0 is no wait, as before. Like PostgreSQL's migration 15.
+        Migration(
+            version: 14, name: "alert_receivers.group_wait_us, group_interval_us: a receiver's notifications wait to take an alert's next changes",
+            sql: """
+                ALTER TABLE alert_receivers ADD COLUMN group_wait_us INTEGER NOT NULL DEFAULT 0;
+                ALTER TABLE alert_receivers ADD COLUMN group_interval_us INTEGER NOT NULL DEFAULT 0;
+                """),
     ]
 
     /// Migration 6: the rollup tables (see ``RollupLevel``), and the rollups of every reading already stored, so that
