@@ -35,6 +35,7 @@ struct RangeAnswerTests {
         var resolution: String
         var sensor: String
         var to: String?
+        var truncated: Bool
         var unit: String
     }
 
@@ -88,7 +89,7 @@ struct RangeAnswerTests {
         #expect(text.contains(#"{"count":2,"faults":2,"start":"2026-11-23T09:03:00Z"}"#))
         // Keys sorted, as the JSONEncoder this replaced wrote them.
         let object = try #require(try JSONSerialization.jsonObject(with: Data(body)) as? [String: Any])
-        let keys = ["buckets", "device", "farm", "from", "limit", "quantity", "resolution", "sensor", "to", "unit"]
+        let keys = ["buckets", "device", "farm", "from", "limit", "quantity", "resolution", "sensor", "to", "truncated", "unit"]
         #expect(object.keys.sorted() == keys)
         let positions = keys.compactMap { text.range(of: "\"\($0)\":")?.lowerBound }
         #expect(positions.count == keys.count && positions == positions.sorted())
@@ -97,7 +98,10 @@ struct RangeAnswerTests {
     @Test("an empty answer, a value that is not finite, and text that needs escaping stay valid JSON")
     func edges() throws {
         let empty = try JSONDecoder().decode(Document.self, from: Data(bytes(answer(.buckets([])))))
-        #expect(empty.buckets == [] && empty.from == nil && empty.to == nil)
+        #expect(empty.buckets == [] && empty.from == nil && empty.to == nil && !empty.truncated)
+        var cut = answer(.buckets([]))
+        cut.truncated = true
+        #expect(try JSONDecoder().decode(Document.self, from: Data(bytes(cut))).truncated)
         let odd = StoredReading(sequence: 9, timestamp: Timestamp(microseconds: 5), value: .nan, quality: [])
         let body = bytes(answer(.readings([odd]), farm: "a\"b\\c\nd\u{01}"))
         let document = try JSONDecoder().decode(Document.self, from: Data(body))

@@ -28,6 +28,7 @@ struct ReadResolutionAPITests {
         var from: String?
         var to: String?
         var limit: Int
+        var truncated: Bool
         var readings: [Item]?
         var buckets: [Bucket]?
     }
@@ -55,7 +56,14 @@ struct ReadResolutionAPITests {
         try await fixture.app().test(.router) { client in
             let day = "from=2025-12-30T00:00:00Z&to=2025-12-31T00:00:00Z"
             let raw = try await get(client, fixture, day + "&resolution=raw")
-            #expect(raw.resolution == "raw" && raw.readings?.count == 96 && raw.buckets == nil)
+            #expect(raw.resolution == "raw" && raw.readings?.count == 96 && raw.buckets == nil && !raw.truncated)
+            // A limit below what the span holds: the oldest `limit`, and `truncated` says there are more.
+            let cut = try await get(client, fixture, day + "&resolution=raw&limit=96")
+            #expect(cut.readings?.count == 96 && !cut.truncated)
+            let cutShort = try await get(client, fixture, day + "&resolution=raw&limit=95")
+            #expect(cutShort.readings?.count == 95 && cutShort.truncated && cutShort.readings?.first?.sequence == raw.readings?.first?.sequence)
+            let hourly = try await get(client, fixture, day + "&resolution=1h&limit=23")
+            #expect(hourly.buckets?.count == 23 && hourly.truncated)
             let minute = try await get(client, fixture, day + "&resolution=1m")
             #expect(minute.resolution == "1m" && minute.readings == nil)
             #expect(minute.buckets?.count == 96 && minute.limit == ReadController.maxLimit)
@@ -98,6 +106,44 @@ struct ReadResolutionAPITests {
                 uri: "/v1/farms/f1/devices/d1/sensors/tank1.ph/readings?from=2030-01-01T00:00:00Z&resolution=auto", method: .get,
                 headers: bearer(fixture.readToken))
             #expect(try expectError(response, .badRequest, "invalid_parameter").contains("must be earlier than to"))
+        }
+    }
+
+    @Test("auto decides by the readings in the span itself, not the whole hours it touches: 900 across an hour boundary are raw")
+    func autoAcrossAnHourBoundary() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let device = try await fixture.identity(device: "d1")
+        // tank1.ph every 2 s from 2025-12-31T10:00:00Z to 12:00, and tank2.ph 33 times a second from 11:00:00 to 11:01:10.
+        let start = try #require(RFC3339.parse("2025-12-31T10:00:00Z"))
+        let slow = try sensorID("tank1.ph"), fast = try sensorID("tank2.ph")
+        var readings = (0..<3_600).map { Reading(sensor: slow, sequence: UInt64($0 + 1), timestamp: Timestamp(microseconds: start.microseconds + Int64($0) * 2_000_000), value: 6) }
+        readings += (0..<2_310).map {
+            Reading(sensor: fast, sequence: UInt64(3_601 + $0), timestamp: Timestamp(microseconds: start.microseconds + 3_600_000_000 + Int64($0) * 30_303), value: 6)
+        }
+        for chunk in stride(from: 0, to: readings.count, by: 1_000) {
+            let batch = Batch(
+                device: device.device, sensors: [SensorDescriptor(id: slow, quantity: .ph), SensorDescriptor(id: fast, quantity: .ph)],
+                readings: Array(readings[chunk..<min(chunk + 1_000, readings.count)]))
+            _ = try await fixture.store.store(batch, for: device, receivedAt: testNow)
+        }
+        try await fixture.app().test(.router) { client in
+            for span in ["from=2025-12-31T10:45:00Z&to=2025-12-31T11:15:00Z", "from=2025-12-31T10:05:00Z&to=2025-12-31T10:35:00Z"] {
+                let answer = try await get(client, fixture, span + "&resolution=auto")
+                #expect(answer.resolution == "raw" && answer.readings?.count == 900, "\(span): \(answer.resolution) \(answer.readings?.count ?? -1)")
+            }
+            // Two hours: 3,600 readings, so 1-minute buckets.
+            let hours = try await get(client, fixture, "from=2025-12-31T10:00:00Z&to=2025-12-31T12:00:00Z&resolution=auto")
+            #expect(hours.resolution == "1m" && hours.buckets?.count == 120)
+            // Ten seconds of the fast sensor: 330 readings raw, not the minute bucket of 1,980 around them.
+            let response = try await client.execute(
+                uri: "/v1/farms/f1/devices/d1/sensors/tank2.ph/readings?from=2025-12-31T11:00:20Z&to=2025-12-31T11:00:30Z&resolution=auto", method: .get,
+                headers: bearer(fixture.readToken))
+            let fast = try decode(Answer.self, response)
+            #expect(fast.resolution == "raw" && fast.readings?.count == 330, "\(fast.resolution) \(fast.readings?.count ?? -1)")
+            // auto's raw answer keeps an explicit limit.
+            let limited = try await get(client, fixture, "from=2025-12-31T10:45:00Z&to=2025-12-31T11:15:00Z&resolution=auto&limit=100")
+            #expect(limited.resolution == "raw" && limited.readings?.count == 100 && limited.limit == 100 && limited.truncated)
         }
     }
 

@@ -81,10 +81,12 @@ import Testing
 
     @Test func autoPicksTheFinestLevelThatKeepsTheAnswerUnderTwoThousandPoints() async throws {
         let from = Timestamp(microseconds: testNow.microseconds - 86_400_000_000)
-        func decide(days: Int64, stored: Int, keptFrom: Timestamp? = nil, minutesFrom: Timestamp? = nil, hoursFrom: Timestamp? = nil) async
-            -> ReadResolution.Resolved
-        {
-            await ReadResolution.decideAuto(
+        /// `stored` readings in the span, of which the hourly rollups of whole hours still count `counted` (all of them by
+        /// default).
+        func decide(
+            days: Int64, stored: Int, counted: Int? = nil, keptFrom: Timestamp? = nil, minutesFrom: Timestamp? = nil, hoursFrom: Timestamp? = nil
+        ) async -> ReadResolution.Resolved {
+            let decided = await ReadResolution.decideAuto(
                 from: Timestamp(microseconds: testNow.microseconds - days * 86_400_000_000), to: testNow,
                 keptFrom: { resolution in
                     switch resolution {
@@ -93,7 +95,11 @@ import Testing
                     case .rollup(.hour): hoursFrom
                     case .rollup(.day): nil
                     }
-                }) { stored }
+                },
+                storedAtLeast: { counted ?? stored }, raw: { Array(0..<min(stored, $0)) })
+            // Raw readings come with the decision, all of them.
+            if decided.resolved == .raw { #expect(decided.rows.count == stored) } else { #expect(decided.rows.isEmpty) }
+            return decided.resolved
         }
         #expect(await decide(days: 1, stored: 1_440) == .raw)
         #expect(await decide(days: 1, stored: 8_640) == .rollup(.minute))
@@ -108,5 +114,42 @@ import Testing
         #expect(await decide(days: 1, stored: 8_640, keptFrom: testNow, minutesFrom: testNow) == .rollup(.hour))
         #expect(await decide(days: 1, stored: 8_640, keptFrom: testNow, minutesFrom: from) == .rollup(.minute))
         #expect(await decide(days: 1, stored: 8_640, keptFrom: testNow, minutesFrom: testNow, hoursFrom: testNow) == .rollup(.day))
+        // The hourly rollups count less than is there (the span's partial hours, or rollups retention removed): the raw
+        // readings themselves decide.
+        #expect(await decide(days: 1, stored: 2_000, counted: 0) == .raw)
+        #expect(await decide(days: 1, stored: 2_001, counted: 0) == .rollup(.minute))
+        #expect(await decide(days: 30, stored: 17_280, counted: 0, minutesFrom: testNow) == .rollup(.hour))
+    }
+
+    @Test(
+        "the hourly count behind auto counts only the hours wholly inside the span, on both stores",
+        arguments: StoreKind.allCases)
+    func storedReadingCountTakesWholeHours(kind: StoreKind) async throws {
+        try await withFreshStore(kind) { store in
+            let device = try await StoreConformanceTests.device(in: store)
+            // One reading every 2 s from 10:00 to 12:00 UTC of the day before testNow: 1,800 an hour.
+            let start = Timestamp(microseconds: RollupLevel.day.bucket(of: testNow.microseconds) - 86_400_000_000 + 10 * 3_600_000_000)
+            let sensor = try sensorID("tank1.ph")
+            let readings = (0..<3_600).map { index in
+                Reading(sensor: sensor, sequence: UInt64(index + 1), timestamp: Timestamp(microseconds: start.microseconds + Int64(index) * 2_000_000), value: 6)
+            }
+            for chunk in stride(from: 0, to: readings.count, by: 1_000) {
+                let batch = Batch(
+                    device: device.device, sensors: [SensorDescriptor(id: sensor, quantity: .ph)], readings: Array(readings[chunk..<min(chunk + 1_000, readings.count)]))
+                _ = try await store.store(batch, for: device, receivedAt: testNow)
+            }
+            let record = try #require(try await store.sensor(farmID: device.farmID, device: device.device, sensor: sensor))
+            func count(_ fromMinutes: Int64, _ toMinutes: Int64) async throws -> Int {
+                try await store.storedReadingCount(
+                    sensorRowID: record.rowID, from: Timestamp(microseconds: start.microseconds + fromMinutes * 60_000_000),
+                    to: Timestamp(microseconds: start.microseconds + toMinutes * 60_000_000))
+            }
+            #expect(try await count(0, 120) == 3_600)
+            #expect(try await count(0, 60) == 1_800)
+            // 10:45-11:15 holds 900 readings and no whole hour: nothing counted (it was 3,600: both hours it touches).
+            #expect(try await count(45, 75) == 0)
+            #expect(try await count(30, 120) == 1_800)
+            #expect(try await count(-60, 61) == 1_800)
+        }
     }
 }

@@ -175,7 +175,7 @@ struct ReadController: Sendable {
                     let (start, end) = autoSpan ?? (Timestamp(microseconds: 0), now())
                     let store = self.store
                     let (retention, at) = (self.retention, now())
-                    resolved = try await ReadResolution.decideAuto(
+                    let decided = try await ReadResolution.decideAuto(
                         from: start, to: end,
                         keptFrom: { resolution in
                             guard let retention else { return nil }
@@ -183,12 +183,17 @@ struct ReadController: Sendable {
                             case .raw: return IngestConfiguration.Retention.cutoff(retention.raw, now: at)
                             case .rollup(let level): return IngestConfiguration.Retention.cutoff(retention.period(of: level), now: at)
                             }
-                        }
-                    ) { try await store.storedReadingCount(sensorRowID: record.rowID, from: start, to: end) }
+                        },
+                        storedAtLeast: { try await store.storedReadingCount(sensorRowID: record.rowID, from: start, to: end) },
+                        raw: { try await store.readings(sensorRowID: record.rowID, from: start, to: end, limit: $0) })
+                    resolved = decided.resolved
+                    rows = decided.rows
                 }
+                // One more than the limit says whether the span holds more (`truncated`).
                 switch resolved {
-                case .raw: rows = try await store.readings(sensorRowID: record.rowID, from: queryFrom, to: queryTo, limit: limit)
-                case .rollup(let level): points = try await store.rollups(sensorRowID: record.rowID, level: level, from: queryFrom, to: queryTo, limit: limit)
+                case .raw where requested == .auto: break
+                case .raw: rows = try await store.readings(sensorRowID: record.rowID, from: queryFrom, to: queryTo, limit: limit + 1)
+                case .rollup(let level): points = try await store.rollups(sensorRowID: record.rowID, level: level, from: queryFrom, to: queryTo, limit: limit + 1)
                 }
             }
         } catch {
@@ -203,7 +208,8 @@ struct ReadController: Sendable {
         let answer = RangeAnswer(
             farm: farm.name, device: device.rawValue, sensor: sensor.rawValue, quantity: record.quantity.rawValue, unit: record.quantity.unit,
             from: queryFrom, to: queryTo, limit: limit, resolution: resolved.name,
-            content: resolved == .raw ? .readings(rows) : .buckets(points))
+            content: resolved == .raw ? .readings(Array(rows.prefix(limit))) : .buckets(Array(points.prefix(limit))),
+            truncated: rows.count > limit || points.count > limit)
         return jsonResponse(body: answer.json)
     }
 

@@ -30,25 +30,36 @@ enum ReadResolution: String, CaseIterable, Sendable {
     /// The accepted values, for the error that names them.
     static var accepted: String { allCases.map(\.rawValue).joined(separator: ", ") }
 
-    /// What `auto` reads for `from..<to`: raw readings when the sensor stored at most ``autoTargetPoints`` there and
-    /// raw readings are still kept from `from` on, else the finest rollup level with at most that many buckets in the
-    /// span that is still kept from `from` on (1 day when none is).
+    /// What `auto` reads for `from..<to`: raw readings when the sensor has at most ``autoTargetPoints`` of them there
+    /// and raw readings are still kept from `from` on, else the finest rollup level with at most that many buckets in
+    /// the span that is still kept from `from` on (1 day when none is).
+    ///
+    /// The raw readings are counted by reading them: `storedAtLeast` (the hourly rollups of the hours wholly inside the
+    /// span, cheap whatever its length) rules raw out without reading when it is already over the target; otherwise
+    /// `raw` reads at most one reading more than the target, which is then the answer itself when it holds no more
+    /// than the target. So the decision is exact at every span: an estimate by whole hours would count the readings of
+    /// the two hours a span touches at its ends (a 30-minute span across an hour boundary counted as two hours), and
+    /// one from rollups that retention removed would count nothing.
     ///
     /// - Parameters:
     ///   - keptFrom: retention's cut-off of each resolution (nil: kept forever); a level whose cut-off is after `from`
     ///     has lost part of the span, so a coarser one that still holds it is read instead.
-    ///   - storedReadings: how many readings the sensor stored in the span (from the hourly rollups).
-    static func decideAuto(
-        from: Timestamp, to: Timestamp, keptFrom: (Resolved) -> Timestamp?, storedReadings: () async throws -> Int
-    ) async rethrows -> Resolved {
+    ///   - storedAtLeast: a lower bound of the sensor's readings in the span.
+    ///   - raw: the sensor's raw readings in the span, at most `limit` of them, in time order.
+    /// - Returns: the resolution, and the raw readings when it is raw.
+    static func decideAuto<Row>(
+        from: Timestamp, to: Timestamp, keptFrom: (Resolved) -> Timestamp?, storedAtLeast: () async throws -> Int,
+        raw: (_ limit: Int) async throws -> [Row]
+    ) async rethrows -> (resolved: Resolved, rows: [Row]) {
         let span = max(0, to.microseconds - from.microseconds)
         func kept(_ resolution: Resolved) -> Bool { keptFrom(resolution).map { from >= $0 } ?? true }
-        if kept(.raw), try await storedReadings() <= autoTargetPoints {
-            return .raw
+        if kept(.raw), try await storedAtLeast() <= autoTargetPoints {
+            let rows = try await raw(autoTargetPoints + 1)
+            if rows.count <= autoTargetPoints { return (.raw, rows) }
         }
         for level in RollupLevel.allCases where span / level.width <= Int64(autoTargetPoints) && kept(.rollup(level)) {
-            return .rollup(level)
+            return (.rollup(level), [])
         }
-        return .rollup(.day)
+        return (.rollup(.day), [])
     }
 }

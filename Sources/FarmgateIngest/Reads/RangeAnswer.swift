@@ -4,7 +4,7 @@ import NIOCore
 /// The answer of the range query (`GET /v1/farms/{farm}/devices/{device}/sensors/{sensor}/readings`):
 ///
 ///     {"buckets": [BUCKET, ...] (rollups only), "device", "farm", "from" (if any), "limit", "quantity",
-///      "readings": [READING, ...] (raw only), "resolution", "sensor", "to" (if any), "unit"}
+///      "readings": [READING, ...] (raw only), "resolution", "sensor", "to" (if any), "truncated", "unit"}
 ///     READING: {"flags": [NAME, ...], "sequence", "timestamp", "value"}
 ///     BUCKET:  {"count", "faults", "last", "last_timestamp", "max", "mean", "min", "start"}
 ///              (`last` to `min` absent when every reading of the bucket was flagged `sensor_fault`)
@@ -28,6 +28,8 @@ struct RangeAnswer {
     /// `raw`, `1m`, `1h` or `1d`: what the answer holds (what `auto` chose).
     var resolution: String
     var content: Content
+    /// Whether the span holds more than `limit` readings or buckets (the answer has the oldest `limit`).
+    var truncated = false
 
     var json: ByteBuffer {
         var w: JSONWriter
@@ -83,6 +85,7 @@ struct RangeAnswer {
             w.raw(",\"to\":")
             w.timestamp(to)
         }
+        w.raw(truncated ? ",\"truncated\":true" : ",\"truncated\":false")
         w.raw(",\"unit\":")
         w.string(unit)
         w.raw("}")

@@ -110,9 +110,10 @@ public protocol ReadingQueryStore: Sendable {
     /// time order, at most `limit`. See ``RollupLevel`` for what a bucket holds.
     func rollups(sensorRowID: Int64, level: RollupLevel, from: Timestamp?, to: Timestamp?, limit: Int) async throws -> [RollupPoint]
 
-    /// How many readings of the sensor were stored in the hours that overlap `from..<to`, from the hourly rollups
-    /// (cheap, whatever the span): what `resolution=auto` weighs raw readings by. Readings since deleted by retention
-    /// still count.
+    /// How many readings of the sensor were stored in the whole hours inside `from..<to`, from the hourly rollups (cheap,
+    /// whatever the span): a lower bound of its readings there, by which `resolution=auto` rules raw readings out without
+    /// reading them (``ReadResolution/decideAuto(from:to:keptFrom:storedAtLeast:raw:)``). Readings since deleted by
+    /// retention still count; hourly rollups retention removed do not.
     func storedReadingCount(sensorRowID: Int64, from: Timestamp, to: Timestamp) async throws -> Int
 }
 

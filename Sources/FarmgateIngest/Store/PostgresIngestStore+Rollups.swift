@@ -27,10 +27,11 @@ extension PostgresIngestStore {
     }
 
     public func storedReadingCount(sensorRowID: Int64, from: Timestamp, to: Timestamp) async throws -> Int {
+        guard let (first, last) = RollupLevel.hour.wholeBuckets(from: from, to: to) else { return 0 }
         let found = try await rows(
             """
             SELECT coalesce(sum(count), 0)::int8 FROM rollups_1h
-            WHERE sensor_id = \(sensorRowID) AND bucket_us >= \(RollupLevel.hour.bucket(of: from.microseconds)) AND bucket_us < \(to.microseconds)
+            WHERE sensor_id = \(sensorRowID) AND bucket_us >= \(first) AND bucket_us <= \(last)
             """
         ) { try $0.decode(Int64.self) }
         return Int(found.first ?? 0)

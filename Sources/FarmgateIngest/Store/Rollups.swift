@@ -41,6 +41,15 @@ public enum RollupLevel: String, Sendable, Hashable, CaseIterable, Comparable {
         return microseconds - (remainder < 0 ? remainder + width : remainder)
     }
 
+    /// The starts of the first and last buckets wholly inside `from..<to`, or nil when none is.
+    func wholeBuckets(from: Timestamp, to: Timestamp) -> (first: Int64, last: Int64)? {
+        let start = bucket(of: from.microseconds)
+        let (first, firstOverflow) = start == from.microseconds ? (start, false) : start.addingReportingOverflow(width)
+        let (last, lastOverflow) = bucket(of: to.microseconds).subtractingReportingOverflow(width)
+        guard !firstOverflow, !lastOverflow, first <= last else { return nil }
+        return (first, last)
+    }
+
     public static func < (lhs: RollupLevel, rhs: RollupLevel) -> Bool { lhs.width < rhs.width }
 }
 

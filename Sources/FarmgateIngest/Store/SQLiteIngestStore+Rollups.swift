@@ -51,11 +51,11 @@ extension SQLiteIngestStore {
     }
 
     public func storedReadingCount(sensorRowID: Int64, from: Timestamp, to: Timestamp) async throws -> Int {
-        let low = RollupLevel.hour.bucket(of: from.microseconds)
+        guard let (first, last) = RollupLevel.hour.wholeBuckets(from: from, to: to) else { return 0 }
         return try await reader.withValue { db in
             try db.withStatement(
-                "SELECT coalesce(sum(count), 0) FROM rollups_1h WHERE sensor_id = ? AND bucket_us >= ? AND bucket_us < ?",
-                [.integer(sensorRowID), .integer(low), .integer(to.microseconds)]
+                "SELECT coalesce(sum(count), 0) FROM rollups_1h WHERE sensor_id = ? AND bucket_us >= ? AND bucket_us <= ?",
+                [.integer(sensorRowID), .integer(first), .integer(last)]
             ) { statement in
                 try statement.step() ? Int(statement.int64(0)) : 0
             }
