@@ -64,7 +64,7 @@ public struct RetentionReport: Sendable, Hashable {
     public var rollupCutoffs: [RollupLevel: Timestamp]
     /// The daily partitions dropped (PostgreSQL), oldest first.
     public var partitionsDropped: [String]
-    /// The rows those partitions held, as PostgreSQL estimates them (`pg_class.reltuples`, kept by autovacuum).
+    /// The readings those partitions held.
     public var rowsInDroppedPartitions: Int
     /// Raw readings deleted row by row (SQLite; PostgreSQL's default partition).
     public var rawRowsDeleted: Int
@@ -73,7 +73,7 @@ public struct RetentionReport: Sendable, Hashable {
     public var rollupRowsDeleted: [RollupLevel: Int]
     /// The monthly partitions of 1-minute rollups dropped (PostgreSQL), oldest first.
     public var minuteRollupPartitionsDropped: [String] = []
-    /// The rows those partitions held, as PostgreSQL estimates them (`pg_class.reltuples`).
+    /// The rollup rows those partitions held.
     public var rowsInDroppedMinuteRollupPartitions: Int = 0
     /// Outbox rows delivered before this went (nil: kept forever), and dead letters whose last attempt was before this.
     public var deliveredNotificationCutoff: Timestamp?
@@ -138,18 +138,18 @@ public struct RetentionReport: Sendable, Hashable {
         }
         let verb = dryRun ? "would remove" : "removed"
         var lines: [String] = []
-        /// "3 daily partitions (a, b, c, about 1200 rows) and 5 rows"; only the rows when no partition went.
-        func removed(partitions: [String], kind: String, estimatedRows: Int, rows: Int) -> String {
+        /// "3 daily partitions (a, b, c, 1200 rows) and 5 rows"; only the rows when no partition went.
+        func removed(partitions: [String], kind: String, partitionRows: Int, rows: Int) -> String {
             var parts: [String] = []
             if !partitions.isEmpty {
                 let names = partitions.count <= 4 ? partitions.joined(separator: ", ") : "\(partitions[0]) … \(partitions[partitions.count - 1])"
-                parts.append("\(partitions.count) \(kind) partitions (\(names), about \(estimatedRows) rows)")
+                parts.append("\(partitions.count) \(kind) partitions (\(names), \(partitionRows) rows)")
             }
             if rows > 0 || partitions.isEmpty { parts.append("\(rows) rows") }
             return parts.joined(separator: " and ")
         }
         if let cutoff = rawCutoff {
-            let what = removed(partitions: partitionsDropped, kind: "daily", estimatedRows: rowsInDroppedPartitions, rows: rawRowsDeleted)
+            let what = removed(partitions: partitionsDropped, kind: "daily", partitionRows: rowsInDroppedPartitions, rows: rawRowsDeleted)
             lines.append("raw readings before \(RFC3339.format(cutoff)): \(verb) \(what)")
         } else {
             lines.append("raw readings: kept forever")
@@ -159,7 +159,7 @@ public struct RetentionReport: Sendable, Hashable {
             if let cutoff = rollupCutoffs[level] {
                 let what = level == .minute
                     ? removed(
-                        partitions: minuteRollupPartitionsDropped, kind: "monthly", estimatedRows: rowsInDroppedMinuteRollupPartitions,
+                        partitions: minuteRollupPartitionsDropped, kind: "monthly", partitionRows: rowsInDroppedMinuteRollupPartitions,
                         rows: rollupRowsDeleted[level] ?? 0)
                     : "\(rollupRowsDeleted[level] ?? 0) rows"
                 lines.append("\(name) before \(RFC3339.format(cutoff)): \(verb) \(what)")

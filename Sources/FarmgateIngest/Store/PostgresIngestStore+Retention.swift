@@ -69,7 +69,7 @@ extension PostgresIngestStore: RetentionStore {
                     var deleted = 0
                     for month in months where month.end <= cutoff.microseconds {
                         report.minuteRollupPartitionsDropped.append(month.name)
-                        report.rowsInDroppedMinuteRollupPartitions += month.estimatedRows
+                        report.rowsInDroppedMinuteRollupPartitions += try await Self.rows(in: month, of: .minuteRollups, on: connection, logger: logger)
                     }
                     for month in months where month.start < cutoff.microseconds && cutoff.microseconds < month.end {
                         deleted += try await Self.purge(month.name, key: "bucket_us", before: cutoff, dryRun: options.dryRun, on: connection, logger: logger)
@@ -84,7 +84,7 @@ extension PostgresIngestStore: RetentionStore {
                         TimePartition.Kind.readings.defaultPartition, key: "last_ts", before: cutoff, dryRun: options.dryRun, on: connection, logger: logger)
                     for day in try await Self.partitions(of: .readings, on: connection, logger: logger) where day.end <= cutoff.microseconds {
                         report.partitionsDropped.append(day.name)
-                        report.rowsInDroppedPartitions += day.estimatedRows
+                        report.rowsInDroppedPartitions += try await Self.rows(in: day, of: .readings, on: connection, logger: logger)
                     }
                 }
                 // Outbox rows: delivered ones by their delivery, dead letters by their last attempt (`alert_outbox_by_state`).
@@ -177,20 +177,33 @@ extension PostgresIngestStore: RetentionStore {
         var name: String
         var start: Int64
         var end: Int64
-        var estimatedRows: Int
+    }
+
+    /// What `partition` holds, counted (not PostgreSQL's estimate, `reltuples`, which stays 0 until the table was first
+    /// analysed): readings for a daily partition of readings (the chunks' readings), rows for a month of 1-minute
+    /// rollups. A scan of a partition about to go, which nothing writes any more; it takes no lock that a write waits for.
+    static func rows(in partition: TimePartition, of kind: TimePartition.Kind, on connection: PostgresConnection, logger: Logger) async throws -> Int {
+        let counted: PostgresQuery
+        switch kind {
+        case .readings: counted = "SELECT coalesce(sum(cardinality(reading_values)), 0)::int8 FROM \(unescaped: partition.name)"
+        case .minuteRollups: counted = "SELECT count(*)::int8 FROM \(unescaped: partition.name)"
+        }
+        var count = 0
+        for try await value in try await connection.query(counted, logger: logger).decode(Int64.self) { count = Int(value) }
+        return count
     }
 
     /// The partitions of `kind` (by their names), oldest first; the default partition is not among them.
     static func partitions(of kind: TimePartition.Kind, on connection: PostgresConnection, logger: Logger) async throws -> [TimePartition] {
         var partitions: [TimePartition] = []
-        for try await (name, tuples) in try await connection.query(
+        for try await name in try await connection.query(
             """
-            SELECT c.relname::text, c.reltuples::float8 FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+            SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
             WHERE i.inhparent = \(kind.parent)::regclass AND c.relname ~ \(kind.pattern)
             """, logger: logger
-        ).decode((String, Double).self) {
+        ).decode(String.self) {
             guard let range = kind.range(of: name) else { continue }
-            partitions.append(TimePartition(name: name, start: range.start, end: range.end, estimatedRows: tuples > 0 ? Int(tuples) : 0))
+            partitions.append(TimePartition(name: name, start: range.start, end: range.end))
         }
         return partitions.sorted { $0.start < $1.start }
     }
