@@ -329,7 +329,17 @@ public enum BatchJSON {
             return reject(RejectionCode.unknownSensor, "\(path).sensor: '\(sensorText)' is not declared in \"sensors\"")
         }
         guard let sequenceValue = sequence else {
-            return reject(RejectionCode.invalidSequence, "\(path).seq: missing or not an integer from 0 to \(UInt64.max)")
+            // Sequences are stored as signed 64-bit integers: the range said here is the one the ingest takes.
+            let range = "a whole number from 0 to \(Int64.max)"
+            switch entry.seq {
+            case nil: return reject(RejectionCode.invalidSequence, "\(path).seq: missing; expected \(range)")
+            case .number(let text)?:
+                return reject(RejectionCode.invalidSequence, "\(path).seq: \(text.prefix(40)) is not \(range)")
+            case .string(let text)?:
+                return reject(RejectionCode.invalidSequence, "\(path).seq: a string (\"\(text.prefix(40))\"); send the number itself, \(range)")
+            case let other?:
+                return reject(RejectionCode.invalidSequence, "\(path).seq: found \(other.kind.name); expected \(range)")
+            }
         }
         let timestamp: Timestamp
         switch entry.ts {
@@ -354,9 +364,16 @@ public enum BatchJSON {
         case .string("NaN")?: value = .nan
         case .string("Infinity")?: value = .infinity
         case .string("-Infinity")?: value = -.infinity
-        default:
+        case nil:
             return reject(
                 RejectionCode.invalidReading, "\(path).value: missing; expected a number (or \"NaN\", \"Infinity\", \"-Infinity\")")
+        case .string(let text)?:
+            return reject(
+                RejectionCode.invalidReading,
+                "\(path).value: a string (\"\(text.prefix(40))\"); send the number itself, or \"NaN\", \"Infinity\" or \"-Infinity\"")
+        case let other?:
+            return reject(
+                RejectionCode.invalidReading, "\(path).value: found \(other.kind.name); expected a number (or \"NaN\", \"Infinity\", \"-Infinity\")")
         }
         var quality: QualityFlags = []
         switch entry.flags {

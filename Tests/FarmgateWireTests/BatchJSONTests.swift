@@ -86,6 +86,32 @@ struct BatchJSONTests {
         #expect(rejected[4].message.contains("readings[5].flags[0]: not a known flag"))
         #expect(rejected[5].message.contains("readings[6].seq"))
         #expect(rejected[6].message.contains("readings[7]: expected an object, found a number"))
+        // Each says what was found: a value or sequence sent as a string or null is not "missing".
+        #expect(rejected[3].message == #"readings[4].value: a string ("six"); send the number itself, or "NaN", "Infinity" or "-Infinity""#)
+        #expect(rejected[5].message == "readings[6].seq: -7 is not a whole number from 0 to 9223372036854775807")
+        #expect(rejected[1].message == "readings[2].seq: missing; expected a whole number from 0 to 9223372036854775807")
+    }
+
+    @Test("a value or sequence of the wrong JSON type is named by what was found")
+    func wrongTypesAreNamed() throws {
+        let decoded = try Self.decode(
+            """
+            {"device":"d","sensors":[{"id":"a","quantity":"ph"}],"readings":[
+              {"sensor":"a","seq":1,"ts":0,"value":"5"},
+              {"sensor":"a","seq":2,"ts":0,"value":null},
+              {"sensor":"a","seq":"3","ts":0,"value":1},
+              {"sensor":"a","seq":null,"ts":0,"value":1},
+              {"sensor":"a","seq":4.5,"ts":0,"value":1}]}
+            """)
+        #expect(decoded.batch.readings.isEmpty)
+        #expect(
+            decoded.rejected.map(\.message) == [
+                #"readings[0].value: a string ("5"); send the number itself, or "NaN", "Infinity" or "-Infinity""#,
+                #"readings[1].value: found null; expected a number (or "NaN", "Infinity", "-Infinity")"#,
+                #"readings[2].seq: a string ("3"); send the number itself, a whole number from 0 to 9223372036854775807"#,
+                "readings[3].seq: found null; expected a whole number from 0 to 9223372036854775807",
+                "readings[4].seq: 4.5 is not a whole number from 0 to 9223372036854775807",
+            ])
     }
 
     @Test("structural problems throw, naming the path")
