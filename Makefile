@@ -26,11 +26,12 @@ demo: build
 # HostileConnectionsTests holds 2,000 sockets open, which pushes every descriptor another suite opens past the 1024 that
 # select(2), and so libmodbus, can watch; SamplerTests counts reads per interval to within a tick, which the many
 # simulator and end-to-end suites of the timed pass disturb on two cores; PostgresEndToEndTests and NginxEndToEndTests
-# restart the shared PostgreSQL cluster, which would cut every other suite's connections (and each other's);
+# restart the shared PostgreSQL cluster, and PostgresOutageTests stops it for seconds, which would cut every other
+# suite's connections (and each other's);
 # IngestTLSTests runs TLS handshakes and HTTP/2 servers whose CPU delays the timed suites' backoff gaps. Every pass
 # always runs; the target fails if any does, and then ends with a summary of what failed (.ci/test-passes).
-TIMED_SUITES := UploadClockTests|UploadHostileAnswerTests|PostgresEndToEndTests|PartitionMaintenanceTests|NginxEndToEndTests|LatestAcrossInstancesTests|PgBouncerTests|SamplerTests|SamplerStuckDriverTests|WatchdogTests|ScanTests|MissingDeviceTests|ConnectionLimitTests|EZODriverTests|EZOSimulatorTests|ModbusBusTests|DS18B20DriverTests|GPIODriverTests|GPIOStreamingTests|GPIOAgentTests|DriverExamplesTests|HardwareAgentTests|CalibrationAgentTests|UploadCalibrationTests|CalibrationDeliveryTests|ControlSocketTests|UploadUploaderTests|UploadRefusalTests|UploadSequenceTests|UploadHTTPClientTests|EndToEndTests|UploadDeviceCheckTests|MixedSiteEndToEndTests|SiteEnrollmentTests|NotificationDeliveryTests|NotificationOutboxTests|SMTPDeliveryTests|NotificationCrashTests|ConfigurationReloadTests|StatefulDeliveryTests|IngestTLSTests
-SOLO_SUITES := HostileConnectionsTests|SamplerTests|PostgresEndToEndTests|NginxEndToEndTests|IngestTLSTests
+TIMED_SUITES := UploadClockTests|UploadHostileAnswerTests|PostgresEndToEndTests|PostgresOutageTests|PartitionMaintenanceTests|NginxEndToEndTests|LatestAcrossInstancesTests|PgBouncerTests|SamplerTests|SamplerStuckDriverTests|WatchdogTests|ScanTests|MissingDeviceTests|ConnectionLimitTests|EZODriverTests|EZOSimulatorTests|ModbusBusTests|DS18B20DriverTests|GPIODriverTests|GPIOStreamingTests|GPIOAgentTests|DriverExamplesTests|HardwareAgentTests|CalibrationAgentTests|UploadCalibrationTests|CalibrationDeliveryTests|ControlSocketTests|UploadUploaderTests|UploadRefusalTests|UploadSequenceTests|UploadHTTPClientTests|EndToEndTests|UploadDeviceCheckTests|MixedSiteEndToEndTests|SiteEnrollmentTests|NotificationDeliveryTests|NotificationOutboxTests|SMTPDeliveryTests|NotificationCrashTests|ConfigurationReloadTests|StatefulDeliveryTests|IngestTLSTests
+SOLO_SUITES := HostileConnectionsTests|SamplerTests|PostgresEndToEndTests|PostgresOutageTests|NginxEndToEndTests|IngestTLSTests
 
 # All passes run beside one throwaway PostgreSQL cluster (.ci/with-postgres: initdb in a temporary directory, a Unix
 # socket, stopped and removed afterwards); PostgreSQL tests fail, never skip, without it.

@@ -40,6 +40,9 @@ let package = Package(
         .package(url: "https://github.com/x-sheep/swift-property-based.git", from: "2.0.0"),
         // The ingest's PostgreSQL store (pooled PostgresClient). FarmgateIngest only: the site binary never links it.
         .package(url: "https://github.com/vapor/postgres-nio.git", from: "1.21.0"),
+        // The ingest's PostgreSQL pool behind one atomic reference (a pool replaced after an outage, read with one load
+        // per store call). Already in the graph through swift-nio and postgres-nio.
+        .package(url: "https://github.com/apple/swift-atomics.git", from: "1.2.0"),
         // The ingest's alert webhooks (non-blocking HTTP over the NIO event loops it already runs), and TLS for the
         // tests' SMTP sink (STARTTLS). FarmgateIngest and the tests only: the site binary never links them.
         .package(url: "https://github.com/swift-server/async-http-client.git", from: "1.21.0"),
@@ -113,6 +116,7 @@ let package = Package(
                 .product(name: "UnixSignals", package: "swift-service-lifecycle"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "PostgresNIO", package: "postgres-nio"),
+                .product(name: "Atomics", package: "swift-atomics"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 // E-mail notifications through libcurl's SMTP (STARTTLS, AUTH), on threads of their own.
                 "CCurl",

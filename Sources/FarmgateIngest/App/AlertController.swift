@@ -236,7 +236,7 @@ struct AlertController: Sendable {
         } catch let error as AlertRuleError {
             throw APIError(.badRequest, code: "invalid_silence", message: error.description)
         } catch {
-            logger.error("store failed to add a silence", metadata: ["error": "\(error)"])
+            logger.storeFailure("store failed to add a silence", error: error)
             throw APIError.unavailable()
         }
         return jsonResponse(["id": id], status: .created)
@@ -303,7 +303,7 @@ struct AlertController: Sendable {
         } catch IngestStoreError.alreadyExists(let thing) {
             throw APIError(.conflict, code: "already_exists", message: "\(thing) already exists; PUT /v1/farms/{farm}/alert-rules/{name} replaces it")
         } catch {
-            logger.error("store failed", metadata: ["alert.operation": "\(what)", "error": "\(error)"])
+            logger.storeFailure("store failed", error: error, metadata: ["alert.operation": "\(what)"])
             throw APIError.unavailable()
         }
     }

@@ -152,7 +152,7 @@ func buildRouter(
             try await store.ping()
             return jsonResponse(["status": "ready"])
         } catch {
-            logger.warning("readiness check failed", metadata: ["error": "\(error)"])
+            logger.storeFailure("readiness check failed", level: .warning, error: error)
             throw APIError(
                 .serviceUnavailable, code: "not_ready", message: "the store does not answer; check the storage path, disk and the ingest's log",
                 headers: [.retryAfter: "5"])

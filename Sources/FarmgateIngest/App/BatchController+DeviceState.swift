@@ -13,7 +13,7 @@ extension BatchController {
         do {
             highest = try await store.highestSequence(device: device)
         } catch {
-            logger.warning("store failed to read a device's highest sequence", metadata: ["device.id": "\(device.device)", "error": "\(error)"])
+            logger.storeFailure("store failed to read a device's highest sequence", level: .warning, error: error, metadata: ["device.id": "\(device.device)"])
             throw APIError.unavailable()
         }
         return jsonResponse(DeviceState(device: device.device.rawValue, highestSequence: highest, acceptedVersions: acceptedVersions.map(Int.init)))

@@ -152,7 +152,7 @@ struct BatchController: Sendable {
         } catch let error as APIError {
             throw error
         } catch {
-            logger.error("store failed to read the state of a stateful frame", metadata: ["device.id": "\(device.device)", "error": "\(error)"])
+            logger.storeFailure("store failed to read the state of a stateful frame", error: error, metadata: ["device.id": "\(device.device)"])
             throw APIError.unavailable()
         }
         guard batch.device == device.device else {
@@ -178,7 +178,7 @@ struct BatchController: Sendable {
         do {
             outcome = try await store.store(valid, for: device, receivedAt: receivedAt)
         } catch {
-            logger.error("store failed to commit a batch", metadata: ["device.id": "\(device.device)", "error": "\(error)"])
+            logger.storeFailure("store failed to commit a batch", error: error, metadata: ["device.id": "\(device.device)"])
             throw APIError.unavailable()
         }
         commits.publish(outcome, device: device, receivedAt: receivedAt)
@@ -190,7 +190,7 @@ struct BatchController: Sendable {
             do {
                 receipt.calibrations = try await eventStore.storeCalibrations(calibrations, for: device, receivedAt: now())
             } catch {
-                logger.error("store failed to commit calibration events", metadata: ["device.id": "\(device.device)", "error": "\(error)"])
+                logger.storeFailure("store failed to commit calibration events", error: error, metadata: ["device.id": "\(device.device)"])
                 throw APIError.unavailable()
             }
         }

@@ -56,7 +56,7 @@ struct CalibrationController: Sendable {
                 events = []
             }
         } catch {
-            logger.error("store failed to read calibrations", metadata: ["error": "\(error)"])
+            logger.storeFailure("store failed to read calibrations", error: error)
             throw APIError.unavailable()
         }
         guard identity != nil else {

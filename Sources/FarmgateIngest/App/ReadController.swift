@@ -40,7 +40,7 @@ struct ReadController: Sendable {
         do {
             body = try await latestCache.page(farm: farm, selection: selection) { try await store.latestReadings(farmID: farm.id) }
         } catch {
-            logger.error("store failed to read the latest readings", metadata: ["error": "\(error)"])
+            logger.storeFailure("store failed to read the latest readings", error: error)
             throw APIError.unavailable()
         }
         return jsonResponse(body: body)
@@ -197,7 +197,7 @@ struct ReadController: Sendable {
                 }
             }
         } catch {
-            logger.error("store failed to read readings", metadata: ["error": "\(error)"])
+            logger.storeFailure("store failed to read readings", error: error)
             throw APIError.unavailable()
         }
         guard let record else {

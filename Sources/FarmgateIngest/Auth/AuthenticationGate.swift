@@ -31,7 +31,7 @@ struct AuthenticationGate: Sendable {
         do {
             result = try await authenticator.authenticateDevice(key)
         } catch {
-            logger.warning("store failed during authentication", metadata: ["error": "\(error)"])
+            logger.storeFailure("store failed during authentication", level: .warning, error: error)
             throw APIError.unavailable()
         }
         switch result {
@@ -61,7 +61,7 @@ struct AuthenticationGate: Sendable {
         do {
             result = try await authenticator.authenticateReader(key)
         } catch {
-            logger.warning("store failed during authentication", metadata: ["error": "\(error)"])
+            logger.storeFailure("store failed during authentication", level: .warning, error: error)
             throw APIError.unavailable()
         }
         switch result {

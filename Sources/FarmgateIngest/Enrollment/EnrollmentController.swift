@@ -224,7 +224,7 @@ struct EnrollmentController: Sendable {
     }
 
     private func unavailable(_ error: any Error) -> APIError {
-        logger.error("store failed during an enrollment", metadata: ["error": "\(error)"])
+        logger.storeFailure("store failed during an enrollment", error: error)
         return APIError.unavailable()
     }
 

@@ -19,6 +19,13 @@ import Synchronization
 /// partitions (readings by day, 1-minute rollups by month) every six hours (``migrate()`` does at start), and ends with
 /// the group's graceful shutdown, after the HTTP server.
 ///
+/// ## When PostgreSQL is down
+/// ``PostgresAvailability`` notices (a call that fails at the connection level or waits over a second makes it check
+/// with a connection of its own): then every call fails at once with ``PostgresStoreError/unavailable(_:)`` (503 with
+/// `Retry-After`) instead of waiting `query_timeout` in the pool, the database is checked every second, and the first
+/// check that succeeds puts a new pool in place, free of postgres-nio's reconnect backoff. Nothing unanswered is
+/// acknowledged: a call cut by the outage fails, and its batch is sent again and found stored or not.
+///
 /// ## Behind PgBouncer (transaction pooling)
 /// It works there as it is, because it needs nothing of a session: every statement is either alone or inside one
 /// transaction; settings are transaction-local (`set_config(..., true)`, for `statement_timeout`); locks are
@@ -34,7 +41,8 @@ public final class PostgresIngestStore: IngestStore {
     public let settings: PostgresSettings
     /// How many sensors one device may register (`[limits] sensors_per_device`); readings of more are refused.
     public let sensorsPerDevice: Int
-    let client: PostgresClient
+    /// Whether the database answers, and the pool to use while it does.
+    let availability: PostgresAvailability
     let logger: Logger
     /// Partitions created ahead, by table: daily ones of `readings`, monthly ones of `rollups_1m`.
     let readingPartitionsCreated = Counter(label: "farmgate_ingest_partitions_created_total", dimensions: [("table", "readings")])
@@ -76,19 +84,41 @@ public final class PostgresIngestStore: IngestStore {
         configuration.options.maximumConnections = settings.poolSize
         configuration.options.connectTimeout = settings.connectTimeout
         configuration.options.minimumConnections = 0
-        self.client = PostgresClient(configuration: configuration, backgroundLogger: logger)
+        let pool = configuration
+        let probe = try settings.connectionConfiguration()
+        let limit = settings.connectTimeout
+        self.availability = PostgresAvailability(
+            makeClient: { PostgresClient(configuration: pool, backgroundLogger: logger) },
+            check: { await PostgresSettings.unreachability(configuration: probe, limit: limit, logger: logger) },
+            location: settings.redacted, logger: logger)
+    }
+
+    /// The pool to run a call on.
+    ///
+    /// - Throws: ``PostgresStoreError/unavailable(_:)`` at once while the database is known to be down.
+    var client: PostgresClient {
+        get throws { try availability.client() }
     }
 
     // MARK: Lifecycle
 
-    /// Runs the pool until the group shuts down, and creates partitions ahead every six hours (``migrate()`` does at start).
+    /// Runs the pool (and replaces it after an outage, ``PostgresAvailability``) until the group shuts down, and creates
+    /// partitions ahead every six hours (``migrate()`` does at start).
     ///
-    /// On shutdown the pool is given ``shutdownGrace`` to close its connections: a query caught by a database restart
-    /// can hang on its dead socket until `query_timeout`, and must not hold the process's exit (systemd, or an operator,
-    /// would kill it). The server answered everything it acknowledged before this point; nothing is lost.
+    /// On shutdown the pool is given ``PostgresAvailability/shutdownGrace`` to close its connections: a query caught by
+    /// a database restart can hang on its dead socket until `query_timeout`, and must not hold the process's exit
+    /// (systemd, or an operator, would kill it). The server answered everything it acknowledged before this point;
+    /// nothing is lost.
     public func run() async throws {
-        let pool = Task { await self.client.run() }
-        // Every six hours (migrate() created them at start): partitions stay days ahead of the clock.
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask { await self.availability.run() }
+            await self.createPartitionsEverySixHours()
+            group.cancelAll()
+        }
+    }
+
+    /// Every six hours (migrate() created them at start): partitions stay days ahead of the clock.
+    private func createPartitionsEverySixHours() async {
         await cancelWhenGracefulShutdown {
             while !Task.isCancelled {
                 do {
@@ -103,20 +133,7 @@ public final class PostgresIngestStore: IngestStore {
                 }
             }
         }
-        pool.cancel()
-        let closed: Bool? = await FarmgateSupport.withDeadline(Self.shutdownGrace) {
-            _ = await pool.result
-            return true
-        }
-        if closed == nil {
-            logger.warning(
-                "the PostgreSQL pool did not close its connections in time; stopping without waiting for them",
-                metadata: ["grace": "\(Self.shutdownGrace)"])
-        }
     }
-
-    /// How long shutdown waits for the pool's connections to close.
-    static let shutdownGrace: Duration = .seconds(5)
 
     // MARK: Plumbing
 
@@ -177,14 +194,23 @@ public final class PostgresIngestStore: IngestStore {
         return try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, any Error>) in
                 answer.install(continuation)
+                let availability = self.availability
                 let work = Task {
-                    do { answer.resume(with: .success(try await body())) } catch { answer.resume(with: .failure(error)) }
+                    do {
+                        answer.resume(with: .success(try await body()))
+                    } catch {
+                        answer.resume(with: .failure(availability.failed(error)))
+                    }
                 }
                 // A sleeping task, not the shared timer: it is scheduled like the work, so an ingest whose threads are
                 // all busy (or a test process full of CPU-bound tests) does not time out work that is merely waiting
-                // for a thread.
+                // for a thread. Work still unanswered after a second has the database checked (it may wait in the
+                // pool for a database that is down).
                 let timer = Task {
-                    guard (try? await Task.sleep(for: timeout)) != nil else { return }
+                    let slow = min(timeout, PostgresAvailability.slowCall)
+                    guard (try? await Task.sleep(for: slow)) != nil else { return }
+                    availability.suspect()
+                    if timeout > slow { guard (try? await Task.sleep(for: timeout - slow)) != nil else { return } }
                     answer.resume(
                         with: .failure(
                             PostgresStoreError.timedOut(
@@ -550,12 +576,14 @@ public enum PostgresStoreError: Error, Sendable, Hashable, CustomStringConvertib
     case tls(String)
     /// A call took longer than `query_timeout`.
     case timedOut(String)
+    /// The database is known to be unreachable: the call was refused at once (``PostgresAvailability``).
+    case unavailable(String)
 
     public var description: String {
         switch self {
         case .schemaTooNew(let found, let known):
             "the database schema is at version \(found), newer than this farmgate-ingest knows (\(known)); run a newer farmgate-ingest"
-        case .tls(let message), .timedOut(let message): message
+        case .tls(let message), .timedOut(let message), .unavailable(let message): message
         }
     }
 }

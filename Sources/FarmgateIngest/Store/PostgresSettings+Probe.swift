@@ -32,14 +32,68 @@ extension PostgresSettings {
         } catch {
             return .unreachable("\(error)")
         }
-        let limit = connectTimeout
-        let outcome: Result<PostgresConnection, any Error>? = await withTaskGroup(of: Result<PostgresConnection, any Error>?.self) { group in
+        switch await Self.attempt(configuration: configuration, limit: connectTimeout, logger: logger, then: { _ in }) {
+        case nil:
+            return .unreachable("no connection within connect_timeout (\(connectTimeout))")
+        case .success:
+            return .connected
+        case .failure(let error):
+            if let (state, message) = Self.serverRefusal(error) {
+                return PostgresProbe.isFinal(sqlState: state) ? .refused(sqlState: state, message: message) : .unreachable("\(state) \(message)")
+            }
+            return .unreachable(Self.describe(error))
+        }
+    }
+
+    /// Whether the database answers, for ``PostgresAvailability``: one connection outside the pool that runs `SELECT 1`
+    /// (behind PgBouncer, a connection alone proves only that PgBouncer answers), all within `connect_timeout`.
+    ///
+    /// - Returns: nil when it answers, or when the server said it has no room for another connection (SQLSTATE class
+    ///   53: it is up, and the pool's own connections stand); else what happened, for the log.
+    static func unreachability(configuration: PostgresConnection.Configuration, limit: Duration, logger: Logger) async -> String? {
+        let outcome = await attempt(configuration: configuration, limit: limit, logger: logger) { connection in
+            try await connection.query("SELECT 1", logger: logger)
+        }
+        switch outcome {
+        case nil:
+            return "no answer within connect_timeout (\(limit))"
+        case .success:
+            return nil
+        case .failure(let error):
+            if let (state, message) = serverRefusal(error) { return state.hasPrefix("53") ? nil : "\(state) \(message)" }
+            return describe(error)
+        }
+    }
+
+    /// Opens one connection with `configuration`, runs `body` on it and closes it, all bounded by `limit`: nil when the
+    /// limit passed first.
+    private static func attempt(
+        configuration: PostgresConnection.Configuration, limit: Duration, logger: Logger,
+        then body: @escaping @Sendable (PostgresConnection) async throws -> Void
+    ) async -> Result<Void, any Error>? {
+        await withTaskGroup(of: Result<Void, any Error>?.self) { group in
             group.addTask {
+                let connection: PostgresConnection
                 do {
-                    return .success(try await PostgresConnection.connect(configuration: configuration, id: 0, logger: logger))
+                    connection = try await PostgresConnection.connect(configuration: configuration, id: 0, logger: logger)
                 } catch {
                     return .failure(error)
                 }
+                // Closed whatever `body` did, and also when the deadline answered first (the task is cancelled then).
+                let result: Result<Void, any Error>
+                do {
+                    // A statement that gets no answer ends with its connection when the deadline passes.
+                    try await withTaskCancellationHandler {
+                        try await body(connection)
+                    } onCancel: {
+                        _ = connection.close() as EventLoopFuture<Void>
+                    }
+                    result = .success(())
+                } catch {
+                    result = .failure(error)
+                }
+                try? await connection.close()
+                return result
             }
             // connect_timeout bounds the socket's connect; this also bounds a server that accepts and then says nothing.
             group.addTask {
@@ -48,25 +102,14 @@ extension PostgresSettings {
             }
             let first = await group.next() ?? nil
             group.cancelAll()
-            // A connection that opened after the deadline answered is closed here.
-            for await late in group {
-                if case .success(let connection)? = late { try? await connection.close() }
-            }
             return first
         }
-        switch outcome {
-        case nil:
-            return .unreachable("no connection within connect_timeout (\(limit))")
-        case .success(let connection)?:
-            try? await connection.close()
-            return .connected
-        case .failure(let error)?:
-            if let error = error as? PSQLError, let info = error.serverInfo, let state = info[.sqlState] {
-                let message = info[.message] ?? "(no message)"
-                return PostgresProbe.isFinal(sqlState: state) ? .refused(sqlState: state, message: message) : .unreachable("\(state) \(message)")
-            }
-            return .unreachable(Self.describe(error))
-        }
+    }
+
+    /// The server's SQLSTATE and message when `error` is the server's own answer.
+    private static func serverRefusal(_ error: any Error) -> (state: String, message: String)? {
+        guard let error = error as? PSQLError, let info = error.serverInfo, let state = info[.sqlState] else { return nil }
+        return (state, info[.message] ?? "(no message)")
     }
 
     /// A connection error for an operator: postgres-nio's `PSQLError.description` hides the underlying error (it may

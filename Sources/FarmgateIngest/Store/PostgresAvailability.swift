@@ -1,0 +1,198 @@
+import Atomics
+import FarmgateSupport
+import Logging
+import Metrics
+import PostgresNIO
+
+/// Whether PostgreSQL answers, and the pool ``PostgresIngestStore``'s calls use while it does.
+///
+/// postgres-nio's pool does not fail a call when it cannot connect: it queues it and retries with a growing backoff
+/// (100 ms × 1.25ⁿ, up to 60 s) and trips its circuit breaker only after many seconds of failures. Left to itself, every
+/// store call during an outage would wait its whole `query_timeout`, and the first one after the outage would wait for
+/// the pool's next attempt. This type decides instead:
+///
+/// - A call that fails at the connection level (``mayMeanUnreachable(_:)``), or is still unanswered after
+///   ``slowCall``, asks for a check (``suspect()``, coalesced, at most one check per ``checkInterval``). A check is
+///   one connection outside the pool that runs `SELECT 1` within `connect_timeout`
+///   (``PostgresSettings/unreachability(configuration:limit:logger:)``).
+/// - When the check fails, the database is down: the pool is shut down (the calls waiting in it fail at once), every
+///   store call fails at once with ``PostgresStoreError/unavailable(_:)`` (503 with `Retry-After`), one error is
+///   logged, and `farmgate_ingest_database_up` is 0. A check that succeeds (a single connection killed, a pool merely
+///   busy) changes nothing.
+/// - While down, a check runs every ``checkInterval``; the first that succeeds puts a new pool in place (no backoff
+///   inherited from the old one), logs once that the database answers again, and sets the gauge back to 1.
+///
+/// The hot path is ``client()``: one atomic load. Only ``run()`` changes the state.
+final class PostgresAvailability: Sendable {
+    /// What a store call finds: the pool to use, or since when and why there is none.
+    final class State: AtomicReference, Sendable {
+        let client: PostgresClient?
+        let downSince: ContinuousClock.Instant
+        let reason: String
+
+        init(client: PostgresClient) {
+            self.client = client
+            self.downSince = .now
+            self.reason = ""
+        }
+
+        init(downSince: ContinuousClock.Instant, reason: String) {
+            self.client = nil
+            self.downSince = downSince
+            self.reason = reason
+        }
+    }
+
+    /// How often the database is checked while it is down.
+    static let checkInterval: Duration = .seconds(1)
+    /// How long a store call may wait before it asks for a check.
+    static let slowCall: Duration = .seconds(1)
+    /// How long shutdown waits for a pool's connections to close.
+    static let shutdownGrace: Duration = .seconds(5)
+
+    private let state: ManagedAtomic<State>
+    private let makeClient: @Sendable () -> PostgresClient
+    private let check: @Sendable () async -> String?
+    private let checks: AsyncStream<Void>
+    private let requestCheck: AsyncStream<Void>.Continuation
+    private let up = Gauge(label: "farmgate_ingest_database_up")
+    private let location: String
+    private let logger: Logger
+
+    /// - Parameters:
+    ///   - makeClient: a new pool (not yet running).
+    ///   - check: nil when the database answers, else what happened.
+    ///   - location: where the database is, for logs (without the password).
+    init(makeClient: @escaping @Sendable () -> PostgresClient, check: @escaping @Sendable () async -> String?, location: String, logger: Logger) {
+        self.makeClient = makeClient
+        self.check = check
+        self.location = location
+        self.logger = logger
+        self.state = ManagedAtomic(State(client: makeClient()))
+        (checks, requestCheck) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
+        up.record(1)
+    }
+
+    /// The pool to run a store call on.
+    ///
+    /// - Throws: ``PostgresStoreError/unavailable(_:)`` at once while the database is down.
+    func client() throws -> PostgresClient {
+        let current = state.load(ordering: .acquiring)
+        if let client = current.client { return client }
+        throw Self.unavailable(current)
+    }
+
+    /// What a call that failed at the connection level answers: ``PostgresStoreError/unavailable(_:)`` when the database
+    /// is known to be down by now (the call was cut by the outage), else `error` itself; and a check is asked for.
+    func failed(_ error: any Error) -> any Error {
+        guard Self.mayMeanUnreachable(error) else { return error }
+        let current = state.load(ordering: .acquiring)
+        guard current.client == nil else {
+            requestCheck.yield()
+            return error
+        }
+        return Self.unavailable(current)
+    }
+
+    private static func unavailable(_ down: State) -> PostgresStoreError {
+        let seconds = down.downSince.duration(to: .now).components.seconds
+        return PostgresStoreError.unavailable(
+            "PostgreSQL is unreachable (for \(seconds) s: \(down.reason)); the ingest checks every second and serves again as soon as it answers")
+    }
+
+    /// Whether store calls fail at once.
+    var isDown: Bool { state.load(ordering: .acquiring).client == nil }
+
+    /// Asks for a check of the database: a call failed at the connection level or waits long. Coalesced; nothing while
+    /// the database is already known to be down.
+    func suspect() {
+        guard !isDown else { return }
+        requestCheck.yield()
+    }
+
+    /// Whether `error`, from a store call, may mean that the database cannot be reached (then it is worth a check):
+    /// anything but an answer of the server to a statement (a unique violation, a statement timeout), the store's own
+    /// refusals and cancellation. Server errors of class 08 (connection exception) and `57P01`–`57P03` (shutdown,
+    /// crash, not accepting connections) count.
+    static func mayMeanUnreachable(_ error: any Error) -> Bool {
+        switch error {
+        case is CancellationError, is IngestStoreError, is PostgresDecodingError:
+            return false
+        case let error as PostgresStoreError:
+            if case .timedOut = error { return true }
+            return false
+        case let error as PSQLError:
+            if let state = error.serverInfo?[.sqlState] { return state.hasPrefix("08") || state.hasPrefix("57P") }
+            return [.serverClosedConnection, .clientClosedConnection, .connectionError, .uncleanShutdown, .poolClosed].contains(error.code)
+        default:
+            // The pool's own errors (shut down, circuit breaker), socket and TLS errors.
+            return true
+        }
+    }
+
+    /// Runs the current pool, checks the database when asked, and replaces the pool after an outage; until cancelled
+    /// (the store's graceful shutdown), then gives the pools ``shutdownGrace`` to close their connections.
+    func run() async {
+        var pools: [PoolRun] = []
+        if let client = state.load(ordering: .acquiring).client { pools.append(PoolRun(client)) }
+        var lastCheck: ContinuousClock.Instant?
+        for await _ in checks {
+            if let lastCheck {
+                let wait = Self.checkInterval - lastCheck.duration(to: .now)
+                if wait > .zero, (try? await Task.sleep(for: wait)) == nil { break }
+            }
+            lastCheck = .now
+            guard let reason = await check(), !Task.isCancelled else { continue }
+            let since = ContinuousClock.now
+            state.store(State(downSince: since, reason: reason), ordering: .releasing)
+            up.record(0)
+            logger.error(
+                "PostgreSQL is unreachable; store calls are answered at once with 503 until it answers again",
+                metadata: ["store.url": "\(location)", "error": "\(reason)", "check_every": "\(Self.checkInterval)"])
+            // Its waiting calls fail now rather than at their deadline; its backoff goes with it.
+            pools.last?.task.cancel()
+            var stillDown = true
+            while stillDown {
+                guard (try? await Task.sleep(for: Self.checkInterval)) != nil else { break }
+                stillDown = await check() != nil
+            }
+            if stillDown { break }
+            let client = makeClient()
+            pools.removeAll { $0.finished.load(ordering: .acquiring) }
+            pools.append(PoolRun(client))
+            state.store(State(client: client), ordering: .releasing)
+            up.record(1)
+            lastCheck = .now
+            logger.notice(
+                "PostgreSQL answers again; store calls resume on a new pool",
+                metadata: ["store.url": "\(location)", "store.down_for": "\(since.duration(to: .now))"])
+        }
+        let running = pools.map(\.task)
+        for pool in running { pool.cancel() }
+        let closed: Bool? = await FarmgateSupport.withDeadline(Self.shutdownGrace, graceOnCancel: Self.shutdownGrace) {
+            for pool in running { await pool.value }
+            return true
+        }
+        if closed == nil {
+            logger.warning(
+                "the PostgreSQL pool did not close its connections in time; stopping without waiting for them", metadata: ["grace": "\(Self.shutdownGrace)"])
+        }
+    }
+
+    /// One pool's `run()`, in a task of its own: cancelled when the pool is replaced or the store stops, and not waited
+    /// for past ``shutdownGrace`` (a query caught by a database restart can hang on its dead socket until
+    /// `query_timeout`; it must not hold the process's exit).
+    private struct PoolRun {
+        let task: Task<Void, Never>
+        let finished: ManagedAtomic<Bool>
+
+        init(_ client: PostgresClient) {
+            let finished = ManagedAtomic(false)
+            self.finished = finished
+            task = Task {
+                await client.run()
+                finished.store(true, ordering: .releasing)
+            }
+        }
+    }
+}

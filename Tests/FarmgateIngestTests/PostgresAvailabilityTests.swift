@@ -1,0 +1,74 @@
+import FarmgateWire
+import Foundation
+import PostgresNIO
+import Testing
+
+@testable import FarmgateIngest
+
+/// What ``PostgresAvailability`` takes for a sign that the database may be gone, and that a check which finds it
+/// answering changes nothing. The outage itself (the cluster stopped and started) is `PostgresOutageTests`.
+@Suite struct PostgresAvailabilityTests {
+    @Test func statementErrorsAndTheStoresOwnRefusalsNeverStartACheck() async throws {
+        try await withTestDatabase { settings in
+            try await withTestClient(settings) { client in
+                try await client.query("CREATE TABLE t (id int PRIMARY KEY)")
+                try await client.query("INSERT INTO t VALUES (1)")
+                let violation = await #expect(throws: PSQLError.self) { try await client.query("INSERT INTO t VALUES (1)") }
+                #expect(violation.map { PostgresAvailability.mayMeanUnreachable($0) } == false, "a unique violation")
+                let syntax = await #expect(throws: PSQLError.self) { try await client.query("SELEC 1") }
+                #expect(syntax.map { PostgresAvailability.mayMeanUnreachable($0) } == false, "a syntax error")
+            }
+        }
+        #expect(!PostgresAvailability.mayMeanUnreachable(IngestStoreError.alreadyExists("farm 'f'")))
+        #expect(!PostgresAvailability.mayMeanUnreachable(CancellationError()))
+        #expect(!PostgresAvailability.mayMeanUnreachable(PostgresStoreError.unavailable("down")))
+        #expect(PostgresAvailability.mayMeanUnreachable(PostgresStoreError.timedOut("no answer")))
+    }
+
+    @Test func aConnectionThatCannotBeOpenedStartsACheck() async throws {
+        var settings = try PostgresSettings(url: "postgresql://farmgate@/nothing?host=/nonexistent-farmgate-socket-dir")
+        settings.connectTimeout = .milliseconds(500)
+        let configuration = try settings.connectionConfiguration()
+        let refused = await #expect(throws: (any Error).self) {
+            try await PostgresConnection.connect(configuration: configuration, id: 1, logger: testLogger)
+        }
+        #expect(refused.map { PostgresAvailability.mayMeanUnreachable($0) } == true, "\(String(describing: refused))")
+        #expect(await PostgresSettings.unreachability(configuration: configuration, limit: .milliseconds(500), logger: testLogger) != nil)
+    }
+
+    /// Every connection of the store's pool killed (`pg_terminate_backend`) while the server stays up: the calls on
+    /// them fail, the check that follows finds the database answering, and the store is never taken for down.
+    @Test func killedConnectionsOfARunningServerAreNotAnOutage() async throws {
+        try await PostgresStoreTests.withStore { store, settings in
+            #expect(await PostgresSettings.unreachability(configuration: try settings.connectionConfiguration(), limit: .seconds(5), logger: testLogger) == nil)
+            try await store.ping()
+            try await withTestClient(settings) { admin in
+                _ = try await admin.query(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+            }
+            // A call on a killed connection asks for a check; the pool may also have dropped them before any call
+            // failed, so one is asked for here too. Over at least two seconds (a check takes milliseconds): no call is
+            // refused as if the database were down, and calls succeed again.
+            store.availability.suspect()
+            var refused: [String] = []
+            var answered: [Bool] = []
+            let end = ContinuousClock.now + .seconds(2)
+            while ContinuousClock.now < end || answered.count < 10 {
+                do {
+                    try await store.ping()
+                    answered.append(true)
+                } catch let error as PostgresStoreError {
+                    if case .unavailable = error { refused.append(error.description) }
+                    answered.append(false)
+                } catch {
+                    // A call on a killed connection (one per connection the pool held at most).
+                    answered.append(false)
+                }
+                try await Task.sleep(for: .milliseconds(50))
+            }
+            #expect(refused.isEmpty, "\(refused)")
+            #expect(answered.suffix(5).allSatisfy { $0 }, "\(answered)")
+            #expect(!store.availability.isDown)
+        }
+    }
+}
