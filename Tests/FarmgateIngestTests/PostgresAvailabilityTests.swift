@@ -1,4 +1,5 @@
 import FarmgateWire
+import Logging
 import Foundation
 import PostgresNIO
 import Testing
@@ -17,6 +18,11 @@ import Testing
                 #expect(violation.map { PostgresAvailability.mayMeanUnreachable($0) } == false, "a unique violation")
                 let syntax = await #expect(throws: PSQLError.self) { try await client.query("SELEC 1") }
                 #expect(syntax.map { PostgresAvailability.mayMeanUnreachable($0) } == false, "a syntax error")
+                // What the request's log line says of them: the server's SQLSTATE and message, not postgres-nio's
+                // one generic sentence.
+                #expect(violation.map { Logger.describe(storeError: $0) }?.hasPrefix("PostgreSQL 23505: duplicate key value violates unique constraint") == true)
+                #expect(violation.map { "\($0)" }?.contains("Generic description") == true, "postgres-nio's own description still hides it")
+                #expect(syntax.map { Logger.describe(storeError: $0) }?.hasPrefix("PostgreSQL 42601: syntax error") == true)
             }
         }
         #expect(!PostgresAvailability.mayMeanUnreachable(IngestStoreError.alreadyExists("farm 'f'")))

@@ -1,4 +1,5 @@
 import Logging
+import PostgresNIO
 
 extension Logger {
     /// Logs a store call that failed, whose request is answered 503: at `level`, or at debug when the store refused it
@@ -6,11 +7,23 @@ extension Logger {
     /// once, when the database went away: an outage is not an error line per request.
     func storeFailure(_ message: Logger.Message, level: Logger.Level = .error, error: any Error, metadata: Logger.Metadata = [:]) {
         var metadata = metadata
-        metadata["error"] = "\(error)"
+        metadata["error"] = "\(Self.describe(storeError: error))"
         if case .unavailable? = error as? PostgresStoreError {
             log(level: .debug, message, metadata: metadata)
         } else {
             log(level: level, message, metadata: metadata)
         }
+    }
+
+    /// What an operator needs of a store error: for PostgreSQL's errors, whose description is one generic sentence
+    /// ("Generic description to prevent accidental leakage of sensitive data"), the server's SQLSTATE and message, or
+    /// the connection error under it; any other error as it describes itself.
+    static func describe(storeError error: any Error) -> String {
+        guard let error = error as? PSQLError else { return "\(error)" }
+        if let info = error.serverInfo {
+            return "PostgreSQL \(info[.sqlState] ?? "?????"): \(info[.message] ?? "(no message)")" + (info[.detail].map { " (\($0))" } ?? "")
+        }
+        if let underlying = error.underlying { return "PostgreSQL connection: \(underlying)" }
+        return "PostgreSQL: \(error.code)"
     }
 }
