@@ -1,6 +1,6 @@
 import FarmgateWire
 public import Logging
-import Metrics
+public import Metrics
 import PostgresNIO
 public import ServiceLifecycle
 import Synchronization
@@ -27,12 +27,15 @@ public struct PostgresLatestListener: Service {
     let settings: PostgresSettings
     let cache: LatestCache
     let logger: Logger
-    private let reconnects = Counter(label: "farmgate_ingest_latest_listener_reconnects_total")
+    private let reconnects: Counter
 
-    public init(settings: PostgresSettings, cache: LatestCache, logger: Logger) {
+    /// - Parameter metrics: where the listener's counters go; `serve` bootstraps the global factory with the registry
+    ///   `/metrics` renders.
+    public init(settings: PostgresSettings, cache: LatestCache, logger: Logger, metrics: any MetricsFactory = MetricsSystem.factory) {
         self.settings = settings
         self.cache = cache
         self.logger = logger
+        reconnects = Counter(label: "farmgate_ingest_latest_listener_reconnects_total", factory: metrics)
     }
 
     public func run() async throws {
