@@ -4,9 +4,11 @@ import HTTPTypes
 import Hummingbird
 import HummingbirdTesting
 import Logging
+import Metrics
 import Prometheus
 import ServiceLifecycle
 import Synchronization
+import FarmgateTestSupport
 import Testing
 
 @testable import FarmgateIngest
@@ -28,7 +30,12 @@ struct LatestAcrossInstancesTests {
         let app: any ApplicationProtocol
     }
 
-    func instance(_ settings: PostgresSettings) throws -> Instance {
+    /// - Parameters:
+    ///   - listenerLogger: where the listener logs (and its connection's pool).
+    ///   - metrics: where the listener's counters go.
+    func instance(
+        _ settings: PostgresSettings, listenerLogger: Logger = testLogger, metrics: any MetricsFactory = MetricsSystem.factory
+    ) throws -> Instance {
         let store = try PostgresIngestStore(settings: settings, logger: testLogger)
         let cache = LatestCache(enabled: false)
         var configuration = IngestConfiguration()
@@ -38,7 +45,8 @@ struct LatestAcrossInstancesTests {
         configuration.limits.requestsPerSecond = 100_000
         configuration.limits.burst = 100_000
         let app = buildApplication(configuration: configuration, store: store, registry: PrometheusCollectorRegistry(), logger: testLogger, latest: cache)
-        return Instance(store: store, cache: cache, listener: PostgresLatestListener(settings: settings, cache: cache, logger: testLogger), app: app)
+        let listener = PostgresLatestListener(settings: settings, cache: cache, logger: listenerLogger, metrics: metrics)
+        return Instance(store: store, cache: cache, listener: listener, app: app)
     }
 
     typealias TwoInstancesBody = @Sendable (Instance, Instance, any TestClientProtocol, any TestClientProtocol, APIKey, APIKey, PostgresSettings)
@@ -50,9 +58,10 @@ struct LatestAcrossInstancesTests {
     }
 
     /// Runs both instances on `settings` (farm `f1`, device `d1`, a viewer token) while `body` uses their apps' routers.
-    func withTwoInstances(on settings: PostgresSettings, _ body: @escaping TwoInstancesBody) async throws {
+    /// `b`, when given, is the second instance (made with ``instance(_:listenerLogger:metrics:)``), else one on `settings`.
+    func withTwoInstances(on settings: PostgresSettings, b: Instance? = nil, _ body: @escaping TwoInstancesBody) async throws {
         let a = try instance(settings)
-        let b = try instance(settings)
+        let b = try b ?? instance(settings)
         try await withThrowingTaskGroup(of: Void.self) { group in
             for part in [a.store, b.store] as [any Service] + [a.listener, b.listener] { group.addTask { try await part.run() } }
             defer { group.cancelAll() }
@@ -136,6 +145,84 @@ struct LatestAcrossInstancesTests {
             sequence = 3
             #expect(try await Self.post(clientA, sequence: sequence, key: key) == 1)
             #expect(await eventuallyOn(timeout: Self.bound) { (try? await Self.latestSequence(clientB, token: token)) == sequence })
+        }
+    }
+}
+
+extension LatestAcrossInstancesTests {
+    /// The most a silent LISTEN connection may leave B serving a value A has replaced: the listener's liveness probe
+    /// (``PostgresLatestListener/Liveness/standard``, 5 s + 5 s) plus room for a loaded two-core machine.
+    static let silentBound: Duration = .seconds(20)
+
+    @Test("B's LISTEN connection goes silent without closing: within the bound B stops serving from memory, counts it once, and listens again once it is back")
+    func silentListenConnection() async throws {
+        try await withTestDatabase { settings in
+            guard case .unixSocket(let socket) = settings.endpoint else { throw MissingTestDatabase() }
+            // B's listener reaches PostgreSQL through a proxy the test freezes; everything else goes straight to it.
+            let scratch = try Scratch(prefix: "fg-listen", in: URL(fileURLWithPath: "/tmp"))
+            let proxy = try await FreezableProxy(listeningAt: scratch.file(".s.PGSQL.5432"), forwardingTo: socket)
+            var proxied = settings
+            proxied.endpoint = .unixSocket(path: proxy.path)
+            var settingsB = settings
+            settingsB.listen = proxied
+            let registry = PrometheusCollectorRegistry()
+            let log = RecordedLog()
+            var listenerLogger = log.logger(label: "listener-b")
+            listenerLogger.logLevel = .info
+            let b = try instance(settingsB, listenerLogger: listenerLogger, metrics: PrometheusMetricsFactory(registry: registry))
+            let reconnects = "farmgate_ingest_latest_listener_reconnects_total"
+            let probeTimeouts = "farmgate_ingest_latest_listener_probe_timeouts_total"
+            let lost = "lost the connection that hears other instances' commits"
+            do {
+                try await withTwoInstances(on: settings, b: b) { _, b, clientA, clientB, key, token, _ in
+                    #expect(proxy.accepted >= 1, "B's listener did not connect through the proxy")
+                    #expect(try await Self.post(clientA, sequence: 1, key: key) == 1)
+                    #expect(await eventuallyOn { (try? await Self.latestSequence(clientB, token: token)) == 1 })
+                    #expect(b.cache.isEnabled)
+                    // Let a probe or two pass first: the ones answered must not count.
+                    try await Task.sleep(for: .seconds(6))
+                    #expect((metric(registry, reconnects) ?? 0) == 0 && (metric(registry, probeTimeouts) ?? 0) == 0)
+
+                    await proxy.freeze()
+                    let frozen = ContinuousClock.now
+                    #expect(try await Self.post(clientA, sequence: 2, key: key) == 1)
+                    // The notification cannot pass: B still answers 1 from memory, the freeze holds.
+                    #expect(try await Self.latestSequence(clientB, token: token) == 1, "the frozen proxy let the notification through")
+                    var seen: UInt64?
+                    while frozen.duration(to: .now) < Self.silentBound {
+                        seen = try await Self.latestSequence(clientB, token: token)
+                        if seen == 2 { break }
+                        try await Task.sleep(for: .milliseconds(20))
+                    }
+                    let stale = frozen.duration(to: .now)
+                    #expect(seen == 2, "B still served sequence \(String(describing: seen)) \(Self.silentBound) after its LISTEN connection went silent")
+                    print("silent LISTEN connection: B served A's new value \(stale) after the freeze")
+                    // Not current while the listener cannot hear: B reads the store, and says why once.
+                    #expect(!b.cache.isEnabled, "B's cache is on while its listener's connection is silent")
+                    // Counted and logged as the listener gives the connection up, right after it turned the cache off.
+                    #expect(await eventuallyOn(timeout: .seconds(5)) { (metric(registry, reconnects) ?? 0) >= 1 }, "the reconnect was not counted")
+                    #expect(metric(registry, probeTimeouts) == 1)
+                    let silent = {
+                        log.entries.filter { $0.level == .warning && $0.message.hasPrefix(lost) && "\($0.metadata["error"] ?? "")".contains("liveness probe") }
+                    }
+                    #expect(await eventuallyOn(timeout: .seconds(5)) { !silent().isEmpty })
+                    #expect(silent().count == 1, "\(log.entries.filter { $0.level >= .warning }.map { "\($0.message) \($0.metadata)" })")
+
+                    // The path comes back: B listens again (a new connection) and follows A from memory.
+                    let accepted = proxy.accepted
+                    await proxy.thaw()
+                    #expect(await eventuallyOn(timeout: .seconds(30)) { b.cache.isEnabled }, "B's listener did not listen again after the thaw")
+                    #expect(proxy.accepted > accepted)
+                    #expect(try await Self.post(clientA, sequence: 3, key: key) == 1)
+                    #expect(await eventuallyOn(timeout: Self.bound) { (try? await Self.latestSequence(clientB, token: token)) == 3 })
+                    #expect(b.cache.isEnabled)
+                }
+            } catch {
+                await proxy.thaw()
+                await proxy.stop()
+                throw error
+            }
+            await proxy.stop()
         }
     }
 }

@@ -1,6 +1,7 @@
 import FarmgateWire
 public import Logging
-import Metrics
+public import Metrics
+import NIOCore
 import PostgresNIO
 public import ServiceLifecycle
 import Synchronization
@@ -17,6 +18,14 @@ import Synchronization
 /// - When the connection is lost (a database restart, a network cut), notifications may be missed: the cache is emptied
 ///   and turned off, so every `latest` is read from the store, and the listener reconnects with backoff (100 ms doubling
 ///   to 5 s), turning the cache on again once it listens.
+/// - A connection can also go silent without being closed (half-open TCP: a NAT or firewall that dropped its state, a
+///   failover that left no host to send a reset): nothing arrives, nothing fails, and the cache would serve what it holds
+///   forever. So every ``Liveness/interval`` the listener sends its `LISTEN` again on the same connection (a no-op for the
+///   server, which answers it like any statement) and requires the answer within ``Liveness/timeout``. Without it, the
+///   connection is closed and handled as a lost one: the cache turned off at once, the reconnect counted, one warning
+///   logged. A commit another instance acknowledged is then missing here for at most interval + timeout (10 s), from
+///   the last answered probe to the deadline of the next. The probe is that same `LISTEN` statement, so that the
+///   session still shows as `LISTEN "farmgate_latest";` in `pg_stat_activity` between notifications.
 ///
 /// Its connection is ``PostgresSettings/forListening``: `[storage] listen_url` when set, else the pool's `url`. It must
 /// reach PostgreSQL directly, or through PgBouncer in session mode: in transaction mode `LISTEN` does not hold (the
@@ -24,15 +33,43 @@ import Synchronization
 /// `listen_url` to the database itself. This instance's own commits are heard too (they also reach the cache through
 /// the ``CommitFeed``); their refresh finds nothing newer.
 public struct PostgresLatestListener: Service {
+    /// How often the listening connection must prove it is alive, and how long its answer may take.
+    public struct Liveness: Sendable, Hashable {
+        /// The time from one answered probe to the next probe.
+        public var interval: Duration
+        /// How long a probe may go unanswered before the connection is taken for dead.
+        public var timeout: Duration
+
+        /// Every 5 s, answered within 5 s: a commit heard nowhere costs at most 10 s of staleness. A healthy answer takes
+        /// milliseconds (one round trip, no disk), so the deadline holds through a busy server or a loaded host, and a
+        /// probe costs the server one statement per instance every 5 s.
+        public static let standard = Liveness(interval: .seconds(5), timeout: .seconds(5))
+
+        public init(interval: Duration, timeout: Duration) {
+            self.interval = interval
+            self.timeout = timeout
+        }
+    }
+
     let settings: PostgresSettings
     let cache: LatestCache
     let logger: Logger
-    private let reconnects = Counter(label: "farmgate_ingest_latest_listener_reconnects_total")
+    let liveness: Liveness
+    private let reconnects: Counter
+    private let silences: Counter
 
-    public init(settings: PostgresSettings, cache: LatestCache, logger: Logger) {
+    /// - Parameter metrics: where the listener's counters go; `serve` bootstraps the global factory with the registry
+    ///   `/metrics` renders.
+    public init(
+        settings: PostgresSettings, cache: LatestCache, logger: Logger, liveness: Liveness = .standard,
+        metrics: any MetricsFactory = MetricsSystem.factory
+    ) {
         self.settings = settings
         self.cache = cache
         self.logger = logger
+        self.liveness = liveness
+        reconnects = Counter(label: "farmgate_ingest_latest_listener_reconnects_total", factory: metrics)
+        silences = Counter(label: "farmgate_ingest_latest_listener_probe_timeouts_total", factory: metrics)
     }
 
     public func run() async throws {
@@ -61,6 +98,7 @@ public struct PostgresLatestListener: Service {
                     break
                 } catch {
                     if Task.isCancelled { break }
+                    if error is ListenerSilent { self.silences.increment() }
                     self.logger.warning(
                         "lost the connection that hears other instances' commits; latest values are read from the store until it is back",
                         metadata: ["error": "\(String(reflecting: error))", "retry_in": "\(backoff)"])
@@ -77,8 +115,21 @@ public struct PostgresLatestListener: Service {
         cache.invalidateAll()
     }
 
-    /// Marks devices stale as notifications arrive, and refreshes them from `latest` in rounds on the same connection.
+    /// Marks devices stale as notifications arrive, and refreshes them from `latest` in rounds on the same connection,
+    /// while probing that connection (``probe(_:silence:)``). Ends with an error when the connection is lost, or with
+    /// ``ListenerSilent`` when a probe went unanswered (the connection then closed).
     private func follow(_ notifications: PostgresNotificationSequence, connection: PostgresConnection) async throws {
+        let silence = Silence()
+        do {
+            try await follow(notifications, connection: connection, silence: silence)
+        } catch {
+            // Closing the silent connection fails whatever waited on it, often before the probe's own error arrives.
+            if let silent = silence.state.withLock({ $0 }) { throw silent }
+            throw error
+        }
+    }
+
+    private func follow(_ notifications: PostgresNotificationSequence, connection: PostgresConnection, silence: Silence) async throws {
         let pending = PendingRefreshes()
         let (wakeups, wake) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
         try await withThrowingTaskGroup(of: Void.self) { group in
@@ -108,9 +159,55 @@ public struct PostgresLatestListener: Service {
                     }
                 }
             }
+            group.addTask {
+                while true {
+                    try await Task.sleep(for: self.liveness.interval)
+                    try await self.probe(connection, silence: silence)
+                }
+            }
             defer { group.cancelAll() }
             try await group.next()
         }
+    }
+
+    /// Sends the `LISTEN` statement again on `connection` and waits for its answer. When none comes within
+    /// ``Liveness/timeout`` the silence is recorded, the cache turned off and the connection closed, which fails this
+    /// probe, ends the notifications and fails a refresh waiting on it: ``follow(_:connection:)`` then ends. Cancelled
+    /// (the listener stops), it closes the connection too, so that a silent one cannot hold the shutdown.
+    private func probe(_ connection: PostgresConnection, silence: Silence) async throws {
+        let timeout = liveness.timeout
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask {
+                try await Task.sleep(for: timeout)
+                silence.state.withLock { $0 = $0 ?? ListenerSilent(timeout: timeout) }
+                // Commits may have gone unheard since the last answer: no read is served from memory from now on.
+                self.cache.invalidateAll()
+                try? await connection.close()
+            }
+            defer { group.cancelAll() }
+            try await withTaskCancellationHandler {
+                for try await _ in try await connection.query(Self.probeStatement, logger: self.logger) {}
+            } onCancel: {
+                // Not waited for: closing a channel is local and completes on its event loop.
+                let _: EventLoopFuture<Void> = connection.close()
+            }
+        }
+    }
+
+    /// What postgres-nio sent to start listening, byte for byte: already listening, the server does nothing but answer.
+    private static var probeStatement: PostgresQuery {
+        PostgresQuery(unsafeSQL: #"LISTEN "\#(PostgresLatestNotice.channel)";"#)
+    }
+
+    /// The probe that went unanswered, once one did.
+    private final class Silence: Sendable {
+        let state = Mutex<ListenerSilent?>(nil)
+    }
+
+    /// A probe went unanswered: the connection was closed as silent.
+    struct ListenerSilent: Error, CustomStringConvertible {
+        let timeout: Duration
+        var description: String { "the connection answered no liveness probe within \(timeout) (silent, not closed); closed it" }
     }
 
     /// Devices heard of and not yet refreshed, by device row id, with their newest stale token.
