@@ -61,45 +61,25 @@ struct AlertController: Sendable {
         let farms = router.group("/v1/farms/{farm}").add(middleware: ReaderAuthMiddleware(gate: gate, rateLimiter: rateLimiter))
         // Every route refuses query parameters it does not take (400 invalid_parameter naming them), as the read
         // endpoints do: `?recnet=7d` answered with the default day would look right and be wrong.
-        farms.get("alerts") { request, context in
-            try Self.only(["recent", "limit"], request)
-            return try await self.alerts(request, context: context)
-        }
-        farms.post("alerts/{id}/ack") { request, context in
-            try Self.only([], request)
-            return try await self.acknowledge(request, context: context)
-        }
-        farms.get("alert-rules") { request, context in
-            try Self.only([], request)
-            return try await self.rules(context: context)
-        }
-        farms.get("alert-rules/{name}") { request, context in
-            try Self.only([], request)
-            return try await self.rule(context: context)
-        }
-        farms.post("alert-rules") { request, context in
-            try Self.only([], request)
-            return try await self.putRule(request, context: context, name: nil)
-        }
-        farms.put("alert-rules/{name}") { request, context in
-            try Self.only([], request)
-            return try await self.putRule(request, context: context, name: context.parameters.get("name") ?? "")
-        }
-        farms.delete("alert-rules/{name}") { request, context in
-            try Self.only([], request)
-            return try await self.removeRule(context: context)
-        }
-        farms.get("silences") { request, context in
-            try Self.only([], request)
-            return try await self.silences(context: context)
-        }
-        farms.post("silences") { request, context in
-            try Self.only([], request)
-            return try await self.addSilence(request, context: context)
-        }
-        farms.delete("silences/{id}") { request, context in
-            try Self.only([], request)
-            return try await self.removeSilence(context: context)
+        farms.get("alerts", use: Self.taking(["recent", "limit"]) { try await self.alerts($0, context: $1) })
+        farms.post("alerts/{id}/ack", use: Self.taking { try await self.acknowledge($0, context: $1) })
+        farms.get("alert-rules", use: Self.taking { try await self.rules(context: $1) })
+        farms.get("alert-rules/{name}", use: Self.taking { try await self.rule(context: $1) })
+        farms.post("alert-rules", use: Self.taking { try await self.putRule($0, context: $1, name: nil) })
+        farms.put("alert-rules/{name}", use: Self.taking { try await self.putRule($0, context: $1, name: $1.parameters.get("name") ?? "") })
+        farms.delete("alert-rules/{name}", use: Self.taking { try await self.removeRule(context: $1) })
+        farms.get("silences", use: Self.taking { try await self.silences(context: $1) })
+        farms.post("silences", use: Self.taking { try await self.addSilence($0, context: $1) })
+        farms.delete("silences/{id}", use: Self.taking { try await self.removeSilence(context: $1) })
+    }
+
+    /// `handler`, after refusing a query parameter not in `known` (or given twice).
+    static func taking(
+        _ known: [String] = [], _ handler: @escaping @Sendable (Request, IngestRequestContext) async throws -> Response
+    ) -> @Sendable (Request, IngestRequestContext) async throws -> Response {
+        { request, context in
+            try only(known, request)
+            return try await handler(request, context)
         }
     }
 
