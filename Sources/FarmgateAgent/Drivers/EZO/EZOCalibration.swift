@@ -226,7 +226,7 @@ public enum EZOCalibration {
         case .ec:
             if step.point == "dry" {
                 guard reading > Plausibility.dryEC else { return nil }
-                return "the probe reads \(shown) µS/cm, but a dry probe reads about 0 (at most \(format(Plausibility.dryEC))): it seems to be \(Self.ecSolution(reading)); take it out, dry it, and try again"
+                return "the probe reads \(shown) µS/cm, but a dry probe reads about 0 (at most \(format(Plausibility.dryEC)) µS/cm): it seems to be \(Self.ecSolution(reading)); take it out, dry it, and try again"
             }
             guard let reference = step.reference, reference > 0 else { return nil }
             let ratio = reading / reference
