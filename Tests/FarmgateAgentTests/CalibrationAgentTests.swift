@@ -340,6 +340,35 @@ extension CalibrationAgentTests {
         #expect(partial.output.contains("farmgate calibrate tank1.ph"), "\(partial.output)")
         #expect(phBox.calibrations == ["CAL,MID,7.00", "CAL,LOW,4.00"], "\(ph.commands)")
 
+        // 5. The agent itself refuses a point whose reading is far from its reference, unless forced.
+        let send = Self.send(socket)
+        #expect(try send(ControlRequest(command: "calibrate.begin", arguments: ["sensor": "tank1.ph"])).ok)
+        let far = try send(ControlRequest(command: "calibrate.point", arguments: ["sensor": "tank1.ph", "point": "mid", "reference": "7", "reading": "4.02"]))
+        #expect(!far.ok && far.error?.contains("force=true") == true, "\(far)")
+        #expect(try send(ControlRequest(command: "calibrate.abort", arguments: ["sensor": "tank1.ph"])).ok)
+        #expect(phBox.calibrations.count == 2, "\(ph.commands)")
+
+        // 6. --force: the installer is asked even with --yes; no stops before anything is sent, yes takes the point.
+        var options = CalibrationGuide.Options()
+        options.window = .seconds(1)
+        options.interval = .milliseconds(100)
+        options.settleTimeout = .seconds(30)
+        options.assumeYes = true
+        options.force = true
+        options.steps = [CalibrationStep(point: "dry")]
+        let questions = Lines()
+        let declined = try await Self.guide("tank1.ec", socket: socket, options: options, output: Lines(), confirm: { question in
+            questions.append(question)
+            return false
+        })
+        guard case .failure(let stopped) = declined else { Issue.record("a declined forced point was taken"); return }
+        #expect(stopped.description.contains("far from its reference"), "\(stopped)")
+        #expect(questions.text.contains("anyway?"), "\(questions.text)")
+        #expect(ecBox.calibrations.isEmpty, "\(ec.commands)")
+        let forced = try await Self.guide("tank1.ec", socket: socket, options: options, output: Lines(), confirm: { _ in true })
+        #expect((try? forced.get())?.event?.points.map(\.name) == ["dry"], "\(forced)")
+        #expect(ecBox.calibrations == ["CAL,DRY"], "\(ec.commands)")
+
         kill(process.processIdentifier, SIGTERM)
         let exited = await eventually(timeout: .seconds(20)) { !process.isRunning }
         #expect(exited)
@@ -348,8 +377,10 @@ extension CalibrationAgentTests {
             configuration: BufferConfiguration(path: buffer), logger: Logger(label: "test") { _ in SwiftLogNoOpLogHandler() })
         let stored = try await store.pendingCalibrations(limit: 10)
         try await store.close()
-        #expect(stored.map(\.sensor.rawValue) == ["tank1.ph"], "\(stored)")
-        #expect(stored.first?.points.map(\.name) == ["mid"], "\(stored)")
-        #expect(stored.first?.points.first?.reading == 7.01, "\(stored)")
+        // Nothing under tank1.tds; the partial pH calibration with its one point; the forced dry point under tank1.ec.
+        #expect(stored.map(\.sensor.rawValue).sorted() == ["tank1.ec", "tank1.ph"], "\(stored)")
+        let phEvent = stored.first { $0.sensor.rawValue == "tank1.ph" }
+        #expect(phEvent?.points.map(\.name) == ["mid"], "\(stored)")
+        #expect(phEvent?.points.first?.reading == 7.01, "\(stored)")
     }
 }
