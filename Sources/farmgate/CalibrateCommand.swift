@@ -16,7 +16,10 @@ struct CalibrateCommand: ParsableCommand {
         abstract: "Calibrate an EZO circuit through the running agent, point by point, waiting for stable readings.",
         discussion: """
             The agent owns the serial port: this command asks it to read and calibrate. For each point it shows live readings, \
-            waits until they stay within --tolerance for --window, asks you to confirm (unless --yes), then sends Cal. \
+            waits until they stay within --tolerance for --window, asks you to confirm (unless --yes), then sends Cal. A stable \
+            reading far from the point's reference (pH more than 1.5 away; EC dry above 100 µS/cm; EC points more than 2x off) \
+            is refused, naming the solution the probe seems to be in; --force asks you instead, even with --yes. If a point \
+            fails after others were taken, those are recorded and the command says what the circuit holds. \
             Afterwards it prints what the circuit holds (Cal,?) and, on pH, the probe's slope (Slope,?), and the agent records \
             the calibration as an event that is uploaded with the readings. Readings taken meanwhile carry the calibrating flag.
 
@@ -51,6 +54,9 @@ struct CalibrateCommand: ParsableCommand {
 
     @Flag(name: [.short, .customLong("yes")], help: "Take each point without asking (for scripts).")
     var yes = false
+
+    @Flag(help: "Offer a point whose stable reading is far from its reference (the probe seems to be in another solution) instead of refusing it; you are asked to confirm it, even with --yes.")
+    var force = false
 
     @Flag(help: "Abort a calibration of this sensor left in progress (points already taken stay in the circuit).")
     var abort = false
@@ -96,6 +102,7 @@ struct CalibrateCommand: ParsableCommand {
         guideOptions.settleTimeout = ConfigTable.parseDuration(timeout) ?? .seconds(600)
         guideOptions.interval = ConfigTable.parseDuration(interval) ?? .seconds(1)
         guideOptions.assumeYes = yes
+        guideOptions.force = force
         let guide = CalibrationGuide(
             options: guideOptions, send: send,
             confirm: { question in

@@ -49,7 +49,9 @@ struct SensorRead: AsyncParsableCommand {
             }
             answer = await Self.readDirectly(sensor, configuration: configuration)
         }
-        try report(answer)
+        let configured = (try? loaded.get())?.sensors.first { $0.id.rawValue == sensor }
+        let source: String?? = configured.map { try? $0.options.string("temperature_sensor") }
+        try report(answer, temperatureSensor: source)
     }
 
     /// The agent's answer, or nil when no agent listens on `path` (then the sensor is read directly).
@@ -98,7 +100,25 @@ struct SensorRead: AsyncParsableCommand {
         return answer
     }
 
-    func report(_ answer: SensorReadAnswer) throws {
+    /// What applies to the compensation of a reading taken directly, or nil when nothing needs saying: only EZO pH, EC
+    /// and DO circuits are compensated by the agent (with `temperature_sensor`); other drivers (a Modbus transmitter)
+    /// take no temperature from it.
+    /// - Parameter temperatureSensor: the sensor's `temperature_sensor` (`.some(nil)`: none set; nil: unknown).
+    static func compensationNote(_ reading: SensorReadResult, temperatureSensor: String??) -> String? {
+        guard reading.via == "direct", reading.driver == "ezo", !reading.flags.contains("compensated"),
+            ["ph", "ec", "do", "tds", "salinity", "specific_gravity"].contains(reading.quantity)
+        else { return nil }
+        switch temperatureSensor {
+        case .some(.some(let source)):
+            return "not temperature-compensated: read directly, the agent would compensate with \(source)'s latest value"
+        case .some(.none):
+            return "not compensated by the agent (no temperature_sensor set): the circuit uses its own temperature setting (T, 25 °C from the factory)"
+        case .none:
+            return nil
+        }
+    }
+
+    func report(_ answer: SensorReadAnswer, temperatureSensor: String?? = nil) throws {
         if json {
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
@@ -112,11 +132,7 @@ struct SensorRead: AsyncParsableCommand {
                 var line = "\(reading.sensor): \(shown) \(reading.unit)"
                 var notes = ["\(reading.via == "agent" ? "read by the running agent" : "read directly (no agent running)") in \(reading.milliseconds) ms"]
                 if !reading.flags.isEmpty { notes.append("flags: \(reading.flags.joined(separator: ", "))") }
-                if reading.via == "direct" && reading.flags.contains("compensated") == false,
-                    ["ph", "ec", "do"].contains(reading.quantity)
-                {
-                    notes.append("not temperature-compensated without the agent")
-                }
+                if let note = Self.compensationNote(reading, temperatureSensor: temperatureSensor) { notes.append(note) }
                 line += " (\(notes.joined(separator: "; ")))"
                 print(line)
             }

@@ -27,6 +27,27 @@ struct CalibrationAgentTests {
         }
     }
 
+    /// The simulator a values closure consults (set once the simulator exists): the solution the probe sits in follows
+    /// the calibration commands the circuit received, as an installer moves the probe after each point.
+    final class SimulatorBox: Sendable {
+        let simulator = Mutex<EZOSimulator?>(nil)
+        /// The last calibration command (upper case, `CAL,MID,7.00`), nil before any.
+        var lastCalibration: String? {
+            simulator.withLock { $0 }?.commands.map { $0.uppercased() }.last { $0.hasPrefix("CAL,") && $0 != "CAL,?" }
+        }
+        var calibrations: [String] {
+            simulator.withLock { $0 }?.commands.map { $0.uppercased() }.filter { $0.hasPrefix("CAL,") && $0 != "CAL,?" } ?? []
+        }
+    }
+
+    /// The value of the solution a probe sits in, as a test changes it.
+    final class Solution: Sendable {
+        private let value: Mutex<Double>
+        init(_ value: Double) { self.value = Mutex(value) }
+        var current: Double { value.withLock { $0 } }
+        func set(_ new: Double) { value.withLock { $0 = new } }
+    }
+
     /// Runs the guide on a thread of its own (it blocks), as the CLI does.
     static func guide(
         _ sensor: String, socket: String, options: CalibrationGuide.Options, output: Lines, confirm: @escaping @Sendable (String) -> Bool = { _ in true }
@@ -56,9 +77,18 @@ struct CalibrationAgentTests {
         let scratch = try Scratch(prefix: "fg-cal", in: URL(fileURLWithPath: "/tmp"))
         // Drifting for the first 12 reads (7.10, 7.15, ... 7.65: any two differ by more than the 0.02 tolerance, whichever
         // of them the guide gets while the sampler takes the others), then settled at 7.01.
+        // Then the probe goes into the buffer of the next point once a point is taken: 4.02 after mid, 10.03 after low,
+        // and back in pH 7 after high (for the next calibration).
+        let box = SimulatorBox()
         let ph = try EZOSimulator(.ph, path: scratch.file("by-id-ph"), timeScale: 0.2, values: { index, _ in
-            index < 12 ? 7.1 + 0.05 * Double(index) : 7.01
+            switch box.lastCalibration {
+            case nil: index < 12 ? 7.1 + 0.05 * Double(index) : 7.01
+            case let last? where last.hasPrefix("CAL,MID"): 4.02
+            case let last? where last.hasPrefix("CAL,LOW"): 10.03
+            default: 7.01
+            }
         })
+        box.simulator.withLock { $0 = ph }
         defer { ph.stop() }
         let buffer = scratch.file("buffer.sqlite")
         let socket = scratch.file("control.sock")
@@ -121,8 +151,8 @@ struct CalibrationAgentTests {
         let event = try #require(finished.event)
         #expect(event.points.map(\.name) == ["mid", "low", "high"])
         #expect(event.points.map(\.reference) == [7, 4, 10])
-        // Each point was taken on the settled value, never during the noise.
-        #expect(event.points.allSatisfy { $0.reading == 7.01 }, "\(event.points)")
+        // Each point was taken on the settled value of its own buffer, never during the noise.
+        #expect(event.points.map(\.reading) == [7.01, 4.02, 10.03], "\(event.points)")
         #expect(event.circuit == "pH" && event.sensor.rawValue == "tank1.ph" && event.calibratedPoints == 3)
         #expect(output.text.contains("The circuit holds 3 calibration points (Cal,?)."))
         #expect(output.text.contains("Slope: acid 99.70 %, base 100.30 %, offset -0.89 mV (Slope,?)."))
@@ -198,5 +228,159 @@ struct CalibrationAgentTests {
         #expect(readings.contains { $0.quality.contains(.calibrating) }, "readings taken during the calibration carry calibrating")
         #expect(readings.contains { !$0.quality.contains(.calibrating) })
         #expect(readings.last.map { !$0.quality.contains(.calibrating) } == true, "the flag is off once the calibration ended")
+    }
+}
+
+extension CalibrationAgentTests {
+    @Test("Refusals with the real CLI: a derived TDS output, readings far from the point's reference, a point given twice; *ER partway records what was taken and says what the circuit holds")
+    func refusalsAndPartial() async throws {
+        let scratch = try Scratch(prefix: "fg-calr", in: URL(fileURLWithPath: "/tmp"))
+        // pH: in a pH 4 buffer for the first runs (a mid point is refused), then in pH 7 until Cal,mid, in pH 4 after it.
+        let phBox = SimulatorBox()
+        let phSolution = Solution(4.02)
+        let ph = try EZOSimulator(.ph, path: scratch.file("by-id-ph"), timeScale: 0.2, values: { _, _ in
+            phBox.lastCalibration?.hasPrefix("CAL,MID") == true ? 4.02 : phSolution.current
+        })
+        phBox.simulator.withLock { $0 = ph }
+        defer { ph.stop() }
+        // EC: the probe sits in the 1413 µS/cm solution throughout.
+        let ecBox = SimulatorBox()
+        let ec = try EZOSimulator(.ec, path: scratch.file("by-id-ec"), timeScale: 0.2, values: { _, _ in 1413 })
+        ecBox.simulator.withLock { $0 = ec }
+        defer { ec.stop() }
+        let buffer = scratch.file("buffer.sqlite")
+        let socket = scratch.file("control.sock")
+        let configuration = try scratch.write(
+            "agent.toml",
+            """
+            [device]
+            id = "cal-site"
+            [buffer]
+            path = "\(buffer)"
+            commit_interval = "100ms"
+            [control]
+            socket = "\(socket)"
+            [clock]
+            check = false
+
+            [[sensor]]
+            id = "tank1.ph"
+            driver = "ezo"
+            quantity = "ph"
+            port = "\(ph.path)"
+            interval = "1s"
+
+            [[sensor]]
+            id = "tank1.ec"
+            driver = "ezo"
+            quantity = "ec"
+            port = "\(ec.path)"
+            interval = "1s"
+
+            [[sensor]]
+            id = "tank1.tds"
+            driver = "ezo"
+            quantity = "tds"
+            port = "\(ec.path)"
+            interval = "1s"
+            """)
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: builtExecutable("farmgate", environmentOverride: "FARMGATE_BINARY"))
+        process.arguments = ["agent", "-c", configuration]
+        let log = scratch.file("agent.log")
+        #expect(FileManager.default.createFile(atPath: log, contents: nil))
+        process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
+        process.standardOutput = process.standardError
+        try process.run()
+        defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
+        func agentLog() -> String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
+        let up = await eventually(timeout: .seconds(20), every: .milliseconds(100)) {
+            (try? ControlClient.send(ControlRequest(command: "status"), to: socket, timeoutSeconds: 2)) != nil
+        }
+        try #require(up, "the agent did not answer on its control socket: \(agentLog())")
+        let binary = builtExecutable("farmgate", environmentOverride: "FARMGATE_BINARY")
+        let quick = ["--yes", "--window", "1s", "--interval", "100ms"]
+        func calibrate(_ arguments: [String]) async throws -> (status: Int32, output: String) {
+            try await runOffPool { try Self.cli(binary, configuration, arguments + quick) }
+        }
+
+        // 1. The EC circuit's TDS output: refused, naming the EC sensor; nothing sent.
+        let tds = try await calibrate(["tank1.tds", "--point", "dry", "--point", "single=1413"])
+        #expect(tds.status == 1, "\(tds.output)")
+        #expect(tds.output.contains("calibrate \"tank1.ec\" instead"), "\(tds.output)")
+        #expect(ecBox.calibrations.isEmpty, "\(ec.commands)")
+
+        // 2. Readings far from the reference: dry while reading 1413 µS/cm, mid 7.00 while reading pH 4.02.
+        let dry = try await calibrate(["tank1.ec", "--point", "dry"])
+        #expect(dry.status == 1, "\(dry.output)")
+        #expect(dry.output.contains("a dry probe reads about 0"), "\(dry.output)")
+        #expect(dry.output.contains("in the 1413 µS/cm solution"), "\(dry.output)")
+        #expect(ecBox.calibrations.isEmpty, "\(ec.commands)")
+        let mid = try await calibrate(["tank1.ph", "--point", "mid=7.00"])
+        #expect(mid.status == 1, "\(mid.output)")
+        #expect(mid.output.contains("the probe seems to be in the pH 4.00 buffer, not the 7.00 one"), "\(mid.output)")
+        #expect(phBox.calibrations.isEmpty, "\(ph.commands)")
+
+        // 3. A point given twice: said so, nothing sent.
+        phSolution.set(7.01)
+        let twice = try await calibrate(["tank1.ph", "--point", "mid=7", "--point", "mid=7"])
+        #expect(twice.status == 1, "\(twice.output)")
+        #expect(twice.output.contains("point mid is given twice"), "\(twice.output)")
+        #expect(!twice.output.contains("already taken"), "\(twice.output)")
+        #expect(phBox.calibrations.isEmpty, "\(ph.commands)")
+
+        // 4. *ER on Cal,low after Cal,mid: the circuit holds only the mid point; that is recorded and said.
+        ph.injectCommand("CAL,LOW", .respond("*ER"))
+        let partial = try await calibrate(["tank1.ph", "--point", "mid=7.00", "--point", "low=4.00"])
+        #expect(partial.status == 1, "\(partial.output)")
+        #expect(partial.output.contains("refused 'Cal,low,4.00' (*ER)"), "\(partial.output)")
+        #expect(partial.output.contains("The circuit now holds only the mid point"), "\(partial.output)")
+        #expect(partial.output.contains("Cal,? says 1 point"), "\(partial.output)")
+        #expect(partial.output.contains("recorded as calibration event"), "\(partial.output)")
+        #expect(partial.output.contains("farmgate calibrate tank1.ph"), "\(partial.output)")
+        #expect(phBox.calibrations == ["CAL,MID,7.00", "CAL,LOW,4.00"], "\(ph.commands)")
+
+        // 5. The agent itself refuses a point whose reading is far from its reference, unless forced.
+        let send = Self.send(socket)
+        #expect(try send(ControlRequest(command: "calibrate.begin", arguments: ["sensor": "tank1.ph"])).ok)
+        let far = try send(ControlRequest(command: "calibrate.point", arguments: ["sensor": "tank1.ph", "point": "mid", "reference": "7", "reading": "4.02"]))
+        #expect(!far.ok && far.error?.contains("force=true") == true, "\(far)")
+        #expect(try send(ControlRequest(command: "calibrate.abort", arguments: ["sensor": "tank1.ph"])).ok)
+        #expect(phBox.calibrations.count == 2, "\(ph.commands)")
+
+        // 6. --force: the installer is asked even with --yes; no stops before anything is sent, yes takes the point.
+        var options = CalibrationGuide.Options()
+        options.window = .seconds(1)
+        options.interval = .milliseconds(100)
+        options.settleTimeout = .seconds(30)
+        options.assumeYes = true
+        options.force = true
+        options.steps = [CalibrationStep(point: "dry")]
+        let questions = Lines()
+        let declined = try await Self.guide("tank1.ec", socket: socket, options: options, output: Lines(), confirm: { question in
+            questions.append(question)
+            return false
+        })
+        guard case .failure(let stopped) = declined else { Issue.record("a declined forced point was taken"); return }
+        #expect(stopped.description.contains("far from its reference"), "\(stopped)")
+        #expect(questions.text.contains("anyway?"), "\(questions.text)")
+        #expect(ecBox.calibrations.isEmpty, "\(ec.commands)")
+        let forced = try await Self.guide("tank1.ec", socket: socket, options: options, output: Lines(), confirm: { _ in true })
+        #expect((try? forced.get())?.event?.points.map(\.name) == ["dry"], "\(forced)")
+        #expect(ecBox.calibrations == ["CAL,DRY"], "\(ec.commands)")
+
+        kill(process.processIdentifier, SIGTERM)
+        let exited = await eventually(timeout: .seconds(20)) { !process.isRunning }
+        #expect(exited)
+        process.waitUntilExit()
+        let store = try ReadingBuffer(
+            configuration: BufferConfiguration(path: buffer), logger: Logger(label: "test") { _ in SwiftLogNoOpLogHandler() })
+        let stored = try await store.pendingCalibrations(limit: 10)
+        try await store.close()
+        // Nothing under tank1.tds; the partial pH calibration with its one point; the forced dry point under tank1.ec.
+        #expect(stored.map(\.sensor.rawValue).sorted() == ["tank1.ec", "tank1.ph"], "\(stored)")
+        let phEvent = stored.first { $0.sensor.rawValue == "tank1.ph" }
+        #expect(phEvent?.points.map(\.name) == ["mid"], "\(stored)")
+        #expect(phEvent?.points.first?.reading == 7.01, "\(stored)")
     }
 }

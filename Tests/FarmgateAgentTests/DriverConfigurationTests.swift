@@ -168,6 +168,15 @@ struct DriverConfigurationTests {
         #expect(twice.message.contains("is already used by sensor \"a\""))
     }
 
+    @Test("A DS18B20 measures temperature only: any other quantity is refused at its line, naming temperature", arguments: ["ph", "ec", "state", "flow", "do"])
+    func ds18b20Quantity(quantity: String) throws {
+        let text = "\n[[sensor]]\nid = \"tank1.ph\"\ndriver = \"ds18b20\"\nquantity = \"\(quantity)\"\naddress = \"28-000000000001\"\n"
+        let failure = try #require(error(text))
+        #expect(failure.key == "sensor \"tank1.ph\": quantity")
+        #expect(failure.line == 7, "the quantity's line: \(failure)")
+        #expect(failure.message.contains("measures \"temperature\" only, not \"\(quantity)\""), "\(failure.message)")
+    }
+
     @Test("The registry lists the hardware drivers with samples that are themselves valid")
     func registry() throws {
         #expect(Set(DriverRegistry.standard.names).isSuperset(of: ["modbus", "ds18b20", "gpio", "simulated"]))

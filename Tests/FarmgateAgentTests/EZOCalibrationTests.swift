@@ -67,6 +67,32 @@ struct EZOCalibrationTests {
         #expect(try plan(.dissolvedOxygen, "zero", "air") == ["Cal,0", "Cal"])
     }
 
+    @Test("Plausibility: a reading far from the point's reference is refused naming the solution; uncalibrated probes pass")
+    func plausibility() {
+        func problem(_ kind: EZOCircuitKind, _ point: String, _ reading: Double) -> String? {
+            guard let step = try? CalibrationStep(parsing: point) else { return "unparsable \(point)" }
+            return EZOCalibration.implausibility(of: reading, for: step, kind: kind)
+        }
+        // A new pH probe is off by a few tenths; an EC cell constant by tens of percent: both still calibrate.
+        #expect(problem(.ph, "mid=7.00", 6.62) == nil)
+        #expect(problem(.ph, "low=4.00", 4.9) == nil)
+        #expect(problem(.ec, "single=1413", 1_000) == nil)
+        #expect(problem(.ec, "high=80000", 110_000) == nil)
+        #expect(problem(.ec, "dry", 3) == nil)
+        #expect(problem(.rtd, "single=21.5", 22.4) == nil)
+        #expect(problem(.orp, "single=225", 260) == nil)
+        #expect(problem(.dissolvedOxygen, "air", 8.4) == nil)
+        // The wrong solution is named.
+        #expect(problem(.ph, "mid=7.00", 4.02)?.contains("seems to be in the pH 4.00 buffer, not the 7.00 one") == true)
+        #expect(problem(.ph, "high=10.00", 7.01)?.contains("seems to be in the pH 7.00 buffer") == true)
+        #expect(problem(.ph, "mid=7.00", 1.2)?.contains("none of the usual buffers") == true)
+        #expect(problem(.ec, "dry", 1_413)?.contains("in the 1413 µS/cm solution") == true)
+        #expect(problem(.ec, "single=1413", 12_500)?.contains("in the 12880 µS/cm solution") == true)
+        #expect(problem(.ec, "low=12880", 2)?.contains("dry or in water without salts") == true)
+        #expect(problem(.rtd, "single=21.5", 35) != nil)
+        #expect(problem(.orp, "single=225", 10) != nil)
+    }
+
     @Test("Cal,? and Slope,? answers parse; anything else does not")
     func answers() {
         #expect(EZOCalibration.parseCalibrated("?Cal,3") == 3)

@@ -318,9 +318,83 @@ struct EZODriverTests {
         let second = try await driver.read()
         #expect(second.quality.contains(.compensated))
         #expect(simulator.temperature == 19)
+        try bench.latest.set("tank1.temp", 20)
+        #expect(try await driver.read().quality.contains(.compensated))
+        try bench.latest.set("tank1.temp", 18)
+        #expect(try await driver.read().quality.contains(.compensated))
+        #expect(simulator.temperature == 18)
+        // Three *ER in a row say the firmware has no RT: the fourth read goes straight to T, then R.
         let commands = simulator.commands.map { $0.uppercased() }
-        #expect(commands.filter { $0.hasPrefix("RT,") }.count == 1, "RT was tried again after *ER: \(commands)")
-        #expect(commands.suffix(2) == ["T,19.00", "R"], "\(commands)")
+        #expect(commands.filter { $0.hasPrefix("RT,") }.count == 3, "RT was tried again after three *ER, or given up sooner: \(commands)")
+        #expect(commands.suffix(2) == ["T,18.00", "R"], "\(commands)")
+        #expect(commands.suffix(3).first?.hasPrefix("RT,") == false, "\(commands)")
+        await driver.close()
+    }
+
+    @Test("One *ER to RT (a garbled command) does not give RT up: that read goes with T then R, the next with RT again")
+    func singleRTRefusal() async throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.ph, name: "ph")
+        let driver = try bench.compensatedPH()
+        try bench.latest.set("tank1.temp", 21)
+        simulator.injectCommand("RT", .respond("*ER"))
+        #expect(try await driver.read().quality.contains(.compensated))
+        try bench.latest.set("tank1.temp", 22)
+        #expect(try await driver.read().quality.contains(.compensated))
+        try bench.latest.set("tank1.temp", 23)
+        #expect(try await driver.read().quality.contains(.compensated))
+        let commands = simulator.commands.map { $0.uppercased() }
+        let reads = commands.filter { $0.hasPrefix("RT,") || $0.hasPrefix("T,") || $0 == "R" }
+        #expect(reads == ["RT,21.00", "T,21.00", "R", "RT,22.00", "RT,23.00"], "\(commands)")
+        await driver.close()
+    }
+
+    @Test("A pH answer outside the circuit's 0.001–14.000 is a fault of the read, not a reading", arguments: [15.2, -0.5])
+    func phOutsideOutputRange(value: Double) async throws {
+        let bench = try EZOBench()
+        _ = try bench.circuit(.ph, name: "ph", values: { index, _ in index == 0 ? value : 6.5 })
+        let driver = try bench.driver("tank1.ph", quantity: "ph", port: "ph")
+        guard case .failure(let error) = await readResult(driver) else {
+            Issue.record("pH \(value) was stored as a reading")
+            return
+        }
+        #expect(error.kind == .invalidResponse, "\(error)")
+        #expect(error.message.contains("outside the pH 0.001–14.000"), "\(error)")
+        #expect(error.message.contains("not a reading"), "\(error)")
+        #expect(try await driver.read() == SensorValue(6.5))
+        await driver.close()
+    }
+
+    @Test("A pH answer of two fields says so (not a pH circuit, or its outputs changed), not that the circuit keeps restarting")
+    func twoFieldsOnPH() async throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.ph, name: "ph")
+        let driver = try bench.driver("tank1.ph", quantity: "ph", port: "ph")
+        #expect(try await driver.read() == SensorValue(6.00))
+        simulator.inject(.respond("1413.0,707"))
+        guard case .failure(let error) = await readResult(driver) else {
+            Issue.record("two fields gave a pH value")
+            return
+        }
+        #expect(error.kind == .invalidResponse, "\(error)")
+        #expect(error.message.contains("has 2 fields where an EZO pH circuit's reading has 1"), "\(error)")
+        #expect(!error.message.contains("restarting"), "\(error)")
+        #expect(try await driver.read() == SensorValue(6.01))
+        await driver.close()
+    }
+
+    @Test("Noise without a line end (a wrong baud mangles the carriage return too) is an incomplete answer that says to check the baud")
+    func incompleteNoiseSaysBaud() async throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.ph, name: "ph")
+        let driver = try bench.driver("tank1.ph", quantity: "ph", port: "ph")
+        simulator.inject(.noiseWithoutEnd([0x90, 0xFB, 0xEF, 0x8C, 0x91]))
+        guard case .failure(let error) = await readResult(driver) else {
+            Issue.record("noise gave a value")
+            return
+        }
+        #expect(error.message.contains("incomplete answer"), "\(error)")
+        #expect(error.message.contains("baud"), "\(error)")
         await driver.close()
     }
 
@@ -350,14 +424,16 @@ struct EZODriverTests {
     @Test("A value no probe can read is refused")
     func implausibleValue() async throws {
         let bench = try EZOBench()
-        _ = try bench.circuit(.ph, name: "ph", values: { _, _ in 99 })
-        let driver = try bench.driver("tank1.ph", quantity: "ph", port: "ph")
+        // EC has no output range of its own to check (a pH circuit's 0.001–14.000 refuses 99 first): the quantity's
+        // plausible range does.
+        _ = try bench.circuit(.ec, name: "ec", values: { _, _ in 2_000_000 })
+        let driver = try bench.driver("tank1.ec", quantity: "ec", port: "ec")
         guard case .failure(let error) = await readResult(driver) else {
-            Issue.record("pH 99 was accepted")
+            Issue.record("EC 2000000 µS/cm was accepted")
             return
         }
         #expect(error.kind == .invalidResponse)
-        #expect(error.message.contains("read 99.0"), "\(error)")
+        #expect(error.message.contains("read 2000000.0"), "\(error)")
         await driver.close()
     }
 

@@ -54,6 +54,8 @@ public final class EZOSimulator: Sendable {
         case garbageOnly([UInt8])
         /// Half of the answer, without its carriage return, then nothing.
         case partial
+        /// Noise bytes without any line end, then nothing (a wrong baud mangles the carriage return too).
+        case noiseWithoutEnd([UInt8])
         /// No answer at all.
         case silence
     }
@@ -154,8 +156,9 @@ public final class EZOSimulator: Sendable {
         state.withLock { $0.faults.append(contentsOf: faults) }
     }
 
-    /// The next command named `name` (`CAL`, `SLOPE`, `O`: the part before the first comma, any case) meets `fault`
-    /// instead of being done: `.silence` (no answer at all), `.respond(code)` (that line only).
+    /// The next command named `name` (`CAL`, `SLOPE`, `O`: the part before the first comma, any case; or the first two
+    /// fields, `CAL,LOW`, for that command only) meets `fault` instead of being done: `.silence` (no answer at all),
+    /// `.respond(code)` (that line only).
     public func injectCommand(_ name: String, _ fault: Fault) {
         state.withLock { $0.commandFaults[name.uppercased(), default: []].append(fault) }
     }
@@ -349,10 +352,13 @@ public final class EZOSimulator: Sendable {
         let command = fields[0]
         let generic = 0.3
         let commandFault = state.withLock { state -> Fault? in
-            guard var queued = state.commandFaults[command], !queued.isEmpty else { return nil }
-            let fault = queued.removeFirst()
-            state.commandFaults[command] = queued
-            return fault
+            for key in (fields.count > 1 ? ["\(command),\(fields[1])", command] : [command]) {
+                guard var queued = state.commandFaults[key], !queued.isEmpty else { continue }
+                let fault = queued.removeFirst()
+                state.commandFaults[key] = queued
+                return fault
+            }
+            return nil
         }
         if case .silence? = commandFault { return }
         if case .respond(let code)? = commandFault { return send([code]) }
@@ -528,6 +534,9 @@ public final class EZOSimulator: Sendable {
         case .partial?:
             pause(time)
             sendRaw(Array(line.utf8.prefix(max(1, line.utf8.count / 2))))
+        case .noiseWithoutEnd(let noise)?:
+            pause(time)
+            sendRaw(noise)
         case .silence?:
             break
         }

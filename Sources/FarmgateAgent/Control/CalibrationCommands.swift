@@ -17,7 +17,7 @@ import Synchronization
 /// |---|---|---|
 /// | `calibrate.begin` | `sensor` | the circuit, its points, the default points; the sensor's readings carry `calibrating` from now |
 /// | `calibrate.read` | `sensor` | `reading`: one fresh reading (not stored) |
-/// | `calibrate.point` | `sensor`, `point`, `reference` (a number; absent for `dry`, `air`, `zero`), `reading` (optional) | `command` sent, `taken` |
+/// | `calibrate.point` | `sensor`, `point`, `reference` (a number; absent for `dry`, `air`, `zero`), `reading` (optional: a reading far from the reference is refused unless `force` is `true`) | `command` sent, `taken` |
 /// | `calibrate.status` | `sensor` | `taken`, `state` (`Cal,?`, `Slope,?`) |
 /// | `calibrate.finish` | `sensor` | `event` (committed to the buffer), `state`, `warnings` |
 /// | `calibrate.abort` | `sensor` | `taken` (points the circuit already holds stay in it) |
@@ -60,6 +60,7 @@ public final class CalibrationCommands: Sendable {
             guard let device = driver as? any CalibratableDriver else {
                 throw CalibrationError("sensor \"\(sensor)\" is not an EZO circuit: only EZO pH, EC, RTD, ORP and DO circuits are calibrated through the agent (a Modbus transmitter is calibrated with its vendor's tool)")
             }
+            try checkCalibratedQuantity(sensor, device)
             switch request.command {
             case "calibrate.begin": return try begin(sensor, device)
             case "calibrate.read": return try await read(sensor, device)
@@ -89,6 +90,24 @@ public final class CalibrationCommands: Sendable {
         } catch {
             return CalibrationControlAnswer(ok: false, error: "\(request.command): \(error)")
         }
+    }
+
+    /// Refuses a sensor that reads a derived output of its circuit (an EC circuit's TDS, salinity or specific gravity):
+    /// the circuit is calibrated in µS/cm, so stability and the points' references must be judged on the EC output, and
+    /// the event belongs to the EC sensor, whose calibration history `calibration_overdue` counts from. Refused rather
+    /// than quietly redirected: an installer who typed the TDS sensor may be holding ppm values for the references.
+    private func checkCalibratedQuantity(_ sensor: SensorID, _ device: any CalibratableDriver) throws(CalibrationError) {
+        let calibrated = EZOCalibration.calibratedQuantity(device.circuit)
+        guard device.measuredQuantity != calibrated else { return }
+        let owner = drivers.filter { _, other in
+            guard let other = other as? any CalibratableDriver else { return false }
+            return other.circuitPort == device.circuitPort && other.measuredQuantity == calibrated
+        }.keys.map(\.rawValue).sorted().first
+        let what = "sensor \"\(sensor)\" is the \(device.measuredQuantity.rawValue) output of the \(device.circuit) circuit on \(device.circuitPort), which is calibrated in \(calibrated.unit) through its \(calibrated.rawValue) output (\(device.measuredQuantity.rawValue) is derived from it and follows its calibration)"
+        if let owner {
+            throw CalibrationError("\(what): calibrate \"\(owner)\" instead (farmgate calibrate \(owner)), with the references in \(calibrated.unit)")
+        }
+        throw CalibrationError("\(what): add a [[sensor]] with quantity = \"\(calibrated.rawValue)\" on port \(device.circuitPort) to the configuration, restart the agent and calibrate that sensor, with the references in \(calibrated.unit)")
     }
 
     /// The sensor's session, which must be live (touched now).
@@ -155,8 +174,12 @@ public final class CalibrationCommands: Sendable {
         }
         let step = CalibrationStep(point: name.lowercased(), reference: reference)
         let command = try EZOCalibration.command(for: step, kind: session.circuit, after: session.steps)
-        try await device.sendCalibration(command)
         let reading = arguments["reading"].flatMap(Double.init).flatMap { $0.isFinite ? $0 : nil }
+        // A point taken in the wrong solution silently ruins the calibration: refuse unless the installer confirmed it.
+        if let reading, arguments["force"] != "true", let problem = EZOCalibration.implausibility(of: reading, for: step, kind: session.circuit) {
+            throw CalibrationError("\(problem) (nothing was sent; to take the point anyway, pass force=true)")
+        }
+        try await device.sendCalibration(command)
         let taken = CalibrationEvent.Point(name: step.point, reference: step.reference, at: Timestamp.now(), reading: reading)
         let points: [CalibrationEvent.Point] = sessions.withLock { sessions in
             sessions[sensor]?.steps.append(step)

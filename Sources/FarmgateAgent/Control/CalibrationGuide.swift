@@ -67,6 +67,9 @@ public struct CalibrationGuide {
         public var settleTimeout: Duration = .seconds(600)
         /// Take each point without asking (scripts); otherwise the installer confirms each one.
         public var assumeYes = false
+        /// Offer a point whose stable reading is far from its reference (``EZOCalibration/implausibility(of:for:kind:)``)
+        /// instead of refusing it; the installer must still confirm it, even with ``assumeYes``.
+        public var force = false
 
         public init() {}
     }
@@ -122,13 +125,26 @@ public struct CalibrationGuide {
             // Check the whole plan before touching the circuit: a refusal at the third point must not leave two taken.
             var planned: [CalibrationStep] = []
             for step in steps {
+                if let earlier = planned.first(where: { $0.point == step.point }) {
+                    throw Failure(
+                        "point \(step.point) is given twice (\(earlier.description) and \(step.description)); each point is taken once: give it once, with the value on the solution's bottle (nothing was sent)")
+                }
                 do { _ = try EZOCalibration.command(for: step, kind: circuit, after: planned) } catch { throw Failure(error.description) }
                 planned.append(step)
             }
             let tolerance = options.tolerance ?? Self.defaultTolerance(circuit)
             output("Calibrating \(sensor) (\(circuit)): \(steps.map(\.description).joined(separator: ", ")); stable means within \(EZOCalibration.format(tolerance)) for \(ConfigTable.format(options.window))")
+            var taken: [CalibrationStep] = []
             for step in steps {
-                try take(step, sensor: sensor, circuit: circuit, tolerance: tolerance)
+                do throws(Failure) {
+                    try take(step, sensor: sensor, circuit: circuit, tolerance: tolerance)
+                } catch {
+                    guard !taken.isEmpty else { throw error }
+                    // The circuit holds what was taken before (a pH mid point even cleared the earlier low and high):
+                    // record that as the event, and say what the circuit holds now and what to do.
+                    throw Failure("\(error.description)\n\(finishPartial(sensor, circuit: circuit, taken: taken, failed: step))")
+                }
+                taken.append(step)
             }
             let finished = try request("calibrate.finish", sensor)
             report(finished)
@@ -137,6 +153,36 @@ public struct CalibrationGuide {
             abort(sensor)
             throw error
         }
+    }
+
+    /// After a point failed with `taken` already in the circuit: records them as the calibration event (what the circuit
+    /// actually holds now), and returns what the installer must know.
+    private func finishPartial(_ sensor: String, circuit: EZOCircuitKind, taken: [CalibrationStep], failed: CalibrationStep) -> String {
+        let names = taken.map(\.point)
+        var holds = "only the \(names.joined(separator: " and ")) point\(names.count == 1 ? "" : "s") taken in this calibration"
+        if circuit == .ph, names.contains("mid") {
+            holds += " (Cal,mid cleared any low and high points it held before)"
+        }
+        var lines: [String] = []
+        do throws(Failure) {
+            let finished = try request("calibrate.finish", sensor)
+            if let held = finished.state?.calibratedPoints {
+                holds += "; Cal,? says \(held) point\(held == 1 ? "" : "s")"
+            }
+            lines.append("The circuit now holds \(holds).")
+            if let event = finished.event {
+                lines.append("The points taken (\(names.joined(separator: ", "))) are recorded as calibration event \(event.id); it is uploaded with the readings.")
+            }
+            for warning in finished.warnings ?? [] { lines.append("WARNING: \(warning)") }
+        } catch {
+            lines.append("The circuit now holds \(holds); recording them as a calibration event failed: \(error.description)")
+        }
+        let remaining = "\(failed.point) point"
+        lines.append(
+            circuit == .ph && names == ["mid"]
+                ? "Its readings have a one-point calibration (offset only, no slope). Check the probe and the solution for the \(remaining), then calibrate again from the mid point: farmgate calibrate \(sensor)"
+                : "Check the probe and the solution for the \(remaining), then calibrate again with all the points: farmgate calibrate \(sensor)")
+        return lines.joined(separator: "\n")
     }
 
     private func take(_ step: CalibrationStep, sensor: String, circuit: EZOCircuitKind, tolerance: Double) throws(Failure) {
@@ -175,12 +221,24 @@ public struct CalibrationGuide {
             }
             sleepBlocking(options.interval)
         }
-        if !options.assumeYes, !confirm("Readings are stable at \(last.map(EZOCalibration.format) ?? "?"). Calibrate \(step.description)? [y/N] ") {
+        var forced = false
+        if let last, let problem = EZOCalibration.implausibility(of: last, for: step, kind: circuit) {
+            guard options.force else {
+                throw Failure("not taking point \(step.description): \(problem). Nothing was sent; if the probe really is in that solution, run again with --force (you will be asked to confirm)")
+            }
+            // Forced: the installer decides, and must say so even with --yes.
+            output("WARNING: \(problem)")
+            guard confirm("The reading is far from the point's reference. Calibrate \(step.description) anyway? [y/N] ") else {
+                throw Failure("stopped before point \(step.point) on your request (the reading is far from its reference); points taken before it stay in the circuit")
+            }
+            forced = true
+        } else if !options.assumeYes, !confirm("Readings are stable at \(last.map(EZOCalibration.format) ?? "?"). Calibrate \(step.description)? [y/N] ") {
             throw Failure("stopped before point \(step.point) on your request; points taken before it stay in the circuit")
         }
         var arguments = ["sensor": sensor, "point": step.point]
         if let reference = step.reference { arguments["reference"] = String(reference) }
         if let last { arguments["reading"] = String(last) }
+        if forced { arguments["force"] = "true" }
         let taken = try request("calibrate.point", sensor, arguments)
         output("Point \(step.description) taken (\(taken.command ?? "Cal")).")
     }
@@ -201,8 +259,10 @@ public struct CalibrationGuide {
         }
     }
 
+    /// Ends the session (a no-op when it was finished); the agent's warnings are shown.
     private func abort(_ sensor: String) {
-        _ = try? send(ControlRequest(command: "calibrate.abort", arguments: ["sensor": sensor]))
+        guard let answer = try? send(ControlRequest(command: "calibrate.abort", arguments: ["sensor": sensor])), answer.ok else { return }
+        for warning in answer.calibration?.warnings ?? [] { output("Note: \(warning)") }
     }
 
     private func request(_ command: String, _ sensor: String, _ arguments: [String: String]? = nil) throws(Failure) -> CalibrationAnswer {

@@ -181,6 +181,78 @@ public enum EZOCalibration {
         }
     }
 
+    /// The quantity a circuit is calibrated in: an EC circuit in µS/cm (its TDS, salinity and specific gravity are
+    /// derived from EC and follow its calibration), the others in the one quantity they measure.
+    public static func calibratedQuantity(_ kind: EZOCircuitKind) -> Quantity {
+        switch kind {
+        case .ph: .ph
+        case .ec: .electricalConductivity
+        case .rtd: .temperature
+        case .orp: .orp
+        case .dissolvedOxygen: .dissolvedOxygen
+        }
+    }
+
+    /// How far a stable reading may be from a point's reference and still be the probe in that solution. Wide enough
+    /// for a probe that was never calibrated (Atlas Scientific's own guidance: a new pH probe reads within a few tenths
+    /// of the buffer, an EC probe's cell constant may be off by tens of percent), narrow enough to tell one buffer from
+    /// another (pH 4, 7, 10 are 3 apart; the usual EC solutions an order of magnitude).
+    public enum Plausibility {
+        /// pH units between the stable reading and the buffer's value.
+        public static let ph = 1.5
+        /// The most an EC probe in air may read, µS/cm (a dry probe reads 0; a wet one a little).
+        public static let dryEC = 100.0
+        /// The factor an EC reading may be off its solution's value (either way).
+        public static let ecFactor = 2.0
+        /// °C between an RTD's reading and the thermometer's.
+        public static let rtd = 5.0
+        /// mV between an ORP reading and the solution's value.
+        public static let orp = 100.0
+    }
+
+    /// Why the stable `reading` cannot be the probe in the solution of `step`, with the solution it seems to be in
+    /// instead; nil when it is plausible (or the point has nothing to compare with: DO).
+    public static func implausibility(of reading: Double, for step: CalibrationStep, kind: EZOCircuitKind) -> String? {
+        let shown = format(reading)
+        switch kind {
+        case .ph:
+            guard let reference = step.reference, abs(reading - reference) > Plausibility.ph else { return nil }
+            let buffers = [4.0, 7.0, 10.0]
+            let nearest = buffers.min { abs($0 - reading) < abs($1 - reading) } ?? 7
+            let seems = abs(nearest - reading) <= Plausibility.ph && nearest != reference
+                ? "the probe seems to be in the pH \(format(nearest)) buffer, not the \(format(reference)) one"
+                : "the probe seems to be in none of the usual buffers (4.00, 7.00, 10.00): a worn probe, or not in a buffer at all"
+            return "the probe reads pH \(shown), more than \(format(Plausibility.ph)) from the \(step.point) point's \(format(reference)): \(seems); put it in the pH \(format(reference)) buffer (rinse it first) and wait for the readings to settle"
+        case .ec:
+            if step.point == "dry" {
+                guard reading > Plausibility.dryEC else { return nil }
+                return "the probe reads \(shown) µS/cm, but a dry probe reads about 0 (at most \(format(Plausibility.dryEC)) µS/cm): it seems to be \(Self.ecSolution(reading)); take it out, dry it, and try again"
+            }
+            guard let reference = step.reference, reference > 0 else { return nil }
+            let ratio = reading / reference
+            guard ratio < 1 / Plausibility.ecFactor || ratio > Plausibility.ecFactor else { return nil }
+            return "the probe reads \(shown) µS/cm, more than \(format(Plausibility.ecFactor))× off the \(step.point) point's \(format(reference)) µS/cm (an uncalibrated probe is off by tens of percent, not that much): it seems to be \(Self.ecSolution(reading)); put it in the \(format(reference)) µS/cm solution and wait for the readings to settle"
+        case .rtd:
+            guard let reference = step.reference, abs(reading - reference) > Plausibility.rtd else { return nil }
+            return "the probe reads \(shown) °C, more than \(format(Plausibility.rtd)) °C from the thermometer's \(format(reference)) °C: put the probe in the same water as the thermometer, let both settle, and give the temperature the thermometer reads"
+        case .orp:
+            guard let reference = step.reference, abs(reading - reference) > Plausibility.orp else { return nil }
+            return "the probe reads \(shown) mV, more than \(format(Plausibility.orp)) mV from the solution's \(format(reference)) mV: it seems not to be in the \(format(reference)) mV solution (or the solution is spent); rinse it, put it in fresh solution and wait for the readings to settle"
+        case .dissolvedOxygen:
+            return nil
+        }
+    }
+
+    /// Which of the usual conductivity solutions a reading looks like, for the installer.
+    static func ecSolution(_ reading: Double) -> String {
+        if reading <= Plausibility.dryEC { return "dry or in water without salts" }
+        let solutions = [84.0, 1_413, 12_880, 80_000, 150_000]
+        if let nearest = solutions.min(by: { abs(log($0 / reading)) < abs(log($1 / reading)) }), abs(log(nearest / reading)) <= log(Plausibility.ecFactor) {
+            return "in the \(format(nearest)) µS/cm solution"
+        }
+        return "in none of the usual solutions (84, 1413, 12880, 80000 µS/cm)"
+    }
+
     static func example(_ kind: EZOCircuitKind, _ point: String) -> String {
         switch (kind, point) {
         case (.ph, "mid"): "mid=7.00"

@@ -18,6 +18,10 @@ public struct CalibrationState: Sendable, Hashable, Codable {
 public protocol CalibratableDriver: SensorDriver {
     /// The circuit, which decides the points and their order.
     var circuit: EZOCircuitKind { get }
+    /// The quantity this sensor reads from the circuit (an EC circuit's `tds` output, say).
+    var measuredQuantity: Quantity { get }
+    /// The circuit's serial port: sensors on one port read one circuit.
+    var circuitPort: String { get }
     /// Sends one calibration command (already checked by ``EZOCalibration/command(for:kind:after:)``).
     func sendCalibration(_ command: String) async throws(SensorError)
     /// Asks the circuit what it holds.
@@ -26,6 +30,8 @@ public protocol CalibratableDriver: SensorDriver {
 
 extension EZODriver: CalibratableDriver {
     public var circuit: EZOCircuitKind { kind }
+    public var measuredQuantity: Quantity { quantity }
+    public var circuitPort: String { line.path }
 
     /// A calibration point takes 1.2 s on pH and EC circuits and up to 1.3 s on DO (the datasheets' figures).
     static let calibrationTime: Duration = .milliseconds(1300)

@@ -43,6 +43,25 @@ public enum EZOCircuitKind: String, Sendable, Hashable, CaseIterable, CustomStri
         }
     }
 
+    /// The values the circuit outputs at all (the datasheets' ranges): pH 0.001–14.000, ORP −1019.9–1019.9 mV. A
+    /// reading outside is no reading of this circuit. Nil where the quantity's plausible range is the only check.
+    public var outputRange: ClosedRange<Double>? {
+        switch self {
+        case .ph: 0...14
+        case .orp: -1019.9...1019.9
+        case .ec, .rtd, .dissolvedOxygen: nil
+        }
+    }
+
+    /// ``outputRange`` as the datasheet writes it.
+    var outputRangeText: String {
+        switch self {
+        case .ph: "pH 0.001–14.000"
+        case .orp: "−1019.9 to 1019.9 mV"
+        case .ec, .rtd, .dissolvedOxygen: "range"
+        }
+    }
+
     /// Whether `RT,<t>` (read with temperature compensation) exists on this circuit.
     public var compensates: Bool { self == .ph || self == .ec || self == .dissolvedOxygen }
 

@@ -45,6 +45,10 @@ final class EZOSession: @unchecked Sendable {
     private var responseCodes = true
     /// Whether the circuit takes `RT,<t>`; firmware from before it answers `*ER`, and is sent `T,<t>` then `R`.
     private var knowsRT = true
+    /// `*ER` answers to `RT,<t>` in a row. One may be a garbled command; only ``rtRefusalLimit`` in a row say the
+    /// firmware predates `RT`.
+    private var rtRefusals = 0
+    static let rtRefusalLimit = 3
     private(set) var firmware: String?
     private(set) var garbageLines = 0
 
@@ -78,8 +82,24 @@ final class EZOSession: @unchecked Sendable {
                 }
                 let expected = kind == .ec ? outputs.count : 1
                 guard values.count == expected else {
+                    guard kind == .ec else {
+                        // A pH, ORP, RTD or DO circuit has one field (a DO circuit is set to mg/L alone): this is no
+                        // restart to recover from but the wrong device or wrong output settings.
+                        initialisedGeneration = nil
+                        return .failure(SensorError(
+                            .invalidResponse,
+                            "the answer \"\(text)\" to \(command) from the circuit on \(portPath) has \(values.count) fields where an EZO \(kind.rawValue) circuit's reading has 1: not a \(kind.rawValue) circuit, or its output settings were changed (another program, a factory reset); check which circuit is wired to this port"))
+                    }
                     // The EC circuit's outputs changed (a factory reset, another program): set them again.
                     throw Interruption.restarted("the reading has \(values.count) fields, \(expected) expected", event: nil)
+                }
+                if let range = kind.outputRange, let value = values.first, !range.contains(value) {
+                    // No circuit of this kind outputs it: a line garbled on the way, or another device answering.
+                    // Check the circuit again (i) before the next read.
+                    initialisedGeneration = nil
+                    return .failure(SensorError(
+                        .invalidResponse,
+                        "the answer \"\(text)\" to \(command) from the EZO \(kind.rawValue) circuit on \(portPath) is outside the \(kind.outputRangeText) an EZO \(kind.rawValue) circuit outputs: not a reading (a line garbled on the way, or not a \(kind.rawValue) circuit's answer); check the wiring, a shared ground and the baud rate"))
                 }
                 if kind == .rtd, values.first == -1023 {
                     return .failure(SensorError(.fault, "the EZO RTD circuit on \(portPath) reads -1023: no probe connected; check the PT-100/PT-1000 probe's wires"))
@@ -103,6 +123,12 @@ final class EZOSession: @unchecked Sendable {
                     try awaitBoot(port, after: event)
                 }
             }
+        }
+        if restarts.allSatisfy({ $0.hasPrefix("the reading has") }) {
+            // Not restarts at all: the outputs were set again and the reading still has other fields.
+            return .failure(SensorError(
+                .invalidResponse,
+                "the EZO \(kind.rawValue) circuit on \(portPath) answers readings with other fields than its outputs were set to (\(restarts.joined(separator: "; "))): another program changing its outputs, or not an EC circuit answering; check what else uses the port"))
         }
         return .failure(SensorError(.fault, "the EZO circuit on \(portPath) keeps restarting (\(restarts.joined(separator: "; "))): check its power supply"))
     }
@@ -152,12 +178,23 @@ final class EZOSession: @unchecked Sendable {
         let degrees = Self.format(temperature)
         if knowsRT {
             do throws(Interruption) {
-                return ("RT,\(degrees)", try transact(port, "RT,\(degrees)", time: kind.compensatedReadTime, answer: isReading))
+                let answer = try transact(port, "RT,\(degrees)", time: kind.compensatedReadTime, answer: isReading)
+                rtRefusals = 0
+                return ("RT,\(degrees)", answer)
             } catch .refused(.unknownCommand, _) {
-                knowsRT = false
-                logger.notice(
-                    "The EZO circuit does not know RT (firmware from before it): sending T,<temperature> before each R",
-                    metadata: ["port": "\(portPath)", "firmware": "\(firmware ?? "?")"])
+                // One *ER may be a command garbled on the way: this read goes with T then R, and the next tries RT
+                // again. Only several in a row say the firmware has no RT.
+                rtRefusals += 1
+                if rtRefusals >= Self.rtRefusalLimit {
+                    knowsRT = false
+                    logger.notice(
+                        "The EZO circuit does not know RT (firmware from before it: refused \(rtRefusals) times in a row): sending T,<temperature> before each R until it restarts",
+                        metadata: ["port": "\(portPath)", "firmware": "\(firmware ?? "?")"])
+                } else {
+                    logger.notice(
+                        "The EZO circuit refused RT (*ER); this read sends T,<temperature> then R, the next tries RT again",
+                        metadata: ["port": "\(portPath)", "firmware": "\(firmware ?? "?")", "refusals_in_a_row": "\(rtRefusals)"])
+                }
             }
         }
         _ = try transact(port, "T,\(degrees)", time: EZOCircuitKind.commandTime, answer: nil)
@@ -207,6 +244,7 @@ final class EZOSession: @unchecked Sendable {
         queued.removeAll()
         port.discardInput()
         knowsRT = true
+        rtRefusals = 0
         // Response codes may be off: a missing *OK is no failure here (*OK,? tells).
         _ = try transact(port, "C,0", time: EZOCircuitKind.commandTime, answer: nil, absorb: false, acknowledged: false)
         settle(port, for: .milliseconds(100))
@@ -353,9 +391,15 @@ final class EZOSession: @unchecked Sendable {
                         "garbled answer to \(command) from the EZO \(kind.rawValue) circuit on \(portPath) (\(unreadable.count) unreadable line\(unreadable.count == 1 ? "" : "s"), first: \(unreadable[0])): check the baud rate, the wiring and a shared ground"))
                 }
                 if !splitter.pending.isEmpty {
+                    let pending = splitter.pending
+                    // Bytes outside printable ASCII are what a wrong baud rate reads (or noise); a printable half line
+                    // is an answer cut short.
+                    let hint = pending.allSatisfy(EZOLineSplitter.isPrintable)
+                        ? "the circuit stopped mid-line: check its power and the wiring"
+                        : "check the baud rate (the circuit's, factory 9600, must match baud), the wiring and a shared ground"
                     throw .sensor(SensorError(
                         .invalidResponse,
-                        "incomplete answer to \(command) from the EZO \(kind.rawValue) circuit on \(portPath) (\(Self.show(splitter.pending)) without an end of line)"))
+                        "incomplete answer to \(command) from the EZO \(kind.rawValue) circuit on \(portPath) (\(Self.show(pending)) without an end of line): \(hint)"))
                 }
                 throw .sensor(SensorError(
                     .timeout,

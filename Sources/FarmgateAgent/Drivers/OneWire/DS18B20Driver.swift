@@ -59,6 +59,13 @@ public final class DS18B20Driver: SensorDriver {
 
         init(_ configuration: SensorConfiguration) throws(ConfigurationError) {
             let table = configuration.options
+            // A w1-therm probe gives a temperature and nothing else: stored under another quantity, 21 °C would read
+            // as "21.00 pH" and alerts on that quantity would judge a temperature.
+            guard configuration.descriptor.quantity == .temperature else {
+                throw table.error(
+                    "quantity",
+                    "a ds18b20 sensor measures \"temperature\" only, not \"\(configuration.descriptor.quantity.rawValue)\"; write quantity = \"temperature\", or use the driver of the probe that measures \(configuration.descriptor.quantity.rawValue)")
+            }
             let text = try table.requiredString("address")
             let address = text.lowercased()
             let parts = address.split(separator: "-", omittingEmptySubsequences: false)
