@@ -175,8 +175,9 @@ struct ModbusBusTests {
                 #expect(error.message.contains("slave 2 did not answer within"))
                 #expect(silent.elapsed >= .milliseconds(450))
                 #expect(try good.result.get().value == 612)
-                // Waited for (part of) one timeout, never two.
-                #expect(good.elapsed < .milliseconds(1000), "the good slave's read took \(good.elapsed)")
+                // Waited for (part of) one timeout and the drain after it (the line silent for a response timeout),
+                // never more.
+                #expect(good.elapsed < .milliseconds(1400), "the good slave's read took \(good.elapsed)")
                 try await Task.sleep(for: .milliseconds(120))
             }
             // One request per read: no retries that would multiply the cost.
@@ -248,6 +249,40 @@ struct ModbusBusTests {
             #expect(try await drivers[1].read().value == 200)
         }
         #expect(slave.requests.map(\.address) == [0, 50, 0, 50])
+    }
+
+    @Test("A slave that answers every request 50-100 ms after its timeout never has an answer taken for another request")
+    func lateAnswerEveryTime() async throws {
+        let scratch = try Scratch(prefix: "fg-modbus")
+        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1])
+        // Same slave, function and length: nothing in the answer tells which request it belongs to.
+        slave.set(slave: 1, address: 0, [100])
+        slave.set(slave: 1, address: 50, [200])
+        let configurations = try modbusSensors(
+            port: slave.path,
+            [
+                ("t.a", "slave = 1\naddress = 0\ncoalesce_gap = 0\nresponse_timeout = \"200ms\""),
+                ("t.b", "slave = 1\naddress = 50\ncoalesce_gap = 0\nresponse_timeout = \"200ms\""),
+            ],
+            interval: "100ms")
+        try await withModbusDrivers(configurations) { drivers async throws in
+            for (index, delay) in [260, 290, 270, 280, 300, 265].enumerated() {
+                slave.delayAnswers(of: 1, by: .milliseconds(delay))
+                let driver = drivers[index % 2]
+                let expected: Double = index % 2 == 0 ? 100 : 200
+                switch await readResult(driver) {
+                case .success(let value):
+                    #expect(value.value == expected, "read \(value.value) for register \(index % 2 == 0 ? 0 : 50): another request's late answer")
+                case .failure(let error):
+                    #expect(error.kind == .timeout, "\(error)")
+                }
+            }
+            // Back to answering in time: both read their own registers at once.
+            slave.delayAnswers(of: 1, by: .zero)
+            #expect(try await drivers[0].read().value == 100)
+            #expect(try await drivers[1].read().value == 200)
+            #expect(try await drivers[0].read().value == 100)
+        }
     }
 
     @Test(
