@@ -285,6 +285,36 @@ struct ModbusBusTests {
         }
     }
 
+    @Test("A coalesced block is shared only by reads within the shared window; later reads and one-off reads ask the device")
+    func blockFreshness() async throws {
+        let scratch = try Scratch(prefix: "fg-modbus")
+        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1])
+        slave.set(slave: 1, address: 0, [100, 200])
+        // A 1 h interval: the block would be served for an hour if its age were bounded by the interval.
+        let configurations = try modbusSensors(
+            port: slave.path, [("t.a", "slave = 1\naddress = 0"), ("t.b", "slave = 1\naddress = 1")], interval: "1h")
+        // ModbusLink.sharedReadWindow (1 s), spelled out so that the test also builds against the code before it.
+        let window = Duration.seconds(1)
+        try await withModbusDrivers(configurations) { drivers in
+            // Within one tick the block feeds both: one request.
+            #expect(try await drivers[0].read().value == 100)
+            #expect(try await drivers[1].read().value == 200)
+            #expect(slave.requests.count == 1)
+            // A read after the window gets what the device holds now, not the block of the last round.
+            #expect(try await drivers[0].read().value == 100)
+            slave.set(slave: 1, address: 1, [300])
+            try await Task.sleep(for: window + .milliseconds(200))
+            #expect(try await drivers[1].read().value == 300, "a cached block value was stored as read now")
+            // The installer's one-off read (`farmgate sensor read` through the agent) asks the device even within the
+            // window, right after another sensor's block read.
+            try await Task.sleep(for: window + .milliseconds(200))
+            #expect(try await drivers[0].read().value == 100)
+            slave.set(slave: 1, address: 1, [400])
+            let answer = await SensorReadCommand.read(Sampler.Sensor(configuration: configurations[1], driver: drivers[1]), via: "agent")
+            #expect(answer.reading?.raw == 400, "\(answer)")
+        }
+    }
+
     @Test(
         "An exception answer libmodbus cannot parse, or exception code 00, says to check the unit id",
         arguments: [

@@ -19,8 +19,8 @@ import Glibc
 /// consecutive frames are kept apart by the RTU silent interval. A request waits at most its response timeout, so a
 /// silent slave delays the others on the bus by at most twice that (the timeout, then the drain that waits for the line
 /// to fall silent so that a late answer is never taken for the next request). Registers of one slave that lie close
-/// together are read in one request (``ModbusRequestPlan``), and the block is kept for the round: each sensor's read
-/// returns its slice.
+/// together are read in one request (``ModbusRequestPlan``), and the block is kept for the round (at most
+/// ``ModbusLink/sharedReadWindow``): each sensor's read returns its slice.
 final class ModbusBus: Sendable {
     let settings: ModbusBusSettings
     private let members = Mutex(Members())
@@ -55,13 +55,15 @@ final class ModbusBus: Sendable {
         }
     }
 
-    /// The registers of `sensor`: from this round's block when another sensor of the block already read it, otherwise
-    /// from a new request.
+    /// The registers of `sensor`: from this round's block when another sensor of the block read it within
+    /// ``ModbusLink/sharedReadWindow`` (and this is not an installer's one-off read, ``SensorReadContext/oneOff``),
+    /// otherwise from a new request.
     func registers(for sensor: SensorID) async throws(SensorError) -> [UInt16] {
         let snapshot = members.withLock { $0 }
+        let fresh = SensorReadContext.oneOff
         let outcome: Result<[UInt16], SensorError>
         do {
-            outcome = try await link.withValue { link in link.registers(for: sensor, members: snapshot) }
+            outcome = try await link.withValue { link in link.registers(for: sensor, members: snapshot, fresh: fresh) }
         } catch {
             throw SensorError(.disconnected, "the Modbus bus on \(settings.port) has shut down")
         }
@@ -110,7 +112,13 @@ final class ModbusLink {
 
     deinit { disconnect() }
 
-    func registers(for sensor: SensorID, members: ModbusBus.Members) -> Result<[UInt16], SensorError> {
+    /// How long a block read for one sensor is served to the others of its block: long enough for the sensors that
+    /// share a sampling tick (their reads queue on the bus one after the other), far shorter than any interval, so
+    /// that a value is never stored as read now when it was read a round ago.
+    static let sharedReadWindow: Duration = .seconds(1)
+
+    /// - Parameter fresh: ask the device even when the block was read just now (the installer's one-off read).
+    func registers(for sensor: SensorID, members: ModbusBus.Members, fresh: Bool = false) -> Result<[UInt16], SensorError> {
         if members.version != planVersion { replan(members) }
         guard let member = members.bySensor[sensor], let index = blockIndex[sensor] else {
             return .failure(SensorError(.fault, "sensor \(sensor) is not registered on the Modbus bus \(settings.port)"))
@@ -120,7 +128,9 @@ final class ModbusLink {
             let from = member.address - block.start
             return Array(registers[from..<(from + member.count)])
         }
-        if var cached = cache[block], !cached.servedTo.contains(sensor), ContinuousClock.now - cached.at < block.maxAge {
+        if !fresh, var cached = cache[block], !cached.servedTo.contains(sensor),
+            ContinuousClock.now - cached.at < min(block.maxAge, Self.sharedReadWindow)
+        {
             cached.servedTo.insert(sensor)
             cache[block] = cached
             return cached.result.map(slice).mapError(\.error)
@@ -133,7 +143,7 @@ final class ModbusLink {
                 metadata: ["slave": "\(block.unit.slave)", "start": "\(block.start)", "count": "\(block.count)"])
             uncoalesced.insert(block.unit)
             replan(members)
-            return registers(for: sensor, members: members)
+            return registers(for: sensor, members: members, fresh: fresh)
         }
         cache[block] = Cached(at: ContinuousClock.now, result: result, servedTo: [sensor])
         return result.map(slice).mapError(\.error)
