@@ -7,7 +7,8 @@ import Logging
 import Testing
 
 /// Builds `driver = "modbus"` sensors on `port` from `[[sensor]]` bodies (id → extra keys), through the real
-/// configuration parser (and so its cross-sensor checks).
+/// configuration parser (and so its cross-sensor checks). The quantity is EC (plausible 0–1,000,000) unless the keys
+/// name one: the driver refuses values the quantity cannot have.
 func modbusSensors(port: String, _ sensors: [(id: String, keys: String)], interval: String = "10s") throws -> [SensorConfiguration] {
     var text = "[device]\nid = \"t\"\n"
     for sensor in sensors {
@@ -15,7 +16,7 @@ func modbusSensors(port: String, _ sensors: [(id: String, keys: String)], interv
             [[sensor]]
             id = "\(sensor.id)"
             driver = "modbus"
-            quantity = "ph"
+            \(sensor.keys.contains("quantity =") ? "" : "quantity = \"ec\"")
             interval = "\(interval)"
             port = "\(port)"
             \(sensor.keys)
@@ -66,13 +67,13 @@ struct ModbusBusTests {
         let configurations = try modbusSensors(
             port: slave.path,
             [
-                ("t.temp", "slave = 1\naddress = 0\nscale = 0.1"),
-                ("t.ph", "slave = 1\naddress = 1\nscale = 0.01"),
+                ("t.temp", "slave = 1\naddress = 0\nscale = 0.1\nquantity = \"temperature\""),
+                ("t.ph", "slave = 1\naddress = 1\nscale = 0.01\nquantity = \"ph\""),
                 ("t.f_big", "slave = 1\naddress = 10\ndata_type = \"float32\""),
                 ("t.f_little", "slave = 1\naddress = 20\ndata_type = \"float32\"\nword_order = \"little\""),
-                ("t.i16", "slave = 1\naddress = 30\ndata_type = \"int16\"\nscale = 0.5\noffset = 1"),
-                ("t.i32", "slave = 1\naddress = 40\ndata_type = \"int32\""),
-                ("t.u32", "slave = 1\naddress = 50\ndata_type = \"uint32\""),
+                ("t.i16", "slave = 1\naddress = 30\ndata_type = \"int16\"\nscale = 0.5\noffset = 1\nquantity = \"temperature\""),
+                ("t.i32", "slave = 1\naddress = 40\ndata_type = \"int32\"\nscale = 0.01\nquantity = \"orp\""),
+                ("t.u32", "slave = 1\naddress = 50\ndata_type = \"uint32\"\nquantity = \"count\""),
                 ("t.swapped", "slave = 1\naddress = 60\nbyte_order = \"little\""),
                 ("t.ec", "slave = 1\nfunction = \"input\"\naddress = 5"),
             ])
@@ -86,7 +87,7 @@ struct ModbusBusTests {
         #expect(values[2] == 1234.5)
         #expect(values[3] == 1234.5)
         #expect(values[4] == -1.5)
-        #expect(values[5] == -100_000)
+        #expect(values[5] == -1000)  // -100000 × 0.01 mV
         #expect(values[6] == 3_000_000_000)
         #expect(values[7] == 0x1234)
         #expect(values[8] == 1413)
@@ -312,6 +313,34 @@ struct ModbusBusTests {
             slave.set(slave: 1, address: 1, [400])
             let answer = await SensorReadCommand.read(Sampler.Sensor(configuration: configurations[1], driver: drivers[1]), via: "agent")
             #expect(answer.reading?.raw == 400, "\(answer)")
+        }
+    }
+
+    @Test("Values no transmitter of the quantity can measure are a fault naming the raw registers, never a reading")
+    func implausibleValues() async throws {
+        let scratch = try Scratch(prefix: "fg-modbus")
+        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1])
+        slave.set(slave: 1, address: 0, [0xFFFF])  // × 0.01: pH 655.35
+        slave.set(slave: 1, address: 10, [0x8000, 0x0000])  // int32 minimum
+        let huge = Float(1e30).bitPattern
+        slave.set(slave: 1, address: 20, [UInt16(huge >> 16), UInt16(huge & 0xFFFF)])
+        slave.set(slave: 1, address: 30, [1450])  // pH 14.5: plausible (outside an expected range, stored flagged)
+        let configurations = try modbusSensors(
+            port: slave.path,
+            [
+                ("t.u16", "slave = 1\naddress = 0\nscale = 0.01\nquantity = \"ph\""),
+                ("t.i32", "slave = 1\naddress = 10\ndata_type = \"int32\"\nquantity = \"ph\""),
+                ("t.f32", "slave = 1\naddress = 20\ndata_type = \"float32\"\nquantity = \"ph\""),
+                ("t.ok", "slave = 1\naddress = 30\nscale = 0.01\nquantity = \"ph\""),
+            ])
+        try await withModbusDrivers(configurations) { drivers in
+            for (driver, raw) in zip(drivers.prefix(3), ["0xFFFF", "0x8000 0x0000", "0x7149 0xF2CA"]) {
+                let error = try #require(await readResult(driver).failure, "\(driver.sensor) read a value")
+                #expect(error.kind == .fault)
+                #expect(error.message.contains("which no ph transmitter can measure"), "\(error)")
+                #expect(error.message.contains("raw \(raw)"), "\(error)")
+            }
+            #expect(abs(try await drivers[3].read().value - 14.5) < 1e-9)
         }
     }
 
