@@ -344,6 +344,40 @@ struct ModbusBusTests {
         }
     }
 
+    @Test("An answer from another address names that address; exception 04 says the transmitter failed")
+    func wrongAddressAndDeviceFailure() async throws {
+        let scratch = try Scratch(prefix: "fg-modbus")
+        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [])
+        slave.reply(to: 1, with: [9, 3, 2, 0, 42])
+        slave.reply(to: 2, with: [2, 0x83, 0x04])
+        let configurations = try modbusSensors(
+            port: slave.path, [("t.one", "slave = 1\naddress = 0"), ("t.two", "slave = 2\naddress = 0")])
+        try await withModbusDrivers(configurations) { drivers in
+            let wrong = try #require(await readResult(drivers[0]).failure)
+            #expect(wrong.kind == .invalidResponse)
+            #expect(wrong.message.contains("came from address 9 instead of 1"), "\(wrong)")
+            #expect(!wrong.message.contains("two slaves with id"), "\(wrong)")
+            let failed = try #require(await readResult(drivers[1]).failure)
+            #expect(failed.kind == .fault)
+            #expect(failed.message.contains("reported an internal failure"), "\(failed)")
+            #expect(failed.message.contains("check the transmitter itself"), "\(failed)")
+            #expect(!failed.message.contains("check address, function and data_type"), "\(failed)")
+        }
+    }
+
+    @Test("data_bits other than 8 is refused: Modbus RTU has 8 data bits")
+    func sevenDataBits() throws {
+        do {
+            _ = try modbusSensors(port: "/dev/ttyUSB0", [("t.a", "slave = 1\naddress = 0\ndata_bits = 7")])
+            Issue.record("data_bits = 7 was accepted")
+        } catch {
+            let text = "\(error)"
+            #expect(text.contains("test.toml:"), "\(text)")
+            #expect(text.contains("data_bits"), "\(text)")
+            #expect(text.contains("Modbus RTU always uses 8 data bits"), "\(text)")
+        }
+    }
+
     @Test(
         "An exception answer libmodbus cannot parse, or exception code 00, says to check the unit id",
         arguments: [

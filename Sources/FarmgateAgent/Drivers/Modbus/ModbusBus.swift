@@ -254,6 +254,14 @@ final class ModbusLink {
         }
         if code > base, code <= base + 11 {
             let exception = Int(code - base)
+            if exception == 4 {
+                // Slave device failure: the request was fine, the transmitter could not carry it out.
+                return ModbusFailure(
+                    SensorError(
+                        .fault,
+                        "slave \(slave) reported an internal failure reading \(what) (exception \(Self.exceptionName(exception))): check the transmitter itself (its probe, power and display or error code; see its manual)"),
+                    exception: exception)
+            }
             return ModbusFailure(
                 SensorError(.fault, "slave \(slave) answered \(what) with exception \(Self.exceptionName(exception)); check address, function and data_type against its register map"),
                 exception: exception)
