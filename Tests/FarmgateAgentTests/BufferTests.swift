@@ -190,6 +190,33 @@ struct BufferTests {
         try await buffer.close()
     }
 
+    @Test("a value too large to store (a float of 1e30) is refused alone: the other samples of its commit are stored")
+    func unstorableValueIsRefusedAlone() async throws {
+        let scratch = try Scratch(prefix: "fg-buffer")
+        let recorder = LogRecorder()
+        let buffer = try openBuffer(scratch, logger: recorder.logger)
+        try await buffer.register([
+            SensorDescriptor(id: try sensor("tank1.ec"), quantity: .electricalConductivity),
+            SensorDescriptor(id: try sensor("tank1.ph"), quantity: .ph),
+        ])
+        let ec = try sensor("tank1.ec")
+        let ph = try sensor("tank1.ph")
+        // 1e30 µS/cm at 1/10: 1e31 steps, past the 9e15 a reading can hold exactly (in SQLite and on the wire).
+        try await buffer.append([
+            Sample(sensor: ec, timestamp: Timestamp(microseconds: 1_000), value: 1413),
+            Sample(sensor: ph, timestamp: Timestamp(microseconds: 1_000), value: 6.1),
+            Sample(sensor: ec, timestamp: Timestamp(microseconds: 2_000), value: 1e30),
+            Sample(sensor: ph, timestamp: Timestamp(microseconds: 2_000), value: 6.2),
+            Sample(sensor: ec, timestamp: Timestamp(microseconds: 3_000), value: 1420),
+        ])
+        #expect(try await buffer.flush() == 4)
+        #expect(buffer.rejectedSamples == 1)
+        let stored = try await allPending(buffer)
+        #expect(stored.map(\.value) == [1413, 6.1, 6.2, 1420])
+        #expect(recorder.entries.contains { $0.level == .warning && $0.metadata["buffer.unquantizable_value"] == "1" && $0.metadata["sensor"] == "tank1.ec" })
+        try await buffer.close()
+    }
+
     @Test("pending reads either end of the backlog, always in ascending sequence order")
     func pendingFromBothEnds() async throws {
         let scratch = try Scratch(prefix: "fg-buffer")

@@ -7,7 +7,8 @@ import Logging
 import Testing
 
 /// Builds `driver = "modbus"` sensors on `port` from `[[sensor]]` bodies (id → extra keys), through the real
-/// configuration parser (and so its cross-sensor checks).
+/// configuration parser (and so its cross-sensor checks). The quantity is EC (plausible 0–1,000,000) unless the keys
+/// name one: the driver refuses values the quantity cannot have.
 func modbusSensors(port: String, _ sensors: [(id: String, keys: String)], interval: String = "10s") throws -> [SensorConfiguration] {
     var text = "[device]\nid = \"t\"\n"
     for sensor in sensors {
@@ -15,7 +16,7 @@ func modbusSensors(port: String, _ sensors: [(id: String, keys: String)], interv
             [[sensor]]
             id = "\(sensor.id)"
             driver = "modbus"
-            quantity = "ph"
+            \(sensor.keys.contains("quantity =") ? "" : "quantity = \"ec\"")
             interval = "\(interval)"
             port = "\(port)"
             \(sensor.keys)
@@ -66,13 +67,13 @@ struct ModbusBusTests {
         let configurations = try modbusSensors(
             port: slave.path,
             [
-                ("t.temp", "slave = 1\naddress = 0\nscale = 0.1"),
-                ("t.ph", "slave = 1\naddress = 1\nscale = 0.01"),
+                ("t.temp", "slave = 1\naddress = 0\nscale = 0.1\nquantity = \"temperature\""),
+                ("t.ph", "slave = 1\naddress = 1\nscale = 0.01\nquantity = \"ph\""),
                 ("t.f_big", "slave = 1\naddress = 10\ndata_type = \"float32\""),
                 ("t.f_little", "slave = 1\naddress = 20\ndata_type = \"float32\"\nword_order = \"little\""),
-                ("t.i16", "slave = 1\naddress = 30\ndata_type = \"int16\"\nscale = 0.5\noffset = 1"),
-                ("t.i32", "slave = 1\naddress = 40\ndata_type = \"int32\""),
-                ("t.u32", "slave = 1\naddress = 50\ndata_type = \"uint32\""),
+                ("t.i16", "slave = 1\naddress = 30\ndata_type = \"int16\"\nscale = 0.5\noffset = 1\nquantity = \"temperature\""),
+                ("t.i32", "slave = 1\naddress = 40\ndata_type = \"int32\"\nscale = 0.01\nquantity = \"orp\""),
+                ("t.u32", "slave = 1\naddress = 50\ndata_type = \"uint32\"\nquantity = \"count\""),
                 ("t.swapped", "slave = 1\naddress = 60\nbyte_order = \"little\""),
                 ("t.ec", "slave = 1\nfunction = \"input\"\naddress = 5"),
             ])
@@ -86,7 +87,7 @@ struct ModbusBusTests {
         #expect(values[2] == 1234.5)
         #expect(values[3] == 1234.5)
         #expect(values[4] == -1.5)
-        #expect(values[5] == -100_000)
+        #expect(values[5] == -1000)  // -100000 × 0.01 mV
         #expect(values[6] == 3_000_000_000)
         #expect(values[7] == 0x1234)
         #expect(values[8] == 1413)
@@ -175,8 +176,9 @@ struct ModbusBusTests {
                 #expect(error.message.contains("slave 2 did not answer within"))
                 #expect(silent.elapsed >= .milliseconds(450))
                 #expect(try good.result.get().value == 612)
-                // Waited for (part of) one timeout, never two.
-                #expect(good.elapsed < .milliseconds(1000), "the good slave's read took \(good.elapsed)")
+                // Waited for (part of) one timeout and the drain after it (the line silent for a response timeout),
+                // never more.
+                #expect(good.elapsed < .milliseconds(1400), "the good slave's read took \(good.elapsed)")
                 try await Task.sleep(for: .milliseconds(120))
             }
             // One request per read: no retries that would multiply the cost.
@@ -248,6 +250,132 @@ struct ModbusBusTests {
             #expect(try await drivers[1].read().value == 200)
         }
         #expect(slave.requests.map(\.address) == [0, 50, 0, 50])
+    }
+
+    @Test("A slave that answers every request 50-100 ms after its timeout never has an answer taken for another request")
+    func lateAnswerEveryTime() async throws {
+        let scratch = try Scratch(prefix: "fg-modbus")
+        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1])
+        // Same slave, function and length: nothing in the answer tells which request it belongs to.
+        slave.set(slave: 1, address: 0, [100])
+        slave.set(slave: 1, address: 50, [200])
+        let configurations = try modbusSensors(
+            port: slave.path,
+            [
+                ("t.a", "slave = 1\naddress = 0\ncoalesce_gap = 0\nresponse_timeout = \"200ms\""),
+                ("t.b", "slave = 1\naddress = 50\ncoalesce_gap = 0\nresponse_timeout = \"200ms\""),
+            ],
+            interval: "100ms")
+        try await withModbusDrivers(configurations) { drivers async throws in
+            for (index, delay) in [260, 290, 270, 280, 300, 265].enumerated() {
+                slave.delayAnswers(of: 1, by: .milliseconds(delay))
+                let driver = drivers[index % 2]
+                let expected: Double = index % 2 == 0 ? 100 : 200
+                switch await readResult(driver) {
+                case .success(let value):
+                    #expect(value.value == expected, "read \(value.value) for register \(index % 2 == 0 ? 0 : 50): another request's late answer")
+                case .failure(let error):
+                    #expect(error.kind == .timeout, "\(error)")
+                }
+            }
+            // Back to answering in time: both read their own registers at once.
+            slave.delayAnswers(of: 1, by: .zero)
+            #expect(try await drivers[0].read().value == 100)
+            #expect(try await drivers[1].read().value == 200)
+            #expect(try await drivers[0].read().value == 100)
+        }
+    }
+
+    @Test("A coalesced block is shared only by reads within the shared window; later reads and one-off reads ask the device")
+    func blockFreshness() async throws {
+        let scratch = try Scratch(prefix: "fg-modbus")
+        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1])
+        slave.set(slave: 1, address: 0, [100, 200])
+        // A 1 h interval: the block would be served for an hour if its age were bounded by the interval.
+        let configurations = try modbusSensors(
+            port: slave.path, [("t.a", "slave = 1\naddress = 0"), ("t.b", "slave = 1\naddress = 1")], interval: "1h")
+        // ModbusLink.sharedReadWindow (1 s), spelled out so that the test also builds against the code before it.
+        let window = Duration.seconds(1)
+        try await withModbusDrivers(configurations) { drivers in
+            // Within one tick the block feeds both: one request.
+            #expect(try await drivers[0].read().value == 100)
+            #expect(try await drivers[1].read().value == 200)
+            #expect(slave.requests.count == 1)
+            // A read after the window gets what the device holds now, not the block of the last round.
+            #expect(try await drivers[0].read().value == 100)
+            slave.set(slave: 1, address: 1, [300])
+            try await Task.sleep(for: window + .milliseconds(200))
+            #expect(try await drivers[1].read().value == 300, "a cached block value was stored as read now")
+            // The installer's one-off read (`farmgate sensor read` through the agent) asks the device even within the
+            // window, right after another sensor's block read.
+            try await Task.sleep(for: window + .milliseconds(200))
+            #expect(try await drivers[0].read().value == 100)
+            slave.set(slave: 1, address: 1, [400])
+            let answer = await SensorReadCommand.read(Sampler.Sensor(configuration: configurations[1], driver: drivers[1]), via: "agent")
+            #expect(answer.reading?.raw == 400, "\(answer)")
+        }
+    }
+
+    @Test("Values no transmitter of the quantity can measure are a fault naming the raw registers, never a reading")
+    func implausibleValues() async throws {
+        let scratch = try Scratch(prefix: "fg-modbus")
+        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1])
+        slave.set(slave: 1, address: 0, [0xFFFF])  // × 0.01: pH 655.35
+        slave.set(slave: 1, address: 10, [0x8000, 0x0000])  // int32 minimum
+        let huge = Float(1e30).bitPattern
+        slave.set(slave: 1, address: 20, [UInt16(huge >> 16), UInt16(huge & 0xFFFF)])
+        slave.set(slave: 1, address: 30, [1450])  // pH 14.5: plausible (outside an expected range, stored flagged)
+        let configurations = try modbusSensors(
+            port: slave.path,
+            [
+                ("t.u16", "slave = 1\naddress = 0\nscale = 0.01\nquantity = \"ph\""),
+                ("t.i32", "slave = 1\naddress = 10\ndata_type = \"int32\"\nquantity = \"ph\""),
+                ("t.f32", "slave = 1\naddress = 20\ndata_type = \"float32\"\nquantity = \"ph\""),
+                ("t.ok", "slave = 1\naddress = 30\nscale = 0.01\nquantity = \"ph\""),
+            ])
+        try await withModbusDrivers(configurations) { drivers in
+            for (driver, raw) in zip(drivers.prefix(3), ["0xFFFF", "0x8000 0x0000", "0x7149 0xF2CA"]) {
+                let error = try #require(await readResult(driver).failure, "\(driver.sensor) read a value")
+                #expect(error.kind == .fault)
+                #expect(error.message.contains("which no ph transmitter can measure"), "\(error)")
+                #expect(error.message.contains("raw \(raw)"), "\(error)")
+            }
+            #expect(abs(try await drivers[3].read().value - 14.5) < 1e-9)
+        }
+    }
+
+    @Test("An answer from another address names that address; exception 04 says the transmitter failed")
+    func wrongAddressAndDeviceFailure() async throws {
+        let scratch = try Scratch(prefix: "fg-modbus")
+        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [])
+        slave.reply(to: 1, with: [9, 3, 2, 0, 42])
+        slave.reply(to: 2, with: [2, 0x83, 0x04])
+        let configurations = try modbusSensors(
+            port: slave.path, [("t.one", "slave = 1\naddress = 0"), ("t.two", "slave = 2\naddress = 0")])
+        try await withModbusDrivers(configurations) { drivers in
+            let wrong = try #require(await readResult(drivers[0]).failure)
+            #expect(wrong.kind == .invalidResponse)
+            #expect(wrong.message.contains("came from address 9 instead of 1"), "\(wrong)")
+            #expect(!wrong.message.contains("two slaves with id"), "\(wrong)")
+            let failed = try #require(await readResult(drivers[1]).failure)
+            #expect(failed.kind == .fault)
+            #expect(failed.message.contains("reported an internal failure"), "\(failed)")
+            #expect(failed.message.contains("check the transmitter itself"), "\(failed)")
+            #expect(!failed.message.contains("check address, function and data_type"), "\(failed)")
+        }
+    }
+
+    @Test("data_bits other than 8 is refused: Modbus RTU has 8 data bits")
+    func sevenDataBits() throws {
+        do {
+            _ = try modbusSensors(port: "/dev/ttyUSB0", [("t.a", "slave = 1\naddress = 0\ndata_bits = 7")])
+            Issue.record("data_bits = 7 was accepted")
+        } catch {
+            let text = "\(error)"
+            #expect(text.contains("test.toml:"), "\(text)")
+            #expect(text.contains("data_bits"), "\(text)")
+            #expect(text.contains("Modbus RTU always uses 8 data bits"), "\(text)")
+        }
     }
 
     @Test(

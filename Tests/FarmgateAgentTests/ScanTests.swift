@@ -82,6 +82,26 @@ struct ScanTests {
         #expect(configuration.sensors.map(\.id.rawValue) == ["tank1.ec", "tank2.ph", "bus1.slave1", "bus1.slave3"])
     }
 
+    @Test("Modbus probes keep the RTU silent interval (t3.5) after the previous answer")
+    func modbusProbesKeepSilentInterval() throws {
+        let dir = try Scratch(prefix: "fg-scan", in: URL(fileURLWithPath: "/tmp"))
+        let bus = try ModbusTestSlave(path: dir.file("ttyUSB0"), answering: [1, 2, 3, 4])
+        defer { bus.stop() }
+        var scan = self.options(dev: dir.file("dev"), w1: dir.file("w1"))
+        scan.bauds = [9600]
+        scan.ezoTimeout = .milliseconds(100)
+        let finding = try #require(
+            SerialScan.probe(SerialScan.Candidate(path: bus.path, device: bus.path, listOnlyIfFound: false), options: scan))
+        #expect(finding.modbusSlaves.map(\.slave) == [1, 2, 3, 4])
+        let requests = bus.requests
+        #expect(requests.count == 4)
+        let interval = ModbusBusSettings(port: bus.path, baud: 9600).silentInterval
+        for (previous, next) in zip(requests, requests.dropFirst()) {
+            let end = try #require(previous.answeredAt)
+            #expect(next.receivedAt - end >= interval, "only \(next.receivedAt - end) between an answer and the next probe")
+        }
+    }
+
     @Test("Ports the running agent is configured for are not opened; a silent port is bounded by its budget")
     func agentPortsAndBudget() async throws {
         let dir = try Scratch(prefix: "fg-scan", in: URL(fileURLWithPath: "/tmp"))

@@ -77,7 +77,8 @@ public enum SensorReadCommand {
     public static func read(_ sensor: Sampler.Sensor, via: String) async -> SensorReadAnswer {
         let configuration = sensor.configuration
         let start = ContinuousClock.now
-        let outcome = await sensor.readOnce()
+        // The installer asks the device, never a value another sensor's read brought in (a Modbus block).
+        let outcome = await SensorReadContext.$oneOff.withValue(true) { await sensor.readOnce() }
         let took = ContinuousClock.now - start
         let descriptor = configuration.descriptor
         var result = SensorReadResult(

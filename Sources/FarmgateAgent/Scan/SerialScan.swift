@@ -220,11 +220,17 @@ public enum SerialScan {
         }
         for baud in options.bauds where ContinuousClock.now < budgetEnd {
             guard case .success(let port) = open(candidate, baud: baud) else { break }
+            // Every probe waits the RTU silent interval (t3.5) after the previous frame ended: a slave that keeps to
+            // the specification takes a request sent sooner as the tail of the previous frame and ignores it.
+            let silentInterval = ModbusBusSettings(port: candidate.path, baud: baud).silentInterval
+            var lastFrameEnd = ContinuousClock.now
             for slave in options.modbusIDs where ContinuousClock.now < budgetEnd {
+                let due = lastFrameEnd + silentInterval
+                if ContinuousClock.now < due { sleepBlocking(ContinuousClock.now.duration(to: due)) }
                 let deadline = min(ContinuousClock.now + options.modbusTimeout, budgetEnd)
-                if let found = probeModbus(port, slave: slave, baud: baud, deadline: deadline) {
-                    finding.modbusSlaves.append(found)
-                }
+                let found = probeModbus(port, slave: slave, baud: baud, deadline: deadline)
+                lastFrameEnd = ContinuousClock.now
+                if let found { finding.modbusSlaves.append(found) }
             }
             if !finding.modbusSlaves.isEmpty {
                 finding.state = .found

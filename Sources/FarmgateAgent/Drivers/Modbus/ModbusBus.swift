@@ -17,8 +17,10 @@ import Glibc
 ///
 /// All traffic runs on the bus's own thread, one request at a time, so requests on one wire never overlap and
 /// consecutive frames are kept apart by the RTU silent interval. A request waits at most its response timeout, so a
-/// silent slave delays the others on the bus by at most that. Registers of one slave that lie close together are read
-/// in one request (``ModbusRequestPlan``), and the block is kept for the round: each sensor's read returns its slice.
+/// silent slave delays the others on the bus by at most twice that (the timeout, then the drain that waits for the line
+/// to fall silent so that a late answer is never taken for the next request). Registers of one slave that lie close
+/// together are read in one request (``ModbusRequestPlan``), and the block is kept for the round (at most
+/// ``ModbusLink/sharedReadWindow``): each sensor's read returns its slice.
 final class ModbusBus: Sendable {
     let settings: ModbusBusSettings
     private let members = Mutex(Members())
@@ -53,13 +55,15 @@ final class ModbusBus: Sendable {
         }
     }
 
-    /// The registers of `sensor`: from this round's block when another sensor of the block already read it, otherwise
-    /// from a new request.
+    /// The registers of `sensor`: from this round's block when another sensor of the block read it within
+    /// ``ModbusLink/sharedReadWindow`` (and this is not an installer's one-off read, ``SensorReadContext/oneOff``),
+    /// otherwise from a new request.
     func registers(for sensor: SensorID) async throws(SensorError) -> [UInt16] {
         let snapshot = members.withLock { $0 }
+        let fresh = SensorReadContext.oneOff
         let outcome: Result<[UInt16], SensorError>
         do {
-            outcome = try await link.withValue { link in link.registers(for: sensor, members: snapshot) }
+            outcome = try await link.withValue { link in link.registers(for: sensor, members: snapshot, fresh: fresh) }
         } catch {
             throw SensorError(.disconnected, "the Modbus bus on \(settings.port) has shut down")
         }
@@ -108,7 +112,13 @@ final class ModbusLink {
 
     deinit { disconnect() }
 
-    func registers(for sensor: SensorID, members: ModbusBus.Members) -> Result<[UInt16], SensorError> {
+    /// How long a block read for one sensor is served to the others of its block: long enough for the sensors that
+    /// share a sampling tick (their reads queue on the bus one after the other), far shorter than any interval, so
+    /// that a value is never stored as read now when it was read a round ago.
+    static let sharedReadWindow: Duration = .seconds(1)
+
+    /// - Parameter fresh: ask the device even when the block was read just now (the installer's one-off read).
+    func registers(for sensor: SensorID, members: ModbusBus.Members, fresh: Bool = false) -> Result<[UInt16], SensorError> {
         if members.version != planVersion { replan(members) }
         guard let member = members.bySensor[sensor], let index = blockIndex[sensor] else {
             return .failure(SensorError(.fault, "sensor \(sensor) is not registered on the Modbus bus \(settings.port)"))
@@ -118,7 +128,9 @@ final class ModbusLink {
             let from = member.address - block.start
             return Array(registers[from..<(from + member.count)])
         }
-        if var cached = cache[block], !cached.servedTo.contains(sensor), ContinuousClock.now - cached.at < block.maxAge {
+        if !fresh, var cached = cache[block], !cached.servedTo.contains(sensor),
+            ContinuousClock.now - cached.at < min(block.maxAge, Self.sharedReadWindow)
+        {
             cached.servedTo.insert(sensor)
             cache[block] = cached
             return cached.result.map(slice).mapError(\.error)
@@ -131,7 +143,7 @@ final class ModbusLink {
                 metadata: ["slave": "\(block.unit.slave)", "start": "\(block.start)", "count": "\(block.count)"])
             uncoalesced.insert(block.unit)
             replan(members)
-            return registers(for: sensor, members: members)
+            return registers(for: sensor, members: members, fresh: fresh)
         }
         cache[block] = Cached(at: ContinuousClock.now, result: result, servedTo: [sensor])
         return result.map(slice).mapError(\.error)
@@ -149,6 +161,10 @@ final class ModbusLink {
     }
 
     /// One request on the wire.
+    ///
+    /// The request is sent and its answer received as raw frames (`modbus_send_raw_request`,
+    /// `modbus_receive_confirmation`: libmodbus still adds and checks the CRC and times the answer) and parsed here, so
+    /// that an answer from another address can say which address it came from.
     private func transact(_ block: ModbusBlock) -> Result<[UInt16], ModbusFailure> {
         let context: OpaquePointer
         switch connect() {
@@ -159,29 +175,69 @@ final class ModbusLink {
         // RTU answers carry no transaction id: an answer that came after its request timed out waits in the port's
         // buffer, and libmodbus 3.1.6 (which does not flush before sending) would take it as the answer to this request,
         // so that values lag a round or two sensors swap. Whatever arrived since the last frame is no answer to this one.
-        // (An answer later still, crossing this request on the wire, cannot be told apart; the silent interval makes
-        // that a slave answering more than its response timeout late, at the very moment of the next request.)
+        // An answer later still, one that would cross this request on the wire, is caught by the drain after every
+        // timeout and malformed answer (``drain(quiet:)``): the line must have been silent for a response timeout
+        // before the next request goes out.
         modbus_flush(context)
         let registers = block.unit.function == .holding ? "holding registers" : "input registers"
         let what = "\(registers) \(block.start)-\(block.start + block.count - 1) of slave \(block.unit.slave)"
-        modbus_set_slave(context, Int32(block.unit.slave))
+        let slave = block.unit.slave
+        modbus_set_slave(context, Int32(slave))
         let timeout = block.responseTimeout.components
         modbus_set_response_timeout(
             context, UInt32(timeout.seconds), UInt32(timeout.attoseconds / 1_000_000_000_000))
-        var values = [UInt16](repeating: 0, count: block.count)
-        let received = values.withUnsafeMutableBufferPointer { buffer -> Int32 in
+        let function = block.unit.function.code
+        let request: [UInt8] = [
+            UInt8(slave), function, UInt8(block.start >> 8), UInt8(block.start & 0xFF), UInt8(block.count >> 8),
+            UInt8(block.count & 0xFF),
+        ]
+        let sent = request.withUnsafeBufferPointer { buffer -> Int32 in
             guard let base = buffer.baseAddress else { return -1 }
-            return block.unit.function == .holding
-                ? modbus_read_registers(context, Int32(block.start), Int32(block.count), base)
-                : modbus_read_input_registers(context, Int32(block.start), Int32(block.count), base)
+            return modbus_send_raw_request(context, base, Int32(buffer.count))
+        }
+        if sent < 0 {
+            let code = errno
+            lastFrameEnd = ContinuousClock.now
+            return .failure(classify(code, what: what, slave: slave, timeout: block.responseTimeout))
+        }
+        var answer = [UInt8](repeating: 0, count: Int(MODBUS_RTU_MAX_ADU_LENGTH))
+        let length = answer.withUnsafeMutableBufferPointer { buffer -> Int32 in
+            guard let base = buffer.baseAddress else { return -1 }
+            return modbus_receive_confirmation(context, base)
         }
         let code = errno
         lastFrameEnd = ContinuousClock.now
-        if received == Int32(block.count) { return .success(values) }
-        if received >= 0 {
-            return .failure(ModbusFailure(SensorError(.invalidResponse, "slave \(block.unit.slave) sent \(received) registers for \(what)")))
+        if length < 0 { return .failure(classify(code, what: what, slave: slave, timeout: block.responseTimeout)) }
+        let base = Int32(MODBUS_ENOBASE)
+        // libmodbus returns 0 for a frame from another unit id (it does not check that frame's CRC).
+        if length == 0 || answer[0] != UInt8(slave) {
+            drain(quiet: block.responseTimeout)
+            return .failure(
+                ModbusFailure(
+                    SensorError(
+                        .invalidResponse,
+                        "an answer to the request for \(what) came from address \(answer[0]) instead of \(slave): another device on \(settings.port) answered (two masters, or a slave answering for ids it does not have), or `slave` is wrong (check the transmitter's Modbus address)")))
         }
-        return .failure(classify(code, what: what, slave: block.unit.slave, timeout: block.responseTimeout))
+        let frame = answer[0..<Int(length)]
+        if frame.count >= 3, frame[1] == function {
+            let byteCount = Int(frame[2])
+            guard byteCount == 2 * block.count, frame.count == 3 + byteCount + 2 else {
+                drain(quiet: block.responseTimeout)
+                return .failure(
+                    ModbusFailure(
+                        SensorError(.invalidResponse, "slave \(slave) sent \(byteCount / 2) registers for \(what)")))
+            }
+            let values = (0..<block.count).map { UInt16(frame[3 + 2 * $0]) << 8 | UInt16(frame[4 + 2 * $0]) }
+            return .success(values)
+        }
+        if frame.count >= 3, frame[1] >= 0x80 {
+            // As libmodbus's own check: an exception of the request's function with a code it knows is that exception,
+            // anything else an invalid exception response.
+            let exception = Int32(frame[2])
+            let known = frame[1] == function | 0x80 && frame.count == 5 && exception < 12  // MODBUS_EXCEPTION_MAX
+            return .failure(classify(known ? base + exception : base + 14, what: what, slave: slave, timeout: block.responseTimeout))
+        }
+        return .failure(classify(base + 13, what: what, slave: slave, timeout: block.responseTimeout))  // EMBBADDATA
     }
 
     private func classify(_ code: Int32, what: String, slave: Int, timeout: Duration) -> ModbusFailure {
@@ -198,21 +254,29 @@ final class ModbusLink {
         }
         if code > base, code <= base + 11 {
             let exception = Int(code - base)
+            if exception == 4 {
+                // Slave device failure: the request was fine, the transmitter could not carry it out.
+                return ModbusFailure(
+                    SensorError(
+                        .fault,
+                        "slave \(slave) reported an internal failure reading \(what) (exception \(Self.exceptionName(exception))): check the transmitter itself (its probe, power and display or error code; see its manual)"),
+                    exception: exception)
+            }
             return ModbusFailure(
                 SensorError(.fault, "slave \(slave) answered \(what) with exception \(Self.exceptionName(exception)); check address, function and data_type against its register map"),
                 exception: exception)
         }
         switch code {
         case ETIMEDOUT:
-            flush()
+            drain(quiet: timeout)
             return ModbusFailure(
                 SensorError(.timeout, "slave \(slave) did not answer within \(timeout) on \(settings.port); check its unit id, the baud and parity (\(settings)), the A/B wiring and its power"))
         case base + 12:  // EMBBADCRC
-            flush()
+            drain(quiet: timeout)
             return ModbusFailure(
                 SensorError(.invalidResponse, "the answer of slave \(slave) failed its CRC; check the baud and parity (\(settings)), termination and cable (noise)"))
         case base + 13, base + 15...(base + 17):  // bad data, unknown exception, too many data, wrong slave
-            flush()
+            drain(quiet: timeout)
             return ModbusFailure(
                 SensorError(.invalidResponse, "slave \(slave) answered \(what) with a malformed frame (\(Self.text(code))); is another master on the bus, or two slaves with id \(slave)?"))
         case EIO, ENXIO, ENODEV, EBADF, ECONNRESET, EPIPE, ENOENT:
@@ -220,7 +284,7 @@ final class ModbusLink {
             lostPort(error)
             return ModbusFailure(error)
         default:
-            flush()
+            drain(quiet: timeout)
             return ModbusFailure(SensorError(.fault, "reading \(what) on \(settings.port) failed: \(Self.text(code))"))
         }
     }
@@ -346,8 +410,48 @@ final class ModbusLink {
         cache = [:]
     }
 
-    private func flush() {
-        if let context { modbus_flush(context) }
+    /// The longest a drain goes on beyond its quiet window when the line never falls silent (another master, noise).
+    static let drainLimit: Duration = .seconds(2)
+
+    /// Discards whatever arrives until the line has been silent for `quiet` (a response timeout), at most `quiet` plus
+    /// ``drainLimit`` in all: after a timeout or a malformed answer, the slave may still be sending (a late answer,
+    /// the rest of a garbled one), and RTU frames carry no transaction id, so that answer would be taken for the next
+    /// request's if it went out now. libmodbus's own error recovery does the same (wait a response timeout, flush).
+    private func drain(quiet: Duration) {
+        guard let context else { return }
+        let fd = modbus_get_socket(context)
+        guard fd >= 0 else { return }
+        let limit = ContinuousClock.now + quiet + Self.drainLimit
+        var buffer = [UInt8](repeating: 0, count: 256)
+        var discarded = 0
+        while true {
+            let now = ContinuousClock.now
+            guard now < limit else {
+                logger.warning(
+                    "Modbus line did not fall silent after a failed request; sending the next request anyway",
+                    metadata: ["discarded_bytes": "\(discarded)", "quiet": "\(quiet)"])
+                break
+            }
+            let wait = min(quiet, now.duration(to: limit))
+            var descriptor = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let ready = poll(&descriptor, 1, Int32(clamping: max(wait.wholeMilliseconds, 1)))
+            if ready == 0 { break }  // silent for the whole window
+            if ready < 0 {
+                if errno == EINTR { continue }
+                break
+            }
+            let count = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+            if count > 0 {
+                discarded += count
+                continue
+            }
+            if count < 0, errno == EINTR || errno == EAGAIN { continue }
+            break  // EIO (unplugged), POLLHUP: the next request finds out and reports it
+        }
+        if discarded > 0 {
+            logger.debug("Modbus: discarded bytes that came after a failed request", metadata: ["bytes": "\(discarded)"])
+        }
+        lastFrameEnd = ContinuousClock.now
     }
 
     /// Sleeps until t3.5 has passed since the last frame ended, so that the next request is never glued to it.

@@ -22,7 +22,7 @@ public struct ModbusBusSettings: Sendable, Hashable, CustomStringConvertible {
     public var baud: Int
     /// `parity`: `none` (default), `even` or `odd`.
     public var parity: Parity
-    /// `data_bits`: 8 (default) or 7.
+    /// `data_bits`: 8, the only value Modbus RTU defines (7 is refused).
     public var dataBits: Int
     /// `stop_bits`: 1 (default) or 2.
     public var stopBits: Int
@@ -178,7 +178,13 @@ struct ModbusSensorOptions: Sendable, Hashable {
         let parities: [String: ModbusBusSettings.Parity] = ["none": .none, "even": .even, "odd": .odd, "n": .none, "e": .even, "o": .odd]
         if let parity = try table.choice("parity", parities) { bus.parity = parity }
         if let dataBits = try table.int("data_bits") {
-            guard dataBits == 7 || dataBits == 8 else { throw table.error("data_bits", "must be 8 or 7 (got \(dataBits)); Modbus RTU uses 8") }
+            // Modbus over Serial Line V1.02, 2.5.1: an RTU character has 8 data bits (7 is Modbus ASCII, which this
+            // driver does not speak).
+            guard dataBits == 8 else {
+                throw table.error(
+                    "data_bits",
+                    "must be 8 (got \(dataBits)): Modbus RTU always uses 8 data bits (7 is Modbus ASCII, which is not supported); set the transmitter to 8 data bits or remove data_bits")
+            }
             bus.dataBits = dataBits
         }
         if let stopBits = try table.int("stop_bits") {

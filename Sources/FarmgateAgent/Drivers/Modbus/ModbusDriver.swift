@@ -40,12 +40,14 @@ public final class ModbusDriver: SensorDriver {
 
     public let sensor: SensorID
     let point: ModbusPoint
+    let quantity: Quantity
     let bus: ModbusBus
 
     public init(configuration: SensorConfiguration, logger: Logger) throws {
         let options = try ModbusSensorOptions(configuration)
         sensor = configuration.id
         point = options.point
+        quantity = configuration.descriptor.quantity
         bus = try ModbusBuses.shared.bus(for: options.bus, logger: logger)
         bus.add(
             ModbusMember(
@@ -61,10 +63,31 @@ public final class ModbusDriver: SensorDriver {
                 .invalidResponse,
                 "slave \(point.slave) register \(point.address) holds no number as \(point.dataType.rawValue) (NaN or infinity); check data_type and word_order")
         }
+        // A register full of ones (0xFFFF, 0x80000000) or a float no probe can read is what a transmitter sends when
+        // its probe is missing or broken, or what a wrong data_type, scale or word_order makes of a good value: a fault,
+        // never a reading (values outside `expected_range` but plausible are still stored, flagged, by the sampler).
+        guard quantity.plausibleRange.contains(value) else {
+            throw SensorError(
+                .fault,
+                "slave \(point.slave) register \(point.address) reads \(value) (raw \(Self.hex(registers))), which no \(quantity.rawValue) transmitter can measure (plausible \(quantity.plausibleRange.lowerBound)...\(quantity.plausibleRange.upperBound)): check the transmitter and its probe, and data_type, word_order, scale and offset against its register map")
+        }
         return SensorValue(value)
+    }
+
+    static func hex(_ registers: [UInt16]) -> String {
+        registers.map { word in
+            let digits = String(word, radix: 16, uppercase: true)
+            return "0x" + String(repeating: "0", count: 4 - digits.count) + digits
+        }.joined(separator: " ")
     }
 
     public func close() async {
         await ModbusBuses.shared.release(sensor, from: bus)
     }
+}
+
+/// What a read is for, where a driver treats it differently: the installer's one-off read (`farmgate sensor read`,
+/// `farmgate sensor test`) always asks the device, never a value another sensor's read brought in (a Modbus block).
+public enum SensorReadContext {
+    @TaskLocal public static var oneOff = false
 }

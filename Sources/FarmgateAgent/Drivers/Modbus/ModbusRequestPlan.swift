@@ -10,8 +10,9 @@ struct ModbusMember: Sendable, Hashable {
     /// Registers at most this far from the previous member's are read in the same request.
     var coalesceGap: Int
     var responseTimeout: Duration
-    /// A block read for another member is still served to this one while it is younger than this (the sensor's
-    /// interval): one request per sampling round feeds every sensor in the block.
+    /// A block read for another member is served to this one only while it is younger than this (the sensor's
+    /// interval) and than ``ModbusLink/sharedReadWindow``: one request per sampling tick feeds every sensor in the
+    /// block, never a value a round old.
     var maxAge: Duration
 
     var end: Int { address + count }
