@@ -104,8 +104,9 @@ struct EZOEndToEndTests {
             simulator.inject(contentsOf: Array(repeating: .silence, count: 1000))
         }
         try await Task.sleep(for: .seconds(3))
-        let served = ["tank1.temp": rtd.served, "tank1.ph": ph.served, "tank1.ec": ec.served]
         #expect(await agent.stop(SIGTERM) == 0, "graceful stop failed: \(agent.log)")
+        // Taken after the stop: a read in flight at the stop is stored too (the sampler waits for it).
+        let served = ["tank1.temp": rtd.served, "tank1.ph": ph.served, "tank1.ec": ec.served]
 
         let readings = try await stored(farm, device: "ezo-site")
         for (sensor, answers) in served {
