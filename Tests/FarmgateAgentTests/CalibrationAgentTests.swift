@@ -90,21 +90,9 @@ struct CalibrationAgentTests {
         })
         box.simulator.withLock { $0 = ph }
         defer { ph.stop() }
-        let buffer = scratch.file("buffer.sqlite")
-        let socket = scratch.file("control.sock")
-        let configuration = try scratch.write(
-            "agent.toml",
-            """
-            [device]
-            id = "cal-site"
-            [buffer]
-            path = "\(buffer)"
-            commit_interval = "100ms"
-            [control]
-            socket = "\(socket)"
-            [clock]
-            check = false
-
+        let site = try CalibrationSite(
+            scratch,
+            sensors: """
             [[sensor]]
             id = "tank1.ph"
             driver = "ezo"
@@ -118,16 +106,9 @@ struct CalibrationAgentTests {
             quantity = "state"
             interval = "1s"
             """)
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: builtExecutable("farmgate", environmentOverride: "FARMGATE_BINARY"))
-        process.arguments = ["agent", "-c", configuration]
-        let log = scratch.file("agent.log")
-        #expect(FileManager.default.createFile(atPath: log, contents: nil))
-        process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
-        process.standardOutput = process.standardError
-        try process.run()
-        defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
-        func agentLog() -> String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
+        defer { if site.process.isRunning { kill(site.process.processIdentifier, SIGKILL) } }
+        let (process, configuration, buffer, socket, _) = (site.process, site.configuration, site.buffer, site.socket, site.log)
+        func agentLog() -> String { site.agentLog() }
 
         let up = await eventually(timeout: .seconds(20), every: .milliseconds(100)) {
             (try? ControlClient.send(ControlRequest(command: "status"), to: socket, timeoutSeconds: 2)) != nil
@@ -248,21 +229,9 @@ extension CalibrationAgentTests {
         let ec = try EZOSimulator(.ec, path: scratch.file("by-id-ec"), timeScale: 0.2, values: { _, _ in 1413 })
         ecBox.simulator.withLock { $0 = ec }
         defer { ec.stop() }
-        let buffer = scratch.file("buffer.sqlite")
-        let socket = scratch.file("control.sock")
-        let configuration = try scratch.write(
-            "agent.toml",
-            """
-            [device]
-            id = "cal-site"
-            [buffer]
-            path = "\(buffer)"
-            commit_interval = "100ms"
-            [control]
-            socket = "\(socket)"
-            [clock]
-            check = false
-
+        let site = try CalibrationSite(
+            scratch,
+            sensors: """
             [[sensor]]
             id = "tank1.ph"
             driver = "ezo"
@@ -284,16 +253,9 @@ extension CalibrationAgentTests {
             port = "\(ec.path)"
             interval = "1s"
             """)
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: builtExecutable("farmgate", environmentOverride: "FARMGATE_BINARY"))
-        process.arguments = ["agent", "-c", configuration]
-        let log = scratch.file("agent.log")
-        #expect(FileManager.default.createFile(atPath: log, contents: nil))
-        process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
-        process.standardOutput = process.standardError
-        try process.run()
-        defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
-        func agentLog() -> String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
+        defer { if site.process.isRunning { kill(site.process.processIdentifier, SIGKILL) } }
+        let (process, configuration, buffer, socket, _) = (site.process, site.configuration, site.buffer, site.socket, site.log)
+        func agentLog() -> String { site.agentLog() }
         let up = await eventually(timeout: .seconds(20), every: .milliseconds(100)) {
             (try? ControlClient.send(ControlRequest(command: "status"), to: socket, timeoutSeconds: 2)) != nil
         }
@@ -383,4 +345,42 @@ extension CalibrationAgentTests {
         #expect(phEvent?.points.map(\.name) == ["mid"], "\(stored)")
         #expect(phEvent?.points.first?.reading == 7.01, "\(stored)")
     }
+}
+
+/// `farmgate agent` running on a site of `sensors` (its `[[sensor]]` tables), with its buffer, control socket and log
+/// in `scratch`.
+struct CalibrationSite {
+    let process = Process()
+    let configuration: String
+    let buffer: String
+    let socket: String
+    let log: String
+
+    init(_ scratch: Scratch, sensors: String) throws {
+        buffer = scratch.file("buffer.sqlite")
+        socket = scratch.file("control.sock")
+        log = scratch.file("agent.log")
+        configuration = try scratch.write(
+            "agent.toml",
+            """
+            [device]
+            id = "cal-site"
+            [buffer]
+            path = "\(buffer)"
+            commit_interval = "100ms"
+            [control]
+            socket = "\(socket)"
+            [clock]
+            check = false
+
+            """ + sensors)
+        process.executableURL = URL(fileURLWithPath: builtExecutable("farmgate", environmentOverride: "FARMGATE_BINARY"))
+        process.arguments = ["agent", "-c", configuration]
+        guard FileManager.default.createFile(atPath: log, contents: nil) else { throw CocoaError(.fileWriteUnknown) }
+        process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
+        process.standardOutput = process.standardError
+        try process.run()
+    }
+
+    func agentLog() -> String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
 }
