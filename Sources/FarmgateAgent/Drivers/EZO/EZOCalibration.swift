@@ -208,10 +208,16 @@ public enum EZOCalibration {
         public static let rtd = 5.0
         /// mV between an ORP reading and the solution's value.
         public static let orp = 100.0
+        /// mg/L: a probe in zero-oxygen solution reads at most this (it falls to nearly 0 within minutes); one in air at
+        /// least this (air holds the oxygen of saturated water, 6.9–14.6 mg/L between 35 and 0 °C at sea level, about
+        /// 5 at 3,000 m; an uncalibrated probe is off by tens of percent, not down to this).
+        public static let oxygenBoundary = 2.0
+        /// mg/L: the most a probe in air may read (twice saturated water at 0 °C: more is no probe in air).
+        public static let oxygenInAir = 30.0
     }
 
     /// Why the stable `reading` cannot be the probe in the solution of `step`, with the solution it seems to be in
-    /// instead; nil when it is plausible (or the point has nothing to compare with: DO).
+    /// instead; nil when it is plausible.
     public static func implausibility(of reading: Double, for step: CalibrationStep, kind: EZOCircuitKind) -> String? {
         let shown = format(reading)
         switch kind {
@@ -239,7 +245,16 @@ public enum EZOCalibration {
             guard let reference = step.reference, abs(reading - reference) > Plausibility.orp else { return nil }
             return "the probe reads \(shown) mV, more than \(format(Plausibility.orp)) mV from the solution's \(format(reference)) mV: it seems not to be in the \(format(reference)) mV solution (or the solution is spent); rinse it, put it in fresh solution and wait for the readings to settle"
         case .dissolvedOxygen:
-            return nil
+            let boundary = format(Plausibility.oxygenBoundary)
+            if step.point == "zero" {
+                guard reading > Plausibility.oxygenBoundary else { return nil }
+                return "the probe reads \(shown) mg/L, but in a zero dissolved-oxygen solution it reads nearly 0 (at most \(boundary) mg/L): it seems to be in air or in aerated water (about 9 mg/L at 20 °C); put it in the zero solution, stir away the bubbles and wait until the readings fall and settle (a few minutes)"
+            }
+            if reading < Plausibility.oxygenBoundary {
+                return "the probe reads \(shown) mg/L, but in air it reads the oxygen of saturated water (about 9 mg/L at 20 °C, at least \(boundary)): it seems to be still in the zero solution or in water without oxygen; rinse it, shake off the drops, let it sit in the air and wait until the readings rise and settle"
+            }
+            guard reading > Plausibility.oxygenInAir else { return nil }
+            return "the probe reads \(shown) mg/L, more than the \(format(Plausibility.oxygenInAir)) mg/L a probe in air can read (saturated water holds at most 14.6 mg/L): the probe or its membrane is faulty, or the circuit is not a dissolved-oxygen circuit reading mg/L; check the probe and `farmgate sensor read` it"
         }
     }
 
