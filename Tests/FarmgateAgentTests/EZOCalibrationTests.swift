@@ -1,5 +1,7 @@
 @testable import FarmgateAgent
 import FarmgateWire
+import Logging
+import Synchronization
 import Testing
 
 @Suite("EZO calibration rules, answers and stability")
@@ -91,6 +93,13 @@ struct EZOCalibrationTests {
         #expect(problem(.ec, "low=12880", 2)?.contains("dry or in water without salts") == true)
         #expect(problem(.rtd, "single=21.5", 35) != nil)
         #expect(problem(.orp, "single=225", 10) != nil)
+        // Dissolved oxygen: nearly 0 in the zero solution, a saturated water's worth in air.
+        #expect(problem(.dissolvedOxygen, "zero", 0.4) == nil)
+        #expect(problem(.dissolvedOxygen, "air", 5.1) == nil)
+        #expect(problem(.dissolvedOxygen, "air", 13.9) == nil)
+        #expect(problem(.dissolvedOxygen, "zero", 8.9)?.contains("seems to be in air or in aerated water") == true)
+        #expect(problem(.dissolvedOxygen, "air", 0.3)?.contains("still in the zero solution") == true)
+        #expect(problem(.dissolvedOxygen, "air", 45)?.contains("faulty") == true)
     }
 
     @Test("Cal,? and Slope,? answers parse; anything else does not")
@@ -149,5 +158,66 @@ struct EZOCalibrationTests {
         flags.mark(sensor)
         flags.clear(sensor)
         #expect(!flags.contains(sensor))
+    }
+
+    /// A pH circuit that takes every point and says how many it holds.
+    final class FakeCircuit: CalibratableDriver {
+        let sent = Mutex<[String]>([])
+        var circuit: EZOCircuitKind { .ph }
+        var measuredQuantity: Quantity { .ph }
+        var circuitPort: String { "/dev/ttyFAKE" }
+        func read() async throws(SensorError) -> SensorValue { SensorValue(7.01) }
+        func sendCalibration(_ command: String) async throws(SensorError) { sent.withLock { $0.append(command) } }
+        func calibrationState() async throws(SensorError) -> CalibrationState {
+            CalibrationState(calibratedPoints: sent.withLock { $0.count }, slope: nil, firmware: "2.16")
+        }
+    }
+
+    final class Collector: CalibrationRecorder {
+        let events = Mutex<[CalibrationEvent]>([])
+        func recordCalibration(_ event: CalibrationEvent) async throws { events.withLock { $0.append(event) } }
+    }
+
+    @Test("Points a circuit took are recorded when their session lapses (a killed CLI), before a new session replaces it, and when the agent stops")
+    func lapsedSessionsAreRecorded() async throws {
+        let sensor = try SensorID("tank1.ph")
+        let collector = Collector()
+        let commands = CalibrationCommands(
+            drivers: [sensor: FakeCircuit()], flags: CalibrationFlags(idleLimit: .milliseconds(300)), recorder: collector,
+            logger: Logger(label: "test"))
+        func send(_ command: String, _ arguments: [String: String] = [:]) async -> CalibrationControlAnswer {
+            await commands.answer(ControlRequest(command: command, arguments: arguments.merging(["sensor": "tank1.ph"]) { a, _ in a }))
+        }
+        // A session with one point whose CLI goes silent: nothing is recorded before it lapses, the point after.
+        #expect(await send("calibrate.begin").ok)
+        #expect(await send("calibrate.point", ["point": "mid", "reference": "7.00", "reading": "7.01"]).ok)
+        await commands.recordLapsed()
+        #expect(collector.events.withLock { $0.isEmpty })
+        try await Task.sleep(for: .milliseconds(400))
+        await commands.recordLapsed()
+        let lapsed = collector.events.withLock { $0 }
+        #expect(lapsed.count == 1)
+        #expect(lapsed.first?.points.map(\.name) == ["mid"])
+        #expect(lapsed.first?.calibratedPoints == 1)
+        #expect(await send("calibrate.status").error?.contains("lapsed") == true)
+
+        // A lapsed session found by a new begin (no sweep ran) is recorded first.
+        #expect(await send("calibrate.begin").ok)
+        #expect(await send("calibrate.point", ["point": "mid", "reference": "7.00"]).ok)
+        #expect(await send("calibrate.point", ["point": "low", "reference": "4.00"]).ok)
+        try await Task.sleep(for: .milliseconds(400))
+        #expect(await send("calibrate.begin").ok)
+        #expect(collector.events.withLock { $0.map { $0.points.map(\.name) } } == [["mid"], ["mid", "low"]])
+
+        // Open when the agent stops: recorded without asking the circuit; a session without points records nothing.
+        #expect(await send("calibrate.point", ["point": "mid", "reference": "7.00"]).ok)
+        await commands.recordOpen()
+        let stopped = collector.events.withLock { $0 }
+        #expect(stopped.count == 3)
+        #expect(stopped.last?.points.map(\.name) == ["mid"])
+        #expect(stopped.last?.calibratedPoints == nil)
+        #expect(await send("calibrate.begin").ok)
+        await commands.recordOpen()
+        #expect(collector.events.withLock { $0.count } == 3)
     }
 }

@@ -8,6 +8,7 @@ import Foundation
 import Glibc
 #endif
 import Logging
+import ServiceLifecycle
 import Synchronization
 
 /// The control socket's calibration commands, as `farmgate calibrate` sends them. The agent owns the serial port, so the
@@ -23,8 +24,10 @@ import Synchronization
 /// | `calibrate.abort` | `sensor` | `taken` (points the circuit already holds stay in it) |
 ///
 /// One calibration per sensor at a time; a session idle for longer than the flags' idle limit has lapsed and a new
-/// `calibrate.begin` replaces it.
-public final class CalibrationCommands: Sendable {
+/// `calibrate.begin` replaces it. Points a circuit took are never forgotten: a session that lapses with points (its CLI
+/// was killed, the laptop closed) is recorded as the calibration event then, with what the circuit says it holds, and
+/// so is one open when the agent stops (run as a service, it looks for lapsed sessions while the agent runs).
+public final class CalibrationCommands: Service, Sendable {
     public static let commands = ["calibrate.begin", "calibrate.read", "calibrate.point", "calibrate.status", "calibrate.finish", "calibrate.abort"]
 
     struct Session: Sendable {
@@ -47,6 +50,70 @@ public final class CalibrationCommands: Sendable {
         self.logger = logger
     }
 
+    /// Records lapsed sessions as they lapse and, when the agent stops, the sessions still open.
+    public func run() async throws {
+        let sweep = min(flags.idleLimit, .seconds(30))
+        await cancelWhenGracefulShutdown {
+            while !Task.isCancelled {
+                do { try await Task.sleep(for: sweep) } catch { break }
+                await self.recordLapsed()
+            }
+        }
+        await recordOpen()
+    }
+
+    /// Records (and ends) every session that lapsed with points taken: the circuit holds them whether or not the CLI
+    /// that took them is still there.
+    func recordLapsed(now: ContinuousClock.Instant = .now) async {
+        let limit = flags.idleLimit
+        let lapsed: [(SensorID, Session)] = sessions.withLock { sessions in
+            let gone = sessions.filter { now - $0.value.lastActivity > limit }
+            for sensor in gone.keys { sessions[sensor] = nil }
+            return gone.map { ($0.key, $0.value) }
+        }
+        for (sensor, session) in lapsed where !session.points.isEmpty {
+            guard let device = drivers[sensor] as? any CalibratableDriver else { continue }
+            do {
+                let state: CalibrationState? = try? await device.calibrationState()
+                let event = try await record(sensor, session, state: state)
+                logger.warning(
+                    "Calibration lapsed after \(limit) without a command (its farmgate calibrate was stopped?): the points the circuit took are recorded",
+                    metadata: ["sensor": "\(sensor)", "event": "\(event.id)", "points": "\(event.points.map(\.name).joined(separator: ","))", "circuit_holds": "\(state?.calibratedPoints.map(String.init) ?? "unknown")"])
+            } catch {
+                logger.error("Calibration lapsed but its points could not be recorded", metadata: ["sensor": "\(sensor)", "error": "\(error)"])
+            }
+        }
+    }
+
+    /// Records the sessions still open (with points) as the agent stops, without asking the circuits (their ports are
+    /// closing).
+    func recordOpen() async {
+        let open = sessions.withLock { sessions in
+            defer { sessions.removeAll() }
+            return sessions
+        }
+        for (sensor, session) in open where !session.points.isEmpty {
+            do {
+                let event = try await record(sensor, session, state: nil)
+                logger.warning(
+                    "Calibration still in progress as the agent stops: the points the circuit took are recorded; calibrate again to finish it",
+                    metadata: ["sensor": "\(sensor)", "event": "\(event.id)", "points": "\(event.points.map(\.name).joined(separator: ","))"])
+            } catch {
+                logger.error("Calibration in progress as the agent stops; its points could not be recorded", metadata: ["sensor": "\(sensor)", "error": "\(error)"])
+            }
+        }
+    }
+
+    /// Commits the calibration event of `session`'s points, with what the circuit said it holds.
+    private func record(_ sensor: SensorID, _ session: Session, state: CalibrationState?) async throws -> CalibrationEvent {
+        let event = CalibrationEvent(
+            id: UUID().uuidString.lowercased(), sensor: sensor, time: Timestamp.now(), circuit: session.circuit.rawValue,
+            firmware: state?.firmware, points: session.points, calibratedPoints: state?.calibratedPoints, slope: state?.slope)
+        try await recorder.recordCalibration(event)
+        flags.clear(sensor)
+        return event
+    }
+
     /// Answers `request` with the JSON of a ``CalibrationControlAnswer``.
     public func answer(_ request: ControlRequest) async -> CalibrationControlAnswer {
         let arguments = request.arguments ?? [:]
@@ -62,7 +129,10 @@ public final class CalibrationCommands: Sendable {
             }
             try checkCalibratedQuantity(sensor, device)
             switch request.command {
-            case "calibrate.begin": return try begin(sensor, device)
+            case "calibrate.begin":
+                // A lapsed session of this sensor is recorded before a new one takes its place.
+                await recordLapsed()
+                return try begin(sensor, device)
             case "calibrate.read": return try await read(sensor, device)
             case "calibrate.point": return try await point(sensor, device, arguments)
             case "calibrate.status":
@@ -115,11 +185,8 @@ public final class CalibrationCommands: Sendable {
         let now = ContinuousClock.now
         let limit = flags.idleLimit
         let session: Session? = sessions.withLock { sessions in
-            guard var session = sessions[sensor] else { return nil }
-            guard now - session.lastActivity <= limit else {
-                sessions[sensor] = nil
-                return nil
-            }
+            // A lapsed session stays until ``recordLapsed(now:)`` records its points.
+            guard var session = sessions[sensor], now - session.lastActivity <= limit else { return nil }
             session.lastActivity = now
             sessions[sensor] = session
             return session
@@ -206,12 +273,8 @@ public final class CalibrationCommands: Sendable {
             state = CalibrationState(calibratedPoints: nil, slope: nil, firmware: nil)
             warnings.append("the circuit did not say which calibration points it holds (\(error.message)); the points taken are recorded, but whether it kept them is unknown: if its readings look wrong, calibrate again")
         }
-        let event = CalibrationEvent(
-            id: UUID().uuidString.lowercased(), sensor: sensor, time: Timestamp.now(), circuit: session.circuit.rawValue,
-            firmware: state.firmware, points: session.points, calibratedPoints: state.calibratedPoints, slope: state.slope)
-        try await recorder.recordCalibration(event)
+        let event = try await record(sensor, session, state: state)
         sessions.withLock { _ = $0.removeValue(forKey: sensor) }
-        flags.clear(sensor)
         logger.notice(
             "Calibration recorded",
             metadata: ["sensor": "\(sensor)", "event": "\(event.id)", "points": "\(event.points.map(\.name).joined(separator: ","))"])

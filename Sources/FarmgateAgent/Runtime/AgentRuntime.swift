@@ -208,6 +208,8 @@ public enum AgentRuntime {
         if !streamingSensors.isEmpty {
             services.append(StreamingSampler(sensors: streamingSensors, sink: buffer, board: board, clock: clock, logger: logger))
         }
+        // Stops after the control socket (no new command), recording a calibration left open (its points are in the circuit).
+        services.append(calibration)
         services.append(control)
         // Under systemd (Type=notify): READY=1, STATUS=, WATCHDOG=1 while sampler, buffer and uploader make progress, and
         // STOPPING=1 first thing on shutdown (listed last, so told first).
