@@ -49,7 +49,7 @@ func readSecretFile(_ path: String, option: String) throws -> String {
 struct AlertReceiverCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "receiver", abstract: "Manage where a farm's alert notifications go (webhooks, e-mail).",
-        subcommands: [Add.self, List.self, Remove.self, Test.self])
+        subcommands: [Add.self, Update.self, List.self, Remove.self, Test.self])
 
     struct Add: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
@@ -81,13 +81,7 @@ struct AlertReceiverCommand: AsyncParsableCommand {
 
         /// `--group-wait` and `--group-interval` as durations.
         func grouping() throws -> (wait: Duration, interval: Duration) {
-            func parse(_ text: String, _ option: String) throws -> Duration {
-                guard let duration = ConfigTable.parseDuration(text) else {
-                    throw ValidationError("\(option) '\(text.prefix(40))' must be a duration such as 0s, 30s, 5m or 1h")
-                }
-                return duration
-            }
-            return (try parse(groupWait, "--group-wait"), try parse(groupInterval, "--group-interval"))
+            (try AlertReceiverCommand.duration(groupWait, "--group-wait"), try AlertReceiverCommand.duration(groupInterval, "--group-interval"))
         }
 
         func validate() throws {
@@ -124,6 +118,91 @@ struct AlertReceiverCommand: AsyncParsableCommand {
             let receiver = try await options.administerAlerts { admin, _, _ in try await admin.addReceiver(farm: farm, spec) }
             print("Added receiver \(receiver.name) to farm \(farm): \(AlertDeliveryAdmin.describe(receiver).replacingOccurrences(of: "\t", with: ", ")).")
             print("Try it: farmgate-ingest alert receiver test --farm \(farm) --name \(receiver.name)")
+        }
+    }
+
+    /// A grouping option's duration.
+    static func duration(_ text: String, _ option: String) throws -> Duration {
+        guard let duration = ConfigTable.parseDuration(text) else {
+            throw ValidationError("\(option) '\(text.prefix(40))' must be a duration such as 0s, 30s, 5m or 1h")
+        }
+        return duration
+    }
+
+    struct Update: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "update", abstract: "Change a receiver's settings, keeping its notifications (only the options given change).",
+            discussion: """
+                Change the rate limit, the grouping, a webhook's URL or secret (--secret, --secret-file, or --no-secret), an e-mail \
+                receiver's recipients, server, sender or login. A receiver's name and kind (webhook or e-mail) cannot change: add a new \
+                one and remove this one. Notifications already waiting keep the time they are due; a new grouping applies to those \
+                written from now. Every instance uses the new settings from its next delivery.
+                """)
+
+        @Option(help: "The farm.") var farm: String
+        @Option(help: "The receiver's name.") var name: String
+        @Option(help: "A webhook's new URL (http:// or https://).") var webhook: String?
+        @Option(help: "A webhook's new HMAC secret (visible in the process list: prefer --secret-file).") var secret: String?
+        @Option(help: "A file holding a webhook's new HMAC secret.") var secretFile: String?
+        @Flag(help: "Stop signing a webhook's requests.") var noSecret = false
+        @Option(help: "New e-mail recipients, separated by commas.") var email: String?
+        @Option(help: "A new SMTP server: smtp://HOST:PORT (STARTTLS) or smtps://HOST:PORT.") var smtp: String?
+        @Option(help: "A new sender address.") var from: String?
+        @Option(help: "A new SMTP user name (with --password-file).") var username: String?
+        @Option(help: "A file holding the new SMTP password.") var passwordFile: String?
+        @Option(help: "At most this many notifications a minute.") var maxPerMinute: Int?
+        @Option(help: "How long an alert's first notification waits (e.g. 30s; 0s: at once).") var groupWait: String?
+        @Option(help: "How long after an alert's last notification its next one waits (e.g. 5m; 0s: at once).") var groupInterval: String?
+        @OptionGroup var options: ConfigOption
+
+        func validate() throws {
+            try validateFarmArgument(farm)
+            if let groupWait { _ = try AlertReceiverCommand.duration(groupWait, "--group-wait") }
+            if let groupInterval { _ = try AlertReceiverCommand.duration(groupInterval, "--group-interval") }
+            let secrets = [secret != nil, secretFile != nil, noSecret].filter { $0 }.count
+            if secrets > 1 { throw ValidationError("give one of --secret, --secret-file and --no-secret") }
+            if (username == nil) != (passwordFile == nil) { throw ValidationError("give --username and --password-file together") }
+            let webhookOptions = webhook != nil || secrets > 0
+            let emailOptions = email != nil || smtp != nil || from != nil || username != nil
+            if webhookOptions, emailOptions {
+                throw ValidationError("--webhook and the secret options change a webhook; --email, --smtp, --from, --username and --password-file an e-mail receiver: not both")
+            }
+            if !webhookOptions, !emailOptions, maxPerMinute == nil, groupWait == nil, groupInterval == nil {
+                throw ValidationError("nothing to change: give at least one option (see --help)")
+            }
+        }
+
+        func run() async throws {
+            let key = try secretFile.map { try readSecretFile($0, option: "--secret-file") } ?? secret
+            let password = try passwordFile.map { try readSecretFile($0, option: "--password-file") }
+            let wait = try groupWait.map { try AlertReceiverCommand.duration($0, "--group-wait") }
+            let interval = try groupInterval.map { try AlertReceiverCommand.duration($0, "--group-interval") }
+            let receiver = try await options.administerAlerts { admin, _, _ in
+                try await admin.updateReceiver(farm: farm, name: name) { spec in
+                    switch spec.kind {
+                    case .webhook:
+                        if email != nil || smtp != nil || from != nil || username != nil {
+                            throw ValidationError("receiver \(name) is a webhook: --email, --smtp, --from, --username and --password-file belong to an e-mail receiver")
+                        }
+                        if let webhook { spec.url = webhook }
+                        if let key { spec.secret = key }
+                        if noSecret { spec.secret = nil }
+                    case .email:
+                        if webhook != nil || secret != nil || secretFile != nil || noSecret {
+                            throw ValidationError("receiver \(name) is an e-mail receiver: --webhook and the secret options belong to a webhook (its password goes in --password-file)")
+                        }
+                        if let email { spec.emailTo = email }
+                        if let smtp { spec.url = smtp }
+                        if let from { spec.emailFrom = from }
+                        if let username { spec.username = username }
+                        if let password { spec.secret = password }
+                    }
+                    if let maxPerMinute { spec.maxPerMinute = maxPerMinute }
+                    if let wait { spec.groupWait = wait }
+                    if let interval { spec.groupInterval = interval }
+                }
+            }
+            print("Updated receiver \(receiver.name) of farm \(farm): \(AlertDeliveryAdmin.describe(receiver).replacingOccurrences(of: "\t", with: ", ")).")
         }
     }
 

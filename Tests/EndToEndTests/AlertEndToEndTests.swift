@@ -136,6 +136,21 @@ struct AlertEndToEndTests {
             #expect(refused.stderr.contains(message), "\(refused.stderr)")
         }
         #expect(!(try await farm.admin(["alert", "receiver", "list", "--farm", "e2e"])).contains("bad\t"), "a refused receiver was stored")
+
+        // The grouping changes in place; options of the other kind, nothing to change and an unknown receiver are refused.
+        let updated = try await farm.admin(["alert", "receiver", "update", "--farm", "e2e", "--name", "plain", "--group-wait", "1m", "--max-per-minute", "6"])
+        #expect(updated.contains("6/min, group wait 1m"), "\(updated)")
+        let relisted = try await farm.admin(["alert", "receiver", "list", "--farm", "e2e"])
+        #expect(relisted.contains("plain\twebhook\thttp://127.0.0.1:9/…\tunsigned\t6/min\tgroup wait 1m, interval 0s"), "\(relisted)")
+        for (arguments, message) in [
+            (["--name", "plain", "--email", "a@example.net"], "is a webhook"), (["--name", "plain"], "nothing to change"),
+            (["--name", "nobody", "--group-wait", "1s"], "nobody"), (["--name", "plain", "--group-interval", "2d"], "from 0s to 24h"),
+        ] {
+            let refused = try await runCommand(
+                Farm.ingestBinary, ["alert", "receiver", "update", "--farm", "e2e"] + arguments + ["--config", farm.ingestConfig])
+            #expect(refused.status != 0, "\(arguments)")
+            #expect(refused.stderr.contains(message), "\(arguments): \(refused.stderr)")
+        }
     }
 
     @Test("alert rule load takes the example file; a broken file is refused with file:line and nothing is loaded")

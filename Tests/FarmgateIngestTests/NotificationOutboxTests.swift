@@ -240,6 +240,30 @@ struct NotificationOutboxTests {
 
             _ = try await store.enqueueNotification(testNotification(1), receiverID: hook.id, dueAt: testNow)
             _ = try await store.enqueueNotification(testNotification(2), receiverID: hook.id, dueAt: testNow)
+
+            // An update keeps the receiver's id and its notifications; what it changes is stored and listed.
+            let updated = try await admin.updateReceiver(farm: "f1", name: "chat") {
+                $0.url = "https://hooks.example.net/v2"
+                $0.secret = "n3w"
+                $0.maxPerMinute = 5
+                $0.groupWait = .seconds(30)
+                $0.groupInterval = .seconds(300)
+            }
+            #expect(updated.id == hook.id && updated.createdAt == hook.createdAt)
+            let relisted = try await store.alertReceivers(farm: "f1")
+            #expect(relisted == [updated, mail])
+            #expect(relisted.first?.spec.secret == "n3w" && relisted.first?.spec.groupInterval == .seconds(300))
+            #expect(try await rows(store).count == 2)
+            // Validated like a new receiver; neither the kind nor the name changes; an unknown receiver is not found.
+            await #expect(throws: AlertReceiverSpecError.self) { _ = try await admin.updateReceiver(farm: "f1", name: "chat") { $0.url = "ftp://x/" } }
+            await #expect(throws: AlertReceiverSpecError.self) { _ = try await admin.updateReceiver(farm: "f1", name: "chat") { $0.kind = .email } }
+            await #expect(throws: AlertReceiverSpecError.self) { _ = try await admin.updateReceiver(farm: "f1", name: "chat") { $0.name = "other" } }
+            await #expect(throws: IngestStoreError.self) { _ = try await admin.updateReceiver(farm: "f1", name: "nobody") { $0.maxPerMinute = 1 } }
+            await #expect(throws: IngestStoreError.self) {
+                _ = try await store.updateAlertReceiver(farm: "f2", AlertReceiverSpec(name: "chat", kind: .webhook, url: "https://x.example.net/"))
+            }
+            #expect(try await store.alertReceivers(farm: "f1").first?.spec.url == "https://hooks.example.net/v2")
+
             #expect(try await store.removeAlertReceiver(farm: "f1", name: "chat") == 2)
             #expect(try await rows(store).isEmpty)
             #expect(try await store.alertReceivers(farm: "f1") == [mail])

@@ -18,6 +18,20 @@ public struct AlertDeliveryAdmin: Sendable {
         return try await store.addAlertReceiver(farm: farm, spec, createdAt: .now())
     }
 
+    /// Changes the receiver `name` of `farm` with `change` (it cannot rename it or change its kind), validates the result
+    /// like a new receiver and stores it; its notifications stay (removing and adding it again would drop them).
+    public func updateReceiver(farm: String, name: String, _ change: (inout AlertReceiverSpec) throws -> Void) async throws -> AlertReceiver {
+        try validateFarmName(farm)
+        let current = try await receiver(farm: farm, name: name)
+        var spec = current.spec
+        try change(&spec)
+        guard spec.name == current.spec.name, spec.kind == current.spec.kind else {
+            throw AlertReceiverSpecError("a receiver's name and kind cannot change: add a new receiver and remove this one")
+        }
+        try AlertReceiverValidation.validate(spec)
+        return try await store.updateAlertReceiver(farm: farm, spec)
+    }
+
     /// The receiver `name` of `farm`. Throws ``IngestStoreError/notFound(_:)``.
     public func receiver(farm: String, name: String) async throws -> AlertReceiver {
         guard let receiver = try await store.alertReceivers(farm: farm).first(where: { $0.name == name }) else {

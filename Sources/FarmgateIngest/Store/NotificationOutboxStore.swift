@@ -34,6 +34,11 @@ public protocol NotificationOutboxStore: Sendable {
     /// The receivers of `farm` ordered by name. Throws ``IngestStoreError/notFound(_:)`` for an unknown farm.
     func alertReceivers(farm: String) async throws -> [AlertReceiver]
 
+    /// Replaces the settings of the receiver `spec.name` of `farm` with `spec` (its id, pacing and notifications stay).
+    /// Notifications already waiting keep the time they are due; the new grouping applies to those written from now.
+    /// Throws ``IngestStoreError/notFound(_:)`` when farm or receiver is unknown.
+    func updateAlertReceiver(farm: String, _ spec: AlertReceiverSpec) async throws -> AlertReceiver
+
     /// Removes the receiver and every outbox row addressed to it (delivered history included: the rows reference it).
     /// - Returns: how many of those rows were not delivered yet (pending, delivering or dead), for the operator.
     /// - Throws: ``IngestStoreError/notFound(_:)`` when farm or receiver is unknown.

@@ -58,6 +58,20 @@ extension PostgresIngestStore: NotificationOutboxStore {
         ) { try Self.receiver($0).receiver }
     }
 
+    public func updateAlertReceiver(farm: String, _ spec: AlertReceiverSpec) async throws -> AlertReceiver {
+        let rows = try await self.rows(
+            """
+            UPDATE alert_receivers r SET kind = \(spec.kind.rawValue), url = \(spec.url), secret = \(spec.secret), username = \(spec.username),
+                email_from = \(spec.emailFrom), email_to = \(spec.emailTo), max_per_minute = \(spec.maxPerMinute)::integer,
+                group_wait_us = \(spec.groupWait.wholeMicroseconds), group_interval_us = \(spec.groupInterval.wholeMicroseconds)
+            FROM farms f WHERE f.id = r.farm_id AND f.name = \(farm) AND r.name = \(spec.name)
+            RETURNING r.id, r.farm_id, r.created_at_us
+            """
+        ) { try $0.decode((Int64, Int64, Int64).self) }
+        guard let first = rows.first else { throw IngestStoreError.notFound("receiver '\(spec.name)' in farm '\(farm)'") }
+        return AlertReceiver(id: first.0, farmID: first.1, farm: farm, spec: spec, createdAt: Timestamp(microseconds: first.2))
+    }
+
     public func removeAlertReceiver(farm: String, name: String) async throws -> Int {
         let logger = self.logger
         return try await transaction { connection in

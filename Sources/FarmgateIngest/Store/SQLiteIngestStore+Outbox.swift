@@ -57,6 +57,28 @@ extension SQLiteIngestStore: NotificationOutboxStore {
         }
     }
 
+    public func updateAlertReceiver(farm: String, _ spec: AlertReceiverSpec) async throws -> AlertReceiver {
+        try await writer.withValue { db in
+            try db.withStatement(
+                """
+                UPDATE alert_receivers SET kind = ?, url = ?, secret = ?, username = ?, email_from = ?, email_to = ?, max_per_minute = ?,
+                    group_wait_us = ?, group_interval_us = ?
+                WHERE id = (SELECT r.id FROM alert_receivers r JOIN farms f ON f.id = r.farm_id WHERE f.name = ? AND r.name = ?)
+                RETURNING id, farm_id, created_at_us
+                """,
+                [
+                    .text(spec.kind.rawValue), .text(spec.url), optional(spec.secret), optional(spec.username), optional(spec.emailFrom),
+                    optional(spec.emailTo), .integer(Int64(spec.maxPerMinute)), .integer(spec.groupWait.wholeMicroseconds),
+                    .integer(spec.groupInterval.wholeMicroseconds), .text(farm), .text(spec.name),
+                ]
+            ) { statement in
+                guard try statement.step() else { throw IngestStoreError.notFound("receiver '\(spec.name)' in farm '\(farm)'") }
+                return AlertReceiver(
+                    id: statement.int64(0), farmID: statement.int64(1), farm: farm, spec: spec, createdAt: Timestamp(microseconds: statement.int64(2)))
+            }
+        }
+    }
+
     public func removeAlertReceiver(farm: String, name: String) async throws -> Int {
         try await writer.withValue { db in
             try db.connection.transaction { () throws -> Int in
