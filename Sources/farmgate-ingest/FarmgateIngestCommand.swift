@@ -7,6 +7,7 @@ import Logging
 import Metrics
 import Prometheus
 import ServiceLifecycle
+import Synchronization
 import UnixSignals
 
 @main
@@ -75,7 +76,7 @@ struct ConfigOption: ParsableArguments {
 /// pool does not say why its connections fail).
 func explain(_ error: any Error, _ configuration: IngestConfiguration, logger: Logger) async -> String {
     guard let storeError = error as? PostgresStoreError, case .timedOut = storeError, let postgres = configuration.storage.postgres else {
-        return "\(error)"
+        return Logger.describe(storeError: error)
     }
     switch await postgres.probe(logger: logger) {
     case .connected: return "\(error) (a connection opened now succeeds: the server was slow or the pool busy)"
@@ -113,6 +114,9 @@ extension ConfigOption {
                 throw failure(error.description)
             } catch let error as PostgresStoreError {
                 throw failure(await explain(error, configuration, logger: logger))
+            } catch where Logger.isDatabaseError(error) {
+                // Refused by the server (a permission, a lock timeout): its SQLSTATE and message say what.
+                throw failure(Logger.describe(storeError: error))
             }
         }
     }
@@ -239,18 +243,25 @@ struct StopLoggedService: Service, CustomStringConvertible {
 
     func run() async throws {
         let name = description
+        // When the graceful stop began: a service cancelled after the limit passed is one the stop waited for; one
+        // cancelled before (or without a graceful stop) goes because another service failed, which that one logged.
+        let stopping = Mutex<ContinuousClock.Instant?>(nil)
         defer {
-            if Task.isCancelled {
+            let began = stopping.withLock { $0 }
+            if !Task.isCancelled {
+                logger.info("service stopped", metadata: ["service": "\(name)"])
+            } else if let began, began.duration(to: .now) >= ServeCommand.gracefulStopLimit {
                 logger.warning(
                     "service cancelled: the graceful stop passed its limit",
                     metadata: ["service": "\(name)", "limit": "\(ServeCommand.gracefulStopLimit)"])
             } else {
-                logger.info("service stopped", metadata: ["service": "\(name)"])
+                logger.info("service cancelled: the service group stops", metadata: ["service": "\(name)"])
             }
         }
         try await withGracefulShutdownHandler {
             try await service.run()
         } onGracefulShutdown: {
+            stopping.withLock { $0 = .now }
             logger.info("service stopping", metadata: ["service": "\(name)"])
         }
     }
@@ -269,8 +280,9 @@ struct MigrateThenServe<App: Service>: Service {
         do {
             try await store.migrate()
         } catch {
-            logger.critical("cannot bring the store's schema up to date", metadata: ["storage": "\(storage)", "error": "\(error)"])
-            throw MigrationFailed(description: "cannot migrate the store \(storage): \(error)")
+            let why = Logger.describe(storeError: error)
+            logger.critical("cannot bring the store's schema up to date", metadata: ["storage": "\(storage)", "error": "\(why)"])
+            throw MigrationFailed(description: "cannot migrate the store \(storage): \(why)")
         }
         guard let engine else { return try await app.run() }
         try await withThrowingDiscardingTaskGroup { group in

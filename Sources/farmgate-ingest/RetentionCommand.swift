@@ -42,7 +42,7 @@ struct RetentionCommand: AsyncParsableCommand {
                 do {
                     try await retentionStore.migrate()
                 } catch {
-                    throw failure("cannot migrate \(storage): \(error)", code: 74)
+                    throw failure("cannot migrate \(storage): \(Logger.describe(storeError: error))", code: 74)
                 }
                 let started = ContinuousClock.now
                 do {
@@ -50,7 +50,7 @@ struct RetentionCommand: AsyncParsableCommand {
                     report.duration = ContinuousClock.now - started
                     return report
                 } catch {
-                    throw failure("retention on \(storage) failed: \(error)")
+                    throw failure("retention on \(storage) failed: \(Logger.describe(storeError: error))")
                 }
             }
             print(

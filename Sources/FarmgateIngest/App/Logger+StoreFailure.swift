@@ -18,12 +18,16 @@ extension Logger {
     /// What an operator needs of a store error: for PostgreSQL's errors, whose description is one generic sentence
     /// ("Generic description to prevent accidental leakage of sensitive data"), the server's SQLSTATE and message, or
     /// the connection error under it; any other error as it describes itself.
-    static func describe(storeError error: any Error) -> String {
+    public static func describe(storeError error: any Error) -> String {
         guard let error = error as? PSQLError else { return "\(error)" }
         if let info = error.serverInfo {
             return "PostgreSQL \(info[.sqlState] ?? "?????"): \(info[.message] ?? "(no message)")" + (info[.detail].map { " (\($0))" } ?? "")
+                + (info[.hint].map { "; hint: \($0)" } ?? "")
         }
         if let underlying = error.underlying { return "PostgreSQL connection: \(underlying)" }
         return "PostgreSQL: \(error.code)"
     }
+
+    /// Whether `error` is PostgreSQL's (whose own description says nothing: describe it with ``describe(storeError:)``).
+    public static func isDatabaseError(_ error: any Error) -> Bool { error is PSQLError }
 }

@@ -34,14 +34,26 @@ public struct RetentionService: Service {
 
     public func run() async throws {
         await cancelWhenGracefulShutdown {
-            do {
-                // The schema must have the rollup tables before the first run; migrate() is safe to call again.
-                try await store.migrate()
-            } catch {
-                logger.error("retention cannot start: the store's schema could not be brought up to date", metadata: ["error": "\(error)"])
-            }
+            var migrated = false
             while !Task.isCancelled {
-                _ = await runOnce()
+                if migrated {
+                    _ = await runOnce()
+                } else {
+                    // The schema must have the rollup tables before a run; migrate() is safe to call again. Failed, it is
+                    // tried again at the next run's time (nothing is deleted meanwhile).
+                    do {
+                        try await store.migrate()
+                        migrated = true
+                        continue
+                    } catch is CancellationError {
+                        return
+                    } catch {
+                        if Task.isCancelled { return }
+                        logger.error(
+                            "retention cannot run: the store's schema could not be brought up to date; trying again at the next run",
+                            metadata: ["error": "\(error)", "next_in": "\(retention.interval)"])
+                    }
+                }
                 do { try await Task.sleep(for: retention.interval) } catch { return }
             }
         }

@@ -29,17 +29,22 @@ final class PostgresAvailability: Sendable {
         let client: PostgresClient?
         let downSince: ContinuousClock.Instant
         let reason: String
+        /// The store stopped (``PostgresAvailability/run()`` returned): its pools no longer run, and a call leased on one
+        /// would wait for ever.
+        let stopped: Bool
 
         init(client: PostgresClient) {
             self.client = client
             self.downSince = .now
             self.reason = ""
+            self.stopped = false
         }
 
-        init(downSince: ContinuousClock.Instant, reason: String) {
+        init(downSince: ContinuousClock.Instant, reason: String, stopped: Bool = false) {
             self.client = nil
             self.downSince = downSince
             self.reason = reason
+            self.stopped = stopped
         }
     }
 
@@ -95,6 +100,7 @@ final class PostgresAvailability: Sendable {
     }
 
     private static func unavailable(_ down: State) -> PostgresStoreError {
+        if down.stopped { return PostgresStoreError.unavailable("the store has stopped: the ingest is shutting down") }
         let seconds = down.downSince.duration(to: .now).components.seconds
         return PostgresStoreError.unavailable(
             "PostgreSQL is unreachable (for \(seconds) s: \(down.reason)); the ingest checks every second and serves again as soon as it answers")
@@ -167,6 +173,9 @@ final class PostgresAvailability: Sendable {
                 "PostgreSQL answers again; store calls resume on a new pool",
                 metadata: ["store.url": "\(location)", "store.down_for": "\(since.duration(to: .now))"])
         }
+        // From now on calls fail at once: postgres-nio queues a lease on a pool that no longer runs, for ever (a service
+        // still working while the group stops, such as one whose start failed, would hold the process's exit).
+        state.store(State(downSince: .now, reason: "stopped", stopped: true), ordering: .releasing)
         let running = pools.map(\.task)
         for pool in running { pool.cancel() }
         let closed: Bool? = await FarmgateSupport.withDeadline(Self.shutdownGrace, graceOnCancel: Self.shutdownGrace) {
