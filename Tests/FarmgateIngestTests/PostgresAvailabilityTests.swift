@@ -77,4 +77,34 @@ import Testing
             #expect(!store.availability.isDown)
         }
     }
+
+    /// A service still working while the group stops (retention after a failed start) calls the store after its run
+    /// ended: postgres-nio would queue that lease on a pool that no longer runs, for ever, and hold the process's exit.
+    @Test func callsAfterTheStoreStoppedFailAtOnce() async throws {
+        try await withTestDatabase { settings in
+            let store = try PostgresIngestStore(settings: settings, logger: testLogger)
+            _ = try await withRunning(store) { _ in try await store.migrate() }
+            let started = ContinuousClock.now
+            // Bounded here so that the old behaviour fails the test instead of hanging it.
+            let outcome: String? = try await withThrowingTaskGroup(of: String?.self) { group in
+                group.addTask {
+                    do {
+                        try await store.ping()
+                        return "answered"
+                    } catch {
+                        return "\(error)"
+                    }
+                }
+                group.addTask {
+                    try await Task.sleep(for: .seconds(10))
+                    return nil
+                }
+                let first = try await group.next() ?? nil
+                group.cancelAll()
+                return first
+            }
+            #expect(outcome?.contains("the store has stopped") == true, "\(String(describing: outcome))")
+            #expect(started.duration(to: .now) < .seconds(2))
+        }
+    }
 }
