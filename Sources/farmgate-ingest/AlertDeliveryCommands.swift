@@ -231,12 +231,13 @@ struct AlertReceiverCommand: AsyncParsableCommand {
 
         @Option(help: "The farm.") var farm: String
         @Option(help: "The receiver's name.") var name: String
+        @Flag(help: "Remove it even while rules name it (their alerts then notify nobody).") var force = false
         @OptionGroup var options: ConfigOption
 
         func validate() throws { try validateFarmArgument(farm) }
 
         func run() async throws {
-            let dropped = try await options.administerAlerts { admin, _, _ in try await admin.store.removeAlertReceiver(farm: farm, name: name) }
+            let dropped = try await options.administerAlerts { admin, _, _ in try await admin.removeReceiver(farm: farm, name: name, force: force) }
             print("Removed receiver \(name) from farm \(farm)" + (dropped > 0 ? "; \(dropped) undelivered notification(s) to it were dropped." : "."))
         }
     }

@@ -26,24 +26,29 @@ struct AlertEndToEndTests {
         let farm = try await Farm()
         let key = try await farm.createDevice("alert-site")
         let keyFile = try farm.dir.write("alert-site.key", key + "\n")
-        // The simulated pH wanders around 6.0: above 5 from the first reading.
-        try await farm.admin([
+        // A rule naming receivers the farm does not have is refused, naming them; then the receivers are added.
+        let ruleArguments = [
             "alert", "rule", "add", "--farm", "e2e", "--name", "ph-high", "--kind", "above", "--quantity", "ph", "--threshold", "5", "--clear", "4.9",
             "--severity", "critical", "--summary", "{{device}} {{sensor}} pH {{value}} above {{threshold}}", "--receiver", "grower", "--receiver", "on-call",
-        ])
+        ]
+        let unrouted = try await runCommand(Farm.ingestBinary, ruleArguments + ["--config", farm.ingestConfig])
+        #expect(unrouted.status != 0)
+        #expect(unrouted.stderr.contains("names 'grower', 'on-call', which farm e2e has no receiver of"), "\(unrouted.stderr)")
+        for name in ["grower", "on-call"] {
+            try await farm.admin(["alert", "receiver", "add", "--farm", "e2e", "--name", name, "--webhook", "http://127.0.0.1:9/hook"])
+        }
+        // The simulated pH wanders around 6.0: above 5 from the first reading.
+        try await farm.admin(ruleArguments)
+        // A receiver that rules name is not removed without --force.
+        let named = try await runCommand(Farm.ingestBinary, ["alert", "receiver", "remove", "--farm", "e2e", "--name", "on-call", "--config", farm.ingestConfig])
+        #expect(named.status != 0)
+        #expect(named.stderr.contains("named by the rule 'ph-high'"), "\(named.stderr)")
         let listed = try await farm.admin(["alert", "rule", "list", "--farm", "e2e"])
         #expect(listed.contains("ph-high\tcritical\tabove 5"), "\(listed)")
         let invalid = try await runCommand(
             Farm.ingestBinary, ["alert", "rule", "add", "--farm", "e2e", "--name", "bad", "--kind", "below", "--config", farm.ingestConfig])
         #expect(invalid.status != 0)
         #expect(invalid.stderr.contains("threshold"), "\(invalid.stderr)")
-        // Receivers are the delivery side's command; here they are rows.
-        let db = try SQLiteConnection(path: farm.dir.file("ingest/ingest.sqlite"), mode: .readWrite)
-        for name in ["grower", "on-call"] {
-            try db.query(
-                "INSERT INTO alert_receivers(farm_id, name, kind, url, created_at_us) SELECT id, ?, 'webhook', 'http://127.0.0.1:9/hook', 0 FROM farms WHERE name = 'e2e'",
-                [.text(name)])
-        }
         let tokenOutput = try await farm.admin(["token", "create", "--farm", "e2e", "--role", "admin"])
         let token = try #require(tokenOutput.split(whereSeparator: { $0 == " " || $0 == "\n" }).first { $0.hasPrefix("fgr_") }.map(String.init))
 
@@ -158,6 +163,15 @@ struct AlertEndToEndTests {
         let farm = try await Farm()
         let examples = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
             .appendingPathComponent("examples/ingest-alert-rules.toml").path
+        // The file's rules notify `grower` and `on-call`: without them nothing is loaded.
+        let unrouted = try await runCommand(Farm.ingestBinary, ["alert", "rule", "load", "--farm", "e2e", examples, "--config", farm.ingestConfig])
+        #expect(unrouted.status != 0)
+        #expect(unrouted.stderr.contains("which farm e2e has no receiver of (it has none)"), "\(unrouted.stderr)")
+        let none = try await farm.admin(["alert", "rule", "list", "--farm", "e2e", "--json"])
+        #expect((try JSONSerialization.jsonObject(with: Data(none.utf8)) as? [Any])?.isEmpty == true, "\(none)")
+        for name in ["grower", "on-call"] {
+            try await farm.admin(["alert", "receiver", "add", "--farm", "e2e", "--name", name, "--webhook", "http://127.0.0.1:9/hook"])
+        }
         let loaded = try await farm.admin(["alert", "rule", "load", "--farm", "e2e", examples])
         #expect(loaded.hasPrefix("Loaded 11 alert rules into farm e2e"), "\(loaded)")
         let broken = try farm.dir.write("broken.toml", "[[rule]]\nname = \"x\"\nkind = \"above\"\nthreshold = 5\n\n[[rule]]\nname = \"y\"\nkind = \"no_data\"\n")

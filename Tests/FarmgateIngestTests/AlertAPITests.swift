@@ -42,7 +42,13 @@ struct AlertAPITests {
         let admin = try await IngestAdmin(store: fixture.store).createReadToken(farm: "f1", role: .admin)
         let otherAdmin = try await IngestAdmin(store: fixture.store).createReadToken(farm: "f2", role: .admin)
         try await fixture.app().test(.router) { client in
-            var response = try await client.execute(uri: "/v1/farms/f1/alert-rules", method: .post, headers: headers(fixture.readToken), body: jsonBody(Self.rule))
+            // A rule naming a receiver the farm does not have would notify nobody: refused, naming it.
+            var response = try await client.execute(uri: "/v1/farms/f1/alert-rules", method: .post, headers: headers(admin), body: jsonBody(Self.rule))
+            let unknown = try expectError(response, .badRequest, "invalid_body")
+            #expect(unknown.contains("'grower'") && unknown.contains("it has none"), "\(unknown)")
+            _ = try await AlertDeliveryAdmin(store: fixture.store).addReceiver(
+                farm: "f1", AlertReceiverSpec(name: "grower", kind: .webhook, url: "http://127.0.0.1:9/hook"))
+            response = try await client.execute(uri: "/v1/farms/f1/alert-rules", method: .post, headers: headers(fixture.readToken), body: jsonBody(Self.rule))
             let message = try expectError(response, .forbidden, "forbidden")
             #expect(message.contains("--role admin"))
             response = try await client.execute(uri: "/v1/farms/f1/alert-rules", method: .post, headers: headers(otherAdmin), body: jsonBody(Self.rule))

@@ -352,7 +352,11 @@ struct AlertEngineTests {
     @Test("one outbox row per transition and receiver, even when two engines evaluate the same batch", arguments: StoreKind.allCases)
     func outboxExactlyOnce(kind: StoreKind) async throws {
         try await AlertHarness.with(kind) { h in
-            try await h.rule(spec("ph-low", "below") { $0.quantity = "ph"; $0.threshold = 5.5; $0.receivers = ["grower", "on-call", "not-there"] })
+            // A receiver removed (with --force) after the rule named it: skipped. The admin path refuses such a rule.
+            let rule = try spec("ph-low", "below") { $0.quantity = "ph"; $0.threshold = 5.5; $0.receivers = ["grower", "on-call", "not-there"] }.validated()
+            await #expect(throws: AlertRuleError.self) { try await h.admin.putRule(farm: "f1", rule, replace: true) }
+            try await h.store.putAlertRule(farmID: try await h.admin.farm("f1").id, rule: rule, replace: true, at: .now())
+            await h.engine.reload()
             let other = h.newEngine()
             await other.reload()
             let batch = try await h.send([(0, 6.0), (10, 5.0)], feed: false)

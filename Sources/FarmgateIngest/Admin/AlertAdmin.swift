@@ -27,14 +27,40 @@ public struct AlertAdmin: Sendable {
     // MARK: Rules
 
     /// Adds `rule` (or replaces the rule of that name when `replace`).
+    ///
+    /// - Throws: ``AlertRuleError`` (field `receivers`) when the rule names a receiver the farm does not have: its
+    ///   notifications would go nowhere.
     public func putRule(farm: String, _ rule: AlertRule, replace: Bool) async throws {
+        try await checkReceivers(farm: farm, [rule])
         try await store.putAlertRule(farmID: try await self.farm(farm).id, rule: rule, replace: replace, at: .now())
     }
 
-    /// Stores every rule of a file, replacing rules of the same names; other rules of the farm stay.
+    /// Stores every rule of a file, replacing rules of the same names; other rules of the farm stay. Nothing is stored
+    /// when a rule names a receiver the farm does not have.
     public func load(farm: String, _ rules: [AlertRule]) async throws {
+        try await checkReceivers(farm: farm, rules)
         let farmID = try await self.farm(farm).id
         for rule in rules { try await store.putAlertRule(farmID: farmID, rule: rule, replace: true, at: .now()) }
+    }
+
+    /// Refuses rules that name receivers `farm` does not have (a typo would otherwise send their alerts nowhere).
+    func checkReceivers(farm: String, _ rules: [AlertRule]) async throws {
+        guard rules.contains(where: { !$0.receivers.isEmpty }), let outbox = store as? any NotificationOutboxStore else { return }
+        let known = Set(try await outbox.alertReceivers(farm: farm).map(\.name))
+        for rule in rules {
+            let unknown = rule.receivers.filter { !known.contains($0) }
+            guard !unknown.isEmpty else { continue }
+            let names = unknown.map { "'\($0)'" }.joined(separator: ", ")
+            let have = known.isEmpty ? "it has none" : "it has \(known.sorted().joined(separator: ", "))"
+            throw AlertRuleError(
+                field: "receivers",
+                message: "rule '\(rule.name)' names \(names), which farm \(farm) has no receiver of (\(have)): its alerts would notify nobody; add the receiver first (`farmgate-ingest alert receiver add --farm \(farm) --name NAME ...`) or correct the name")
+        }
+    }
+
+    /// The names of `farm`'s rules that notify `receiver`.
+    public func rules(farm: String, notifying receiver: String) async throws -> [String] {
+        try await rules(farm: farm).filter { $0.receivers.contains(receiver) }.map(\.name)
     }
 
     public func rules(farm: String) async throws -> [AlertRule] {

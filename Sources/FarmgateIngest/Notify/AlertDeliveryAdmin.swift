@@ -32,6 +32,21 @@ public struct AlertDeliveryAdmin: Sendable {
         return try await store.updateAlertReceiver(farm: farm, spec)
     }
 
+    /// Removes the receiver `name` of `farm` with its notifications, and returns how many undelivered ones were dropped.
+    /// Refused (``AlertReceiverSpecError``) while rules of the farm name it, since their alerts would then notify nobody,
+    /// unless `force`.
+    public func removeReceiver(farm: String, name: String, force: Bool = false) async throws -> Int {
+        try validateFarmName(farm)
+        if !force, let alerts = store as? any AdministrationStore & AlertStore {
+            let naming = try await AlertAdmin(store: alerts).rules(farm: farm, notifying: name)
+            if !naming.isEmpty {
+                throw AlertReceiverSpecError(
+                    "receiver '\(name)' is named by the rule\(naming.count == 1 ? "" : "s") \(naming.map { "'\($0)'" }.joined(separator: ", ")) of farm \(farm), whose alerts would then notify nobody: change or remove those rules first, or pass --force to remove it anyway")
+            }
+        }
+        return try await store.removeAlertReceiver(farm: farm, name: name)
+    }
+
     /// The receiver `name` of `farm`. Throws ``IngestStoreError/notFound(_:)``.
     public func receiver(farm: String, name: String) async throws -> AlertReceiver {
         guard let receiver = try await store.alertReceivers(farm: farm).first(where: { $0.name == name }) else {
