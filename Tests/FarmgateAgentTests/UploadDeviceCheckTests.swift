@@ -2,6 +2,7 @@ import FarmgateAgent
 import FarmgateTestSupport
 import FarmgateWire
 import Foundation
+import Logging
 import Testing
 
 /// The uploader asks `GET /v1/device` again every `device_check_interval` and after a 415, so that what the ingest reads
@@ -12,6 +13,44 @@ struct UploadDeviceCheckTests {
         var configuration = uploadConfiguration(url, format: format)
         configuration.deviceCheckInterval = interval
         return configuration
+    }
+
+    /// An ingest that cannot be reached has not said what it reads: the status must not say it refuses version 4.
+    @Test func anUnreachableIngestIsNotSaidToRefuseVersion4() async throws {
+        let data = try await TestBuffer(count: 10)
+        let port = try freePort()  // nobody listens
+        try await withUploader(source: data.buffer, configuration: uploadConfiguration("http://127.0.0.1:\(port)")) { uploader throws in
+            #expect(await eventually(timeout: .seconds(30)) { uploader.status().consecutiveFailures >= 2 })
+            let frames = uploader.status().frames
+            #expect(frames?.contains("until the ingest answers") == true, "\(String(describing: frames))")
+            #expect(frames?.contains("does not read") != true, "\(String(describing: frames))")
+        }
+    }
+
+    /// A reload builds a new uploader carrying the old one's status: the failures in a row since the last success go on
+    /// counting (the metric and `status` say "since the last success"), unless the endpoint changed.
+    @Test func failuresInARowCarryOnAcrossAReload() async throws {
+        let data = try await TestBuffer(count: 10)
+        let port = try freePort()  // nobody listens
+        let configuration = uploadConfiguration("http://127.0.0.1:\(port)")
+        let first = try Uploader(device: testDevice, source: data.buffer, configuration: configuration, logger: Logger(label: "test.upload"))
+        let task = Task { try await first.run() }
+        #expect(await eventually(timeout: .seconds(30)) { first.status().consecutiveFailures >= 3 })
+        task.cancel()
+        _ = await task.result
+        let before = first.status().consecutiveFailures
+        let second = try Uploader(
+            device: testDevice, source: data.buffer, configuration: configuration, logger: Logger(label: "test.upload"), carrying: first.status())
+        #expect(second.status().consecutiveFailures == before)
+        let secondTask = Task { try await second.run() }
+        #expect(await eventually(timeout: .seconds(30)) { second.status().consecutiveFailures > before })
+        secondTask.cancel()
+        _ = await secondTask.result
+        // Another endpoint starts afresh.
+        let elsewhere = try Uploader(
+            device: testDevice, source: data.buffer, configuration: uploadConfiguration("http://127.0.0.1:\(try freePort())/other"),
+            logger: Logger(label: "test.upload"), carrying: second.status())
+        #expect(elsewhere.status().consecutiveFailures == 0)
     }
 
     @Test func eventsHeldBackForAnOlderIngestFlowOnceItSaysItReadsVersion3() async throws {

@@ -28,9 +28,11 @@ public struct Backoff: Sendable, Hashable {
     /// Failures since the last ``reset()``.
     public private(set) var failures: Int = 0
 
-    public init(initial: Duration, maximum: Duration) {
+    /// - Parameter failures: failures already counted (carried across a configuration reload).
+    public init(initial: Duration, maximum: Duration, failures: Int = 0) {
         self.initial = max(.zero, initial)
         self.maximum = max(.zero, maximum)
+        self.failures = max(0, failures)
     }
 
     /// The ceiling of the next wait: `min(maximum, initial × 2^failures)`.

@@ -95,6 +95,10 @@ extension UploadStatus {
         if previous.endpoint == endpoint {
             lastAttemptAt = previous.lastAttemptAt
             lastSuccessAt = previous.lastSuccessAt
+            // Failures since the last success go on counting (a new endpoint starts afresh).
+            consecutiveFailures = previous.consecutiveFailures
+            lastResult = previous.lastResult
+            lastHTTPStatus = previous.lastHTTPStatus
         }
         requestsTotal = previous.requestsTotal
         uploadedTotal = previous.uploadedTotal

@@ -281,7 +281,14 @@ extension Uploader {
         } else if !configuration.stateful {
             frames = "self-contained (upload.stateful = false)"
         } else if !loop.acceptsStateful {
-            frames = "self-contained: the ingest does not read format version 4"
+            // Known only once `GET /v1/device` answered in this run (after a start or a reload, an unreachable ingest
+            // has not said yet).
+            let versions = state.withLock { $0.ingestAcceptedVersions }
+            if let versions, !versions.contains(Int(BatchCodec.statefulFormatVersion)) {
+                frames = "self-contained: the ingest does not read format version 4"
+            } else {
+                frames = "self-contained until the ingest answers and says it reads format version 4"
+            }
         } else {
             frames = "self-contained for a while: the ingest refused a stateful frame"
         }

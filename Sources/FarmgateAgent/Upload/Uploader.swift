@@ -152,8 +152,10 @@ public final class Uploader: Service {
         logger.info(
             "Uploader started",
             metadata: ["upload.url": "\(batchesURL)", "upload.format": "\(configuration.format.rawValue)"])
+        // After a reload the failures in a row carry on (the first attempt still goes at once: the reload may have fixed
+        // the cause); the waits after it grow from where they were.
         var loop = LoopState(
-            backoff: Backoff(initial: configuration.backoffInitial, maximum: configuration.backoffMax),
+            backoff: Backoff(initial: configuration.backoffInitial, maximum: configuration.backoffMax, failures: status().consecutiveFailures),
             format: configuration.format,
             deviceCheck: DeviceStateCheck(
                 backoff: Backoff(initial: configuration.backoffInitial, maximum: configuration.backoffMax),
