@@ -1,5 +1,6 @@
 import ArgumentParser
 import FarmgateAgent
+import FarmgateSupport
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
@@ -24,12 +25,15 @@ struct StatusCommand: ParsableCommand {
     var json = false
 
     func run() throws {
-        let path = try socket ?? options.load().controlSocket
         let answer: [UInt8]
-        do {
-            answer = try ControlClient.send(ControlRequest(command: "status"), to: path)
-        } catch {
-            throw CleanExit.message("farmgate status: \(error)", code: 1)
+        if let socket {
+            do {
+                answer = try ControlClient.send(ControlRequest(command: "status"), to: socket)
+            } catch {
+                throw CleanExit.message("farmgate status: \(error)", code: 1)
+            }
+        } else {
+            answer = try askTheAgent()
         }
         let decoded: ControlAnswer
         do {
@@ -48,5 +52,61 @@ struct StatusCommand: ParsableCommand {
         } else {
             print(status.humanReadable())
         }
+    }
+
+    /// Asks the agent on the configuration's control socket. A configuration file that does not load (an edit a reload
+    /// refused) must not hide the running agent, whose status says why it refused it: then the socket its `[control]`
+    /// section names, read leniently, and the default one are tried, and the error is printed beside the status.
+    private func askTheAgent() throws -> [UInt8] {
+        let configuration: AgentConfiguration
+        do {
+            configuration = try AgentConfiguration.load(path: options.config)
+        } catch {
+            let problem = error.description
+            for path in Self.sockets(namedIn: options.config) {
+                guard let answer = try? ControlClient.send(ControlRequest(command: "status"), to: path) else { continue }
+                StandardStream.error.write(
+                    "farmgate status: \(options.config) does not load (\(problem)); the agent on \(path) runs the configuration it loaded before\n")
+                return answer
+            }
+            throw CleanExit.message(problem, code: 78)  // EX_CONFIG
+        }
+        do {
+            return try ControlClient.send(ControlRequest(command: "status"), to: configuration.controlSocket)
+        } catch {
+            throw CleanExit.message("farmgate status: \(error)", code: 1)
+        }
+    }
+
+    /// The `socket = "…"` of a `[control]` section of the file at `path`, read line by line whatever else the file holds
+    /// (relative to the file's directory, as the agent resolves it), then the default socket.
+    static func sockets(namedIn path: String) -> [String] {
+        var found: [String] = []
+        if let data = FileManager.default.contents(atPath: path) {
+            var inControl = false
+            for raw in String(decoding: data, as: UTF8.self).split(whereSeparator: \.isNewline) {
+                let line = raw.trimmingWhitespace()
+                if line.hasPrefix("[") {
+                    inControl = line.filter { $0 != " " && $0 != "\t" } == "[control]"
+                    continue
+                }
+                guard inControl, line.hasPrefix("socket") else { continue }
+                let parts = line.split(separator: "=", maxSplits: 1)
+                guard parts.count == 2, parts[0].trimmingWhitespace() == "socket" else { continue }
+                let value = parts[1].split(separator: "#", maxSplits: 1).first.map(String.init)?.trimmingWhitespace() ?? ""
+                guard value.count >= 2, value.hasPrefix("\""), value.hasSuffix("\"") else { continue }
+                let socket = String(value.dropFirst().dropLast())
+                guard !socket.isEmpty else { continue }
+                if socket.hasPrefix("/") {
+                    found.append(socket)
+                } else {
+                    let directory = path.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
+                    found.append((directory.isEmpty ? "." : directory) + "/" + socket)
+                }
+            }
+        }
+        let fallback = "/run/farmgate/control.sock"
+        if !found.contains(fallback) { found.append(fallback) }
+        return found
     }
 }

@@ -121,6 +121,25 @@ struct ConfigurationReloadTests {
         #expect(process.isRunning)
         #expect(status?.sensors.map(\.id).sorted() == ["tank1.ph", "tank2.ph"], "the running configuration is kept")
         #expect(status?.configuration?.reloads == 0)
+        // `farmgate status -c` with the file the reload refused still reaches the agent (its [control] socket read
+        // leniently) and shows the refusal, with the file's error beside it.
+        let cli = try await runOffPool(name: "test-status-cli") { () throws -> (Int32, String, String) in
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: builtExecutable("farmgate", environmentOverride: "FARMGATE_BINARY"))
+            process.arguments = ["status", "--config", config]
+            let out = Pipe()
+            let err = Pipe()
+            process.standardOutput = out
+            process.standardError = err
+            try process.run()
+            let output = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            let errors = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            process.waitUntilExit()
+            return (process.terminationStatus, output, errors)
+        }
+        #expect(cli.0 == 0, "\(cli.2)")
+        #expect(cli.1.contains("RELOAD REFUSED"), "\(cli.1)")
+        #expect(cli.2.contains("does not load") && cli.2.contains("colour"), "\(cli.2)")
         let before = status?.buffer.lastSequence ?? 0
         let sampling = await eventually(timeout: .seconds(10), every: .milliseconds(100)) {
             (await Self.status(socket)?.buffer.lastSequence ?? 0) > before + 4
