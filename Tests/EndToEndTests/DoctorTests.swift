@@ -21,7 +21,13 @@ struct DoctorTests {
     ) throws -> Site {
         let keyFile = try farm.dir.write("\(device).key", key + "\n")
         chmod(keyFile, 0o600)
-        if geteuid() == 0, let nobody = AtomicFile.Owner.user(named: "nobody") { chown(keyFile, nobody.uid, nobody.gid) }
+        // The buffer's directory, the agent's user's (as an installation makes /var/lib/farmgate).
+        let siteDirectory = farm.dir.file(device)
+        try FileSystem.createDirectories(siteDirectory)
+        if geteuid() == 0, let nobody = AtomicFile.Owner.user(named: "nobody") {
+            chown(keyFile, nobody.uid, nobody.gid)
+            chown(siteDirectory, nobody.uid, nobody.gid)
+        }
         var text = """
             [device]
             id = "\(device)"
@@ -132,6 +138,13 @@ struct DoctorTests {
         let keyFile = site.config.replacingOccurrences(of: ".toml", with: ".key")
         chown(keyFile, 0, 0)
         chmod(keyFile, 0o644)
+        // A buffer directory nobody may not write (root's when the tests run as root, else the test user's), and a
+        // metrics directory that does not exist: the agent would stop at start, or fail every write.
+        let siteDirectory = site.config.replacingOccurrences(of: ".toml", with: "")
+        if geteuid() == 0 { chown(siteDirectory, 0, 0) }
+        chmod(siteDirectory, 0o755)
+        try (try String(contentsOfFile: site.config, encoding: .utf8) + "\n[metrics]\ntextfile = \"\(farm.dir.file("no-such-dir"))/farmgate.prom\"\n")
+            .write(toFile: site.config, atomically: true, encoding: .utf8)
 
         let (status, report, output) = try await Self.doctor(site, user: "nobody")
         #expect(status == 1, "\(output)")
@@ -150,6 +163,11 @@ struct DoctorTests {
         #expect(keyFinding.status == .problem && keyFinding.message.contains("does not accept the key"), "\(keyFinding)")
         #expect(keyFinding.fix?.contains("farmgate enroll") == true)
         #expect(Self.finding(report, "key", "doc-2.key")?.status == .warning, "a key file others may read")
+        let access = try #require(Self.finding(report, "buffer access"))
+        #expect(access.status == .problem && access.message.contains("nobody may not create files"), "\(access)")
+        #expect(access.fix?.contains("chown nobody:") == true, "\(access)")
+        let metrics = try #require(Self.finding(report, "metrics"))
+        #expect(metrics.status == .problem && metrics.message.contains("cannot be found"), "\(metrics)")
 
         let human = try await Self.doctor(site, json: false, user: "nobody")
         #expect(human.status == 1)
@@ -228,7 +246,8 @@ struct DoctorTests {
         let running = await eventually(timeout: .seconds(20), every: .milliseconds(200)) { (try? await farm.agentStatus(config: config)) != nil }
         #expect(running, "\(agent.log)")
         let site = Site(farm: farm, config: config, clockFile: clockFile)
-        let (status, report, output) = try await Self.doctor(site)
+        // The agent runs as this process's user, who made its buffer: that user's permissions count.
+        let (status, report, output) = try await Self.doctor(site, user: UnixUser.current.name)
         await agent.stop()
         #expect(status == 0, "\(output)")
         #expect(Self.finding(report, "agent")?.status == .ok, "\(output)")
@@ -236,7 +255,7 @@ struct DoctorTests {
         #expect(Self.finding(report, "buffer")?.message.contains("checked by the agent") == true, "\(output)")
 
         // Stopped: the buffer file itself is read (read-only), with an integrity check.
-        let (_, stopped, stoppedOutput) = try await Self.doctor(site)
+        let (_, stopped, stoppedOutput) = try await Self.doctor(site, user: UnixUser.current.name)
         #expect(Self.finding(stopped, "buffer")?.message.contains("quick_check ok") == true, "\(stoppedOutput)")
         #expect(Self.finding(stopped, "agent")?.status == .warning)
     }

@@ -111,8 +111,13 @@ public enum AgentRuntime {
     ) async throws {
         // Opening runs quick_check, which takes seconds on a large buffer: keep it off the concurrency pool.
         let bufferConfiguration = configuration.buffer
-        let buffer = try await runOffPool { try ReadingBuffer(configuration: bufferConfiguration, logger: logger) }
-        try await buffer.register(configuration.sensors.map(\.descriptor))
+        let buffer: ReadingBuffer
+        do {
+            buffer = try await runOffPool { try ReadingBuffer(configuration: bufferConfiguration, logger: logger) }
+            try await buffer.register(configuration.sensors.map(\.descriptor))
+        } catch let error as SQLiteError where error.isAccessDenied {
+            throw BufferAccessError(path: bufferConfiguration.path, underlying: error)
+        }
 
         let board = SensorStatusBoard(sensors: configuration.sensors)
         let context = DriverContext.site(
@@ -250,3 +255,16 @@ public enum AgentRuntime {
 }
 
 extension ReadingBuffer: SampleSink {}
+
+/// The buffer cannot be opened or written by the agent's user: which file, as whom, and the command that fixes it.
+struct BufferAccessError: Error, CustomStringConvertible {
+    let path: String
+    let underlying: SQLiteError
+
+    var description: String {
+        let user = UnixUser.current.name
+        let directory = URL(fileURLWithPath: path).deletingLastPathComponent().path
+        return "the buffer \(path) cannot be opened for writing as user \(user) (\(underlying.message)): give the buffer's files and "
+            + "directory to that user (sudo chown \(user): \(directory) \(path)*) and start the agent again; `farmgate doctor --user \(user)` checks it"
+    }
+}

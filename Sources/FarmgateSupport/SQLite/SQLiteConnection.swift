@@ -20,6 +20,8 @@ public struct SQLiteError: Error, CustomStringConvertible, Sendable {
 
     /// The file is not a database or is damaged.
     public var isCorruption: Bool { code == SQLITE_CORRUPT || code == SQLITE_NOTADB }
+    /// The file cannot be opened or written (permissions, a read-only file or file system).
+    public var isAccessDenied: Bool { code == SQLITE_READONLY || code == SQLITE_CANTOPEN || code == SQLITE_PERM }
     /// The disk (or the database's size limit) is full.
     public var isDiskFull: Bool { code == SQLITE_FULL }
     /// Another connection holds a lock for longer than the busy timeout.
