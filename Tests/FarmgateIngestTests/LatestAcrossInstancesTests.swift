@@ -154,6 +154,31 @@ extension LatestAcrossInstancesTests {
     /// (``PostgresLatestListener/Liveness/standard``, 5 s + 5 s) plus room for a loaded two-core machine.
     static let silentBound: Duration = .seconds(20)
 
+    /// A `listen_url` that can never connect (a wrong password or database there) used to wait inside postgres-nio's pool
+    /// without a word: nothing logged, nothing counted, `latest` read from the store for ever unnoticed.
+    @Test("a listen_url that cannot connect is logged as a warning with the server's reason and counted at every attempt")
+    func listenURLThatCannotConnect() async throws {
+        try await withTestDatabase { settings in
+            var wrong = settings
+            wrong.database = "no_such_database_here"
+            var listening = settings
+            listening.listen = wrong
+            let registry = PrometheusCollectorRegistry()
+            let log = RecordedLog()
+            let cache = LatestCache(enabled: false)
+            let listener = PostgresLatestListener(
+                settings: listening, cache: cache, logger: log.logger(label: "listener"), metrics: PrometheusMetricsFactory(registry: registry))
+            let task = Task { try await listener.run() }
+            defer { task.cancel() }
+            let reconnects = "farmgate_ingest_latest_listener_reconnects_total"
+            #expect(await eventuallyOn { (metric(registry, reconnects) ?? 0) >= 3 }, "attempts were not counted")
+            let warnings = log.entries.filter { $0.level == .warning && $0.message.contains("cannot open the connection that hears") }
+            #expect(warnings.count == 1, "one warning for the failures in a row: \(log.entries.map(\.message))")
+            #expect(warnings.first.map { "\($0.metadata["error"] ?? "")" }?.contains("3D000") == true, "\(String(describing: warnings.first?.metadata))")
+            #expect(!cache.isEnabled)
+        }
+    }
+
     @Test("B's LISTEN connection goes silent without closing: within the bound B stops serving from memory, counts it once, and listens again once it is back")
     func silentListenConnection() async throws {
         try await withTestDatabase { settings in

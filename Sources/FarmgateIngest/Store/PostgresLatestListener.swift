@@ -74,34 +74,61 @@ public struct PostgresLatestListener: Service {
 
     public func run() async throws {
         let settings = self.settings.forListening
-        var configuration = try settings.clientConfiguration()
-        configuration.options.maximumConnections = 1
-        configuration.options.minimumConnections = 0
-        configuration.options.connectTimeout = settings.connectTimeout
-        let client = PostgresClient(configuration: configuration, backgroundLogger: logger)
-        let pool = Task { await client.run() }
-        defer { pool.cancel() }
+        // One connection of its own, opened directly (not through a pool, which would wait and retry inside without a
+        // word): a connection that cannot be opened (a wrong password in listen_url, the server down) fails each attempt
+        // within connect_timeout, and is logged and counted.
+        let configuration = try settings.connectionConfiguration()
         await cancelWhenGracefulShutdown {
             var backoff = Duration.milliseconds(100)
+            var failuresInARow = 0
+            var connectionID = 0
             while !Task.isCancelled {
                 let attempt = ContinuousClock.now
+                var listened = false
+                // What ended following: postgres-nio's `listen` may replace it with the error of its own clean-up on the
+                // closed connection.
+                var ended: (any Error)?
                 do {
-                    try await client.withConnection { connection in
+                    connectionID += 1
+                    let connection = try await PostgresConnection.connect(configuration: configuration, id: connectionID, logger: self.logger)
+                    do {
                         try await connection.listen(on: PostgresLatestNotice.channel) { notifications in
+                            listened = true
+                            failuresInARow = 0
                             self.cache.enable()
                             self.logger.info(
                                 "listening for other instances' commits; latest values are served from memory", metadata: ["store.listen": "\(settings.redacted)"])
-                            try await self.follow(notifications, connection: connection)
+                            do {
+                                try await self.follow(notifications, connection: connection)
+                            } catch {
+                                ended = error
+                                throw error
+                            }
                         }
+                        try? await connection.close()
+                    } catch {
+                        try? await connection.close()
+                        throw error
                     }
                 } catch is CancellationError {
                     break
-                } catch {
+                } catch let caught {
                     if Task.isCancelled { break }
+                    let error = ended ?? caught
                     if error is ListenerSilent { self.silences.increment() }
-                    self.logger.warning(
-                        "lost the connection that hears other instances' commits; latest values are read from the store until it is back",
-                        metadata: ["error": "\(String(reflecting: error))", "retry_in": "\(backoff)"])
+                    failuresInARow = listened ? 1 : failuresInARow + 1
+                    // The first failure in a row is a warning, then one a minute or so (every 12th at the 5 s backoff).
+                    let level: Logger.Level = failuresInARow == 1 || failuresInARow % 12 == 0 ? .warning : .debug
+                    let message: Logger.Message =
+                        listened
+                        ? "lost the connection that hears other instances' commits; latest values are read from the store until it is back"
+                        : "cannot open the connection that hears other instances' commits; latest values are read from the store until it opens"
+                    self.logger.log(
+                        level: level, message,
+                        metadata: [
+                            "store.listen": "\(settings.redacted)", "error": "\(Logger.describe(storeError: error))", "retry_in": "\(backoff)",
+                            "failures_in_a_row": "\(failuresInARow)",
+                        ])
                 }
                 self.cache.invalidateAll()
                 guard !Task.isCancelled else { break }
@@ -127,7 +154,12 @@ public struct PostgresLatestListener: Service {
             if let silent = silence.state.withLock({ $0 }) { throw silent }
             throw error
         }
+        // Following ends only with its connection. The refresh task ends without an error when the notifications end, and
+        // may be the first task the group reports: a lost connection all the same.
+        if let silent = silence.state.withLock({ $0 }) { throw silent }
+        throw ListenerEnded()
     }
+
 
     private func follow(_ notifications: PostgresNotificationSequence, connection: PostgresConnection, silence: Silence) async throws {
         let pending = PendingRefreshes()
