@@ -116,6 +116,21 @@ struct GPIOStreamingTests {
         await line.stop()
     }
 
+    @Test("A line that comes back at the same level has its state stored at once, not at the next heartbeat")
+    func backAtSameLevel() async throws {
+        let line = try await StreamedLine("line = 19\ndebounce = \"0ms\"", script: "level 0\nnow 10")
+        #expect(await eventually { line.stored.map(\.value) == [0] })
+        try line.line.backend.feed("unplug")
+        let board = line.board
+        #expect(await eventually { board.snapshot()[0].consecutiveErrors > 0 }, "\(board.snapshot())")
+        try line.line.backend.feed("replug\nnow 20")
+        // The default heartbeat is 15 minutes: only the recovery itself can store the state within seconds.
+        #expect(await eventually(timeout: .seconds(5)) { line.stored.count == 2 }, "\(line.stored)")
+        #expect(line.stored.last.map { $0.value == 0 && !$0.heartbeat } == true, "\(line.stored)")
+        #expect(board.snapshot()[0].consecutiveErrors == 0, "\(board.snapshot())")
+        await line.stop()
+    }
+
     @Test("A heartbeat waits while a change is settling, so it never contradicts a change stored with an earlier time")
     func heartbeatWhileSettling() async throws {
         var monitor = GPIOLineMonitor(mode: .input(debounce: 50), activeLow: false, physicalLevel: 0, at: 0)
