@@ -43,7 +43,8 @@ public final class GPIODriver: StreamingSensorDriver {
         make: { configuration, context in
             try GPIODriver(
                 configuration: configuration, logger: context.logger,
-                countFile: context.stateFilePrefix.map { GPIOCountStore.path(prefix: $0, sensor: configuration.id) })
+                countFile: context.stateFilePrefix.map { GPIOCountStore.path(prefix: $0, sensor: configuration.id) },
+                stateFilePrefix: context.stateFilePrefix)
         }))
 
     /// A switch (`quantity = "state"`) is not polled: every debounced change is stored as it happens, plus the unchanged
@@ -197,10 +198,15 @@ public final class GPIODriver: StreamingSensorDriver {
     /// Where a count sensor keeps its running count across restarts (nil: it starts at 0 each time).
     let countStore: GPIOCountStore?
 
-    /// - Parameter countFile: for a count sensor, the file that keeps its running count across restarts.
-    public convenience init(configuration: SensorConfiguration, logger: Logger, countFile: String? = nil) throws {
+    /// - Parameters:
+    ///   - countFile: for a count sensor, the file that keeps its running count across restarts.
+    ///   - stateFilePrefix: where the agent keeps state beside the buffer: with `backend = "events"`, how far the events
+    ///     file was delivered, so that a restarted agent resumes there (nil: the file is read from its start).
+    public convenience init(
+        configuration: SensorConfiguration, logger: Logger, countFile: String? = nil, stateFilePrefix: String? = nil
+    ) throws {
         let options = try Options(configuration)
-        let backend = Self.backend(for: options, logger: logger)
+        let backend = Self.backend(for: options, logger: logger, stateFilePrefix: stateFilePrefix)
         try self.init(configuration: configuration, backend: backend, logger: logger, countFile: countFile)
     }
 
@@ -216,9 +222,11 @@ public final class GPIODriver: StreamingSensorDriver {
 
     /// The backend a configured sensor uses: libgpiod, or the events file it follows (which logs its bad lines to
     /// `logger`, the first sensor's that follows the file).
-    static func backend(for options: Options, logger: Logger = Logger(label: "farmgate.gpio")) -> any GPIOBackend {
+    static func backend(
+        for options: Options, logger: Logger = Logger(label: "farmgate.gpio"), stateFilePrefix: String? = nil
+    ) -> any GPIOBackend {
         if let file = options.eventsFile {
-            EventFileBackends.shared.backend(for: file, logger: logger)
+            EventFileBackends.shared.backend(for: file, logger: logger, stateFilePrefix: stateFilePrefix)
         } else {
             LibgpiodBackends.shared
         }
@@ -266,16 +274,20 @@ enum LibgpiodBackends {
     static let shared = LibgpiodBackend()
 }
 
-/// One scripted backend per events file, so that a flow and a count sensor following one file share its line.
+/// One scripted backend per events file (and state prefix), so that a flow and a count sensor following one file share
+/// its line, and a reload keeps following the file where it was. The agent's backends remember their position beside the
+/// buffer; those made only to look lines up (`config check`, a reload's check) or for a one-off read do not.
 final class EventFileBackends: Sendable {
     static let shared = EventFileBackends()
     private let backends = Mutex<[String: ScriptedGPIOBackend]>([:])
 
-    func backend(for file: String, logger: Logger) -> ScriptedGPIOBackend {
+    func backend(for file: String, logger: Logger, stateFilePrefix: String? = nil) -> ScriptedGPIOBackend {
         backends.withLock { backends in
-            if let backend = backends[file] { return backend }
-            let backend = ScriptedGPIOBackend(file: file, logger: logger)
-            backends[file] = backend
+            let key = "\(stateFilePrefix ?? "")|\(file)"
+            if let backend = backends[key] { return backend }
+            let backend = ScriptedGPIOBackend(
+                file: file, positionFile: stateFilePrefix.map { ScriptedGPIOBackend.positionFile(prefix: $0, file: file) }, logger: logger)
+            backends[key] = backend
             return backend
         }
     }
