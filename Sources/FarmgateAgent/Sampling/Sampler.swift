@@ -76,6 +76,12 @@ public final class Sampler: Service {
         let start = ContinuousClock.now
         heartbeat.start()
         await cancelWhenGracefulShutdown {
+            // A site whose sensors all stream (only GPIO switches) has nothing to poll: the sampler still runs until the
+            // agent stops, as a service that returned early would stop the whole agent.
+            guard !self.sensors.isEmpty else {
+                while !Task.isCancelled { try? await Task.sleep(for: .seconds(3600)) }
+                return
+            }
             await withTaskGroup(of: Void.self) { group in
                 let slots = Self.phaseSlots(self.sensors.count)
                 for (index, sensor) in self.sensors.enumerated() {
