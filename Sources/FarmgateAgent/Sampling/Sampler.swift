@@ -91,6 +91,7 @@ public final class Sampler: Service {
                 await group.waitForAll()
             }
         }
+        await readAtStop()
         let sensors = self.sensors
         let closed: Bool? = await withDeadline(closeTimeout) {
             await withTaskGroup(of: Void.self) { group in
@@ -103,6 +104,23 @@ public final class Sampler: Service {
             logger.warning(
                 "Drivers did not close in time; leaving them to the process exit",
                 metadata: ["timeout": "\(closeTimeout)", "stuck": "\(sensors.filter(\.gate.isBusy).map(\.configuration.id.rawValue))"])
+        }
+    }
+
+    /// Reads once more, and stores, every sensor whose driver accumulates between reads (``SensorDriver/readsAtStop``):
+    /// a pulse count or flow meter stopped by SIGTERM or a reload would otherwise lose the pulses since its last read.
+    /// Skipped when the agent is cancelled rather than stopped gracefully.
+    func readAtStop() async {
+        let finals = sensors.filter(\.driver.readsAtStop)
+        guard !finals.isEmpty, !Task.isCancelled else { return }
+        await withTaskGroup(of: Void.self) { group in
+            for sensor in finals {
+                group.addTask {
+                    var gate = Deadband(deadband: 0, heartbeat: sensor.configuration.heartbeat)
+                    await self.sampleOnce(sensor, gate: &gate, atStop: true)
+                }
+            }
+            await group.waitForAll()
         }
     }
 
@@ -142,7 +160,8 @@ public final class Sampler: Service {
     }
 
     /// Reads `sensor` once and stores the value unless the deadband suppresses it.
-    func sampleOnce(_ sensor: Sensor, gate: inout Deadband) async {
+    /// - Parameter atStop: the read the sampler takes as it stops (a failure then is logged, not counted against the sensor).
+    func sampleOnce(_ sensor: Sensor, gate: inout Deadband, atStop: Bool = false) async {
         let configuration = sensor.configuration
         let outcome = await sensor.readOnce()
         // A read abandoned because the agent is stopping is no failure of the sensor; one that finished is stored.
@@ -150,6 +169,10 @@ public final class Sampler: Service {
         let stamp = clock.stamp()
         let now = stamp.timestamp
         switch outcome {
+        case .failure(let error) where atStop:
+            logger.info(
+                "The last read before stopping failed; nothing stored for it",
+                metadata: ["sensor": "\(configuration.id)", "error": "\(error)"])
         case .failure(let error):
             board.recordFailure(configuration.id, error: error, at: now)
             logger.warning(
