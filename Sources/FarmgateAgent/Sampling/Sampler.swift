@@ -20,8 +20,10 @@ public protocol SampleSink: Sendable {
 /// reports `timeout`, and while that read is still running no new one is started (the sensor reports that instead of
 /// piling up blocked threads). At shutdown the loops stop at once, except that a read in flight is given up to
 /// ``stoppingReadGrace`` to finish and its value is stored (a read has effects that cannot be taken back: a pulse
-/// count stored beside the buffer, an EZO circuit's answer consumed), and closing the drivers is awaited at most
-/// `closeTimeout`: a driver stuck in a read cannot hold the agent's stop.
+/// count stored beside the buffer, an EZO circuit's answer consumed), sensors whose driver accumulates between reads
+/// (``SensorDriver/readsAtStop``: GPIO pulse counts and flow meters) are read and stored once more, and closing the
+/// drivers is awaited at most `closeTimeout`: a driver stuck in a read cannot hold the agent's stop. With no sensor to
+/// poll (a site of GPIO switches only) the sampler runs until the agent stops.
 public final class Sampler: Service {
     public struct Sensor: Sendable {
         public var configuration: SensorConfiguration

@@ -33,7 +33,8 @@ import Synchronization
 ///
 /// An events file that is truncated, rewritten or replaced (another inode, as an editor or `mv` leaves it) is read
 /// again from its start, as `tail -F` does, rather than from where the old file ended. A line of the file that means
-/// nothing is logged with its line number and why, and skipped.
+/// nothing is logged with its line number and why, and skipped. The agent's backends remember how far they delivered
+/// the file (``init(file:positionFile:logger:)``), so that a restarted agent resumes there instead of replaying it.
 public final class ScriptedGPIOBackend: GPIOBackend {
     /// A line of the protocol that means nothing.
     public struct ScriptError: Error, Sendable, CustomStringConvertible {
