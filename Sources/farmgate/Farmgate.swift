@@ -111,7 +111,12 @@ struct ConfigCommand: ParsableCommand {
             print("sensors     \(configuration.sensors.count)")
             for sensor in configuration.sensors {
                 let d = sensor.descriptor
-                print("  \(sensor.id.rawValue.padded(to: 24)) \(sensor.driver.padded(to: 10)) \(d.quantity.rawValue) (\(d.quantity.unit)) every \(ConfigTable.format(sensor.interval)), resolution \(d.resolution)")
+                // A sensor its driver does not poll (a GPIO switch) is stored on change: its `interval` means nothing.
+                let polled = DriverRegistry.standard.driver(named: sensor.driver)?.ignoredKeys(sensor)["interval"] == nil
+                let schedule = polled
+                    ? "every \(ConfigTable.format(sensor.interval))"
+                    : "on change (heartbeat every \(ConfigTable.format(sensor.heartbeat)))"
+                print("  \(sensor.id.rawValue.padded(to: 24)) \(sensor.driver.padded(to: 10)) \(d.quantity.rawValue) (\(d.quantity.unit)) \(schedule), resolution \(d.resolution)")
             }
             for note in gpioNotes {
                 print("gpio        \(note)")

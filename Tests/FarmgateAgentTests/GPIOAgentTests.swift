@@ -103,6 +103,144 @@ struct GPIOAgentTests {
         #expect(zip(counts, counts.dropFirst()).allSatisfy { $0 <= $1 }, "the count never goes back: \(counts)")
     }
 
+    /// A site of float switches only: the sampler has nothing to poll, yet the agent runs (it exited at once, the
+    /// sampler's service having returned), and `farmgate sensor read` reads a switch through it (the agent's
+    /// `sensor.read` knew only the polled sensors).
+    @Test("An agent whose only sensors are switches runs, and reads a switch for `farmgate sensor read`")
+    func onlySwitches() async throws {
+        let scratch = try Scratch(prefix: "fg-gpio-switches", in: URL(fileURLWithPath: "/tmp"))
+        let events = try scratch.write("leak.events", "level 1\nnow 100\n")
+        let socket = scratch.file("control.sock")
+        let configuration = try scratch.write(
+            "agent.toml",
+            """
+            [device]
+            id = "gpio-site"
+            [buffer]
+            path = "\(scratch.file("buffer.sqlite"))"
+            [control]
+            socket = "\(socket)"
+            [clock]
+            check = false
+
+            [[sensor]]
+            id = "floor.leak"
+            driver = "gpio"
+            quantity = "state"
+            line = 22
+            debounce = "10ms"
+            backend = "events"
+            events_file = "\(events)"
+            """)
+        let log = scratch.file("agent.log")
+        let process = try startAgent(configuration, log: log)
+        let stored = await eventually(timeout: .seconds(30), every: .milliseconds(100)) {
+            await sensorStatus(socket, "floor.leak")?.lastValue == 1
+        }
+        #expect(stored, "the switch's state was never stored: \(agentLog(log))")
+        try await Task.sleep(for: .seconds(1))
+        #expect(process.isRunning, "the agent stopped: \(agentLog(log))")
+        let read = try await farmgateCLI(["sensor", "read", "floor.leak", "-c", configuration, "--json"])
+        #expect(read.status == 0, "\(read.output)")
+        #expect(read.output.contains("\"via\":\"agent\""), "\(read.output)")
+        #expect(read.output.contains("\"value\":1"), "\(read.output)")
+        if process.isRunning { try await stop(process, log: log) }
+    }
+
+    /// Pulses counted after the last scheduled read are kept by a graceful stop and by a reload (both lost them: the
+    /// count went on from the last read), and a restarted agent resumes its events file where it left it instead of
+    /// counting every pulse in it again (and storing a switch's old changes again).
+    @Test("A stop and a reload keep the pulses since the last read; a restart does not replay the events file")
+    func stopReloadRestart() async throws {
+        let scratch = try Scratch(prefix: "fg-gpio-keep", in: URL(fileURLWithPath: "/tmp"))
+        let pulses = try scratch.write("flow.events", "level 0\nnow 100\n")
+        let float = try scratch.write("float.events", "level 0\nnow 100\n")
+        let buffer = scratch.file("buffer.sqlite")
+        let socket = scratch.file("control.sock")
+        let countFile = buffer + ".gpio-count.loop.pulses"
+        let configuration = try scratch.write(
+            "agent.toml",
+            """
+            [device]
+            id = "gpio-site"
+            [buffer]
+            path = "\(buffer)"
+            commit_interval = "100ms"
+            [control]
+            socket = "\(socket)"
+            [clock]
+            check = false
+
+            [[sensor]]
+            id = "loop.pulses"
+            driver = "gpio"
+            quantity = "count"
+            interval = "1h"
+            line = 27
+            backend = "events"
+            events_file = "\(pulses)"
+
+            [[sensor]]
+            id = "tank1.float"
+            driver = "gpio"
+            quantity = "state"
+            line = 17
+            debounce = "10ms"
+            backend = "events"
+            events_file = "\(float)"
+            """)
+        func append(_ file: String, _ text: String) throws {
+            let handle = try #require(FileHandle(forWritingAtPath: file))
+            try handle.seekToEnd()
+            try handle.write(contentsOf: Data(text.utf8))
+            try handle.close()
+        }
+        func storedCount() -> String? { try? String(contentsOfFile: countFile, encoding: .utf8) }
+        let log = scratch.file("agent.log")
+        var process = try startAgent(configuration, log: log)
+        let firstRead = await eventually(timeout: .seconds(30), every: .milliseconds(100)) {
+            await sensorStatus(socket, "loop.pulses")?.readsOK == 1
+        }
+        #expect(firstRead, "\(agentLog(log))")
+        // Three pulses after the first (and, with a 1 h interval, only scheduled) read; then a reload.
+        try append(pulses, "rise 100.1\nfall 100.15\nrise 100.2\nfall 100.25\nrise 100.3\nnow 101\n")
+        try append(float, "rise 100.5\nnow 101\n")
+        #expect(await eventually(timeout: .seconds(10)) { await sensorStatus(socket, "tank1.float")?.lastValue == 1 })
+        try await Task.sleep(for: .milliseconds(500))
+        kill(process.processIdentifier, SIGHUP)
+        let reloaded = await eventually(timeout: .seconds(30), every: .milliseconds(100)) {
+            let count = await sensorStatus(socket, "loop.pulses")
+            return count?.readsOK == 1 && storedCount() == "3\n"
+        }
+        #expect(reloaded, "the reload lost the pulses since the last read: count file \(storedCount() ?? "none"): \(agentLog(log))")
+        // Two more, then SIGTERM.
+        try append(pulses, "rise 101.1\nfall 101.15\nrise 101.2\nnow 102\n")
+        try await Task.sleep(for: .milliseconds(500))
+        try await stop(process, log: log)
+        #expect(storedCount() == "5\n", "the stop lost the pulses since the last read: \(storedCount() ?? "none")")
+        var readings = try await buffered(buffer)
+        var counts = readings.filter { $0.sensor.rawValue == "loop.pulses" }.map(\.value)
+        #expect(counts.last == 5, "\(counts)")
+        #expect(zip(counts, counts.dropFirst()).allSatisfy { $0 <= $1 }, "the count never goes back: \(counts)")
+
+        // A restart with nothing new in the files: the count stays, the switch's change is not stored again.
+        process = try startAgent(configuration, log: log)
+        let running = await eventually(timeout: .seconds(30), every: .milliseconds(100)) {
+            let count = await sensorStatus(socket, "loop.pulses")
+            let state = await sensorStatus(socket, "tank1.float")
+            return count?.readsOK == 1 && state?.lastValue != nil
+        }
+        #expect(running, "\(agentLog(log))")
+        try await Task.sleep(for: .milliseconds(500))
+        try await stop(process, log: log)
+        #expect(storedCount() == "5\n", "the restart counted the events file's pulses again: \(storedCount() ?? "none")")
+        readings = try await buffered(buffer)
+        counts = readings.filter { $0.sensor.rawValue == "loop.pulses" }.map(\.value)
+        #expect(counts.max() == 5, "\(counts)")
+        let states = readings.filter { $0.sensor.rawValue == "tank1.float" }.map(\.value)
+        #expect(states.first == 0 && states.dropFirst().allSatisfy { $0 == 1 }, "the switch's old change was stored again: \(states)")
+    }
+
     @Test("`farmgate config check` resolves line names on the chip and refuses one line used twice; without the chip it says the check was skipped")
     func configCheck() async throws {
         let scratch = try Scratch(prefix: "fg-gpio-check", in: URL(fileURLWithPath: "/tmp"))

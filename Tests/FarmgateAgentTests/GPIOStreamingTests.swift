@@ -4,6 +4,7 @@ import FarmgateTestSupport
 import FarmgateWire
 import Foundation
 import Logging
+import ServiceLifecycle
 import Synchronization
 import Testing
 
@@ -116,6 +117,21 @@ struct GPIOStreamingTests {
         await line.stop()
     }
 
+    @Test("A line that comes back at the same level has its state stored at once, not at the next heartbeat")
+    func backAtSameLevel() async throws {
+        let line = try await StreamedLine("line = 19\ndebounce = \"0ms\"", script: "level 0\nnow 10")
+        #expect(await eventually { line.stored.map(\.value) == [0] })
+        try line.line.backend.feed("unplug")
+        let board = line.board
+        #expect(await eventually { board.snapshot()[0].consecutiveErrors > 0 }, "\(board.snapshot())")
+        try line.line.backend.feed("replug\nnow 20")
+        // The default heartbeat is 15 minutes: only the recovery itself can store the state within seconds.
+        #expect(await eventually(timeout: .seconds(5)) { line.stored.count == 2 }, "\(line.stored)")
+        #expect(line.stored.last.map { $0.value == 0 && !$0.heartbeat } == true, "\(line.stored)")
+        #expect(board.snapshot()[0].consecutiveErrors == 0, "\(board.snapshot())")
+        await line.stop()
+    }
+
     @Test("A heartbeat waits while a change is settling, so it never contradicts a change stored with an earlier time")
     func heartbeatWhileSettling() async throws {
         var monitor = GPIOLineMonitor(mode: .input(debounce: 50), activeLow: false, physicalLevel: 0, at: 0)
@@ -138,6 +154,78 @@ struct GPIOStreamingTests {
         let drivers = try configurations.map { try GPIODriver(configuration: $0, backend: backend, logger: driverTestLogger) }
         #expect(drivers.map(\.streams) == [true, false, false])
         for driver in drivers { await driver.close() }
+    }
+}
+
+@Suite("GPIO reads at start, one-off and at stop", .serialized)
+struct GPIOReadTimingTests {
+    @Test("A read right after the driver is made waits for the line's request instead of failing")
+    func readAtOnce() async throws {
+        let configurations = try gpioSensors([("a.count", "count", "line = 31"), ("a.state", "state", "line = 32")])
+        for configuration in configurations {
+            let backend = ScriptedGPIOBackend()
+            try backend.feed("level 1\nnow 10")
+            let driver = try GPIODriver(configuration: configuration, backend: backend, logger: driverTestLogger)
+            let result = await SensorReadContext.$oneOff.withValue(true) { await readResult(driver) }
+            #expect(result.failure == nil, "\(configuration.id): \(result)")
+            await driver.close()
+        }
+    }
+
+    @Test("A one-off flow read counts over a window of its own and leaves the sampler's window whole")
+    func oneOffFlow() async throws {
+        let configurations = try gpioSensors([("a.flow", "flow", "line = 33\npulses_per_litre = 450")])
+        let line = try await ScriptedLine(configurations, script: "level 0\nnow 10")
+        let backend = line.backend
+        let feeder = Task {
+            try await Task.sleep(for: .milliseconds(300))
+            try backend.feed("rise 10.1\nrise 10.2\nrise 10.3\nnow 11")
+        }
+        let oneOff = await SensorReadContext.$oneOff.withValue(true) { await readResult(line.drivers[0]) }
+        try await feeder.value
+        // 3 pulses in 1 s of the line's clock at 450 pulses per litre: 0.4 L/min.
+        #expect((try? oneOff.get()).map { abs($0.value - 0.4) < 1e-9 } == true, "\(oneOff)")
+        let sampled = try await line.value()
+        #expect(abs(sampled - 0.4) < 1e-9, "the sampler's window lost the pulses: \(sampled)")
+        await line.close()
+    }
+
+    @Test("Flow and count sensors are read once more when the sampler stops; a count stores what came after at close")
+    func readAtStop() async throws {
+        let scratch = try Scratch(prefix: "fg-gpio-stop")
+        let file = scratch.file("buffer.sqlite.gpio-count.loop.pulses")
+        let configurations = try gpioSensors([("loop.pulses", "count", "line = 34\ninterval = \"1h\"")])
+        let line = try await ScriptedLine(configurations, script: "level 0\nnow 10", countFile: file)
+        let sink = CollectingSink()
+        let sampler = Sampler(
+            sensors: [.init(configuration: configurations[0], driver: line.drivers[0])], sink: sink,
+            board: SensorStatusBoard(sensors: configurations), clock: WallClock(checkSynchronization: false),
+            logger: driverTestLogger)
+        let group = ServiceGroup(services: [sampler], logger: driverTestLogger)
+        let running = Task { try await group.run() }
+        #expect(await eventually { sink.samples.withLock { $0.count } == 1 })
+        try await line.feed("rise 10.1\nrise 10.2\nnow 11")
+        await group.triggerGracefulShutdown()
+        try await running.value
+        #expect(sink.samples.withLock { $0.map(\.value) } == [0, 2], "the pulses since the last read were not stored at stop")
+        #expect(try String(contentsOfFile: file, encoding: .utf8) == "2\n")
+    }
+
+    @Test("A sampler with no sensor to poll runs until it is stopped, instead of returning (which stopped the agent)")
+    func nothingToPoll() async throws {
+        let sampler = Sampler(
+            sensors: [], sink: CollectingSink(), board: SensorStatusBoard(sensors: []),
+            clock: WallClock(checkSynchronization: false), logger: driverTestLogger)
+        let finished = Mutex(false)
+        let group = ServiceGroup(services: [sampler], logger: driverTestLogger)
+        let running = Task {
+            try await group.run()
+            finished.withLock { $0 = true }
+        }
+        try await Task.sleep(for: .milliseconds(500))
+        #expect(!finished.withLock { $0 }, "the sampler returned at once")
+        await group.triggerGracefulShutdown()
+        try await running.value
     }
 }
 

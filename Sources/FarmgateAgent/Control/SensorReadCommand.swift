@@ -55,14 +55,21 @@ public enum SensorReadCommand {
     public static let command = "sensor.read"
 
     /// Answers `{"command": "sensor.read", "arguments": {"sensor": "tank1.ph"}}`.
-    public static func answer(_ request: ControlRequest, sampler: Sampler) async -> SensorReadAnswer {
+    /// - Parameter sensors: every configured sensor, in configuration order: the sampler's and the streaming ones (a GPIO
+    ///   switch, which the sampler does not poll, is read through the same driver).
+    public static func answer(_ request: ControlRequest, sensors: [Sampler.Sensor]) async -> SensorReadAnswer {
         guard let name = request.arguments?["sensor"], !name.isEmpty else {
             return SensorReadAnswer(ok: false, code: .badRequest, error: "sensor.read needs the argument \"sensor\" (a sensor id)")
         }
-        guard let id = try? SensorID(name), let sensor = sampler.sensor(id) else {
-            return unknown(name, known: sampler.sensorIDs)
+        guard let id = try? SensorID(name), let sensor = sensors.first(where: { $0.configuration.id == id }) else {
+            return unknown(name, known: sensors.map(\.configuration.id))
         }
         return await read(sensor, via: "agent")
+    }
+
+    /// Answers for the sampler's sensors only.
+    public static func answer(_ request: ControlRequest, sampler: Sampler) async -> SensorReadAnswer {
+        await answer(request, sensors: sampler.sensors)
     }
 
     /// The answer for a sensor id that is not configured.

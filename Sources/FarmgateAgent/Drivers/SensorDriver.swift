@@ -46,10 +46,15 @@ public protocol SensorDriver: Sendable {
     func read() async throws(SensorError) -> SensorValue
     /// Releases the hardware (ports, lines). Called once, at shutdown.
     func close() async
+    /// Whether the sampler reads the sensor once more when it stops (SIGTERM, or a reload that restarts the services),
+    /// after its last scheduled read: a sensor that accumulates between reads (a GPIO pulse count or flow meter) would
+    /// otherwise lose what it counted since the last read.
+    var readsAtStop: Bool { get }
 }
 
 extension SensorDriver {
     public func close() async {}
+    public var readsAtStop: Bool { false }
 }
 
 /// The latest value another sensor read, for drivers that depend on it (an EZO pH or EC circuit compensates with the

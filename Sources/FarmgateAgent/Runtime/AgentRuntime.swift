@@ -124,17 +124,21 @@ public enum AgentRuntime {
             configuration.sensors, latestValues: board, logger: logger, stateFilePrefix: configuration.buffer.path)
         var sensors: [Sampler.Sensor] = []
         var streamingSensors: [StreamingSampler.Sensor] = []
+        // Every sensor in configuration order, for `farmgate sensor read` through the agent (streaming ones included).
+        var readable: [Sampler.Sensor] = []
         for sensor in configuration.sensors {
             guard let description = drivers.driver(named: sensor.driver) else {
                 throw ControlSocketError("sensor \(sensor.id): unknown driver \(sensor.driver)")
             }
             let driver = try description.make(sensor, context)
             // Sensors that report changes as they happen (GPIO switches) run beside the sampler, not on its interval.
+            let polled = Sampler.Sensor(configuration: sensor, driver: driver)
             if let streaming = driver as? any StreamingSensorDriver, streaming.streams {
                 streamingSensors.append(StreamingSampler.Sensor(configuration: sensor, driver: streaming))
             } else {
-                sensors.append(Sampler.Sensor(configuration: sensor, driver: driver))
+                sensors.append(polled)
             }
+            readable.append(polled)
         }
         // The kernel's clocks (reads the boot id, and the test hook's file when FARMGATE_TEST_CLOCK_FILE names one).
         let checkClock = configuration.checkClock
@@ -151,6 +155,7 @@ public enum AgentRuntime {
             await clockMonitor.poll(repair: false)
             monitor = clockMonitor
         }
+        let readableSensors = readable
         let sampler = Sampler(sensors: sensors, sink: buffer, board: board, clock: clock, logger: logger)
 
         var uploader: Uploader?
@@ -186,7 +191,7 @@ public enum AgentRuntime {
             case let command where QuarantineCommands.commands.contains(command):
                 answer = await QuarantineCommands(buffer: buffer).answer(request)
             case SensorReadCommand.command:
-                return ControlServer.encode(await SensorReadCommand.answer(request, sampler: sampler))
+                return ControlServer.encode(await SensorReadCommand.answer(request, sensors: readableSensors))
             case "status":
                 do {
                     answer = ControlAnswer(ok: true, status: try await snapshot())

@@ -20,8 +20,10 @@ public protocol SampleSink: Sendable {
 /// reports `timeout`, and while that read is still running no new one is started (the sensor reports that instead of
 /// piling up blocked threads). At shutdown the loops stop at once, except that a read in flight is given up to
 /// ``stoppingReadGrace`` to finish and its value is stored (a read has effects that cannot be taken back: a pulse
-/// count stored beside the buffer, an EZO circuit's answer consumed), and closing the drivers is awaited at most
-/// `closeTimeout`: a driver stuck in a read cannot hold the agent's stop.
+/// count stored beside the buffer, an EZO circuit's answer consumed), sensors whose driver accumulates between reads
+/// (``SensorDriver/readsAtStop``: GPIO pulse counts and flow meters) are read and stored once more, and closing the
+/// drivers is awaited at most `closeTimeout`: a driver stuck in a read cannot hold the agent's stop. With no sensor to
+/// poll (a site of GPIO switches only) the sampler runs until the agent stops.
 public final class Sampler: Service {
     public struct Sensor: Sendable {
         public var configuration: SensorConfiguration
@@ -76,6 +78,12 @@ public final class Sampler: Service {
         let start = ContinuousClock.now
         heartbeat.start()
         await cancelWhenGracefulShutdown {
+            // A site whose sensors all stream (only GPIO switches) has nothing to poll: the sampler still runs until the
+            // agent stops, as a service that returned early would stop the whole agent.
+            guard !self.sensors.isEmpty else {
+                while !Task.isCancelled { try? await Task.sleep(for: .seconds(3600)) }
+                return
+            }
             await withTaskGroup(of: Void.self) { group in
                 let slots = Self.phaseSlots(self.sensors.count)
                 for (index, sensor) in self.sensors.enumerated() {
@@ -85,6 +93,7 @@ public final class Sampler: Service {
                 await group.waitForAll()
             }
         }
+        await readAtStop()
         let sensors = self.sensors
         let closed: Bool? = await withDeadline(closeTimeout) {
             await withTaskGroup(of: Void.self) { group in
@@ -97,6 +106,23 @@ public final class Sampler: Service {
             logger.warning(
                 "Drivers did not close in time; leaving them to the process exit",
                 metadata: ["timeout": "\(closeTimeout)", "stuck": "\(sensors.filter(\.gate.isBusy).map(\.configuration.id.rawValue))"])
+        }
+    }
+
+    /// Reads once more, and stores, every sensor whose driver accumulates between reads (``SensorDriver/readsAtStop``):
+    /// a pulse count or flow meter stopped by SIGTERM or a reload would otherwise lose the pulses since its last read.
+    /// Skipped when the agent is cancelled rather than stopped gracefully.
+    func readAtStop() async {
+        let finals = sensors.filter(\.driver.readsAtStop)
+        guard !finals.isEmpty, !Task.isCancelled else { return }
+        await withTaskGroup(of: Void.self) { group in
+            for sensor in finals {
+                group.addTask {
+                    var gate = Deadband(deadband: 0, heartbeat: sensor.configuration.heartbeat)
+                    await self.sampleOnce(sensor, gate: &gate, atStop: true)
+                }
+            }
+            await group.waitForAll()
         }
     }
 
@@ -136,7 +162,8 @@ public final class Sampler: Service {
     }
 
     /// Reads `sensor` once and stores the value unless the deadband suppresses it.
-    func sampleOnce(_ sensor: Sensor, gate: inout Deadband) async {
+    /// - Parameter atStop: the read the sampler takes as it stops (a failure then is logged, not counted against the sensor).
+    func sampleOnce(_ sensor: Sensor, gate: inout Deadband, atStop: Bool = false) async {
         let configuration = sensor.configuration
         let outcome = await sensor.readOnce()
         // A read abandoned because the agent is stopping is no failure of the sensor; one that finished is stored.
@@ -144,6 +171,10 @@ public final class Sampler: Service {
         let stamp = clock.stamp()
         let now = stamp.timestamp
         switch outcome {
+        case .failure(let error) where atStop:
+            logger.info(
+                "The last read before stopping failed; nothing stored for it",
+                metadata: ["sensor": "\(configuration.id)", "error": "\(error)"])
         case .failure(let error):
             board.recordFailure(configuration.id, error: error, at: now)
             logger.warning(

@@ -135,7 +135,8 @@ public final class StreamingSampler: Service {
             gate.failing = true
             return
         }
-        if gate.failing { logger.info("Sensor is back", metadata: ["sensor": "\(configuration.id)"]) }
+        let recovered = gate.failing
+        if recovered { logger.info("Sensor is back", metadata: ["sensor": "\(configuration.id)"]) }
         gate.failing = false
         gate.lastFailureRecorded = nil
         // One clock reading for the whole update: the values keep their spacing exactly.
@@ -146,11 +147,13 @@ public final class StreamingSampler: Service {
             samples.append(sample(configuration, streamed.value, age: streamed.age, clocks: clocks, synchronized: synchronized))
         }
         let now = ContinuousClock.now
+        // A sensor that is back (a replugged GPIO chip) has its state stored at once, not at the next change or
+        // heartbeat: until a value is recorded the status board still shows it failing.
         if samples.isEmpty, let current = update.current,
-            gate.lastStored.map({ now - $0 >= configuration.heartbeat }) ?? true
+            recovered || gate.lastStored.map({ now - $0 >= configuration.heartbeat }) ?? true
         {
             var heartbeat = sample(configuration, current, age: .zero, clocks: clocks, synchronized: synchronized)
-            if gate.lastStored != nil { heartbeat.quality.insert(.heartbeat) }
+            if gate.lastStored != nil, !recovered { heartbeat.quality.insert(.heartbeat) }
             samples.append(heartbeat)
         }
         guard !samples.isEmpty else { return }

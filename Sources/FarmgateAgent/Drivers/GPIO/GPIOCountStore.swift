@@ -8,7 +8,9 @@ import Synchronization
 /// The count a read returns is what the file held when the agent started plus the pulses counted since. Before a read
 /// returns a count that differs from the stored one, the new count is written to the file (temporary file, fsync,
 /// rename, fsync of the directory, as the buffer's sequence sidecar), so that the file is never behind a count the
-/// buffer may have committed: after a restart the count never goes back. What a power cut or `kill -9` costs is the
+/// buffer may have committed: after a restart the count never goes back. A graceful stop or a reload reads the sensor
+/// once more and stores the count again when the driver closes (``GPIODriver/close()``), so it loses no pulse; a restarted
+/// agent continues from there, and counts no pulse twice. What a power cut or `kill -9` costs is the
 /// pulses counted after the last read (at most one `interval` of flow) and those while the agent is down; both are
 /// missing from the count, which continues from the last value read. Renaming the sensor starts a new count at 0.
 final class GPIOCountStore: Sendable {
@@ -32,7 +34,7 @@ final class GPIOCountStore: Sendable {
         self.logger = logger
     }
 
-    /// The running count for `pulses` counted since the agent started; stores it first when it changed.
+    /// The running count for `pulses` counted by this driver (since the services started); stores it first when it changed.
     func total(pulsesSinceStart pulses: UInt64) async throws(SensorError) -> Int64 {
         let known = state.withLock { $0 }
         let sidecar = SequenceSidecar(path: path)

@@ -43,7 +43,8 @@ public final class GPIODriver: StreamingSensorDriver {
         make: { configuration, context in
             try GPIODriver(
                 configuration: configuration, logger: context.logger,
-                countFile: context.stateFilePrefix.map { GPIOCountStore.path(prefix: $0, sensor: configuration.id) })
+                countFile: context.stateFilePrefix.map { GPIOCountStore.path(prefix: $0, sensor: configuration.id) },
+                stateFilePrefix: context.stateFilePrefix)
         }))
 
     /// A switch (`quantity = "state"`) is not polled: every debounced change is stored as it happens, plus the unchanged
@@ -196,11 +197,20 @@ public final class GPIODriver: StreamingSensorDriver {
     let watcher: GPIOLineWatcher
     /// Where a count sensor keeps its running count across restarts (nil: it starts at 0 each time).
     let countStore: GPIOCountStore?
+    /// The watcher's pulse total when this driver was made: a watcher still running from the previous generation of
+    /// services (a reload) has pulses the stored count already holds.
+    let pulseOrigin: UInt64
+    let logger: Logger
 
-    /// - Parameter countFile: for a count sensor, the file that keeps its running count across restarts.
-    public convenience init(configuration: SensorConfiguration, logger: Logger, countFile: String? = nil) throws {
+    /// - Parameters:
+    ///   - countFile: for a count sensor, the file that keeps its running count across restarts.
+    ///   - stateFilePrefix: where the agent keeps state beside the buffer: with `backend = "events"`, how far the events
+    ///     file was delivered, so that a restarted agent resumes there (nil: the file is read from its start).
+    public convenience init(
+        configuration: SensorConfiguration, logger: Logger, countFile: String? = nil, stateFilePrefix: String? = nil
+    ) throws {
         let options = try Options(configuration)
-        let backend = Self.backend(for: options, logger: logger)
+        let backend = Self.backend(for: options, logger: logger, stateFilePrefix: stateFilePrefix)
         try self.init(configuration: configuration, backend: backend, logger: logger, countFile: countFile)
     }
 
@@ -209,16 +219,20 @@ public final class GPIODriver: StreamingSensorDriver {
         let options = try Options(configuration)
         self.options = options
         self.backend = backend
+        self.logger = logger
         countStore = options.role == .count ? countFile.map { GPIOCountStore(path: $0, logger: logger) } : nil
         watcher = try GPIOLineWatchers.shared.watcher(
             for: options.request, mode: options.mode, activeLow: options.activeLow, backend: backend, logger: logger)
+        pulseOrigin = watcher.totalPulses
     }
 
     /// The backend a configured sensor uses: libgpiod, or the events file it follows (which logs its bad lines to
     /// `logger`, the first sensor's that follows the file).
-    static func backend(for options: Options, logger: Logger = Logger(label: "farmgate.gpio")) -> any GPIOBackend {
+    static func backend(
+        for options: Options, logger: Logger = Logger(label: "farmgate.gpio"), stateFilePrefix: String? = nil
+    ) -> any GPIOBackend {
         if let file = options.eventsFile {
-            EventFileBackends.shared.backend(for: file, logger: logger)
+            EventFileBackends.shared.backend(for: file, logger: logger, stateFilePrefix: stateFilePrefix)
         } else {
             LibgpiodBackends.shared
         }
@@ -239,25 +253,58 @@ public final class GPIODriver: StreamingSensorDriver {
             current: current.map { SensorValue(Double($0)) })
     }
 
+    /// How long a read waits for the line's first request (the watcher's thread requests it just after the driver is
+    /// made): a read right at start, or a one-off `farmgate sensor read`, answers from the line, not "not requested yet".
+    static let requestWait: Duration = .seconds(2)
+
+    /// How long a one-off read of a flow meter (`farmgate sensor read`) counts pulses: a flow is a rate over a window.
+    static let oneOffFlowWindow: Duration = .seconds(1)
+
     public func read() async throws(SensorError) -> SensorValue {
+        _ = await watcher.waitUntilTried(timeout: Self.requestWait)
         switch options.role {
         case .state:
             return SensorValue(Double(try watcher.withMonitor { monitor, now in monitor.state(at: now) }))
         case .count:
             let pulses = try watcher.withMonitor { monitor, _ in monitor.totalPulses }
-            guard let countStore else { return SensorValue(Double(pulses)) }
-            return SensorValue(Double(try await countStore.total(pulsesSinceStart: pulses)))
+            let counted = pulses >= pulseOrigin ? pulses - pulseOrigin : 0
+            guard let countStore else { return SensorValue(Double(counted)) }
+            return SensorValue(Double(try await countStore.total(pulsesSinceStart: counted)))
         case .flow(let perLitre):
-            let window = try watcher.withMonitor { monitor, now in monitor.takeFlowWindow(at: now) }
+            let window: (pulses: Int, seconds: Double)
+            if SensorReadContext.oneOff {
+                // A one-off read (`farmgate sensor read`) counts over a window of its own, leaving the sampler's alone
+                // (through the running agent, the next stored flow still covers its whole interval).
+                let (pulses, start) = try watcher.withMonitor { monitor, now in (monitor.totalPulses, now) }
+                try? await Task.sleep(for: Self.oneOffFlowWindow)
+                let (after, end) = try watcher.withMonitor { monitor, now in (monitor.totalPulses, now) }
+                window = (Int(clamping: after >= pulses ? after - pulses : 0), Double(end - start) / 1e9)
+            } else {
+                window = try watcher.withMonitor { monitor, now in monitor.takeFlowWindow(at: now) }
+            }
             guard window.seconds > 0 else {
-                throw SensorError(.timeout, "no time has passed on the line's clock since the previous flow reading")
+                let eventsNote = options.eventsFile.map { " (the events file \($0) moves the line's clock only with its `now` lines)" } ?? ""
+                throw SensorError(.timeout, "no time has passed on the line's clock since the previous flow reading\(eventsNote)")
             }
             return SensorValue(Double(window.pulses) / perLitre / (window.seconds / 60))
         }
     }
 
+    /// Flow and count sensors are read once more as the sampler stops, so that the pulses since the last read are kept.
+    public var readsAtStop: Bool { options.role != .state }
+
+    /// Releases the line. A count sensor then stores its running count with every pulse counted until the line was
+    /// released (after the sampler's last read, edges may still have come), so that a graceful stop or a reload loses none.
     public func close() async {
-        GPIOLineWatchers.shared.release(watcher, backend: backend)
+        let last = GPIOLineWatchers.shared.release(watcher, backend: backend)
+        guard let countStore else { return }
+        if last { await watcher.waitUntilFinished(timeout: .seconds(1)) }
+        let pulses = watcher.totalPulses
+        do {
+            _ = try await countStore.total(pulsesSinceStart: pulses >= pulseOrigin ? pulses - pulseOrigin : 0)
+        } catch {
+            logger.warning("Could not store the running count at stop", metadata: ["error": "\(error)"])
+        }
     }
 }
 
@@ -266,16 +313,20 @@ enum LibgpiodBackends {
     static let shared = LibgpiodBackend()
 }
 
-/// One scripted backend per events file, so that a flow and a count sensor following one file share its line.
+/// One scripted backend per events file (and state prefix), so that a flow and a count sensor following one file share
+/// its line, and a reload keeps following the file where it was. The agent's backends remember their position beside the
+/// buffer; those made only to look lines up (`config check`, a reload's check) or for a one-off read do not.
 final class EventFileBackends: Sendable {
     static let shared = EventFileBackends()
     private let backends = Mutex<[String: ScriptedGPIOBackend]>([:])
 
-    func backend(for file: String, logger: Logger) -> ScriptedGPIOBackend {
+    func backend(for file: String, logger: Logger, stateFilePrefix: String? = nil) -> ScriptedGPIOBackend {
         backends.withLock { backends in
-            if let backend = backends[file] { return backend }
-            let backend = ScriptedGPIOBackend(file: file, logger: logger)
-            backends[file] = backend
+            let key = "\(stateFilePrefix ?? "")|\(file)"
+            if let backend = backends[key] { return backend }
+            let backend = ScriptedGPIOBackend(
+                file: file, positionFile: stateFilePrefix.map { ScriptedGPIOBackend.positionFile(prefix: $0, file: file) }, logger: logger)
+            backends[key] = backend
             return backend
         }
     }

@@ -28,6 +28,10 @@ final class GPIOLineWatcher: Sendable {
         var error: SensorError?
         var stopping = false
         var users = 0
+        /// The first request of the line was tried (it succeeded, or `error` says why not).
+        var tried = false
+        /// The thread left its loop: no edge is applied any more.
+        var finished = false
     }
 
     init(request: GPIOLineRequest, mode: GPIOLineMonitor.Mode, activeLow: Bool, backend: any GPIOBackend, logger: Logger) {
@@ -44,7 +48,12 @@ final class GPIOLineWatcher: Sendable {
     /// Starts watching (once).
     func start() {
         let thread = self.thread
-        Task { [self] in try? await thread.run { self.watch() } }
+        Task { [self] in
+            do { try await thread.run { self.watch() } } catch {
+                // Stopped before the thread ran it: nothing will be applied.
+                state.withLock { $0.finished = true }
+            }
+        }
     }
 
     /// Asks the thread to release the line and end; it notices within one wait (100 ms).
@@ -53,13 +62,37 @@ final class GPIOLineWatcher: Sendable {
         thread.shutdown()
     }
 
+    /// Waits, at most `timeout`, for the thread to leave its loop after ``stop()``: the edges it took are applied then.
+    func waitUntilFinished(timeout: Duration) async {
+        let until = ContinuousClock.now + timeout
+        while !state.withLock({ $0.finished }), ContinuousClock.now < until {
+            try? await Task.sleep(for: .milliseconds(5))
+        }
+    }
+
+    /// Waits, at most `timeout`, until the thread tried to request the line once (it answers right after the driver is
+    /// made, before the line is requested); true when it did.
+    func waitUntilTried(timeout: Duration) async -> Bool {
+        let until = ContinuousClock.now + timeout
+        while true {
+            if state.withLock({ $0.tried || $0.monitor != nil }) { return true }
+            if ContinuousClock.now >= until || Task.isCancelled { return false }
+            try? await Task.sleep(for: .milliseconds(2))
+        }
+    }
+
+    /// The pulses counted since the watcher started (0 before the line was requested).
+    var totalPulses: UInt64 { state.withLock { $0.monitor?.totalPulses ?? 0 } }
+
     /// Answers a question about the line, or throws why the line cannot be read.
     func withMonitor<T>(_ body: (inout GPIOLineMonitor, Int64) -> T) throws(SensorError) -> T {
         let now = backend.now()
         return try state.withLock { state throws(SensorError) -> T in
             if let error = state.error { throw error }
             guard var monitor = state.monitor else {
-                throw SensorError(.timeout, "GPIO line \(request.name) is not requested yet")
+                throw SensorError(
+                    .timeout,
+                    "GPIO line \(request.name) was not requested in time; check that the chip exists (`gpiodetect`), that the line is free (`gpioinfo`) and that the agent's user is in the gpio group")
             }
             let result = body(&monitor, now)
             state.monitor = monitor
@@ -78,6 +111,7 @@ final class GPIOLineWatcher: Sendable {
     static let reopenBackoff = Backoff(initial: .seconds(1), maximum: .seconds(5))
 
     private func watch() {
+        defer { state.withLock { $0.finished = true } }
         var line: (any GPIOLine)?
         var backoff = Self.reopenBackoff
         while !state.withLock({ $0.stopping }) {
@@ -93,13 +127,14 @@ final class GPIOLineWatcher: Sendable {
                             state.monitor?.restart(physicalLevel: level, at: now)
                         }
                         state.error = nil
+                        state.tried = true
                     }
                     if backoff.failures > 0 { logger.info("GPIO line is back") }
                     backoff.reset()
                     line = opened
                 } catch {
                     if backoff.failures == 0 { logger.warning("Cannot request the GPIO line", metadata: ["error": "\(error)"]) }
-                    state.withLock { $0.error = error }
+                    state.withLock { $0.error = error; $0.tried = true }
                     pause(backoff.ceiling)
                     backoff.recordFailure()
                 }
@@ -158,8 +193,9 @@ final class GPIOLineWatchers: Sendable {
         }
     }
 
-    /// Gives up one use of `watcher`; the last stops it.
-    func release(_ watcher: GPIOLineWatcher, backend: any GPIOBackend) {
+    /// Gives up one use of `watcher`; the last stops it. Returns whether it was the last.
+    @discardableResult
+    func release(_ watcher: GPIOLineWatcher, backend: any GPIOBackend) -> Bool {
         let key = "\(ObjectIdentifier(backend).hashValue)|\(watcher.request.name)"
         let last = watchers.withLock { watchers -> Bool in
             guard watcher.release() == 0 else { return false }
@@ -167,5 +203,6 @@ final class GPIOLineWatchers: Sendable {
             return true
         }
         if last { watcher.stop() }
+        return last
     }
 }

@@ -33,7 +33,8 @@ import Synchronization
 ///
 /// An events file that is truncated, rewritten or replaced (another inode, as an editor or `mv` leaves it) is read
 /// again from its start, as `tail -F` does, rather than from where the old file ended. A line of the file that means
-/// nothing is logged with its line number and why, and skipped.
+/// nothing is logged with its line number and why, and skipped. The agent's backends remember how far they delivered
+/// the file (``init(file:positionFile:logger:)``), so that a restarted agent resumes there instead of replaying it.
 public final class ScriptedGPIOBackend: GPIOBackend {
     /// A line of the protocol that means nothing.
     public struct ScriptError: Error, Sendable, CustomStringConvertible {
@@ -54,25 +55,81 @@ public final class ScriptedGPIOBackend: GPIOBackend {
         /// Line names declared with `name`, by name.
         var names: [String: Int] = [:]
         var follower = FileFollower()
+        /// Where the agent left the file when it last ran (from the position file): the lines before are its past, taken
+        /// for the line's state only. Dropped once passed, or when the file is another one.
+        var resume: FileFollower.Position?
+        /// The position last written to the position file.
+        var saved: FileFollower.Position?
     }
 
     private let state = Mutex(State())
     private let file: String?
+    /// Where the agent remembers how far it has delivered the file (nil: not remembered; the file is read from its start).
+    private let positionFile: String?
     private let logger: Logger
 
     /// An in-memory line, fed with ``feed(_:)``.
     public init() {
         file = nil
+        positionFile = nil
         logger = Logger(label: "farmgate.gpio.events") { _ in SwiftLogNoOpLogHandler() }
     }
 
     /// A line that follows `file`, reading commands as they are appended.
     /// - Parameter logger: where lines of the file that mean nothing are reported.
-    public init(file: String, logger: Logger = Logger(label: "farmgate.gpio.events")) {
+    /// - Parameter positionFile: where the file's identity and the offset delivered so far are kept (the agent keeps it
+    ///   beside the buffer): a restarted agent resumes there, taking the lines before it for the line's state (its level,
+    ///   clock and names) without delivering their edges again, as a real line does not repeat its past. Nil: the file
+    ///   is read from its start.
+    public init(file: String, positionFile: String? = nil, logger: Logger = Logger(label: "farmgate.gpio.events")) {
         self.file = file
+        self.positionFile = positionFile
         var logger = logger
         logger[metadataKey: "events_file"] = "\(file)"
         self.logger = logger
+        if let positionFile, let saved = Self.readPosition(positionFile) {
+            // Only the file the agent left, at least as long as it was: a replaced or truncated one is read from its start.
+            var status = stat()
+            if stat(file, &status) == 0, UInt64(status.st_dev) == saved.device, UInt64(status.st_ino) == saved.inode,
+                status.st_size >= off_t(clamping: saved.offset)
+            {
+                state.withLock { $0.resume = saved; $0.saved = saved }
+            }
+        }
+    }
+
+    /// The position file for `file` beside the buffer at `prefix`: `<prefix>.gpio-events.<hash of the path>`.
+    static func positionFile(prefix: String, file: String) -> String {
+        var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+        for byte in file.utf8 {
+            hash ^= UInt64(byte)
+            hash = hash &* 0x100_0000_01b3
+        }
+        let hex = String(hash, radix: 16)
+        return "\(prefix).gpio-events.\(String(repeating: "0", count: 16 - hex.count) + hex)"
+    }
+
+    /// `device inode offset`, or nil when the file is missing or holds something else (then the events file is read
+    /// from its start).
+    static func readPosition(_ path: String) -> FileFollower.Position? {
+        guard let text = try? FileSystem.text(path, limit: 4096) else { return nil }
+        let words = text.split(whereSeparator: { $0 == " " || $0 == "\n" })
+        guard words.count >= 3, let device = UInt64(words[0]), let inode = UInt64(words[1]), let offset = UInt64(words[2]) else {
+            return nil
+        }
+        return FileFollower.Position(device: device, inode: inode, offset: offset)
+    }
+
+    /// Remembers `position` (atomically, without fsync: a test backend; a crash only replays a little).
+    private func savePosition(_ position: FileFollower.Position) {
+        guard let positionFile, let file else { return }
+        do {
+            try DurableFile.replace(
+                positionFile, with: Array("\(position.device) \(position.inode) \(position.offset) \(file)\n".utf8),
+                temporary: positionFile + ".tmp", mode: 0o644, durably: false)
+        } catch {
+            logger.warning("Cannot remember the position in the GPIO events file", metadata: ["error": "\(error)"])
+        }
     }
 
     /// Applies one or more protocol lines.
@@ -132,7 +189,7 @@ public final class ScriptedGPIOBackend: GPIOBackend {
         let deadline = ContinuousClock.now + timeout
         while true {
             pumpFile()
-            let events = try state.withLock { state throws(SensorError) -> [GPIOEdgeEvent] in
+            let (events, save) = try state.withLock { state throws(SensorError) -> ([GPIOEdgeEvent], FileFollower.Position?) in
                 guard state.present, state.generation == generation else { throw Self.gone(name) }
                 let events = state.queue
                 state.queue = []
@@ -141,8 +198,14 @@ public final class ScriptedGPIOBackend: GPIOBackend {
                     state.clock = max(state.clock, event.timestamp)
                     state.level = event.edge == .rising ? 1 : 0
                 }
-                return events
+                // Every edge read so far is now the line's: remember how far the file is delivered.
+                guard positionFile != nil, state.resume == nil, let position = state.follower.position, position != state.saved else {
+                    return (events, nil)
+                }
+                state.saved = position
+                return (events, position)
             }
+            if let save { savePosition(save) }
             if !events.isEmpty || ContinuousClock.now >= deadline { return events }
             sleepBlocking(.milliseconds(2))
         }
@@ -152,11 +215,17 @@ public final class ScriptedGPIOBackend: GPIOBackend {
         SensorError(.disconnected, "GPIO line \(name) is gone (the event script unplugged its chip)")
     }
 
-    private static func apply(_ raw: String, to state: inout State) throws(ScriptError) {
+    /// - Parameter past: the line is the file's past (before where a previous agent left it): an edge only sets the
+    ///   level and the clock, it is not delivered.
+    private static func apply(_ raw: String, to state: inout State, past: Bool = false) throws(ScriptError) {
         let text = raw.split(separator: "#", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? ""
         let words = text.split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\r" }).map(String.init)
         guard let command = words.first?.lowercased() else { return }
         switch (command, words.count) {
+        case ("rise", 2) where past, ("fall", 2) where past:
+            let time = try Self.time(words[1], line: raw)
+            state.clock = max(state.clock, time)
+            state.level = command == "rise" ? 1 : 0
         case ("rise", 2), ("fall", 2):
             let time = try Self.time(words[1], line: raw)
             state.queue.append(GPIOEdgeEvent(command == "rise" ? .rising : .falling, at: time))
@@ -207,13 +276,21 @@ public final class ScriptedGPIOBackend: GPIOBackend {
         guard let file else { return }
         let (restarted, refused) = state.withLock { state -> (Bool, [(number: Int, error: ScriptError)]) in
             let (restarted, lines) = state.follower.read(file)
+            if let resume = state.resume, restarted || state.follower.position.map({ !$0.sameFile(as: resume) }) ?? false {
+                // Another file than the one the agent left (replaced, truncated): read from its start.
+                state.resume = nil
+            }
             var refused: [(number: Int, error: ScriptError)] = []
-            for (number, line) in lines {
+            for (number, end, line) in lines {
+                let past = state.resume.map { end <= $0.offset } ?? false
                 do throws(ScriptError) {
-                    try Self.apply(line, to: &state)
+                    try Self.apply(line, to: &state, past: past)
                 } catch {
-                    refused.append((number, error))
+                    if !past { refused.append((number, error)) }
                 }
+            }
+            if let resume = state.resume, let position = state.follower.position, position.offset >= resume.offset {
+                state.resume = nil
             }
             return (restarted, refused)
         }
@@ -239,8 +316,22 @@ struct FileFollower {
     /// How many bytes before the read position are compared to tell a rewritten file from a grown one.
     static let tailLength = 64
 
+    /// A file and an offset in it: where the complete lines read so far end.
+    struct Position: Sendable, Hashable {
+        var device: UInt64
+        var inode: UInt64
+        var offset: UInt64
+
+        func sameFile(as other: Position) -> Bool { device == other.device && inode == other.inode }
+    }
+
     private var identity: (device: UInt64, inode: UInt64)?
     private var offset: UInt64 = 0
+
+    /// The file read and where its complete lines read so far end; nil before it was read.
+    var position: Position? {
+        identity.map { Position(device: $0.device, inode: $0.inode, offset: offset - UInt64(partialLine.count)) }
+    }
     /// The last bytes read (at most ``tailLength``), which must still be in the file just before ``offset``.
     private var tail: [UInt8] = []
     private var partialLine: [UInt8] = []
@@ -249,7 +340,8 @@ struct FileFollower {
 
     /// The complete lines added since the last call, with their line numbers (from 1); `restarted` when the file was
     /// truncated or replaced and is read from its start again. Nothing when the file cannot be read (yet).
-    mutating func read(_ path: String) -> (restarted: Bool, lines: [(number: Int, text: String)]) {
+    /// Each line comes with the offset where it ends (after its newline).
+    mutating func read(_ path: String) -> (restarted: Bool, lines: [(number: Int, end: UInt64, text: String)]) {
         let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { return (false, []) }
         defer { Glibc.close(fd) }
@@ -274,14 +366,15 @@ struct FileFollower {
         identity = current
         let data = Self.bytes(fd, from: offset, count: nil)
         guard !data.isEmpty else { return (restarted, []) }
+        let start = offset
         offset += UInt64(data.count)
         tail = Array((tail + data).suffix(Self.tailLength))
-        var lines: [(number: Int, text: String)] = []
+        var lines: [(number: Int, end: UInt64, text: String)] = []
         var pending = partialLine[...]
         var rest = data[...]
         while let newline = rest.firstIndex(of: UInt8(ascii: "\n")) {
             lineCount += 1
-            lines.append((lineCount, String(decoding: pending + rest[..<newline], as: UTF8.self)))
+            lines.append((lineCount, start + UInt64(newline + 1), String(decoding: pending + rest[..<newline], as: UTF8.self)))
             pending = []
             rest = rest[(newline + 1)...]
         }

@@ -86,8 +86,8 @@ public final class ModbusDriver: SensorDriver {
     }
 }
 
-/// What a read is for, where a driver treats it differently: the installer's one-off read (`farmgate sensor read`,
-/// `farmgate sensor test`) always asks the device, never a value another sensor's read brought in (a Modbus block).
+/// What a read is for, where a driver treats it differently: the installer's one-off read (`farmgate sensor read`)
+/// always asks the device, never a value another sensor's read brought in (a Modbus block).
 public enum SensorReadContext {
     @TaskLocal public static var oneOff = false
 }
