@@ -238,7 +238,7 @@ public actor AlertEngine: CommitObserver, Service {
         } catch {
             errorsCounter.increment()
             mustCatchUp.store(true, ordering: .relaxed)
-            logger.error("alert engine cannot catch up from the store; trying again at the next tick", metadata: ["error": "\(error)"])
+            logger.storeFailure("alert engine cannot catch up from the store; trying again at the next tick", error: error)
         }
     }
 
@@ -261,7 +261,7 @@ public actor AlertEngine: CommitObserver, Service {
             silencesByFarm = silences
         } catch {
             errorsCounter.increment()
-            logger.error("alert engine cannot read rules from the store; keeping the ones it has", metadata: ["error": "\(error)"])
+            logger.storeFailure("alert engine cannot read rules from the store; keeping the ones it has", error: error)
         }
     }
 
@@ -359,7 +359,7 @@ public actor AlertEngine: CommitObserver, Service {
                 restore()
                 errorsCounter.increment()
                 mustCatchUp.store(true, ordering: .relaxed)
-                logger.error("alert engine cannot write alert state; the readings are evaluated again from the store", metadata: ["error": "\(error)"])
+                logger.storeFailure("alert engine cannot write alert state; the readings are evaluated again from the store", error: error)
                 watermarksHold(device: device.rowID, below: lowest)
                 return
             }
@@ -613,7 +613,7 @@ public actor AlertEngine: CommitObserver, Service {
             due = try await store.alertRecordsWithLateReportDue(now: current)
         } catch {
             errorsCounter.increment()
-            logger.error("alert engine cannot read due late reports", metadata: ["error": "\(error)"])
+            logger.storeFailure("alert engine cannot read due late reports", error: error)
             return
         }
         for record in due {
@@ -623,7 +623,7 @@ public actor AlertEngine: CommitObserver, Service {
                 continue  // another instance wrote it, or a batch changed the alert: due again at the next tick if still needed
             } catch {
                 errorsCounter.increment()
-                logger.error("alert engine cannot write a late report", metadata: ["alert": "\(record.fingerprint)", "error": "\(error)"])
+                logger.storeFailure("alert engine cannot write a late report", error: error, metadata: ["alert": "\(record.fingerprint)"])
             }
         }
     }
@@ -784,7 +784,7 @@ public actor AlertEngine: CommitObserver, Service {
                 continue  // another instance moved one of these alerts first; the next tick judges again
             } catch {
                 errorsCounter.increment()
-                logger.error("alert engine cannot evaluate timer rules", metadata: ["farm": "\(farmNames[farmID] ?? String(farmID))", "error": "\(error)"])
+                logger.storeFailure("alert engine cannot evaluate timer rules", error: error, metadata: ["farm": "\(farmNames[farmID] ?? String(farmID))"])
             }
         }
     }
@@ -863,7 +863,7 @@ public actor AlertEngine: CommitObserver, Service {
             dirtyWatermarks = []
         } catch {
             errorsCounter.increment()
-            logger.error("alert engine cannot save its watermarks; it will evaluate some readings again after a restart", metadata: ["error": "\(error)"])
+            logger.storeFailure("alert engine cannot save its watermarks; it will evaluate some readings again after a restart", error: error)
         }
     }
 
