@@ -526,7 +526,7 @@ public actor AlertEngine: CommitObserver, Service {
             let value = readings.values[index]
             guard
                 let holds = AlertEvaluator.holds(
-                    condition, value: value, quality: readings.qualities[index], at: time, active: alert?.state.isActive ?? false, memory: &memory)
+                    condition, value: value, quality: readings.qualities[index], at: time, active: alert?.state == .firing, memory: &memory)
             else { continue }
             if case .none = alert {
                 // No alert yet and the condition does not hold: an inactive alert stays inactive, nothing to record.
@@ -718,7 +718,7 @@ public actor AlertEngine: CommitObserver, Service {
         while true {
             let page = try await store.readings(sensorRowID: record.sensorRowID, from: cursor, to: end, limit: 5_000)
             for reading in page {
-                guard let holds = AlertEvaluator.holds(rule, value: reading.value, quality: reading.quality, at: reading.timestamp, active: state.state.isActive, memory: &memory)
+                guard let holds = AlertEvaluator.holds(rule, value: reading.value, quality: reading.quality, at: reading.timestamp, active: state.state == .firing, memory: &memory)
                 else { continue }
                 for move in AlertEvaluator.step(&state, holds: holds, at: reading.timestamp, value: reading.value, forMicroseconds: rule.forMicroseconds)
                 where reading.timestamp >= from {

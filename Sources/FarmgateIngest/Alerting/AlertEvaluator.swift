@@ -41,8 +41,10 @@ enum AlertEvaluator {
         holds(AlertCondition(rule), value: value, quality: quality, at: at, active: active, memory: &memory)
     }
 
-    /// Whether the condition holds at this reading, given whether the alert is active (hysteresis), or nil when the
-    /// reading says nothing about it (a faulty reading for a threshold rule).
+    /// Whether the condition holds at this reading, or nil when the reading says nothing about it (a faulty reading for
+    /// a threshold rule). `active` is whether the alert is FIRING: only then does the `clear` level apply (hysteresis
+    /// keeps a firing alert from flapping). A pending alert is judged against the threshold itself, so that `for`
+    /// counts only time the condition really held (a reading between the threshold and the clear level ends pending).
     static func holds(_ rule: AlertCondition, value: Double, quality: QualityFlags, at: Timestamp, active: Bool, memory: inout SeriesMemory) -> Bool? {
         let faulty = quality.contains(.sensorFault)
         switch rule.kind {
