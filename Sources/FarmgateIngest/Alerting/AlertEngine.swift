@@ -104,6 +104,9 @@ public actor AlertEngine: CommitObserver, Service {
         var epoch: UInt64?
     }
 
+    /// A late report names each episode up to this many; beyond, it counts them and names the newest.
+    static let lateEpisodesTold = 5
+
     private let store: any IngestStore & AlertStore
     private let settings: Settings
     private let logger: Logger
@@ -136,6 +139,14 @@ public actor AlertEngine: CommitObserver, Service {
     /// Per device: the highest sequence a catch-up read; the feed skips readings at or below it (already evaluated).
     private var scannedThrough: [Int64: UInt64] = [:]
     private var lastCalibrationCheck: Timestamp?
+    /// Set when a batch held readings out of order but not late: their re-evaluation is due at once, after the write.
+    private var reorderedDue = false
+    /// Whether rules were read from the store once (the first read compares against nothing).
+    private var loadedOnce = false
+    /// ``AlertStore/alertConfigurationStamp()`` as of the last load of rules and silences.
+    private var configurationStamp: String?
+    /// When this engine started: no-data and offline rules count silence from here at the earliest.
+    private var startedAt: Timestamp
     /// Per device: the lowest sequence whose evaluation failed; the watermark stays below it until a catch-up succeeds.
     private var failedFrom: [Int64: UInt64] = [:]
 
@@ -159,6 +170,7 @@ public actor AlertEngine: CommitObserver, Service {
         self.logger = logger
         self.now = now
         self.notificationsWritten = notificationsWritten
+        startedAt = now()
         (queue, continuation) = AsyncStream.makeStream(of: CommittedBatch.self, bufferingPolicy: .bufferingOldest(max(1, settings.queueLimit)))
     }
 
@@ -351,6 +363,10 @@ public actor AlertEngine: CommitObserver, Service {
                 }
                 try await apply(changes, durability: .withNextSyncedCommit)
                 evaluated = true
+                if reorderedDue {
+                    reorderedDue = false
+                    await writeLateReports()
+                }
                 return
             } catch let conflict as AlertStoreConflict {
                 restore()
@@ -516,10 +532,13 @@ public actor AlertEngine: CommitObserver, Service {
         let lateAfter = settings.lateAfter.wholeMicroseconds
         var transitions: [AlertTransitionRecord] = []
         var outOfOrder: (Timestamp, Timestamp)?
+        // Whether a reading out of order was also late (taken more than `late_after` before it arrived).
+        var outOfOrderLate = false
         for index in 0..<readings.count {
             let time = readings.times[index]
             if let newest, time <= newest {
                 outOfOrder = (min(outOfOrder?.0 ?? time, time), max(outOfOrder?.1 ?? time, time))
+                if receivedAt.microseconds - time.microseconds > lateAfter { outOfOrderLate = true }
                 continue
             }
             newest = time
@@ -570,7 +589,15 @@ public actor AlertEngine: CommitObserver, Service {
             let times = late.map(\.at) + (outOfOrder.map { [$0.0, $0.1] } ?? [])
             record.lateFrom = ([record.lateFrom].compactMap { $0 } + times).min()
             record.lateTo = ([record.lateTo].compactMap { $0 } + times).max()
-            record.lateDue = Timestamp(microseconds: current.microseconds + settings.lateQuiet.wholeMicroseconds)
+            if late.isEmpty, !outOfOrderLate, before?.lateDue == nil {
+                // Readings out of order but not late (a batch that arrived a few seconds after a newer one): no backlog
+                // to wait for. The stretch is replayed in time order right after this batch is written, and what it
+                // changes is recorded and notified then, not as late.
+                record.lateDue = current
+                reorderedDue = true
+            } else {
+                record.lateDue = Timestamp(microseconds: current.microseconds + settings.lateQuiet.wholeMicroseconds)
+            }
         }
         if transitions.isEmpty, before?.lateDue != nil, before?.lateFrom == record.lateFrom, before?.lateTo == record.lateTo {
             // The same stretch again (a backlog batch re-sent): nothing new to record.
@@ -593,7 +620,7 @@ public actor AlertEngine: CommitObserver, Service {
                             transitionIndex: index,
                             notification: notification(
                                 rule, farm: farm, record: record, status: transitions[index].to == .firing ? .firing : .resolved, transitions: covered,
-                                late: folded, description: folded ? "\(AlertEvaluator.episodes(covered, what: what)), reported late" : nil,
+                                late: folded, description: folded ? "\(AlertEvaluator.episodes(covered, what: what, limit: Self.lateEpisodesTold)), reported late" : nil,
                                 value: transitions[index].value, quantity: readings.quantity, at: transitions[index])))
                 }
                 change.receivers = rule.receivers
@@ -639,38 +666,46 @@ public actor AlertEngine: CommitObserver, Service {
             try await apply([AlertChange(record: record, markAllNotified: true)])
             return
         }
+        // Late by the README's rule (a reading more than `late_after` old on arrival): a stretch of readings that came
+        // out of order but in time (a batch sent 20 s after a newer one) is written at once, and is not "late".
+        let late = current.microseconds - from.microseconds > settings.lateAfter.wholeMicroseconds
+        // The replay runs on to the newest reading the alert was judged at: the readings after the stretch were judged
+        // before the stretch arrived (the newest batch of a backlog comes first), so the state they left is not the
+        // state the readings in time order give. The replay's is, and the alert takes it (its state, start and end).
+        let end = [to, record.lastReading, lastEvaluated[record.sensorRowID]].compactMap { $0 }.max() ?? to
         let history = try await store.alertTransitions(alertIDs: [record.id])
         var found: [AlertTransitionRecord] = []
         if rule.kind.isReadingDriven, record.sensorRowID != 0 {
-            found = try await replay(rule, record: record, history: history, from: from, to: to, now: current)
+            let replayed = try await replay(rule, record: record, history: history, from: from, to: end, late: late, now: current)
+            found = replayed.found
+            let state = replayed.state
+            record.state = state.state
+            record.pendingSince = state.pendingSince
+            if state.state == .firing || state.state == .resolved {
+                record.startsAt = state.startsAt ?? record.startsAt
+                record.endsAt = state.state == .firing ? nil : (state.endsAt ?? record.endsAt)
+            }
+            if let value = state.value { record.value = value }
+            record.lastReading = end
         }
         // A transition is the same one when it reached the same state at the same reading.
         func moment(_ transition: AlertTransitionRecord) -> String { "\(transition.to.rawValue)@\(transition.at.microseconds)" }
         let known = Set(history.map(moment))
-        var fresh = found.filter { !known.contains(moment($0)) }
-        var replayed = found
-        // The replay found the condition still holding at the end of the stretch: the alert fires now, from then.
-        if let end = found.last, end.to == .firing, record.state == .pending {
-            let firing = AlertTransitionRecord(from: .pending, to: .firing, at: end.at, value: end.value, late: true, notified: true, recordedAt: current)
-            fresh.append(firing)
-            replayed.append(firing)
-            record.state = .firing
-            record.startsAt = end.at
-            record.endsAt = nil
-            record.pendingSince = nil
-        }
-        // Inside the stretch the replay (every stored reading in time order, from the state before it) is the account:
-        // transitions recorded while the backlog arrived out of order (a newest batch judged before the readings under
-        // it) may disagree with it there, and are kept in the history but left out of the report.
+        let fresh = found.filter { !known.contains(moment($0)) }
+        // Inside the replayed stretch the replay (every stored reading in time order, from the state before it) is the
+        // account: transitions recorded while the backlog arrived out of order (a newest batch judged before the
+        // readings under it) may disagree with it there, and are kept in the history but left out of the report.
         let notified = Set(history.filter(\.notified).map(moment))
-        let unreported = history.filter { !$0.notified && ($0.at < from || $0.at > to) } + replayed.filter { !notified.contains(moment($0)) }
+        let unreported = history.filter { !$0.notified && ($0.at < from || $0.at > end) } + found.filter { !notified.contains(moment($0)) }
         let covered = unreported.sorted { $0.at < $1.at }
         var seen: Set<String> = []
         let episodes = covered.filter { seen.insert("\($0.from.rawValue)>\($0.to.rawValue)@\($0.at.microseconds)").inserted }
         var change = AlertChange(record: record, transitions: fresh.map { var t = $0; t.notified = true; return t }, markAllNotified: true)
         if episodes.contains(where: { $0.to == .firing }) {
             let what = "\(record.sensor ?? record.device ?? rule.name) \(rule.conditionText)"
-            let text = AlertEvaluator.episodes(episodes, what: what)
+            // Bounded like a merged live notification: a probe flapping through a two-hour backlog is thousands of
+            // episodes. The text counts them and tells the newest; the notification lists the newest transitions.
+            let text = AlertEvaluator.episodes(episodes, what: what, limit: Self.lateEpisodesTold)
             let labels = labels(rule, farm: farmNames[record.farmID] ?? "", record: record)
             if isSilenced(labels, farmID: record.farmID, at: current) {
                 change.transitions = change.transitions.map { var t = $0; t.silenced = true; return t }
@@ -678,8 +713,8 @@ public actor AlertEngine: CommitObserver, Service {
                 let quantity = try await store.alertSensors(farmID: record.farmID).first { $0.sensorRowID == record.sensorRowID }?.quantity
                 var report = notification(
                     rule, farm: farmNames[record.farmID] ?? "", record: record, status: record.state == .firing ? .firing : .resolved,
-                    transitions: episodes, late: true, description: "\(text), reported late", value: episodes.last?.value ?? record.value,
-                    quantity: quantity)
+                    transitions: Array(episodes.suffix(AlertNotification.mergedTransitionsKept)), late: late,
+                    description: late ? "\(text), reported late" : text, value: episodes.last?.value ?? record.value, quantity: quantity)
                 report.reportedAt = current
                 change.notifications = [AlertChange.PlannedNotification(transitionIndex: nil, notification: report)]
                 change.receivers = rule.receivers
@@ -688,18 +723,19 @@ public actor AlertEngine: CommitObserver, Service {
         countTransitions(fresh)
         try await apply([change])
         logger.info(
-            "alert late report written",
+            late ? "alert late report written" : "alert re-evaluated after readings out of order",
             metadata: [
                 "alert": "\(record.fingerprint)", "rule": "\(record.rule)", "sensor": "\(record.sensor ?? "")", "from": "\(RFC3339.format(from))",
-                "to": "\(RFC3339.format(to))", "transitions": "\(episodes.count)", "notified": "\(!change.notifications.isEmpty)",
+                "to": "\(RFC3339.format(end))", "transitions": "\(episodes.count)", "notified": "\(!change.notifications.isEmpty)",
             ])
     }
 
     /// Replays the readings of `record`'s sensor from `from` to `to` (plus the rule's `for` or window before, for
-    /// context) from the state the history gives at that point, and returns the transitions inside the stretch.
-    private func replay(_ rule: AlertRule, record: AlertRecord, history: [AlertTransitionRecord], from: Timestamp, to: Timestamp, now current: Timestamp) async throws
-        -> [AlertTransitionRecord]
-    {
+    /// context) from the state the history gives at that point, and returns the transitions inside the stretch and the
+    /// state the alert is in after its last reading.
+    private func replay(
+        _ rule: AlertRule, record: AlertRecord, history: [AlertTransitionRecord], from: Timestamp, to: Timestamp, late: Bool, now current: Timestamp
+    ) async throws -> (found: [AlertTransitionRecord], state: AlertRecord) {
         let context = max(rule.forMicroseconds, rule.windowMicroseconds ?? 0)
         let start = Timestamp(microseconds: from.microseconds - context)
         var state = AlertRecord(
@@ -708,7 +744,8 @@ public actor AlertEngine: CommitObserver, Service {
         if let before = history.last(where: { $0.at < start }) {
             state.state = before.to
             state.pendingSince = before.to == .pending ? before.at : nil
-            state.startsAt = before.to == .firing ? before.at : nil
+            state.startsAt = before.to == .firing ? before.at : history.last(where: { $0.at < start && $0.to == .firing })?.at
+            state.endsAt = before.to == .resolved ? before.at : nil
         }
         var memories = try await Self.memories(of: [rule], sensorRowID: record.sensorRowID, before: start, store: store)
         var memory = memories.removeFirst()
@@ -722,13 +759,13 @@ public actor AlertEngine: CommitObserver, Service {
                 else { continue }
                 for move in AlertEvaluator.step(&state, holds: holds, at: reading.timestamp, value: reading.value, forMicroseconds: rule.forMicroseconds)
                 where reading.timestamp >= from {
-                    found.append(AlertTransitionRecord(from: move.from, to: move.to, at: reading.timestamp, value: reading.value, late: true, recordedAt: current))
+                    found.append(AlertTransitionRecord(from: move.from, to: move.to, at: reading.timestamp, value: reading.value, late: late, recordedAt: current))
                 }
             }
             guard page.count == 5_000, let last = page.last else { break }
             cursor = Timestamp(microseconds: last.timestamp.microseconds + 1)
         }
-        return found
+        return (found, state)
     }
 
     // MARK: Timer rules
@@ -903,6 +940,7 @@ public actor AlertEngine: CommitObserver, Service {
             labels: labels(rule, farm: farm, record: record),
             summary: rule.renderSummary(device: record.device, sensor: record.sensor, value: value, quantity: quantity), description: description,
             startsAt: record.startsAt ?? record.pendingSince ?? transitions.first?.at ?? now(), endsAt: status == .resolved ? record.endsAt : nil, late: late,
-            transitions: transitions.map { AlertNotification.Transition(state: $0.to.rawValue, at: $0.at) }, value: value)
+            transitions: transitions.suffix(AlertNotification.mergedTransitionsKept).map { AlertNotification.Transition(state: $0.to.rawValue, at: $0.at) },
+            value: value)
     }
 }
