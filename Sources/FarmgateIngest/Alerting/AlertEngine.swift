@@ -1,4 +1,5 @@
 import FarmgateSupport
+import Foundation
 public import FarmgateWire
 public import Logging
 import Metrics
@@ -191,6 +192,7 @@ public actor AlertEngine: CommitObserver, Service {
     /// Evaluates until the group shuts down: catches up first, then takes batches from the queue and runs the timer.
     /// On shutdown the queue is drained and the watermarks saved.
     public func run() async throws {
+        startedAt = now()
         await reload()
         // Before the queue: readings committed while no engine ran are evaluated first, in sequence order.
         mustCatchUp.store(false, ordering: .relaxed)
@@ -254,15 +256,33 @@ public actor AlertEngine: CommitObserver, Service {
         }
     }
 
+    /// Reloads rules and silences when the store's ``AlertStore/alertConfigurationStamp()`` moved since the last load:
+    /// one small query per batch, so that a rule or silence acknowledged (by the CLI, the API or another instance)
+    /// before a batch was stored applies to that batch and to the notifications written for it, not only after the
+    /// next tick.
+    private func reloadIfChanged() async {
+        do {
+            let stamp = try await store.alertConfigurationStamp()
+            if stamp != configurationStamp { await reload() }
+        } catch {
+            errorsCounter.increment()
+            logger.error("alert engine cannot check whether rules changed; keeping the ones it has", metadata: ["error": "\(error)"])
+        }
+    }
+
     /// Reloads rules and silences from the store (rules added by another instance or the CLI count within a tick).
     public func reload() async {
         do {
+            // Read first: a change written while the rules are read shows as a stamp that moved at the next check.
+            let stamp = try await store.alertConfigurationStamp()
             var rules: [Int64: [AlertRule]] = [:]
             for stored in try await store.alertRules(farmID: nil) {
                 rules[stored.farmID, default: []].append(stored.rule)
                 farmNames[stored.farmID] = stored.farm
             }
-            if rules != rulesByFarm {
+            let previous = rulesByFarm
+            let changed = rules != rulesByFarm
+            if changed {
                 // Rules changed: sensors are matched again, and memories derived again under the new rules.
                 series = [:]
                 readingRules = rules.mapValues(ReadingRules.init)
@@ -271,9 +291,114 @@ public actor AlertEngine: CommitObserver, Service {
             var silences: [Int64: [AlertSilence]] = [:]
             for farm in rules.keys { silences[farm] = try await store.alertSilences(farmID: farm, endingAfter: now()) }
             silencesByFarm = silences
+            if changed { await settleRuleChanges(from: previous, to: rules, first: !loadedOnce) }
+            loadedOnce = true
+            configurationStamp = stamp
         } catch {
             errorsCounter.increment()
             logger.error("alert engine cannot read rules from the store; keeping the ones it has", metadata: ["error": "\(error)"])
+        }
+    }
+
+    /// Ends the alerts of removed rules and hands firing alerts over when a rule's receivers change, so that every
+    /// receiver that was told an alert fired is told it ended, and none is told of an end it never saw begin:
+    /// - a rule removed: its firing alerts resolve now ("the rule was removed"), notified to the receivers the rule had
+    ///   (on the first read after a start, when the engine never saw the rule, to the receivers its alert was
+    ///   notified to); its pending alerts go back to inactive. A rule added again under the name starts afresh.
+    /// - a rule's receivers changed while an alert of it fires: the receivers dropped get a resolved notification
+    ///   saying they are no longer notified of it; those added get a firing one (the alert as it stands); from then on
+    ///   every transition goes to the rule's receivers.
+    /// Each is written with the alert's version, so of several instances that see the change, one writes it.
+    private func settleRuleChanges(from previous: [Int64: [AlertRule]], to current: [Int64: [AlertRule]], first: Bool) async {
+        let at = now()
+        for farmID in Set(previous.keys).union(current.keys) {
+            let old = Dictionary((previous[farmID] ?? []).map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
+            let new = Dictionary((current[farmID] ?? []).map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
+            guard first || old != new else { continue }
+            do {
+                let records = try await store.alertRecords(farmID: farmID, changedSince: Timestamp(microseconds: Int64.min), limit: 1_000_000)
+                var outbox: [AlertOutboxRow]?
+                var changes: [AlertChange] = []
+                for original in records where original.state.isActive {
+                    var record = original
+                    let farm = farmNames[farmID] ?? ""
+                    if let rule = new[record.rule] {
+                        // Still there: hand a firing alert over when its receivers changed.
+                        guard record.state == .firing, let before = old[record.rule], before.receivers != rule.receivers else { continue }
+                        let dropped = before.receivers.filter { !rule.receivers.contains($0) }
+                        let added = rule.receivers.filter { !before.receivers.contains($0) }
+                        guard !dropped.isEmpty || !added.isEmpty else { continue }
+                        var change = AlertChange(record: record)
+                        if !isSilenced(labels(rule, farm: farm, record: record), farmID: farmID, at: at) {
+                            var ended = notification(
+                                rule, farm: farm, record: record, status: .resolved, transitions: [], late: false,
+                                description: "No longer notified to this receiver: the rule's receivers changed while the alert fired (it still fires).",
+                                value: record.value, quantity: nil)
+                            ended.endsAt = at
+                            ended.reportedAt = at
+                            var told = notification(
+                                rule, farm: farm, record: record, status: .firing, transitions: [], late: false,
+                                description: "Notified to this receiver from now on: the rule's receivers changed while the alert fired.",
+                                value: record.value, quantity: nil)
+                            told.reportedAt = at
+                            if !dropped.isEmpty { change.notifications.append(.init(transitionIndex: nil, notification: ended, receivers: dropped)) }
+                            if !added.isEmpty { change.notifications.append(.init(transitionIndex: nil, notification: told, receivers: added)) }
+                        }
+                        changes.append(change)
+                        continue
+                    }
+                    // The rule is gone: its alert ends now.
+                    let from = record.state
+                    record.state = from == .firing ? .resolved : .inactive
+                    record.pendingSince = nil
+                    record.lateFrom = nil
+                    record.lateTo = nil
+                    record.lateDue = nil
+                    if from == .firing { record.endsAt = at }
+                    var change = AlertChange(
+                        record: record, transitions: [AlertTransitionRecord(from: from, to: record.state, at: at, value: nil, notified: true, recordedAt: at)])
+                    let description = "Resolved because its rule \(record.rule) was removed."
+                    if from == .firing, let gone = old[record.rule] {
+                        if isSilenced(labels(gone, farm: farm, record: record), farmID: farmID, at: at) {
+                            change.transitions[0].silenced = true
+                        } else {
+                            let ended = notification(
+                                gone, farm: farm, record: record, status: .resolved, transitions: change.transitions, late: false, description: description,
+                                value: record.value, quantity: nil, at: change.transitions[0])
+                            change.notifications = [.init(transitionIndex: 0, notification: ended)]
+                            change.receivers = gone.receivers
+                        }
+                    } else if from == .firing {
+                        // Removed before this engine read it (while the ingest was down): the receivers and words of the
+                        // alert's newest notification.
+                        if outbox == nil { outbox = try await store.alertOutbox(farmID: farmID) }
+                        let rows = (outbox ?? []).filter { $0.alertID == record.id }
+                        if let newest = rows.last, var ended = try? JSONDecoder().decode(AlertNotification.self, from: Data(newest.payload.utf8)) {
+                            ended.status = .resolved
+                            ended.endsAt = at
+                            ended.startsAt = record.startsAt ?? ended.startsAt
+                            ended.late = false
+                            ended.description = description
+                            ended.transitions = [AlertNotification.Transition(state: AlertState.resolved.rawValue, at: at)]
+                            ended.coalesced = nil
+                            ended.reportedAt = nil
+                            change.notifications = [.init(transitionIndex: 0, notification: ended)]
+                            change.receivers = rows.map(\.receiver).reduce(into: [String]()) { if !$0.contains($1) { $0.append($1) } }
+                        }
+                    }
+                    countTransitions(change.transitions)
+                    changes.append(change)
+                }
+                for change in changes {
+                    do { try await apply([change]) } catch is AlertStoreConflict { continue }  // another instance settled it
+                }
+                if !changes.isEmpty {
+                    logger.info("alert rules changed: alerts of removed rules ended, receiver changes handed over", metadata: ["farm": "\(farmNames[farmID] ?? String(farmID))", "alerts": "\(changes.count)"])
+                }
+            } catch {
+                errorsCounter.increment()
+                logger.error("alert engine cannot settle the alerts of changed rules", metadata: ["farm": "\(farmNames[farmID] ?? String(farmID))", "error": "\(error)"])
+            }
         }
     }
 
@@ -286,6 +411,7 @@ public actor AlertEngine: CommitObserver, Service {
 
     private func evaluate(_ batch: CommittedBatch, fromCatchUp: Bool) async {
         mergeDropped()
+        await reloadIfChanged()
         let device = batch.device
         var readings = batch.readings
         if !fromCatchUp, let scanned = scannedThrough[device.rowID] { readings.removeAll { $0.sequence <= scanned } }
@@ -837,8 +963,12 @@ public actor AlertEngine: CommitObserver, Service {
 
     private func timerConditions(_ rule: AlertRule, sensors: [AlertSensor], now current: Timestamp) async throws -> [(TimerTarget, Bool)] {
         let after = rule.afterMicroseconds ?? 0
+        let started = startedAt
+        // No data and offline are counted from the engine's start at the earliest: while the ingest was down no device
+        // could upload, so its silence then says nothing about the device (its agent buffers and sends the backlog
+        // once the ingest is back). Calibrations do not depend on the ingest running.
         func silent(_ newest: Timestamp?, since firstSeen: Timestamp) -> Bool {
-            current.microseconds - (newest ?? firstSeen).microseconds > after
+            current.microseconds - max(newest ?? firstSeen, started).microseconds > after
         }
         switch rule.kind {
         case .noData:
@@ -865,7 +995,7 @@ public actor AlertEngine: CommitObserver, Service {
                 let last = try await calibrations.calibrations(deviceRowID: sensor.deviceRowID, sensor: id, limit: 1).first?.time
                 result.append(
                     (TimerTarget(deviceRowID: sensor.deviceRowID, device: sensor.device, sensorRowID: sensor.sensorRowID, sensor: sensor.sensor, quantity: sensor.quantity, newest: last),
-                     silent(last, since: sensor.firstSeen)))
+                     current.microseconds - (last ?? sensor.firstSeen).microseconds > after))
             }
             return result
         default:
