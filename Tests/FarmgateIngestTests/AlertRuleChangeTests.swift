@@ -47,8 +47,14 @@ struct AlertRuleChangeTests {
             try await h.rule(spec("hot", "above") { $0.threshold = 10 })
             try await h.send([(0, 20)])
             try await markOutboxDelivered(h.store, at: h.clock.now)
+            // Another instance that knew the rule before the change.
+            let other = h.newEngine()
+            await other.reload()
             try await h.rule(spec("hot", "above") { $0.threshold = 10; $0.receivers = ["on-call"] })
+            h.clock.advance(seconds: 3)
+            await other.reload()
             var rows = try await h.outbox()
+            // Told once, although both instances saw the change.
             #expect(rows.map(\.receiver) == ["grower", "grower", "on-call"])
             var notifications = try await h.notifications()
             #expect(notifications.map(\.status) == [.firing, .resolved, .firing])

@@ -24,11 +24,14 @@ import Synchronization
 /// backlog). Transitions caused by late readings are kept in the history at once but not notified one by one; a reading
 /// older than the newest one its series already evaluated (the agent sends the newest batch of a backlog first) is not
 /// evaluated in place. Either way the alert is given a late report, due once its backlog has been quiet for
-/// ``Settings/lateQuiet``: the engine replays the reported stretch from the store, keeps the transitions it finds, and
-/// writes ONE notification per alert (`late: true`, the `transitions` list, a description such as "tank1.ph below 5.5
-/// from 03:12 to 05:40, reported late"). A condition that began and ended inside the backlog is reported that way, as
-/// resolved, never as firing; one that still holds makes the alert firing. Nothing is notified for a backlog in which the
-/// condition never fired.
+/// ``Settings/lateQuiet``: the engine replays the reported stretch from the store on through the newest reading already
+/// judged, keeps the transitions it finds, gives the alert the state the replay ends in, and writes ONE notification per
+/// alert (`late: true`, the newest 20 transitions, a description such as "tank1.ph below 5.5 from 03:12 to 05:40,
+/// reported late", or a count, span and the newest episode beyond 5). A condition that began and ended inside the
+/// backlog is reported that way, as resolved at the reading that ended it, never as firing; one that still holds makes
+/// the alert firing. Nothing is notified for a backlog in which the condition never fired. A reading out of order that
+/// is not late (seconds behind a newer one) takes the same replay at once, right after its batch is written, and is
+/// notified as it happened, not as late.
 ///
 /// **Series memory.** A rate-of-change rule needs the readings of its window, a sensor-fault rule the run of flagged
 /// readings before the one at hand. The engine keeps both in memory while it evaluates a device's batches one after
@@ -276,8 +279,10 @@ public actor AlertEngine: CommitObserver, Service {
             // Read first: a change written while the rules are read shows as a stamp that moved at the next check.
             let stamp = try await store.alertConfigurationStamp()
             var rules: [Int64: [AlertRule]] = [:]
+            var written: [Int64: [String: Timestamp]] = [:]
             for stored in try await store.alertRules(farmID: nil) {
                 rules[stored.farmID, default: []].append(stored.rule)
+                written[stored.farmID, default: [:]][stored.rule.name] = stored.updatedAt
                 farmNames[stored.farmID] = stored.farm
             }
             let previous = rulesByFarm
@@ -291,7 +296,7 @@ public actor AlertEngine: CommitObserver, Service {
             var silences: [Int64: [AlertSilence]] = [:]
             for farm in rules.keys { silences[farm] = try await store.alertSilences(farmID: farm, endingAfter: now()) }
             silencesByFarm = silences
-            if changed { await settleRuleChanges(from: previous, to: rules, first: !loadedOnce) }
+            if changed { await settleRuleChanges(from: previous, to: rules, written: written, first: !loadedOnce) }
             loadedOnce = true
             configurationStamp = stamp
         } catch {
@@ -309,7 +314,11 @@ public actor AlertEngine: CommitObserver, Service {
     ///   saying they are no longer notified of it; those added get a firing one (the alert as it stands); from then on
     ///   every transition goes to the rule's receivers.
     /// Each is written with the alert's version, so of several instances that see the change, one writes it.
-    private func settleRuleChanges(from previous: [Int64: [AlertRule]], to current: [Int64: [AlertRule]], first: Bool) async {
+    /// The hand-over notifications carry the rule's stored `updatedAt` as their `reportedAt`, so their idempotency keys
+    /// are the same on every instance that sees the change: a second instance's copy is not written again.
+    private func settleRuleChanges(
+        from previous: [Int64: [AlertRule]], to current: [Int64: [AlertRule]], written: [Int64: [String: Timestamp]], first: Bool
+    ) async {
         let at = now()
         for farmID in Set(previous.keys).union(current.keys) {
             let old = Dictionary((previous[farmID] ?? []).map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
@@ -329,18 +338,19 @@ public actor AlertEngine: CommitObserver, Service {
                         let added = rule.receivers.filter { !before.receivers.contains($0) }
                         guard !dropped.isEmpty || !added.isEmpty else { continue }
                         var change = AlertChange(record: record)
+                        let changedAt = written[farmID]?[rule.name] ?? at
                         if !isSilenced(labels(rule, farm: farm, record: record), farmID: farmID, at: at) {
                             var ended = notification(
                                 rule, farm: farm, record: record, status: .resolved, transitions: [], late: false,
                                 description: "No longer notified to this receiver: the rule's receivers changed while the alert fired (it still fires).",
                                 value: record.value, quantity: nil)
                             ended.endsAt = at
-                            ended.reportedAt = at
+                            ended.reportedAt = changedAt
                             var told = notification(
                                 rule, farm: farm, record: record, status: .firing, transitions: [], late: false,
                                 description: "Notified to this receiver from now on: the rule's receivers changed while the alert fired.",
                                 value: record.value, quantity: nil)
-                            told.reportedAt = at
+                            told.reportedAt = changedAt
                             if !dropped.isEmpty { change.notifications.append(.init(transitionIndex: nil, notification: ended, receivers: dropped)) }
                             if !added.isEmpty { change.notifications.append(.init(transitionIndex: nil, notification: told, receivers: added)) }
                         }
