@@ -17,8 +17,9 @@ struct AlertEngineTests {
             var alert = try await h.alerts().first
             #expect(states(alert) == ["inactive>pending", "pending>inactive"])
             #expect(try await h.outbox().isEmpty)
-            // A long dip: pending at 1000 s, still holding at 5.55 (under the clear level), firing once 30 min passed.
-            try await h.send([(1_000, 5.4), (2_000, 5.55), (2_799, 5.3)])
+            // A long dip: pending at 1000 s, still below the threshold at 2000 s, firing once 30 min passed. (The clear
+            // level applies only to a firing alert: a pending one needs the condition itself for all of `for`.)
+            try await h.send([(1_000, 5.4), (2_000, 5.45), (2_799, 5.3)])
             #expect(try await h.alerts().first?.state == "pending")
             try await h.send([(2_800, 5.3)])
             alert = try await h.alerts().first

@@ -1,4 +1,5 @@
 import FarmgateSupport
+import Foundation
 public import FarmgateWire
 public import Logging
 import Metrics
@@ -23,11 +24,14 @@ import Synchronization
 /// backlog). Transitions caused by late readings are kept in the history at once but not notified one by one; a reading
 /// older than the newest one its series already evaluated (the agent sends the newest batch of a backlog first) is not
 /// evaluated in place. Either way the alert is given a late report, due once its backlog has been quiet for
-/// ``Settings/lateQuiet``: the engine replays the reported stretch from the store, keeps the transitions it finds, and
-/// writes ONE notification per alert (`late: true`, the `transitions` list, a description such as "tank1.ph below 5.5
-/// from 03:12 to 05:40, reported late"). A condition that began and ended inside the backlog is reported that way, as
-/// resolved, never as firing; one that still holds makes the alert firing. Nothing is notified for a backlog in which the
-/// condition never fired.
+/// ``Settings/lateQuiet``: the engine replays the reported stretch from the store on through the newest reading already
+/// judged, keeps the transitions it finds, gives the alert the state the replay ends in, and writes ONE notification per
+/// alert (`late: true`, the newest 20 transitions, a description such as "tank1.ph below 5.5 from 03:12 to 05:40,
+/// reported late", or a count, span and the newest episode beyond 5). A condition that began and ended inside the
+/// backlog is reported that way, as resolved at the reading that ended it, never as firing; one that still holds makes
+/// the alert firing. Nothing is notified for a backlog in which the condition never fired. A reading out of order that
+/// is not late (seconds behind a newer one) takes the same replay at once, right after its batch is written, and is
+/// notified as it happened, not as late.
 ///
 /// **Series memory.** A rate-of-change rule needs the readings of its window, a sensor-fault rule the run of flagged
 /// readings before the one at hand. The engine keeps both in memory while it evaluates a device's batches one after
@@ -104,6 +108,9 @@ public actor AlertEngine: CommitObserver, Service {
         var epoch: UInt64?
     }
 
+    /// A late report names each episode up to this many; beyond, it counts them and names the newest.
+    static let lateEpisodesTold = 5
+
     private let store: any IngestStore & AlertStore
     private let settings: Settings
     private let logger: Logger
@@ -136,6 +143,14 @@ public actor AlertEngine: CommitObserver, Service {
     /// Per device: the highest sequence a catch-up read; the feed skips readings at or below it (already evaluated).
     private var scannedThrough: [Int64: UInt64] = [:]
     private var lastCalibrationCheck: Timestamp?
+    /// Set when a batch held readings out of order but not late: their re-evaluation is due at once, after the write.
+    private var reorderedDue = false
+    /// Whether rules were read from the store once (the first read compares against nothing).
+    private var loadedOnce = false
+    /// ``AlertStore/alertConfigurationStamp()`` as of the last load of rules and silences.
+    private var configurationStamp: String?
+    /// When this engine started: no-data and offline rules count silence from here at the earliest.
+    private var startedAt: Timestamp
     /// Per device: the lowest sequence whose evaluation failed; the watermark stays below it until a catch-up succeeds.
     private var failedFrom: [Int64: UInt64] = [:]
 
@@ -159,6 +174,7 @@ public actor AlertEngine: CommitObserver, Service {
         self.logger = logger
         self.now = now
         self.notificationsWritten = notificationsWritten
+        startedAt = now()
         (queue, continuation) = AsyncStream.makeStream(of: CommittedBatch.self, bufferingPolicy: .bufferingOldest(max(1, settings.queueLimit)))
     }
 
@@ -179,6 +195,7 @@ public actor AlertEngine: CommitObserver, Service {
     /// Evaluates until the group shuts down: catches up first, then takes batches from the queue and runs the timer.
     /// On shutdown the queue is drained and the watermarks saved.
     public func run() async throws {
+        startedAt = now()
         await reload()
         // Before the queue: readings committed while no engine ran are evaluated first, in sequence order.
         mustCatchUp.store(false, ordering: .relaxed)
@@ -242,15 +259,35 @@ public actor AlertEngine: CommitObserver, Service {
         }
     }
 
+    /// Reloads rules and silences when the store's ``AlertStore/alertConfigurationStamp()`` moved since the last load:
+    /// one small query per batch, so that a rule or silence acknowledged (by the CLI, the API or another instance)
+    /// before a batch was stored applies to that batch and to the notifications written for it, not only after the
+    /// next tick.
+    private func reloadIfChanged() async {
+        do {
+            let stamp = try await store.alertConfigurationStamp()
+            if stamp != configurationStamp { await reload() }
+        } catch {
+            errorsCounter.increment()
+            logger.error("alert engine cannot check whether rules changed; keeping the ones it has", metadata: ["error": "\(error)"])
+        }
+    }
+
     /// Reloads rules and silences from the store (rules added by another instance or the CLI count within a tick).
     public func reload() async {
         do {
+            // Read first: a change written while the rules are read shows as a stamp that moved at the next check.
+            let stamp = try await store.alertConfigurationStamp()
             var rules: [Int64: [AlertRule]] = [:]
+            var written: [Int64: [String: Timestamp]] = [:]
             for stored in try await store.alertRules(farmID: nil) {
                 rules[stored.farmID, default: []].append(stored.rule)
+                written[stored.farmID, default: [:]][stored.rule.name] = stored.updatedAt
                 farmNames[stored.farmID] = stored.farm
             }
-            if rules != rulesByFarm {
+            let previous = rulesByFarm
+            let changed = rules != rulesByFarm
+            if changed {
                 // Rules changed: sensors are matched again, and memories derived again under the new rules.
                 series = [:]
                 readingRules = rules.mapValues(ReadingRules.init)
@@ -259,9 +296,119 @@ public actor AlertEngine: CommitObserver, Service {
             var silences: [Int64: [AlertSilence]] = [:]
             for farm in rules.keys { silences[farm] = try await store.alertSilences(farmID: farm, endingAfter: now()) }
             silencesByFarm = silences
+            if changed { await settleRuleChanges(from: previous, to: rules, written: written, first: !loadedOnce) }
+            loadedOnce = true
+            configurationStamp = stamp
         } catch {
             errorsCounter.increment()
             logger.storeFailure("alert engine cannot read rules from the store; keeping the ones it has", error: error)
+        }
+    }
+
+    /// Ends the alerts of removed rules and hands firing alerts over when a rule's receivers change, so that every
+    /// receiver that was told an alert fired is told it ended, and none is told of an end it never saw begin:
+    /// - a rule removed: its firing alerts resolve now ("the rule was removed"), notified to the receivers the rule had
+    ///   (on the first read after a start, when the engine never saw the rule, to the receivers its alert was
+    ///   notified to); its pending alerts go back to inactive. A rule added again under the name starts afresh.
+    /// - a rule's receivers changed while an alert of it fires: the receivers dropped get a resolved notification
+    ///   saying they are no longer notified of it; those added get a firing one (the alert as it stands); from then on
+    ///   every transition goes to the rule's receivers.
+    /// Each is written with the alert's version, so of several instances that see the change, one writes it.
+    /// The hand-over notifications carry the rule's stored `updatedAt` as their `reportedAt`, so their idempotency keys
+    /// are the same on every instance that sees the change: a second instance's copy is not written again.
+    private func settleRuleChanges(
+        from previous: [Int64: [AlertRule]], to current: [Int64: [AlertRule]], written: [Int64: [String: Timestamp]], first: Bool
+    ) async {
+        let at = now()
+        for farmID in Set(previous.keys).union(current.keys) {
+            let old = Dictionary((previous[farmID] ?? []).map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
+            let new = Dictionary((current[farmID] ?? []).map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
+            guard first || old != new else { continue }
+            do {
+                let records = try await store.alertRecords(farmID: farmID, changedSince: Timestamp(microseconds: Int64.min), limit: 1_000_000)
+                var outbox: [AlertOutboxRow]?
+                var changes: [AlertChange] = []
+                for original in records where original.state.isActive {
+                    var record = original
+                    let farm = farmNames[farmID] ?? ""
+                    if let rule = new[record.rule] {
+                        // Still there: hand a firing alert over when its receivers changed.
+                        guard record.state == .firing, let before = old[record.rule], before.receivers != rule.receivers else { continue }
+                        let dropped = before.receivers.filter { !rule.receivers.contains($0) }
+                        let added = rule.receivers.filter { !before.receivers.contains($0) }
+                        guard !dropped.isEmpty || !added.isEmpty else { continue }
+                        var change = AlertChange(record: record)
+                        let changedAt = written[farmID]?[rule.name] ?? at
+                        if !isSilenced(labels(rule, farm: farm, record: record), farmID: farmID, at: at) {
+                            var ended = notification(
+                                rule, farm: farm, record: record, status: .resolved, transitions: [], late: false,
+                                description: "No longer notified to this receiver: the rule's receivers changed while the alert fired (it still fires).",
+                                value: record.value, quantity: nil)
+                            ended.endsAt = at
+                            ended.reportedAt = changedAt
+                            var told = notification(
+                                rule, farm: farm, record: record, status: .firing, transitions: [], late: false,
+                                description: "Notified to this receiver from now on: the rule's receivers changed while the alert fired.",
+                                value: record.value, quantity: nil)
+                            told.reportedAt = changedAt
+                            if !dropped.isEmpty { change.notifications.append(.init(transitionIndex: nil, notification: ended, receivers: dropped)) }
+                            if !added.isEmpty { change.notifications.append(.init(transitionIndex: nil, notification: told, receivers: added)) }
+                        }
+                        changes.append(change)
+                        continue
+                    }
+                    // The rule is gone: its alert ends now.
+                    let from = record.state
+                    record.state = from == .firing ? .resolved : .inactive
+                    record.pendingSince = nil
+                    record.lateFrom = nil
+                    record.lateTo = nil
+                    record.lateDue = nil
+                    if from == .firing { record.endsAt = at }
+                    var change = AlertChange(
+                        record: record, transitions: [AlertTransitionRecord(from: from, to: record.state, at: at, value: nil, notified: true, recordedAt: at)])
+                    let description = "Resolved because its rule \(record.rule) was removed."
+                    if from == .firing, let gone = old[record.rule] {
+                        if isSilenced(labels(gone, farm: farm, record: record), farmID: farmID, at: at) {
+                            change.transitions[0].silenced = true
+                        } else {
+                            let ended = notification(
+                                gone, farm: farm, record: record, status: .resolved, transitions: change.transitions, late: false, description: description,
+                                value: record.value, quantity: nil, at: change.transitions[0])
+                            change.notifications = [.init(transitionIndex: 0, notification: ended)]
+                            change.receivers = gone.receivers
+                        }
+                    } else if from == .firing {
+                        // Removed before this engine read it (while the ingest was down): the receivers and words of the
+                        // alert's newest notification.
+                        if outbox == nil { outbox = try await store.alertOutbox(farmID: farmID) }
+                        let rows = (outbox ?? []).filter { $0.alertID == record.id }
+                        if let newest = rows.last, var ended = try? JSONDecoder().decode(AlertNotification.self, from: Data(newest.payload.utf8)) {
+                            ended.status = .resolved
+                            ended.endsAt = at
+                            ended.startsAt = record.startsAt ?? ended.startsAt
+                            ended.late = false
+                            ended.description = description
+                            ended.transitions = [AlertNotification.Transition(state: AlertState.resolved.rawValue, at: at)]
+                            ended.coalesced = nil
+                            ended.reportedAt = nil
+                            change.notifications = [.init(transitionIndex: 0, notification: ended)]
+                            change.receivers = rows.map(\.receiver).reduce(into: [String]()) { if !$0.contains($1) { $0.append($1) } }
+                        }
+                    }
+                    countTransitions(change.transitions)
+                    changes.append(change)
+                }
+                for change in changes {
+                    do { try await apply([change]) } catch is AlertStoreConflict { continue }  // another instance settled it
+                }
+                if !changes.isEmpty {
+                    logger.info("alert rules changed: alerts of removed rules ended, receiver changes handed over", metadata: ["farm": "\(farmNames[farmID] ?? String(farmID))", "alerts": "\(changes.count)"])
+                }
+            } catch {
+                errorsCounter.increment()
+                logger.error("alert engine cannot settle the alerts of changed rules", metadata: ["farm": "\(farmNames[farmID] ?? String(farmID))", "error": "\(error)"])
+            }
         }
     }
 
@@ -274,6 +421,7 @@ public actor AlertEngine: CommitObserver, Service {
 
     private func evaluate(_ batch: CommittedBatch, fromCatchUp: Bool) async {
         mergeDropped()
+        await reloadIfChanged()
         let device = batch.device
         var readings = batch.readings
         if !fromCatchUp, let scanned = scannedThrough[device.rowID] { readings.removeAll { $0.sequence <= scanned } }
@@ -351,6 +499,10 @@ public actor AlertEngine: CommitObserver, Service {
                 }
                 try await apply(changes, durability: .withNextSyncedCommit)
                 evaluated = true
+                if reorderedDue {
+                    reorderedDue = false
+                    await writeLateReports()
+                }
                 return
             } catch let conflict as AlertStoreConflict {
                 restore()
@@ -516,17 +668,20 @@ public actor AlertEngine: CommitObserver, Service {
         let lateAfter = settings.lateAfter.wholeMicroseconds
         var transitions: [AlertTransitionRecord] = []
         var outOfOrder: (Timestamp, Timestamp)?
+        // Whether a reading out of order was also late (taken more than `late_after` before it arrived).
+        var outOfOrderLate = false
         for index in 0..<readings.count {
             let time = readings.times[index]
             if let newest, time <= newest {
                 outOfOrder = (min(outOfOrder?.0 ?? time, time), max(outOfOrder?.1 ?? time, time))
+                if receivedAt.microseconds - time.microseconds > lateAfter { outOfOrderLate = true }
                 continue
             }
             newest = time
             let value = readings.values[index]
             guard
                 let holds = AlertEvaluator.holds(
-                    condition, value: value, quality: readings.qualities[index], at: time, active: alert?.state.isActive ?? false, memory: &memory)
+                    condition, value: value, quality: readings.qualities[index], at: time, active: alert?.state == .firing, memory: &memory)
             else { continue }
             if case .none = alert {
                 // No alert yet and the condition does not hold: an inactive alert stays inactive, nothing to record.
@@ -570,7 +725,15 @@ public actor AlertEngine: CommitObserver, Service {
             let times = late.map(\.at) + (outOfOrder.map { [$0.0, $0.1] } ?? [])
             record.lateFrom = ([record.lateFrom].compactMap { $0 } + times).min()
             record.lateTo = ([record.lateTo].compactMap { $0 } + times).max()
-            record.lateDue = Timestamp(microseconds: current.microseconds + settings.lateQuiet.wholeMicroseconds)
+            if late.isEmpty, !outOfOrderLate, before?.lateDue == nil {
+                // Readings out of order but not late (a batch that arrived a few seconds after a newer one): no backlog
+                // to wait for. The stretch is replayed in time order right after this batch is written, and what it
+                // changes is recorded and notified then, not as late.
+                record.lateDue = current
+                reorderedDue = true
+            } else {
+                record.lateDue = Timestamp(microseconds: current.microseconds + settings.lateQuiet.wholeMicroseconds)
+            }
         }
         if transitions.isEmpty, before?.lateDue != nil, before?.lateFrom == record.lateFrom, before?.lateTo == record.lateTo {
             // The same stretch again (a backlog batch re-sent): nothing new to record.
@@ -593,7 +756,7 @@ public actor AlertEngine: CommitObserver, Service {
                             transitionIndex: index,
                             notification: notification(
                                 rule, farm: farm, record: record, status: transitions[index].to == .firing ? .firing : .resolved, transitions: covered,
-                                late: folded, description: folded ? "\(AlertEvaluator.episodes(covered, what: what)), reported late" : nil,
+                                late: folded, description: folded ? "\(AlertEvaluator.episodes(covered, what: what, limit: Self.lateEpisodesTold)), reported late" : nil,
                                 value: transitions[index].value, quantity: readings.quantity, at: transitions[index])))
                 }
                 change.receivers = rule.receivers
@@ -639,38 +802,46 @@ public actor AlertEngine: CommitObserver, Service {
             try await apply([AlertChange(record: record, markAllNotified: true)])
             return
         }
+        // Late by the README's rule (a reading more than `late_after` old on arrival): a stretch of readings that came
+        // out of order but in time (a batch sent 20 s after a newer one) is written at once, and is not "late".
+        let late = current.microseconds - from.microseconds > settings.lateAfter.wholeMicroseconds
+        // The replay runs on to the newest reading the alert was judged at: the readings after the stretch were judged
+        // before the stretch arrived (the newest batch of a backlog comes first), so the state they left is not the
+        // state the readings in time order give. The replay's is, and the alert takes it (its state, start and end).
+        let end = [to, record.lastReading, lastEvaluated[record.sensorRowID]].compactMap { $0 }.max() ?? to
         let history = try await store.alertTransitions(alertIDs: [record.id])
         var found: [AlertTransitionRecord] = []
         if rule.kind.isReadingDriven, record.sensorRowID != 0 {
-            found = try await replay(rule, record: record, history: history, from: from, to: to, now: current)
+            let replayed = try await replay(rule, record: record, history: history, from: from, to: end, late: late, now: current)
+            found = replayed.found
+            let state = replayed.state
+            record.state = state.state
+            record.pendingSince = state.pendingSince
+            if state.state == .firing || state.state == .resolved {
+                record.startsAt = state.startsAt ?? record.startsAt
+                record.endsAt = state.state == .firing ? nil : (state.endsAt ?? record.endsAt)
+            }
+            if let value = state.value { record.value = value }
+            record.lastReading = end
         }
         // A transition is the same one when it reached the same state at the same reading.
         func moment(_ transition: AlertTransitionRecord) -> String { "\(transition.to.rawValue)@\(transition.at.microseconds)" }
         let known = Set(history.map(moment))
-        var fresh = found.filter { !known.contains(moment($0)) }
-        var replayed = found
-        // The replay found the condition still holding at the end of the stretch: the alert fires now, from then.
-        if let end = found.last, end.to == .firing, record.state == .pending {
-            let firing = AlertTransitionRecord(from: .pending, to: .firing, at: end.at, value: end.value, late: true, notified: true, recordedAt: current)
-            fresh.append(firing)
-            replayed.append(firing)
-            record.state = .firing
-            record.startsAt = end.at
-            record.endsAt = nil
-            record.pendingSince = nil
-        }
-        // Inside the stretch the replay (every stored reading in time order, from the state before it) is the account:
-        // transitions recorded while the backlog arrived out of order (a newest batch judged before the readings under
-        // it) may disagree with it there, and are kept in the history but left out of the report.
+        let fresh = found.filter { !known.contains(moment($0)) }
+        // Inside the replayed stretch the replay (every stored reading in time order, from the state before it) is the
+        // account: transitions recorded while the backlog arrived out of order (a newest batch judged before the
+        // readings under it) may disagree with it there, and are kept in the history but left out of the report.
         let notified = Set(history.filter(\.notified).map(moment))
-        let unreported = history.filter { !$0.notified && ($0.at < from || $0.at > to) } + replayed.filter { !notified.contains(moment($0)) }
+        let unreported = history.filter { !$0.notified && ($0.at < from || $0.at > end) } + found.filter { !notified.contains(moment($0)) }
         let covered = unreported.sorted { $0.at < $1.at }
         var seen: Set<String> = []
         let episodes = covered.filter { seen.insert("\($0.from.rawValue)>\($0.to.rawValue)@\($0.at.microseconds)").inserted }
         var change = AlertChange(record: record, transitions: fresh.map { var t = $0; t.notified = true; return t }, markAllNotified: true)
         if episodes.contains(where: { $0.to == .firing }) {
             let what = "\(record.sensor ?? record.device ?? rule.name) \(rule.conditionText)"
-            let text = AlertEvaluator.episodes(episodes, what: what)
+            // Bounded like a merged live notification: a probe flapping through a two-hour backlog is thousands of
+            // episodes. The text counts them and tells the newest; the notification lists the newest transitions.
+            let text = AlertEvaluator.episodes(episodes, what: what, limit: Self.lateEpisodesTold)
             let labels = labels(rule, farm: farmNames[record.farmID] ?? "", record: record)
             if isSilenced(labels, farmID: record.farmID, at: current) {
                 change.transitions = change.transitions.map { var t = $0; t.silenced = true; return t }
@@ -678,8 +849,8 @@ public actor AlertEngine: CommitObserver, Service {
                 let quantity = try await store.alertSensors(farmID: record.farmID).first { $0.sensorRowID == record.sensorRowID }?.quantity
                 var report = notification(
                     rule, farm: farmNames[record.farmID] ?? "", record: record, status: record.state == .firing ? .firing : .resolved,
-                    transitions: episodes, late: true, description: "\(text), reported late", value: episodes.last?.value ?? record.value,
-                    quantity: quantity)
+                    transitions: Array(episodes.suffix(AlertNotification.mergedTransitionsKept)), late: late,
+                    description: late ? "\(text), reported late" : text, value: episodes.last?.value ?? record.value, quantity: quantity)
                 report.reportedAt = current
                 change.notifications = [AlertChange.PlannedNotification(transitionIndex: nil, notification: report)]
                 change.receivers = rule.receivers
@@ -688,18 +859,19 @@ public actor AlertEngine: CommitObserver, Service {
         countTransitions(fresh)
         try await apply([change])
         logger.info(
-            "alert late report written",
+            late ? "alert late report written" : "alert re-evaluated after readings out of order",
             metadata: [
                 "alert": "\(record.fingerprint)", "rule": "\(record.rule)", "sensor": "\(record.sensor ?? "")", "from": "\(RFC3339.format(from))",
-                "to": "\(RFC3339.format(to))", "transitions": "\(episodes.count)", "notified": "\(!change.notifications.isEmpty)",
+                "to": "\(RFC3339.format(end))", "transitions": "\(episodes.count)", "notified": "\(!change.notifications.isEmpty)",
             ])
     }
 
     /// Replays the readings of `record`'s sensor from `from` to `to` (plus the rule's `for` or window before, for
-    /// context) from the state the history gives at that point, and returns the transitions inside the stretch.
-    private func replay(_ rule: AlertRule, record: AlertRecord, history: [AlertTransitionRecord], from: Timestamp, to: Timestamp, now current: Timestamp) async throws
-        -> [AlertTransitionRecord]
-    {
+    /// context) from the state the history gives at that point, and returns the transitions inside the stretch and the
+    /// state the alert is in after its last reading.
+    private func replay(
+        _ rule: AlertRule, record: AlertRecord, history: [AlertTransitionRecord], from: Timestamp, to: Timestamp, late: Bool, now current: Timestamp
+    ) async throws -> (found: [AlertTransitionRecord], state: AlertRecord) {
         let context = max(rule.forMicroseconds, rule.windowMicroseconds ?? 0)
         let start = Timestamp(microseconds: from.microseconds - context)
         var state = AlertRecord(
@@ -708,7 +880,8 @@ public actor AlertEngine: CommitObserver, Service {
         if let before = history.last(where: { $0.at < start }) {
             state.state = before.to
             state.pendingSince = before.to == .pending ? before.at : nil
-            state.startsAt = before.to == .firing ? before.at : nil
+            state.startsAt = before.to == .firing ? before.at : history.last(where: { $0.at < start && $0.to == .firing })?.at
+            state.endsAt = before.to == .resolved ? before.at : nil
         }
         var memories = try await Self.memories(of: [rule], sensorRowID: record.sensorRowID, before: start, store: store)
         var memory = memories.removeFirst()
@@ -718,17 +891,17 @@ public actor AlertEngine: CommitObserver, Service {
         while true {
             let page = try await store.readings(sensorRowID: record.sensorRowID, from: cursor, to: end, limit: 5_000)
             for reading in page {
-                guard let holds = AlertEvaluator.holds(rule, value: reading.value, quality: reading.quality, at: reading.timestamp, active: state.state.isActive, memory: &memory)
+                guard let holds = AlertEvaluator.holds(rule, value: reading.value, quality: reading.quality, at: reading.timestamp, active: state.state == .firing, memory: &memory)
                 else { continue }
                 for move in AlertEvaluator.step(&state, holds: holds, at: reading.timestamp, value: reading.value, forMicroseconds: rule.forMicroseconds)
                 where reading.timestamp >= from {
-                    found.append(AlertTransitionRecord(from: move.from, to: move.to, at: reading.timestamp, value: reading.value, late: true, recordedAt: current))
+                    found.append(AlertTransitionRecord(from: move.from, to: move.to, at: reading.timestamp, value: reading.value, late: late, recordedAt: current))
                 }
             }
             guard page.count == 5_000, let last = page.last else { break }
             cursor = Timestamp(microseconds: last.timestamp.microseconds + 1)
         }
-        return found
+        return (found, state)
     }
 
     // MARK: Timer rules
@@ -800,8 +973,12 @@ public actor AlertEngine: CommitObserver, Service {
 
     private func timerConditions(_ rule: AlertRule, sensors: [AlertSensor], now current: Timestamp) async throws -> [(TimerTarget, Bool)] {
         let after = rule.afterMicroseconds ?? 0
+        let started = startedAt
+        // No data and offline are counted from the engine's start at the earliest: while the ingest was down no device
+        // could upload, so its silence then says nothing about the device (its agent buffers and sends the backlog
+        // once the ingest is back). Calibrations do not depend on the ingest running.
         func silent(_ newest: Timestamp?, since firstSeen: Timestamp) -> Bool {
-            current.microseconds - (newest ?? firstSeen).microseconds > after
+            current.microseconds - max(newest ?? firstSeen, started).microseconds > after
         }
         switch rule.kind {
         case .noData:
@@ -828,7 +1005,7 @@ public actor AlertEngine: CommitObserver, Service {
                 let last = try await calibrations.calibrations(deviceRowID: sensor.deviceRowID, sensor: id, limit: 1).first?.time
                 result.append(
                     (TimerTarget(deviceRowID: sensor.deviceRowID, device: sensor.device, sensorRowID: sensor.sensorRowID, sensor: sensor.sensor, quantity: sensor.quantity, newest: last),
-                     silent(last, since: sensor.firstSeen)))
+                     current.microseconds - (last ?? sensor.firstSeen).microseconds > after))
             }
             return result
         default:
@@ -903,6 +1080,7 @@ public actor AlertEngine: CommitObserver, Service {
             labels: labels(rule, farm: farm, record: record),
             summary: rule.renderSummary(device: record.device, sensor: record.sensor, value: value, quantity: quantity), description: description,
             startsAt: record.startsAt ?? record.pendingSince ?? transitions.first?.at ?? now(), endsAt: status == .resolved ? record.endsAt : nil, late: late,
-            transitions: transitions.map { AlertNotification.Transition(state: $0.to.rawValue, at: $0.at) }, value: value)
+            transitions: transitions.suffix(AlertNotification.mergedTransitionsKept).map { AlertNotification.Transition(state: $0.to.rawValue, at: $0.at) },
+            value: value)
     }
 }

@@ -41,8 +41,10 @@ enum AlertEvaluator {
         holds(AlertCondition(rule), value: value, quality: quality, at: at, active: active, memory: &memory)
     }
 
-    /// Whether the condition holds at this reading, given whether the alert is active (hysteresis), or nil when the
-    /// reading says nothing about it (a faulty reading for a threshold rule).
+    /// Whether the condition holds at this reading, or nil when the reading says nothing about it (a faulty reading for
+    /// a threshold rule). `active` is whether the alert is FIRING: only then does the `clear` level apply (hysteresis
+    /// keeps a firing alert from flapping). A pending alert is judged against the threshold itself, so that `for`
+    /// counts only time the condition really held (a reading between the threshold and the clear level ends pending).
     static func holds(_ rule: AlertCondition, value: Double, quality: QualityFlags, at: Timestamp, active: Bool, memory: inout SeriesMemory) -> Bool? {
         let faulty = quality.contains(.sensorFault)
         switch rule.kind {
@@ -143,19 +145,31 @@ enum AlertEvaluator {
     }
 
     /// "pH below 5.5 from 03:12 to 05:40" for every firing episode in `transitions` (sorted by time), joined by "; ".
-    static func episodes(_ transitions: [AlertTransitionRecord], what: String) -> String {
+    /// More than `limit` episodes (a probe flapping through a backlog) are told in one line of bounded length: how
+    /// many, their span, how often the alert fired and resolved, and the newest episode.
+    static func episodes(_ transitions: [AlertTransitionRecord], what: String, limit: Int = .max) -> String {
         var parts: [String] = []
         var start: Timestamp?
+        var first: Timestamp?
+        var last: Timestamp?
+        var fired = 0
+        var resolved = 0
         for transition in transitions {
             if transition.to == .firing {
+                fired += 1
                 start = start ?? transition.at
+                first = first ?? transition.at
             } else if transition.to == .resolved, transition.from == .firing {
-                parts.append("\(what) from \(clock(start ?? transition.at)) to \(clock(transition.at))")
+                resolved += 1
+                parts.append(start.map { "from \(clock($0)) to \(clock(transition.at))" } ?? "until \(clock(transition.at))")
+                last = transition.at
                 start = nil
             }
         }
-        if let start { parts.append("\(what) since \(clock(start))") }
-        return parts.joined(separator: "; ")
+        if let start { parts.append("since \(clock(start))") }
+        guard parts.count > limit, let first, let newest = parts.last else { return parts.map { "\(what) \($0)" }.joined(separator: "; ") }
+        let span = start == nil ? "from \(clock(first)) to \(clock(last ?? first))" : "from \(clock(first)), still firing"
+        return "\(what): \(parts.count) episodes \(span) (fired \(fired) times, resolved \(resolved) times); the newest \(newest)"
     }
 
     /// `HH:MM` UTC, or `YYYY-MM-DD HH:MM` UTC when `full`.

@@ -17,6 +17,10 @@ public protocol AlertStore: Sendable {
     func alertRules(farmID: Int64?) async throws -> [StoredAlertRule]
     /// Removes the rule; false when there was none. Its alerts and their history stay.
     func removeAlertRule(farmID: Int64, name: String) async throws -> Bool
+    /// A short text that changes whenever a rule or a silence of any farm is added, changed or removed (counts, newest
+    /// change, id sums): the engine compares it before each batch, so that a rule or silence acknowledged before a
+    /// batch was stored applies to it, without reading every rule for every batch.
+    func alertConfigurationStamp() async throws -> String
 
     // MARK: Silences
     func addAlertSilence(farmID: Int64, _ silence: AlertSilence) async throws -> Int64
@@ -234,10 +238,14 @@ public struct AlertChange: Sendable {
     public struct PlannedNotification: Sendable {
         public var transitionIndex: Int?
         public var notification: AlertNotification
+        /// The receivers of this notification when not the change's ``AlertChange/receivers`` (a rule whose receivers
+        /// changed while its alert fired tells the ones dropped and the ones added different things).
+        public var receivers: [String]?
 
-        public init(transitionIndex: Int?, notification: AlertNotification) {
+        public init(transitionIndex: Int?, notification: AlertNotification, receivers: [String]? = nil) {
             self.transitionIndex = transitionIndex
             self.notification = notification
+            self.receivers = receivers
         }
     }
 

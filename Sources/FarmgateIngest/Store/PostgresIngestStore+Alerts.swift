@@ -45,6 +45,18 @@ extension PostgresIngestStore: AlertStore {
         try await !rows("DELETE FROM alert_rules WHERE farm_id = \(farmID) AND name = \(name) RETURNING id") { try $0.decode(Int64.self) }.isEmpty
     }
 
+    public func alertConfigurationStamp() async throws -> String {
+        let found = try await rows(
+            """
+            SELECT (SELECT count(*)::int8 FROM alert_rules), (SELECT coalesce(max(updated_at_us), 0) FROM alert_rules), (SELECT coalesce(sum(id), 0)::int8 FROM alert_rules), (SELECT count(*)::int8 FROM alert_silences), (SELECT coalesce(max(id), 0) FROM alert_silences), (SELECT coalesce(sum(ends_at_us % 1000000007), 0)::int8 FROM alert_silences)
+            """
+        ) { row in
+            let (a, b, c, d, e, f) = try row.decode((Int64, Int64, Int64, Int64, Int64, Int64).self)
+            return [a, b, c, d, e, f].map(String.init).joined(separator: ":")
+        }
+        return found.first ?? ""
+    }
+
     // MARK: Silences
 
     public func addAlertSilence(farmID: Int64, _ silence: AlertSilence) async throws -> Int64 {
@@ -217,7 +229,7 @@ extension PostgresIngestStore: AlertStore {
                     notification.alertID = alertID
                     notification.transitionID = transitionID
                     let payload = try alertJSON(notification)
-                    for name in change.receivers {
+                    for name in planned.receivers ?? change.receivers {
                         var receiverID: Int64?
                         var grouping = OutboxCoalescing.Grouping()
                         for try await (id, wait, interval) in try await connection.query(

@@ -51,6 +51,17 @@ extension SQLiteIngestStore: AlertStore {
         }
     }
 
+    public func alertConfigurationStamp() async throws -> String {
+        let rows = try await reader.withValue { db in
+            try db.connection.query(
+                """
+                SELECT (SELECT count(*) FROM alert_rules), (SELECT coalesce(max(updated_at_us), 0) FROM alert_rules), (SELECT coalesce(sum(id), 0) FROM alert_rules), (SELECT count(*) FROM alert_silences), (SELECT coalesce(max(id), 0) FROM alert_silences), (SELECT coalesce(sum(ends_at_us % 1000000007), 0) FROM alert_silences)
+                """)
+        }
+        guard let row = rows.first else { return "" }
+        return (0..<6).map { String(row.int($0)) }.joined(separator: ":")
+    }
+
     // MARK: Silences
 
     public func addAlertSilence(farmID: Int64, _ silence: AlertSilence) async throws -> Int64 {
@@ -266,7 +277,7 @@ extension SQLiteIngestStore: AlertStore {
                     notification.alertID = alertID
                     notification.transitionID = transitionID
                     let payload = String(decoding: try encoder.encode(notification), as: UTF8.self)
-                    for name in change.receivers {
+                    for name in planned.receivers ?? change.receivers {
                         guard let receiverRow = try db.query(OutboxCoalescing.receiverRow + " WHERE farm_id = ? AND name = ?", [.integer(record.farmID), .text(name)]).first
                         else { continue }
                         let receiver = receiverRow.int(0)
