@@ -58,6 +58,9 @@ public final class EZOSimulator: Sendable {
         case noiseWithoutEnd([UInt8])
         /// No answer at all.
         case silence
+        /// This line (a stray reading, another device's answer) halfway through the processing time, then the normal
+        /// answer.
+        case lineBefore(String)
     }
 
     /// One answer the circuit gave to a read.
@@ -98,6 +101,12 @@ public final class EZOSimulator: Sendable {
         var commandFaults: [String: [Fault]] = [:]
         /// Whether `RT,<t>` exists (firmware before it answers `*ER`).
         var knowsRT = true
+        /// Commands (keys as for ``commandFaults``) the circuit answers as usual but does not do, every time.
+        var ignored: Set<String> = []
+        /// Whether `C,0` is done (a circuit that keeps streaming ignores it).
+        var takesContinuousOff = true
+        /// Whether calibration points are kept (`Cal,?` counts them); not: acknowledged and forgotten.
+        var keepsCalibrations = true
         var served: [Served] = []
         var commands: [String] = []
         var reads = 0
@@ -161,6 +170,27 @@ public final class EZOSimulator: Sendable {
     /// `.respond(code)` (that line only).
     public func injectCommand(_ name: String, _ fault: Fault) {
         state.withLock { $0.commandFaults[name.uppercased(), default: []].append(fault) }
+    }
+
+    /// Every command named `name` (as for ``injectCommand(_:_:)``: `S,C`, `O,%`) is answered as usual (`*OK` with codes
+    /// on, nothing with them off) but not done: a setting the circuit does not take.
+    public func ignore(_ name: String) {
+        state.withLock { _ = $0.ignored.insert(name.uppercased()) }
+    }
+
+    /// Whether `C,0` turns continuous mode off; false: acknowledged, and the readings keep streaming.
+    public func setTakesContinuousOff(_ on: Bool) {
+        state.withLock { $0.takesContinuousOff = on }
+    }
+
+    /// Whether calibration points are kept; false: acknowledged as usual, but `Cal,?` does not count them.
+    public func setKeepsCalibrations(_ on: Bool) {
+        state.withLock { $0.keepsCalibrations = on }
+    }
+
+    /// Sets an RTD circuit's scale (`c`, `k`, `f`), as `S,f` from another program would.
+    public func setScale(_ scale: String) {
+        state.withLock { $0.settings.scale = scale.lowercased() }
     }
 
     /// Whether the circuit knows `RT,<t>` (firmware from before it answers `*ER`, and takes `T,<t>` then `R`).
@@ -362,6 +392,10 @@ public final class EZOSimulator: Sendable {
         }
         if case .silence? = commandFault { return }
         if case .respond(let code)? = commandFault { return send([code]) }
+        let ignored = state.withLock { state in
+            (fields.count > 1 ? ["\(command),\(fields[1])", command] : [command]).contains { state.ignored.contains($0) }
+        }
+        if ignored { return answer([], after: generic) }
         switch (command, fields.count) {
         case ("I", 1):
             answer(["?I,\(circuit.rawValue),\(firmware)"], after: generic)
@@ -386,7 +420,9 @@ public final class EZOSimulator: Sendable {
                 let on = state.withLock { $0.settings.continuous }
                 answer(["?C,\(on ? 1 : 0)"], after: generic)
             case "0", "1":
-                state.withLock { $0.settings.continuous = fields[1] == "1" }
+                state.withLock { state in
+                    if fields[1] == "1" || state.takesContinuousOff { state.settings.continuous = fields[1] == "1" }
+                }
                 answer([], after: generic)
             default: error(after: generic)
             }
@@ -444,6 +480,10 @@ public final class EZOSimulator: Sendable {
 
     private func calibrate(_ arguments: [String]) {
         let time = 1.2
+        if arguments != ["?"], !state.withLock({ $0.keepsCalibrations }) {
+            // Acknowledged, and forgotten.
+            return answer([], after: time)
+        }
         switch (circuit, arguments.first, arguments.count) {
         case (_, "?", 1):
             let points = state.withLock { $0.settings.calibrationPoints }
@@ -539,6 +579,15 @@ public final class EZOSimulator: Sendable {
             sendRaw(noise)
         case .silence?:
             break
+        case .lineBefore(let stray)?:
+            pause(time / 2)
+            send([stray])
+            pause(time / 2)
+            state.withLock { state in
+                state.reads += 1
+                state.served.append(Served(line: line, temperature: temperature))
+            }
+            answer([line], after: 0)
         }
     }
 
