@@ -105,6 +105,8 @@ public final class EZOSimulator: Sendable {
         var ignored: Set<String> = []
         /// Whether `C,0` is done (a circuit that keeps streaming ignores it).
         var takesContinuousOff = true
+        /// Whether streamed readings come between commands too, or only within reads (a stream in phase with them).
+        var streamsBetweenCommands = true
         /// Whether calibration points are kept (`Cal,?` counts them); not: acknowledged and forgotten.
         var keepsCalibrations = true
         var served: [Served] = []
@@ -181,6 +183,12 @@ public final class EZOSimulator: Sendable {
     /// Whether `C,0` turns continuous mode off; false: acknowledged, and the readings keep streaming.
     public func setTakesContinuousOff(_ on: Bool) {
         state.withLock { $0.takesContinuousOff = on }
+    }
+
+    /// Whether streamed readings also come between commands; false: only within the processing time of reads, where
+    /// a stream of one a second falls into reads of most of a second.
+    public func setStreamsBetweenCommands(_ on: Bool) {
+        state.withLock { $0.streamsBetweenCommands = on }
     }
 
     /// Whether calibration points are kept; false: acknowledged as usual, but `Cal,?` does not count them.
@@ -320,7 +328,7 @@ public final class EZOSimulator: Sendable {
                 if line.isEmpty { continue }
                 handle(line)
             }
-            let continuous = state.withLock { $0.settings.continuous && !$0.settings.asleep }
+            let continuous = state.withLock { $0.settings.continuous && !$0.settings.asleep && $0.streamsBetweenCommands }
             if continuous, ContinuousClock.now >= nextStream {
                 nextStream = ContinuousClock.now + .seconds(1)
                 let value = format(values(-1, nil))
@@ -541,8 +549,16 @@ public final class EZOSimulator: Sendable {
         let line = fields.joined(separator: ",")
         switch fault {
         case .none:
+            if settings.continuous {
+                // Still streaming (C,0 not taken): a streamed reading falls into the processing time, as one a second
+                // does into a read of most of a second.
+                pause(time / 2)
+                send([format(values(-1, nil))])
+                pause(time / 2)
+            } else {
+                pause(time)
+            }
             // Recorded before the answer goes out: a driver that has read the answer must find it served.
-            pause(time)
             state.withLock { state in
                 state.reads += 1
                 state.served.append(Served(line: line, temperature: temperature))
