@@ -94,6 +94,18 @@ public struct CalibrationEvent: Codable, Sendable, Hashable {
             && id.utf8.allSatisfy { ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x41 && $0 <= 0x5A) || ($0 >= 0x61 && $0 <= 0x7A) || $0 == 0x2D || $0 == 0x5F }
     }
 
+    /// The points the circuit should hold after this calibration: every point taken but `dry` (an EC circuit's dry
+    /// point sets its zero and is not counted by `Cal,?`).
+    public var pointsExpected: Int { points.filter { $0.name.lowercased() != "dry" }.count }
+
+    /// Whether the circuit kept the calibration: it said (`Cal,?`) it holds at least the points taken, or did not say.
+    /// An event of a circuit that holds fewer (points sent but not done: lost on the way, refused without response
+    /// codes to tell) is a record of what the circuit holds, not a calibration: `calibration_overdue` does not count it.
+    public var keptByCircuit: Bool {
+        guard let held = calibratedPoints else { return true }
+        return held >= pointsExpected
+    }
+
     /// The most points one event may carry (EC dry/low/high is three; pH mid/low/high three).
     public static let maximumPoints = 8
 }

@@ -331,6 +331,18 @@ extension CalibrationAgentTests {
         #expect((try? forced.get())?.event?.points.map(\.name) == ["dry"], "\(forced)")
         #expect(ecBox.calibrations == ["CAL,DRY"], "\(ec.commands)")
 
+        // 7. A point the circuit acknowledges but does not keep (Cal,? still says 0): exit 1 saying so and what to
+        // check; the event is recorded with what the circuit holds, and is not a calibration the circuit kept.
+        // The pH circuit still holds the one mid point of step 4; both points are acknowledged, neither is kept.
+        ph.setKeepsCalibrations(false)
+        let unkept = try await calibrate(["tank1.ph", "--point", "mid=7.00", "--point", "low=4.00"])
+        #expect(unkept.status == 1, "\(unkept.output)")
+        #expect(unkept.output.contains("the circuit did not keep the calibration"), "\(unkept.output)")
+        #expect(unkept.output.contains("Cal,? says it holds 1 calibration point after 2 were taken"), "\(unkept.output)")
+        #expect(unkept.output.contains("wiring and power"), "\(unkept.output)")
+        #expect(!unkept.output.contains("Calibration recorded as event"), "\(unkept.output)")
+        #expect(phBox.calibrations == ["CAL,MID,7.00", "CAL,LOW,4.00", "CAL,MID,7.00", "CAL,LOW,4.00"], "\(ph.commands)")
+
         kill(process.processIdentifier, SIGTERM)
         let exited = await eventually(timeout: .seconds(20)) { !process.isRunning }
         #expect(exited)
@@ -339,9 +351,13 @@ extension CalibrationAgentTests {
             configuration: BufferConfiguration(path: buffer), logger: Logger(label: "test") { _ in SwiftLogNoOpLogHandler() })
         let stored = try await store.pendingCalibrations(limit: 10)
         try await store.close()
-        // Nothing under tank1.tds; the partial pH calibration with its one point; the forced dry point under tank1.ec.
-        #expect(stored.map(\.sensor.rawValue).sorted() == ["tank1.ec", "tank1.ph"], "\(stored)")
-        let phEvent = stored.first { $0.sensor.rawValue == "tank1.ph" }
+        // Nothing under tank1.tds; the partial pH calibration with its one point; the forced dry point under tank1.ec;
+        // the pH calibration the circuit did not keep, with what it holds.
+        #expect(stored.map(\.sensor.rawValue).sorted() == ["tank1.ec", "tank1.ph", "tank1.ph"], "\(stored)")
+        let unkeptEvent = stored.first { $0.points.map(\.name) == ["mid", "low"] }
+        #expect(unkeptEvent?.calibratedPoints == 1 && unkeptEvent?.keptByCircuit == false, "\(stored)")
+        #expect(stored.first { $0.points.map(\.name) == ["dry"] }?.keptByCircuit == true, "\(stored)")
+        let phEvent = stored.first { $0.sensor.rawValue == "tank1.ph" && $0.points.count == 1 }
         #expect(phEvent?.points.map(\.name) == ["mid"], "\(stored)")
         #expect(phEvent?.points.first?.reading == 7.01, "\(stored)")
     }

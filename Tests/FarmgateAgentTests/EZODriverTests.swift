@@ -398,6 +398,120 @@ struct EZODriverTests {
         await driver.close()
     }
 
+    @Test("A second value line answering one read (a stray reading, noise) fails that read, and the circuit is initialised again", arguments: [true, false])
+    func strayLineBeforeAnswer(codes: Bool) async throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.ph, name: "ph", timeScale: 1, values: { _, _ in 6.5 })
+        simulator.setResponseCodes(codes)
+        let driver = try bench.compensatedPH()
+        try bench.latest.set("tank1.temp", 21.5)
+        #expect(try await driver.read().value == 6.5)
+        // RT,21.50 is answered with 6.500 after 900 ms; "3.33" comes 450 ms into the wait.
+        simulator.inject(.lineBefore("3.33"))
+        let identified = simulator.commands.filter { $0.uppercased() == "I" }.count
+        guard case .failure(let error) = await readResult(driver) else {
+            Issue.record("a read answered by two value lines gave a value")
+            return
+        }
+        #expect(simulator.commands.contains { $0.uppercased() == "RT,21.50" }, "\(simulator.commands)")
+        #expect(error.kind == .invalidResponse, "\(error)")
+        #expect(error.message.contains("\"3.33\"") && error.message.contains("\"6.500\""), "\(error)")
+        #expect(error.message.contains("streaming"), "\(error)")
+        #expect(try await driver.read().value == 6.5)
+        #expect(simulator.commands.filter { $0.uppercased() == "I" }.count == identified + 1, "not initialised again: \(simulator.commands)")
+        await driver.close()
+    }
+
+    @Test("A circuit that keeps streaming after C,0: no streamed value is ever stored as the answer to R")
+    func streamingDespiteContinuousOff() async throws {
+        let bench = try EZOBench()
+        // Streamed readings (index -1) say 300.0; R is answered with 225.3.
+        let simulator = try bench.circuit(.orp, name: "orp", timeScale: 1, values: { index, _ in index < 0 ? 300 : 225.3 })
+        simulator.setTakesContinuousOff(false)
+        // In phase with the reads: every streamed line falls within a read's wait (between commands they are restarts).
+        simulator.setStreamsBetweenCommands(false)
+        let driver = try bench.driver("tank1.orp", quantity: "orp", port: "orp")
+        for round in 1...3 {
+            switch await readResult(driver) {
+            case .success(let value):
+                Issue.record("read \(round) of a streaming circuit gave \(value.value)")
+            case .failure(let error):
+                #expect(error.message.contains("value lines answered R") && error.message.contains("\"300.0\""), "\(error)")
+                #expect(error.message.contains("streaming"), "\(error)")
+            }
+            #expect(simulator.commands.filter { $0.uppercased() == "I" }.count == round, "not initialised again before read \(round)")
+        }
+        await driver.close()
+    }
+
+    @Test("An RTD that does not take S,c (codes on or off): setup fails naming S,c, nothing is stored in °F", arguments: [true, false])
+    func rtdScaleNotTaken(codes: Bool) async throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.rtd, name: "rtd", values: { _, _ in 21.5 })
+        simulator.setResponseCodes(codes)
+        simulator.setScale("f")
+        simulator.ignore("S,C")
+        let driver = try bench.driver("tank1.temp", quantity: "temperature", port: "rtd")
+        guard case .failure(let error) = await readResult(driver) else {
+            Issue.record("an RTD left on °F gave a value")
+            return
+        }
+        #expect(error.kind == .fault, "\(error)")
+        #expect(error.message.contains("did not take S,c") && error.message.contains("?S,f") && error.message.contains("°F"), "\(error)")
+        #expect(simulator.served.isEmpty, "read before the scale was confirmed")
+        await driver.close()
+    }
+
+    @Test("A DO circuit that does not take O,%,0 and O,mg,1 (codes off): setup fails naming them, no % stored as mg/L")
+    func oxygenOutputsNotTaken() async throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.dissolvedOxygen, name: "do", values: { _, _ in 7.82 })
+        simulator.setResponseCodes(false)
+        simulator.setOxygenOutputs(["%"])
+        simulator.ignore("O,%")
+        simulator.ignore("O,MG")
+        let driver = try bench.driver("tank1.do", quantity: "do", port: "do")
+        guard case .failure(let error) = await readResult(driver) else {
+            Issue.record("a DO circuit with only % saturation on gave a value")
+            return
+        }
+        #expect(error.kind == .fault, "\(error)")
+        #expect(error.message.contains("did not take O,%,0 and O,mg,1") && error.message.contains("mg/L"), "\(error)")
+        #expect(simulator.served.isEmpty, "read before the outputs were confirmed")
+        await driver.close()
+    }
+
+    @Test("An EC circuit that does not take O,TDS,1: setup fails naming it")
+    func ecOutputsNotTaken() async throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.ec, name: "ec", values: { _, _ in 1413 })
+        simulator.setResponseCodes(false)
+        simulator.ignore("O,TDS")
+        let port = bench.dir.file("ec")
+        let drivers = try bench.drivers(
+            """
+            [[sensor]]
+            id = "tank1.ec"
+            driver = "ezo"
+            quantity = "ec"
+            port = "\(port)"
+
+            [[sensor]]
+            id = "tank1.tds"
+            driver = "ezo"
+            quantity = "tds"
+            port = "\(port)"
+            """)
+        let ec = try #require(drivers["tank1.ec"])
+        guard case .failure(let error) = await readResult(ec) else {
+            Issue.record("an EC circuit without its TDS output gave a value")
+            return
+        }
+        #expect(error.kind == .fault, "\(error)")
+        #expect(error.message.contains("did not take O,TDS,1"), "\(error)")
+        await ec.close()
+    }
+
     @Test("A DO circuit with % saturation on as well is set to mg/L alone")
     func oxygenOutputs() async throws {
         let bench = try EZOBench()

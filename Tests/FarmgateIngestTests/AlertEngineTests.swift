@@ -137,6 +137,14 @@ struct AlertEngineTests {
             let overdue = try await h.alerts().first { $0.rule == "calibrate" }
             if h.store is any CalibrationStore {
                 #expect(overdue?.state == "firing")
+                // A calibration the circuit did not keep (Cal,? says 0 after a point) is no calibration: still overdue.
+                let unkept = CalibrationEvent(
+                    id: "cal-0", sensor: try sensorID("tank1.ph"), time: h.clock.now, circuit: "pH",
+                    firmware: nil, points: [CalibrationEvent.Point(name: "mid", reference: 7, at: h.clock.now)], calibratedPoints: 0, slope: nil)
+                _ = try await (h.store as? any CalibrationStore)?.storeCalibrations([unkept], for: h.device, receivedAt: h.clock.now)
+                h.clock.advance(seconds: 600)
+                await h.engine.tick()
+                #expect(try await h.alerts().first { $0.rule == "calibrate" }?.state == "firing", "a calibration the circuit did not keep ended the overdue alert")
                 let event = CalibrationEvent(
                     id: "cal-1", sensor: try sensorID("tank1.ph"), time: h.clock.now, circuit: "pH",
                     firmware: nil, points: [CalibrationEvent.Point(name: "mid", reference: 7, at: h.clock.now)], calibratedPoints: nil, slope: nil)

@@ -58,6 +58,9 @@ public final class EZOSimulator: Sendable {
         case noiseWithoutEnd([UInt8])
         /// No answer at all.
         case silence
+        /// This line (a stray reading, another device's answer) halfway through the processing time, then the normal
+        /// answer.
+        case lineBefore(String)
     }
 
     /// One answer the circuit gave to a read.
@@ -98,6 +101,14 @@ public final class EZOSimulator: Sendable {
         var commandFaults: [String: [Fault]] = [:]
         /// Whether `RT,<t>` exists (firmware before it answers `*ER`).
         var knowsRT = true
+        /// Commands (keys as for ``commandFaults``) the circuit answers as usual but does not do, every time.
+        var ignored: Set<String> = []
+        /// Whether `C,0` is done (a circuit that keeps streaming ignores it).
+        var takesContinuousOff = true
+        /// Whether streamed readings come between commands too, or only within reads (a stream in phase with them).
+        var streamsBetweenCommands = true
+        /// Whether calibration points are kept (`Cal,?` counts them); not: acknowledged and forgotten.
+        var keepsCalibrations = true
         var served: [Served] = []
         var commands: [String] = []
         var reads = 0
@@ -161,6 +172,33 @@ public final class EZOSimulator: Sendable {
     /// `.respond(code)` (that line only).
     public func injectCommand(_ name: String, _ fault: Fault) {
         state.withLock { $0.commandFaults[name.uppercased(), default: []].append(fault) }
+    }
+
+    /// Every command named `name` (as for ``injectCommand(_:_:)``: `S,C`, `O,%`) is answered as usual (`*OK` with codes
+    /// on, nothing with them off) but not done: a setting the circuit does not take.
+    public func ignore(_ name: String) {
+        state.withLock { _ = $0.ignored.insert(name.uppercased()) }
+    }
+
+    /// Whether `C,0` turns continuous mode off; false: acknowledged, and the readings keep streaming.
+    public func setTakesContinuousOff(_ on: Bool) {
+        state.withLock { $0.takesContinuousOff = on }
+    }
+
+    /// Whether streamed readings also come between commands; false: only within the processing time of reads, where
+    /// a stream of one a second falls into reads of most of a second.
+    public func setStreamsBetweenCommands(_ on: Bool) {
+        state.withLock { $0.streamsBetweenCommands = on }
+    }
+
+    /// Whether calibration points are kept; false: acknowledged as usual, but `Cal,?` does not count them.
+    public func setKeepsCalibrations(_ on: Bool) {
+        state.withLock { $0.keepsCalibrations = on }
+    }
+
+    /// Sets an RTD circuit's scale (`c`, `k`, `f`), as `S,f` from another program would.
+    public func setScale(_ scale: String) {
+        state.withLock { $0.settings.scale = scale.lowercased() }
     }
 
     /// Whether the circuit knows `RT,<t>` (firmware from before it answers `*ER`, and takes `T,<t>` then `R`).
@@ -290,7 +328,7 @@ public final class EZOSimulator: Sendable {
                 if line.isEmpty { continue }
                 handle(line)
             }
-            let continuous = state.withLock { $0.settings.continuous && !$0.settings.asleep }
+            let continuous = state.withLock { $0.settings.continuous && !$0.settings.asleep && $0.streamsBetweenCommands }
             if continuous, ContinuousClock.now >= nextStream {
                 nextStream = ContinuousClock.now + .seconds(1)
                 let value = format(values(-1, nil))
@@ -362,6 +400,10 @@ public final class EZOSimulator: Sendable {
         }
         if case .silence? = commandFault { return }
         if case .respond(let code)? = commandFault { return send([code]) }
+        let ignored = state.withLock { state in
+            (fields.count > 1 ? ["\(command),\(fields[1])", command] : [command]).contains { state.ignored.contains($0) }
+        }
+        if ignored { return answer([], after: generic) }
         switch (command, fields.count) {
         case ("I", 1):
             answer(["?I,\(circuit.rawValue),\(firmware)"], after: generic)
@@ -386,7 +428,9 @@ public final class EZOSimulator: Sendable {
                 let on = state.withLock { $0.settings.continuous }
                 answer(["?C,\(on ? 1 : 0)"], after: generic)
             case "0", "1":
-                state.withLock { $0.settings.continuous = fields[1] == "1" }
+                state.withLock { state in
+                    if fields[1] == "1" || state.takesContinuousOff { state.settings.continuous = fields[1] == "1" }
+                }
                 answer([], after: generic)
             default: error(after: generic)
             }
@@ -444,6 +488,10 @@ public final class EZOSimulator: Sendable {
 
     private func calibrate(_ arguments: [String]) {
         let time = 1.2
+        if arguments != ["?"], !state.withLock({ $0.keepsCalibrations }) {
+            // Acknowledged, and forgotten.
+            return answer([], after: time)
+        }
         switch (circuit, arguments.first, arguments.count) {
         case (_, "?", 1):
             let points = state.withLock { $0.settings.calibrationPoints }
@@ -501,8 +549,16 @@ public final class EZOSimulator: Sendable {
         let line = fields.joined(separator: ",")
         switch fault {
         case .none:
+            if settings.continuous {
+                // Still streaming (C,0 not taken): a streamed reading falls into the processing time, as one a second
+                // does into a read of most of a second.
+                pause(time / 2)
+                send([format(values(-1, nil))])
+                pause(time / 2)
+            } else {
+                pause(time)
+            }
             // Recorded before the answer goes out: a driver that has read the answer must find it served.
-            pause(time)
             state.withLock { state in
                 state.reads += 1
                 state.served.append(Served(line: line, temperature: temperature))
@@ -539,6 +595,15 @@ public final class EZOSimulator: Sendable {
             sendRaw(noise)
         case .silence?:
             break
+        case .lineBefore(let stray)?:
+            pause(time / 2)
+            send([stray])
+            pause(time / 2)
+            state.withLock { state in
+                state.reads += 1
+                state.served.append(Served(line: line, temperature: temperature))
+            }
+            answer([line], after: 0)
         }
     }
 

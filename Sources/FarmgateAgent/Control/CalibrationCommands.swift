@@ -77,7 +77,7 @@ public final class CalibrationCommands: Service, Sendable {
                 let state: CalibrationState? = try? await device.calibrationState()
                 let event = try await record(sensor, session, state: state)
                 logger.warning(
-                    "Calibration lapsed after \(limit) without a command (its farmgate calibrate was stopped?): the points the circuit took are recorded",
+                    "Calibration lapsed after \(limit) without a command (its farmgate calibrate was stopped?): the points the circuit took are recorded\(event.keptByCircuit ? "" : "; the circuit holds fewer than were taken, so it is not counted as a calibration")",
                     metadata: ["sensor": "\(sensor)", "event": "\(event.id)", "points": "\(event.points.map(\.name).joined(separator: ","))", "circuit_holds": "\(state?.calibratedPoints.map(String.init) ?? "unknown")"])
             } catch {
                 logger.error("Calibration lapsed but its points could not be recorded", metadata: ["sensor": "\(sensor)", "error": "\(error)"])
@@ -102,6 +102,12 @@ public final class CalibrationCommands: Service, Sendable {
                 logger.error("Calibration in progress as the agent stops; its points could not be recorded", metadata: ["sensor": "\(sensor)", "error": "\(error)"])
             }
         }
+    }
+
+    /// What the installer is told when the circuit holds fewer points than were taken: the calibration failed.
+    static func notKept(_ sensor: SensorID, _ event: CalibrationEvent, held: Int) -> String {
+        let names = event.points.map(\.name).joined(separator: ", ")
+        return "the circuit did not keep the calibration: Cal,? says it holds \(held) calibration point\(held == 1 ? "" : "s") after \(event.pointsExpected) \(event.pointsExpected == 1 ? "was" : "were") taken (\(names)); a Cal command was lost on the way or not done (with response codes off nothing acknowledges it). It is recorded as event \(event.id) with what the circuit holds, and not counted as a calibration (calibration_overdue). Check the circuit's wiring and power, then calibrate again: farmgate calibrate \(sensor)"
     }
 
     /// Commits the calibration event of `session`'s points, with what the circuit said it holds.
@@ -281,8 +287,8 @@ public final class CalibrationCommands: Service, Sendable {
         var answer = CalibrationAnswer(sensor: sensor, circuit: session.circuit, taken: session.points, state: state)
         answer.event = event
         if let slope = state.slope, let warning = EZOCalibration.slopeWarning(slope) { warnings.append(warning) }
-        if let held = state.calibratedPoints, held < session.points.filter({ $0.name != "dry" }).count {
-            warnings.append("the circuit says it holds \(held) calibration point\(held == 1 ? "" : "s") after \(session.points.count) were taken: a point may have been lost (a restart?); calibrate again")
+        if !event.keptByCircuit, let held = event.calibratedPoints {
+            answer.notKept = Self.notKept(sensor, event, held: held)
         }
         answer.warnings = warnings
         return CalibrationControlAnswer(ok: true, calibration: answer)
@@ -317,6 +323,9 @@ public struct CalibrationAnswer: Codable, Sendable {
     public var state: CalibrationState?
     public var event: CalibrationEvent?
     public var warnings: [String]?
+    /// `calibrate.finish`: set when the circuit holds fewer points than were taken (the calibration failed; the event
+    /// records what it holds): what went wrong and what to check. The CLI exits 1 with it.
+    public var notKept: String?
 
     init(sensor: SensorID, circuit: EZOCircuitKind, taken: [CalibrationEvent.Point], state: CalibrationState? = nil) {
         self.sensor = sensor.rawValue
@@ -327,6 +336,7 @@ public struct CalibrationAnswer: Codable, Sendable {
 
     enum CodingKeys: String, CodingKey {
         case sensor, circuit, taken, points, reading, command, state, event, warnings
+        case notKept = "not_kept"
         case defaultPoints = "default_points"
         case readingAt = "reading_at"
     }

@@ -148,6 +148,8 @@ public struct CalibrationGuide {
             }
             let finished = try request("calibrate.finish", sensor)
             report(finished)
+            // Points sent that the circuit does not hold: the calibration failed, whatever each point looked like.
+            if let notKept = finished.notKept { throw Failure(notKept) }
             return finished
         } catch {
             abort(sensor)
@@ -174,6 +176,7 @@ public struct CalibrationGuide {
                 lines.append("The points taken (\(names.joined(separator: ", "))) are recorded as calibration event \(event.id); it is uploaded with the readings.")
             }
             for warning in finished.warnings ?? [] { lines.append("WARNING: \(warning)") }
+            if let notKept = finished.notKept { lines.append("Moreover \(notKept)") }
         } catch {
             lines.append("The circuit now holds \(holds); recording them as a calibration event failed: \(error.description)")
         }
@@ -254,7 +257,7 @@ public struct CalibrationGuide {
             output("Slope: acid \(EZOCalibration.format(slope.acidPercent)) %, base \(EZOCalibration.format(slope.basePercent)) %\(slope.offsetMillivolts.map { ", offset \(EZOCalibration.format($0)) mV" } ?? "") (Slope,?).")
         }
         for warning in answer.warnings ?? [] { output("WARNING: \(warning)") }
-        if let event = answer.event {
+        if let event = answer.event, answer.notKept == nil {
             output("Calibration recorded as event \(event.id); it is uploaded with the readings.")
         }
     }

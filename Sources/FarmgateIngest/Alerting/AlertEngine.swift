@@ -50,6 +50,10 @@ import Synchronization
 /// that finds an alert changed by another instance is refused as a whole (``AlertStoreConflict``), and the engine reads
 /// the alerts again and evaluates once more, so each transition is recorded, and notified, once.
 public actor AlertEngine: CommitObserver, Service {
+    /// How many of a sensor's newest calibration events a calibration-overdue rule looks through for one the circuit
+    /// kept (``CalibrationEvent/keptByCircuit``).
+    static let calibrationLookback = 20
+
     public struct Settings: Sendable, Hashable {
         /// How often timer rules (no data, device offline), late reports, rule reloads and watermark saves run.
         public var tick: Duration
@@ -1002,7 +1006,11 @@ public actor AlertEngine: CommitObserver, Service {
             var result: [(TimerTarget, Bool)] = []
             for sensor in sensors where rule.matches(device: sensor.device, sensor: sensor.sensor, quantity: sensor.quantity) {
                 guard let id = try? SensorID(sensor.sensor) else { continue }
-                let last = try await calibrations.calibrations(deviceRowID: sensor.deviceRowID, sensor: id, limit: 1).first?.time
+                // An event whose circuit says it holds fewer points than were taken is no calibration (the circuit
+                // did not keep it): the newest one the circuit kept counts. Looked for among the newest few: a sensor
+                // with more unkept calibrations in a row than that is overdue, which is what it is in effect.
+                let last = try await calibrations.calibrations(deviceRowID: sensor.deviceRowID, sensor: id, limit: Self.calibrationLookback)
+                    .first(where: \.keptByCircuit)?.time
                 result.append(
                     (TimerTarget(deviceRowID: sensor.deviceRowID, device: sensor.device, sensorRowID: sensor.sensorRowID, sensor: sensor.sensor, quantity: sensor.quantity, newest: last),
                      current.microseconds - (last ?? sensor.firstSeen).microseconds > after))

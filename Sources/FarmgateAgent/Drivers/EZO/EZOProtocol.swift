@@ -282,6 +282,14 @@ public enum EZOParse {
         return Set(fields.dropFirst().filter { $0 == "MG" || $0 == "%" })
     }
 
+    /// An RTD circuit's scale, lower case: `?S,c` → "c" (`c`, `k`, `f`); nil when the line is no answer to `S,?`.
+    public static func scale(_ text: String) -> String? {
+        let fields = text.split(separator: ",", omittingEmptySubsequences: false).map { String($0).trimmingWhitespace() }
+        guard fields.count == 2, fields[0].uppercased() == "?S" else { return nil }
+        let scale = fields[1].lowercased()
+        return ["c", "k", "f"].contains(scale) ? scale : nil
+    }
+
     /// `?*OK,1` → true; nil when the line is no answer to `*OK,?`.
     public static func responseCodes(_ text: String) -> Bool? {
         let upper = text.uppercased()

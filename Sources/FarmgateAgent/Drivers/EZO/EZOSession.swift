@@ -173,12 +173,12 @@ final class EZOSession: @unchecked Sendable {
     private func takeReading(_ port: SerialPort, temperature: Double?) throws(Interruption) -> (command: String, answer: String?) {
         let isReading: (String) -> Bool = { EZOParse.reading($0) != nil }
         guard let temperature, kind.compensates else {
-            return ("R", try transact(port, "R", time: kind.readTime, answer: isReading))
+            return ("R", try transact(port, "R", time: kind.readTime, answer: isReading, single: true))
         }
         let degrees = Self.format(temperature)
         if knowsRT {
             do throws(Interruption) {
-                let answer = try transact(port, "RT,\(degrees)", time: kind.compensatedReadTime, answer: isReading)
+                let answer = try transact(port, "RT,\(degrees)", time: kind.compensatedReadTime, answer: isReading, single: true)
                 rtRefusals = 0
                 return ("RT,\(degrees)", answer)
             } catch .refused(.unknownCommand, _) {
@@ -198,7 +198,7 @@ final class EZOSession: @unchecked Sendable {
             }
         }
         _ = try transact(port, "T,\(degrees)", time: EZOCircuitKind.commandTime, answer: nil)
-        return ("R", try transact(port, "R", time: kind.readTime, answer: isReading))
+        return ("R", try transact(port, "R", time: kind.readTime, answer: isReading, single: true))
     }
 
     /// The sensor error for an error code the circuit answered `command` with.
@@ -273,15 +273,42 @@ final class EZOSession: @unchecked Sendable {
         self.firmware = firmware
         switch kind {
         case .rtd:
+            // With response codes off nothing says whether S,c was done: S,? does. A reading in °F or K stored as °C
+            // (and sent to other circuits as their compensation) is worse than no reading.
             _ = try transact(port, "S,c", time: EZOCircuitKind.commandTime, answer: nil, absorb: false)
+            guard let answer = try transact(port, "S,?", time: EZOCircuitKind.commandTime, answer: { EZOParse.scale($0) != nil }, absorb: false),
+                let scale = EZOParse.scale(answer)
+            else {
+                throw .sensor(SensorError(.invalidResponse, "the RTD circuit on \(portPath) did not say its temperature scale (S,?) after S,c"))
+            }
+            guard scale == "c" else {
+                throw .sensor(SensorError(
+                    .fault,
+                    "the EZO RTD circuit on \(portPath) did not take S,c (°C): S,? still answers \"\(answer)\" (readings in \(scale == "f" ? "°F" : "K")), so none is stored as °C; check the wiring (a command lost on the way; setup is tried again at every read), or stop the agent and send S,c to the circuit with a terminal program at its baud"))
+            }
         case .ec:
             guard let answer = try transact(port, "O,?", time: EZOCircuitKind.commandTime, answer: { EZOParse.outputs($0) != nil }, absorb: false),
                 let enabled = EZOParse.outputs(answer)
             else {
                 throw .sensor(SensorError(.invalidResponse, "the EC circuit on \(portPath) did not list its outputs (O,?)"))
             }
-            for output in EZOOutput.allCases where enabled.contains(output) != outputs.contains(output) {
-                _ = try transact(port, "O,\(output.rawValue),\(outputs.contains(output) ? 1 : 0)", time: EZOCircuitKind.commandTime, answer: nil, absorb: false)
+            let changes = EZOOutput.allCases.filter { enabled.contains($0) != outputs.contains($0) }.map { "O,\($0.rawValue),\(outputs.contains($0) ? 1 : 0)" }
+            for change in changes {
+                _ = try transact(port, change, time: EZOCircuitKind.commandTime, answer: nil, absorb: false)
+            }
+            if !changes.isEmpty {
+                // With response codes off nothing says whether the outputs changed: O,? does. A reading's fields are
+                // told apart only by their order, so other outputs would put one quantity's value under another.
+                guard let confirm = try transact(port, "O,?", time: EZOCircuitKind.commandTime, answer: { EZOParse.outputs($0) != nil }, absorb: false),
+                    let now = EZOParse.outputs(confirm)
+                else {
+                    throw .sensor(SensorError(.invalidResponse, "the EC circuit on \(portPath) did not list its outputs (O,?) after \(changes.joined(separator: ", "))"))
+                }
+                guard now == Set(outputs) else {
+                    throw .sensor(SensorError(
+                        .fault,
+                        "the EZO EC circuit on \(portPath) did not take \(changes.joined(separator: " and ")): O,? still answers \"\(confirm)\" where \(outputs.map(\.rawValue).joined(separator: ",")) is configured, so no reading is stored; check the wiring (a command lost on the way; setup is tried again at every read), or stop the agent and send \(changes.joined(separator: ", ")) to the circuit with a terminal program at its baud"))
+                }
             }
         case .dissolvedOxygen:
             // mg/L alone: with % saturation on too, every reading has two fields.
@@ -292,8 +319,23 @@ final class EZOSession: @unchecked Sendable {
                 answer = nil  // firmware without outputs to choose: mg/L only
             }
             if let enabled = answer.flatMap(EZOParse.oxygenOutputs) {
-                for (output, wanted) in [("%", false), ("mg", true)] where enabled.contains(output.uppercased()) != wanted {
-                    _ = try transact(port, "O,\(output),\(wanted ? 1 : 0)", time: EZOCircuitKind.commandTime, answer: nil, absorb: false)
+                let changes = [("%", false), ("mg", true)].filter { enabled.contains($0.0.uppercased()) != $0.1 }.map { "O,\($0.0),\($0.1 ? 1 : 0)" }
+                for change in changes {
+                    _ = try transact(port, change, time: EZOCircuitKind.commandTime, answer: nil, absorb: false)
+                }
+                if !changes.isEmpty {
+                    // With response codes off nothing says whether the outputs changed: O,? does. % saturation stored
+                    // as mg/L is worse than no reading.
+                    guard let confirm = try transact(port, "O,?", time: EZOCircuitKind.commandTime, answer: { EZOParse.oxygenOutputs($0) != nil }, absorb: false),
+                        let now = EZOParse.oxygenOutputs(confirm)
+                    else {
+                        throw .sensor(SensorError(.invalidResponse, "the DO circuit on \(portPath) did not list its outputs (O,?) after \(changes.joined(separator: ", "))"))
+                    }
+                    guard now == ["MG"] else {
+                        throw .sensor(SensorError(
+                            .fault,
+                            "the EZO DO circuit on \(portPath) did not take \(changes.joined(separator: " and ")): O,? still answers \"\(confirm)\" where mg/L alone is needed, so no reading is stored (not in mg/L); check the wiring (a command lost on the way; setup is tried again at every read), or stop the agent and send \(changes.joined(separator: ", ")) to the circuit with a terminal program at its baud"))
+                    }
                 }
             }
         case .ph, .orp:
@@ -317,9 +359,14 @@ final class EZOSession: @unchecked Sendable {
     ///     discards them instead.
     ///   - acknowledged: for a command without an answer, whether a missing `*OK` (response codes on) is an error: the
     ///     command may not have been done. Only `C,0`, sent before the codes are known, does without.
+    ///   - single: a read (`R`, `RT`), which the circuit answers with exactly one value line (then `*OK` with codes
+    ///     on). Every answer line is collected until `*OK` arrives or, with codes off, until the whole wait is over; a
+    ///     second one is proof of readings streamed or noise on the line, and fails the read: which line is the
+    ///     circuit's answer cannot be told.
     /// - Returns: the answer line, or nil for a command without one.
     private func transact(
-        _ port: SerialPort, _ command: String, time: Duration, answer: ((String) -> Bool)?, absorb: Bool = true, acknowledged: Bool = true
+        _ port: SerialPort, _ command: String, time: Duration, answer: ((String) -> Bool)?, absorb: Bool = true, acknowledged: Bool = true,
+        single: Bool = false
     ) throws(Interruption) -> String? {
         if absorb { try absorbPending(port) }
         let dropped = splitter.discardPartial()
@@ -332,10 +379,16 @@ final class EZOSession: @unchecked Sendable {
         }
         let deadline = start + time + margin
         var data: String?
+        /// Answer lines after the first (a read has exactly one).
+        var more: [String] = []
         var sawOK = false
         var unreadable: [String] = []
-        // Done: the answer (and its *OK while response codes are on), or for a command without an answer its *OK.
-        func complete() -> Bool { answer != nil ? data != nil && (!responseCodes || sawOK) : sawOK }
+        // Done: the answer (and its *OK while response codes are on), or for a command without an answer its *OK. A
+        // read without response codes is never done early: a second value line may still come within its wait.
+        func complete() -> Bool {
+            guard answer != nil else { return sawOK }
+            return data != nil && (responseCodes ? sawOK : !single)
+        }
         while true {
             if complete() { break }
             // Without response codes a command without an answer is done when its processing time has passed.
@@ -368,8 +421,8 @@ final class EZOSession: @unchecked Sendable {
                         throw .restarted("\(event.rawValue) during \(command)", event: last ?? event)
                     }
                 case .data(let text):
-                    if data == nil, let answer, answer(text) {
-                        data = text
+                    if let answer, answer(text) {
+                        if data == nil { data = text } else { more.append(text) }
                     } else if EZOParse.reading(text) == nil {
                         // A reading streamed in continuous mode (being turned off) is no answer, but it is not noise.
                         unreadable.append(text)
@@ -409,6 +462,12 @@ final class EZOSession: @unchecked Sendable {
                 // The answer came but no *OK after it: response codes were turned off (another program, a reset).
                 responseCodes = false
                 logger.debug("EZO response codes are off")
+            }
+            if !more.isEmpty {
+                let lines = ([data] + more).prefix(4).map { "\"\($0)\"" }.joined(separator: ", ")
+                throw .sensor(SensorError(
+                    .invalidResponse,
+                    "\(more.count + 1) value lines answered \(command) from the EZO \(kind.rawValue) circuit on \(portPath) (\(lines)), where the circuit sends one: it is streaming readings (continuous mode on again: a restart, another program, or it does not take C,0) or another device or noise is on the line; none is stored, as which one is the answer cannot be told; the circuit is initialised again before the next read (if this repeats, check what else is connected to the port and the wiring)"))
             }
             return data
         }
