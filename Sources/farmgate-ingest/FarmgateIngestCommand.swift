@@ -56,13 +56,20 @@ struct ConfigOption: ParsableArguments {
         return (configuration, Logger(label: label))
     }
 
-    /// Opens the store `[storage]` names (not yet running, not migrated); exits 74 when it cannot be opened, or when
-    /// PostgreSQL refuses a connection for good (a database that does not exist, a role or password it does not take):
-    /// one connection is opened first, outside the pool, whose failures postgres-nio does not report (a store call
-    /// would wait for `query_timeout` and say only that nothing answered).
+    /// Opens the store `[storage]` names (not yet running, not migrated); exits 74 when it cannot be opened. On
+    /// PostgreSQL one connection is opened first, outside the pool, whose failures postgres-nio does not report (a store
+    /// call would wait for `query_timeout` and say only that nothing answered): when the server refuses these settings
+    /// for good (a database or role it does not have, a wrong or missing password, a certificate that does not verify
+    /// or does not name the host, no TLS where it is required) the command exits 78 (EX_CONFIG) naming what to change.
+    /// The same for `listen_url`'s connection.
     func openStore(_ configuration: IngestConfiguration, logger: Logger) async throws -> any IngestStore {
-        if let postgres = configuration.storage.postgres, case .refused(let state, let message) = await postgres.probe(logger: logger) {
-            throw failure("cannot connect to PostgreSQL \(configuration.storage.displayName): the server refused: \(state) \(message)", code: 74)  // EX_IOERR
+        if let postgres = configuration.storage.postgres {
+            if let problem = await postgres.probe(logger: logger).configurationProblem {
+                throw failure("cannot use PostgreSQL \(postgres.redacted): \(problem)", code: 78)  // EX_CONFIG
+            }
+            if let listen = postgres.listen, let problem = await postgres.forListening.probe(logger: logger).configurationProblem {
+                throw failure("cannot use PostgreSQL \(listen.redacted) (listen_url): \(problem)", code: 78)  // EX_CONFIG
+            }
         }
         do {
             return try await openIngestStore(configuration.storage, limits: configuration.limits, logger: logger)
@@ -78,11 +85,19 @@ func explain(_ error: any Error, _ configuration: IngestConfiguration, logger: L
     guard let storeError = error as? PostgresStoreError, case .timedOut = storeError, let postgres = configuration.storage.postgres else {
         return Logger.describe(storeError: error)
     }
-    switch await postgres.probe(logger: logger) {
+    let probe = await postgres.probe(logger: logger)
+    switch probe {
     case .connected: return "\(error) (a connection opened now succeeds: the server was slow or the pool busy)"
-    case .refused(let state, let message): return "\(error); the server refuses connections: \(state) \(message)"
+    case .refused, .misconfigured: return "\(error); \(probe.configurationProblem ?? "")"
     case .unreachable(let why): return "\(error); a connection opened now fails: \(why)"
     }
+}
+
+/// The exit status of a migration that failed: 78 (EX_CONFIG) when PostgreSQL's certificate does not fit the settings
+/// (``PostgresStoreError/tls(_:)``), else 74 (EX_IOERR).
+func migrationExitCode(_ error: any Error) -> Int32 {
+    if let error = error as? PostgresStoreError, case .tls = error { return 78 }
+    return 74
 }
 
 /// Prints `text` to standard error and returns the error that exits with `code`.
@@ -106,7 +121,7 @@ extension ConfigOption {
             do {
                 try await store.migrate()
             } catch {
-                throw failure("cannot migrate the store \(configuration.storage.displayName): \(await explain(error, configuration, logger: logger))", code: 74)
+                throw failure("cannot migrate the store \(configuration.storage.displayName): \(await explain(error, configuration, logger: logger))", code: migrationExitCode(error))
             }
             do {
                 return try await body(IngestAdmin(store: store))
@@ -279,6 +294,9 @@ struct MigrateThenServe<App: Service>: Service {
     func run() async throws {
         do {
             try await store.migrate()
+        } catch is CancellationError {
+            // The group stops (another service failed, and said why): not this migration's failure.
+            throw CancellationError()
         } catch {
             let why = Logger.describe(storeError: error)
             logger.critical("cannot bring the store's schema up to date", metadata: ["storage": "\(storage)", "error": "\(why)"])
@@ -331,7 +349,7 @@ struct MigrateCommand: AsyncParsableCommand {
                 }
                 return (try await store.migrate(), nil)
             } catch {
-                throw failure("cannot migrate \(storage): \(await explain(error, configuration, logger: logger))", code: 74)
+                throw failure("cannot migrate \(storage): \(await explain(error, configuration, logger: logger))", code: migrationExitCode(error))
             }
         }
         if applied.isEmpty {

@@ -42,7 +42,7 @@ struct RetentionCommand: AsyncParsableCommand {
                 do {
                     try await retentionStore.migrate()
                 } catch {
-                    throw failure("cannot migrate \(storage): \(Logger.describe(storeError: error))", code: 74)
+                    throw failure("cannot migrate \(storage): \(Logger.describe(storeError: error))", code: migrationExitCode(error))
                 }
                 let started = ContinuousClock.now
                 do {

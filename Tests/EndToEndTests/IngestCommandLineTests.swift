@@ -66,7 +66,8 @@ import Testing
     }
 
     /// PostgreSQL answers a wrong database or role at once; the pool would hide that and wait for `query_timeout`
-    /// (30 s) before saying nothing answered. The command names the server's error within seconds and exits 74.
+    /// (30 s) before saying nothing answered. The command names the server's error within seconds and exits 78: the
+    /// settings must change.
     @Test(arguments: [("nodb", "farmgate", "3D000"), ("farmgate_test", "nobody", "28000")])
     func aDatabaseOrRoleTheServerRefusesIsNamedAtOnce(database: String, user: String, sqlState: String) async throws {
         let scratch = try Scratch(prefix: "fg-pgurl")
@@ -75,9 +76,50 @@ import Testing
             let started = ContinuousClock.now
             let result = try await runCommand(Farm.ingestBinary, command + ["--config", config])
             let took = started.duration(to: .now)
-            #expect(result.status == 74, "\(command): \(result.stderr)")
+            #expect(result.status == 78, "\(command): \(result.stderr)")
             #expect(result.stderr.contains(sqlState) && result.stderr.contains("does not exist"), "\(command): \(result.stderr)")
             #expect(took < .seconds(10), "\(command) took \(took)")
         }
     }
+
+    /// A certificate that does not verify, and under verify-full one that does not name the URL's host (though it names
+    /// the address connected to): configuration errors named at once (exit 78), from `migrate`, the admin commands and
+    /// `serve` at start, not an outage with BoringSSL's error stack.
+    @Test func certificateProblemsAreConfigurationErrors() async throws {
+        guard let url = ProcessInfo.processInfo.environment["FARMGATE_TEST_DATABASE_TLS_URL"], !url.isEmpty else {
+            throw TestServerError("FARMGATE_TEST_DATABASE_TLS_URL is not set: run under .ci/with-postgres")
+        }
+        let scratch = try Scratch(prefix: "fg-pgtls")
+        let otherCA = try await TestCertificates.make(in: scratch.path).caFile
+        guard let caStart = url.range(of: "sslrootcert=") else { throw TestServerError("no sslrootcert in \(url)") }
+        let wrongCA = String(url[..<caStart.upperBound]) + otherCA
+        var cases = [("wrong-ca", wrongCA, "does not verify against the CA file \(otherCA)")]
+        if let alias = Self.loopbackAlias {
+            cases.append(("wrong-host", url.replacingOccurrences(of: "@localhost:", with: "@\(alias):"), "does not name the host name \(alias)"))
+        }
+        for (name, url, expected) in cases {
+            let config = try scratch.write("\(name).toml", "[server]\nport = \(try freePort())\n[storage]\nurl = \"\(url)\"\nconnect_timeout = \"3s\"\n")
+            for command in [["migrate"], ["farm", "create", "f1"], ["serve"]] {
+                let started = ContinuousClock.now
+                // Bounded: before, `serve` ran on as if PostgreSQL were down.
+                let result = try await runCommand("/usr/bin/timeout", ["20", Farm.ingestBinary] + command + ["--config", config])
+                #expect(result.status == 78, "\(name) \(command): \(result.stderr)")
+                #expect(result.stderr.contains(expected), "\(name) \(command): \(result.stderr)")
+                #expect(!result.stderr.contains("unreachable") && !result.stderr.contains("BoringSSL"), "\(name) \(command): \(result.stderr)")
+                #expect(started.duration(to: .now) < .seconds(10))
+            }
+        }
+    }
+
+    /// A name other than localhost that /etc/hosts maps to 127.0.0.1, which the test cluster's certificate (localhost,
+    /// 127.0.0.1) does not name.
+    static let loopbackAlias: String? = {
+        guard let hosts = try? String(contentsOfFile: "/etc/hosts", encoding: .utf8) else { return nil }
+        for line in hosts.split(separator: "\n") {
+            let fields = line.split(whereSeparator: { $0 == " " || $0 == "\t" })
+            guard fields.first == "127.0.0.1" else { continue }
+            if let name = fields.dropFirst().first(where: { $0 != "localhost" && !$0.hasPrefix("#") }) { return String(name) }
+        }
+        return nil
+    }()
 }

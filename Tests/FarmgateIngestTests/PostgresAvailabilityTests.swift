@@ -39,14 +39,14 @@ import Testing
             try await PostgresConnection.connect(configuration: configuration, id: 1, logger: testLogger)
         }
         #expect(refused.map { PostgresAvailability.mayMeanUnreachable($0) } == true, "\(String(describing: refused))")
-        #expect(await PostgresSettings.unreachability(configuration: configuration, limit: .milliseconds(500), logger: testLogger) != nil)
+        #expect(await settings.unreachability(configuration: configuration, logger: testLogger)?.configuration == false)
     }
 
     /// Every connection of the store's pool killed (`pg_terminate_backend`) while the server stays up: the calls on
     /// them fail, the check that follows finds the database answering, and the store is never taken for down.
     @Test func killedConnectionsOfARunningServerAreNotAnOutage() async throws {
         try await PostgresStoreTests.withStore { store, settings in
-            #expect(await PostgresSettings.unreachability(configuration: try settings.connectionConfiguration(), limit: .seconds(5), logger: testLogger) == nil)
+            #expect(await settings.unreachability(configuration: try settings.connectionConfiguration(), logger: testLogger) == nil)
             try await store.ping()
             try await withTestClient(settings) { admin in
                 _ = try await admin.query(

@@ -1,4 +1,5 @@
 import FarmgateSupport
+import FarmgateTestSupport
 import Foundation
 import Testing
 
@@ -74,11 +75,11 @@ struct PostgresWritesConfigurationTests {
     }
 
     @Test("[storage] tls and ca_file apply to listen_url too")
-    func tlsAppliesToBoth() throws {
+    func tlsAppliesToBoth() async throws {
         let directory = NSTemporaryDirectory() + "farmgate-listen-config-" + UUID().uuidString
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: directory) }
-        try Data("-----BEGIN CERTIFICATE-----\n".utf8).write(to: URL(fileURLWithPath: directory + "/ca.pem"))
+        _ = try await TestCertificates.make(in: directory)
         let configuration = try IngestConfiguration.parse(
             """
             [storage]

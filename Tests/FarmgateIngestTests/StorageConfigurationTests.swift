@@ -1,4 +1,5 @@
 import FarmgateSupport
+import FarmgateTestSupport
 import Foundation
 import Testing
 
@@ -7,7 +8,7 @@ import Testing
 @Suite("[storage] PostgreSQL keys")
 struct StorageConfigurationTests {
     @Test("a URL selects PostgreSQL with the documented defaults; the pool keys override them")
-    func urlAndPoolKeys() throws {
+    func urlAndPoolKeys() async throws {
         let plain = try IngestConfiguration.parse(
             "[storage]\nurl = \"postgresql://farm%40gate:s%3Acret@db.example:6432/farmgate?sslmode=require\"\n", file: "ingest.toml", baseDirectory: "/etc")
         let postgres = try #require(plain.storage.postgres)
@@ -20,7 +21,7 @@ struct StorageConfigurationTests {
         let directory = NSTemporaryDirectory() + "farmgate-storage-config-" + UUID().uuidString
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: directory) }
-        try Data("-----BEGIN CERTIFICATE-----\n".utf8).write(to: URL(fileURLWithPath: directory + "/ca.pem"))
+        _ = try await TestCertificates.make(in: directory)
         let tuned = try IngestConfiguration.parse(
             """
             [storage]
@@ -63,12 +64,74 @@ struct StorageConfigurationTests {
             ("[storage]\nurl = \"postgresql://u@h/d\"\nca_file = \"/nonexistent/ca.pem\"\n", "ingest.toml:3: storage.ca_file: a CA file is only used with tls = \"verify-full\""),
             ("[storage]\nurl = \"postgresql://u@h/d\"\ntls = \"verify-full\"\nca_file = \"/nonexistent/ca.pem\"\n", "ingest.toml:4: storage.ca_file: cannot read the CA file /nonexistent/ca.pem"),
             ("[storage]\nurl = \"postgresql://u@/d?host=/run/pg\"\ntls = \"require\"\n", "ingest.toml:3: storage.tls: the URL names a Unix socket"),
+            // Foundation keeps a port's low 16 bits: 98751 connected to 33215.
+            ("[storage]\nurl = \"postgresql://u@h:98751/d\"\n", "ingest.toml:2: storage.url: port '98751' is not a port number"),
+            ("[storage]\nurl = \"postgresql://u:p@[::1]:70000/d\"\n", "ingest.toml:2: storage.url: port '70000' is not a port number"),
+            ("[storage]\nurl = \"postgresql://u@h:5432/d\"\nlisten_url = \"postgresql://u@h:65536/d\"\n", "ingest.toml:3: storage.listen_url: port '65536'"),
+            // The user wrote sslmode and sslrootcert, not tls and ca_file: the error says it in those terms.
+            ("[storage]\nurl = \"postgresql://u@h/d?sslmode=require&sslrootcert=/nonexistent/ca.pem\"\n",
+             "ingest.toml:2: storage.url: sslrootcert is only used with sslmode=verify-full (the URL's sslmode is require); set sslmode=verify-full or remove sslrootcert"),
         ])
     func badValues(text: String, expected: String) {
         #expect {
             _ = try IngestConfiguration.parse(text, file: "ingest.toml", baseDirectory: "/etc")
         } throws: { error in
             (error as? ConfigurationError)?.description.hasPrefix(expected) == true
+        }
+    }
+
+    @Test("a port above 65535 in FARMGATE_INGEST_DATABASE_URL or FARMGATE_INGEST_LISTEN_URL is refused, naming the variable")
+    func portOutOfRangeInTheEnvironment() {
+        for (variable, environment) in [
+            ("FARMGATE_INGEST_DATABASE_URL", ["FARMGATE_INGEST_DATABASE_URL": "postgresql://u@h:98751/d"]),
+            ("FARMGATE_INGEST_LISTEN_URL", ["FARMGATE_INGEST_DATABASE_URL": "postgresql://u@h/d", "FARMGATE_INGEST_LISTEN_URL": "postgresql://u@h:98751/d"]),
+        ] {
+            #expect {
+                _ = try IngestConfiguration.parse("", file: "ingest.toml", baseDirectory: "/etc", environment: environment)
+            } throws: { error in
+                (error as? ConfigurationError)?.description.hasPrefix("environment: \(variable): port '98751' is not a port number") == true
+            }
+        }
+        let fine = try? IngestConfiguration.parse("[storage]\nurl = \"postgresql://u@h:65535/d\"\n", file: "ingest.toml", baseDirectory: "/etc")
+        #expect(fine?.storage.postgres?.endpoint == .tcp(host: "h", port: 65_535))
+    }
+
+    @Test("the CA file of FARMGATE_INGEST_DATABASE_URL is reported against the variable, not the file's url it overrides")
+    func caFileOfTheEnvironmentURL() {
+        #expect {
+            _ = try IngestConfiguration.parse(
+                "[storage]\nurl = \"postgresql://u@h/d\"\n", file: "ingest.toml", baseDirectory: "/etc",
+                environment: ["FARMGATE_INGEST_DATABASE_URL": "postgresql://u@h/d?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem"])
+        } throws: { error in
+            (error as? ConfigurationError)?.description.hasPrefix("environment: FARMGATE_INGEST_DATABASE_URL: cannot read the CA file /nonexistent/ca.pem") == true
+        }
+        // Without a [storage] table the CA file is checked all the same (it was not checked at all).
+        #expect {
+            _ = try IngestConfiguration.parse(
+                "", file: "ingest.toml", baseDirectory: "/etc",
+                environment: ["FARMGATE_INGEST_DATABASE_URL": "postgresql://u@h/d?sslmode=require&sslrootcert=/nonexistent/ca.pem"])
+        } throws: { error in
+            (error as? ConfigurationError)?.description.hasPrefix("environment: FARMGATE_INGEST_DATABASE_URL: sslrootcert is only used with sslmode=verify-full") == true
+        }
+    }
+
+    @Test("a ca_file that holds no PEM certificate is a located configuration error")
+    func caFileThatIsNotPEM() throws {
+        let directory = NSTemporaryDirectory() + "farmgate-storage-config-" + UUID().uuidString
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        try Data("not a certificate\n".utf8).write(to: URL(fileURLWithPath: directory + "/ca.pem"))
+        #expect {
+            _ = try IngestConfiguration.parse(
+                "[storage]\nurl = \"postgresql://u@h/d\"\ntls = \"verify-full\"\nca_file = \"ca.pem\"\n", file: "ingest.toml", baseDirectory: directory)
+        } throws: { error in
+            (error as? ConfigurationError)?.description.hasPrefix("ingest.toml:4: storage.ca_file: the CA file \(directory)/ca.pem holds no PEM certificate") == true
+        }
+        #expect {
+            _ = try IngestConfiguration.parse(
+                "[storage]\nurl = \"postgresql://u@h/d?sslmode=verify-full&sslrootcert=\(directory)/ca.pem\"\n", file: "ingest.toml", baseDirectory: directory)
+        } throws: { error in
+            (error as? ConfigurationError)?.description.hasPrefix("ingest.toml:2: storage.url: the CA file \(directory)/ca.pem holds no PEM certificate") == true
         }
     }
 

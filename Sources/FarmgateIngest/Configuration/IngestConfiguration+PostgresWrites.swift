@@ -75,8 +75,9 @@ extension IngestConfiguration {
             guard listen.tls == .verifyFull else {
                 throw refuse("a CA file (ca_file or sslrootcert) is only used with verify-full, and this connection's TLS is \"\(listen.tls.rawValue)\"; add ?sslmode=verify-full")
             }
-            guard FileManager.default.isReadableFile(atPath: caFile) else {
-                throw refuse("cannot read the CA file \(caFile); check the path and its permissions")
+            if let problem = caFileProblem(caFile) {
+                if let section, section.contains("ca_file") { throw section.error("ca_file", problem) }
+                throw refuse(problem)
             }
         }
         listen.poolSize = 1

@@ -1,6 +1,7 @@
 import FarmgateSupport
 import Foundation
 public import Logging
+import NIOSSL
 
 /// The configuration of `farmgate-ingest`, read from a TOML file (default `/etc/farmgate/ingest.toml`, or the path in
 /// `FARMGATE_INGEST_CONFIG`).
@@ -259,6 +260,16 @@ public struct IngestConfiguration: Sendable, Hashable {
     /// deployment keeps the password out of the configuration file this way.
     public static let databaseURLEnvironmentVariable = "FARMGATE_INGEST_DATABASE_URL"
 
+    /// Why the CA file of a PostgreSQL connection cannot be used (unreadable, or no PEM certificate in it); nil when it
+    /// can.
+    static func caFileProblem(_ path: String) -> String? {
+        guard FileManager.default.isReadableFile(atPath: path) else { return "cannot read the CA file \(path); check the path and its permissions" }
+        guard let certificates = try? NIOSSLCertificate.fromPEMFile(path), !certificates.isEmpty else {
+            return "the CA file \(path) holds no PEM certificate; it must hold the CA's certificate (-----BEGIN CERTIFICATE-----)"
+        }
+        return nil
+    }
+
     /// The configuration path to use: `explicit` if given, else `FARMGATE_INGEST_CONFIG` if set and not empty, else
     /// ``defaultPath``.
     public static func resolvePath(explicit: String?, environment: [String: String] = ProcessInfo.processInfo.environment) -> String {
@@ -339,6 +350,9 @@ public struct IngestConfiguration: Sendable, Hashable {
         }
 
         let storageSection = try table.table("storage")
+        // Where a problem of the URL itself (its sslrootcert) is reported: `[storage] url`, or the environment variable
+        // that overrides it.
+        var refuseURL: ((String) -> ConfigurationError)?
         if let section = storageSection {
             try section.checkKeys(Set(["path", "url", "pool_size", "connect_timeout", "query_timeout", "tls", "ca_file"] + Self.postgresWriteKeys))
             if let path = try section.string("path") {
@@ -347,14 +361,19 @@ public struct IngestConfiguration: Sendable, Hashable {
             }
             if let url = try section.string("url") {
                 do { storage.postgres = try PostgresSettings(url: url) } catch { throw section.error("url", error.message) }
+                refuseURL = { section.error("url", $0) }
             }
         }
         if let url = environment[Self.databaseURLEnvironmentVariable], !url.isEmpty {
+            let refuse = { (message: String) in
+                ConfigurationError(file: "environment", line: nil, key: Self.databaseURLEnvironmentVariable, message: message)
+            }
             do {
                 storage.postgres = try PostgresSettings(url: url)
             } catch {
-                throw ConfigurationError(file: "environment", line: nil, key: Self.databaseURLEnvironmentVariable, message: error.message)
+                throw refuse(error.message)
             }
+            refuseURL = refuse
         }
         if let section = storageSection {
             let poolKeys = ["pool_size", "connect_timeout", "query_timeout", "tls", "ca_file"] + Self.postgresWriteKeys
@@ -380,18 +399,32 @@ public struct IngestConfiguration: Sendable, Hashable {
                     guard !file.isEmpty else { throw section.error("ca_file", "must name a PEM file with the CA that signed the server's certificate") }
                     postgres.caFile = Self.resolve(file, against: baseDirectory)
                 }
-                if postgres.caFile != nil, postgres.tls != .verifyFull {
-                    throw section.error(
-                        section.contains("ca_file") ? "ca_file" : "tls",
-                        "a CA file is only used with tls = \"verify-full\" (now \"\(postgres.tls.rawValue)\"); set tls = \"verify-full\" or remove ca_file")
-                }
-                if let caFile = postgres.caFile, !FileManager.default.isReadableFile(atPath: caFile) {
-                    throw section.error(section.contains("ca_file") ? "ca_file" : "url", "cannot read the CA file \(caFile); check the path and its permissions")
-                }
                 storage.postgres = postgres
             } else if let key = poolKeys.first(where: { section.contains($0) }) {
                 throw section.error(key, "applies to PostgreSQL only; set [storage] url = \"postgresql://...\" (or \(Self.databaseURLEnvironmentVariable)) or remove it")
             }
+        }
+        if let postgres = storage.postgres, let caFile = postgres.caFile, let refuseURL {
+            // Each problem is told where it was written: `ca_file` and `tls`, or the URL's sslrootcert and sslmode.
+            let fromKey = storageSection?.contains("ca_file") == true
+            let refuseFile = { (message: String) -> ConfigurationError in
+                if fromKey, let storageSection { return storageSection.error("ca_file", message) }
+                return refuseURL(message)
+            }
+            if postgres.tls != .verifyFull {
+                let mode = postgres.tls.rawValue
+                if fromKey, let storageSection {
+                    throw storageSection.error(
+                        "ca_file", "a CA file is only used with tls = \"verify-full\" (now \"\(mode)\"); set tls = \"verify-full\" or remove ca_file")
+                } else if let storageSection, storageSection.contains("tls") {
+                    throw storageSection.error(
+                        "tls",
+                        "the URL's sslrootcert is only used with verify-full (tls is \"\(mode)\"); set tls = \"verify-full\" or remove sslrootcert from the URL")
+                }
+                throw refuseURL(
+                    "sslrootcert is only used with sslmode=verify-full (the URL's sslmode is \(mode)); set sslmode=verify-full or remove sslrootcert")
+            }
+            if let problem = Self.caFileProblem(caFile) { throw refuseFile(problem) }
         }
 
         try Self.readPostgresWrites(storageSection, into: &storage.postgres, environment: environment)

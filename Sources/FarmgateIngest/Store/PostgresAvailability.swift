@@ -32,19 +32,32 @@ final class PostgresAvailability: Sendable {
         /// The store stopped (``PostgresAvailability/run()`` returned): its pools no longer run, and a call leased on one
         /// would wait for ever.
         let stopped: Bool
+        /// The server refuses these settings (a certificate, TLS, a password, a database) rather than being out of reach.
+        let configuration: Bool
 
         init(client: PostgresClient) {
             self.client = client
             self.downSince = .now
             self.reason = ""
             self.stopped = false
+            self.configuration = false
         }
 
-        init(downSince: ContinuousClock.Instant, reason: String, stopped: Bool = false) {
+        init(downSince: ContinuousClock.Instant, failure: PostgresCheckFailure) {
             self.client = nil
             self.downSince = downSince
-            self.reason = reason
-            self.stopped = stopped
+            self.reason = failure.reason
+            self.configuration = failure.configuration
+            self.stopped = false
+        }
+
+        /// The store stopped: calls fail at once.
+        init(stoppedAt: ContinuousClock.Instant) {
+            self.client = nil
+            self.downSince = stoppedAt
+            self.reason = "stopped"
+            self.configuration = false
+            self.stopped = true
         }
     }
 
@@ -57,7 +70,7 @@ final class PostgresAvailability: Sendable {
 
     private let state: ManagedAtomic<State>
     private let makeClient: @Sendable () -> PostgresClient
-    private let check: @Sendable () async -> String?
+    private let check: @Sendable () async -> PostgresCheckFailure?
     private let checks: AsyncStream<Void>
     private let requestCheck: AsyncStream<Void>.Continuation
     private let up = Gauge(label: "farmgate_ingest_database_up")
@@ -68,7 +81,10 @@ final class PostgresAvailability: Sendable {
     ///   - makeClient: a new pool (not yet running).
     ///   - check: nil when the database answers, else what happened.
     ///   - location: where the database is, for logs (without the password).
-    init(makeClient: @escaping @Sendable () -> PostgresClient, check: @escaping @Sendable () async -> String?, location: String, logger: Logger) {
+    init(
+        makeClient: @escaping @Sendable () -> PostgresClient, check: @escaping @Sendable () async -> PostgresCheckFailure?, location: String,
+        logger: Logger
+    ) {
         self.makeClient = makeClient
         self.check = check
         self.location = location
@@ -102,6 +118,10 @@ final class PostgresAvailability: Sendable {
     private static func unavailable(_ down: State) -> PostgresStoreError {
         if down.stopped { return PostgresStoreError.unavailable("the store has stopped: the ingest is shutting down") }
         let seconds = down.downSince.duration(to: .now).components.seconds
+        if down.configuration {
+            return PostgresStoreError.unavailable(
+                "PostgreSQL refuses the ingest's settings (for \(seconds) s): \(down.reason); the ingest checks every second and serves again once this is fixed")
+        }
         return PostgresStoreError.unavailable(
             "PostgreSQL is unreachable (for \(seconds) s: \(down.reason)); the ingest checks every second and serves again as soon as it answers")
     }
@@ -148,19 +168,36 @@ final class PostgresAvailability: Sendable {
                 if wait > .zero, (try? await Task.sleep(for: wait)) == nil { break }
             }
             lastCheck = .now
-            guard let reason = await check(), !Task.isCancelled else { continue }
+            guard let failure = await check(), !Task.isCancelled else { continue }
             let since = ContinuousClock.now
-            state.store(State(downSince: since, reason: reason), ordering: .releasing)
+            state.store(State(downSince: since, failure: failure), ordering: .releasing)
             up.record(0)
             logger.error(
-                "PostgreSQL is unreachable; store calls are answered at once with 503 until it answers again",
-                metadata: ["store.url": "\(location)", "error": "\(reason)", "check_every": "\(Self.checkInterval)"])
+                failure.configuration
+                    ? "PostgreSQL refuses the ingest's settings; store calls are answered at once with 503 until a check succeeds"
+                    : "PostgreSQL is unreachable; store calls are answered at once with 503 until it answers again",
+                metadata: ["store.url": "\(location)", "error": "\(failure.reason)", "check_every": "\(Self.checkInterval)"])
             // Its waiting calls fail now rather than at their deadline; its backoff goes with it.
             pools.last?.task.cancel()
             var stillDown = true
+            var last = failure
             while stillDown {
                 guard (try? await Task.sleep(for: Self.checkInterval)) != nil else { break }
-                stillDown = await check() != nil
+                guard let failure = await check() else {
+                    stillDown = false
+                    break
+                }
+                // A server that comes back refusing these settings (its certificate replaced, a password changed)
+                // keeps the ingest down, and says why once.
+                if failure.configuration != last.configuration || (failure.configuration && failure.reason != last.reason) {
+                    state.store(State(downSince: since, failure: failure), ordering: .releasing)
+                    logger.error(
+                        failure.configuration
+                            ? "PostgreSQL answers but refuses the ingest's settings; store calls are answered with 503 until a check succeeds"
+                            : "PostgreSQL is unreachable; store calls are answered at once with 503 until it answers again",
+                        metadata: ["store.url": "\(location)", "error": "\(failure.reason)"])
+                }
+                last = failure
             }
             if stillDown { break }
             let client = makeClient()
@@ -175,7 +212,7 @@ final class PostgresAvailability: Sendable {
         }
         // From now on calls fail at once: postgres-nio queues a lease on a pool that no longer runs, for ever (a service
         // still working while the group stops, such as one whose start failed, would hold the process's exit).
-        state.store(State(downSince: .now, reason: "stopped", stopped: true), ordering: .releasing)
+        state.store(State(stoppedAt: .now), ordering: .releasing)
         let running = pools.map(\.task)
         for pool in running { pool.cancel() }
         let closed: Bool? = await FarmgateSupport.withDeadline(Self.shutdownGrace, graceOnCancel: Self.shutdownGrace) {

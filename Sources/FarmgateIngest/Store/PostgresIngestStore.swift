@@ -86,10 +86,9 @@ public final class PostgresIngestStore: IngestStore {
         configuration.options.minimumConnections = 0
         let pool = configuration
         let probe = try settings.connectionConfiguration()
-        let limit = settings.connectTimeout
         self.availability = PostgresAvailability(
             makeClient: { PostgresClient(configuration: pool, backgroundLogger: logger) },
-            check: { await PostgresSettings.unreachability(configuration: probe, limit: limit, logger: logger) },
+            check: { await settings.unreachability(configuration: probe, logger: logger) },
             location: settings.redacted, logger: logger)
     }
 
@@ -247,7 +246,16 @@ public final class PostgresIngestStore: IngestStore {
 
     /// ``migrate()``, saying also which partitions it created ahead and how many rows it moved into them (what
     /// `farmgate-ingest migrate` prints).
+    ///
+    /// With `verify-full` over TCP, first checks that the server's certificate names the URL's host by libpq's rules
+    /// (``PostgresSettings/checkServerCertificate()``; the pool's own check also accepts the connected address).
+    ///
+    /// - Throws: ``PostgresStoreError/tls(_:)`` when the certificate does not verify or names another host.
     public func migrateAndCreatePartitions() async throws -> (applied: [AppliedMigration], partitions: CreatedPartitions) {
+        switch await settings.checkServerCertificate() {
+        case .wrongHost(let message)?, .refused(let message)?: throw PostgresStoreError.tls(message)
+        case .verified?, .noAnswer?, nil: break
+        }
         let logger = self.logger
         let applied = try await transaction { connection in
             try await connection.query("SELECT pg_advisory_xact_lock(\(PostgresSchema.migrationLock))", logger: logger)

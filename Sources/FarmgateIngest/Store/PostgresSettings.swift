@@ -137,7 +137,14 @@ public struct PostgresSettings: Sendable, Hashable {
             }
             query[item.name] = item.value ?? ""
         }
-        var port = components.port ?? 5432
+        // Foundation keeps only the low 16 bits of a port (":98751" became 33215): read it from the text.
+        var port = 5432
+        if let text = Self.portText(authority: authority), !text.isEmpty {
+            guard text.allSatisfy(\.isASCII), text.allSatisfy(\.isNumber), let value = Int(text), (1...65_535).contains(value) else {
+                throw PostgresURLError(message: "port '\(text)' is not a port number (1 to 65535)")
+            }
+            port = value
+        }
         if let text = query["port"] {
             guard let value = Int(text), (1...65_535).contains(value) else { throw PostgresURLError(message: "port '\(text)' is not a port number") }
             port = value
@@ -163,6 +170,20 @@ public struct PostgresSettings: Sendable, Hashable {
         self.init(
             endpoint: endpoint, username: user, password: components.percentEncodedPassword.flatMap { $0.removingPercentEncoding },
             database: database, tls: tls, caFile: query["sslrootcert"].flatMap { $0.isEmpty ? nil : $0 })
+    }
+}
+
+extension PostgresSettings {
+    /// The port as written in a URL's authority (`user:pass@host:port`, `user@[::1]:port`): nil when none is written.
+    static func portText(authority: String) -> Substring? {
+        let hostAndPort = authority.lastIndex(of: "@").map { authority[authority.index(after: $0)...] } ?? authority[...]
+        if hostAndPort.hasPrefix("[") {
+            guard let close = hostAndPort.firstIndex(of: "]") else { return nil }
+            let rest = hostAndPort[hostAndPort.index(after: close)...]
+            return rest.hasPrefix(":") ? rest.dropFirst() : nil
+        }
+        guard let colon = hostAndPort.lastIndex(of: ":") else { return nil }
+        return hostAndPort[hostAndPort.index(after: colon)...]
     }
 }
 
