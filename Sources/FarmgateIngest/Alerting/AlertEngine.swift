@@ -153,6 +153,9 @@ public actor AlertEngine: CommitObserver, Service {
     private var loadedOnce = false
     /// ``AlertStore/alertConfigurationStamp()`` as of the last load of rules and silences.
     private var configurationStamp: String?
+    /// When the last check of that stamp started: batches committed before it need no check of their own (under load,
+    /// one query covers the whole queue instead of one per batch).
+    private var stampCheckedFrom: ContinuousClock.Instant?
     /// When this engine started: no-data and offline rules count silence from here at the earliest.
     private var startedAt: Timestamp
     /// Per device: the lowest sequence whose evaluation failed; the watermark stays below it until a catch-up succeeds.
@@ -264,16 +267,21 @@ public actor AlertEngine: CommitObserver, Service {
     }
 
     /// Reloads rules and silences when the store's ``AlertStore/alertConfigurationStamp()`` moved since the last load:
-    /// one small query per batch, so that a rule or silence acknowledged (by the CLI, the API or another instance)
-    /// before a batch was stored applies to that batch and to the notifications written for it, not only after the
-    /// next tick.
+    /// one small query for every batch committed after the last such query started (so one for a whole queue under load),
+    /// so that a rule or silence acknowledged (by the CLI, the API or another instance) before a batch was stored applies
+    /// to that batch and to the notifications written for it, not only after the next tick.
     private func reloadIfChanged() async {
+        let started = ContinuousClock.now
         do {
             let stamp = try await store.alertConfigurationStamp()
-            if stamp != configurationStamp { await reload() }
+            if stamp != configurationStamp {
+                await reload()
+            } else {
+                stampCheckedFrom = max(stampCheckedFrom ?? started, started)
+            }
         } catch {
             errorsCounter.increment()
-            logger.error("alert engine cannot check whether rules changed; keeping the ones it has", metadata: ["error": "\(error)"])
+            logger.storeFailure("alert engine cannot check whether rules changed; keeping the ones it has", error: error)
         }
     }
 
@@ -281,6 +289,7 @@ public actor AlertEngine: CommitObserver, Service {
     public func reload() async {
         do {
             // Read first: a change written while the rules are read shows as a stamp that moved at the next check.
+            let started = ContinuousClock.now
             let stamp = try await store.alertConfigurationStamp()
             var rules: [Int64: [AlertRule]] = [:]
             var written: [Int64: [String: Timestamp]] = [:]
@@ -303,6 +312,7 @@ public actor AlertEngine: CommitObserver, Service {
             if changed { await settleRuleChanges(from: previous, to: rules, written: written, first: !loadedOnce) }
             loadedOnce = true
             configurationStamp = stamp
+            stampCheckedFrom = max(stampCheckedFrom ?? started, started)
         } catch {
             errorsCounter.increment()
             logger.storeFailure("alert engine cannot read rules from the store; keeping the ones it has", error: error)
@@ -425,7 +435,11 @@ public actor AlertEngine: CommitObserver, Service {
 
     private func evaluate(_ batch: CommittedBatch, fromCatchUp: Bool) async {
         mergeDropped()
-        await reloadIfChanged()
+        if let checked = stampCheckedFrom, checked >= batch.committedAt {
+            // A check that started after this batch's commit saw the rules and silences it must be judged by.
+        } else {
+            await reloadIfChanged()
+        }
         let device = batch.device
         var readings = batch.readings
         if !fromCatchUp, let scanned = scannedThrough[device.rowID] { readings.removeAll { $0.sequence <= scanned } }

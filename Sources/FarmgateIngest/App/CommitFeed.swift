@@ -6,11 +6,15 @@ public struct CommittedBatch: Sendable {
     public var receivedAt: Timestamp
     /// ``StoreOutcome/fresh``: never empty when delivered (a batch of duplicates is not published).
     public var readings: [CommittedReading]
+    /// When the batch was handed on, after its commit: a check of the alert configuration that started later saw every
+    /// rule and silence acknowledged before the batch was stored.
+    public var committedAt: ContinuousClock.Instant
 
-    public init(device: DeviceIdentity, receivedAt: Timestamp, readings: [CommittedReading]) {
+    public init(device: DeviceIdentity, receivedAt: Timestamp, readings: [CommittedReading], committedAt: ContinuousClock.Instant = .now) {
         self.device = device
         self.receivedAt = receivedAt
         self.readings = readings
+        self.committedAt = committedAt
     }
 }
 
