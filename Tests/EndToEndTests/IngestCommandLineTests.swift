@@ -94,7 +94,7 @@ import Testing
         guard let caStart = url.range(of: "sslrootcert=") else { throw TestServerError("no sslrootcert in \(url)") }
         let wrongCA = String(url[..<caStart.upperBound]) + otherCA
         var cases = [("wrong-ca", wrongCA, "does not verify against the CA file \(otherCA)")]
-        if let alias = Self.loopbackAlias {
+        if let alias = loopbackAlias {
             cases.append(("wrong-host", url.replacingOccurrences(of: "@localhost:", with: "@\(alias):"), "does not name the host name \(alias)"))
         }
         for (name, url, expected) in cases {
@@ -110,16 +110,4 @@ import Testing
             }
         }
     }
-
-    /// A name other than localhost that /etc/hosts maps to 127.0.0.1, which the test cluster's certificate (localhost,
-    /// 127.0.0.1) does not name.
-    static let loopbackAlias: String? = {
-        guard let hosts = try? String(contentsOfFile: "/etc/hosts", encoding: .utf8) else { return nil }
-        for line in hosts.split(separator: "\n") {
-            let fields = line.split(whereSeparator: { $0 == " " || $0 == "\t" })
-            guard fields.first == "127.0.0.1" else { continue }
-            if let name = fields.dropFirst().first(where: { $0 != "localhost" && !$0.hasPrefix("#") }) { return String(name) }
-        }
-        return nil
-    }()
 }

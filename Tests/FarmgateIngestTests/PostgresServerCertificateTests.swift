@@ -43,18 +43,6 @@ import Testing
         #expect(names.names(host: "localhost") && names.names(host: "127.0.0.1") && !names.names(host: "vm"))
     }
 
-    /// A name other than localhost that /etc/hosts maps to 127.0.0.1 (the test cluster's certificate names only
-    /// localhost and 127.0.0.1): the name swift-nio-ssl let through because the certificate holds the address.
-    static let loopbackAlias: String? = {
-        guard let hosts = try? String(contentsOfFile: "/etc/hosts", encoding: .utf8) else { return nil }
-        for line in hosts.split(separator: "\n") {
-            let fields = line.split(whereSeparator: { $0 == " " || $0 == "\t" })
-            guard fields.first == "127.0.0.1" else { continue }
-            if let name = fields.dropFirst().first(where: { $0 != "localhost" && !$0.hasPrefix("#") }) { return String(name) }
-        }
-        return nil
-    }()
-
     static func tlsSettings() throws -> PostgresSettings {
         guard let url = ProcessInfo.processInfo.environment["FARMGATE_TEST_DATABASE_TLS_URL"], !url.isEmpty else { throw MissingTestDatabase() }
         var settings = try PostgresSettings(url: url)
@@ -67,7 +55,7 @@ import Testing
         "verify-full refuses a certificate that does not name the URL's host, though it names the address connected to",
         .enabled(if: loopbackAlias != nil, "no other name for 127.0.0.1 in /etc/hosts"))
     func aHostTheCertificateDoesNotNameIsRefused() async throws {
-        let alias = try #require(Self.loopbackAlias)
+        let alias = try #require(loopbackAlias)
         let settings = try Self.tlsSettings()
         #expect(await settings.probe(logger: testLogger) == .connected)
         #expect(await settings.checkServerCertificate() == .verified)
