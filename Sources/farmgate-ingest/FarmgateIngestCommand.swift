@@ -222,8 +222,9 @@ struct ServeCommand: AsyncParsableCommand {
         }
         services += (retention.map { [$0] } ?? []) + (notifier.map { [$0] } ?? [])
         services.append(CertificateReloadOnHangup(certificates: certificates, logger: logger))
+        let stop = StopLoggedService.GroupStop()
         var groupConfiguration = ServiceGroupConfiguration(
-            services: services.map { StopLoggedService($0, logger: logger) }, gracefulShutdownSignals: [.sigterm, .sigint],
+            services: services.map { StopLoggedService($0, stop: stop, logger: logger) }, gracefulShutdownSignals: [.sigterm, .sigint],
             logger: logger)
         // A graceful stop is bounded: past this, what has not stopped is cancelled (an upload in flight then gets no
         // answer and its agent sends it again, a duplicate to the store). systemd's own stop timeout is 90 s.
@@ -246,11 +247,18 @@ extension ServeCommand {
 /// that does not finish names the service it waits for. Past the limit the group cancels every service still running:
 /// the one it waited for and those after it (the store then closes on cancellation instead of its graceful turn).
 struct StopLoggedService: Service, CustomStringConvertible {
+    /// When the group's graceful stop began (the first service told to stop; the group tells them one after another).
+    final class GroupStop: Sendable {
+        let began = Mutex<ContinuousClock.Instant?>(nil)
+    }
+
     let service: any Service
+    let stop: GroupStop
     let logger: Logger
 
-    init(_ service: any Service, logger: Logger) {
+    init(_ service: any Service, stop: GroupStop, logger: Logger) {
         self.service = service
+        self.stop = stop
         self.logger = logger
     }
 
@@ -258,14 +266,14 @@ struct StopLoggedService: Service, CustomStringConvertible {
 
     func run() async throws {
         let name = description
-        // When the graceful stop began: a service cancelled after the limit passed is one the stop waited for; one
-        // cancelled before (or without a graceful stop) goes because another service failed, which that one logged.
-        let stopping = Mutex<ContinuousClock.Instant?>(nil)
+        let stop = self.stop
+        // Cancelled during a graceful stop: the stop passed its limit (the group cancels what is still running then).
+        // Cancelled without one: another service failed (and logged why), and the group cancels the rest.
         defer {
-            let began = stopping.withLock { $0 }
+            let began = stop.began.withLock { $0 }
             if !Task.isCancelled {
                 logger.info("service stopped", metadata: ["service": "\(name)"])
-            } else if let began, began.duration(to: .now) >= ServeCommand.gracefulStopLimit {
+            } else if began != nil {
                 logger.warning(
                     "service cancelled: the graceful stop passed its limit",
                     metadata: ["service": "\(name)", "limit": "\(ServeCommand.gracefulStopLimit)"])
@@ -276,7 +284,7 @@ struct StopLoggedService: Service, CustomStringConvertible {
         try await withGracefulShutdownHandler {
             try await service.run()
         } onGracefulShutdown: {
-            stopping.withLock { $0 = .now }
+            stop.began.withLock { $0 = $0 ?? .now }
             logger.info("service stopping", metadata: ["service": "\(name)"])
         }
     }
