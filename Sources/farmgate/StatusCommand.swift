@@ -78,34 +78,17 @@ struct StatusCommand: ParsableCommand {
         }
     }
 
-    /// The `socket = "…"` of a `[control]` section of the file at `path`, read line by line whatever else the file holds
+    /// The `socket = "…"` of the `[control]` section of the file at `path`, read as text whatever else the file holds
     /// (relative to the file's directory, as the agent resolves it), then the default socket.
     static func sockets(namedIn path: String) -> [String] {
         var found: [String] = []
-        if let data = FileManager.default.contents(atPath: path) {
-            var inControl = false
-            for raw in String(decoding: data, as: UTF8.self).split(whereSeparator: \.isNewline) {
-                let line = raw.trimmingWhitespace()
-                if line.hasPrefix("[") {
-                    inControl = line.filter { $0 != " " && $0 != "\t" } == "[control]"
-                    continue
-                }
-                guard inControl, line.hasPrefix("socket") else { continue }
-                let parts = line.split(separator: "=", maxSplits: 1)
-                guard parts.count == 2, parts[0].trimmingWhitespace() == "socket" else { continue }
-                let value = parts[1].split(separator: "#", maxSplits: 1).first.map(String.init)?.trimmingWhitespace() ?? ""
-                guard value.count >= 2, value.hasPrefix("\""), value.hasSuffix("\"") else { continue }
-                let socket = String(value.dropFirst().dropLast())
-                guard !socket.isEmpty else { continue }
-                if socket.hasPrefix("/") {
-                    found.append(socket)
-                } else {
-                    let directory = path.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
-                    found.append((directory.isEmpty ? "." : directory) + "/" + socket)
-                }
-            }
+        if let data = FileManager.default.contents(atPath: path),
+            let socket = ConfigFileEditor(text: String(decoding: data, as: UTF8.self)).stringValue("socket", in: "control"), !socket.isEmpty
+        {
+            let base = URL(fileURLWithPath: path).deletingLastPathComponent().path
+            found.append(AgentConfiguration.resolve(socket, against: base))
         }
-        let fallback = "/run/farmgate/control.sock"
+        let fallback = AgentConfiguration.defaultControlSocket
         if !found.contains(fallback) { found.append(fallback) }
         return found
     }

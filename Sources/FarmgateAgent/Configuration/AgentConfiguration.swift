@@ -23,6 +23,8 @@ public struct AgentConfiguration: Sendable {
     public var upload: UploadConfiguration?
     /// `[control] socket`: the Unix socket `farmgate status` talks to. Default `/run/farmgate/control.sock`.
     public var controlSocket: String
+    /// Where `[control] socket` is when the configuration does not say.
+    public static let defaultControlSocket = "/run/farmgate/control.sock"
     /// `[log] level`: trace, debug, info, notice, warning, error, critical. Default info.
     public var logLevel: Logger.Level
     /// `[clock] check`: whether readings are flagged `clock_unsynchronized` while the kernel says the clock is not
@@ -113,7 +115,7 @@ extension AgentConfiguration {
 
         let upload = try root.table("upload").map { table throws(ConfigurationError) in try parseUpload(table, base: base) }
 
-        var controlSocket = "/run/farmgate/control.sock"
+        var controlSocket = Self.defaultControlSocket
         if let table = try root.table("control") {
             try table.checkKeys(["socket"])
             if let socket = try table.string("socket") { controlSocket = resolve(socket, against: base) }
@@ -510,7 +512,7 @@ extension AgentConfiguration {
         }
     }
 
-    static func resolve(_ path: String, against base: String) -> String {
+    public static func resolve(_ path: String, against base: String) -> String {
         if path.hasPrefix("/") { return path }
         return URL(fileURLWithPath: base).appendingPathComponent(path).standardizedFileURL.path
     }

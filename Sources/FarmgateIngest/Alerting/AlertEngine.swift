@@ -421,7 +421,7 @@ public actor AlertEngine: CommitObserver, Service {
                 }
             } catch {
                 errorsCounter.increment()
-                logger.error("alert engine cannot settle the alerts of changed rules", metadata: ["farm": "\(farmNames[farmID] ?? String(farmID))", "error": "\(error)"])
+                logger.storeFailure("alert engine cannot settle the alerts of changed rules", error: error, metadata: ["farm": "\(farmNames[farmID] ?? String(farmID))"])
             }
         }
     }
