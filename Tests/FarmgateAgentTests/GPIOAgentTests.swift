@@ -88,9 +88,10 @@ struct GPIOAgentTests {
         }
         #expect(readings.filter { $0.sensor.rawValue == "loop.pulses" }.last?.value == 2)
 
-        // Second run: a fresh events file (the lines' own counts start at 0 again) with one pulse.
-        try Data("level 0\nnow 200\nrise 200.1\nnow 201\n".utf8).write(to: URL(fileURLWithPath: countEvents))
-        try Data("level 1\nnow 200\n".utf8).write(to: URL(fileURLWithPath: floatEvents))
+        // Second run: a fresh events file (the lines' own counts start at 0 again) with one pulse, a new file as `mv`
+        // leaves it (an events file rewritten in place to a longer text is taken for the old one grown: README, GPIO).
+        try Data("level 0\nnow 200\nrise 200.1\nnow 201\n".utf8).write(to: URL(fileURLWithPath: countEvents), options: .atomic)
+        try Data("level 1\nnow 200\n".utf8).write(to: URL(fileURLWithPath: floatEvents), options: .atomic)
         process = try startAgent(configuration, log: log)
         let continued = await eventually(timeout: .seconds(30)) {
             (try? String(contentsOfFile: buffer + ".gpio-count.loop.pulses", encoding: .utf8)) == "3\n"
