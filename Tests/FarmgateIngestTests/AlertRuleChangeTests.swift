@@ -94,6 +94,36 @@ struct AlertRuleChangeTests {
         }
     }
 
+    @Test("the configuration stamp moves at every change of a rule or silence, a rule removed and added again in the same instant too", arguments: StoreKind.allCases)
+    func stampMovesAtEveryChange(kind: StoreKind) async throws {
+        try await AlertHarness.with(kind) { h in
+            var seen = [try await h.store.alertConfigurationStamp()]
+            func expectMoved(_ what: String) async throws {
+                let stamp = try await h.store.alertConfigurationStamp()
+                #expect(!seen.contains(stamp), "the stamp did not move at \(what): \(stamp), seen \(seen)")
+                seen.append(stamp)
+            }
+            let hot = try spec("hot", "above") { $0.threshold = 10 }.validated()
+            try await h.store.putAlertRule(farmID: h.farmID, rule: hot, replace: false, at: h.clock.now)
+            try await expectMoved("a rule added")
+            // Removed and added again with the same definition, the clock standing still: SQLite gives the new row the
+            // old one's id, so counts, id sums and update times alone are all as before.
+            try await h.admin.removeRule(farm: "f1", name: "hot")
+            try await expectMoved("the rule removed")
+            try await h.store.putAlertRule(farmID: h.farmID, rule: hot, replace: false, at: h.clock.now)
+            try await expectMoved("the rule added again")
+            try await h.admin.putRule(farm: "f1", try spec("hot", "above") { $0.threshold = 12 }.validated(), replace: true)
+            try await expectMoved("the rule replaced")
+            let until = Timestamp(microseconds: h.clock.now.microseconds + 3_600_000_000)
+            let id = try await h.admin.addSilence(farm: "f1", matchers: ["alertname": "hot"], until: until, comment: "", by: "test", now: h.clock.now)
+            try await expectMoved("a silence added")
+            try await h.admin.removeSilence(farm: "f1", id: id)
+            try await expectMoved("the silence removed")
+            // Nothing changed: the same stamp.
+            #expect(try await h.store.alertConfigurationStamp() == seen.last)
+        }
+    }
+
     @Test("the ingest down longer than `after`: no device is offline until `after` has passed since the engine started", arguments: StoreKind.allCases)
     func offlineAfterIngestRestart(kind: StoreKind) async throws {
         try await AlertHarness.with(kind) { h in

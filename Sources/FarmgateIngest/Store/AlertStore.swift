@@ -17,8 +17,8 @@ public protocol AlertStore: Sendable {
     func alertRules(farmID: Int64?) async throws -> [StoredAlertRule]
     /// Removes the rule; false when there was none. Its alerts and their history stay.
     func removeAlertRule(farmID: Int64, name: String) async throws -> Bool
-    /// A short text that changes whenever a rule or a silence of any farm is added, changed or removed (counts, newest
-    /// change, id sums): the engine compares it before each batch, so that a rule or silence acknowledged before a
+    /// A short text that changes whenever a rule or a silence of any farm is added, changed or removed (a counter that
+    /// triggers on both tables move, so one row is read): the engine compares it before each batch, so that a rule or silence acknowledged before a
     /// batch was stored applies to it, without reading every rule for every batch.
     func alertConfigurationStamp() async throws -> String
 

@@ -46,15 +46,7 @@ extension PostgresIngestStore: AlertStore {
     }
 
     public func alertConfigurationStamp() async throws -> String {
-        let found = try await rows(
-            """
-            SELECT (SELECT count(*)::int8 FROM alert_rules), (SELECT coalesce(max(updated_at_us), 0) FROM alert_rules), (SELECT coalesce(sum(id), 0)::int8 FROM alert_rules), (SELECT count(*)::int8 FROM alert_silences), (SELECT coalesce(max(id), 0) FROM alert_silences), (SELECT coalesce(sum(ends_at_us % 1000000007), 0)::int8 FROM alert_silences)
-            """
-        ) { row in
-            let (a, b, c, d, e, f) = try row.decode((Int64, Int64, Int64, Int64, Int64, Int64).self)
-            return [a, b, c, d, e, f].map(String.init).joined(separator: ":")
-        }
-        return found.first ?? ""
+        try await rows("SELECT version FROM alert_configuration_version WHERE id = 1") { String(try $0.decode(Int64.self)) }.first ?? ""
     }
 
     // MARK: Silences

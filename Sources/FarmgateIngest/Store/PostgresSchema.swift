@@ -434,6 +434,35 @@ enum PostgresSchema {
                 "ALTER TABLE alert_receivers ADD COLUMN group_wait_us bigint NOT NULL DEFAULT 0",
                 "ALTER TABLE alert_receivers ADD COLUMN group_interval_us bigint NOT NULL DEFAULT 0",
             ]),
+        // Like SQLite's migration 15: the alert engine's check for changed rules and silences reads one counter that a
+        // statement trigger on either table moves (in the changing transaction, so every instance sees the change
+        // with it), instead of summing both tables.
+        Migration(
+            version: 16, name: "alert_configuration_version: a counter every change to alert_rules or alert_silences moves",
+            statements: [
+                """
+                CREATE TABLE alert_configuration_version (
+                    id integer PRIMARY KEY CHECK (id = 1),
+                    version bigint NOT NULL
+                )
+                """,
+                "INSERT INTO alert_configuration_version(id, version) VALUES (1, 0)",
+                """
+                CREATE FUNCTION farmgate_alert_configuration_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN
+                    UPDATE alert_configuration_version SET version = version + 1 WHERE id = 1;
+                    RETURN NULL;
+                END $$
+                """,
+                """
+                CREATE TRIGGER alert_rules_version AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON alert_rules
+                FOR EACH STATEMENT EXECUTE FUNCTION farmgate_alert_configuration_changed()
+                """,
+                """
+                CREATE TRIGGER alert_silences_version AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON alert_silences
+                FOR EACH STATEMENT EXECUTE FUNCTION farmgate_alert_configuration_changed()
+                """,
+            ]),
     ]
 
     static var currentVersion: Int { migrations.last?.version ?? 0 }

@@ -53,13 +53,9 @@ extension SQLiteIngestStore: AlertStore {
 
     public func alertConfigurationStamp() async throws -> String {
         let rows = try await reader.withValue { db in
-            try db.connection.query(
-                """
-                SELECT (SELECT count(*) FROM alert_rules), (SELECT coalesce(max(updated_at_us), 0) FROM alert_rules), (SELECT coalesce(sum(id), 0) FROM alert_rules), (SELECT count(*) FROM alert_silences), (SELECT coalesce(max(id), 0) FROM alert_silences), (SELECT coalesce(sum(ends_at_us % 1000000007), 0) FROM alert_silences)
-                """)
+            try db.connection.query("SELECT version FROM alert_configuration_version WHERE id = 1")
         }
-        guard let row = rows.first else { return "" }
-        return (0..<6).map { String(row.int($0)) }.joined(separator: ":")
+        return rows.first.map { String($0.int(0)) } ?? ""
     }
 
     // MARK: Silences

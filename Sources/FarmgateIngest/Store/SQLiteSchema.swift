@@ -316,7 +316,31 @@ enum SQLiteSchema {
                 ALTER TABLE alert_receivers ADD COLUMN group_wait_us INTEGER NOT NULL DEFAULT 0;
                 ALTER TABLE alert_receivers ADD COLUMN group_interval_us INTEGER NOT NULL DEFAULT 0;
                 """),
+        // The alert engine's check for changed rules and silences (`alertConfigurationStamp`) reads one row: a counter
+        // that triggers move on every change to either table. Before, it summed both tables, which grew with the
+        // silences kept and took a rule removed and added again (the same row id reused) for unchanged.
+        Migration(
+            version: 15, name: "alert_configuration_version: a counter every change to alert_rules or alert_silences moves",
+            sql: """
+                CREATE TABLE alert_configuration_version (
+                    id INTEGER PRIMARY KEY CHECK (id = 1),
+                    version INTEGER NOT NULL
+                );
+                INSERT INTO alert_configuration_version(id, version) VALUES (1, 0);
+                """ + alertConfigurationTriggers),
     ]
+
+    /// Migration 15's triggers: every insert, update or delete of an alert rule or silence moves the counter.
+    static var alertConfigurationTriggers: String {
+        ["alert_rules", "alert_silences"].flatMap { table in
+            ["INSERT", "UPDATE", "DELETE"].map { event in
+                """
+                CREATE TRIGGER \(table)_\(event.lowercased())_version AFTER \(event) ON \(table)
+                BEGIN UPDATE alert_configuration_version SET version = version + 1 WHERE id = 1; END;
+                """
+            }
+        }.joined(separator: "\n")
+    }
 
     /// Migration 6: the rollup tables (see ``RollupLevel``), and the rollups of every reading already stored, so that
     /// a store that ran before rollups existed does not lose its history's summaries when retention deletes raw
