@@ -151,6 +151,8 @@ struct ReadController: Sendable {
         var resolved = ReadResolution.Resolved.raw
         var (queryFrom, queryTo) = (from, to)
         var autoSpan: (from: Timestamp, to: Timestamp)?
+        var truncated = false
+        var nextFrom: Timestamp?
         if requested == .auto {
             // `auto` reads a closed span: up to now when `to` is absent, the day before `to` when `from` is.
             let end = to ?? now()
@@ -175,13 +177,19 @@ struct ReadController: Sendable {
                     let (start, end) = autoSpan ?? (Timestamp(microseconds: 0), now())
                     let store = self.store
                     let (retention, at) = (self.retention, now())
+                    // Raw readings are kept from the later of the configured period's cut-off and the one a run
+                    // applied: a `raw` raised since brings nothing back.
+                    let applied = try await store.appliedRawCutoff()
                     let decided = try await ReadResolution.decideAuto(
                         from: start, to: end,
                         keptFrom: { resolution in
-                            guard let retention else { return nil }
                             switch resolution {
-                            case .raw: return IngestConfiguration.Retention.cutoff(retention.raw, now: at)
-                            case .rollup(let level): return IngestConfiguration.Retention.cutoff(retention.period(of: level), now: at)
+                            case .raw:
+                                let configured = retention.flatMap { IngestConfiguration.Retention.cutoff($0.raw, now: at) }
+                                return [configured, applied].compactMap { $0 }.max()
+                            case .rollup(let level):
+                                guard let retention else { return nil }
+                                return IngestConfiguration.Retention.cutoff(retention.period(of: level), now: at)
                             }
                         },
                         storedAtLeast: { try await store.storedReadingCount(sensorRowID: record.rowID, from: start, to: end) },
@@ -194,6 +202,15 @@ struct ReadController: Sendable {
                 case .raw where requested == .auto: break
                 case .raw: rows = try await store.readings(sensorRowID: record.rowID, from: queryFrom, to: queryTo, limit: limit + 1)
                 case .rollup(let level): points = try await store.rollups(sensorRowID: record.rowID, level: level, from: queryFrom, to: queryTo, limit: limit + 1)
+                }
+                if rows.count > limit {
+                    truncated = true
+                    rows = try await wholeInstants(rows, limit: limit, sensorRowID: record.rowID)
+                    nextFrom = rows.last.map { Timestamp(microseconds: $0.timestamp.microseconds + 1) }
+                } else if points.count > limit, case .rollup(let level) = resolved {
+                    truncated = true
+                    points.removeLast(points.count - limit)
+                    nextFrom = points.last.map { Timestamp(microseconds: $0.start.microseconds + level.width) }
                 }
             }
         } catch {
@@ -208,9 +225,25 @@ struct ReadController: Sendable {
         let answer = RangeAnswer(
             farm: farm.name, device: device.rawValue, sensor: sensor.rawValue, quantity: record.quantity.rawValue, unit: record.quantity.unit,
             from: queryFrom, to: queryTo, limit: limit, resolution: resolved.name,
-            content: resolved == .raw ? .readings(Array(rows.prefix(limit))) : .buckets(Array(points.prefix(limit))),
-            truncated: rows.count > limit || points.count > limit)
+            content: resolved == .raw ? .readings(rows) : .buckets(points), truncated: truncated, nextFrom: nextFrom)
         return jsonResponse(body: answer.json)
+    }
+
+    /// The most readings of an instant one answer holds when more than `limit` share the page's first instant.
+    static let maxInstantReadings = 100_000
+
+    /// The page of `rows` (more than `limit`, in time then sequence order): the oldest `limit`, without the readings of
+    /// the last instant when the next reading shares it, so that a client asking again from just after the page's last
+    /// timestamp (`next_from`) misses none of an instant's readings (the ingest stores several readings of a sensor at
+    /// one instant when their sequences differ). When the first instant alone holds more than `limit`, the page is
+    /// every reading of that instant (up to ``maxInstantReadings``).
+    private func wholeInstants(_ rows: [StoredReading], limit: Int, sensorRowID: Int64) async throws -> [StoredReading] {
+        let last = rows[limit - 1].timestamp
+        guard rows[limit].timestamp == last else { return Array(rows.prefix(limit)) }
+        let whole = rows.prefix(limit).prefix { $0.timestamp != last }
+        if !whole.isEmpty { return Array(whole) }
+        return try await store.readings(
+            sensorRowID: sensorRowID, from: last, to: Timestamp(microseconds: last.microseconds + 1), limit: Self.maxInstantReadings)
     }
 
     private func requireFarm(_ context: IngestRequestContext) throws(APIError) -> FarmRecord {

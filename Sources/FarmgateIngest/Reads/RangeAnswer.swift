@@ -3,7 +3,7 @@ import NIOCore
 
 /// The answer of the range query (`GET /v1/farms/{farm}/devices/{device}/sensors/{sensor}/readings`):
 ///
-///     {"buckets": [BUCKET, ...] (rollups only), "device", "farm", "from" (if any), "limit", "quantity",
+///     {"buckets": [BUCKET, ...] (rollups only), "device", "farm", "from" (if any), "limit", "next_from" (if truncated), "quantity",
 ///      "readings": [READING, ...] (raw only), "resolution", "sensor", "to" (if any), "truncated", "unit"}
 ///     READING: {"flags": [NAME, ...], "sequence", "timestamp", "value"}
 ///     BUCKET:  {"count", "faults", "last", "last_timestamp", "max", "mean", "min", "start"}
@@ -28,8 +28,11 @@ struct RangeAnswer {
     /// `raw`, `1m`, `1h` or `1d`: what the answer holds (what `auto` chose).
     var resolution: String
     var content: Content
-    /// Whether the span holds more than `limit` readings or buckets (the answer has the oldest `limit`).
+    /// Whether the span holds more than the answer (the oldest `limit` readings or buckets, whole instants).
     var truncated = false
+    /// Where the next answer starts when truncated: just after the last reading's timestamp, or the end of the last
+    /// bucket.
+    var nextFrom: Timestamp?
 
     var json: ByteBuffer {
         var w: JSONWriter
@@ -56,6 +59,10 @@ struct RangeAnswer {
         }
         w.raw(",\"limit\":")
         w.number(limit)
+        if let nextFrom {
+            w.raw(",\"next_from\":")
+            w.timestamp(nextFrom)
+        }
         w.raw(",\"quantity\":")
         w.string(quantity)
         if case .readings(let readings) = content {

@@ -115,6 +115,10 @@ public protocol ReadingQueryStore: Sendable {
     /// reading them (``ReadResolution/decideAuto(from:to:keptFrom:storedAtLeast:raw:)``). Readings since deleted by
     /// retention still count; hourly rollups retention removed do not.
     func storedReadingCount(sensorRowID: Int64, from: Timestamp, to: Timestamp) async throws -> Int
+
+    /// The newest raw cut-off a retention run applied (every raw reading older is gone), or nil when none ran. It can
+    /// be later than the configured `raw` period's: retention ran with a shorter one, since raised.
+    func appliedRawCutoff() async throws -> Timestamp?
 }
 
 /// A migration that ``StoreMaintenance/migrate()`` applied.

@@ -36,4 +36,8 @@ extension PostgresIngestStore {
         ) { try $0.decode(Int64.self) }
         return Int(found.first ?? 0)
     }
+
+    public func appliedRawCutoff() async throws -> Timestamp? {
+        try await rows("SELECT raw_us FROM retention_cutoff WHERE id = 1") { Timestamp(microseconds: try $0.decode(Int64.self)) }.first
+    }
 }

@@ -61,4 +61,8 @@ extension SQLiteIngestStore {
             }
         }
     }
+
+    public func appliedRawCutoff() async throws -> Timestamp? {
+        try await reader.withValue { db in try Self.retentionCutoff(in: db) }
+    }
 }

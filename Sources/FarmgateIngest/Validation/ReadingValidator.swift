@@ -95,6 +95,14 @@ public struct ReadingValidator: Sendable {
                 reject(RejectionCode.invalidSequence, "sequence \(reading.sequence) is larger than \(Int64.max)")
                 continue
             }
+            if reading.value == 0, reading.value.sign == .minus {
+                // -0.0 is stored as 0: SQLite keeps an integral REAL as an integer, which has no sign, and PostgreSQL
+                // keeps the sign, so the two stores (and a store's raw answer against its rollups) would disagree.
+                var unsigned = reading
+                unsigned.value = 0
+                valid.append(unsigned)
+                continue
+            }
             valid.append(reading)
         }
         return (Batch(device: batch.device, sensors: batch.sensors, readings: valid), rejected)
