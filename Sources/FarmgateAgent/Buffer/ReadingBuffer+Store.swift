@@ -67,6 +67,8 @@ final class BufferStore {
     private var sidecarFailureLogged = false
     /// The current boot and what the clock said last (ReadingBuffer+Clock.swift).
     var clock = BufferClockState()
+    /// Space kept for the deletes that free space on a full disk.
+    private(set) var reserve: BufferReserve
 
     private let insertReading: SQLiteStatement
     private let updateCounter: SQLiteStatement
@@ -293,6 +295,7 @@ final class BufferStore {
         self.pendingCount = Int(try connection.queryInt("SELECT count(*) FROM readings") ?? 0)
         self.quarantinedCount = Int(try connection.queryInt("SELECT count(*) FROM quarantine") ?? 0)
         self.pageSize = try connection.queryInt("PRAGMA page_size") ?? 4096
+        self.reserve = BufferReserve(bufferPath: path)
 
         insertReading = try connection.prepare(
             "INSERT OR IGNORE INTO readings(sequence, sensor, timestamp, steps, quality, boot, boottime) VALUES (?, ?, ?, ?, ?, ?, ?)")
@@ -320,6 +323,7 @@ final class BufferStore {
 
         try loadSensors()
         try recountQuarantineCodes()
+        reserve.ensure(force: true)
     }
 
     private static func createParentDirectory(of path: String) throws {
@@ -603,6 +607,7 @@ final class BufferStore {
         }
         outcome.lastSequence = lastSequence
         writeSidecar()
+        reserve.ensure()
         return outcome
     }
 
@@ -793,8 +798,34 @@ final class BufferStore {
     }
 
     /// Deletes the readings with these sequence numbers; unknown numbers are ignored. Returns how many were deleted.
+    ///
+    /// On a full disk (`SQLITE_FULL`: the WAL cannot grow) the delete is tried once more after the WAL is truncated
+    /// and the ``BufferReserve`` given back: deleting is how the buffer makes room, so it must not wait for room.
     @discardableResult
     func acknowledge(_ sequences: [UInt64]) throws -> Int {
+        try deletingOnFullDisk("acknowledged readings") { try acknowledgeOnce(sequences) }
+    }
+
+    /// Runs `delete`; when it fails for a full disk, releases the reserve, truncates the WAL and runs it once more, then
+    /// truncates the WAL again so that the space the delete used goes back to the file system.
+    func deletingOnFullDisk<T>(_ what: String, _ delete: () throws -> T) throws -> T {
+        do {
+            return try delete()
+        } catch let error as SQLiteError where error.isDiskFull {
+            // The reserve first: truncating the WAL is a checkpoint, which may need to grow the file by the pages that
+            // live only in the WAL (up to `wal_autocheckpoint`, about 1 MiB) before it can give the WAL's space back.
+            let freed = reserve.release()
+            truncateWAL()
+            logger.warning(
+                "The disk is full: gave back the buffer's reserve so that \(what) can be deleted to make room",
+                metadata: ["buffer.reserve_bytes": "\(freed ?? 0)", "buffer.reserve": "\(reserve.path)", "error": "\(error)"])
+            let result = try delete()
+            truncateWAL()
+            return result
+        }
+    }
+
+    private func acknowledgeOnce(_ sequences: [UInt64]) throws -> Int {
         guard !sequences.isEmpty else { return 0 }
         // An acknowledgement need not survive a power cut: lost, it only brings back readings the ingest already holds,
         // which go again and are counted as duplicates. So it is committed without its own fsync (`synchronous=NORMAL`

@@ -183,7 +183,8 @@ public final class ReadingBuffer: PendingReadings, Service {
     /// corruption found at start: the readings, quarantine and calibration events of the damaged file that were not yet
     /// uploaded (they stay in the moved file), and the samples still queued in memory.
     ///
-    /// - Throws: the final flush's error, if it fails; a ``BufferError`` naming the file when it is damaged.
+    /// - Throws: a ``BufferError`` naming the file when it is damaged. A final flush that fails otherwise (a full disk)
+    ///   is logged and leaves the samples queued for ``takeUncommitted()``.
     public func run() async throws {
         let interval = max(configuration.commitInterval, .milliseconds(1))
         let damage: String? = await cancelWhenGracefulShutdown { [self] () -> String? in
@@ -231,9 +232,18 @@ public final class ReadingBuffer: PendingReadings, Service {
         } catch {
             // Damage met while stopping (the final commit, or the uploader's last batch) is handled as while running.
             if let damage = corruption.withLock({ $0 }) { try await endOnDamagedFile(damage) }
-            logger.error("Buffer could not commit its queue at shutdown", metadata: ["error": "\(error)"])
-            throw error
+            // The samples stay queued for ``takeUncommitted()``: a reload hands them to the next generation's buffer;
+            // a stop cannot keep them, and says so (AgentRuntime).
+            logger.error(
+                "Buffer could not commit its queue at shutdown; the samples stay in memory",
+                metadata: ["error": "\(error)", "buffer.queued": "\(committer.counts().uncommitted)"])
         }
+    }
+
+    /// The samples still queued in memory, taken out of the queue: after ``run()`` ended without committing them (a full
+    /// disk), for the buffer of the next generation of services when the configuration was reloaded.
+    public func takeUncommitted() -> [Sample] {
+        committer.takeQueued()
     }
 
     /// Ends the buffer on a damaged file, as ``run()`` describes: sidecar, close, move aside, one log line, an error.
@@ -424,6 +434,8 @@ public final class ReadingBuffer: PendingReadings, Service {
 private final class Committer: Sendable {
     private struct Queue {
         var samples: [Sample] = []
+        /// Samples taken out of `samples` by the commit running now: still uncommitted for `counts()`.
+        var committing = 0
         /// Samples dropped in memory (cap reached) and not yet added to the persisted counter.
         var droppedInMemory: Int64 = 0
         var rejected: Int64 = 0
@@ -457,8 +469,16 @@ private final class Committer: Sendable {
 
     func close() { queue.withLock { $0.closed = true } }
 
+    /// Empties the queue and returns what it held.
+    func takeQueued() -> [Sample] {
+        queue.withLock { queue in
+            defer { queue.samples = [] }
+            return queue.samples
+        }
+    }
+
     func counts() -> (uncommitted: Int, droppedInMemory: Int64, rejected: Int64) {
-        queue.withLock { ($0.samples.count, $0.droppedInMemory, $0.rejected) }
+        queue.withLock { ($0.samples.count + $0.committing, $0.droppedInMemory, $0.rejected) }
     }
 
     /// Drops samples past ``ReadingBuffer/maximumQueuedSamples`` according to `policy`; says whether a warning is due (at
@@ -496,11 +516,13 @@ private final class Committer: Sendable {
     func commit(on store: BufferStore) throws -> UInt64 {
         let (samples, carried) = queue.withLock { queue in
             defer {
+                queue.committing = queue.samples.count
                 queue.samples = []
                 queue.droppedInMemory = 0
             }
             return (queue.samples, queue.droppedInMemory)
         }
+        defer { queue.withLock { $0.committing = 0 } }
         guard !samples.isEmpty || carried > 0 else {
             // Nothing to commit in this window: acknowledgements written since the last commit are synced now. A failure
             // only means they wait for the next commit, as they always could: logged, never the flush's error.
@@ -515,24 +537,34 @@ private final class Committer: Sendable {
         do {
             do {
                 outcome = try store.commit(samples, carriedDrops: carried, quotaBytes: quotaBytes, policy: policy)
-            } catch let error as SQLiteError
-                where error.isDiskFull && policy == .dropOldest && samples.count >= Self.makeRoomAt && store.pendingCount > 0
-            {
-                // The disk filled before the quota, and has stayed full while half the memory queue filled up: the policy
-                // drops the oldest readings, so the oldest stored ones make room (their pages take the newest, in the same
-                // transaction: a commit that still fails deletes nothing) rather than newer ones waiting in memory, which
-                // are lost at the cap or in a restart.
+            } catch let error as SQLiteError where error.isDiskFull {
+                // A WAL holding space the file system needs: truncated (it fails harmlessly while a reader holds it),
+                // the commit may fit.
                 store.truncateWAL()
-                outcome = try store.commit(
-                    samples, carriedDrops: carried, quotaBytes: quotaBytes, policy: policy, makeRoom: samples.count + samples.count / 20 + 64)
-                logger.warning(
-                    "The disk is full before the buffer's quota; the oldest stored readings were dropped to commit the newest",
-                    metadata: ["buffer.dropped": "\(outcome.dropped)", "buffer.policy": "\(policy.rawValue)", "error": "\(error)"])
+                do {
+                    outcome = try store.commit(samples, carriedDrops: carried, quotaBytes: quotaBytes, policy: policy)
+                } catch let error as SQLiteError
+                    where error.isDiskFull && policy == .dropOldest && samples.count >= Self.makeRoomAt && store.pendingCount > 0
+                {
+                    // The disk filled before the quota, and has stayed full while half the memory queue filled up: the
+                    // policy drops the oldest readings, so the oldest stored ones make room (their pages take the newest,
+                    // in the same transaction: a commit that still fails deletes nothing) rather than newer ones waiting
+                    // in memory, which are lost at the cap or in a restart. Deleting is making room: it may use the
+                    // buffer's reserve.
+                    outcome = try store.deletingOnFullDisk("the oldest readings") {
+                        try store.commit(
+                            samples, carriedDrops: carried, quotaBytes: quotaBytes, policy: policy, makeRoom: samples.count + samples.count / 20 + 64)
+                    }
+                    logger.warning(
+                        "The disk is full before the buffer's quota; the oldest stored readings were dropped to commit the newest",
+                        metadata: ["buffer.dropped": "\(outcome.dropped)", "buffer.policy": "\(policy.rawValue)", "error": "\(error)"])
+                }
             }
         } catch {
             let policy = self.policy
             let overflow = queue.withLock { queue in
                 queue.samples.insert(contentsOf: samples, at: 0)
+                queue.committing = 0
                 queue.droppedInMemory += carried
                 return Committer.enforceCap(&queue, policy: policy)
             }

@@ -102,6 +102,8 @@ public enum AgentRuntime {
     final class GenerationCarry: Sendable {
         let startedAt = Timestamp.now()
         let upload = Mutex<UploadStatus?>(nil)
+        /// Samples the stopping generation's buffer could not commit (a full disk): the next one queues them first.
+        let samples = Mutex<[Sample]>([])
     }
 
     /// One generation of services, from the buffer to the control socket, until a graceful shutdown or an accepted reload.
@@ -115,6 +117,16 @@ public enum AgentRuntime {
         do {
             buffer = try await runOffPool { try ReadingBuffer(configuration: bufferConfiguration, logger: logger) }
             try await buffer.register(configuration.sensors.map(\.descriptor))
+            let queued = carried.samples.withLock { samples in
+                defer { samples = [] }
+                return samples
+            }
+            if !queued.isEmpty {
+                try await buffer.append(queued)
+                logger.notice(
+                    "Queued the samples the buffer could not commit before the reload; they are committed when the disk has room",
+                    metadata: ["buffer.queued": "\(queued.count)"])
+            }
         } catch let error as SQLiteError where error.isAccessDenied {
             throw BufferAccessError(path: bufferConfiguration.path, underlying: error)
         }
@@ -255,7 +267,21 @@ public enum AgentRuntime {
             if let uploader { carried.upload.withLock { $0 = uploader.status() } }
         }
         try await group.run()
-        if !reloads.isReloading { logger.info("Agent stopped") }
+        // What the buffer could not commit at its stop (a full disk) goes to the next generation on a reload; a stop
+        // cannot keep it.
+        let uncommitted = buffer.takeUncommitted()
+        if reloads.isReloading {
+            carried.samples.withLock { $0 = uncommitted }
+            return
+        }
+        if !uncommitted.isEmpty {
+            logger.critical(
+                "Agent stopped with samples its buffer could not commit (the disk is full); they are lost",
+                metadata: ["buffer.lost_uncommitted": "\(uncommitted.count)", "buffer.path": "\(bufferConfiguration.path)"])
+            throw BufferError(
+                "\(uncommitted.count) samples could not be committed to \(bufferConfiguration.path) before the agent stopped (the disk is full); free space on its file system")
+        }
+        logger.info("Agent stopped")
     }
 }
 

@@ -1,0 +1,132 @@
+import FarmgateSupport
+import FarmgateTestSupport
+import FarmgateWire
+import Foundation
+import Logging
+import ServiceLifecycle
+import Testing
+
+@testable import FarmgateAgent
+
+/// The buffer on a file system that is really full (a small tmpfs, not `max_page_count`): the WAL cannot grow, so
+/// without the reserve no delete could run and nothing acknowledged could ever make room.
+@Suite("Buffer on a really full file system")
+struct BufferFullDiskTests {
+    /// A tmpfs of `size` mounted at a new directory for `body`, unmounted afterwards. Needs root (CI runs as root);
+    /// fails, never skips, without it.
+    static func withSmallFileSystem<T>(size: String, _ body: (String) async throws -> T) async throws -> T {
+        let scratch = try Scratch(prefix: "fg-fullfs")
+        let mountPoint = scratch.file("fs")
+        try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: true)
+        let mounted = try runTool("/bin/mount", ["-t", "tmpfs", "-o", "size=\(size),mode=0700", "tmpfs", mountPoint])
+        guard mounted.status == 0 else {
+            throw TestFileSystemUnavailable(description: "cannot mount a tmpfs at \(mountPoint) (\(mounted.output)): this test needs root, as CI runs")
+        }
+        defer { _ = try? runTool("/bin/umount", ["-l", mountPoint]) }
+        return try await body(mountPoint)
+    }
+
+    struct TestFileSystemUnavailable: Error, CustomStringConvertible {
+        var description: String
+    }
+
+    static func runTool(_ path: String, _ arguments: [String]) throws -> (status: Int32, output: String) {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: path)
+        process.arguments = arguments
+        let pipe = Pipe()
+        process.standardOutput = pipe
+        process.standardError = pipe
+        try process.run()
+        let data = pipe.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return (process.terminationStatus, String(decoding: data, as: UTF8.self))
+    }
+
+    static let logger = Logger(label: "test.buffer.fullfs") { _ in SwiftLogNoOpLogHandler() }
+
+    @Test("a full file system: acknowledged readings are still deleted (the reserve), and the samples waiting commit after")
+    func acknowledgementsMakeRoom() async throws {
+        try await Self.withSmallFileSystem(size: "16m") { directory in
+            let path = directory + "/buffer.sqlite"
+            let buffer = try ReadingBuffer(
+                configuration: BufferConfiguration(path: path, commitInterval: .seconds(1), quotaBytes: 512 << 20, whenFull: .dropNewest),
+                logger: Self.logger)
+            let sensor = try SensorID("tank1.ph")
+            try await buffer.register([SensorDescriptor(id: sensor, quantity: .ph)])
+            let reserve = path + ".reserve"
+            #expect(FileManager.default.fileExists(atPath: reserve), "the reserve is made at open")
+            // Fill the file system: commits of 5,000 samples until one fails for want of space.
+            var next = 0
+            var committed: UInt64 = 0
+            var full = false
+            while !full, next < 2_000_000 {
+                let samples = (next..<next + 5_000).map {
+                    Sample(sensor: sensor, timestamp: Timestamp(microseconds: Int64($0) * 1_000_000), value: 6 + Double($0 % 100) / 100)
+                }
+                next += 5_000
+                try await buffer.append(samples)
+                do {
+                    committed = try await buffer.flush()
+                } catch {
+                    #expect((error as? SQLiteError)?.isDiskFull == true, "\(error)")
+                    full = true
+                }
+            }
+            #expect(full, "the file system never filled")
+            #expect(committed > 0)
+            let waiting = try await buffer.statistics().uncommitted
+            #expect(waiting > 0)
+            // The ingest acknowledges everything stored: the deletes must run although the disk is full.
+            let pending = try await buffer.pending(limit: 1_000_000, from: .oldest)
+            #expect(pending.count == Int(committed))
+            for start in stride(from: 0, to: pending.count, by: 1_000) {
+                try await buffer.acknowledge(pending[start..<min(start + 1_000, pending.count)].map(\.sequence))
+            }
+            #expect(try await buffer.statistics().pending == 0)
+            #expect(!FileManager.default.fileExists(atPath: reserve), "the reserve was given back for the deletes")
+            // The samples that waited in memory fit in the pages the deletes freed.
+            let last = try await buffer.flush()
+            #expect(last == committed + UInt64(waiting))
+            #expect(try await buffer.statistics().uncommitted == 0)
+            #expect(try await buffer.pending(limit: 1_000_000, from: .oldest).count == waiting)
+            try await buffer.close()
+        }
+    }
+
+    @Test("a stop on a full disk keeps the samples it could not commit, for the buffer of the next generation (a reload)")
+    func stopOnFullDiskKeepsTheQueue() async throws {
+        try await Self.withSmallFileSystem(size: "4m") { directory in
+            let path = directory + "/buffer.sqlite"
+            let configuration = BufferConfiguration(path: path, commitInterval: .seconds(3_600), quotaBytes: 512 << 20, whenFull: .dropNewest)
+            let buffer = try ReadingBuffer(configuration: configuration, logger: Self.logger)
+            let sensor = try SensorID("tank1.ph")
+            try await buffer.register([SensorDescriptor(id: sensor, quantity: .ph)])
+            // Something else fills the file system.
+            let filler = directory + "/filler"
+            var data = [UInt8](repeating: 7, count: 64 << 10)
+            let handle = try #require(FileHandle(forWritingAtPath: { FileManager.default.createFile(atPath: filler, contents: nil); return filler }()))
+            while (try? handle.write(contentsOf: Data(data))) != nil {}
+            try? handle.close()
+            data = []
+            let group = ServiceGroup(services: [buffer], logger: Self.logger)
+            let running = Task { try await group.run() }
+            let samples = (0..<2_000).map { Sample(sensor: sensor, timestamp: Timestamp(microseconds: Int64($0) * 1_000_000), value: 6.5) }
+            try await buffer.append(samples)
+            await group.triggerGracefulShutdown()
+            // The stop does not fail the group (a reload goes on) and the samples stay in memory.
+            try await running.value
+            let left = buffer.takeUncommitted()
+            #expect(left.count == 2_000)
+            try? await buffer.close()
+            // The next generation queues them, and commits them once there is room.
+            try FileManager.default.removeItem(atPath: filler)
+            let next = try ReadingBuffer(configuration: configuration, logger: Self.logger)
+            try await next.register([SensorDescriptor(id: sensor, quantity: .ph)])
+            try await next.append(left)
+            #expect(try await next.flush() == 2_000)
+            #expect(try await next.pending(limit: 10_000, from: .oldest).map(\.timestamp) == samples.map(\.timestamp))
+            try await next.close()
+        }
+    }
+}
