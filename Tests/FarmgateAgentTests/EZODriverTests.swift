@@ -349,7 +349,7 @@ struct EZODriverTests {
         await driver.close()
     }
 
-    @Test("A pH answer outside the circuit's 0.001–14.000 is a fault of the read, not a reading", arguments: [15.2, -0.5])
+    @Test("A pH answer outside the circuit's 0.001–14.000 is a fault of the read, not a reading", arguments: [15.2, -0.5, 0.0, 14.001])
     func phOutsideOutputRange(value: Double) async throws {
         let bench = try EZOBench()
         _ = try bench.circuit(.ph, name: "ph", values: { index, _ in index == 0 ? value : 6.5 })
@@ -363,6 +363,30 @@ struct EZODriverTests {
         #expect(error.message.contains("not a reading"), "\(error)")
         #expect(try await driver.read() == SensorValue(6.5))
         await driver.close()
+    }
+
+    @Test("The ends of the output ranges are readings: pH 0.001 and 14.000, ORP ±1019.9 mV; ORP just past them is not")
+    func outputRangeEnds() async throws {
+        let bench = try EZOBench()
+        let phValues: [Double] = [0.001, 14.0]
+        _ = try bench.circuit(.ph, name: "ph", values: { index, _ in phValues[min(max(0, index), 1)] })
+        let ph = try bench.driver("tank1.ph", quantity: "ph", port: "ph")
+        #expect(try await ph.read() == SensorValue(0.001))
+        #expect(try await ph.read() == SensorValue(14))
+        await ph.close()
+        let orpValues: [Double] = [-1019.9, 1019.9, -1020, 1020]
+        _ = try bench.circuit(.orp, name: "orp", values: { index, _ in orpValues[min(max(0, index), 3)] })
+        let orp = try bench.driver("tank1.orp", quantity: "orp", port: "orp")
+        #expect(try await orp.read() == SensorValue(-1019.9))
+        #expect(try await orp.read() == SensorValue(1019.9))
+        for _ in 0..<2 {
+            guard case .failure(let error) = await readResult(orp) else {
+                Issue.record("an ORP answer past ±1019.9 mV was taken as a reading")
+                continue
+            }
+            #expect(error.message.contains("outside the −1019.9 to 1019.9 mV"), "\(error)")
+        }
+        await orp.close()
     }
 
     @Test("A pH answer of two fields says so (not a pH circuit, or its outputs changed), not that the circuit keeps restarting")

@@ -43,11 +43,12 @@ public enum EZOCircuitKind: String, Sendable, Hashable, CaseIterable, CustomStri
         }
     }
 
-    /// The values the circuit outputs at all (the datasheets' ranges): pH 0.001–14.000, ORP −1019.9–1019.9 mV. A
-    /// reading outside is no reading of this circuit. Nil where the quantity's plausible range is the only check.
+    /// The values the circuit outputs at all (the datasheets' ranges): pH 0.001–14.000 (a pH circuit never answers
+    /// 0.000), ORP −1019.9–1019.9 mV. A reading outside is no reading of this circuit. Nil where the quantity's
+    /// plausible range is the only check (EC reads 0.00 dry; an RTD's −1023 is its own fault).
     public var outputRange: ClosedRange<Double>? {
         switch self {
-        case .ph: 0...14
+        case .ph: 0.001...14
         case .orp: -1019.9...1019.9
         case .ec, .rtd, .dissolvedOxygen: nil
         }
