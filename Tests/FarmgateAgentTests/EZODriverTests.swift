@@ -28,6 +28,8 @@ final class EZOBench {
     let latest = FixedLatestValues()
     let ports = SerialPortRegistry(backoffInitial: .milliseconds(100), backoffMax: .milliseconds(400), logger: Logger(label: "test"))
     var simulators: [EZOSimulator] = []
+    /// Set: the drivers log into it (for tests that assert what was logged) instead of standard error.
+    var log: RecordedLog?
 
     init() throws {
         dir = try Scratch(prefix: "fg-ezo", in: URL(fileURLWithPath: "/tmp"))
@@ -49,7 +51,7 @@ final class EZOBench {
     func drivers(_ sensors: String) throws -> [String: EZODriver] {
         let text = "[device]\nid = \"bench\"\n" + sensors
         let configuration = try AgentConfiguration.parse(ConfigDocument.parse(text, file: dir.file("agent.toml")))
-        var logger = Logger(label: "ezo-test")
+        var logger = log?.logger(label: "ezo-test") ?? Logger(label: "ezo-test")
         logger.logLevel = .debug
         let context = DriverContext(sensors: configuration.sensors, latestValues: latest, serialPorts: ports, logger: logger)
         var drivers: [String: EZODriver] = [:]
@@ -387,6 +389,53 @@ struct EZODriverTests {
             #expect(error.message.contains("outside the −1019.9 to 1019.9 mV"), "\(error)")
         }
         await orp.close()
+    }
+
+    @Test("*UV or *OV sent on its own after a reading's *OK: logged as a warning naming the circuit, and the next reads fail as faults saying to check the power until it stops", arguments: ["*UV", "*OV"])
+    func asynchronousVoltageReport(code: String) async throws {
+        let bench = try EZOBench()
+        let log = RecordedLog()
+        bench.log = log
+        let simulator = try bench.circuit(.ph, name: "ph")
+        let driver = try bench.driver("tank1.ph", quantity: "ph", port: "ph")
+        // The circuit reports the code after each of the next two answers, then no more.
+        simulator.inject(.lineAfter(code), .lineAfter(code))
+        // The first answer came before the report: nothing said the supply was out of range yet.
+        #expect(try await driver.read() == SensorValue(6.00))
+        for round in 1...2 {
+            // Reads come an interval apart, as the sampler takes them: the code has arrived by the next one.
+            try await Task.sleep(for: .milliseconds(100))
+            guard case .failure(let error) = await readResult(driver) else {
+                Issue.record("read \(round) after the circuit reported \(code) on its own was stored as a good reading")
+                continue
+            }
+            #expect(error.kind == .fault, "\(error)")
+            #expect(error.message.contains(code), "\(error)")
+            #expect(error.message.contains("power supply"), "\(error)")
+            #expect(error.message.contains(bench.dir.file("ph")), "\(error)")
+        }
+        // The report stopped: reads are good again.
+        try await Task.sleep(for: .milliseconds(100))
+        #expect(try await driver.read().quality == [])
+        let warnings = log.entries.filter { $0.level == .warning && $0.metadata["code"]?.description == code }
+        #expect(!warnings.isEmpty, "no warning logged for \(code): \(log.entries.map(\.message))")
+        #expect(warnings.allSatisfy { $0.metadata["port"]?.description == bench.dir.file("ph") && $0.metadata["circuit"]?.description == "pH" }, "\(warnings.map(\.metadata))")
+        await driver.close()
+    }
+
+    @Test("*ER sent on its own between commands (noise on the circuit's receive line) is logged as a warning; the readings stand")
+    func asynchronousUnknownCommand() async throws {
+        let bench = try EZOBench()
+        let log = RecordedLog()
+        bench.log = log
+        let simulator = try bench.circuit(.ph, name: "ph")
+        let driver = try bench.driver("tank1.ph", quantity: "ph", port: "ph")
+        simulator.inject(.lineAfter("*ER"))
+        #expect(try await driver.read() == SensorValue(6.00))
+        try await Task.sleep(for: .milliseconds(100))
+        #expect(try await driver.read() == SensorValue(6.01))
+        #expect(log.entries.contains { $0.level == .warning && $0.metadata["code"]?.description == "*ER" }, "\(log.entries.map(\.message))")
+        await driver.close()
     }
 
     @Test("A pH answer of two fields says so (not a pH circuit, or its outputs changed), not that the circuit keeps restarting")

@@ -155,6 +155,19 @@ public enum EZOErrorCode: String, Sendable, Hashable {
             "the circuit reports under-voltage (*UV, VCC ≤ 3.1 V): check its power supply and the cable length"
         }
     }
+
+    /// What the installer is told when the circuit sent a supply code on its own, between commands: its readings are
+    /// unreliable meanwhile, so `consequence` (no reading stored, a command not sent).
+    func reportedOnItsOwn(consequence: String) -> String {
+        switch self {
+        case .unknownCommand:
+            "the circuit sent *ER on its own (it received something that is no command): \(consequence); check the wiring"
+        case .overVoltage:
+            "the circuit reported over-voltage (*OV, VCC ≥ 5.5 V) on its own, between commands: its readings are unreliable, so \(consequence); check its power supply"
+        case .underVoltage:
+            "the circuit reported under-voltage (*UV, VCC ≤ 3.1 V) on its own, between commands: its readings are unreliable, so \(consequence); check its power supply and the cable length"
+        }
+    }
 }
 
 public enum EZOEvent: String, Sendable, Hashable {

@@ -20,6 +20,8 @@ final class EZOSession: @unchecked Sendable {
         /// The circuit restarted or changed state under us: initialise again and retry. `event` is the last event it
         /// sent (`*RS` while it boots), nil when it said so otherwise (readings streamed again, outputs changed).
         case restarted(String, event: EZOEvent?)
+        /// The circuit reported `*UV` or `*OV` on its own since the last command: `command` (not a read) was not sent.
+        case supply(EZOErrorCode, command: String)
     }
 
     /// How long a circuit may take from `*RS` to `*RE`; a command sent meanwhile is lost.
@@ -51,6 +53,10 @@ final class EZOSession: @unchecked Sendable {
     static let rtRefusalLimit = 3
     private(set) var firmware: String?
     private(set) var garbageLines = 0
+    /// `*UV` or `*OV` the circuit sent on its own, between commands (after a reading's `*OK`, say): its supply is out
+    /// of range and its readings are unreliable. The next read is not stored; the next other command (a calibration
+    /// point) is not sent.
+    private var supplyFault: EZOErrorCode?
 
     init(kind: EZOCircuitKind, outputs: [EZOOutput], portPath: String, sensors: String, margin: Duration = .seconds(1), logger: Logger) {
         self.kind = kind
@@ -74,6 +80,13 @@ final class EZOSession: @unchecked Sendable {
                     initialisedGeneration = generation
                 }
                 let (command, answer) = try takeReading(port, temperature: temperature)
+                if let code = supplyFault {
+                    // Reported before this read (after the last one's *OK): the read was still taken, so that a circuit
+                    // whose supply stays out of range says so again after it, but its answer is not a reading to keep.
+                    supplyFault = nil
+                    let shown = answer.map { "the answer \"\($0)\" to \(command) is not stored" } ?? "no reading is stored"
+                    return .failure(SensorError(.fault, "EZO \(kind.rawValue) on \(portPath): \(code.reportedOnItsOwn(consequence: shown))"))
+                }
                 guard let text = answer else {
                     return .failure(SensorError(.invalidResponse, "no reading in the answer to \(command)"))
                 }
@@ -116,6 +129,8 @@ final class EZOSession: @unchecked Sendable {
                 case .refused(let code, let command):
                     initialisedGeneration = nil
                     return .failure(refusal(code, command))
+                case .supply(let code, let command):
+                    return .failure(SensorError(.fault, "EZO \(kind.rawValue) on \(portPath): \(code.reportedOnItsOwn(consequence: "\(command) was not sent"))"))
                 case .restarted(let why, let event):
                     initialisedGeneration = nil
                     restarts.append(why)
@@ -148,6 +163,13 @@ final class EZOSession: @unchecked Sendable {
                     try initialise(port)
                     initialisedGeneration = generation
                 }
+                try absorbPending(port)
+                if let code = supplyFault {
+                    // Not sent to a circuit whose supply is out of range: a calibration point taken so is worthless.
+                    // (A read is sent all the same, and fails afterwards: see read.)
+                    supplyFault = nil
+                    throw Interruption.supply(code, command: command)
+                }
                 return .success(try transact(port, command, time: time, answer: answer))
             } catch {
                 switch error {
@@ -158,6 +180,8 @@ final class EZOSession: @unchecked Sendable {
                 case .refused(let code, let command):
                     initialisedGeneration = nil
                     return .failure(refusal(code, command))
+                case .supply(let code, let command):
+                    return .failure(SensorError(.fault, "EZO \(kind.rawValue) on \(portPath): \(code.reportedOnItsOwn(consequence: "\(command) was not sent"))"))
                 case .restarted(let why, let event):
                     initialisedGeneration = nil
                     logger.notice("EZO circuit restarted during a command; initialising it again", metadata: ["why": "\(why)", "command": "\(command)"])
@@ -491,8 +515,10 @@ final class EZOSession: @unchecked Sendable {
     }
 
     /// Examines what the circuit sent since the last command: a restart event, or readings streamed in continuous mode
-    /// (the circuit restarted with factory settings), mean it must be initialised again. Reads what is there, for at
-    /// most a quarter of a second (a line that never falls silent is left to the command's answer to show).
+    /// (the circuit restarted with factory settings), mean it must be initialised again; `*UV` or `*OV` sent on its own
+    /// is logged and kept in ``supplyFault`` for the next command to fail, and `*ER` to no command of ours is logged.
+    /// Reads what is there, for at most a quarter of a second (a line that never falls silent is left to the command's
+    /// answer to show).
     private func absorbPending(_ port: SerialPort) throws(Interruption) {
         var lines = queued
         queued.removeAll()
@@ -516,6 +542,20 @@ final class EZOSession: @unchecked Sendable {
                     restart = (restart?.why ?? "the circuit sent \(event.rawValue)", event)
                 case .data(let text) where EZOParse.reading(text) != nil:
                     if restart == nil { restart = ("the circuit is streaming readings (continuous mode is on again)", nil) }
+                case .error(let code):
+                    let metadata: Logger.Metadata = ["circuit": "\(kind.rawValue)", "port": "\(portPath)", "code": "\(code.rawValue)"]
+                    if code == .unknownCommand {
+                        // Answers no command of ours (each had its answer): bytes the circuit took for a command, noise
+                        // on its receive line or another program writing to the port. Its readings are not affected.
+                        logger.warning(
+                            "EZO circuit sent *ER between commands: it received something that is no command (noise on its RX line, or another program writing to the port); check the wiring",
+                            metadata: metadata)
+                    } else {
+                        logger.warning(
+                            "EZO circuit reported its supply voltage out of range on its own (*UV under, *OV over); its next reading is not stored: check its power supply",
+                            metadata: metadata.merging(["meaning": "\(code.explanation(command: ""))"]) { $1 })
+                        supplyFault = code
+                    }
                 case .garbage:
                     garbageLines += 1
                 default:
