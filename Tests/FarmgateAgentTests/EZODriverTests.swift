@@ -739,6 +739,43 @@ struct EZODriverTests {
         await ec.close()
     }
 
+    @Test("One compensation source per circuit: the EC sensor names temperature_sensor, its TDS sibling reads with RT too and both are flagged compensated")
+    func siblingsShareCompensation() async throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.ec, name: "ec", values: { _, _ in 1413 })
+        let port = bench.dir.file("ec")
+        let drivers = try bench.drivers(
+            """
+            [[sensor]]
+            id = "tank1.ec"
+            driver = "ezo"
+            quantity = "ec"
+            port = "\(port)"
+            temperature_sensor = "tank1.temp"
+
+            [[sensor]]
+            id = "tank1.tds"
+            driver = "ezo"
+            quantity = "tds"
+            port = "\(port)"
+
+            [[sensor]]
+            id = "tank1.temp"
+            driver = "simulated"
+            quantity = "temperature"
+            """)
+        let ec = try #require(drivers["tank1.ec"])
+        let tds = try #require(drivers["tank1.tds"])
+        try bench.latest.set("tank1.temp", 18)
+        let ecValue = try await ec.read()
+        #expect(ecValue.quality.contains(.compensated))
+        let tdsValue = try await tds.read()
+        #expect(tdsValue.quality.contains(.compensated), "the TDS output of a circuit compensated at 18 °C is stored without the flag")
+        #expect(simulator.served.map(\.temperature) == [18, 18], "\(simulator.commands)")
+        #expect(!simulator.commands.contains { $0.uppercased() == "R" }, "\(simulator.commands)")
+        await ec.close()
+    }
+
     @Test("EC, TDS, salinity and specific gravity on one EC circuit: O,S,1 and O,SG,1 are sent, each sensor reads its field")
     func ecFourOutputs() async throws {
         let bench = try EZOBench()

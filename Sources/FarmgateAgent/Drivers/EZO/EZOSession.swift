@@ -24,6 +24,13 @@ final class EZOSession: @unchecked Sendable {
         case supply(EZOErrorCode, command: String)
     }
 
+    /// One reading: its fields, and the temperature the circuit compensated it with (nil: its own setting, not one the
+    /// driver set).
+    struct Reading: Sendable, Hashable {
+        var values: [Double]
+        var temperature: Double?
+    }
+
     /// How long a circuit may take from `*RS` to `*RE`; a command sent meanwhile is lost.
     static let bootTime: Duration = .seconds(3)
 
@@ -53,6 +60,10 @@ final class EZOSession: @unchecked Sendable {
     static let rtRefusalLimit = 3
     private(set) var firmware: String?
     private(set) var garbageLines = 0
+    /// The temperature the circuit compensates with, as `RT,<t>` or `T,<t>` set it since it was last initialised; nil
+    /// before any (after a restart it is back at its own setting). `RT` sets it for every later `R` as well, so every
+    /// output read after it is compensated, whichever sensor's read sent it.
+    private var compensation: Double?
     /// `*UV` or `*OV` the circuit sent on its own, between commands (after a reading's `*OK`, say): its supply is out
     /// of range and its readings are unreliable. The next read is not stored; the next other command (a calibration
     /// point) is not sent.
@@ -69,9 +80,10 @@ final class EZOSession: @unchecked Sendable {
 
     /// Takes one reading (`R`, or `RT,<t>` with a temperature), initialising the circuit first when the port is new or the
     /// circuit restarted. A restart seen during the read re-initialises and reads once more.
-    /// - Returns: the reading's fields (one, or the EC circuit's enabled outputs in order), or why there is none.
+    /// - Returns: the reading's fields (one, or the EC circuit's enabled outputs in order) with the temperature the circuit
+    ///   compensated them with, or why there is none.
     /// - Throws: ``SerialError`` when the port failed.
-    func read(port: SerialPort, generation: Int, temperature: Double?) throws(SerialError) -> Result<[Double], SensorError> {
+    func read(port: SerialPort, generation: Int, temperature: Double?) throws(SerialError) -> Result<Reading, SensorError> {
         var restarts: [String] = []
         for _ in 0..<2 {
             do throws(Interruption) {
@@ -117,7 +129,7 @@ final class EZOSession: @unchecked Sendable {
                 if kind == .rtd, values.first == -1023 {
                     return .failure(SensorError(.fault, "the EZO RTD circuit on \(portPath) reads -1023: no probe connected; check the PT-100/PT-1000 probe's wires"))
                 }
-                return .success(values)
+                return .success(Reading(values: values, temperature: compensation))
             } catch {
                 switch error {
                 case .port(let serial): throw serial
@@ -204,6 +216,7 @@ final class EZOSession: @unchecked Sendable {
             do throws(Interruption) {
                 let answer = try transact(port, "RT,\(degrees)", time: kind.compensatedReadTime, answer: isReading, single: true)
                 rtRefusals = 0
+                compensation = Double(degrees)
                 return ("RT,\(degrees)", answer)
             } catch .refused(.unknownCommand, _) {
                 // One *ER may be a command garbled on the way: this read goes with T then R, and the next tries RT
@@ -222,6 +235,7 @@ final class EZOSession: @unchecked Sendable {
             }
         }
         _ = try transact(port, "T,\(degrees)", time: EZOCircuitKind.commandTime, answer: nil)
+        compensation = Double(degrees)
         return ("R", try transact(port, "R", time: kind.readTime, answer: isReading, single: true))
     }
 
@@ -269,6 +283,9 @@ final class EZOSession: @unchecked Sendable {
         port.discardInput()
         knowsRT = true
         rtRefusals = 0
+        // A circuit that restarted compensates with its own setting again; one that did not keeps the last RT's, but
+        // which it is cannot be told here: nothing is flagged compensated until RT or T sets it again.
+        compensation = nil
         // Response codes may be off: a missing *OK is no failure here (*OK,? tells).
         _ = try transact(port, "C,0", time: EZOCircuitKind.commandTime, answer: nil, absorb: false, acknowledged: false)
         settle(port, for: .milliseconds(100))
