@@ -220,4 +220,52 @@ struct EZOCalibrationTests {
         await commands.recordOpen()
         #expect(collector.events.withLock { $0.count } == 3)
     }
+
+    /// One output of a circuit (an EC circuit's `ec` or `tds`) that takes every point.
+    final class FakeOutput: CalibratableDriver {
+        let circuit: EZOCircuitKind
+        let measuredQuantity: Quantity
+        let circuitPort: String
+        let sent = Mutex<[String]>([])
+        init(_ circuit: EZOCircuitKind, _ quantity: Quantity, port: String) {
+            self.circuit = circuit
+            measuredQuantity = quantity
+            circuitPort = port
+        }
+        func read() async throws(SensorError) -> SensorValue { SensorValue(1413) }
+        func sendCalibration(_ command: String) async throws(SensorError) { sent.withLock { $0.append(command) } }
+        func calibrationState() async throws(SensorError) -> CalibrationState {
+            CalibrationState(calibratedPoints: sent.withLock { $0.count }, slope: nil, firmware: "2.15")
+        }
+    }
+
+    @Test("Every sensor read from the circuit under calibration carries calibrating: an EC circuit's TDS, salinity and specific gravity too, not another circuit's")
+    func siblingsFlagged() async throws {
+        let ec = try SensorID("tank1.ec"), tds = try SensorID("tank1.tds"), salinity = try SensorID("tank1.salinity")
+        let gravity = try SensorID("tank1.sg"), ph = try SensorID("tank1.ph"), otherTDS = try SensorID("tank2.tds")
+        let flags = CalibrationFlags()
+        let commands = CalibrationCommands(
+            drivers: [
+                ec: FakeOutput(.ec, .electricalConductivity, port: "/dev/ttyEC1"), tds: FakeOutput(.ec, .tds, port: "/dev/ttyEC1"),
+                salinity: FakeOutput(.ec, .salinity, port: "/dev/ttyEC1"), gravity: FakeOutput(.ec, .specificGravity, port: "/dev/ttyEC1"),
+                otherTDS: FakeOutput(.ec, .tds, port: "/dev/ttyEC2"), ph: FakeCircuit(),
+            ],
+            flags: flags, recorder: Collector(), logger: Logger(label: "test"))
+        func send(_ command: String, _ arguments: [String: String] = [:]) async -> CalibrationControlAnswer {
+            await commands.answer(ControlRequest(command: command, arguments: arguments.merging(["sensor": "tank1.ec"]) { a, _ in a }))
+        }
+        let circuit = [ec, tds, salinity, gravity]
+        #expect(await send("calibrate.begin").ok)
+        #expect(circuit.allSatisfy(flags.contains), "\(circuit.filter { !flags.contains($0) }) not flagged")
+        #expect(!flags.contains(ph) && !flags.contains(otherTDS), "sensors of other circuits are flagged")
+        #expect(await send("calibrate.point", ["point": "dry", "reading": "0"]).ok)
+        #expect(circuit.allSatisfy(flags.contains), "\(circuit.filter { !flags.contains($0) }) not flagged")
+        #expect(await send("calibrate.finish").ok)
+        #expect(!circuit.contains(where: flags.contains), "\(circuit.filter(flags.contains)) still flagged after finish")
+
+        #expect(await send("calibrate.begin").ok)
+        #expect(circuit.allSatisfy(flags.contains))
+        #expect(await send("calibrate.abort").ok)
+        #expect(!circuit.contains(where: flags.contains), "\(circuit.filter(flags.contains)) still flagged after abort")
+    }
 }

@@ -16,7 +16,7 @@ import Synchronization
 ///
 /// | command | arguments | answer (`calibration`) |
 /// |---|---|---|
-/// | `calibrate.begin` | `sensor` | the circuit, its points, the default points; the sensor's readings carry `calibrating` from now |
+/// | `calibrate.begin` | `sensor` | the circuit, its points, the default points; readings of every sensor on the circuit (an EC circuit's `tds`, `salinity`, `specific_gravity` too) carry `calibrating` from now |
 /// | `calibrate.read` | `sensor` | `reading`: one fresh reading (not stored) |
 /// | `calibrate.point` | `sensor`, `point`, `reference` (a number; absent for `dry`, `air`, `zero`), `reading` (optional: a reading far from the reference is refused unless `force` is `true`) | `command` sent, `taken` |
 /// | `calibrate.status` | `sensor` | `taken`, `state` (`Cal,?`, `Slope,?`) |
@@ -116,7 +116,7 @@ public final class CalibrationCommands: Service, Sendable {
             id: UUID().uuidString.lowercased(), sensor: sensor, time: Timestamp.now(), circuit: session.circuit.rawValue,
             firmware: state?.firmware, points: session.points, calibratedPoints: state?.calibratedPoints, slope: state?.slope)
         try await recorder.recordCalibration(event)
-        flags.clear(sensor)
+        clearFlags(sensor)
         return event
     }
 
@@ -149,7 +149,7 @@ public final class CalibrationCommands: Service, Sendable {
             case "calibrate.abort":
                 let session = try current(sensor)
                 sessions.withLock { _ = $0.removeValue(forKey: sensor) }
-                flags.clear(sensor)
+                clearFlags(sensor)
                 logger.notice("Calibration aborted", metadata: ["sensor": "\(sensor)", "points": "\(session.points.count)"])
                 var answer = CalibrationAnswer(sensor: sensor, circuit: session.circuit, taken: session.points)
                 if !session.points.isEmpty {
@@ -200,8 +200,30 @@ public final class CalibrationCommands: Service, Sendable {
         guard let session else {
             throw CalibrationError("no calibration of \(sensor) is in progress (or it lapsed after \(limit) without a command); start one with calibrate.begin")
         }
-        flags.mark(sensor)
+        markFlags(sensor)
         return session
+    }
+
+    /// The sensors read from the circuit `sensor` is: an EC circuit's `ec`, `tds`, `salinity` and `specific_gravity`
+    /// sensors share its port and probe (in air or a calibration solution while it is calibrated), `sensor` alone
+    /// otherwise.
+    private func circuitSensors(_ sensor: SensorID) -> [SensorID] {
+        guard let device = drivers[sensor] as? any CalibratableDriver else { return [sensor] }
+        let port = device.circuitPort
+        let others = drivers.compactMap { id, driver -> SensorID? in
+            guard id != sensor, let other = driver as? any CalibratableDriver, other.circuitPort == port else { return nil }
+            return id
+        }
+        return [sensor] + others.sorted { $0.rawValue < $1.rawValue }
+    }
+
+    /// Flags the readings of every sensor of `sensor`'s circuit `calibrating`, from now until the idle limit.
+    private func markFlags(_ sensor: SensorID) {
+        for id in circuitSensors(sensor) { flags.mark(id) }
+    }
+
+    private func clearFlags(_ sensor: SensorID) {
+        for id in circuitSensors(sensor) { flags.clear(id) }
     }
 
     private func begin(_ sensor: SensorID, _ device: any CalibratableDriver) throws(CalibrationError) -> CalibrationControlAnswer {
@@ -216,7 +238,7 @@ public final class CalibrationCommands: Service, Sendable {
         guard !busy else {
             throw CalibrationError("a calibration of \(sensor) is already in progress (another farmgate calibrate?); finish or abort it first (farmgate calibrate \(sensor) --abort)")
         }
-        flags.mark(sensor)
+        markFlags(sensor)
         logger.notice("Calibration started", metadata: ["sensor": "\(sensor)", "circuit": "\(circuit.rawValue)"])
         var answer = CalibrationAnswer(sensor: sensor, circuit: circuit, taken: [])
         answer.points = EZOCalibration.points(circuit)
