@@ -26,7 +26,8 @@ struct CalibrateCommand: ParsableCommand {
             Points (in the datasheets' order): pH mid=7.00 (first: it clears the others), low=4.00, high=10.00; \
             EC dry, then single=1413 or low=12880 and high=80000 (µS/cm); RTD single=<°C>; ORP single=225 (mV); DO air, zero. \
             Without --point the usual ones are taken (pH mid, low, high; EC dry, low, high; ORP single=225; DO air).
-            Exits 1 when the calibration could not be completed, with what to check.
+            Exits 1 when the calibration could not be completed, with what to check; a calibration aborted meanwhile from \
+            another shell (--abort) stops this command at once, saying so and by whom, also with exit 1.
             """)
 
     @OptionGroup var options: ConfigOption
@@ -84,7 +85,9 @@ struct CalibrateCommand: ParsableCommand {
         }
         if abort {
             do {
-                let answer = try send(ControlRequest(command: "calibrate.abort", arguments: ["sensor": sensor]))
+                // Who aborts, for the log and for the farmgate calibrate whose session this was (it says so and stops).
+                let by = "farmgate calibrate --abort (pid \(getpid()), uid \(getuid()))"
+                let answer = try send(ControlRequest(command: "calibrate.abort", arguments: ["sensor": sensor, "by": by]))
                 guard answer.ok else { throw CleanExit.message("farmgate calibrate: \(answer.error ?? "the agent refused")", code: 1) }
                 print("Calibration of \(sensor) aborted.")
                 for warning in answer.calibration?.warnings ?? [] { print("Note: \(warning)") }

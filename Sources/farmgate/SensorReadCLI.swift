@@ -49,8 +49,10 @@ struct SensorRead: AsyncParsableCommand {
             }
             answer = await Self.readDirectly(sensor, configuration: configuration)
         }
-        let configured = (try? loaded.get())?.sensors.first { $0.id.rawValue == sensor }
-        let source: String?? = configured.map { try? $0.options.string("temperature_sensor") }
+        let sensors = (try? loaded.get())?.sensors ?? []
+        let configured = sensors.first { $0.id.rawValue == sensor }
+        // An EZO output without temperature_sensor of its own is compensated with the one another output of its circuit names.
+        let source: String?? = configured.map { EZODriver.compensationSource(of: $0, among: sensors)?.rawValue }
         try report(answer, temperatureSensor: source)
     }
 

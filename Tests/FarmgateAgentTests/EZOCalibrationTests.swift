@@ -1,5 +1,7 @@
 @testable import FarmgateAgent
+import FarmgateSupport
 import FarmgateWire
+import Foundation
 import Logging
 import Synchronization
 import Testing
@@ -219,5 +221,154 @@ struct EZOCalibrationTests {
         #expect(await send("calibrate.begin").ok)
         await commands.recordOpen()
         #expect(collector.events.withLock { $0.count } == 3)
+    }
+
+    /// One output of a circuit (an EC circuit's `ec` or `tds`) that takes every point.
+    final class FakeOutput: CalibratableDriver {
+        let circuit: EZOCircuitKind
+        let measuredQuantity: Quantity
+        let circuitPort: String
+        let sent = Mutex<[String]>([])
+        init(_ circuit: EZOCircuitKind, _ quantity: Quantity, port: String) {
+            self.circuit = circuit
+            measuredQuantity = quantity
+            circuitPort = port
+        }
+        func read() async throws(SensorError) -> SensorValue { SensorValue(1413) }
+        func sendCalibration(_ command: String) async throws(SensorError) { sent.withLock { $0.append(command) } }
+        func calibrationState() async throws(SensorError) -> CalibrationState {
+            CalibrationState(calibratedPoints: sent.withLock { $0.count }, slope: nil, firmware: "2.15")
+        }
+    }
+
+    @Test("Every sensor read from the circuit under calibration carries calibrating: an EC circuit's TDS, salinity and specific gravity too, not another circuit's")
+    func siblingsFlagged() async throws {
+        let ec = try SensorID("tank1.ec"), tds = try SensorID("tank1.tds"), salinity = try SensorID("tank1.salinity")
+        let gravity = try SensorID("tank1.sg"), ph = try SensorID("tank1.ph"), otherTDS = try SensorID("tank2.tds")
+        let flags = CalibrationFlags()
+        let commands = CalibrationCommands(
+            drivers: [
+                ec: FakeOutput(.ec, .electricalConductivity, port: "/dev/ttyEC1"), tds: FakeOutput(.ec, .tds, port: "/dev/ttyEC1"),
+                salinity: FakeOutput(.ec, .salinity, port: "/dev/ttyEC1"), gravity: FakeOutput(.ec, .specificGravity, port: "/dev/ttyEC1"),
+                otherTDS: FakeOutput(.ec, .tds, port: "/dev/ttyEC2"), ph: FakeCircuit(),
+            ],
+            flags: flags, recorder: Collector(), logger: Logger(label: "test"))
+        func send(_ command: String, _ arguments: [String: String] = [:]) async -> CalibrationControlAnswer {
+            await commands.answer(ControlRequest(command: command, arguments: arguments.merging(["sensor": "tank1.ec"]) { a, _ in a }))
+        }
+        let circuit = [ec, tds, salinity, gravity]
+        #expect(await send("calibrate.begin").ok)
+        #expect(circuit.allSatisfy(flags.contains), "\(circuit.filter { !flags.contains($0) }) not flagged")
+        #expect(!flags.contains(ph) && !flags.contains(otherTDS), "sensors of other circuits are flagged")
+        #expect(await send("calibrate.point", ["point": "dry", "reading": "0"]).ok)
+        #expect(circuit.allSatisfy(flags.contains), "\(circuit.filter { !flags.contains($0) }) not flagged")
+        #expect(await send("calibrate.finish").ok)
+        #expect(!circuit.contains(where: flags.contains), "\(circuit.filter(flags.contains)) still flagged after finish")
+
+        #expect(await send("calibrate.begin").ok)
+        #expect(circuit.allSatisfy(flags.contains))
+        #expect(await send("calibrate.abort").ok)
+        #expect(!circuit.contains(where: flags.contains), "\(circuit.filter(flags.contains)) still flagged after abort")
+    }
+
+    /// Answers a control request in-process and blocks until then, as the control socket does for the CLI.
+    final class BlockingAgent: Sendable {
+        let commands: CalibrationCommands
+        let requests = Mutex<[ControlRequest]>([])
+        init(_ commands: CalibrationCommands) { self.commands = commands }
+
+        func send(_ request: ControlRequest) -> CalibrationControlAnswer {
+            requests.withLock { $0.append(request) }
+            let box = AnswerBox()
+            let done = DispatchSemaphore(value: 0)
+            let commands = self.commands
+            Task {
+                let answer = await commands.answer(request)
+                box.answer.withLock { $0 = answer }
+                done.signal()
+            }
+            done.wait()
+            return box.answer.withLock { $0 } ?? CalibrationControlAnswer(ok: false, error: "no answer")
+        }
+
+        final class AnswerBox: Sendable {
+            let answer = Mutex<CalibrationControlAnswer?>(nil)
+        }
+    }
+
+    @Test("A calibration aborted from another shell: its CLI stops at once, says once that it was aborted and by what, and does not abort again")
+    func abortedFromElsewhere() async throws {
+        let sensor = try SensorID("tank1.ph")
+        let commands = CalibrationCommands(
+            drivers: [sensor: FakeCircuit()], flags: CalibrationFlags(), recorder: Collector(), logger: Logger(label: "test"))
+        let agent = BlockingAgent(commands)
+        let lines = CalibrationAgentTests.Lines()
+        let outcome: Result<CalibrationAnswer, CalibrationGuide.Failure> = try await runOffPool(name: "calibration-guide") {
+            var options = CalibrationGuide.Options()
+            options.steps = [CalibrationStep(point: "mid", reference: 7)]
+            options.window = .seconds(30)  // never stable: the abort comes first
+            options.interval = .milliseconds(10)
+            options.assumeYes = true
+            var reads = 0
+            let guide = CalibrationGuide(
+                options: options,
+                send: { request in
+                    if request.command == "calibrate.read" {
+                        reads += 1
+                        if reads == 3 {
+                            // `farmgate calibrate tank1.ph --abort` in another shell, between two reads.
+                            let aborted = agent.send(ControlRequest(
+                                command: "calibrate.abort", arguments: ["sensor": "tank1.ph", "by": "farmgate calibrate --abort (pid 4242, uid 1000)"]))
+                            #expect(aborted.ok, "\(aborted)")
+                        }
+                    }
+                    return agent.send(request)
+                },
+                confirm: { _ in true }, output: lines.append)
+            do throws(CalibrationGuide.Failure) { return .success(try guide.run(sensor: "tank1.ph")) } catch { return .failure(error) }
+        }
+        guard case .failure(let failure) = outcome else {
+            Issue.record("the aborted calibration finished: \(outcome)")
+            return
+        }
+        let output = lines.text
+        #expect(failure.description.contains("aborted"), "\(failure)")
+        #expect(failure.description.contains("pid 4242"), "\(failure)")
+        #expect(!failure.description.contains("five reads"), "\(failure)")
+        #expect(!failure.description.contains("check the probe"), "\(failure)")
+        #expect(!output.contains("no calibration"), "\(output)")
+        #expect((output + "\n" + failure.description).components(separatedBy: "aborted").count == 2, "said more than once: \(output)\n\(failure)")
+        let reads = agent.requests.withLock { $0.filter { $0.command == "calibrate.read" }.count }
+        #expect(reads == 3, "read on after the abort: \(reads) reads")
+        let aborts = agent.requests.withLock { $0.filter { $0.command == "calibrate.abort" }.count }
+        #expect(aborts == 1, "the CLI aborted again (another calibration begun meanwhile would be aborted): \(aborts)")
+    }
+
+    @Test("Commands on a calibration that ended say how it ended: aborted (by whom), finished, lapsed")
+    func endedSessionSaysHow() async throws {
+        let sensor = try SensorID("tank1.ph")
+        let commands = CalibrationCommands(
+            drivers: [sensor: FakeCircuit()], flags: CalibrationFlags(idleLimit: .milliseconds(300)), recorder: Collector(),
+            logger: Logger(label: "test"))
+        func send(_ command: String, _ arguments: [String: String] = [:]) async -> CalibrationControlAnswer {
+            await commands.answer(ControlRequest(command: command, arguments: arguments.merging(["sensor": "tank1.ph"]) { a, _ in a }))
+        }
+        #expect(await send("calibrate.begin").ok)
+        #expect(await send("calibrate.abort", ["by": "farmgate calibrate --abort (pid 4242, uid 1000)"]).ok)
+        let afterAbort = await send("calibrate.read")
+        #expect(!afterAbort.ok)
+        #expect(afterAbort.error?.contains("aborted") == true && afterAbort.error?.contains("pid 4242") == true, "\(afterAbort)")
+
+        #expect(await send("calibrate.begin").ok)
+        #expect(await send("calibrate.point", ["point": "mid", "reference": "7.00", "reading": "7.01"]).ok)
+        #expect(await send("calibrate.finish").ok)
+        let afterFinish = await send("calibrate.read")
+        #expect(afterFinish.error?.contains("finished") == true, "\(afterFinish)")
+
+        #expect(await send("calibrate.begin").ok)
+        try await Task.sleep(for: .milliseconds(400))
+        await commands.recordLapsed()
+        let afterLapse = await send("calibrate.read")
+        #expect(afterLapse.error?.contains("lapsed") == true, "\(afterLapse)")
     }
 }

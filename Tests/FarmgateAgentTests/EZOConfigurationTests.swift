@@ -50,6 +50,40 @@ struct EZOConfigurationTests {
         #expect(onRTD.message.contains("only pH, EC and DO circuits"), "\(onRTD)")
     }
 
+    @Test("Outputs of one circuit that name different temperature sensors are refused: the circuit has one compensation temperature")
+    func siblingCompensationSources() throws {
+        let temperatures = """
+
+            [[sensor]]
+            id = "tank1.temp"
+            driver = "simulated"
+            quantity = "temperature"
+
+            [[sensor]]
+            id = "tank2.temp"
+            driver = "simulated"
+            quantity = "temperature"
+            """
+        let different = try #require(error(
+            Self.sensor("tank1.ec", "ec", port: "/dev/ttyUSB0", "temperature_sensor = \"tank1.temp\"")
+                + Self.sensor("tank1.tds", "tds", port: "/dev/ttyUSB0", "temperature_sensor = \"tank2.temp\"") + temperatures))
+        #expect(different.key == "sensor \"tank1.tds\": temperature_sensor", "\(different)")
+        #expect(different.message.contains("\"tank1.ec\""), "\(different)")
+        #expect(different.message.contains("tank1.temp"), "\(different)")
+        #expect(different.message.contains("one compensation temperature"), "\(different)")
+        let ages = try #require(error(
+            Self.sensor("tank1.ec", "ec", port: "/dev/ttyUSB0", "temperature_sensor = \"tank1.temp\"\ntemperature_max_age = \"1m\"")
+                + Self.sensor("tank1.tds", "tds", port: "/dev/ttyUSB0", "temperature_sensor = \"tank1.temp\"\ntemperature_max_age = \"5m\"") + temperatures))
+        #expect(ages.key == "sensor \"tank1.tds\": temperature_max_age", "\(ages)")
+        // The same source on both, or on one only (the other output inherits it): accepted.
+        #expect(error(
+            Self.sensor("tank1.ec", "ec", port: "/dev/ttyUSB0", "temperature_sensor = \"tank1.temp\"")
+                + Self.sensor("tank1.tds", "tds", port: "/dev/ttyUSB0", "temperature_sensor = \"tank1.temp\"") + temperatures) == nil)
+        #expect(error(
+            Self.sensor("tank1.ec", "ec", port: "/dev/ttyUSB0")
+                + Self.sensor("tank1.tds", "tds", port: "/dev/ttyUSB0", "temperature_sensor = \"tank1.temp\"") + temperatures) == nil)
+    }
+
     @Test("Two circuits on one port, the same output twice, a port shared with another driver, bad keys")
     func portClaims() throws {
         let twoCircuits = try #require(error(Self.sensor("a.ph", "ph", port: "/dev/ttyUSB0") + Self.sensor("a.temp", "temperature", port: "/dev/ttyUSB0")))

@@ -28,6 +28,8 @@ final class EZOBench {
     let latest = FixedLatestValues()
     let ports = SerialPortRegistry(backoffInitial: .milliseconds(100), backoffMax: .milliseconds(400), logger: Logger(label: "test"))
     var simulators: [EZOSimulator] = []
+    /// Set: the drivers log into it (for tests that assert what was logged) instead of standard error.
+    var log: RecordedLog?
 
     init() throws {
         dir = try Scratch(prefix: "fg-ezo", in: URL(fileURLWithPath: "/tmp"))
@@ -49,7 +51,7 @@ final class EZOBench {
     func drivers(_ sensors: String) throws -> [String: EZODriver] {
         let text = "[device]\nid = \"bench\"\n" + sensors
         let configuration = try AgentConfiguration.parse(ConfigDocument.parse(text, file: dir.file("agent.toml")))
-        var logger = Logger(label: "ezo-test")
+        var logger = log?.logger(label: "ezo-test") ?? Logger(label: "ezo-test")
         logger.logLevel = .debug
         let context = DriverContext(sensors: configuration.sensors, latestValues: latest, serialPorts: ports, logger: logger)
         var drivers: [String: EZODriver] = [:]
@@ -349,7 +351,7 @@ struct EZODriverTests {
         await driver.close()
     }
 
-    @Test("A pH answer outside the circuit's 0.001–14.000 is a fault of the read, not a reading", arguments: [15.2, -0.5])
+    @Test("A pH answer outside the circuit's 0.001–14.000 is a fault of the read, not a reading", arguments: [15.2, -0.5, 0.0, 14.001])
     func phOutsideOutputRange(value: Double) async throws {
         let bench = try EZOBench()
         _ = try bench.circuit(.ph, name: "ph", values: { index, _ in index == 0 ? value : 6.5 })
@@ -362,6 +364,77 @@ struct EZODriverTests {
         #expect(error.message.contains("outside the pH 0.001–14.000"), "\(error)")
         #expect(error.message.contains("not a reading"), "\(error)")
         #expect(try await driver.read() == SensorValue(6.5))
+        await driver.close()
+    }
+
+    @Test("The ends of the output ranges are readings: pH 0.001 and 14.000, ORP ±1019.9 mV; ORP just past them is not")
+    func outputRangeEnds() async throws {
+        let bench = try EZOBench()
+        let phValues: [Double] = [0.001, 14.0]
+        _ = try bench.circuit(.ph, name: "ph", values: { index, _ in phValues[min(max(0, index), 1)] })
+        let ph = try bench.driver("tank1.ph", quantity: "ph", port: "ph")
+        #expect(try await ph.read() == SensorValue(0.001))
+        #expect(try await ph.read() == SensorValue(14))
+        await ph.close()
+        let orpValues: [Double] = [-1019.9, 1019.9, -1020, 1020]
+        _ = try bench.circuit(.orp, name: "orp", values: { index, _ in orpValues[min(max(0, index), 3)] })
+        let orp = try bench.driver("tank1.orp", quantity: "orp", port: "orp")
+        #expect(try await orp.read() == SensorValue(-1019.9))
+        #expect(try await orp.read() == SensorValue(1019.9))
+        for _ in 0..<2 {
+            guard case .failure(let error) = await readResult(orp) else {
+                Issue.record("an ORP answer past ±1019.9 mV was taken as a reading")
+                continue
+            }
+            #expect(error.message.contains("outside the −1019.9 to 1019.9 mV"), "\(error)")
+        }
+        await orp.close()
+    }
+
+    @Test("*UV or *OV sent on its own after a reading's *OK: logged as a warning naming the circuit, and the next reads fail as faults saying to check the power until it stops", arguments: ["*UV", "*OV"])
+    func asynchronousVoltageReport(code: String) async throws {
+        let bench = try EZOBench()
+        let log = RecordedLog()
+        bench.log = log
+        let simulator = try bench.circuit(.ph, name: "ph")
+        let driver = try bench.driver("tank1.ph", quantity: "ph", port: "ph")
+        // The circuit reports the code after each of the next two answers, then no more.
+        simulator.inject(.lineAfter(code), .lineAfter(code))
+        // The first answer came before the report: nothing said the supply was out of range yet.
+        #expect(try await driver.read() == SensorValue(6.00))
+        for round in 1...2 {
+            // Reads come an interval apart, as the sampler takes them: the code has arrived by the next one.
+            try await Task.sleep(for: .milliseconds(100))
+            guard case .failure(let error) = await readResult(driver) else {
+                Issue.record("read \(round) after the circuit reported \(code) on its own was stored as a good reading")
+                continue
+            }
+            #expect(error.kind == .fault, "\(error)")
+            #expect(error.message.contains(code), "\(error)")
+            #expect(error.message.contains("power supply"), "\(error)")
+            #expect(error.message.contains(bench.dir.file("ph")), "\(error)")
+        }
+        // The report stopped: reads are good again.
+        try await Task.sleep(for: .milliseconds(100))
+        #expect(try await driver.read().quality == [])
+        let warnings = log.entries.filter { $0.level == .warning && $0.metadata["code"]?.description == code }
+        #expect(!warnings.isEmpty, "no warning logged for \(code): \(log.entries.map(\.message))")
+        #expect(warnings.allSatisfy { $0.metadata["port"]?.description == bench.dir.file("ph") && $0.metadata["circuit"]?.description == "pH" }, "\(warnings.map(\.metadata))")
+        await driver.close()
+    }
+
+    @Test("*ER sent on its own between commands (noise on the circuit's receive line) is logged as a warning; the readings stand")
+    func asynchronousUnknownCommand() async throws {
+        let bench = try EZOBench()
+        let log = RecordedLog()
+        bench.log = log
+        let simulator = try bench.circuit(.ph, name: "ph")
+        let driver = try bench.driver("tank1.ph", quantity: "ph", port: "ph")
+        simulator.inject(.lineAfter("*ER"))
+        #expect(try await driver.read() == SensorValue(6.00))
+        try await Task.sleep(for: .milliseconds(100))
+        #expect(try await driver.read() == SensorValue(6.01))
+        #expect(log.entries.contains { $0.level == .warning && $0.metadata["code"]?.description == "*ER" }, "\(log.entries.map(\.message))")
         await driver.close()
     }
 
@@ -663,6 +736,43 @@ struct EZODriverTests {
         #expect(simulator.outputs == ["EC", "TDS"])
         #expect(try await tds.read() == SensorValue(701))
         #expect(try await ec.read() == SensorValue(1402))
+        await ec.close()
+    }
+
+    @Test("One compensation source per circuit: the EC sensor names temperature_sensor, its TDS sibling reads with RT too and both are flagged compensated")
+    func siblingsShareCompensation() async throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.ec, name: "ec", values: { _, _ in 1413 })
+        let port = bench.dir.file("ec")
+        let drivers = try bench.drivers(
+            """
+            [[sensor]]
+            id = "tank1.ec"
+            driver = "ezo"
+            quantity = "ec"
+            port = "\(port)"
+            temperature_sensor = "tank1.temp"
+
+            [[sensor]]
+            id = "tank1.tds"
+            driver = "ezo"
+            quantity = "tds"
+            port = "\(port)"
+
+            [[sensor]]
+            id = "tank1.temp"
+            driver = "simulated"
+            quantity = "temperature"
+            """)
+        let ec = try #require(drivers["tank1.ec"])
+        let tds = try #require(drivers["tank1.tds"])
+        try bench.latest.set("tank1.temp", 18)
+        let ecValue = try await ec.read()
+        #expect(ecValue.quality.contains(.compensated))
+        let tdsValue = try await tds.read()
+        #expect(tdsValue.quality.contains(.compensated), "the TDS output of a circuit compensated at 18 °C is stored without the flag")
+        #expect(simulator.served.map(\.temperature) == [18, 18], "\(simulator.commands)")
+        #expect(!simulator.commands.contains { $0.uppercased() == "R" }, "\(simulator.commands)")
         await ec.close()
     }
 

@@ -17,7 +17,8 @@ import Glibc
 /// Faults a test can inject: an unprompted reboot (`*RS`, deaf while it boots, then `*RE`, or `*WA`, with the settings
 /// back to factory), an error code, `*SL` (asleep until a character wakes it, which answers `*WA` and is not run), noise
 /// before an answer, run into it, or instead of it, half an answer, silence (on reads, or on any other command), a wrong
-/// baud (answers come out as noise), firmware without `RT`, DO outputs other than mg/L, and unplug/replug (the pty goes
+/// baud (answers come out as noise), a code sent on its own after an answer (`*UV`), firmware without `RT`, DO outputs
+/// other than mg/L, and unplug/replug (the pty goes
 /// away with its link; a new pty appears behind the same link, as a USB replug gives a new tty behind the same by-id
 /// link).
 public final class EZOSimulator: Sendable {
@@ -61,6 +62,9 @@ public final class EZOSimulator: Sendable {
         /// This line (a stray reading, another device's answer) halfway through the processing time, then the normal
         /// answer.
         case lineBefore(String)
+        /// The normal answer (and its `*OK`), then this line on its own, between commands: `*UV` or `*OV` as a circuit
+        /// whose supply is out of range reports it, `*ER` for noise on its receive line.
+        case lineAfter(String)
     }
 
     /// One answer the circuit gave to a read.
@@ -595,6 +599,15 @@ public final class EZOSimulator: Sendable {
             sendRaw(noise)
         case .silence?:
             break
+        case .lineAfter(let code)?:
+            pause(time)
+            state.withLock { state in
+                state.reads += 1
+                state.served.append(Served(line: line, temperature: temperature))
+            }
+            answer([line], after: 0)
+            usleep(10_000)
+            send([code])
         case .lineBefore(let stray)?:
             pause(time / 2)
             send([stray])

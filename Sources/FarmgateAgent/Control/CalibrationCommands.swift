@@ -16,12 +16,17 @@ import Synchronization
 ///
 /// | command | arguments | answer (`calibration`) |
 /// |---|---|---|
-/// | `calibrate.begin` | `sensor` | the circuit, its points, the default points; the sensor's readings carry `calibrating` from now |
+/// | `calibrate.begin` | `sensor` | `session`, the circuit, its points, the default points; readings of every sensor on the circuit (an EC circuit's `tds`, `salinity`, `specific_gravity` too) carry `calibrating` from now |
 /// | `calibrate.read` | `sensor` | `reading`: one fresh reading (not stored) |
 /// | `calibrate.point` | `sensor`, `point`, `reference` (a number; absent for `dry`, `air`, `zero`), `reading` (optional: a reading far from the reference is refused unless `force` is `true`) | `command` sent, `taken` |
 /// | `calibrate.status` | `sensor` | `taken`, `state` (`Cal,?`, `Slope,?`) |
 /// | `calibrate.finish` | `sensor` | `event` (committed to the buffer), `state`, `warnings` |
-/// | `calibrate.abort` | `sensor` | `taken` (points the circuit already holds stay in it) |
+/// | `calibrate.abort` | `sensor`, `by` (optional: who aborts, for the log and the CLI whose session it was) | `taken` (points the circuit already holds stay in it) |
+///
+/// Every command but `begin` takes an optional `session` (what `begin` answered): a command for a session that ended
+/// (aborted from another shell, finished, lapsed, replaced by a new one) is refused with `ended` set to how it ended
+/// (`aborted`, `finished`, `lapsed`, `replaced`), and the error says when and, for an abort, by whom; the CLI stops at
+/// once on it. Without `session` the sensor's current session is meant.
 ///
 /// One calibration per sensor at a time; a session idle for longer than the flags' idle limit has lapsed and a new
 /// `calibrate.begin` replaces it. Points a circuit took are never forgotten: a session that lapses with points (its CLI
@@ -31,6 +36,7 @@ public final class CalibrationCommands: Service, Sendable {
     public static let commands = ["calibrate.begin", "calibrate.read", "calibrate.point", "calibrate.status", "calibrate.finish", "calibrate.abort"]
 
     struct Session: Sendable {
+        var id = String(UUID().uuidString.lowercased().prefix(8))
         var circuit: EZOCircuitKind
         var steps: [CalibrationStep] = []
         var points: [CalibrationEvent.Point] = []
@@ -41,7 +47,25 @@ public final class CalibrationCommands: Service, Sendable {
     private let flags: CalibrationFlags
     private let recorder: any CalibrationRecorder
     private let sessions = Mutex<[SensorID: Session]>([:])
+    /// How each sensor's last session ended, for the CLI still driving it (aborted from another shell, say).
+    private let endings = Mutex<[SensorID: Ending]>([:])
     private let logger: Logger
+
+    /// How a session ended.
+    struct Ending: Sendable {
+        /// `aborted`, `finished`, `lapsed`, `stopped`, `replaced`.
+        var kind: String
+        /// What happened, for the message: "was aborted by farmgate calibrate --abort (pid 4242, uid 1000)".
+        var what: String
+        var at: Timestamp
+        var session: String
+    }
+
+    /// A command for a session that ended: `ended` of the answer is its kind.
+    struct SessionEnded: Error, CustomStringConvertible {
+        var kind: String
+        var description: String
+    }
 
     public init(drivers: [SensorID: any SensorDriver], flags: CalibrationFlags, recorder: any CalibrationRecorder, logger: Logger) {
         self.drivers = drivers
@@ -71,6 +95,10 @@ public final class CalibrationCommands: Service, Sendable {
             for sensor in gone.keys { sessions[sensor] = nil }
             return gone.map { ($0.key, $0.value) }
         }
+        for (sensor, session) in lapsed {
+            ended(sensor, session, kind: "lapsed", what: "lapsed after \(limit) without a command\(session.points.isEmpty ? "" : " (the points the circuit took are recorded as a calibration event)")")
+            clearFlags(sensor)
+        }
         for (sensor, session) in lapsed where !session.points.isEmpty {
             guard let device = drivers[sensor] as? any CalibratableDriver else { continue }
             do {
@@ -92,6 +120,7 @@ public final class CalibrationCommands: Service, Sendable {
             defer { sessions.removeAll() }
             return sessions
         }
+        for (sensor, session) in open { ended(sensor, session, kind: "stopped", what: "ended as the agent stopped") }
         for (sensor, session) in open where !session.points.isEmpty {
             do {
                 let event = try await record(sensor, session, state: nil)
@@ -116,7 +145,7 @@ public final class CalibrationCommands: Service, Sendable {
             id: UUID().uuidString.lowercased(), sensor: sensor, time: Timestamp.now(), circuit: session.circuit.rawValue,
             firmware: state?.firmware, points: session.points, calibratedPoints: state?.calibratedPoints, slope: state?.slope)
         try await recorder.recordCalibration(event)
-        flags.clear(sensor)
+        clearFlags(sensor)
         return event
     }
 
@@ -139,18 +168,20 @@ public final class CalibrationCommands: Service, Sendable {
                 // A lapsed session of this sensor is recorded before a new one takes its place.
                 await recordLapsed()
                 return try begin(sensor, device)
-            case "calibrate.read": return try await read(sensor, device)
+            case "calibrate.read": return try await read(sensor, device, session: arguments["session"])
             case "calibrate.point": return try await point(sensor, device, arguments)
             case "calibrate.status":
-                let session = try current(sensor)
+                let session = try current(sensor, session: arguments["session"])
                 let state = try await device.calibrationState()
                 return CalibrationControlAnswer(ok: true, calibration: CalibrationAnswer(sensor: sensor, circuit: session.circuit, taken: session.points, state: state))
-            case "calibrate.finish": return try await finish(sensor, device)
+            case "calibrate.finish": return try await finish(sensor, device, session: arguments["session"])
             case "calibrate.abort":
-                let session = try current(sensor)
+                let session = try current(sensor, session: arguments["session"])
                 sessions.withLock { _ = $0.removeValue(forKey: sensor) }
-                flags.clear(sensor)
-                logger.notice("Calibration aborted", metadata: ["sensor": "\(sensor)", "points": "\(session.points.count)"])
+                clearFlags(sensor)
+                let by = arguments["by"].map { String($0.prefix(200)) } ?? "a calibrate.abort on the control socket"
+                ended(sensor, session, kind: "aborted", what: "was aborted by \(by)")
+                logger.notice("Calibration aborted", metadata: ["sensor": "\(sensor)", "points": "\(session.points.count)", "by": "\(by)"])
                 var answer = CalibrationAnswer(sensor: sensor, circuit: session.circuit, taken: session.points)
                 if !session.points.isEmpty {
                     answer.warnings = ["the circuit keeps the \(session.points.count) point\(session.points.count == 1 ? "" : "s") it already took (\(session.points.map(\.name).joined(separator: ", "))); calibrate again to replace them"]
@@ -161,6 +192,10 @@ public final class CalibrationCommands: Service, Sendable {
             }
         } catch let error as CalibrationError {
             return CalibrationControlAnswer(ok: false, error: "\(request.command): \(error.description)")
+        } catch let error as SessionEnded {
+            var answer = CalibrationControlAnswer(ok: false, error: "\(request.command): \(error.description)")
+            answer.ended = error.kind
+            return answer
         } catch let error as SensorError {
             return CalibrationControlAnswer(ok: false, error: "\(request.command): the circuit failed: \(error.message)")
         } catch {
@@ -186,46 +221,97 @@ public final class CalibrationCommands: Service, Sendable {
         throw CalibrationError("\(what): add a [[sensor]] with quantity = \"\(calibrated.rawValue)\" on port \(device.circuitPort) to the configuration, restart the agent and calibrate that sensor, with the references in \(calibrated.unit)")
     }
 
-    /// The sensor's session, which must be live (touched now).
-    private func current(_ sensor: SensorID) throws(CalibrationError) -> Session {
+    /// The sensor's session, which must be live (touched now) and, when `id` is given, the one it names.
+    /// - Throws: ``SessionEnded`` when that session ended (how, when, by whom), ``CalibrationError`` when there is none.
+    private func current(_ sensor: SensorID, session id: String? = nil) throws -> Session {
         let now = ContinuousClock.now
         let limit = flags.idleLimit
         let session: Session? = sessions.withLock { sessions in
             // A lapsed session stays until ``recordLapsed(now:)`` records its points.
-            guard var session = sessions[sensor], now - session.lastActivity <= limit else { return nil }
+            guard var session = sessions[sensor], now - session.lastActivity <= limit, id == nil || id == session.id else { return nil }
             session.lastActivity = now
             sessions[sensor] = session
             return session
         }
         guard let session else {
+            let ending = endings.withLock { $0[sensor] }
+            let live = sessions.withLock { sessions in sessions[sensor].map { now - $0.lastActivity <= limit } ?? false }
+            if let ending, id == ending.session {
+                throw SessionEnded(
+                    kind: ending.kind,
+                    description: "the calibration of \(sensor) \(ending.what) at \(ending.at)\(live ? "; another one is in progress now" : ""); nothing more is sent for it")
+            }
+            if let ending, id == nil {
+                throw SessionEnded(
+                    kind: ending.kind,
+                    description: "no calibration of \(sensor) is in progress: the last one \(ending.what) at \(ending.at); start one with calibrate.begin")
+            }
+            if let id, live {
+                throw SessionEnded(
+                    kind: "replaced", description: "the calibration of \(sensor) this command belongs to (session \(id)) ended, and another one is in progress now; nothing is sent for it")
+            }
             throw CalibrationError("no calibration of \(sensor) is in progress (or it lapsed after \(limit) without a command); start one with calibrate.begin")
         }
-        flags.mark(sensor)
+        markFlags(sensor)
         return session
+    }
+
+    /// Notes how `session` of `sensor` ended, for its CLI's next command.
+    private func ended(_ sensor: SensorID, _ session: Session, kind: String, what: String) {
+        let ending = Ending(kind: kind, what: what, at: Timestamp.now(), session: session.id)
+        endings.withLock { $0[sensor] = ending }
+    }
+
+    /// The sensors read from the circuit `sensor` is: an EC circuit's `ec`, `tds`, `salinity` and `specific_gravity`
+    /// sensors share its port and probe (in air or a calibration solution while it is calibrated), `sensor` alone
+    /// otherwise.
+    private func circuitSensors(_ sensor: SensorID) -> [SensorID] {
+        guard let device = drivers[sensor] as? any CalibratableDriver else { return [sensor] }
+        let port = device.circuitPort
+        let others = drivers.compactMap { id, driver -> SensorID? in
+            guard id != sensor, let other = driver as? any CalibratableDriver, other.circuitPort == port else { return nil }
+            return id
+        }
+        return [sensor] + others.sorted { $0.rawValue < $1.rawValue }
+    }
+
+    /// Flags the readings of every sensor of `sensor`'s circuit `calibrating`, from now until the idle limit.
+    private func markFlags(_ sensor: SensorID) {
+        for id in circuitSensors(sensor) { flags.mark(id) }
+    }
+
+    private func clearFlags(_ sensor: SensorID) {
+        for id in circuitSensors(sensor) { flags.clear(id) }
     }
 
     private func begin(_ sensor: SensorID, _ device: any CalibratableDriver) throws(CalibrationError) -> CalibrationControlAnswer {
         let now = ContinuousClock.now
         let limit = flags.idleLimit
         let circuit = device.circuit
-        let busy: Bool = sessions.withLock { sessions in
-            if let session = sessions[sensor], now - session.lastActivity <= limit { return true }
-            sessions[sensor] = Session(circuit: circuit)
-            return false
+        let started = Session(circuit: circuit)
+        let replaced: Session?? = sessions.withLock { sessions in
+            if let session = sessions[sensor], now - session.lastActivity <= limit { return nil }
+            defer { sessions[sensor] = started }
+            return .some(sessions[sensor])
         }
-        guard !busy else {
+        guard let replaced else {
             throw CalibrationError("a calibration of \(sensor) is already in progress (another farmgate calibrate?); finish or abort it first (farmgate calibrate \(sensor) --abort)")
         }
-        flags.mark(sensor)
+        if let replaced {
+            // Lapsed, and not yet swept (recordLapsed ran just before, so it had no points to record).
+            ended(sensor, replaced, kind: "lapsed", what: "lapsed after \(limit) without a command")
+        }
+        markFlags(sensor)
         logger.notice("Calibration started", metadata: ["sensor": "\(sensor)", "circuit": "\(circuit.rawValue)"])
         var answer = CalibrationAnswer(sensor: sensor, circuit: circuit, taken: [])
+        answer.session = started.id
         answer.points = EZOCalibration.points(circuit)
         answer.defaultPoints = EZOCalibration.defaultSteps(circuit).map(\.description)
         return CalibrationControlAnswer(ok: true, calibration: answer)
     }
 
-    private func read(_ sensor: SensorID, _ device: any CalibratableDriver) async throws -> CalibrationControlAnswer {
-        let session = try current(sensor)
+    private func read(_ sensor: SensorID, _ device: any CalibratableDriver, session id: String?) async throws -> CalibrationControlAnswer {
+        let session = try current(sensor, session: id)
         let value = try await device.read()
         var answer = CalibrationAnswer(sensor: sensor, circuit: session.circuit, taken: session.points)
         answer.reading = value.value
@@ -234,7 +320,7 @@ public final class CalibrationCommands: Service, Sendable {
     }
 
     private func point(_ sensor: SensorID, _ device: any CalibratableDriver, _ arguments: [String: String]) async throws -> CalibrationControlAnswer {
-        let session = try current(sensor)
+        let session = try current(sensor, session: arguments["session"])
         guard let name = arguments["point"] else {
             throw CalibrationError("name the point (argument point: \(EZOCalibration.points(session.circuit).joined(separator: ", ")))")
         }
@@ -265,8 +351,8 @@ public final class CalibrationCommands: Service, Sendable {
         return CalibrationControlAnswer(ok: true, calibration: answer)
     }
 
-    private func finish(_ sensor: SensorID, _ device: any CalibratableDriver) async throws -> CalibrationControlAnswer {
-        let session = try current(sensor)
+    private func finish(_ sensor: SensorID, _ device: any CalibratableDriver, session id: String?) async throws -> CalibrationControlAnswer {
+        let session = try current(sensor, session: id)
         guard !session.points.isEmpty else {
             throw CalibrationError("no point was taken yet; take at least one (\(EZOCalibration.defaultSteps(session.circuit).first?.description ?? "single=<reference>")) or abort")
         }
@@ -281,6 +367,7 @@ public final class CalibrationCommands: Service, Sendable {
         }
         let event = try await record(sensor, session, state: state)
         sessions.withLock { _ = $0.removeValue(forKey: sensor) }
+        ended(sensor, session, kind: "finished", what: "finished (recorded as calibration event \(event.id))")
         logger.notice(
             "Calibration recorded",
             metadata: ["sensor": "\(sensor)", "event": "\(event.id)", "points": "\(event.points.map(\.name).joined(separator: ","))"])
@@ -299,6 +386,9 @@ public final class CalibrationCommands: Service, Sendable {
 public struct CalibrationControlAnswer: Codable, Sendable {
     public var ok: Bool
     public var error: String?
+    /// Set when the command was for a session that ended: how (`aborted`, `finished`, `lapsed`, `stopped`, `replaced`).
+    /// The CLI driving that session stops at once, with ``error`` (which says when and, for an abort, by whom).
+    public var ended: String?
     public var calibration: CalibrationAnswer?
 
     public init(ok: Bool, error: String? = nil, calibration: CalibrationAnswer? = nil) {
@@ -311,6 +401,8 @@ public struct CalibrationControlAnswer: Codable, Sendable {
 /// The calibration part of an answer; which fields are set depends on the command (see ``CalibrationCommands``).
 public struct CalibrationAnswer: Codable, Sendable {
     public var sensor: String
+    /// `calibrate.begin`: the session's id, for the commands that follow (`session`).
+    public var session: String?
     /// `pH`, `EC`, `RTD`, `ORP`, `DO`.
     public var circuit: String
     /// The points taken so far in this session, in order.
@@ -335,7 +427,7 @@ public struct CalibrationAnswer: Codable, Sendable {
     }
 
     enum CodingKeys: String, CodingKey {
-        case sensor, circuit, taken, points, reading, command, state, event, warnings
+        case sensor, session, circuit, taken, points, reading, command, state, event, warnings
         case notKept = "not_kept"
         case defaultPoints = "default_points"
         case readingAt = "reading_at"

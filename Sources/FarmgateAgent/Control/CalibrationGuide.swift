@@ -76,7 +76,13 @@ public struct CalibrationGuide {
 
     public struct Failure: Error, CustomStringConvertible {
         public let description: String
-        init(_ description: String) { self.description = description }
+        /// The session ended under the guide (aborted from another shell, lapsed): nothing more is sent for it, not
+        /// even an abort (another calibration may have begun meanwhile).
+        public let sessionEnded: Bool
+        init(_ description: String, sessionEnded: Bool = false) {
+            self.description = description
+            self.sessionEnded = sessionEnded
+        }
     }
 
     /// The tolerance when none is given: a few counts of the circuit's resolution.
@@ -110,11 +116,14 @@ public struct CalibrationGuide {
     }
 
     /// Runs the whole calibration of `sensor` and returns the agent's answer to `calibrate.finish` (with the event).
-    /// On any failure after the session began it aborts the session, so the sensor's readings stop carrying `calibrating`.
+    /// On any failure after the session began it aborts the session, so the sensor's readings stop carrying `calibrating`;
+    /// a session that ended under it (aborted from another shell) stops it at once, saying how, without another abort.
     public func run(sensor: String) throws(Failure) -> CalibrationAnswer {
         let begun = try request("calibrate.begin", sensor)
+        // Every later command names this session: one that ended is then told apart from one begun since by another CLI.
+        let session = begun.session
         guard let circuit = EZOCircuitKind(rawValue: begun.circuit) else {
-            abort(sensor)
+            abort(sensor, session: session)
             throw Failure("the agent reports an unknown circuit \"\(begun.circuit)\"; are the agent and the CLI the same version?")
         }
         do throws(Failure) {
@@ -137,29 +146,35 @@ public struct CalibrationGuide {
             var taken: [CalibrationStep] = []
             for step in steps {
                 do throws(Failure) {
-                    try take(step, sensor: sensor, circuit: circuit, tolerance: tolerance)
+                    try take(step, sensor: sensor, session: session, circuit: circuit, tolerance: tolerance)
                 } catch {
                     guard !taken.isEmpty else { throw error }
+                    if error.sessionEnded {
+                        let names = taken.map(\.point).joined(separator: ", ")
+                        throw Failure(
+                            "\(error.description)\nThe points taken before (\(names)) stay in the circuit; calibrate again to replace them: farmgate calibrate \(sensor)",
+                            sessionEnded: true)
+                    }
                     // The circuit holds what was taken before (a pH mid point even cleared the earlier low and high):
                     // record that as the event, and say what the circuit holds now and what to do.
-                    throw Failure("\(error.description)\n\(finishPartial(sensor, circuit: circuit, taken: taken, failed: step))")
+                    throw Failure("\(error.description)\n\(finishPartial(sensor, session: session, circuit: circuit, taken: taken, failed: step))")
                 }
                 taken.append(step)
             }
-            let finished = try request("calibrate.finish", sensor)
+            let finished = try request("calibrate.finish", sensor, session: session)
             report(finished)
             // Points sent that the circuit does not hold: the calibration failed, whatever each point looked like.
             if let notKept = finished.notKept { throw Failure(notKept) }
             return finished
         } catch {
-            abort(sensor)
+            if !error.sessionEnded { abort(sensor, session: session) }
             throw error
         }
     }
 
     /// After a point failed with `taken` already in the circuit: records them as the calibration event (what the circuit
     /// actually holds now), and returns what the installer must know.
-    private func finishPartial(_ sensor: String, circuit: EZOCircuitKind, taken: [CalibrationStep], failed: CalibrationStep) -> String {
+    private func finishPartial(_ sensor: String, session: String?, circuit: EZOCircuitKind, taken: [CalibrationStep], failed: CalibrationStep) -> String {
         let names = taken.map(\.point)
         var holds = "only the \(names.joined(separator: " and ")) point\(names.count == 1 ? "" : "s") taken in this calibration"
         if circuit == .ph, names.contains("mid") {
@@ -167,7 +182,7 @@ public struct CalibrationGuide {
         }
         var lines: [String] = []
         do throws(Failure) {
-            let finished = try request("calibrate.finish", sensor)
+            let finished = try request("calibrate.finish", sensor, session: session)
             if let held = finished.state?.calibratedPoints {
                 holds += "; Cal,? says \(held) point\(held == 1 ? "" : "s")"
             }
@@ -188,7 +203,7 @@ public struct CalibrationGuide {
         return lines.joined(separator: "\n")
     }
 
-    private func take(_ step: CalibrationStep, sensor: String, circuit: EZOCircuitKind, tolerance: Double) throws(Failure) {
+    private func take(_ step: CalibrationStep, sensor: String, session: String?, circuit: EZOCircuitKind, tolerance: Double) throws(Failure) {
         output("")
         output("Point \(step.description): \(Self.instruction(step, circuit))")
         if !options.assumeYes, !confirm("Is the probe in place? [y/N] ") {
@@ -206,7 +221,7 @@ public struct CalibrationGuide {
                     "the readings did not settle at point \(step.point) within \(ConfigTable.format(options.settleTimeout)) (last \(last.map(EZOCalibration.format) ?? "none"), moving by \(EZOCalibration.format(spread.range)) in \(ConfigTable.format(spread.lasted))): rinse the probe, check it is submerged without air bubbles at its tip and the solution is fresh, or allow more with --tolerance or a shorter --window")
             }
             do throws(Failure) {
-                let answer = try request("calibrate.read", sensor)
+                let answer = try request("calibrate.read", sensor, session: session)
                 failures.removeAll()
                 if let value = answer.reading {
                     last = value
@@ -216,6 +231,8 @@ public struct CalibrationGuide {
                     if stable { break waiting }
                 }
             } catch {
+                // Aborted from another shell, lapsed: no read will work again, and retrying says nothing more.
+                if error.sessionEnded { throw error }
                 failures.append(error.description)
                 output("  no reading: \(error.description)")
                 if failures.count >= 5 {
@@ -242,7 +259,7 @@ public struct CalibrationGuide {
         if let reference = step.reference { arguments["reference"] = String(reference) }
         if let last { arguments["reading"] = String(last) }
         if forced { arguments["force"] = "true" }
-        let taken = try request("calibrate.point", sensor, arguments)
+        let taken = try request("calibrate.point", sensor, session: session, arguments)
         output("Point \(step.description) taken (\(taken.command ?? "Cal")).")
     }
 
@@ -263,17 +280,24 @@ public struct CalibrationGuide {
     }
 
     /// Ends the session (a no-op when it was finished); the agent's warnings are shown.
-    private func abort(_ sensor: String) {
-        guard let answer = try? send(ControlRequest(command: "calibrate.abort", arguments: ["sensor": sensor])), answer.ok else { return }
+    private func abort(_ sensor: String, session: String?) {
+        var arguments = ["sensor": sensor, "by": "farmgate calibrate itself, after it failed"]
+        if let session { arguments["session"] = session }
+        guard let answer = try? send(ControlRequest(command: "calibrate.abort", arguments: arguments)), answer.ok else { return }
         for warning in answer.calibration?.warnings ?? [] { output("Note: \(warning)") }
     }
 
-    private func request(_ command: String, _ sensor: String, _ arguments: [String: String]? = nil) throws(Failure) -> CalibrationAnswer {
+    private func request(_ command: String, _ sensor: String, session: String? = nil, _ arguments: [String: String]? = nil) throws(Failure) -> CalibrationAnswer {
         let answer: CalibrationControlAnswer
+        var arguments = arguments ?? ["sensor": sensor]
+        if let session { arguments["session"] = session }
         do {
-            answer = try send(ControlRequest(command: command, arguments: arguments ?? ["sensor": sensor]))
+            answer = try send(ControlRequest(command: command, arguments: arguments))
         } catch {
             throw Failure("cannot reach the agent: \(error) (is `farmgate agent` running, and may you use its control socket? members of the agent's group may)")
+        }
+        if !answer.ok, answer.ended != nil {
+            throw Failure(answer.error ?? "the calibration of \(sensor) ended (\(answer.ended ?? "")); nothing more is sent for it", sessionEnded: true)
         }
         guard answer.ok, let calibration = answer.calibration else {
             throw Failure(answer.error ?? "the agent answered \(command) without a result; are the agent and the CLI the same version?")

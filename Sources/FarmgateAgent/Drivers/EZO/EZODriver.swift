@@ -16,7 +16,9 @@ import Synchronization
 /// The circuit is chosen by the sensor's quantity (`ph` → pH, `ec`/`tds` → EC, `temperature` → RTD, `orp`, `do`); each
 /// circuit has its own serial port. An EC circuit's further outputs are further `[[sensor]]` tables on the same port
 /// with `quantity = "tds"`, `"salinity"` (`S`) or `"specific_gravity"` (`SG`): the driver turns on (`O,...`) exactly the outputs configured. pH, EC and DO reads are
-/// temperature-compensated (`RT,<t>`) with the latest value of `temperature_sensor` when one is named.
+/// temperature-compensated (`RT,<t>`) with the latest value of `temperature_sensor` when one is named. A circuit has
+/// one compensation temperature (`RT` sets it for every output): the `temperature_sensor` one output names applies to
+/// all of them, and outputs naming different ones are refused.
 /// The protocol work is in ``EZOSession``; the port's ownership, exclusivity and reopening in ``SerialLine``.
 public final class EZODriver: SensorDriver {
     public static let optionKeys: Set<String> = ["port", "baud", "temperature_sensor", "temperature_max_age"]
@@ -86,13 +88,32 @@ public final class EZODriver: SensorDriver {
     }
 
     /// Rules across sensors: one port carries one circuit at one baud and belongs to one driver; a compensation source
-    /// exists and measures temperature.
+    /// exists and measures temperature, and the outputs of one circuit name at most one (with one maximum age).
     static func validateSite(_ sensors: [SensorConfiguration]) throws(ConfigurationError) {
         var claims: [String: (sensor: SensorConfiguration, options: Options)] = [:]
         var outputs: [String: Set<EZOOutput>] = [:]
+        var sources: [String: (sensor: SensorConfiguration, source: SensorID, maxAge: Duration?)] = [:]
         for sensor in sensors where sensor.driver == "ezo" {
             let options = try Options(sensor)
             let table = sensor.options
+            if let source = options.temperatureSensor {
+                let maxAge = table.value("temperature_max_age") == nil ? nil : options.temperatureMaxAge
+                if let first = sources[options.port] {
+                    guard first.source == source else {
+                        throw table.error(
+                            "temperature_sensor",
+                            "sensor \"\(first.sensor.id)\" on the same circuit (port \(options.port)) compensates with \"\(first.source)\"; a circuit has one compensation temperature (RT sets it for every output): name \"\(first.source)\" here too, or leave temperature_sensor out (this sensor then uses it)")
+                    }
+                    if let firstAge = first.maxAge, let maxAge, firstAge != maxAge {
+                        throw table.error(
+                            "temperature_max_age",
+                            "sensor \"\(first.sensor.id)\" on the same circuit (port \(options.port)) sets \(ConfigTable.format(firstAge)); the circuit's outputs share one compensation: set the same, or leave it out here")
+                    }
+                    if first.maxAge == nil, maxAge != nil { sources[options.port]?.maxAge = maxAge }
+                } else {
+                    sources[options.port] = (sensor, source, maxAge)
+                }
+            }
             if let source = options.temperatureSensor {
                 guard let linked = sensors.first(where: { $0.id == source }) else {
                     throw table.error(
@@ -138,6 +159,18 @@ public final class EZODriver: SensorDriver {
         }
     }
 
+    /// The sensor whose latest value compensates `sensor`'s reads: its own `temperature_sensor`, else the one another
+    /// output of its circuit (a sensor on the same port) names; nil when none does or `sensor` is no EZO sensor.
+    public static func compensationSource(of sensor: SensorConfiguration, among sensors: [SensorConfiguration]) -> SensorID? {
+        guard sensor.driver == "ezo", let options = try? Options(sensor) else { return nil }
+        if let own = options.temperatureSensor { return own }
+        for other in sensors where other.driver == "ezo" {
+            guard let otherOptions = try? Options(other), otherOptions.port == options.port, let source = otherOptions.temperatureSensor else { continue }
+            return source
+        }
+        return nil
+    }
+
     private struct Compensation: Sendable {
         var source: SensorID
         var maxAge: Duration
@@ -170,10 +203,17 @@ public final class EZODriver: SensorDriver {
         // Every sensor on this port reads the same circuit; the EC circuit outputs what any of them needs.
         var siblings: [SensorConfiguration] = []
         var outputs: Set<EZOOutput> = []
+        // The circuit's one compensation source: this sensor's, else the one another output of the circuit names
+        // (`config check` refuses outputs naming different ones). RT sets the circuit's temperature for every output,
+        // so an output read with R after it would be compensated all the same, unflagged.
+        var compensation = options.temperatureSensor.map { Compensation(source: $0, maxAge: options.temperatureMaxAge) }
         for other in context.sensors where other.driver == "ezo" {
             guard let otherOptions = try? Options(other), otherOptions.port == options.port else { continue }
             siblings.append(other)
             if let output = otherOptions.output { outputs.insert(output) }
+            if compensation == nil, let source = otherOptions.temperatureSensor {
+                compensation = Compensation(source: source, maxAge: otherOptions.temperatureMaxAge)
+            }
         }
         if let output = options.output { outputs.insert(output) }
         if siblings.isEmpty { siblings = [configuration] }
@@ -188,14 +228,14 @@ public final class EZODriver: SensorDriver {
             EZOSession(kind: kind, outputs: ordered, portPath: port, sensors: names, logger: logger)
         }
         field = options.output.flatMap { ordered.firstIndex(of: $0) } ?? 0
-        compensation = options.temperatureSensor.map { Compensation(source: $0, maxAge: options.temperatureMaxAge) }
+        self.compensation = compensation
         latestValues = context.latestValues
     }
 
     public func read() async throws(SensorError) -> SensorValue {
         let temperature = compensationTemperature()
         let session = self.session
-        let outcome: Result<[Double], SensorError>
+        let outcome: Result<EZOSession.Reading, SensorError>
         do {
             outcome = try await line.withPort { port, generation in
                 try session.read(port: port, generation: generation, temperature: temperature)
@@ -208,7 +248,8 @@ public final class EZODriver: SensorDriver {
         } catch {
             throw SensorError(.disconnected, "\(line.path): \(error)")
         }
-        let values = try outcome.get()
+        let reading = try outcome.get()
+        let values = reading.values
         guard field < values.count else {
             throw SensorError(.invalidResponse, "the reading has \(values.count) fields, field \(field + 1) expected")
         }
@@ -219,7 +260,8 @@ public final class EZODriver: SensorDriver {
                 "the \(kind) circuit on \(line.path) read \(value), which no \(quantity.rawValue) probe can read: check the probe and the circuit's calibration")
         }
         var quality: QualityFlags = []
-        if temperature != nil { quality.insert(.compensated) }
+        // Whatever this read sent: the circuit compensates every output with the temperature RT or T last set.
+        if reading.temperature != nil { quality.insert(.compensated) }
         return SensorValue(value, quality: quality)
     }
 

@@ -43,11 +43,12 @@ public enum EZOCircuitKind: String, Sendable, Hashable, CaseIterable, CustomStri
         }
     }
 
-    /// The values the circuit outputs at all (the datasheets' ranges): pH 0.001–14.000, ORP −1019.9–1019.9 mV. A
-    /// reading outside is no reading of this circuit. Nil where the quantity's plausible range is the only check.
+    /// The values the circuit outputs at all (the datasheets' ranges): pH 0.001–14.000 (a pH circuit never answers
+    /// 0.000), ORP −1019.9–1019.9 mV. A reading outside is no reading of this circuit. Nil where the quantity's
+    /// plausible range is the only check (EC reads 0.00 dry; an RTD's −1023 is its own fault).
     public var outputRange: ClosedRange<Double>? {
         switch self {
-        case .ph: 0...14
+        case .ph: 0.001...14
         case .orp: -1019.9...1019.9
         case .ec, .rtd, .dissolvedOxygen: nil
         }
@@ -152,6 +153,19 @@ public enum EZOErrorCode: String, Sendable, Hashable {
             "the circuit reports over-voltage (*OV, VCC ≥ 5.5 V): check its power supply"
         case .underVoltage:
             "the circuit reports under-voltage (*UV, VCC ≤ 3.1 V): check its power supply and the cable length"
+        }
+    }
+
+    /// What the installer is told when the circuit sent a supply code on its own, between commands: its readings are
+    /// unreliable meanwhile, so `consequence` (no reading stored, a command not sent).
+    func reportedOnItsOwn(consequence: String) -> String {
+        switch self {
+        case .unknownCommand:
+            "the circuit sent *ER on its own (it received something that is no command): \(consequence); check the wiring"
+        case .overVoltage:
+            "the circuit reported over-voltage (*OV, VCC ≥ 5.5 V) on its own, between commands: its readings are unreliable, so \(consequence); check its power supply"
+        case .underVoltage:
+            "the circuit reported under-voltage (*UV, VCC ≤ 3.1 V) on its own, between commands: its readings are unreliable, so \(consequence); check its power supply and the cable length"
         }
     }
 }

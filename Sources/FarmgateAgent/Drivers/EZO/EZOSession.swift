@@ -20,6 +20,15 @@ final class EZOSession: @unchecked Sendable {
         /// The circuit restarted or changed state under us: initialise again and retry. `event` is the last event it
         /// sent (`*RS` while it boots), nil when it said so otherwise (readings streamed again, outputs changed).
         case restarted(String, event: EZOEvent?)
+        /// The circuit reported `*UV` or `*OV` on its own since the last command: `command` (not a read) was not sent.
+        case supply(EZOErrorCode, command: String)
+    }
+
+    /// One reading: its fields, and the temperature the circuit compensated it with (nil: its own setting, not one the
+    /// driver set).
+    struct Reading: Sendable, Hashable {
+        var values: [Double]
+        var temperature: Double?
     }
 
     /// How long a circuit may take from `*RS` to `*RE`; a command sent meanwhile is lost.
@@ -51,6 +60,14 @@ final class EZOSession: @unchecked Sendable {
     static let rtRefusalLimit = 3
     private(set) var firmware: String?
     private(set) var garbageLines = 0
+    /// The temperature the circuit compensates with, as `RT,<t>` or `T,<t>` set it since it was last initialised; nil
+    /// before any (after a restart it is back at its own setting). `RT` sets it for every later `R` as well, so every
+    /// output read after it is compensated, whichever sensor's read sent it.
+    private var compensation: Double?
+    /// `*UV` or `*OV` the circuit sent on its own, between commands (after a reading's `*OK`, say): its supply is out
+    /// of range and its readings are unreliable. The next read is not stored; the next other command (a calibration
+    /// point) is not sent.
+    private var supplyFault: EZOErrorCode?
 
     init(kind: EZOCircuitKind, outputs: [EZOOutput], portPath: String, sensors: String, margin: Duration = .seconds(1), logger: Logger) {
         self.kind = kind
@@ -63,9 +80,10 @@ final class EZOSession: @unchecked Sendable {
 
     /// Takes one reading (`R`, or `RT,<t>` with a temperature), initialising the circuit first when the port is new or the
     /// circuit restarted. A restart seen during the read re-initialises and reads once more.
-    /// - Returns: the reading's fields (one, or the EC circuit's enabled outputs in order), or why there is none.
+    /// - Returns: the reading's fields (one, or the EC circuit's enabled outputs in order) with the temperature the circuit
+    ///   compensated them with, or why there is none.
     /// - Throws: ``SerialError`` when the port failed.
-    func read(port: SerialPort, generation: Int, temperature: Double?) throws(SerialError) -> Result<[Double], SensorError> {
+    func read(port: SerialPort, generation: Int, temperature: Double?) throws(SerialError) -> Result<Reading, SensorError> {
         var restarts: [String] = []
         for _ in 0..<2 {
             do throws(Interruption) {
@@ -74,6 +92,13 @@ final class EZOSession: @unchecked Sendable {
                     initialisedGeneration = generation
                 }
                 let (command, answer) = try takeReading(port, temperature: temperature)
+                if let code = supplyFault {
+                    // Reported before this read (after the last one's *OK): the read was still taken, so that a circuit
+                    // whose supply stays out of range says so again after it, but its answer is not a reading to keep.
+                    supplyFault = nil
+                    let shown = answer.map { "the answer \"\($0)\" to \(command) is not stored" } ?? "no reading is stored"
+                    return .failure(SensorError(.fault, "EZO \(kind.rawValue) on \(portPath): \(code.reportedOnItsOwn(consequence: shown))"))
+                }
                 guard let text = answer else {
                     return .failure(SensorError(.invalidResponse, "no reading in the answer to \(command)"))
                 }
@@ -104,7 +129,7 @@ final class EZOSession: @unchecked Sendable {
                 if kind == .rtd, values.first == -1023 {
                     return .failure(SensorError(.fault, "the EZO RTD circuit on \(portPath) reads -1023: no probe connected; check the PT-100/PT-1000 probe's wires"))
                 }
-                return .success(values)
+                return .success(Reading(values: values, temperature: compensation))
             } catch {
                 switch error {
                 case .port(let serial): throw serial
@@ -116,6 +141,8 @@ final class EZOSession: @unchecked Sendable {
                 case .refused(let code, let command):
                     initialisedGeneration = nil
                     return .failure(refusal(code, command))
+                case .supply(let code, let command):
+                    return .failure(SensorError(.fault, "EZO \(kind.rawValue) on \(portPath): \(code.reportedOnItsOwn(consequence: "\(command) was not sent"))"))
                 case .restarted(let why, let event):
                     initialisedGeneration = nil
                     restarts.append(why)
@@ -148,6 +175,13 @@ final class EZOSession: @unchecked Sendable {
                     try initialise(port)
                     initialisedGeneration = generation
                 }
+                try absorbPending(port)
+                if let code = supplyFault {
+                    // Not sent to a circuit whose supply is out of range: a calibration point taken so is worthless.
+                    // (A read is sent all the same, and fails afterwards: see read.)
+                    supplyFault = nil
+                    throw Interruption.supply(code, command: command)
+                }
                 return .success(try transact(port, command, time: time, answer: answer))
             } catch {
                 switch error {
@@ -158,6 +192,8 @@ final class EZOSession: @unchecked Sendable {
                 case .refused(let code, let command):
                     initialisedGeneration = nil
                     return .failure(refusal(code, command))
+                case .supply(let code, let command):
+                    return .failure(SensorError(.fault, "EZO \(kind.rawValue) on \(portPath): \(code.reportedOnItsOwn(consequence: "\(command) was not sent"))"))
                 case .restarted(let why, let event):
                     initialisedGeneration = nil
                     logger.notice("EZO circuit restarted during a command; initialising it again", metadata: ["why": "\(why)", "command": "\(command)"])
@@ -180,6 +216,7 @@ final class EZOSession: @unchecked Sendable {
             do throws(Interruption) {
                 let answer = try transact(port, "RT,\(degrees)", time: kind.compensatedReadTime, answer: isReading, single: true)
                 rtRefusals = 0
+                compensation = Double(degrees)
                 return ("RT,\(degrees)", answer)
             } catch .refused(.unknownCommand, _) {
                 // One *ER may be a command garbled on the way: this read goes with T then R, and the next tries RT
@@ -198,6 +235,7 @@ final class EZOSession: @unchecked Sendable {
             }
         }
         _ = try transact(port, "T,\(degrees)", time: EZOCircuitKind.commandTime, answer: nil)
+        compensation = Double(degrees)
         return ("R", try transact(port, "R", time: kind.readTime, answer: isReading, single: true))
     }
 
@@ -245,6 +283,9 @@ final class EZOSession: @unchecked Sendable {
         port.discardInput()
         knowsRT = true
         rtRefusals = 0
+        // A circuit that restarted compensates with its own setting again; one that did not keeps the last RT's, but
+        // which it is cannot be told here: nothing is flagged compensated until RT or T sets it again.
+        compensation = nil
         // Response codes may be off: a missing *OK is no failure here (*OK,? tells).
         _ = try transact(port, "C,0", time: EZOCircuitKind.commandTime, answer: nil, absorb: false, acknowledged: false)
         settle(port, for: .milliseconds(100))
@@ -491,8 +532,10 @@ final class EZOSession: @unchecked Sendable {
     }
 
     /// Examines what the circuit sent since the last command: a restart event, or readings streamed in continuous mode
-    /// (the circuit restarted with factory settings), mean it must be initialised again. Reads what is there, for at
-    /// most a quarter of a second (a line that never falls silent is left to the command's answer to show).
+    /// (the circuit restarted with factory settings), mean it must be initialised again; `*UV` or `*OV` sent on its own
+    /// is logged and kept in ``supplyFault`` for the next command to fail, and `*ER` to no command of ours is logged.
+    /// Reads what is there, for at most a quarter of a second (a line that never falls silent is left to the command's
+    /// answer to show).
     private func absorbPending(_ port: SerialPort) throws(Interruption) {
         var lines = queued
         queued.removeAll()
@@ -516,6 +559,20 @@ final class EZOSession: @unchecked Sendable {
                     restart = (restart?.why ?? "the circuit sent \(event.rawValue)", event)
                 case .data(let text) where EZOParse.reading(text) != nil:
                     if restart == nil { restart = ("the circuit is streaming readings (continuous mode is on again)", nil) }
+                case .error(let code):
+                    let metadata: Logger.Metadata = ["circuit": "\(kind.rawValue)", "port": "\(portPath)", "code": "\(code.rawValue)"]
+                    if code == .unknownCommand {
+                        // Answers no command of ours (each had its answer): bytes the circuit took for a command, noise
+                        // on its receive line or another program writing to the port. Its readings are not affected.
+                        logger.warning(
+                            "EZO circuit sent *ER between commands: it received something that is no command (noise on its RX line, or another program writing to the port); check the wiring",
+                            metadata: metadata)
+                    } else {
+                        logger.warning(
+                            "EZO circuit reported its supply voltage out of range on its own (*UV under, *OV over); its next reading is not stored: check its power supply",
+                            metadata: metadata.merging(["meaning": "\(code.explanation(command: ""))"]) { $1 })
+                        supplyFault = code
+                    }
                 case .garbage:
                     garbageLines += 1
                 default:
