@@ -139,11 +139,16 @@ public struct Resolution: Hashable, Sendable, CustomStringConvertible {
 
     /// A resolution of `numerator / denominator`; both must be between 1 and ``maxComponent``.
     public init(numerator: UInt32, denominator: UInt32) throws(ResolutionError) {
-        guard (1...Resolution.maxComponent).contains(numerator), (1...Resolution.maxComponent).contains(denominator) else {
+        guard Self.accepts(numerator, denominator) else {
             throw ResolutionError(text: "\(numerator)/\(denominator)")
         }
         self.numerator = numerator
         self.denominator = denominator
+    }
+
+    /// Whether both parts are between 1 and ``maxComponent``.
+    static func accepts(_ numerator: UInt32, _ denominator: UInt32) -> Bool {
+        (1...Resolution.maxComponent).contains(numerator) && (1...Resolution.maxComponent).contains(denominator)
     }
 
     /// Parses `0.01`, `1/16`, `0.1` or `1`.
@@ -157,6 +162,8 @@ public struct Resolution: Hashable, Sendable, CustomStringConvertible {
             guard let n = UInt32(trimmed[..<slash].trimmingSpaces),
                 let d = UInt32(trimmed[trimmed.index(after: slash)...].trimmingSpaces)
             else { throw ResolutionError(text: text) }
+            // Checked here too, so that the error quotes what was written.
+            guard Self.accepts(n, d) else { throw ResolutionError(text: text) }
             try self.init(numerator: n, denominator: d)
             return
         }
@@ -177,7 +184,9 @@ public struct Resolution: Hashable, Sendable, CustomStringConvertible {
         guard divisor > 0 else { throw ResolutionError(text: text) }
         numerator /= divisor
         denominator /= divisor
-        guard numerator <= UInt64(Resolution.maxComponent), denominator <= UInt64(Resolution.maxComponent) else {
+        guard numerator <= UInt64(Resolution.maxComponent), denominator <= UInt64(Resolution.maxComponent),
+            Self.accepts(UInt32(numerator), UInt32(denominator))
+        else {
             throw ResolutionError(text: text)
         }
         try self.init(numerator: UInt32(numerator), denominator: UInt32(denominator))

@@ -53,6 +53,21 @@ struct UploadDeviceCheckTests {
         #expect(elsewhere.status().consecutiveFailures == 0)
     }
 
+    /// A 503 (or 429) with `Retry-After` to the device question is obeyed as for batches: one question, then none until
+    /// the time asked (before, the question went again after the uploader's own backoff, every second or so).
+    @Test func theDeviceQuestionObeysRetryAfter() async throws {
+        let data = try await TestBuffer(count: 10)
+        let ingest = try FakeIngest(
+            FakeIngest.Rules(deviceState: { _ in .error(503, "unavailable", "the database is down", headers: ["Retry-After": "4"]) }))
+        let configuration = uploadConfiguration(ingest.url, backoffInitial: .milliseconds(100), backoffMax: .milliseconds(500))
+        try await withUploader(source: data.buffer, configuration: configuration) { _ throws in
+            #expect(await eventually { ingest.deviceRequests.count >= 1 })
+            try await Task.sleep(for: .seconds(3))
+            #expect(ingest.deviceRequests.count == 1, "asked again before the 4 s the ingest asked for")
+            #expect(await eventually(timeout: .seconds(10)) { ingest.deviceRequests.count >= 2 })
+        }
+    }
+
     @Test func eventsHeldBackForAnOlderIngestFlowOnceItSaysItReadsVersion3() async throws {
         let data = try await TestBuffer(count: 10)
         try await data.buffer.recordCalibration(UploadCalibrationTests.event(1))

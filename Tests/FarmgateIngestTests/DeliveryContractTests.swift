@@ -260,4 +260,25 @@ struct DeliveryContractTests {
             #expect((rawMissing["sequences"] as? [Any])?.isEmpty == true)
         }
     }
+
+    @Test("a sequence past what the ingest stores (2^63 and up) is invalid_sequence reported without a sequence, like a missing one")
+    func sequencePastInt64IsReportedWithoutASequence() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let text = """
+            {"device": "d1", "sensors": [{"id": "tank1.ph", "quantity": "ph"}], "readings": [
+              {"sensor": "tank1.ph", "seq": 1, "ts": "2025-12-31T23:00:00Z", "value": 6.5},
+              {"sensor": "tank1.ph", "seq": 9223372036854775808, "ts": "2025-12-31T23:00:01Z", "value": 6.5},
+              {"sensor": "tank1.ph", "seq": 18446744073709551619, "ts": "2025-12-31T23:00:02Z", "value": 6.5}]}
+            """
+        try await fixture.app().test(.router) { client in
+            let response = try await Self.post(client, Array(text.utf8), headers: jsonHeaders(fixture.deviceKey))
+            #expect(response.status == .ok)
+            let receipt = try decode(IngestReceipt.self, response)
+            #expect(receipt.accepted == 1)
+            let invalid = receipt.rejected.filter { $0.code == RejectionCode.invalidSequence }
+            #expect(invalid.map(\.count).reduce(0, +) == 2)
+            #expect(invalid.allSatisfy { $0.sequences.isEmpty }, "\(invalid)")
+        }
+    }
 }

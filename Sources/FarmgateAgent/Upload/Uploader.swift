@@ -252,9 +252,10 @@ public final class Uploader: Service {
             due = true
         }
 
-        mutating func postpone() {
+        /// Asks again after a backoff, or after `atLeast` when longer (the ingest's `Retry-After`).
+        mutating func postpone(atLeast: Duration = .zero) {
             due = true
-            notBefore = ContinuousClock.now + max(backoff.nextDelay(), .seconds(1))
+            notBefore = ContinuousClock.now + max(backoff.nextDelay(), .seconds(1), atLeast)
         }
     }
 

@@ -92,7 +92,11 @@ public struct ReadingValidator: Sendable {
                 continue
             }
             guard reading.sequence <= UInt64(Int64.max) else {
-                reject(RejectionCode.invalidSequence, "sequence \(reading.sequence) is larger than \(Int64.max)")
+                // Without a sequence, as the JSON decoder reports one: a number the ingest cannot store names nothing.
+                rejected.append(
+                    RejectedReading(
+                        sequence: nil, sensor: reading.sensor.rawValue, code: RejectionCode.invalidSequence,
+                        message: "sequence \(reading.sequence) is larger than \(Int64.max), the largest the ingest stores"))
                 continue
             }
             if reading.value == 0, reading.value.sign == .minus {
