@@ -4,7 +4,8 @@ public import FarmgateWire
 /// delivered and dead outbox rows, and alert transitions (each alert's newest always stays).
 ///
 /// ``SQLiteIngestStore`` deletes in small transactions (a few thousand rows each) and hands the writer back between
-/// them, so that a batch waits for at most one of them; ``PostgresIngestStore`` drops whole daily partitions of raw
+/// them (leaving the write lock free as long as each took, for a `serve` in another process), so that a batch waits
+/// for at most about one of them; ``PostgresIngestStore`` drops whole daily partitions of raw
 /// readings (never a row `DELETE`, except in the default partition, which holds only what fell outside every daily
 /// partition) and whole monthly partitions of 1-minute rollups (deleting rows only in the month the cut-off falls in
 /// and in the default partition), and runs under an advisory try-lock, so that with several instances each run
