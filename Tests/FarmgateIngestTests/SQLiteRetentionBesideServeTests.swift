@@ -2,6 +2,8 @@ import FarmgateSupport
 import FarmgateTestSupport
 import FarmgateWire
 import Foundation
+import Logging
+import Prometheus
 import Testing
 
 @testable import FarmgateIngest
@@ -66,6 +68,47 @@ import Testing
             // room for that and stays far below the seconds the run takes.
             #expect(waits.count >= 10, "uploads stored while the run deleted")
             #expect(longest < .seconds(1), "the longest upload waited \(longest) beside a run of \(report.duration) (\(waits.count) uploads)")
+        }
+    }
+
+    /// Two runs on one file at once: the second finds the first's lock (`<path>.retention.lock`) and does nothing, as
+    /// on PostgreSQL. Before, both ran, each deleting part of the rows. serve's scheduled run skips the same way, and
+    /// says so in its log and metrics. The lock goes with the run.
+    @Test func aSecondRunOnTheSameFileSkipsWhileTheFirstHoldsTheLock() async throws {
+        try await withFreshStore(.sqlite) { store in
+            let serve = try #require(store as? SQLiteIngestStore)
+            let old = 100_000
+            _ = try await Self.fill(serve, old: old)
+            let command = try SQLiteIngestStore(path: serve.path, logger: testLogger)
+            defer { command.close() }
+            let removed = RemovedRows()
+            let run = Task {
+                try await command.runRetention(
+                    IngestConfiguration.Retention(), now: testNow, options: RetentionRunOptions(progress: { removed.set($0) }, rowsPerTransaction: 2_000))
+            }
+            #expect(await eventually(timeout: .seconds(120)) { removed.value > 0 })
+            let second = try await serve.runRetention(IngestConfiguration.Retention(), now: testNow, options: RetentionRunOptions())
+            #expect(second.skipped == .runningElsewhere)
+            #expect(second.rawRowsDeleted == 0)
+            #expect(second.lines == ["Skipped: another farmgate-ingest is running retention on this database now; nothing was removed."])
+            let dry = try await serve.runRetention(IngestConfiguration.Retention(), now: testNow, options: RetentionRunOptions(dryRun: true))
+            #expect(dry.skipped == .runningElsewhere)
+            // serve's schedule: skipped, logged at info, counted.
+            let log = RecordedLog()
+            let registry = PrometheusCollectorRegistry()
+            let service = RetentionService(
+                store: serve, retention: IngestConfiguration.Retention(), metrics: RetentionMetrics(registry: registry), logger: log.logger(),
+                now: { testNow })
+            let scheduled = try #require(await service.runOnce())
+            #expect(scheduled.skipped == .runningElsewhere)
+            #expect(log.entries.contains { $0.level == .info && $0.message == "retention run skipped" }, "\(log.entries.map(\.message))")
+            #expect(String(decoding: registry.emitToBuffer(), as: UTF8.self).contains(#"farmgate_ingest_retention_runs_total{outcome="skipped"} 1"#))
+            #expect(removed.value < old, "the first run was still deleting")
+
+            let report = try await run.value
+            #expect(report.skipped == nil && report.rawRowsDeleted == old)
+            let after = try await serve.runRetention(IngestConfiguration.Retention(), now: testNow, options: RetentionRunOptions())
+            #expect(after.skipped == nil && after.rawRowsDeleted == 0)
         }
     }
 }

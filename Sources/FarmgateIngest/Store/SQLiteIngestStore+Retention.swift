@@ -1,8 +1,19 @@
 import FarmgateSupport
 import FarmgateWire
 
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 /// Retention on SQLite: deletes in small transactions that never stall ingest.
 extension SQLiteIngestStore: RetentionStore {
+    /// The sidecar whose lock a retention run holds throughout: `<path>.retention.lock`.
+    static let retentionLockSuffix = ".retention.lock"
+
     /// Deletes raw readings and rollup rows before their cut-offs, sensor by sensor, at most
     /// ``RetentionRunOptions/rowsPerTransaction`` rows per transaction. The deletes walk `readings_by_sensor_time` and
     /// the rollups' primary keys, so a run costs in proportion to what it removes. Cancelled (graceful shutdown), a run
@@ -17,8 +28,49 @@ extension SQLiteIngestStore: RetentionStore {
     ///   the lock free for as long as that transaction took (``TransactionPacer``; the run takes up to twice as long),
     ///   and a waiting connection tries the lock every millisecond (`SQLiteConnection`'s busy handler).
     ///
+    /// One run at a time per file: the run holds an exclusive lock on `<path>.retention.lock` (``SQLiteSidecarLock``,
+    /// taken without waiting, the command's and `serve`'s alike). A run that finds it held does nothing and reports
+    /// ``RetentionReport/Skip/runningElsewhere`` (the command exits 75); two runs at once would each delete part of the
+    /// same rows, in twice as many transactions.
+    ///
     /// The file does not shrink: the freed pages are reused by new readings (run `VACUUM` by hand to give them back).
     public func runRetention(_ retention: IngestConfiguration.Retention, now: Timestamp, options: RetentionRunOptions) async throws -> RetentionReport {
+        let path = self.path
+        let lock: SQLiteSidecarLock? = try await writer.withValue { _ in
+            do throws(SQLiteSidecarLock.Failure) {
+                return try SQLiteSidecarLock(databasePath: path, suffix: Self.retentionLockSuffix)
+            } catch {
+                switch error {
+                case .held: return nil
+                case .unusable(let lockPath, let code):
+                    throw SQLiteIngestStoreError.lockUnusable(lockPath: lockPath, reason: String(cString: strerror(code)))
+                }
+            }
+        }
+        guard let lock else { return .skip(.runningElsewhere, retention: retention, now: now, dryRun: options.dryRun) }
+        do {
+            let report = try await runRetentionHoldingLock(retention, now: now, options: options)
+            await release(lock)
+            return report
+        } catch {
+            await release(lock)
+            throw error
+        }
+    }
+
+    /// Lets the run's lock go, on the writer thread (or here, once the store is closed).
+    private func release(_ lock: SQLiteSidecarLock) async {
+        do {
+            try await writer.withValue { _ in lock.release() }
+        } catch {
+            lock.release()
+        }
+    }
+
+    /// The run itself, under the retention lock.
+    private func runRetentionHoldingLock(
+        _ retention: IngestConfiguration.Retention, now: Timestamp, options: RetentionRunOptions
+    ) async throws -> RetentionReport {
         let started = ContinuousClock.now
         var report = RetentionReport.empty(retention, now: now, dryRun: options.dryRun)
         var pacer = TransactionPacer()

@@ -628,11 +628,15 @@ public final class SQLiteIngestStore: IngestStore {
 public enum SQLiteIngestStoreError: Error, Sendable, Hashable, CustomStringConvertible {
     /// The file was migrated by a newer `farmgate-ingest`.
     case schemaTooNew(found: Int, known: Int)
+    /// The retention run's lock file (`<path>.retention.lock`) cannot be opened or locked.
+    case lockUnusable(lockPath: String, reason: String)
 
     public var description: String {
         switch self {
         case .schemaTooNew(let found, let known):
             "the database schema is at version \(found), newer than this farmgate-ingest knows (\(known)); run a newer farmgate-ingest"
+        case .lockUnusable(let lockPath, let reason):
+            "cannot lock \(lockPath): \(reason)"
         }
     }
 }
