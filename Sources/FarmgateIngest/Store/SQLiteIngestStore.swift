@@ -43,6 +43,8 @@ public final class SQLiteIngestStore: IngestStore {
         self.logger = logger
         self.writer = try ThreadOwned(name: "ingest-sqlite-writer") {
             let connection = try SQLiteConnection(path: path, mode: .readWriteCreate, busyTimeoutMilliseconds: busyTimeoutMilliseconds)
+            // Beside a retention run of another process, which leaves the lock free only between its transactions.
+            connection.retryBusyLockEveryMillisecond()
             try connection.execute("PRAGMA journal_mode=WAL")
             try connection.execute("PRAGMA synchronous=FULL")
             try connection.execute("PRAGMA foreign_keys=ON")
@@ -50,6 +52,7 @@ public final class SQLiteIngestStore: IngestStore {
         }
         self.reader = try ThreadOwned(name: "ingest-sqlite-reader") {
             let connection = try SQLiteConnection(path: path, mode: .readWrite, busyTimeoutMilliseconds: busyTimeoutMilliseconds)
+            connection.retryBusyLockEveryMillisecond()
             try connection.execute("PRAGMA query_only=ON")
             return CachedConnection(connection)
         }
