@@ -72,7 +72,7 @@ struct ConfigOption: ParsableArguments {
             }
         }
         do {
-            return try await openIngestStore(configuration.storage, limits: configuration.limits, logger: logger)
+            return try await openIngestStore(configuration.storage, limits: configuration.limits, retention: configuration.retention, logger: logger)
         } catch {
             throw failure("cannot open the store \(configuration.storage.displayName): \(error)", code: 74)  // EX_IOERR
         }

@@ -16,10 +16,11 @@ struct RetentionCommand: AsyncParsableCommand {
             abstract: "Run retention once now and print what went (serve runs it every [retention] interval).",
             discussion: """
                 Raw readings before the start of the UTC day `raw` ago go (PostgreSQL: whole daily partitions dropped; \
-                SQLite: deleted a few thousand rows per transaction, so a running serve keeps taking batches), and each rollup \
-                level's rows before its own cut-off; delivered and dead notifications, and alert transitions recorded more than \
-                `alert_history` ago (each alert's newest stays). Re-sent readings stay duplicates afterwards. On PostgreSQL a run that \
-                finds another instance's run in progress does nothing and exits with status 75 (try again later).
+                SQLite: deleted a few thousand rows per transaction, each followed by a pause as long as it took, so a running \
+                serve keeps taking batches), and each rollup level's rows before its own cut-off; delivered and dead \
+                notifications, and alert transitions recorded more than `alert_history` ago (each alert's newest stays). Re-sent \
+                readings stay duplicates afterwards. One run at a time: a run that finds another in progress (another `retention \
+                run`, serve's scheduled run; on PostgreSQL any instance's) does nothing and exits with status 75 (try again later).
                 """)
 
         @Flag(help: "Print what would go and remove nothing.")

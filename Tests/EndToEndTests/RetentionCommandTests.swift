@@ -4,6 +4,10 @@ import FarmgateWire
 import Foundation
 import Testing
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// `farmgate-ingest retention run [--dry-run]`, the real binary on a real SQLite file.
 @Suite struct RetentionCommandTests {
     static let day: Int64 = 86_400_000_000
@@ -73,6 +77,62 @@ import Testing
 
         let again = try await runCommand(Farm.ingestBinary, ["retention", "run", "--config", config])
         #expect(again.status == 0 && again.stdout.contains(": removed 0 rows"), "\(again.stdout)")
+    }
+
+    /// Adds `count` readings of tank1.ph 45 days old (sequences from 1,000) to a prepared file: a run takes seconds.
+    static func addOldReadings(_ database: String, count: Int) async throws {
+        let start = Timestamp.now().microseconds - 45 * day
+        try await runOffPool {
+            let db = try SQLiteConnection(path: database, mode: .readWrite, busyTimeoutMilliseconds: 30_000)
+            try db.transaction {
+                try db.query(
+                    """
+                    WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < ?)
+                    INSERT INTO readings(device_id, sequence, sensor_id, timestamp_us, value, flags, received_at_us)
+                    SELECT d.id, 1000 + n.i, 1, ? + n.i * 1000, 6.5, 0, ? FROM n, devices d
+                    """, [.integer(Int64(count - 1)), .integer(start), .integer(start)])
+                try db.query("UPDATE devices SET highest_sequence = ?", [.integer(Int64(1000 + count))])
+            }
+        }
+    }
+
+    /// Two runs at once on one SQLite file: one runs, the other finds its lock (`<path>.retention.lock`), says so and
+    /// exits 75, as on PostgreSQL. Before, both ran (exit 0 twice, each reporting part of the rows).
+    @Test func twoRunsAtOnceOnOneSQLiteFileRunOnce() async throws {
+        let scratch = try Scratch(prefix: "fg-retention")
+        let (config, database) = try await Self.prepare(scratch, retention: "raw = \"30d\"\n")
+        try await Self.addOldReadings(database, count: 200_000)
+        async let first = runCommand(Farm.ingestBinary, ["retention", "run", "--config", config])
+        async let second = runCommand(Farm.ingestBinary, ["retention", "run", "--config", config])
+        let results = try await [first, second]
+        #expect(results.map(\.status).sorted() == [0, 75], "\(results)")
+        let ran = try #require(results.first { $0.status == 0 })
+        let skipped = try #require(results.first { $0.status == 75 })
+        #expect(ran.stdout.contains(": removed 200100 rows"), "\(ran.stdout)")
+        #expect(
+            skipped.stdout.contains("Skipped: another farmgate-ingest is running retention on this database now; nothing was removed."),
+            "\(skipped.stdout)")
+        #expect(try await Self.count(database, "SELECT count(*) FROM readings") == 50)
+    }
+
+    /// While another process holds `<path>.retention.lock` (a run of `serve` or of the command), a run does nothing and
+    /// exits 75; once it is let go, the run goes ahead.
+    @Test func aRunWhileAnotherHoldsTheLockExits75() async throws {
+        let scratch = try Scratch(prefix: "fg-retention")
+        let (config, database) = try await Self.prepare(scratch, retention: "raw = \"30d\"\n")
+        let lockPath = try #require(realpath(database, nil).map { pointer in
+            defer { free(pointer) }
+            return String(cString: pointer)
+        }) + ".retention.lock"
+        let descriptor = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+        #expect(descriptor >= 0 && flock(descriptor, LOCK_EX | LOCK_NB) == 0)
+        let held = try await runCommand(Farm.ingestBinary, ["retention", "run", "--config", config])
+        close(descriptor)
+        #expect(held.status == 75, "\(held.stdout) \(held.stderr)")
+        #expect(held.stdout.contains("Skipped: another farmgate-ingest is running retention"), "\(held.stdout)")
+        #expect(try await Self.count(database, "SELECT count(*) FROM readings") == 150)
+        let run = try await runCommand(Farm.ingestBinary, ["retention", "run", "--config", config])
+        #expect(run.status == 0 && run.stdout.contains(": removed 100 rows"), "\(run.stdout) \(run.stderr)")
     }
 
     @Test func anInvalidPeriodIsALocatedConfigurationError() async throws {

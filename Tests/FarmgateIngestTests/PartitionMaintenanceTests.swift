@@ -159,6 +159,43 @@ import Testing
             }
         }
     }
+
+    /// With `[retention] rollup_1m` shorter than about two months, last month's partition of `rollups_1m` ends before
+    /// the cut-off. Partition maintenance made it anyway (at every start and every six hours) and every retention run
+    /// dropped it again, logged and counted each time. Now maintenance makes no partition that ends by its table's
+    /// cut-off (`raw` for the readings' days, `rollup_1m` for the months): one left from before is dropped once, and
+    /// after that a run finds nothing to drop.
+    @Test func maintenanceMakesNoPartitionThatRetentionWouldDrop() async throws {
+        let retention = IngestConfiguration.Retention(raw: .seconds(86_400), rollup1m: .seconds(2 * 86_400))
+        // 2026-01-11: the 1-minute cut-off is 2026-01-09, past the end of December; the raw one 2026-01-10.
+        let now = Timestamp(microseconds: testNow.microseconds + 10 * Self.day)
+        let planned = PostgresIngestStore.partitionsAhead(of: now, retention: retention).map(\.name)
+        #expect(!planned.contains("rollups_1m_202512") && planned.contains("rollups_1m_202601") && planned.contains("rollups_1m_202603"))
+        #expect(planned.contains("readings_20260110"), "yesterday ends after the raw cut-off: made")
+        #expect(PostgresIngestStore.partitionsAhead(of: now).map(\.name).contains("rollups_1m_202512"), "without retention, the whole window")
+        // The shortest raw period, a day, cuts at yesterday's start: all nine days (yesterday through a week ahead) are made.
+        #expect(PostgresIngestStore.partitionsAhead(of: now, retention: retention).filter { $0.name.hasPrefix("readings_") }.count == 9)
+        try await withTestDatabase { settings in
+            // December made as before this change, by a store that does not know the retention settings.
+            let before = try PostgresIngestStore(settings: settings, logger: testLogger)
+            try await withRunning(before) { _ in
+                try await before.migrate()
+                #expect(try await before.createPartitions(now: now).names.contains("rollups_1m_202512"))
+            }
+            let store = try PostgresIngestStore(settings: settings, retention: retention, logger: testLogger)
+            try await withRunning(store) { _ in
+                let first = try await store.runRetention(retention, now: now, options: RetentionRunOptions())
+                #expect(first.minuteRollupPartitionsDropped == ["rollups_1m_202512"])
+                for round in 1...2 {
+                    let created = try await store.createPartitions(now: now)
+                    #expect(created.names.isEmpty, "round \(round): \(created.names)")
+                    let run = try await store.runRetention(retention, now: now, options: RetentionRunOptions())
+                    #expect(run.minuteRollupPartitionsDropped.isEmpty && run.partitionsDropped.isEmpty, "round \(round): \(run.lines)")
+                }
+                #expect(try await PostgresStoreTests.count(settings, "SELECT count(*)::int8 FROM pg_class WHERE relname = 'rollups_1m_202512'") == 0)
+            }
+        }
+    }
 }
 
 /// Set once, read from other tasks.

@@ -14,7 +14,7 @@ public final class RetentionMetrics: Sendable {
     public init(registry: PrometheusCollectorRegistry) {
         let runs = MetricNameDescriptor(
             namespace: "farmgate_ingest", subsystem: "retention", metricName: "runs", unitName: "total",
-            helpText: "Retention runs, by outcome (completed; skipped: another instance ran it; failed).")
+            helpText: "Retention runs, by outcome (completed; skipped: another run was in progress, or another instance completed one recently; failed).")
         completed = registry.makeCounter(descriptor: runs, labels: [("outcome", "completed")])
         skipped = registry.makeCounter(descriptor: runs, labels: [("outcome", "skipped")])
         failed = registry.makeCounter(descriptor: runs, labels: [("outcome", "failed")])

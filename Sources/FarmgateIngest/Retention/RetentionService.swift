@@ -6,8 +6,9 @@ public import ServiceLifecycle
 /// shutdown (a run in progress stops at its next transaction on SQLite; what it removed stays removed, the next run
 /// goes on from there).
 ///
-/// With several instances on one PostgreSQL each scheduled run happens once: a run takes an advisory try-lock (an
-/// instance that finds it taken skips), and skips too when another instance completed a run less than half an
+/// One run at a time: on SQLite a run holds a lock file beside the database (`<path>.retention.lock`; a scheduled run
+/// that finds `farmgate-ingest retention run` holding it skips, logged). With several instances on one PostgreSQL each
+/// scheduled run happens once: a run takes an advisory try-lock (an instance that finds it taken skips), and skips too when another instance completed a run less than half an
 /// interval ago, measured by the database's clock (instances' clocks may disagree by minutes; `now` only sets the
 /// cut-offs). Every run is logged (what went, or why it was skipped) and counted in ``RetentionMetrics``.
 public struct RetentionService: Service {
@@ -80,11 +81,19 @@ public struct RetentionService: Service {
         }
     }
 
-    /// Logs what a run removed (info) or why it was skipped (debug).
+    /// Logs what a run removed (info) or why it was skipped: at info when another run holds the lock (on SQLite a
+    /// `farmgate-ingest retention run` beside `serve`; on PostgreSQL another instance's run in progress), at debug when
+    /// another instance completed one recently (the usual case with several instances).
     public static func log(_ report: RetentionReport, logger: Logger) {
-        if report.skipped != nil {
+        switch report.skipped {
+        case .runningElsewhere?:
+            logger.info("retention run skipped", metadata: ["retention.reason": "\(report.lines.joined(separator: " "))"])
+            return
+        case .ranRecently?:
             logger.debug("retention run skipped", metadata: ["retention.reason": "\(report.lines.joined(separator: " "))"])
             return
+        case nil:
+            break
         }
         var metadata: Logger.Metadata = [
             "retention.partitions_dropped": "\(report.partitionsDropped.count)",

@@ -4,7 +4,8 @@ public import FarmgateWire
 /// delivered and dead outbox rows, and alert transitions (each alert's newest always stays).
 ///
 /// ``SQLiteIngestStore`` deletes in small transactions (a few thousand rows each) and hands the writer back between
-/// them, so that a batch waits for at most one of them; ``PostgresIngestStore`` drops whole daily partitions of raw
+/// them (leaving the write lock free as long as each took, for a `serve` in another process), so that a batch waits
+/// for at most about one of them, and runs under a lock file, so that one run at a time deletes; ``PostgresIngestStore`` drops whole daily partitions of raw
 /// readings (never a row `DELETE`, except in the default partition, which holds only what fell outside every daily
 /// partition) and whole monthly partitions of 1-minute rollups (deleting rows only in the month the cut-off falls in
 /// and in the default partition), and runs under an advisory try-lock, so that with several instances each run
@@ -49,7 +50,8 @@ public struct RetentionRunOptions: Sendable {
 public struct RetentionReport: Sendable, Hashable {
     /// Why a run did nothing.
     public enum Skip: Sendable, Hashable {
-        /// Another instance holds the retention lock: it is running now.
+        /// Another run holds the retention lock: it is running now (another instance's on PostgreSQL; on SQLite another
+        /// process's, `<path>.retention.lock`).
         case runningElsewhere
         /// Another instance completed a run at this time (the database's clock), less than
         /// ``RetentionRunOptions/skipIfRanWithin`` ago.

@@ -7,13 +7,15 @@ import ServiceLifecycle
 /// yet: run the store (``withRunning(_:_:)`` or a `ServiceGroup`) and call ``StoreMaintenance/migrate()``.
 ///
 /// - Throws: what the store's initialiser throws (an unreadable SQLite file or directory, an unusable CA file).
-/// `limits` gives the store its `sensors_per_device`.
+/// `limits` gives the store its `sensors_per_device`; `retention` tells PostgreSQL's partition maintenance which
+/// partitions retention would drop (it does not make them; nil: it makes its whole window).
 public func openIngestStore(
-    _ storage: IngestConfiguration.Storage, limits: IngestConfiguration.Limits = IngestConfiguration.Limits(), logger: Logger
+    _ storage: IngestConfiguration.Storage, limits: IngestConfiguration.Limits = IngestConfiguration.Limits(),
+    retention: IngestConfiguration.Retention? = nil, logger: Logger
 ) async throws -> any IngestStore {
     let sensorsPerDevice = limits.sensorsPerDevice
     if let postgres = storage.postgres {
-        return try PostgresIngestStore(settings: postgres, sensorsPerDevice: sensorsPerDevice, logger: logger)
+        return try PostgresIngestStore(settings: postgres, sensorsPerDevice: sensorsPerDevice, retention: retention, logger: logger)
     }
     let path = storage.path
     return try await runOffPool { try SQLiteIngestStore(path: path, sensorsPerDevice: sensorsPerDevice, logger: logger) }

@@ -50,7 +50,10 @@ extension PostgresIngestStore {
     }
 
     /// Creates the partitions that do not exist yet: of `readings` for yesterday through ``partitionDaysAhead`` days
-    /// ahead, of `rollups_1m` for last month through ``rollupPartitionMonthsAhead`` months ahead (UTC). What was created
+    /// ahead, of `rollups_1m` for last month through ``rollupPartitionMonthsAhead`` months ahead (UTC), except those
+    /// that end by their table's retention cut-off at `now` (``retention``: `raw` for readings, `rollup_1m` for the
+    /// rollups), which retention would drop again at its next run (with `rollup_1m` shorter than about two months,
+    /// last month's partition was made at every start and every six hours and dropped by every run). What was created
     /// is counted in `farmgate_ingest_partitions_created_total{table}` and logged, with the rows moved out of the
     /// default partitions.
     ///
@@ -103,7 +106,7 @@ extension PostgresIngestStore {
         }
         var created = CreatedPartitions(readings: 0, minuteRollups: 0)
         var moved: [TimePartition.Kind: Int] = [:]
-        for partition in Self.partitionsAhead(of: now) {
+        for partition in Self.partitionsAhead(of: now, retention: retention) {
             guard let rows = try await createPartition(partition) else { continue }
             switch partition.kind {
             case .readings: created.readings += 1
@@ -131,8 +134,20 @@ extension PostgresIngestStore {
     }
 
     /// The partitions that should exist at `now`: `readings` from yesterday through ``partitionDaysAhead`` days ahead,
-    /// then `rollups_1m` from last month through ``rollupPartitionMonthsAhead`` months ahead (UTC).
-    static func partitionsAhead(of now: Timestamp) -> [PartitionToCreate] {
+    /// then `rollups_1m` from last month through ``rollupPartitionMonthsAhead`` months ahead (UTC); with `retention`,
+    /// none that ends at or before its table's cut-off at `now` (``IngestConfiguration/Retention/cutoff(_:now:)``, the
+    /// bound by which a retention run drops a partition). What arrives for such a range waits in the default partition,
+    /// where the next retention run deletes it.
+    static func partitionsAhead(of now: Timestamp, retention: IngestConfiguration.Retention? = nil) -> [PartitionToCreate] {
+        partitionsInWindow(of: now).filter { partition in
+            let period = partition.kind == .readings ? retention?.raw : retention?.rollup1m
+            guard let cutoff = IngestConfiguration.Retention.cutoff(period, now: now) else { return true }
+            return partition.end > cutoff.microseconds
+        }
+    }
+
+    /// Every partition of the window at `now`, whatever retention keeps.
+    private static func partitionsInWindow(of now: Timestamp) -> [PartitionToCreate] {
         var partitions: [PartitionToCreate] = []
         let today = PostgresReadingChunk.day(of: now.microseconds)
         for day in (today - 1)...(today + Int64(partitionDaysAhead)) {

@@ -41,6 +41,9 @@ public final class PostgresIngestStore: IngestStore {
     public let settings: PostgresSettings
     /// How many sensors one device may register (`[limits] sensors_per_device`); readings of more are refused.
     public let sensorsPerDevice: Int
+    /// `[retention]`, for partition maintenance: no partition is made that lies wholly before its table's cut-off
+    /// (retention would drop it again at its next run). Nil: every partition in ``createPartitions(now:)``'s window.
+    public let retention: IngestConfiguration.Retention?
     /// Whether the database answers, and the pool to use while it does.
     let availability: PostgresAvailability
     let logger: Logger
@@ -58,10 +61,14 @@ public final class PostgresIngestStore: IngestStore {
     ///
     /// - Throws: ``PostgresStoreError/tls(_:)`` when the CA file cannot be loaded.
     /// - Parameter sensorsPerDevice: ``IngestConfiguration/Limits/sensorsPerDevice``.
+    /// - Parameter retention: `[retention]`, so that partition maintenance makes no partition that retention drops
+    ///   (``retention``).
     public convenience init(
-        settings: PostgresSettings, sensorsPerDevice: Int = IngestConfiguration.Limits.defaultSensorsPerDevice, logger: Logger
+        settings: PostgresSettings, sensorsPerDevice: Int = IngestConfiguration.Limits.defaultSensorsPerDevice,
+        retention: IngestConfiguration.Retention? = nil, logger: Logger
     ) throws {
-        try self.init(settings: settings, groupCommit: Self.groupCommitLimits(settings), sensorsPerDevice: sensorsPerDevice, logger: logger)
+        try self.init(
+            settings: settings, groupCommit: Self.groupCommitLimits(settings), sensorsPerDevice: sensorsPerDevice, retention: retention, logger: logger)
     }
 
     /// The group commit's limits from `[storage] write_transactions`, `group_max_batches` and `group_max_readings`. By
@@ -74,10 +81,11 @@ public final class PostgresIngestStore: IngestStore {
 
     init(
         settings: PostgresSettings, groupCommit limits: PostgresGroupCommit.Limits,
-        sensorsPerDevice: Int = IngestConfiguration.Limits.defaultSensorsPerDevice, logger: Logger
+        sensorsPerDevice: Int = IngestConfiguration.Limits.defaultSensorsPerDevice, retention: IngestConfiguration.Retention? = nil, logger: Logger
     ) throws {
         self.settings = settings
         self.sensorsPerDevice = sensorsPerDevice
+        self.retention = retention
         self.logger = logger
         self.groupCommit = PostgresGroupCommit(limits: limits)
         var configuration = try settings.clientConfiguration()

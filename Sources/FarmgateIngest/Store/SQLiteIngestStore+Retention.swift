@@ -1,18 +1,79 @@
 import FarmgateSupport
 import FarmgateWire
 
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 /// Retention on SQLite: deletes in small transactions that never stall ingest.
 extension SQLiteIngestStore: RetentionStore {
+    /// The sidecar whose lock a retention run holds throughout: `<path>.retention.lock`.
+    static let retentionLockSuffix = ".retention.lock"
+
     /// Deletes raw readings and rollup rows before their cut-offs, sensor by sensor, at most
-    /// ``RetentionRunOptions/rowsPerTransaction`` rows per transaction. Each transaction is one job on the writer
-    /// thread, so a batch that arrives meanwhile runs right after the transaction in progress (a few milliseconds)
-    /// instead of after the whole run. The deletes walk `readings_by_sensor_time` and the rollups' primary keys, so a
-    /// run costs in proportion to what it removes. Cancelled (graceful shutdown), a run stops between transactions.
+    /// ``RetentionRunOptions/rowsPerTransaction`` rows per transaction. The deletes walk `readings_by_sensor_time` and
+    /// the rollups' primary keys, so a run costs in proportion to what it removes. Cancelled (graceful shutdown), a run
+    /// stops between transactions.
+    ///
+    /// A batch waits for at most about one of these transactions:
+    /// - In this process (`serve`'s scheduled run), each transaction is one job on the writer thread, so a batch that
+    ///   arrives meanwhile runs right after the transaction in progress.
+    /// - In another process (`farmgate-ingest retention run` beside `serve`), the database's write lock is what they
+    ///   share, and SQLite has no queue for it: a run that began its next transaction at once after a commit took the
+    ///   lock again before a waiting `serve` looked (batches waited seconds). So after each transaction the run leaves
+    ///   the lock free for as long as that transaction took (``TransactionPacer``; the run takes up to twice as long),
+    ///   and a waiting connection tries the lock every millisecond (`SQLiteConnection`'s busy handler).
+    ///
+    /// One run at a time per file: the run holds an exclusive lock on `<path>.retention.lock` (``SQLiteSidecarLock``,
+    /// taken without waiting, the command's and `serve`'s alike). A run that finds it held does nothing and reports
+    /// ``RetentionReport/Skip/runningElsewhere`` (the command exits 75); two runs at once would each delete part of the
+    /// same rows, in twice as many transactions.
     ///
     /// The file does not shrink: the freed pages are reused by new readings (run `VACUUM` by hand to give them back).
     public func runRetention(_ retention: IngestConfiguration.Retention, now: Timestamp, options: RetentionRunOptions) async throws -> RetentionReport {
+        let path = self.path
+        let lock: SQLiteSidecarLock? = try await writer.withValue { _ in
+            do throws(SQLiteSidecarLock.Failure) {
+                return try SQLiteSidecarLock(databasePath: path, suffix: Self.retentionLockSuffix)
+            } catch {
+                switch error {
+                case .held: return nil
+                case .unusable(let lockPath, let code):
+                    throw SQLiteIngestStoreError.lockUnusable(lockPath: lockPath, reason: String(cString: strerror(code)))
+                }
+            }
+        }
+        guard let lock else { return .skip(.runningElsewhere, retention: retention, now: now, dryRun: options.dryRun) }
+        do {
+            let report = try await runRetentionHoldingLock(retention, now: now, options: options)
+            await release(lock)
+            return report
+        } catch {
+            await release(lock)
+            throw error
+        }
+    }
+
+    /// Lets the run's lock go, on the writer thread (or here, once the store is closed).
+    private func release(_ lock: SQLiteSidecarLock) async {
+        do {
+            try await writer.withValue { _ in lock.release() }
+        } catch {
+            lock.release()
+        }
+    }
+
+    /// The run itself, under the retention lock.
+    private func runRetentionHoldingLock(
+        _ retention: IngestConfiguration.Retention, now: Timestamp, options: RetentionRunOptions
+    ) async throws -> RetentionReport {
         let started = ContinuousClock.now
         var report = RetentionReport.empty(retention, now: now, dryRun: options.dryRun)
+        var pacer = TransactionPacer()
         let sensors = try await reader.withValue { db in
             try db.withStatement("SELECT id FROM sensors ORDER BY id") { statement throws -> [Int64] in
                 var ids: [Int64] = []
@@ -37,7 +98,7 @@ extension SQLiteIngestStore: RetentionStore {
                 while true {
                     try Task.checkCancellation()
                     let limit = Int64(options.rowsPerTransaction)
-                    let deleted = try await writer.withValue { db in
+                    let deleted = try await pacer.transaction(on: writer) { db in
                         try db.connection.transaction { () throws -> Int in
                             let delete = try db.statement(
                                 """
@@ -70,7 +131,7 @@ extension SQLiteIngestStore: RetentionStore {
                 // Recorded before anything goes, in a transaction of its own: a retired sequence sent again is judged by
                 // it (a duplicate only when older), so it must never lag what was removed. Kept at its highest: a
                 // longer `[retention] raw` moves the cut-off back, but what went, went.
-                try await writer.withValue { db -> Void in
+                try await pacer.transaction(on: writer) { db -> Void in
                     try db.query(
                         "INSERT INTO retention_cutoff(id, raw_us) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET raw_us = max(raw_us, excluded.raw_us)",
                         [.integer(cutoff.microseconds)])
@@ -83,14 +144,15 @@ extension SQLiteIngestStore: RetentionStore {
             report.rollupRowsDeleted[level] = try await purge(level.table, key: "bucket_us", rowKey: "sensor_id, bucket_us", before: cutoff)
         }
         if let cutoff = report.deliveredNotificationCutoff {
-            report.deliveredNotificationsDeleted = try await purgeOutbox("state = 'delivered' AND delivered_at_us < ?", before: cutoff, options: options)
+            report.deliveredNotificationsDeleted = try await purgeOutbox(
+                "state = 'delivered' AND delivered_at_us < ?", before: cutoff, options: options, pacer: &pacer)
         }
         if let cutoff = report.deadNotificationCutoff {
             report.deadNotificationsDeleted = try await purgeOutbox(
-                "state = 'dead' AND coalesce(last_attempt_at_us, created_at_us) < ?", before: cutoff, options: options)
+                "state = 'dead' AND coalesce(last_attempt_at_us, created_at_us) < ?", before: cutoff, options: options, pacer: &pacer)
         }
         if let cutoff = report.alertHistoryCutoff {
-            report.alertTransitionsDeleted = try await purgeAlertHistory(before: cutoff, options: options, removedBefore: removed)
+            report.alertTransitionsDeleted = try await purgeAlertHistory(before: cutoff, options: options, removedBefore: removed, pacer: &pacer)
         }
         report.duration = ContinuousClock.now - started
         return report
@@ -98,7 +160,9 @@ extension SQLiteIngestStore: RetentionStore {
 
     /// Deletes (or counts) the outbox rows that match `condition` (one `?`: the cut-off), a transaction of at most
     /// ``RetentionRunOptions/rowsPerTransaction`` rows at a time, like the readings.
-    private func purgeOutbox(_ condition: String, before cutoff: Timestamp, options: RetentionRunOptions) async throws -> Int {
+    private func purgeOutbox(
+        _ condition: String, before cutoff: Timestamp, options: RetentionRunOptions, pacer: inout TransactionPacer
+    ) async throws -> Int {
         if options.dryRun {
             return try await reader.withValue { db in
                 try db.withStatement("SELECT count(*) FROM alert_outbox WHERE \(condition)", [.integer(cutoff.microseconds)]) { statement in
@@ -109,7 +173,7 @@ extension SQLiteIngestStore: RetentionStore {
         var total = 0
         while true {
             try Task.checkCancellation()
-            let deleted = try await writer.withValue { db in
+            let deleted = try await pacer.transaction(on: writer) { db in
                 try db.connection.transaction { () throws -> Int in
                     let delete = try db.statement(
                         "DELETE FROM alert_outbox WHERE id IN (SELECT id FROM alert_outbox WHERE \(condition) ORDER BY id LIMIT ?) RETURNING id")
@@ -144,7 +208,9 @@ extension SQLiteIngestStore: RetentionStore {
     /// `farmgate-<alert>-<transition>-<receiver>` never names two transitions. Outbox rows keep their transition's id
     /// as a number (no foreign key) and their payload whole, so a notification still pending or delivered is not
     /// changed when its transition goes.
-    private func purgeAlertHistory(before cutoff: Timestamp, options: RetentionRunOptions, removedBefore: Int) async throws -> Int {
+    private func purgeAlertHistory(
+        before cutoff: Timestamp, options: RetentionRunOptions, removedBefore: Int, pacer: inout TransactionPacer
+    ) async throws -> Int {
         if options.dryRun {
             return try await reader.withValue { db in
                 try db.withStatement("SELECT count(*) FROM alert_transitions t WHERE \(Self.oldAlertTransitions)", [.integer(cutoff.microseconds)]) {
@@ -160,7 +226,7 @@ extension SQLiteIngestStore: RetentionStore {
         while true {
             try Task.checkCancellation()
             let start = from
-            let (deleted, last) = try await writer.withValue { db in
+            let (deleted, last) = try await pacer.transaction(on: writer) { db in
                 try db.connection.transaction { () throws -> (Int, Int64?) in
                     let delete = try db.statement(
                         """
@@ -185,6 +251,31 @@ extension SQLiteIngestStore: RetentionStore {
             if deleted < options.rowsPerTransaction { return total }
             // The newest recorded time deleted, not past it: rows recorded at that very time may be left.
             if let last { from = last }
+        }
+    }
+
+    /// Spaces a run's write transactions: before each one after the first, the write lock is left free for as long as
+    /// the one before held the writer (measured on the writer thread, so it includes a wait for the lock), so that a
+    /// connection of another process waiting for the lock gets it between two of them, and the run holds the lock at
+    /// most about half of the time. The pause is a `Task.sleep` (the writer thread takes this process's batches
+    /// meanwhile); cancelled, it ends the run like the check between transactions.
+    struct TransactionPacer {
+        /// How long the last transaction held the writer; nil before the first.
+        private var lastHeld: Duration?
+
+        /// Runs `body` (one transaction) on `writer` after the pause the previous transaction calls for.
+        mutating func transaction<T: Sendable>(
+            on writer: ThreadOwned<CachedConnection>, _ body: @escaping @Sendable (CachedConnection) throws -> T
+        ) async throws -> T {
+            if let lastHeld, lastHeld > .zero { try await Task.sleep(for: lastHeld) }
+            let (result, held) = try await writer.withValue { db in
+                let clock = ContinuousClock()
+                let start = clock.now
+                let result = try body(db)
+                return (result, clock.now - start)
+            }
+            lastHeld = held
+            return result
         }
     }
 

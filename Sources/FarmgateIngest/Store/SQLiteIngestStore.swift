@@ -43,6 +43,8 @@ public final class SQLiteIngestStore: IngestStore {
         self.logger = logger
         self.writer = try ThreadOwned(name: "ingest-sqlite-writer") {
             let connection = try SQLiteConnection(path: path, mode: .readWriteCreate, busyTimeoutMilliseconds: busyTimeoutMilliseconds)
+            // Beside a retention run of another process, which leaves the lock free only between its transactions.
+            connection.retryBusyLockEveryMillisecond()
             try connection.execute("PRAGMA journal_mode=WAL")
             try connection.execute("PRAGMA synchronous=FULL")
             try connection.execute("PRAGMA foreign_keys=ON")
@@ -50,6 +52,7 @@ public final class SQLiteIngestStore: IngestStore {
         }
         self.reader = try ThreadOwned(name: "ingest-sqlite-reader") {
             let connection = try SQLiteConnection(path: path, mode: .readWrite, busyTimeoutMilliseconds: busyTimeoutMilliseconds)
+            connection.retryBusyLockEveryMillisecond()
             try connection.execute("PRAGMA query_only=ON")
             return CachedConnection(connection)
         }
@@ -628,11 +631,15 @@ public final class SQLiteIngestStore: IngestStore {
 public enum SQLiteIngestStoreError: Error, Sendable, Hashable, CustomStringConvertible {
     /// The file was migrated by a newer `farmgate-ingest`.
     case schemaTooNew(found: Int, known: Int)
+    /// The retention run's lock file (`<path>.retention.lock`) cannot be opened or locked.
+    case lockUnusable(lockPath: String, reason: String)
 
     public var description: String {
         switch self {
         case .schemaTooNew(let found, let known):
             "the database schema is at version \(found), newer than this farmgate-ingest knows (\(known)); run a newer farmgate-ingest"
+        case .lockUnusable(let lockPath, let reason):
+            "cannot lock \(lockPath): \(reason)"
         }
     }
 }

@@ -12,8 +12,8 @@ import Darwin
 /// Two `serve` processes on one SQLite file would each keep their own `latest` cache, current only with their own
 /// commits (the cache follows other instances only on PostgreSQL, through LISTEN/NOTIFY), so each would answer stale
 /// values. Only `serve` takes the lock: the admin commands (`device create`, `retention run`, `export`...) work on the
-/// file beside it, as SQLite's own locking allows. A sidecar rather than the database file itself, whose locks belong
-/// to SQLite (closing any descriptor of a file drops the process's POSIX locks on it).
+/// file beside it, as SQLite's own locking allows (a retention run takes a lock of its own, `<path>.retention.lock`,
+/// see ``SQLiteIngestStore/runRetention(_:now:options:)``). A ``SQLiteSidecarLock``.
 public final class SQLiteServeLock {
     /// Why the lock could not be taken.
     public enum Failure: Error, CustomStringConvertible {
@@ -33,8 +33,8 @@ public final class SQLiteServeLock {
     }
 
     /// The sidecar's path: the database file's with `.lock` appended.
-    public let path: String
-    private var descriptor: Int32
+    public var path: String { lock.path }
+    private let lock: SQLiteSidecarLock
 
     /// Takes the lock for the SQLite file at `databasePath`, creating the sidecar when missing; never waits.
     ///
@@ -44,31 +44,18 @@ public final class SQLiteServeLock {
     /// The sidecar is named after the file's resolved path (links followed), so two spellings of one file, or a link to
     /// it, take the same lock. Taken after the store opened the file, which then exists.
     public init(databasePath: String) throws(Failure) {
-        var resolved = databasePath
-        if let real = realpath(databasePath, nil) {
-            resolved = String(cString: real)
-            free(real)
+        do {
+            lock = try SQLiteSidecarLock(databasePath: databasePath, suffix: ".lock")
+        } catch {
+            switch error {
+            case .held(let lockPath): throw .held(lockPath: lockPath, databasePath: databasePath)
+            case .unusable(let lockPath, let code): throw .unusable(lockPath: lockPath, errno: code)
+            }
         }
-        let path = resolved + ".lock"
-        let descriptor = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
-        guard descriptor >= 0 else { throw .unusable(lockPath: path, errno: errno) }
-        var result: Int32
-        repeat { result = flock(descriptor, LOCK_EX | LOCK_NB) } while result != 0 && errno == EINTR
-        guard result == 0 else {
-            let code = errno
-            close(descriptor)
-            throw code == EWOULDBLOCK ? .held(lockPath: path, databasePath: databasePath) : .unusable(lockPath: path, errno: code)
-        }
-        self.path = path
-        self.descriptor = descriptor
     }
 
     /// Lets the lock go (the sidecar stays: removing it would let a third process lock a new file beside a held one).
     public func release() {
-        guard descriptor >= 0 else { return }
-        close(descriptor)
-        descriptor = -1
+        lock.release()
     }
-
-    deinit { release() }
 }

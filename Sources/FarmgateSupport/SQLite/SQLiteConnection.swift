@@ -1,5 +1,13 @@
 import CSQLite
 
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 /// An error from SQLite, with the statement that failed.
 ///
 /// `description` is safe to log: it holds SQLite's message and the SQL text, never bound values.
@@ -56,11 +64,17 @@ public final class SQLiteConnection {
 
     let handle: OpaquePointer
     public let path: String
+    /// How long a statement waits for another connection's lock.
+    private let busyTimeoutMilliseconds: Int32
+    /// The state of the busy handler ``retryBusyLockEveryMillisecond()`` installs; the handler gets it unretained, and
+    /// it lives as long as the handle (closed in `deinit`, before the stored properties go).
+    private var busyWait: BusyWait?
 
     /// Opens (and with `.readWriteCreate`, creates) the database at `path`.
     ///
     /// - Parameter busyTimeoutMilliseconds: how long a statement waits for another connection's lock before failing with
-    ///   `SQLITE_BUSY`.
+    ///   `SQLITE_BUSY` (`sqlite3_busy_timeout`: it tries again after growing sleeps, up to 100 ms; see
+    ///   ``retryBusyLockEveryMillisecond()``).
     public init(path: String, mode: Mode = .readWriteCreate, busyTimeoutMilliseconds: Int32 = 5_000) throws(SQLiteError) {
         var flags: Int32 = SQLITE_OPEN_NOMUTEX | SQLITE_OPEN_EXRESCODE
         switch mode {
@@ -77,8 +91,24 @@ public final class SQLiteConnection {
         }
         self.handle = db
         self.path = path
+        self.busyTimeoutMilliseconds = busyTimeoutMilliseconds
         sqlite3_busy_timeout(db, busyTimeoutMilliseconds)
         sqlite3_extended_result_codes(db, 1)
+    }
+
+    /// Waits for another connection's lock by trying it again every millisecond (``BusyWait``), up to the same busy
+    /// timeout, instead of `sqlite3_busy_timeout`'s growing sleeps (1, 2, 5 ... 100 ms), which let another process that
+    /// frees the lock only briefly between its transactions (a retention run beside the ingest's `serve`) take it again
+    /// first, time after time. The ingest's store uses it; the agent's buffer keeps SQLite's own.
+    public func retryBusyLockEveryMillisecond() {
+        let wait = BusyWait(timeoutMilliseconds: busyTimeoutMilliseconds)
+        busyWait = wait
+        sqlite3_busy_handler(
+            handle,
+            { context, attempt in
+                guard let context else { return 0 }
+                return Unmanaged<BusyWait>.fromOpaque(context).takeUnretainedValue().tryAgain(attempt: attempt) ? 1 : 0
+            }, Unmanaged.passUnretained(wait).toOpaque())
     }
 
     deinit {
@@ -153,6 +183,39 @@ public final class SQLiteConnection {
             return nil
         }
         return messages == ["ok"] ? [] : messages
+    }
+}
+
+/// How a connection waits for a lock another connection holds: it tries again every ``interval`` until
+/// `timeoutMilliseconds` have passed since the first refusal, then gives up (`SQLITE_BUSY`).
+///
+/// `sqlite3_busy_timeout` sleeps 1, 2, 5, 10, ... then 100 ms between attempts. A writer that commits and begins its next
+/// transaction within a millisecond (a retention run's deletes, one after another) then keeps the lock for as long as it
+/// has work, and a waiter asleep for 100 ms rarely looks while it is free: an upload waited seconds beside a retention
+/// run of another process. Trying every millisecond finds every pause the other writer leaves (see
+/// `SQLiteIngestStore.runRetention`); an attempt costs a lock call on the WAL index. Installed by
+/// ``SQLiteConnection/retryBusyLockEveryMillisecond()``.
+///
+/// Touched only by the connection's busy handler, on the connection's one thread.
+final class BusyWait {
+    /// Between two attempts.
+    static let intervalMicroseconds: UInt32 = 1_000
+
+    let timeout: Duration
+    /// When the current wait began (the handler's first call for one lock request).
+    var started = ContinuousClock.now
+
+    init(timeoutMilliseconds: Int32) {
+        self.timeout = .milliseconds(max(0, timeoutMilliseconds))
+    }
+
+    /// Whether to try again: `attempt` is SQLite's count of earlier calls for this lock request (0 on the first).
+    func tryAgain(attempt: Int32) -> Bool {
+        let now = ContinuousClock.now
+        if attempt == 0 { started = now }
+        guard now - started < timeout else { return false }
+        usleep(Self.intervalMicroseconds)
+        return true
     }
 }
 
