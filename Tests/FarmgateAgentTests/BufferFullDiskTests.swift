@@ -105,7 +105,8 @@ struct BufferFullDiskTests {
             // Something else fills the file system.
             let filler = directory + "/filler"
             var data = [UInt8](repeating: 7, count: 64 << 10)
-            let handle = try #require(FileHandle(forWritingAtPath: { FileManager.default.createFile(atPath: filler, contents: nil); return filler }()))
+            #expect(FileManager.default.createFile(atPath: filler, contents: nil))
+            let handle = try #require(FileHandle(forWritingAtPath: filler))
             while (try? handle.write(contentsOf: Data(data))) != nil {}
             try? handle.close()
             data = []
