@@ -100,11 +100,16 @@ struct DriverConfigurationTests {
         }
     }
 
-    @Test("A relative Modbus port is refused")
+    @Test("A relative Modbus port resolves against the configuration file's directory, as every path does")
     func relativePort() throws {
-        let failure = try #require(error(Self.modbus("a", "slave = 1\naddress = 0").replacingOccurrences(of: "/dev/ttyUSB0", with: "ttyUSB0")))
-        #expect(failure.key == "sensor \"a\": port")
-        #expect(failure.message.contains("absolute path"))
+        let text = Self.header + Self.modbus("a", "slave = 1\naddress = 0").replacingOccurrences(of: "/dev/ttyUSB0", with: "tty/bus")
+        let sensor = try #require(try AgentConfiguration.parse(ConfigDocument.parse(text, file: "/etc/farmgate/agent.toml")).sensors.first)
+        #expect(try ModbusSensorOptions(sensor).bus.port == "/etc/farmgate/tty/bus")
+        let dotted = Self.header + Self.modbus("a", "slave = 1\naddress = 0").replacingOccurrences(of: "/dev/ttyUSB0", with: "../../dev/ttyUSB1")
+        let up = try #require(try AgentConfiguration.parse(ConfigDocument.parse(dotted, file: "/etc/farmgate/agent.toml")).sensors.first)
+        #expect(try ModbusSensorOptions(up).bus.port == "/dev/ttyUSB1")
+        let empty = try #require(error(Self.modbus("a", "slave = 1\naddress = 0").replacingOccurrences(of: "\"/dev/ttyUSB0\"", with: "\"\"")))
+        #expect(empty.key == "sensor \"a\": port")
     }
 
     @Test("Two Modbus sensors on one port with different bus settings: the second is refused at its port line")

@@ -1,5 +1,10 @@
 import FarmgateSupport
 import FarmgateWire
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 
 /// The serial line of one Modbus RTU bus. Every sensor on one port must give the same settings: they are one wire.
 public struct ModbusBusSettings: Sendable, Hashable, CustomStringConvertible {
@@ -16,7 +21,8 @@ public struct ModbusBusSettings: Sendable, Hashable, CustomStringConvertible {
         }
     }
 
-    /// `port`: the serial device, best a stable `/dev/serial/by-id/...` path. Required.
+    /// `port`: the serial device, best a stable `/dev/serial/by-id/...` path; a relative path is resolved against the
+    /// configuration file's directory. Required.
     public var port: String
     /// `baud`: default 9600 (what most water-quality transmitters ship with).
     public var baud: Int
@@ -163,12 +169,14 @@ struct ModbusSensorOptions: Sendable, Hashable {
 
     init(_ configuration: SensorConfiguration) throws(ConfigurationError) {
         let table = configuration.options
-        let port = try table.requiredString("port")
-        guard port.hasPrefix("/") else {
+        let written = try table.requiredString("port")
+        guard !written.trimmingWhitespace().isEmpty else {
             throw table.error(
-                "port", "must be the absolute path of the serial device, such as \"/dev/serial/by-id/usb-FTDI_...-if00-port0\" or \"/dev/ttyUSB0\" (got \"\(port)\")")
+                "port", "must name the serial device, such as \"/dev/serial/by-id/usb-FTDI_...-if00-port0\" or \"/dev/ttyUSB0\"")
         }
-        var bus = ModbusBusSettings(port: port)
+        // As every path in the file (and an EZO port): relative to the configuration file's directory.
+        let base = URL(fileURLWithPath: table.file).deletingLastPathComponent().path
+        var bus = ModbusBusSettings(port: AgentConfiguration.resolve(written, against: base))
         if let baud = try table.int("baud") {
             guard ModbusBusSettings.bauds.contains(baud) else {
                 throw table.error("baud", "must be one of \(ModbusBusSettings.bauds.map(String.init).joined(separator: ", ")) (got \(baud)); the transmitter's manual gives it, 9600 is the usual default")
