@@ -320,8 +320,9 @@ struct ModbusBusTests {
     func implausibleValues() async throws {
         let scratch = try Scratch(prefix: "fg-modbus")
         let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1])
-        slave.set(slave: 1, address: 0, [0xFFFF])  // × 0.01: pH 655.35
-        slave.set(slave: 1, address: 10, [0x8000, 0x0000])  // int32 minimum
+        // Not the transmitters' own sentinels (0xFFFF, 0x80000000: see faultSentinels), values that scale out of range.
+        slave.set(slave: 1, address: 0, [0xFFFE])  // × 0.01: pH 655.34
+        slave.set(slave: 1, address: 10, [0x8000, 0x0001])  // int32 -2147483647
         let huge = Float(1e30).bitPattern
         slave.set(slave: 1, address: 20, [UInt16(huge >> 16), UInt16(huge & 0xFFFF)])
         slave.set(slave: 1, address: 30, [1450])  // pH 14.5: plausible (outside an expected range, stored flagged)
@@ -334,7 +335,7 @@ struct ModbusBusTests {
                 ("t.ok", "slave = 1\naddress = 30\nscale = 0.01\nquantity = \"ph\""),
             ])
         try await withModbusDrivers(configurations) { drivers in
-            for (driver, raw) in zip(drivers.prefix(3), ["0xFFFF", "0x8000 0x0000", "0x7149 0xF2CA"]) {
+            for (driver, raw) in zip(drivers.prefix(3), ["0xFFFE", "0x8000 0x0001", "0x7149 0xF2CA"]) {
                 let error = try #require(await readResult(driver).failure, "\(driver.sensor) read a value")
                 #expect(error.kind == .fault)
                 #expect(error.message.contains("which no ph transmitter can measure"), "\(error)")
@@ -362,6 +363,40 @@ struct ModbusBusTests {
             #expect(failed.message.contains("reported an internal failure"), "\(failed)")
             #expect(failed.message.contains("check the transmitter itself"), "\(failed)")
             #expect(!failed.message.contains("check address, function and data_type"), "\(failed)")
+        }
+    }
+
+    @Test("A transmitter's fault sentinels (uint16 0xFFFF, uint32 0xFFFFFFFF, int16 0x8000, int32 0x80000000) are faults at any scale; int16 -1 is a value")
+    func faultSentinels() async throws {
+        let scratch = try Scratch(prefix: "fg-modbus")
+        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1])
+        slave.set(slave: 1, address: 0, [0xFFFF])  // uint16 × 0.0001: pH 6.5535, plausible
+        slave.set(slave: 1, address: 2, [0xFFFF])  // uint16: EC 65535 µS/cm, plausible
+        slave.set(slave: 1, address: 4, [0xFFFF, 0xFFFF])  // uint32
+        slave.set(slave: 1, address: 8, [0x8000])  // int16 × 0.001: -32.768 °C, plausible
+        slave.set(slave: 1, address: 10, [0x0000, 0x8000])  // int32 low word first × 1e-9: -2.1 °C
+        slave.set(slave: 1, address: 14, [0xFFFF])  // int16 -1 × 0.1: -0.1 °C, a reading
+        slave.set(slave: 1, address: 16, [0xFFFE])  // uint16 65534: a reading
+        let configurations = try modbusSensors(
+            port: slave.path,
+            [
+                ("t.ph", "slave = 1\naddress = 0\nscale = 0.0001\nquantity = \"ph\""),
+                ("t.ec", "slave = 1\naddress = 2"),
+                ("t.u32", "slave = 1\naddress = 4\ndata_type = \"uint32\""),
+                ("t.i16", "slave = 1\naddress = 8\ndata_type = \"int16\"\nscale = 0.001\nquantity = \"temperature\""),
+                ("t.i32", "slave = 1\naddress = 10\ndata_type = \"int32\"\nword_order = \"little\"\nscale = 0.000000001\nquantity = \"temperature\""),
+                ("t.minus", "slave = 1\naddress = 14\ndata_type = \"int16\"\nscale = 0.1\nquantity = \"temperature\""),
+                ("t.max", "slave = 1\naddress = 16"),
+            ])
+        try await withModbusDrivers(configurations) { drivers in
+            for (driver, raw) in zip(drivers.prefix(5), ["0xFFFF", "0xFFFF", "0xFFFF 0xFFFF", "0x8000", "0x0000 0x8000"]) {
+                let error = try #require(await readResult(driver).failure, "\(driver.sensor) read a value")
+                #expect(error.kind == .fault)
+                #expect(error.message.contains("raw \(raw)"), "\(error)")
+                #expect(error.message.contains("probe"), "\(error)")
+            }
+            #expect(abs(try await drivers[5].read().value - -0.1) < 1e-9)
+            #expect(try await drivers[6].read().value == 65534)
         }
     }
 
