@@ -95,7 +95,7 @@ struct ModbusBusTests {
         #expect(slave.requests.contains { $0.function == 4 && $0.address == 5 })
     }
 
-    @Test("An illegal address is a fault naming exception 02; the other sensors of a coalesced block still read")
+    @Test("An illegal address is a fault naming exception 0x02; the other sensors of a coalesced block still read")
     func illegalAddress() async throws {
         let scratch = try Scratch(prefix: "fg-modbus")
         let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1], registerCount: 100)
@@ -112,7 +112,7 @@ struct ModbusBusTests {
                 return
             }
             #expect(error.kind == .fault)
-            #expect(error.message.contains("exception 02 (illegal data address)"))
+            #expect(error.message.contains("exception 0x02 (illegal data address)"), "\(error)")
             // After the refusal the unit is read one sensor at a time: the next round reads 98 alone.
             let before = slave.requestCount(slave: 1)
             let again = try await drivers[0].read().value
@@ -400,6 +400,47 @@ struct ModbusBusTests {
         }
     }
 
+    @Test(
+        "An exception code the specification does not define, from the configured slave itself, is named; it is no wrong unit id",
+        arguments: [(UInt8(0x0C), "0x0C"), (UInt8(0x00), "0x00")])
+    func unknownExceptionCode(code: UInt8, shown: String) async throws {
+        let scratch = try Scratch(prefix: "fg-modbus")
+        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [])
+        slave.reply(to: 5, with: [5, 0x83, code])
+        let configurations = try modbusSensors(port: slave.path, [("t.ph", "slave = 5\naddress = 0")])
+        try await withModbusDrivers(configurations) { drivers in
+            let error = try #require(await readResult(drivers[0]).failure)
+            #expect(error.kind == .fault)
+            #expect(error.message.contains("slave 5 answered holding registers 0-0 with exception \(shown)"), "\(error)")
+            #expect(error.message.contains("not defined by the Modbus specification"), "\(error)")
+            #expect(!error.message.contains("has unit id"), "\(error)")
+            #expect(!error.message.contains("of slave 5"), "\(error)")
+        }
+    }
+
+    @Test(
+        "Busy, acknowledge and gateway exceptions give advice that fits them, with the code in hex",
+        arguments: [
+            (UInt8(0x05), "0x05 (acknowledge)", "retried at the next interval"),
+            (UInt8(0x06), "0x06 (slave device busy)", "retried at the next interval"),
+            (UInt8(0x0A), "0x0A (gateway path unavailable)", "check the gateway"),
+            (UInt8(0x0B), "0x0B (gateway target failed to respond)", "check the gateway"),
+            (UInt8(0x02), "0x02 (illegal data address)", "check address, function and data_type"),
+        ])
+    func exceptionAdvice(code: UInt8, shown: String, advice: String) async throws {
+        let scratch = try Scratch(prefix: "fg-modbus")
+        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [])
+        slave.reply(to: 5, with: [5, 0x83, code])
+        let configurations = try modbusSensors(port: slave.path, [("t.ph", "slave = 5\naddress = 0")])
+        try await withModbusDrivers(configurations) { drivers in
+            let error = try #require(await readResult(drivers[0]).failure)
+            #expect(error.message.contains("exception \(shown)"), "\(error)")
+            #expect(error.message.contains(advice), "\(error)")
+            if code != 0x02 { #expect(!error.message.contains("check address, function and data_type"), "\(error)") }
+            #expect(!error.message.contains("of slave 5"), "\(error)")
+        }
+    }
+
     @Test("data_bits other than 8 is refused: Modbus RTU has 8 data bits")
     func sevenDataBits() throws {
         do {
@@ -414,11 +455,10 @@ struct ModbusBusTests {
     }
 
     @Test(
-        "An exception answer libmodbus cannot parse, or exception code 00, says to check the unit id",
+        "An exception answer libmodbus cannot parse (function byte 0x80) says to check the unit id",
         arguments: [
             // What some servers and gateways send for a unit id they do not have: function byte 0x80.
             (5, [UInt8(5), 0x80, 0x04], "Invalid exception code"),
-            (1, [UInt8(1), 0x83, 0x00], "exception code 00"),
         ])
     func invalidException(unit: Int, frame: [UInt8], detail: String) async throws {
         let scratch = try Scratch(prefix: "fg-modbus")
@@ -428,7 +468,7 @@ struct ModbusBusTests {
         try await withModbusDrivers(configurations) { drivers in
             let error = try #require(await readResult(drivers[0]).failure)
             #expect(error.kind == .fault)
-            #expect(error.message.contains("slave \(unit) answered holding registers 0-0 of slave \(unit) with an invalid exception response (\(detail))"), "\(error)")
+            #expect(error.message.contains("slave \(unit) answered holding registers 0-0 with an invalid exception response (\(detail))"), "\(error)")
             #expect(error.message.contains("no transmitter on \(slave.path) has unit id \(unit)"), "\(error)")
             #expect(error.message.contains("check `slave`"), "\(error)")
             #expect(!error.message.contains("another master"), "\(error)")

@@ -180,7 +180,8 @@ final class ModbusLink {
         // before the next request goes out.
         modbus_flush(context)
         let registers = block.unit.function == .holding ? "holding registers" : "input registers"
-        let what = "\(registers) \(block.start)-\(block.start + block.count - 1) of slave \(block.unit.slave)"
+        // Every message names the slave already ("slave 5 answered holding registers 0-1 ...").
+        let what = "\(registers) \(block.start)-\(block.start + block.count - 1)"
         let slave = block.unit.slave
         modbus_set_slave(context, Int32(slave))
         let timeout = block.responseTimeout.components
@@ -216,7 +217,7 @@ final class ModbusLink {
                 ModbusFailure(
                     SensorError(
                         .invalidResponse,
-                        "an answer to the request for \(what) came from address \(answer[0]) instead of \(slave): another device on \(settings.port) answered (two masters, or a slave answering for ids it does not have), or `slave` is wrong (check the transmitter's Modbus address)")))
+                        "an answer to the request for \(what) of slave \(slave) came from address \(answer[0]) instead of \(slave): another device on \(settings.port) answered (two masters, or a slave answering for ids it does not have), or `slave` is wrong (check the transmitter's Modbus address)")))
         }
         let frame = answer[0..<Int(length)]
         if frame.count >= 3, frame[1] == function {
@@ -231,40 +232,30 @@ final class ModbusLink {
             return .success(values)
         }
         if frame.count >= 3, frame[1] >= 0x80 {
-            // As libmodbus's own check: an exception of the request's function with a code it knows is that exception,
-            // anything else an invalid exception response.
-            let exception = Int32(frame[2])
-            let known = frame[1] == function | 0x80 && frame.count == 5 && exception < 12  // MODBUS_EXCEPTION_MAX
-            return .failure(classify(known ? base + exception : base + 14, what: what, slave: slave, timeout: block.responseTimeout))
+            // An exception of the request's function, from the slave asked, is that slave's exception, whatever its
+            // code (one the specification does not define is named as such). Any other function byte (0x80, as some
+            // servers and gateways send for a unit id they do not have) is an invalid exception response.
+            guard frame[1] == function | 0x80, frame.count == 5 else {
+                return .failure(classify(base + 14, what: what, slave: slave, timeout: block.responseTimeout))  // EMBBADEXC
+            }
+            return .failure(exception(Int(frame[2]), what: what, slave: slave))
         }
         return .failure(classify(base + 13, what: what, slave: slave, timeout: block.responseTimeout))  // EMBBADDATA
     }
 
     private func classify(_ code: Int32, what: String, slave: Int, timeout: Duration) -> ModbusFailure {
         let base = Int32(MODBUS_ENOBASE)
-        // libmodbus reports a well-formed exception response as MODBUS_ENOBASE + its code (code 0 is none of the
-        // specification's, so it is an invalid exception response as much as EMBBADEXC is), and an exception frame it
-        // cannot parse as EMBBADEXC: typically a server or gateway that answers for unit ids it does not have with
-        // function byte 0x80.
-        if code == base || code == base + 14 {  // exception 00, EMBBADEXC
+        // An exception frame that is not one of the request's function (function byte 0x80): typically a server or
+        // gateway that answers for unit ids it does not have. (Exception responses themselves are parsed in
+        // ``transact(_:)``, which knows the function asked.)
+        if code == base + 14 {  // EMBBADEXC
             return ModbusFailure(
                 SensorError(
                     .fault,
-                    "slave \(slave) answered \(what) with an invalid exception response (\(code == base ? "exception code 00" : Self.text(code))): most likely no transmitter on \(settings.port) has unit id \(slave) and another device answered for it; check `slave` (the transmitter's Modbus address, from its manual or display)"))
+                    "slave \(slave) answered \(what) with an invalid exception response (\(Self.text(code))): most likely no transmitter on \(settings.port) has unit id \(slave) and another device answered for it; check `slave` (the transmitter's Modbus address, from its manual or display)"))
         }
         if code > base, code <= base + 11 {
-            let exception = Int(code - base)
-            if exception == 4 {
-                // Slave device failure: the request was fine, the transmitter could not carry it out.
-                return ModbusFailure(
-                    SensorError(
-                        .fault,
-                        "slave \(slave) reported an internal failure reading \(what) (exception \(Self.exceptionName(exception))): check the transmitter itself (its probe, power and display or error code; see its manual)"),
-                    exception: exception)
-            }
-            return ModbusFailure(
-                SensorError(.fault, "slave \(slave) answered \(what) with exception \(Self.exceptionName(exception)); check address, function and data_type against its register map"),
-                exception: exception)
+            return exception(Int(code - base), what: what, slave: slave)
         }
         switch code {
         case ETIMEDOUT:
@@ -285,8 +276,34 @@ final class ModbusLink {
             return ModbusFailure(error)
         default:
             drain(quiet: timeout)
-            return ModbusFailure(SensorError(.fault, "reading \(what) on \(settings.port) failed: \(Self.text(code))"))
+            return ModbusFailure(SensorError(.fault, "reading \(what) of slave \(slave) on \(settings.port) failed: \(Self.text(code))"))
         }
+    }
+
+    /// The exception response `code` of `slave` to the request for `what`, with the advice that fits it.
+    private func exception(_ code: Int, what: String, slave: Int) -> ModbusFailure {
+        let name = Self.exceptionName(code)
+        let message: String
+        switch code {
+        case 1, 2, 3:
+            message = "slave \(slave) answered \(what) with exception \(name); check address, function and data_type against its register map"
+        case 4:
+            // Slave device failure: the request was fine, the transmitter could not carry it out.
+            message = "slave \(slave) reported an internal failure reading \(what) (exception \(name)): check the transmitter itself (its probe, power and display or error code; see its manual)"
+        case 5, 6:
+            message = "slave \(slave) answered \(what) with exception \(name): the transmitter is busy (a calibration, a long operation); the read is retried at the next interval. If it stays busy, check the transmitter (its display, its manual)"
+        case 7:
+            message = "slave \(slave) answered \(what) with exception \(name): it cannot carry out this request; check function against its register map"
+        case 8:
+            message = "slave \(slave) answered \(what) with exception \(name): the transmitter found a memory error; check the transmitter itself (see its manual)"
+        case 10:
+            message = "slave \(slave) answered \(what) with exception \(name): a gateway on the way has no path to unit id \(slave); check the gateway (its routing of unit id \(slave)) and the target behind it"
+        case 11:
+            message = "slave \(slave) answered \(what) with exception \(name): the gateway got no answer from the device behind it; check the gateway and the target behind it (its power, wiring, unit id \(slave) and baud)"
+        default:
+            message = "slave \(slave) answered \(what) with exception \(name), a code not defined by the Modbus specification (its manual may list its own codes); check the transmitter, and address, function and data_type against its register map"
+        }
+        return ModbusFailure(SensorError(.fault, message), exception: code)
     }
 
     /// The open context, opening the port when it is not: fails fast with the last error until the next attempt is due.
@@ -469,8 +486,9 @@ final class ModbusLink {
             5: "acknowledge", 6: "slave device busy", 7: "negative acknowledge", 8: "memory parity error",
             10: "gateway path unavailable", 11: "gateway target failed to respond",
         ]
-        let code2 = code < 10 ? "0\(code)" : "\(code)"
-        return "\(code2) (\(names[code] ?? "unknown"))"
+        let digits = String(code, radix: 16, uppercase: true)
+        let hex = "0x" + String(repeating: "0", count: max(0, 2 - digits.count)) + digits
+        return names[code].map { "\(hex) (\($0))" } ?? hex
     }
 
     static func text(_ code: Int32) -> String {
