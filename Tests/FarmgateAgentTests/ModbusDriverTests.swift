@@ -441,6 +441,24 @@ struct ModbusBusTests {
         }
     }
 
+    @Test("One port named by its link and by its target is one bus: both sensors read, neither is locked out by the other")
+    func twoSpellingsOneBus() async throws {
+        let scratch = try Scratch(prefix: "fg-modbus")
+        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1])
+        slave.set(slave: 1, address: 0, [250, 602])
+        let target = try FileManager.default.destinationOfSymbolicLink(atPath: slave.path)
+        let configurations = try modbusSensors(port: slave.path, [("t.temp", "slave = 1\naddress = 0")])
+            + modbusSensors(port: target, [("t.ph", "slave = 1\naddress = 1")])
+        try await withModbusDrivers(configurations) { drivers in
+            #expect(drivers[0].bus === drivers[1].bus)
+            for _ in 0..<2 {
+                let (temperature, ph) = (try await drivers[0].read().value, try await drivers[1].read().value)
+                #expect(temperature == 250)
+                #expect(ph == 602)
+            }
+        }
+    }
+
     @Test("data_bits other than 8 is refused: Modbus RTU has 8 data bits")
     func sevenDataBits() throws {
         do {

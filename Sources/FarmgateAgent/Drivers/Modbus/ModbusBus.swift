@@ -23,6 +23,8 @@ import Glibc
 /// ``ModbusLink/sharedReadWindow``): each sensor's read returns its slice.
 final class ModbusBus: Sendable {
     let settings: ModbusBusSettings
+    /// The device the port opens (``SerialDevice/identity(of:)``), by which ``ModbusBuses`` finds the bus.
+    let device: String
     private let members = Mutex(Members())
     private let link: ThreadOwned<ModbusLink>
 
@@ -31,8 +33,9 @@ final class ModbusBus: Sendable {
         var bySensor: [SensorID: ModbusMember] = [:]
     }
 
-    init(settings: ModbusBusSettings, logger: Logger) throws {
+    init(settings: ModbusBusSettings, device: String? = nil, logger: Logger) throws {
         self.settings = settings
+        self.device = device ?? SerialDevice.identity(of: settings.port)
         var logger = logger
         logger[metadataKey: "port"] = "\(settings.port)"
         let linkLogger = logger
@@ -364,12 +367,17 @@ final class ModbusLink {
             let code = errno
             modbus_close(context)
             modbus_free(context)
+            guard code == EWOULDBLOCK else { return .failure(SensorError(.disconnected, "cannot lock \(port): \(Self.text(code))")) }
+            // Two names of one device are one bus (``ModbusBuses``), but only when the device was there to compare when
+            // the sensors started: named two ways while it was unplugged, its two buses find each other's lock.
+            if let other = ModbusBuses.shared.otherName(of: port) {
+                return .failure(
+                    SensorError(
+                        .disconnected,
+                        "\(port) is held by this agent, for the sensors that name it \(other) (the same device, which was missing when they started); name the port one way in every sensor, or restart the agent now that the device is there"))
+            }
             return .failure(
-                SensorError(
-                    .disconnected,
-                    code == EWOULDBLOCK
-                        ? "\(port) is in use by another program (another farmgate agent or `farmgate scan`?); stop it"
-                        : "cannot lock \(port): \(Self.text(code))"))
+                SensorError(.disconnected, "\(port) is in use by another program (another farmgate agent or `farmgate scan`?); stop it"))
         }
         _ = ioctl(fd, UInt(TIOCEXCL))
         if settings.rs485, modbus_rtu_set_serial_mode(context, Int32(MODBUS_RTU_RS485)) == -1 {
@@ -513,36 +521,48 @@ struct ModbusFailure: Error {
     }
 }
 
-/// The buses of this process, one per port, shared by every sensor that names the port.
+/// The buses of this process, one per serial device, shared by every sensor that names it.
 ///
-/// The runtime builds drivers one sensor at a time, so a bus is found here by its port: the first sensor opens it, the
-/// last one to close releases it.
+/// The runtime builds drivers one sensor at a time, so a bus is found here by its device: the first sensor opens it, the
+/// last one to close releases it. A device named two ways (its `/dev/serial/by-id/...` link in one sensor, the link's
+/// target in another) is one bus (``SerialDevice/identity(of:)``): two buses would lock each other out of the port.
 final class ModbusBuses: Sendable {
     static let shared = ModbusBuses()
 
     private let buses = Mutex<[String: ModbusBus]>([:])
 
-    /// The bus on `settings.port`, created on first use. Fails when the port is already open with other settings
-    /// (the configuration check refuses that first).
+    /// The bus on `settings.port`'s device, created on first use. Fails when the device is already open with other
+    /// settings (the configuration check refuses that first).
     func bus(for settings: ModbusBusSettings, logger: Logger) throws -> ModbusBus {
-        try buses.withLock { buses in
-            if let bus = buses[settings.port] {
-                guard bus.settings == settings else {
-                    throw SensorError(.fault, "\(settings.port) is already used with \(bus.settings); every sensor on a bus must use the same settings (this one has \(settings))")
+        let device = SerialDevice.identity(of: settings.port)
+        return try buses.withLock { buses in
+            if let bus = buses[device] {
+                var same = settings
+                same.port = bus.settings.port
+                guard bus.settings == same else {
+                    let spelling = bus.settings.port == settings.port ? "" : " (as \(bus.settings.port), the same device)"
+                    throw SensorError(.fault, "\(settings.port) is already used\(spelling) with \(bus.settings); every sensor on a bus must use the same settings (this one has \(settings))")
                 }
                 return bus
             }
-            let bus = try ModbusBus(settings: settings, logger: logger)
-            buses[settings.port] = bus
+            let bus = try ModbusBus(settings: settings, device: device, logger: logger)
+            buses[device] = bus
             return bus
         }
+    }
+
+    /// Another spelling of `port`'s device that a bus of this process was made for, if any.
+    func otherName(of port: String) -> String? {
+        let device = SerialDevice.identity(of: port)
+        let names = buses.withLock { $0.values.map(\.settings.port) }
+        return names.first { $0 != port && SerialDevice.identity(of: $0) == device }
     }
 
     /// Takes `sensor` off its bus; closes the bus when it was the last.
     func release(_ sensor: SensorID, from bus: ModbusBus) async {
         let last = buses.withLock { buses -> Bool in
             guard bus.remove(sensor) == 0 else { return false }
-            if buses[bus.settings.port] === bus { buses[bus.settings.port] = nil }
+            if buses[bus.device] === bus { buses[bus.device] = nil }
             return true
         }
         if last { await bus.close() }

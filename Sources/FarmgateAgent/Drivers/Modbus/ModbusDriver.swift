@@ -33,7 +33,8 @@ public final class ModbusDriver: SensorDriver {
             let options = try ModbusSensorOptions(configuration)
             return [
                 ResourceClaim(
-                    resource: "serial port \(options.bus.port)", key: "port", settings: "Modbus RTU \(options.bus)", shareable: true)
+                    resource: "serial port \(options.bus.port)", key: "port", settings: "Modbus RTU \(options.bus)", shareable: true,
+                    identity: "serial port " + SerialDevice.identity(of: options.bus.port))
             ]
         },
         make: { configuration, context in try ModbusDriver(configuration: configuration, logger: context.logger) })
