@@ -152,7 +152,7 @@ struct ModbusBusTests {
         }
     }
 
-    @Test("A silent slave times out and delays the others on its bus by at most its response timeout")
+    @Test("A request to a silent slave times out and delays the others on its bus by at most twice its response timeout")
     func silentSlave() async throws {
         let scratch = try Scratch(prefix: "fg-modbus")
         let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1])
@@ -162,7 +162,7 @@ struct ModbusBusTests {
             [("t.ph", "slave = 1\naddress = 0\nresponse_timeout = \"500ms\""), ("t.dead", "slave = 2\naddress = 0\nresponse_timeout = \"500ms\"")],
             interval: "100ms")
         try await withModbusDrivers(configurations) { drivers in
-            for _ in 0..<3 {
+            for _ in 0..<2 {
                 // The silent slave's request goes first; the good sensor's read queues behind it.
                 async let dead = Self.timed { await readResult(drivers[1]) }
                 try await Task.sleep(for: .milliseconds(50))
@@ -182,7 +182,12 @@ struct ModbusBusTests {
                 try await Task.sleep(for: .milliseconds(120))
             }
             // One request per read: no retries that would multiply the cost.
-            #expect(slave.requestCount(slave: 2) == 3)
+            #expect(slave.requestCount(slave: 2) == 2)
+            // Two timeouts in a row: the slave is backed off, the next read fails at once without a request.
+            let backedOff = await Self.timed { await readResult(drivers[1]) }
+            #expect(backedOff.result.failure?.kind == .disconnected, "\(backedOff.result)")
+            #expect(backedOff.elapsed < .milliseconds(100))
+            #expect(slave.requestCount(slave: 2) == 2)
         }
     }
 
@@ -275,14 +280,17 @@ struct ModbusBusTests {
                 case .success(let value):
                     #expect(value.value == expected, "read \(value.value) for register \(index % 2 == 0 ? 0 : 50): another request's late answer")
                 case .failure(let error):
-                    #expect(error.kind == .timeout, "\(error)")
+                    // A timeout, or a read skipped while the slave is backed off after timeouts in a row.
+                    #expect(error.kind == .timeout || error.message.contains("next attempt in"), "\(error)")
                 }
             }
-            // Back to answering in time: both read their own registers at once.
+            // Back to answering in time: both read their own registers at once (an installer's read asks the slave
+            // whatever its back-off; the sampler's would wait it out).
             slave.delayAnswers(of: 1, by: .zero)
-            #expect(try await drivers[0].read().value == 100)
-            #expect(try await drivers[1].read().value == 200)
-            #expect(try await drivers[0].read().value == 100)
+            let values = await SensorReadContext.$oneOff.withValue(true) {
+                [await readResult(drivers[0]), await readResult(drivers[1]), await readResult(drivers[0])].map { try? $0.get().value }
+            }
+            #expect(values == [100, 200, 100])
         }
     }
 
@@ -456,6 +464,34 @@ struct ModbusBusTests {
                 #expect(temperature == 250)
                 #expect(ph == 602)
             }
+        }
+    }
+
+    @Test("A slave that timed out twice in a row is asked at a growing back-off, reported disconnected with its next attempt; the others keep reading")
+    func silentSlaveBackoff() async throws {
+        let scratch = try Scratch(prefix: "fg-modbus")
+        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1])
+        slave.set(slave: 1, address: 0, [612])
+        let configurations = try modbusSensors(
+            port: slave.path,
+            [("t.ph", "slave = 1\naddress = 0"), ("t.dead", "slave = 2\naddress = 0\nresponse_timeout = \"50ms\"")],
+            interval: "200ms")
+        try await withModbusDrivers(configurations) { drivers in
+            var skipped: [SensorError] = []
+            let start = ContinuousClock.now
+            for round in 0..<16 {
+                try await Task.sleep(until: start + .milliseconds(200 * round))
+                let dead = try #require(await readResult(drivers[1]).failure)
+                if dead.kind == .disconnected { skipped.append(dead) } else { #expect(dead.kind == .timeout, "\(dead)") }
+                #expect(try await drivers[0].read().value == 612)
+            }
+            // Asked at rounds 0, 1, then after 2, 4, 8 intervals: 5 requests, not 16.
+            let asked = slave.requestCount(slave: 2)
+            #expect(asked >= 4 && asked <= 6, "the silent slave was asked \(asked) times in 16 rounds")
+            let first = try #require(skipped.first)
+            #expect(first.message.contains("did not answer"), "\(first)")
+            #expect(first.message.contains("next attempt in"), "\(first)")
+            // Answering again, it is read at its interval once the back-off has run out.
         }
     }
 

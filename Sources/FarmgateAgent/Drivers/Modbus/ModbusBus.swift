@@ -17,8 +17,9 @@ import Glibc
 ///
 /// All traffic runs on the bus's own thread, one request at a time, so requests on one wire never overlap and
 /// consecutive frames are kept apart by the RTU silent interval. A request waits at most its response timeout, so a
-/// silent slave delays the others on the bus by at most twice that (the timeout, then the drain that waits for the line
-/// to fall silent so that a late answer is never taken for the next request). Registers of one slave that lie close
+/// request to a silent slave holds the bus for at most twice that (the timeout, then the drain that waits for the line
+/// to fall silent so that a late answer is never taken for the next request), and a slave that keeps timing out is
+/// asked less and less often (``ModbusLink/SilentSlave``) so that the others keep their intervals. Registers of one slave that lie close
 /// together are read in one request (``ModbusRequestPlan``), and the block is kept for the round (at most
 /// ``ModbusLink/sharedReadWindow``): each sensor's read returns its slice.
 final class ModbusBus: Sendable {
@@ -101,6 +102,37 @@ final class ModbusLink {
     private var blockIndex: [SensorID: Int] = [:]
     private var uncoalesced: Set<ModbusUnit> = []
     private var cache: [ModbusBlock: Cached] = [:]
+    /// Slaves whose last requests timed out, by unit id (see ``SilentSlave``).
+    private var silent: [Int: SilentSlave] = [:]
+
+    /// A slave that stopped answering. Every request to it holds the bus for up to twice its response timeout (the
+    /// timeout, then the drain), time the other sensors on the bus wait: asked at every tick, a slave with a 2 s timeout
+    /// polled every 2 s would take the whole bus. After ``backoffAfterTimeouts`` timeouts in a row it is asked only every
+    /// 2nd, 4th, 8th … interval, at most ``backoffLimit`` apart (or its interval, when that is longer); the reads in
+    /// between fail at once as `disconnected`, saying when it is asked next. Any answer ends the back-off.
+    struct SilentSlave {
+        var timeouts = 0
+        var nextAttempt: ContinuousClock.Instant?
+        var lastError: SensorError?
+    }
+
+    /// Timeouts in a row after which a slave is asked less often: one lost answer (noise, a slave busy for a moment) is
+    /// no reason to skip it.
+    static let backoffAfterTimeouts = 2
+    /// The longest a silent slave goes unasked (unless its interval is longer).
+    static let backoffLimit: Duration = .seconds(60)
+
+    /// How long after a request that was its `timeouts`-th timeout in a row the slave is asked again: nil before
+    /// ``backoffAfterTimeouts``, then 2, 4, 8 … intervals, and never less than four times what that request held the
+    /// bus (`cost`: the timeout and the drain, which can be longer than the interval), so that a silent slave takes at
+    /// most a fifth of the bus; capped at ``backoffLimit`` (or one interval, if longer).
+    static func backoff(timeouts: Int, interval: Duration, cost: Duration) -> Duration? {
+        guard timeouts >= backoffAfterTimeouts else { return nil }
+        let limit = max(backoffLimit, interval)
+        let doublings = min(timeouts - backoffAfterTimeouts + 1, 20)
+        let wait = max(interval * (1 << doublings), cost * 4)
+        return min(wait, limit)
+    }
 
     private struct Cached {
         var at: ContinuousClock.Instant
@@ -138,7 +170,17 @@ final class ModbusLink {
             cache[block] = cached
             return cached.result.map(slice).mapError(\.error)
         }
-        let result = transact(block)
+        let started = ContinuousClock.now
+        let slave = block.unit.slave
+        if !fresh, let silence = silent[slave], let next = silence.nextAttempt, started < next {
+            let last = silence.lastError.map { ": \($0.message)" } ?? ""
+            return .failure(
+                SensorError(
+                    .disconnected,
+                    "slave \(slave) did not answer its last \(silence.timeouts) requests; next attempt in \(Self.seconds(next - started)), so that the other sensors on \(settings.port) keep their intervals (last error\(last))"))
+        }
+        var result = transact(block)
+        result = noteSilence(result, slave: slave, started: started, interval: block.maxAge)
         if case .failure(let failure) = result, failure.exception == 2, block.members.count > 1 {
             // The slave has no register somewhere in the block's gaps: read this unit one sensor at a time from now on.
             logger.warning(
@@ -150,6 +192,45 @@ final class ModbusLink {
         }
         cache[block] = Cached(at: ContinuousClock.now, result: result, servedTo: [sensor])
         return result.map(slice).mapError(\.error)
+    }
+
+    /// Counts timeouts in a row of `slave` and schedules its next request (``SilentSlave``); any answer resets it.
+    private func noteSilence(
+        _ result: Result<[UInt16], ModbusFailure>, slave: Int, started: ContinuousClock.Instant, interval: Duration
+    ) -> Result<[UInt16], ModbusFailure> {
+        guard case .failure(var failure) = result else {
+            if let silence = silent.removeValue(forKey: slave), silence.nextAttempt != nil {
+                logger.info("Modbus slave answers again", metadata: ["slave": "\(slave)", "after_timeouts": "\(silence.timeouts)"])
+            }
+            return result
+        }
+        switch failure.error.kind {
+        case .timeout:
+            var silence = silent[slave] ?? SilentSlave()
+            silence.timeouts += 1
+            silence.lastError = failure.error
+            if let wait = Self.backoff(timeouts: silence.timeouts, interval: interval, cost: ContinuousClock.now - started) {
+                // From the request's start, less half an interval: the tick that falls due then is not missed by the
+                // time this request took.
+                let next = started + wait - interval / 2
+                silence.nextAttempt = next
+                if silence.timeouts == Self.backoffAfterTimeouts {
+                    logger.warning(
+                        "Modbus slave does not answer; asking it less often so that the other sensors on the bus keep their intervals",
+                        metadata: ["slave": "\(slave)", "timeouts": "\(silence.timeouts)", "max_wait": "\(max(Self.backoffLimit, interval))"])
+                }
+                failure.error.message += "; \(silence.timeouts) timeouts in a row: next attempt in \(Self.seconds(next - ContinuousClock.now))"
+            }
+            silent[slave] = silence
+            return .failure(failure)
+        case .disconnected:
+            // The port, not the slave: says nothing about whether it answers.
+            return result
+        default:
+            // An answer, even a bad one: the slave is there.
+            silent[slave] = nil
+            return result
+        }
     }
 
     private func replan(_ members: ModbusBus.Members) {

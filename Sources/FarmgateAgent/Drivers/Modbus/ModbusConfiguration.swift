@@ -177,8 +177,9 @@ public struct ModbusPoint: Sendable, Hashable {
 struct ModbusSensorOptions: Sendable, Hashable {
     var bus: ModbusBusSettings
     var point: ModbusPoint
-    /// `response_timeout`: how long a request waits for the slave's answer. Default 500 ms, 20 ms–10 s. A silent slave
-    /// costs the other sensors on its bus at most this per request.
+    /// `response_timeout`: how long a request waits for the slave's answer. Default 500 ms, 20 ms–10 s. A request to a
+    /// silent slave holds its bus for at most twice this (the timeout, then the drain); a slave that keeps timing out
+    /// is backed off (``ModbusLink/SilentSlave``).
     var responseTimeout: Duration
     /// `coalesce_gap`: registers of one slave and function at most this many apart are read in one request (unused
     /// registers in between are read and ignored). Default 4, 0–100; 0 coalesces only adjacent registers.
