@@ -64,7 +64,7 @@ public final class ModbusDriver: SensorDriver {
         if let sentinel = point.faultSentinel(registers[...]) {
             throw SensorError(
                 .fault,
-                "slave \(point.slave) register \(point.address) reads raw \(Self.hex(registers)), \(sentinel) as \(point.dataType.rawValue): what a transmitter sends when its probe is missing or broken, never a reading; check the probe and its cable (and data_type against its register map)")
+                "slave \(point.slave) register \(point.address) reads raw \(Self.hex(registers)), \(sentinel): what a transmitter sends when its probe is missing or broken, never a reading; check the probe and its cable (and data_type against its register map)")
         }
         guard let value = point.decode(registers[...]) else {
             throw SensorError(
