@@ -514,6 +514,8 @@ final class ModbusLink {
         modbus_free(context)
         self.context = nil
         cache = [:]
+        // A replugged adapter (or another one behind the path): every slave is asked afresh.
+        silent = [:]
     }
 
     /// The longest a drain goes on beyond its quiet window when the line never falls silent (another master, noise).
