@@ -100,11 +100,40 @@ struct DriverConfigurationTests {
         }
     }
 
-    @Test("A relative Modbus port is refused")
+    @Test("A relative Modbus port resolves against the configuration file's directory, as every path does")
     func relativePort() throws {
-        let failure = try #require(error(Self.modbus("a", "slave = 1\naddress = 0").replacingOccurrences(of: "/dev/ttyUSB0", with: "ttyUSB0")))
-        #expect(failure.key == "sensor \"a\": port")
-        #expect(failure.message.contains("absolute path"))
+        let text = Self.header + Self.modbus("a", "slave = 1\naddress = 0").replacingOccurrences(of: "/dev/ttyUSB0", with: "tty/bus")
+        let sensor = try #require(try AgentConfiguration.parse(ConfigDocument.parse(text, file: "/etc/farmgate/agent.toml")).sensors.first)
+        #expect(try ModbusSensorOptions(sensor).bus.port == "/etc/farmgate/tty/bus")
+        let dotted = Self.header + Self.modbus("a", "slave = 1\naddress = 0").replacingOccurrences(of: "/dev/ttyUSB0", with: "../../dev/ttyUSB1")
+        let up = try #require(try AgentConfiguration.parse(ConfigDocument.parse(dotted, file: "/etc/farmgate/agent.toml")).sensors.first)
+        #expect(try ModbusSensorOptions(up).bus.port == "/dev/ttyUSB1")
+        let empty = try #require(error(Self.modbus("a", "slave = 1\naddress = 0").replacingOccurrences(of: "\"/dev/ttyUSB0\"", with: "\"\"")))
+        #expect(empty.key == "sensor \"a\": port")
+    }
+
+    @Test("One serial device named two ways (a by-id link and its target, or with /./) is one port: different settings are refused naming both")
+    func modbusPortTwoSpellings() throws {
+        let scratch = try Scratch(prefix: "fg-twopath")
+        // A by-id style link to a character device that exists on every machine.
+        let link = scratch.file("usb-FTDI_FT232R_USB_UART_A10K1234-if00-port0")
+        try FileManager.default.createSymbolicLink(atPath: link, withDestinationPath: "/dev/null")
+        func on(_ port: String, _ id: String, _ keys: String) -> String {
+            Self.modbus(id, keys).replacingOccurrences(of: "/dev/ttyUSB0", with: port)
+        }
+        let twoSettings = on(link, "a", "slave = 1\naddress = 0") + on("/dev/null", "b", "slave = 2\naddress = 0\nbaud = 19200")
+        let failure = try #require(error(twoSettings), "one device at two bauds was accepted")
+        #expect(failure.key == "sensor \"b\": port")
+        #expect(failure.message.contains("serial port /dev/null"), "\(failure)")
+        #expect(failure.message.contains(link), "\(failure)")
+        #expect(failure.message.contains("this one has Modbus RTU 19200 8N1"), "\(failure)")
+        // The same settings: one bus, however it is written.
+        #expect(error(on(link, "a", "slave = 1\naddress = 0") + on("/dev/null", "b", "slave = 2\naddress = 0")) == nil)
+        // A device that does not exist here is compared by its normalised path.
+        let missing = on("/dev/serial/by-id/usb-X-if00-port0", "a", "slave = 1\naddress = 0")
+            + on("/dev/serial/./by-id//usb-X-if00-port0", "b", "slave = 2\naddress = 0\nparity = \"even\"")
+        let normalised = try #require(error(missing), "one path written with /./ at two parities was accepted")
+        #expect(normalised.message.contains("this one has Modbus RTU 9600 8E1"), "\(normalised)")
     }
 
     @Test("Two Modbus sensors on one port with different bus settings: the second is refused at its port line")

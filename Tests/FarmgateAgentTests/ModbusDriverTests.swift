@@ -95,7 +95,7 @@ struct ModbusBusTests {
         #expect(slave.requests.contains { $0.function == 4 && $0.address == 5 })
     }
 
-    @Test("An illegal address is a fault naming exception 02; the other sensors of a coalesced block still read")
+    @Test("An illegal address is a fault naming exception 0x02; the other sensors of a coalesced block still read")
     func illegalAddress() async throws {
         let scratch = try Scratch(prefix: "fg-modbus")
         let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1], registerCount: 100)
@@ -112,7 +112,7 @@ struct ModbusBusTests {
                 return
             }
             #expect(error.kind == .fault)
-            #expect(error.message.contains("exception 02 (illegal data address)"))
+            #expect(error.message.contains("exception 0x02 (illegal data address)"), "\(error)")
             // After the refusal the unit is read one sensor at a time: the next round reads 98 alone.
             let before = slave.requestCount(slave: 1)
             let again = try await drivers[0].read().value
@@ -152,7 +152,7 @@ struct ModbusBusTests {
         }
     }
 
-    @Test("A silent slave times out and delays the others on its bus by at most its response timeout")
+    @Test("A request to a silent slave times out and delays the others on its bus by at most twice its response timeout")
     func silentSlave() async throws {
         let scratch = try Scratch(prefix: "fg-modbus")
         let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1])
@@ -162,7 +162,7 @@ struct ModbusBusTests {
             [("t.ph", "slave = 1\naddress = 0\nresponse_timeout = \"500ms\""), ("t.dead", "slave = 2\naddress = 0\nresponse_timeout = \"500ms\"")],
             interval: "100ms")
         try await withModbusDrivers(configurations) { drivers in
-            for _ in 0..<3 {
+            for _ in 0..<2 {
                 // The silent slave's request goes first; the good sensor's read queues behind it.
                 async let dead = Self.timed { await readResult(drivers[1]) }
                 try await Task.sleep(for: .milliseconds(50))
@@ -182,7 +182,12 @@ struct ModbusBusTests {
                 try await Task.sleep(for: .milliseconds(120))
             }
             // One request per read: no retries that would multiply the cost.
-            #expect(slave.requestCount(slave: 2) == 3)
+            #expect(slave.requestCount(slave: 2) == 2)
+            // Two timeouts in a row: the slave is backed off, the next read fails at once without a request.
+            let backedOff = await Self.timed { await readResult(drivers[1]) }
+            #expect(backedOff.result.failure?.kind == .disconnected, "\(backedOff.result)")
+            #expect(backedOff.elapsed < .milliseconds(100))
+            #expect(slave.requestCount(slave: 2) == 2)
         }
     }
 
@@ -275,14 +280,17 @@ struct ModbusBusTests {
                 case .success(let value):
                     #expect(value.value == expected, "read \(value.value) for register \(index % 2 == 0 ? 0 : 50): another request's late answer")
                 case .failure(let error):
-                    #expect(error.kind == .timeout, "\(error)")
+                    // A timeout, or a read skipped while the slave is backed off after timeouts in a row.
+                    #expect(error.kind == .timeout || error.message.contains("next attempt in"), "\(error)")
                 }
             }
-            // Back to answering in time: both read their own registers at once.
+            // Back to answering in time: both read their own registers at once (an installer's read asks the slave
+            // whatever its back-off; the sampler's would wait it out).
             slave.delayAnswers(of: 1, by: .zero)
-            #expect(try await drivers[0].read().value == 100)
-            #expect(try await drivers[1].read().value == 200)
-            #expect(try await drivers[0].read().value == 100)
+            let values = await SensorReadContext.$oneOff.withValue(true) {
+                [await readResult(drivers[0]), await readResult(drivers[1]), await readResult(drivers[0])].map { try? $0.get().value }
+            }
+            #expect(values == [100, 200, 100])
         }
     }
 
@@ -320,8 +328,9 @@ struct ModbusBusTests {
     func implausibleValues() async throws {
         let scratch = try Scratch(prefix: "fg-modbus")
         let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1])
-        slave.set(slave: 1, address: 0, [0xFFFF])  // × 0.01: pH 655.35
-        slave.set(slave: 1, address: 10, [0x8000, 0x0000])  // int32 minimum
+        // Not the transmitters' own sentinels (0xFFFF, 0x80000000: see faultSentinels), values that scale out of range.
+        slave.set(slave: 1, address: 0, [0xFFFE])  // × 0.01: pH 655.34
+        slave.set(slave: 1, address: 10, [0x8000, 0x0001])  // int32 -2147483647
         let huge = Float(1e30).bitPattern
         slave.set(slave: 1, address: 20, [UInt16(huge >> 16), UInt16(huge & 0xFFFF)])
         slave.set(slave: 1, address: 30, [1450])  // pH 14.5: plausible (outside an expected range, stored flagged)
@@ -334,7 +343,7 @@ struct ModbusBusTests {
                 ("t.ok", "slave = 1\naddress = 30\nscale = 0.01\nquantity = \"ph\""),
             ])
         try await withModbusDrivers(configurations) { drivers in
-            for (driver, raw) in zip(drivers.prefix(3), ["0xFFFF", "0x8000 0x0000", "0x7149 0xF2CA"]) {
+            for (driver, raw) in zip(drivers.prefix(3), ["0xFFFE", "0x8000 0x0001", "0x7149 0xF2CA"]) {
                 let error = try #require(await readResult(driver).failure, "\(driver.sensor) read a value")
                 #expect(error.kind == .fault)
                 #expect(error.message.contains("which no ph transmitter can measure"), "\(error)")
@@ -365,6 +374,127 @@ struct ModbusBusTests {
         }
     }
 
+    @Test("A transmitter's fault sentinels (uint16 0xFFFF, uint32 0xFFFFFFFF, int16 0x8000, int32 0x80000000) are faults at any scale; int16 -1 is a value")
+    func faultSentinels() async throws {
+        let scratch = try Scratch(prefix: "fg-modbus")
+        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1])
+        slave.set(slave: 1, address: 0, [0xFFFF])  // uint16 × 0.0001: pH 6.5535, plausible
+        slave.set(slave: 1, address: 2, [0xFFFF])  // uint16: EC 65535 µS/cm, plausible
+        slave.set(slave: 1, address: 4, [0xFFFF, 0xFFFF])  // uint32
+        slave.set(slave: 1, address: 8, [0x8000])  // int16 × 0.001: -32.768 °C, plausible
+        slave.set(slave: 1, address: 10, [0x0000, 0x8000])  // int32 low word first × 1e-9: -2.1 °C
+        slave.set(slave: 1, address: 14, [0xFFFF])  // int16 -1 × 0.1: -0.1 °C, a reading
+        slave.set(slave: 1, address: 16, [0xFFFE])  // uint16 65534: a reading
+        let configurations = try modbusSensors(
+            port: slave.path,
+            [
+                ("t.ph", "slave = 1\naddress = 0\nscale = 0.0001\nquantity = \"ph\""),
+                ("t.ec", "slave = 1\naddress = 2"),
+                ("t.u32", "slave = 1\naddress = 4\ndata_type = \"uint32\""),
+                ("t.i16", "slave = 1\naddress = 8\ndata_type = \"int16\"\nscale = 0.001\nquantity = \"temperature\""),
+                ("t.i32", "slave = 1\naddress = 10\ndata_type = \"int32\"\nword_order = \"little\"\nscale = 0.000000001\nquantity = \"temperature\""),
+                ("t.minus", "slave = 1\naddress = 14\ndata_type = \"int16\"\nscale = 0.1\nquantity = \"temperature\""),
+                ("t.max", "slave = 1\naddress = 16"),
+            ])
+        try await withModbusDrivers(configurations) { drivers in
+            for (driver, raw) in zip(drivers.prefix(5), ["0xFFFF", "0xFFFF", "0xFFFF 0xFFFF", "0x8000", "0x0000 0x8000"]) {
+                let error = try #require(await readResult(driver).failure, "\(driver.sensor) read a value")
+                #expect(error.kind == .fault)
+                #expect(error.message.contains("raw \(raw)"), "\(error)")
+                #expect(error.message.contains("probe"), "\(error)")
+            }
+            #expect(abs(try await drivers[5].read().value - -0.1) < 1e-9)
+            #expect(try await drivers[6].read().value == 65534)
+        }
+    }
+
+    @Test(
+        "An exception code the specification does not define, from the configured slave itself, is named; it is no wrong unit id",
+        arguments: [(UInt8(0x0C), "0x0C"), (UInt8(0x00), "0x00")])
+    func unknownExceptionCode(code: UInt8, shown: String) async throws {
+        let scratch = try Scratch(prefix: "fg-modbus")
+        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [])
+        slave.reply(to: 5, with: [5, 0x83, code])
+        let configurations = try modbusSensors(port: slave.path, [("t.ph", "slave = 5\naddress = 0")])
+        try await withModbusDrivers(configurations) { drivers in
+            let error = try #require(await readResult(drivers[0]).failure)
+            #expect(error.kind == .fault)
+            #expect(error.message.contains("slave 5 answered holding registers 0-0 with exception \(shown)"), "\(error)")
+            #expect(error.message.contains("not defined by the Modbus specification"), "\(error)")
+            #expect(!error.message.contains("has unit id"), "\(error)")
+            #expect(!error.message.contains("of slave 5"), "\(error)")
+        }
+    }
+
+    @Test(
+        "Busy, acknowledge and gateway exceptions give advice that fits them, with the code in hex",
+        arguments: [
+            (UInt8(0x05), "0x05 (acknowledge)", "retried at the next interval"),
+            (UInt8(0x06), "0x06 (slave device busy)", "retried at the next interval"),
+            (UInt8(0x0A), "0x0A (gateway path unavailable)", "check the gateway"),
+            (UInt8(0x0B), "0x0B (gateway target failed to respond)", "check the gateway"),
+            (UInt8(0x02), "0x02 (illegal data address)", "check address, function and data_type"),
+        ])
+    func exceptionAdvice(code: UInt8, shown: String, advice: String) async throws {
+        let scratch = try Scratch(prefix: "fg-modbus")
+        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [])
+        slave.reply(to: 5, with: [5, 0x83, code])
+        let configurations = try modbusSensors(port: slave.path, [("t.ph", "slave = 5\naddress = 0")])
+        try await withModbusDrivers(configurations) { drivers in
+            let error = try #require(await readResult(drivers[0]).failure)
+            #expect(error.message.contains("exception \(shown)"), "\(error)")
+            #expect(error.message.contains(advice), "\(error)")
+            if code != 0x02 { #expect(!error.message.contains("check address, function and data_type"), "\(error)") }
+            #expect(!error.message.contains("of slave 5"), "\(error)")
+        }
+    }
+
+    @Test("One port named by its link and by its target is one bus: both sensors read, neither is locked out by the other")
+    func twoSpellingsOneBus() async throws {
+        let scratch = try Scratch(prefix: "fg-modbus")
+        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1])
+        slave.set(slave: 1, address: 0, [250, 602])
+        let target = try FileManager.default.destinationOfSymbolicLink(atPath: slave.path)
+        let configurations = try modbusSensors(port: slave.path, [("t.temp", "slave = 1\naddress = 0")])
+            + modbusSensors(port: target, [("t.ph", "slave = 1\naddress = 1")])
+        try await withModbusDrivers(configurations) { drivers in
+            #expect(drivers[0].bus === drivers[1].bus)
+            for _ in 0..<2 {
+                let (temperature, ph) = (try await drivers[0].read().value, try await drivers[1].read().value)
+                #expect(temperature == 250)
+                #expect(ph == 602)
+            }
+        }
+    }
+
+    @Test("A slave that timed out twice in a row is asked at a growing back-off, reported disconnected with its next attempt; the others keep reading")
+    func silentSlaveBackoff() async throws {
+        let scratch = try Scratch(prefix: "fg-modbus")
+        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1])
+        slave.set(slave: 1, address: 0, [612])
+        let configurations = try modbusSensors(
+            port: slave.path,
+            [("t.ph", "slave = 1\naddress = 0"), ("t.dead", "slave = 2\naddress = 0\nresponse_timeout = \"50ms\"")],
+            interval: "200ms")
+        try await withModbusDrivers(configurations) { drivers in
+            var skipped: [SensorError] = []
+            let start = ContinuousClock.now
+            for round in 0..<16 {
+                try await Task.sleep(until: start + .milliseconds(200 * round))
+                let dead = try #require(await readResult(drivers[1]).failure)
+                if dead.kind == .disconnected { skipped.append(dead) } else { #expect(dead.kind == .timeout, "\(dead)") }
+                #expect(try await drivers[0].read().value == 612)
+            }
+            // Asked at rounds 0, 1, then after 2, 4, 8 intervals: 5 requests, not 16.
+            let asked = slave.requestCount(slave: 2)
+            #expect(asked >= 4 && asked <= 6, "the silent slave was asked \(asked) times in 16 rounds")
+            let first = try #require(skipped.first)
+            #expect(first.message.contains("did not answer"), "\(first)")
+            #expect(first.message.contains("next attempt in"), "\(first)")
+            // Answering again, it is read at its interval once the back-off has run out.
+        }
+    }
+
     @Test("data_bits other than 8 is refused: Modbus RTU has 8 data bits")
     func sevenDataBits() throws {
         do {
@@ -379,11 +509,10 @@ struct ModbusBusTests {
     }
 
     @Test(
-        "An exception answer libmodbus cannot parse, or exception code 00, says to check the unit id",
+        "An exception answer libmodbus cannot parse (function byte 0x80) says to check the unit id",
         arguments: [
             // What some servers and gateways send for a unit id they do not have: function byte 0x80.
             (5, [UInt8(5), 0x80, 0x04], "Invalid exception code"),
-            (1, [UInt8(1), 0x83, 0x00], "exception code 00"),
         ])
     func invalidException(unit: Int, frame: [UInt8], detail: String) async throws {
         let scratch = try Scratch(prefix: "fg-modbus")
@@ -393,7 +522,7 @@ struct ModbusBusTests {
         try await withModbusDrivers(configurations) { drivers in
             let error = try #require(await readResult(drivers[0]).failure)
             #expect(error.kind == .fault)
-            #expect(error.message.contains("slave \(unit) answered holding registers 0-0 of slave \(unit) with an invalid exception response (\(detail))"), "\(error)")
+            #expect(error.message.contains("slave \(unit) answered holding registers 0-0 with an invalid exception response (\(detail))"), "\(error)")
             #expect(error.message.contains("no transmitter on \(slave.path) has unit id \(unit)"), "\(error)")
             #expect(error.message.contains("check `slave`"), "\(error)")
             #expect(!error.message.contains("another master"), "\(error)")

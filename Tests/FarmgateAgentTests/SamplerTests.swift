@@ -90,6 +90,34 @@ struct SamplerTests {
         #expect(statuses.first?.lastValue != nil)
     }
 
+    @Test("Ticks a slow read ran past are skipped and said so: counted in status and metrics, one warning (rate-limited)")
+    func skippedReadsAreReported() async throws {
+        let slow = try sensorConfiguration("bus.slow", quantity: .ph, interval: "100ms")
+        let sink = CollectingSink()
+        let board = SensorStatusBoard(sensors: [slow])
+        let log = RecordedLog()
+        let sampler = Sampler(
+            sensors: [.init(configuration: slow, driver: DelayedDriver(delay: .milliseconds(250), value: 6.5, started: {}))],
+            sink: sink, board: board, clock: WallClock(checkSynchronization: false), logger: log.logger())
+        let task = Task { try await sampler.run() }
+        try await Task.sleep(for: .milliseconds(1_100))
+        task.cancel()
+        _ = try? await task.value
+
+        let status = try #require(board.snapshot().first)
+        // About 4 reads of 250 ms in 1.1 s at a 100 ms interval: 2 ticks skipped after each.
+        let skipped = try #require(status.skippedReads)
+        #expect(skipped >= 4, "\(skipped) skipped reads counted")
+        let warnings = log.entries.filter { $0.level == .warning && $0.message.contains("scheduled reads skipped") }
+        #expect(warnings.count == 1, "\(warnings.map(\.message))")
+        #expect(warnings.first?.metadata["sensor"] == "bus.slow")
+        var agent = TextfileMetricsTests.status()
+        agent.sensors = [status]
+        let metrics = TextfileMetrics.render(agent, writtenBytes: nil)
+        #expect(agent.humanReadable().contains("\(skipped) scheduled reads skipped"), "\(agent.humanReadable())")
+        #expect(metrics.contains("farmgate_driver_skipped_reads_total{driver=\"simulated\"} \(skipped)"), "\(metrics)")
+    }
+
     @Test("Sensors of one interval start on at most four phases of it, sensor i on phase i % 4, so that they wake together")
     func phases() async throws {
         #expect(Sampler.phaseSlots(50) == 4)

@@ -492,12 +492,15 @@ extension AgentConfiguration {
         for sensor in sensors {
             guard let driver = drivers.driver(named: sensor.driver) else { continue }
             for claim in try driver.claims(sensor) {
-                guard let earlier = first[claim.resource] else {
-                    first[claim.resource] = (claim, sensor)
+                // One device written two ways (a by-id link and its target) is one resource.
+                let identity = claim.identity ?? claim.resource
+                guard let earlier = first[identity] else {
+                    first[identity] = (claim, sensor)
                     continue
                 }
                 let earlierLine = earlier.sensor.options.error(earlier.claim.key, "").line.map { " (line \($0))" } ?? ""
-                let other = "sensor \"\(earlier.sensor.id)\"\(earlierLine)"
+                let spelling = earlier.claim.resource == claim.resource ? "" : ", which names the same device as \(earlier.claim.resource),"
+                let other = "sensor \"\(earlier.sensor.id)\"\(earlierLine)\(spelling)"
                 if !claim.shareable || !earlier.claim.shareable {
                     throw sensor.options.error(
                         claim.key, "\(claim.resource) is already used by \(other); only one sensor may use it")

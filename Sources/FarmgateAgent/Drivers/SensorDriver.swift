@@ -151,12 +151,17 @@ public struct ResourceClaim: Sendable, Hashable {
     public var settings: String
     /// Whether other sensors may claim the resource too (when their settings are equal).
     public var shareable: Bool
+    /// What the resource is when one thing can be written several ways (the device a serial port's path opens, see
+    /// ``SerialDevice/identity(of:)``): claims with one identity are one resource, however their `resource` reads.
+    /// nil: the resource's text is its identity.
+    public var identity: String?
 
-    public init(resource: String, key: String, settings: String = "", shareable: Bool) {
+    public init(resource: String, key: String, settings: String = "", shareable: Bool, identity: String? = nil) {
         self.resource = resource
         self.key = key
         self.settings = settings
         self.shareable = shareable
+        self.identity = identity
     }
 }
 

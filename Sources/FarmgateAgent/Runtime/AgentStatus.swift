@@ -115,6 +115,9 @@ extension AgentStatus {
             } else if sensor.readsOK == 0 {
                 state = "waiting for first read"
             }
+            if let skipped = sensor.skippedReads, skipped > 0 {
+                state += "; \(skipped) scheduled reads skipped (reads took longer than the interval)"
+            }
             lines.append("  " + [pad(sensor.id, 22), pad(value, 12), pad(sensor.unit, 7), pad(read, 11), state].joined(separator: " "))
         }
         lines.append(quarantineSummary)

@@ -83,18 +83,26 @@ public enum TextfileMetrics {
                 upload.lastSuccessAt.map(seconds) ?? 0)
         }
 
-        var reads: [String: (ok: Int64, failed: Int64, failing: Int)] = [:]
+        var reads: [String: (ok: Int64, failed: Int64, failing: Int, skipped: Int64)] = [:]
         for sensor in status.sensors {
-            var entry = reads[sensor.driver] ?? (0, 0, 0)
+            var entry = reads[sensor.driver] ?? (0, 0, 0, 0)
             entry.ok += sensor.readsOK
             entry.failed += sensor.readsFailed
             if sensor.consecutiveErrors > 0 { entry.failing += 1 }
+            entry.skipped += sensor.skippedReads ?? 0
             reads[sensor.driver] = entry
         }
         out.header("farmgate_driver_reads_total", "Sensor reads by driver kind and result.", type: "counter")
         for (driver, entry) in reads.sorted(by: { $0.key < $1.key }) {
             out.sample("farmgate_driver_reads_total", [("driver", driver), ("result", "ok")], Double(entry.ok))
             out.sample("farmgate_driver_reads_total", [("driver", driver), ("result", "error")], Double(entry.failed))
+        }
+        out.header(
+            "farmgate_driver_skipped_reads_total",
+            "Scheduled reads not made because the sensor's previous read ran past them (a bus that cannot keep its sensors' intervals), by driver kind.",
+            type: "counter")
+        for (driver, entry) in reads.sorted(by: { $0.key < $1.key }) {
+            out.sample("farmgate_driver_skipped_reads_total", [("driver", driver)], Double(entry.skipped))
         }
         out.header("farmgate_driver_failing_sensors", "Sensors whose last read failed, by driver kind.", type: "gauge")
         for (driver, entry) in reads.sorted(by: { $0.key < $1.key }) {

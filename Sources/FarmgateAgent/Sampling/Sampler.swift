@@ -141,6 +141,7 @@ public final class Sampler: Service {
         let configuration = sensor.configuration
         var gate = Deadband(deadband: configuration.deadband, heartbeat: configuration.heartbeat)
         var tick = firstTick
+        var skips = SkippedReadWarning()
         while !Task.isCancelled && !Task.isShuttingDownGracefully {
             // Back by the next tick plus the longest read (sampleOnce's timeout); a read that ignores its timeout is stuck.
             heartbeat.beat("\(configuration.id)", within: ContinuousClock.now.duration(to: tick) + max(configuration.interval, .seconds(5)))
@@ -151,12 +152,23 @@ public final class Sampler: Service {
                 return
             }
             await sampleOnce(sensor, gate: &gate)
-            // Next tick on the sensor's grid; skip ticks that a slow read already missed.
+            // Next tick on the sensor's grid; skip ticks that a slow read already missed, and say so: counted in
+            // `farmgate status` and the metrics, logged at most every few minutes.
             let now = ContinuousClock.now
             tick += configuration.interval
             if tick < now {
                 let missed = ((now - tick) / configuration.interval).rounded(.up)
                 tick += configuration.interval * missed
+                let count = Int64(missed)
+                board.recordSkipped(configuration.id, count: count)
+                if let total = skips.record(count, at: now) {
+                    logger.warning(
+                        "Sensor reads take longer than its interval; scheduled reads skipped (sensors on one bus, such as Modbus, wait for each other: a slave that does not answer, or more sensors than the bus can read in the interval)",
+                        metadata: [
+                            "sensor": "\(configuration.id)", "driver": "\(configuration.driver)", "skipped": "\(total)",
+                            "interval": "\(ConfigTable.format(configuration.interval))",
+                        ])
+                }
             }
         }
     }
@@ -227,6 +239,23 @@ public final class Sampler: Service {
             return .failure(SensorError(.timeout, "no answer within \(ConfigTable.format(timeout)); the read was abandoned"))
         }
         return outcome
+    }
+}
+
+/// Rate-limits the warning about a sensor's skipped reads: the first skip is logged at once, later ones at most every
+/// ``interval`` with how many were skipped since the last warning.
+struct SkippedReadWarning {
+    static let interval: Duration = .seconds(300)
+    private var lastWarning: ContinuousClock.Instant?
+    private var unreported: Int64 = 0
+
+    /// Counts `count` skipped reads; returns how many to report when a warning is due.
+    mutating func record(_ count: Int64, at now: ContinuousClock.Instant) -> Int64? {
+        unreported += count
+        if let lastWarning, now - lastWarning < Self.interval { return nil }
+        lastWarning = now
+        defer { unreported = 0 }
+        return unreported
     }
 }
 

@@ -29,6 +29,9 @@ public struct SensorStatus: Sendable, Hashable, Codable {
     public var readsFailed: Int64
     /// Readings not stored because they were inside the deadband.
     public var suppressed: Int64
+    /// Scheduled reads not made because the read before ran past them (a sensor behind others on a shared bus, a slow
+    /// device); nil from an agent older than this field.
+    public var skippedReads: Int64?
 }
 
 /// The latest state of every sensor, written by the sampler and read by the control socket.
@@ -45,7 +48,7 @@ public final class SensorStatusBoard: Sendable {
                 unit: sensor.descriptor.quantity.unit, resolution: sensor.descriptor.resolution.description,
                 intervalSeconds: sensor.interval / .seconds(1),
                 lastValue: nil, lastReadAt: nil, lastError: nil, lastErrorAt: nil, consecutiveErrors: 0, readsOK: 0,
-                readsFailed: 0, suppressed: 0)
+                readsFailed: 0, suppressed: 0, skippedReads: 0)
         }
         self.entries = Mutex(entries)
         self.order = sensors.map(\.id)
@@ -70,6 +73,15 @@ public final class SensorStatusBoard: Sendable {
             entries[sensor]?.lastErrorAt = time
             entries[sensor]?.consecutiveErrors += 1
             entries[sensor]?.readsFailed += 1
+        }
+    }
+
+    /// Counts scheduled reads of `sensor` that were skipped because its previous read ran past them.
+    func recordSkipped(_ sensor: SensorID, count: Int64) {
+        entries.withLock { entries in
+            guard var entry = entries[sensor] else { return }
+            entry.skippedReads = (entry.skippedReads ?? 0) + count
+            entries[sensor] = entry
         }
     }
 

@@ -147,14 +147,17 @@ public final class EZODriver: SensorDriver {
                 outputs[options.port] = options.output.map { [$0] } ?? []
             }
         }
-        // A port belongs to one driver: an EZO circuit and, say, a Modbus bus cannot share one.
+        // A port belongs to one driver: an EZO circuit and, say, a Modbus bus cannot share one, however each names it.
+        var devices: [String: (sensor: SensorConfiguration, port: String)] = [:]
+        for (port, claim) in claims { devices[SerialDevice.identity(of: port)] = (claim.sensor, port) }
         for sensor in sensors where sensor.driver != "ezo" {
             guard case .string(let raw)? = sensor.options.value("port") else { continue }
             let base = URL(fileURLWithPath: sensor.options.file).deletingLastPathComponent().path
             let port = AgentConfiguration.resolve(raw, against: base)
-            if let (first, _) = claims[port] {
+            if let (first, written) = devices[SerialDevice.identity(of: port)] {
+                let same = written == port ? "" : " (as \(written), the same device)"
                 throw sensor.options.error(
-                    "port", "port \(port) is already claimed by sensor \"\(first.id)\" (driver ezo); a port belongs to one driver")
+                    "port", "port \(port) is already claimed by sensor \"\(first.id)\"\(same) (driver ezo); a port belongs to one driver")
             }
         }
     }

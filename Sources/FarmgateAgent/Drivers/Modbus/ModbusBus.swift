@@ -17,12 +17,15 @@ import Glibc
 ///
 /// All traffic runs on the bus's own thread, one request at a time, so requests on one wire never overlap and
 /// consecutive frames are kept apart by the RTU silent interval. A request waits at most its response timeout, so a
-/// silent slave delays the others on the bus by at most twice that (the timeout, then the drain that waits for the line
-/// to fall silent so that a late answer is never taken for the next request). Registers of one slave that lie close
+/// request to a silent slave holds the bus for at most twice that (the timeout, then the drain that waits for the line
+/// to fall silent so that a late answer is never taken for the next request), and a slave that keeps timing out is
+/// asked less and less often (``ModbusLink/SilentSlave``) so that the others keep their intervals. Registers of one slave that lie close
 /// together are read in one request (``ModbusRequestPlan``), and the block is kept for the round (at most
 /// ``ModbusLink/sharedReadWindow``): each sensor's read returns its slice.
 final class ModbusBus: Sendable {
     let settings: ModbusBusSettings
+    /// The device the port opens (``SerialDevice/identity(of:)``), by which ``ModbusBuses`` finds the bus.
+    let device: String
     private let members = Mutex(Members())
     private let link: ThreadOwned<ModbusLink>
 
@@ -31,8 +34,9 @@ final class ModbusBus: Sendable {
         var bySensor: [SensorID: ModbusMember] = [:]
     }
 
-    init(settings: ModbusBusSettings, logger: Logger) throws {
+    init(settings: ModbusBusSettings, device: String? = nil, logger: Logger) throws {
         self.settings = settings
+        self.device = device ?? SerialDevice.identity(of: settings.port)
         var logger = logger
         logger[metadataKey: "port"] = "\(settings.port)"
         let linkLogger = logger
@@ -98,6 +102,37 @@ final class ModbusLink {
     private var blockIndex: [SensorID: Int] = [:]
     private var uncoalesced: Set<ModbusUnit> = []
     private var cache: [ModbusBlock: Cached] = [:]
+    /// Slaves whose last requests timed out, by unit id (see ``SilentSlave``).
+    private var silent: [Int: SilentSlave] = [:]
+
+    /// A slave that stopped answering. Every request to it holds the bus for up to twice its response timeout (the
+    /// timeout, then the drain), time the other sensors on the bus wait: asked at every tick, a slave with a 2 s timeout
+    /// polled every 2 s would take the whole bus. After ``backoffAfterTimeouts`` timeouts in a row it is asked only every
+    /// 2nd, 4th, 8th … interval, at most ``backoffLimit`` apart (or its interval, when that is longer); the reads in
+    /// between fail at once as `disconnected`, saying when it is asked next. Any answer ends the back-off.
+    struct SilentSlave {
+        var timeouts = 0
+        var nextAttempt: ContinuousClock.Instant?
+        var lastError: SensorError?
+    }
+
+    /// Timeouts in a row after which a slave is asked less often: one lost answer (noise, a slave busy for a moment) is
+    /// no reason to skip it.
+    static let backoffAfterTimeouts = 2
+    /// The longest a silent slave goes unasked (unless its interval is longer).
+    static let backoffLimit: Duration = .seconds(60)
+
+    /// How long after a request that was its `timeouts`-th timeout in a row the slave is asked again: nil before
+    /// ``backoffAfterTimeouts``, then 2, 4, 8 … intervals, and never less than four times what that request held the
+    /// bus (`cost`: the timeout and the drain, which can be longer than the interval), so that a silent slave takes at
+    /// most a fifth of the bus; capped at ``backoffLimit`` (or one interval, if longer).
+    static func backoff(timeouts: Int, interval: Duration, cost: Duration) -> Duration? {
+        guard timeouts >= backoffAfterTimeouts else { return nil }
+        let limit = max(backoffLimit, interval)
+        let doublings = min(timeouts - backoffAfterTimeouts + 1, 20)
+        let wait = max(interval * (1 << doublings), cost * 4)
+        return min(wait, limit)
+    }
 
     private struct Cached {
         var at: ContinuousClock.Instant
@@ -135,7 +170,17 @@ final class ModbusLink {
             cache[block] = cached
             return cached.result.map(slice).mapError(\.error)
         }
-        let result = transact(block)
+        let started = ContinuousClock.now
+        let slave = block.unit.slave
+        if !fresh, let silence = silent[slave], let next = silence.nextAttempt, started < next {
+            let last = silence.lastError.map { ": \($0.message)" } ?? ""
+            return .failure(
+                SensorError(
+                    .disconnected,
+                    "slave \(slave) did not answer its last \(silence.timeouts) requests; next attempt in \(Self.seconds(next - started)), so that the other sensors on \(settings.port) keep their intervals (last error\(last))"))
+        }
+        var result = transact(block)
+        result = noteSilence(result, slave: slave, started: started, interval: block.maxAge)
         if case .failure(let failure) = result, failure.exception == 2, block.members.count > 1 {
             // The slave has no register somewhere in the block's gaps: read this unit one sensor at a time from now on.
             logger.warning(
@@ -147,6 +192,45 @@ final class ModbusLink {
         }
         cache[block] = Cached(at: ContinuousClock.now, result: result, servedTo: [sensor])
         return result.map(slice).mapError(\.error)
+    }
+
+    /// Counts timeouts in a row of `slave` and schedules its next request (``SilentSlave``); any answer resets it.
+    private func noteSilence(
+        _ result: Result<[UInt16], ModbusFailure>, slave: Int, started: ContinuousClock.Instant, interval: Duration
+    ) -> Result<[UInt16], ModbusFailure> {
+        guard case .failure(var failure) = result else {
+            if let silence = silent.removeValue(forKey: slave), silence.nextAttempt != nil {
+                logger.info("Modbus slave answers again", metadata: ["slave": "\(slave)", "after_timeouts": "\(silence.timeouts)"])
+            }
+            return result
+        }
+        switch failure.error.kind {
+        case .timeout:
+            var silence = silent[slave] ?? SilentSlave()
+            silence.timeouts += 1
+            silence.lastError = failure.error
+            if let wait = Self.backoff(timeouts: silence.timeouts, interval: interval, cost: ContinuousClock.now - started) {
+                // From the request's start, less half an interval: the tick that falls due then is not missed by the
+                // time this request took.
+                let next = started + wait - interval / 2
+                silence.nextAttempt = next
+                if silence.timeouts == Self.backoffAfterTimeouts {
+                    logger.warning(
+                        "Modbus slave does not answer; asking it less often so that the other sensors on the bus keep their intervals",
+                        metadata: ["slave": "\(slave)", "timeouts": "\(silence.timeouts)", "max_wait": "\(max(Self.backoffLimit, interval))"])
+                }
+                failure.error.message += "; \(silence.timeouts) timeouts in a row: next attempt in \(Self.seconds(next - ContinuousClock.now))"
+            }
+            silent[slave] = silence
+            return .failure(failure)
+        case .disconnected:
+            // The port, not the slave: says nothing about whether it answers.
+            return result
+        default:
+            // An answer, even a bad one: the slave is there.
+            silent[slave] = nil
+            return result
+        }
     }
 
     private func replan(_ members: ModbusBus.Members) {
@@ -180,7 +264,8 @@ final class ModbusLink {
         // before the next request goes out.
         modbus_flush(context)
         let registers = block.unit.function == .holding ? "holding registers" : "input registers"
-        let what = "\(registers) \(block.start)-\(block.start + block.count - 1) of slave \(block.unit.slave)"
+        // Every message names the slave already ("slave 5 answered holding registers 0-1 ...").
+        let what = "\(registers) \(block.start)-\(block.start + block.count - 1)"
         let slave = block.unit.slave
         modbus_set_slave(context, Int32(slave))
         let timeout = block.responseTimeout.components
@@ -216,7 +301,7 @@ final class ModbusLink {
                 ModbusFailure(
                     SensorError(
                         .invalidResponse,
-                        "an answer to the request for \(what) came from address \(answer[0]) instead of \(slave): another device on \(settings.port) answered (two masters, or a slave answering for ids it does not have), or `slave` is wrong (check the transmitter's Modbus address)")))
+                        "an answer to the request for \(what) of slave \(slave) came from address \(answer[0]) instead of \(slave): another device on \(settings.port) answered (two masters, or a slave answering for ids it does not have), or `slave` is wrong (check the transmitter's Modbus address)")))
         }
         let frame = answer[0..<Int(length)]
         if frame.count >= 3, frame[1] == function {
@@ -231,40 +316,30 @@ final class ModbusLink {
             return .success(values)
         }
         if frame.count >= 3, frame[1] >= 0x80 {
-            // As libmodbus's own check: an exception of the request's function with a code it knows is that exception,
-            // anything else an invalid exception response.
-            let exception = Int32(frame[2])
-            let known = frame[1] == function | 0x80 && frame.count == 5 && exception < 12  // MODBUS_EXCEPTION_MAX
-            return .failure(classify(known ? base + exception : base + 14, what: what, slave: slave, timeout: block.responseTimeout))
+            // An exception of the request's function, from the slave asked, is that slave's exception, whatever its
+            // code (one the specification does not define is named as such). Any other function byte (0x80, as some
+            // servers and gateways send for a unit id they do not have) is an invalid exception response.
+            guard frame[1] == function | 0x80, frame.count == 5 else {
+                return .failure(classify(base + 14, what: what, slave: slave, timeout: block.responseTimeout))  // EMBBADEXC
+            }
+            return .failure(exception(Int(frame[2]), what: what, slave: slave))
         }
         return .failure(classify(base + 13, what: what, slave: slave, timeout: block.responseTimeout))  // EMBBADDATA
     }
 
     private func classify(_ code: Int32, what: String, slave: Int, timeout: Duration) -> ModbusFailure {
         let base = Int32(MODBUS_ENOBASE)
-        // libmodbus reports a well-formed exception response as MODBUS_ENOBASE + its code (code 0 is none of the
-        // specification's, so it is an invalid exception response as much as EMBBADEXC is), and an exception frame it
-        // cannot parse as EMBBADEXC: typically a server or gateway that answers for unit ids it does not have with
-        // function byte 0x80.
-        if code == base || code == base + 14 {  // exception 00, EMBBADEXC
+        // An exception frame that is not one of the request's function (function byte 0x80): typically a server or
+        // gateway that answers for unit ids it does not have. (Exception responses themselves are parsed in
+        // ``transact(_:)``, which knows the function asked.)
+        if code == base + 14 {  // EMBBADEXC
             return ModbusFailure(
                 SensorError(
                     .fault,
-                    "slave \(slave) answered \(what) with an invalid exception response (\(code == base ? "exception code 00" : Self.text(code))): most likely no transmitter on \(settings.port) has unit id \(slave) and another device answered for it; check `slave` (the transmitter's Modbus address, from its manual or display)"))
+                    "slave \(slave) answered \(what) with an invalid exception response (\(Self.text(code))): most likely no transmitter on \(settings.port) has unit id \(slave) and another device answered for it; check `slave` (the transmitter's Modbus address, from its manual or display)"))
         }
         if code > base, code <= base + 11 {
-            let exception = Int(code - base)
-            if exception == 4 {
-                // Slave device failure: the request was fine, the transmitter could not carry it out.
-                return ModbusFailure(
-                    SensorError(
-                        .fault,
-                        "slave \(slave) reported an internal failure reading \(what) (exception \(Self.exceptionName(exception))): check the transmitter itself (its probe, power and display or error code; see its manual)"),
-                    exception: exception)
-            }
-            return ModbusFailure(
-                SensorError(.fault, "slave \(slave) answered \(what) with exception \(Self.exceptionName(exception)); check address, function and data_type against its register map"),
-                exception: exception)
+            return exception(Int(code - base), what: what, slave: slave)
         }
         switch code {
         case ETIMEDOUT:
@@ -285,8 +360,34 @@ final class ModbusLink {
             return ModbusFailure(error)
         default:
             drain(quiet: timeout)
-            return ModbusFailure(SensorError(.fault, "reading \(what) on \(settings.port) failed: \(Self.text(code))"))
+            return ModbusFailure(SensorError(.fault, "reading \(what) of slave \(slave) on \(settings.port) failed: \(Self.text(code))"))
         }
+    }
+
+    /// The exception response `code` of `slave` to the request for `what`, with the advice that fits it.
+    private func exception(_ code: Int, what: String, slave: Int) -> ModbusFailure {
+        let name = Self.exceptionName(code)
+        let message: String
+        switch code {
+        case 1, 2, 3:
+            message = "slave \(slave) answered \(what) with exception \(name); check address, function and data_type against its register map"
+        case 4:
+            // Slave device failure: the request was fine, the transmitter could not carry it out.
+            message = "slave \(slave) reported an internal failure reading \(what) (exception \(name)): check the transmitter itself (its probe, power and display or error code; see its manual)"
+        case 5, 6:
+            message = "slave \(slave) answered \(what) with exception \(name): the transmitter is busy (a calibration, a long operation); the read is retried at the next interval. If it stays busy, check the transmitter (its display, its manual)"
+        case 7:
+            message = "slave \(slave) answered \(what) with exception \(name): it cannot carry out this request; check function against its register map"
+        case 8:
+            message = "slave \(slave) answered \(what) with exception \(name): the transmitter found a memory error; check the transmitter itself (see its manual)"
+        case 10:
+            message = "slave \(slave) answered \(what) with exception \(name): a gateway on the way has no path to unit id \(slave); check the gateway (its routing of unit id \(slave)) and the target behind it"
+        case 11:
+            message = "slave \(slave) answered \(what) with exception \(name): the gateway got no answer from the device behind it; check the gateway and the target behind it (its power, wiring, unit id \(slave) and baud)"
+        default:
+            message = "slave \(slave) answered \(what) with exception \(name), a code not defined by the Modbus specification (its manual may list its own codes); check the transmitter, and address, function and data_type against its register map"
+        }
+        return ModbusFailure(SensorError(.fault, message), exception: code)
     }
 
     /// The open context, opening the port when it is not: fails fast with the last error until the next attempt is due.
@@ -347,12 +448,17 @@ final class ModbusLink {
             let code = errno
             modbus_close(context)
             modbus_free(context)
+            guard code == EWOULDBLOCK else { return .failure(SensorError(.disconnected, "cannot lock \(port): \(Self.text(code))")) }
+            // Two names of one device are one bus (``ModbusBuses``), but only when the device was there to compare when
+            // the sensors started: named two ways while it was unplugged, its two buses find each other's lock.
+            if let other = ModbusBuses.shared.otherName(of: port) {
+                return .failure(
+                    SensorError(
+                        .disconnected,
+                        "\(port) is held by this agent, for the sensors that name it \(other) (the same device, which was missing when they started); name the port one way in every sensor, or restart the agent now that the device is there"))
+            }
             return .failure(
-                SensorError(
-                    .disconnected,
-                    code == EWOULDBLOCK
-                        ? "\(port) is in use by another program (another farmgate agent or `farmgate scan`?); stop it"
-                        : "cannot lock \(port): \(Self.text(code))"))
+                SensorError(.disconnected, "\(port) is in use by another program (another farmgate agent or `farmgate scan`?); stop it"))
         }
         _ = ioctl(fd, UInt(TIOCEXCL))
         if settings.rs485, modbus_rtu_set_serial_mode(context, Int32(MODBUS_RTU_RS485)) == -1 {
@@ -408,6 +514,8 @@ final class ModbusLink {
         modbus_free(context)
         self.context = nil
         cache = [:]
+        // A replugged adapter (or another one behind the path): every slave is asked afresh.
+        silent = [:]
     }
 
     /// The longest a drain goes on beyond its quiet window when the line never falls silent (another master, noise).
@@ -469,8 +577,9 @@ final class ModbusLink {
             5: "acknowledge", 6: "slave device busy", 7: "negative acknowledge", 8: "memory parity error",
             10: "gateway path unavailable", 11: "gateway target failed to respond",
         ]
-        let code2 = code < 10 ? "0\(code)" : "\(code)"
-        return "\(code2) (\(names[code] ?? "unknown"))"
+        let digits = String(code, radix: 16, uppercase: true)
+        let hex = "0x" + String(repeating: "0", count: max(0, 2 - digits.count)) + digits
+        return names[code].map { "\(hex) (\($0))" } ?? hex
     }
 
     static func text(_ code: Int32) -> String {
@@ -495,36 +604,48 @@ struct ModbusFailure: Error {
     }
 }
 
-/// The buses of this process, one per port, shared by every sensor that names the port.
+/// The buses of this process, one per serial device, shared by every sensor that names it.
 ///
-/// The runtime builds drivers one sensor at a time, so a bus is found here by its port: the first sensor opens it, the
-/// last one to close releases it.
+/// The runtime builds drivers one sensor at a time, so a bus is found here by its device: the first sensor opens it, the
+/// last one to close releases it. A device named two ways (its `/dev/serial/by-id/...` link in one sensor, the link's
+/// target in another) is one bus (``SerialDevice/identity(of:)``): two buses would lock each other out of the port.
 final class ModbusBuses: Sendable {
     static let shared = ModbusBuses()
 
     private let buses = Mutex<[String: ModbusBus]>([:])
 
-    /// The bus on `settings.port`, created on first use. Fails when the port is already open with other settings
-    /// (the configuration check refuses that first).
+    /// The bus on `settings.port`'s device, created on first use. Fails when the device is already open with other
+    /// settings (the configuration check refuses that first).
     func bus(for settings: ModbusBusSettings, logger: Logger) throws -> ModbusBus {
-        try buses.withLock { buses in
-            if let bus = buses[settings.port] {
-                guard bus.settings == settings else {
-                    throw SensorError(.fault, "\(settings.port) is already used with \(bus.settings); every sensor on a bus must use the same settings (this one has \(settings))")
+        let device = SerialDevice.identity(of: settings.port)
+        return try buses.withLock { buses in
+            if let bus = buses[device] {
+                var same = settings
+                same.port = bus.settings.port
+                guard bus.settings == same else {
+                    let spelling = bus.settings.port == settings.port ? "" : " (as \(bus.settings.port), the same device)"
+                    throw SensorError(.fault, "\(settings.port) is already used\(spelling) with \(bus.settings); every sensor on a bus must use the same settings (this one has \(settings))")
                 }
                 return bus
             }
-            let bus = try ModbusBus(settings: settings, logger: logger)
-            buses[settings.port] = bus
+            let bus = try ModbusBus(settings: settings, device: device, logger: logger)
+            buses[device] = bus
             return bus
         }
+    }
+
+    /// Another spelling of `port`'s device that a bus of this process was made for, if any.
+    func otherName(of port: String) -> String? {
+        let device = SerialDevice.identity(of: port)
+        let names = buses.withLock { $0.values.map(\.settings.port) }
+        return names.first { $0 != port && SerialDevice.identity(of: $0) == device }
     }
 
     /// Takes `sensor` off its bus; closes the bus when it was the last.
     func release(_ sensor: SensorID, from bus: ModbusBus) async {
         let last = buses.withLock { buses -> Bool in
             guard bus.remove(sensor) == 0 else { return false }
-            if buses[bus.settings.port] === bus { buses[bus.settings.port] = nil }
+            if buses[bus.device] === bus { buses[bus.device] = nil }
             return true
         }
         if last { await bus.close() }

@@ -1,5 +1,10 @@
 import FarmgateSupport
 import FarmgateWire
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 
 /// The serial line of one Modbus RTU bus. Every sensor on one port must give the same settings: they are one wire.
 public struct ModbusBusSettings: Sendable, Hashable, CustomStringConvertible {
@@ -16,7 +21,8 @@ public struct ModbusBusSettings: Sendable, Hashable, CustomStringConvertible {
         }
     }
 
-    /// `port`: the serial device, best a stable `/dev/serial/by-id/...` path. Required.
+    /// `port`: the serial device, best a stable `/dev/serial/by-id/...` path; a relative path is resolved against the
+    /// configuration file's directory. Required.
     public var port: String
     /// `baud`: default 9600 (what most water-quality transmitters ship with).
     public var baud: Int
@@ -119,29 +125,51 @@ public struct ModbusPoint: Sendable, Hashable {
 
     /// The value these registers hold, scaled; nil when a float register pair holds NaN or infinity.
     public func decode(_ registers: ArraySlice<UInt16>) -> Double? {
+        guard let bits = bits(registers) else { return nil }
+        let raw: Double
+        switch dataType {
+        case .int16: raw = Double(Int16(bitPattern: UInt16(truncatingIfNeeded: bits)))
+        case .uint16: raw = Double(bits)
+        case .int32: raw = Double(Int32(bitPattern: bits))
+        case .uint32: raw = Double(bits)
+        case .float32:
+            let float = Float(bitPattern: bits)
+            guard float.isFinite else { return nil }
+            raw = Double(float)
+        }
+        let value = raw * scale + offset
+        return value.isFinite ? value : nil
+    }
+
+    /// What these registers hold when it is a transmitter's "no value" sentinel rather than a number, else nil.
+    ///
+    /// A transmitter whose probe is missing or broken fills the register with the largest value of an unsigned type or
+    /// the smallest of a signed one, and at some scales that value lands inside the quantity's plausible range
+    /// (0xFFFF × 0.0001 is pH 6.55; 65535 µS/cm is an EC). These raw values are faults whatever the scale and offset:
+    /// `uint16` 0xFFFF, `uint32` 0xFFFFFFFF, `int16` 0x8000 (−32768), `int32` 0x80000000 (−2147483648), after
+    /// `word_order` and `byte_order` are applied. All ones in a signed type is −1, a legitimate reading (−0.1 °C at scale
+    /// 0.1), and stays a value; a `float32` sentinel is NaN or infinity, which ``decode(_:)`` already refuses.
+    public func faultSentinel(_ registers: ArraySlice<UInt16>) -> String? {
+        guard let bits = bits(registers) else { return nil }
+        switch dataType {
+        case .uint16 where bits == 0xFFFF: return "uint16 all ones (65535)"
+        case .int16 where bits == 0x8000: return "the int16 minimum (-32768)"
+        case .uint32 where bits == 0xFFFF_FFFF: return "uint32 all ones (4294967295)"
+        case .int32 where bits == 0x8000_0000: return "the int32 minimum (-2147483648)"
+        default: return nil
+        }
+    }
+
+    /// The value's bits, with byte and word order applied (16-bit types in the low half); nil for too few registers.
+    private func bits(_ registers: ArraySlice<UInt16>) -> UInt32? {
         guard registers.count >= registerCount, let firstIndex = registers.indices.first else { return nil }
         func word(_ index: Int) -> UInt16 {
             let raw = registers[firstIndex + index]
             return swapBytes ? raw.byteSwapped : raw
         }
-        let raw: Double
-        switch dataType {
-        case .int16: raw = Double(Int16(bitPattern: word(0)))
-        case .uint16: raw = Double(word(0))
-        case .int32, .uint32, .float32:
-            let (high, low) = lowWordFirst ? (word(1), word(0)) : (word(0), word(1))
-            let bits = UInt32(high) << 16 | UInt32(low)
-            switch dataType {
-            case .int32: raw = Double(Int32(bitPattern: bits))
-            case .uint32: raw = Double(bits)
-            default:
-                let float = Float(bitPattern: bits)
-                guard float.isFinite else { return nil }
-                raw = Double(float)
-            }
-        }
-        let value = raw * scale + offset
-        return value.isFinite ? value : nil
+        guard registerCount == 2 else { return UInt32(word(0)) }
+        let (high, low) = lowWordFirst ? (word(1), word(0)) : (word(0), word(1))
+        return UInt32(high) << 16 | UInt32(low)
     }
 }
 
@@ -149,8 +177,9 @@ public struct ModbusPoint: Sendable, Hashable {
 struct ModbusSensorOptions: Sendable, Hashable {
     var bus: ModbusBusSettings
     var point: ModbusPoint
-    /// `response_timeout`: how long a request waits for the slave's answer. Default 500 ms, 20 ms–10 s. A silent slave
-    /// costs the other sensors on its bus at most this per request.
+    /// `response_timeout`: how long a request waits for the slave's answer. Default 500 ms, 20 ms–10 s. A request to a
+    /// silent slave holds its bus for at most twice this (the timeout, then the drain); a slave that keeps timing out
+    /// is backed off (``ModbusLink/SilentSlave``).
     var responseTimeout: Duration
     /// `coalesce_gap`: registers of one slave and function at most this many apart are read in one request (unused
     /// registers in between are read and ignored). Default 4, 0–100; 0 coalesces only adjacent registers.
@@ -163,12 +192,14 @@ struct ModbusSensorOptions: Sendable, Hashable {
 
     init(_ configuration: SensorConfiguration) throws(ConfigurationError) {
         let table = configuration.options
-        let port = try table.requiredString("port")
-        guard port.hasPrefix("/") else {
+        let written = try table.requiredString("port")
+        guard !written.trimmingWhitespace().isEmpty else {
             throw table.error(
-                "port", "must be the absolute path of the serial device, such as \"/dev/serial/by-id/usb-FTDI_...-if00-port0\" or \"/dev/ttyUSB0\" (got \"\(port)\")")
+                "port", "must name the serial device, such as \"/dev/serial/by-id/usb-FTDI_...-if00-port0\" or \"/dev/ttyUSB0\"")
         }
-        var bus = ModbusBusSettings(port: port)
+        // As every path in the file (and an EZO port): relative to the configuration file's directory.
+        let base = URL(fileURLWithPath: table.file).deletingLastPathComponent().path
+        var bus = ModbusBusSettings(port: AgentConfiguration.resolve(written, against: base))
         if let baud = try table.int("baud") {
             guard ModbusBusSettings.bauds.contains(baud) else {
                 throw table.error("baud", "must be one of \(ModbusBusSettings.bauds.map(String.init).joined(separator: ", ")) (got \(baud)); the transmitter's manual gives it, 9600 is the usual default")

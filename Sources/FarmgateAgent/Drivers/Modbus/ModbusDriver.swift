@@ -33,7 +33,8 @@ public final class ModbusDriver: SensorDriver {
             let options = try ModbusSensorOptions(configuration)
             return [
                 ResourceClaim(
-                    resource: "serial port \(options.bus.port)", key: "port", settings: "Modbus RTU \(options.bus)", shareable: true)
+                    resource: "serial port \(options.bus.port)", key: "port", settings: "Modbus RTU \(options.bus)", shareable: true,
+                    identity: "serial port " + SerialDevice.identity(of: options.bus.port))
             ]
         },
         make: { configuration, context in try ModbusDriver(configuration: configuration, logger: context.logger) })
@@ -58,14 +59,22 @@ public final class ModbusDriver: SensorDriver {
 
     public func read() async throws(SensorError) -> SensorValue {
         let registers = try await bus.registers(for: sensor)
+        // The transmitter's own "no value" (``ModbusPoint/faultSentinel(_:)``): a fault at any scale, even where the
+        // scaled value would look plausible (0xFFFF × 0.0001 = pH 6.55).
+        if let sentinel = point.faultSentinel(registers[...]) {
+            throw SensorError(
+                .fault,
+                "slave \(point.slave) register \(point.address) reads raw \(Self.hex(registers)), \(sentinel): what a transmitter sends when its probe is missing or broken, never a reading; check the probe and its cable (and data_type against its register map)")
+        }
         guard let value = point.decode(registers[...]) else {
             throw SensorError(
                 .invalidResponse,
                 "slave \(point.slave) register \(point.address) holds no number as \(point.dataType.rawValue) (NaN or infinity); check data_type and word_order")
         }
-        // A register full of ones (0xFFFF, 0x80000000) or a float no probe can read is what a transmitter sends when
-        // its probe is missing or broken, or what a wrong data_type, scale or word_order makes of a good value: a fault,
-        // never a reading (values outside `expected_range` but plausible are still stored, flagged, by the sampler).
+        // A value no probe of the quantity can read (a float of 1e30, an int32 sentinel at a wrong data_type) is what a
+        // transmitter sends when its probe is missing or broken, or what a wrong data_type, scale or word_order makes of
+        // a good value: a fault, never a reading (values outside `expected_range` but plausible are still stored,
+        // flagged, by the sampler).
         guard quantity.plausibleRange.contains(value) else {
             throw SensorError(
                 .fault,
