@@ -491,25 +491,9 @@ import Testing
     @Test func batchesAreAnsweredWhileAMultiMillionRowDeleteRuns() async throws {
         try await withFreshStore(.sqlite) { store in
             let sqlite = try #require(store as? SQLiteIngestStore)
-            let device = try await StoreConformanceTests.device(in: store)
-            _ = try await store.store(try phBatch(sequences: 1...10), for: device, receivedAt: testNow)
-            let sensor = try #require(try await store.sensor(farmID: device.farmID, device: device.device, sensor: try sensorID("tank1.ph"))).rowID
-            // Two million readings 200 days old, written straight into the file (through the store it would take minutes).
+            // Two million readings 200 days old, beside ten recent ones.
             let old = 2_000_000
-            let start = testNow.microseconds - 200 * 86_400_000_000
-            let path = sqlite.path
-            try await runOffPool {
-                let connection = try SQLiteConnection(path: path, mode: .readWrite, busyTimeoutMilliseconds: 30_000)
-                try connection.transaction {
-                    try connection.query(
-                        """
-                        WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < ?)
-                        INSERT INTO readings(device_id, sequence, sensor_id, timestamp_us, value, flags, received_at_us)
-                        SELECT ?, 1000 + i, ?, ? + i * 1000000, 6.5, 0, ? FROM n
-                        """, [.integer(Int64(old - 1)), .integer(device.rowID), .integer(sensor), .integer(start), .integer(testNow.microseconds)])
-                    try connection.query("UPDATE devices SET highest_sequence = ? WHERE id = ?", [.integer(Int64(1000 + old)), .integer(device.rowID)])
-                }
-            }
+            let device = try await SQLiteRetentionBesideServeTests.fill(sqlite, old: old)
             let removed = RemovedRows()
             let retention = Task {
                 try await sqlite.runRetention(IngestConfiguration.Retention(), now: testNow, options: RetentionRunOptions(progress: { removed.set($0) }))
