@@ -221,9 +221,8 @@ public final class GPIODriver: StreamingSensorDriver {
         self.backend = backend
         self.logger = logger
         countStore = options.role == .count ? countFile.map { GPIOCountStore(path: $0, logger: logger) } : nil
-        watcher = try GPIOLineWatchers.shared.watcher(
+        (watcher, pulseOrigin) = try GPIOLineWatchers.shared.watcher(
             for: options.request, mode: options.mode, activeLow: options.activeLow, backend: backend, logger: logger)
-        pulseOrigin = watcher.totalPulses
     }
 
     /// The backend a configured sensor uses: libgpiod, or the events file it follows (which logs its bad lines to

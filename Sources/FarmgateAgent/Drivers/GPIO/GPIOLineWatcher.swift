@@ -173,23 +173,27 @@ final class GPIOLineWatchers: Sendable {
     private let watchers = Mutex<[String: GPIOLineWatcher]>([:])
 
     /// The watcher of `request` on `backend`, created and started on first use.
+    /// The watcher of `request`'s line on `backend` (made and started if none runs), and its pulse total at that moment:
+    /// 0 for a new one, taken before its thread starts, since that thread may count the line's first edges (an events
+    /// file's, at once) before the caller could look; the running total for one another driver already watches.
     func watcher(
         for request: GPIOLineRequest, mode: GPIOLineMonitor.Mode, activeLow: Bool, backend: any GPIOBackend, logger: Logger
-    ) throws(SensorError) -> GPIOLineWatcher {
+    ) throws(SensorError) -> (watcher: GPIOLineWatcher, pulseOrigin: UInt64) {
         let key = "\(ObjectIdentifier(backend).hashValue)|\(request.name)"
-        return try watchers.withLock { watchers throws(SensorError) -> GPIOLineWatcher in
+        return try watchers.withLock { watchers throws(SensorError) -> (watcher: GPIOLineWatcher, pulseOrigin: UInt64) in
             if let watcher = watchers[key] {
                 guard watcher.mode == mode, watcher.activeLow == activeLow, watcher.request == request else {
                     throw SensorError(.fault, "GPIO line \(request.name) is already watched with other settings")
                 }
                 watcher.retain()
-                return watcher
+                return (watcher, watcher.totalPulses)
             }
             let watcher = GPIOLineWatcher(request: request, mode: mode, activeLow: activeLow, backend: backend, logger: logger)
             watcher.retain()
             watchers[key] = watcher
+            let origin = watcher.totalPulses
             watcher.start()
-            return watcher
+            return (watcher, origin)
         }
     }
 
