@@ -207,10 +207,10 @@ extension Uploader {
         }
         switch status {
         case 429, 503:
-            if let header = response.header("Retry-After"), let asked = RetryAfter.delay(header, responseDate: response.header("Date")) {
+            if let header = response.header("Retry-After"), let asked = askedDelay(response) {
                 // Never less than the backoff (and a second): `Retry-After: 0`, or a date already past, would otherwise
                 // send the same batch again at once, as long as the ingest keeps saying so.
-                let delay = max(min(asked, configuration.retryAfterMax), loop.backoff.nextDelay(), Self.minimumRetryAfterWait)
+                let delay = max(asked, loop.backoff.nextDelay(), Self.minimumRetryAfterWait)
                 logger.notice(
                     "The ingest asked to retry later",
                     metadata: ["http.status": "\(status)", "retry_after": "\(header)", "delay": "\(delay)"])
@@ -450,5 +450,16 @@ final class FreezeCheck: Sendable {
             self.error.withLock { $0 = error }
             return false
         }
+    }
+}
+
+extension Uploader {
+    /// The wait a response's `Retry-After` asks for (a number of seconds or an HTTP date, against its `Date`), capped at
+    /// `retry_after_max`; nil without one.
+    func askedDelay(_ response: HTTPResponse) -> Duration? {
+        guard let header = response.header("Retry-After"),
+            let asked = RetryAfter.delay(header, responseDate: response.header("Date"))
+        else { return nil }
+        return min(asked, configuration.retryAfterMax)
     }
 }

@@ -119,13 +119,8 @@ extension Uploader {
                 "The ingest did not say which sequence numbers it holds; asking again later",
                 metadata: ["http.status": "\(response.status)", "reason": "\(Refusal(response).reason)"])
             // A 429 or 503 with `Retry-After` is obeyed here as for batches (up to `retry_after_max`).
-            var asked = Duration.zero
-            if response.status == 429 || response.status == 503, let header = response.header("Retry-After"),
-                let delay = RetryAfter.delay(header, responseDate: response.header("Date"))
-            {
-                asked = min(delay, configuration.retryAfterMax)
-            }
-            loop.deviceCheck.postpone(atLeast: asked)
+            let asked = response.status == 429 || response.status == 503 ? askedDelay(response) : nil
+            loop.deviceCheck.postpone(atLeast: asked ?? .zero)
             return .unavailable
         }
     }
