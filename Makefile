@@ -31,13 +31,17 @@ demo: build
 # IngestTLSTests runs TLS handshakes and HTTP/2 servers whose CPU delays the timed suites' backoff gaps.
 # SQLiteRetentionBesideServeTests bounds an upload's wait beside a retention run of another store (under 1 s). Every pass
 # always runs; the target fails if any does, and then ends with a summary of what failed (.ci/test-passes).
-TIMED_SUITES := UploadClockTests|SQLiteRetentionBesideServeTests|UploadHostileAnswerTests|PostgresEndToEndTests|PostgresOutageTests|PartitionMaintenanceTests|NginxEndToEndTests|LatestAcrossInstancesTests|PgBouncerTests|SamplerTests|SamplerStuckDriverTests|WatchdogTests|ScanTests|MissingDeviceTests|ConnectionLimitTests|EZODriverTests|EZOSimulatorTests|ModbusBusTests|DS18B20DriverTests|GPIODriverTests|GPIOStreamingTests|GPIOReadTimingTests|GPIOAgentTests|DriverExamplesTests|HardwareAgentTests|CalibrationAgentTests|UploadCalibrationTests|CalibrationDeliveryTests|ControlSocketTests|UploadUploaderTests|UploadRefusalTests|UploadSequenceTests|UploadHTTPClientTests|EndToEndTests|UploadDeviceCheckTests|MixedSiteEndToEndTests|SiteEnrollmentTests|NotificationDeliveryTests|NotificationOutboxTests|SMTPDeliveryTests|NotificationCrashTests|ConfigurationReloadTests|StatefulDeliveryTests|IngestTLSTests
+TIMED_SUITES := UploadClockTests|SQLiteRetentionBesideServeTests|UploadHostileAnswerTests|PostgresEndToEndTests|PostgresOutageTests|PartitionMaintenanceTests|NginxEndToEndTests|LatestAcrossInstancesTests|PgBouncerTests|SamplerTests|SamplerStuckDriverTests|WatchdogTests|ScanTests|MissingDeviceTests|ConnectionLimitTests|EZODriverTests|EZOSimulatorTests|ModbusBusTests|DS18B20DriverTests|GPIODriverTests|GPIOStreamingTests|GPIOReadTimingTests|GPIOAgentTests|DriverExamplesTests|HardwareAgentTests|CalibrationAgentTests|UploadCalibrationTests|CalibrationDeliveryTests|ControlSocketTests|UploadUploaderTests|UploadRefusalTests|UploadSequenceTests|UploadHTTPClientTests|EndToEndTests|UploadDeviceCheckTests|MixedSiteEndToEndTests|SiteEnrollmentTests|NotificationDeliveryTests|NotificationOutboxTests|SMTPDeliveryTests|WebhookExchangeTests|NotificationCrashTests|ConfigurationReloadTests|StatefulDeliveryTests|IngestTLSTests
 SOLO_SUITES := HostileConnectionsTests|SamplerTests|PostgresEndToEndTests|PostgresOutageTests|NginxEndToEndTests|IngestTLSTests
 
+# The build and each pass write their output to .build/test-logs/ (a file: a stalled reader of a pipe would block the
+# test process); what is printed is short (.ci/test-passes).
 # All passes run beside one throwaway PostgreSQL cluster (.ci/with-postgres: initdb in a temporary directory, a Unix
 # socket, stopped and removed afterwards); PostgreSQL tests fail, never skip, without it.
 test: deps
-	$(SWIFT) build --build-tests
+	@mkdir -p .build/test-logs && echo "=== make test: building the tests (minutes; output in .build/test-logs/build.log)"
+	@$(SWIFT) build --build-tests >.build/test-logs/build.log 2>&1 || { grep -aE 'error:' .build/test-logs/build.log | head -n 40; tail -n 20 .build/test-logs/build.log; exit 1; }
+	@grep -aE ': warning:' .build/test-logs/build.log | sort -u | head -n 20 || true
 	@SWIFT="$(SWIFT)" TIMED_SUITES="$(TIMED_SUITES)" SOLO_SUITES="$(SOLO_SUITES)" .ci/with-postgres .ci/test-passes
 
 # Installing the site agent (see README "Installing"). `make install` (PREFIX=/usr/local, DESTDIR, SYSCONFDIR=/etc and

@@ -195,8 +195,10 @@ import Testing
         #expect(verified.tls == .verifyFull && verified.caFile != nil)
         func ping(_ settings: PostgresSettings) async throws {
             var settings = settings
-            settings.queryTimeout = .seconds(5)
-            settings.connectTimeout = .seconds(2)
+            // Generous: the first pass runs a hundred suites on two cores, and a debug build's TLS handshake then took
+            // more than 5 s (the refusals below come at once whatever the bound).
+            settings.queryTimeout = .seconds(30)
+            settings.connectTimeout = .seconds(15)
             let store = try PostgresIngestStore(settings: settings, logger: testLogger)
             try await withRunning(store) { store in try await store.ping() }
         }
