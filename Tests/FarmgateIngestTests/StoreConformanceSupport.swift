@@ -71,11 +71,33 @@ func withTestClient<T: Sendable>(_ settings: PostgresSettings, _ body: @Sendable
     guard case .unixSocket(let path) = settings.endpoint else { throw MissingTestDatabase() }
     let client = PostgresClient(
         configuration: .init(unixSocketPath: path, username: settings.username, password: settings.password, database: settings.database))
-    return try await withThrowingTaskGroup(of: Void.self) { group in
-        group.addTask { await client.run() }
-        defer { group.cancelAll() }
-        return try await body(client)
+    let run = Task { await client.run() }
+    do {
+        let result = try await body(client)
+        await stop(run)
+        return result
+    } catch {
+        await stop(run)
+        throw error
     }
+}
+
+/// Cancels a client's `run()` and waits for it at most 10 s. A cancelled `run()` has been seen not to return: `make
+/// test`'s first pass then hung with every statement of the test done (its database made, or dropped, and no
+/// connection open), until CI's time limit. The store's own pools are left behind the same way after
+/// `PostgresAvailability.shutdownGrace`.
+private func stop(_ run: Task<Void, Never>) async {
+    run.cancel()
+    _ = await FarmgateSupport.withDeadline(.seconds(10)) { await run.value }
+}
+
+/// A statement on the test server's maintenance database that takes longer than this fails the test instead of
+/// holding it (CREATE and DROP DATABASE take well under a second).
+private let adminQueryTimeout: Duration = .seconds(120)
+
+struct AdminQueryTimedOut: Error, CustomStringConvertible {
+    let sql: String
+    var description: String { "no answer from the test server within \(adminQueryTimeout) to: \(sql)" }
 }
 
 /// The PostgreSQL schema as migrations 1 through `version` left it, in the database `settings` names, each recorded in
@@ -93,11 +115,18 @@ func adminQuery(_ settings: PostgresSettings, _ sql: String) async throws {
     guard case .unixSocket(let path) = settings.endpoint else { throw MissingTestDatabase() }
     let configuration = PostgresClient.Configuration(unixSocketPath: path, username: settings.username, password: settings.password, database: settings.database)
     let client = PostgresClient(configuration: configuration)
-    try await withThrowingTaskGroup(of: Void.self) { group in
-        group.addTask { await client.run() }
-        defer { group.cancelAll() }
-        try await client.query(PostgresQuery(unsafeSQL: sql))
+    let run = Task { await client.run() }
+    let outcome: Result<Void, any Error>? = await FarmgateSupport.withDeadline(adminQueryTimeout) {
+        do {
+            try await client.query(PostgresQuery(unsafeSQL: sql))
+            return .success(())
+        } catch {
+            return .failure(error)
+        }
     }
+    await stop(run)
+    guard let outcome else { throw AdminQueryTimedOut(sql: sql) }
+    try outcome.get()
 }
 
 /// What a store counted for a batch, without the readings it returns (``StoreOutcome/fresh``).
