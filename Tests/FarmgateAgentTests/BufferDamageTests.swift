@@ -177,8 +177,11 @@ struct BufferDamageTests {
         case .read:
             await #expect(throws: SQLiteError.self) { try await buffer.pending(limit: 10, from: .oldest) }
         }
-        let stopped = await eventually(timeout: .seconds(10)) { ended.withLock { $0 } != nil }
-        #expect(stopped, "the commit loop goes on over a damaged file")
+        // The loop notices at its next 50 ms tick; the bound is for the first pass of `make test`, whose CPU-bound
+        // property suites have held both threads of the concurrency pool for more than 10 s on two cores (the loop's
+        // wake-up and this wait's own polls both wait for a thread).
+        let stopped = await eventually(timeout: .seconds(90)) { ended.withLock { $0 } != nil }
+        #expect(stopped, "the commit loop goes on over a damaged file; its log: \(log.entries.map { "\($0.level) \($0.message) \($0.metadata)" })")
         guard stopped, let error = ended.withLock({ $0 }) else { return }
         #expect(error.contains(path) && error.contains("corrupt") && error.contains("restart"), "\(error)")
 

@@ -35,7 +35,7 @@ struct ScriptedLine {
             try GPIODriver(configuration: $0, backend: backend, logger: driverTestLogger, countFile: countFile)
         }
         let drivers = self.drivers
-        let requested = await eventually(timeout: .seconds(10)) {
+        let requested = await eventually(timeout: .seconds(60)) {
             if case .failure(let error) = await readResult(drivers[0]), error.message.contains("not requested yet") { return false }
             return true
         }
@@ -46,7 +46,7 @@ struct ScriptedLine {
     func feed(_ script: String) async throws {
         try backend.feed(script)
         let backend = self.backend
-        let applied = await eventually(timeout: .seconds(10), every: .milliseconds(5)) { backend.undelivered == 0 }
+        let applied = await eventually(timeout: .seconds(60), every: .milliseconds(5)) { backend.undelivered == 0 }
         #expect(applied, "the watcher did not apply the edges")
     }
 
@@ -209,10 +209,10 @@ struct GPIODriverTests {
         #expect(try await line.value() == 2)
         try line.backend.feed("unplug")
         let drivers = line.drivers
-        let lost = await eventually(timeout: .seconds(10)) { await readResult(drivers[0]).failure?.kind == .disconnected }
+        let lost = await eventually(timeout: .seconds(60)) { await readResult(drivers[0]).failure?.kind == .disconnected }
         #expect(lost)
         try line.backend.feed("replug\nlevel 1")
-        let back = await eventually(timeout: .seconds(15), every: .milliseconds(50)) { (try? await drivers[0].read().value) == 2 }
+        let back = await eventually(timeout: .seconds(60), every: .milliseconds(50)) { (try? await drivers[0].read().value) == 2 }
         #expect(back)
         try await line.feed("fall 7")
         #expect(try await line.value() == 3)

@@ -42,7 +42,7 @@ struct QuarantineControlTests {
             let control = ControlServer(path: socket, logger: logger) { request in ControlServer.encode(await commands.answer(request)) }
             server = Task { try await control.run() }
             let socket = self.socket
-            let up = await eventually(timeout: .seconds(10)) { (try? await Self.send(ControlRequest(command: "quarantine.list"), socket)) != nil }
+            let up = await eventually(timeout: .seconds(60)) { (try? await Self.send(ControlRequest(command: "quarantine.list"), socket)) != nil }
             #expect(up)
         }
 

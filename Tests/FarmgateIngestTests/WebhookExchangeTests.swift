@@ -41,7 +41,7 @@ struct WebhookExchangeTests {
             _ = try await store.enqueueNotification(testNotification(1), receiverID: receiver.id, dueAt: written)
             let delivery = try NotificationDelivery(store: store, configuration: fastNotify(), logger: testLogger)
             try await withDelivery(delivery) {
-                let done = try await eventually(timeout: .seconds(10)) { try await rows(store, .delivered).count == 1 }
+                let done = try await eventually(timeout: .seconds(30)) { try await rows(store, .delivered).count == 1 }
                 #expect(done)
             }
             let requests = server.requests
@@ -49,7 +49,7 @@ struct WebhookExchangeTests {
             let now = Timestamp.now().microseconds / 1_000_000
             for request in requests {
                 let timestamp = try #require(Int64(request.headers["x-farmgate-timestamp"] ?? ""))
-                #expect(abs(now - timestamp) <= 30, "signed \(now - timestamp) s ago")
+                #expect(abs(now - timestamp) <= 60, "signed \(now - timestamp) s ago")
                 // What the README tells receivers to do: refuse more than 5 minutes off, then check the HMAC.
                 #expect(
                     WebhookSignature.verify(
@@ -114,7 +114,7 @@ struct WebhookExchangeTests {
             _ = try await store.enqueueNotification(testNotification(1), receiverID: receiver.id, dueAt: .now())
             let delivery = try NotificationDelivery(store: store, configuration: fastNotify(requestTimeout: .seconds(1)), logger: testLogger)
             try await withDelivery(delivery) {
-                let done = try await eventually(timeout: .seconds(5)) { try await rows(store, .delivered).count == 1 }
+                let done = try await eventually(timeout: .seconds(30)) { try await rows(store, .delivered).count == 1 }
                 #expect(done)
             }
             #expect(try await rows(store).first?.attempts == 1)
@@ -186,7 +186,7 @@ struct WebhookExchangeTests {
             _ = try await store.enqueueNotification(testNotification(1), receiverID: receiver.id, dueAt: .now())
             let delivery = try NotificationDelivery(store: store, configuration: fastNotify(maxAttempts: 2), logger: testLogger)
             try await withDelivery(delivery) {
-                let done = try await eventually(timeout: .seconds(15)) { try await rows(store, .delivered).count == 1 }
+                let done = try await eventually(timeout: .seconds(30)) { try await rows(store, .delivered).count == 1 }
                 let states = try await rows(store).map { "\($0.state) \($0.attempts) \($0.lastError ?? "")" }
                 #expect(done, "\(states)")
             }
@@ -207,7 +207,7 @@ struct WebhookExchangeTests {
             _ = try await store.enqueueNotification(testNotification(1), receiverID: receiver.id, dueAt: written)
             let delivery = try NotificationDelivery(store: store, configuration: fastNotify(maxAttempts: 2), logger: testLogger)
             try await withDelivery(delivery) {
-                let dead = try await eventually(timeout: .seconds(10)) { try await rows(store, .dead).count == 1 }
+                let dead = try await eventually(timeout: .seconds(30)) { try await rows(store, .dead).count == 1 }
                 #expect(dead)
             }
             let row = try #require(try await rows(store).first)
@@ -229,7 +229,7 @@ struct WebhookExchangeTests {
                 claimTimeout: .seconds(4), pollInterval: .milliseconds(50))
             let delivery = try NotificationDelivery(store: store, configuration: configuration, logger: testLogger)
             try await withDelivery(delivery) {
-                let dead = try await eventually(timeout: .seconds(10)) { try await rows(store, .dead).count == 1 }
+                let dead = try await eventually(timeout: .seconds(30)) { try await rows(store, .dead).count == 1 }
                 #expect(dead)
             }
             let times = server.requests.map(\.receivedAt)
@@ -263,7 +263,7 @@ struct WebhookExchangeTests {
             _ = try await store.enqueueNotification(testNotification(1), receiverID: receiver.id, dueAt: .now())
             let delivery = try NotificationDelivery(store: store, configuration: fastNotify(), logger: testLogger)
             try await withDelivery(delivery) {
-                let dead = try await eventually(timeout: .seconds(10)) { try await rows(store, .dead).count == 1 }
+                let dead = try await eventually(timeout: .seconds(30)) { try await rows(store, .dead).count == 1 }
                 let states = try await rows(store).map { "\($0.state) \($0.attempts) \($0.lastError ?? "")" }
                 #expect(dead, "\(states)")
             }
@@ -311,7 +311,7 @@ struct WebhookExchangeTests {
             _ = try await store.enqueueNotification(testNotification(1), receiverID: receiver.id, dueAt: .now())
             let delivery = try NotificationDelivery(store: store, configuration: fastNotify(), logger: testLogger)
             try await withDelivery(delivery) {
-                let dead = try await eventually(timeout: .seconds(10)) { try await rows(store, .dead).count == 1 }
+                let dead = try await eventually(timeout: .seconds(30)) { try await rows(store, .dead).count == 1 }
                 #expect(dead)
             }
             let row = try #require(try await rows(store).first)
