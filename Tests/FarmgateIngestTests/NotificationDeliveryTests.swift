@@ -191,6 +191,37 @@ struct NotificationDeliveryTests {
         }
     }
 
+    @Test("Receivers that hang on one host and port hold only their own slots: a healthy receiver on the same server gets every notification at the first attempt")
+    func hungReceiversOnTheSameServerDoNotStarveAnother() async throws {
+        let server = try TestHTTPServer { request, _ in request.path.hasPrefix("/hang") ? .hang : .reply(200) }
+        defer { server.stop() }
+        try await withOutboxStore(.sqlite) { store in
+            // Four hung receivers with four slots each: 16 connections to the server, twice AsyncHTTPClient's default
+            // per-host pool of 8.
+            for index in 1...4 {
+                let hung = try await addWebhook(store, name: "hung\(index)", url: server.url + "/hang\(index)")
+                for alert in Int64(1)...4 {
+                    _ = try await store.enqueueNotification(testNotification(Int64(index) * 100 + alert), receiverID: hung.id, dueAt: .now())
+                }
+            }
+            let healthy = try await addWebhook(store, name: "healthy", url: server.url + "/ok")
+            let delivery = try NotificationDelivery(
+                store: store, configuration: fastNotify(requestTimeout: .seconds(20), claimTimeout: .seconds(60), perReceiver: 4), logger: testLogger)
+            try await withDelivery(delivery) {
+                let hanging = await eventually(timeout: .seconds(30)) { server.requests.filter { $0.path.hasPrefix("/hang") }.count == 16 }
+                #expect(hanging, "\(server.requests.count) requests reached the server")
+                for alert in Int64(1)...10 { _ = try await store.enqueueNotification(testNotification(alert), receiverID: healthy.id, dueAt: .now()) }
+                delivery.wake()
+                let done = try await eventually(timeout: .seconds(15)) {
+                    try await rows(store, .delivered).filter { $0.receiver == "healthy" }.count == 10
+                }
+                let healthyRows = try await rows(store).filter { $0.receiver == "healthy" }
+                #expect(done, "the healthy receiver waited behind the hung ones: \(healthyRows.map { "\($0.state) \($0.lastError ?? "")" })")
+                #expect(healthyRows.allSatisfy { $0.attempts == 1 }, "\(healthyRows.map(\.attempts))")
+            }
+        }
+    }
+
     @Test("A claim left by an instance that died expires, and the row is delivered with the same idempotency key", arguments: StoreKind.allCases)
     func expiredClaimIsDeliveredWithTheSameKey(kind: StoreKind) async throws {
         let server = try TestHTTPServer { _, _ in .reply(200) }

@@ -42,6 +42,11 @@ public final class WebhookSender: Sendable {
         // backoff anyway, and AsyncHTTPClient's retrying until the connect timeout would turn a certificate that does
         // not verify (permanent) into a timeout (retried) whenever the request timeout struck first.
         http.connectionPool.retryConnectionEstablishment = false
+        // Receivers on one host and port (several paths of one server) share AsyncHTTPClient's per-host pool, by default
+        // 8 connections: hung receivers there held them all, and a healthy receiver's requests waited for a connection
+        // until the connect timeout and went dead. The deliveries' own limits (per_receiver, max_in_flight) are the
+        // bound: the pool never makes anyone wait.
+        http.connectionPool.concurrentHTTP1ConnectionsPerHostSoftLimit = max(8, configuration.maxInFlight)
         client = HTTPClient(eventLoopGroup: HTTPClient.defaultEventLoopGroup, configuration: http, backgroundActivityLogger: logger)
         timeout = configuration.requestTimeout
     }
