@@ -177,6 +177,56 @@ struct SiteEnrollmentTests {
         #expect(dir.names(in: "keys").isEmpty)
     }
 
+    @Test func aKeyPathThatIsADeviceAFIFOOrTheCAFileIsRefusedBeforeTheTokenIsUsed() throws {
+        let dir = try Scratch(prefix: "fg-enroll")
+        let config = try dir.write("agent.toml", Self.config)
+        let fifo = dir.file("key.fifo")
+        #expect(mkfifo(fifo, 0o600) == 0)
+        let ca = try dir.write("ca.pem", "-----BEGIN CERTIFICATE-----\n")
+        let given: [(key: String, ca: String?, phrase: String)] = [
+            ("/dev/null", nil, "is a device node"), (fifo, nil, "is a FIFO"), (ca, ca, "is the CA file"),
+            (dir.file("new-dir") + "/", nil, "is a directory (it ends in /)"),
+        ]
+        for (keyFile, caFile, phrase) in given {
+            let failure = #expect(throws: SiteEnrollment.Failure.self) {
+                try SiteEnrollment.prepare(
+                    SiteEnrollment.Request(endpoint: "https://i.example", token: Self.token, configPath: config, caFile: caFile, keyFile: keyFile))
+            }
+            #expect(failure?.description.contains(phrase) == true, "\(failure?.description ?? "")")
+            #expect(failure?.exitCode == 64)
+        }
+        // The configuration's own ca_file, named again as the key.
+        let configured = try dir.write("configured.toml", Self.config + "\n[upload]\nendpoint = \"https://i.example\"\nca_file = \"ca.pem\"\n")
+        let failure = #expect(throws: SiteEnrollment.Failure.self) {
+            try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: "https://i.example", token: Self.token, configPath: configured, keyFile: ca))
+        }
+        #expect(failure?.description.contains("is the CA file") == true, "\(failure?.description ?? "")")
+        var info = stat()
+        #expect(lstat(fifo, &info) == 0 && info.st_mode & S_IFMT == S_IFIFO, "the FIFO is still there")
+        #expect(try String(contentsOfFile: ca, encoding: .utf8) == "-----BEGIN CERTIFICATE-----\n")
+        #expect(!FileManager.default.fileExists(atPath: dir.file("new-dir")))
+    }
+
+    @Test func aConfigurationOrKeyFileThatIsAFIFOIsRefusedAtOnceNotWaitedOn() throws {
+        let dir = try Scratch(prefix: "fg-fifo")
+        let fifoConfig = dir.file("agent.fifo")
+        #expect(mkfifo(fifoConfig, 0o600) == 0)
+        let started = ContinuousClock.now
+        #expect(throws: (any Error).self) { try FileSystem.text(fifoConfig) }
+        let read = #expect(throws: FileSystem.Failure.self) { try FileSystem.bytes(fifoConfig) }
+        #expect(read?.description.contains("not a regular file") == true, "\(read?.description ?? "")")
+        let directory = #expect(throws: FileSystem.Failure.self) { try FileSystem.bytes(dir.path) }
+        #expect(directory?.description.contains("is a directory") == true, "\(directory?.description ?? "")")
+        // A configuration whose key_file is a FIFO: a located error, not a wait for a writer.
+        let keyFifo = dir.file("key.fifo")
+        #expect(mkfifo(keyFifo, 0o600) == 0)
+        let config = try dir.write(
+            "agent.toml", Self.config + "\n[upload]\nendpoint = \"https://i.example\"\nkey_file = \"key.fifo\"\n")
+        let failure = #expect(throws: (any Error).self) { try AgentConfiguration.load(path: config) }
+        #expect("\(failure.map { "\($0)" } ?? "")".contains("not a regular file"), "\(failure.map { "\($0)" } ?? "")")
+        #expect(ContinuousClock.now - started < .seconds(5))
+    }
+
     @Test func anEndpointWithAQueryIsRefusedBeforeTheTokenIsUsed() throws {
         let dir = try Scratch(prefix: "fg-enroll")
         let config = try dir.write("agent.toml", Self.config)

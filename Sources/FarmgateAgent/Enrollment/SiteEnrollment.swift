@@ -148,16 +148,24 @@ public enum SiteEnrollment {
         }
         // A given path is made absolute with `..` resolved (`/missing/../device.key` is /device.key): it is written as
         // it is to [upload] key_file.
+        if let given = request.keyFile, given.hasSuffix("/") {
+            throw Failure(
+                description: "--key-file \(given) is a directory (it ends in /); the key is written to a file: give --key-file a file of its own, such as \(given)device.key",
+                exitCode: 64)
+        }
         let keyFile = request.keyFile.map { AgentConfiguration.lexicalPath($0) }
             ?? configuredKeyFile ?? AgentConfiguration.resolve("device.key", against: base)
+        // The CA bundle the exchange trusts is one of the files the key must not replace.
+        let caForExchange = request.caFile.map { AgentConfiguration.resolve($0, against: FileManager.default.currentDirectoryPath) } ?? configuredCA
         try checkKeyFile(
-            keyFile, configPath: request.configPath, agentFiles: agentFiles(configPath: request.configPath, document: parsed, base: base),
+            keyFile, configPath: request.configPath,
+            agentFiles: agentFiles(configPath: request.configPath, document: parsed, base: base)
+                + (caForExchange.map { [($0, "the CA file the ingest's certificate is checked against")] } ?? []),
             given: request.keyFile != nil)
         if configExists { try checkConfigOwner(configTarget, as: .current) }
         let plan = Plan(
             request: request, endpoint: String(endpoint), keyFile: keyFile, originalText: originalText, configExists: configExists,
-            device: device, caFile: request.caFile.map { AgentConfiguration.resolve($0, against: FileManager.default.currentDirectoryPath) } ?? configuredCA,
-            configTarget: configTarget)
+            device: device, caFile: caForExchange, configTarget: configTarget)
         // The edit must work on the file as it is, with any key: try it now, with a placeholder device.
         _ = try edited(plan, device: device ?? "placeholder")
         let targetDirectory = URL(fileURLWithPath: configTarget).deletingLastPathComponent().path
@@ -181,6 +189,21 @@ public enum SiteEnrollment {
         if FileSystem.isDirectory(keyFile) {
             throw Failure(
                 description: "\(source) is a directory; the key is written to a file: \(fix), such as \(keyFile)/device.key",
+                exitCode: exitCode)
+        }
+        // A device node, FIFO or socket there is something else's (as root, `--key-file /dev/ttyUSB0` would have replaced
+        // the serial port's node). A symbolic link is replaced, never written through, so it may point anywhere.
+        var info = stat()
+        if lstat(keyFile, &info) == 0, info.st_mode & S_IFMT != S_IFREG, info.st_mode & S_IFMT != S_IFLNK {
+            let kind: String
+            switch info.st_mode & S_IFMT {
+            case S_IFCHR, S_IFBLK: kind = "a device node"
+            case S_IFIFO: kind = "a FIFO"
+            case S_IFSOCK: kind = "a socket"
+            default: kind = "not a regular file"
+            }
+            throw Failure(
+                description: "\(source) is \(kind); writing the key there would replace it: \(fix). Nothing was sent: the token is unused",
                 exitCode: exitCode)
         }
         for file in agentFiles where sameFile(keyFile, file.path) {

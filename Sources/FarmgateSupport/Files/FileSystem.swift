@@ -19,11 +19,24 @@ public enum FileSystem {
         public var description: String { "cannot read \(path): \(reason)" }
     }
 
-    /// The bytes of `path`; files larger than `limit` are refused rather than read into memory.
+    /// The bytes of `path`; files larger than `limit` are refused rather than read into memory, and anything but a
+    /// regular file (a FIFO, socket or device, which a read could wait on for ever: a `key_file` that was a FIFO hung
+    /// every command and a reload) is refused without reading it.
     public static func bytes(_ path: String, limit: Int = 16 << 20) throws(Failure) -> [UInt8] {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        // O_NONBLOCK: opening a FIFO no writer holds would itself wait. It changes nothing for a regular file.
+        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK)
         guard fd >= 0 else { throw failure(path, errno) }
         defer { close(fd) }
+        var info = stat()
+        guard fstat(fd, &info) == 0 else { throw failure(path, errno) }
+        switch info.st_mode & S_IFMT {
+        case S_IFREG:
+            break
+        case S_IFDIR:
+            throw Failure(path: path, code: EISDIR, reason: "is a directory, not a file")
+        default:
+            throw Failure(path: path, code: EINVAL, reason: "is not a regular file (a FIFO, socket or device); give the path of a file")
+        }
         var bytes: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 16_384)
         while true {
