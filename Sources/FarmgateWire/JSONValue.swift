@@ -436,3 +436,30 @@ package struct JSONWriter {
         bytes.append(UInt8(ascii: "\""))
     }
 }
+
+/// The strict reading of a JSON request body that is decoded some other way (the ingest's API bodies, through
+/// `Codable`, which keeps one of a repeated member): the grammar, UTF-8, nesting, and every member name once per
+/// object, checked without building anything.
+public enum StrictJSON {
+    /// The names of the document's top-level members, in order, when it is an object (nil for another value), after
+    /// checking the whole document.
+    ///
+    /// - Throws: ``BatchDecodingError`` naming the problem: not JSON, or a member that appears twice in an object
+    ///   ("the member "by" appears more than once in one object (byte 12); send each member once").
+    public static func topLevelMembers(_ bytes: [UInt8]) throws(BatchDecodingError) -> [String]? {
+        var reader = JSONReader(bytes)
+        var names: [String]?
+        if try reader.nextKind() == .object {
+            var found: [String] = []
+            try reader.object(depth: 0, path: "") { reader, name throws(BatchDecodingError) in
+                found.append(name)
+                try reader.skipValue(depth: 1)
+            }
+            names = found
+        } else {
+            try reader.skipValue(depth: 0)
+        }
+        try reader.end()
+        return names
+    }
+}

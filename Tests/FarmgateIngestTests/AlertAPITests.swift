@@ -227,6 +227,52 @@ struct AlertAPITests {
         }
     }
 
+    @Test("a member twice in a rule, silence or acknowledgement body, or one the body does not have, is 400 naming it; ends_at and duration together too")
+    func repeatedAndUnknownMembers() async throws {
+        try await withFreshStore(.sqlite) { store in
+            let alertStore = try #require(store as? any IngestStore & AlertStore)
+            let admin = IngestAdmin(store: store)
+            _ = try await admin.createFarm(name: "f1")
+            _ = try await admin.createDevice(farm: "f1", device: try deviceID("d1"))
+            let token = try await admin.createReadToken(farm: "f1", role: .admin)
+            let alerts = AlertAdmin(store: alertStore)
+            try await alerts.putRule(farm: "f1", try AlertRuleSpec.parseJSON(Array(#"{"name": "ph-low", "kind": "below", "threshold": 5.5}"#.utf8)).validated(), replace: false)
+            let engine = AlertEngine(store: alertStore, logger: testLogger, now: { testNow })
+            await engine.reload()
+            let farm = try #require(try await store.farm(named: "f1"))
+            let d1 = try #require(try await store.devices(farmID: farm.id).first)
+            let outcome = try await store.store(try phBatch(sequences: 1...3, value: 5.0), for: d1, receivedAt: testNow)
+            await engine.evaluate(CommittedBatch(device: d1, receivedAt: testNow, readings: outcome.fresh))
+            let id = try #require(try await alerts.alerts(farm: "f1", now: testNow).first?.id)
+            var configuration = IngestConfiguration()
+            configuration.server.port = 0
+            let app = buildApplication(
+                configuration: configuration, store: store, registry: PrometheusCollectorRegistry(), logger: testLogger, now: { testNow },
+                credentialCacheTTL: .zero)
+            try await app.test(.router) { client in
+                for (uri, body, code, phrase) in [
+                    ("/v1/farms/f1/alerts/\(id)/ack", #"{"by": "a", "by": "b"}"#, "invalid_body", #"the member "by" appears more than once"#),
+                    ("/v1/farms/f1/alerts/\(id)/ack", #"{"by": "a", "x": 1}"#, "invalid_body", "x: is not a member of this body"),
+                    ("/v1/farms/f1/silences", #"{"matchers": {"alertname": "ph-*"}, "duration": "1h", "duration": "2h"}"#, "invalid_silence", #"the member "duration" appears more than once"#),
+                    ("/v1/farms/f1/silences", #"{"matchers": {"alertname": "ph-*", "alertname": "x"}, "duration": "1h"}"#, "invalid_silence", #"the member "alertname" appears more than once"#),
+                    ("/v1/farms/f1/silences", #"{"matchers": {"alertname": "ph-*"}, "duration": "1h", "bogus": 1}"#, "invalid_silence", "bogus: is not a member"),
+                    ("/v1/farms/f1/silences", #"{"matchers": {"alertname": "ph-*"}, "duration": "1h", "ends_at": "2027-01-01T00:00:00Z"}"#, "invalid_silence", "give one of them, not both"),
+                    ("/v1/farms/f1/alert-rules", #"{"name": "r32", "kind": "above", "threshold": 7, "threshold": 8}"#, "invalid_rule", #"the member "threshold" appears more than once"#),
+                    ("/v1/farms/f1/alert-rules", #"{"name": "r33", "kind": "above", "threshold": 7, "labels": {"a": "1", "a": "2"}}"#, "invalid_rule", #"the member "a" appears more than once"#),
+                ] {
+                    let response = try await client.execute(uri: uri, method: .post, headers: headers(token), body: jsonBody(body))
+                    #expect(response.status == .badRequest, "\(body): \(response.status)")
+                    let text = String(buffer: response.body)
+                    #expect(text.contains(code) && text.contains(phrase.replacingOccurrences(of: "\"", with: "\\\"")), "\(body): \(text)")
+                }
+            }
+            // Nothing refused was stored.
+            #expect(try await alerts.silences(farm: "f1", now: testNow).isEmpty)
+            #expect(try await alerts.rules(farm: "f1").map(\.name) == ["ph-low"])
+            #expect(try await alerts.alerts(farm: "f1", now: testNow).first?.acknowledgedBy == nil)
+        }
+    }
+
     @Test("a rule or silence body that cannot be read in full is 400 incomplete_body, not 413; one over 64 KiB is 413")
     func bodyErrors() async throws {
         struct StreamReset: Error {}

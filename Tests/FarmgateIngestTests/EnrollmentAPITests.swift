@@ -250,6 +250,13 @@ struct EnrollmentAPITests {
         try await setup.app.test(.router) { client in
             let message = try expectError(try await Self.enroll(client, token.text, device: "site-8"), .conflict, EnrollmentErrorCode.deviceMismatch)
             #expect(message.contains("site-9") && message.contains("site-8"))
+            // The device named twice is refused whole, never the first (or last) taken: the token stays usable.
+            for body in [#"{"device": "site-9", "device": "x"}"#, #"{"device": "x", "device": "site-9"}"#] {
+                let twice = try await client.execute(
+                    uri: EnrollmentProtocol.path, method: .post, headers: [.authorization: "Bearer \(token.text)"], body: ByteBuffer(string: body))
+                let refusal = try expectError(twice, .badRequest, "bad_request")
+                #expect(refusal.contains("\"device\" appears more than once"), "\(refusal)")
+            }
             #expect(try await Self.enroll(client, token.text, device: "site-9").status == .ok)
         }
     }

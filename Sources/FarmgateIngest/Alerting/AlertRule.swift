@@ -298,6 +298,13 @@ public struct AlertRuleSpec: Codable, Sendable, Hashable {
         } catch {
             throw AlertRuleError(field: nil, message: "the body is not JSON; send one rule as a JSON object such as {\"name\": \"ph-low\", \"kind\": \"below\", ...}")
         }
+        // JSON, but read strictly: a member twice in an object (`"threshold": 7, "threshold": 8`) is refused, where the
+        // decoding below would keep one of them.
+        do {
+            _ = try StrictJSON.topLevelMembers(bytes)
+        } catch {
+            throw AlertRuleError(field: nil, message: "the rule cannot be read: \(error.description)")
+        }
         guard let dictionary = object as? [String: Any] else { throw AlertRuleError(field: nil, message: "the body must be one JSON object (a rule)") }
         for key in dictionary.keys.sorted() where !keys.contains(key) {
             throw AlertRuleError(field: key, message: "is not a rule field; the fields are \(keys.sorted().joined(separator: ", "))")

@@ -57,6 +57,27 @@ struct AlertController: Sendable {
         var by: String?
     }
 
+    /// Checks a JSON body strictly (``StrictJSON``: every member once per object) and that its members are among
+    /// `allowed`: `Codable` would keep one of a repeated member and ignore one it does not know, and a body
+    /// `{"by": "a", "by": "b"}` or `{"duraton": "2h"}` must not be taken for something it does not say. Returns the
+    /// top-level members.
+    @discardableResult
+    static func checkMembers(_ body: ByteBuffer, allowed: Set<String>, code: String) throws(APIError) -> [String] {
+        let members: [String]?
+        do {
+            members = try StrictJSON.topLevelMembers(Array(buffer: body))
+        } catch {
+            throw APIError(.badRequest, code: code, message: error.description)
+        }
+        guard let members else { throw APIError(.badRequest, code: code, message: "the body must be a JSON object") }
+        if let unknown = members.first(where: { !allowed.contains($0) }) {
+            throw APIError(
+                .badRequest, code: code,
+                message: "\(unknown.prefix(64)): is not a member of this body; its members are \(allowed.sorted().joined(separator: ", "))")
+        }
+        return members
+    }
+
     func addRoutes(to router: Router<IngestRequestContext>) {
         let farms = router.group("/v1/farms/{farm}").add(middleware: ReaderAuthMiddleware(gate: gate, rateLimiter: rateLimiter))
         // Every route refuses query parameters it does not take (400 invalid_parameter naming them), as the read
@@ -118,6 +139,7 @@ struct AlertController: Sendable {
         let body = try await collect(request)
         var by = "api"
         if body.readableBytes > 0 {
+            try Self.checkMembers(body, allowed: ["by"], code: "invalid_body")
             guard let decoded = try? JSONDecoder().decode(AckBody.self, from: Data(Array(buffer: body))) else {
                 throw APIError(.badRequest, code: "invalid_body", message: "the body must be empty or {\"by\": \"who acknowledges\"}")
             }
@@ -186,6 +208,10 @@ struct AlertController: Sendable {
         let farm = try requireAdmin(context)
         let body = try await collect(request)
         let decoded: SilenceBody
+        let members = try Self.checkMembers(body, allowed: ["matchers", "ends_at", "duration", "comment", "created_by"], code: "invalid_silence")
+        if members.contains("ends_at"), members.contains("duration") {
+            throw APIError(.badRequest, code: "invalid_silence", message: "ends_at and duration: give one of them, not both")
+        }
         do {
             decoded = try JSONDecoder().decode(SilenceBody.self, from: Data(Array(buffer: body)))
         } catch {

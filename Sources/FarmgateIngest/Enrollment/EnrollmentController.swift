@@ -256,6 +256,11 @@ struct EnrollmentController: Sendable {
         }
         guard buffer.readableBytes > 0 else { return nil }
         do {
+            _ = try StrictJSON.topLevelMembers(Array(buffer.readableBytesView))
+        } catch {
+            throw APIError(.badRequest, code: "bad_request", message: "the body of an enrollment: \(error.description)")
+        }
+        do {
             return try JSONDecoder().decode(EnrollmentRequest.self, from: Data(buffer.readableBytesView)).device
         } catch {
             throw APIError(.badRequest, code: "bad_request", message: "the body of an enrollment must be JSON such as {\"device\": \"greenhouse-1\"} (or empty)")
