@@ -242,7 +242,7 @@ struct ConfigurationReloadTests {
 
     // Before the fix, both were accepted: the old services stopped, and a control socket the new generation could not
     // create ended the process (under systemd, a restart loop); a moved buffer left its pending readings behind.
-    @Test("a reload that the new services could not start with, or that moves the buffer, is refused and the agent keeps running")
+    @Test("a reload that the new services could not start with, moves the buffer or changes the device id is refused and the agent keeps running")
     func reloadRefusesWhatCannotStart() async throws {
         let scratch = try Scratch(prefix: "fg-reload", in: URL(fileURLWithPath: "/tmp"))
         let config = try scratch.write("agent.toml", Self.configuration(sensors: ["tank1.ph"]))
@@ -257,6 +257,8 @@ struct ConfigurationReloadTests {
         for (number, (text, expected)) in [
             (Self.configuration(sensors: ["tank1.ph"], socket: "not-a-directory/control.sock"), "not-a-directory"),
             (Self.configuration(sensors: ["tank1.ph"], buffer: "moved/buffer.sqlite"), "restart the agent"),
+            // The buffer's readings carry no device: a new id would send the old device's backlog as the new one's.
+            (Self.configuration(sensors: ["tank1.ph"]).replacingOccurrences(of: "id = \"reload-site\"", with: "id = \"other-site\""), "device.id"),
         ].enumerated() {
             _ = try scratch.write("agent.toml", text)
             kill(process.processIdentifier, SIGHUP)

@@ -137,8 +137,8 @@ public final class ConfigurationReloads: Sendable {
 ///
 /// Before the running services stop, the new configuration must be one they can start with: the running one is only
 /// given up for one that works. Beyond what `farmgate config check` checks, a reload is refused when it moves the buffer
-/// (`[buffer] path`: the pending readings of the old file would be left behind; restart the agent to move it), when the
-/// new control socket's directory cannot be created or written, when another agent answers on the new socket, or when
+/// (`[buffer] path`: the pending readings of the old file would be left behind; restart the agent to move it) or changes
+/// `[device] id` (the pending readings would go up as the new device's), when the new control socket's directory cannot be created or written, when another agent answers on the new socket, or when
 /// the uploader's HTTP client cannot be set up (a CA file it cannot read).
 final class ConfigurationReloadService: Service {
     let file: String
@@ -168,6 +168,14 @@ final class ConfigurationReloadService: Service {
                 "changed from \(running.buffer.path) to \(next.buffer.path), which a reload cannot do: the readings still pending in "
                     + "the old file would be left behind. Put the old path back and reload, or restart the agent to move the buffer "
                     + "(stop it, move the file with its -wal and .seq files to the new path, then start it)")
+        }
+        if next.device != running.device {
+            throw refuse(
+                "device.id",
+                "changed from \(running.device) to \(next.device), which a reload cannot do: the buffer's readings carry no device "
+                    + "of their own, so those not yet sent would go up as \(next.device)'s. Put the old id back and reload; to make "
+                    + "this site another device, first let the backlog drain (farmgate status: 0 pending), then change the id and "
+                    + "restart the agent")
         }
         if next.controlSocket != running.controlSocket {
             let socket = next.controlSocket
