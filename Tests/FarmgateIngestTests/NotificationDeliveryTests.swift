@@ -3,6 +3,7 @@ import FarmgateWire
 import Foundation
 import Prometheus
 import Synchronization
+import ServiceLifecycle
 import Testing
 
 @testable import FarmgateIngest
@@ -219,6 +220,34 @@ struct NotificationDeliveryTests {
                 #expect(done, "the healthy receiver waited behind the hung ones: \(healthyRows.map { "\($0.state) \($0.lastError ?? "")" })")
                 #expect(healthyRows.allSatisfy { $0.attempts == 1 }, "\(healthyRows.map(\.attempts))")
             }
+        }
+    }
+
+    @Test("A graceful stop cuts a hung delivery short after the stop grace, not its request timeout, and puts the row back due now, the attempt not counted", arguments: StoreKind.allCases)
+    func stopCutsAHungDeliveryShort(kind: StoreKind) async throws {
+        let server = try TestHTTPServer { _, _ in .hang }
+        defer { server.stop() }
+        try await withOutboxStore(kind) { store in
+            let receiver = try await addWebhook(store, name: "hung", url: server.url)
+            let id = try #require(try await store.enqueueNotification(testNotification(1), receiverID: receiver.id, dueAt: .now()))
+            let delivery = try NotificationDelivery(
+                store: store, configuration: fastNotify(requestTimeout: .seconds(60), claimTimeout: .seconds(600)), logger: testLogger)
+            let group = ServiceGroup(configuration: .init(services: [delivery], logger: testLogger))
+            try await withThrowingTaskGroup(of: Void.self) { tasks in
+                tasks.addTask { try await group.run() }
+                let sent = await server.waitForRequests(1, timeout: .seconds(30))
+                #expect(sent)
+                let stopping = ContinuousClock.now
+                await group.triggerGracefulShutdown()
+                try await tasks.waitForAll()
+                let took = ContinuousClock.now - stopping
+                #expect(took < NotificationDelivery.stopGrace + .seconds(4), "the stop took \(took) with a request timeout of 60 s")
+            }
+            let row = try #require(try await rows(store).first { $0.id == id })
+            #expect(row.state == .pending, "\(row.state)")
+            #expect(row.attempts == 0)
+            #expect(row.nextAttemptAt.microseconds <= Timestamp.now().microseconds)
+            #expect(row.lastError?.contains("cut short by the ingest stopping") == true, "\(row.lastError ?? "nil")")
         }
     }
 

@@ -23,8 +23,9 @@ import Synchronization
 /// - Every attempt of a row carries the row's idempotency key. An instance killed mid-delivery leaves its claim, which
 ///   expires after `claim_timeout`; then any instance delivers the row again with the same key.
 ///
-/// On graceful shutdown it stops claiming and lets the deliveries in flight finish (each is bounded by
-/// `request_timeout`); a delivery cut short by a hard stop is retried after its claim expires.
+/// On graceful shutdown it stops claiming and lets the deliveries in flight finish for ``stopGrace`` (at most
+/// `request_timeout`); those still going are then cut short and put back as pending, due now, their attempt not counted.
+/// A delivery cut short by a hard stop is retried after its claim expires.
 public final class NotificationDelivery: Service {
     /// `claimed_by` of this instance's claims: host, process id and a random part.
     public let instanceID: String
@@ -97,6 +98,22 @@ public final class NotificationDelivery: Service {
                         if let metrics, let counts = try? await store.outboxCounts() { metrics.outbox(counts) }
                     }
                 }
+                // Stopping: the deliveries in flight get ``stopGrace`` (at most the request timeout) to finish, then
+                // are cut short, and each puts its row back as pending, due now, its attempt not counted (the same
+                // idempotency key goes out again after the restart). One hung receiver held the whole graceful stop
+                // for its request timeout, and the HTTP server and the store were then cancelled rather than stopped.
+                let grace = min(configuration.requestTimeout, Self.stopGrace)
+                let stopping = ContinuousClock.now
+                while state.withLock({ $0.inFlight }) > 0, ContinuousClock.now - stopping < grace {
+                    try? await Task.sleep(for: .milliseconds(20))
+                }
+                let cut = state.withLock { $0.inFlight }
+                if cut > 0 {
+                    logger.warning(
+                        "stopping: notifications still being delivered are cut short and sent again after the restart, with the same idempotency key",
+                        metadata: ["notify.in_flight": "\(cut)", "notify.grace": "\(grace)", "notify.instance": "\(instanceID)"])
+                }
+                group.cancelAll()
             } onGracefulShutdown: {
                 self.state.withLock { $0.stopping = true }
                 self.wakeupContinuation.finish()
@@ -182,6 +199,10 @@ public final class NotificationDelivery: Service {
             completion = .delivered(at: .now())
             result = .delivered
             logger.debug("notification delivered", metadata: metadata.merging(["notify.result": "\(account)"]) { $1 })
+        } catch let failure as DeliveryFailure where Task.isCancelled {
+            // Cut short by a stop (``stopGrace``): not the receiver's failure, and not counted.
+            completion = .deferred(at: .now(), error: "cut short by the ingest stopping (\(failure.message)); sent again with the same idempotency key")
+            result = .retried
         } catch let failure as DeliveryFailure {
             let now = Timestamp.now()
             metadata["error"] = "\(failure.message)"
@@ -208,12 +229,18 @@ public final class NotificationDelivery: Service {
                 }
             }
         } catch {
-            completion = .retry(at: .now(), error: "\(error)")
+            completion =
+                Task.isCancelled
+                ? .deferred(at: .now(), error: "cut short by the ingest stopping (\(error)); sent again with the same idempotency key")
+                : .retry(at: .now(), error: "\(error)")
             result = .retried
         }
         metrics?.attempt(result, kind: claimed.receiver.kind, duration: ContinuousClock.now - started)
         do {
-            let applied = try await store.completeNotification(id: entry.id, claim: claimed.claim, outcome: completion)
+            // In a task of its own: a delivery cut short by a stop is cancelled, and the store would refuse a cancelled
+            // caller at once, leaving the row `delivering` until its claim expired.
+            let store = self.store
+            let applied = try await Task { try await store.completeNotification(id: entry.id, claim: claimed.claim, outcome: completion) }.value
             if !applied {
                 logger.warning(
                     "the claim on a notification expired before its delivery was recorded; another attempt may repeat it with the same idempotency key",
@@ -226,6 +253,10 @@ public final class NotificationDelivery: Service {
                 metadata: metadata)
         }
     }
+
+    /// How long the deliveries in flight may go on once the ingest stops (at most `request_timeout`): well inside the
+    /// service group's graceful stop, which the HTTP server and the store need after them.
+    public static let stopGrace: Duration = .seconds(3)
 
     /// The longest a receiver's `Retry-After` is obeyed: an hour, beyond `backoff_max`'s default, so that a receiver in
     /// maintenance is left alone as long as it asks, but a notification does not wait half a day on a header that asks
