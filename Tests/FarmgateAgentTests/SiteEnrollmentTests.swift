@@ -235,6 +235,22 @@ struct SiteEnrollmentTests {
         }
         #expect(failure?.description.contains("remove \"?x=1\"") == true, "\(failure?.description ?? "")")
         #expect(failure?.exitCode == 64)
+        // A URL [upload] endpoint would refuse, and plain http:// to another machine (the token and key in clear).
+        for (url, phrase) in [
+            ("https://127.0.0.1:99999", "port"), ("https://127.0.0.1:0", "port"), ("http://ingest.example.net", "in clear"),
+            ("http://192.0.2.10:8080", "in clear"),
+        ] {
+            let refused = #expect(throws: SiteEnrollment.Failure.self) {
+                try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: url, token: Self.token, configPath: config))
+            }
+            #expect(refused?.description.contains(phrase) == true && refused?.exitCode == 64, "\(url): \(refused?.description ?? "")")
+        }
+        // http:// to this machine stays possible (an ingest on the same box, tests).
+        for url in ["http://127.0.0.1:8080", "http://localhost:8080", "http://[::1]:8080"] {
+            #expect(throws: Never.self, "\(url)") {
+                _ = try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: url, token: Self.token, configPath: config))
+            }
+        }
     }
 
     @Test func anAnswerForAnotherDeviceThanTheConfiguredOneWritesNothing() async throws {

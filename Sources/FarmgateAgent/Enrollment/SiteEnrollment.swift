@@ -100,6 +100,18 @@ public enum SiteEnrollment {
         if let problem = AgentConfiguration.endpointQueryOrFragment(String(endpoint)) {
             throw Failure(description: "the URL \(problem)", exitCode: 64)
         }
+        // What [upload] endpoint would refuse (a port out of 1–65535, a host that is no host) is refused here, before
+        // the token is sent: libcurl's "URL using bad/illegal format" told nothing.
+        if let problem = AgentConfiguration.endpointProblem(String(endpoint)) {
+            throw Failure(description: "the URL \(problem)", exitCode: 64)
+        }
+        // The token and the key it is exchanged for cross the network in clear over http://: only to this machine.
+        if scheme == "http", !Self.isLoopback(url.host ?? "") {
+            throw Failure(
+                description: "\(request.endpoint) is plain http:// to another machine: the token and the device key would cross the network in "
+                    + "clear. Use the ingest's https:// URL (http:// is taken only for an ingest on this machine: localhost, 127.0.0.0/8, ::1)",
+                exitCode: 64)
+        }
         guard request.token.hasPrefix(EnrollmentProtocol.tokenPrefix), request.token.utf8.count > 8,
             request.token.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F })
         else {
@@ -175,6 +187,15 @@ public enum SiteEnrollment {
             }
         }
         return plan
+    }
+
+    /// Whether `host` (a URL's host, IPv6 without brackets) is this machine: `localhost`, 127.0.0.0/8 or ::1.
+    static func isLoopback(_ host: String) -> Bool {
+        var host = Substring(host.lowercased())
+        if host.hasPrefix("["), host.hasSuffix("]") { host = host.dropFirst().dropLast() }
+        if host == "localhost" || host == "::1" || host == "0:0:0:0:0:0:0:1" { return true }
+        let parts = host.split(separator: ".", omittingEmptySubsequences: false)
+        return parts.count == 4 && parts[0] == "127" && parts.allSatisfy { UInt8($0) != nil }
     }
 
     /// Refuses a key path that cannot hold the key, or would destroy something: an existing directory, or one of the
