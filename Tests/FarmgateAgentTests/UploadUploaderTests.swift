@@ -264,6 +264,32 @@ struct UploadUploaderTests {
 
     /// With the final flush on (the default), the rest of the backlog follows the request in flight; with it off, only
     /// the acknowledgement of the request in flight is kept.
+    /// A reload stops the services like a stop, but the next uploader carries on at once: the request in flight finishes
+    /// and is acknowledged, and the rest of the backlog is not flushed first (it held sampling back at every reload).
+    @Test func aReloadFinishesTheRequestInFlightWithoutFlushingTheBacklog() async throws {
+        let data = try await TestBuffer(count: 150)
+        let slow = try TestHTTPServer { request, _ in
+            if request.method == "GET" { return .json(404, #"{"error":{"code":"not_found","message":"no route"}}"#) }
+            let readings = (try? BatchCodec.decode(request.body).readings) ?? []
+            let receipt = IngestReceipt(accepted: readings.count, duplicates: 0, rejected: [])
+            let body = (try? JSONEncoder().encode(receipt)).map { Array($0) } ?? []
+            return .delayed(.milliseconds(500), .reply(200, headers: ["Content-Type": "application/json"], body: body))
+        }
+        let uploader = try Uploader(
+            device: testDevice, source: data.buffer, configuration: uploadConfiguration(slow.url), logger: Logger(label: "test.upload"),
+            reloading: { true })
+        let group = ServiceGroup(services: [uploader], logger: Logger(label: "test.group"))
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { try await group.run() }
+            #expect(await eventually { slow.requests.contains { $0.method == "POST" } })
+            await group.triggerGracefulShutdown()
+            try await tasks.waitForAll()
+        }
+        #expect(slow.requests.filter { $0.method == "POST" }.count == 1)
+        #expect(try await data.statistics().pending == 50, "the batch in flight was acknowledged, the rest left for the next uploader")
+        #expect(uploader.status().uploadedTotal == 100)
+    }
+
     @Test(arguments: [true, false])
     func gracefulShutdownKeepsTheAcknowledgementOfTheRequestInFlight(finalFlush: Bool) async throws {
         let data = try await TestBuffer(count: 150)

@@ -174,7 +174,7 @@ public enum AgentRuntime {
         if let upload = configuration.upload {
             uploader = try Uploader(
                 device: configuration.device, source: buffer, configuration: upload, logger: logger,
-                carrying: carried.upload.withLock { $0 })
+                carrying: carried.upload.withLock { $0 }, reloading: { reloads.isReloading })
         }
 
         let startedAt = carried.startedAt

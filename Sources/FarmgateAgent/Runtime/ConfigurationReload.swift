@@ -133,7 +133,8 @@ public final class ConfigurationReloads: Sendable {
 /// then the uploader finishing its request and sending what is pending, then the buffer committing), and the runtime starts
 /// them again with the new configuration in the same process: sensors added, removed or changed, intervals, upload
 /// settings, and every other key take effect. The process, its PID and systemd's view of it stay; sampling pauses for
-/// about a second (longer when the uploader has a backlog to flush, at most `shutdown_flush_timeout`).
+/// about a second (longer while an upload is in flight, at most `request_timeout`; the backlog is not flushed first, the
+/// next generation's uploader sends it).
 ///
 /// Before the running services stop, the new configuration must be one they can start with: the running one is only
 /// given up for one that works. Beyond what `farmgate config check` checks, a reload is refused when it moves the buffer

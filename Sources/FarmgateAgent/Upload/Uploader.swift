@@ -88,8 +88,9 @@ import Synchronization
 /// halved for size (or 413) carries its events on the first half sent only.
 ///
 /// **Shutdown.** On graceful shutdown a request in flight is finished (bounded by ``UploadConfiguration/requestTimeout``) and
-/// its outcome recorded; then, unless the ingest is failing, the buffer is committed and what is pending is sent for at most
-/// ``UploadConfiguration/shutdownFlushTimeout``, and ``run()`` returns. Cancelling the task abandons the request.
+/// its outcome recorded; then, unless the ingest is failing or the shutdown is a reload (the next uploader carries on), the
+/// buffer is committed and what is pending is sent for at most ``UploadConfiguration/shutdownFlushTimeout``, and ``run()``
+/// returns. Cancelling the task abandons the request.
 /// Unacknowledged readings stay in the buffer.
 ///
 /// **Metrics** (bounded labels): `farmgate_upload_requests_total{result="delivered"|"refused"|"failed"}`,
@@ -108,6 +109,10 @@ public final class Uploader: Service {
     /// The key in ``IngestProtocol/deviceKeyHeader``, which HPACK indexes: sent with batches to an ingest that reads it.
     let deviceKeyHeader: HTTPHeader
     let state: Mutex<UploadStatus>
+    /// Whether the graceful shutdown under way is a configuration reload: then the next generation's uploader carries on
+    /// at once, and the pending readings are not flushed first (that held sampling back for up to
+    /// `shutdown_flush_timeout` at every reload).
+    let reloading: @Sendable () -> Bool
     let metrics = UploadMetrics()
     /// Liveness for the systemd watchdog: beaten by the loop and before every request (see ``Heartbeat``).
     public let heartbeat = Heartbeat(component: "uploader")
@@ -125,8 +130,10 @@ public final class Uploader: Service {
     ///     carry on, so that counters never go back while the process runs.
     /// - Throws: ``HTTPClientError`` when the HTTP client cannot be set up (a CA file that cannot be read, ...).
     public init(
-        device: DeviceID, source: any PendingReadings, configuration: UploadConfiguration, logger: Logger, carrying previous: UploadStatus? = nil
+        device: DeviceID, source: any PendingReadings, configuration: UploadConfiguration, logger: Logger, carrying previous: UploadStatus? = nil,
+        reloading: @escaping @Sendable () -> Bool = { false }
     ) throws(HTTPClientError) {
+        self.reloading = reloading
         self.device = device
         self.source = source
         self.configuration = configuration
@@ -168,7 +175,7 @@ public final class Uploader: Service {
                 await Self.pause(wait)
             }
         }
-        if !Task.isCancelled { await finalFlush(&loop) }
+        if !Task.isCancelled, !reloading() { await finalFlush(&loop) }
         let left = (try? await source.statistics().pending) ?? -1
         logger.info("Uploader stopped", metadata: ["upload.pending": "\(left)"])
     }
