@@ -227,7 +227,7 @@ struct AlertAPITests {
         }
     }
 
-    @Test("a member twice in a rule, silence or acknowledgement body, or one the body does not have, is 400 naming it; ends_at and duration together too")
+    @Test("a member twice in a rule, silence or acknowledgement body, one the body does not have, or a control character in a rule's text or a matcher, is 400 naming it; ends_at and duration together too")
     func repeatedAndUnknownMembers() async throws {
         try await withFreshStore(.sqlite) { store in
             let alertStore = try #require(store as? any IngestStore & AlertStore)
@@ -259,6 +259,11 @@ struct AlertAPITests {
                     ("/v1/farms/f1/silences", #"{"matchers": {"alertname": "ph-*"}, "duration": "1h", "ends_at": "2027-01-01T00:00:00Z"}"#, "invalid_silence", "give one of them, not both"),
                     ("/v1/farms/f1/alert-rules", #"{"name": "r32", "kind": "above", "threshold": 7, "threshold": 8}"#, "invalid_rule", #"the member "threshold" appears more than once"#),
                     ("/v1/farms/f1/alert-rules", #"{"name": "r33", "kind": "above", "threshold": 7, "labels": {"a": "1", "a": "2"}}"#, "invalid_rule", #"the member "a" appears more than once"#),
+                    // Control characters where they end up in listings, logs and mail bodies.
+                    ("/v1/farms/f1/alert-rules", #"{"name": "r34", "kind": "above", "threshold": 7, "summary": "a\u0001b"}"#, "invalid_rule", "summary: contains the control character U+0001"),
+                    ("/v1/farms/f1/alert-rules", #"{"name": "r35", "kind": "above", "threshold": 7, "labels": {"note": "x\r\nX-Injected: 1"}}"#, "invalid_rule", "contains the control character U+000D"),
+                    ("/v1/farms/f1/alert-rules", #"{"name": "r36", "kind": "above", "threshold": 7, "device": "a\u0001"}"#, "invalid_rule", "device: contains the control character U+0001"),
+                    ("/v1/farms/f1/silences", #"{"matchers": {"alertname": "x\u0001"}, "duration": "1h"}"#, "invalid_silence", "contains the control character U+0001"),
                 ] {
                     let response = try await client.execute(uri: uri, method: .post, headers: headers(token), body: jsonBody(body))
                     #expect(response.status == .badRequest, "\(body): \(response.status)")

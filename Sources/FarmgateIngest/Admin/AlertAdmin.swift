@@ -124,6 +124,11 @@ public struct AlertAdmin: Sendable {
         if let problem = comment.controlCharacterProblem(allowingTab: true) { throw AlertRuleError(field: "comment", message: problem) }
         if let problem = by.controlCharacterProblem() { throw AlertRuleError(field: "created_by", message: problem) }
         guard !matchers.isEmpty else { throw AlertRuleError(field: "matchers", message: "at least one matcher is required, e.g. alertname=ph-low or device=greenhouse-*") }
+        for (name, glob) in matchers.sorted(by: { $0.key < $1.key }) {
+            if let problem = name.controlCharacterProblem() ?? glob.controlCharacterProblem() {
+                throw AlertRuleError(field: "matchers", message: "'\(name.prefix(64))': \(problem)")
+            }
+        }
         guard until > now else { throw AlertRuleError(field: "until", message: "must be in the future (got \(RFC3339.format(until)))") }
         return try await store.addAlertSilence(
             farmID: try await self.farm(farm).id, AlertSilence(matchers: matchers, startsAt: now, endsAt: until, createdBy: by, comment: comment))

@@ -175,6 +175,7 @@ public struct AlertRuleSpec: Codable, Sendable, Hashable {
             if let glob, glob.isEmpty || glob.count > 128 || glob.contains(where: { $0.isWhitespace }) {
                 throw AlertRuleError(field: field, message: "must be a glob of 1 to 128 characters without spaces, such as \"tank*.ph\" or \"*\"")
             }
+            if let problem = glob?.controlCharacterProblem() { throw AlertRuleError(field: field, message: problem) }
         }
         var quantity: Quantity?
         if let text = self.quantity {
@@ -253,11 +254,15 @@ public struct AlertRuleSpec: Codable, Sendable, Hashable {
             guard !key.isEmpty, key.count <= 64, key.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "_") }), !(key.first?.isNumber ?? true)
             else { throw AlertRuleError(field: "labels", message: "label name '\(key.prefix(64))' must be 1 to 64 of A-Z a-z 0-9 _, not starting with a digit") }
             guard value.count <= 256 else { throw AlertRuleError(field: "labels", message: "the value of '\(key)' is longer than 256 characters") }
+            // A line break in a label split the e-mail body's lines (a receiver reading it as a header); every other
+            // control character garbles listings and logs.
+            if let problem = value.controlCharacterProblem() { throw AlertRuleError(field: "labels", message: "the value of '\(key)' \(problem)") }
             if ["alertname", "farm", "severity", "device", "sensor"].contains(key) {
                 throw AlertRuleError(field: "labels", message: "'\(key)' is set by the engine; choose another label name")
             }
         }
         if let summary, summary.count > 1000 { throw AlertRuleError(field: "summary", message: "is longer than 1000 characters") }
+        if let problem = summary?.controlCharacterProblem() { throw AlertRuleError(field: "summary", message: problem) }
         let receivers = self.receivers ?? []
         guard receivers.count <= 16 else { throw AlertRuleError(field: "receivers", message: "at most 16 receivers") }
         for receiver in receivers where (try? DeviceID(receiver)) == nil {
