@@ -85,6 +85,18 @@ struct ConfigurationTests {
         #expect(failure.line != nil)
     }
 
+    @Test("A file with CRLF line endings is located like one with LF: the same line for the same error")
+    func crlfLinesAreCounted() throws {
+        for line in ["interval = \"10ms\"", "bogus = 1", "deadband = -1"] {
+            let lf = Self.minimal + "\n" + line + "\n"
+            let crlf = lf.replacingOccurrences(of: "\n", with: "\r\n")
+            let expected = try #require(error(lf))
+            let failure = try #require(error(crlf))
+            #expect(expected.line != nil)
+            #expect(failure.line == expected.line && failure.key == expected.key, "\(line): CRLF \(failure), LF \(expected)")
+        }
+    }
+
     @Test(
         "Numbers too large for a duration (or NaN, infinite) are located errors naming the range, never a trap",
         arguments: [

@@ -100,7 +100,9 @@ final class LineIndex: Sendable {
         var lines: [String: Int] = [:]
         var current: [String] = []
         var arrayCounts: [String: Int] = [:]
-        for (offset, rawLine) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+        // "\r\n" is one Character in Swift, which a split at "\n" does not see: a CRLF file was one line, and its errors
+        // lost their line numbers (or named line 1).
+        for (offset, rawLine) in text.split(omittingEmptySubsequences: false, whereSeparator: { $0 == "\n" || $0 == "\r\n" }).enumerated() {
             let number = offset + 1
             let line = rawLine.trimmingWhitespace()
             if line.isEmpty || line.hasPrefix("#") { continue }
