@@ -289,7 +289,13 @@ struct AlertOutboxCommand: AsyncParsableCommand {
         }
 
         func run() async throws {
-            let entries = try await options.administerAlerts { admin, _, _ in try await admin.store.outboxEntries(farm: farm, state: state, limit: limit) }
+            let entries = try await options.administerAlerts { admin, _, _ in
+                // An unknown farm is an error, as in every other alert command, not an empty table.
+                if let farm, let farms = admin.store as? any AdministrationStore, try await farms.farm(named: farm) == nil {
+                    throw IngestStoreError.notFound("farm '\(farm)'")
+                }
+                return try await admin.store.outboxEntries(farm: farm, state: state, limit: limit)
+            }
             if json {
                 for entry in entries { print(AlertDeliveryAdmin.json(entry)) }
                 return

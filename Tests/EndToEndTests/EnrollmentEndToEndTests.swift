@@ -143,6 +143,11 @@ struct EnrollmentEndToEndTests {
         let noFarm = try await runCommand(
             Farm.ingestBinary, ["enroll-token", "create", "--farm", "nowhere", "--device", "d", "--config", farm.ingestConfig])
         #expect(noFarm.status == 1 && noFarm.stderr.contains("farm 'nowhere' does not exist"), "\(noFarm.stderr)")
+        // The outbox listing of an unknown farm is the same error, not an empty table.
+        let noOutbox = try await runCommand(Farm.ingestBinary, ["alert", "outbox", "list", "--farm", "nowhere", "--config", farm.ingestConfig])
+        #expect(noOutbox.status == 1 && noOutbox.stderr.contains("farm 'nowhere' does not exist"), "\(noOutbox.stderr)")
+        let outbox = try await runCommand(Farm.ingestBinary, ["alert", "outbox", "list", "--farm", "e2e", "--config", farm.ingestConfig])
+        #expect(outbox.status == 0, "\(outbox.stderr)")
     }
 
     /// `farmgate-ingest ARGUMENTS --config …` with its status and output, for commands expected to fail.

@@ -245,6 +245,12 @@ struct SiteEnrollmentTests {
             }
             #expect(refused?.description.contains(phrase) == true && refused?.exitCode == 64, "\(url): \(refused?.description ?? "")")
         }
+        // A token thousands of characters long is refused here, not sent.
+        let long = #expect(throws: SiteEnrollment.Failure.self) {
+            try SiteEnrollment.prepare(
+                SiteEnrollment.Request(endpoint: "https://i.example", token: "fge_" + String(repeating: "a", count: 100_000), configPath: config))
+        }
+        #expect(long?.description.contains("100004 characters long") == true && long?.exitCode == 64, "\(long?.description ?? "")")
         // http:// to this machine stays possible (an ingest on the same box, tests).
         for url in ["http://127.0.0.1:8080", "http://localhost:8080", "http://[::1]:8080"] {
             #expect(throws: Never.self, "\(url)") {

@@ -229,6 +229,16 @@ struct NotificationOutboxTests {
             await #expect(throws: AlertReceiverSpecError.self) {
                 _ = try await admin.addReceiver(farm: "f1", AlertReceiverSpec(name: "x", kind: .webhook, url: "ftp://example.net/"))
             }
+            // A port out of range, a line break in the URL, an empty secret (it would sign with nothing).
+            for (url, secret, phrase) in [
+                ("http://127.0.0.1:99999/x", nil, "a port is 1 to 65535"), ("http://127.0.0.1:0/x", nil, "a port is 1 to 65535"),
+                ("https://hooks.example.net/a\r\nX-Injected: 1", nil, "control character"), ("https://hooks.example.net/", "", "--secret is empty"),
+            ] as [(String, String?, String)] {
+                let refused = await #expect(throws: AlertReceiverSpecError.self) {
+                    _ = try await admin.addReceiver(farm: "f1", AlertReceiverSpec(name: "x", kind: .webhook, url: url, secret: secret))
+                }
+                #expect(refused?.description.contains(phrase) == true, "\(url): \(refused?.description ?? "")")
+            }
             await #expect(throws: AlertReceiverSpecError.self) {
                 _ = try await admin.addReceiver(
                     farm: "f1", AlertReceiverSpec(name: "y", kind: .email, url: "smtp://mail.example.net:587", emailFrom: "me", emailTo: "a@example.net"))

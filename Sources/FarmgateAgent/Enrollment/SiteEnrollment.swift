@@ -112,6 +112,13 @@ public enum SiteEnrollment {
                     + "clear. Use the ingest's https:// URL (http:// is taken only for an ingest on this machine: localhost, 127.0.0.0/8, ::1)",
                 exitCode: 64)
         }
+        // A token is about 80 characters; one of thousands (pasted twice over, a file's contents) was sent, and the
+        // ingest's refusal of the oversized header came back as a connection error to retry.
+        guard request.token.utf8.count <= 512 else {
+            throw Failure(
+                description: "the token is \(request.token.utf8.count) characters long; an enrollment token (fge_…) is about 80: copy it again from `farmgate-ingest enroll-token create`",
+                exitCode: 64)
+        }
         guard request.token.hasPrefix(EnrollmentProtocol.tokenPrefix), request.token.utf8.count > 8,
             request.token.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F })
         else {

@@ -97,7 +97,16 @@ public enum AlertReceiverValidation {
         for (option, value) in [("--group-wait", spec.groupWait), ("--group-interval", spec.groupInterval)] where !(Duration.zero...maximumGrouping).contains(value) {
             throw AlertReceiverSpecError("\(option) must be from 0s to 24h, such as 30s or 5m (got \(ConfigTable.format(value)))")
         }
+        if let problem = spec.url.controlCharacterProblem() {
+            throw AlertReceiverSpecError("the receiver's URL \(problem)")
+        }
+        if let secret = spec.secret, secret.isEmpty {
+            throw AlertReceiverSpecError("--secret is empty: give the shared secret the receiver checks signatures with, or leave --secret out for an unsigned receiver")
+        }
         let components = URLComponents(string: spec.url)
+        if let port = components?.port, !(1...65535).contains(port) {
+            throw AlertReceiverSpecError("the receiver's URL has the port \(port); a port is 1 to 65535 (got '\(spec.url.prefix(200))')")
+        }
         let scheme = components?.scheme?.lowercased() ?? ""
         let host = components?.host ?? ""
         switch spec.kind {
