@@ -277,6 +277,26 @@ struct DoctorTests {
         #expect(human.status == 1 && !human.output.contains("No problem found"), "\(human.output)")
     }
 
+    // Before the fix https:// to a plain-HTTP port was a certificate problem ("set [upload] ca_file"), as enroll had
+    // long said otherwise.
+    @Test func anHTTPSURLToAPlainHTTPPortAndAnEmptyBufferFileAreSaidForWhatTheyAre() async throws {
+        let farm = try await Farm()
+        let server = try TestHTTPServer { _, _ in .reply(404) }
+        defer { server.stop() }
+        let site = try Self.site(
+            farm, device: "doc-8", key: "fgd_zzzzzzzz_" + String(repeating: "0", count: 64), ports: [], endpoint: "https://127.0.0.1:\(server.port)")
+        let (status, report, output) = try await Self.doctor(site)
+        #expect(status == 1, "\(output)")
+        let ingest = try #require(Self.finding(report, "ingest"), "\(output)")
+        #expect(ingest.status == .problem && ingest.message.contains("does not speak TLS on this port"), "\(ingest)")
+        #expect(ingest.fix?.contains("use http://") == true && ingest.fix?.contains("ca_file") == false, "\(ingest)")
+        // An empty buffer file (touch) is one the agent starts on, not a file it cannot read.
+        _ = try farm.dir.write("doc-8/buffer.sqlite", "")
+        let (_, again, text) = try await Self.doctor(site)
+        let buffer = try #require(Self.finding(again, "buffer"), "\(text)")
+        #expect(buffer.status == .ok && buffer.message.contains("empty"), "\(buffer)")
+    }
+
     // Before the fix a buffer file that is damaged or no database at all was "cannot be read: check the file's owner and
     // mode", as if it were a permission problem.
     @Test func aDamagedBufferIsSaidToBeDamagedNotUnreadable() async throws {

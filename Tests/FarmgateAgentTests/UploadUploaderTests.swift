@@ -264,17 +264,22 @@ struct UploadUploaderTests {
 
     /// With the final flush on (the default), the rest of the backlog follows the request in flight; with it off, only
     /// the acknowledgement of the request in flight is kept.
-    /// A reload stops the services like a stop, but the next uploader carries on at once: the request in flight finishes
-    /// and is acknowledged, and the rest of the backlog is not flushed first (it held sampling back at every reload).
-    @Test func aReloadFinishesTheRequestInFlightWithoutFlushingTheBacklog() async throws {
-        let data = try await TestBuffer(count: 150)
-        let slow = try TestHTTPServer { request, _ in
+    /// An ingest older than GET /v1/device (404) that accepts every batch after half a second.
+    static func slowIngest() throws -> TestHTTPServer {
+        try TestHTTPServer { request, _ in
             if request.method == "GET" { return .json(404, #"{"error":{"code":"not_found","message":"no route"}}"#) }
             let readings = (try? BatchCodec.decode(request.body).readings) ?? []
             let receipt = IngestReceipt(accepted: readings.count, duplicates: 0, rejected: [])
             let body = (try? JSONEncoder().encode(receipt)).map { Array($0) } ?? []
             return .delayed(.milliseconds(500), .reply(200, headers: ["Content-Type": "application/json"], body: body))
         }
+    }
+
+    /// A reload stops the services like a stop, but the next uploader carries on at once: the request in flight finishes
+    /// and is acknowledged, and the rest of the backlog is not flushed first (it held sampling back at every reload).
+    @Test func aReloadFinishesTheRequestInFlightWithoutFlushingTheBacklog() async throws {
+        let data = try await TestBuffer(count: 150)
+        let slow = try Self.slowIngest()
         let uploader = try Uploader(
             device: testDevice, source: data.buffer, configuration: uploadConfiguration(slow.url), logger: Logger(label: "test.upload"),
             reloading: { true })
@@ -293,14 +298,7 @@ struct UploadUploaderTests {
     @Test(arguments: [true, false])
     func gracefulShutdownKeepsTheAcknowledgementOfTheRequestInFlight(finalFlush: Bool) async throws {
         let data = try await TestBuffer(count: 150)
-        let slow = try TestHTTPServer { request, _ in
-            // An ingest older than GET /v1/device.
-            if request.method == "GET" { return .json(404, #"{"error":{"code":"not_found","message":"no route"}}"#) }
-            let readings = (try? BatchCodec.decode(request.body).readings) ?? []
-            let receipt = IngestReceipt(accepted: readings.count, duplicates: 0, rejected: [])
-            let body = (try? JSONEncoder().encode(receipt)).map { Array($0) } ?? []
-            return .delayed(.milliseconds(500), .reply(200, headers: ["Content-Type": "application/json"], body: body))
-        }
+        let slow = try Self.slowIngest()
         var configuration = uploadConfiguration(slow.url)
         if !finalFlush { configuration.shutdownFlushTimeout = .zero }
         let uploader = try Uploader(device: testDevice, source: data.buffer, configuration: configuration, logger: Logger(label: "test.upload"))

@@ -29,6 +29,36 @@ struct AlertAPITests {
 
     func jsonBody(_ text: String) -> ByteBuffer { ByteBuffer(string: text) }
 
+    /// A store of `kind` with farm f1 (device d1, an admin token), the rule ph-low firing on three readings of 5.0, and
+    /// the ingest's router over it: `body` gets the alert admin, the token, the alert's id and a client of the router.
+    func withFiringAlert(
+        _ kind: StoreKind, _ body: @Sendable (AlertAdmin, APIKey, Int64, any TestClientProtocol) async throws -> Void
+    ) async throws {
+        try await withFreshStore(kind) { store in
+            let alertStore = try #require(store as? any IngestStore & AlertStore)
+            let admin = IngestAdmin(store: store)
+            _ = try await admin.createFarm(name: "f1")
+            _ = try await admin.createDevice(farm: "f1", device: try deviceID("d1"))
+            let token = try await admin.createReadToken(farm: "f1", role: .admin)
+            let alerts = AlertAdmin(store: alertStore)
+            try await alerts.putRule(farm: "f1", try AlertRuleSpec.parseJSON(Array(#"{"name": "ph-low", "kind": "below", "threshold": 5.5}"#.utf8)).validated(), replace: false)
+            let engine = AlertEngine(store: alertStore, logger: testLogger, now: { testNow })
+            await engine.reload()
+            let farm = try #require(try await store.farm(named: "f1"))
+            let d1 = try #require(try await store.devices(farmID: farm.id).first)
+            let outcome = try await store.store(try phBatch(sequences: 1...3, value: 5.0), for: d1, receivedAt: testNow)
+            await engine.evaluate(CommittedBatch(device: d1, receivedAt: testNow, readings: outcome.fresh))
+            let id = try #require(try await alerts.alerts(farm: "f1", now: testNow).first?.id)
+            var configuration = IngestConfiguration()
+            configuration.server.port = 0
+            let app = buildApplication(
+                configuration: configuration, store: store, registry: PrometheusCollectorRegistry(), logger: testLogger, now: { testNow },
+                credentialCacheTTL: .zero)
+            try await app.test(.router) { client in try await body(alerts, token, id, client) }
+        }
+    }
+
+
     func headers(_ key: APIKey) -> HTTPFields {
         var headers = bearer(key)
         headers[.contentType] = "application/json"
@@ -182,45 +212,24 @@ struct AlertAPITests {
         "a control character in an acknowledgement's by, a silence's comment or created_by is 400 naming the field, on either store; a tab is taken in a comment",
         arguments: StoreKind.allCases)
     func controlCharacters(kind: StoreKind) async throws {
-        try await withFreshStore(kind) { store in
-            let alertStore = try #require(store as? any IngestStore & AlertStore)
-            let admin = IngestAdmin(store: store)
-            _ = try await admin.createFarm(name: "f1")
-            _ = try await admin.createDevice(farm: "f1", device: try deviceID("d1"))
-            let token = try await admin.createReadToken(farm: "f1", role: .admin)
-            let alerts = AlertAdmin(store: alertStore)
-            try await alerts.putRule(farm: "f1", try AlertRuleSpec.parseJSON(Array(#"{"name": "ph-low", "kind": "below", "threshold": 5.5}"#.utf8)).validated(), replace: false)
-            let engine = AlertEngine(store: alertStore, logger: testLogger, now: { testNow })
-            await engine.reload()
-            let farm = try #require(try await store.farm(named: "f1"))
-            let d1 = try #require(try await store.devices(farmID: farm.id).first)
-            let outcome = try await store.store(try phBatch(sequences: 1...3, value: 5.0), for: d1, receivedAt: testNow)
-            await engine.evaluate(CommittedBatch(device: d1, receivedAt: testNow, readings: outcome.fresh))
-            let id = try #require(try await alerts.alerts(farm: "f1", now: testNow).first?.id)
-            var configuration = IngestConfiguration()
-            configuration.server.port = 0
-            let app = buildApplication(
-                configuration: configuration, store: store, registry: PrometheusCollectorRegistry(), logger: testLogger, now: { testNow },
-                credentialCacheTTL: .zero)
+        try await withFiringAlert(kind) { alerts, token, id, client in
             let silence = #"{"matchers": {"alertname": "ph-*"}, "duration": "2h""#
-            try await app.test(.router) { client in
-                for (uri, body, code, field) in [
-                    ("/v1/farms/f1/alerts/\(id)/ack", #"{"by": "an\u0000na"}"#, "invalid_body", "by"),
-                    ("/v1/farms/f1/alerts/\(id)/ack", #"{"by": "anna\u001b[2J"}"#, "invalid_body", "by"),
-                    ("/v1/farms/f1/silences", silence + #", "comment": "probe\u0000swap"}"#, "invalid_silence", "comment"),
-                    ("/v1/farms/f1/silences", silence + #", "comment": "probe\nswap"}"#, "invalid_silence", "comment"),
-                    ("/v1/farms/f1/silences", silence + #", "comment": "probe swap", "created_by": "x\u0000"}"#, "invalid_silence", "created_by"),
-                ] {
-                    let response = try await client.execute(uri: uri, method: .post, headers: headers(token), body: jsonBody(body))
-                    let message = try expectError(response, .badRequest, code)
-                    #expect(message.hasPrefix("\(field): contains the control character U+00"), "\(body): \(message)")
-                }
-                let acknowledged = try await client.execute(uri: "/v1/farms/f1/alerts/\(id)/ack", method: .post, headers: headers(token), body: jsonBody(#"{"by": "anna"}"#))
-                #expect(acknowledged.status == .ok)
-                let added = try await client.execute(
-                    uri: "/v1/farms/f1/silences", method: .post, headers: headers(token), body: jsonBody(silence + #", "comment": "probe\tswap"}"#))
-                #expect(added.status == .created)
+            for (uri, body, code, field) in [
+                ("/v1/farms/f1/alerts/\(id)/ack", #"{"by": "an\u0000na"}"#, "invalid_body", "by"),
+                ("/v1/farms/f1/alerts/\(id)/ack", #"{"by": "anna\u001b[2J"}"#, "invalid_body", "by"),
+                ("/v1/farms/f1/silences", silence + #", "comment": "probe\u0000swap"}"#, "invalid_silence", "comment"),
+                ("/v1/farms/f1/silences", silence + #", "comment": "probe\nswap"}"#, "invalid_silence", "comment"),
+                ("/v1/farms/f1/silences", silence + #", "comment": "probe swap", "created_by": "x\u0000"}"#, "invalid_silence", "created_by"),
+            ] {
+                let response = try await client.execute(uri: uri, method: .post, headers: headers(token), body: jsonBody(body))
+                let message = try expectError(response, .badRequest, code)
+                #expect(message.hasPrefix("\(field): contains the control character U+00"), "\(body): \(message)")
             }
+            let acknowledged = try await client.execute(uri: "/v1/farms/f1/alerts/\(id)/ack", method: .post, headers: headers(token), body: jsonBody(#"{"by": "anna"}"#))
+            #expect(acknowledged.status == .ok)
+            let added = try await client.execute(
+                uri: "/v1/farms/f1/silences", method: .post, headers: headers(token), body: jsonBody(silence + #", "comment": "probe\tswap"}"#))
+            #expect(added.status == .created)
             // Nothing refused was stored.
             #expect(try await alerts.silences(farm: "f1", now: testNow).map(\.comment) == ["probe\tswap"])
             #expect(try await alerts.alerts(farm: "f1", now: testNow).first?.acknowledgedBy == "anna")
@@ -229,47 +238,26 @@ struct AlertAPITests {
 
     @Test("a member twice in a rule, silence or acknowledgement body, one the body does not have, or a control character in a rule's text or a matcher, is 400 naming it; ends_at and duration together too")
     func repeatedAndUnknownMembers() async throws {
-        try await withFreshStore(.sqlite) { store in
-            let alertStore = try #require(store as? any IngestStore & AlertStore)
-            let admin = IngestAdmin(store: store)
-            _ = try await admin.createFarm(name: "f1")
-            _ = try await admin.createDevice(farm: "f1", device: try deviceID("d1"))
-            let token = try await admin.createReadToken(farm: "f1", role: .admin)
-            let alerts = AlertAdmin(store: alertStore)
-            try await alerts.putRule(farm: "f1", try AlertRuleSpec.parseJSON(Array(#"{"name": "ph-low", "kind": "below", "threshold": 5.5}"#.utf8)).validated(), replace: false)
-            let engine = AlertEngine(store: alertStore, logger: testLogger, now: { testNow })
-            await engine.reload()
-            let farm = try #require(try await store.farm(named: "f1"))
-            let d1 = try #require(try await store.devices(farmID: farm.id).first)
-            let outcome = try await store.store(try phBatch(sequences: 1...3, value: 5.0), for: d1, receivedAt: testNow)
-            await engine.evaluate(CommittedBatch(device: d1, receivedAt: testNow, readings: outcome.fresh))
-            let id = try #require(try await alerts.alerts(farm: "f1", now: testNow).first?.id)
-            var configuration = IngestConfiguration()
-            configuration.server.port = 0
-            let app = buildApplication(
-                configuration: configuration, store: store, registry: PrometheusCollectorRegistry(), logger: testLogger, now: { testNow },
-                credentialCacheTTL: .zero)
-            try await app.test(.router) { client in
-                for (uri, body, code, phrase) in [
-                    ("/v1/farms/f1/alerts/\(id)/ack", #"{"by": "a", "by": "b"}"#, "invalid_body", #"the member "by" appears more than once"#),
-                    ("/v1/farms/f1/alerts/\(id)/ack", #"{"by": "a", "x": 1}"#, "invalid_body", "x: is not a member of this body"),
-                    ("/v1/farms/f1/silences", #"{"matchers": {"alertname": "ph-*"}, "duration": "1h", "duration": "2h"}"#, "invalid_silence", #"the member "duration" appears more than once"#),
-                    ("/v1/farms/f1/silences", #"{"matchers": {"alertname": "ph-*", "alertname": "x"}, "duration": "1h"}"#, "invalid_silence", #"the member "alertname" appears more than once"#),
-                    ("/v1/farms/f1/silences", #"{"matchers": {"alertname": "ph-*"}, "duration": "1h", "bogus": 1}"#, "invalid_silence", "bogus: is not a member"),
-                    ("/v1/farms/f1/silences", #"{"matchers": {"alertname": "ph-*"}, "duration": "1h", "ends_at": "2027-01-01T00:00:00Z"}"#, "invalid_silence", "give one of them, not both"),
-                    ("/v1/farms/f1/alert-rules", #"{"name": "r32", "kind": "above", "threshold": 7, "threshold": 8}"#, "invalid_rule", #"the member "threshold" appears more than once"#),
-                    ("/v1/farms/f1/alert-rules", #"{"name": "r33", "kind": "above", "threshold": 7, "labels": {"a": "1", "a": "2"}}"#, "invalid_rule", #"the member "a" appears more than once"#),
-                    // Control characters where they end up in listings, logs and mail bodies.
-                    ("/v1/farms/f1/alert-rules", #"{"name": "r34", "kind": "above", "threshold": 7, "summary": "a\u0001b"}"#, "invalid_rule", "summary: contains the control character U+0001"),
-                    ("/v1/farms/f1/alert-rules", #"{"name": "r35", "kind": "above", "threshold": 7, "labels": {"note": "x\r\nX-Injected: 1"}}"#, "invalid_rule", "contains the control character U+000D"),
-                    ("/v1/farms/f1/alert-rules", #"{"name": "r36", "kind": "above", "threshold": 7, "device": "a\u0001"}"#, "invalid_rule", "device: contains the control character U+0001"),
-                    ("/v1/farms/f1/silences", #"{"matchers": {"alertname": "x\u0001"}, "duration": "1h"}"#, "invalid_silence", "contains the control character U+0001"),
-                ] {
-                    let response = try await client.execute(uri: uri, method: .post, headers: headers(token), body: jsonBody(body))
-                    #expect(response.status == .badRequest, "\(body): \(response.status)")
-                    let text = String(buffer: response.body)
-                    #expect(text.contains(code) && text.contains(phrase.replacingOccurrences(of: "\"", with: "\\\"")), "\(body): \(text)")
-                }
+        try await withFiringAlert(.sqlite) { alerts, token, id, client in
+            for (uri, body, code, phrase) in [
+                ("/v1/farms/f1/alerts/\(id)/ack", #"{"by": "a", "by": "b"}"#, "invalid_body", #"the member "by" appears more than once"#),
+                ("/v1/farms/f1/alerts/\(id)/ack", #"{"by": "a", "x": 1}"#, "invalid_body", "x: is not a member of this body"),
+                ("/v1/farms/f1/silences", #"{"matchers": {"alertname": "ph-*"}, "duration": "1h", "duration": "2h"}"#, "invalid_silence", #"the member "duration" appears more than once"#),
+                ("/v1/farms/f1/silences", #"{"matchers": {"alertname": "ph-*", "alertname": "x"}, "duration": "1h"}"#, "invalid_silence", #"the member "alertname" appears more than once"#),
+                ("/v1/farms/f1/silences", #"{"matchers": {"alertname": "ph-*"}, "duration": "1h", "bogus": 1}"#, "invalid_silence", "bogus: is not a member"),
+                ("/v1/farms/f1/silences", #"{"matchers": {"alertname": "ph-*"}, "duration": "1h", "ends_at": "2027-01-01T00:00:00Z"}"#, "invalid_silence", "give one of them, not both"),
+                ("/v1/farms/f1/alert-rules", #"{"name": "r32", "kind": "above", "threshold": 7, "threshold": 8}"#, "invalid_rule", #"the member "threshold" appears more than once"#),
+                ("/v1/farms/f1/alert-rules", #"{"name": "r33", "kind": "above", "threshold": 7, "labels": {"a": "1", "a": "2"}}"#, "invalid_rule", #"the member "a" appears more than once"#),
+                // Control characters where they end up in listings, logs and mail bodies.
+                ("/v1/farms/f1/alert-rules", #"{"name": "r34", "kind": "above", "threshold": 7, "summary": "a\u0001b"}"#, "invalid_rule", "summary: contains the control character U+0001"),
+                ("/v1/farms/f1/alert-rules", #"{"name": "r35", "kind": "above", "threshold": 7, "labels": {"note": "x\r\nX-Injected: 1"}}"#, "invalid_rule", "contains the control character U+000D"),
+                ("/v1/farms/f1/alert-rules", #"{"name": "r36", "kind": "above", "threshold": 7, "device": "a\u0001"}"#, "invalid_rule", "device: contains the control character U+0001"),
+                ("/v1/farms/f1/silences", #"{"matchers": {"alertname": "x\u0001"}, "duration": "1h"}"#, "invalid_silence", "contains the control character U+0001"),
+            ] {
+                let response = try await client.execute(uri: uri, method: .post, headers: headers(token), body: jsonBody(body))
+                #expect(response.status == .badRequest, "\(body): \(response.status)")
+                let text = String(buffer: response.body)
+                #expect(text.contains(code) && text.contains(phrase.replacingOccurrences(of: "\"", with: "\\\"")), "\(body): \(text)")
             }
             // Nothing refused was stored.
             #expect(try await alerts.silences(farm: "f1", now: testNow).isEmpty)

@@ -197,6 +197,11 @@ extension Doctor {
         guard FileManager.default.fileExists(atPath: path) else {
             return [DoctorFinding(check: "buffer", subject: path, status: .ok, message: "no buffer yet: the agent creates it when it starts")]
         }
+        // An empty file (made by touch, or by a start that stopped before its first write) is what SQLite takes as a new
+        // database: the agent creates its tables in it. Read, it has no tables, which is no problem of permissions.
+        if FileSystem.size(path) == 0, FileSystem.isFile(path) {
+            return [DoctorFinding(check: "buffer", subject: path, status: .ok, message: "empty: the agent creates its tables in it when it starts")]
+        }
         let existedBefore = [path + "-wal", path + "-shm"].filter { FileManager.default.fileExists(atPath: $0) }
         defer { giveBack(createdBesides: path, except: existedBefore) }
         do {

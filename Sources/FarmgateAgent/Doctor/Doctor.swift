@@ -177,6 +177,18 @@ public enum Doctor {
     }
 
     static func unreachable(_ error: HTTPClientError, endpoint: String) -> DoctorFinding {
+        switch SiteEnrollment.SchemeMismatch(error, endpoint: endpoint) {
+        case .plainPort?:
+            return DoctorFinding(
+                check: "ingest", subject: endpoint, status: .problem, message: "the server does not speak TLS on this port: \(error)",
+                fix: "use http:// in [upload] endpoint if the ingest serves plain HTTP there, or the port its TLS listens on (443 behind a reverse proxy)")
+        case .tlsPort?:
+            return DoctorFinding(
+                check: "ingest", subject: endpoint, status: .problem, message: "the server hung up without an answer: \(error)",
+                fix: "if the ingest serves HTTPS on this port, use https:// in [upload] endpoint (plain HTTP to a TLS port gets no answer)")
+        case nil:
+            break
+        }
         switch error.kind {
         case .tls:
             return DoctorFinding(
@@ -270,7 +282,7 @@ public enum Doctor {
     static let notAnIngest = "this URL answers but is not a Farmgate ingest"
 
     static func isLoopback(_ endpoint: String) -> Bool {
-        guard let host = URL(string: endpoint)?.host?.lowercased() else { return false }
-        return host == "localhost" || host.hasPrefix("127.") || host == "::1" || host == "[::1]"
+        guard let host = URL(string: endpoint)?.host else { return false }
+        return SiteEnrollment.isLoopback(host)
     }
 }

@@ -205,6 +205,30 @@ public enum SiteEnrollment {
         return parts.count == 4 && parts[0] == "127" && parts.allSatisfy { UInt8($0) != nil }
     }
 
+    /// An endpoint whose scheme does not match what its port speaks, when libcurl's error says so.
+    enum SchemeMismatch {
+        /// `https://` to a plain HTTP server: the TLS handshake reads an HTTP answer (OpenSSL's "wrong version number").
+        case plainPort
+        /// `http://` to a TLS port: the server hangs up on bytes that are no TLS handshake (an empty reply or a reset).
+        case tlsPort
+
+        init?(_ error: HTTPClientError, endpoint: String) {
+            let secure = endpoint.lowercased().hasPrefix("https://")
+            let detail = error.detail.lowercased()
+            if secure, error.kind == .tls,
+                ["wrong version number", "wrong_version_number", "packet length too long", "unknown protocol", "record layer failure"]
+                    .contains(where: { detail.contains($0) })
+            {
+                self = .plainPort
+            } else if !secure, error.kind == .transport, [8, 52, 56].contains(error.curlCode) {
+                // CURLE_GOT_NOTHING (52), CURLE_RECV_ERROR (56), CURLE_WEIRD_SERVER_REPLY (8).
+                self = .tlsPort
+            } else {
+                return nil
+            }
+        }
+    }
+
     /// Refuses a key path that cannot hold the key, or would destroy something: an existing directory, or one of the
     /// agent's own files (``agentFiles(configPath:document:base:)``: the configuration, the buffer and its `-wal`, `-shm`
     /// and `.seq` files, the metrics file, the control socket), by path or as the same file under another name. The key
@@ -365,21 +389,16 @@ public enum SiteEnrollment {
     /// `http://` to a TLS port (the server hangs up on bytes that are no TLS handshake: an empty reply or a reset).
     /// Nil when the error is something else.
     static func schemeMismatch(_ error: HTTPClientError, endpoint: String) -> String? {
-        let secure = endpoint.lowercased().hasPrefix("https://")
-        let detail = error.detail.lowercased()
-        if secure, error.kind == .tls,
-            ["wrong version number", "wrong_version_number", "packet length too long", "unknown protocol", "record layer failure"]
-                .contains(where: { detail.contains($0) })
-        {
+        switch SchemeMismatch(error, endpoint: endpoint) {
+        case .plainPort?:
             return "the server at \(endpoint) does not speak TLS on this port (\(error)): use http:// if the ingest serves plain HTTP "
                 + "there, or the port its TLS listens on (443 behind a reverse proxy). Nothing was exchanged: the token is unused"
-        }
-        // CURLE_GOT_NOTHING (52), CURLE_RECV_ERROR (56), CURLE_WEIRD_SERVER_REPLY (8): a TLS port hanging up on plain HTTP.
-        if !secure, error.kind == .transport, [8, 52, 56].contains(error.curlCode) {
+        case .tlsPort?:
             return "the ingest at \(endpoint) hung up without an answer (\(error)); if it serves HTTPS on this port, use https:// "
                 + "(plain HTTP to a TLS port gets no answer). Otherwise try again: the same token works again for a few minutes"
+        case nil:
+            return nil
         }
-        return nil
     }
 
     static func answer(_ response: HTTPResponse, plan: Plan) throws(Failure) -> EnrollmentAnswer {
