@@ -262,8 +262,6 @@ struct UploadUploaderTests {
         #expect(try await data.statistics().pending == 150)
     }
 
-    /// With the final flush on (the default), the rest of the backlog follows the request in flight; with it off, only
-    /// the acknowledgement of the request in flight is kept.
     /// An ingest older than GET /v1/device (404) that accepts every batch after half a second.
     static func slowIngest() throws -> TestHTTPServer {
         try TestHTTPServer { request, _ in
@@ -275,33 +273,25 @@ struct UploadUploaderTests {
         }
     }
 
-    /// A reload stops the services like a stop, but the next uploader carries on at once: the request in flight finishes
-    /// and is acknowledged, and the rest of the backlog is not flushed first (it held sampling back at every reload).
-    @Test func aReloadFinishesTheRequestInFlightWithoutFlushingTheBacklog() async throws {
-        let data = try await TestBuffer(count: 150)
-        let slow = try Self.slowIngest()
-        let uploader = try Uploader(
-            device: testDevice, source: data.buffer, configuration: uploadConfiguration(slow.url), logger: Logger(label: "test.upload"),
-            reloading: { true })
-        let group = ServiceGroup(services: [uploader], logger: Logger(label: "test.group"))
-        try await withThrowingTaskGroup(of: Void.self) { tasks in
-            tasks.addTask { try await group.run() }
-            #expect(await eventually { slow.requests.contains { $0.method == "POST" } })
-            await group.triggerGracefulShutdown()
-            try await tasks.waitForAll()
-        }
-        #expect(slow.requests.filter { $0.method == "POST" }.count == 1)
-        #expect(try await data.statistics().pending == 50, "the batch in flight was acknowledged, the rest left for the next uploader")
-        #expect(uploader.status().uploadedTotal == 100)
+    /// How a shutdown ends the uploader: a stop with the final flush (the default), a stop without it, and a reload,
+    /// which stops the services like a stop but whose next uploader carries on at once (flushing first held sampling back
+    /// at every reload).
+    enum Shutdown: String, CaseIterable, Sendable {
+        case stop, stopWithoutFlush, reload
     }
 
-    @Test(arguments: [true, false])
-    func gracefulShutdownKeepsTheAcknowledgementOfTheRequestInFlight(finalFlush: Bool) async throws {
+    /// With the final flush on (the default), the rest of the backlog follows the request in flight; with it off, or on
+    /// a reload, only the acknowledgement of the request in flight is kept.
+    @Test(arguments: Shutdown.allCases)
+    func gracefulShutdownKeepsTheAcknowledgementOfTheRequestInFlight(shutdown: Shutdown) async throws {
+        let finalFlush = shutdown == .stop
         let data = try await TestBuffer(count: 150)
         let slow = try Self.slowIngest()
         var configuration = uploadConfiguration(slow.url)
-        if !finalFlush { configuration.shutdownFlushTimeout = .zero }
-        let uploader = try Uploader(device: testDevice, source: data.buffer, configuration: configuration, logger: Logger(label: "test.upload"))
+        if shutdown == .stopWithoutFlush { configuration.shutdownFlushTimeout = .zero }
+        let uploader = try Uploader(
+            device: testDevice, source: data.buffer, configuration: configuration, logger: Logger(label: "test.upload"),
+            reloading: { shutdown == .reload })
         let group = ServiceGroup(services: [uploader], logger: Logger(label: "test.group"))
         try await withThrowingTaskGroup(of: Void.self) { tasks in
             tasks.addTask { try await group.run() }
