@@ -139,8 +139,9 @@ public final class ConfigurationReloads: Sendable {
 /// Before the running services stop, the new configuration must be one they can start with: the running one is only
 /// given up for one that works. Beyond what `farmgate config check` checks, a reload is refused when it moves the buffer
 /// (`[buffer] path`: the pending readings of the old file would be left behind; restart the agent to move it) or changes
-/// `[device] id` (the pending readings would go up as the new device's), when the new control socket's directory cannot be created or written, when another agent answers on the new socket, or when
-/// the uploader's HTTP client cannot be set up (a CA file it cannot read).
+/// `[device] id` (the pending readings would go up as the new device's), when the new control socket's directory cannot
+/// be created or written, when another agent answers on the new socket, or when the uploader's HTTP client cannot be set
+/// up (a CA file it cannot read).
 final class ConfigurationReloadService: Service {
     let file: String
     let drivers: DriverRegistry
