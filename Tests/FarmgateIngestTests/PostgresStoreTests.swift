@@ -186,33 +186,4 @@ import Testing
         // (17.8 s was seen there while the first pass ran 340 tests on two cores).
         #expect(ContinuousClock.now - start < .seconds(45))
     }
-
-    /// The TLS modes against the test cluster's loopback port, which accepts only TLS (a certificate from a CA that
-    /// `.ci/with-postgres` made for localhost).
-    @Test func tlsVerifyFullTrustsOnlyTheConfiguredCA() async throws {
-        guard let url = ProcessInfo.processInfo.environment["FARMGATE_TEST_DATABASE_TLS_URL"], !url.isEmpty else { throw MissingTestDatabase() }
-        let verified = try PostgresSettings(url: url)
-        #expect(verified.tls == .verifyFull && verified.caFile != nil)
-        func ping(_ settings: PostgresSettings) async throws {
-            var settings = settings
-            // Generous: the first pass runs a hundred suites on two cores, and a debug build's TLS handshake then took
-            // more than 5 s (the refusals below come at once whatever the bound).
-            settings.queryTimeout = .seconds(30)
-            settings.connectTimeout = .seconds(15)
-            let store = try PostgresIngestStore(settings: settings, logger: testLogger)
-            try await withRunning(store) { store in try await store.ping() }
-        }
-        try await ping(verified)
-        var systemCAs = verified
-        systemCAs.caFile = nil
-        await #expect(throws: (any Error).self, "a certificate from the test CA must not verify against the system's CAs") { try await ping(systemCAs) }
-        var unverified = verified
-        unverified.tls = .require
-        unverified.caFile = nil
-        try await ping(unverified)
-        var plain = verified
-        plain.tls = .disable
-        plain.caFile = nil
-        await #expect(throws: (any Error).self, "the server accepts only TLS on TCP") { try await ping(plain) }
-    }
 }
