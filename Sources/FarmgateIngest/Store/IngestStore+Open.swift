@@ -1,6 +1,7 @@
 public import Logging
 import FarmgateSupport
 import ServiceLifecycle
+import Foundation
 
 /// Opens the store `[storage]` names: PostgreSQL when a URL is configured (`[storage] url` or
 /// `FARMGATE_INGEST_DATABASE_URL`), else the embedded SQLite file. Does not migrate and opens no PostgreSQL connection
@@ -23,10 +24,25 @@ public func openIngestStore(
 
 /// Runs `store` (its `run()`, as a `ServiceGroup` would) while `body` uses it, then stops it: for the admin commands and
 /// tests, which use a store outside the service.
+///
+/// The stop waits for `run()` at most ``storeStopLimit``, then leaves it behind, saying so on standard error: a
+/// PostgreSQL store's `run()`, cancelled, has been seen not to return in a loaded test process (the test then never
+/// ended; its connections were all closed), and a command must end.
 public func withRunning<T: Sendable>(_ store: any IngestStore, _ body: @Sendable (any IngestStore) async throws -> T) async throws -> T {
-    try await withThrowingTaskGroup(of: Void.self) { group in
-        group.addTask { try await store.run() }
-        defer { group.cancelAll() }
-        return try await body(store)
+    let running = Task { try await store.run() }
+    let result: Result<T, any Error>
+    do {
+        result = .success(try await body(store))
+    } catch {
+        result = .failure(error)
     }
+    running.cancel()
+    if await FarmgateSupport.withDeadline(storeStopLimit, { _ = await running.result }) == nil {
+        FileHandle.standardError.write(
+            Data("farmgate-ingest: the store did not stop within \(storeStopLimit) of being asked to; going on without it\n".utf8))
+    }
+    return try result.get()
 }
+
+/// How long ``withRunning(_:_:)`` waits for the store's `run()` to end once cancelled.
+let storeStopLimit: Duration = .seconds(15)
