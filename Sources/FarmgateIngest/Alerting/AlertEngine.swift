@@ -46,9 +46,13 @@ import Synchronization
 /// so nothing is sent when the silence ends. Acknowledging records who and when; it is cleared when the alert fires
 /// again.
 ///
-/// **Several instances** (PostgreSQL): each evaluates the batches it received, from the alert rows as stored; a write
-/// that finds an alert changed by another instance is refused as a whole (``AlertStoreConflict``), and the engine reads
-/// the alerts again and evaluates once more, so each transition is recorded, and notified, once.
+/// **Several instances** (PostgreSQL): each evaluates the batches it received, from the alert rows as stored. Every
+/// evaluation of a device's readings moves the device's evaluation cursor (``AlertEvaluationCursor``) from the version
+/// read before the alerts, in the transaction of its changes; a write that finds the cursor or an alert changed by
+/// another instance is refused as a whole (``AlertStoreConflict``), and the engine reads the alerts again and evaluates
+/// once more, readings older than the newest the other instance judged as out of order (replayed in time order). So
+/// one device's batches are judged one evaluation at a time across instances, each transition recorded, and notified,
+/// once, and a decision that writes no alert (the condition does not hold, no alert yet) is checked too.
 public actor AlertEngine: CommitObserver, Service {
     /// How many of a sensor's newest calibration events a calibration-overdue rule looks through for one the circuit
     /// kept (``CalibrationEvent/keptByCircuit``).
@@ -141,6 +145,9 @@ public actor AlertEngine: CommitObserver, Service {
     /// are derived again from the stored readings before they are used.
     private var evaluatedThrough: [Int64: UInt64] = [:]
     private var deviceEpoch: [Int64: UInt64] = [:]
+    /// Per device: the version its evaluation cursor took with this engine's last write (``AlertEvaluationCursor``).
+    /// Another version when it is read next means another engine evaluated readings of the device in between.
+    private var cursorVersions: [Int64: Int64] = [:]
     /// Per device: the highest sequence evaluated, and whether it changed since the last save.
     private var watermarks: [Int64: UInt64] = [:]
     private var dirtyWatermarks: Set<Int64> = []
@@ -450,9 +457,9 @@ public actor AlertEngine: CommitObserver, Service {
         }
         // Readings of the device this engine did not evaluate may lie between its last batch and this one: every
         // memory of the device's series is derived again before it is used.
-        let followsOn = evaluatedThrough[device.rowID].map { $0 &+ 1 == lowest } ?? false
+        var followsOn = evaluatedThrough[device.rowID].map { $0 &+ 1 == lowest } ?? false
         if !followsOn { deviceEpoch[device.rowID, default: 0] &+= 1 }
-        let epoch = deviceEpoch[device.rowID] ?? 0
+        var epoch = deviceEpoch[device.rowID] ?? 0
         var evaluated = false
         defer {
             if evaluated {
@@ -499,8 +506,22 @@ public actor AlertEngine: CommitObserver, Service {
                 lastEvaluated[item.sensor] = savedNewest[index]
             }
         }
+        let newest = work.compactMap { $0.readings.last?.timestamp }.max() ?? batch.receivedAt
         for attempt in 1...3 {
             do {
+                // Read before the alerts: a write by another engine after this read moves the version, and this
+                // evaluation's write then fails and is made again from what that engine wrote.
+                let cursor = try await store.alertEvaluationCursor(deviceRowID: device.rowID)
+                if attempt > 1 || cursorVersions[device.rowID].map({ $0 != cursor.version }) ?? false {
+                    // Another engine evaluated readings of this device since this one last did: every memory is derived
+                    // again, and readings older than the newest it judged are out of order (replayed in time order).
+                    followsOn = false
+                    deviceEpoch[device.rowID, default: 0] &+= 1
+                    epoch = deviceEpoch[device.rowID] ?? 0
+                    if let judged = cursor.newest {
+                        for item in work { lastEvaluated[item.sensor] = max(lastEvaluated[item.sensor] ?? judged, judged) }
+                    }
+                }
                 for item in work where series[item.sensor]?.epoch != epoch {
                     try await deriveMemories(sensor: item.sensor, farm: farmRules, before: item.readings, epoch: epoch)
                 }
@@ -515,7 +536,10 @@ public actor AlertEngine: CommitObserver, Service {
                     evaluate(sensor: item.sensor, item.readings, farm: farmRules, device: device, receivedAt: batch.receivedAt, followsOn: followsOn, now: current,
                              records: records[item.sensor] ?? [], into: &changes)
                 }
-                try await apply(changes, durability: .withNextSyncedCommit)
+                try await apply(
+                    changes, durability: .withNextSyncedCommit,
+                    cursor: AlertCursorAdvance(deviceRowID: device.rowID, expectedVersion: cursor.version, newest: newest))
+                cursorVersions[device.rowID] = cursor.version + 1
                 evaluated = true
                 if reorderedDue {
                     reorderedDue = false
@@ -1041,9 +1065,9 @@ public actor AlertEngine: CommitObserver, Service {
     /// batches of readings, which a restart evaluates again from the store when the watermark that covers them was not
     /// saved (see ``AlertWriteDurability``). Timer rules and late reports are judged against the wall clock and write
     /// synced.
-    private func apply(_ changes: [AlertChange], durability: AlertWriteDurability = .immediate) async throws {
-        guard !changes.isEmpty else { return }
-        let written = try await store.applyAlertChanges(changes, now: now(), durability: durability)
+    private func apply(_ changes: [AlertChange], durability: AlertWriteDurability = .immediate, cursor: AlertCursorAdvance? = nil) async throws {
+        guard !changes.isEmpty || cursor != nil else { return }
+        let written = try await store.applyAlertChanges(changes, now: now(), durability: durability, advancing: cursor)
         if written.coalesced > 0 { coalescedCounter.increment(by: written.coalesced) }
         let notified = changes.reduce(0) { $0 + $1.notifications.count }
         if notified > 0 {

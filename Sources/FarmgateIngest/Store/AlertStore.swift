@@ -45,10 +45,16 @@ public protocol AlertStore: Sendable {
     /// - Parameter durability: whether the commit waits for the disk (``AlertWriteDurability``).
     /// - Returns: the alert ids, in order, and how many notifications were merged.
     /// - Throws: ``AlertStoreConflict`` when an alert changed since it was read; nothing is written then.
+    /// - Parameter cursor: for the changes of an evaluation of a device's readings: the device's evaluation cursor is
+    ///   advanced in the same transaction, first, and only from the version the engine read (``AlertCursorAdvance``);
+    ///   written even when `changes` is empty.
     @discardableResult
-    func applyAlertChanges(_ changes: [AlertChange], now: Timestamp, durability: AlertWriteDurability) async throws -> AlertChangesWritten
+    func applyAlertChanges(_ changes: [AlertChange], now: Timestamp, durability: AlertWriteDurability, advancing cursor: AlertCursorAdvance?) async throws
+        -> AlertChangesWritten
 
     // MARK: Engine progress
+    /// The device's evaluation cursor (version 0 and no time when no evaluation of its readings was written yet).
+    func alertEvaluationCursor(deviceRowID: Int64) async throws -> AlertEvaluationCursor
     /// Per device that has readings: the highest sequence the engine evaluated (nil: none) and the highest stored.
     func alertProgress() async throws -> [AlertDeviceProgress]
     func saveAlertWatermarks(_ watermarks: [Int64: UInt64]) async throws
@@ -64,7 +70,14 @@ extension AlertStore {
     /// ``applyAlertChanges(_:now:durability:)`` synced before it returns.
     @discardableResult
     public func applyAlertChanges(_ changes: [AlertChange], now: Timestamp) async throws -> AlertChangesWritten {
-        try await applyAlertChanges(changes, now: now, durability: .immediate)
+        try await applyAlertChanges(changes, now: now, durability: .immediate, advancing: nil)
+    }
+
+    /// ``applyAlertChanges(_:now:durability:advancing:)`` without an evaluation cursor (timer rules, late reports,
+    /// rule changes, the CLI: each changes alerts it read, which their versions check).
+    @discardableResult
+    public func applyAlertChanges(_ changes: [AlertChange], now: Timestamp, durability: AlertWriteDurability) async throws -> AlertChangesWritten {
+        try await applyAlertChanges(changes, now: now, durability: durability, advancing: nil)
     }
 }
 
@@ -100,7 +113,8 @@ public enum AlertWriteDurability: Sendable, Hashable {
     case withNextSyncedCommit
 }
 
-/// Thrown by ``AlertStore/applyAlertChanges(_:now:durability:)`` when another writer changed one of the alerts first.
+/// Thrown by ``AlertStore/applyAlertChanges(_:now:durability:advancing:)`` when another writer changed one of the alerts,
+/// or the device's evaluation cursor (``AlertEvaluationCursor``), first.
 public struct AlertStoreConflict: Error, Sendable, CustomStringConvertible {
     public var alert: String
     public init(alert: String) { self.alert = alert }
@@ -297,6 +311,41 @@ public struct AlertSilence: Sendable, Hashable, Codable {
     public func silences(_ labels: [String: String], at time: Timestamp) -> Bool {
         guard startsAt <= time, time < endsAt else { return false }
         return matchers.allSatisfy { key, pattern in Glob.matches(pattern, labels[key] ?? "") }
+    }
+}
+
+/// Per device: how many evaluations of its readings were written, and the newest reading time they judged.
+///
+/// An alert's `version` checks writes to alerts that exist. An evaluation that decides to write nothing (no alert yet,
+/// the condition does not hold) has no row to check, so on its own it could not see that another instance fired an
+/// alert from an older reading of the same device meanwhile, and the alert would stay firing after the newer reading.
+/// So every evaluation of a device's readings advances the device's cursor, from the version it read before it read
+/// the alerts, in the transaction of its changes (or alone): of two engines evaluating one device at once, the second
+/// to commit finds the version moved, writes nothing (``AlertStoreConflict``), reads the alerts again and judges its
+/// readings against them, readings older than `newest` as out of order (the replay of late reports puts them in time
+/// order). Evaluations of one device are thus serialised across instances, and each transition recorded once.
+public struct AlertEvaluationCursor: Sendable, Hashable {
+    public var version: Int64
+    /// The newest reading time of the device that an evaluation judged (nil: none).
+    public var newest: Timestamp?
+
+    public init(version: Int64 = 0, newest: Timestamp? = nil) {
+        self.version = version
+        self.newest = newest
+    }
+}
+
+/// The cursor move that goes with an evaluation's changes: from `expectedVersion` (as read) to the next, `newest` the
+/// newest reading time the evaluation judged (the stored time keeps the larger).
+public struct AlertCursorAdvance: Sendable, Hashable {
+    public var deviceRowID: Int64
+    public var expectedVersion: Int64
+    public var newest: Timestamp
+
+    public init(deviceRowID: Int64, expectedVersion: Int64, newest: Timestamp) {
+        self.deviceRowID = deviceRowID
+        self.expectedVersion = expectedVersion
+        self.newest = newest
     }
 }
 

@@ -161,11 +161,35 @@ extension PostgresIngestStore: AlertStore {
     }
 
     /// Always a synchronous commit (`durability` is not used: PostgreSQL groups concurrent commits into one flush).
-    public func applyAlertChanges(_ changes: [AlertChange], now: Timestamp, durability: AlertWriteDurability) async throws -> AlertChangesWritten {
-        guard !changes.isEmpty else { return AlertChangesWritten() }
+    public func applyAlertChanges(_ changes: [AlertChange], now: Timestamp, durability: AlertWriteDurability, advancing cursor: AlertCursorAdvance?) async throws
+        -> AlertChangesWritten
+    {
+        guard !changes.isEmpty || cursor != nil else { return AlertChangesWritten() }
         let logger = self.logger
         return try await transaction { connection in
             var written = AlertChangesWritten()
+            if let cursor {
+                // First, so that two instances writing for one device queue on its cursor row before any alert row
+                // (see `AlertEvaluationCursor`): the later one's UPDATE sees the version moved and changes nothing.
+                let device = Int32(clamping: cursor.deviceRowID)
+                var moved = false
+                if cursor.expectedVersion == 0 {
+                    for try await _ in try await connection.query(
+                        """
+                        INSERT INTO alert_cursors(device_id, version, newest_us) VALUES (\(device), 1, \(cursor.newest.microseconds))
+                        ON CONFLICT (device_id) DO NOTHING RETURNING device_id
+                        """, logger: logger
+                    ) { moved = true }
+                } else {
+                    for try await _ in try await connection.query(
+                        """
+                        UPDATE alert_cursors SET version = version + 1, newest_us = greatest(newest_us, \(cursor.newest.microseconds))
+                        WHERE device_id = \(device) AND version = \(cursor.expectedVersion) RETURNING device_id
+                        """, logger: logger
+                    ) { moved = true }
+                }
+                guard moved else { throw AlertStoreConflict(alert: "evaluation cursor of device row \(cursor.deviceRowID)") }
+            }
             for change in changes {
                 let r = change.record
                 let (pending, starts, ends, last) = (r.pendingSince?.microseconds, r.startsAt?.microseconds, r.endsAt?.microseconds, r.lastReading?.microseconds)
@@ -276,6 +300,14 @@ extension PostgresIngestStore: AlertStore {
     }
 
     // MARK: Engine progress
+
+    public func alertEvaluationCursor(deviceRowID: Int64) async throws -> AlertEvaluationCursor {
+        let found = try await rows("SELECT version, newest_us FROM alert_cursors WHERE device_id = \(Int32(clamping: deviceRowID))") { row in
+            let (version, newest) = try row.decode((Int64, Int64?).self)
+            return AlertEvaluationCursor(version: version, newest: newest.map { Timestamp(microseconds: $0) })
+        }
+        return found.first ?? AlertEvaluationCursor()
+    }
 
     public func alertProgress() async throws -> [AlertDeviceProgress] {
         try await rows(

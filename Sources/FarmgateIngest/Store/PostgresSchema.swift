@@ -463,6 +463,18 @@ enum PostgresSchema {
                 FOR EACH STATEMENT EXECUTE FUNCTION farmgate_alert_configuration_changed()
                 """,
             ]),
+        // Like SQLite's migration 16: see `AlertEvaluationCursor`. No row is a device none evaluated yet (version 0).
+        Migration(
+            version: 17, name: "alert_cursors: every evaluation of a device's readings moves its row, so that instances evaluate a device one at a time",
+            statements: [
+                """
+                CREATE TABLE alert_cursors (
+                    device_id integer PRIMARY KEY REFERENCES devices(id),
+                    version bigint NOT NULL,
+                    newest_us bigint
+                )
+                """
+            ]),
     ]
 
     static var currentVersion: Int { migrations.last?.version ?? 0 }

@@ -175,15 +175,17 @@ extension SQLiteIngestStore: AlertStore {
 
     /// With ``AlertWriteDurability/withNextSyncedCommit`` the transaction runs at `synchronous=NORMAL` (no `fdatasync`
     /// at its commit) and the writer is set back to `FULL` before any other write can run on it.
-    public func applyAlertChanges(_ changes: [AlertChange], now: Timestamp, durability: AlertWriteDurability) async throws -> AlertChangesWritten {
-        guard !changes.isEmpty else { return AlertChangesWritten() }
+    public func applyAlertChanges(_ changes: [AlertChange], now: Timestamp, durability: AlertWriteDurability, advancing cursor: AlertCursorAdvance?) async throws
+        -> AlertChangesWritten
+    {
+        guard !changes.isEmpty || cursor != nil else { return AlertChangesWritten() }
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         let logger = self.logger
         return try await writer.withValue { db in
-            guard durability == .withNextSyncedCommit else { return try Self.applyAlertChanges(changes, now: now, encoder: encoder, in: db) }
+            guard durability == .withNextSyncedCommit else { return try Self.applyAlertChanges(changes, cursor: cursor, now: now, encoder: encoder, in: db) }
             try db.connection.execute("PRAGMA synchronous=NORMAL")
-            let written = Result { try Self.applyAlertChanges(changes, now: now, encoder: encoder, in: db) }
+            let written = Result { try Self.applyAlertChanges(changes, cursor: cursor, now: now, encoder: encoder, in: db) }
             // Every later write on this connection (the batches) must be synced again. Setting the flag does no I/O and
             // takes no lock, so it fails only when SQLite cannot allocate; it is tried three times, and a failure is
             // logged as critical and thrown, never passed over.
@@ -207,11 +209,24 @@ extension SQLiteIngestStore: AlertStore {
         }
     }
 
-    private static func applyAlertChanges(_ changes: [AlertChange], now: Timestamp, encoder: JSONEncoder, in db: CachedConnection) throws
+    private static func applyAlertChanges(_ changes: [AlertChange], cursor: AlertCursorAdvance?, now: Timestamp, encoder: JSONEncoder, in db: CachedConnection) throws
         -> AlertChangesWritten
     {
         try db.connection.transaction { () throws -> AlertChangesWritten in
             var written = AlertChangesWritten()
+            if let cursor {
+                // First: the device's evaluations are serialised by it (see `AlertEvaluationCursor`).
+                if cursor.expectedVersion == 0 {
+                    try db.query(
+                        "INSERT INTO alert_cursors(device_id, version, newest_us) VALUES (?, 1, ?) ON CONFLICT (device_id) DO NOTHING",
+                        [.integer(cursor.deviceRowID), .integer(cursor.newest.microseconds)])
+                } else {
+                    try db.query(
+                        "UPDATE alert_cursors SET version = version + 1, newest_us = max(coalesce(newest_us, ?1), ?1) WHERE device_id = ?2 AND version = ?3",
+                        [.integer(cursor.newest.microseconds), .integer(cursor.deviceRowID), .integer(cursor.expectedVersion)])
+                }
+                guard db.connection.changes == 1 else { throw AlertStoreConflict(alert: "evaluation cursor of device row \(cursor.deviceRowID)") }
+            }
             for change in changes {
                 let record = change.record
                 let columns: [SQLiteValue] = [
@@ -322,6 +337,14 @@ extension SQLiteIngestStore: AlertStore {
     }
 
     // MARK: Engine progress
+
+    public func alertEvaluationCursor(deviceRowID: Int64) async throws -> AlertEvaluationCursor {
+        let rows = try await reader.withValue { db in
+            try db.connection.query("SELECT version, newest_us FROM alert_cursors WHERE device_id = ?", [.integer(deviceRowID)])
+        }
+        guard let row = rows.first else { return AlertEvaluationCursor() }
+        return AlertEvaluationCursor(version: row.int(0), newest: row.optionalInt(1).map { Timestamp(microseconds: $0) })
+    }
 
     public func alertProgress() async throws -> [AlertDeviceProgress] {
         let rows = try await reader.withValue { db in

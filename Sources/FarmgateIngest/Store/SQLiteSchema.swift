@@ -328,6 +328,17 @@ enum SQLiteSchema {
                 );
                 INSERT INTO alert_configuration_version(id, version) VALUES (1, 0);
                 """ + alertConfigurationTriggers),
+        // Two alert engines on one store evaluating one device (instances on PostgreSQL; here tests) are serialised by
+        // the device's evaluation cursor (`AlertEvaluationCursor`); no row is a device none evaluated yet.
+        Migration(
+            version: 16, name: "alert_cursors: every evaluation of a device's readings moves its row, so that engines evaluate a device one at a time",
+            sql: """
+                CREATE TABLE alert_cursors (
+                    device_id INTEGER PRIMARY KEY REFERENCES devices(id),
+                    version INTEGER NOT NULL,
+                    newest_us INTEGER
+                );
+                """),
     ]
 
     /// Migration 15's triggers: every insert, update or delete of an alert rule or silence moves the counter.
