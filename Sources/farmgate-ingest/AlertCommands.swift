@@ -63,14 +63,14 @@ struct RuleCommand: AsyncParsableCommand {
         @Option(help: "Glob on device ids (default *).") var device: String?
         @Option(help: "Glob on sensor ids (default *).") var sensor: String?
         @Option(help: "Only sensors of this quantity (ph, ec, temperature, flow, state, ...).") var quantity: String?
-        @Option(help: "The level (above, below) or the change (rate_of_change).") var threshold: Double?
-        @Option(help: "Where an above/below alert clears (hysteresis; default: the threshold).") var clear: Double?
+        @Option(parsing: .unconditional, help: "The level (above, below) or the change (rate_of_change).") var threshold: Double?
+        @Option(parsing: .unconditional, help: "Where an above/below alert clears (hysteresis; default: the threshold).") var clear: Double?
         @Option(name: .customLong("for"), help: "How long the condition must hold before the alert fires, e.g. 30m.") var forDuration: String?
         @Option(help: "rate_of_change: the window, e.g. 10m.") var window: String?
         @Option(help: "no_data, device_offline, calibration_overdue: how long, e.g. 15m or 30d.") var after: String?
-        @Option(help: "sensor_fault: consecutive faulty readings (default 3).") var count: Int?
-        @Option(help: "out_of_range: the lowest expected value.") var min: Double?
-        @Option(help: "out_of_range: the highest expected value.") var max: Double?
+        @Option(parsing: .unconditional, help: "sensor_fault: consecutive faulty readings (default 3).") var count: Int?
+        @Option(parsing: .unconditional, help: "out_of_range: the lowest expected value.") var min: Double?
+        @Option(parsing: .unconditional, help: "out_of_range: the highest expected value.") var max: Double?
         @Option(help: "critical, warning (default) or info.") var severity: String?
         @Option(name: .customLong("label"), help: "A label KEY=VALUE (repeatable).") var labels: [String] = []
         @Option(help: "The summary template: {{device}} {{sensor}} {{value}} {{threshold}} {{unit}} ...") var summary: String?

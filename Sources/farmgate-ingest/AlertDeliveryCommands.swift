@@ -72,7 +72,7 @@ struct AlertReceiverCommand: AsyncParsableCommand {
         @Option(help: "The sender address.") var from: String?
         @Option(help: "The SMTP user name.") var username: String?
         @Option(help: "A file holding the SMTP password.") var passwordFile: String?
-        @Option(help: "At most this many notifications a minute, spaced evenly; more wait (default 60).") var maxPerMinute: Int = 60
+        @Option(parsing: .unconditional, help: "At most this many notifications a minute, spaced evenly; more wait (default 60).") var maxPerMinute: Int = 60
         @Option(help: "How long an alert's first notification waits, taking the alert's changes meanwhile into one (e.g. 30s; default 0s).")
         var groupWait = "0s"
         @Option(help: "How long after an alert's last notification its next one waits, taking the changes meanwhile into one (e.g. 5m; default 0s).")
@@ -150,7 +150,7 @@ struct AlertReceiverCommand: AsyncParsableCommand {
         @Option(help: "A new sender address.") var from: String?
         @Option(help: "A new SMTP user name (with --password-file).") var username: String?
         @Option(help: "A file holding the new SMTP password.") var passwordFile: String?
-        @Option(help: "At most this many notifications a minute.") var maxPerMinute: Int?
+        @Option(parsing: .unconditional, help: "At most this many notifications a minute.") var maxPerMinute: Int?
         @Option(help: "How long an alert's first notification waits (e.g. 30s; 0s: at once).") var groupWait: String?
         @Option(help: "How long after an alert's last notification its next one waits (e.g. 5m; 0s: at once).") var groupInterval: String?
         @OptionGroup var options: ConfigOption
@@ -231,14 +231,17 @@ struct AlertReceiverCommand: AsyncParsableCommand {
 
         @Option(help: "The farm.") var farm: String
         @Option(help: "The receiver's name.") var name: String
-        @Flag(help: "Remove it even while rules name it (their alerts then notify nobody).") var force = false
+        @Flag(help: "Remove it even while rules name it: it is taken out of them (alerts of a rule left with no receiver notify nobody).") var force = false
         @OptionGroup var options: ConfigOption
 
         func validate() throws { try validateFarmArgument(farm) }
 
         func run() async throws {
-            let dropped = try await options.administerAlerts { admin, _, _ in try await admin.removeReceiver(farm: farm, name: name, force: force) }
-            print("Removed receiver \(name) from farm \(farm)" + (dropped > 0 ? "; \(dropped) undelivered notification(s) to it were dropped." : "."))
+            let (dropped, rules) = try await options.administerAlerts { admin, _, _ in try await admin.removeReceiver(farm: farm, name: name, force: force) }
+            var text = "Removed receiver \(name) from farm \(farm)"
+            if dropped > 0 { text += "; \(dropped) undelivered notification(s) to it were dropped" }
+            if !rules.isEmpty { text += "; taken out of the rule\(rules.count == 1 ? "" : "s") \(rules.joined(separator: ", "))" }
+            print(text + ".")
         }
     }
 
@@ -279,7 +282,7 @@ struct AlertOutboxCommand: AsyncParsableCommand {
 
         @Option(help: "Only this farm's.") var farm: String?
         @Option(help: "Only this state: pending, delivering, delivered, dead.") var state: OutboxState?
-        @Option(help: "At most this many (default 100).") var limit: Int = 100
+        @Option(parsing: .unconditional, help: "At most this many (default 100).") var limit: Int = 100
         @Flag(help: "One JSON object per line.") var json = false
         @OptionGroup var options: ConfigOption
 

@@ -49,6 +49,15 @@ struct AlertEndToEndTests {
             Farm.ingestBinary, ["alert", "rule", "add", "--farm", "e2e", "--name", "bad", "--kind", "below", "--config", farm.ingestConfig])
         #expect(invalid.status != 0)
         #expect(invalid.stderr.contains("threshold"), "\(invalid.stderr)")
+        // A negative level as its own argument (a frost alert) is the option's value, not a missing one.
+        try await farm.admin([
+            "alert", "rule", "add", "--farm", "e2e", "--name", "frost", "--kind", "below", "--quantity", "temperature", "--threshold", "-1.5", "--clear", "-1",
+        ])
+        #expect(try await farm.admin(["alert", "rule", "list", "--farm", "e2e"]).contains("frost\twarning\tbelow -1.5"))
+        #expect(try await farm.admin(["alert", "rule", "remove", "--farm", "e2e", "frost"]).contains("Removed alert rule frost"))
+        let negative = try await runCommand(Farm.ingestBinary, ["alert", "outbox", "list", "--limit", "-1", "--config", farm.ingestConfig])
+        #expect(negative.status != 0)
+        #expect(negative.stderr.contains("--limit must be between 1 and 100000"), "\(negative.stderr)")
         let tokenOutput = try await farm.admin(["token", "create", "--farm", "e2e", "--role", "admin"])
         let token = try #require(tokenOutput.split(whereSeparator: { $0 == " " || $0 == "\n" }).first { $0.hasPrefix("fgr_") }.map(String.init))
 

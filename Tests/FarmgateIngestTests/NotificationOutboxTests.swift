@@ -210,6 +210,28 @@ struct NotificationOutboxTests {
         }
     }
 
+    @Test("A receiver that rules name: removal refused, then with force taken out of those rules, the others kept", arguments: StoreKind.allCases)
+    func receiverRemovedFromRules(kind: StoreKind) async throws {
+        try await withOutboxStore(kind) { store in
+            let alerts = try #require(store as? any AdministrationStore & AlertStore)
+            let rules = AlertAdmin(store: alerts)
+            let admin = AlertDeliveryAdmin(store: store)
+            _ = try await addWebhook(store, name: "chat", url: "https://hooks.example.net/a")
+            _ = try await addWebhook(store, name: "pager", url: "https://hooks.example.net/b")
+            try await rules.putRule(farm: "f1", try spec("ph-low", "below") { $0.threshold = 5.5; $0.receivers = ["chat", "pager"] }.validated(), replace: false)
+            try await rules.putRule(farm: "f1", try spec("ph-high", "above") { $0.threshold = 7; $0.receivers = ["chat"] }.validated(), replace: false)
+            try await rules.putRule(farm: "f1", try spec("ec-high", "above") { $0.threshold = 3; $0.receivers = ["pager"] }.validated(), replace: false)
+            let refused = await #expect(throws: AlertReceiverSpecError.self) { _ = try await admin.removeReceiver(farm: "f1", name: "chat") }
+            #expect(refused?.description.contains("'ph-low', 'ph-high'") == true || refused?.description.contains("'ph-high', 'ph-low'") == true, "\(refused?.description ?? "")")
+            #expect(try await store.alertReceivers(farm: "f1").map(\.name).sorted() == ["chat", "pager"])
+            let removed = try await admin.removeReceiver(farm: "f1", name: "chat", force: true)
+            #expect(removed.rules.sorted() == ["ph-high", "ph-low"])
+            #expect(try await store.alertReceivers(farm: "f1").map(\.name) == ["pager"])
+            let after = Dictionary(uniqueKeysWithValues: try await rules.rules(farm: "f1").map { ($0.name, $0.receivers) })
+            #expect(after == ["ph-low": ["pager"], "ph-high": [], "ec-high": ["pager"]])
+        }
+    }
+
     @Test("Receivers: added, listed without change, refused twice, removed with their notifications counted", arguments: StoreKind.allCases)
     func receivers(kind: StoreKind) async throws {
         try await withOutboxStore(kind) { store in

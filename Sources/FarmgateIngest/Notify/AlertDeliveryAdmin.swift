@@ -32,19 +32,28 @@ public struct AlertDeliveryAdmin: Sendable {
         return try await store.updateAlertReceiver(farm: farm, spec)
     }
 
-    /// Removes the receiver `name` of `farm` with its notifications, and returns how many undelivered ones were dropped.
-    /// Refused (``AlertReceiverSpecError``) while rules of the farm name it, since their alerts would then notify nobody,
-    /// unless `force`.
-    public func removeReceiver(farm: String, name: String, force: Bool = false) async throws -> Int {
+    /// Removes the receiver `name` of `farm` with its notifications. Refused (``AlertReceiverSpecError``) while rules of
+    /// the farm name it, since their alerts would then notify nobody, unless `force`: then the name is taken out of those
+    /// rules first (so no rule names a receiver that does not exist, and a receiver added later under the name is not
+    /// notified by them unawares).
+    /// - Returns: how many undelivered notifications were dropped, and the rules the name was taken out of.
+    public func removeReceiver(farm: String, name: String, force: Bool = false) async throws -> (dropped: Int, rules: [String]) {
         try validateFarmName(farm)
-        if !force, let alerts = store as? any AdministrationStore & AlertStore {
-            let naming = try await AlertAdmin(store: alerts).rules(farm: farm, notifying: name)
-            if !naming.isEmpty {
+        var unnamed: [String] = []
+        if let alerts = store as? any AdministrationStore & AlertStore {
+            let admin = AlertAdmin(store: alerts)
+            let naming = try await admin.rules(farm: farm).filter { $0.receivers.contains(name) }
+            if !naming.isEmpty, !force {
                 throw AlertReceiverSpecError(
-                    "receiver '\(name)' is named by the rule\(naming.count == 1 ? "" : "s") \(naming.map { "'\($0)'" }.joined(separator: ", ")) of farm \(farm), whose alerts would then notify nobody: change or remove those rules first, or pass --force to remove it anyway")
+                    "receiver '\(name)' is named by the rule\(naming.count == 1 ? "" : "s") \(naming.map { "'\($0.name)'" }.joined(separator: ", ")) of farm \(farm), whose alerts would then notify nobody: change or remove those rules first, or pass --force to remove it anyway (and take it out of them)")
+            }
+            for var rule in naming {
+                rule.receivers.removeAll { $0 == name }
+                try await admin.putRule(farm: farm, rule, replace: true)
+                unnamed.append(rule.name)
             }
         }
-        return try await store.removeAlertReceiver(farm: farm, name: name)
+        return (try await store.removeAlertReceiver(farm: farm, name: name), unnamed)
     }
 
     /// The receiver `name` of `farm`. Throws ``IngestStoreError/notFound(_:)``.
