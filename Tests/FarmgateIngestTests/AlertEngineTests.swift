@@ -358,6 +358,33 @@ struct AlertEngineTests {
         }
     }
 
+    @Test("an alert that fired under a silence is not told resolved once the silence is over: its receivers never heard it fire", arguments: StoreKind.allCases)
+    func resolvedAfterTheSilence(kind: StoreKind) async throws {
+        try await AlertHarness.with(kind) { h in
+            try await h.rule(spec("ph-low", "below") { $0.quantity = "ph"; $0.threshold = 5.5 })
+            _ = try await h.admin.addSilence(
+                farm: "f1", matchers: ["alertname": "ph-low"], until: Timestamp(microseconds: h.clock.now.microseconds + 60_000_000),
+                comment: "probe swap", by: "tester", now: h.clock.now)
+            await h.engine.reload()
+            try await h.send([(0, 5.0)])
+            #expect(try await h.alerts().first?.state == "firing")
+            #expect(try await h.outbox().isEmpty)
+            // The silence ends; the alert resolves: recorded, marked silenced, told to nobody.
+            h.clock.advance(seconds: 120)
+            try await h.send([(0, 6.0)])
+            var alert = try await h.alerts().first
+            #expect(alert?.state == "resolved")
+            #expect(alert?.transitions.last?.to == "resolved" && alert?.transitions.last?.silenced == true, "\(states(alert))")
+            #expect(try await h.outbox().isEmpty)
+            // The next episode, after the silence, is told whole.
+            try await h.send([(10, 5.0)])
+            try await h.send([(20, 6.0)])
+            alert = try await h.alerts().first
+            #expect(alert?.transitions.suffix(2).map(\.silenced) == [false, false], "\(states(alert))")
+            #expect(try await h.outbox().map(\.transitions) == [2])
+        }
+    }
+
     @Test("one outbox row per transition and receiver, even when two engines evaluate the same batch", arguments: StoreKind.allCases)
     func outboxExactlyOnce(kind: StoreKind) async throws {
         try await AlertHarness.with(kind) { h in

@@ -536,6 +536,7 @@ public actor AlertEngine: CommitObserver, Service {
                     evaluate(sensor: item.sensor, item.readings, farm: farmRules, device: device, receivedAt: batch.receivedAt, followsOn: followsOn, now: current,
                              records: records[item.sensor] ?? [], into: &changes)
                 }
+                try await dropResolutionsNeverAnnounced(&changes)
                 try await apply(
                     changes, durability: .withNextSyncedCommit,
                     cursor: AlertCursorAdvance(deviceRowID: device.rowID, expectedVersion: cursor.version, newest: newest))
@@ -560,6 +561,28 @@ public actor AlertEngine: CommitObserver, Service {
         }
         mustCatchUp.store(true, ordering: .relaxed)
         watermarksHold(device: device.rowID, below: lowest)
+    }
+
+    /// A receiver is told an alert resolved only when it was told the alert fired, as Alertmanager does: an alert that
+    /// fired under a silence and resolves after the silence ended records its resolution (marked silenced) and notifies
+    /// nobody. Only resolutions whose firing is not in the same change are looked up (the alert's newest transitions).
+    private func dropResolutionsNeverAnnounced(_ changes: inout [AlertChange]) async throws {
+        for index in changes.indices where changes[index].record.id != 0 {
+            let change = changes[index]
+            let unannounced = change.notifications.indices.filter { n in
+                guard change.notifications[n].notification.status == .resolved, let at = change.notifications[n].transitionIndex,
+                    change.transitions.indices.contains(at)
+                else { return false }
+                return !change.transitions[..<at].contains { $0.to == .firing }
+            }
+            guard !unannounced.isEmpty else { continue }
+            let history = try await store.alertTransitions(alertIDs: [change.record.id], newestPerAlert: 10)
+            guard let fired = history.last(where: { $0.to == .firing }), fired.silenced else { continue }
+            for n in unannounced.reversed() {
+                if let at = change.notifications[n].transitionIndex { changes[index].transitions[at].silenced = true }
+                changes[index].notifications.remove(at: n)
+            }
+        }
     }
 
     /// Rebuilds the memories of `sensor`'s rate-of-change and sensor-fault rules as they stand just before the first
