@@ -258,6 +258,37 @@ struct ControlSocketTests {
         }
     }
 
+    @Test("A command run while the agent reopens its control socket (a reload) waits for it instead of saying the agent is not running")
+    func waitsForTheSocketToReopen() async throws {
+        let scratch = try Scratch(prefix: "fg-ctl", in: URL(fileURLWithPath: "/tmp"))
+        let path = scratch.file("control.sock")
+        // Refused at first (nobody listens), as between a reload's stop and its start.
+        try Self.leaveStaleSocket(at: path)
+        let server = ControlServer(path: path, logger: Logger(label: "test")) { request in
+            Array("{\"ok\":true,\"error\":\"echo \(request.command)\"}".utf8)
+        }
+        let task = Task {
+            try await Task.sleep(for: .milliseconds(800))
+            try await server.run()
+        }
+        let asked = ContinuousClock.now
+        let answer = try await runOffPool { try ControlClient.send(ControlRequest(command: "status"), to: path) }
+        #expect(String(decoding: answer, as: UTF8.self) == "{\"ok\":true,\"error\":\"echo status\"}")
+        #expect(asked.duration(to: .now) >= .milliseconds(700))
+        task.cancel()
+        _ = try? await task.value
+        // No socket at all and nobody coming: the message that says what to check, once the wait is over.
+        #expect(!FileManager.default.fileExists(atPath: path))
+        let again = ContinuousClock.now
+        do {
+            _ = try await runOffPool { try ControlClient.send(ControlRequest(command: "status"), to: path, settling: .milliseconds(500)) }
+            Issue.record("a stopped agent answered")
+        } catch {
+            #expect("\(error)".contains("no such socket") && "\(error)".contains("Is `farmgate agent` running?"), "\(error)")
+        }
+        #expect(again.duration(to: .now) >= .milliseconds(450))
+    }
+
     @Test("A file at the socket path that is not a socket is left alone, and the agent says so")
     func refusesToReplaceAFile() async throws {
         let scratch = try Scratch(prefix: "fg-ctl", in: URL(fileURLWithPath: "/tmp"))

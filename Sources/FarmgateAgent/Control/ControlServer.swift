@@ -316,11 +316,14 @@ public enum ControlClient {
     /// Sends `request` to the agent listening on `path` and returns its JSON answer. Blocks the calling thread (use it from
     /// the command line, not from the concurrency pool).
     ///
-    /// - Parameter timeoutSeconds: how long connecting, sending and each read of the answer may wait. A request that makes
-    ///   the agent work for long (a requeue of the whole quarantine) needs a longer one.
+    /// - Parameters:
+    ///   - timeoutSeconds: how long connecting, sending and each read of the answer may wait. A request that makes the
+    ///     agent work for long (a requeue of the whole quarantine) needs a longer one.
+    ///   - settling: how long to wait for a socket that is missing or refuses (an agent reloading its configuration
+    ///     opens it again within a moment) before saying the agent is not running.
     /// - Throws: ``ControlSocketError``, with ``ControlSocketError/unanswered`` when the request was sent but no answer came.
-    public static func send(_ request: ControlRequest, to path: String, timeoutSeconds: Int = 10) throws -> [UInt8] {
-        let fd = try UnixSocket.connect(path, timeoutSeconds: timeoutSeconds)
+    public static func send(_ request: ControlRequest, to path: String, timeoutSeconds: Int = 10, settling: Duration = .seconds(3)) throws -> [UInt8] {
+        let fd = try UnixSocket.connect(path, timeoutSeconds: timeoutSeconds, settling: settling)
         defer { close(fd) }
         let body = try JSONEncoder().encode(request)
         // An agent serving its maximum of clients answers "busy" and closes without reading: the send may then fail

@@ -40,7 +40,30 @@ enum UnixSocket {
     static func errnoText() -> String { String(cString: strerror(errno)) }
 
     /// Connects to `path`; throws with the reason (ENOENT, ECONNREFUSED, EACCES) spelled out.
-    static func connect(_ path: String, timeoutSeconds: Int) throws(ControlSocketError) -> Int32 {
+    ///
+    /// - Parameter settling: how long to keep trying while there is no socket or nobody listens on it (every 100 ms):
+    ///   an agent reloading its configuration (SIGHUP) closes its control socket and opens it again, and a command
+    ///   run in between should wait for it rather than say the agent is not running.
+    static func connect(_ path: String, timeoutSeconds: Int, settling: Duration = .zero) throws(ControlSocketError) -> Int32 {
+        let deadline = ContinuousClock.now + settling
+        while true {
+            do {
+                return try connectOnce(path, timeoutSeconds: timeoutSeconds, lastTry: ContinuousClock.now >= deadline)
+            } catch let failure as Retry {
+                _ = failure
+                var pause = timespec(tv_sec: 0, tv_nsec: 100_000_000)
+                nanosleep(&pause, nil)
+            } catch let error as ControlSocketError {
+                throw error
+            } catch {
+                throw ControlSocketError("cannot reach the agent at \(path): \(error)")
+            }
+        }
+    }
+
+    private struct Retry: Error {}
+
+    private static func connectOnce(_ path: String, timeoutSeconds: Int, lastTry: Bool) throws -> Int32 {
         var address = try address(path)
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw ControlSocketError("cannot create a socket: \(errnoText())") }
@@ -51,6 +74,7 @@ enum UnixSocket {
         guard rc == 0 else {
             let code = errno
             close(fd)
+            if !lastTry, code == ENOENT || code == ECONNREFUSED { throw Retry() }
             let reason: String
             switch code {
             case ENOENT: reason = "no such socket"
