@@ -109,7 +109,9 @@ public enum AlertWriteDurability: Sendable, Hashable {
     /// Synced before the call returns (SQLite `synchronous=FULL`, as every other write of the ingest).
     case immediate
     /// Visible at once; on the disk with the store's next synced commit (SQLite: `synchronous=NORMAL` for this
-    /// transaction only). PostgreSQL commits every alert write synchronously either way.
+    /// transaction only; PostgreSQL: `synchronous_commit = off` for it, the WAL being flushed in order by the next
+    /// synchronous commit, the watermark's among them). Every evaluation of a batch against rules writes (it moves the
+    /// device's ``AlertEvaluationCursor``), so a flush per batch would bound the engine by the disk's sync latency.
     case withNextSyncedCommit
 }
 

@@ -166,7 +166,7 @@ extension PostgresIngestStore: AlertStore {
     {
         guard !changes.isEmpty || cursor != nil else { return AlertChangesWritten() }
         let logger = self.logger
-        return try await transaction { connection in
+        return try await transaction(asynchronousCommit: durability == .withNextSyncedCommit) { connection in
             var written = AlertChangesWritten()
             if let cursor {
                 // First, so that two instances writing for one device queue on its cursor row before any alert row

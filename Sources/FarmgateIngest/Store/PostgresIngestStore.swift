@@ -149,15 +149,28 @@ public final class PostgresIngestStore: IngestStore {
     ///
     /// - Parameter settingTimeout: false when `body`'s first statement sets ``statementTimeout`` itself (one round trip
     ///   fewer on the write path).
-    func transaction<T: Sendable>(settingTimeout: Bool = true, _ body: @escaping @Sendable (PostgresConnection) async throws -> T) async throws -> T {
+    /// - Parameter asynchronousCommit: commit without waiting for the WAL flush (`synchronous_commit = off` for this
+    ///   transaction only): for writes that can be derived again and that a later synchronous commit makes durable
+    ///   with it, since the WAL is flushed in order (``AlertWriteDurability/withNextSyncedCommit``).
+    func transaction<T: Sendable>(
+        settingTimeout: Bool = true, asynchronousCommit: Bool = false, _ body: @escaping @Sendable (PostgresConnection) async throws -> T
+    ) async throws -> T {
         let timeout = settings.queryTimeout
         let logger = self.logger
         let statementTimeout = settingTimeout ? self.statementTimeout : nil
         return try await withDeadline(timeout) {
             do {
                 return try await self.client.withTransaction(logger: logger) { connection in
-                    if let statementTimeout {
+                    switch (statementTimeout, asynchronousCommit) {
+                    case (let statementTimeout?, false):
                         try await connection.query("SELECT set_config('statement_timeout', \(String(statementTimeout)), true)", logger: logger)
+                    case (let statementTimeout?, true):
+                        try await connection.query(
+                            "SELECT set_config('statement_timeout', \(String(statementTimeout)), true), set_config('synchronous_commit', 'off', true)", logger: logger)
+                    case (nil, true):
+                        try await connection.query("SELECT set_config('synchronous_commit', 'off', true)", logger: logger)
+                    case (nil, false):
+                        break
                     }
                     return try await body(connection)
                 }
