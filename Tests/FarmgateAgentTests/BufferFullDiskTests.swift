@@ -94,6 +94,92 @@ struct BufferFullDiskTests {
         }
     }
 
+    @Test(
+        "a queue that grew while the disk was full commits what fits, oldest first, as space comes back (in chunks, not one transaction that never fits); every sample stored or counted",
+        arguments: [BufferFullPolicy.dropNewest, .dropOldest])
+    func largeQueueCommitsInChunks(policy: BufferFullPolicy) async throws {
+        try await Self.withSmallFileSystem(size: "8m") { directory in
+            let path = directory + "/buffer.sqlite"
+            let configuration = BufferConfiguration(path: path, commitInterval: .seconds(3_600), quotaBytes: 512 << 20, whenFull: policy)
+            let buffer = try ReadingBuffer(configuration: configuration, logger: Self.logger)
+            let sensor = try SensorID("tank1.ph")
+            try await buffer.register([SensorDescriptor(id: sensor, quantity: .ph)])
+            // Something else fills the file system while samples pile up in memory.
+            let filler = directory + "/filler"
+            #expect(FileManager.default.createFile(atPath: filler, contents: nil))
+            let handle = try #require(FileHandle(forWritingAtPath: filler))
+            let block = Data(repeating: 7, count: 64 << 10)
+            while (try? handle.write(contentsOf: block)) != nil {}
+            try? handle.close()
+            let samples = (0..<95_000).map {
+                Sample(sensor: sensor, timestamp: Timestamp(microseconds: 1_790_000_000_000_000 + Int64($0) * 1_000_000), value: 6 + Double($0 % 100) / 100)
+            }
+            try await buffer.append(samples)
+            await #expect(throws: (any Error).self) { try await buffer.flush() }
+            #expect(try await buffer.statistics().uncommitted == samples.count)
+            // Some space comes back (2 MB): less than all the samples take (about 4 MB), so what fits is committed,
+            // oldest first, and the rest waits; one transaction of all of them would commit nothing.
+            try FileManager.default.removeItem(atPath: filler)
+            var fs = statvfs()
+            #expect(statvfs(directory, &fs) == 0)
+            let free = Int(fs.f_bavail) * Int(fs.f_frsize)
+            #expect(FileManager.default.createFile(atPath: filler, contents: Data(repeating: 7, count: max(0, free - (2 << 20)))))
+            await #expect(throws: (any Error).self) { try await buffer.flush() }
+            var statistics = try await buffer.statistics()
+            #expect(statistics.pending >= 20_000, "\(statistics.pending) committed with 2 MB free")
+            // drop_oldest, with half the memory queue waiting, deletes the oldest stored readings to make room (counted).
+            #expect(Int64(statistics.pending + statistics.uncommitted) + statistics.dropped == Int64(samples.count))
+            #expect(policy == .dropOldest || statistics.dropped == 0)
+            // The rest once the disk has room.
+            try FileManager.default.removeItem(atPath: filler)
+            _ = try await buffer.flush()
+            statistics = try await buffer.statistics()
+            #expect(statistics.uncommitted == 0 && Int64(statistics.pending) + statistics.dropped == Int64(samples.count))
+            let stored = try await buffer.pending(limit: 100_000, from: .oldest)
+            #expect(stored.map(\.timestamp) == samples.suffix(stored.count).map(\.timestamp))
+            try await buffer.close()
+        }
+    }
+
+    @Test("samples the memory queue dropped are counted at once, and a reload hands the count on with the samples")
+    func droppedInMemoryCountedAcrossAReload() async throws {
+        try await Self.withSmallFileSystem(size: "16m") { directory in
+            let path = directory + "/buffer.sqlite"
+            let configuration = BufferConfiguration(path: path, commitInterval: .seconds(3_600), quotaBytes: 512 << 20, whenFull: .dropOldest)
+            let buffer = try ReadingBuffer(configuration: configuration, logger: Self.logger)
+            let sensor = try SensorID("tank1.ph")
+            try await buffer.register([SensorDescriptor(id: sensor, quantity: .ph)])
+            let filler = directory + "/filler"
+            #expect(FileManager.default.createFile(atPath: filler, contents: nil))
+            let handle = try #require(FileHandle(forWritingAtPath: filler))
+            let block = Data(repeating: 7, count: 64 << 10)
+            while (try? handle.write(contentsOf: block)) != nil {}
+            try? handle.close()
+            // 1,500 more than the memory queue holds: the oldest 1,500 go, and say so at once.
+            let total = ReadingBuffer.maximumQueuedSamples + 1_500
+            let samples = (0..<total).map { Sample(sensor: sensor, timestamp: Timestamp(microseconds: 1_790_000_000_000_000 + Int64($0) * 1_000_000), value: 6.5) }
+            try await buffer.append(samples)
+            await #expect(throws: (any Error).self) { try await buffer.flush() }
+            #expect(try await buffer.statistics().dropped == 1_500)
+            // A reload: the next generation gets the samples and the count.
+            let left = buffer.takeUncommitted()
+            #expect(left.samples.count == ReadingBuffer.maximumQueuedSamples && left.dropped == 1_500)
+            try? await buffer.close()
+            try FileManager.default.removeItem(atPath: filler)
+            let next = try ReadingBuffer(configuration: configuration, logger: Self.logger)
+            try await next.register([SensorDescriptor(id: sensor, quantity: .ph)])
+            try next.adopt(left.samples, dropped: left.dropped)
+            #expect(try await next.statistics().dropped == 1_500)
+            #expect(try await next.flush() == UInt64(ReadingBuffer.maximumQueuedSamples))
+            #expect(try await next.statistics().dropped == 1_500)
+            try await next.close()
+            // Counted in the file: the count survives a restart too.
+            let reopened = try ReadingBuffer(configuration: configuration, logger: Self.logger)
+            #expect(try await reopened.statistics().dropped == 1_500)
+            try await reopened.close()
+        }
+    }
+
     @Test("a stop on a full disk keeps the samples it could not commit, for the buffer of the next generation (a reload)")
     func stopOnFullDiskKeepsTheQueue() async throws {
         try await Self.withSmallFileSystem(size: "4m") { directory in
@@ -117,7 +203,7 @@ struct BufferFullDiskTests {
             await group.triggerGracefulShutdown()
             // The stop does not fail the group (a reload goes on) and the samples stay in memory.
             try await running.value
-            let left = buffer.takeUncommitted()
+            let left = buffer.takeUncommitted().samples
             #expect(left.count == 2_000)
             try? await buffer.close()
             // The next generation queues them, and commits them once there is room.

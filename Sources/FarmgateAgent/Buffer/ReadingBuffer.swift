@@ -156,7 +156,7 @@ public final class ReadingBuffer: PendingReadings, Service {
         try committer.append(samples)
     }
 
-    /// Commits everything queued now, in one transaction, and returns once it is durable.
+    /// Commits everything queued now (in transactions of at most ``Committer/chunkSamples``) and returns once it is durable.
     ///
     /// - Returns: the highest sequence number committed so far (0 if none ever was).
     /// - Throws: the commit's error (for example disk full); the samples then stay queued for the next attempt.
@@ -242,8 +242,15 @@ public final class ReadingBuffer: PendingReadings, Service {
 
     /// The samples still queued in memory, taken out of the queue: after ``run()`` ended without committing them (a full
     /// disk), for the buffer of the next generation of services when the configuration was reloaded.
-    public func takeUncommitted() -> [Sample] {
+    public func takeUncommitted() -> (samples: [Sample], dropped: Int64) {
         committer.takeQueued()
+    }
+
+    /// Queues `samples` handed over by the previous generation's buffer (``takeUncommitted()``), and counts the samples
+    /// that buffer dropped in memory as dropped here, so that the `dropped` counter loses none across a reload.
+    public func adopt(_ samples: [Sample], dropped: Int64) throws(BufferError) {
+        committer.adoptDropped(dropped)
+        try committer.append(samples)
     }
 
     /// Ends the buffer on a damaged file, as ``run()`` describes: sidecar, close, move aside, one log line, an error.
@@ -469,12 +476,22 @@ private final class Committer: Sendable {
 
     func close() { queue.withLock { $0.closed = true } }
 
-    /// Empties the queue and returns what it held.
-    func takeQueued() -> [Sample] {
+    /// Empties the queue and returns what it held, with the samples dropped in memory and not yet counted in the file.
+    func takeQueued() -> (samples: [Sample], dropped: Int64) {
         queue.withLock { queue in
-            defer { queue.samples = [] }
-            return queue.samples
+            defer {
+                queue.samples = []
+                queue.droppedInMemory = 0
+            }
+            return (queue.samples, queue.droppedInMemory)
         }
+    }
+
+    /// Counts samples dropped elsewhere (by the previous generation's queue) as dropped in memory here: the next
+    /// commit adds them to the file's counter.
+    func adoptDropped(_ count: Int64) {
+        guard count > 0 else { return }
+        queue.withLock { $0.droppedInMemory += count }
     }
 
     func counts() -> (uncommitted: Int, droppedInMemory: Int64, rejected: Int64) {
@@ -511,19 +528,41 @@ private final class Committer: Sendable {
     /// stored is deleted: a disk filled by something else for a while costs nothing once space returns.
     static let makeRoomAt = ReadingBuffer.maximumQueuedSamples / 2
 
-    /// Commits everything queued. Runs on the buffer's thread, so commits happen one at a time and sequence numbers follow
-    /// commit order. On failure the samples go back to the front of the queue.
+    /// The most samples one transaction commits. A group commit holds a few hundred; after the disk was full for a
+    /// while the queue holds up to ``ReadingBuffer/maximumQueuedSamples``, and one transaction of all of them needs
+    /// several megabytes of WAL (and of pages to delete, for `drop_oldest`'s room) at once: on a card with a megabyte or
+    /// two free again it never fit, and the queue stayed stuck in memory until much more space came back. In chunks,
+    /// each its own transaction, what fits is committed, oldest first.
+    static let chunkSamples = 5_000
+
+    /// Commits everything queued, in transactions of at most ``chunkSamples``. Runs on the buffer's thread, so commits
+    /// happen one at a time and sequence numbers follow commit order. On failure the chunk goes back to the front of the
+    /// queue (the chunks before it stay committed).
     func commit(on store: BufferStore) throws -> UInt64 {
-        let (samples, carried) = queue.withLock { queue in
+        var sequence = UInt64(max(0, store.lastSequence))
+        var first = true
+        while true {
+            guard let committed = try commitChunk(on: store, first: first) else { return sequence }
+            sequence = committed
+            first = false
+        }
+    }
+
+    /// Commits the oldest ``chunkSamples`` queued; nil when nothing was queued (after the first chunk: the loop is done).
+    private func commitChunk(on store: BufferStore, first: Bool) throws -> UInt64? {
+        let (samples, carried, queued) = queue.withLock { queue in
+            let count = min(queue.samples.count, Self.chunkSamples)
+            let queued = queue.samples.count
             defer {
-                queue.committing = queue.samples.count
-                queue.samples = []
+                queue.committing = count
+                queue.samples.removeFirst(count)
                 queue.droppedInMemory = 0
             }
-            return (queue.samples, queue.droppedInMemory)
+            return (Array(queue.samples.prefix(count)), queue.droppedInMemory, queued)
         }
         defer { queue.withLock { $0.committing = 0 } }
         guard !samples.isEmpty || carried > 0 else {
+            guard first else { return nil }
             // Nothing to commit in this window: acknowledgements written since the last commit are synced now. A failure
             // only means they wait for the next commit, as they always could: logged, never the flush's error.
             do {
@@ -531,7 +570,7 @@ private final class Committer: Sendable {
             } catch {
                 logger.debug("Cannot checkpoint the buffer's acknowledgements now", metadata: ["error": "\(error)"])
             }
-            return UInt64(max(0, store.lastSequence))
+            return nil
         }
         var outcome: CommitOutcome
         do {
@@ -544,7 +583,7 @@ private final class Committer: Sendable {
                 do {
                     outcome = try store.commit(samples, carriedDrops: carried, quotaBytes: quotaBytes, policy: policy)
                 } catch let error as SQLiteError
-                    where error.isDiskFull && policy == .dropOldest && samples.count >= Self.makeRoomAt && store.pendingCount > 0
+                    where error.isDiskFull && policy == .dropOldest && queued >= Self.makeRoomAt && store.pendingCount > 0
                 {
                     // The disk filled before the quota, and has stayed full while half the memory queue filled up: the
                     // policy drops the oldest readings, so the oldest stored ones make room (their pages take the newest,
@@ -573,6 +612,7 @@ private final class Committer: Sendable {
         }
         if outcome.rejected > 0 { queue.withLock { $0.rejected += Int64(outcome.rejected) } }
         let sequence = UInt64(max(0, outcome.lastSequence))
+        guard !samples.isEmpty || carried > 0 else { return sequence }
         onCommit?(
             BufferCommit(
                 lastSequence: sequence, stored: outcome.stored, duplicates: outcome.duplicates, dropped: outcome.dropped,

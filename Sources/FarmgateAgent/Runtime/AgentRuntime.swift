@@ -102,8 +102,9 @@ public enum AgentRuntime {
     final class GenerationCarry: Sendable {
         let startedAt = Timestamp.now()
         let upload = Mutex<UploadStatus?>(nil)
-        /// Samples the stopping generation's buffer could not commit (a full disk): the next one queues them first.
-        let samples = Mutex<[Sample]>([])
+        /// Samples the stopping generation's buffer could not commit (a full disk): the next one queues them first; and
+        /// how many it dropped from its memory queue and could not yet count in the file (the next one counts them).
+        let samples = Mutex<(samples: [Sample], dropped: Int64)>(([], 0))
     }
 
     /// One generation of services, from the buffer to the control socket, until a graceful shutdown or an accepted reload.
@@ -117,12 +118,12 @@ public enum AgentRuntime {
         do {
             buffer = try await runOffPool { try ReadingBuffer(configuration: bufferConfiguration, logger: logger) }
             try await buffer.register(configuration.sensors.map(\.descriptor))
-            let queued = carried.samples.withLock { samples in
-                defer { samples = [] }
-                return samples
+            let (queued, dropped) = carried.samples.withLock { carry in
+                defer { carry = ([], 0) }
+                return carry
             }
+            try buffer.adopt(queued, dropped: dropped)
             if !queued.isEmpty {
-                try await buffer.append(queued)
                 logger.notice(
                     "Queued the samples the buffer could not commit before the reload; they are committed when the disk has room",
                     metadata: ["buffer.queued": "\(queued.count)"])
@@ -269,15 +270,18 @@ public enum AgentRuntime {
         try await group.run()
         // What the buffer could not commit at its stop (a full disk) goes to the next generation on a reload; a stop
         // cannot keep it.
-        let uncommitted = buffer.takeUncommitted()
+        let (uncommitted, droppedInMemory) = buffer.takeUncommitted()
         if reloads.isReloading {
-            carried.samples.withLock { $0 = uncommitted }
+            carried.samples.withLock { $0 = (uncommitted, droppedInMemory) }
             return
         }
         if !uncommitted.isEmpty {
             logger.critical(
                 "Agent stopped with samples its buffer could not commit (the disk is full); they are lost",
-                metadata: ["buffer.lost_uncommitted": "\(uncommitted.count)", "buffer.path": "\(bufferConfiguration.path)"])
+                metadata: [
+                    "buffer.lost_uncommitted": "\(uncommitted.count)", "buffer.dropped_in_memory": "\(droppedInMemory)",
+                    "buffer.path": "\(bufferConfiguration.path)",
+                ])
             throw BufferError(
                 "\(uncommitted.count) samples could not be committed to \(bufferConfiguration.path) before the agent stopped (the disk is full); free space on its file system")
         }
