@@ -41,16 +41,16 @@ struct CalibrateCommand: ParsableCommand {
     @Option(name: .customLong("point"), help: ArgumentHelp("A point to take, in order: name=reference, or name alone for dry, air, zero. Repeatable.", valueName: "point"))
     var points: [String] = []
 
-    @Option(help: ArgumentHelp("How far apart readings may be and still count as stable (default: pH 0.02, EC 10 µS/cm, RTD 0.1 °C, ORP 2 mV, DO 0.1 mg/L).", valueName: "value"))
+    @Option(parsing: .unconditional, help: ArgumentHelp("How far apart readings may be and still count as stable (default: pH 0.02, EC 10 µS/cm, RTD 0.1 °C, ORP 2 mV, DO 0.1 mg/L).", valueName: "value"))
     var tolerance: Double?
 
-    @Option(help: ArgumentHelp("How long readings must stay within the tolerance.", valueName: "duration"))
+    @Option(parsing: .unconditional, help: ArgumentHelp("How long readings must stay within the tolerance.", valueName: "duration"))
     var window: String = "30s"
 
-    @Option(help: ArgumentHelp("How long to wait at one point for stable readings before giving up.", valueName: "duration"))
+    @Option(parsing: .unconditional, help: ArgumentHelp("How long to wait at one point for stable readings before giving up.", valueName: "duration"))
     var timeout: String = "10m"
 
-    @Option(help: ArgumentHelp("How often to read while waiting.", valueName: "duration"))
+    @Option(parsing: .unconditional, help: ArgumentHelp("How often to read while waiting.", valueName: "duration"))
     var interval: String = "1s"
 
     @Flag(name: [.short, .customLong("yes")], help: "Take each point without asking (for scripts).")

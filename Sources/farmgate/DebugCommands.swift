@@ -40,16 +40,16 @@ extension DebugCommand {
         @Option(help: ArgumentHelp("The buffer file.", valueName: "file"))
         var path: String
 
-        @Option(help: "How many synthetic sensors to register (1 to 10000).")
+        @Option(parsing: .unconditional, help: "How many synthetic sensors to register (1 to 10000).")
         var sensors: Int = 4
 
-        @Option(help: "Samples per second, over all sensors (1 to 1000000).")
+        @Option(parsing: .unconditional, help: "Samples per second, over all sensors (1 to 1000000).")
         var rate: Int = 1_000
 
-        @Option(name: .customLong("commit-interval-ms"), help: "The group-commit interval, in milliseconds.")
+        @Option(name: .customLong("commit-interval-ms"), parsing: .unconditional, help: "The group-commit interval, in milliseconds.")
         var commitIntervalMilliseconds: Int = 50
 
-        @Option(name: .customLong("quota-bytes"), help: "The buffer's disk quota, in bytes.")
+        @Option(name: .customLong("quota-bytes"), parsing: .unconditional, help: "The buffer's disk quota, in bytes.")
         var quotaBytes: Int64 = 512 << 20
 
         func validate() throws {

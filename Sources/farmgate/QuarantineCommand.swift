@@ -80,7 +80,7 @@ struct QuarantineCommand: ParsableCommand {
         @Option(help: ArgumentHelp("Only readings whose reason has this code, e.g. timestamp_in_future.", valueName: "code"))
         var code: String?
 
-        @Option(help: ArgumentHelp("Print at most this many readings (default: all).", valueName: "n"))
+        @Option(parsing: .unconditional, help: ArgumentHelp("Print at most this many readings (default: all).", valueName: "n"))
         var limit: Int?
 
         func validate() throws {

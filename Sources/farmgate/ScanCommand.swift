@@ -42,7 +42,7 @@ struct ScanCommand: AsyncParsableCommand {
         help: ArgumentHelp("Where to look for serial ports and GPIO chips (for tests and containers).", valueName: "path"))
     var deviceDirectory: String = "/dev"
 
-    @Option(name: .customLong("port-timeout"), help: ArgumentHelp("The most one serial port's probing may take.", valueName: "duration"))
+    @Option(name: .customLong("port-timeout"), parsing: .unconditional, help: ArgumentHelp("The most one serial port's probing may take.", valueName: "duration"))
     var portTimeout: String = "30s"
 
     @Option(

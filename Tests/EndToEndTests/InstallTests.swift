@@ -37,6 +37,9 @@ struct InstallTests {
         let check = try await runCommand(binary, ["config", "check", "--config", staging.file("etc/farmgate/agent.toml")])
         #expect(check.status == 78)
         #expect(check.stderr.contains("[device]") || check.stderr.contains("id"), "\(check.stderr)")
+        // It keeps the SD-card-friendly defaults the README measures (a 1 s commit writes about five times as much).
+        let installed = try String(contentsOfFile: staging.file("etc/farmgate/agent.toml"), encoding: .utf8)
+        #expect(installed.contains("commit_interval = \"10s\""), "\(installed)")
 
         // A second install keeps the configuration the installer edited.
         try "# mine\n".write(toFile: staging.file("etc/farmgate/agent.toml"), atomically: true, encoding: .utf8)

@@ -172,6 +172,9 @@ struct QuarantineTests {
             (["quarantine", "requeue", "--sequence", "0"], "sequence numbers start at 1"),
             (["quarantine", "requeue", "--sequence", "x"], "--sequence"),
             (["quarantine", "list", "--limit", "0"], "--limit must be at least 1"),
+            // A negative number is the option's value (and refused for what it is), not a missing one.
+            (["quarantine", "list", "--limit", "-1"], "--limit must be at least 1, not -1"),
+            (["calibrate", "tank1.ph", "--tolerance", "-1"], "--tolerance must be a positive number"),
         ])
     func badArguments(arguments: [String], expected: String) async throws {
         let result = try await runCommand(Farm.agentBinary, arguments + ["--socket", "/tmp/fg-no-agent-here.sock"])
