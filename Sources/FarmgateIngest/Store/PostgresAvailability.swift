@@ -129,6 +129,22 @@ final class PostgresAvailability: Sendable {
     /// Whether store calls fail at once.
     var isDown: Bool { state.load(ordering: .acquiring).client == nil }
 
+    /// How often a slow store call looks whether its pool is gone (``outage(since:)``).
+    static let outagePoll: Duration = .milliseconds(250)
+
+    /// The state a store call starts on, for ``outage(since:)``.
+    var current: State { state.load(ordering: .acquiring) }
+
+    /// What a call that started on `state` answers when that pool is gone since (the database found down, or a new pool
+    /// in place after an outage); nil while it is still the pool calls use.
+    func outage(since state: State) -> PostgresStoreError? {
+        let now = self.state.load(ordering: .acquiring)
+        guard now !== state else { return nil }
+        if now.client == nil { return Self.unavailable(now) }
+        return PostgresStoreError.unavailable(
+            "the call was cut by a PostgreSQL outage (the server answers again, on a new pool); send it again")
+    }
+
     /// Asks for a check of the database: a call failed at the connection level or waits long. Coalesced; nothing while
     /// the database is already known to be down.
     func suspect() {

@@ -207,10 +207,10 @@ public final class PostgresIngestStore: IngestStore {
     private func abandoning<T: Sendable>(
         after timeout: Duration, limit: String = "query_timeout", _ body: @escaping @Sendable () async throws -> T
     ) async throws -> T {
-        guard timeout > .zero else { return try await body() }
-        // The first answer wins (the work's, the deadline's, or the caller's cancellation); then the work is cancelled
-        // and the deadline forgotten.
+        // The first answer wins (the work's, the deadline's, an outage's, or the caller's cancellation); then the work
+        // is cancelled and the deadline forgotten.
         let answer = OnceContinuation<T>()
+        let startedOn = availability.current
         return try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, any Error>) in
                 answer.install(continuation)
@@ -226,11 +226,26 @@ public final class PostgresIngestStore: IngestStore {
                 // all busy (or a test process full of CPU-bound tests) does not time out work that is merely waiting
                 // for a thread. Work still unanswered after a second has the database checked (it may wait in the
                 // pool for a database that is down).
+                //
+                // From then on, every quarter of a second, it looks whether the pool it started on is gone (an outage
+                // found, or a new pool after one): a query caught by a database restart can wait on its dead socket
+                // until `query_timeout`, or for ever without one, holding its upload (and the device's slot) long after
+                // the ingest serves again. It is answered as unavailable then (503: the agent sends it again).
                 let timer = Task {
-                    let slow = min(timeout, PostgresAvailability.slowCall)
+                    let slow = timeout > .zero ? min(timeout, PostgresAvailability.slowCall) : PostgresAvailability.slowCall
                     guard (try? await Task.sleep(for: slow)) != nil else { return }
                     availability.suspect()
-                    if timeout > slow { guard (try? await Task.sleep(for: timeout - slow)) != nil else { return } }
+                    let deadline = timeout > .zero ? ContinuousClock.now + (timeout - slow) : nil
+                    while true {
+                        if let outage = availability.outage(since: startedOn) {
+                            answer.resume(with: .failure(outage))
+                            return
+                        }
+                        let now = ContinuousClock.now
+                        if let deadline, now >= deadline { break }
+                        let pause = deadline.map { min(PostgresAvailability.outagePoll, now.duration(to: $0)) } ?? PostgresAvailability.outagePoll
+                        guard (try? await Task.sleep(for: pause)) != nil else { return }
+                    }
                     answer.resume(
                         with: .failure(
                             PostgresStoreError.timedOut(
@@ -247,7 +262,9 @@ public final class PostgresIngestStore: IngestStore {
         }
     }
 
-    /// Fails with ``PostgresStoreError/timedOut(_:)`` when `body` takes longer than `timeout` (zero: no limit). Waiting
+    /// Fails with ``PostgresStoreError/timedOut(_:)`` when `body` takes longer than `timeout` (zero: no limit), and with
+    /// ``PostgresStoreError/unavailable(_:)`` once the pool it started on is gone (an outage found, or a new pool after
+    /// one; see ``abandoning(after:limit:_:)``), with or without a limit. Waiting
     /// for a pooled connection is cancelled then; a statement already running is ended by the server's
     /// `statement_timeout`. The caller is answered at the deadline even when `body` does not notice its cancellation
     /// (a connection whose server was restarted under it can leave postgres-nio waiting): a store call never hangs,
