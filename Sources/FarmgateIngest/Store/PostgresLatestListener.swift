@@ -1,3 +1,4 @@
+import FarmgateSupport
 import FarmgateWire
 public import Logging
 public import Metrics
@@ -150,10 +151,14 @@ public struct PostgresLatestListener: Service {
         do {
             try await follow(notifications, connection: connection, silence: silence)
         } catch {
+            // Following ended with its connection (or the listener stops): closed now, not waited for, so that
+            // postgres-nio's clean-up after `listen` fails at once rather than wait for an answer on a dead socket.
+            let _: EventLoopFuture<Void> = connection.close()
             // Closing the silent connection fails whatever waited on it, often before the probe's own error arrives.
             if let silent = silence.state.withLock({ $0 }) { throw silent }
             throw error
         }
+        let _: EventLoopFuture<Void> = connection.close()
         // Following ends only with its connection. The refresh task ends without an error when the notifications end, and
         // may be the first task the group reports: a lost connection all the same.
         if let silent = silence.state.withLock({ $0 }) { throw silent }
@@ -164,8 +169,11 @@ public struct PostgresLatestListener: Service {
     private func follow(_ notifications: PostgresNotificationSequence, connection: PostgresConnection, silence: Silence) async throws {
         let pending = PendingRefreshes()
         let (wakeups, wake) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            group.addTask {
+        // Not a task group: after a database restart under load a refresh (or the notifications) was seen never to end
+        // on its dead connection, even cancelled, and a group would wait for it for ever: no reconnection, `latest`
+        // served stale from memory, and a graceful stop that never ended. The first to end ends following.
+        try await firstToEnd([
+            {
                 defer { wake.finish() }
                 for try await notification in notifications {
                     guard let (farmID, rowID, device) = PostgresLatestNotice.parse(notification.payload) else {
@@ -177,8 +185,8 @@ public struct PostgresLatestListener: Service {
                     wake.yield()
                 }
                 throw ListenerEnded()
-            }
-            group.addTask {
+            },
+            {
                 for await _ in wakeups {
                     let round = pending.state.withLock { pending in
                         defer { pending = [:] }
@@ -190,16 +198,14 @@ public struct PostgresLatestListener: Service {
                         self.cache.refreshed(farmID: item.farmID, device: item.device, readings: rows[item.rowID] ?? [], token: item.token)
                     }
                 }
-            }
-            group.addTask {
+            },
+            {
                 while true {
                     try await Task.sleep(for: self.liveness.interval)
                     try await self.probe(connection, silence: silence)
                 }
-            }
-            defer { group.cancelAll() }
-            try await group.next()
-        }
+            },
+        ])
     }
 
     /// Sends the `LISTEN` statement again on `connection` and waits for its answer. When none comes within
@@ -208,22 +214,28 @@ public struct PostgresLatestListener: Service {
     /// (the listener stops), it closes the connection too, so that a silent one cannot hold the shutdown.
     private func probe(_ connection: PostgresConnection, silence: Silence) async throws {
         let timeout = liveness.timeout
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            group.addTask {
+        // The first to end wins, the other is not waited for (a query on a silent connection may never end).
+        try await firstToEnd([
+            {
                 try await Task.sleep(for: timeout)
-                silence.state.withLock { $0 = $0 ?? ListenerSilent(timeout: timeout) }
+                let silent = silence.state.withLock { state in
+                    state = state ?? ListenerSilent(timeout: timeout)
+                    return state ?? ListenerSilent(timeout: timeout)
+                }
                 // Commits may have gone unheard since the last answer: no read is served from memory from now on.
                 self.cache.invalidateAll()
-                try? await connection.close()
-            }
-            defer { group.cancelAll() }
-            try await withTaskCancellationHandler {
-                for try await _ in try await connection.query(Self.probeStatement, logger: self.logger) {}
-            } onCancel: {
-                // Not waited for: closing a channel is local and completes on its event loop.
                 let _: EventLoopFuture<Void> = connection.close()
-            }
-        }
+                throw silent
+            },
+            {
+                try await withTaskCancellationHandler {
+                    for try await _ in try await connection.query(Self.probeStatement, logger: self.logger) {}
+                } onCancel: {
+                    // Not waited for: closing a channel is local and completes on its event loop.
+                    let _: EventLoopFuture<Void> = connection.close()
+                }
+            },
+        ])
     }
 
     /// What postgres-nio sent to start listening, byte for byte: already listening, the server does nothing but answer.

@@ -48,3 +48,29 @@ public final class OnceContinuation<Value: Sendable>: Sendable {
         continuation?.resume(with: result)
     }
 }
+
+/// Runs each of `bodies` in an unstructured task of its own and returns (or throws) as soon as the first of them ends,
+/// with its outcome; the others are then cancelled and not waited for. A task group waits for every child, so one child
+/// that never notices its cancellation (a query on a connection a database restart left silent) would hold it for
+/// ever; here it is left behind, cancelled. Cancelling the caller answers it at once with `CancellationError`.
+public func firstToEnd(_ bodies: [@Sendable () async throws -> Void]) async throws {
+    let answer = OnceContinuation<Void>()
+    try await withTaskCancellationHandler {
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+            answer.install(continuation)
+            let running = bodies.map { body in
+                Task {
+                    do {
+                        try await body()
+                        answer.resume(with: .success(()))
+                    } catch {
+                        answer.resume(with: .failure(error))
+                    }
+                }
+            }
+            answer.onResume { for task in running { task.cancel() } }
+        }
+    } onCancel: {
+        answer.resume(with: .failure(CancellationError()))
+    }
+}
