@@ -31,6 +31,63 @@ struct DoctorServiceUnitTests {
         }
     }
 
+    /// The unit this repository installs.
+    static var installedUnit: String {
+        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("systemd/farmgate.service").path
+    }
+
+    @Test("a buffer or metrics directory the unit's ProtectSystem=strict leaves read-only is a problem, with the ReadWritePaths= that fixes it")
+    func sandboxedPaths() throws {
+        let units = try UnitDirectories()
+        try units.write(units.lib, "farmgate.service", try String(contentsOfFile: Self.installedUnit, encoding: .utf8))
+        var unit = try #require(ServiceUnit.load(directories: units.search))
+        #expect(unit.protectSystem == "strict")
+        // The state directory, node_exporter's textfile directories (upstream's and Debian's): writable.
+        for path in ["/var/lib/farmgate", "/var/lib/node_exporter/textfile_collector", "/var/lib/prometheus/node-exporter"] {
+            #expect(Doctor.sandboxProblem(path, unit: unit, what: "the metrics file's directory") == nil, "\(path)")
+        }
+        // A buffer on a USB stick: read-only for the service, whatever its mode bits say.
+        let problem = try #require(Doctor.sandboxProblem("/srv/farm", unit: unit, what: "the buffer's directory"))
+        #expect(problem.status == .problem && problem.check == "buffer access")
+        #expect(problem.message.contains("ProtectSystem=strict"), "\(problem.message)")
+        #expect(problem.fix?.contains("ReadWritePaths=/srv/farm") == true, "\(problem.fix ?? "")")
+        // `/srv/farmhouse` is not inside `/srv/farm`; a drop-in that adds the path makes it writable.
+        try units.write(units.etc, "farmgate.service.d/paths.conf", "[Service]\nReadWritePaths=-/srv/farm\n")
+        unit = try #require(ServiceUnit.load(directories: units.search))
+        #expect(Doctor.sandboxProblem("/srv/farm", unit: unit, what: "the buffer's directory") == nil)
+        #expect(Doctor.sandboxProblem("/srv/farmhouse", unit: unit, what: "the buffer's directory") != nil)
+        // A unit without ProtectSystem=strict makes nothing read-only.
+        try units.write(units.etc, "farmgate.service.d/paths.conf", "[Service]\nProtectSystem=full\n")
+        unit = try #require(ServiceUnit.load(directories: units.search))
+        #expect(Doctor.sandboxProblem("/srv/anything", unit: unit, what: "the buffer's directory") == nil)
+    }
+
+    @Test("a directory on a file system mounted read-only is a problem, though its mode bits allow writing", .enabled(if: geteuid() == 0, "needs root to mount"))
+    func readOnlyMount() throws {
+        let scratch = try Scratch(prefix: "fg-romount")
+        let mountPoint = scratch.file("ro")
+        try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: true)
+        let root = try #require(UnixUser.named("root"))
+        #expect(Doctor.directoryProblem(mountPoint, user: root, what: "the buffer's directory") == nil)
+        let mount = Process()
+        mount.executableURL = URL(fileURLWithPath: "/bin/mount")
+        mount.arguments = ["-t", "tmpfs", "-o", "ro,size=1m,mode=0777", "tmpfs", mountPoint]
+        try mount.run()
+        mount.waitUntilExit()
+        try #require(mount.terminationStatus == 0, "cannot mount a read-only tmpfs (CI runs as root)")
+        defer {
+            let umount = Process()
+            umount.executableURL = URL(fileURLWithPath: "/bin/umount")
+            umount.arguments = ["-l", mountPoint]
+            try? umount.run()
+            umount.waitUntilExit()
+        }
+        let problem = try #require(Doctor.directoryProblem(mountPoint, user: root, what: "the buffer's directory"))
+        #expect(problem.message.contains("mounted read-only"), "\(problem.message)")
+        #expect(problem.fix?.contains("remount") == true)
+    }
+
     @Test func theFirstUnitOnThePathAndEveryDropInCountAsSystemdReadsThem() throws {
         let units = try UnitDirectories()
         // The package's unit is shadowed by the local copy.

@@ -12,7 +12,7 @@ import Glibc
 /// makes `-wal`, `-shm` and journal files) and the metrics file's directory (written beside and renamed). An agent that
 /// may not stops at start, or logs a failed write every interval; `doctor` says so before, with the command that fixes it.
 extension Doctor {
-    static func writeAccessFindings(_ configuration: AgentConfiguration, user: UnixUser) -> [DoctorFinding] {
+    static func writeAccessFindings(_ configuration: AgentConfiguration, user: UnixUser, unit: ServiceUnit? = nil) -> [DoctorFinding] {
         var findings: [DoctorFinding] = []
         let buffer = configuration.buffer.path
         let bufferDirectory = directory(of: buffer)
@@ -22,7 +22,7 @@ extension Doctor {
             existing = directory(of: existing)
         }
         let what = existing == bufferDirectory ? "the buffer's directory" : "\(existing), where the agent would make the buffer's directory \(bufferDirectory),"
-        if let problem = directoryProblem(existing, user: user, what: what) {
+        if let problem = directoryProblem(existing, user: user, what: what) ?? sandboxProblem(bufferDirectory, unit: unit, what: "the buffer's directory") {
             findings.append(problem)
         } else {
             var files: [String] = []
@@ -48,6 +48,7 @@ extension Doctor {
             let metricsDirectory = directory(of: metrics.path)
             findings.append(
                 directoryProblem(metricsDirectory, user: user, what: "the metrics file's directory")
+                    ?? sandboxProblem(metricsDirectory, unit: unit, what: "the metrics file's directory")
                     ?? DoctorFinding(
                         check: "metrics", subject: metricsDirectory, status: .ok, message: "\(user.name) may write \(metrics.path) (written beside and renamed)"))
         }
@@ -68,10 +69,30 @@ extension Doctor {
             return DoctorFinding(
                 check: check, subject: path, status: .problem, message: "\(what) is not a directory", fix: "give a path in an existing directory")
         }
+        // Mode bits say nothing of a file system mounted read-only (an SD card remounted after errors, a bind mount).
+        var fs = statvfs()
+        if statvfs(path, &fs) == 0, fs.f_flag & UInt(ST_RDONLY) != 0 {
+            return DoctorFinding(
+                check: check, subject: path, status: .problem,
+                message: "\(what) is on a file system mounted read-only: the agent cannot write there (\(check == "metrics" ? "the metrics file is not updated" : "it stops at start"))",
+                fix: "remount it read-write (`sudo mount -o remount,rw` on its mount point; an SD card remounted read-only after errors needs fsck first, see dmesg), or give a path on a writable file system")
+        }
         guard !mayCreateFiles(in: info, user: user) else { return nil }
         return DoctorFinding(
             check: check, subject: path, status: .problem, message: "\(user.name) may not create files in \(what) (\(describe(info)))",
             fix: "sudo chown \(user.name): \(path) (or give the agent a directory of its own), then restart the agent (systemctl restart farmgate)")
+    }
+
+    /// A problem when the agent's systemd unit makes `path` read-only for the service (`ProtectSystem=strict` without a
+    /// `ReadWritePaths=` or managed directory that holds it): mode bits and mounts are fine, yet the agent under systemd
+    /// gets "Read-only file system".
+    static func sandboxProblem(_ path: String, unit: ServiceUnit?, what: String) -> DoctorFinding? {
+        guard let unit, !unit.mayWrite(path) else { return nil }
+        let check = what.contains("metrics") ? "metrics" : "buffer access"
+        return DoctorFinding(
+            check: check, subject: path, status: .problem,
+            message: "\(what) is read-only for the service: ProtectSystem=strict in \(unit.protectSystemFile ?? ServiceUnit.name) leaves writable only \((unit.writablePaths ?? []).joined(separator: ", "))",
+            fix: "sudo systemctl edit farmgate, add under [Service]: ReadWritePaths=\(path) ; then sudo systemctl restart farmgate (or move the path under /var/lib/farmgate)")
     }
 
     /// Write and search permission on a directory, as the kernel decides for `user` (root may always).

@@ -39,7 +39,7 @@ public enum Doctor {
             findings.append(clockFinding(configuration, clock: clock))
             findings.append(diskFinding(configuration))
             findings += bufferFindings(configuration, status: status.status, now: clock.read().realtime)
-            findings += writeAccessFindings(configuration, user: user)
+            findings += writeAccessFindings(configuration, user: user, unit: ServiceUnit.load(directories: unitDirectories))
             findings += keyFileFindings(configuration, user: user)
             return findings
         }

@@ -51,6 +51,30 @@ public struct ServiceUnit: Sendable, Hashable {
     /// The file that set `Group=`, and for each supplementary group the file that added it.
     private var groupFile: String?
     private var supplementary: [Grant] = []
+    /// `ProtectSystem=` (the last one), and the file that set it.
+    public var protectSystem: String?
+    public var protectSystemFile: String?
+    /// `ReadWritePaths=`, in order (a leading `-`, "ignore if missing", taken off).
+    public var readWritePaths: [String] = []
+    /// `StateDirectory=`, `RuntimeDirectory=`, `LogsDirectory=`, `CacheDirectory=`: made and writable under /var/lib,
+    /// /run, /var/log, /var/cache.
+    public var managedDirectories: [String] = []
+
+    /// The directories the service may write under `ProtectSystem=strict` (nil: the unit does not make the file system
+    /// read-only): `ReadWritePaths=`, the managed directories, and `/tmp`, `/var/tmp` and `/dev/shm`.
+    public var writablePaths: [String]? {
+        guard protectSystem == "strict" else { return nil }
+        return readWritePaths + managedDirectories + ["/tmp", "/var/tmp", "/dev/shm"]
+    }
+
+    /// Whether `path` lies in one of ``writablePaths`` (true when the unit does not protect the file system).
+    public func mayWrite(_ path: String) -> Bool {
+        guard let writable = writablePaths else { return true }
+        return writable.contains { root in
+            let base = root.hasSuffix("/") && root.count > 1 ? String(root.dropLast()) : root
+            return path == base || path.hasPrefix(base == "/" ? "/" : base + "/")
+        }
+    }
 
     private struct Grant: Sendable, Hashable {
         let name: String
@@ -135,6 +159,22 @@ public struct ServiceUnit: Sendable, Hashable {
                 if value.isEmpty { supplementary = [] }
                 for name in value.split(whereSeparator: { $0 == " " || $0 == "\t" }) {
                     supplementary.append(Grant(name: Self.unquoted(String(name)), file: path))
+                }
+            case "ProtectSystem":
+                protectSystem = value.isEmpty ? nil : value.lowercased()
+                protectSystemFile = path
+            case "ReadWritePaths":
+                if value.isEmpty { readWritePaths = [] }
+                for entry in value.split(whereSeparator: { $0 == " " || $0 == "\t" }) {
+                    var item = Self.unquoted(String(entry))
+                    while let first = item.first, first == "-" || first == "+" { item.removeFirst() }
+                    if !item.isEmpty { readWritePaths.append(item) }
+                }
+            case "StateDirectory", "RuntimeDirectory", "LogsDirectory", "CacheDirectory":
+                let root = ["StateDirectory": "/var/lib", "RuntimeDirectory": "/run", "LogsDirectory": "/var/log", "CacheDirectory": "/var/cache"][key] ?? "/var/lib"
+                for entry in value.split(whereSeparator: { $0 == " " || $0 == "\t" }) {
+                    let name = Self.unquoted(String(entry)).split(separator: ":").first.map(String.init) ?? ""
+                    if !name.isEmpty { managedDirectories.append("\(root)/\(name)") }
                 }
             default: continue
             }
