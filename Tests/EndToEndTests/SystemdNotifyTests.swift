@@ -68,6 +68,15 @@ struct SystemdNotifyTests {
         }
         #expect((accepted?.value ?? 0) > 0)
 
+        // A reload (systemctl reload: SIGHUP) says RELOADING=1 with the monotonic time, then READY=1 once it serves again.
+        let readies = listener.messages(with: "READY=1").count
+        agent.signal(SIGHUP)
+        let reloaded = await eventually(timeout: .seconds(30), every: .milliseconds(20)) { listener.messages(with: "READY=1").count > readies }
+        #expect(reloaded, "no READY=1 after the reload: \(agent.log)")
+        let reloading = listener.messages(with: "RELOADING=1")
+        #expect(reloading.count == 1 && reloading[0].fields.contains { $0.hasPrefix("MONOTONIC_USEC=") && UInt64($0.dropFirst(15)) != nil }, "\(reloading)")
+        #expect(reloading.first.map { $0.at <= listener.messages(with: "READY=1")[readies].at } == true)
+
         let exit = await agent.stop(SIGTERM)
         #expect(exit == 0, "\(agent.log)")
         #expect(!listener.messages(with: "STOPPING=1").isEmpty, "no STOPPING=1")

@@ -45,8 +45,11 @@ public final class AgentSupervisor: Service {
             await self.supervise()
         } onGracefulShutdown: {
             if self.reloading() {
-                // The next generation's supervisor says READY=1 again once it serves.
-                self.send(["STATUS=reloading the configuration: restarting the services"])
+                // systemd shows the unit "reloading" until the next generation's supervisor says READY=1 once it serves.
+                var now = timespec()
+                clock_gettime(CLOCK_MONOTONIC, &now)
+                let microseconds = UInt64(now.tv_sec) * 1_000_000 + UInt64(now.tv_nsec) / 1_000
+                self.send(["RELOADING=1", "MONOTONIC_USEC=\(microseconds)", "STATUS=reloading the configuration: restarting the services"])
             } else {
                 self.send(["STOPPING=1", "STATUS=stopping: committing the buffer and sending what is pending"])
             }
