@@ -148,6 +148,8 @@ struct ConfigurationReloadTests {
         #expect(agentLog().contains("Configuration reload refused"))
 
         // 2. A valid file: one sensor removed, one added, the interval changed. Applied without a new process.
+        let readsBefore = await Self.status(socket)?.sensors.first { $0.id == "tank1.ph" }?.readsOK ?? 0
+        #expect(readsBefore > 0)
         _ = try scratch.write("agent.toml", Self.configuration(sensors: ["tank1.ph", "tank3.ph"], interval: "300ms"))
         let pid = process.processIdentifier
         kill(pid, SIGHUP)
@@ -159,6 +161,8 @@ struct ConfigurationReloadTests {
         #expect(status?.configuration?.lastReloadError == nil)
         #expect(status?.pid == pid, "same process")
         #expect(status?.sensors.map(\.id).sorted() == ["tank1.ph", "tank3.ph"])
+        // A sensor kept carries its counters on (the metrics file's counters do not start again at every reload).
+        #expect((status?.sensors.first { $0.id == "tank1.ph" }?.readsOK ?? 0) >= readsBefore, "\(readsBefore)")
         let tank3 = await eventually(timeout: .seconds(10), every: .milliseconds(100)) {
             (await Self.status(socket)?.sensors.first { $0.id == "tank3.ph" }?.lastReadAt) != nil
         }

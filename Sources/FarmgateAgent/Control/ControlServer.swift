@@ -97,6 +97,8 @@ public final class ControlServer: Service {
         if !FileSystem.isDirectory(directory) {
             do {
                 try FileSystem.createDirectories(directory, mode: 0o750)
+                // 0750 whatever the umask (the unit's UMask=0077 made it 0700): the group may reach the socket.
+                chmod(directory, 0o750)
             } catch {
                 throw ControlSocketError("cannot create the runtime directory \(directory): \(error.reason)")
             }

@@ -102,6 +102,8 @@ public enum AgentRuntime {
     final class GenerationCarry: Sendable {
         let startedAt = Timestamp.now()
         let upload = Mutex<UploadStatus?>(nil)
+        /// The sensors' counters as the last generation left them (``SensorStatusBoard/carry(from:)``).
+        let sensors = Mutex<[SensorStatus]>([])
         /// Samples the stopping generation's buffer could not commit (a full disk): the next one queues them first; and
         /// how many it dropped from its memory queue and could not yet count in the file (the next one counts them).
         let samples = Mutex<(samples: [Sample], dropped: Int64)>(([], 0))
@@ -133,6 +135,7 @@ public enum AgentRuntime {
         }
 
         let board = SensorStatusBoard(sensors: configuration.sensors)
+        board.carry(from: carried.sensors.withLock { $0 })
         let context = DriverContext.site(
             configuration.sensors, latestValues: board, logger: logger, stateFilePrefix: configuration.buffer.path)
         var sensors: [Sampler.Sensor] = []
@@ -266,6 +269,7 @@ public enum AgentRuntime {
         defer {
             _ = stops.running(nil)
             if let uploader { carried.upload.withLock { $0 = uploader.status() } }
+            carried.sensors.withLock { $0 = board.snapshot() }
         }
         try await group.run()
         // What the buffer could not commit at its stop (a full disk) goes to the next generation on a reload; a stop

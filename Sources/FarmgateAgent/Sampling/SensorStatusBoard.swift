@@ -85,6 +85,26 @@ public final class SensorStatusBoard: Sendable {
         }
     }
 
+    /// Carries the counters and last reading of each sensor of `previous` (the board of the services a reload
+    /// replaced) that is still configured with the same driver, so that `status` and the metrics file's counters
+    /// (`farmgate_driver_reads_total`, ...) do not start again from zero at every reload.
+    public func carry(from previous: [SensorStatus]) {
+        entries.withLock { entries in
+            for old in previous {
+                guard let id = try? SensorID(old.id), var entry = entries[id], entry.driver == old.driver else { continue }
+                entry.readsOK += old.readsOK
+                entry.readsFailed += old.readsFailed
+                entry.suppressed += old.suppressed
+                entry.skippedReads = (entry.skippedReads ?? 0) + (old.skippedReads ?? 0)
+                if entry.lastReadAt == nil {
+                    entry.lastValue = old.lastValue
+                    entry.lastReadAt = old.lastReadAt
+                }
+                entries[id] = entry
+            }
+        }
+    }
+
     /// Every sensor, in configuration order.
     public func snapshot() -> [SensorStatus] {
         entries.withLock { entries in order.compactMap { entries[$0] } }
