@@ -541,24 +541,26 @@ private final class Committer: Sendable {
     func commit(on store: BufferStore) throws -> UInt64 {
         var sequence = UInt64(max(0, store.lastSequence))
         var first = true
+        // Whether `drop_oldest` may make room on a full disk is decided for the whole queue as this commit finds it:
+        // every chunk of it may then delete the oldest stored readings for its own samples.
+        let mayMakeRoom = queue.withLock { $0.samples.count } >= Self.makeRoomAt
         while true {
-            guard let committed = try commitChunk(on: store, first: first) else { return sequence }
+            guard let committed = try commitChunk(on: store, first: first, mayMakeRoom: mayMakeRoom) else { return sequence }
             sequence = committed
             first = false
         }
     }
 
     /// Commits the oldest ``chunkSamples`` queued; nil when nothing was queued (after the first chunk: the loop is done).
-    private func commitChunk(on store: BufferStore, first: Bool) throws -> UInt64? {
-        let (samples, carried, queued) = queue.withLock { queue in
+    private func commitChunk(on store: BufferStore, first: Bool, mayMakeRoom: Bool) throws -> UInt64? {
+        let (samples, carried) = queue.withLock { queue in
             let count = min(queue.samples.count, Self.chunkSamples)
-            let queued = queue.samples.count
             defer {
                 queue.committing = count
                 queue.samples.removeFirst(count)
                 queue.droppedInMemory = 0
             }
-            return (Array(queue.samples.prefix(count)), queue.droppedInMemory, queued)
+            return (Array(queue.samples.prefix(count)), queue.droppedInMemory)
         }
         defer { queue.withLock { $0.committing = 0 } }
         guard !samples.isEmpty || carried > 0 else {
@@ -583,7 +585,7 @@ private final class Committer: Sendable {
                 do {
                     outcome = try store.commit(samples, carriedDrops: carried, quotaBytes: quotaBytes, policy: policy)
                 } catch let error as SQLiteError
-                    where error.isDiskFull && policy == .dropOldest && queued >= Self.makeRoomAt && store.pendingCount > 0
+                    where error.isDiskFull && policy == .dropOldest && mayMakeRoom && store.pendingCount > 0
                 {
                     // The disk filled before the quota, and has stayed full while half the memory queue filled up: the
                     // policy drops the oldest readings, so the oldest stored ones make room (their pages take the newest,
@@ -592,7 +594,7 @@ private final class Committer: Sendable {
                     // buffer's reserve.
                     outcome = try store.deletingOnFullDisk("the oldest readings") {
                         try store.commit(
-                            samples, carriedDrops: carried, quotaBytes: quotaBytes, policy: policy, makeRoom: samples.count + samples.count / 20 + 64)
+                            samples, carriedDrops: carried, quotaBytes: quotaBytes, policy: policy, makeRoom: samples.count + samples.count / 10 + 256)
                     }
                     logger.warning(
                         "The disk is full before the buffer's quota; the oldest stored readings were dropped to commit the newest",
