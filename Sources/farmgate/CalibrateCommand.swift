@@ -80,7 +80,7 @@ struct CalibrateCommand: ParsableCommand {
         let path = try socket ?? options.load().controlSocket
         let send: (ControlRequest) throws -> CalibrationControlAnswer = { request in
             // A calibration point takes the circuit over a second, behind a read in progress: allow for both.
-            let bytes = try ControlClient.send(request, to: path, timeoutSeconds: 30)
+            let bytes = try ControlClient.send(request, to: path, timeoutSeconds: 30, settling: ControlClient.cliSettling)
             return try JSONDecoder().decode(CalibrationControlAnswer.self, from: Data(bytes))
         }
         if abort {

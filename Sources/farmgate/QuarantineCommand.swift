@@ -30,7 +30,7 @@ struct AgentConnection: ParsableArguments {
         let bytes: [UInt8]
         do {
             bytes = try ControlClient.send(
-                ControlRequest(command: command, arguments: arguments.isEmpty ? nil : arguments), to: path, timeoutSeconds: timeoutSeconds)
+                ControlRequest(command: command, arguments: arguments.isEmpty ? nil : arguments), to: path, timeoutSeconds: timeoutSeconds, settling: ControlClient.cliSettling)
         } catch let error as ControlSocketError where error.unanswered {
             throw CleanExit.message("farmgate \(name): \(error)\(unanswered.map { "; \($0)" } ?? "")", code: 1)
         } catch {

@@ -63,7 +63,7 @@ struct SensorRead: AsyncParsableCommand {
         do {
             // The agent's read is bounded by the sensor's interval (at least 5 s); leave room for it.
             bytes = try ControlClient.send(
-                ControlRequest(command: SensorReadCommand.command, arguments: ["sensor": sensor]), to: path, timeoutSeconds: 120)
+                ControlRequest(command: SensorReadCommand.command, arguments: ["sensor": sensor]), to: path, timeoutSeconds: 120, settling: ControlClient.cliSettling)
         } catch {
             // A socket file that nobody listens on: the agent is not running.
             if "\(error)".contains("connection refused") || "\(error)".contains("no such socket") { return nil }

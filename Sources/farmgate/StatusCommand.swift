@@ -28,7 +28,7 @@ struct StatusCommand: ParsableCommand {
         let answer: [UInt8]
         if let socket {
             do {
-                answer = try ControlClient.send(ControlRequest(command: "status"), to: socket)
+                answer = try ControlClient.send(ControlRequest(command: "status"), to: socket, settling: ControlClient.cliSettling)
             } catch {
                 throw CleanExit.message("farmgate status: \(error)", code: 1)
             }
@@ -64,7 +64,7 @@ struct StatusCommand: ParsableCommand {
         } catch {
             let problem = error.description
             for path in Self.sockets(namedIn: options.config) {
-                guard let answer = try? ControlClient.send(ControlRequest(command: "status"), to: path) else { continue }
+                guard let answer = try? ControlClient.send(ControlRequest(command: "status"), to: path, settling: ControlClient.cliSettling) else { continue }
                 StandardStream.error.write(
                     "farmgate status: \(options.config) does not load (\(problem)); the agent on \(path) runs the configuration it loaded before\n")
                 return answer
@@ -72,7 +72,7 @@ struct StatusCommand: ParsableCommand {
             throw CleanExit.message(problem, code: 78)  // EX_CONFIG
         }
         do {
-            return try ControlClient.send(ControlRequest(command: "status"), to: configuration.controlSocket)
+            return try ControlClient.send(ControlRequest(command: "status"), to: configuration.controlSocket, settling: ControlClient.cliSettling)
         } catch {
             throw CleanExit.message("farmgate status: \(error)", code: 1)
         }

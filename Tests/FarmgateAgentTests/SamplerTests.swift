@@ -272,7 +272,7 @@ struct ControlSocketTests {
             try await server.run()
         }
         let asked = ContinuousClock.now
-        let answer = try await runOffPool { try ControlClient.send(ControlRequest(command: "status"), to: path) }
+        let answer = try await runOffPool { try ControlClient.send(ControlRequest(command: "status"), to: path, settling: ControlClient.cliSettling) }
         #expect(String(decoding: answer, as: UTF8.self) == "{\"ok\":true,\"error\":\"echo status\"}")
         #expect(asked.duration(to: .now) >= .milliseconds(700))
         task.cancel()

@@ -315,6 +315,9 @@ private final class WakePipe: Sendable {
 
 /// The CLI's side of the control socket.
 public enum ControlClient {
+    /// How long the installer's commands wait for the agent's socket to come back (a reload closes and reopens it).
+    public static let cliSettling: Duration = .seconds(3)
+
     /// Sends `request` to the agent listening on `path` and returns its JSON answer. Blocks the calling thread (use it from
     /// the command line, not from the concurrency pool).
     ///
@@ -322,9 +325,10 @@ public enum ControlClient {
     ///   - timeoutSeconds: how long connecting, sending and each read of the answer may wait. A request that makes the
     ///     agent work for long (a requeue of the whole quarantine) needs a longer one.
     ///   - settling: how long to wait for a socket that is missing or refuses (an agent reloading its configuration
-    ///     opens it again within a moment) before saying the agent is not running.
+    ///     opens it again within a moment) before saying the agent is not running: ``cliSettling`` for the commands an
+    ///     installer runs; zero (the default) for callers that poll or run on the concurrency pool.
     /// - Throws: ``ControlSocketError``, with ``ControlSocketError/unanswered`` when the request was sent but no answer came.
-    public static func send(_ request: ControlRequest, to path: String, timeoutSeconds: Int = 10, settling: Duration = .seconds(3)) throws -> [UInt8] {
+    public static func send(_ request: ControlRequest, to path: String, timeoutSeconds: Int = 10, settling: Duration = .zero) throws -> [UInt8] {
         let fd = try UnixSocket.connect(path, timeoutSeconds: timeoutSeconds, settling: settling)
         defer { close(fd) }
         let body = try JSONEncoder().encode(request)

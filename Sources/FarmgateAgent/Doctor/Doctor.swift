@@ -61,7 +61,7 @@ public enum Doctor {
     static func agentStatus(_ configuration: AgentConfiguration) -> (finding: DoctorFinding, status: AgentStatus?) {
         let socket = configuration.controlSocket
         do {
-            let bytes = try ControlClient.send(ControlRequest(command: "status"), to: socket, timeoutSeconds: 5)
+            let bytes = try ControlClient.send(ControlRequest(command: "status"), to: socket, timeoutSeconds: 5, settling: ControlClient.cliSettling)
             let answer = try JSONDecoder().decode(ControlAnswer.self, from: Data(bytes))
             guard answer.ok, let status = answer.status else {
                 return (DoctorFinding(check: "agent", subject: socket, status: .warning, message: "the agent answered: \(answer.error ?? "no status")"), nil)
