@@ -1,7 +1,9 @@
+import FarmgateTestSupport
 import FarmgateWire
 import Logging
 import Foundation
 import PostgresNIO
+import Synchronization
 import Testing
 
 @testable import FarmgateIngest
@@ -106,5 +108,38 @@ import Testing
             #expect(outcome?.contains("the store has stopped") == true, "\(String(describing: outcome))")
             #expect(started.duration(to: .now) < .seconds(2))
         }
+    }
+}
+
+/// A restart over before any call failed (a fast `pg_ctl restart`): the check answers, but the server started again
+/// since the pool connected, so every connection of the pool is dead and a call waiting on one may wait until
+/// `query_timeout` (a tester saw uploads wait the whole 30 s, and with `"0s"` until a later restart).
+@Suite struct PostgresRestartDetectionTests {
+    @Test("a check that answers from a server started since the pool connected replaces the pool, and calls on the old one are answered 503")
+    func restartedServerReplacesThePool() async throws {
+        let started = Mutex("2026-12-05 17:00:00+00")
+        var configuration = PostgresClient.Configuration(unixSocketPath: "/tmp/fg-no-postgres-here/.s.PGSQL.5432", username: "nobody", password: nil, database: "none")
+        configuration.options.minimumConnections = 0
+        let pool = configuration
+        let availability = PostgresAvailability(
+            makeClient: { PostgresClient(configuration: pool, backgroundLogger: testLogger) }, check: { nil },
+            serverStart: { started.withLock { $0 } }, location: "test", logger: testLogger)
+        let running = Task { await availability.run() }
+        defer { running.cancel() }
+        // The baseline is read at start; a check with the same start time changes nothing.
+        try await Task.sleep(for: .milliseconds(200))
+        let before = availability.current
+        availability.suspect()
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(availability.outage(since: before) == nil, "the same server: the pool stays")
+        // The server restarts; the next check finds it.
+        started.withLock { $0 = "2026-12-05 17:05:00+00" }
+        try await Task.sleep(for: .seconds(1))
+        availability.suspect()
+        let replaced = await eventually(timeout: .seconds(10), every: .milliseconds(50)) { availability.outage(since: before) != nil }
+        #expect(replaced, "the pool was not replaced after the restart")
+        let answer = availability.outage(since: before).map { "\($0)" } ?? ""
+        #expect(answer.contains("new pool"), "\(answer)")
+        #expect(!availability.isDown, "the server answers: not an outage")
     }
 }

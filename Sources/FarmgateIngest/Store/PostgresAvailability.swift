@@ -71,6 +71,7 @@ final class PostgresAvailability: Sendable {
     private let state: ManagedAtomic<State>
     private let makeClient: @Sendable () -> PostgresClient
     private let check: @Sendable () async -> PostgresCheckFailure?
+    private let serverStart: (@Sendable () async -> String?)?
     private let checks: AsyncStream<Void>
     private let requestCheck: AsyncStream<Void>.Continuation
     private let up = Gauge(label: "farmgate_ingest_database_up")
@@ -81,12 +82,14 @@ final class PostgresAvailability: Sendable {
     ///   - makeClient: a new pool (not yet running).
     ///   - check: nil when the database answers, else what happened.
     ///   - location: where the database is, for logs (without the password).
+    ///   - serverStart: when the server started (nil: unknown); a check that finds it changed replaces the pool.
     init(
-        makeClient: @escaping @Sendable () -> PostgresClient, check: @escaping @Sendable () async -> PostgresCheckFailure?, location: String,
-        logger: Logger
+        makeClient: @escaping @Sendable () -> PostgresClient, check: @escaping @Sendable () async -> PostgresCheckFailure?,
+        serverStart: (@Sendable () async -> String?)? = nil, location: String, logger: Logger
     ) {
         self.makeClient = makeClient
         self.check = check
+        self.serverStart = serverStart
         self.location = location
         self.logger = logger
         self.state = ManagedAtomic(State(client: makeClient()))
@@ -178,13 +181,31 @@ final class PostgresAvailability: Sendable {
         var pools: [PoolRun] = []
         if let client = state.load(ordering: .acquiring).client { pools.append(PoolRun(client)) }
         var lastCheck: ContinuousClock.Instant?
+        // When the server the current pool connected to started: a check that answers with another time found a
+        // restart that was over before anything noticed it (a fast `pg_ctl restart`). The pool's connections from
+        // before it are all dead, and a call waiting on one may wait until `query_timeout`, or for ever without one.
+        var knownStart = await serverStart?()
         for await _ in checks {
             if let lastCheck {
                 let wait = Self.checkInterval - lastCheck.duration(to: .now)
                 if wait > .zero, (try? await Task.sleep(for: wait)) == nil { break }
             }
             lastCheck = .now
-            guard let failure = await check(), !Task.isCancelled else { continue }
+            guard let failure = await check(), !Task.isCancelled else {
+                guard !Task.isCancelled, let serverStart, let started = await serverStart() else { continue }
+                defer { knownStart = started }
+                guard let known = knownStart, known != started else { continue }
+                // A new pool, and the calls still waiting on the old one answered at once (`outage(since:)`).
+                let client = makeClient()
+                pools.last?.task.cancel()
+                pools.removeAll { $0.finished.load(ordering: .acquiring) }
+                pools.append(PoolRun(client))
+                state.store(State(client: client), ordering: .releasing)
+                logger.notice(
+                    "PostgreSQL restarted since the pool connected; store calls move to a new pool, calls waiting on the old one are answered 503",
+                    metadata: ["store.url": "\(location)", "store.server_started": "\(started)", "store.server_started_before": "\(known)"])
+                continue
+            }
             let since = ContinuousClock.now
             state.store(State(downSince: since, failure: failure), ordering: .releasing)
             up.record(0)
@@ -221,6 +242,7 @@ final class PostgresAvailability: Sendable {
             pools.append(PoolRun(client))
             state.store(State(client: client), ordering: .releasing)
             up.record(1)
+            knownStart = await serverStart?()
             lastCheck = .now
             logger.notice(
                 "PostgreSQL answers again; store calls resume on a new pool",

@@ -97,6 +97,7 @@ public final class PostgresIngestStore: IngestStore {
         self.availability = PostgresAvailability(
             makeClient: { PostgresClient(configuration: pool, backgroundLogger: logger) },
             check: { await settings.unreachability(configuration: probe, logger: logger) },
+            serverStart: { await settings.serverStart(configuration: probe, logger: logger) },
             location: settings.redacted, logger: logger)
     }
 

@@ -1,5 +1,6 @@
 public import Logging
 import PostgresNIO
+import Synchronization
 
 /// Why ``PostgresAvailability``'s check failed: what happened, and whether the server refuses these settings (a
 /// certificate, TLS, a password, a database: the settings must change) rather than being out of reach.
@@ -120,6 +121,19 @@ extension PostgresSettings {
     /// - Returns: nil when it answers, or when the server said it has no room for another connection (SQLSTATE class
     ///   53: it is up, and the pool's own connections stand); else what happened, for the log, and whether it is a
     ///   refusal of these settings (``PostgresProbe/configurationProblem``) rather than an outage.
+    /// When the server (the postmaster) started, as text, on a connection of its own within `connect_timeout`; nil when
+    /// it cannot tell. A pool made before that time holds only connections the restart ended (``PostgresAvailability``).
+    func serverStart(configuration: PostgresConnection.Configuration, logger: Logger) async -> String? {
+        let started = Mutex<String?>(nil)
+        let outcome = await Self.attempt(configuration: configuration, limit: connectTimeout, logger: logger) { connection in
+            for try await value in try await connection.query("SELECT pg_postmaster_start_time()::text", logger: logger).decode(String.self) {
+                started.withLock { $0 = value }
+            }
+        }
+        guard case .success = outcome else { return nil }
+        return started.withLock { $0 }
+    }
+
     func unreachability(configuration: PostgresConnection.Configuration, logger: Logger) async -> PostgresCheckFailure? {
         switch await checkServerCertificate() {
         case .wrongHost(let message)?, .refused(let message)?: return PostgresCheckFailure(reason: message, configuration: true)
