@@ -45,6 +45,17 @@ struct BufferFullDiskTests {
 
     static let logger = Logger(label: "test.buffer.fullfs") { _ in SwiftLogNoOpLogHandler() }
 
+    /// Something else fills the file system at `directory`: a file written until a write fails. Returns its path.
+    static func fillUp(_ directory: String) throws -> String {
+        let filler = directory + "/filler"
+        #expect(FileManager.default.createFile(atPath: filler, contents: nil))
+        let handle = try #require(FileHandle(forWritingAtPath: filler))
+        let block = Data(repeating: 7, count: 64 << 10)
+        while (try? handle.write(contentsOf: block)) != nil {}
+        try? handle.close()
+        return filler
+    }
+
     @Test("a full file system: acknowledged readings are still deleted (the reserve), and the samples waiting commit after")
     func acknowledgementsMakeRoom() async throws {
         try await Self.withSmallFileSystem(size: "16m") { directory in
@@ -105,12 +116,7 @@ struct BufferFullDiskTests {
             let sensor = try SensorID("tank1.ph")
             try await buffer.register([SensorDescriptor(id: sensor, quantity: .ph)])
             // Something else fills the file system while samples pile up in memory.
-            let filler = directory + "/filler"
-            #expect(FileManager.default.createFile(atPath: filler, contents: nil))
-            let handle = try #require(FileHandle(forWritingAtPath: filler))
-            let block = Data(repeating: 7, count: 64 << 10)
-            while (try? handle.write(contentsOf: block)) != nil {}
-            try? handle.close()
+            let filler = try Self.fillUp(directory)
             let samples = (0..<95_000).map {
                 Sample(sensor: sensor, timestamp: Timestamp(microseconds: 1_790_000_000_000_000 + Int64($0) * 1_000_000), value: 6 + Double($0 % 100) / 100)
             }
@@ -149,12 +155,7 @@ struct BufferFullDiskTests {
             let buffer = try ReadingBuffer(configuration: configuration, logger: Self.logger)
             let sensor = try SensorID("tank1.ph")
             try await buffer.register([SensorDescriptor(id: sensor, quantity: .ph)])
-            let filler = directory + "/filler"
-            #expect(FileManager.default.createFile(atPath: filler, contents: nil))
-            let handle = try #require(FileHandle(forWritingAtPath: filler))
-            let block = Data(repeating: 7, count: 64 << 10)
-            while (try? handle.write(contentsOf: block)) != nil {}
-            try? handle.close()
+            let filler = try Self.fillUp(directory)
             // 1,500 more than the memory queue holds: the oldest 1,500 go, and say so at once.
             let total = ReadingBuffer.maximumQueuedSamples + 1_500
             let samples = (0..<total).map { Sample(sensor: sensor, timestamp: Timestamp(microseconds: 1_790_000_000_000_000 + Int64($0) * 1_000_000), value: 6.5) }
@@ -189,13 +190,7 @@ struct BufferFullDiskTests {
             let sensor = try SensorID("tank1.ph")
             try await buffer.register([SensorDescriptor(id: sensor, quantity: .ph)])
             // Something else fills the file system.
-            let filler = directory + "/filler"
-            var data = [UInt8](repeating: 7, count: 64 << 10)
-            #expect(FileManager.default.createFile(atPath: filler, contents: nil))
-            let handle = try #require(FileHandle(forWritingAtPath: filler))
-            while (try? handle.write(contentsOf: Data(data))) != nil {}
-            try? handle.close()
-            data = []
+            let filler = try Self.fillUp(directory)
             let group = ServiceGroup(services: [buffer], logger: Self.logger)
             let running = Task { try await group.run() }
             let samples = (0..<2_000).map { Sample(sensor: sensor, timestamp: Timestamp(microseconds: Int64($0) * 1_000_000), value: 6.5) }
