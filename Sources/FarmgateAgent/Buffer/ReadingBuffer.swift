@@ -540,15 +540,17 @@ private final class Committer: Sendable {
     /// queue (the chunks before it stay committed).
     func commit(on store: BufferStore) throws -> UInt64 {
         var sequence = UInt64(max(0, store.lastSequence))
-        var first = true
-        // Whether `drop_oldest` may make room on a full disk is decided for the whole queue as this commit finds it:
-        // every chunk of it may then delete the oldest stored readings for its own samples.
-        let mayMakeRoom = queue.withLock { $0.samples.count } >= Self.makeRoomAt
-        while true {
-            guard let committed = try commitChunk(on: store, first: first, mayMakeRoom: mayMakeRoom) else { return sequence }
+        // What this commit finds queued decides: whether `drop_oldest` may make room on a full disk (every chunk then
+        // deletes the oldest stored readings for its own samples), and how many chunks it commits at most, so that
+        // samples appended faster than they commit wait for the next commit instead of keeping this one going.
+        let queued = queue.withLock { $0.samples.count }
+        let mayMakeRoom = queued >= Self.makeRoomAt
+        let chunks = max(1, (queued + Self.chunkSamples - 1) / Self.chunkSamples)
+        for chunk in 0..<chunks {
+            guard let committed = try commitChunk(on: store, first: chunk == 0, mayMakeRoom: mayMakeRoom) else { break }
             sequence = committed
-            first = false
         }
+        return sequence
     }
 
     /// Commits the oldest ``chunkSamples`` queued; nil when nothing was queued (after the first chunk: the loop is done).
@@ -614,7 +616,6 @@ private final class Committer: Sendable {
         }
         if outcome.rejected > 0 { queue.withLock { $0.rejected += Int64(outcome.rejected) } }
         let sequence = UInt64(max(0, outcome.lastSequence))
-        guard !samples.isEmpty || carried > 0 else { return sequence }
         onCommit?(
             BufferCommit(
                 lastSequence: sequence, stored: outcome.stored, duplicates: outcome.duplicates, dropped: outcome.dropped,
