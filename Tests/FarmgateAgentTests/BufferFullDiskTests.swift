@@ -45,6 +45,16 @@ struct BufferFullDiskTests {
 
     static let logger = Logger(label: "test.buffer.fullfs") { _ in SwiftLogNoOpLogHandler() }
 
+    /// A buffer in `directory` committing only when flushed, with sensor `tank1.ph` registered.
+    static func openBuffer(in directory: String, whenFull: BufferFullPolicy) async throws -> (ReadingBuffer, BufferConfiguration, SensorID) {
+        let configuration = BufferConfiguration(
+            path: directory + "/buffer.sqlite", commitInterval: .seconds(3_600), quotaBytes: 512 << 20, whenFull: whenFull)
+        let buffer = try ReadingBuffer(configuration: configuration, logger: logger)
+        let sensor = try SensorID("tank1.ph")
+        try await buffer.register([SensorDescriptor(id: sensor, quantity: .ph)])
+        return (buffer, configuration, sensor)
+    }
+
     /// Something else fills the file system at `directory`: a file written until a write fails. Returns its path.
     static func fillUp(_ directory: String) throws -> String {
         let filler = directory + "/filler"
@@ -110,11 +120,7 @@ struct BufferFullDiskTests {
         arguments: [BufferFullPolicy.dropNewest, .dropOldest])
     func largeQueueCommitsInChunks(policy: BufferFullPolicy) async throws {
         try await Self.withSmallFileSystem(size: "8m") { directory in
-            let path = directory + "/buffer.sqlite"
-            let configuration = BufferConfiguration(path: path, commitInterval: .seconds(3_600), quotaBytes: 512 << 20, whenFull: policy)
-            let buffer = try ReadingBuffer(configuration: configuration, logger: Self.logger)
-            let sensor = try SensorID("tank1.ph")
-            try await buffer.register([SensorDescriptor(id: sensor, quantity: .ph)])
+            let (buffer, _, sensor) = try await Self.openBuffer(in: directory, whenFull: policy)
             // Something else fills the file system while samples pile up in memory.
             let filler = try Self.fillUp(directory)
             let samples = (0..<95_000).map {
@@ -150,11 +156,7 @@ struct BufferFullDiskTests {
     @Test("samples the memory queue dropped are counted at once, and a reload hands the count on with the samples")
     func droppedInMemoryCountedAcrossAReload() async throws {
         try await Self.withSmallFileSystem(size: "16m") { directory in
-            let path = directory + "/buffer.sqlite"
-            let configuration = BufferConfiguration(path: path, commitInterval: .seconds(3_600), quotaBytes: 512 << 20, whenFull: .dropOldest)
-            let buffer = try ReadingBuffer(configuration: configuration, logger: Self.logger)
-            let sensor = try SensorID("tank1.ph")
-            try await buffer.register([SensorDescriptor(id: sensor, quantity: .ph)])
+            let (buffer, configuration, sensor) = try await Self.openBuffer(in: directory, whenFull: .dropOldest)
             let filler = try Self.fillUp(directory)
             // 1,500 more than the memory queue holds: the oldest 1,500 go, and say so at once.
             let total = ReadingBuffer.maximumQueuedSamples + 1_500
@@ -184,11 +186,7 @@ struct BufferFullDiskTests {
     @Test("a stop on a full disk keeps the samples it could not commit, for the buffer of the next generation (a reload)")
     func stopOnFullDiskKeepsTheQueue() async throws {
         try await Self.withSmallFileSystem(size: "4m") { directory in
-            let path = directory + "/buffer.sqlite"
-            let configuration = BufferConfiguration(path: path, commitInterval: .seconds(3_600), quotaBytes: 512 << 20, whenFull: .dropNewest)
-            let buffer = try ReadingBuffer(configuration: configuration, logger: Self.logger)
-            let sensor = try SensorID("tank1.ph")
-            try await buffer.register([SensorDescriptor(id: sensor, quantity: .ph)])
+            let (buffer, configuration, sensor) = try await Self.openBuffer(in: directory, whenFull: .dropNewest)
             // Something else fills the file system.
             let filler = try Self.fillUp(directory)
             let group = ServiceGroup(services: [buffer], logger: Self.logger)

@@ -49,8 +49,7 @@ enum UnixSocket {
         while true {
             do {
                 return try connectOnce(path, timeoutSeconds: timeoutSeconds, lastTry: ContinuousClock.now >= deadline)
-            } catch let failure as Retry {
-                _ = failure
+            } catch is Retry {
                 var pause = timespec(tv_sec: 0, tv_nsec: 100_000_000)
                 nanosleep(&pause, nil)
             } catch let error as ControlSocketError {
