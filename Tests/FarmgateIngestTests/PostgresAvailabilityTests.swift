@@ -122,8 +122,8 @@ import Testing
         configuration.options.minimumConnections = 0
         let pool = configuration
         let availability = PostgresAvailability(
-            makeClient: { PostgresClient(configuration: pool, backgroundLogger: testLogger) }, check: { nil },
-            serverStart: { started.withLock { $0 } }, location: "test", logger: testLogger)
+            makeClient: { PostgresClient(configuration: pool, backgroundLogger: testLogger) },
+            check: { PostgresCheckResult(serverStart: started.withLock { $0 }) }, location: "test", logger: testLogger)
         let running = Task { await availability.run() }
         defer { running.cancel() }
         // The baseline is read at start; a check with the same start time changes nothing.

@@ -70,8 +70,7 @@ final class PostgresAvailability: Sendable {
 
     private let state: ManagedAtomic<State>
     private let makeClient: @Sendable () -> PostgresClient
-    private let check: @Sendable () async -> PostgresCheckFailure?
-    private let serverStart: (@Sendable () async -> String?)?
+    private let check: @Sendable () async -> PostgresCheckResult
     private let checks: AsyncStream<Void>
     private let requestCheck: AsyncStream<Void>.Continuation
     private let up = Gauge(label: "farmgate_ingest_database_up")
@@ -80,16 +79,15 @@ final class PostgresAvailability: Sendable {
 
     /// - Parameters:
     ///   - makeClient: a new pool (not yet running).
-    ///   - check: nil when the database answers, else what happened.
+    ///   - check: no failure when the database answers (with when the server started: a check that finds it changed
+    ///     replaces the pool), else what happened.
     ///   - location: where the database is, for logs (without the password).
-    ///   - serverStart: when the server started (nil: unknown); a check that finds it changed replaces the pool.
     init(
-        makeClient: @escaping @Sendable () -> PostgresClient, check: @escaping @Sendable () async -> PostgresCheckFailure?,
-        serverStart: (@Sendable () async -> String?)? = nil, location: String, logger: Logger
+        makeClient: @escaping @Sendable () -> PostgresClient, check: @escaping @Sendable () async -> PostgresCheckResult, location: String,
+        logger: Logger
     ) {
         self.makeClient = makeClient
         self.check = check
-        self.serverStart = serverStart
         self.location = location
         self.logger = logger
         self.state = ManagedAtomic(State(client: makeClient()))
@@ -184,15 +182,16 @@ final class PostgresAvailability: Sendable {
         // When the server the current pool connected to started: a check that answers with another time found a
         // restart that was over before anything noticed it (a fast `pg_ctl restart`). The pool's connections from
         // before it are all dead, and a call waiting on one may wait until `query_timeout`, or for ever without one.
-        var knownStart = await serverStart?()
+        var knownStart = await check().serverStart
         for await _ in checks {
             if let lastCheck {
                 let wait = Self.checkInterval - lastCheck.duration(to: .now)
                 if wait > .zero, (try? await Task.sleep(for: wait)) == nil { break }
             }
             lastCheck = .now
-            guard let failure = await check(), !Task.isCancelled else {
-                guard !Task.isCancelled, let serverStart, let started = await serverStart() else { continue }
+            let result = await check()
+            guard let failure = result.failure, !Task.isCancelled else {
+                guard !Task.isCancelled, let started = result.serverStart else { continue }
                 defer { knownStart = started }
                 guard let known = knownStart, known != started else { continue }
                 // A new pool, and the calls still waiting on the old one answered at once (`outage(since:)`).
@@ -220,7 +219,9 @@ final class PostgresAvailability: Sendable {
             var last = failure
             while stillDown {
                 guard (try? await Task.sleep(for: Self.checkInterval)) != nil else { break }
-                guard let failure = await check() else {
+                let result = await check()
+                guard let failure = result.failure else {
+                    knownStart = result.serverStart
                     stillDown = false
                     break
                 }
@@ -242,7 +243,6 @@ final class PostgresAvailability: Sendable {
             pools.append(PoolRun(client))
             state.store(State(client: client), ordering: .releasing)
             up.record(1)
-            knownStart = await serverStart?()
             lastCheck = .now
             logger.notice(
                 "PostgreSQL answers again; store calls resume on a new pool",

@@ -96,8 +96,7 @@ public final class PostgresIngestStore: IngestStore {
         let probe = try settings.connectionConfiguration()
         self.availability = PostgresAvailability(
             makeClient: { PostgresClient(configuration: pool, backgroundLogger: logger) },
-            check: { await settings.unreachability(configuration: probe, logger: logger) },
-            serverStart: { await settings.serverStart(configuration: probe, logger: logger) },
+            check: { await settings.check(configuration: probe, logger: logger) },
             location: settings.redacted, logger: logger)
     }
 

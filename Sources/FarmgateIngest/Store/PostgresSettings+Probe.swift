@@ -9,6 +9,18 @@ struct PostgresCheckFailure: Sendable, Hashable {
     let configuration: Bool
 }
 
+/// What one check of the database found (``PostgresSettings/check(configuration:logger:)``): a failure, or when the
+/// server that answered started (nil when it could not tell).
+struct PostgresCheckResult: Sendable, Hashable {
+    var failure: PostgresCheckFailure?
+    var serverStart: String?
+
+    init(failure: PostgresCheckFailure? = nil, serverStart: String? = nil) {
+        self.failure = failure
+        self.serverStart = serverStart
+    }
+}
+
 /// What one connection attempt outside the pool found (``PostgresSettings/probe(logger:)``).
 public enum PostgresProbe: Sendable, Hashable {
     /// The connection opened and authenticated.
@@ -115,47 +127,44 @@ extension PostgresSettings {
     }
 
     /// Whether the database answers, for ``PostgresAvailability``: for `verify-full`, the certificate's names checked
-    /// (``checkServerCertificate()``), then one connection outside the pool that runs `SELECT 1` (behind PgBouncer, a
-    /// connection alone proves only that PgBouncer answers), all within `connect_timeout`.
+    /// (``checkServerCertificate()``), then one connection outside the pool that runs a statement (behind PgBouncer, a
+    /// connection alone proves only that PgBouncer answers), all within `connect_timeout`. The statement reads when the
+    /// server (the postmaster) started: a pool made before that holds only connections a restart ended.
     ///
-    /// - Returns: nil when it answers, or when the server said it has no room for another connection (SQLSTATE class
-    ///   53: it is up, and the pool's own connections stand); else what happened, for the log, and whether it is a
-    ///   refusal of these settings (``PostgresProbe/configurationProblem``) rather than an outage.
-    /// When the server (the postmaster) started, as text, on a connection of its own within `connect_timeout`; nil when
-    /// it cannot tell. A pool made before that time holds only connections the restart ended (``PostgresAvailability``).
-    func serverStart(configuration: PostgresConnection.Configuration, logger: Logger) async -> String? {
+    /// - Returns: no failure when it answers, or when the server said it has no room for another connection (SQLSTATE
+    ///   class 53: it is up, and the pool's own connections stand); else what happened, for the log, and whether it is
+    ///   a refusal of these settings (``PostgresProbe/configurationProblem``) rather than an outage. With the start
+    ///   time when the statement answered.
+    func check(configuration: PostgresConnection.Configuration, logger: Logger) async -> PostgresCheckResult {
+        switch await checkServerCertificate() {
+        case .wrongHost(let message)?, .refused(let message)?: return PostgresCheckResult(failure: PostgresCheckFailure(reason: message, configuration: true))
+        case .verified?, .noAnswer?, nil: break
+        }
+        let limit = connectTimeout
         let started = Mutex<String?>(nil)
-        let outcome = await Self.attempt(configuration: configuration, limit: connectTimeout, logger: logger) { connection in
+        let outcome = await Self.attempt(configuration: configuration, limit: limit, logger: logger) { connection in
             for try await value in try await connection.query("SELECT pg_postmaster_start_time()::text", logger: logger).decode(String.self) {
                 started.withLock { $0 = value }
             }
         }
-        guard case .success = outcome else { return nil }
-        return started.withLock { $0 }
-    }
-
-    func unreachability(configuration: PostgresConnection.Configuration, logger: Logger) async -> PostgresCheckFailure? {
-        switch await checkServerCertificate() {
-        case .wrongHost(let message)?, .refused(let message)?: return PostgresCheckFailure(reason: message, configuration: true)
-        case .verified?, .noAnswer?, nil: break
-        }
-        let limit = connectTimeout
-        let outcome = await Self.attempt(configuration: configuration, limit: limit, logger: logger) { connection in
-            try await connection.query("SELECT 1", logger: logger)
-        }
         switch outcome {
         case nil:
-            return PostgresCheckFailure(reason: "no answer within connect_timeout (\(limit))", configuration: false)
+            return PostgresCheckResult(failure: PostgresCheckFailure(reason: "no answer within connect_timeout (\(limit))", configuration: false))
         case .success:
-            return nil
+            return PostgresCheckResult(serverStart: started.withLock { $0 })
         case .failure(let error):
-            if let (state, _) = Self.serverRefusal(error), state.hasPrefix("53") { return nil }
+            if let (state, _) = Self.serverRefusal(error), state.hasPrefix("53") { return PostgresCheckResult() }
             let probe = classify(error)
             switch probe {
-            case .unreachable(let reason): return PostgresCheckFailure(reason: reason, configuration: false)
-            default: return PostgresCheckFailure(reason: probe.configurationProblem ?? "\(error)", configuration: true)
+            case .unreachable(let reason): return PostgresCheckResult(failure: PostgresCheckFailure(reason: reason, configuration: false))
+            default: return PostgresCheckResult(failure: PostgresCheckFailure(reason: probe.configurationProblem ?? "\(error)", configuration: true))
             }
         }
+    }
+
+    /// ``check(configuration:logger:)``'s failure: nil when the database answers.
+    func unreachability(configuration: PostgresConnection.Configuration, logger: Logger) async -> PostgresCheckFailure? {
+        await check(configuration: configuration, logger: logger).failure
     }
 
     /// Opens one connection with `configuration`, runs `body` on it and closes it, all bounded by `limit`: nil when the
