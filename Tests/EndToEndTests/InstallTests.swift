@@ -145,7 +145,7 @@ struct InstallTests {
         let contents = try await runCommand("/usr/bin/dpkg-deb", ["--contents", deb])
         for path in [
             "./usr/bin/farmgate", "./usr/lib/systemd/system/farmgate.service", "./etc/farmgate/agent.toml", "./usr/lib/farmgate/create-user",
-            "./usr/lib/udev/rules.d/60-farmgate-gpio.rules", "./usr/share/doc/farmgate/README.md",
+            "./usr/lib/udev/rules.d/60-farmgate-gpio.rules", "./usr/share/doc/farmgate/README.md", "./usr/share/doc/farmgate/copyright",
         ] {
             #expect(contents.stdout.contains(path), "dpkg-deb --contents lacks \(path)")
         }
@@ -165,6 +165,11 @@ struct InstallTests {
         }
         let postinst = try String(contentsOfFile: unpacked.file("DEBIAN/postinst"), encoding: .utf8)
         #expect(postinst.contains("/usr/lib/farmgate/create-user"))
+        // Enabled on the first install even where systemd does not run (an image built in a chroot): the enable is not
+        // inside the running-systemd branch.
+        #expect(postinst.contains("if [ -z \"$2\" ] && command -v systemctl"), "\(postinst)")
+        let copyright = try String(contentsOfFile: unpacked.file("usr/share/doc/farmgate/copyright"), encoding: .utf8)
+        #expect(copyright.hasPrefix("Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/"))
         let createUser = try String(contentsOfFile: unpacked.file("usr/lib/farmgate/create-user"), encoding: .utf8)
         #expect(createUser.contains("--groups dialout,gpio") && createUser.contains("useradd --system"))
 

@@ -45,6 +45,7 @@ install_config systemd/install/agent.toml "$root$SYSCONFDIR/farmgate/agent.toml"
 install -m 0644 systemd/install/60-farmgate-gpio.rules "$root$UDEVDIR/60-farmgate-gpio.rules"
 install -m 0755 systemd/install/create-user.sh "$root$PREFIX/lib/farmgate/create-user"
 install -m 0644 README.md "$root$PREFIX/share/doc/farmgate/README.md"
+install -m 0644 systemd/install/copyright "$root$PREFIX/share/doc/farmgate/copyright"
 install -m 0644 examples/site-*.toml "$root$PREFIX/share/doc/farmgate/examples/"
 
 if [ -n "$DESTDIR" ]; then
