@@ -262,6 +262,32 @@ struct UploadUploaderTests {
         #expect(try await data.statistics().pending == 150)
     }
 
+    /// A request that would outlast systemd's `TimeoutStopSec=` (a 60 s `request_timeout` and an ingest that answers after
+    /// 40 s) is abandoned when the stop's allowance (here the 5 s floor: the final flush is off) has passed; its readings
+    /// stay pending.
+    @Test func gracefulShutdownAbandonsARequestThatOutlastsTheStopAllowance() async throws {
+        let data = try await TestBuffer(count: 50)
+        let ingest = try FakeIngest(FakeIngest.Rules(script: { index, _ in index == 0 ? .delayed(.seconds(40), .reply(599)) : nil }))
+        var configuration = uploadConfiguration(ingest.url, requestTimeout: .seconds(60))
+        configuration.shutdownFlushTimeout = .zero
+        let uploader = try Uploader(device: testDevice, source: data.buffer, configuration: configuration, logger: Logger(label: "test.upload"))
+        #expect(uploader.stopAllowance == .seconds(5))
+        let group = ServiceGroup(services: [uploader], logger: Logger(label: "test.group"))
+        var stopped = ContinuousClock.now
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { try await group.run() }
+            #expect(await ingest.waitForBatches(1))
+            stopped = ContinuousClock.now
+            await group.triggerGracefulShutdown()
+            try await tasks.waitForAll()
+        }
+        let elapsed = ContinuousClock.now - stopped
+        #expect(elapsed >= .milliseconds(4500), "the request in flight had its allowance: \(elapsed)")
+        #expect(elapsed < .seconds(15), "the stop did not wait for the request's 40 s: \(elapsed)")
+        #expect(uploader.status().lastHTTPStatus == nil, "no answer was recorded")
+        #expect(try await data.statistics().pending == 50)
+    }
+
     /// An ingest older than GET /v1/device (404) that accepts every batch after half a second.
     static func slowIngest() throws -> TestHTTPServer {
         try TestHTTPServer { request, _ in

@@ -87,10 +87,12 @@ import Synchronization
 /// the good ones delivered. When the readings are refused too, the events are not blamed and pause for a while. A batch
 /// halved for size (or 413) carries its events on the first half sent only.
 ///
-/// **Shutdown.** On graceful shutdown a request in flight is finished (bounded by ``UploadConfiguration/requestTimeout``) and
-/// its outcome recorded; then, unless the ingest is failing or the shutdown is a reload (the next uploader carries on), the
-/// buffer is committed and what is pending is sent for at most ``UploadConfiguration/shutdownFlushTimeout``, and ``run()``
-/// returns. Cancelling the task abandons the request.
+/// **Shutdown.** On graceful shutdown a request in flight is finished and its outcome recorded; then, unless the ingest is
+/// failing or the shutdown is a reload (the next uploader carries on), the buffer is committed and what is pending is sent
+/// for at most ``UploadConfiguration/shutdownFlushTimeout``, and ``run()`` returns. The two together get at most
+/// ``stopAllowance`` from the shutdown's start: a request still in flight then is abandoned, so that a stop never waits
+/// for a long `request_timeout` (systemd's `TimeoutStopSec=` would kill the agent). Cancelling the task abandons the
+/// request.
 /// Unacknowledged readings stay in the buffer.
 ///
 /// **Metrics** (bounded labels): `farmgate_upload_requests_total{result="delivered"|"refused"|"failed"}`,
@@ -154,8 +156,33 @@ public final class Uploader: Service {
         state.withLock { $0 }
     }
 
+    /// How long the uploader may go on after a graceful shutdown began: the request in flight and the final flush
+    /// together (at least 5 s for the request in flight when the flush is off).
+    public var stopAllowance: Duration { max(configuration.shutdownFlushTimeout, .seconds(5)) }
+
     /// Uploads until graceful shutdown or cancellation. Never throws for upload failures: it backs off and tries again.
+    /// After a graceful shutdown began, returns within ``stopAllowance`` (and the second curl takes to abandon a request).
     public func run() async throws {
+        await withTaskGroup(of: Bool.self) { tasks in
+            tasks.addTask {
+                await self.uploadUntilStopped()
+                return false
+            }
+            tasks.addTask {
+                // Returns at once when cancelled: the uploading task ended first.
+                guard (try? await gracefulShutdown()) != nil, (try? await Task.sleep(for: self.stopAllowance)) != nil else { return false }
+                return true
+            }
+            if await tasks.next() == true {
+                logger.warning(
+                    "Graceful stop: the upload still in flight is abandoned; its readings stay in the buffer and go at the next start",
+                    metadata: ["upload.stop_allowance": "\(stopAllowance)"])
+            }
+            tasks.cancelAll()
+        }
+    }
+
+    func uploadUntilStopped() async {
         logger.info(
             "Uploader started",
             metadata: ["upload.url": "\(batchesURL)", "upload.format": "\(configuration.format.rawValue)"])
