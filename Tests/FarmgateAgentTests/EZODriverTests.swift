@@ -171,6 +171,26 @@ struct EZODriverTests {
         await driver.close()
     }
 
+    @Test("One garbled *OK (a bit error) does not leave every later read waiting out its deadline: the next *OK shows the codes are on")
+    func garbledOKIsForgotten() async throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.rtd, name: "rtd", values: { index, _ in 20 + Double(max(0, index)) / 8 })
+        let driver = try bench.driver("tank1.temp", quantity: "temperature", port: "rtd")
+        #expect(try await driver.read().value == 20)
+        simulator.inject(.garbledOK)
+        #expect(try await driver.read().value == 20.125, "the answer before the garbled *OK is the reading")
+        // The read after it may still wait its deadline (the codes look off until its *OK arrives); the ones after
+        // take the circuit's 0.6 s, not 0.6 s + the 1 s margin.
+        #expect(try await driver.read().value == 20.25)
+        for index in 3..<5 {
+            let started = ContinuousClock.now
+            #expect(try await driver.read().value == 20 + Double(index) / 8)
+            let took = ContinuousClock.now - started
+            #expect(took < .milliseconds(1300), "read \(index) took \(took): the driver still believes the response codes are off")
+        }
+        await driver.close()
+    }
+
     @Test("Noise before an answer is skipped; noise instead of one, half a line or silence fail that read only")
     func garbageAndPartialLines() async throws {
         let bench = try EZOBench()

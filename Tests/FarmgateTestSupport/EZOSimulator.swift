@@ -59,6 +59,8 @@ public final class EZOSimulator: Sendable {
         case noiseWithoutEnd([UInt8])
         /// No answer at all.
         case silence
+        /// The normal answer, with its `*OK` garbled on the line (`*O\u{FB}K`: a bit error).
+        case garbledOK
         /// This line (a stray reading, another device's answer) halfway through the processing time, then the normal
         /// answer.
         case lineBefore(String)
@@ -599,6 +601,13 @@ public final class EZOSimulator: Sendable {
             sendRaw(noise)
         case .silence?:
             break
+        case .garbledOK?:
+            pause(time)
+            state.withLock { state in
+                state.reads += 1
+                state.served.append(Served(line: line, temperature: temperature))
+            }
+            sendRaw(Array((line + "\r*O").utf8) + [0xFB] + Array("K\r".utf8))
         case .lineAfter(let code)?:
             pause(time)
             state.withLock { state in

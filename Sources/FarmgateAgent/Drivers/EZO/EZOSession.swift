@@ -448,8 +448,14 @@ final class EZOSession: @unchecked Sendable {
                 }
                 switch EZOResponse(line: line) {
                 case .ok:
-                    // An answer's *OK follows it; one before it is left over from an earlier command.
+                    // An answer's *OK follows it; one before it is left over from an earlier command. Either proves the
+                    // circuit's response codes are on: an *OK lost once (a bit error on the line) turned them off here,
+                    // and every read would otherwise wait out its whole deadline from then on.
                     if answer == nil || data != nil { sawOK = true }
+                    if !responseCodes {
+                        responseCodes = true
+                        logger.debug("EZO response codes are on")
+                    }
                 case .error(let code):
                     throw .refused(code, command: command)
                 case .event(let event):
