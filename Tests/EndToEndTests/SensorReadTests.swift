@@ -57,7 +57,7 @@ struct SensorReadTests {
 
         let direct = try await runCommand(farmgate, ["sensor", "read", "tank1.ph", "--config", config])
         #expect(direct.status == 0, "\(direct.stderr)")
-        #expect(direct.stdout.hasPrefix("tank1.ph: 6.00 pH (read directly (no agent running)"), "\(direct.stdout)")
+        #expect(direct.stdout.hasPrefix("tank1.ph: 6.000 pH (read directly (no agent running)"), "\(direct.stdout)")
         // The circuit has no temperature_sensor: what applies is the circuit's own setting, not "without the agent".
         #expect(direct.stdout.contains("no temperature_sensor set"), "\(direct.stdout)")
         #expect(!direct.stdout.contains("without the agent"), "\(direct.stdout)")

@@ -306,6 +306,32 @@ struct DriverExamplesTests {
         #expect(!result.output.contains("loop.flow\": interval"), "\(result.output)")
     }
 
+    @Test("Without a resolution, a sensor gets one that holds what its device sends: EZO pH and RTD thousandths, a Modbus register its scale's decimal step; the DS18B20 1/16 °C; a set one wins")
+    func resolutionHoldsWhatTheDeviceSends() throws {
+        func table(_ id: String, _ driver: String, _ quantity: String, _ keys: String) -> String {
+            "\n[[sensor]]\nid = \"\(id)\"\ndriver = \"\(driver)\"\nquantity = \"\(quantity)\"\n\(keys)\n"
+        }
+        let text = DriverConfigurationTests.header
+            + table("ezo.temp", "ezo", "temperature", "port = \"/dev/ttyUSB1\"")
+            + table("ezo.ph", "ezo", "ph", "port = \"/dev/ttyUSB2\"")
+            + table("ezo.ec", "ezo", "ec", "port = \"/dev/ttyUSB3\"")
+            + table("mb.tenth", "modbus", "temperature", "port = \"/dev/ttyUSB0\"\nslave = 1\naddress = 0\ndata_type = \"int16\"\nscale = 0.1")
+            + table("mb.offset", "modbus", "temperature", "port = \"/dev/ttyUSB0\"\nslave = 1\naddress = 1\nscale = 0.0625\noffset = -40.05")
+            + table("mb.sixteenth", "modbus", "temperature", "port = \"/dev/ttyUSB0\"\nslave = 1\naddress = 2\nscale = 0.0625")
+            + table("mb.ph", "modbus", "ph", "port = \"/dev/ttyUSB0\"\nslave = 1\naddress = 3\nscale = 0.1")
+            + table("mb.fine", "modbus", "ph", "port = \"/dev/ttyUSB0\"\nslave = 1\naddress = 4\nscale = 0.0001")
+            + table("mb.set", "modbus", "temperature", "port = \"/dev/ttyUSB0\"\nslave = 1\naddress = 5\nscale = 0.1\nresolution = \"1/16\"")
+            + table("w1.temp", "ds18b20", "temperature", "address = \"28-0000075a3b21\"")
+        let configuration = try AgentConfiguration.parse(ConfigDocument.parse(text, file: "/etc/farmgate/agent.toml"))
+        let steps = Dictionary(uniqueKeysWithValues: configuration.sensors.map { ($0.id.rawValue, $0.descriptor.resolution) })
+        let expected: [String: Resolution] = [
+            "ezo.temp": .thousandth, "ezo.ph": .thousandth, "ezo.ec": .tenth, "mb.tenth": .tenth, "mb.offset": try Resolution(numerator: 1, denominator: 10_000),
+            "mb.sixteenth": .sixteenth, "mb.ph": .hundredth, "mb.fine": try Resolution(numerator: 1, denominator: 10_000), "mb.set": .sixteenth,
+            "w1.temp": .sixteenth,
+        ]
+        for (id, resolution) in expected { #expect(steps[id] == resolution, "\(id): \(String(describing: steps[id]))") }
+    }
+
     @Test("A broken copy of an example fails `farmgate config check` with the located error (exit 78)")
     func brokenExample() async throws {
         let scratch = try Scratch(prefix: "fg-examples")

@@ -432,7 +432,7 @@ extension AgentConfiguration {
         guard let quantity = Quantity(rawValue: quantityText.lowercased()) else {
             throw table.error("quantity", "unknown quantity \"\(quantityText)\"; one of: \(Quantity.allCases.map(\.rawValue).joined(separator: ", "))")
         }
-        var resolution = quantity.defaultResolution
+        var resolution = driver.nativeResolution(quantity, table) ?? quantity.defaultResolution
         if let value = table.value("resolution") {
             let text: String
             switch value {

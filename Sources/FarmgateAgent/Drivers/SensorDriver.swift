@@ -120,14 +120,20 @@ public struct DriverDescription: Sendable {
     /// Common keys the driver does not use for this sensor (a GPIO switch stores every change: `interval` and
     /// `deadband` mean nothing to it), by key, with why. `farmgate config check` and the agent warn about each one set.
     public var ignoredKeys: @Sendable (SensorConfiguration) -> [String: String] = { _ in [:] }
+    /// The resolution a sensor of this driver gets when its table names none, when the quantity's default would not
+    /// hold what the device sends (an EZO RTD answers 25.104 °C, a 0.1 °C Modbus register −0.1 °C: at the DS18B20's
+    /// 1/16 °C they would be stored as 25.125 and −0.125). nil: the quantity's default.
+    public var nativeResolution: @Sendable (Quantity, ConfigTable) -> Resolution? = { _, _ in nil }
 
     public init(
         kind: String, summary: String, optionKeys: Set<String>, sampleConfiguration: String,
         validate: @escaping @Sendable (SensorConfiguration) throws(ConfigurationError) -> Void,
         validateSite: @escaping @Sendable ([SensorConfiguration]) throws(ConfigurationError) -> Void = { _ throws(ConfigurationError) in },
         claims: @escaping @Sendable (SensorConfiguration) throws(ConfigurationError) -> [ResourceClaim] = { _ throws(ConfigurationError) in [] },
-        make: @escaping @Sendable (SensorConfiguration, DriverContext) throws -> any SensorDriver
+        make: @escaping @Sendable (SensorConfiguration, DriverContext) throws -> any SensorDriver,
+        nativeResolution: @escaping @Sendable (Quantity, ConfigTable) -> Resolution? = { _, _ in nil }
     ) {
+        self.nativeResolution = nativeResolution
         self.kind = kind
         self.summary = summary
         self.optionKeys = optionKeys

@@ -40,7 +40,9 @@ public final class EZODriver: SensorDriver {
             """,
         validate: { configuration throws(ConfigurationError) in _ = try Options(configuration) },
         validateSite: { sensors throws(ConfigurationError) in try validateSite(sensors) },
-        make: { configuration, context in try EZODriver(configuration: configuration, context: context) })
+        make: { configuration, context in try EZODriver(configuration: configuration, context: context) },
+        // pH and RTD circuits answer with three decimals (9.560, 25.104); the other outputs fit their quantity's default.
+        nativeResolution: { quantity, _ in quantity == .ph || quantity == .temperature ? .thousandth : nil })
 
     /// The driver's keys, validated.
     struct Options {

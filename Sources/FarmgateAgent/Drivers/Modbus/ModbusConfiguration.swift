@@ -88,6 +88,25 @@ public enum ModbusDataType: String, Sendable, Hashable, CaseIterable {
 
 /// Where one sensor's value lives on the bus and how to turn its registers into a value.
 public struct ModbusPoint: Sendable, Hashable {
+    /// The resolution that holds every value of a register scaled by `scale` and moved by `offset` exactly, when the
+    /// quantity's default does not (a 0.1 °C register at the default 1/16 °C): the coarsest decimal step of which both
+    /// are whole multiples (0.1, 0.01, ...). nil when the default holds them, or when no decimal step to 10⁻⁶ does.
+    static func exactResolution(scale: Double, offset: Double, quantity: Quantity) -> Resolution? {
+        func holds(_ resolution: Resolution) -> Bool {
+            [scale, offset].allSatisfy { amount in
+                let steps = amount / resolution.step
+                return abs(steps - steps.rounded()) <= 1e-9 * max(1, abs(steps))
+            }
+        }
+        if holds(quantity.defaultResolution) { return nil }
+        var denominator: UInt32 = 1
+        while denominator <= 1_000_000 {
+            if let resolution = try? Resolution(numerator: 1, denominator: denominator), holds(resolution) { return resolution }
+            denominator *= 10
+        }
+        return nil
+    }
+
     /// `slave`: the unit id, 1–247. Required.
     public var slave: Int
     /// `function`: `holding` (03, default) or `input` (04).

@@ -37,7 +37,10 @@ public final class ModbusDriver: SensorDriver {
                     identity: "serial port " + SerialDevice.identity(of: options.bus.port))
             ]
         },
-        make: { configuration, context in try ModbusDriver(configuration: configuration, logger: context.logger) })
+        make: { configuration, context in try ModbusDriver(configuration: configuration, logger: context.logger) },
+        nativeResolution: { quantity, table in
+            ModbusPoint.exactResolution(scale: (try? table.double("scale")) ?? 1, offset: (try? table.double("offset")) ?? 0, quantity: quantity)
+        })
 
     public let sensor: SensorID
     let point: ModbusPoint
