@@ -29,6 +29,7 @@ struct ReadResolutionAPITests {
         var to: String?
         var limit: Int
         var truncated: Bool
+        var next_from: String?
         var readings: [Item]?
         var buckets: [Bucket]?
     }
@@ -98,6 +99,15 @@ struct ReadResolutionAPITests {
             // Three months: 2,208 hours, so days.
             let quarter = try await get(client, fixture, "from=2025-10-01T00:00:00Z&to=2026-01-01T00:00:00Z&resolution=auto")
             #expect(quarter.resolution == "1d" && quarter.buckets?.count == 92)
+            #expect(quarter.limit == ReadResolution.autoTargetPoints && !quarter.truncated)
+            // A limit below what the span holds at a level: the level is picked for the limit, so that one answer holds
+            // the span (a page after it would otherwise pick again for the shorter span left, and change level).
+            let dayIn50 = try await get(client, fixture, "from=2025-12-30T00:00:00Z&to=2025-12-31T00:00:00Z&resolution=auto&limit=50")
+            #expect(dayIn50.resolution == "1h" && dayIn50.buckets?.count == 24 && !dayIn50.truncated)
+            // Only when even days are more than the limit is the answer cut: days, and the rest is asked as 1d.
+            let quarterIn50 = try await get(client, fixture, "from=2025-10-01T00:00:00Z&to=2026-01-01T00:00:00Z&resolution=auto&limit=50")
+            #expect(quarterIn50.resolution == "1d" && quarterIn50.buckets?.count == 50 && quarterIn50.truncated)
+            #expect(quarterIn50.next_from == "2025-11-20T00:00:00Z")
             // A day before raw retention's cut-off (90 days before now: 2025-10-03): rollups, though it is only 96 readings.
             let old = try await get(client, fixture, "from=2025-10-01T00:00:00Z&to=2025-10-02T00:00:00Z&resolution=auto")
             #expect(old.resolution == "1m" && old.buckets?.count == 96)
@@ -141,9 +151,10 @@ struct ReadResolutionAPITests {
                 headers: bearer(fixture.readToken))
             let fast = try decode(Answer.self, response)
             #expect(fast.resolution == "raw" && fast.readings?.count == 330, "\(fast.resolution) \(fast.readings?.count ?? -1)")
-            // auto's raw answer keeps an explicit limit.
+            // An explicit limit below the span's 900 readings: auto picks the level that holds the span in that many
+            // points (30 one-minute buckets), not a first page of raw readings whose next page would pick again.
             let limited = try await get(client, fixture, "from=2025-12-31T10:45:00Z&to=2025-12-31T11:15:00Z&resolution=auto&limit=100")
-            #expect(limited.resolution == "raw" && limited.readings?.count == 100 && limited.limit == 100 && limited.truncated)
+            #expect(limited.resolution == "1m" && limited.buckets?.count == 30 && limited.limit == 100 && !limited.truncated)
         }
     }
 

@@ -119,6 +119,20 @@ import Testing
         #expect(await decide(days: 1, stored: 2_000, counted: 0) == .raw)
         #expect(await decide(days: 1, stored: 2_001, counted: 0) == .rollup(.minute))
         #expect(await decide(days: 30, stored: 17_280, counted: 0, minutesFrom: testNow) == .rollup(.hour))
+        // Buckets are counted as the answer holds them, the partial ones at the ends too: 2,000 hours from half past
+        // an hour touch 2,001 hourly buckets, so days.
+        let halfPast = Timestamp(microseconds: RollupLevel.hour.bucket(of: testNow.microseconds) - 3_000 * 3_600_000_000 + 1_800_000_000)
+        let thousands = Timestamp(microseconds: halfPast.microseconds + 2_000 * 3_600_000_000)
+        #expect(ReadResolution.buckets(of: .hour, from: halfPast, to: thousands) == 2_001)
+        #expect(ReadResolution.buckets(of: .hour, from: halfPast, to: Timestamp(microseconds: thousands.microseconds - 1_800_000_000)) == 2_000)
+        let edge = await ReadResolution.decideAuto(
+            from: halfPast, to: thousands, keptFrom: { _ in nil }, storedAtLeast: { 1_000_000 }, raw: { Array(0..<$0) })
+        #expect(edge.resolved == .rollup(.day))
+        // A smaller target (the request's limit): the level that holds the span in that many points.
+        let small = await ReadResolution.decideAuto(
+            from: Timestamp(microseconds: testNow.microseconds - 86_400_000_000), to: testNow, target: 50, keptFrom: { _ in nil },
+            storedAtLeast: { 96 }, raw: { Array(0..<min(96, $0)) })
+        #expect(small.resolved == .rollup(.hour) && small.rows.isEmpty)
     }
 
     @Test(

@@ -136,7 +136,12 @@ struct ReadController: Sendable {
             throw APIError(.badRequest, code: "invalid_parameter", message: "from must be earlier than to (from is inclusive, to exclusive)")
         }
         let requested = try resolutionParameter(query.get("resolution"))
-        var limit = requested == .raw ? ReadController.defaultLimit : ReadController.maxLimit
+        // `auto` answers at most about 2,000 points unless asked for fewer (its level is then picked for that many).
+        var limit = switch requested {
+        case .raw: ReadController.defaultLimit
+        case .auto: ReadResolution.autoTargetPoints
+        default: ReadController.maxLimit
+        }
         if let text = query.get("limit") {
             guard let value = Int(text), (1...ReadController.maxLimit).contains(value) else {
                 throw APIError(
@@ -156,7 +161,7 @@ struct ReadController: Sendable {
         if requested == .auto {
             // `auto` reads a closed span: up to now when `to` is absent, the day before `to` when `from` is.
             let end = to ?? now()
-            let start = from ?? Timestamp(microseconds: end.microseconds - ReadResolution.autoDefaultSpan)
+            let start = from ?? Timestamp(microseconds: max(Self.representable.lowerBound, end.microseconds - ReadResolution.autoDefaultSpan))
             guard start < end else {
                 throw APIError(
                     .badRequest, code: "invalid_parameter",
@@ -181,7 +186,7 @@ struct ReadController: Sendable {
                     // applied: a `raw` raised since brings nothing back.
                     let applied = try await store.appliedRawCutoff()
                     let decided = try await ReadResolution.decideAuto(
-                        from: start, to: end,
+                        from: start, to: end, target: min(limit, ReadResolution.autoTargetPoints),
                         keptFrom: { resolution in
                             switch resolution {
                             case .raw:

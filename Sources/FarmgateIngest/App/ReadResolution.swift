@@ -47,19 +47,26 @@ enum ReadResolution: String, CaseIterable, Sendable {
     ///   - storedAtLeast: a lower bound of the sensor's readings in the span.
     ///   - raw: the sensor's raw readings in the span, at most `limit` of them, in time order.
     /// - Returns: the resolution, and the raw readings when it is raw.
+    ///   - target: the most points the answer may hold (``autoTargetPoints``, or the request's `limit` when smaller: the
+    ///     level is then picked so that one answer holds the whole span, and paging never changes the level).
     static func decideAuto<Row>(
-        from: Timestamp, to: Timestamp, keptFrom: (Resolved) -> Timestamp?, storedAtLeast: () async throws -> Int,
+        from: Timestamp, to: Timestamp, target: Int = autoTargetPoints, keptFrom: (Resolved) -> Timestamp?, storedAtLeast: () async throws -> Int,
         raw: (_ limit: Int) async throws -> [Row]
     ) async rethrows -> (resolved: Resolved, rows: [Row]) {
-        let span = max(0, to.microseconds - from.microseconds)
         func kept(_ resolution: Resolved) -> Bool { keptFrom(resolution).map { from >= $0 } ?? true }
-        if kept(.raw), try await storedAtLeast() <= autoTargetPoints {
-            let rows = try await raw(autoTargetPoints + 1)
-            if rows.count <= autoTargetPoints { return (.raw, rows) }
+        if kept(.raw), try await storedAtLeast() <= target {
+            let rows = try await raw(target + 1)
+            if rows.count <= target { return (.raw, rows) }
         }
-        for level in RollupLevel.allCases where span / level.width <= Int64(autoTargetPoints) && kept(.rollup(level)) {
+        for level in RollupLevel.allCases where buckets(of: level, from: from, to: to) <= Int64(target) && kept(.rollup(level)) {
             return (.rollup(level), [])
         }
         return (.rollup(.day), [])
+    }
+
+    /// The buckets of `level` that `from..<to` overlaps (the answer holds those, partial ones at either end too).
+    static func buckets(of level: RollupLevel, from: Timestamp, to: Timestamp) -> Int64 {
+        guard to > from else { return 0 }
+        return (level.bucket(of: to.microseconds - 1) - level.bucket(of: from.microseconds)) / level.width + 1
     }
 }
