@@ -15,6 +15,22 @@ struct UploadDeviceCheckTests {
         return configuration
     }
 
+    /// `GET /v1/device` lists version 4 (answered by an upgraded instance), the batches reach one that reads the key
+    /// only in `Authorization` (an older instance behind the same address): its 401 to a key sent in `Farmgate-Key`
+    /// sends the key as `Authorization` and the readings are delivered, not held with "re-enroll this device".
+    @Test func a401ToTheKeyHeaderSendsTheKeyAsAuthorization() async throws {
+        let data = try await TestBuffer(count: 30)
+        let state = DeviceState(device: testDevice.rawValue, highestSequence: nil, acceptedVersions: [2, 3, 4])
+        let body = try Array(JSONEncoder().encode(state))
+        let ingest = try FakeIngest(FakeIngest.Rules(deviceState: { _ in .reply(200, headers: ["Content-Type": "application/json"], body: body) }))
+        try await withUploader(source: data.buffer, configuration: uploadConfiguration(ingest.url, format: .json)) { uploader throws in
+            #expect(try await eventually(timeout: .seconds(20)) { try await data.statistics().pending == 0 }, "\(uploader.status())")
+            #expect(uploader.status().held == nil)
+        }
+        #expect(ingest.log.authorizations == ["", "Bearer \(FakeIngest.key)"], "the first batch carried the key in Farmgate-Key only")
+        #expect(Set(ingest.log.stored.keys) == Set(data.sequences))
+    }
+
     /// An ingest that cannot be reached has not said what it reads: the status must not say it refuses version 4.
     @Test func anUnreachableIngestIsNotSaidToRefuseVersion4() async throws {
         let data = try await TestBuffer(count: 10)

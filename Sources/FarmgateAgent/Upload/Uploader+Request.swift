@@ -135,8 +135,9 @@ extension Uploader {
             $0.requestsTotal += 1
         }
         // An ingest that reads format version 4 reads the key in Farmgate-Key too, which HTTP/2 compresses to a byte.
+        let keyInHeader = loop.sendsKeyHeader
         let headers = [
-            loop.acceptsStateful ? deviceKeyHeader : authorization, HTTPHeader("Content-Type", format.mediaType),
+            keyInHeader ? deviceKeyHeader : authorization, HTTPHeader("Content-Type", format.mediaType),
             HTTPHeader("Accept", "\(IngestProtocol.compactReceiptMediaType), application/json"),
         ]
         let response: HTTPResponse
@@ -222,6 +223,14 @@ extension Uploader {
         case 400 where refusal.code == IngestErrorCode.incompleteBody:
             // The body arrived cut short (a proxy, a broken connection): the same request may well succeed.
             return transient(refusal, &loop)
+        case 401 where keyInHeader:
+            // `GET /v1/device` said version 4, but this answer came from an instance that does not read Farmgate-Key (an
+            // older one behind the same address): the key goes as Authorization for a while, these readings at once.
+            loop.keyHeaderPausedUntil = ContinuousClock.now + max(configuration.backoffMax, .seconds(60))
+            logger.warning(
+                "The ingest refused the key sent in Farmgate-Key although it said it reads format version 4 (instances of two versions behind one address?); sending it as Authorization",
+                metadata: ["http.status": "\(status)", "reason": "\(refusal.reason)"])
+            return nil
         case 401, 403:
             metrics.refused.increment()
             return .stop(

@@ -249,6 +249,15 @@ public final class Uploader: Service {
         var statefulPausedUntil: ContinuousClock.Instant?
         /// 409 `unknown_sensor_table` / `stale_context` answers in a row (each is followed at once by the same readings).
         var stateRefusals = 0
+        /// After a 401 to a request that carried the key only in `Farmgate-Key` (an instance that does not read it
+        /// behind the same address as one that does): the key goes as `Authorization` until then.
+        var keyHeaderPausedUntil: ContinuousClock.Instant?
+
+        /// Whether the next request carries the key in `Farmgate-Key` (which HTTP/2 compresses to a byte) rather than
+        /// `Authorization`.
+        var sendsKeyHeader: Bool {
+            acceptsStateful && (keyHeaderPausedUntil.map { ContinuousClock.now >= $0 } ?? true)
+        }
     }
 
     /// When to ask `GET /v1/device`: at start, after a `sequence_conflict` or a 415 `unsupported_format_version`, and every
