@@ -306,6 +306,22 @@ struct DriverExamplesTests {
         #expect(!result.output.contains("loop.flow\": interval"), "\(result.output)")
     }
 
+    @Test("Sensors on one port (an EC circuit's outputs, a Modbus bus) start on one phase, the others on i % 4")
+    func sensorsOnOnePortShareAPhase() throws {
+        func table(_ id: String, _ driver: String, _ quantity: String, _ keys: String) -> String {
+            "\n[[sensor]]\nid = \"\(id)\"\ndriver = \"\(driver)\"\nquantity = \"\(quantity)\"\n\(keys)\n"
+        }
+        let ec = "port = \"/dev/ttyUSB1\""
+        let text = DriverConfigurationTests.header
+            + table("a.ph", "simulated", "ph", "")
+            + table("t.ec", "ezo", "ec", ec) + table("t.tds", "ezo", "tds", ec) + table("t.sal", "ezo", "salinity", ec) + table("t.sg", "ezo", "specific_gravity", ec)
+            + table("b.ph", "simulated", "ph", "")
+            + table("m.1", "modbus", "ph", "port = \"/dev/ttyUSB0\"\nslave = 1\naddress = 0")
+            + table("m.2", "modbus", "ph", "port = \"/dev/ttyUSB0\"\nslave = 2\naddress = 0")
+        let configuration = try AgentConfiguration.parse(ConfigDocument.parse(text, file: "/etc/farmgate/agent.toml"))
+        #expect(Sampler.phases(configuration.sensors) == [0, 1, 1, 1, 1, 1, 2, 2])
+    }
+
     @Test("Without a resolution, a sensor gets one that holds what its device sends: EZO pH and RTD thousandths, a Modbus register its scale's decimal step; the DS18B20 1/16 °C; a set one wins")
     func resolutionHoldsWhatTheDeviceSends() throws {
         func table(_ id: String, _ driver: String, _ quantity: String, _ keys: String) -> String {

@@ -817,6 +817,43 @@ struct EZODriverTests {
         await ec.close()
     }
 
+    @Test("The outputs of one EC circuit asked together share one reading: one R for all four, each its own field of it; asked apart, each reads")
+    func ecOutputsShareOneReading() async throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.ec, name: "ec", values: { index, _ in 1400 + Double(max(0, index)) })
+        let port = bench.dir.file("ec")
+        var tables = ""
+        let ids = ["tank1.ec", "tank1.tds", "tank1.salinity", "tank1.sg"]
+        for (id, quantity) in zip(ids, ["ec", "tds", "salinity", "specific_gravity"]) {
+            tables += "[[sensor]]\nid = \"\(id)\"\ndriver = \"ezo\"\nquantity = \"\(quantity)\"\nport = \"\(port)\"\n\n"
+        }
+        let drivers = try bench.drivers(tables)
+        let outputs = try ids.map { try #require(drivers[$0]) }
+        func reads() -> Int { simulator.commands.filter { $0.uppercased() == "R" }.count }
+        // As the sampler wakes them (one phase for one port): together.
+        for round in 0..<2 {
+            let before = reads()
+            let values = await withTaskGroup(of: (Int, Double?).self) { group in
+                for (index, driver) in outputs.enumerated() {
+                    group.addTask { (index, try? await driver.read().value) }
+                }
+                var values = [Double?](repeating: nil, count: outputs.count)
+                for await (index, value) in group { values[index] = value }
+                return values
+            }
+            #expect(reads() - before == 1, "round \(round): \(reads() - before) reads for four outputs asked together")
+            let ec = try #require(values[0])
+            // The simulator's TDS is EC × 0.5 (whole), salinity EC/1000 × 0.55: one measurement's fields.
+            #expect(values[1] == (ec * 0.5).rounded() && values[2] == (ec / 1000 * 0.55 * 100).rounded() / 100 && values[3] == 1, "\(values)")
+        }
+        // Asked one after the other, each read is its own measurement.
+        let before = reads()
+        let first = try await outputs[0].read().value
+        let second = try await outputs[0].read().value
+        #expect(reads() - before == 2 && second == first + 1)
+        await outputs[0].close()
+    }
+
     @Test("Two opens of one port: the second is refused as busy")
     func exclusive() async throws {
         let bench = try EZOBench()

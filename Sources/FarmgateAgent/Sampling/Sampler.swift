@@ -86,8 +86,9 @@ public final class Sampler: Service {
             }
             await withTaskGroup(of: Void.self) { group in
                 let slots = Self.phaseSlots(self.sensors.count)
-                for (index, sensor) in self.sensors.enumerated() {
-                    let phase = sensor.configuration.interval * Double(index % slots) / Double(slots)
+                let assigned = Self.phases(self.sensors.map(\.configuration))
+                for (sensor, slot) in zip(self.sensors, assigned) {
+                    let phase = sensor.configuration.interval * Double(slot) / Double(slots)
                     group.addTask { await self.loop(sensor, firstTick: start + phase) }
                 }
                 await group.waitForAll()
@@ -136,6 +137,20 @@ public final class Sampler: Service {
     /// 275 switches a second and 2.5 % of a core, with 10 phases 101 and 1.3 %, with 4 phases 61 and 1.1 %. Readings
     /// are committed by the buffer's group commit whatever their phase, and a bus still reads its sensors one at a time.
     static func phaseSlots(_ sensors: Int) -> Int { max(1, min(sensors, 4)) }
+
+    /// The phase slot of each sensor: sensor `i` on `i % slots`, except that sensors on one port (an EC circuit's
+    /// outputs, a Modbus bus's slaves) share the first one's, so that they wake together and one reading of the
+    /// circuit, or one request for adjacent registers, serves them all.
+    static func phases(_ sensors: [SensorConfiguration]) -> [Int] {
+        let slots = phaseSlots(sensors.count)
+        var slotOfPort: [String: Int] = [:]
+        return sensors.enumerated().map { index, sensor in
+            guard let port = try? sensor.options.string("port") else { return index % slots }
+            let slot = slotOfPort[port] ?? index % slots
+            slotOfPort[port] = slot
+            return slot
+        }
+    }
 
     private func loop(_ sensor: Sensor, firstTick: ContinuousClock.Instant) async {
         let configuration = sensor.configuration

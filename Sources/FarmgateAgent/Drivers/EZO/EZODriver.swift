@@ -241,9 +241,10 @@ public final class EZODriver: SensorDriver {
         let temperature = compensationTemperature()
         let session = self.session
         let outcome: Result<EZOSession.Reading, SensorError>
+        let requestedAt = ContinuousClock.now
         do {
             outcome = try await line.withPort { port, generation in
-                try session.read(port: port, generation: generation, temperature: temperature)
+                try session.read(port: port, generation: generation, temperature: temperature, requestedAt: requestedAt)
             }
         } catch let error as SerialError {
             switch error.kind {
