@@ -88,6 +88,9 @@ public enum IngestErrorCode {
     /// (``APIErrorBody/Detail/context`` lists the ingest's): send the same readings again, without context or against
     /// the ingest's.
     public static let staleContext = "stale_context"
+    /// 422: a stateful frame declares a sensor table of more sensors than the ingest allows one device (`[limits]
+    /// sensors_per_device`): send self-contained frames (format version 2).
+    public static let sensorTableTooLarge = "sensor_table_too_large"
     /// 429: too many requests; `Retry-After` says when to come back.
     public static let rateLimited = "rate_limited"
     /// 503: the store cannot commit now; `Retry-After` says when to come back.

@@ -142,6 +142,28 @@ struct StatefulIngestTests {
         }
     }
 
+    @Test("a declared table of more sensors than [limits] sensors_per_device is 422 sensor_table_too_large and is not kept; one within it is")
+    func tablesAreBoundedBySensorsPerDevice() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        var limits = IngestConfiguration.Limits()
+        limits.sensorsPerDevice = 50
+        let descriptors = try (0..<51).map { SensorDescriptor(id: try sensorID("s\($0)"), quantity: .ph) }
+        let (tooLarge, fits) = (try SensorTable(descriptors), try SensorTable(Array(descriptors.prefix(50))))
+        try await fixture.app(limits: limits).test(.router) { client in
+            let large = try WireSession().encode(Batch(device: try deviceID("d1"), sensors: [], readings: []), table: tooLarge)
+            let message = try expectError(try await Self.post(client, large, key: fixture.deviceKey), .unprocessableContent, IngestErrorCode.sensorTableTooLarge)
+            #expect(message.contains("51 sensors") && message.contains("sensors_per_device"), "\(message)")
+            // Not kept: a frame naming it is refused as unknown.
+            var believing = WireSession()
+            believing.delivered(large, acknowledged: [])
+            let naming = try believing.encode(Batch(device: try deviceID("d1"), sensors: [], readings: []), table: tooLarge)
+            _ = try expectError(try await Self.post(client, naming, key: fixture.deviceKey), .conflict, IngestErrorCode.unknownSensorTable)
+            let within = try WireSession().encode(Batch(device: try deviceID("d1"), sensors: [], readings: []), table: fits)
+            #expect(try await Self.post(client, within, key: fixture.deviceKey).status == .ok)
+        }
+    }
+
     @Test("a frame that declares a table and then fails to decode leaves no table behind: a frame naming it is 409 unknown_sensor_table")
     func failedFrameKeepsNoTable() async throws {
         let fixture = try await Fixture()

@@ -216,6 +216,12 @@ struct BatchController: Sendable {
         let head = try BatchCodec.decodeStatefulHead(bytes, limits: limits)
         let table: SensorTable
         if let declared = head.declaredTable {
+            // A table is kept in memory and in the store: never one of more sensors than a device may have.
+            guard declared.sensors.count <= self.limits.sensorsPerDevice else {
+                throw APIError(
+                    .unprocessableContent, code: IngestErrorCode.sensorTableTooLarge,
+                    message: "the frame declares a sensor table of \(declared.sensors.count) sensors, more than the \(self.limits.sensorsPerDevice) this ingest allows one device ([limits] sensors_per_device); send self-contained frames (format version 2), or have the ingest's operator raise the limit")
+            }
             table = declared
         } else if let known = try await wireState.table(device: device, hash: head.tableHash) {
             table = known
