@@ -313,6 +313,15 @@ import Testing
                 return
             }
             #expect(abs(finished.microseconds - Timestamp.now().microseconds) < 600_000_000, "\(RFC3339.format(finished))")
+            // An instance started with a shorter `raw` runs at once all the same: the recent run applied a cut-off
+            // earlier than its own; then its next scheduled run finds its own cut-off applied.
+            var shorter = Self.retention
+            shorter.raw = .seconds(10 * 86_400)
+            let moved = try await store.runRetention(shorter, now: testNow, options: RetentionRunOptions(skipIfRanWithin: .seconds(1800)))
+            #expect(moved.skipped == nil, "\(String(describing: moved.skipped))")
+            #expect(try await store.appliedRawCutoff() == moved.rawCutoff)
+            let again = try await store.runRetention(shorter, now: testNow, options: RetentionRunOptions(skipIfRanWithin: .seconds(1800)))
+            #expect(again.skipped != nil)
             // Re-sent: a duplicate, though its row went with the default partition's old rows.
             #expect(try await store.store(try phBatch(sequences: 1...20, start: ancient), for: device, receivedAt: testNow).duplicates == 20)
         }

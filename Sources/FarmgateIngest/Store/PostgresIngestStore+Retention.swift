@@ -52,10 +52,17 @@ extension PostgresIngestStore: RetentionStore {
                 }
                 guard locked else { return .skip(.runningElsewhere, retention: retention, now: now, dryRun: options.dryRun) }
                 // Due or not by the database's clock, never `now` (this instance's): see recentMaintenanceRun.
+                // ... unless this run's raw cut-off is later than the one applied: the recent run had a longer `raw`
+                // (this instance started with a shorter one), and what the new one removes must not wait for the next.
                 if let window = options.skipIfRanWithin,
                     let finished = try await Self.recentMaintenanceRun(Self.retentionJob, within: window, on: connection, logger: logger)
                 {
-                    return .skip(.ranRecently(finished), retention: retention, now: now, dryRun: options.dryRun)
+                    var applied: Int64?
+                    for try await value in try await connection.query("SELECT raw_us FROM retention_cutoff WHERE id = 1", logger: logger).decode(Int64.self) {
+                        applied = value
+                    }
+                    let moved = empty.rawCutoff.map { cutoff in applied.map { cutoff.microseconds > $0 } ?? true } ?? false
+                    if !moved { return .skip(.ranRecently(finished), retention: retention, now: now, dryRun: options.dryRun) }
                 }
                 var report = empty
                 for level in RollupLevel.allCases {
