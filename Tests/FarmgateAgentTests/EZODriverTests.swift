@@ -938,7 +938,9 @@ struct EZOProtocolTests {
         #expect(EZOParse.reading("9.560") == [9.56])
         #expect(EZOParse.reading("-1023.000") == [-1023])
         #expect(EZOParse.reading("1413,707,0.71,1.000") == [1413, 707, 0.71, 1])
-        for bad in ["", "9.5.6", "nan", "inf", "1e5", "9.56x", "-", ".", "1,,2", "?I,pH,2.16", "0x10"] {
+        #expect(EZOParse.reading("0.000") == [0] && EZOParse.reading("0") == [0] && EZOParse.reading("-0.5") == [-0.5])
+        // A byte lost on the way: `.7xx` from `6.7xx`, `17.` from `17.0` cut, `07.000` with a stray zero.
+        for bad in ["", "9.5.6", "nan", "inf", "1e5", "9.56x", "-", ".", "1,,2", "?I,pH,2.16", "0x10", ".7", "-.5", "7.", "07.000", "1413,.7"] {
             #expect(EZOParse.reading(bad) == nil, "\(bad) parsed")
         }
         #expect(EZOParse.outputs("?O,EC,TDS") == [.ec, .tds])

@@ -273,8 +273,11 @@ public enum EZOParse {
             var body = Substring(trimmed)
             if body.hasPrefix("-") { body = body.dropFirst() }
             let dots = body.filter { $0 == "." }.count
+            // A circuit writes a digit before and after the point and no leading zero before another digit: `.7`, `7.`
+            // or `07.00` is what a reading that lost a byte on the way looks like (`6.7xx`, `17.0`), not a reading.
             guard !body.isEmpty, dots <= 1, body.allSatisfy({ $0.isASCII && ($0.isNumber || $0 == ".") }),
-                body.contains(where: \.isNumber), let value = Double(trimmed), value.isFinite
+                body.first?.isNumber == true, body.last?.isNumber == true, !(body.first == "0" && body.count > 1 && body.dropFirst().first != "."),
+                let value = Double(trimmed), value.isFinite
             else { return nil }
             values.append(value)
         }
