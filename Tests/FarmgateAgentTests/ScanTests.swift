@@ -82,6 +82,31 @@ struct ScanTests {
         #expect(configuration.sensors.map(\.id.rawValue) == ["tank1.ec", "tank2.ph", "bus1.slave1", "bus1.slave3"])
     }
 
+    @Test("A circuit slower than the EZO probe's wait is never reported at the next baud its late answer arrives in")
+    func lateEZOAnswerIsNotTakenForTheNextBaud() throws {
+        let dir = try Scratch(prefix: "fg-scan", in: URL(fileURLWithPath: "/tmp"))
+        // `i` answered after 750 ms, at any speed (a USB bridge that ignores the baud, or a pty).
+        let slow = try EZOSimulator(.ph, path: dir.file("ttyUSB0"), timeScale: 2.5, values: { _, _ in 6 })
+        slow.setBaud(nil)
+        slow.setStreamsBetweenCommands(false)
+        defer { slow.stop() }
+        var scan = self.options(dev: dir.file("dev"), w1: dir.file("w1"))
+        scan.bauds = [9600, 38400]
+        scan.modbusIDs = 1...1
+        scan.ezoTimeout = .milliseconds(500)
+        let finding = try #require(SerialScan.probe(SerialScan.Candidate(path: slow.path, device: slow.path, listOnlyIfFound: false), options: scan))
+        #expect(finding.ezo == nil || finding.ezo?.baud == 9600, "reported at \(finding.ezo?.baud ?? 0) baud")
+        // With the default wait the datasheet's times fit: found at its own baud (a fresh circuit: the first one is
+        // still answering the Modbus probes' bytes).
+        let fresh = try EZOSimulator(.ph, path: dir.file("ttyUSB1"), timeScale: 2.5, values: { _, _ in 6 })
+        fresh.setBaud(nil)
+        fresh.setStreamsBetweenCommands(false)
+        defer { fresh.stop() }
+        scan.ezoTimeout = ScanOptions().ezoTimeout
+        let found = try #require(SerialScan.probe(SerialScan.Candidate(path: fresh.path, device: fresh.path, listOnlyIfFound: false), options: scan))
+        #expect(found.ezo?.baud == 9600, "\(String(describing: found.ezo))")
+    }
+
     @Test("Modbus probes keep the RTU silent interval (t3.5) after the previous answer")
     func modbusProbesKeepSilentInterval() throws {
         let dir = try Scratch(prefix: "fg-scan", in: URL(fileURLWithPath: "/tmp"))

@@ -27,8 +27,9 @@ public struct ScanOptions: Sendable {
     public var modbusIDs: ClosedRange<Int> = 1...16
     /// Where the kernel lists 1-Wire devices.
     public var w1Root = "/sys/bus/w1/devices"
-    /// How long an EZO circuit has to answer `i`.
-    public var ezoTimeout: Duration = .milliseconds(500)
+    /// How long an EZO circuit has to answer `i` (the probe's leading carriage return is a command too: about 300 ms
+    /// each by the datasheet).
+    public var ezoTimeout: Duration = .milliseconds(1200)
     /// How long a Modbus slave has to answer.
     public var modbusTimeout: Duration = .milliseconds(150)
     /// The most one port's probing may take, whatever answers.
@@ -271,6 +272,12 @@ public enum SerialScan {
                     return EZOFinding(circuit: type, firmware: firmware, baud: baud)
                 }
             }
+        }
+        // A circuit slower than the wait may still be answering: let it finish at this baud (until 300 ms of quiet, at
+        // most 2 s), or its late answer would be read as the answer at the next baud, and a wrong `baud =` printed.
+        let quietUntil = ContinuousClock.now + .seconds(2)
+        while ContinuousClock.now < quietUntil {
+            guard let bytes = try? port.read(until: min(ContinuousClock.now + .milliseconds(300), quietUntil)), !bytes.isEmpty else { break }
         }
         return nil
     }
