@@ -172,6 +172,15 @@ struct ReadResolutionAPITests {
             let day = try await get(client, fixture, "from=2025-12-30T00:00:00Z&to=2025-12-31T00:00:00Z&resolution=auto")
             #expect(day.resolution == "raw")
         }
+        // A run removes 1-minute rollups older than 30 days; `rollup_1m` raised back to a year brings nothing back, so
+        // auto still reads hourly rollups there (not 1-minute ones, which would answer an empty day).
+        let report = try await fixture.store.runRetention(retention, now: testNow, options: RetentionRunOptions())
+        #expect((report.rollupRowsDeleted[.minute] ?? 0) > 0)
+        #expect(try await fixture.store.appliedRollupCutoffs()[.minute] == report.rollupCutoffs[.minute])
+        try await fixture.app().test(.router) { client in
+            let old = try await get(client, fixture, "from=2025-10-01T00:00:00Z&to=2025-10-02T00:00:00Z&resolution=auto")
+            #expect(old.resolution == "1h" && old.buckets?.count == 24, "\(old.resolution) \(old.buckets?.count ?? -1)")
+        }
     }
 
     @Test("an unknown resolution is a 400 that names the accepted ones")

@@ -299,6 +299,7 @@ import Testing
 
             let report = try await store.runRetention(Self.retention, now: testNow, options: RetentionRunOptions())
             #expect(report.rawRowsDeleted == 20)
+            #expect(try await store.appliedRollupCutoffs() == report.rollupCutoffs)
             #expect(try await PostgresChunkLayoutTests.readingCount(settings, "readings") == 11)
             // The default partition's 1-minute rollups before the cut-off go row by row; the one ahead stays.
             #expect(report.rollupRowsDeleted == [.minute: 1] && report.minuteRollupPartitionsDropped.isEmpty)

@@ -185,6 +185,7 @@ struct ReadController: Sendable {
                     // Raw readings are kept from the later of the configured period's cut-off and the one a run
                     // applied: a `raw` raised since brings nothing back.
                     let applied = try await store.appliedRawCutoff()
+                    let appliedRollups = try await store.appliedRollupCutoffs()
                     let decided = try await ReadResolution.decideAuto(
                         from: start, to: end, target: min(limit, ReadResolution.autoTargetPoints),
                         keptFrom: { resolution in
@@ -193,8 +194,9 @@ struct ReadController: Sendable {
                                 let configured = retention.flatMap { IngestConfiguration.Retention.cutoff($0.raw, now: at) }
                                 return [configured, applied].compactMap { $0 }.max()
                             case .rollup(let level):
-                                guard let retention else { return nil }
-                                return IngestConfiguration.Retention.cutoff(retention.period(of: level), now: at)
+                                // The same for a level: what a run removed stays removed, whatever the period now.
+                                let configured = retention.flatMap { IngestConfiguration.Retention.cutoff($0.period(of: level), now: at) }
+                                return [configured, appliedRollups[level]].compactMap { $0 }.max()
                             }
                         },
                         storedAtLeast: { try await store.storedReadingCount(sensorRowID: record.rowID, from: start, to: end) },

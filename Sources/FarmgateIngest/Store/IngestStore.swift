@@ -119,6 +119,10 @@ public protocol ReadingQueryStore: Sendable {
     /// The newest raw cut-off a retention run applied (every raw reading older is gone), or nil when none ran. It can
     /// be later than the configured `raw` period's: retention ran with a shorter one, since raised.
     func appliedRawCutoff() async throws -> Timestamp?
+
+    /// The newest cut-off a retention run applied to each rollup level (every bucket of the level older is gone); a
+    /// level no run removed anything of is absent.
+    func appliedRollupCutoffs() async throws -> [RollupLevel: Timestamp]
 }
 
 /// A migration that ``StoreMaintenance/migrate()`` applied.

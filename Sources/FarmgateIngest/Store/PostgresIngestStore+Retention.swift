@@ -122,6 +122,14 @@ extension PostgresIngestStore: RetentionStore {
                         ON CONFLICT (id) DO UPDATE SET raw_us = greatest(retention_cutoff.raw_us, excluded.raw_us)
                         """, logger: logger)
                 }
+                for (level, cutoff) in report.rollupCutoffs {
+                    // What `resolution=auto` judges a level by: kept at its highest, as the raw cut-off is.
+                    try await connection.query(
+                        """
+                        INSERT INTO rollup_cutoffs(level, cutoff_us) VALUES (\(level.rawValue), \(cutoff.microseconds))
+                        ON CONFLICT (level) DO UPDATE SET cutoff_us = greatest(rollup_cutoffs.cutoff_us, excluded.cutoff_us)
+                        """, logger: logger)
+                }
                 // The drops, last: each holds an exclusive lock on its parent until the commit.
                 for name in report.partitionsDropped + report.minuteRollupPartitionsDropped {
                     try await connection.query("DROP TABLE \(unescaped: "\"" + name + "\"")", logger: logger)

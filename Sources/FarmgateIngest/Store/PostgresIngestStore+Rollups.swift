@@ -40,4 +40,14 @@ extension PostgresIngestStore {
     public func appliedRawCutoff() async throws -> Timestamp? {
         try await rows("SELECT raw_us FROM retention_cutoff WHERE id = 1") { Timestamp(microseconds: try $0.decode(Int64.self)) }.first
     }
+
+    public func appliedRollupCutoffs() async throws -> [RollupLevel: Timestamp] {
+        let found = try await rows("SELECT level, cutoff_us FROM rollup_cutoffs") { row in
+            let (level, cutoff) = try row.decode((String, Int64).self)
+            return (RollupLevel(rawValue: level), Timestamp(microseconds: cutoff))
+        }
+        var cutoffs: [RollupLevel: Timestamp] = [:]
+        for (level, cutoff) in found { if let level { cutoffs[level] = cutoff } }
+        return cutoffs
+    }
 }

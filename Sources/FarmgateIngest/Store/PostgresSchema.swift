@@ -475,6 +475,17 @@ enum PostgresSchema {
                 )
                 """
             ]),
+        // Like SQLite's migration 17: the newest cut-off a retention run applied to each rollup level.
+        Migration(
+            version: 18, name: "rollup_cutoffs: what retention removed of each rollup level, so that auto never picks a level for a span it lost",
+            statements: [
+                """
+                CREATE TABLE rollup_cutoffs (
+                    level text PRIMARY KEY,
+                    cutoff_us bigint NOT NULL
+                )
+                """
+            ]),
     ]
 
     static var currentVersion: Int { migrations.last?.version ?? 0 }

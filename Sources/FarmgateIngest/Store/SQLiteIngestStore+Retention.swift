@@ -141,6 +141,14 @@ extension SQLiteIngestStore: RetentionStore {
         }
         for level in RollupLevel.allCases {
             guard let cutoff = report.rollupCutoffs[level] else { continue }
+            if !options.dryRun {
+                // Recorded before anything goes (kept at its highest), as the raw cut-off is.
+                try await pacer.transaction(on: writer) { db -> Void in
+                    try db.query(
+                        "INSERT INTO rollup_cutoffs(level, cutoff_us) VALUES (?, ?) ON CONFLICT (level) DO UPDATE SET cutoff_us = max(cutoff_us, excluded.cutoff_us)",
+                        [.text(level.rawValue), .integer(cutoff.microseconds)])
+                }
+            }
             report.rollupRowsDeleted[level] = try await purge(level.table, key: "bucket_us", rowKey: "sensor_id, bucket_us", before: cutoff)
         }
         if let cutoff = report.deliveredNotificationCutoff {

@@ -65,4 +65,16 @@ extension SQLiteIngestStore {
     public func appliedRawCutoff() async throws -> Timestamp? {
         try await reader.withValue { db in try Self.retentionCutoff(in: db) }
     }
+
+    public func appliedRollupCutoffs() async throws -> [RollupLevel: Timestamp] {
+        try await reader.withValue { db in
+            var cutoffs: [RollupLevel: Timestamp] = [:]
+            try db.withStatement("SELECT level, cutoff_us FROM rollup_cutoffs", []) { statement in
+                while try statement.step() {
+                    if let level = RollupLevel(rawValue: statement.text(0)) { cutoffs[level] = Timestamp(microseconds: statement.int64(1)) }
+                }
+            }
+            return cutoffs
+        }
+    }
 }

@@ -339,6 +339,17 @@ enum SQLiteSchema {
                     newest_us INTEGER
                 );
                 """),
+        // The newest cut-off a retention run applied to each rollup level (`1m`, `1h`, `1d`), kept at its highest: a
+        // level's retention raised since brings nothing back, so `resolution=auto` must not pick it for a span it lost.
+        // No row: no run removed anything of that level. Like PostgreSQL's migration 18.
+        Migration(
+            version: 17, name: "rollup_cutoffs: what retention removed of each rollup level, so that auto never picks a level for a span it lost",
+            sql: """
+                CREATE TABLE rollup_cutoffs (
+                    level TEXT PRIMARY KEY,
+                    cutoff_us INTEGER NOT NULL
+                );
+                """),
     ]
 
     /// Migration 15's triggers: every insert, update or delete of an alert rule or silence moves the counter.
