@@ -134,6 +134,10 @@ struct EZOCalibrationTests {
         var detector = StabilityDetector(tolerance: 0.02, window: .seconds(3))
         let noisy = [7.3, 6.8, 7.2, 6.9, 7.1]
         for (i, value) in noisy.enumerated() { #expect(!add(&detector, value, at: .seconds(i))) }
+        // What "did not settle" reports: the readings of the last 3 s moved by 0.4 (6.8 to 7.2), though the run
+        // within the tolerance is the last reading alone.
+        #expect(abs(detector.movement.range - 0.4) < 1e-9 && detector.movement.lasted == .seconds(3))
+        #expect(detector.spread.range == 0)
         // Settling: 7.01, 7.02, 7.01, 7.00 one second apart: the run starts at 7.01 (t=5) and spans 3 s at t=8.
         #expect(!add(&detector, 7.01, at: .seconds(5)))
         #expect(!add(&detector, 7.02, at: .seconds(6)))

@@ -537,6 +537,21 @@ struct EZODriverTests {
         await driver.close()
     }
 
+    @Test("A circuit that streams between commands too after C,0 is said to keep streaming, not to keep restarting (its power is fine)")
+    func streamingBetweenCommandsIsNoRestart() async throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.orp, name: "orp", timeScale: 1, values: { index, _ in index < 0 ? 300 : 225.3 })
+        simulator.setTakesContinuousOff(false)
+        let driver = try bench.driver("tank1.orp", quantity: "orp", port: "orp")
+        var messages: [String] = []
+        for _ in 1...3 {
+            if case .failure(let error) = await readResult(driver) { messages.append(error.message) } else { Issue.record("a streaming circuit gave a value") }
+        }
+        #expect(messages.contains { $0.contains("keeps streaming readings after C,0") }, "\(messages)")
+        #expect(!messages.contains { $0.contains("power supply") }, "\(messages)")
+        await driver.close()
+    }
+
     @Test("An RTD that does not take S,c (codes on or off): setup fails naming S,c, nothing is stored in °F", arguments: [true, false])
     func rtdScaleNotTaken(codes: Bool) async throws {
         let bench = try EZOBench()

@@ -15,6 +15,8 @@ public struct StabilityDetector: Sendable {
     public let tolerance: Double
     public let window: Duration
     private var run: [(value: Double, at: Duration)] = []
+    /// Every reading of the last `window`, stable or not (how much the readings move, for a point that never settles).
+    private var recent: [(value: Double, at: Duration)] = []
 
     public init(tolerance: Double, window: Duration) {
         self.tolerance = tolerance
@@ -25,6 +27,8 @@ public struct StabilityDetector: Sendable {
     @discardableResult
     public mutating func add(_ value: Double, at: Duration) -> Bool {
         run.append((value, at))
+        recent.append((value, at))
+        while let first = recent.first, at - first.at > window { recent.removeFirst() }
         // Keep the longest suffix within the tolerance: a reading that moved too far restarts the run from there.
         while run.count > 1, let low = run.map(\.value).min(), let high = run.map(\.value).max(), high - low > tolerance {
             run.removeFirst()
@@ -45,8 +49,21 @@ public struct StabilityDetector: Sendable {
         return (high - low, last.at - first.at)
     }
 
+    /// How far the readings of the last `window` spread, whether or not they are within the tolerance, and the time
+    /// they span: what "did not settle" reports (the stable run of readings jumping by more than the tolerance is one
+    /// reading, and spreads by nothing).
+    public var movement: (range: Double, lasted: Duration) {
+        guard let first = recent.first, let last = recent.last, let low = recent.map(\.value).min(), let high = recent.map(\.value).max() else {
+            return (0, .zero)
+        }
+        return (high - low, last.at - first.at)
+    }
+
     /// Forgets every reading (the probe moved to another solution).
-    public mutating func reset() { run.removeAll() }
+    public mutating func reset() {
+        run.removeAll()
+        recent.removeAll()
+    }
 }
 
 /// The guided calibration `farmgate calibrate` runs: it drives the agent's `calibrate.*` commands, shows live readings,
@@ -216,7 +233,7 @@ public struct CalibrationGuide {
         waiting: while true {
             let at = ContinuousClock.now - start
             if at > options.settleTimeout {
-                let spread = detector.spread
+                let spread = detector.movement
                 throw Failure(
                     "the readings did not settle at point \(step.point) within \(ConfigTable.format(options.settleTimeout)) (last \(last.map(EZOCalibration.format) ?? "none"), moving by \(EZOCalibration.format(spread.range)) in \(ConfigTable.format(spread.lasted))): rinse the probe, check it is submerged without air bubbles at its tip and the solution is fresh, or allow more with --tolerance or a shorter --window")
             }

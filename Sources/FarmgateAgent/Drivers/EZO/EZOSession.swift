@@ -180,6 +180,12 @@ final class EZOSession: @unchecked Sendable {
                 .invalidResponse,
                 "the EZO \(kind.rawValue) circuit on \(portPath) answers readings with other fields than its outputs were set to (\(restarts.joined(separator: "; "))): another program changing its outputs, or not an EC circuit answering; check what else uses the port"))
         }
+        if restarts.allSatisfy({ $0.contains("streaming readings") }) {
+            // No restart event at all: continuous mode came back right after C,0 turned it off.
+            return .failure(SensorError(
+                .fault,
+                "the EZO \(kind.rawValue) circuit on \(portPath) keeps streaming readings after C,0 turned continuous mode off: it does not take C,0, or another program turns it on again; check what else uses the port (a circuit that streams cannot be read one reading at a time)"))
+        }
         return .failure(SensorError(.fault, "the EZO circuit on \(portPath) keeps restarting (\(restarts.joined(separator: "; "))): check its power supply"))
     }
 
