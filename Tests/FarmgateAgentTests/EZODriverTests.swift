@@ -134,6 +134,19 @@ struct EZODriverTests {
         await driver.close()
     }
 
+    @Test("A link that echoes every command: reads work with response codes on or off", arguments: [true, false])
+    func echoedCommands(codes: Bool) async throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.rtd, name: "rtd", values: { index, _ in 20 + Double(max(0, index)) / 8 })
+        simulator.setResponseCodes(codes)
+        simulator.setEcho(true)
+        let driver = try bench.driver("tank1.temp", quantity: "temperature", port: "rtd")
+        for index in 0..<2 {
+            #expect(try await driver.read().value == 20 + Double(index) / 8)
+        }
+        await driver.close()
+    }
+
     @Test("Refuses a circuit of another kind with a clear error")
     func identifyMismatch() async throws {
         let bench = try EZOBench()

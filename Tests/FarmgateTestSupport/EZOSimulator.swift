@@ -113,6 +113,8 @@ public final class EZOSimulator: Sendable {
         var takesContinuousOff = true
         /// Whether streamed readings come between commands too, or only within reads (a stream in phase with them).
         var streamsBetweenCommands = true
+        /// Every command line sent back before it is handled (a link or adapter with echo on).
+        var echo = false
         /// Whether calibration points are kept (`Cal,?` counts them); not: acknowledged and forgotten.
         var keepsCalibrations = true
         var served: [Served] = []
@@ -195,6 +197,11 @@ public final class EZOSimulator: Sendable {
     /// a stream of one a second falls into reads of most of a second.
     public func setStreamsBetweenCommands(_ on: Bool) {
         state.withLock { $0.streamsBetweenCommands = on }
+    }
+
+    /// Whether every command line comes back before its answer (a link or adapter that echoes).
+    public func setEcho(_ on: Bool) {
+        state.withLock { $0.echo = on }
     }
 
     /// Whether calibration points are kept; false: acknowledged as usual, but `Cal,?` does not count them.
@@ -332,6 +339,7 @@ public final class EZOSimulator: Sendable {
                 let line = String(decoding: input[..<end], as: UTF8.self)
                 input.removeSubrange(...end)
                 if line.isEmpty { continue }
+                if state.withLock({ $0.echo }) { sendRaw(Array((line + "\r").utf8)) }
                 handle(line)
             }
             let continuous = state.withLock { $0.settings.continuous && !$0.settings.asleep && $0.streamsBetweenCommands }

@@ -475,7 +475,12 @@ final class EZOSession: @unchecked Sendable {
                     queued.append(line)
                     continue
                 }
-                switch EZOResponse(line: line) {
+                let response = EZOResponse(line: line)
+                if case .data(let text) = response, text == command {
+                    // The command itself coming back: a link (or adapter) that echoes what is sent. Not an answer.
+                    continue
+                }
+                switch response {
                 case .ok:
                     // An answer's *OK follows it; one before it is left over from an earlier command. Either proves the
                     // circuit's response codes are on: an *OK lost once (a bit error on the line) turned them off here,
