@@ -61,6 +61,18 @@ final class EZOBench {
         return drivers
     }
 
+    /// An EC circuit behind `ec` (EC 1400, 1401, ... per read) with four sensors on it: `tank1.ec`, `tank1.tds`,
+    /// `tank1.salinity`, `tank1.sg`.
+    func ecCircuitWithFourOutputs() throws -> (EZOSimulator, [String: EZODriver]) {
+        let simulator = try circuit(.ec, name: "ec", values: { index, _ in 1400 + Double(max(0, index)) })
+        let port = dir.file("ec")
+        var tables = ""
+        for (id, quantity) in [("tank1.ec", "ec"), ("tank1.tds", "tds"), ("tank1.salinity", "salinity"), ("tank1.sg", "specific_gravity")] {
+            tables += "[[sensor]]\nid = \"\(id)\"\ndriver = \"ezo\"\nquantity = \"\(quantity)\"\nport = \"\(port)\"\n\n"
+        }
+        return (simulator, try drivers(tables))
+    }
+
     /// `tank1.ph` on the circuit behind `ph`, compensated with `tank1.temp` (whose values the test sets in ``latest``).
     func compensatedPH(maxAge: String? = nil) throws -> EZODriver {
         let drivers = try drivers(
@@ -827,13 +839,7 @@ struct EZODriverTests {
     @Test("EC, TDS, salinity and specific gravity on one EC circuit: O,S,1 and O,SG,1 are sent, each sensor reads its field")
     func ecFourOutputs() async throws {
         let bench = try EZOBench()
-        let simulator = try bench.circuit(.ec, name: "ec", values: { index, _ in 1400 + Double(max(0, index)) })
-        let port = bench.dir.file("ec")
-        var tables = ""
-        for (id, quantity) in [("tank1.ec", "ec"), ("tank1.tds", "tds"), ("tank1.salinity", "salinity"), ("tank1.sg", "specific_gravity")] {
-            tables += "[[sensor]]\nid = \"\(id)\"\ndriver = \"ezo\"\nquantity = \"\(quantity)\"\nport = \"\(port)\"\n\n"
-        }
-        let drivers = try bench.drivers(tables)
+        let (simulator, drivers) = try bench.ecCircuitWithFourOutputs()
         let salinity = try #require(drivers["tank1.salinity"])
         let gravity = try #require(drivers["tank1.sg"])
         let ec = try #require(drivers["tank1.ec"])
@@ -848,15 +854,8 @@ struct EZODriverTests {
     @Test("The outputs of one EC circuit asked together share one reading: one R for all four, each its own field of it; asked apart, each reads")
     func ecOutputsShareOneReading() async throws {
         let bench = try EZOBench()
-        let simulator = try bench.circuit(.ec, name: "ec", values: { index, _ in 1400 + Double(max(0, index)) })
-        let port = bench.dir.file("ec")
-        var tables = ""
-        let ids = ["tank1.ec", "tank1.tds", "tank1.salinity", "tank1.sg"]
-        for (id, quantity) in zip(ids, ["ec", "tds", "salinity", "specific_gravity"]) {
-            tables += "[[sensor]]\nid = \"\(id)\"\ndriver = \"ezo\"\nquantity = \"\(quantity)\"\nport = \"\(port)\"\n\n"
-        }
-        let drivers = try bench.drivers(tables)
-        let outputs = try ids.map { try #require(drivers[$0]) }
+        let (simulator, drivers) = try bench.ecCircuitWithFourOutputs()
+        let outputs = try ["tank1.ec", "tank1.tds", "tank1.salinity", "tank1.sg"].map { try #require(drivers[$0]) }
         func reads() -> Int { simulator.commands.filter { $0.uppercased() == "R" }.count }
         // As the sampler wakes them (one phase for one port): together.
         for round in 0..<2 {
