@@ -23,7 +23,13 @@ struct AlertEngineRaceTests {
             let start = h.clock.now
             try await withThrowingTaskGroup(of: Void.self) { group in
                 for (engine, queue) in zip(engines, queues) {
-                    group.addTask { for await batch in queue.stream { await engine.evaluate(batch) } }
+                    // Each engine a few milliseconds late at random, as a loaded instance is: the interleavings vary.
+                    group.addTask {
+                        for await batch in queue.stream {
+                            try? await Task.sleep(for: .milliseconds(Int.random(in: 0...20)))
+                            await engine.evaluate(batch)
+                        }
+                    }
                 }
                 var sequence: UInt64 = 1
                 for index in 0..<16 {
@@ -63,6 +69,35 @@ struct AlertEngineRaceTests {
             }
             let notified = try await h.store.alertOutbox(farmID: h.farmID)
             #expect(!notified.isEmpty)
+        }
+    }
+
+    @Test("an engine's first batch of a device that another engine judged newer readings of, without writing an alert: its older readings are replayed in order", arguments: StoreKind.allCases)
+    func firstEvaluationAfterAnotherEnginesSilentJudgement(kind: StoreKind) async throws {
+        try await AlertHarness.with(kind) { h in
+            try await h.rule(spec("ph-high", "above") { $0.quantity = "ph"; $0.threshold = 6 })
+            let other = h.newEngine()
+            await other.reload()
+            let start = h.clock.now
+            let id = try sensorID("tank1.ph")
+            func batch(_ sequence: UInt64, second: Int64, _ value: Double) async throws -> CommittedBatch {
+                let at = Timestamp(microseconds: start.microseconds + second * 1_000_000)
+                let outcome = try await h.store.store(
+                    Batch(device: h.device.device, sensors: [SensorDescriptor(id: id, quantity: .ph)], readings: [Reading(sensor: id, sequence: sequence, timestamp: at, value: value)]),
+                    for: h.device, receivedAt: h.clock.now)
+                return CommittedBatch(device: h.device, receivedAt: h.clock.now, readings: outcome.fresh)
+            }
+            let first = try await batch(1, second: 0, 7)
+            let second = try await batch(2, second: 1, 5)
+            // The second instance judges the newer reading first: no alert yet and 5 is not above 6, so it writes none.
+            await other.evaluate(second)
+            // Then this engine's first batch of the device, the older reading: told at once, without waiting for a
+            // tick's catch-up (which would mend it up to 5 s later).
+            await h.engine.evaluate(first)
+            let alert = try #require(try await h.alerts().first)
+            #expect(alert.state == "resolved", "\(states(alert))")
+            #expect(alert.transitions.filter { $0.to == "firing" }.map(\.at.microseconds) == [start.microseconds], "\(states(alert))")
+            #expect(alert.transitions.filter { $0.to == "resolved" }.map(\.at.microseconds) == [start.microseconds + 1_000_000], "\(states(alert))")
         }
     }
 

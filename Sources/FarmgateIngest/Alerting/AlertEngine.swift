@@ -512,7 +512,10 @@ public actor AlertEngine: CommitObserver, Service {
                 // Read before the alerts: a write by another engine after this read moves the version, and this
                 // evaluation's write then fails and is made again from what that engine wrote.
                 let cursor = try await store.alertEvaluationCursor(deviceRowID: device.rowID)
-                if attempt > 1 || cursorVersions[device.rowID].map({ $0 != cursor.version }) ?? false {
+                // An engine that has not written this device's cursor yet (just started, or the device is new to it)
+                // takes any version but 0 as another's: that engine may have judged newer readings without writing an
+                // alert (no alert yet, condition false), and this batch's older readings must then be replayed in order.
+                if attempt > 1 || cursorVersions[device.rowID].map({ $0 != cursor.version }) ?? (cursor.version != 0) {
                     // Another engine evaluated readings of this device since this one last did: every memory is derived
                     // again, and readings older than the newest it judged are out of order (replayed in time order).
                     followsOn = false
