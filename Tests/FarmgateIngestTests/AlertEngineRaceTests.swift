@@ -11,12 +11,18 @@ import Testing
 /// alerts firing). Each engine evaluates its own batches one after another, as its queue does in `serve`.
 @Suite("Alert evaluation racing across instances")
 struct AlertEngineRaceTests {
+    /// The rule `ph-high` (pH above 6) and a second engine (another instance) on the harness's store, loaded.
+    static func phHighWithSecondEngine(_ h: AlertHarness) async throws -> AlertEngine {
+        try await h.rule(spec("ph-high", "above") { $0.quantity = "ph"; $0.threshold = 6 })
+        let other = h.newEngine()
+        await other.reload()
+        return other
+    }
+
     @Test("batches of one device alternating between two engines: every transition once, in reading order, the last state right", arguments: StoreKind.allCases)
     func alternatingBurst(kind: StoreKind) async throws {
         try await AlertHarness.with(kind) { h in
-            try await h.rule(spec("ph-high", "above") { $0.quantity = "ph"; $0.threshold = 6 })
-            let other = h.newEngine()
-            await other.reload()
+            let other = try await Self.phHighWithSecondEngine(h)
             let engines = [h.engine, other]
             let queues = engines.map { _ in AsyncStream.makeStream(of: CommittedBatch.self) }
             let sensors = (0..<4).map { "tank\($0).ph" }
@@ -75,9 +81,7 @@ struct AlertEngineRaceTests {
     @Test("an engine's first batch of a device that another engine judged newer readings of, without writing an alert: its older readings are replayed in order", arguments: StoreKind.allCases)
     func firstEvaluationAfterAnotherEnginesSilentJudgement(kind: StoreKind) async throws {
         try await AlertHarness.with(kind) { h in
-            try await h.rule(spec("ph-high", "above") { $0.quantity = "ph"; $0.threshold = 6 })
-            let other = h.newEngine()
-            await other.reload()
+            let other = try await Self.phHighWithSecondEngine(h)
             let start = h.clock.now
             let id = try sensorID("tank1.ph")
             func batch(_ sequence: UInt64, second: Int64, _ value: Double) async throws -> CommittedBatch {

@@ -302,11 +302,7 @@ struct PostgresBatchWriter {
     /// so a chunk that run removed is never missing without its cut-off: the run records it in the transaction that
     /// drops the chunk.
     private func readRetentionCutoff() async throws -> Timestamp? {
-        var cutoff: Timestamp?
-        for try await raw in try await connection.query("SELECT raw_us FROM retention_cutoff WHERE id = 1", logger: logger).decode(Int64.self) {
-            cutoff = Timestamp(microseconds: raw)
-        }
-        return cutoff
+        try await PostgresIngestStore.appliedRawCutoff(on: connection, logger: logger)
     }
 
     /// Stores what the group brought for the first time with one statement, so that a group costs the same few round

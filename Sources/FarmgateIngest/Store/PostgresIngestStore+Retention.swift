@@ -57,11 +57,8 @@ extension PostgresIngestStore: RetentionStore {
                 if let window = options.skipIfRanWithin,
                     let finished = try await Self.recentMaintenanceRun(Self.retentionJob, within: window, on: connection, logger: logger)
                 {
-                    var applied: Int64?
-                    for try await value in try await connection.query("SELECT raw_us FROM retention_cutoff WHERE id = 1", logger: logger).decode(Int64.self) {
-                        applied = value
-                    }
-                    let moved = empty.rawCutoff.map { cutoff in applied.map { cutoff.microseconds > $0 } ?? true } ?? false
+                    let applied = try await Self.appliedRawCutoff(on: connection, logger: logger)
+                    let moved = empty.rawCutoff.map { cutoff in applied.map { cutoff > $0 } ?? true } ?? false
                     if !moved { return .skip(.ranRecently(finished), retention: retention, now: now, dryRun: options.dryRun) }
                 }
                 var report = empty

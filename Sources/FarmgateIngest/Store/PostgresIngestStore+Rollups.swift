@@ -41,6 +41,15 @@ extension PostgresIngestStore {
         try await rows("SELECT raw_us FROM retention_cutoff WHERE id = 1") { Timestamp(microseconds: try $0.decode(Int64.self)) }.first
     }
 
+    /// ``appliedRawCutoff()`` on `connection` (inside a transaction: the write path's, a retention run's).
+    static func appliedRawCutoff(on connection: PostgresConnection, logger: Logger) async throws -> Timestamp? {
+        var cutoff: Timestamp?
+        for try await raw in try await connection.query("SELECT raw_us FROM retention_cutoff WHERE id = 1", logger: logger).decode(Int64.self) {
+            cutoff = Timestamp(microseconds: raw)
+        }
+        return cutoff
+    }
+
     public func appliedRollupCutoffs() async throws -> [RollupLevel: Timestamp] {
         let found = try await rows("SELECT level, cutoff_us FROM rollup_cutoffs") { row in
             let (level, cutoff) = try row.decode((String, Int64).self)
