@@ -6,10 +6,12 @@
 /// - Each acknowledged reading (stored now or a duplicate: either way the ingest holds it) updates the context, the
 ///   newest reading per sensor by (timestamp, sequence), the rule of the ingest's `latest`. The next frame predicts from it.
 /// - A 409 `unknown_sensor_table` (the ingest lost the table, or another deployment answers) makes the next frame declare
-///   the table again; a 409 `stale_context` (the ingest holds other newest readings than this session believes: an
-///   answer that was lost, readings stored by another path) makes it send without context until the next acknowledgement.
+///   the table again; a 409 `stale_context` (the ingest holds other newest readings than this session believes:
+///   readings stored by another path, a restored backup) makes it adopt the ingest's context the answer carries.
 ///   Either way the same readings go again at once (``refused(code:)`` says so), and no reading is ever decoded against a
 ///   state the sender did not assume: the ingest checks the table hash and the context checksum before decoding.
+/// - An answer that never came (``answerLost(_:)``) makes the sensors of that frame go without context until the next
+///   acknowledgement, so that a lost answer costs no 409.
 ///
 /// Memory: one context reading per sensor. Nothing is persisted: after a restart the first frame declares the table and
 /// uses no context.
@@ -65,6 +67,16 @@ public struct WireSession: Sendable {
         default:
             return false
         }
+    }
+
+    /// After a request that may have reached the ingest but whose answer never came (a timeout or a connection lost
+    /// after sending): the ingest holds either the context before `frame` or the one after it, and this session cannot
+    /// tell which. Predicting from either would cost a 409 `stale_context` (and the ingest's whole context in its answer)
+    /// whenever the guess was wrong, so the sensors `frame` carried readings of get no context reading until the next
+    /// acknowledgement; the other sensors' newest readings did not change either way and stay. A table the frame declared
+    /// is not known yet (it was never acknowledged), so the next frame declares it again.
+    public mutating func answerLost(_ readings: some Sequence<Reading>) {
+        for reading in readings { context[reading.sensor] = nil }
     }
 
     /// Forgets everything (the ingest changed, or the agent fell back to another format).

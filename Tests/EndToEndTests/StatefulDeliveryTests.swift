@@ -3,6 +3,8 @@ import FarmgateSupport
 import FarmgateTestSupport
 import FarmgateWire
 import Foundation
+import Logging
+import Synchronization
 import Testing
 
 /// The delivery contract in the stateful mode (format version 4, the default between this agent and this ingest), with
@@ -20,6 +22,53 @@ struct StatefulDeliveryTests {
     /// Stateful frames decoded so far, by table and context labels.
     static func frames(_ farm: Farm, table: String, context: String) async throws -> Double {
         try await farm.ingestMetric("farmgate_ingest_stateful_frames_total{table=\"\(table)\",context=\"\(context)\"}") ?? 0
+    }
+
+    @Test("Answers lost after the ingest stored the frame cost no 409: a frame sent again decodes against the context before it, a timed-out one is followed by a frame without context")
+    func lostAnswersCostNoRefusal() async throws {
+        let farm = try await Farm()
+        let key = try await farm.createDevice("site-l")
+        let keyFile = try farm.dir.write("site-l.key", key + "\n")
+        try await farm.startIngest()
+        // The ingest stores every batch. The 4th and 12th answers are lost with the connection (libcurl sends a request
+        // again by itself when a reused connection closes without an answer: the agent never knows); the 8th comes after
+        // the agent's request_timeout (3 s), which the agent sees.
+        let posts = Atomic<Int>(0)
+        let proxy = try ForwardingProxy(to: farm.endpoint, intercept: { _ in nil }) { request, forwarded in
+            guard request.method == "POST" else { return forwarded }
+            switch posts.add(1, ordering: .sequentiallyConsistent).newValue {
+            case 4, 12: return .close
+            case 8: return .delayed(.seconds(4), forwarded)
+            default: return forwarded
+            }
+        }
+        defer { proxy.stop() }
+        let config = try farm.agentConfig("agent.toml", device: "site-l", keyFile: keyFile, sensors: 9, interval: "100ms", endpoint: proxy.url)
+        let agent = try farm.startAgent(config: config, log: "agent.log")
+
+        let past = await eventually(timeout: .seconds(40), every: .milliseconds(200)) {
+            posts.load(ordering: .sequentiallyConsistent) >= 24
+        }
+        #expect(past, "the agent did not get past the lost answers: \(agent.log)")
+        #expect(agent.log.contains("timed out"), "the 8th answer did not time out: \(agent.log)")
+        #expect(try await farm.ingestMetric("farmgate_ingest_batches_total{result=\"stale_state\"}") ?? 0 == 0, "\(agent.log)")
+        #expect(try await Self.frames(farm, table: "named", context: "previous") >= 2, "the frames sent again were not decoded against the context before them")
+        #expect(try await Self.frames(farm, table: "named", context: "none") >= 1, "no frame without context after the timeout")
+        #expect(try await Self.frames(farm, table: "named", context: "used") >= 10)
+        #expect(await agent.stop(SIGTERM) == 0)
+
+        let bufferPath = farm.dir.file("site-l/buffer.sqlite")
+        let buffer = try await runOffPool {
+            try ReadingBuffer(configuration: BufferConfiguration(path: bufferPath), logger: Logger(label: "test"))
+        }
+        let statistics = try await buffer.statistics()
+        try await buffer.close()
+        #expect(statistics.quarantined == 0)
+        #expect(statistics.pending == 0, "the final flush sent the rest")
+        let stored = try await farm.storedSequences(device: "site-l")
+        #expect(Set(stored).count == stored.count, "duplicates stored")
+        #expect(stored.sorted() == Array(1...statistics.lastSequence))
+        #expect(await farm.ingest?.stop(SIGTERM) == 0)
     }
 
     @Test("Exactly once in the stateful mode through ingest restarts that lose the sensor tables and change the newest readings")

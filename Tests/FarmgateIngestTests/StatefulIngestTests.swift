@@ -220,6 +220,37 @@ struct StatefulIngestTests {
         #expect(try await Self.stored(fixture).count == 60)
     }
 
+    @Test("a frame sent again after its answer was lost decodes against the context before it (its readings duplicates), a third time too; one from two commits back is 409 stale_context")
+    func resentFrame() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let table = try Self.table()
+        let device = try deviceID("d1")
+        try await fixture.app().test(.router) { client in
+            var session = WireSession()
+            let first = try Self.readings(from: 1, count: 30)
+            let opening = try session.encode(Batch(device: device, sensors: [], readings: first), table: table)
+            _ = try Self.compactReceipt(try await Self.post(client, opening, key: fixture.deviceKey))
+            session.delivered(opening, acknowledged: first)
+            let second = try Self.readings(from: 31, count: 30)
+            let frame = try session.encode(Batch(device: device, sensors: [], readings: second), table: table)
+            #expect(frame.usedContext)
+            let stored = try Self.compactReceipt(try await Self.post(client, frame, key: fixture.deviceKey))
+            #expect(stored.accepted == 30 && stored.duplicates == 0)
+            // Its answer is lost: the same bytes again (as libcurl resends on a new connection), and once more.
+            for _ in 0..<2 {
+                let again = try Self.compactReceipt(try await Self.post(client, frame, key: fixture.deviceKey))
+                #expect(again.accepted == 0 && again.duplicates == 30)
+            }
+            session.delivered(frame, acknowledged: second)
+            let third = try session.encode(Batch(device: device, sensors: [], readings: try Self.readings(from: 61, count: 30)), table: table)
+            _ = try Self.compactReceipt(try await Self.post(client, third, key: fixture.deviceKey))
+            // Only the context before the last commit is kept: the second frame now predicts from one two commits back.
+            try expectError(try await Self.post(client, frame, key: fixture.deviceKey), .conflict, IngestErrorCode.staleContext)
+        }
+        #expect(try await Self.stored(fixture).count == 90)
+    }
+
     @Test("another instance's commits: memory that missed them is reloaded from the store before a frame is refused")
     func otherInstance() async throws {
         let fixture = try await Fixture()

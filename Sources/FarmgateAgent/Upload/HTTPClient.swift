@@ -97,6 +97,16 @@ public struct HTTPClientError: Error, Hashable, Sendable, CustomStringConvertibl
     }
 
     public var kind: Kind
+    /// Whether the request may have reached the server although no answer came (a timeout, a connection lost after
+    /// sending, a cancellation): what the server did with it is unknown. Not for a connection never made, a TLS handshake
+    /// that failed, a request withheld or a client that could not be set up.
+    public var mayHaveReachedServer: Bool {
+        switch kind {
+        case .connectFailed, .tls, .configuration, .withheld: false
+        case .timedOut, .cancelled, .transport: true
+        }
+    }
+
     /// libcurl's `CURLcode`, or 0 when the error did not come from libcurl.
     public var curlCode: Int
     /// A short summary such as `connection refused` or `timed out`.

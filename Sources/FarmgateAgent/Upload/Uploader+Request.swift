@@ -152,6 +152,7 @@ extension Uploader {
         do {
             response = try await client.post(batchesURL, headers: headers, body: body, beforeSending: beforeSending)
         } catch {
+            if frame != nil, error.mayHaveReachedServer { loop.session.answerLost(group) }
             if error.kind == .cancelled { return .stop(.zero) }
             if error.kind == .withheld, let freeze {
                 if let failure = freeze.failure { return .stop(bufferFailed("make readings final before sending", failure, status: nil, &loop)) }

@@ -209,7 +209,8 @@ struct BatchController: Sendable {
     /// stored once the frame decoded (before the answer, so a sender that sees a 2xx may name it by hash; a frame that
     /// fails to decode leaves no table behind, in memory or in the store); a table named by its hash must be held (else
     /// 409 `unknown_sensor_table`); a context must match the device's newest readings, from memory or else from the store
-    /// (else 409 `stale_context`, with the ingest's newest readings in the answer).
+    /// (else 409 `stale_context`, with the ingest's newest readings in the answer), or be the one before this instance's last
+    /// commit of the device (a frame sent again after its answer was lost; see ``WireStateCache/contextBeforeLastCommit(device:)``).
     /// - Throws: ``BatchDecodingError``, ``APIError`` (409), or the store's error.
     func decodeStateful(_ bytes: [UInt8], device: DeviceIdentity, limits: BatchLimits) async throws -> BatchFrame {
         guard let wireState else { throw BatchDecodingError("unsupported format version 4", kind: .unsupportedVersion(4)) }
@@ -231,8 +232,16 @@ struct BatchController: Sendable {
                 message: "this ingest holds no sensor table \(String(head.tableHash, radix: 16)) for device '\(device.device)' (it was never declared here, or the store lost it); send the same readings again with the table declared")
         }
         var context: [SensorID: ContextReading] = [:]
+        var resent = false
         if head.usesContext {
             context = try await wireState.context(device: device)
+            if !head.contextMatches(table: table, context: context), let before = wireState.contextBeforeLastCommit(device: device),
+                head.contextMatches(table: table, context: before)
+            {
+                // The same frame again after its answer was lost: predicted from the context before it was stored.
+                context = before
+                resent = true
+            }
             if !head.contextMatches(table: table, context: context) {
                 // Another instance may have stored readings of the device since: the store decides.
                 context = try await wireState.context(device: device, reload: true)
@@ -249,7 +258,7 @@ struct BatchController: Sendable {
         }
         let frame = try BatchCodec.decodeStateful(head, table: table, context: context, device: device.device, limits: limits)
         if let declared = head.declaredTable { try await wireState.remember(declared, device: device) }
-        metrics.statefulFrame(declared: head.declaredTable != nil, context: head.usesContext)
+        metrics.statefulFrame(declared: head.declaredTable != nil, context: resent ? .previous : head.usesContext ? .used : .none)
         return frame
     }
 

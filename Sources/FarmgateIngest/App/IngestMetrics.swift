@@ -38,7 +38,7 @@ public final class IngestMetrics: Sendable {
     private let durations = Mutex<[String: DurationHistogram]>([:])
     private let refusals: [ConnectionRefusal: Counter]
     private let timeouts: [String: Counter]
-    /// Keyed by "declared|named" and "used|none".
+    /// Keyed by "declared|named" and "used|none|previous".
     private let statefulFrames: [String: Counter]
     private let latestOnEventLoop: Counter
     private let certificateExpiry = Mutex<Gauge?>(nil)
@@ -82,10 +82,10 @@ public final class IngestMetrics: Sendable {
         self.timeouts = timeouts
         let statefulName = MetricNameDescriptor(
             namespace: "farmgate_ingest", metricName: "stateful_frames", unitName: "total",
-            helpText: "Stateful frames (format version 4) decoded, by whether the table came inline or by hash and whether a context was used.")
+            helpText: "Stateful frames (format version 4) decoded, by whether the table came inline or by hash and which context was used (previous: a frame sent again after its answer was lost).")
         var statefulFrames: [String: Counter] = [:]
         for table in ["declared", "named"] {
-            for context in ["used", "none"] {
+            for context in ["used", "none", "previous"] {
                 statefulFrames[table + " " + context] = registry.makeCounter(descriptor: statefulName, labels: [("table", table), ("context", context)])
             }
         }
@@ -116,8 +116,18 @@ public final class IngestMetrics: Sendable {
         }
     }
 
-    func statefulFrame(declared: Bool, context: Bool) {
-        statefulFrames[(declared ? "declared" : "named") + " " + (context ? "used" : "none")]?.increment()
+    /// Which context a stateful frame was decoded against.
+    enum FrameContext: String {
+        /// The device's newest readings.
+        case used
+        /// None (self-contained values).
+        case none
+        /// The device's newest readings before this instance's last commit of it: a frame sent again after a lost answer.
+        case previous
+    }
+
+    func statefulFrame(declared: Bool, context: FrameContext) {
+        statefulFrames[(declared ? "declared" : "named") + " " + context.rawValue]?.increment()
     }
 
     func connectionRefused(_ reason: ConnectionRefusal) {

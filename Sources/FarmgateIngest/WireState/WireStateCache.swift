@@ -14,7 +14,11 @@ import Synchronization
 ///   the controller ask again with `reload`, which reads the store's `latest` rows. Only when those differ too is the
 ///   frame answered `stale_context`. So memory may be stale, never wrong in a way that decodes a reading.
 ///
-/// Memory: about 100 bytes per sensor of each device seen since start, and per device at most ``maxTablesPerDevice``
+/// - **A resent frame**: the context before this instance's last commit for the device is kept too
+///   (``contextBeforeLastCommit(device:)``), so that a frame sent again after its answer was lost decodes.
+///
+/// Memory: about 100 bytes per sensor of each device seen since start (twice that for the sensors of its last commit),
+/// and per device at most ``maxTablesPerDevice``
 /// tables (the store's bound, ``WireStateStore/maxSensorTablesPerDevice``; the least recently used goes first, and is
 /// read from the store again if it is named later), so that a device declaring a new table with every frame cannot grow
 /// memory; past ``maxDevices`` devices the least recently used half is dropped (and read from the store again when they
@@ -25,6 +29,9 @@ public final class WireStateCache: CommitObserver, Sendable {
         var tables: [UInt64: (table: SensorTable, lastUsed: UInt64)] = [:]
         /// nil until read from the store: commits are merged only into a context that was loaded.
         var context: [SensorID: ContextReading]?
+        /// What the last commit that changed ``context`` replaced, per sensor it changed (nil: the sensor had no reading):
+        /// ``context`` with these put back is the context before that commit.
+        var replaced: [SensorID: ContextReading?] = [:]
         var lastUsed: UInt64 = 0
     }
 
@@ -94,15 +101,34 @@ public final class WireStateCache: CommitObserver, Sendable {
         }
     }
 
+    /// The device's context as it was before the last commit of this instance that changed it (the newest readings that
+    /// commit replaced put back); nil when no such commit is in memory. A sender whose answer was lost (a timeout, a
+    /// connection closed after the commit, an HTTP client that sent the request again on a new connection) sends the
+    /// same frame again, predicting from exactly this: decoded against it, its readings are duplicates, where a 409
+    /// `stale_context` would cost the device the whole context in the answer. Any context whose checksum the frame
+    /// matches is the one the sender encoded against, so decoding against it is as safe as against the current one.
+    public func contextBeforeLastCommit(device: DeviceIdentity) -> [SensorID: ContextReading]? {
+        touch(device.rowID) { entry, _ in
+            guard var context = entry.context, !entry.replaced.isEmpty else { return nil }
+            for (sensor, reading) in entry.replaced { context[sensor] = reading }
+            return context
+        }
+    }
+
     public func committed(_ batch: CommittedBatch) {
         state.withLock { state in
             guard var entry = state.devices[batch.device.rowID], var context = entry.context else { return }
+            var replaced: [SensorID: ContextReading?] = [:]
             for reading in batch.readings {
                 let candidate = ContextReading(sequence: reading.sequence, timestamp: reading.timestamp, value: reading.value)
-                if let current = context[reading.sensor], !candidate.isNewer(than: current) { continue }
+                let current = context[reading.sensor]
+                if let current, !candidate.isNewer(than: current) { continue }
+                if replaced.index(forKey: reading.sensor) == nil { replaced[reading.sensor] = .some(current) }
                 context[reading.sensor] = candidate
             }
             entry.context = context
+            // A commit of duplicates only (the answer to it may be the one lost) keeps what the last real change replaced.
+            if !replaced.isEmpty { entry.replaced = replaced }
             state.devices[batch.device.rowID] = entry
         }
     }

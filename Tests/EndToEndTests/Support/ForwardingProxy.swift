@@ -13,10 +13,15 @@ final class ForwardingProxy: Sendable {
     /// - Parameters:
     ///   - upstream: The real ingest's base URL.
     ///   - intercept: The answer to give instead of forwarding, or nil to forward.
-    init(to upstream: String, intercept: @escaping @Sendable (RecordedRequest) -> TestResponse?) throws {
+    ///   - answer: What the client gets for a forwarded request, given the upstream's answer (by default that answer; a
+    ///     `.close` loses an answer the ingest gave).
+    init(
+        to upstream: String, intercept: @escaping @Sendable (RecordedRequest) -> TestResponse?,
+        answer: @escaping @Sendable (RecordedRequest, TestResponse) -> TestResponse = { $1 }
+    ) throws {
         server = try TestHTTPServer { request, _ in
-            if let answer = intercept(request) { return answer }
-            return ForwardingProxy.forward(request, to: upstream)
+            if let given = intercept(request) { return given }
+            return answer(request, ForwardingProxy.forward(request, to: upstream))
         }
     }
 
