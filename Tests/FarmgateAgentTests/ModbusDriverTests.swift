@@ -374,6 +374,25 @@ struct ModbusBusTests {
         }
     }
 
+    @Test("An answer cut short is said to be one, and does not count toward a silent slave's back-off")
+    func answerCutShort() async throws {
+        let scratch = try Scratch(prefix: "fg-modbus")
+        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [])
+        // Two data bytes announced, one sent, then the CRC: the frame stops a byte short.
+        slave.reply(to: 1, with: [1, 3, 2, 0])
+        let configurations = try modbusSensors(port: slave.path, [("t.one", "slave = 1\naddress = 0\nresponse_timeout = \"200ms\"")])
+        try await withModbusDrivers(configurations) { drivers in
+            for _ in 0..<5 {
+                let error = try #require(await readResult(drivers[0]).failure)
+                #expect(error.kind == .invalidResponse, "\(error)")
+                #expect(error.message.contains("slave 1 began to answer holding registers 0-0 but the answer stopped short:"), "\(error)")
+                #expect(!error.message.contains("did not answer"), "\(error)")
+                #expect(!error.message.contains("next attempt"), "\(error)")
+            }
+        }
+        #expect(slave.requestCount(slave: 1) == 5, "every read asked the slave")
+    }
+
     @Test("A transmitter's fault sentinels (uint16 0xFFFF, uint32 0xFFFFFFFF, int16 0x8000, int32 0x80000000) are faults at any scale; int16 -1 is a value")
     func faultSentinels() async throws {
         let scratch = try Scratch(prefix: "fg-modbus")

@@ -354,7 +354,9 @@ public struct ConfigTable: Sendable {
             duration = .milliseconds(Int64(milliseconds.rounded()))
         }
         if let range, !range.contains(duration) {
-            throw error(key, "must be between \(ConfigTable.format(range.lowerBound)) and \(ConfigTable.format(range.upperBound)) (got \(ConfigTable.format(duration)))")
+            // As written: "0d", not the 0s it comes to.
+            let got = value.isNumber ? "\(ConfigTable.show(value)) seconds" : ConfigTable.show(value)
+            throw error(key, "must be between \(ConfigTable.format(range.lowerBound)) and \(ConfigTable.format(range.upperBound)) (got \(got))")
         }
         return duration
     }

@@ -292,7 +292,20 @@ final class ModbusLink {
         }
         let code = errno
         lastFrameEnd = ContinuousClock.now
-        if length < 0 { return .failure(classify(code, what: what, slave: slave, timeout: block.responseTimeout)) }
+        if length < 0 {
+            // libmodbus reads into `answer` as bytes arrive: a timeout after some came is an answer cut short, not
+            // silence (the slave is there, and must not be asked less often as a silent one is).
+            if code == ETIMEDOUT, let first = answer.firstIndex(where: { $0 != 0 }) {
+                drain(quiet: block.responseTimeout)
+                let from = answer[first] == UInt8(slave) && first == 0 ? "" : " (its first byte: \(answer[first]))"
+                return .failure(
+                    ModbusFailure(
+                        SensorError(
+                            .invalidResponse,
+                            "slave \(slave) began to answer \(what) but the answer stopped short\(from): noise, a missing termination or a loose A/B wire cut it, or the baud and parity (\(settings)) do not match the transmitter's")))
+            }
+            return .failure(classify(code, what: what, slave: slave, timeout: block.responseTimeout))
+        }
         let base = Int32(MODBUS_ENOBASE)
         // libmodbus returns 0 for a frame from another unit id (it does not check that frame's CRC).
         if length == 0 || answer[0] != UInt8(slave) {
