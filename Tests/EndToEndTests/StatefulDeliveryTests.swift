@@ -3,7 +3,6 @@ import FarmgateSupport
 import FarmgateTestSupport
 import FarmgateWire
 import Foundation
-import Logging
 import Synchronization
 import Testing
 
@@ -57,17 +56,7 @@ struct StatefulDeliveryTests {
         #expect(try await Self.frames(farm, table: "named", context: "used") >= 10)
         #expect(await agent.stop(SIGTERM) == 0)
 
-        let bufferPath = farm.dir.file("site-l/buffer.sqlite")
-        let buffer = try await runOffPool {
-            try ReadingBuffer(configuration: BufferConfiguration(path: bufferPath), logger: Logger(label: "test"))
-        }
-        let statistics = try await buffer.statistics()
-        try await buffer.close()
-        #expect(statistics.quarantined == 0)
-        #expect(statistics.pending == 0, "the final flush sent the rest")
-        let stored = try await farm.storedSequences(device: "site-l")
-        #expect(Set(stored).count == stored.count, "duplicates stored")
-        #expect(stored.sorted() == Array(1...statistics.lastSequence))
+        try await farm.expectDeliveredExactlyOnce(device: "site-l")
         #expect(await farm.ingest?.stop(SIGTERM) == 0)
     }
 

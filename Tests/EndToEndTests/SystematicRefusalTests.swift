@@ -64,17 +64,7 @@ struct SystematicRefusalTests {
         #expect(await agent.stop(SIGTERM) == 0)
 
         // Every sequence the agent assigned is stored exactly once; the buffer holds nothing, quarantine included.
-        let bufferPath = farm.dir.file("site-5/buffer.sqlite")
-        let buffer = try await runOffPool {
-            try ReadingBuffer(configuration: BufferConfiguration(path: bufferPath), logger: Logger(label: "test"))
-        }
-        let statistics = try await buffer.statistics()
-        try await buffer.close()
-        #expect(statistics.quarantined == 0)
-        #expect(statistics.pending == 0, "the final flush sent the rest")
-        let stored = try await farm.storedSequences(device: "site-5")
-        #expect(Set(stored).count == stored.count, "duplicates stored")
-        #expect(stored.sorted() == Array(1...statistics.lastSequence))
+        let statistics = try await farm.expectDeliveredExactlyOnce(device: "site-5")
         #expect(statistics.lastSequence >= 150)
         #expect(await farm.ingest?.stop(SIGTERM) == 0)
     }

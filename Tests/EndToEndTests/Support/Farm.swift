@@ -1,7 +1,9 @@
 import FarmgateAgent
+import FarmgateSupport
 import FarmgateTestSupport
 import FarmgateWire
 import Foundation
+import Logging
 #if canImport(FoundationNetworking)
 import FoundationNetworking
 #endif
@@ -124,6 +126,22 @@ final class Farm {
             if let number = object["sequence"] as? NSNumber { sequences.append(number.uint64Value) }
         }
         return sequences
+    }
+
+    /// The statistics of `device`'s buffer (the agent stopped), after checking the delivery contract against the ingest:
+    /// nothing quarantined or pending, and every sequence the agent assigned stored exactly once.
+    @discardableResult
+    func expectDeliveredExactlyOnce(device: String, sourceLocation: SourceLocation = #_sourceLocation) async throws -> BufferStatistics {
+        let path = dir.file("\(device)/buffer.sqlite")
+        let buffer = try await runOffPool { try ReadingBuffer(configuration: BufferConfiguration(path: path), logger: Logger(label: "test")) }
+        let statistics = try await buffer.statistics()
+        try await buffer.close()
+        #expect(statistics.quarantined == 0, sourceLocation: sourceLocation)
+        #expect(statistics.pending == 0, "the final flush sent the rest", sourceLocation: sourceLocation)
+        let stored = try await storedSequences(device: device)
+        #expect(Set(stored).count == stored.count, "duplicates stored", sourceLocation: sourceLocation)
+        #expect(stored.sorted() == Array(1...max(statistics.lastSequence, 1)), sourceLocation: sourceLocation)
+        return statistics
     }
 
     /// What the ingest holds for `device`, by sequence: `sensor timestamp value flags` from the real export command.
