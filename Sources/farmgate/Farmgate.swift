@@ -23,7 +23,7 @@ struct Farmgate: AsyncParsableCommand {
             """,
         version: FarmgateVersion.current,
         subcommands: [
-            AgentCommand.self, StatusCommand.self, QuarantineCommand.self, CalibrateCommand.self, ConfigCommand.self, SensorCommand.self,
+            AgentCommand.self, StatusCommand.self, ReloadCommand.self, QuarantineCommand.self, CalibrateCommand.self, ConfigCommand.self, SensorCommand.self,
             ScanCommand.self, DebugCommand.self, EnrollCommand.self, DoctorCommand.self,
         ]
     )

@@ -61,6 +61,8 @@ struct SystemdUnitTests {
             "StateDirectory=farmgate", "RuntimeDirectory=farmgate", "MemoryDenyWriteExecute=yes",
             "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6", "SystemCallFilter=@system-service",
             "ExecStartPre=/usr/local/bin/farmgate config check --config /etc/farmgate/agent.toml",
+            // `systemctl reload` waits for the agent's verdict and fails for a refused file.
+            "ExecReload=/usr/local/bin/farmgate reload --config /etc/farmgate/agent.toml --pid $MAINPID",
         ] {
             #expect(lines.contains(line), "farmgate.service lacks \(line)")
         }

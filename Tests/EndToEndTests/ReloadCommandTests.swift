@@ -1,0 +1,53 @@
+import FarmgateAgent
+import FarmgateTestSupport
+import Foundation
+import Testing
+
+/// `farmgate reload`, what the agent unit's ExecReload runs: SIGHUP to the real agent, then its verdict, so that
+/// `systemctl reload farmgate` fails for a file the agent refuses (with `kill -HUP` it always succeeded).
+@Suite("End to end: farmgate reload", .serialized)
+struct ReloadCommandTests {
+    @Test("A valid file is applied (exit 0), a refused one fails with the agent's reason (78), another process's pid or no agent is 1")
+    func verdicts() async throws {
+        let farm = try await Farm()
+        let key = try await farm.createDevice("site-r")
+        let keyFile = try farm.dir.write("site-r.key", key + "\n")
+        try await farm.startIngest()
+        let config = try farm.agentConfig("agent.toml", device: "site-r", keyFile: keyFile, sensors: 3, interval: "200ms")
+        let agent = try farm.startAgent(config: config, log: "agent.log")
+        #expect(try await eventually(timeout: .seconds(20)) { try await farm.agentStatus(config: config) != nil }, "\(agent.log)")
+        let original = try String(contentsOfFile: config, encoding: .utf8)
+
+        // A valid change: applied, and the agent runs it.
+        try original.replacingOccurrences(of: "interval = \"200ms\"", with: "interval = \"300ms\"").write(toFile: config, atomically: true, encoding: .utf8)
+        let applied = try await runCommand(Farm.agentBinary, ["reload", "--config", config, "--pid", "\(agent.pid)", "--timeout", "30"])
+        #expect(applied.status == 0, "\(applied.stdout)\(applied.stderr)\n\(agent.log)")
+        #expect(applied.stdout.contains("the agent applied \(config) (reload 1 since it started)"), "\(applied.stdout)")
+        #expect(try await farm.agentStatus(config: config)?.configuration?.reloads == 1)
+
+        // A file the agent refuses (a changed device id passes `config check` but not a reload): 78 with its reason.
+        try original.replacingOccurrences(of: "id = \"site-r\"", with: "id = \"site-other\"").write(toFile: config, atomically: true, encoding: .utf8)
+        let refused = try await runCommand(Farm.agentBinary, ["reload", "--config", config, "--timeout", "30"])
+        #expect(refused.status == 78, "\(refused.stdout)\(refused.stderr)")
+        #expect(refused.stderr.contains("the agent refused \(config) and keeps running the configuration it had:"), "\(refused.stderr)")
+        #expect(refused.stderr.contains("site-other"), "the agent's reason: \(refused.stderr)")
+        let after = try await farm.agentStatus(config: config)
+        #expect(after?.configuration?.reloads == 1 && after?.configuration?.lastReloadError != nil)
+
+        // The same refused file once more: a new verdict, not the last one taken for it (nor for an applied reload).
+        let again = try await runCommand(Farm.agentBinary, ["reload", "--config", config, "--timeout", "30"])
+        #expect(again.status == 78, "\(again.stdout)\(again.stderr)")
+
+        // systemd's $MAINPID must be the agent that answers on the socket.
+        let wrongPid = try await runCommand(Farm.agentBinary, ["reload", "--config", config, "--pid", "\(getpid())"])
+        #expect(wrongPid.status == 1 && wrongPid.stderr.contains("is process \(agent.pid), not \(getpid())"), "\(wrongPid.stderr)")
+        let badTimeout = try await runCommand(Farm.agentBinary, ["reload", "--config", config, "--timeout", "0"])
+        #expect(badTimeout.status == 64 && badTimeout.stderr.contains("--timeout must be between 1 and 3600"), "\(badTimeout.stderr)")
+
+        #expect(await agent.stop(SIGTERM) == 0)
+        try original.write(toFile: config, atomically: true, encoding: .utf8)
+        let gone = try await runCommand(Farm.agentBinary, ["reload", "--config", config])
+        #expect(gone.status == 1, "\(gone.stdout)\(gone.stderr)")
+        #expect(await farm.ingest?.stop(SIGTERM) == 0)
+    }
+}
