@@ -54,6 +54,12 @@ struct StatusDisplayTests {
             value.humanReadable().contains(
                 "BUFFER ERROR 2s ago (acknowledge): attempt to write a readonly database; 1 commit and 12 acknowledge failures since the buffer was opened"),
             "\(value.humanReadable())")
+        // systemctl status's line leads with it for an hour; before any error, and after that hour, it does not.
+        #expect(AgentStatusLine.render(value).hasPrefix("BUFFER ERROR 2s ago (acknowledge): attempt to write a readonly database, 0 pending"))
+        #expect(!AgentStatusLine.render(status(sensors: [], buffer: statistics())).contains("BUFFER ERROR"))
+        var later = value
+        later.now = Timestamp(microseconds: 3_601_000_000)
+        #expect(!AgentStatusLine.render(later).contains("BUFFER ERROR"), "\(AgentStatusLine.render(later))")
         let json = try JSONSerialization.jsonObject(with: JSONEncoder().encode(value)) as? [String: Any]
         let errors = (json?["buffer"] as? [String: Any])?["errors"] as? [String: Any]
         #expect(errors?["acknowledge"] as? Int == 12)

@@ -132,11 +132,19 @@ public final class AgentSupervisor: Service {
     }
 }
 
-/// The one line `systemctl status` shows for the agent: `42 pending, last upload 3s ago, 12/12 sensors ok`.
+/// The one line `systemctl status` shows for the agent: `42 pending, last upload 3s ago, 12/12 sensors ok`, led by
+/// `STUCK: …` when the watchdog holds back and by `BUFFER ERROR …` for an hour after a failed buffer write.
 public enum AgentStatusLine {
+    /// How long the line shows the buffer's last failed write (`farmgate status` shows it as long as the buffer is open).
+    public static let recentBufferError = Timestamp(microseconds: 3_600_000_000)
+
     public static func render(_ status: AgentStatus, verdict: WatchdogGate.Verdict = .alive) -> String {
         var parts: [String] = []
         if case .stale(let late) = verdict { parts.append("STUCK: \(late.joined(separator: ", "))") }
+        if let last = status.buffer.errors?.last, status.now.microseconds - last.at.microseconds < recentBufferError.microseconds {
+            // A buffer that cannot write loses new readings or sends acknowledged ones again: first, while it is recent.
+            parts.append("BUFFER ERROR \(AgentStatus.age(from: last.at, to: status.now)) ago (\(last.operation)): \(last.message.prefix(80))")
+        }
         parts.append("\(status.buffer.pending) pending")
         if let upload = status.upload {
             if let success = upload.lastSuccessAt {
