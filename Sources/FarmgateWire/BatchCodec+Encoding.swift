@@ -413,8 +413,9 @@ extension BatchCodec {
     }
 }
 
-/// A strict total order on ids that compares runs of digits by their numeric value ("tank2" < "tank10"), then bytewise.
-func naturalOrder(_ a: String, _ b: String) -> Bool {
+/// A strict total order on ids that compares runs of digits by their numeric value ("tank2" < "tank10"), then bytewise:
+/// the order of a sensor table, and of readings with one timestamp in a frame's sequence prediction.
+public func naturalOrder(_ a: String, _ b: String) -> Bool {
     let x = Array(a.utf8), y = Array(b.utf8)
     func isDigit(_ c: UInt8) -> Bool { c >= UInt8(ascii: "0") && c <= UInt8(ascii: "9") }
     var i = 0, j = 0

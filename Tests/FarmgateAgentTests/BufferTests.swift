@@ -114,6 +114,38 @@ struct BufferTests {
         #expect(sidecar == "21\n")
     }
 
+    @Test("a commit numbers its samples by timestamp, then natural sensor-id order, whatever order they were appended in: the order a frame predicts")
+    func numberedInFrameOrder() async throws {
+        let scratch = try Scratch(prefix: "fg-buffer")
+        let buffer = try openBuffer(scratch)
+        // Twelve sensors of one sampling phase, stamped in the same millisecond, appended as their reads ended.
+        let ids = try (1...4).flatMap { tank in try ["ec", "ph", "temp"].map { try sensor("tank\(tank).\($0)") } }
+        try await buffer.register(ids.map { SensorDescriptor(id: $0, quantity: $0.rawValue.hasSuffix("ph") ? .ph : $0.rawValue.hasSuffix("ec") ? .electricalConductivity : .temperature) })
+        var generator = SystemRandomNumberGenerator()
+        var appended: [Sample] = []
+        for round in 0..<5 {
+            let at = Timestamp(microseconds: 1_000_000 * Int64(5 - round))  // rounds appended newest first, too
+            appended += ids.shuffled(using: &generator).map { Sample(sensor: $0, timestamp: at, value: 6.5) }
+        }
+        try await buffer.append(appended)
+        try await buffer.flush()
+        let readings = try await allPending(buffer)
+        #expect(readings.count == 60)
+        let expected = (1...5).flatMap { second in ids.map { ($0.rawValue, Int64(second) * 1_000_000) } }
+        #expect(readings.map(\.sensor.rawValue) == expected.map(\.0), "\(readings.map(\.sensor.rawValue))")
+        #expect(readings.map(\.timestamp.microseconds) == expected.map(\.1))
+        #expect(naturalOrder("tank2.ec", "tank10.ec") && !naturalOrder("tank10.ec", "tank2.ec"))
+        // What it is for: numbered as appended, the same readings cost a frame streams of sequence corrections.
+        let batch = Batch(device: try DeviceID("site"), sensors: try await buffer.allDescriptors(), readings: readings)
+        var shuffled = readings
+        let sequences = readings.map(\.sequence).shuffled(using: &generator)
+        for index in shuffled.indices { shuffled[index].sequence = sequences[index] }
+        let inOrder = try BatchCodec.encode(batch)
+        let asAppended = try BatchCodec.encode(Batch(device: batch.device, sensors: batch.sensors, readings: shuffled.sorted { $0.sequence < $1.sequence }))
+        #expect(inOrder.count < asAppended.count, "\(inOrder.count) bytes numbered in frame order, \(asAppended.count) as appended")
+        try await buffer.close()
+    }
+
     @Test("values are stored at the sensor's resolution and read back as Readings with their flags")
     func valuesAtResolution() async throws {
         let scratch = try Scratch(prefix: "fg-buffer")
@@ -523,7 +555,8 @@ struct BufferTests {
         // tank1.ph goes to 0.1 resolution; old.ph is no longer configured but has a pending reading.
         try await buffer.register([SensorDescriptor(id: ph, quantity: .ph, resolution: .tenth)])
         let readings = try await allPending(buffer)
-        #expect(readings.map(\.value) == [6.5, 5.5])
+        // One timestamp: numbered in natural id order, old.ph first.
+        #expect(readings.map(\.value) == [5.5, 6.5])
         // Sorted by id: old.ph, tank1.ph.
         #expect(try await buffer.descriptors(for: [ph, old]).map(\.resolution) == [.hundredth, .tenth])
         // New samples of old.ph are rejected.

@@ -504,7 +504,17 @@ final class BufferStore {
         var unknownSensors = 0
         var badValues = 0
         var example: Sample?
-        for sample in samples {
+        // Numbered by (timestamp, natural sensor-id order), the order in which a frame predicts sequence numbers: sensors
+        // of one sampling phase are stamped in the same millisecond and appended in whatever order their reads ended,
+        // and numbering them in that order cost every live frame two streams of sequence corrections (about 100 bytes
+        // a request at 60 sensors). One sensor's samples keep their order.
+        let ordered = samples.indices.sorted { a, b in
+            let x = samples[a], y = samples[b]
+            if x.timestamp != y.timestamp { return x.timestamp < y.timestamp }
+            if x.sensor != y.sensor { return naturalOrder(x.sensor.rawValue, y.sensor.rawValue) }
+            return a < b
+        }
+        for sample in ordered.lazy.map({ samples[$0] }) {
             guard let entry = sensorsByID[sample.sensor], entry.configured else {
                 unknownSensors += 1
                 example = example ?? sample
