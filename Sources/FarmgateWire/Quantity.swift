@@ -93,6 +93,28 @@ public enum Quantity: String, CaseIterable, Hashable, Sendable, Codable {
         }
     }
 
+    /// The coarsest resolution step a sensor of this quantity may have: a tenth of its ``plausibleRange``, or its default
+    /// step when that is larger (a switch state, 0 or 1, steps by 1). Coarser, every value is rounded to one of a few
+    /// steps, most to 0, and any two readings of a sequence compare as the same value.
+    public var coarsestStep: Double {
+        max((plausibleRange.upperBound - plausibleRange.lowerBound) / 10, defaultResolution.step)
+    }
+
+    /// Why `resolution` is too coarse for this quantity (see ``coarsestStep``); nil when it is fine.
+    public func coarseResolutionProblem(_ resolution: Resolution) -> String? {
+        guard resolution.step > coarsestStep else { return nil }
+        let range = plausibleRange
+        return "a step of \(Self.plain(resolution.step)) is coarser than a tenth of the whole range of \(rawValue) "
+            + "(\(Self.plain(range.lowerBound)) to \(Self.plain(range.upperBound)) \(unit)): every value would be rounded to a multiple "
+            + "of it, most to 0; give a step of at most \(Self.plain(coarsestStep)), such as the default \"\(Self.plain(defaultResolution.step))\""
+    }
+
+    /// A number as a person writes it: `16`, not `16.0`.
+    static func plain(_ value: Double) -> String {
+        if value.rounded() == value, value.magnitude < 1e15 { return "\(Int64(value))" }
+        return "\(value)"
+    }
+
     /// The physically plausible range; values outside it are rejected by the ingest as invalid.
     public var plausibleRange: ClosedRange<Double> {
         switch self {

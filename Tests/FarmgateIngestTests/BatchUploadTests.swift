@@ -27,6 +27,35 @@ struct BatchUploadTests {
         }
     }
 
+    @Test("a sensor declared coarser than a tenth of its quantity's range is malformed_batch naming it, before a re-sent value could pass as a duplicate; at the bound it is stored")
+    func coarseResolutionRefused() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        @Sendable func declared(_ resolution: String, value: Double) throws -> Batch {
+            var batch = try phBatch(sequences: 1...1, value: value)
+            batch.sensors[0].resolution = try Resolution(parsing: resolution)
+            return batch
+        }
+        try await fixture.app().test(.router) { client in
+            #expect(try await postJSON(client, try declared("0.01", value: 6.0), key: fixture.deviceKey).status == .ok)
+            // The same sequence with 9.0: at a step of 5 both are 5, which passed as a duplicate (the sender deletes it).
+            for step in ["5", "1000000", "1.81"] {
+                let response = try await postJSON(client, try declared(step, value: 9.0), key: fixture.deviceKey)
+                let message = try expectError(response, .badRequest, IngestErrorCode.malformedBatch)
+                #expect(message.contains("sensor 'tank1.ph' is declared with resolution"), "\(message)")
+                #expect(message.contains("coarser than a tenth of the whole range of ph"), "\(message)")
+                let binary = try await client.execute(
+                    uri: IngestProtocol.batchesPath, method: .post, headers: binaryHeaders(fixture.deviceKey),
+                    body: buffer(try BatchCodec.encode(try declared(step, value: 9.0))))
+                try expectError(binary, .badRequest, IngestErrorCode.malformedBatch)
+            }
+            let conflict = try await postJSON(client, try declared("1.8", value: 9.0), key: fixture.deviceKey)
+            #expect(try decode(IngestReceipt.self, conflict).rejected.map(\.code) == [RejectionCode.sequenceConflict])
+        }
+        let stored = try await fixture.store.exportPage(device: try await fixture.identity(device: "d1"), afterSequence: nil, limit: 10)
+        #expect(stored.map(\.value) == [6.0])
+    }
+
     @Test("each commit hands its new readings, and only those, to the commit observers")
     func commitObserversSeeNewReadingsOnly() async throws {
         let fixture = try await Fixture()

@@ -164,6 +164,25 @@ struct StatefulIngestTests {
         }
     }
 
+    @Test("a declared table with a sensor coarser than its quantity allows is malformed_batch and is not kept")
+    func coarseTableRefused() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let coarse = try SensorTable([SensorDescriptor(id: try sensorID("tank1.ph"), quantity: .ph, resolution: try Resolution(parsing: "5"))])
+        try await fixture.app().test(.router) { client in
+            var session = WireSession()
+            let readings = [Reading(sensor: try sensorID("tank1.ph"), sequence: 1, timestamp: Timestamp(microseconds: testNow.microseconds - 60_000_000), value: 5)]
+            let frame = try session.encode(Batch(device: try deviceID("d1"), sensors: [], readings: readings), table: coarse)
+            try expectError(try await Self.post(client, frame, key: fixture.deviceKey), .badRequest, IngestErrorCode.malformedBatch)
+            // The table was not kept: a frame naming it is 409 unknown_sensor_table.
+            session.delivered(frame, acknowledged: [])
+            let named = try session.encode(Batch(device: try deviceID("d1"), sensors: [], readings: readings), table: coarse)
+            #expect(!named.declaredTable)
+            try expectError(try await Self.post(client, named, key: fixture.deviceKey), .conflict, IngestErrorCode.unknownSensorTable)
+        }
+        #expect(try await Self.stored(fixture).isEmpty)
+    }
+
     @Test("a frame that declares a table and then fails to decode leaves no table behind: a frame naming it is 409 unknown_sensor_table")
     func failedFrameKeepsNoTable() async throws {
         let fixture = try await Fixture()

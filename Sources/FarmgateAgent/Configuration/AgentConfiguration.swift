@@ -468,22 +468,10 @@ extension AgentConfiguration {
         return configuration
     }
 
-    /// Why `resolution` is too coarse for `quantity`: a step larger than a tenth of the quantity's physical range (the one
-    /// the ingest refuses values outside of as `out_of_range`), or than its default resolution when that is larger (a
-    /// switch state, 0 or 1, steps by 1). Every value would be rounded to one of a few steps, most to 0. nil when it is fine.
+    /// Why `resolution` is too coarse for `quantity` (``Quantity/coarseResolutionProblem(_:)``: the ingest refuses such a
+    /// declaration too); nil when it is fine.
     static func coarseResolutionProblem(_ resolution: Resolution, quantity: Quantity) -> String? {
-        let range = quantity.plausibleRange
-        let limit = max((range.upperBound - range.lowerBound) / 10, quantity.defaultResolution.step)
-        guard resolution.step > limit else { return nil }
-        return "a step of \(plain(resolution.step)) is coarser than a tenth of the whole range of \(quantity.rawValue) "
-            + "(\(plain(range.lowerBound)) to \(plain(range.upperBound)) \(quantity.unit)): every value would be rounded to a multiple "
-            + "of it, most to 0; give a step of at most \(plain(limit)), such as the default \"\(plain(quantity.defaultResolution.step))\""
-    }
-
-    /// A number as a person writes it: `16`, not `16.0`.
-    static func plain(_ value: Double) -> String {
-        if value.rounded() == value, value.magnitude < 1e15 { return "\(Int64(value))" }
-        return "\(value)"
+        quantity.coarseResolutionProblem(resolution)
     }
 
     /// Refuses two sensors that claim one port or line with different settings, or one that cannot be shared.

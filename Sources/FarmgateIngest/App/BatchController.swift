@@ -160,6 +160,7 @@ struct BatchController: Sendable {
                 .forbidden, code: IngestErrorCode.deviceMismatch,
                 message: "the batch is from device '\(batch.device)' but the key belongs to device '\(device.device)'; each device must upload with its own key")
         }
+        if let problem = Self.coarseResolution(in: batch.sensors) { throw problem }
 
         // Calibration events are taken whole or the batch is refused (the receipt has no place for a refused event); the
         // agent then sends the readings without them and quarantines the event. Times need the ingest's clock, so they
@@ -223,6 +224,8 @@ struct BatchController: Sendable {
                     .unprocessableContent, code: IngestErrorCode.sensorTableTooLarge,
                     message: "the frame declares a sensor table of \(declared.sensors.count) sensors, more than the \(self.limits.sensorsPerDevice) this ingest allows one device ([limits] sensors_per_device); send self-contained frames (format version 2), or have the ingest's operator raise the limit")
             }
+            // Checked before the table is kept: one the batch is refused for must not be named later.
+            if let problem = Self.coarseResolution(in: declared.sensors) { throw problem }
             table = declared
         } else if let known = try await wireState.table(device: device, hash: head.tableHash) {
             table = known
@@ -260,6 +263,20 @@ struct BatchController: Sendable {
         if let declared = head.declaredTable { try await wireState.remember(declared, device: device) }
         metrics.statefulFrame(declared: head.declaredTable != nil, context: resent ? .previous : head.usesContext ? .used : .none)
         return frame
+    }
+
+    /// The refusal of a batch that declares a sensor with a resolution coarser than its quantity allows
+    /// (``Quantity/coarsestStep``, the bound the agent's configuration has too): at such a step every value rounds to a
+    /// few, and a reading sent again with other content under a stored sequence would compare equal (a duplicate, which
+    /// the sender deletes) instead of being refused `sequence_conflict`. nil when every resolution is fine.
+    static func coarseResolution(in sensors: [SensorDescriptor]) -> APIError? {
+        for sensor in sensors {
+            guard let problem = sensor.quantity.coarseResolutionProblem(sensor.resolution) else { continue }
+            return APIError(
+                .badRequest, code: IngestErrorCode.malformedBatch,
+                message: "sensor '\(sensor.id)' is declared with resolution \(sensor.resolution.description): \(problem); fix the sender, this batch will never be accepted")
+        }
+        return nil
     }
 
     func decodingError(_ error: BatchDecodingError, format: BodyFormat, limits: IngestConfiguration.Limits) -> APIError {
