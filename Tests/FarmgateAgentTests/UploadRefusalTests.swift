@@ -134,6 +134,29 @@ struct UploadRefusalTests {
         #expect(try await data.statistics().quarantined == 0)
     }
 
+    /// The same readings answered `incomplete_body` every time: the ingest got the whole HTTP body each time, so the frame
+    /// cannot be read (an encoder's fault, a damaged row); after a few tries it is bisected like a malformed one, and the
+    /// reading that causes it is isolated and quarantined, instead of the queue being retried forever.
+    @Test func theSameBatchCutShortEveryTimeIsBisectedAndItsCauseQuarantined() async throws {
+        let data = try await TestBuffer(count: 40)
+        let poison = data.sequences[25]
+        let ingest = try FakeIngest(
+            FakeIngest.Rules(script: { _, batch in
+                batch.readings.contains { $0.sequence == poison }
+                    ? .error(400, IngestErrorCode.incompleteBody, "the binary batch ends early (value stream: needs 2 bytes but only 1 remain)") : nil
+            }))
+        let configuration = uploadConfiguration(ingest.url, batchMaxReadings: 40, backoffInitial: .milliseconds(20), backoffMax: .milliseconds(100))
+        try await withUploader(source: data.buffer, configuration: configuration) { uploader throws in
+            #expect(try await eventually(timeout: .seconds(20)) { try await data.statistics().pending == 0 && uploader.status().uploadedTotal == 39 })
+            #expect(uploader.status().held == nil)
+        }
+        #expect(ingest.log.batches.prefix(Uploader.maxIncompleteBodies).allSatisfy { $0.count == 40 }, "retried whole first: \(ingest.log.batches.map(\.count))")
+        let quarantined = try await data.buffer.quarantined(limit: 10)
+        #expect(quarantined.map(\.sequence) == [poison])
+        #expect(quarantined.first?.reason.hasPrefix("incomplete_body:") == true, "\(String(describing: quarantined.first?.reason))")
+        #expect(Set(ingest.log.stored.keys) == Set(data.sequences).subtracting([poison]))
+    }
+
     /// Refusals no reading can cause: the queue is held at the first one, the batch is never split.
     @Test(arguments: [
         (401, IngestErrorCode.unauthorized), (401, IngestErrorCode.revoked), (403, IngestErrorCode.deviceMismatch),

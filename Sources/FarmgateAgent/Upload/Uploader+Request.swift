@@ -222,8 +222,26 @@ extension Uploader {
         case 500...599:
             return transient(refusal, &loop)
         case 400 where refusal.code == IngestErrorCode.incompleteBody:
-            // The body arrived cut short (a proxy, a broken connection): the same request may well succeed.
-            return transient(refusal, &loop)
+            // The body arrived cut short (a proxy, a broken connection): the same request may well succeed. An answer
+            // means the ingest got a whole HTTP body, though: the same readings cut short every time are a frame that
+            // cannot be read (an encoder's fault, a damaged buffer row), and are then refused like a malformed one
+            // (bisected, held when systematic), not retried forever.
+            let first = group.first?.sequence ?? 0
+            if !loop.incompleteBodyIsRefusal {
+                var seen = loop.incompleteBodies.flatMap { $0.first == first && $0.count == group.count ? $0.answers : nil } ?? 0
+                seen += 1
+                guard seen >= Self.maxIncompleteBodies else {
+                    loop.incompleteBodies = (first, group.count, seen)
+                    return transient(refusal, &loop)
+                }
+                loop.incompleteBodies = nil
+                loop.incompleteBodyIsRefusal = true
+                logger.warning(
+                    "The ingest found the same batch cut short \(seen) times in a row; treating it as one it cannot read",
+                    metadata: ["reason": "\(refusal.reason)", "batch.readings": "\(group.count)", "batch.first_sequence": "\(first)"])
+            }
+            noteRefusal(result, status: status)
+            return .refused(refusal)
         case 401 where keyInHeader:
             // `GET /v1/device` said version 4, but this answer came from an instance that does not read Farmgate-Key (an
             // older one behind the same address): the key goes as Authorization for a while, these readings at once.
@@ -308,6 +326,10 @@ extension Uploader {
     /// How many 409 answers about the state in a row make the uploader pause stateful frames. One declares the table
     /// again, one adopts the ingest's context: a third means the two sides do not settle (instances that disagree).
     static let maxStateRefusals = 3
+
+    /// How many 400 `incomplete_body` answers in a row to the same readings make them a refusal (bisected) rather than a
+    /// transfer to retry.
+    public static let maxIncompleteBodies = 5
 
     /// After the readings of a frame refused with its events went again alone: when they were accepted, the events were
     /// the cause (a refusal 400/422 is permanent: the same event would be refused forever). A single event is quarantined;

@@ -249,6 +249,11 @@ public final class Uploader: Service {
         var statefulPausedUntil: ContinuousClock.Instant?
         /// 409 `unknown_sensor_table` / `stale_context` answers in a row (each is followed at once by the same readings).
         var stateRefusals = 0
+        /// 400 `incomplete_body` answers in a row to the same readings (by the first sequence and count sent).
+        var incompleteBodies: (first: UInt64, count: Int, answers: Int)?
+        /// Within one delivery, once such answers made a batch a refusal: the bisection of its halves takes every
+        /// further `incomplete_body` as a refusal at once.
+        var incompleteBodyIsRefusal = false
         /// After a 401 to a request that carried the key only in `Farmgate-Key` (an instance that does not read it
         /// behind the same address as one that does): the key goes as `Authorization` until then.
         var keyHeaderPausedUntil: ContinuousClock.Instant?
@@ -451,6 +456,7 @@ public final class Uploader: Service {
     /// documentation). Returns the wait before the next step: zero after progress, the backoff after a failure or a hold.
     func deliver(_ readings: [Reading], _ loop: inout LoopState) async -> Duration {
         var bisection = Bisection()
+        loop.incompleteBodyIsRefusal = false
         loop.outgoingEvents = await eventsToAttach(loop)
         defer { loop.outgoingEvents = [] }
         switch await deliverGroup(readings[...], &loop, &bisection) {
