@@ -346,7 +346,8 @@ struct BatchUploadTests {
             let refused = try await eventually(timeout: .seconds(10), every: .milliseconds(20)) {
                 let response = try await postJSON(client, empty, key: fixture.deviceKey)
                 if response.status == .tooManyRequests {
-                    refusal = ("retry-after: \(response.headers[.retryAfter] ?? "")", Array(response.body.readableBytesView))
+                    let head = response.headers.map { "\($0.name.canonicalName.lowercased()): \($0.value)" }.joined(separator: "\r\n")
+                    refusal = (head, Array(response.body.readableBytesView))
                     return true
                 }
                 let early = try await runOffPool(name: "slow-uploads") { held.map { $0.readResponse(timeout: .milliseconds(1)) } }
@@ -362,6 +363,9 @@ struct BatchUploadTests {
             let error = try JSONDecoder().decode(APIErrorBody.self, from: Data(answer.body)).error
             #expect(error.code == "rate_limited" && error.message.contains("4 uploads in flight"), "\(error.message)")
             #expect(answer.head.contains("retry-after: 1"), "\(answer.head)")
+            // Its own policy, with nothing left: not the device bucket's requests to spare.
+            #expect(answer.head.contains("ratelimit: \"in_flight\";r=0;t=1") && answer.head.contains("ratelimit-remaining: 0"), "\(answer.head)")
+            #expect(answer.head.contains("ratelimit-policy: \"in_flight\";q=4;w=1"), "\(answer.head)")
             // Another device has its own slots.
             #expect(try await postJSON(client, try phBatch(device: "d2", sequences: 1...1), key: fixture.secondDeviceKey).status == .ok)
             // One slow upload ends: it is stored, and its slot is free again.

@@ -102,8 +102,11 @@ struct BatchController: Sendable {
         }
         // A device's uploads at once are bounded too: each holds its body and decompressed copies until it is answered.
         guard uploadsInFlight.enter(device.rowID) else {
-            var headers = limit.headers
-            headers[.retryAfter] = String(Self.inFlightRetryAfterSeconds)
+            // Its own policy: the device's bucket may have requests left, and its headers would tell the client to go on.
+            let wait = Duration.seconds(Self.inFlightRetryAfterSeconds)
+            let headers = RateLimitStatus(
+                policy: "in_flight", limit: uploadsInFlight.limit, window: wait, remaining: 0, reset: wait, retryAfter: wait
+            ).headers
             throw APIError(
                 .tooManyRequests, code: "rate_limited",
                 message: "this device already has \(uploadsInFlight.limit) uploads in flight, the most the ingest takes at once from one device; wait for their answers, then retry after \(Self.inFlightRetryAfterSeconds) s (send one batch at a time, as the agent does)",
