@@ -56,6 +56,26 @@ struct BatchUploadTests {
         #expect(stored.map(\.value) == [6.0])
     }
 
+    @Test("a query parameter the route does not take is 400 invalid_parameter naming it, on uploads, the device state and the probes; nothing is stored")
+    func unknownParametersRefused() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        try await fixture.app().test(.router) { client in
+            let upload = try await client.execute(
+                uri: IngestProtocol.batchesPath + "?dry_run=true", method: .post, headers: jsonHeaders(fixture.deviceKey),
+                body: buffer(BatchJSON.encode(try phBatch(sequences: 1...3))))
+            let message = try expectError(upload, .badRequest, "invalid_parameter")
+            #expect(message.contains("'dry_run'") && message.contains("takes no query parameters"), "\(message)")
+            let device = try await client.execute(uri: IngestProtocol.deviceStatePath + "?x=1", method: .get, headers: bearer(fixture.deviceKey))
+            try expectError(device, .badRequest, "invalid_parameter")
+            for probe in ["/healthz?verbose=1", "/readyz?full"] {
+                try expectError(try await client.execute(uri: probe, method: .get), .badRequest, "invalid_parameter")
+            }
+            #expect(try await client.execute(uri: "/healthz", method: .get).status == .ok)
+        }
+        #expect(try await fixture.store.exportPage(device: try await fixture.identity(device: "d1"), afterSequence: nil, limit: 10).isEmpty)
+    }
+
     @Test("each commit hands its new readings, and only those, to the commit observers")
     func commitObserversSeeNewReadingsOnly() async throws {
         let fixture = try await Fixture()

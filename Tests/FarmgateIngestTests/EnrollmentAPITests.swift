@@ -257,6 +257,22 @@ struct EnrollmentAPITests {
                 let refusal = try expectError(twice, .badRequest, "bad_request")
                 #expect(refusal.contains("\"device\" appears more than once"), "\(refusal)")
             }
+            // Bodies that name no device id say what is wrong with them, and leave the token usable too.
+            for (body, status, says) in [
+                (#"{"device": ""}"#, HTTPResponse.Status.badRequest, "'device' is no device id"),
+                (#"{"device": 5}"#, .badRequest, "'device' must be a string"),
+                (#"["site-9"]"#, .badRequest, "must be a JSON object"),
+                ("{\"device\": \"" + String(repeating: "x", count: 5000) + "\"}", .contentTooLarge, "at most 4 KiB"),
+            ] {
+                let response = try await client.execute(
+                    uri: EnrollmentProtocol.path, method: .post, headers: [.authorization: "Bearer \(token.text)"], body: ByteBuffer(string: body))
+                let message = try expectError(response, status, status == .contentTooLarge ? "payload_too_large" : "bad_request")
+                #expect(message.contains(says), "\(body.prefix(40)): \(message)")
+            }
+            let parameter = try await client.execute(
+                uri: EnrollmentProtocol.path + "?dry_run=1", method: .post, headers: [.authorization: "Bearer \(token.text)"],
+                body: ByteBuffer(string: #"{"device": "site-9"}"#))
+            try expectError(parameter, .badRequest, "invalid_parameter")
             #expect(try await Self.enroll(client, token.text, device: "site-9").status == .ok)
         }
     }

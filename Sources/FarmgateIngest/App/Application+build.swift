@@ -144,10 +144,13 @@ func buildRouter(
         AlertController(admin: AlertAdmin(store: alerts), gate: gate, rateLimiter: readLimiter, now: now, logger: logger).addRoutes(to: router)
     }
 
-    router.get("/healthz") { _, _ in
-        jsonResponse(["status": "ok"])
+    // A parameter these do not take is refused, as on every route: a probe's `?verbose=1` must not look honoured.
+    router.get("/healthz") { request, _ in
+        try ReadController.checkParameters(request.uri.queryParameters, known: [])
+        return jsonResponse(["status": "ok"])
     }
-    router.get("/readyz") { _, _ in
+    router.get("/readyz") { request, _ in
+        try ReadController.checkParameters(request.uri.queryParameters, known: [])
         do {
             try await store.ping()
             return jsonResponse(["status": "ready"])

@@ -9,6 +9,7 @@ extension BatchController {
     /// Authenticated exactly like a batch (a revoked key is 401 `revoked`; failed attempts count against the address).
     func deviceState(_ request: Request, client: ClientAddress) async throws(APIError) -> Response {
         let device = try await gate.device(request, client: client)
+        try ReadController.checkParameters(request.uri.queryParameters, known: [])
         let highest: UInt64?
         do {
             highest = try await store.highestSequence(device: device)

@@ -87,6 +87,8 @@ struct BatchController: Sendable {
     private func ingest(_ request: Request, client: ClientAddress) async throws(APIError) -> (IngestReceipt, DeviceIdentity) {
         // 1. Who is it? (An address over its limit of failed authentications is refused here, before the store.)
         let device = try await gate.device(request, client: client)
+        // A parameter the route does not take (`?dry_run=true`) must not look honoured while the batch is stored.
+        try ReadController.checkParameters(request.uri.queryParameters, known: [])
 
         // 2. What is it?
         let format = try Self.format(of: request)

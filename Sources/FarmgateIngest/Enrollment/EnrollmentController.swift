@@ -78,6 +78,7 @@ struct EnrollmentController: Sendable {
                 headers: limit.headers)
         }
         let token = try bearerToken(request)
+        try ReadController.checkParameters(request.uri.queryParameters, known: [])
         let wanted = try await requestedDevice(request)
         let record: EnrollmentTokenRecord
         do {
@@ -252,19 +253,30 @@ struct EnrollmentController: Sendable {
         do {
             buffer = try await request.body.collect(upTo: 4096)
         } catch {
-            throw APIError(.badRequest, code: "bad_request", message: "the body of an enrollment is at most 4 KiB of JSON: {\"device\": \"<id>\"}")
+            throw APIError(
+                .contentTooLarge, code: "payload_too_large", message: "the body of an enrollment is at most 4 KiB of JSON: {\"device\": \"<id>\"}")
         }
         guard buffer.readableBytes > 0 else { return nil }
+        let example = "JSON such as {\"device\": \"greenhouse-1\"} (or an empty body)"
+        let members: [String]?
         do {
-            _ = try StrictJSON.topLevelMembers(Array(buffer.readableBytesView))
+            members = try StrictJSON.topLevelMembers(Array(buffer.readableBytesView))
         } catch {
             throw APIError(.badRequest, code: "bad_request", message: "the body of an enrollment: \(error.description)")
         }
-        do {
-            return try JSONDecoder().decode(EnrollmentRequest.self, from: Data(buffer.readableBytesView)).device
-        } catch {
-            throw APIError(.badRequest, code: "bad_request", message: "the body of an enrollment must be JSON such as {\"device\": \"greenhouse-1\"} (or empty)")
+        guard members != nil else {
+            throw APIError(.badRequest, code: "bad_request", message: "the body of an enrollment must be a JSON object: \(example)")
         }
+        // The document is an object of valid JSON: the only way left to fail is a `device` that is not a string.
+        guard let request = try? JSONDecoder().decode(EnrollmentRequest.self, from: Data(buffer.readableBytesView)) else {
+            throw APIError(.badRequest, code: "bad_request", message: "the body of an enrollment: 'device' must be a string; send \(example)")
+        }
+        guard let wanted = request.device else { return nil }
+        // The id the site's configuration names: one that is no device id can match no token.
+        do { _ = try DeviceID(wanted) } catch {
+            throw APIError(.badRequest, code: "bad_request", message: "the body of an enrollment: 'device' is no device id: \(error.description)")
+        }
+        return wanted
     }
 
     private static func invalid(_ message: String) -> APIError {
