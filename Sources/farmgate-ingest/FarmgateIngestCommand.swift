@@ -387,7 +387,7 @@ struct MigrateCommand: AsyncParsableCommand {
 // MARK: farm
 
 struct FarmCommand: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "farm", abstract: "Manage farms.", subcommands: [Create.self])
+    static let configuration = CommandConfiguration(commandName: "farm", abstract: "Manage farms.", subcommands: [Create.self, FarmList.self])
 
     struct Create: AsyncParsableCommand {
         static let configuration = CommandConfiguration(commandName: "create", abstract: "Create a farm.")
@@ -412,7 +412,8 @@ struct FarmCommand: AsyncParsableCommand {
 
 struct DeviceCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "device", abstract: "Manage devices (site gateways) and their keys.", subcommands: [Create.self, Revoke.self, RotateKey.self])
+        commandName: "device", abstract: "Manage devices (site gateways) and their keys.",
+        subcommands: [Create.self, DeviceList.self, Revoke.self, RotateKey.self])
 
     struct DeviceOptions: ParsableArguments {
         @Option(help: "The farm the device belongs to.")
@@ -490,7 +491,8 @@ struct DeviceCommand: AsyncParsableCommand {
 extension ReadRole: ExpressibleByArgument {}
 
 struct TokenCommand: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "token", abstract: "Manage read tokens.", subcommands: [Create.self])
+    static let configuration = CommandConfiguration(
+        commandName: "token", abstract: "Manage read tokens.", subcommands: [Create.self, ReadTokenList.self, ReadTokenRevoke.self])
 
     struct Create: AsyncParsableCommand {
         static let configuration = CommandConfiguration(

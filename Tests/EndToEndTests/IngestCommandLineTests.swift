@@ -42,6 +42,47 @@ import Testing
         #expect(await farm.ingest?.stop(SIGTERM) == 0)
     }
 
+    /// An operator sees the farms, devices and read tokens, and withdraws a leaked read token: the running ingest refuses
+    /// it within seconds, other tokens keep working, and the command's mistakes exit as documented.
+    @Test func readTokensAreListedAndRevoked() async throws {
+        let farm = try await Farm(name: "tokens")
+        try await farm.startIngest()
+        _ = try await farm.createDevice("site-t1", farm: "tokens")
+        #expect(try await farm.admin(["farm", "list"]) == "tokens\n")
+        #expect(try await farm.admin(["device", "list", "--farm", "tokens", "--json"]).contains("\"site-t1\""))
+        func create(_ role: String) async throws -> String {
+            let output = try await farm.admin(["token", "create", "--farm", "tokens", "--role", role])
+            return try #require(output.split(separator: "\n").first.map(String.init))
+        }
+        let admin = try await create("admin"), viewer = try await create("viewer")
+        let adminID = String(admin.split(separator: "_")[1])
+        let listed = try await farm.admin(["token", "list", "--farm", "tokens"])
+        #expect(listed.contains("\(adminID)\ttokens\tadmin\t") && listed.contains("\tactive"), "\(listed)")
+        #expect(!listed.contains(String(admin.split(separator: "_")[2])), "a secret was listed")
+        #expect(await farm.httpStatus("/v1/farms/tokens/latest", bearer: admin) == 200)
+
+        // Revoked by its whole text: refused within the credential cache's seconds; the other token still reads.
+        #expect(try await farm.admin(["token", "revoke", admin]).contains("Revoked read token \(adminID)"))
+        let refused = await eventually(timeout: .seconds(10), every: .milliseconds(200)) {
+            await farm.httpStatus("/v1/farms/tokens/latest", bearer: admin) == 401
+        }
+        #expect(refused, "a revoked read token still reads")
+        #expect(await farm.httpStatus("/v1/farms/tokens/latest", bearer: viewer) == 200)
+        let json = try await farm.admin(["token", "list", "--json"])
+        #expect(json.contains("\"state\" : \"revoked\"") && json.contains("\"state\" : \"active\""), "\(json)")
+        #expect(try await farm.admin(["token", "revoke", adminID]).contains("was revoked already; nothing changed"))
+
+        let unknown = try await runCommand(Farm.ingestBinary, ["token", "revoke", "aaaaaaaa", "--config", farm.ingestConfig])
+        #expect(unknown.status == 1 && unknown.stderr.contains("read token 'aaaaaaaa'"), "\(unknown.stderr)")
+        let deviceKey = try await farm.createDevice("site-t2", farm: "tokens")
+        let wrongKind = try await runCommand(Farm.ingestBinary, ["token", "revoke", deviceKey, "--config", farm.ingestConfig])
+        #expect(wrongKind.status == 64 && wrongKind.stderr.contains("device key"), "\(wrongKind.stderr)")
+        #expect(!wrongKind.stderr.contains(String(deviceKey.split(separator: "_")[2])), "the key's secret was echoed")
+        let noFarm = try await runCommand(Farm.ingestBinary, ["token", "list", "--farm", "nope", "--config", farm.ingestConfig])
+        #expect(noFarm.status == 1, "\(noFarm.stderr)")
+        #expect(await farm.ingest?.stop(SIGTERM) == 0)
+    }
+
     /// `migrate` says what it did beyond migrations: the partitions it made ahead, and the rows it moved into them.
     @Test func migrateSaysWhichPartitionsItCreated() async throws {
         let cluster = try PostgresEndToEndTests.Cluster.fromEnvironment()

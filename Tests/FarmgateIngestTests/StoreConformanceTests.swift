@@ -263,6 +263,21 @@ import Testing
             #expect(token.farm.name == "f1")
             #expect(token.role == .viewer)
             #expect(try await store.readTokenCredential(keyID: "r2") == nil)
+            // Listing (newest first, by farm) and revocation, which the authenticator then sees.
+            _ = try await store.createFarm(name: "f0", createdAt: testNow)
+            try await store.createReadToken(
+                farm: "f0", role: .admin, keyID: "r0", secretHash: [4], createdAt: Timestamp(microseconds: testNow.microseconds + 1))
+            #expect(try await store.farms().map(\.name) == ["f0", "f1"])
+            #expect(try await store.readTokens(farm: nil).map(\.keyID) == ["r0", "r1"])
+            #expect(
+                try await store.readTokens(farm: "f1") == [ReadTokenRecord(keyID: "r1", farm: "f1", role: .viewer, createdAt: testNow, revoked: false)])
+            #expect(try await store.readTokens(farm: "nope").isEmpty)
+            #expect(try await store.revokeReadToken(keyID: "r1"))
+            #expect(try await store.readTokenCredential(keyID: "r1")?.revoked == true)
+            #expect(try await store.revokeReadToken(keyID: "r1") == false, "revoked already")
+            #expect(try await store.readTokens(farm: "f1").map(\.revoked) == [true])
+            #expect(try await store.readTokenCredential(keyID: "r0")?.revoked == false, "only that token")
+            await #expect(throws: IngestStoreError.notFound("read token 'r9'")) { _ = try await store.revokeReadToken(keyID: "r9") }
             try await store.ping()
             #expect(try await store.migrate().isEmpty)
         }

@@ -1,7 +1,7 @@
 public import FarmgateWire
 
-/// The administration behind `farmgate-ingest farm create`, `device create`, `device revoke`, `device rotate-key`,
-/// `token create` and `export`,
+/// The administration behind `farmgate-ingest farm create|list`, `device create|list|revoke|rotate-key`,
+/// `token create|list|revoke` and `export`,
 /// as a library so that tests run the same code as the command line.
 public struct IngestAdmin: Sendable {
     public let store: any AdministrationStore
@@ -43,6 +43,28 @@ public struct IngestAdmin: Sendable {
         try await newKey(.readToken, collision: "token id") { key in
             try await store.createReadToken(farm: farm, role: role, keyID: key.keyID, secretHash: key.secretHash, createdAt: .now())
         }
+    }
+
+    /// Every farm, by name.
+    public func farms() async throws -> [FarmRecord] { try await store.farms() }
+
+    /// The devices of `farm`, by id. Throws ``IngestStoreError/notFound(_:)`` for an unknown farm.
+    public func devices(farm: String) async throws -> [DeviceIdentity] {
+        guard let record = try await store.farm(named: farm) else { throw IngestStoreError.notFound("farm '\(farm)'") }
+        return try await store.devices(farmID: record.id)
+    }
+
+    /// The read tokens of `farm` (every farm's when nil), newest first. Throws ``IngestStoreError/notFound(_:)`` for an
+    /// unknown farm.
+    public func readTokens(farm: String?) async throws -> [ReadTokenRecord] {
+        if let farm, try await store.farm(named: farm) == nil { throw IngestStoreError.notFound("farm '\(farm)'") }
+        return try await store.readTokens(farm: farm)
+    }
+
+    /// Revokes a read token: requests with it are refused within the credential cache time of running ingests
+    /// (seconds). Returns false when it was revoked already.
+    public func revokeReadToken(keyID: String) async throws -> Bool {
+        try await store.revokeReadToken(keyID: keyID)
     }
 
     /// Draws a key and stores it with `insert`; on a key id collision (one in 2^40, reported by the store as

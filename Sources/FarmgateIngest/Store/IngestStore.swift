@@ -91,6 +91,16 @@ public protocol AdministrationStore: Sendable {
     /// The devices of the farm ordered by name.
     func devices(farmID: Int64) async throws -> [DeviceIdentity]
 
+    /// Every farm, ordered by name.
+    func farms() async throws -> [FarmRecord]
+
+    /// The read tokens of `farm` (every farm's when nil), newest first: never their secrets, which are not stored.
+    func readTokens(farm: String?) async throws -> [ReadTokenRecord]
+
+    /// Revokes the read token `keyID`: requests with it are refused from then on (within the credential cache's
+    /// seconds). Returns false when it was revoked already. Throws ``IngestStoreError/notFound(_:)`` for an unknown id.
+    func revokeReadToken(keyID: String) async throws -> Bool
+
     /// Up to `limit` readings of one device with a sequence above `afterSequence`, in sequence order, for streaming exports.
     func exportPage(device: DeviceIdentity, afterSequence: UInt64?, limit: Int) async throws -> [ExportRow]
 }
@@ -233,6 +243,23 @@ public enum ReadRole: String, Sendable, Hashable, CaseIterable {
 }
 
 /// A read token's stored credential.
+/// A read token as the administration lists it.
+public struct ReadTokenRecord: Sendable, Hashable {
+    public var keyID: String
+    public var farm: String
+    public var role: ReadRole
+    public var createdAt: Timestamp
+    public var revoked: Bool
+
+    public init(keyID: String, farm: String, role: ReadRole, createdAt: Timestamp, revoked: Bool) {
+        self.keyID = keyID
+        self.farm = farm
+        self.role = role
+        self.createdAt = createdAt
+        self.revoked = revoked
+    }
+}
+
 public struct ReadTokenCredential: Sendable, Hashable {
     public var farm: FarmRecord
     public var role: ReadRole

@@ -486,6 +486,38 @@ public final class PostgresIngestStore: IngestStore {
         guard inserted.count == 1 else { throw IngestStoreError.notFound("farm '\(farm)'") }
     }
 
+    public func farms() async throws -> [FarmRecord] {
+        try await rows("SELECT id::int8, name FROM farms ORDER BY name COLLATE \"C\"") { row in
+            let (id, name) = try row.decode((Int64, String).self)
+            return FarmRecord(id: id, name: name)
+        }
+    }
+
+    public func readTokens(farm: String?) async throws -> [ReadTokenRecord] {
+        try await rows(
+            """
+            SELECT t.key_id, f.name, t.role, t.created_at_us, t.revoked FROM read_tokens t JOIN farms f ON f.id = t.farm_id
+            WHERE \(farm)::text IS NULL OR f.name = \(farm) ORDER BY t.created_at_us DESC, t.id DESC
+            """
+        ) { row in
+            let (keyID, farmName, roleText, created, revoked) = try row.decode((String, String, String, Int64, Bool).self)
+            guard let role = ReadRole(rawValue: roleText) else { throw IngestStoreError.corrupt("read token role '\(roleText)'") }
+            return ReadTokenRecord(keyID: keyID, farm: farmName, role: role, createdAt: Timestamp(microseconds: created), revoked: revoked)
+        }
+    }
+
+    public func revokeReadToken(keyID: String) async throws -> Bool {
+        // One statement: the row as it was (`old.revoked`) and whether this statement changed it.
+        let found = try await rows(
+            """
+            WITH old AS (SELECT id, revoked FROM read_tokens WHERE key_id = \(keyID) FOR UPDATE)
+            UPDATE read_tokens t SET revoked = true FROM old WHERE t.id = old.id RETURNING NOT old.revoked
+            """
+        ) { try $0.decode(Bool.self) }
+        guard let changed = found.first else { throw IngestStoreError.notFound("read token '\(keyID)'") }
+        return changed
+    }
+
     public func devices(farmID: Int64) async throws -> [DeviceIdentity] {
         try await rows(
             "SELECT f.name, d.id::int8, d.name FROM devices d JOIN farms f ON f.id = d.farm_id WHERE d.farm_id = \(farmID) ORDER BY d.name COLLATE \"C\""

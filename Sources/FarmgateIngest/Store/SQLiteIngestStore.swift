@@ -603,6 +603,48 @@ public final class SQLiteIngestStore: IngestStore {
         }
     }
 
+    public func farms() async throws -> [FarmRecord] {
+        try await reader.withValue { db in
+            try db.withStatement("SELECT id, name FROM farms ORDER BY name", []) { statement throws -> [FarmRecord] in
+                var rows: [FarmRecord] = []
+                while try statement.step() { rows.append(FarmRecord(id: statement.int64(0), name: statement.text(1))) }
+                return rows
+            }
+        }
+    }
+
+    public func readTokens(farm: String?) async throws -> [ReadTokenRecord] {
+        try await reader.withValue { db in
+            try db.withStatement(
+                """
+                SELECT t.key_id, f.name, t.role, t.created_at_us, t.revoked FROM read_tokens t JOIN farms f ON f.id = t.farm_id
+                WHERE ?1 IS NULL OR f.name = ?1 ORDER BY t.created_at_us DESC, t.id DESC
+                """, [farm.map { .text($0) } ?? .null]
+            ) { statement throws -> [ReadTokenRecord] in
+                var rows: [ReadTokenRecord] = []
+                while try statement.step() {
+                    guard let role = ReadRole(rawValue: statement.text(2)) else { throw IngestStoreError.corrupt("read token role '\(statement.text(2))'") }
+                    rows.append(
+                        ReadTokenRecord(
+                            keyID: statement.text(0), farm: statement.text(1), role: role, createdAt: Timestamp(microseconds: statement.int64(3)),
+                            revoked: statement.int64(4) != 0))
+                }
+                return rows
+            }
+        }
+    }
+
+    public func revokeReadToken(keyID: String) async throws -> Bool {
+        try await writer.withValue { db in
+            guard let revoked = try db.connection.queryInt("SELECT revoked FROM read_tokens WHERE key_id = ?", [.text(keyID)]) else {
+                throw IngestStoreError.notFound("read token '\(keyID)'")
+            }
+            guard revoked == 0 else { return false }
+            try db.connection.query("UPDATE read_tokens SET revoked = 1 WHERE key_id = ?", [.text(keyID)])
+            return true
+        }
+    }
+
     public func exportPage(device: DeviceIdentity, afterSequence: UInt64?, limit: Int) async throws -> [ExportRow] {
         let after = afterSequence.map { Int64(clamping: $0) } ?? -1
         return try await reader.withValue { db in
