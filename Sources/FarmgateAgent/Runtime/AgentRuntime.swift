@@ -107,6 +107,27 @@ public enum AgentRuntime {
         /// Samples the stopping generation's buffer could not commit (a full disk): the next one queues them first; and
         /// how many it dropped from its memory queue and could not yet count in the file (the next one counts them).
         let samples = Mutex<(samples: [Sample], dropped: Int64)>(([], 0))
+        /// The buffer's `<path>.lock`, taken by the first generation and held for the whole run (a reload cannot move the
+        /// buffer): one agent per buffer file.
+        let bufferLock = Mutex<SidecarLock?>(nil)
+
+        /// Takes the buffer's lock unless this run holds it already.
+        /// - Throws: ``BufferInUseError`` when another process holds it. A lock that cannot be made (the buffer's
+        ///   directory missing or not writable) is left to the buffer's own open, which says what is wrong.
+        func lockBuffer(_ path: String) throws(BufferInUseError) {
+            try bufferLock.withLock { (lock: inout SidecarLock?) throws(BufferInUseError) in
+                guard lock == nil else { return }
+                // The buffer's directory as its store makes it, so that the first start is locked too.
+                if let slash = path.lastIndex(of: "/"), slash > path.startIndex {
+                    try? FileSystem.createDirectories(String(path[..<slash]))
+                }
+                do throws(SidecarLock.Failure) {
+                    lock = try SidecarLock(databasePath: path, suffix: ".lock")
+                } catch {
+                    if case .held(let lockPath) = error { throw BufferInUseError(path: path, lockPath: lockPath) }
+                }
+            }
+        }
     }
 
     /// One generation of services, from the buffer to the control socket, until a graceful shutdown or an accepted reload.
@@ -116,6 +137,8 @@ public enum AgentRuntime {
     ) async throws {
         // Opening runs quick_check, which takes seconds on a large buffer: keep it off the concurrency pool.
         let bufferConfiguration = configuration.buffer
+        // Two agents on one buffer would number readings from one counter and deduplicate each other's samples away.
+        try await runOffPool { try carried.lockBuffer(bufferConfiguration.path) }
         let buffer: ReadingBuffer
         do {
             buffer = try await runOffPool { try ReadingBuffer(configuration: bufferConfiguration, logger: logger) }
@@ -296,6 +319,18 @@ public enum AgentRuntime {
 extension ReadingBuffer: SampleSink {}
 
 /// The buffer cannot be opened or written by the agent's user: which file, as whom, and the command that fixes it.
+/// Another process holds the buffer's lock: another agent runs on the same `[buffer] path`.
+public struct BufferInUseError: Error, CustomStringConvertible {
+    let path: String
+    let lockPath: String
+
+    public var description: String {
+        "another farmgate agent is running on the buffer \(path) (it holds \(lockPath)): each agent needs its own [buffer] path; "
+            + "stop the other one (`farmgate status` names its pid; `systemctl stop farmgate` for the service), or give this "
+            + "configuration another [buffer] path"
+    }
+}
+
 struct BufferAccessError: Error, CustomStringConvertible {
     let path: String
     let underlying: SQLiteError

@@ -28,7 +28,7 @@ extension SQLiteIngestStore: RetentionStore {
     ///   the lock free for as long as that transaction took (``TransactionPacer``; the run takes up to twice as long),
     ///   and a waiting connection tries the lock every millisecond (`SQLiteConnection`'s busy handler).
     ///
-    /// One run at a time per file: the run holds an exclusive lock on `<path>.retention.lock` (``SQLiteSidecarLock``,
+    /// One run at a time per file: the run holds an exclusive lock on `<path>.retention.lock` (``SidecarLock``,
     /// taken without waiting, the command's and `serve`'s alike). A run that finds it held does nothing and reports
     /// ``RetentionReport/Skip/runningElsewhere`` (the command exits 75); two runs at once would each delete part of the
     /// same rows, in twice as many transactions.
@@ -36,9 +36,9 @@ extension SQLiteIngestStore: RetentionStore {
     /// The file does not shrink: the freed pages are reused by new readings (run `VACUUM` by hand to give them back).
     public func runRetention(_ retention: IngestConfiguration.Retention, now: Timestamp, options: RetentionRunOptions) async throws -> RetentionReport {
         let path = self.path
-        let lock: SQLiteSidecarLock? = try await writer.withValue { _ in
-            do throws(SQLiteSidecarLock.Failure) {
-                return try SQLiteSidecarLock(databasePath: path, suffix: Self.retentionLockSuffix)
+        let lock: SidecarLock? = try await writer.withValue { _ in
+            do throws(SidecarLock.Failure) {
+                return try SidecarLock(databasePath: path, suffix: Self.retentionLockSuffix)
             } catch {
                 switch error {
                 case .held: return nil
@@ -59,7 +59,7 @@ extension SQLiteIngestStore: RetentionStore {
     }
 
     /// Lets the run's lock go, on the writer thread (or here, once the store is closed).
-    private func release(_ lock: SQLiteSidecarLock) async {
+    private func release(_ lock: SidecarLock) async {
         do {
             try await writer.withValue { _ in lock.release() }
         } catch {

@@ -1,3 +1,4 @@
+import FarmgateSupport
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -13,7 +14,7 @@ import Darwin
 /// commits (the cache follows other instances only on PostgreSQL, through LISTEN/NOTIFY), so each would answer stale
 /// values. Only `serve` takes the lock: the admin commands (`device create`, `retention run`, `export`...) work on the
 /// file beside it, as SQLite's own locking allows (a retention run takes a lock of its own, `<path>.retention.lock`,
-/// see ``SQLiteIngestStore/runRetention(_:now:options:)``). A ``SQLiteSidecarLock``.
+/// see ``SQLiteIngestStore/runRetention(_:now:options:)``). A ``SidecarLock``.
 public final class SQLiteServeLock {
     /// Why the lock could not be taken.
     public enum Failure: Error, CustomStringConvertible {
@@ -34,7 +35,7 @@ public final class SQLiteServeLock {
 
     /// The sidecar's path: the database file's with `.lock` appended.
     public var path: String { lock.path }
-    private let lock: SQLiteSidecarLock
+    private let lock: SidecarLock
 
     /// Takes the lock for the SQLite file at `databasePath`, creating the sidecar when missing; never waits.
     ///
@@ -45,7 +46,7 @@ public final class SQLiteServeLock {
     /// it, take the same lock. Taken after the store opened the file, which then exists.
     public init(databasePath: String) throws(Failure) {
         do {
-            lock = try SQLiteSidecarLock(databasePath: databasePath, suffix: ".lock")
+            lock = try SidecarLock(databasePath: databasePath, suffix: ".lock")
         } catch {
             switch error {
             case .held(let lockPath): throw .held(lockPath: lockPath, databasePath: databasePath)

@@ -8,18 +8,19 @@ import Darwin
 import Synchronization
 
 /// An exclusive `flock` on a sidecar file beside a SQLite database (`<path><suffix>`), taken without waiting and held
-/// until ``release()`` or until the process ends (the kernel drops it with the descriptor, `kill -9` included).
+/// until ``release()`` or until the process ends (the kernel drops it with the descriptor, `kill -9` included): the
+/// ingest's one `serve` and one retention run per SQLite file, the agent's one process per buffer.
 ///
 /// A sidecar rather than the database file itself, whose locks belong to SQLite (closing any descriptor of a file drops
-/// the process's POSIX locks on it). The sidecar is named after the database's resolved path (links followed), so two
-/// spellings of one file, or a link to it, take the same lock; it stays when the lock is let go (removing it would let a
-/// third process lock a new file beside a held one).
+/// the process's POSIX locks on it). The sidecar is named after the database's resolved path (links followed; for a file
+/// not made yet, its directory's), so two spellings of one file, or a link to it, take the same lock; it stays when the
+/// lock is let go (removing it would let a third process lock a new file beside a held one).
 ///
 /// `open` and `flock` are system calls: take and release it on a thread of its own (the store's writer), not on the
 /// Swift concurrency pool.
-final class SQLiteSidecarLock: Sendable {
+public final class SidecarLock: Sendable {
     /// Why the lock could not be taken.
-    enum Failure: Error {
+    public enum Failure: Error {
         /// Another process (or another descriptor of this one) holds it.
         case held(lockPath: String)
         /// The sidecar cannot be opened or locked (permissions, a read-only directory).
@@ -27,17 +28,13 @@ final class SQLiteSidecarLock: Sendable {
     }
 
     /// The sidecar's path.
-    let path: String
+    public let path: String
     /// The locked descriptor; -1 once released.
     private let descriptor: Mutex<Int32>
 
     /// Takes the lock of the SQLite file at `databasePath` named by `suffix`, creating the sidecar when missing.
-    init(databasePath: String, suffix: String) throws(Failure) {
-        var resolved = databasePath
-        if let real = realpath(databasePath, nil) {
-            resolved = String(cString: real)
-            free(real)
-        }
+    public init(databasePath: String, suffix: String) throws(Failure) {
+        let resolved = Self.resolve(databasePath)
         let path = resolved + suffix
         let descriptor = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
         guard descriptor >= 0 else { throw .unusable(lockPath: path, errno: errno) }
@@ -52,8 +49,23 @@ final class SQLiteSidecarLock: Sendable {
         self.descriptor = Mutex(descriptor)
     }
 
+    /// `path` with links followed; for a file that does not exist yet, its directory's path with links followed and its
+    /// own name.
+    static func resolve(_ path: String) -> String {
+        func real(_ path: String) -> String? {
+            guard let resolved = realpath(path, nil) else { return nil }
+            defer { free(resolved) }
+            return String(cString: resolved)
+        }
+        if let file = real(path) { return file }
+        guard let slash = path.lastIndex(of: "/") else { return real(".").map { $0 + "/" + path } ?? path }
+        let directory = slash == path.startIndex ? "/" : String(path[..<slash])
+        guard let resolved = real(directory) else { return path }
+        return (resolved == "/" ? "" : resolved) + "/" + path[path.index(after: slash)...]
+    }
+
     /// Lets the lock go. Safe to call more than once.
-    func release() {
+    public func release() {
         let open = descriptor.withLock { descriptor -> Int32 in
             defer { descriptor = -1 }
             return descriptor
