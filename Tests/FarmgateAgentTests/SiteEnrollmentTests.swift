@@ -284,6 +284,8 @@ struct SiteEnrollmentTests {
         let server = try TestHTTPServer(script: [Self.answer()])
         let dir = try Scratch(prefix: "fg-enroll")
         let config = dir.file("etc/agent.toml")
+        // Made in a directory that exists (a mistyped path's missing directory is refused: see the link test).
+        try FileManager.default.createDirectory(atPath: dir.file("etc"), withIntermediateDirectories: true)
         let plan = try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: server.url, token: Self.token, configPath: config))
         #expect(plan.device == nil)
         let outcome = try SiteEnrollment.apply(plan, answer: try await SiteEnrollment.exchange(plan, logger: logger))
@@ -390,9 +392,19 @@ struct SiteEnrollmentTests {
         #expect(try String(contentsOfFile: target, encoding: .utf8).contains("endpoint = \"\(server.url)\""))
         #expect(dir.names(in: "etc") == ["agent.toml", "device.key"] && dir.names(in: "real") == ["real.toml"], "no temporary file left")
 
-        // A link to a file that does not exist yet: the file is created where the link points.
+        // A link to a file that does not exist yet, in a directory that does not either: refused before the token is used.
         let dangling = dir.file("etc/new.toml")
         try FileManager.default.createSymbolicLink(atPath: dangling, withDestinationPath: dir.file("real/new/agent.toml"))
+        #expect(throws: SiteEnrollment.Failure.self) {
+            _ = try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: server.url, token: Self.token, configPath: dangling, keyFile: dir.file("etc/new.key")))
+        }
+        #expect(!FileManager.default.fileExists(atPath: dir.file("real/new")), "a directory was made")
+        let typo = try #require(
+            (try? SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: server.url, token: Self.token, configPath: dir.file("ect/agent.toml")))) == nil ? "refused" : nil,
+            "a configuration in a directory that does not exist was accepted")
+        #expect(typo == "refused")
+        // With its directory there, the file is created where the link points.
+        try FileManager.default.createDirectory(atPath: dir.file("real/new"), withIntermediateDirectories: true)
         let second = try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: server.url, token: Self.token, configPath: dangling, keyFile: dir.file("etc/new.key")))
         _ = try SiteEnrollment.apply(second, answer: try await SiteEnrollment.exchange(second, logger: logger))
         #expect(lstat(dangling, &info) == 0 && info.st_mode & S_IFMT == S_IFLNK)

@@ -135,6 +135,15 @@ public enum SiteEnrollment {
         // A symbolic link is followed: its target is the file to edit, and the new one is written beside it.
         let configTarget = try writeTarget(of: request.configPath)
         let configExists = FileManager.default.fileExists(atPath: configTarget)
+        // A configuration that does not exist yet is made, in a directory that does: a mistyped -c (or FARMGATE_CONFIG)
+        // must not spend the one-time token on a new file in new directories that the agent never reads.
+        let configDirectory = URL(fileURLWithPath: configTarget).deletingLastPathComponent().path
+        if !configExists, !FileSystem.isDirectory(configDirectory) {
+            throw Failure(
+                description: "neither \(request.configPath) nor its directory \(configDirectory) exists: check -c (or FARMGATE_CONFIG); "
+                    + "enroll edits the agent's configuration, or makes it in an existing directory (install farmgate first: it makes /etc/farmgate/agent.toml)",
+                exitCode: 78)
+        }
         var originalText = ""
         var device: String?
         var configuredKeyFile: String?
