@@ -100,6 +100,26 @@ struct EZOConfigurationTests {
         #expect(noPort.key == "sensor \"a.ph\": port")
     }
 
+    @Test("One device written two ways (a link and its target, /dev/./tty…) is refused, whatever the circuits: the agent keeps one session per port as written")
+    func onePortTwoSpellings() throws {
+        let scratch = try Scratch(prefix: "fg-ezo-ports")
+        let link = scratch.file("serial-by-id")
+        try FileManager.default.createSymbolicLink(atPath: link, withDestinationPath: "/dev/null")
+        for (first, second) in [("/dev/null", link), ("/dev/null", "/dev/./null"), (link, "/dev/null")] {
+            // Two outputs of one EC circuit (fine on one spelling), two pH circuits, two bauds: all refused by the spelling.
+            for (a, b) in [
+                (Self.sensor("a.ec", "ec", port: first), Self.sensor("a.tds", "tds", port: second)),
+                (Self.sensor("a.ph", "ph", port: first), Self.sensor("b.ph", "ph", port: second)),
+                (Self.sensor("a.ec", "ec", port: first), Self.sensor("a.tds", "tds", port: second, "baud = 19200")),
+            ] {
+                let failure = try #require(error(a + b), "\(first) and \(second) passed")
+                #expect(failure.key?.hasSuffix(": port") == true, "\(failure)")
+                #expect(failure.message.contains("names the same device as \(first)"), "\(failure)")
+            }
+        }
+        #expect(error(Self.sensor("a.ec", "ec", port: link) + Self.sensor("a.tds", "tds", port: link)) == nil, "one spelling is fine")
+    }
+
     @Test("examples/site-ezo.toml passes `farmgate config check`")
     func example() async throws {
         let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()

@@ -95,9 +95,19 @@ public final class EZODriver: SensorDriver {
         var claims: [String: (sensor: SensorConfiguration, options: Options)] = [:]
         var outputs: [String: Set<EZOOutput>] = [:]
         var sources: [String: (sensor: SensorConfiguration, source: SensorID, maxAge: Duration?)] = [:]
+        // One device written two ways (a /dev/serial/by-id link and its target, `/dev/./ttyS0`) must be written one way:
+        // the circuit's rules below, and the agent's one session per port, go by the path as written.
+        var spellings: [String: (sensor: SensorConfiguration, port: String)] = [:]
         for sensor in sensors where sensor.driver == "ezo" {
             let options = try Options(sensor)
             let table = sensor.options
+            let device = SerialDevice.identity(of: options.port)
+            if let (first, written) = spellings[device], written != options.port {
+                throw table.error(
+                    "port",
+                    "port \(options.port) names the same device as \(written), which sensor \"\(first.id)\" uses; write the port the same way for every sensor of the circuit (such as \(written))")
+            }
+            if spellings[device] == nil { spellings[device] = (sensor, options.port) }
             if let source = options.temperatureSensor {
                 let maxAge = table.value("temperature_max_age") == nil ? nil : options.temperatureMaxAge
                 if let first = sources[options.port] {
