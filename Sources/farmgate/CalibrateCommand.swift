@@ -72,7 +72,15 @@ struct CalibrateCommand: ParsableCommand {
             throw ValidationError("--tolerance must be a positive number, in the sensor's unit")
         }
         for point in points {
-            do { _ = try CalibrationStep(parsing: point) } catch { throw ValidationError("--point \(point): \(error.description)") }
+            let step: CalibrationStep
+            do { step = try CalibrationStep(parsing: point) } catch { throw ValidationError("--point \(point): \(error.description)") }
+            // Only dry, air and zero take no reference (the circuit kind is the agent's to know; no kind has other such points).
+            if step.reference == nil, !["dry", "air", "zero"].contains(step.point) {
+                throw ValidationError("--point \(point): point \(step.point) needs the reference value of its solution, such as \(step.point)=7.00; only dry, air and zero take none")
+            }
+        }
+        if let window = ConfigTable.parseDuration(window), let timeout = ConfigTable.parseDuration(timeout), window > timeout {
+            throw ValidationError("--window \(self.window) is longer than --timeout \(self.timeout): readings could never stay stable for the window before the timeout; give a window shorter than the timeout")
         }
     }
 

@@ -283,19 +283,36 @@ extension ConfigurationTests {
             ("http://127.0.0.1:99999", "port"), ("http://127.0.0.1:0", "port"), ("http://host:80x", "port"), ("http://exa mple.com", "host"),
             ("http://:8080", "no host"), ("http://[zz]:80", "IPv6"), ("http://[::1", "closing ]"), ("ftp://host", "http:// or https://"),
             ("http://host/?a=1", "query"), ("http://host:+80", "port"), ("http://[fe80::1%25]:80", "IPv6"),
+            ("http://user:s3cret@host", "user name or password"), ("https://u@ingest.example.net", "user name or password"),
         ])
     func badEndpoints(endpoint: String, problem: String) throws {
         let failure = try #require(error(Self.minimal + "\n[upload]\nendpoint = \"\(endpoint)\"\nkey = \"fgd_0123456789abcdef\""))
         #expect(failure.key == "upload.endpoint", "\(failure)")
         #expect(failure.message.contains(problem), "\(failure)")
+        #expect(!failure.message.contains("s3cret"), "a password was echoed: \(failure)")
     }
 
-    @Test("Endpoints with a port, an IPv6 address, a user or an internationalised name are fine")
+    @Test("Endpoints with a port, an IPv6 address or an internationalised name are fine")
     func goodEndpoints() throws {
-        for endpoint in ["http://[::1]:8080", "https://ingest.example.net", "HTTPS://Ingest.Example.NET:443/base", "http://u@host_1:65535",
+        for endpoint in ["http://[::1]:8080", "https://ingest.example.net", "HTTPS://Ingest.Example.NET:443/base", "http://host_1:65535",
             "https://bücher.example", "http://host:/", "http://[fe80::1%25eth0]:8080/"] {
             #expect(throws: Never.self, "\(endpoint)") {
                 try parse(Self.minimal + "\n[upload]\nendpoint = \"\(endpoint)\"\nkey = \"fgd_0123456789abcdef\"")
+            }
+        }
+    }
+
+    @Test("A ca_file that holds no PEM certificate (a key, the configuration itself) is refused where it is named")
+    func caFileWithoutCertificate() async throws {
+        let scratch = try Scratch(prefix: "fg-ca")
+        let certificates = try await TestCertificates.make(in: scratch.path)
+        for (file, fine) in [(certificates.keyFile, false), (certificates.caFile, true)] {
+            let text = Self.minimal + "\n[upload]\nendpoint = \"https://ingest.example.net\"\nkey = \"fgd_0123456789abcdef\"\nca_file = \"\(file)\""
+            if fine {
+                #expect(throws: Never.self) { try parse(text) }
+            } else {
+                let failure = try #require(error(text))
+                #expect(failure.key == "upload.ca_file" && failure.message.contains("holds no PEM certificate"), "\(failure)")
             }
         }
     }

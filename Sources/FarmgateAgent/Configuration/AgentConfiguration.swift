@@ -315,8 +315,15 @@ extension AgentConfiguration {
             throw table.error(table.contains("key") ? "key" : "key_file", "is not a device key (they start with fgd_ and have no spaces)")
         }
         let caFile = try table.string("ca_file").map { resolve($0, against: base) }
-        if let caFile, !FileManager.default.isReadableFile(atPath: caFile) {
-            throw table.error("ca_file", "cannot read \(caFile); give a PEM file of CA certificates, or remove the key to use the system CAs")
+        if let caFile {
+            guard FileManager.default.isReadableFile(atPath: caFile) else {
+                throw table.error("ca_file", "cannot read \(caFile); give a PEM file of CA certificates, or remove the key to use the system CAs")
+            }
+            // A key, the configuration itself or a DER file would fail every upload's TLS handshake: said now instead.
+            if let bytes = try? FileSystem.bytes(caFile, limit: 4 << 20), !String(decoding: bytes, as: UTF8.self).contains("-----BEGIN CERTIFICATE-----") {
+                throw table.error(
+                    "ca_file", "\(caFile) holds no PEM certificate (no -----BEGIN CERTIFICATE----- line); give the CA's certificate in PEM, not a key or a DER file")
+            }
         }
         let defaults = UploadConfiguration(endpoint: endpoint, deviceKey: key)
         let batchMaxReadings = try table.int("batch_max_readings", in: 1...100_000) ?? defaults.batchMaxReadings
@@ -360,8 +367,12 @@ extension AgentConfiguration {
         } else {
             return "must be an http:// or https:// URL \(example) (got \"\(endpoint)\")"
         }
-        var authority = endpoint[afterScheme...].prefix { $0 != "/" && $0 != "?" && $0 != "#" }
-        if let at = authority.lastIndex(of: "@") { authority = authority[authority.index(after: at)...] }
+        let authority = endpoint[afterScheme...].prefix { $0 != "/" && $0 != "?" && $0 != "#" }
+        if authority.contains("@") {
+            // Never echoed: what stands before @ may be a password. It would be printed by `config check`, `status` and
+            // the log, and the ingest authenticates the device by its key alone.
+            return "has a user name or password before @ in its address; remove it (the ingest knows the device by its key, [upload] key_file), such as \"https://ingest.example.net\""
+        }
         var host = authority
         var port: Substring?
         if authority.hasPrefix("[") {
