@@ -233,6 +233,9 @@ struct ServeCommand: AsyncParsableCommand {
         do {
             try await group.run()
         } catch {
+            if let listen = ListenFailure(error, host: configuration.server.host, port: configuration.server.port) {
+                throw failure(listen.description, code: listen.exitCode)
+            }
             throw failure("the service stopped: \(error)", code: error is MigrationFailed ? 74 : 1)
         }
         logger.info("farmgate-ingest stopped")

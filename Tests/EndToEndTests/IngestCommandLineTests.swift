@@ -42,6 +42,26 @@ import Testing
         #expect(await farm.ingest?.stop(SIGTERM) == 0)
     }
 
+    /// A port another process holds is 75 (it may be free later), an address this machine does not have is 78 (fix the
+    /// configuration): each naming the address and the key to change, not the socket layer's text.
+    @Test func listenFailuresNameTheAddress() async throws {
+        let farm = try await Farm(name: "listen")
+        try await farm.startIngest()
+        let text = try String(contentsOfFile: farm.ingestConfig, encoding: .utf8)
+            .replacingOccurrences(of: "path = \"ingest/ingest.sqlite\"", with: "path = \"other.sqlite\"")
+        for (name, config, status, says) in [
+            ("taken", text, Int32(75), "cannot listen on 127.0.0.1:\(farm.port): another process holds the port"),
+            ("foreign", text.replacingOccurrences(of: "host = \"127.0.0.1\"", with: "host = \"192.0.2.1\""), 78, "cannot listen on 192.0.2.1:\(farm.port): this machine has no such address"),
+        ] {
+            let path = try farm.dir.write("\(name).toml", config)
+            #expect(config.contains("other.sqlite") && (name == "taken" || config.contains("192.0.2.1")), "\(config)")
+            let result = try await runCommand(Farm.ingestBinary, ["serve", "--config", path])
+            #expect(result.status == status, "\(name): \(result.stderr)")
+            #expect(result.stderr.contains(says), "\(name): \(result.stderr)")
+        }
+        #expect(await farm.ingest?.stop(SIGTERM) == 0)
+    }
+
     /// An operator sees the farms, devices and read tokens, and withdraws a leaked read token: the running ingest refuses
     /// it within seconds, other tokens keep working, and the command's mistakes exit as documented.
     @Test func readTokensAreListedAndRevoked() async throws {
