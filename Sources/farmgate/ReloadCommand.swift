@@ -83,7 +83,7 @@ struct ReloadCommand: ParsableCommand {
         if let socket {
             candidates = [socket]
         } else if let configuration = try? AgentConfiguration.load(path: options.config) {
-            candidates = [configuration.controlSocket]
+            candidates = StatusCommand.sockets(of: configuration)
         } else {
             candidates = StatusCommand.sockets(namedIn: options.config)
         }

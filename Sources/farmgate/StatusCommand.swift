@@ -74,8 +74,26 @@ struct StatusCommand: ParsableCommand {
         do {
             return try ControlClient.send(ControlRequest(command: "status"), to: configuration.controlSocket, settling: ControlClient.cliSettling)
         } catch {
+            // The agent of this buffer may answer elsewhere: the file names a new socket that a reload refused.
+            if let recorded = ControlServer.recordedSocket(forBuffer: configuration.buffer.path), recorded != configuration.controlSocket,
+                let answer = try? ControlClient.send(ControlRequest(command: "status"), to: recorded, settling: .zero)
+            {
+                StandardStream.error.write(
+                    "farmgate status: the agent of \(configuration.buffer.path) answers on \(recorded), not on \(configuration.controlSocket) as \(options.config) says ([control] socket: a reload that moves it was refused, or the agent has not been reloaded since the edit)\n")
+                return answer
+            }
             throw CleanExit.message("farmgate status: \(error)", code: 1)
         }
+    }
+
+    /// Where the agent of `configuration` may answer: its `[control] socket`, then the socket its running agent recorded
+    /// beside the buffer when that is another (the file names a socket a reload refused, or one not reloaded yet).
+    static func sockets(of configuration: AgentConfiguration) -> [String] {
+        var found = [configuration.controlSocket]
+        if let recorded = ControlServer.recordedSocket(forBuffer: configuration.buffer.path), recorded != configuration.controlSocket {
+            found.append(recorded)
+        }
+        return found
     }
 
     /// The `socket = "…"` of the `[control]` section of the file at `path`, read as text whatever else the file holds

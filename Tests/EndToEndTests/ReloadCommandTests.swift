@@ -50,4 +50,28 @@ struct ReloadCommandTests {
         #expect(gone.status == 1, "\(gone.stdout)\(gone.stderr)")
         #expect(await farm.ingest?.stop(SIGTERM) == 0)
     }
+
+    @Test("After a reload refused for a new control socket, status finds the agent where it still answers, with RELOAD REFUSED")
+    func statusAfterRefusedSocketMove() async throws {
+        let farm = try await Farm()
+        let key = try await farm.createDevice("site-m")
+        let keyFile = try farm.dir.write("site-m.key", key + "\n")
+        try await farm.startIngest()
+        let config = try farm.agentConfig("agent.toml", device: "site-m", keyFile: keyFile, sensors: 3, interval: "200ms")
+        let agent = try farm.startAgent(config: config, log: "agent.log")
+        #expect(try await eventually(timeout: .seconds(20)) { try await farm.agentStatus(config: config) != nil }, "\(agent.log)")
+        // A socket under a regular file: its directory cannot be made, so the reload is refused and the old socket stays.
+        _ = try farm.dir.write("plain-file", "x")
+        let original = try String(contentsOfFile: config, encoding: .utf8)
+        try original.replacingOccurrences(of: "socket = \"site-m/control.sock\"", with: "socket = \"plain-file/control.sock\"")
+            .write(toFile: config, atomically: true, encoding: .utf8)
+        let refused = try await runCommand(Farm.agentBinary, ["reload", "--config", config, "--pid", "\(agent.pid)", "--timeout", "30"])
+        #expect(refused.status == 78, "\(refused.stdout)\(refused.stderr)")
+        let status = try await runCommand(Farm.agentBinary, ["status", "--config", config])
+        #expect(status.status == 0, "\(status.stderr)")
+        #expect(status.stdout.contains("RELOAD REFUSED"), "\(status.stdout)")
+        #expect(status.stderr.contains("answers on \(farm.dir.file("site-m/control.sock"))"), "\(status.stderr)")
+        #expect(await agent.stop(SIGTERM) == 0)
+        #expect(await farm.ingest?.stop(SIGTERM) == 0)
+    }
 }

@@ -76,6 +76,29 @@ struct BatchUploadTests {
         #expect(try await fixture.store.exportPage(device: try await fixture.identity(device: "d1"), afterSequence: nil, limit: 10).isEmpty)
     }
 
+    @Test("the compact receipt goes only to a client whose Accept weighs it above 0 and at least as much as JSON")
+    func acceptWeights() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let compact = IngestProtocol.compactReceiptMediaType
+        try await fixture.app().test(.router) { client in
+            for (index, (accept, wantsCompact)) in [
+                ("\(compact), application/json", true), (compact, true), ("\(compact);q=0", false),
+                ("application/json, \(compact);q=0.1", false), ("\(compact);q=0.8, */*;q=0.5", true), ("*/*", false),
+                ("\(compact);q=0.5, application/*", false),
+            ].enumerated() {
+                var headers = jsonHeaders(fixture.deviceKey)
+                headers[.accept] = accept
+                let sequence = UInt64(index + 1)
+                let response = try await client.execute(
+                    uri: IngestProtocol.batchesPath, method: .post, headers: headers, body: buffer(BatchJSON.encode(try phBatch(sequences: sequence...sequence))))
+                #expect(response.status == .ok)
+                let type = response.headers[.contentType] ?? ""
+                #expect((type == compact) == wantsCompact, "Accept: \(accept) got \(type)")
+            }
+        }
+    }
+
     @Test("each commit hands its new readings, and only those, to the commit observers")
     func commitObserversSeeNewReadingsOnly() async throws {
         let fixture = try await Fixture()

@@ -208,6 +208,8 @@ extension AgentConfiguration {
             OwnFile(path: bufferPath + "-wal", what: "the buffer's -wal file", table: buffer, key: "path"),
             OwnFile(path: bufferPath + "-shm", what: "the buffer's -shm file", table: buffer, key: "path"),
             OwnFile(path: bufferPath + ".seq", what: "the buffer's .seq sidecar", table: buffer, key: "path"),
+            OwnFile(path: bufferPath + ".lock", what: "the buffer's .lock file", table: buffer, key: "path"),
+            OwnFile(path: bufferPath + ".control", what: "the buffer's .control file (where the agent's socket is)", table: buffer, key: "path"),
         ]
         if let upload, let keyFile = try upload.string("key_file") {
             files.append(OwnFile(path: resolve(keyFile, against: URL(fileURLWithPath: root.file).deletingLastPathComponent().path),

@@ -64,6 +64,23 @@ public final class ControlServer: Service {
         self.clientTimeout = clientTimeout
     }
 
+    /// The file beside the buffer that names the socket the running agent answers on.
+    public static func socketPointer(forBuffer bufferPath: String) -> String { bufferPath + ".control" }
+
+    /// Writes `socket` to the pointer file unless it holds it already (a start or reload writes it at most once; not
+    /// synced: it is a hint for `farmgate status`, read again at every start). Failures only lose the hint. Blocking.
+    public static func recordSocket(_ socket: String, at pointer: String) {
+        if (try? FileSystem.text(pointer, limit: 8192)) == socket + "\n" { return }
+        try? DurableFile.replace(pointer, with: Array((socket + "\n").utf8), temporary: pointer + ".tmp", mode: 0o644, durably: false)
+    }
+
+    /// The socket the pointer file beside `bufferPath` names, if any. Blocking.
+    public static func recordedSocket(forBuffer bufferPath: String) -> String? {
+        guard let text = try? FileSystem.text(socketPointer(forBuffer: bufferPath), limit: 8192) else { return nil }
+        let path = text.trimmingWhitespace()
+        return path.hasPrefix("/") ? path : nil
+    }
+
     public func run() async throws {
         let fd = try listen()
         let wake = try WakePipe()

@@ -105,6 +105,8 @@ extension SiteEnrollment {
             (buffer + "-wal", "the buffer's -wal file, which holds its latest committed readings"),
             (buffer + "-shm", "the buffer's -shm file"),
             (buffer + ".seq", "the buffer's .seq sidecar, which keeps sequence numbers from going backwards"),
+            (buffer + ".lock", "the buffer's .lock file, which keeps a second agent off the buffer"),
+            (buffer + ".control", "the buffer's .control file, which names the agent's control socket"),
         ]
         if let metrics = try? document?.table("metrics")?.string("textfile"), !metrics.isEmpty {
             files.append((AgentConfiguration.resolve(metrics, against: base), "the metrics file ([metrics] textfile)"))

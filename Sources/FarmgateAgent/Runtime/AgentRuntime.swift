@@ -223,6 +223,11 @@ public enum AgentRuntime {
         let calibration = CalibrationCommands(
             drivers: Dictionary(sensors.map { ($0.configuration.id, $0.driver) }, uniquingKeysWith: { first, _ in first }),
             flags: sampler.calibrating, recorder: buffer, logger: logger)
+        // Where this agent answers, beside its buffer (whose path a reload cannot change): `farmgate status` finds the agent
+        // there when the file's [control] socket names another one (a reload that moved it was refused).
+        let socketPointer = ControlServer.socketPointer(forBuffer: configuration.buffer.path)
+        let socketPath = configuration.controlSocket
+        try? await runOffPool { ControlServer.recordSocket(socketPath, at: socketPointer) }
         let control = ControlServer(path: configuration.controlSocket, logger: logger) { request in
             if CalibrationCommands.commands.contains(request.command) { return ControlServer.encode(await calibration.answer(request)) }
             let answer: ControlAnswer

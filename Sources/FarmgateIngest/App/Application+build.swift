@@ -149,6 +149,20 @@ func buildRouter(
         try ReadController.checkParameters(request.uri.queryParameters, known: [])
         return jsonResponse(["status": "ok"])
     }
+    // Load balancers that probe with HEAD: the same answer without a body.
+    router.head("/healthz") { request, _ in
+        try ReadController.checkParameters(request.uri.queryParameters, known: [])
+        return Response(status: .ok)
+    }
+    router.head("/readyz") { request, _ in
+        try ReadController.checkParameters(request.uri.queryParameters, known: [])
+        do {
+            try await store.ping()
+            return Response(status: .ok)
+        } catch {
+            return Response(status: .serviceUnavailable, headers: [.retryAfter: "5"])
+        }
+    }
     router.get("/readyz") { request, _ in
         try ReadController.checkParameters(request.uri.queryParameters, known: [])
         do {

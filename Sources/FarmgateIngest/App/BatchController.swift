@@ -58,14 +58,30 @@ struct BatchController: Sendable {
         }
     }
 
-    /// Whether the request's `Accept` lists the compact receipt (``IngestProtocol/compactReceiptMediaType``).
+    /// Whether the request's `Accept` asks for the compact receipt (``IngestProtocol/compactReceiptMediaType``): listed
+    /// with a weight above 0 (`;q=0` is "not acceptable", RFC 9110) and at least that of JSON (`application/json`,
+    /// `application/*` or `*/*`); on a tie, as the agent sends both, the compact one.
     static func acceptsCompactReceipt(_ request: Request) -> Bool {
-        request.headers[values: .accept].contains { value in
-            value.split(separator: ",").contains {
-                $0.split(separator: ";", maxSplits: 1).first?.trimmingSpaces.lowercased()
-                    == IngestProtocol.compactReceiptMediaType
+        var compact = 0.0, json = 0.0
+        for value in request.headers[values: .accept] {
+            for range in value.split(separator: ",") {
+                let parts = range.split(separator: ";")
+                guard let type = parts.first?.trimmingSpaces.lowercased() else { continue }
+                var weight = 1.0
+                for parameter in parts.dropFirst() {
+                    let pair = parameter.split(separator: "=", maxSplits: 1)
+                    if pair.count == 2, pair[0].trimmingSpaces.lowercased() == "q" {
+                        weight = Double(pair[1].trimmingSpaces).map { min(max($0, 0), 1) } ?? 0
+                    }
+                }
+                switch type {
+                case IngestProtocol.compactReceiptMediaType: compact = max(compact, weight)
+                case "application/json", "application/*", "*/*": json = max(json, weight)
+                default: break
+                }
             }
         }
+        return compact > 0 && compact >= json
     }
 
     /// `Retry-After` of a 429 for too many uploads in flight: an upload of the device is answered within seconds.

@@ -32,6 +32,17 @@ struct APIErrorMiddleware<Context: RequestContext>: RouterMiddleware {
         do {
             return try await next(request, context)
         } catch {
+            // A known path asked with a method it does not take: 405 with the ones it does, not "no such resource".
+            if let http = error as? HTTPError, http.status == .notFound, let allowed = RouteMethods.methods(for: request.uri.path),
+                !allowed.contains(request.method)
+            {
+                let names = allowed.map(\.rawValue).joined(separator: ", ")
+                return try APIError(
+                    .methodNotAllowed, code: "method_not_allowed",
+                    message: "\(request.uri.path) takes \(names), not \(request.method.rawValue); see the HTTP API in the README",
+                    headers: [.allow: names]
+                ).response(from: request, context: context)
+            }
             if let apiError = APIError.from(error) {
                 return try apiError.response(from: request, context: context)
             }

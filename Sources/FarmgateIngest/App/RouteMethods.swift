@@ -1,0 +1,28 @@
+import HTTPTypes
+
+/// The methods each path of the API takes, so that a known path asked with another method is answered 405 with `Allow`
+/// (the router alone says 404 "no such resource", which sends the user looking for a wrong path). Kept beside the
+/// routes; `RouteMethodsTests` checks that each method listed reaches a route.
+enum RouteMethods {
+    /// Path patterns (`*` one segment) and their methods.
+    static let table: [(pattern: [Substring], methods: [HTTPRequest.Method])] = [
+        ("/v1/batches", [.post]), ("/v1/device", [.get]), ("/v1/enroll", [.post]),
+        ("/healthz", [.get, .head]), ("/readyz", [.get, .head]), ("/metrics", [.get]),
+        ("/v1/farms/*/latest", [.get]),
+        ("/v1/farms/*/devices/*/sensors/*/readings", [.get]),
+        ("/v1/farms/*/devices/*/sensors/*/calibrations", [.get]),
+        ("/v1/farms/*/alerts", [.get]), ("/v1/farms/*/alerts/*/ack", [.post]),
+        ("/v1/farms/*/alert-rules", [.get, .post]), ("/v1/farms/*/alert-rules/*", [.get, .put, .delete]),
+        ("/v1/farms/*/silences", [.get, .post]), ("/v1/farms/*/silences/*", [.delete]),
+    ].map { (pattern: $0.0.split(separator: "/"), methods: $0.1) }
+
+    /// The methods `path` takes; nil when no route has that path.
+    static func methods(for path: String) -> [HTTPRequest.Method]? {
+        let segments = path.split(separator: "/", omittingEmptySubsequences: false).dropFirst()
+        guard !segments.contains(where: \.isEmpty) else { return nil }
+        for route in table where route.pattern.count == segments.count {
+            if zip(route.pattern, segments).allSatisfy({ $0 == "*" || $0 == $1 }) { return route.methods }
+        }
+        return nil
+    }
+}
