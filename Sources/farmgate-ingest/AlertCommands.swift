@@ -171,6 +171,9 @@ struct RuleCommand: AsyncParsableCommand {
 
         func run() async throws {
             let rules: [AlertRule]
+            guard FileSystem.isFile(file) else {
+                throw failure("the rules file \(file) does not exist or is not a file; give the path of a TOML file of [[rule]] tables", code: 64)
+            }
             do {
                 rules = try AlertRuleFile.load(path: file)
             } catch {
@@ -256,6 +259,9 @@ struct SilenceCommand: AsyncParsableCommand {
             switch (until, duration) {
             case (let text?, nil):
                 guard let time = RFC3339.parse(text) else { throw ValidationError("--until '\(text)' must be an RFC 3339 time such as 2026-01-31T12:00:00Z") }
+                guard time > now else {
+                    throw ValidationError("--until \(text) is already past (it is \(RFC3339.format(now)) now); give a later time, or --for DURATION")
+                }
                 end = time
             case (nil, let text?):
                 guard let length = ConfigTable.parseDuration(text), length > .zero else { throw ValidationError("--for '\(text)' must be a duration such as 30m or 2h") }

@@ -187,6 +187,14 @@ struct AlertEndToEndTests {
         let result = try await runCommand(Farm.ingestBinary, ["alert", "rule", "load", "--farm", "e2e", broken, "--config", farm.ingestConfig])
         #expect(result.status == 78)
         #expect(result.stderr.contains("broken.toml:6: rule \"y\": after: is required"), "\(result.stderr)")
+        // A path that names no file is a bad argument, said as the rules file (not "the configuration file").
+        let missing = try await runCommand(
+            Farm.ingestBinary, ["alert", "rule", "load", "--farm", "e2e", farm.dir.file("nope.toml"), "--config", farm.ingestConfig])
+        #expect(missing.status == 64 && missing.stderr.contains("the rules file") && missing.stderr.contains("nope.toml"), "\(missing.stderr)")
+        // A silence that would end in the past is a bad argument too.
+        let past = try await runCommand(
+            Farm.ingestBinary, ["alert", "silence", "add", "--farm", "e2e", "--match", "rule=x", "--until", "2020-01-01T00:00:00Z", "--config", farm.ingestConfig])
+        #expect(past.status == 64 && past.stderr.contains("is already past"), "\(past.stderr)")
         let list = try await farm.admin(["alert", "rule", "list", "--farm", "e2e", "--json"])
         let rules = try #require(try JSONSerialization.jsonObject(with: Data(list.utf8)) as? [[String: Any]])
         #expect(rules.count == 11)

@@ -189,13 +189,14 @@ struct BufferTests {
             let statistics = try await buffer.statistics()
             #expect(statistics.duplicatesIgnored == 2)
             #expect(statistics.pending == 2)
-            #expect(try await allPending(buffer).first?.value == 6.5, "the first value is kept")
+            #expect(try await allPending(buffer).first { $0.sensor == ph }?.value == 6.5, "the first value is kept")
             try await buffer.close()
         }
         let buffer = try openBuffer(scratch)
         #expect(try await buffer.statistics().duplicatesIgnored == 2)
         // Once acknowledged, the same sensor and timestamp is no longer buffered and is stored again.
-        try await buffer.acknowledge([1])
+        let stored = try #require(try await allPending(buffer).first { $0.sensor == ph })
+        try await buffer.acknowledge([stored.sequence])
         try await buffer.append([Sample(sensor: ph, timestamp: Timestamp(microseconds: 1_000), value: 6.5)])
         #expect(try await buffer.flush() == 3)
         try await buffer.close()

@@ -7,7 +7,7 @@ import Foundation
 public enum AlertRuleFile {
     /// Reads and validates every rule of `path`; fails on the first invalid one, so that a file is loaded whole or not at all.
     public static func load(path: String) throws(ConfigurationError) -> [AlertRule] {
-        try rules(in: ConfigDocument.load(path: path))
+        try rules(in: ConfigDocument.load(path: path, what: "the rules file"))
     }
 
     /// Parses `text` (named `file` in errors).

@@ -65,15 +65,15 @@ public indirect enum ConfigValue: Sendable {
 
 /// A parsed TOML file that remembers the line of every key, so that every error can say where it is.
 public enum ConfigDocument {
-    /// Reads and parses `path`.
-    public static func load(path: String) throws(ConfigurationError) -> ConfigTable {
+    /// Reads and parses `path`; `what` names the file in an error (a rules file is not the configuration).
+    public static func load(path: String, what: String = "the configuration file") throws(ConfigurationError) -> ConfigTable {
         let text: String
         do {
             text = try FileSystem.text(path)
         } catch {
             throw ConfigurationError(
                 file: path, line: nil, key: nil,
-                message: "cannot read the configuration file (\(error.reason)); check the path and its permissions")
+                message: "cannot read \(what) (\(error.reason)); check the path and its permissions")
         }
         return try parse(text, file: path)
     }
