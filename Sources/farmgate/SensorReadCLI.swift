@@ -51,6 +51,12 @@ struct SensorRead: AsyncParsableCommand {
         }
         let sensors = (try? loaded.get())?.sensors ?? []
         let configured = sensors.first { $0.id.rawValue == sensor }
+        if answer.code == .unknownSensor, answer.reading == nil, configured != nil {
+            // The file has it, the running agent does not: an edit not reloaded yet (or one a reload refused).
+            throw CleanExit.message(
+                "farmgate sensor read: \(options.config) has sensor \"\(sensor)\", but the running agent does not: reload it to apply the file (sudo systemctl reload farmgate, or farmgate reload), then read again; `farmgate status` shows a reload the agent refused",
+                code: 1)
+        }
         // An EZO output without temperature_sensor of its own is compensated with the one another output of its circuit names.
         let source: String?? = configured.map { EZODriver.compensationSource(of: $0, among: sensors)?.rawValue }
         try report(answer, temperatureSensor: source)

@@ -88,6 +88,11 @@ struct SensorReadTests {
         #expect(agentAnswer.reading?.value.map { value in ph.served.contains { Double($0.line) == value } } == true)
         let unknownViaAgent = try await runCommand(farmgate, ["sensor", "read", "nope.ph", "--config", config])
         #expect(unknownViaAgent.status == 64, "\(unknownViaAgent.stderr)")
+        // A sensor added to the file but not reloaded: the file has it, the agent does not, and the message says to reload.
+        let text = try String(contentsOfFile: config, encoding: .utf8)
+        try (text + "\n[[sensor]]\nid = \"added.ph\"\ndriver = \"simulated\"\nquantity = \"ph\"\n").write(toFile: config, atomically: true, encoding: .utf8)
+        let notReloaded = try await runCommand(farmgate, ["sensor", "read", "added.ph", "--config", config])
+        #expect(notReloaded.status == 1 && notReloaded.stderr.contains("but the running agent does not: reload it"), "\(notReloaded.stderr)")
         #expect(await agent.stop(SIGTERM) == 0, "\(agent.log)")
     }
 
