@@ -302,6 +302,16 @@ extension ConfigurationTests {
         }
     }
 
+    @Test("A backoff_max shorter than backoff_initial is refused, naming both")
+    func backoffOrder() throws {
+        let upload = "\n[upload]\nendpoint = \"https://ingest.example.net\"\nkey = \"fgd_0123456789abcdef\"\n"
+        let failure = try #require(error(Self.minimal + upload + "backoff_initial = \"10m\"\nbackoff_max = \"1m\""))
+        #expect(failure.key == "upload.backoff_max" && failure.message.contains("shorter than backoff_initial (10m)"), "\(failure)")
+        let initialOnly = try #require(error(Self.minimal + upload + "backoff_initial = \"10m\""), "10m against the default 5m")
+        #expect(initialOnly.key == "upload.backoff_initial", "\(initialOnly)")
+        #expect(throws: Never.self) { try parse(Self.minimal + upload + "backoff_initial = \"5m\"\nbackoff_max = \"5m\"") }
+    }
+
     @Test("A ca_file that holds no PEM certificate (a key, the configuration itself) is refused where it is named")
     func caFileWithoutCertificate() async throws {
         let scratch = try Scratch(prefix: "fg-ca")

@@ -335,6 +335,13 @@ extension AgentConfiguration {
                 "backlog_batch_readings",
                 "must be at least batch_max_readings (\(batchMaxReadings)): backlog batches are the large ones (got \(backlogBatchReadings))")
         }
+        let backoffInitial = try table.duration("backoff_initial", in: .milliseconds(10)...(.seconds(3600))) ?? defaults.backoffInitial
+        let backoffMax = try table.duration("backoff_max", in: .milliseconds(10)...(.seconds(86_400))) ?? defaults.backoffMax
+        if backoffMax < backoffInitial {
+            throw table.error(
+                table.contains("backoff_max") ? "backoff_max" : "backoff_initial",
+                "backoff_max (\(ConfigTable.format(backoffMax))) is shorter than backoff_initial (\(ConfigTable.format(backoffInitial))): the waits grow from the first to the longest; give a backoff_max of at least backoff_initial")
+        }
         return UploadConfiguration(
             endpoint: endpoint, deviceKey: key, caFile: caFile,
             format: try table.choice("format", ["binary": .binary, "json": .json]) ?? defaults.format,
@@ -345,8 +352,8 @@ extension AgentConfiguration {
             connectTimeout: try table.duration("connect_timeout", in: .milliseconds(100)...(.seconds(300))) ?? defaults.connectTimeout,
             requestTimeout: try table.duration("request_timeout", in: .milliseconds(100)...(.seconds(3600))) ?? defaults.requestTimeout,
             stallTimeout: try table.duration("stall_timeout", in: .seconds(1)...(.seconds(3600))) ?? defaults.stallTimeout,
-            backoffInitial: try table.duration("backoff_initial", in: .milliseconds(10)...(.seconds(3600))) ?? defaults.backoffInitial,
-            backoffMax: try table.duration("backoff_max", in: .milliseconds(10)...(.seconds(86_400))) ?? defaults.backoffMax,
+            backoffInitial: backoffInitial,
+            backoffMax: backoffMax,
             retryAfterMax: try table.duration("retry_after_max", in: .seconds(1)...(.seconds(86_400))) ?? defaults.retryAfterMax,
             shutdownFlushTimeout: try table.duration("shutdown_flush_timeout", in: .zero...(.seconds(600)))
                 ?? defaults.shutdownFlushTimeout,
