@@ -125,26 +125,7 @@ struct EnrollTokenCommand: AsyncParsableCommand {
         }
 
         /// The token id of the argument: the id itself, or the `<id>` of a whole `fge_` token.
-        func keyID() throws -> String {
-            let text = token.trimmingCharacters(in: .whitespacesAndNewlines)
-            if text.contains("_") {
-                guard let key = APIKey(parsing: text) else {
-                    // At most the kind and id of a mangled token are echoed, never what may be its secret.
-                    let shown = text.count > 12 ? "\(text.prefix(12))…" : text
-                    throw ValidationError("'\(shown)' is not an enrollment token (fge_<id>_<secret>) or a token id; copy the id from `farmgate-ingest enroll-token list`")
-                }
-                guard key.kind == .enrollment else {
-                    throw ValidationError(
-                        "that is a \(key.kind == .device ? "device key" : "read token") (\(key.kind.rawValue)_\(key.keyID)_…), not an enrollment token; revoke a device with `farmgate-ingest device revoke`")
-                }
-                return key.keyID
-            }
-            guard APIKey.isKeyID(text) else {
-                throw ValidationError(
-                    "'\(text)' is not an enrollment token id: an id is \(APIKey.keyIDLength) characters of a-z and 2-7, as `farmgate-ingest enroll-token list` shows it")
-            }
-            return text
-        }
+        func keyID() throws -> String { try keyIDArgument(token, kind: .enrollment) }
 
         func run() async throws {
             let keyID = try keyID()

@@ -111,27 +111,7 @@ struct ReadTokenRevoke: AsyncParsableCommand {
     func validate() throws { _ = try keyID() }
 
     /// The token id of the argument: the id itself, or the `<id>` of a whole `fgr_` token.
-    func keyID() throws -> String {
-        let text = token.trimmingCharacters(in: .whitespacesAndNewlines)
-        if text.contains("_") {
-            guard let key = APIKey(parsing: text) else {
-                // At most the kind and id of a mangled token are echoed, never what may be its secret.
-                let shown = text.count > 12 ? "\(text.prefix(12))…" : text
-                throw ValidationError("'\(shown)' is not a read token (fgr_<id>_<secret>) or a token id; copy the id from `farmgate-ingest token list`")
-            }
-            guard key.kind == .readToken else {
-                throw ValidationError(
-                    "that is \(key.kind == .device ? "a device key" : "an enrollment token") (\(key.kind.rawValue)_\(key.keyID)_…), not a read token; "
-                        + (key.kind == .device ? "revoke a device with `farmgate-ingest device revoke`" : "revoke it with `farmgate-ingest enroll-token revoke`"))
-            }
-            return key.keyID
-        }
-        guard APIKey.isKeyID(text) else {
-            throw ValidationError(
-                "'\(text.prefix(40))' is not a read token id: an id is \(APIKey.keyIDLength) characters of a-z and 2-7, as `farmgate-ingest token list` shows it")
-        }
-        return text
-    }
+    func keyID() throws -> String { try keyIDArgument(token, kind: .readToken) }
 
     func run() async throws {
         let keyID = try keyID()
@@ -147,4 +127,41 @@ struct ReadTokenRevoke: AsyncParsableCommand {
                 ? "Revoked read token \(keyID): requests with it are refused within seconds."
                 : "Read token \(keyID) was revoked already; nothing changed.")
     }
+}
+
+/// The key id of a command-line argument naming a key of `kind`: the id itself, or the `<id>` of the whole key
+/// (`fgr_<id>_<secret>`). Never echoes what may be a secret: at most a mangled key's first 12 characters, and of another
+/// kind's key its kind and id.
+func keyIDArgument(_ argument: String, kind: APIKey.Kind) throws -> String {
+    func name(_ kind: APIKey.Kind) -> String {
+        switch kind {
+        case .device: "a device key"
+        case .readToken: "a read token"
+        case .enrollment: "an enrollment token"
+        }
+    }
+    func list(_ kind: APIKey.Kind) -> String { kind == .enrollment ? "enroll-token list" : kind == .readToken ? "token list" : "device list" }
+    let text = argument.trimmingCharacters(in: .whitespacesAndNewlines)
+    if text.contains("_") {
+        guard let key = APIKey(parsing: text) else {
+            let shown = text.count > 12 ? "\(text.prefix(12))…" : text
+            throw ValidationError(
+                "'\(shown)' is not \(name(kind)) (\(kind.rawValue)_<id>_<secret>) or a token id; copy the id from `farmgate-ingest \(list(kind))`")
+        }
+        guard key.kind == kind else {
+            let revoke =
+                switch key.kind {
+                case .device: "revoke a device with `farmgate-ingest device revoke`"
+                case .readToken: "revoke it with `farmgate-ingest token revoke`"
+                case .enrollment: "revoke it with `farmgate-ingest enroll-token revoke`"
+                }
+            throw ValidationError("that is \(name(key.kind)) (\(key.kind.rawValue)_\(key.keyID)_…), not \(name(kind)); \(revoke)")
+        }
+        return key.keyID
+    }
+    guard APIKey.isKeyID(text) else {
+        throw ValidationError(
+            "'\(text.prefix(40))' is not \(name(kind)) id: an id is \(APIKey.keyIDLength) characters of a-z and 2-7, as `farmgate-ingest \(list(kind))` shows it")
+    }
+    return text
 }
