@@ -42,6 +42,16 @@ struct ReloadCommand: ParsableCommand {
 
     func run() throws {
         let (path, before) = try currentStatus()
+        // A reload that moves the control socket is answered on the new one, which the agent records beside its buffer.
+        let bufferPath = (try? AgentConfiguration.load(path: options.config))?.buffer.path
+        // The agent on that socket must be the one that runs this file: another agent's socket named by mistake would
+        // reload that agent's own file, and its verdict would be taken for this one's.
+        // (A file the agent was given as a relative path cannot be compared from here: only absolute ones are.)
+        if let running = before.configuration?.file, running.hasPrefix("/"), Self.resolved(running) != Self.resolved(options.config) {
+            throw CleanExit.message(
+                "farmgate reload: the agent on \(path) (process \(before.pid)) runs \(running), not \(options.config); it was not signalled. Check [control] socket in \(options.config), or give the agent's own configuration with -c",
+                code: 1)
+        }
         if let pid, pid != before.pid {
             throw CleanExit.message(
                 "farmgate reload: the agent on \(path) is process \(before.pid), not \(pid): another agent answers on that socket; check [control] socket", code: 1)
@@ -55,8 +65,13 @@ struct ReloadCommand: ParsableCommand {
         let deadline = ContinuousClock.now + .seconds(timeout)
         while ContinuousClock.now < deadline {
             usleep(100_000)
+            // An agent that exited gives no verdict (a stop that came during the reload ends it).
+            if kill(before.pid, 0) != 0, errno == ESRCH {
+                throw CleanExit.message("farmgate reload: the agent (process \(before.pid)) exited before it applied the file; see its log (journalctl -u farmgate)", code: 1)
+            }
             // The socket is down for a moment while the services restart: ask again until the deadline.
-            guard let status = try? Self.status(at: path) else { continue }
+            let moved = bufferPath.flatMap { ControlServer.recordedSocket(forBuffer: $0) }.flatMap { $0 == path ? nil : $0 }
+            guard let status = (try? Self.status(at: path)) ?? moved.flatMap({ try? Self.status(at: $0) }) else { continue }
             if status.pid != before.pid {
                 throw CleanExit.message(
                     "farmgate reload: the agent restarted (process \(before.pid) is gone, \(status.pid) answers); see its log (journalctl -u farmgate)", code: 1)
@@ -96,6 +111,13 @@ struct ReloadCommand: ParsableCommand {
             }
         }
         throw CleanExit.message("farmgate reload: \(failures.joined(separator: "; "))", code: 1)
+    }
+
+    /// `path` absolute with links followed, for comparing two names of one configuration file.
+    static func resolved(_ path: String) -> String {
+        guard let real = realpath(path, nil) else { return AgentConfiguration.resolve(path, against: FileManager.default.currentDirectoryPath) }
+        defer { free(real) }
+        return String(cString: real)
     }
 
     private static func status(at path: String, settling: Duration = .zero) throws -> AgentStatus {

@@ -25,6 +25,17 @@ struct ReloadCommandTests {
         #expect(applied.stdout.contains("the agent applied \(config) (reload 1 since it started)"), "\(applied.stdout)")
         #expect(try await farm.agentStatus(config: config)?.configuration?.reloads == 1)
 
+        // A valid move of the control socket: the verdict comes from the new socket, which the agent records.
+        let moved = original.replacingOccurrences(of: "interval = \"200ms\"", with: "interval = \"300ms\"")
+            .replacingOccurrences(of: "socket = \"site-r/control.sock\"", with: "socket = \"site-r/moved.sock\"")
+        #expect(moved.contains("moved.sock"))
+        try moved.write(toFile: config, atomically: true, encoding: .utf8)
+        let movedReload = try await runCommand(Farm.agentBinary, ["reload", "--config", config, "--pid", "\(agent.pid)", "--timeout", "30"])
+        #expect(movedReload.status == 0 && movedReload.stdout.contains("(reload 2 since it started)"), "\(movedReload.stdout)\(movedReload.stderr)")
+        try original.replacingOccurrences(of: "interval = \"200ms\"", with: "interval = \"300ms\"").write(toFile: config, atomically: true, encoding: .utf8)
+        let back = try await runCommand(Farm.agentBinary, ["reload", "--config", config, "--timeout", "30"])
+        #expect(back.status == 0 && back.stdout.contains("(reload 3 since it started)"), "\(back.stdout)\(back.stderr)")
+
         // A file the agent refuses (a changed device id passes `config check` but not a reload): 78 with its reason.
         try original.replacingOccurrences(of: "id = \"site-r\"", with: "id = \"site-other\"").write(toFile: config, atomically: true, encoding: .utf8)
         let refused = try await runCommand(Farm.agentBinary, ["reload", "--config", config, "--timeout", "30"])
@@ -32,12 +43,17 @@ struct ReloadCommandTests {
         #expect(refused.stderr.contains("the agent refused \(config) and keeps running the configuration it had:"), "\(refused.stderr)")
         #expect(refused.stderr.contains("site-other"), "the agent's reason: \(refused.stderr)")
         let after = try await farm.agentStatus(config: config)
-        #expect(after?.configuration?.reloads == 1 && after?.configuration?.lastReloadError != nil)
+        #expect(after?.configuration?.reloads == 3 && after?.configuration?.lastReloadError != nil)
 
         // The same refused file once more: a new verdict, not the last one taken for it (nor for an applied reload).
         let again = try await runCommand(Farm.agentBinary, ["reload", "--config", config, "--timeout", "30"])
         #expect(again.status == 78, "\(again.stdout)\(again.stderr)")
 
+        // Another file that names this agent's socket: the agent is not signalled, it runs another file.
+        let other = try farm.dir.write("other.toml", original)
+        let wrongFile = try await runCommand(Farm.agentBinary, ["reload", "--config", other, "--timeout", "5"])
+        #expect(wrongFile.status == 1 && wrongFile.stderr.contains("runs \(config), not \(other); it was not signalled"), "\(wrongFile.stderr)")
+        #expect(try await farm.agentStatus(config: config)?.configuration?.reloads == 3, "signalled anyway")
         // systemd's $MAINPID must be the agent that answers on the socket.
         let wrongPid = try await runCommand(Farm.agentBinary, ["reload", "--config", config, "--pid", "\(getpid())"])
         #expect(wrongPid.status == 1 && wrongPid.stderr.contains("is process \(agent.pid), not \(getpid())"), "\(wrongPid.stderr)")

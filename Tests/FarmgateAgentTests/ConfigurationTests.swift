@@ -284,6 +284,7 @@ extension ConfigurationTests {
             ("http://:8080", "no host"), ("http://[zz]:80", "IPv6"), ("http://[::1", "closing ]"), ("ftp://host", "http:// or https://"),
             ("http://host/?a=1", "query"), ("http://host:+80", "port"), ("http://[fe80::1%25]:80", "IPv6"),
             ("http://user:s3cret@host", "user name or password"), ("https://u@ingest.example.net", "user name or password"),
+            ("htps://user:s3cret@host", "http:// or https://"), ("http://user:s3cret@host/#x", "user name or password"), (" http://user:s3cret@host", "http:// or https://"),
         ])
     func badEndpoints(endpoint: String, problem: String) throws {
         let failure = try #require(error(Self.minimal + "\n[upload]\nendpoint = \"\(endpoint)\"\nkey = \"fgd_0123456789abcdef\""))
@@ -316,13 +317,13 @@ extension ConfigurationTests {
     func caFileWithoutCertificate() async throws {
         let scratch = try Scratch(prefix: "fg-ca")
         let certificates = try await TestCertificates.make(in: scratch.path)
-        for (file, fine) in [(certificates.keyFile, false), (certificates.caFile, true)] {
+        for (file, fine) in [(certificates.keyFile, false), ("/dev/null", false), (scratch.path, false), (certificates.caFile, true)] {
             let text = Self.minimal + "\n[upload]\nendpoint = \"https://ingest.example.net\"\nkey = \"fgd_0123456789abcdef\"\nca_file = \"\(file)\""
             if fine {
                 #expect(throws: Never.self) { try parse(text) }
             } else {
                 let failure = try #require(error(text))
-                #expect(failure.key == "upload.ca_file" && failure.message.contains("holds no PEM certificate"), "\(failure)")
+                #expect(failure.key == "upload.ca_file" && (failure.message.contains("holds no PEM certificate") || failure.message.contains("cannot read")), "\(failure)")
             }
         }
     }

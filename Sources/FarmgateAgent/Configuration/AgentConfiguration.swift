@@ -318,11 +318,12 @@ extension AgentConfiguration {
         }
         let caFile = try table.string("ca_file").map { resolve($0, against: base) }
         if let caFile {
-            guard FileManager.default.isReadableFile(atPath: caFile) else {
+            guard FileSystem.isFile(caFile), FileManager.default.isReadableFile(atPath: caFile) else {
                 throw table.error("ca_file", "cannot read \(caFile); give a PEM file of CA certificates, or remove the key to use the system CAs")
             }
             // A key, the configuration itself or a DER file would fail every upload's TLS handshake: said now instead.
-            if let bytes = try? FileSystem.bytes(caFile, limit: 4 << 20), !String(decoding: bytes, as: UTF8.self).contains("-----BEGIN CERTIFICATE-----") {
+            let bytes = try? FileSystem.bytes(caFile, limit: 4 << 20)
+            if !(bytes.map { String(decoding: $0, as: UTF8.self).contains("-----BEGIN CERTIFICATE-----") } ?? false) {
                 throw table.error(
                     "ca_file", "\(caFile) holds no PEM certificate (no -----BEGIN CERTIFICATE----- line); give the CA's certificate in PEM, not a key or a DER file")
             }
@@ -362,10 +363,21 @@ extension AgentConfiguration {
             stateful: try table.bool("stateful") ?? defaults.stateful)
     }
 
+    /// `endpoint` with what stands between `://` (or the start) and an `@` before the first `/` replaced by `…`, so that
+    /// a password in it is never shown.
+    static func redactingUserInfo(_ endpoint: String) -> String {
+        let start: String.Index = endpoint.firstRange(of: "://")?.upperBound ?? endpoint.startIndex
+        let authority = endpoint[start...].prefix { $0 != "/" && $0 != "?" && $0 != "#" }
+        guard let at = authority.lastIndex(of: "@") else { return endpoint }
+        return String(endpoint[endpoint.startIndex..<start]) + "…" + String(endpoint[at...])
+    }
+
     /// Why `endpoint` cannot be the ingest's base URL, or nil when it can: an `http://` or `https://` URL whose host is a
     /// name or an address (no spaces or other characters a host cannot have), whose port, if given, is 1–65535, without a
     /// query or a fragment. libcurl would refuse the others at every upload.
     public static func endpointProblem(_ endpoint: String) -> String? {
+        // Whatever else is wrong, a user name or password before @ is never echoed: the messages show the URL without it.
+        let endpoint = redactingUserInfo(endpoint)
         let example = "such as \"https://ingest.example.net\" or \"http://192.0.2.10:8080\""
         let lowered = endpoint.lowercased()
         let afterScheme: String.Index

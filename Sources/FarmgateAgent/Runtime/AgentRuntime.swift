@@ -323,7 +323,6 @@ public enum AgentRuntime {
 
 extension ReadingBuffer: SampleSink {}
 
-/// The buffer cannot be opened or written by the agent's user: which file, as whom, and the command that fixes it.
 /// Another process holds the buffer's lock: another agent runs on the same `[buffer] path`.
 public struct BufferInUseError: Error, CustomStringConvertible {
     let path: String
@@ -336,6 +335,7 @@ public struct BufferInUseError: Error, CustomStringConvertible {
     }
 }
 
+/// The buffer cannot be opened or written by the agent's user: which file, as whom, and the command that fixes it.
 struct BufferAccessError: Error, CustomStringConvertible {
     let path: String
     let underlying: SQLiteError

@@ -30,7 +30,7 @@ public struct ListenFailure: Error, CustomStringConvertible {
             }
             return
         }
-        if error is SocketAddressError {
+        if error is SocketAddressError || error is SocketAddressError.UnknownHost {
             description = "cannot listen on \(address): the host does not resolve to an address of this machine; set [server] host to an address (such as 127.0.0.1, 0.0.0.0 or ::), written without brackets"
             exitCode = 78
             return
