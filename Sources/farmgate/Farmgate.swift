@@ -73,7 +73,7 @@ struct AgentCommand: AsyncParsableCommand {
         }
         let logger = Logger(label: "farmgate")
         for warning in configuration.warnings {
-            logger.warning("Configuration key has no effect", metadata: ["config.warning": "\(warning.description)"])
+            logger.warning("Configuration warning", metadata: ["config.warning": "\(warning.description)"])
         }
         do {
             try await AgentRuntime.run(configuration: configuration, logger: logger, logLevel: level)

@@ -303,6 +303,16 @@ extension ConfigurationTests {
         }
     }
 
+    @Test("A metrics file in a directory that does not exist is a warning of config check, not an error; in one that exists, none")
+    func metricsDirectoryMissing() throws {
+        let scratch = try Scratch(prefix: "fg-metrics-dir")
+        let missing = try parse(Self.minimal + "\n[metrics]\ntextfile = \"\(scratch.file("nope/farmgate.prom"))\"")
+        #expect(missing.warnings.map(\.key) == ["metrics.textfile"], "\(missing.warnings)")
+        #expect(missing.warnings.first?.message.contains("does not exist: the agent writes no metrics until it does") == true, "\(missing.warnings)")
+        let present = try parse(Self.minimal + "\n[metrics]\ntextfile = \"\(scratch.file("farmgate.prom"))\"")
+        #expect(present.warnings.isEmpty, "\(present.warnings)")
+    }
+
     @Test("A backoff_max shorter than backoff_initial is refused, naming both")
     func backoffOrder() throws {
         let upload = "\n[upload]\nendpoint = \"https://ingest.example.net\"\nkey = \"fgd_0123456789abcdef\"\n"

@@ -178,6 +178,16 @@ extension AgentConfiguration {
         configuration.metrics = try root.table("metrics").map { table throws(ConfigurationError) in try parseMetrics(table, base: base) }
         try checkOwnFiles(configuration, root: root)
         configuration.warnings = ignoredKeyWarnings(sensors, drivers: drivers)
+        // Not an error: node_exporter may be installed later. Until its directory exists the agent writes no metrics.
+        if let metrics = configuration.metrics, let table = try root.table("metrics") {
+            let directory = URL(fileURLWithPath: metrics.path).deletingLastPathComponent().path
+            if !FileSystem.isDirectory(directory) {
+                configuration.warnings.append(
+                    table.error(
+                        "textfile",
+                        "the directory \(directory) does not exist: the agent writes no metrics until it does (install node_exporter's textfile collector there, or give a path in a directory that exists)"))
+            }
+        }
         return configuration
     }
 
