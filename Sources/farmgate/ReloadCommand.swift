@@ -47,7 +47,7 @@ struct ReloadCommand: ParsableCommand {
         // The agent on that socket must be the one that runs this file: another agent's socket named by mistake would
         // reload that agent's own file, and its verdict would be taken for this one's.
         // (A file the agent was given as a relative path cannot be compared from here: only absolute ones are.)
-        if let running = before.configuration?.file, running.hasPrefix("/"), Self.resolved(running) != Self.resolved(options.config) {
+        if let running = before.configuration?.file, running.hasPrefix("/"), FileSystem.resolvedPath(running) != FileSystem.resolvedPath(options.config) {
             throw CleanExit.message(
                 "farmgate reload: the agent on \(path) (process \(before.pid)) runs \(running), not \(options.config); it was not signalled. Check [control] socket in \(options.config), or give the agent's own configuration with -c",
                 code: 1)
@@ -111,13 +111,6 @@ struct ReloadCommand: ParsableCommand {
             }
         }
         throw CleanExit.message("farmgate reload: \(failures.joined(separator: "; "))", code: 1)
-    }
-
-    /// `path` absolute with links followed, for comparing two names of one configuration file.
-    static func resolved(_ path: String) -> String {
-        guard let real = realpath(path, nil) else { return AgentConfiguration.resolve(path, against: FileManager.default.currentDirectoryPath) }
-        defer { free(real) }
-        return String(cString: real)
     }
 
     private static func status(at path: String, settling: Duration = .zero) throws -> AgentStatus {

@@ -385,7 +385,7 @@ extension ConfigurationTests {
             #expect(throws: Never.self, "\(quantity) \(resolution)") { try parse(text) }
         }
         for quantity in Quantity.allCases {
-            #expect(AgentConfiguration.coarseResolutionProblem(quantity.defaultResolution, quantity: quantity) == nil, "\(quantity)")
+            #expect(quantity.coarseResolutionProblem(quantity.defaultResolution) == nil, "\(quantity)")
         }
     }
 

@@ -175,11 +175,12 @@ extension AgentConfiguration {
         var configuration = AgentConfiguration(
             file: root.file, device: device, buffer: buffer, upload: upload, controlSocket: controlSocket, logLevel: logLevel,
             checkClock: checkClock, holdUnsynchronized: holdUnsynchronized, sensors: sensors)
-        configuration.metrics = try root.table("metrics").map { table throws(ConfigurationError) in try parseMetrics(table, base: base) }
+        let metricsTable = try root.table("metrics")
+        configuration.metrics = try metricsTable.map { table throws(ConfigurationError) in try parseMetrics(table, base: base) }
         try checkOwnFiles(configuration, root: root)
         configuration.warnings = ignoredKeyWarnings(sensors, drivers: drivers)
         // Not an error: node_exporter may be installed later. Until its directory exists the agent writes no metrics.
-        if let metrics = configuration.metrics, let table = try root.table("metrics") {
+        if let metrics = configuration.metrics, let table = metricsTable {
             let directory = URL(fileURLWithPath: metrics.path).deletingLastPathComponent().path
             if !FileSystem.isDirectory(directory) {
                 configuration.warnings.append(
@@ -484,7 +485,7 @@ extension AgentConfiguration {
             default: throw table.error("resolution", "must be a decimal step such as \"0.01\" or a fraction such as \"1/16\"")
             }
             do { resolution = try Resolution(parsing: text) } catch { throw table.error("resolution", error.description) }
-            if let problem = coarseResolutionProblem(resolution, quantity: quantity) { throw table.error("resolution", problem) }
+            if let problem = quantity.coarseResolutionProblem(resolution) { throw table.error("resolution", problem) }
         }
         let interval = try table.duration("interval", in: .milliseconds(100)...(.seconds(86_400))) ?? .seconds(10)
         let deadband = try table.double("deadband", in: 0...1_000_000) ?? 0
@@ -508,12 +509,6 @@ extension AgentConfiguration {
             interval: interval, deadband: deadband, heartbeat: heartbeat, expectedRange: expected, options: table)
         try driver.validate(configuration)
         return configuration
-    }
-
-    /// Why `resolution` is too coarse for `quantity` (``Quantity/coarseResolutionProblem(_:)``: the ingest refuses such a
-    /// declaration too); nil when it is fine.
-    static func coarseResolutionProblem(_ resolution: Resolution, quantity: Quantity) -> String? {
-        quantity.coarseResolutionProblem(resolution)
     }
 
     /// Refuses two sensors that claim one port or line with different settings, or one that cannot be shared.

@@ -72,6 +72,21 @@ public enum FileSystem {
         guard isDirectory(path) else { throw Failure(path: path, code: ENOTDIR, reason: "exists and is not a directory") }
     }
 
+    /// `path` with links followed (`realpath`); for a file that does not exist yet, its directory's path with links
+    /// followed and its own name: two names of one file compare equal, whether or not it exists yet.
+    public static func resolvedPath(_ path: String) -> String {
+        func real(_ path: String) -> String? {
+            guard let resolved = realpath(path, nil) else { return nil }
+            defer { free(resolved) }
+            return String(cString: resolved)
+        }
+        if let file = real(path) { return file }
+        guard let slash = path.lastIndex(of: "/") else { return real(".").map { $0 + "/" + path } ?? path }
+        let directory = slash == path.startIndex ? "/" : String(path[..<slash])
+        guard let resolved = real(directory) else { return path }
+        return (resolved == "/" ? "" : resolved) + "/" + path[path.index(after: slash)...]
+    }
+
     /// Whether `path` is a directory (following symbolic links).
     public static func isDirectory(_ path: String) -> Bool {
         var info = stat()

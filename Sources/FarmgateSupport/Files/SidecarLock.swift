@@ -34,7 +34,7 @@ public final class SidecarLock: Sendable {
 
     /// Takes the lock of the SQLite file at `databasePath` named by `suffix`, creating the sidecar when missing.
     public init(databasePath: String, suffix: String) throws(Failure) {
-        let resolved = Self.resolve(databasePath)
+        let resolved = FileSystem.resolvedPath(databasePath)
         let path = resolved + suffix
         let descriptor = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
         guard descriptor >= 0 else { throw .unusable(lockPath: path, errno: errno) }
@@ -47,21 +47,6 @@ public final class SidecarLock: Sendable {
         }
         self.path = path
         self.descriptor = Mutex(descriptor)
-    }
-
-    /// `path` with links followed; for a file that does not exist yet, its directory's path with links followed and its
-    /// own name.
-    static func resolve(_ path: String) -> String {
-        func real(_ path: String) -> String? {
-            guard let resolved = realpath(path, nil) else { return nil }
-            defer { free(resolved) }
-            return String(cString: resolved)
-        }
-        if let file = real(path) { return file }
-        guard let slash = path.lastIndex(of: "/") else { return real(".").map { $0 + "/" + path } ?? path }
-        let directory = slash == path.startIndex ? "/" : String(path[..<slash])
-        guard let resolved = real(directory) else { return path }
-        return (resolved == "/" ? "" : resolved) + "/" + path[path.index(after: slash)...]
     }
 
     /// Lets the lock go. Safe to call more than once.
