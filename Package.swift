@@ -127,6 +127,13 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
 
+        // The command-line rules both programs share (a group without its subcommand, `help` of no command).
+        .target(
+            name: "FarmgateCLI",
+            dependencies: [.product(name: "ArgumentParser", package: "swift-argument-parser")],
+            swiftSettings: swiftSettings
+        ),
+
         // MARK: Executables (argument parsing and wiring only)
         .executableTarget(
             name: "farmgate",
@@ -134,6 +141,7 @@ let package = Package(
                 "FarmgateAgent",
                 "FarmgateWire",
                 "FarmgateSupport",
+                "FarmgateCLI",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
@@ -145,6 +153,7 @@ let package = Package(
             name: "farmgate-ingest",
             dependencies: [
                 "FarmgateIngest",
+                "FarmgateCLI",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: swiftSettings

@@ -1,4 +1,5 @@
 import ArgumentParser
+import FarmgateCLI
 import FarmgateIngest
 import FarmgateSupport
 import FarmgateWire
@@ -7,7 +8,7 @@ import Foundation
 /// `farmgate-ingest alert ...`: rules, alerts, acknowledgements and silences of a farm, on the store directly (no running
 /// service needed; a running `serve` picks changed rules and silences up within its engine's tick, 5 s), and the
 /// receivers and notification outbox (AlertDeliveryCommands.swift).
-struct AlertCommand: AsyncParsableCommand {
+struct AlertCommand: AsyncParsableCommand, SubcommandsOnly {
     static let configuration = CommandConfiguration(
         commandName: "alert", abstract: "Manage alert rules, silences, receivers and the outbox; list and acknowledge alerts.",
         subcommands: [RuleCommand.self, ListAlerts.self, Acknowledge.self, SilenceCommand.self, AlertReceiverCommand.self, AlertOutboxCommand.self])
@@ -42,7 +43,7 @@ func printJSON(_ value: some Encodable) throws {
 
 // MARK: rules
 
-struct RuleCommand: AsyncParsableCommand {
+struct RuleCommand: AsyncParsableCommand, SubcommandsOnly {
     static let configuration = CommandConfiguration(
         commandName: "rule", abstract: "Add, list, show, remove and load alert rules.",
         subcommands: [Add.self, List.self, Show.self, Remove.self, Load.self])
@@ -232,7 +233,7 @@ struct Acknowledge: AsyncParsableCommand {
 
 // MARK: silences
 
-struct SilenceCommand: AsyncParsableCommand {
+struct SilenceCommand: AsyncParsableCommand, SubcommandsOnly {
     static let configuration = CommandConfiguration(
         commandName: "silence", abstract: "Silence notifications of matching alerts until a time.", subcommands: [Add.self, List.self, Remove.self])
 

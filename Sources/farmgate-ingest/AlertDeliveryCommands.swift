@@ -1,4 +1,5 @@
 import ArgumentParser
+import FarmgateCLI
 import FarmgateIngest
 import FarmgateSupport
 import FarmgateWire
@@ -46,7 +47,7 @@ func readSecretFile(_ path: String, option: String) throws -> String {
     return text
 }
 
-struct AlertReceiverCommand: AsyncParsableCommand {
+struct AlertReceiverCommand: AsyncParsableCommand, SubcommandsOnly {
     static let configuration = CommandConfiguration(
         commandName: "receiver", abstract: "Manage where a farm's alert notifications go (webhooks, e-mail).",
         subcommands: [Add.self, Update.self, List.self, Remove.self, Test.self])
@@ -266,7 +267,7 @@ struct AlertReceiverCommand: AsyncParsableCommand {
     }
 }
 
-struct AlertOutboxCommand: AsyncParsableCommand {
+struct AlertOutboxCommand: AsyncParsableCommand, SubcommandsOnly {
     static let configuration = CommandConfiguration(
         commandName: "outbox", abstract: "See and retry notifications waiting for, or given up on, delivery.",
         subcommands: [List.self, Retry.self])

@@ -1,4 +1,5 @@
 import ArgumentParser
+import FarmgateCLI
 import FarmgateIngest
 import FarmgateSupport
 import FarmgateWire
@@ -6,7 +7,7 @@ import Foundation
 
 // MARK: enroll-token
 
-struct EnrollTokenCommand: AsyncParsableCommand {
+struct EnrollTokenCommand: AsyncParsableCommand, SubcommandsOnly {
     static let configuration = CommandConfiguration(
         commandName: "enroll-token", abstract: "One-time tokens a site exchanges for its device key (farmgate enroll).",
         subcommands: [Create.self, List.self, Revoke.self])

@@ -1,4 +1,5 @@
 import ArgumentParser
+import FarmgateCLI
 import FarmgateIngest
 import FarmgateSupport
 import FarmgateWire
@@ -11,7 +12,7 @@ import Synchronization
 import UnixSignals
 
 @main
-struct FarmgateIngestCommand: AsyncParsableCommand {
+struct FarmgateIngestCommand: AsyncParsableCommand, SubcommandsOnly {
     static let configuration = CommandConfiguration(
         commandName: "farmgate-ingest",
         abstract: "The Farmgate ingest: receives reading batches from farm gateways, stores them exactly once, serves them back.",
@@ -26,6 +27,9 @@ struct FarmgateIngestCommand: AsyncParsableCommand {
             AlertCommand.self,
         ]
     )
+
+    /// `help nosuch` is a usage error (64), not the root's help.
+    static func main() async { await CommandLineRules.main(Self.self) }
 }
 
 /// The option every command shares.
@@ -38,6 +42,13 @@ struct ConfigOption: ParsableArguments {
     var config: String?
 
     var path: String { IngestConfiguration.resolvePath(explicit: config) }
+
+    /// `-c ''` names no file: a usage error, not the default path (an empty $FARMGATE_INGEST_CONFIG counts as unset).
+    func validate() throws {
+        if config?.isEmpty == true {
+            throw ValidationError("--config is empty: give the ingest's configuration file, or leave the option out for $\(IngestConfiguration.pathEnvironmentVariable), else \(IngestConfiguration.defaultPath)")
+        }
+    }
 
     /// Loads the configuration or exits with status 78 (EX_CONFIG) and the located error on standard error.
     func load() throws -> IngestConfiguration {
@@ -389,7 +400,7 @@ struct MigrateCommand: AsyncParsableCommand {
 
 // MARK: farm
 
-struct FarmCommand: AsyncParsableCommand {
+struct FarmCommand: AsyncParsableCommand, SubcommandsOnly {
     static let configuration = CommandConfiguration(commandName: "farm", abstract: "Manage farms.", subcommands: [Create.self, FarmList.self])
 
     struct Create: AsyncParsableCommand {
@@ -413,7 +424,7 @@ struct FarmCommand: AsyncParsableCommand {
 
 // MARK: device
 
-struct DeviceCommand: AsyncParsableCommand {
+struct DeviceCommand: AsyncParsableCommand, SubcommandsOnly {
     static let configuration = CommandConfiguration(
         commandName: "device", abstract: "Manage devices (site gateways) and their keys.",
         subcommands: [Create.self, DeviceList.self, Revoke.self, RotateKey.self])
@@ -493,7 +504,7 @@ struct DeviceCommand: AsyncParsableCommand {
 
 extension ReadRole: ExpressibleByArgument {}
 
-struct TokenCommand: AsyncParsableCommand {
+struct TokenCommand: AsyncParsableCommand, SubcommandsOnly {
     static let configuration = CommandConfiguration(
         commandName: "token", abstract: "Manage read tokens.", subcommands: [Create.self, ReadTokenList.self, ReadTokenRevoke.self])
 

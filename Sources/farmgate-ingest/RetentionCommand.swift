@@ -1,4 +1,5 @@
 import ArgumentParser
+import FarmgateCLI
 import FarmgateIngest
 import FarmgateSupport
 import FarmgateWire
@@ -6,7 +7,7 @@ import Logging
 
 // MARK: retention
 
-struct RetentionCommand: AsyncParsableCommand {
+struct RetentionCommand: AsyncParsableCommand, SubcommandsOnly {
     static let configuration = CommandConfiguration(
         commandName: "retention", abstract: "Remove readings and rollups older than [retention] keeps.", subcommands: [Run.self])
 

@@ -1,4 +1,5 @@
 import ArgumentParser
+import FarmgateCLI
 import FarmgateAgent
 import FarmgateWire
 #if canImport(FoundationEssentials)
@@ -15,7 +16,7 @@ import Darwin
 #endif
 
 /// Hidden commands that Farmgate's own tests run as real child processes.
-struct DebugCommand: AsyncParsableCommand {
+struct DebugCommand: AsyncParsableCommand, SubcommandsOnly {
     static let configuration = CommandConfiguration(
         commandName: "debug",
         abstract: "Tools for Farmgate's own tests",

@@ -1,4 +1,5 @@
 import ArgumentParser
+import FarmgateCLI
 import FarmgateAgent
 import FarmgateSupport
 import FarmgateWire
@@ -13,7 +14,7 @@ import Glibc
 import Logging
 
 @main
-struct Farmgate: AsyncParsableCommand {
+struct Farmgate: AsyncParsableCommand, SubcommandsOnly {
     static let configuration = CommandConfiguration(
         commandName: "farmgate",
         abstract: "The Farmgate site gateway: reads water-quality sensors, buffers every reading, forwards them to the ingest.",
@@ -27,6 +28,9 @@ struct Farmgate: AsyncParsableCommand {
             ScanCommand.self, DebugCommand.self, EnrollCommand.self, DoctorCommand.self,
         ]
     )
+
+    /// `help nosuch` is a usage error (64), not the root's help.
+    static func main() async { await CommandLineRules.main(Self.self) }
 }
 
 /// Options every command that reads the agent's configuration shares.
@@ -34,7 +38,14 @@ struct ConfigOption: ParsableArguments {
     @Option(
         name: [.short, .long],
         help: ArgumentHelp("The agent's configuration file.", valueName: "file"))
-    var config: String = ProcessInfo.processInfo.environment["FARMGATE_CONFIG"] ?? AgentConfiguration.defaultPath
+    var config: String = ProcessInfo.processInfo.environment["FARMGATE_CONFIG"].flatMap { $0.isEmpty ? nil : $0 } ?? AgentConfiguration.defaultPath
+
+    /// `-c ''` names no file: a usage error, not "cannot read ''" (an empty $FARMGATE_CONFIG counts as unset).
+    func validate() throws {
+        if config.isEmpty {
+            throw ValidationError("--config is empty: give the agent's configuration file, or leave the option out for \(AgentConfiguration.defaultPath)")
+        }
+    }
 
     /// Loads the configuration or exits non-zero with the located error.
     func load() throws -> AgentConfiguration {
@@ -87,7 +98,7 @@ struct AgentCommand: AsyncParsableCommand {
     }
 }
 
-struct ConfigCommand: ParsableCommand {
+struct ConfigCommand: ParsableCommand, SubcommandsOnly {
     static let configuration = CommandConfiguration(
         commandName: "config",
         abstract: "Check the agent's configuration file.",
@@ -131,7 +142,7 @@ struct ConfigCommand: ParsableCommand {
     }
 }
 
-struct SensorCommand: ParsableCommand {
+struct SensorCommand: ParsableCommand, SubcommandsOnly {
     static let configuration = CommandConfiguration(
         commandName: "sensor",
         abstract: "Sensors and their drivers.",

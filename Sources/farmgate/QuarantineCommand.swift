@@ -1,4 +1,5 @@
 import ArgumentParser
+import FarmgateCLI
 import FarmgateAgent
 import FarmgateSupport
 import FarmgateWire
@@ -49,7 +50,7 @@ struct AgentConnection: ParsableArguments {
     }
 }
 
-struct QuarantineCommand: ParsableCommand {
+struct QuarantineCommand: ParsableCommand, SubcommandsOnly {
     static let configuration = CommandConfiguration(
         commandName: "quarantine",
         abstract: "Review the readings the ingest refused for good: list or export them, send them again, or drop them.",

@@ -1,0 +1,37 @@
+import Foundation
+import Testing
+
+/// What both programs answer to a command line that names no command: a usage error (64) that says what is missing,
+/// never help with exit 0, which a script would take for success.
+@Suite struct CommandLineUsageTests {
+    @Test(arguments: [
+        // (program, arguments, exit status, what standard error must say)
+        ("farmgate-ingest", [String](), Int32(64), "farmgate-ingest needs a subcommand: one of serve, migrate"),
+        ("farmgate-ingest", ["token"], 64, "farmgate-ingest token needs a subcommand: one of create, list, revoke"),
+        ("farmgate-ingest", ["alert", "rule"], 64, "farmgate-ingest alert rule needs a subcommand: one of add, list"),
+        ("farmgate-ingest", ["help", "nosuch"], 64, "'nosuch' is not a command of farmgate-ingest"),
+        ("farmgate-ingest", ["help", "token", "nosuch"], 64, "'nosuch' is not a command of farmgate-ingest token; it has create, list, revoke"),
+        ("farmgate-ingest", ["help", "export", "x"], 64, "farmgate-ingest export has no subcommands"),
+        ("farmgate-ingest", ["token", "list", "-c", ""], 64, "--config is empty"),
+        ("farmgate", [], 64, "farmgate needs a subcommand: one of agent, status"),
+        ("farmgate", ["sensor"], 64, "farmgate sensor needs a subcommand: one of drivers, read"),
+        ("farmgate", ["help", "nosuch"], 64, "'nosuch' is not a command of farmgate"),
+        ("farmgate", ["help", "sensor", "nosuch"], 64, "'nosuch' is not a command of farmgate sensor"),
+        ("farmgate", ["config", "check", "-c", ""], 64, "--config is empty"),
+    ])
+    func missingCommandsAreUsageErrors(program: String, arguments: [String], status: Int32, says: String) async throws {
+        let binary = program == "farmgate" ? Farm.agentBinary : Farm.ingestBinary
+        let result = try await runCommand(binary, arguments)
+        #expect(result.status == status, "\(program) \(arguments): \(result.stderr)")
+        #expect(result.stderr.contains(says), "\(program) \(arguments): \(result.stderr)")
+        #expect(!result.stdout.contains("OVERVIEW"), "\(program) \(arguments) printed help on standard output")
+    }
+
+    /// Help of a real command still works and exits 0.
+    @Test(arguments: [("farmgate-ingest", ["help", "token", "list"], "List read tokens"), ("farmgate", ["help", "sensor", "read"], "Read one sensor once")])
+    func helpOfARealCommand(program: String, arguments: [String], says: String) async throws {
+        let result = try await runCommand(program == "farmgate" ? Farm.agentBinary : Farm.ingestBinary, arguments)
+        #expect(result.status == 0, "\(result.stderr)")
+        #expect(result.stdout.contains(says), "\(result.stdout)")
+    }
+}
