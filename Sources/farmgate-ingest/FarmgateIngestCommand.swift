@@ -46,7 +46,7 @@ struct ConfigOption: ParsableArguments {
     /// `-c ''` names no file: a usage error, not the default path (an empty $FARMGATE_INGEST_CONFIG counts as unset).
     func validate() throws {
         if config?.isEmpty == true {
-            throw ValidationError("--config is empty: give the ingest's configuration file, or leave the option out for $\(IngestConfiguration.pathEnvironmentVariable), else \(IngestConfiguration.defaultPath)")
+            throw ValidationError("the configuration path is empty (-c ''): give the ingest's configuration file, or leave the option out for $\(IngestConfiguration.pathEnvironmentVariable), else \(IngestConfiguration.defaultPath)")
         }
     }
 

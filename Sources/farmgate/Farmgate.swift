@@ -38,12 +38,13 @@ struct ConfigOption: ParsableArguments {
     @Option(
         name: [.short, .long],
         help: ArgumentHelp("The agent's configuration file.", valueName: "file"))
-    var config: String = ProcessInfo.processInfo.environment["FARMGATE_CONFIG"].flatMap { $0.isEmpty ? nil : $0 } ?? AgentConfiguration.defaultPath
+    var config: String = ProcessInfo.processInfo.environment["FARMGATE_CONFIG"] ?? AgentConfiguration.defaultPath
 
-    /// `-c ''` names no file: a usage error, not "cannot read ''" (an empty $FARMGATE_CONFIG counts as unset).
+    /// `-c ''` or `FARMGATE_CONFIG=` names no file: a usage error, not "cannot read ''".
     func validate() throws {
         if config.isEmpty {
-            throw ValidationError("--config is empty: give the agent's configuration file, or leave the option out for \(AgentConfiguration.defaultPath)")
+            throw ValidationError(
+                "the configuration path is empty (-c '' or FARMGATE_CONFIG set to nothing): give the agent's configuration file, or leave both out for \(AgentConfiguration.defaultPath)")
         }
     }
 

@@ -12,12 +12,12 @@ import Testing
         ("farmgate-ingest", ["help", "nosuch"], 64, "'nosuch' is not a command of farmgate-ingest"),
         ("farmgate-ingest", ["help", "token", "nosuch"], 64, "'nosuch' is not a command of farmgate-ingest token; it has create, list, revoke"),
         ("farmgate-ingest", ["help", "export", "x"], 64, "farmgate-ingest export has no subcommands"),
-        ("farmgate-ingest", ["token", "list", "-c", ""], 64, "--config is empty"),
+        ("farmgate-ingest", ["token", "list", "-c", ""], 64, "the configuration path is empty"),
         ("farmgate", [], 64, "farmgate needs a subcommand: one of agent, status"),
         ("farmgate", ["sensor"], 64, "farmgate sensor needs a subcommand: one of drivers, read"),
         ("farmgate", ["help", "nosuch"], 64, "'nosuch' is not a command of farmgate"),
         ("farmgate", ["help", "sensor", "nosuch"], 64, "'nosuch' is not a command of farmgate sensor"),
-        ("farmgate", ["config", "check", "-c", ""], 64, "--config is empty"),
+        ("farmgate", ["config", "check", "-c", ""], 64, "the configuration path is empty"),
     ])
     func missingCommandsAreUsageErrors(program: String, arguments: [String], status: Int32, says: String) async throws {
         let binary = program == "farmgate" ? Farm.agentBinary : Farm.ingestBinary

@@ -340,6 +340,37 @@ struct SiteEnrollmentTests {
         #expect(plan.keyFile == dir.file("data/device.key"))
     }
 
+    // Before the fix (a tester, 2026-12-05) two configurations in one directory both used device.key beside them, and
+    // enrolling the second replaced the first device's key: that agent's uploads were refused from then on.
+    @Test func aKeyFileAnotherDevicesConfigurationReadsIsRefusedBeforeTheTokenIsUsed() throws {
+        let dir = try Scratch(prefix: "fg-enroll")
+        let first = try dir.write("agent-a.toml", Self.config.replacingOccurrences(of: "site-9", with: "site-a"))
+        _ = first
+        let key = try dir.write("device.key", Self.key)
+        let second = try dir.write("agent-b.toml", Self.config)
+        for (keyFile, code) in [(String?.none, Int32(78)), (key, 64), (dir.file("./device.key"), 64)] {
+            let failure = #expect(throws: SiteEnrollment.Failure.self) {
+                try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: "https://i.example", token: Self.token, configPath: second, keyFile: keyFile))
+            }
+            #expect(failure?.description.contains("is the key of device \"site-a\" (\(first) reads it)") == true, "\(failure?.description ?? "")")
+            #expect(failure?.description.contains("the token is unused") == true && failure?.exitCode == code, "\(failure?.description ?? "")")
+        }
+        // A configuration without a device id yet cannot take another device's key either.
+        let unnamed = try dir.write("agent-c.toml", "[[sensor]]\nid = \"t\"\ndriver = \"simulated\"\nquantity = \"ph\"\n")
+        #expect(throws: SiteEnrollment.Failure.self) {
+            try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: "https://i.example", token: Self.token, configPath: unnamed))
+        }
+        // Its own key file is fine, and so is the shared one once the other configuration names a key of its own.
+        #expect(try SiteEnrollment.prepare(
+            SiteEnrollment.Request(endpoint: "https://i.example", token: Self.token, configPath: second, keyFile: dir.file("site-9.key"))).keyFile == dir.file("site-9.key"))
+        _ = try dir.write("agent-a.toml", Self.config.replacingOccurrences(of: "site-9", with: "site-a") + "\n[upload]\nendpoint = \"https://i.example\"\nkey_file = \"a.key\"\n")
+        #expect(try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: "https://i.example", token: Self.token, configPath: second)).keyFile == key)
+        // The same device's configuration under two names shares its key.
+        _ = try dir.write("agent-a.toml", Self.config)
+        #expect(try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: "https://i.example", token: Self.token, configPath: second)).keyFile == key)
+        #expect(try String(contentsOfFile: key, encoding: .utf8) == Self.key)
+    }
+
     // Before the fix `-c ''` (or FARMGATE_CONFIG set to nothing, or a directory) passed every check, the token was spent,
     // and then the write failed (exit 73); with '' the key landed in the parent of the working directory.
     @Test func aConfigurationPathThatNamesNoFileIsRefusedBeforeTheTokenIsUsed() throws {

@@ -117,6 +117,30 @@ extension SiteEnrollment {
         return files
     }
 
+    /// Another agent configuration beside this one (or beside the key file) whose key is the existing `keyFile` and
+    /// whose device is not `device` (nil: this configuration names none yet, so any other device's): writing this
+    /// device's key over it would make that agent's uploads refused for good. Files that do not parse are passed over.
+    static func otherDeviceKeyedAt(_ keyFile: String, configPath: String, device: String?) -> (config: String, device: String)? {
+        guard FileSystem.isFile(keyFile) else { return nil }  // nothing to replace
+        let directories = Set([configPath, keyFile].map { URL(fileURLWithPath: canonicalPath($0)).deletingLastPathComponent().path })
+        for directory in directories.sorted() {
+            guard let names = try? FileManager.default.contentsOfDirectory(atPath: directory) else { continue }
+            for name in names.sorted() where name.hasSuffix(".toml") {
+                let other = directory + "/" + name
+                var info = stat()  // a regular file only: reading a FIFO would wait for a writer
+                guard stat(other, &info) == 0, info.st_mode & S_IFMT == S_IFREG, !sameFile(other, configPath),
+                    let document = try? ConfigDocument.load(path: other),
+                    let otherDevice = (try? document.table("device")?.string("id")) ?? nil, otherDevice != device
+                else { continue }
+                let base = URL(fileURLWithPath: other).deletingLastPathComponent().path
+                let otherKey = ((try? document.table("upload")?.string("key_file")) ?? nil).map { AgentConfiguration.resolve($0, against: base) }
+                    ?? AgentConfiguration.resolve("device.key", against: base)
+                if sameFile(keyFile, otherKey) { return (other, otherDevice) }
+            }
+        }
+        return nil
+    }
+
     /// `path` absolute, with `.`, `..` and repeated slashes resolved, and the symbolic links of its longest existing
     /// prefix resolved (`realpath`): two names of one file compare equal even when the file does not exist yet.
     static func canonicalPath(_ path: String) -> String {

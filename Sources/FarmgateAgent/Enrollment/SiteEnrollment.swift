@@ -190,6 +190,16 @@ public enum SiteEnrollment {
             agentFiles: agentFiles(configPath: request.configPath, document: parsed, base: base)
                 + (caForExchange.map { [($0, "the CA file the ingest's certificate is checked against")] } ?? []),
             given: request.keyFile != nil)
+        if let other = otherDeviceKeyedAt(keyFile, configPath: request.configPath, device: device) {
+            let given = request.keyFile != nil
+            throw Failure(
+                description: "\(keyFile) is the key of device \"\(other.device)\" (\(other.config) reads it); writing "
+                    + "\(device.map { "\"\($0)\"'s" } ?? "this device's") key over it would stop that agent's uploads: "
+                    + (given ? "give --key-file" : "pass --key-file with")
+                    + " a file of its own, such as \(URL(fileURLWithPath: keyFile).deletingLastPathComponent().path)/\(device ?? "this-device").key. "
+                    + "Nothing was sent: the token is unused",
+                exitCode: given ? 64 : 78)
+        }
         if configExists { try checkConfigOwner(configTarget, as: .current) }
         let plan = Plan(
             request: request, endpoint: String(endpoint), keyFile: keyFile, originalText: originalText, configExists: configExists,
