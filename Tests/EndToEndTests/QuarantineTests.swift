@@ -88,7 +88,7 @@ struct QuarantineTests {
     @Test("An export of 100,000 quarantined readings streams through the real CLI in pages, every row once, in order")
     func largeExport() async throws {
         let farm = try await Farm()
-        let keyFile = try farm.dir.write("site-x.key", "fgd_unused\n")
+        let keyFile = try farm.dir.write("site-x.key", "fgd_testkey2_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\n")
         let config = try farm.agentConfig("agent.toml", device: "site-x", keyFile: keyFile, sensors: 3, interval: "1h")
         // 100,000 readings quarantined in the stopped agent's buffer (no ingest runs: nothing is uploaded or refused).
         let count = 100_000

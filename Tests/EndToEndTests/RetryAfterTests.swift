@@ -29,7 +29,7 @@ struct RetryAfterTests {
             }
         }
         defer { server.stop() }
-        let keyFile = try farm.dir.write("k.key", "fgd_testkey_0123456789abcdef\n")
+        let keyFile = try farm.dir.write("k.key", "fgd_testkey2_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\n")
         // backoff_initial is 100 ms: an agent that ignored Retry-After would come back ten times sooner.
         let config = try farm.agentConfig("agent.toml", device: "site-9", keyFile: keyFile, sensors: 3, interval: "100ms", endpoint: server.url)
         let agent = try farm.startAgent(config: config, log: "agent.log")
@@ -37,7 +37,7 @@ struct RetryAfterTests {
         let sent = await eventually(timeout: .seconds(20)) { server.requests.filter { $0.method == "POST" }.count >= 4 }
         #expect(sent, "the agent stopped sending: \(agent.log)")
         let requests = server.requests.filter { $0.method == "POST" }
-        #expect(requests.allSatisfy { $0.path == IngestProtocol.batchesPath && $0.headers["authorization"] == "Bearer fgd_testkey_0123456789abcdef" })
+        #expect(requests.allSatisfy { $0.path == IngestProtocol.batchesPath && $0.headers["authorization"] == "Bearer fgd_testkey2_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef" })
         let afterTooMany = requests[0].receivedAt.duration(to: requests[1].receivedAt)
         let afterUnavailable = requests[1].receivedAt.duration(to: requests[2].receivedAt)
         #expect(afterTooMany >= .milliseconds(1_950), "second request came \(afterTooMany) after the 429")

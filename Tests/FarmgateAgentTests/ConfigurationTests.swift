@@ -166,15 +166,15 @@ struct ConfigurationTests {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("fg-config-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: dir) }
-        try "fgd_abc_def\n".write(to: dir.appendingPathComponent("device.key"), atomically: true, encoding: .utf8)
+        try "fgd_testkey2_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\n".write(to: dir.appendingPathComponent("device.key"), atomically: true, encoding: .utf8)
         let path = dir.appendingPathComponent("agent.toml").path
         let good = Self.minimal + "\n[upload]\nendpoint = \"https://ingest.example.net\"\nkey_file = \"device.key\"\nbatch_max_age = \"2s\""
         let configuration = try AgentConfiguration.parse(ConfigDocument.parse(good, file: path))
-        #expect(configuration.upload?.deviceKey == "fgd_abc_def")
+        #expect(configuration.upload?.deviceKey == "fgd_testkey2_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")
         #expect(configuration.upload?.batchMaxAge == .seconds(2))
         #expect(configuration.upload?.batchMaxReadings == 1000)
         #expect(configuration.upload?.backlogBatchMaxReadings == UploadConfiguration.defaultBacklogBatchMaxReadings)
-        let upload = Self.minimal + "\n[upload]\nendpoint = \"https://ingest.example.net\"\nkey = \"fgd_abc_def\"\n"
+        let upload = Self.minimal + "\n[upload]\nendpoint = \"https://ingest.example.net\"\nkey = \"fgd_testkey2_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\"\n"
         // Backlog batches: their own size, the default raised to a larger live batch, never below it.
         let sized = try AgentConfiguration.parse(ConfigDocument.parse(upload + "backlog_batch_readings = 20000", file: path))
         #expect(sized.upload?.backlogBatchMaxReadings == 20000)
@@ -186,12 +186,27 @@ struct ConfigurationTests {
         let huge = try #require(error(upload + "backlog_batch_readings = 1000000"))
         #expect(huge.key == "upload.backlog_batch_readings")
 
-        let ftp = try #require(error(Self.minimal + "\n[upload]\nendpoint = \"ftp://x\"\nkey = \"fgd_abc_def\""))
+        let ftp = try #require(error(Self.minimal + "\n[upload]\nendpoint = \"ftp://x\"\nkey = \"fgd_testkey2_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\""))
         #expect(ftp.key == "upload.endpoint")
         let both = try #require(error(Self.minimal + "\n[upload]\nendpoint = \"http://x\"\nkey = \"fgd_a_b\"\nkey_file = \"k\""))
         #expect(both.message.contains("either key or key_file"))
         let notAKey = try #require(error(Self.minimal + "\n[upload]\nendpoint = \"http://x\"\nkey = \"hunter2\""))
         #expect(notAKey.message.contains("not a device key"))
+        // A key cut short in copying, or another kind of credential, is refused now, not by a 401 on every upload; the
+        // message gives the form and never the key.
+        let whole = "fgd_testkey2_" + String(repeating: "0123456789abcdef", count: 4)
+        for (text, says) in [
+            (String(whole.dropLast()), "is not a whole device key"), (whole + "0", "is not a whole device key"),
+            (whole.uppercased().replacingOccurrences(of: "FGD_", with: "fgd_"), "is not a whole device key"),
+            ("fgd_short", "this one has 9"), ("fgr_" + whole.dropFirst(4), "is a fgr_ credential, not a device key"),
+        ] {
+            let refused = try #require(error(Self.minimal + "\n[upload]\nendpoint = \"https://x\"\nkey = \"\(text)\""), "\(text)")
+            #expect(refused.key == "upload.key" && refused.message.contains(says), "\(text): \(refused.message)")
+            #expect(!refused.description.contains(String(text.dropFirst(4))), "the key was shown: \(refused.description)")
+        }
+        try "fgd_cut\n".write(to: dir.appendingPathComponent("cut.key"), atomically: true, encoding: .utf8)
+        let cut = try #require(error(Self.minimal + "\n[upload]\nendpoint = \"https://x\"\nkey_file = \"\(dir.appendingPathComponent("cut.key").path)\""))
+        #expect(cut.key == "upload.key_file" && cut.message.contains("cut.key is not a whole device key"), "\(cut.message)")
     }
 }
 
@@ -236,7 +251,7 @@ extension ConfigurationTests {
     @Test("The metrics file, the key file and the buffer cannot be one file: the agent would overwrite readings or the key")
     func ownFilesApart() throws {
         let scratch = try Scratch(prefix: "fg-own-files")
-        let key = "fgd_0123456789abcdef"
+        let key = "fgd_testkey2_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
         func load(_ body: String) -> ConfigurationError? {
             do {
                 _ = try AgentConfiguration.load(path: try scratch.write("agent.toml", Self.minimal + "\n[control]\nsocket = \"c.sock\"\n" + body))
@@ -287,7 +302,7 @@ extension ConfigurationTests {
             ("htps://user:s3cret@host", "http:// or https://"), ("http://user:s3cret@host/#x", "user name or password"), (" http://user:s3cret@host", "http:// or https://"),
         ])
     func badEndpoints(endpoint: String, problem: String) throws {
-        let failure = try #require(error(Self.minimal + "\n[upload]\nendpoint = \"\(endpoint)\"\nkey = \"fgd_0123456789abcdef\""))
+        let failure = try #require(error(Self.minimal + "\n[upload]\nendpoint = \"\(endpoint)\"\nkey = \"fgd_testkey2_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\""))
         #expect(failure.key == "upload.endpoint", "\(failure)")
         #expect(failure.message.contains(problem), "\(failure)")
         #expect(!failure.message.contains("s3cret"), "a password was echoed: \(failure)")
@@ -298,7 +313,7 @@ extension ConfigurationTests {
         for endpoint in ["http://[::1]:8080", "https://ingest.example.net", "HTTPS://Ingest.Example.NET:443/base", "http://host_1:65535",
             "https://bücher.example", "http://host:/", "http://[fe80::1%25eth0]:8080/"] {
             #expect(throws: Never.self, "\(endpoint)") {
-                try parse(Self.minimal + "\n[upload]\nendpoint = \"\(endpoint)\"\nkey = \"fgd_0123456789abcdef\"")
+                try parse(Self.minimal + "\n[upload]\nendpoint = \"\(endpoint)\"\nkey = \"fgd_testkey2_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\"")
             }
         }
     }
@@ -315,7 +330,7 @@ extension ConfigurationTests {
 
     @Test("A backoff_max shorter than backoff_initial is refused, naming both")
     func backoffOrder() throws {
-        let upload = "\n[upload]\nendpoint = \"https://ingest.example.net\"\nkey = \"fgd_0123456789abcdef\"\n"
+        let upload = "\n[upload]\nendpoint = \"https://ingest.example.net\"\nkey = \"fgd_testkey2_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\"\n"
         let failure = try #require(error(Self.minimal + upload + "backoff_initial = \"10m\"\nbackoff_max = \"1m\""))
         #expect(failure.key == "upload.backoff_max" && failure.message.contains("shorter than backoff_initial (10m)"), "\(failure)")
         let initialOnly = try #require(error(Self.minimal + upload + "backoff_initial = \"10m\""), "10m against the default 5m")
@@ -328,7 +343,7 @@ extension ConfigurationTests {
         let scratch = try Scratch(prefix: "fg-ca")
         let certificates = try await TestCertificates.make(in: scratch.path)
         for (file, fine) in [(certificates.keyFile, false), ("/dev/null", false), (scratch.path, false), (certificates.caFile, true)] {
-            let text = Self.minimal + "\n[upload]\nendpoint = \"https://ingest.example.net\"\nkey = \"fgd_0123456789abcdef\"\nca_file = \"\(file)\""
+            let text = Self.minimal + "\n[upload]\nendpoint = \"https://ingest.example.net\"\nkey = \"fgd_testkey2_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\"\nca_file = \"\(file)\""
             if fine {
                 #expect(throws: Never.self) { try parse(text) }
             } else {
@@ -396,11 +411,11 @@ extension ConfigurationTests {
             ("https://h/ingest?", "without a query: remove \"?\""), ("https://h/#top", "without a fragment: remove \"#top\""),
         ])
     func endpointWithQuery(endpoint: String, phrase: String) throws {
-        let failure = try #require(error(Self.minimal + "\n[upload]\nendpoint = \"\(endpoint)\"\nkey = \"fgd_abc_def\""))
+        let failure = try #require(error(Self.minimal + "\n[upload]\nendpoint = \"\(endpoint)\"\nkey = \"fgd_testkey2_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\""))
         #expect(failure.key == "upload.endpoint" && failure.line == 9, "\(failure)")
         #expect(failure.message.contains(phrase), "\(failure)")
         #expect(throws: Never.self) {
-            try parse(Self.minimal + "\n[upload]\nendpoint = \"https://h/ingest/\"\nkey = \"fgd_abc_def\"")
+            try parse(Self.minimal + "\n[upload]\nendpoint = \"https://h/ingest/\"\nkey = \"fgd_testkey2_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\"")
         }
     }
 }

@@ -234,7 +234,12 @@ struct DriverExamplesTests {
             ("site-ds18b20-gpio.toml", ["tank1.temp", "tank1.level_ok", "floor.leak", "loop.flow", "loop.pulses", "ds18b20", "gpio"]),
         ])
     func example(file: String, expected: [String]) async throws {
-        let path = Self.root.appendingPathComponent("examples/\(file)").path
+        // Its key_file (/etc/farmgate/device.key) does not exist here: a copy beside one that does.
+        let scratch = try Scratch(prefix: "fg-example")
+        let key = try scratch.write("device.key", "fgd_testkey2_" + String(repeating: "0123456789abcdef", count: 4) + "\n")
+        let original = try String(contentsOfFile: Self.root.appendingPathComponent("examples/\(file)").path, encoding: .utf8)
+        #expect(original.contains("\nkey_file = \"/etc/farmgate/device.key\""))
+        let path = try scratch.write(file, original.replacingOccurrences(of: "\"/etc/farmgate/device.key\"", with: "\"\(key)\""))
         let result = try await farmgate(["config", "check", "-c", path])
         #expect(result.status == 0, "\(result.output)")
         #expect(result.output.contains("\(path): OK"))
@@ -255,7 +260,7 @@ struct DriverExamplesTests {
         // Key files the examples name (/etc/farmgate/device.key, the demo's) do not exist here: each copy points at one
         // that does, and nothing else changes (no other path an example names is opened by the check).
         let scratch = try Scratch(prefix: "fg-all-examples")
-        let key = try scratch.write("device.key", "fgd_example_key\n")
+        let key = try scratch.write("device.key", "fgd_testkey2_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\n")
         for file in agentFiles {
             let original = try String(contentsOfFile: directory + "/" + file, encoding: .utf8)
             let text = original.split(separator: "\n", omittingEmptySubsequences: false).map { line in
@@ -352,7 +357,10 @@ struct DriverExamplesTests {
     func brokenExample() async throws {
         let scratch = try Scratch(prefix: "fg-examples")
         let text = try String(contentsOf: Self.root.appendingPathComponent("examples/site-modbus.toml"), encoding: .utf8)
-        let broken = try scratch.write("agent.toml", text.replacingOccurrences(of: "slave = 2\n", with: "slave = 300\n"))
+        let key = try scratch.write("device.key", "fgd_testkey2_" + String(repeating: "0123456789abcdef", count: 4) + "\n")
+        let broken = try scratch.write(
+            "agent.toml",
+            text.replacingOccurrences(of: "slave = 2\n", with: "slave = 300\n").replacingOccurrences(of: "\"/etc/farmgate/device.key\"", with: "\"\(key)\""))
         let result = try await farmgate(["config", "check", "-c", broken])
         #expect(result.status == 78)
         #expect(result.output.contains("\(broken):"))

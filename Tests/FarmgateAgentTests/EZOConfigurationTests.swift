@@ -126,7 +126,7 @@ struct EZOConfigurationTests {
         let text = try String(contentsOf: root.appendingPathComponent("examples/site-ezo.toml"), encoding: .utf8)
         // The example names /etc/farmgate/device.key; point it at a key that exists here, and change nothing else.
         let dir = try Scratch(prefix: "fg-ezo-example")
-        let key = try dir.write("device.key", "fgd_example_key\n")
+        let key = try dir.write("device.key", "fgd_testkey2_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\n")
         #expect(text.contains("\"/etc/farmgate/device.key\""))
         let config = try dir.write("site-ezo.toml", text.replacingOccurrences(of: "/etc/farmgate/device.key", with: key))
         let binary = builtExecutable("farmgate")

@@ -12,7 +12,7 @@ import Testing
 struct SiteEnrollmentTests {
     let logger = Logger(label: "test.enroll")
     static let token = "fge_abcdefgh_" + String(repeating: "a", count: 64)
-    static let key = "fgd_keyid123_" + String(repeating: "b", count: 64)
+    static let key = "fgd_keyidabc_" + String(repeating: "b", count: 64)
     static let config = """
         # the site's own notes
         [device]

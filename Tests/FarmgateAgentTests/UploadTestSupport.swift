@@ -52,7 +52,7 @@ final class FakeIngest: Sendable {
         let deviceCount = Atomic<Int>(0)
     }
 
-    static let key = "fgd_test_key_123"
+    static let key = "fgd_testkey2_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
 
     let server: TestHTTPServer
     private let state: State

@@ -324,8 +324,10 @@ extension AgentConfiguration {
         case (.none, .none):
             throw table.error(nil, "needs key or key_file: the device key printed by `farmgate-ingest device create`")
         }
-        guard key.hasPrefix("fgd_"), key.utf8.count > 8, key.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) else {
-            throw table.error(table.contains("key") ? "key" : "key_file", "is not a device key (they start with fgd_ and have no spaces)")
+        if let problem = KeyFormat.deviceKeyProblem(key) {
+            // The key itself is never shown: only its form.
+            let keyName = table.contains("key") ? "key" : "key_file"
+            throw table.error(keyName, keyName == "key" ? problem : "\(resolve(try table.requiredString("key_file"), against: base)) " + problem)
         }
         let caFile = try table.string("ca_file").map { resolve($0, against: base) }
         if let caFile {

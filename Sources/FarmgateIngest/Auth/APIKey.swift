@@ -1,4 +1,5 @@
 import Crypto
+import FarmgateWire
 
 /// A bearer secret: `fgd_<keyid>_<secret>` for a device key, `fgr_<keyid>_<secret>` for a read token,
 /// `fge_<keyid>_<secret>` for a one-time enrollment token.
@@ -29,15 +30,13 @@ public struct APIKey: Sendable, Hashable {
     public let secret: String
 
     /// The number of characters in a key id.
-    public static let keyIDLength = 8
+    public static let keyIDLength = KeyFormat.keyIDLength
     /// The number of hex digits in a secret.
-    public static let secretLength = 64
-    static let base32Alphabet = Array("abcdefghijklmnopqrstuvwxyz234567".utf8)
+    public static let secretLength = KeyFormat.secretLength
+    static let base32Alphabet = KeyFormat.base32Alphabet
 
     /// Whether `text` has the form of a key id: ``keyIDLength`` characters of a-z and 2-7.
-    public static func isKeyID(_ text: some StringProtocol) -> Bool {
-        text.utf8.count == keyIDLength && text.utf8.allSatisfy { base32Alphabet.contains($0) }
-    }
+    public static func isKeyID(_ text: some StringProtocol) -> Bool { KeyFormat.isKeyID(text) }
 
     /// The whole key, as given to its holder.
     public var text: String { "\(kind.rawValue)_\(keyID)_\(secret)" }
@@ -80,16 +79,8 @@ public struct APIKey: Sendable, Hashable {
 
     /// Parses a key written as `fgd_<keyid>_<secret>` or `fgr_<keyid>_<secret>`, or returns nil when `text` has another form.
     public init?(parsing text: String) {
-        let bytes = Array(text.utf8)
-        let expected = 3 + 1 + APIKey.keyIDLength + 1 + APIKey.secretLength
-        guard bytes.count == expected, bytes[3] == UInt8(ascii: "_"), bytes[4 + APIKey.keyIDLength] == UInt8(ascii: "_") else { return nil }
-        guard let kind = Kind(rawValue: String(decoding: bytes[0..<3], as: UTF8.self)) else { return nil }
-        let keyID = bytes[4..<(4 + APIKey.keyIDLength)]
-        let secret = bytes[(5 + APIKey.keyIDLength)...]
-        guard keyID.allSatisfy({ APIKey.base32Alphabet.contains($0) }) else { return nil }
-        guard secret.allSatisfy({ ($0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9")) || ($0 >= UInt8(ascii: "a") && $0 <= UInt8(ascii: "f")) })
-        else { return nil }
-        self.init(kind: kind, keyID: String(decoding: keyID, as: UTF8.self), secret: String(decoding: secret, as: UTF8.self))
+        guard let parts = KeyFormat.parts(of: text), let kind = Kind(rawValue: parts.kind) else { return nil }
+        self.init(kind: kind, keyID: parts.keyID, secret: parts.secret)
     }
 }
 
