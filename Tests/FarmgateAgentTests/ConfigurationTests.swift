@@ -220,6 +220,22 @@ extension ConfigurationTests {
         }
     }
 
+    // Before the fix (a tester, 2026-12-05) a socket under a file passed `config check`; the agent then exited 1 at
+    // start and systemd restarted it until its start limit.
+    @Test("A control socket or buffer whose directory could never be made (a file in the way) is refused, located")
+    func aFileInTheWayOfTheSocketOrBufferDirectory() throws {
+        let dir = try Scratch(prefix: "fg-in-the-way")
+        let file = try dir.write("plain", "a file")
+        for (section, key) in [("control", "socket"), ("buffer", "path")] {
+            for path in [file + "/x.sock", file + "/deeper/still/x.sock"] {
+                let failure = try #require(error(Self.minimal + "\n[\(section)]\n\(key) = \"\(path)\"\n"), "\(path)")
+                #expect(failure.key == "\(section).\(key)" && failure.message.contains("\(file) is not a directory"), "\(failure)")
+            }
+            // A directory that does not exist yet is made by the agent: fine.
+            #expect(error(Self.minimal + "\n[\(section)]\n\(key) = \"\(dir.file("new/sub/x.sock"))\"\n") == nil)
+        }
+    }
+
     @Test(
         "A control socket on one of the agent's own files is refused, located at [control] socket",
         arguments: [

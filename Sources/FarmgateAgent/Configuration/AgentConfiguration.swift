@@ -103,6 +103,9 @@ extension AgentConfiguration {
                             + "(or remove the key for that default)")
                 }
                 buffer.path = resolve(path, against: base)
+                if let blocker = Self.fileInTheWay(of: buffer.path) {
+                    throw table.error("path", "\(blocker) is not a directory, so the agent cannot make the buffer \(buffer.path) there: give a path in a directory")
+                }
             }
             if let interval = try table.duration("commit_interval", in: .milliseconds(10)...(.seconds(60))) {
                 buffer.commitInterval = interval
@@ -122,6 +125,9 @@ extension AgentConfiguration {
         }
         guard controlSocket.utf8.count < 104 else {
             throw root.error("control", "socket path is longer than a Unix socket allows (103 bytes): \(controlSocket)")
+        }
+        if let blocker = Self.fileInTheWay(of: controlSocket), let table = try root.table("control") {
+            throw table.error("socket", "\(blocker) is not a directory, so the agent cannot make its control socket \(controlSocket) there: give a path in a directory")
         }
 
         var logLevel = Logger.Level.info
@@ -280,6 +286,18 @@ extension AgentConfiguration {
             }
         }
         return warnings
+    }
+
+    /// The nearest existing ancestor of `path` that is not a directory (a file where a directory of the path must be):
+    /// the agent could never make `path`'s directory, which it does at start; nil when nothing is in the way.
+    static func fileInTheWay(of path: String) -> String? {
+        var directory = URL(fileURLWithPath: path).deletingLastPathComponent().path
+        while directory != "/" && !directory.isEmpty {
+            var info = stat()
+            if stat(directory, &info) == 0 { return info.st_mode & S_IFMT == S_IFDIR ? nil : directory }
+            directory = URL(fileURLWithPath: directory).deletingLastPathComponent().path
+        }
+        return nil
     }
 
     /// `[metrics] textfile` (required in the section) and `interval`.
