@@ -87,4 +87,34 @@ struct CalibrationIngestTests {
         #expect(try await fixture.store.highestSequence(device: d1) == nil)
         #expect(try await fixture.store.calibrations(deviceRowID: d1.rowID, sensor: try sensorID("tank1.ph"), limit: 10).isEmpty)
     }
+
+    // Before the fix (a tester, 2026-12-05) an event sent again under a stored id with other content was counted as a
+    // duplicate: the sender deleted it and its content was lost without a word.
+    @Test("an event id already taken by other content, stored or earlier in the batch, is malformed_batch and stores nothing")
+    func anEventIdIsOneCalibrationForGood() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let first = try Self.event("ev-1")
+        var edited = first
+        edited.points[0].reference = 6.86
+        let changed = edited
+        try await fixture.app().test(.router) { client in
+            func post(_ sequences: ClosedRange<UInt64>, _ events: [CalibrationEvent]) async throws -> TestResponse {
+                try await client.execute(
+                    uri: IngestProtocol.batchesPath, method: .post, headers: binaryHeaders(fixture.deviceKey),
+                    body: buffer(try BatchCodec.encode(try phBatch(sequences: sequences), calibrations: events)))
+            }
+            #expect(try decode(IngestReceipt.self, try await post(1...2, [first])).calibrations == CalibrationReceipt(accepted: 1, duplicates: 0))
+            let stored = try expectError(try await post(3...4, [changed]), .badRequest, IngestErrorCode.malformedBatch)
+            #expect(stored.contains("calibration event 'ev-1'") && stored.contains("already stored"), "\(stored)")
+            let inBatch = try expectError(try await post(3...4, [try Self.event("ev-2"), { var e = try Self.event("ev-2"); e.circuit = "EC"; return e }()]), .badRequest, IngestErrorCode.malformedBatch)
+            #expect(inBatch.contains("'ev-2'") && inBatch.contains("earlier in this batch"), "\(inBatch)")
+            // The same event again, alone or twice in one batch, is a duplicate as before.
+            let again = try decode(IngestReceipt.self, try await post(3...4, [first, first]))
+            #expect(again.accepted == 2 && again.calibrations == CalibrationReceipt(accepted: 0, duplicates: 2))
+        }
+        let d1 = try await fixture.identity(device: "d1")
+        #expect(try await fixture.store.highestSequence(device: d1) == 4)
+        #expect(try await fixture.store.calibrations(deviceRowID: d1.rowID, sensor: try sensorID("tank1.ph"), limit: 10) == [first])
+    }
 }

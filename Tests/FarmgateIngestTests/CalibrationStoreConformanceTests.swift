@@ -50,6 +50,20 @@ import Testing
     }
 
     @Test(arguments: StoreKind.allCases)
+    func findsStoredEventsByIdOfOneDeviceOnly(kind: StoreKind) async throws {
+        try await withFreshStore(kind) { store in
+            let calibrations = try Self.calibrations(store)
+            let d1 = try await StoreConformanceTests.device(in: store)
+            let d2 = try await StoreConformanceTests.device(in: store, name: "d2")
+            let one = try Self.event("ev-1"), two = try Self.event("ev-2", sensor: "tank1.ec")
+            _ = try await calibrations.storeCalibrations([one, two], for: d1, receivedAt: testNow)
+            #expect(try await calibrations.storedCalibrations(ids: ["ev-1", "ev-2", "ev-9", "ev-1"], for: d1) == ["ev-1": one, "ev-2": two])
+            #expect(try await calibrations.storedCalibrations(ids: ["ev-1"], for: d2).isEmpty)
+            #expect(try await calibrations.storedCalibrations(ids: [], for: d1).isEmpty)
+        }
+    }
+
+    @Test(arguments: StoreKind.allCases)
     func readsOneSensorsEventsNewestFirstAsTheyWereSent(kind: StoreKind) async throws {
         try await withFreshStore(kind) { store in
             let calibrations = try Self.calibrations(store)

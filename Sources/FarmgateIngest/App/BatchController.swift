@@ -193,6 +193,20 @@ struct BatchController: Sendable {
                 message: "\(problem); this batch will never be accepted with the event: send its readings without it")
         }
 
+        // An event id names one calibration for good: the same id with other content (in this batch or stored) is
+        // refused like an invalid event, before anything is stored, not taken for a duplicate and dropped by the sender.
+        if let eventStore, !calibrations.isEmpty {
+            if let problem = Self.conflictingEvent(in: calibrations, stored: [:]) { throw problem }
+            let stored: [String: CalibrationEvent]
+            do {
+                stored = try await eventStore.storedCalibrations(ids: calibrations.map(\.id), for: device)
+            } catch {
+                logger.storeFailure("store failed to read calibration events", error: error, metadata: ["device.id": "\(device.device)"])
+                throw APIError.unavailable()
+            }
+            if let problem = Self.conflictingEvent(in: calibrations, stored: stored) { throw problem }
+        }
+
         // 6. Validate one reading at a time, store the rest durably.
         let (valid, rejected) = validator.validate(batch, now: current)
         let outcome: StoreOutcome
@@ -217,6 +231,22 @@ struct BatchController: Sendable {
             }
         }
         return (receipt, device)
+    }
+
+    /// The refusal of the first event whose id is already taken by another event: earlier in `events`, or in `stored`
+    /// (what the store holds under those ids). The sender quarantines the event and sends its readings without it.
+    static func conflictingEvent(in events: [CalibrationEvent], stored: [String: CalibrationEvent]) -> APIError? {
+        var seen = stored
+        for event in events {
+            if let other = seen[event.id], other != event {
+                let whereFrom = stored[event.id] == nil ? "earlier in this batch" : "already stored"
+                return APIError(
+                    .badRequest, code: IngestErrorCode.malformedBatch,
+                    message: "calibration event '\(event.id)' (sensor \(event.sensor.rawValue)) has other content than the event with that id \(whereFrom) (sensor \(other.sensor.rawValue)); an event id names one calibration for good: give this one a new id, or send its readings without it")
+            }
+            seen[event.id] = event
+        }
+        return nil
     }
 
     /// The answer to a body that is not a batch, by what is wrong with it: the agent retries `incomplete_body`, falls

@@ -10,6 +10,10 @@ public protocol CalibrationStore: Sendable {
 
     /// The calibrations of one sensor of a device, newest first.
     func calibrations(deviceRowID: Int64, sensor: SensorID, limit: Int) async throws -> [CalibrationEvent]
+
+    /// The events of `device` already stored under any of `ids`, by id: an event sent again with the same id and other
+    /// content is refused by the batch controller, not counted as a duplicate of what is stored.
+    func storedCalibrations(ids: [String], for device: DeviceIdentity) async throws -> [String: CalibrationEvent]
 }
 
 extension CalibrationStore {

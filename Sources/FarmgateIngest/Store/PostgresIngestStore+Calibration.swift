@@ -37,6 +37,16 @@ extension PostgresIngestStore: CalibrationStore {
         return CalibrationReceipt(accepted: accepted, duplicates: events.count - accepted)
     }
 
+    public func storedCalibrations(ids: [String], for device: DeviceIdentity) async throws -> [String: CalibrationEvent] {
+        guard !ids.isEmpty else { return [:] }
+        let texts = try await rows(
+            "SELECT event FROM calibrations WHERE device_id = \(device.rowID) AND event_id = ANY(\(Array(Set(ids)))::text[])"
+        ) { try $0.decode(String.self) }
+        let decoder = JSONDecoder()
+        let events = texts.compactMap { try? decoder.decode(CalibrationEvent.self, from: Data($0.utf8)) }
+        return Dictionary(events.map { ($0.id, $0) }, uniquingKeysWith: { first, _ in first })
+    }
+
     public func calibrations(deviceRowID: Int64, sensor: SensorID, limit: Int) async throws -> [CalibrationEvent] {
         let texts = try await rows(
             """

@@ -30,6 +30,22 @@ extension SQLiteIngestStore: CalibrationStore {
         }
     }
 
+    public func storedCalibrations(ids: [String], for device: DeviceIdentity) async throws -> [String: CalibrationEvent] {
+        guard !ids.isEmpty else { return [:] }
+        let texts = try await reader.withValue { db in
+            var texts: [String] = []
+            for id in Set(ids) {
+                try db.withStatement("SELECT event FROM calibrations WHERE device_id = ? AND event_id = ?", [.integer(device.rowID), .text(id)]) { statement in
+                    if try statement.step() { texts.append(statement.text(0)) }
+                }
+            }
+            return texts
+        }
+        let decoder = JSONDecoder()
+        let events = texts.compactMap { try? decoder.decode(CalibrationEvent.self, from: Data($0.utf8)) }
+        return Dictionary(events.map { ($0.id, $0) }, uniquingKeysWith: { first, _ in first })
+    }
+
     public func calibrations(deviceRowID: Int64, sensor: SensorID, limit: Int) async throws -> [CalibrationEvent] {
         let texts = try await reader.withValue { db in
             try db.withStatement(
