@@ -1,3 +1,4 @@
+import FarmgateSupport
 import FarmgateTestSupport
 import FarmgateWire
 import Foundation
@@ -87,6 +88,43 @@ struct IngestBoundsTests {
         // Still serving.
         #expect(await farm.httpStatus("/readyz") == 200)
         await ingest.stop()
+    }
+
+    // Before the fix (a tester, 2026-12-05) nothing answered the expectation: curl waited a second before every body of
+    // 1 MiB or more, and a client that waits for 100 Continue waited until its own timeout.
+    @Test("Expect: 100-continue is answered 100 Continue as the head arrives, then the body's answer; not without a body or on HTTP/1.0")
+    func expectContinue() async throws {
+        let farm = try await Farm(name: "expect")
+        let key = try await farm.createDevice("site-e", farm: "expect")
+        try await farm.startIngest()
+        let body = BatchJSON.encode(
+            Batch(
+                device: try DeviceID("site-e"), sensors: [SensorDescriptor(id: try SensorID("t.ph"), quantity: .ph)],
+                readings: [Reading(sensor: try SensorID("t.ph"), sequence: 1, timestamp: .now(), value: 6.5)]))
+        let port = farm.port
+        let outcome = try await runOffPool(name: "expect-continue") { () throws -> [Int?] in
+            let connection = try RawConnection(port: port)
+            let head = "POST /v1/batches HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \(key)\r\nContent-Type: application/json\r\nContent-Length: \(body.count)\r\n"
+            _ = connection.send(head + "Expect: 100-Continue\r\n\r\n")
+            let interim = connection.readResponse(timeout: .milliseconds(900))?.status
+            _ = connection.send(body)
+            let stored = connection.readResponse(timeout: .seconds(10))?.status
+            // Without the expectation the first answer is the final one; with it on a request without a body, too.
+            _ = connection.send(head + "\r\n")
+            _ = connection.send(body)
+            let plain = connection.readResponse(timeout: .seconds(10))?.status
+            _ = connection.send("GET /healthz HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n")
+            let bodiless = connection.readResponse(timeout: .seconds(10))?.status
+            // HTTP/1.0 knows no 100: the request waits for its body.
+            let old = try RawConnection(port: port)
+            _ = old.send(head.replacingOccurrences(of: "HTTP/1.1", with: "HTTP/1.0") + "Expect: 100-continue\r\n\r\n")
+            let early = old.readResponse(timeout: .milliseconds(500))?.status
+            _ = old.send(body)
+            let oldAnswer = old.readResponse(timeout: .seconds(10))?.status
+            return [interim, stored, plain, bodiless, early, oldAnswer]
+        }
+        #expect(outcome == [100, 200, 200, 200, nil, 200], "interim, stored, plain, bodiless, HTTP/1.0 early, HTTP/1.0 answer")
+        #expect(await farm.ingest?.stop(SIGTERM) == 0)
     }
 
     @Test("device rotate-key: a new key printed once like device create, the old key refused, a revoked device usable again")
