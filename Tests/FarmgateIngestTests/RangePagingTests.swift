@@ -92,6 +92,14 @@ struct RangePagingTests {
                 // Whole instants: the instants of 3 and 4 readings come whole in one page each, over the limit.
                 #expect(pages.map { ($0.readings ?? []).map(\.sequence) } == [[1, 2, 3], [4], [5, 6], [7, 8, 9, 10], [11]])
                 #expect(pages.first?.next_from == "2025-12-31T23:00:00.000001Z")
+                #expect(pages.last?.truncated == false && pages.last?.next_from == nil)
+                // When the span's last instant holds more than a page, its page is the last: not truncated, no empty page
+                // after it (before the fix, a tester 2026-12-05: `truncated: true`, and the next page was empty).
+                let ending = try await Self.pages(client, reader: reader, "resolution=raw&limit=2&to=2025-12-31T23:00:03.5Z", from: "2025-12-31T23:00:00Z")
+                #expect(ending.map { ($0.readings ?? []).map(\.sequence) } == [[1, 2, 3], [4], [5, 6], [7, 8, 9, 10]])
+                #expect(ending.map(\.truncated) == [true, true, true, false] && ending.last?.next_from == nil)
+                let alone = try await Self.pages(client, reader: reader, "resolution=raw&limit=2&to=2025-12-31T23:00:00.5Z", from: "2025-12-31T23:00:00Z")
+                #expect(alone.map { ($0.readings ?? []).map(\.sequence) } == [[1, 2, 3]] && alone.first?.truncated == false)
             }
         }
     }

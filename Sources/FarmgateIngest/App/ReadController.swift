@@ -211,9 +211,8 @@ struct ReadController: Sendable {
                 case .rollup(let level): points = try await store.rollups(sensorRowID: record.rowID, level: level, from: queryFrom, to: queryTo, limit: limit + 1)
                 }
                 if rows.count > limit {
-                    truncated = true
-                    rows = try await wholeInstants(rows, limit: limit, sensorRowID: record.rowID)
-                    nextFrom = rows.last.map { Timestamp(microseconds: $0.timestamp.microseconds + 1) }
+                    (rows, truncated) = try await wholeInstants(rows, limit: limit, sensorRowID: record.rowID, to: queryTo)
+                    nextFrom = truncated ? rows.last.map { Timestamp(microseconds: $0.timestamp.microseconds + 1) } : nil
                 } else if points.count > limit, case .rollup(let level) = resolved {
                     truncated = true
                     points.removeLast(points.count - limit)
@@ -243,14 +242,18 @@ struct ReadController: Sendable {
     /// the last instant when the next reading shares it, so that a client asking again from just after the page's last
     /// timestamp (`next_from`) misses none of an instant's readings (the ingest stores several readings of a sensor at
     /// one instant when their sequences differ). When the first instant alone holds more than `limit`, the page is
-    /// every reading of that instant (up to ``maxInstantReadings``).
-    private func wholeInstants(_ rows: [StoredReading], limit: Int, sensorRowID: Int64) async throws -> [StoredReading] {
+    /// every reading of that instant (up to ``maxInstantReadings``), and `more` says whether the span (up to `to`)
+    /// holds anything after it, so that the last page of a span is never said to be truncated.
+    private func wholeInstants(_ rows: [StoredReading], limit: Int, sensorRowID: Int64, to: Timestamp?) async throws -> (page: [StoredReading], more: Bool) {
         let last = rows[limit - 1].timestamp
-        guard rows[limit].timestamp == last else { return Array(rows.prefix(limit)) }
+        guard rows[limit].timestamp == last else { return (Array(rows.prefix(limit)), true) }
         let whole = rows.prefix(limit).prefix { $0.timestamp != last }
-        if !whole.isEmpty { return Array(whole) }
-        return try await store.readings(
-            sensorRowID: sensorRowID, from: last, to: Timestamp(microseconds: last.microseconds + 1), limit: Self.maxInstantReadings)
+        if !whole.isEmpty { return (Array(whole), true) }
+        let after = Timestamp(microseconds: last.microseconds + 1)
+        let instant = try await store.readings(sensorRowID: sensorRowID, from: last, to: after, limit: Self.maxInstantReadings + 1)
+        if instant.count > Self.maxInstantReadings { return (Array(instant.prefix(Self.maxInstantReadings)), true) }
+        let later = try await store.readings(sensorRowID: sensorRowID, from: after, to: to, limit: 1)
+        return (instant, !later.isEmpty)
     }
 
     private func requireFarm(_ context: IngestRequestContext) throws(APIError) -> FarmRecord {
