@@ -288,4 +288,22 @@ import Testing
         }
         #expect(try await store.enrollmentTokens(farm: "f1", usableAt: testNow).isEmpty)
     }
+
+    // Before the fix (a tester, 2026-12-05) every admin command took the write lock to migrate, so `export` beside a
+    // process holding a long write transaction failed after the busy timeout (exit 74).
+    @Test func aCurrentSQLiteStoreMigratesWithoutTheWriteLock() async throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let path = directory.path + "/ingest.sqlite"
+        let first = try SQLiteIngestStore(path: path, logger: testLogger)
+        #expect(try await first.migrate().count == SQLiteSchema.currentVersion)
+        first.close()
+        let holder = try SQLiteConnection(path: path, mode: .readWrite, busyTimeoutMilliseconds: 100)
+        try holder.execute("BEGIN IMMEDIATE")
+        defer { try? holder.execute("ROLLBACK") }
+        let store = try SQLiteIngestStore(path: path, busyTimeoutMilliseconds: 300, logger: testLogger)
+        defer { store.close() }
+        #expect(try await store.migrate().isEmpty)
+        #expect(try await store.farms().isEmpty)
+    }
 }

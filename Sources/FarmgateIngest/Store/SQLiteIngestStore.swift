@@ -75,7 +75,13 @@ public final class SQLiteIngestStore: IngestStore {
 
     @discardableResult
     public func migrate() async throws -> [AppliedMigration] {
-        let applied = try await writer.withValue { db in
+        let applied = try await writer.withValue { db throws -> [AppliedMigration] in
+            // A store already at this version is not written at all: read-only admin commands (`export`, the lists)
+            // migrate first and must not wait for, then fail on, another process's long write transaction. A read in
+            // WAL mode takes no lock a writer holds.
+            if let current = try? db.connection.queryInt("SELECT max(version) FROM schema_migrations"), Int(current) == SQLiteSchema.currentVersion {
+                return []
+            }
             try db.connection.execute(SQLiteSchema.bookkeeping)
             return try db.connection.transaction { () throws -> [AppliedMigration] in
                 let current = Int(try db.connection.queryInt("SELECT max(version) FROM schema_migrations") ?? 0)
