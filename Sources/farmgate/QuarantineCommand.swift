@@ -11,9 +11,13 @@ import Foundation
 #if canImport(Glibc)
 import Glibc
 #endif
+import Synchronization
 
 /// Where the running agent answers, and how to ask it: the options every command that talks to the agent shares.
 struct AgentConnection: ParsableArguments {
+    /// Whether this process said already that the configuration does not load.
+    private static let warned = Atomic<Bool>(false)
+
     @OptionGroup var options: ConfigOption
 
     @Option(help: ArgumentHelp("The agent's control socket (default: [control] socket of the configuration).", valueName: "path"))
@@ -27,15 +31,41 @@ struct AgentConnection: ParsableArguments {
     func send(
         _ command: String, _ arguments: [String: String] = [:], as name: String, timeoutSeconds: Int = 10, unanswered: String? = nil
     ) throws -> ControlAnswer {
-        let path = try socket ?? options.load().controlSocket
-        let bytes: [UInt8]
-        do {
-            bytes = try ControlClient.send(
-                ControlRequest(command: command, arguments: arguments.isEmpty ? nil : arguments), to: path, timeoutSeconds: timeoutSeconds, settling: ControlClient.cliSettling)
-        } catch let error as ControlSocketError where error.unanswered {
-            throw CleanExit.message("farmgate \(name): \(error)\(unanswered.map { "; \($0)" } ?? "")", code: 1)
-        } catch {
-            throw CleanExit.message("farmgate \(name): \(error)", code: 1)
+        // As `status` finds the agent: a configuration that does not load (an edit a reload refused) must not hide the
+        // running agent, which runs the one it loaded before; then the socket its [control] section names, read
+        // leniently, and the default one are tried. Only a socket nobody answers on passes to the next; a request sent
+        // and not answered is never sent again.
+        let candidates: [String]
+        var problem: String?
+        if let socket {
+            candidates = [socket]
+        } else {
+            do {
+                candidates = StatusCommand.sockets(of: try AgentConfiguration.load(path: options.config))
+            } catch {
+                problem = error.description
+                candidates = StatusCommand.sockets(namedIn: options.config)
+            }
+        }
+        var found: [UInt8]?
+        var firstError: (any Error)?
+        for path in candidates where found == nil {
+            do {
+                found = try ControlClient.send(
+                    ControlRequest(command: command, arguments: arguments.isEmpty ? nil : arguments), to: path, timeoutSeconds: timeoutSeconds,
+                    settling: ControlClient.cliSettling)
+                if let problem, !Self.warned.exchange(true, ordering: .relaxed) {  // once, not on every page of a list
+                    StandardStream.error.write("farmgate \(name): \(options.config) does not load (\(problem)); the agent on \(path) runs the configuration it loaded before\n")
+                }
+            } catch let error as ControlSocketError where error.unanswered {
+                throw CleanExit.message("farmgate \(name): \(error)\(unanswered.map { "; \($0)" } ?? "")", code: 1)
+            } catch {
+                firstError = firstError ?? error
+            }
+        }
+        guard let bytes = found else {
+            if let problem { throw CleanExit.message(problem, code: 78) }  // EX_CONFIG
+            throw CleanExit.message("farmgate \(name): \(firstError.map { "\($0)" } ?? "no control socket to ask")", code: 1)
         }
         let answer: ControlAnswer
         do {

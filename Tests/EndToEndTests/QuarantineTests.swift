@@ -124,6 +124,12 @@ struct QuarantineTests {
         #expect(sequences == Array(1...last), "exported \(sequences.count) of \(last)")
         let limited = try await runCommand(Farm.agentBinary, ["quarantine", "list", "--json", "--limit", "1500", "--config", config])
         #expect(limited.stdout.split(separator: "\n").count == 1_500)
+        // A configuration edit that does not load (a reload refused it) does not hide the running agent: its [control]
+        // socket, read leniently, is asked, and the problem said once, not once per page (before the fix: exit 78).
+        let broken = try farm.dir.write("broken.toml", try String(contentsOfFile: config, encoding: .utf8) + "\n[upload\n")
+        let despite = try await runCommand(Farm.agentBinary, ["quarantine", "list", "--json", "--limit", "1500", "--config", broken])
+        #expect(despite.status == 0 && despite.stdout.split(separator: "\n").count == 1_500, "\(despite.stderr)")
+        #expect(despite.stderr.components(separatedBy: "does not load").count == 2, "\(despite.stderr)")
         print("quarantine export of \(count) rows through farmgate quarantine list --json: \(elapsed)")
 
         // All of them back into the queue, in chunks between the agent's commits, with one answer at the end.
@@ -191,6 +197,11 @@ struct QuarantineTests {
             #expect(result.status == 1, "\(arguments)")
             #expect(result.stderr.contains("Is `farmgate agent` running?") && result.stderr.contains("systemctl start farmgate"), "\(result.stderr)")
         }
+        // A configuration that does not load, and no agent on the sockets it names: the configuration's error, 78.
+        let dir = try Scratch(prefix: "fg-no-agent")
+        let broken = try dir.write("agent.toml", "[control]\nsocket = \"gone.sock\"\n[upload\n")
+        let result = try await runCommand(Farm.agentBinary, ["quarantine", "list", "--config", broken])
+        #expect(result.status == 78 && result.stderr.contains(broken), "\(result.stderr)")
     }
 
     /// Opens the stopped agent's buffer and commits one pH reading of 6.075 stamped two days ahead; returns its sequence.
