@@ -55,9 +55,12 @@ public struct TrustedProxies: Sendable, Hashable {
     public func client(peer: SocketAddress?, forwardedFor: String?) -> ClientAddress {
         let direct = ClientAddress(peer)
         guard trusts(peer), let header = forwardedFor,
-            let last = header.split(separator: ",").last?.trimmingSpaces, !last.isEmpty
+            var last = header.split(separator: ",").last?.trimmingSpaces, !last.isEmpty
         else { return direct }
-        if let value = ClientAddress.ipv4(last) { return .v4(value) }
+        // A quoted address ("192.0.2.7", as RFC 7239's Forwarded writes one), and an IPv4 address with a port
+        // (192.0.2.7:51234, written by some proxies) name their client too.
+        if last.count >= 2, last.hasPrefix("\""), last.hasSuffix("\"") { last = String(last.dropFirst().dropLast()) }
+        if let value = ClientAddress.ipv4(last) ?? ClientAddress.ipv4(Self.withoutPort(last)) { return .v4(value) }
         // "[2001:db8::1]:port" and a plain IPv6 address alike.
         let bare = last.hasPrefix("[") ? String(last.dropFirst().prefix { $0 != "]" }) : last
         if let groups = ClientAddress.ipv6(bare) {
@@ -65,6 +68,13 @@ public struct TrustedProxies: Sendable, Hashable {
             return .v6Prefix(groups.prefix(4).reduce(0) { $0 << 16 | UInt64($1) })
         }
         return direct
+    }
+
+    /// `a.b.c.d:port` without `:port` (only for text with exactly one colon: an IPv6 address has more).
+    static func withoutPort(_ text: String) -> Substring {
+        let parts = text.split(separator: ":", omittingEmptySubsequences: false)
+        guard parts.count == 2, UInt16(parts[1]) != nil else { return Substring(text) }
+        return parts[0]
     }
 }
 
