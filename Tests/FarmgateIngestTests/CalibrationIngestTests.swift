@@ -109,12 +109,25 @@ struct CalibrationIngestTests {
             #expect(stored.contains("calibration event 'ev-1'") && stored.contains("already stored"), "\(stored)")
             let inBatch = try expectError(try await post(3...4, [try Self.event("ev-2"), { var e = try Self.event("ev-2"); e.circuit = "EC"; return e }()]), .badRequest, IngestErrorCode.malformedBatch)
             #expect(inBatch.contains("'ev-2'") && inBatch.contains("earlier in this batch"), "\(inBatch)")
+            // An event of a sensor the device never declared (not in the batch, never sent) is refused; one of a sensor
+            // sent before, in a batch of other sensors, is fine.
+            var stray = try Self.event("ev-3")
+            stray.sensor = try sensorID("tank9.ph")
+            let unknown = try expectError(try await post(3...4, [stray]), .badRequest, IngestErrorCode.malformedBatch)
+            #expect(unknown.contains("names sensor tank9.ph, which device 'd1' never declared"), "\(unknown)")
+            var elsewhere = try phBatch(sequences: 3...3)
+            elsewhere.sensors = [SensorDescriptor(id: try sensorID("tank1.ec"), quantity: .electricalConductivity)]
+            elsewhere.readings = elsewhere.readings.map { var r = $0; r.sensor = elsewhere.sensors[0].id; r.value = 1400; return r }
+            let other = try await client.execute(
+                uri: IngestProtocol.batchesPath, method: .post, headers: binaryHeaders(fixture.deviceKey),
+                body: buffer(try BatchCodec.encode(elsewhere, calibrations: [try Self.event("ev-4")])))
+            #expect(try decode(IngestReceipt.self, other).calibrations == CalibrationReceipt(accepted: 1, duplicates: 0))
             // The same event again, alone or twice in one batch, is a duplicate as before.
-            let again = try decode(IngestReceipt.self, try await post(3...4, [first, first]))
+            let again = try decode(IngestReceipt.self, try await post(4...5, [first, first]))
             #expect(again.accepted == 2 && again.calibrations == CalibrationReceipt(accepted: 0, duplicates: 2))
         }
         let d1 = try await fixture.identity(device: "d1")
-        #expect(try await fixture.store.highestSequence(device: d1) == 4)
-        #expect(try await fixture.store.calibrations(deviceRowID: d1.rowID, sensor: try sensorID("tank1.ph"), limit: 10) == [first])
+        #expect(try await fixture.store.highestSequence(device: d1) == 5)
+        #expect(try await fixture.store.calibrations(deviceRowID: d1.rowID, sensor: try sensorID("tank1.ph"), limit: 10).map(\.id) == ["ev-4", "ev-1"])
     }
 }

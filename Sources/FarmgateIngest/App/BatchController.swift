@@ -198,11 +198,22 @@ struct BatchController: Sendable {
         if let eventStore, !calibrations.isEmpty {
             if let problem = Self.conflictingEvent(in: calibrations, stored: [:]) { throw problem }
             let stored: [String: CalibrationEvent]
+            // An event is of a sensor the device has: declared in this batch or registered before.
+            let declared = Set(batch.sensors.map(\.id))
+            var unknown: SensorID?
             do {
+                for sensor in Set(calibrations.map(\.sensor)) where !declared.contains(sensor) && unknown == nil {
+                    if try await !eventStore.hasSensor(sensor, device: device) { unknown = sensor }
+                }
                 stored = try await eventStore.storedCalibrations(ids: calibrations.map(\.id), for: device)
             } catch {
                 logger.storeFailure("store failed to read calibration events", error: error, metadata: ["device.id": "\(device.device)"])
                 throw APIError.unavailable()
+            }
+            if let unknown {
+                throw APIError(
+                    .badRequest, code: IngestErrorCode.malformedBatch,
+                    message: "a calibration event names sensor \(unknown.rawValue), which device '\(device.device)' never declared (not in this batch's sensors nor sent before); send the sensor's descriptor with the event, or send its readings without it")
             }
             if let problem = Self.conflictingEvent(in: calibrations, stored: stored) { throw problem }
         }

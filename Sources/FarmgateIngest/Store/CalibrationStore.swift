@@ -14,6 +14,10 @@ public protocol CalibrationStore: Sendable {
     /// The events of `device` already stored under any of `ids`, by id: an event sent again with the same id and other
     /// content is refused by the batch controller, not counted as a duplicate of what is stored.
     func storedCalibrations(ids: [String], for device: DeviceIdentity) async throws -> [String: CalibrationEvent]
+
+    /// Whether `device` has registered `sensor` (sent a reading of it before): an event of a sensor the device never
+    /// declared is refused.
+    func hasSensor(_ sensor: SensorID, device: DeviceIdentity) async throws -> Bool
 }
 
 extension CalibrationStore {

@@ -46,6 +46,10 @@ extension SQLiteIngestStore: CalibrationStore {
         return Dictionary(events.map { ($0.id, $0) }, uniquingKeysWith: { first, _ in first })
     }
 
+    public func hasSensor(_ sensor: SensorID, device: DeviceIdentity) async throws -> Bool {
+        try await self.sensor(farmID: device.farmID, device: device.device, sensor: sensor) != nil
+    }
+
     public func calibrations(deviceRowID: Int64, sensor: SensorID, limit: Int) async throws -> [CalibrationEvent] {
         let texts = try await reader.withValue { db in
             try db.withStatement(
