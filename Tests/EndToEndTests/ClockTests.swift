@@ -139,6 +139,16 @@ struct ClockEndToEndTests {
             return stored.count >= 20
         }
         #expect(arrived, "flagged readings did not arrive: \(agent.log)")
+        // How long the clock has been unsynchronised survives a reload (before the fix, a tester 2026-12-05: `status`
+        // counted it from the reload).
+        let long = try await eventually(timeout: .seconds(20), every: .milliseconds(200)) {
+            (try await farm.agentStatus(config: config)?.clock?.stateSeconds ?? 0) >= 3
+        }
+        #expect(long, "\(agent.log)")
+        let reload = try await runCommand(Farm.agentBinary, ["reload", "--config", config])
+        #expect(reload.status == 0, "\(reload.stdout) \(reload.stderr)")
+        let clock = try await farm.agentStatus(config: config)?.clock
+        #expect(clock?.synchronized == false && (clock?.stateSeconds ?? 0) >= 3, "after the reload: \(String(describing: clock))")
         #expect(await agent.stop(SIGTERM) == 0)
         let threeDaysAgo = started.microseconds - 259_200_000_000
         #expect(stored.allSatisfy { $0.flags == ["clock_unsynchronized"] }, "\(stored.prefix(3).map(\.flags))")

@@ -107,6 +107,9 @@ public enum AgentRuntime {
         /// Samples the stopping generation's buffer could not commit (a full disk): the next one queues them first; and
         /// how many it dropped from its memory queue and could not yet count in the file (the next one counts them).
         let samples = Mutex<(samples: [Sample], dropped: Int64)>(([], 0))
+        /// The clock monitor's state (since when the clock has been synchronised or not, the last correction), so that
+        /// `farmgate status` does not count "not synchronised for" from the last reload.
+        let clock = Mutex<ClockMonitor.State?>(nil)
         /// The buffer's `<path>.lock`, taken by the first generation and held for the whole run (a reload cannot move the
         /// buffer): one agent per buffer file.
         let bufferLock = Mutex<SidecarLock?>(nil)
@@ -188,7 +191,8 @@ public enum AgentRuntime {
         let clock = WallClock(checkSynchronization: checkClock, source: source)
         var monitor: ClockMonitor?
         if checkClock {
-            let clockMonitor = ClockMonitor(source: source, observer: buffer, hold: configuration.holdUnsynchronized, logger: logger)
+            let clockMonitor = ClockMonitor(
+                source: source, observer: buffer, hold: configuration.holdUnsynchronized, logger: logger, carrying: carried.clock.withLock { $0 })
             // Before the uploader starts: readings of this boot still waiting in the buffer stay held, and are corrected by
             // the monitor's first poll once the agent runs (a repair of millions of readings here would hold up READY).
             await clockMonitor.poll(repair: false)
@@ -298,6 +302,7 @@ public enum AgentRuntime {
             _ = stops.running(nil)
             if let uploader { carried.upload.withLock { $0 = uploader.status() } }
             carried.sensors.withLock { $0 = board.snapshot() }
+            if let monitor { carried.clock.withLock { $0 = monitor.carriedState() } }
         }
         try await group.run()
         // What the buffer could not commit at its stop (a full disk) goes to the next generation on a reload; a stop

@@ -53,7 +53,15 @@ public final class ClockMonitor: Service {
     private let pollInterval: Duration
     private let logger: Logger
     private let thread = DedicatedThread(name: "farmgate-clock")
-    private let state: Mutex<(status: ClockStatus?, unsynchronizedEpoch: Int64?, stateStart: Int64)>
+    /// What the monitor knows between polls; a reload's new monitor starts from the old one's (``carriedState()``).
+    public struct State: Sendable {
+        var status: ClockStatus?
+        var unsynchronizedEpoch: Int64?
+        /// CLOCK_BOOTTIME (µs) when the current state began.
+        var stateStart: Int64
+    }
+
+    private let state: Mutex<State>
     /// Whether the last observation failed: a failing buffer is reported once, not every second.
     private let failing = Mutex(false)
     private let synchronizedGauge = Gauge(label: "farmgate_clock_synchronized")
@@ -65,14 +73,20 @@ public final class ClockMonitor: Service {
     ///   - hold: `[clock] hold_unsynchronized`.
     ///   - pollInterval: how often the clock state is read.
     public init(
-        source: any ClockSource, observer: any ClockObserver, hold: Duration, pollInterval: Duration = .seconds(1), logger: Logger
+        source: any ClockSource, observer: any ClockObserver, hold: Duration, pollInterval: Duration = .seconds(1), logger: Logger,
+        carrying: State? = nil
     ) {
         self.source = source
         self.observer = observer
         self.hold = hold
         self.pollInterval = pollInterval
         self.logger = logger
-        self.state = Mutex((nil, nil, 0))
+        self.state = Mutex(carrying ?? State(status: nil, unsynchronizedEpoch: nil, stateStart: 0))
+    }
+
+    /// What a reload's next monitor starts from (`carrying`).
+    public func carriedState() -> State {
+        state.withLock { $0 }
     }
 
     /// The clock's state at the last poll; nil before the first.
