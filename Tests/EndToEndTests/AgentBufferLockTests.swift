@@ -21,7 +21,10 @@ struct AgentBufferLockTests {
         let text = try String(contentsOfFile: config, encoding: .utf8)
         try FileManager.default.createDirectory(atPath: farm.dir.file("other"), withIntermediateDirectories: true)
         try FileManager.default.createSymbolicLink(atPath: farm.dir.file("linked"), withDestinationPath: farm.dir.file("site-k"))
-        for (name, buffer) in [("copy.toml", "site-k/buffer.sqlite"), ("linked.toml", "linked/buffer.sqlite")] {
+        // A hard link names the same file under another name, whose `.lock` is another file (before the fix, a tester
+        // 2026-12-05: both agents ran, each with its own -wal on one database).
+        try FileManager.default.linkItem(atPath: farm.dir.file("site-k/buffer.sqlite"), toPath: farm.dir.file("other/hard.sqlite"))
+        for (name, buffer) in [("copy.toml", "site-k/buffer.sqlite"), ("linked.toml", "linked/buffer.sqlite"), ("hard.toml", "other/hard.sqlite")] {
             let other = try farm.dir.write(
                 name,
                 text.replacingOccurrences(of: "socket = \"site-k/control.sock\"", with: "socket = \"other/\(name).sock\"")
@@ -34,6 +37,12 @@ struct AgentBufferLockTests {
                 #expect(second.log.contains("another farmgate agent is running on the buffer"), "\(second.log)")
             }
         }
+        // With the `.lock` file deleted, the buffer file's own lock still holds.
+        try FileManager.default.removeItem(atPath: farm.dir.file("site-k/buffer.sqlite.lock"))
+        let unlocked = try Child(Farm.agentBinary, ["agent", "--config", try farm.dir.write(
+            "nolock.toml", text.replacingOccurrences(of: "socket = \"site-k/control.sock\"", with: "socket = \"other/nolock.sock\""))], logPath: farm.dir.file("nolock.log"))
+        let refused = await eventually(timeout: .seconds(20), every: .milliseconds(100)) { !unlocked.isRunning }
+        #expect(refused && unlocked.process.terminationStatus == 75, "\(unlocked.log)")
         #expect(first.isRunning, "\(first.log)")
         #expect(try await farm.agentStatus(config: config)?.buffer.duplicatesIgnored == 0)
         #expect(await first.stop(SIGTERM) == 0)

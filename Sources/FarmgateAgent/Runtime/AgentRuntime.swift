@@ -112,23 +112,33 @@ public enum AgentRuntime {
         let clock = Mutex<ClockMonitor.State?>(nil)
         /// The buffer's `<path>.lock`, taken by the first generation and held for the whole run (a reload cannot move the
         /// buffer): one agent per buffer file.
-        let bufferLock = Mutex<SidecarLock?>(nil)
+        let bufferLock = Mutex<[SidecarLock]>([])
 
         /// Takes the buffer's lock unless this run holds it already.
         /// - Throws: ``BufferInUseError`` when another process holds it. A lock that cannot be made (the buffer's
         ///   directory missing or not writable) is left to the buffer's own open, which says what is wrong.
         func lockBuffer(_ path: String) throws(BufferInUseError) {
-            try bufferLock.withLock { (lock: inout SidecarLock?) throws(BufferInUseError) in
-                guard lock == nil else { return }
+            try bufferLock.withLock { (locks: inout [SidecarLock]) throws(BufferInUseError) in
+                guard locks.isEmpty else { return }
                 // The buffer's directory as its store makes it, so that the first start is locked too.
                 if let slash = path.lastIndex(of: "/"), slash > path.startIndex {
                     try? FileSystem.createDirectories(String(path[..<slash]))
                 }
-                do throws(SidecarLock.Failure) {
-                    lock = try SidecarLock(databasePath: path, suffix: ".lock")
-                } catch {
-                    if case .held(let lockPath) = error { throw BufferInUseError(path: path, lockPath: lockPath) }
+                // `<buffer>.lock`, and the buffer file itself (made empty when new, which SQLite takes as a new
+                // database): a flock on the file is per inode, so a hard link to the buffer, or the `.lock` deleted,
+                // cannot let a second agent in. SQLite's own locks are fcntl locks, which flock does not touch.
+                var taken: [SidecarLock] = []
+                for suffix in [".lock", ""] {
+                    do throws(SidecarLock.Failure) {
+                        taken.append(try SidecarLock(databasePath: path, suffix: suffix))
+                    } catch {
+                        if case .held(let lockPath) = error {
+                            taken.forEach { $0.release() }
+                            throw BufferInUseError(path: path, lockPath: lockPath)
+                        }
+                    }
                 }
+                locks = taken
             }
         }
     }
