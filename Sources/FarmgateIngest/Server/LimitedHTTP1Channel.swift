@@ -250,7 +250,7 @@ final class ExpectContinueHandler: ChannelInboundHandler, RemovableChannelHandle
     typealias OutboundOut = HTTPServerResponsePart
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        if case .head(let head) = unwrapInboundIn(data), head.version.major == 1, head.version.minor >= 1,
+        if case .head(let head) = unwrapInboundIn(data), head.headers.contains(name: "expect"), head.version.major == 1, head.version.minor >= 1,
             head.headers[canonicalForm: "expect"].contains(where: { $0.lowercased() == "100-continue" }),
             head.headers[canonicalForm: "content-length"] != ["0"] && !(head.headers["content-length"].isEmpty && head.headers["transfer-encoding"].isEmpty)
         {
