@@ -355,11 +355,27 @@ struct SiteEnrollmentTests {
             #expect(failure?.description.contains("is the key of device \"site-a\" (\(first) reads it)") == true, "\(failure?.description ?? "")")
             #expect(failure?.description.contains("the token is unused") == true && failure?.exitCode == code, "\(failure?.description ?? "")")
         }
+        // A neighbour in the middle of an edit (it does not parse; its agent runs the file it loaded) is read line by
+        // line, and one that names no device yet counts as another site's (before the fix, a tester 2026-12-06: the
+        // key was replaced in both cases).
+        let siteA = Self.config.replacingOccurrences(of: "site-9", with: "site-a")
+        for (neighbour, says) in [(siteA + "\ngarbage = = =\n", "device \"site-a\""), (siteA.replacingOccurrences(of: "id = \"site-a\"", with: ""), "another site")] {
+            _ = try dir.write("agent-a.toml", neighbour)
+            let failure = #expect(throws: SiteEnrollment.Failure.self) {
+                try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: "https://i.example", token: Self.token, configPath: second))
+            }
+            #expect(failure?.description.contains("is the key of \(says)") == true, "\(failure?.description ?? "")")
+        }
+        // An ingest's configuration beside it reads no key.
+        _ = try dir.write("agent-a.toml", "[server]\nport = 8080\n")
+        #expect(try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: "https://i.example", token: Self.token, configPath: second)).keyFile == key)
+        _ = try dir.write("agent-a.toml", siteA)
         // A configuration without a device id yet cannot take another device's key either.
         let unnamed = try dir.write("agent-c.toml", "[[sensor]]\nid = \"t\"\ndriver = \"simulated\"\nquantity = \"ph\"\n")
         #expect(throws: SiteEnrollment.Failure.self) {
             try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: "https://i.example", token: Self.token, configPath: unnamed))
         }
+        try FileManager.default.removeItem(atPath: unnamed)
         // Its own key file is fine, and so is the shared one once the other configuration names a key of its own.
         #expect(try SiteEnrollment.prepare(
             SiteEnrollment.Request(endpoint: "https://i.example", token: Self.token, configPath: second, keyFile: dir.file("site-9.key"))).keyFile == dir.file("site-9.key"))

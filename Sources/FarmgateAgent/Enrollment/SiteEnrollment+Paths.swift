@@ -119,8 +119,11 @@ extension SiteEnrollment {
 
     /// Another agent configuration beside this one (or beside the key file) whose key is the existing `keyFile` and
     /// whose device is not `device` (nil: this configuration names none yet, so any other device's): writing this
-    /// device's key over it would make that agent's uploads refused for good. Files that do not parse are passed over.
-    static func otherDeviceKeyedAt(_ keyFile: String, configPath: String, device: String?) -> (config: String, device: String)? {
+    /// device's key over it would make that agent's uploads refused for good. A neighbour that does not parse (a
+    /// half-finished edit: its agent still runs the file it loaded) is read line by line, as `status` reads one; one
+    /// that names no device yet counts as another device's. Only agent configurations count: a `[device]`, `[upload]` or
+    /// `[[sensor]]` table (an ingest's configuration beside it reads no key).
+    static func otherDeviceKeyedAt(_ keyFile: String, configPath: String, device: String?) -> (config: String, device: String?)? {
         guard FileSystem.isFile(keyFile) else { return nil }  // nothing to replace
         let directories = Set([configPath, keyFile].map { URL(fileURLWithPath: canonicalPath($0)).deletingLastPathComponent().path })
         for directory in directories.sorted() {
@@ -129,16 +132,39 @@ extension SiteEnrollment {
                 let other = directory + "/" + name
                 var info = stat()  // a regular file only: reading a FIFO would wait for a writer
                 guard stat(other, &info) == 0, info.st_mode & S_IFMT == S_IFREG, !sameFile(other, configPath),
-                    let document = try? ConfigDocument.load(path: other),
-                    let otherDevice = (try? document.table("device")?.string("id")) ?? nil, otherDevice != device
+                    let text = try? FileSystem.text(other, limit: 1 << 20)
                 else { continue }
+                let neighbour = NeighbourConfiguration(text: text, file: other)
+                guard neighbour.isAgentConfiguration, neighbour.device == nil || neighbour.device != device else { continue }
                 let base = URL(fileURLWithPath: other).deletingLastPathComponent().path
-                let otherKey = ((try? document.table("upload")?.string("key_file")) ?? nil).map { AgentConfiguration.resolve($0, against: base) }
-                    ?? AgentConfiguration.resolve("device.key", against: base)
-                if sameFile(keyFile, otherKey) { return (other, otherDevice) }
+                let otherKey = AgentConfiguration.resolve(neighbour.keyFile ?? "device.key", against: base)
+                if sameFile(keyFile, otherKey) { return (other, neighbour.device) }
             }
         }
         return nil
+    }
+
+    /// What enrollment needs of a neighbouring configuration: parsed when it parses, else read line by line.
+    struct NeighbourConfiguration {
+        var isAgentConfiguration: Bool
+        var device: String?
+        var keyFile: String?
+
+        init(text: String, file: String) {
+            if let document = try? ConfigDocument.parse(text, file: file) {
+                isAgentConfiguration = document.contains("device") || document.contains("upload") || document.contains("sensor")
+                device = (try? document.table("device")?.string("id")) ?? nil
+                keyFile = (try? document.table("upload")?.string("key_file")) ?? nil
+            } else {
+                let editor = ConfigFileEditor(text: text)
+                let headers = text.split(whereSeparator: \.isNewline).map { $0.filter { $0 != " " && $0 != "\t" } }
+                isAgentConfiguration = headers.contains { $0.hasPrefix("[device]") || $0.hasPrefix("[upload]") || $0.hasPrefix("[[sensor]]") }
+                device = editor.stringValue("id", in: "device")
+                keyFile = editor.stringValue("key_file", in: "upload")
+            }
+            if device?.isEmpty == true { device = nil }
+            if keyFile?.isEmpty == true { keyFile = nil }
+        }
     }
 
     /// `path` absolute, with `.`, `..` and repeated slashes resolved, and the symbolic links of its longest existing

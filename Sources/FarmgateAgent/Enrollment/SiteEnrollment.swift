@@ -193,7 +193,7 @@ public enum SiteEnrollment {
         if let other = otherDeviceKeyedAt(keyFile, configPath: request.configPath, device: device) {
             let given = request.keyFile != nil
             throw Failure(
-                description: "\(keyFile) is the key of device \"\(other.device)\" (\(other.config) reads it); writing "
+                description: "\(keyFile) is the key of \(other.device.map { "device \"\($0)\"" } ?? "another site (a configuration that names no device yet)") (\(other.config) reads it); writing "
                     + "\(device.map { "\"\($0)\"'s" } ?? "this device's") key over it would stop that agent's uploads: "
                     + (given ? "give --key-file" : "pass --key-file with")
                     + " a file of its own, such as \(URL(fileURLWithPath: keyFile).deletingLastPathComponent().path)/\(device ?? "this-device").key. "
