@@ -204,6 +204,20 @@ struct ConfigurationTests {
             #expect(refused.key == "upload.key" && refused.message.contains(says), "\(text): \(refused.message)")
             #expect(!refused.description.contains(String(text.dropFirst(4))), "the key was shown: \(refused.description)")
         }
+        // A key in the wrong place (unquoted, pasted as a path, an id or into the endpoint) is never shown either
+        // (before the fix, a tester 2026-12-06: each message held the whole key, and so did the log and `status`).
+        let secret = String(repeating: "0123456789abcdef", count: 4)
+        for misplaced in [
+            "\n[upload]\nendpoint = \"https://x\"\nkey = \(whole)\n", "\n[upload]\nendpoint = \"https://x\"\nkey_file = \"\(whole)\"\n",
+            "\n[upload]\nendpoint = \"https://x\"\nkey = \"\(whole)\"\nca_file = \"\(whole)\"\n",
+            "\n[upload]\nendpoint = \"https://x/?key=\(whole)\"\nkey = \"\(whole)\"\n",
+        ] {
+            let refused = try #require(error(Self.minimal + misplaced), "\(misplaced)")
+            #expect(!refused.description.contains(secret.prefix(12)), "the key was shown: \(refused.description)")
+            #expect(refused.description.contains("fgd_testkey2…"), "\(refused.description)")
+        }
+        let asDevice = try #require(error(Self.minimal.replacingOccurrences(of: "id = \"", with: "id = \"\(whole)") ))
+        #expect(!asDevice.description.contains(secret.prefix(12)), "\(asDevice.description)")
         try "fgd_cut\n".write(to: dir.appendingPathComponent("cut.key"), atomically: true, encoding: .utf8)
         let cut = try #require(error(Self.minimal + "\n[upload]\nendpoint = \"https://x\"\nkey_file = \"\(dir.appendingPathComponent("cut.key").path)\""))
         #expect(cut.key == "upload.key_file" && cut.message.contains("cut.key is not a whole device key"), "\(cut.message)")

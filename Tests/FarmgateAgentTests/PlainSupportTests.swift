@@ -97,4 +97,15 @@ struct PlainSupportTests {
         sleepBlocking(.zero)
         sleepBlocking(.milliseconds(-5))
     }
+
+    @Test("redactingCredentials keeps the kind and key id of a credential and cuts its secret, wherever it stands")
+    func redactingCredentials() {
+        let secret = String(repeating: "0123456789abcdef", count: 4)
+        #expect("cannot read /etc/fgd_abcdefgh_\(secret): missing".redactingCredentials() == "cannot read /etc/fgd_abcdefgh…: missing")
+        #expect("`fgr_abcdefgh_\(secret)` and fge_zz_\(secret)x".redactingCredentials() == "`fgr_abcdefgh…` and fge_zz…")
+        #expect("fgd_0123456789abcdef0123456789".redactingCredentials() == "fgd_01234567…")
+        #expect("they start with fgd_ (the key) or fgd_…".redactingCredentials() == "they start with fgd_ (the key) or fgd_…")
+        #expect("no key here, fg_x, ffgd".redactingCredentials() == "no key here, fg_x, ffgd")
+        #expect("fgd_abc".redactingCredentials() == "fgd_abc")
+    }
 }

@@ -15,11 +15,13 @@ public struct ConfigurationError: Error, CustomStringConvertible, Sendable, Equa
     public let key: String?
     public let message: String
 
+    /// The message, and the file's name, keep no credential's secret (``StringProtocol/redactingCredentials()``): a key
+    /// written unquoted, or pasted as a path or an id, would otherwise be shown by the error.
     public init(file: String, line: Int?, key: String?, message: String) {
-        self.file = file
+        self.file = file.redactingCredentials()
         self.line = line
         self.key = key
-        self.message = message
+        self.message = message.redactingCredentials()
     }
 
     public var description: String {

@@ -38,3 +38,37 @@ public func fixedPoint(_ value: Double, places: Int) -> String {
     let digits = String(fraction)
     return sign + String(whole) + "." + String(repeating: "0", count: places - digits.count) + digits
 }
+
+extension StringProtocol {
+    /// With the secret of every Farmgate credential in it cut: `fgd_`, `fgr_` or `fge_`, then at most 8 characters of
+    /// its key id, then `…` in place of whatever key-like characters follow. A key pasted where a path, an id or an
+    /// unquoted value was expected must not reach a log line, `farmgate status` or a terminal through an error message.
+    public func redactingCredentials() -> String {
+        let text = String(self)
+        guard text.contains("fgd_") || text.contains("fgr_") || text.contains("fge_") else { return text }
+        let bytes = Array(text.utf8)
+        func keyLike(_ byte: UInt8) -> Bool {
+            (byte >= 0x30 && byte <= 0x39) || (byte >= 0x41 && byte <= 0x5A) || (byte >= 0x61 && byte <= 0x7A) || byte == 0x5F
+        }
+        var result: [UInt8] = []
+        result.reserveCapacity(bytes.count)
+        var index = 0
+        while index < bytes.count {
+            if index + 4 <= bytes.count, bytes[index] == 0x66, bytes[index + 1] == 0x67,  // "fg"
+                [0x64, 0x72, 0x65].contains(bytes[index + 2]), bytes[index + 3] == 0x5F  // d, r or e, then "_"
+            {
+                var end = index + 4
+                while end < bytes.count, end < index + 12, keyLike(bytes[end]), bytes[end] != 0x5F { end += 1 }
+                result += bytes[index..<end]
+                var rest = end
+                while rest < bytes.count, keyLike(bytes[rest]) { rest += 1 }
+                if rest > end { result += Array("…".utf8) }
+                index = rest
+                continue
+            }
+            result.append(bytes[index])
+            index += 1
+        }
+        return String(decoding: result, as: UTF8.self)
+    }
+}
