@@ -248,6 +248,15 @@ extension ConfigurationTests {
             // A directory that does not exist yet is made by the agent: fine.
             #expect(error(Self.minimal + "\n[\(section)]\n\(key) = \"\(dir.file("new/sub/x.sock"))\"\n") == nil)
         }
+        // The buffer itself as a directory or a device (before the fix, a tester 2026-12-06: the check passed, and the
+        // agent said to chown the path, or as root made /dev/null-journal).
+        for (path, says) in [(dir.path, "is a directory"), ("/dev/null", "not a regular file")] {
+            let failure = try #require(error(Self.minimal + "\n[buffer]\npath = \"\(path)\"\n"), "\(path)")
+            #expect(failure.key == "buffer.path" && failure.message.contains(says), "\(failure)")
+        }
+        // The control socket on the buffer's .reserve file.
+        let reserve = try #require(error(Self.minimal + "\n[buffer]\npath = \"\(dir.file("b.sqlite"))\"\n[control]\nsocket = \"\(dir.file("b.sqlite.reserve"))\"\n"))
+        #expect(reserve.message.contains(".reserve file"), "\(reserve)")
     }
 
     @Test(

@@ -310,7 +310,7 @@ struct SiteEnrollmentTests {
         let given: [(String, String)] = [
             (buffer, "the agent's buffer"), (dir.file("data/../data/buffer.sqlite"), "the agent's buffer"),
             (dir.file("state/buffer.sqlite"), "the agent's buffer"), (buffer + "-wal", "-wal"), (buffer + "-shm", "-shm"),
-            (buffer + ".seq", ".seq sidecar"), (dir.file("metrics/farmgate.prom"), "the metrics file"),
+            (buffer + ".seq", ".seq sidecar"), (buffer + ".reserve", ".reserve file"), (dir.file("metrics/farmgate.prom"), "the metrics file"),
             (dir.file("run/control.sock"), "control socket"),
         ]
         for (keyFile, phrase) in given {

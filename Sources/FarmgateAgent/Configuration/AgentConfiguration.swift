@@ -106,6 +106,12 @@ extension AgentConfiguration {
                 if let blocker = Self.fileInTheWay(of: buffer.path) {
                     throw table.error("path", "\(blocker) is not a directory, so the agent cannot make the buffer \(buffer.path) there: give a path in a directory")
                 }
+                // The buffer is a regular file (made by the agent when missing): not a directory, a device or a FIFO.
+                var info = stat()
+                if stat(buffer.path, &info) == 0, info.st_mode & S_IFMT != S_IFREG {
+                    let kind = info.st_mode & S_IFMT == S_IFDIR ? "a directory" : "not a regular file (a device, FIFO or socket)"
+                    throw table.error("path", "\(buffer.path) is \(kind); give the buffer's SQLite file, such as \"/var/lib/farmgate/buffer.sqlite\"")
+                }
             }
             if let interval = try table.duration("commit_interval", in: .milliseconds(10)...(.seconds(60))) {
                 buffer.commitInterval = interval
@@ -227,6 +233,7 @@ extension AgentConfiguration {
             OwnFile(path: bufferPath + ".seq", what: "the buffer's .seq sidecar", table: buffer, key: "path"),
             OwnFile(path: bufferPath + ".lock", what: "the buffer's .lock file", table: buffer, key: "path"),
             OwnFile(path: bufferPath + ".control", what: "the buffer's .control file (where the agent's socket is)", table: buffer, key: "path"),
+            OwnFile(path: bufferPath + ".reserve", what: "the buffer's .reserve file (disk space kept for a full disk)", table: buffer, key: "path"),
         ]
         if let upload, let keyFile = try upload.string("key_file") {
             files.append(OwnFile(path: resolve(keyFile, against: URL(fileURLWithPath: root.file).deletingLastPathComponent().path),

@@ -107,6 +107,7 @@ extension SiteEnrollment {
             (buffer + ".seq", "the buffer's .seq sidecar, which keeps sequence numbers from going backwards"),
             (buffer + ".lock", "the buffer's .lock file, which keeps a second agent off the buffer"),
             (buffer + ".control", "the buffer's .control file, which names the agent's control socket"),
+            (buffer + ".reserve", "the buffer's .reserve file, the disk space it keeps for a full disk"),
         ]
         if let metrics = try? document?.table("metrics")?.string("textfile"), !metrics.isEmpty {
             files.append((AgentConfiguration.resolve(metrics, against: base), "the metrics file ([metrics] textfile)"))
