@@ -217,6 +217,9 @@ struct AlertAPITests {
             for (uri, body, code, field) in [
                 ("/v1/farms/f1/alerts/\(id)/ack", #"{"by": "an\u0000na"}"#, "invalid_body", "by"),
                 ("/v1/farms/f1/alerts/\(id)/ack", #"{"by": "anna\u001b[2J"}"#, "invalid_body", "by"),
+                // DEL and C1 (U+009B is a CSI on some terminals; before the fix, a tester 2026-12-06: taken).
+                ("/v1/farms/f1/alerts/\(id)/ack", #"{"by": "anna\u007f"}"#, "invalid_body", "by"),
+                ("/v1/farms/f1/silences", silence + #", "comment": "probe\u009b2Jswap"}"#, "invalid_silence", "comment"),
                 ("/v1/farms/f1/silences", silence + #", "comment": "probe\u0000swap"}"#, "invalid_silence", "comment"),
                 ("/v1/farms/f1/silences", silence + #", "comment": "probe\nswap"}"#, "invalid_silence", "comment"),
                 ("/v1/farms/f1/silences", silence + #", "comment": "probe swap", "created_by": "x\u0000"}"#, "invalid_silence", "created_by"),

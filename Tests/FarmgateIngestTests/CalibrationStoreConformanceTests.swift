@@ -153,6 +153,11 @@ import Testing
             escape.firmware = "2.16\u{1B}[31m"
             var point = try Self.event("point")
             point.points[1].name = "low\n"
+            // DEL and C1 too (before the fix, a tester 2026-12-06: taken).
+            var delete = try Self.event("delete")
+            delete.firmware = "2.1\u{7F}"
+            var c1 = try Self.event("c1")
+            c1.points[0].name = "mid\u{85}"
             let pointAhead = { () throws -> CalibrationEvent in
                 var event = try Self.event("point-ahead")
                 event.points[0].at = Timestamp(microseconds: 32_503_680_000_000_000)
@@ -166,6 +171,8 @@ import Testing
                 (try Self.eventJSON(nul), "event nul: circuit contains the control character U+0000 at character 2"),
                 (try Self.eventJSON(escape), "event escape: firmware contains the control character U+001B"),
                 (try Self.eventJSON(point), "event point: points[1].name contains the control character U+000A"),
+                (try Self.eventJSON(delete), "event delete: firmware contains the control character U+007F"),
+                (try Self.eventJSON(c1), "event c1: points[0].name contains the control character U+0085"),
                 (try Self.eventJSON(try Self.event("max"), time: "9223372036854775807"), "calibration event max: time 294247-"),
                 (try Self.eventJSON(try Self.event("y10k"), time: "253402300800000000"), "calibration event y10k: time 10000-01-01T00:00:00Z is later than"),
                 (try Self.eventJSON(try pointAhead()), "calibration event point-ahead: points[0].at 3000-01-01T00:00:00Z is later than"),
