@@ -289,6 +289,13 @@ struct BatchUploadTests {
                 body: buffer(Array("not gzip at all".utf8)))
             let gzipMessage = try expectError(gzip, .badRequest, "malformed_batch")
             #expect(gzipMessage.contains("gzip"))
+
+            // An empty body arrived whole: not "cut in transit", which a sender retries for ever (before the fix, a
+            // tester 2026-12-06: incomplete_body, in both formats).
+            for headers in [jsonHeaders(fixture.deviceKey), binaryHeaders(fixture.deviceKey)] {
+                let empty = try await client.execute(uri: IngestProtocol.batchesPath, method: .post, headers: headers, body: buffer([]))
+                #expect(try expectError(empty, .badRequest, "malformed_batch").contains("empty body"))
+            }
         }
     }
 

@@ -134,6 +134,12 @@ struct BatchController: Sendable {
 
         // 4. Bounded body.
         let bytes = try await readBody(request, encoding: encoding)
+        // A body that arrived whole and empty is not one "cut in transit" (which the sender would retry for ever).
+        guard !bytes.isEmpty else {
+            throw APIError(
+                .badRequest, code: IngestErrorCode.malformedBatch,
+                message: "the request has an empty body: send a batch (JSON, or the binary format) in it")
+        }
 
         // 5. Decode.
         let batchLimits = BatchLimits(maxReadings: limits.maxReadingsPerBatch, maxDecompressedBytes: limits.maxDecompressedBytes)
