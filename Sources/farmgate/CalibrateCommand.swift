@@ -32,8 +32,8 @@ struct CalibrateCommand: ParsableCommand {
 
     @OptionGroup var options: ConfigOption
 
-    @Option(help: ArgumentHelp("The agent's control socket (default: [control] socket of the configuration).", valueName: "path"))
-    var socket: String?
+    @OptionGroup var control: SocketOption
+    var socket: String? { control.socket }
 
     @Argument(help: "The sensor's id, as in the configuration (e.g. tank1.ph).")
     var sensor: String

@@ -58,6 +58,23 @@ struct ConfigOption: ParsableArguments {
     }
 }
 
+/// `--socket`, which every command that talks to the running agent takes.
+struct SocketOption: ParsableArguments {
+    @Option(help: ArgumentHelp("The agent's control socket (default: [control] socket of the configuration).", valueName: "path"))
+    var socket: String?
+
+    /// An empty or overlong path is a usage error (64), not "cannot reach the agent" (1), and never a silent fallback.
+    func validate() throws {
+        guard let socket else { return }
+        if socket.isEmpty {
+            throw ValidationError("--socket is empty: give the agent's control socket, or leave the option out for [control] socket of the configuration")
+        }
+        if socket.utf8.count > 107 {
+            throw ValidationError("--socket is \(socket.utf8.count) bytes, longer than a Unix socket path may be (107)")
+        }
+    }
+}
+
 extension CleanExit {
     /// Prints `text` to standard error and exits with `code`.
     static func message(_ text: String, code: Int32) -> any Error {

@@ -20,8 +20,8 @@ struct AgentConnection: ParsableArguments {
 
     @OptionGroup var options: ConfigOption
 
-    @Option(help: ArgumentHelp("The agent's control socket (default: [control] socket of the configuration).", valueName: "path"))
-    var socket: String?
+    @OptionGroup var control: SocketOption
+    var socket: String? { control.socket }
 
     /// Sends `command` and returns the agent's answer; exits 1 with the reason when the agent cannot be reached or refuses.
     ///

@@ -26,8 +26,8 @@ struct ReloadCommand: ParsableCommand {
 
     @OptionGroup var options: ConfigOption
 
-    @Option(help: ArgumentHelp("The agent's control socket (default: [control] socket of the configuration).", valueName: "path"))
-    var socket: String?
+    @OptionGroup var control: SocketOption
+    var socket: String? { control.socket }
 
     @Option(help: ArgumentHelp("The process to signal (systemd's $MAINPID); it must be the agent answering on the socket.", valueName: "pid"))
     var pid: Int32?

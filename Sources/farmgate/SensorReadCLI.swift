@@ -26,14 +26,21 @@ struct SensorRead: AsyncParsableCommand {
 
     @OptionGroup var options: ConfigOption
 
-    @Option(help: ArgumentHelp("The agent's control socket (default: [control] socket of the configuration).", valueName: "path"))
-    var socket: String?
+    @OptionGroup var control: SocketOption
+    var socket: String? { control.socket }
 
     @Flag(help: "Print the answer as JSON.")
     var json = false
 
     @Argument(help: ArgumentHelp("The sensor's id, as in its [[sensor]] table.", valueName: "sensor"))
     var sensor: String
+
+    /// A sensor id no configuration can hold ('' among others) is a usage error, as an unknown one is.
+    func validate() throws {
+        do { _ = try SensorID(sensor) } catch {
+            throw ValidationError("\(error); give the id of a [[sensor]] table (`farmgate config check` lists them)")
+        }
+    }
 
     func run() async throws {
         var loaded: Result<AgentConfiguration, ConfigurationError>

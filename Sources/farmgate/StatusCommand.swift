@@ -18,8 +18,8 @@ struct StatusCommand: ParsableCommand {
 
     @OptionGroup var options: ConfigOption
 
-    @Option(help: ArgumentHelp("The agent's control socket (default: [control] socket of the configuration).", valueName: "path"))
-    var socket: String?
+    @OptionGroup var control: SocketOption
+    var socket: String? { control.socket }
 
     @Flag(help: "Print the status as JSON (timestamps in RFC 3339).")
     var json = false
@@ -97,15 +97,19 @@ struct StatusCommand: ParsableCommand {
     }
 
     /// The `socket = "…"` of the `[control]` section of the file at `path`, read as text whatever else the file holds
-    /// (relative to the file's directory, as the agent resolves it), then the default socket.
+    /// (relative to the file's directory, as the agent resolves it), then the socket the agent of its `[buffer] path`
+    /// (read the same way, else the default buffer) recorded beside the buffer (an edit that moved the socket is not
+    /// applied yet), then the default socket.
     static func sockets(namedIn path: String) -> [String] {
         var found: [String] = []
-        if let data = FileManager.default.contents(atPath: path),
-            let socket = ConfigFileEditor(text: String(decoding: data, as: UTF8.self)).stringValue("socket", in: "control"), !socket.isEmpty
-        {
-            let base = URL(fileURLWithPath: path).deletingLastPathComponent().path
+        let editor = FileManager.default.contents(atPath: path).map { ConfigFileEditor(text: String(decoding: $0, as: UTF8.self)) }
+        let base = URL(fileURLWithPath: path).deletingLastPathComponent().path
+        if let socket = editor?.stringValue("socket", in: "control"), !socket.isEmpty {
             found.append(AgentConfiguration.resolve(socket, against: base))
         }
+        let buffer = editor?.stringValue("path", in: "buffer").flatMap { $0.isEmpty ? nil : AgentConfiguration.resolve($0, against: base) }
+            ?? BufferConfiguration().path
+        if let recorded = ControlServer.recordedSocket(forBuffer: buffer), !found.contains(recorded) { found.append(recorded) }
         let fallback = AgentConfiguration.defaultControlSocket
         if !found.contains(fallback) { found.append(fallback) }
         return found

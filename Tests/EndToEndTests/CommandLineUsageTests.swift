@@ -18,6 +18,14 @@ import Testing
         ("farmgate", ["help", "nosuch"], 64, "'nosuch' is not a command of farmgate"),
         ("farmgate", ["help", "sensor", "nosuch"], 64, "'nosuch' is not a command of farmgate sensor"),
         ("farmgate", ["config", "check", "-c", ""], 64, "the configuration path is empty"),
+        // An empty or overlong --socket, and a sensor id no configuration can hold (before the fix, a tester
+        // 2026-12-06: exit 1, or `sensor read` read beside the agent).
+        ("farmgate", ["status", "--socket", ""], 64, "--socket is empty"),
+        ("farmgate", ["quarantine", "list", "--socket", ""], 64, "--socket is empty"),
+        ("farmgate", ["reload", "--socket", String(repeating: "s", count: 200)], 64, "--socket is 200 bytes"),
+        ("farmgate", ["calibrate", "tank1.ph", "--abort", "--socket", ""], 64, "--socket is empty"),
+        ("farmgate", ["sensor", "read", "tank1.ph", "--socket", ""], 64, "--socket is empty"),
+        ("farmgate", ["sensor", "read", ""], 64, "invalid sensor id ''"),
     ])
     func missingCommandsAreUsageErrors(program: String, arguments: [String], status: Int32, says: String) async throws {
         let binary = program == "farmgate" ? Farm.agentBinary : Farm.ingestBinary
