@@ -127,6 +127,36 @@ struct IngestBoundsTests {
         #expect(await farm.ingest?.stop(SIGTERM) == 0)
     }
 
+    // Before the fix (a tester, 2026-12-06) bytes after a `Connection: close` request made the parser's error the
+    // answer: 400 "not valid HTTP/1.1" for a batch that was committed.
+    @Test("bytes after a request that closes its connection are ignored: that request gets its own answer, then the close")
+    func bytesAfterClose() async throws {
+        let farm = try await Farm(name: "close")
+        let key = try await farm.createDevice("site-c", farm: "close")
+        try await farm.startIngest()
+        let port = farm.port
+        func body(_ sequence: UInt64) throws -> [UInt8] {
+            BatchJSON.encode(
+                Batch(
+                    device: try DeviceID("site-c"), sensors: [SensorDescriptor(id: try SensorID("t.ph"), quantity: .ph)],
+                    readings: [Reading(sensor: try SensorID("t.ph"), sequence: sequence, timestamp: .now(), value: 6.5)]))
+        }
+        let first = try body(1), second = try body(2)
+        let answers = try await runOffPool(name: "bytes-after-close") { () throws -> [(Int?, Bool)] in
+            var answers: [(Int?, Bool)] = []
+            for (version, connection, batch) in [("HTTP/1.1", "Connection: close\r\n", first), ("HTTP/1.0", "", second)] {
+                let socket = try RawConnection(port: port)
+                let head = "POST /v1/batches \(version)\r\nHost: x\r\nAuthorization: Bearer \(key)\r\nContent-Type: application/json\r\n\(connection)Content-Length: \(batch.count)\r\n\r\n"
+                _ = socket.send(Array(head.utf8) + batch + Array("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".utf8))
+                let answer = socket.readResponse(timeout: .seconds(10))
+                answers.append((answer?.status, socket.readUntilClosed(timeout: .seconds(5)).closed))
+            }
+            return answers
+        }
+        #expect(answers.map(\.0) == [200, 200] && answers.allSatisfy(\.1), "\(answers)")
+        #expect(await farm.ingest?.stop(SIGTERM) == 0)
+    }
+
     @Test("device rotate-key: a new key printed once like device create, the old key refused, a revoked device usable again")
     func rotateKey() async throws {
         let farm = try await Farm()

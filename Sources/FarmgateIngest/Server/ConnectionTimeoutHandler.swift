@@ -156,6 +156,13 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         let answer: (HTTPResponse.Status, String, String)?
         switch error {
+        case HTTPParserError.closedConnection:
+            // Bytes after a request that closes the connection (`Connection: close`, HTTP/1.0): the parser refuses them,
+            // but that request was whole and is being answered (a batch may be committed already). Its answer goes out
+            // and the connection closes after it, as the request asked; what followed is ignored. A 400 "not valid
+            // HTTP" here would be taken for the answer to the committed batch.
+            if requestsOpen == 0 { context.close(promise: nil) }
+            return
         case HTTPParserError.headerOverflow:
             answer = (
                 .init(code: 431, reasonPhrase: "Request Header Fields Too Large"), "request_header_fields_too_large",
