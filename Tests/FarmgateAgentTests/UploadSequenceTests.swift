@@ -66,6 +66,28 @@ struct UploadSequenceTests {
         #expect(try Self.sidecar(data) == "330\n")
     }
 
+    // Before the fix (a tester, 2026-12-06) one reading of another sender under sequence 2^63 - 1 made every device check
+    // fail: the accepted format versions went unused, and the refused readings were retried in a loop for good.
+    @Test func anIngestHoldingASequenceAboveAnyTheAgentNumbersQuarantinesTheConflictsAndKeepsUploading() async throws {
+        let data = try await TestBuffer(count: 10)
+        let huge = UInt64(Int64.max)
+        let stray = Reading(sensor: TestBuffer.sensors[0].id, sequence: huge, timestamp: Timestamp(microseconds: Timestamp.now().microseconds - 3_600_000_000), value: 7.5)
+        let ingest = try FakeIngest(FakeIngest.Rules(preloaded: Self.otherLife(1...5) + [stray]))
+        try await withUploader(source: data.buffer, configuration: uploadConfiguration(ingest.url)) { uploader throws in
+            #expect(try await eventually { try await data.statistics().pending == 0 })
+            let status = uploader.status()
+            #expect(status.ingestHighestSequence == huge, "the answer was taken")
+            #expect(status.quarantinedTotal == 5 && status.uploadedTotal == 5, "\(status)")
+            #expect(status.renumberedTotal == 0)
+            // New readings keep their own numbers and are delivered.
+            try await TestBuffer.append(count: 4, to: data.buffer)
+            #expect(try await eventually { try await data.statistics().pending == 0 && uploader.status().uploadedTotal == 9 })
+        }
+        #expect(try await data.statistics().quarantined == 5)
+        #expect(try await data.statistics().lastSequence == 14)
+        #expect(ingest.log.conflicts == 5)
+    }
+
     @Test func anIngestThatCannotAnswerAtStartDelaysNoUploadAndIsAskedAgain() async throws {
         let data = try await TestBuffer(count: 20)
         let ingest = try FakeIngest(FakeIngest.Rules(deviceState: { index in index < 2 ? .reply(503) : nil }))

@@ -24,6 +24,10 @@ extension Uploader {
         case unsupported
         /// No usable answer now; asked again later.
         case unavailable
+        /// Its highest stored sequence is above any this agent numbers (``BufferStore/maximumSequenceFloor``, 2^62):
+        /// another sender used this device's key with numbers that large. The rest of the answer (format versions) is
+        /// used; readings refused `sequence_conflict` cannot be renumbered above it.
+        case implausible(UInt64)
     }
 
     /// Asks `GET /v1/device` and raises the buffer's counter above the ingest's highest sequence when it is below (the
@@ -56,7 +60,14 @@ extension Uploader {
                 loop.deviceCheck.postpone()
                 return .unavailable
             }
-            if let highest = answer.highestSequence {
+            var implausible: UInt64?
+            if let highest = answer.highestSequence, highest > UInt64(BufferStore.maximumSequenceFloor) {
+                // Not a history this buffer lost: the counter stays, and the answer's other parts still count.
+                logger.error(
+                    "The ingest holds a sequence number for this device above any this agent numbers: another sender used this device's key with sequence numbers that large. New readings keep their numbers; readings the ingest refuses as sequence_conflict are quarantined",
+                    metadata: ["ingest.highest_sequence": "\(highest)", "agent.highest_numbered": "\(BufferStore.maximumSequenceFloor)"])
+                implausible = highest
+            } else if let highest = answer.highestSequence {
                 do {
                     if let previous = try await source.advanceSequence(past: highest) {
                         logger.error(
@@ -105,6 +116,7 @@ extension Uploader {
             logger.info(
                 "The ingest reported the highest sequence it holds for this device",
                 metadata: ["ingest.highest_sequence": "\(answer.highestSequence.map(String.init) ?? "none")"])
+            if let implausible { return .implausible(implausible) }
             return .known(answer.highestSequence)
         case 404, 405, 501:
             logger.notice(
@@ -160,6 +172,17 @@ extension Uploader {
             return failed(
                 result: "sequence_conflict on \(conflicts.count) readings; cannot ask the ingest for its highest sequence yet",
                 status: nil, delay: loop.backoff.nextDelay(), &loop)
+        case .implausible(let highest):
+            // No number is left above the ingest's: kept aside (quarantine), never resent in a loop. Once the ingest's
+            // operator has removed the other sender's readings, `farmgate quarantine requeue --code sequence_conflict`.
+            let reason = "\(RejectionCode.sequenceConflict): the ingest holds another reading under this sequence, and its highest sequence for this device (\(highest)) is above any this agent numbers (another sender used this device's key); ask the ingest's operator, then requeue"
+            if let wait = await quarantine(Dictionary(conflicts.map { ($0, reason) }, uniquingKeysWith: { first, _ in first }), status: nil, &loop) {
+                return wait
+            }
+            logger.error(
+                "Quarantined readings the ingest refused as sequence_conflict: no sequence number is left above the ingest's highest for this device",
+                metadata: ["readings": "\(conflicts.count)", "sequences": "\(Self.describe(conflicts))", "ingest.highest_sequence": "\(highest)"])
+            return nil
         }
         let moved: [SequenceRenumbering]
         do {
