@@ -64,7 +64,7 @@ struct AgentConnection: ParsableArguments {
             }
         }
         guard let bytes = found else {
-            if let problem { throw CleanExit.message(problem, code: 78) }  // EX_CONFIG
+            if let problem { throw CleanExit.message("\(problem)\n(and no agent answers on \(candidates.joined(separator: ", ")))", code: 78) }  // EX_CONFIG
             throw CleanExit.message("farmgate \(name): \(firstError.map { "\($0)" } ?? "no control socket to ask")", code: 1)
         }
         let answer: ControlAnswer

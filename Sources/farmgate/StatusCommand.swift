@@ -63,13 +63,14 @@ struct StatusCommand: ParsableCommand {
             configuration = try AgentConfiguration.load(path: options.config)
         } catch {
             let problem = error.description
-            for path in Self.sockets(namedIn: options.config) {
+            let candidates = Self.sockets(namedIn: options.config)
+            for path in candidates {
                 guard let answer = try? ControlClient.send(ControlRequest(command: "status"), to: path, settling: ControlClient.cliSettling) else { continue }
                 StandardStream.error.write(
                     "farmgate status: \(options.config) does not load (\(problem)); the agent on \(path) runs the configuration it loaded before\n")
                 return answer
             }
-            throw CleanExit.message(problem, code: 78)  // EX_CONFIG
+            throw CleanExit.message("\(problem)\n(and no agent answers on \(candidates.joined(separator: ", ")))", code: 78)  // EX_CONFIG
         }
         do {
             return try ControlClient.send(ControlRequest(command: "status"), to: configuration.controlSocket, settling: ControlClient.cliSettling)
