@@ -36,7 +36,22 @@ public enum KeyFormat {
         guard text.hasPrefix("fgd_") else {
             return "is not a device key: they start with fgd_ (the key printed by `farmgate-ingest device create`, or written by `farmgate enroll`)"
         }
-        return "is not a whole device key: fgd_, \(keyIDLength) characters of a-z and 2-7, _, then \(secretLength) hex digits "
-            + "(\(3 + 1 + keyIDLength + 1 + secretLength) characters in all; this one has \(text.utf8.count)); copy it again in full"
+        let length = 3 + 1 + keyIDLength + 1 + secretLength
+        let form = "fgd_, \(keyIDLength) characters of a-z and 2-7, _, then \(secretLength) lowercase hex digits"
+        let count = text.unicodeScalars.count
+        guard count == length, text.utf8.count == length else {
+            return "is not a whole device key: \(form) (\(length) characters in all; this one has \(count)); copy it again in full"
+        }
+        // The right length: say which part is wrong (the characters are ASCII here).
+        let bytes = Array(text.utf8)
+        let part: String
+        if !bytes[4..<(4 + keyIDLength)].allSatisfy({ base32Alphabet.contains($0) }) {
+            part = "its key id (the \(keyIDLength) characters after fgd_) holds a character other than a-z and 2-7"
+        } else if bytes[4 + keyIDLength] != UInt8(ascii: "_") {
+            part = "the character after its key id is not _"
+        } else {
+            part = "its secret (the \(secretLength) characters after the second _) holds a character other than 0-9 and a-f"
+        }
+        return "is not a device key: \(part); a device key is \(form). Copy it again as printed (keys are lowercase)"
     }
 }

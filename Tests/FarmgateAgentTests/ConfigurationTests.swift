@@ -195,9 +195,13 @@ struct ConfigurationTests {
         // A key cut short in copying, or another kind of credential, is refused now, not by a 401 on every upload; the
         // message gives the form and never the key.
         let whole = "fgd_testkey2_" + String(repeating: "0123456789abcdef", count: 4)
+        let secret = String(repeating: "0123456789abcdef", count: 4)
         for (text, says) in [
             (String(whole.dropLast()), "is not a whole device key"), (whole + "0", "is not a whole device key"),
-            (whole.uppercased().replacingOccurrences(of: "FGD_", with: "fgd_"), "is not a whole device key"),
+            (whole.uppercased().replacingOccurrences(of: "FGD_", with: "fgd_"), "its key id (the 8 characters after fgd_) holds a character other than a-z and 2-7"),
+            (String(whole.dropLast()) + "g", "its secret (the 64 characters after the second _) holds a character other than 0-9 and a-f"),
+            ("fgd_testkey2-" + secret, "the character after its key id is not _"),
+            (String(whole.dropLast()) + "é", "this one has 77"),
             ("fgd_short", "this one has 9"), ("fgr_" + whole.dropFirst(4), "is a fgr_ credential, not a device key"),
         ] {
             let refused = try #require(error(Self.minimal + "\n[upload]\nendpoint = \"https://x\"\nkey = \"\(text)\""), "\(text)")
@@ -206,7 +210,6 @@ struct ConfigurationTests {
         }
         // A key in the wrong place (unquoted, pasted as a path, an id or into the endpoint) is never shown either
         // (before the fix, a tester 2026-12-06: each message held the whole key, and so did the log and `status`).
-        let secret = String(repeating: "0123456789abcdef", count: 4)
         for misplaced in [
             "\n[upload]\nendpoint = \"https://x\"\nkey = \(whole)\n", "\n[upload]\nendpoint = \"https://x\"\nkey_file = \"\(whole)\"\n",
             "\n[upload]\nendpoint = \"https://x\"\nkey = \"\(whole)\"\nca_file = \"\(whole)\"\n",
@@ -218,6 +221,13 @@ struct ConfigurationTests {
         }
         let asDevice = try #require(error(Self.minimal.replacingOccurrences(of: "id = \"", with: "id = \"\(whole)") ))
         #expect(!asDevice.description.contains(secret.prefix(12)), "\(asDevice.description)")
+        // A key file with a byte order mark (Windows editors add one) holds the key all the same.
+        try ("\u{FEFF}" + whole + "\r\n").write(to: dir.appendingPathComponent("bom.key"), atomically: true, encoding: .utf8)
+        let bom = try AgentConfiguration.parse(ConfigDocument.parse(
+            Self.minimal + "\n[upload]\nendpoint = \"https://x\"\nkey_file = \"\(dir.appendingPathComponent("bom.key").path)\"\n", file: path))
+        #expect(bom.upload?.deviceKey == whole)
+        let emptySocket = try #require(error(Self.minimal + "\n[control]\nsocket = \"\"\n"))
+        #expect(emptySocket.key == "control.socket" && emptySocket.message.contains("must not be empty"), "\(emptySocket)")
         try "fgd_cut\n".write(to: dir.appendingPathComponent("cut.key"), atomically: true, encoding: .utf8)
         let cut = try #require(error(Self.minimal + "\n[upload]\nendpoint = \"https://x\"\nkey_file = \"\(dir.appendingPathComponent("cut.key").path)\""))
         #expect(cut.key == "upload.key_file" && cut.message.contains("cut.key is not a whole device key"), "\(cut.message)")

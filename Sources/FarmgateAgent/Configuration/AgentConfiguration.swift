@@ -127,7 +127,12 @@ extension AgentConfiguration {
         var controlSocket = Self.defaultControlSocket
         if let table = try root.table("control") {
             try table.checkKeys(["socket"])
-            if let socket = try table.string("socket") { controlSocket = resolve(socket, against: base) }
+            if let socket = try table.string("socket") {
+                guard !socket.trimmingWhitespace().isEmpty else {
+                    throw table.error("socket", "must not be empty: give the control socket's path, such as \"\(Self.defaultControlSocket)\" (or remove the key for that default)")
+                }
+                controlSocket = resolve(socket, against: base)
+            }
         }
         guard controlSocket.utf8.count < 104 else {
             throw root.error("control", "socket path is longer than a Unix socket allows (103 bytes): \(controlSocket)")
@@ -342,7 +347,8 @@ extension AgentConfiguration {
         case (.none, .some(let file)):
             let path = resolve(file, against: base)
             do {
-                key = try FileSystem.text(path, limit: 64 << 10).trimmingWhitespace()
+                // A byte order mark (Windows editors add one) is not part of the key.
+                key = String(try FileSystem.text(path, limit: 64 << 10).trimmingWhitespace().drop { $0 == "\u{FEFF}" })
             } catch {
                 throw table.error("key_file", "cannot read \(path): \(error.reason)")
             }

@@ -111,6 +111,6 @@ enum SequenceComparison {
     static func conflict(_ reading: Reading, differences: [String]) -> RejectedReading {
         RejectedReading(
             sequence: reading.sequence, sensor: reading.sensor.rawValue, code: RejectionCode.sequenceConflict,
-            message: "sequence \(reading.sequence) is already stored for this device with another \(differences.joined(separator: ", ")); two readings were numbered alike (a site buffer lost or replaced): number this one above the highest sequence the ingest holds (GET \(IngestProtocol.deviceStatePath))")
+            message: "sequence \(reading.sequence) is already stored for this device with a different \(differences.joined(separator: ", ")); two readings were numbered alike (a site buffer lost or replaced): number this one above the highest sequence the ingest holds (GET \(IngestProtocol.deviceStatePath))")
     }
 }
