@@ -57,6 +57,7 @@ struct GPIOAgentTests {
         // First run: the float switch is read once, then three changes are appended, each shorter than any interval.
         let log = scratch.file("agent.log")
         var process = try startAgent(configuration, log: log)
+        defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }  // never left running by a test that stops early
         let readOnce = await eventually(timeout: .seconds(30), every: .milliseconds(100)) {
             await sensorStatus(socket, "tank1.float")?.lastValue == 0
         }
@@ -135,6 +136,7 @@ struct GPIOAgentTests {
             """)
         let log = scratch.file("agent.log")
         let process = try startAgent(configuration, log: log)
+        defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }  // never left running by a test that stops early
         let stored = await eventually(timeout: .seconds(30), every: .milliseconds(100)) {
             await sensorStatus(socket, "floor.leak")?.lastValue == 1
         }
@@ -199,6 +201,7 @@ struct GPIOAgentTests {
         func storedCount() -> String? { try? String(contentsOfFile: countFile, encoding: .utf8) }
         let log = scratch.file("agent.log")
         var process = try startAgent(configuration, log: log)
+        defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }  // never left running by a test that stops early
         let firstRead = await eventually(timeout: .seconds(30), every: .milliseconds(100)) {
             await sensorStatus(socket, "loop.pulses")?.readsOK == 1
         }

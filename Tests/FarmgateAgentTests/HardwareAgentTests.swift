@@ -104,6 +104,9 @@ struct HardwareAgentTests {
         process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
         process.standardOutput = process.standardError
         try process.run()
+        // Never left running by a test that stops early: it would go on opening its ports' paths, and a pseudo-terminal
+        // number given to another test's circuit later would be taken by it.
+        defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
 
         // Running: the bus answers; then the adapter goes away for a while and comes back with new values.
         let answered = await eventually(timeout: .seconds(20)) { slave.requestCount(slave: 1) >= 3 }
