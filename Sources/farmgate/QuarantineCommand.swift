@@ -35,18 +35,7 @@ struct AgentConnection: ParsableArguments {
         // running agent, which runs the one it loaded before; then the socket its [control] section names, read
         // leniently, and the default one are tried. Only a socket nobody answers on passes to the next; a request sent
         // and not answered is never sent again.
-        let candidates: [String]
-        var problem: String?
-        if let socket {
-            candidates = [socket]
-        } else {
-            do {
-                candidates = StatusCommand.sockets(of: try AgentConfiguration.load(path: options.config))
-            } catch {
-                problem = error.description
-                candidates = StatusCommand.sockets(namedIn: options.config)
-            }
-        }
+        let (candidates, problem) = StatusCommand.candidateSockets(socket: socket, configPath: options.config)
         var found: [UInt8]?
         var firstError: (any Error)?
         for path in candidates where found == nil {

@@ -94,14 +94,7 @@ struct ReloadCommand: ParsableCommand {
     /// The agent's status and the socket it answered on: `--socket`, the configuration's, or (a file that does not load:
     /// the agent will refuse it, and says why) the socket the file names and the default one.
     private func currentStatus() throws -> (String, AgentStatus) {
-        let candidates: [String]
-        if let socket {
-            candidates = [socket]
-        } else if let configuration = try? AgentConfiguration.load(path: options.config) {
-            candidates = StatusCommand.sockets(of: configuration)
-        } else {
-            candidates = StatusCommand.sockets(namedIn: options.config)
-        }
+        let candidates = StatusCommand.candidateSockets(socket: socket, configPath: options.config).sockets
         var failures: [String] = []
         for path in candidates {
             do {

@@ -97,6 +97,17 @@ struct StatusCommand: ParsableCommand {
         return found
     }
 
+    /// Where to ask the agent of the configuration at `path`: `socket` when given; else ``sockets(of:)`` of the loaded
+    /// configuration; else, when it does not load (`problem`: why), ``sockets(namedIn:)``.
+    static func candidateSockets(socket: String?, configPath path: String) -> (sockets: [String], problem: String?) {
+        if let socket { return ([socket], nil) }
+        do {
+            return (sockets(of: try AgentConfiguration.load(path: path)), nil)
+        } catch {
+            return (sockets(namedIn: path), error.description)
+        }
+    }
+
     /// The `socket = "…"` of the `[control]` section of the file at `path`, read as text whatever else the file holds
     /// (relative to the file's directory, as the agent resolves it), then the socket the agent of its `[buffer] path`
     /// (read the same way, else the default buffer) recorded beside the buffer (an edit that moved the socket is not

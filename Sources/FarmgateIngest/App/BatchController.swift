@@ -202,7 +202,6 @@ struct BatchController: Sendable {
         // An event id names one calibration for good: the same id with other content (in this batch or stored) is
         // refused like an invalid event, before anything is stored, not taken for a duplicate and dropped by the sender.
         if let eventStore, !calibrations.isEmpty {
-            if let problem = Self.conflictingEvent(in: calibrations, stored: [:]) { throw problem }
             let stored: [String: CalibrationEvent]
             // An event is of a sensor the device has: declared in this batch or registered before.
             let declared = Set(batch.sensors.map(\.id))
