@@ -112,7 +112,8 @@ func buildRouter(
     commits: CommitFeed,
     latest: LatestCache
 ) -> Router<IngestRequestContext> {
-    let router = Router(context: IngestRequestContext.self)
+    // HEAD on every GET route (RFC 9110 §9.3.2): the GET's status and headers, Content-Length included, without the body.
+    let router = Router(context: IngestRequestContext.self, options: .autoGenerateHeadEndpoints)
     // Middleware first: it wraps only routes added after it, and the not-found responder.
     router.add(middleware: RequestMetricsMiddleware(metrics: metrics))
     router.add(middleware: APIErrorMiddleware())
@@ -148,20 +149,6 @@ func buildRouter(
     router.get("/healthz") { request, _ in
         try ReadController.checkParameters(request.uri.queryParameters, known: [])
         return jsonResponse(["status": "ok"])
-    }
-    // Load balancers that probe with HEAD: the same answer without a body.
-    router.head("/healthz") { request, _ in
-        try ReadController.checkParameters(request.uri.queryParameters, known: [])
-        return Response(status: .ok)
-    }
-    router.head("/readyz") { request, _ in
-        try ReadController.checkParameters(request.uri.queryParameters, known: [])
-        do {
-            try await store.ping()
-            return Response(status: .ok)
-        } catch {
-            return Response(status: .serviceUnavailable, headers: [.retryAfter: "5"])
-        }
     }
     router.get("/readyz") { request, _ in
         try ReadController.checkParameters(request.uri.queryParameters, known: [])

@@ -29,6 +29,12 @@ public struct IngestRequestContext: RequestContext {
 /// unknown route) with a stable code, and anything else as 500 `internal_error` with the details only in the log.
 struct APIErrorMiddleware<Context: RequestContext>: RouterMiddleware {
     func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+        let response = try await answer(request, context: context, next: next)
+        // A HEAD answer carries the headers of what GET would have answered, an error's included, and no body.
+        return request.method == .head ? response.createHeadResponse() : response
+    }
+
+    private func answer(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
         do {
             return try await next(request, context)
         } catch {

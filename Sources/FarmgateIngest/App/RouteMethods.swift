@@ -7,7 +7,7 @@ enum RouteMethods {
     /// Path patterns (`*` one segment) and their methods.
     static let table: [(pattern: [Substring], methods: [HTTPRequest.Method])] = [
         ("/v1/batches", [.post]), ("/v1/device", [.get]), ("/v1/enroll", [.post]),
-        ("/healthz", [.get, .head]), ("/readyz", [.get, .head]), ("/metrics", [.get]),
+        ("/healthz", [.get]), ("/readyz", [.get]), ("/metrics", [.get]),
         ("/v1/farms/*/latest", [.get]),
         ("/v1/farms/*/devices/*/sensors/*/readings", [.get]),
         ("/v1/farms/*/devices/*/sensors/*/calibrations", [.get]),
@@ -18,10 +18,15 @@ enum RouteMethods {
 
     /// The methods `path` takes; nil when no route has that path.
     static func methods(for path: String) -> [HTTPRequest.Method]? {
-        let segments = path.split(separator: "/", omittingEmptySubsequences: false).dropFirst()
+        var segments = path.split(separator: "/", omittingEmptySubsequences: false).dropFirst()
+        // The router takes a path with one trailing slash as the path without it (`POST /v1/batches/`), so this does too.
+        if segments.count > 1, segments.last?.isEmpty == true { segments = segments.dropLast() }
         guard !segments.contains(where: \.isEmpty) else { return nil }
         for route in table where route.pattern.count == segments.count {
-            if zip(route.pattern, segments).allSatisfy({ $0 == "*" || $0 == $1 }) { return route.methods }
+            if zip(route.pattern, segments).allSatisfy({ $0 == "*" || $0 == $1 }) {
+                // The router answers HEAD wherever it answers GET.
+                return route.methods.flatMap { $0 == .get ? [.get, .head] : [$0] }
+            }
         }
         return nil
     }
