@@ -1,6 +1,7 @@
 import FarmgateSupport
 import FarmgateTestSupport
 import Foundation
+import Logging
 import Testing
 
 @testable import FarmgateIngest
@@ -141,6 +142,28 @@ struct StorageConfigurationTests {
             _ = try IngestConfiguration.parse("", file: "ingest.toml", baseDirectory: "/etc", environment: ["FARMGATE_INGEST_DATABASE_URL": "postgres:/x"])
         } throws: { error in
             (error as? ConfigurationError)?.description.hasPrefix("environment: FARMGATE_INGEST_DATABASE_URL: must start with postgresql://") == true
+        }
+    }
+
+    @Test("a SQLite path under a regular file is a configuration error naming the file; with PostgreSQL the path is not used")
+    func storagePathUnderAFile() throws {
+        let directory = try TemporaryDirectory()
+        let blocker = directory.path + "/notadir"
+        #expect(FileManager.default.createFile(atPath: blocker, contents: Data("x".utf8)))
+        let text = "[storage]\npath = \"notadir/data/ingest.sqlite\"\n"
+        #expect {
+            _ = try IngestConfiguration.parse(text, file: "ingest.toml", baseDirectory: directory.path)
+        } throws: { error in
+            (error as? ConfigurationError)?.description
+                == "ingest.toml:2: storage.path: \(blocker) is not a directory, so the SQLite store \(blocker)/data/ingest.sqlite cannot be made there: give a path in a directory"
+        }
+        let postgres = try IngestConfiguration.parse(text + "url = \"postgresql://u@h/d\"\n", file: "ingest.toml", baseDirectory: directory.path)
+        #expect(postgres.storage.postgres != nil)
+        // The store itself says which directory it could not make, in its own words, not Foundation's.
+        #expect {
+            _ = try SQLiteIngestStore(path: "/proc/self/nosuch/ingest.sqlite", logger: Logger(label: "t"))
+        } throws: { error in
+            "\(error)" == "cannot create the directory /proc/self/nosuch: No such file or directory"
         }
     }
 }

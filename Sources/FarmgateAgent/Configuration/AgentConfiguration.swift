@@ -103,7 +103,7 @@ extension AgentConfiguration {
                             + "(or remove the key for that default)")
                 }
                 buffer.path = resolve(path, against: base)
-                if let blocker = Self.fileInTheWay(of: buffer.path) {
+                if let blocker = FileSystem.fileInTheWay(of: buffer.path) {
                     throw table.error("path", "\(blocker) is not a directory, so the agent cannot make the buffer \(buffer.path) there: give a path in a directory")
                 }
                 // The buffer is a regular file (made by the agent when missing): not a directory, a device or a FIFO.
@@ -137,7 +137,7 @@ extension AgentConfiguration {
         guard controlSocket.utf8.count < 104 else {
             throw root.error("control", "socket path is longer than a Unix socket allows (103 bytes): \(controlSocket)")
         }
-        if let blocker = Self.fileInTheWay(of: controlSocket), let table = try root.table("control") {
+        if let blocker = FileSystem.fileInTheWay(of: controlSocket), let table = try root.table("control") {
             throw table.error("socket", "\(blocker) is not a directory, so the agent cannot make its control socket \(controlSocket) there: give a path in a directory")
         }
 
@@ -298,18 +298,6 @@ extension AgentConfiguration {
             }
         }
         return warnings
-    }
-
-    /// The nearest existing ancestor of `path` that is not a directory (a file where a directory of the path must be):
-    /// the agent could never make `path`'s directory, which it does at start; nil when nothing is in the way.
-    static func fileInTheWay(of path: String) -> String? {
-        var directory = URL(fileURLWithPath: path).deletingLastPathComponent().path
-        while directory != "/" && !directory.isEmpty {
-            var info = stat()
-            if stat(directory, &info) == 0 { return info.st_mode & S_IFMT == S_IFDIR ? nil : directory }
-            directory = URL(fileURLWithPath: directory).deletingLastPathComponent().path
-        }
-        return nil
     }
 
     /// `[metrics] textfile` (required in the section) and `interval`.

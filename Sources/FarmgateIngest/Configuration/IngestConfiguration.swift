@@ -404,6 +404,12 @@ public struct IngestConfiguration: Sendable, Hashable {
                 throw section.error(key, "applies to PostgreSQL only; set [storage] url = \"postgresql://...\" (or \(Self.databaseURLEnvironmentVariable)) or remove it")
             }
         }
+        // The SQLite store's directory is made at start; a file where a directory of its path must be stops every command.
+        if storage.postgres == nil, let blocker = FileSystem.fileInTheWay(of: storage.path) {
+            let message = "\(blocker) is not a directory, so the SQLite store \(storage.path) cannot be made there: give a path in a directory"
+            if let section = storageSection, section.contains("path") { throw section.error("path", message) }
+            throw ConfigurationError(file: table.file, line: nil, key: "[storage] path", message: message + " (this is the default; set [storage] path)")
+        }
         if let postgres = storage.postgres, let caFile = postgres.caFile, let refuseURL {
             // Each problem is told where it was written: `ca_file` and `tls`, or the URL's sslrootcert and sslmode.
             let fromKey = storageSection?.contains("ca_file") == true

@@ -28,16 +28,15 @@ public final class SQLiteIngestStore: IngestStore {
     /// - Parameter busyTimeoutMilliseconds: how long a statement waits for another process's lock (an admin command
     ///   writing at the same time) before failing.
     /// - Parameter sensorsPerDevice: ``IngestConfiguration/Limits/sensorsPerDevice``.
-    /// - Throws: ``SQLiteError`` when the file cannot be opened or is not a database, or a Foundation error when its
+    /// - Throws: ``SQLiteError`` when the file cannot be opened or is not a database, or ``FileSystem/Failure`` when its
     ///   directory cannot be created.
     public init(
         path: String, busyTimeoutMilliseconds: Int32 = 5_000, sensorsPerDevice: Int = IngestConfiguration.Limits.defaultSensorsPerDevice,
         logger: Logger
     ) throws {
         self.sensorsPerDevice = sensorsPerDevice
-        let directory = URL(fileURLWithPath: path).deletingLastPathComponent().path
-        if !directory.isEmpty {
-            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        if let slash = path.lastIndex(of: "/"), slash != path.startIndex {
+            try FileSystem.createDirectories(String(path[..<slash]))
         }
         self.path = path
         self.logger = logger

@@ -15,8 +15,10 @@ public enum FileSystem {
         public let code: Int32
         /// What went wrong without the path: `strerror(code)`, "not UTF-8 text", "larger than N bytes".
         public let reason: String
+        /// What was being done: "read", or "create the directory" for ``createDirectories(_:mode:)``.
+        public var operation = "read"
 
-        public var description: String { "cannot read \(path): \(reason)" }
+        public var description: String { "cannot \(operation) \(path): \(reason)" }
     }
 
     /// The bytes of `path`; files larger than `limit` are refused rather than read into memory, and anything but a
@@ -68,8 +70,14 @@ public enum FileSystem {
         guard !path.isEmpty, !isDirectory(path) else { return }
         let parent = path.lastIndex(of: "/").map { String(path[..<$0]) } ?? ""
         if !parent.isEmpty { try createDirectories(parent, mode: mode) }
-        if mkdir(path, mode) != 0, errno != EEXIST { throw failure(path, errno) }
-        guard isDirectory(path) else { throw Failure(path: path, code: ENOTDIR, reason: "exists and is not a directory") }
+        if mkdir(path, mode) != 0, errno != EEXIST {
+            var failure = failure(path, errno)
+            failure.operation = "create the directory"
+            throw failure
+        }
+        guard isDirectory(path) else {
+            throw Failure(path: path, code: ENOTDIR, reason: "exists and is not a directory", operation: "create the directory")
+        }
     }
 
     /// `path` with links followed (`realpath`); for a file that does not exist yet, its directory's path with links
@@ -85,6 +93,19 @@ public enum FileSystem {
         let directory = slash == path.startIndex ? "/" : String(path[..<slash])
         guard let resolved = real(directory) else { return path }
         return (resolved == "/" ? "" : resolved) + "/" + path[path.index(after: slash)...]
+    }
+
+    /// The nearest existing ancestor of `path` that is not a directory (a file where a directory of the path must be):
+    /// nothing could ever make `path`'s directory; nil when nothing is in the way.
+    public static func fileInTheWay(of path: String) -> String? {
+        var directory = path
+        while let slash = directory.lastIndex(of: "/") {
+            directory = String(directory[..<slash])
+            guard !directory.isEmpty else { return nil }
+            var info = stat()
+            if stat(directory, &info) == 0 { return info.st_mode & S_IFMT == S_IFDIR ? nil : directory }
+        }
+        return nil
     }
 
     /// Whether `path` is a directory (following symbolic links).
