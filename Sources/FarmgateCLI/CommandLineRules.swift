@@ -1,4 +1,9 @@
 import ArgumentParser
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -42,12 +47,58 @@ public enum CommandLineRules {
         return nil
     }
 
-    /// Runs `root` as ArgumentParser would, after refusing a `help` request for a command that does not exist
-    /// (standard error, exit 64).
+    /// The usage error (message, the command's usage line) for an option that takes one value given more than once (`--device a --device b`, `-c x
+    /// --config y`), which ArgumentParser answers by keeping the last, so that a script's mistake runs on half of what
+    /// it said; nil when no such option repeats. Options declared as arrays may repeat.
+    public static func repeatedOption(_ arguments: [String], root: any ParsableCommand.Type) -> String? {
+        let words = arguments.prefix { $0 != "--" }
+        // Cheap first: one option cannot repeat, and the agent's `agent -c FILE` never pays for the lookup below.
+        guard words.count(where: { $0.hasPrefix("-") && $0 != "-" }) > 1 else { return nil }
+        var command = root
+        var path = [root._commandName]
+        for word in words where !word.hasPrefix("-") {
+            guard let next = command.configuration.subcommands.first(where: { $0._commandName == word || $0.configuration.aliases.contains(word) })
+            else { break }
+            command = next
+            path.append(next._commandName)
+        }
+        guard let info = try? JSONDecoder().decode(DumpedHelp.self, from: Data(command._dumpHelp().utf8)) else { return nil }
+        for argument in info.command.arguments ?? [] where argument.kind == "option" && !argument.isRepeating {
+            let spellings = (argument.names ?? []).map { $0.kind == "long" ? "--" + $0.name : "-" + $0.name }
+            let given = words.filter { word in spellings.contains { word == $0 || word.hasPrefix($0 + "=") } }
+            guard given.count > 1 else { continue }
+            let name = spellings.first { $0.hasPrefix("--") } ?? spellings.first ?? "?"
+            return "Error: \(name) takes one value but was given \(given.count) times (\(given.joined(separator: ", "))); give it once\n"
+                + "Usage: \(root.usageString(for: command))\n  See '\(path.joined(separator: " ")) --help' for more information.\n"
+        }
+        return nil
+    }
+
+    /// The part of ArgumentParser's `--experimental-dump-help` JSON that ``repeatedOption(_:root:)`` reads.
+    private struct DumpedHelp: Decodable {
+        struct Command: Decodable { var arguments: [Argument]? }
+        struct Argument: Decodable {
+            struct Name: Decodable {
+                var kind: String
+                var name: String
+            }
+            var kind: String
+            var isRepeating: Bool
+            var names: [Name]?
+        }
+        var command: Command
+    }
+
+    /// Runs `root` as ArgumentParser would, after refusing a `help` request for a command that does not exist and an
+    /// option of one value given twice (standard error, exit 64).
     public static func main<Root: AsyncParsableCommand>(_ root: Root.Type) async {
         let arguments = Array(CommandLine.arguments.dropFirst())
         if let problem = unknownHelpTopic(arguments, root: root) {
             root.exit(withError: ValidationError(problem))
+        }
+        if let problem = repeatedOption(arguments, root: root) {
+            _ = problem.utf8CString.withUnsafeBufferPointer { write(2, $0.baseAddress, $0.count - 1) }
+            exit(64)  // EX_USAGE, with the subcommand's usage line, which `root.exit(withError:)` would give as the root's
         }
         await root.main(arguments)
     }

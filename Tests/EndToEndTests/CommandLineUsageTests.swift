@@ -26,6 +26,12 @@ import Testing
         ("farmgate", ["calibrate", "tank1.ph", "--abort", "--socket", ""], 64, "--socket is empty"),
         ("farmgate", ["sensor", "read", "tank1.ph", "--socket", ""], 64, "--socket is empty"),
         ("farmgate", ["sensor", "read", ""], 64, "invalid sensor id ''"),
+        // An option of one value given twice: ArgumentParser kept the last (`device create` made `b`). The usage line
+        // is the subcommand's (before: the root's).
+        ("farmgate-ingest", ["device", "create", "--farm", "f", "--device", "a", "--device=b"], 64,
+         "--device takes one value but was given 2 times (--device, --device=b); give it once\nUsage: farmgate-ingest device create --farm"),
+        ("farmgate", ["sensor", "read", "tank1.ph", "-c", "a.toml", "--config", "b.toml"], 64,
+         "--config takes one value but was given 2 times (-c, --config)"),
     ])
     func missingCommandsAreUsageErrors(program: String, arguments: [String], status: Int32, says: String) async throws {
         let binary = program == "farmgate" ? Farm.agentBinary : Farm.ingestBinary
@@ -33,6 +39,15 @@ import Testing
         #expect(result.status == status, "\(program) \(arguments): \(result.stderr)")
         #expect(result.stderr.contains(says), "\(program) \(arguments): \(result.stderr)")
         #expect(!result.stdout.contains("OVERVIEW"), "\(program) \(arguments) printed help on standard output")
+    }
+
+    /// Options declared to repeat still may (`quarantine requeue --sequence 1 --sequence 2`); a repeated option is refused
+    /// before the configuration is read, and one given once goes on to it.
+    @Test func repeatableOptionsStillRepeat() async throws {
+        let requeue = try await runCommand(Farm.agentBinary, ["quarantine", "requeue", "--sequence", "1", "--sequence", "2", "-c", "/nonexistent.toml"])
+        #expect(requeue.status != 64 && !requeue.stderr.contains("takes one value"), "\(requeue.stderr)")
+        let once = try await runCommand(Farm.ingestBinary, ["device", "create", "--farm", "f", "--device", "a", "-c", "/nonexistent.toml"])
+        #expect(once.status == 78 && once.stderr.contains("/nonexistent.toml"), "\(once.stderr)")
     }
 
     /// Help of a real command still works and exits 0.
