@@ -366,6 +366,13 @@ struct SiteEnrollmentTests {
             }
             #expect(failure?.description.contains("is the key of \(says)") == true, "\(failure?.description ?? "")")
         }
+        // Whatever the neighbour's name (before the fix, a tester 2026-12-06: only *.toml was read).
+        try FileManager.default.moveItem(atPath: first, toPath: dir.file("agent-a.conf"))
+        let renamed = #expect(throws: SiteEnrollment.Failure.self) {
+            try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: "https://i.example", token: Self.token, configPath: second))
+        }
+        #expect(renamed?.description.contains("(\(dir.file("agent-a.conf")) reads it)") == true, "\(renamed?.description ?? "")")
+        try FileManager.default.moveItem(atPath: dir.file("agent-a.conf"), toPath: first)
         // An ingest's configuration beside it reads no key.
         _ = try dir.write("agent-a.toml", "[server]\nport = 8080\n")
         #expect(try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: "https://i.example", token: Self.token, configPath: second)).keyFile == key)

@@ -118,7 +118,7 @@ extension SiteEnrollment {
         return files
     }
 
-    /// Another agent configuration beside this one (or beside the key file) whose key is the existing `keyFile` and
+    /// Another agent configuration beside this one (or beside the key file), under any name, whose key is the existing `keyFile` and
     /// whose device is not `device` (nil: this configuration names none yet, so any other device's): writing this
     /// device's key over it would make that agent's uploads refused for good. A neighbour that does not parse (a
     /// half-finished edit: its agent still runs the file it loaded) is read line by line, as `status` reads one; one
@@ -129,7 +129,9 @@ extension SiteEnrollment {
         let directories = Set([configPath, keyFile].map { URL(fileURLWithPath: canonicalPath($0)).deletingLastPathComponent().path })
         for directory in directories.sorted() {
             guard let names = try? FileManager.default.contentsOfDirectory(atPath: directory) else { continue }
-            for name in names.sorted() where name.hasSuffix(".toml") {
+            // Any name (`agent-a.conf`, `site-b.toml.disabled`): what counts is the content. Hidden files are editors'
+            // swap files and the like; the key files, units and the rest are not agent configurations.
+            for name in names.sorted() where !name.hasPrefix(".") {
                 let other = directory + "/" + name
                 var info = stat()  // a regular file only: reading a FIFO would wait for a writer
                 guard stat(other, &info) == 0, info.st_mode & S_IFMT == S_IFREG, !sameFile(other, configPath),
