@@ -394,6 +394,26 @@ struct SiteEnrollmentTests {
         #expect(try String(contentsOfFile: key, encoding: .utf8) == Self.key)
     }
 
+    // Before the fix (a tester, 2026-12-06) a key file under a regular file was refused as a permission problem: "run
+    // farmgate enroll as root", exit 73.
+    @Test func aKeyFileUnderARegularFileIsAPathError() throws {
+        let dir = try Scratch(prefix: "fg-enroll")
+        let config = try dir.write("agent.toml", Self.config)
+        let blocker = try dir.write("notadir", "x")
+        let given = #expect(throws: SiteEnrollment.Failure.self) {
+            try SiteEnrollment.prepare(
+                SiteEnrollment.Request(endpoint: "https://i.example", token: Self.token, configPath: config, keyFile: blocker + "/device.key"))
+        }
+        #expect(given?.exitCode == 64, "\(given?.description ?? "")")
+        #expect(given?.description.hasPrefix("\(blocker) is not a directory, so \(blocker)/device.key cannot be written there: give --key-file") == true,
+            "\(given?.description ?? "")")
+        _ = try dir.write("agent.toml", Self.config + "\n[upload]\nendpoint = \"https://i.example\"\nkey_file = \"notadir/device.key\"\n")
+        let configured = #expect(throws: SiteEnrollment.Failure.self) {
+            try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: "https://i.example", token: Self.token, configPath: config))
+        }
+        #expect(configured?.exitCode == 78 && configured?.description.contains("correct [upload] key_file in \(config)") == true, "\(configured?.description ?? "")")
+    }
+
     // Before the fix `-c ''` (or FARMGATE_CONFIG set to nothing, or a directory) passed every check, the token was spent,
     // and then the write failed (exit 73); with '' the key landed in the parent of the working directory.
     @Test func aConfigurationPathThatNamesNoFileIsRefusedBeforeTheTokenIsUsed() throws {

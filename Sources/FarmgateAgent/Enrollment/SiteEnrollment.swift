@@ -183,6 +183,18 @@ public enum SiteEnrollment {
         }
         let keyFile = request.keyFile.map { AgentConfiguration.lexicalPath($0) }
             ?? configuredKeyFile ?? AgentConfiguration.resolve("device.key", against: base)
+        // A file where a directory of the key's or the configuration's path must be is a path problem, not one of
+        // permissions (it said "run as root", exit 73).
+        for (path, given, fix) in [
+            (keyFile, request.keyFile != nil, request.keyFile != nil ? "give --key-file a path in a directory" : "correct [upload] key_file in \(request.configPath)"),
+            (configTarget, true, "give --config a path in a directory"),
+        ] {
+            if let blocker = FileSystem.fileInTheWay(of: path) {
+                throw Failure(
+                    description: "\(blocker) is not a directory, so \(path) cannot be written there: \(fix). Nothing was sent: the token is unused",
+                    exitCode: given ? 64 : 78)
+            }
+        }
         // The CA bundle the exchange trusts is one of the files the key must not replace.
         let caForExchange = request.caFile.map { AgentConfiguration.resolve($0, against: FileManager.default.currentDirectoryPath) } ?? configuredCA
         try checkKeyFile(
