@@ -30,6 +30,12 @@ struct DelayedDriver: SensorDriver {
     }
 }
 
+/// A driver that reads at once and whose close never ends (a port stuck in the kernel).
+struct HangingCloseDriver: SensorDriver {
+    func read() async throws(SensorError) -> SensorValue { SensorValue(6.1) }
+    func close() async { try? await Task.sleep(for: .seconds(60)) }
+}
+
 func sensorConfiguration(_ id: String, quantity: Quantity, interval: String = "100ms", extra: String = "") throws -> SensorConfiguration {
     let text = """
         [device]
@@ -196,6 +202,27 @@ struct SamplerTests {
         #expect(sink.samples.withLock { $0.map(\.sensor.rawValue) } == ["loop.pulses"])
         #expect(sink.samples.withLock { $0.first?.value } == 3)
         #expect(took < Sampler.stoppingReadGrace + .seconds(1), "the stop took \(took)")
+    }
+
+    // Before the fix (a tester, 2026-12-06) the warning named the sensors busy reading, `stuck=[]` when the driver that
+    // hung was in its close.
+    @Test("A driver that does not close in time is named in the stop's warning, and does not hold the stop")
+    func stuckClose() async throws {
+        let hanging = try sensorConfiguration("tank1.ph", quantity: .ph, interval: "1s")
+        let fine = try sensorConfiguration("tank1.ec", quantity: .electricalConductivity, interval: "1s")
+        let logs = LogRecorder()
+        let sampler = Sampler(
+            sensors: [.init(configuration: hanging, driver: HangingCloseDriver()), .init(configuration: fine, driver: BrokenDriver())],
+            sink: CollectingSink(), board: SensorStatusBoard(sensors: [hanging, fine]), clock: WallClock(checkSynchronization: false),
+            closeTimeout: .milliseconds(100), logger: logs.logger())
+        let task = Task { try await sampler.run() }
+        try await Task.sleep(for: .milliseconds(200))
+        let stop = ContinuousClock.now
+        task.cancel()
+        _ = try? await task.value
+        #expect(ContinuousClock.now - stop < .seconds(5))
+        let warning = logs.all.filter { $0.contains("did not close in time") }
+        #expect(warning.count == 1 && warning.first?.contains("stuck=tank1.ph ") == true, "\(logs.all)")
     }
 
     @Test("The simulated driver is reproducible from its seed and fails at its fault rate")

@@ -1,4 +1,5 @@
 import FarmgateSupport
+import FarmgateTestSupport
 import FarmgateWire
 import Foundation
 import Logging
@@ -137,10 +138,10 @@ import Testing
 
             // The scheduled run: the report, its log line and the metric say how many went.
             let registry = PrometheusCollectorRegistry()
-            let recorder = EnrollmentAPITests.LogRecorder()
+            let recorder = LogRecorder()
             let service = RetentionService(
                 store: store, retention: Self.retention, metrics: RetentionMetrics(registry: registry),
-                logger: Logger(label: "retention-test") { _ in EnrollmentAPITests.RecordingHandler(recorder: recorder) }, now: { testNow })
+                logger: Logger(label: "retention-test") { _ in RecordingHandler(recorder: recorder) }, now: { testNow })
             let report = try #require(await service.runOnce())
             #expect(report.alertTransitionsDeleted == 10)
             #expect(report.alertHistoryCutoff == Timestamp(microseconds: testNow.microseconds - 30 * 86_400_000_000))

@@ -1,3 +1,4 @@
+import FarmgateTestSupport
 import FarmgateWire
 import Foundation
 import HTTPTypes
@@ -18,27 +19,6 @@ struct EnrollmentAPITests {
         let now = Mutex(testNow)
         func advance(seconds: Int64) { now.withLock { $0 = Timestamp(microseconds: $0.microseconds + seconds * 1_000_000) } }
         var current: Timestamp { now.withLock { $0 } }
-    }
-
-    /// Every message logged, with its metadata rendered as text.
-    final class LogRecorder: Sendable {
-        let lines = Mutex<[String]>([])
-        var all: [String] { lines.withLock { $0 } }
-    }
-
-    struct RecordingHandler: LogHandler {
-        let recorder: LogRecorder
-        var metadata: Logger.Metadata = [:]
-        var logLevel: Logger.Level = .trace
-        subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-            get { metadata[key] }
-            set { metadata[key] = newValue }
-        }
-        func log(event: LogEvent) {
-            let merged = metadata.merging(event.metadata ?? [:]) { $1 }
-            let text = merged.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
-            recorder.lines.withLock { $0.append("\(event.level) \(event.message) \(text)") }
-        }
     }
 
     struct Setup {
@@ -80,13 +60,13 @@ struct EnrollmentAPITests {
         }
     }
 
-    static func enroll(_ client: some TestClientProtocol, _ token: String, device: String? = nil) async throws -> TestResponse {
+    static func enroll(_ client: some TestClientProtocol, _ token: String, device: String? = nil) async throws -> HummingbirdTesting.TestResponse {
         let body = try device.map { ByteBuffer(bytes: try JSONEncoder().encode(EnrollmentRequest(device: $0))) }
         return try await client.execute(
             uri: EnrollmentProtocol.path, method: .post, headers: [.authorization: "Bearer \(token)", .contentType: "application/json"], body: body)
     }
 
-    static func deviceState(_ client: some TestClientProtocol, key: String) async throws -> TestResponse {
+    static func deviceState(_ client: some TestClientProtocol, key: String) async throws -> HummingbirdTesting.TestResponse {
         try await client.execute(uri: IngestProtocol.deviceStatePath, method: .get, headers: [.authorization: "Bearer \(key)"])
     }
 

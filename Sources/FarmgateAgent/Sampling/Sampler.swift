@@ -96,9 +96,17 @@ public final class Sampler: Service {
         }
         await readAtStop()
         let sensors = self.sensors
-        let closed: Bool? = await withDeadline(closeTimeout) {
+        // The sensors whose driver has not closed yet: the ones a warning names (not those busy reading, which may
+        // have closed while another one hangs).
+        let closing = Pending(sensors.map(\.configuration.id.rawValue))
+        let closed: Bool? = await withDeadline(closeTimeout, graceOnCancel: closeTimeout) {
             await withTaskGroup(of: Void.self) { group in
-                for sensor in sensors { group.addTask { await sensor.driver.close() } }
+                for sensor in sensors {
+                    group.addTask {
+                        await sensor.driver.close()
+                        closing.done(sensor.configuration.id.rawValue)
+                    }
+                }
                 await group.waitForAll()
                 return true
             }
@@ -106,7 +114,7 @@ public final class Sampler: Service {
         if closed == nil {
             logger.warning(
                 "Drivers did not close in time; leaving them to the process exit",
-                metadata: ["timeout": "\(closeTimeout)", "stuck": "\(sensors.filter(\.gate.isBusy).map(\.configuration.id.rawValue))"])
+                metadata: ["timeout": "\(closeTimeout)", "stuck": "\(closing.left.joined(separator: ","))"])
         }
     }
 
@@ -326,4 +334,12 @@ struct Deadband {
         }
         return .suppress
     }
+}
+
+/// The names of the jobs of a group that have not finished yet (the drivers still closing at a stop).
+private final class Pending: Sendable {
+    private let names: Mutex<Set<String>>
+    init(_ names: [String]) { self.names = Mutex(Set(names)) }
+    func done(_ name: String) { _ = names.withLock { $0.remove(name) } }
+    var left: [String] { names.withLock { $0.sorted() } }
 }
