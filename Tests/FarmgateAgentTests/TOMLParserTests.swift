@@ -307,6 +307,21 @@ struct TOMLParserTests {
         }
     }
 
+    // Before the fix (a tester, 2026-12-06) the message showed the first byte of a non-ASCII character as Latin-1
+    // (`Ã` for `ä`).
+    @Test("an unexpected non-ASCII character is named as written", arguments: [
+        ("[device]\nfärm = \"f\"\n", "unexpected `ä` in the key `f`"),
+        ("x = 1 é\n", "unexpected `é` after the value"),
+        ("x = 1 🌱\n", "unexpected `🌱` after the value"),
+    ])
+    func nonASCIIInMessages(document: String, says: String) {
+        #expect {
+            _ = try ConfigDocument.parse(document, file: "bad.toml")
+        } throws: { error in
+            "\(error)".contains(says)
+        }
+    }
+
     @Test("random bytes and truncations never crash the parser")
     func hostileBytes() {
         var random = SplitMix64(seed: 77)

@@ -209,7 +209,7 @@ struct TOMLParser {
         }
         if peek() != closing.asciiValue {
             if peek() == nil || isNewline(peek()) { throw error("expected `\(closing)` after the key \(shown(parts))") }
-            throw error("unexpected `\(Character(UnicodeScalar(peek() ?? 0)))` in the key \(shown(parts)) (quote keys with other characters)")
+            throw error("unexpected `\(characterHere())` in the key \(shown(parts)) (quote keys with other characters)")
         }
         return parts
     }
@@ -596,7 +596,7 @@ struct TOMLParser {
         } else if byte == UInt8(ascii: "\n") {
             position += 1
         } else {
-            throw error("unexpected `\(Character(UnicodeScalar(byte)))` after the value; one key = value per line")
+            throw error("unexpected `\(characterHere())` after the value; one key = value per line")
         }
         newLine()
     }
@@ -607,6 +607,20 @@ struct TOMLParser {
     }
 
     // MARK: Bytes
+
+    /// The character that starts at `position`, decoded from UTF-8 (`ä`, not the `Ã` of its first byte), for messages;
+    /// a byte that starts no valid sequence is shown as `\xNN`.
+    private func characterHere() -> String {
+        guard let lead = peek() else { return "" }
+        let length = lead < 0x80 ? 1 : lead >> 5 == 0b110 ? 2 : lead >> 4 == 0b1110 ? 3 : lead >> 3 == 0b11110 ? 4 : 0
+        if length > 0, position + length <= bytes.count,
+            let text = String(validating: bytes[position..<position + length], as: UTF8.self)
+        {
+            return text
+        }
+        let hex = Array("0123456789ABCDEF")
+        return "\\x" + String([hex[Int(lead >> 4)], hex[Int(lead & 0xF)]])
+    }
 
     private func peek(_ offset: Int = 0) -> UInt8? {
         position + offset < bytes.count ? bytes[position + offset] : nil
