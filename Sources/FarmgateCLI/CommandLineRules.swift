@@ -55,12 +55,10 @@ public enum CommandLineRules {
         // Cheap first: one option cannot repeat, and the agent's `agent -c FILE` never pays for the lookup below.
         guard words.count(where: { $0.hasPrefix("-") && $0 != "-" }) > 1 else { return nil }
         var command = root
-        var path = [root._commandName]
         for word in words where !word.hasPrefix("-") {
             guard let next = command.configuration.subcommands.first(where: { $0._commandName == word || $0.configuration.aliases.contains(word) })
             else { break }
             command = next
-            path.append(next._commandName)
         }
         guard let info = try? JSONDecoder().decode(DumpedHelp.self, from: Data(command._dumpHelp().utf8)) else { return nil }
         for argument in info.command.arguments ?? [] where argument.kind == "option" && !argument.isRepeating {
@@ -68,8 +66,7 @@ public enum CommandLineRules {
             let given = words.filter { word in spellings.contains { word == $0 || word.hasPrefix($0 + "=") } }
             guard given.count > 1 else { continue }
             let name = spellings.first { $0.hasPrefix("--") } ?? spellings.first ?? "?"
-            return "Error: \(name) takes one value but was given \(given.count) times (\(given.joined(separator: ", "))); give it once\n"
-                + "Usage: \(root.usageString(for: command))\n  See '\(path.joined(separator: " ")) --help' for more information.\n"
+            return usageError("\(name) takes one value but was given \(given.count) times (\(given.joined(separator: ", "))); give it once", of: command, root: root)
         }
         return nil
     }
@@ -96,10 +93,48 @@ public enum CommandLineRules {
         if let problem = unknownHelpTopic(arguments, root: root) {
             root.exit(withError: ValidationError(problem))
         }
-        if let problem = repeatedOption(arguments, root: root) {
-            _ = problem.utf8CString.withUnsafeBufferPointer { write(2, $0.baseAddress, $0.count - 1) }
-            exit(64)  // EX_USAGE, with the subcommand's usage line, which `root.exit(withError:)` would give as the root's
+        if let problem = repeatedOption(arguments, root: root) { exitWithUsageError(problem) }
+        // ArgumentParser's `main`, except that a `ValidationError` thrown by a subcommand's `run()` is shown with that
+        // subcommand's usage line: `main` gives the root's (`Usage: farmgate-ingest <subcommand>`).
+        var command: any ParsableCommand
+        do {
+            command = try root.parseAsRoot(arguments)
+        } catch {
+            root.exit(withError: error)
         }
-        await root.main(arguments)
+        do {
+            if var asynchronous = command as? any AsyncParsableCommand {
+                try await asynchronous.run()
+            } else {
+                try command.run()
+            }
+        } catch let error as ValidationError {
+            exitWithUsageError(usageError(error.message, of: type(of: command), root: root))
+        } catch {
+            root.exit(withError: error)
+        }
+    }
+
+    /// "Error: …", the usage line of `command` and where its help is, as ArgumentParser words a usage error.
+    static func usageError(_ message: String, of command: any ParsableCommand.Type, root: any ParsableCommand.Type) -> String {
+        let usage = root.usageString(for: command)
+        // The usage line starts with the command's path ("farmgate-ingest alert list --farm <farm> …").
+        let path = ([root._commandName] + commandPath(to: command, from: root)).joined(separator: " ")
+        return "Error: \(message)\nUsage: \(usage)\n  See '\(path) --help' for more information.\n"
+    }
+
+    /// The subcommand names from `root` down to `command` (empty for the root itself).
+    private static func commandPath(to command: any ParsableCommand.Type, from root: any ParsableCommand.Type) -> [String] {
+        for subcommand in root.configuration.subcommands {
+            if subcommand == command { return [subcommand._commandName] }
+            let below = commandPath(to: command, from: subcommand)
+            if !below.isEmpty { return [subcommand._commandName] + below }
+        }
+        return []
+    }
+
+    private static func exitWithUsageError(_ text: String) -> Never {
+        _ = text.utf8CString.withUnsafeBufferPointer { write(2, $0.baseAddress, $0.count - 1) }
+        exit(64)  // EX_USAGE
     }
 }

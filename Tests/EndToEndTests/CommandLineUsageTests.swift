@@ -32,6 +32,10 @@ import Testing
          "--device takes one value but was given 2 times (--device, --device=b); give it once\nUsage: farmgate-ingest device create --farm"),
         ("farmgate", ["sensor", "read", "tank1.ph", "-c", "a.toml", "--config", "b.toml"], 64,
          "--config takes one value but was given 2 times (-c, --config)"),
+        // A usage error found by a subcommand's run() is shown with that subcommand's usage line (before: the root's,
+        // `Usage: farmgate-ingest <subcommand>`).
+        ("farmgate-ingest", ["alert", "list", "--farm", "f", "--recent", "abc"], 64,
+         "--recent 'abc' must be a duration such as 1h, 24h or 7d\nUsage: farmgate-ingest alert list --farm <farm>"),
     ])
     func missingCommandsAreUsageErrors(program: String, arguments: [String], status: Int32, says: String) async throws {
         let binary = program == "farmgate" ? Farm.agentBinary : Farm.ingestBinary
