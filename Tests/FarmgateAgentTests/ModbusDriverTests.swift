@@ -353,6 +353,37 @@ struct ModbusBusTests {
         }
     }
 
+    // Before the fix (a tester, 2026-12-06, a DPH7-style transmitter sending floats low word first with word_order left
+    // at "big") pH 7.00 was read as 2.3e-41 and stored as a good pH 0.00.
+    @Test("A float32 too small for any measurement (what a wrong word order makes of most values) is a fault naming the other order's value; zero is a value")
+    func floatInTheWrongWordOrder() async throws {
+        let scratch = try Scratch(prefix: "fg-modbus")
+        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1])
+        func lowWordFirst(_ value: Float) -> [UInt16] { [UInt16(value.bitPattern & 0xFFFF), UInt16(value.bitPattern >> 16)] }
+        slave.set(slave: 1, address: 0, lowWordFirst(7.0))  // 0x0000 0x40E0
+        slave.set(slave: 1, address: 2, lowWordFirst(1408))  // EC µS/cm
+        slave.set(slave: 1, address: 4, lowWordFirst(6.83))  // 0x8F5C 0x40DA: negative and tiny read high word first
+        slave.set(slave: 1, address: 6, [0, 0])  // 0.0 in any order
+        let configurations = try modbusSensors(
+            port: slave.path,
+            [
+                ("t.ph", "slave = 1\naddress = 0\ndata_type = \"float32\"\nquantity = \"ph\""),
+                ("t.ec", "slave = 1\naddress = 2\ndata_type = \"float32\""),
+                ("t.ph2", "slave = 1\naddress = 4\ndata_type = \"float32\"\nquantity = \"ph\""),
+                ("t.zero", "slave = 1\naddress = 6\ndata_type = \"float32\"\nquantity = \"ph\""),
+                ("t.right", "slave = 1\naddress = 0\ndata_type = \"float32\"\nword_order = \"little\"\nquantity = \"ph\""),
+            ])
+        try await withModbusDrivers(configurations) { drivers in
+            for (driver, other) in zip(drivers.prefix(3), ["7.0", "1408.0", "6.83"]) {
+                let error = try #require(await readResult(driver).failure, "\(driver.sensor) read a value")
+                #expect(error.kind == .fault)
+                #expect(error.message.contains("with word_order = \"little\" they read \(other)"), "\(error)")
+            }
+            #expect(try await drivers[3].read().value == 0)
+            #expect(try await drivers[4].read().value == 7)
+        }
+    }
+
     @Test("An answer from another address names that address; exception 04 says the transmitter failed")
     func wrongAddressAndDeviceFailure() async throws {
         let scratch = try Scratch(prefix: "fg-modbus")

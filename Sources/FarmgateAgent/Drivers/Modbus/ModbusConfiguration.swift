@@ -179,6 +179,22 @@ public struct ModbusPoint: Sendable, Hashable {
         }
     }
 
+    /// Why a `float32` these registers hold cannot be a measurement, else nil: a magnitude below 10⁻⁶ other than zero.
+    ///
+    /// No transmitter measures anything that finely, but that is what a wrong `word_order` (or `byte_order`) makes of
+    /// most good values: 7.0 is 0x40E0 0x0000, and read low word first it is 2.3·10⁻⁴¹, which passes any plausible
+    /// range and would be stored as 0. The message says what the other word order reads.
+    public func implausibleFloat(_ registers: ArraySlice<UInt16>) -> String? {
+        guard dataType == .float32, let bits = bits(registers) else { return nil }
+        let float = Float(bitPattern: bits)
+        guard float != 0, float.isFinite, abs(float) < 1e-6 else { return nil }
+        var other = self
+        other.lowWordFirst.toggle()
+        let alternative = other.decode(registers).map { "\(Float($0))" } ?? "no number either"
+        return "float32 \(float), a magnitude no transmitter measures: the registers are most likely read in the wrong order "
+            + "(with word_order = \"\(lowWordFirst ? "big" : "little")\" they read \(alternative)); check word_order and byte_order against its register map"
+    }
+
     /// The value's bits, with byte and word order applied (16-bit types in the low half); nil for too few registers.
     private func bits(_ registers: ArraySlice<UInt16>) -> UInt32? {
         guard registers.count >= registerCount, let firstIndex = registers.indices.first else { return nil }

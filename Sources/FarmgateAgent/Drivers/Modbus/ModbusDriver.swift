@@ -69,6 +69,9 @@ public final class ModbusDriver: SensorDriver {
                 .fault,
                 "slave \(point.slave) register \(point.address) reads raw \(Self.hex(registers)), \(sentinel): what a transmitter sends when its probe is missing or broken, never a reading; check the probe and its cable (and data_type against its register map)")
         }
+        if let problem = point.implausibleFloat(registers[...]) {
+            throw SensorError(.fault, "slave \(point.slave) register \(point.address) reads raw \(Self.hex(registers)), \(problem)")
+        }
         guard let value = point.decode(registers[...]) else {
             throw SensorError(
                 .invalidResponse,
