@@ -146,6 +146,31 @@ struct EZODriverTests {
         await driver.close()
     }
 
+    // Before the fix (a tester, 2026-12-06) the sampler's 5 s bound counted the circuit's initialisation: an EC circuit
+    // with codes off whose outputs had to change answered after about 4–5 s, and the read was abandoned as "no answer".
+    @Test("The first read of a circuit, with its initialisation at the datasheet's timing and codes off, is not abandoned by the sampler's bound")
+    func initialisationWithinTheReadBound() async throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.ec, name: "ec", timeScale: 1, values: { index, _ in 1400 + Double(max(0, index)) })
+        simulator.setResponseCodes(false)
+        simulator.setConductivityOutputs(["EC", "TDS", "S", "SG"])  // three to turn off, each a command's full time
+        let drivers = try bench.drivers("[[sensor]]\nid = \"tank1.sg\"\ndriver = \"ezo\"\nquantity = \"specific_gravity\"\nport = \"\(bench.dir.file("ec"))\"\n")
+        let driver = try #require(drivers["tank1.sg"])
+        let configuration = try AgentConfiguration.parse(
+            ConfigDocument.parse(
+                "[device]\nid = \"bench\"\n[[sensor]]\nid = \"tank1.sg\"\ndriver = \"ezo\"\nquantity = \"specific_gravity\"\ninterval = \"2s\"\nport = \"\(bench.dir.file("ec"))\"\n",
+                file: bench.dir.file("agent.toml"))
+        ).sensors[0]
+        let sensor = Sampler.Sensor(configuration: configuration, driver: driver)
+        #expect(sensor.readTimeout > .seconds(10), "\(sensor.readTimeout)")  // 5 s at a 2 s interval before
+        let started = ContinuousClock.now
+        let outcome = await sensor.readOnce()
+        let took = ContinuousClock.now - started
+        #expect((try? outcome.get()) != nil, "\(outcome) after \(took)")
+        #expect(simulator.commands.contains { $0.uppercased() == "O,TDS,0" })
+        await driver.close()
+    }
+
     @Test("A link that echoes every command: reads work with response codes on or off", arguments: [true, false])
     func echoedCommands(codes: Bool) async throws {
         let bench = try EZOBench()

@@ -30,6 +30,25 @@ struct DelayedDriver: SensorDriver {
     }
 }
 
+/// A driver whose read number `slow` (from 0) takes `delay`, the others none.
+final class SlowReadDriver: SensorDriver {
+    let slow: Int
+    let delay: Duration
+    let count = Mutex(0)
+    init(slow: Int, delay: Duration) {
+        self.slow = slow
+        self.delay = delay
+    }
+    func read() async throws(SensorError) -> SensorValue {
+        let index = count.withLock { value in
+            defer { value += 1 }
+            return value
+        }
+        if index == slow { try? await Task.sleep(for: delay) }
+        return SensorValue(1400)
+    }
+}
+
 /// A driver that reads at once and whose close never ends (a port stuck in the kernel).
 struct HangingCloseDriver: SensorDriver {
     func read() async throws(SensorError) -> SensorValue { SensorValue(6.1) }
@@ -223,6 +242,27 @@ struct SamplerTests {
         #expect(ContinuousClock.now - stop < .seconds(5))
         let warning = logs.all.filter { $0.contains("did not close in time") }
         #expect(warning.count == 1 && warning.first?.contains("stuck=tank1.ph ") == true, "\(logs.all)")
+    }
+
+    // Before the fix (a tester, 2026-12-06) every EZO sensor with an interval of 2–3 s logged "scheduled reads skipped" at
+    // each start, and status showed it for the whole run: the first read sets the circuit up.
+    @Test("A slow first read (the device's setup) skips ticks without counting them; a slow later read counts", arguments: [0, 2])
+    func slowFirstRead(slowRead: Int) async throws {
+        let configuration = try sensorConfiguration("tank1.ec", quantity: .electricalConductivity, interval: "100ms")
+        let board = SensorStatusBoard(sensors: [configuration])
+        let sampler = Sampler(
+            sensors: [.init(configuration: configuration, driver: SlowReadDriver(slow: slowRead, delay: .milliseconds(350)))],
+            sink: CollectingSink(), board: board, clock: WallClock(checkSynchronization: false), logger: Logger(label: "test"))
+        let task = Task { try await sampler.run() }
+        try await Task.sleep(for: .milliseconds(1_000))
+        task.cancel()
+        _ = try? await task.value
+        let skipped = board.snapshot().first?.skippedReads ?? 0
+        if slowRead == 0 {
+            #expect(skipped == 0, "the setup read counted \(skipped) skipped reads")
+        } else {
+            #expect(skipped >= 3, "a slow third read counted \(skipped) skipped reads")
+        }
     }
 
     @Test("The simulated driver is reproducible from its seed and fails at its fault rate")

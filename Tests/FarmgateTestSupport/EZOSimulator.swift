@@ -219,6 +219,11 @@ public final class EZOSimulator: Sendable {
         state.withLock { $0.knowsRT = on }
     }
 
+    /// Sets an EC circuit's outputs (`EC`, `TDS`, `S`, `SG`), as `O,…,1` from another program would.
+    public func setConductivityOutputs(_ outputs: Set<String>) {
+        state.withLock { $0.settings.outputs = outputs }
+    }
+
     /// Sets a DO circuit's outputs (`MG`, `%`), as `O,mg,1` / `O,%,1` from another program would.
     public func setOxygenOutputs(_ outputs: Set<String>) {
         state.withLock { $0.settings.oxygenOutputs = outputs }

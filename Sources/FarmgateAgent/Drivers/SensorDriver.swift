@@ -50,11 +50,16 @@ public protocol SensorDriver: Sendable {
     /// after its last scheduled read: a sensor that accumulates between reads (a GPIO pulse count or flow meter) would
     /// otherwise lose what it counted since the last read.
     var readsAtStop: Bool { get }
+    /// How much longer than the sampler's bound (the interval, at least 5 s) a read may take because the driver may have
+    /// to set its device up first: an EZO circuit initialised at the first read, or again after it restarted, waits
+    /// for its boot and sends its settings a command at a time. The driver's own timeouts still bound each exchange.
+    var setupAllowance: Duration { get }
 }
 
 extension SensorDriver {
     public func close() async {}
     public var readsAtStop: Bool { false }
+    public var setupAllowance: Duration { .zero }
 }
 
 /// The latest value another sensor read, for drivers that depend on it (an EZO pH or EC circuit compensates with the

@@ -36,8 +36,9 @@ public final class Sampler: Service {
             self.driver = driver
         }
 
-        /// The longest a read may take before it is abandoned: the sensor's interval, at least 5 s.
-        public var readTimeout: Duration { max(configuration.interval, .seconds(5)) }
+        /// The longest a read may take before it is abandoned: the sensor's interval, at least 5 s, plus the driver's
+        /// ``SensorDriver/setupAllowance``.
+        public var readTimeout: Duration { max(configuration.interval, .seconds(5)) + driver.setupAllowance }
 
         /// Reads once, bounded by ``readTimeout``, without storing anything (the installer's test read).
         public func readOnce() async -> Result<SensorValue, SensorError> {
@@ -165,9 +166,10 @@ public final class Sampler: Service {
         var gate = Deadband(deadband: configuration.deadband, heartbeat: configuration.heartbeat)
         var tick = firstTick
         var skips = SkippedReadWarning()
+        var firstRead = true  // the first read is still to come
         while !Task.isCancelled && !Task.isShuttingDownGracefully {
             // Back by the next tick plus the longest read (sampleOnce's timeout); a read that ignores its timeout is stuck.
-            heartbeat.beat("\(configuration.id)", within: ContinuousClock.now.duration(to: tick) + max(configuration.interval, .seconds(5)))
+            heartbeat.beat("\(configuration.id)", within: ContinuousClock.now.duration(to: tick) + sensor.readTimeout)
             do {
                 // The shared timer: sensors on one phase wake together, from one timer wake-up.
                 try await SharedTimer.shared.sleep(until: tick)
@@ -176,12 +178,15 @@ public final class Sampler: Service {
             }
             await sampleOnce(sensor, gate: &gate)
             // Next tick on the sensor's grid; skip ticks that a slow read already missed, and say so: counted in
-            // `farmgate status` and the metrics, logged at most every few minutes.
+            // `farmgate status` and the metrics, logged at most every few minutes. Not for the first read, which
+            // sets the device up (an EZO circuit's initialisation takes 2–4 s): that is no sign of an interval too short.
             let now = ContinuousClock.now
             tick += configuration.interval
+            defer { firstRead = false }
             if tick < now {
                 let missed = ((now - tick) / configuration.interval).rounded(.up)
                 tick += configuration.interval * missed
+                if firstRead { continue }
                 let count = Int64(missed)
                 board.recordSkipped(configuration.id, count: count)
                 if let total = skips.record(count, at: now) {

@@ -247,6 +247,10 @@ public final class EZODriver: SensorDriver {
         latestValues = context.latestValues
     }
 
+    /// A read that finds the circuit to initialise (the first, or one after a restart) waits for its boot and sends
+    /// each setting with a command's time (without `*OK` codes, the full time of each): a few seconds on top of the read.
+    public var setupAllowance: Duration { EZOSession.bootTime + .seconds(5) }
+
     public func read() async throws(SensorError) -> SensorValue {
         let temperature = compensationTemperature()
         let session = self.session
