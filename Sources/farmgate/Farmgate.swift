@@ -164,7 +164,7 @@ struct SensorCommand: ParsableCommand, SubcommandsOnly {
     static let configuration = CommandConfiguration(
         commandName: "sensor",
         abstract: "Sensors and their drivers.",
-        subcommands: [Drivers.self, SensorRead.self])
+        subcommands: [Drivers.self, SensorRead.self, SensorAdd.self, SensorRemove.self])
 
     struct Drivers: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "List the drivers this build has, with a configuration to copy.")

@@ -17,12 +17,13 @@ import Logging
 struct SensorRead: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "read",
-        abstract: "Read one sensor once, through the running agent or directly when none runs; nothing is stored.",
+        abstract: "Read one sensor once, through the running agent or directly when none runs; nothing is stored (alias: test).",
         discussion: """
             With an agent running, the agent reads the sensor with the driver that owns its port (compensation included). \
             Without one, the sensor's driver is built from the configuration, reads once and closes. \
             Exit codes: 0 read, 1 read failed (the message says what to check), 64 unknown sensor, 78 bad configuration.
-            """)
+            """,
+        aliases: ["test"])
 
     @OptionGroup var options: ConfigOption
 

@@ -1,0 +1,175 @@
+import FarmgateSupport
+import FarmgateWire
+
+/// `farmgate sensor add` and `sensor remove`: one `[[sensor]]` table added to or removed from the configuration's text,
+/// the rest of the file (comments, order, spacing) left as it was, and the result checked as the agent would load it,
+/// so that a file these write always loads.
+public enum SensorTables {
+    /// Why the edit was refused; nothing was written. `exitCode` 64 for what the command line said, 78 for the file.
+    public struct Refusal: Error, Sendable, CustomStringConvertible {
+        public let description: String
+        public let exitCode: Int32
+    }
+
+    /// The edited text, the configuration it loads as, and the lines added or removed.
+    public struct Edit: Sendable {
+        public let text: String
+        public let configuration: AgentConfiguration
+        public let table: String
+    }
+
+    /// `text` with a `[[sensor]]` table for `id` appended, its keys from `settings` (`key=value` as given on the
+    /// command line, see ``tomlValue(_:)``).
+    public static func adding(id: String, settings: [String], to text: String, file: String) throws(Refusal) -> Edit {
+        // A file without sensors yet (a new site's) does not load either: the first sensor is what it lacks.
+        let document: ConfigTable
+        do { document = try ConfigDocument.parse(text, file: file) } catch { throw fixFirst(error) }
+        let hasSensors = (try? document.tables("sensor").isEmpty == false) ?? true
+        let existing = hasSensors ? try loadCurrent(text, file: file).sensors.map(\.id.rawValue) : []
+        do { _ = try SensorID(id) } catch { throw Refusal(description: "\(error)", exitCode: 64) }
+        if existing.contains(id) {
+            throw Refusal(
+                description: "\(file) already has a sensor \"\(id)\"; choose another id, or `farmgate sensor remove \(id)` first", exitCode: 64)
+        }
+        var lines = ["[[sensor]]", "id = \(quoted(id))"]
+        var keys = Set<String>()
+        for setting in settings {
+            guard let equals = setting.firstIndex(of: "="), equals != setting.startIndex else {
+                throw Refusal(description: "'\(setting)' is not key=value (such as driver=ezo or port=/dev/ttyUSB0)", exitCode: 64)
+            }
+            let key = String(setting[..<equals])
+            let value = String(setting[setting.index(after: equals)...])
+            guard key.utf8.allSatisfy(isBareKeyByte) else {
+                throw Refusal(description: "'\(key)' is not a key of a [[sensor]] table (letters, digits, _ and -)", exitCode: 64)
+            }
+            guard key != "id" else { throw Refusal(description: "the id is the first argument; remove id=\(value)", exitCode: 64) }
+            guard keys.insert(key).inserted else { throw Refusal(description: "\(key) is given twice; give it once", exitCode: 64) }
+            lines.append("\(key) = \(tomlValue(value))")
+        }
+        let table = lines.joined(separator: "\n") + "\n"
+        var edited = text
+        if !edited.isEmpty, !edited.hasSuffix("\n") { edited += "\n" }
+        if !edited.isEmpty, !edited.hasSuffix("\n\n") { edited += "\n" }
+        edited += table
+        do {
+            let configuration = try AgentConfiguration.parse(ConfigDocument.parse(edited, file: file))
+            return Edit(text: edited, configuration: configuration, table: table)
+        } catch {
+            // Located in a file that was not written: said as the new sensor's problem, with its key; a problem
+            // elsewhere (in a file that had no sensor to load with) is the file's.
+            guard error.key?.hasPrefix("sensor \"\(id)\"") != false else { throw fixFirst(error) }
+            throw Refusal(description: "\(error.key ?? "sensor \"\(id)\""): \(error.message); nothing was written", exitCode: 64)
+        }
+    }
+
+    /// `text` without the `[[sensor]]` table of `id` (and the tables under it, such as `[[sensor.alarm]]`).
+    public static func removing(id: String, from text: String, file: String) throws(Refusal) -> Edit {
+        let existing = try loadCurrent(text, file: file)
+        guard existing.sensors.contains(where: { $0.id.rawValue == id }) else {
+            let known = existing.sensors.map(\.id.rawValue)
+            throw Refusal(
+                description: "\(file) has no sensor \"\(id)\"" + (known.isEmpty ? "" : "; it has \(known.joined(separator: ", "))"), exitCode: 64)
+        }
+        var lines = text.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+        // Each [[sensor]] table runs from its header to the next header that is not one of its own sub-tables.
+        let headers = lines.indices.filter { header(lines[$0]) != nil }
+        var found: Range<Int>?
+        for (position, start) in headers.enumerated() where header(lines[start]) == "[[sensor]]" {
+            var end = lines.count
+            for next in headers[(position + 1)...] {
+                guard let name = header(lines[next]), name.hasPrefix("[sensor.") || name.hasPrefix("[[sensor.") else {
+                    end = next
+                    break
+                }
+            }
+            // Blank lines and comments just before the next header are that table's, and stay.
+            while end > start + 1, lines[end - 1].trimmingWhitespace().isEmpty || lines[end - 1].trimmingWhitespace().hasPrefix("#") {
+                end -= 1
+            }
+            let block = lines[start..<end].joined(separator: "\n")
+            if let table = try? ConfigDocument.parse(block, file: file).tables("sensor").first, (try? table.string("id")) == id {
+                found = start..<end
+                break
+            }
+        }
+        guard var range = found else {
+            throw Refusal(description: "the [[sensor]] table of \"\(id)\" is not written as one table this command can remove; edit \(file) by hand", exitCode: 78)
+        }
+        // Comment lines right above its header (no blank line between) are its own, and go with it; so does the blank
+        // line that separated it from what came before.
+        while range.lowerBound > 0, lines[range.lowerBound - 1].trimmingWhitespace().hasPrefix("#") {
+            range = (range.lowerBound - 1)..<range.upperBound
+        }
+        if range.lowerBound > 0, lines[range.lowerBound - 1].trimmingWhitespace().isEmpty {
+            range = (range.lowerBound - 1)..<range.upperBound
+        }
+        let removed = lines[range].joined(separator: "\n")
+        lines.removeSubrange(range)
+        let edited = lines.joined(separator: "\n")
+        do {
+            let configuration = try AgentConfiguration.parse(ConfigDocument.parse(edited, file: file))
+            return Edit(text: edited, configuration: configuration, table: removed)
+        } catch {
+            throw Refusal(description: "without sensor \"\(id)\" the configuration would not load: \(error.key.map { "\($0): " } ?? "")\(error.message); nothing was written", exitCode: 64)
+        }
+    }
+
+    /// A value given on the command line as TOML: a number, boolean or array, or a quoted string, as written
+    /// (`slave=1`, `scale=0.01`, `active_low=true`, `name="x"`); anything else a string (`port=/dev/ttyUSB0`,
+    /// `interval=10s`, `quantity=ph`).
+    static func tomlValue(_ text: String) -> String {
+        if let parsed = try? ConfigDocument.parse("v = \(text)\n", file: "argument"), let value = parsed.value("v") {
+            switch value {
+            case .string, .integer, .double, .bool, .array, .table: return text
+            case .other: break
+            }
+        }
+        return quoted(text)
+    }
+
+    private static func loadCurrent(_ text: String, file: String) throws(Refusal) -> AgentConfiguration {
+        do {
+            return try AgentConfiguration.parse(ConfigDocument.parse(text, file: file))
+        } catch {
+            throw fixFirst(error)
+        }
+    }
+
+    private static func fixFirst(_ error: ConfigurationError) -> Refusal {
+        Refusal(description: "\(error)\nfix the file first (farmgate config check): the sensor commands edit it and must be able to load it", exitCode: 78)
+    }
+
+    /// A TOML basic string.
+    private static func quoted(_ text: String) -> String {
+        var out = "\""
+        for scalar in text.unicodeScalars {
+            switch scalar {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case "\n": out += "\\n"
+            case "\t": out += "\\t"
+            case "\r": out += "\\r"
+            default:
+                if scalar.value < 0x20 || scalar.value == 0x7F {
+                    let hex = String(scalar.value, radix: 16, uppercase: true)
+                    out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
+                } else {
+                    out.unicodeScalars.append(scalar)
+                }
+            }
+        }
+        return out + "\""
+    }
+
+    /// The header of a table line, spaces removed and comment dropped (`[[sensor]]`, `[device]`); nil for other lines.
+    private static func header(_ line: String) -> String? {
+        let trimmed = line.trimmingWhitespace()
+        guard trimmed.hasPrefix("[") else { return nil }
+        let code = trimmed.split(separator: "#", maxSplits: 1).first.map(String.init) ?? trimmed
+        return String(code.filter { $0 != " " && $0 != "\t" })
+    }
+
+    private static func isBareKeyByte(_ byte: UInt8) -> Bool {
+        (byte >= 0x30 && byte <= 0x39) || (byte >= 0x41 && byte <= 0x5A) || (byte >= 0x61 && byte <= 0x7A) || byte == 0x5F || byte == 0x2D
+    }
+}

@@ -1,0 +1,119 @@
+@testable import FarmgateAgent
+import FarmgateSupport
+import FarmgateWire
+import Testing
+
+/// `farmgate sensor add` / `remove`: the edit keeps the rest of the file and never writes one the agent cannot load.
+@Suite("Sensor tables added and removed")
+struct SensorTablesTests {
+    static let base = """
+        # Site config
+        [device]
+        id = "site-1"
+
+        # tank 1 temperature
+        [[sensor]]
+        id = "tank1.temp"
+        driver = "simulated"
+        quantity = "temperature"
+
+        # pH probe, tank 1
+        [[sensor]]
+        id = "tank1.ph"
+        driver = "ezo"
+        quantity = "ph"
+        port = "/dev/ttyUSB0"
+        temperature_sensor = "tank1.temp"
+
+        # the last one
+        [[sensor]]
+        id = "tank1.ec"
+        driver = "simulated"
+        quantity = "ec"
+
+        """
+
+    @Test("values are typed as TOML would read them; anything that is not TOML is a string")
+    func values() {
+        #expect(SensorTables.tomlValue("1") == "1")
+        #expect(SensorTables.tomlValue("0.01") == "0.01")
+        #expect(SensorTables.tomlValue("-5") == "-5")
+        #expect(SensorTables.tomlValue("true") == "true")
+        #expect(SensorTables.tomlValue("[1, 2]") == "[1, 2]")
+        #expect(SensorTables.tomlValue("\"quoted\"") == "\"quoted\"")
+        #expect(SensorTables.tomlValue("/dev/ttyUSB0") == "\"/dev/ttyUSB0\"")
+        #expect(SensorTables.tomlValue("10s") == "\"10s\"")
+        #expect(SensorTables.tomlValue("ph") == "\"ph\"")
+        #expect(SensorTables.tomlValue("a\"b\\c") == "\"a\\\"b\\\\c\"")
+        #expect(SensorTables.tomlValue("1979-05-27") == "\"1979-05-27\"")
+        #expect(SensorTables.tomlValue("") == "\"\"")
+    }
+
+    @Test("a new table is appended, typed, and the file loads with it; the rest of the text is unchanged")
+    func add() throws {
+        let edit = try SensorTables.adding(
+            id: "tank2.ph", settings: ["driver=modbus", "quantity=ph", "port=/dev/ttyUSB1", "slave=3", "address=1", "scale=0.01", "interval=5s"],
+            to: Self.base, file: "agent.toml")
+        #expect(edit.text.hasPrefix(Self.base))
+        #expect(edit.table == "[[sensor]]\nid = \"tank2.ph\"\ndriver = \"modbus\"\nquantity = \"ph\"\nport = \"/dev/ttyUSB1\"\nslave = 3\naddress = 1\nscale = 0.01\ninterval = \"5s\"\n")
+        let sensor = try #require(edit.configuration.sensors.first { $0.id.rawValue == "tank2.ph" })
+        #expect(sensor.interval == .seconds(5) && sensor.driver == "modbus")
+        // A file without a final newline gets one before the table.
+        let bare = try SensorTables.adding(id: "x", settings: ["driver=simulated", "quantity=ph"], to: "[device]\nid = \"d\"", file: "a.toml")
+        #expect(bare.text == "[device]\nid = \"d\"\n\n[[sensor]]\nid = \"x\"\ndriver = \"simulated\"\nquantity = \"ph\"\n")
+    }
+
+    @Test("refused, naming what is wrong: a taken or bad id, a setting that is not key=value, twice or id=, a value the driver refuses, a file that does not load", arguments: [
+        ("tank1.ph", ["driver=simulated", "quantity=ph"], Int32(64), "already has a sensor \"tank1.ph\""),
+        ("bad id", ["driver=simulated"], 64, "bad id"),
+        ("t.x", ["driver"], 64, "'driver' is not key=value"),
+        ("t.x", ["driver=simulated", "driver=ezo"], 64, "driver is given twice"),
+        ("t.x", ["id=t.y"], 64, "the id is the first argument"),
+        ("t.x", ["dri ver=simulated"], 64, "'dri ver' is not a key"),
+        ("t.x", ["driver=simulated", "quantity=phh"], 64, "sensor \"t.x\": quantity: unknown quantity \"phh\""),
+        ("t.x", ["driver=ezo", "quantity=ph"], 64, "port: is required; nothing was written"),
+        ("t.x", ["driver=simulated", "quantity=ph", "colour=red"], 64, "colour"),
+    ])
+    func addRefused(id: String, settings: [String], code: Int32, says: String) {
+        let refusal = #expect(throws: SensorTables.Refusal.self) {
+            try SensorTables.adding(id: id, settings: settings, to: Self.base, file: "agent.toml")
+        }
+        #expect(refusal?.exitCode == code, "\(refusal?.description ?? "")")
+        #expect(refusal?.description.contains(says) == true, "\(refusal?.description ?? "")")
+    }
+
+    @Test("a file that does not load as it is is not edited")
+    func brokenFile() {
+        let refusal = #expect(throws: SensorTables.Refusal.self) {
+            try SensorTables.adding(id: "t.x", settings: ["driver=simulated", "quantity=ph"], to: Self.base + "oops = = 1\n", file: "agent.toml")
+        }
+        #expect(refusal?.exitCode == 78 && refusal?.description.contains("fix the file first") == true, "\(refusal?.description ?? "")")
+        // Without sensors, a problem elsewhere shows once the first is added: still the file's, not the new sensor's.
+        let elsewhere = #expect(throws: SensorTables.Refusal.self) {
+            try SensorTables.adding(id: "t.x", settings: ["driver=simulated", "quantity=ph"], to: "[device]\nid = \"d\"\n[buffer]\nquota = \"lots\"\n", file: "a.toml")
+        }
+        #expect(elsewhere?.exitCode == 78 && elsewhere?.description.contains("buffer.quota") == true, "\(elsewhere?.description ?? "")")
+    }
+
+    @Test("removing takes the table, its own comment above it and one blank line; the next table's comment stays")
+    func remove() throws {
+        let middle = try SensorTables.removing(id: "tank1.ph", from: Self.base, file: "agent.toml")
+        #expect(!middle.text.contains("tank1.ph") && !middle.text.contains("pH probe"))
+        #expect(middle.text.contains("# the last one\n[[sensor]]\nid = \"tank1.ec\""))
+        #expect(middle.text.contains("quantity = \"temperature\"\n\n# the last one"), "\(middle.text)")
+        #expect(middle.configuration.sensors.map(\.id.rawValue) == ["tank1.temp", "tank1.ec"])
+        let last = try SensorTables.removing(id: "tank1.ec", from: Self.base, file: "agent.toml")
+        #expect(last.text.hasSuffix("temperature_sensor = \"tank1.temp\"\n"), "\(last.text)")
+        // Added then removed: the file as it was.
+        let added = try SensorTables.adding(id: "t.x", settings: ["driver=simulated", "quantity=ph"], to: Self.base, file: "a.toml")
+        #expect(try SensorTables.removing(id: "t.x", from: added.text, file: "a.toml").text == Self.base)
+    }
+
+    @Test("removing a sensor another depends on, or one that does not exist, is refused")
+    func removeRefused() {
+        let needed = #expect(throws: SensorTables.Refusal.self) { try SensorTables.removing(id: "tank1.temp", from: Self.base, file: "agent.toml") }
+        #expect(needed?.description.contains("temperature_sensor: no sensor \"tank1.temp\"") == true, "\(needed?.description ?? "")")
+        let missing = #expect(throws: SensorTables.Refusal.self) { try SensorTables.removing(id: "nosuch", from: Self.base, file: "agent.toml") }
+        #expect(missing?.exitCode == 64 && missing?.description.contains("it has tank1.temp, tank1.ph, tank1.ec") == true, "\(missing?.description ?? "")")
+    }
+}
