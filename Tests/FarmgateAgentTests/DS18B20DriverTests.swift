@@ -175,6 +175,15 @@ struct DS18B20DriverTests {
         let missing = try #require(DS18B20Driver.readMillidegrees(options).failure)
         #expect(missing.kind == .disconnected)
         #expect(missing.message.contains("dtoverlay=w1-gpio"))
+
+        // Listed, but without w1_slave or temperature (w1_therm not loaded): not "not on the bus … present: <it>" (a
+        // tester, 2026-12-06).
+        try FileManager.default.createDirectory(atPath: tree.scratch.file("w1/28-0316a2791aff"), withIntermediateDirectories: true)
+        options.root = tree.scratch.file("w1")
+        options.address = "28-0316a2791aff"
+        let bare = try #require(DS18B20Driver.readMillidegrees(options).failure)
+        #expect(bare.message.contains("listed but has neither w1_slave nor temperature"), "\(bare)")
+        #expect(!bare.message.contains("not on the bus"), "\(bare)")
     }
 
     @Test("Without w1_slave the newer temperature file is read; empty means the conversion failed")

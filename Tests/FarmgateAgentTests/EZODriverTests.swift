@@ -705,7 +705,7 @@ struct EZODriverTests {
             return
         }
         #expect(error.kind == .invalidResponse)
-        #expect(error.message.contains("read 2000000.0"), "\(error)")
+        #expect(error.message.contains("read 2000000.0, outside what is stored for ec (0.0…1000000.0 µS/cm)"), "\(error)")
         await driver.close()
     }
 

@@ -277,7 +277,7 @@ public final class EZODriver: SensorDriver {
         guard quantity.plausibleRange.contains(value) else {
             throw SensorError(
                 .invalidResponse,
-                "the \(kind) circuit on \(line.path) read \(value), which no \(quantity.rawValue) probe can read: check the probe and the circuit's calibration")
+                "the \(kind) circuit on \(line.path) read \(value), outside what is stored for \(quantity.rawValue) (\(quantity.plausibleRange.lowerBound)…\(quantity.plausibleRange.upperBound) \(quantity.unit)): check the probe and the circuit's calibration")
         }
         var quality: QualityFlags = []
         // Whatever this read sent: the circuit compensates every output with the temperature RT or T last set.

@@ -145,6 +145,12 @@ public final class DS18B20Driver: SensorDriver {
         case .failure(let failure):
             let code = failure.code
             switch code {
+            case ENOENT where FileSystem.isDirectory(directory):
+                // Listed by the kernel, but without the w1-therm files: the device is there, its driver is not.
+                return .failure(
+                    SensorError(
+                        .fault,
+                        "1-Wire device \(options.address) is listed but has neither w1_slave nor temperature: the kernel's w1_therm driver does not serve it (load it: modprobe w1_therm), or it is no temperature sensor"))
             case ENOENT, ENODEV, ENXIO:
                 return .failure(missing(options))
             case EACCES, EPERM:
