@@ -169,10 +169,21 @@ struct EZOCalibrationTests {
     /// A pH circuit that takes every point and says how many it holds.
     final class FakeCircuit: CalibratableDriver {
         let sent = Mutex<[String]>([])
+        /// Reads (from 1) that fail with a supply fault.
+        let failing: Set<Int>
+        let reads = Mutex(0)
+        init(failing: Set<Int> = []) { self.failing = failing }
         var circuit: EZOCircuitKind { .ph }
         var measuredQuantity: Quantity { .ph }
         var circuitPort: String { "/dev/ttyFAKE" }
-        func read() async throws(SensorError) -> SensorValue { SensorValue(7.01) }
+        func read() async throws(SensorError) -> SensorValue {
+            let index = reads.withLock { count in
+                count += 1
+                return count
+            }
+            if failing.contains(index) { throw SensorError(.fault, "EZO ph on /dev/ttyFAKE: *UV") }
+            return SensorValue(7.01)
+        }
         func sendCalibration(_ command: String) async throws(SensorError) { sent.withLock { $0.append(command) } }
         func calibrationState() async throws(SensorError) -> CalibrationState {
             CalibrationState(calibratedPoints: sent.withLock { $0.count }, slope: nil, firmware: "2.16")
@@ -298,6 +309,32 @@ struct EZOCalibrationTests {
         final class AnswerBox: Sendable {
             let answer = Mutex<CalibrationControlAnswer?>(nil)
         }
+    }
+
+    // Before the fix (a tester, 2026-12-06) a read that failed (*UV) inside the window left the run going: the point
+    // was taken over a span in which the circuit's supply was out of range.
+    @Test("A failed read restarts the stability window: the readings before it do not count")
+    func failedReadRestartsTheWindow() async throws {
+        let sensor = try SensorID("tank1.ph")
+        let commands = CalibrationCommands(
+            drivers: [sensor: FakeCircuit(failing: [3])], flags: CalibrationFlags(), recorder: Collector(), logger: Logger(label: "test"))
+        let agent = BlockingAgent(commands)
+        let lines = CalibrationAgentTests.Lines()
+        let outcome: Result<CalibrationAnswer, CalibrationGuide.Failure> = try await runOffPool(name: "calibration-guide") {
+            var options = CalibrationGuide.Options()
+            options.steps = [CalibrationStep(point: "mid", reference: 7)]
+            options.window = .milliseconds(200)
+            options.interval = .milliseconds(20)
+            options.assumeYes = true
+            let guide = CalibrationGuide(options: options, send: { agent.send($0) }, confirm: { _ in true }, output: lines.append)
+            do throws(CalibrationGuide.Failure) { return .success(try guide.run(sensor: "tank1.ph")) } catch { return .failure(error) }
+        }
+        #expect((try? outcome.get()) != nil, "\(outcome)")
+        let readings = lines.text.split(separator: "\n").filter { $0.hasPrefix("  7.01") || $0.hasPrefix("  no reading") }
+        try #require(readings.count >= 4, "\(lines.text)")
+        #expect(readings[2].hasPrefix("  no reading"), "\(lines.text)")
+        // The first reading after the failure starts a new run.
+        #expect(readings[3].contains("for 0s)") || readings[3].contains("for 0ms)"), "\(lines.text)")
     }
 
     @Test("A calibration aborted from another shell: its CLI stops at once, says once that it was aborted and by what, and does not abort again")

@@ -250,6 +250,8 @@ public struct CalibrationGuide {
             } catch {
                 // Aborted from another shell, lapsed: no read will work again, and retrying says nothing more.
                 if error.sessionEnded { throw error }
+                // Readings on either side of a failed read (a supply fault, a reboot) are no one steady run.
+                detector.reset()
                 failures.append(error.description)
                 output("  no reading: \(error.description)")
                 if failures.count >= 5 {
