@@ -1,6 +1,7 @@
 @testable import FarmgateAgent
 import FarmgateSupport
 import FarmgateWire
+import Foundation
 import Testing
 
 /// `farmgate sensor add` / `remove`: the edit keeps the rest of the file and never writes one the agent cannot load.
@@ -107,6 +108,16 @@ struct SensorTablesTests {
         // Added then removed: the file as it was.
         let added = try SensorTables.adding(id: "t.x", settings: ["driver=simulated", "quantity=ph"], to: Self.base, file: "a.toml")
         #expect(try SensorTables.removing(id: "t.x", from: added.text, file: "a.toml").text == Self.base)
+    }
+
+    @Test("a file with CRLF line endings keeps them: added lines get them, removal finds its tables")
+    func crlf() throws {
+        let windows = Self.base.replacingOccurrences(of: "\n", with: "\r\n")
+        let added = try SensorTables.adding(id: "t.x", settings: ["driver=simulated", "quantity=ph"], to: windows, file: "a.toml")
+        #expect(added.text == windows + "\r\n[[sensor]]\r\nid = \"t.x\"\r\ndriver = \"simulated\"\r\nquantity = \"ph\"\r\n")
+        let removed = try SensorTables.removing(id: "tank1.ph", from: windows, file: "a.toml")
+        #expect(!removed.text.contains("tank1.ph") && removed.text.contains("\r\n# the last one\r\n[[sensor]]\r\n"), "\(removed.text)")
+        #expect(try SensorTables.removing(id: "t.x", from: added.text, file: "a.toml").text == windows)
     }
 
     @Test("removing a sensor another depends on, or one that does not exist, is refused")

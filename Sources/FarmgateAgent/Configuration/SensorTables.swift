@@ -31,7 +31,7 @@ public enum SensorTables {
             throw Refusal(
                 description: "\(file) already has a sensor \"\(id)\"; choose another id, or `farmgate sensor remove \(id)` first", exitCode: 64)
         }
-        var lines = ["[[sensor]]", "id = \(quoted(id))"]
+        var lines = ["[[sensor]]", "id = \(ConfigFileEditor.Value.string(id).source)"]
         var keys = Set<String>()
         for setting in settings {
             guard let equals = setting.firstIndex(of: "="), equals != setting.startIndex else {
@@ -47,10 +47,9 @@ public enum SensorTables {
             lines.append("\(key) = \(tomlValue(value))")
         }
         let table = lines.joined(separator: "\n") + "\n"
-        var edited = text
-        if !edited.isEmpty, !edited.hasSuffix("\n") { edited += "\n" }
-        if !edited.isEmpty, !edited.hasSuffix("\n\n") { edited += "\n" }
-        edited += table
+        var editor = ConfigFileEditor(text: text)
+        editor.append(lines)
+        let edited = editor.text
         do {
             let configuration = try AgentConfiguration.parse(ConfigDocument.parse(edited, file: file))
             return Edit(text: edited, configuration: configuration, table: table)
@@ -70,7 +69,8 @@ public enum SensorTables {
             throw Refusal(
                 description: "\(file) has no sensor \"\(id)\"" + (known.isEmpty ? "" : "; it has \(known.joined(separator: ", "))"), exitCode: 64)
         }
-        var lines = text.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+        var editor = ConfigFileEditor(text: text)  // CRLF endings are kept line by line
+        let lines = editor.allLines
         // Each [[sensor]] table runs from its header to the next header that is not one of its own sub-tables.
         let headers = lines.indices.filter { header(lines[$0]) != nil }
         var found: Range<Int>?
@@ -104,8 +104,8 @@ public enum SensorTables {
             range = (range.lowerBound - 1)..<range.upperBound
         }
         let removed = lines[range].joined(separator: "\n")
-        lines.removeSubrange(range)
-        let edited = lines.joined(separator: "\n")
+        editor.removeLines(range)
+        let edited = editor.text
         do {
             let configuration = try AgentConfiguration.parse(ConfigDocument.parse(edited, file: file))
             return Edit(text: edited, configuration: configuration, table: removed)
@@ -124,7 +124,7 @@ public enum SensorTables {
             case .other: break
             }
         }
-        return quoted(text)
+        return ConfigFileEditor.Value.string(text).source
     }
 
     private static func loadCurrent(_ text: String, file: String) throws(Refusal) -> AgentConfiguration {
@@ -137,28 +137,6 @@ public enum SensorTables {
 
     private static func fixFirst(_ error: ConfigurationError) -> Refusal {
         Refusal(description: "\(error)\nfix the file first (farmgate config check): the sensor commands edit it and must be able to load it", exitCode: 78)
-    }
-
-    /// A TOML basic string.
-    private static func quoted(_ text: String) -> String {
-        var out = "\""
-        for scalar in text.unicodeScalars {
-            switch scalar {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\t": out += "\\t"
-            case "\r": out += "\\r"
-            default:
-                if scalar.value < 0x20 || scalar.value == 0x7F {
-                    let hex = String(scalar.value, radix: 16, uppercase: true)
-                    out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
-                } else {
-                    out.unicodeScalars.append(scalar)
-                }
-            }
-        }
-        return out + "\""
     }
 
     /// The header of a table line, spaces removed and comment dropped (`[[sensor]]`, `[device]`); nil for other lines.

@@ -1,3 +1,4 @@
+import FarmgateSupport
 import FarmgateWire
 
 /// Edits keys of a TOML configuration file as text, line by line, so that everything else (comments, blank lines, the
@@ -88,6 +89,21 @@ public struct ConfigFileEditor: Sendable {
         var out = ""
         for (index, line) in lines.enumerated() { out += line + (crlf[index] ? "\r\n" : "\n") }
         return out
+    }
+
+    /// The lines, without their endings.
+    var allLines: [String] { lines }
+
+    /// Adds `new` at the end, after a blank line when the file does not end with one, in the file's usual ending.
+    mutating func append(_ new: [String]) {
+        let separated = lines.isEmpty || lines.last?.trimmingWhitespace().isEmpty == true ? new : [""] + new
+        insertLines(separated, at: lines.count)
+    }
+
+    /// Removes the lines of `range`.
+    mutating func removeLines(_ range: Range<Int>) {
+        lines.removeSubrange(range)
+        crlf.removeSubrange(range)
     }
 
     private mutating func insertLines(_ new: [String], at index: Int) {
