@@ -47,9 +47,9 @@ public enum CommandLineRules {
         return nil
     }
 
-    /// The usage error (message, the command's usage line) for an option that takes one value given more than once (`--device a --device b`, `-c x
-    /// --config y`), which ArgumentParser answers by keeping the last, so that a script's mistake runs on half of what
-    /// it said; nil when no such option repeats. Options declared as arrays may repeat.
+    /// The usage error (the message and the command's usage line) for an option that takes one value given more than
+    /// once (`--device a --device b`, `-c x --config y`), which ArgumentParser answers by keeping the last, so that a
+    /// script's mistake runs on half of what it said; nil when no such option repeats. Options declared as arrays may.
     public static func repeatedOption(_ arguments: [String], root: any ParsableCommand.Type) -> String? {
         let words = arguments.prefix { $0 != "--" }
         // Cheap first: one option cannot repeat, and the agent's `agent -c FILE` never pays for the lookup below.
