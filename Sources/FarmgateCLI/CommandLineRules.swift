@@ -49,7 +49,9 @@ public enum CommandLineRules {
 
     /// The usage error (the message and the command's usage line) for an option that takes one value given more than
     /// once (`--device a --device b`, `-c x --config y`), which ArgumentParser answers by keeping the last, so that a
-    /// script's mistake runs on half of what it said; nil when no such option repeats. Options declared as arrays may.
+    /// script's mistake runs on half of what it said (options declared as arrays may repeat), or for a negative number
+    /// given to an option that takes none (`--sequence -5`, which ArgumentParser calls a missing value); nil when the
+    /// line has neither.
     public static func repeatedOption(_ arguments: [String], root: any ParsableCommand.Type) -> String? {
         let words = arguments.prefix { $0 != "--" }
         // Cheap first: one option cannot repeat, and the agent's `agent -c FILE` never pays for the lookup below.
@@ -61,14 +63,28 @@ public enum CommandLineRules {
             command = next
         }
         guard let info = try? JSONDecoder().decode(DumpedHelp.self, from: Data(command._dumpHelp().utf8)) else { return nil }
-        for argument in info.command.arguments ?? [] where argument.kind == "option" && !argument.isRepeating {
+        for argument in info.command.arguments ?? [] where argument.kind == "option" {
             let spellings = (argument.names ?? []).map { $0.kind == "long" ? "--" + $0.name : "-" + $0.name }
+            let name = spellings.first { $0.hasPrefix("--") } ?? spellings.first ?? "?"
+            // A negative number after an option that does not take one as its value reads as an option, and
+            // ArgumentParser then says the value is missing (`--sequence -5`).
+            if argument.parsingStrategy != "unconditional",
+                let at = words.indices.first(where: { spellings.contains(words[$0]) && $0 + 1 < words.endIndex && isNegativeNumber(words[$0 + 1]) })
+            {
+                return usageError("\(name) takes no negative value (got \(words[at + 1]))", of: command, root: root)
+            }
+            guard !argument.isRepeating else { continue }
             let given = words.filter { word in spellings.contains { word == $0 || word.hasPrefix($0 + "=") } }
             guard given.count > 1 else { continue }
-            let name = spellings.first { $0.hasPrefix("--") } ?? spellings.first ?? "?"
             return usageError("\(name) takes one value but was given \(given.count) times (\(given.joined(separator: ", "))); give it once", of: command, root: root)
         }
         return nil
+    }
+
+    /// `-5`, `-1.5`, `-1s`: a word that starts like a negative number.
+    private static func isNegativeNumber(_ word: String) -> Bool {
+        let bytes = Array(word.utf8)
+        return bytes.count > 1 && bytes[0] == UInt8(ascii: "-") && (bytes[1] >= UInt8(ascii: "0") && bytes[1] <= UInt8(ascii: "9") || bytes[1] == UInt8(ascii: "."))
     }
 
     /// The part of ArgumentParser's `--experimental-dump-help` JSON that ``repeatedOption(_:root:)`` reads.
@@ -81,6 +97,7 @@ public enum CommandLineRules {
             }
             var kind: String
             var isRepeating: Bool
+            var parsingStrategy: String
             var names: [Name]?
         }
         var command: Command

@@ -32,6 +32,9 @@ import Testing
          "--device takes one value but was given 2 times (--device, --device=b); give it once\nUsage: farmgate-ingest device create --farm"),
         ("farmgate", ["sensor", "read", "tank1.ph", "-c", "a.toml", "--config", "b.toml"], 64,
          "--config takes one value but was given 2 times (-c, --config)"),
+        // A negative number for an option that takes none was called a missing value (a tester, 2026-12-06).
+        ("farmgate", ["quarantine", "requeue", "--sequence", "-5"], 64, "--sequence takes no negative value (got -5)\nUsage: farmgate quarantine requeue"),
+        ("farmgate", ["reload", "--pid", "-1", "-c", "x.toml"], 64, "--pid takes no negative value (got -1)"),
         // A usage error found by a subcommand's run() is shown with that subcommand's usage line (before: the root's,
         // `Usage: farmgate-ingest <subcommand>`).
         ("farmgate-ingest", ["alert", "list", "--farm", "f", "--recent", "abc"], 64,

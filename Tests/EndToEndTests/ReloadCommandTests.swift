@@ -67,6 +67,26 @@ struct ReloadCommandTests {
         #expect(await farm.ingest?.stop(SIGTERM) == 0)
     }
 
+    // Before the fix (a tester, 2026-12-06) a sensor id reused with another quantity relabelled the readings of it still
+    // buffered: pH readings went up as temperatures.
+    @Test("A reload that changes a sensor's quantity while the buffer holds readings of it is refused, and the agent keeps running")
+    func quantityChangeUnderBufferedReadings() async throws {
+        let farm = try await Farm()
+        let key = try await farm.createDevice("site-q")
+        let keyFile = try farm.dir.write("site-q.key", key + "\n")
+        // No ingest: every reading stays in the buffer.
+        let config = try farm.agentConfig("agent.toml", device: "site-q", keyFile: keyFile, sensors: 1, interval: "200ms")
+        let agent = try farm.startAgent(config: config, log: "agent.log")
+        #expect(try await eventually(timeout: .seconds(20)) { (try await farm.agentStatus(config: config)?.buffer.pending ?? 0) > 0 }, "\(agent.log)")
+        let original = try String(contentsOfFile: config, encoding: .utf8)
+        try original.replacingOccurrences(of: "quantity = \"ph\"", with: "quantity = \"orp\"").write(toFile: config, atomically: true, encoding: .utf8)
+        let refused = try await runCommand(Farm.agentBinary, ["reload", "--config", config, "--timeout", "30"])
+        #expect(refused.status == 78, "\(refused.stdout)\(refused.stderr)\n\(agent.log)")
+        #expect(refused.stderr.contains("sensor \"tank1.ph\": quantity changed from ph to orp, but the buffer still holds"), "\(refused.stderr)")
+        #expect(try await farm.agentStatus(config: config)?.configuration?.lastReloadError != nil)
+        #expect(agent.isRunning, "\(agent.log)")
+    }
+
     @Test("After a reload refused for a new control socket, status finds the agent where it still answers, with RELOAD REFUSED")
     func statusAfterRefusedSocketMove() async throws {
         let farm = try await Farm()

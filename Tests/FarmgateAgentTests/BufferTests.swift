@@ -571,6 +571,31 @@ struct BufferTests {
         try await buffer.close()
     }
 
+    // Before the fix (a tester, 2026-12-06) the buffered pH readings of a sensor re-added as a temperature sensor went
+    // up as temperatures (6.12 pH stored as 6.125 °C).
+    @Test("a sensor's quantity cannot change while the buffer holds readings of it taken as the old one; once they are sent it can")
+    func quantityChange() async throws {
+        let scratch = try Scratch(prefix: "fg-buffer")
+        let buffer = try openBuffer(scratch)
+        let swap = try sensor("swap.x")
+        try await buffer.register([SensorDescriptor(id: swap, quantity: .ph)])
+        try await buffer.append([Sample(sensor: swap, timestamp: Timestamp(microseconds: 1_000_000), value: 6.12)])
+        try await buffer.flush()
+        let temperature = [SensorDescriptor(id: swap, quantity: .temperature)]
+        #expect(try await buffer.quantityChanges(temperature) == [SensorQuantityChange(sensor: swap, buffered: .ph, configured: .temperature, readings: 1)])
+        let refused = await #expect(throws: SensorQuantityChange.self) { try await buffer.register(temperature) }
+        #expect(refused?.description.contains("quantity changed from ph to temperature, but the buffer still holds 1 reading of it") == true)
+        // Nothing changed: the reading is still a pH one.
+        #expect(try await buffer.descriptors(for: [swap]).map(\.quantity) == [.ph])
+        #expect(try await allPending(buffer).map(\.value) == [6.12])
+        // Sent: the id is free for another quantity.
+        try await buffer.acknowledge(try await allPending(buffer).map(\.sequence))
+        #expect(try await buffer.quantityChanges(temperature).isEmpty)
+        try await buffer.register(temperature)
+        #expect(try await buffer.descriptors(for: [swap]).map(\.quantity) == [.temperature])
+        try await buffer.close()
+    }
+
     enum Damage: String, CaseIterable, Sendable {
         /// The whole file is random bytes: "file is not a database".
         case garbage

@@ -369,3 +369,20 @@ public struct QuarantinedCalibration: Hashable, Sendable, Codable {
         case quarantinedAt = "quarantined_at"
     }
 }
+
+/// A sensor configured with another quantity than the readings of it the buffer still holds (a pH probe's id reused
+/// for a temperature sensor before its backlog was sent). Registering it would send those readings as the new quantity,
+/// so the agent refuses the configuration: at start, and at a reload (which keeps the running one).
+public struct SensorQuantityChange: Error, Sendable, Hashable, CustomStringConvertible {
+    public let sensor: SensorID
+    public let buffered: Quantity
+    public let configured: Quantity
+    public let readings: Int64
+
+    public var description: String {
+        "sensor \"\(sensor)\": quantity changed from \(buffered.rawValue) to \(configured.rawValue), but the buffer still holds \(readings) "
+            + "reading\(readings == 1 ? "" : "s") of it taken as \(buffered.rawValue), which would go up as \(configured.rawValue): give the "
+            + "new sensor another id, or put quantity = \"\(buffered.rawValue)\" back until they are sent (farmgate status: 0 pending; "
+            + "quarantined ones: farmgate quarantine drop --sequence …)"
+    }
+}

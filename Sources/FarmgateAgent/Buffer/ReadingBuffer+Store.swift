@@ -425,11 +425,31 @@ final class BufferStore {
 
     // MARK: Sensors
 
+    /// The sensors of `descriptors` whose quantity differs from the one their readings still in the buffer (pending or
+    /// quarantined) were taken as: registering them would send those readings as the new quantity.
+    func quantityChanges(_ descriptors: [SensorDescriptor]) throws -> [SensorQuantityChange] {
+        var changes: [SensorQuantityChange] = []
+        for descriptor in descriptors {
+            guard let existing = sensorsByID[descriptor.id], existing.descriptor.quantity != descriptor.quantity else { continue }
+            let key: [SQLiteValue] = [.integer(existing.key)]
+            let held = (try connection.queryInt("SELECT count(*) FROM readings WHERE sensor = ?", key) ?? 0)
+                + (try connection.queryInt("SELECT count(*) FROM quarantine WHERE sensor = ?", key) ?? 0)
+            if held > 0 {
+                changes.append(SensorQuantityChange(sensor: descriptor.id, buffered: existing.descriptor.quantity, configured: descriptor.quantity, readings: held))
+            }
+        }
+        return changes
+    }
+
     /// Makes `descriptors` the configured sensors. A sensor whose resolution changed has its buffered and quarantined
     /// readings converted to the new resolution; a sensor no longer listed keeps its row while readings refer to it.
+    ///
+    /// - Throws: ``SensorQuantityChange`` when a sensor's quantity changed while readings taken as the old one are still
+    ///   in the buffer (they would go up as the new quantity: pH 6.1 stored as 6.1 °C).
     func register(_ descriptors: [SensorDescriptor]) throws {
         var wanted: [SensorID: SensorDescriptor] = [:]
         for descriptor in descriptors { wanted[descriptor.id] = descriptor }
+        if let change = try quantityChanges(Array(wanted.values)).sorted(by: { $0.sensor < $1.sensor }).first { throw change }
         try write {
             for descriptor in wanted.values.sorted(by: { $0.id < $1.id }) {
                 let values: [SQLiteValue] = [

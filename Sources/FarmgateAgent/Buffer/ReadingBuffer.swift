@@ -149,6 +149,12 @@ public final class ReadingBuffer: PendingReadings, Service {
         try await withStore { store in try store.register(sensors) }
     }
 
+    /// The sensors of `sensors` whose quantity differs from the one of their readings still buffered (see
+    /// ``SensorQuantityChange``); what a reload checks before it gives up the running configuration.
+    public func quantityChanges(_ sensors: [SensorDescriptor]) async throws -> [SensorQuantityChange] {
+        try await withStore { store in try store.quantityChanges(sensors) }
+    }
+
     /// Queues `samples` for the next group commit. Never touches the disk.
     ///
     /// - Throws: ``BufferError/closed`` after ``close()``.

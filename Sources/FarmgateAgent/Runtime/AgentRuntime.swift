@@ -295,7 +295,7 @@ public enum AgentRuntime {
                 "upload": "\(endpoint ?? "off")", "version": "\(FarmgateVersion.current)",
             ])
         // Returns when SIGHUP brought a valid configuration: the group then stops gracefully, like on SIGTERM.
-        let reload = ConfigurationReloadService(running: configuration, drivers: drivers, reloads: reloads, logger: logger)
+        let reload = ConfigurationReloadService(running: configuration, drivers: drivers, reloads: reloads, buffer: buffer, logger: logger)
         let group = ServiceGroup(
             configuration: ServiceGroupConfiguration(
                 services: services.map { ServiceGroupConfiguration.ServiceConfiguration(service: $0) }

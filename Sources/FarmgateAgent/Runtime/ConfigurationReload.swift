@@ -140,8 +140,9 @@ public final class ConfigurationReloads: Sendable {
 /// given up for one that works. Beyond what `farmgate config check` checks, a reload is refused when it moves the buffer
 /// (`[buffer] path`: the pending readings of the old file would be left behind; restart the agent to move it) or changes
 /// `[device] id` (the pending readings would go up as the new device's), when the new control socket's directory cannot
-/// be created or written, when another agent answers on the new socket, or when the uploader's HTTP client cannot be set
-/// up (a CA file it cannot read).
+/// be created or written, when another agent answers on the new socket, when the uploader's HTTP client cannot be set
+/// up (a CA file it cannot read), or when a sensor's quantity changed while the buffer holds readings of it taken as the
+/// old one (``SensorQuantityChange``).
 final class ConfigurationReloadService: Service {
     let file: String
     let drivers: DriverRegistry
@@ -149,12 +150,15 @@ final class ConfigurationReloadService: Service {
     let logger: Logger
     /// The configuration the services run now.
     let running: AgentConfiguration
+    /// The running buffer, asked whether a sensor's quantity changed under readings it still holds.
+    let buffer: ReadingBuffer?
 
-    init(running: AgentConfiguration, drivers: DriverRegistry, reloads: ConfigurationReloads, logger: Logger) {
+    init(running: AgentConfiguration, drivers: DriverRegistry, reloads: ConfigurationReloads, buffer: ReadingBuffer? = nil, logger: Logger) {
         self.file = running.file
         self.running = running
         self.drivers = drivers
         self.reloads = reloads
+        self.buffer = buffer
         self.logger = logger
     }
 
@@ -217,7 +221,7 @@ final class ConfigurationReloadService: Service {
         while await reloads.nextHangup() {
             logger.notice("SIGHUP: reloading the configuration", metadata: ["config": "\(file)"])
             let (file, drivers, running, logger) = (self.file, self.drivers, self.running, self.logger)
-            let outcome: Result<AgentConfiguration, ConfigurationError>
+            var outcome: Result<AgentConfiguration, ConfigurationError>
             do {
                 // Reads the file and the GPIO chips: blocking, so off the concurrency pool.
                 outcome = .success(
@@ -231,6 +235,15 @@ final class ConfigurationReloadService: Service {
                 outcome = .failure(error)
             } catch {
                 outcome = .failure(ConfigurationError(file: file, line: nil, key: nil, message: "\(error)"))
+            }
+            switch (outcome, buffer) {
+            case (.success(let next), .some(let buffer)):
+                // The buffer would refuse it at the next generation's start (``SensorQuantityChange``), with the running
+                // configuration already given up.
+                if let change = try? await buffer.quantityChanges(next.sensors.map(\.descriptor)).sorted(by: { $0.sensor < $1.sensor }).first {
+                    outcome = .failure(ConfigurationError(file: file, line: nil, key: nil, message: change.description))
+                }
+            default: break
             }
             switch outcome {
             case .failure(let error):
