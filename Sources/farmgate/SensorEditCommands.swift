@@ -59,25 +59,41 @@ struct SensorRemove: ParsableCommand {
             try SensorTables.removing(id: id, from: text, file: file)
         }
         print("Removed from \(options.config):\n\n\(edit.table)\n")
+        for note in edit.notes { print("warning: \(note)") }
         print("Reload the agent to stop reading it (farmgate reload).")
     }
 }
 
 /// Reads the configuration file, applies an edit and writes the result in its place (the file a link names, with its
-/// mode and owner), or exits with the refusal.
+/// mode and owner), or exits with the refusal. The file's directory is locked (flock) from the read to the write, so that
+/// two edits at once (a provisioning script's parallel `sensor add`s) both land instead of one replacing the other.
 enum SensorTableFile {
     static func edit(_ path: String, _ change: (String, String) throws(SensorTables.Refusal) -> SensorTables.Edit) throws -> SensorTables.Edit {
+        let target = FileSystem.resolvedPath(path)
+        let directory = target.lastIndex(of: "/").map { $0 == target.startIndex ? "/" : String(target[..<$0]) } ?? "."
+        let lock = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard lock >= 0 else {
+            throw CleanExit.message("farmgate sensor: cannot open \(directory): \(String(cString: strerror(errno))); check -c (or FARMGATE_CONFIG)", code: 78)
+        }
+        defer { close(lock) }  // closing releases the lock
+        while flock(lock, LOCK_EX) != 0 {
+            guard errno == EINTR else { throw CleanExit.message("farmgate sensor: cannot lock \(directory): \(String(cString: strerror(errno)))", code: 73) }
+        }
         let text: String
         do { text = try FileSystem.text(path) } catch {
             throw CleanExit.message("farmgate sensor: \(error); check -c (or FARMGATE_CONFIG)", code: 78)
+        }
+        var info = stat()
+        guard stat(target, &info) == 0 else { throw CleanExit.message("farmgate sensor: \(path) is gone", code: 73) }
+        // Replacing it through a rename would write a file its owner made read-only (root and the owner can).
+        guard info.st_mode & 0o222 != 0 else {
+            let mode = String(info.st_mode & 0o7777, radix: 8)
+            throw CleanExit.message("farmgate sensor: \(path) is read-only (mode \(mode)); make it writable (chmod u+w) to edit it", code: 73)
         }
         let edit: SensorTables.Edit
         do { edit = try change(text, path) } catch {
             throw CleanExit.message("farmgate sensor: \(error.description)", code: error.exitCode)
         }
-        let target = FileSystem.resolvedPath(path)
-        var info = stat()
-        guard stat(target, &info) == 0 else { throw CleanExit.message("farmgate sensor: \(path) is gone", code: 73) }
         do {
             try AtomicFile.write(
                 Array(edit.text.utf8), to: target, mode: info.st_mode & 0o7777,

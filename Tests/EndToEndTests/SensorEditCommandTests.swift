@@ -35,5 +35,28 @@ import Testing
         #expect(!after.contains("tank1.ph") && after.contains("tank1.ec"), "\(after)")
         let unknown = try await runCommand(Farm.agentBinary, ["sensor", "remove", "tank1.ph", "-c", config])
         #expect(unknown.status == 64 && unknown.stderr.contains("has no sensor \"tank1.ph\"; it has tank1.ec"), "\(unknown.stderr)")
+        // A file its owner made read-only is not replaced.
+        #expect(chmod(config, 0o444) == 0)
+        let readOnly = try await runCommand(Farm.agentBinary, ["sensor", "add", "t.ro", "driver=simulated", "quantity=ph", "-c", config])
+        #expect(readOnly.status == 73 && readOnly.stderr.contains("is read-only (mode 444)"), "\(readOnly.stderr)")
+        #expect(chmod(config, 0o640) == 0)
+    }
+
+    // Before the fix (a tester, 2026-12-06) parallel adds replaced each other's edits, all saying "Added".
+    @Test func parallelAddsAllLand() async throws {
+        let scratch = try Scratch(prefix: "fg-sensor-edit")
+        let config = try scratch.write(
+            "agent.toml", "[device]\nid = \"site-1\"\n[[sensor]]\nid = \"first\"\ndriver = \"simulated\"\nquantity = \"ph\"\n")
+        let results = try await withThrowingTaskGroup(of: Int32.self) { group in
+            for index in 0..<8 {
+                group.addTask {
+                    try await runCommand(Farm.agentBinary, ["sensor", "add", "p.\(index)", "driver=simulated", "quantity=ph", "-c", config]).status
+                }
+            }
+            return try await group.reduce(into: [Int32]()) { $0.append($1) }
+        }
+        #expect(results == Array(repeating: 0, count: 8))
+        let text = try String(contentsOfFile: config, encoding: .utf8)
+        for index in 0..<8 { #expect(text.contains("id = \"p.\(index)\""), "p.\(index) lost:\n\(text)") }
     }
 }

@@ -48,6 +48,9 @@ struct SensorTablesTests {
         #expect(SensorTables.tomlValue("a\"b\\c") == "\"a\\\"b\\\\c\"")
         #expect(SensorTables.tomlValue("1979-05-27") == "\"1979-05-27\"")
         #expect(SensorTables.tomlValue("") == "\"\"")
+        // A line break cannot start keys or tables of its own (a tester, 2026-12-06: `1\n[metrics]…` was written raw).
+        #expect(SensorTables.tomlValue("1\n[metrics]\ntextfile = \"/x.prom\"") == "\"1\\n[metrics]\\ntextfile = \\\"/x.prom\\\"\"")
+        #expect(SensorTables.tomlValue("1\rx = 2") == "\"1\\rx = 2\"")
     }
 
     @Test("a new table is appended, typed, and the file loads with it; the rest of the text is unchanged")
@@ -81,6 +84,48 @@ struct SensorTablesTests {
         }
         #expect(refusal?.exitCode == code, "\(refusal?.description ?? "")")
         #expect(refusal?.description.contains(says) == true, "\(refusal?.description ?? "")")
+    }
+
+    @Test("a sensor past the limit is the addition's problem (64), not the file's")
+    func pastTheLimit() {
+        var text = "[device]\nid = \"d\"\n"
+        for index in 0..<4_096 { text += "[[sensor]]\nid = \"s\(index)\"\ndriver = \"simulated\"\nquantity = \"ph\"\n" }
+        let refusal = #expect(throws: SensorTables.Refusal.self) {
+            try SensorTables.adding(id: "one.more", settings: ["driver=simulated", "quantity=ph"], to: text, file: "a.toml")
+        }
+        #expect(refusal?.exitCode == 64 && refusal?.description.contains("fix the file first") == false, "\(refusal?.description ?? "")")
+    }
+
+    @Test("removing keeps a commented-out table right above the header; an EZO circuit losing its compensation is noted")
+    func removeKeepsCommentedCodeAndNotesCompensation() throws {
+        let text = """
+            [device]
+            id = "d"
+
+            [[sensor]]
+            id = "keep"
+            driver = "simulated"
+            quantity = "temperature"
+            # [[sensor]]
+            # id = "old"
+            [[sensor]]
+            id = "tank1.ec"
+            driver = "ezo"
+            quantity = "ec"
+            port = "/dev/ttyUSB0"
+            temperature_sensor = "keep"
+
+            [[sensor]]
+            id = "tank1.tds"
+            driver = "ezo"
+            quantity = "tds"
+            port = "/dev/ttyUSB0"
+
+            """
+        let edit = try SensorTables.removing(id: "tank1.ec", from: text, file: "a.toml")
+        #expect(edit.text.contains("# [[sensor]]\n# id = \"old\"\n"), "\(edit.text)")
+        #expect(edit.notes == ["sensor \"tank1.tds\" is no longer temperature-compensated: its circuit's compensation (temperature_sensor = \"keep\") was on \"tank1.ec\"; add temperature_sensor to one of its outputs"], "\(edit.notes)")
+        #expect(try SensorTables.removing(id: "tank1.tds", from: text, file: "a.toml").notes.isEmpty)
     }
 
     @Test("a file that does not load as it is is not edited")

@@ -11,11 +11,14 @@ public enum SensorTables {
         public let exitCode: Int32
     }
 
-    /// The edited text, the configuration it loads as, and the lines added or removed.
+    /// The edited text, the configuration it loads as, the lines added or removed, and what the edit changed for other
+    /// sensors that the installer should know (an EZO circuit's outputs losing the temperature compensation the
+    /// removed output named).
     public struct Edit: Sendable {
         public let text: String
         public let configuration: AgentConfiguration
         public let table: String
+        public var notes: [String] = []
     }
 
     /// `text` with a `[[sensor]]` table for `id` appended, its keys from `settings` (`key=value` as given on the
@@ -54,9 +57,10 @@ public enum SensorTables {
             let configuration = try AgentConfiguration.parse(ConfigDocument.parse(edited, file: file))
             return Edit(text: edited, configuration: configuration, table: table)
         } catch {
-            // Located in a file that was not written: said as the new sensor's problem, with its key; a problem
-            // elsewhere (in a file that had no sensor to load with) is the file's.
-            guard error.key?.hasPrefix("sensor \"\(id)\"") != false else { throw fixFirst(error) }
+            // Located in a file that was not written: said as the new sensor's problem, with its key (the file loaded
+            // without it: a sensor past the limit is the addition's problem too); a problem elsewhere in a file that
+            // had no sensor to load with is the file's.
+            guard hasSensors || error.key?.hasPrefix("sensor \"\(id)\"") != false else { throw fixFirst(error) }
             throw Refusal(description: "\(error.key ?? "sensor \"\(id)\""): \(error.message); nothing was written", exitCode: 64)
         }
     }
@@ -97,7 +101,7 @@ public enum SensorTables {
         }
         // Comment lines right above its header (no blank line between) are its own, and go with it; so does the blank
         // line that separated it from what came before.
-        while range.lowerBound > 0, lines[range.lowerBound - 1].trimmingWhitespace().hasPrefix("#") {
+        while range.lowerBound > 0, isProse(lines[range.lowerBound - 1]) {
             range = (range.lowerBound - 1)..<range.upperBound
         }
         if range.lowerBound > 0, lines[range.lowerBound - 1].trimmingWhitespace().isEmpty {
@@ -108,7 +112,14 @@ public enum SensorTables {
         let edited = editor.text
         do {
             let configuration = try AgentConfiguration.parse(ConfigDocument.parse(edited, file: file))
-            return Edit(text: edited, configuration: configuration, table: removed)
+            // The outputs of one EZO circuit share the temperature_sensor one of them names.
+            let notes = configuration.sensors.compactMap { sensor -> String? in
+                guard let before = EZODriver.compensationSource(of: sensor, among: existing.sensors),
+                    EZODriver.compensationSource(of: sensor, among: configuration.sensors) == nil
+                else { return nil }
+                return "sensor \"\(sensor.id)\" is no longer temperature-compensated: its circuit's compensation (temperature_sensor = \"\(before)\") was on \"\(id)\"; add temperature_sensor to one of its outputs"
+            }
+            return Edit(text: edited, configuration: configuration, table: removed, notes: notes)
         } catch {
             throw Refusal(description: "without sensor \"\(id)\" the configuration would not load: \(error.key.map { "\($0): " } ?? "")\(error.message); nothing was written", exitCode: 64)
         }
@@ -118,7 +129,11 @@ public enum SensorTables {
     /// (`slave=1`, `scale=0.01`, `active_low=true`, `name="x"`); anything else a string (`port=/dev/ttyUSB0`,
     /// `interval=10s`, `quantity=ph`).
     static func tomlValue(_ text: String) -> String {
-        if let parsed = try? ConfigDocument.parse("v = \(text)\n", file: "argument"), let value = parsed.value("v") {
+        // A line break or another control character ends the value in TOML and could start keys or tables of its own
+        // (`1\n[metrics]…`): such a value is only ever a string.
+        if !text.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7F }),
+            let parsed = try? ConfigDocument.parse("v = \(text)\n", file: "argument"), let value = parsed.value("v")
+        {
             switch value {
             case .string, .integer, .double, .bool, .array, .table: return text
             case .other: break
@@ -145,6 +160,14 @@ public enum SensorTables {
         guard trimmed.hasPrefix("[") else { return nil }
         let code = trimmed.split(separator: "#", maxSplits: 1).first.map(String.init) ?? trimmed
         return String(code.filter { $0 != " " && $0 != "\t" })
+    }
+
+    /// A comment line of words (`# pH probe, tank 1`), not a commented-out header or key (`# [[sensor]]`, `# id = "x"`).
+    private static func isProse(_ line: String) -> Bool {
+        let trimmed = line.trimmingWhitespace()
+        guard trimmed.hasPrefix("#") else { return false }
+        let text = trimmed.dropFirst().trimmingWhitespace()
+        return !text.hasPrefix("[") && !text.contains("=")
     }
 
     private static func isBareKeyByte(_ byte: UInt8) -> Bool {
