@@ -253,7 +253,12 @@ struct SilenceCommand: AsyncParsableCommand, SubcommandsOnly {
             var parsed: [String: String] = [:]
             for matcher in matchers {
                 guard let equals = matcher.firstIndex(of: "="), equals != matcher.startIndex else { throw ValidationError("--match '\(matcher)' must be LABEL=GLOB") }
-                parsed[String(matcher[..<equals])] = String(matcher[matcher.index(after: equals)...])
+                let label = String(matcher[..<equals])
+                // One glob per label, as the HTTP API takes them: a second one was silently kept instead of the first.
+                guard parsed[label] == nil else {
+                    throw ValidationError("--match gives \(label) twice (\(label)=\(parsed[label] ?? "") and \(matcher)); one glob per label: use a pattern such as \(label)=tank1.* for several")
+                }
+                parsed[label] = String(matcher[matcher.index(after: equals)...])
             }
             let now = Timestamp.now()
             let end: Timestamp

@@ -20,6 +20,7 @@ struct FarmgateIngestCommand: AsyncParsableCommand, SubcommandsOnly {
             `serve` runs the service. The other commands administer its store directly (they need no running service).
             Every command reads the configuration file given by --config, else $FARMGATE_INGEST_CONFIG, else \(IngestConfiguration.defaultPath).
             """,
+        version: FarmgateVersion.current,
         subcommands: [
             ServeCommand.self, MigrateCommand.self, FarmCommand.self, DeviceCommand.self, TokenCommand.self, ExportCommand.self,
             EnrollTokenCommand.self,

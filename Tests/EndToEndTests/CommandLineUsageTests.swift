@@ -32,6 +32,9 @@ import Testing
          "--device takes one value but was given 2 times (--device, --device=b); give it once\nUsage: farmgate-ingest device create --farm"),
         ("farmgate", ["sensor", "read", "tank1.ph", "-c", "a.toml", "--config", "b.toml"], 64,
          "--config takes one value but was given 2 times (-c, --config)"),
+        // One glob per label: the second --match of a label replaced the first (a tester, 2026-12-06).
+        ("farmgate-ingest", ["alert", "silence", "add", "--farm", "f", "--match", "sensor=x", "--match", "sensor=y", "--for", "1h", "-c", "/nonexistent.toml"], 64,
+         "--match gives sensor twice (sensor=x and sensor=y)"),
         // A negative number for an option that takes none was called a missing value (a tester, 2026-12-06).
         ("farmgate", ["quarantine", "requeue", "--sequence", "-5"], 64, "--sequence takes no negative value (got -5)\nUsage: farmgate quarantine requeue"),
         ("farmgate", ["reload", "--pid", "-1", "-c", "x.toml"], 64, "--pid takes no negative value (got -1)"),
