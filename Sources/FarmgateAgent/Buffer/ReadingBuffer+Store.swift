@@ -833,11 +833,12 @@ final class BufferStore {
     /// and the ``BufferReserve`` given back: deleting is how the buffer makes room, so it must not wait for room.
     @discardableResult
     func acknowledge(_ sequences: [UInt64]) throws -> Int {
-        try deletingOnFullDisk("acknowledged readings") { try acknowledgeOnce(sequences) }
+        try deletingOnFullDisk("acknowledged readings can be deleted") { try acknowledgeOnce(sequences) }
     }
 
     /// Runs `delete`; when it fails for a full disk, releases the reserve, truncates the WAL and runs it once more, then
-    /// truncates the WAL again so that the space the delete used goes back to the file system.
+    /// truncates the WAL again so that the space the delete used goes back to the file system. Also for the small write
+    /// an upload needs before it can leave (``freezeForSending(_:)``): the upload is what lets the buffer delete.
     func deletingOnFullDisk<T>(_ what: String, _ delete: () throws -> T) throws -> T {
         do {
             return try delete()
@@ -847,7 +848,7 @@ final class BufferStore {
             let freed = reserve.release()
             truncateWAL()
             logger.warning(
-                "The disk is full: gave back the buffer's reserve so that \(what) can be deleted to make room",
+                "The disk is full: gave back the buffer's reserve so that \(what) to make room",
                 metadata: ["buffer.reserve_bytes": "\(freed ?? 0)", "buffer.reserve": "\(reserve.path)", "error": "\(error)"])
             let result = try delete()
             truncateWAL()

@@ -155,7 +155,7 @@ extension Uploader {
             if frame != nil, error.mayHaveReachedServer { loop.session.answerLost(group) }
             if error.kind == .cancelled { return .stop(.zero) }
             if error.kind == .withheld, let freeze {
-                if let failure = freeze.failure { return .stop(bufferFailed("make readings final before sending", failure, status: nil, &loop)) }
+                if let failure = freeze.failure { return .stop(bufferFailed("cannot make the readings final before sending", failure, status: nil, &loop)) }
                 // Repaired since they were read: read them again, with their true time.
                 logger.info("Readings were repaired by the clock while being sent; sending their repaired version")
                 return .stop(.zero)

@@ -340,15 +340,15 @@ public final class Uploader: Service {
     /// the ingest answered (see ``bufferFailed(_:_:status:_:)``).
     var bufferRetryDelay: Duration { max(configuration.pollInterval, .seconds(1)) }
 
-    /// The buffer could not settle what the ingest answered (delete acknowledged readings or events, quarantine,
-    /// renumber): a read-only remount, a full disk, an I/O error. The batch is still pending and goes again, so this is a
+    /// The buffer could not make a batch's readings final before sending, or settle what the ingest answered (delete
+    /// acknowledged readings or events, quarantine, renumber): a read-only remount, a full disk, an I/O error. The batch is still pending and goes again, so this is a
     /// failure like any other: it waits the exponential backoff (at least ``bufferRetryDelay``), counts in the status'
     /// consecutive failures and says what failed, rather than resending the same batch every second on a metered link.
     /// The buffer counts and shows its own error (``BufferStatistics/errors``). Returns the wait.
     func bufferFailed(_ what: String, _ error: any Error, status: Int?, _ loop: inout LoopState) -> Duration {
         let delay = max(loop.backoff.nextDelay(), bufferRetryDelay)
         logger.error(
-            "The buffer cannot record the ingest's answer; the batch stays pending and goes again after a backoff",
+            "The buffer failed a write the upload needs (operation); the batch stays pending and goes again after a backoff",
             metadata: ["operation": "\(what)", "error": "\(error)", "retry_in": "\(delay)"])
         let result = "\(status.map { "\($0): " } ?? "")the buffer \(what): \(error); the batch goes again after a backoff"
         return failed(result: result, status: status, delay: delay, &loop)
