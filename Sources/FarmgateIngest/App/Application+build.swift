@@ -150,6 +150,9 @@ func buildRouter(
         try ReadController.checkParameters(request.uri.queryParameters, known: [])
         return jsonResponse(["status": "ok"])
     }
+    let notReadyAdvice = configuration.storage.postgres == nil
+        ? "the store does not answer; check the storage path, disk and the ingest's log"
+        : "the store does not answer; check that PostgreSQL runs and is reachable at [storage] url, and the ingest's log"
     router.get("/readyz") { request, _ in
         try ReadController.checkParameters(request.uri.queryParameters, known: [])
         do {
@@ -158,7 +161,7 @@ func buildRouter(
         } catch {
             logger.storeFailure("readiness check failed", level: .warning, error: error)
             throw APIError(
-                .serviceUnavailable, code: "not_ready", message: "the store does not answer; check the storage path, disk and the ingest's log",
+                .serviceUnavailable, code: "not_ready", message: notReadyAdvice,
                 headers: [.retryAfter: "5"])
         }
     }
