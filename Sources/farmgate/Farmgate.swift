@@ -109,9 +109,6 @@ struct AgentCommand: AsyncParsableCommand {
         } catch let error as BufferInUseError {
             logger.critical("Agent not started", metadata: ["error": "\(error)"])
             throw ExitCode(75)  // EX_TEMPFAIL: it may start once the other one stopped
-        } catch let error as SensorQuantityChange {
-            logger.critical("Agent not started: the configuration does not fit the buffer", metadata: ["error": "\(error)"])
-            throw ExitCode(78)  // EX_CONFIG
         } catch {
             logger.critical("Agent stopped", metadata: ["error": "\(error)"])
             throw ExitCode(1)

@@ -85,6 +85,14 @@ struct ReloadCommandTests {
         #expect(refused.stderr.contains("sensor \"tank1.ph\": quantity changed from ph to orp, but the buffer still holds"), "\(refused.stderr)")
         #expect(try await farm.agentStatus(config: config)?.configuration?.lastReloadError != nil)
         #expect(agent.isRunning, "\(agent.log)")
+        // Started with the changed file: the agent runs (it must, to send those readings), and keeps the sensor back,
+        // unsampled, instead of relabelling its readings.
+        #expect(await agent.stop() == 0, "\(agent.log)")
+        let restarted = try farm.startAgent(config: config, log: "agent-2.log")
+        #expect(try await eventually(timeout: .seconds(20)) { try await farm.agentStatus(config: config) != nil }, "\(restarted.log)")
+        #expect(restarted.log.contains("Sensor not sampled: its quantity changed"), "\(restarted.log)")
+        #expect(restarted.isRunning)
+        #expect(await restarted.stop() == 0, "\(restarted.log)")
     }
 
     @Test("After a reload refused for a new control socket, status finds the agent where it still answers, with RELOAD REFUSED")

@@ -573,7 +573,7 @@ struct BufferTests {
 
     // Before the fix (a tester, 2026-12-06) the buffered pH readings of a sensor re-added as a temperature sensor went
     // up as temperatures (6.12 pH stored as 6.125 °C).
-    @Test("a sensor's quantity cannot change while the buffer holds readings of it taken as the old one; once they are sent it can")
+    @Test("a sensor's quantity does not change while the buffer holds readings of it taken as the old one (kept back, unsampled); once they are sent it does")
     func quantityChange() async throws {
         let scratch = try Scratch(prefix: "fg-buffer")
         let buffer = try openBuffer(scratch)
@@ -583,15 +583,20 @@ struct BufferTests {
         try await buffer.flush()
         let temperature = [SensorDescriptor(id: swap, quantity: .temperature)]
         #expect(try await buffer.quantityChanges(temperature) == [SensorQuantityChange(sensor: swap, buffered: .ph, configured: .temperature, readings: 1)])
-        let refused = await #expect(throws: SensorQuantityChange.self) { try await buffer.register(temperature) }
-        #expect(refused?.description.contains("quantity changed from ph to temperature, but the buffer still holds 1 reading of it") == true)
-        // Nothing changed: the reading is still a pH one.
+        let kept = try await buffer.register(temperature)
+        #expect(kept.map(\.sensor) == [swap])
+        #expect(kept.first?.description.contains("quantity changed from ph to temperature, but the buffer still holds 1 reading of it") == true)
+        // Nothing changed: the reading is still a pH one, and new samples (which would be temperatures) are refused.
         #expect(try await buffer.descriptors(for: [swap]).map(\.quantity) == [.ph])
+        #expect(try await allPending(buffer).map(\.value) == [6.12])
+        try await buffer.append([Sample(sensor: swap, timestamp: Timestamp(microseconds: 2_000_000), value: 21.5)])
+        try await buffer.flush()
+        #expect(buffer.rejectedSamples == 1)
         #expect(try await allPending(buffer).map(\.value) == [6.12])
         // Sent: the id is free for another quantity.
         try await buffer.acknowledge(try await allPending(buffer).map(\.sequence))
         #expect(try await buffer.quantityChanges(temperature).isEmpty)
-        try await buffer.register(temperature)
+        #expect(try await buffer.register(temperature).isEmpty)
         #expect(try await buffer.descriptors(for: [swap]).map(\.quantity) == [.temperature])
         try await buffer.close()
     }

@@ -2,6 +2,7 @@
 import FarmgateSupport
 import FarmgateWire
 import Foundation
+import Logging
 import Testing
 
 /// `farmgate sensor add` / `remove`: the edit keeps the rest of the file and never writes one the agent cannot load.
@@ -171,5 +172,24 @@ struct SensorTablesTests {
         #expect(needed?.description.contains("temperature_sensor: no sensor \"tank1.temp\"") == true, "\(needed?.description ?? "")")
         let missing = #expect(throws: SensorTables.Refusal.self) { try SensorTables.removing(id: "nosuch", from: Self.base, file: "agent.toml") }
         #expect(missing?.exitCode == 64 && missing?.description.contains("it has tank1.temp, tank1.ph, tank1.ec") == true, "\(missing?.description ?? "")")
+    }
+}
+
+/// What a reload says of a sensor whose quantity changed while it runs (the buffer aside).
+@Suite("Reload: a running sensor's quantity")
+struct ReloadQuantityTests {
+    @Test("a reload that changes the quantity of a sensor the agent runs is refused, naming both; other changes are not")
+    func runningSensor() async throws {
+        func configuration(_ quantity: String, interval: String = "10s") throws -> AgentConfiguration {
+            try AgentConfiguration.parse(
+                ConfigDocument.parse(
+                    "[device]\nid = \"d\"\n[[sensor]]\nid = \"swap.x\"\ndriver = \"simulated\"\nquantity = \"\(quantity)\"\ninterval = \"\(interval)\"\n",
+                    file: "agent.toml"))
+        }
+        let service = ConfigurationReloadService(
+            running: try configuration("ph"), drivers: .standard, reloads: ConfigurationReloads(file: "agent.toml"), logger: Logger(label: "test"))
+        let problem = await service.quantityChangeProblem(try configuration("temperature"))
+        #expect(problem?.hasPrefix("sensor \"swap.x\": quantity changed from ph to temperature, which a reload cannot do while it runs") == true, "\(problem ?? "nil")")
+        #expect(await service.quantityChangeProblem(try configuration("ph", interval: "5s")) == nil)
     }
 }

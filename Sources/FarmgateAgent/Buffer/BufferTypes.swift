@@ -372,7 +372,8 @@ public struct QuarantinedCalibration: Hashable, Sendable, Codable {
 
 /// A sensor configured with another quantity than the readings of it the buffer still holds (a pH probe's id reused
 /// for a temperature sensor before its backlog was sent). Registering it would send those readings as the new quantity,
-/// so the agent refuses the configuration: at start, and at a reload (which keeps the running one).
+/// so a reload refuses the configuration (keeping the running one), and at start the sensor is kept back, unsampled,
+/// until they are sent.
 public struct SensorQuantityChange: Error, Sendable, Hashable, CustomStringConvertible {
     public let sensor: SensorID
     public let buffered: Quantity

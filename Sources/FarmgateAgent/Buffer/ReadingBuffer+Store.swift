@@ -444,12 +444,19 @@ final class BufferStore {
     /// Makes `descriptors` the configured sensors. A sensor whose resolution changed has its buffered and quarantined
     /// readings converted to the new resolution; a sensor no longer listed keeps its row while readings refer to it.
     ///
-    /// - Throws: ``SensorQuantityChange`` when a sensor's quantity changed while readings taken as the old one are still
-    ///   in the buffer (they would go up as the new quantity: pH 6.1 stored as 6.1 °C).
-    func register(_ descriptors: [SensorDescriptor]) throws {
+    /// A sensor whose quantity changed while readings taken as the old one are still in the buffer is not changed: those
+    /// readings would go up as the new quantity (pH 6.1 stored as 6.1 °C). It is kept as it was, unconfigured (its new
+    /// samples are refused), until they are sent and a later registration (a reload, a restart) takes the new quantity.
+    /// Reloads refuse such a change before it gets here; this is for a file edited while the agent was stopped, and
+    /// for readings taken between a reload's check and the services' stop. Never refusing keeps the agent running to
+    /// send them.
+    /// - Returns: the sensors kept back so.
+    @discardableResult
+    func register(_ descriptors: [SensorDescriptor]) throws -> [SensorQuantityChange] {
+        let changes = try quantityChanges(descriptors).sorted { $0.sensor < $1.sensor }
+        let keptBack = Set(changes.map(\.sensor))
         var wanted: [SensorID: SensorDescriptor] = [:]
-        for descriptor in descriptors { wanted[descriptor.id] = descriptor }
-        if let change = try quantityChanges(Array(wanted.values)).sorted(by: { $0.sensor < $1.sensor }).first { throw change }
+        for descriptor in descriptors where !keptBack.contains(descriptor.id) { wanted[descriptor.id] = descriptor }
         try write {
             for descriptor in wanted.values.sorted(by: { $0.id < $1.id }) {
                 let values: [SQLiteValue] = [
@@ -485,6 +492,12 @@ final class BufferStore {
             }
         }
         try loadSensors()
+        for change in changes {
+            logger.error(
+                "Sensor not sampled: its quantity changed while the buffer holds readings taken as the old one; they are sent as that, and the sensor is taken with its new quantity at the first reload or restart after they are gone",
+                metadata: ["sensor": "\(change.sensor)", "error": "\(change)"])
+        }
+        return changes
     }
 
     private func requantize(key: Int64, from old: Resolution, to new: Resolution) throws {

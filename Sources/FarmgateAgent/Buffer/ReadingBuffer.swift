@@ -145,7 +145,10 @@ public final class ReadingBuffer: PendingReadings, Service {
     ///
     /// Descriptors are upserted by id. A sensor whose resolution changed has its buffered readings converted to the new
     /// resolution. The descriptor of a sensor no longer listed stays while readings of it are buffered or quarantined.
-    public func register(_ sensors: [SensorDescriptor]) async throws {
+    /// - Returns: the sensors kept back because their quantity changed under buffered readings (see
+    ///   ``SensorQuantityChange``).
+    @discardableResult
+    public func register(_ sensors: [SensorDescriptor]) async throws -> [SensorQuantityChange] {
         try await withStore { store in try store.register(sensors) }
     }
 

@@ -153,9 +153,12 @@ public enum AgentRuntime {
         // Two agents on one buffer would number readings from one counter and deduplicate each other's samples away.
         try await runOffPool { try carried.lockBuffer(bufferConfiguration.path) }
         let buffer: ReadingBuffer
+        // Sensors whose quantity changed under readings still buffered: not sampled until those are sent (see
+        // ``SensorQuantityChange``), so that their port stays free and no sample is refused every commit.
+        let keptBack: Set<SensorID>
         do {
             buffer = try await runOffPool { try ReadingBuffer(configuration: bufferConfiguration, logger: logger) }
-            try await buffer.register(configuration.sensors.map(\.descriptor))
+            keptBack = Set(try await buffer.register(configuration.sensors.map(\.descriptor)).map(\.sensor))
             let (queued, dropped) = carried.samples.withLock { carry in
                 defer { carry = ([], 0) }
                 return carry
@@ -178,7 +181,7 @@ public enum AgentRuntime {
         var streamingSensors: [StreamingSampler.Sensor] = []
         // Every sensor in configuration order, for `farmgate sensor read` through the agent (streaming ones included).
         var readable: [Sampler.Sensor] = []
-        for sensor in configuration.sensors {
+        for sensor in configuration.sensors where !keptBack.contains(sensor.id) {
             guard let description = drivers.driver(named: sensor.driver) else {
                 throw ControlSocketError("sensor \(sensor.id): unknown driver \(sensor.driver)")
             }

@@ -141,8 +141,8 @@ public final class ConfigurationReloads: Sendable {
 /// (`[buffer] path`: the pending readings of the old file would be left behind; restart the agent to move it) or changes
 /// `[device] id` (the pending readings would go up as the new device's), when the new control socket's directory cannot
 /// be created or written, when another agent answers on the new socket, when the uploader's HTTP client cannot be set
-/// up (a CA file it cannot read), or when a sensor's quantity changed while the buffer holds readings of it taken as the
-/// old one (``SensorQuantityChange``).
+/// up (a CA file it cannot read), or when a sensor's quantity changed while it runs or while the buffer holds readings
+/// of it taken as the old one (``SensorQuantityChange``).
 final class ConfigurationReloadService: Service {
     let file: String
     let drivers: DriverRegistry
@@ -210,6 +210,24 @@ final class ConfigurationReloadService: Service {
         }
     }
 
+    /// Why `next` cannot be applied for a sensor's quantity (``SensorQuantityChange``): readings of it taken as the old
+    /// quantity are still buffered, or it runs now with the old quantity and may take more before the services stop
+    /// (the next generation would then keep it back, unsampled, until they are sent).
+    func quantityChangeProblem(_ next: AgentConfiguration) async -> String? {
+        if let buffer, let change = try? await buffer.quantityChanges(next.sensors.map(\.descriptor)).sorted(by: { $0.sensor < $1.sensor }).first {
+            return change.description
+        }
+        let runningQuantity = Dictionary(running.sensors.map { ($0.id, $0.descriptor.quantity) }, uniquingKeysWith: { first, _ in first })
+        for sensor in next.sensors {
+            guard let old = runningQuantity[sensor.id], old != sensor.descriptor.quantity else { continue }
+            let new = sensor.descriptor.quantity.rawValue
+            return "sensor \"\(sensor.id)\": quantity changed from \(old.rawValue) to \(new), which a reload cannot do while it runs: readings "
+                + "of it not yet sent would go up as \(new). Give the new sensor another id; or remove it, reload, let the backlog drain "
+                + "(farmgate status: 0 pending), then add it back with the new quantity"
+        }
+        return nil
+    }
+
     func run() async throws {
         try await cancelWhenGracefulShutdown {
             try await self.reloadOnHangups()
@@ -236,14 +254,8 @@ final class ConfigurationReloadService: Service {
             } catch {
                 outcome = .failure(ConfigurationError(file: file, line: nil, key: nil, message: "\(error)"))
             }
-            switch (outcome, buffer) {
-            case (.success(let next), .some(let buffer)):
-                // The buffer would refuse it at the next generation's start (``SensorQuantityChange``), with the running
-                // configuration already given up.
-                if let change = try? await buffer.quantityChanges(next.sensors.map(\.descriptor)).sorted(by: { $0.sensor < $1.sensor }).first {
-                    outcome = .failure(ConfigurationError(file: file, line: nil, key: nil, message: change.description))
-                }
-            default: break
+            if case .success(let next) = outcome, let problem = await quantityChangeProblem(next) {
+                outcome = .failure(ConfigurationError(file: file, line: nil, key: nil, message: problem))
             }
             switch outcome {
             case .failure(let error):
