@@ -18,7 +18,7 @@ cd "$(dirname "$0")/../.."
 
 : "${FARMGATE_BIN:?FARMGATE_BIN must name the farmgate binary (make deb sets it)}"
 DEB_OUT=${DEB_OUT:-.build/deb}
-DEB_VERSION=${DEB_VERSION:-$(sed -n 's/.*static let current = "\(.*\)".*/\1/p' Sources/FarmgateAgent/Runtime/FarmgateVersion.swift)}
+DEB_VERSION=${DEB_VERSION:-$(sed -n 's/.*static let current = "\(.*\)".*/\1/p' Sources/FarmgateWire/FarmgateVersion.swift)}
 DEB_ARCH=${DEB_ARCH:-$(dpkg --print-architecture)}
 
 stage=$(mktemp -d)
