@@ -74,7 +74,8 @@ struct UploadSequenceTests {
         let stray = Reading(sensor: TestBuffer.sensors[0].id, sequence: huge, timestamp: Timestamp(microseconds: Timestamp.now().microseconds - 3_600_000_000), value: 7.5)
         let ingest = try FakeIngest(FakeIngest.Rules(preloaded: Self.otherLife(1...5) + [stray]))
         try await withUploader(source: data.buffer, configuration: uploadConfiguration(ingest.url)) { uploader throws in
-            #expect(try await eventually { try await data.statistics().pending == 0 })
+            // The uploader counts what the buffer did just after it: wait for both (CI run 118 read the status between).
+            #expect(try await eventually { try await data.statistics().pending == 0 && uploader.status().quarantinedTotal == 5 })
             let status = uploader.status()
             #expect(status.ingestHighestSequence == huge, "the answer was taken")
             #expect(status.quarantinedTotal == 5 && status.uploadedTotal == 5, "\(status)")
