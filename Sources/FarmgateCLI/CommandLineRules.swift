@@ -52,7 +52,7 @@ public enum CommandLineRules {
     /// script's mistake runs on half of what it said (options declared as arrays may repeat), or for a negative number
     /// given to an option that takes none (`--sequence -5`, which ArgumentParser calls a missing value); nil when the
     /// line has neither.
-    public static func repeatedOption(_ arguments: [String], root: any ParsableCommand.Type) -> String? {
+    public static func optionProblem(_ arguments: [String], root: any ParsableCommand.Type) -> String? {
         let words = arguments.prefix { $0 != "--" }
         // Cheap first: one option cannot repeat, and the agent's `agent -c FILE` never pays for the lookup below.
         guard words.count(where: { $0.hasPrefix("-") && $0 != "-" }) > 1 else { return nil }
@@ -87,7 +87,7 @@ public enum CommandLineRules {
         return bytes.count > 1 && bytes[0] == UInt8(ascii: "-") && (bytes[1] >= UInt8(ascii: "0") && bytes[1] <= UInt8(ascii: "9") || bytes[1] == UInt8(ascii: "."))
     }
 
-    /// The part of ArgumentParser's `--experimental-dump-help` JSON that ``repeatedOption(_:root:)`` reads.
+    /// The part of ArgumentParser's `--experimental-dump-help` JSON that ``optionProblem(_:root:)`` reads.
     private struct DumpedHelp: Decodable {
         struct Command: Decodable { var arguments: [Argument]? }
         struct Argument: Decodable {
@@ -110,7 +110,7 @@ public enum CommandLineRules {
         if let problem = unknownHelpTopic(arguments, root: root) {
             root.exit(withError: ValidationError(problem))
         }
-        if let problem = repeatedOption(arguments, root: root) { exitWithUsageError(problem) }
+        if let problem = optionProblem(arguments, root: root) { exitWithUsageError(problem) }
         // ArgumentParser's `main`, except that a `ValidationError` thrown by a subcommand's `run()` is shown with that
         // subcommand's usage line: `main` gives the root's (`Usage: farmgate-ingest <subcommand>`).
         var command: any ParsableCommand

@@ -343,7 +343,7 @@ extension BufferStore {
         guard !stamped.isEmpty else { return true }
         // On a full disk this write would hold the very upload whose acknowledgement makes room (seen by a tester: no
         // batch left for 30 s after an outage that filled the disk): it may use the reserve, as deletes do.
-        _ = try deletingOnFullDisk("the readings about to be sent can be made final and sent") {
+        _ = try makingRoomOnFullDisk("the readings about to be sent can be made final and sent") {
             try write {
                 let update = try connection.prepare("UPDATE readings SET boot = NULL, boottime = NULL WHERE sequence = ?")
                 for sequence in stamped { try update.run([.integer(sequence)]) }

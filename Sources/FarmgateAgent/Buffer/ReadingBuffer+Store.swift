@@ -846,15 +846,16 @@ final class BufferStore {
     /// and the ``BufferReserve`` given back: deleting is how the buffer makes room, so it must not wait for room.
     @discardableResult
     func acknowledge(_ sequences: [UInt64]) throws -> Int {
-        try deletingOnFullDisk("acknowledged readings can be deleted") { try acknowledgeOnce(sequences) }
+        try makingRoomOnFullDisk("acknowledged readings can be deleted") { try acknowledgeOnce(sequences) }
     }
 
-    /// Runs `delete`; when it fails for a full disk, releases the reserve, truncates the WAL and runs it once more, then
-    /// truncates the WAL again so that the space the delete used goes back to the file system. Also for the small write
-    /// an upload needs before it can leave (``freezeForSending(_:)``): the upload is what lets the buffer delete.
-    func deletingOnFullDisk<T>(_ what: String, _ delete: () throws -> T) throws -> T {
+    /// Runs `operation`, a write that makes room (a delete, or the small write an upload needs before it can leave,
+    /// ``freezeForSending(_:)``: the upload is what lets the buffer delete); when it fails for a full disk, releases the
+    /// reserve, truncates the WAL and runs it once more, then truncates the WAL again so that the space it used goes
+    /// back to the file system.
+    func makingRoomOnFullDisk<T>(_ what: String, _ operation: () throws -> T) throws -> T {
         do {
-            return try delete()
+            return try operation()
         } catch let error as SQLiteError where error.isDiskFull {
             // The reserve first: truncating the WAL is a checkpoint, which may need to grow the file by the pages that
             // live only in the WAL (up to `wal_autocheckpoint`, about 1 MiB) before it can give the WAL's space back.
@@ -863,7 +864,7 @@ final class BufferStore {
             logger.warning(
                 "The disk is full: gave back the buffer's reserve so that \(what) to make room",
                 metadata: ["buffer.reserve_bytes": "\(freed ?? 0)", "buffer.reserve": "\(reserve.path)", "error": "\(error)"])
-            let result = try delete()
+            let result = try operation()
             truncateWAL()
             return result
         }

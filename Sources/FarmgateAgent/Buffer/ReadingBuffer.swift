@@ -603,7 +603,7 @@ private final class Committer: Sendable {
                     // in the same transaction: a commit that still fails deletes nothing) rather than newer ones waiting
                     // in memory, which are lost at the cap or in a restart. Deleting is making room: it may use the
                     // buffer's reserve.
-                    outcome = try store.deletingOnFullDisk("the oldest readings can be deleted") {
+                    outcome = try store.makingRoomOnFullDisk("the oldest readings can be deleted") {
                         try store.commit(
                             samples, carriedDrops: carried, quotaBytes: quotaBytes, policy: policy, makeRoom: samples.count + samples.count / 10 + 256)
                     }

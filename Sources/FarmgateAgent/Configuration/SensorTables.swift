@@ -28,7 +28,8 @@ public enum SensorTables {
         let document: ConfigTable
         do { document = try ConfigDocument.parse(text, file: file) } catch { throw fixFirst(error) }
         let hasSensors = (try? document.tables("sensor").isEmpty == false) ?? true
-        let existing = hasSensors ? try loadCurrent(text, file: file).sensors.map(\.id.rawValue) : []
+        let existing: [String]
+        do { existing = hasSensors ? try AgentConfiguration.parse(document).sensors.map(\.id.rawValue) : [] } catch { throw fixFirst(error) }
         do { _ = try SensorID(id) } catch { throw Refusal(description: "\(error)", exitCode: 64) }
         if existing.contains(id) {
             throw Refusal(
@@ -42,7 +43,8 @@ public enum SensorTables {
             }
             let key = String(setting[..<equals])
             let value = String(setting[setting.index(after: equals)...])
-            guard key.utf8.allSatisfy(isBareKeyByte) else {
+            // A bare key as TOML reads one (not dotted, not quoted): what the parser takes as this very key.
+            guard (try? ConfigDocument.parse("\(key) = 0\n", file: "argument"))?.contains(key) == true else {
                 throw Refusal(description: "'\(key)' is not a key of a [[sensor]] table (letters, digits, _ and -)", exitCode: 64)
             }
             guard key != "id" else { throw Refusal(description: "the id is the first argument; remove id=\(value)", exitCode: 64) }
@@ -76,15 +78,13 @@ public enum SensorTables {
         var editor = ConfigFileEditor(text: text)  // CRLF endings are kept line by line
         let lines = editor.allLines
         // Each [[sensor]] table runs from its header to the next header that is not one of its own sub-tables.
-        let headers = lines.indices.filter { header(lines[$0]) != nil }
+        let headers = lines.indices.compactMap { index in ConfigFileEditor.header(of: lines[index]).map { (index, $0) } }
         var found: Range<Int>?
-        for (position, start) in headers.enumerated() where header(lines[start]) == "[[sensor]]" {
+        for (position, (start, table)) in headers.enumerated() where table.isArray && table.name == "sensor" {
             var end = lines.count
-            for next in headers[(position + 1)...] {
-                guard let name = header(lines[next]), name.hasPrefix("[sensor.") || name.hasPrefix("[[sensor.") else {
-                    end = next
-                    break
-                }
+            for (next, other) in headers[(position + 1)...] where !other.name.hasPrefix("sensor.") {
+                end = next
+                break
             }
             // Blank lines and comments just before the next header are that table's, and stay.
             while end > start + 1, lines[end - 1].trimmingWhitespace().isEmpty || lines[end - 1].trimmingWhitespace().hasPrefix("#") {
@@ -154,23 +154,11 @@ public enum SensorTables {
         Refusal(description: "\(error)\nfix the file first (farmgate config check): the sensor commands edit it and must be able to load it", exitCode: 78)
     }
 
-    /// The header of a table line, spaces removed and comment dropped (`[[sensor]]`, `[device]`); nil for other lines.
-    private static func header(_ line: String) -> String? {
-        let trimmed = line.trimmingWhitespace()
-        guard trimmed.hasPrefix("[") else { return nil }
-        let code = trimmed.split(separator: "#", maxSplits: 1).first.map(String.init) ?? trimmed
-        return String(code.filter { $0 != " " && $0 != "\t" })
-    }
-
     /// A comment line of words (`# pH probe, tank 1`), not a commented-out header or key (`# [[sensor]]`, `# id = "x"`).
     private static func isProse(_ line: String) -> Bool {
         let trimmed = line.trimmingWhitespace()
         guard trimmed.hasPrefix("#") else { return false }
         let text = trimmed.dropFirst().trimmingWhitespace()
         return !text.hasPrefix("[") && !text.contains("=")
-    }
-
-    private static func isBareKeyByte(_ byte: UInt8) -> Bool {
-        (byte >= 0x30 && byte <= 0x39) || (byte >= 0x41 && byte <= 0x5A) || (byte >= 0x61 && byte <= 0x7A) || byte == 0x5F || byte == 0x2D
     }
 }

@@ -197,7 +197,7 @@ public struct ConfigFileEditor: Sendable {
     }
 
     /// `[name]` or `[[name]]` (a trailing comment allowed), or nil for any other line.
-    private static func header(of line: String) -> (name: String, isArray: Bool)? {
+    static func header(of line: String) -> (name: String, isArray: Bool)? {
         var trimmed = line.trimmingSpaces
         if let hash = trimmed.firstIndex(of: "#") { trimmed = String(trimmed[..<hash]).trimmingSpaces }
         guard trimmed.hasPrefix("["), trimmed.hasSuffix("]") else { return nil }
