@@ -293,4 +293,37 @@ struct AlertAPITests {
         }
         #expect(try await AlertController.collect(RequestBody(buffer: ByteBuffer(string: Self.rule))) == ByteBuffer(string: Self.rule))
     }
+
+    @Test("a rule, silence or acknowledgement body that is not plain JSON is 415, and nothing is stored; JSON with a charset, a +json type or no Content-Type is taken")
+    func mediaTypes() async throws {
+        try await withFiringAlert(.sqlite) { alerts, token, id, client in
+            let silence = #"{"matchers": {"alertname": "ph-low"}, "duration": "1h"}"#
+            for (path, body) in [("/v1/farms/f1/alert-rules", Self.rule), ("/v1/farms/f1/silences", silence), ("/v1/farms/f1/alerts/\(id)/ack", #"{"by": "ana"}"#)] {
+                for (type, encoding, code) in [
+                    ("text/plain", nil, "unsupported_media_type"), ("application/x-www-form-urlencoded", nil, "unsupported_media_type"),
+                    ("application/xml", nil, "unsupported_media_type"), ("application/json", "gzip", "unsupported_encoding"),
+                    ("application/json", "zstd, identity", "unsupported_encoding"),
+                ] as [(String, String?, String)] {
+                    var headers = bearer(token)
+                    headers[.contentType] = type
+                    if let encoding { headers[.contentEncoding] = encoding }
+                    let response = try await client.execute(uri: path, method: .post, headers: headers, body: jsonBody(body))
+                    let message = try expectError(response, .unsupportedMediaType, code)
+                    #expect(message.contains(encoding == nil ? "Content-Type" : "Content-Encoding"), "\(message)")
+                }
+            }
+            #expect(try await alerts.silences(farm: "f1", now: testNow).isEmpty)
+            #expect(try await alerts.rules(farm: "f1").map(\.name) == ["ph-low"])
+            #expect(try await alerts.alerts(farm: "f1", now: testNow).first?.acknowledgedBy == nil)
+            for (type, name) in [("application/json; charset=utf-8", "r1"), ("application/merge-patch+json", "r2"), (nil, "r3")] as [(String?, String)] {
+                var headers = bearer(token)
+                headers[.contentType] = type
+                headers[.contentEncoding] = type == nil ? "identity" : nil
+                let body = "{\"name\": \"\(name)\", \"kind\": \"below\", \"quantity\": \"ph\", \"threshold\": 5.5}"
+                let response = try await client.execute(uri: "/v1/farms/f1/alert-rules", method: .post, headers: headers, body: jsonBody(body))
+                #expect(response.status == .created || response.status == .ok, "\(type ?? "no Content-Type"): \(response.status)")
+            }
+            #expect(try await alerts.rules(farm: "f1").map(\.name).sorted() == ["ph-low", "r1", "r2", "r3"])
+        }
+    }
 }

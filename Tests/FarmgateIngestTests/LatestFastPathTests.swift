@@ -153,7 +153,7 @@ struct LatestFastPathTests {
     }
 
     @Test(
-        "a request that does not keep its connection alive is answered, then the connection closed; one that does stays open",
+        "a request that does not keep its connection alive is answered, then the connection closed; one that does stays open (HTTP/1.0 told so)",
         arguments: [
             ("HTTP/1.0", "", false), ("HTTP/1.1", "Connection: Close\r\n", false), ("HTTP/1.1", "Connection: keep-alive, close\r\n", false),
             ("HTTP/1.0", "Connection: keep-alive\r\n", true), ("HTTP/1.1", "", true),
@@ -168,7 +168,7 @@ struct LatestFastPathTests {
                 var answers = warm.readResponses(1, timeout: .seconds(5))
                 let connection = try RawConnection(port: port)
                 for path in ["/v1/farms/f1/latest", "/healthz"] {
-                    connection.send("GET \(path) \(version)\r\nAuthorization: Bearer \(key.text)\r\n\(header)\r\n")
+                    connection.send("GET \(path) \(version)\r\nHost: x\r\nAuthorization: Bearer \(key.text)\r\n\(header)\r\n")
                     answers += connection.readResponses(1, timeout: .seconds(5))
                     guard staysOpen else { break }
                 }
@@ -178,6 +178,10 @@ struct LatestFastPathTests {
             #expect(answers.map(\.status) == (staysOpen ? [200, 200, 200] : [200, 200]), "\(answers.map(\.status))")
             #expect(answers.count >= 2 && answers[1].body == answers[0].body)
             #expect(closed == !staysOpen, staysOpen ? "the connection was closed" : "the connection stayed open after its answer")
+            // An HTTP/1.0 client keeps the connection only when the answer says so (RFC 9112 §C.2.2).
+            for answer in answers.dropFirst() where version == "HTTP/1.0" && staysOpen {
+                #expect(answer.head.lowercased().contains("connection: keep-alive"), "\(answer.head)")
+            }
             // Only a read on a connection that stays open is the event loop's.
             #expect(metric(metrics(), "farmgate_ingest_latest_event_loop_answers_total") == [staysOpen ? 1 : 0])
         }

@@ -87,7 +87,7 @@ struct AlertController: Sendable {
         farms.get("alert-rules", use: Self.taking { try await self.rules(context: $1) })
         farms.get("alert-rules/{name}", use: Self.taking { try await self.rule(context: $1) })
         farms.post("alert-rules", use: Self.taking { try await self.putRule($0, context: $1, name: nil) })
-        farms.put("alert-rules/{name}", use: Self.taking { try await self.putRule($0, context: $1, name: $1.parameters.get("name") ?? "") })
+        farms.put("alert-rules/{name}", use: Self.taking { try await self.putRule($0, context: $1, name: $1.parameters.decoded("name") ?? "") })
         farms.delete("alert-rules/{name}", use: Self.taking { try await self.removeRule(context: $1) })
         farms.get("silences", use: Self.taking { try await self.silences(context: $1) })
         farms.post("silences", use: Self.taking { try await self.addSilence($0, context: $1) })
@@ -133,7 +133,7 @@ struct AlertController: Sendable {
 
     func acknowledge(_ request: Request, context: IngestRequestContext) async throws -> Response {
         let farm = try requireAdmin(context)
-        guard let text = context.parameters.get("id"), let id = Int64(text) else {
+        guard let text = context.parameters.decoded("id"), let id = Int64(text) else {
             throw APIError(.badRequest, code: "invalid_parameter", message: "the alert id must be a whole number, as GET /v1/farms/\(farm.name)/alerts lists them")
         }
         let body = try await collect(request)
@@ -159,7 +159,7 @@ struct AlertController: Sendable {
 
     func rule(context: IngestRequestContext) async throws -> Response {
         let farm = try requireFarm(context)
-        let name = context.parameters.get("name") ?? ""
+        let name = context.parameters.decoded("name") ?? ""
         let rule = try await storeCall("read an alert rule") { try await admin.rule(farm: farm.name, name: name) }
         return jsonResponse(AlertRuleSpec(rule))
     }
@@ -191,7 +191,7 @@ struct AlertController: Sendable {
 
     func removeRule(context: IngestRequestContext) async throws -> Response {
         let farm = try requireAdmin(context)
-        let name = context.parameters.get("name") ?? ""
+        let name = context.parameters.decoded("name") ?? ""
         try await storeCall("remove an alert rule") { try await admin.removeRule(farm: farm.name, name: name) }
         return Response(status: .noContent)
     }
@@ -250,7 +250,7 @@ struct AlertController: Sendable {
 
     func removeSilence(context: IngestRequestContext) async throws -> Response {
         let farm = try requireAdmin(context)
-        guard let text = context.parameters.get("id"), let id = Int64(text) else {
+        guard let text = context.parameters.decoded("id"), let id = Int64(text) else {
             throw APIError(.badRequest, code: "invalid_parameter", message: "the silence id must be a whole number, as GET /v1/farms/\(farm.name)/silences lists them")
         }
         try await storeCall("remove a silence") { try await admin.removeSilence(farm: farm.name, id: id) }
@@ -275,7 +275,27 @@ struct AlertController: Sendable {
     }
 
     private func collect(_ request: Request) async throws(APIError) -> ByteBuffer {
-        try await Self.collect(request.body)
+        try Self.checkJSONBody(request)
+        return try await Self.collect(request.body)
+    }
+
+    /// Refuses a body that is not plain JSON, before it is read: 415 `unsupported_media_type` for a `Content-Type` other
+    /// than `application/json` (or a `+json` type; none at all is taken as JSON), 415 `unsupported_encoding` for a
+    /// `Content-Encoding` other than `identity`, since these small bodies are never compressed.
+    static func checkJSONBody(_ request: Request) throws(APIError) {
+        if let raw = request.headers[.contentType] {
+            let mediaType = raw.split(separator: ";", maxSplits: 1).first.map { $0.trimmingSpaces.lowercased() } ?? ""
+            guard mediaType == "application/json" || (mediaType.hasPrefix("application/") && mediaType.hasSuffix("+json")) else {
+                throw APIError(
+                    .unsupportedMediaType, code: "unsupported_media_type",
+                    message: "Content-Type '\(raw.prefix(100))' is not accepted here; send the body as JSON with Content-Type: application/json")
+            }
+        }
+        if let raw = request.headers[.contentEncoding], !["", "identity"].contains(raw.trimmingSpaces.lowercased()) {
+            throw APIError(
+                .unsupportedMediaType, code: "unsupported_encoding",
+                message: "Content-Encoding '\(raw.prefix(100))' is not accepted here; send the JSON body uncompressed")
+        }
     }
 
     /// The whole body, at most ``maxBodyBytes``: larger is 413; a body that cannot be read in full (a stream reset or cut

@@ -31,8 +31,8 @@ struct CalibrationController: Sendable {
         let device: DeviceID
         let sensor: SensorID
         do {
-            device = try DeviceID(context.parameters.get("device") ?? "")
-            sensor = try SensorID(context.parameters.get("sensor") ?? "")
+            device = try DeviceID(context.parameters.decoded("device") ?? "")
+            sensor = try SensorID(context.parameters.decoded("sensor") ?? "")
         } catch {
             throw APIError(.badRequest, code: "invalid_parameter", message: error.description)
         }

@@ -36,6 +36,11 @@ struct APIErrorMiddleware<Context: RequestContext>: RouterMiddleware {
 
     private func answer(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
         do {
+            guard !RouteMethods.hasEmptySegment(request.uri.path) else {
+                throw APIError(
+                    .notFound, code: "not_found",
+                    message: "\(request.uri.path) has an empty segment (two slashes in a row); see the HTTP API in the README for the paths the ingest serves")
+            }
             return try await next(request, context)
         } catch {
             // A known path asked with a method it does not take: 405 with the ones it does, not "no such resource".
@@ -90,7 +95,7 @@ struct ReaderAuthMiddleware: RouterMiddleware {
 
     func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
         let (farm, role, keyID) = try await gate.reader(request, client: context.clientAddress)
-        guard let wanted = context.parameters.get("farm"), wanted == farm.name else {
+        guard let wanted = context.parameters.decoded("farm"), wanted == farm.name else {
             throw APIError(.forbidden, code: "forbidden", message: "this read token belongs to another farm; use a token of the farm in the path")
         }
         let status = rateLimiter.acquire(keyID)
@@ -146,4 +151,15 @@ func bearerKey(_ headers: HTTPFields, expected kind: APIKey.Kind) throws(APIErro
                 : "this is a device key; reading needs a read token from `farmgate-ingest token create`")
     }
     return key
+}
+
+extension Parameters {
+    /// The path parameter `name` with its percent-escapes decoded (RFC 3986 §2.1: `%2D` is `-`), as a client that escapes
+    /// every path segment sends it; as written when an escape is not one (`%zz`) or not UTF-8, so that the identifier's
+    /// own check names it. The router itself does not decode path segments.
+    func decoded(_ name: String) -> String? {
+        guard let raw = get(name) else { return nil }
+        guard raw.utf8.contains(UInt8(ascii: "%")) else { return raw }
+        return raw.removingPercentEncoding ?? raw
+    }
 }

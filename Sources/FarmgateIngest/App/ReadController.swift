@@ -123,8 +123,8 @@ struct ReadController: Sendable {
         let device: DeviceID
         let sensor: SensorID
         do {
-            device = try DeviceID(context.parameters.get("device") ?? "")
-            sensor = try SensorID(context.parameters.get("sensor") ?? "")
+            device = try DeviceID(context.parameters.decoded("device") ?? "")
+            sensor = try SensorID(context.parameters.decoded("sensor") ?? "")
         } catch {
             throw APIError(.badRequest, code: "invalid_parameter", message: error.description)
         }

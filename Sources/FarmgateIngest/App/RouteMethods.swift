@@ -18,10 +18,7 @@ enum RouteMethods {
 
     /// The methods `path` takes; nil when no route has that path.
     static func methods(for path: String) -> [HTTPRequest.Method]? {
-        var segments = path.split(separator: "/", omittingEmptySubsequences: false).dropFirst()
-        // The router takes a path with one trailing slash as the path without it (`POST /v1/batches/`), so this does too.
-        if segments.count > 1, segments.last?.isEmpty == true { segments = segments.dropLast() }
-        guard !segments.contains(where: \.isEmpty) else { return nil }
+        guard let segments = segments(of: path) else { return nil }
         for route in table where route.pattern.count == segments.count {
             if zip(route.pattern, segments).allSatisfy({ $0 == "*" || $0 == $1 }) {
                 // The router answers HEAD wherever it answers GET.
@@ -29,5 +26,17 @@ enum RouteMethods {
             }
         }
         return nil
+    }
+
+    /// Whether `path` names no route whatever the router makes of it: it has an empty segment (`//healthz`,
+    /// `/v1//batches`), which the router would skip and so serve as another path.
+    static func hasEmptySegment(_ path: String) -> Bool { segments(of: path) == nil }
+
+    /// `path`'s segments after the leading slash, one trailing slash dropped (the router takes `POST /v1/batches/` as
+    /// the path without it); nil when another segment is empty.
+    private static func segments(of path: String) -> ArraySlice<Substring>? {
+        var segments = path.split(separator: "/", omittingEmptySubsequences: false).dropFirst()
+        if segments.count > 1, segments.last?.isEmpty == true { segments = segments.dropLast() }
+        return segments.contains(where: \.isEmpty) && segments != [""] ? nil : segments
     }
 }

@@ -35,7 +35,8 @@ final class RequestBytesObserver: ChannelInboundHandler, RemovableChannelHandler
 ///
 /// A request the HTTP parser refuses (malformed line or headers, a header section over the decoder's limit) would get
 /// an empty 400 from the framework; here it gets the ingest's JSON error body, 431 `request_header_fields_too_large` for
-/// a header section that is too large, 400 `bad_request` otherwise, and the connection is closed.
+/// a header section that is too large, 400 `bad_request` otherwise, and the connection is closed; so is a head that
+/// ``RequestHeadGuard`` refuses, with its status and code.
 final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPRequestPart
     typealias InboundOut = HTTPRequestPart
@@ -177,6 +178,8 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
             )
         case let error as HTTPParserError:
             answer = (.badRequest, "bad_request", "the request is not valid HTTP/1.1 (\(error)); fix the client")
+        case let refusal as RequestHeadRefusal:
+            answer = (refusal.status, refusal.code, refusal.message)
         case is HTTP1TypeConversionError:
             answer = (.badRequest, "bad_request", "the request's line or headers cannot be represented (an invalid method, path or header); fix the client")
         default:

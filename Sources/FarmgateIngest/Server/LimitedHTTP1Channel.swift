@@ -1,6 +1,7 @@
 public import HummingbirdCore
 public import Logging
 public import NIOCore
+import FarmgateSupport
 import FarmgateWire
 import HTTPTypes
 import NIOHTTP1
@@ -99,12 +100,13 @@ public struct LimitedHTTP1Channel: ServerChildChannel {
         return added.flatMap { Self.setup(http1, channel: channel, logger: logger) }
     }
 
-    /// `http1.setup`, then ``KeepAliveNormalizer`` and ``ExpectContinueHandler`` in front of the framework's conversion
-    /// to HTTP types.
+    /// `http1.setup`, then ``RequestHeadGuard``, ``KeepAliveNormalizer`` and ``ExpectContinueHandler`` in front of the
+    /// framework's conversion to HTTP types.
     static func setup(_ http1: HTTP1Channel, channel: any Channel, logger: Logger) -> EventLoopFuture<Value> {
         http1.setup(channel: channel, logger: logger).flatMapThrowing { value in
             let codec = try channel.pipeline.syncOperations.handler(type: HTTP1ToHTTPServerCodec.self)
-            try channel.pipeline.syncOperations.addHandlers([KeepAliveNormalizer(), ExpectContinueHandler()], position: .before(codec))
+            try channel.pipeline.syncOperations.addHandlers(
+                [RequestHeadGuard(), KeepAliveNormalizer(), ExpectContinueHandler()], position: .before(codec))
             return value
         }
     }
@@ -226,17 +228,127 @@ final class ResponseHeaderTrimmer: ChannelOutboundHandler, RemovableChannelHandl
 /// `keep-alive, close`). The conversion to HTTP types drops the version, and the framework closes after an answer
 /// only when the header is exactly `close`; without this an HTTP/1.0 client that reads until the connection closes
 /// (health checkers, old scripts) waited for `idle_timeout`.
-final class KeepAliveNormalizer: ChannelInboundHandler, RemovableChannelHandler {
+///
+/// An HTTP/1.0 request that asked for `Connection: keep-alive` gets it back in its answer (RFC 9112 §C.2.2): an HTTP/1.0
+/// client takes a connection for closed after each answer unless the server says otherwise.
+final class KeepAliveNormalizer: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias InboundOut = HTTPServerRequestPart
+    typealias OutboundIn = HTTPServerResponsePart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    /// For each request not yet answered, in order (pipelining): whether it is an HTTP/1.0 request kept alive.
+    private var keptAliveOldClients: [Bool] = []
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        guard case .head(var head) = unwrapInboundIn(data), !head.isKeepAlive, head.headers[canonicalForm: "connection"] != ["close"] else {
+        guard case .head(var head) = unwrapInboundIn(data) else {
+            context.fireChannelRead(data)
+            return
+        }
+        keptAliveOldClients.append(head.version == .http1_0 && head.isKeepAlive)
+        guard !head.isKeepAlive, head.headers[canonicalForm: "connection"] != ["close"] else {
             context.fireChannelRead(data)
             return
         }
         head.headers.replaceOrAdd(name: "connection", value: "close")
         context.fireChannelRead(wrapInboundOut(.head(head)))
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        guard case .head(var head) = unwrapOutboundIn(data), head.status.code >= 200, !keptAliveOldClients.isEmpty else {
+            context.write(data, promise: promise)
+            return
+        }
+        let keptAliveOldClient = keptAliveOldClients.removeFirst()
+        guard keptAliveOldClient, !head.headers.contains(name: "connection") else {
+            context.write(data, promise: promise)
+            return
+        }
+        head.headers.add(name: "connection", value: "keep-alive")
+        context.write(wrapOutboundOut(.head(head)), promise: promise)
+    }
+}
+
+/// What ``RequestHeadGuard`` refuses a request with; ``ConnectionTimeoutHandler`` answers it as JSON and closes.
+struct RequestHeadRefusal: Error, Hashable {
+    var status: HTTPResponse.Status
+    var code: String
+    var message: String
+}
+
+/// Refuses, before the framework sees it, a request head that HTTP/1.1 (RFC 9112) says a server must not serve as it
+/// is; the answer is a JSON error and the connection is closed, since what follows the head cannot be trusted to be
+/// framed as the client meant:
+/// - 400 `bad_request` for an HTTP/1.1 request without `Host`, for any request with more than one, or with one that
+///   is not a host (§3.2: "A server MUST respond with a 400");
+/// - 501 `unsupported_transfer_encoding` for a transfer coding other than `chunked` (`gzip, chunked`): the parser
+///   would take the body as chunked and pass on a body still compressed (§6.1); a body is compressed with
+///   `Content-Encoding` instead. On an HTTP/1.0 request `Transfer-Encoding` is 400 (§6.1: its framing is faulty);
+/// - 405 `method_not_allowed` for `CONNECT`: the ingest is not a proxy, and the parser would take the rest of the
+///   connection for a tunnel.
+final class RequestHeadGuard: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias InboundOut = HTTPServerRequestPart
+
+    /// Set once a request was refused: what follows it on the connection is dropped while the answer goes out.
+    private var refused = false
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !refused else { return }
+        if case .head(let head) = unwrapInboundIn(data), let refusal = Self.refusal(of: head) {
+            refused = true
+            context.fireErrorCaught(refusal)
+            return
+        }
+        context.fireChannelRead(data)
+    }
+
+    static func refusal(of head: HTTPRequestHead) -> RequestHeadRefusal? {
+        let hosts = head.headers["host"]
+        if hosts.count > 1 {
+            return RequestHeadRefusal(
+                status: .badRequest, code: "bad_request", message: "the request has \(hosts.count) Host headers; send exactly one (RFC 9112 §3.2)")
+        }
+        if let host = hosts.first, !isHost(host) {
+            return RequestHeadRefusal(
+                status: .badRequest, code: "bad_request",
+                message: "the request's Host header is not a host and port (\(String(host.prefix(100)).debugDescription)); send the server's name or address, as in Host: ingest.example.com")
+        }
+        if hosts.isEmpty, (head.version.major, head.version.minor) >= (1, 1) {
+            return RequestHeadRefusal(
+                status: .badRequest, code: "bad_request", message: "an HTTP/1.1 request needs a Host header (RFC 9112 §3.2); add one, as in Host: ingest.example.com")
+        }
+        if head.method == .CONNECT {
+            return RequestHeadRefusal(
+                status: .methodNotAllowed, code: "method_not_allowed", message: "the ingest is not a proxy and takes no CONNECT; see the HTTP API in the README")
+        }
+        let codings = head.headers["transfer-encoding"].flatMap { $0.split(separator: ",") }.map { $0.trimmingWhitespace().lowercased() }
+        if !codings.isEmpty, (head.version.major, head.version.minor) < (1, 1) {
+            return RequestHeadRefusal(
+                status: .badRequest, code: "bad_request", message: "an HTTP/1.0 request cannot use Transfer-Encoding (RFC 9112 §6.1); send Content-Length instead")
+        }
+        if !codings.isEmpty, codings != ["chunked"] {
+            return RequestHeadRefusal(
+                status: .init(code: 501, reasonPhrase: "Not Implemented"), code: "unsupported_transfer_encoding",
+                message:
+                    "the ingest takes Transfer-Encoding: chunked alone, not \(codings.joined(separator: ", ").debugDescription); compress the body with Content-Encoding instead")
+        }
+        return nil
+    }
+
+    /// Whether `value` is a `Host` header's value: empty (RFC 9112 §3.2 allows it), or a name or address with an optional
+    /// port (`uri-host [ ":" port ]`, RFC 3986's reg-name, IPv4 or bracketed IPv6 characters).
+    static func isHost(_ value: String) -> Bool {
+        value.utf8.allSatisfy { byte in
+            switch byte {
+            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"): true
+            case UInt8(ascii: "-"), UInt8(ascii: "."), UInt8(ascii: "_"), UInt8(ascii: "~"), UInt8(ascii: "%"), UInt8(ascii: ":"),
+                UInt8(ascii: "["), UInt8(ascii: "]"), UInt8(ascii: "!"), UInt8(ascii: "$"), UInt8(ascii: "&"), UInt8(ascii: "'"),
+                UInt8(ascii: "("), UInt8(ascii: ")"), UInt8(ascii: "*"), UInt8(ascii: "+"), UInt8(ascii: ";"), UInt8(ascii: "="):
+                true
+            default: false
+            }
+        }
     }
 }
 
