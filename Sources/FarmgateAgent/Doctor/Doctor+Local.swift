@@ -193,6 +193,7 @@ extension Doctor {
             return bufferDepthFindings(
                 path: path, pending: buffer.pending, oldest: buffer.oldestPending, quarantined: buffer.quarantined, now: now,
                 integrity: "checked by the agent when it opened the buffer")
+                + [bufferFailureFinding(path: path, errors: buffer.errors, now: now)].compactMap { $0 }
         }
         guard FileManager.default.fileExists(atPath: path) else {
             return [DoctorFinding(check: "buffer", subject: path, status: .ok, message: "no buffer yet: the agent creates it when it starts")]
@@ -240,6 +241,45 @@ extension Doctor {
                     fix: "check the file's owner and mode (the agent's user must own it) and the disk; the agent's log says more")
             ]
         }
+    }
+
+    /// How long after the running agent's last failed buffer write it is still a problem (the agent's own status line
+    /// says `BUFFER ERROR` as long).
+    static let bufferFailureWindow: Int64 = 3_600
+
+    /// A problem when the running agent's buffer writes failed within ``bufferFailureWindow``: readings it cannot
+    /// commit are lost once its memory is full, and acknowledgements it cannot write are sent again.
+    static func bufferFailureFinding(path: String, errors: BufferErrors?, now: Timestamp) -> DoctorFinding? {
+        guard let errors, let last = errors.last else { return nil }
+        let ageSeconds = max(0, (now.microseconds - last.at.microseconds) / 1_000_000)
+        guard ageSeconds <= bufferFailureWindow else { return nil }
+        return DoctorFinding(
+            check: "buffer", subject: path, status: .problem,
+            message: "the agent's last \(last.operation) failed \(duration(ageSeconds)) ago: \(last.message) (\(errors.commit) commit and \(errors.acknowledge) acknowledge failures since it opened the buffer)",
+            fix: "free space on the buffer's file system (df -h \(directory(of: path))) or see the kernel log for the disk (dmesg); the agent keeps new readings in memory and retries, and `farmgate status` shows when it writes again")
+    }
+
+    /// A warning when the running agent has not rewritten `[metrics] textfile` for more than twice its interval and
+    /// 10 s (a full disk, a directory made read-only after start): node_exporter then serves the old figures as current.
+    /// Nothing is said while the agent runs for less than that, or when it does not run.
+    static func metricsFreshnessFinding(_ metrics: MetricsFileConfiguration?, status: AgentStatus?, now: Timestamp) -> DoctorFinding? {
+        guard let metrics, let status else { return nil }
+        let allowedSeconds = 2 * metrics.interval.components.seconds + 10
+        let runningSeconds = (now.microseconds - status.startedAt.microseconds) / 1_000_000
+        guard runningSeconds > allowedSeconds else { return nil }
+        var info = stat()
+        guard stat(metrics.path, &info) == 0 else {
+            return DoctorFinding(
+                check: "metrics", subject: metrics.path, status: .warning,
+                message: "the agent has run for \(duration(runningSeconds)) and has not written this file",
+                fix: "the agent's log (journalctl -u farmgate) says why: the directory must exist and be writable by the agent's user")
+        }
+        let ageSeconds = max(0, now.microseconds / 1_000_000 - Int64(info.st_mtim.tv_sec))
+        guard ageSeconds > allowedSeconds else { return nil }
+        return DoctorFinding(
+            check: "metrics", subject: metrics.path, status: .warning,
+            message: "not rewritten for \(duration(ageSeconds)) (every \(metrics.interval.components.seconds) s expected): node_exporter serves old figures",
+            fix: "the agent's log (journalctl -u farmgate) says why its writes fail: a full disk (df -h) or a directory it may no longer write")
     }
 
     /// What the agent does with a damaged buffer, and what is left to do.

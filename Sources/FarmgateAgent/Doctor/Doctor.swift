@@ -40,6 +40,7 @@ public enum Doctor {
             findings.append(diskFinding(configuration))
             findings += bufferFindings(configuration, status: status.status, now: clock.read().realtime)
             findings += writeAccessFindings(configuration, user: user, unit: ServiceUnit.load(directories: unitDirectories))
+            findings += [metricsFreshnessFinding(configuration.metrics, status: status.status, now: clock.read().realtime)].compactMap { $0 }
             findings += keyFileFindings(configuration, user: user)
             return findings
         }
