@@ -394,7 +394,13 @@ public enum BatchJSON {
                     RejectionCode.invalidReading, "\(path).flags: more than \(JSONReading.maxFlags) entries; each flag is named once")
             }
         }
-        return .success(Reading(sensor: sensor, sequence: sequenceValue, timestamp: timestamp, value: value, quality: quality))
+        // Values are exact at the declared resolution, as in a binary batch: one written with more decimals than the sensor
+        // declares (6.004 at 0.01) is taken on the resolution's grid (6.0), so that what is stored, answered and compared
+        // with a re-sent reading is in whole steps. Kept as sent, 6.004 made a re-sent 6.01 a duplicate of it, and the
+        // other reading was acknowledged and lost.
+        var stepped = value
+        if let resolution = declared[sensor], let steps = resolution.quantize(value) { stepped = resolution.value(ofSteps: steps) }
+        return .success(Reading(sensor: sensor, sequence: sequenceValue, timestamp: timestamp, value: stepped, quality: quality))
     }
 }
 

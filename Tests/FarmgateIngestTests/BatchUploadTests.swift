@@ -56,6 +56,33 @@ struct BatchUploadTests {
         #expect(stored.map(\.value) == [6.0])
     }
 
+    @Test("a JSON value with more decimals than its sensor declares is stored on the resolution's grid, and a re-send is judged in whole steps")
+    func jsonValueOffTheGrid() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        @Sendable func body(_ value: String, resolution: String = "0.01") -> ByteBuffer {
+            buffer(Array(#"{"device": "d1", "sensors": [{"id": "tank1.ph", "quantity": "ph", "resolution": "\#(resolution)"}], "readings": [{"sensor": "tank1.ph", "seq": 7, "ts": "2025-12-31T23:00:00Z", "value": \#(value)}]}"#.utf8))
+        }
+        try await fixture.app().test(.router) { client in
+            func post(_ value: String) async throws -> IngestReceipt {
+                let response = try await client.execute(uri: IngestProtocol.batchesPath, method: .post, headers: jsonHeaders(fixture.deviceKey), body: body(value))
+                #expect(response.status == .ok)
+                return try decode(IngestReceipt.self, response)
+            }
+            #expect(try await post("6.004").accepted == 1)
+            // 6.004 and 6.0 are the same reading at 0.01 (600 steps); 6.01 and 6.013 are 601 steps: another reading.
+            #expect(try await post("6.0").duplicates == 1)
+            #expect(try await post("6.0049").duplicates == 1)
+            for other in ["6.01", "6.013"] {
+                let receipt = try await post(other)
+                #expect(receipt.rejected.map(\.code) == [RejectionCode.sequenceConflict], "\(other): \(receipt)")
+                #expect(receipt.rejected.first?.message.contains("stored 6.0, sent 6.01") == true, "\(receipt)")
+            }
+        }
+        let stored = try await fixture.store.exportPage(device: try await fixture.identity(device: "d1"), afterSequence: nil, limit: 10)
+        #expect(stored.map(\.value) == [6.0])
+    }
+
     @Test("a query parameter the route does not take is 400 invalid_parameter naming it, on uploads, the device state and the probes; nothing is stored")
     func unknownParametersRefused() async throws {
         let fixture = try await Fixture()
