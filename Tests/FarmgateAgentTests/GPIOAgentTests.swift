@@ -18,7 +18,7 @@ struct GPIOAgentTests {
     func agentStoresChanges() async throws {
         let scratch = try Scratch(prefix: "fg-gpio-agent", in: URL(fileURLWithPath: "/tmp"))
         let floatEvents = try scratch.write("float.events", "level 0\nnow 100\n")
-        let countEvents = try scratch.write("count.events", "level 0\nnow 100\nrise 100.1\nfall 100.2\nrise 100.3\n")
+        let countEvents = try scratch.write("count.events", "level 0\nnow 100\nrise 100.1\nfall 100.2\nrise 100.3\nnow 100.4\n")
         let buffer = scratch.file("buffer.sqlite")
         let socket = scratch.file("control.sock")
         let configuration = try scratch.write(

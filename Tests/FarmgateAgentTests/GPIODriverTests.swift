@@ -106,15 +106,17 @@ struct GPIOLineMonitorTests {
         #expect(monitor.state(at: 300_000_000) == 1)
     }
 
-    @Test("Pulses closer than the debounce count once; flow windows split at the read time")
+    @Test("A pulse counts once the line held it for the debounce time, at the edge that began the hold; flow windows split at the read time")
     func pulses() {
         var monitor = GPIOLineMonitor(mode: .pulses(edge: .rising, debounce: 1_000_000), activeLow: false, physicalLevel: 0, at: 0)
         monitor.apply(GPIOEdgeEvent(.rising, at: 10_000_000))
         monitor.apply(GPIOEdgeEvent(.falling, at: 10_200_000))
-        monitor.apply(GPIOEdgeEvent(.rising, at: 10_500_000))  // a bounce 0.5 ms after: ignored
-        monitor.apply(GPIOEdgeEvent(.rising, at: 20_000_000))
+        monitor.apply(GPIOEdgeEvent(.rising, at: 10_500_000))  // bounce: the pulse is held from 10.5 ms
+        #expect(monitor.pulses(at: 11_000_000) == 0, "held 0.5 ms only")
+        #expect(monitor.pulses(at: 11_500_000) == 1)
+        monitor.apply(GPIOEdgeEvent(.rising, at: 20_000_000))  // the fall between was lost: a pulse of its own
         monitor.apply(GPIOEdgeEvent(.rising, at: 2_000_000_000))
-        #expect(monitor.totalPulses == 3)
+        #expect(monitor.pulses(at: 2_001_000_000) == 3)
         let first = monitor.takeFlowWindow(at: 1_000_000_000)
         #expect(first.pulses == 2 && first.seconds == 1)
         let second = monitor.takeFlowWindow(at: 3_000_000_000)
@@ -205,7 +207,7 @@ struct GPIODriverTests {
     func unplug() async throws {
         let configurations = try gpioSensors([("loop.pulses", "count", "line = 4\nedge = \"falling\"")])
         let line = try await ScriptedLine(configurations, script: "level 1\nnow 5")
-        try await line.feed("fall 5.1\nrise 5.2\nfall 5.3")
+        try await line.feed("fall 5.1\nrise 5.2\nfall 5.3\nnow 5.4")  // a pulse counts once the line held it
         #expect(try await line.value() == 2)
         try line.backend.feed("unplug")
         let drivers = line.drivers
@@ -214,7 +216,7 @@ struct GPIODriverTests {
         try line.backend.feed("replug\nlevel 1")
         let back = await eventually(timeout: .seconds(60), every: .milliseconds(50)) { (try? await drivers[0].read().value) == 2 }
         #expect(back)
-        try await line.feed("fall 7")
+        try await line.feed("fall 7\nnow 7.1")
         #expect(try await line.value() == 3)
         await line.close()
     }

@@ -8,9 +8,19 @@ public protocol GPIOBackend: AnyObject, Sendable {
     func open(_ request: GPIOLineRequest) throws(SensorError) -> any GPIOLine
     /// Now, on the clock of the events' timestamps (CLOCK_MONOTONIC for the kernel), in nanoseconds.
     func now() -> Int64
+    /// ``now()``, and whether edges that happened by then are still waiting to be handed to a line's thread or applied
+    /// by it (the thread applies what a wait returned before it waits again): while they are, what the line's monitor
+    /// knows is older than `now`, and a state read at `now` could be contradicted by a change stamped before it.
+    func clockReading() -> (now: Int64, pending: Bool)
     /// Finds a line without requesting it: which chip and offset a name or number means, so that `farmgate config check`
     /// sees one line written two ways (`17` and `"GPIO17"`). Blocking (opens the chip): not on the concurrency pool.
     func lookUp(chip: GPIOChipSelector, line: GPIOLineSelector) -> GPIOLineLookup
+}
+
+extension GPIOBackend {
+    /// The kernel hands an edge to the line's thread as soon as it happens (the thread waits on the line's file
+    /// descriptor): nothing is taken to be pending.
+    public func clockReading() -> (now: Int64, pending: Bool) { (now(), false) }
 }
 
 /// What ``GPIOBackend/lookUp(chip:line:)`` found.

@@ -201,6 +201,8 @@ public final class GPIODriver: StreamingSensorDriver {
     /// services (a reload) has pulses the stored count already holds.
     let pulseOrigin: UInt64
     let logger: Logger
+    /// When the driver was made (its watcher's thread requests the line just after).
+    let made = ContinuousClock.now
 
     /// - Parameters:
     ///   - countFile: for a count sensor, the file that keeps its running count across restarts.
@@ -243,9 +245,14 @@ public final class GPIODriver: StreamingSensorDriver {
     /// The debounced changes since the previous poll, each with how long ago its edge happened, and the settled state.
     public func poll() async throws(SensorError) -> StreamedUpdate {
         guard options.role == .state else { return StreamedUpdate(current: nil) }
-        let (changes, current, now) = try watcher.withMonitor { monitor, now in
+        // Just made, the watcher's thread may not have requested the line yet: nothing to report, rather than a failure
+        // (reads wait for that request; a poll must not wait).
+        if !watcher.tried, ContinuousClock.now - made < Self.requestWait { return StreamedUpdate(current: nil) }
+        let (changes, current, now) = try watcher.withMonitor { monitor, now, pending in
             let state = monitor.state(at: now)
-            return (monitor.takeChanges(), monitor.settling ? nil : state, now)
+            // While edges are on their way to the monitor (or a change is settling), the state now is not known: a
+            // heartbeat of the state before them, stamped now, would be newer than the change they make.
+            return (monitor.takeChanges(), monitor.settling || pending ? nil : state, now)
         }
         return StreamedUpdate(
             values: changes.map { StreamedValue(SensorValue(Double($0.state)), age: .nanoseconds(now - $0.at)) },
@@ -265,7 +272,7 @@ public final class GPIODriver: StreamingSensorDriver {
         case .state:
             return SensorValue(Double(try watcher.withMonitor { monitor, now in monitor.state(at: now) }))
         case .count:
-            let pulses = try watcher.withMonitor { monitor, _ in monitor.totalPulses }
+            let pulses = try watcher.withMonitor { monitor, now in monitor.pulses(at: now) }
             let counted = pulses >= pulseOrigin ? pulses - pulseOrigin : 0
             guard let countStore else { return SensorValue(Double(counted)) }
             return SensorValue(Double(try await countStore.total(pulsesSinceStart: counted)))
@@ -274,9 +281,9 @@ public final class GPIODriver: StreamingSensorDriver {
             if SensorReadContext.oneOff {
                 // A one-off read (`farmgate sensor read`) counts over a window of its own, leaving the sampler's alone
                 // (through the running agent, the next stored flow still covers its whole interval).
-                let (pulses, start) = try watcher.withMonitor { monitor, now in (monitor.totalPulses, now) }
+                let (pulses, start) = try watcher.withMonitor { monitor, now in (monitor.pulses(at: now), now) }
                 try? await Task.sleep(for: Self.oneOffFlowWindow)
-                let (after, end) = try watcher.withMonitor { monitor, now in (monitor.totalPulses, now) }
+                let (after, end) = try watcher.withMonitor { monitor, now in (monitor.pulses(at: now), now) }
                 window = (Int(clamping: after >= pulses ? after - pulses : 0), Double(end - start) / 1e9)
             } else {
                 window = try watcher.withMonitor { monitor, now in monitor.takeFlowWindow(at: now) }

@@ -7,7 +7,9 @@ struct GPIOLineMonitor: Sendable {
     enum Mode: Sendable, Hashable {
         /// A switch: the state changes once the line has held its new level for `debounce` nanoseconds.
         case input(debounce: Int64)
-        /// A pulse counter: counts `edge`s at least `debounce` nanoseconds after the previous counted one.
+        /// A pulse counter: a pulse is the line settling at the level `edge` leads to (high for `rising`), that is
+        /// holding it for `debounce` nanoseconds, as a switch's change does; it is counted at the time of the edge after
+        /// which the line held that level. A glitch shorter than `debounce` and bounce on either edge add no pulse.
         case pulses(edge: GPIOEdge, debounce: Int64)
     }
 
@@ -17,11 +19,12 @@ struct GPIOLineMonitor: Sendable {
     /// The logical level the line has now (after the last event), and since when.
     private(set) var rawLevel: Int
     private(set) var rawSince: Int64
-    /// The debounced state.
+    /// The debounced state (of a pulse line too: the level it last held for the debounce time).
     private(set) var stable: Int
-    /// Pulses counted since the monitor started (across reconnects of the line).
+    /// Pulses counted since the monitor started (across reconnects of the line), up to the last event or question: a
+    /// pulse whose level has not yet held for the debounce time is counted by the first question past it
+    /// (``pulses(at:)``).
     private(set) var totalPulses: UInt64 = 0
-    private var lastPulse: Int64?
     /// Timestamps of counted pulses not yet attributed to a flow window.
     private var unattributed: [Int64] = []
     /// Where the current flow window started.
@@ -42,12 +45,24 @@ struct GPIOLineMonitor: Sendable {
     }
 
     /// The line was requested again (after the chip came back): its level now, keeping the count and flow window.
+    ///
+    /// The level read at the request is the line's level now, not a bounce to wait out: as at the first request it counts
+    /// as settled, and a state input that changed while the line was gone records the change at once, at `time` (when
+    /// the edge happened is unknown), so that it is stored and shown without waiting for another event. A pulse line
+    /// counts no pulse for it: pulses while the line was gone are not seen.
     mutating func restart(physicalLevel: Int, at time: Int64) {
-        let level = activeLow ? 1 - (physicalLevel != 0 ? 1 : 0) : (physicalLevel != 0 ? 1 : 0)
+        let level = logical(physicalLevel)
         if level != rawLevel {
             rawLevel = level
-            rawSince = time
+            rawSince = max(time, rawSince)
         }
+        guard level != stable else { return }
+        stable = level
+        if case .input = mode { record(StateChange(state: level, at: rawSince)) }
+    }
+
+    private func logical(_ physicalLevel: Int) -> Int {
+        activeLow ? 1 - (physicalLevel != 0 ? 1 : 0) : (physicalLevel != 0 ? 1 : 0)
     }
 
     mutating func apply(_ event: GPIOEdgeEvent) {
@@ -61,22 +76,26 @@ struct GPIOLineMonitor: Sendable {
             settle(at: time)
             rawLevel = level
             rawSince = time
-        case .pulses(let edge, let debounce):
-            rawLevel = level
-            rawSince = time
-            guard logicalEdge == edge else { return }
-            if let lastPulse, event.timestamp - lastPulse < debounce { return }
-            lastPulse = event.timestamp
-            totalPulses += 1
-            if unattributed.count < Self.maxUnattributed {
-                unattributed.append(event.timestamp)
+        case .pulses:
+            settle(at: time)
+            if level == rawLevel {
+                // A repeated edge: the edge between was lost, so the line left this level and came back. Held, the level
+                // was a pulse (or a pause) of its own: the line is taken to have settled at the other level in between
+                // (uncounted), so that this edge can begin the next pulse. Not yet held, it is bounce: it restarts.
+                if rawLevel == stable { stable = 1 - level }
             } else {
-                // Attribute the overflow to the current window rather than losing it.
-                unattributed[unattributed.count - 1] = event.timestamp
+                rawLevel = level
             }
+            rawSince = time
+            settle(at: time)  // a debounce of 0 settles at once
         }
     }
 
+    /// The pulses counted up to `time`: a level held for the debounce time by then is settled first.
+    mutating func pulses(at time: Int64) -> UInt64 {
+        settle(at: time)
+        return totalPulses
+    }
     /// The debounced state at `time`: the line's level once it has held it for the debounce time.
     mutating func state(at time: Int64) -> Int {
         settle(at: time)
@@ -109,21 +128,41 @@ struct GPIOLineMonitor: Sendable {
         return changes
     }
 
-    /// Confirms the line's level as the state once it has held it for the debounce time at `time`, recording the
-    /// change with the time of the edge that began it.
+    /// Confirms the line's level as the state once it has held it for the debounce time at `time`: a state input records
+    /// the change with the time of the edge that began it; a pulse line counts a pulse when the level is the one its
+    /// counted edge leads to.
     private mutating func settle(at time: Int64) {
-        guard case .input(let debounce) = mode, rawLevel != stable, time - rawSince >= debounce else { return }
-        stable = rawLevel
+        switch mode {
+        case .input(let debounce):
+            guard rawLevel != stable, time - rawSince >= debounce else { return }
+            stable = rawLevel
+            record(StateChange(state: stable, at: rawSince))
+        case .pulses(let edge, let debounce):
+            guard rawLevel != stable, time - rawSince >= debounce else { return }
+            stable = rawLevel
+            guard stable == (edge == .rising ? 1 : 0) else { return }
+            totalPulses += 1
+            if unattributed.count < Self.maxUnattributed {
+                unattributed.append(rawSince)
+            } else {
+                // Attribute the overflow to the current window rather than losing it.
+                unattributed[unattributed.count - 1] = rawSince
+            }
+        }
+    }
+
+    private mutating func record(_ change: StateChange) {
         if changes.count >= Self.maxChanges {
             changes.removeFirst()
             droppedChanges += 1
         }
-        changes.append(StateChange(state: stable, at: rawSince))
+        changes.append(change)
     }
 
     /// The pulses counted since the previous call (or the start) up to `time`, and how long that window was in
     /// seconds; starts the next window at `time`.
     mutating func takeFlowWindow(at time: Int64) -> (pulses: Int, seconds: Double) {
+        settle(at: time)
         let split = unattributed.firstIndex { $0 > time } ?? unattributed.count
         let pulses = split
         unattributed.removeFirst(split)

@@ -81,12 +81,24 @@ final class GPIOLineWatcher: Sendable {
         }
     }
 
-    /// The pulses counted since the watcher started (0 before the line was requested).
-    var totalPulses: UInt64 { state.withLock { $0.monitor?.totalPulses ?? 0 } }
+    /// The pulses counted since the watcher started, up to the line's clock now (0 before the line was requested).
+    var totalPulses: UInt64 {
+        let now = backend.now()
+        return state.withLock { state in state.monitor?.pulses(at: now) ?? 0 }
+    }
+
+    /// Whether the thread tried to request the line once (it succeeded, or the line's error says why not).
+    var tried: Bool { state.withLock { $0.tried || $0.monitor != nil } }
 
     /// Answers a question about the line, or throws why the line cannot be read.
     func withMonitor<T>(_ body: (inout GPIOLineMonitor, Int64) -> T) throws(SensorError) -> T {
-        let now = backend.now()
+        try withMonitor { monitor, now, _ in body(&monitor, now) }
+    }
+
+    /// Answers a question about the line, also told whether edges that happened by `now` are still on their way to the
+    /// monitor (``GPIOBackend/clockReading()``): the monitor's state is then older than `now`.
+    func withMonitor<T>(_ body: (inout GPIOLineMonitor, Int64, Bool) -> T) throws(SensorError) -> T {
+        let (now, pending) = backend.clockReading()
         return try state.withLock { state throws(SensorError) -> T in
             if let error = state.error { throw error }
             guard var monitor = state.monitor else {
@@ -94,7 +106,7 @@ final class GPIOLineWatcher: Sendable {
                     .timeout,
                     "GPIO line \(request.name) was not requested in time; check that the chip exists (`gpiodetect`), that the line is free (`gpioinfo`) and that the agent's user is in the gpio group")
             }
-            let result = body(&monitor, now)
+            let result = body(&monitor, now, pending)
             state.monitor = monitor
             return result
         }
@@ -120,12 +132,15 @@ final class GPIOLineWatcher: Sendable {
                     let opened = try backend.open(request)
                     let level = try opened.level()
                     let now = backend.now()
+                    // Edges the line already holds (an events file's lines appended while the agent was down) came after
+                    // the level it reads: they are applied before anyone sees the monitor, so that its first state is
+                    // the line's state now, not the one before them stamped now.
+                    let early = try opened.waitForEvents(timeout: .zero)
                     state.withLock { state in
-                        if state.monitor == nil {
-                            state.monitor = GPIOLineMonitor(mode: mode, activeLow: activeLow, physicalLevel: level, at: now)
-                        } else {
-                            state.monitor?.restart(physicalLevel: level, at: now)
-                        }
+                        var monitor = state.monitor ?? GPIOLineMonitor(mode: mode, activeLow: activeLow, physicalLevel: level, at: now)
+                        if state.monitor != nil { monitor.restart(physicalLevel: level, at: now) }
+                        for event in early { monitor.apply(event) }
+                        state.monitor = monitor
                         state.error = nil
                         state.tried = true
                     }

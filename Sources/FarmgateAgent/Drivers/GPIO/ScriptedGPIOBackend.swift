@@ -60,6 +60,9 @@ public final class ScriptedGPIOBackend: GPIOBackend {
         var resume: FileFollower.Position?
         /// The position last written to the position file.
         var saved: FileFollower.Position?
+        /// Added to the times of the events file's lines: a file truncated or replaced is a new clock (it may start at 0
+        /// again), continued from the line's clock when it was, so that the line's clock never goes back.
+        var fileClockOffset: Int64 = 0
     }
 
     private let state = Mutex(State())
@@ -148,7 +151,18 @@ public final class ScriptedGPIOBackend: GPIOBackend {
 
     public func now() -> Int64 { state.withLock { $0.clock } }
 
+    /// The clock, and whether edges fed are not yet applied by the line's thread (``undelivered``), read at once.
+    public func clockReading() -> (now: Int64, pending: Bool) {
+        state.withLock { ($0.clock, !$0.queue.isEmpty || $0.inFlight > 0) }
+    }
+
     public func open(_ request: GPIOLineRequest) throws(SensorError) -> any GPIOLine {
+        if let file, !FileManager.default.fileExists(atPath: file) {
+            // No file, no line: as a missing chip, the sensor is not readable (the line is requested again, with backoff,
+            // and is read once the file exists), rather than reading the default level.
+            throw SensorError(
+                .disconnected, "GPIO chip \(request.chip) not found: the events file \(file) does not exist (backend = \"events\")")
+        }
         pumpFile()
         let generation = try state.withLock { state throws(SensorError) -> Int in
             guard state.present else {
@@ -217,17 +231,17 @@ public final class ScriptedGPIOBackend: GPIOBackend {
 
     /// - Parameter past: the line is the file's past (before where a previous agent left it): an edge only sets the
     ///   level and the clock, it is not delivered.
-    private static func apply(_ raw: String, to state: inout State, past: Bool = false) throws(ScriptError) {
+    private static func apply(_ raw: String, to state: inout State, past: Bool = false, clockOffset: Int64 = 0) throws(ScriptError) {
         let text = raw.split(separator: "#", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? ""
         let words = text.split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\r" }).map(String.init)
         guard let command = words.first?.lowercased() else { return }
         switch (command, words.count) {
         case ("rise", 2) where past, ("fall", 2) where past:
-            let time = try Self.time(words[1], line: raw)
+            let time = Self.shifted(try Self.time(words[1], line: raw), by: clockOffset)
             state.clock = max(state.clock, time)
             state.level = command == "rise" ? 1 : 0
         case ("rise", 2), ("fall", 2):
-            let time = try Self.time(words[1], line: raw)
+            let time = Self.shifted(try Self.time(words[1], line: raw), by: clockOffset)
             state.queue.append(GPIOEdgeEvent(command == "rise" ? .rising : .falling, at: time))
         case ("level", 2):
             guard let level = Int(words[1]), level == 0 || level == 1 else {
@@ -235,7 +249,7 @@ public final class ScriptedGPIOBackend: GPIOBackend {
             }
             state.level = level
         case ("now", 2):
-            let time = try Self.time(words[1], line: raw)
+            let time = Self.shifted(try Self.time(words[1], line: raw), by: clockOffset)
             state.clock = max(state.clock, time)
         case ("unplug", 1):
             state.present = false
@@ -254,6 +268,12 @@ public final class ScriptedGPIOBackend: GPIOBackend {
             throw ScriptError(
                 line: raw, reason: "expected `rise SECONDS`, `fall SECONDS`, `level 0|1`, `now SECONDS`, `name OFFSET NAME`, `unplug` or `replug`")
         }
+    }
+
+    /// `time` on the line's clock, for a file whose clock starts at `offset` (saturating: a clock never wraps).
+    private static func shifted(_ time: Int64, by offset: Int64) -> Int64 {
+        let (sum, overflow) = time.addingReportingOverflow(offset)
+        return overflow ? .max : sum
     }
 
     /// Seconds with up to nine decimals, parsed exactly into nanoseconds.
@@ -276,6 +296,10 @@ public final class ScriptedGPIOBackend: GPIOBackend {
         guard let file else { return }
         let (restarted, refused) = state.withLock { state -> (Bool, [(number: Int, error: ScriptError)]) in
             let (restarted, lines) = state.follower.read(file)
+            if restarted {
+                // Another file, or the file written anew: its times are a new clock, which continues the line's.
+                state.fileClockOffset = state.clock
+            }
             if let resume = state.resume, restarted || state.follower.position.map({ !$0.sameFile(as: resume) }) ?? false {
                 // Another file than the one the agent left (replaced, truncated): read from its start.
                 state.resume = nil
@@ -284,7 +308,7 @@ public final class ScriptedGPIOBackend: GPIOBackend {
             for (number, end, line) in lines {
                 let past = state.resume.map { end <= $0.offset } ?? false
                 do throws(ScriptError) {
-                    try Self.apply(line, to: &state, past: past)
+                    try Self.apply(line, to: &state, past: past, clockOffset: state.fileClockOffset)
                 } catch {
                     if !past { refused.append((number, error)) }
                 }
