@@ -48,7 +48,11 @@ struct EZOCalibrationTests {
         #expect(refusal(.ph, "high=10.00")?.contains("mid point") == true)
         #expect(refusal(.ph, "mid=7", "high=10")?.contains("low point (pH 4.00) before the high point") == true)
         #expect(refusal(.ph, "mid=7", "low=7.5")?.contains("a low point above 7") == true)
-        #expect(refusal(.ph, "mid=7", "low=4", "high=6")?.contains("above the mid point") == true)
+        #expect(refusal(.ph, "mid=7", "low=4", "high=6")?.contains("alkaline buffer") == true)
+        #expect(refusal(.ph, "mid=7.8", "low=4", "high=7.6")?.contains("above the mid point") == true)
+        // A wrong buffer is named as such whatever the order (high 7.2 after mid alone said "low before high").
+        #expect(refusal(.ph, "mid=7.00", "high=7.2")?.contains("must be an alkaline buffer (at least 7.5") == true)
+        #expect(refusal(.ph, "low=7.2")?.contains("must be an acid buffer (at most 6.5") == true)
         #expect(refusal(.ph, "mid=4")?.contains("neutral buffer") == true)
         #expect(refusal(.ph, "mid=15")?.contains("outside the pH scale") == true)
         #expect(refusal(.ph, "mid")?.contains("needs the solution's reference value") == true)

@@ -244,13 +244,13 @@ public final class CalibrationCommands: Service, Sendable {
             if let ending, id == nil {
                 throw SessionEnded(
                     kind: ending.kind,
-                    description: "no calibration of \(sensor) is in progress: the last one \(ending.what) at \(ending.at); start one with calibrate.begin")
+                    description: "no calibration of \(sensor) is in progress: the last one \(ending.what) at \(ending.at); start one with `farmgate calibrate \(sensor)` (calibrate.begin on the control socket)")
             }
             if let id, live {
                 throw SessionEnded(
                     kind: "replaced", description: "the calibration of \(sensor) this command belongs to (session \(id)) ended, and another one is in progress now; nothing is sent for it")
             }
-            throw CalibrationError("no calibration of \(sensor) is in progress (or it lapsed after \(limit) without a command); start one with calibrate.begin")
+            throw CalibrationError("no calibration of \(sensor) is in progress (or it lapsed after \(limit) without a command); start one with `farmgate calibrate \(sensor)` (calibrate.begin on the control socket)")
         }
         markFlags(sensor)
         return session

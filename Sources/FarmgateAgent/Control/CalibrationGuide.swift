@@ -315,11 +315,13 @@ public struct CalibrationGuide {
         } catch {
             throw Failure("cannot reach the agent: \(error) (is `farmgate agent` running, and may you use its control socket? members of the agent's group may)")
         }
+        // The control socket names the command an error answers (`calibrate.point: …`); the installer did not type it.
+        let error = answer.error.map { $0.hasPrefix(command + ": ") ? String($0.dropFirst(command.count + 2)) : $0 }
         if !answer.ok, answer.ended != nil {
-            throw Failure(answer.error ?? "the calibration of \(sensor) ended (\(answer.ended ?? "")); nothing more is sent for it", sessionEnded: true)
+            throw Failure(error ?? "the calibration of \(sensor) ended (\(answer.ended ?? "")); nothing more is sent for it", sessionEnded: true)
         }
         guard answer.ok, let calibration = answer.calibration else {
-            throw Failure(answer.error ?? "the agent answered \(command) without a result; are the agent and the CLI the same version?")
+            throw Failure(error ?? "the agent answered \(command) without a result; are the agent and the CLI the same version?")
         }
         return calibration
     }

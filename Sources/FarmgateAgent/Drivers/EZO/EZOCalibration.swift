@@ -116,21 +116,28 @@ public enum EZOCalibration {
                 }
                 return "Cal,mid,\(format(value))"
             case "low":
+                // The value first: a wrong buffer is the more useful thing to hear, whatever the order.
+                guard value <= 6.5 else {
+                    throw CalibrationError("the low point must be an acid buffer (at most 6.5, usually 4.00), not \(format(value)); a low point above 7 would invert the probe's slope")
+                }
                 guard let mid = taken("mid") else {
                     throw CalibrationError("calibrate the mid point (pH 7.00) first: Cal,mid clears every other point, so a low point taken before it would be lost")
                 }
-                guard value <= 6.5, value < (mid.reference ?? 7) else {
+                guard value < (mid.reference ?? 7) else {
                     throw CalibrationError("the low point must be an acid buffer below the mid point (at most 6.5, usually 4.00), not \(format(value)); a low point above 7 would invert the probe's slope")
                 }
                 return "Cal,low,\(format(value))"
             default:  // high
+                guard value >= 7.5 else {
+                    throw CalibrationError("the high point must be an alkaline buffer (at least 7.5, usually 10.00), not \(format(value))")
+                }
                 guard let mid = taken("mid") else {
                     throw CalibrationError("calibrate the mid point (pH 7.00) first, then the low point (4.00); the high point comes last")
                 }
                 guard taken("low") != nil else {
                     throw CalibrationError("calibrate the low point (pH 4.00) before the high point: the datasheet's order is mid, low, high")
                 }
-                guard value >= 7.5, value > (mid.reference ?? 7) else {
+                guard value > (mid.reference ?? 7) else {
                     throw CalibrationError("the high point must be an alkaline buffer above the mid point (at least 7.5, usually 10.00), not \(format(value))")
                 }
                 return "Cal,high,\(format(value))"
