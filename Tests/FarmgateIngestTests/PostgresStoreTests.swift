@@ -1,4 +1,5 @@
 import FarmgateWire
+import FarmgateTestSupport
 import Foundation
 import PostgresNIO
 import Testing
@@ -185,5 +186,21 @@ import Testing
         // It must fail, not hang: an unbounded wait would never return. The bound leaves room for a loaded CI machine
         // (17.8 s was seen there while the first pass ran 340 tests on two cores).
         #expect(ContinuousClock.now - start < .seconds(45))
+    }
+
+    @Test("the store's first calls, made as it starts running, wait for its pool to run: postgres-nio logs no lease before run()")
+    func noLeaseBeforeTheRun() async throws {
+        let recorder = LogRecorder()
+        try await withTestDatabase { settings in
+            let store = try PostgresIngestStore(settings: settings, logger: recorder.logger())
+            // As `serve` and the admin commands do: the store's run() starts, and calls follow at once.
+            try await withRunning(store) { _ in
+                try await store.migrate()
+                _ = try await store.farm(named: "nobody")
+            }
+        }
+        let early = recorder.all.filter { $0.contains("hasn't been called yet") }
+        #expect(early.isEmpty, "\(early)")
+        #expect(!recorder.all.isEmpty, "nothing was logged at all: the recorder is not the store's logger")
     }
 }

@@ -34,6 +34,8 @@ final class PostgresAvailability: Sendable {
         let stopped: Bool
         /// The server refuses these settings (a certificate, TLS, a password, a database) rather than being out of reach.
         let configuration: Bool
+        /// Set just before ``client``'s `run()` begins (``PoolRun``).
+        let running = ManagedAtomic(false)
 
         init(client: PostgresClient) {
             self.client = client
@@ -102,6 +104,20 @@ final class PostgresAvailability: Sendable {
         let current = state.load(ordering: .acquiring)
         if let client = current.client { return client }
         throw Self.unavailable(current)
+    }
+
+    /// ``client()``, once that pool's `run()` has begun, a few milliseconds after the store starts at most: postgres-nio
+    /// takes a call before then (it waits for the pool) but logs a warning for each, two or three on every start of
+    /// `serve`, which an operator would take for a problem. The hot path is still one atomic load more.
+    ///
+    /// - Throws: ``PostgresStoreError/unavailable(_:)`` at once while the database is down; `CancellationError`.
+    func runningClient() async throws -> PostgresClient {
+        while true {
+            let current = state.load(ordering: .acquiring)
+            guard let client = current.client else { throw Self.unavailable(current) }
+            if current.running.load(ordering: .acquiring) { return client }
+            try await Task.sleep(for: .milliseconds(1))
+        }
     }
 
     /// What a call that failed at the connection level answers: ``PostgresStoreError/unavailable(_:)`` when the database
@@ -177,7 +193,8 @@ final class PostgresAvailability: Sendable {
     /// (the store's graceful shutdown), then gives the pools ``shutdownGrace`` to close their connections.
     func run() async {
         var pools: [PoolRun] = []
-        if let client = state.load(ordering: .acquiring).client { pools.append(PoolRun(client)) }
+        let initial = state.load(ordering: .acquiring)
+        if let client = initial.client { pools.append(PoolRun(client, running: initial.running)) }
         var lastCheck: ContinuousClock.Instant?
         // When the server the current pool connected to started: a check that answers with another time found a
         // restart that was over before anything noticed it (a fast `pg_ctl restart`). The pool's connections from
@@ -196,10 +213,11 @@ final class PostgresAvailability: Sendable {
                 guard let known = knownStart, known != started else { continue }
                 // A new pool, and the calls still waiting on the old one answered at once (`outage(since:)`).
                 let client = makeClient()
+                let next = State(client: client)
                 pools.last?.task.cancel()
                 pools.removeAll { $0.finished.load(ordering: .acquiring) }
-                pools.append(PoolRun(client))
-                state.store(State(client: client), ordering: .releasing)
+                pools.append(PoolRun(client, running: next.running))
+                state.store(next, ordering: .releasing)
                 logger.notice(
                     "PostgreSQL restarted since the pool connected; store calls move to a new pool, calls waiting on the old one are answered 503",
                     metadata: ["store.url": "\(location)", "store.server_started": "\(started)", "store.server_started_before": "\(known)"])
@@ -239,9 +257,10 @@ final class PostgresAvailability: Sendable {
             }
             if stillDown { break }
             let client = makeClient()
+            let next = State(client: client)
             pools.removeAll { $0.finished.load(ordering: .acquiring) }
-            pools.append(PoolRun(client))
-            state.store(State(client: client), ordering: .releasing)
+            pools.append(PoolRun(client, running: next.running))
+            state.store(next, ordering: .releasing)
             up.record(1)
             lastCheck = .now
             logger.notice(
@@ -270,10 +289,12 @@ final class PostgresAvailability: Sendable {
         let task: Task<Void, Never>
         let finished: ManagedAtomic<Bool>
 
-        init(_ client: PostgresClient) {
+        /// - Parameter running: set as the task begins `client.run()` (nothing suspends between the two).
+        init(_ client: PostgresClient, running: ManagedAtomic<Bool>) {
             let finished = ManagedAtomic(false)
             self.finished = finished
             task = Task {
+                running.store(true, ordering: .releasing)
                 await client.run()
                 finished.store(true, ordering: .releasing)
             }

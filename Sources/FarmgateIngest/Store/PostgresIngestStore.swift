@@ -104,7 +104,7 @@ public final class PostgresIngestStore: IngestStore {
     ///
     /// - Throws: ``PostgresStoreError/unavailable(_:)`` at once while the database is known to be down.
     var client: PostgresClient {
-        get throws { try availability.client() }
+        get async throws { try await availability.runningClient() }
     }
 
     // MARK: Lifecycle
