@@ -158,6 +158,8 @@ struct NotificationCoalescingTests {
             var rows = try await h.outbox()
             #expect(rows.count == 2)
             #expect(rows[0].payload == delivering.entry.payload)
+            // Sent (while it is being delivered, the alert's newer row waits: per-alert order at a receiver).
+            #expect(try await outbox.completeNotification(id: delivering.entry.id, claim: delivering.claim, outcome: .delivered(at: h.clock.now)))
             // Asked for time: pending again with its attempt taken back (attempts 0), but the receiver has seen it.
             let deferred = try #require(try await claim(outbox, h, "b").first)
             #expect(deferred.entry.id == rows[1].id)
@@ -168,6 +170,12 @@ struct NotificationCoalescingTests {
             rows = try await h.outbox()
             #expect(rows.count == 3)
             #expect(rows[1].payload == deferred.entry.payload)
+            // The alert's newer row waits until the deferred one, due in an hour, has gone out first.
+            #expect(try await claim(outbox, h, "c").isEmpty, "a newer notification of the alert overtook one waiting for the receiver's time")
+            h.clock.set(later)
+            let resent = try #require(try await claim(outbox, h, "b").first)
+            #expect(resent.entry.id == deferred.entry.id)
+            #expect(try await outbox.completeNotification(id: resent.entry.id, claim: resent.claim, outcome: .delivered(at: h.clock.now)))
             // Dead, then retried by the operator: pending, no attempts, no claim; still sent before.
             let dead = try #require(try await claim(outbox, h, "c").first)
             #expect(dead.entry.id == rows[2].id)

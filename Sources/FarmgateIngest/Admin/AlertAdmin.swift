@@ -117,6 +117,12 @@ public struct AlertAdmin: Sendable {
 
     // MARK: Silences
 
+    /// The longest silence: 366 days, as rule durations.
+    static let silenceLengthMax: Int64 = 366 * 86_400_000_000
+    /// The longest matcher glob, as a rule label's value.
+    static let silenceGlobMax = 256
+    static let silenceMatchersMax = 32
+
     /// Adds a silence and returns its id. Matchers are label globs (`alertname`, `device`, `sensor`, `severity`, or a
     /// rule's own labels); at least one is required, so that a typo never silences a whole farm by accident. `comment` is
     /// free text (tabs taken), `by` a name; a control character in either is refused (``AlertRuleError``).
@@ -124,12 +130,32 @@ public struct AlertAdmin: Sendable {
         if let problem = comment.controlCharacterProblem(allowingTab: true) { throw AlertRuleError(field: "comment", message: problem) }
         if let problem = by.controlCharacterProblem() { throw AlertRuleError(field: "created_by", message: problem) }
         guard !matchers.isEmpty else { throw AlertRuleError(field: "matchers", message: "at least one matcher is required, e.g. alertname=ph-low or device=greenhouse-*") }
+        guard matchers.count <= Self.silenceMatchersMax else { throw AlertRuleError(field: "matchers", message: "at most \(Self.silenceMatchersMax) matchers") }
         for (name, glob) in matchers.sorted(by: { $0.key < $1.key }) {
             if let problem = name.controlCharacterProblem() ?? glob.controlCharacterProblem() {
                 throw AlertRuleError(field: "matchers", message: "'\(name.prefix(64))': \(problem)")
             }
+            // A label name as rules write them (`labels`), so that a typo is refused rather than matching nothing.
+            guard !name.isEmpty, name.count <= 64, name.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "_") }), !(name.first?.isNumber ?? true) else {
+                throw AlertRuleError(
+                    field: "matchers",
+                    message: "label name '\(name.prefix(64))' must be 1 to 64 of A-Z a-z 0-9 _, not starting with a digit (alertname, device, sensor, severity, farm or a rule's label)")
+            }
+            guard glob.count <= Self.silenceGlobMax else {
+                throw AlertRuleError(field: "matchers", message: "the glob of '\(name)' is longer than \(Self.silenceGlobMax) characters")
+            }
+            // Globs have `*` and `?` only: a bracket (`[a-z]`, an unfinished `[a-`) would match itself literally, never
+            // what it was written for.
+            guard !glob.contains(where: { $0 == "[" || $0 == "]" }) else {
+                throw AlertRuleError(field: "matchers", message: "the glob of '\(name)' ('\(glob.prefix(64))') is not valid: only * (any run) and ? (one character) are wildcards, and [ ] is not taken")
+            }
         }
         guard until > now else { throw AlertRuleError(field: "until", message: "must be in the future (got \(RFC3339.format(until)))") }
+        // As rule durations: at most 366 days, so that every silence ends in a year RFC 3339 can write.
+        let (span, overflow) = until.microseconds.subtractingReportingOverflow(now.microseconds)
+        guard !overflow, span <= Self.silenceLengthMax else {
+            throw AlertRuleError(field: "ends_at", message: "must be at most 366 days from now (as a duration, at most 366d); a longer silence is refused")
+        }
         return try await store.addAlertSilence(
             farmID: try await self.farm(farm).id, AlertSilence(matchers: matchers, startsAt: now, endsAt: until, createdBy: by, comment: comment))
     }

@@ -331,6 +331,8 @@ public actor AlertEngine: CommitObserver, Service {
     /// - a rule removed: its firing alerts resolve now ("the rule was removed"), notified to the receivers the rule had
     ///   (on the first read after a start, when the engine never saw the rule, to the receivers its alert was
     ///   notified to); its pending alerts go back to inactive. A rule added again under the name starts afresh.
+    /// - a rule replaced so that it no longer selects an alert's sensor or device (a narrower `device`/`sensor` glob,
+    ///   another quantity, a kind of the other level): that alert ends as for a removed rule ("no longer selects").
     /// - a rule's receivers changed while an alert of it fires: the receivers dropped get a resolved notification
     ///   saying they are no longer notified of it; those added get a firing one (the alert as it stands); from then on
     ///   every transition goes to the rule's receivers.
@@ -348,11 +350,14 @@ public actor AlertEngine: CommitObserver, Service {
             do {
                 let records = try await store.alertRecords(farmID: farmID, changedSince: Timestamp(microseconds: Int64.min), limit: 1_000_000)
                 var outbox: [AlertOutboxRow]?
+                // To judge whether a changed rule still selects each active alert's sensor (read only when one is active).
+                let sensors: [Int64: AlertSensor] = records.contains(where: \.state.isActive)
+                    ? Dictionary(try await store.alertSensors(farmID: farmID).map { ($0.sensorRowID, $0) }, uniquingKeysWith: { first, _ in first }) : [:]
                 var changes: [AlertChange] = []
                 for original in records where original.state.isActive {
                     var record = original
                     let farm = farmNames[farmID] ?? ""
-                    if let rule = new[record.rule] {
+                    if let rule = new[record.rule], Self.selects(rule, record, sensors: sensors) {
                         // Still there: hand a firing alert over when its receivers changed.
                         guard record.state == .firing, let before = old[record.rule], before.receivers != rule.receivers else { continue }
                         let dropped = before.receivers.filter { !rule.receivers.contains($0) }
@@ -378,7 +383,8 @@ public actor AlertEngine: CommitObserver, Service {
                         changes.append(change)
                         continue
                     }
-                    // The rule is gone: its alert ends now.
+                    // The rule is gone, or changed so that it no longer selects the alert's sensor (or device): the
+                    // alert ends now, as for a removed rule (nothing would ever judge it again).
                     let from = record.state
                     record.state = from == .firing ? .resolved : .inactive
                     record.pendingSince = nil
@@ -388,7 +394,9 @@ public actor AlertEngine: CommitObserver, Service {
                     if from == .firing { record.endsAt = at }
                     var change = AlertChange(
                         record: record, transitions: [AlertTransitionRecord(from: from, to: record.state, at: at, value: nil, notified: true, recordedAt: at)])
-                    let description = "Resolved because its rule \(record.rule) was removed."
+                    let description = new[record.rule] == nil
+                        ? "Resolved because its rule \(record.rule) was removed."
+                        : "Resolved because its rule \(record.rule) changed and no longer selects this \(record.sensorRowID == 0 ? "device" : "sensor")."
                     if from == .firing, let gone = old[record.rule] {
                         if isSilenced(labels(gone, farm: farm, record: record), farmID: farmID, at: at) {
                             change.transitions[0].silenced = true
@@ -424,13 +432,27 @@ public actor AlertEngine: CommitObserver, Service {
                     do { try await apply([change]) } catch is AlertStoreConflict { continue }  // another instance settled it
                 }
                 if !changes.isEmpty {
-                    logger.info("alert rules changed: alerts of removed rules ended, receiver changes handed over", metadata: ["farm": "\(farmNames[farmID] ?? String(farmID))", "alerts": "\(changes.count)"])
+                    logger.info("alert rules changed: alerts of removed or narrowed rules ended, receiver changes handed over", metadata: ["farm": "\(farmNames[farmID] ?? String(farmID))", "alerts": "\(changes.count)"])
                 }
             } catch {
                 errorsCounter.increment()
                 logger.storeFailure("alert engine cannot settle the alerts of changed rules", error: error, metadata: ["farm": "\(farmNames[farmID] ?? String(farmID))"])
             }
         }
+    }
+
+    /// Whether `rule` still selects `record`'s sensor (or device): a rule replaced with a narrower `device`/`sensor`
+    /// glob, another quantity or a kind of the other level (device offline against the others) no longer does.
+    private static func selects(_ rule: AlertRule, _ record: AlertRecord, sensors: [Int64: AlertSensor]) -> Bool {
+        guard rule.kind == .deviceOffline else {
+            guard record.sensorRowID != 0 else { return false }
+            if let sensor = sensors[record.sensorRowID] {
+                return rule.matches(device: sensor.device, sensor: sensor.sensor, quantity: sensor.quantity)
+            }
+            // A sensor the store no longer lists (its device revoked): judged by its names.
+            return Glob.matches(rule.device, record.device ?? "") && Glob.matches(rule.sensor, record.sensor ?? "")
+        }
+        return record.sensorRowID == 0 && Glob.matches(rule.device, record.device ?? "")
     }
 
     // MARK: Reading-driven rules
@@ -990,7 +1012,10 @@ public actor AlertEngine: CommitObserver, Service {
                 }
                 var changes: [AlertChange] = []
                 for rule in timerRules {
-                    for (target, holds) in try await timerConditions(rule, sensors: sensors, now: current) {
+                    for (target, judged) in try await timerConditions(rule, sensors: sensors, now: current) {
+                        // Not judged yet (silent by the store, but the engine started less than `after` ago): the alert
+                        // stays as it is, a firing one firing with its start, an inactive one inactive.
+                        guard let holds = judged else { continue }
                         let key = SeriesKey(farmID: farmID, rule: rule.name, deviceRowID: target.deviceRowID, sensorRowID: target.sensorRowID)
                         guard holds || records[key]?.state == .firing else { continue }
                         var record = records[key] ?? AlertRecord(
@@ -1039,14 +1064,21 @@ public actor AlertEngine: CommitObserver, Service {
         var newest: Timestamp?
     }
 
-    private func timerConditions(_ rule: AlertRule, sensors: [AlertSensor], now current: Timestamp) async throws -> [(TimerTarget, Bool)] {
+    /// Each target of `rule` and whether its condition holds: true (fires), false (the cause is gone: a firing alert
+    /// resolves) or nil (cannot be judged yet: the alert keeps its state).
+    private func timerConditions(_ rule: AlertRule, sensors: [AlertSensor], now current: Timestamp) async throws -> [(TimerTarget, Bool?)] {
         let after = rule.afterMicroseconds ?? 0
         let started = startedAt
         // No data and offline are counted from the engine's start at the earliest: while the ingest was down no device
         // could upload, so its silence then says nothing about the device (its agent buffers and sends the backlog
         // once the ingest is back). Calibrations do not depend on the ingest running.
-        func silent(_ newest: Timestamp?, since firstSeen: Timestamp) -> Bool {
-            current.microseconds - max(newest ?? firstSeen, started).microseconds > after
+        // The newest reading comes from the store (`latest`), so it survives a restart. A target that has reported
+        // within `after` is not silent (false). One silent for longer by the store, but for less than `after` since
+        // this engine started, is not known yet (nil): it neither fires nor resolves, so that a restart does not end
+        // an alert that fired before it (and fire it again `after` later with a new start).
+        func silent(_ newest: Timestamp?, since firstSeen: Timestamp) -> Bool? {
+            guard current.microseconds - (newest ?? firstSeen).microseconds > after else { return false }
+            return current.microseconds - started.microseconds > after ? true : nil
         }
         switch rule.kind {
         case .noData:
@@ -1067,7 +1099,7 @@ public actor AlertEngine: CommitObserver, Service {
             }
         case .calibrationOverdue:
             guard let calibrations = store as? any CalibrationStore else { return [] }
-            var result: [(TimerTarget, Bool)] = []
+            var result: [(TimerTarget, Bool?)] = []
             for sensor in sensors where rule.matches(device: sensor.device, sensor: sensor.sensor, quantity: sensor.quantity) {
                 guard let id = try? SensorID(sensor.sensor) else { continue }
                 // An event whose circuit says it holds fewer points than were taken is no calibration (the circuit

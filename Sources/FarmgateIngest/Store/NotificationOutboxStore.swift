@@ -50,7 +50,8 @@ public protocol NotificationOutboxStore: Sendable {
     func enqueueNotification(_ notification: AlertNotification, receiverID: Int64, dueAt: Timestamp) async throws -> Int64?
 
     /// Claims up to `request.limit` due rows for `request.claimant` (see ``OutboxClaimRequest``), and first turns expired
-    /// claims that used up their attempts into dead letters.
+    /// claims that used up their attempts into dead letters. A row is not claimed while an older row of the same alert to
+    /// the same receiver is `pending` or `delivering` (``OutboxOrdering``): an alert's notifications go out in order.
     func claimNotifications(_ request: OutboxClaimRequest) async throws -> [ClaimedNotification]
 
     /// Records how one claimed delivery ended. Applies only while the row is still this claim's (`claimed_by` and

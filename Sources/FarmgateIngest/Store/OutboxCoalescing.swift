@@ -84,3 +84,16 @@ enum OutboxCoalescing {
         return waiting.merging(notification)
     }
 }
+
+/// Per-alert order at a receiver: a notification is claimed only when no older one of the same alert to the same
+/// receiver is still unsent (`pending`, waiting for its first try or a retry, or `delivering`, claimed, possibly by an
+/// instance that died and whose claim has not expired). So a receiver never gets an alert's newer state before an older
+/// one: after a crash or a failed try the older row goes first, then the newer one, and the receiver ends on the newest
+/// state. A dead row does not hold the ones after it. Both stores put this condition, on `alert_outbox o`, in their
+/// claims (served by the index `alert_outbox_newest (alert_id, receiver_id, id)`).
+enum OutboxOrdering {
+    static let noOlderUnsent = """
+        NOT EXISTS (SELECT 1 FROM alert_outbox older WHERE older.alert_id = o.alert_id AND older.receiver_id = o.receiver_id
+            AND older.id < o.id AND older.state IN ('pending', 'delivering') AND o.alert_id <> 0)
+        """
+}

@@ -148,7 +148,7 @@ extension PostgresIngestStore: NotificationOutboxStore {
                 """
                 SELECT o.receiver_id FROM alert_outbox o JOIN alert_receivers r ON r.id = o.receiver_id
                 WHERE o.state IN ('pending', 'delivering') AND o.next_attempt_at_us <= \(now) AND r.next_send_at_us < \(horizon)
-                    AND o.receiver_id <> ALL(\(full)::int8[])
+                    AND o.receiver_id <> ALL(\(full)::int8[]) AND \(unescaped: OutboxOrdering.noOlderUnsent)
                 GROUP BY o.receiver_id ORDER BY min(o.next_attempt_at_us) LIMIT 200
                 """, logger: logger
             ).decode(Int64.self) { due.append(id) }
@@ -173,9 +173,9 @@ extension PostgresIngestStore: NotificationOutboxStore {
                 var ids: [Int64] = []
                 for try await id in try await connection.query(
                     """
-                    SELECT id FROM alert_outbox WHERE receiver_id = \(receiver.id) AND state IN ('pending', 'delivering')
-                        AND next_attempt_at_us <= \(now) AND id <> ALL(\(delivering)::int8[])
-                    ORDER BY next_attempt_at_us, id LIMIT \(slots.count) FOR UPDATE SKIP LOCKED
+                    SELECT o.id FROM alert_outbox o WHERE o.receiver_id = \(receiver.id) AND o.state IN ('pending', 'delivering')
+                        AND o.next_attempt_at_us <= \(now) AND o.id <> ALL(\(delivering)::int8[]) AND \(unescaped: OutboxOrdering.noOlderUnsent)
+                    ORDER BY o.next_attempt_at_us, o.id LIMIT \(slots.count) FOR UPDATE OF o SKIP LOCKED
                     """, logger: logger
                 ).decode(Int64.self) { ids.append(id) }
                 let used = Array(slots.prefix(ids.count))

@@ -138,7 +138,7 @@ extension SQLiteIngestStore: NotificationOutboxStore {
                     """
                     SELECT o.receiver_id FROM alert_outbox o JOIN alert_receivers r ON r.id = o.receiver_id
                     WHERE o.state IN ('pending', 'delivering') AND o.next_attempt_at_us <= ? AND r.next_send_at_us < ?
-                        AND o.receiver_id NOT IN (SELECT value FROM json_each(?))
+                        AND o.receiver_id NOT IN (SELECT value FROM json_each(?)) AND \(OutboxOrdering.noOlderUnsent)
                     GROUP BY o.receiver_id ORDER BY min(o.next_attempt_at_us) LIMIT 200
                     """, [.integer(now), .integer(horizon), .text("[" + full + "]")]
                 ) { statement in
@@ -161,9 +161,9 @@ extension SQLiteIngestStore: NotificationOutboxStore {
                     guard !slots.isEmpty else { continue }
                     let ids = try db.withStatement(
                         """
-                        SELECT id FROM alert_outbox WHERE receiver_id = ? AND state IN ('pending', 'delivering') AND next_attempt_at_us <= ?
-                            AND id NOT IN (SELECT value FROM json_each(?))
-                        ORDER BY next_attempt_at_us, id LIMIT ?
+                        SELECT o.id FROM alert_outbox o WHERE o.receiver_id = ? AND o.state IN ('pending', 'delivering') AND o.next_attempt_at_us <= ?
+                            AND o.id NOT IN (SELECT value FROM json_each(?)) AND \(OutboxOrdering.noOlderUnsent)
+                        ORDER BY o.next_attempt_at_us, o.id LIMIT ?
                         """, [.integer(receiverID), .integer(now), .text(delivering), .integer(Int64(slots.count))]
                     ) { statement in
                         var ids: [Int64] = []
