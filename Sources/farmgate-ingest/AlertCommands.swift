@@ -24,12 +24,18 @@ struct AlertCommand: AsyncParsableCommand, SubcommandsOnly {
 extension ConfigOption {
     /// ``administer(_:)`` with the alert administration; rule and silence errors exit 1 with the field named.
     @discardableResult
-    func administerAlerts<T: Sendable>(_ body: @escaping @Sendable (AlertAdmin) async throws -> T) async throws -> T {
+    /// Runs `body` on the store's alert administration. A value it refuses (``AlertRuleError``: a rule's or silence's
+    /// field, a control character in a comment) came from the command line: a usage error, 64, unless `refused` says
+    /// otherwise.
+    func administerAlerts<T: Sendable>(
+        refused: @escaping @Sendable (AlertRuleError) -> any Error = { failure($0.description, code: 64) },
+        _ body: @escaping @Sendable (AlertAdmin) async throws -> T
+    ) async throws -> T {
         try await administer { admin in
             do {
                 return try await body(try AlertAdmin(admin))
             } catch let error as AlertRuleError {
-                throw failure(error.description)
+                throw refused(error)
             }
         }
     }
@@ -181,7 +187,14 @@ struct RuleCommand: AsyncParsableCommand, SubcommandsOnly {
                 throw failure(error.description, code: 78)
             }
             let farmName = farm.farm
-            try await options.administerAlerts { try await $0.load(farm: farmName, rules) }
+            let path = file
+            // What the store refuses is the file's fault too (a receiver the farm does not have): 78, located.
+            let located = { @Sendable (error: AlertRuleError) -> any Error in
+                let rule = rules.first { error.message.hasPrefix("rule '\($0.name)' ") }
+                let location = rule.flatMap { AlertRuleFile.locate(error, rule: $0.name, path: path) }
+                return failure(location?.description ?? "\(path): \(error.description)", code: 78)
+            }
+            try await options.administerAlerts(refused: located) { try await $0.load(farm: farmName, rules) }
             print("Loaded \(rules.count) alert rules into farm \(farmName): \(rules.map(\.name).joined(separator: ", ")).")
         }
     }

@@ -174,8 +174,10 @@ struct AlertEndToEndTests {
             .appendingPathComponent("examples/ingest-alert-rules.toml").path
         // The file's rules notify `grower` and `on-call`: without them nothing is loaded.
         let unrouted = try await runCommand(Farm.ingestBinary, ["alert", "rule", "load", "--farm", "e2e", examples, "--config", farm.ingestConfig])
-        #expect(unrouted.status != 0)
+        // The file's fault, located as its other errors are (it exited 1, "a store error", without file:line).
+        #expect(unrouted.status == 78)
         #expect(unrouted.stderr.contains("which farm e2e has no receiver of (it has none)"), "\(unrouted.stderr)")
+        #expect(unrouted.stderr.contains(#/ingest-alert-rules\.toml:\d+: rule "[a-z-]+": receivers: rule '/#), "\(unrouted.stderr)")
         let none = try await farm.admin(["alert", "rule", "list", "--farm", "e2e", "--json"])
         #expect((try JSONSerialization.jsonObject(with: Data(none.utf8)) as? [Any])?.isEmpty == true, "\(none)")
         for name in ["grower", "on-call"] {
@@ -195,6 +197,10 @@ struct AlertEndToEndTests {
         let past = try await runCommand(
             Farm.ingestBinary, ["alert", "silence", "add", "--farm", "e2e", "--match", "rule=x", "--until", "2020-01-01T00:00:00Z", "--config", farm.ingestConfig])
         #expect(past.status == 64 && past.stderr.contains("is already past"), "\(past.stderr)")
+        // So is a control character in a comment, found by the store's administration rather than the parser (it exited 1).
+        let comment = try await runCommand(
+            Farm.ingestBinary, ["alert", "silence", "add", "--farm", "e2e", "--match", "rule=x", "--for", "1h", "--comment", "a\u{01}b", "--config", farm.ingestConfig])
+        #expect(comment.status == 64 && comment.stderr.contains("comment: contains the control character U+0001"), "\(comment.stderr)")
         let list = try await farm.admin(["alert", "rule", "list", "--farm", "e2e", "--json"])
         let rules = try #require(try JSONSerialization.jsonObject(with: Data(list.utf8)) as? [[String: Any]])
         #expect(rules.count == 11)

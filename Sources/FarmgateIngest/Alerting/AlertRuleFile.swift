@@ -57,6 +57,17 @@ public enum AlertRuleFile {
         return rules
     }
 
+    /// `error`, found by the store about rule `rule` of the file at `path` (a receiver the farm does not have), located
+    /// as the file's own errors are (`rules.toml:12: rule "ph-low": receivers: …`); nil when the file no longer has
+    /// that rule.
+    public static func locate(_ error: AlertRuleError, rule: String, path: String) -> ConfigurationError? {
+        guard let document = try? ConfigDocument.load(path: path, what: "the rules file"), let tables = try? document.tables("rule") else { return nil }
+        for table in tables where (try? table.string("name")) == rule {
+            return table.named("rule \"\(rule)\"").error(error.field, error.message)
+        }
+        return nil
+    }
+
     /// The longest duration a rule takes (``AlertRuleSpec/validated()`` refuses longer ones too).
     static let maximumDuration = Duration.seconds(366 * 86_400)
 
