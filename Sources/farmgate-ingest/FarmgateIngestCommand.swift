@@ -125,8 +125,7 @@ extension ConfigOption {
     func administer<T: Sendable>(_ body: @escaping @Sendable (IngestAdmin) async throws -> T) async throws -> T {
         let (configuration, commandLogger) = try loadAndLog(label: "farmgate-ingest")
         var logger = commandLogger
-        // A one-shot command starts its connection pool beside its first query, which postgres-nio would warn about;
-        // the command says what happened itself, so only errors are logged.
+        // A one-shot command says what happened itself: only errors are logged.
         logger.logLevel = max(logger.logLevel, .error)
         let store = try await openStore(configuration, logger: logger)
         return try await withRunning(store) { [logger] store in
