@@ -222,6 +222,9 @@ struct ListAlerts: AsyncParsableCommand {
             if let by = alert.acknowledgedBy { line += " (acknowledged by \(by))" }
             if alert.lateReportDue != nil { line += " (late report pending)" }
             print(line)
+            if alert.transitions.count > 10 {
+                print("    (\(alert.transitions.count - 10) older transitions not shown; --json lists them)")
+            }
             for t in alert.transitions.suffix(10) {
                 print("    \(RFC3339.format(t.at)) \(t.from) → \(t.to)\(t.value.map { " at \($0)" } ?? "")\(t.late ? " (late)" : "")\(t.silenced ? " (silenced)" : "")")
             }

@@ -94,6 +94,7 @@ struct AlertRuleTests {
         (#"{"name": "a", "kind": "below", "threshold": "low"}"#, "threshold"),
         (#"{"name": "a", "kind": "below", "threshold": 5, "colour": "red"}"#, "colour"),
         (#"{"name": "a", "kind": "below", "threshold": 5, "window": "5m"}"#, "window"),
+        (#"{"name": "a", "kind": "below", "threshold": 5, "receivers": ["r1", "r2", "r1"]}"#, "receivers"),
     ])
     func fieldErrors(json: String, field: String) throws {
         #expect {

@@ -268,6 +268,9 @@ public struct AlertRuleSpec: Codable, Sendable, Hashable {
         for receiver in receivers where (try? DeviceID(receiver)) == nil {
             throw AlertRuleError(field: "receivers", message: "'\(receiver.prefix(80))' is not a receiver name (1 to 64 of A-Z a-z 0-9 . _ -)")
         }
+        if let twice = receivers.enumerated().first(where: { receivers[..<$0.offset].contains($0.element) })?.element {
+            throw AlertRuleError(field: "receivers", message: "'\(twice)' is listed twice; name each receiver once")
+        }
         return AlertRule(
             name: name, kind: kind, device: device ?? "*", sensor: sensor ?? "*", quantity: quantity, threshold: threshold, clear: clear,
             forMicroseconds: forMicro, windowMicroseconds: window, afterMicroseconds: after, count: count, min: min, max: max,
