@@ -357,10 +357,12 @@ public enum BatchJSON {
             return reject(RejectionCode.invalidReading, "\(path).ts: missing; expected an RFC 3339 timestamp or integer microseconds")
         }
         let value: Double
+        var written: String?
         switch entry.value {
         case .number(let text)?:
             guard let parsed = Double(text) else { return reject(RejectionCode.invalidReading, "\(path).value: not a number") }
             value = parsed
+            written = text
         case .string("NaN")?: value = .nan
         case .string("Infinity")?: value = .infinity
         case .string("-Infinity")?: value = -.infinity
@@ -397,9 +399,11 @@ public enum BatchJSON {
         // Values are exact at the declared resolution, as in a binary batch: one written with more decimals than the sensor
         // declares (6.004 at 0.01) is taken on the resolution's grid (6.0), so that what is stored, answered and compared
         // with a re-sent reading is in whole steps. Kept as sent, 6.004 made a re-sent 6.01 a duplicate of it, and the
-        // other reading was acknowledged and lost.
+        // other reading was acknowledged and lost. The number is rounded as written (1.005 is 1.01), not as its double.
         var stepped = value
-        if let resolution = declared[sensor], let steps = resolution.quantize(value) { stepped = resolution.value(ofSteps: steps) }
+        if let resolution = declared[sensor], let steps = written.flatMap({ resolution.quantize(decimal: $0) }) ?? resolution.quantize(value) {
+            stepped = resolution.value(ofSteps: steps)
+        }
         return .success(Reading(sensor: sensor, sequence: sequenceValue, timestamp: timestamp, value: stepped, quality: quality))
     }
 }

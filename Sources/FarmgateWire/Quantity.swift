@@ -225,6 +225,75 @@ public struct Resolution: Hashable, Sendable, CustomStringConvertible {
         return Int64(scaled)
     }
 
+    /// The whole number of steps closest to the decimal number `text` (a JSON number such as `-1.005` or `6.02e-1`),
+    /// rounded half away from zero on its exact decimal value, as a person rounds what they wrote: `1.005` at 0.01 is
+    /// 101 steps, where its nearest double (1.00499999999999989…) gives 100 through ``quantize(_:)``. nil when `text`
+    /// is not such a number or has too many digits to compute exactly (over 30 significant ones, or an exponent that
+    /// makes the product overflow 128 bits): ``quantize(_:)`` of its double then answers, which differs only on ties.
+    public func quantize(decimal text: String) -> Int64? {
+        var bytes = text.utf8[...]
+        let negative = bytes.first == UInt8(ascii: "-")
+        if negative || bytes.first == UInt8(ascii: "+") { bytes = bytes.dropFirst() }
+        var mantissa: Int128 = 0
+        var significant = 0
+        var fractionDigits = 0
+        var sawDigit = false
+        var inFraction = false
+        var exponent = 0
+        while let byte = bytes.first {
+            if byte == UInt8(ascii: ".") {
+                guard !inFraction else { return nil }
+                inFraction = true
+            } else if (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(byte) {
+                sawDigit = true
+                if mantissa != 0 || byte != UInt8(ascii: "0") {
+                    significant += 1
+                    guard significant <= 30 else { return nil }
+                    mantissa = mantissa * 10 + Int128(byte - UInt8(ascii: "0"))
+                }
+                if inFraction { fractionDigits += 1 }
+            } else if byte == UInt8(ascii: "e") || byte == UInt8(ascii: "E") {
+                guard sawDigit, let parsed = Int(String(decoding: bytes.dropFirst(), as: UTF8.self)), (-400...400).contains(parsed) else { return nil }
+                exponent = parsed
+                bytes = bytes[bytes.endIndex...]
+                break
+            } else {
+                return nil
+            }
+            bytes = bytes.dropFirst()
+        }
+        guard sawDigit else { return nil }
+        guard mantissa != 0 else { return 0 }
+        // value × denominator / numerator = mantissa × 10^power × denominator / numerator
+        let power = exponent - fractionDigits
+        func tenTo(_ count: Int) -> Int128? {
+            var result: Int128 = 1
+            for _ in 0..<count {
+                let (next, overflow) = result.multipliedReportingOverflow(by: 10)
+                guard !overflow else { return nil }
+                result = next
+            }
+            return result
+        }
+        var (dividend, overflow) = mantissa.multipliedReportingOverflow(by: Int128(denominator))
+        guard !overflow else { return nil }
+        var divisor = Int128(numerator)
+        if power >= 0 {
+            guard let scale = tenTo(power) else { return nil }
+            (dividend, overflow) = dividend.multipliedReportingOverflow(by: scale)
+            guard !overflow else { return nil }
+        } else {
+            guard let scale = tenTo(-power) else { return nil }
+            (divisor, overflow) = divisor.multipliedReportingOverflow(by: scale)
+            guard !overflow else { return nil }
+        }
+        var steps = dividend / divisor
+        // Half away from zero: the remainder against half the divisor, without overflow.
+        if dividend % divisor >= divisor - dividend % divisor { steps += 1 }
+        guard steps < 9_000_000_000_000_000 else { return nil }  // as quantize(_:): exact in a Double
+        return Int64(negative ? -steps : steps)
+    }
+
     /// The value of `count` steps.
     public func value(ofSteps count: Int64) -> Double {
         Double(count) * Double(numerator) / Double(denominator)

@@ -60,12 +60,13 @@ struct BatchUploadTests {
     func jsonValueOffTheGrid() async throws {
         let fixture = try await Fixture()
         defer { fixture.close() }
-        @Sendable func body(_ value: String, resolution: String = "0.01") -> ByteBuffer {
-            buffer(Array(#"{"device": "d1", "sensors": [{"id": "tank1.ph", "quantity": "ph", "resolution": "\#(resolution)"}], "readings": [{"sensor": "tank1.ph", "seq": 7, "ts": "2025-12-31T23:00:00Z", "value": \#(value)}]}"#.utf8))
+        @Sendable func body(_ value: String, sequence: Int) -> ByteBuffer {
+            buffer(Array(#"{"device": "d1", "sensors": [{"id": "tank1.ph", "quantity": "ph", "resolution": "0.01"}], "readings": [{"sensor": "tank1.ph", "seq": \#(sequence), "ts": "2025-12-31T23:00:00Z", "value": \#(value)}]}"#.utf8))
         }
         try await fixture.app().test(.router) { client in
-            func post(_ value: String) async throws -> IngestReceipt {
-                let response = try await client.execute(uri: IngestProtocol.batchesPath, method: .post, headers: jsonHeaders(fixture.deviceKey), body: body(value))
+            func post(_ value: String, sequence: Int = 7) async throws -> IngestReceipt {
+                let response = try await client.execute(
+                    uri: IngestProtocol.batchesPath, method: .post, headers: jsonHeaders(fixture.deviceKey), body: body(value, sequence: sequence))
                 #expect(response.status == .ok)
                 return try decode(IngestReceipt.self, response)
             }
@@ -78,9 +79,13 @@ struct BatchUploadTests {
                 #expect(receipt.rejected.map(\.code) == [RejectionCode.sequenceConflict], "\(other): \(receipt)")
                 #expect(receipt.rejected.first?.message.contains("stored 6.0, sent 6.01") == true, "\(receipt)")
             }
+            // A tie is rounded as written, half away from zero (its double, 1.00499999…, would round down): a sender
+            // that sends the same reading again rounded the README's way has a duplicate, not a conflict.
+            #expect(try await post("1.005", sequence: 8).accepted == 1)
+            #expect(try await post("1.01", sequence: 8).duplicates == 1)
         }
         let stored = try await fixture.store.exportPage(device: try await fixture.identity(device: "d1"), afterSequence: nil, limit: 10)
-        #expect(stored.map(\.value) == [6.0])
+        #expect(stored.map(\.value) == [6.0, 1.01])
     }
 
     @Test("a query parameter the route does not take is 400 invalid_parameter naming it, on uploads, the device state and the probes; nothing is stored")

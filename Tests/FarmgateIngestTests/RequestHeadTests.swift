@@ -29,6 +29,14 @@ struct RequestHeadTests {
             ("GET /healthz HTTP/1.1\r\n\r\n", 400, "bad_request", "needs a Host header"),
             ("GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, "bad_request", "2 Host headers"),
             ("GET /healthz HTTP/1.1\r\nHost: a b/c\r\n\r\n", 400, "bad_request", "is not a host"),
+            ("GET /healthz HTTP/1.1\r\nHost: a:b\r\n\r\n", 400, "bad_request", "is not a host"),
+            ("GET /healthz HTTP/1.1\r\nHost: a:1:2\r\n\r\n", 400, "bad_request", "is not a host"),
+            ("GET /healthz HTTP/1.1\r\nHost: [::1\r\n\r\n", 400, "bad_request", "is not a host"),
+            ("GET /healthz HTTP/1.1\r\nHost: [zz]\r\n\r\n", 400, "bad_request", "is not a host"),
+            ("GET /healthz HTTP/1.1\r\nHost: [::1]x\r\n\r\n", 400, "bad_request", "is not a host"),
+            ("GET /healthz HTTP/1.1\r\nHost: :80\r\n\r\n", 400, "bad_request", "is not a host"),
+            ("GET /healthz HTTP/1.1\r\nHost: a:123456\r\n\r\n", 400, "bad_request", "is not a host"),
+            ("POST /v1/batches HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:\r\nContent-Length: 2\r\n\r\n{}", 400, "bad_request", "Transfer-Encoding is empty"),
             ("GET /healthz HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n", 400, "bad_request", "2 Host headers"),
             (
                 "POST /v1/batches HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
@@ -73,6 +81,9 @@ struct RequestHeadTests {
             for request in [
                 "GET /healthz HTTP/1.0\r\n\r\n", "GET /healthz HTTP/1.1\r\nHost:\r\nConnection: close\r\n\r\n",
                 "GET /healthz HTTP/1.1\r\nHost: [::1]:8080\r\nConnection: close\r\n\r\n", "GET /healthz/ HTTP/1.1\r\nhost: x\r\nConnection: close\r\n\r\n",
+                "GET /healthz HTTP/1.1\r\nHost: a  \r\nConnection: close\r\n\r\n", "GET /healthz HTTP/1.1\r\nHost: a\t\r\nConnection: close\r\n\r\n",
+                "GET /healthz HTTP/1.1\r\nHost: 192.0.2.1:8080\r\nConnection: close\r\n\r\n", "GET /healthz HTTP/1.1\r\nHost: ingest.example.com\r\nConnection: close\r\n\r\n",
+                "GET /healthz HTTP/1.1\r\nHost: [2001:db8::1]\r\nConnection: close\r\n\r\n",
             ] {
                 let (answer, _) = try await exchange(port: port, request)
                 #expect(answer?.status == 200, "\(request.debugDescription): \(answer?.head ?? "no answer")")

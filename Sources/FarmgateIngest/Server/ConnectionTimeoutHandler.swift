@@ -167,7 +167,7 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
         case HTTPParserError.headerOverflow:
             answer = (
                 .init(code: 431, reasonPhrase: "Request Header Fields Too Large"), "request_header_fields_too_large",
-                "the request's header section is larger than \(ConnectionLimits.maxHeaderBytes / 1024) KiB; send fewer or shorter headers"
+                "the request's header section is larger than \(ConnectionLimits.maxHeaderBytes / 1024) KiB or has too many fields; send fewer or shorter headers"
             )
         case HTTPParserError.invalidEOFState where readingBody:
             // The client closed its side before the declared body arrived: a body cut in transit, which the delivery

@@ -304,7 +304,8 @@ final class RequestHeadGuard: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     static func refusal(of head: HTTPRequestHead) -> RequestHeadRefusal? {
-        let hosts = head.headers["host"]
+        // Surrounding whitespace is not part of a field's value (RFC 9110 §5.5).
+        let hosts = head.headers["host"].map { $0.trimmingWhitespace() }
         if hosts.count > 1 {
             return RequestHeadRefusal(
                 status: .badRequest, code: "bad_request", message: "the request has \(hosts.count) Host headers; send exactly one (RFC 9112 §3.2)")
@@ -323,6 +324,11 @@ final class RequestHeadGuard: ChannelInboundHandler, RemovableChannelHandler {
                 status: .methodNotAllowed, code: "method_not_allowed", message: "the ingest is not a proxy and takes no CONNECT; see the HTTP API in the README")
         }
         let codings = head.headers["transfer-encoding"].flatMap { $0.split(separator: ",") }.map { $0.trimmingWhitespace().lowercased() }
+        if head.headers.contains(name: "transfer-encoding"), codings.isEmpty || codings.contains("") {
+            // An empty coding: a proxy in front may frame the body otherwise than the parser does, which ignores it.
+            return RequestHeadRefusal(
+                status: .badRequest, code: "bad_request", message: "the request's Transfer-Encoding is empty or has an empty coding; send chunked, or Content-Length alone")
+        }
         if !codings.isEmpty, (head.version.major, head.version.minor) < (1, 1) {
             return RequestHeadRefusal(
                 status: .badRequest, code: "bad_request", message: "an HTTP/1.0 request cannot use Transfer-Encoding (RFC 9112 §6.1); send Content-Length instead")
@@ -336,18 +342,40 @@ final class RequestHeadGuard: ChannelInboundHandler, RemovableChannelHandler {
         return nil
     }
 
-    /// Whether `value` is a `Host` header's value: empty (RFC 9112 §3.2 allows it), or a name or address with an optional
-    /// port (`uri-host [ ":" port ]`, RFC 3986's reg-name, IPv4 or bracketed IPv6 characters).
+    /// Whether `value` is a `Host` header's value (`uri-host [ ":" port ]`, RFC 9110 §7.2 and RFC 3986 §3.2.2): empty
+    /// (RFC 9112 §3.2 allows it), or a name or IPv4 address (unreserved, percent-encoded and sub-delimiter characters),
+    /// or a bracketed IPv6 address (hexadecimal digits, colons and dots), each with an optional port of up to five
+    /// digits. A port without a host, a second colon outside brackets or an unclosed bracket is no host.
     static func isHost(_ value: String) -> Bool {
-        value.utf8.allSatisfy { byte in
-            switch byte {
-            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"): true
-            case UInt8(ascii: "-"), UInt8(ascii: "."), UInt8(ascii: "_"), UInt8(ascii: "~"), UInt8(ascii: "%"), UInt8(ascii: ":"),
-                UInt8(ascii: "["), UInt8(ascii: "]"), UInt8(ascii: "!"), UInt8(ascii: "$"), UInt8(ascii: "&"), UInt8(ascii: "'"),
-                UInt8(ascii: "("), UInt8(ascii: ")"), UInt8(ascii: "*"), UInt8(ascii: "+"), UInt8(ascii: ";"), UInt8(ascii: "="):
-                true
-            default: false
+        guard !value.isEmpty else { return true }
+        var host = Substring(value)
+        var port: Substring?
+        if host.hasPrefix("[") {
+            guard let close = host.firstIndex(of: "]") else { return false }
+            let literal = host[host.index(after: host.startIndex)..<close]
+            guard literal.contains(":"), literal.allSatisfy({ $0.isHexDigit || $0 == ":" || $0 == "." }) else { return false }
+            let rest = host[host.index(after: close)...]
+            if !rest.isEmpty {
+                guard rest.hasPrefix(":") else { return false }
+                port = rest.dropFirst()
             }
+            host = host[...close]
+        } else {
+            if let colon = host.firstIndex(of: ":") {
+                port = host[host.index(after: colon)...]
+                host = host[..<colon]
+            }
+            guard !host.isEmpty, host.unicodeScalars.allSatisfy(isRegisteredNameCharacter) else { return false }
+        }
+        if let port { return port.count <= 5 && port.allSatisfy { $0.isASCII && $0.isNumber } }
+        return true
+    }
+
+    /// RFC 3986's `unreserved`, `sub-delims` and `%` (of percent-encoding).
+    private static func isRegisteredNameCharacter(_ scalar: Unicode.Scalar) -> Bool {
+        switch scalar {
+        case "a"..."z", "A"..."Z", "0"..."9", "-", ".", "_", "~", "%", "!", "$", "&", "'", "(", ")", "*", "+", ",", ";", "=": true
+        default: false
         }
     }
 }

@@ -83,7 +83,8 @@ enum SequenceComparison {
                 guard let resolution, let steps = resolution.quantize(value) else { return "\(value)" }
                 return "\(resolution.value(ofSteps: steps))"
             }
-            differences.append("value (stored \(shown(storedValue)), sent \(shown(reading.value)))")
+            // The stored value as stored (it may lie on a finer grid than the one sent now), the sent one at its resolution.
+            differences.append("value (stored \(storedValue), sent \(shown(reading.value)))")
         }
         if storedFlags != reading.quality {
             let names = { (flags: QualityFlags) -> String in
