@@ -46,19 +46,20 @@ test: deps
 	@grep -aE ': warning:' .build/test-logs/build.log | sort -u | head -n 20 || true
 	@SWIFT="$(SWIFT)" TIMED_SUITES="$(TIMED_SUITES)" SOLO_SUITES="$(SOLO_SUITES)" .ci/with-postgres .ci/test-passes
 
-# Installing the site agent (see README "Installing"). `make install` (PREFIX=/usr/local, DESTDIR, SYSCONFDIR=/etc and
-# SYSTEMD_UNIT_DIR honoured; the unit goes where systemd reads it whatever PREFIX, see install-lib.sh unit_dir) builds the
-# release binary (carrying the Swift runtime, like the package's: it keeps running when the toolchain changes, and is
-# 6 MB smaller in memory than one linked to the toolchain's libraries) and lays out the binary, the systemd unit, the
-# example configuration (never overwriting one), a udev rule for GPIO and the docs; as root without DESTDIR it also
-# creates the user farmgate (groups dialout, gpio).
+# Installing the site agent (see README "Operations", Install (site)). `make install` (PREFIX=/usr/local, DESTDIR,
+# SYSCONFDIR=/etc and SYSTEMD_UNIT_DIR honoured; a PREFIX or SYSCONFDIR with whitespace, which would split the unit's
+# ExecStart=, is refused before the build, see install-lib.sh check_unit_paths; the unit goes where systemd reads it
+# whatever PREFIX, see install-lib.sh unit_dir) builds the release binary (carrying the Swift runtime, like the
+# package's: it keeps running when the toolchain changes, and is 6 MB smaller in memory than one linked to the
+# toolchain's libraries) and lays out the binary, the systemd unit, the example configuration (never overwriting one), a
+# udev rule for GPIO and the docs; as root without DESTDIR it also creates the user farmgate (groups dialout, gpio).
 # `make deb` builds farmgate_<version>_<arch>.deb from the same layout (PREFIX=/usr) with a binary that carries the Swift
 # runtime (--static-swift-stdlib), for `apt install ./farmgate_*.deb` on the Pi. FARMGATE_BIN=path skips the build.
 # The site binary is built in .build/site with each function in its own section and linked by lld in the order of
 # Sources/farmgate/farmgate.order (the functions `farmgate agent` runs, from Tests/tools/site-order-file.sh): the code
-# the agent runs then sits together and the kernel maps fewer pages of the binary (README "Site footprint"). Relative
-# relocations are packed (DT_RELR, glibc 2.36 or later: Debian 12, Raspberry Pi OS bookworm): the loader no longer reads
-# a megabyte of them at every start.
+# the agent runs then sits together and the kernel maps fewer pages of the binary (README "Benchmarks", Site
+# footprint). Relative relocations are packed (DT_RELR, glibc 2.36 or later: Debian 12, Raspberry Pi OS bookworm): the
+# loader no longer reads a megabyte of them at every start.
 SITE_BUILD := $(SWIFT) build -c release --product farmgate --scratch-path .build/site \
 	-Xswiftc -Xfrontend -Xswiftc -function-sections -Xswiftc -use-ld=lld \
 	-Xlinker --symbol-ordering-file=$(CURDIR)/Sources/farmgate/farmgate.order -Xlinker --no-warn-symbol-ordering \
@@ -67,17 +68,23 @@ PREFIX ?= /usr/local
 DESTDIR ?=
 FARMGATE_BIN ?=
 
+# Refuses, before any build, a PREFIX or SYSCONFDIR the unit's ExecStart= cannot hold (the install scripts check again).
+CHECK_UNIT_PATHS = @PREFIX="$(PREFIX)" SYSCONFDIR="$(SYSCONFDIR)" bash -c '. systemd/install/install-lib.sh && check_unit_paths $@'
+
 install:
+	$(CHECK_UNIT_PATHS)
 	@if [ -z "$(FARMGATE_BIN)" ]; then .ci/install-deps && $(SITE_BUILD) --static-swift-stdlib; fi
 	@FARMGATE_BIN="$(or $(FARMGATE_BIN),$$($(SITE_BUILD) --static-swift-stdlib --show-bin-path)/farmgate)" PREFIX="$(PREFIX)" DESTDIR="$(DESTDIR)" \
 		SYSCONFDIR="$(SYSCONFDIR)" SYSTEMD_UNIT_DIR="$(SYSTEMD_UNIT_DIR)" systemd/install/install-site.sh
 
-# Installing the ingest on a server: `make install-ingest` (PREFIX, DESTDIR, SYSCONFDIR honoured) builds the release
-# binary and lays out the binary, the systemd unit, a configuration (never overwriting one) and the docs; as root
-# without DESTDIR it also creates the user farmgate-ingest. FARMGATE_INGEST_BIN=path skips the build.
+# Installing the ingest on a server (see README "Operations", Install (ingest)): `make install-ingest` (PREFIX, DESTDIR,
+# SYSCONFDIR honoured; whitespace in PREFIX or SYSCONFDIR refused, as for install) builds the release binary and lays
+# out the binary, the systemd unit, a configuration (never overwriting one) and the docs; as root without DESTDIR it
+# also creates the user farmgate-ingest. FARMGATE_INGEST_BIN=path skips the build.
 FARMGATE_INGEST_BIN ?=
 
 install-ingest:
+	$(CHECK_UNIT_PATHS)
 	@if [ -z "$(FARMGATE_INGEST_BIN)" ]; then .ci/install-deps && $(SWIFT) build -c release --product farmgate-ingest; fi
 	@FARMGATE_INGEST_BIN="$(or $(FARMGATE_INGEST_BIN),$$($(SWIFT) build -c release --show-bin-path)/farmgate-ingest)" PREFIX="$(PREFIX)" \
 		DESTDIR="$(DESTDIR)" SYSCONFDIR="$(SYSCONFDIR)" SYSTEMD_UNIT_DIR="$(SYSTEMD_UNIT_DIR)" systemd/install/install-ingest.sh

@@ -22,8 +22,12 @@ mkdir -p "$data"
 
 say "Creating a farm, a device and a read token on the ingest"
 "$ingest" farm create demo-farm --config "$ingest_config"
-"$ingest" device create --farm demo-farm --device demo-greenhouse --config "$ingest_config" | tee "$data/device.txt"
-grep -o 'fgd_[A-Za-z0-9_]*' "$data/device.txt" | head -n1 > "$data/device.key"
+# device.txt holds the device key and device.key is it: both only for this user (0600), like `farmgate enroll` writes it.
+(
+  umask 077
+  "$ingest" device create --farm demo-farm --device demo-greenhouse --config "$ingest_config" | tee "$data/device.txt"
+  grep -o 'fgd_[A-Za-z0-9_]*' "$data/device.txt" | head -n1 > "$data/device.key"
+)
 token=$("$ingest" token create --farm demo-farm --role viewer --config "$ingest_config" | grep -o 'fgr_[A-Za-z0-9_]*' | head -n1)
 
 pids=()

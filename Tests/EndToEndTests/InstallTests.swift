@@ -1,3 +1,4 @@
+import FarmgateAgent
 import FarmgateTestSupport
 import Foundation
 import Testing
@@ -62,7 +63,8 @@ struct InstallTests {
         #expect(moved.status == 0, "\(moved.stderr)")
         #expect(FileManager.default.fileExists(atPath: staging.file("opt/etc/farmgate/agent.toml")))
         let movedUnit = try String(contentsOfFile: staging.file("srv/units/farmgate.service"), encoding: .utf8)
-        #expect(movedUnit.contains("ExecStartPre=/usr/local/bin/farmgate config check --config /opt/etc/farmgate/agent.toml"), "\(movedUnit)")
+        // No ExecStartPre=: the agent checks its configuration itself (exit 78, not restarted; see SystemdUnitTests).
+        #expect(!movedUnit.split(separator: "\n").contains { $0.hasPrefix("ExecStartPre") }, "\(movedUnit)")
         #expect(movedUnit.contains("ExecStart=/usr/local/bin/farmgate agent --config /opt/etc/farmgate/agent.toml"), "\(movedUnit)")
         #expect(!movedUnit.contains("--config /etc/farmgate"), "\(movedUnit)")
 
@@ -87,7 +89,8 @@ struct InstallTests {
         #expect(FileManager.default.contentsEqual(atPath: staging.file("opt/fgi/bin/farmgate-ingest"), andPath: binary))
         #expect(!FileManager.default.fileExists(atPath: staging.file("opt/fgi/lib/systemd/system/farmgate-ingest.service")), "systemd reads no unit there")
         let unit = try String(contentsOfFile: staging.file(unitFile), encoding: .utf8)
-        #expect(unit.contains("ExecStartPre=/opt/fgi/bin/farmgate-ingest migrate --config /etc/farmgate/ingest.toml"))
+        // No ExecStartPre= migrate: serve checks the configuration (exit 78, not restarted) and migrates the store itself.
+        #expect(!unit.split(separator: "\n").contains { $0.hasPrefix("ExecStartPre") }, "\(unit)")
         #expect(unit.contains("ExecStart=/opt/fgi/bin/farmgate-ingest serve --config /etc/farmgate/ingest.toml"))
         #expect(unit.contains("Documentation=file:///opt/fgi/share/doc/farmgate-ingest/README.md"), "\(unit)")
         #expect(FileManager.default.fileExists(atPath: staging.file("opt/fgi/share/doc/farmgate-ingest/README.md")))
@@ -119,6 +122,64 @@ struct InstallTests {
 
         let missing = try await Self.make(["install-ingest", "DESTDIR=\(staging.path)", "FARMGATE_INGEST_BIN=\(staging.file("nothing"))"])
         #expect(missing.status != 0 && missing.stderr.contains("is not an executable"), "\(missing.stderr)")
+    }
+
+    /// PREFIX and SYSCONFDIR are written into the unit's ExecStart=, which systemd splits at whitespace (and where it
+    /// expands `%` and `$`): such a value is refused, before anything is built or installed. DESTDIR is never written into
+    /// a unit: one with a space installs.
+    @Test func makeInstallRefusesAPrefixTheUnitCannotHold() async throws {
+        let staging = try Scratch(prefix: "fg install space")
+        let site = builtExecutable("farmgate")
+        let ingest = builtExecutable("farmgate-ingest")
+        for arguments in [
+            ["install", "PREFIX=/opt/my farmgate", "FARMGATE_BIN=\(site)"], ["install", "SYSCONFDIR=/etc/my conf", "FARMGATE_BIN=\(site)"],
+            ["install", "PREFIX=/opt/fg%i", "FARMGATE_BIN=\(site)"], ["install-ingest", "PREFIX=/opt/my ingest", "FARMGATE_INGEST_BIN=\(ingest)"],
+            ["install-ingest", "SYSCONFDIR=/etc/a\tb", "FARMGATE_INGEST_BIN=\(ingest)"],
+        ] {
+            let result = try await Self.make(arguments + ["DESTDIR=\(staging.path)"])
+            #expect(result.status != 0, "\(arguments) was accepted: \(result.stdout)")
+            let variable = arguments[1].prefix { $0 != "=" }
+            #expect(result.stderr.contains("\(variable)=") && result.stderr.contains("whitespace"), "\(arguments): \(result.stderr)")
+            #expect(staging.names().isEmpty, "\(arguments) installed \(staging.names())")
+        }
+        // The scripts refuse it too when run directly.
+        let direct = try await runCommand(
+            "/usr/bin/env", ["PREFIX=/opt/my farmgate", "DESTDIR=\(staging.path)", "FARMGATE_BIN=\(site)", Self.root + "/systemd/install/install-site.sh"])
+        #expect(direct.status != 0 && direct.stderr.contains("PREFIX="), "\(direct.stderr)")
+        #expect(staging.names().isEmpty)
+
+        let installed = try await Self.make(["install", "DESTDIR=\(staging.path)", "FARMGATE_BIN=\(site)"])
+        #expect(installed.status == 0, "\(installed.stderr)")
+        let unit = try String(contentsOfFile: staging.file("usr/local/lib/systemd/system/farmgate.service"), encoding: .utf8)
+        #expect(unit.contains("ExecStart=/usr/local/bin/farmgate agent --config /etc/farmgate/agent.toml\n"), "\(unit)")
+    }
+
+    /// The package's prerm removes the agent's `[metrics] textfile` on removal: its value read as the agent reads it (a TOML
+    /// basic or literal string, only in [metrics], a relative path from the configuration's directory). The test runs the
+    /// script's own metrics_textfile function on configurations in a scratch directory.
+    @Test func prermFindsTheMetricsFileAsTheAgentReadsIt() async throws {
+        let scratch = try Scratch(prefix: "fg-prerm")
+        let prerm = Self.root + "/systemd/install/deb/prerm"
+        let config = scratch.file("agent.toml")
+        func found(_ text: String) async throws -> String {
+            try text.write(toFile: config, atomically: true, encoding: .utf8)
+            let result = try await runCommand(
+                "/bin/sh", ["-c", "eval \"$(sed -n '/^metrics_textfile()/,/^}/p' \"$1\")\"; metrics_textfile \"$2\"", "sh", prerm, config])
+            #expect(result.status == 0, "\(result.stderr)")
+            return result.stdout.trimmingCharacters(in: .newlines)
+        }
+        let cases: [(String, String)] = [
+            ("[metrics]\ntextfile = \"/var/lib/node_exporter/textfile_collector/farmgate.prom\"  # the collector\n", "/var/lib/node_exporter/textfile_collector/farmgate.prom"),
+            ("[device]\nid = \"a\"\n\n[metrics]\ninterval = \"15s\"\ntextfile = '/srv/prom/farmgate.prom'\n", "/srv/prom/farmgate.prom"),
+            // Relative: from the configuration's directory, by the agent's own rule.
+            ("[ metrics ] # node_exporter\r\n  textfile='farmgate.prom'\r\n", AgentConfiguration.resolve("farmgate.prom", against: scratch.path)),
+            ("[metrics]\ntextfile = \"../prom/./farmgate.prom\"\n", scratch.url.deletingLastPathComponent().path + "/prom/farmgate.prom"),
+            ("[upload]\ntextfile = \"/elsewhere.prom\"\n[metrics]\n# textfile = \"/commented.prom\"\n", ""),
+            ("[metrics]\ntextfile = \"/var/lib/farmgate.txt\"\n", ""),
+        ]
+        for (text, expected) in cases {
+            #expect(try await found(text) == expected, "\(text)")
+        }
     }
 
     @Test func makeDebBuildsAPackageDpkgDebAccepts() async throws {

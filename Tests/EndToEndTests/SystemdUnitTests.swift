@@ -4,7 +4,7 @@ import Testing
 
 /// The unit files as systemd itself judges them, offline: `systemd-analyze verify` and `security --offline=true`.
 ///
-/// `verify` checks that every ExecStart=/ExecStartPre= binary exists and is executable, and the units name
+/// `verify` checks that every ExecStart= binary exists and is executable, and the units name
 /// /usr/local/bin. So the test verifies copies with that directory rewritten to where `swift build` put the real binaries:
 /// every other line is verified as shipped. (`--root=` would need a whole systemd tree, sysinit.target and the rest.)
 @Suite("systemd units")
@@ -60,7 +60,7 @@ struct SystemdUnitTests {
             "DeviceAllow=char-ttyAMA rw", "DeviceAllow=char-gpiochip rw", "SupplementaryGroups=dialout gpio", "ProtectSystem=strict",
             "StateDirectory=farmgate", "RuntimeDirectory=farmgate", "MemoryDenyWriteExecute=yes",
             "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6", "SystemCallFilter=@system-service",
-            "ExecStartPre=/usr/local/bin/farmgate config check --config /etc/farmgate/agent.toml",
+            "ExecStart=/usr/local/bin/farmgate agent --config /etc/farmgate/agent.toml",
             // `systemctl reload` waits for the agent's verdict and fails for a refused file.
             "ExecReload=/usr/local/bin/farmgate reload --config /etc/farmgate/agent.toml --pid $MAINPID",
         ] {
@@ -70,6 +70,52 @@ struct SystemdUnitTests {
         #expect(!lines.contains("PrivateDevices=yes"))
         let ingest = try String(contentsOf: Self.unitDirectory.appendingPathComponent("farmgate-ingest.service"), encoding: .utf8)
         #expect(ingest.contains("Type=notify\n") && ingest.contains("LimitNOFILE="))
+    }
+
+    /// The directives of a unit file: `Key=value` lines, comments and blank lines left out.
+    static func directives(_ unit: String) throws -> [(key: String, value: String)] {
+        let text = try String(contentsOf: unitDirectory.appendingPathComponent(unit), encoding: .utf8)
+        return text.split(separator: "\n").map { $0.trimmingCharacters(in: .whitespaces) }
+            .filter { !$0.isEmpty && !$0.hasPrefix("#") && !$0.hasPrefix(";") && !$0.hasPrefix("[") }
+            .compactMap { line in
+                guard let equals = line.firstIndex(of: "=") else { return nil }
+                return (String(line[..<equals]).trimmingCharacters(in: .whitespaces), String(line[line.index(after: equals)...]))
+            }
+    }
+
+    /// systemd applies RestartPreventExitStatus= only to the main process's exit status (systemd issue #11868): a
+    /// configuration check in ExecStartPre= (or ExecStartPost=) that exits 78 fails the start with result exit-code, and
+    /// Restart=always restarts it every RestartSec= until the start limit (ExecCondition= would instead skip the start
+    /// silently, the unit not failed). So the units run no command before or after the main one, keep
+    /// RestartPreventExitStatus=78, and their ExecStart=, given an invalid configuration, itself exits 78.
+    @Test("An invalid configuration (exit 78) is not restarted: no ExecStartPre=, and ExecStart= itself exits 78", arguments: units)
+    func configurationErrorIsNotRestarted(unit: String) async throws {
+        let directives = try Self.directives(unit)
+        let keys = directives.map(\.key)
+        #expect(keys.contains("Restart"), "\(unit) restarts")
+        #expect(
+            directives.contains { $0.key == "RestartPreventExitStatus" && $0.value.split(separator: " ").contains("78") },
+            "\(unit) lacks RestartPreventExitStatus=78")
+        for key in ["ExecStartPre", "ExecCondition", "ExecStartPost"] {
+            #expect(!keys.contains(key), "\(unit) has \(key)=: its exit 78 would be restarted (systemd applies RestartPreventExitStatus= to the main process only)")
+        }
+        let starts = directives.filter { $0.key == "ExecStart" }.map(\.value)
+        let start = try #require(starts.count == 1 ? starts.first : nil, "\(unit): one ExecStart= (\(starts))")
+        // The unit's own command line, run on the built binary with an invalid configuration in place of the shipped one.
+        var words = start.split(separator: " ").map(String.init)
+        let scratch = try Scratch(prefix: "fg-unit-78")
+        let binaries = URL(fileURLWithPath: builtExecutable("farmgate")).deletingLastPathComponent().path
+        let config = try #require(words.firstIndex(of: "--config").map { $0 + 1 }, "\(unit): ExecStart= names no --config: \(start)")
+        #expect(words[0].hasPrefix("/usr/local/bin/") && words[config].hasPrefix("/etc/farmgate/"), "\(start)")
+        words[0] = words[0].replacingOccurrences(of: "/usr/local/bin/", with: binaries + "/")
+        for (name, text) in [("unknown-table.toml", "[nonsense]\nkey = 1\n"), ("not-toml.toml", "this is [[ not TOML\n")] {
+            words[config] = try scratch.write(name, text)
+            let result = try await runCommand(words[0], Array(words.dropFirst()))
+            #expect(result.status == 78, "\(unit): \(words.joined(separator: " ")) exited \(result.status): \(result.stderr)")
+        }
+        words[config] = scratch.file("missing.toml")
+        let missing = try await runCommand(words[0], Array(words.dropFirst()))
+        #expect(missing.status == 78, "\(unit): a missing configuration exited \(missing.status): \(missing.stderr)")
     }
 }
 

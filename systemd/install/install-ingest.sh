@@ -5,12 +5,14 @@
 #   PREFIX               /usr/local by default
 #   DESTDIR              a staging root: files go under it and the system is not touched (no user is created)
 #   SYSCONFDIR           /etc by default; the configuration goes to $SYSCONFDIR/farmgate/ingest.toml
+#                        (PREFIX and SYSCONFDIR are written into the unit's ExecStart=: whitespace, %, $, quotes, \
+#                        and ; are refused, see check_unit_paths in install-lib.sh)
 #   SYSTEMD_UNIT_DIR     where the unit goes (UNITDIR is the older name): $PREFIX/lib/systemd/system for PREFIX /usr
 #                        and /usr/local (systemd reads both), else systemd's own directory (pkg-config's
 #                        systemdsystemunitdir, else /usr/lib/systemd/system): systemd reads no unit under another prefix
 #
-# Installs: $PREFIX/bin/farmgate-ingest, the unit farmgate-ingest.service (ExecStartPre and ExecStart pointing at that
-# binary), a configuration as $SYSCONFDIR/farmgate/ingest.toml (or ingest.toml.example beside an existing one, which
+# Installs: $PREFIX/bin/farmgate-ingest, the unit farmgate-ingest.service (ExecStart pointing at that binary and that
+# configuration), a configuration as $SYSCONFDIR/farmgate/ingest.toml (or ingest.toml.example beside an existing one, which
 # is never overwritten), the README and the ingest's examples (alert rules, nginx) under
 # $PREFIX/share/doc/farmgate-ingest. Then, when run as root without DESTDIR, creates the system user farmgate-ingest,
 # lets its group read the configuration (which may hold a database password) and reloads systemd.
@@ -22,6 +24,7 @@ cd "$(dirname "$0")/../.."
 PREFIX=${PREFIX:-/usr/local}
 DESTDIR=${DESTDIR:-}
 SYSCONFDIR=${SYSCONFDIR:-/etc}
+check_unit_paths install-ingest
 UNITDIR=$(unit_dir)
 if [ ! -x "$FARMGATE_INGEST_BIN" ]; then
     echo "install-ingest: $FARMGATE_INGEST_BIN is not an executable; build it first (swift build -c release --product farmgate-ingest)" >&2

@@ -17,6 +17,23 @@ unit_dir() {
     esac
 }
 
+# check_unit_paths SCRIPT: exits 1, naming the variable, when PREFIX or SYSCONFDIR holds whitespace or a character that
+# systemd reads specially in a unit's command line (`%` specifiers, `$` variables, quotes, `\`, `;`): both are written
+# into the unit's ExecStart= (the binary and --config), which systemd would split or rewrite there, running another path.
+# DESTDIR is never written into a unit (only the files go under it): it may hold any character.
+check_unit_paths() {
+    local name value
+    for name in PREFIX SYSCONFDIR; do
+        value=${!name}
+        case "$value" in
+            *[[:space:]%\$\"\'\\\;]*)
+                echo "$1: $name='$value' contains whitespace or one of % \$ \" ' \\ ; which systemd would split or expand in the unit's ExecStart= line; choose a $name without them (DESTDIR may have them: it is not written into the unit)" >&2
+                exit 1
+                ;;
+        esac
+    done
+}
+
 # sed_replacement TEXT: TEXT escaped for the replacement side of a sed s### command.
 sed_replacement() {
     printf '%s' "$1" | sed 's/[\\&#]/\\&/g'

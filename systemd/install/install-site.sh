@@ -5,12 +5,14 @@
 #   PREFIX        /usr/local by default (/usr for the .deb)
 #   DESTDIR       a staging root: files go under it and the system is not touched (no user is created)
 #   SYSCONFDIR    /etc by default; the configuration goes to $SYSCONFDIR/farmgate/agent.toml
+#                 (PREFIX and SYSCONFDIR are written into the unit's ExecStart=: whitespace, %, $, quotes, \ and ; are
+#                 refused, see check_unit_paths in install-lib.sh)
 #   SYSTEMD_UNIT_DIR  where the unit goes (UNITDIR is the older name): $PREFIX/lib/systemd/system for PREFIX /usr and
 #                 /usr/local (systemd reads both), else systemd's own directory (pkg-config's systemdsystemunitdir, else
 #                 /usr/lib/systemd/system): systemd reads no unit under /opt or another prefix
 #   UDEVDIR       /usr/lib/udev/rules.d for PREFIX=/usr, else /etc/udev/rules.d (udev reads no /usr/local)
 #
-# Installs: $PREFIX/bin/farmgate, the unit farmgate.service (ExecStartPre and ExecStart pointing at that binary and at
+# Installs: $PREFIX/bin/farmgate, the unit farmgate.service (ExecStart and ExecReload pointing at that binary and at
 # $SYSCONFDIR/farmgate/agent.toml), the example
 # configuration as $SYSCONFDIR/farmgate/agent.toml (or agent.toml.example beside an existing one, which is never
 # overwritten), a udev rule giving /dev/gpiochip* to the group gpio, $PREFIX/lib/farmgate/create-user, the README and the
@@ -24,6 +26,7 @@ cd "$(dirname "$0")/../.."
 PREFIX=${PREFIX:-/usr/local}
 DESTDIR=${DESTDIR:-}
 SYSCONFDIR=${SYSCONFDIR:-/etc}
+check_unit_paths install
 UNITDIR=$(unit_dir)
 if [ -z "${UDEVDIR:-}" ]; then
     if [ "$PREFIX" = /usr ]; then UDEVDIR=/usr/lib/udev/rules.d; else UDEVDIR=/etc/udev/rules.d; fi
