@@ -26,14 +26,17 @@ extension SubcommandsOnly {
 
 /// What ArgumentParser leaves unchecked on a command line before it parses.
 public enum CommandLineRules {
-    /// The problem with `help NAME…` when a name is not a command (`help nosuch`), which ArgumentParser answers with
-    /// the nearest known command's help and exit 0; nil when the line is not a `help` request or names real commands.
+    /// The problem with `help NAME…` or `NAME… --help` when a name is not a command (`help nosuch`, `nosuch --help`),
+    /// which ArgumentParser answers with the nearest known command's help and exit 0; nil when the line is not a help
+    /// request or names real commands. After `--help`'s command names come that command's own arguments.
     public static func unknownHelpTopic(_ arguments: [String], root: any ParsableCommand.Type) -> String? {
-        guard arguments.first == "help" else { return nil }
+        let helpCommand = arguments.first == "help"
+        guard helpCommand || arguments.contains("--help") || arguments.contains("-h") else { return nil }
         var command = root
         var path = [root._commandName]
-        for name in arguments.dropFirst() where !name.hasPrefix("-") {
+        for name in arguments.dropFirst(helpCommand ? 1 : 0) where !name.hasPrefix("-") {
             let subcommands = command.configuration.subcommands
+            if subcommands.isEmpty, !helpCommand { return nil }
             guard let next = subcommands.first(where: { $0._commandName == name || $0.configuration.aliases.contains(name) }) else {
                 let known = subcommands.map { $0._commandName }
                 let where_ = path.joined(separator: " ")

@@ -17,6 +17,10 @@ import Testing
         ("farmgate", ["sensor"], 64, "farmgate sensor needs a subcommand: one of drivers, read"),
         ("farmgate", ["help", "nosuch"], 64, "'nosuch' is not a command of farmgate"),
         ("farmgate", ["help", "sensor", "nosuch"], 64, "'nosuch' is not a command of farmgate sensor"),
+        // The same asked with --help: ArgumentParser printed the nearest command's help and exited 0 (a tester, 2026-12-06).
+        ("farmgate", ["nope", "--help"], 64, "'nope' is not a command of farmgate"),
+        ("farmgate", ["sensor", "nope", "-h"], 64, "'nope' is not a command of farmgate sensor"),
+        ("farmgate-ingest", ["nope", "--help"], 64, "'nope' is not a command of farmgate-ingest"),
         ("farmgate", ["config", "check", "-c", ""], 64, "the configuration path is empty"),
         // An empty or overlong --socket, and a sensor id no configuration can hold (before the fix, a tester
         // 2026-12-06: exit 1, or `sensor read` read beside the agent).
@@ -49,6 +53,17 @@ import Testing
         #expect(result.status == status, "\(program) \(arguments): \(result.stderr)")
         #expect(result.stderr.contains(says), "\(program) \(arguments): \(result.stderr)")
         #expect(!result.stdout.contains("OVERVIEW"), "\(program) \(arguments) printed help on standard output")
+    }
+
+    /// Help of real commands still answers, with a command's own arguments after it.
+    @Test func helpOfRealCommands() async throws {
+        for (binary, arguments) in [
+            (Farm.agentBinary, ["--help"]), (Farm.agentBinary, ["sensor", "--help"]), (Farm.agentBinary, ["sensor", "read", "tank1.ph", "--help"]),
+            (Farm.agentBinary, ["help", "sensor", "read"]), (Farm.ingestBinary, ["alert", "rule", "add", "-h"]),
+        ] {
+            let result = try await runCommand(binary, arguments)
+            #expect(result.status == 0 && result.stdout.contains("USAGE"), "\(arguments): \(result.stderr)")
+        }
     }
 
     /// Options declared to repeat still may (`quarantine requeue --sequence 1 --sequence 2`); a repeated option is refused
