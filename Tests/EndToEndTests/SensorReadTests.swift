@@ -88,6 +88,8 @@ struct SensorReadTests {
         #expect(agentAnswer.reading?.value.map { value in ph.served.contains { Double($0.line) == value } } == true)
         let unknownViaAgent = try await runCommand(farmgate, ["sensor", "read", "nope.ph", "--config", config])
         #expect(unknownViaAgent.status == 64, "\(unknownViaAgent.stderr)")
+        // Said as what it is: the running agent's sensors, not the file's (a sensor added since is not one yet).
+        #expect(unknownViaAgent.stderr.contains("the running agent has no sensor \"nope.ph\"; it runs: tank1.ph"), "\(unknownViaAgent.stderr)")
         // A sensor added to the file but not reloaded: the file has it, the agent does not, and the message says to reload.
         let text = try String(contentsOfFile: config, encoding: .utf8)
         try (text + "\n[[sensor]]\nid = \"added.ph\"\ndriver = \"simulated\"\nquantity = \"ph\"\n").write(toFile: config, atomically: true, encoding: .utf8)

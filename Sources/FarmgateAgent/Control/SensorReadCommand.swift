@@ -62,7 +62,7 @@ public enum SensorReadCommand {
             return SensorReadAnswer(ok: false, code: .badRequest, error: "sensor.read needs the argument \"sensor\" (a sensor id)")
         }
         guard let id = try? SensorID(name), let sensor = sensors.first(where: { $0.configuration.id == id }) else {
-            return unknown(name, known: sensors.map(\.configuration.id))
+            return unknown(name, known: sensors.map(\.configuration.id), byTheRunningAgent: true)
         }
         return await read(sensor, via: "agent")
     }
@@ -72,12 +72,14 @@ public enum SensorReadCommand {
         await answer(request, sensors: sampler.sensors)
     }
 
-    /// The answer for a sensor id that is not configured.
-    public static func unknown(_ name: String, known: [SensorID]) -> SensorReadAnswer {
+    /// The answer for a sensor id that is not configured, or (`byTheRunningAgent`) that the running agent does not run:
+    /// a sensor added to the file since its last reload is not one of them yet.
+    public static func unknown(_ name: String, known: [SensorID], byTheRunningAgent: Bool = false) -> SensorReadAnswer {
         let list = known.map(\.rawValue).joined(separator: ", ")
-        return SensorReadAnswer(
-            ok: false, code: .unknownSensor,
-            error: "no sensor \"\(name)\" in the configuration; configured: \(list.isEmpty ? "none" : list) (`farmgate config check` lists them)")
+        let error = byTheRunningAgent
+            ? "the running agent has no sensor \"\(name)\"; it runs: \(list.isEmpty ? "none" : list) (a sensor added to the configuration since is read after `farmgate reload`)"
+            : "no sensor \"\(name)\" in the configuration; configured: \(list.isEmpty ? "none" : list) (`farmgate config check` lists them)"
+        return SensorReadAnswer(ok: false, code: .unknownSensor, error: error)
     }
 
     /// Reads `sensor` once (at most its read timeout) and describes the outcome.
