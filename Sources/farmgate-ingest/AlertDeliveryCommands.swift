@@ -10,12 +10,13 @@ extension AlertReceiverKind: ExpressibleByArgument {}
 extension OutboxState: ExpressibleByArgument {}
 
 extension ConfigOption {
-    /// Opens the store like `administer`, and hands over its outbox role.
+    /// Opens the store like `administer` (a missing SQLite file made only when `creatingStore`), and hands over its
+    /// outbox role.
     func administerAlerts<T: Sendable>(
-        _ body: @escaping @Sendable (AlertDeliveryAdmin, IngestConfiguration, Logger) async throws -> T
+        creatingStore: Bool = false, _ body: @escaping @Sendable (AlertDeliveryAdmin, IngestConfiguration, Logger) async throws -> T
     ) async throws -> T {
         let configuration = try load()
-        return try await administer { admin in
+        return try await administer(creatingStore: creatingStore) { admin in
             guard let outbox = admin.store as? any NotificationOutboxStore else {
                 throw failure("this store keeps no notification outbox")
             }
@@ -116,7 +117,7 @@ struct AlertReceiverCommand: AsyncParsableCommand, SubcommandsOnly {
                     name: name, kind: .email, url: smtp ?? "", secret: password, username: username, emailFrom: from, emailTo: email,
                     maxPerMinute: maxPerMinute, groupWait: wait, groupInterval: interval)
             }
-            let receiver = try await options.administerAlerts { admin, _, _ in try await admin.addReceiver(farm: farm, spec) }
+            let receiver = try await options.administerAlerts(creatingStore: true) { admin, _, _ in try await admin.addReceiver(farm: farm, spec) }
             print("Added receiver \(receiver.name) to farm \(farm): \(AlertDeliveryAdmin.describe(receiver).replacingOccurrences(of: "\t", with: ", ")).")
             print("Try it: farmgate-ingest alert receiver test --farm \(farm) --name \(receiver.name)")
         }

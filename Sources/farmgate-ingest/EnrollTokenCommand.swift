@@ -48,7 +48,7 @@ struct EnrollTokenCommand: AsyncParsableCommand, SubcommandsOnly {
             let id = try device.deviceID
             let farm = device.farm
             let ttl = try ttlDuration()
-            let (token, record) = try await options.administer { admin in
+            let (token, record) = try await options.administer(creatingStore: true) { admin in
                 try await admin.createEnrollmentToken(farm: farm, device: id, ttl: ttl, in: try enrollmentStore(admin))
             }
             print(token.text)

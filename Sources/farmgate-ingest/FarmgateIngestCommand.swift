@@ -74,7 +74,17 @@ struct ConfigOption: ParsableArguments {
     /// for good (a database or role it does not have, a wrong or missing password, a certificate that does not verify
     /// or does not name the host, no TLS where it is required) the command exits 78 (EX_CONFIG) naming what to change.
     /// The same for `listen_url`'s connection.
-    func openStore(_ configuration: IngestConfiguration, logger: Logger) async throws -> any IngestStore {
+    ///
+    /// A SQLite file that does not exist is made (with its directories) only when `creating` (`serve`, `migrate` and the
+    /// commands that create records on a fresh install: farm, device, token and enroll-token create, receiver add);
+    /// the others exit 74 naming the path: a mistyped `[storage] path` would otherwise become a new empty store, and
+    /// "no farms" or "farm does not exist" would look like lost data.
+    func openStore(_ configuration: IngestConfiguration, logger: Logger, creating: Bool) async throws -> any IngestStore {
+        if !creating, configuration.storage.postgres == nil, let missing = Self.missingStore(configuration.storage.path) {
+            throw failure(
+                "the store \(configuration.storage.path) does not exist\(missing); nothing was created. Check [storage] path in \(path) "
+                    + "(a mistyped path names no store); `farmgate-ingest migrate` or `serve` creates the store", code: 74)  // EX_IOERR
+        }
         if let postgres = configuration.storage.postgres {
             if let problem = await postgres.probe(logger: logger).configurationProblem {
                 throw failure("cannot use PostgreSQL \(postgres.redacted): \(problem)", code: 78)  // EX_CONFIG
@@ -88,6 +98,27 @@ struct ConfigOption: ParsableArguments {
         } catch {
             throw failure("cannot open the store \(configuration.storage.displayName): \(error)", code: 74)  // EX_IOERR
         }
+    }
+}
+
+extension ConfigOption {
+    /// Whether the SQLite file at `path` is missing (nil: it exists, or something is there that opening will judge),
+    /// with what more to say: "" when only the file is, else the first directory on its way that does not exist, or
+    /// that it is a symbolic link to nothing.
+    static func missingStore(_ path: String) -> String? {
+        var info = stat()
+        if lstat(path, &info) == 0 {
+            // A symbolic link whose target is gone would be followed and created.
+            return info.st_mode & S_IFMT == S_IFLNK && stat(path, &info) != 0 ? " (it is a symbolic link to a file that does not exist)" : nil
+        }
+        guard errno == ENOENT else { return nil }  // unreadable: opening says why
+        var directory = URL(fileURLWithPath: path).deletingLastPathComponent()
+        var firstMissing: String?
+        while directory.path != "/", stat(directory.path, &info) != 0, errno == ENOENT {
+            firstMissing = directory.path
+            directory = directory.deletingLastPathComponent()
+        }
+        return firstMissing.map { ", nor does its directory \($0)" } ?? ""
     }
 }
 
@@ -120,14 +151,17 @@ func failure(_ text: String, code: Int32 = 1) -> any Error {
 
 extension ConfigOption {
     /// Opens the store, runs an administrative step on it, and closes it; store errors become a clear message and
-    /// exit status 1.
+    /// exit status 1. A SQLite file that does not exist is made only when `creatingStore` (a command that creates
+    /// records, which a fresh install starts with); else it exits 74 (``openStore(_:logger:creating:)``).
     @discardableResult
-    func administer<T: Sendable>(_ body: @escaping @Sendable (IngestAdmin) async throws -> T) async throws -> T {
+    func administer<T: Sendable>(
+        creatingStore: Bool = false, _ body: @escaping @Sendable (IngestAdmin) async throws -> T
+    ) async throws -> T {
         let (configuration, commandLogger) = try loadAndLog(label: "farmgate-ingest")
         var logger = commandLogger
         // A one-shot command says what happened itself: only errors are logged.
         logger.logLevel = max(logger.logLevel, .error)
-        let store = try await openStore(configuration, logger: logger)
+        let store = try await openStore(configuration, logger: logger, creating: creatingStore)
         return try await withRunning(store) { [logger] store in
             do {
                 try await store.migrate()
@@ -169,7 +203,7 @@ struct ServeCommand: AsyncParsableCommand {
         // (partitions created, group commits), and ones made before the bootstrap stay on the no-op handler.
         let registry = PrometheusCollectorRegistry()
         MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
-        let store = try await options.openStore(configuration, logger: logger)
+        let store = try await options.openStore(configuration, logger: logger, creating: true)
         // SQLite: one serve per file (each would keep its own `latest` cache, stale with the other's commits); held
         // until the process ends. The admin commands do not take it.
         var serveLock: SQLiteServeLock?
@@ -360,7 +394,7 @@ struct MigrateCommand: AsyncParsableCommand {
         let configuration = try options.load()
         var logger = Logger(label: "farmgate-ingest")
         logger.logLevel = .error
-        let store = try await options.openStore(configuration, logger: logger)
+        let store = try await options.openStore(configuration, logger: logger, creating: true)
         let storage = configuration.storage.displayName
         let (applied, partitions) = try await withRunning(store) { [logger] store in
             do {
@@ -416,7 +450,7 @@ struct FarmCommand: AsyncParsableCommand, SubcommandsOnly {
         }
 
         func run() async throws {
-            let farm = try await options.administer { try await $0.createFarm(name: name) }
+            let farm = try await options.administer(creatingStore: true) { try await $0.createFarm(name: name) }
             print("Created farm \(farm.name).")
         }
     }
@@ -456,7 +490,7 @@ struct DeviceCommand: AsyncParsableCommand, SubcommandsOnly {
 
         func run() async throws {
             let id = try device.deviceID
-            let key = try await options.administer { try await $0.createDevice(farm: device.farm, device: id) }
+            let key = try await options.administer(creatingStore: true) { try await $0.createDevice(farm: device.farm, device: id) }
             print(key.text)
             print("Device \(id) in farm \(device.farm) registered. The key above is shown only once: it is not stored, only its hash.")
             print("Put it in the agent configuration: [upload] key = \"<the key>\", or save it to a file readable only by the agent and set key_file.")
@@ -525,7 +559,7 @@ struct TokenCommand: AsyncParsableCommand, SubcommandsOnly {
         }
 
         func run() async throws {
-            let key = try await options.administer { try await $0.createReadToken(farm: farm, role: role) }
+            let key = try await options.administer(creatingStore: true) { try await $0.createReadToken(farm: farm, role: role) }
             print(key.text)
             print("Read token (\(role.rawValue)) for farm \(farm). It is shown only once. Use it as `Authorization: Bearer <token>`.")
         }

@@ -33,7 +33,7 @@ struct RetentionCommand: AsyncParsableCommand, SubcommandsOnly {
             let (configuration, commandLogger) = try options.loadAndLog(label: "farmgate-ingest")
             var logger = commandLogger
             logger.logLevel = max(logger.logLevel, .error)
-            let store = try await options.openStore(configuration, logger: logger)
+            let store = try await options.openStore(configuration, logger: logger, creating: false)
             guard let retentionStore = store as? any RetentionStore else {
                 throw failure("the store \(configuration.storage.displayName) has no retention")
             }

@@ -162,6 +162,9 @@ import Glibc
         }
         // Equal periods, and the defaults with a longer hourly level, are fine.
         let fine = try scratch.write("fine.toml", "[storage]\npath = \"ingest.sqlite\"\n[retention]\nrollup_1m = \"400d\"\nrollup_1h = \"400d\"\nrollup_1d = \"forever\"\n")
+        // (retention run makes no store: on a fresh install migrate or serve does.)
+        let migrated = try await runCommand(Farm.ingestBinary, ["migrate", "--config", fine])
+        #expect(migrated.status == 0, "\(migrated.stderr)")
         let accepted = try await runCommand(Farm.ingestBinary, ["retention", "run", "--config", fine])
         #expect(accepted.status == 0, "\(accepted.stderr)")
     }

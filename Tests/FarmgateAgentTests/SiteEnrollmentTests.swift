@@ -394,6 +394,43 @@ struct SiteEnrollmentTests {
         #expect(try String(contentsOfFile: key, encoding: .utf8) == Self.key)
     }
 
+    // Before the fix (a tester, 2026-12-06) a second `make install` (which leaves the template as agent.toml.example),
+    // a package upgrade (agent.toml.dpkg-dist) or an editor's backup beside the configuration was taken for another site
+    // naming no device yet, and re-enrolling (key rotation) was refused with exit 78.
+    @Test func installersPackagesAndEditorsLeftoverCopiesAreNoOtherSite() throws {
+        let dir = try Scratch(prefix: "fg-enroll")
+        let config = try dir.write("agent.toml", Self.config)
+        let key = try dir.write("device.key", Self.key)
+        // The shipped template: a [device] table with no id, the default key file.
+        let template = "[device]\n# id = \"greenhouse-1\"\n\n[buffer]\npath = \"buffer.sqlite\"\n"
+        let leftovers = [
+            "agent.toml.example", "agent.toml.dpkg-dist", "agent.toml.dpkg-old", "agent.toml.dpkg-new", "agent.toml.ucf-dist",
+            "agent.toml.ucf-old", "agent.toml.orig", "agent.toml.bak", "agent.toml~", "agent.toml.old", "agent.toml.rpmnew",
+            "agent.toml.pacnew", "#agent.toml#", "AGENT.TOML.BAK",
+        ]
+        for name in leftovers {
+            let copy = try dir.write(name, template)
+            #expect(try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: "https://i.example", token: Self.token, configPath: config)).keyFile == key, "\(name)")
+            // A backup of another device's configuration is no running site either.
+            _ = try dir.write(name, Self.config.replacingOccurrences(of: "site-9", with: "site-a"))
+            #expect(try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: "https://i.example", token: Self.token, configPath: config)).keyFile == key, "\(name)")
+            try FileManager.default.removeItem(atPath: copy)
+        }
+        // A copy that names this configuration's device is this site, under any name.
+        _ = try dir.write("agent-copy.toml", Self.config)
+        #expect(try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: "https://i.example", token: Self.token, configPath: config)).keyFile == key)
+        // Any other name is still read by its content: a disabled site's file still counts.
+        for name in ["agent.toml.disabled", "agent-b.toml", "example.toml"] {
+            let other = try dir.write(name, template)
+            let failure = #expect(throws: SiteEnrollment.Failure.self) {
+                try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: "https://i.example", token: Self.token, configPath: config))
+            }
+            #expect(failure?.description.contains("another site") == true && failure?.exitCode == 78, "\(name): \(failure?.description ?? "")")
+            try FileManager.default.removeItem(atPath: other)
+        }
+        #expect(try String(contentsOfFile: key, encoding: .utf8) == Self.key)
+    }
+
     // Before the fix (a tester, 2026-12-06) a key file under a regular file was refused as a permission problem: "run
     // farmgate enroll as root", exit 73.
     @Test func aKeyFileUnderARegularFileIsAPathError() throws {

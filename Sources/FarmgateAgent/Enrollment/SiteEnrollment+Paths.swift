@@ -122,16 +122,18 @@ extension SiteEnrollment {
     /// whose device is not `device` (nil: this configuration names none yet, so any other device's): writing this
     /// device's key over it would make that agent's uploads refused for good. A neighbour that does not parse (a
     /// half-finished edit: its agent still runs the file it loaded) is read line by line, as `status` reads one; one
-    /// that names no device yet counts as another device's. Only agent configurations count: a `[device]`, `[upload]` or
-    /// `[[sensor]]` table (an ingest's configuration beside it reads no key).
+    /// that names no device yet counts as another device's, and one that names `device` is a copy of this site, not
+    /// another. Only agent configurations count: a `[device]`, `[upload]` or `[[sensor]]` table (an ingest's
+    /// configuration beside it reads no key), and not the leftover copies of `isLeftoverCopy`.
     static func otherDeviceKeyedAt(_ keyFile: String, configPath: String, device: String?) -> (config: String, device: String?)? {
         guard FileSystem.isFile(keyFile) else { return nil }  // nothing to replace
         let directories = Set([configPath, keyFile].map { URL(fileURLWithPath: canonicalPath($0)).deletingLastPathComponent().path })
         for directory in directories.sorted() {
             guard let names = try? FileManager.default.contentsOfDirectory(atPath: directory) else { continue }
             // Any name (`agent-a.conf`, `site-b.toml.disabled`): what counts is the content. Hidden files are editors'
-            // swap files and the like; the key files, units and the rest are not agent configurations.
-            for name in names.sorted() where !name.hasPrefix(".") {
+            // swap files and the like, and installers', packages' and editors' leftover copies (`agent.toml.example`,
+            // `.dpkg-dist`, `.bak`, `~`) are no site; the key files, units and the rest are not agent configurations.
+            for name in names.sorted() where !name.hasPrefix(".") && !isLeftoverCopy(name) {
                 let other = directory + "/" + name
                 var info = stat()  // a regular file only: reading a FIFO would wait for a writer
                 guard stat(other, &info) == 0, info.st_mode & S_IFMT == S_IFREG, !sameFile(other, configPath),
@@ -145,6 +147,25 @@ extension SiteEnrollment {
             }
         }
         return nil
+    }
+
+    /// Name endings of the copies that installers, package managers and editors leave beside a configuration: no agent
+    /// runs them. `make install` over an existing file writes the template to `.example`; dpkg and ucf keep a changed
+    /// conffile's other version as `.dpkg-dist`/`.dpkg-old`/`.dpkg-new`/`.ucf-dist`/`.ucf-old`/`.ucf-new`, rpm and
+    /// pacman as `.rpmnew`/`.rpmsave`/`.pacnew`/`.pacsave`; patch leaves `.orig`/`.rej`; editors and people leave
+    /// `.bak`/`.old`/`.save`/`.swp`, `name~` and `#name#`. Counting them as sites would refuse this site's own key
+    /// after every reinstall or upgrade (before the fix, a tester: exit 78 for `agent.toml.example`).
+    static let leftoverSuffixes = [
+        ".example", ".sample", ".dist", ".dpkg-dist", ".dpkg-old", ".dpkg-new", ".dpkg-bak", ".dpkg-tmp", ".dpkg-remove",
+        ".ucf-dist", ".ucf-old", ".ucf-new", ".rpmnew", ".rpmsave", ".rpmorig", ".pacnew", ".pacsave", ".orig", ".rej",
+        ".bak", ".old", ".save", ".swp", ".swo", "~",
+    ]
+
+    /// Whether `name` (a file name, no directory) is such a leftover copy; compared without regard to case.
+    static func isLeftoverCopy(_ name: String) -> Bool {
+        let lower = name.lowercased()
+        if lower.count > 2, lower.hasPrefix("#"), lower.hasSuffix("#") { return true }  // Emacs auto-save
+        return leftoverSuffixes.contains { lower.count > $0.count && lower.hasSuffix($0) }
     }
 
     /// What enrollment needs of a neighbouring configuration: parsed when it parses, else read line by line.
