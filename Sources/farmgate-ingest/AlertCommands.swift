@@ -190,8 +190,7 @@ struct RuleCommand: AsyncParsableCommand, SubcommandsOnly {
             let path = file
             // What the store refuses is the file's fault too (a receiver the farm does not have): 78, located.
             let located = { @Sendable (error: AlertRuleError) -> any Error in
-                let rule = rules.first { error.message.hasPrefix("rule '\($0.name)' ") }
-                let location = rule.flatMap { AlertRuleFile.locate(error, rule: $0.name, path: path) }
+                let location = error.rule.flatMap { AlertRuleFile.locate(error, rule: $0, path: path) }
                 return failure(location?.description ?? "\(path): \(error.description)", code: 78)
             }
             try await options.administerAlerts(refused: located) { try await $0.load(farm: farmName, rules) }

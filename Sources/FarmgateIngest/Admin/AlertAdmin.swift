@@ -54,7 +54,8 @@ public struct AlertAdmin: Sendable {
             let have = known.isEmpty ? "it has none" : "it has \(known.sorted().joined(separator: ", "))"
             throw AlertRuleError(
                 field: "receivers",
-                message: "rule '\(rule.name)' names \(names), which farm \(farm) has no receiver of (\(have)): its alerts would notify nobody; add the receiver first (`farmgate-ingest alert receiver add --farm \(farm) --name NAME ...`) or correct the name")
+                message: "rule '\(rule.name)' names \(names), which farm \(farm) has no receiver of (\(have)): its alerts would notify nobody; add the receiver first (`farmgate-ingest alert receiver add --farm \(farm) --name NAME ...`) or correct the name",
+                rule: rule.name)
         }
     }
 
@@ -117,8 +118,8 @@ public struct AlertAdmin: Sendable {
 
     // MARK: Silences
 
-    /// The longest silence: 366 days, as rule durations.
-    static let silenceLengthMax: Int64 = 366 * 86_400_000_000
+    /// The longest silence, in microseconds: that of rule durations (366 days).
+    static let silenceLengthMax = Int64(AlertRuleFile.maximumDuration.components.seconds) * 1_000_000
     /// The longest matcher glob, as a rule label's value.
     static let silenceGlobMax = 256
     static let silenceMatchersMax = 32
@@ -136,7 +137,7 @@ public struct AlertAdmin: Sendable {
                 throw AlertRuleError(field: "matchers", message: "'\(name.prefix(64))': \(problem)")
             }
             // A label name as rules write them (`labels`), so that a typo is refused rather than matching nothing.
-            guard !name.isEmpty, name.count <= 64, name.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "_") }), !(name.first?.isNumber ?? true) else {
+            guard AlertRuleSpec.isLabelName(name) else {
                 throw AlertRuleError(
                     field: "matchers",
                     message: "label name '\(name.prefix(64))' must be 1 to 64 of A-Z a-z 0-9 _, not starting with a digit (alertname, device, sensor, severity, farm or a rule's label)")

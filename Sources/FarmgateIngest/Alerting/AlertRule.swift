@@ -251,8 +251,7 @@ public struct AlertRuleSpec: Codable, Sendable, Hashable {
         let labels = self.labels ?? [:]
         guard labels.count <= 32 else { throw AlertRuleError(field: "labels", message: "at most 32 labels") }
         for (key, value) in labels {
-            guard !key.isEmpty, key.count <= 64, key.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "_") }), !(key.first?.isNumber ?? true)
-            else { throw AlertRuleError(field: "labels", message: "label name '\(key.prefix(64))' must be 1 to 64 of A-Z a-z 0-9 _, not starting with a digit") }
+            guard Self.isLabelName(key) else { throw AlertRuleError(field: "labels", message: "label name '\(key.prefix(64))' must be 1 to 64 of A-Z a-z 0-9 _, not starting with a digit") }
             guard value.count <= 256 else { throw AlertRuleError(field: "labels", message: "the value of '\(key)' is longer than 256 characters") }
             // A line break in a label split the e-mail body's lines (a receiver reading it as a header); every other
             // control character garbles listings and logs.
@@ -329,13 +328,25 @@ public struct AlertRuleSpec: Codable, Sendable, Hashable {
 }
 
 /// Why a rule is refused: the field (nil for the whole rule) and what to do.
+extension AlertRuleSpec {
+    /// A label name as rules and silences write them: 1 to 64 of A-Z a-z 0-9 _, not starting with a digit.
+    static func isLabelName(_ name: String) -> Bool {
+        !name.isEmpty && name.count <= 64 && name.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "_") }
+            && !(name.first?.isNumber ?? true)
+    }
+}
+
 public struct AlertRuleError: Error, Sendable, Hashable, CustomStringConvertible {
     public var field: String?
     public var message: String
+    /// The rule of several it is about, when a check of many found it (a rules file's receivers), so that it can be
+    /// located in the file.
+    public var rule: String?
 
-    public init(field: String?, message: String) {
+    public init(field: String?, message: String, rule: String? = nil) {
         self.field = field
         self.message = message
+        self.rule = rule
     }
 
     public var description: String { field.map { "\($0): \(message)" } ?? message }

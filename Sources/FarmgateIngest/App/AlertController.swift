@@ -284,7 +284,7 @@ struct AlertController: Sendable {
     /// `Content-Encoding` other than `identity`, since these small bodies are never compressed.
     static func checkJSONBody(_ request: Request) throws(APIError) {
         if let raw = request.headers[.contentType] {
-            let mediaType = raw.split(separator: ";", maxSplits: 1).first.map { $0.trimmingSpaces.lowercased() } ?? ""
+            let mediaType = BatchController.mediaType(of: raw)
             guard mediaType == "application/json" || (mediaType.hasPrefix("application/") && mediaType.hasSuffix("+json")) else {
                 throw APIError(
                     .unsupportedMediaType, code: "unsupported_media_type",

@@ -376,8 +376,7 @@ struct BatchController: Sendable {
 
     static func format(of request: Request) throws(APIError) -> BodyFormat {
         let raw = request.headers[.contentType] ?? ""
-        let mediaType = raw.split(separator: ";", maxSplits: 1).first.map { $0.trimmingSpaces.lowercased() } ?? ""
-        switch mediaType {
+        switch mediaType(of: raw) {
         case IngestProtocol.binaryBatchMediaType: return .binary
         case IngestProtocol.jsonBatchMediaType: return .json
         default:
@@ -385,6 +384,11 @@ struct BatchController: Sendable {
                 .unsupportedMediaType, code: "unsupported_media_type",
                 message: "Content-Type '\(raw.prefix(100))' is not accepted; send \(IngestProtocol.binaryBatchMediaType) or \(IngestProtocol.jsonBatchMediaType)")
         }
+    }
+
+    /// A `Content-Type` value's media type, lower-cased, without its parameters (`application/json; charset=utf-8`).
+    static func mediaType(of contentType: String) -> String {
+        contentType.split(separator: ";", maxSplits: 1).first.map { $0.trimmingSpaces.lowercased() } ?? ""
     }
 
     static func encoding(of request: Request) throws(APIError) -> BodyEncoding {
