@@ -182,7 +182,10 @@ struct GPIOEventsFileTests {
         ])
         let flow = try GPIODriver(configuration: configurations[0], logger: driverTestLogger)
         let count = try GPIODriver(configuration: configurations[1], logger: driverTestLogger)
-        _ = await readResult(count)  // waits until the line is requested (its flow window starts at 100)
+        // Each driver watches the line on a thread of its own: both must have requested it (the flow window starts at 100)
+        // before the clock moves, or the flow driver's window starts at 140 under load and no time ever passes on it.
+        _ = await readResult(count)
+        _ = await readResult(flow)
         let handle = try #require(FileHandle(forWritingAtPath: file))
         try handle.seekToEnd()
         try handle.write(contentsOf: Data("now 140\n".utf8))
