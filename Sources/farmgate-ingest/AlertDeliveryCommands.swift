@@ -285,7 +285,7 @@ struct AlertOutboxCommand: AsyncParsableCommand, SubcommandsOnly {
         @Option(help: "Only this farm's.") var farm: String?
         @Option(help: "Only this state: pending, delivering, delivered, dead.") var state: OutboxState?
         @Option(parsing: .unconditional, help: "At most this many (default 100).") var limit: Int = 100
-        @Flag(help: "One JSON object per line.") var json = false
+        @Flag(help: "Print a JSON array of objects, one notification to a line.") var json = false
         @OptionGroup var options: ConfigOption
 
         func validate() throws {
@@ -302,7 +302,8 @@ struct AlertOutboxCommand: AsyncParsableCommand, SubcommandsOnly {
                 return try await admin.store.outboxEntries(farm: farm, state: state, limit: limit)
             }
             if json {
-                for entry in entries { print(AlertDeliveryAdmin.json(entry)) }
+                // One array, as every other list prints, with one notification to a line.
+                print("[" + entries.map(AlertDeliveryAdmin.json).joined(separator: ",\n") + "]")
                 return
             }
             print("ID\tSTATE\tATTEMPTS\tFARM/RECEIVER\tIDEMPOTENCY KEY\tTELLS\tWHEN\tLAST ERROR")

@@ -354,7 +354,8 @@ struct MigrateThenServe<App: Service>: Service {
             // The group stops (another service failed, and said why): not this migration's failure.
             throw CancellationError()
         } catch {
-            let why = Logger.describe(storeError: error)
+            // `serve` exits on it: not what the running service would do about an unreachable database.
+            let why = (error as? PostgresStoreError)?.outsideTheService ?? Logger.describe(storeError: error)
             logger.critical("cannot bring the store's schema up to date", metadata: ["storage": "\(storage)", "error": "\(why)"])
             throw MigrationFailed(description: "cannot migrate the store \(storage): \(why)")
         }
@@ -528,8 +529,11 @@ struct DeviceCommand: AsyncParsableCommand, SubcommandsOnly {
 
         func run() async throws {
             let id = try device.deviceID
-            try await options.administer { try await $0.revokeDevice(farm: device.farm, device: id) }
-            print("Revoked the key of device \(id) in farm \(device.farm).")
+            let revokedNow = try await options.administer { try await $0.revokeDevice(farm: device.farm, device: id) }
+            print(
+                revokedNow
+                    ? "Revoked the key of device \(id) in farm \(device.farm)."
+                    : "Device \(id) in farm \(device.farm) was revoked already; nothing changed. `device rotate-key` gives it a new key.")
         }
     }
 }

@@ -237,11 +237,11 @@ struct AlertOutageEndToEndTests {
     /// The farm's outbox through the real CLI (`alert outbox list --json`).
     func outbox(_ farm: Farm) async throws -> [OutboxRow] {
         let output = try await farm.admin(["alert", "outbox", "list", "--farm", "e2e", "--json", "--limit", "10000"])
-        return output.split(separator: "\n").compactMap { line in
-            guard let object = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any], let receiver = object["receiver"] as? String,
-                let key = object["idempotency_key"] as? String, let state = object["state"] as? String
-            else { return nil }
-            return OutboxRow(receiver: receiver, key: key, state: state, lastError: object["last_error"] as? String)
+        let objects = try #require(try JSONSerialization.jsonObject(with: Data(output.utf8)) as? [[String: Any]], "not a JSON array: \(output)")
+        return try objects.map { object in
+            OutboxRow(
+                receiver: try #require(object["receiver"] as? String), key: try #require(object["idempotency_key"] as? String),
+                state: try #require(object["state"] as? String), lastError: object["last_error"] as? String)
         }
     }
 }

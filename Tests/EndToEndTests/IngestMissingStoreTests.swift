@@ -43,6 +43,20 @@ import Testing
         #expect(!FileManager.default.fileExists(atPath: dir.file("gone.sqlite")))
     }
 
+    /// `serve` on a PostgreSQL that does not answer exits 74 (systemd starts it again). Its message had ended with what
+    /// the running service does ("the ingest checks every second and serves again"), which a process that exits does not.
+    @Test func serveOnAnUnreachableDatabaseExitsWithoutPromisingToRetry() async throws {
+        let dir = try Scratch(prefix: "fg-nodb")
+        let config = try dir.write(
+            "ingest.toml", "[server]\nhost = \"127.0.0.1\"\nport = \(try freePort())\n\n[storage]\nurl = \"postgresql://farmgate@127.0.0.1:\(try freePort())/farmgate\"\n")
+        let result = try await runCommand(Farm.ingestBinary, ["serve", "--config", config])
+        #expect(result.status == 74, "\(result.stderr)")
+        // The last line, the reason for the exit (the log before it is the service's, which did check).
+        let last = result.stderr.split(separator: "\n").last.map(String.init) ?? ""
+        #expect(last.hasPrefix("farmgate-ingest: the service stopped: cannot migrate the store"), "\(result.stderr)")
+        #expect(last.contains("PostgreSQL is unreachable") && !last.contains("checks every second"), "\(last)")
+    }
+
     /// A newcomer's order (README Quickstart, examples/demo.sh): farm create first, on no store yet, then device and
     /// token create; each command that creates records makes the store when it is missing, and so do migrate and the
     /// enroll-token and receiver ones. The read commands then work on it.

@@ -45,12 +45,10 @@ struct NotificationCrashTests {
     /// The outbox rows as `alert outbox list --json` prints them, by idempotency key.
     func outbox(_ farm: Farm, state: String? = nil) async throws -> [String: [String: Any]] {
         let output = try await farm.admin(["alert", "outbox", "list", "--json"] + (state.map { ["--state", $0] } ?? []))
+        let objects = try #require(try JSONSerialization.jsonObject(with: Data(output.utf8)) as? [[String: Any]], "not a JSON array: \(output)")
         var rows: [String: [String: Any]] = [:]
-        for line in output.split(separator: "\n") where !line.isEmpty {
-            guard let object = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any], let key = object["idempotency_key"] as? String else {
-                continue
-            }
-            rows[key] = object
+        for object in objects {
+            rows[try #require(object["idempotency_key"] as? String)] = object
         }
         return rows
     }

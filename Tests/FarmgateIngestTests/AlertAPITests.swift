@@ -150,6 +150,7 @@ struct AlertAPITests {
                 (#"{"name": "x", "kind": "below", "threshold": 5, "for": "a while"}"#, "for: 'a while' is not a duration"),
                 (#"{"name": "x", "kind": "above", "threshold": 5, "nonsense": 1}"#, "nonsense: is not a rule field"),
                 ("not json", "the body is not JSON"),
+                (#"{"name": "x", "kind": "above", "threshold": 1e400}"#, "a number in the body is out of range"),
             ] {
                 let response = try await client.execute(uri: "/v1/farms/f1/alert-rules", method: .post, headers: headers(admin), body: jsonBody(body))
                 let message = try expectError(response, .badRequest, "invalid_rule")

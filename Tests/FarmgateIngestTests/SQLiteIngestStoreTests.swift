@@ -159,6 +159,9 @@ struct SQLiteIngestStoreTests {
         }
         await #expect(throws: IngestStoreError.notFound("farm 'nope'")) { _ = try await admin.createDevice(farm: "nope", device: try deviceID("d1")) }
         await #expect(throws: IngestStoreError.notFound("device 'zz' in farm 'f1'")) { try await admin.revokeDevice(farm: "f1", device: try deviceID("zz")) }
+        // An unknown farm is named, not an unknown device in it.
+        await #expect(throws: IngestStoreError.notFound("farm 'nope'")) { try await admin.revokeDevice(farm: "nope", device: try deviceID("d1")) }
+        await #expect(throws: IngestStoreError.notFound("farm 'nope'")) { _ = try await admin.rotateDeviceKey(farm: "nope", device: try deviceID("d1")) }
         await #expect(throws: IngestStoreError.notFound("farm 'nope'")) { _ = try await admin.createReadToken(farm: "nope", role: .viewer) }
         await #expect(throws: FarmNameError.self) { _ = try await admin.createFarm(name: "bad name") }
     }

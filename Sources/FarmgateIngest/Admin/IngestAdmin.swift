@@ -24,8 +24,11 @@ public struct IngestAdmin: Sendable {
     }
 
     /// Revokes a device: its key stops working within the credential cache time of running ingests (seconds).
-    public func revokeDevice(farm: String, device: DeviceID) async throws {
-        try await store.revokeDevice(farm: farm, device: device, revokedAt: .now())
+    /// Returns false when it was revoked already. Throws ``IngestStoreError/notFound(_:)`` naming the farm or the device.
+    @discardableResult
+    public func revokeDevice(farm: String, device: DeviceID) async throws -> Bool {
+        try await requireFarm(farm)
+        return try await store.revokeDevice(farm: farm, device: device, revokedAt: .now())
     }
 
     /// Gives a device a new API key and returns it (shown only now: the store keeps its hash). The old key is replaced
@@ -33,7 +36,8 @@ public struct IngestAdmin: Sendable {
     /// credential cache for at most the cache's time to live (seconds). A revoked device becomes usable again with the
     /// new key: this is how a site whose key was revoked, lost or leaked gets back in, keeping its readings and sensors.
     public func rotateDeviceKey(farm: String, device: DeviceID) async throws -> APIKey {
-        try await newKey(.device, collision: "API key id") { key in
+        try await requireFarm(farm)
+        return try await newKey(.device, collision: "API key id") { key in
             try await store.rotateDeviceKey(farm: farm, device: device, keyID: key.keyID, secretHash: key.secretHash, rotatedAt: .now())
         }
     }
@@ -43,6 +47,11 @@ public struct IngestAdmin: Sendable {
         try await newKey(.readToken, collision: "token id") { key in
             try await store.createReadToken(farm: farm, role: role, keyID: key.keyID, secretHash: key.secretHash, createdAt: .now())
         }
+    }
+
+    /// An unknown farm is named as such, not as an unknown device in it.
+    private func requireFarm(_ farm: String) async throws {
+        guard try await store.farm(named: farm) != nil else { throw IngestStoreError.notFound("farm '\(farm)'") }
     }
 
     /// Every farm, by name.

@@ -303,6 +303,11 @@ public struct AlertRuleSpec: Codable, Sendable, Hashable {
         do {
             object = try JSONSerialization.jsonObject(with: Data(bytes))
         } catch {
+            // Foundation refuses a number no double holds (`1e400`) as it refuses what is not JSON at all; the strict
+            // reader tells the two apart.
+            if (try? StrictJSON.topLevelMembers(bytes)) != nil {  // an object, read to its end
+                throw AlertRuleError(field: nil, message: "a number in the body is out of range (a double holds up to about 1.8e308)")
+            }
             throw AlertRuleError(field: nil, message: "the body is not JSON; send one rule as a JSON object such as {\"name\": \"ph-low\", \"kind\": \"below\", ...}")
         }
         // JSON, but read strictly: a member twice in an object (`"threshold": 7, "threshold": 8`) is refused, where the

@@ -76,8 +76,10 @@ public protocol AdministrationStore: Sendable {
     func createDevice(farm: String, device: DeviceID, keyID: String, secretHash: [UInt8], createdAt: Timestamp) async throws
         -> DeviceIdentity
 
-    /// Marks the device revoked: its key stops working. Throws ``IngestStoreError/notFound(_:)`` when farm or device is unknown.
-    func revokeDevice(farm: String, device: DeviceID, revokedAt: Timestamp) async throws
+    /// Marks the device revoked: its key stops working. Returns false when it was revoked already (its revocation time
+    /// is kept). Throws ``IngestStoreError/notFound(_:)`` when farm or device is unknown.
+    @discardableResult
+    func revokeDevice(farm: String, device: DeviceID, revokedAt: Timestamp) async throws -> Bool
 
     /// Replaces the device's key with a new one (the old key stops matching at once in the store) and lifts a
     /// revocation. Throws ``IngestStoreError/notFound(_:)`` when farm or device is unknown and

@@ -16,7 +16,7 @@ import PostgresNIO
 ///   one connection outside the pool that runs `SELECT 1` within `connect_timeout`
 ///   (``PostgresSettings/unreachability(configuration:limit:logger:)``).
 /// - When the check fails, the database is down: the pool is shut down (the calls waiting in it fail at once), every
-///   store call fails at once with ``PostgresStoreError/unavailable(_:)`` (503 with `Retry-After`), one error is
+///   store call fails at once with ``PostgresStoreError/unavailable(_:retry:)`` (503 with `Retry-After`), one error is
 ///   logged, and `farmgate_ingest_database_up` is 0. A check that succeeds (a single connection killed, a pool merely
 ///   busy) changes nothing.
 /// - While down, a check runs every ``checkInterval``; the first that succeeds puts a new pool in place (no backoff
@@ -99,7 +99,7 @@ final class PostgresAvailability: Sendable {
 
     /// The pool to run a store call on.
     ///
-    /// - Throws: ``PostgresStoreError/unavailable(_:)`` at once while the database is down.
+    /// - Throws: ``PostgresStoreError/unavailable(_:retry:)`` at once while the database is down.
     func client() throws -> PostgresClient {
         let current = state.load(ordering: .acquiring)
         if let client = current.client { return client }
@@ -110,7 +110,7 @@ final class PostgresAvailability: Sendable {
     /// takes a call before then (it waits for the pool) but logs a warning for each, two or three on every start of
     /// `serve`, which an operator would take for a problem. The hot path is still one atomic load more.
     ///
-    /// - Throws: ``PostgresStoreError/unavailable(_:)`` at once while the database is down; `CancellationError`.
+    /// - Throws: ``PostgresStoreError/unavailable(_:retry:)`` at once while the database is down; `CancellationError`.
     func runningClient() async throws -> PostgresClient {
         while true {
             let current = state.load(ordering: .acquiring)
@@ -120,7 +120,7 @@ final class PostgresAvailability: Sendable {
         }
     }
 
-    /// What a call that failed at the connection level answers: ``PostgresStoreError/unavailable(_:)`` when the database
+    /// What a call that failed at the connection level answers: ``PostgresStoreError/unavailable(_:retry:)`` when the database
     /// is known to be down by now (the call was cut by the outage), else `error` itself; and a check is asked for.
     func failed(_ error: any Error) -> any Error {
         guard Self.mayMeanUnreachable(error) else { return error }
@@ -137,10 +137,11 @@ final class PostgresAvailability: Sendable {
         let seconds = down.downSince.duration(to: .now).components.seconds
         if down.configuration {
             return PostgresStoreError.unavailable(
-                "PostgreSQL refuses the ingest's settings (for \(seconds) s): \(down.reason); the ingest checks every second and serves again once this is fixed")
+                "PostgreSQL refuses the ingest's settings (for \(seconds) s): \(down.reason)",
+                retry: "the ingest checks every second and serves again once this is fixed")
         }
         return PostgresStoreError.unavailable(
-            "PostgreSQL is unreachable (for \(seconds) s: \(down.reason)); the ingest checks every second and serves again as soon as it answers")
+            "PostgreSQL is unreachable (for \(seconds) s: \(down.reason))", retry: "the ingest checks every second and serves again as soon as it answers")
     }
 
     /// Whether store calls fail at once.

@@ -444,14 +444,21 @@ public final class PostgresIngestStore: IngestStore {
         }
     }
 
-    public func revokeDevice(farm: String, device: DeviceID, revokedAt: Timestamp) async throws {
-        let changed = try await rows(
+    @discardableResult
+    public func revokeDevice(farm: String, device: DeviceID, revokedAt: Timestamp) async throws -> Bool {
+        // The row locked before the update, so that of two revocations at once exactly one reports that it revoked.
+        let before = try await rows(
             """
-            UPDATE devices SET revoked = true, revoked_at_us = coalesce(revoked_at_us, \(revokedAt.microseconds))
-            WHERE name = \(device.rawValue) AND farm_id = (SELECT id FROM farms WHERE name = \(farm)) RETURNING id::int8
+            WITH old AS (
+                SELECT id, revoked FROM devices
+                WHERE name = \(device.rawValue) AND farm_id = (SELECT id FROM farms WHERE name = \(farm)) FOR UPDATE
+            )
+            UPDATE devices SET revoked = true, revoked_at_us = coalesce(devices.revoked_at_us, \(revokedAt.microseconds))
+            FROM old WHERE devices.id = old.id RETURNING old.revoked
             """
-        ) { try $0.decode(Int64.self) }
-        guard changed.count == 1 else { throw IngestStoreError.notFound("device '\(device)' in farm '\(farm)'") }
+        ) { try $0.decode(Bool.self) }
+        guard let wasRevoked = before.first, before.count == 1 else { throw IngestStoreError.notFound("device '\(device)' in farm '\(farm)'") }
+        return !wasRevoked
     }
 
     public func rotateDeviceKey(farm: String, device: DeviceID, keyID: String, secretHash: [UInt8], rotatedAt: Timestamp) async throws {
@@ -654,14 +661,24 @@ public enum PostgresStoreError: Error, Sendable, Hashable, CustomStringConvertib
     case tls(String)
     /// A call took longer than `query_timeout`.
     case timedOut(String)
-    /// The database is known to be unreachable: the call was refused at once (``PostgresAvailability``).
-    case unavailable(String)
+    /// The database is known to be unreachable: the call was refused at once (``PostgresAvailability``). `retry` says
+    /// what the running service does about it, which is not true of a command that exits on it.
+    case unavailable(String, retry: String? = nil)
 
     public var description: String {
         switch self {
+        case .unavailable(let message, let retry?): "\(message); \(retry)"
+        default: outsideTheService
+        }
+    }
+
+    /// The description without what the running service does about it (``unavailable(_:retry:)``): for `serve`
+    /// exiting on it.
+    public var outsideTheService: String {
+        switch self {
         case .schemaTooNew(let found, let known):
             "the database schema is at version \(found), newer than this farmgate-ingest knows (\(known)); run a newer farmgate-ingest"
-        case .tls(let message), .timedOut(let message), .unavailable(let message): message
+        case .tls(let message), .timedOut(let message), .unavailable(let message, _): message
         }
     }
 }

@@ -482,14 +482,18 @@ public final class SQLiteIngestStore: IngestStore {
         }
     }
 
-    public func revokeDevice(farm: String, device: DeviceID, revokedAt: Timestamp) async throws {
+    @discardableResult
+    public func revokeDevice(farm: String, device: DeviceID, revokedAt: Timestamp) async throws -> Bool {
         try await writer.withValue { db in
-            try db.connection.query(
-                """
-                UPDATE devices SET revoked = 1, revoked_at_us = coalesce(revoked_at_us, ?)
-                WHERE name = ? AND farm_id = (SELECT id FROM farms WHERE name = ?)
-                """, [.integer(revokedAt.microseconds), .text(device.rawValue), .text(farm)])
-            guard db.connection.changes == 1 else { throw IngestStoreError.notFound("device '\(device)' in farm '\(farm)'") }
+            // The one writer connection: nothing changes the row between the two statements.
+            let arguments: [SQLiteValue] = [.text(device.rawValue), .text(farm)]
+            let match = "name = ? AND farm_id = (SELECT id FROM farms WHERE name = ?)"
+            guard let revoked = try db.connection.queryInt("SELECT revoked FROM devices WHERE \(match)", arguments) else {
+                throw IngestStoreError.notFound("device '\(device)' in farm '\(farm)'")
+            }
+            guard revoked == 0 else { return false }
+            try db.connection.query("UPDATE devices SET revoked = 1, revoked_at_us = ? WHERE \(match)", [.integer(revokedAt.microseconds)] + arguments)
+            return true
         }
     }
 
