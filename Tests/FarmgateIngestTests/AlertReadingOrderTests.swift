@@ -47,6 +47,40 @@ struct AlertReadingOrderTests {
         }
     }
 
+    /// A tester (2026-12-06): after a restart the device's newest judged reading (another sensor's) was taken as every
+    /// sensor's, so the in-order readings of a sensor new to the engine went through the out-of-order replay, and one
+    /// run split its report into two notifications, the newest first.
+    @Test(
+        "after a restart, in-order readings of a sensor with nothing stored before them are judged live, not replayed as out of order",
+        arguments: StoreKind.allCases)
+    func newSensorAfterRestartIsInOrder(kind: StoreKind) async throws {
+        try await AlertHarness.with(kind) { h in
+            try await h.rule(spec("ph-high", "above") { $0.quantity = "ph"; $0.threshold = 6.5; $0.clear = 6.4 })
+            let now = h.clock.now
+            func at(_ seconds: Int64) -> Timestamp { Timestamp(microseconds: now.microseconds + seconds * 1_000_000) }
+            // Another sensor of the device, judged up to +100 s by the first engine.
+            try await h.send([(0, 6.0), (100, 6.0)], sensor: "tank1.ph", start: now)
+            h.clock.advance(seconds: 101)
+            let restarted = h.newEngine()
+            await restarted.reload()
+            // A sensor new to the rule, in time order, all of it before +100 s.
+            try await h.send([(10, 6.9), (20, 6.0), (30, 6.9), (40, 6.0)], sensor: "tank3.ph", start: now, to: restarted)
+            let alert = try #require(try await h.alerts().first { $0.sensor == "tank3.ph" })
+            #expect(states(alert) == ["inactive>pending", "pending>firing", "firing>resolved", "resolved>pending", "pending>firing", "firing>resolved"])
+            #expect(alert.transitions.map(\.at) == [at(10), at(10), at(20), at(30), at(30), at(40)])
+            #expect(alert.transitions.allSatisfy { !$0.late })
+            #expect(alert.lateReportDue == nil)
+            let notifications = try await h.notifications()
+            #expect(notifications.count == 1, "\(notifications.map { ($0.status, $0.transitions.count) })")
+            #expect(notifications.allSatisfy { !$0.late })
+            #expect(try await h.outbox().allSatisfy { !$0.idempotencyKey.contains("-late-") })
+            // Nothing later either.
+            h.clock.advance(seconds: 60)
+            await restarted.tick()
+            #expect(try await h.outbox().count == notifications.count)
+        }
+    }
+
     @Test(
         "a reading 20 s out of order (not late) is judged in time order at once: the episode it opens resolves at the newer reading, nothing late",
         arguments: StoreKind.allCases)

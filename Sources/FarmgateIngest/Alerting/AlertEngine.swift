@@ -544,7 +544,17 @@ public actor AlertEngine: CommitObserver, Service {
                     deviceEpoch[device.rowID, default: 0] &+= 1
                     epoch = deviceEpoch[device.rowID] ?? 0
                     if let judged = cursor.newest {
-                        for item in work { lastEvaluated[item.sensor] = max(lastEvaluated[item.sensor] ?? judged, judged) }
+                        for item in work {
+                            // The cursor is the device's: its newest judged reading may be another sensor's. Readings
+                            // of this sensor are out of order only if another batch stored one of its readings between
+                            // them and that time (one that engine may have judged); a sensor new to the device has none.
+                            if let first = item.readings.first?.timestamp, first <= judged,
+                                try await !Self.othersStored(of: item.readings, sensorRowID: item.sensor, from: first, through: judged, store: store)
+                            {
+                                continue
+                            }
+                            lastEvaluated[item.sensor] = max(lastEvaluated[item.sensor] ?? judged, judged)
+                        }
                     }
                 }
                 for item in work where series[item.sensor]?.epoch != epoch {
@@ -586,6 +596,18 @@ public actor AlertEngine: CommitObserver, Service {
         }
         mustCatchUp.store(true, ordering: .relaxed)
         watermarksHold(device: device.rowID, below: lowest)
+    }
+
+    /// Whether a reading of the sensor from another batch than `readings` (the sensor's readings in this one, in time
+    /// order) is stored with `from <= timestamp <= through`.
+    private static func othersStored(
+        of readings: [CommittedReading], sensorRowID: Int64, from: Timestamp, through: Timestamp, store: any IngestStore & AlertStore
+    ) async throws -> Bool {
+        let mine = Set(readings.map(\.sequence))
+        // One more than this batch can hold in the range: a full page holds another batch's reading.
+        let found = try await store.readings(
+            sensorRowID: sensorRowID, from: from, to: Timestamp(microseconds: through.microseconds + 1), limit: readings.count + 1)
+        return found.contains { !mine.contains($0.sequence) }
     }
 
     /// A receiver is told an alert resolved only when it was told the alert fired, as Alertmanager does: an alert that
