@@ -229,7 +229,7 @@ struct ServeCommand: AsyncParsableCommand {
         let listener = configuration.storage.postgres.map { PostgresLatestListener(settings: $0, cache: latest, logger: logger) }
         // The notification workers; the engine wakes them when it writes outbox rows (rows of other instances wait
         // for the next poll).
-        let delivery = try makeNotificationDelivery(configuration, store: store, registry: registry, logger: logger)
+        let delivery = try makeNotificationDelivery(configuration, store: store, registry: registry, logger: logger, soleDeliverer: serveLock != nil)
         // The alert engine evaluates committed readings off the request path (it catches up from the store at start).
         var wakeDelivery: (@Sendable () -> Void)?
         if let delivery { wakeDelivery = { delivery.wake() } }
@@ -369,11 +369,13 @@ struct MigrateThenServe<App: Service>: Service {
 
 /// The delivery workers of `[notify]`, or nil when they are turned off; exits 78 when `[notify] ca_file` is not PEM.
 func makeNotificationDelivery(
-    _ configuration: IngestConfiguration, store: any IngestStore, registry: PrometheusCollectorRegistry, logger: Logger
+    _ configuration: IngestConfiguration, store: any IngestStore, registry: PrometheusCollectorRegistry, logger: Logger, soleDeliverer: Bool
 ) throws -> NotificationDelivery? {
     guard configuration.notify.enabled, let outbox = store as? any NotificationOutboxStore else { return nil }
     do {
-        return try NotificationDelivery(store: outbox, configuration: configuration.notify, metrics: NotificationMetrics(registry: registry), logger: logger)
+        return try NotificationDelivery(
+            store: outbox, configuration: configuration.notify, metrics: NotificationMetrics(registry: registry), logger: logger,
+            soleDeliverer: soleDeliverer)
     } catch {
         throw failure("\(error)", code: 78)
     }

@@ -146,6 +146,32 @@ struct NotificationOutboxTests {
         }
     }
 
+    @Test("Releasing the claims of a stopped process makes its rows due at once, their attempts counted; a completion of the stopped claim is refused once retaken", arguments: StoreKind.allCases)
+    func releasedClaimsAreDueAtOnce(kind: StoreKind) async throws {
+        try await withOutboxStore(kind) { store in
+            let receiver = try await addWebhook(store, name: "hook", url: "http://127.0.0.1:9/")
+            let row = try #require(try await store.enqueueNotification(testNotification(1), receiverID: receiver.id, dueAt: testNow))
+            func claim(_ claimant: String, at seconds: Int64) async throws -> [ClaimedNotification] {
+                try await store.claimNotifications(
+                    OutboxClaimRequest(
+                        claimant: claimant, now: Timestamp(microseconds: testNow.microseconds + seconds * 1_000_000), claimDuration: .seconds(3600),
+                        lookahead: .seconds(1), limit: 10, perReceiver: 10, maxAttempts: 5))
+            }
+            let stopped = try #require(try await claim("a", at: 0).first)
+            // The claim holds for an hour: nothing to claim a minute later.
+            #expect(try await claim("b", at: 60).isEmpty)
+            #expect(try await store.releaseClaims(now: Timestamp(microseconds: testNow.microseconds + 61_000_000)) == 1)
+            let retaken = try await claim("b", at: 61)
+            #expect(retaken.map(\.entry.id) == [row])
+            #expect(retaken.map(\.claim) == [OutboxClaim(claimant: "b", attempt: 2)])
+            #expect(try await !store.completeNotification(id: row, claim: stopped.claim, outcome: .delivered(at: .now())))
+            // Nothing else is released: pending and delivered rows are not claims.
+            #expect(try await store.completeNotification(id: row, claim: OutboxClaim(claimant: "b", attempt: 2), outcome: .delivered(at: .now())))
+            #expect(try await store.releaseClaims(now: Timestamp(microseconds: testNow.microseconds + 62_000_000)) == 0)
+            #expect(try await rows(store, .delivered).map(\.id) == [row])
+        }
+    }
+
     @Test("On PostgreSQL claims run on the database's clock: an instance whose clock is 10 minutes ahead neither takes over nor kills another's live claim")
     func claimsUseTheDatabaseClock() async throws {
         try await withOutboxStore(.postgres) { store in

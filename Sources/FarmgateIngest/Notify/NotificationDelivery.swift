@@ -21,7 +21,8 @@ import Synchronization
 /// - Claims are timed by the store's clock (``OutboxClaimClock/store``): on PostgreSQL every instance agrees on when a
 ///   claim expires, whatever its own clock says.
 /// - Every attempt of a row carries the row's idempotency key. An instance killed mid-delivery leaves its claim, which
-///   expires after `claim_timeout`; then any instance delivers the row again with the same key.
+///   expires after `claim_timeout`; then any instance delivers the row again with the same key. The sole deliverer of a
+///   store (`serve` on SQLite, which one process holds) takes such claims over at its start instead.
 ///
 /// On graceful shutdown it stops claiming and lets the deliveries in flight finish for ``stopGrace`` (at most
 /// `request_timeout`); those still going are then cut short and put back as pending, due now, their attempt not counted.
@@ -33,6 +34,8 @@ public final class NotificationDelivery: Service {
     private let configuration: NotifyConfiguration
     private let metrics: NotificationMetrics?
     private let logger: Logger
+    /// Whether no other process delivers from the store (``init(store:configuration:metrics:logger:instanceID:soleDeliverer:)``).
+    private let soleDeliverer: Bool
     /// Wakes the polling loop: a tick every `poll_interval`, a delivery that finished, the engine's ``wake()``.
     /// Coalesced: one pending wake-up is kept, none is lost.
     private let wakeups: AsyncStream<Void>
@@ -49,12 +52,15 @@ public final class NotificationDelivery: Service {
         var claimErrorLogged: ContinuousClock.Instant?
     }
 
+    /// - Parameter soleDeliverer: no other process delivers from `store` now (SQLite under `serve`'s lock): the claims
+    ///   found at the start are a stopped process's, due at once rather than when they expire.
     /// - Throws: ``DeliveryFailure`` when `[notify] ca_file` cannot be loaded.
     public init(
         store: any NotificationOutboxStore, configuration: NotifyConfiguration, metrics: NotificationMetrics? = nil, logger: Logger,
-        instanceID: String? = nil
+        instanceID: String? = nil, soleDeliverer: Bool = false
     ) throws {
         self.store = store
+        self.soleDeliverer = soleDeliverer
         self.configuration = configuration
         self.metrics = metrics
         self.logger = logger
@@ -73,6 +79,18 @@ public final class NotificationDelivery: Service {
     public func run() async throws {
         let notifier = try Notifier(configuration: configuration, logger: logger)
         logger.info("notification delivery started", metadata: ["notify.instance": "\(instanceID)"])
+        if soleDeliverer {
+            do {
+                let released = try await store.releaseClaims(now: .now())
+                if released > 0 {
+                    logger.notice(
+                        "notifications a stopped process was delivering are sent again now, with the same idempotency keys",
+                        metadata: ["notify.rows": "\(released)"])
+                }
+            } catch {
+                logger.storeFailure("cannot take over the claims of a stopped process; they are sent again when they expire (claim_timeout)", error: error)
+            }
+        }
         let interval = configuration.pollInterval
         await withDiscardingTaskGroup { group in
             group.addTask {

@@ -70,6 +70,12 @@ public protocol NotificationOutboxStore: Sendable {
 
     /// How many rows are in each state, across farms (the metrics' gauges).
     func outboxCounts() async throws -> [OutboxState: Int]
+
+    /// Makes every claimed (`delivering`) row due at `now`, its attempts as counted: for the only process that delivers
+    /// from this store, whose claims found at its start are all of a process that stopped (SQLite, which one `serve`
+    /// holds). They would otherwise wait for their claims to expire (`claim_timeout`), and the newer notifications of
+    /// their alerts behind them. - Returns: how many rows.
+    func releaseClaims(now: Timestamp) async throws -> Int
 }
 
 /// What a receiver is, as `alert receiver add` gives it.

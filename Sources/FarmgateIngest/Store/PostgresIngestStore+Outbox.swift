@@ -265,6 +265,16 @@ extension PostgresIngestStore: NotificationOutboxStore {
         }
     }
 
+    public func releaseClaims(now: Timestamp) async throws -> Int {
+        let released = try await rows(
+            """
+            UPDATE alert_outbox SET claimed_until_us = \(now.microseconds), next_attempt_at_us = least(next_attempt_at_us, \(now.microseconds))
+            WHERE state = 'delivering' RETURNING id
+            """
+        ) { try $0.decode(Int64.self) }
+        return released.count
+    }
+
     public func outboxCounts() async throws -> [OutboxState: Int] {
         var counts = Dictionary(uniqueKeysWithValues: OutboxState.allCases.map { ($0, 0) })
         for (text, count) in try await rows("SELECT state, count(*) FROM alert_outbox GROUP BY state", { try $0.decode((String, Int64).self) }) {

@@ -233,6 +233,17 @@ extension SQLiteIngestStore: NotificationOutboxStore {
         }
     }
 
+    public func releaseClaims(now: Timestamp) async throws -> Int {
+        try await writer.withValue { db in
+            try db.connection.query(
+                """
+                UPDATE alert_outbox SET claimed_until_us = ?1, next_attempt_at_us = min(next_attempt_at_us, ?1)
+                WHERE state = 'delivering'
+                """, [.integer(now.microseconds)])
+            return db.connection.changes
+        }
+    }
+
     public func outboxCounts() async throws -> [OutboxState: Int] {
         try await reader.withValue { db in
             var counts = Dictionary(uniqueKeysWithValues: OutboxState.allCases.map { ($0, 0) })
