@@ -75,6 +75,45 @@ struct AuthFloodTests {
         }
     }
 
+    /// A tester (2026-12-06): many LTE sites share one public address through their carrier's NAT, and one client's
+    /// wrong keys there held every site's uploads with 429 for as long as it kept going.
+    @Test("an address over its failure limit is still served for a key that authenticated lately; a key not seen yet is refused without the store")
+    func provenKeysPassTheLimit() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        var limits = IngestConfiguration.Limits()
+        limits.authFailureBurst = 3
+        limits.authFailuresPerSecond = 0.01
+        limits.readBurst = 1000
+        try await fixture.app(limits: limits).test(.router) { client in
+            // The site uploads once: its key is proven.
+            let first = try await client.execute(
+                uri: IngestProtocol.batchesPath, method: .post, headers: jsonHeaders(fixture.deviceKey),
+                body: buffer(BatchJSON.encode(try phBatch(sequences: 1...1))))
+            #expect(first.status == .ok)
+            // Another client behind the same address floods wrong keys past the burst.
+            for index in 0..<10 {
+                let response = try await client.execute(
+                    uri: IngestProtocol.batchesPath, method: .post, headers: jsonHeaders(unknownDeviceKey(index)), body: buffer(BatchJSON.encode(try phBatch(sequences: 1...1))))
+                #expect(response.status == (index < 3 ? .unauthorized : .tooManyRequests))
+            }
+            // The site's next upload goes through.
+            let next = try await client.execute(
+                uri: IngestProtocol.batchesPath, method: .post, headers: jsonHeaders(fixture.deviceKey),
+                body: buffer(BatchJSON.encode(try phBatch(sequences: 2...2))))
+            #expect(next.status == .ok)
+            // The proven key's id with another secret is not proven: refused before the store.
+            let forged = APIKey(kind: .device, keyID: fixture.deviceKey.keyID, secret: String(repeating: "0", count: 64))
+            let refused = try await client.execute(
+                uri: IngestProtocol.batchesPath, method: .post, headers: jsonHeaders(forged), body: buffer(BatchJSON.encode(try phBatch(sequences: 3...3))))
+            try expectError(refused, .tooManyRequests, "rate_limited")
+            // A valid read token this ingest has not seen authenticate is refused as before; the store is not asked.
+            fixture.store.close()
+            let read = try await client.execute(uri: "/v1/farms/f1/latest", method: .get, headers: bearer(fixture.readToken))
+            try expectError(read, .tooManyRequests, "rate_limited")
+        }
+    }
+
     @Test("successful authentications never count against the address")
     func successesDoNotCount() async throws {
         let fixture = try await Fixture()

@@ -3,8 +3,9 @@ import Logging
 
 /// Authenticates requests in the order that keeps unauthenticated floods away from the store:
 ///
-/// 1. a client address over its limit of failed authentications is answered 429 with `Retry-After` at once, before the
-///    key is even parsed, so neither the store nor the credential caches see it;
+/// 1. a client address over its limit of failed authentications is answered 429 with `Retry-After` at once, unless
+///    its key authenticated within a day (``Authenticator/isProven(_:)``, from memory), so the store does not see the
+///    flood, and the sites that share the address (a carrier's NAT) keep uploading;
 /// 2. the key's form is checked (no store access);
 /// 3. the ``Authenticator`` answers from its caches (known and unknown ids) or, only then, asks the store.
 ///
@@ -19,14 +20,7 @@ struct AuthenticationGate: Sendable {
 
     /// The device of the key in `request`, or the error to answer.
     func device(_ request: Request, client: ClientAddress) async throws(APIError) -> DeviceIdentity {
-        try failures.admit(client)
-        let key: APIKey
-        do {
-            key = try bearerKey(request, expected: .device)
-        } catch {
-            failures.recordFailure(client)
-            throw error
-        }
+        let key = try admitted(request, expected: .device, client: client)
         let result: Authenticator.DeviceResult
         do {
             result = try await authenticator.authenticateDevice(key)
@@ -47,16 +41,26 @@ struct AuthenticationGate: Sendable {
         }
     }
 
-    /// The farm, role and key id of the read token in `request`, or the error to answer.
-    func reader(_ request: Request, client: ClientAddress) async throws(APIError) -> (farm: FarmRecord, role: ReadRole, keyID: String) {
-        try failures.admit(client)
+    /// The well-formed key of `request`, unless its address is over its limit of failed authentications and the key is
+    /// not one that authenticated lately (then 429). A malformed key counts as a failure.
+    private func admitted(_ request: Request, expected: APIKey.Kind, client: ClientAddress) throws(APIError) -> APIKey {
+        var limited: APIError?
+        do { try failures.admit(client) } catch { limited = error }
         let key: APIKey
         do {
-            key = try bearerKey(request, expected: .readToken)
+            key = try bearerKey(request, expected: expected)
         } catch {
+            if let limited { throw limited }
             failures.recordFailure(client)
             throw error
         }
+        if let limited, !authenticator.isProven(key) { throw limited }
+        return key
+    }
+
+    /// The farm, role and key id of the read token in `request`, or the error to answer.
+    func reader(_ request: Request, client: ClientAddress) async throws(APIError) -> (farm: FarmRecord, role: ReadRole, keyID: String) {
+        let key = try admitted(request, expected: .readToken, client: client)
         let result: Authenticator.ReaderResult
         do {
             result = try await authenticator.authenticateReader(key)

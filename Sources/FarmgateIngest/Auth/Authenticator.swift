@@ -36,7 +36,12 @@ public final class Authenticator: Sendable {
         var readers: [String: Entry<ReadTokenCredential>] = [:]
         /// Unknown key ids (prefixed by their kind) and when each stops being trusted as unknown.
         var unknown: [String: ContinuousClock.Instant] = [:]
+        /// Keys that authenticated within ``Authenticator/provenTTL``: their id (prefixed by kind) and secret's hash.
+        var proven: [String: Entry<[UInt8]>] = [:]
     }
+
+    /// How long a key that authenticated counts as proven (``isProven(_:)``).
+    public static let provenTTL: Duration = .seconds(86_400)
 
     private let store: any CredentialStore
     /// How long a credential read from the store is trusted.
@@ -64,8 +69,11 @@ public final class Authenticator: Sendable {
         guard key.kind == .device,
             let credential = try await cached(key, in: \.devices, fetch: { try await store.deviceCredential(keyID: key.keyID) })
         else { return .invalid }
-        guard constantTimeEquals(credential.secretHash, key.secretHash) else { return .invalid }
-        return credential.revoked ? .revoked : .authenticated(credential.identity)
+        let hash = key.secretHash
+        guard constantTimeEquals(credential.secretHash, hash) else { return .invalid }
+        guard !credential.revoked else { return .revoked }
+        remember(key, hash: hash)
+        return .authenticated(credential.identity)
     }
 
     /// Checks a read token.
@@ -75,8 +83,34 @@ public final class Authenticator: Sendable {
         guard key.kind == .readToken,
             let credential = try await cached(key, in: \.readers, fetch: { try await store.readTokenCredential(keyID: key.keyID) })
         else { return .invalid }
-        guard constantTimeEquals(credential.secretHash, key.secretHash) else { return .invalid }
-        return credential.revoked ? .revoked : .authenticated(credential.farm, credential.role)
+        let hash = key.secretHash
+        guard constantTimeEquals(credential.secretHash, hash) else { return .invalid }
+        guard !credential.revoked else { return .revoked }
+        remember(key, hash: hash)
+        return .authenticated(credential.farm, credential.role)
+    }
+
+    /// Whether `key` (its id and secret) authenticated within ``provenTTL``, from memory only: an address over its limit
+    /// of failed authentications is still served for such a key (``AuthenticationGate``). Many sites can share one
+    /// public address (a carrier's NAT); one client's flood of wrong keys there would otherwise hold all their uploads.
+    /// The key is then checked as any other (a revocation still applies).
+    func isProven(_ key: APIKey) -> Bool {
+        let now = ContinuousClock.now
+        guard let entry = cache.withLock({ $0.proven["\(key.kind.rawValue)/\(key.keyID)"] }), entry.expires > now else { return false }
+        return constantTimeEquals(entry.credential, key.secretHash)
+    }
+
+    private func remember(_ key: APIKey, hash: [UInt8]) {
+        let now = ContinuousClock.now
+        let limit = maxEntries
+        let name = "\(key.kind.rawValue)/\(key.keyID)"
+        cache.withLock { cache in
+            // Refreshed at most once a minute per key: the common case is a read of the table only.
+            if let entry = cache.proven[name], entry.expires > now + Self.provenTTL - .seconds(60), entry.credential == hash { return }
+            if cache.proven.count >= limit { cache.proven = cache.proven.filter { $0.value.expires > now } }
+            if cache.proven.count >= limit { cache.proven.removeAll(keepingCapacity: true) }
+            cache.proven[name] = Entry(credential: hash, expires: now + Self.provenTTL)
+        }
     }
 
     /// A read token's farm and role when its credential is cached and fresh, the secret matches and it is not revoked;
