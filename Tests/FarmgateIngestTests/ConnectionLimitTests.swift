@@ -37,7 +37,7 @@ struct ConnectionLimitTests {
     @Test(
         "a request head the parser refuses gets a JSON 400 body, not an empty one",
         arguments: [
-            "GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", "\u{01}\u{02}garbage\r\n\r\n", "GET / HTTP/9.9\r\nHost: x\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", "\u{01}\u{02}garbage\r\n\r\n", "\u{16}\u{03}\u{01}\u{02}\u{00}\u{01}\u{00}",
             "GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
         ])
     func malformedHead(request: String) async throws {

@@ -55,6 +55,16 @@ public struct APIError: Error, HTTPResponseError, Sendable, CustomStringConverti
             headers: [.retryAfter: String(retryAfterSeconds)])
     }
 
+    /// 501 for a method the ingest implements on no path (RFC 9110 §9.1); `method` nil when the HTTP parser refused it
+    /// before it was read.
+    static func methodNotImplemented(_ method: String?) -> APIError {
+        let what =
+            method.map { "the ingest implements no method \(String($0.prefix(100)).debugDescription)" } ?? "the ingest does not implement the request's method"
+        return APIError(
+            .notImplemented, code: "method_not_implemented",
+            message: "\(what); it serves GET, HEAD, POST, PUT and DELETE (methods are case-sensitive), see the HTTP API in the README")
+    }
+
     /// Converts any error to an API error; errors that are not ours become 500 `internal_error` (their details are logged,
     /// not sent).
     static func from(_ error: any Error) -> APIError? {

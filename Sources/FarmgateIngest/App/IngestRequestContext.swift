@@ -26,7 +26,9 @@ public struct IngestRequestContext: RequestContext {
 }
 
 /// Answers every error as JSON ``APIErrorBody``: our ``APIError``s as they are, Hummingbird's `HTTPError`s (404 for an
-/// unknown route) with a stable code, and anything else as 500 `internal_error` with the details only in the log.
+/// unknown route) with a stable code, and anything else as 500 `internal_error` with the details only in the log. A
+/// method the ingest does not know is 501 on any path (``RouteMethods/known``); a known one a path does not take, 405.
+/// Paths and query names arrive with their escaped unreserved characters decoded (``RequestTargetNormalizer``).
 struct APIErrorMiddleware<Context: RequestContext>: RouterMiddleware {
     func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
         let response = try await answer(request, context: context, next: next)
@@ -36,6 +38,7 @@ struct APIErrorMiddleware<Context: RequestContext>: RouterMiddleware {
 
     private func answer(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
         do {
+            guard RouteMethods.known.contains(request.method) else { throw APIError.methodNotImplemented(request.method.rawValue) }
             guard !RouteMethods.hasEmptySegment(request.uri.path) else {
                 throw APIError(
                     .notFound, code: "not_found",

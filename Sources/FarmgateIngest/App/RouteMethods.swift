@@ -16,6 +16,11 @@ enum RouteMethods {
         ("/v1/farms/*/silences", [.get, .post]), ("/v1/farms/*/silences/*", [.delete]),
     ].map { (pattern: $0.0.split(separator: "/"), methods: $0.1) }
 
+    /// The methods the ingest knows: those HTTP defines (RFC 9110 §9.3, and PATCH of RFC 5789). A path asked with one
+    /// it does not take is 405; any other method (`PROPFIND`, or `get`: methods are case-sensitive) is 501 on every path
+    /// (RFC 9110 §9.1), since no resource of the ingest could take it.
+    static let known: Set<HTTPRequest.Method> = [.get, .head, .post, .put, .delete, .connect, .options, .trace, .patch]
+
     /// The methods `path` takes; nil when no route has that path.
     static func methods(for path: String) -> [HTTPRequest.Method]? {
         guard let segments = segments(of: path) else { return nil }

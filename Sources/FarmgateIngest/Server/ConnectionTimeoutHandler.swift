@@ -8,8 +8,11 @@ import NIOHTTPTypes
 import NIOHTTPTypesHTTP1
 
 /// Fired inbound by ``RequestBytesObserver`` each time bytes arrive, before they are parsed, so that
-/// ``ConnectionTimeoutHandler`` can tell a waiting connection (idle) from one that has started a request (reading its head).
-struct RequestBytesArrived: Sendable {}
+/// ``ConnectionTimeoutHandler`` can tell a waiting connection (idle) from one that has started a request (reading its head),
+/// and see how a request begins.
+struct RequestBytesArrived: Sendable {
+    var bytes: ByteBuffer
+}
 
 /// The first handler of a connection's pipeline: announces every read with ``RequestBytesArrived`` and passes it on.
 final class RequestBytesObserver: ChannelInboundHandler, RemovableChannelHandler {
@@ -17,7 +20,7 @@ final class RequestBytesObserver: ChannelInboundHandler, RemovableChannelHandler
     typealias InboundOut = ByteBuffer
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        context.fireUserInboundEventTriggered(RequestBytesArrived())
+        context.fireUserInboundEventTriggered(RequestBytesArrived(bytes: unwrapInboundIn(data)))
         context.fireChannelRead(data)
     }
 }
@@ -35,8 +38,10 @@ final class RequestBytesObserver: ChannelInboundHandler, RemovableChannelHandler
 ///
 /// A request the HTTP parser refuses (malformed line or headers, a header section over the decoder's limit) would get
 /// an empty 400 from the framework; here it gets the ingest's JSON error body, 431 `request_header_fields_too_large` for
-/// a header section that is too large, 400 `bad_request` otherwise, and the connection is closed; so is a head that
-/// ``RequestHeadGuard`` refuses, with its status and code.
+/// a header section that is too large, 501 `method_not_implemented` for a method the parser does not know (`FOO`, `get`;
+/// RFC 9110 §9.1) in a request that begins with a token and a space as a request line does, 505
+/// `http_version_not_supported` for a version other than HTTP/1.0 and HTTP/1.1 (RFC 9110 §15.6.6), 400 `bad_request`
+/// otherwise, and the connection is closed; so is a head that ``RequestHeadGuard`` refuses, with its status and code.
 final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPRequestPart
     typealias InboundOut = HTTPRequestPart
@@ -77,6 +82,10 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
     /// Whether the response to the oldest open request has started.
     private var responseStarted = false
     private var readingHead = false
+    /// Whether the request being read began like a request line, with a token and a space: a method the parser refuses
+    /// is then one it does not know (501); otherwise the bytes are no request (400: a TLS handshake on the plain port,
+    /// binary garbage). True when its beginning was not seen (it came in one read after the request before it).
+    private var startsWithToken = true
     private var readingBody = false
     private var closing = false
 
@@ -110,13 +119,14 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        guard event is RequestBytesArrived else {
+        guard let arrived = event as? RequestBytesArrived else {
             context.fireUserInboundEventTriggered(event)
             return
         }
         // Body bytes, or more of a head already being timed: nothing changes.
         guard !readingBody, !readingHead else { return }
         readingHead = true
+        startsWithToken = Self.startsWithToken(arrived.bytes.readableBytesView)
         // A new connection's header timer runs from its opening; keep it.
         if phase != .header { start(.header, context: context) }
     }
@@ -125,6 +135,7 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
         switch unwrapInboundIn(data) {
         case .head:
             readingHead = false
+            startsWithToken = true
             readingBody = true
             requestsOpen += 1
             if requestsOpen == 1 { responseStarted = false }
@@ -175,6 +186,18 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
             answer = (
                 .badRequest, IngestErrorCode.incompleteBody,
                 "the request body ended before its declared length (the connection was closed mid-body); send it again"
+            )
+        case HTTPParserError.invalidMethod where startsWithToken:
+            // llhttp knows the registered methods (PROPFIND, QUERY, ... reach the router, which answers them 501) and
+            // refuses any other token.
+            let refusal = APIError.methodNotImplemented(nil)
+            answer = (refusal.status, refusal.code, refusal.message)
+        case HTTPParserError.invalidVersion:
+            // HTTP/2.0 and HTTP/0.9 are parsed and refused by NIO (major version not 1); llhttp refuses any other version
+            // by the same error, HTTP/1.2 and a malformed one (`HTTP/1.1x`) included, which cannot be told apart here.
+            answer = (
+                .httpVersionNotSupported, "http_version_not_supported",
+                "the request line does not end in HTTP/1.1 or HTTP/1.0, the versions the ingest serves on this connection; send HTTP/1.1 (HTTP/2 only over TLS, chosen by ALPN)"
             )
         case let error as HTTPParserError:
             answer = (.badRequest, "bad_request", "the request is not valid HTTP/1.1 (\(error)); fix the client")
@@ -286,6 +309,22 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
         let loopBoundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
         context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
             loopBoundContext.value.close(promise: nil)
+        }
+    }
+
+    /// Whether `bytes` begin with a token (RFC 9110 §5.6.2) and a space, or with a token as far as they or their first
+    /// 32 bytes go (a method cut by the end of a read, or longer than any the ingest implements).
+    static func startsWithToken(_ bytes: ByteBufferView) -> Bool {
+        let start = bytes.prefix(32)
+        guard let end = start.firstIndex(where: { !isTokenCharacter($0) }) else { return true }
+        return end != start.startIndex && start[end] == UInt8(ascii: " ")
+    }
+
+    /// RFC 9110's `tchar`.
+    private static func isTokenCharacter(_ byte: UInt8) -> Bool {
+        switch byte {
+        case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"): true
+        default: "!#$%&'*+-.^_`|~".utf8.contains(byte)
         }
     }
 

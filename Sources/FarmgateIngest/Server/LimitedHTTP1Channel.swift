@@ -42,7 +42,8 @@ public struct ConnectionLimits: Sendable, Hashable {
 /// 1. a count against ``ConnectionLimits/maxConnections``; past it, ``ConnectionRefusalHandler`` answers 503 and closes;
 /// 2. ``RequestBytesObserver`` in front of the HTTP parser, and ``ConnectionTimeoutHandler`` after it (through
 ///    `HTTP1Channel.Configuration.additionalChannelHandlers`), which enforce the idle, header and body timeouts and answer
-///    parser errors as JSON, ``ResponseHeaderTrimmer``, which drops the framework's `Date` header, and
+///    parser errors as JSON, ``ResponseHeaderTrimmer``, which drops the framework's `Date` header,
+///    ``RequestTargetNormalizer``, which decodes escaped unreserved characters in the request target, and
 ///    ``LatestFastPathHandler``, which answers cached `latest` reads on the event loop;
 /// 3. then the unchanged `HTTP1Channel` pipeline and request loop.
 public struct LimitedHTTP1Channel: ServerChildChannel {
@@ -69,8 +70,9 @@ public struct LimitedHTTP1Channel: ServerChildChannel {
         self.metrics = metrics
     }
 
-    /// Hummingbird's HTTP/1.1 channel with ``ConnectionTimeoutHandler``, ``ResponseHeaderTrimmer`` and (given a
-    /// `fastPath`) ``LatestFastPathHandler`` after the parser; ``LimitedTLSChannel`` serves HTTP/1.1 over TLS with the same.
+    /// Hummingbird's HTTP/1.1 channel with ``ConnectionTimeoutHandler``, ``ResponseHeaderTrimmer``,
+    /// ``RequestTargetNormalizer`` and (given a `fastPath`) ``LatestFastPathHandler`` after the parser;
+    /// ``LimitedTLSChannel`` serves HTTP/1.1 over TLS with the same.
     static func http1Channel(
         responder: @escaping HTTPChannelHandler.Responder, limits: ConnectionLimits, metrics: IngestMetrics?, fastPath: LatestFastPath?
     ) -> HTTP1Channel {
@@ -78,8 +80,9 @@ public struct LimitedHTTP1Channel: ServerChildChannel {
         return HTTP1Channel(
             responder: responder,
             configuration: HTTP1Channel.Configuration(
-                additionalChannelHandlers: [ConnectionTimeoutHandler(timeouts: timeouts, metrics: metrics), ResponseHeaderTrimmer()]
-                    + (fastPath.map { [LatestFastPathHandler(fastPath: $0)] } ?? []),
+                additionalChannelHandlers: [
+                    ConnectionTimeoutHandler(timeouts: timeouts, metrics: metrics), ResponseHeaderTrimmer(), RequestTargetNormalizer(),
+                ] + (fastPath.map { [LatestFastPathHandler(fastPath: $0)] } ?? []),
                 httpDecoderConfiguration: .init(
                     maxHeaderFieldSize: ConnectionLimits.maxHeaderBytes, maxHeaderListSize: ConnectionLimits.maxHeaderBytes)))
     }
@@ -220,6 +223,72 @@ final class ResponseHeaderTrimmer: ChannelOutboundHandler, RemovableChannelHandl
         }
         head.headerFields[.date] = nil
         context.write(wrapOutboundOut(.head(head)), promise: promise)
+    }
+}
+
+/// Decodes the percent-encoded unreserved characters of each request's target (`/%68ealthz` is `/healthz`, `?%64evice=`
+/// is `?device=`), which RFC 3986 §6.2.2.2 makes equivalent to the characters, before the fast path and the router
+/// read it: the router matches fixed segments as written and Hummingbird decodes no query parameter's name. Every
+/// other escape stays as it is, so an escaped slash (`%2F`) is no separator and path parameters are decoded once, as
+/// before (``Parameters/decoded(_:)``; `%2525` is still `%25`).
+final class RequestTargetNormalizer: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPRequestPart
+    typealias InboundOut = HTTPRequestPart
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard case .head(var head) = unwrapInboundIn(data), let path = head.path, let normalized = Self.decodingUnreserved(path) else {
+            context.fireChannelRead(data)
+            return
+        }
+        head.path = normalized
+        context.fireChannelRead(wrapInboundOut(.head(head)))
+    }
+
+    /// `target` with its escaped unreserved characters (ALPHA, DIGIT, `-`, `.`, `_`, `~`) decoded; nil when it has none.
+    /// Also nil when a `%` starts no escape (`%zz`): decoding around it could make one of it (`%%36%38` would read `%68`),
+    /// so such a target is left to be refused or taken as written, as before.
+    static func decodingUnreserved(_ target: String) -> String? {
+        guard target.utf8.contains(UInt8(ascii: "%")) else { return nil }
+        let bytes = Array(target.utf8)
+        var decoded: [UInt8] = []
+        decoded.reserveCapacity(bytes.count)
+        var index = 0
+        while index < bytes.count {
+            guard bytes[index] == UInt8(ascii: "%") else {
+                decoded.append(bytes[index])
+                index += 1
+                continue
+            }
+            guard index + 2 < bytes.count, let high = hexValue(bytes[index + 1]), let low = hexValue(bytes[index + 2]) else { return nil }
+            let character = high << 4 | low
+            if isUnreserved(character) {
+                decoded.append(character)
+            } else {
+                decoded.append(contentsOf: bytes[index...(index + 2)])
+            }
+            index += 3
+        }
+        // Only ASCII escapes were replaced by ASCII characters: the bytes are still the target's valid UTF-8.
+        return decoded.count < bytes.count ? String(decoding: decoded, as: UTF8.self) : nil
+    }
+
+    private static func hexValue(_ byte: UInt8) -> UInt8? {
+        switch byte {
+        case UInt8(ascii: "0")...UInt8(ascii: "9"): byte - UInt8(ascii: "0")
+        case UInt8(ascii: "a")...UInt8(ascii: "f"): byte - UInt8(ascii: "a") + 10
+        case UInt8(ascii: "A")...UInt8(ascii: "F"): byte - UInt8(ascii: "A") + 10
+        default: nil
+        }
+    }
+
+    /// RFC 3986 §2.3.
+    private static func isUnreserved(_ byte: UInt8) -> Bool {
+        switch byte {
+        case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"),
+            UInt8(ascii: "-"), UInt8(ascii: "."), UInt8(ascii: "_"), UInt8(ascii: "~"):
+            true
+        default: false
+        }
     }
 }
 

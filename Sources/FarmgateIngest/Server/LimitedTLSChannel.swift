@@ -61,7 +61,7 @@ public struct LimitedTLSChannel: ServerChildChannel {
                     idleTimeout: limits.idleTimeout,
                     streamConfiguration: HTTP1Channel.Configuration(additionalChannelHandlers: [
                         ConnectionTimeoutHandler(timeouts: ConnectionTimeoutHandler.Timeouts(limits), metrics: metrics, http2Stream: true),
-                        ResponseHeaderTrimmer(http2Stream: true),
+                        ResponseHeaderTrimmer(http2Stream: true), RequestTargetNormalizer(),
                     ])))
             : nil
         self.certificates = certificates
