@@ -115,6 +115,63 @@ struct BufferFullDiskTests {
         }
     }
 
+    /// A tester (2026-12-06) filled the disk of a site whose clock was not set: the reserve was given back for the small
+    /// write before a request leaves, the commits waiting took all of it, and from then on no request could leave and no
+    /// acknowledgement could be deleted for 16 minutes while the ingest was reachable; `drop_oldest` then deleted
+    /// committed readings. With the reserve given back, commits now keep its room for the deletes.
+    @Test("once the reserve is given back, commits leave its room free: the next acknowledgements are still deleted, and what waited commits into the pages they free")
+    func commitsLeaveTheReserveRoom() async throws {
+        try await Self.withSmallFileSystem(size: "16m") { directory in
+            let path = directory + "/buffer.sqlite"
+            let buffer = try ReadingBuffer(
+                configuration: BufferConfiguration(path: path, commitInterval: .seconds(3_600), quotaBytes: 512 << 20, whenFull: .dropNewest),
+                logger: Self.logger)
+            let sensor = try SensorID("tank1.ph")
+            try await buffer.register([SensorDescriptor(id: sensor, quantity: .ph)])
+            var next = 0
+            func append(_ count: Int) async throws {
+                let samples = (next..<next + count).map {
+                    Sample(sensor: sensor, timestamp: Timestamp(microseconds: Int64($0) * 1_000_000), value: 6 + Double($0 % 100) / 100)
+                }
+                next += count
+                try await buffer.append(samples)
+            }
+            // Commits until the file system is full; the last samples wait in memory.
+            var full = false
+            while !full, next < 2_000_000 {
+                try await append(5_000)
+                do { _ = try await buffer.flush() } catch { full = (error as? SQLiteError)?.isDiskFull == true }
+            }
+            #expect(full, "the file system never filled")
+            let pending = try await buffer.pending(limit: 1_000_000, from: .oldest)
+            #expect(pending.count > 10_000)
+            // The first acknowledgement needs the reserve.
+            try await buffer.acknowledge(pending.prefix(500).map(\.sequence))
+            #expect(!FileManager.default.fileExists(atPath: path + ".reserve"))
+            // More samples arrive and the committer runs: it must not take the room the reserve gave back.
+            try await append(20_000)
+            await #expect(throws: (any Error).self) { _ = try await buffer.flush() }
+            // The uploader goes on: each acknowledgement is deleted (the commits may have taken what lay beyond the
+            // reserve's room, and sent those readings are acknowledged too).
+            var acknowledged = 500
+            for start in stride(from: 500, to: pending.count, by: 2_000) {
+                let part = pending[start..<min(start + 2_000, pending.count)].map(\.sequence)
+                try await buffer.acknowledge(part)
+                acknowledged += part.count
+            }
+            let since = try await buffer.pending(limit: 1_000_000, from: .oldest)
+            try await buffer.acknowledge(since.map(\.sequence))
+            acknowledged += since.count
+            #expect(try await buffer.statistics().pending == 0)
+            // What waited commits into the pages the deletes freed; nothing was dropped.
+            _ = try await buffer.flush()
+            let statistics = try await buffer.statistics()
+            #expect(statistics.uncommitted == 0 && statistics.dropped == 0, "\(statistics)")
+            #expect(statistics.pending == next - acknowledged)
+            try await buffer.close()
+        }
+    }
+
     @Test(
         "a queue that grew while the disk was full commits what fits, oldest first, as space comes back (in chunks, not one transaction that never fits); every sample stored or counted",
         arguments: [BufferFullPolicy.dropNewest, .dropOldest])
@@ -136,7 +193,14 @@ struct BufferFullDiskTests {
             #expect(statvfs(directory, &fs) == 0)
             let free = Int(fs.f_bavail) * Int(fs.f_frsize)
             #expect(FileManager.default.createFile(atPath: filler, contents: Data(repeating: 7, count: max(0, free - (2 << 20)))))
-            await #expect(throws: (any Error).self) { try await buffer.flush() }
+            // drop_oldest may commit everything, deleting the oldest stored readings for the newest (each such commit
+            // frees what it takes); drop_newest commits what fits and the rest waits.
+            do {
+                _ = try await buffer.flush()
+                #expect(policy == .dropOldest, "everything fitted in 2 MB")
+            } catch {
+                #expect((error as? SQLiteError)?.isDiskFull == true, "\(error)")
+            }
             var statistics = try await buffer.statistics()
             #expect(statistics.pending >= 20_000, "\(statistics.pending) committed with 2 MB free")
             // drop_oldest, with half the memory queue waiting, deletes the oldest stored readings to make room (counted).

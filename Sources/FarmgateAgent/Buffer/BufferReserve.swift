@@ -44,9 +44,8 @@ struct BufferReserve {
         guard !held else { return }
         if !force, let lastAttempt, lastAttempt.duration(to: now) < Self.retryInterval { return }
         lastAttempt = now
-        let directory = path.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
         var fs = statvfs()
-        guard statvfs(directory.isEmpty ? "." : directory, &fs) == 0 else { return }
+        guard statvfs(directory, &fs) == 0 else { return }
         let unit = Int64(fs.f_frsize)
         let size = Self.size(fileSystemBytes: Int64(fs.f_blocks) * unit)
         guard Int64(fs.f_bavail) * unit >= 2 * size else { return }
@@ -73,6 +72,25 @@ struct BufferReserve {
         } else {
             unlink(path)
         }
+    }
+
+    /// Whether the file system keeps the reserve's room free after `growth` more bytes, and has room for `transient`
+    /// bytes more (WAL frames a checkpoint gives back for reuse). Always true while the reserve is held: then it is the
+    /// room. While it is not (given back on a full disk, or never made for want of space), commits keep its room free
+    /// (``BufferStore``): it is for the writes that make room, an acknowledgement's delete and the small write before a
+    /// request leaves, and a commit that took it held every upload while the ingest was reachable.
+    func leavesRoom(growth: Int64, transient: Int64) -> Bool {
+        guard !held else { return true }
+        var fs = statvfs()
+        guard statvfs(directory, &fs) == 0 else { return true }
+        let unit = Int64(fs.f_frsize)
+        let available = Int64(fs.f_bavail) * unit
+        return available - growth >= Self.size(fileSystemBytes: Int64(fs.f_blocks) * unit) && available >= growth + transient
+    }
+
+    private var directory: String {
+        let parent = path.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
+        return parent.isEmpty ? (path.hasPrefix("/") ? "/" : ".") : parent
     }
 
     /// Removes the file; the bytes it gave back, or nil when it was not there.

@@ -415,12 +415,32 @@ final class BufferStore {
 
     /// Bytes in use: pages that are not on the free list.
     func usedBytes() throws -> Int64 {
-        func scalar(_ statement: SQLiteStatement) throws -> Int64 {
-            try statement.bind([])
-            defer { statement.reset() }
-            return try statement.step() ? statement.int64(0) : 0
+        (try scalar(pageCount) - scalar(freelistCount)) * pageSize
+    }
+
+    private func scalar(_ statement: SQLiteStatement) throws -> Int64 {
+        try statement.bind([])
+        defer { statement.reset() }
+        return try statement.step() ? statement.int64(0) : 0
+    }
+
+    /// A generous estimate of the bytes one reading takes in the file, its row and index entry (about 40).
+    static let estimatedBytesPerReading: Int64 = 64
+
+    /// Refuses, as a full disk, a commit of `count` readings that would leave the file system less than the reserve's
+    /// room while the reserve is not in place (``BufferReserve/leavesRoom(growth:transient:)``); ``Committer`` then waits
+    /// or drops by the policy, as on any full disk. Pages on the free list (freed by acknowledgements) take readings
+    /// without growing the file. A tester filled the disk of a site whose clock was not set: the commits took every page
+    /// the reserve gave back for the uploader, no request could leave for 16 minutes while the ingest was reachable,
+    /// and `drop_oldest` then deleted committed readings that ingest would have taken.
+    private func requireHeadroom(forReadings count: Int) throws {
+        guard !reserve.held, count > 0 else { return }
+        let pages = Int64(count) * Self.estimatedBytesPerReading / pageSize + 4
+        let growth = max(0, pages - (try scalar(freelistCount))) * pageSize
+        guard reserve.leavesRoom(growth: growth, transient: pages * (pageSize + 24)) else {
+            throw SQLiteError.diskFull(
+                "the buffer's file system is nearly full: commits leave the room of the buffer's reserve (\(reserve.path), given back) to the deletes of acknowledged readings; free space on it")
         }
-        return (try scalar(pageCount) - scalar(freelistCount)) * pageSize
     }
 
     // MARK: Sensors
@@ -570,6 +590,8 @@ final class BufferStore {
                 ])
         }
 
+        if makeRoom == 0 { try requireHeadroom(forReadings: rows.count) }
+        var makeRoomDropped = 0
         let bootKeys = try resolveBoots(Set(rows.compactMap { $0.boot?.bootID }))
         try write {
             var deleted = 0
@@ -581,6 +603,7 @@ final class BufferStore {
                 pendingCount -= removed
             }
             outcome.dropped = deleted
+            makeRoomDropped = deleted
             if policy == .dropNewest, !rows.isEmpty, try usedBytes() >= quotaBytes {
                 outcome.dropped = rows.count
             } else {
@@ -636,11 +659,12 @@ final class BufferStore {
                     "buffer.quota_bytes": "\(quotaBytes)",
                 ])
         }
-        if outcome.dropped > 0 {
+        // Drops to make room on a full disk (`makeRoom`) are the committer's to report; these are the quota's.
+        if outcome.dropped > makeRoomDropped {
             logger.warning(
                 "Buffer is at its disk quota; readings were dropped",
                 metadata: [
-                    "buffer.dropped": "\(outcome.dropped)", "buffer.policy": "\(policy.rawValue)", "buffer.quota_bytes": "\(quotaBytes)",
+                    "buffer.dropped": "\(outcome.dropped - makeRoomDropped)", "buffer.policy": "\(policy.rawValue)", "buffer.quota_bytes": "\(quotaBytes)",
                 ])
         }
         if outcome.clockShifted > 0 {

@@ -32,6 +32,8 @@ public struct SQLiteError: Error, CustomStringConvertible, Sendable {
     public var isAccessDenied: Bool { code == SQLITE_READONLY || code == SQLITE_CANTOPEN || code == SQLITE_PERM }
     /// The disk (or the database's size limit) is full.
     public var isDiskFull: Bool { code == SQLITE_FULL }
+    /// A full disk found before SQLite was asked (a write that would use room kept for another).
+    public static func diskFull(_ message: String) -> SQLiteError { SQLiteError(code: SQLITE_FULL, message: message) }
     /// Another connection holds a lock for longer than the busy timeout.
     public var isBusy: Bool { code == SQLITE_BUSY || code == SQLITE_LOCKED }
     /// A UNIQUE, PRIMARY KEY, CHECK or NOT NULL constraint failed.
