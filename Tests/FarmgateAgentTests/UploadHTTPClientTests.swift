@@ -69,6 +69,16 @@ struct UploadHTTPClientTests {
         #expect(server.connectionCount == 3)
     }
 
+    /// A tester (2026-12-06): bytes that are not HTTP were shown in `status` as a "configuration error", sending the
+    /// installer to agent.toml for what is the peer.
+    @Test func anAnswerThatIsNotHTTPIsATransportError() async throws {
+        let server = try TestHTTPServer { _, _ in .raw(Array("\u{1}\u{2}garbage that is not HTTP\r\n".utf8)) }
+        let http = try client()
+        let error = await #expect(throws: HTTPClientError.self) { try await http.post(server.url, headers: [], body: [1]) }
+        #expect(error?.kind == .transport, "\(String(describing: error))")
+        #expect(error?.description.contains("the answer is not HTTP") == true, "\(String(describing: error))")
+    }
+
     @Test func capsTheResponseBody() async throws {
         let server = try TestHTTPServer { _, _ in .reply(200, body: Array(repeating: 7, count: 100_000)) }
         let http = try client(maxResponseBytes: 1000)

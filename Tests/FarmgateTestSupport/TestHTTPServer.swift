@@ -30,6 +30,8 @@ public enum TestResponse: Sendable {
     case close
     /// Resets the connection (RST, through SO_LINGER 0) without answering.
     case reset
+    /// Sends these bytes, whatever they are (not HTTP: another service on the port), then closes.
+    case raw([UInt8])
     /// Waits, then does what the inner response says.
     indirect case delayed(Duration, TestResponse)
     /// Sends the head of `status` announcing a body of a megabyte, then `chunk` bytes of it every `interval` until the
@@ -221,6 +223,9 @@ public final class TestHTTPServer: Sendable {
                 while fill() {}
                 return
             case .close:
+                return
+            case .raw(let bytes):
+                _ = send(socket, bytes)
                 return
             case .reset:
                 var linger = linger(l_onoff: 1, l_linger: 0)

@@ -534,6 +534,11 @@ private final class CurlEasy {
             kind = .tls
         case CURLE_ABORTED_BY_CALLBACK:
             kind = .cancelled
+        case CURLE_UNSUPPORTED_PROTOCOL where detail.contains("HTTP/0.9"):
+            // The configuration holds only http(s) URLs: this is the peer answering something that is not HTTP (another
+            // service on the port, a broken proxy), not a setting to fix.
+            kind = .transport
+            summary = "the answer is not HTTP (another service on that port, or a proxy in the way?)"
         case CURLE_UNSUPPORTED_PROTOCOL, CURLE_URL_MALFORMAT:
             kind = .configuration
         default:
