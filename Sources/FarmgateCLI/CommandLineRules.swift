@@ -14,11 +14,10 @@ public protocol SubcommandsOnly: ParsableCommand {}
 
 extension SubcommandsOnly {
     public mutating func run() throws {
-        let names = Self.configuration.subcommands.map { $0._commandName }
         // A group takes no options, so the words of its command line are its path ("farmgate-ingest alert rule").
         let program = CommandLine.arguments.first.map { String($0.split(separator: "/").last ?? Substring($0)) } ?? Self._commandName
         let path = ([program] + CommandLine.arguments.dropFirst().filter { !$0.hasPrefix("-") }).joined(separator: " ")
-        let message = "Error: \(path) needs a subcommand: one of \(names.joined(separator: ", "))\n  See '\(path) --help' for what each does.\n"
+        let message = CommandLineRules.needsSubcommand(path: path, of: Self.self)
         _ = message.utf8CString.withUnsafeBufferPointer { write(2, $0.baseAddress, $0.count - 1) }
         throw ExitCode(64)  // EX_USAGE
     }
@@ -52,9 +51,10 @@ public enum CommandLineRules {
 
     /// The usage error (the message and the command's usage line) for an option that takes one value given more than
     /// once (`--device a --device b`, `-c x --config y`), which ArgumentParser answers by keeping the last, so that a
-    /// script's mistake runs on half of what it said (options declared as arrays may repeat), or for a negative number
-    /// given to an option that takes none (`--sequence -5`, which ArgumentParser calls a missing value); nil when the
-    /// line has neither.
+    /// script's mistake runs on half of what it said (options declared as arrays may repeat), or a flag given more than
+    /// once (`--json --json`, `-y --yes`: a doubled word is a script's mistake too; `--help` is help however often), or
+    /// for a negative number given to an option that takes none (`--sequence -5`, which ArgumentParser calls a missing
+    /// value); nil when the line has none of them.
     public static func optionProblem(_ arguments: [String], root: any ParsableCommand.Type) -> String? {
         let words = arguments.prefix { $0 != "--" }
         // Cheap first: one option cannot repeat, and the agent's `agent -c FILE` never pays for the lookup below.
@@ -66,9 +66,15 @@ public enum CommandLineRules {
             command = next
         }
         guard let info = try? JSONDecoder().decode(DumpedHelp.self, from: Data(command._dumpHelp().utf8)) else { return nil }
-        for argument in info.command.arguments ?? [] where argument.kind == "option" {
+        for argument in info.command.arguments ?? [] where argument.kind == "option" || argument.kind == "flag" {
             let spellings = (argument.names ?? []).map { $0.kind == "long" ? "--" + $0.name : "-" + $0.name }
             let name = spellings.first { $0.hasPrefix("--") } ?? spellings.first ?? "?"
+            guard argument.kind == "option" else {
+                guard !argument.isRepeating, !spellings.contains("--help") else { continue }
+                let given = words.filter { spellings.contains($0) }
+                guard given.count > 1 else { continue }
+                return usageError("\(name) is a flag but was given \(given.count) times (\(given.joined(separator: ", "))); give it once", of: command, root: root)
+            }
             // A negative number after an option that does not take one as its value reads as an option, and
             // ArgumentParser then says the value is missing (`--sequence -5`).
             if argument.parsingStrategy != "unconditional",
@@ -82,6 +88,35 @@ public enum CommandLineRules {
             return usageError("\(name) takes one value but was given \(given.count) times (\(given.joined(separator: ", "))); give it once", of: command, root: root)
         }
         return nil
+    }
+
+    /// The usage error for a command group given an option before (or instead of) its subcommand (`farmgate sensor -c
+    /// F`), which ArgumentParser calls an unknown option: the group takes none, its subcommands do. Nil when the command
+    /// the line's leading words name is no group, or the word after them is no option.
+    public static func groupOptionProblem(_ arguments: [String], root: any ParsableCommand.Type) -> String? {
+        var command = root
+        var path = [root._commandName]
+        var rest = arguments[...]
+        while let word = rest.first,
+            let next = command.configuration.subcommands.first(where: { $0._commandName == word || $0.configuration.aliases.contains(word) })
+        {
+            command = next
+            path.append(next._commandName)
+            rest = rest.dropFirst()
+        }
+        guard !command.configuration.subcommands.isEmpty, let option = rest.first, option.hasPrefix("-"), option != "-", option != "--" else {
+            return nil
+        }
+        let name = option.split(separator: "=", maxSplits: 1).first.map(String.init) ?? option
+        return needsSubcommand(path: path.joined(separator: " "), of: command, before: name)
+    }
+
+    /// "Error: `path` needs a subcommand: one of …", naming the option that came first when one did (options go after
+    /// the subcommand), and where each is described.
+    static func needsSubcommand(path: String, of group: any ParsableCommand.Type, before option: String? = nil) -> String {
+        let names = group.configuration.subcommands.map { $0._commandName }
+        let where_ = option.map { " before \($0)" } ?? ""
+        return "Error: \(path) needs a subcommand\(where_): one of \(names.joined(separator: ", "))\n  See '\(path) --help' for what each does.\n"
     }
 
     /// `-5`, `-1.5`, `-1s`: a word that starts like a negative number.
@@ -106,8 +141,9 @@ public enum CommandLineRules {
         var command: Command
     }
 
-    /// Runs `root` as ArgumentParser would, after refusing a `help` request for a command that does not exist and an
-    /// option of one value given twice (standard error, exit 64).
+    /// Runs `root` as ArgumentParser would, after refusing a `help` request for a command that does not exist, an
+    /// option of one value or a flag given twice, and a group given an option instead of its subcommand (standard
+    /// error, exit 64).
     public static func main<Root: AsyncParsableCommand>(_ root: Root.Type) async {
         let arguments = Array(CommandLine.arguments.dropFirst())
         if let problem = unknownHelpTopic(arguments, root: root) {
@@ -120,6 +156,10 @@ public enum CommandLineRules {
         do {
             command = try root.parseAsRoot(arguments)
         } catch {
+            // Only a line ArgumentParser refuses (not `--help`, `--version` and the like, which it throws as well).
+            if root.exitCode(for: error) == .validationFailure, let problem = groupOptionProblem(arguments, root: root) {
+                exitWithUsageError(problem)
+            }
             root.exit(withError: error)
         }
         do {

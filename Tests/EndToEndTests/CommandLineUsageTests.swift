@@ -36,6 +36,15 @@ import Testing
          "--device takes one value but was given 2 times (--device, --device=b); give it once\nUsage: farmgate-ingest device create --farm"),
         ("farmgate", ["sensor", "read", "tank1.ph", "-c", "a.toml", "--config", "b.toml"], 64,
          "--config takes one value but was given 2 times (-c, --config)"),
+        // A flag given twice was accepted (a tester, 2026-12-06): refused like an option of one value, however spelt.
+        ("farmgate", ["status", "--json", "--json"], 64,
+         "--json is a flag but was given 2 times (--json, --json); give it once\nUsage: farmgate status"),
+        ("farmgate", ["calibrate", "tank1.ph", "-y", "--yes"], 64, "--yes is a flag but was given 2 times (-y, --yes)"),
+        ("farmgate", ["status", "-c", "a.toml", "-c", "b.toml"], 64, "--config takes one value but was given 2 times (-c, -c)"),
+        // A group given an option but no subcommand said "Unknown option '-c'" (a tester, 2026-12-06).
+        ("farmgate", ["sensor", "-c", "F"], 64, "farmgate sensor needs a subcommand before -c: one of drivers, read, add, remove"),
+        ("farmgate", ["-c", "F"], 64, "farmgate needs a subcommand before -c: one of agent, status"),
+        ("farmgate", ["quarantine", "--json", "list"], 64, "farmgate quarantine needs a subcommand before --json: one of list, requeue, drop"),
         // One glob per label: the second --match of a label replaced the first (a tester, 2026-12-06).
         ("farmgate-ingest", ["alert", "silence", "add", "--farm", "f", "--match", "sensor=x", "--match", "sensor=y", "--for", "1h", "-c", "/nonexistent.toml"], 64,
          "--match gives sensor twice (sensor=x and sensor=y)"),
@@ -60,6 +69,8 @@ import Testing
         for (binary, arguments) in [
             (Farm.agentBinary, ["--help"]), (Farm.agentBinary, ["sensor", "--help"]), (Farm.agentBinary, ["sensor", "read", "tank1.ph", "--help"]),
             (Farm.agentBinary, ["help", "sensor", "read"]), (Farm.ingestBinary, ["alert", "rule", "add", "-h"]),
+            // Help of a command line that names a flag too, or a group's help: still help.
+            (Farm.agentBinary, ["status", "--json", "--help"]), (Farm.agentBinary, ["quarantine", "-h"]),
         ] {
             let result = try await runCommand(binary, arguments)
             #expect(result.status == 0 && result.stdout.contains("USAGE"), "\(arguments): \(result.stderr)")

@@ -205,6 +205,42 @@ struct GPIOEventsFileTests {
         await flow.close()
     }
 
+    /// On an events file's clock, which moves only with its lines, the sampler's first read of a flow meter after a start
+    /// came at the time the line was requested: it covered no time and was counted as a failed read (a black-box tester,
+    /// 2026-12-06).
+    @Test("A flow meter's first read after a start that covers no time only begins its window: no reading, no failure; the next gives the rate")
+    func firstFlowWindow() async throws {
+        let configurations = try gpioSensors([("loop.flow", "flow", "line = 45\npulses_per_litre = 450")])
+        let backend = ScriptedGPIOBackend()
+        try backend.feed("level 0\nnow 100")
+        let driver = try GPIODriver(configuration: configurations[0], backend: backend, logger: driverTestLogger)
+        #expect(await eventually { driver.watcher.tried }, "the watcher never requested the line")
+        let sink = CollectingSink()
+        let board = SensorStatusBoard(sensors: configurations)
+        let sampler = Sampler(
+            sensors: [.init(configuration: configurations[0], driver: driver)], sink: sink, board: board,
+            clock: WallClock(checkSynchronization: false), logger: driverTestLogger)
+        let sensor = try #require(sampler.sensors.first)
+        var gate = Deadband(deadband: 0, heartbeat: .seconds(900))
+
+        await sampler.sampleOnce(sensor, gate: &gate)
+        let first = try #require(board.snapshot().first)
+        #expect(first.readsFailed == 0 && first.lastError == nil, "the first read was counted as failed: \(first.lastError ?? "")")
+        #expect(first.readsOK == 0 && sink.samples.withLock { $0.isEmpty }, "a flow over no time was stored")
+
+        // 45 pulses in the 6 s after the window began: 1 L/min at 450 pulses per litre.
+        var script = ""
+        for index in 0..<45 { script += "rise \(seconds(100.05 + Double(index) * 0.1))\nfall \(seconds(100.08 + Double(index) * 0.1))\n" }
+        try backend.feed(script + "now 106")
+        #expect(await eventually { backend.undelivered == 0 }, "the watcher did not apply the edges")
+        await sampler.sampleOnce(sensor, gate: &gate)
+        let rates = sink.samples.withLock { $0.map(\.value) }
+        #expect(rates.count == 1 && rates.first.map { abs($0 - 1) < 1e-9 } == true, "\(rates)")
+        let second = try #require(board.snapshot().first)
+        #expect(second.readsOK == 1 && second.readsFailed == 0, "\(second)")
+        await driver.close()
+    }
+
     @Test("A switch whose events file does not exist is not readable, saying which file, until the file appears")
     func missingFile() async throws {
         let scratch = try Scratch(prefix: "fg-gpio-m4")

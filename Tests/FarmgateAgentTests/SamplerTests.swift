@@ -411,3 +411,38 @@ struct ControlSocketTests {
         return false
     }
 }
+
+/// The real agent stopped by SIGSTOP for longer than its sensors' interval: every sensor wakes long past its ticks at
+/// once. The skipped reads are the agent's own delay, not a slow bus (the warning blamed the bus, a black-box tester
+/// 2026-12-06), and they are not counted as reads that ran past their interval.
+@Suite("Sampler: the agent stopped", .serialized)
+struct SamplerStoppedAgentTests {
+    @Test("Reads skipped while the agent was stopped (SIGSTOP) are said to be that, not blamed on the sensors or the bus")
+    func stoppedAgent() async throws {
+        let scratch = try Scratch(prefix: "fg-sigstop", in: URL(fileURLWithPath: "/tmp"))
+        let config = try scratch.write("agent.toml", ConfigurationReloadTests.configuration(sensors: ["tank1.ph", "tank2.ph"], interval: "500ms"))
+        let socket = scratch.file("control.sock")
+        let (process, log) = try ConfigurationReloadTests.startAgent(config: config, in: scratch)
+        defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
+        let agentLog: @Sendable () -> String = { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
+        try await ConfigurationReloadTests.requireSampling(socket, log: agentLog)
+
+        // Stopped for six intervals: every sensor wakes five ticks late, at once.
+        #expect(kill(process.processIdentifier, SIGSTOP) == 0)
+        try await Task.sleep(for: .seconds(3))
+        #expect(kill(process.processIdentifier, SIGCONT) == 0)
+        let before = await ConfigurationReloadTests.status(socket)?.buffer.lastSequence ?? 0
+        let sampling = await eventually(timeout: .seconds(30), every: .milliseconds(100)) {
+            (await ConfigurationReloadTests.status(socket)?.buffer.lastSequence ?? 0) >= before + 6
+        }
+        #expect(sampling, "the agent did not sample again: \(agentLog())")
+        let warned = await eventually(timeout: .seconds(10)) { agentLog().contains("the agent was not running") }
+        #expect(warned, "no warning that the agent was not running: \(agentLog())")
+        #expect(!agentLog().contains("Sensor reads take longer than its interval"), "the bus was blamed: \(agentLog())")
+        let sensors = await ConfigurationReloadTests.status(socket)?.sensors ?? []
+        #expect(sensors.count == 2 && sensors.allSatisfy { ($0.skippedReads ?? 0) == 0 }, "\(sensors.map { ($0.id, $0.skippedReads ?? -1) })")
+
+        kill(process.processIdentifier, SIGTERM)
+        #expect(await eventually(timeout: .seconds(20)) { !process.isRunning })
+    }
+}

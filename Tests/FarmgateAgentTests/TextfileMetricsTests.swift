@@ -26,7 +26,7 @@ struct TextfileMetricsTests {
                 var upload = UploadStatus(
                     endpoint: "http://x", lastSuccessAt: now, requestsTotal: 9, uploadedTotal: 900, duplicatesTotal: 4, rejectedTotal: 2,
                     quarantinedTotal: 2)
-                upload.failuresTotal = ["503": 3, "none": 2]
+                upload.failuresTotal = ["503": 3, "connection": 2, "buffer": 1]
                 return upload
             }(),
             uploadEndpoint: "http://x",
@@ -56,7 +56,8 @@ struct TextfileMetricsTests {
         #expect(value("farmgate_clock_synchronized") == 1)
         #expect(!text.contains("tank1.ph"), "a sensor id became a label")
         #expect(value("farmgate_upload_failures_total", ["status": "503"]) == 3)
-        #expect(value("farmgate_upload_failures_total", ["status": "none"]) == 2)
+        // Failures without an answer's status, whatever their cause in the status, are `none` together.
+        #expect(value("farmgate_upload_failures_total", ["status": "none"]) == 3)
         // Prometheus' naming rules (promtool check metrics): a counter ends in _total, and only a counter does.
         for line in text.split(separator: "\n") where line.hasPrefix("# TYPE ") {
             let parts = line.split(separator: " ")
@@ -74,7 +75,7 @@ struct TextfileMetricsTests {
         previous.calibrationsUploadedTotal = 6
         previous.calibrationsQuarantinedTotal = 7
         previous.stateRefusalsTotal = 8
-        previous.failuresTotal = ["none": 4]
+        previous.failuresTotal = ["connection": 4]
         var next = UploadStatus(endpoint: "http://new/v1/batches", format: "binary")
         next.carryTotals(from: previous)
         #expect(next.endpoint == "http://new/v1/batches")
@@ -87,7 +88,28 @@ struct TextfileMetricsTests {
         #expect([next.requestsTotal, next.uploadedTotal, next.duplicatesTotal, next.rejectedTotal, next.quarantinedTotal, next.renumberedTotal]
             == [9, 900, 4, 2, 3, 5])
         #expect([next.calibrationsUploadedTotal, next.calibrationsQuarantinedTotal, next.stateRefusalsTotal] == [6, 7, 8])
-        #expect(next.failuresTotal == ["none": 4])
+        #expect(next.failuresTotal == ["connection": 4])
+    }
+
+    /// A failed attempt without an answer was counted under the key `"none"` in `status --json` (a black-box tester,
+    /// 2026-12-06). It is `connection` in the status; the metrics keep their documented label, `status="none"`.
+    @Test("Attempts that got no answer count as `connection` in the status and under status=\"none\" in the metrics")
+    func connectionFailures() async throws {
+        let data = try await TestBuffer(count: 3)
+        let port = try freePort()  // nobody listens: every attempt fails to connect
+        try await withUploader(source: data.buffer, configuration: uploadConfiguration("http://127.0.0.1:\(port)")) { uploader throws in
+            #expect(await eventually(timeout: .seconds(30)) { uploader.status().consecutiveFailures >= 2 })
+            let upload = uploader.status()
+            let failures = upload.failuresTotal ?? [:]
+            #expect(failures.keys.sorted() == ["connection"], "\(failures)")
+            let count = try #require(failures["connection"])
+            var agent = Self.status()
+            agent.upload = upload
+            let samples = try PrometheusText.parse(TextfileMetrics.render(agent, writtenBytes: nil))
+            let failed = samples.filter { $0.name == "farmgate_upload_failures_total" }
+            #expect(failed.map(\.labels) == [["status": "none"]] && failed.first?.value == Double(count), "\(failed)")
+            #expect(agent.humanReadable().contains("failed attempts since start: connection ×\(count)"), "\(agent.humanReadable())")
+        }
     }
 
     @Test("Failed buffer writes are counted by operation, both labels present from the start")

@@ -13,7 +13,8 @@ import Logging
 /// `farmgate doctor`: checks what a site needs to work and says, for each finding, what to do.
 ///
 /// In order: the running agent (control socket), each configured serial port and GPIO chip (exists, and the agent's
-/// user may open it: mode, owner, group membership or a group its systemd unit grants), the clock (adjtimex), disk space
+/// user may open it: mode, owner, group membership or a group its systemd unit grants), each 1-Wire probe (its sysfs
+/// file where the driver reads it, readable by the agent's user, one read with the kernel's CRC), the clock (adjtimex), disk space
 /// against the buffer's quota, the buffer (integrity, depth, oldest unsent reading, quarantine), the ingest (reachable,
 /// TLS verified, `/healthz`), the key file (mode, owner) and whether the ingest accepts the key (`GET /v1/device`, and
 /// that it is this device's).
@@ -32,10 +33,13 @@ public enum Doctor {
         configuration: AgentConfiguration, user: UnixUser, clock: any ClockSource, timeout: Duration = .seconds(15),
         unitDirectories: [String] = ServiceUnit.standardDirectories, logger: Logger
     ) async -> DoctorReport {
+        // Each probe's read has a deadline of its own (a hung 1-Wire bus), so these run before the other local checks.
+        let oneWire = await oneWireFindings(configuration, user: user)
         let local = await runBlocking { () -> [DoctorFinding] in
             let status = agentStatus(configuration)
             var findings = [status.finding]
             findings += deviceFindings(configuration, user: user, unit: ServiceUnit.load(directories: unitDirectories))
+            findings += oneWire
             findings.append(clockFinding(configuration, clock: clock))
             findings.append(diskFinding(configuration))
             findings += bufferFindings(configuration, status: status.status, now: clock.read().realtime)

@@ -44,6 +44,10 @@ public struct SensorError: Error, Sendable, Hashable, CustomStringConvertible {
 public protocol SensorDriver: Sendable {
     /// Takes one reading.
     func read() async throws(SensorError) -> SensorValue
+    /// The sampler's read on the sensor's schedule: a reading, or nil when this read only began what the next one
+    /// measures (a flow meter's first window after a start, when no time has passed on its line's clock yet): nothing is
+    /// stored for it and it is no failed read. One-off reads (`farmgate sensor read`) call ``read()``. Default: ``read()``.
+    func scheduledRead() async throws(SensorError) -> SensorValue?
     /// Releases the hardware (ports, lines). Called once, at shutdown.
     func close() async
     /// Whether the sampler reads the sensor once more when it stops (SIGTERM, or a reload that restarts the services),
@@ -57,6 +61,7 @@ public protocol SensorDriver: Sendable {
 }
 
 extension SensorDriver {
+    public func scheduledRead() async throws(SensorError) -> SensorValue? { try await read() }
     public func close() async {}
     public var readsAtStop: Bool { false }
     public var setupAllowance: Duration { .zero }

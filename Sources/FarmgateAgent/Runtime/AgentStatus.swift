@@ -86,6 +86,11 @@ extension AgentStatus {
             if upload.consecutiveFailures > 0 { detail += "; \(upload.consecutiveFailures) failures in a row" }
             if let next = upload.nextAttemptAt, next > now { detail += "; next attempt in \(Self.age(from: now, to: next))" }
             lines.append(detail)
+            if let failures = upload.failuresTotal, !failures.isEmpty {
+                // The keys of `--json`'s failuresTotal: an HTTP status, or why there was none (`connection`: no answer).
+                let counts = failures.sorted { $0.key < $1.key }.map { "\(Int($0.key) == nil ? $0.key : "HTTP \($0.key)") ×\($0.value)" }
+                lines.append("          failed attempts since start: \(counts.joined(separator: ", "))")
+            }
             if let held = upload.held {
                 lines.append(
                     "          HELD for \(Self.age(from: held.since, to: now)) (\(held.refusals) refusals): \(held.httpStatus) \(held.code): \(held.message)")

@@ -73,7 +73,11 @@ public enum TextfileMetrics {
             out.header(
                 "farmgate_upload_failures_total",
                 "Failed upload attempts since the agent started, by the HTTP status of the answer (none: no answer).", type: "counter")
-            for (status, count) in (upload.failuresTotal ?? [:]).sorted(by: { $0.key < $1.key }) {
+            // The label is the answer's HTTP status: the status' causes of a failure without one (``UploadFailureCause``:
+            // `connection`, `buffer`, `sequence_conflict`) are `none` together, the label documented since before them.
+            var byStatus: [String: Int64] = [:]
+            for (key, count) in upload.failuresTotal ?? [:] { byStatus[Int(key) == nil ? "none" : key, default: 0] += count }
+            for (status, count) in byStatus.sorted(by: { $0.key < $1.key }) {
                 out.sample("farmgate_upload_failures_total", [("status", status)], Double(count))
             }
             out.gauge("farmgate_upload_consecutive_failures", "Failed upload attempts since the last success.", Double(upload.consecutiveFailures))

@@ -44,6 +44,14 @@ public final class Sampler: Service {
         public func readOnce() async -> Result<SensorValue, SensorError> {
             await Sampler.read(driver, timeout: readTimeout, gate: gate)
         }
+
+        /// The sampler's read (``SensorDriver/scheduledRead()``), bounded as ``readOnce()``: nil when it gave no reading.
+        func scheduledReadOnce() async -> Result<SensorValue?, SensorError> {
+            let driver = self.driver
+            return await Sampler.bounded(timeout: readTimeout, gate: gate) { () async throws(SensorError) -> SensorValue? in
+                try await driver.scheduledRead()
+            }
+        }
     }
 
     let sensors: [Sensor]
@@ -57,6 +65,9 @@ public final class Sampler: Service {
     public let heartbeat = Heartbeat(component: "sampler")
     /// Sensors being calibrated (`farmgate calibrate`): their readings carry `calibrating`.
     public let calibrating = CalibrationFlags()
+    /// When the sampler itself was late (the process stopped or not scheduled), so that reads skipped over it are not
+    /// blamed on the sensors.
+    let stalls = SamplerStalls()
 
     public init(
         sensors: [Sensor], sink: any SampleSink, board: SensorStatusBoard, clock: WallClock, closeTimeout: Duration = .seconds(3),
@@ -176,6 +187,8 @@ public final class Sampler: Service {
             } catch {
                 return
             }
+            let due = tick
+            stalls.woke(due: due, at: ContinuousClock.now, interval: configuration.interval)
             await sampleOnce(sensor, gate: &gate)
             // Next tick on the sensor's grid; skip ticks that a slow read already missed, and say so: counted in
             // `farmgate status` and the metrics, logged at most every few minutes. Not for the first read, which
@@ -187,6 +200,20 @@ public final class Sampler: Service {
                 let missed = ((now - tick) / configuration.interval).rounded(.up)
                 tick += configuration.interval * missed
                 if firstRead { continue }
+                // Without the time the sampler itself was not running (this sensor, or another, woke long past its
+                // tick: the process was stopped, SIGSTOP, or not scheduled), the read kept its interval: the sensor and
+                // its bus are not to blame, and these are not reads that ran past their interval.
+                if now - due - stalls.overlap(from: due, to: now) < configuration.interval {
+                    if let stall = stalls.takeUnreported() {
+                        logger.warning(
+                            "Scheduled reads skipped: the agent was not running or was delayed (the process stopped, e.g. by SIGSTOP or a debugger, the machine suspended, or starved of CPU), not a slow sensor or bus",
+                            metadata: [
+                                "sensor": "\(configuration.id)", "delayed": "\(ConfigTable.format(stall))",
+                                "interval": "\(ConfigTable.format(configuration.interval))",
+                            ])
+                    }
+                    continue
+                }
                 let count = Int64(missed)
                 board.recordSkipped(configuration.id, count: count)
                 if let total = skips.record(count, at: now) {
@@ -205,12 +232,16 @@ public final class Sampler: Service {
     /// - Parameter atStop: the read the sampler takes as it stops (a failure then is logged, not counted against the sensor).
     func sampleOnce(_ sensor: Sensor, gate: inout Deadband, atStop: Bool = false) async {
         let configuration = sensor.configuration
-        let outcome = await sensor.readOnce()
+        let outcome = await sensor.scheduledReadOnce()
         // A read abandoned because the agent is stopping is no failure of the sensor; one that finished is stored.
         if Task.isCancelled, case .failure = outcome { return }
         let stamp = clock.stamp()
         let now = stamp.timestamp
         switch outcome {
+        case .success(nil):
+            // The read only began what the next one measures (a flow meter's first window after a start): nothing to
+            // store, and no failure.
+            logger.debug("Sensor read began its measuring window; no reading yet", metadata: ["sensor": "\(configuration.id)"])
         case .failure(let error) where atStop:
             logger.info(
                 "The last read before stopping failed; nothing stored for it",
@@ -220,7 +251,7 @@ public final class Sampler: Service {
             logger.warning(
                 "Sensor read failed",
                 metadata: ["sensor": "\(configuration.id)", "error": "\(error)", "driver": "\(configuration.driver)"])
-        case .success(let reading):
+        case .success(let reading?):
             var quality = reading.quality
             // Unsynchronised: flagged, and the boot stamp lets the buffer repair the time once the clock is set.
             if !stamp.synchronized { quality.insert(.clockUnsynchronized) }
@@ -244,6 +275,13 @@ public final class Sampler: Service {
     /// The read runs in a task of its own: a driver that ignores cancellation or is blocked on a thread cannot hold the
     /// caller. An abandoned read runs on to its end and its result is dropped; until it ends, `gate` refuses a new one.
     static func read(_ driver: any SensorDriver, timeout: Duration, gate: ReadGate = ReadGate()) async -> Result<SensorValue, SensorError> {
+        await bounded(timeout: timeout, gate: gate) { () async throws(SensorError) -> SensorValue in try await driver.read() }
+    }
+
+    /// Runs `read` (a driver's read) as ``read(_:timeout:gate:)`` runs the driver's ``SensorDriver/read()``.
+    static func bounded<Value: Sendable>(
+        timeout: Duration, gate: ReadGate, _ read: @escaping @Sendable () async throws(SensorError) -> Value
+    ) async -> Result<Value, SensorError> {
         // A read in flight that is younger than the timeout is someone else's ordinary read (the installer's test read
         // beside the sampler's): wait for it. One older than that is stuck: report it rather than start another.
         var busySince = gate.enter()
@@ -258,15 +296,66 @@ public final class Sampler: Service {
                     .timeout,
                     "the previous read (started \(seconds) s ago) has not finished; the driver is stuck on the device: check its wiring and power, or unplug and replug it"))
         }
-        let outcome = await withDeadline(timeout, graceOnCancel: stoppingReadGrace) { () -> Result<SensorValue, SensorError> in
+        let outcome = await withDeadline(timeout, graceOnCancel: stoppingReadGrace) { () -> Result<Value, SensorError> in
             defer { gate.leave() }
-            do throws(SensorError) { return .success(try await driver.read()) } catch { return .failure(error) }
+            do throws(SensorError) { return .success(try await read()) } catch { return .failure(error) }
         }
         guard let outcome else {
             if Task.isCancelled { return .failure(SensorError(.timeout, "read cancelled (the agent is stopping)")) }
             return .failure(SensorError(.timeout, "no answer within \(ConfigTable.format(timeout)); the read was abandoned"))
         }
         return outcome
+    }
+}
+
+/// When the sampler itself was late: a sensor's wake-up came long after its tick, because the process was not running
+/// (stopped by SIGSTOP or a debugger, a suspended machine) or not scheduled. Every sensor wakes late then, at once; a
+/// sensor whose read was in flight meanwhile sees only a long read, so the sensors share what they saw. Reads skipped
+/// over such a time are the agent's delay, not its sensors' or buses', and one warning says so for all of them.
+final class SamplerStalls: Sendable {
+    /// A wake-up later than this (or than the sensor's interval, when that is shorter) is a stall, not scheduling noise.
+    static let threshold: Duration = .milliseconds(500)
+
+    private struct Stall {
+        var from: ContinuousClock.Instant
+        var to: ContinuousClock.Instant
+        var reported = false
+    }
+
+    /// The latest stall: the wake-ups of one stop, seen by several sensors, make one.
+    private let latest = Mutex<Stall?>(nil)
+
+    /// A sensor's wake-up due at `due` came at `woke`.
+    func woke(due: ContinuousClock.Instant, at woke: ContinuousClock.Instant, interval: Duration) {
+        guard woke - due >= min(Self.threshold, interval) else { return }
+        latest.withLock { latest in
+            if var stall = latest, due <= stall.to, stall.from <= woke {
+                stall.from = min(stall.from, due)
+                stall.to = max(stall.to, woke)
+                latest = stall
+            } else {
+                latest = Stall(from: due, to: woke)
+            }
+        }
+    }
+
+    /// How much of `from...to` the sampler was stalled.
+    func overlap(from: ContinuousClock.Instant, to: ContinuousClock.Instant) -> Duration {
+        latest.withLock { latest in
+            guard let stall = latest else { return .zero }
+            let start = max(from, stall.from), end = min(to, stall.to)
+            return end > start ? start.duration(to: end) : .zero
+        }
+    }
+
+    /// How long the latest stall lasted, the first time it is asked for (one warning for every sensor it delayed).
+    func takeUnreported() -> Duration? {
+        latest.withLock { latest in
+            guard var stall = latest, !stall.reported else { return nil }
+            stall.reported = true
+            latest = stall
+            return stall.from.duration(to: stall.to)
+        }
     }
 }
 

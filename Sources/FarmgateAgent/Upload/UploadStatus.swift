@@ -56,8 +56,9 @@ public struct UploadStatus: Codable, Sendable, Hashable {
     public var frames: String?
     /// 409 `unknown_sensor_table` / `stale_context` answers since start (each followed at once by the same readings).
     public var stateRefusalsTotal: Int64?
-    /// Failed upload attempts since start, by the HTTP status of the answer (`"503"`), or `"none"` when there was no
-    /// answer (refused connection, timeout, TLS, DNS).
+    /// Failed upload attempts since start, by the HTTP status of the answer (`"503"`), or else by why the attempt failed
+    /// without one (``UploadFailureCause``: `"connection"` when no answer came). The metrics file counts the latter under
+    /// `status="none"`. An agent before this version counted them all as `"none"`.
     public var failuresTotal: [String: Int64]?
 
     public init(
@@ -111,6 +112,16 @@ extension UploadStatus {
         stateRefusalsTotal = previous.stateRefusalsTotal
         failuresTotal = previous.failuresTotal
     }
+}
+
+/// What ``UploadStatus/failuresTotal`` counts a failed attempt under when the ingest's answer gave it no HTTP status.
+public enum UploadFailureCause: String, Sendable, CaseIterable {
+    /// No answer: the connection failed (refused, timed out, TLS, DNS, cut before the answer).
+    case connection
+    /// The buffer failed a write the attempt needed (making readings final before sending, renumbering them).
+    case buffer
+    /// Readings the ingest refused as `sequence_conflict` could not be renumbered (yet).
+    case sequenceConflict = "sequence_conflict"
 }
 
 /// Why the upload queue is held (``UploadStatus/held``).

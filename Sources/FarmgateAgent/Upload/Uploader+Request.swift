@@ -442,11 +442,13 @@ extension Uploader {
 
     // MARK: - Failures
 
-    func failed(result: String, status: Int?, delay: Duration, _ loop: inout LoopState) -> Duration {
+    /// Counts a failed attempt and says when the next one is. `status`: the HTTP status of the ingest's answer; without
+    /// one, `cause` says why the attempt failed (by default no answer came).
+    func failed(result: String, status: Int?, cause: UploadFailureCause = .connection, delay: Duration, _ loop: inout LoopState) -> Duration {
         let seconds = Backoff.seconds(delay)
         let next = Timestamp(microseconds: Timestamp.now().microseconds + Int64(seconds * 1_000_000))
         let failures = loop.backoff.failures
-        let answer = status.map { "\($0)" } ?? "none"
+        let answer = status.map { "\($0)" } ?? cause.rawValue
         metrics.failed.increment()
         state.withLock {
             $0.lastResult = result

@@ -171,7 +171,7 @@ extension Uploader {
         case .unavailable:
             return failed(
                 result: "sequence_conflict on \(conflicts.count) readings; cannot ask the ingest for its highest sequence yet",
-                status: nil, delay: loop.backoff.nextDelay(), &loop)
+                status: nil, cause: .sequenceConflict, delay: loop.backoff.nextDelay(), &loop)
         case .implausible(let highest):
             // No number is left above the ingest's: kept aside (quarantine), never resent in a loop. Once the ingest's
             // operator has removed the other sender's readings, `farmgate quarantine requeue --code sequence_conflict`.
@@ -210,7 +210,7 @@ extension Uploader {
             metadata: ["readings": "\(moved.count)"])
         return failed(
             result: "sequence_conflict again on renumbered readings: is another site using this device's key?", status: nil,
-            delay: loop.backoff.nextDelay(), &loop)
+            cause: .sequenceConflict, delay: loop.backoff.nextDelay(), &loop)
     }
 
     /// Ascending sequences as runs: `1-40, 52, 60-61`, at most 20 runs.

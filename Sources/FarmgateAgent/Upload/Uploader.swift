@@ -351,7 +351,7 @@ public final class Uploader: Service {
             "The buffer failed a write the upload needs (operation); the batch stays pending and goes again after a backoff",
             metadata: ["operation": "\(what)", "error": "\(error)", "retry_in": "\(delay)"])
         let result = "\(status.map { "\($0): " } ?? "")the buffer \(what): \(error); the batch goes again after a backoff"
-        return failed(result: result, status: status, delay: delay, &loop)
+        return failed(result: result, status: status, cause: .buffer, delay: delay, &loop)
     }
 
     /// Looks at the buffer, sends what is due, and says how long to wait before looking again.

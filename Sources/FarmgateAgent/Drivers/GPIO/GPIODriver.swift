@@ -203,6 +203,9 @@ public final class GPIODriver: StreamingSensorDriver {
     let logger: Logger
     /// When the driver was made (its watcher's thread requests the line just after).
     let made = ContinuousClock.now
+    /// Whether this driver took a flow window yet: its first began where the line was requested, or where the previous
+    /// services' last read left it (a reload).
+    private let tookFlowWindow = Mutex(false)
 
     /// - Parameters:
     ///   - countFile: for a count sensor, the file that keeps its running count across restarts.
@@ -286,14 +289,42 @@ public final class GPIODriver: StreamingSensorDriver {
                 let (after, end) = try watcher.withMonitor { monitor, now in (monitor.pulses(at: now), now) }
                 window = (Int(clamping: after >= pulses ? after - pulses : 0), Double(end - start) / 1e9)
             } else {
-                window = try watcher.withMonitor { monitor, now in monitor.takeFlowWindow(at: now) }
+                // A caller of read() wants a value: a window that covered no time is an error here, the first one too.
+                window = try takeFlowWindow().window
             }
-            guard window.seconds > 0 else {
-                let eventsNote = options.eventsFile.map { " (the events file \($0) moves the line's clock only with its `now` lines)" } ?? ""
-                throw SensorError(.timeout, "no time has passed on the line's clock since the previous flow reading\(eventsNote)")
-            }
-            return SensorValue(Double(window.pulses) / perLitre / (window.seconds / 60))
+            return try flowRate(window, pulsesPerLitre: perLitre)
         }
+    }
+
+    /// A flow meter's first window after a start may cover no time: on an events file's clock, which moves only with its
+    /// lines, the sampler's first read often comes at the very time the line was requested. That read only begins the
+    /// window the next one measures (nil: nothing stored, no failed read); a later window that covers no time is still
+    /// an error. Other sensors, and one-off reads, read as ``read()`` does.
+    public func scheduledRead() async throws(SensorError) -> SensorValue? {
+        guard case .flow(let perLitre) = options.role, !SensorReadContext.oneOff else { return try await read() }
+        _ = await watcher.waitUntilTried(timeout: Self.requestWait)
+        let (window, first) = try takeFlowWindow()
+        if first, window.seconds <= 0 { return nil }
+        return try flowRate(window, pulsesPerLitre: perLitre)
+    }
+
+    /// The sampler's flow window up to now, and whether it is this driver's first.
+    private func takeFlowWindow() throws(SensorError) -> (window: (pulses: Int, seconds: Double), first: Bool) {
+        let window = try watcher.withMonitor { monitor, now in monitor.takeFlowWindow(at: now) }
+        let first = tookFlowWindow.withLock { took in
+            defer { took = true }
+            return !took
+        }
+        return (window, first)
+    }
+
+    /// L/min over `window`; an error when it covered no time on the line's clock.
+    private func flowRate(_ window: (pulses: Int, seconds: Double), pulsesPerLitre perLitre: Double) throws(SensorError) -> SensorValue {
+        guard window.seconds > 0 else {
+            let eventsNote = options.eventsFile.map { " (the events file \($0) moves the line's clock only with its `now` lines)" } ?? ""
+            throw SensorError(.timeout, "no time has passed on the line's clock since the previous flow reading\(eventsNote)")
+        }
+        return SensorValue(Double(window.pulses) / perLitre / (window.seconds / 60))
     }
 
     /// Flow and count sensors are read once more as the sampler stops, so that the pulses since the last read are kept.

@@ -130,27 +130,29 @@ public final class DS18B20Driver: SensorDriver {
         thread.shutdown()
     }
 
-    /// One blocking read of the sensor's sysfs file. Runs on the sensor's thread.
-    static func readMillidegrees(_ options: Options) -> Result<Int, SensorError> {
+    /// Where the kernel serves the sensor: its device directory under the w1 root, and the file a read takes, `w1_slave`
+    /// (it carries the kernel's CRC verdict) or, when the kernel has only that, `temperature`. Blocking (stat).
+    static func sysfsFile(_ options: Options) -> (directory: String, path: String, isSlave: Bool) {
         let directory = options.root + "/" + options.address
-        guard FileSystem.isDirectory(directory) else {
-            return .failure(missing(options))
-        }
         let slave = directory + "/w1_slave"
         let temperature = directory + "/temperature"
         let useSlave = FileManager.default.fileExists(atPath: slave) || !FileManager.default.fileExists(atPath: temperature)
-        let path = useSlave ? slave : temperature
+        return (directory, useSlave ? slave : temperature, useSlave)
+    }
+
+    /// One blocking read of the sensor's sysfs file. Runs on the sensor's thread.
+    static func readMillidegrees(_ options: Options) -> Result<Int, SensorError> {
+        let (directory, path, useSlave) = sysfsFile(options)
+        guard FileSystem.isDirectory(directory) else {
+            return .failure(missing(options))
+        }
         switch readFile(path) {
         case .success(let text): return useSlave ? W1Therm.parseSlaveFile(text) : W1Therm.parseTemperatureFile(text)
         case .failure(let failure):
             let code = failure.code
             switch code {
             case ENOENT where FileSystem.isDirectory(directory):
-                // Listed by the kernel, but without the w1-therm files: the device is there, its driver is not.
-                return .failure(
-                    SensorError(
-                        .fault,
-                        "1-Wire device \(options.address) is listed but has neither w1_slave nor temperature: the kernel's w1_therm driver does not serve it (load it: modprobe w1_therm), or it is no temperature sensor"))
+                return .failure(notServed(options))
             case ENOENT, ENODEV, ENXIO:
                 return .failure(missing(options))
             case EACCES, EPERM:
@@ -161,6 +163,13 @@ public final class DS18B20Driver: SensorDriver {
                 return .failure(SensorError(.fault, "cannot read \(path): \(String(cString: strerror(code)))"))
             }
         }
+    }
+
+    /// Listed by the kernel, but without the w1-therm files: the device is there, its driver is not.
+    static func notServed(_ options: Options) -> SensorError {
+        SensorError(
+            .fault,
+            "1-Wire device \(options.address) is listed but has neither w1_slave nor temperature: the kernel's w1_therm driver does not serve it (load it: modprobe w1_therm), or it is no temperature sensor")
     }
 
     static func missing(_ options: Options) -> SensorError {
