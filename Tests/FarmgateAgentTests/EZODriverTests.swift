@@ -347,6 +347,42 @@ struct EZODriverTests {
         await driver.close()
     }
 
+    // Before the fix (rt-tester19 F5, 2026-12-06) the half line ran into C,0's *OK ("*R*OK") and setup failed with
+    // "garbled answer … check the baud rate and the wiring": a `farmgate sensor read` at power-up exited 1.
+    @Test(
+        "A half line without a line end just before a setup command's answer (a circuit powering up) does not fail setup: the command is sent again",
+        arguments: ["C", "*OK", "I"])
+    func halfLineBeforeSetupAnswer(command: String) async throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.ph, name: "ph")
+        simulator.injectCommand(command, .noisePrefix([0x00, 0x00, 0xFF, 0xFF] + Array("*R".utf8)))
+        let driver = try bench.driver("tank1.ph", quantity: "ph", port: "ph")
+        let first = await readResult(driver)
+        #expect(first.map(\.value) == .success(6.00), "\(first)")
+        let sent = simulator.commands.map { $0.uppercased() }
+        let name = command == "C" ? "C,0" : command == "*OK" ? "*OK,?" : "I"
+        #expect(sent.filter { $0 == name }.count == 2, "\(name) was not sent again: \(sent)")
+        #expect(try await driver.read() == SensorValue(6.01))
+        await driver.close()
+    }
+
+    @Test("Setup answers garbled twice still fail setup, saying to check the baud: nothing garbled is taken for an answer")
+    func setupGarbledTwice() async throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.ph, name: "ph")
+        let noise: [UInt8] = [0x00, 0xFF] + Array("*R".utf8)
+        simulator.injectCommand("I", .noisePrefix(noise))
+        simulator.injectCommand("I", .noisePrefix(noise))
+        let driver = try bench.driver("tank1.ph", quantity: "ph", port: "ph")
+        let error = try #require(await readResult(driver).failure, "a garbled identity was taken")
+        #expect(error.kind == .invalidResponse, "\(error)")
+        #expect(error.message.contains("garbled answer to i"), "\(error)")
+        #expect(error.message.contains("baud"), "\(error)")
+        #expect(simulator.served.isEmpty, "a read was sent to an unidentified circuit")
+        #expect(try await driver.read() == SensorValue(6.00))
+        await driver.close()
+    }
+
     @Test("A calibration command the circuit does not acknowledge is an error, not a point taken")
     func unacknowledgedCalibration() async throws {
         let bench = try EZOBench()

@@ -384,6 +384,33 @@ struct ModbusBusTests {
         }
     }
 
+    // Before the fix (rt-tester19 F3) 0x3333 0x3333 was said to be "most likely read in the wrong order (with
+    // word_order = "little" they read 4.172325e-08)": the same value.
+    @Test("A tiny float32 that reads the same, or as tiny, in the other word order is refused without blaming the word order")
+    func tinyFloatInEitherOrder() async throws {
+        let scratch = try Scratch(prefix: "fg-modbus")
+        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1])
+        slave.set(slave: 1, address: 0, [0x3333, 0x3333])  // 4.17e-8 either way
+        slave.set(slave: 1, address: 2, [0x0000, 0x3333])  // 1.8e-41 high word first, 4.17e-8 low word first (0x33330000)
+        let configurations = try modbusSensors(
+            port: slave.path,
+            [
+                ("t.same", "slave = 1\naddress = 0\ndata_type = \"float32\"\nquantity = \"ph\""),
+                ("t.both", "slave = 1\naddress = 2\ndata_type = \"float32\"\nquantity = \"ph\""),
+            ])
+        try await withModbusDrivers(configurations) { drivers in
+            let same = try #require(await readResult(drivers[0]).failure, "a tiny float was read")
+            #expect(same.kind == .fault)
+            #expect(same.message.contains("raw 0x3333 0x3333"), "\(same)")
+            #expect(same.message.contains("the same in either word order"), "\(same)")
+            #expect(!same.message.contains("wrong order"), "\(same)")
+            let both = try #require(await readResult(drivers[1]).failure, "a tiny float was read")
+            #expect(both.kind == .fault)
+            #expect(both.message.contains("with word_order = \"little\" they read 4.1676685e-08, no measurement either"), "\(both)")
+            #expect(!both.message.contains("wrong order"), "\(both)")
+        }
+    }
+
     @Test("An answer from another address names that address; exception 04 says the transmitter failed")
     func wrongAddressAndDeviceFailure() async throws {
         let scratch = try Scratch(prefix: "fg-modbus")
@@ -422,6 +449,87 @@ struct ModbusBusTests {
             }
         }
         #expect(slave.requestCount(slave: 1) == 5, "every read asked the slave")
+    }
+
+    // Before the fix (rt-tester19 F2, 2026-12-06) a slave answering 100 ms after its timeout, every time, was said not
+    // to answer: "check its unit id, the baud and parity, the A/B wiring and its power", all of which were fine.
+    @Test("A slave that answers after its response_timeout is said to answer late, with how late and to raise response_timeout; its answer is still discarded")
+    func lateAnswerIsNamed() async throws {
+        let scratch = try Scratch(prefix: "fg-modbus")
+        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1])
+        slave.set(slave: 1, address: 0, [612])
+        let configurations = try modbusSensors(
+            port: slave.path, [("t.ph", "slave = 1\naddress = 0\nscale = 0.01\nquantity = \"ph\"\nresponse_timeout = \"200ms\"")],
+            interval: "100ms")
+        try await withModbusDrivers(configurations) { drivers in
+            slave.delayAnswers(of: 1, by: .milliseconds(350))
+            let error = try #require(await readResult(drivers[0]).failure, "the late answer was taken")
+            #expect(error.kind == .timeout)
+            #expect(error.message.contains("slave 1 answered holding registers 0-0 late, about "), "\(error)")
+            #expect(error.message.contains("response_timeout is 200ms"), "\(error)")
+            #expect(error.message.contains("raise response_timeout for the sensors of slave 1 (response_timeout = \""), "\(error)")
+            #expect(!error.message.contains("check its unit id"), "\(error)")
+            // Late every time: backed off as a silent slave is (each request holds the bus as long), saying why.
+            _ = await readResult(drivers[0])
+            let backedOff = try #require(await readResult(drivers[0]).failure)
+            #expect(backedOff.kind == .disconnected, "\(backedOff)")
+            #expect(backedOff.message.contains("did not answer its last 2 requests in time"), "\(backedOff)")
+            #expect(backedOff.message.contains("answered holding registers 0-0 late"), "\(backedOff)")
+            // In time again: its own answer, not a late one (an installer's read asks it whatever its back-off).
+            slave.delayAnswers(of: 1, by: .zero)
+            slave.set(slave: 1, address: 0, [640])
+            let value = try await SensorReadContext.$oneOff.withValue(true) { try await drivers[0].read().value }
+            #expect(abs(value - 6.40) < 1e-9)
+        }
+    }
+
+    // Before the fix (rt-tester19 F4) both were "malformed frame (Invalid data)" or a bare count without advice.
+    @Test("An answer of another function code names both codes; an answer with more registers than asked says what to check")
+    func answerOfAnotherShape() async throws {
+        let scratch = try Scratch(prefix: "fg-modbus")
+        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [])
+        slave.reply(to: 1, with: [1, 4, 2, 0, 42])  // function 04 to a 03 request, CRC valid
+        slave.reply(to: 2, with: [2, 3, 4, 0, 42, 0, 43])  // two registers for one
+        let configurations = try modbusSensors(
+            port: slave.path, [("t.one", "slave = 1\naddress = 0"), ("t.two", "slave = 2\naddress = 0")])
+        try await withModbusDrivers(configurations) { drivers in
+            let function = try #require(await readResult(drivers[0]).failure)
+            #expect(function.kind == .invalidResponse)
+            #expect(
+                function.message.contains("slave 1 answered holding registers 0-0 with function code 0x04 (read input registers) where 0x03 (read holding registers) was asked"),
+                "\(function)")
+            #expect(function.message.contains("another master"), "\(function)")
+            #expect(function.message.contains("check `function`"), "\(function)")
+            #expect(!function.message.contains("Invalid data"), "\(function)")
+            let count = try #require(await readResult(drivers[1]).failure)
+            #expect(count.kind == .invalidResponse)
+            #expect(count.message.contains("slave 2 answered holding registers 0-0 with 2 registers where 1 was asked"), "\(count)")
+            #expect(count.message.contains("another master"), "\(count)")
+            #expect(count.message.contains("another device with id 2"), "\(count)")
+        }
+    }
+
+    // Before the fix (rt-tester19 F7) the second answer was discarded before the next request without a word.
+    @Test("A second answer from the same unit id right after the one taken is logged as a warning naming the id, once; the first answer is the value")
+    func secondAnswerIsWarned() async throws {
+        let scratch = try Scratch(prefix: "fg-modbus")
+        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1])
+        slave.set(slave: 1, address: 0, [612])
+        slave.set(slave: 1, address: 50, [250])
+        slave.answerTwice(1, then: [1, 3, 2, 0x01, 0x2B])
+        let log = RecordedLog()
+        let configurations = try modbusSensors(
+            port: slave.path, [("t.a", "slave = 1\naddress = 0"), ("t.b", "slave = 1\naddress = 50")], interval: "100ms")
+        let drivers = try configurations.map { try ModbusDriver(configuration: $0, logger: log.logger()) }
+        for _ in 0..<3 {
+            #expect(try await drivers[0].read().value == 612)
+            try await Task.sleep(for: .milliseconds(50))
+            #expect(try await drivers[1].read().value == 250)
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        for driver in drivers { await driver.close() }
+        let warnings = log.entries.filter { $0.level == .warning && $0.message.contains("two devices may answer to id 1") }
+        #expect(warnings.count == 1, "\(log.entries.map(\.message))")
     }
 
     @Test("A transmitter's fault sentinels (uint16 0xFFFF, uint32 0xFFFFFFFF, int16 0x8000, int32 0x80000000) are faults at any scale; int16 -1 is a value")

@@ -177,7 +177,8 @@ public final class EZOSimulator: Sendable {
 
     /// The next command named `name` (`CAL`, `SLOPE`, `O`: the part before the first comma, any case; or the first two
     /// fields, `CAL,LOW`, for that command only) meets `fault` instead of being done: `.silence` (no answer at all),
-    /// `.respond(code)` (that line only).
+    /// `.respond(code)` (that line only); or, done as usual, `.noisePrefix(bytes)`: those bytes, without a line end,
+    /// as the command arrives, so that the answer runs into them (a half line a circuit sends at power-up).
     public func injectCommand(_ name: String, _ fault: Fault) {
         state.withLock { $0.commandFaults[name.uppercased(), default: []].append(fault) }
     }
@@ -419,6 +420,7 @@ public final class EZOSimulator: Sendable {
         }
         if case .silence? = commandFault { return }
         if case .respond(let code)? = commandFault { return send([code]) }
+        if case .noisePrefix(let noise)? = commandFault { sendRaw(noise) }
         let ignored = state.withLock { state in
             (fields.count > 1 ? ["\(command),\(fields[1])", command] : [command]).contains { state.ignored.contains($0) }
         }

@@ -48,6 +48,7 @@ public final class ModbusTestSlave: Sendable {
         var delays: [Int: Duration] = [:]
         var nextDelays: [Int: Duration] = [:]
         var rawReplies: [Int: [UInt8]] = [:]
+        var secondAnswers: [Int: [UInt8]] = [:]
     }
 
     /// - Parameters:
@@ -100,6 +101,12 @@ public final class ModbusTestSlave: Sendable {
     /// that some servers send for a unit id they do not have.
     public func reply(to slave: Int, with frame: [UInt8]) {
         state.withLock { $0.rawReplies[slave] = frame }
+    }
+
+    /// Makes every answer of `slave` followed, 2 ms later, by `frame` and its CRC: a second device with the same unit id
+    /// that answers too (a little later, so that the two do not collide).
+    public func answerTwice(_ slave: Int, then frame: [UInt8]) {
+        state.withLock { $0.secondAnswers[slave] = frame }
     }
 
     /// Every request received so far, in order.
@@ -218,6 +225,12 @@ public final class ModbusTestSlave: Sendable {
         request.answeredAt = .now
         state.withLock { $0.requests.append(request) }
         _ = frame.withUnsafeBufferPointer { modbus_reply(context, $0.baseAddress, Int32($0.count), mapping) }
+        if let second = state.withLock({ $0.secondAnswers[slave] }) {
+            Self.sleep(.milliseconds(2))
+            let crc = Self.crc16(second)
+            let bytes = second + [UInt8(crc & 0xFF), UInt8(crc >> 8)]
+            _ = bytes.withUnsafeBufferPointer { write(master, $0.baseAddress, $0.count) }
+        }
     }
 
     /// The Modbus RTU CRC: initial 0xFFFF, reflected polynomial 0xA001, sent low byte first.

@@ -316,18 +316,18 @@ final class EZOSession: @unchecked Sendable {
         // which it is cannot be told here: nothing is flagged compensated until RT or T sets it again.
         compensation = nil
         // Response codes may be off: a missing *OK is no failure here (*OK,? tells).
-        _ = try transact(port, "C,0", time: EZOCircuitKind.commandTime, answer: nil, absorb: false, acknowledged: false)
+        _ = try transact(port, "C,0", time: EZOCircuitKind.commandTime, answer: nil, absorb: false, acknowledged: false, resendIfGarbled: true)
         settle(port, for: .milliseconds(100))
         // Learn whether *OK follows each answer: ask without waiting for one.
         responseCodes = false
-        guard let codes = try transact(port, "*OK,?", time: EZOCircuitKind.commandTime, answer: { EZOParse.responseCodes($0) != nil }, absorb: false),
+        guard let codes = try transact(port, "*OK,?", time: EZOCircuitKind.commandTime, answer: { EZOParse.responseCodes($0) != nil }, absorb: false, resendIfGarbled: true),
             let enabled = EZOParse.responseCodes(codes)
         else {
             throw .sensor(SensorError(.invalidResponse, "the circuit on \(portPath) did not answer *OK,?"))
         }
         responseCodes = enabled
         settle(port, for: .milliseconds(enabled ? 50 : 0))
-        guard let identity = try transact(port, "i", time: EZOCircuitKind.commandTime, answer: { EZOParse.identity($0) != nil }, absorb: false),
+        guard let identity = try transact(port, "i", time: EZOCircuitKind.commandTime, answer: { EZOParse.identity($0) != nil }, absorb: false, resendIfGarbled: true),
             let (type, firmware) = EZOParse.identity(identity)
         else {
             throw .sensor(SensorError(.invalidResponse, "the circuit on \(portPath) did not say what it is (no answer to i)"))
@@ -345,8 +345,8 @@ final class EZOSession: @unchecked Sendable {
         case .rtd:
             // With response codes off nothing says whether S,c was done: S,? does. A reading in °F or K stored as °C
             // (and sent to other circuits as their compensation) is worse than no reading.
-            _ = try transact(port, "S,c", time: EZOCircuitKind.commandTime, answer: nil, absorb: false)
-            guard let answer = try transact(port, "S,?", time: EZOCircuitKind.commandTime, answer: { EZOParse.scale($0) != nil }, absorb: false),
+            _ = try transact(port, "S,c", time: EZOCircuitKind.commandTime, answer: nil, absorb: false, resendIfGarbled: true)
+            guard let answer = try transact(port, "S,?", time: EZOCircuitKind.commandTime, answer: { EZOParse.scale($0) != nil }, absorb: false, resendIfGarbled: true),
                 let scale = EZOParse.scale(answer)
             else {
                 throw .sensor(SensorError(.invalidResponse, "the RTD circuit on \(portPath) did not say its temperature scale (S,?) after S,c"))
@@ -357,19 +357,19 @@ final class EZOSession: @unchecked Sendable {
                     "the EZO RTD circuit on \(portPath) did not take S,c (°C): S,? still answers \"\(answer)\" (readings in \(scale == "f" ? "°F" : "K")), so none is stored as °C; check the wiring (a command lost on the way; setup is tried again at every read), or stop the agent and send S,c to the circuit with a terminal program at its baud"))
             }
         case .ec:
-            guard let answer = try transact(port, "O,?", time: EZOCircuitKind.commandTime, answer: { EZOParse.outputs($0) != nil }, absorb: false),
+            guard let answer = try transact(port, "O,?", time: EZOCircuitKind.commandTime, answer: { EZOParse.outputs($0) != nil }, absorb: false, resendIfGarbled: true),
                 let enabled = EZOParse.outputs(answer)
             else {
                 throw .sensor(SensorError(.invalidResponse, "the EC circuit on \(portPath) did not list its outputs (O,?)"))
             }
             let changes = EZOOutput.allCases.filter { enabled.contains($0) != outputs.contains($0) }.map { "O,\($0.rawValue),\(outputs.contains($0) ? 1 : 0)" }
             for change in changes {
-                _ = try transact(port, change, time: EZOCircuitKind.commandTime, answer: nil, absorb: false)
+                _ = try transact(port, change, time: EZOCircuitKind.commandTime, answer: nil, absorb: false, resendIfGarbled: true)
             }
             if !changes.isEmpty {
                 // With response codes off nothing says whether the outputs changed: O,? does. A reading's fields are
                 // told apart only by their order, so other outputs would put one quantity's value under another.
-                guard let confirm = try transact(port, "O,?", time: EZOCircuitKind.commandTime, answer: { EZOParse.outputs($0) != nil }, absorb: false),
+                guard let confirm = try transact(port, "O,?", time: EZOCircuitKind.commandTime, answer: { EZOParse.outputs($0) != nil }, absorb: false, resendIfGarbled: true),
                     let now = EZOParse.outputs(confirm)
                 else {
                     throw .sensor(SensorError(.invalidResponse, "the EC circuit on \(portPath) did not list its outputs (O,?) after \(changes.joined(separator: ", "))"))
@@ -384,19 +384,19 @@ final class EZOSession: @unchecked Sendable {
             // mg/L alone: with % saturation on too, every reading has two fields.
             let answer: String?
             do throws(Interruption) {
-                answer = try transact(port, "O,?", time: EZOCircuitKind.commandTime, answer: { EZOParse.oxygenOutputs($0) != nil }, absorb: false)
+                answer = try transact(port, "O,?", time: EZOCircuitKind.commandTime, answer: { EZOParse.oxygenOutputs($0) != nil }, absorb: false, resendIfGarbled: true)
             } catch .refused(.unknownCommand, _) {
                 answer = nil  // firmware without outputs to choose: mg/L only
             }
             if let enabled = answer.flatMap(EZOParse.oxygenOutputs) {
                 let changes = [("%", false), ("mg", true)].filter { enabled.contains($0.0.uppercased()) != $0.1 }.map { "O,\($0.0),\($0.1 ? 1 : 0)" }
                 for change in changes {
-                    _ = try transact(port, change, time: EZOCircuitKind.commandTime, answer: nil, absorb: false)
+                    _ = try transact(port, change, time: EZOCircuitKind.commandTime, answer: nil, absorb: false, resendIfGarbled: true)
                 }
                 if !changes.isEmpty {
                     // With response codes off nothing says whether the outputs changed: O,? does. % saturation stored
                     // as mg/L is worse than no reading.
-                    guard let confirm = try transact(port, "O,?", time: EZOCircuitKind.commandTime, answer: { EZOParse.oxygenOutputs($0) != nil }, absorb: false),
+                    guard let confirm = try transact(port, "O,?", time: EZOCircuitKind.commandTime, answer: { EZOParse.oxygenOutputs($0) != nil }, absorb: false, resendIfGarbled: true),
                         let now = EZOParse.oxygenOutputs(confirm)
                     else {
                         throw .sensor(SensorError(.invalidResponse, "the DO circuit on \(portPath) did not list its outputs (O,?) after \(changes.joined(separator: ", "))"))
@@ -433,10 +433,14 @@ final class EZOSession: @unchecked Sendable {
     ///     on). Every answer line is collected until `*OK` arrives or, with codes off, until the whole wait is over; a
     ///     second one is proof of readings streamed or noise on the line, and fails the read: which line is the
     ///     circuit's answer cannot be told.
+    ///   - resendIfGarbled: a setup command, which can be sent twice: after a garbled answer it is sent once more
+    ///     before the answer is an error. A circuit at power-up may send a half line without its carriage return
+    ///     (NUL NUL 0xFF 0xFF `*R`) just before its answer, which then reads as one garbled line (`*R*OK`). Never for
+    ///     a read: a garbled reading is not read again, and nothing garbled is ever taken for an answer.
     /// - Returns: the answer line, or nil for a command without one.
     private func transact(
         _ port: SerialPort, _ command: String, time: Duration, answer: ((String) -> Bool)?, absorb: Bool = true, acknowledged: Bool = true,
-        single: Bool = false
+        single: Bool = false, resendIfGarbled: Bool = false
     ) throws(Interruption) -> String? {
         if absorb { try absorbPending(port) }
         let dropped = splitter.discardPartial()
@@ -516,6 +520,12 @@ final class EZOSession: @unchecked Sendable {
         }
         if !unreadable.isEmpty {
             logger.debug("EZO lines ignored", metadata: ["command": "\(command)", "lines": "\(unreadable.prefix(3))"])
+        }
+        let garbled = !unreadable.isEmpty && (answer != nil ? data == nil : !sawOK && responseCodes)
+        if garbled, resendIfGarbled {
+            logger.debug("EZO garbled answer to a setup command; sending it once more", metadata: ["command": "\(command)"])
+            return try transact(
+                port, command, time: time, answer: answer, absorb: absorb, acknowledged: acknowledged, single: single, resendIfGarbled: false)
         }
         if answer != nil {
             guard let data else {

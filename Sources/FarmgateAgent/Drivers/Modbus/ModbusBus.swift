@@ -104,6 +104,11 @@ final class ModbusLink {
     private var cache: [ModbusBlock: Cached] = [:]
     /// Slaves whose last requests timed out, by unit id (see ``SilentSlave``).
     private var silent: [Int: SilentSlave] = [:]
+    /// The last request, when it was answered in full: anything on the line after it, up to the next request, answers
+    /// nothing (``noteSecondAnswer(_:)``).
+    private var answered: (slave: Int, function: UInt8, what: String)?
+    /// Unit ids a second answer was seen from, warned about once while the port stays open.
+    private var secondAnswerWarned: Set<Int> = []
 
     /// A slave that stopped answering. Every request to it holds the bus for up to twice its response timeout (the
     /// timeout, then the drain), time the other sensors on the bus wait: asked at every tick, a slave with a 2 s timeout
@@ -177,7 +182,7 @@ final class ModbusLink {
             return .failure(
                 SensorError(
                     .disconnected,
-                    "slave \(slave) did not answer its last \(silence.timeouts) requests; next attempt in \(Self.seconds(next - started)), so that the other sensors on \(settings.port) keep their intervals (last error\(last))"))
+                    "slave \(slave) did not answer its last \(silence.timeouts) requests in time; next attempt in \(Self.seconds(next - started)), so that the other sensors on \(settings.port) keep their intervals (last error\(last))"))
         }
         var result = transact(block)
         result = noteSilence(result, slave: slave, started: started, interval: block.maxAge)
@@ -260,8 +265,9 @@ final class ModbusLink {
         // buffer, and libmodbus 3.1.6 (which does not flush before sending) would take it as the answer to this request,
         // so that values lag a round or two sensors swap. Whatever arrived since the last frame is no answer to this one.
         // An answer later still, one that would cross this request on the wire, is caught by the drain after every
-        // timeout and malformed answer (``drain(quiet:)``): the line must have been silent for a response timeout
-        // before the next request goes out.
+        // timeout and malformed answer (``drain(quiet:answerOf:)``): the line must have been silent for a response
+        // timeout before the next request goes out.
+        noteSecondAnswer(context)
         modbus_flush(context)
         let registers = block.unit.function == .holding ? "holding registers" : "input registers"
         // Every message names the slave already ("slave 5 answered holding registers 0-1 ...").
@@ -276,6 +282,7 @@ final class ModbusLink {
             UInt8(slave), function, UInt8(block.start >> 8), UInt8(block.start & 0xFF), UInt8(block.count >> 8),
             UInt8(block.count & 0xFF),
         ]
+        let sentAt = ContinuousClock.now
         let sent = request.withUnsafeBufferPointer { buffer -> Int32 in
             guard let base = buffer.baseAddress else { return -1 }
             return modbus_send_raw_request(context, base, Int32(buffer.count))
@@ -304,7 +311,8 @@ final class ModbusLink {
                             .invalidResponse,
                             "slave \(slave) began to answer \(what) but the answer stopped short\(from): noise, a missing termination or a loose A/B wire cut it, or the baud and parity (\(settings)) do not match the transmitter's")))
             }
-            return .failure(classify(code, what: what, slave: slave, timeout: block.responseTimeout))
+            return .failure(
+                classify(code, what: what, slave: slave, timeout: block.responseTimeout, request: (function, sentAt)))
         }
         let base = Int32(MODBUS_ENOBASE)
         // libmodbus returns 0 for a frame from another unit id (it does not check that frame's CRC).
@@ -321,11 +329,17 @@ final class ModbusLink {
             let byteCount = Int(frame[2])
             guard byteCount == 2 * block.count, frame.count == 3 + byteCount + 2 else {
                 drain(quiet: block.responseTimeout)
+                // A slave answers exactly what it was asked: another count is most likely the answer to another
+                // request (another master's, taken for this one), or another device with this id.
+                let sent = byteCount % 2 == 0 ? "\(byteCount / 2) registers" : "\(byteCount) data bytes"
                 return .failure(
                     ModbusFailure(
-                        SensorError(.invalidResponse, "slave \(slave) sent \(byteCount / 2) registers for \(what)")))
+                        SensorError(
+                            .invalidResponse,
+                            "slave \(slave) answered \(what) with \(sent) where \(block.count) \(block.count == 1 ? "was" : "were") asked: the answer to another request (is another master on \(settings.port)?) or from another device with id \(slave); otherwise check address, function and data_type against its register map")))
             }
             let values = (0..<block.count).map { UInt16(frame[3 + 2 * $0]) << 8 | UInt16(frame[4 + 2 * $0]) }
+            answered = (slave, function, what)
             return .success(values)
         }
         if frame.count >= 3, frame[1] >= 0x80 {
@@ -337,10 +351,24 @@ final class ModbusLink {
             }
             return .failure(exception(Int(frame[2]), what: what, slave: slave))
         }
+        if frame.count >= 2 {
+            // A well-formed answer (libmodbus checked its CRC) of another function: no slave answers a read with
+            // another function unless the frame answers another request.
+            drain(quiet: block.responseTimeout)
+            return .failure(
+                ModbusFailure(
+                    SensorError(
+                        .invalidResponse,
+                        "slave \(slave) answered \(what) with function code \(Self.functionName(frame[1])) where \(Self.functionName(function)) was asked: the answer to another request (is another master on \(settings.port)?), or a transmitter that serves these registers under the other function; check `function` (holding = 03, input = 04) against its register map")))
+        }
         return .failure(classify(base + 13, what: what, slave: slave, timeout: block.responseTimeout))  // EMBBADDATA
     }
 
-    private func classify(_ code: Int32, what: String, slave: Int, timeout: Duration) -> ModbusFailure {
+    /// - Parameter request: the function asked and when the request went out, so that a timeout can tell a slave that
+    ///   answered late from one that did not answer.
+    private func classify(
+        _ code: Int32, what: String, slave: Int, timeout: Duration, request: (function: UInt8, sentAt: ContinuousClock.Instant)? = nil
+    ) -> ModbusFailure {
         let base = Int32(MODBUS_ENOBASE)
         // An exception frame that is not one of the request's function (function byte 0x80): typically a server or
         // gateway that answers for unit ids it does not have. (Exception responses themselves are parsed in
@@ -356,7 +384,16 @@ final class ModbusLink {
         }
         switch code {
         case ETIMEDOUT:
-            drain(quiet: timeout)
+            let late = drain(quiet: timeout, answerOf: request.map { (slave, $0.function) })
+            if let late, let request {
+                // The slave is there, at the right id, baud and wiring: it is only slower than response_timeout. The
+                // answer itself was discarded (it cannot be told from an answer to the next request).
+                let after = late - request.sentAt
+                return ModbusFailure(
+                    SensorError(
+                        .timeout,
+                        "slave \(slave) answered \(what) late, about \(Self.roughly(after)) after the request where response_timeout is \(ConfigTable.format(timeout)) on \(settings.port), so the answer was discarded: raise response_timeout for the sensors of slave \(slave) (response_timeout = \"\(ConfigTable.format(Self.suggestedTimeout(after)))\", say; keep it well under half the shortest interval on the bus)"))
+            }
             return ModbusFailure(
                 SensorError(.timeout, "slave \(slave) did not answer within \(timeout) on \(settings.port); check its unit id, the baud and parity (\(settings)), the A/B wiring and its power"))
         case base + 12:  // EMBBADCRC
@@ -529,6 +566,8 @@ final class ModbusLink {
         cache = [:]
         // A replugged adapter (or another one behind the path): every slave is asked afresh.
         silent = [:]
+        answered = nil
+        secondAnswerWarned = []
     }
 
     /// The longest a drain goes on beyond its quiet window when the line never falls silent (another master, noise).
@@ -538,13 +577,21 @@ final class ModbusLink {
     /// ``drainLimit`` in all: after a timeout or a malformed answer, the slave may still be sending (a late answer,
     /// the rest of a garbled one), and RTU frames carry no transaction id, so that answer would be taken for the next
     /// request's if it went out now. libmodbus's own error recovery does the same (wait a response timeout, flush).
-    private func drain(quiet: Duration) {
-        guard let context else { return }
+    /// - Parameter expected: after a timeout, the slave and function asked: when a complete answer of that slave to
+    ///   that function (or its exception) with a valid CRC was among the bytes discarded, the slave answered late.
+    /// - Returns: when that late answer began to arrive; nil when there was none (or nothing was `expected`).
+    @discardableResult
+    private func drain(quiet: Duration, answerOf expected: (slave: Int, function: UInt8)? = nil) -> ContinuousClock.Instant? {
+        guard let context else { return nil }
         let fd = modbus_get_socket(context)
-        guard fd >= 0 else { return }
+        guard fd >= 0 else { return nil }
         let limit = ContinuousClock.now + quiet + Self.drainLimit
         var buffer = [UInt8](repeating: 0, count: 256)
         var discarded = 0
+        // What was discarded, with when each chunk came (kept only when an answer is looked for, and only as much as
+        // the longest answer and some noise before it).
+        var received: [UInt8] = []
+        var arrivals: [(offset: Int, at: ContinuousClock.Instant)] = []
         while true {
             let now = ContinuousClock.now
             guard now < limit else {
@@ -564,6 +611,10 @@ final class ModbusLink {
             let count = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
             if count > 0 {
                 discarded += count
+                if expected != nil, received.count < 2 * Int(MODBUS_RTU_MAX_ADU_LENGTH) {
+                    arrivals.append((received.count, ContinuousClock.now))
+                    received.append(contentsOf: buffer[0..<count])
+                }
                 continue
             }
             if count < 0, errno == EINTR || errno == EAGAIN { continue }
@@ -573,6 +624,54 @@ final class ModbusLink {
             logger.debug("Modbus: discarded bytes that came after a failed request", metadata: ["bytes": "\(discarded)"])
         }
         lastFrameEnd = ContinuousClock.now
+        guard let expected, let start = Self.answerStart(in: received, slave: expected.slave, function: expected.function) else {
+            return nil
+        }
+        return arrivals.last { $0.offset <= start }?.at
+    }
+
+    /// Where a complete answer of `slave` to `function` (its registers, or its exception) with a valid CRC begins in
+    /// `bytes` (noise before it is skipped); nil when there is none. Only for bytes the bus discards: the answers it
+    /// takes are framed and checked by libmodbus.
+    static func answerStart(in bytes: [UInt8], slave: Int, function: UInt8) -> Int? {
+        for start in bytes.indices where bytes[start] == UInt8(truncatingIfNeeded: slave) && start + 2 < bytes.count {
+            let length: Int
+            switch bytes[start + 1] {
+            case function: length = 3 + Int(bytes[start + 2]) + 2
+            case function | 0x80: length = 5
+            default: continue
+            }
+            guard start + length <= bytes.count else { continue }
+            let crc = ModbusRTU.crc16(bytes[start..<(start + length - 2)])
+            if bytes[start + length - 2] == UInt8(crc & 0xFF), bytes[start + length - 1] == UInt8(crc >> 8) { return start }
+        }
+        return nil
+    }
+
+    /// Looks at what arrived since the last request was answered in full, before the next request discards it: another
+    /// complete answer of the same slave is a second device with its unit id (or another master polling it), which
+    /// nothing else shows, since its answers come after the one taken (the first answer was stored). Warned once per
+    /// slave while the port stays open.
+    private func noteSecondAnswer(_ context: OpaquePointer) {
+        guard let previous = answered else { return }
+        answered = nil
+        let fd = modbus_get_socket(context)
+        guard fd >= 0, !secondAnswerWarned.contains(previous.slave) else { return }
+        var pending: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 256)
+        // Only what is already there: never waits.
+        while pending.count < 2 * Int(MODBUS_RTU_MAX_ADU_LENGTH) {
+            var descriptor = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            guard poll(&descriptor, 1, 0) > 0 else { break }
+            let count = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+            guard count > 0 else { break }
+            pending.append(contentsOf: buffer[0..<count])
+        }
+        guard Self.answerStart(in: pending, slave: previous.slave, function: previous.function) != nil else { return }
+        secondAnswerWarned.insert(previous.slave)
+        logger.warning(
+            "Modbus: a second answer from unit id \(previous.slave) came after its answer; two devices may answer to id \(previous.slave) (give each transmitter its own unit id), or another master is polling it; the first answer was taken",
+            metadata: ["slave": "\(previous.slave)", "registers": "\(previous.what)"])
     }
 
     /// Sleeps until t3.5 has passed since the last frame ended, so that the next request is never glued to it.
@@ -593,6 +692,29 @@ final class ModbusLink {
         let digits = String(code, radix: 16, uppercase: true)
         let hex = "0x" + String(repeating: "0", count: max(0, 2 - digits.count)) + digits
         return names[code].map { "\(hex) (\($0))" } ?? hex
+    }
+
+    /// `0x04 (read input registers)`.
+    static func functionName(_ code: UInt8) -> String {
+        let names: [UInt8: String] = [3: "read holding registers", 4: "read input registers"]
+        let digits = String(code, radix: 16, uppercase: true)
+        let hex = "0x" + String(repeating: "0", count: max(0, 2 - digits.count)) + digits
+        return names[code].map { "\(hex) (\($0))" } ?? hex
+    }
+
+    /// A response_timeout that a slave answering after `answer` keeps within: half as long again, up to the next
+    /// 100 ms, within what the key accepts (10 s).
+    static func suggestedTimeout(_ answer: Duration) -> Duration {
+        let milliseconds = (answer * 3 / 2).wholeMilliseconds
+        return .milliseconds(min((milliseconds + 99) / 100 * 100, 10_000))
+    }
+
+    /// `about 610ms`, `about 1.3s`: how late an answer was, to the 10 ms (to the 100 ms from a second).
+    static func roughly(_ duration: Duration) -> String {
+        let milliseconds = duration.wholeMilliseconds
+        guard milliseconds >= 1000 else { return "\((milliseconds + 5) / 10 * 10)ms" }
+        let tenths = (milliseconds + 50) / 100
+        return "\(tenths / 10).\(tenths % 10)s"
     }
 
     static func text(_ code: Int32) -> String {

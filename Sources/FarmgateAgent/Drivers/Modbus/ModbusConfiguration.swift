@@ -183,16 +183,28 @@ public struct ModbusPoint: Sendable, Hashable {
     ///
     /// No transmitter measures anything that finely, but that is what a wrong `word_order` (or `byte_order`) makes of
     /// most good values: 7.0 is 0x40E0 0x0000, and read low word first it is 2.3·10⁻⁴¹, which passes any plausible
-    /// range and would be stored as 0. The message says what the other word order reads.
+    /// range and would be stored as 0. The message says what the other word order reads, and blames the word order
+    /// only when that reads a measurable magnitude: two equal registers (0x3333 0x3333) read the same either way, and
+    /// then the word order cannot be the cause.
     public func implausibleFloat(_ registers: ArraySlice<UInt16>) -> String? {
         guard dataType == .float32, let bits = bits(registers) else { return nil }
         let float = Float(bitPattern: bits)
         guard float != 0, float.isFinite, abs(float) < 1e-6 else { return nil }
         var other = self
         other.lowWordFirst.toggle()
-        let alternative = other.decode(registers).map { "\(Float($0))" } ?? "no number either"
-        return "float32 \(float), a magnitude no transmitter measures: the registers are most likely read in the wrong order "
-            + "(with word_order = \"\(lowWordFirst ? "big" : "little")\" they read \(alternative)); check word_order and byte_order against its register map"
+        let otherOrder = "word_order = \"\(lowWordFirst ? "big" : "little")\""
+        let problem = "float32 \(float), a magnitude no transmitter measures"
+        guard let otherBits = other.bits(registers), otherBits != bits else {
+            return "\(problem), and the same in either word order (so the word order is not the cause): not a reading; check address and data_type against its register map, and the transmitter"
+        }
+        let alternative = Float(bitPattern: otherBits)
+        guard alternative.isFinite, alternative == 0 || abs(alternative) >= 1e-6 else {
+            let read = alternative.isFinite ? "\(alternative), no measurement either" : "no number either"
+            return "\(problem), and with \(otherOrder) they read \(read) (so the word order is not the cause): not a reading; check address, data_type and byte_order against its register map, and the transmitter"
+        }
+        let shown = other.decode(registers).map { "\(Float($0))" } ?? "no number either"
+        return "\(problem): the registers are most likely read in the wrong order "
+            + "(with \(otherOrder) they read \(shown)); check word_order and byte_order against its register map"
     }
 
     /// The value's bits, with byte and word order applied (16-bit types in the low half); nil for too few registers.
