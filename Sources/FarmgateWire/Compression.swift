@@ -8,10 +8,13 @@ public struct CompressionError: Error, Hashable, Sendable, CustomStringConvertib
     public let exceededLimit: Bool
     /// The input ends before its stream does (cut in transit, most likely): worth sending again, unlike corrupt data.
     public let truncated: Bool
-    public init(_ description: String, exceededLimit: Bool = false, truncated: Bool = false) {
+    /// The compressed data is whole, and bytes that are not compressed data follow it.
+    public let trailingData: Bool
+    public init(_ description: String, exceededLimit: Bool = false, truncated: Bool = false, trailingData: Bool = false) {
         self.description = description
         self.exceededLimit = exceededLimit
         self.truncated = truncated
+        self.trailingData = trailingData
     }
 }
 
@@ -191,7 +194,6 @@ public enum Gzip {
         var chunk = [UInt8](repeating: 0, count: decompressionChunk)
         var input = bytes
         var consumed = 0
-        var finishedMember = false
         while true {
             var produced = 0
             let result: Int32 = input.withUnsafeMutableBytes { inRaw in
@@ -215,11 +217,14 @@ public enum Gzip {
             }
             switch result {
             case Z_STREAM_END:
-                finishedMember = true
                 if consumed >= bytes.count { return output }
-                // Another member follows (or trailing garbage, which the next inflate call reports).
+                // Another member follows, or bytes that begin none (junk appended to the body), of which zlib would say
+                // what it says of a bad header ("incorrect header check"): say what they are instead.
+                guard Self.beginsStream(bytes[consumed...]) else {
+                    throw CompressionError(
+                        "gzip: \(bytes.count - consumed) bytes follow the end of the compressed data", trailingData: true)
+                }
                 guard inflateReset(&stream) == Z_OK else { throw CompressionError("gzip: could not reset the decompressor") }
-                finishedMember = false
             case Z_OK:
                 continue
             case Z_BUF_ERROR:
@@ -229,8 +234,17 @@ public enum Gzip {
                 throw CompressionError("gzip: the stream needs a preset dictionary, which is not supported")
             default:
                 let message = stream.msg.map { String(cString: $0) } ?? "error \(result)"
-                throw CompressionError(finishedMember ? "gzip: trailing data after the last member" : "gzip: \(message)")
+                throw CompressionError("gzip: \(message)")
             }
         }
+    }
+
+    /// Whether `bytes` begin as a gzip member (its magic number) or a zlib stream (a valid header) would, as far as they go.
+    private static func beginsStream(_ bytes: ArraySlice<UInt8>) -> Bool {
+        let head = Array(bytes.prefix(2))
+        if [0x1f, 0x8b].starts(with: head) { return true }
+        // RFC 1950: deflate (CM 8) with a window of at most 32 KiB, and the two bytes a multiple of 31.
+        guard head.count == 2 else { return head[0] & 0x0f == 8 && head[0] >> 4 <= 7 }
+        return head[0] & 0x0f == 8 && head[0] >> 4 <= 7 && (UInt16(head[0]) << 8 | UInt16(head[1])) % 31 == 0
     }
 }

@@ -48,10 +48,19 @@ public struct APIError: Error, HTTPResponseError, Sendable, CustomStringConverti
             message: "this \(what) has been revoked; ask the operator of the ingest for a new one", headers: [.wwwAuthenticate: "Bearer"])
     }
 
-    static func unavailable(retryAfterSeconds: Int = 5) -> APIError {
-        APIError(
-            .serviceUnavailable, code: IngestErrorCode.unavailable,
-            message: "the ingest cannot reach its store right now; nothing was stored, retry after the Retry-After delay",
+    /// 503 for a store call that failed with `error`: says why when the store knows (its disk is full, its file was
+    /// removed under it), so that the operator reading the agent's status looks in the right place; else that the store
+    /// cannot be reached.
+    static func unavailable(_ error: (any Error)? = nil, retryAfterSeconds: Int = 5) -> APIError {
+        let reason =
+            switch error.flatMap(StoreWriteProblem.init) {
+            case .diskFull?: "the ingest cannot write to its store right now: the store's disk is full (SQLITE_FULL)"
+            case .fileReplaced?:
+                "the ingest's store file was removed or replaced while it ran, and nothing it stores would last until its operator restarts it"
+            case nil: "the ingest cannot reach its store right now"
+            }
+        return APIError(
+            .serviceUnavailable, code: IngestErrorCode.unavailable, message: "\(reason); nothing was stored, retry after the Retry-After delay",
             headers: [.retryAfter: String(retryAfterSeconds)])
     }
 

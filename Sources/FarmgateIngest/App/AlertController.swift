@@ -243,7 +243,7 @@ struct AlertController: Sendable {
             throw APIError(.badRequest, code: "invalid_silence", message: error.description)
         } catch {
             logger.storeFailure("store failed to add a silence", error: error)
-            throw APIError.unavailable()
+            throw APIError.unavailable(error)
         }
         return jsonResponse(["id": id], status: .created)
     }
@@ -330,7 +330,7 @@ struct AlertController: Sendable {
             throw APIError(.conflict, code: "already_exists", message: "\(thing) already exists; PUT /v1/farms/{farm}/alert-rules/{name} replaces it")
         } catch {
             logger.storeFailure("store failed", error: error, metadata: ["alert.operation": "\(what)"])
-            throw APIError.unavailable()
+            throw APIError.unavailable(error)
         }
     }
 }

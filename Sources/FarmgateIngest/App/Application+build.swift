@@ -160,9 +160,14 @@ func buildRouter(
             return jsonResponse(["status": "ready"])
         } catch {
             logger.storeFailure("readiness check failed", level: .warning, error: error)
-            throw APIError(
-                .serviceUnavailable, code: "not_ready", message: notReadyAdvice,
-                headers: [.retryAfter: "5"])
+            // The SQLite store's own reason when it has one (its file removed, its disk full): the store answers queries
+            // then, and the general advice would send the operator looking elsewhere.
+            let message: String =
+                switch error {
+                case let error as SQLiteIngestStoreError: error.description
+                default: notReadyAdvice
+                }
+            throw APIError(.serviceUnavailable, code: "not_ready", message: message, headers: [.retryAfter: "5"])
         }
     }
     let registry = metrics.registry

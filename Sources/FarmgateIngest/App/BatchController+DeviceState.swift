@@ -15,7 +15,7 @@ extension BatchController {
             highest = try await store.highestSequence(device: device)
         } catch {
             logger.storeFailure("store failed to read a device's highest sequence", level: .warning, error: error, metadata: ["device.id": "\(device.device)"])
-            throw APIError.unavailable()
+            throw APIError.unavailable(error)
         }
         return jsonResponse(DeviceState(device: device.device.rawValue, highestSequence: highest, acceptedVersions: acceptedVersions.map(Int.init)))
     }

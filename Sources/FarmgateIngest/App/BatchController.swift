@@ -180,7 +180,7 @@ struct BatchController: Sendable {
             throw error
         } catch {
             logger.storeFailure("store failed to read the state of a stateful frame", error: error, metadata: ["device.id": "\(device.device)"])
-            throw APIError.unavailable()
+            throw APIError.unavailable(error)
         }
         guard batch.device == device.device else {
             throw APIError(
@@ -213,7 +213,7 @@ struct BatchController: Sendable {
                 stored = try await eventStore.storedCalibrations(ids: calibrations.map(\.id), for: device)
             } catch {
                 logger.storeFailure("store failed to read calibration events", error: error, metadata: ["device.id": "\(device.device)"])
-                throw APIError.unavailable()
+                throw APIError.unavailable(error)
             }
             if let unknown {
                 throw APIError(
@@ -231,7 +231,7 @@ struct BatchController: Sendable {
             outcome = try await store.store(valid, for: device, receivedAt: receivedAt)
         } catch {
             logger.storeFailure("store failed to commit a batch", error: error, metadata: ["device.id": "\(device.device)"])
-            throw APIError.unavailable()
+            throw APIError.unavailable(error)
         }
         commits.publish(outcome, device: device, receivedAt: receivedAt)
         let allRejected = (preRejected + rejected + outcome.rejected).sorted { ($0.sequence ?? 0, $0.sensor) < ($1.sequence ?? 0, $1.sensor) }
@@ -243,7 +243,7 @@ struct BatchController: Sendable {
                 receipt.calibrations = try await eventStore.storeCalibrations(calibrations, for: device, receivedAt: now())
             } catch {
                 logger.storeFailure("store failed to commit calibration events", error: error, metadata: ["device.id": "\(device.device)"])
-                throw APIError.unavailable()
+                throw APIError.unavailable(error)
             }
         }
         return (receipt, device)
@@ -440,6 +440,12 @@ struct BatchController: Sendable {
                 throw APIError(
                     .badRequest, code: IngestErrorCode.incompleteBody,
                     message: "the \(encoding.rawValue) body ends early (\(error.description)); it was probably cut in transit: send it again")
+            }
+            if error.trailingData {
+                // The body is compressed as it says: "compress it with gzip" would send the sender looking in the wrong place.
+                throw APIError(
+                    .badRequest, code: IngestErrorCode.malformedBatch,
+                    message: "the \(encoding.rawValue) body has bytes after the end of its compressed data (\(error.description)); send the compressed data alone")
             }
             throw APIError(
                 .badRequest, code: IngestErrorCode.malformedBatch,

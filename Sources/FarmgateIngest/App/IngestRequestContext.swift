@@ -130,6 +130,13 @@ func bearerKey(_ request: Request, expected kind: APIKey.Kind) throws(APIError) 
 /// The key in `headers` (see ``bearerKey(_:expected:)``).
 func bearerKey(_ headers: HTTPFields, expected kind: APIKey.Kind) throws(APIError) -> APIKey {
     let what = kind == .device ? "a device key (fgd_...)" : "a read token (fgr_...)"
+    // Two fields of one name read as one value joined by a comma, which is no key: say what is wrong instead.
+    for name in kind == .device ? [HTTPField.Name.authorization, deviceKeyField] : [.authorization] {
+        let count = headers[fields: name].count
+        guard count < 2 else {
+            throw APIError.unauthorized("the request has \(count) \(name.rawName) headers; send the key in exactly one")
+        }
+    }
     let text: String
     if kind == .device, headers[.authorization] == nil, let header = headers[deviceKeyField] {
         // The agent's form on a metered link (IngestProtocol.deviceKeyHeader): HPACK indexes it, Authorization it never does.

@@ -3,14 +3,17 @@ import PostgresNIO
 
 extension Logger {
     /// Logs a store call that failed, whose request is answered 503: at `level`, or at debug when the store refused it
-    /// at once because its database is known to be down (``PostgresStoreError/unavailable(_:)``). The store logged that
-    /// once, when the database went away: an outage is not an error line per request.
+    /// at once because its database is known to be down (``PostgresStoreError/unavailable(_:)``) or its SQLite file gone
+    /// (``SQLiteIngestStoreError/fileReplaced(path:problem:)``), or when `/readyz` reports the last upload's full disk
+    /// (``SQLiteIngestStoreError/diskFull(path:)``). The store logged that once, or the failed commit did: an outage is
+    /// not an error line per request or per probe.
     func storeFailure(_ message: Logger.Message, level: Logger.Level = .error, error: any Error, metadata: Logger.Metadata = [:]) {
         var metadata = metadata
         metadata["error"] = "\(Self.describe(storeError: error))"
-        if case .unavailable? = error as? PostgresStoreError {
+        switch error {
+        case PostgresStoreError.unavailable, SQLiteIngestStoreError.fileReplaced, SQLiteIngestStoreError.diskFull:
             log(level: .debug, message, metadata: metadata)
-        } else {
+        default:
             log(level: level, message, metadata: metadata)
         }
     }

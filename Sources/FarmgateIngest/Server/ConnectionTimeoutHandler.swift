@@ -40,8 +40,10 @@ final class RequestBytesObserver: ChannelInboundHandler, RemovableChannelHandler
 /// an empty 400 from the framework; here it gets the ingest's JSON error body, 431 `request_header_fields_too_large` for
 /// a header section that is too large, 501 `method_not_implemented` for a method the parser does not know (`FOO`, `get`;
 /// RFC 9110 §9.1) in a request that begins with a token and a space as a request line does, 505
-/// `http_version_not_supported` for a version other than HTTP/1.0 and HTTP/1.1 (RFC 9110 §15.6.6), 400 `bad_request`
-/// otherwise, and the connection is closed; so is a head that ``RequestHeadGuard`` refuses, with its status and code.
+/// `http_version_not_supported` for a version other than HTTP/1.0 and HTTP/1.1 (RFC 9110 §15.6.6; HTTP/2's preface on a
+/// connection that did not choose HTTP/2 by ALPN, and an HTTP/0.9 request line, answered as soon as its line is in), 400
+/// `bad_request` otherwise (naming `Content-Length` beside `Transfer-Encoding`, RFC 9112 §6.3), and the connection is
+/// closed; so is a head that ``RequestHeadGuard`` refuses, with its status and code.
 final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPRequestPart
     typealias InboundOut = HTTPRequestPart
@@ -86,6 +88,9 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
     /// is then one it does not know (501); otherwise the bytes are no request (400: a TLS handshake on the plain port,
     /// binary garbage). True when its beginning was not seen (it came in one read after the request before it).
     private var startsWithToken = true
+    /// The first read of the head being read (a view of the read's buffer, no copy), for what the parser's errors do
+    /// not say: which headers were there, whether it was HTTP/2's preface. Released when the head is parsed.
+    private var headStart: ByteBuffer?
     private var readingBody = false
     private var closing = false
 
@@ -127,8 +132,16 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
         guard !readingBody, !readingHead else { return }
         readingHead = true
         startsWithToken = Self.startsWithToken(arrived.bytes.readableBytesView)
+        headStart = arrived.bytes
         // A new connection's header timer runs from its opening; keep it.
         if phase != .header { start(.header, context: context) }
+        // HTTP/0.9's request line (`GET /healthz` and the line's end): the parser takes it for a head whose fields
+        // follow, and waits for the empty line until `header_timeout`; nothing can follow it that would make it HTTP/1.x.
+        // Only with no request open, so that the answer cannot be taken for an earlier request's.
+        if requestsOpen == 0, !readingBody, Self.isVersionlessRequestLine(arrived.bytes.readableBytesView) {
+            metrics?.connectionRefused(.malformed)
+            answerAndClose(context: context, status: .httpVersionNotSupported, code: "http_version_not_supported", message: Self.versionAdvice)
+        }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -136,6 +149,7 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
         case .head:
             readingHead = false
             startsWithToken = true
+            headStart = nil
             readingBody = true
             requestsOpen += 1
             if requestsOpen == 1 { responseStarted = false }
@@ -192,12 +206,22 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
             // refuses any other token.
             let refusal = APIError.methodNotImplemented(nil)
             answer = (refusal.status, refusal.code, refusal.message)
+        case let error as HTTPParserError where [.paused, .invalidVersion].contains(error) && headStart.map(Self.isHTTP2Preface) == true:
+            // llhttp pauses on `PRI * HTTP/2.0` (for a server that would switch to HTTP/2 there): h2c with prior knowledge.
+            answer = (
+                .httpVersionNotSupported, "http_version_not_supported",
+                "this is HTTP/2's connection preface (h2c with prior knowledge); the ingest serves HTTP/2 only over TLS, chosen by ALPN in the handshake: on this connection send HTTP/1.1"
+            )
         case HTTPParserError.invalidVersion:
             // HTTP/2.0 and HTTP/0.9 are parsed and refused by NIO (major version not 1); llhttp refuses any other version
             // by the same error, HTTP/1.2 and a malformed one (`HTTP/1.1x`) included, which cannot be told apart here.
+            answer = (.httpVersionNotSupported, "http_version_not_supported", Self.versionAdvice)
+        case let error as HTTPParserError
+        where [.unknown, .invalidContentLength].contains(error) && headStart.map({ Self.hasBothFramings($0.readableBytesView) }) == true:
+            // llhttp refuses the pair (by "invalid Transfer-Encoding" or "invalid Content-Length", whichever came second).
             answer = (
-                .httpVersionNotSupported, "http_version_not_supported",
-                "the request line does not end in HTTP/1.1 or HTTP/1.0, the versions the ingest serves on this connection; send HTTP/1.1 (HTTP/2 only over TLS, chosen by ALPN)"
+                .badRequest, "bad_request",
+                "the request has both Content-Length and Transfer-Encoding, two framings of one body that a proxy on the way may read otherwise than the ingest (RFC 9112 §6.3); drop Content-Length and keep Transfer-Encoding: chunked, or send the body with Content-Length alone"
             )
         case let error as HTTPParserError:
             answer = (.badRequest, "bad_request", "the request is not valid HTTP/1.1 (\(error)); fix the client")
@@ -212,7 +236,8 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
             context.fireErrorCaught(error)
             return
         }
-        metrics?.connectionRefused(.malformed)
+        // Already answered (an HTTP/0.9 line, refused as it arrived, that the parser then refuses too): counted once.
+        if !closing { metrics?.connectionRefused(.malformed) }
         answerAndClose(context: context, status: status, code: code, message: message)
     }
 
@@ -310,6 +335,45 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
         context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
             loopBoundContext.value.close(promise: nil)
         }
+    }
+
+    /// The answer to a request line whose version is not HTTP/1.1 or HTTP/1.0.
+    static let versionAdvice =
+        "the request line does not end in HTTP/1.1 or HTTP/1.0, the versions the ingest serves on this connection; send HTTP/1.1 (HTTP/2 only over TLS, chosen by ALPN)"
+
+    /// Whether `bytes` begin with HTTP/2's connection preface (RFC 9113 §3.4), as far as its request line.
+    static func isHTTP2Preface(_ bytes: ByteBuffer) -> Bool {
+        bytes.readableBytesView.starts(with: "PRI * HTTP/2.0".utf8)
+    }
+
+    /// Whether `bytes` begin with a whole request line of a method and a target and no version (HTTP/0.9's `GET /path`):
+    /// a token, one space, and up to the line's end no other space.
+    static func isVersionlessRequestLine(_ bytes: ByteBufferView) -> Bool {
+        guard let end = bytes.firstIndex(of: UInt8(ascii: "\n")), startsWithToken(bytes) else { return false }
+        var line = bytes[bytes.startIndex..<end]
+        if line.last == UInt8(ascii: "\r") { line = line.dropLast() }
+        guard let space = line.firstIndex(of: UInt8(ascii: " ")) else { return false }
+        let target = line[line.index(after: space)...]
+        return !target.isEmpty && !target.contains(UInt8(ascii: " "))
+    }
+
+    /// Whether the header section at the start of `bytes` (up to its empty line, or as far as `bytes` go) has both a
+    /// `Content-Length` and a `Transfer-Encoding` field.
+    static func hasBothFramings(_ bytes: ByteBufferView) -> Bool {
+        var contentLength = false
+        var transferEncoding = false
+        // The first line is the request line; each later one a field, until the empty one.
+        for line in bytes.split(separator: UInt8(ascii: "\n"), omittingEmptySubsequences: false).dropFirst() {
+            let field = line.last == UInt8(ascii: "\r") ? line.dropLast() : line[...]
+            if field.isEmpty { break }
+            guard let colon = field.firstIndex(of: UInt8(ascii: ":")) else { continue }
+            switch String(decoding: field[..<colon], as: UTF8.self).lowercased() {
+            case "content-length": contentLength = true
+            case "transfer-encoding": transferEncoding = true
+            default: break
+            }
+        }
+        return contentLength && transferEncoding
     }
 
     /// Whether `bytes` begin with a token (RFC 9110 §5.6.2) and a space, or with a token as far as they or their first

@@ -8,25 +8,24 @@ extension SQLiteIngestStore: CalibrationStore {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         let rows = try events.map { event in (event, String(decoding: try encoder.encode(event), as: UTF8.self)) }
-        return try await writer.withValue { db in
-            try db.connection.transaction { () throws -> CalibrationReceipt in
-                var accepted = 0
-                var duplicates = 0
-                for (event, json) in rows {
-                    let inserted = try db.withStatement(
-                        """
-                        INSERT INTO calibrations(device_id, event_id, sensor, time_us, circuit, event, received_at_us)
-                        VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, event_id) DO NOTHING RETURNING id
-                        """,
-                        [
-                            .integer(device.rowID), .text(event.id), .text(event.sensor.rawValue), .integer(event.time.microseconds),
-                            .text(event.circuit), .text(json), .integer(receivedAt.microseconds),
-                        ]
-                    ) { statement in try statement.step() }
-                    if inserted { accepted += 1 } else { duplicates += 1 }
-                }
-                return CalibrationReceipt(accepted: accepted, duplicates: duplicates)
+        // Answered with the upload's readings: checked like them (``commitUpload(_:)``).
+        return try await commitUpload { db in
+            var accepted = 0
+            var duplicates = 0
+            for (event, json) in rows {
+                let inserted = try db.withStatement(
+                    """
+                    INSERT INTO calibrations(device_id, event_id, sensor, time_us, circuit, event, received_at_us)
+                    VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, event_id) DO NOTHING RETURNING id
+                    """,
+                    [
+                        .integer(device.rowID), .text(event.id), .text(event.sensor.rawValue), .integer(event.time.microseconds),
+                        .text(event.circuit), .text(json), .integer(receivedAt.microseconds),
+                    ]
+                ) { statement in try statement.step() }
+                if inserted { accepted += 1 } else { duplicates += 1 }
             }
+            return CalibrationReceipt(accepted: accepted, duplicates: duplicates)
         }
     }
 

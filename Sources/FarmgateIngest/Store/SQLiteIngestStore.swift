@@ -22,6 +22,8 @@ public final class SQLiteIngestStore: IngestStore {
     let writer: ThreadOwned<CachedConnection>
     let reader: ThreadOwned<CachedConnection>
     let logger: Logger
+    /// Whether the file at ``path`` is still the one open, and whether the last upload's commit found the disk full.
+    let health: SQLiteStoreHealth
 
     /// Opens (creating when missing, with its directory) the database at `path`. Does not migrate: call ``migrate()``.
     ///
@@ -40,6 +42,8 @@ public final class SQLiteIngestStore: IngestStore {
         }
         self.path = path
         self.logger = logger
+        let health = SQLiteStoreHealth(path: path, logger: logger)
+        self.health = health
         self.writer = try ThreadOwned(name: "ingest-sqlite-writer") {
             let connection = try SQLiteConnection(path: path, mode: .readWriteCreate, busyTimeoutMilliseconds: busyTimeoutMilliseconds)
             // Beside a retention run of another process, which leaves the lock free only between its transactions.
@@ -47,6 +51,9 @@ public final class SQLiteIngestStore: IngestStore {
             try connection.execute("PRAGMA journal_mode=WAL")
             try connection.execute("PRAGMA synchronous=FULL")
             try connection.execute("PRAGMA foreign_keys=ON")
+            // The file SQLite opened (links resolved), beside which it keeps the WAL.
+            let file = try connection.query("PRAGMA database_list").first { $0.count > 2 && $0[1].string == "main" }?[2].string
+            health.recordOpened(databaseFile: file ?? "")
             return CachedConnection(connection)
         }
         self.reader = try ThreadOwned(name: "ingest-sqlite-reader") {
@@ -104,8 +111,14 @@ public final class SQLiteIngestStore: IngestStore {
         return applied
     }
 
+    /// Also throws when the store's file was removed or replaced (``SQLiteIngestStoreError/fileReplaced(path:problem:)``)
+    /// or the last commit of an upload failed for a full disk (``SQLiteIngestStoreError/diskFull(path:)``): the query
+    /// would still answer, from the open file, while no upload can be stored.
     public func ping() async throws {
+        let health = self.health
         _ = try await reader.withValue { db in
+            try health.checkFiles()
+            if health.diskFull { throw SQLiteIngestStoreError.diskFull(path: health.path) }
             try db.withStatement("SELECT max(version) FROM schema_migrations") { statement in
                 _ = try statement.step()
             }
@@ -116,12 +129,32 @@ public final class SQLiteIngestStore: IngestStore {
 
     public func store(_ batch: Batch, for device: DeviceIdentity, receivedAt: Timestamp) async throws -> StoreOutcome {
         let sensorLimit = sensorsPerDevice
+        return try await commitUpload { db in
+            let outcome = try SQLiteIngestStore.store(batch, device: device, receivedAt: receivedAt, sensorLimit: sensorLimit, in: db)
+            try SQLiteIngestStore.rollups(outcome.fresh, in: db)
+            return outcome
+        }
+    }
+
+    /// Runs `body` in one transaction on the writer thread, for what an upload is answered on (its readings, its
+    /// calibration events). Refused at once when the store's file is known to be gone; after the commit, before the
+    /// answer, checks that the file at ``path`` is still the one written (``SQLiteStoreHealth/checkFiles()``): a commit
+    /// into a removed file is not durable, and its upload must not be acknowledged. Notes whether the commit failed for
+    /// a full disk, which `/readyz` reports until one succeeds.
+    func commitUpload<T: Sendable>(_ body: @escaping @Sendable (CachedConnection) throws -> T) async throws -> T {
+        let health = self.health
         return try await writer.withValue { db in
-            try db.connection.transaction { () throws -> StoreOutcome in
-                let outcome = try SQLiteIngestStore.store(batch, device: device, receivedAt: receivedAt, sensorLimit: sensorLimit, in: db)
-                try SQLiteIngestStore.rollups(outcome.fresh, in: db)
-                return outcome
+            try health.refuseIfLost()
+            let result: T
+            do {
+                result = try db.connection.transaction { try body(db) }
+            } catch {
+                health.committed(failure: error)
+                throw error
             }
+            health.committed(failure: nil)
+            try health.checkFiles()
+            return result
         }
     }
 
@@ -684,6 +717,11 @@ public enum SQLiteIngestStoreError: Error, Sendable, Hashable, CustomStringConve
     case schemaTooNew(found: Int, known: Int)
     /// The retention run's lock file (`<path>.retention.lock`) cannot be opened or locked.
     case lockUnusable(lockPath: String, reason: String)
+    /// The database at `path`, or its WAL, was removed or replaced while the store had it open (`problem` says which):
+    /// what is committed goes into a file that is gone at the next start. See ``SQLiteStoreHealth``.
+    case fileReplaced(path: String, problem: String)
+    /// The last commit of an upload failed because the disk of the store at `path` is full (`SQLITE_FULL`).
+    case diskFull(path: String)
 
     public var description: String {
         switch self {
@@ -691,6 +729,10 @@ public enum SQLiteIngestStoreError: Error, Sendable, Hashable, CustomStringConve
             "the database schema is at version \(found), newer than this farmgate-ingest knows (\(known)); run a newer farmgate-ingest"
         case .lockUnusable(let lockPath, let reason):
             "cannot lock \(lockPath): \(reason)"
+        case .fileReplaced(_, let problem):
+            "the store file was removed or replaced while the ingest ran (\(problem)); nothing can be stored durably until farmgate-ingest serve is restarted"
+        case .diskFull(let path):
+            "the disk of the store \(path) is full: the last write of an upload failed (SQLITE_FULL); free space on its file system"
         }
     }
 }
