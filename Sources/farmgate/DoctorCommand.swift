@@ -18,7 +18,8 @@ struct DoctorCommand: AsyncParsableCommand {
         discussion: """
             Checks, as the agent's user (farmgate when it exists, else you): every configured serial port and GPIO chip \
             (exists; mode, owner and group let the user open it, or a group that the agent's systemd unit grants, read from \
-            farmgate.service and its drop-ins on systemd's unit path, or SYSTEMD_UNIT_PATH), clock synchronisation \
+            farmgate.service and its drop-ins on systemd's unit path, or SYSTEMD_UNIT_PATH), every sensor whose last read \
+            in the running agent failed (a warning; a problem after 10 of its intervals without a reading), clock synchronisation \
             (adjtimex), free disk space against the buffer's quota, the buffer (integrity, depth, oldest unsent reading, quarantine; from the running agent when \
             it answers), the key file's mode, the ingest (reachable, TLS verified) and whether it accepts the key for this \
             device (GET /v1/device). Exits 0 when nothing is a problem (warnings allowed), 1 otherwise, 78 when the \

@@ -260,6 +260,41 @@ struct DoctorTests {
         #expect(Self.finding(stopped, "agent")?.status == .warning)
     }
 
+    // Found by a black-box tester: doctor said "No problem found" while `farmgate status` showed sensors failing every
+    // read. The running agent's failing sensors are findings, with its error; the others are one ok line.
+    @Test func aSensorTheRunningAgentFailsToReadIsAFinding() async throws {
+        let farm = try await Farm()
+        let key = try await farm.createDevice("doc-9")
+        try await farm.startIngest()
+        let keyFile = try farm.dir.write("doc-9.key", key + "\n")
+        chmod(keyFile, 0o600)
+        var text = try String(contentsOfFile: try farm.agentConfig("doc-9.toml", device: "doc-9", keyFile: keyFile, sensors: 2, interval: "200ms"), encoding: .utf8)
+        text += """
+
+            [[sensor]]
+            id = "tank9.orp"
+            driver = "simulated"
+            quantity = "orp"
+            interval = "200ms"
+            fault_rate = 1
+
+            """
+        let config = try farm.dir.write("doc-9.toml", text)
+        let clockFile = try farm.dir.write("doc-9-clock.json", #"{"synchronized": true}"#)
+        let agent = try farm.startAgent(config: config, log: "agent-doc-9.log")
+        let failing = await eventually(timeout: .seconds(20), every: .milliseconds(200)) {
+            (try? await farm.agentStatus(config: config))?.sensors.first { $0.id == "tank9.orp" }?.consecutiveErrors ?? 0 >= 2
+        }
+        #expect(failing, "\(agent.log)")
+        let site = Site(farm: farm, config: config, clockFile: clockFile)
+        let (_, report, output) = try await Self.doctor(site, user: UnixUser.current.name)
+        await agent.stop()
+        let finding = Self.finding(report, "sensor", "tank9.orp")
+        #expect(finding?.status == .warning || finding?.status == .problem, "\(output)")
+        #expect(finding?.message.contains("simulated sensor did not answer") == true, "\(output)")
+        #expect(Self.finding(report, "sensor", "running agent")?.message == "the other 2 sensors read without error", "\(output)")
+    }
+
     // Before the fix a URL answering 404 to /healthz and /v1/device (a web server that is no ingest) gave two warnings
     // and "No problem found", exit 0: the key was never verified.
     @Test func aURLThatAnswersButIsNoIngestIsAProblem() async throws {

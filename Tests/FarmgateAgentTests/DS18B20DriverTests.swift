@@ -225,4 +225,27 @@ struct DS18B20DriverTests {
         #expect(back)
         await driver.close()
     }
+
+    // Found by a black-box tester: a read that never returns leaves the probe timing out for good, even once the device
+    // is healthy again; past 10 × read_timeout the message says that only a restart clears it.
+    @Test("A read blocked for over 10 × read_timeout says that only restarting the agent clears it")
+    func readBlockedForGood() async throws {
+        let tree = try FakeW1Tree()
+        try FileManager.default.createDirectory(atPath: tree.scratch.file(address), withIntermediateDirectories: true)
+        let fifo = tree.scratch.file(address) + "/w1_slave"
+        #expect(mkfifo(fifo, 0o600) == 0)
+        let driver = try tree.driver(address, extra: "read_timeout = \"100ms\"")
+        #expect(try #require(await readResult(driver).failure).kind == .timeout)
+        let early = try #require(await readResult(driver).failure)
+        #expect(early.message.contains("still blocked") && !early.message.contains("systemctl restart farmgate"), "\(early.message)")
+        try await Task.sleep(for: .milliseconds(1_100))
+        let late = try #require(await readResult(driver).failure)
+        #expect(late.kind == .timeout)
+        #expect(late.message.contains("(started 1 s ago) is still blocked"), "\(late.message)")
+        #expect(late.message.contains("only restarting the agent (systemctl restart farmgate) clears this"), "\(late.message)")
+        // Let the stuck read end so that the driver's thread can stop.
+        let writer = open(fifo, O_WRONLY)
+        if writer >= 0 { close(writer) }
+        await driver.close()
+    }
 }

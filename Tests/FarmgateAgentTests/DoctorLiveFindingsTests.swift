@@ -62,4 +62,49 @@ struct DoctorLiveFindingsTests {
         #expect(Doctor.metricsFreshnessFinding(metrics, status: nil, now: now) == nil)
         #expect(Doctor.metricsFreshnessFinding(nil, status: status(startedSecondsAgo: 600), now: now) == nil)
     }
+
+    // Found by a black-box tester: doctor said "No problem found" while `farmgate status` showed an RTD reading -1023
+    // and an ORP circuit not answering, every read.
+    @Test("a sensor whose last read failed is a warning naming it, its error and failures in a row; a problem after 10 intervals without a reading; the rest one ok line")
+    func failingSensors() throws {
+        var agent = status(startedSecondsAgo: 600)
+        func sensor(_ id: String, errors: Int, lastReadSecondsAgo: Int64?, error: String? = nil) -> SensorStatus {
+            SensorStatus(
+                id: id, driver: "ezo", quantity: "temperature", unit: "°C", resolution: "1/100", intervalSeconds: 2, lastValue: 21,
+                lastReadAt: lastReadSecondsAgo.map { Timestamp(microseconds: now.microseconds - $0 * 1_000_000) },
+                lastError: error, lastErrorAt: error == nil ? nil : Timestamp(microseconds: now.microseconds - 1_000_000),
+                consecutiveErrors: errors, readsOK: lastReadSecondsAgo == nil ? 0 : 10, readsFailed: Int64(errors), suppressed: 0)
+        }
+        let rtd = "fault: the EZO RTD circuit on /dev/ttyUSB0 reads -1023: no probe connected; check the PT-100/PT-1000 probe's wires"
+        let orp = "timeout: no answer to *OK,? from the EZO circuit on /dev/ttyUSB1 within 1.5s: check its power"
+        agent.sensors = [
+            sensor("t.temp", errors: 3, lastReadSecondsAgo: 6, error: rtd),
+            sensor("t.orp", errors: 2, lastReadSecondsAgo: nil, error: orp),
+            sensor("t.ph", errors: 0, lastReadSecondsAgo: 1),
+            sensor("t.ec", errors: 0, lastReadSecondsAgo: 1),
+        ]
+        let findings = Doctor.sensorFindings(status: agent)
+        #expect(findings.count == 3, "\(findings)")
+        let temp = try #require(findings.first { $0.subject == "t.temp" })
+        #expect(temp.check == "sensor" && temp.status == .warning, "3 of its 2 s intervals without a reading: a warning")
+        #expect(temp.message.contains("3 in a row") && temp.message.contains(rtd), "\(temp.message)")
+        #expect(temp.fix?.contains("farmgate sensor read t.temp") == true)
+        // Never read since the configuration was loaded 10 min ago, every 2 s: a problem.
+        let orpFinding = try #require(findings.first { $0.subject == "t.orp" })
+        #expect(orpFinding.status == .problem)
+        #expect(orpFinding.message.contains("2 in a row") && orpFinding.message.contains(orp) && orpFinding.message.contains("no reading since"), "\(orpFinding.message)")
+        let rest = try #require(findings.last)
+        #expect(rest.status == .ok && rest.message == "the other 2 sensors read without error", "\(rest.message)")
+        #expect(!DoctorReport(configuration: "c", device: "t", user: "u", findings: findings).ok)
+
+        // The same sensor silent for 10 of its intervals is a problem.
+        agent.sensors = [sensor("t.temp", errors: 10, lastReadSecondsAgo: 20, error: rtd)]
+        #expect(Doctor.sensorFindings(status: agent).map(\.status) == [.problem])
+        // Every sensor fine: one ok line; no agent: skipped, with why.
+        agent.sensors = [sensor("t.ph", errors: 0, lastReadSecondsAgo: 1), sensor("t.ec", errors: 0, lastReadSecondsAgo: nil)]
+        let fine = Doctor.sensorFindings(status: agent)
+        #expect(fine.count == 1 && fine.first?.status == .ok && fine.first?.message == "2 sensors read without error (1 waiting for a first read)", "\(fine)")
+        let none = Doctor.sensorFindings(status: nil)
+        #expect(none.count == 1 && none.first?.status == .skipped && none.first?.message.contains("the agent does not answer") == true)
+    }
 }

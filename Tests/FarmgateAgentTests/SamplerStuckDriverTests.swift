@@ -127,6 +127,29 @@ struct SamplerStuckDriverTests {
         #expect((try? value.get())?.value == 1)
     }
 
+    // Found by a black-box tester: a read that never ends fails its sensor for good; the message must say a restart is
+    // what clears it once the read is stuck for much longer than its timeout.
+    @Test("Sampler.read: a read stuck for over 10 × its timeout says that only restarting the agent clears it")
+    func stuckForGoodSaysRestart() async throws {
+        let deafDriver = CancellationDeafDriver()
+        let gate = ReadGate()
+        #expect(await Sampler.read(deafDriver, timeout: .milliseconds(100), gate: gate).failureKind == .timeout)
+        guard case .failure(let early) = await Sampler.read(deafDriver, timeout: .milliseconds(100), gate: gate) else {
+            Issue.record("a second read started while the first was stuck")
+            return
+        }
+        #expect(early.message.contains("has not finished") && !early.message.contains("systemctl restart"), "\(early.message)")
+        try await Task.sleep(for: .milliseconds(1_000))
+        guard case .failure(let late) = await Sampler.read(deafDriver, timeout: .milliseconds(100), gate: gate) else {
+            Issue.record("a read started while the first was stuck")
+            return
+        }
+        #expect(late.kind == .timeout)
+        #expect(late.message.contains("only restarting the agent (systemctl restart farmgate) clears this"), "\(late.message)")
+        deafDriver.unblock()
+        #expect(await eventually(timeout: .seconds(5)) { !gate.isBusy })
+    }
+
     @Test("A result that comes before the deadline is never mistaken for a timeout (the timer's cancellation is no deadline)")
     func resultBeatsTimer() async {
         var timeouts = 0

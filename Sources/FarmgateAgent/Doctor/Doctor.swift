@@ -14,7 +14,8 @@ import Logging
 ///
 /// In order: the running agent (control socket), each configured serial port and GPIO chip (exists, and the agent's
 /// user may open it: mode, owner, group membership or a group its systemd unit grants), each 1-Wire probe (its sysfs
-/// file where the driver reads it, readable by the agent's user, one read with the kernel's CRC), the clock (adjtimex), disk space
+/// file where the driver reads it, readable by the agent's user, one read with the kernel's CRC), the sensors whose last
+/// read in the running agent failed (its error and failures in a row), the clock (adjtimex), disk space
 /// against the buffer's quota, the buffer (integrity, depth, oldest unsent reading, quarantine), the ingest (reachable,
 /// TLS verified, `/healthz`), the key file (mode, owner) and whether the ingest accepts the key (`GET /v1/device`, and
 /// that it is this device's).
@@ -40,6 +41,7 @@ public enum Doctor {
             var findings = [status.finding]
             findings += deviceFindings(configuration, user: user, unit: ServiceUnit.load(directories: unitDirectories))
             findings += oneWire
+            findings += sensorFindings(status: status.status)
             findings.append(clockFinding(configuration, clock: clock))
             findings.append(diskFinding(configuration))
             findings += bufferFindings(configuration, status: status.status, now: clock.read().realtime)

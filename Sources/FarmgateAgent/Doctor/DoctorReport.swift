@@ -22,7 +22,7 @@ public struct DoctorFinding: Codable, Sendable, Hashable {
         case skipped
     }
 
-    /// Which check: `configuration`, `agent`, `serial`, `gpio`, `1-wire`, `clock`, `disk`, `buffer`, `ingest`, `key`.
+    /// Which check: `configuration`, `agent`, `serial`, `gpio`, `1-wire`, `sensor`, `clock`, `disk`, `buffer`, `ingest`, `key`.
     public var check: String
     /// What was checked: a port, a chip, a path, a URL.
     public var subject: String

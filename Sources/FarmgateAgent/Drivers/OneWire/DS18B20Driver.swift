@@ -89,8 +89,8 @@ public final class DS18B20Driver: SensorDriver {
     }
 
     private struct State {
-        /// A read is running on the thread (possibly abandoned, stuck on the bus).
-        var busy = false
+        /// When the read running on the thread began (possibly abandoned, stuck on the bus); nil when none runs.
+        var busySince: ContinuousClock.Instant?
     }
 
     let options: Options
@@ -105,17 +105,17 @@ public final class DS18B20Driver: SensorDriver {
     deinit { thread.shutdown() }
 
     public func read() async throws(SensorError) -> SensorValue {
-        let claimed = state.withLock { state -> Bool in
-            if state.busy { return false }
-            state.busy = true
-            return true
+        let blockedSince = state.withLock { state -> ContinuousClock.Instant? in
+            if let since = state.busySince { return since }
+            state.busySince = .now
+            return nil
         }
-        guard claimed else {
-            throw SensorError(.timeout, "the previous read of \(options.address) is still blocked; the 1-Wire bus may hang (check the wiring)")
+        if let blockedSince {
+            throw Self.stillBlocked(options, for: ContinuousClock.now - blockedSince)
         }
         let options = self.options
         let outcome = await thread.run(timeout: options.readTimeout) { [self] () -> Result<Int, SensorError> in
-            defer { self.state.withLock { $0.busy = false } }
+            defer { self.state.withLock { $0.busySince = nil } }
             return Self.readMillidegrees(options)
         }
         guard let outcome else {
@@ -124,6 +124,21 @@ public final class DS18B20Driver: SensorDriver {
         let millidegrees = try outcome.get()
         if let problem = W1Therm.check(millidegrees: millidegrees) { throw problem }
         return SensorValue(W1Therm.celsius(millidegrees: millidegrees))
+    }
+
+    /// The read refused because the one before has been blocked in the kernel for `elapsed`. No new read starts until
+    /// that one returns, so a read that never returns fails the sensor for good, even once the device is healthy again.
+    /// Past 10 × `read_timeout` (20 s by default, far beyond a 750 ms conversion) it is taken as one that never
+    /// returns, and the message says that only a restart clears it.
+    static func stillBlocked(_ options: Options, for elapsed: Duration) -> SensorError {
+        let seconds = Int(elapsed / .seconds(1))
+        var message = "the previous read of \(options.address) (started \(seconds) s ago) is still blocked; the 1-Wire bus may hang (check the wiring)"
+        if elapsed >= options.readTimeout * 10 {
+            message +=
+                ". Blocked for over 10 × read_timeout (\(ConfigTable.format(options.readTimeout))), the kernel read may never return, and no new "
+                + "read starts until it does: once the wiring is fixed, only restarting the agent (systemctl restart farmgate) clears this"
+        }
+        return SensorError(.timeout, message)
     }
 
     public func close() async {
