@@ -1,4 +1,7 @@
 import FarmgateSupport
+// `stat` as Glibc declares it is seen through Dispatch's module in a clean build (MemberImportVisibility): Foundation
+// brings both.
+import Foundation
 import Logging
 import Synchronization
 #if canImport(Glibc)
