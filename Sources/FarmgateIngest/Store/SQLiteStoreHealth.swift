@@ -1,16 +1,6 @@
 import FarmgateSupport
-// `stat` as Glibc declares it is seen through Dispatch's module in a clean build (MemberImportVisibility): Foundation
-// brings both.
-import Foundation
 import Logging
 import Synchronization
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#elseif canImport(Darwin)
-import Darwin
-#endif
 
 /// What the SQLite store knows of its writes that a query answering does not show: whether its file is still the one at
 /// its path, and whether the last commit of an upload failed for a full disk. ``SQLiteIngestStore/ping()`` (`/readyz`)
@@ -25,20 +15,8 @@ import Darwin
 /// restarted. The store does not reopen the path by itself: what is there now (nothing, or another file) is for its
 /// operator to judge. The `stat`s block, so they run on the store's own threads, like its SQLite calls.
 final class SQLiteStoreHealth: Sendable {
-    /// A file as the kernel names it, whatever path leads to it.
-    struct FileIdentity: Hashable, Sendable {
-        var device: UInt64
-        var inode: UInt64
-    }
-
-    /// What `stat` says of a path.
-    enum Lookup: Equatable {
-        case found(FileIdentity)
-        /// No such file (`ENOENT`, `ENOTDIR`): removed.
-        case missing
-        /// Any other failure (permissions on a directory, I/O): nothing can be concluded.
-        case unknown
-    }
+    typealias FileIdentity = FileSystem.Identity
+    typealias Lookup = FileSystem.IdentityLookup
 
     private struct Files {
         /// The database at ``path`` when it was opened; nil when `stat` could not tell (nothing is then compared).
@@ -135,11 +113,7 @@ final class SQLiteStoreHealth: Sendable {
         }
     }
 
-    static func lookup(_ path: String) -> Lookup {
-        var info = stat()
-        guard stat(path, &info) == 0 else { return errno == ENOENT || errno == ENOTDIR ? .missing : .unknown }
-        return .found(FileIdentity(device: UInt64(truncatingIfNeeded: info.st_dev), inode: UInt64(truncatingIfNeeded: info.st_ino)))
-    }
+    static func lookup(_ path: String) -> Lookup { FileSystem.identity(path) }
 }
 
 /// Why a store cannot take an upload, when it is neither down nor slow: answered in words of its own (``APIError/unavailable(_:retryAfterSeconds:)``).

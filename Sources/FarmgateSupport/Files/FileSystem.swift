@@ -120,6 +120,28 @@ public enum FileSystem {
         return stat(path, &info) == 0 && info.st_mode & S_IFMT != S_IFDIR
     }
 
+    /// A file as the kernel names it (device and inode), whatever path leads to it.
+    public struct Identity: Hashable, Sendable {
+        public var device: UInt64
+        public var inode: UInt64
+    }
+
+    /// What `stat(path)` says of a file's identity.
+    public enum IdentityLookup: Hashable, Sendable {
+        case found(Identity)
+        /// No such file (`ENOENT`, `ENOTDIR`): removed.
+        case missing
+        /// Any other failure (permissions on a directory, I/O): nothing can be concluded.
+        case unknown
+    }
+
+    /// The identity of the file at `path` (following symbolic links).
+    public static func identity(_ path: String) -> IdentityLookup {
+        var info = stat()
+        guard stat(path, &info) == 0 else { return errno == ENOENT || errno == ENOTDIR ? .missing : .unknown }
+        return .found(Identity(device: UInt64(truncatingIfNeeded: info.st_dev), inode: UInt64(truncatingIfNeeded: info.st_ino)))
+    }
+
     /// The size of `path` in bytes, or nil when it does not exist or cannot be read.
     public static func size(_ path: String) -> Int64? {
         var info = stat()
