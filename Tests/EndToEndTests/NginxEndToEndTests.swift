@@ -128,11 +128,17 @@ struct NginxEndToEndTests {
         // A quiet agent on the same buffer drains what is left.
         let quiet = try farm.agentConfig("agent-quiet.toml", device: "site-ng", keyFile: keyFile, sensors: 6, interval: "1h", endpoint: nginx.endpoint)
         agent = try farm.startAgent(config: quiet, log: "agent-2.log")
+        // Drained, and settled: its sampler's first reads at start (the sensors of the first phase) are in, and two
+        // looks half a second apart agree. A look before those reads ended took 149 for the last sequence, and the
+        // agent then stored 150 and 151 (CI run 127).
         var final: AgentStatus?
-        let drained = try await eventually(timeout: .seconds(40), every: .milliseconds(200)) {
+        var previous: UInt64?
+        let drained = try await eventually(timeout: .seconds(40), every: .milliseconds(500)) {
             guard let status = try await farm.agentStatus(config: quiet) else { return false }
+            defer { previous = status.buffer.lastSequence }
             final = status
-            return status.buffer.pending == 0 && status.buffer.uncommitted == 0
+            return status.buffer.pending == 0 && status.buffer.uncommitted == 0 && status.sensors.contains { $0.lastReadAt != nil }
+                && previous == status.buffer.lastSequence
         }
         #expect(drained, "backlog did not drain: \(String(describing: final?.buffer)) \(agent.log)")
         #expect(await agent.stop(SIGTERM) == 0)
