@@ -41,6 +41,17 @@ public struct SensorError: Error, Sendable, Hashable, CustomStringConvertible {
 /// interval and stores what comes back.
 ///
 /// Drivers that block (serial, 1-Wire sysfs) do their blocking on a ``DedicatedThread``, never on the caller's task.
+extension SensorError {
+    /// What to add to "the previous read is still running" once it has run `elapsed`, ten times `timeout` or more: it may
+    /// never end (a kernel read that never returns), no new read of the sensor starts until it does, and then only a
+    /// restart frees the sensor, whatever is done to the device. Empty before that.
+    static func stuckForGood(elapsed: Duration, timeout: Duration) -> String {
+        guard elapsed >= timeout * 10 else { return "" }
+        return ". Stuck for over 10 × its timeout (\(ConfigTable.format(timeout))), it may never finish, and no new read starts until it "
+            + "does: once the device is fixed, only restarting the agent (systemctl restart farmgate) clears this"
+    }
+}
+
 public protocol SensorDriver: Sendable {
     /// Takes one reading.
     func read() async throws(SensorError) -> SensorValue

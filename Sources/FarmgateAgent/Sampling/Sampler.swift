@@ -292,16 +292,11 @@ public final class Sampler: Service {
         if let since = busySince {
             let elapsed = ContinuousClock.now - since
             let seconds = Int(elapsed / .seconds(1))
-            var message =
-                "the previous read (started \(seconds) s ago) has not finished; the driver is stuck on the device: check its wiring and power, or unplug and replug it"
-            // No new read starts until the stuck one ends: one stuck for ten times its timeout may never end (a kernel
-            // read that never returns), and then only a restart frees the sensor, whatever is done to the device.
-            if elapsed >= timeout * 10 {
-                message +=
-                    ". Stuck for over 10 × its timeout (\(ConfigTable.format(timeout))), it may never finish, and no new read starts until it "
-                    + "does: once the device is fixed, only restarting the agent (systemctl restart farmgate) clears this"
-            }
-            return .failure(SensorError(.timeout, message))
+            return .failure(
+                SensorError(
+                    .timeout,
+                    "the previous read (started \(seconds) s ago) has not finished; the driver is stuck on the device: check its wiring and power, or unplug and replug it"
+                        + SensorError.stuckForGood(elapsed: elapsed, timeout: timeout)))
         }
         let outcome = await withDeadline(timeout, graceOnCancel: stoppingReadGrace) { () -> Result<Value, SensorError> in
             defer { gate.leave() }

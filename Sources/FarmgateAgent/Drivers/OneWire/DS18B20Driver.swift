@@ -132,13 +132,10 @@ public final class DS18B20Driver: SensorDriver {
     /// returns, and the message says that only a restart clears it.
     static func stillBlocked(_ options: Options, for elapsed: Duration) -> SensorError {
         let seconds = Int(elapsed / .seconds(1))
-        var message = "the previous read of \(options.address) (started \(seconds) s ago) is still blocked; the 1-Wire bus may hang (check the wiring)"
-        if elapsed >= options.readTimeout * 10 {
-            message +=
-                ". Blocked for over 10 × read_timeout (\(ConfigTable.format(options.readTimeout))), the kernel read may never return, and no new "
-                + "read starts until it does: once the wiring is fixed, only restarting the agent (systemctl restart farmgate) clears this"
-        }
-        return SensorError(.timeout, message)
+        return SensorError(
+            .timeout,
+            "the previous read of \(options.address) (started \(seconds) s ago) is still blocked; the 1-Wire bus may hang (check the wiring)"
+                + SensorError.stuckForGood(elapsed: elapsed, timeout: options.readTimeout))
     }
 
     public func close() async {
