@@ -280,6 +280,27 @@ struct SiteEnrollmentTests {
         #expect(dir.names() == ["agent.toml"])
     }
 
+    // Found by fuzzing the answer: a key cut short, or one carrying a line break and TOML after it, was written over the
+    // working key file as it came.
+    @Test(arguments: [#"fgd_"#, #"fgd_\n[upload]\nendpoint=\"http://evil\""#, "fgd_keyidabc_" + String(repeating: "B", count: 64)])
+    func anAnswerWhoseKeyIsNotAWholeDeviceKeyWritesNothing(key: String) async throws {
+        let server = try TestHTTPServer(script: [.json(200, #"{"farm":"f1","device":"site-9","key":"\#(key)","action":"rotated","repeated":false}"#)])
+        let dir = try Scratch(prefix: "fg-enroll")
+        let config = try dir.write("agent.toml", Self.config)
+        let working = "fgd_workingk_" + String(repeating: "c", count: 64) + "\n"
+        let keyFile = try dir.write("device.key", working)
+        let plan = try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: server.url, token: Self.token, configPath: config, keyFile: keyFile))
+        let failure = await #expect(throws: SiteEnrollment.Failure.self) { try await SiteEnrollment.exchange(plan, logger: logger) }
+        #expect(failure?.exitCode == 1)
+        #expect(failure?.description.contains("not a whole device key") == true, "\(failure?.description ?? "")")
+        #expect(failure?.description.contains("evil") == false, "the key is never printed")
+        // apply refuses such an answer too, before writing anything.
+        let answer = EnrollmentAnswer(farm: "f1", device: "site-9", key: key.replacingOccurrences(of: "\\n", with: "\n"), action: .rotated, repeated: false)
+        #expect(throws: SiteEnrollment.Failure.self) { try SiteEnrollment.apply(plan, answer: answer) }
+        #expect(try String(contentsOfFile: keyFile, encoding: .utf8) == working)
+        #expect(try String(contentsOfFile: config, encoding: .utf8) == Self.config)
+    }
+
     @Test func aMissingConfigurationIsCreatedWithTheTokensDevice() async throws {
         let server = try TestHTTPServer(script: [Self.answer()])
         let dir = try Scratch(prefix: "fg-enroll")

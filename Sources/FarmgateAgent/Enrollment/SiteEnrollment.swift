@@ -300,7 +300,16 @@ public enum SiteEnrollment {
 
     /// Refuses an answer for another device than the configuration's `[device] id`: the key belongs to that device, and
     /// writing it here would have this site send as it (or be refused for good). Nothing is written.
+    /// Also refuses a key that is not a whole device key: it goes into the key file as it came, and one cut short or
+    /// carrying a line break would replace a working key with one no ingest accepts.
     static func checkDevice(_ answer: EnrollmentAnswer, plan: Plan) throws(Failure) {
+        if KeyFormat.deviceKeyProblem(answer.key) != nil {
+            throw Failure(
+                description: "the answer of \(plan.endpoint) carries a key that is not a whole device key (fgd_, 8 characters of a-z and 2-7, _, "
+                    + "64 lowercase hex digits; this one is \(answer.key.utf8.count) bytes): nothing was written and the key file is unchanged. "
+                    + "Is it a farmgate-ingest of this version, or does something on the way change its answers? The token works again for a few minutes",
+                exitCode: 1)
+        }
         guard let expected = plan.device, answer.device != expected else { return }
         let rotated =
             answer.action == .rotated
@@ -435,8 +444,7 @@ public enum SiteEnrollment {
     static func answer(_ response: HTTPResponse, plan: Plan) throws(Failure) -> EnrollmentAnswer {
         let decoder = JSONDecoder()
         if response.status == 200 {
-            guard let answer = try? decoder.decode(EnrollmentAnswer.self, from: Data(response.body)), answer.key.hasPrefix("fgd_"),
-                (try? DeviceID(answer.device)) != nil
+            guard let answer = try? decoder.decode(EnrollmentAnswer.self, from: Data(response.body)), (try? DeviceID(answer.device)) != nil
             else {
                 throw Failure(description: "the answer of \(plan.endpoint) is not an enrollment answer; is it a farmgate-ingest of this version?", exitCode: 1)
             }
