@@ -101,8 +101,13 @@ public enum RFC3339 {
             return nil
         }
         guard i == b.count else { return nil }
+        // A leap second is the last second of a UTC day (23:59:60Z, or 15:59:60-08:00): elsewhere `:60` names no time.
+        if s == 60, ((h * 3600 + mi * 60 - offsetSeconds) % 86_400 + 86_400) % 86_400 != 86_340 { return nil }
         let days = days(fromCivil: y, mo, d)
         let seconds = days * 86_400 + h * 3600 + mi * 60 + s - offsetSeconds
+        // Within the years this form can write (0000–9999 in UTC): an offset or a leap second must not carry a time past
+        // them, whose text ``format(_:)`` could not give back.
+        guard seconds >= Self.days(fromCivil: 0, 1, 1) * 86_400, seconds < Self.days(fromCivil: 10_000, 1, 1) * 86_400 else { return nil }
         let (product, overflow) = seconds.multipliedReportingOverflow(by: 1_000_000)
         guard !overflow else { return nil }
         return Timestamp(microseconds: product + micros)

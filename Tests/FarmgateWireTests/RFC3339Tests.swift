@@ -33,6 +33,26 @@ struct RFC3339Tests {
         #expect(RFC3339.parse(text) == nil)
     }
 
+    // Found by fuzzing: `:60` was taken at any minute, and `9999-12-31T23:59:60Z` became a year-10000 time whose text
+    // `format` writes with five digits and `parse` refuses.
+    @Test("A leap second is the last second of a UTC day; nothing parses to a time outside years 0000-9999")
+    func leapSecondsAndTheEdgesOfTheForm() {
+        #expect(RFC3339.parse("2016-12-31T23:59:60Z") == RFC3339.parse("2017-01-01T00:00:00Z"))
+        #expect(RFC3339.parse("2016-12-31T15:59:60-08:00") == RFC3339.parse("2017-01-01T00:00:00Z"))
+        #expect(RFC3339.parse("2017-01-01T01:29:60+01:30") == RFC3339.parse("2017-01-01T00:00:00Z"))
+        for text in [
+            "2026-11-23T09:02:60Z", "2016-12-31T23:58:60Z", "2016-12-31T23:59:60+01:00", "9999-12-31T23:59:60Z",
+            "9999-12-31T23:30:00-01:00", "0000-01-01T00:30:00+01:00",
+        ] {
+            #expect(RFC3339.parse(text) == nil, "\(text)")
+        }
+        for text in ["9999-12-31T23:59:59.999999Z", "0000-01-01T00:00:00Z", "0000-01-01T00:30:00-01:00"] {
+            let parsed = RFC3339.parse(text)
+            #expect(parsed.map { RFC3339.parse(RFC3339.format($0)) } == parsed, "\(text)")
+            #expect(parsed != nil, "\(text)")
+        }
+    }
+
     @Test("Every Int64 formats without trapping and round-trips where the year has four digits")
     func total() {
         var generator = SystemRandomNumberGenerator()
