@@ -293,6 +293,16 @@ struct TOMLParserTests {
         ("a.b = 1\na.b.c = 2\n", 2),
         ("x = 9223372036854775808\n", 1),
         ("x = 1979-05-27T07:32\n", 1),
+        // Dates and times that do not exist (found by fuzzing against TOMLKit: only their shape was checked).
+        ("x = 1979-00-27\n", 1),
+        ("x = 1979-13-01\n", 1),
+        ("x = 1979-02-29\n", 1),
+        ("x = 1979-04-31\n", 1),
+        ("x = 99:99:99\n", 1),
+        ("x = 1979-05-27T24:00:00Z\n", 1),
+        ("x = 1979-05-27T07:60:00Z\n", 1),
+        ("x = 1979-05-27T07:32:61\n", 1),
+        ("x = 1979-05-27T07:32:00+24:00\n", 1),
         ("ok = 1\n\n\nx = \"\u{01}\"\n", 4),
     ])
     func invalid(document: String, line: Int) {
@@ -305,6 +315,14 @@ struct TOMLParserTests {
             #expect(error.description.hasPrefix("bad.toml:\(line): not valid TOML: "), "\(error)")
             #expect(error.description.contains("(column "), "\(error)")
         }
+    }
+
+    @Test("dates and times at the edges of the calendar are taken, as TOMLKit takes them")
+    func calendarEdges() throws {
+        let text = "a = 2000-02-29\nc = 00:00:00\nd = 2024-02-29T23:59:59.999-23:59\ne = 1979-04-30\n"
+        #expect(try Self.ours(text) == Self.theirs(text))
+        // A leap second, which TOML 1.0's grammar allows (`time-second` 00-60) and TOMLKit refuses.
+        #expect(throws: Never.self) { try ConfigDocument.parse("b = 1979-12-31T23:59:60Z\n", file: "leap.toml") }
     }
 
     // Before the fix (a tester, 2026-12-06) the message showed the first byte of a non-ASCII character as Latin-1

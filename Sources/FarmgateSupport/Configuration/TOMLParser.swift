@@ -406,10 +406,12 @@ struct TOMLParser {
                 position += 1
                 offset = true
             } else if let sign = peek(), sign == UInt8(ascii: "+") || sign == UInt8(ascii: "-") {
+                let start = position
                 position += 1
-                try digits(2)
+                let hours = try digits(2)
                 try expect(":", "`:` in the time offset")
-                try digits(2)
+                let minutes = try digits(2)
+                guard hours < 24, minutes < 60 else { throw error(at: start, "a time offset that does not exist (hours 00-23, minutes 00-59)") }
                 offset = true
             }
         }
@@ -418,20 +420,32 @@ struct TOMLParser {
         return .dateTime(text, kind: kind)
     }
 
+    /// A full date whose month and day exist (RFC 3339, as TOML 1.0 asks: `1979-02-29` is refused, `2000-02-29` taken).
     private mutating func datePart() throws(TOMLSyntaxError) {
-        try digits(4)
+        let start = position
+        let year = try digits(4)
         try expect("-", "`-` in the date (YYYY-MM-DD)")
-        try digits(2)
+        let month = try digits(2)
         try expect("-", "`-` in the date (YYYY-MM-DD)")
-        try digits(2)
+        let day = try digits(2)
+        let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0)
+        let days = [31, leap ? 29 : 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31]
+        guard (1...12).contains(month), (1...days[month - 1]).contains(day) else {
+            throw error(at: start, "a date that does not exist (months 01-12, days 01 to the month's last)")
+        }
     }
 
+    /// A time of day: hours 00-23, minutes 00-59, seconds 00-60 (a leap second).
     private mutating func timePart() throws(TOMLSyntaxError) {
-        try digits(2)
+        let start = position
+        let hour = try digits(2)
         try expect(":", "`:` in the time (HH:MM:SS)")
-        try digits(2)
+        let minute = try digits(2)
         try expect(":", "`:` in the time (HH:MM:SS)")
-        try digits(2)
+        let second = try digits(2)
+        guard hour < 24, minute < 60, second <= 60 else {
+            throw error(at: start, "a time that does not exist (hours 00-23, minutes 00-59, seconds 00-60)")
+        }
         if peek() == UInt8(ascii: ".") {
             position += 1
             let start = position
@@ -440,11 +454,16 @@ struct TOMLParser {
         }
     }
 
-    private mutating func digits(_ count: Int) throws(TOMLSyntaxError) {
+    /// `count` decimal digits, and their value.
+    @discardableResult
+    private mutating func digits(_ count: Int) throws(TOMLSyntaxError) -> Int {
+        var value = 0
         for _ in 0..<count {
-            guard isDigit(peek()) else { throw error("expected a digit in the date or time") }
+            guard let digit = peek(), isDigit(digit) else { throw error("expected a digit in the date or time") }
+            value = value * 10 + Int(digit - UInt8(ascii: "0"))
             position += 1
         }
+        return value
     }
 
     // MARK: Strings
