@@ -257,3 +257,23 @@ let package = Package(
         ),
     ]
 )
+
+// MARK: Fuzzing (libFuzzer harnesses for the decoders that take untrusted bytes)
+// Only with FARMGATE_FUZZ set, so a normal `swift build` / `swift build --build-tests` never sees them.
+// Build and run with Tests/tools/fuzz.sh wire|site.
+if Context.environment["FARMGATE_FUZZ"] != nil {
+    package.targets.append(contentsOf: [
+        .executableTarget(
+            name: "FuzzWire",
+            dependencies: ["FarmgateWire"],
+            path: "Tests/Fuzz/FuzzWire",
+            swiftSettings: swiftSettings
+        ),
+        .executableTarget(
+            name: "FuzzSite",
+            dependencies: ["FarmgateAgent", "FarmgateSupport", "FarmgateWire"],
+            path: "Tests/Fuzz/FuzzSite",
+            swiftSettings: swiftSettings
+        ),
+    ])
+}
