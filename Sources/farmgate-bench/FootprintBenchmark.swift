@@ -41,6 +41,12 @@ struct FootprintBench: AsyncParsableCommand {
     @Option(help: "Extra lines for the agent's [buffer] section, e.g. 'commit_interval = \"1s\"' (default: the defaults).")
     var bufferSettings: String = ""
 
+    @Option(help: """
+        The agent's [clock] section (default 'check = false': this machine's clock may never report synchronised, and a \
+        reading taken unsynchronised costs more, see the README). 'check = true' measures the unsynchronised path.
+        """)
+    var clockSettings = "check = false"
+
     @Option(help: "Keep the agent's files in this directory instead of a temporary one.")
     var keep: String?
 
@@ -59,10 +65,13 @@ struct FootprintBench: AsyncParsableCommand {
         defer { if keep == nil { try? FileManager.default.removeItem(atPath: directory) } }
 
         let device = try DeviceID("footprint-site")
-        let (sensors, interval, seconds, warmup, bufferSettings) = (self.sensors, self.interval, self.seconds, self.warmup, self.bufferSettings)
+        let (sensors, interval, seconds, warmup, bufferSettings, clockSettings) = (
+            self.sensors, self.interval, self.seconds, self.warmup, self.bufferSettings, self.clockSettings
+        )
         let figures = try await LocalIngest.withRunning(directory: directory, device: device, now: nil, logger: logger) { ingest in
             let config = try Self.writeConfiguration(
-                directory: directory, ingest: ingest, device: device, sensors: sensors, interval: interval, bufferSettings: bufferSettings)
+                directory: directory, ingest: ingest, device: device, sensors: sensors, interval: interval, bufferSettings: bufferSettings,
+                clockSettings: clockSettings)
             let process = Process()
             process.executableURL = URL(fileURLWithPath: binary)
             process.arguments = ["agent", "--config", config]
@@ -208,7 +217,8 @@ struct FootprintBench: AsyncParsableCommand {
     }
 
     static func writeConfiguration(
-        directory: String, ingest: LocalIngest, device: DeviceID, sensors: Int, interval: String, bufferSettings: String
+        directory: String, ingest: LocalIngest, device: DeviceID, sensors: Int, interval: String, bufferSettings: String,
+        clockSettings: String
     ) throws -> String {
         var text = """
             [device]
@@ -229,7 +239,7 @@ struct FootprintBench: AsyncParsableCommand {
             level = "warning"
 
             [clock]
-            check = false
+            \(clockSettings)
 
             """
         let quantities = ["ph", "ec", "temperature"]
