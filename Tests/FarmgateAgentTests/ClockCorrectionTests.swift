@@ -621,6 +621,21 @@ struct ClockCorrectionTests {
         try await buffer.close()
     }
 
+    // Found by a soak tester: with `hold_unsynchronized = "0s"` the start-up warning still said readings were held back.
+    @Test("The clock warning says readings are held only when hold_unsynchronized holds them", arguments: [600, 0])
+    func warningTellsTheHold(holdSeconds: Int) async throws {
+        let scratch = try Scratch(prefix: "fg-clock")
+        let buffer = try openBuffer(scratch)
+        let clock = ManualClock(trueTime: try trueStart(), offsetSeconds: -threeDays)
+        let recorder = LogRecorder()
+        let monitor = ClockMonitor(source: clock, observer: buffer, hold: .seconds(holdSeconds), logger: recorder.logger())
+        await monitor.poll()
+        let warning = try #require(recorder.all.first { $0.hasPrefix("warning Clock not synchronised") })
+        #expect(warning.contains("held back") == (holdSeconds > 0), "\(warning)")
+        #expect(warning.contains("sent at once") == (holdSeconds == 0), "\(warning)")
+        try await buffer.close()
+    }
+
     @Test("The test hook file sets the synchronised state and a wall-clock offset; an unreadable file keeps the last state")
     func testHookFile() throws {
         let scratch = try Scratch(prefix: "fg-clock")

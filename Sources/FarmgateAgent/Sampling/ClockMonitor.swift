@@ -171,10 +171,17 @@ public final class ClockMonitor: Service {
         } else if !reading.synchronized, previous?.synchronized != false {
             var details = metadata
             details["clock.hold"] = "\(hold)"
+            // With `hold_unsynchronized = "0s"` nothing is held: readings go at once, flagged, and only those still
+            // waiting in the buffer when the clock is set get their time corrected.
+            let held = hold > .zero
             logger.warning(
                 previous == nil
-                    ? "Clock not synchronised: readings are flagged clock_unsynchronized, held back, and corrected once NTP sets the clock"
-                    : "Clock lost synchronisation: readings are flagged clock_unsynchronized and held back again",
+                    ? (held
+                        ? "Clock not synchronised: readings are flagged clock_unsynchronized, held back, and corrected once NTP sets the clock"
+                        : "Clock not synchronised: readings are flagged clock_unsynchronized and sent at once (hold_unsynchronized is 0); those still buffered when NTP sets the clock are corrected")
+                    : (held
+                        ? "Clock lost synchronisation: readings are flagged clock_unsynchronized and held back again"
+                        : "Clock lost synchronisation: readings are flagged clock_unsynchronized again (sent at once: hold_unsynchronized is 0)"),
                 metadata: details)
         }
     }
