@@ -56,6 +56,10 @@ public enum RFC3339 {
         }
     }
 
+    /// The seconds since 1970 of the years ``format(_:)`` writes with four digits, 0000–9999 (computed once: ``parse(_:)``
+    /// runs for every timestamp of a JSON batch).
+    private static let writableSeconds = (days(fromCivil: 0, 1, 1) * 86_400)..<(days(fromCivil: 10_000, 1, 1) * 86_400)
+
     /// Parses an RFC 3339 date-time, or returns nil. Fractions beyond microseconds are truncated.
     public static func parse(_ text: String) -> Timestamp? {
         let b = Array(text.utf8)
@@ -107,7 +111,7 @@ public enum RFC3339 {
         let seconds = days * 86_400 + h * 3600 + mi * 60 + s - offsetSeconds
         // Within the years this form can write (0000–9999 in UTC): an offset or a leap second must not carry a time past
         // them, whose text ``format(_:)`` could not give back.
-        guard seconds >= Self.days(fromCivil: 0, 1, 1) * 86_400, seconds < Self.days(fromCivil: 10_000, 1, 1) * 86_400 else { return nil }
+        guard Self.writableSeconds.contains(seconds) else { return nil }
         let (product, overflow) = seconds.multipliedReportingOverflow(by: 1_000_000)
         guard !overflow else { return nil }
         return Timestamp(microseconds: product + micros)

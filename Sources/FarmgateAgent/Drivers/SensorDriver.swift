@@ -37,10 +37,6 @@ public struct SensorError: Error, Sendable, Hashable, CustomStringConvertible {
     public var description: String { "\(kind.rawValue): \(message)" }
 }
 
-/// Reads one sensor. The sampler, not the driver, owns scheduling (as in Telegraf): it calls ``read()`` on the sensor's
-/// interval and stores what comes back.
-///
-/// Drivers that block (serial, 1-Wire sysfs) do their blocking on a ``DedicatedThread``, never on the caller's task.
 extension SensorError {
     /// What to add to "the previous read is still running" once it has run `elapsed`, ten times `timeout` or more: it may
     /// never end (a kernel read that never returns), no new read of the sensor starts until it does, and then only a
@@ -52,6 +48,10 @@ extension SensorError {
     }
 }
 
+/// Reads one sensor. The sampler, not the driver, owns scheduling (as in Telegraf): it calls ``read()`` on the sensor's
+/// interval and stores what comes back.
+///
+/// Drivers that block (serial, 1-Wire sysfs) do their blocking on a ``DedicatedThread``, never on the caller's task.
 public protocol SensorDriver: Sendable {
     /// Takes one reading.
     func read() async throws(SensorError) -> SensorValue
