@@ -234,14 +234,15 @@ struct DS18B20DriverTests {
         try FileManager.default.createDirectory(atPath: tree.scratch.file(address), withIntermediateDirectories: true)
         let fifo = tree.scratch.file(address) + "/w1_slave"
         #expect(mkfifo(fifo, 0o600) == 0)
-        let driver = try tree.driver(address, extra: "read_timeout = \"100ms\"")
+        // 300 ms: the early look must come before 10 × the timeout even on a loaded machine.
+        let driver = try tree.driver(address, extra: "read_timeout = \"300ms\"")
         #expect(try #require(await readResult(driver).failure).kind == .timeout)
         let early = try #require(await readResult(driver).failure)
         #expect(early.message.contains("still blocked") && !early.message.contains("systemctl restart farmgate"), "\(early.message)")
-        try await Task.sleep(for: .milliseconds(1_100))
+        try await Task.sleep(for: .milliseconds(3_100))
         let late = try #require(await readResult(driver).failure)
         #expect(late.kind == .timeout)
-        // At least the 1.1 s slept; on a loaded machine (CI run 131) the read came a second later still.
+        // At least the 3.1 s slept, and more on a loaded machine (CI run 131 saw a second more).
         #expect(late.message.contains(" s ago) is still blocked") && !late.message.contains("(started 0 s ago)"), "\(late.message)")
         #expect(late.message.contains("only restarting the agent (systemctl restart farmgate) clears this"), "\(late.message)")
         // Let the stuck read end so that the driver's thread can stop.
