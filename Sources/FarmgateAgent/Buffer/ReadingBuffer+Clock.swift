@@ -60,12 +60,62 @@ struct BufferClockState {
     var heldInRepair: (count: Int, countedAt: ContinuousClock.Instant)?
 }
 
+/// What a reading taken while the clock was not synchronised keeps, so that its time can be repaired: its boot, and how
+/// far the wall clock was ahead of CLOCK_BOOTTIME when it was taken (its boot time is then `timestamp − offset`).
+struct RepairStamp: Hashable {
+    /// The boot's key in `boots`.
+    var boot: Int64
+    /// realtime − boottime (microseconds), rounded up to whole milliseconds: the sampler stamps whole milliseconds, so
+    /// a clock that is a whole number of milliseconds off (as a clock set by hand, or by fake-hwclock, is to within its
+    /// tick) gives every reading the same offset, and a repair gives exactly the time a boot time per reading would.
+    var offset: Int64
+
+    init(boot: Int64, timestamp: Int64, boottime: Int64) {
+        let offset = timestamp &- boottime
+        self.init(boot: boot, offset: offset >= 0 ? (offset &+ 999) / 1000 * 1000 : offset / 1000 * 1000)
+    }
+
+    init(boot: Int64, offset: Int64) {
+        self.boot = boot
+        self.offset = offset
+    }
+
+    /// Two stamps this close (offsets within a millisecond) share a run: the wall clock's millisecond and CLOCK_BOOTTIME's
+    /// microseconds make the offset of one clock wander by up to a millisecond from reading to reading. A repair is then
+    /// within a millisecond of what a boot time per reading gives, well inside what it is sure of (NTP's offset is known
+    /// to a few milliseconds, a read takes hundreds).
+    func joins(_ run: RepairStamp) -> Bool {
+        boot == run.boot && (offset &- run.offset).magnitude <= 1_000
+    }
+}
+
+/// The stamped readings of one group commit as runs of consecutive sequences (``BufferStore/recordClockStamps(_:)``).
+struct ClockStampRuns {
+    struct Run {
+        var first: Int64
+        var last: Int64
+        var stamp: RepairStamp
+    }
+
+    private(set) var runs: [Run] = []
+
+    /// A reading stored with `sequence` (ascending, one commit): it extends the last run when it follows it directly
+    /// (no other reading between them) with a joining stamp.
+    mutating func append(sequence: Int64, _ stamp: RepairStamp) {
+        if let last = runs.last, last.last &+ 1 == sequence, stamp.joins(last.stamp) {
+            runs[runs.count - 1].last = sequence
+        } else {
+            runs.append(Run(first: sequence, last: sequence, stamp: stamp))
+        }
+    }
+}
+
 /// Where a sample goes in the `readings` table, after the clock's view of it.
 struct ClockPlacement {
     var timestamp: Int64
     var quality: Int64
-    var boot: SQLiteValue
-    var boottime: SQLiteValue
+    /// Set for a reading whose time may still be repaired (uncorrected, of this boot or of a boot not known yet).
+    var stamp: RepairStamp?
     /// A reading with a boot stamp (still uncorrected, or corrected as it was stored) is a distinct measurement: when its
     /// timestamp is taken by another reading of the sensor it moves to the next free millisecond rather than be dropped as
     /// a duplicate.
@@ -124,20 +174,22 @@ extension BufferStore {
             // During a repair a reading not reached yet still has its old time, which a new reading may now have: the new
             // one moves to the next free millisecond rather than be dropped as a duplicate of it.
             return ClockPlacement(
-                timestamp: timestamp, quality: Int64(quality.rawValue), boot: .null, boottime: .null, distinct: clock.repairing,
-                holdable: false)
+                timestamp: timestamp, quality: Int64(quality.rawValue), stamp: nil, distinct: clock.repairing, holdable: false)
         }
         if key == clock.bootKey, let epoch = clock.bootEpoch {
             var corrected = quality
             corrected.remove(.clockUnsynchronized)
             corrected.insert(.clockCorrected)
             return ClockPlacement(
-                timestamp: Self.wholeMilliseconds(boot.boottime &+ epoch), quality: Int64(corrected.rawValue), boot: .null,
-                boottime: .null, distinct: true, holdable: false)
+                timestamp: Self.wholeMilliseconds(boot.boottime &+ epoch), quality: Int64(corrected.rawValue), stamp: nil,
+                distinct: true, holdable: false)
         }
+        // A reading of an earlier boot can never be repaired nor held: it keeps no stamp.
+        let repairable = clock.bootKey == nil || key == clock.bootKey
         return ClockPlacement(
-            timestamp: timestamp, quality: Int64(quality.rawValue), boot: .integer(key), boottime: .integer(boot.boottime),
-            distinct: true, holdable: key == clock.bootKey)
+            timestamp: timestamp, quality: Int64(quality.rawValue),
+            stamp: repairable ? RepairStamp(boot: key, timestamp: timestamp, boottime: boot.boottime) : nil, distinct: true,
+            holdable: key == clock.bootKey)
     }
 
     static func wholeMilliseconds(_ microseconds: Int64) -> Int64 {
@@ -159,12 +211,14 @@ extension BufferStore {
             clock.bootEpoch = nil
             clock.repairing = false
             clock.mayHold = true
-            // Boots no reading refers to any more are forgotten (the index on readings.boot answers this).
+            // The stamps of earlier boots are forgotten, and those boots with them: nothing repairs or holds a reading of
+            // an earlier boot (its boot time counts from another start), so it goes up flagged as it is.
             if let key {
-                _ = try write {
-                    try connection.query(
-                        "DELETE FROM boots WHERE key != ?1 AND NOT EXISTS (SELECT 1 FROM readings WHERE readings.boot = boots.key)",
-                        [.integer(key)])
+                if try connection.queryInt("SELECT count(*) FROM boots WHERE key != ?1", [.integer(key)]) ?? 0 > 0 {
+                    try write {
+                        try connection.query("DELETE FROM clock_stamps WHERE boot != ?1", [.integer(key)])
+                        try connection.query("DELETE FROM boots WHERE key != ?1", [.integer(key)])
+                    }
                 }
                 clock.bootKeys = clock.bootKeys.filter { $0.value == key }
             }
@@ -196,8 +250,9 @@ extension BufferStore {
     static let clockRepairStep = 5_000
 
     /// Corrects the next ``clockRepairStep`` readings of the repair under way (see ``observeClock(_:)``), in one transaction:
-    /// each gets the time `boottime + epoch` (whole milliseconds), the flag `clock_corrected` instead of
-    /// `clock_unsynchronized`, and loses its boot stamp.
+    /// each gets the time `boot time + epoch` (whole milliseconds; its boot time is its timestamp less its run's offset,
+    /// see ``RepairStamp``), the flag `clock_corrected` instead of `clock_unsynchronized`, and leaves its run in
+    /// `clock_stamps`.
     ///
     /// The UNIQUE (timestamp, sensor) index: the step's readings are first parked at distinct negative timestamps, so that
     /// they never collide with each other's old, wrong times; then, in boot-time order, each takes its repaired time, or the
@@ -214,45 +269,72 @@ extension BufferStore {
         guard clock.repairing, let key = clock.bootKey, let epoch = clock.bootEpoch else {
             return (ClockCorrection(corrected: 0, shifted: 0, bootEpochMicroseconds: clock.bootEpoch ?? 0), true)
         }
-        // The partial index on (boot, boottime) gives the step's readings in order; corrected ones leave it.
-        let rows = try connection.query(
-            "SELECT sequence, boottime FROM readings WHERE boot = ? ORDER BY boottime, sequence LIMIT ?",
-            [.integer(key), .integer(Int64(Self.clockRepairStep))])
+        // The step's readings, run after run in sequence order; what each run keeps once the step is done (nil: nothing).
+        var rows: [(sequence: Int64, boottime: Int64)] = []
+        var runsLeft: [(first: Int64, rest: (first: Int64, last: Int64)?)] = []
+        var full = false
+        let runs = try connection.query(
+            "SELECT first, last, clock_offset FROM clock_stamps WHERE boot = ? ORDER BY first", [.integer(key)])
+        let select = try connection.prepare("SELECT sequence, timestamp FROM readings WHERE sequence BETWEEN ?1 AND ?2 ORDER BY sequence LIMIT ?3")
+        for run in runs {
+            guard run.count == 3, let first = run[0].int64, let last = run[1].int64, let offset = run[2].int64 else { continue }
+            if full { break }
+            let room = Self.clockRepairStep - rows.count
+            try select.bind([.integer(first), .integer(last), .integer(Int64(room))])
+            var taken = 0
+            var lastTaken = first
+            while try select.step() {
+                rows.append((select.int64(0), select.int64(1) &- offset))
+                lastTaken = select.int64(0)
+                taken += 1
+            }
+            select.reset()
+            if taken == room {
+                full = true
+                runsLeft.append((first, lastTaken < last ? (lastTaken + 1, last) : nil))
+            } else {
+                runsLeft.append((first, nil))
+            }
+        }
+        rows.sort { $0.boottime != $1.boottime ? $0.boottime < $1.boottime : $0.sequence < $1.sequence }
         let step = try write {
             let park = try connection.prepare("UPDATE OR IGNORE readings SET timestamp = -sequence WHERE sequence = ?")
-            for row in rows {
-                if let sequence = row.first?.int64 { try park.run([.integer(sequence)]) }
-            }
+            for row in rows { try park.run([.integer(row.sequence)]) }
             let update = try connection.prepare(
-                """
-                UPDATE OR IGNORE readings SET timestamp = ?2, quality = (quality & ~?3) | ?4, boot = NULL, boottime = NULL
-                WHERE sequence = ?1
-                """)
+                "UPDATE OR IGNORE readings SET timestamp = ?2, quality = (quality & ~?3) | ?4 WHERE sequence = ?1")
             let limit = pendingCount + 2
             var corrected = 0
             var shifted = 0
             for row in rows {
-                guard row.count == 2, let sequence = row[0].int64, let boottime = row[1].int64 else { continue }
-                var timestamp = Self.wholeMilliseconds(boottime &+ epoch)
+                var timestamp = Self.wholeMilliseconds(row.boottime &+ epoch)
                 var attempts = 0
                 while true {
                     try update.run([
-                        .integer(sequence), .integer(timestamp), .integer(Int64(QualityFlags.clockUnsynchronized.rawValue)),
+                        .integer(row.sequence), .integer(timestamp), .integer(Int64(QualityFlags.clockUnsynchronized.rawValue)),
                         .integer(Int64(QualityFlags.clockCorrected.rawValue)),
                     ])
                     if connection.changes == 1 { break }
                     attempts += 1
                     guard attempts <= limit else {
-                        throw BufferError("cannot find a free timestamp for reading \(sequence) while correcting the clock")
+                        throw BufferError("cannot find a free timestamp for reading \(row.sequence) while correcting the clock")
                     }
                     timestamp &+= 1000
                 }
                 corrected += 1
                 if attempts > 0 { shifted += 1 }
             }
+            let delete = try connection.prepare("DELETE FROM clock_stamps WHERE first = ?")
+            let move = try connection.prepare("UPDATE clock_stamps SET first = ?2, last = ?3 WHERE first = ?1")
+            for run in runsLeft {
+                if let rest = run.rest {
+                    try move.run([.integer(run.first), .integer(rest.first), .integer(rest.last)])
+                } else {
+                    try delete.run([.integer(run.first)])
+                }
+            }
             return ClockCorrection(corrected: corrected, shifted: shifted, bootEpochMicroseconds: epoch)
         }
-        let finished = rows.count < Self.clockRepairStep
+        let finished = !full
         if finished {
             clock.repairing = false
             clock.heldInRepair = nil
@@ -260,6 +342,27 @@ extension BufferStore {
             clock.heldInRepair = (max(0, counted.count - step.corrected), counted.countedAt)
         }
         return (step, finished)
+    }
+
+    /// Stores the runs of a group commit's stamped readings, in the commit's transaction: a run that directly follows the
+    /// last stored one (no reading between them) with a joining stamp extends it, so that a site whose clock stays
+    /// unsynchronised writes one small row, not one per reading.
+    func recordClockStamps(_ stamps: ClockStampRuns) throws {
+        var runs = stamps.runs
+        guard !runs.isEmpty else { return }
+        if let row = try connection.query("SELECT first, last, boot, clock_offset FROM clock_stamps ORDER BY first DESC LIMIT 1").first,
+            row.count == 4, let first = row[0].int64, let last = row[1].int64, let boot = row[2].int64, let offset = row[3].int64
+        {
+            if last &+ 1 == runs[0].first, runs[0].stamp.joins(RepairStamp(boot: boot, offset: offset)) {
+                try connection.query("UPDATE clock_stamps SET last = ?2 WHERE first = ?1", [.integer(first), .integer(runs[0].last)])
+                runs.removeFirst()
+            }
+        }
+        for run in runs {
+            try connection.query(
+                "INSERT INTO clock_stamps(first, last, boot, clock_offset) VALUES (?, ?, ?, ?)",
+                [.integer(run.first), .integer(run.last), .integer(run.stamp.boot), .integer(run.stamp.offset)])
+        }
     }
 
     /// How often a repair counts its held readings again; between two counts each step takes off what it corrected.
@@ -280,7 +383,10 @@ extension BufferStore {
             return counted.count
         }
         let statement = try clock.countHeld ?? connection.prepare(
-            "SELECT count(*) FROM readings WHERE boot = ?1 AND (boottime > ?2 OR timestamp < ?3)")
+            """
+            SELECT count(*) FROM clock_stamps s JOIN readings r ON r.sequence BETWEEN s.first AND s.last
+            WHERE s.boot = ?1 AND (r.timestamp - s.clock_offset > ?2 OR r.timestamp < ?3)
+            """)
         clock.countHeld = statement
         try statement.bind(hold.bindings)
         defer { statement.reset() }
@@ -288,16 +394,38 @@ extension BufferStore {
         clock.heldInRepair = clock.repairing ? (count, ContinuousClock.now) : nil
         if count == 0, clock.bootEpoch == nil {
             // Nothing of this boot is waiting: stop asking until a commit stores an uncorrected reading of this boot again.
-            if try connection.queryInt("SELECT count(*) FROM readings WHERE boot = ?", [.integer(hold.key)]) == 0 {
+            // Runs whose readings are all gone (acknowledged, dropped by the quota) go with it.
+            let stamped = try connection.queryInt(
+                """
+                SELECT count(*) FROM clock_stamps s
+                WHERE s.boot = ?1 AND EXISTS (SELECT 1 FROM readings WHERE sequence BETWEEN s.first AND s.last)
+                """, [.integer(hold.key)])
+            if stamped == 0 {
                 clock.mayHold = false
+                if try connection.queryInt("SELECT count(*) FROM clock_stamps WHERE boot = ?1", [.integer(hold.key)]) ?? 0 > 0 {
+                    _ = try write { try connection.query("DELETE FROM clock_stamps WHERE boot = ?1", [.integer(hold.key)]) }
+                }
             }
         }
         return count
     }
 
+    /// The condition on a row of `readings` that it is not held (``HoldFilter``), with the filter's bindings at these
+    /// parameter numbers: not in a run of the boot, or in one and taken (`timestamp − offset`) before the cutoff and
+    /// stamped after 2000. The run of a reading is the one that starts last at or before it (two lookups in a small
+    /// table, by its primary key).
+    static func unheld(key: Int, cutoff: Int, plausible: Int) -> String {
+        """
+        NOT EXISTS (SELECT 1 FROM clock_stamps s
+            WHERE s.first = (SELECT max(first) FROM clock_stamps WHERE first <= readings.sequence)
+                AND s.last >= readings.sequence AND s.boot = ?\(key)
+                AND (readings.timestamp - s.clock_offset > ?\(cutoff) OR readings.timestamp < ?\(plausible)))
+        """
+    }
+
     /// The statement that reads a batch from `end` of the backlog, skipping held readings; binds the limit, then the filter.
     func unheldSelect(_ end: BacklogEnd) throws -> SQLiteStatement {
-        let filter = "WHERE boot IS NULL OR boot != ?2 OR (boottime <= ?3 AND timestamp >= ?4)"
+        let filter = "WHERE \(Self.unheld(key: 2, cutoff: 3, plausible: 4))"
         switch end {
         case .oldest:
             let statement = try clock.oldestUnheld ?? connection.prepare(
@@ -313,40 +441,79 @@ extension BufferStore {
     }
 
     /// Makes the content of readings about to be sent final, just before their request leaves (the uploader calls it once
-    /// the connection to the ingest is up, see ``PendingReadings/freezeForSending(_:)``): their boot stamps are cleared,
-    /// so that no later clock repair changes them. The ingest may from then on hold them (a request whose answer is lost),
-    /// and a re-sent reading that differs from the stored one is a `sequence_conflict`, not a duplicate. A reading whose
-    /// request never left the box (no network, no DNS) keeps its stamp and is repaired once the clock is set.
+    /// the connection to the ingest is up, see ``PendingReadings/freezeForSending(_:)``): they leave their runs in
+    /// `clock_stamps`, so that no later clock repair changes them. The ingest may from then on hold them (a request whose
+    /// answer is lost), and a re-sent reading that differs from the stored one is a `sequence_conflict`, not a duplicate.
+    /// A reading whose request never left the box (no network, no DNS) keeps its stamp and is repaired once the clock is
+    /// set.
+    ///
+    /// What is written is the runs, not the readings: usually one row shortened, whatever the request's size.
     ///
     /// - Parameter sequences: the readings of the request sent flagged `clock_unsynchronized` (only those can change).
     /// - Returns: false when one of them was repaired since the uploader read it: the request carries an old time and must
     ///   not go; the uploader reads the readings again. A reading no longer pending (acknowledged meanwhile) changes nothing.
     func freezeForSending(_ sequences: [UInt64]) throws -> Bool {
-        guard !sequences.isEmpty else { return true }
-        // Only readings of the current boot can still be repaired; a stamp of an earlier boot is left (nothing changes it,
-        // and a backlog of such readings then costs no write per request).
-        let select = try connection.prepare("SELECT quality, boot FROM readings WHERE sequence = ?")
-        var stamped: [Int64] = []
-        for sequence in sequences {
-            guard sequence <= UInt64(Int64.max) else { continue }
-            try select.bind([.integer(Int64(sequence))])
+        let wanted = Set(sequences.compactMap { Int64(exactly: $0) }).sorted()
+        guard let low = wanted.first, let high = wanted.last else { return true }
+        let select = try connection.prepare("SELECT quality FROM readings WHERE sequence = ?")
+        var flagged: [Int64] = []
+        for sequence in wanted {
+            try select.bind([.integer(sequence)])
             defer { select.reset() }
             guard try select.step() else { continue }
             let quality = QualityFlags(rawValue: UInt16(truncatingIfNeeded: select.int64(0)))
             guard quality.contains(.clockUnsynchronized) else { return false }
-            guard !select.isNull(1) else { continue }
-            guard clock.bootKey == nil || select.int64(1) == clock.bootKey else { continue }
-            // The clock is known and the repair has not reached it yet: it must not go with its old time.
-            if clock.bootEpoch != nil { return false }
-            stamped.append(Int64(sequence))
+            flagged.append(sequence)
         }
-        guard !stamped.isEmpty else { return true }
+        guard !flagged.isEmpty else { return true }
+        // The runs that may hold them: from the one that starts last at or before the lowest.
+        let runs = try connection.query(
+            """
+            SELECT first, last, boot, clock_offset FROM clock_stamps
+            WHERE first >= coalesce((SELECT max(first) FROM clock_stamps WHERE first <= ?1), ?1) AND first <= ?2
+            ORDER BY first
+            """, [.integer(low), .integer(high)])
+        let exists = try connection.prepare("SELECT 1 FROM readings WHERE sequence BETWEEN ?1 AND ?2 LIMIT 1")
+        var changes: [(first: Int64, stamp: RepairStamp, pieces: [(first: Int64, last: Int64)])] = []
+        for run in runs {
+            guard run.count == 4, let first = run[0].int64, let last = run[1].int64, let boot = run[2].int64,
+                let offset = run[3].int64
+            else { continue }
+            // Only runs of the current boot can still be repaired (an earlier boot's are forgotten when the boot is seen).
+            guard clock.bootKey == nil || boot == clock.bootKey else { continue }
+            let inside = flagged.filter { $0 >= first && $0 <= last }
+            guard !inside.isEmpty else { continue }
+            // The clock is known and the repair has not reached them yet: they must not go with their old time.
+            if clock.bootEpoch != nil { return false }
+            // What is left of the run: the stretches between the readings sent that still hold a reading.
+            var pieces: [(first: Int64, last: Int64)] = []
+            var start = first
+            for sequence in inside + [last &+ 1] {
+                if sequence > start {
+                    try exists.bind([.integer(start), .integer(sequence - 1)])
+                    let any = try exists.step()
+                    exists.reset()
+                    if any { pieces.append((start, sequence - 1)) }
+                }
+                start = sequence &+ 1
+            }
+            changes.append((first, RepairStamp(boot: boot, offset: offset), pieces))
+        }
+        guard !changes.isEmpty else { return true }
         // On a full disk this write would hold the very upload whose acknowledgement makes room (seen by a tester: no
         // batch left for 30 s after an outage that filled the disk): it may use the reserve, as deletes do.
         _ = try makingRoomOnFullDisk("the readings about to be sent can be made final and sent") {
             try write {
-                let update = try connection.prepare("UPDATE readings SET boot = NULL, boottime = NULL WHERE sequence = ?")
-                for sequence in stamped { try update.run([.integer(sequence)]) }
+                let delete = try connection.prepare("DELETE FROM clock_stamps WHERE first = ?")
+                let insert = try connection.prepare("INSERT INTO clock_stamps(first, last, boot, clock_offset) VALUES (?, ?, ?, ?)")
+                for change in changes {
+                    try delete.run([.integer(change.first)])
+                    for piece in change.pieces {
+                        try insert.run([
+                            .integer(piece.first), .integer(piece.last), .integer(change.stamp.boot), .integer(change.stamp.offset),
+                        ])
+                    }
+                }
             }
         }
         return true
@@ -355,7 +522,7 @@ extension BufferStore {
     /// The timestamp of the oldest reading that is not held.
     func oldestUnheldTimestamp(_ hold: HoldFilter) throws -> Timestamp? {
         let statement = try clock.oldestUnheldTimestamp ?? connection.prepare(
-            "SELECT timestamp FROM readings WHERE boot IS NULL OR boot != ?1 OR (boottime <= ?2 AND timestamp >= ?3) ORDER BY sequence LIMIT 1")
+            "SELECT timestamp FROM readings WHERE \(Self.unheld(key: 1, cutoff: 2, plausible: 3)) ORDER BY sequence LIMIT 1")
         clock.oldestUnheldTimestamp = statement
         try statement.bind(hold.bindings)
         defer { statement.reset() }

@@ -298,7 +298,7 @@ final class BufferStore {
         self.reserve = BufferReserve(bufferPath: path)
 
         insertReading = try connection.prepare(
-            "INSERT OR IGNORE INTO readings(sequence, sensor, timestamp, steps, quality, boot, boottime) VALUES (?, ?, ?, ?, ?, ?, ?)")
+            "INSERT OR IGNORE INTO readings(sequence, sensor, timestamp, steps, quality) VALUES (?, ?, ?, ?, ?)")
         updateCounter = try connection.prepare("INSERT OR REPLACE INTO counters(name, value) VALUES (?, ?)")
         deleteReading = try connection.prepare("DELETE FROM readings WHERE sequence = ?")
         deleteRange = try connection.prepare("DELETE FROM readings WHERE sequence BETWEEN ?1 AND ?2")
@@ -594,6 +594,7 @@ final class BufferStore {
         var makeRoomDropped = 0
         let bootKeys = try resolveBoots(Set(rows.compactMap { $0.boot?.bootID }))
         try write {
+            var stamps = ClockStampRuns()
             var deleted = 0
             while deleted < makeRoom, pendingCount > 0 {
                 try deleteOldest.run([.integer(Int64(min(makeRoom - deleted, 10_000)))])
@@ -616,7 +617,6 @@ final class BufferStore {
                     while true {
                         try insertReading.run([
                             .integer(next), .integer(row.key), .integer(timestamp), .integer(row.steps), .integer(placed.quality),
-                            placed.boot, placed.boottime,
                         ])
                         // A boot-stamped reading is a distinct measurement: on a taken timestamp, the next free millisecond.
                         guard connection.changes == 0, placed.distinct, attempts <= pendingCount + outcome.stored else { break }
@@ -628,10 +628,12 @@ final class BufferStore {
                         outcome.stored += 1
                         if attempts > 0 { outcome.clockShifted += 1 }
                         if placed.holdable { clock.mayHold = true }
+                        if let stamp = placed.stamp { stamps.append(sequence: next, stamp) }
                     } else {
                         outcome.duplicates += 1
                     }
                 }
+                try recordClockStamps(stamps)
                 pendingCount += outcome.stored
                 if policy == .dropOldest, outcome.stored > 0, try usedBytes() > quotaBytes {
                     outcome.dropped += try dropOldest(downTo: quotaBytes / 10 * 9)
