@@ -68,13 +68,18 @@ struct ClockStampRunTests {
         try await buffer.append(clock.unsynchronizedSamples(count, sensors: [sensor.id]))
         try await buffer.flush()
         let stampedFrames = try walFrames(path, pageSize: pageSize)
-        #expect(stampedFrames <= syncedFrames + 2, "a stamped commit wrote \(stampedFrames) pages against \(syncedFrames)")
-        clock.advance(seconds: Double(count))
-        try await buffer.append(clock.unsynchronizedSamples(10, sensors: [sensor.id]))
-        try await buffer.flush()
+        #expect(stampedFrames <= syncedFrames + 1, "a stamped commit wrote \(stampedFrames) pages against \(syncedFrames)")
         var stored = try await runs(buffer)
         #expect(stored.count == 1)
-        #expect(stored.first.map { $0[1] - $0[0] + 1 } == Int64(count + 10))
+        #expect(stored.first?[1] == Int64.max, "the newest run is open: the next commits join it")
+        // The next commit joins the open run: nothing is written for its stamps.
+        clock.advance(seconds: Double(count))
+        let before = try await buffer.withStore { store in try store.connection.query("SELECT * FROM clock_stamps") }
+        try await buffer.append(clock.unsynchronizedSamples(10, sensors: [sensor.id]))
+        try await buffer.flush()
+        #expect(try await buffer.withStore { store in try store.connection.query("SELECT * FROM clock_stamps") } == before)
+        stored = try await runs(buffer)
+        #expect(stored.count == 1)
         let unstamped = try await buffer.withStore { store in
             try store.connection.queryInt("SELECT count(*) FROM readings WHERE boot IS NOT NULL OR boottime IS NOT NULL")
         }
@@ -88,7 +93,7 @@ struct ClockStampRunTests {
         let freezeFrames = try walFrames(path, pageSize: pageSize)
         #expect(freezeFrames <= 3, "freezing a request wrote \(freezeFrames) pages")
         stored = try await runs(buffer)
-        #expect(stored.map { [$0[0], $0[1]] } == [[Int64(request.last?.sequence ?? 0) + 1, Int64(request.last?.sequence ?? 0) + 510]])
+        #expect(stored.map { [$0[0], $0[1]] } == [[Int64(request.last?.sequence ?? 0) + 1, Int64.max]])
 
         // The clock is set: the frozen readings keep what was sent, the rest get their true time, one second apart.
         clock.synchronize()
@@ -138,17 +143,56 @@ struct ClockStampRunTests {
         try await buffer.flush()
         let stored = try await runs(buffer)
         #expect(stored.count == 2, "one run per offset: \(stored)")
-        #expect(stored.map { $0[1] - $0[0] + 1 } == [10, 5])
+        #expect(stored.map { $0[0] } == [1, 11])
+        #expect(stored.map { $0[1] } == [10, Int64.max], "the first closed where the stepped clock began, the second open")
+        // A reading taken with the clock set closes the open run.
+        try await buffer.append([Sample(sensor: sensor.id, timestamp: Timestamp(microseconds: clock.trueTime.microseconds - 1_000_000), value: 5.0)])
+        try await buffer.flush()
+        #expect(try await runs(buffer).map { $0[1] } == [10, 15])
         #expect(try await buffer.statistics().held == 15)
 
         clock.synchronize()
         #expect(try await buffer.observeClock(clock.observation(hold: .seconds(900)))?.corrected == 15)
-        let readings = try await buffer.pending(limit: 100, from: .oldest)
+        let readings = try await buffer.pending(limit: 100, from: .oldest).filter { $0.value != 5.0 }
         #expect(readings.count == 15)
         for (reading, truth) in zip(readings, truths) {
             #expect(abs(reading.timestamp.microseconds - truth) < 1_000, "\(reading.timestamp) vs true \(Timestamp(microseconds: truth))")
             #expect(reading.quality == [.clockCorrected])
         }
+        try await buffer.close()
+    }
+
+    @Test("Readings renumbered after a sequence_conflict leave the open run: their sent content stays, the rest is repaired")
+    func renumberedLeaveTheOpenRun() async throws {
+        let scratch = try Scratch(prefix: "fg-runs")
+        let buffer = try ReadingBuffer(configuration: BufferConfiguration(path: scratch.file("buffer.sqlite")), logger: quiet)
+        let sensor = try descriptor()
+        try await buffer.register([sensor])
+        let clock = ManualClock(trueTime: try trueStart(), offsetSeconds: -86_400)
+        try await buffer.observeClock(clock.observation(hold: .zero))
+        try await buffer.append(clock.unsynchronizedSamples(10, sensors: [sensor.id]))
+        try await buffer.flush()
+        #expect(try await runs(buffer).map { [$0[0], $0[1]] } == [[1, Int64.max]])
+        // Readings 1–5 leave; the ingest answers that it holds other content under those numbers: they are renumbered.
+        #expect(try buffer.freezeForSending([1, 2, 3, 4, 5]))
+        let moved = try await buffer.renumber([1, 2, 3, 4, 5], above: 100)
+        #expect(moved.map(\.new) == [101, 102, 103, 104, 105])
+        #expect(try await runs(buffer).map { [$0[0], $0[1]] } == [[6, 10]], "closed before the readings moved above it")
+        // With a hold, only the five never sent are held; the renumbered ones are final.
+        try await buffer.observeClock(clock.observation(hold: .seconds(900)))
+        #expect(try await buffer.statistics().held == 5)
+        #expect(try await buffer.pending(limit: 100, from: .oldest).map(\.sequence) == [101, 102, 103, 104, 105])
+        clock.synchronize()
+        #expect(try await buffer.observeClock(clock.observation(hold: .seconds(900)))?.corrected == 5)
+        let all = try await buffer.pending(limit: 100, from: .oldest)
+        #expect(all.filter { $0.sequence > 100 }.allSatisfy { $0.quality == [.clockUnsynchronized] })
+        #expect(all.filter { $0.sequence <= 10 }.map(\.quality) == Array(repeating: [.clockCorrected], count: 5))
+        // The next unsynchronised commit starts a run of its own.
+        clock.state.withLock { $0.synchronized = false }
+        try await buffer.observeClock(clock.observation(hold: .zero))
+        try await buffer.append(clock.unsynchronizedSamples(3, sensors: [sensor.id], value: 6.6))
+        try await buffer.flush()
+        #expect(try await runs(buffer).map { [$0[0], $0[1]] } == [[106, Int64.max]])
         try await buffer.close()
     }
 

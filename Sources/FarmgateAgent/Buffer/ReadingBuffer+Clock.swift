@@ -89,24 +89,33 @@ struct RepairStamp: Hashable {
     }
 }
 
-/// The stamped readings of one group commit as runs of consecutive sequences (``BufferStore/recordClockStamps(_:)``).
+/// The readings one group commit stored, as runs of consecutive sequences with one stamp (or none: taken with the clock
+/// set, or already corrected), for ``BufferStore/recordClockStamps(_:)``.
 struct ClockStampRuns {
     struct Run {
         var first: Int64
         var last: Int64
-        var stamp: RepairStamp
+        var stamp: RepairStamp?
     }
 
     private(set) var runs: [Run] = []
 
-    /// A reading stored with `sequence` (ascending, one commit): it extends the last run when it follows it directly
-    /// (no other reading between them) with a joining stamp.
-    mutating func append(sequence: Int64, _ stamp: RepairStamp) {
-        if let last = runs.last, last.last &+ 1 == sequence, stamp.joins(last.stamp) {
-            runs[runs.count - 1].last = sequence
-        } else {
-            runs.append(Run(first: sequence, last: sequence, stamp: stamp))
+    /// A reading stored with `sequence` (ascending, one commit; a duplicate takes no sequence, so they follow each other):
+    /// it extends the last run when its stamp joins that run's, or both have none.
+    mutating func append(sequence: Int64, _ stamp: RepairStamp?) {
+        if let last = runs.last, last.last &+ 1 == sequence {
+            switch (stamp, last.stamp) {
+            case (nil, nil):
+                runs[runs.count - 1].last = sequence
+                return
+            case (let new?, let old?) where new.joins(old):
+                runs[runs.count - 1].last = sequence
+                return
+            default:
+                break
+            }
         }
+        runs.append(Run(first: sequence, last: sequence, stamp: stamp))
     }
 }
 
@@ -344,25 +353,55 @@ extension BufferStore {
         return (step, finished)
     }
 
-    /// Stores the runs of a group commit's stamped readings, in the commit's transaction: a run that directly follows the
-    /// last stored one (no reading between them) with a joining stamp extends it, so that a site whose clock stays
-    /// unsynchronised writes one small row, not one per reading.
+    /// `clock_stamps.last` of the open run: the newest run, which the readings committed after it join as long as they
+    /// carry a joining stamp, so that a site whose clock stays unsynchronised writes nothing for them at its commits.
+    static let openRunEnd = Int64.max
+
+    /// Records the runs of a group commit's stamped readings, in the commit's transaction. Readings that join the open
+    /// run (see ``openRunEnd``) write nothing; any other reading closes it (its last reading is then the one before),
+    /// and the commit's last run, when stamped, is left open.
     func recordClockStamps(_ stamps: ClockStampRuns) throws {
-        var runs = stamps.runs
-        guard !runs.isEmpty else { return }
-        if let row = try connection.query("SELECT first, last, boot, clock_offset FROM clock_stamps ORDER BY first DESC LIMIT 1").first,
-            row.count == 4, let first = row[0].int64, let last = row[1].int64, let boot = row[2].int64, let offset = row[3].int64
-        {
-            if last &+ 1 == runs[0].first, runs[0].stamp.joins(RepairStamp(boot: boot, offset: offset)) {
-                try connection.query("UPDATE clock_stamps SET last = ?2 WHERE first = ?1", [.integer(first), .integer(runs[0].last)])
+        var runs = stamps.runs[...]
+        guard let head = runs.first else { return }
+        if let open = try openClockRun() {
+            if let stamp = head.stamp, stamp.joins(open.stamp) {
                 runs.removeFirst()
+                guard !runs.isEmpty else { return }
+                try closeOpenClockRun(open, at: head.last)
+            } else {
+                try closeOpenClockRun(open, at: head.first &- 1)
             }
         }
+        let tail = runs.last?.first
         for run in runs {
+            guard let stamp = run.stamp else { continue }
             try connection.query(
                 "INSERT INTO clock_stamps(first, last, boot, clock_offset) VALUES (?, ?, ?, ?)",
-                [.integer(run.first), .integer(run.last), .integer(run.stamp.boot), .integer(run.stamp.offset)])
+                [.integer(run.first), .integer(run.first == tail ? Self.openRunEnd : run.last), .integer(stamp.boot), .integer(stamp.offset)])
         }
+    }
+
+    /// The open run, if there is one.
+    func openClockRun() throws -> (first: Int64, stamp: RepairStamp)? {
+        guard let row = try connection.query(
+            "SELECT first, boot, clock_offset FROM clock_stamps WHERE last = ?", [.integer(Self.openRunEnd)]).first,
+            row.count == 3, let first = row[0].int64, let boot = row[1].int64, let offset = row[2].int64
+        else { return nil }
+        return (first, RepairStamp(boot: boot, offset: offset))
+    }
+
+    /// Ends the open run at `last` (deletes it when that is before its first reading).
+    func closeOpenClockRun(_ open: (first: Int64, stamp: RepairStamp), at last: Int64) throws {
+        if last < open.first {
+            try connection.query("DELETE FROM clock_stamps WHERE first = ?", [.integer(open.first)])
+        } else {
+            try connection.query("UPDATE clock_stamps SET last = ?2 WHERE first = ?1", [.integer(open.first), .integer(last)])
+        }
+    }
+
+    /// Ends the open run at the last sequence assigned, before readings are moved above it (``renumber(_:above:)``).
+    func closeOpenClockRun() throws {
+        if let open = try openClockRun() { try closeOpenClockRun(open, at: lastSequence) }
     }
 
     /// How often a repair counts its held readings again; between two counts each step takes off what it corrected.
@@ -402,8 +441,10 @@ extension BufferStore {
                 """, [.integer(hold.key)])
             if stamped == 0 {
                 clock.mayHold = false
-                if try connection.queryInt("SELECT count(*) FROM clock_stamps WHERE boot = ?1", [.integer(hold.key)]) ?? 0 > 0 {
-                    _ = try write { try connection.query("DELETE FROM clock_stamps WHERE boot = ?1", [.integer(hold.key)]) }
+                let closed = "FROM clock_stamps WHERE boot = ?1 AND last != ?2"
+                let bindings: [SQLiteValue] = [.integer(hold.key), .integer(Self.openRunEnd)]
+                if try connection.queryInt("SELECT count(*) \(closed)", bindings) ?? 0 > 0 {
+                    _ = try write { try connection.query("DELETE \(closed)", bindings) }
                 }
             }
         }
@@ -486,9 +527,10 @@ extension BufferStore {
             // The clock is known and the repair has not reached them yet: they must not go with their old time.
             if clock.bootEpoch != nil { return false }
             // What is left of the run: the stretches between the readings sent that still hold a reading.
+            // The open run keeps its open end, readings or not: the next commits join it.
             var pieces: [(first: Int64, last: Int64)] = []
             var start = first
-            for sequence in inside + [last &+ 1] {
+            for sequence in inside {
                 if sequence > start {
                     try exists.bind([.integer(start), .integer(sequence - 1)])
                     let any = try exists.step()
@@ -496,6 +538,14 @@ extension BufferStore {
                     if any { pieces.append((start, sequence - 1)) }
                 }
                 start = sequence &+ 1
+            }
+            if last == Self.openRunEnd {
+                pieces.append((start, last))
+            } else if start <= last {
+                try exists.bind([.integer(start), .integer(last)])
+                let any = try exists.step()
+                exists.reset()
+                if any { pieces.append((start, last)) }
             }
             changes.append((first, RepairStamp(boot: boot, offset: offset), pieces))
         }

@@ -628,7 +628,7 @@ final class BufferStore {
                         outcome.stored += 1
                         if attempts > 0 { outcome.clockShifted += 1 }
                         if placed.holdable { clock.mayHold = true }
-                        if let stamp = placed.stamp { stamps.append(sequence: next, stamp) }
+                        stamps.append(sequence: next, placed.stamp)
                     } else {
                         outcome.duplicates += 1
                     }
@@ -846,6 +846,8 @@ final class BufferStore {
         try Self.checkSequenceFloor(floor)
         let move = try connection.prepare("UPDATE readings SET sequence = ?2 WHERE sequence = ?1")
         let pairs = try write { () throws -> [(old: UInt64, new: UInt64)] in
+            // The moved readings go above the last sequence: out of reach of the open run of clock stamps.
+            try closeOpenClockRun()
             var next = max(floor, lastSequence)
             var pairs: [(old: UInt64, new: UInt64)] = []
             for old in wanted {
