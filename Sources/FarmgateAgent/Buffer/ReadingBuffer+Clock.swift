@@ -421,19 +421,33 @@ extension BufferStore {
         if clock.repairing, let counted = clock.heldInRepair, ContinuousClock.now - counted.countedAt < Self.heldRecountInterval {
             return counted.count
         }
+        // Run by run, through the time index: a held reading of a run is one taken after the cutoff (its timestamp after
+        // cutoff + offset) or stamped before 2000, so the count reads the index entries of the recent readings (the last
+        // `hold_unsynchronized` of them), not every stamped reading: the uploader asks before each batch, and a day
+        // without a clock is millions of them.
         let statement = try clock.countHeld ?? connection.prepare(
             """
-            SELECT count(*) FROM clock_stamps s JOIN readings r ON r.sequence BETWEEN s.first AND s.last
-            WHERE s.boot = ?1 AND (r.timestamp - s.clock_offset > ?2 OR r.timestamp < ?3)
+            SELECT (SELECT count(*) FROM readings INDEXED BY readings_timestamp_sensor
+                    WHERE timestamp > ?1 AND sequence BETWEEN ?3 AND ?4)
+                + (SELECT count(*) FROM readings INDEXED BY readings_timestamp_sensor
+                    WHERE timestamp < ?2 AND timestamp <= ?1 AND sequence BETWEEN ?3 AND ?4)
             """)
         clock.countHeld = statement
-        try statement.bind(hold.bindings)
-        defer { statement.reset() }
-        let count = try statement.step() ? Int(statement.int64(0)) : 0
+        var count = 0
+        let runs = try connection.query("SELECT first, last, clock_offset FROM clock_stamps WHERE boot = ?", [.integer(hold.key)])
+        for run in runs {
+            guard run.count == 3, let first = run[0].int64, let last = run[1].int64, let offset = run[2].int64 else { continue }
+            let (sum, overflow) = hold.cutoff.addingReportingOverflow(offset)
+            let after = overflow ? (offset < 0 ? Int64.min : Int64.max) : sum
+            try statement.bind([.integer(after), .integer(hold.plausible), .integer(first), .integer(last)])
+            defer { statement.reset() }
+            if try statement.step() { count += Int(statement.int64(0)) }
+        }
         clock.heldInRepair = clock.repairing ? (count, ContinuousClock.now) : nil
         if count == 0, clock.bootEpoch == nil {
             // Nothing of this boot is waiting: stop asking until a commit stores an uncorrected reading of this boot again.
-            // Runs whose readings are all gone (acknowledged, dropped by the quota) go with it.
+            // Closed runs whose readings are all gone (acknowledged, dropped by the quota) go with it: best effort, a full
+            // disk must not fail the statistics the uploader polls (they are left for the next time).
             let stamped = try connection.queryInt(
                 """
                 SELECT count(*) FROM clock_stamps s
@@ -444,7 +458,7 @@ extension BufferStore {
                 let closed = "FROM clock_stamps WHERE boot = ?1 AND last != ?2"
                 let bindings: [SQLiteValue] = [.integer(hold.key), .integer(Self.openRunEnd)]
                 if try connection.queryInt("SELECT count(*) \(closed)", bindings) ?? 0 > 0 {
-                    _ = try write { try connection.query("DELETE \(closed)", bindings) }
+                    _ = try? write { try connection.query("DELETE \(closed)", bindings) }
                 }
             }
         }
