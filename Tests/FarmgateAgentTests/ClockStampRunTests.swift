@@ -39,18 +39,26 @@ private func walFrames(_ path: String, pageSize: Int) throws -> Int {
     return size <= 32 ? 0 : (size - 32) / (pageSize + 24)
 }
 
+/// A buffer with one pH sensor registered, told of a clock `offsetSeconds` off and not synchronised.
+private func unsynchronizedBuffer(
+    _ path: String, offsetSeconds: Int64, hold: Duration
+) async throws -> (ReadingBuffer, SensorDescriptor, ManualClock) {
+    let buffer = try ReadingBuffer(configuration: BufferConfiguration(path: path), logger: quiet)
+    let sensor = try descriptor()
+    try await buffer.register([sensor])
+    let clock = ManualClock(trueTime: try trueStart(), offsetSeconds: offsetSeconds)
+    try await buffer.observeClock(clock.observation(hold: hold))
+    return (buffer, sensor, clock)
+}
+
 @Suite("Clock stamp runs")
 struct ClockStampRunTests {
     @Test("Unsynchronised readings cost a row per run, not per reading: a commit writes as much as a synchronised one, a request's freeze one page")
     func runsCostNoRowWrites() async throws {
         let scratch = try Scratch(prefix: "fg-runs")
         let path = scratch.file("buffer.sqlite")
-        let buffer = try ReadingBuffer(configuration: BufferConfiguration(path: path), logger: quiet)
-        let sensor = try descriptor()
-        try await buffer.register([sensor])
+        let (buffer, sensor, clock) = try await unsynchronizedBuffer(path, offsetSeconds: -86_400, hold: .zero)
         let pageSize = Int(try await buffer.withStore { store in try store.connection.queryInt("PRAGMA page_size") } ?? 0)
-        let clock = ManualClock(trueTime: try trueStart(), offsetSeconds: -86_400)
-        try await buffer.observeClock(clock.observation(hold: .zero))
         let count = 2_000
 
         // The same number of readings taken with the clock set, for comparison.
@@ -116,12 +124,8 @@ struct ClockStampRunTests {
     @Test("A wall clock stepped while unsynchronised starts a new run; the repair gives every reading its true time")
     func steppedClock() async throws {
         let scratch = try Scratch(prefix: "fg-runs")
-        let buffer = try ReadingBuffer(configuration: BufferConfiguration(path: scratch.file("buffer.sqlite")), logger: quiet)
-        let sensor = try descriptor()
-        try await buffer.register([sensor])
-        let clock = ManualClock(trueTime: try trueStart(), offsetSeconds: -7_200)
+        let (buffer, sensor, clock) = try await unsynchronizedBuffer(scratch.file("buffer.sqlite"), offsetSeconds: -7_200, hold: .seconds(900))
         let wall = WallClock(source: clock)
-        try await buffer.observeClock(clock.observation(hold: .seconds(900)))
         var truths: [Int64] = []
         func take(_ value: Double) async throws {
             truths.append(clock.trueTime.microseconds)
@@ -165,11 +169,7 @@ struct ClockStampRunTests {
     @Test("Readings renumbered after a sequence_conflict leave the open run: their sent content stays, the rest is repaired")
     func renumberedLeaveTheOpenRun() async throws {
         let scratch = try Scratch(prefix: "fg-runs")
-        let buffer = try ReadingBuffer(configuration: BufferConfiguration(path: scratch.file("buffer.sqlite")), logger: quiet)
-        let sensor = try descriptor()
-        try await buffer.register([sensor])
-        let clock = ManualClock(trueTime: try trueStart(), offsetSeconds: -86_400)
-        try await buffer.observeClock(clock.observation(hold: .zero))
+        let (buffer, sensor, clock) = try await unsynchronizedBuffer(scratch.file("buffer.sqlite"), offsetSeconds: -86_400, hold: .zero)
         try await buffer.append(clock.unsynchronizedSamples(10, sensors: [sensor.id]))
         try await buffer.flush()
         #expect(try await runs(buffer).map { [$0[0], $0[1]] } == [[1, Int64.max]])

@@ -22,8 +22,10 @@ import FarmgateSupport
 /// - `clock_stamps` (version 7): runs of readings taken while the clock was not synchronised, one row per run rather than
 ///   two columns and an index entry per reading: readings `first...last` (those that exist) were taken in boot `boot` with
 ///   the wall clock `clock_offset` microseconds (whole milliseconds, rounded up) ahead of CLOCK_BOOTTIME, so each one's
-///   boot time is its `timestamp − clock_offset`. A reading leaves its run when its time is repaired or when a request
-///   carrying it leaves (see ``BufferStore/freezeForSending(_:)``): a row is rewritten per run, not per reading.
+///   boot time is its `timestamp − clock_offset`. The newest run is open (`last` = 9223372036854775807): the readings
+///   committed after it join it without a write until one does not. A reading leaves its run when its time is repaired
+///   or when a request carrying it leaves (see ``BufferStore/freezeForSending(_:)``): a row is rewritten per run and
+///   request, not per reading.
 /// - `calibrations` (version 4): finished calibration events, kept until the ingest acknowledged them. From version 5 an
 ///   event the ingest refused for good stays in the table with `quarantined_at`, `code` and `message` set, and is no
 ///   longer sent (see ``ReadingBuffer/quarantineCalibrations(_:)``).
@@ -162,8 +164,8 @@ enum BufferSchema {
 
     /// Version 7: boot stamps as runs (`clock_stamps`). Per reading they cost two columns and an entry in `readings_boot`
     /// written at commit, and all three rewritten when a request carrying the reading left: with the clock unsynchronised
-    /// that doubled what the buffer wrote to the SD card per reading (169 bytes against 85). A run costs one row per group
-    /// commit, and one row rewritten per request.
+    /// that doubled what the buffer wrote to the SD card per reading (169 bytes against 85). A run costs a row when it
+    /// starts or ends, and one row rewritten per request that leaves.
     ///
     /// Existing stamps become runs: consecutive readings (by sequence, no other reading between them) of one boot whose
     /// `timestamp − boottime`, rounded up to whole milliseconds, is the same (gaps and islands over window functions).
