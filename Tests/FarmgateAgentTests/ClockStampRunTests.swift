@@ -166,6 +166,36 @@ struct ClockStampRunTests {
         try await buffer.close()
     }
 
+    @Test("A wall clock a whole number of seconds off gives each reading the true millisecond it was taken, whatever the boot's microseconds")
+    func exactToTheMillisecond() async throws {
+        let scratch = try Scratch(prefix: "fg-runs")
+        let buffer = try ReadingBuffer(configuration: BufferConfiguration(path: scratch.file("buffer.sqlite")), logger: quiet)
+        let sensor = try descriptor()
+        try await buffer.register([sensor])
+        // Booted 20.0004 s before a true time with whole milliseconds: the true time of the boot is 0.6 ms past one, as
+        // a real boot's is anything; the wall clock is three days and no microseconds behind (fake-hwclock, date -s).
+        let clock = ManualClock(trueTime: try trueStart(), offsetSeconds: -259_200, uptime: 20.000_4)
+        let wall = WallClock(source: clock)
+        try await buffer.observeClock(clock.observation(hold: .seconds(900)))
+        var truths: [Int64] = []
+        for index in 0..<12 {
+            truths.append(clock.trueTime.microseconds)
+            let stamp = wall.stamp()
+            try await buffer.append([
+                Sample(sensor: sensor.id, timestamp: stamp.timestamp, value: 6.0 + Double(index) / 100, quality: .clockUnsynchronized, boot: stamp.boot)
+            ])
+            clock.advance(seconds: 1.000_3)
+        }
+        try await buffer.flush()
+        #expect(try await runs(buffer).count == 1)
+        clock.synchronize()
+        #expect(try await buffer.observeClock(clock.observation(hold: .seconds(900)))?.corrected == 12)
+        let readings = try await buffer.pending(limit: 100, from: .oldest)
+        #expect(readings.map(\.timestamp) == truths.map { WallClock.wholeMilliseconds($0) })
+        #expect(readings.allSatisfy { $0.quality == [.clockCorrected] })
+        try await buffer.close()
+    }
+
     @Test("Readings renumbered after a sequence_conflict leave the open run: their sent content stays, the rest is repaired")
     func renumberedLeaveTheOpenRun() async throws {
         let scratch = try Scratch(prefix: "fg-runs")

@@ -21,7 +21,8 @@ import FarmgateSupport
 ///   microseconds); from version 7 those columns are always NULL (no bytes) and the stamps live in `clock_stamps`.
 /// - `clock_stamps` (version 7): runs of readings taken while the clock was not synchronised, one row per run rather than
 ///   two columns and an index entry per reading: readings `first...last` (those that exist) were taken in boot `boot` with
-///   the wall clock `clock_offset` microseconds (whole milliseconds, rounded up) ahead of CLOCK_BOOTTIME, so each one's
+///   the wall clock `clock_offset` microseconds ahead of CLOCK_BOOTTIME (as the run's first reading had it; whole
+///   milliseconds, rounded up, for runs migrated from version 6), so each one's
 ///   boot time is its `timestamp − clock_offset`. The newest run is open (`last` = 9223372036854775807): the readings
 ///   committed after it join it without a write until one does not. A reading leaves its run when its time is repaired
 ///   or when a request carrying it leaves (see ``BufferStore/freezeForSending(_:)``): a row is rewritten per run and

@@ -65,14 +65,13 @@ struct BufferClockState {
 struct RepairStamp: Hashable {
     /// The boot's key in `boots`.
     var boot: Int64
-    /// realtime − boottime (microseconds), rounded up to whole milliseconds: the sampler stamps whole milliseconds, so
-    /// a clock that is a whole number of milliseconds off (as a clock set by hand, or by fake-hwclock, is to within its
-    /// tick) gives every reading the same offset, and a repair gives exactly the time a boot time per reading would.
+    /// realtime − boottime (microseconds), as the run's first reading had it: the sampler stamps the boot time of the
+    /// millisecond it stamps (``WallClock/stamp()``), so this is the clocks' offset to the microsecond, the same for
+    /// every reading of a clock that is not stepped (within the microseconds between reading the two clocks).
     var offset: Int64
 
     init(boot: Int64, timestamp: Int64, boottime: Int64) {
-        let offset = timestamp &- boottime
-        self.init(boot: boot, offset: offset >= 0 ? (offset &+ 999) / 1000 * 1000 : offset / 1000 * 1000)
+        self.init(boot: boot, offset: timestamp &- boottime)
     }
 
     init(boot: Int64, offset: Int64) {
@@ -80,10 +79,10 @@ struct RepairStamp: Hashable {
         self.offset = offset
     }
 
-    /// Two stamps this close (offsets within a millisecond) share a run: the wall clock's millisecond and CLOCK_BOOTTIME's
-    /// microseconds make the offset of one clock wander by up to a millisecond from reading to reading. A repair is then
-    /// within a millisecond of what a boot time per reading gives, well inside what it is sure of (NTP's offset is known
-    /// to a few milliseconds, a read takes hundreds).
+    /// Two stamps this close (offsets within a millisecond) share a run: a clock slewed while unsynchronised drifts by
+    /// microseconds a second, and a run then ends once its offset is a millisecond off. A repair is within that of what a
+    /// boot time per reading gives, well inside what it is sure of (NTP's offset is known to a few milliseconds, a read
+    /// takes hundreds); for a clock that is not slewed it is the same to the millisecond.
     func joins(_ run: RepairStamp) -> Bool {
         boot == run.boot && (offset &- run.offset).magnitude <= 1_000
     }

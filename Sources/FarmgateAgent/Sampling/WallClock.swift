@@ -38,9 +38,13 @@ public struct WallClock: Sendable {
     public func stamp() -> ClockStamp {
         let reading = source.read()
         let synchronized = !checkSynchronization || reading.synchronized
+        let timestamp = Self.wholeMilliseconds(reading.realtime.microseconds)
+        // The boot time of the stamped millisecond, not of the instant read: timestamp − boottime is then the clocks'
+        // exact offset, which the buffer keeps per run of readings, and a repair gives the true time of that millisecond.
+        let truncated = reading.realtime.microseconds &- timestamp.microseconds
         return ClockStamp(
-            timestamp: Self.wholeMilliseconds(reading.realtime.microseconds), synchronized: synchronized,
-            boot: synchronized ? nil : BootStamp(bootID: reading.bootID, boottime: reading.boottime))
+            timestamp: timestamp, synchronized: synchronized,
+            boot: synchronized ? nil : BootStamp(bootID: reading.bootID, boottime: reading.boottime &- truncated))
     }
 
     /// Now, truncated to whole milliseconds.
