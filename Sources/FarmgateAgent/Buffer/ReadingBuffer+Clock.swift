@@ -118,6 +118,13 @@ struct ClockStampRuns {
     }
 }
 
+/// A row of `clock_stamps`: readings `first...last` (those that exist) carry `stamp`.
+struct StoredClockRun {
+    var first: Int64
+    var last: Int64
+    var stamp: RepairStamp
+}
+
 /// Where a sample goes in the `readings` table, after the clock's view of it.
 struct ClockPlacement {
     var timestamp: Int64
@@ -281,11 +288,9 @@ extension BufferStore {
         var rows: [(sequence: Int64, boottime: Int64)] = []
         var runsLeft: [(first: Int64, rest: (first: Int64, last: Int64)?)] = []
         var full = false
-        let runs = try connection.query(
-            "SELECT first, last, clock_offset FROM clock_stamps WHERE boot = ? ORDER BY first", [.integer(key)])
         let select = try connection.prepare("SELECT sequence, timestamp FROM readings WHERE sequence BETWEEN ?1 AND ?2 ORDER BY sequence LIMIT ?3")
-        for run in runs {
-            guard run.count == 3, let first = run[0].int64, let last = run[1].int64, let offset = run[2].int64 else { continue }
+        for run in try clockRuns("boot = ?1", [.integer(key)]) {
+            let (first, last, offset) = (run.first, run.last, run.stamp.offset)
             if full { break }
             let room = Self.clockRepairStep - rows.count
             try select.bind([.integer(first), .integer(last), .integer(Int64(room))])
@@ -381,16 +386,23 @@ extension BufferStore {
     }
 
     /// The open run, if there is one.
-    func openClockRun() throws -> (first: Int64, stamp: RepairStamp)? {
-        guard let row = try connection.query(
-            "SELECT first, boot, clock_offset FROM clock_stamps WHERE last = ?", [.integer(Self.openRunEnd)]).first,
-            row.count == 3, let first = row[0].int64, let boot = row[1].int64, let offset = row[2].int64
-        else { return nil }
-        return (first, RepairStamp(boot: boot, offset: offset))
+    func openClockRun() throws -> StoredClockRun? {
+        try clockRuns("last = ?1", [.integer(Self.openRunEnd)]).first
+    }
+
+    /// The rows of `clock_stamps` that meet `condition`, in the order of their first reading.
+    func clockRuns(_ condition: String, _ bindings: [SQLiteValue]) throws -> [StoredClockRun] {
+        try connection.query("SELECT first, last, boot, clock_offset FROM clock_stamps WHERE \(condition) ORDER BY first", bindings)
+            .compactMap { row in
+                guard row.count == 4, let first = row[0].int64, let last = row[1].int64, let boot = row[2].int64,
+                    let offset = row[3].int64
+                else { return nil }
+                return StoredClockRun(first: first, last: last, stamp: RepairStamp(boot: boot, offset: offset))
+            }
     }
 
     /// Ends the open run at `last` (deletes it when that is before its first reading).
-    func closeOpenClockRun(_ open: (first: Int64, stamp: RepairStamp), at last: Int64) throws {
+    func closeOpenClockRun(_ open: StoredClockRun, at last: Int64) throws {
         if last < open.first {
             try connection.query("DELETE FROM clock_stamps WHERE first = ?", [.integer(open.first)])
         } else {
@@ -433,12 +445,10 @@ extension BufferStore {
             """)
         clock.countHeld = statement
         var count = 0
-        let runs = try connection.query("SELECT first, last, clock_offset FROM clock_stamps WHERE boot = ?", [.integer(hold.key)])
-        for run in runs {
-            guard run.count == 3, let first = run[0].int64, let last = run[1].int64, let offset = run[2].int64 else { continue }
-            let (sum, overflow) = hold.cutoff.addingReportingOverflow(offset)
-            let after = overflow ? (offset < 0 ? Int64.min : Int64.max) : sum
-            try statement.bind([.integer(after), .integer(hold.plausible), .integer(first), .integer(last)])
+        for run in try clockRuns("boot = ?1", [.integer(hold.key)]) {
+            let (sum, overflow) = hold.cutoff.addingReportingOverflow(run.stamp.offset)
+            let after = overflow ? (run.stamp.offset < 0 ? Int64.min : Int64.max) : sum
+            try statement.bind([.integer(after), .integer(hold.plausible), .integer(run.first), .integer(run.last)])
             defer { statement.reset() }
             if try statement.step() { count += Int(statement.int64(0)) }
         }
@@ -521,20 +531,20 @@ extension BufferStore {
         }
         guard !flagged.isEmpty else { return true }
         // The runs that may hold them: from the one that starts last at or before the lowest.
-        let runs = try connection.query(
-            """
-            SELECT first, last, boot, clock_offset FROM clock_stamps
-            WHERE first >= coalesce((SELECT max(first) FROM clock_stamps WHERE first <= ?1), ?1) AND first <= ?2
-            ORDER BY first
-            """, [.integer(low), .integer(high)])
+        let runs = try clockRuns(
+            "first >= coalesce((SELECT max(first) FROM clock_stamps WHERE first <= ?1), ?1) AND first <= ?2",
+            [.integer(low), .integer(high)])
         let exists = try connection.prepare("SELECT 1 FROM readings WHERE sequence BETWEEN ?1 AND ?2 LIMIT 1")
+        func holdsAReading(_ first: Int64, _ last: Int64) throws -> Bool {
+            try exists.bind([.integer(first), .integer(last)])
+            defer { exists.reset() }
+            return try exists.step()
+        }
         var changes: [(first: Int64, stamp: RepairStamp, pieces: [(first: Int64, last: Int64)])] = []
         for run in runs {
-            guard run.count == 4, let first = run[0].int64, let last = run[1].int64, let boot = run[2].int64,
-                let offset = run[3].int64
-            else { continue }
+            let (first, last) = (run.first, run.last)
             // Only runs of the current boot can still be repaired (an earlier boot's are forgotten when the boot is seen).
-            guard clock.bootKey == nil || boot == clock.bootKey else { continue }
+            guard clock.bootKey == nil || run.stamp.boot == clock.bootKey else { continue }
             let inside = flagged.filter { $0 >= first && $0 <= last }
             guard !inside.isEmpty else { continue }
             // The clock is known and the repair has not reached them yet: they must not go with their old time.
@@ -544,23 +554,15 @@ extension BufferStore {
             var pieces: [(first: Int64, last: Int64)] = []
             var start = first
             for sequence in inside {
-                if sequence > start {
-                    try exists.bind([.integer(start), .integer(sequence - 1)])
-                    let any = try exists.step()
-                    exists.reset()
-                    if any { pieces.append((start, sequence - 1)) }
-                }
+                if sequence > start, try holdsAReading(start, sequence - 1) { pieces.append((start, sequence - 1)) }
                 start = sequence &+ 1
             }
             if last == Self.openRunEnd {
                 pieces.append((start, last))
-            } else if start <= last {
-                try exists.bind([.integer(start), .integer(last)])
-                let any = try exists.step()
-                exists.reset()
-                if any { pieces.append((start, last)) }
+            } else if start <= last, try holdsAReading(start, last) {
+                pieces.append((start, last))
             }
-            changes.append((first, RepairStamp(boot: boot, offset: offset), pieces))
+            changes.append((first, run.stamp, pieces))
         }
         guard !changes.isEmpty else { return true }
         // On a full disk this write would hold the very upload whose acknowledgement makes room (seen by a tester: no
