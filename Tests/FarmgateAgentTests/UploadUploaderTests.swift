@@ -349,7 +349,9 @@ struct ForgetfulSource: PendingReadings {
         self.forgotten = sensor
     }
 
-    func pending(limit: Int, from end: BacklogEnd) async throws -> [Reading] { try await base.pending(limit: limit, from: end) }
+    func pending(limit: Int, from end: BacklogEnd, excluding excluded: ClosedRange<UInt64>?) async throws -> [Reading] {
+        try await base.pending(limit: limit, from: end, excluding: excluded)
+    }
     func advanceSequence(past sequence: UInt64) async throws -> UInt64? { try await base.advanceSequence(past: sequence) }
     func renumber(_ sequences: [UInt64], above floor: UInt64) async throws -> [SequenceRenumbering] {
         try await base.renumber(sequences, above: floor)

@@ -305,8 +305,9 @@ public struct SequenceRenumbering: Hashable, Sendable {
 /// What the uploader needs from the site buffer. ``ReadingBuffer`` is the implementation.
 public protocol PendingReadings: Sendable {
     /// Up to `limit` committed, unacknowledged readings from one end of the backlog, in ascending sequence order (never
-    /// held ones, see ``BufferStatistics/held``).
-    func pending(limit: Int, from end: BacklogEnd) async throws -> [Reading]
+    /// held ones, see ``BufferStatistics/held``), leaving out those numbered within `excluded`: the uploader's readings
+    /// whose acknowledgement it has yet to delete (see ``Uploader``).
+    func pending(limit: Int, from end: BacklogEnd, excluding excluded: ClosedRange<UInt64>?) async throws -> [Reading]
     /// The descriptors of `sensors`, as registered with the buffer (they travel with every batch).
     func descriptors(for sensors: Set<SensorID>) async throws -> [SensorDescriptor]
     /// Every configured sensor (the sensor table of stateful frames, with the sensors of the readings sent). Default:
@@ -340,6 +341,10 @@ public protocol PendingReadings: Sendable {
 }
 
 extension PendingReadings {
+    /// Up to `limit` committed, unacknowledged readings from one end of the backlog, leaving none out.
+    public func pending(limit: Int, from end: BacklogEnd) async throws -> [Reading] {
+        try await pending(limit: limit, from: end, excluding: nil)
+    }
     /// A source that keeps no calibration events (a test's) has none to send.
     public func allDescriptors() async throws -> [SensorDescriptor] { [] }
     public func freezeForSending(_ sequences: [UInt64]) throws -> Bool { true }

@@ -487,9 +487,10 @@ extension BufferStore {
         """
     }
 
-    /// The statement that reads a batch from `end` of the backlog, skipping held readings; binds the limit, then the filter.
+    /// The statement that reads a batch from `end` of the backlog, skipping held readings; binds the limit, then the filter,
+    /// then the bounds of the sequences left out (see ``pending(limit:from:excluding:)``).
     func unheldSelect(_ end: BacklogEnd) throws -> SQLiteStatement {
-        let filter = "WHERE \(Self.unheld(key: 2, cutoff: 3, plausible: 4))"
+        let filter = "WHERE sequence NOT BETWEEN ?5 AND ?6 AND \(Self.unheld(key: 2, cutoff: 3, plausible: 4))"
         switch end {
         case .oldest:
             let statement = try clock.oldestUnheld ?? connection.prepare(

@@ -308,10 +308,12 @@ final class BufferStore {
         selectBounds = try connection.prepare("SELECT (SELECT min(sequence) FROM readings), (SELECT max(sequence) FROM readings)")
         deleteOldest = try connection.prepare(
             "DELETE FROM readings WHERE sequence IN (SELECT sequence FROM readings ORDER BY sequence LIMIT ?)")
+        // ?2...?3: sequences left out (acknowledged, their deletion not yet run; 1...0 leaves out none). They lie at the
+        // other end of the backlog from the batch read, so the scan from this end rarely steps over them.
         selectOldest = try connection.prepare(
-            "SELECT sequence, sensor, timestamp, steps, quality FROM readings ORDER BY sequence LIMIT ?")
+            "SELECT sequence, sensor, timestamp, steps, quality FROM readings WHERE sequence NOT BETWEEN ?2 AND ?3 ORDER BY sequence LIMIT ?1")
         selectNewest = try connection.prepare(
-            "SELECT sequence, sensor, timestamp, steps, quality FROM readings ORDER BY sequence DESC LIMIT ?")
+            "SELECT sequence, sensor, timestamp, steps, quality FROM readings WHERE sequence NOT BETWEEN ?2 AND ?3 ORDER BY sequence DESC LIMIT ?1")
         selectOldestTimestamp = try connection.prepare("SELECT timestamp FROM readings ORDER BY sequence LIMIT 1")
         copyToQuarantine = try connection.prepare(
             """
@@ -738,15 +740,17 @@ final class BufferStore {
 
     // MARK: The uploader's view
 
-    func pending(limit: Int, from end: BacklogEnd) throws -> [Reading] {
+    func pending(limit: Int, from end: BacklogEnd, excluding excluded: ClosedRange<UInt64>? = nil) throws -> [Reading] {
         guard limit > 0 else { return [] }
         let statement: SQLiteStatement
+        let bounds: [SQLiteValue] = excluded.map { [.integer(Int64(clamping: $0.lowerBound)), .integer(Int64(clamping: $0.upperBound))] }
+            ?? [.integer(1), .integer(0)]
         if let hold = holdFilter {
             statement = try unheldSelect(end)
-            try statement.bind([.integer(Int64(limit))] + hold.bindings)
+            try statement.bind([.integer(Int64(limit))] + hold.bindings + bounds)
         } else {
             statement = end == .oldest ? selectOldest : selectNewest
-            try statement.bind([.integer(Int64(limit))])
+            try statement.bind([.integer(Int64(limit))] + bounds)
         }
         defer { statement.reset() }
         var readings: [Reading] = []

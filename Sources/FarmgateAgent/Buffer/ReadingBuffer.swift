@@ -322,9 +322,10 @@ public final class ReadingBuffer: PendingReadings, Service {
 
     // MARK: PendingReadings
 
-    /// Up to `limit` committed, unacknowledged readings from one end of the backlog, in ascending sequence order.
-    public func pending(limit: Int, from end: BacklogEnd) async throws -> [Reading] {
-        try await withStore { store in try store.pending(limit: limit, from: end) }
+    /// Up to `limit` committed, unacknowledged readings from one end of the backlog, in ascending sequence order, leaving
+    /// out those numbered within `excluded`.
+    public func pending(limit: Int, from end: BacklogEnd, excluding excluded: ClosedRange<UInt64>?) async throws -> [Reading] {
+        try await withStore { store in try store.pending(limit: limit, from: end, excluding: excluded) }
     }
 
     /// The registered descriptors of `sensors` (including sensors no longer configured whose readings are still buffered).

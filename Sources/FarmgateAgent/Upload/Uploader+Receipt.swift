@@ -77,10 +77,17 @@ extension Uploader {
             logger.warning("The ingest rejected readings; moving them to quarantine", metadata: ["readings": "\(reasons.count)"])
             if let wait = await quarantine(reasons, status: status, &loop) { return .stop(wait) }
         }
-        do {
-            try await source.acknowledge(group.map(\.sequence).filter { refusedBy[$0] == nil })
-        } catch {
-            return .stop(bufferFailed("cannot delete the readings the ingest acknowledged", error, status: status, &loop))
+        let acknowledged = group.map(\.sequence).filter { refusedBy[$0] == nil }
+        if let wait = await settleAcknowledgement(&loop) { return .stop(wait) }  // none is left here; never two at once
+        if loop.pipelining, refusedBy.isEmpty, events.isEmpty, let first = acknowledged.min(), let last = acknowledged.max() {
+            // Deleted while the next batch is in flight (see ``DeferredAcknowledgement``).
+            loop.deferred = DeferredAcknowledgement(sequences: acknowledged, range: first...last)
+        } else {
+            do {
+                try await source.acknowledge(acknowledged)
+            } catch {
+                return .stop(bufferFailed("cannot delete the readings the ingest acknowledged", error, status: status, &loop))
+            }
         }
         if let frame {
             // The ingest holds the table now, and every reading it did not refuse: the next frame predicts from them.

@@ -149,9 +149,15 @@ extension Uploader {
         let freeze = unsynchronized.isEmpty ? nil : FreezeCheck(source: source, sequences: unsynchronized)
         var beforeSending: (@Sendable () -> Bool)?
         if let freeze { beforeSending = { freeze.run() } }
+        // The previous batch's acknowledged readings are deleted while this request is in flight.
+        startDeferredDeletion(&loop)
         do {
             response = try await client.post(batchesURL, headers: headers, body: body, beforeSending: beforeSending)
         } catch {
+            if let wait = await settleAcknowledgement(&loop) {
+                if frame != nil, error.mayHaveReachedServer { loop.session.answerLost(group) }
+                return .stop(wait)
+            }
             if frame != nil, error.mayHaveReachedServer { loop.session.answerLost(group) }
             if error.kind == .cancelled { return .stop(.zero) }
             if error.kind == .withheld, let freeze {
@@ -164,6 +170,11 @@ extension Uploader {
             return .stop(failed(result: error.description, status: nil, delay: loop.backoff.nextDelay(), &loop))
         }
 
+        if let wait = await settleAcknowledgement(&loop) {
+            // This answer is not read: its readings stay pending and go again, duplicates if it took them.
+            if frame != nil { loop.session.answerLost(group) }
+            return .stop(wait)
+        }
         let status = response.status
         if (200...299).contains(status) { return await acknowledge(group, events: events, response: response, frame: frame, &loop) }
         let refusal = Refusal(response)

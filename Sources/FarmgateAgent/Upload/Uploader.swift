@@ -202,6 +202,7 @@ public final class Uploader: Service {
                 await Self.pause(wait)
             }
         }
+        _ = await settleAcknowledgement(&loop)
         if !Task.isCancelled, !reloading() { await finalFlush(&loop) }
         let left = (try? await source.statistics().pending) ?? -1
         logger.info("Uploader stopped", metadata: ["upload.pending": "\(left)"])
@@ -257,6 +258,10 @@ public final class Uploader: Service {
         /// After a 401 to a request that carried the key only in `Farmgate-Key` (an instance that does not read it
         /// behind the same address as one that does): the key goes as `Authorization` until then.
         var keyHeaderPausedUntil: ContinuousClock.Instant?
+        /// Whether the delivery under way may defer the deletion of what the ingest acknowledges (a backlog of more than
+        /// one batch besides it), and the deletion deferred (see ``DeferredAcknowledgement``).
+        var pipelining = false
+        var deferred: DeferredAcknowledgement?
 
         /// Whether the next request carries the key in `Farmgate-Key` (which HTTP/2 compresses to a byte) rather than
         /// `Authorization`.
@@ -357,6 +362,8 @@ public final class Uploader: Service {
     /// Looks at the buffer, sends what is due, and says how long to wait before looking again.
     func step(_ loop: inout LoopState) async -> Duration {
         if loop.deviceCheck.isDue {
+            // What the ingest says may renumber readings: the buffer must hold what was acknowledged, no more.
+            if let wait = await settleAcknowledgement(&loop) { return wait }
             // Never blocks uploads: when the ingest cannot answer, batches go anyway (a conflict is caught in its receipt).
             _ = await learnDeviceState(&loop)
             if Self.stopping { return .zero }
@@ -367,6 +374,13 @@ public final class Uploader: Service {
         } catch {
             logger.error("Cannot read the buffer statistics", metadata: ["error": "\(error)"])
             return bufferRetryDelay
+        }
+        if let deferred = loop.deferred {
+            // Still counted as pending until deleted. Unless a backlog of more than one batch is left besides them, delete
+            // them now and look again: batching by age and size must see the buffer as it is.
+            guard statistics.pending - deferred.sequences.count > configuration.batchMaxReadings else {
+                return await settleAcknowledgement(&loop) ?? .zero
+            }
         }
         guard statistics.pending > 0 else {
             loop.pendingSince = nil
@@ -399,12 +413,14 @@ public final class Uploader: Service {
         }
         let readings: [Reading]
         do {
-            readings = try await source.pending(limit: max(1, limit), from: end)
+            readings = try await source.pending(limit: max(1, limit), from: end, excluding: loop.deferred?.range)
         } catch {
             logger.error("Cannot read pending readings from the buffer", metadata: ["error": "\(error)"])
-            return bufferRetryDelay
+            return await settleAcknowledgement(&loop) ?? bufferRetryDelay
         }
-        guard !readings.isEmpty else { return configuration.pollInterval }
+        guard !readings.isEmpty else { return await settleAcknowledgement(&loop) ?? configuration.pollInterval }
+        loop.pipelining = statistics.pending - (loop.deferred?.sequences.count ?? 0) - readings.count > configuration.batchMaxReadings
+        defer { loop.pipelining = false }
         return await deliver(readings, &loop)
     }
 
