@@ -263,6 +263,42 @@ import Testing
         #expect(try await store.store(try batch(11, at: testNow), for: device, receivedAt: testNow).tally == Tally(accepted: 1, duplicates: 0, rejected: 0))
     }
 
+    /// A batch sent again across several removed ranges and the gaps between them (a backlog arriving below the device's
+    /// highest sequence): each reading is judged by the range that holds it, if any, and one ending just below the batch
+    /// or starting just above it holds none of it.
+    @Test func sqliteABatchAcrossSeveralRetiredRangesIsJudgedReadingByReading() async throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let path = directory.path + "/ingest.sqlite"
+        try await runOffPool {
+            let db = try sqliteIngestFile(at: path, migratedTo: SQLiteSchema.currentVersion)
+            try db.execute(
+                """
+                INSERT INTO farms(id, name, created_at_us) VALUES (1, 'f1', 0);
+                INSERT INTO devices(id, farm_id, name, key_id, secret_sha256, created_at_us, highest_sequence) VALUES (1, 1, 'd1', 'kd1', x'07', 0, 100);
+                INSERT INTO devices(id, farm_id, name, key_id, secret_sha256, created_at_us, highest_sequence) VALUES (2, 1, 'd2', 'kd2', x'08', 0, 100);
+                INSERT INTO retired_sequences(device_id, first_sequence, last_sequence) VALUES
+                    (1, 1, 3), (1, 10, 20), (1, 25, 25), (1, 30, 40), (1, 60, 70), (2, 4, 9);
+                INSERT OR REPLACE INTO retention_cutoff(id, raw_us) VALUES (1, \(testNow.microseconds + 1));
+                """)
+        }
+        let store = try SQLiteIngestStore(path: path, logger: testLogger)
+        defer { store.close() }
+        _ = try await store.migrate()
+        let device = DeviceIdentity(farmID: 1, farm: "f1", rowID: 1, device: try deviceID("d1"))
+        let sensor = try sensorID("tank1.ph")
+        // 4 is removed for device 2 only; 3, 10, 20, 25, 30 and 40 are ends of device 1's ranges; 60–70 lies above the batch.
+        let retired: Set<UInt64> = [3, 10, 15, 20, 25, 30, 35, 40]
+        let sequences: [UInt64] = [4, 3, 9, 10, 15, 20, 21, 24, 25, 26, 29, 30, 35, 40, 41, 55]
+        let batch = Batch(
+            device: try deviceID("d1"), sensors: [SensorDescriptor(id: sensor, quantity: .ph)],
+            readings: sequences.map { Reading(sensor: sensor, sequence: $0, timestamp: Timestamp(microseconds: testNow.microseconds - Int64($0) * 1_000_000), value: 6.5) })
+        let outcome = try await store.store(batch, for: device, receivedAt: testNow)
+        #expect(outcome.tally == Tally(accepted: sequences.count - retired.count, duplicates: retired.count, rejected: 0))
+        let stored = Set(try await Self.stored(store, device: device).map(\.sequence))
+        #expect(stored == Set(sequences).subtracting(retired))
+    }
+
     /// The partitions of `rollups_1m` (monthly ones and the default), by name.
     static func minuteRollupPartitions(_ store: PostgresIngestStore) async throws -> [String] {
         try await store.rows(

@@ -335,16 +335,33 @@ extension SQLiteIngestStore: RetentionStore {
         try db.queryInt("SELECT raw_us FROM retention_cutoff WHERE id = 1").map(Timestamp.init(microseconds:))
     }
 
-    /// Which of `sequences` of the device retention deleted after they were stored (`retired_sequences`).
+    /// Which of `sequences` of the device retention deleted after they were stored (`retired_sequences`). The device's
+    /// ranges are disjoint (merged as they are recorded): those that can hold one of `sequences` are read once, from the
+    /// highest down to the first that ends below the lowest, rather than one lookup per sequence (a backlog's batch
+    /// arrives below the device's highest stored sequence, so every one of its readings comes here).
     static func retiredSequences(_ sequences: [Int64], device: Int64, in db: CachedConnection) throws -> Set<Int64> {
-        guard !sequences.isEmpty else { return [] }
+        guard let lowest = sequences.min(), let highest = sequences.max() else { return [] }
         let find = try db.statement(
-            "SELECT last_sequence FROM retired_sequences WHERE device_id = ? AND first_sequence <= ? ORDER BY first_sequence DESC LIMIT 1")
+            "SELECT first_sequence, last_sequence FROM retired_sequences WHERE device_id = ? AND first_sequence <= ? ORDER BY first_sequence DESC")
+        try find.bind([.integer(device), .integer(highest)])
+        defer { find.reset() }
+        var ranges: [ClosedRange<Int64>] = []
+        while try find.step() {
+            let (first, last) = (find.int64(0), find.int64(1))
+            if last < lowest { break }
+            if first <= last { ranges.append(first...last) }
+        }
+        guard !ranges.isEmpty else { return [] }
+        ranges.reverse()
         var retired: Set<Int64> = []
         for sequence in sequences {
-            try find.bind([.integer(device), .integer(sequence)])
-            defer { find.reset() }
-            if try find.step(), find.int64(0) >= sequence { retired.insert(sequence) }
+            // The last range starting at or below the sequence is the only one that can hold it.
+            var (low, high) = (0, ranges.count)
+            while low < high {
+                let middle = (low + high) / 2
+                if ranges[middle].lowerBound <= sequence { low = middle + 1 } else { high = middle }
+            }
+            if low > 0, ranges[low - 1].contains(sequence) { retired.insert(sequence) }
         }
         return retired
     }
