@@ -66,6 +66,27 @@ struct StatusDisplayTests {
         #expect((errors?["last"] as? [String: Any])?["operation"] as? String == "acknowledge")
     }
 
+    @Test("status --json names oldestPending, null while nothing is pending, and its JSON reads back the same")
+    func oldestPendingIsNullWhenNothingIsPending() throws {
+        let idle = status(sensors: [], buffer: statistics())
+        let json = try JSONSerialization.jsonObject(with: JSONEncoder().encode(idle)) as? [String: Any]
+        let buffer = try #require(json?["buffer"] as? [String: Any])
+        #expect(buffer.keys.contains("oldestPending") && buffer["oldestPending"] is NSNull, "\(buffer)")
+        #expect(buffer["pending"] as? Int == 0 && buffer["quotaBytes"] as? Int == 1 << 20)
+        #expect(!buffer.keys.contains("pendingCalibrations"), "absent counts stay absent")
+
+        var busy = statistics()
+        busy.pending = 3
+        busy.oldestPending = Timestamp(microseconds: 1_000_000)
+        busy.pendingCalibrations = 2
+        busy.quarantinedByCode = ["out_of_range": 4]
+        busy.errors = BufferErrors(commit: 1)
+        (busy.held, busy.quarantineTrimmed, busy.quarantineDropped, busy.quarantinedCalibrations) = (5, 6, 7, 8)
+        (busy.uncommitted, busy.quarantined, busy.dropped, busy.duplicatesIgnored, busy.lastSequence) = (9, 10, 11, 12, 13)
+        let decoded = try JSONDecoder().decode(BufferStatistics.self, from: JSONEncoder().encode(busy))
+        #expect(decoded == busy)
+    }
+
     func statistics() -> BufferStatistics {
         BufferStatistics(
             pending: 0, oldestPending: nil, uncommitted: 0, quarantined: 0, dropped: 0, duplicatesIgnored: 0, lastSequence: 0,

@@ -232,6 +232,29 @@ public struct BufferStatistics: Hashable, Sendable, Codable {
         self.usedBytes = usedBytes
         self.quotaBytes = quotaBytes
     }
+
+    /// As synthesised, except that `oldestPending` is always present: `null` when nothing is pending, so that a script
+    /// reading `farmgate status --json` finds the key either way. The optional counts stay absent when their source
+    /// does not keep them.
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.container(keyedBy: CodingKeys.self)
+        try container.encode(pending, forKey: .pending)
+        try container.encode(held, forKey: .held)
+        try container.encode(oldestPending, forKey: .oldestPending)
+        try container.encode(uncommitted, forKey: .uncommitted)
+        try container.encode(quarantined, forKey: .quarantined)
+        try container.encode(quarantinedByCode, forKey: .quarantinedByCode)
+        try container.encode(quarantineTrimmed, forKey: .quarantineTrimmed)
+        try container.encode(quarantineDropped, forKey: .quarantineDropped)
+        try container.encode(dropped, forKey: .dropped)
+        try container.encode(duplicatesIgnored, forKey: .duplicatesIgnored)
+        try container.encode(lastSequence, forKey: .lastSequence)
+        try container.encode(usedBytes, forKey: .usedBytes)
+        try container.encode(quotaBytes, forKey: .quotaBytes)
+        try container.encodeIfPresent(pendingCalibrations, forKey: .pendingCalibrations)
+        try container.encodeIfPresent(quarantinedCalibrations, forKey: .quarantinedCalibrations)
+        try container.encodeIfPresent(errors, forKey: .errors)
+    }
 }
 
 /// What the buffer writes, as its failures are counted (a bounded label of `farmgate_agent_buffer_errors_total`).
