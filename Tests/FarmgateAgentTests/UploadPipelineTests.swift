@@ -7,6 +7,8 @@ import Testing
 
 /// Draining a backlog, the readings of an acknowledged batch are deleted while the next request is in flight (see
 /// ``Uploader/DeferredAcknowledgement``): the next batch is read around them first.
+/// In the timed pass (Makefile `TIMED_SUITES`): like the uploader's other loopback suites, it waits on a drain that the
+/// untimed pass's CPU-bound suites can starve for tens of seconds on two cores.
 @Suite("Upload: a backlog's acknowledged readings are deleted while the next request is in flight")
 struct UploadPipelineTests {
     /// The real buffer, logging what the uploader reads and deletes, in order; the acknowledgement numbered `failing`
@@ -72,7 +74,7 @@ struct UploadPipelineTests {
         let ingest = try FakeIngest()
         let configuration = uploadConfiguration(ingest.url, batchMaxReadings: 100, backlogBatchMaxReadings: 400)
         try await withUploader(source: source, configuration: configuration) { uploader throws in
-            #expect(try await eventually { try await data.statistics().pending == 0 && uploader.status().uploadedTotal == 2250 })
+            #expect(try await eventually(timeout: .seconds(60)) { try await data.statistics().pending == 0 && uploader.status().uploadedTotal == 2250 })
         }
         // Exactly once: every reading stored, none sent twice.
         #expect(Set(ingest.log.stored.keys) == Set(data.sequences))
@@ -108,7 +110,7 @@ struct UploadPipelineTests {
         let ingest = try FakeIngest()
         let configuration = uploadConfiguration(ingest.url, batchMaxReadings: 100, backlogBatchMaxReadings: 400)
         try await withUploader(source: source, configuration: configuration) { uploader throws in
-            #expect(try await eventually { try await data.statistics().pending == 0 })
+            #expect(try await eventually(timeout: .seconds(60)) { try await data.statistics().pending == 0 })
             #expect(uploader.status().failuresTotal?["buffer"] == 1, "the failed deletion counts as a buffer failure")
             // Each reading counted once as taken by the ingest, accepted or (sent again) a duplicate.
             #expect(uploader.status().uploadedTotal + uploader.status().duplicatesTotal >= 2000)
