@@ -1,6 +1,3 @@
-import FarmgateWire
-import Logging
-
 /// Draining a backlog, the deletion of a batch the ingest acknowledged runs while the next request is in flight, not
 /// before it is read and encoded: the buffer deletes on its own thread while the ingest stores, so a backlog drains at the
 /// pace of the ingest alone.

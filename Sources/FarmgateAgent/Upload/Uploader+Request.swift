@@ -154,11 +154,8 @@ extension Uploader {
         do {
             response = try await client.post(batchesURL, headers: headers, body: body, beforeSending: beforeSending)
         } catch {
-            if let wait = await settleAcknowledgement(&loop) {
-                if frame != nil, error.mayHaveReachedServer { loop.session.answerLost(group) }
-                return .stop(wait)
-            }
             if frame != nil, error.mayHaveReachedServer { loop.session.answerLost(group) }
+            if let wait = await settleAcknowledgement(&loop) { return .stop(wait) }
             if error.kind == .cancelled { return .stop(.zero) }
             if error.kind == .withheld, let freeze {
                 if let failure = freeze.failure { return .stop(bufferFailed("cannot make the readings final before sending", failure, status: nil, &loop)) }
