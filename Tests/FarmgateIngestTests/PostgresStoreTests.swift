@@ -18,7 +18,7 @@ import Testing
     static func withStore<T: Sendable>(
         now: Timestamp = testNow, _ body: @Sendable (PostgresIngestStore, PostgresSettings) async throws -> T
     ) async throws -> T {
-        try await withTestDatabase { settings in
+        try await withTestDatabase(migrated: true) { settings in
             let store = try PostgresIngestStore(settings: settings, logger: testLogger)
             return try await withRunning(store) { _ in
                 try await store.migrate()
@@ -170,6 +170,32 @@ import Testing
                 return counts.sorted()
             }
             #expect(applied == [0, 0, 0, PostgresSchema.migrations.count])
+            #expect(try await Self.count(settings, "SELECT count(*)::int8 FROM schema_migrations") == PostgresSchema.migrations.count)
+        }
+    }
+
+    /// An instance that starts while another migrates a large database waits for it: the migration is not bounded by
+    /// `query_timeout` (here 1 s while another session holds the migration lock for 3 s, as a long conversion would).
+    @Test func aMigrationWaitsPastTheQueryTimeoutForAnotherInstancesMigration() async throws {
+        try await withTestDatabase { settings in
+            var short = settings
+            short.queryTimeout = .seconds(1)
+            let holding = Task {
+                try await withTestClient(settings) { client in
+                    try await client.withTransaction(logger: testLogger) { connection in
+                        try await connection.query("SELECT pg_advisory_xact_lock(\(PostgresSchema.migrationLock))", logger: testLogger)
+                        try await Task.sleep(for: .seconds(3))
+                    }
+                }
+            }
+            // The holder has the lock before the store asks for it.
+            try await Task.sleep(for: .milliseconds(500))
+            let store = try PostgresIngestStore(settings: short, logger: testLogger)
+            let start = ContinuousClock.now
+            let applied = try await withRunning(store) { _ in try await store.migrate().count }
+            try await holding.value
+            #expect(applied == PostgresSchema.migrations.count)
+            #expect(ContinuousClock.now - start > .seconds(1), "the migration did not wait for the lock: the test proves nothing")
             #expect(try await Self.count(settings, "SELECT count(*)::int8 FROM schema_migrations") == PostgresSchema.migrations.count)
         }
     }

@@ -152,13 +152,17 @@ public final class PostgresIngestStore: IngestStore {
     /// - Parameter asynchronousCommit: commit without waiting for the WAL flush (`synchronous_commit = off` for this
     ///   transaction only): for writes that can be derived again and that a later synchronous commit makes durable
     ///   with it, since the WAL is flushed in order (``AlertWriteDurability/withNextSyncedCommit``).
+    /// - Parameter longRunning: a limit of its own instead of `query_timeout`, for work that takes as long as the data
+    ///   it rewrites (a migration): the server's `statement_timeout`, and the deadline a minute after it (which answers
+    ///   the caller even if the server vanished); `limit` names it in the error.
     func transaction<T: Sendable>(
-        settingTimeout: Bool = true, asynchronousCommit: Bool = false, _ body: @escaping @Sendable (PostgresConnection) async throws -> T
+        settingTimeout: Bool = true, asynchronousCommit: Bool = false, longRunning: (timeout: Duration, limit: String)? = nil,
+        _ body: @escaping @Sendable (PostgresConnection) async throws -> T
     ) async throws -> T {
-        let timeout = settings.queryTimeout
+        let timeout = longRunning.map { $0.timeout + .seconds(60) } ?? settings.queryTimeout
         let logger = self.logger
-        let statementTimeout = settingTimeout ? self.statementTimeout : nil
-        return try await withDeadline(timeout) {
+        let statementTimeout = settingTimeout ? (longRunning.map { $0.timeout.wholeMilliseconds } ?? self.statementTimeout) : nil
+        return try await withDeadline(timeout, limit: longRunning?.limit ?? "query_timeout") {
             do {
                 return try await self.client.withTransaction(logger: logger) { connection in
                     switch (statementTimeout, asynchronousCommit) {
@@ -277,6 +281,13 @@ public final class PostgresIngestStore: IngestStore {
 
     // MARK: Schema
 
+    /// How long the migrations' transaction may take, on the server (`statement_timeout`) and here: not
+    /// `query_timeout`, because a migration that converts stored rows (11: readings into chunks) takes as long as the
+    /// data is large, and an instance that starts beside one waits for it (`pg_advisory_xact_lock`). Under
+    /// `query_timeout` (30 s) an upgrade of a large database failed every time, and so did the migrations of a hundred
+    /// test databases made at once on two cores.
+    static let migrationTimeout: Duration = .seconds(6 * 3600)
+
     @discardableResult
     public func migrate() async throws -> [AppliedMigration] {
         try await migrateAndCreatePartitions().applied
@@ -295,7 +306,7 @@ public final class PostgresIngestStore: IngestStore {
         case .verified?, .noAnswer?, nil: break
         }
         let logger = self.logger
-        let applied = try await transaction { connection in
+        let applied = try await transaction(longRunning: (Self.migrationTimeout, "the migration's time limit")) { connection in
             try await connection.query("SELECT pg_advisory_xact_lock(\(PostgresSchema.migrationLock))", logger: logger)
             try await connection.query(PostgresQuery(unsafeSQL: PostgresSchema.bookkeeping), logger: logger)
             var current = 0
