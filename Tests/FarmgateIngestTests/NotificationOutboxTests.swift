@@ -333,7 +333,7 @@ struct NotificationOutboxTests {
     func twoInstancesOnPostgres() async throws {
         let server = try TestHTTPServer { _, _ in .delayed(.milliseconds(5), .reply(200)) }
         defer { server.stop() }
-        try await withTestDatabase { settings in
+        try await withTestDatabase(migrated: true) { settings in
             let first = try PostgresIngestStore(settings: settings, logger: testLogger)
             let second = try PostgresIngestStore(settings: settings, logger: testLogger)
             try await withRunning(first) { _ in

@@ -83,7 +83,7 @@ import Testing
     /// A service still working while the group stops (retention after a failed start) calls the store after its run
     /// ended: postgres-nio would queue that lease on a pool that no longer runs, for ever, and hold the process's exit.
     @Test func callsAfterTheStoreStoppedFailAtOnce() async throws {
-        try await withTestDatabase { settings in
+        try await withTestDatabase(migrated: true) { settings in
             let store = try PostgresIngestStore(settings: settings, logger: testLogger)
             _ = try await withRunning(store) { _ in try await store.migrate() }
             let started = ContinuousClock.now

@@ -14,14 +14,16 @@ import Testing
 struct PostgresCallCutTests {
     @Test("a call waiting on a silent connection is answered unavailable once the outage is found, even without a query_timeout")
     func silentConnectionWithoutQueryTimeout() async throws {
-        try await withTestDatabase { settings in
+        // Migrated beforehand, and a connect_timeout that a loaded first pass keeps: with 2 s, the check that a slow
+        // migration started (a hundred databases being made at once) once found PostgreSQL "unreachable".
+        try await withTestDatabase(migrated: true) { settings in
             guard case .unixSocket(let socket) = settings.endpoint else { throw MissingTestDatabase() }
             let scratch = try Scratch(prefix: "fg-cut", in: URL(fileURLWithPath: "/tmp"))
             let proxy = try await FreezableProxy(listeningAt: scratch.file(".s.PGSQL.5432"), forwardingTo: socket)
             var proxied = settings
             proxied.endpoint = .unixSocket(path: proxy.path)
             proxied.queryTimeout = .zero
-            proxied.connectTimeout = .seconds(2)
+            proxied.connectTimeout = .seconds(5)
             let store = try PostgresIngestStore(settings: proxied, logger: testLogger)
             try await withRunning(store) { (_: any IngestStore) async throws -> Void in
                 try await store.migrate()
@@ -48,7 +50,7 @@ struct PostgresCallCutTests {
                 call.cancel()
                 let took = asked.duration(to: .now)
                 #expect(outcome?.contains("PostgreSQL is unreachable") == true, "\(outcome ?? "no answer within 30 s")")
-                // The call's check after 1 s, its connect_timeout of 2 s, and a quarter-second look.
+                // The call's check after 1 s, its connect_timeout of 5 s, and a quarter-second look.
                 #expect(took < .seconds(20), "\(took)")
                 await proxy.thaw()
             }

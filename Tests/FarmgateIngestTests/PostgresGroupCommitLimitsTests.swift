@@ -14,7 +14,7 @@ import Testing
         devices: Int, configure: @Sendable (inout PostgresSettings) -> Void,
         _ body: @Sendable (PostgresIngestStore, PostgresSettings, [DeviceIdentity]) async throws -> T
     ) async throws -> T {
-        try await withTestDatabase { settings in
+        try await withTestDatabase(migrated: true) { settings in
             var tuned = settings
             tuned.poolSize = 8
             configure(&tuned)

@@ -365,7 +365,7 @@ import Testing
     }
 
     @Test func severalPostgresInstancesRunningRetentionAtOnceRunItOnce() async throws {
-        try await withTestDatabase { settings in
+        try await withTestDatabase(migrated: true) { settings in
             let first = try PostgresIngestStore(settings: settings, logger: testLogger)
             try await withRunning(first) { _ in
                 try await first.migrate()
@@ -410,7 +410,7 @@ import Testing
     /// With each instance's own clock, one running behind saw the run another had just completed as one from its
     /// future and ran again, and one running ahead by more than the window saw it as long past.
     @Test func instancesWhoseClocksDisagreeRunScheduledRetentionOnce() async throws {
-        try await withTestDatabase { settings in
+        try await withTestDatabase(migrated: true) { settings in
             let first = try PostgresIngestStore(settings: settings, logger: testLogger)
             _ = try await withRunning(first) { _ in try await first.migrate() }
             let minute: Int64 = 60_000_000

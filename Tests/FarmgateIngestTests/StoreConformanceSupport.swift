@@ -37,7 +37,7 @@ func withFreshStore<T: Sendable>(
             return try await body(store)
         }
     case .postgres:
-        return try await withTestDatabase { settings in
+        return try await withTestDatabase(migrated: true) { settings in
             let store = try PostgresIngestStore(settings: settings, sensorsPerDevice: sensorsPerDevice, logger: testLogger)
             return try await withRunning(store) { store in
                 try await store.migrate()
@@ -47,12 +47,17 @@ func withFreshStore<T: Sendable>(
     }
 }
 
-/// The settings of a new, empty database on the test server, dropped after `body`.
-func withTestDatabase<T: Sendable>(_ body: @Sendable (PostgresSettings) async throws -> T) async throws -> T {
+/// The settings of a new database on the test server, dropped after `body`: empty, or with `migrated` a copy of one
+/// that every migration was applied to (``MigratedTemplate``).
+func withTestDatabase<T: Sendable>(migrated: Bool = false, _ body: @Sendable (PostgresSettings) async throws -> T) async throws -> T {
     guard let url = ProcessInfo.processInfo.environment["FARMGATE_TEST_DATABASE_URL"], !url.isEmpty else { throw MissingTestDatabase() }
     let base = try PostgresSettings(url: url)
     let name = "farmgate_t_" + UUID().uuidString.lowercased().replacingOccurrences(of: "-", with: "")
-    try await adminQuery(base, "CREATE DATABASE \(name)")
+    if migrated {
+        try await adminQuery(base, "CREATE DATABASE \(name) TEMPLATE \(try await MigratedTemplate.shared.name(base))")
+    } else {
+        try await adminQuery(base, "CREATE DATABASE \(name)")
+    }
     var settings = base
     settings.database = name
     settings.poolSize = 4
@@ -63,6 +68,38 @@ func withTestDatabase<T: Sendable>(_ body: @Sendable (PostgresSettings) async th
     } catch {
         try? await adminQuery(base, "DROP DATABASE IF EXISTS \(name) WITH (FORCE)")
         throw error
+    }
+}
+
+/// A database every migration was applied to, made once per test process, that ``withTestDatabase(migrated:_:)``
+/// copies (`CREATE DATABASE ... TEMPLATE`, a copy of its files). Migrating each test's database itself is a hundred
+/// round trips in one transaction; a hundred tests doing so at once beside the first pass's CPU-bound suites took
+/// longer than the store's `query_timeout` did then (CI, 2026-12-06). The store's migration in each test still runs,
+/// finds the schema current, and makes its partitions. Left in the throwaway cluster (.ci/with-postgres) at the end.
+actor MigratedTemplate {
+    static let shared = MigratedTemplate()
+    private var made: Task<String, any Error>?
+
+    func name(_ base: PostgresSettings) async throws -> String {
+        if let made { return try await made.value }
+        let making = Task { try await Self.make(base) }
+        made = making
+        return try await making.value
+    }
+
+    private static func make(_ base: PostgresSettings) async throws -> String {
+        let name = "farmgate_template_" + UUID().uuidString.lowercased().replacingOccurrences(of: "-", with: "")
+        try await adminQuery(base, "CREATE DATABASE \(name)")
+        var settings = base
+        settings.database = name
+        settings.poolSize = 2
+        let store = try PostgresIngestStore(settings: settings, logger: testLogger)
+        try await withRunning(store) { store in _ = try await store.migrate() }
+        // No session may stay on a template while it is copied (PostgreSQL waits 5 s for them, then refuses).
+        try await adminQuery(base, "ALTER DATABASE \(name) WITH ALLOW_CONNECTIONS false")
+        try await adminQuery(
+            base, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '\(name)' AND pid <> pg_backend_pid()")
+        return name
     }
 }
 

@@ -37,7 +37,7 @@ import Testing
                 return try await withRunning(second) { second in try await body(first, second) }
             }
         case .postgres:
-            return try await withTestDatabase { settings in
+            return try await withTestDatabase(migrated: true) { settings in
                 let first = try PostgresIngestStore(settings: settings, logger: testLogger)
                 return try await withRunning(first) { first in
                     try await first.migrate()
