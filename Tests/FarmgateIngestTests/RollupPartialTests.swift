@@ -40,4 +40,42 @@ struct RollupPartialTests {
             }
         }
     }
+
+    /// The order decides the sums' last bits, and both stores must agree to the bit: (sensor, time, place in the batch),
+    /// whether a sensor's readings come ascending (as sites send them, the path that sorts nothing) or not.
+    @Test("partials add readings in (sensor, time, place in the batch) order, to the bit, ascending or shuffled")
+    func addsInSensorTimeBatchOrder() throws {
+        var random = SystemRandomNumberGenerator()
+        let sensor = try SensorID("tank1.ph")
+        for round in 0..<20 {
+            let count = round * 40 + 3
+            let shuffled = round % 2 == 1
+            // Five sensors taking turns; times ascending per sensor, or drawn at random with repeats.
+            let readings = (0..<count).map { index in
+                let time: Int64 = shuffled ? Int64.random(in: 0..<30, using: &random) * 20_000_000 : Int64(index / 5) * 1_000_000
+                return CommittedReading(
+                    sensorRowID: Int64(5 - index % 5), sensor: sensor, quantity: .ph, sequence: UInt64(index + 1),
+                    timestamp: Timestamp(microseconds: 1_780_000_000_000_000 + time),
+                    value: Double.random(in: -1e6...1e6, using: &random) * (index % 3 == 0 ? 1e-9 : 1), quality: [])
+            }
+            let order = readings.indices.sorted {
+                (readings[$0].sensorRowID, readings[$0].timestamp.microseconds, $0) < (readings[$1].sensorRowID, readings[$1].timestamp.microseconds, $1)
+            }
+            let found = RollupPartial.partialsByLevel(of: readings)
+            for (level, partials) in zip(RollupLevel.allCases, found) {
+                var expected: [RollupPartial] = []
+                for index in order {
+                    let reading = readings[index]
+                    let bucket = level.bucket(of: reading.timestamp.microseconds)
+                    if expected.last.map({ $0.sensorRowID != reading.sensorRowID || $0.bucket != bucket }) ?? true {
+                        expected.append(RollupPartial(sensorRowID: reading.sensorRowID, bucket: bucket))
+                    }
+                    expected[expected.count - 1].add(
+                        timestamp: reading.timestamp.microseconds, sequence: Int64(reading.sequence), value: reading.value, quality: reading.quality)
+                }
+                let first = zip(partials, expected).first { $0 != $1 }.map { "first difference: \($0) against \($1)" }
+                #expect(partials.count == expected.count && first == nil, "\(level), \(shuffled ? "shuffled" : "ascending"), \(count) readings; \(first ?? "")")
+            }
+        }
+    }
 }

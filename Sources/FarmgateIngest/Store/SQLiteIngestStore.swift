@@ -161,7 +161,22 @@ public final class SQLiteIngestStore: IngestStore {
     private static func store(
         _ batch: Batch, device: DeviceIdentity, receivedAt: Timestamp, sensorLimit: Int, in db: CachedConnection
     ) throws -> StoreOutcome {
-        let used = Set(batch.readings.map(\.sensor))
+        // Each reading's sensor is looked up once (hashing its id was a tenth of a backlog's store time): its slot among
+        // the batch's distinct sensors, in order of first use. Everything per sensor is then an array by slot.
+        var slotOf: [SensorID: Int] = [:]
+        slotOf.reserveCapacity(batch.sensors.count)
+        var slotSensors: [SensorID] = []
+        var readingSlots: [Int] = []
+        readingSlots.reserveCapacity(batch.readings.count)
+        for reading in batch.readings {
+            if let slot = slotOf[reading.sensor] {
+                readingSlots.append(slot)
+            } else {
+                slotOf[reading.sensor] = slotSensors.count
+                readingSlots.append(slotSensors.count)
+                slotSensors.append(reading.sensor)
+            }
+        }
         var sensorRows: [SensorID: Int64] = [:]
         var overLimit: Set<SensorID> = []
         var resolutions: [SensorID: Resolution] = [:]
@@ -189,8 +204,8 @@ public final class SQLiteIngestStore: IngestStore {
         var registered = try db.withStatement("SELECT count(*) FROM sensors WHERE device_id = ?", [.integer(device.rowID)]) { statement in
             try statement.step() ? Int(statement.int64(0)) : 0
         }
-        let mayPassLimit = registered + used.count > sensorLimit
-        for descriptor in batch.sensors where used.contains(descriptor.id) {
+        let mayPassLimit = registered + slotSensors.count > sensorLimit
+        for descriptor in batch.sensors where slotOf[descriptor.id] != nil {
             if let earlier = seenInBatch[descriptor.id] {
                 if earlier != descriptor.quantity { conflicts[descriptor.id] = (earlier.rawValue, descriptor.quantity) }
                 continue
@@ -229,33 +244,45 @@ public final class SQLiteIngestStore: IngestStore {
             sensorRows[descriptor.id] = rowID
         }
 
+        let placements = slotSensors.map {
+            SensorPlacement($0, conflicts: conflicts, sensorRows: sensorRows, overLimit: overLimit, sensorLimit: sensorLimit)
+        }
+        let slotQuantities = slotSensors.map { seenInBatch[$0] }
+        let slotResolutions = slotSensors.map { resolutions[$0] }
+
+        // The device and the time received are bound once; each reading binds the other five (no array per reading).
         let insertReading = try db.statement(
             """
             INSERT INTO readings(device_id, sequence, sensor_id, timestamp_us, value, flags, received_at_us)
-            VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, sequence) DO NOTHING
+            VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (device_id, sequence) DO NOTHING
             """)
+        try insertReading.bind([.integer(device.rowID), .null, .null, .null, .null, .null, .integer(receivedAt.microseconds)])
         var accepted = 0
         var fresh: [CommittedReading] = []
+        fresh.reserveCapacity(batch.readings.count)
         var rejected: [RejectedReading] = []
-        var newest: [Int64: Reading] = [:]
+        var newest: [(sensorRow: Int64, reading: Reading)?] = Array(repeating: nil, count: slotSensors.count)
         var highestAccepted: Int64?
         /// Inserts one reading; false when its (device, sequence) is already stored.
         func insert(_ candidate: StoredCandidate) throws -> Bool {
             let reading = candidate.reading
-            try insertReading.run([
-                .integer(device.rowID), .integer(candidate.sequence), .integer(candidate.sensorRow), .integer(reading.timestamp.microseconds),
-                .real(reading.value), .integer(Int64(reading.quality.rawValue)), .integer(receivedAt.microseconds),
-            ])
+            try insertReading.bind(.integer(candidate.sequence), at: 2)
+            try insertReading.bind(.integer(candidate.sensorRow), at: 3)
+            try insertReading.bind(.integer(reading.timestamp.microseconds), at: 4)
+            try insertReading.bind(.real(reading.value), at: 5)
+            try insertReading.bind(.integer(Int64(reading.quality.rawValue)), at: 6)
+            while try insertReading.step() {}
+            insertReading.reset()
             guard db.connection.changes == 1 else { return false }
             accepted += 1
-            if let quantity = seenInBatch[reading.sensor] {
+            if let quantity = slotQuantities[candidate.slot] {
                 fresh.append(CommittedReading(reading, sensorRowID: candidate.sensorRow, quantity: quantity))
             }
             highestAccepted = max(highestAccepted ?? candidate.sequence, candidate.sequence)
-            if let current = newest[candidate.sensorRow], (current.timestamp, current.sequence) >= (reading.timestamp, reading.sequence) {
+            if let current = newest[candidate.slot], (current.reading.timestamp, current.reading.sequence) >= (reading.timestamp, reading.sequence) {
                 return true
             }
-            newest[candidate.sensorRow] = reading
+            newest[candidate.slot] = (candidate.sensorRow, reading)
             return true
         }
         // Sequences above the device's highest stored one are new: inserted at once. Those at or below it were most
@@ -267,17 +294,17 @@ public final class SQLiteIngestStore: IngestStore {
         var maybeStored: [StoredCandidate] = []
         // Readings an insert found already stored (the same sequence twice in one batch): compared afterwards.
         var alreadyStored: [StoredCandidate] = []
-        for reading in batch.readings {
+        for (reading, slot) in zip(batch.readings, readingSlots) {
             let sequence: Int64
             let sensorRow: Int64
-            switch ReadingPlacement(reading, conflicts: conflicts, sensorRows: sensorRows, overLimit: overLimit, sensorLimit: sensorLimit) {
+            switch ReadingPlacement(reading, sensor: placements[slot]) {
             case .refuse(let refusal):
                 rejected.append(refusal)
                 continue
             case .place(let placed, let row):
                 (sequence, sensorRow) = (placed, row)
             }
-            let candidate = StoredCandidate(reading: reading, sequence: sequence, sensorRow: sensorRow, resolution: resolutions[reading.sensor])
+            let candidate = StoredCandidate(reading: reading, sequence: sequence, sensorRow: sensorRow, slot: slot, resolution: slotResolutions[slot])
             if sequence <= highestStored {
                 maybeStored.append(candidate)
             } else if try !insert(candidate) {
@@ -326,7 +353,7 @@ public final class SQLiteIngestStore: IngestStore {
             WHERE excluded.timestamp_us > latest.timestamp_us
                 OR (excluded.timestamp_us = latest.timestamp_us AND excluded.sequence > latest.sequence)
             """)
-        for (sensorRow, reading) in newest {
+        for case let (sensorRow, reading)? in newest {
             try upsertLatest.run([
                 .integer(sensorRow), .integer(Int64(reading.sequence)), .integer(reading.timestamp.microseconds), .real(reading.value),
                 .integer(Int64(reading.quality.rawValue)),
@@ -340,6 +367,8 @@ public final class SQLiteIngestStore: IngestStore {
         var reading: Reading
         var sequence: Int64
         var sensorRow: Int64
+        /// The sensor's slot among the batch's distinct sensors.
+        var slot: Int
         var resolution: Resolution?
     }
 

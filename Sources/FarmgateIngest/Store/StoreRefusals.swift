@@ -16,27 +16,51 @@ enum ReadingPlacement {
         _ reading: Reading, conflicts: [SensorID: (registered: String, sent: Quantity)], sensorRows: [SensorID: Int64],
         overLimit: Set<SensorID> = [], sensorLimit: Int = 0
     ) {
-        func refusal(_ code: String, _ message: String) -> ReadingPlacement {
-            .refuse(RejectedReading(sequence: reading.sequence, sensor: reading.sensor.rawValue, code: code, message: message))
-        }
-        if overLimit.contains(reading.sensor) {
-            self = refusal(
-                RejectionCode.tooManySensors,
-                "sensor '\(reading.sensor)' is new and this device already has \(sensorLimit) sensors, the most the ingest allows one device ([limits] sensors_per_device); give retired sensors' ids to new ones, or have the ingest's operator raise the limit and then run `farmgate quarantine requeue --code \(RejectionCode.tooManySensors)`")
-        } else if let conflict = conflicts[reading.sensor] {
-            self = refusal(
-                RejectionCode.sensorConflict,
-                "sensor '\(reading.sensor)' is registered on this device as \(conflict.registered), but the batch declares it as \(conflict.sent.rawValue); give the new sensor an id of its own")
-        } else if let sensorRow = sensorRows[reading.sensor] {
+        self.init(reading, sensor: SensorPlacement(reading.sensor, conflicts: conflicts, sensorRows: sensorRows, overLimit: overLimit, sensorLimit: sensorLimit))
+    }
+
+    /// Where `reading` goes, its sensor's placement decided once per batch (``SensorPlacement``).
+    init(_ reading: Reading, sensor: SensorPlacement) {
+        switch sensor {
+        case .refuse(let code, let message):
+            self = .refuse(RejectedReading(sequence: reading.sequence, sensor: reading.sensor.rawValue, code: code, message: message))
+        case .row(let sensorRow):
             if let sequence = Int64(exactly: reading.sequence) {
                 self = .place(sequence: sequence, sensorRow: sensorRow)
             } else {
-                self = refusal(RejectionCode.invalidSequence, "sequence \(reading.sequence) is larger than \(Int64.max)")
+                self = .refuse(
+                    RejectedReading(
+                        sequence: reading.sequence, sensor: reading.sensor.rawValue, code: RejectionCode.invalidSequence,
+                        message: "sequence \(reading.sequence) is larger than \(Int64.max)"))
             }
+        }
+    }
+}
+
+/// Where the readings of one sensor of a batch go: its row, or why they are all refused. Decided once per sensor and
+/// batch, so that a store looks each reading's sensor up once.
+enum SensorPlacement {
+    case row(Int64)
+    case refuse(code: String, message: String)
+
+    init(
+        _ sensor: SensorID, conflicts: [SensorID: (registered: String, sent: Quantity)], sensorRows: [SensorID: Int64],
+        overLimit: Set<SensorID>, sensorLimit: Int
+    ) {
+        if overLimit.contains(sensor) {
+            self = .refuse(
+                code: RejectionCode.tooManySensors,
+                message: "sensor '\(sensor)' is new and this device already has \(sensorLimit) sensors, the most the ingest allows one device ([limits] sensors_per_device); give retired sensors' ids to new ones, or have the ingest's operator raise the limit and then run `farmgate quarantine requeue --code \(RejectionCode.tooManySensors)`")
+        } else if let conflict = conflicts[sensor] {
+            self = .refuse(
+                code: RejectionCode.sensorConflict,
+                message: "sensor '\(sensor)' is registered on this device as \(conflict.registered), but the batch declares it as \(conflict.sent.rawValue); give the new sensor an id of its own")
+        } else if let sensorRow = sensorRows[sensor] {
+            self = .row(sensorRow)
         } else {
-            self = refusal(
-                RejectionCode.unknownSensor,
-                "the batch has no descriptor for sensor '\(reading.sensor)'; list every sensor a reading names in the batch's sensors")
+            self = .refuse(
+                code: RejectionCode.unknownSensor,
+                message: "the batch has no descriptor for sensor '\(sensor)'; list every sensor a reading names in the batch's sensors")
         }
     }
 }
