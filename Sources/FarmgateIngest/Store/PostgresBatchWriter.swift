@@ -53,6 +53,8 @@ struct PostgresBatchWriter {
         var sequence: Int64
         var sensorRow: Int64
         var resolution: Resolution?
+        /// The quantity the batch declares for the reading's sensor.
+        var quantity: Quantity?
     }
 
     private struct StoredRow {
@@ -64,6 +66,7 @@ struct PostgresBatchWriter {
 
     /// What one member brings after its sensors were looked up.
     private struct Prepared {
+        var slots: BatchSensorSlots
         var seen: [SensorID: Quantity] = [:]
         var names: [Int64: String] = [:]
         var rejected: [RejectedReading] = []
@@ -89,11 +92,10 @@ struct PostgresBatchWriter {
         var wanted: [SensorKey: SensorDescriptor] = [:]
         for index in members.indices {
             let batch = members[index].batch
-            let used = Set(batch.readings.map(\.sensor))
-            var member = Prepared()
+            var member = Prepared(slots: BatchSensorSlots(batch.readings))
             var declared: [SensorDescriptor] = []
             var conflicts: [SensorID: (registered: String, sent: Quantity)] = [:]
-            for descriptor in batch.sensors where used.contains(descriptor.id) {
+            for descriptor in batch.sensors where member.slots.uses(descriptor.id) {
                 if let earlier = member.seen[descriptor.id] {
                     if earlier != descriptor.quantity { conflicts[descriptor.id] = (earlier.rawValue, descriptor.quantity) }
                     continue
@@ -144,12 +146,17 @@ struct PostgresBatchWriter {
                 member.names[row.id] = descriptor.id.rawValue
             }
             guard results[index] == nil else { continue }
-            for reading in members[index].batch.readings {
-                switch ReadingPlacement(reading, conflicts: conflicts, sensorRows: sensorRows, overLimit: memberOverLimit, sensorLimit: sensorLimit) {
+            let placements = member.slots.placements(conflicts: conflicts, sensorRows: sensorRows, overLimit: memberOverLimit, sensorLimit: sensorLimit)
+            let quantities = member.slots.sensors.map { member.seen[$0] }
+            let slotResolutions = member.slots.sensors.map { resolutions[$0] }
+            member.candidates.reserveCapacity(members[index].batch.readings.count)
+            for (reading, slot) in zip(members[index].batch.readings, member.slots.ofReading) {
+                switch ReadingPlacement(reading, sensor: placements[slot]) {
                 case .refuse(let refusal):
                     member.rejected.append(refusal)
                 case .place(let sequence, let sensorRow):
-                    member.candidates.append(Candidate(reading: reading, sequence: sequence, sensorRow: sensorRow, resolution: resolutions[reading.sensor]))
+                    member.candidates.append(
+                        Candidate(reading: reading, sequence: sequence, sensorRow: sensorRow, resolution: slotResolutions[slot], quantity: quantities[slot]))
                 }
             }
             prepared[index] = member
@@ -158,12 +165,9 @@ struct PostgresBatchWriter {
         // 3. The stored ranges that touch the group's sequences (adjacent ones too, to merge with), per device.
         var bounds: [Int64: ClosedRange<Int64>] = [:]
         for index in live {
-            for candidate in prepared[index]?.candidates ?? [] {
-                let device = members[index].device.rowID
-                let low = bounds[device].map { min($0.lowerBound, candidate.sequence) } ?? candidate.sequence
-                let high = bounds[device].map { max($0.upperBound, candidate.sequence) } ?? candidate.sequence
-                bounds[device] = low...high
-            }
+            guard let span = Self.span(of: prepared[index]?.candidates ?? [], where: { _ in true }) else { continue }
+            let device = members[index].device.rowID
+            bounds[device] = bounds[device].map { min($0.lowerBound, span.lowerBound)...max($0.upperBound, span.upperBound) } ?? span
         }
         var storedRanges: [Int64: [ClosedRange<Int64>]] = [:]
         if !bounds.isEmpty {
@@ -186,11 +190,10 @@ struct PostgresBatchWriter {
         var toFetch: [Int64: ClosedRange<Int64>] = [:]
         for index in live {
             let device = members[index].device.rowID
-            for candidate in prepared[index]?.candidates ?? [] where Self.contains(storedRanges[device] ?? [], candidate.sequence) {
-                let low = toFetch[device].map { min($0.lowerBound, candidate.sequence) } ?? candidate.sequence
-                let high = toFetch[device].map { max($0.upperBound, candidate.sequence) } ?? candidate.sequence
-                toFetch[device] = low...high
-            }
+            guard let deviceRanges = storedRanges[device],
+                let span = Self.span(of: prepared[index]?.candidates ?? [], where: { Self.contains(deviceRanges, $0) })
+            else { continue }
+            toFetch[device] = toFetch[device].map { min($0.lowerBound, span.lowerBound)...max($0.upperBound, span.upperBound) } ?? span
         }
         var storedRows: [Int64: [Int64: StoredRow]] = [:]
         if !toFetch.isEmpty {
@@ -230,20 +233,23 @@ struct PostgresBatchWriter {
             guard let member = prepared[index] else { continue }
             let device = members[index].device.rowID
             var rejected = member.rejected
-            var fresh: [Int64: Candidate] = [:]
-            fresh.reserveCapacity(member.candidates.count)
-            var freshOrder: [Int64] = []
+            // The readings to insert, in the batch's order, and (only when the batch's sequences do not ascend, as sites
+            // send them, so that one may repeat) where each sequence's first one is.
+            var inserted: [Candidate] = []
+            inserted.reserveCapacity(member.candidates.count)
+            let ascending = zip(member.candidates, member.candidates.dropFirst()).allSatisfy { $0.sequence < $1.sequence }
+            var firstOf: [Int64: Int] = [:]
             var toCompare: [Candidate] = []
             var inBatchRepeats: [Candidate] = []
             let deviceRanges = ranges[device] ?? []
             for candidate in member.candidates {
                 if Self.contains(deviceRanges, candidate.sequence) {
                     toCompare.append(candidate)
-                } else if fresh[candidate.sequence] != nil {
+                } else if !ascending, firstOf[candidate.sequence] != nil {
                     inBatchRepeats.append(candidate)
                 } else {
-                    fresh[candidate.sequence] = candidate
-                    freshOrder.append(candidate.sequence)
+                    if !ascending { firstOf[candidate.sequence] = inserted.count }
+                    inserted.append(candidate)
                 }
             }
             var duplicates = 0
@@ -267,14 +273,13 @@ struct PostgresBatchWriter {
                     }
                 }
                 for candidate in inBatchRepeats {
-                    guard let first = fresh[candidate.sequence] else { continue }
+                    guard let first = firstOf[candidate.sequence].map({ inserted[$0] }) else { continue }
                     let differences = try await self.differences(candidate, stored: Self.row(first), names: member.names)
                     if differences.isEmpty { duplicates += 1 } else { rejected.append(SequenceComparison.conflict(candidate.reading, differences: differences)) }
                 }
             } catch let error as PSQLError where Self.isCausedByData(error) {
                 throw MemberFailure(index: index, error: error)
             }
-            let inserted = freshOrder.compactMap { fresh[$0] }
             ranges[device] = Self.merge(ranges[device] ?? [], adding: inserted.map(\.sequence))
             batchesToCome[device, default: 1] -= 1
             if batchesToCome[device, default: 0] > 0 {
@@ -282,7 +287,7 @@ struct PostgresBatchWriter {
             }
             freshByMember[index] = inserted
             let committed = inserted.compactMap { candidate in
-                member.seen[candidate.reading.sensor].map { CommittedReading(candidate.reading, sensorRowID: candidate.sensorRow, quantity: $0) }
+                candidate.quantity.map { CommittedReading(candidate.reading, sensorRowID: candidate.sensorRow, quantity: $0) }
             }
             results[index] = .success(StoreOutcome(accepted: inserted.count, duplicates: duplicates, rejected: rejected, fresh: committed))
         }
@@ -411,8 +416,8 @@ struct PostgresBatchWriter {
             var highest: [Int64: Int64] = [:]
             var newest: [Int64: Candidate] = [:]
             for (device, readings) in fresh {
+                if let top = readings.lazy.map(\.sequence).max() { highest[device] = max(highest[device] ?? top, top) }
                 for candidate in readings {
-                    highest[device] = max(highest[device] ?? candidate.sequence, candidate.sequence)
                     if let current = newest[candidate.sensorRow],
                         (current.reading.timestamp, current.sequence) >= (candidate.reading.timestamp, candidate.sequence)
                     {
@@ -632,6 +637,17 @@ struct PostgresBatchWriter {
         StoredRow(
             sensorRow: candidate.sensorRow, timestamp: candidate.reading.timestamp.microseconds, value: candidate.reading.value,
             flags: Int16(bitPattern: candidate.reading.quality.rawValue))
+    }
+
+    /// The lowest through the highest sequence of the candidates that pass `included`; nil when none does.
+    private static func span(of candidates: [Candidate], where included: (Int64) -> Bool) -> ClosedRange<Int64>? {
+        var low = Int64.max
+        var high = Int64.min
+        for candidate in candidates where included(candidate.sequence) {
+            low = min(low, candidate.sequence)
+            high = max(high, candidate.sequence)
+        }
+        return low <= high ? low...high : nil
     }
 
     /// Whether `sequence` lies in one of `ranges` (sorted, disjoint).

@@ -161,22 +161,7 @@ public final class SQLiteIngestStore: IngestStore {
     private static func store(
         _ batch: Batch, device: DeviceIdentity, receivedAt: Timestamp, sensorLimit: Int, in db: CachedConnection
     ) throws -> StoreOutcome {
-        // Each reading's sensor is looked up once (hashing its id was a tenth of a backlog's store time): its slot among
-        // the batch's distinct sensors, in order of first use. Everything per sensor is then an array by slot.
-        var slotOf: [SensorID: Int] = [:]
-        slotOf.reserveCapacity(batch.sensors.count)
-        var slotSensors: [SensorID] = []
-        var readingSlots: [Int] = []
-        readingSlots.reserveCapacity(batch.readings.count)
-        for reading in batch.readings {
-            if let slot = slotOf[reading.sensor] {
-                readingSlots.append(slot)
-            } else {
-                slotOf[reading.sensor] = slotSensors.count
-                readingSlots.append(slotSensors.count)
-                slotSensors.append(reading.sensor)
-            }
-        }
+        let slots = BatchSensorSlots(batch.readings)
         var sensorRows: [SensorID: Int64] = [:]
         var overLimit: Set<SensorID> = []
         var resolutions: [SensorID: Resolution] = [:]
@@ -204,8 +189,8 @@ public final class SQLiteIngestStore: IngestStore {
         var registered = try db.withStatement("SELECT count(*) FROM sensors WHERE device_id = ?", [.integer(device.rowID)]) { statement in
             try statement.step() ? Int(statement.int64(0)) : 0
         }
-        let mayPassLimit = registered + slotSensors.count > sensorLimit
-        for descriptor in batch.sensors where slotOf[descriptor.id] != nil {
+        let mayPassLimit = registered + slots.count > sensorLimit
+        for descriptor in batch.sensors where slots.uses(descriptor.id) {
             if let earlier = seenInBatch[descriptor.id] {
                 if earlier != descriptor.quantity { conflicts[descriptor.id] = (earlier.rawValue, descriptor.quantity) }
                 continue
@@ -244,11 +229,9 @@ public final class SQLiteIngestStore: IngestStore {
             sensorRows[descriptor.id] = rowID
         }
 
-        let placements = slotSensors.map {
-            SensorPlacement($0, conflicts: conflicts, sensorRows: sensorRows, overLimit: overLimit, sensorLimit: sensorLimit)
-        }
-        let slotQuantities = slotSensors.map { seenInBatch[$0] }
-        let slotResolutions = slotSensors.map { resolutions[$0] }
+        let placements = slots.placements(conflicts: conflicts, sensorRows: sensorRows, overLimit: overLimit, sensorLimit: sensorLimit)
+        let slotQuantities = slots.sensors.map { seenInBatch[$0] }
+        let slotResolutions = slots.sensors.map { resolutions[$0] }
 
         // The device and the time received are bound once; each reading binds the other five (no array per reading).
         let insertReading = try db.statement(
@@ -261,7 +244,7 @@ public final class SQLiteIngestStore: IngestStore {
         var fresh: [CommittedReading] = []
         fresh.reserveCapacity(batch.readings.count)
         var rejected: [RejectedReading] = []
-        var newest: [(sensorRow: Int64, reading: Reading)?] = Array(repeating: nil, count: slotSensors.count)
+        var newest: [(sensorRow: Int64, reading: Reading)?] = Array(repeating: nil, count: slots.count)
         var highestAccepted: Int64?
         /// Inserts one reading; false when its (device, sequence) is already stored.
         func insert(_ candidate: StoredCandidate) throws -> Bool {
@@ -294,7 +277,7 @@ public final class SQLiteIngestStore: IngestStore {
         var maybeStored: [StoredCandidate] = []
         // Readings an insert found already stored (the same sequence twice in one batch): compared afterwards.
         var alreadyStored: [StoredCandidate] = []
-        for (reading, slot) in zip(batch.readings, readingSlots) {
+        for (reading, slot) in zip(batch.readings, slots.ofReading) {
             let sequence: Int64
             let sensorRow: Int64
             switch ReadingPlacement(reading, sensor: placements[slot]) {
@@ -385,7 +368,9 @@ public final class SQLiteIngestStore: IngestStore {
         duplicates: Int, conflicts: [RejectedReading], notStored: [StoredCandidate]
     ) {
         guard !candidates.isEmpty else { return (0, [], []) }
-        let sorted = candidates.sorted { $0.sequence < $1.sequence }
+        // A backlog batch comes in sequence order: then it is not copied to be sorted.
+        let ascending = zip(candidates, candidates.dropFirst()).allSatisfy { $0.sequence <= $1.sequence }
+        let sorted = ascending ? candidates : candidates.sorted { $0.sequence < $1.sequence }
         let scan = try db.statement(
             "SELECT sequence, sensor_id, timestamp_us, value, flags FROM readings WHERE device_id = ? AND sequence >= ? AND sequence <= ? ORDER BY sequence")
         var duplicates = 0

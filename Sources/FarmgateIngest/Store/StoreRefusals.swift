@@ -8,17 +8,6 @@ enum ReadingPlacement {
     /// Refused for good, with the reason.
     case refuse(RejectedReading)
 
-    /// - Parameters:
-    ///   - conflicts: sensors of the batch registered on the device with another quantity.
-    ///   - sensorRows: the store's row of every sensor of the batch it could register.
-    ///   - overLimit: the batch's new sensors the store did not register because the device has `sensorLimit` already.
-    init(
-        _ reading: Reading, conflicts: [SensorID: (registered: String, sent: Quantity)], sensorRows: [SensorID: Int64],
-        overLimit: Set<SensorID> = [], sensorLimit: Int = 0
-    ) {
-        self.init(reading, sensor: SensorPlacement(reading.sensor, conflicts: conflicts, sensorRows: sensorRows, overLimit: overLimit, sensorLimit: sensorLimit))
-    }
-
     /// Where `reading` goes, its sensor's placement decided once per batch (``SensorPlacement``).
     init(_ reading: Reading, sensor: SensorPlacement) {
         switch sensor {
@@ -43,6 +32,10 @@ enum SensorPlacement {
     case row(Int64)
     case refuse(code: String, message: String)
 
+    /// - Parameters:
+    ///   - conflicts: sensors of the batch registered on the device with another quantity.
+    ///   - sensorRows: the store's row of every sensor of the batch it could register.
+    ///   - overLimit: the batch's new sensors the store did not register because the device has `sensorLimit` already.
     init(
         _ sensor: SensorID, conflicts: [SensorID: (registered: String, sent: Quantity)], sensorRows: [SensorID: Int64],
         overLimit: Set<SensorID>, sensorLimit: Int
