@@ -260,7 +260,10 @@ struct ServeCommand: AsyncParsableCommand {
         // The store first: it starts before the server and stops after it. The server listens only once the schema is
         // current (several instances starting at once migrate one after another, under an advisory lock).
         var services: [any Service] =
-            [store] + (listener.map { [$0] } ?? []) + [MigrateThenServe(store: store, app: app, storage: configuration.storage.displayName, logger: logger, engine: engine)]
+            [store] + (listener.map { [$0] } ?? []) + [
+                MigrateThenServe(
+                    store: store, app: app, storage: configuration.storage.displayName, logger: logger, engine: engine, systemd: notifier)
+            ]
         // The notification workers after the server (they stop first, before the store), also only on a current schema.
         if let delivery {
             services.append(MigrateThenServe(store: store, app: delivery, storage: configuration.storage.displayName, logger: logger))
@@ -346,10 +349,16 @@ struct MigrateThenServe<App: Service>: Service {
     let logger: Logger
     /// Runs beside the server once the schema is current, and stops with it.
     var engine: AlertEngine?
+    /// Told that the start goes on while the store migrates (the server's migration; the workers' waits on it).
+    var systemd: IngestSystemdNotifier?
 
     func run() async throws {
         do {
-            try await store.migrate()
+            if let systemd {
+                _ = try await systemd.whileMigrating { try await store.migrate() }
+            } else {
+                try await store.migrate()
+            }
         } catch is CancellationError {
             // The group stops (another service failed, and said why): not this migration's failure.
             throw CancellationError()

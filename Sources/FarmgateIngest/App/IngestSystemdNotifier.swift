@@ -25,6 +25,28 @@ public final class IngestSystemdNotifier: Service {
         self.logger = logger
     }
 
+    /// How much longer each `EXTEND_TIMEOUT_USEC=` sent while the store migrates gives the start, and how often one
+    /// is sent.
+    public static let migrationExtension: Duration = .seconds(90)
+    public static let migrationExtensionInterval: Duration = .seconds(30)
+
+    /// Runs `migration` (`serve`'s, before the server listens) while telling systemd that the start goes on:
+    /// `STATUS=migrating the store's schema` and, at once and every `interval`, `EXTEND_TIMEOUT_USEC=` of
+    /// ``migrationExtension``. A migration that converts a large database, or waits for another instance's, then
+    /// outlasts the unit's `TimeoutStartSec=` without being killed as a start that hangs; the store's own limit on a
+    /// migration (``PostgresIngestStore/migrationTimeout``) still holds.
+    public func whileMigrating<T: Sendable>(
+        every interval: Duration = migrationExtensionInterval, _ migration: @Sendable () async throws -> T
+    ) async throws -> T {
+        let lines = ["STATUS=migrating the store's schema", "EXTEND_TIMEOUT_USEC=\(Self.migrationExtension.wholeMicroseconds)"]
+        send(lines)
+        let extending = Task {
+            while (try? await Task.sleep(for: interval)) != nil { self.send(lines) }
+        }
+        defer { extending.cancel() }
+        return try await migration()
+    }
+
     /// Called by the server once it listens: sends `READY=1`.
     public func serverRunning() async {
         send(["READY=1", "STATUS=" + statusLine()])
