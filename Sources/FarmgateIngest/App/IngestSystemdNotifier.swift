@@ -43,8 +43,17 @@ public final class IngestSystemdNotifier: Service {
         let extending = Task {
             while (try? await Task.sleep(for: interval)) != nil { self.send(lines) }
         }
-        defer { extending.cancel() }
-        return try await migration()
+        // Nothing is sent once this returns: the pings end before the server can say READY=1.
+        do {
+            let result = try await migration()
+            extending.cancel()
+            await extending.value
+            return result
+        } catch {
+            extending.cancel()
+            await extending.value
+            throw error
+        }
     }
 
     /// Called by the server once it listens: sends `READY=1`.
