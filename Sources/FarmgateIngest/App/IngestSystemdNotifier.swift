@@ -43,17 +43,12 @@ public final class IngestSystemdNotifier: Service {
         let extending = Task {
             while (try? await Task.sleep(for: interval)) != nil { self.send(lines) }
         }
+        let outcome: Result<T, any Error>
+        do { outcome = .success(try await migration()) } catch { outcome = .failure(error) }
         // Nothing is sent once this returns: the pings end before the server can say READY=1.
-        do {
-            let result = try await migration()
-            extending.cancel()
-            await extending.value
-            return result
-        } catch {
-            extending.cancel()
-            await extending.value
-            throw error
-        }
+        extending.cancel()
+        await extending.value
+        return try outcome.get()
     }
 
     /// Called by the server once it listens: sends `READY=1`.

@@ -204,61 +204,53 @@ extension PostgresIngestStore {
     /// One transaction that makes `partition`, or finds that it exists.
     private func attemptPartition(_ partition: PartitionToCreate) async throws -> Int? {
         let logger = self.logger
-        // The server ends a statement at its statement_timeout; this answers the caller even if the server vanished.
-        return try await withDeadline(Self.partitionStatementTimeout + .seconds(60), limit: "partition maintenance's statement timeout") {
-            do {
-                return try await self.client.withTransaction(logger: logger) { connection in
-                    try await connection.query(
-                        "SELECT set_config('statement_timeout', \(String(Self.partitionStatementTimeout.wholeMilliseconds)), true)", logger: logger)
-                    try await connection.query("SELECT pg_advisory_xact_lock(\(PostgresSchema.partitionLock))", logger: logger)
-                    var exists = true
-                    for try await (_, present) in try await connection.query(
-                        "SELECT set_config('lock_timeout', \(String(Self.partitionLockTimeout.wholeMilliseconds)), true), to_regclass(\(partition.name)) IS NOT NULL",
-                        logger: logger
-                    ).decode((String, Bool).self) { exists = present }
-                    guard !exists else { return nil }
-                    // Names and bounds are this code's (digits), never input; DDL takes no bind parameters.
-                    let table = "\"\(partition.name)\""
-                    let check = "\"\(partition.name)_range\""
-                    let key = partition.kind.key
-                    let parent = partition.kind.parent
-                    try await connection.query(
-                        """
-                        CREATE TABLE \(unescaped: table) (
-                            LIKE \(unescaped: parent) INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING INDEXES,
-                            CONSTRAINT \(unescaped: check) CHECK (\(unescaped: key) >= \(unescaped: String(partition.start)) AND \(unescaped: key) < \(unescaped: String(partition.end)))
-                        )
-                        """, logger: logger)
-                    var moved = 0
-                    for try await count in try await connection.query(
-                        """
-                        WITH moved AS (
-                            DELETE FROM \(unescaped: partition.kind.defaultPartition) WHERE \(unescaped: key) >= \(partition.start) AND \(unescaped: key) < \(partition.end)
-                            RETURNING *
-                        ), copied AS (INSERT INTO \(unescaped: table) SELECT * FROM moved RETURNING 1)
-                        SELECT count(*)::int8 FROM copied
-                        """, logger: logger
-                    ).decode(Int64.self) { moved = Int(count) }
-                    if moved > 0 {
-                        // See createPartitions: no reader may plan before the commit and read after it. Taken before
-                        // the default partition's lock, which must then be free at once: the parent is never held
-                        // while waiting for another transaction to finish with the default partition.
-                        try await connection.query("LOCK TABLE \(unescaped: parent) IN ACCESS EXCLUSIVE MODE", logger: logger)
-                        try await connection.query("LOCK TABLE \(unescaped: partition.kind.defaultPartition) IN ACCESS EXCLUSIVE MODE NOWAIT", logger: logger)
-                    }
-                    try await connection.query(
-                        """
-                        ALTER TABLE \(unescaped: parent) ATTACH PARTITION \(unescaped: table)
-                        FOR VALUES FROM (\(unescaped: String(partition.start))) TO (\(unescaped: String(partition.end)))
-                        """, logger: logger)
-                    // The partition's bound says the same from now on.
-                    try await connection.query("ALTER TABLE \(unescaped: table) DROP CONSTRAINT \(unescaped: check)", logger: logger)
-                    return moved
-                }
-            } catch let error as PostgresTransactionError {
-                if let inner = error.closureError ?? error.commitError ?? error.beginError { throw inner }
-                throw error
+        // The server ends a statement at its statement_timeout; the deadline a minute later answers the caller even if
+        // the server vanished.
+        return try await transaction(longRunning: (Self.partitionStatementTimeout, "partition maintenance's statement timeout")) { connection in
+            try await connection.query("SELECT pg_advisory_xact_lock(\(PostgresSchema.partitionLock))", logger: logger)
+            var exists = true
+            for try await (_, present) in try await connection.query(
+                "SELECT set_config('lock_timeout', \(String(Self.partitionLockTimeout.wholeMilliseconds)), true), to_regclass(\(partition.name)) IS NOT NULL",
+                logger: logger
+            ).decode((String, Bool).self) { exists = present }
+            guard !exists else { return nil }
+            // Names and bounds are this code's (digits), never input; DDL takes no bind parameters.
+            let table = "\"\(partition.name)\""
+            let check = "\"\(partition.name)_range\""
+            let key = partition.kind.key
+            let parent = partition.kind.parent
+            try await connection.query(
+                """
+                CREATE TABLE \(unescaped: table) (
+                    LIKE \(unescaped: parent) INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING INDEXES,
+                    CONSTRAINT \(unescaped: check) CHECK (\(unescaped: key) >= \(unescaped: String(partition.start)) AND \(unescaped: key) < \(unescaped: String(partition.end)))
+                )
+                """, logger: logger)
+            var moved = 0
+            for try await count in try await connection.query(
+                """
+                WITH moved AS (
+                    DELETE FROM \(unescaped: partition.kind.defaultPartition) WHERE \(unescaped: key) >= \(partition.start) AND \(unescaped: key) < \(partition.end)
+                    RETURNING *
+                ), copied AS (INSERT INTO \(unescaped: table) SELECT * FROM moved RETURNING 1)
+                SELECT count(*)::int8 FROM copied
+                """, logger: logger
+            ).decode(Int64.self) { moved = Int(count) }
+            if moved > 0 {
+                // See createPartitions: no reader may plan before the commit and read after it. Taken before
+                // the default partition's lock, which must then be free at once: the parent is never held
+                // while waiting for another transaction to finish with the default partition.
+                try await connection.query("LOCK TABLE \(unescaped: parent) IN ACCESS EXCLUSIVE MODE", logger: logger)
+                try await connection.query("LOCK TABLE \(unescaped: partition.kind.defaultPartition) IN ACCESS EXCLUSIVE MODE NOWAIT", logger: logger)
             }
+            try await connection.query(
+                """
+                ALTER TABLE \(unescaped: parent) ATTACH PARTITION \(unescaped: table)
+                FOR VALUES FROM (\(unescaped: String(partition.start))) TO (\(unescaped: String(partition.end)))
+                """, logger: logger)
+            // The partition's bound says the same from now on.
+            try await connection.query("ALTER TABLE \(unescaped: table) DROP CONSTRAINT \(unescaped: check)", logger: logger)
+            return moved
         }
     }
 

@@ -153,9 +153,11 @@ struct RollupPartial: Sendable, Hashable {
         for group in groups {
             let start = order.count
             var ascending = true
+            var previous = Int64.min
             for index in group.indices {
                 let time = readings[index].timestamp.microseconds
-                if let previous = order.last, order.count > start, previous.time > time { ascending = false }
+                if time < previous { ascending = false }
+                previous = time
                 order.append((group.sensor, time, index))
             }
             // Readings of one sensor and time stay in their order.
