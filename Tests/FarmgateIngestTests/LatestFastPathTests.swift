@@ -203,7 +203,7 @@ struct LatestFastPathTests {
             _ = try await fixture.store.store(batch, for: identity, receivedAt: testNow)
             let key = fixture.readToken
             let count = 2_000
-            let (answeredWhileBlocked, answers) = try await runOffPool(name: "raw-http") { () throws -> (Double, [Answer]) in
+            let (answeredWhileBlocked, answers, shortRead) = try await runOffPool(name: "raw-http") { () throws -> (Double, [Answer], String) in
                 let connection = try RawConnection(port: port)
                 connection.send(request("/v1/farms/f1/latest?device=d2", key))
                 _ = connection.readResponses(1, timeout: .seconds(5))
@@ -211,14 +211,16 @@ struct LatestFastPathTests {
                 connection.send(String(repeating: request("/v1/farms/f1/latest?device=d2", key), count: count))
                 Thread.sleep(forTimeInterval: 1)
                 let answered = metric(metrics(), "farmgate_ingest_latest_event_loop_answers_total").first ?? 0
-                // 160 MB of answers made by a debug build: 1,865 of them came within 60 s while a release build
-                // shared the two cores with the first pass.
-                return (answered, connection.readResponses(count, timeout: .seconds(180)))
+                // 160 MB of answers made by a debug build take a minute in the first pass. Twice only 1,865 came: a read
+                // of the server's that began inside a head (`Bearer KEY`) was taken for an HTTP/0.9 request line,
+                // answered 505, and the close lost what was on its way (`RefusalMessageTests.cutPipelinedHead`).
+                let answers = connection.readResponses(count, timeout: .seconds(180))
+                return (answered, answers, connection.shortReadReason)
             }
             // What the sockets hold (a few MB) and a high-water mark's worth, not all 2,000.
             #expect(answeredWhileBlocked < 500, "\(answeredWhileBlocked) answers written while the client read nothing")
             // Then every answer arrives, complete and in order, from either path.
-            #expect(answers.count == count)
+            #expect(answers.count == count, "\(shortRead); \(metrics().split(separator: "\n").filter { $0.contains("connection") && !$0.hasPrefix("#") })")
             #expect(answers.allSatisfy { $0.status == 200 && $0.body.count > 50_000 })
         }
     }

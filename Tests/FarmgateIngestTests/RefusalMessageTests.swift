@@ -108,3 +108,32 @@ struct RefusalMessageTests {
         }
     }
 }
+
+extension RefusalMessageTests {
+    /// A pipelined request whose head is cut by the end of a read, after a whole request in that read: the next read
+    /// begins inside the head (`Bearer KEY`, `d2 HTTP/1.1`), which looks like an HTTP/0.9 request line but is not one.
+    /// It was answered 505 and the connection closed, which lost the answers still on their way to a pipelining client.
+    @Test(
+        "the rest of a pipelined head that a read cut is not taken for an HTTP/0.9 request line",
+        arguments: [["two words\r\n\r\n"], ["words\r\n\r\n"], ["two words\r\n", "\r\n"]])
+    func cutPipelinedHead(rest: [String]) async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        try await fixture.app().test(.live) { client in
+            let port = try #require(client.port)
+            let answers = try await runOffPool(name: "raw-http") { () throws -> [(status: Int, head: String, body: [UInt8])] in
+                let connection = try RawConnection(port: port)
+                _ = connection.send("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\nX-Note: ")
+                // The first answer, so that no request is open when the rest of the second head arrives, in reads of its own.
+                var answers = connection.readResponses(1, timeout: .seconds(5))
+                for piece in rest {
+                    Thread.sleep(forTimeInterval: 0.2)
+                    _ = connection.send(piece)
+                }
+                answers += connection.readResponses(1, timeout: .seconds(5))
+                return answers
+            }
+            #expect(answers.map(\.status) == [200, 200], "\(answers.map { $0.head })")
+        }
+    }
+}

@@ -72,11 +72,19 @@ public final class RawConnection: @unchecked Sendable {
         readResponses(1, timeout: timeout).first
     }
 
+    /// Why the last ``readResponses(_:timeout:)`` returned fewer answers than asked: the server's close, a failed read
+    /// (with its `errno`), or the time running out; for a failing test's message.
+    public private(set) var shortReadReason = ""
+
     /// Reads `count` HTTP/1.1 responses with a `Content-Length` that arrive back to back (answers to pipelined
-    /// requests), in order; fewer when the connection closes or the time runs out.
+    /// requests), in order; fewer when the connection closes or the time runs out (``shortReadReason`` says which).
     public func readResponses(_ count: Int, timeout: Duration) -> [(status: Int, head: String, body: [UInt8])] {
-        let deadline = ContinuousClock.now + timeout
+        let start = ContinuousClock.now
+        let deadline = start + timeout
         var received: [UInt8] = []
+        func short(_ reason: String) -> String {
+            "\(reason) after \(start.duration(to: .now)), \(received.count) bytes of a partial answer held"
+        }
         var responses: [(status: Int, head: String, body: [UInt8])] = []
         var buffer = [UInt8](repeating: 0, count: 16_384)
         let separator: [UInt8] = Array("\r\n\r\n".utf8)
@@ -95,12 +103,20 @@ public final class RawConnection: @unchecked Sendable {
             }
             if responses.count == count { return responses }
             var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            guard poll(&poller, 1, 50) >= 0 || errno == EINTR else { return responses }
+            guard poll(&poller, 1, 50) >= 0 || errno == EINTR else {
+                shortReadReason = short("poll failed (errno \(errno))")
+                return responses
+            }
             if poller.revents == 0 { continue }
             let read = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
-            if read <= 0 { return responses }
+            if read < 0, errno == EINTR { continue }
+            if read <= 0 {
+                shortReadReason = short(read == 0 ? "closed by the server" : "read failed (errno \(errno), revents \(poller.revents))")
+                return responses
+            }
             received += buffer[0..<read]
         }
+        shortReadReason = short("timed out")
         return responses
     }
 

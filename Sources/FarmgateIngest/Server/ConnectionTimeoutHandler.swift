@@ -93,6 +93,14 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
     private var headStart: ByteBuffer?
     private var readingBody = false
     private var closing = false
+    /// Whether the connection's bytes so far end where a request ends, so that the next read begins a request: true on
+    /// a new connection and after a read whose last request ended in it, at the empty line that ends a head (or a chunked
+    /// body) or with its body. A read that ended elsewhere may have cut a pipelined head, and the next read then begins
+    /// inside it (`Bearer KEY`, `d2 HTTP/1.1`), which looks like a request line and is not one.
+    private var readEndedRequest = true
+    /// Whether the read being parsed ends with an empty line; whether the request being parsed has a body.
+    private var readEndsWithEmptyLine = false
+    private var requestHasBody = false
 
     /// In an HTTP/2 stream (one request, one answer): the header and body phases only, and a 408 without
     /// `Connection: close` (a connection-specific field that HTTP/2 forbids); closing ends the stream, not the connection.
@@ -128,17 +136,21 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
             context.fireUserInboundEventTriggered(event)
             return
         }
+        let beginsRequest = readEndedRequest
+        readEndedRequest = false
+        readEndsWithEmptyLine = Self.endsWithEmptyLine(arrived.bytes.readableBytesView)
         // Body bytes, or more of a head already being timed: nothing changes.
         guard !readingBody, !readingHead else { return }
         readingHead = true
-        startsWithToken = Self.startsWithToken(arrived.bytes.readableBytesView)
-        headStart = arrived.bytes
+        startsWithToken = !beginsRequest || Self.startsWithToken(arrived.bytes.readableBytesView)
+        headStart = beginsRequest ? arrived.bytes : nil
         // A new connection's header timer runs from its opening; keep it.
         if phase != .header { start(.header, context: context) }
         // HTTP/0.9's request line (`GET /healthz` and the line's end): the parser takes it for a head whose fields
         // follow, and waits for the empty line until `header_timeout`; nothing can follow it that would make it HTTP/1.x.
-        // Only with no request open, so that the answer cannot be taken for an earlier request's.
-        if requestsOpen == 0, !readingBody, Self.isVersionlessRequestLine(arrived.bytes.readableBytesView) {
+        // Only with no request open, so that the answer cannot be taken for an earlier request's, and only for a read that
+        // begins a request and holds that line alone, as an HTTP/0.9 client sends it.
+        if beginsRequest, requestsOpen == 0, !readingBody, Self.isVersionlessRequestLine(arrived.bytes.readableBytesView) {
             metrics?.connectionRefused(.malformed)
             answerAndClose(context: context, status: .httpVersionNotSupported, code: "http_version_not_supported", message: Self.versionAdvice)
         }
@@ -151,14 +163,18 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
             startsWithToken = true
             headStart = nil
             readingBody = true
+            requestHasBody = false
             requestsOpen += 1
             if requestsOpen == 1 { responseStarted = false }
             start(.body, context: context)
         case .body:
-            break
+            requestHasBody = true
         case .end:
             readingBody = false
             if phase == .body { stopTiming() }
+            // Whatever follows in this read begins another request, whose head is parsed here too unless the read cut it.
+            // The read ended with this request if it ends with an empty line; after a body, that is taken to be so.
+            readEndedRequest = readEndsWithEmptyLine || requestHasBody
         }
         context.fireChannelRead(data)
     }
@@ -346,15 +362,22 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
         bytes.readableBytesView.starts(with: "PRI * HTTP/2.0".utf8)
     }
 
-    /// Whether `bytes` begin with a whole request line of a method and a target and no version (HTTP/0.9's `GET /path`):
-    /// a token, one space, and up to the line's end no other space.
+    /// Whether `bytes` are a whole request line of a method and a target and no version (HTTP/0.9's `GET /path`), and
+    /// nothing after it: a token, one space, and up to the line's end no other space.
     static func isVersionlessRequestLine(_ bytes: ByteBufferView) -> Bool {
-        guard let end = bytes.firstIndex(of: UInt8(ascii: "\n")), startsWithToken(bytes) else { return false }
+        guard let end = bytes.firstIndex(of: UInt8(ascii: "\n")), end == bytes.index(before: bytes.endIndex), startsWithToken(bytes) else {
+            return false
+        }
         var line = bytes[bytes.startIndex..<end]
         if line.last == UInt8(ascii: "\r") { line = line.dropLast() }
         guard let space = line.firstIndex(of: UInt8(ascii: " ")) else { return false }
         let target = line[line.index(after: space)...]
         return !target.isEmpty && !target.contains(UInt8(ascii: " "))
+    }
+
+    /// Whether `bytes` end with an empty line (`\r\n\r\n` or `\n\n`), as a head and a chunked body end.
+    static func endsWithEmptyLine(_ bytes: ByteBufferView) -> Bool {
+        bytes.reversed().prefix(while: { $0 == UInt8(ascii: "\n") || $0 == UInt8(ascii: "\r") }).count(where: { $0 == UInt8(ascii: "\n") }) >= 2
     }
 
     /// Whether the header section at the start of `bytes` (up to its empty line, or as far as `bytes` go) has both a
