@@ -81,6 +81,7 @@ public final class RawConnection: @unchecked Sendable {
     public func readResponses(_ count: Int, timeout: Duration) -> [(status: Int, head: String, body: [UInt8])] {
         let start = ContinuousClock.now
         let deadline = start + timeout
+        shortReadReason = ""
         var received: [UInt8] = []
         func short(_ reason: String) -> String {
             "\(reason) after \(start.duration(to: .now)), \(received.count) bytes of a partial answer held"
