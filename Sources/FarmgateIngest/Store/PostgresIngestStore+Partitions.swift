@@ -204,8 +204,6 @@ extension PostgresIngestStore {
     /// One transaction that makes `partition`, or finds that it exists.
     private func attemptPartition(_ partition: PartitionToCreate) async throws -> Int? {
         let logger = self.logger
-        // The server ends a statement at its statement_timeout; the deadline a minute later answers the caller even if
-        // the server vanished.
         return try await transaction(longRunning: (Self.partitionStatementTimeout, "partition maintenance's statement timeout")) { connection in
             try await connection.query("SELECT pg_advisory_xact_lock(\(PostgresSchema.partitionLock))", logger: logger)
             var exists = true

@@ -153,8 +153,8 @@ public final class PostgresIngestStore: IngestStore {
     ///   transaction only): for writes that can be derived again and that a later synchronous commit makes durable
     ///   with it, since the WAL is flushed in order (``AlertWriteDurability/withNextSyncedCommit``).
     /// - Parameter longRunning: a limit of its own instead of `query_timeout`, for work that takes as long as the data
-    ///   it rewrites (a migration, partition maintenance): the server's `statement_timeout`, and the deadline a minute after it (which answers
-    ///   the caller even if the server vanished); `limit` names it in the error.
+    ///   it rewrites (a migration, partition maintenance): the server's `statement_timeout`, and the deadline a minute
+    ///   after it (which answers the caller even if the server vanished); `limit` names it in the error.
     func transaction<T: Sendable>(
         settingTimeout: Bool = true, asynchronousCommit: Bool = false, longRunning: (timeout: Duration, limit: String)? = nil,
         _ body: @escaping @Sendable (PostgresConnection) async throws -> T
