@@ -29,29 +29,61 @@ struct StatefulDeliveryTests {
         let key = try await farm.createDevice("site-l")
         let keyFile = try farm.dir.write("site-l.key", key + "\n")
         try await farm.startIngest()
-        // The ingest stores every batch. The 4th and 12th answers are lost with the connection (libcurl sends a request
-        // again by itself when a reused connection closes without an answer: the agent never knows); the 8th comes after
-        // the agent's request_timeout (3 s), which the agent sees.
-        let posts = Atomic<Int>(0)
+        // The ingest stores every batch. Two answers are lost with the connection, from the 4th and the 12th POST on:
+        // libcurl sends a request again by itself when a reused connection closes without an answer, so the agent never
+        // knows. Only a reused connection gets that (on a new one the agent sees the loss, the 8th's case), and under
+        // load a slow answer can time out and make the next POST open a new connection: each close waits for the first
+        // POST from its number on that comes over a connection used before. The 8th answer comes after the agent's
+        // request_timeout (3 s), which the agent sees.
+        struct Plan {
+            var posts = 0
+            var requestsByConnection: [Int: Int] = [:]
+            /// The POSTs whose answers were lost, and their bodies.
+            var closed: [(post: Int, body: [UInt8])] = []
+            /// The ingest's status for each POST that carried a lost one's body again.
+            var resent: [Int] = []
+        }
+        final class Shared: Sendable { let plan = Mutex(Plan()) }
+        let shared = Shared()
         let proxy = try ForwardingProxy(to: farm.endpoint, intercept: { _ in nil }) { request, forwarded in
-            guard request.method == "POST" else { return forwarded }
-            switch posts.add(1, ordering: .sequentiallyConsistent).newValue {
-            case 4, 12: return .close
-            case 8: return .delayed(.seconds(4), forwarded)
-            default: return forwarded
+            shared.plan.withLock { plan -> TestResponse in
+                let reused = plan.requestsByConnection[request.connection, default: 0] > 0
+                plan.requestsByConnection[request.connection, default: 0] += 1
+                guard request.method == "POST" else { return forwarded }
+                plan.posts += 1
+                if plan.closed.contains(where: { $0.body == request.body }) {
+                    guard case .reply(let status, _, _) = forwarded else { return forwarded }
+                    plan.resent.append(status)
+                }
+                if plan.posts == 8 { return .delayed(.seconds(4), forwarded) }
+                if let next = [4, 12].dropFirst(plan.closed.count).first, plan.posts >= next, reused {
+                    plan.closed.append((plan.posts, request.body))
+                    return .close
+                }
+                return forwarded
             }
         }
         defer { proxy.stop() }
-        let config = try farm.agentConfig("agent.toml", device: "site-l", keyFile: keyFile, sensors: 9, interval: "100ms", endpoint: proxy.url)
+        // Batches of up to 2,000 readings: 3 s without an answer leaves about 270 pending, so every batch takes all
+        // of them and carries each sensor's newest reading, and a lost one always moved the ingest's context. (With
+        // more pending than a batch holds, the agent alternates newest and oldest batches, and a lost batch of old
+        // readings leaves the context as it was: sent again, it decodes against the current one, which this test would
+        // not tell from the context before the last commit.)
+        let config = try farm.agentConfig(
+            "agent.toml", device: "site-l", keyFile: keyFile, sensors: 9, interval: "100ms", endpoint: proxy.url, batchMaxReadings: 2000)
         let agent = try farm.startAgent(config: config, log: "agent.log")
 
         let past = await eventually(timeout: .seconds(40), every: .milliseconds(200)) {
-            posts.load(ordering: .sequentiallyConsistent) >= 24
+            shared.plan.withLock { $0.posts >= 24 && $0.resent.count >= 2 }
         }
-        #expect(past, "the agent did not get past the lost answers: \(agent.log)")
+        let (closed, resent) = shared.plan.withLock { ($0.closed.map(\.post), $0.resent) }
+        #expect(past, "the agent did not get past the lost answers (lost at POSTs \(closed), sent again: \(resent)): \(agent.log)")
+        #expect(resent == [200, 200], "each frame whose answer was lost came again once and was taken (lost at POSTs \(closed))")
         #expect(agent.log.contains("timed out"), "the 8th answer did not time out: \(agent.log)")
         #expect(try await farm.ingestMetric("farmgate_ingest_batches_total{result=\"stale_state\"}") ?? 0 == 0, "\(agent.log)")
-        #expect(try await Self.frames(farm, table: "named", context: "previous") >= 2, "the frames sent again were not decoded against the context before them")
+        #expect(
+            try await Self.frames(farm, table: "named", context: "previous") >= 2,
+            "the frames sent again were not decoded against the context before them (lost at POSTs \(closed))")
         #expect(try await Self.frames(farm, table: "named", context: "none") >= 1, "no frame without context after the timeout")
         #expect(try await Self.frames(farm, table: "named", context: "used") >= 10)
         #expect(await agent.stop(SIGTERM) == 0)

@@ -184,7 +184,7 @@ final class Farm {
     /// Writes an agent configuration with `sensors` simulated sensors read every `interval`.
     func agentConfig(
         _ name: String, device: String, keyFile: String, sensors: Int, interval: String, upload: String = "",
-        endpoint: String? = nil
+        endpoint: String? = nil, batchMaxReadings: Int = 50
     ) throws -> String {
         var text = """
             [device]
@@ -197,7 +197,7 @@ final class Farm {
             [upload]
             endpoint = "\(endpoint ?? self.endpoint)"
             key_file = "\(keyFile)"
-            batch_max_readings = 50
+            batch_max_readings = \(batchMaxReadings)
             batch_max_age = "200ms"
             backoff_initial = "100ms"
             backoff_max = "1s"
