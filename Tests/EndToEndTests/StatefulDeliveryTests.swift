@@ -37,7 +37,8 @@ struct StatefulDeliveryTests {
         // request_timeout (3 s), which the agent sees.
         struct Plan {
             var posts = 0
-            var requestsByConnection: [Int: Int] = [:]
+            /// The connections that carried a request so far.
+            var connections: Set<Int> = []
             /// The POSTs whose answers were lost, and their bodies.
             var closed: [(post: Int, body: [UInt8])] = []
             /// The ingest's status for each POST that carried a lost one's body again.
@@ -47,8 +48,7 @@ struct StatefulDeliveryTests {
         let shared = Shared()
         let proxy = try ForwardingProxy(to: farm.endpoint, intercept: { _ in nil }) { request, forwarded in
             shared.plan.withLock { plan -> TestResponse in
-                let reused = plan.requestsByConnection[request.connection, default: 0] > 0
-                plan.requestsByConnection[request.connection, default: 0] += 1
+                let reused = !plan.connections.insert(request.connection).inserted
                 guard request.method == "POST" else { return forwarded }
                 plan.posts += 1
                 if plan.closed.contains(where: { $0.body == request.body }) {
