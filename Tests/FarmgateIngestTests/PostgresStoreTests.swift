@@ -84,6 +84,53 @@ import Testing
         }
     }
 
+    /// The storage parameters (`reloptions`, comma-separated; empty for none) of the tables a batch updates, of
+    /// `readings_default`, and of each partition of `rollups_1m`, by table name.
+    static func storageOptions(_ settings: PostgresSettings) async throws -> [String: String] {
+        try await withTestClient(settings) { client in
+            var options: [String: String] = [:]
+            for try await (name, text) in try await client.query(
+                """
+                SELECT relname::text, coalesce(array_to_string(reloptions, ','), '') FROM pg_class
+                WHERE relname IN ('latest', 'rollups_1h', 'rollups_1d', 'stored_sequences', 'devices', 'alert_watermarks', 'alert_cursors', 'readings_default')
+                    OR oid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = 'rollups_1m'::regclass)
+                """
+            ).decode((String, String).self) { options[name] = text }
+            return options
+        }
+    }
+
+    @Test("the rows every batch updates have room on their pages: migration 19, and 1-minute rollup partitions made later")
+    func updatedTablesLeaveRoomOnTheirPages() async throws {
+        try await Self.withStore { store, settings in
+            let expected = [
+                "latest": "fillfactor=50", "rollups_1d": "fillfactor=50", "rollups_1h": "fillfactor=70", "stored_sequences": "fillfactor=50",
+                "devices": "fillfactor=50", "alert_watermarks": "fillfactor=50", "alert_cursors": "fillfactor=50",
+                // Insert-only: packed full.
+                "readings_default": "",
+            ]
+            func check(_ options: [String: String], months: [String]) {
+                for (table, option) in expected { #expect(options[table] == option, "\(table): \(options[table] ?? "missing")") }
+                for month in months + ["rollups_1m_default"] { #expect(options[month] == "fillfactor=70", "\(month): \(options[month] ?? "missing")") }
+            }
+            check(try await Self.storageOptions(settings), months: ["rollups_1m_202512", "rollups_1m_202601", "rollups_1m_202603"])
+
+            // A month made later.
+            let created = try await store.createPartitions(now: Timestamp(microseconds: testNow.microseconds + 150 * 86_400_000_000))
+            #expect(created.names.contains("rollups_1m_202607"), "\(created.names)")
+            check(try await Self.storageOptions(settings), months: ["rollups_1m_202604", "rollups_1m_202607"])
+
+            // Partitions that exist when migration 19 runs (made by an older ingest): the migration sets theirs too.
+            try await adminQuery(settings, "ALTER TABLE rollups_1m_202605 RESET (fillfactor)")
+            try await adminQuery(settings, "ALTER TABLE latest RESET (fillfactor)")
+            try await adminQuery(settings, "DELETE FROM schema_migrations WHERE version = 19")
+            #expect(try await Self.storageOptions(settings)["rollups_1m_202605"] == "")
+            let applied = try await store.migrate()
+            #expect(applied.map(\.version) == [19])
+            check(try await Self.storageOptions(settings), months: ["rollups_1m_202605"])
+        }
+    }
+
     @Test func aDayAtOneMinuteResolutionReadsOnlyTheMonthsItSpans() async throws {
         try await Self.withStore { store, settings in
             let device = try await Self.device(in: store)

@@ -222,7 +222,7 @@ extension PostgresIngestStore {
                 CREATE TABLE \(unescaped: table) (
                     LIKE \(unescaped: parent) INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING INDEXES,
                     CONSTRAINT \(unescaped: check) CHECK (\(unescaped: key) >= \(unescaped: String(partition.start)) AND \(unescaped: key) < \(unescaped: String(partition.end)))
-                )
+                )\(unescaped: partition.kind.storage)
                 """, logger: logger)
             var moved = 0
             for try await count in try await connection.query(

@@ -166,6 +166,14 @@ extension PostgresIngestStore: RetentionStore {
                 }
             }
 
+            /// The storage parameters of a new partition (see ``PostgresSchema/updateRoom``).
+            var storage: String {
+                switch self {
+                case .readings: ""
+                case .minuteRollups: " WITH (fillfactor = \(PostgresSchema.minuteRollupFillFactor))"
+                }
+            }
+
             /// The partition names' pattern (a constant of this code, never input).
             var pattern: String {
                 switch self {
