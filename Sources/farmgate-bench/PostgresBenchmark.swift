@@ -14,7 +14,8 @@ import Glibc
 /// `farmgate-bench postgres`: the ingest on PostgreSQL, four figures from one run on one machine.
 ///
 /// (d) bytes on disk per reading: 1,000,000 readings of 60 sensors every 10 s stored through the store in 1000-reading
-///     batches, then `VACUUM ANALYZE` and `sum(pg_total_relation_size)` over the `readings` partitions;
+///     batches, then `VACUUM ANALYZE` and `sum(pg_total_relation_size)` over the `readings` partitions; beside it what
+///     the three rollup levels of those readings take, after `VACUUM ANALYZE` of them too;
 /// (a) readings/s stored by a real `farmgate-ingest serve` (this binary's sibling) with `--gateways` keep-alive
 ///     connections posting 1000-reading binary batches back to back;
 /// (b) readings/s loaded by two `psql \copy ... (FORMAT binary)` clients with the rows (a) stored, into a table of the
@@ -29,7 +30,7 @@ struct PostgresBench: AsyncParsableCommand {
         abstract: "The ingest on PostgreSQL: bytes per reading, readings/s over HTTP beside two binary COPY clients, p99 ack at half load."
     )
 
-    @Option(help: "An existing database to use (its readings are truncated); default: a throwaway cluster in a temporary directory.")
+    @Option(help: "An existing database to use (its readings, rollups and latest values are emptied); default: a throwaway cluster in a temporary directory.")
     var url: String?
 
     @Option(help: "Concurrent keep-alive gateways (devices) posting batches.")
