@@ -264,6 +264,9 @@ struct NotificationCoalescingTests {
             let outbox = try #require(h.store as? any NotificationOutboxStore)
             try await h.rule(spec("ph-low", "below") { $0.quantity = "ph"; $0.threshold = 5.5; $0.receivers = ["grower", "on-call"] })
             let done = Flag()
+            // The claimers start after the first ten changes, which therefore merge into the receivers' first rows
+            // whatever the scheduling; from then on claims and merges race.
+            let claiming = Flag()
             let start = h.clock.now
             // Two claimers (two instances) take a row each whenever one is due, and deliver it at once.
             let sent = try await withThrowingTaskGroup(of: [Int64: String].self) { group in
@@ -271,6 +274,7 @@ struct NotificationCoalescingTests {
                     group.addTask {
                         var sent: [Int64: String] = [:]
                         var step: Int64 = 0
+                        while !claiming.isSet { try await Task.sleep(for: .milliseconds(1)) }
                         while true {
                             let finished = done.isSet
                             step += 1
@@ -292,7 +296,10 @@ struct NotificationCoalescingTests {
                     }
                 }
                 var flapper = Flapper()
-                for _ in 0..<150 { try await flapper.flap(h) }
+                for index in 0..<150 {
+                    try await flapper.flap(h)
+                    if index == 9 { claiming.set() }
+                }
                 done.set()
                 var all: [Int64: String] = [:]
                 for try await sent in group { all.merge(sent) { first, _ in first } }

@@ -520,21 +520,28 @@ extension PostgresSchema {
     /// applies to pages filled from now on (a `VACUUM FULL` of a table applies it at once).
     static var updateRoom: [String] {
         updatedTableFillFactors.map { "ALTER TABLE \($0.table) SET (fillfactor = \($0.fillFactor))" } + [
-            """
-            DO $$
-            DECLARE
-                child record;
-            BEGIN
-                FOR child IN
-                    SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-                    WHERE i.inhparent = '\(RollupLevel.minute.table)'::regclass
-                LOOP
-                    EXECUTE format('ALTER TABLE %I SET (fillfactor = \(minuteRollupFillFactor))', child.relname);
-                END LOOP;
-            END
-            $$
-            """
+            forEachPartition(of: RollupLevel.minute.table, execute: "'ALTER TABLE %I SET (fillfactor = \(minuteRollupFillFactor))', child.relname")
         ]
+    }
+
+    /// A `DO` block that runs `EXECUTE format(<arguments>)` for each partition of `parent` (its name is
+    /// `child.relname`), then `then`.
+    static func forEachPartition(of parent: String, execute arguments: String, then: String = "") -> String {
+        """
+        DO $$
+        DECLARE
+            child record;
+        BEGIN
+            FOR child IN
+                SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                WHERE i.inhparent = '\(parent)'::regclass
+            LOOP
+                EXECUTE format(\(arguments));
+            END LOOP;
+            \(then)
+        END
+        $$
+        """
     }
 
     /// Migration 11: `rollups_1m` becomes `PARTITION BY RANGE (bucket_us)`, one partition per UTC calendar month
@@ -646,21 +653,9 @@ extension PostgresSchema {
     /// converted in the same transaction: grouped by device, sensor, 30 minutes of time and 4,096 sequences (which
     /// keeps every chunk within the limits of ``PostgresReadingChunk``), into partitions made for the days that had one.
     static let chunkedReadings: [String] = [
-        """
-        DO $$
-        DECLARE
-            child record;
-        BEGIN
-            FOR child IN
-                SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-                WHERE i.inhparent = 'readings'::regclass
-            LOOP
-                EXECUTE format('ALTER TABLE %I RENAME TO %I', child.relname, 'readings_v1_' || substr(child.relname, 10));
-            END LOOP;
-            ALTER TABLE readings RENAME TO readings_v1;
-        END
-        $$
-        """,
+        forEachPartition(
+            of: "readings", execute: "'ALTER TABLE %I RENAME TO %I', child.relname, 'readings_v1_' || substr(child.relname, 10)",
+            then: "ALTER TABLE readings RENAME TO readings_v1;"),
         """
         CREATE TABLE readings (
             first_ts bigint NOT NULL,
