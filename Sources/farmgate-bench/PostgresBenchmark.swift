@@ -30,6 +30,10 @@ struct PostgresBench: AsyncParsableCommand {
         abstract: "The ingest on PostgreSQL: bytes per reading, readings/s over HTTP beside two binary COPY clients, p99 ack at half load."
     )
 
+    /// What each run empties first (and (d) after itself): whatever an earlier run against `--url` left would change
+    /// the figures.
+    static let emptiedTables = "readings, stored_sequences, latest, rollups_1m, rollups_1h, rollups_1d"
+
     @Option(help: "An existing database to use (its readings, rollups and latest values are emptied); default: a throwaway cluster in a temporary directory.")
     var url: String?
 
@@ -83,7 +87,7 @@ struct PostgresBench: AsyncParsableCommand {
         let store = try PostgresIngestStore(settings: settings, logger: logger)
         try await withRunning(store) { _ in
             try await store.migrate()
-            try cluster.exec("TRUNCATE readings, stored_sequences, latest, rollups_1m, rollups_1h, rollups_1d")
+            try cluster.exec("TRUNCATE \(Self.emptiedTables)")
             let admin = IngestAdmin(store: store)
             if try await store.farm(named: "bench") == nil { _ = try await admin.createFarm(name: "bench") }
 
@@ -198,7 +202,7 @@ struct PostgresBench: AsyncParsableCommand {
                 figures[0] / figures[3], figures[1] / figures[3], figures[2] / figures[3], (figures[0] - figures[1] - figures[2]) / figures[3], Int(figures[4]),
                 figures[3] / figures[4]))
         print(String(format: "    rollups (1 minute, 1 hour, 1 day): %.1f bytes/reading more", (Double(rollupBytes) ?? .nan) / figures[3]))
-        try cluster.exec("TRUNCATE readings, stored_sequences, latest, rollups_1m, rollups_1h, rollups_1d")
+        try cluster.exec("TRUNCATE \(Self.emptiedTables)")
     }
 
     // MARK: Gateways
