@@ -59,11 +59,16 @@ test: deps
 # Sources/farmgate/farmgate.order (the functions `farmgate agent` runs, from Tests/tools/site-order-file.sh): the code
 # the agent runs then sits together and the kernel maps fewer pages of the binary (README "Benchmarks", Site
 # footprint). Relative relocations are packed (DT_RELR, glibc 2.36 or later: Debian 12, Raspberry Pi OS bookworm): the
-# loader no longer reads a megabyte of them at every start.
+# loader no longer reads a megabyte of them at every start. The binary exports no symbols (--no-export-dynamic, after
+# the toolchain's -export-dynamic for --static-swift-stdlib): nothing looks a symbol of it up by name, and the loader
+# searched its 10,900 exported names for every symbol the shared libraries bind (about 0.9 MB of them resident).
+# SwiftPM does not relink when only the order file changes: SITE_RELINK removes a binary older than it.
 SITE_BUILD := $(SWIFT) build -c release --product farmgate --scratch-path .build/site \
 	-Xswiftc -Xfrontend -Xswiftc -function-sections -Xswiftc -use-ld=lld \
 	-Xlinker --symbol-ordering-file=$(CURDIR)/Sources/farmgate/farmgate.order -Xlinker --no-warn-symbol-ordering \
-	-Xlinker -z -Xlinker pack-relative-relocs
+	-Xlinker -z -Xlinker pack-relative-relocs -Xlinker --no-export-dynamic
+SITE_RELINK = { bin="$$($(SITE_BUILD) --static-swift-stdlib --show-bin-path)/farmgate" && \
+	if [ -e "$$bin" ] && [ Sources/farmgate/farmgate.order -nt "$$bin" ]; then rm -f "$$bin"; fi; }
 PREFIX ?= /usr/local
 DESTDIR ?=
 FARMGATE_BIN ?=
@@ -73,7 +78,7 @@ CHECK_UNIT_PATHS = @PREFIX="$(PREFIX)" SYSCONFDIR="$(SYSCONFDIR)" bash -c '. sys
 
 install:
 	$(CHECK_UNIT_PATHS)
-	@if [ -z "$(FARMGATE_BIN)" ]; then .ci/install-deps && $(SITE_BUILD) --static-swift-stdlib; fi
+	@if [ -z "$(FARMGATE_BIN)" ]; then .ci/install-deps && $(SITE_RELINK) && $(SITE_BUILD) --static-swift-stdlib; fi
 	@FARMGATE_BIN="$(or $(FARMGATE_BIN),$$($(SITE_BUILD) --static-swift-stdlib --show-bin-path)/farmgate)" PREFIX="$(PREFIX)" DESTDIR="$(DESTDIR)" \
 		SYSCONFDIR="$(SYSCONFDIR)" SYSTEMD_UNIT_DIR="$(SYSTEMD_UNIT_DIR)" systemd/install/install-site.sh
 
@@ -90,7 +95,7 @@ install-ingest:
 		DESTDIR="$(DESTDIR)" SYSCONFDIR="$(SYSCONFDIR)" SYSTEMD_UNIT_DIR="$(SYSTEMD_UNIT_DIR)" systemd/install/install-ingest.sh
 
 deb:
-	@if [ -z "$(FARMGATE_BIN)" ]; then .ci/install-deps && $(SITE_BUILD) --static-swift-stdlib; fi
+	@if [ -z "$(FARMGATE_BIN)" ]; then .ci/install-deps && $(SITE_RELINK) && $(SITE_BUILD) --static-swift-stdlib; fi
 	@FARMGATE_BIN="$(or $(FARMGATE_BIN),$$($(SITE_BUILD) --static-swift-stdlib --show-bin-path)/farmgate)" systemd/install/build-deb.sh
 
 bench: release
