@@ -106,6 +106,9 @@ struct AgentCommand: AsyncParsableCommand {
         }
         do {
             try await AgentRuntime.run(configuration: configuration, logger: logger, logLevel: level)
+        } catch let error as BufferPathError {
+            logger.critical("Agent not started", metadata: ["error": "\(error)"])
+            throw ExitCode(78)  // EX_CONFIG: the configuration names another program's file
         } catch let error as BufferInUseError {
             logger.critical("Agent not started", metadata: ["error": "\(error)"])
             throw ExitCode(75)  // EX_TEMPFAIL: it may start once the other one stopped

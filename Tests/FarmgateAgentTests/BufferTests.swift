@@ -681,6 +681,33 @@ struct BufferTests {
         try await buffer.close()
     }
 
+    @Test("a file at the buffer's path that is not the agent's is refused and left as it is, not moved aside")
+    func foreignFile() async throws {
+        let scratch = try Scratch(prefix: "fg-buffer")
+        let path = scratch.file("buffer/buffer.sqlite")
+        try FileManager.default.createDirectory(atPath: scratch.file("buffer"), withIntermediateDirectories: true)
+        #expect(FileManager.default.createFile(atPath: path, contents: Data("hello notes\n".utf8)))
+        #expect {
+            _ = try openBuffer(scratch)
+        } throws: { error in
+            error is BufferPathError && String(describing: error).contains("\(path) is not a SQLite database")
+        }
+        #expect(scratch.names(in: "buffer") == ["buffer.sqlite"])
+        #expect(try String(contentsOfFile: path, encoding: .utf8) == "hello notes\n")
+        // Another program's database: not put in WAL mode, not converted, not migrated.
+        try FileManager.default.removeItem(atPath: path)
+        try SQLiteConnection(path: path).execute("CREATE TABLE readings(sensor TEXT); INSERT INTO readings VALUES ('x')")
+        #expect {
+            _ = try openBuffer(scratch)
+        } throws: { error in
+            error is BufferPathError && String(describing: error).contains("is a SQLite database of another program (its tables: readings)")
+        }
+        let connection = try SQLiteConnection(path: path, mode: .readOnly)
+        #expect(try connection.query("SELECT name FROM sqlite_master WHERE type = 'table'").compactMap { $0.first?.string } == ["readings"])
+        #expect(try connection.queryInt("PRAGMA page_size") == 4096)
+        #expect(try connection.query("PRAGMA journal_mode").first?.first?.string == "delete")
+    }
+
     @Test("a buffer written by a newer Farmgate is refused with a message, not moved aside")
     func newerSchema() async throws {
         let scratch = try Scratch(prefix: "fg-buffer")

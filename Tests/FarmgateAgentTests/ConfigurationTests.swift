@@ -3,6 +3,7 @@ import FarmgateSupport
 import FarmgateTestSupport
 import FarmgateWire
 import Foundation
+import Logging
 import Testing
 
 @Suite("Agent configuration")
@@ -247,7 +248,7 @@ extension ConfigurationTests {
     // Before the fix (a tester, 2026-12-05) a socket under a file passed `config check`; the agent then exited 1 at
     // start and systemd restarted it until its start limit.
     @Test("A control socket or buffer whose directory could never be made (a file in the way) is refused, located")
-    func aFileInTheWayOfTheSocketOrBufferDirectory() throws {
+    func aFileInTheWayOfTheSocketOrBufferDirectory() async throws {
         let dir = try Scratch(prefix: "fg-in-the-way")
         let file = try dir.write("plain", "a file")
         for (section, key) in [("control", "socket"), ("buffer", "path")] {
@@ -264,6 +265,29 @@ extension ConfigurationTests {
             let failure = try #require(error(Self.minimal + "\n[buffer]\npath = \"\(path)\"\n"), "\(path)")
             #expect(failure.key == "buffer.path" && failure.message.contains(says), "\(failure)")
         }
+        // Another program's file is refused, and left as it is (a tester, 2026-12-07: a text file was moved aside to
+        // notes.txt.corrupt-<time> at start, the ingest's store was converted to 1 KiB pages). A buffer of the agent's
+        // own, and an empty file, are fine.
+        let notes = try dir.write("notes.txt", "hello notes\n")
+        let other = dir.file("other.sqlite")
+        try SQLiteConnection(path: other).execute("CREATE TABLE farms(id TEXT); INSERT INTO farms VALUES ('f1')")
+        for (path, says) in [(notes, "is not a SQLite database"), (other, "is a SQLite database of another program (its tables: farms)")] {
+            let failure = try #require(error(Self.minimal + "\n[buffer]\npath = \"\(path)\"\n"), "\(path)")
+            #expect(failure.key == "buffer.path" && failure.message.contains(says) && failure.message.contains("not a Farmgate buffer"), "\(failure)")
+        }
+        #expect(try String(contentsOfFile: notes, encoding: .utf8) == "hello notes\n")
+        #expect(try SQLiteConnection(path: other, mode: .readOnly).query("PRAGMA journal_mode").first?.first?.string == "delete")
+        let empty = try dir.write("empty.sqlite", "")
+        #expect(error(Self.minimal + "\n[buffer]\npath = \"\(empty)\"\n") == nil)
+        let own = dir.file("own/buffer.sqlite")
+        let buffer = try ReadingBuffer(configuration: BufferConfiguration(path: own), logger: Logger(label: "t"))
+        try await buffer.close()
+        #expect(error(Self.minimal + "\n[buffer]\npath = \"\(own)\"\n") == nil)
+        // A path ending in / or with a name longer than a file name may be.
+        let slash = try #require(error(Self.minimal + "\n[buffer]\npath = \"buf/\"\n"))
+        #expect(slash.key == "buffer.path" && slash.message.contains("ends in /"), "\(slash)")
+        let long = try #require(error(Self.minimal + "\n[buffer]\npath = \"\(String(repeating: "b", count: 300))\"\n"))
+        #expect(long.key == "buffer.path" && long.message.contains("300 bytes long"), "\(long)")
         // The control socket on the buffer's .reserve file.
         let reserve = try #require(error(Self.minimal + "\n[buffer]\npath = \"\(dir.file("b.sqlite"))\"\n[control]\nsocket = \"\(dir.file("b.sqlite.reserve"))\"\n"))
         #expect(reserve.message.contains(".reserve file"), "\(reserve)")

@@ -145,6 +145,37 @@ struct StorageConfigurationTests {
         }
     }
 
+    // A tester, 2026-12-07: `farm list` on the agent's buffer migrated it (a schema_migrations table was left in it), and
+    // /dev/null as the store made /dev/null-journal.
+    @Test("a SQLite path naming another program's file is a configuration error, and the file is left as it is")
+    func storagePathOnAForeignFile() throws {
+        let directory = try TemporaryDirectory()
+        let notes = directory.path + "/notes.txt"
+        #expect(FileManager.default.createFile(atPath: notes, contents: Data("notes\n".utf8)))
+        let buffer = directory.path + "/buffer.sqlite"
+        try SQLiteConnection(path: buffer).execute("CREATE TABLE schema_version(version INTEGER); CREATE TABLE readings(sequence INTEGER)")
+        for (path, says) in [
+            (notes, "is not a SQLite database"), (buffer, "is a SQLite database of another program (its tables: readings, schema_version)"),
+            ("/dev/null", "is not a regular file (a device, a socket or a pipe)"), (directory.path, "is a directory"),
+        ] {
+            #expect {
+                _ = try IngestConfiguration.parse("[storage]\npath = \"\(path)\"\n", file: "ingest.toml", baseDirectory: directory.path)
+            } throws: { error in
+                let text = (error as? ConfigurationError)?.description ?? ""
+                return text.hasPrefix("ingest.toml:2: storage.path: \(path) \(says): not a Farmgate ingest store")
+            }
+        }
+        #expect(try String(contentsOfFile: notes, encoding: .utf8) == "notes\n")
+        #expect(try SQLiteConnection(path: buffer, mode: .readOnly).queryInt("SELECT count(*) FROM sqlite_master") == 2)
+        // The ingest's own store, and an empty file, are fine.
+        let store = directory.path + "/ingest.sqlite"
+        try SQLiteConnection(path: store).execute("CREATE TABLE schema_migrations(version INTEGER)")
+        #expect(FileManager.default.createFile(atPath: directory.path + "/empty.sqlite", contents: Data()))
+        for path in [store, directory.path + "/empty.sqlite", directory.path + "/new.sqlite"] {
+            #expect(try IngestConfiguration.parse("[storage]\npath = \"\(path)\"\n", file: "ingest.toml", baseDirectory: directory.path).storage.path == path)
+        }
+    }
+
     @Test("a SQLite path under a regular file is a configuration error naming the file; with PostgreSQL the path is not used")
     func storagePathUnderAFile() throws {
         let directory = try TemporaryDirectory()

@@ -98,8 +98,13 @@ final class BufferStore {
     ) throws -> BufferStore {
         try createParentDirectory(of: path)
         let sidecar = SequenceSidecar(bufferPath: path)
+        let sidecarContent = sidecar.read()
+        // Another program's file is neither opened (WAL mode, page conversion, migrations change it) nor moved aside.
+        if let problem = foreignFileProblem(path: path, sidecar: sidecarContent) {
+            throw BufferPathError(path: path, problem: problem)
+        }
         var sidecarValue: Int64?
-        switch sidecar.read() {
+        switch sidecarContent {
         case .absent: sidecarValue = nil
         case .value(let value): sidecarValue = value
         case .unreadable(let problem):
@@ -120,6 +125,13 @@ final class BufferStore {
                 path: path, sidecar: sidecar, sidecarValue: sidecarValue, recoveredFromCorruption: true, synchronousFull: synchronousFull,
                 pageConversionLimit: pageConversionLimit, logger: logger)
         }
+    }
+
+    /// Why the file at `path` is not a buffer the agent may open, or nil (see ``SQLiteFileCheck``). A file that does not
+    /// start as a SQLite database is the agent's own, damaged, only when its sequence sidecar lies beside it.
+    static func foreignFileProblem(path: String, sidecar: SequenceSidecar.Content? = nil) -> String? {
+        let content = sidecar ?? SequenceSidecar(bufferPath: path).read()
+        return SQLiteFileCheck.foreignFileProblem(path: path, ownTable: "schema_version", requireHeader: content == .absent)
     }
 
     /// The page size of a new buffer file (see `init`).

@@ -102,6 +102,12 @@ extension AgentConfiguration {
                         "must not be empty: give the buffer's SQLite file, such as \"/var/lib/farmgate/buffer.sqlite\" "
                             + "(or remove the key for that default)")
                 }
+                if path.hasSuffix("/") {
+                    throw table.error("path", "\(path) ends in /, which names a directory; give the buffer's SQLite file, such as \"/var/lib/farmgate/buffer.sqlite\"")
+                }
+                if let long = path.split(separator: "/").first(where: { $0.utf8.count > 255 }) {
+                    throw table.error("path", "a name in it is \(long.utf8.count) bytes long, longer than the 255 a file name may have; give a shorter path")
+                }
                 buffer.path = resolve(path, against: base)
                 if let blocker = FileSystem.fileInTheWay(of: buffer.path) {
                     throw table.error("path", "\(blocker) is not a directory, so the agent cannot make the buffer \(buffer.path) there: give a path in a directory")
@@ -195,6 +201,13 @@ extension AgentConfiguration {
         let metricsTable = try root.table("metrics")
         configuration.metrics = try metricsTable.map { table throws(ConfigurationError) in try parseMetrics(table, base: base) }
         try checkOwnFiles(configuration, root: root)
+        // Another program's file where the buffer goes: the agent would put it in WAL mode, convert its pages, or move it
+        // aside as damaged (after checkOwnFiles, which names the agent's own file that is there).
+        if let problem = BufferStore.foreignFileProblem(path: buffer.path) {
+            let message = "\(buffer.path) \(problem): not a Farmgate buffer, and the agent leaves it as it is; give the buffer a file of its own, such as \"/var/lib/farmgate/buffer.sqlite\""
+            if let table = try root.table("buffer"), table.contains("path") { throw table.error("path", message) }
+            throw ConfigurationError(file: root.file, line: nil, key: "[buffer] path", message: message + " (this is the default; set [buffer] path)")
+        }
         configuration.warnings = ignoredKeyWarnings(sensors, drivers: drivers)
         // Not an error: node_exporter may be installed later. Until its directory exists the agent writes no metrics.
         if let metrics = configuration.metrics, let table = metricsTable {

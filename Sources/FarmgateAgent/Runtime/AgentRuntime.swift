@@ -353,6 +353,18 @@ public struct BufferInUseError: Error, CustomStringConvertible {
     }
 }
 
+/// `[buffer] path` names a file that is not the agent's: a directory, a file of another kind, another program's SQLite
+/// database. Nothing was changed or moved; the configuration must name another file.
+public struct BufferPathError: Error, CustomStringConvertible {
+    let path: String
+    let problem: String
+
+    public var description: String {
+        "[buffer] path \(path) \(problem): the agent keeps its readings in a file of its own and leaves this one as it is; "
+            + "point [buffer] path at another file, such as /var/lib/farmgate/buffer.sqlite"
+    }
+}
+
 /// The buffer cannot be opened or written by the agent's user: which file, as whom, and the command that fixes it.
 struct BufferAccessError: Error, CustomStringConvertible {
     let path: String

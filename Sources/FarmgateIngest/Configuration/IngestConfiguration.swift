@@ -410,6 +410,12 @@ public struct IngestConfiguration: Sendable, Hashable {
             if let section = storageSection, section.contains("path") { throw section.error("path", message) }
             throw ConfigurationError(file: table.file, line: nil, key: "[storage] path", message: message + " (this is the default; set [storage] path)")
         }
+        // Another program's file (the agent's buffer, /dev/null): opening would put it in WAL mode and migrate it.
+        if storage.postgres == nil, let problem = SQLiteFileCheck.foreignFileProblem(path: storage.path, ownTable: "schema_migrations") {
+            let message = "\(storage.path) \(problem): not a Farmgate ingest store, and the ingest leaves it as it is; give the store a file of its own, such as \"data/ingest.sqlite\""
+            if let section = storageSection, section.contains("path") { throw section.error("path", message) }
+            throw ConfigurationError(file: table.file, line: nil, key: "[storage] path", message: message + " (this is the default; set [storage] path)")
+        }
         if let postgres = storage.postgres, let caFile = postgres.caFile, let refuseURL {
             // Each problem is told where it was written: `ca_file` and `tls`, or the URL's sslrootcert and sslmode.
             let fromKey = storageSection?.contains("ca_file") == true
