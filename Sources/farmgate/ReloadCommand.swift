@@ -46,8 +46,11 @@ struct ReloadCommand: ParsableCommand {
         let bufferPath = (try? AgentConfiguration.load(path: options.config))?.buffer.path
         // The agent on that socket must be the one that runs this file: another agent's socket named by mistake would
         // reload that agent's own file, and its verdict would be taken for this one's.
-        // (A file the agent was given as a relative path cannot be compared from here: only absolute ones are.)
-        if let running = before.configuration?.file, running.hasPrefix("/"), FileSystem.resolvedPath(running) != FileSystem.resolvedPath(options.config) {
+        // A file the agent was given as a relative path is taken from its working directory (/proc/PID/cwd); when that
+        // cannot be read (another user's process, as a user) the file is not compared.
+        if let running = before.configuration?.file, let absolute = Self.absolute(running, ofProcess: before.pid),
+            FileSystem.resolvedPath(absolute) != FileSystem.resolvedPath(options.config)
+        {
             throw CleanExit.message(
                 "farmgate reload: the agent on \(path) (process \(before.pid)) runs \(running), not \(options.config); it was not signalled. Check [control] socket in \(options.config), or give the agent's own configuration with -c",
                 code: 1)
@@ -89,6 +92,17 @@ struct ReloadCommand: ParsableCommand {
         throw CleanExit.message(
             "farmgate reload: no verdict from the agent within \(timeout) s (it may still be stopping its services for the new file); see farmgate status and its log",
             code: 1)
+    }
+
+    /// `path` as the process `pid` opens it: itself when absolute, else under the process's working directory; nil when
+    /// that cannot be read.
+    static func absolute(_ path: String, ofProcess pid: Int32) -> String? {
+        if path.hasPrefix("/") { return path }
+        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        let count = readlink("/proc/\(pid)/cwd", &buffer, Int(PATH_MAX))
+        guard count > 0 else { return nil }
+        let cwd = String(decoding: buffer.prefix(count).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        return (cwd == "/" ? "" : cwd) + "/" + path
     }
 
     /// The agent's status and the socket it answered on: `--socket`, the configuration's, or (a file that does not load:

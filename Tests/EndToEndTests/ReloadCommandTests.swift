@@ -67,6 +67,31 @@ struct ReloadCommandTests {
         #expect(await farm.ingest?.stop(SIGTERM) == 0)
     }
 
+    // Before the fix (a tester, 2026-12-07) an agent started with a relative path was signalled whatever -c named, and
+    // its verdict on its own file was printed as if it were about that one.
+    @Test("An agent started with a relative configuration path is compared through its working directory")
+    func relativeAgentPath() async throws {
+        let farm = try await Farm()
+        let key = try await farm.createDevice("site-q")
+        let keyFile = try farm.dir.write("site-q.key", key + "\n")
+        try await farm.startIngest()
+        let config = try farm.agentConfig("agent.toml", device: "site-q", keyFile: keyFile, sensors: 1, interval: "1s")
+        let directory = URL(fileURLWithPath: config).deletingLastPathComponent().path
+        let agent = try Child(
+            "/bin/sh", ["-c", "cd \"$0\" && exec \"$1\" agent --config agent.toml", directory, Farm.agentBinary],
+            logPath: farm.dir.file("agent.log"))
+        #expect(try await eventually(timeout: .seconds(20)) { try await farm.agentStatus(config: config) != nil }, "\(agent.log)")
+        #expect(try await farm.agentStatus(config: config)?.configuration?.file == "agent.toml")
+        let other = try farm.dir.write("other.toml", try String(contentsOfFile: config, encoding: .utf8))
+        let wrongFile = try await runCommand(Farm.agentBinary, ["reload", "--config", other, "--timeout", "5"])
+        #expect(wrongFile.status == 1 && wrongFile.stderr.contains("runs agent.toml, not \(other); it was not signalled"), "\(wrongFile.stderr)")
+        #expect(try await farm.agentStatus(config: config)?.configuration?.reloads == 0, "signalled anyway")
+        let own = try await runCommand(Farm.agentBinary, ["reload", "--config", config, "--timeout", "30"])
+        #expect(own.status == 0 && own.stdout.contains("(reload 1 since it started)"), "\(own.stdout)\(own.stderr)")
+        #expect(await agent.stop(SIGTERM) == 0)
+        #expect(await farm.ingest?.stop(SIGTERM) == 0)
+    }
+
     // Before the fix (a tester, 2026-12-06) a sensor id reused with another quantity relabelled the readings of it still
     // buffered: pH readings went up as temperatures.
     @Test("A reload that changes a sensor's quantity while the buffer holds readings of it is refused, and the agent keeps running")
