@@ -71,6 +71,9 @@ public struct QualityFlags: OptionSet, Hashable, Sendable, Codable {
         (.calibrating, "calibrating"), (.heartbeat, "heartbeat"), (.compensated, "compensated"),
         (.clockCorrected, "clock_corrected"),
     ]
+
+    /// Every flag the wire format defines; another bit set is refused by the ingest (`invalid_reading`).
+    public static let known = QualityFlags(names.map(\.0))
 }
 
 /// One measurement of one sensor on one device.

@@ -46,10 +46,14 @@ struct UnitTests {
                 Reading(sensor: sensor, sequence: 4, timestamp: Timestamp(microseconds: Timestamp.earliestPlausible.microseconds - 1), value: 0),
                 Reading(sensor: sensor, sequence: 5, timestamp: testNow, value: 1.5),
                 Reading(sensor: sensor, sequence: UInt64(Int64.max) + 1, timestamp: testNow, value: 1),
+                // A bit the wire format does not define (a tester, 2026-12-07: stored from a binary frame as "bit15").
+                Reading(sensor: sensor, sequence: 7, timestamp: testNow, value: 1, quality: QualityFlags(rawValue: 1 << 15 | 1)),
+                Reading(sensor: sensor, sequence: 8, timestamp: testNow, value: 1, quality: .known),
             ])
         let (valid, rejected) = validator.validate(batch, now: testNow)
-        #expect(valid.readings.map(\.sequence) == [1, 3])
-        #expect(rejected.map(\.code) == ["timestamp_in_future", "timestamp_implausible", "out_of_range", "invalid_sequence"])
+        #expect(valid.readings.map(\.sequence) == [1, 3, 8])
+        #expect(rejected.map(\.code) == ["timestamp_in_future", "timestamp_implausible", "out_of_range", "invalid_sequence", "invalid_reading"])
+        #expect(rejected.last?.message.hasPrefix("quality flags 0x8000 are not defined by the wire format") == true)
         #expect(Timestamp.earliestPlausible.description == "2000-01-01T00:00:00Z")
     }
 

@@ -59,6 +59,15 @@ public struct ReadingValidator: Sendable {
                 reject(RejectionCode.unknownSensor, "the batch has no descriptor for sensor '\(reading.sensor)'; list every sensor a reading names in the batch's sensors")
                 continue
             }
+            // The JSON decoder refuses an unknown flag name; a binary frame carries bits, checked here.
+            let unknownFlags = reading.quality.subtracting(.known)
+            guard unknownFlags.isEmpty else {
+                let known = QualityFlags.names.map { "\($0.1) (0x\(String($0.0.rawValue, radix: 16)))" }.joined(separator: ", ")
+                reject(
+                    RejectionCode.invalidReading,
+                    "quality flags 0x\(String(unknownFlags.rawValue, radix: 16)) are not defined by the wire format (known: \(known)); send only those")
+                continue
+            }
             guard reading.value.isFinite else {
                 reject(RejectionCode.notFinite, "the value is \(reading.value); send only finite numbers and flag a faulty sensor instead")
                 continue
