@@ -10,11 +10,17 @@ public struct CompressionError: Error, Hashable, Sendable, CustomStringConvertib
     public let truncated: Bool
     /// The compressed data is whole, and bytes that are not compressed data follow it.
     public let trailingData: Bool
-    public init(_ description: String, exceededLimit: Bool = false, truncated: Bool = false, trailingData: Bool = false) {
+    /// A zstd frame asks for a larger window (history) than the decoder allows: the content may be small, but decoding
+    /// it would take that much memory. Set with `exceededLimit`; the window allowed is in `description`.
+    public let windowTooLarge: Bool
+    public init(
+        _ description: String, exceededLimit: Bool = false, truncated: Bool = false, trailingData: Bool = false, windowTooLarge: Bool = false
+    ) {
         self.description = description
-        self.exceededLimit = exceededLimit
+        self.exceededLimit = exceededLimit || windowTooLarge
         self.truncated = truncated
         self.trailingData = trailingData
+        self.windowTooLarge = windowTooLarge
     }
 }
 
@@ -121,8 +127,12 @@ public enum Zstd {
                 let name = String(cString: ZSTD_getErrorName(result))
                 // A window beyond the cap set from the limit, or memory the limit would not allow: too large, not corrupt.
                 let code = ZSTD_getErrorCode(result)
-                let tooLarge = code == ZSTD_error_frameParameter_windowTooLarge || code == ZSTD_error_memory_allocation
-                throw CompressionError("zstd: \(name)", exceededLimit: tooLarge)
+                if code == ZSTD_error_frameParameter_windowTooLarge {
+                    throw CompressionError(
+                        "zstd: the frame's window is larger than the \((1 << windowLog) >> 20) MiB this decoder allows; compress at level 19 or lower, without --long",
+                        windowTooLarge: true)
+                }
+                throw CompressionError("zstd: \(name)", exceededLimit: code == ZSTD_error_memory_allocation)
             }
             lastResult = result
             if produced > 0 {

@@ -363,6 +363,34 @@ struct BatchUploadTests {
         }
     }
 
+    // A tester, 2026-12-07: a 140-byte batch compressed with `zstd --ultra -22` (a 128 MiB window) was answered 413
+    // "expands to more than 33554432 bytes; send smaller batches", which halving never cures.
+    @Test("a small zstd body whose frame asks for a window beyond the decoder's is 415 naming the window; within it, stored")
+    func zstdWindowBeyondTheLimit() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let json = BatchJSON.encode(try phBatch(sequences: 1...3))
+        // A zstd frame by hand (RFC 8878): no content size, a window of 2^(10 + exponent) bytes, one raw block.
+        @Sendable func frame(windowExponent: UInt8) -> [UInt8] {
+            let header = UInt32(1 | json.count << 3)
+            return [0x28, 0xB5, 0x2F, 0xFD, 0x00, windowExponent << 3]
+                + [UInt8(header & 0xFF), UInt8(header >> 8 & 0xFF), UInt8(header >> 16 & 0xFF)] + json
+        }
+        #expect(try Zstd.decompress(frame(windowExponent: 13), maxOutput: 1 << 20) == json)
+        #expect(throws: CompressionError.self) { try Zstd.decompress(frame(windowExponent: 17), maxOutput: 32 << 20) }
+        try await fixture.app().test(.router) { client in
+            let refused = try await client.execute(
+                uri: IngestProtocol.batchesPath, method: .post, headers: jsonHeaders(fixture.deviceKey, encoding: "zstd"),
+                body: buffer(frame(windowExponent: 17)))
+            let message = try expectError(refused, .unsupportedMediaType, "unsupported_encoding")
+            #expect(message.contains("window is larger than the 32 MiB this decoder allows"), "\(message)")
+            let stored = try await client.execute(
+                uri: IngestProtocol.batchesPath, method: .post, headers: jsonHeaders(fixture.deviceKey, encoding: "zstd"),
+                body: buffer(frame(windowExponent: 15)))
+            #expect(try decode(IngestReceipt.self, stored) == IngestReceipt(accepted: 3, duplicates: 0, rejected: []))
+        }
+    }
+
     @Test("more readings than max_readings_per_batch is 413 too_many_readings, in JSON and binary")
     func tooManyReadings() async throws {
         let fixture = try await Fixture()

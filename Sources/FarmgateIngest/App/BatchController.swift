@@ -431,6 +431,12 @@ struct BatchController: Sendable {
             case .zstd: expanded = try Zstd.decompress(raw, maxOutput: limits.maxDecompressedBytes)
             }
         } catch {
+            if error.windowTooLarge {
+                // Not a 413: halving the batch would not help, the frame's parameters are what is too large.
+                throw APIError(
+                    .unsupportedMediaType, code: "unsupported_encoding",
+                    message: "the \(encoding.rawValue) body cannot be decoded in bounded memory: \(error.description)")
+            }
             if error.exceededLimit {
                 throw APIError(
                     .contentTooLarge, code: "decompressed_too_large",
