@@ -340,8 +340,10 @@ struct DoctorTests {
         let buffer = farm.dir.file("doc-8/buffer.sqlite")
         try FileManager.default.createDirectory(atPath: farm.dir.file("doc-8"), withIntermediateDirectories: true)
 
-        // Not a database at all (SQLITE_NOTADB).
+        // Not a database at all (SQLITE_NOTADB), where the agent's buffer was: its sequence sidecar lies beside it (without
+        // one, the file is not the agent's and the configuration refuses it: ConfigurationTests).
         try String(repeating: "not a database, whatever was written here. ", count: 200).write(toFile: buffer, atomically: true, encoding: .utf8)
+        try "1200\n".write(toFile: buffer + ".seq", atomically: true, encoding: .utf8)
         let (_, report, output) = try await Self.doctor(site)
         let notADatabase = try #require(Self.finding(report, "buffer", buffer), "\(output)")
         #expect(notADatabase.status == .problem && notADatabase.message.contains("not an SQLite database"), "\(notADatabase)")

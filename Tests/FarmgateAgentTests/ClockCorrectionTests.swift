@@ -617,6 +617,7 @@ struct ClockCorrectionTests {
         let text = agent.humanReadable()
         #expect(text.contains("Clock     synchronised"))
         #expect(text.contains("corrected 4 readings taken before it was set"))
+        #expect(status.correctedTotal == 4)
         #expect(text.contains("clock set forward by 3d 0h"))
         try await buffer.close()
     }

@@ -53,7 +53,17 @@ struct TextfileMetricsTests {
         #expect(value("farmgate_driver_failing_sensors", ["driver": "ezo"]) == 1)
         #expect(value("farmgate_driver_failing_sensors", ["driver": "ds18b20"]) == 0)
         #expect(value("farmgate_process_written_bytes_total") == 123_456)
-        #expect(value("farmgate_clock_synchronized") == 1)
+        // `[clock] check = false` (no clock status): not checked, and no synchronised figure (a tester, 2026-12-07: 1
+        // was written while the kernel said otherwise).
+        #expect(value("farmgate_clock_checked") == 0)
+        #expect(value("farmgate_clock_synchronized") == nil)
+        var checked = Self.status()
+        checked.clock = ClockStatus(synchronized: false, bootID: "b", holdSeconds: 900, correctedTotal: 12)
+        let clockSamples = try PrometheusText.parse(TextfileMetrics.render(checked, writtenBytes: nil))
+        #expect(clockSamples.first { $0.name == "farmgate_clock_checked" }?.value == 1)
+        #expect(clockSamples.first { $0.name == "farmgate_clock_synchronized" }?.value == 0)
+        #expect(clockSamples.first { $0.name == "farmgate_clock_corrected_readings_total" }?.value == 12)
+        #expect(Self.status().humanReadable().contains("Clock     not checked ([clock] check = false)"))
         #expect(!text.contains("tank1.ph"), "a sensor id became a label")
         #expect(value("farmgate_upload_failures_total", ["status": "503"]) == 3)
         // Failures without an answer's status, whatever their cause in the status, are `none` together.

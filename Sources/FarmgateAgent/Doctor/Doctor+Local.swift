@@ -129,12 +129,20 @@ extension Doctor {
 
     /// Whether the kernel says the clock is synchronised (adjtimex), as the agent sees it (the agent's test hook too).
     static func clockFinding(_ configuration: AgentConfiguration, clock: any ClockSource) -> DoctorFinding {
-        guard configuration.checkClock else {
-            return DoctorFinding(
-                check: "clock", subject: "system clock", status: .skipped,
-                message: "[clock] check = false: readings are never flagged clock_unsynchronized")
-        }
         let reading = clock.read()
+        guard configuration.checkClock else {
+            // The agent does not ask the kernel; TLS and the readings' times still depend on the clock.
+            if reading.synchronized {
+                return DoctorFinding(
+                    check: "clock", subject: "system clock", status: .ok,
+                    message: "synchronised (adjtimex), \(RFC3339.format(reading.realtime)); [clock] check = false: the agent never holds or flags readings for it")
+            }
+            return DoctorFinding(
+                check: "clock", subject: "system clock", status: .warning,
+                message:
+                    "not synchronised (adjtimex says so), and [clock] check = false: readings are stamped with this clock unflagged; TLS fails if it is far off",
+                fix: "enable NTP: sudo timedatectl set-ntp true (in a container whose clock the host keeps, nothing to do)")
+        }
         if reading.synchronized {
             return DoctorFinding(
                 check: "clock", subject: "system clock", status: .ok, message: "synchronised (adjtimex), \(RFC3339.format(reading.realtime))")

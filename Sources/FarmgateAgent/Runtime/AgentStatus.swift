@@ -138,9 +138,8 @@ extension AgentStatus {
 
     /// `Clock     synchronised; ...` or `Clock     NOT synchronised ...`, with what happens to the readings.
     func clockLine() -> String {
-        guard let clock else {
-            return "Clock     \(clockSynchronized ? "synchronised" : "NOT synchronised: readings are flagged clock_unsynchronized")"
-        }
+        // nil: `[clock] check = false` (the agent never asks the kernel).
+        guard let clock else { return "Clock     not checked ([clock] check = false): readings are never held or flagged clock_unsynchronized" }
         var line = "Clock     "
         let hold = Self.age(seconds: Int64(clock.holdSeconds))
         if clock.synchronized {

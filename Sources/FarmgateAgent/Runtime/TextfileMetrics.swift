@@ -113,7 +113,14 @@ public enum TextfileMetrics {
             out.sample("farmgate_driver_failing_sensors", [("driver", driver)], Double(entry.failing))
         }
 
-        out.gauge("farmgate_clock_synchronized", "1 while the kernel says the clock is synchronised, else 0.", status.clockSynchronized ? 1 : 0)
+        // With `[clock] check = false` the agent does not ask the kernel: no synchronised figure to give.
+        out.gauge("farmgate_clock_checked", "1 when the agent checks the kernel's clock state ([clock] check), else 0.", status.clock == nil ? 0 : 1)
+        if let clock = status.clock {
+            out.gauge("farmgate_clock_synchronized", "1 while the kernel says the clock is synchronised, else 0.", clock.synchronized ? 1 : 0)
+            out.counter(
+                "farmgate_clock_corrected_readings_total", "Readings taken before the clock was set whose times were repaired once it was.",
+                Double(clock.correctedTotal ?? 0))
+        }
         if let writtenBytes {
             out.counter(
                 "farmgate_process_written_bytes_total", "Bytes this process caused to be written to storage (/proc/self/io write_bytes).",

@@ -27,6 +27,8 @@ public struct ClockStatus: Codable, Sendable, Hashable {
     public var stateSeconds: Double = 0
     /// The last time readings were corrected, in this process.
     public var lastCorrection: Correction?
+    /// Readings corrected in this process, all corrections together (nil from an agent before it was counted).
+    public var correctedTotal: Int?
 
     public struct Correction: Codable, Sendable, Hashable {
         /// When (the synchronised clock).
@@ -153,6 +155,7 @@ public final class ClockMonitor: Service {
             if let correction, correction.corrected > 0 {
                 status.lastCorrection = ClockStatus.Correction(
                     at: reading.realtime, corrected: correction.corrected, shifted: correction.shifted, stepSeconds: step)
+                status.correctedTotal = (status.correctedTotal ?? 0) + correction.corrected
             }
             state.status = status
             return (previous, step)
