@@ -228,6 +228,36 @@ struct ConfigurationReloadTests {
         process.waitUntilExit()
     }
 
+    // A tester, 2026-12-07: the old file stayed beside the new one, never rewritten, its figures exported for ever.
+    @Test("A reload that moves [metrics] textfile removes the old file; one that removes [metrics] removes it too")
+    func reloadMovesTheMetricsFile() async throws {
+        let (scratch, socket, process, agentLog) = try await Self.samplingAgent(prefix: "fg-reload-metrics")
+        defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
+        let first = scratch.file("first.prom")
+        let second = scratch.file("second.prom")
+        for (reload, extra, written, gone) in [
+            (1, "\n[metrics]\ntextfile = \"\(first)\"\ninterval = \"1s\"", first, second),
+            (2, "\n[metrics]\ntextfile = \"\(second)\"\ninterval = \"1s\"", second, first),
+        ] {
+            _ = try scratch.write("agent.toml", Self.configuration(sensors: ["tank1.ph", "tank2.ph"], extra: extra))
+            kill(process.processIdentifier, SIGHUP)
+            let applied = await eventually(timeout: .seconds(30), every: .milliseconds(100)) {
+                await Self.status(socket)?.configuration?.reloads == reload && FileManager.default.fileExists(atPath: written)
+            }
+            try #require(applied, "reload \(reload) was not applied: \(agentLog())")
+            #expect(!FileManager.default.fileExists(atPath: gone), "reload \(reload) left \(gone)")
+        }
+        _ = try scratch.write("agent.toml", Self.configuration(sensors: ["tank1.ph", "tank2.ph"]))
+        kill(process.processIdentifier, SIGHUP)
+        let removed = await eventually(timeout: .seconds(30), every: .milliseconds(100)) {
+            await Self.status(socket)?.configuration?.reloads == 3
+        }
+        try #require(removed, "the third reload was not applied: \(agentLog())")
+        #expect(!FileManager.default.fileExists(atPath: second), "a reload without [metrics] left its file")
+        kill(process.processIdentifier, SIGTERM)
+        process.waitUntilExit()
+    }
+
     @Test("SIGTERM right after SIGHUP stops the agent: a stop during a reload is not lost", arguments: [0, 20, 60])
     func stopDuringReload(delayMilliseconds: Int) async throws {
         let (scratch, _, process, agentLog) = try await Self.samplingAgent(prefix: "fg-reload-stop")

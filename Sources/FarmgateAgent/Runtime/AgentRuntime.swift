@@ -63,6 +63,17 @@ public enum AgentRuntime {
             logger.notice(
                 "Agent restarted its services with the reloaded configuration",
                 metadata: ["config": "\(next.file)", "sensors": "\(next.sensors.count)"])
+            // The old metrics file would stay, frozen, beside the new one (node_exporter exporting stale figures, the
+            // same series twice): it goes when the reload moves or removes it.
+            if let old = current.metrics?.path, old != next.metrics?.path {
+                if unlink(old) == 0 {
+                    logger.notice("Metrics file removed: the reload moved or removed [metrics] textfile", metadata: ["metrics.file": "\(old)"])
+                } else if errno != ENOENT {
+                    logger.warning(
+                        "Metrics file the reload moved or removed cannot be removed; node_exporter exports its last figures until it is",
+                        metadata: ["metrics.file": "\(old)", "error": "\(String(cString: strerror(errno)))"])
+                }
+            }
             if let logLevel, next.logLevel != current.logLevel {
                 logLevel.level = next.logLevel
                 logger.notice("Log level changed by the reload", metadata: ["from": "\(current.logLevel)", "to": "\(next.logLevel)"])
