@@ -195,6 +195,16 @@ struct SiteEnrollmentTests {
             #expect(failure?.description.contains(phrase) == true, "\(failure?.description ?? "")")
             #expect(failure?.exitCode == 64)
         }
+        // A CA file with no certificate in it (a tester, 2026-12-07: a private key was taken to the ingest, and the failed
+        // handshake blamed the ingest's certificate), or an empty path.
+        let key = try dir.write("server.key", "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n")
+        for (caFile, phrase) in [(key, "\(key) holds no PEM certificate"), ("", "the CA file's path is empty"), (dir.file("none.pem"), "cannot read the CA file")] {
+            let failure = #expect(throws: SiteEnrollment.Failure.self) {
+                try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: "https://i.example", token: Self.token, configPath: config, caFile: caFile))
+            }
+            #expect(failure?.description.hasPrefix("--ca-file: ") == true && failure?.description.contains(phrase) == true, "\(failure?.description ?? "")")
+            #expect(failure?.exitCode == 64)
+        }
         // The configuration's own ca_file, named again as the key.
         let configured = try dir.write("configured.toml", Self.config + "\n[upload]\nendpoint = \"https://i.example\"\nca_file = \"ca.pem\"\n")
         let failure = #expect(throws: SiteEnrollment.Failure.self) {

@@ -222,6 +222,20 @@ extension AgentConfiguration {
         return configuration
     }
 
+    /// Why `path` cannot be the CA file the uploads trust (`[upload] ca_file`, `farmgate enroll --ca-file`), or nil. A
+    /// key, the configuration itself or a DER file would fail every TLS handshake, blaming the ingest: said before.
+    static func caFileProblem(_ path: String) -> String? {
+        guard !path.isEmpty else { return "the CA file's path is empty; give a PEM file of CA certificates" }
+        guard FileSystem.isFile(path), FileManager.default.isReadableFile(atPath: path) else {
+            return "cannot read the CA file \(path); give a PEM file of CA certificates"
+        }
+        let bytes = try? FileSystem.bytes(path, limit: 4 << 20)
+        if !(bytes.map { String(decoding: $0, as: UTF8.self).contains("-----BEGIN CERTIFICATE-----") } ?? false) {
+            return "\(path) holds no PEM certificate (no -----BEGIN CERTIFICATE----- line); give the CA's certificate in PEM, not a key or a DER file"
+        }
+        return nil
+    }
+
     /// Refuses two of the agent's own files at one path: the configuration, the buffer and its sidecars, the device key
     /// file, the metrics file and the control socket. The agent would overwrite one with the other (the metrics text
     /// replacing a buffer full of unsent readings, or the key), or could not start. Compared by path (`.`, `..` and
@@ -362,16 +376,8 @@ extension AgentConfiguration {
             throw table.error(keyName, keyName == "key" ? problem : "\(resolve(try table.requiredString("key_file"), against: base)) " + problem)
         }
         let caFile = try table.string("ca_file").map { resolve($0, against: base) }
-        if let caFile {
-            guard FileSystem.isFile(caFile), FileManager.default.isReadableFile(atPath: caFile) else {
-                throw table.error("ca_file", "cannot read \(caFile); give a PEM file of CA certificates, or remove the key to use the system CAs")
-            }
-            // A key, the configuration itself or a DER file would fail every upload's TLS handshake: said now instead.
-            let bytes = try? FileSystem.bytes(caFile, limit: 4 << 20)
-            if !(bytes.map { String(decoding: $0, as: UTF8.self).contains("-----BEGIN CERTIFICATE-----") } ?? false) {
-                throw table.error(
-                    "ca_file", "\(caFile) holds no PEM certificate (no -----BEGIN CERTIFICATE----- line); give the CA's certificate in PEM, not a key or a DER file")
-            }
+        if let caFile, let problem = caFileProblem(caFile) {
+            throw table.error("ca_file", problem + (FileSystem.isFile(caFile) ? "" : ", or remove the key to use the system CAs"))
         }
         let defaults = UploadConfiguration(endpoint: endpoint, deviceKey: key)
         let batchMaxReadings = try table.int("batch_max_readings", in: 1...100_000) ?? defaults.batchMaxReadings

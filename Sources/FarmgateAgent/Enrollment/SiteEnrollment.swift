@@ -127,8 +127,9 @@ public enum SiteEnrollment {
                 description: "the token is not an enrollment token (they start with fge_ and come from `farmgate-ingest enroll-token create`)\(hint)",
                 exitCode: 64)
         }
-        if let caFile = request.caFile, !FileManager.default.isReadableFile(atPath: caFile) {
-            throw Failure(description: "cannot read the CA file \(caFile); give a PEM file of CA certificates", exitCode: 64)
+        // Checked before the token is spent: a file without a certificate would fail the handshake, blaming the ingest.
+        if let caFile = request.caFile, let problem = AgentConfiguration.caFileProblem(caFile) {
+            throw Failure(description: "--ca-file: \(problem)", exitCode: 64)
         }
 
         try checkConfigPath(request.configPath)
