@@ -164,7 +164,7 @@ struct DoctorTests {
         #expect(keyFinding.fix?.contains("farmgate enroll") == true)
         #expect(Self.finding(report, "key", "doc-2.key")?.status == .warning, "a key file others may read")
         let access = try #require(Self.finding(report, "buffer access"))
-        #expect(access.status == .problem && access.message.contains("nobody may not create files"), "\(access)")
+        #expect(access.status == .problem && access.message.contains("nobody cannot create files"), "\(access)")
         #expect(access.fix?.contains("chown nobody:") == true, "\(access)")
         let metrics = try #require(Self.finding(report, "metrics"))
         #expect(metrics.status == .problem && metrics.message.contains("cannot be found"), "\(metrics)")

@@ -80,7 +80,7 @@ struct DoctorOneWireTests {
         #expect(fix.contains("wiring") && fix.contains("dtoverlay=w1-gpio") && fix.contains("w1-gpio") && fix.contains("w1-therm"), "\(gone)")
 
         let unreadable = try #require(finding(locked), "\(findings)")
-        #expect(unreadable.status == .problem && unreadable.message.contains("nobody may not read"), "\(unreadable)")
+        #expect(unreadable.status == .problem && unreadable.message.contains("nobody cannot read"), "\(unreadable)")
         #expect(unreadable.message.contains("mode 600"), "\(unreadable)")
     }
 

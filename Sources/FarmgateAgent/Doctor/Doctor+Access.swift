@@ -40,7 +40,7 @@ extension Doctor {
                 findings.append(
                     DoctorFinding(
                         check: "buffer access", subject: buffer, status: .problem,
-                        message: "\(user.name) may not write \(files.joined(separator: ", ")): the agent stops at start (\"attempt to write a readonly database\")",
+                        message: "\(user.name) cannot write \(files.joined(separator: ", ")): the agent stops at start (\"attempt to write a readonly database\")",
                         fix: "sudo chown \(user.name): \(buffer)*, then restart the agent (systemctl restart farmgate)"))
             }
         }
@@ -79,7 +79,7 @@ extension Doctor {
         }
         guard !mayCreateFiles(in: info, user: user) else { return nil }
         return DoctorFinding(
-            check: check, subject: path, status: .problem, message: "\(user.name) may not create files in \(what) (\(describe(info)))",
+            check: check, subject: path, status: .problem, message: "\(user.name) cannot create files in \(what) (\(describe(info)))",
             fix: "sudo chown \(user.name): \(path) (or give the agent a directory of its own), then restart the agent (systemctl restart farmgate)")
     }
 

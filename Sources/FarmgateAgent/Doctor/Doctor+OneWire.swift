@@ -66,7 +66,7 @@ extension Doctor {
         guard user.mayOpen(mode: mode, owner: info.st_uid, group: info.st_gid, write: false) else {
             return DoctorFinding(
                 check: oneWireCheck, subject: subject, status: .problem,
-                message: "\(user.name) may not read it (\(shown)): every read of the agent fails",
+                message: "\(user.name) cannot read it (\(shown)): every read of the agent fails",
                 fix: "the kernel lets everyone read it: if something changed that, sudo chmod a+r \(path); check w1_root too")
         }
         let file = isSlave ? "w1_slave, CRC checked by the kernel" : "temperature"

@@ -109,7 +109,7 @@ public enum Doctor {
             return [
                 DoctorFinding(
                     check: "key", subject: path, status: .problem,
-                    message: "\(user.name) may not read it (mode \(String(mode, radix: 8)), owner \(UnixUser.userName(info.st_uid)))",
+                    message: "\(user.name) cannot read it (mode \(String(mode, radix: 8)), owner \(UnixUser.userName(info.st_uid)))",
                     fix: "sudo chown \(user.name) \(path) && sudo chmod 600 \(path)")
             ]
         }
@@ -199,7 +199,7 @@ public enum Doctor {
         switch error.kind {
         case .tls:
             return DoctorFinding(
-                check: "ingest", subject: endpoint, status: .problem, message: "TLS failure: \(error)",
+                check: "ingest", subject: endpoint, status: .problem, message: "\(error)",
                 fix:
                     "the ingest's certificate is not trusted or does not match the host name: with a private CA set [upload] ca_file to its PEM file; check the clock too (a clock far off makes certificates invalid)")
         case .timedOut:
