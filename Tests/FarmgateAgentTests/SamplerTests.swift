@@ -356,6 +356,22 @@ struct ControlSocketTests {
         #expect(again.duration(to: .now) >= .milliseconds(450))
     }
 
+    // A tester, 2026-12-07: `farmgate status --socket /etc/hostname` said "a stale socket: the agent is not running".
+    @Test("A client given a path that is not a socket says so, not that the agent stopped")
+    func clientGivenAFileOrDirectory() async throws {
+        let scratch = try Scratch(prefix: "fg-ctl", in: URL(fileURLWithPath: "/tmp"))
+        let notes = try scratch.write("notes.txt", "the installer's notes\n")
+        for (path, kind) in [(notes, "a regular file"), (scratch.path, "a directory")] {
+            do {
+                _ = try await runOffPool { try ControlClient.send(ControlRequest(command: "status"), to: path, settling: .zero) }
+                Issue.record("\(path) answered")
+            } catch {
+                #expect("\(error)".contains("\(path): that is \(kind), not a socket"), "\(error)")
+                #expect(!"\(error)".contains("stale socket"), "\(error)")
+            }
+        }
+    }
+
     @Test("A file at the socket path that is not a socket is left alone, and the agent says so")
     func refusesToReplaceAFile() async throws {
         let scratch = try Scratch(prefix: "fg-ctl", in: URL(fileURLWithPath: "/tmp"))

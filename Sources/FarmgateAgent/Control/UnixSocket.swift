@@ -77,7 +77,19 @@ enum UnixSocket {
             let reason: String
             switch code {
             case ENOENT: reason = "no such socket"
-            case ECONNREFUSED: reason = "connection refused (a stale socket: the agent is not running)"
+            case ECONNREFUSED:
+                // connect(2) answers ECONNREFUSED for a file that is not a socket too: not a stale socket then.
+                var info = stat()
+                if stat(path, &info) == 0, info.st_mode & S_IFMT != S_IFSOCK {
+                    let kind = switch info.st_mode & S_IFMT {
+                    case S_IFDIR: "a directory"
+                    case S_IFREG: "a regular file"
+                    default: "a device, a FIFO or a link"
+                    }
+                    throw ControlSocketError(
+                        "cannot reach the agent at \(path): that is \(kind), not a socket; give the agent's control socket ([control] socket, by default \(AgentConfiguration.defaultControlSocket))")
+                }
+                reason = "connection refused (a stale socket: the agent is not running)"
             case EACCES: reason = "permission denied (run as root or as a member of the farmgate group)"
             default: reason = String(cString: strerror(code))
             }
