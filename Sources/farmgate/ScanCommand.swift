@@ -65,11 +65,32 @@ struct ScanCommand: AsyncParsableCommand {
         for baud in bauds where !SerialSettings.supportedBauds.contains(baud) {
             throw ValidationError("--serial-baud \(baud) is not supported; use \(SerialSettings.supportedBauds.map(String.init).joined(separator: ", "))")
         }
-        for port in ports where !FileManager.default.fileExists(atPath: port) {
-            throw ValidationError("--port \(port): no such device; list the serial ports with `ls -l /dev/serial/by-id /dev/tty*`")
+        for port in ports {
+            var info = stat()
+            guard stat(port, &info) == 0 else {
+                throw ValidationError("--port \(port): no such device; list the serial ports with `ls -l /dev/serial/by-id /dev/tty*`")
+            }
+            guard info.st_mode & S_IFMT == S_IFCHR else {
+                throw ValidationError(
+                    "--port \(port) is not a serial port (a character device) but \(info.st_mode & S_IFMT == S_IFDIR ? "a directory" : info.st_mode & S_IFMT == S_IFREG ? "a regular file" : "a file of another kind"); list the serial ports with `ls -l /dev/serial/by-id /dev/tty*`")
+            }
         }
-        guard ConfigTable.parseDuration(portTimeout) != nil else {
+        guard let budget = ConfigTable.parseDuration(portTimeout) else {
             throw ValidationError("--port-timeout must be a duration such as \"10s\" (got \"\(portTimeout)\")")
+        }
+        // Under a second no probe of a port at 9600 baud can answer (a false "no answer"); over an hour is a mistake.
+        guard budget >= .seconds(1), budget <= .seconds(3600) else {
+            throw ValidationError("--port-timeout must be between 1s and 1h (got \"\(portTimeout)\"): a port's probes at every baud need a few seconds")
+        }
+        for (option, path) in [("--w1-root", w1Root), ("--device-dir", deviceDirectory)] where path.isEmpty {
+            throw ValidationError("\(option) is empty: give a directory, or leave the option out for its default")
+        }
+        if deviceDirectory != "/dev", !FileSystem.isDirectory(deviceDirectory) {
+            throw ValidationError("--device-dir \(deviceDirectory) is not a directory")
+        }
+        // A 1-Wire root that does not exist is a machine without 1-Wire (the scan says so); a file there is a mistake.
+        if FileManager.default.fileExists(atPath: w1Root), !FileSystem.isDirectory(w1Root) {
+            throw ValidationError("--w1-root \(w1Root) is not a directory (the kernel lists 1-Wire devices in /sys/bus/w1/devices once w1-gpio is loaded)")
         }
     }
 
@@ -105,8 +126,19 @@ struct ScanCommand: AsyncParsableCommand {
     /// The serial ports of the configured sensors, when an agent answers on the configuration's control socket: those are
     /// the agent's, and the scan does not open them (opening a port can reset the device behind it).
     func agentPorts() -> [String: String] {
-        guard let configuration = try? AgentConfiguration.load(path: options.config),
-            (try? ControlClient.send(ControlRequest(command: "status"), to: configuration.controlSocket, timeoutSeconds: 5)) != nil
+        let configuration: AgentConfiguration
+        do {
+            configuration = try AgentConfiguration.load(path: options.config)
+        } catch {
+            // Without the configuration the running agent's ports are not known, and would be opened like any other.
+            // Said unless it is the default file that is missing (a machine without an agent yet).
+            if options.config != AgentConfiguration.defaultPath || FileManager.default.fileExists(atPath: options.config) {
+                StandardStream.error.write(
+                    "farmgate scan: warning: \(error.description)\nThe running agent's serial ports are not known: they are probed like any other (opening a port can reset the device behind it); fix the file or give the agent's own with -c.\n")
+            }
+            return [:]
+        }
+        guard (try? ControlClient.send(ControlRequest(command: "status"), to: configuration.controlSocket, timeoutSeconds: 5)) != nil
         else { return [:] }
         return SerialScan.agentPorts(configuration)
     }

@@ -63,5 +63,21 @@ struct ScanCommandTests {
         let bad = try await runCommand(farmgate, ["scan", "--modbus-ids", "0-300"])
         #expect(bad.status == 64)
         #expect(bad.stderr.contains("--modbus-ids must be a range"), "\(bad.stderr)")
+
+        // Options a tester found taken without a word (2026-12-07): a timeout no probe can meet, a port that is a file
+        // or a directory, an empty or missing directory to look in.
+        let notes = try dir.write("notes.txt", "notes\n")
+        for (options, says) in [
+            (["--port-timeout", "0s"], "--port-timeout must be between 1s and 1h"), (["--port", notes], "is not a serial port (a character device) but a regular file"),
+            (["--port", dir.path], "but a directory"), (["--w1-root", ""], "--w1-root is empty"),
+            (["--device-dir", dir.file("nosuch")], "--device-dir \(dir.file("nosuch")) is not a directory"),
+        ] {
+            let refused = try await runCommand(farmgate, ["scan"] + options)
+            #expect(refused.status == 64 && refused.stderr.contains(says), "\(options): \(refused.stderr)")
+        }
+        // A configuration that does not load is said to leave the agent's ports unknown, not silently ignored.
+        let broken = try dir.write("broken.toml", "garbage = [")
+        let unknown = try await runCommand(farmgate, ["scan", "--config", broken, "--device-dir", dev, "--w1-root", dir.file("w1"), "--port-timeout", "2s"])
+        #expect(unknown.stderr.contains("warning: \(broken):1:") && unknown.stderr.contains("running agent's serial ports are not known"), "\(unknown.stderr)")
     }
 }
