@@ -38,6 +38,9 @@ struct NotifyConfigurationTests {
             ("[notify]\nbackoff_max = \"1s\"\n", "ingest.toml:2: notify.backoff_max"),
             ("[notify]\nexternal_url = \"ingest.example.net\"\n", "ingest.toml:2: notify.external_url"),
             ("[notify]\nca_file = \"/nonexistent/ca.pem\"\n", "ingest.toml:2: notify.ca_file"),
+            // A readable file with no certificate (a tester, 2026-12-07: taken by every admin command, then `serve` stopped
+            // with "failedToLoadCertificate" and no location).
+            ("[notify]\nca_file = \"/etc/passwd\"\n", "ingest.toml:2: notify.ca_file: the CA file /etc/passwd holds no PEM certificate"),
             ("[notify]\nmax_attempt = 3\n", "ingest.toml:2: notify.max_attempt"),
         ])
     func refused(text: String, located: String) {

@@ -39,6 +39,8 @@ extension IngestConfiguration {
             guard !file.isEmpty, FileManager.default.isReadableFile(atPath: path) else {
                 throw section.error("ca_file", "cannot read \(path); give a PEM file of the CA certificates that receivers' TLS certificates chain to")
             }
+            // A file without a certificate would pass every admin command and stop `serve` with no location.
+            if let problem = Self.caFileProblem(path) { throw section.error("ca_file", problem) }
             notify.caFile = path
         }
     }
