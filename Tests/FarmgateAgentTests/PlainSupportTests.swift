@@ -15,6 +15,17 @@ struct PlainSupportTests {
         #expect("  tank1 ".dropFirst().trimmingWhitespace() == "tank1")
     }
 
+    // A tester, 2026-12-07: `--ttl 99999999999d` and `raw = "99999999999d"` were called "not a duration"; the limit
+    // broken is the range's, which the callers' checks name once the text is a duration.
+    @Test("parseDuration reads a duration however long, at most the longest one; only what is no duration is nil")
+    func parseDurationSaturates() {
+        #expect(ConfigTable.parseDuration("90s") == .seconds(90))
+        let longest = Duration.milliseconds(Int64(ConfigTable.maximumDurationMilliseconds) - 1)
+        #expect(ConfigTable.parseDuration("99999999999d") == longest)
+        #expect(ConfigTable.parseDuration("1e300s") == nil)  // no exponents: not a duration
+        for text in ["24x", "-1h", "", "h", "nan s"] { #expect(ConfigTable.parseDuration(text) == nil, "\(text)") }
+    }
+
     @Test("padded(to:) fills or cuts to exactly the width")
     func padding() {
         #expect("disk".padded(to: 6) == "disk  ")

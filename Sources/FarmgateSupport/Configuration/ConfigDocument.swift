@@ -435,11 +435,12 @@ public struct ConfigTable: Sendable {
     /// to whole milliseconds or microseconds in an Int64, so that neither parsing nor an error message can overflow.
     public static let maximumDurationMilliseconds: Double = 1e15
 
-    /// A duration string (`"500ms"`, `"10s"`, `"1.5h"`), or nil when it is not one or is not below
-    /// ``maximumDurationMilliseconds``.
+    /// A duration string (`"500ms"`, `"10s"`, `"1.5h"`), or nil when it is not one. One that is not below
+    /// ``maximumDurationMilliseconds`` is that longest duration less a millisecond: still a duration, so that the
+    /// caller's range check says it is too long rather than "not a duration" (`--ttl 99999999999d`).
     public static func parseDuration(_ text: String) -> Duration? {
-        guard let milliseconds = durationMilliseconds(text), milliseconds < maximumDurationMilliseconds else { return nil }
-        return .milliseconds(Int64(milliseconds.rounded()))
+        guard let milliseconds = durationMilliseconds(text) else { return nil }
+        return .milliseconds(Int64(min(milliseconds, maximumDurationMilliseconds - 1).rounded()))
     }
 
     /// The milliseconds a duration string means, however many (nil when it is not a duration).
