@@ -62,6 +62,21 @@ public enum RFC3339 {
 
     /// Parses an RFC 3339 date-time, or returns nil. Fractions beyond microseconds are truncated.
     public static func parse(_ text: String) -> Timestamp? {
+        guard let (seconds, micros) = instant(text), writableSeconds.contains(seconds) else { return nil }
+        let (product, overflow) = seconds.multipliedReportingOverflow(by: 1_000_000)
+        guard !overflow else { return nil }
+        return Timestamp(microseconds: product + micros)
+    }
+
+    /// Whether `text` is a well-formed RFC 3339 date-time whose offset carries it out of the years 0000–9999 in UTC
+    /// (`9999-12-31T23:59:59-01:00`), which ``parse(_:)`` refuses: for an error that says so rather than "not a timestamp".
+    public static func isOutOfRange(_ text: String) -> Bool {
+        guard let (seconds, _) = instant(text) else { return false }
+        return !writableSeconds.contains(seconds)
+    }
+
+    /// The seconds since 1970 (any year the text can write, before the range check) and the microseconds of `text`.
+    private static func instant(_ text: String) -> (seconds: Int64, micros: Int64)? {
         let b = Array(text.utf8)
         func num(_ from: Int, _ count: Int) -> Int64? {
             guard from + count <= b.count else { return nil }
@@ -108,13 +123,9 @@ public enum RFC3339 {
         // A leap second is the last second of a UTC day (23:59:60Z, or 15:59:60-08:00): elsewhere `:60` names no time.
         if s == 60, ((h * 3600 + mi * 60 - offsetSeconds) % 86_400 + 86_400) % 86_400 != 86_340 { return nil }
         let days = days(fromCivil: y, mo, d)
-        let seconds = days * 86_400 + h * 3600 + mi * 60 + s - offsetSeconds
-        // Within the years this form can write (0000–9999 in UTC): an offset or a leap second must not carry a time past
-        // them, whose text ``format(_:)`` could not give back.
-        guard Self.writableSeconds.contains(seconds) else { return nil }
-        let (product, overflow) = seconds.multipliedReportingOverflow(by: 1_000_000)
-        guard !overflow else { return nil }
-        return Timestamp(microseconds: product + micros)
+        // ``parse(_:)`` keeps it within the years this form can write (0000–9999 in UTC): an offset or a leap second must
+        // not carry a time past them, whose text ``format(_:)`` could not give back.
+        return (days * 86_400 + h * 3600 + mi * 60 + s - offsetSeconds, micros)
     }
 
     private static func floorDiv(_ a: Int64, _ b: Int64) -> Int64 {

@@ -126,8 +126,12 @@ struct ReadAPITests {
             // Unknown (misspelt, or another endpoint's) and repeated parameters are refused, never ignored or first-wins.
             ("resolutoin=1h", "'resolutoin'"), ("cursor=zzz", "'cursor'"), ("resolution=raw&resolution=1m", "'resolution'"),
             ("limit=1&limit=2", "'limit'"),
-            // Instants outside the years 0001-9999 UTC, which an offset can reach from a valid text.
-            ("from=0000-01-01T00:00:00%2B23:59", "from"), ("to=9999-12-31T23:59:59.999999-23:59", "to"),
+            // Instants outside the years 0001-9999 UTC, which an offset can reach from a valid text: said so, not "not an
+            // RFC 3339 timestamp" (a tester, 2026-12-07).
+            ("from=0000-01-01T00:00:00%2B23:59", "from '0000-01-01T00:00:00+23:59' is outside the years 0001-9999 UTC"),
+            ("to=9999-12-31T23:59:59.999999-23:59", "to '9999-12-31T23:59:59.999999-23:59' is outside the years 0001-9999 UTC"),
+            ("to=9999-12-31T23:59:59-01:00", "to '9999-12-31T23:59:59-01:00' is outside the years 0001-9999 UTC"),
+            ("from=0000-06-01T00:00:00Z", "from '0000-06-01T00:00:00Z' is before the years 0001-9999 UTC"),
         ])
     func badParameters(query: String, parameter: String) async throws {
         let fixture = try await Fixture()

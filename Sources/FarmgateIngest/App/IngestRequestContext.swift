@@ -157,7 +157,7 @@ func bearerKey(_ headers: HTTPFields, expected kind: APIKey.Kind) throws(APIErro
     guard key.kind == kind else {
         throw APIError.unauthorized(
             kind == .device
-                ? "this is a read token; uploading batches needs a device key from `farmgate-ingest device create`"
+                ? "this is a read token; uploads and the device endpoints (/v1/batches, /v1/device) need a device key from `farmgate-ingest device create`"
                 : "this is a device key; reading needs a read token from `farmgate-ingest token create`")
     }
     return key

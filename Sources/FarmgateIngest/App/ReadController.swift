@@ -274,6 +274,11 @@ struct ReadController: Sendable {
     private func timestampParameter(_ text: String?, name: String) throws(APIError) -> Timestamp? {
         guard let text else { return nil }
         guard let timestamp = RFC3339.parse(text) else {
+            if RFC3339.isOutOfRange(text) {
+                throw APIError(
+                    .badRequest, code: "invalid_parameter",
+                    message: "\(name) '\(text.prefix(60))' is outside the years 0001-9999 UTC once its offset is applied; those are the instants the API can name")
+            }
             throw APIError(
                 .badRequest, code: "invalid_parameter",
                 message: "\(name) '\(text.prefix(60))' is not an RFC 3339 timestamp; write it like 2026-01-31T12:00:00Z (percent-encode a '+' offset as %2B)")
