@@ -159,12 +159,40 @@ extension CalibrationEvent {
 
 /// Short descriptions of JSON decoding errors (the default ones run to paragraphs).
 enum JSONErrorText {
+    /// A decoding error in the API's own words: `points[0].reference: expected a number`, not the decoder's
+    /// "points.Index 0.reference: Expected to decode Double but found a string instead".
     static func describe(_ error: any Error) -> String {
         switch error {
-        case DecodingError.keyNotFound(let key, _): "member \(key.stringValue) is missing"
-        case DecodingError.typeMismatch(_, let context), DecodingError.valueNotFound(_, let context), DecodingError.dataCorrupted(let context):
-            "\(context.codingPath.map(\.stringValue).joined(separator: ".")): \(context.debugDescription.prefix(120))"
+        case DecodingError.keyNotFound(let key, let context): "\(prefix(context.codingPath))member \(key.stringValue) is missing"
+        case DecodingError.typeMismatch(let type, let context): "\(path(context.codingPath)): expected \(kind(type))"
+        case DecodingError.valueNotFound(let type, let context): "\(path(context.codingPath)): is null; expected \(kind(type))"
+        case DecodingError.dataCorrupted(let context): "\(prefix(context.codingPath))\(context.debugDescription.prefix(120))"
         default: "\(error)".prefix(160).description
+        }
+    }
+
+    /// `points[0].reference`: members joined by dots, array positions in brackets.
+    static func path(_ codingPath: [any CodingKey]) -> String {
+        var text = ""
+        for key in codingPath {
+            if let index = key.intValue {
+                text += "[\(index)]"
+            } else {
+                text += (text.isEmpty ? "" : ".") + key.stringValue
+            }
+        }
+        return text.isEmpty ? "the event" : text
+    }
+
+    private static func prefix(_ codingPath: [any CodingKey]) -> String { codingPath.isEmpty ? "" : path(codingPath) + ": " }
+
+    private static func kind(_ type: Any.Type) -> String {
+        switch type {
+        case is Double.Type, is Float.Type, is Int.Type, is Int64.Type, is UInt64.Type, is Int32.Type, is UInt32.Type: "a number"
+        case is String.Type: "a string"
+        case is Bool.Type: "true or false"
+        default:
+            "\(type)".hasPrefix("Array") ? "an array" : "\(type)".hasPrefix("Dictionary") ? "an object" : "a value of another kind"
         }
     }
 }

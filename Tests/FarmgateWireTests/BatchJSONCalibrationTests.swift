@@ -74,6 +74,11 @@ struct BatchJSONCalibrationTests {
             (Self.eventText("e", points: 9), "1 to 8 expected"),
             (Self.eventText("e", firmware: String(repeating: "9", count: 33)), "firmware"),
             ("7", "calibrations[0]: expected an object, found a number"),
+            // In the API's words, not the decoder's "points.Index 0.reference: Expected to decode Double but found a
+            // string instead." (a tester, 2026-12-07).
+            (Self.eventText("e").replacingOccurrences(of: #""reference":7"#, with: #""reference":"NaN""#),
+             "calibrations[0] is not a calibration event: points[0].reference: expected a number"),
+            (Self.eventText("e").replacingOccurrences(of: #""sensor":"tank1.ph","#, with: ""), "calibrations[0] is not a calibration event: member sensor is missing"),
         ] {
             let text = Self.document(events: [bad])
             #expect(Self.kind(Array(text.utf8)) == .malformed, "\(bad)")
