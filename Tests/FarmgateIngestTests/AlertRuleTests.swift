@@ -104,6 +104,21 @@ struct AlertRuleTests {
         }
     }
 
+    // A tester, 2026-12-07: a negative rate_of_change threshold was told "--threshold is required".
+    @Test("a rate_of_change threshold that is not positive is refused as such, not as missing")
+    func rateOfChangeThresholdSign() throws {
+        for (json, says) in [
+            (#"{"name": "a", "kind": "rate_of_change", "threshold": -1, "window": "10m"}"#, "must be a positive number for kind rate_of_change (got -1.0)"),
+            (#"{"name": "a", "kind": "rate_of_change", "window": "10m"}"#, "is required for kind rate_of_change"),
+        ] {
+            #expect {
+                try AlertRuleSpec.parseJSON(Array(json.utf8)).validated()
+            } throws: { error in
+                (error as? AlertRuleError)?.field == "threshold" && (error as? AlertRuleError)?.message.hasPrefix(says) == true
+            }
+        }
+    }
+
     @Test("a rule goes to JSON and back unchanged, and its summary template is filled")
     func roundTripAndSummary() throws {
         let rule = try AlertRuleSpec.parseJSON(

@@ -220,8 +220,12 @@ public struct AlertRuleSpec: Codable, Sendable, Hashable {
             try unused("window", self.window != nil); try unused("after", self.after != nil); try unused("count", self.count != nil)
             try unused("min", min != nil); try unused("max", max != nil)
         case .rateOfChange:
-            guard let threshold, threshold > 0 else {
+            guard let threshold else {
                 throw AlertRuleError(field: "threshold", message: "is required for kind rate_of_change: the change (either way) that alerts, a positive number")
+            }
+            guard threshold > 0 else {
+                throw AlertRuleError(
+                    field: "threshold", message: "must be a positive number for kind rate_of_change (got \(threshold)): a change either way alerts, so give its size")
             }
             window = try duration("window", self.window, required: true)
             if window == 0 { throw AlertRuleError(field: "window", message: "must be longer than 0s") }
