@@ -31,6 +31,11 @@ struct DoctorCommand: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Whose permissions to check (default: farmgate when that user exists, else the current user).", valueName: "user"))
     var user: String?
 
+    /// `--user ''` names nobody: a usage error, not "there is no user ".
+    func validate() throws {
+        if user?.isEmpty == true { throw ValidationError("--user is empty: give the agent's user (usually farmgate), or leave the option out") }
+    }
+
     @Flag(help: "Print the findings as JSON: {ok, configuration, device, user, findings: [{check, subject, status, message, fix}]}.")
     var json = false
 

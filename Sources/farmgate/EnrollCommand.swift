@@ -43,6 +43,13 @@ struct EnrollCommand: AsyncParsableCommand {
     @Option(help: ArgumentHelp("The user that owns the key file when run as root (default: farmgate, the agent's user).", valueName: "user"))
     var owner: String?
 
+    /// An empty option names nothing: a usage error, not "the user  does not exist" or the current directory as key file.
+    func validate() throws {
+        for (option, value) in [("--ca-file", caFile), ("--key-file", keyFile), ("--owner", owner)] where value?.isEmpty == true {
+            throw ValidationError("\(option) is empty: give a value, or leave the option out for its default")
+        }
+    }
+
     func run() async throws {
         let owner = try resolveOwner()
         let request = SiteEnrollment.Request(

@@ -135,6 +135,18 @@ struct EnrollmentEndToEndTests {
         #expect(try String(contentsOfFile: config, encoding: .utf8) == Self.siteConfig(device: "site-4"))
     }
 
+    // A tester, 2026-12-07: `--owner ''` said "the user  does not exist", `--key-file ''` wrote into the current
+    // directory, `doctor --user ''` said "there is no user ".
+    @Test func emptyOptionsAreUsageErrors() async throws {
+        let token = "fge_abcdefgh_" + String(repeating: "a", count: 64)
+        for option in ["--owner", "--key-file", "--ca-file"] {
+            let result = try await runCommand(Farm.agentBinary, ["enroll", "http://127.0.0.1:9", token, option, ""])
+            #expect(result.status == 64 && result.stderr.contains("\(option) is empty"), "\(option): \(result.stderr)")
+        }
+        let doctor = try await runCommand(Farm.agentBinary, ["doctor", "--user", ""])
+        #expect(doctor.status == 64 && doctor.stderr.contains("--user is empty"), "\(doctor.stderr)")
+    }
+
     @Test func enrollTokenCreateChecksItsArguments() async throws {
         let farm = try await Farm()
         let badTTL = try await runCommand(
