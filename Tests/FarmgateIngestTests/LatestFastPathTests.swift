@@ -182,6 +182,13 @@ struct LatestFastPathTests {
             for answer in answers.dropFirst() where version == "HTTP/1.0" && staysOpen {
                 #expect(answer.head.lowercased().contains("connection: keep-alive"), "\(answer.head)")
             }
+            // And an answer after which the connection closes says so (RFC 9112 §9.6; a tester, 2026-12-07).
+            for answer in answers.dropFirst() where !staysOpen {
+                #expect(answer.head.lowercased().contains("connection: close"), "\(answer.head)")
+            }
+            for answer in answers.dropFirst() where staysOpen {
+                #expect(!answer.head.lowercased().contains("connection: close"), "\(answer.head)")
+            }
             // Only a read on a connection that stays open is the event loop's.
             #expect(metric(metrics(), "farmgate_ingest_latest_event_loop_answers_total") == [staysOpen ? 1 : 0])
         }

@@ -299,22 +299,30 @@ final class RequestTargetNormalizer: ChannelInboundHandler, RemovableChannelHand
 /// (health checkers, old scripts) waited for `idle_timeout`.
 ///
 /// An HTTP/1.0 request that asked for `Connection: keep-alive` gets it back in its answer (RFC 9112 §C.2.2): an HTTP/1.0
-/// client takes a connection for closed after each answer unless the server says otherwise.
+/// client takes a connection for closed after each answer unless the server says otherwise. The answer to a request
+/// that does not keep its connection says `Connection: close` (§9.6: the server closes after it).
 final class KeepAliveNormalizer: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias InboundOut = HTTPServerRequestPart
     typealias OutboundIn = HTTPServerResponsePart
     typealias OutboundOut = HTTPServerResponsePart
 
-    /// For each request not yet answered, in order (pipelining): whether it is an HTTP/1.0 request kept alive.
-    private var keptAliveOldClients: [Bool] = []
+    /// What the answer to a request says of its connection.
+    private enum Answer {
+        case asIs
+        case keptAlive  // an HTTP/1.0 request kept alive
+        case closing
+    }
+
+    /// For each request not yet answered, in order (pipelining).
+    private var answers: [Answer] = []
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard case .head(var head) = unwrapInboundIn(data) else {
             context.fireChannelRead(data)
             return
         }
-        keptAliveOldClients.append(head.version == .http1_0 && head.isKeepAlive)
+        answers.append(!head.isKeepAlive ? .closing : head.version == .http1_0 ? .keptAlive : .asIs)
         guard !head.isKeepAlive, head.headers[canonicalForm: "connection"] != ["close"] else {
             context.fireChannelRead(data)
             return
@@ -324,16 +332,16 @@ final class KeepAliveNormalizer: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
-        guard case .head(var head) = unwrapOutboundIn(data), head.status.code >= 200, !keptAliveOldClients.isEmpty else {
+        guard case .head(var head) = unwrapOutboundIn(data), head.status.code >= 200, !answers.isEmpty else {
             context.write(data, promise: promise)
             return
         }
-        let keptAliveOldClient = keptAliveOldClients.removeFirst()
-        guard keptAliveOldClient, !head.headers.contains(name: "connection") else {
+        let answer = answers.removeFirst()
+        guard answer != .asIs, !head.headers.contains(name: "connection") else {
             context.write(data, promise: promise)
             return
         }
-        head.headers.add(name: "connection", value: "keep-alive")
+        head.headers.add(name: "connection", value: answer == .keptAlive ? "keep-alive" : "close")
         context.write(wrapOutboundOut(.head(head)), promise: promise)
     }
 }
