@@ -95,6 +95,8 @@ struct ConfigOption: ParsableArguments {
         }
         do {
             return try await openIngestStore(configuration.storage, limits: configuration.limits, retention: configuration.retention, logger: logger)
+        } catch let error as SQLiteError where error.code == sqliteReadOnly {
+            throw failure(readOnlyStore(configuration.storage.path, error), code: 74)  // EX_IOERR
         } catch {
             throw failure("cannot open the store \(configuration.storage.displayName): \(error)", code: 74)  // EX_IOERR
         }
@@ -109,7 +111,9 @@ extension ConfigOption {
         var info = stat()
         if lstat(path, &info) == 0 {
             // A symbolic link whose target is gone would be followed and created.
-            return info.st_mode & S_IFMT == S_IFLNK && stat(path, &info) != 0 ? " (it is a symbolic link to a file that does not exist)" : nil
+            if info.st_mode & S_IFMT == S_IFLNK && stat(path, &info) != 0 { return " (it is a symbolic link to a file that does not exist)" }
+            // An empty file (touch) would become a store as well.
+            return info.st_mode & S_IFMT == S_IFREG && info.st_size == 0 ? " (an empty file is there, not a store)" : nil
         }
         guard errno == ENOENT else { return nil }  // unreadable: opening says why
         var directory = URL(fileURLWithPath: path).deletingLastPathComponent()
@@ -134,6 +138,18 @@ func explain(_ error: any Error, _ configuration: IngestConfiguration, logger: L
     case .refused, .misconfigured: return "\(error); \(probe.configurationProblem ?? "")"
     case .unreachable(let why): return "\(error); a connection opened now fails: \(why)"
     }
+}
+
+/// SQLite's `SQLITE_READONLY`: the store's file or directory may not be written by this process's user.
+let sqliteReadOnly: Int32 = 8
+
+/// What to say when the SQLite store at `path` cannot be written by this user (it belongs to the one that runs
+/// `serve`): whose it is not, and the two ways out.
+func readOnlyStore(_ path: String, _ error: SQLiteError) -> String {
+    let directory = URL(fileURLWithPath: path).deletingLastPathComponent().path
+    let user = getpwuid(geteuid()).flatMap { $0.pointee.pw_name.map { String(cString: $0) } } ?? "uid \(geteuid())"
+    return "cannot write the store \(path) as user \(user) (\(error.message)): run the command as the user that runs serve "
+        + "(sudo -u farmgate-ingest farmgate-ingest …), or give \(user) the store's files and directory (sudo chown \(user): \(directory) \(path)*)"
 }
 
 /// The exit status of a migration that failed: 78 (EX_CONFIG) when PostgreSQL's certificate does not fit the settings
@@ -177,6 +193,8 @@ extension ConfigOption {
             } catch where Logger.isDatabaseError(error) {
                 // Refused by the server (a permission, a lock timeout): its SQLSTATE and message say what.
                 throw failure(Logger.describe(storeError: error))
+            } catch let error as SQLiteError where error.code == sqliteReadOnly {
+                throw failure(readOnlyStore(configuration.storage.path, error))
             }
         }
     }

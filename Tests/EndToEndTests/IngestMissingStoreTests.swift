@@ -41,6 +41,32 @@ import Testing
         let linked = try await runCommand(Farm.ingestBinary, ["farm", "list", "--config", config])
         #expect(linked.status == 74 && linked.stderr.contains("symbolic link to a file that does not exist"), "\(linked.stderr)")
         #expect(!FileManager.default.fileExists(atPath: dir.file("gone.sqlite")))
+        // An empty file is no store either (a tester, 2026-12-07: `retention run` built one in it).
+        try FileManager.default.removeItem(atPath: store)
+        #expect(FileManager.default.createFile(atPath: store, contents: Data()))
+        let empty = try await runCommand(Farm.ingestBinary, ["retention", "run", "--config", config])
+        #expect(empty.status == 74 && empty.stderr.contains("an empty file is there, not a store"), "\(empty.stderr)")
+        #expect((try FileManager.default.attributesOfItem(atPath: store)[.size] as? Int) == 0)
+    }
+
+    /// Before the fix (a tester, 2026-12-07) a user who may not write the store (serve's) got SQLite's "attempt to write a
+    /// readonly database" and nothing else.
+    @Test func aStoreTheUserCannotWriteSaysWhatToRun() async throws {
+        guard geteuid() == 0, let nobody = getpwnam("nobody") else { return }  // needs root to act as another user
+        let dir = try Scratch(prefix: "fg-rostore")
+        let config = try Self.config(dir, path: "ingest.sqlite")
+        let store = dir.file("ingest.sqlite")
+        let made = try await runCommand(Farm.ingestBinary, ["farm", "create", "f1", "--config", config])
+        #expect(made.status == 0, "\(made.stderr)")
+        chmod(dir.path, 0o755)
+        chmod(config, 0o644)
+        let uid = nobody.pointee.pw_uid
+        let refused = try await runCommand(
+            "/usr/bin/setpriv", ["--reuid=\(uid)", "--regid=\(nobody.pointee.pw_gid)", "--clear-groups", "--", Farm.ingestBinary, "farm", "create", "f2", "--config", config])
+        #expect(refused.status == 74, "\(refused.stderr)")
+        #expect(
+            refused.stderr.contains("cannot write the store \(store) as user nobody") && refused.stderr.contains("sudo -u farmgate-ingest")
+                && refused.stderr.contains("sudo chown nobody: \(dir.path) \(store)*"), "\(refused.stderr)")
     }
 
     /// `serve` on a PostgreSQL that does not answer exits 74 (systemd starts it again). Its message had ended with what
