@@ -288,6 +288,12 @@ extension ConfigurationTests {
         #expect(slash.key == "buffer.path" && slash.message.contains("ends in /"), "\(slash)")
         let long = try #require(error(Self.minimal + "\n[buffer]\npath = \"\(String(repeating: "b", count: 300))\"\n"))
         #expect(long.key == "buffer.path" && long.message.contains("300 bytes long"), "\(long)")
+        // A socket path longer than Linux's sun_path takes is refused at the key, with the bound --socket says (a tester,
+        // 2026-12-07: located at the section, and 103 bytes).
+        let socket107 = "/tmp/" + String(repeating: "s", count: 102)
+        #expect(error(Self.minimal + "\n[control]\nsocket = \"\(socket107)\"\n") == nil)
+        let longSocket = try #require(error(Self.minimal + "\n[control]\nsocket = \"\(socket107)x\"\n"))
+        #expect(longSocket.key == "control.socket" && longSocket.message.contains("108 bytes, longer than a Unix socket path may be (107)"), "\(longSocket)")
         // The control socket on the buffer's .reserve file.
         let reserve = try #require(error(Self.minimal + "\n[buffer]\npath = \"\(dir.file("b.sqlite"))\"\n[control]\nsocket = \"\(dir.file("b.sqlite.reserve"))\"\n"))
         #expect(reserve.message.contains(".reserve file"), "\(reserve)")

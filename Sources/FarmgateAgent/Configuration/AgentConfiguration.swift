@@ -140,8 +140,11 @@ extension AgentConfiguration {
                 controlSocket = resolve(socket, against: base)
             }
         }
-        guard controlSocket.utf8.count < 104 else {
-            throw root.error("control", "socket path is longer than a Unix socket allows (103 bytes): \(controlSocket)")
+        // sockaddr_un's sun_path is 108 bytes on Linux, its NUL included (the same bound as `--socket`'s).
+        guard controlSocket.utf8.count <= 107 else {
+            let message = "\(controlSocket) is \(controlSocket.utf8.count) bytes, longer than a Unix socket path may be (107); give a shorter path, such as \"\(Self.defaultControlSocket)\""
+            if let table = try root.table("control"), table.contains("socket") { throw table.error("socket", message) }
+            throw root.error("control", message)
         }
         if let blocker = FileSystem.fileInTheWay(of: controlSocket), let table = try root.table("control") {
             throw table.error("socket", "\(blocker) is not a directory, so the agent cannot make its control socket \(controlSocket) there: give a path in a directory")
