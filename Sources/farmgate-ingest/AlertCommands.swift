@@ -290,6 +290,13 @@ struct SilenceCommand: AsyncParsableCommand, SubcommandsOnly {
             default:
                 throw ValidationError("give exactly one of --until TIME or --for DURATION")
             }
+            // The HTTP API keeps at most 1,000 characters of a comment; here it is said rather than cut.
+            guard comment.count <= 1_000 else {
+                throw ValidationError("--comment is \(comment.count) characters; at most 1000 are kept with a silence")
+            }
+            if by?.trimmingCharacters(in: .whitespaces).isEmpty == true {
+                throw ValidationError("--by is empty: give who sets the silence, or leave the option out for $USER")
+            }
             let who = by ?? ProcessInfo.processInfo.environment["USER"] ?? "cli"
             let (farmName, comment, matchers) = (farm.farm, comment, parsed)
             let id = try await options.administerAlerts { try await $0.addSilence(farm: farmName, matchers: matchers, until: end, comment: comment, by: who, now: now) }

@@ -201,6 +201,12 @@ struct AlertEndToEndTests {
         let comment = try await runCommand(
             Farm.ingestBinary, ["alert", "silence", "add", "--farm", "e2e", "--match", "rule=x", "--for", "1h", "--comment", "a\u{01}b", "--config", farm.ingestConfig])
         #expect(comment.status == 64 && comment.stderr.contains("comment: contains the control character U+0001"), "\(comment.stderr)")
+        // A comment longer than a silence keeps, and an empty --by (a tester, 2026-12-07: both were stored).
+        for (option, value, says) in [("--comment", String(repeating: "c", count: 1_001), "--comment is 1001 characters"), ("--by", "", "--by is empty")] {
+            let refused = try await runCommand(
+                Farm.ingestBinary, ["alert", "silence", "add", "--farm", "e2e", "--match", "rule=x", "--for", "1h", option, value, "--config", farm.ingestConfig])
+            #expect(refused.status == 64 && refused.stderr.contains(says), "\(refused.stderr)")
+        }
         let list = try await farm.admin(["alert", "rule", "list", "--farm", "e2e", "--json"])
         let rules = try #require(try JSONSerialization.jsonObject(with: Data(list.utf8)) as? [[String: Any]])
         #expect(rules.count == 11)
