@@ -95,7 +95,7 @@ struct ConfigOption: ParsableArguments {
         }
         do {
             return try await openIngestStore(configuration.storage, limits: configuration.limits, retention: configuration.retention, logger: logger)
-        } catch let error as SQLiteError where error.code == sqliteReadOnly {
+        } catch let error as SQLiteError where error.isReadOnly {
             throw failure(readOnlyStore(configuration.storage.path, error), code: 74)  // EX_IOERR
         } catch {
             throw failure("cannot open the store \(configuration.storage.displayName): \(error)", code: 74)  // EX_IOERR
@@ -139,9 +139,6 @@ func explain(_ error: any Error, _ configuration: IngestConfiguration, logger: L
     case .unreachable(let why): return "\(error); a connection opened now fails: \(why)"
     }
 }
-
-/// SQLite's `SQLITE_READONLY`: the store's file or directory may not be written by this process's user.
-let sqliteReadOnly: Int32 = 8
 
 /// What to say when the SQLite store at `path` cannot be written by this user (it belongs to the one that runs
 /// `serve`): whose it is not, and the two ways out.
@@ -193,7 +190,7 @@ extension ConfigOption {
             } catch where Logger.isDatabaseError(error) {
                 // Refused by the server (a permission, a lock timeout): its SQLSTATE and message say what.
                 throw failure(Logger.describe(storeError: error))
-            } catch let error as SQLiteError where error.code == sqliteReadOnly {
+            } catch let error as SQLiteError where error.isReadOnly {
                 throw failure(readOnlyStore(configuration.storage.path, error))
             }
         }

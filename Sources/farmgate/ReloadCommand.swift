@@ -98,10 +98,7 @@ struct ReloadCommand: ParsableCommand {
     /// that cannot be read.
     static func absolute(_ path: String, ofProcess pid: Int32) -> String? {
         if path.hasPrefix("/") { return path }
-        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
-        let count = readlink("/proc/\(pid)/cwd", &buffer, Int(PATH_MAX))
-        guard count > 0 else { return nil }
-        let cwd = String(decoding: buffer.prefix(count).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        guard let cwd = FileSystem.linkTarget("/proc/\(pid)/cwd") else { return nil }
         return (cwd == "/" ? "" : cwd) + "/" + path
     }
 

@@ -72,7 +72,7 @@ struct ScanCommand: AsyncParsableCommand {
             }
             guard info.st_mode & S_IFMT == S_IFCHR else {
                 throw ValidationError(
-                    "--port \(port) is not a serial port (a character device) but \(info.st_mode & S_IFMT == S_IFDIR ? "a directory" : info.st_mode & S_IFMT == S_IFREG ? "a regular file" : "a file of another kind"); list the serial ports with `ls -l /dev/serial/by-id /dev/tty*`")
+                    "--port \(port) is not a serial port (a character device) but \(FileSystem.kind(of: info.st_mode)); list the serial ports with `ls -l /dev/serial/by-id /dev/tty*`")
             }
         }
         guard let budget = ConfigTable.parseDuration(portTimeout) else {

@@ -125,7 +125,7 @@ public final class ControlServer: Service {
         if lstat(path, &info) == 0 {
             guard info.st_mode & S_IFMT == S_IFSOCK else {
                 throw ControlSocketError(
-                    "\(path) exists and is not a socket (it is \(Self.kind(of: info.st_mode))); the agent creates its control socket "
+                    "\(path) exists and is not a socket (it is \(FileSystem.kind(of: info.st_mode))); the agent creates its control socket "
                         + "there and leaves that file alone: set [control] socket to a path of its own, or move the file away")
             }
             if let fd = try? UnixSocket.connect(path, timeoutSeconds: 1) {
@@ -154,19 +154,6 @@ public final class ControlServer: Service {
             throw ControlSocketError("cannot listen on \(path): \(reason)")
         }
         return fd
-    }
-
-    /// What a file of mode `mode` is, for the error that refuses it.
-    static func kind(of mode: mode_t) -> String {
-        switch mode & S_IFMT {
-        case S_IFREG: "a regular file"
-        case S_IFDIR: "a directory"
-        case S_IFLNK: "a symbolic link"
-        case S_IFIFO: "a named pipe"
-        case S_IFCHR: "a character device"
-        case S_IFBLK: "a block device"
-        default: "another kind of file"
-        }
     }
 
     /// Sleeps in `poll` until a client connects or the wake pipe is written (shutdown); no timeout, no polling.

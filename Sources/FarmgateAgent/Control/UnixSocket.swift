@@ -1,4 +1,5 @@
 import CLinux
+import FarmgateSupport
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
@@ -81,13 +82,8 @@ enum UnixSocket {
                 // connect(2) answers ECONNREFUSED for a file that is not a socket too: not a stale socket then.
                 var info = stat()
                 if stat(path, &info) == 0, info.st_mode & S_IFMT != S_IFSOCK {
-                    let kind = switch info.st_mode & S_IFMT {
-                    case S_IFDIR: "a directory"
-                    case S_IFREG: "a regular file"
-                    default: "a device, a FIFO or a link"
-                    }
                     throw ControlSocketError(
-                        "cannot reach the agent at \(path): that is \(kind), not a socket; give the agent's control socket ([control] socket, by default \(AgentConfiguration.defaultControlSocket))")
+                        "cannot reach the agent at \(path): that is \(FileSystem.kind(of: info.st_mode)), not a socket; give the agent's control socket ([control] socket, by default \(AgentConfiguration.defaultControlSocket))")
                 }
                 reason = "connection refused (a stale socket: the agent is not running)"
             case EACCES: reason = "permission denied (run as root or as a member of the farmgate group)"

@@ -40,12 +40,9 @@ extension SiteEnrollment {
         for _ in 0..<40 {
             var info = stat()
             guard lstat(current, &info) == 0, info.st_mode & S_IFMT == S_IFLNK else { return current }
-            var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
-            let count = readlink(current, &buffer, buffer.count - 1)
-            guard count > 0 else {
+            guard let target = FileSystem.linkTarget(current) else {
                 throw Failure(description: "cannot read the symbolic link \(current): \(String(cString: strerror(errno)))", exitCode: 78)
             }
-            let target = String(decoding: buffer[..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self)
             let directory = URL(fileURLWithPath: current).deletingLastPathComponent().path
             current = AgentConfiguration.lexicalPath(target.hasPrefix("/") ? target : directory + "/" + target)
         }

@@ -120,6 +120,29 @@ public enum FileSystem {
         return stat(path, &info) == 0 && info.st_mode & S_IFMT != S_IFDIR
     }
 
+    /// What a file of mode `mode` is, for the error that refuses it ("a regular file", "a directory", ...).
+    public static func kind(of mode: mode_t) -> String {
+        switch mode & S_IFMT {
+        case S_IFREG: "a regular file"
+        case S_IFDIR: "a directory"
+        case S_IFLNK: "a symbolic link"
+        case S_IFIFO: "a named pipe"
+        case S_IFCHR: "a character device"
+        case S_IFBLK: "a block device"
+        case S_IFSOCK: "a socket"
+        default: "another kind of file"
+        }
+    }
+
+    /// The target a symbolic link at `path` names, as written in it (relative or absolute); nil when `path` is no link
+    /// or cannot be read (`errno` says why).
+    public static func linkTarget(_ path: String) -> String? {
+        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        let count = readlink(path, &buffer, buffer.count - 1)
+        guard count > 0 else { return nil }
+        return String(decoding: buffer[..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
     /// A file as the kernel names it (device and inode), whatever path leads to it.
     public struct Identity: Hashable, Sendable {
         public var device: UInt64

@@ -28,6 +28,9 @@ public struct SQLiteError: Error, CustomStringConvertible, Sendable {
 
     /// The file is not a database or is damaged.
     public var isCorruption: Bool { code == SQLITE_CORRUPT || code == SQLITE_NOTADB }
+    /// The database may not be written by this process (`SQLITE_READONLY`: the file, its directory or its WAL belong to
+    /// another user, or the file system is read-only).
+    public var isReadOnly: Bool { code == SQLITE_READONLY }
     /// The file cannot be opened or written (permissions, a read-only file or file system).
     public var isAccessDenied: Bool { code == SQLITE_READONLY || code == SQLITE_CANTOPEN || code == SQLITE_PERM }
     /// The disk (or the database's size limit) is full.
