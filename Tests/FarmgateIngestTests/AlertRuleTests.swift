@@ -104,6 +104,28 @@ struct AlertRuleTests {
         }
     }
 
+    // A tester, 2026-12-07: a glob with a character no id has selected nothing, and a summary's {{nosuch}} was sent as
+    // written; both were taken without a word.
+    @Test("a device or sensor glob no id can match, and a summary field that does not exist, are refused")
+    func globsAndTemplateFields() throws {
+        for (json, field, says) in [
+            (#"{"name": "a", "kind": "below", "threshold": 5, "device": "tank#1"}"#, "device", "contains '#', which no device id has"),
+            (#"{"name": "a", "kind": "below", "threshold": 5, "sensor": "tank[12].ph"}"#, "sensor", "contains '[', which no sensor id has"),
+            (#"{"name": "a", "kind": "below", "threshold": 5, "device": "gewächshaus*"}"#, "device", #"contains '\u{00E4}'"#),
+            (#"{"name": "a", "kind": "below", "threshold": 5, "summary": "{{device}}: {{nosuch}}"}"#, "summary", "names no field: {{nosuch}}; a summary may use {{device}}"),
+        ] {
+            #expect {
+                try AlertRuleSpec.parseJSON(Array(json.utf8)).validated()
+            } throws: { error in
+                (error as? AlertRuleError)?.field == field && (error as? AlertRuleError)?.message.contains(says) == true
+            }
+        }
+        let fine = try AlertRuleSpec.parseJSON(
+            Array(#"{"name": "a", "kind": "below", "threshold": 5, "device": "gh-?.north_*", "sensor": "*", "summary": "{{rule}} {{ count }} {{min}}{{max}}"}"#.utf8)
+        ).validated()
+        #expect(fine.device == "gh-?.north_*")
+    }
+
     // A tester, 2026-12-07: a negative rate_of_change threshold was told "--threshold is required".
     @Test("a rate_of_change threshold that is not positive is refused as such, not as missing")
     func rateOfChangeThresholdSign() throws {
@@ -122,11 +144,11 @@ struct AlertRuleTests {
     @Test("a rule goes to JSON and back unchanged, and its summary template is filled")
     func roundTripAndSummary() throws {
         let rule = try AlertRuleSpec.parseJSON(
-            Array(#"{"name": "ph-low", "kind": "below", "quantity": "ph", "sensor": "tank*.ph", "threshold": 5.5, "clear": 5.6, "for": "30m", "summary": "{{device}} {{sensor}}: pH {{value}} below {{threshold}} {{nope}}", "receivers": ["grower"]}"#.utf8)
+            Array(#"{"name": "ph-low", "kind": "below", "quantity": "ph", "sensor": "tank*.ph", "threshold": 5.5, "clear": 5.6, "for": "30m", "summary": "{{device}} {{ sensor }}: pH {{value}} below {{threshold}} {{unit", "receivers": ["grower"]}"#.utf8)
         ).validated()
         let again = try AlertRuleSpec(rule).validated()
         #expect(again == rule)
-        #expect(rule.renderSummary(device: "gh1", sensor: "tank1.ph", value: 5.32, quantity: .ph) == "gh1 tank1.ph: pH 5.32 below 5.5 {{nope}}")
+        #expect(rule.renderSummary(device: "gh1", sensor: "tank1.ph", value: 5.32, quantity: .ph) == "gh1 tank1.ph: pH 5.32 below 5.5 {{unit")
         #expect(rule.matches(device: "gh1", sensor: "tank12.ph", quantity: .ph))
         #expect(!rule.matches(device: "gh1", sensor: "tank1.ec", quantity: .ph))
         #expect(!rule.matches(device: "gh1", sensor: "tank1.ph", quantity: .electricalConductivity))

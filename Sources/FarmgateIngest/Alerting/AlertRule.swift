@@ -89,19 +89,29 @@ public struct AlertRule: Codable, Sendable, Hashable {
             "min": min.map(formatValue) ?? "", "max": max.map(formatValue) ?? "", "count": count.map(String.init) ?? "",
         ]
         var text = ""
+        Self.walkTemplate(template, literal: { text += $0 }, field: { text += fields[$0] ?? "{{\($0)}}" })
+        return text
+    }
+
+    /// The names a summary template may put in `{{...}}`.
+    public static let summaryFields: [String] = [
+        "device", "sensor", "value", "threshold", "clear", "rule", "severity", "quantity", "unit", "min", "max", "count",
+    ]
+
+    /// Splits a template into its literal text and its `{{name}}` fields (the name trimmed of blanks); a `{{` never
+    /// closed is literal text.
+    static func walkTemplate(_ template: String, literal: (Substring) -> Void, field: (String) -> Void) {
         var rest = Substring(template)
         while let open = rest.range(of: "{{") {
-            text += rest[..<open.lowerBound]
+            literal(rest[..<open.lowerBound])
             guard let close = rest[open.upperBound...].range(of: "}}") else {
-                text += rest[open.lowerBound...]
-                rest = ""
-                break
+                literal(rest[open.lowerBound...])
+                return
             }
-            let key = rest[open.upperBound..<close.lowerBound].trimmingCharacters(in: .whitespaces)
-            text += fields[key] ?? "{{\(key)}}"
+            field(rest[open.upperBound..<close.lowerBound].trimmingCharacters(in: .whitespaces))
             rest = rest[close.upperBound...]
         }
-        return text + rest
+        literal(rest)
     }
 
     /// What the condition is, for people: "below 5.5", "silent for 15m".
@@ -153,6 +163,14 @@ public struct AlertRuleSpec: Codable, Sendable, Hashable {
 
     public init() {}
 
+    /// A character a device or sensor glob may hold: an id's (`A-Z a-z 0-9 . _ -`) or a wildcard (`*`, `?`).
+    static func isGlobScalar(_ scalar: Unicode.Scalar) -> Bool {
+        switch scalar {
+        case "a"..."z", "A"..."Z", "0"..."9", ".", "_", "-", "*", "?": return true
+        default: return false
+        }
+    }
+
     /// The keys a rule may have (TOML and JSON alike).
     public static let keys: Set<String> = [
         "name", "kind", "device", "sensor", "quantity", "threshold", "clear", "for", "window", "after", "count", "min", "max", "severity",
@@ -176,6 +194,12 @@ public struct AlertRuleSpec: Codable, Sendable, Hashable {
                 throw AlertRuleError(field: field, message: "must be a glob of 1 to 128 characters without spaces, such as \"tank*.ph\" or \"*\"")
             }
             if let problem = glob?.controlCharacterProblem() { throw AlertRuleError(field: field, message: problem) }
+            // Ids are A-Z a-z 0-9 . _ -: a glob with any other character selects nothing, forever.
+            if let glob, let bad = glob.unicodeScalars.first(where: { !Self.isGlobScalar($0) }) {
+                throw AlertRuleError(
+                    field: field,
+                    message: "'\(glob.prefix(80))' contains '\(bad.escaped(asASCII: true))', which no \(field) id has: a glob is A-Z a-z 0-9 . _ - with * (any run) and ? (one character), such as \"tank*.ph\"")
+            }
         }
         var quantity: Quantity?
         if let text = self.quantity {
@@ -266,6 +290,15 @@ public struct AlertRuleSpec: Codable, Sendable, Hashable {
         }
         if let summary, summary.count > 1000 { throw AlertRuleError(field: "summary", message: "is longer than 1000 characters") }
         if let problem = summary?.controlCharacterProblem() { throw AlertRuleError(field: "summary", message: problem) }
+        if let summary {
+            var unknown: [String] = []
+            AlertRule.walkTemplate(summary, literal: { _ in }, field: { if !AlertRule.summaryFields.contains($0) { unknown.append($0) } })
+            if let first = unknown.first {
+                throw AlertRuleError(
+                    field: "summary",
+                    message: "names no field: {{\(first.prefix(40))}}; a summary may use {{\(AlertRule.summaryFields.joined(separator: "}}, {{"))}}")
+            }
+        }
         let receivers = self.receivers ?? []
         guard receivers.count <= 16 else { throw AlertRuleError(field: "receivers", message: "at most 16 receivers") }
         for receiver in receivers where (try? DeviceID(receiver)) == nil {
