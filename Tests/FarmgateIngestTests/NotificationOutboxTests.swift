@@ -291,6 +291,12 @@ struct NotificationOutboxTests {
                 _ = try await admin.addReceiver(
                     farm: "f1", AlertReceiverSpec(name: "y", kind: .email, url: "smtp://mail.example.net:587", emailFrom: "me", emailTo: "a@example.net"))
             }
+            // A tester, 2026-12-07: an SMTP server without a port was taken, and libcurl would have used 25 or 465.
+            let portless = await #expect(throws: AlertReceiverSpecError.self) {
+                _ = try await admin.addReceiver(
+                    farm: "f1", AlertReceiverSpec(name: "y", kind: .email, url: "smtps://mail.example.net", emailFrom: "me@example.net", emailTo: "a@example.net"))
+            }
+            #expect(portless?.description.contains("has no port: write smtp://mail.example.net:587") == true, "\(portless?.description ?? "")")
             // Secrets and URL paths (which hold tokens) are never in what the CLI prints.
             let printed = listed.map(AlertDeliveryAdmin.describe).joined(separator: "\n")
             #expect(!printed.contains("token") && !printed.contains("pw\t") && !printed.contains("s3cret"))

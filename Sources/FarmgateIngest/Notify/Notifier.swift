@@ -119,6 +119,12 @@ public enum AlertReceiverValidation {
                 throw AlertReceiverSpecError(
                     "--smtp must be smtp://HOST:PORT (STARTTLS, usually port 587) or smtps://HOST:PORT (TLS, usually 465) (got '\(spec.url.prefix(200))')")
             }
+            // Without one libcurl would take 25 (smtp) or 465 (smtps): most submission servers want 587, and port 25 is
+            // often blocked outbound; say which, rather than guess.
+            guard components?.port != nil else {
+                throw AlertReceiverSpecError(
+                    "--smtp '\(spec.url.prefix(200))' has no port: write smtp://\(host):587 (STARTTLS submission) or smtps://\(host):465 (TLS), or the port your mail server takes")
+            }
             for (option, address) in [("--from", spec.emailFrom)] + (spec.emailTo ?? "").split(separator: ",").map({ ("--email", String($0)) }) {
                 guard let address = address?.trimmingCharacters(in: .whitespaces), isAddress(address) else {
                     throw AlertReceiverSpecError("\(option) must be an e-mail address such as grower@example.net (got '\((address ?? "").prefix(200))')")
