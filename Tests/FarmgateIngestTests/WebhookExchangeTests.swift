@@ -250,6 +250,17 @@ struct WebhookExchangeTests {
         }
     }
 
+    // A tester, 2026-12-07: `alert receiver test` against a receiver that was down said "connection reset (error set):
+    // Connection refused (errno: 111)", NIO's words.
+    @Test("A receiver where nothing listens is told as a refused connection, retryable")
+    func refusedConnectionInWords() async throws {
+        let port = try freePort()
+        let failure = try await withSender(NotifyConfiguration()) { await Self.failure(of: $0, posting: "http://127.0.0.1:\(port)/alerts") }
+        #expect(failure?.retryable == true)
+        #expect(failure?.message == "no answer from http://127.0.0.1:\(port)/…: connection refused (nothing listens there: is the receiver running, and is the port right?)",
+                "\(failure?.message ?? "")")
+    }
+
     // MARK: TLS and redirects
 
     @Test("A receiver whose certificate does not verify is a dead letter after one attempt, saying why")

@@ -5,6 +5,7 @@ import Foundation
 public import Logging
 import NIOCore
 import NIOHTTP1
+import NIOPosix
 import NIOSSL
 import Synchronization
 
@@ -100,7 +101,7 @@ public final class WebhookSender: Sendable {
             case .failure(let error as HTTPClientError) where error == .deadlineExceeded || error == .readTimeout || error == .connectTimeout:
                 throw DeliveryFailure("timed out after \(timeout) posting to \(receiver) (\(error))", retryable: true)
             case .failure(let error):
-                throw DeliveryFailure("no answer from \(receiver): \(error)", retryable: true)
+                throw DeliveryFailure("no answer from \(receiver): \(Self.transportProblem(error))", retryable: true)
             case .success, nil:
                 throw DeliveryFailure("no answer from \(receiver)", retryable: true)
             }
@@ -205,6 +206,28 @@ public final class WebhookSender: Sendable {
         default:
             return nil
         }
+    }
+
+    /// A transport error in words: NIO describes a refused connection as "connection reset (error set): Connection
+    /// refused (errno: 111)", which sent people looking for a reset.
+    static func transportProblem(_ error: any Error) -> String {
+        if let error = error as? IOError {
+            switch error.errnoCode {
+            case ECONNREFUSED: return "connection refused (nothing listens there: is the receiver running, and is the port right?)"
+            case ECONNRESET: return "the receiver reset the connection"
+            case EHOSTUNREACH, ENETUNREACH: return "no route to the receiver's host (errno \(error.errnoCode))"
+            case ETIMEDOUT: return "connecting timed out"
+            default: return "\(error)"
+            }
+        }
+        if let error = error as? NIOConnectionError {
+            if let failure = error.connectionErrors.first { return transportProblem(failure.error) }
+            if error.dnsAError != nil || error.dnsAAAAError != nil { return "the host name \(error.host) does not resolve" }
+        }
+        if let error = error as? HTTPClientError, error == .remoteConnectionClosed {
+            return "the receiver closed the connection without answering"
+        }
+        return "\(error)"
     }
 
     /// Closes the client's connections.
