@@ -379,6 +379,10 @@ extension ConfigurationTests {
             ("http://host/?a=1", "query"), ("http://host:+80", "port"), ("http://[fe80::1%25]:80", "IPv6"),
             ("http://user:s3cret@host", "user name or password"), ("https://u@ingest.example.net", "user name or password"),
             ("htps://user:s3cret@host", "http:// or https://"), ("http://user:s3cret@host/#x", "user name or password"), (" http://user:s3cret@host", "http:// or https://"),
+            // A tester, 2026-12-07: libcurl refused these only when connecting, at every upload.
+            ("http://256.1.1.1", "not an IPv4 address"), ("http://10.0.0:8080", "not an IPv4 address"), ("http://-host", "starts or ends with -"),
+            ("http://ingest-.example.net", "starts or ends with -"), ("http://ingest..example.net", "empty label"), ("https://.example.net", "empty label"),
+            ("http://\(String(repeating: "a", count: 64)).example", "longer than 63"),
         ])
     func badEndpoints(endpoint: String, problem: String) throws {
         let failure = try #require(error(Self.minimal + "\n[upload]\nendpoint = \"\(endpoint)\"\nkey = \"fgd_testkey2_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\""))
@@ -390,7 +394,8 @@ extension ConfigurationTests {
     @Test("Endpoints with a port, an IPv6 address or an internationalised name are fine")
     func goodEndpoints() throws {
         for endpoint in ["http://[::1]:8080", "https://ingest.example.net", "HTTPS://Ingest.Example.NET:443/base", "http://host_1:65535",
-            "https://bücher.example", "http://host:/", "http://[fe80::1%25eth0]:8080/"] {
+            "https://bücher.example", "http://host:/", "http://[fe80::1%25eth0]:8080/", "http://192.0.2.255:8080", "https://ingest.example.net./",
+            "http://3com.example"] {
             #expect(throws: Never.self, "\(endpoint)") {
                 try parse(Self.minimal + "\n[upload]\nendpoint = \"\(endpoint)\"\nkey = \"fgd_testkey2_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\"")
             }

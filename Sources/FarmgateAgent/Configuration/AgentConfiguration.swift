@@ -478,6 +478,7 @@ extension AgentConfiguration {
                 return "has the host \"\(host)\", which is not a host name or address (letters, digits, - and . only; "
                     + "no spaces), \(example) (got \"\(endpoint)\")"
             }
+            if let problem = hostNameProblem(host) { return "has the host \"\(host)\", \(problem), \(example) (got \"\(endpoint)\")" }
         }
         // An empty port (`host:/`) is the scheme's default.
         if let port, !port.isEmpty {
@@ -487,6 +488,26 @@ extension AgentConfiguration {
         }
         if let problem = endpointQueryOrFragment(endpoint) { return problem }
         guard URL(string: endpoint) != nil else { return "is not a URL \(example) (got \"\(endpoint)\")" }
+        return nil
+    }
+
+    /// Why `host` (of allowed characters) is neither an IPv4 address nor a host name, as libcurl finds only when it
+    /// connects: a dotted number with a part above 255 or not four parts, an empty label, a label that starts or ends
+    /// with `-` or is longer than 63 characters.
+    static func hostNameProblem(_ host: Substring) -> String? {
+        let name = host.hasSuffix(".") ? host.dropLast() : host
+        let labels = name.split(separator: ".", omittingEmptySubsequences: false)
+        if name.unicodeScalars.allSatisfy({ ("0"..."9").contains($0) || $0 == "." }) {
+            guard labels.count == 4, labels.allSatisfy({ !$0.isEmpty && $0.count <= 3 && (Int($0) ?? 256) <= 255 }) else {
+                return "which is not an IPv4 address (four numbers from 0 to 255)"
+            }
+            return nil
+        }
+        if labels.contains(where: \.isEmpty) { return "which has an empty label (two dots in a row, or a leading dot)" }
+        if let bad = labels.first(where: { $0.hasPrefix("-") || $0.hasSuffix("-") }) {
+            return "whose label \"\(bad)\" starts or ends with -, which no host name does"
+        }
+        if let long = labels.first(where: { $0.utf8.count > 63 }) { return "whose label \"\(long.prefix(20))…\" is longer than 63 characters" }
         return nil
     }
 
