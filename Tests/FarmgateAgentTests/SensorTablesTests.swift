@@ -52,6 +52,12 @@ struct SensorTablesTests {
         // A line break cannot start keys or tables of its own (a tester, 2026-12-06: `1\n[metrics]…` was written raw).
         #expect(SensorTables.tomlValue("1\n[metrics]\ntextfile = \"/x.prom\"") == "\"1\\n[metrics]\\ntextfile = \\\"/x.prom\\\"\"")
         #expect(SensorTables.tomlValue("1\rx = 2") == "\"1\\rx = 2\"")
+        // A # outside quotes would have made the rest a comment (a tester, 2026-12-07: `base=1#comment` wrote 1).
+        #expect(SensorTables.tomlValue("1#comment") == "\"1#comment\"")
+        #expect(SensorTables.tomlValue("[1, 2] # two") == "\"[1, 2] # two\"")
+        #expect(SensorTables.tomlValue("\"tank #1\"") == "\"tank #1\"")
+        #expect(SensorTables.tomlValue("'tank #1'") == "'tank #1'")
+        #expect(SensorTables.tomlValue("[\"a\\\"#\", 'b#']") == "[\"a\\\"#\", 'b#']")
     }
 
     @Test("a new table is appended, typed, and the file loads with it; the rest of the text is unchanged")

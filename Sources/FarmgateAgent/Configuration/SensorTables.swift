@@ -131,7 +131,9 @@ public enum SensorTables {
     static func tomlValue(_ text: String) -> String {
         // A line break or another control character ends the value in TOML and could start keys or tables of its own
         // (`1\n[metrics]…`): such a value is only ever a string.
-        if !text.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7F }),
+        // A # outside quotes would start a comment, and the value written would be only what stands before it
+        // (`base=1#comment` is the number 1): such a value is a string too.
+        if !text.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7F }), !hasCommentMark(text),
             let parsed = try? ConfigDocument.parse("v = \(text)\n", file: "argument"), let value = parsed.value("v")
         {
             switch value {
@@ -140,6 +142,22 @@ public enum SensorTables {
             }
         }
         return ConfigFileEditor.Value.string(text).source
+    }
+
+    /// Whether `text` holds a `#` outside a quoted string (`"…"` with backslash escapes, or `'…'`).
+    static func hasCommentMark(_ text: String) -> Bool {
+        var quote: Unicode.Scalar?
+        var escaped = false
+        for scalar in text.unicodeScalars {
+            if let open = quote {
+                if escaped { escaped = false } else if open == "\"", scalar == "\\" { escaped = true } else if scalar == open { quote = nil }
+            } else if scalar == "\"" || scalar == "'" {
+                quote = scalar
+            } else if scalar == "#" {
+                return true
+            }
+        }
+        return false
     }
 
     private static func loadCurrent(_ text: String, file: String) throws(Refusal) -> AgentConfiguration {
