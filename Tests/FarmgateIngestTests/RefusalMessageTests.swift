@@ -67,7 +67,7 @@ struct RefusalMessageTests {
     }
 
     @Test(
-        "both body framings, HTTP/2's preface and an HTTP/0.9 request line are answered at once, saying what to send instead",
+        "both body framings, Transfer-Encoding twice, a bare LF after the version, HTTP/2's preface and an HTTP/0.9 request line are answered at once, saying what to send instead",
         arguments: [
             (
                 "POST /v1/batches HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
@@ -80,6 +80,13 @@ struct RefusalMessageTests {
             ("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505, "http_version_not_supported", "HTTP/2 only over TLS, chosen by ALPN in the handshake: on this connection send HTTP/1.1"),
             ("GET /healthz\r\n", 505, "http_version_not_supported", "send HTTP/1.1"),
             ("GET /healthz\n", 505, "http_version_not_supported", "send HTTP/1.1"),
+            // A tester, 2026-12-07: the version is fine here, the line's end is not (it was 505).
+            ("GET /healthz HTTP/1.1\nHost: x\n\n", 400, "bad_request", "the request line ends with a bare LF; end every line of the head with CRLF"),
+            // A tester, 2026-12-07: llhttp's "unknown (http_parser error)".
+            (
+                "POST /v1/batches HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", 400,
+                "bad_request", "more than one Transfer-Encoding field"
+            ),
         ])
     func answeredAtOnce(request: String, status: Int, code: String, says: String) async throws {
         let fixture = try await Fixture()

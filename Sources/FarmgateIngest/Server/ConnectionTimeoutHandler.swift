@@ -228,6 +228,11 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
                 .httpVersionNotSupported, "http_version_not_supported",
                 "this is HTTP/2's connection preface (h2c with prior knowledge); the ingest serves HTTP/2 only over TLS, chosen by ALPN in the handshake: on this connection send HTTP/1.1"
             )
+        case HTTPParserError.invalidVersion where headStart.map({ Self.requestLineEndsWithBareLF($0.readableBytesView) }) == true:
+            answer = (
+                .badRequest, "bad_request",
+                "the request line ends with a bare LF; end every line of the head with CRLF (\\r\\n, RFC 9112 §2.2)"
+            )
         case HTTPParserError.invalidVersion:
             // HTTP/2.0 and HTTP/0.9 are parsed and refused by NIO (major version not 1); llhttp refuses any other version
             // by the same error, HTTP/1.2 and a malformed one (`HTTP/1.1x`) included, which cannot be told apart here.
@@ -238,6 +243,11 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
             answer = (
                 .badRequest, "bad_request",
                 "the request has both Content-Length and Transfer-Encoding, two framings of one body that a proxy on the way may read otherwise than the ingest (RFC 9112 §6.3); drop Content-Length and keep Transfer-Encoding: chunked, or send the body with Content-Length alone"
+            )
+        case let error as HTTPParserError where headStart.map({ Self.hasRepeatedTransferEncoding($0.readableBytesView) }) == true:
+            answer = (
+                .badRequest, "bad_request",
+                "the request has more than one Transfer-Encoding field (\(error)); chunked may be applied once only (RFC 9112 §6.1): send one Transfer-Encoding: chunked"
             )
         case let error as HTTPParserError:
             answer = (.badRequest, "bad_request", "the request is not valid HTTP/1.1 (\(error)); fix the client")
@@ -383,20 +393,42 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
     /// Whether the header section at the start of `bytes` (up to its empty line, or as far as `bytes` go) has both a
     /// `Content-Length` and a `Transfer-Encoding` field.
     static func hasBothFramings(_ bytes: ByteBufferView) -> Bool {
-        var contentLength = false
-        var transferEncoding = false
+        let count = framingFields(bytes)
+        return count.contentLength > 0 && count.transferEncoding > 0
+    }
+
+    /// Whether the head in `bytes` has more than one `Transfer-Encoding` field (llhttp refuses `chunked` twice with an
+    /// error it does not name).
+    static func hasRepeatedTransferEncoding(_ bytes: ByteBufferView) -> Bool {
+        framingFields(bytes).transferEncoding > 1
+    }
+
+    /// How many `Content-Length` and `Transfer-Encoding` fields the head in `bytes` has.
+    private static func framingFields(_ bytes: ByteBufferView) -> (contentLength: Int, transferEncoding: Int) {
+        var contentLength = 0
+        var transferEncoding = 0
         // The first line is the request line; each later one a field, until the empty one.
         for line in bytes.split(separator: UInt8(ascii: "\n"), omittingEmptySubsequences: false).dropFirst() {
             let field = line.last == UInt8(ascii: "\r") ? line.dropLast() : line[...]
             if field.isEmpty { break }
             guard let colon = field.firstIndex(of: UInt8(ascii: ":")) else { continue }
             switch String(decoding: field[..<colon], as: UTF8.self).lowercased() {
-            case "content-length": contentLength = true
-            case "transfer-encoding": transferEncoding = true
+            case "content-length": contentLength += 1
+            case "transfer-encoding": transferEncoding += 1
             default: break
             }
         }
-        return contentLength && transferEncoding
+        return (contentLength, transferEncoding)
+    }
+
+    /// Whether the request line in `bytes` ends with a bare LF after an HTTP/1.x version (`GET / HTTP/1.1\n`): llhttp
+    /// refuses that as an invalid version, but the version is fine and the line's end is not.
+    static func requestLineEndsWithBareLF(_ bytes: ByteBufferView) -> Bool {
+        guard let end = bytes.firstIndex(of: UInt8(ascii: "\n")) else { return false }
+        let line = bytes[..<end]
+        guard line.last != UInt8(ascii: "\r"), line.count > 9 else { return false }
+        let version = Array(line.suffix(9))
+        return version == Array(" HTTP/1.1".utf8) || version == Array(" HTTP/1.0".utf8)
     }
 
     /// Whether `bytes` begin with a token (RFC 9110 §5.6.2) and a space, or with a token as far as they or their first
