@@ -123,7 +123,7 @@ import Testing
         let pool = configuration
         let availability = PostgresAvailability(
             makeClient: { PostgresClient(configuration: pool, backgroundLogger: testLogger) },
-            check: { PostgresCheckResult(serverStart: started.withLock { $0 }) }, location: "test", logger: testLogger)
+            check: { PostgresCheckResult(serverStart: started.withLock { $0 }) }, location: "test", logger: testLogger, restartGrace: .seconds(1))
         let running = Task { await availability.run() }
         defer { running.cancel() }
         // The baseline is read at start; a check with the same start time changes nothing.
@@ -136,10 +136,50 @@ import Testing
         started.withLock { $0 = "2026-12-05 17:05:00+00" }
         try await Task.sleep(for: .seconds(1))
         availability.suspect()
-        let replaced = await eventually(timeout: .seconds(10), every: .milliseconds(50)) { availability.outage(since: before) != nil }
+        let replaced = await eventually(timeout: .seconds(10), every: .milliseconds(20)) { availability.current !== before }
         #expect(replaced, "the pool was not replaced after the restart")
+        // Calls on the old pool keep it for the grace (those on connections made after the restart are working), then
+        // are answered 503.
+        #expect(availability.outage(since: before) == nil, "cut at once, within the grace")
+        let cut = await eventually(timeout: .seconds(5), every: .milliseconds(50)) { availability.outage(since: before) != nil }
+        #expect(cut, "calls on the old pool were never cut")
         let answer = availability.outage(since: before).map { "\($0)" } ?? ""
         #expect(answer.contains("new pool"), "\(answer)")
         #expect(!availability.isDown, "the server answers: not an outage")
+    }
+
+    /// A tester, 2026-12-07: a fast restart was found only minutes later, by the check a slow but healthy call asked for
+    /// (a 100,000-reading batch's duplicate check), and that call, on a connection the pool had made after the restart,
+    /// was cut with a 503 "cannot reach its store".
+    @Test("a call working on the old pool when a late check finds a restart finishes, and new calls go to the new pool")
+    func workingCallOnTheOldPoolFinishes() async throws {
+        try await withTestDatabase { settings in
+            let started = Mutex("2026-12-05 17:00:00+00")
+            var configuration = try settings.clientConfiguration()
+            configuration.options.minimumConnections = 0
+            let pool = configuration
+            let availability = PostgresAvailability(
+                makeClient: { PostgresClient(configuration: pool, backgroundLogger: testLogger) },
+                check: { PostgresCheckResult(serverStart: started.withLock { $0 }) }, location: "test", logger: testLogger, restartGrace: .seconds(6))
+            let running = Task { await availability.run() }
+            defer { running.cancel() }
+            let old = try await availability.runningClient()
+            let before = availability.current
+            let slowCall = Task {
+                var answers = 0
+                for try await _ in try await old.query("SELECT pg_sleep(2.5)::text", logger: testLogger).decode(String.self) { answers += 1 }
+                return answers
+            }
+            try await Task.sleep(for: .milliseconds(700))
+            started.withLock { $0 = "2026-12-05 17:05:00+00" }
+            availability.suspect()
+            #expect(await eventually(timeout: .seconds(5), every: .milliseconds(20)) { availability.current !== before }, "no new pool")
+            #expect(availability.outage(since: before) == nil)
+            #expect(try await slowCall.value == 1, "the healthy call on the old pool was cut")
+            let new = try await availability.runningClient()
+            var answers = 0
+            for try await _ in try await new.query("SELECT 1", logger: testLogger) { answers += 1 }
+            #expect(answers == 1)
+        }
     }
 }

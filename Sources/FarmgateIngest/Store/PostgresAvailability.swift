@@ -36,13 +36,18 @@ final class PostgresAvailability: Sendable {
         let configuration: Bool
         /// Set just before ``client``'s `run()` begins (``PoolRun``).
         let running = ManagedAtomic(false)
+        /// This pool replaced one whose server restarted (found by a check that answered): calls still on the old pool
+        /// keep it until ``PostgresAvailability/restartGrace`` from here, since those that leased a connection made
+        /// after the restart are working.
+        let afterRestart: ContinuousClock.Instant?
 
-        init(client: PostgresClient) {
+        init(client: PostgresClient, afterRestart: ContinuousClock.Instant? = nil) {
             self.client = client
             self.downSince = .now
             self.reason = ""
             self.stopped = false
             self.configuration = false
+            self.afterRestart = afterRestart
         }
 
         init(downSince: ContinuousClock.Instant, failure: PostgresCheckFailure) {
@@ -51,6 +56,7 @@ final class PostgresAvailability: Sendable {
             self.reason = failure.reason
             self.configuration = failure.configuration
             self.stopped = false
+            self.afterRestart = nil
         }
 
         /// The store stopped: calls fail at once.
@@ -60,6 +66,7 @@ final class PostgresAvailability: Sendable {
             self.reason = "stopped"
             self.configuration = false
             self.stopped = true
+            self.afterRestart = nil
         }
     }
 
@@ -67,6 +74,10 @@ final class PostgresAvailability: Sendable {
     static let checkInterval: Duration = .seconds(1)
     /// How long a store call may wait before it asks for a check.
     static let slowCall: Duration = .seconds(1)
+    /// How long calls on a pool replaced after a restart keep it. A restart noticed late (by a check that a slow but
+    /// healthy call asked for, minutes after a fast `pg_ctl restart`) cut that call with a 503, when the pool had long
+    /// reconnected it; a call on a connection the restart ended still waits no longer than this past the check.
+    let restartGrace: Duration
     /// How long shutdown waits for a pool's connections to close.
     static let shutdownGrace: Duration = .seconds(5)
 
@@ -84,10 +95,12 @@ final class PostgresAvailability: Sendable {
     ///   - check: no failure when the database answers (with when the server started: a check that finds it changed
     ///     replaces the pool), else what happened.
     ///   - location: where the database is, for logs (without the password).
+    ///   - restartGrace: how long calls on a pool replaced after a restart keep it (``restartGrace``).
     init(
         makeClient: @escaping @Sendable () -> PostgresClient, check: @escaping @Sendable () async -> PostgresCheckResult, location: String,
-        logger: Logger
+        logger: Logger, restartGrace: Duration = .seconds(10)
     ) {
+        self.restartGrace = restartGrace
         self.makeClient = makeClient
         self.check = check
         self.location = location
@@ -159,6 +172,7 @@ final class PostgresAvailability: Sendable {
         let now = self.state.load(ordering: .acquiring)
         guard now !== state else { return nil }
         if now.client == nil { return Self.unavailable(now) }
+        if let replaced = now.afterRestart, replaced.duration(to: .now) < restartGrace { return nil }
         return PostgresStoreError.unavailable(
             "the call was cut by a PostgreSQL outage (the server answers again, on a new pool); send it again")
     }
@@ -212,15 +226,23 @@ final class PostgresAvailability: Sendable {
                 guard !Task.isCancelled, let started = result.serverStart else { continue }
                 defer { knownStart = started }
                 guard let known = knownStart, known != started else { continue }
-                // A new pool, and the calls still waiting on the old one answered at once (`outage(since:)`).
+                // A new pool for new calls. The old one's calls that are still waiting after the grace are answered
+                // 503 (`outage(since:)`) and the old pool stops then: those that leased a connection the pool made after
+                // the restart finish meanwhile.
                 let client = makeClient()
-                let next = State(client: client)
-                pools.last?.task.cancel()
+                let next = State(client: client, afterRestart: .now)
+                if let old = pools.last?.task {
+                    let grace = restartGrace
+                    Task {
+                        try? await Task.sleep(for: grace)
+                        old.cancel()
+                    }
+                }
                 pools.removeAll { $0.finished.load(ordering: .acquiring) }
                 pools.append(PoolRun(client, running: next.running))
                 state.store(next, ordering: .releasing)
                 logger.notice(
-                    "PostgreSQL restarted since the pool connected; store calls move to a new pool, calls waiting on the old one are answered 503",
+                    "PostgreSQL restarted since the pool connected; new store calls go to a new pool, calls still waiting on the old one after \(restartGrace) are answered 503",
                     metadata: ["store.url": "\(location)", "store.server_started": "\(started)", "store.server_started_before": "\(known)"])
                 continue
             }
