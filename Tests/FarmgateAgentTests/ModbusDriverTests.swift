@@ -257,6 +257,43 @@ struct ModbusBusTests {
         #expect(slave.requests.map(\.address) == [0, 50, 0, 50])
     }
 
+    // A tester, 2026-12-07: an answer later than the timeout and the drain after it crossed the next request on the
+    // wire and was stored as that request's value.
+    @Test("An answer later than the drain after its timeout, arriving as the next request's, is not taken for it")
+    func lateAnswerPastTheDrain() async throws {
+        let scratch = try Scratch(prefix: "fg-modbus")
+        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1])
+        slave.set(slave: 1, address: 0, [100])
+        slave.set(slave: 1, address: 50, [200])
+        let configurations = try modbusSensors(
+            port: slave.path,
+            [
+                ("t.a", "slave = 1\naddress = 0\ncoalesce_gap = 0\nresponse_timeout = \"100ms\""),
+                ("t.b", "slave = 1\naddress = 50\ncoalesce_gap = 0\nresponse_timeout = \"100ms\""),
+            ],
+            interval: "100ms")
+        try await withModbusDrivers(configurations) { drivers async throws in
+            for _ in 0..<3 {
+                // Register 0's answer comes 250 ms after its request: after the 100 ms timeout and the 100 ms of silence
+                // the drain waits, while the request for register 50 (sent at once) waits for its answer.
+                slave.delayNextAnswer(of: 1, by: .milliseconds(250))
+                let late = try #require(await readResult(drivers[0]).failure)
+                #expect(late.kind == .timeout, "\(late)")
+                switch await readResult(drivers[1]) {
+                case .success(let value):
+                    #expect(value.value == 200, "register 0's late answer was taken for register 50")
+                case .failure(let error):
+                    #expect(error.message.contains("answered holding registers 50-50 twice"), "\(error)")
+                }
+                // The slave's own answers are taken again.
+                let values = await SensorReadContext.$oneOff.withValue(true) {
+                    [await readResult(drivers[1]), await readResult(drivers[0])].map { try? $0.get().value }
+                }
+                #expect(values == [200, 100])
+            }
+        }
+    }
+
     @Test("A slave that answers every request 50-100 ms after its timeout never has an answer taken for another request")
     func lateAnswerEveryTime() async throws {
         let scratch = try Scratch(prefix: "fg-modbus")

@@ -109,6 +109,19 @@ final class ModbusLink {
     private var answered: (slave: Int, function: UInt8, what: String)?
     /// Unit ids a second answer was seen from, warned about once while the port stays open.
     private var secondAnswerWarned: Set<Int> = []
+    /// Requests that timed out and whose answers were not seen in the drain after them: such an answer may still come,
+    /// later than the drain waited, and cross the next request of the same slave, function and length on the wire,
+    /// where nothing tells it from that request's answer (one of another slave or length is refused as such). Until
+    /// an answer of that shape is taken with the line silent after it (``laterBytesArrive(_:within:)``), its answers
+    /// are checked so.
+    private var lateAnswersPossible: Set<AnswerShape> = []
+
+    /// What an answer to a read shows of its request: the slave, the function and the number of registers.
+    struct AnswerShape: Hashable {
+        var slave: Int
+        var function: UInt8
+        var count: Int
+    }
 
     /// A slave that stopped answering. Every request to it holds the bus for up to twice its response timeout (the
     /// timeout, then the drain), time the other sensors on the bus wait: asked at every tick, a slave with a 2 s timeout
@@ -312,7 +325,7 @@ final class ModbusLink {
                             "slave \(slave) began to answer \(what) but the answer stopped short\(from): noise, a missing termination or a loose A/B wire cut it, or the baud and parity (\(settings)) do not match the transmitter's")))
             }
             return .failure(
-                classify(code, what: what, slave: slave, timeout: block.responseTimeout, request: (function, sentAt)))
+                classify(code, what: what, slave: slave, timeout: block.responseTimeout, request: (function, sentAt, block.count)))
         }
         let base = Int32(MODBUS_ENOBASE)
         // libmodbus returns 0 for a frame from another unit id (it does not check that frame's CRC).
@@ -339,6 +352,20 @@ final class ModbusLink {
                             "slave \(slave) answered \(what) with \(sent) where \(block.count) \(block.count == 1 ? "was" : "were") asked: the answer to another request (is another master on \(settings.port)?) or from another device with id \(slave); otherwise check address, function and data_type against its register map")))
             }
             let values = (0..<block.count).map { UInt16(frame[3 + 2 * $0]) << 8 | UInt16(frame[4 + 2 * $0]) }
+            let shape = AnswerShape(slave: slave, function: function, count: block.count)
+            if lateAnswersPossible.contains(shape) {
+                // After a timeout whose answer never showed, this may be that answer, come late: the slave's own
+                // answer would then follow it. Neither is taken when more arrives within a response timeout.
+                if laterBytesArrive(context, within: block.responseTimeout) {
+                    drain(quiet: block.responseTimeout)
+                    return .failure(
+                        ModbusFailure(
+                            SensorError(
+                                .invalidResponse,
+                                "slave \(slave) answered \(what) twice: after a request that timed out, the first was most likely that request's late answer (RTU answers carry no request id), so neither was taken; if a slave on \(settings.port) answers slowly, raise its response_timeout")))
+                }
+                lateAnswersPossible.remove(shape)
+            }
             answered = (slave, function, what)
             return .success(values)
         }
@@ -367,7 +394,7 @@ final class ModbusLink {
     /// - Parameter request: the function asked and when the request went out, so that a timeout can tell a slave that
     ///   answered late from one that did not answer.
     private func classify(
-        _ code: Int32, what: String, slave: Int, timeout: Duration, request: (function: UInt8, sentAt: ContinuousClock.Instant)? = nil
+        _ code: Int32, what: String, slave: Int, timeout: Duration, request: (function: UInt8, sentAt: ContinuousClock.Instant, count: Int)? = nil
     ) -> ModbusFailure {
         let base = Int32(MODBUS_ENOBASE)
         // An exception frame that is not one of the request's function (function byte 0x80): typically a server or
@@ -385,6 +412,7 @@ final class ModbusLink {
         switch code {
         case ETIMEDOUT:
             let late = drain(quiet: timeout, answerOf: request.map { (slave, $0.function) })
+            if late == nil, let request { lateAnswersPossible.insert(AnswerShape(slave: slave, function: request.function, count: request.count)) }
             if let late, let request {
                 // The slave is there, at the right id, baud and wiring: it is only slower than response_timeout. The
                 // answer itself was discarded (it cannot be told from an answer to the next request).
@@ -567,6 +595,7 @@ final class ModbusLink {
         // A replugged adapter (or another one behind the path): every slave is asked afresh.
         silent = [:]
         answered = nil
+        lateAnswersPossible = []
         secondAnswerWarned = []
     }
 
@@ -672,6 +701,22 @@ final class ModbusLink {
         logger.warning(
             "Modbus: a second answer from unit id \(previous.slave) came after its answer; two devices may answer to id \(previous.slave) (give each transmitter its own unit id), or another master is polling it; the first answer was taken",
             metadata: ["slave": "\(previous.slave)", "registers": "\(previous.what)"])
+    }
+
+    /// Whether any byte arrives on the line within `window` (left unread, for the drain that follows).
+    private func laterBytesArrive(_ context: OpaquePointer, within window: Duration) -> Bool {
+        let fd = modbus_get_socket(context)
+        guard fd >= 0 else { return false }
+        let end = ContinuousClock.now + window
+        while true {
+            let now = ContinuousClock.now
+            guard now < end else { return false }
+            var descriptor = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let ready = poll(&descriptor, 1, Int32(clamping: max(now.duration(to: end).wholeMilliseconds, 1)))
+            if ready > 0 { return descriptor.revents & Int16(POLLIN) != 0 }
+            if ready == 0 { return false }
+            if errno != EINTR { return false }
+        }
     }
 
     /// Sleeps until t3.5 has passed since the last frame ended, so that the next request is never glued to it.
