@@ -717,6 +717,29 @@ struct EZODriverTests {
         await driver.close()
     }
 
+    // A tester, 2026-12-07: a DO circuit answering O,? as the DO datasheet prints it (`?,O,%,mg`) never got past setup:
+    // every read failed "garbled answer to O,?".
+    @Test("A DO or EC circuit that answers O,? as ?,O,… is set up and read")
+    func outputsAnswerWithCommaAfterQuestionMark() async throws {
+        let bench = try EZOBench()
+        let oxygen = try bench.circuit(.dissolvedOxygen, name: "do", values: { _, _ in 8.5 })
+        oxygen.setOutputsPrefixWithComma(true)
+        oxygen.setOxygenOutputs(["MG", "%"])
+        let driver = try bench.driver("tank1.do", quantity: "do", port: "do")
+        #expect(try await driver.read() == SensorValue(8.5))
+        #expect(oxygen.oxygenOutputs == ["MG"])
+        await driver.close()
+        let conductivity = try bench.circuit(.ec, name: "ec", values: { _, _ in 1413 })
+        conductivity.setOutputsPrefixWithComma(true)
+        let ec = try bench.driver("tank1.ec", quantity: "ec", port: "ec")
+        #expect(try await ec.read() == SensorValue(1413))
+        await ec.close()
+        #expect(EZOParse.oxygenOutputs("?,O,%,mg") == ["%", "MG"])
+        #expect(EZOParse.outputs("?,O,EC,TDS") == [.ec, .tds])
+        #expect(EZOParse.outputs("?,O,No output") == [])
+        #expect(EZOParse.outputs("?,K,1.0") == nil && EZOParse.outputs("?") == nil)
+    }
+
     @Test("Temperatures and calibration values far out of range are formatted, not trapped on")
     func formattingExtremes() {
         #expect(EZOSession.format(21.437) == "21.44")

@@ -84,6 +84,8 @@ public final class EZOSimulator: Sendable {
         var outputs: Set<String> = ["EC"]
         /// A DO circuit's outputs (`MG`, `%`): mg/L only from the factory.
         var oxygenOutputs: Set<String> = ["MG"]
+        /// `O,?` answered `?,O,%,mg`, the form the DO datasheet prints (and some firmware sends), not `?O,mg,%`.
+        var outputsPrefixWithComma = false
         var scale = "c"
         var calibrationPoints = 0
         var asleep = false
@@ -228,6 +230,11 @@ public final class EZOSimulator: Sendable {
     /// Sets a DO circuit's outputs (`MG`, `%`), as `O,mg,1` / `O,%,1` from another program would.
     public func setOxygenOutputs(_ outputs: Set<String>) {
         state.withLock { $0.settings.oxygenOutputs = outputs }
+    }
+
+    /// Answers `O,?` as `?,O,…` (the DO datasheet's form) rather than `?O,…`; a DO circuit lists `%` before `mg` then.
+    public func setOutputsPrefixWithComma(_ on: Bool) {
+        state.withLock { $0.settings.outputsPrefixWithComma = on }
     }
 
     /// Answers come out as noise, as when the circuit runs at another baud than the port.
@@ -470,18 +477,19 @@ public final class EZOSimulator: Sendable {
         case ("SLOPE", 2) where circuit == .ph && fields[1] == "?":
             answer(["?Slope,99.7,100.3,-0.89"], after: generic)
         case ("O", 2) where circuit == .ec && fields[1] == "?":
-            let on = state.withLock { $0.settings.outputs }
+            let (on, comma) = state.withLock { ($0.settings.outputs, $0.settings.outputsPrefixWithComma) }
             let listed = ["EC", "TDS", "S", "SG"].filter { on.contains($0) }
-            answer([listed.isEmpty ? "?O,No output" : "?O," + listed.joined(separator: ",")], after: generic)
+            answer([(comma ? "?,O," : "?O,") + (listed.isEmpty ? "No output" : listed.joined(separator: ","))], after: generic)
         case ("O", 3) where circuit == .ec && ["EC", "TDS", "S", "SG"].contains(fields[1]) && ["0", "1"].contains(fields[2]):
             state.withLock { state in
                 if fields[2] == "1" { state.settings.outputs.insert(fields[1]) } else { state.settings.outputs.remove(fields[1]) }
             }
             answer([], after: generic)
         case ("O", 2) where circuit == .dissolvedOxygen && fields[1] == "?":
-            let on = state.withLock { $0.settings.oxygenOutputs }
-            let listed = ["mg", "%"].filter { on.contains($0.uppercased()) }
-            answer([listed.isEmpty ? "?O,No output" : "?O," + listed.joined(separator: ",")], after: generic)
+            let (on, comma) = state.withLock { ($0.settings.oxygenOutputs, $0.settings.outputsPrefixWithComma) }
+            let listed = (comma ? ["%", "mg"] : ["mg", "%"]).filter { on.contains($0.uppercased()) }
+            let prefix = comma ? "?,O," : "?O,"
+            answer([prefix + (listed.isEmpty ? "No output" : listed.joined(separator: ","))], after: generic)
         case ("O", 3) where circuit == .dissolvedOxygen && ["MG", "%"].contains(fields[1]) && ["0", "1"].contains(fields[2]):
             state.withLock { state in
                 if fields[2] == "1" { state.settings.oxygenOutputs.insert(fields[1]) } else { state.settings.oxygenOutputs.remove(fields[1]) }

@@ -286,17 +286,22 @@ public enum EZOParse {
 
     /// `?O,EC,TDS` → [.ec, .tds]; `?O,No output` → []; nil when the line is no output answer.
     public static func outputs(_ text: String) -> Set<EZOOutput>? {
-        let fields = text.split(separator: ",").map { String($0).uppercased() }
-        guard let first = fields.first, first == "?O" else { return nil }
-        return Set(fields.dropFirst().compactMap { EZOOutput(rawValue: $0) })
+        outputFields(text).map { Set($0.compactMap { EZOOutput(rawValue: $0) }) }
     }
 
     /// A DO circuit's outputs, upper case: `?O,mg,%` → ["MG", "%"]; `?O,No output` → []; nil when the line is no output
     /// answer.
     public static func oxygenOutputs(_ text: String) -> Set<String>? {
-        let fields = text.split(separator: ",").map { String($0).uppercased() }
-        guard let first = fields.first, first == "?O" else { return nil }
-        return Set(fields.dropFirst().filter { $0 == "MG" || $0 == "%" })
+        outputFields(text).map { Set($0.filter { $0 == "MG" || $0 == "%" }) }
+    }
+
+    /// The fields of an answer to `O,?`, upper case, after its prefix: `?O,` as the UART sections of the datasheets
+    /// write it, or `?,O,`, which the DO datasheet gives (and some firmware sends); nil for any other line.
+    static func outputFields(_ text: String) -> [String]? {
+        let fields = text.split(separator: ",").map { String($0).trimmingWhitespace().uppercased() }
+        if fields.first == "?O" { return Array(fields.dropFirst()) }
+        if fields.count >= 2, fields[0] == "?", fields[1] == "O" { return Array(fields.dropFirst(2)) }
+        return nil
     }
 
     /// An RTD circuit's scale, lower case: `?S,c` → "c" (`c`, `k`, `f`); nil when the line is no answer to `S,?`.
