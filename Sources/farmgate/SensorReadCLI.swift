@@ -128,7 +128,8 @@ struct SensorRead: AsyncParsableCommand {
         case .some(.some(let source)):
             return "not temperature-compensated: read directly, the agent would compensate with \(source)'s latest value"
         case .some(.none):
-            return "not compensated by the agent (no temperature_sensor set): the circuit uses its own temperature setting (T, 25 °C from the factory)"
+            let factory = reading.quantity == "do" ? "20 °C from the factory and after a power cut" : "25 °C from the factory"
+            return "not compensated by the agent (no temperature_sensor set): the circuit uses its own temperature setting (T, \(factory))"
         case .none:
             return nil
         }
