@@ -133,6 +133,34 @@ struct SMTPDeliveryTests {
         #expect(sink.messages.count == 1)
     }
 
+    // A tester, 2026-12-07: a server that took the body and went silent held the delivery for request_timeout plus
+    // libcurl's 120 s (the QUIT on closing waited its default response timeout), and another instance took the claim
+    // over and sent the message again.
+    @Test("A server that never answers the end of the body is given up on within twice the request timeout, retryable")
+    func silentAfterTheBody() async throws {
+        let sink = try await sink { $0.silentAfterData = true }
+        let notifier = try Notifier(configuration: fastNotify(requestTimeout: .seconds(2), caFile: certificates.caFile), logger: testLogger)
+        let receiver = AlertReceiver(
+            id: 1, farmID: 1, farm: "f1",
+            spec: AlertReceiverSpec(
+                name: "grower", kind: .email, url: sink.url, secret: "pa55 word", username: "farm", emailFrom: "ingest@farm.example",
+                emailTo: "grower@farm.example"),
+            createdAt: testNow)
+        let started = ContinuousClock.now
+        do {
+            _ = try await notifier.send(testNotification(7), idempotencyKey: "k-silent", to: receiver)
+            Issue.record("taken for delivered although the server never answered the body")
+        } catch {
+            #expect(error.retryable, "\(error)")
+            #expect(error.message.contains("timed out"), "\(error)")
+        }
+        let took = started.duration(to: .now)
+        #expect(took < .seconds(8), "took \(took)")
+        await notifier.shutdown()
+        await sink.stop()
+        #expect(sink.messages.count == 1, "the body reached the server")
+    }
+
     @Test(
         "A login or STARTTLS turned down with a temporary 4xx reply is retried; with 5xx it is refused for good",
         arguments: [

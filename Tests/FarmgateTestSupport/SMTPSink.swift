@@ -42,6 +42,9 @@ public final class SMTPSink: Sendable {
         /// The reply to every `AUTH` instead of the exchange, such as `454 4.7.0 Temporary authentication failure`.
         /// Default nil.
         public var authReply: String?
+        /// Take the message's body and never answer its final "." or anything after it (a server that stalls after the
+        /// body). Default false.
+        public var silentAfterData = false
 
         public init() {}
     }
@@ -117,6 +120,8 @@ private final class SMTPSessionHandler: ChannelInboundHandler {
     let recorder: SMTPSink.Recorder
     var buffer = ByteBuffer()
     var phase = Phase.command
+    /// Set once the body was taken in ``SMTPSink/Options/silentAfterData`` mode.
+    var silent = false
     var inTLS = false
     var from: String?
     var recipients: [String] = []
@@ -151,6 +156,8 @@ private final class SMTPSessionHandler: ChannelInboundHandler {
     }
 
     private func handle(_ line: String, context: ChannelHandlerContext) {
+        // Stalled (``SMTPSink/Options/silentAfterData``): nothing is answered any more, QUIT included.
+        if silent { return }
         switch phase {
         case .data:
             if line == "." {
@@ -160,6 +167,10 @@ private final class SMTPSessionHandler: ChannelInboundHandler {
                         from: from ?? "", recipients: recipients, data: dataLines.joined(separator: "\r\n"), tls: inTLS, mechanism: login?.mechanism,
                         username: login?.username, password: login?.password))
                 dataLines = []
+                if options.silentAfterData {
+                    silent = true
+                    return
+                }
                 reply(context, "250 2.0.0 queued")
             } else {
                 dataLines.append(line.hasPrefix(".") ? String(line.dropFirst()) : line)

@@ -75,6 +75,11 @@ public struct SMTPSender: Sendable {
         if let caFile { set(fg_curl_setopt_string(handle, CURLOPT_CAINFO, caFile)) }
         set(fg_curl_setopt_long(handle, CURLOPT_CONNECTTIMEOUT_MS, Int(connectTimeout.wholeMicroseconds / 1000)))
         set(fg_curl_setopt_long(handle, CURLOPT_TIMEOUT_MS, Int(timeout.wholeMicroseconds / 1000)))
+        // The QUIT libcurl sends when it closes the connection after a timeout waits for its reply under this alone
+        // (libcurl's default: 120 s), not CURLOPT_TIMEOUT_MS: a server that took the body and went silent held a
+        // delivery slot, and `serve`'s stop, for two minutes, and another instance took the claim over and sent the
+        // message again. Whole seconds only (CURLOPT_SERVER_RESPONSE_TIMEOUT_MS is libcurl 8.6).
+        set(fg_curl_setopt_long(handle, CURLOPT_SERVER_RESPONSE_TIMEOUT, max(1, Int((timeout.wholeMicroseconds + 999_999) / 1_000_000))))
         set(fg_curl_setopt_string(handle, CURLOPT_PROXY, ""))
         if let username, !username.isEmpty {
             set(fg_curl_setopt_string(handle, CURLOPT_USERNAME, username))
