@@ -46,6 +46,11 @@ struct ScanCommand: AsyncParsableCommand {
     var portTimeout: String = "30s"
 
     @Option(
+        name: .customLong("modbus-timeout"), parsing: .unconditional,
+        help: ArgumentHelp("How long each Modbus unit id has to answer (a transmitter's response time is its maker's choice).", valueName: "duration"))
+    var modbusTimeout: String = "150ms"
+
+    @Option(
         name: .customLong("port"),
         help: ArgumentHelp("Probe this serial port too, an on-board UART included (repeat for several).", valueName: "path"))
     var ports: [String] = []
@@ -82,6 +87,10 @@ struct ScanCommand: AsyncParsableCommand {
         guard budget >= .seconds(1), budget <= .seconds(3600) else {
             throw ValidationError("--port-timeout must be between 1s and 1h (got \"\(portTimeout)\"): a port's probes at every baud need a few seconds")
         }
+        // Under 20 ms not even a one-register answer at 9600 baud is in; over 5 s one id would hold a scan for minutes.
+        guard let wait = ConfigTable.parseDuration(modbusTimeout), wait >= .milliseconds(20), wait <= .seconds(5) else {
+            throw ValidationError("--modbus-timeout must be a duration from 20ms to 5s, such as \"500ms\" (got \"\(modbusTimeout)\")")
+        }
         for (option, path) in [("--w1-root", w1Root), ("--device-dir", deviceDirectory)] where path.isEmpty {
             throw ValidationError("\(option) is empty: give a directory, or leave the option out for its default")
         }
@@ -111,6 +120,7 @@ struct ScanCommand: AsyncParsableCommand {
         scan.modbusIDs = Self.idRange(modbusIDs) ?? 1...16
         scan.w1Root = w1Root
         if let budget = ConfigTable.parseDuration(portTimeout) { scan.portBudget = budget }
+        if let wait = ConfigTable.parseDuration(modbusTimeout) { scan.modbusTimeout = wait }
         scan.agentPorts = agentPorts()
         let directory = deviceDirectory
         let report = await Scanner.scan(scan, gpio: { GPIOScan.scan(deviceDirectory: directory) })

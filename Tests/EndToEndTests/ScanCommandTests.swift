@@ -70,6 +70,7 @@ struct ScanCommandTests {
         for (options, says) in [
             (["--port-timeout", "0s"], "--port-timeout must be between 1s and 1h"), (["--port", notes], "is not a serial port (a character device) but a regular file"),
             (["--port", dir.path], "but a directory"), (["--w1-root", ""], "--w1-root is empty"),
+            (["--modbus-timeout", "5ms"], "--modbus-timeout must be a duration from 20ms to 5s"),
             (["--device-dir", dir.file("nosuch")], "--device-dir \(dir.file("nosuch")) is not a directory"),
         ] {
             let refused = try await runCommand(farmgate, ["scan"] + options)

@@ -127,6 +127,26 @@ struct ScanTests {
         }
     }
 
+    // A tester, 2026-12-07: a transmitter answering after 150 ms was "no answer: check power, wiring" while it read fine.
+    @Test("A Modbus slave slower than the scan's wait is found with a longer one; the wait it missed says how")
+    func slowModbusSlave() throws {
+        let dir = try Scratch(prefix: "fg-scan", in: URL(fileURLWithPath: "/tmp"))
+        let bus = try ModbusTestSlave(path: dir.file("ttyUSB0"), answering: [2])
+        defer { bus.stop() }
+        bus.delayAnswers(of: 2, by: .milliseconds(250))
+        var scan = self.options(dev: dir.file("dev"), w1: dir.file("w1"))
+        scan.bauds = [9600]
+        scan.ezoTimeout = .milliseconds(100)
+        scan.modbusIDs = 1...2
+        let candidate = SerialScan.Candidate(path: bus.path, device: bus.path, listOnlyIfFound: false)
+        let missed = try #require(SerialScan.probe(candidate, options: scan))
+        #expect(missed.modbusSlaves.isEmpty)
+        #expect(missed.message?.contains("slower than the 150ms scan waits (--modbus-timeout 500ms") == true, "\(missed.message ?? "")")
+        scan.modbusTimeout = .milliseconds(600)
+        let found = try #require(SerialScan.probe(candidate, options: scan))
+        #expect(found.modbusSlaves.map(\.slave) == [2])
+    }
+
     @Test("Ports the running agent is configured for are not opened; a silent port is bounded by its budget")
     func agentPortsAndBudget() async throws {
         let dir = try Scratch(prefix: "fg-scan", in: URL(fileURLWithPath: "/tmp"))

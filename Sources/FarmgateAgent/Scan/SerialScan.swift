@@ -242,7 +242,7 @@ public enum SerialScan {
         finding.message =
             ContinuousClock.now >= budgetEnd
             ? "nothing answered within the port's time budget"
-            : "no EZO circuit and no Modbus slave \(options.modbusIDs.lowerBound)-\(options.modbusIDs.upperBound) at \(tried) baud: check power, wiring (TX/RX crossed, A/B) and the device's baud"
+            : "no EZO circuit and no Modbus slave \(options.modbusIDs.lowerBound)-\(options.modbusIDs.upperBound) at \(tried) baud: check power, wiring (TX/RX crossed, A/B) and the device's baud; a Modbus transmitter may also answer slower than the \(ConfigTable.format(options.modbusTimeout)) scan waits (--modbus-timeout 500ms, with --modbus-ids its id or --port-timeout longer)"
         return done()
     }
 
