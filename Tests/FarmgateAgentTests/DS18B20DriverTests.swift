@@ -3,6 +3,7 @@ import FarmgateSupport
 import FarmgateTestSupport
 import FarmgateWire
 import Foundation
+import Synchronization
 import Testing
 
 #if canImport(Glibc)
@@ -228,6 +229,61 @@ struct DS18B20DriverTests {
         let back = await eventually(timeout: .seconds(10)) { (try? await driver.read().value) == 18.25 }
         #expect(back)
         await driver.close()
+    }
+
+    // A tester, 2026-12-07: with parasite power the kernel holds the bus for each conversion, so concurrent reads queue
+    // there; timed from their start, the later ones timed out, stayed blocked and held the bus for the next round.
+    @Test("Probes on one bus whose reads the bus serves one at a time all read: read_timeout starts when a read has the bus")
+    func readsShareTheBus() async throws {
+        let tree = try FakeW1Tree()
+        let addresses = (1...6).map { "28-00000000000\($0)" }
+        for address in addresses {
+            try FileManager.default.createDirectory(atPath: tree.scratch.file(address), withIntermediateDirectories: true)
+            #expect(mkfifo(tree.scratch.file(address) + "/w1_slave", 0o600) == 0)
+        }
+        // The bus: one conversion at a time, 250 ms each, for whichever probe is being read (a reader has the FIFO open).
+        let stop = Mutex(false)
+        let served = Mutex(0)
+        let fifos = addresses.map { tree.scratch.file($0) + "/w1_slave" }
+        let bus = Thread {
+            while !stop.withLock({ $0 }) {
+                var idle = true
+                for (index, fifo) in fifos.enumerated() {
+                    let writer = open(fifo, O_WRONLY | O_NONBLOCK)
+                    guard writer >= 0 else { continue }
+                    idle = false
+                    Thread.sleep(forTimeInterval: 0.25)
+                    let text = FakeW1Tree.slaveText(millidegrees: 20_000 + index * 1000, crc: true)
+                    _ = text.withCString { write(writer, $0, strlen($0)) }
+                    close(writer)
+                    served.withLock { $0 += 1 }
+                    // Until the reader has closed its end (it read to the end): the same read is not served twice.
+                    let until = Date().addingTimeInterval(1)
+                    while Date() < until {
+                        let again = open(fifo, O_WRONLY | O_NONBLOCK)
+                        guard again >= 0 else { break }
+                        close(again)
+                        Thread.sleep(forTimeInterval: 0.002)
+                    }
+                }
+                if idle { Thread.sleep(forTimeInterval: 0.005) }
+            }
+        }
+        bus.start()
+        defer { stop.withLock { $0 = true } }
+        let drivers = try addresses.map { try tree.driver($0, extra: "read_timeout = \"600ms\"\ninterval = \"10s\"") }
+        let results = await withTaskGroup(of: (Int, Result<SensorValue, SensorError>).self) { group in
+            for (index, driver) in drivers.enumerated() { group.addTask { (index, await readResult(driver)) } }
+            var results: [Int: Result<SensorValue, SensorError>] = [:]
+            for await (index, result) in group { results[index] = result }
+            return results
+        }
+        for (index, _) in addresses.enumerated() {
+            let value = try? results[index]?.get().value
+            #expect(value == 20 + Double(index), "probe \(index): \(String(describing: results[index]))")
+        }
+        #expect(served.withLock { $0 } == 6)
+        for driver in drivers { await driver.close() }
     }
 
     // Found by a black-box tester: a read that never returns leaves the probe timing out for good, even once the device

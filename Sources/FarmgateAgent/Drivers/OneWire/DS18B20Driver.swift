@@ -14,8 +14,8 @@ import Glibc
 
 /// A DS18B20 (or another w1-therm sensor) read through the Linux 1-Wire sysfs files.
 ///
-/// Each read runs on the sensor's own thread (a sysfs read blocks for the whole conversion, 750 ms at 12 bits) and is
-/// abandoned after `read_timeout` if the bus hangs. `w1_slave` is preferred, because it carries the kernel's CRC
+/// Each read runs on the sensor's own thread (a sysfs read blocks for the whole conversion, 750 ms at 12 bits), one at
+/// a time per bus (``W1BusGate``), and is abandoned after `read_timeout` from when it has the bus if the bus hangs. `w1_slave` is preferred, because it carries the kernel's CRC
 /// verdict; the `temperature` file of newer kernels is used when there is no `w1_slave`.
 ///
 /// What is refused: a failed CRC (`fault`), an empty read (the conversion failed), an all-zero scratchpad, the 127.94 °C
@@ -91,14 +91,20 @@ public final class DS18B20Driver: SensorDriver {
     private struct State {
         /// When the read running on the thread began (possibly abandoned, stuck on the bus); nil when none runs.
         var busySince: ContinuousClock.Instant?
+        /// When that read got its bus (``W1BusGate``); nil while it waits for it.
+        var readingSince: ContinuousClock.Instant?
     }
 
     let options: Options
+    /// How long a read waits for its bus before it gives up (the sampler abandons a read after the sensor's interval,
+    /// at least 5 s): what is left of that once `read_timeout` is taken, at least a second.
+    let busWait: Duration
     private let thread: DedicatedThread
     private let state = Mutex(State())
 
     public init(configuration: SensorConfiguration, logger: Logger) throws {
         options = try Options(configuration)
+        busWait = max(.seconds(1), max(configuration.interval, .seconds(5)) - options.readTimeout)
         thread = DedicatedThread(name: "farmgate-w1")
     }
 
@@ -111,14 +117,36 @@ public final class DS18B20Driver: SensorDriver {
             return nil
         }
         if let blockedSince {
-            throw Self.stillBlocked(options, for: ContinuousClock.now - blockedSince)
+            let reading = state.withLock { $0.readingSince }
+            guard let reading else {
+                throw SensorError(
+                    .timeout,
+                    "the previous read of \(options.address) still waits for its 1-Wire bus (for \(Int((ContinuousClock.now - blockedSince) / .seconds(1))) s): a read of another probe on it is blocked, or the bus has more probes than their interval allows (each conversion holds it up to 750 ms)")
+            }
+            throw Self.stillBlocked(options, for: ContinuousClock.now - reading)
         }
         let options = self.options
-        let outcome = await thread.run(timeout: options.readTimeout) { [self] () -> Result<Int, SensorError> in
-            defer { self.state.withLock { $0.busySince = nil } }
-            return Self.readMillidegrees(options)
+        let gate = W1BusGate.forDevice(options.root + "/" + options.address, root: options.root)
+        let gotBus = OneShotSignal()
+        // One job on the sensor's thread: wait for the bus, say so, read, give the bus back, whenever the caller gave up.
+        let job = Task { [self, thread] () -> Result<Int, SensorError>? in
+            try? await thread.run { () -> Result<Int, SensorError> in
+                gate.take()
+                self.state.withLock { $0.readingSince = .now }
+                gotBus.fire()
+                defer {
+                    gate.give()
+                    self.state.withLock { $0 = State() }
+                }
+                return Self.readMillidegrees(options)
+            }
         }
-        guard let outcome else {
+        guard await withDeadline(busWait, { await gotBus.wait() }) != nil else {
+            throw SensorError(
+                .timeout,
+                "\(options.address) waited \(busWait) for its 1-Wire bus, which reads of other probes held: a read of one of them is blocked, or the bus has more probes than their interval allows (each conversion holds it up to 750 ms with parasite power); lengthen the interval or split the probes over two buses")
+        }
+        guard let outcome = await withDeadline(options.readTimeout, { await job.value }) ?? nil else {
             throw SensorError(.timeout, "no answer from \(options.address) within \(options.readTimeout)")
         }
         let millidegrees = try outcome.get()
