@@ -371,6 +371,8 @@ struct ModbusBusTests {
         let huge = Float(1e30).bitPattern
         slave.set(slave: 1, address: 20, [UInt16(huge >> 16), UInt16(huge & 0xFFFF)])
         slave.set(slave: 1, address: 30, [1450])  // pH 14.5: plausible (outside an expected range, stored flagged)
+        slave.set(slave: 1, address: 40, [0x7FC0, 0x0000])  // float32 NaN
+        slave.set(slave: 1, address: 50, [0x7FFF])  // int16 32767 at scale 0.1: 3276.7
         let configurations = try modbusSensors(
             port: slave.path,
             [
@@ -378,8 +380,15 @@ struct ModbusBusTests {
                 ("t.i32", "slave = 1\naddress = 10\ndata_type = \"int32\"\nquantity = \"ph\""),
                 ("t.f32", "slave = 1\naddress = 20\ndata_type = \"float32\"\nquantity = \"ph\""),
                 ("t.ok", "slave = 1\naddress = 30\nscale = 0.01\nquantity = \"ph\""),
+                ("t.nan", "slave = 1\naddress = 40\ndata_type = \"float32\"\nquantity = \"ph\""),
+                ("t.i16", "slave = 1\naddress = 50\ndata_type = \"int16\"\nscale = 0.1\nquantity = \"ph\""),
             ])
         try await withModbusDrivers(configurations) { drivers in
+            // A tester, 2026-12-07: NaN was an invalid response without its registers, and 3276.7 read 3276.7000000000003.
+            let nan = try #require(await readResult(drivers[4]).failure)
+            #expect(nan.kind == .fault && nan.message.contains("reads raw 0x7FC0 0x0000, which as float32 is no number"), "\(nan)")
+            let scaled = try #require(await readResult(drivers[5]).failure)
+            #expect(scaled.message.contains("reads 3276.7 (raw 0x7FFF)"), "\(scaled)")
             for (driver, raw) in zip(drivers.prefix(3), ["0xFFFE", "0x8000 0x0001", "0x7149 0xF2CA"]) {
                 let error = try #require(await readResult(driver).failure, "\(driver.sensor) read a value")
                 #expect(error.kind == .fault)
@@ -527,8 +536,11 @@ struct ModbusBusTests {
         let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [])
         slave.reply(to: 1, with: [1, 4, 2, 0, 42])  // function 04 to a 03 request, CRC valid
         slave.reply(to: 2, with: [2, 3, 4, 0, 42, 0, 43])  // two registers for one
+        slave.reply(to: 3, with: [3, 3, 3, 0, 42, 0])  // an odd byte count
+        slave.reply(to: 4, with: [4, 0x84, 2])  // an exception of function 04 to a 03 request (a tester, 2026-12-07)
         let configurations = try modbusSensors(
-            port: slave.path, [("t.one", "slave = 1\naddress = 0"), ("t.two", "slave = 2\naddress = 0")])
+            port: slave.path,
+            [("t.one", "slave = 1\naddress = 0"), ("t.two", "slave = 2\naddress = 0"), ("t.three", "slave = 3\naddress = 0"), ("t.four", "slave = 4\naddress = 0")])
         try await withModbusDrivers(configurations) { drivers in
             let function = try #require(await readResult(drivers[0]).failure)
             #expect(function.kind == .invalidResponse)
@@ -540,9 +552,15 @@ struct ModbusBusTests {
             #expect(!function.message.contains("Invalid data"), "\(function)")
             let count = try #require(await readResult(drivers[1]).failure)
             #expect(count.kind == .invalidResponse)
-            #expect(count.message.contains("slave 2 answered holding registers 0-0 with 2 registers where 1 was asked"), "\(count)")
+            #expect(count.message.contains("slave 2 answered holding registers 0-0 with 2 registers where 1 register was asked"), "\(count)")
             #expect(count.message.contains("another master"), "\(count)")
             #expect(count.message.contains("another device with id 2"), "\(count)")
+            let odd = try #require(await readResult(drivers[2]).failure)
+            #expect(odd.message.contains("with 3 data bytes where 2 bytes (1 register) were asked"), "\(odd)")
+            let exception = try #require(await readResult(drivers[3]).failure)
+            #expect(
+                exception.message.contains("slave 4 answered holding registers 0-0 with an exception of function code 0x04 (read input registers) (code 0x02 (illegal data address)) where 0x03 (read holding registers) was asked"),
+                "\(exception)")
         }
     }
 

@@ -349,7 +349,7 @@ final class ModbusLink {
                     ModbusFailure(
                         SensorError(
                             .invalidResponse,
-                            "slave \(slave) answered \(what) with \(sent) where \(block.count) \(block.count == 1 ? "was" : "were") asked: the answer to another request (is another master on \(settings.port)?) or from another device with id \(slave); otherwise check address, function and data_type against its register map")))
+                            "slave \(slave) answered \(what) with \(sent) where \(byteCount % 2 == 0 ? "\(block.count) \(block.count == 1 ? "register was" : "registers were")" : "\(2 * block.count) bytes (\(block.count) \(block.count == 1 ? "register" : "registers")) were") asked: the answer to another request (is another master on \(settings.port)?) or from another device with id \(slave); otherwise check address, function and data_type against its register map")))
             }
             let values = (0..<block.count).map { UInt16(frame[3 + 2 * $0]) << 8 | UInt16(frame[4 + 2 * $0]) }
             let shape = AnswerShape(slave: slave, function: function, count: block.count)
@@ -373,6 +373,15 @@ final class ModbusLink {
             // An exception of the request's function, from the slave asked, is that slave's exception, whatever its
             // code (one the specification does not define is named as such). Any other function byte (0x80, as some
             // servers and gateways send for a unit id they do not have) is an invalid exception response.
+            // An exception of the other read function, whole (5 bytes): an answer to another request.
+            if frame[1] != 0x80, frame[1] & 0x7F != function, frame.count == 5 {
+                drain(quiet: block.responseTimeout)
+                return .failure(
+                    ModbusFailure(
+                        SensorError(
+                            .invalidResponse,
+                            "slave \(slave) answered \(what) with an exception of function code \(Self.functionName(frame[1] & 0x7F)) (code \(Self.exceptionName(Int(frame[2])))) where \(Self.functionName(function)) was asked: the answer to another request (is another master on \(settings.port)?); check `function` (holding = 03, input = 04) against its register map")))
+            }
             guard frame[1] == function | 0x80, frame.count == 5 else {
                 return .failure(classify(base + 14, what: what, slave: slave, timeout: block.responseTimeout))  // EMBBADEXC
             }

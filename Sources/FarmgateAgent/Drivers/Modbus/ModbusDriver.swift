@@ -73,9 +73,10 @@ public final class ModbusDriver: SensorDriver {
             throw SensorError(.fault, "slave \(point.slave) register \(point.address) reads raw \(Self.hex(registers)), \(problem)")
         }
         guard let value = point.decode(registers[...]) else {
+            // A float32 NaN or infinity: what some transmitters send for a missing probe, or the wrong word order.
             throw SensorError(
-                .invalidResponse,
-                "slave \(point.slave) register \(point.address) holds no number as \(point.dataType.rawValue) (NaN or infinity); check data_type and word_order")
+                .fault,
+                "slave \(point.slave) register \(point.address) reads raw \(Self.hex(registers)), which as \(point.dataType.rawValue) is no number (NaN or infinity): a transmitter's value for a missing or broken probe, or the wrong word_order; check the probe, and data_type and word_order against its register map")
         }
         // A value no probe of the quantity can read (a float of 1e30, an int32 sentinel at a wrong data_type) is what a
         // transmitter sends when its probe is missing or broken, or what a wrong data_type, scale or word_order makes of
@@ -84,9 +85,15 @@ public final class ModbusDriver: SensorDriver {
         guard quantity.plausibleRange.contains(value) else {
             throw SensorError(
                 .fault,
-                "slave \(point.slave) register \(point.address) reads \(value) (raw \(Self.hex(registers))), which no \(quantity.rawValue) transmitter can measure (plausible \(quantity.plausibleRange.lowerBound)...\(quantity.plausibleRange.upperBound)): check the transmitter and its probe, and data_type, word_order, scale and offset against its register map")
+                "slave \(point.slave) register \(point.address) reads \(Self.shown(value)) (raw \(Self.hex(registers))), which no \(quantity.rawValue) transmitter can measure (plausible \(quantity.plausibleRange.lowerBound)...\(quantity.plausibleRange.upperBound)): check the transmitter and its probe, and data_type, word_order, scale and offset against its register map")
         }
         return SensorValue(value)
+    }
+
+    /// A scaled value for a message, without the binary noise of the scaling (3276.7, not 3276.7000000000003).
+    static func shown(_ value: Double) -> String {
+        guard value.isFinite, value.magnitude < 1e9 else { return "\(value)" }
+        return "\((value * 1e6).rounded() / 1e6)"
     }
 
     static func hex(_ registers: [UInt16]) -> String {
