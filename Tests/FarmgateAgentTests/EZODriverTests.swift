@@ -268,6 +268,16 @@ struct EZODriverTests {
         #expect(partial.message.contains("incomplete"), "\(partial)")
         #expect(try await driver.read() == SensorValue(6.02))
 
+        // A tester, 2026-12-07: an empty value line and its *OK were told as "no answer: check its power".
+        simulator.inject(.emptyAnswer)
+        guard case .failure(let empty) = await readResult(driver) else {
+            Issue.record("an empty answer gave a value")
+            return
+        }
+        #expect(empty.kind == .invalidResponse, "\(empty)")
+        #expect(empty.message.contains("with *OK but no value") && !empty.message.contains("check its power"), "\(empty)")
+        #expect(try await driver.read() == SensorValue(6.03))
+
         simulator.inject(.silence)
         let started = ContinuousClock.now
         guard case .failure(let silent) = await readResult(driver) else {
@@ -277,7 +287,7 @@ struct EZODriverTests {
         #expect(silent.kind == .timeout)
         #expect(silent.message.contains("UART mode"), "\(silent)")
         #expect(ContinuousClock.now - started < .seconds(5), "the read was not bounded by its deadline")
-        #expect(try await driver.read() == SensorValue(6.03))
+        #expect(try await driver.read() == SensorValue(6.04))
         await driver.close()
     }
 

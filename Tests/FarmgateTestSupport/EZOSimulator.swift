@@ -53,6 +53,8 @@ public final class EZOSimulator: Sendable {
         case noisePrefix([UInt8])
         /// Noise bytes (and a carriage return) replace the answer.
         case garbageOnly([UInt8])
+        /// An empty line where the value should be, then `*OK` (with response codes on).
+        case emptyAnswer
         /// Half of the answer, without its carriage return, then nothing.
         case partial
         /// Noise bytes without any line end, then nothing (a wrong baud mangles the carriage return too).
@@ -616,6 +618,9 @@ public final class EZOSimulator: Sendable {
         case .garbageOnly(let noise)?:
             pause(time)
             sendRaw(noise + [0x0D])
+        case .emptyAnswer?:
+            pause(time)
+            answer([""], after: 0)
         case .partial?:
             pause(time)
             sendRaw(Array(line.utf8.prefix(max(1, line.utf8.count / 2))))

@@ -139,7 +139,7 @@ final class EZOSession: @unchecked Sendable {
                             "the answer \"\(text)\" to \(command) from the circuit on \(portPath) has \(values.count) fields where an EZO \(kind.rawValue) circuit's reading has 1: not a \(kind.rawValue) circuit, or its output settings were changed (another program, a factory reset); check which circuit is wired to this port"))
                     }
                     // The EC circuit's outputs changed (a factory reset, another program): set them again.
-                    throw Interruption.restarted("the reading has \(values.count) fields, \(expected) expected", event: nil)
+                    throw Interruption.restarted("the reading has \(values.count) \(values.count == 1 ? "field" : "fields"), \(expected) expected", event: nil)
                 }
                 if let range = kind.outputRange, let value = values.first, !range.contains(value) {
                     // No circuit of this kind outputs it: a line garbled on the way, or another device answering.
@@ -178,7 +178,7 @@ final class EZOSession: @unchecked Sendable {
             // Not restarts at all: the outputs were set again and the reading still has other fields.
             return .failure(SensorError(
                 .invalidResponse,
-                "the EZO \(kind.rawValue) circuit on \(portPath) answers readings with other fields than its outputs were set to (\(restarts.joined(separator: "; "))): another program changing its outputs, or not an EC circuit answering; check what else uses the port"))
+                "the EZO \(kind.rawValue) circuit on \(portPath) answers readings with other fields than its outputs were set to (\(Self.distinct(restarts).joined(separator: "; "))): another program changing its outputs, or not an EC circuit answering; check what else uses the port"))
         }
         if restarts.allSatisfy({ $0.contains("streaming readings") }) {
             // No restart event at all: continuous mode came back right after C,0 turned it off.
@@ -456,6 +456,9 @@ final class EZOSession: @unchecked Sendable {
         /// Answer lines after the first (a read has exactly one).
         var more: [String] = []
         var sawOK = false
+        /// An *OK came where the answer should have been: an empty answer line (the line splitter drops it), or the
+        /// *OK of an earlier command.
+        var okWithoutData = false
         var unreadable: [String] = []
         // Done: the answer (and its *OK while response codes are on), or for a command without an answer its *OK. A
         // read without response codes is never done early: a second value line may still come within its wait.
@@ -489,7 +492,7 @@ final class EZOSession: @unchecked Sendable {
                     // An answer's *OK follows it; one before it is left over from an earlier command. Either proves the
                     // circuit's response codes are on: an *OK lost once (a bit error on the line) turned them off here,
                     // and every read would otherwise wait out its whole deadline from then on.
-                    if answer == nil || data != nil { sawOK = true }
+                    if answer == nil || data != nil { sawOK = true } else { okWithoutData = true }
                     if !responseCodes {
                         responseCodes = true
                         logger.debug("EZO response codes are on")
@@ -544,6 +547,11 @@ final class EZOSession: @unchecked Sendable {
                     throw .sensor(SensorError(
                         .invalidResponse,
                         "incomplete answer to \(command) from the EZO \(kind.rawValue) circuit on \(portPath) (\(Self.show(pending)) without an end of line): \(hint)"))
+                }
+                if okWithoutData {
+                    throw .sensor(SensorError(
+                        .invalidResponse,
+                        "the EZO \(kind.rawValue) circuit on \(portPath) answered \(command) with *OK but no value within \(ConfigTable.format(time + margin)) (an empty answer line): check the probe and its connector on the circuit"))
                 }
                 throw .sensor(SensorError(
                     .timeout,
@@ -659,5 +667,13 @@ final class EZOSession: @unchecked Sendable {
         if bytes.allSatisfy(EZOLineSplitter.isPrintable) { return "\"\(String(decoding: bytes, as: UTF8.self))\"" }
         return bytes.prefix(12).map { String($0, radix: 16, uppercase: false) }.map { $0.count == 1 ? "0" + $0 : $0 }
             .joined(separator: " ") + (bytes.count > 12 ? " …" : "")
+    }
+}
+
+extension EZOSession {
+    /// `texts` without repeats, in their first order ("the reading has 1 field, 2 expected" once, not per round).
+    static func distinct(_ texts: [String]) -> [String] {
+        var seen: Set<String> = []
+        return texts.filter { seen.insert($0).inserted }
     }
 }
