@@ -194,7 +194,7 @@ struct RuleCommand: AsyncParsableCommand, SubcommandsOnly {
                 return failure(location?.description ?? "\(path): \(error.description)", code: 78)
             }
             try await options.administerAlerts(refused: located) { try await $0.load(farm: farmName, rules) }
-            print("Loaded \(rules.count) alert rules into farm \(farmName): \(rules.map(\.name).joined(separator: ", ")).")
+            print("Loaded \(rules.count) alert \(rules.count == 1 ? "rule" : "rules") into farm \(farmName): \(rules.map(\.name).joined(separator: ", ")).")
         }
     }
 }
@@ -285,7 +285,10 @@ struct SilenceCommand: AsyncParsableCommand, SubcommandsOnly {
                 }
                 end = time
             case (nil, let text?):
-                guard let length = ConfigTable.parseDuration(text), length > .zero else { throw ValidationError("--for '\(text)' must be a duration such as 30m or 2h") }
+                guard let length = ConfigTable.parseDuration(text) else { throw ValidationError("--for '\(text)' must be a duration such as 30m or 2h") }
+                guard length > .zero, length <= .seconds(366 * 86_400) else {
+                    throw ValidationError("--for '\(text)' must be longer than 0s and at most 366d")
+                }
                 end = Timestamp(microseconds: now.microseconds + length.wholeMicroseconds)
             default:
                 throw ValidationError("give exactly one of --until TIME or --for DURATION")

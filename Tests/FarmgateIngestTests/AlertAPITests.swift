@@ -198,6 +198,16 @@ struct AlertAPITests {
             try expectError(response, .forbidden, "forbidden")
             response = try await client.execute(uri: "/v1/farms/f1/silences", method: .post, headers: headers(admin), body: jsonBody(#"{"matchers": {}, "duration": "2h"}"#))
             try expectError(response, .badRequest, "invalid_silence")
+            // A tester, 2026-12-07: these named "until", "ends_at" and no field at all.
+            for (body, says) in [
+                (#"{"matchers": {"alertname": "x"}, "duration": "400d"}"#, "duration: '400d' must be longer than 0s and at most 366d"),
+                (#"{"matchers": {"alertname": "x"}, "duration": "0s"}"#, "duration: '0s' must be longer than 0s and at most 366d"),
+                (#"{"matchers": {"alertname": "x"}, "ends_at": "2001-01-01T00:00:00Z"}"#, "ends_at: 2001-01-01T00:00:00Z is already past"),
+            ] {
+                response = try await client.execute(uri: "/v1/farms/f1/silences", method: .post, headers: headers(admin), body: jsonBody(body))
+                let message = try expectError(response, .badRequest, "invalid_silence")
+                #expect(message.hasPrefix(says), "\(message)")
+            }
             response = try await client.execute(uri: "/v1/farms/f1/silences", method: .post, headers: headers(admin), body: jsonBody(silence))
             #expect(response.status == .created)
             response = try await client.execute(uri: "/v1/farms/f1/silences", method: .get, headers: bearer(fixture.readToken))

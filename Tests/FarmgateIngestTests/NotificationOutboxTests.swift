@@ -281,6 +281,8 @@ struct NotificationOutboxTests {
             for (url, secret, phrase) in [
                 ("http://127.0.0.1:99999/x", nil, "a port is 1 to 65535"), ("http://127.0.0.1:0/x", nil, "a port is 1 to 65535"),
                 ("https://hooks.example.net/a\r\nX-Injected: 1", nil, "control character"), ("https://hooks.example.net/", "", "--secret is empty"),
+                // A tester, 2026-12-07: taken, and never sent.
+                ("http://user:hunter2@hooks.example.net/x", nil, "has a user name or password before @, which is not sent"),
             ] as [(String, String?, String)] {
                 let refused = await #expect(throws: AlertReceiverSpecError.self) {
                     _ = try await admin.addReceiver(farm: "f1", AlertReceiverSpec(name: "x", kind: .webhook, url: url, secret: secret))

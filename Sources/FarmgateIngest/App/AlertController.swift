@@ -225,10 +225,19 @@ struct AlertController: Sendable {
             guard let parsed = RFC3339.parse(text) else {
                 throw APIError(.badRequest, code: "invalid_silence", message: "ends_at: '\(text.prefix(60))' is not an RFC 3339 time such as 2026-01-31T12:00:00Z")
             }
+            guard parsed > current else {
+                throw APIError(
+                    .badRequest, code: "invalid_silence",
+                    message: "ends_at: \(RFC3339.format(parsed)) is already past (it is \(RFC3339.format(current)) now); give a later time, or a duration")
+            }
             until = parsed
         } else if let text = decoded.duration {
-            guard let parsed = ConfigTable.parseDuration(text), parsed > .zero else {
+            guard let parsed = ConfigTable.parseDuration(text) else {
                 throw APIError(.badRequest, code: "invalid_silence", message: "duration: '\(text.prefix(40))' must be a duration such as 30m, 2h or 7d")
+            }
+            guard parsed > .zero, parsed <= .seconds(366 * 86_400) else {
+                throw APIError(
+                    .badRequest, code: "invalid_silence", message: "duration: '\(text.prefix(40))' must be longer than 0s and at most 366d")
             }
             until = Timestamp(microseconds: current.microseconds + parsed.wholeMicroseconds)
         } else {

@@ -114,6 +114,11 @@ public enum AlertReceiverValidation {
             guard scheme == "http" || scheme == "https", !host.isEmpty else {
                 throw AlertReceiverSpecError("--webhook must be an http:// or https:// URL with a host, such as https://hooks.example.net/farmgate (got '\(spec.url.prefix(200))')")
             }
+            // Never sent (the client takes no login from the URL), so the receiver would refuse every notification.
+            if components?.user != nil || components?.password != nil {
+                throw AlertReceiverSpecError(
+                    "--webhook has a user name or password before @, which is not sent; remove it, and have the receiver check the signature (--secret) or a token in the URL's path")
+            }
         case .email:
             guard scheme == "smtp" || scheme == "smtps", !host.isEmpty, (components?.path ?? "").count <= 1 else {
                 throw AlertReceiverSpecError(
