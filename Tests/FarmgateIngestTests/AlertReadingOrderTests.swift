@@ -47,6 +47,50 @@ struct AlertReadingOrderTests {
         }
     }
 
+    /// Past `queue_limit` a dropped batch is read back at the next tick, after the device's later batches were judged from
+    /// the queue: the out-of-order replay puts its episodes in place. (A tester, 2026-12-07, still saw a history of
+    /// "firing → resolved" then "inactive → pending" with ten devices feeding a running engine: not reproduced here.)
+    @Test(
+        "batches the full queue dropped, judged after the device's later ones, leave a history in time order",
+        arguments: StoreKind.allCases)
+    func droppedBatchKeepsTheOrder(kind: StoreKind) async throws {
+        try await AlertHarness.with(kind) { h in
+            try await h.rule(spec("ph-high", "above") { $0.quantity = "ph"; $0.threshold = 6.5; $0.clear = 6.4 })
+            let clock = h.clock
+            let engine = AlertEngine(
+                store: h.store, settings: AlertEngine.Settings(lateAfter: .seconds(300), lateQuiet: .seconds(30), queueLimit: 1), logger: testLogger,
+                now: { clock.now })
+            await engine.reload()
+            let now = h.clock.now
+            func at(_ seconds: Int64) -> Timestamp { Timestamp(microseconds: now.microseconds + seconds * 1_000_000) }
+            // Episodes: above the threshold at -70, -50, -30 and -10, below it in between.
+            try await h.send([(-80, 6.0)], start: now, to: engine)
+            try await h.send([(-70, 7.0)], start: now, to: engine)
+            // Committed while the queue is full (its one place taken): dropped, read back at the next tick.
+            for (seconds, value) in [(-60, 6.0), (-50, 7.0), (-40, 6.0)] as [(Int64, Double)] {
+                let batch = try await h.send([(seconds, value)], start: now, feed: false)
+                engine.committed(batch)
+                engine.committed(batch)
+            }
+            // Later batches, taken from the queue before the catch-up.
+            for (seconds, value) in [(-30, 7.0), (-20, 6.0), (-10, 7.0)] as [(Int64, Double)] {
+                try await h.send([(seconds, value)], start: now, to: engine)
+            }
+            await engine.tick()
+            h.clock.advance(seconds: 31)
+            await engine.tick()
+            let alert = try #require(try await h.alerts().first)
+            #expect(alert.state == "firing")
+            #expect(alert.startsAt == at(-10))
+            let transitions = alert.transitions.sorted { $0.at < $1.at }
+            // In time order, each transition starts where the one before ended.
+            for (before, after) in zip(transitions, transitions.dropFirst()) {
+                #expect(before.to == after.from, "\(transitions.map { "\($0.from)→\($0.to)@\($0.at.microseconds - now.microseconds)" })")
+            }
+            #expect(transitions.last?.to == "firing")
+        }
+    }
+
     /// A tester (2026-12-06): after a restart the device's newest judged reading (another sensor's) was taken as every
     /// sensor's, so the in-order readings of a sensor new to the engine went through the out-of-order replay, and one
     /// run split its report into two notifications, the newest first.
