@@ -257,10 +257,9 @@ struct ModbusBusTests {
         #expect(slave.requests.map(\.address) == [0, 50, 0, 50])
     }
 
-    // A tester, 2026-12-07: an answer later than the timeout and the drain after it crossed the next request on the
-    // wire and was stored as that request's value.
-    @Test("An answer later than the drain after its timeout, arriving as the next request's, is not taken for it")
-    func lateAnswerPastTheDrain() async throws {
+    /// Slave 1 with 100 in register 0 and 200 in register 50, read by two sensors with `responseTimeout`, uncoalesced: the
+    /// same slave, function and length, so that nothing in an answer tells which request it belongs to.
+    static func oneSlaveTwoRegisters(responseTimeout: String) throws -> (Scratch, ModbusTestSlave, [SensorConfiguration]) {
         let scratch = try Scratch(prefix: "fg-modbus")
         let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1])
         slave.set(slave: 1, address: 0, [100])
@@ -268,10 +267,19 @@ struct ModbusBusTests {
         let configurations = try modbusSensors(
             port: slave.path,
             [
-                ("t.a", "slave = 1\naddress = 0\ncoalesce_gap = 0\nresponse_timeout = \"100ms\""),
-                ("t.b", "slave = 1\naddress = 50\ncoalesce_gap = 0\nresponse_timeout = \"100ms\""),
+                ("t.a", "slave = 1\naddress = 0\ncoalesce_gap = 0\nresponse_timeout = \"\(responseTimeout)\""),
+                ("t.b", "slave = 1\naddress = 50\ncoalesce_gap = 0\nresponse_timeout = \"\(responseTimeout)\""),
             ],
             interval: "100ms")
+        return (scratch, slave, configurations)
+    }
+
+    // A tester, 2026-12-07: an answer later than the timeout and the drain after it crossed the next request on the
+    // wire and was stored as that request's value.
+    @Test("An answer later than the drain after its timeout, arriving as the next request's, is not taken for it")
+    func lateAnswerPastTheDrain() async throws {
+        let (scratch, slave, configurations) = try Self.oneSlaveTwoRegisters(responseTimeout: "100ms")
+        defer { withExtendedLifetime(scratch) {} }
         try await withModbusDrivers(configurations) { drivers async throws in
             for _ in 0..<3 {
                 // Register 0's answer comes 250 ms after its request: after the 100 ms timeout and the 100 ms of silence
@@ -296,18 +304,8 @@ struct ModbusBusTests {
 
     @Test("A slave that answers every request 50-100 ms after its timeout never has an answer taken for another request")
     func lateAnswerEveryTime() async throws {
-        let scratch = try Scratch(prefix: "fg-modbus")
-        let slave = try ModbusTestSlave(path: scratch.file("ttyRS485"), answering: [1])
-        // Same slave, function and length: nothing in the answer tells which request it belongs to.
-        slave.set(slave: 1, address: 0, [100])
-        slave.set(slave: 1, address: 50, [200])
-        let configurations = try modbusSensors(
-            port: slave.path,
-            [
-                ("t.a", "slave = 1\naddress = 0\ncoalesce_gap = 0\nresponse_timeout = \"200ms\""),
-                ("t.b", "slave = 1\naddress = 50\ncoalesce_gap = 0\nresponse_timeout = \"200ms\""),
-            ],
-            interval: "100ms")
+        let (scratch, slave, configurations) = try Self.oneSlaveTwoRegisters(responseTimeout: "200ms")
+        defer { withExtendedLifetime(scratch) {} }
         try await withModbusDrivers(configurations) { drivers async throws in
             for (index, delay) in [260, 290, 270, 280, 300, 265].enumerated() {
                 slave.delayAnswers(of: 1, by: .milliseconds(delay))

@@ -133,6 +133,16 @@ struct SMTPDeliveryTests {
         #expect(sink.messages.count == 1)
     }
 
+    /// The receiver `grower` on `sink`, logging in as `farm`.
+    static func receiver(_ sink: SMTPSink) -> AlertReceiver {
+        AlertReceiver(
+            id: 1, farmID: 1, farm: "f1",
+            spec: AlertReceiverSpec(
+                name: "grower", kind: .email, url: sink.url, secret: "pa55 word", username: "farm", emailFrom: "ingest@farm.example",
+                emailTo: "grower@farm.example"),
+            createdAt: testNow)
+    }
+
     // A tester, 2026-12-07: a server that took the body and went silent held the delivery for request_timeout plus
     // libcurl's 120 s (the QUIT on closing waited its default response timeout), and another instance took the claim
     // over and sent the message again.
@@ -140,12 +150,7 @@ struct SMTPDeliveryTests {
     func silentAfterTheBody() async throws {
         let sink = try await sink { $0.silentAfterData = true }
         let notifier = try Notifier(configuration: fastNotify(requestTimeout: .seconds(2), caFile: certificates.caFile), logger: testLogger)
-        let receiver = AlertReceiver(
-            id: 1, farmID: 1, farm: "f1",
-            spec: AlertReceiverSpec(
-                name: "grower", kind: .email, url: sink.url, secret: "pa55 word", username: "farm", emailFrom: "ingest@farm.example",
-                emailTo: "grower@farm.example"),
-            createdAt: testNow)
+        let receiver = Self.receiver(sink)
         let started = ContinuousClock.now
         do {
             _ = try await notifier.send(testNotification(7), idempotencyKey: "k-silent", to: receiver)
@@ -172,12 +177,7 @@ struct SMTPDeliveryTests {
             if command == "AUTH" { options.authReply = reply } else { options.startTLSReply = reply }
         }
         let notifier = try Notifier(configuration: fastNotify(requestTimeout: .seconds(5), caFile: certificates.caFile), logger: testLogger)
-        let receiver = AlertReceiver(
-            id: 1, farmID: 1, farm: "f1",
-            spec: AlertReceiverSpec(
-                name: "grower", kind: .email, url: sink.url, secret: "pa55 word", username: "farm", emailFrom: "ingest@farm.example",
-                emailTo: "grower@farm.example"),
-            createdAt: testNow)
+        let receiver = Self.receiver(sink)
         do {
             _ = try await notifier.send(testNotification(6), idempotencyKey: "k-\(command)", to: receiver)
             Issue.record("the message was accepted although the server answered \(command) with \(reply)")
