@@ -15,8 +15,9 @@ import Glibc
 /// A DS18B20 (or another w1-therm sensor) read through the Linux 1-Wire sysfs files.
 ///
 /// Each read runs on the sensor's own thread (a sysfs read blocks for the whole conversion, 750 ms at 12 bits), one at
-/// a time per bus (``W1BusGate``), and is abandoned after `read_timeout` from when it has the bus if the bus hangs. `w1_slave` is preferred, because it carries the kernel's CRC
-/// verdict; the `temperature` file of newer kernels is used when there is no `w1_slave`.
+/// a time per bus (``W1BusGate``), and is abandoned after `read_timeout` from when it has the bus if the bus hangs.
+/// `w1_slave` is preferred, because it carries the kernel's CRC verdict; the `temperature` file of newer kernels is
+/// used when there is no `w1_slave`.
 ///
 /// What is refused: a failed CRC (`fault`), an empty read (the conversion failed), an all-zero scratchpad, the 127.94 °C
 /// of a starved parasite-powered sensor, and the 85.000 °C power-on value, always (``W1Therm/check(millidegrees:)``).
