@@ -170,6 +170,11 @@ struct DS18B20DriverTests {
         #expect(error.kind == .disconnected)
         #expect(error.message.contains("\(address) is not on the bus"))
         #expect(error.message.contains("present: 28-00000a1b2c3d"))
+        // A tester, 2026-12-07: with 305 devices the message was 5.6 KB. At most ten are named.
+        for index in 0..<25 { try tree.slave(String(format: "28-0000000001%02d", index), millidegrees: 19_000) }
+        let crowded = try #require(await readResult(driver).failure)
+        #expect(crowded.message.contains("28-000000000100, 28-000000000101") && crowded.message.contains(" and 16 more (`ls "), "\(crowded)")
+        #expect(crowded.message.count < 400, "\(crowded.message.count) characters")
         try tree.slave(address, millidegrees: 19_125)
         #expect(try await driver.read().value == 19.125)
         await driver.close()
@@ -249,7 +254,7 @@ struct DS18B20DriverTests {
             while !stop.withLock({ $0 }) {
                 var idle = true
                 for (index, fifo) in fifos.enumerated() {
-                    let writer = open(fifo, O_WRONLY | O_NONBLOCK)
+                    let writer = open(fifo, O_WRONLY | O_NONBLOCK | O_CLOEXEC)
                     guard writer >= 0 else { continue }
                     idle = false
                     Thread.sleep(forTimeInterval: 0.25)
@@ -260,7 +265,7 @@ struct DS18B20DriverTests {
                     // Until the reader has closed its end (it read to the end): the same read is not served twice.
                     let until = Date().addingTimeInterval(1)
                     while Date() < until {
-                        let again = open(fifo, O_WRONLY | O_NONBLOCK)
+                        let again = open(fifo, O_WRONLY | O_NONBLOCK | O_CLOEXEC)
                         guard again >= 0 else { break }
                         close(again)
                         Thread.sleep(forTimeInterval: 0.002)

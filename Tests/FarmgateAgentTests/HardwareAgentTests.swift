@@ -134,7 +134,7 @@ struct HardwareAgentTests {
         func values(_ sensor: String) -> [Double] { readings.filter { $0.sensor.rawValue == sensor }.map(\.value) }
 
         let ph = values("tank1.ph")
-        #expect(ph.first == 6.12)
+        #expect(ph.first == 6.12, "\((try? String(contentsOfFile: log, encoding: .utf8)) ?? "")")
         #expect(ph.last == 6.4, "readings after the replug carry the new value: \(ph)")
         #expect(Set(ph).isSubset(of: [6.12, 6.4]))
         #expect(Set(values("tank1.temp")).isSubset(of: [25, 24]) && values("tank1.temp").contains(24))

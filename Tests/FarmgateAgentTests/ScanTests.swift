@@ -275,6 +275,11 @@ struct ScanTests {
         #expect(finding.sensors[1].problem?.contains("CRC check failed") == true)
         let text = ScanReport(oneWire: finding, gpio: GPIOFinding()).text()
         #expect(text.contains("address = \"28-000000000001\"") && text.contains("w1_root = \"\(root)\""))
+        #expect(text.contains("28-000000000001: DS18B20, 21.437 °C"), "\(text)")
+        // A tester, 2026-12-07: a family-10 device was listed as a DS18B20.
+        #expect(ScanReport.w1ThermName("10-000000000009") == "DS18S20" && ScanReport.w1ThermName("28-000000000009") == "DS18B20")
+        let none = ScanReport(oneWire: OneWireFinding(root: root), gpio: GPIOFinding()).text()
+        #expect(none.contains("no w1-therm temperature sensor (DS18B20 28-*, DS18S20 10-*"), "\(none)")
 
         let missing = await OneWireScan.scan(root: dir.file("no-such-bus"))
         #expect(missing.message?.contains("dtoverlay=w1-gpio") == true)

@@ -27,8 +27,8 @@ struct AlertSilenceLimitsTests {
             let long = String(repeating: "a", count: 257)
             try await app.test(.router) { client in
                 for (body, phrase) in [
-                    (#"{"matchers": {"alertname": "zzz"}, "duration": "3000000d"}"#, "ends_at: must be at most 366 days"),
-                    (#"{"matchers": {"alertname": "zzz"}, "duration": "367d"}"#, "ends_at: must be at most 366 days"),
+                    (#"{"matchers": {"alertname": "zzz"}, "duration": "3000000d"}"#, "duration: '3000000d' must be longer than 0s and at most 366d"),
+                    (#"{"matchers": {"alertname": "zzz"}, "duration": "367d"}"#, "duration: '367d' must be longer than 0s and at most 366d"),
                     (#"{"matchers": {"alertname": "zzz"}, "ends_at": "\#(farAway)"}"#, "ends_at: must be at most 366 days"),
                     (#"{"matchers": {"": "x"}, "duration": "2h"}"#, "matchers: label name ''"),
                     (#"{"matchers": {"alert name": "x"}, "duration": "2h"}"#, "matchers: label name 'alert name'"),

@@ -161,10 +161,12 @@ extension ScanReport {
         out.append("")
         out.append("1-Wire (\(oneWire.root))")
         if let message = oneWire.message { out.append("  \(message)") }
-        if oneWire.message == nil && oneWire.sensors.isEmpty { out.append("  no DS18B20 (28-*) devices") }
+        if oneWire.message == nil && oneWire.sensors.isEmpty {
+            out.append("  no w1-therm temperature sensor (DS18B20 28-*, DS18S20 10-*, DS1822 22-*, DS1825/MAX31850 3b-*, DS28EA00 42-*)")
+        }
         for sensor in oneWire.sensors {
             let reading = sensor.celsius.map { "\($0) °C" } ?? (sensor.problem ?? "no reading")
-            out.append("  \(sensor.address): DS18B20, \(reading)")
+            out.append("  \(sensor.address): \(Self.w1ThermName(sensor.address)), \(reading)")
             tables.append(Self.ds18b20Table(sensor, root: oneWire.root == w1DefaultRoot ? nil : oneWire.root))
         }
         out.append("")
@@ -222,6 +224,17 @@ extension ScanReport {
         }
         lines.append("interval = \"10s\"")
         return lines.joined(separator: "\n")
+    }
+
+    /// The chip a w1-therm address's family stands for (`28-…` DS18B20, `10-…` DS18S20, …).
+    static func w1ThermName(_ address: String) -> String {
+        switch address.prefix(2) {
+        case "10": "DS18S20"
+        case "22": "DS1822"
+        case "3b": "DS1825 or MAX31850"
+        case "42": "DS28EA00"
+        default: "DS18B20"
+        }
     }
 
     static func ds18b20Table(_ sensor: DS18B20Finding, root: String?) -> String {

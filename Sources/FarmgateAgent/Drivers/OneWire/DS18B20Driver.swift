@@ -220,7 +220,9 @@ public final class DS18B20Driver: SensorDriver {
                 "no 1-Wire bus at \(options.root): enable it (Raspberry Pi: dtoverlay=w1-gpio in /boot/firmware/config.txt, then reboot)")
         }
         let present = names.filter { $0.count == 15 && families.contains(String($0.prefix(2))) }.sorted()
-        let listing = present.isEmpty ? "no temperature sensor is listed" : "present: \(present.joined(separator: ", "))"
+        // At most ten named (a status line per sensor, and a bus may carry hundreds): the count says how many more.
+        let named = present.prefix(10).joined(separator: ", ") + (present.count > 10 ? " and \(present.count - 10) more (`ls \(options.root)`)" : "")
+        let listing = present.isEmpty ? "no temperature sensor is listed" : "present: \(named)"
         return SensorError(
             .disconnected, "1-Wire device \(options.address) is not on the bus (unplugged or a broken wire?); \(listing)")
     }
