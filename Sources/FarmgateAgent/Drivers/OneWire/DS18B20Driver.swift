@@ -97,15 +97,15 @@ public final class DS18B20Driver: SensorDriver {
     }
 
     let options: Options
-    /// How long a read waits for its bus before it gives up (the sampler abandons a read after the sensor's interval,
-    /// at least 5 s): what is left of that once `read_timeout` is taken, at least a second.
+    /// How long a read waits for its bus (and its thread to run it) before it gives up: the sensor's interval, at
+    /// least 5 s, as long as the sampler gives a read (a wait of a second timed out under load, on a bus of one probe).
     let busWait: Duration
     private let thread: DedicatedThread
     private let state = Mutex(State())
 
     public init(configuration: SensorConfiguration, logger: Logger) throws {
         options = try Options(configuration)
-        busWait = max(.seconds(1), max(configuration.interval, .seconds(5)) - options.readTimeout)
+        busWait = max(configuration.interval, .seconds(5))
         thread = DedicatedThread(name: "farmgate-w1")
     }
 
