@@ -286,7 +286,7 @@ struct SilenceCommand: AsyncParsableCommand, SubcommandsOnly {
                 end = time
             case (nil, let text?):
                 guard let length = ConfigTable.parseDuration(text) else { throw ValidationError("--for '\(text)' must be a duration such as 30m or 2h") }
-                guard length > .zero, length <= .seconds(366 * 86_400) else {
+                guard length > .zero, length <= AlertAdmin.longestSilence else {
                     throw ValidationError("--for '\(text)' must be longer than 0s and at most 366d")
                 }
                 end = Timestamp(microseconds: now.microseconds + length.wholeMicroseconds)

@@ -118,8 +118,10 @@ public struct AlertAdmin: Sendable {
 
     // MARK: Silences
 
-    /// The longest silence, in microseconds: that of rule durations (366 days).
-    static let silenceLengthMax = Int64(AlertRuleFile.maximumDuration.components.seconds) * 1_000_000
+    /// The longest silence: that of rule durations (366 days).
+    public static let longestSilence = AlertRuleFile.maximumDuration
+    /// ``longestSilence`` in microseconds.
+    static let silenceLengthMax = Int64(longestSilence.components.seconds) * 1_000_000
     /// The longest matcher glob, as a rule label's value.
     static let silenceGlobMax = 256
     static let silenceMatchersMax = 32

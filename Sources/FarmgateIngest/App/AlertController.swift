@@ -235,7 +235,7 @@ struct AlertController: Sendable {
             guard let parsed = ConfigTable.parseDuration(text) else {
                 throw APIError(.badRequest, code: "invalid_silence", message: "duration: '\(text.prefix(40))' must be a duration such as 30m, 2h or 7d")
             }
-            guard parsed > .zero, parsed <= .seconds(366 * 86_400) else {
+            guard parsed > .zero, parsed <= AlertAdmin.longestSilence else {
                 throw APIError(
                     .badRequest, code: "invalid_silence", message: "duration: '\(text.prefix(40))' must be longer than 0s and at most 366d")
             }

@@ -128,13 +128,13 @@ public final class DS18B20Driver: SensorDriver {
         }
         let options = self.options
         let gate = W1BusGate.forDevice(options.root + "/" + options.address, root: options.root)
-        let gotBus = OneShotSignal()
+        let gotBus = OnceContinuation<Void>()
         // One job on the sensor's thread: wait for the bus, say so, read, give the bus back, whenever the caller gave up.
         let job = Task { [self, thread] () -> Result<Int, SensorError>? in
             try? await thread.run { () -> Result<Int, SensorError> in
                 gate.take()
                 self.state.withLock { $0.readingSince = .now }
-                gotBus.fire()
+                gotBus.resume(with: .success(()))
                 defer {
                     gate.give()
                     self.state.withLock { $0 = State() }
@@ -142,7 +142,7 @@ public final class DS18B20Driver: SensorDriver {
                 return Self.readMillidegrees(options)
             }
         }
-        guard await withDeadline(busWait, { await gotBus.wait() }) != nil else {
+        guard await withDeadline(busWait, { try? await withCheckedThrowingContinuation { gotBus.install($0) } }) != nil else {
             throw SensorError(
                 .timeout,
                 "\(options.address) waited \(busWait) for its 1-Wire bus, which reads of other probes held: a read of one of them is blocked, or the bus has more probes than their interval allows (each conversion holds it up to 750 ms with parasite power); lengthen the interval or split the probes over two buses")

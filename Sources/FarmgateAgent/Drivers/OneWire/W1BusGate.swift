@@ -1,5 +1,4 @@
 import Dispatch
-import FarmgateSupport
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
@@ -50,35 +49,5 @@ final class W1BusGate: Sendable {
         let path = String(cString: resolved)
         guard let slash = path.lastIndex(of: "/"), slash != path.startIndex else { return nil }
         return String(path[..<slash])
-    }
-}
-
-/// Fired once, from any thread; awaited by one task.
-final class OneShotSignal: Sendable {
-    private struct State {
-        var fired = false
-        var waiter: CheckedContinuation<Void, Never>?
-    }
-
-    private let state = Mutex(State())
-
-    func fire() {
-        let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
-            state.fired = true
-            defer { state.waiter = nil }
-            return state.waiter
-        }
-        waiter?.resume()
-    }
-
-    func wait() async {
-        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-            let fired = state.withLock { state -> Bool in
-                if state.fired { return true }
-                state.waiter = continuation
-                return false
-            }
-            if fired { continuation.resume() }
-        }
     }
 }
