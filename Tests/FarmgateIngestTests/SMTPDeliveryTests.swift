@@ -49,13 +49,14 @@ struct SMTPDeliveryTests {
             return notification.idempotencyKey(receiver: receiver.id)
         }
         await sink.stop()
+        // One transaction per recipient (so that a refusal is that recipient's alone), the same message.
+        #expect(sink.messages.map(\.recipients) == [["grower@farm.example"], ["night@farm.example"]])
+        #expect(Set(sink.messages.map(\.data)).count == 1)
         let message = try #require(sink.messages.first)
-        #expect(sink.messages.count == 1)
         #expect(message.tls, "the message was sent before TLS")
         #expect(message.mechanism == mechanism)
         #expect(message.username == "farm" && message.password == "pa55 word")
         #expect(message.from == "ingest@farm.example")
-        #expect(message.recipients == ["grower@farm.example", "night@farm.example"])
         // Nothing but EHLO and STARTTLS in clear.
         let commands = sink.commands
         let tlsAt = try #require(commands.firstIndex(of: "STARTTLS"))
@@ -131,6 +132,53 @@ struct SMTPDeliveryTests {
         await untrusting.shutdown()
         await sink.stop()
         #expect(sink.messages.count == 1)
+    }
+
+    // A tester, 2026-12-07: one recipient the server refused stopped the message for all of the receiver's
+    // recipients, and the notification became a dead letter that nobody had received.
+    @Test("A recipient the server refuses holds the message from no other; one refused for now gets it on a retry; nobody gets it twice", arguments: StoreKind.allCases)
+    func recipientsApart(kind: StoreKind) async throws {
+        let sink = try await sink { $0.refusedRecipients = ["typo@farm.example"] }
+        sink.deferRecipients(["busy@farm.example"])
+        let caFile = certificates.caFile
+        try await withOutboxStore(kind) { store in
+            let admin = AlertDeliveryAdmin(store: store)
+            let receiver = try await admin.addReceiver(
+                farm: "f1",
+                AlertReceiverSpec(
+                    name: "grower", kind: .email, url: sink.url, secret: "pa55 word", username: "farm", emailFrom: "ingest@farm.example",
+                    emailTo: "grower@farm.example, busy@farm.example, typo@farm.example", maxPerMinute: 6000))
+            let id = try #require(try await store.enqueueNotification(testNotification(8), receiverID: receiver.id, dueAt: .now()))
+            let delivery = try NotificationDelivery(
+                store: store, configuration: fastNotify(maxAttempts: 1000, requestTimeout: .seconds(5), claimTimeout: .seconds(10), caFile: caFile),
+                logger: testLogger)
+            try await withDelivery(delivery) {
+                // The first attempt reaches grower; busy is refused for now, so the row waits for a retry.
+                let firstDone = try await eventually(timeout: .seconds(20)) { try await rows(store).first?.reached == ["grower@farm.example"] }
+                let first = try #require(try await rows(store).first)
+                #expect(firstDone, "\(first)")
+                #expect(first.lastError?.contains("busy@farm.example (451 4.2.0 mailbox busy, try later)") == true, "\(String(describing: first.lastError))")
+                #expect(first.lastError?.contains("typo@farm.example (550 5.1.1 no such user)") == true, "\(first.lastError ?? "")")
+                // Once busy takes mail again, a retry reaches it; typo alone is left, refused for good: a dead letter.
+                sink.deferRecipients([])
+                let dead = try await eventually(timeout: .seconds(20)) { try await rows(store, .dead).count == 1 }
+                let row = try #require(try await rows(store).first)
+                #expect(dead, "\(row)")
+                #expect(row.reached == ["grower@farm.example", "busy@farm.example"])
+                #expect(AlertDeliveryAdmin.json(row).contains(#""reached":["grower@farm.example","busy@farm.example"]"#), "\(AlertDeliveryAdmin.json(row))")
+                #expect(row.lastError?.contains("typo@farm.example (550 5.1.1 no such user)") == true, "\(row.lastError ?? "")")
+                #expect(row.lastError?.contains("alert outbox retry") == true, "\(row.lastError ?? "")")
+                // The address fixed and the row retried: only the new address gets it.
+                _ = try await admin.updateReceiver(farm: "f1", name: "grower") { $0.emailTo = "grower@farm.example, busy@farm.example, night@farm.example" }
+                try await store.retryNotification(id: id, now: .now())
+                let delivered = try await eventually(timeout: .seconds(20)) { try await rows(store, .delivered).count == 1 }
+                let after = try await rows(store)
+                #expect(delivered, "\(after)")
+                #expect(try await rows(store).first?.reached == ["grower@farm.example", "busy@farm.example", "night@farm.example"])
+            }
+        }
+        await sink.stop()
+        #expect(sink.messages.flatMap(\.recipients) == ["grower@farm.example", "busy@farm.example", "night@farm.example"])
     }
 
     /// The receiver `grower` on `sink`, logging in as `farm`.

@@ -24,8 +24,8 @@ public struct SMTPSinkMessage: Sendable, Hashable {
 /// MAIL/RCPT/DATA; it records each message and answers `250`. Real TLS and a real protocol, so that libcurl's SMTP
 /// client is tested as it talks to a mail server.
 ///
-/// Options make it misbehave: no STARTTLS on offer, a login refused, a recipient refused with a permanent error, a
-/// STARTTLS or AUTH turned down with a reply of the test's choosing.
+/// Options make it misbehave: no STARTTLS on offer, a login refused, a recipient refused with a permanent error (or,
+/// by ``deferRecipients(_:)``, a temporary one), a STARTTLS or AUTH turned down with a reply of the test's choosing.
 public final class SMTPSink: Sendable {
     public struct Options: Sendable {
         /// Offer STARTTLS in the EHLO answer. Default true.
@@ -79,6 +79,9 @@ public final class SMTPSink: Sendable {
     /// The commands received, in order, across connections (AUTH arguments replaced by `***`).
     public var commands: [String] { recorder.commands }
 
+    /// Refuses `recipients` at `RCPT TO` with `451 4.2.0 mailbox busy, try later` from now on (an empty set ends it).
+    public func deferRecipients(_ recipients: Set<String>) { recorder.setDeferred(recipients) }
+
     /// Waits until at least `count` messages arrived, or `timeout` passed. Returns whether they did.
     public func waitForMessages(_ count: Int, timeout: Duration = .seconds(10)) async -> Bool {
         let deadline = ContinuousClock.now + timeout
@@ -95,8 +98,11 @@ public final class SMTPSink: Sendable {
 
     final class Recorder: Sendable {
         private let state = Mutex<(messages: [SMTPSinkMessage], commands: [String])>(([], []))
+        private let deferredRecipients = Mutex<Set<String>>([])
         var messages: [SMTPSinkMessage] { state.withLock { $0.messages } }
         var commands: [String] { state.withLock { $0.commands } }
+        var deferred: Set<String> { deferredRecipients.withLock { $0 } }
+        func setDeferred(_ recipients: Set<String>) { deferredRecipients.withLock { $0 = recipients } }
         func record(_ message: SMTPSinkMessage) { state.withLock { $0.messages.append(message) } }
         func command(_ line: String) { state.withLock { $0.commands.append(line) } }
     }
@@ -232,6 +238,7 @@ private final class SMTPSessionHandler: ChannelInboundHandler {
         case "RCPT":
             let recipient = address(line)
             if options.refusedRecipients.contains(recipient) { return reply(context, "550 5.1.1 no such user") }
+            if recorder.deferred.contains(recipient) { return reply(context, "451 4.2.0 mailbox busy, try later") }
             recipients.append(recipient)
             reply(context, "250 2.1.5 ok")
         case "DATA":

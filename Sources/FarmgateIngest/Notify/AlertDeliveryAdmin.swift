@@ -73,10 +73,10 @@ public struct AlertDeliveryAdmin: Sendable {
         let notification = Notifier.testNotification(farm: farm, receiver: receiver, now: now)
         let started = ContinuousClock.now
         do {
-            let account = try await notifier.send(
+            let sent = try await notifier.send(
                 notification, idempotencyKey: "farmgate-test-\(receiver.id)-\(now.microseconds)", to: receiver, asOf: now, signedAt: now)
             await notifier.shutdown()
-            return (account, ContinuousClock.now - started)
+            return (sent.account, ContinuousClock.now - started)
         } catch {
             await notifier.shutdown()
             throw error
@@ -145,6 +145,7 @@ public struct AlertDeliveryAdmin: Sendable {
         object["transitions"] = entry.transitions
         if let value = entry.firstTransitionAt { object["first_transition_at"] = RFC3339.format(value) }
         if let value = entry.coalescedAt { object["coalesced_at"] = RFC3339.format(value) }
+        if !entry.reached.isEmpty { object["reached"] = entry.reached }
         guard let data = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .withoutEscapingSlashes]) else { return "{}" }
         return String(decoding: data, as: UTF8.self)
     }

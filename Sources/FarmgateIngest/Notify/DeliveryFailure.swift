@@ -10,11 +10,16 @@ public struct DeliveryFailure: Error, Sendable, Hashable, CustomStringConvertibl
     /// it is neither delta-seconds nor an HTTP-date). The wait is never shorter than the backoff and at most
     /// ``NotificationDelivery/retryAfterMax`` (``NotificationDelivery/retryDelay(for:attempt:configuration:)``).
     public var retryAfter: Duration?
+    /// The recipients of an e-mail that its server took the message for before or during this attempt (the row's
+    /// ``OutboxEntry/reached`` with this attempt's added): stored with the outcome, so that a retry sends only to the
+    /// others. Empty for a webhook.
+    public var reached: [String]
 
-    public init(_ message: String, retryable: Bool, retryAfter: Duration? = nil) {
+    public init(_ message: String, retryable: Bool, retryAfter: Duration? = nil, reached: [String] = []) {
         self.message = message
         self.retryable = retryable
         self.retryAfter = retryAfter
+        self.reached = reached
     }
 
     /// Whether the receiver asked for time rather than failed: a 429 or 503 whose `Retry-After` asks for a wait. Such an

@@ -202,6 +202,8 @@ public final class NotificationDelivery: Service {
         let started = ContinuousClock.now
         let completion: OutboxCompletion
         let result: NotificationMetrics.Result
+        // The e-mail recipients reached in all, stored with the outcome (nil: as they were).
+        var reached: [String]?
         do {
             let notification: AlertNotification
             do {
@@ -212,18 +214,26 @@ public final class NotificationDelivery: Service {
             // Told as of when the notification was written, or last merged into ("firing since 03:12 (5m so far)", the
             // mail's Date), so that every attempt under one idempotency key sends the same body (a claimed row is never
             // merged into again); signed now, as receivers check.
-            let account = try await notifier.send(
-                notification, idempotencyKey: entry.idempotencyKey, to: claimed.receiver, asOf: entry.coalescedAt ?? entry.createdAt, signedAt: .now())
+            let sent = try await notifier.send(
+                notification, idempotencyKey: entry.idempotencyKey, to: claimed.receiver, asOf: entry.coalescedAt ?? entry.createdAt, signedAt: .now(),
+                reached: entry.reached)
+            let account = sent.account
+            if sent.reached != entry.reached { reached = sent.reached }
             completion = .delivered(at: .now())
             result = .delivered
             logger.debug("notification delivered", metadata: metadata.merging(["notify.result": "\(account)"]) { $1 })
         } catch let failure as DeliveryFailure where Task.isCancelled {
             // Cut short by a stop (``stopGrace``): not the receiver's failure, and not counted.
+            if failure.reached != entry.reached { reached = failure.reached }
             completion = .deferred(at: .now(), error: "cut short by the ingest stopping (\(failure.message)); sent again with the same idempotency key")
             result = .retried
         } catch let failure as DeliveryFailure {
             let now = Timestamp.now()
             metadata["error"] = "\(failure.message)"
+            if failure.reached != entry.reached {
+                reached = failure.reached
+                metadata["notify.reached"] = "\(failure.reached.joined(separator: ", "))"
+            }
             let deferral = failure.asksForTime && now.microseconds - entry.createdAt.microseconds < Self.deferralLimit.wholeMicroseconds
             if !failure.retryable || (!deferral && entry.attempts >= configuration.maxAttempts) {
                 completion = .dead(at: now, error: failure.message)
@@ -258,7 +268,7 @@ public final class NotificationDelivery: Service {
             // In a task of its own: a delivery cut short by a stop is cancelled, and the store would refuse a cancelled
             // caller at once, leaving the row `delivering` until its claim expired.
             let store = self.store
-            let applied = try await Task { try await store.completeNotification(id: entry.id, claim: claimed.claim, outcome: completion) }.value
+            let applied = try await Task { try await store.completeNotification(id: entry.id, claim: claimed.claim, outcome: completion, reached: reached) }.value
             if !applied {
                 logger.warning(
                     "the claim on a notification expired before its delivery was recorded; another attempt may repeat it with the same idempotency key",

@@ -17,7 +17,8 @@ public final class Notifier: Sendable {
         externalURL = configuration.externalURL
     }
 
-    /// Sends `notification` to `receiver` with `idempotencyKey`; returns a short account (`HTTP 200`, `mail accepted`).
+    /// Sends `notification` to `receiver` with `idempotencyKey`; returns a short account (`HTTP 200`, `mail accepted`)
+    /// and, for e-mail, every recipient the message has now reached.
     ///
     /// Webhooks carry `Idempotency-Key`, and, when the receiver has a secret, `X-Farmgate-Timestamp` and
     /// `X-Farmgate-Signature` (``WebhookSignature``).
@@ -29,9 +30,13 @@ public final class Notifier: Sendable {
     ///     than five minutes off their clock, so a retry after an outage, a paced backlog or `alert outbox retry` signed
     ///     with the time the notification was written would be refused for good. Only the two headers change between
     ///     attempts; the body and the key do not.
+    ///   - reached: The e-mail recipients an earlier attempt reached (``OutboxEntry/reached``): the message goes to the
+    ///     receiver's other recipients only (its `To:` still names them all).
+    /// - Throws: ``DeliveryFailure``, with every recipient reached so far in its ``DeliveryFailure/reached``.
     public func send(
-        _ notification: AlertNotification, idempotencyKey: String, to receiver: AlertReceiver, asOf: Timestamp = .now(), signedAt: Timestamp = .now()
-    ) async throws(DeliveryFailure) -> String {
+        _ notification: AlertNotification, idempotencyKey: String, to receiver: AlertReceiver, asOf: Timestamp = .now(), signedAt: Timestamp = .now(),
+        reached: [String] = []
+    ) async throws(DeliveryFailure) -> (account: String, reached: [String]) {
         let spec = receiver.spec
         switch spec.kind {
         case .webhook:
@@ -49,15 +54,23 @@ public final class Notifier: Sendable {
                 headers.append((WebhookSignature.timestampHeader, String(timestamp)))
                 headers.append((WebhookSignature.signatureHeader, WebhookSignature.sign(body: body, timestamp: timestamp, secret: secret)))
             }
-            return try await webhook.post(spec.url, headers: headers, body: body)
+            return (try await webhook.post(spec.url, headers: headers, body: body), [])
         case .email:
             guard let from = spec.emailFrom, let to = spec.emailTo else {
                 throw DeliveryFailure("receiver '\(spec.name)' has no --from or --email address; remove it and add it again", retryable: false)
             }
             let recipients = to.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
             let message = EmailMessage(notification, idempotencyKey: idempotencyKey, from: from, to: recipients, externalURL: externalURL, now: asOf)
-            try await smtp.send(message, url: spec.url, username: spec.username, password: spec.secret)
-            return "mail accepted by \(SMTPSender.redacted(spec.url))"
+            let envelope = recipients.filter { !reached.contains($0) }
+            let server = SMTPSender.redacted(spec.url)
+            guard !envelope.isEmpty else { return ("every recipient already has it (\(reached.joined(separator: ", ")))", reached) }
+            do {
+                try await smtp.send(message, envelope: envelope, url: spec.url, username: spec.username, password: spec.secret)
+            } catch {
+                throw error.reaching(reached)
+            }
+            let also = envelope.count < recipients.count ? " (the others had it already)" : ""
+            return ("mail accepted by \(server) for \(envelope.joined(separator: ", "))" + also, reached + envelope)
         }
     }
 

@@ -57,8 +57,11 @@ public protocol NotificationOutboxStore: Sendable {
     /// Records how one claimed delivery ended. Applies only while the row is still this claim's (`claimed_by` and
     /// `attempts` unchanged, state `delivering`): a claim that expired and was taken by another instance is not
     /// overwritten. - Returns: whether the row was changed.
+    ///
+    /// - Parameter reached: the recipients the notification has now reached in all (``OutboxEntry/reached``), stored
+    ///   with the outcome; nil leaves them as they are.
     @discardableResult
-    func completeNotification(id: Int64, claim: OutboxClaim, outcome: OutboxCompletion) async throws -> Bool
+    func completeNotification(id: Int64, claim: OutboxClaim, outcome: OutboxCompletion, reached: [String]?) async throws -> Bool
 
     /// Outbox rows, newest first, optionally of one farm and one state, at most `limit`.
     func outboxEntries(farm: String?, state: OutboxState?, limit: Int) async throws -> [OutboxEntry]
@@ -76,6 +79,27 @@ public protocol NotificationOutboxStore: Sendable {
     /// holds). They would otherwise wait for their claims to expire (`claim_timeout`), and the newer notifications of
     /// their alerts behind them. - Returns: how many rows.
     func releaseClaims(now: Timestamp) async throws -> Int
+}
+
+extension NotificationOutboxStore {
+    /// Records how one claimed delivery ended, leaving the recipients it reached as they are.
+    @discardableResult
+    public func completeNotification(id: Int64, claim: OutboxClaim, outcome: OutboxCompletion) async throws -> Bool {
+        try await completeNotification(id: id, claim: claim, outcome: outcome, reached: nil)
+    }
+}
+
+/// `alert_outbox.reached`: recipients one per line (an address holds no control character, ``AlertReceiverValidation``),
+/// NULL for none.
+enum OutboxReached {
+    static func encode(_ recipients: [String]?) -> String? {
+        guard let recipients, !recipients.isEmpty else { return nil }
+        return recipients.joined(separator: "\n")
+    }
+
+    static func decode(_ text: String?) -> [String] {
+        (text ?? "").split(separator: "\n").map(String.init)
+    }
 }
 
 /// What a receiver is, as `alert receiver add` gives it.
@@ -173,13 +197,17 @@ public struct OutboxEntry: Sendable, Hashable {
     public var firstTransitionAt: Timestamp?
     /// When a notification was last merged into it; its text is told as of then (else as of ``createdAt``).
     public var coalescedAt: Timestamp?
+    /// The recipients of an e-mail notification that its server already took it for, in the order they were reached
+    /// (`alert_outbox.reached`): a retry sends only to the receiver's other recipients. Empty for a webhook.
+    public var reached: [String]
 
     public init(
         id: Int64, farm: String, receiverID: Int64, receiver: String, alertID: Int64, transitionID: Int64, idempotencyKey: String, payload: String,
         state: OutboxState, attempts: Int, nextAttemptAt: Timestamp, claimedBy: String?, claimedUntil: Timestamp?, lastError: String?,
         createdAt: Timestamp, deliveredAt: Timestamp?, lastAttemptAt: Timestamp?, transitions: Int = 1, firstTransitionAt: Timestamp? = nil,
-        coalescedAt: Timestamp? = nil
+        coalescedAt: Timestamp? = nil, reached: [String] = []
     ) {
+        self.reached = reached
         self.transitions = transitions
         self.firstTransitionAt = firstTransitionAt
         self.coalescedAt = coalescedAt

@@ -25,7 +25,7 @@ extension PostgresIngestStore: NotificationOutboxStore {
     static let entryColumns = """
         o.id, f.name, o.receiver_id, r.name, o.alert_id, o.transition_id, o.idempotency_key, o.payload, o.state, o.attempts::int8,
         o.next_attempt_at_us, o.claimed_by, o.claimed_until_us, o.last_error, o.created_at_us, o.delivered_at_us, o.last_attempt_at_us,
-        o.transitions::int8, o.first_transition_at_us, o.coalesced_at_us
+        o.transitions::int8, o.first_transition_at_us, o.coalesced_at_us, o.reached
         """
 
     public func addAlertReceiver(farm: String, _ spec: AlertReceiverSpec, createdAt: Timestamp) async throws -> AlertReceiver {
@@ -208,29 +208,36 @@ extension PostgresIngestStore: NotificationOutboxStore {
         }
     }
 
-    public func completeNotification(id: Int64, claim: OutboxClaim, outcome: OutboxCompletion) async throws -> Bool {
+    public func completeNotification(id: Int64, claim: OutboxClaim, outcome: OutboxCompletion, reached: [String]?) async throws -> Bool {
+        // Bound as text and applied only when given (`reached` untouched for nil).
+        let keepReached = reached == nil
+        let reachedText = OutboxReached.encode(reached)
         let query: PostgresQuery
         switch outcome {
         case .delivered(let at):
             query = """
-                UPDATE alert_outbox SET state = 'delivered', delivered_at_us = \(at.microseconds), claimed_until_us = NULL, last_error = NULL
+                UPDATE alert_outbox SET state = 'delivered', delivered_at_us = \(at.microseconds), claimed_until_us = NULL, last_error = NULL,
+                    reached = CASE WHEN \(keepReached) THEN reached ELSE \(reachedText) END
                 WHERE id = \(id) AND state = 'delivering' AND claimed_by = \(claim.claimant) AND attempts = \(claim.attempt)::integer RETURNING id
                 """
         case .retry(let at, let error):
             query = """
                 UPDATE alert_outbox SET state = 'pending', next_attempt_at_us = \(at.microseconds), claimed_until_us = NULL,
-                    last_error = \(String(error.prefix(1000)))
+                    last_error = \(String(error.prefix(1000))),
+                    reached = CASE WHEN \(keepReached) THEN reached ELSE \(reachedText) END
                 WHERE id = \(id) AND state = 'delivering' AND claimed_by = \(claim.claimant) AND attempts = \(claim.attempt)::integer RETURNING id
                 """
         case .deferred(let at, let error):
             query = """
                 UPDATE alert_outbox SET state = 'pending', next_attempt_at_us = \(at.microseconds), claimed_until_us = NULL,
-                    last_error = \(String(error.prefix(1000))), attempts = attempts - 1
+                    last_error = \(String(error.prefix(1000))), attempts = attempts - 1,
+                    reached = CASE WHEN \(keepReached) THEN reached ELSE \(reachedText) END
                 WHERE id = \(id) AND state = 'delivering' AND claimed_by = \(claim.claimant) AND attempts = \(claim.attempt)::integer RETURNING id
                 """
         case .dead(_, let error):
             query = """
-                UPDATE alert_outbox SET state = 'dead', claimed_until_us = NULL, last_error = \(String(error.prefix(1000)))
+                UPDATE alert_outbox SET state = 'dead', claimed_until_us = NULL, last_error = \(String(error.prefix(1000))),
+                    reached = CASE WHEN \(keepReached) THEN reached ELSE \(reachedText) END
                 WHERE id = \(id) AND state = 'delivering' AND claimed_by = \(claim.claimant) AND attempts = \(claim.attempt)::integer RETURNING id
                 """
         }
@@ -297,7 +304,8 @@ extension PostgresIngestStore: NotificationOutboxStore {
             nextAttemptAt: Timestamp(microseconds: try columns[10].decode(Int64.self)), claimedBy: try columns[11].decode(String?.self),
             claimedUntil: try time(12), lastError: try columns[13].decode(String?.self),
             createdAt: Timestamp(microseconds: try columns[14].decode(Int64.self)), deliveredAt: try time(15), lastAttemptAt: try time(16),
-            transitions: Int(try columns[17].decode(Int64.self)), firstTransitionAt: try time(18), coalescedAt: try time(19))
+            transitions: Int(try columns[17].decode(Int64.self)), firstTransitionAt: try time(18), coalescedAt: try time(19),
+            reached: OutboxReached.decode(try columns[20].decode(String?.self)))
     }
 
     private static func receiver(_ row: PostgresRow) throws -> (receiver: AlertReceiver, nextSend: Timestamp) {

@@ -490,6 +490,10 @@ enum PostgresSchema {
         Migration(
             version: 19, name: "fillfactor: room on each page for the rows every batch updates, so that their updates stay HOT",
             statements: PostgresSchema.updateRoom),
+        // Like SQLite's migration 18: the recipients of an e-mail notification it already reached, one per line.
+        Migration(
+            version: 20, name: "alert_outbox.reached: the recipients of an e-mail notification it already reached",
+            statements: ["ALTER TABLE alert_outbox ADD COLUMN reached text"]),
     ]
 
     static var currentVersion: Int { migrations.last?.version ?? 0 }

@@ -14,7 +14,7 @@ extension SQLiteIngestStore: NotificationOutboxStore {
     static let entryColumns = """
         o.id, f.name, o.receiver_id, r.name, o.alert_id, o.transition_id, o.idempotency_key, o.payload, o.state, o.attempts,
         o.next_attempt_at_us, o.claimed_by, o.claimed_until_us, o.last_error, o.created_at_us, o.delivered_at_us, o.last_attempt_at_us,
-        o.transitions, o.first_transition_at_us, o.coalesced_at_us
+        o.transitions, o.first_transition_at_us, o.coalesced_at_us, o.reached
         """
 
     public func addAlertReceiver(farm: String, _ spec: AlertReceiverSpec, createdAt: Timestamp) async throws -> AlertReceiver {
@@ -193,12 +193,14 @@ extension SQLiteIngestStore: NotificationOutboxStore {
         }
     }
 
-    public func completeNotification(id: Int64, claim: OutboxClaim, outcome: OutboxCompletion) async throws -> Bool {
+    public func completeNotification(id: Int64, claim: OutboxClaim, outcome: OutboxCompletion, reached: [String]?) async throws -> Bool {
         let (sql, values) = OutboxCompletionSQL.sqlite(outcome)
+        let reachedSet = reached == nil ? "" : ", reached = ?"
+        let reachedValue: [SQLiteValue] = reached == nil ? [] : [optional(OutboxReached.encode(reached))]
         return try await writer.withValue { db in
             try db.connection.query(
-                sql + " WHERE id = ? AND state = 'delivering' AND claimed_by = ? AND attempts = ?",
-                values + [.integer(id), .text(claim.claimant), .integer(Int64(claim.attempt))])
+                sql + reachedSet + " WHERE id = ? AND state = 'delivering' AND claimed_by = ? AND attempts = ?",
+                values + reachedValue + [.integer(id), .text(claim.claimant), .integer(Int64(claim.attempt))])
             return db.connection.changes == 1
         }
     }
@@ -275,7 +277,7 @@ extension SQLiteIngestStore: NotificationOutboxStore {
                         state: state, attempts: Int(statement.int64(9)), nextAttemptAt: Timestamp(microseconds: statement.int64(10)),
                         claimedBy: text(11), claimedUntil: time(12), lastError: text(13), createdAt: Timestamp(microseconds: statement.int64(14)),
                         deliveredAt: time(15), lastAttemptAt: time(16), transitions: Int(statement.int64(17)), firstTransitionAt: time(18),
-                        coalescedAt: time(19)))
+                        coalescedAt: time(19), reached: OutboxReached.decode(text(20))))
             }
             return entries
         }

@@ -350,6 +350,14 @@ enum SQLiteSchema {
                     cutoff_us INTEGER NOT NULL
                 );
                 """),
+        // The recipients an e-mail notification already reached, one per line: a retry sends only to the others, so
+        // one address a server refuses neither holds the message from the rest nor sends it twice to those who have
+        // it. Like PostgreSQL's migration 20.
+        Migration(
+            version: 18, name: "alert_outbox.reached: the recipients of an e-mail notification it already reached",
+            sql: """
+                ALTER TABLE alert_outbox ADD COLUMN reached TEXT;
+                """),
     ]
 
     /// Migration 15's triggers: every insert, update or delete of an alert rule or silence moves the counter.
