@@ -1,4 +1,5 @@
 import ArgumentParser
+import Dispatch
 import FarmgateAgent
 import FarmgateSupport
 #if canImport(FoundationEssentials)
@@ -9,6 +10,7 @@ import Foundation
 #if canImport(Glibc)
 import Glibc
 #endif
+import Synchronization
 
 struct CalibrateCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -27,7 +29,9 @@ struct CalibrateCommand: ParsableCommand {
             EC dry, then single=1413 or low=12880 and high=80000 (µS/cm); RTD single=<°C>; ORP single=225 (mV); DO air, zero. \
             Without --point the usual ones are taken (pH mid, low, high; EC dry, low, high; ORP single=225; DO air).
             Exits 1 when the calibration could not be completed, with what to check; a calibration aborted meanwhile from \
-            another shell (--abort) stops this command at once, saying so and by whom, also with exit 1.
+            another shell (--abort) stops this command at once, saying so and by whom, also with exit 1. Interrupted \
+            (Ctrl-C, SIGTERM, SIGHUP: the terminal closed), it aborts its session first, so the sensor's readings stop \
+            carrying the calibrating flag at once (points the circuit took stay in it), and exits 130, 143 or 129.
             """)
 
     @OptionGroup var options: ConfigOption
@@ -114,6 +118,8 @@ struct CalibrateCommand: ParsableCommand {
         guideOptions.interval = ConfigTable.parseDuration(interval) ?? .seconds(1)
         guideOptions.assumeYes = yes
         guideOptions.force = force
+        let interrupt = CalibrationInterrupt(sensor: sensor, socket: path)
+        interrupt.install()
         let guide = CalibrationGuide(
             options: guideOptions, send: send,
             confirm: { question in
@@ -124,11 +130,76 @@ struct CalibrateCommand: ParsableCommand {
             output: { line in
                 // Unbuffered, so that live readings show as they come even through a pipe.
                 StandardStream.output.write(line + "\n")
-            })
+            },
+            session: { interrupt.session = $0 })
         do {
+            // The guide's session closure holds `interrupt`, and with it the signal sources, while it runs.
             _ = try guide.run(sensor: sensor)
         } catch {
             throw CleanExit.message("farmgate calibrate: \(error.description)", code: 1)
         }
+    }
+}
+
+/// What `farmgate calibrate` does when interrupted (SIGINT, SIGTERM, SIGHUP): it aborts the session it began, so the
+/// sensor's readings stop carrying `calibrating` now rather than when the agent finds the session idle (15 minutes),
+/// then exits 128 + the signal. Before the agent began a session, and after it ended, the signal just ends the command.
+/// The handlers run on a Dispatch queue, never on the concurrency pool (the control socket blocks).
+final class CalibrationInterrupt: Sendable {
+    private let sensor: String
+    private let socket: String
+    private let current = Mutex<String?>(nil)
+    /// Written once, by ``install()`` on the command's thread before any signal is handled; kept for the handlers' life.
+    nonisolated(unsafe) private var sources: [any DispatchSourceSignal] = []
+
+    init(sensor: String, socket: String) {
+        self.sensor = sensor
+        self.socket = socket
+    }
+
+    /// The session to abort: set once the agent began it, nil once it ended.
+    var session: String? {
+        get { current.withLock { $0 } }
+        set { current.withLock { $0 = newValue } }
+    }
+
+    func install() {
+        let queue = DispatchQueue(label: "farmgate-calibrate-signals")
+        var made: [any DispatchSourceSignal] = []
+        for (number, name) in [(SIGINT, "SIGINT"), (SIGTERM, "SIGTERM"), (SIGHUP, "SIGHUP")] {
+            signal(number, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: number, queue: queue)
+            source.setEventHandler { [self] in interrupted(by: name, number: number) }
+            source.resume()
+            made.append(source)
+        }
+        sources = made
+    }
+
+    private func interrupted(by name: String, number: Int32) {
+        // Taken, so that a second Ctrl-C while the abort is on its way does not send another.
+        let session = current.withLock { current in
+            defer { current = nil }
+            return current
+        }
+        if let session {
+            let by = "farmgate calibrate, interrupted by \(name) (pid \(getpid()), uid \(getuid()))"
+            let request = ControlRequest(command: "calibrate.abort", arguments: ["sensor": sensor, "session": session, "by": by])
+            let outcome: String
+            do {
+                let bytes = try ControlClient.send(request, to: socket, timeoutSeconds: 10, settling: ControlClient.cliSettling)
+                let answer = try JSONDecoder().decode(CalibrationControlAnswer.self, from: Data(bytes))
+                if answer.ok {
+                    let kept = answer.calibration?.warnings.map { $0.map { " Note: \($0)." }.joined() } ?? ""
+                    outcome = "calibration of \(sensor) aborted (\(name)).\(kept)"
+                } else {
+                    outcome = "\(name); the calibration of \(sensor) was not aborted: \(answer.error ?? "the agent refused")"
+                }
+            } catch {
+                outcome = "\(name); cannot reach the agent on \(socket) to abort the calibration of \(sensor) (\(error)): run `farmgate calibrate \(sensor) --abort`, or it lapses after 15 minutes idle"
+            }
+            StandardStream.error.write("\nfarmgate calibrate: \(outcome)\n")
+        }
+        exit(128 + number)
     }
 }

@@ -345,6 +345,30 @@ extension CalibrationAgentTests {
         #expect(!unkept.output.contains("Calibration recorded as event"), "\(unkept.output)")
         #expect(phBox.calibrations == ["CAL,MID,7.00", "CAL,LOW,4.00", "CAL,MID,7.00", "CAL,LOW,4.00"], "\(ph.commands)")
 
+        // 8. Ctrl-C while waiting for stable readings: the CLI aborts its own session (the readings stop carrying
+        // calibrating now, not once the agent finds it idle 15 minutes later) and exits 130. (A tester, 2026-12-07:
+        // the session stayed open for its 15 minutes.)
+        let interrupted = Process()
+        interrupted.executableURL = URL(fileURLWithPath: binary)
+        interrupted.arguments = ["calibrate", "-c", configuration, "tank1.ec", "--point", "dry", "--yes", "--window", "120s", "--interval", "100ms"]
+        let interruptedOutput = Pipe()
+        interrupted.standardOutput = interruptedOutput
+        interrupted.standardError = interruptedOutput
+        try interrupted.run()
+        let begun = await eventually(timeout: .seconds(20), every: .milliseconds(100)) {
+            (try? send(ControlRequest(command: "calibrate.status", arguments: ["sensor": "tank1.ec"])))?.ok == true
+        }
+        #expect(begun, "the CLI never began a session")
+        kill(interrupted.processIdentifier, SIGINT)
+        let said = try await runOffPool { String(decoding: interruptedOutput.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self) }
+        interrupted.waitUntilExit()
+        #expect(interrupted.terminationReason == .exit && interrupted.terminationStatus == 130, "\(interrupted.terminationStatus): \(said)")
+        #expect(said.contains("calibration of tank1.ec aborted (SIGINT)"), "\(said)")
+        let afterInterrupt = try send(ControlRequest(command: "calibrate.status", arguments: ["sensor": "tank1.ec"]))
+        #expect(!afterInterrupt.ok && afterInterrupt.ended == "aborted", "\(afterInterrupt)")
+        #expect(afterInterrupt.error?.contains("interrupted by SIGINT") == true, "\(afterInterrupt)")
+        #expect(ecBox.calibrations == ["CAL,DRY"], "\(ec.commands)")
+
         kill(process.processIdentifier, SIGTERM)
         let exited = await eventually(timeout: .seconds(20)) { !process.isRunning }
         #expect(exited)

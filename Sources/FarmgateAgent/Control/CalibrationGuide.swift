@@ -117,19 +117,23 @@ public struct CalibrationGuide {
     let send: (ControlRequest) throws -> CalibrationControlAnswer
     let confirm: (String) -> Bool
     let output: (String) -> Void
+    let session: (String?) -> Void
 
     /// - Parameters:
     ///   - send: sends one request to the agent and decodes its answer.
     ///   - confirm: asks the installer a yes/no question; not called with `assumeYes`.
     ///   - output: prints one line.
+    ///   - session: told the session's id once the agent began it, and nil once it ended (finished or aborted): what an
+    ///     interrupted CLI aborts (`farmgate calibrate` on Ctrl-C), and only that session, never one another CLI began.
     public init(
         options: Options, send: @escaping (ControlRequest) throws -> CalibrationControlAnswer, confirm: @escaping (String) -> Bool,
-        output: @escaping (String) -> Void
+        output: @escaping (String) -> Void, session: @escaping (String?) -> Void = { _ in }
     ) {
         self.options = options
         self.send = send
         self.confirm = confirm
         self.output = output
+        self.session = session
     }
 
     /// Runs the whole calibration of `sensor` and returns the agent's answer to `calibrate.finish` (with the event).
@@ -139,6 +143,8 @@ public struct CalibrationGuide {
         let begun = try request("calibrate.begin", sensor)
         // Every later command names this session: one that ended is then told apart from one begun since by another CLI.
         let session = begun.session
+        self.session(session)
+        defer { self.session(nil) }
         guard let circuit = EZOCircuitKind(rawValue: begun.circuit) else {
             abort(sensor, session: session)
             throw Failure("the agent reports an unknown circuit \"\(begun.circuit)\"; are the agent and the CLI the same version?")
