@@ -31,6 +31,34 @@ struct AlertSensorReadingsTests {
         return AlertCondition(try spec.validated())
     }
 
+    // A tester, 2026-12-07: rate_of_change fired at a change of exactly its threshold, `above` only past it.
+    @Test("rate_of_change, like above and below, holds only past its threshold, and the batch summary skips a batch that only reaches it")
+    func thresholdItself() throws {
+        let sensor = try SensorID("tank1.ph")
+        func readings(_ values: [Double]) -> [CommittedReading] {
+            values.enumerated().map { index, value in
+                CommittedReading(
+                    sensorRowID: 1, sensor: sensor, quantity: .ph, sequence: UInt64(index + 1),
+                    timestamp: Timestamp(microseconds: testNow.microseconds + Int64(index) * 1_000_000), value: value, quality: [])
+            }
+        }
+        // Binary-exact values, so that "exactly the threshold" is exact.
+        let cases: [(AlertCondition, [Double], Bool)] = try [
+            (Self.rule("rate_of_change") { $0.threshold = 0.5; $0.window = "10m" }, [6.0, 6.5], false),
+            (Self.rule("rate_of_change") { $0.threshold = 0.5; $0.window = "10m" }, [6.0, 6.625], true),
+            (Self.rule("rate_of_change") { $0.threshold = 0.5; $0.window = "10m" }, [6.5, 6.0], false),
+            (Self.rule("above") { $0.threshold = 6.5 }, [6.0, 6.5], false),
+            (Self.rule("below") { $0.threshold = 6.0 }, [6.5, 6.0], false),
+        ]
+        for (condition, values, fires) in cases {
+            var memory = SeriesMemory()
+            #expect(Self.wouldRecord(condition, readings(values), after: nil, memory: &memory) == fires, "\(condition.kind) \(values)")
+            var summary = try #require(SensorReadings(readings(values), after: nil))
+            var skipMemory = SeriesMemory()
+            #expect(summary.skips(condition, memory: &skipMemory) == !fires, "\(condition.kind) \(values)")
+        }
+    }
+
     static func conditions() throws -> [AlertCondition] {
         try [
             rule("above") { $0.threshold = 6.2 },

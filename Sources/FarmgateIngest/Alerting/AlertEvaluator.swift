@@ -62,7 +62,8 @@ enum AlertEvaluator {
             guard !faulty, let threshold = rule.threshold, let window = rule.windowMicroseconds else { return nil }
             memory.window.append(at.microseconds, value)
             memory.window.drop(before: at.microseconds - window)
-            return memory.window.spread >= threshold
+            // Past the threshold, as `above` and `below` are: a change of exactly the threshold does not fire.
+            return memory.window.spread > threshold
         case .sensorFault:
             memory.faultRun = faulty ? memory.faultRun + 1 : 0
             return memory.faultRun >= (rule.count ?? 1)

@@ -29,7 +29,7 @@ struct SensorReadings {
     private var rateRuns: [Int64: RateRun] = [:]
 
     /// One rate window taken through the batch: where it started, where it ended, and the largest spread it had at a
-    /// reading (the condition `spread >= threshold` holds at some reading exactly when this is at least the threshold).
+    /// reading (the condition `spread > threshold` holds at some reading exactly when this is past the threshold).
     private struct RateRun {
         var before: RateWindow
         var after: RateWindow
@@ -79,7 +79,7 @@ struct SensorReadings {
     /// A rate-of-change rule (the engine has ~50 on each pH sensor with 1,000 rules) takes its window through the
     /// readings once per window length: every rule whose window held the same readings before the batch (rules without
     /// an alert saw the same readings, so they normally do) ends with the same window, and holds somewhere exactly when
-    /// the largest spread at a non-faulty reading reaches its threshold. Such a rule is given the shared result (its
+    /// the largest spread at a non-faulty reading is past its threshold. Such a rule is given the shared result (its
     /// buffers shared until it changes) instead of taking its own window through the readings.
     mutating func skips(_ condition: AlertCondition, memory: inout SeriesMemory) -> Bool {
         guard inOrder, !times.isEmpty else { return false }
@@ -109,7 +109,7 @@ struct SensorReadings {
                 // The first window of each length seen in this batch is the one later rules are compared with.
                 if rateRuns[length] == nil { rateRuns[length] = run }
             }
-            guard run.largestSpread < threshold else { return false }
+            guard run.largestSpread <= threshold else { return false }
             memory.window = run.after
             return true
         case .noData, .deviceOffline, .calibrationOverdue:
