@@ -15,4 +15,19 @@ extension StringProtocol {
         }
         return nil
     }
+
+    /// The text with each control character (as ``controlCharacterProblem(allowingTab:)`` counts them, tabs included)
+    /// written as `\u{D}`: for echoing refused input in a message, which must not end a log line or move a terminal's
+    /// cursor where the input put a CR or LF.
+    public var escapingControlCharacters: String {
+        var text = ""
+        for scalar in unicodeScalars {
+            if scalar.value < 0x20 || (0x7F...0x9F).contains(scalar.value) {
+                text += "\\u{\(String(scalar.value, radix: 16, uppercase: true))}"
+            } else {
+                text.unicodeScalars.append(scalar)
+            }
+        }
+        return text
+    }
 }

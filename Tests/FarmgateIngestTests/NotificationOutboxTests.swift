@@ -299,6 +299,16 @@ struct NotificationOutboxTests {
                     farm: "f1", AlertReceiverSpec(name: "y", kind: .email, url: "smtps://mail.example.net", emailFrom: "me@example.net", emailTo: "a@example.net"))
             }
             #expect(portless?.description.contains("has no port: write smtp://mail.example.net:587") == true, "\(portless?.description ?? "")")
+            // A tester, 2026-12-07: a refused address was echoed with its CR and LF, which broke the log line.
+            let injected = await #expect(throws: AlertReceiverSpecError.self) {
+                _ = try await admin.addReceiver(
+                    farm: "f1",
+                    AlertReceiverSpec(
+                        name: "y", kind: .email, url: "smtp://mail.example.net:587", emailFrom: "me@example.net", emailTo: "a@example.net\r\nRCPT TO:<b@x>"))
+            }
+            let injectedText = injected?.description ?? ""
+            #expect(injectedText.contains(#"a@example.net\u{D}\u{A}RCPT TO:<b@x>"#), "\(injectedText)")
+            #expect(!injectedText.contains("\r") && !injectedText.contains("\n"), "\(injectedText)")
             // Secrets and URL paths (which hold tokens) are never in what the CLI prints.
             let printed = listed.map(AlertDeliveryAdmin.describe).joined(separator: "\n")
             #expect(!printed.contains("token") && !printed.contains("pw\t") && !printed.contains("s3cret"))

@@ -118,14 +118,14 @@ public enum AlertReceiverValidation {
         }
         let components = URLComponents(string: spec.url)
         if let port = components?.port, !(1...65535).contains(port) {
-            throw AlertReceiverSpecError("the receiver's URL has the port \(port); a port is 1 to 65535 (got '\(spec.url.prefix(200))')")
+            throw AlertReceiverSpecError("the receiver's URL has the port \(port); a port is 1 to 65535 (got '\(spec.url.prefix(200).escapingControlCharacters)')")
         }
         let scheme = components?.scheme?.lowercased() ?? ""
         let host = components?.host ?? ""
         switch spec.kind {
         case .webhook:
             guard scheme == "http" || scheme == "https", !host.isEmpty else {
-                throw AlertReceiverSpecError("--webhook must be an http:// or https:// URL with a host, such as https://hooks.example.net/farmgate (got '\(spec.url.prefix(200))')")
+                throw AlertReceiverSpecError("--webhook must be an http:// or https:// URL with a host, such as https://hooks.example.net/farmgate (got '\(spec.url.prefix(200).escapingControlCharacters)')")
             }
             // Never sent (the client takes no login from the URL), so the receiver would refuse every notification.
             if components?.user != nil || components?.password != nil {
@@ -135,17 +135,18 @@ public enum AlertReceiverValidation {
         case .email:
             guard scheme == "smtp" || scheme == "smtps", !host.isEmpty, (components?.path ?? "").count <= 1 else {
                 throw AlertReceiverSpecError(
-                    "--smtp must be smtp://HOST:PORT (STARTTLS, usually port 587) or smtps://HOST:PORT (TLS, usually 465) (got '\(spec.url.prefix(200))')")
+                    "--smtp must be smtp://HOST:PORT (STARTTLS, usually port 587) or smtps://HOST:PORT (TLS, usually 465) (got '\(spec.url.prefix(200).escapingControlCharacters)')")
             }
             // Without one libcurl would take 25 (smtp) or 465 (smtps): most submission servers want 587, and port 25 is
             // often blocked outbound; say which, rather than guess.
             guard components?.port != nil else {
                 throw AlertReceiverSpecError(
-                    "--smtp '\(spec.url.prefix(200))' has no port: write smtp://\(host):587 (STARTTLS submission) or smtps://\(host):465 (TLS), or the port your mail server takes")
+                    "--smtp '\(spec.url.prefix(200).escapingControlCharacters)' has no port: write smtp://\(host):587 (STARTTLS submission) or smtps://\(host):465 (TLS), or the port your mail server takes")
             }
             for (option, address) in [("--from", spec.emailFrom)] + (spec.emailTo ?? "").split(separator: ",").map({ ("--email", String($0)) }) {
                 guard let address = address?.trimmingCharacters(in: .whitespaces), isAddress(address) else {
-                    throw AlertReceiverSpecError("\(option) must be an e-mail address such as grower@example.net (got '\((address ?? "").prefix(200))')")
+                    throw AlertReceiverSpecError(
+                        "\(option) must be an e-mail address such as grower@example.net (got '\((address ?? "").prefix(200).escapingControlCharacters)')")
                 }
             }
             guard let to = spec.emailTo, !to.trimmingCharacters(in: .whitespaces).isEmpty else {
