@@ -14,6 +14,11 @@ struct RequestBytesArrived: Sendable {
     var bytes: ByteBuffer
 }
 
+/// What a request's body stream fails with when its connection ended before the body did (``ConnectionTimeoutHandler``).
+struct RequestBodyCut: Error, CustomStringConvertible {
+    var description: String { "the connection ended before the request body did" }
+}
+
 /// The first handler of a connection's pipeline: announces every read with ``RequestBytesArrived`` and passes it on.
 final class RequestBytesObserver: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
@@ -128,6 +133,15 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
 
     func channelInactive(context: ChannelHandlerContext) {
         disarm()
+        // The connection (or HTTP/2 stream) ended inside a request's body: a body cut in transit, one the parser
+        // refused partway (a bad chunk, bytes past the declared length), or one whose body_timeout this handler answered.
+        // The application's body stream would otherwise just end, as after the body's last byte (Hummingbird's request
+        // body ends with the inbound stream), and a cut body that happened to hold a whole batch was stored while the
+        // client was told 400. Failing the stream first makes the body's reader throw: nothing is stored.
+        if readingBody {
+            readingBody = false
+            context.fireErrorCaught(RequestBodyCut())
+        }
         context.fireChannelInactive()
     }
 
