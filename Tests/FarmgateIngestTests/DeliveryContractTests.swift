@@ -127,6 +127,43 @@ struct DeliveryContractTests {
         #expect(try await fixture.store.highestSequence(device: try await fixture.identity(device: "d1")) == nil)
     }
 
+    // A tester, 2026-12-07: a batch and a request the parser refuses, sent in one write, got the refusal alone: the
+    // batch was stored and its answer never came, so the client took the refusal for the batch's answer.
+    @Test("a refused request pipelined behind whole ones is answered after their answers, in order, then the connection closed")
+    func refusalAfterPipelinedRequests() async throws {
+        let fixture = try await Fixture()
+        defer { fixture.close() }
+        let json = BatchJSON.encode(try phBatch(sequences: 1...5))
+        let key = fixture.deviceKey.text
+        let post = Array(
+            "POST \(IngestProtocol.batchesPath) HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \(key)\r\nContent-Type: application/json\r\nContent-Length: \(json.count)\r\n\r\n".utf8) + json
+        // A batch, a good request, one without Host; then a POST without any framing whose JSON follows as if it were
+        // the next request (the parser refuses its first bytes as a method).
+        let pipelined = post + Array("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n".utf8)
+        let unframed =
+            Array("POST \(IngestProtocol.batchesPath) HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \(key)\r\nContent-Type: application/json\r\n\r\n".utf8) + json
+        try await fixture.app().test(.live) { client in
+            let port = try #require(client.port)
+            let (first, second) = try await runOffPool(name: "test-raw-http") { () throws -> ([(status: Int, head: String, body: [UInt8])], [(status: Int, head: String, body: [UInt8])]) in
+                let one = try RawConnection(port: port)
+                _ = one.send(pipelined)
+                let first = one.readResponses(3, timeout: .seconds(10))
+                let oneClosed = one.readUntilClosed(timeout: .seconds(5)).closed
+                let two = try RawConnection(port: port)
+                _ = two.send(unframed)
+                let second = two.readResponses(2, timeout: .seconds(10))
+                return (oneClosed ? first : [], second)
+            }
+            #expect(first.map(\.status) == [200, 200, 400], "\(first.map(\.head)); closed after?")
+            let batchAnswer = String(decoding: first.first?.body ?? [], as: UTF8.self)
+            let refusal = String(decoding: first.last?.body ?? [], as: UTF8.self)
+            #expect(batchAnswer.contains(#""accepted":5"#), "\(batchAnswer)")
+            #expect(refusal.contains("needs a Host header"), "\(refusal)")
+            #expect(second.map(\.status) == [400, 501], "\(second.map { $0.head + String(decoding: $0.body, as: UTF8.self) })")
+        }
+        #expect(try await fixture.store.highestSequence(device: try await fixture.identity(device: "d1")) == 5)
+    }
+
     @Test("the issue's reproduction: seq 1 with 6.02, then seq 1 with 7.31, is a sequence_conflict, never a duplicate")
     func sequenceConflict() async throws {
         let fixture = try await Fixture()

@@ -98,6 +98,8 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
     private var headStart: ByteBuffer?
     private var readingBody = false
     private var closing = false
+    /// The refusal of a request the parser refused while earlier ones were still being answered: sent once they are.
+    private var refusalAfterOpenRequests: (status: HTTPResponse.Status, code: String, message: String)?
     /// Whether the connection's bytes so far end where a request ends, so that the next read begins a request: true on
     /// a new connection and after a read whose last request ended in it, at the empty line that ends a head (or a chunked
     /// body) or with its body. A read that ended elsewhere may have cut a pipelined head, and the next read then begins
@@ -205,6 +207,12 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
             requestsOpen = max(0, requestsOpen - 1)
             responseStarted = false
             context.write(data, promise: promise)
+            if requestsOpen == 0, let refusal = refusalAfterOpenRequests {
+                // The requests before the refused one are answered: its refusal goes out now, and the connection closes.
+                refusalAfterOpenRequests = nil
+                writeRefusalAndClose(context: context, status: refusal.status, code: refusal.code, message: refusal.message)
+                return
+            }
             if requestsOpen == 0, !readingHead, !readingBody, !http2Stream { start(.idle, context: context) }
         }
     }
@@ -357,10 +365,26 @@ final class ConnectionTimeoutHandler: ChannelDuplexHandler, RemovableChannelHand
         guard !closing else { return }
         closing = true
         disarm()
+        // A request after whole ones still being answered (pipelined, the parser refused the next head): its refusal
+        // waits for their answers, which come first, in order (RFC 9112 §9.3.2). Written at once, it was taken for
+        // the first request's answer, a stored batch's included, and that answer never came.
+        if requestsOpen > 0, !readingBody, context.channel.isActive {
+            refusalAfterOpenRequests = (status, code, message)
+            return
+        }
         // No request open and none being read (a head, or nothing yet), or one open whose answer has not started. A body
         // still arriving after its request was answered (a 401 before the body) gets no second answer.
         let canAnswer = (requestsOpen == 0 && !readingBody) || (requestsOpen == 1 && !responseStarted)
         guard canAnswer, context.channel.isActive else {
+            context.close(promise: nil)
+            return
+        }
+        writeRefusalAndClose(context: context, status: status, code: code, message: message)
+    }
+
+    /// Writes a JSON error answer and closes the connection (the stream, in HTTP/2) once it is out.
+    private func writeRefusalAndClose(context: ChannelHandlerContext, status: HTTPResponse.Status, code: String, message: String) {
+        guard context.channel.isActive else {
             context.close(promise: nil)
             return
         }
