@@ -62,21 +62,30 @@ public enum RFC3339 {
 
     /// Parses an RFC 3339 date-time, or returns nil. Fractions beyond microseconds are truncated.
     public static func parse(_ text: String) -> Timestamp? {
-        guard let (seconds, micros) = instant(text), writableSeconds.contains(seconds) else { return nil }
+        parse(text, roundingUp: false)
+    }
+
+    /// Parses an RFC 3339 date-time, or returns nil; a fraction finer than a microsecond (Go's RFC3339Nano writes
+    /// nine digits) is rounded up to the next microsecond, truncated otherwise. A range's bounds take the rounded-up
+    /// instant: the first stored instant (whole microseconds) at or after `from`, and the first not before `to`, so
+    /// that `from` stays inclusive and `to` exclusive as written.
+    public static func parse(_ text: String, roundingUp: Bool) -> Timestamp? {
+        guard let (seconds, micros, finer) = instant(text), writableSeconds.contains(seconds) else { return nil }
         let (product, overflow) = seconds.multipliedReportingOverflow(by: 1_000_000)
         guard !overflow else { return nil }
-        return Timestamp(microseconds: product + micros)
+        return Timestamp(microseconds: product + micros + (roundingUp && finer ? 1 : 0))
     }
 
     /// Whether `text` is a well-formed RFC 3339 date-time whose offset carries it out of the years 0000–9999 in UTC
     /// (`9999-12-31T23:59:59-01:00`), which ``parse(_:)`` refuses: for an error that says so rather than "not a timestamp".
     public static func isOutOfRange(_ text: String) -> Bool {
-        guard let (seconds, _) = instant(text) else { return false }
+        guard let (seconds, _, _) = instant(text) else { return false }
         return !writableSeconds.contains(seconds)
     }
 
-    /// The seconds since 1970 (any year the text can write, before the range check) and the microseconds of `text`.
-    private static func instant(_ text: String) -> (seconds: Int64, micros: Int64)? {
+    /// The seconds since 1970 (any year the text can write, before the range check) and the microseconds of `text`,
+    /// and whether its fraction goes on past the microseconds with a digit other than 0.
+    private static func instant(_ text: String) -> (seconds: Int64, micros: Int64, finer: Bool)? {
         let b = Array(text.utf8)
         func num(_ from: Int, _ count: Int) -> Int64? {
             guard from + count <= b.count else { return nil }
@@ -95,11 +104,12 @@ public enum RFC3339 {
         guard (1...12).contains(mo), (1...daysIn(month: mo, year: y)).contains(d), h < 24, mi < 60, s < 61 else { return nil }
         var i = 19
         var micros: Int64 = 0
+        var finer = false
         if i < b.count, b[i] == UInt8(ascii: ".") {
             i += 1
             var digits = 0
             while i < b.count, b[i] >= 48, b[i] <= 57 {
-                if digits < 6 { micros = micros * 10 + Int64(b[i] - 48) }
+                if digits < 6 { micros = micros * 10 + Int64(b[i] - 48) } else if b[i] != 48 { finer = true }
                 digits += 1
                 i += 1
             }
@@ -125,7 +135,7 @@ public enum RFC3339 {
         let days = days(fromCivil: y, mo, d)
         // ``parse(_:)`` keeps it within the years this form can write (0000–9999 in UTC): an offset or a leap second must
         // not carry a time past them, whose text ``format(_:)`` could not give back.
-        return (days * 86_400 + h * 3600 + mi * 60 + s - offsetSeconds, micros)
+        return (days * 86_400 + h * 3600 + mi * 60 + s - offsetSeconds, micros, finer)
     }
 
     private static func floorDiv(_ a: Int64, _ b: Int64) -> Int64 {

@@ -115,6 +115,17 @@ struct ReadAPITests {
                     uri: "/v1/farms/f1/devices/d1/sensors/tank1.ph/readings?from=2026-01-01T00:00:25%2B01:00", method: .get,
                     headers: bearer(fixture.readToken)))
             #expect(offset.readings.map(\.sequence) == Array(25...30))
+            // Bounds finer than a microsecond (Go's RFC3339Nano): from stays inclusive and to exclusive as written.
+            for (query, sequences) in [
+                ("from=2025-12-31T23:00:10.0000001Z&to=2025-12-31T23:00:12Z", [UInt64(11)]),
+                ("from=2025-12-31T23:00:10Z&to=2025-12-31T23:00:11.000000001Z", [10, 11]),
+                ("from=2025-12-31T23:00:10Z&to=2025-12-31T23:00:10.0000001Z", [10]),
+            ] {
+                let fine = try decode(
+                    Readings.self,
+                    try await client.execute(uri: "/v1/farms/f1/devices/d1/sensors/tank1.ph/readings?" + query, method: .get, headers: bearer(fixture.readToken)))
+                #expect(fine.readings.map(\.sequence) == sequences, "\(query)")
+            }
         }
     }
 

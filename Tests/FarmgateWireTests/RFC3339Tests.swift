@@ -25,6 +25,18 @@ struct RFC3339Tests {
         #expect(RFC3339.parse("2026-11-23t09:02:10.5z")?.microseconds == RFC3339.parse("2026-11-23T09:02:10.500000Z")?.microseconds)
     }
 
+    // A tester, 2026-12-07: a range from 00:00:00.0000001Z returned the reading at 00:00:00Z, before it.
+    @Test("Rounding up: a fraction finer than a microsecond goes to the next one; zeros past it and coarser ones do not move")
+    func roundingUp() {
+        let base = RFC3339.parse("2026-12-01T00:00:00Z")
+        #expect(RFC3339.parse("2026-12-01T00:00:00.0000001Z", roundingUp: true)?.microseconds == base.map { $0.microseconds + 1 })
+        #expect(RFC3339.parse("2026-12-01T00:00:00.000001000Z", roundingUp: true)?.microseconds == base.map { $0.microseconds + 1 })
+        #expect(RFC3339.parse("2026-12-01T00:00:00.000000000Z", roundingUp: true) == base)
+        #expect(RFC3339.parse("2026-12-01T00:00:00.999999999Z", roundingUp: true)?.microseconds == base.map { $0.microseconds + 1_000_000 })
+        #expect(RFC3339.parse("2026-12-01T00:00:00.5Z", roundingUp: true)?.microseconds == base.map { $0.microseconds + 500_000 })
+        #expect(RFC3339.parse("2026-12-01T00:00:00.0000001Z", roundingUp: false) == base)
+    }
+
     @Test("Malformed text is refused", arguments: [
         "", "2026-11-23", "2026-13-01T00:00:00Z", "2026-02-30T00:00:00Z", "2026-11-23T24:00:00Z", "2026-11-23T09:02:10",
         "2026-11-23T09:02:10.Z", "2026-11-23T09:02:10+0100", "2026-11-23T09:02:10Zjunk", "99999-01-01T00:00:00Z",

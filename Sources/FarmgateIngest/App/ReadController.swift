@@ -273,7 +273,8 @@ struct ReadController: Sendable {
 
     private func timestampParameter(_ text: String?, name: String) throws(APIError) -> Timestamp? {
         guard let text else { return nil }
-        guard let timestamp = RFC3339.parse(text) else {
+        // Rounded up past a fraction finer than the stored microseconds: `from` inclusive and `to` exclusive, as written.
+        guard let timestamp = RFC3339.parse(text, roundingUp: true) else {
             if RFC3339.isOutOfRange(text) {
                 throw APIError(
                     .badRequest, code: "invalid_parameter",
