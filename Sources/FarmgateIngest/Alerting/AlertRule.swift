@@ -363,6 +363,15 @@ public struct AlertRuleSpec: Codable, Sendable, Hashable {
         } catch let DecodingError.typeMismatch(_, context), let DecodingError.valueNotFound(_, context) {
             let field = context.codingPath.first?.stringValue
             throw AlertRuleError(field: field, message: "has the wrong type (\(context.debugDescription))")
+        } catch DecodingError.dataCorrupted {
+            // The body is JSON (read above); what the decoder calls corrupt is an integer past 64 bits
+            // (`"count": 99999999999999999999`), which Foundation tells as "not valid JSON" without naming the field.
+            let huge = dictionary.keys.sorted().first { key in
+                guard !(dictionary[key] is Bool), let number = dictionary[key] as? Double else { return false }
+                return number.magnitude >= 0x1p63
+            }
+            guard let huge else { throw AlertRuleError(field: nil, message: "the rule cannot be read: a value is not one its field takes") }
+            throw AlertRuleError(field: huge, message: "is too large a number; give a smaller one")
         } catch {
             throw AlertRuleError(field: nil, message: "the rule cannot be read: \(error)")
         }
