@@ -285,6 +285,35 @@ struct ScanTests {
         #expect(missing.message?.contains("dtoverlay=w1-gpio") == true)
     }
 
+    // A tester, 2026-12-07: scan's 1-Wire reads had no overall limit, 2 s for each probe of a hung bus.
+    @Test("A hung 1-Wire bus holds the scan at most its overall time; the probes not read are listed as such")
+    func hungOneWireBus() async throws {
+        let dir = try Scratch(prefix: "fg-w1hung")
+        let root = dir.file("devices")
+        // Eight probes whose w1_slave is a FIFO nobody writes: opening it blocks, as a read of a hung bus does.
+        for index in 1...8 {
+            let address = String(format: "28-%012d", index)
+            try FileManager.default.createDirectory(atPath: root + "/" + address, withIntermediateDirectories: true)
+            #expect(mkfifo(root + "/" + address + "/w1_slave", 0o600) == 0)
+        }
+        let started = ContinuousClock.now
+        // Without the overall limit: 8 × 0.5 s. With it: the reads begun within the first second.
+        let finding = await OneWireScan.scan(root: root, readTimeout: .milliseconds(500), overall: .seconds(1))
+        let took = started.duration(to: .now)
+        #expect(took < .seconds(3), "took \(took)")
+        #expect(finding.sensors.count == 8)
+        let unanswered = finding.sensors.filter { $0.problem?.contains("no answer within 0.5 seconds") == true }.count
+        let skipped = finding.sensors.filter { $0.problem?.hasPrefix("not read: the scan's 1.0 seconds for 1-Wire ran out") == true }
+        #expect((1...3).contains(unanswered), "\(finding.sensors.map { $0.problem ?? "-" })")
+        #expect(skipped.count == 8 - unanswered)
+        #expect(skipped.first?.problem?.contains("not answering within 0.5 seconds") == true, "\(skipped.first?.problem ?? "-")")
+        // Unblock the threads left in open(2).
+        for index in 1...8 {
+            let fd = open(root + "/" + String(format: "28-%012d", index) + "/w1_slave", O_WRONLY | O_NONBLOCK)
+            if fd >= 0 { close(fd) }
+        }
+    }
+
     @Test("No gpiochip under the device directory is said plainly, through the libgpiod binding")
     func noGPIOChip() throws {
         let dir = try Scratch(prefix: "fg-gpio")

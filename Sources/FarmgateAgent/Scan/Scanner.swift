@@ -23,16 +23,31 @@ public enum Scanner {
 }
 
 /// The DS18B20s (family 28, and the other w1-therm families) under the w1 root, each read once (a conversion takes up to
-/// 750 ms; each read is bounded).
+/// 750 ms; each read is bounded, and so are all of them together).
 public enum OneWireScan {
-    public static func scan(root: String, readTimeout: Duration = .seconds(2)) async -> OneWireFinding {
+    /// - Parameters:
+    ///   - readTimeout: how long one probe's read may take.
+    ///   - overall: how long the probes' reads may take in all: a hung bus makes every read wait its `readTimeout`, and a
+    ///     bus of 30 probes would hold the scan a minute; the probes not read by then are listed as such.
+    public static func scan(root: String, readTimeout: Duration = .seconds(2), overall: Duration = .seconds(10)) async -> OneWireFinding {
         var finding = OneWireFinding(root: root)
         guard let names = try? FileManager.default.contentsOfDirectory(atPath: root) else {
             finding.message = "no 1-Wire bus at \(root): enable it (Raspberry Pi: dtoverlay=w1-gpio in /boot/firmware/config.txt, then reboot)"
             return finding
         }
         let addresses = names.filter { $0.count == 15 && DS18B20Driver.families.contains(String($0.prefix(2))) }.sorted()
+        let started = ContinuousClock.now
+        var unanswered = 0
         for address in addresses {
+            guard ContinuousClock.now - started < overall else {
+                var sensor = DS18B20Finding(address: address)
+                sensor.problem =
+                    "not read: the scan's \(overall) for 1-Wire ran out"
+                    + (unanswered > 0 ? ", \(unanswered) probe\(unanswered == 1 ? "" : "s") not answering within \(readTimeout) (a hung bus? check the wiring and pull-up)" : "")
+                    + "; read it with `farmgate sensor test` once configured"
+                finding.sensors.append(sensor)
+                continue
+            }
             let directory = root + "/" + address
             let thread = DedicatedThread(name: "farmgate-scan-w1")
             defer { thread.shutdown() }
@@ -49,6 +64,7 @@ public enum OneWireScan {
             var sensor = DS18B20Finding(address: address)
             switch outcome {
             case nil:
+                unanswered += 1
                 sensor.problem = "no answer within \(readTimeout) (a hung bus? check the wiring)"
             case .failure(let error)?:
                 sensor.problem = error.description
