@@ -177,6 +177,30 @@ struct SiteEnrollmentTests {
         #expect(dir.names(in: "keys").isEmpty)
     }
 
+    // A tester, 2026-12-07: --key-file naming another site's agent.toml, or notes, replaced it with the key.
+    @Test func aKeyPathOnAFileThatIsNoDeviceKeyIsRefusedAnOldKeyOrAnEmptyFileIsReplaced() throws {
+        let dir = try Scratch(prefix: "fg-enroll")
+        let config = try dir.write("agent.toml", Self.config)
+        let other = try dir.write("other-site.toml", "[device]\nid = \"elsewhere\"\n")
+        let notes = try dir.write("notes.txt", "important notes\n")
+        let big = try dir.write("big.bin", String(repeating: "x", count: 10_000))
+        for victim in [other, notes, big] {
+            let before = try String(contentsOfFile: victim, encoding: .utf8)
+            let failure = #expect(throws: SiteEnrollment.Failure.self) {
+                try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: "https://i.example", token: Self.token, configPath: config, keyFile: victim))
+            }
+            #expect(failure?.description.contains("holds something other than a device key") == true, "\(failure?.description ?? "")")
+            #expect(failure?.exitCode == 64)
+            #expect(try String(contentsOfFile: victim, encoding: .utf8) == before)
+        }
+        // An earlier key (being replaced) and an empty file prepared by the installer are taken.
+        let oldKey = try dir.write("old.key", "fgd_abcdefgh_" + String(repeating: "0", count: 64) + "\n")
+        let empty = try dir.write("empty.key", "")
+        for keyFile in [oldKey, empty] {
+            _ = try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: "https://i.example", token: Self.token, configPath: config, keyFile: keyFile))
+        }
+    }
+
     @Test func aKeyPathThatIsADeviceAFIFOOrTheCAFileIsRefusedBeforeTheTokenIsUsed() throws {
         let dir = try Scratch(prefix: "fg-enroll")
         let config = try dir.write("agent.toml", Self.config)

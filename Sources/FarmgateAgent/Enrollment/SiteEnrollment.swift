@@ -297,6 +297,19 @@ public enum SiteEnrollment {
                     + "the configuration. Nothing was sent: the token is unused",
                 exitCode: exitCode)
         }
+        // Any other regular file there must be a device key (an earlier one, being replaced) or empty: anything else is some other
+        // file the path names by mistake (a tester's --key-file named another site's agent.toml, and notes), and the
+        // key would have replaced it without a word.
+        if lstat(keyFile, &info) == 0, info.st_mode & S_IFMT == S_IFREG, info.st_size > 0 {
+            let held = info.st_size > 4096 ? nil : FileManager.default.contents(atPath: keyFile).map { String(decoding: $0, as: UTF8.self) }
+            let text = held?.trimmingWhitespace() ?? ""
+            if held == nil || (!text.isEmpty && KeyFormat.deviceKeyProblem(text) != nil) {
+                throw Failure(
+                    description: "\(source) holds something other than a device key (\(info.st_size) bytes); writing the key there would replace it: \(fix) "
+                        + "(or move that file away, if it is an old key file). Nothing was sent: the token is unused",
+                    exitCode: exitCode)
+            }
+        }
     }
 
     /// Refuses an answer for another device than the configuration's `[device] id`: the key belongs to that device, and
