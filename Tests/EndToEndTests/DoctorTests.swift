@@ -159,6 +159,12 @@ struct DoctorTests {
         #expect(chip.status == .problem && chip.message.contains("cannot be found"), "\(chip)")
         #expect(Self.finding(report, "clock")?.status == .problem)
         #expect(Self.finding(report, "clock")?.fix?.contains("timedatectl") == true)
+        // With [clock] check = false the agent does not ask the kernel, but doctor does: a warning, never "synchronised"
+        // (a tester, 2026-12-07: it said synchronised, exit 0).
+        let unchecked = try Self.site(farm, device: "doc-2c", key: "fgd_abcdefgh_" + String(repeating: "0", count: 64), ports: [], extra: "\n[clock]\ncheck = false\n", synchronized: false)
+        let uncheckedReport = try await Self.doctor(unchecked)
+        let uncheckedClock = try #require(Self.finding(uncheckedReport.report, "clock"), "\(uncheckedReport.output)")
+        #expect(uncheckedClock.status == .warning && uncheckedClock.message.contains("not synchronised"), "\(uncheckedClock)")
         let keyFinding = try #require(Self.finding(report, "key", "device key"))
         #expect(keyFinding.status == .problem && keyFinding.message.contains("does not accept the key"), "\(keyFinding)")
         #expect(keyFinding.fix?.contains("farmgate enroll") == true)
