@@ -218,6 +218,9 @@ struct TextfileMetricsTests {
     @Test("[metrics] textfile and interval are read; a missing or misnamed file is refused with file:line: key")
     func configuration() throws {
         let base = "[device]\nid = \"t\"\n[[sensor]]\nid = \"a.ph\"\ndriver = \"simulated\"\nquantity = \"ph\"\n"
+        let scratch = try Scratch(prefix: "fg-metrics-dir")
+        let directory = URL(fileURLWithPath: scratch.file("d.prom"))
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: false)
         let parsed = try AgentConfiguration.parse(
             ConfigDocument.parse(base + "[metrics]\ntextfile = \"/var/lib/node_exporter/textfile_collector/farmgate.prom\"\ninterval = \"30s\"\n", file: "/etc/farmgate/agent.toml"))
         #expect(parsed.metrics == MetricsFileConfiguration(path: "/var/lib/node_exporter/textfile_collector/farmgate.prom", interval: .seconds(30)))
@@ -228,6 +231,8 @@ struct TextfileMetricsTests {
             ("[metrics]\ntextfile = \"/tmp/farmgate.txt\"\n", "must end in .prom"),
             ("[metrics]\ntextfile = \"/tmp/f.prom\"\ninterval = \"100ms\"\n", "interval"),
             ("[metrics]\ntextfile = \"/tmp/f.prom\"\nintervall = \"10s\"\n", "intervall"),
+            // A tester, 2026-12-07: a directory there passed every check, and no metrics were ever written.
+            ("[metrics]\ntextfile = \"\(directory.path)\"\n", "is a directory; the metrics file is replaced as a whole"),
         ] {
             #expect {
                 try AgentConfiguration.parse(ConfigDocument.parse(base + bad, file: "agent.toml"))

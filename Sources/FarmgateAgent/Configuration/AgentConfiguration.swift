@@ -343,6 +343,13 @@ extension AgentConfiguration {
             throw table.error("textfile", "must end in .prom, or node_exporter's textfile collector ignores it (got \"\(path)\")")
         }
         var metrics = MetricsFileConfiguration(path: resolve(path, against: base))
+        // The file is written beside and renamed over: a directory there could never be replaced (a tester's agent
+        // logged "cannot rename ...: Is a directory" at every interval and wrote no metrics).
+        var info = stat()
+        if lstat(metrics.path, &info) == 0, info.st_mode & S_IFMT != S_IFREG, info.st_mode & S_IFMT != S_IFLNK {
+            let kind = info.st_mode & S_IFMT == S_IFDIR ? "a directory" : "not a regular file"
+            throw table.error("textfile", "\(metrics.path) is \(kind); the metrics file is replaced as a whole at each write: give a file path, such as \(metrics.path.hasSuffix("/") ? metrics.path : metrics.path + "/")farmgate.prom")
+        }
         if let interval = try table.duration("interval", in: .seconds(1)...(.seconds(3600))) { metrics.interval = interval }
         return metrics
     }
