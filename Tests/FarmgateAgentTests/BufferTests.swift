@@ -706,6 +706,11 @@ struct BufferTests {
         #expect(try connection.query("SELECT name FROM sqlite_master WHERE type = 'table'").compactMap { $0.first?.string } == ["readings"])
         #expect(try connection.queryInt("PRAGMA page_size") == 4096)
         #expect(try connection.query("PRAGMA journal_mode").first?.first?.string == "delete")
+        // With the agent's own sidecar beside it (requireHeader false) the file is not opened at all: opening, even read
+        // only, made SQLite open and (as root) fchown the -wal and -shm files, which blocked every command that loads
+        // the configuration while the buffer's file system was frozen (a tester, 2026-12-07).
+        #expect(SQLiteFileCheck.foreignFileProblem(path: path, ownTable: "schema_version", requireHeader: false) == nil)
+        #expect(SQLiteFileCheck.foreignFileProblem(path: path, ownTable: "schema_version")?.contains("another program") == true)
     }
 
     @Test("a buffer written by a newer Farmgate is refused with a message, not moved aside")

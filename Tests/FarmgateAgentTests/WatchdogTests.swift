@@ -149,4 +149,51 @@ struct WatchdogTests {
         #expect(await eventually(timeout: .seconds(5)) { listener.messages(with: "WATCHDOG=1").count >= countWhenStuck + 3 })
         #expect(listener.statusLines.last?.hasPrefix("42 pending") == true)
     }
+    // A tester, 2026-12-07: with the buffer's file system frozen, the pings stopped but nothing named the buffer: the
+    // status refresh waited for the buffer's figures for ever, so the loop never got to the stale check.
+    @Test("A status snapshot that never comes back (a buffer stuck on its disk) holds neither the pings nor the naming of the stuck component")
+    func stuckSnapshot() async throws {
+        let dir = try Scratch(prefix: "fg-wds", in: URL(fileURLWithPath: "/tmp"))
+        let listener = try NotifyListener(address: dir.file("notify.sock"))
+        defer { listener.stop() }
+        let logger = Logger(label: "test")
+        let controlPath = dir.file("control.sock")
+        let buffer = Heartbeat(component: "buffer")
+        let stuck = WedgedDriver()
+        defer { stuck.release() }
+        let asked = Mutex(0)
+        let snapshot: @Sendable () async throws -> AgentStatus = {
+            asked.withLock { $0 += 1 }
+            _ = try? await stuck.read()
+            throw CancellationError()
+        }
+        let supervisor = AgentSupervisor(
+            notifier: SystemdNotifier(socketPath: listener.address, watchdogTimeout: .milliseconds(400)),
+            gate: WatchdogGate(heartbeats: [buffer]), controlSocket: controlPath, snapshot: snapshot, logger: logger)
+        let control = ControlServer(path: controlPath, logger: logger) { _ in Array("{\"ok\":true}\n".utf8) }
+        let serving = Task { try await control.run() }
+        let supervising = Task { try await supervisor.run() }
+        let beating = Mutex(true)
+        let loop = Task {
+            while !Task.isCancelled {
+                if beating.withLock({ $0 }) { buffer.beat(within: .zero) }
+                try? await Task.sleep(for: .milliseconds(100))
+            }
+        }
+        defer {
+            supervising.cancel()
+            serving.cancel()
+            loop.cancel()
+        }
+        #expect(await eventually(timeout: .seconds(10)) { !listener.messages(with: "READY=1").isEmpty })
+        #expect(listener.statusLines.first?.contains("the buffer does not answer for its figures") == true, "\(listener.statusLines)")
+        // The pings go on while the buffer's loop beats, whatever its figures do.
+        #expect(await eventually(timeout: .seconds(10)) { listener.messages(with: "WATCHDOG=1").count >= 5 })
+        beating.withLock { $0 = false }
+        #expect(
+            await eventually(timeout: .seconds(15)) { listener.statusLines.last?.hasPrefix("STUCK: buffer, the buffer does not answer") == true },
+            "\(listener.statusLines)")
+        // One snapshot is asked at a time: the first never came back, so no other was asked.
+        #expect(asked.withLock { $0 } == 1)
+    }
 }

@@ -5,6 +5,7 @@ import FarmgateSupport
 import FarmgateWire
 import Logging
 import ServiceLifecycle
+import Synchronization
 
 /// The agent's side of `Type=notify`: `READY=1` once it really serves, a `STATUS=` line for `systemctl status`,
 /// `WATCHDOG=1` pings while every component is alive, and `STOPPING=1` when a graceful stop begins.
@@ -27,6 +28,8 @@ public final class AgentSupervisor: Service {
     /// Whether a graceful shutdown is a reload (the services start again with a new configuration) rather than a stop.
     let reloading: @Sendable () -> Bool
     let logger: Logger
+    /// Whether a status snapshot is still being answered (``statusLine(_:)``).
+    private let snapshotInFlight = SnapshotFlag()
 
     public init(
         notifier: SystemdNotifier, gate: WatchdogGate, controlSocket: String, snapshot: @escaping @Sendable () async throws -> AgentStatus,
@@ -115,11 +118,28 @@ public final class AgentSupervisor: Service {
         return false
     }
 
+    /// How long the status line waits for the buffer's figures: the loop that pings the watchdog and names a stuck
+    /// component must never wait on the component it watches.
+    static let snapshotTimeout: Duration = .seconds(2)
+
+    /// The status line, from a snapshot that gets ``snapshotTimeout``. The buffer answers it on its thread: a buffer
+    /// stuck on its disk (a frozen or failing SD card) held the loop on its first status refresh, so the stuck buffer was
+    /// never logged nor shown, and the pings just stopped. One snapshot is asked at a time; while it has not come back
+    /// the line says so.
     private func statusLine(_ verdict: WatchdogGate.Verdict) async -> String {
-        do {
-            return AgentStatusLine.render(try await snapshot(), verdict: verdict)
-        } catch {
-            return "cannot read the buffer: \(error)"
+        guard !snapshotInFlight.take() else {
+            return AgentStatusLine.unanswered(verdict: verdict, waited: nil)
+        }
+        let snapshot = self.snapshot
+        let inFlight = snapshotInFlight
+        let result = await withDeadline(Self.snapshotTimeout) { () -> Result<AgentStatus, any Error> in
+            defer { inFlight.clear() }
+            do { return .success(try await snapshot()) } catch { return .failure(error) }
+        }
+        switch result {
+        case nil: return AgentStatusLine.unanswered(verdict: verdict, waited: Self.snapshotTimeout)
+        case .success(let status)?: return AgentStatusLine.render(status, verdict: verdict)
+        case .failure(let error)?: return "cannot read the buffer: \(error)"
         }
     }
 
@@ -132,11 +152,30 @@ public final class AgentSupervisor: Service {
     }
 }
 
+/// Set while the supervisor's status snapshot is being answered.
+final class SnapshotFlag: Sendable {
+    private let value = Atomic<Bool>(false)
+    /// Sets it; returns whether it was set already.
+    func take() -> Bool { value.exchange(true, ordering: .acquiringAndReleasing) }
+    func clear() { value.store(false, ordering: .releasing) }
+}
+
 /// The one line `systemctl status` shows for the agent: `42 pending, last upload 3s ago, 12/12 sensors ok`, led by
 /// `STUCK: …` when the watchdog holds back and by `BUFFER ERROR …` for an hour after a failed buffer write.
 public enum AgentStatusLine {
     /// How long the line shows the buffer's last failed write (`farmgate status` shows it as long as the buffer is open).
     public static let recentBufferError = Timestamp(microseconds: 3_600_000_000)
+
+    /// The line while the buffer does not answer for its figures (its disk stuck?): `waited` how long this refresh
+    /// waited, nil when an earlier one is still waiting.
+    public static func unanswered(verdict: WatchdogGate.Verdict, waited: Duration?) -> String {
+        var parts: [String] = []
+        if case .stale(let late) = verdict { parts.append("STUCK: \(late.joined(separator: ", "))") }
+        parts.append(
+            "the buffer does not answer for its figures" + (waited.map { " within \($0)" } ?? " (still waiting)")
+                + ": its disk may be stuck (dmesg, `farmgate doctor`)")
+        return parts.joined(separator: ", ")
+    }
 
     public static func render(_ status: AgentStatus, verdict: WatchdogGate.Verdict = .alive) -> String {
         var parts: [String] = []

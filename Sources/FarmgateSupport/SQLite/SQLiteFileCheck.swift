@@ -14,9 +14,9 @@ public enum SQLiteFileCheck {
     /// Why `path` must not be opened as the program's database, or nil: it does not exist, is empty, or is a SQLite
     /// database with no table or with `ownTable` (the table every version of the program's schema has).
     ///
-    /// - Parameter requireHeader: whether a regular file that does not start with SQLite's header is refused. The agent
-    ///   passes false when its own sidecar lies beside the file: then the file was its buffer, and a damaged header is
-    ///   damage, moved aside and recovered from.
+    /// - Parameter requireHeader: whether a regular file that does not start with SQLite's header is refused, and a
+    ///   database is opened to look at its tables. The agent passes false when its own sidecar lies beside the file: then
+    ///   the file was its buffer, a damaged header is damage, moved aside and recovered from, and nothing is opened.
     /// - Returns: the problem as a phrase that follows the path ("is a directory", "is not a SQLite database", ...).
     public static func foreignFileProblem(path: String, ownTable: String, requireHeader: Bool = true) -> String? {
         var info = stat()
@@ -31,6 +31,11 @@ public enum SQLiteFileCheck {
         guard header == sqliteHeader else {
             return requireHeader ? "is not a SQLite database" : nil
         }
+        // The program's own sidecar lies beside it (`requireHeader` false): it is the program's file, and it is not
+        // opened. Opening even read only makes SQLite open the `-wal` and `-shm` files read-write and, as root, fchown
+        // them: on a file system stuck under the running program (a frozen or failing SD card) that blocked every
+        // command that loads the configuration (`status`, `doctor`, `config check`, `reload`) in the kernel.
+        guard requireHeader else { return nil }
         // Read only: nothing is written, not even the WAL mode. A file that cannot be read this way is left to the
         // opening, which reports it.
         guard let connection = try? SQLiteConnection(path: path, mode: .readOnly),
