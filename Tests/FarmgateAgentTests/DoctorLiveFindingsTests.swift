@@ -19,6 +19,18 @@ struct DoctorLiveFindingsTests {
         return status
     }
 
+    // A tester, 2026-12-07: 47 MiB free of a 182 MiB data partition, an 8 MiB quota, was "almost full" (exit 1).
+    @Test("almost full is under 64 MiB free, or under a tenth of a file system smaller than 640 MiB")
+    func almostFull() {
+        let mib: Int64 = 1 << 20
+        #expect(Doctor.almostFull(free: 50 * mib, size: 32_000 * mib))
+        #expect(!Doctor.almostFull(free: 70 * mib, size: 32_000 * mib))
+        #expect(!Doctor.almostFull(free: 47 * mib, size: 182 * mib))
+        #expect(Doctor.almostFull(free: 17 * mib, size: 182 * mib))
+        #expect(!Doctor.almostFull(free: 2 * mib + mib / 2, size: 3 * mib))
+        #expect(Doctor.almostFull(free: 0, size: 3 * mib))
+    }
+
     @Test("a buffer write that failed within the hour is a problem naming the operation, its message and the counts; older or none is not")
     func bufferFailures() {
         let failure = { (secondsAgo: Int64) in

@@ -174,7 +174,7 @@ extension Doctor {
         let quota = configuration.buffer.quotaBytes
         let stillNeeded = max(0, quota - used)
         let shown = "\(mebibytes(free)) free, the buffer uses \(mebibytes(used)) of its \(mebibytes(quota)) quota"
-        if free < 64 << 20 {
+        if almostFull(free: free, size: Int64(info.f_blocks) * Int64(info.f_frsize)) {
             return DoctorFinding(
                 check: "disk", subject: directory.path, status: .problem, message: "almost full: \(shown)",
                 fix: "free space on this file system (`df -h \(directory.path)`, `journalctl --vacuum-size=50M`), or the buffer stops storing readings")
@@ -185,6 +185,13 @@ extension Doctor {
                 fix: "lower [buffer] quota below the free space, or free space: the disk fills before the quota is reached")
         }
         return DoctorFinding(check: "disk", subject: directory.path, status: .ok, message: shown)
+    }
+
+    /// Whether a file system of `size` bytes with `free` left is almost full: under 64 MiB free, or a tenth of a file
+    /// system smaller than 640 MiB. A fixed 64 MiB called a small data partition or tmpfs that the buffer's quota fits in
+    /// easily "almost full" (a tester: 47 MiB free of 182 MiB, an 8 MiB quota); whether the quota fits is its own check.
+    static func almostFull(free: Int64, size: Int64) -> Bool {
+        free < min(64 << 20, size / 10)
     }
 
     static func mebibytes(_ bytes: Int64) -> String {
