@@ -196,4 +196,44 @@ struct WatchdogTests {
         // One snapshot is asked at a time: the first never came back, so no other was asked.
         #expect(asked.withLock { $0 } == 1)
     }
+    // A tester, 2026-12-07: a NOTIFY_SOCKET nobody listens on was warned about at every ping, and "Told systemd the
+    // agent is ready" was logged although READY=1 never got there.
+    @Test("A notify socket nobody listens on is warned about once, and no readiness is claimed")
+    func unreachableNotifySocket() async throws {
+        let dir = try Scratch(prefix: "fg-wdn", in: URL(fileURLWithPath: "/tmp"))
+        let log = RecordedLog()
+        let logger = log.logger()
+        let controlPath = dir.file("control.sock")
+        let buffer = Heartbeat(component: "buffer")
+        let snapshot: @Sendable () async throws -> AgentStatus = {
+            AgentStatus(
+                device: "t", version: "test", pid: 1, startedAt: Timestamp.now(), now: Timestamp.now(), clockSynchronized: true,
+                buffer: BufferStatistics(
+                    pending: 0, oldestPending: nil, uncommitted: 0, quarantined: 0, dropped: 0, duplicatesIgnored: 0, lastSequence: 0,
+                    usedBytes: 0, quotaBytes: 1),
+                upload: nil, uploadEndpoint: nil, sensors: [], recentQuarantine: [])
+        }
+        let supervisor = AgentSupervisor(
+            notifier: SystemdNotifier(socketPath: dir.file("nobody-listens.sock"), watchdogTimeout: .milliseconds(200)),
+            gate: WatchdogGate(heartbeats: [buffer]), controlSocket: controlPath, snapshot: snapshot, logger: logger)
+        let control = ControlServer(path: controlPath, logger: logger) { _ in Array("{\"ok\":true}\n".utf8) }
+        let serving = Task { try await control.run() }
+        let supervising = Task { try await supervisor.run() }
+        let loop = Task {
+            while !Task.isCancelled {
+                buffer.beat(within: .zero)
+                try? await Task.sleep(for: .milliseconds(50))
+            }
+        }
+        defer {
+            supervising.cancel()
+            serving.cancel()
+            loop.cancel()
+        }
+        // Ten pings' worth of time (every 100 ms).
+        #expect(await eventually(timeout: .seconds(10)) { log.entries.contains { $0.message.hasPrefix("Cannot notify systemd") } })
+        try await Task.sleep(for: .seconds(1))
+        #expect(log.entries.filter { $0.message.hasPrefix("Cannot notify systemd") }.count == 1, "\(log.entries.map(\.message))")
+        #expect(!log.entries.contains { $0.message.hasPrefix("Told systemd the agent is ready") })
+    }
 }

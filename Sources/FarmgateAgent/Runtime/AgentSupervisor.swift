@@ -30,6 +30,8 @@ public final class AgentSupervisor: Service {
     let logger: Logger
     /// Whether a status snapshot is still being answered (``statusLine(_:)``).
     private let snapshotInFlight = SnapshotFlag()
+    /// Whether the last notification failed (``send(_:)``).
+    private let notifyFailing = SnapshotFlag()
 
     public init(
         notifier: SystemdNotifier, gate: WatchdogGate, controlSocket: String, snapshot: @escaping @Sendable () async throws -> AgentStatus,
@@ -62,10 +64,11 @@ public final class AgentSupervisor: Service {
     private func supervise() async {
         guard await waitUntilReady() else { return }
         var lastVerdict = gate.verdict()
-        send(["READY=1", "STATUS=" + (await statusLine(lastVerdict))])
-        logger.info(
-            "Told systemd the agent is ready",
-            metadata: ["systemd.watchdog": "\(notifier.watchdogTimeout.map { "\($0)" } ?? "off")"])
+        if send(["READY=1", "STATUS=" + (await statusLine(lastVerdict))]) {
+            logger.info(
+                "Told systemd the agent is ready",
+                metadata: ["systemd.watchdog": "\(notifier.watchdogTimeout.map { "\($0)" } ?? "off")"])
+        }
         let pingInterval = notifier.watchdogPingInterval
         let tick = min(pingInterval ?? Self.statusInterval, Self.statusInterval)
         var nextStatus = ContinuousClock.now + Self.statusInterval
@@ -143,21 +146,31 @@ public final class AgentSupervisor: Service {
         }
     }
 
-    private func send(_ lines: [String]) {
+    /// Sends `lines`; a failure is logged once, until a send works again (a socket that went away was logged at every
+    /// ping). Returns whether the notification went out.
+    @discardableResult
+    private func send(_ lines: [String]) -> Bool {
         do {
             try notifier.send(lines)
+            if notifyFailing.clearing() { logger.notice("systemd is notified again") }
+            return true
         } catch {
-            logger.warning("Cannot notify systemd", metadata: ["error": "\(error)"])
+            if !notifyFailing.take() {
+                logger.warning("Cannot notify systemd; said once until it works again", metadata: ["error": "\(error)"])
+            }
+            return false
         }
     }
 }
 
-/// Set while the supervisor's status snapshot is being answered.
+/// A flag the supervisor's tasks share: a status snapshot being answered, notifications failing.
 final class SnapshotFlag: Sendable {
     private let value = Atomic<Bool>(false)
     /// Sets it; returns whether it was set already.
     func take() -> Bool { value.exchange(true, ordering: .acquiringAndReleasing) }
     func clear() { value.store(false, ordering: .releasing) }
+    /// Clears it; returns whether it was set.
+    func clearing() -> Bool { value.exchange(false, ordering: .acquiringAndReleasing) }
 }
 
 /// The one line `systemctl status` shows for the agent: `42 pending, last upload 3s ago, 12/12 sensors ok`, led by
