@@ -113,6 +113,18 @@ struct SiteEnrollmentTests {
         #expect(server.requests.count == 1, "a refusal is not retried")
     }
 
+    // A tester, 2026-12-07: a redirect was told "the ingest answered HTTP 302: " and nothing more.
+    @Test func aRedirectNamesWhereAndIsNotFollowed() async throws {
+        let server = try TestHTTPServer(script: [.reply(302, headers: ["Location": "https://ingest.example.net/v1/enroll"])])
+        let dir = try Scratch(prefix: "fg-enroll")
+        let config = try dir.write("agent.toml", Self.config)
+        let plan = try SiteEnrollment.prepare(SiteEnrollment.Request(endpoint: server.url, token: Self.token, configPath: config))
+        let failure = await #expect(throws: SiteEnrollment.Failure.self) { try await SiteEnrollment.exchange(plan, logger: logger) }
+        let text = failure?.description ?? ""
+        #expect(text.contains("redirects (HTTP 302) to https://ingest.example.net/v1/enroll") && text.contains("the token is unused"), "\(text)")
+        #expect(server.requests.count == 1)
+    }
+
     @Test func anIngestNobodyListensOnIsUnreachable() async throws {
         let dir = try Scratch(prefix: "fg-enroll")
         let config = try dir.write("agent.toml", Self.config)

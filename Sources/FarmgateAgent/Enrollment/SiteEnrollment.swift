@@ -483,6 +483,10 @@ public enum SiteEnrollment {
             text = "too many attempts: \(message)"
         case (404, _), (405, _):
             text = "\(plan.endpoint) has no enrollment endpoint (HTTP \(response.status)); is the URL the ingest's, and is it a farmgate-ingest that knows `enroll-token`?"
+        case (300..<400, _):
+            // Not followed (the token must not go where nobody asked it to): say where, as doctor does for uploads.
+            let location = response.header("location").map { " to \($0.escapingControlCharacters.prefix(300))" } ?? ""
+            text = "\(plan.endpoint) redirects (HTTP \(response.status))\(location); redirects are not followed: give that URL's base (the ingest's own URL) to `farmgate enroll`. Nothing was exchanged: the token is unused"
         case (400, _) where message.lowercased().contains("https port") || message.lowercased().contains("speak plain http"):
             // nginx: "The plain HTTP request was sent to HTTPS port".
             text = "\(plan.endpoint) is an HTTPS port (HTTP 400: \(message)): use https:// in the URL"
