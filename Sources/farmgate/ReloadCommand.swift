@@ -105,7 +105,7 @@ struct ReloadCommand: ParsableCommand {
     /// The agent's status and the socket it answered on: `--socket`, the configuration's, or (a file that does not load:
     /// the agent will refuse it, and says why) the socket the file names and the default one.
     private func currentStatus() throws -> (String, AgentStatus) {
-        let candidates = StatusCommand.candidateSockets(socket: socket, configPath: options.config).sockets
+        let (candidates, problem) = StatusCommand.candidateSockets(socket: socket, configPath: options.config)
         var failures: [String] = []
         for path in candidates {
             do {
@@ -114,7 +114,11 @@ struct ReloadCommand: ParsableCommand {
                 failures.append("\(error)")
             }
         }
-        throw CleanExit.message("farmgate reload: \(failures.joined(separator: "; "))", code: 1)
+        // A file that does not load (emptied, removed) names no socket: say so first, or the default socket's "no such
+        // socket, is farmgate agent running?" sends the installer after an agent that runs (a tester, 2026-12-07).
+        let unread = problem.map { "\(options.config) does not load (\($0)), so the agent's control socket is not known from it; tried " } ?? ""
+        let signal = problem != nil && pid != nil ? ". Fix the file (the agent would refuse it as it is), then reload again; or `kill -HUP \(pid ?? 0)` to have the agent say why it refuses it in its log" : ""
+        throw CleanExit.message("farmgate reload: \(unread)\(failures.joined(separator: "; "))\(signal)", code: 1)
     }
 
     private static func status(at path: String, settling: Duration = .zero) throws -> AgentStatus {

@@ -60,6 +60,13 @@ struct ReloadCommandTests {
         let badTimeout = try await runCommand(Farm.agentBinary, ["reload", "--config", config, "--timeout", "0"])
         #expect(badTimeout.status == 64 && badTimeout.stderr.contains("--timeout must be between 1 and 3600"), "\(badTimeout.stderr)")
 
+        // A file emptied under the running agent names no socket: said first (a tester, 2026-12-07: only "no such socket
+        // ... is farmgate agent running?" of the default socket).
+        let emptied = try farm.dir.write("emptied.toml", "")
+        let unread = try await runCommand(Farm.agentBinary, ["reload", "--config", emptied, "--pid", "\(agent.pid)", "--timeout", "5"])
+        #expect(unread.status == 1 && unread.stderr.contains("\(emptied) does not load ("), "\(unread.stderr)")
+        #expect(unread.stderr.contains("kill -HUP \(agent.pid)"), "\(unread.stderr)")
+
         #expect(await agent.stop(SIGTERM) == 0)
         try original.write(toFile: config, atomically: true, encoding: .utf8)
         let gone = try await runCommand(Farm.agentBinary, ["reload", "--config", config])
