@@ -47,9 +47,8 @@ struct AlertReadingOrderTests {
         }
     }
 
-    /// Past `queue_limit` a dropped batch is read back at the next tick, after the device's later batches were judged from
-    /// the queue: the out-of-order replay puts its episodes in place. (A tester, 2026-12-07, still saw a history of
-    /// "firing → resolved" then "inactive → pending" with ten devices feeding a running engine: not reproduced here.)
+    /// Past `queue_limit` a dropped batch is read back at the next tick; the device's later batches wait for it (see
+    /// ``everyEarlierTransitionDropped(kind:)``).
     @Test(
         "batches the full queue dropped, judged after the device's later ones, leave a history in time order",
         arguments: StoreKind.allCases)
@@ -88,6 +87,37 @@ struct AlertReadingOrderTests {
                 #expect(before.to == after.from, "\(transitions.map { "\($0.from)→\($0.to)@\($0.at.microseconds - now.microseconds)" })")
             }
             #expect(transitions.last?.to == "firing")
+        }
+    }
+
+    /// A tester (2026-12-07) with ten devices and `queue_limit` exceeded: when every batch before a device's next one was
+    /// dropped, that batch was judged from the queue as the alert's first ("inactive → pending" after the dropped
+    /// episode's "resolved"), and the catch-up's replay could not take it back. Later batches of a device with dropped
+    /// ones now wait for the catch-up, which judges them all in sequence order.
+    @Test("a batch after batches the full queue dropped waits for the catch-up: the history is one chain, as in time order", arguments: StoreKind.allCases)
+    func everyEarlierTransitionDropped(kind: StoreKind) async throws {
+        try await AlertHarness.with(kind) { h in
+            try await h.rule(spec("ph-high", "above") { $0.quantity = "ph"; $0.threshold = 6.5; $0.clear = 6.4 })
+            let clock = h.clock
+            let engine = AlertEngine(
+                store: h.store, settings: AlertEngine.Settings(lateAfter: .seconds(300), lateQuiet: .seconds(30), queueLimit: 1), logger: testLogger,
+                now: { clock.now })
+            await engine.reload()
+            let now = h.clock.now
+            func at(_ seconds: Int64) -> Timestamp { Timestamp(microseconds: now.microseconds + seconds * 1_000_000) }
+            // Four batches committed while the queue's one place is taken: all dropped.
+            for (seconds, value) in [(-40, 7.0), (-30, 6.0), (-20, 6.0), (-10, 6.0)] as [(Int64, Double)] {
+                let batch = try await h.send([(seconds, value)], start: now, feed: false)
+                engine.committed(batch)
+                engine.committed(batch)
+            }
+            // The next batch comes through the queue before the tick's catch-up.
+            try await h.send([(0, 7.0)], start: now, to: engine)
+            await engine.tick()
+            let alert = try #require(try await h.alerts().first)
+            #expect(states(alert) == ["inactive>pending", "pending>firing", "firing>resolved", "resolved>pending", "pending>firing"])
+            #expect(alert.transitions.map(\.at) == [at(-40), at(-40), at(-30), at(0), at(0)])
+            #expect(alert.state == "firing" && alert.startsAt == at(0))
         }
     }
 

@@ -167,6 +167,8 @@ public actor AlertEngine: CommitObserver, Service {
     private var startedAt: Timestamp
     /// Per device: the lowest sequence whose evaluation failed; the watermark stays below it until a catch-up succeeds.
     private var failedFrom: [Int64: UInt64] = [:]
+    /// The devices a catch-up is reading back now: their batches from the queue wait for the next one.
+    private var catchingUp: Set<Int64> = []
 
     private let transitionsCounter = Counter(label: "farmgate_ingest_alert_transitions_total")
     private let notificationsCounter = Counter(label: "farmgate_ingest_alert_notifications_total")
@@ -257,6 +259,8 @@ public actor AlertEngine: CommitObserver, Service {
                     after = failure == 0 ? nil : min(after ?? failure - 1, failure - 1)
                 }
                 guard let highest = progress.highest, after.map({ $0 < highest }) ?? true else { continue }
+                catchingUp.insert(device)
+                defer { catchingUp.remove(device) }
                 while true {
                     let page = try await store.alertCatchUpReadings(device: progress.device, afterSequence: after, limit: 5_000)
                     guard let last = page.last else { break }
@@ -464,6 +468,19 @@ public actor AlertEngine: CommitObserver, Service {
 
     private func evaluate(_ batch: CommittedBatch, fromCatchUp: Bool) async {
         mergeDropped()
+        // A device with readings waiting for a catch-up (batches the full queue dropped, an evaluation that failed) or
+        // being caught up now: its later batches wait for the catch-up too, which reads them back with the rest, in
+        // sequence order. Judged from the queue meanwhile, a batch was judged without the readings before it: an alert
+        // all of whose earlier transitions were dropped started again from inactive ("resolved", then "inactive →
+        // pending"), or resolved at the wrong reading, and the catch-up's replay could not take those transitions back
+        // (a tester, 2026-12-07, with `queue_limit` exceeded). So the batch goes the way of a dropped one.
+        if !fromCatchUp, failedFrom[batch.device.rowID] != nil || catchingUp.contains(batch.device.rowID),
+            let lowest = batch.readings.map(\.sequence).min()
+        {
+            watermarksHold(device: batch.device.rowID, below: lowest)
+            mustCatchUp.store(true, ordering: .relaxed)
+            return
+        }
         if let checked = stampCheckedFrom, checked >= batch.committedAt {
             // A check that started after this batch's commit saw the rules and silences it must be judged by.
         } else {

@@ -108,7 +108,7 @@ public struct SMTPSender: Sendable {
             })
         set(fg_curl_setopt_pointer(handle, CURLOPT_READDATA, context))
         // Every reply line of the server comes through the header callback (libcurl's pingpong protocols): the last one
-        // is the server's own words for a refusal.
+        // with a refusal's code is the server's own words for it.
         set(
             fg_curl_setopt_header_function(handle) { buffer, size, count, context in
                 guard let buffer, let context else { return 0 }
