@@ -107,7 +107,11 @@ struct UploadRefusalTests {
         try await withUploader(source: data.buffer, configuration: configuration) { uploader throws in
             #expect(await eventually { uploader.status().held != nil })
             let held = try #require(uploader.status().held)
-            #expect(held.reason.contains("a reading the ingest took earlier"), "\(held.reason)")
+            // The first hold says "and so was a reading the ingest took earlier" (the probe); the held queue is tried again
+            // after its backoff, and a later try, whose delivery took nothing yet, says only that both halves were refused
+            // alike: either may be the one seen here (1 run in 10 saw the later one).
+            #expect(held.reason.contains("the refusal is systematic, not caused by a reading"), "\(held.reason) batches: \(ingest.log.batches.map { "\($0.first ?? 0)-\($0.last ?? 0)" })")
+            #expect(ingest.log.batches.contains([20]), "the probe of a reading taken earlier was never sent: \(ingest.log.batches)")
             #expect(try await data.statistics().quarantined == 0, "readings were quarantined for a refusal of everything")
             #expect(try await data.statistics().pending == 20)
             gate.release()
