@@ -31,6 +31,16 @@ final class WedgedDriver: SensorDriver {
 /// stops; the real binaries' pings (rate, READY, STATUS, STOPPING) are tested in `SystemdNotifyTests`.
 @Suite("Watchdog")
 struct WatchdogTests {
+    /// A status of an agent with `pending` readings, no upload and no sensor.
+    static func status(pending: Int) -> AgentStatus {
+        AgentStatus(
+            device: "t", version: "test", pid: 1, startedAt: Timestamp.now(), now: Timestamp.now(), clockSynchronized: true,
+            buffer: BufferStatistics(
+                pending: pending, oldestPending: nil, uncommitted: 0, quarantined: 0, dropped: 0, duplicatesIgnored: 0, lastSequence: UInt64(pending),
+                usedBytes: 0, quotaBytes: 1),
+            upload: nil, uploadEndpoint: nil, sensors: [], recentQuarantine: [])
+    }
+
     @Test("The gate waits for every component to start, then finds the late ones by name; on time again, alive again")
     func gate() {
         let sampler = Heartbeat(component: "sampler")
@@ -102,14 +112,7 @@ struct WatchdogTests {
         let sampler = Heartbeat(component: "sampler")
         let uploader = Heartbeat(component: "uploader")
         sampler.beat(within: .seconds(600))
-        let snapshot: @Sendable () async throws -> AgentStatus = {
-            AgentStatus(
-                device: "t", version: "test", pid: 1, startedAt: Timestamp.now(), now: Timestamp.now(), clockSynchronized: true,
-                buffer: BufferStatistics(
-                    pending: 42, oldestPending: nil, uncommitted: 0, quarantined: 0, dropped: 0, duplicatesIgnored: 0, lastSequence: 42,
-                    usedBytes: 0, quotaBytes: 1),
-                upload: nil, uploadEndpoint: nil, sensors: [], recentQuarantine: [])
-        }
+        let snapshot: @Sendable () async throws -> AgentStatus = { Self.status(pending: 42) }
         let supervisor = AgentSupervisor(
             notifier: SystemdNotifier(socketPath: listener.address, watchdogTimeout: .milliseconds(200)),
             gate: WatchdogGate(heartbeats: [sampler, uploader]), controlSocket: controlPath, snapshot: snapshot, logger: logger)
@@ -205,14 +208,7 @@ struct WatchdogTests {
         let logger = log.logger()
         let controlPath = dir.file("control.sock")
         let buffer = Heartbeat(component: "buffer")
-        let snapshot: @Sendable () async throws -> AgentStatus = {
-            AgentStatus(
-                device: "t", version: "test", pid: 1, startedAt: Timestamp.now(), now: Timestamp.now(), clockSynchronized: true,
-                buffer: BufferStatistics(
-                    pending: 0, oldestPending: nil, uncommitted: 0, quarantined: 0, dropped: 0, duplicatesIgnored: 0, lastSequence: 0,
-                    usedBytes: 0, quotaBytes: 1),
-                upload: nil, uploadEndpoint: nil, sensors: [], recentQuarantine: [])
-        }
+        let snapshot: @Sendable () async throws -> AgentStatus = { Self.status(pending: 0) }
         let supervisor = AgentSupervisor(
             notifier: SystemdNotifier(socketPath: dir.file("nobody-listens.sock"), watchdogTimeout: .milliseconds(200)),
             gate: WatchdogGate(heartbeats: [buffer]), controlSocket: controlPath, snapshot: snapshot, logger: logger)

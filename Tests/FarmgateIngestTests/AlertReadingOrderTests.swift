@@ -47,6 +47,17 @@ struct AlertReadingOrderTests {
         }
     }
 
+    /// The harness's rule `ph-high` (above 6.5, clear 6.4) and an engine whose queue holds one batch, its rules loaded.
+    static func queueOfOne(_ h: AlertHarness) async throws -> AlertEngine {
+        try await h.rule(spec("ph-high", "above") { $0.quantity = "ph"; $0.threshold = 6.5; $0.clear = 6.4 })
+        let clock = h.clock
+        let engine = AlertEngine(
+            store: h.store, settings: AlertEngine.Settings(lateAfter: .seconds(300), lateQuiet: .seconds(30), queueLimit: 1), logger: testLogger,
+            now: { clock.now })
+        await engine.reload()
+        return engine
+    }
+
     /// Past `queue_limit` a dropped batch is read back at the next tick; the device's later batches wait for it (see
     /// ``everyEarlierTransitionDropped(kind:)``).
     @Test(
@@ -54,12 +65,7 @@ struct AlertReadingOrderTests {
         arguments: StoreKind.allCases)
     func droppedBatchKeepsTheOrder(kind: StoreKind) async throws {
         try await AlertHarness.with(kind) { h in
-            try await h.rule(spec("ph-high", "above") { $0.quantity = "ph"; $0.threshold = 6.5; $0.clear = 6.4 })
-            let clock = h.clock
-            let engine = AlertEngine(
-                store: h.store, settings: AlertEngine.Settings(lateAfter: .seconds(300), lateQuiet: .seconds(30), queueLimit: 1), logger: testLogger,
-                now: { clock.now })
-            await engine.reload()
+            let engine = try await Self.queueOfOne(h)
             let now = h.clock.now
             func at(_ seconds: Int64) -> Timestamp { Timestamp(microseconds: now.microseconds + seconds * 1_000_000) }
             // Episodes: above the threshold at -70, -50, -30 and -10, below it in between.
@@ -97,12 +103,7 @@ struct AlertReadingOrderTests {
     @Test("a batch after batches the full queue dropped waits for the catch-up: the history is one chain, as in time order", arguments: StoreKind.allCases)
     func everyEarlierTransitionDropped(kind: StoreKind) async throws {
         try await AlertHarness.with(kind) { h in
-            try await h.rule(spec("ph-high", "above") { $0.quantity = "ph"; $0.threshold = 6.5; $0.clear = 6.4 })
-            let clock = h.clock
-            let engine = AlertEngine(
-                store: h.store, settings: AlertEngine.Settings(lateAfter: .seconds(300), lateQuiet: .seconds(30), queueLimit: 1), logger: testLogger,
-                now: { clock.now })
-            await engine.reload()
+            let engine = try await Self.queueOfOne(h)
             let now = h.clock.now
             func at(_ seconds: Int64) -> Timestamp { Timestamp(microseconds: now.microseconds + seconds * 1_000_000) }
             // Four batches committed while the queue's one place is taken: all dropped.
