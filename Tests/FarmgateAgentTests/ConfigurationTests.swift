@@ -215,6 +215,8 @@ struct ConfigurationTests {
             "\n[upload]\nendpoint = \"https://x\"\nkey = \(whole)\n", "\n[upload]\nendpoint = \"https://x\"\nkey_file = \"\(whole)\"\n",
             "\n[upload]\nendpoint = \"https://x\"\nkey = \"\(whole)\"\nca_file = \"\(whole)\"\n",
             "\n[upload]\nendpoint = \"https://x/?key=\(whole)\"\nkey = \"\(whole)\"\n",
+            // In the path (a tester, 2026-12-07: taken, and printed in full by config check, status and the log).
+            "\n[upload]\nendpoint = \"https://x/\(whole)\"\nkey = \"\(whole)\"\n",
         ] {
             let refused = try #require(error(Self.minimal + misplaced), "\(misplaced)")
             #expect(!refused.description.contains(secret.prefix(12)), "the key was shown: \(refused.description)")

@@ -455,6 +455,11 @@ extension AgentConfiguration {
             // the log, and the ingest authenticates the device by its key alone.
             return "has a user name or password before @ in its address; remove it (the ingest knows the device by its key, [upload] key_file), such as \"https://ingest.example.net\""
         }
+        // A credential anywhere in it (a key pasted into the path): the endpoint is printed by `config check`, `status`
+        // and the log, which would show the key in full (the message here is redacted with every configuration error).
+        if endpoint.redactingCredentials() != endpoint {
+            return "holds a key (\(endpoint.redactingCredentials())); remove it: the ingest's URL is printed by `config check`, `status` and the log, and the device key goes in [upload] key_file (or key) alone, \(example)"
+        }
         var host = authority
         var port: Substring?
         if authority.hasPrefix("[") {
