@@ -1,6 +1,7 @@
 import ArgumentParser
 import FarmgateCLI
 import FarmgateAgent
+import FarmgateSupport
 import FarmgateWire
 #if canImport(FoundationEssentials)
 import FoundationEssentials
@@ -65,6 +66,11 @@ extension DebugCommand {
         func run() async throws {
             var logger = Logger(label: "farmgate.debug.buffer-writer") { StreamLogHandler.standardError(label: $0) }
             logger.logLevel = .warning
+            // The agent's own locks: written beside a running agent, its commits took the sequences the agent was about
+            // to give, and the agent then took its every new reading for a duplicate (a tester, 2026-12-07).
+            let path = self.path
+            let locks = try await runOffPool { try AgentRuntime.lockBuffer(path) }
+            defer { withExtendedLifetime(locks) {} }
             let buffer = try ReadingBuffer(
                 configuration: BufferConfiguration(
                     path: path, commitInterval: .milliseconds(commitIntervalMilliseconds), quotaBytes: quotaBytes),

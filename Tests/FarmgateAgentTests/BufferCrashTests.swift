@@ -69,4 +69,41 @@ struct BufferCrashTests {
         let connection = try SQLiteConnection(path: path, mode: .readOnly)
         #expect(try connection.integrityProblems(quick: true).isEmpty)
     }
+    // A tester, 2026-12-07: the writer run beside a running agent committed into its buffer, and the agent then took
+    // every new reading for a duplicate.
+    @Test("the buffer writer takes the agent's buffer locks: a second one on the same file is refused, and writes nothing")
+    func writerTakesTheBufferLock() async throws {
+        let scratch = try Scratch(prefix: "fg-buffer")
+        let path = scratch.file("site/buffer.sqlite")
+        let binary = builtExecutable("farmgate", environmentOverride: "FARMGATE_BINARY")
+        let first = Process()
+        first.executableURL = URL(fileURLWithPath: binary)
+        first.arguments = ["debug", "buffer-writer", "--path", path, "--sensors", "2", "--rate", "100"]
+        first.standardOutput = FileHandle.nullDevice
+        first.standardError = FileHandle.nullDevice
+        try first.run()
+        defer { kill(first.processIdentifier, SIGKILL) }
+        #expect(await eventually(timeout: .seconds(20)) { FileManager.default.fileExists(atPath: path + ".lock") })
+        try await Task.sleep(for: .milliseconds(500))
+        let second = try await runOffPool { () throws -> (status: Int32, stdout: String, stderr: String) in
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: binary)
+            process.arguments = ["debug", "buffer-writer", "--path", path, "--sensors", "2", "--rate", "100"]
+            let out = Pipe()
+            let err = Pipe()
+            process.standardOutput = out
+            process.standardError = err
+            try process.run()
+            // A writer that is not refused runs until killed: end it, so that the test fails rather than hangs.
+            let pid = process.processIdentifier
+            DispatchQueue.global().asyncAfter(deadline: .now() + 15) { kill(pid, SIGKILL) }
+            let stdout = out.fileHandleForReading.readDataToEndOfFile()
+            let stderr = err.fileHandleForReading.readDataToEndOfFile()
+            process.waitUntilExit()
+            return (process.terminationStatus, String(decoding: stdout, as: UTF8.self), String(decoding: stderr, as: UTF8.self))
+        }
+        #expect(second.status != 0, "\(second.stdout)\(second.stderr)")
+        #expect(second.stderr.contains("another farmgate agent is running on the buffer"), "\(second.stderr)")
+        #expect(second.stdout.isEmpty, "the second writer committed: \(second.stdout.prefix(200))")
+    }
 }

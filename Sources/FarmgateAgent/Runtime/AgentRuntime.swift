@@ -131,27 +131,34 @@ public enum AgentRuntime {
         func lockBuffer(_ path: String) throws(BufferInUseError) {
             try bufferLock.withLock { (locks: inout [SidecarLock]) throws(BufferInUseError) in
                 guard locks.isEmpty else { return }
-                // The buffer's directory as its store makes it, so that the first start is locked too.
-                if let slash = path.lastIndex(of: "/"), slash > path.startIndex {
-                    try? FileSystem.createDirectories(String(path[..<slash]))
-                }
-                // `<buffer>.lock`, and the buffer file itself (made empty when new, which SQLite takes as a new
-                // database): a flock on the file is per inode, so a hard link to the buffer, or the `.lock` deleted,
-                // cannot let a second agent in. SQLite's own locks are fcntl locks, which flock does not touch.
-                var taken: [SidecarLock] = []
-                for suffix in [".lock", ""] {
-                    do throws(SidecarLock.Failure) {
-                        taken.append(try SidecarLock(databasePath: path, suffix: suffix))
-                    } catch {
-                        if case .held(let lockPath) = error {
-                            taken.forEach { $0.release() }
-                            throw BufferInUseError(path: path, lockPath: lockPath)
-                        }
-                    }
-                }
-                locks = taken
+                locks = try AgentRuntime.lockBuffer(path)
             }
         }
+    }
+
+    /// Takes the locks that keep one process per buffer file: `<buffer>.lock`, and the buffer file itself (made empty
+    /// when new, which SQLite takes as a new database): a flock on the file is per inode, so a hard link to the buffer,
+    /// or the `.lock` deleted, cannot let a second process in. SQLite's own locks are fcntl locks, which flock does not
+    /// touch. Held until released or the process ends. Blocking system calls: not on the concurrency pool.
+    /// - Throws: ``BufferInUseError`` when another process holds them. A lock that cannot be made (the buffer's
+    ///   directory missing or not writable) is left to the buffer's own open, which says what is wrong.
+    public static func lockBuffer(_ path: String) throws(BufferInUseError) -> [SidecarLock] {
+        // The buffer's directory as its store makes it, so that the first start is locked too.
+        if let slash = path.lastIndex(of: "/"), slash > path.startIndex {
+            try? FileSystem.createDirectories(String(path[..<slash]))
+        }
+        var taken: [SidecarLock] = []
+        for suffix in [".lock", ""] {
+            do throws(SidecarLock.Failure) {
+                taken.append(try SidecarLock(databasePath: path, suffix: suffix))
+            } catch {
+                if case .held(let lockPath) = error {
+                    taken.forEach { $0.release() }
+                    throw BufferInUseError(path: path, lockPath: lockPath)
+                }
+            }
+        }
+        return taken
     }
 
     /// One generation of services, from the buffer to the control socket, until a graceful shutdown or an accepted reload.
