@@ -408,6 +408,50 @@ struct ControlSocketTests {
     }
 
     /// Binds a Unix socket at `path` and closes it without unlinking, as an agent killed with SIGKILL leaves it.
+    // A tester, 2026-12-07: a peer on the socket writing a byte every few seconds held `status` for over a minute (each
+    // read had its own timeout, the answer none).
+    @Test("A peer that trickles bytes and never ends its line is given up on within the timeout")
+    func tricklingPeer() async throws {
+        let dir = "/tmp/fg-ctl-\(UUID().uuidString.prefix(8))"
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let path = dir + "/control.sock"
+        var address = try UnixSocket.address(path)
+        let listener = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        #expect(listener >= 0)
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        #expect(bound == 0 && listen(listener, 4) == 0)
+        let stop = Mutex(false)
+        let peer = Thread {
+            let client = accept(listener, nil, nil)
+            guard client >= 0 else { return }
+            while !stop.withLock({ $0 }) {
+                _ = send(client, "{", 1, Int32(MSG_NOSIGNAL))
+                usleep(100_000)
+            }
+            close(client)
+        }
+        peer.start()
+        defer {
+            stop.withLock { $0 = true }
+            close(listener)
+        }
+        let started = ContinuousClock.now
+        let outcome = try await runOffPool { () -> String in
+            do {
+                _ = try ControlClient.send(ControlRequest(command: "status"), to: path, timeoutSeconds: 1)
+                return "answered"
+            } catch {
+                return "\(error)"
+            }
+        }
+        let took = started.duration(to: .now)
+        #expect(outcome.contains("did not answer on \(path) within 1 s"), "\(outcome)")
+        #expect(took < .seconds(5), "took \(took)")
+    }
+
     static func leaveStaleSocket(at path: String) throws {
         var address = try UnixSocket.address(path)
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)

@@ -326,7 +326,7 @@ public enum ControlClient {
     /// the command line, not from the concurrency pool).
     ///
     /// - Parameters:
-    ///   - timeoutSeconds: how long connecting, sending and each read of the answer may wait. A request that makes the
+    ///   - timeoutSeconds: how long connecting and sending may wait, and the whole answer. A request that makes the
     ///     agent work for long (a requeue of the whole quarantine) needs a longer one.
     ///   - settling: how long to wait for a socket that is missing or refuses (an agent reloading its configuration
     ///     opens it again within a moment) before saying the agent is not running: ``cliSettling`` for the commands an
@@ -340,9 +340,11 @@ public enum ControlClient {
         // while that answer is waiting to be read, so read whatever came back before deciding.
         let sent = UnixSocket.writeAll(fd, Array(body) + [0x0A])
         let asked = ContinuousClock.now
-        guard let answer = UnixSocket.readLine(fd, limit: 16 << 20) else {
+        // The whole answer within the timeout, however slowly its bytes trickle: a peer writing a byte every few seconds
+        // (a wedged or foreign process on the socket) held `status`, `reload` and the rest for ever.
+        guard let answer = UnixSocket.readLine(fd, limit: 16 << 20, deadline: asked + .seconds(timeoutSeconds)) else {
             guard sent else { throw ControlSocketError("the agent closed the control socket \(path) before the request was sent") }
-            // The receive timeout applies to each read; a connection closed well before it is the agent going away.
+            // A connection closed well before the timeout is the agent going away.
             if asked.duration(to: .now) < .seconds(timeoutSeconds) - .milliseconds(500) {
                 throw ControlSocketError(
                     "the agent closed the control socket \(path) without answering (did it stop? `journalctl -u farmgate` says)",

@@ -114,20 +114,6 @@ enum UnixSocket {
         return true
     }
 
-    /// Reads until a newline, end of stream, `limit` bytes, or the socket's receive timeout.
-    static func readLine(_ fd: Int32, limit: Int) -> [UInt8]? {
-        var data: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 4096)
-        while data.count < limit {
-            let n = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { return data.isEmpty ? nil : data }
-            data.append(contentsOf: chunk[0..<n])
-            if let newline = data.firstIndex(of: 0x0A) { return Array(data[..<newline]) }
-        }
-        return nil
-    }
-
     /// Reads until a newline, end of stream or `limit` bytes, giving up at `deadline` however slowly the bytes trickle in
     /// (a client that sends a byte a second never holds a thread longer than the deadline). nil when no line came in time.
     static func readLine(_ fd: Int32, limit: Int, deadline: ContinuousClock.Instant) -> [UInt8]? {
