@@ -411,7 +411,7 @@ public struct SensorQuantityChange: Error, Sendable, Hashable, CustomStringConve
     public var description: String {
         "sensor \"\(sensor)\": quantity changed from \(buffered.rawValue) to \(configured.rawValue), but the buffer still holds \(readings) "
             + "reading\(readings == 1 ? "" : "s") of it taken as \(buffered.rawValue), which would go up as \(configured.rawValue): give the "
-            + "new sensor another id, or put quantity = \"\(buffered.rawValue)\" back until they are sent (farmgate status: 0 pending; "
+            + "new sensor another id (the ingest keeps an id bound to its first quantity), or put quantity = \"\(buffered.rawValue)\" back until they are sent (farmgate status: 0 pending; "
             + "quarantined ones: farmgate quarantine drop --sequence …)"
     }
 }

@@ -222,8 +222,8 @@ final class ConfigurationReloadService: Service {
             guard let old = runningQuantity[sensor.id], old != sensor.descriptor.quantity else { continue }
             let new = sensor.descriptor.quantity.rawValue
             return "sensor \"\(sensor.id)\": quantity changed from \(old.rawValue) to \(new), which a reload cannot do while it runs: readings "
-                + "of it not yet sent would go up as \(new). Give the new sensor another id; or remove it, reload, let the backlog drain "
-                + "(farmgate status: 0 pending), then add it back with the new quantity"
+                + "of it not yet sent would go up as \(new). Give the new sensor another id: the ingest keeps each id of a device bound to "
+                + "the quantity it first received it as, and quarantines readings of it sent as another (sensor_conflict)"
         }
         return nil
     }
