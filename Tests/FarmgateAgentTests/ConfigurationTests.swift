@@ -31,6 +31,32 @@ struct ConfigurationTests {
         }
     }
 
+    // A tester, 2026-12-07: a port pasted with its own quotes and a comment, or with a line break, passed config check.
+    @Test("A serial port with a quote, a line break, a CR or spaces at an end is refused naming port, for EZO and Modbus alike")
+    func portThatIsNoPath() throws {
+        for driver in ["ezo", "modbus"] {
+            let extra = driver == "modbus" ? "\nslave = 1\naddress = 0\n" : "\n"
+            for port in [#"\"/dev/ttyA\"\ninterval = \"5s\""#, #"\"/dev/ttyC\" # note"#, #"/dev/ttyD\r"#, #" /dev/ttyE"#, #""#] {
+                let text = """
+                    [device]
+                    id = "site-1"
+
+                    [[sensor]]
+                    id = "tank1.ph"
+                    driver = "\(driver)"
+                    quantity = "ph"
+                    port = "\(port)"
+                    """ + extra
+                let refused = try #require(error(text), "\(driver) \(port)")
+                #expect(refused.key?.hasSuffix("port") == true, "\(driver) \(port): \(refused)")
+                #expect(!refused.description.contains("\r") && !refused.description.contains("\n"), "\(refused.description)")
+            }
+            let good = error(
+                "[device]\nid = \"site-1\"\n\n[[sensor]]\nid = \"tank1.ph\"\ndriver = \"\(driver)\"\nquantity = \"ph\"\nport = \"/dev/serial/by-id/usb-FTDI_A#1-if00\"" + extra)
+            #expect(good == nil, "\(String(describing: good))")
+        }
+    }
+
     @Test("Defaults are the documented ones")
     func defaults() throws {
         let configuration = try parse(Self.minimal)

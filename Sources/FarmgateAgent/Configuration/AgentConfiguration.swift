@@ -534,6 +534,22 @@ extension AgentConfiguration {
 
     /// Why `endpoint` cannot be the ingest's base URL because it has a query (`?…`) or a fragment (`#…`): the agent appends
     /// its paths (`/v1/batches`) to the base URL, so they would end up inside the query. nil when it has neither.
+    /// A serial sensor's `port`, resolved against the configuration file's directory: a device path, refused empty, with
+    /// a quote, a control character (a line break, a CR) or whitespace at either end, which no device path has: a value
+    /// pasted with its own quotes and a comment (`port="/dev/ttyC" # note`) was taken, passed `config check`, and
+    /// failed only when the port was opened, with the raw line break in the message.
+    static func serialPort(_ table: ConfigTable, example: String) throws(ConfigurationError) -> String {
+        let written = try table.requiredString("port")
+        guard !written.trimmingWhitespace().isEmpty else { throw table.error("port", "must name the serial device, such as \(example)") }
+        if written.contains("\"") || written.controlCharacterProblem() != nil || written.trimmingWhitespace() != written {
+            throw table.error(
+                "port",
+                "is \"\(written.prefix(200).escapingControlCharacters)\", which is no device path (a quote, a line break or another control "
+                    + "character, or spaces at an end): write the path alone in quotes, such as \(example)")
+        }
+        return resolve(written, against: URL(fileURLWithPath: table.file).deletingLastPathComponent().path)
+    }
+
     public static func endpointQueryOrFragment(_ endpoint: String) -> String? {
         guard let mark = endpoint.firstIndex(where: { $0 == "?" || $0 == "#" }) else { return nil }
         let part = endpoint[mark] == "?" ? "a query" : "a fragment"

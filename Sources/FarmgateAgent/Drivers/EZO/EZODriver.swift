@@ -62,10 +62,7 @@ public final class EZODriver: SensorDriver {
             }
             self.kind = kind
             output = EZOOutput(quantity: quantity)
-            let port = try table.requiredString("port")
-            guard !port.isEmpty else { throw table.error("port", "must name the serial device, e.g. \"/dev/serial/by-id/usb-FTDI_...\"") }
-            let base = URL(fileURLWithPath: table.file).deletingLastPathComponent().path
-            self.port = AgentConfiguration.resolve(port, against: base)
+            port = try AgentConfiguration.serialPort(table, example: "\"/dev/serial/by-id/usb-FTDI_...\"")
             let baud = try table.int("baud") ?? 9600
             guard SerialSettings.supportedBauds.contains(baud) else {
                 throw table.error(

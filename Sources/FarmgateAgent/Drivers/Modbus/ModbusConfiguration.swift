@@ -239,14 +239,9 @@ struct ModbusSensorOptions: Sendable, Hashable {
 
     init(_ configuration: SensorConfiguration) throws(ConfigurationError) {
         let table = configuration.options
-        let written = try table.requiredString("port")
-        guard !written.trimmingWhitespace().isEmpty else {
-            throw table.error(
-                "port", "must name the serial device, such as \"/dev/serial/by-id/usb-FTDI_...-if00-port0\" or \"/dev/ttyUSB0\"")
-        }
         // As every path in the file (and an EZO port): relative to the configuration file's directory.
-        let base = URL(fileURLWithPath: table.file).deletingLastPathComponent().path
-        var bus = ModbusBusSettings(port: AgentConfiguration.resolve(written, against: base))
+        var bus = ModbusBusSettings(
+            port: try AgentConfiguration.serialPort(table, example: "\"/dev/serial/by-id/usb-FTDI_...-if00-port0\" or \"/dev/ttyUSB0\""))
         if let baud = try table.int("baud") {
             guard ModbusBusSettings.bauds.contains(baud) else {
                 throw table.error("baud", "must be one of \(ModbusBusSettings.bauds.map(String.init).joined(separator: ", ")) (got \(baud)); the transmitter's manual gives it, 9600 is the usual default")
