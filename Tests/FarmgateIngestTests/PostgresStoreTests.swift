@@ -123,10 +123,11 @@ import Testing
             // Partitions that exist when migration 19 runs (made by an older ingest): the migration sets theirs too.
             try await adminQuery(settings, "ALTER TABLE rollups_1m_202605 RESET (fillfactor)")
             try await adminQuery(settings, "ALTER TABLE latest RESET (fillfactor)")
-            try await adminQuery(settings, "DELETE FROM schema_migrations WHERE version = 19")
+            // (The migrations after 19 run again with it; each of them can.)
+            try await adminQuery(settings, "DELETE FROM schema_migrations WHERE version >= 19")
             #expect(try await Self.storageOptions(settings)["rollups_1m_202605"] == "")
             let applied = try await store.migrate()
-            #expect(applied.map(\.version) == [19])
+            #expect(applied.map(\.version) == Array(19...PostgresSchema.currentVersion))
             check(try await Self.storageOptions(settings), months: ["rollups_1m_202605"])
         }
     }

@@ -493,7 +493,7 @@ enum PostgresSchema {
         // Like SQLite's migration 18: the recipients of an e-mail notification it already reached, one per line.
         Migration(
             version: 20, name: "alert_outbox.reached: the recipients of an e-mail notification it already reached",
-            statements: ["ALTER TABLE alert_outbox ADD COLUMN reached text"]),
+            statements: ["ALTER TABLE alert_outbox ADD COLUMN IF NOT EXISTS reached text"]),
     ]
 
     static var currentVersion: Int { migrations.last?.version ?? 0 }
