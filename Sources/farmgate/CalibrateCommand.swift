@@ -75,9 +75,19 @@ struct CalibrateCommand: ParsableCommand {
         if let tolerance, !(tolerance.isFinite && tolerance > 0) {
             throw ValidationError("--tolerance must be a positive number, in the sensor's unit")
         }
+        // A point no circuit knows, or one given twice, is refused here (64), before a session is begun on the agent.
+        let known = Set(EZOCircuitKind.allCases.flatMap(EZOCalibration.points))
+        var named: Set<String> = []
         for point in points {
             let step: CalibrationStep
             do { step = try CalibrationStep(parsing: point) } catch { throw ValidationError("--point \(point): \(error.description)") }
+            guard known.contains(step.point) else {
+                throw ValidationError(
+                    "--point \(point): no EZO circuit has a point \(step.point); the points are \(known.sorted().joined(separator: ", ")) (see farmgate calibrate --help)")
+            }
+            guard named.insert(step.point).inserted else {
+                throw ValidationError("--point \(point): point \(step.point) is given twice; each point is taken once: give it once, with the value on the solution's bottle")
+            }
             // Only dry, air and zero take no reference (the circuit kind is the agent's to know; no kind has other such points).
             if step.reference == nil, !["dry", "air", "zero"].contains(step.point) {
                 throw ValidationError("--point \(point): point \(step.point) needs the reference value of its solution, such as \(step.point)=7.00; only dry, air and zero take none")

@@ -287,9 +287,15 @@ extension CalibrationAgentTests {
 
         // 3. A point given twice: said so, nothing sent.
         phSolution.set(7.01)
+        // A usage error (64), found before a session is begun on the agent (a tester, 2026-12-07: exit 1, a session
+        // begun and aborted); so is a point no circuit has.
+        let sessionsBefore = agentLog().components(separatedBy: "Calibration started").count
         let twice = try await calibrate(["tank1.ph", "--point", "mid=7", "--point", "mid=7"])
-        #expect(twice.status == 1, "\(twice.output)")
+        #expect(twice.status == 64, "\(twice.output)")
         #expect(twice.output.contains("point mid is given twice"), "\(twice.output)")
+        let unknown = try await calibrate(["tank1.ph", "--point", "foo=7"])
+        #expect(unknown.status == 64 && unknown.output.contains("no EZO circuit has a point foo"), "\(unknown.output)")
+        #expect(agentLog().components(separatedBy: "Calibration started").count == sessionsBefore, "a session was begun for a usage error")
         #expect(!twice.output.contains("already taken"), "\(twice.output)")
         #expect(phBox.calibrations.isEmpty, "\(ph.commands)")
 
