@@ -331,6 +331,9 @@ struct TOMLParserTests {
         ("[device]\nfärm = \"f\"\n", "unexpected `ä` in the key `f`"),
         ("x = 1 é\n", "unexpected `é` after the value"),
         ("x = 1 🌱\n", "unexpected `🌱` after the value"),
+        // Control characters are named, never echoed (a tester, 2026-12-07: a raw CR hid the message's start).
+        ("x = 1\ry = 2\n", "unexpected `\\u{D} (a carriage return: save the file with LF or CRLF line endings)` after the value"),
+        ("x = 1\u{7}\n", "unexpected `\\u{7}` after the value"),
     ])
     func nonASCIIInMessages(document: String, says: String) {
         #expect {

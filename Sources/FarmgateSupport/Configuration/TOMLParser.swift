@@ -631,6 +631,12 @@ struct TOMLParser {
     /// a byte that starts no valid sequence is shown as `\xNN`.
     private func characterHere() -> String {
         guard let lead = peek() else { return "" }
+        // A control character is named, not echoed: a raw CR (a file with old Mac line endings) moved the terminal's
+        // cursor and hid the message's start, a NUL or BEL went to the log as it was.
+        if lead < 0x20 || lead == 0x7F {
+            let name = lead == 0x0D ? " (a carriage return: save the file with LF or CRLF line endings)" : ""
+            return "\\u{\(String(lead, radix: 16, uppercase: true))}" + name
+        }
         let length = lead < 0x80 ? 1 : lead >> 5 == 0b110 ? 2 : lead >> 4 == 0b1110 ? 3 : lead >> 3 == 0b11110 ? 4 : 0
         if length > 0, position + length <= bytes.count,
             let text = String(validating: bytes[position..<position + length], as: UTF8.self)
