@@ -86,7 +86,10 @@ enum UnixSocket {
                         "cannot reach the agent at \(path): that is \(FileSystem.kind(of: info.st_mode)), not a socket; give the agent's control socket ([control] socket, by default \(AgentConfiguration.defaultControlSocket))")
                 }
                 reason = "connection refused (a stale socket: the agent is not running)"
-            case EACCES: reason = "permission denied (run as root or as a member of the farmgate group)"
+            case EACCES:
+                // The socket is there and the agent may well run: only who asks is wrong (not "is it running? start it").
+                throw ControlSocketError(
+                    "cannot reach the agent at \(path): permission denied; run the command as root (sudo) or as a member of the farmgate group (sudo usermod -aG farmgate $USER, then log in again)")
             default: reason = String(cString: strerror(code))
             }
             throw ControlSocketError(
