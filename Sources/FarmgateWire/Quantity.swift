@@ -125,7 +125,9 @@ public enum Quantity: String, CaseIterable, Hashable, Sendable, Codable {
         case .dissolvedOxygen: 0...100
         case .state: 0...1
         case .flowRate: 0...100_000
-        case .count: 0...Double(Int64(1) << 53)
+        // Below 2^53, where every integer is still a double of its own: a count written as 2^53 + 1 reads as 2^53, and
+        // with 2^53 in range it was stored as that other value rather than refused (a tester, 2026-12-07).
+        case .count: 0...Double((Int64(1) << 53) - 1)
         case .tds: 0...1_000_000
         case .humidity: 0...100
         case .pressure: 0...2_000
