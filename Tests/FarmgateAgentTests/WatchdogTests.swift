@@ -31,6 +31,16 @@ final class WedgedDriver: SensorDriver {
 /// stops; the real binaries' pings (rate, READY, STATUS, STOPPING) are tested in `SystemdNotifyTests`.
 @Suite("Watchdog")
 struct WatchdogTests {
+    /// A component's loop as the test plays it: beats `heartbeat` every `interval` while `on` says so, until cancelled.
+    static func beating(_ heartbeat: Heartbeat, every interval: Duration, while on: @escaping @Sendable () -> Bool = { true }) -> Task<Void, Never> {
+        Task {
+            while !Task.isCancelled {
+                if on() { heartbeat.beat(within: .zero) }
+                try? await Task.sleep(for: interval)
+            }
+        }
+    }
+
     /// A status of an agent with `pending` readings, no upload and no sensor.
     static func status(pending: Int) -> AgentStatus {
         AgentStatus(
@@ -119,12 +129,7 @@ struct WatchdogTests {
         let supervising = Task { try await supervisor.run() }
         // The uploader "loop": beats every 100 ms while `beating` is set.
         let beating = Mutex(true)
-        let loop = Task {
-            while !Task.isCancelled {
-                if beating.withLock({ $0 }) { uploader.beat(within: .zero) }
-                try? await Task.sleep(for: .milliseconds(100))
-            }
-        }
+        let loop = Self.beating(uploader, every: .milliseconds(100)) { beating.withLock { $0 } }
         defer {
             supervising.cancel()
             loop.cancel()
@@ -177,12 +182,7 @@ struct WatchdogTests {
         let serving = Task { try await control.run() }
         let supervising = Task { try await supervisor.run() }
         let beating = Mutex(true)
-        let loop = Task {
-            while !Task.isCancelled {
-                if beating.withLock({ $0 }) { buffer.beat(within: .zero) }
-                try? await Task.sleep(for: .milliseconds(100))
-            }
-        }
+        let loop = Self.beating(buffer, every: .milliseconds(100)) { beating.withLock { $0 } }
         defer {
             supervising.cancel()
             serving.cancel()
@@ -215,12 +215,7 @@ struct WatchdogTests {
         let control = ControlServer(path: controlPath, logger: logger) { _ in Array("{\"ok\":true}\n".utf8) }
         let serving = Task { try await control.run() }
         let supervising = Task { try await supervisor.run() }
-        let loop = Task {
-            while !Task.isCancelled {
-                buffer.beat(within: .zero)
-                try? await Task.sleep(for: .milliseconds(50))
-            }
-        }
+        let loop = Self.beating(buffer, every: .milliseconds(50))
         defer {
             supervising.cancel()
             serving.cancel()

@@ -5,7 +5,6 @@ import FarmgateSupport
 import FarmgateWire
 import Logging
 import ServiceLifecycle
-import Synchronization
 
 /// The agent's side of `Type=notify`: `READY=1` once it really serves, a `STATUS=` line for `systemctl status`,
 /// `WATCHDOG=1` pings while every component is alive, and `STOPPING=1` when a graceful stop begins.
@@ -29,9 +28,9 @@ public final class AgentSupervisor: Service {
     let reloading: @Sendable () -> Bool
     let logger: Logger
     /// Whether a status snapshot is still being answered (``statusLine(_:)``).
-    private let snapshotInFlight = SnapshotFlag()
+    private let snapshotInFlight = AtomicFlag()
     /// Whether the last notification failed (``send(_:)``).
-    private let notifyFailing = SnapshotFlag()
+    private let notifyFailing = AtomicFlag()
 
     public init(
         notifier: SystemdNotifier, gate: WatchdogGate, controlSocket: String, snapshot: @escaping @Sendable () async throws -> AgentStatus,
@@ -152,7 +151,7 @@ public final class AgentSupervisor: Service {
     private func send(_ lines: [String]) -> Bool {
         do {
             try notifier.send(lines)
-            if notifyFailing.clearing() { logger.notice("systemd is notified again") }
+            if notifyFailing.clear() { logger.notice("systemd is notified again") }
             return true
         } catch {
             if !notifyFailing.take() {
@@ -161,16 +160,6 @@ public final class AgentSupervisor: Service {
             return false
         }
     }
-}
-
-/// A flag the supervisor's tasks share: a status snapshot being answered, notifications failing.
-final class SnapshotFlag: Sendable {
-    private let value = Atomic<Bool>(false)
-    /// Sets it; returns whether it was set already.
-    func take() -> Bool { value.exchange(true, ordering: .acquiringAndReleasing) }
-    func clear() { value.store(false, ordering: .releasing) }
-    /// Clears it; returns whether it was set.
-    func clearing() -> Bool { value.exchange(false, ordering: .acquiringAndReleasing) }
 }
 
 /// The one line `systemctl status` shows for the agent: `42 pending, last upload 3s ago, 12/12 sensors ok`, led by

@@ -1,7 +1,6 @@
 import CCurl
 import FarmgateSupport
 import Foundation
-import Synchronization
 
 /// Sends e-mail through libcurl's SMTP: `smtp://host:port` with STARTTLS required (the connection is refused when the
 /// server does not offer it, so no password or alert ever crosses the network in clear), or `smtps://` with TLS from
@@ -35,7 +34,7 @@ public struct SMTPSender: Sendable {
     ///   bounded by `request_timeout`.
     public func send(_ message: EmailMessage, envelope: [String]? = nil, url: String, username: String?, password: String?) async throws(DeliveryFailure) {
         guard SMTPCurlGlobal.initialized else { throw DeliveryFailure("curl_global_init failed", retryable: false) }
-        let cancelled = SMTPCancelFlag()
+        let cancelled = AtomicFlag()
         let settings = self
         let recipients = envelope ?? message.recipients
         let outcome: Result<Void, DeliveryFailure>
@@ -62,7 +61,7 @@ public struct SMTPSender: Sendable {
 
     /// The SMTP conversations on the calling (dedicated) thread, one transaction per recipient on one easy handle (which
     /// keeps the connection between them).
-    private func perform(_ message: EmailMessage, envelope: [String], url: String, username: String?, password: String?, cancelled: SMTPCancelFlag) -> Result<
+    private func perform(_ message: EmailMessage, envelope: [String], url: String, username: String?, password: String?, cancelled: AtomicFlag) -> Result<
         Void, DeliveryFailure
     > {
         guard let handle = curl_easy_init() else { return .failure(DeliveryFailure("curl_easy_init failed", retryable: true)) }
@@ -232,20 +231,14 @@ private enum SMTPCurlGlobal {
     static let initialized: Bool = fg_curl_global_init_default() == CURLE_OK
 }
 
-private final class SMTPCancelFlag: Sendable {
-    private let value = Atomic<Bool>(false)
-    func set() { value.store(true, ordering: .relaxed) }
-    var isSet: Bool { value.load(ordering: .relaxed) }
-}
-
 /// The message's bytes handed to libcurl's read callback, and the server's last reply from its header callback; used
 /// only on the sending thread.
 private final class SMTPMessageSource {
     let bytes: [UInt8]
     var offset = 0
-    let cancelled: SMTPCancelFlag
+    let cancelled: AtomicFlag
 
-    init(_ bytes: [UInt8], cancelled: SMTPCancelFlag) {
+    init(_ bytes: [UInt8], cancelled: AtomicFlag) {
         self.bytes = bytes
         self.cancelled = cancelled
     }
