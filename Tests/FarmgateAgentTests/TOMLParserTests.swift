@@ -312,8 +312,45 @@ struct TOMLParserTests {
             Issue.record("accepted \(document.debugDescription)")
         } catch {
             #expect(error.line == line, "\(error)")
-            #expect(error.description.hasPrefix("bad.toml:\(line): not valid TOML: "), "\(error)")
+            #expect(error.description.hasPrefix("bad.toml:\(line): "), "\(error)")
+            #expect(error.description.contains("not valid TOML: "), "\(error)")
             #expect(error.description.contains("(column "), "\(error)")
+        }
+    }
+
+    // Before (an installer CLI tester, 2026-12-07) a value error gave file, line and column but not the key, and an
+    // integer past 64 bits was "not a valid value" like a word.
+    @Test("an error inside a value names its key, with its table, and what to write instead", arguments: [
+        ("[upload]\nendpoint = \"http://x\"\n[[sensor]]\nid = \"a\"\n[[sensor]]\nid = \"b\"\nport = /dev/ttyUSB0\n", 7,
+         "sensor#2.port", #"`/dev/ttyUSB0` is not a valid value: a string needs quotes ("/dev/ttyUSB0")"#),
+        ("[buffer]\ncommit_interval = 10s # every ten\n", 2, "buffer.commit_interval", #"`10s` is not a valid value: a string needs quotes ("10s")"#),
+        ("x = 99999999999999999999\n", 1, "x", "`99999999999999999999` is too large for an integer (from -9223372036854775808 to 9223372036854775807)"),
+        ("x = -0x1\n", 1, "x", "is not a valid value"),
+        ("x = 0xFFFFFFFFFFFFFFFFF\n", 1, "x", "is too large for an integer"),
+        ("[a.b]\nc = { d = [1, { e = C:\\dir }] }\n", 2, "a.b.c.d.e", #"a string needs quotes ("C:\\dir")"#),
+        ("x = \n", 1, "x", "expected a value"),
+    ])
+    func valueErrorsNameTheirKey(document: String, line: Int, key: String, says: String) {
+        do {
+            _ = try ConfigDocument.parse(document, file: "bad.toml")
+            Issue.record("accepted \(document.debugDescription)")
+        } catch {
+            #expect(error.line == line, "\(error)")
+            #expect(error.key == key, "\(error)")
+            #expect(error.description.hasPrefix("bad.toml:\(line): \(key): not valid TOML: "), "\(error)")
+            #expect(error.message.contains(says), "\(error)")
+        }
+    }
+
+    @Test("a syntax error outside any value names no key")
+    func structureErrorsNameNoKey() {
+        for document in ["[upload\n", "a b = 1\n", "[x]\n[x]\n"] {
+            do {
+                _ = try ConfigDocument.parse(document, file: "bad.toml")
+                Issue.record("accepted \(document.debugDescription)")
+            } catch {
+                #expect(error.key == nil, "\(error)")
+            }
         }
     }
 

@@ -87,7 +87,7 @@ public enum ConfigDocument {
             root = try TOMLParser.parse(text)
         } catch {
             throw ConfigurationError(
-                file: file, line: error.line, key: nil, message: "not valid TOML: \(error.message) (column \(error.column))")
+                file: file, line: error.line, key: error.key, message: "not valid TOML: \(error.message) (column \(error.column))")
         }
         let index = LineIndex(text: text)
         return ConfigTable(built: root, file: file, path: [], display: nil, index: index)

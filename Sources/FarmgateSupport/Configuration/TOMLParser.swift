@@ -9,6 +9,15 @@ struct TOMLSyntaxError: Error, Sendable {
     let line: Int
     let column: Int
     let message: String
+    /// The key whose value is wrong (`upload.endpoint`, `sensor#2.port`), when the error is inside a value.
+    var key: String? = nil
+
+    /// The error with `outer` in front of its key (or as its key): the parser names the innermost key first.
+    func inside(_ outer: String) -> TOMLSyntaxError {
+        var named = self
+        named.key = key.map { "\(outer).\($0)" } ?? outer
+        return named
+    }
 }
 
 /// The parsed document before it becomes ``ConfigTable``s: tables are classes so that headers can reopen them.
@@ -71,6 +80,8 @@ struct TOMLParser {
     private mutating func document() throws(TOMLSyntaxError) -> TOMLTableBuilder {
         let root = TOMLTableBuilder(origin: .header)
         var current = root
+        // How an error in a value names the table it is in: `upload`, `sensor#2` (the second `[[sensor]]`).
+        var currentName: String?
         if bytes.starts(with: [0xEF, 0xBB, 0xBF]) { position = 3; lineStart = 3 }
         while true {
             skipWhitespace()
@@ -85,15 +96,22 @@ struct TOMLParser {
                     try expect("]", "`]]` to close the array-of-tables header")
                     try expect("]", "`]]` to close the array-of-tables header")
                     current = try appendTable(root, key)
+                    currentName = Self.named(key) + "#\(Self.elementCount(root, key))"
                 } else {
                     position += 1
                     let key = try keyPath(closing: "]")
                     try expect("]", "`]` to close the table header")
                     current = try defineTable(root, key)
+                    currentName = Self.named(key)
                 }
                 try endOfLine()
             default:
-                try keyValue(into: current)
+                do {
+                    try keyValue(into: current)
+                } catch let failure {
+                    guard failure.key != nil, let currentName else { throw failure }
+                    throw failure.inside(currentName)
+                }
                 try endOfLine()
             }
         }
@@ -106,7 +124,12 @@ struct TOMLParser {
         skipWhitespace()
         try expect("=", "`=` after the key \(shown(key))")
         skipWhitespace()
-        let value = try value()
+        let value: TOMLValue
+        do {
+            value = try self.value()
+        } catch let failure {
+            throw failure.inside(Self.named(key))
+        }
         var target = table
         for part in key.dropLast() {
             switch target.entries[part] {
@@ -169,6 +192,27 @@ struct TOMLParser {
             throw error(at: column, "[[\(key.joined(separator: "."))]] names something already defined as a table or value")
         }
         return element
+    }
+
+    /// A key as errors name it: `upload.endpoint`, quoting parts that are not bare keys.
+    private static func named(_ key: [String]) -> String {
+        key.map { part in
+            part.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "_" || $0 == "-") } && !part.isEmpty ? part : "\"\(part)\""
+        }.joined(separator: ".")
+    }
+
+    /// How many elements the array of tables `key` has, the one just appended included.
+    private static func elementCount(_ root: TOMLTableBuilder, _ key: [String]) -> Int {
+        var table = root
+        for part in key.dropLast() {
+            switch table.entries[part] {
+            case .table(let child): table = child
+            case .tables(let elements): table = elements.last ?? table
+            default: return 1
+            }
+        }
+        guard let last = key.last, case .tables(let elements) = table.entries[last] else { return 1 }
+        return elements.count
     }
 
     /// Follows the parents of a header, creating implicit tables; an array of tables means its last element.
@@ -319,10 +363,42 @@ struct TOMLParser {
         }
         while let byte = peek(), isNumberByte(byte) { position += 1 }
         let token = String(decoding: bytes[start..<position], as: UTF8.self)
-        guard !token.isEmpty else { throw error(at: start, "expected a value (a string in quotes, a number, true/false, an array or an inline table)") }
         if let integer = Self.integer(token) { return .integer(integer) }
         if let double = Self.double(token) { return .double(double) }
-        throw error(at: start, "`\(token)` is not a valid value (strings need quotes; numbers like 42, 0x2A, 6.5, 1e3)")
+        if Self.isIntegerPastRange(token) {
+            throw error(at: start, "`\(token)` is too large for an integer (from \(Int.min) to \(Int.max))")
+        }
+        // What was written, up to where a value would end, so that `/dev/ttyUSB0` or `10s` is shown whole.
+        var end = start
+        while let byte = end < bytes.count ? bytes[end] : nil, !Self.endsUnquotedWord(byte), end - start < 80 { end += 1 }
+        let written = String(decoding: bytes[start..<end], as: UTF8.self)
+        guard !written.isEmpty else {
+            throw error(at: start, "expected a value (a string in quotes, a number, true/false, an array or an inline table)")
+        }
+        let escaped = String(written.flatMap { $0 == "\\" || $0 == "\"" ? ["\\", $0] : [$0] })
+        throw error(
+            at: start,
+            "`\(written)` is not a valid value: a string needs quotes (\"\(escaped)\"); numbers look like 42, 0x2A, 6.5, 1e3")
+    }
+
+    /// A decimal, hex, octal or binary integer that is well formed but does not fit in 64 bits.
+    static func isIntegerPastRange(_ token: String) -> Bool {
+        var text = Substring(token)
+        var radix = 10
+        for (prefix, base) in [("0x", 16), ("0o", 8), ("0b", 2)] where text.hasPrefix(prefix) {
+            radix = base
+            text = text.dropFirst(2)
+        }
+        if radix == 10, let sign = text.first, sign == "+" || sign == "-" { text = text.dropFirst() }
+        guard validUnderscores(text) else { return false }
+        let digits = text.filter { $0 != "_" }
+        if radix == 10, digits.count > 1, digits.first == "0" { return false }
+        return digits.allSatisfy { $0.isASCII && $0.isHexDigit && Int(String($0), radix: 16).map { $0 < radix } == true }
+    }
+
+    private static func endsUnquotedWord(_ byte: UInt8) -> Bool {
+        byte == 0x20 || byte == 0x09 || byte == 0x0A || byte == 0x0D || byte == UInt8(ascii: "#") || byte == UInt8(ascii: ",")
+            || byte == UInt8(ascii: "]") || byte == UInt8(ascii: "}") || byte < 0x20 || byte == 0x7F
     }
 
     static func integer(_ token: String) -> Int? {
@@ -676,10 +752,7 @@ struct TOMLParser {
         isBareKeyByte(byte) || byte == UInt8(ascii: "+") || byte == UInt8(ascii: ".")
     }
 
-    private func shown(_ key: [String]) -> String {
-        "`" + key.map { part in part.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "_" || $0 == "-") } && !part.isEmpty ? part : "\"\(part)\"" }
-            .joined(separator: ".") + "`"
-    }
+    private func shown(_ key: [String]) -> String { "`" + Self.named(key) + "`" }
 
     private func error(_ message: String) -> TOMLSyntaxError { error(at: position, message) }
 
