@@ -315,7 +315,7 @@ struct NotificationOutboxTests {
             #expect(printed.contains("https://hooks.example.net/…"))
 
             _ = try await store.enqueueNotification(testNotification(1), receiverID: hook.id, dueAt: testNow)
-            _ = try await store.enqueueNotification(testNotification(2), receiverID: hook.id, dueAt: testNow)
+            let newest = try #require(try await store.enqueueNotification(testNotification(2), receiverID: hook.id, dueAt: testNow))
 
             // An update keeps the receiver's id and its notifications; what it changes is stored and listed.
             let updated = try await admin.updateReceiver(farm: "f1", name: "chat") {
@@ -344,6 +344,10 @@ struct NotificationOutboxTests {
             #expect(try await rows(store).isEmpty)
             #expect(try await store.alertReceivers(farm: "f1") == [mail])
             await #expect(throws: IngestStoreError.self) { _ = try await store.removeAlertReceiver(farm: "f1", name: "chat") }
+            // The removed rows were the newest: a new notification must not take one of their ids (on SQLite it took
+            // max(id) + 1 before migration 19), or `outbox retry <id>` and the log would name another notification.
+            let next = try #require(try await store.enqueueNotification(testNotification(3), receiverID: mail.id, dueAt: testNow))
+            #expect(next > newest, "id \(next) after the removed \(newest)")
         }
     }
 

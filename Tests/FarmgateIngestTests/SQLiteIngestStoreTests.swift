@@ -200,6 +200,49 @@ struct SQLiteIngestStoreTests {
         }
     }
 
+    @Test("migration 19 makes alert_outbox again with AUTOINCREMENT: every row and column carried, indexes back, ids not reused")
+    func outboxIdsAreNotReusedAfterMigration19() async throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let path = directory.path + "/ingest.sqlite"
+        let columns = "SELECT * FROM alert_outbox ORDER BY id"
+        let indexes = "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'alert_outbox' AND sql IS NOT NULL ORDER BY name"
+        let (before, indexesBefore) = try await runOffPool { () throws -> ([[SQLiteValue]], [[SQLiteValue]]) in
+            let db = try sqliteIngestFile(at: path, migratedTo: 18)
+            try db.execute(
+                """
+                INSERT INTO farms(id, name, created_at_us) VALUES (1, 'f1', 0);
+                INSERT INTO alert_receivers(id, farm_id, name, kind, url, created_at_us) VALUES (1, 1, 'grower', 'webhook', 'http://127.0.0.1:9/', 0);
+                INSERT INTO alert_outbox(farm_id, receiver_id, alert_id, transition_id, idempotency_key, payload, state, attempts,
+                    next_attempt_at_us, claimed_by, claimed_until_us, last_error, created_at_us, delivered_at_us, last_attempt_at_us,
+                    transitions, first_transition_at_us, coalesced_at_us, reached)
+                VALUES (1, 1, 7, 70, 'k1', '{}', 'dead', 5, 10, NULL, NULL, 'HTTP 500', 1, NULL, 9, 1, NULL, NULL, 'a@example.net'),
+                       (1, 1, 7, 71, 'k2', '{"a":1}', 'delivering', 1, 20, 'host:1', 99, NULL, 2, NULL, 19, 3, 15, 18, NULL),
+                       (1, 1, 8, 80, 'k3', '{}', 'delivered', 1, 30, NULL, NULL, NULL, 3, 31, 30, 1, NULL, NULL, NULL);
+                """)
+            return (try db.query(columns), try db.query(indexes))
+        }
+        let store = try SQLiteIngestStore(path: path, logger: testLogger)
+        defer { store.close() }
+        #expect(try await store.migrate().map(\.version) == Array(19...SQLiteSchema.currentVersion))
+        store.close()
+        try await runOffPool {
+            let db = try SQLiteConnection(path: path)
+            #expect(try db.query(columns) == before)
+            #expect(try db.query(indexes) == indexesBefore)
+            #expect(try db.queryInt("SELECT count(*) FROM sqlite_master WHERE name = 'alert_outbox_v19'") == 0)
+            // The newest row goes (retention, a removed receiver); the next one still gets a new id.
+            try db.execute("DELETE FROM alert_outbox WHERE id = 3")
+            try db.execute(
+                """
+                INSERT INTO alert_outbox(farm_id, receiver_id, alert_id, transition_id, idempotency_key, payload, next_attempt_at_us, created_at_us)
+                VALUES (1, 1, 9, 90, 'k4', '{}', 0, 4)
+                """)
+            #expect(try db.queryInt("SELECT id FROM alert_outbox WHERE idempotency_key = 'k4'") == 4)
+            #expect(try db.integrityProblems(quick: false).isEmpty)
+        }
+    }
+
     func storedSequences(_ fixture: Fixture, device: DeviceIdentity) async throws -> [UInt64] {
         var sequences: [UInt64] = []
         var after: UInt64?

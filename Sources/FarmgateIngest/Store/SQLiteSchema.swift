@@ -358,6 +358,51 @@ enum SQLiteSchema {
             sql: """
                 ALTER TABLE alert_outbox ADD COLUMN reached TEXT;
                 """),
+        // An `INTEGER PRIMARY KEY` without AUTOINCREMENT takes max(id) + 1: once retention (or a removed receiver) had
+        // deleted the newest rows, a new notification got the id of one deleted, so an id in a log line or a script's
+        // `outbox retry 57` could name another notification than it did. The table is made again with AUTOINCREMENT
+        // (SQLite cannot add it in place); its ids, and the highest one in `sqlite_sequence`, carry over. PostgreSQL's
+        // identity column never reused one.
+        Migration(
+            version: 19, name: "alert_outbox: ids never reused after rows are deleted (AUTOINCREMENT)",
+            sql: """
+                CREATE TABLE alert_outbox_v19 (
+                    id INTEGER PRIMARY KEY AUTOINCREMENT,
+                    farm_id INTEGER NOT NULL REFERENCES farms(id),
+                    receiver_id INTEGER NOT NULL REFERENCES alert_receivers(id),
+                    alert_id INTEGER NOT NULL,
+                    transition_id INTEGER NOT NULL,
+                    idempotency_key TEXT NOT NULL UNIQUE,
+                    payload TEXT NOT NULL,
+                    state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'delivering', 'delivered', 'dead')),
+                    attempts INTEGER NOT NULL DEFAULT 0,
+                    next_attempt_at_us INTEGER NOT NULL,
+                    claimed_by TEXT,
+                    claimed_until_us INTEGER,
+                    last_error TEXT,
+                    created_at_us INTEGER NOT NULL,
+                    delivered_at_us INTEGER,
+                    last_attempt_at_us INTEGER,
+                    transitions INTEGER NOT NULL DEFAULT 1,
+                    first_transition_at_us INTEGER,
+                    coalesced_at_us INTEGER,
+                    reached TEXT
+                );
+                INSERT INTO alert_outbox_v19(id, farm_id, receiver_id, alert_id, transition_id, idempotency_key, payload, state,
+                        attempts, next_attempt_at_us, claimed_by, claimed_until_us, last_error, created_at_us, delivered_at_us,
+                        last_attempt_at_us, transitions, first_transition_at_us, coalesced_at_us, reached)
+                    SELECT id, farm_id, receiver_id, alert_id, transition_id, idempotency_key, payload, state,
+                        attempts, next_attempt_at_us, claimed_by, claimed_until_us, last_error, created_at_us, delivered_at_us,
+                        last_attempt_at_us, transitions, first_transition_at_us, coalesced_at_us, reached
+                    FROM alert_outbox;
+                DROP TABLE alert_outbox;
+                ALTER TABLE alert_outbox_v19 RENAME TO alert_outbox;
+                CREATE INDEX alert_outbox_due ON alert_outbox(next_attempt_at_us) WHERE state IN ('pending', 'delivering');
+                CREATE INDEX alert_outbox_due_by_receiver ON alert_outbox(receiver_id, next_attempt_at_us)
+                    WHERE state IN ('pending', 'delivering');
+                CREATE INDEX alert_outbox_by_state ON alert_outbox(state, id);
+                CREATE INDEX alert_outbox_newest ON alert_outbox(alert_id, receiver_id, id);
+                """),
     ]
 
     /// Migration 15's triggers: every insert, update or delete of an alert rule or silence moves the counter.
