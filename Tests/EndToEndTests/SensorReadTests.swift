@@ -95,6 +95,13 @@ struct SensorReadTests {
         try (text + "\n[[sensor]]\nid = \"added.ph\"\ndriver = \"simulated\"\nquantity = \"ph\"\n").write(toFile: config, atomically: true, encoding: .utf8)
         let notReloaded = try await runCommand(farmgate, ["sensor", "read", "added.ph", "--config", config])
         #expect(notReloaded.status == 1 && notReloaded.stderr.contains("but the running agent does not: reload it"), "\(notReloaded.stderr)")
+        // The socket moved in the file, not reloaded: the agent still answers on the one it recorded beside its buffer
+        // (a tester, 2026-12-07: the read went direct and found the agent's port busy, where status found the agent).
+        let edited = try String(contentsOfFile: config, encoding: .utf8).replacingOccurrences(of: "socket = \"control.sock\"", with: "socket = \"moved.sock\"")
+        try edited.write(toFile: config, atomically: true, encoding: .utf8)
+        let movedSocket = try await runCommand(farmgate, ["sensor", "read", "tank1.ph", "--json", "--config", config])
+        #expect(movedSocket.status == 0, "\(movedSocket.stderr)")
+        #expect((try? decode(movedSocket.stdout))?.reading?.via == "agent", "\(movedSocket.stdout) \(movedSocket.stderr)")
         #expect(await agent.stop(SIGTERM) == 0, "\(agent.log)")
     }
 
