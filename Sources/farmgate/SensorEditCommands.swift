@@ -73,7 +73,9 @@ enum SensorTableFile {
         let directory = target.lastIndex(of: "/").map { $0 == target.startIndex ? "/" : String(target[..<$0]) } ?? "."
         let lock = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         guard lock >= 0 else {
-            throw CleanExit.message("farmgate sensor: cannot open \(directory): \(String(cString: strerror(errno))); check -c (or FARMGATE_CONFIG)", code: 78)
+            throw CleanExit.message(
+                "farmgate sensor: cannot open \(path): its directory \(directory) cannot be opened (\(String(cString: strerror(errno)))); check -c (or FARMGATE_CONFIG)",
+                code: 78)
         }
         defer { close(lock) }  // closing releases the lock
         while flock(lock, LOCK_EX) != 0 {

@@ -146,6 +146,15 @@ struct SensorTablesTests {
             try SensorTables.adding(id: "t.x", settings: ["driver=simulated", "quantity=ph"], to: "[device]\nid = \"d\"\n[buffer]\nquota = \"lots\"\n", file: "a.toml")
         }
         #expect(elsewhere?.exitCode == 78 && elsewhere?.description.contains("buffer.quota") == true, "\(elsewhere?.description ?? "")")
+        // Sensors written as an inline array load, but a [[sensor]] cannot be added after them: the file's form, 78
+        // (a tester, 2026-12-07: 64 with the parser's words, as if the new sensor's settings were wrong).
+        let inline = #expect(throws: SensorTables.Refusal.self) {
+            try SensorTables.adding(
+                id: "t.x", settings: ["driver=simulated", "quantity=ph"],
+                to: "sensor = [{ id = \"a.ph\", driver = \"simulated\", quantity = \"ph\" }]\n[device]\nid = \"d\"\n", file: "a.toml")
+        }
+        #expect(inline?.exitCode == 78, "\(inline?.description ?? "")")
+        #expect(inline?.description.contains("a.toml writes its sensors in a form a [[sensor]] table cannot be added to (line 5: not valid TOML") == true, "\(inline?.description ?? "")")
     }
 
     @Test("removing takes the table, its own comment above it and one blank line; the next table's comment stays")

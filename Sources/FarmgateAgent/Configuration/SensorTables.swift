@@ -63,6 +63,13 @@ public enum SensorTables {
             // without it: a sensor past the limit is the addition's problem too); a problem elsewhere in a file that
             // had no sensor to load with is the file's.
             guard hasSensors || error.key?.hasPrefix("sensor \"\(id)\"") != false else { throw fixFirst(error) }
+            // The file parsed and the table appended is valid TOML on its own: a syntax error now is the file's way of
+            // writing `sensor` (an inline array `sensor = [{ … }]`, a `[sensor]` table), which a [[sensor]] cannot extend.
+            if error.message.hasPrefix("not valid TOML") {
+                throw Refusal(
+                    description: "\(file) writes its sensors in a form a [[sensor]] table cannot be added to (\(error.line.map { "line \($0): " } ?? "")\(error.message)); write each sensor as its own [[sensor]] table, or add this one by hand; nothing was written",
+                    exitCode: 78)
+            }
             throw Refusal(description: "\(error.key ?? "sensor \"\(id)\""): \(error.message); nothing was written", exitCode: 64)
         }
     }
