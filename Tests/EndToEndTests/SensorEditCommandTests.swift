@@ -40,6 +40,9 @@ import Testing
         let readOnly = try await runCommand(Farm.agentBinary, ["sensor", "add", "t.ro", "driver=simulated", "quantity=ph", "-c", config])
         #expect(readOnly.status == 73 && readOnly.stderr.contains("is read-only (mode 444)"), "\(readOnly.stderr)")
         #expect(chmod(config, 0o640) == 0)
+        // A -c whose directory does not exist names the file asked for, not only the directory.
+        let missing = try await runCommand(Farm.agentBinary, ["sensor", "add", "t.m", "driver=simulated", "quantity=ph", "-c", "/nonexistent-fg/agent.toml"])
+        #expect(missing.status == 78 && missing.stderr.contains("cannot open /nonexistent-fg/agent.toml: its directory /nonexistent-fg cannot be opened"), "\(missing.stderr)")
     }
 
     // Before the fix (a tester, 2026-12-06) parallel adds replaced each other's edits, all saying "Added".
