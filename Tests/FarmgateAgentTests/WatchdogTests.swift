@@ -199,6 +199,24 @@ struct WatchdogTests {
         // One snapshot is asked at a time: the first never came back, so no other was asked.
         #expect(asked.withLock { $0 } == 1)
     }
+    // A tester, 2026-12-07: `farmgate status` asks the agent, whose answer waited for the stuck buffer's figures
+    // past the CLI's 10 s, so all it said was that the agent did not answer.
+    @Test("The control socket's status answer names a buffer that does not give its figures in time")
+    func statusAnswerOfAStuckBuffer() async throws {
+        let stuck = WedgedDriver()
+        defer { stuck.release() }
+        let started = ContinuousClock.now
+        let answer = await AgentRuntime.statusAnswer({
+            _ = try? await stuck.read()
+            throw CancellationError()
+        }, timeout: .milliseconds(300))
+        #expect(ContinuousClock.now - started < .seconds(3))
+        #expect(!answer.ok)
+        #expect(answer.error?.hasPrefix("the buffer does not answer for its figures within 0.3 seconds: its disk may be stuck") == true, "\(answer.error ?? "")")
+        let fine = await AgentRuntime.statusAnswer({ Self.status(pending: 7) }, timeout: .milliseconds(300))
+        #expect(fine.ok && fine.status?.buffer.pending == 7)
+    }
+
     // A tester, 2026-12-07: a NOTIFY_SOCKET nobody listens on was warned about at every ping, and "Told systemd the
     // agent is ready" was logged although READY=1 never got there.
     @Test("A notify socket nobody listens on is warned about once, and no readiness is claimed")

@@ -20,6 +20,23 @@ import UnixSignals
 /// flight and sends what is pending (bounded by `shutdown_flush_timeout`), and the buffer commits what it still holds
 /// last, so a graceful stop loses nothing and normally leaves nothing behind.
 public enum AgentRuntime {
+    /// The control socket's answer to `status`. The figures come from the buffer's thread; they get `timeout`, under
+    /// the CLI's 10 s wait for an answer, so that a buffer stuck on its disk is named rather than the agent seeming not
+    /// to answer at all (a tester, 2026-12-07: `farmgate status --socket` said only that nothing answered in 10 s).
+    static func statusAnswer(_ snapshot: @escaping @Sendable () async throws -> AgentStatus, timeout: Duration = .seconds(5)) async -> ControlAnswer {
+        let result = await withDeadline(timeout) { () -> Result<AgentStatus, any Error> in
+            do { return .success(try await snapshot()) } catch { return .failure(error) }
+        }
+        switch result {
+        case .success(let status)?: return ControlAnswer(ok: true, status: status)
+        case .failure(let error)?: return ControlAnswer(ok: false, error: "cannot read the buffer: \(error)")
+        case nil:
+            return ControlAnswer(
+                ok: false,
+                error: "the buffer does not answer for its figures within \(timeout): its disk may be stuck (dmesg, `farmgate doctor`); the agent's journal names what is stuck")
+        }
+    }
+
     /// Runs the agent until SIGTERM or SIGINT. On SIGHUP the configuration file is read again
     /// (``ConfigurationReloadService``): a valid one replaces the running services by new ones built from it, in this
     /// process; an invalid one, or one the new services could not start with (a control socket where the agent cannot
@@ -272,11 +289,7 @@ public enum AgentRuntime {
             case SensorReadCommand.command:
                 return ControlServer.encode(await SensorReadCommand.answer(request, sensors: readableSensors))
             case "status":
-                do {
-                    answer = ControlAnswer(ok: true, status: try await snapshot())
-                } catch {
-                    answer = ControlAnswer(ok: false, error: "cannot read the buffer: \(error)")
-                }
+                answer = await statusAnswer(snapshot)
             default:
                 let known = (["status", SensorReadCommand.command] + QuarantineCommands.commands + CalibrationCommands.commands).joined(separator: ", ")
                 answer = ControlAnswer(ok: false, error: "unknown command \"\(request.command)\"; this agent knows: \(known)")
