@@ -187,6 +187,12 @@ import Testing
             let fresh = try await store.store(try Self.sensorsBatch(["x", "y", "z"], first: 1, device: "d2"), for: other, receivedAt: testNow)
             #expect(fresh.tally == Tally(accepted: 3, duplicates: 0, rejected: 0))
             #expect(try await store.exportPage(device: device, afterSequence: nil, limit: 100).map(\.sequence) == [1, 2, 3, 4, 7, 8, 9])
+            // Which new sensors get the room: the first the batch declares, on both stores (a tester, 2026-12-07:
+            // PostgreSQL took them in name order, s1, s10, s100, and SQLite s9, s10, s2).
+            let third = try await Self.device(in: store, name: "d3")
+            let ordered = try await store.store(try Self.sensorsBatch(["s9", "s10", "s2", "s1", "s100"], first: 1, device: "d3"), for: third, receivedAt: testNow)
+            #expect(ordered.rejected.map(\.sensor) == ["s1", "s100"], "\(ordered.rejected)")
+            #expect(try await store.exportPage(device: third, afterSequence: nil, limit: 100).map(\.sequence) == [1, 2, 3])
         }
     }
 

@@ -90,6 +90,9 @@ struct PostgresBatchWriter {
         var declaredByMember: [Int: [SensorDescriptor]] = [:]
         var conflictsByMember: [Int: [SensorID: (registered: String, sent: Quantity)]] = [:]
         var wanted: [SensorKey: SensorDescriptor] = [:]
+        // The order sensors are first declared in (the group's batches in turn): past `sensors_per_device` the first
+        // declared are taken, as the SQLite store takes them.
+        var declarationOrder: [SensorKey: Int] = [:]
         for index in members.indices {
             let batch = members[index].batch
             var member = Prepared(slots: BatchSensorSlots(batch.readings))
@@ -102,7 +105,9 @@ struct PostgresBatchWriter {
                 }
                 member.seen[descriptor.id] = descriptor.quantity
                 declared.append(descriptor)
-                wanted[SensorKey(device: members[index].device.rowID, name: descriptor.id.rawValue)] = descriptor
+                let key = SensorKey(device: members[index].device.rowID, name: descriptor.id.rawValue)
+                wanted[key] = descriptor
+                if declarationOrder[key] == nil { declarationOrder[key] = declarationOrder.count }
             }
             prepared[index] = member
             declaredByMember[index] = declared
@@ -118,7 +123,7 @@ struct PostgresBatchWriter {
 
         // 2. Sensors not registered yet, for the whole group at once.
         let (registered, overLimit) = try await register(
-            wanted.filter { present.contains($0.key.device) }, known: known, receivedAt: members[live.first ?? 0].receivedAt)
+            wanted.filter { present.contains($0.key.device) }, order: declarationOrder, known: known, receivedAt: members[live.first ?? 0].receivedAt)
 
         for index in live {
             guard var member = prepared[index], var conflicts = conflictsByMember[index] else { continue }
@@ -541,9 +546,10 @@ struct PostgresBatchWriter {
     /// Registers the `wanted` sensors that are not `known` (by device and name); returns every one's id and registered
     /// quantity, and the new ones not registered because their device has ``sensorLimit`` sensors already. New sensors
     /// are inserted with `ON CONFLICT DO NOTHING RETURNING` and whatever another writer registered meanwhile is read
-    /// after that insert; an existing sensor's resolution follows the batch's while the quantity agrees.
+    /// after that insert; an existing sensor's resolution follows the batch's while the quantity agrees. Past the limit
+    /// the new sensors are taken in `order` (their first declaration in the group).
     private func register(
-        _ wanted: [SensorKey: SensorDescriptor], known: [SensorKey: KnownSensor], receivedAt: Timestamp
+        _ wanted: [SensorKey: SensorDescriptor], order: [SensorKey: Int], known: [SensorKey: KnownSensor], receivedAt: Timestamp
     ) async throws -> (found: [SensorKey: (id: Int64, quantity: String)], overLimit: Set<SensorKey>) {
         guard !wanted.isEmpty else { return ([:], []) }
         var found: [SensorKey: (id: Int64, quantity: String)] = [:]
@@ -571,7 +577,8 @@ struct PostgresBatchWriter {
         guard !missing.isEmpty else { return (found, []) }
         // `[limits] sensors_per_device`, counted only when a sensor is new (one more round trip). The devices are locked
         // by this transaction, so no other batch registers sensors of theirs meanwhile. Past the limit the new sensors
-        // are taken in name order.
+        // are taken in the order the batches declare them (a tester, 2026-12-07: in name order here, in declaration
+        // order on SQLite, so the two stores kept different sensors of one batch).
         var counts: [Int64: Int] = [:]
         let devices = Array(Set(missing.map(\.device))).sorted()
         for try await (device, count) in try await connection.query(
@@ -580,7 +587,7 @@ struct PostgresBatchWriter {
             counts[device] = Int(count)
         }
         var overLimit = Set<SensorKey>()
-        missing = missing.sorted { ($0.device, $0.name) < ($1.device, $1.name) }.filter { key in
+        missing = missing.sorted { (order[$0] ?? .max, $0.name) < (order[$1] ?? .max, $1.name) }.filter { key in
             let count = counts[key.device, default: 0]
             guard count < sensorLimit else {
                 overLimit.insert(key)
