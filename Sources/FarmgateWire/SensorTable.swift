@@ -104,7 +104,7 @@ public struct SensorTable: Hashable, Sendable {
 }
 
 /// FNV-1a, 64 bits.
-func fnv1a64(_ bytes: some Sequence<UInt8>) -> UInt64 {
+public func fnv1a64(_ bytes: some Sequence<UInt8>) -> UInt64 {
     var hash: UInt64 = 0xcbf2_9ce4_8422_2325
     for byte in bytes {
         hash ^= UInt64(byte)

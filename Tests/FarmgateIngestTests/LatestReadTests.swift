@@ -260,6 +260,19 @@ struct LatestReadTests {
         #expect(!cursor.text.contains("="))
         #expect(LatestCursor(text: "") == nil)
         #expect(LatestCursor(text: "MiBhIGI") == nil)
+        // Edited by hand: cut short, lengthened, one character changed, or the old unchecked form: refused, never read
+        // as another position (a tester, 2026-12-07).
+        let text = cursor.text
+        for index in text.indices {
+            var changed = text
+            let replacement: Character = text[index] == "A" ? "B" : "A"
+            changed.replaceSubrange(index...index, with: [replacement])
+            #expect(LatestCursor(text: changed) == nil, "\(changed)")
+        }
+        for cut in 1...6 { #expect(LatestCursor(text: String(text.dropLast(cut))) == nil, "cut \(cut)") }
+        #expect(LatestCursor(text: text + "A") == nil && LatestCursor(text: text + "Lg") == nil)
+        let unchecked = Data("1 greenhouse-2 tank1.ph".utf8).base64EncodedString().replacingOccurrences(of: "=", with: "")
+        #expect(LatestCursor(text: unchecked) == nil)
     }
 }
 

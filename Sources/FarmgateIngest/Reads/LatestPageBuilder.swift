@@ -126,20 +126,28 @@ public struct LatestCursor: Sendable, Hashable {
         self.sensor = sensor
     }
 
-    /// base64url of "1 DEVICE SENSOR" (identifiers hold no space), without padding.
+    /// base64url of "2 DEVICE SENSOR CHECK" (identifiers hold no space), without padding; CHECK is the FNV-1a hash of
+    /// "DEVICE SENSOR" in hex, so that a cursor edited by hand (cut short, a character changed) is refused rather than
+    /// read as another position (a tester, 2026-12-07: a cursor without its last character restarted the page before).
     public var text: String {
-        Data("1 \(device.rawValue) \(sensor.rawValue)".utf8).base64EncodedString()
+        Data("2 \(device.rawValue) \(sensor.rawValue) \(Self.check(device, sensor))".utf8).base64EncodedString()
             .replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_").replacingOccurrences(of: "=", with: "")
+    }
+
+    private static func check(_ device: DeviceID, _ sensor: SensorID) -> String {
+        String(fnv1a64("\(device.rawValue) \(sensor.rawValue)".utf8), radix: 16)
     }
 
     /// Parses ``text``; nil when it is not a cursor this ingest wrote.
     public init?(text: String) {
-        guard text.utf8.count <= 200 else { return nil }
+        guard text.utf8.count <= 300 else { return nil }
         var base64 = text.replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
         while base64.utf8.count % 4 != 0 { base64 += "=" }
         guard let data = Data(base64Encoded: base64) else { return nil }
         let parts = String(decoding: data, as: UTF8.self).split(separator: " ", omittingEmptySubsequences: false)
-        guard parts.count == 3, parts[0] == "1", let device = try? DeviceID(String(parts[1])), let sensor = try? SensorID(String(parts[2])) else {
+        guard parts.count == 4, parts[0] == "2", let device = try? DeviceID(String(parts[1])), let sensor = try? SensorID(String(parts[2])),
+            parts[3] == Self.check(device, sensor)
+        else {
             return nil
         }
         self.init(device: device, sensor: sensor)
