@@ -171,8 +171,13 @@ public enum BatchJSON {
         var waiting: [(index: Int, reading: JSONReading)] = []
         var lastSensorText: String?
         var calibrations: [CalibrationEvent] = []
+        // Whether the body has either member that carries data, and the first few members skipped: a misspelt
+        // `"reading": […]` was skipped as unknown and the batch answered 200 with nothing stored (a tester, 2026-12-07).
+        var carriesData = false
+        var skipped: [String] = []
 
         try reader.object(depth: 0, path: "") { reader, name throws(BatchDecodingError) in
+            if name == "readings" || name == "calibrations" { carriesData = true }
             switch name {
             case "device":
                 deviceValue = try reader.scalar(depth: 1)
@@ -256,6 +261,7 @@ public enum BatchJSON {
                     throw BatchDecodingError("calibrations: expected an array, found \(other.name)")
                 }
             default:
+                if skipped.count < 5 { skipped.append(String(name.prefix(40)).escapingControlCharacters) }
                 try reader.skipValue(depth: 1)
             }
         }
@@ -267,6 +273,11 @@ public enum BatchJSON {
         }
         let device: DeviceID
         do { device = try DeviceID(deviceText) } catch { throw BatchDecodingError("device: \(error.description)") }
+        guard carriesData else {
+            throw BatchDecodingError(
+                "readings: missing; a batch carries its readings in \"readings\" (or calibration events in \"calibrations\")"
+                    + (skipped.isEmpty ? "" : ", and this one has only other members besides device and sensors: \(skipped.map { "\"\($0)\"" }.joined(separator: ", "))"))
+        }
         // No "sensors" member: every reading names an undeclared sensor.
         for (index, entry) in waiting {
             switch reading(entry, path: "readings[\(index)]", declared: [:]) {

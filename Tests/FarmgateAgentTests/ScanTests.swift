@@ -268,7 +268,9 @@ struct ScanTests {
             try text.write(toFile: root + "/" + address + "/w1_slave", atomically: true, encoding: .utf8)
         }
         try FileManager.default.createDirectory(atPath: root + "/w1_bus_master1", withIntermediateDirectories: true)
-        let finding = await OneWireScan.scan(root: root)
+        // Generous bounds: a file read under a loaded test run once took more than the default 2 s (the bounds have
+        // their own test).
+        let finding = await OneWireScan.scan(root: root, readTimeout: .seconds(30), overall: .seconds(60))
         #expect(finding.message == nil)
         #expect(finding.sensors.map(\.address) == ["28-000000000001", "28-000000000002"])
         #expect(finding.sensors[0].celsius == 21.437)

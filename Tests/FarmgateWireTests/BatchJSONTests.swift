@@ -137,6 +137,15 @@ struct BatchJSONTests {
         #expect(Self.error(String(repeating: "[", count: 100)).contains("nested more than 32 levels deep"))
         #expect(Self.error("{\"device\":\"d\"} x").contains("unexpected data after the JSON value"))
         #expect(Self.error("{\"device\":\"\\ud800\"}").contains("unpaired surrogate"))
+        // A misspelt "readings" was skipped as an unknown member and the batch taken with nothing in it (a tester,
+        // 2026-12-07); a batch with "readings" (even empty or null) or "calibrations" alone is one.
+        #expect(
+            Self.error("{\"device\":\"d\",\"sensors\":[],\"reading\":[{\"sensor\":\"x\"}]}")
+                == #"readings: missing; a batch carries its readings in "readings" (or calibration events in "calibrations"), and this one has only other members besides device and sensors: "reading""#)
+        #expect(Self.error("{\"device\":\"d\"}").hasPrefix("readings: missing; "))
+        for body in ["{\"device\":\"d\",\"readings\":[]}", "{\"device\":\"d\",\"readings\":null}", "{\"device\":\"d\",\"calibrations\":[]}"] {
+            #expect(throws: Never.self, "\(body)") { _ = try BatchJSON.decode(Array(body.utf8)) }
+        }
     }
 
     @Test("limits cap the document size and the reading count")

@@ -101,7 +101,7 @@ struct DecodingErrorKindTests {
             Self.jsonError(#"{"device":"d","sensors":[{"id":"a","quantity":"ph"}],"readings":[{"sensor":"a","seq":1,"ts":0,"value":\#(digits)}]}"#)?
                 .description.contains("a number of 200 characters") == true)
         // In a member the decoder does not know, both are fine.
-        let decoded = try BatchJSON.decode(Array(#"{"device":"d","x":"\#(long)","y":\#(digits)}"#.utf8))
+        let decoded = try BatchJSON.decode(Array(#"{"device":"d","x":"\#(long)","y":\#(digits),"readings":[]}"#.utf8))
         #expect(decoded.batch.device.rawValue == "d")
         // A 250-character sensor name is kept (to be reported as unknown_sensor), not refused.
         let named = try BatchJSON.decode(
