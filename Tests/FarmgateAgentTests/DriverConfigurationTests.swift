@@ -327,7 +327,7 @@ struct DriverExamplesTests {
         #expect(Sampler.phases(configuration.sensors) == [0, 1, 1, 1, 1, 1, 2, 2])
     }
 
-    @Test("Without a resolution, a sensor gets one that holds what its device sends: EZO pH and RTD thousandths, a Modbus register its scale's decimal step; the DS18B20 1/16 °C; a set one wins")
+    @Test("Without a resolution, a sensor gets one that holds what its device sends: EZO pH and RTD thousandths, a Modbus register its scale's decimal step, a float 0.01 or its quantity's decimal step; the DS18B20 1/16 °C; a set one wins")
     func resolutionHoldsWhatTheDeviceSends() throws {
         func table(_ id: String, _ driver: String, _ quantity: String, _ keys: String) -> String {
             "\n[[sensor]]\nid = \"\(id)\"\ndriver = \"\(driver)\"\nquantity = \"\(quantity)\"\n\(keys)\n"
@@ -343,12 +343,16 @@ struct DriverExamplesTests {
             + table("mb.fine", "modbus", "ph", "port = \"/dev/ttyUSB0\"\nslave = 1\naddress = 4\nscale = 0.0001")
             + table("mb.set", "modbus", "temperature", "port = \"/dev/ttyUSB0\"\nslave = 1\naddress = 5\nscale = 0.1\nresolution = \"1/16\"")
             + table("w1.temp", "ds18b20", "temperature", "address = \"28-0000075a3b21\"")
+            // A float register: temperature's 1/16 °C would round a transmitter's hundredths (a tester, 2026-12-07).
+            + table("mb.float", "modbus", "temperature", "port = \"/dev/ttyUSB0\"\nslave = 2\naddress = 2\ndata_type = \"FLOAT32\"\nfunction = \"input\"")
+            + table("mb.floatph", "modbus", "ph", "port = \"/dev/ttyUSB0\"\nslave = 2\naddress = 4\ndata_type = \"float32\"")
+            + table("mb.floatset", "modbus", "temperature", "port = \"/dev/ttyUSB0\"\nslave = 2\naddress = 6\ndata_type = \"float32\"\nresolution = \"0.001\"")
         let configuration = try AgentConfiguration.parse(ConfigDocument.parse(text, file: "/etc/farmgate/agent.toml"))
         let steps = Dictionary(uniqueKeysWithValues: configuration.sensors.map { ($0.id.rawValue, $0.descriptor.resolution) })
         let expected: [String: Resolution] = [
             "ezo.temp": .thousandth, "ezo.ph": .thousandth, "ezo.ec": .tenth, "mb.tenth": .tenth, "mb.offset": try Resolution(numerator: 1, denominator: 10_000),
             "mb.sixteenth": .sixteenth, "mb.ph": .hundredth, "mb.fine": try Resolution(numerator: 1, denominator: 10_000), "mb.set": .sixteenth,
-            "w1.temp": .sixteenth,
+            "w1.temp": .sixteenth, "mb.float": .hundredth, "mb.floatph": .hundredth, "mb.floatset": .thousandth,
         ]
         for (id, resolution) in expected { #expect(steps[id] == resolution, "\(id): \(String(describing: steps[id]))") }
     }

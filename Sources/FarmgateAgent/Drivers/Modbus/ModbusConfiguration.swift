@@ -107,6 +107,14 @@ public struct ModbusPoint: Sendable, Hashable {
         return nil
     }
 
+    /// The resolution of a `float32` point without one of its own: the quantity's default when it is a decimal step,
+    /// else 0.01 (temperature's default, 1/16 °C, is the DS18B20's and no float transmitter's).
+    static func floatResolution(_ quantity: Quantity) -> Resolution? {
+        var denominator = quantity.defaultResolution.denominator
+        while denominator % 10 == 0 { denominator /= 10 }
+        return denominator == 1 ? nil : .hundredth
+    }
+
     /// `slave`: the unit id, 1–247. Required.
     public var slave: Int
     /// `function`: `holding` (03, default) or `input` (04).

@@ -39,7 +39,12 @@ public final class ModbusDriver: SensorDriver {
         },
         make: { configuration, context in try ModbusDriver(configuration: configuration, logger: context.logger) },
         nativeResolution: { quantity, table in
-            ModbusPoint.exactResolution(scale: (try? table.double("scale")) ?? 1, offset: (try? table.double("offset")) ?? 0, quantity: quantity)
+            // A float register has no step of its own: a quantity's default that is not a decimal step (1/16 °C, the
+            // DS18B20's) would round a transmitter's hundredths away (a tester, 2026-12-07: 21.525 °C stored as 21.5).
+            if (try? table.string("data_type"))?.lowercased() == "float32" {
+                return ModbusPoint.floatResolution(quantity)
+            }
+            return ModbusPoint.exactResolution(scale: (try? table.double("scale")) ?? 1, offset: (try? table.double("offset")) ?? 0, quantity: quantity)
         })
 
     public let sensor: SensorID
