@@ -312,6 +312,14 @@ public enum EZOParse {
         return ["c", "k", "f"].contains(scale) ? scale : nil
     }
 
+    /// `?C,0` → false, `?C,1` (or `?C,n`, a reading every n seconds on newer firmware) → true; nil when the line is no
+    /// answer to `C,?`.
+    public static func continuous(_ text: String) -> Bool? {
+        let fields = text.split(separator: ",", omittingEmptySubsequences: false).map { String($0).trimmingWhitespace() }
+        guard fields.count == 2, fields[0].uppercased() == "?C", let every = Int(fields[1]), every >= 0 else { return nil }
+        return every != 0
+    }
+
     /// `?*OK,1` → true; nil when the line is no answer to `*OK,?`.
     public static func responseCodes(_ text: String) -> Bool? {
         let upper = text.uppercased()

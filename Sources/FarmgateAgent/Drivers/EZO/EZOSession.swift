@@ -341,6 +341,21 @@ final class EZOSession: @unchecked Sendable {
                 "the circuit on \(portPath) is an \(found) (firmware \(firmware)), but \(sensors) needs an \(kind) circuit: check which circuit is wired to this port, or change the sensor's quantity"))
         }
         self.firmware = firmware
+        // C,0 is confirmed as every other setting is: a circuit that does not take it goes on streaming, and a streamed
+        // line inside a read's wait is taken for its answer now and then (a tester, 2026-12-07: readings stored between
+        // the faults that named the streaming). Firmware that does not know C,? is taken at its C,0.
+        let continuousAnswer: String?
+        do throws(Interruption) {
+            continuousAnswer = try transact(
+                port, "C,?", time: EZOCircuitKind.commandTime, answer: { EZOParse.continuous($0) != nil }, absorb: false, resendIfGarbled: true)
+        } catch .refused(.unknownCommand, _) {
+            continuousAnswer = nil
+        }
+        if let continuousAnswer, EZOParse.continuous(continuousAnswer) == true {
+            throw .sensor(SensorError(
+                .fault,
+                "the EZO \(kind.rawValue) circuit on \(portPath) did not take C,0: C,? still answers \"\(continuousAnswer)\" (continuous readings on), so none is read; a circuit that streams cannot be read one reading at a time: check what else uses the port, or stop the agent and send C,0 to the circuit with a terminal program at its baud"))
+        }
         switch kind {
         case .rtd:
             // With response codes off nothing says whether S,c was done: S,? does. A reading in °F or K stored as °C
