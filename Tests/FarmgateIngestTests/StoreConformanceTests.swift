@@ -109,6 +109,16 @@ import Testing
             #expect(other.rejected.allSatisfy { $0.code == RejectionCode.sequenceConflict && $0.message.contains("value (stored 6.5, sent 7.1)") })
             let rows = try await store.exportPage(device: device, afterSequence: 4, limit: 2)
             #expect(rows.map(\.value) == [6.5, 6.5])
+            #expect(other.rejected.allSatisfy { $0.message.contains("is already stored for this device") }, "\(other.rejected)")
+            // A new sequence twice in one batch with different content: the second is refused, and the message does
+            // not call the first "already stored" as if an earlier upload had it (a tester, 2026-12-07).
+            var twice = try phBatch(sequences: 20...20, value: 6.0)
+            var twin = twice.readings[0]
+            twin.value = 6.8
+            twice.readings.append(twin)
+            let repeated = try await store.store(twice, for: device, receivedAt: testNow)
+            #expect(repeated.accepted == 1 && repeated.rejected.map(\.sequence) == [20], "\(repeated)")
+            #expect(repeated.rejected.first?.message.contains("earlier in this batch") == true, "\(repeated.rejected)")
         }
     }
 

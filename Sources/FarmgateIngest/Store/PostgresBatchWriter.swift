@@ -262,7 +262,11 @@ struct PostgresBatchWriter {
                 for candidate in toCompare {
                     if let stored = storedInGroup[device]?[candidate.sequence] ?? storedRows[device]?[candidate.sequence] {
                         let differences = try await self.differences(candidate, stored: stored, names: member.names)
-                        if differences.isEmpty { duplicates += 1 } else { rejected.append(SequenceComparison.conflict(candidate.reading, differences: differences)) }
+                        if differences.isEmpty {
+                            duplicates += 1
+                        } else {
+                            rejected.append(SequenceComparison.conflict(candidate.reading, differences: differences, inThisBatch: false))
+                        }
                     } else {
                         // Stored and acknowledged once, its chunk since dropped with its partition (retention): a
                         // duplicate when older than the cut-off that removed it, else another reading numbered alike.
@@ -280,7 +284,11 @@ struct PostgresBatchWriter {
                 for candidate in inBatchRepeats {
                     guard let first = firstOf[candidate.sequence].map({ inserted[$0] }) else { continue }
                     let differences = try await self.differences(candidate, stored: Self.row(first), names: member.names)
-                    if differences.isEmpty { duplicates += 1 } else { rejected.append(SequenceComparison.conflict(candidate.reading, differences: differences)) }
+                    if differences.isEmpty {
+                        duplicates += 1
+                    } else {
+                        rejected.append(SequenceComparison.conflict(candidate.reading, differences: differences, inThisBatch: true))
+                    }
                 }
             } catch let error as PSQLError where Self.isCausedByData(error) {
                 throw MemberFailure(index: index, error: error)

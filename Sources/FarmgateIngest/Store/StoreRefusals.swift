@@ -126,9 +126,17 @@ enum SequenceComparison {
     }
 
     /// The refusal of `reading`, whose sequence is stored with other content.
-    static func conflict(_ reading: Reading, differences: [String]) -> RejectedReading {
-        RejectedReading(
+    /// `inThisBatch`: the other reading came earlier in the same batch (said so, not "already stored"); nil when the
+    /// store cannot tell (the SQLite writer compares a batch's repeats with what its own inserts stored).
+    static func conflict(_ reading: Reading, differences: [String], inThisBatch: Bool? = nil) -> RejectedReading {
+        let other =
+            switch inThisBatch {
+            case true?: "is taken by another reading earlier in this batch, with a different"
+            case false?: "is already stored for this device with a different"
+            case nil: "is already stored for this device (or taken earlier in this batch) with a different"
+            }
+        return RejectedReading(
             sequence: reading.sequence, sensor: reading.sensor.rawValue, code: RejectionCode.sequenceConflict,
-            message: "sequence \(reading.sequence) is already stored for this device with a different \(differences.joined(separator: ", ")); two readings were numbered alike (a site buffer lost or replaced): number this one above the highest sequence the ingest holds (GET \(IngestProtocol.deviceStatePath))")
+            message: "sequence \(reading.sequence) \(other) \(differences.joined(separator: ", ")); two readings were numbered alike (a site buffer lost or replaced): number this one above the highest sequence the ingest holds (GET \(IngestProtocol.deviceStatePath))")
     }
 }
