@@ -104,8 +104,16 @@ public enum CommandLineRules {
             path.append(next._commandName)
             rest = rest.dropFirst()
         }
-        guard !command.configuration.subcommands.isEmpty, let option = rest.first, option.hasPrefix("-"), option != "-", option != "--" else {
+        guard !command.configuration.subcommands.isEmpty, let option = rest.first, option != "-", option != "--" else {
             return nil
+        }
+        // A word that names no subcommand of the group (`farm lst -c F`, `farm delete x`): ArgumentParser spoke of the
+        // options or arguments after it instead (a tester, 2026-12-07: "Unknown option '-c'").
+        guard option.hasPrefix("-") else {
+            let names = command.configuration.subcommands.map { $0._commandName }
+            let shown = String(option.prefix(40)).unicodeScalars.map { $0.value < 0x20 || $0.value == 0x7F ? "?" : String($0) }.joined()
+            let where_ = path.joined(separator: " ")
+            return "Error: '\(shown)' is not a subcommand of \(where_): one of \(names.joined(separator: ", "))\n  See '\(where_) --help' for what each does.\n"
         }
         let name = option.split(separator: "=", maxSplits: 1).first.map(String.init) ?? option
         return needsSubcommand(path: path.joined(separator: " "), of: command, before: name)

@@ -45,6 +45,12 @@ import Testing
         ("farmgate", ["sensor", "-c", "F"], 64, "farmgate sensor needs a subcommand before -c: one of drivers, read, add, remove"),
         ("farmgate", ["-c", "F"], 64, "farmgate needs a subcommand before -c: one of agent, status"),
         ("farmgate", ["quarantine", "--json", "list"], 64, "farmgate quarantine needs a subcommand before --json: one of list, requeue, drop"),
+        // A word that names no subcommand was hidden behind "Unknown option '-c'" or "2 unexpected arguments" (testers,
+        // 2026-12-07).
+        ("farmgate-ingest", ["farm", "lst", "-c", "x.toml"], 64, "'lst' is not a subcommand of farmgate-ingest farm: one of create, list"),
+        ("farmgate-ingest", ["nosuch", "-c", "x.toml"], 64, "'nosuch' is not a subcommand of farmgate-ingest: one of serve, migrate"),
+        ("farmgate-ingest", ["farm", "delete", "good-farm"], 64, "'delete' is not a subcommand of farmgate-ingest farm"),
+        ("farmgate", ["sensor", "list", "-c", "F"], 64, "'list' is not a subcommand of farmgate sensor: one of drivers, read, add, remove"),
         // One glob per label: the second --match of a label replaced the first (a tester, 2026-12-06).
         ("farmgate-ingest", ["alert", "silence", "add", "--farm", "f", "--match", "sensor=x", "--match", "sensor=y", "--for", "1h", "-c", "/nonexistent.toml"], 64,
          "--match gives sensor twice (sensor=x and sensor=y)"),
