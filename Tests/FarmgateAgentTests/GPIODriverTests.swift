@@ -123,6 +123,31 @@ struct GPIOLineMonitorTests {
         #expect(second.pulses == 1 && second.seconds == 2)
     }
 
+    // A tester, 2026-12-07: pulses appended to an events file while the agent was down (`kill -9`) were applied at the
+    // line's request, stamped before it, and the first flow window (from the request to the first read, a tenth of a
+    // second) held them all: 6,359 L/min stored for a real 6.
+    @Test("Pulses stamped before the monitor started are counted but belong to no flow window")
+    func pulsesBeforeTheStartAreNoFlow() {
+        var monitor = GPIOLineMonitor(mode: .pulses(edge: .rising, debounce: 0), activeLow: false, physicalLevel: 0, at: 10_000_000_000)
+        // 45 Hz for the 4 s before the request (the downtime's lines, applied at the request).
+        for index in 0..<180 {
+            let at = Int64(6_000_000_000) + Int64(index) * 22_222_222
+            monitor.apply(GPIOEdgeEvent(.rising, at: at))
+            monitor.apply(GPIOEdgeEvent(.falling, at: at + 5_000_000))
+        }
+        // Then 45 Hz after it, for 2 s.
+        for index in 0..<90 {
+            let at = Int64(10_000_000_000) + Int64(index) * 22_222_222 + 1
+            monitor.apply(GPIOEdgeEvent(.rising, at: at))
+            monitor.apply(GPIOEdgeEvent(.falling, at: at + 5_000_000))
+        }
+        #expect(monitor.pulses(at: 12_000_000_000) == 270, "the count keeps every pulse")
+        let first = monitor.takeFlowWindow(at: 12_000_000_000)
+        #expect(first.pulses == 90 && first.seconds == 2, "\(first)")
+        // 45 pulses/s at 450 pulses per litre: 6 L/min, not thousands.
+        #expect(Double(first.pulses) / 450 / (first.seconds / 60) == 6)
+    }
+
     @Test("Active-low inverts levels and edges")
     func activeLow() {
         var state = GPIOLineMonitor(mode: .input(debounce: 0), activeLow: true, physicalLevel: 0, at: 0)
@@ -200,6 +225,25 @@ struct GPIODriverTests {
         #expect(try await line.value(1) == 1350)
         try await line.feed("rise 1100\nnow 1150")
         #expect(abs(try await line.value(0) - 1.0 / 450) < 1e-9)
+        await line.close()
+    }
+
+    // A tester, 2026-12-07: after a restart the sampler's first read came a tenth of a second after the line's request
+    // and stored the rate of those few pulses (0.0 L/min for a real 6).
+    @Test("The sampler's first flow window after a start stores nothing when it covers less than a second; the next gives the rate")
+    func shortFirstFlowWindow() async throws {
+        // The count sensor first: ScriptedLine reads its first driver to wait for the line, and a flow read would take
+        // the first window.
+        let line = try await ScriptedLine(
+            try gpioSensors([("loop.pulses", "count", "line = 27"), ("loop.flow", "flow", "line = 27\npulses_per_litre = 450")]), script: "now 1000")
+        try await line.feed("rise 1000.05\nfall 1000.06\nnow 1000.1")
+        #expect(try await line.drivers[1].scheduledRead() == nil)
+        // 45 pulses a second for 2 s: 6 L/min.
+        var script = ""
+        for index in 0..<90 { script += "rise \(seconds(1000.1 + Double(index) / 45 + 0.001))\nfall \(seconds(1000.1 + Double(index) / 45 + 0.005))\n" }
+        try await line.feed(script + "now 1002.1")
+        let rate = try #require(try await line.drivers[1].scheduledRead())
+        #expect(abs(rate.value - 6) < 1e-9, "\(rate.value)")
         await line.close()
     }
 

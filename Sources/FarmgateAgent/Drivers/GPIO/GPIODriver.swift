@@ -266,6 +266,9 @@ public final class GPIODriver: StreamingSensorDriver {
     /// made): a read right at start, or a one-off `farmgate sensor read`, answers from the line, not "not requested yet".
     static let requestWait: Duration = .seconds(2)
 
+    /// The shortest first flow window after a start or reload that gives a stored rate (see ``scheduledRead()``).
+    static let shortestFirstFlowWindow: Double = 1
+
     /// How long a one-off read of a flow meter (`farmgate sensor read`) counts pulses: a flow is a rate over a window.
     static let oneOffFlowWindow: Duration = .seconds(1)
 
@@ -296,15 +299,18 @@ public final class GPIODriver: StreamingSensorDriver {
         }
     }
 
-    /// A flow meter's first window after a start may cover no time: on an events file's clock, which moves only with its
-    /// lines, the sampler's first read often comes at the very time the line was requested. That read only begins the
-    /// window the next one measures (nil: nothing stored, no failed read); a later window that covers no time is still
+    /// A flow meter's first window after a start may cover no time, or hardly any: on an events file's clock, which moves
+    /// only with its lines, the sampler's first read often comes at the very time the line was requested, and with
+    /// libgpiod a few milliseconds after it. A first window shorter than ``shortestFirstFlowWindow`` only begins the
+    /// window the next read measures (nil: nothing stored, no failed read); a later window that covers no time is still
     /// an error. Other sensors, and one-off reads, read as ``read()`` does.
     public func scheduledRead() async throws(SensorError) -> SensorValue? {
         guard case .flow(let perLitre) = options.role, !SensorReadContext.oneOff else { return try await read() }
         _ = await watcher.waitUntilTried(timeout: Self.requestWait)
         let (window, first) = try takeFlowWindow()
-        if first, window.seconds <= 0 { return nil }
+        // A first window of a fraction of a second (the sampler reads at once at start) is a few pulses or none: a rate
+        // from it is noise (a tester, 2026-12-07: 0.0 L/min stored for 6 after a restart). It only begins the next.
+        if first, window.seconds < Self.shortestFirstFlowWindow { return nil }
         return try flowRate(window, pulsesPerLitre: perLitre)
     }
 

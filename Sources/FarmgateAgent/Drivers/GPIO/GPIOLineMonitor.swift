@@ -29,6 +29,11 @@ struct GPIOLineMonitor: Sendable {
     private var unattributed: [Int64] = []
     /// Where the current flow window started.
     private(set) var windowStart: Int64
+    /// When the monitor started (the line was requested). Pulses stamped before it (an events file's lines appended
+    /// while the agent was down, applied at the request) are counted, but belong to no flow window: the first window
+    /// begins here, and dividing them by it gave a rate hundreds of times the real one (a tester, 2026-12-07: 6,359 L/min
+    /// for 6 after a `kill -9`).
+    private let started: Int64
 
     /// The most pulse timestamps kept between two flow reads (a 500 Hz meter read every 10 min needs 300 000).
     static let maxUnattributed = 1_000_000
@@ -42,6 +47,7 @@ struct GPIOLineMonitor: Sendable {
         rawSince = time - 1_000_000_000_000
         stable = level
         windowStart = time
+        started = time
     }
 
     /// The line was requested again (after the chip came back): its level now, keeping the count and flow window.
@@ -164,7 +170,7 @@ struct GPIOLineMonitor: Sendable {
     mutating func takeFlowWindow(at time: Int64) -> (pulses: Int, seconds: Double) {
         settle(at: time)
         let split = unattributed.firstIndex { $0 > time } ?? unattributed.count
-        let pulses = split
+        let pulses = unattributed[..<split].count { $0 >= started }
         unattributed.removeFirst(split)
         let seconds = Double(time - windowStart) / 1e9
         windowStart = max(windowStart, time)
