@@ -96,6 +96,15 @@ struct AgentCommand: AsyncParsableCommand {
         // by the default action: the configuration is read just below anyway.
         signal(SIGHUP, SIG_IGN)
         let configuration = try options.load()
+        // As `config check` and a reload do: one GPIO line written two ways (17 here, "GPIO17" there), or a line name the
+        // chip does not have, is found only on the chips (a tester, 2026-12-07: the agent started with both, and two
+        // sensors on one line stored wrong flows). Reads the chips: off the concurrency pool.
+        let sensors = configuration.sensors
+        do {
+            _ = try await runOffPool(name: "farmgate-gpio-check") { try GPIODriver.checkLinesOnChips(sensors) }
+        } catch let error as ConfigurationError {
+            throw CleanExit.message(error.description, code: 78)  // EX_CONFIG
+        }
         let level = SharedLogLevel(configuration.logLevel)
         LoggingSystem.bootstrap { label in
             FollowingLogHandler(StreamLogHandler.standardError(label: label), level: level)

@@ -254,7 +254,7 @@ struct GPIOAgentTests {
         #expect(ignored == 0, "the switch's old change was stored again: \(switchReadings)")
     }
 
-    @Test("`farmgate config check` resolves line names on the chip and refuses one line used twice; without the chip it says the check was skipped")
+    @Test("`farmgate config check`, the agent's start and `sensor add` resolve line names on the chip and refuse one line used twice; without the chip it says the check was skipped")
     func configCheck() async throws {
         let scratch = try Scratch(prefix: "fg-gpio-check", in: URL(fileURLWithPath: "/tmp"))
         let chip = try scratch.write("chip.events", "name 17 GPIO17\n")
@@ -291,6 +291,20 @@ struct GPIOAgentTests {
         #expect(
             result.output.contains("sensor \"tank1.leak\": line: GPIO line gpiochip0:17 (events \(chip)) (written gpiochip0:GPIO17 here) is already used by sensor \"tank1.low\""),
             "\(result.output)")
+
+        // The agent refuses to start with it, and `sensor add` to write it (a tester, 2026-12-07: the agent started,
+        // and the two sensors on one line stored wrong flows; `sensor add` wrote what config check then refused).
+        result = try await farmgateCLI(["agent", "-c", path])
+        #expect(result.status == 78, "\(result.output)")
+        #expect(result.output.contains("is already used by sensor \"tank1.low\""), "\(result.output)")
+        path = try configuration(chip, second: "27")
+        let before = try String(contentsOfFile: path, encoding: .utf8)
+        for (line, says) in [("GPIO17", "is already used by sensor \"tank1.low\""), ("GPIO99", "has no line named \"GPIO99\"")] {
+            let added = try await farmgateCLI(
+                ["sensor", "add", "tank1.extra", "driver=gpio", "quantity=state", "line=\(line)", "backend=events", "events_file=\(chip)", "-c", path])
+            #expect(added.status == 64 && added.output.contains(says) && added.output.contains("nothing was written"), "\(added.output)")
+            #expect(try String(contentsOfFile: path, encoding: .utf8) == before)
+        }
 
         path = try configuration(scratch.file("absent.events"), second: "\"GPIO17\"")
         result = try await farmgateCLI(["config", "check", "-c", path])

@@ -55,9 +55,9 @@ public enum SensorTables {
         var editor = ConfigFileEditor(text: text)
         editor.append(lines)
         let edited = editor.text
+        let configuration: AgentConfiguration
         do {
-            let configuration = try AgentConfiguration.parse(ConfigDocument.parse(edited, file: file))
-            return Edit(text: edited, configuration: configuration, table: table)
+            configuration = try AgentConfiguration.parse(ConfigDocument.parse(edited, file: file))
         } catch {
             // Located in a file that was not written: said as the new sensor's problem, with its key (the file loaded
             // without it: a sensor past the limit is the addition's problem too); a problem elsewhere in a file that
@@ -72,6 +72,16 @@ public enum SensorTables {
             }
             throw Refusal(description: "\(error.key ?? "sensor \"\(id)\""): \(error.message); nothing was written", exitCode: 64)
         }
+        // The lines as the chips (or events files) name them, as `config check`, a reload and the agent's start check
+        // them (a tester, 2026-12-07: `line=GPIO17` beside a sensor on 17 was written, then refused by all three). The
+        // new sensor is the last, so a line it shares is named on it; a clash between sensors already there is the file's.
+        do {
+            _ = try GPIODriver.checkLinesOnChips(configuration.sensors)
+        } catch {
+            guard error.key?.hasPrefix("sensor \"\(id)\"") == true else { throw fixFirst(error) }
+            throw Refusal(description: "\(error.key ?? "sensor \"\(id)\""): \(error.message); nothing was written", exitCode: 64)
+        }
+        return Edit(text: edited, configuration: configuration, table: table)
     }
 
     /// `text` without the `[[sensor]]` table of `id` (and the tables under it, such as `[[sensor.alarm]]`).
