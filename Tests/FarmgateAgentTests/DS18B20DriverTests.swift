@@ -291,6 +291,43 @@ struct DS18B20DriverTests {
         for driver in drivers { await driver.close() }
     }
 
+    // A tester, 2026-12-07: on a busy bus a read waited for the bus as long as the sampler waited for the whole read,
+    // so a read that got the bus late was abandoned by the sampler mid-conversion, its reading dropped; and a read whose
+    // caller had stopped waiting still took the bus for a conversion nobody read.
+    @Test("The sampler waits for a probe's bus and its read_timeout both; a read given up before it had the bus never takes it")
+    func readGivenUpDoesNotTakeTheBus() async throws {
+        let tree = try FakeW1Tree()
+        let addresses = ["28-00000000000a", "28-00000000000b"]
+        for address in addresses {
+            try FileManager.default.createDirectory(atPath: tree.scratch.file(address), withIntermediateDirectories: true)
+            #expect(mkfifo(tree.scratch.file(address) + "/w1_slave", 0o600) == 0)
+        }
+        let drivers = try addresses.map { try tree.driver($0, extra: "read_timeout = \"2s\"\ninterval = \"2s\"") }
+        let sensor = Sampler.Sensor(configuration: try tree.configuration(addresses[0], extra: "read_timeout = \"2s\"\ninterval = \"2s\""), driver: drivers[0])
+        #expect(sensor.readTimeout >= drivers[0].busWait + .seconds(2), "\(sensor.readTimeout)")
+        // Probe a's read holds the bus (its FIFO has no writer yet); b's read waits for the bus and gives up after 5 s.
+        let first = Task { await readResult(drivers[0]) }
+        try await Task.sleep(for: .milliseconds(300))
+        guard case .failure(let waited) = await readResult(drivers[1]) else {
+            Issue.record("b read while a held the bus")
+            return
+        }
+        #expect(waited.message.contains("waited 5.0 seconds for its 1-Wire bus"), "\(waited)")
+        // a's conversion ends: the bus is free, and b's given-up read must not open b's w1_slave.
+        let fifoA = tree.scratch.file(addresses[0]) + "/w1_slave"
+        let writer = open(fifoA, O_WRONLY | O_CLOEXEC)
+        #expect(writer >= 0)
+        let text = FakeW1Tree.slaveText(millidegrees: 21_000, crc: true)
+        _ = text.withCString { write(writer, $0, strlen($0)) }
+        close(writer)
+        _ = await first.value
+        try await Task.sleep(for: .milliseconds(500))
+        let probe = open(tree.scratch.file(addresses[1]) + "/w1_slave", O_WRONLY | O_NONBLOCK | O_CLOEXEC)
+        #expect(probe < 0 && errno == ENXIO, "b's w1_slave was opened by a read whose caller had given up")
+        if probe >= 0 { close(probe) }
+        for driver in drivers { await driver.close() }
+    }
+
     // Found by a black-box tester: a read that never returns leaves the probe timing out for good, even once the device
     // is healthy again; past 10 × read_timeout the message says that only a restart clears it.
     @Test("A read blocked for over 10 × read_timeout says that only restarting the agent clears it")

@@ -111,6 +111,11 @@ public final class DS18B20Driver: SensorDriver {
 
     deinit { thread.shutdown() }
 
+    /// A read may wait ``busWait`` for its bus and then take its `read_timeout`: the sampler, whose bound is the same
+    /// as ``busWait``, must wait for both (a tester, 2026-12-07: on a busy bus reads that got it late were abandoned by
+    /// the sampler mid-conversion and their readings dropped, 32 of 73, each told as "no answer within 5s").
+    public var setupAllowance: Duration { options.readTimeout + .seconds(1) }
+
     public func read() async throws(SensorError) -> SensorValue {
         let blockedSince = state.withLock { state -> ContinuousClock.Instant? in
             if let since = state.busySince { return since }
@@ -129,20 +134,25 @@ public final class DS18B20Driver: SensorDriver {
         let options = self.options
         let gate = W1BusGate.forDevice(options.root + "/" + options.address, root: options.root)
         let gotBus = OnceContinuation<Void>()
+        // Set when the caller stopped waiting for the bus: the job then gives the bus back unread when it gets it, rather
+        // than holding it for a conversion whose reading nobody takes.
+        let gaveUp = AtomicFlag()
         // One job on the sensor's thread: wait for the bus, say so, read, give the bus back, whenever the caller gave up.
         let job = Task { [self, thread] () -> Result<Int, SensorError>? in
-            try? await thread.run { () -> Result<Int, SensorError> in
+            try? await thread.run { () -> Result<Int, SensorError>? in
                 gate.take()
-                self.state.withLock { $0.readingSince = .now }
-                gotBus.resume(with: .success(()))
                 defer {
                     gate.give()
                     self.state.withLock { $0 = State() }
                 }
+                guard !gaveUp.isSet else { return nil }
+                self.state.withLock { $0.readingSince = .now }
+                gotBus.resume(with: .success(()))
                 return Self.readMillidegrees(options)
-            }
+            } ?? nil
         }
         guard await withDeadline(busWait, { try? await withCheckedThrowingContinuation { gotBus.install($0) } }) != nil else {
+            gaveUp.set()
             throw SensorError(
                 .timeout,
                 "\(options.address) waited \(busWait) for its 1-Wire bus, which reads of other probes held: a read of one of them is blocked, or the bus has more probes than their interval allows (each conversion holds it up to 750 ms with parasite power); lengthen the interval or split the probes over two buses")
