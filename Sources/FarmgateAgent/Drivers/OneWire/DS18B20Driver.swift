@@ -122,17 +122,17 @@ public final class DS18B20Driver: SensorDriver {
             state.busySince = .now
             return nil
         }
+        let gate = W1BusGate.forDevice(options.root + "/" + options.address, root: options.root)
         if let blockedSince {
             let reading = state.withLock { $0.readingSince }
             guard let reading else {
                 throw SensorError(
                     .timeout,
-                    "the previous read of \(options.address) still waits for its 1-Wire bus (for \(Int((ContinuousClock.now - blockedSince) / .seconds(1))) s): a read of another probe on it is blocked, or the bus has more probes than their interval allows (each conversion holds it up to 750 ms)")
+                    "the previous read of \(options.address) still waits for its 1-Wire bus (for \(Int((ContinuousClock.now - blockedSince) / .seconds(1))) s): a read of another probe on it is blocked, or the bus has more probes than their interval allows (each conversion holds it up to 750 ms)\(gate.heldBy())")
             }
             throw Self.stillBlocked(options, for: ContinuousClock.now - reading)
         }
         let options = self.options
-        let gate = W1BusGate.forDevice(options.root + "/" + options.address, root: options.root)
         let gotBus = OnceContinuation<Void>()
         // Set when the caller stopped waiting for the bus: the job then gives the bus back unread when it gets it, rather
         // than holding it for a conversion whose reading nobody takes.
@@ -140,7 +140,7 @@ public final class DS18B20Driver: SensorDriver {
         // One job on the sensor's thread: wait for the bus, say so, read, give the bus back, whenever the caller gave up.
         let job = Task { [self, thread] () -> Result<Int, SensorError>? in
             try? await thread.run { () -> Result<Int, SensorError>? in
-                gate.take()
+                gate.take(for: options.address, timeout: options.readTimeout)
                 defer {
                     gate.give()
                     self.state.withLock { $0 = State() }
@@ -155,7 +155,7 @@ public final class DS18B20Driver: SensorDriver {
             gaveUp.set()
             throw SensorError(
                 .timeout,
-                "\(options.address) waited \(busWait) for its 1-Wire bus, which reads of other probes held: a read of one of them is blocked, or the bus has more probes than their interval allows (each conversion holds it up to 750 ms with parasite power); lengthen the interval or split the probes over two buses")
+                "\(options.address) waited \(busWait) for its 1-Wire bus, which reads of other probes held: a read of one of them is blocked, or the bus has more probes than their interval allows (each conversion holds it up to 750 ms with parasite power); lengthen the interval or split the probes over two buses\(gate.heldBy())")
         }
         guard let outcome = await withDeadline(options.readTimeout, { await job.value }) ?? nil else {
             throw SensorError(.timeout, "no answer from \(options.address) within \(options.readTimeout)")

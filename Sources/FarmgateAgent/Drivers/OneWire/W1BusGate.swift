@@ -22,11 +22,35 @@ final class W1BusGate: Sendable {
     /// when its blocking read returns, however long after its caller gave up).
     private let semaphore = DispatchSemaphore(value: 1)
 
-    /// Blocks the calling (dedicated) thread until the bus is free, and takes it.
-    func take() { semaphore.wait() }
+    /// The read that has the bus: its probe, since when, and its `read_timeout`, so that a read waiting for the bus can
+    /// name what holds it (after a reload, the old services' read stuck in the kernel holds it for the new ones).
+    struct Holder: Sendable {
+        var address: String
+        var since: ContinuousClock.Instant
+        var timeout: Duration
+    }
+    private let holder = Mutex<Holder?>(nil)
+
+    /// Blocks the calling (dedicated) thread until the bus is free, and takes it for a read of `address`.
+    func take(for address: String, timeout: Duration) {
+        semaphore.wait()
+        holder.withLock { $0 = Holder(address: address, since: .now, timeout: timeout) }
+    }
 
     /// Gives the bus back.
-    func give() { semaphore.signal() }
+    func give() {
+        holder.withLock { $0 = nil }
+        semaphore.signal()
+    }
+
+    /// What holds the bus now, in words for a read that waits for it: which probe's read, for how long, and, past 10 ×
+    /// its `read_timeout`, that only a restart clears it. Empty when nothing holds it.
+    func heldBy() -> String {
+        guard let holder = holder.withLock({ $0 }) else { return "" }
+        let elapsed = ContinuousClock.now - holder.since
+        return "; a read of \(holder.address) has held the bus for \(Int(elapsed / .seconds(1))) s"
+            + SensorError.stuckForGood(elapsed: elapsed, timeout: holder.timeout)
+    }
 
     private static let gates = Mutex<[String: W1BusGate]>([:])
 
