@@ -58,11 +58,16 @@ struct DoctorOneWireTests {
         let scratch = try Scratch(prefix: "fg-doctor-w1")
         let nobody = try #require(UnixUser.named("nobody"))
         let good = "28-000000000001", noisy = "28-000000000002", missing = "28-000000000003", locked = "28-000000000004"
+        let fenced = "28-000000000005"
         try tree.slave(good, millidegrees: 21_437)
         try tree.slave(noisy, millidegrees: 21_500, crc: false)
         try tree.slave(locked, millidegrees: 20_000)
+        try tree.slave(fenced, millidegrees: 19_000)
         #expect(chmod(tree.scratch.file(locked) + "/w1_slave", 0o600) == 0)
-        let findings = await oneWireFindings(try configuration(scratch, root: tree.root, addresses: [good, noisy, missing, locked]), user: nobody)
+        // Readable by all, in a directory only its owner may pass (a tester, 2026-12-07: called readable).
+        #expect(chmod(tree.scratch.file(fenced), 0o700) == 0)
+        let findings = await oneWireFindings(
+            try configuration(scratch, root: tree.root, addresses: [good, noisy, missing, locked, fenced]), user: nobody)
         func finding(_ address: String) -> DoctorFinding? { findings.first { $0.subject.contains(address) } }
 
         let ok = try #require(finding(good), "\(findings)")
@@ -82,6 +87,10 @@ struct DoctorOneWireTests {
         let unreadable = try #require(finding(locked), "\(findings)")
         #expect(unreadable.status == .problem && unreadable.message.contains("nobody cannot read"), "\(unreadable)")
         #expect(unreadable.message.contains("mode 600"), "\(unreadable)")
+
+        let unreachable = try #require(finding(fenced), "\(findings)")
+        #expect(unreachable.status == .problem, "\(unreachable)")
+        #expect(unreachable.message.contains("nobody cannot reach it: it may not pass the directory \(tree.scratch.file(fenced)) (mode 700"), "\(unreachable)")
     }
 
     @Test("no 1-Wire bus at all is a problem saying how to enable it")

@@ -63,6 +63,12 @@ extension Doctor {
         }
         let mode = info.st_mode & 0o777
         let shown = "mode \(String(mode, radix: 8)), owner \(UnixUser.userName(info.st_uid)), group \(UnixUser.groupName(info.st_gid))"
+        if let blocked = user.blockedDirectory(on: path) {
+            return DoctorFinding(
+                check: oneWireCheck, subject: subject, status: .problem,
+                message: "\(user.name) cannot reach it: it may not pass the directory \(blocked), so every read of the agent fails",
+                fix: "the kernel lets everyone through its w1 directories: if something changed that, sudo chmod a+x on that directory; check w1_root too")
+        }
         guard user.mayOpen(mode: mode, owner: info.st_uid, group: info.st_gid, write: false) else {
             return DoctorFinding(
                 check: oneWireCheck, subject: subject, status: .problem,

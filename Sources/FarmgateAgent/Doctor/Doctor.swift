@@ -105,6 +105,14 @@ public enum Doctor {
         var info = stat()
         guard stat(path, &info) == 0 else { return [] }
         let mode = info.st_mode & 0o777
+        if let blocked = user.blockedDirectory(on: path) {
+            return [
+                DoctorFinding(
+                    check: "key", subject: path, status: .problem,
+                    message: "\(user.name) cannot reach it: it may not pass the directory \(blocked)",
+                    fix: "let \(user.name) through that directory (sudo chmod o+x, or give it the directory's group), or move the key where the agent's user may read it")
+            ]
+        }
         if !user.mayOpen(mode: mode, owner: info.st_uid, group: info.st_gid, write: false) {
             return [
                 DoctorFinding(

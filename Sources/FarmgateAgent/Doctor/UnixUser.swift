@@ -54,6 +54,34 @@ public struct UnixUser: Sendable, Hashable {
         getpwuid(uid).map { String(cString: $0.pointee.pw_name) } ?? "\(uid)"
     }
 
+    /// The first directory on the way to `path` that this user may not pass (search, the `x` bit), with its mode and
+    /// owners in words; nil when every one lets it through. Both the path as written and the one its links resolve to
+    /// are walked: the kernel checks every directory it goes through. A file readable by everyone in a directory of mode
+    /// 700 is still unreadable to others (a tester, 2026-12-07: `doctor --user` said "may read it").
+    public func blockedDirectory(on path: String) -> String? {
+        guard uid != 0 else { return nil }
+        var paths = [path]
+        if let resolved = realpath(path, nil) {
+            paths.append(String(cString: resolved))
+            free(resolved)
+        }
+        for candidate in paths where candidate.hasPrefix("/") {
+            var directory = ""
+            for component in candidate.split(separator: "/").dropLast() {
+                directory += "/" + component
+                var info = stat()
+                guard stat(directory, &info) == 0 else { break }
+                let mode = info.st_mode & 0o777
+                let allowed =
+                    info.st_uid == uid ? (mode >> 6) & 1 == 1 : groups.contains(info.st_gid) ? (mode >> 3) & 1 == 1 : mode & 1 == 1
+                if !allowed {
+                    return "\(directory) (mode \(String(mode, radix: 8)), owner \(Self.userName(info.st_uid)), group \(Self.groupName(info.st_gid)))"
+                }
+            }
+        }
+        return nil
+    }
+
     /// Whether this user may open a file of `mode`, owned by `owner` and `group`, for reading and writing (or reading only).
     public func mayOpen(mode: mode_t, owner: uid_t, group: gid_t, write: Bool = true) -> Bool {
         if uid == 0 { return true }
