@@ -97,6 +97,18 @@ struct W1ThermTests {
         #expect(error.message.contains(message), "\(error)")
     }
 
+    // A tester, 2026-12-07: a w1_slave pointing at /dev/zero gave a 16.5 KB message of raw NULs, /dev/urandom raw bytes.
+    @Test("What a bad file holds is shown at most 80 characters long, control characters escaped")
+    func badFileContentIsShownBounded() throws {
+        let zeros = String(repeating: "\u{0}", count: 16_384)
+        let error = try #require(W1Therm.parseSlaveFile(zeros).failure)
+        #expect(error.message.contains("does not look like w1-therm output"), "\(error)")
+        #expect(!error.message.contains("\u{0}") && error.message.contains("\\u{0}") && error.message.contains("… (16384 bytes)"), "\(error.message.prefix(200))")
+        #expect(error.message.utf8.count < 700, "\(error.message.utf8.count) bytes")
+        let binary = try #require(W1Therm.parseTemperatureFile("\u{1B}[2J\u{7}12x").failure)
+        #expect(!binary.message.contains("\u{1B}") && binary.message.contains("\\u{1B}[2J"), "\(binary)")
+    }
+
     @Test("85 °C (power-on reset), 127.9x °C (starved parasite power) and values outside -55..125 °C are refused")
     func checks() {
         let powerOn = W1Therm.check(millidegrees: 85_000)

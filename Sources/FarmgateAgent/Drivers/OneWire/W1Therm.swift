@@ -1,3 +1,4 @@
+import FarmgateWire
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
@@ -40,7 +41,7 @@ enum W1Therm {
                 SensorError(.fault, "the sensor returned nothing (the conversion failed); check the data wire, the 4.7 kΩ pull-up and the sensor's power"))
         }
         guard let crcRange = first.firstRange(of: "crc=") else {
-            return .failure(SensorError(.invalidResponse, "w1_slave does not look like w1-therm output: \"\(first)\""))
+            return .failure(SensorError(.invalidResponse, "w1_slave does not look like w1-therm output: \"\(shown(first))\""))
         }
         let verdict = first[crcRange.upperBound...].split(separator: " ").last.map(String.init) ?? ""
         let scratchpad = first[..<crcRange.lowerBound].replacing(":", with: "")
@@ -49,9 +50,9 @@ enum W1Therm {
         case "YES": break
         case "NO":
             return .failure(
-                SensorError(.fault, "CRC check failed (\(first[crcRange.lowerBound...])): noise on the cable; check the pull-up, cable length and shielding"))
+                SensorError(.fault, "CRC check failed (\(shown(first[crcRange.lowerBound...]))): noise on the cable; check the pull-up, cable length and shielding"))
         default:
-            return .failure(SensorError(.invalidResponse, "w1_slave has no CRC verdict: \"\(first)\""))
+            return .failure(SensorError(.invalidResponse, "w1_slave has no CRC verdict: \"\(shown(first))\""))
         }
         if scratchpad.count == 9, scratchpad.allSatisfy({ $0 == 0 }) {
             return .failure(SensorError(.fault, "the scratchpad reads all zeros (the sensor did not answer); check its wiring and power"))
@@ -72,9 +73,17 @@ enum W1Therm {
         return parseMillidegrees(trimmed, file: "temperature")
     }
 
+    /// File content as a message shows it: at most 80 characters, control characters (a NUL-filled file, binary noise)
+    /// escaped, so that a bad file neither floods the status and the log nor writes raw bytes to a terminal (a tester,
+    /// 2026-12-07: 16.5 KB of NULs in one message).
+    static func shown(_ text: some StringProtocol) -> String {
+        let head = String(text.prefix(80)).escapingControlCharacters
+        return text.count > 80 ? head + "… (\(text.utf8.count) bytes)" : head
+    }
+
     static func parseMillidegrees(_ text: String, file: String) -> Result<Int, SensorError> {
         guard let value = Int(text.trimming(" \t\n\r")) else {
-            return .failure(SensorError(.invalidResponse, "\(file) holds \"\(text)\", not a temperature in millidegrees"))
+            return .failure(SensorError(.invalidResponse, "\(file) holds \"\(shown(text))\", not a temperature in millidegrees"))
         }
         return .success(value)
     }
