@@ -118,7 +118,9 @@ struct ScanCommand: AsyncParsableCommand {
         scan.includeOnboardUARTs = onboardUARTs
         if !bauds.isEmpty { scan.bauds = bauds }
         scan.modbusIDs = Self.idRange(modbusIDs) ?? 1...16
-        scan.w1Root = w1Root
+        // Absolute, as the tables it prints are pasted into a configuration, which takes only an absolute w1_root (a
+        // tester, 2026-12-07: `--w1-root w1/devices` printed tables `config check` refused).
+        scan.w1Root = w1Root.hasPrefix("/") ? w1Root : FileManager.default.currentDirectoryPath + "/" + w1Root
         if let budget = ConfigTable.parseDuration(portTimeout) { scan.portBudget = budget }
         if let wait = ConfigTable.parseDuration(modbusTimeout) { scan.modbusTimeout = wait }
         scan.agentPorts = agentPorts()
