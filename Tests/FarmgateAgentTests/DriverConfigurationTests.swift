@@ -195,6 +195,14 @@ struct DriverConfigurationTests {
         let twice = try #require(error(sensor("a", "28-0316a2791aff") + sensor("b", "28-0316a2791aff")))
         #expect(twice.key == "sensor \"b\": address")
         #expect(twice.message.contains("is already used by sensor \"a\""))
+        // However w1_root is spelt (a tester, 2026-12-07: a trailing slash, `//` or `..` made a second sensor of one probe).
+        for root in ["/sys/bus/w1/devices/", "/sys/bus//w1/devices", "/sys/bus/w1/x/../devices", "/sys/bus/w1/./devices"] {
+            let spelt = try #require(
+                error(sensor("a", "28-0316a2791aff") + sensor("b", "28-0316a2791aff") + "w1_root = \"\(root)\"\n"), "\(root)")
+            #expect(spelt.message.contains("is already used by sensor \"a\""), "\(root): \(spelt.message)")
+        }
+        #expect(error(sensor("a", "28-0316a2791aff") + sensor("b", "28-0316a2791aff") + "w1_root = \"/tmp/other-bus\"\n") == nil)
+        #expect(FileSystem.lexicallyNormalized("/a//b/./c/../d/") == "/a/b/d" && FileSystem.lexicallyNormalized("/../x") == "/x")
     }
 
     @Test("A DS18B20 measures temperature only: any other quantity is refused at its line, naming temperature", arguments: ["ph", "ec", "state", "flow", "do"])

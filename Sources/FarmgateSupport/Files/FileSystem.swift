@@ -80,6 +80,17 @@ public enum FileSystem {
         }
     }
 
+    /// An absolute `path` without empty, `.` and `..` components and trailing slashes (`/a//b/./c/../d/` is `/a/b/d`),
+    /// read as text only: nothing is looked up. A relative path is returned as it is.
+    public static func lexicallyNormalized(_ path: String) -> String {
+        guard path.hasPrefix("/") else { return path }
+        var parts: [Substring] = []
+        for part in path.split(separator: "/") where part != "." {
+            if part == ".." { _ = parts.popLast() } else { parts.append(part) }
+        }
+        return "/" + parts.joined(separator: "/")
+    }
+
     /// `path` with links followed (`realpath`); for a file that does not exist yet, its directory's path with links
     /// followed and its own name: two names of one file compare equal, whether or not it exists yet.
     public static func resolvedPath(_ path: String) -> String {

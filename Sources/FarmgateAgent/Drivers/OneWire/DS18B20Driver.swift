@@ -45,7 +45,10 @@ public final class DS18B20Driver: SensorDriver {
         validate: { configuration throws(ConfigurationError) in _ = try Options(configuration) },
         claims: { configuration throws(ConfigurationError) in
             let options = try Options(configuration)
-            return [ResourceClaim(resource: "1-Wire device \(options.root)/\(options.address)", key: "address", shareable: false)]
+            // One probe however its w1_root is spelt (`/sys/bus/w1/devices/`, `//`, `..`, a link to it): a tester,
+            // 2026-12-07, configured one probe twice that way.
+            let device = FileSystem.lexicallyNormalized(FileSystem.resolvedPath(options.root + "/" + options.address))
+            return [ResourceClaim(resource: "1-Wire device \(device)", key: "address", shareable: false)]
         },
         make: { configuration, context in try DS18B20Driver(configuration: configuration, logger: context.logger) })
 
