@@ -105,3 +105,28 @@ struct DoctorOneWireTests {
         #expect(bus.fix?.contains("dtoverlay=w1-gpio") == true && bus.fix?.contains("modprobe") == true, "\(bus)")
     }
 }
+
+/// `farmgate doctor` on GPIO sensors that follow an events file (`backend = "events"`): a tester (2026-12-07) found a
+/// missing file, which makes the sensors read `disconnected` like a missing chip, reported as "No problem found".
+@Suite("Doctor: GPIO events files")
+struct DoctorGPIOEventsTests {
+    @Test("an events file that exists and is readable is ok; a missing one and one the agent's user may not read are problems")
+    func eventsFiles() throws {
+        let scratch = try Scratch(prefix: "fg-doctor-gpio")
+        let present = try scratch.write("present.events", "level 0\n")
+        let locked = try scratch.write("locked.events", "level 0\n")
+        #expect(chmod(locked, 0o600) == 0)
+        var text = "[device]\nid = \"gpio-site\"\n[buffer]\npath = \"\(scratch.file("buffer.sqlite"))\"\n"
+        for (index, file) in [present, scratch.file("missing.events"), locked].enumerated() {
+            text += "\n[[sensor]]\nid = \"s\(index)\"\ndriver = \"gpio\"\nquantity = \"state\"\nline = \(17 + index)\nbackend = \"events\"\nevents_file = \"\(file)\"\n"
+        }
+        let configuration = try AgentConfiguration.parse(ConfigDocument.parse(text, file: try scratch.write("agent.toml", text)))
+        let nobody = try #require(UnixUser.named("nobody"))
+        let findings = Doctor.deviceFindings(configuration, user: nobody)
+        #expect(findings.count == 3, "\(findings)")
+        func finding(_ sensor: String) -> DoctorFinding? { findings.first { $0.subject.contains("(\(sensor), backend") } }
+        #expect(finding("s0")?.status == .ok, "\(findings)")
+        #expect(finding("s1")?.status == .problem && finding("s1")?.message.contains("does not exist") == true, "\(findings)")
+        #expect(finding("s2")?.status == .problem && finding("s2")?.message.contains("nobody cannot read it (mode 600") == true, "\(findings)")
+    }
+}

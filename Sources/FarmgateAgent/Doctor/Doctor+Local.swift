@@ -31,7 +31,13 @@ extension Doctor {
                 findings.append(
                     deviceFinding(check: "serial", path: path, sensor: sensor.id.rawValue, user: user, usualGroup: "dialout", unit: unit))
             case "gpio":
-                if (try? sensor.options.string("backend")) == "events" { continue }
+                if (try? sensor.options.string("backend")) == "events" {
+                    // The file stands in for the chip: missing, the sensor reads `disconnected` (a tester, 2026-12-07:
+                    // doctor said nothing about it).
+                    guard let file = try? sensor.options.string("events_file"), seen.insert(file).inserted else { continue }
+                    findings.append(eventsFileFinding(file, sensor: sensor.id.rawValue, user: user))
+                    continue
+                }
                 let paths = chipPaths(sensor.options.value("chip"))
                 guard !paths.isEmpty else {
                     findings.append(
@@ -48,6 +54,34 @@ extension Doctor {
             }
         }
         return findings
+    }
+
+    /// A GPIO events file (`backend = "events"`, the test double of a chip): it exists, is a file, and `user` may read it.
+    static func eventsFileFinding(_ file: String, sensor: String, user: UnixUser) -> DoctorFinding {
+        let subject = "\(file) (\(sensor), backend = \"events\")"
+        var info = stat()
+        guard stat(file, &info) == 0 else {
+            return DoctorFinding(
+                check: "gpio", subject: subject, status: .problem,
+                message: "the events file does not exist: its sensors read disconnected, as with a missing chip",
+                fix: "create it (a line such as `level 0`), or point events_file at the file your test harness writes")
+        }
+        guard info.st_mode & S_IFMT == S_IFREG || info.st_mode & S_IFMT == S_IFIFO else {
+            return DoctorFinding(
+                check: "gpio", subject: subject, status: .problem, message: "it is not a file", fix: "point events_file at a file of protocol lines")
+        }
+        if let blocked = user.blockedDirectory(on: file) {
+            return DoctorFinding(
+                check: "gpio", subject: subject, status: .problem, message: "\(user.name) may not pass the directory \(blocked)",
+                fix: "let \(user.name) through that directory, or move the events file")
+        }
+        guard user.mayOpen(mode: info.st_mode & 0o777, owner: info.st_uid, group: info.st_gid, write: false) else {
+            return DoctorFinding(
+                check: "gpio", subject: subject, status: .problem,
+                message: "\(user.name) cannot read it (mode \(String(info.st_mode & 0o777, radix: 8)), owner \(UnixUser.userName(info.st_uid)))",
+                fix: "chmod a+r \(file)")
+        }
+        return DoctorFinding(check: "gpio", subject: subject, status: .ok, message: "\(user.name) may read it (a test double of a GPIO chip)")
     }
 
     /// The device nodes a `chip` value can mean: one path for a number or `gpiochipN`, every chip for a label.
