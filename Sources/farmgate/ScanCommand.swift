@@ -120,7 +120,7 @@ struct ScanCommand: AsyncParsableCommand {
         scan.modbusIDs = Self.idRange(modbusIDs) ?? 1...16
         // Absolute, as the tables it prints are pasted into a configuration, which takes only an absolute w1_root (a
         // tester, 2026-12-07: `--w1-root w1/devices` printed tables `config check` refused).
-        scan.w1Root = w1Root.hasPrefix("/") ? w1Root : FileManager.default.currentDirectoryPath + "/" + w1Root
+        scan.w1Root = FileSystem.lexicallyNormalized(w1Root.hasPrefix("/") ? w1Root : FileManager.default.currentDirectoryPath + "/" + w1Root)
         if let budget = ConfigTable.parseDuration(portTimeout) { scan.portBudget = budget }
         if let wait = ConfigTable.parseDuration(modbusTimeout) { scan.modbusTimeout = wait }
         scan.agentPorts = agentPorts()

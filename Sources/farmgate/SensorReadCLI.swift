@@ -47,11 +47,12 @@ struct SensorRead: AsyncParsableCommand {
         var loaded: Result<AgentConfiguration, ConfigurationError>
         do { loaded = .success(try AgentConfiguration.load(path: options.config)) } catch { loaded = .failure(error) }
         // Found as `status` finds the agent: the file's `[control] socket`, then the one the running agent recorded beside
-        // its buffer (an edit that moves the socket, not reloaded yet), or when the file does not load, the socket it
-        // names read leniently and the default one. Only a socket nobody listens on passes to the next.
+        // its buffer (an edit that moves the socket, not reloaded yet), or when the file does not load, the sockets it
+        // names read leniently, but not the default one: a sensor of this file must not be read from another agent
+        // (a review, 2026-12-07). Only a socket nobody listens on passes to the next.
         let candidates = socket.map { [$0] }
             ?? (try? loaded.get()).map(StatusCommand.sockets(of:))
-            ?? StatusCommand.sockets(namedIn: options.config)
+            ?? StatusCommand.sockets(namedIn: options.config, withDefault: false)
         var viaAgent: SensorReadAnswer?
         for path in candidates where viaAgent == nil { viaAgent = try askAgent(path) }
         let answer: SensorReadAnswer

@@ -111,8 +111,8 @@ struct StatusCommand: ParsableCommand {
     /// The `socket = "…"` of the `[control]` section of the file at `path`, read as text whatever else the file holds
     /// (relative to the file's directory, as the agent resolves it), then the socket the agent of its `[buffer] path`
     /// (read the same way, else the default buffer) recorded beside the buffer (an edit that moved the socket is not
-    /// applied yet), then the default socket.
-    static func sockets(namedIn path: String) -> [String] {
+    /// applied yet), then (`withDefault`) the default socket.
+    static func sockets(namedIn path: String, withDefault: Bool = true) -> [String] {
         var found: [String] = []
         let editor = FileManager.default.contents(atPath: path).map { ConfigFileEditor(text: String(decoding: $0, as: UTF8.self)) }
         let base = URL(fileURLWithPath: path).deletingLastPathComponent().path
@@ -123,7 +123,7 @@ struct StatusCommand: ParsableCommand {
             ?? BufferConfiguration().path
         if let recorded = ControlServer.recordedSocket(forBuffer: buffer), !found.contains(recorded) { found.append(recorded) }
         let fallback = AgentConfiguration.defaultControlSocket
-        if !found.contains(fallback) { found.append(fallback) }
+        if withDefault, !found.contains(fallback) { found.append(fallback) }
         return found
     }
 }

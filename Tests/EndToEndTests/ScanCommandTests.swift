@@ -64,7 +64,7 @@ struct ScanCommandTests {
         try FileManager.default.createDirectory(atPath: dir.file("w1rel/28-000000000001"), withIntermediateDirectories: true)
         _ = try dir.write("w1rel/28-000000000001/w1_slave", "50 05 4b 46 7f ff 0c 10 1c : crc=1c YES\n50 05 4b 46 7f ff 0c 10 1c t=21437\n")
         let relative = try await runCommand(
-            "/bin/sh", ["-c", "cd \"$0\" && exec \"$1\" scan --device-dir \"$2\" --w1-root w1rel --port-timeout 2s", dir.path, farmgate, dev])
+            "/bin/sh", ["-c", "cd \"$0\" && exec \"$1\" scan --device-dir \"$2\" --w1-root ./w1rel/ --port-timeout 2s", dir.path, farmgate, dev])
         #expect(relative.stdout.contains("w1_root = \"\(dir.path)/w1rel\""), "\(relative.stdout) \(relative.stderr)")
 
         let bad = try await runCommand(farmgate, ["scan", "--modbus-ids", "0-300"])

@@ -200,6 +200,9 @@ struct DriverConfigurationTests {
             let spelt = try #require(
                 error(sensor("a", "28-0316a2791aff") + sensor("b", "28-0316a2791aff") + "w1_root = \"\(root)\"\n"), "\(root)")
             #expect(spelt.message.contains("is already used by sensor \"a\""), "\(root): \(spelt.message)")
+            // Named as written in each sensor, not as resolved.
+            #expect(spelt.message.hasPrefix("1-Wire device \(root)/28-0316a2791aff is already used"), "\(root): \(spelt.message)")
+            #expect(spelt.message.contains("(the same device, written 1-Wire device /sys/bus/w1/devices/28-0316a2791aff there)"), "\(spelt.message)")
         }
         #expect(error(sensor("a", "28-0316a2791aff") + sensor("b", "28-0316a2791aff") + "w1_root = \"/tmp/other-bus\"\n") == nil)
         #expect(FileSystem.lexicallyNormalized("/a//b/./c/../d/") == "/a/b/d" && FileSystem.lexicallyNormalized("/../x") == "/x")
@@ -355,12 +358,16 @@ struct DriverExamplesTests {
             + table("mb.float", "modbus", "temperature", "port = \"/dev/ttyUSB0\"\nslave = 2\naddress = 2\ndata_type = \"FLOAT32\"\nfunction = \"input\"")
             + table("mb.floatph", "modbus", "ph", "port = \"/dev/ttyUSB0\"\nslave = 2\naddress = 4\ndata_type = \"float32\"")
             + table("mb.floatset", "modbus", "temperature", "port = \"/dev/ttyUSB0\"\nslave = 2\naddress = 6\ndata_type = \"float32\"\nresolution = \"0.001\"")
+            // A float's scale still sets a finer step (a review, 2026-12-07).
+            + table("mb.floatscaled", "modbus", "temperature", "port = \"/dev/ttyUSB0\"\nslave = 2\naddress = 8\ndata_type = \"float32\"\nscale = 0.001")
+            + table("mb.floatphscaled", "modbus", "ph", "port = \"/dev/ttyUSB0\"\nslave = 2\naddress = 10\ndata_type = \"float32\"\nscale = 0.001")
         let configuration = try AgentConfiguration.parse(ConfigDocument.parse(text, file: "/etc/farmgate/agent.toml"))
         let steps = Dictionary(uniqueKeysWithValues: configuration.sensors.map { ($0.id.rawValue, $0.descriptor.resolution) })
         let expected: [String: Resolution] = [
             "ezo.temp": .thousandth, "ezo.ph": .thousandth, "ezo.ec": .tenth, "mb.tenth": .tenth, "mb.offset": try Resolution(numerator: 1, denominator: 10_000),
             "mb.sixteenth": .sixteenth, "mb.ph": .hundredth, "mb.fine": try Resolution(numerator: 1, denominator: 10_000), "mb.set": .sixteenth,
             "w1.temp": .sixteenth, "mb.float": .hundredth, "mb.floatph": .hundredth, "mb.floatset": .thousandth,
+            "mb.floatscaled": .thousandth, "mb.floatphscaled": .thousandth,
         ]
         for (id, resolution) in expected { #expect(steps[id] == resolution, "\(id): \(String(describing: steps[id]))") }
     }

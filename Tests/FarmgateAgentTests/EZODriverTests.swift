@@ -635,6 +635,19 @@ struct EZODriverTests {
         await driver.close()
     }
 
+    // A review, 2026-12-07: with response codes off, firmware that does not know C,? answers nothing, not *ER.
+    @Test("Firmware that does not know C,? is taken at its C,0: *ER with response codes on, silence with them off", arguments: [true, false])
+    func continuousQueryUnknown(codes: Bool) async throws {
+        let bench = try EZOBench()
+        let simulator = try bench.circuit(.ph, name: "ph", values: { _, _ in 6.2 })
+        simulator.setResponseCodes(codes)
+        simulator.injectCommand("C,?", codes ? .respond("*ER") : .silence)
+        let driver = try bench.driver("tank1.ph", quantity: "ph", port: "ph")
+        #expect(try await driver.read().value == 6.2)
+        #expect(simulator.commands.contains { $0.uppercased() == "C,?" }, "\(simulator.commands)")
+        await driver.close()
+    }
+
     @Test("A circuit that streams between commands too after C,0 is said not to take C,0, not to keep restarting (its power is fine)")
     func streamingBetweenCommandsIsNoRestart() async throws {
         let bench = try EZOBench()

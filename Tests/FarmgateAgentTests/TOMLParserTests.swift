@@ -329,6 +329,11 @@ struct TOMLParserTests {
         ("x = 0xFFFFFFFFFFFFFFFFF\n", 1, "x", "is too large for an integer"),
         ("[a.b]\nc = { d = [1, { e = C:\\dir }] }\n", 2, "a.b.c.d.e", #"a string needs quotes ("C:\\dir")"#),
         ("x = \n", 1, "x", "expected a value"),
+        // Tables under an element of an array of tables say which element (a review, 2026-12-07: `sensor.options`).
+        ("[[sensor]]\nid = \"a\"\n[[sensor]]\nid = \"b\"\n[sensor.options]\nport = COM1\n", 6, "sensor#2.options.port", "`COM1` is not a valid value"),
+        ("[[sensor]]\nid = \"a\"\n[[sensor.alarm]]\nx = 1\n[[sensor.alarm]]\nlevel = high\n", 6, "sensor#1.alarm#2.level", "`high` is not a valid value"),
+        // A word too long to show whole is cut, without a quoted form that would be cut too.
+        ("u = http://" + String(repeating: "é", count: 200) + "\n", 1, "u", "…` is not a valid value: a string needs quotes; numbers"),
     ])
     func valueErrorsNameTheirKey(document: String, line: Int, key: String, says: String) {
         do {

@@ -616,7 +616,7 @@ extension AgentConfiguration {
                     continue
                 }
                 let earlierLine = earlier.sensor.options.error(earlier.claim.key, "").line.map { " (line \($0))" } ?? ""
-                let spelling = earlier.claim.resource == claim.resource ? "" : ", which names the same device as \(earlier.claim.resource),"
+                let spelling = earlier.claim.resource == claim.resource ? "" : " (the same device, written \(earlier.claim.resource) there)"
                 let other = "sensor \"\(earlier.sensor.id)\"\(earlierLine)\(spelling)"
                 if !claim.shareable || !earlier.claim.shareable {
                     throw sensor.options.error(

@@ -96,13 +96,13 @@ struct TOMLParser {
                     try expect("]", "`]]` to close the array-of-tables header")
                     try expect("]", "`]]` to close the array-of-tables header")
                     current = try appendTable(root, key)
-                    currentName = Self.named(key) + "#\(Self.elementCount(root, key))"
+                    currentName = Self.displayName(root, key)
                 } else {
                     position += 1
                     let key = try keyPath(closing: "]")
                     try expect("]", "`]` to close the table header")
                     current = try defineTable(root, key)
-                    currentName = Self.named(key)
+                    currentName = Self.displayName(root, key)
                 }
                 try endOfLine()
             default:
@@ -201,18 +201,25 @@ struct TOMLParser {
         }.joined(separator: ".")
     }
 
-    /// How many elements the array of tables `key` has, the one just appended included.
-    private static func elementCount(_ root: TOMLTableBuilder, _ key: [String]) -> Int {
+    /// How an error names the table `key` of a header just read: each array of tables on the way with the number of its
+    /// element (`sensor#3.options` for a `[sensor.options]` under the third `[[sensor]]`, `sensor#3.alarm#1`).
+    private static func displayName(_ root: TOMLTableBuilder, _ key: [String]) -> String {
         var table = root
-        for part in key.dropLast() {
+        var parts: [String] = []
+        for part in key {
+            let shown = named([part])
             switch table.entries[part] {
-            case .table(let child): table = child
-            case .tables(let elements): table = elements.last ?? table
-            default: return 1
+            case .tables(let elements):
+                parts.append(shown + "#\(elements.count)")
+                table = elements.last ?? table
+            case .table(let child):
+                parts.append(shown)
+                table = child
+            default:
+                parts.append(shown)
             }
         }
-        guard let last = key.last, case .tables(let elements) = table.entries[last] else { return 1 }
-        return elements.count
+        return parts.joined(separator: ".")
     }
 
     /// Follows the parents of a header, creating implicit tables; an array of tables means its last element.
@@ -368,12 +375,17 @@ struct TOMLParser {
         if Self.isIntegerPastRange(token) {
             throw error(at: start, "`\(token)` is too large for an integer (from \(Int.min) to \(Int.max))")
         }
-        // What was written, up to where a value would end, so that `/dev/ttyUSB0` or `10s` is shown whole.
+        // What was written, up to where a value would end, so that `/dev/ttyUSB0` or `10s` is shown whole (a word of
+        // more than 120 characters is shown cut, without a quoted form to copy, which would be cut too).
         var end = start
-        while let byte = end < bytes.count ? bytes[end] : nil, !Self.endsUnquotedWord(byte), end - start < 80 { end += 1 }
+        while let byte = end < bytes.count ? bytes[end] : nil, !Self.endsUnquotedWord(byte) { end += 1 }
         let written = String(decoding: bytes[start..<end], as: UTF8.self)
         guard !written.isEmpty else {
             throw error(at: start, "expected a value (a string in quotes, a number, true/false, an array or an inline table)")
+        }
+        guard written.count <= 120 else {
+            throw error(
+                at: start, "`\(written.prefix(120))…` is not a valid value: a string needs quotes; numbers look like 42, 0x2A, 6.5, 1e3")
         }
         let escaped = String(written.flatMap { $0 == "\\" || $0 == "\"" ? ["\\", $0] : [$0] })
         throw error(

@@ -350,6 +350,9 @@ final class EZOSession: @unchecked Sendable {
                 port, "C,?", time: EZOCircuitKind.commandTime, answer: { EZOParse.continuous($0) != nil }, absorb: false, resendIfGarbled: true)
         } catch .refused(.unknownCommand, _) {
             continuousAnswer = nil
+        } catch .sensor(let error) where error.kind == .timeout && !responseCodes {
+            // With response codes off a firmware that does not know C,? answers nothing at all (no *ER either).
+            continuousAnswer = nil
         }
         if let continuousAnswer, EZOParse.continuous(continuousAnswer) == true {
             throw .sensor(SensorError(

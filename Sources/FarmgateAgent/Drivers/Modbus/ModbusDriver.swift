@@ -41,10 +41,10 @@ public final class ModbusDriver: SensorDriver {
         nativeResolution: { quantity, table in
             // A float register has no step of its own: a quantity's default that is not a decimal step (1/16 °C, the
             // DS18B20's) would round a transmitter's hundredths away (a tester, 2026-12-07: 21.525 °C stored as 21.5).
-            if (try? table.string("data_type"))?.lowercased() == "float32" {
-                return ModbusPoint.floatResolution(quantity)
-            }
-            return ModbusPoint.exactResolution(scale: (try? table.double("scale")) ?? 1, offset: (try? table.double("offset")) ?? 0, quantity: quantity)
+            let exact = ModbusPoint.exactResolution(scale: (try? table.double("scale")) ?? 1, offset: (try? table.double("offset")) ?? 0, quantity: quantity)
+            guard (try? table.string("data_type"))?.lowercased() == "float32", let float = ModbusPoint.floatResolution(quantity) else { return exact }
+            // The finer of the two: a float's 0.01, or the step its scale or offset needs (scale = 0.001: 0.001).
+            return exact.map { $0.step < float.step ? $0 : float } ?? float
         })
 
     public let sensor: SensorID

@@ -48,7 +48,10 @@ public final class DS18B20Driver: SensorDriver {
             // One probe however its w1_root is spelt (`/sys/bus/w1/devices/`, `//`, `..`, a link to it): a tester,
             // 2026-12-07, configured one probe twice that way.
             let device = FileSystem.lexicallyNormalized(FileSystem.resolvedPath(options.root + "/" + options.address))
-            return [ResourceClaim(resource: "1-Wire device \(device)", key: "address", shareable: false)]
+            return [
+                ResourceClaim(
+                    resource: "1-Wire device \(options.root)/\(options.address)", key: "address", shareable: false, identity: "1-Wire device \(device)")
+            ]
         },
         make: { configuration, context in try DS18B20Driver(configuration: configuration, logger: context.logger) })
 
@@ -142,7 +145,7 @@ public final class DS18B20Driver: SensorDriver {
         let gaveUp = AtomicFlag()
         // One job on the sensor's thread: wait for the bus, say so, read, give the bus back, whenever the caller gave up.
         let job = Task { [self, thread] () -> Result<Int, SensorError>? in
-            try? await thread.run { () -> Result<Int, SensorError>? in
+            let outcome = try? await thread.run { () -> Result<Int, SensorError>? in
                 gate.take(for: options.address, timeout: options.readTimeout)
                 defer {
                     gate.give()
@@ -152,7 +155,11 @@ public final class DS18B20Driver: SensorDriver {
                 self.state.withLock { $0.readingSince = .now }
                 gotBus.resume(with: .success(()))
                 return Self.readMillidegrees(options)
-            } ?? nil
+            }
+            // The wait for the bus is always answered, even when the read never took it (given up, or the thread shut
+            // down): a waiter left unresumed stays suspended for good, one per such read. After a success this is dropped.
+            gotBus.resume(with: .failure(CancellationError()))
+            return outcome ?? nil
         }
         guard await withDeadline(busWait, { try? await withCheckedThrowingContinuation { gotBus.install($0) } }) != nil else {
             gaveUp.set()
