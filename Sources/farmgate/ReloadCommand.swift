@@ -57,7 +57,8 @@ struct ReloadCommand: ParsableCommand {
         }
         if let pid, pid != before.pid {
             throw CleanExit.message(
-                "farmgate reload: the agent on \(path) is process \(before.pid), not \(pid): another agent answers on that socket; check [control] socket", code: 1)
+                "farmgate reload: the agent on \(path) is process \(before.pid), not \(pid); nothing was signalled. Either --pid names another process (systemd's $MAINPID is the agent it started), or another agent answers on that socket (check [control] socket in \(options.config))",
+                code: 1)
         }
         guard kill(before.pid, SIGHUP) == 0 else {
             let reason = String(cString: strerror(errno))
