@@ -349,6 +349,36 @@ struct DS18B20DriverTests {
         for driver in drivers { await driver.close() }
     }
 
+    // A tester, 2026-12-07: after a reload of a busy bus the old services' reads still waiting for it converted one
+    // after another, 5–6 readings nobody stored, while the new services waited.
+    @Test("A read still waiting for the bus when its driver closes (a stop, a reload) never takes it")
+    func closedDriverDoesNotTakeTheBus() async throws {
+        let tree = try FakeW1Tree()
+        let addresses = ["28-00000000000c", "28-00000000000d"]
+        for address in addresses {
+            try FileManager.default.createDirectory(atPath: tree.scratch.file(address), withIntermediateDirectories: true)
+            #expect(mkfifo(tree.scratch.file(address) + "/w1_slave", 0o600) == 0)
+        }
+        let drivers = try addresses.map { try tree.driver($0, extra: "read_timeout = \"300ms\"\ninterval = \"2s\"") }
+        let first = Task { await readResult(drivers[0]) }  // holds the bus: its FIFO has no writer yet
+        try await Task.sleep(for: .milliseconds(300))
+        let second = Task { await readResult(drivers[1]) }  // waits for the bus
+        try await Task.sleep(for: .milliseconds(300))
+        await drivers[1].close()
+        let writer = open(tree.scratch.file(addresses[0]) + "/w1_slave", O_WRONLY | O_CLOEXEC)
+        #expect(writer >= 0)
+        let text = FakeW1Tree.slaveText(millidegrees: 21_000, crc: true)
+        _ = text.withCString { write(writer, $0, strlen($0)) }
+        close(writer)
+        _ = await first.value
+        try await Task.sleep(for: .milliseconds(500))
+        let probe = open(tree.scratch.file(addresses[1]) + "/w1_slave", O_WRONLY | O_NONBLOCK | O_CLOEXEC)
+        #expect(probe < 0 && errno == ENXIO, "the closed driver's waiting read opened its w1_slave")
+        if probe >= 0 { close(probe) }
+        second.cancel()
+        await drivers[0].close()
+    }
+
     // Found by a black-box tester: a read that never returns leaves the probe timing out for good, even once the device
     // is healthy again; past 10 × read_timeout the message says that only a restart clears it.
     @Test("A read blocked for over 10 × read_timeout says that only restarting the agent clears it")

@@ -306,6 +306,24 @@ struct GPIOAgentTests {
             #expect(try String(contentsOfFile: path, encoding: .utf8) == before)
         }
 
+        // The same file spelt another way (`//`, `..`, a link) is the same chip, whatever `chip` says (a tester,
+        // 2026-12-07: two sensors on one line that way).
+        try FileManager.default.createSymbolicLink(atPath: scratch.file("link.events"), withDestinationPath: chip)
+        for spelling in [chip.replacingOccurrences(of: "/chip.events", with: "//chip.events"), scratch.file("link.events"),
+                         chip.replacingOccurrences(of: "/chip.events", with: "/../\(URL(fileURLWithPath: scratch.path).lastPathComponent)/chip.events")] {
+            let text = try String(contentsOfFile: try configuration(chip, second: "27"), encoding: .utf8)
+            let twice = try scratch.write(
+                "twice.toml",
+                text + "\n[[sensor]]\nid = \"tank1.other\"\ndriver = \"gpio\"\nquantity = \"state\"\nchip = \"gpiochip1\"\nline = \"GPIO17\"\nbackend = \"events\"\nevents_file = \"\(spelling)\"\n")
+            let checked = try await farmgateCLI(["config", "check", "-c", twice])
+            #expect(checked.status == 78 && checked.output.contains("is already used by sensor \"tank1.low\""), "\(spelling): \(checked.output)")
+        }
+        // A directory as events file is no chip, as a missing file is: never a line at level 0 (a tester, 2026-12-07).
+        try FileManager.default.createDirectory(atPath: scratch.file("dir.events"), withIntermediateDirectories: true)
+        path = try configuration(scratch.file("dir.events"), second: "27")
+        result = try await farmgateCLI(["sensor", "read", "tank1.low", "-c", path])
+        #expect(result.status == 1 && result.output.contains("is a directory"), "\(result.output)")
+
         path = try configuration(scratch.file("absent.events"), second: "\"GPIO17\"")
         result = try await farmgateCLI(["config", "check", "-c", path])
         #expect(result.status == 0, "\(result.output)")

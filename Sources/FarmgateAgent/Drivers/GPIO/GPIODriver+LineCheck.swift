@@ -32,8 +32,9 @@ extension GPIODriver {
                 notes.append("sensor \(sensor.id): GPIO line \(written) " + (resolved == written ? "found" : "is \(resolved)"))
             }
             for claim in options.claims {
-                guard let earlier = first[claim.resource] else {
-                    first[claim.resource] = (claim, sensor, written)
+                let identity = claim.identity ?? claim.resource
+                guard let earlier = first[identity] else {
+                    first[identity] = (claim, sensor, written)
                     continue
                 }
                 let earlierLine = earlier.sensor.options.error(earlier.claim.key, "").line.map { " (line \($0))" } ?? ""

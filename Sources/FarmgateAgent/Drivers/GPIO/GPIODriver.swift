@@ -177,16 +177,19 @@ public final class GPIODriver: StreamingSensorDriver {
         /// it the same way.
         var claims: [ResourceClaim] {
             let line = "GPIO line \(request.name)" + (eventsFile.map { " (events \($0))" } ?? "")
+            // With backend = "events" the file is the chip, whatever `chip` says, and one file has many spellings (`//`,
+            // `..`, a link): a tester, 2026-12-07, put two sensors on one line that way.
+            let identity = eventsFile.map { "GPIO line \(request.line) of the events file \(FileSystem.lexicallyNormalized(FileSystem.resolvedPath($0)))" }
             switch role {
             case .state:
-                return [ResourceClaim(resource: line, key: "line", shareable: false)]
+                return [ResourceClaim(resource: line, key: "line", shareable: false, identity: identity)]
             case .flow, .count:
                 guard case .pulses(let edge, let debounce) = mode else { return [] }
                 let settings = "pulse counting on \(edge.rawValue) edges, debounce \(debounce / 1_000_000)ms, active_low \(activeLow), bias \(request.bias.rawValue)"
                 let output = role == .count ? "count" : "flow"
                 return [
-                    ResourceClaim(resource: line, key: "line", settings: settings, shareable: true),
-                    ResourceClaim(resource: "the \(output) of \(line)", key: "line", shareable: false),
+                    ResourceClaim(resource: line, key: "line", settings: settings, shareable: true, identity: identity),
+                    ResourceClaim(resource: "the \(output) of \(line)", key: "line", shareable: false, identity: identity.map { "the \(output) of \($0)" }),
                 ]
             }
         }
@@ -291,6 +294,12 @@ public final class GPIODriver: StreamingSensorDriver {
                 try? await Task.sleep(for: Self.oneOffFlowWindow)
                 let (after, end) = try watcher.withMonitor { monitor, now in (monitor.pulses(at: now), now) }
                 window = (Int(clamping: after >= pulses ? after - pulses : 0), Double(end - start) / 1e9)
+                if window.seconds <= 0, let file = options.eventsFile {
+                    // A one-off read has no previous reading to speak of (a tester, 2026-12-07).
+                    throw SensorError(
+                        .timeout,
+                        "the line's clock did not move during the \(Self.oneOffFlowWindow) this read counts pulses: the events file \(file) moves it only with its `now` lines, and none came (is anything appending to it?)")
+                }
             } else {
                 // A caller of read() wants a value: a window that covered no time is an error here, the first one too.
                 window = try takeFlowWindow().window

@@ -163,6 +163,12 @@ public final class ScriptedGPIOBackend: GPIOBackend {
             throw SensorError(
                 .disconnected, "GPIO chip \(request.chip) not found: the events file \(file) does not exist (backend = \"events\")")
         }
+        if let file, FileSystem.isDirectory(file) {
+            // A directory reads as an empty file: a line at level 0 that never changes, stored as a real state (a tester,
+            // 2026-12-07). As a missing file, it is no chip.
+            throw SensorError(
+                .disconnected, "GPIO chip \(request.chip) not found: the events file \(file) is a directory (backend = \"events\"); name a file")
+        }
         pumpFile()
         let generation = try state.withLock { state throws(SensorError) -> Int in
             guard state.present else {
@@ -176,6 +182,9 @@ public final class ScriptedGPIOBackend: GPIOBackend {
     public func lookUp(chip: GPIOChipSelector, line: GPIOLineSelector) -> GPIOLineLookup {
         if let file, !FileManager.default.fileExists(atPath: file) {
             return .noChip("the events file \(file) does not exist yet")
+        }
+        if let file, FileSystem.isDirectory(file) {
+            return .noChip("the events file \(file) is a directory")
         }
         pumpFile()
         return state.withLock { state in
