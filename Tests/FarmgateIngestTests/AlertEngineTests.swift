@@ -305,6 +305,37 @@ struct AlertEngineTests {
         }
     }
 
+    // A tester, 2026-12-07: an alert notified firing live, whose backlog then only resolved it, was left firing at the
+    // receiver: the late report was written without a notification ("nothing is notified for a backlog in which the
+    // condition never fired"), though the firing had been told.
+    @Test("a backlog that only resolves an alert notified firing before sends a late resolved notification", arguments: StoreKind.allCases)
+    func lateResolutionOfANotifiedFiring(kind: StoreKind) async throws {
+        try await AlertHarness.with(kind) { h in
+            try await h.rule(spec("ph-low", "below") { $0.quantity = "ph"; $0.threshold = 5.5 })
+            let firedAt = Timestamp(microseconds: h.clock.now.microseconds - 10_000_000)
+            try await h.send([(0, 5.0)], start: firedAt)
+            var notifications = try await h.notifications()
+            #expect(notifications.map(\.status) == [.firing] && notifications.first?.late == false)
+            // The site goes offline; what it read after the firing arrives ten minutes later: the dip ended.
+            h.clock.advance(seconds: 600)
+            try await h.send([(5, 6.0), (15, 6.0)], start: firedAt)
+            h.clock.advance(seconds: 31)
+            await h.engine.tick()
+            notifications = try await h.notifications()
+            #expect(notifications.count == 2, "\(notifications.map { ($0.late, $0.status) })")
+            let report = try #require(notifications.last)
+            #expect(report.late && report.status == .resolved, "\(report)")
+            #expect(report.transitions.map(\.state) == ["resolved"], "\(report.transitions)")
+            // A backlog in which the condition never fired still sends nothing.
+            try await h.rule(spec("ph-high", "above") { $0.quantity = "ph"; $0.threshold = 9 })
+            h.clock.advance(seconds: 600)
+            try await h.send([(0, 6.1), (10, 6.2)], start: Timestamp(microseconds: h.clock.now.microseconds - 500_000_000))
+            h.clock.advance(seconds: 31)
+            await h.engine.tick()
+            #expect(try await h.notifications().count == 2)
+        }
+    }
+
     @Test("after a crash between commit and evaluation the next engine catches up from the watermark, once", arguments: StoreKind.allCases)
     func restartCatchUp(kind: StoreKind) async throws {
         try await AlertHarness.with(kind) { h in

@@ -29,7 +29,8 @@ import Synchronization
 /// alert (`late: true`, the newest 20 transitions, a description such as "tank1.ph below 5.5 from 03:12 to 05:40,
 /// reported late", or a count, span and the newest episode beyond 5). A condition that began and ended inside the
 /// backlog is reported that way, as resolved at the reading that ended it, never as firing; one that still holds makes
-/// the alert firing. Nothing is notified for a backlog in which the condition never fired. A reading out of order that
+/// the alert firing. Nothing is notified for a backlog in which the condition never fired, unless it resolved an alert
+/// whose firing was notified before it (a late resolved notification). A reading out of order that
 /// is not late (seconds behind a newer one) takes the same replay at once, right after its batch is written, and is
 /// notified as it happened, not as late.
 ///
@@ -966,7 +967,9 @@ public actor AlertEngine: CommitObserver, Service {
         var seen: Set<String> = []
         let episodes = covered.filter { seen.insert("\($0.from.rawValue)>\($0.to.rawValue)@\($0.at.microseconds)").inserted }
         var change = AlertChange(record: record, transitions: fresh.map { var t = $0; t.notified = true; return t }, markAllNotified: true)
-        if episodes.contains(where: { $0.to == .firing }) {
+        // Told when the condition fired inside the stretch, or when the stretch resolved an alert whose firing was told
+        // before it (a tester, 2026-12-07: such a receiver was left with an alert firing for good).
+        if episodes.contains(where: { $0.to == .firing || ($0.from == .firing && $0.to == .resolved) }) {
             let what = "\(record.sensor ?? record.device ?? rule.name) \(rule.conditionText)"
             // Bounded like a merged live notification: a probe flapping through a two-hour backlog is thousands of
             // episodes. The text counts them and tells the newest; the notification lists the newest transitions.
