@@ -93,6 +93,11 @@ struct AlertEndToEndTests {
         #expect((alerts.first?["transitions"] as? [[String: Any]])?.compactMap { $0["to"] as? String } == ["pending", "firing"])
         let cli = try await farm.admin(["alert", "list", "--farm", "e2e"])
         #expect(cli.contains("FIRING ph-high alert-site tank1.ph"), "\(cli)")
+        // A list cut at its limit says so (a tester, 2026-12-07: 500 shown, 15 firing alerts silently left out).
+        let cut = try await runCommand(Farm.ingestBinary, ["alert", "list", "--farm", "e2e", "--limit", "1", "--config", farm.ingestConfig])
+        #expect(cut.status == 0 && cut.stderr.contains("showing the 1 most recently changed alerts; there may be more"), "\(cut.stderr)")
+        let whole = try await runCommand(Farm.ingestBinary, ["alert", "list", "--farm", "e2e", "--limit", "2", "--config", farm.ingestConfig])
+        #expect(whole.status == 0 && !whole.stderr.contains("there may be more"), "\(whole.stderr)")
 
         #expect(await agent.stop() == 0, "\(agent.log)")
         await farm.ingest?.stop()
