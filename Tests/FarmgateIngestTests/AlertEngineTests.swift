@@ -336,6 +336,46 @@ struct AlertEngineTests {
         }
     }
 
+    // A tester, 2026-12-07: a float switch stores only its changes and a 15-minute heartbeat, and a `for = "10s"` alert
+    // on it fired only at the heartbeat, 15 minutes late.
+    @Test("a pending alert on a state sensor fires on the timer once its for has passed with no reading; once, and resolves at the next change", arguments: StoreKind.allCases)
+    func heldStateFiresOnTheTimer(kind: StoreKind) async throws {
+        try await AlertHarness.with(kind) { h in
+            try await h.rule(spec("reservoir-low", "below") { $0.quantity = "state"; $0.threshold = 0.5; $0.for = "10s" })
+            let changed = h.clock.now
+            try await h.send([(-60, 1), (0, 0)], sensor: "tank1.float", quantity: .state, start: changed)
+            #expect(states(try await h.alerts().first) == ["inactive>pending"])
+            h.clock.advance(seconds: 20)  // `for` passed, but readings may still be on their way
+            await h.engine.tick()
+            #expect(states(try await h.alerts().first) == ["inactive>pending"])
+            h.clock.advance(seconds: 30)
+            await h.engine.tick()
+            let alert = try #require(try await h.alerts().first)
+            #expect(states(alert) == ["inactive>pending", "pending>firing"])
+            #expect(alert.transitions.last?.at == Timestamp(microseconds: changed.microseconds + 10_000_000), "fires when `for` ended")
+            var notifications = try await h.notifications()
+            #expect(notifications.map(\.status) == [.firing] && notifications.first?.late == false)
+            // Later ticks and the heartbeat (still 0) change nothing; the next change resolves it.
+            h.clock.advance(seconds: 60)
+            await h.engine.tick()
+            try await h.send([(0, 0)], sensor: "tank1.float", quantity: .state, start: h.clock.now)
+            h.clock.advance(seconds: 5)
+            try await h.send([(0, 1)], sensor: "tank1.float", quantity: .state, start: h.clock.now)
+            await h.engine.tick()
+            #expect(states(try await h.alerts().first) == ["inactive>pending", "pending>firing", "firing>resolved"])
+            // (The firing row, never sent here, takes the resolution: the outbox merges a flapping alert's changes.)
+            notifications = try await h.notifications()
+            #expect(notifications.last?.status == .resolved && notifications.count <= 2, "\(notifications.map(\.status))")
+            // A pH sensor (read on an interval) still waits for its next reading.
+            try await h.rule(spec("ph-low", "below") { $0.quantity = "ph"; $0.threshold = 5.5; $0.for = "10s" })
+            try await h.send([(0, 5.0)], start: h.clock.now)
+            h.clock.advance(seconds: 120)
+            await h.engine.tick()
+            let ph = try await h.alerts().first { $0.rule == "ph-low" }
+            #expect(ph?.state == "pending", "\(String(describing: ph?.state))")
+        }
+    }
+
     @Test("after a crash between commit and evaluation the next engine catches up from the watermark, once", arguments: StoreKind.allCases)
     func restartCatchUp(kind: StoreKind) async throws {
         try await AlertHarness.with(kind) { h in

@@ -244,6 +244,7 @@ public actor AlertEngine: CommitObserver, Service {
         await reload()
         if mustCatchUp.exchange(false, ordering: .relaxed) { await catchUp() }
         await evaluateTimerRules()
+        await fireHeldStates()
         await writeLateReports()
         await saveWatermarks()
     }
@@ -1093,6 +1094,72 @@ public actor AlertEngine: CommitObserver, Service {
             } catch {
                 errorsCounter.increment()
                 logger.storeFailure("alert engine cannot evaluate timer rules", error: error, metadata: ["farm": "\(farmNames[farmID] ?? String(farmID))"])
+            }
+        }
+    }
+
+    /// How long past a pending alert's `for` the timer waits for readings still on their way before it fires it without
+    /// one: a site sends its readings in batches (`batch_max_age`, 20 s by default), and a change inside `for` must not
+    /// come after the alert fired.
+    static let heldStateGrace = Timestamp(microseconds: 30_000_000)
+
+    /// Fires the pending alerts on `state` sensors (float switches, leak sensors) whose `for` has passed with no reading
+    /// since: such a sensor stores only its changes and a heartbeat (15 minutes), so `for`, measured between reading
+    /// timestamps, would otherwise end only at the next heartbeat (a tester, 2026-12-07: a `for = "10s"` float alert
+    /// fired 15 minutes late). The state held from the reading that made the alert pending, so the alert fires at that
+    /// reading's time plus `for`, once the wall clock is ``heldStateGrace`` past it. Other sensors read on an interval:
+    /// their next reading decides, as before.
+    private func fireHeldStates() async {
+        let current = now()
+        for (farmID, rules) in rulesByFarm {
+            let held = rules.filter { $0.kind.isReadingDriven && $0.forMicroseconds > 0 }
+            guard !held.isEmpty else { continue }
+            do {
+                let pending = try await store.alertRecords(farmID: farmID, changedSince: Timestamp(microseconds: Int64.min), limit: 1_000_000)
+                    .filter { $0.state == .pending && $0.pendingSince != nil && $0.sensorRowID != 0 }
+                guard !pending.isEmpty else { continue }
+                let sensors = try await store.alertSensors(farmID: farmID)
+                var changes: [AlertChange] = []
+                for var record in pending {
+                    guard let rule = held.first(where: { $0.name == record.rule }), let since = record.pendingSince,
+                        let sensor = sensors.first(where: { $0.sensorRowID == record.sensorRowID }), sensor.quantity == .state
+                    else { continue }
+                    let due = Timestamp(microseconds: since.microseconds + rule.forMicroseconds)
+                    // A reading after `due` would have fired it on the reading path: only an alert whose newest judged
+                    // reading is the one that made it pending (or another before `due`) waits for the timer.
+                    guard current.microseconds - due.microseconds >= Self.heldStateGrace.microseconds,
+                        (record.lastReading ?? since) <= due
+                    else { continue }
+                    record.state = .firing
+                    record.startsAt = due
+                    record.endsAt = nil
+                    record.pendingSince = nil
+                    record.acknowledgedAt = nil
+                    record.acknowledgedBy = nil
+                    let transitions = [AlertTransitionRecord(from: .pending, to: .firing, at: due, value: record.value, recordedAt: current)]
+                    var change = AlertChange(record: record, transitions: transitions)
+                    let labels = labels(rule, farm: farmNames[farmID] ?? "", record: record)
+                    if isSilenced(labels, farmID: farmID, at: current) {
+                        change.transitions = transitions.map { var t = $0; t.silenced = true; return t }
+                    } else {
+                        change.notifications = [
+                            AlertChange.PlannedNotification(
+                                transitionIndex: nil,
+                                notification: notification(
+                                    rule, farm: farmNames[farmID] ?? "", record: record, status: .firing, transitions: transitions, late: false,
+                                    description: nil, value: record.value, quantity: sensor.quantity))
+                        ]
+                        change.receivers = rule.receivers
+                    }
+                    countTransitions(transitions)
+                    changes.append(change)
+                }
+                try await apply(changes)
+            } catch is AlertStoreConflict {
+                continue  // another instance (or a batch) moved one of these alerts first; the next tick judges again
+            } catch {
+                errorsCounter.increment()
+                logger.storeFailure("alert engine cannot fire pending alerts of state sensors", error: error, metadata: ["farm": "\(farmNames[farmID] ?? String(farmID))"])
             }
         }
     }
