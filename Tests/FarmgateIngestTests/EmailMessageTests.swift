@@ -52,3 +52,18 @@ struct EmailMessageTests {
         #expect(lines.first?.hasPrefix("Subject: =?UTF-8?B?") == true)
     }
 }
+
+/// The words of a notification.
+@Suite("Notification text")
+struct NotificationTextTests {
+    // A tester, 2026-12-07: "…, reported late Resolved at …": the engine's description ran into the next sentence.
+    @Test("The engine's description is a sentence of its own before the situation")
+    func descriptionIsASentence() {
+        var notification = testNotification(7, status: .resolved, late: true)
+        notification.description = "tank7.ph below 5.5 from 03:12 to 05:40 UTC, reported late"
+        let text = NotificationText.description(notification, now: testNow)
+        #expect(text.hasPrefix("tank7.ph below 5.5 from 03:12 to 05:40 UTC, reported late. Resolved at "), "\(text)")
+        notification.description = "Already a sentence."
+        #expect(NotificationText.description(notification, now: testNow).hasPrefix("Already a sentence. Resolved at "))
+    }
+}

@@ -45,7 +45,7 @@ public struct AlertDeliveryAdmin: Sendable {
             let naming = try await admin.rules(farm: farm).filter { $0.receivers.contains(name) }
             if !naming.isEmpty, !force {
                 throw AlertReceiverSpecError(
-                    "receiver '\(name)' is named by the rule\(naming.count == 1 ? "" : "s") \(naming.map { "'\($0.name)'" }.joined(separator: ", ")) of farm \(farm), whose alerts would then notify nobody: change or remove those rules first, or pass --force to remove it anyway (and take it out of them)")
+                    "receiver '\(name)' is named by the rule\(naming.count == 1 ? "" : "s") \(naming.prefix(10).map { "'\($0.name)'" }.joined(separator: ", "))\(naming.count > 10 ? " and \(naming.count - 10) more" : "") of farm \(farm), whose alerts would then notify nobody: change or remove those rules first, or pass --force to remove it anyway (and take it out of them)")
             }
             for var rule in naming {
                 rule.receivers.removeAll { $0 == name }

@@ -22,7 +22,9 @@ public enum NotificationText {
     /// The rule's own description (what the engine wrote, e.g. for a backlog) comes first when there is one.
     public static func description(_ notification: AlertNotification, now: Timestamp) -> String {
         var parts: [String] = []
-        if let text = notification.description, !text.isEmpty { parts.append(text) }
+        // A sentence of its own: the engine's text has no full stop ("… from 03:12 to 05:40, reported late"), and ran
+        // into the next ("reported late Resolved at …", a tester, 2026-12-07).
+        if let text = notification.description, !text.isEmpty { parts.append(text.hasSuffix(".") ? text : text + ".") }
         parts.append(situation(notification, now: now))
         if let note = coalescedNote(notification) { parts.append(note) }
         if notification.late { parts.append(lateNote(notification)) }
