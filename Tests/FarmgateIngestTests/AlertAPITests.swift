@@ -18,6 +18,7 @@ struct AlertAPITests {
     struct Alerts: Decodable {
         var farm: String
         var alerts: [AlertView]
+        var truncated: Bool
     }
 
     struct Silences: Decodable {
@@ -178,8 +179,13 @@ struct AlertAPITests {
             await engine.evaluate(CommittedBatch(device: d1, receivedAt: testNow, readings: outcome.fresh))
             var response = try await client.execute(uri: "/v1/farms/f1/alerts", method: .get, headers: bearer(fixture.readToken))
             #expect(response.status == .ok)
-            let alerts = try decode(Alerts.self, response).alerts
+            let answer = try decode(Alerts.self, response)
+            let alerts = answer.alerts
             #expect(alerts.map(\.state) == ["firing"])
+            #expect(!answer.truncated)
+            // Cut at its limit, the list says so (a tester, 2026-12-07: 500 alerts and no word of more).
+            let cut = try await client.execute(uri: "/v1/farms/f1/alerts?limit=1", method: .get, headers: bearer(fixture.readToken))
+            #expect(try decode(Alerts.self, cut).truncated)
             #expect(alerts.first?.transitions.map(\.to) == ["pending", "firing"])
             let id = try #require(alerts.first?.id)
             response = try await client.execute(uri: "/v1/farms/f1/alerts/\(id)/ack", method: .post, headers: bearer(fixture.readToken))

@@ -32,6 +32,9 @@ struct AlertController: Sendable {
     struct AlertsAnswer: Encodable {
         var farm: String
         var alerts: [AlertView]
+        /// True when the list stopped at `limit`: more alerts may exist (changed longer ago, such as ones firing for
+        /// long), as the readings API's `truncated` says of its pages (a tester, 2026-12-07: nothing said so).
+        var truncated: Bool
     }
 
     struct SilencesAnswer: Encodable {
@@ -128,7 +131,7 @@ struct AlertController: Sendable {
             limit = value
         }
         let views = try await storeCall("read alerts") { try await admin.alerts(farm: farm.name, recent: recent, limit: limit, now: now()) }
-        return jsonResponse(AlertsAnswer(farm: farm.name, alerts: views))
+        return jsonResponse(AlertsAnswer(farm: farm.name, alerts: views, truncated: views.count == limit))
     }
 
     func acknowledge(_ request: Request, context: IngestRequestContext) async throws -> Response {
