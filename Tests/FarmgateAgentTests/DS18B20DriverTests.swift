@@ -288,7 +288,10 @@ struct DS18B20DriverTests {
         }
         bus.start()
         defer { stop.withLock { $0 = true } }
-        let drivers = try addresses.map { try tree.driver($0, extra: "read_timeout = \"600ms\"\ninterval = \"10s\"") }
+        // Six conversions of 250 ms take 1.5 s: a read_timeout of 1.2 s counted from the request would fail the last
+        // probes, counted from when a read has the bus it passes (600 ms ran out once under a loaded CI run, the fake
+        // bus slow to serve the first).
+        let drivers = try addresses.map { try tree.driver($0, extra: "read_timeout = \"1200ms\"\ninterval = \"10s\"") }
         let results = await withTaskGroup(of: (Int, Result<SensorValue, SensorError>).self) { group in
             for (index, driver) in drivers.enumerated() { group.addTask { (index, await readResult(driver)) } }
             var results: [Int: Result<SensorValue, SensorError>] = [:]
