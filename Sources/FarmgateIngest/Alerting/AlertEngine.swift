@@ -1070,22 +1070,10 @@ public actor AlertEngine: CommitObserver, Service {
                         guard let move = moves.last else { continue }
                         record.lastReading = target.newest
                         let transitions = moves.map { AlertTransitionRecord(from: $0.from, to: $0.to, at: current, value: nil, recordedAt: current) }
-                        var change = AlertChange(record: record, transitions: transitions)
-                        let labels = labels(rule, farm: farmNames[farmID] ?? "", record: record)
-                        if isSilenced(labels, farmID: farmID, at: current) {
-                            change.transitions = transitions.map { var t = $0; t.silenced = true; return t }
-                        } else {
-                            change.notifications = [
-                                AlertChange.PlannedNotification(
-                                    transitionIndex: nil,
-                                    notification: notification(
-                                        rule, farm: farmNames[farmID] ?? "", record: record, status: move.to == .firing ? .firing : .resolved,
-                                        transitions: transitions, late: false, description: nil, value: nil, quantity: target.quantity))
-                            ]
-                            change.receivers = rule.receivers
-                        }
-                        countTransitions(transitions)
-                        changes.append(change)
+                        changes.append(
+                            timerChange(
+                                rule, farmID: farmID, record: record, transitions: transitions, status: move.to == .firing ? .firing : .resolved, value: nil,
+                                quantity: target.quantity, at: current))
                     }
                 }
                 try await apply(changes)
@@ -1130,29 +1118,12 @@ public actor AlertEngine: CommitObserver, Service {
                     guard current.microseconds - due.microseconds >= Self.heldStateGrace.microseconds,
                         (record.lastReading ?? since) <= due
                     else { continue }
-                    record.state = .firing
-                    record.startsAt = due
-                    record.endsAt = nil
-                    record.pendingSince = nil
-                    record.acknowledgedAt = nil
-                    record.acknowledgedBy = nil
-                    let transitions = [AlertTransitionRecord(from: .pending, to: .firing, at: due, value: record.value, recordedAt: current)]
-                    var change = AlertChange(record: record, transitions: transitions)
-                    let labels = labels(rule, farm: farmNames[farmID] ?? "", record: record)
-                    if isSilenced(labels, farmID: farmID, at: current) {
-                        change.transitions = transitions.map { var t = $0; t.silenced = true; return t }
-                    } else {
-                        change.notifications = [
-                            AlertChange.PlannedNotification(
-                                transitionIndex: nil,
-                                notification: notification(
-                                    rule, farm: farmNames[farmID] ?? "", record: record, status: .firing, transitions: transitions, late: false,
-                                    description: nil, value: record.value, quantity: sensor.quantity))
-                        ]
-                        change.receivers = rule.receivers
-                    }
-                    countTransitions(transitions)
-                    changes.append(change)
+                    let moves = AlertEvaluator.timerStep(&record, holds: true, at: due)
+                    let transitions = moves.map { AlertTransitionRecord(from: $0.from, to: $0.to, at: due, value: record.value, recordedAt: current) }
+                    changes.append(
+                        timerChange(
+                            rule, farmID: farmID, record: record, transitions: transitions, status: .firing, value: record.value, quantity: sensor.quantity,
+                            at: current))
                 }
                 try await apply(changes)
             } catch is AlertStoreConflict {
@@ -1162,6 +1133,30 @@ public actor AlertEngine: CommitObserver, Service {
                 logger.storeFailure("alert engine cannot fire pending alerts of state sensors", error: error, metadata: ["farm": "\(farmNames[farmID] ?? String(farmID))"])
             }
         }
+    }
+
+    /// A change the timer made (a timer rule's move, a held state's firing): its transitions, counted, and its
+    /// notification to the rule's receivers, or the transitions marked silenced.
+    private func timerChange(
+        _ rule: AlertRule, farmID: Int64, record: AlertRecord, transitions: [AlertTransitionRecord], status: AlertNotification.Status, value: Double?,
+        quantity: Quantity?, at current: Timestamp
+    ) -> AlertChange {
+        var change = AlertChange(record: record, transitions: transitions)
+        let farm = farmNames[farmID] ?? ""
+        if isSilenced(labels(rule, farm: farm, record: record), farmID: farmID, at: current) {
+            change.transitions = transitions.map { var t = $0; t.silenced = true; return t }
+        } else {
+            change.notifications = [
+                AlertChange.PlannedNotification(
+                    transitionIndex: nil,
+                    notification: notification(
+                        rule, farm: farm, record: record, status: status, transitions: transitions, late: false, description: nil, value: value,
+                        quantity: quantity))
+            ]
+            change.receivers = rule.receivers
+        }
+        countTransitions(transitions)
+        return change
     }
 
     private struct TimerTarget {
