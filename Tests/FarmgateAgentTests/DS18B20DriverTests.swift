@@ -31,6 +31,30 @@ final class FakeW1Tree {
         try text.write(toFile: directory + "/" + file, atomically: true, encoding: .utf8)
     }
 
+    /// Makes `w1_slave` of `address` a FIFO: a read of it blocks (holding its bus) until ``answer(_:millidegrees:)``.
+    func fifo(_ address: String) throws -> String {
+        try FileManager.default.createDirectory(atPath: scratch.file(address), withIntermediateDirectories: true)
+        let path = scratch.file(address) + "/w1_slave"
+        #expect(mkfifo(path, 0o600) == 0)
+        return path
+    }
+
+    /// Ends the conversion a reader of the FIFO `path` waits for.
+    static func answer(_ path: String, millidegrees: Int) {
+        let writer = open(path, O_WRONLY | O_CLOEXEC)
+        #expect(writer >= 0)
+        _ = slaveText(millidegrees: millidegrees, crc: true).withCString { Glibc.write(writer, $0, strlen($0)) }
+        close(writer)
+    }
+
+    /// Whether a reader has the FIFO `path` open (a read of its probe started).
+    static func isBeingRead(_ path: String) -> Bool {
+        let probe = open(path, O_WRONLY | O_NONBLOCK | O_CLOEXEC)
+        guard probe >= 0 else { return false }
+        close(probe)
+        return true
+    }
+
     func remove(_ address: String) throws {
         try FileManager.default.removeItem(atPath: scratch.file(address))
     }
@@ -315,10 +339,7 @@ struct DS18B20DriverTests {
     func readGivenUpDoesNotTakeTheBus() async throws {
         let tree = try FakeW1Tree()
         let addresses = ["28-00000000000a", "28-00000000000b"]
-        for address in addresses {
-            try FileManager.default.createDirectory(atPath: tree.scratch.file(address), withIntermediateDirectories: true)
-            #expect(mkfifo(tree.scratch.file(address) + "/w1_slave", 0o600) == 0)
-        }
+        let fifos = try addresses.map(tree.fifo)
         let drivers = [
             try tree.driver(addresses[0], extra: "read_timeout = \"300ms\"\ninterval = \"2s\""),
             try tree.driver(addresses[1], extra: "read_timeout = \"2s\"\ninterval = \"2s\""),
@@ -338,17 +359,10 @@ struct DS18B20DriverTests {
         #expect(waited.message.contains("a read of 28-00000000000a has held the bus for "), "\(waited)")
         #expect(waited.message.contains("only restarting the agent (systemctl restart farmgate) clears this"), "\(waited)")
         // a's conversion ends: the bus is free, and b's given-up read must not open b's w1_slave.
-        let fifoA = tree.scratch.file(addresses[0]) + "/w1_slave"
-        let writer = open(fifoA, O_WRONLY | O_CLOEXEC)
-        #expect(writer >= 0)
-        let text = FakeW1Tree.slaveText(millidegrees: 21_000, crc: true)
-        _ = text.withCString { write(writer, $0, strlen($0)) }
-        close(writer)
+        FakeW1Tree.answer(fifos[0], millidegrees: 21_000)
         _ = await first.value
         try await Task.sleep(for: .milliseconds(500))
-        let probe = open(tree.scratch.file(addresses[1]) + "/w1_slave", O_WRONLY | O_NONBLOCK | O_CLOEXEC)
-        #expect(probe < 0 && errno == ENXIO, "b's w1_slave was opened by a read whose caller had given up")
-        if probe >= 0 { close(probe) }
+        #expect(!FakeW1Tree.isBeingRead(fifos[1]), "b's w1_slave was opened by a read whose caller had given up")
         for driver in drivers { await driver.close() }
     }
 
@@ -358,26 +372,17 @@ struct DS18B20DriverTests {
     func closedDriverDoesNotTakeTheBus() async throws {
         let tree = try FakeW1Tree()
         let addresses = ["28-00000000000c", "28-00000000000d"]
-        for address in addresses {
-            try FileManager.default.createDirectory(atPath: tree.scratch.file(address), withIntermediateDirectories: true)
-            #expect(mkfifo(tree.scratch.file(address) + "/w1_slave", 0o600) == 0)
-        }
+        let fifos = try addresses.map(tree.fifo)
         let drivers = try addresses.map { try tree.driver($0, extra: "read_timeout = \"300ms\"\ninterval = \"2s\"") }
         let first = Task { await readResult(drivers[0]) }  // holds the bus: its FIFO has no writer yet
         try await Task.sleep(for: .milliseconds(300))
         let second = Task { await readResult(drivers[1]) }  // waits for the bus
         try await Task.sleep(for: .milliseconds(300))
         await drivers[1].close()
-        let writer = open(tree.scratch.file(addresses[0]) + "/w1_slave", O_WRONLY | O_CLOEXEC)
-        #expect(writer >= 0)
-        let text = FakeW1Tree.slaveText(millidegrees: 21_000, crc: true)
-        _ = text.withCString { write(writer, $0, strlen($0)) }
-        close(writer)
+        FakeW1Tree.answer(fifos[0], millidegrees: 21_000)
         _ = await first.value
         try await Task.sleep(for: .milliseconds(500))
-        let probe = open(tree.scratch.file(addresses[1]) + "/w1_slave", O_WRONLY | O_NONBLOCK | O_CLOEXEC)
-        #expect(probe < 0 && errno == ENXIO, "the closed driver's waiting read opened its w1_slave")
-        if probe >= 0 { close(probe) }
+        #expect(!FakeW1Tree.isBeingRead(fifos[1]), "the closed driver's waiting read opened its w1_slave")
         second.cancel()
         await drivers[0].close()
     }
